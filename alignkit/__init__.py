@@ -1,0 +1,20 @@
+"""alignkit: align language models with LoRA/QLoRA adapters on top of Hugging Face TRL.
+
+The package holds the logic; the top-level cell scripts (sft.py, dpo.py, ...) read like notebooks over it.
+Modules: args (one config mechanism), config (every script's settings), models (one loader), data (one
+normaliser), losses (preference losses TRL lacks), training (trainers and run folders), presets (the
+offline `tiny` demo), generation, merge, hub.
+"""
+
+import logging
+
+__version__ = "0.1.0"
+
+# One named logger for the whole toolkit, so users can silence or raise it in one place.
+logger = logging.getLogger("alignkit")
+if not logger.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("[alignkit] %(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

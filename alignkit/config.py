@@ -1,0 +1,148 @@
+"""Every script's settings: typed dataclasses with a default and a one-line help each.
+
+The groups are shared by inheritance, so sft.py and dpo.py (and later scripts) expose the same flag for the
+same thing. `alignkit.args.parse_config` turns a class into flags and environment variables (`--dpo_beta` is
+`DPO_BETA`), reads `.env`, `--config recipe.yaml` and the `--preset`; `python sft.py --help` lists them all.
+
+Defaults are for a real GPU run and follow the seed project (Mistral-7B-Instruct-v0.2, UltraFeedback, QLoRA
+NF4 with bf16 compute, LoRA on all linear layers, flash attention 2 when installed, beta 0.1). "auto" settings
+are resolved at load time from the hardware, with one log line each (see alignkit.models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .args import setting
+
+
+@dataclass
+class ModelSettings:
+    model_id: str = setting(
+        "mistralai/Mistral-7B-Instruct-v0.2",
+        "Hub id, local model folder, or adapter folder (its base model is read from adapter_config.json)",
+    )
+    revision: str | None = setting(None, "Hub revision (branch, tag or commit) of model_id")
+    trust_remote_code: bool = setting(False, "run custom model code shipped with the checkpoint; off unless asked")
+    chat_template: str | None = setting(None, "Jinja chat template FILE, for a model that lacks one")
+    quantization: str = setting(
+        "auto", "auto: 4bit on CUDA, none elsewhere; 4bit is NF4 with double quant (QLoRA)",
+        choices=["auto", "4bit", "8bit", "none"],
+    )
+    dtype: str = setting(
+        "auto", "compute dtype; auto: bf16 on CUDA that supports it, fp16 on older CUDA, fp32 on CPU",
+        choices=["auto", "bf16", "fp16", "fp32"],
+    )
+    attn_implementation: str = setting(
+        "auto", "auto: flash_attention_2 when installed and on CUDA, else sdpa",
+        choices=["auto", "flash_attention_2", "sdpa", "eager"],
+    )
+    use_liger: str = setting(
+        "auto", "Liger Triton kernels: auto uses them on CUDA when liger-kernel is installed",
+        choices=["auto", "true", "false"],
+    )
+
+
+@dataclass
+class TrainSettings(ModelSettings):
+    preset: str | None = setting(None, "named defaults: 'tiny' is the offline CPU demo; any flag still overrides it")
+    # Data
+    dataset_id: str = setting(
+        "argilla/ultrafeedback-binarized-preferences-cleaned",
+        "Hub dataset id or local .json/.jsonl/.parquet/.csv file or folder",
+    )
+    dataset_config: str | None = setting(None, "Hub dataset configuration name")
+    dataset_split: str = setting("train", "split to train on")
+    dataset_format: str = setting("auto", "row format; auto detects it from the columns (see alignkit.data)")
+    skip_invalid: bool = setting(False, "skip rows that fail validation (and report how many) instead of stopping")
+    max_samples: int | None = setting(None, "use at most this many rows (after shuffling with seed); for quick runs")
+    eval_split: float = setting(0.05, "held-out share of the data (< 1), or a row count (>= 1); 0 disables eval")
+    # Run folder
+    output_dir: str = setting("runs", "parent folder; a run writes to output_dir/run_name")
+    run_name: str | None = setting(None, "run folder name; default: <stage>-<model>-<dataset>")
+    resume: str = setting(
+        "auto", "auto: continue from the run's last checkpoint when its settings match; true: must resume; false: start over",
+        choices=["auto", "true", "false"],
+    )
+    # Optimisation
+    num_train_epochs: float = setting(1.0, "passes over the training data (max_steps wins when set)")
+    max_steps: int = setting(-1, "stop after this many optimizer steps; -1: use num_train_epochs")
+    learning_rate: float = setting(5e-5, "peak learning rate (AdamW)")
+    per_device_train_batch_size: int = setting(4, "examples (or preference pairs) per device per step")
+    per_device_eval_batch_size: int = setting(8, "examples per device per eval step")
+    gradient_accumulation_steps: int = setting(4, "micro-batches accumulated into one optimizer step")
+    max_length: int = setting(1024, "longest tokenized sequence (prompt + answer); longer ones are truncated")
+    warmup_ratio: float = setting(0.1, "share of steps for the linear learning-rate warm-up")
+    lr_scheduler_type: str = setting("cosine", "learning-rate schedule (transformers SchedulerType)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm")
+    gradient_checkpointing: bool = setting(True, "recompute activations in backward: less memory, ~20% slower")
+    seed: int = setting(42, "seed for data shuffling, adapter init and sampling")
+    # LoRA
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input")
+    lora_target_modules: list[str] = setting(
+        default_factory=lambda: ["all-linear"], help="modules that get adapters; all-linear: every linear layer but the LM head"
+    )
+    # Logging and checkpoints
+    logging_steps: int = setting(10, "log loss and rewards every N steps")
+    eval_steps: int | None = setting(None, "evaluate every N steps; default: at the end only")
+    save_steps: int = setting(100, "write a checkpoint every N steps (a rerun resumes from the last one)")
+    save_total_limit: int = setting(2, "keep at most this many checkpoints")
+    report_to: str = setting(
+        "auto", "auto: wandb when WANDB_API_KEY or wandb_project is set, else none",
+        choices=["auto", "none", "wandb", "tensorboard"],
+    )
+    wandb_project: str | None = setting(None, "Weights & Biases project (also read from WANDB_PROJECT by wandb)")
+    # After training
+    merge_adaptors: bool = setting(False, "also write a merged, standalone model to <run>/merged")
+    push_to_hub: bool = setting(False, "push the result to the Hugging Face Hub (needs HF_TOKEN)")
+    hub_repo_id: str | None = setting(None, "Hub repo to push to, e.g. you/mistral-7b-dpo")
+    hub_public: bool = setting(False, "make the Hub repo public (private by default)")
+    trainer_overrides: str | None = setting(
+        None, "JSON object of extra TRL/transformers training arguments, e.g. '{\"optim\": \"paged_adamw_8bit\"}'"
+    )
+
+    def __post_init__(self):
+        if self.eval_split < 0:
+            raise ValueError(f"eval_split must be >= 0, got {self.eval_split}")
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("push_to_hub needs hub_repo_id: pass --hub_repo_id you/name")
+
+
+@dataclass
+class SFTSettings(TrainSettings):
+    dataset_id: str = setting(
+        "HuggingFaceH4/ultrachat_200k", "Hub dataset id or local .json/.jsonl/.parquet/.csv file or folder"
+    )
+    dataset_split: str = setting("train_sft", "split to train on")
+    learning_rate: float = setting(2e-4, "peak learning rate (AdamW); LoRA SFT takes a larger one than DPO")
+    train_on: str = setting(
+        "auto", "auto: loss on completions or assistant turns where the data allows; all: on every token",
+        choices=["auto", "completions", "all"],
+    )
+    packing: bool = setting(False, "pack several examples into each sequence")
+
+
+@dataclass
+class DPOSettings(TrainSettings):
+    dpo_beta: float = setting(0.1, "beta: strength of the pull towards the reference (IPO: its tau)")
+    loss_type: list[str] = setting(
+        default_factory=lambda: ["sigmoid"],
+        help="TRL DPO loss(es), comma separated (sigmoid, ipo, hinge, robust, ...); sigmoid and ipo follow the DPO paper's code",
+    )
+    loss_weights: list[float] | None = setting(None, "weights for a comma list of loss types, e.g. 0.8,0.2")
+    label_smoothing: float = setting(0.0, "conservative DPO (cDPO): assumed share of flipped labels, in [0, 0.5)")
+    precompute_ref_log_probs: bool = setting(False, "compute the reference log-probs once before training")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dpo_beta <= 0:
+            raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types {self.loss_type}"
+            )

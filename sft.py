@@ -1,0 +1,99 @@
+# %% [markdown]
+# # SFT: supervised fine-tuning with a LoRA adapter
+#
+# TRL's SFTTrainer trains a fresh LoRA adapter (QLoRA when the base is loaded in 4 bits) on conversations,
+# prompt/completion pairs or plain text. Where the data allows, the loss covers only what the model should
+# learn to say: the completions, or the assistant turns.
+#
+# ```bash
+# python sft.py --preset tiny                                   # offline CPU demo, about a minute
+# python sft.py --dataset_id HuggingFaceH4/ultrachat_200k       # Mistral-7B QLoRA (GPU)
+# python sft.py --dataset_id chats.jsonl --lora_r 32 --max_steps 500
+# python sft.py --help                                          # every setting, its default and env var
+# ```
+
+# %% [markdown]
+# ## Settings
+# Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags. In a notebook, pass
+# `overrides={...}` (or `args=[...]`) here instead of touching argv.
+
+# %%
+from alignkit import presets
+from alignkit.args import parse_config
+from alignkit.config import SFTSettings
+
+settings = parse_config(
+    SFTSettings, presets={"tiny": presets.defaults("sft")}, prog="sft.py", description="SFT with LoRA/QLoRA."
+)
+if settings.push_to_hub:
+    from alignkit.hub import require_token
+
+    require_token()  # fail now, not after hours of training
+presets.ensure(settings)
+
+# %% [markdown]
+# ## Run folder
+# Everything goes to `output_dir/run_name`; the resolved settings are saved there first (secrets redacted).
+# A rerun with the same settings continues from the last checkpoint.
+
+# %%
+from alignkit.training import prepare_run
+
+run_folder, resume_from = prepare_run(settings, "sft")
+
+# %% [markdown]
+# ## Data
+# Messages, ShareGPT conversations, prompt/completion or plain text, normalised to what TRL reads.
+
+# %%
+from alignkit.data import load_sft
+from alignkit.training import split
+
+examples = load_sft(
+    settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
+)
+train_data, eval_data = split(examples, settings)
+print(f"{len(train_data)} training examples, {len(eval_data) if eval_data else 0} held out")
+
+# %% [markdown]
+# ## Model
+# One loader for every script; a fresh LoRA adapter goes on top.
+
+# %%
+from alignkit.models import add_trainable_adapter, load_model, require_chat_template
+
+loaded = load_model(settings, for_training=True)
+if "text" not in train_data.column_names:
+    require_chat_template(loaded.tokenizer, settings.model_id)
+model = add_trainable_adapter(loaded, settings)
+model.print_trainable_parameters()
+
+# %% [markdown]
+# ## Train
+
+# %%
+from trl import SFTConfig
+
+from alignkit.trainers import AlignSFTTrainer, loss_mask_settings
+from alignkit.training import trl_config
+
+args = trl_config(
+    SFTConfig, settings, run_folder, loaded.dtype, packing=settings.packing,
+    **loss_mask_settings(settings.train_on, train_data, loaded.tokenizer),
+)
+trainer = AlignSFTTrainer(
+    model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+    processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
+)
+trainer.train(resume_from_checkpoint=resume_from)
+
+# %% [markdown]
+# ## Save, evaluate, merge, push
+
+# %%
+from alignkit.training import finish
+
+metrics = finish(trainer, loaded, settings, run_folder, "sft")
+print(f"adapter: {run_folder}")
+if "eval_loss" in metrics:
+    print(f"held-out loss: {metrics['eval_loss']:.3f}")

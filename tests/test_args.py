@@ -1,0 +1,427 @@
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+
+from alignkit.args import (
+    ConfigError,
+    config_to_dict,
+    is_notebook,
+    parse_config,
+    redact,
+    save_config,
+    setting,
+)
+
+
+@dataclass
+class Base:
+    model_name: str = setting("tiny-model", help="model id")
+    hub_token: str | None = setting(None, help="Hub token")
+    token_env: str = setting("HF_TOKEN", help="name of the env var holding the token")
+
+
+@dataclass
+class Cfg(Base):  # inherited + `from __future__ import annotations` (string annotations)
+    preset: str | None = setting(None, help="named preset")
+    seed: int = setting(42, help="random seed")
+    dpo_beta: float = setting(0.5, help="KL penalty, 50% is a lot")
+    bf16: bool = setting(False, help="use bf16")
+    max_steps: int | None = setting(None, help="stop after N steps")
+    run_name: str | None = setting(None, help="run name")
+    target_modules: list[str] = setting(default_factory=lambda: ["q_proj"], help="LoRA targets")
+    lrs: list[float] = setting(default_factory=list, help="learning rates")
+    loss_type: str = setting("sigmoid", help="DPO loss", choices=["sigmoid", "ipo", "hinge"])
+    max_new_tokens: int = setting(128, help="generation length")
+    output_dir: str = setting("out", help="where to write")
+
+
+PRESETS = {"small": {"seed": 1, "dpo_beta": 0.2, "max_steps": 10}, "big": {"max_steps": 1000}}
+FIELDS = [
+    "model_name", "hub_token", "token_env", "preset", "seed", "dpo_beta", "bf16", "max_steps", "run_name",
+    "target_modules", "lrs", "loss_type", "max_new_tokens", "output_dir",
+]
+SECRET = "hf_fakeSECRET123456"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """Isolate every test: no field env vars, no stray kernel markers, cwd without a .env file.
+
+    load_dotenv writes into os.environ behind monkeypatch's back, so restore the whole mapping afterwards."""
+    saved = dict(os.environ)
+    for name in [*FIELDS, "config"]:
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    monkeypatch.delattr(builtins, "get_ipython", raising=False)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    monkeypatch.chdir(tmp_path)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def parse(args=(), **kw):
+    kw.setdefault("env_file", None)
+    return parse_config(Cfg, args=list(args), **kw)
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+# ---------------------------------------------------------------- layering
+def test_defaults_and_types():
+    cfg = parse()
+    assert cfg == Cfg()
+    assert cfg.target_modules == ["q_proj"] and cfg.lrs == []
+
+
+def test_each_layer_overrides_the_one_below(tmp_path, monkeypatch):
+    # seven fields; field k is set by layers 0..k, so it must end up with layer k's value
+    presets = {"p": {"seed": 1, "dpo_beta": 0.1, "max_steps": 1, "run_name": "preset", "model_name": "preset",
+                     "output_dir": "preset"}}
+    env_file = write(tmp_path / "my.env", "DPO_BETA=0.2\nMAX_STEPS=2\nRUN_NAME=dotenv\nMODEL_NAME=dotenv\n"
+                                          "OUTPUT_DIR=dotenv\n")
+    monkeypatch.setenv("MAX_STEPS", "3")
+    monkeypatch.setenv("RUN_NAME", "env")
+    monkeypatch.setenv("MODEL_NAME", "env")
+    monkeypatch.setenv("OUTPUT_DIR", "env")
+    monkeypatch.setenv("PRESET", "p")
+    recipe = write(tmp_path / "recipe.yaml", "model_name: yaml\noutput_dir: yaml\nrun_name: yaml\n")
+    cfg = parse(["--config", recipe, "--model_name", "flag", "--output_dir", "flag"],
+                env_file=env_file, presets=presets, overrides={"output_dir": "override"})
+    assert cfg.seed == 1  # preset beats dataclass default 42
+    assert cfg.dpo_beta == 0.2  # .env beats preset
+    assert cfg.max_steps == 3  # env beats .env
+    assert cfg.run_name == "yaml"  # yaml beats env
+    assert cfg.model_name == "flag"  # flag beats yaml
+    assert cfg.output_dir == "override"  # overrides beat flags
+    assert cfg.preset == "p" and cfg.loss_type == "sigmoid"  # untouched fields keep defaults
+
+
+def test_flag_and_env_var_give_the_same_config(monkeypatch):
+    from_flag = parse(["--dpo_beta", "0.1"])
+    monkeypatch.setenv("DPO_BETA", "0.1")
+    from_env = parse()
+    assert from_flag == from_env and from_env.dpo_beta == 0.1
+
+
+def test_real_env_beats_dotenv_and_dotenv_beats_defaults(tmp_path, monkeypatch):
+    write(tmp_path / ".env", "SEED=7\nRUN_NAME=from_file\nHF_TOKEN=dotenv_token_value\n")
+    monkeypatch.setenv("RUN_NAME", "from_env")
+    cfg = parse_config(Cfg, args=[])  # default env_file=".env" in cwd (tmp_path)
+    assert cfg.seed == 7 and cfg.run_name == "from_env"
+    assert os.environ["HF_TOKEN"] == "dotenv_token_value"  # secrets become visible to libraries
+    assert os.environ["RUN_NAME"] == "from_env"  # override=False
+
+
+def test_env_file_none_and_missing_file(tmp_path):
+    write(tmp_path / ".env", "SEED=7\n")
+    assert parse_config(Cfg, args=[], env_file=None).seed == 42
+    assert parse_config(Cfg, args=[], env_file=str(tmp_path / "nope.env")).seed == 42
+
+
+def test_config_file_via_env_var(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONFIG", write(tmp_path / "r.yaml", "seed: 5\ntarget_modules: [a, b]\nlrs: 1e-4,2e-4\n"))
+    cfg = parse()
+    assert cfg.seed == 5 and cfg.target_modules == ["a", "b"] and cfg.lrs == [1e-4, 2e-4]
+
+
+def test_preset_is_only_a_default(tmp_path):
+    cfg = parse(["--preset", "small", "--seed", "3"], presets=PRESETS)
+    assert (cfg.seed, cfg.dpo_beta, cfg.max_steps) == (3, 0.2, 10)
+    yaml_file = write(tmp_path / "r.yaml", "preset: big\n")
+    assert parse(["--config", yaml_file], presets=PRESETS).max_steps == 1000
+    assert parse(overrides={"preset": "big"}, presets=PRESETS).max_steps == 1000
+    assert parse(["--preset", "small"], overrides={"preset": "big"}, presets=PRESETS).max_steps == 1000
+
+
+# ---------------------------------------------------------------- value forms
+@pytest.mark.parametrize("args, expected", [
+    (["--bf16"], True), (["--bf16", "false"], False), (["--bf16", "YES"], True), (["--bf16", "0"], False),
+    (["--bf16=on"], True), (["--bf16", "off"], False), ([], False),
+])
+def test_bool_flag_forms(args, expected):
+    assert parse(args).bf16 is expected
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("no", False), ("OFF", False)])
+def test_bool_env_forms(monkeypatch, value, expected):
+    monkeypatch.setenv("BF16", value)
+    assert parse().bf16 is expected
+
+
+def test_bool_flag_followed_by_other_flag():
+    cfg = parse(["--bf16", "--seed", "3"])
+    assert cfg.bf16 is True and cfg.seed == 3
+
+
+@pytest.mark.parametrize("args", [
+    ["--target_modules", "q_proj", "v_proj"], ["--target_modules", "q_proj,v_proj"],
+    ["--target_modules=q_proj,v_proj"], ["--target_modules", "q_proj,", "v_proj"],
+])
+def test_list_flag_forms(args):
+    assert parse(args).target_modules == ["q_proj", "v_proj"]
+
+
+def test_list_from_env_yaml_and_overrides(monkeypatch, tmp_path):
+    monkeypatch.setenv("TARGET_MODULES", "a, b")
+    monkeypatch.setenv("LRS", "0.1,1")
+    cfg = parse()
+    assert cfg.target_modules == ["a", "b"] and cfg.lrs == [0.1, 1.0]
+    yaml_file = write(tmp_path / "r.yaml", "target_modules: c,d\nlrs: [0.5, 2]\n")
+    cfg = parse(["--config", yaml_file])
+    assert cfg.target_modules == ["c", "d"] and cfg.lrs == [0.5, 2.0]
+    assert parse(overrides={"lrs": [3]}).lrs == [3.0]
+
+
+def test_none_for_optionals(monkeypatch, tmp_path):
+    monkeypatch.setenv("MAX_STEPS", "5")
+    assert parse(["--max_steps", "None"]).max_steps is None
+    assert parse(["--max_steps", "7"]).max_steps == 7
+    assert parse(["--run_name", "null"], overrides={}).run_name is None
+    assert parse(["--run_name", "x"]).run_name == "x"
+    yaml_file = write(tmp_path / "r.yaml", "max_steps: null\n")
+    assert parse(["--config", yaml_file]).max_steps is None
+    assert parse(["--model_name", "none"]).model_name == "none"  # non-optional str keeps the text
+
+
+def test_equals_form_and_dashes():
+    cfg = parse(["--dpo_beta=0.25", "--seed=3", "--model_name=a=b", "--loss-type", "ipo"])
+    assert (cfg.dpo_beta, cfg.seed, cfg.model_name, cfg.loss_type) == (0.25, 3, "a=b", "ipo")
+
+
+def test_negative_number_is_a_value():
+    assert parse(["--dpo_beta", "-0.5"]).dpo_beta == -0.5
+
+
+def test_overrides_values_are_converted():
+    cfg = parse(overrides={"dpo_beta": "0.3", "seed": 4, "bf16": "yes"})
+    assert (cfg.dpo_beta, cfg.seed, cfg.bf16) == (0.3, 4, True)
+
+
+# ---------------------------------------------------------------- notebooks
+def test_notebook_argv_is_ignored(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/x/ipykernel_launcher.py", "-f", "/tmp/kernel.json"])
+    assert is_notebook()
+    assert parse_config(Cfg, env_file=None) == Cfg()
+    assert parse_config(Cfg, args=["--seed", "3"], env_file=None).seed == 3
+    assert parse_config(Cfg, overrides={"seed": 9}, env_file=None).seed == 9
+
+
+def test_notebook_detected_by_get_ipython(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["python", "-f", "x"])
+    monkeypatch.setattr(builtins, "get_ipython", lambda: None, raising=False)
+    assert is_notebook() and parse_config(Cfg, env_file=None) == Cfg()
+
+
+def test_script_uses_sys_argv(monkeypatch):
+    assert not is_notebook()
+    monkeypatch.setattr(sys, "argv", ["train.py", "--seed", "11"])
+    assert parse_config(Cfg, env_file=None).seed == 11
+    monkeypatch.setattr(sys, "argv", ["train.py", "-f", "kernel.json"])
+    with pytest.raises(ConfigError, match="-f"):
+        parse_config(Cfg, env_file=None)
+
+
+# ---------------------------------------------------------------- errors
+def test_unknown_flag_suggests_close_match():
+    with pytest.raises(ConfigError, match=r"unknown option --dpo_bta.*did you mean --dpo_beta"):
+        parse(["--dpo_bta", "0.1"])
+    with pytest.raises(ConfigError, match="unknown option --zzz") as e:
+        parse(["--zzz"])
+    assert "did you mean" not in str(e.value)
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--seed", "abc"], r"--seed: 'abc' is not an int"),
+    (["--dpo_beta", "abc"], r"invalid value for --dpo_beta: 'abc' is not a float"),
+    (["--bf16", "maybe"], r"--bf16: 'maybe' is not a boolean"),
+    (["--loss_type", "dpo"], r"--loss_type: 'dpo' is not one of sigmoid, ipo, hinge"),
+    (["--lrs", "0.1,x"], r"--lrs: 'x' is not a float"),
+    (["--seed", "1", "2"], r"--seed expects one value"),
+    (["--seed"], r"--seed expects one value"),
+    (["stray"], r"unexpected argument 'stray'"),
+])
+def test_bad_flag_values(args, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        parse(args)
+
+
+@pytest.mark.parametrize("name, value, pattern", [
+    ("SEED", "abc", r"env var SEED: 'abc' is not an int"),
+    ("DPO_BETA", "abc", r"env var DPO_BETA: 'abc' is not a float"),
+    ("BF16", "2", r"env var BF16: '2' is not a boolean"),
+    ("LOSS_TYPE", "dpo", r"env var LOSS_TYPE: 'dpo' is not one of"),
+])
+def test_bad_env_values(monkeypatch, name, value, pattern):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=pattern):
+        parse()
+
+
+def test_bad_dotenv_value_names_the_file(tmp_path):
+    env_file = write(tmp_path / "my.env", "SEED=abc\n")
+    with pytest.raises(ConfigError, match=r"env var SEED \(from .*my.env\)"):
+        parse(env_file=env_file)
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("seed: abc\n", r"recipe.yaml: key seed: 'abc' is not an int"),
+    ("dpo_beta: abc\n", r"recipe.yaml: key dpo_beta: 'abc' is not a float"),
+    ("bf16: maybe\n", r"recipe.yaml: key bf16: 'maybe' is not a boolean"),
+    ("loss_type: dpo\n", r"recipe.yaml: key loss_type: 'dpo' is not one of"),
+    ("seed: true\n", r"key seed: True is not an int"),
+    ("dpo_bta: 0.1\n", r"recipe.yaml: unknown key 'dpo_bta'; did you mean dpo_beta"),
+    ("- seed\n", r"recipe.yaml: top level must be a mapping"),
+    ("seed: [1\n", r"recipe.yaml: not valid YAML"),
+])
+def test_bad_yaml(tmp_path, text, pattern):
+    recipe = write(tmp_path / "recipe.yaml", text)
+    with pytest.raises(ConfigError, match=pattern):
+        parse(["--config", recipe])
+
+
+def test_missing_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope.yaml"):
+        parse(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_empty_yaml_is_fine(tmp_path):
+    assert parse(["--config", write(tmp_path / "r.yaml", "")]) == Cfg()
+
+
+def test_unknown_preset_lists_known_ones(monkeypatch):
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'.*big, small"):
+        parse(["--preset", "huge"], presets=PRESETS)
+    monkeypatch.setenv("PRESET", "huge")
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        parse(presets=PRESETS)
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match=r"unknown overrides key 'sed'.*did you mean seed"):
+        parse(overrides={"sed": 1})
+    with pytest.raises(ConfigError, match=r"overrides key 'seed': 'x' is not an int"):
+        parse(overrides={"seed": "x"})
+
+
+def test_post_init_errors_become_config_errors():
+    @dataclass
+    class Checked:
+        lr: float = 1e-5
+
+        def __post_init__(self):
+            if self.lr <= 0:
+                raise ValueError("lr must be positive")
+
+    with pytest.raises(ConfigError, match="lr must be positive"):
+        parse_config(Checked, args=["--lr", "-1"], env_file=None)
+    assert parse_config(Checked, args=["--lr", "2"], env_file=None).lr == 2.0
+
+
+def test_required_field_missing():
+    @dataclass
+    class Req:
+        dataset: str
+        n: int = 1
+
+    with pytest.raises(ConfigError, match=r"missing required option --dataset.*DATASET"):
+        parse_config(Req, args=[], env_file=None)
+    assert parse_config(Req, args=["--dataset", "d"], env_file=None).dataset == "d"
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# ---------------------------------------------------------------- help
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(["--help"], prog="train_dpo", description="Train with DPO.", presets=PRESETS)
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert out.index("train_dpo") < out.index("Train with DPO.")
+    for name in FIELDS:
+        assert f"--{name}" in out and f"env: {name.upper()}" in out
+    for default in ["default: 42", "default: 0.5", "default: false", "default: q_proj", "default: sigmoid",
+                    "default: none", "default: HF_TOKEN"]:
+        assert default in out, default
+    assert "sigmoid,ipo,hinge" in out and "50% is a lot" in out and "--config" in out
+
+
+def test_help_shows_preset_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(["--preset", "small", "-h"], presets=PRESETS)
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "default: 1;" in out and "default: 0.2;" in out and "default: 10;" in out
+    assert "default: 42" not in out
+
+
+# ---------------------------------------------------------------- saving and secrets
+def test_save_config_redacts_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setenv("MY_SERVICE_API_KEY", "sk-otherSECRET99")
+    monkeypatch.setenv("SHORT_TOKEN", "abc")  # too short to be treated as a secret
+    cfg = parse(["--hub_token", "hub_tokenSECRET", "--run_name", f"run-{SECRET}",
+                 "--target_modules", "q", "sk-otherSECRET99", "--output_dir", "abc"])
+    path = tmp_path / "deep" / "dir" / "config.json"
+    save_config(cfg, path)
+    text = path.read_text()
+    assert SECRET not in text and "hub_tokenSECRET" not in text and "sk-otherSECRET99" not in text
+    data = json.loads(text)
+    assert data["hub_token"] == "***"
+    assert data["run_name"] == "run-***"
+    assert data["target_modules"] == ["q", "***"]
+    assert data["token_env"] == "HF_TOKEN"  # names a variable, not a secret
+    assert data["max_new_tokens"] == 128  # a count, not a credential
+    assert data["output_dir"] == "abc" and data["seed"] == 42 and data["bf16"] is False
+
+
+def test_config_to_dict_leaves_unset_secret_fields_and_is_json_safe():
+    data = config_to_dict(parse())
+    assert data["hub_token"] is None
+    assert set(data) == set(FIELDS)
+    json.dumps(data)
+
+
+def test_redact(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "wandbkey12345")
+    monkeypatch.setenv("DB_PASSWORD", "hunter2hunter2")
+    monkeypatch.setenv("UNRELATED", "plainvalue123")
+    assert redact("k=wandbkey12345 p=hunter2hunter2 u=plainvalue123") == "k=*** p=*** u=plainvalue123"
+
+
+def test_secret_field_names(monkeypatch):
+    @dataclass
+    class Names:
+        tokenizer_name: str = "gpt2-tokenizer"
+        pad_token: str = "<pad>"
+        wandb_api_key: str = "k"
+        db_password: str = ""
+        extra: dict = field(default_factory=lambda: {"client_secret": "s3", "x": "y"})
+
+    data = config_to_dict(Names())
+    assert data == {"tokenizer_name": "gpt2-tokenizer", "pad_token": "<pad>", "wandb_api_key": "***",
+                    "db_password": "", "extra": {"client_secret": "***", "x": "y"}}
+
+
+def test_preset_default_from_dataclass():
+    @dataclass
+    class WithPreset:
+        preset: str = "small"
+        seed: int = 0
+
+    presets = {"small": {"seed": 1}}
+    assert parse_config(WithPreset, args=[], env_file=None, presets=presets).seed == 1
+    assert parse_config(WithPreset, args=["--preset", ""], env_file=None, presets=presets).seed == 0
+    with pytest.raises(ConfigError, match=r"preset 'small' sets unknown field 'sed'"):
+        parse_config(WithPreset, args=[], env_file=None, presets={"small": {"sed": 1}})

@@ -1,0 +1,555 @@
+"""Tests for alignkit.data: every supported dataset shape, every file type, and the row-level errors users see."""
+
+import copy
+import csv
+import json
+import logging
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from trl.data_utils import is_conversational
+
+from alignkit import data as D
+from alignkit.data import DataError, detect_format, load_preferences, load_rows, load_sft
+
+
+def u(text):
+    return {"role": "user", "content": text}
+
+
+def a(text):
+    return {"role": "assistant", "content": text}
+
+
+def s(text):
+    return {"role": "system", "content": text}
+
+
+def write(tmp_path, rows, ext, name="data"):
+    """Write rows as <name>.<ext>: json = one array, jsonl = one object per line."""
+    path = tmp_path / f"{name}.{ext}"
+    if ext == "json":
+        path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    elif ext == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    elif ext == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif ext == "csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+# ------------------------------------------------------------------------------ real-shaped rows per format
+# argilla/ultrafeedback-binarized-preferences-cleaned: string prompt + full [user, assistant] conversations.
+ARGILLA_UF = [
+    {"source": "evol_instruct", "prompt": "Name three primary colors.",
+     "chosen": [u("Name three primary colors."), a("Red, yellow and blue are the traditional primary colors.")],
+     "chosen-rating": 5.0, "chosen-model": "gpt-4",
+     "rejected": [u("Name three primary colors."), a("Green.")], "rejected-rating": 2.0, "rejected-model": "alpaca-7b"},
+    {"source": "flan_v2_niv2", "prompt": "Translate to French: good morning",
+     "chosen": [u("Translate to French: good morning"), a("Bonjour.")], "chosen-rating": 4.5, "chosen-model": "wizardlm-70b",
+     "rejected": [u("Translate to French: good morning"), a("Buenos días.")], "rejected-rating": 1.0,
+     "rejected-model": "falcon-40b-instruct"},
+]
+ARGILLA_UF_OUT = [
+    {"prompt": [u("Name three primary colors.")], "chosen": [a("Red, yellow and blue are the traditional primary colors.")],
+     "rejected": [a("Green.")]},
+    {"prompt": [u("Translate to French: good morning")], "chosen": [a("Bonjour.")], "rejected": [a("Buenos días.")]},
+]
+# HuggingFaceH4/ultrafeedback_binarized: prompt, prompt_id, chosen, rejected, messages, score_chosen, score_rejected.
+H4_UF = [
+    {"prompt": "How many legs does a spider have?", "prompt_id": "4f1c0e",
+     "chosen": [u("How many legs does a spider have?"), a("Spiders have eight legs.")],
+     "rejected": [u("How many legs does a spider have?"), a("Spiders have six legs, like all insects.")],
+     "messages": [u("How many legs does a spider have?"), a("Spiders have eight legs.")],
+     "score_chosen": 9.0, "score_rejected": 3.0},
+]
+H4_UF_OUT = [{"prompt": [u("How many legs does a spider have?")], "chosen": [a("Spiders have eight legs.")],
+              "rejected": [a("Spiders have six legs, like all insects.")]}]
+# argilla/distilabel-capybara-dpo-7k-binarized: `prompt` is only the first user turn of multi-turn conversations.
+CAPYBARA = [
+    {"source": "Know-Logic", "prompt": "Which planet is closest to the sun?",
+     "chosen": [u("Which planet is closest to the sun?"), a("Mercury."), u("How long is its year?"),
+                a("About 88 Earth days.")], "chosen_rating": 5, "chosen_model": "gpt-4-1106-preview",
+     "rejected": [u("Which planet is closest to the sun?"), a("Mercury."), u("How long is its year?"),
+                  a("365 days, like ours.")], "rejected_rating": 1, "rejected_model": "mistral-7b-instruct-v0.2"},
+]
+CAPYBARA_OUT = [{"prompt": [u("Which planet is closest to the sun?"), a("Mercury."), u("How long is its year?")],
+                 "chosen": [a("About 88 Earth days.")], "rejected": [a("365 days, like ours.")]}]
+# jondurbin/truthy-dpo style: flat strings (also what a hand-written CSV looks like).
+EXPLICIT_STR = [
+    {"id": "04c275bf", "source": "truthy_dpo", "prompt": "Can you feel the sun on your skin?",
+     "chosen": "No, I am an AI and have no body, so I cannot feel sunlight.",
+     "rejected": "Yes, it feels warm and pleasant this afternoon."},
+    {"id": "a3bc0b53", "source": "truthy_dpo", "prompt": "Do bulls get angry at the colour red?",
+     "chosen": "No. Bulls are red-green colour-blind; they react to the movement of the cape.",
+     "rejected": "Yes, red makes bulls furious."},
+]
+EXPLICIT_STR_OUT = [
+    {"prompt": [u("Can you feel the sun on your skin?")],
+     "chosen": [a("No, I am an AI and have no body, so I cannot feel sunlight.")],
+     "rejected": [a("Yes, it feels warm and pleasant this afternoon.")]},
+    {"prompt": [u("Do bulls get angry at the colour red?")],
+     "chosen": [a("No. Bulls are red-green colour-blind; they react to the movement of the cape.")],
+     "rejected": [a("Yes, red makes bulls furious.")]},
+]
+# alignkit's own labelled output: message lists plus judge metadata.
+LABELLED = [
+    {"prompt": [s("You are a concise assistant."), u("What is 2 + 2?")], "chosen": [a("4")], "rejected": [a("22")],
+     "judge": "Qwen/Qwen2.5-7B-Instruct", "template": "pairwise_v1",
+     "verdicts": [{"order": "AB", "winner": "A"}, {"order": "BA", "winner": "B"}]},
+]
+LABELLED_OUT = [{"prompt": [s("You are a concise assistant."), u("What is 2 + 2?")], "chosen": [a("4")],
+                 "rejected": [a("22")]}]
+# trl-lib/ultrafeedback_binarized: chosen/rejected full conversations, no prompt column; second row multi-turn.
+UF = [
+    {"chosen": [u("Write a haiku about autumn."), a("Crisp leaves drift and fall / ...")],
+     "rejected": [u("Write a haiku about autumn."), a("Autumn is a season.")], "score_chosen": 8.5, "score_rejected": 4.0},
+    {"chosen": [s("You are a helpful tutor."), u("What is a prime number?"),
+                a("A whole number above 1 divisible only by 1 and itself."), u("Is 1 prime?"),
+                a("No. 1 has only one divisor, so it is not prime.")],
+     "rejected": [s("You are a helpful tutor."), u("What is a prime number?"),
+                  a("A whole number above 1 divisible only by 1 and itself."), u("Is 1 prime?"), a("Yes.")],
+     "score_chosen": 9.0, "score_rejected": 2.0},
+]
+UF_OUT = [
+    {"prompt": [u("Write a haiku about autumn.")], "chosen": [a("Crisp leaves drift and fall / ...")],
+     "rejected": [a("Autumn is a season.")]},
+    {"prompt": [s("You are a helpful tutor."), u("What is a prime number?"),
+                a("A whole number above 1 divisible only by 1 and itself."), u("Is 1 prime?")],
+     "chosen": [a("No. 1 has only one divisor, so it is not prime.")], "rejected": [a("Yes.")]},
+]
+# Anthropic/hh-rlhf: two full transcripts; second row multi-turn.
+HH = [
+    {"chosen": "\n\nHuman: What are some cuss words in english?\n\nAssistant: I'd rather not list those.",
+     "rejected": "\n\nHuman: What are some cuss words in english?\n\nAssistant: Here is a long list of them."},
+    {"chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water, yeast and salt, then knead."
+               "\n\nHuman: How long should it rise?\n\nAssistant:  About an hour, until doubled in size. ",
+     "rejected": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water, yeast and salt, then knead."
+                 "\n\nHuman: How long should it rise?\n\nAssistant: Two days."},
+]
+HH_OUT = [
+    {"prompt": [u("What are some cuss words in english?")], "chosen": [a("I'd rather not list those.")],
+     "rejected": [a("Here is a long list of them.")]},
+    {"prompt": [u("How do I bake bread?"), a("Mix flour, water, yeast and salt, then knead."),
+                u("How long should it rise?")],
+     "chosen": [a("About an hour, until doubled in size.")], "rejected": [a("Two days.")]},
+]
+# stanfordnlp/SHP: labels 1 = A preferred, 0 = B preferred.
+SHP = [
+    {"post_id": "himc90", "domain": "askculinary_train", "upvote_ratio": 0.99,
+     "history": "Why does my cast iron pan rust after washing?", "c_root_id_A": "fv2k1a", "c_root_id_B": "fv1zy8",
+     "created_at_utc_A": 1593535113, "created_at_utc_B": 1593532117, "score_A": 24, "score_B": 6,
+     "human_ref_A": "Dry it on the stove right after washing and wipe on a thin coat of oil.",
+     "human_ref_B": "Just buy stainless steel.", "labels": 1, "seconds_difference": 2996.0, "score_ratio": 4.0},
+    {"post_id": "k3pq2z", "domain": "askphysics_train", "upvote_ratio": 0.95,
+     "history": "Why is the sky blue?", "c_root_id_A": "ge3a1b", "c_root_id_B": "ge3c9d",
+     "created_at_utc_A": 1606435200, "created_at_utc_B": 1606438800, "score_A": 3, "score_B": 41,
+     "human_ref_A": "Because it reflects the ocean.",
+     "human_ref_B": "Rayleigh scattering: shorter (blue) wavelengths scatter more in the atmosphere.",
+     "labels": 0, "seconds_difference": 3600.0, "score_ratio": 13.67},
+]
+SHP_OUT = [
+    {"prompt": [u("Why does my cast iron pan rust after washing?")],
+     "chosen": [a("Dry it on the stove right after washing and wipe on a thin coat of oil.")],
+     "rejected": [a("Just buy stainless steel.")]},
+    {"prompt": [u("Why is the sky blue?")],
+     "chosen": [a("Rayleigh scattering: shorter (blue) wavelengths scatter more in the atmosphere.")],
+     "rejected": [a("Because it reflects the ocean.")]},
+]
+
+
+def _se_answer(answer_id, score, text, selected=False):
+    return {"answer_id": answer_id, "author": f"user{answer_id}", "author_id": answer_id,
+            "author_profile": f"https://stackoverflow.com/users/{answer_id}", "pm_score": score,
+            "selected": selected, "text": text}
+
+
+# HuggingFaceH4/stack-exchange-preferences.
+STACK = [
+    {"qid": 11, "question": "<p>How do I reverse a list in Python?</p>",
+     "answers": [_se_answer(101, 4, "<p>Use <code>reversed(xs)</code>.</p>"),
+                 _se_answer(102, 12, "<p>Use <code>xs[::-1]</code> or <code>xs.reverse()</code>.</p>", True),
+                 _se_answer(103, -1, "<p>Write a for loop.</p>")],
+     "date": "2008/08/01", "metadata": ["https://stackoverflow.com/questions/11"]},
+]
+STACK_OUT = [{"prompt": [u("<p>How do I reverse a list in Python?</p>")],
+              "chosen": [a("<p>Use <code>xs[::-1]</code> or <code>xs.reverse()</code>.</p>")],
+              "rejected": [a("<p>Write a for loop.</p>")]}]
+# Self-reference feedback (Bao et al. 2024): message / chose / reject.
+SELFREF = [
+    {"message": "Give me one tip for better sleep.", "chose": "Keep a fixed wake-up time, even on weekends.",
+     "reject": "Drink coffee before bed."},
+    {"message": "Summarise the plot of Hamlet in one sentence.",
+     "chose": "A Danish prince avenges his father's murder by his uncle, at the cost of nearly everyone's life.",
+     "reject": "Hamlet is a play."},
+]
+SELFREF_OUT = [
+    {"prompt": [u("Give me one tip for better sleep.")], "chosen": [a("Keep a fixed wake-up time, even on weekends.")],
+     "rejected": [a("Drink coffee before bed.")]},
+    {"prompt": [u("Summarise the plot of Hamlet in one sentence.")],
+     "chosen": [a("A Danish prince avenges his father's murder by his uncle, at the cost of nearly everyone's life.")],
+     "rejected": [a("Hamlet is a play.")]},
+]
+SELFREF_MSGS = [{"message": [s("Answer briefly."), u("Capital of Japan?")], "chose": "Tokyo.", "reject": "Kyoto."}]
+SELFREF_MSGS_OUT = [{"prompt": [s("Answer briefly."), u("Capital of Japan?")], "chosen": [a("Tokyo.")],
+                     "rejected": [a("Kyoto.")]}]
+
+# SFT: HuggingFaceH4/ultrachat_200k (prompt, prompt_id, messages).
+ULTRACHAT = [
+    {"prompt": "What is photosynthesis?", "prompt_id": "9a1b",
+     "messages": [u("What is photosynthesis?"), a("The process plants use to turn light, water and CO2 into sugar."),
+                  u("Where does it happen?"), a("In the chloroplasts.")]},
+]
+ULTRACHAT_OUT = [{"messages": ULTRACHAT[0]["messages"]}]
+# teknium/OpenHermes-2.5 style ShareGPT, with an empty system turn and per-turn weight.
+SHAREGPT = [
+    {"custom_instruction": None, "topic": None, "model_name": None, "source": "airoboros2.2",
+     "conversations": [{"from": "system", "value": "", "weight": None},
+                       {"from": "human", "value": "Every day a tree drops 7 leaves. How many after 4 weeks?", "weight": 0.0},
+                       {"from": "gpt", "value": "4 weeks is 28 days, so 7 * 28 = 196 leaves.", "weight": 1.0}]},
+    {"custom_instruction": None, "topic": None, "model_name": None, "source": "CamelAI",
+     "conversations": [{"from": "system", "value": "You are a chemistry tutor.", "weight": None},
+                       {"from": "human", "value": "What is the pH of pure water?", "weight": 0.0},
+                       {"from": "gpt", "value": "7 at 25 degrees Celsius.", "weight": 1.0}]},
+]
+SHAREGPT_OUT = [
+    {"messages": [u("Every day a tree drops 7 leaves. How many after 4 weeks?"),
+                  a("4 weeks is 28 days, so 7 * 28 = 196 leaves.")]},
+    {"messages": [s("You are a chemistry tutor."), u("What is the pH of pure water?"), a("7 at 25 degrees Celsius.")]},
+]
+# trl-lib/tldr style prompt/completion strings.
+PROMPT_COMPLETION = [
+    {"prompt": "SUBREDDIT: r/relationships\nTITLE: Friend keeps cancelling plans\nPOST: ...\nTL;DR:",
+     "completion": " My friend cancels every time; should I stop inviting her?"},
+]
+PROMPT_COMPLETION_OUT = [
+    {"prompt": [u("SUBREDDIT: r/relationships\nTITLE: Friend keeps cancelling plans\nPOST: ...\nTL;DR:")],
+     "completion": [a(" My friend cancels every time; should I stop inviting her?")]},
+]
+PROMPT_COMPLETION_MSGS = [{"prompt": [s("Be brief."), u("Say hi.")], "completion": [a("Hi!")]}]
+# timdettmers/openassistant-guanaco style plain text.
+TEXT = [{"text": "### Human: Can you write a short poem?### Assistant: Roses are red, violets are blue."},
+        {"text": "### Human: Hello### Assistant: Hi! How can I help?"}]
+
+PREF_CASES = [  # (case id, format, rows, expected, file types)
+    ("argilla_uf", "explicit", ARGILLA_UF, ARGILLA_UF_OUT, ["json", "jsonl", "parquet"]),
+    ("h4_uf", "explicit", H4_UF, H4_UF_OUT, ["json", "jsonl", "parquet"]),
+    ("capybara_multiturn", "explicit", CAPYBARA, CAPYBARA_OUT, ["json", "jsonl", "parquet"]),
+    ("explicit_strings", "explicit", EXPLICIT_STR, EXPLICIT_STR_OUT, ["json", "jsonl", "parquet", "csv"]),
+    ("labelled_output", "explicit", LABELLED, LABELLED_OUT, ["json", "jsonl", "parquet"]),
+    ("ultrafeedback", "ultrafeedback", UF, UF_OUT, ["json", "jsonl", "parquet"]),
+    ("hh", "hh", HH, HH_OUT, ["json", "jsonl", "parquet", "csv"]),
+    ("shp", "shp", SHP, SHP_OUT, ["json", "jsonl", "parquet", "csv"]),
+    ("stack_exchange", "stack_exchange", STACK, STACK_OUT, ["json", "jsonl", "parquet"]),
+    ("self_reference", "self_reference", SELFREF, SELFREF_OUT, ["json", "jsonl", "parquet", "csv"]),
+    ("self_reference_msgs", "self_reference", SELFREF_MSGS, SELFREF_MSGS_OUT, ["json", "jsonl", "parquet"]),
+]
+SFT_CASES = [
+    ("ultrachat", "messages", ULTRACHAT, ULTRACHAT_OUT, ["json", "jsonl", "parquet"]),
+    ("sharegpt", "sharegpt", SHAREGPT, SHAREGPT_OUT, ["json", "jsonl", "parquet"]),
+    ("prompt_completion", "prompt_completion", PROMPT_COMPLETION, PROMPT_COMPLETION_OUT,
+     ["json", "jsonl", "parquet", "csv"]),
+    ("prompt_completion_msgs", "prompt_completion", PROMPT_COMPLETION_MSGS, PROMPT_COMPLETION_MSGS, ["json", "jsonl"]),
+    ("text", "text", TEXT, TEXT, ["json", "jsonl", "parquet", "csv"]),
+]
+
+
+def _expand(cases):
+    return [pytest.param(fmt, rows, out, ext, named, id=f"{cid}-{ext}-{'named' if named else 'auto'}")
+            for cid, fmt, rows, out, exts in cases for ext in exts for named in (False, True)]
+
+
+@pytest.mark.parametrize("fmt, rows, expected, ext, named", _expand(PREF_CASES))
+def test_preference_formats(tmp_path, fmt, rows, expected, ext, named):
+    path = write(tmp_path, rows, ext)
+    ds = load_preferences(str(path), format=fmt if named else "auto")
+    assert isinstance(ds, datasets.Dataset)
+    assert ds.column_names == ["prompt", "chosen", "rejected"]
+    assert ds.to_list() == expected
+    assert all(is_conversational(row) for row in ds)
+
+
+@pytest.mark.parametrize("fmt, rows, expected, ext, named", _expand(SFT_CASES))
+def test_sft_formats(tmp_path, fmt, rows, expected, ext, named):
+    path = write(tmp_path, rows, ext)
+    ds = load_sft(path, format=fmt if named else "auto")
+    assert ds.to_list() == expected
+    assert ds.column_names == list(expected[0])
+    assert is_conversational(ds[0]) == (fmt != "text")
+
+
+@pytest.mark.parametrize("cid, fmt, rows, expected, exts", PREF_CASES, ids=[c[0] for c in PREF_CASES])
+def test_detect_format_preference(cid, fmt, rows, expected, exts):
+    assert detect_format(rows[0], "preference") == fmt
+    # a Dataset's features tell hh (string) from ultrafeedback (message list) without reading rows
+    assert detect_format(datasets.Dataset.from_list(rows).features, "preference") == fmt
+
+
+def test_detect_format_sft_and_names():
+    assert detect_format(["prompt", "prompt_id", "messages"], "sft") == "messages"
+    assert detect_format(["conversations", "source"], "sft") == "sharegpt"
+    assert detect_format(["prompt", "completion"], "sft") == "prompt_completion"
+    assert detect_format(["text", "label"], "sft") == "text"
+    assert detect_format(["history", "human_ref_A", "human_ref_B", "labels", "score_A"], "preference") == "shp"
+    assert detect_format(["prompt", "chosen", "rejected", "messages"], "preference") == "explicit"
+    with pytest.raises(DataError, match="hh.*ultrafeedback|ultrafeedback.*hh"):
+        detect_format(["chosen", "rejected"], "preference")  # names alone cannot tell strings from lists
+
+
+def test_in_memory_sources(tmp_path):
+    assert load_preferences(HH).to_list() == HH_OUT
+    assert load_preferences(datasets.Dataset.from_list(UF)).to_list() == UF_OUT
+    assert load_sft(datasets.DatasetDict({"train": datasets.Dataset.from_list(TEXT)})).to_list() == TEXT
+    # a folder written by save_to_disk, and a folder holding data files
+    datasets.Dataset.from_list(SHP).save_to_disk(str(tmp_path / "saved"))
+    assert load_preferences(tmp_path / "saved").to_list() == SHP_OUT
+    (tmp_path / "files").mkdir()
+    write(tmp_path / "files", SHAREGPT, "jsonl", name="train")
+    assert load_sft(tmp_path / "files").to_list() == SHAREGPT_OUT
+
+
+def test_load_rows_labels_and_types(tmp_path):
+    path = write(tmp_path, EXPLICIT_STR, "csv")
+    ds, label = load_rows(str(path))
+    assert label == str(path) and ds.column_names == ["id", "source", "prompt", "chosen", "rejected"]
+    ds, label = load_rows(SHP)
+    assert len(ds) == 2 and ds[1]["labels"] == 0
+
+
+def test_hub_id_goes_to_load_dataset(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return datasets.Dataset.from_list(HH[:1] + [{"chosen": "oops", "rejected": HH[0]["rejected"]}])
+
+    monkeypatch.setattr(D.datasets, "load_dataset", fake_load_dataset)
+    ds, label = load_rows("Anthropic/hh-rlhf", split="test", config_name="harmless-base")
+    assert calls == [(("Anthropic/hh-rlhf", "harmless-base"), {"split": "test"})]
+    assert "Anthropic/hh-rlhf" in label and "harmless-base" in label and "test" in label
+    with pytest.raises(DataError) as err:
+        load_preferences("Anthropic/hh-rlhf", split="test")
+    assert "Anthropic/hh-rlhf (split test): row 2: field 'chosen'" in str(err.value)
+
+
+def test_hub_failure_is_a_data_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(D.datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"^someone/prefs \(split train\): no such local file .*offline"):
+        load_preferences("someone/prefs")
+
+
+def test_source_errors(tmp_path):
+    (tmp_path / "prefs.txt").write_text("hello", encoding="utf-8")
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+        load_rows(tmp_path / "prefs.txt")
+    with pytest.raises(DataError, match="no split 'train'; the splits are test"):
+        load_sft(datasets.DatasetDict({"test": datasets.Dataset.from_list(TEXT)}))
+    with pytest.raises(DataError, match="unsupported data source of type int"):
+        load_rows(42)
+
+
+def test_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(D.datasets, "load_dataset", lambda *a, **k: pytest.fail("must not query the Hub"))
+    for missing in [str(tmp_path / "nope.jsonl"), "data/prefs.jsonl", "prefs.csv"]:
+        with pytest.raises(DataError, match="not found") as err:
+            load_preferences(missing)
+        assert missing in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ bad rows
+def _with(rows, index, **changes):
+    rows = copy.deepcopy(rows)
+    rows[index].update(changes)
+    return rows
+
+
+BAD_PREF = [  # (id, rows, format, bad row number, field, text expected in the message)
+    ("int", _with(EXPLICIT_STR, 1, chosen=42), "explicit", 2, "chosen", "got int (42)"),
+    ("missing", _with(EXPLICIT_STR, 1, rejected=None), "explicit", 2, "rejected", "missing or null"),
+    ("empty", _with(EXPLICIT_STR, 0, prompt="  "), "explicit", 1, "prompt", "expected non-empty text, got str ('  ')"),
+    ("no_role", _with(LABELLED, 0, chosen=[{"content": "4"}]), "explicit", 1, "chosen", "message 1: expected 'role'"),
+    ("bad_role", _with(LABELLED, 0, prompt=[{"role": "bot", "content": "hi"}]), "explicit", 1, "prompt", "'bot'"),
+    ("no_content", _with(LABELLED, 0, rejected=[{"role": "assistant"}]), "explicit", 1, "rejected", "'content'"),
+    ("ends_user", _with(LABELLED, 0, chosen=[u("4")]), "explicit", 1, "chosen",
+     "ending with an assistant turn, got a last turn with role 'user'"),
+    ("same", _with(EXPLICIT_STR, 1, rejected=EXPLICIT_STR[1]["chosen"]), "explicit", 2, "rejected", "identical"),
+    ("prefix", _with(ARGILLA_UF, 1, chosen=[u("Something else"), a("Bonjour.")]), "explicit", 2, "chosen",
+     "starts with the prompt"),
+    ("uf_str", _with(UF, 1, chosen="just text"), "ultrafeedback", 2, "chosen", "list of messages"),
+    ("uf_diverge", _with(UF, 0, rejected=[u("Another question"), a("x")]), "ultrafeedback", 1, "rejected",
+     "same turns"),
+    ("uf_no_prompt", _with(UF, 0, chosen=[a("a")], rejected=[a("b")]), "ultrafeedback", 1, "chosen", "prompt turns"),
+    ("hh_unparsable", _with(HH, 1, chosen="I like turtles"), "hh", 2, "chosen", "transcript"),
+    ("hh_ends_human", _with(HH, 0, rejected="\n\nHuman: hi\n\nAssistant: hey\n\nHuman: and?"), "hh", 1, "rejected",
+     "ending with an Assistant turn"),
+    ("hh_empty_answer", _with(HH, 0, chosen="\n\nHuman: What are some cuss words in english?\n\nAssistant:"), "hh", 1,
+     "chosen", "turn 2 (Assistant): expected non-empty text"),
+    ("hh_prompts_differ", _with(HH, 1, rejected="\n\nHuman: Different\n\nAssistant: Two days."), "hh", 2, "rejected",
+     "same conversation"),
+    ("shp_label", _with(SHP, 1, labels=2), "shp", 2, "labels", "got int (2)"),
+    ("shp_same", _with(SHP, 0, human_ref_B=SHP[0]["human_ref_A"]), "shp", 1, "human_ref_B", "identical"),
+    ("se_one", _with(STACK, 0, answers=STACK[0]["answers"][:1]), "stack_exchange", 1, "answers", "at least 2"),
+    ("se_tie", _with(STACK, 0, answers=[_se_answer(1, 3, "x"), _se_answer(2, 3, "y")]), "stack_exchange", 1,
+     "answers", "different pm_score"),
+    ("selfref", _with(SELFREF, 1, reject=None), "self_reference", 2, "reject", "missing or null"),
+]
+
+
+@pytest.mark.parametrize("rows, fmt, number, field, snippet", [pytest.param(*c[1:], id=c[0]) for c in BAD_PREF])
+@pytest.mark.parametrize("named", [False, True], ids=["auto", "named"])
+def test_bad_preference_row(tmp_path, rows, fmt, number, field, snippet, named):
+    path = write(tmp_path, rows, "jsonl", name="prefs")
+    with pytest.raises(DataError) as err:
+        load_preferences(str(path), format=fmt if named else "auto")
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: row {number}: field '{field}': "), msg
+    assert snippet in msg and "--skip_invalid" in msg
+
+
+BAD_SFT = [
+    ("no_assistant", [{"messages": [u("hi")]}, {"messages": [u("hi"), a("hello")]}], 1, "messages", "assistant turn"),
+    ("messages_str", [{"messages": [u("hi"), a("ok")]}, {"messages": "hi"}], 2, "messages", "list of messages"),
+    ("sharegpt_from", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}], 1,
+     "conversations", "message 2: expected 'from'"),
+    ("sharegpt_empty", [{"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "yo"}]}], 1,
+     "conversations", "message 1: 'content': expected non-empty text"),
+    ("completion_int", [{"prompt": "2+2=", "completion": 4}], 1, "completion", "got int (4)"),
+    ("text_empty", [{"text": "fine"}, {"text": "fine too"}, {"text": ""}], 3, "text", "non-empty text"),
+]
+
+
+@pytest.mark.parametrize("rows, number, field, snippet", [pytest.param(*c[1:], id=c[0]) for c in BAD_SFT])
+def test_bad_sft_row(tmp_path, rows, number, field, snippet):
+    path = write(tmp_path, rows, "json", name="sft")
+    with pytest.raises(DataError) as err:
+        load_sft(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: row {number}: field '{field}': "), msg
+    assert snippet in msg
+
+
+def test_error_message_example(tmp_path):
+    rows = EXPLICIT_STR + [dict(EXPLICIT_STR[0], chosen=42)]
+    path = write(tmp_path, rows, "jsonl", name="prefs")
+    with pytest.raises(DataError) as err:
+        load_preferences(path)
+    assert str(err.value) == (f"{path}: row 3: field 'chosen': expected a non-empty string or a list of messages, "
+                              "got int (42). Fix the row, or pass --skip_invalid to skip invalid rows.")
+
+
+def test_jsonl_row_number_is_line_number(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    lines = [json.dumps(HH[0]), "", json.dumps(HH[1]), json.dumps({"chosen": "x", "rejected": "y"})]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 4: field 'chosen'"):
+        load_preferences(path)
+
+
+def test_invalid_json_line(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps(HH[0]) + "\n{not json\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"prefs\.jsonl: line 2: invalid JSON"):
+        load_preferences(path)
+
+
+def test_mixed_types_in_json_array(tmp_path):
+    # pyarrow cannot hold a column with str and list values; the loader still reports the row precisely
+    rows = EXPLICIT_STR + [{"prompt": ["not", "messages"], "chosen": "a", "rejected": "b"}]
+    path = write(tmp_path, rows, "json")
+    with pytest.raises(DataError, match=r"row 3: field 'prompt': message 1: expected a \{'role'"):
+        load_preferences(path)
+    with pytest.raises(DataError, match="different types"):
+        load_rows(path)
+
+
+@pytest.fixture
+def alignkit_log(caplog):
+    """The alignkit logger may not propagate to the root logger; attach caplog's handler to it directly."""
+    logger = logging.getLogger("alignkit")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="alignkit")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_skip_invalid(tmp_path, alignkit_log):
+    rows = [HH[0], {"chosen": 7, "rejected": "x"}, HH[1], dict(HH[0], rejected=HH[0]["chosen"]), HH[0]]
+    path = write(tmp_path, rows, "jsonl", name="hh")
+    ds = load_preferences(path, skip_invalid=True)
+    assert ds.to_list() == [HH_OUT[0], HH_OUT[1], HH_OUT[0]]
+    warnings = [r for r in alignkit_log.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert "skipped 2 of 5 rows" in text and f"{path}: row 2: field 'chosen'" in text
+
+
+def test_skip_invalid_sft_and_no_warning_when_clean(tmp_path, alignkit_log):
+    rows = TEXT + [{"text": None}]
+    assert load_sft(write(tmp_path, rows, "jsonl"), skip_invalid=True).to_list() == TEXT
+    assert "skipped 1 of 3 rows" in alignkit_log.text
+    alignkit_log.clear()
+    load_sft(TEXT, skip_invalid=True)
+    assert not alignkit_log.records
+
+
+def test_all_rows_invalid(tmp_path):
+    path = write(tmp_path, [{"chosen": "a", "rejected": "b"}, {"chosen": "c", "rejected": "d"}], "csv")
+    with pytest.raises(DataError, match="no usable rows: all 2 rows are invalid") as err:
+        load_preferences(path, skip_invalid=True)
+    assert str(path) in str(err.value) and "row 1" in str(err.value)
+
+
+@pytest.mark.parametrize("content", ["", "\n", "[]", "id,prompt,chosen,rejected\n"])
+def test_empty_file(tmp_path, content):
+    path = tmp_path / ("prefs.csv" if "," in content else "prefs.jsonl")
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match="no usable rows") as err:
+        load_preferences(path)
+    assert str(path) in str(err.value)
+
+
+def test_empty_parquet(tmp_path):
+    path = tmp_path / "sft.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
+    with pytest.raises(DataError, match=f"{path}: no usable rows"):
+        load_sft(path)
+
+
+def test_unknown_columns(tmp_path):
+    path = write(tmp_path, [{"question_text": "q", "good": "a", "bad": "b"}], "jsonl")
+    with pytest.raises(DataError) as err:
+        load_preferences(path)
+    msg = str(err.value)
+    assert str(path) in msg and "question_text, good, bad" in msg and "--dataset_format" in msg
+    assert all(name in msg for name in D.PREFERENCE_FORMATS)
+    with pytest.raises(DataError) as err:
+        load_sft(path)
+    assert all(name in str(err.value) for name in D.SFT_FORMATS)
+
+
+def test_named_format_missing_column(tmp_path):
+    path = write(tmp_path, SHP, "jsonl")
+    with pytest.raises(DataError, match=r"format 'explicit' needs column 'prompt', which is missing") as err:
+        load_preferences(path, format="explicit")
+    assert str(path) in str(err.value)
+    no_labels = [{k: v for k, v in row.items() if k != "labels"} for row in SHP]
+    with pytest.raises(DataError, match="format 'shp' needs column 'labels'"):
+        load_preferences(no_labels, format="shp")
+    with pytest.raises(DataError, match="needs column 'conversations'"):
+        load_sft(TEXT, format="sharegpt")
+    with pytest.raises(DataError, match="unknown preference data format 'dpo'"):
+        load_preferences(HH, format="dpo")
+
+
+def test_named_hh_on_message_lists_is_a_row_error():
+    with pytest.raises(DataError, match=r"row 1: field 'chosen': expected a transcript"):
+        load_preferences(UF, format="hh")
