@@ -1,0 +1,68 @@
+"""Shared fixtures: an offline environment, the tiny preset built once, and whole script runs in-process.
+
+Importing torch/transformers/TRL costs seconds per process, so scripts run in this process through
+`run_script` (runpy with a patched argv), and the SFT and DPO runs that several tests read are made once
+per session.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+# No test may reach the Hub, wandb or a real API: fail fast instead of hanging on the closed network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _secret in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+    os.environ.pop(_secret, None)  # a developer's real credentials must not leak into test runs
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """ALIGNKIT_CACHE for the session, with the tiny preset built in it."""
+    cache = os.environ.get("ALIGNKIT_TEST_CACHE") or str(tmp_path_factory.mktemp("alignkit-cache"))
+    os.environ["ALIGNKIT_CACHE"] = cache
+    from alignkit import presets
+
+    presets.build()
+    return Path(cache)
+
+
+def run_script(name: str, *args: str, cwd: Path | None = None) -> dict:
+    """Run a top-level cell script (sft.py, dpo.py, ...) in this process; returns its globals."""
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv = [name, *args]
+    try:
+        if cwd:
+            os.chdir(cwd)
+        return runpy.run_path(str(ROOT / name), run_name="__main__")
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+
+
+@pytest.fixture(scope="session")
+def sft_run(tiny_cache, tmp_path_factory):
+    """`python sft.py --preset tiny`, once per session: the run's globals (run_folder, metrics, trainer, ...)."""
+    out = tmp_path_factory.mktemp("runs")
+    return run_script("sft.py", "--preset", "tiny", "--output_dir", str(out), "--run_name", "sft")
+
+
+@pytest.fixture(scope="session")
+def dpo_run(sft_run, tmp_path_factory):
+    """`python dpo.py --preset tiny` on top of the session's SFT adapter."""
+    out = tmp_path_factory.mktemp("runs")
+    return run_script(
+        "dpo.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir", str(out),
+        "--run_name", "dpo",
+    )
