@@ -39,8 +39,17 @@ def run_dir(s, stage: str) -> Path:
     return Path(s.output_dir) / name
 
 
+def _complete(checkpoint: Path) -> bool:
+    """transformers writes trainer_state.json last: a checkpoint cut off by a crash has none, or a torn one."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _complete(p)]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 

@@ -1,0 +1,212 @@
+"""Whole runs of sft.py and dpo.py on the tiny preset: they learn, resume, quantize, merge and keep secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit import presets
+from alignkit.config import ModelSettings
+from alignkit.generation import generate
+from alignkit.models import load_model, reference_mode
+
+from conftest import ROOT, run_script
+
+
+def rule_score(model_id: str, samples: int = 4) -> float:
+    """Mean rule score of sampled answers (temperature 0.7, fixed seed) over the preset's prompts."""
+    prompts = [json.loads(line)["prompt"] for line in open(presets.paths()["prompts"])] * samples
+    loaded = load_model(ModelSettings(model_id=model_id, quantization="none"))
+    answers = generate(loaded.model, loaded.tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                       max_new_tokens=16, temperature=0.7, batch_size=64, seed=0)
+    return sum(presets.score(p, a) for p, a in zip(prompts, answers)) / len(prompts)
+
+
+def first_logged(trainer, key):
+    return next(entry[key] for entry in trainer.state.log_history if key in entry)
+
+
+def test_sft_learns_the_data_and_saves_an_adapter(sft_run):
+    folder, trainer = Path(sft_run["run_folder"]), sft_run["trainer"]
+    assert (folder / "adapter_model.safetensors").is_file() and (folder / "tokenizer_config.json").is_file()
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == presets.paths()["model"]
+    # The held-out loss of base + adapter is below the base model's own on the same rows.
+    with trainer.model.disable_adapter():
+        base_loss = trainer.evaluate()["eval_loss"]
+    assert sft_run["metrics"]["eval_loss"] < base_loss - 0.02
+    saved = json.loads((folder / "alignkit_config.json").read_text())
+    assert saved["preset"] == "tiny" and saved["model_id"] == presets.paths()["model"]
+
+
+def test_dpo_from_the_sft_adapter_trains_a_new_adapter_on_top(sft_run, dpo_run):
+    folder, trainer = Path(dpo_run["run_folder"]), dpo_run["trainer"]
+    # The SFT adapter was loaded frozen under the new one, and the new adapter records it as its base.
+    assert trainer.frozen_adapters == ["frozen_0"]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(sft_run["run_folder"]).resolve())
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if "frozen_0" in n)
+    # Held-out reward accuracy: chance is 0.5 (and at step 0, with policy == reference, it is 0).
+    assert dpo_run["metrics"]["eval_rewards/accuracies"] > 0.8
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0] - 0.015
+
+
+def test_reference_is_the_sft_model_not_the_base(sft_run, dpo_run):
+    trainer = dpo_run["trainer"]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    sft = load_model(ModelSettings(model_id=str(sft_run["run_folder"]), quantization="none")).model
+    with torch.no_grad():
+        with reference_mode(model, trainer.frozen_adapters):
+            reference = model(input_ids=ids).logits
+        policy = model(input_ids=ids).logits
+        expected = sft(input_ids=ids).logits
+    assert torch.allclose(reference, expected, atol=1e-5)
+    assert not torch.allclose(policy, expected, atol=1e-3)  # the trained adapter does change the model
+
+
+def test_dpo_preset_makes_the_model_follow_the_rule_more_often(tiny_cache, tmp_path):
+    run = run_script("dpo.py", "--preset", "tiny", "--output_dir", str(tmp_path))
+    assert run["metrics"]["eval_rewards/accuracies"] > 0.8
+    before, after = rule_score(presets.paths()["model"]), rule_score(str(run["run_folder"]))
+    assert after > before + 0.03, (before, after)
+
+
+def test_qlora_4bit_dpo_trains_on_the_cpu(tiny_cache, tmp_path):
+    import bitsandbytes as bnb
+
+    run = run_script("dpo.py", "--preset", "tiny", "--quantization", "4bit", "--max_steps", "30",
+                     "--output_dir", str(tmp_path), "--run_name", "qlora")
+    model = run["trainer"].accelerator.unwrap_model(run["trainer"].model)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert model.is_loaded_in_4bit
+    assert run["metrics"]["eval_rewards/accuracies"] > 0.7
+    assert (Path(run["run_folder"]) / "adapter_model.safetensors").is_file()
+
+
+def test_resume_after_a_killed_run_matches_an_uninterrupted_one(tiny_cache, tmp_path):
+    args = ["--preset", "tiny", "--max_steps", "60", "--save_steps", "10", "--output_dir", str(tmp_path)]
+    env = {**os.environ, "ALIGNKIT_CACHE": str(tiny_cache)}
+    proc = subprocess.Popen([sys.executable, "dpo.py", *args, "--run_name", "killed"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "killed"
+    deadline = time.time() + 300
+    while not (run / "checkpoint-20" / "trainer_state.json").is_file():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "adapter_model.safetensors").is_file()  # it really died before the end
+
+    resumed = run_script("dpo.py", *args, "--run_name", "killed")
+    assert resumed["resume_from"] is not None and int(resumed["resume_from"].rsplit("-", 1)[1]) >= 20
+    straight = run_script("dpo.py", *args, "--run_name", "straight")
+    assert resumed["trainer"].state.global_step == straight["trainer"].state.global_step == 60
+    # Same trajectory up to float noise (CPU kernels may sum in another order from one process to the next).
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
+        assert resumed["metrics"][key] == pytest.approx(straight["metrics"][key], rel=2e-2, abs=1e-3), key
+
+
+def test_a_run_with_other_settings_does_not_resume_from_this_one(tiny_cache, tmp_path):
+    common = ["--preset", "tiny", "--max_steps", "10", "--save_steps", "5", "--output_dir", str(tmp_path),
+              "--run_name", "same-name"]
+    run_script("dpo.py", *common)
+    changed = run_script("dpo.py", *common, "--dpo_beta", "0.3")
+    assert changed["resume_from"] is None
+    assert list(tmp_path.glob("same-name.previous-*"))  # the earlier run was moved aside, not lost
+
+
+def test_dpo_losses_match_the_formula_on_a_real_batch(tiny_cache, tmp_path):
+    """The trainer's cDPO loss equals -(1-e)logsig(b*h) - e*logsig(-b*h) from log-probs computed here."""
+    beta, eps = 0.3, 0.2
+    run = run_script("dpo.py", "--preset", "tiny", "--max_steps", "3", "--dpo_beta", str(beta),
+                     "--label_smoothing", str(eps), "--output_dir", str(tmp_path), "--run_name", "cdpo")
+    trainer = run["trainer"]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    batch = next(iter(trainer.get_eval_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+
+        def summed_logps():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            token = torch.log_softmax(logits.float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+            return (token * batch["completion_mask"][:, 1:]).sum(-1).chunk(2)
+
+        pc, pr = summed_logps()
+        with reference_mode(model, trainer.frozen_adapters):
+            rc, rr = summed_logps()
+    h = (pc - pr) - (rc - rr)
+    assert h.abs().max() > 1e-3  # the adapter moved, so the check is not at h = 0
+    F = torch.nn.functional
+    expected = (-(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)).mean().item()
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("flags", [["--loss_type", "ipo", "--dpo_beta", "0.5"],
+                                   ["--loss_type", "hinge"],
+                                   ["--loss_type", "sigmoid,sft", "--loss_weights", "1,0.5"]])
+def test_other_loss_types_run(tiny_cache, tmp_path, flags):
+    run = run_script("dpo.py", "--preset", "tiny", "--max_steps", "3", "--eval_split", "0",
+                     "--output_dir", str(tmp_path), *flags)
+    assert run["trainer"].state.global_step == 3
+    assert run["trainer"].own_loss == (flags[1] == "ipo")
+
+
+def test_label_smoothing_with_trl_losses_is_refused(tiny_cache, tmp_path):
+    with pytest.raises(ValueError, match="ignores label smoothing"):
+        run_script("dpo.py", "--preset", "tiny", "--max_steps", "1", "--loss_type", "sigmoid,hinge",
+                   "--label_smoothing", "0.1", "--output_dir", str(tmp_path))
+
+
+def test_merge_adaptors_writes_a_model_with_the_same_logits(dpo_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = run_script("dpo.py", "--preset", "tiny", "--model_id", str(dpo_run["settings"].model_id), "--max_steps",
+                     "5", "--merge_adaptors", "--output_dir", str(tmp_path), "--run_name", "merge")
+    folder = Path(run["run_folder"])
+    merged = AutoModelForCausalLM.from_pretrained(folder / "merged")
+    stacked = load_model(ModelSettings(model_id=str(folder), quantization="none")).model
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, stacked(input_ids=ids).logits, atol=1e-4)
+
+
+def test_no_secret_reaches_a_written_file(tiny_cache, tmp_path, monkeypatch):
+    secrets = {"HF_TOKEN": "hf_FAKEtokenVALUE1234567", "WANDB_API_KEY": "wandbFAKEkey98765432",
+               "OPENAI_API_KEY": "sk-FAKEopenaiKEY1234567"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    run_script("sft.py", "--preset", "tiny", "--max_steps", "2", "--report_to", "none", "--merge_adaptors",
+               "--output_dir", str(tmp_path), "--run_name", "secrets")
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) > 5
+    for path in written:
+        data = path.read_bytes()
+        for value in secrets.values():
+            assert value.encode() not in data, f"{value} leaked into {path}"
+
+
+def test_wandb_without_a_key_fails_fast_instead_of_prompting(tiny_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="WANDB_API_KEY"):
+        run_script("dpo.py", "--preset", "tiny", "--wandb_project", "p", "--output_dir", str(tmp_path))
+
+
+def test_push_without_a_token_fails_before_any_work(tiny_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no cached login token
+    with pytest.raises(ValueError, match="HF_TOKEN"):
+        run_script("dpo.py", "--preset", "tiny", "--push_to_hub", "--hub_repo_id", "me/x", "--output_dir",
+                   str(tmp_path))
+    assert not any(tmp_path.glob("dpo-*"))  # no run folder was even made
