@@ -76,9 +76,10 @@ def defaults(stage: str) -> dict:
         eval_split=0.1, output_dir="runs",
     )
     if stage == "sft":
-        return {**common, "dataset_id": p["sft"], "dataset_split": "train", "learning_rate": 2e-3}
+        return {**common, "dataset_id": p["sft"], "dataset_split": "train", "learning_rate": 2e-3, "run_name": "tiny-sft"}
     if stage == "dpo":
-        return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 2e-4}
+        return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 2e-4,
+                "run_name": "tiny-dpo"}
     return common
 
 

@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,6 +60,7 @@ def _training_view(settings: dict) -> dict:
 
 def prepare_run(s, stage: str) -> tuple[Path, str | None]:
     """Create the run folder and decide where training starts: (folder, checkpoint to resume from or None)."""
+    quiet_library_noise()
     folder = run_dir(s, stage)
     checkpoints = _checkpoints(folder) if folder.is_dir() else []
     saved_file = folder / CONFIG_FILE
@@ -107,6 +109,21 @@ def resolve_report_to(s) -> str:
     return choice
 
 
+def quiet_library_noise() -> None:
+    """Keep the log to what the user can act on.
+
+    transformers v5 warns on every step that TRL calls its renamed gradient-checkpointing helpers, and progress
+    bars redraw by the line when there is no terminal: thousands of lines in a CI log.
+    """
+    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, **stage_kwargs):
     """TRL's SFTConfig/DPOConfig from alignkit's settings; --trainer_overrides JSON adds anything else."""
     has_eval = s.eval_split > 0
@@ -123,6 +140,7 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, **stage_kwargs):
         eval_strategy="steps" if (has_eval and s.eval_steps) else "no", eval_steps=s.eval_steps,
         report_to=resolve_report_to(s), bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         prediction_loss_only=True,  # no logits are kept at eval: the metrics come from the loss pass
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps host-to-GPU copies
         disable_tqdm=not sys.stderr.isatty(),  # progress bars in a CI log are thousands of lines of noise
         push_to_hub=False,  # alignkit.hub pushes at the end, with a model card and without secrets
         **stage_kwargs,
