@@ -18,3 +18,21 @@ if not logger.handlers:
     logger.addHandler(_handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def quiet_library_noise() -> None:
+    """Keep the log to what the user can act on.
+
+    transformers v5 warns on every step that TRL calls its renamed gradient-checkpointing helpers, and progress
+    bars redraw by the line when there is no terminal: thousands of lines in a CI log.
+    """
+    import sys
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()

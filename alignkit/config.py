@@ -146,3 +146,30 @@ class DPOSettings(TrainSettings):
             raise ValueError(
                 f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types {self.loss_type}"
             )
+
+
+@dataclass
+class MergeSettings:
+    """merge.py: adapters merged into their base, checked, saved, and optionally pushed."""
+
+    preset: str | None = setting(None, "named defaults: 'tiny' merges the demo's DPO run (runs/tiny-dpo)")
+    adapter_dir: str | None = setting(None, "adapter folder (a training run); chains (SFT then DPO) merge in order")
+    base_model: str | None = setting(None, "base model to merge into; default: the one the adapter records")
+    output_dir: str | None = setting(None, "where the merged model goes; default: <adapter_dir>/merged")
+    dtype: str = setting("auto", "weights of the merged model; auto: bf16 on CUDA, fp32 on CPU",
+                         choices=["auto", "bf16", "fp16", "fp32"])
+    dequantize: bool = setting(
+        False, "merge into the NF4-quantized base, dequantized: the exact model a QLoRA adapter was trained on"
+    )
+    max_shard_size: str = setting("5GB", "largest safetensors shard")
+    trust_remote_code: bool = setting(False, "run custom model code shipped with the checkpoint; off unless asked")
+    push_to_hub: bool = setting(False, "push to the Hugging Face Hub (needs HF_TOKEN)")
+    push: str = setting("merged", "what to push: the merged model, or the adapter alone", choices=["merged", "adapter"])
+    hub_repo_id: str | None = setting(None, "Hub repo to push to, e.g. you/mistral-7b-dpo")
+    hub_public: bool = setting(False, "make the Hub repo public (private by default)")
+
+    def __post_init__(self):
+        if not self.adapter_dir:
+            raise ValueError("pass the adapter to merge: --adapter_dir RUN_FOLDER (or --preset tiny)")
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("push_to_hub needs hub_repo_id: pass --hub_repo_id you/name")

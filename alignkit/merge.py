@@ -1,37 +1,34 @@
 """Merge adapters into their base model, check the merge, and save a standalone model.
 
-The base is loaded in full precision: merging into 4-bit weights rounds the adapter's small update away.
-A chain (base -> SFT adapter -> DPO adapter) merges in order. Before the merged model is saved, its logits on
-a few prompts are compared with the unmerged base-plus-adapters model; a difference above the tolerance is
-an error that says by how much.
+Two ways to merge a QLoRA adapter (see peft#2105, qlora#254):
+- default: into the base in full precision. The standard; the result is the original base plus the LoRA
+  update. The adapter was trained against the NF4-rounded base, so this model differs slightly from the one
+  that was trained. Never merge into the 4-bit weights themselves: re-quantizing rounds the small update away.
+- `dequantize=True`: into the NF4 base turned back into plain weights, so the merged model is exactly the one
+  that was trained, rounding of the base included. Use it for a QLoRA adapter whose quality you measured
+  in training and want to keep bit for bit.
+
+A chain (base -> SFT adapter -> DPO adapter) merges in order. Before anything is saved, the merged model's
+logits on a few prompts are compared with the unmerged base-plus-adapters model; a difference above the
+tolerance is an error that says by how much.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from . import logger
+from .config import ModelSettings
 
-# Max |logit difference| accepted between the merged and the unmerged model, by compute dtype.
+# Max |logit difference| accepted between the merged and the unmerged model, by compute dtype: merging only
+# reorders the same arithmetic, so the bound is float noise on logits of order 10.
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
 CHECK_PROMPTS = ["Hello! What can you do?", "Name three fruits.", "Explain gravity to a child in one sentence."]
-
-
-@dataclass
-class _MergeSource:
-    """The ModelSettings fields load_model reads, for a merge."""
-
-    model_id: str
-    dtype: str = "auto"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    chat_template: str | None = None
-    quantization: str = "none"
-    attn_implementation: str = "eager"  # the plainest kernel, so both sides of the check compute alike
-    use_liger: str = "false"
+RUN_FILES = ("alignkit_config.json", "metrics.json")  # carried over so the merged folder describes itself
 
 
 def _check_inputs(tokenizer, device):
@@ -46,34 +43,43 @@ def _check_inputs(tokenizer, device):
     return batch
 
 
-def merge_adapters(adapter_dir: str, output_dir, dtype: str = "auto", max_shard_size: str = "5GB",
-                   trust_remote_code: bool = False) -> Path:
+def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str | None = None,
+                   dequantize: bool = False, max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
+    """Merge the adapter chain ending at `adapter_dir` into its base; returns the output folder."""
     from .models import load_model
 
-    loaded = load_model(_MergeSource(str(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code),
-                        full_precision=True)
+    settings = ModelSettings(model_id=str(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code,
+                             attn_implementation="eager", use_liger="false")
+    loaded = load_model(settings, full_precision=True, dequantize=dequantize, base_model=base_model)
     if not loaded.adapters:
         raise ValueError(f"{adapter_dir} holds no adapter_config.json: there is nothing to merge")
     model, tok = loaded.model, loaded.tokenizer
     batch = _check_inputs(tok, model.device)
     with torch.no_grad():
         model.base_model.set_adapter(loaded.frozen)  # every adapter of the chain on, as in training
-        expected = model(**batch).logits
+        expected = model(**batch).logits.float()
         merged = model.merge_and_unload(adapter_names=loaded.frozen)
-        got = merged(**batch).logits
-    mask = batch["attention_mask"].bool()
-    diff = (expected - got).abs()[mask].max().item()
+        got = merged(**batch).logits.float()
+    diff = (expected - got).abs()[batch["attention_mask"].bool()].max().item()
     tolerance = TOLERANCE[loaded.dtype]
-    if diff > tolerance:
+    if not diff <= tolerance:  # also catches NaN
         raise RuntimeError(
-            f"merge check failed: merged logits differ from base+adapter by up to {diff:.3g} "
-            f"(tolerance {tolerance:g} for {loaded.dtype}); the merged model was not saved"
+            f"merge check failed: merged logits differ from base + adapters by up to {diff:.3g} "
+            f"(tolerance {tolerance:g} for {loaded.dtype}); nothing was saved"
         )
-    logger.info(f"merge check: max |logit difference| {diff:.2e} <= {tolerance:g}")
+    logger.info(f"merge check: max |logit difference| {diff:.2e} <= {tolerance:g} over {len(CHECK_PROMPTS)} prompts")
     out = Path(output_dir)
     merged.save_pretrained(out, max_shard_size=max_shard_size)
-    tok.save_pretrained(out)
+    tok.save_pretrained(out)  # with its chat template
+    # Generation stops at the tokenizer's eos (the chat template's end of turn) and pads with its own token.
     merged.generation_config.pad_token_id = tok.pad_token_id
     merged.generation_config.eos_token_id = tok.eos_token_id
     merged.generation_config.save_pretrained(out)
+    for name in RUN_FILES:
+        if Path(adapter_dir, name).is_file():
+            shutil.copy(Path(adapter_dir, name), out / name)
+    (out / "merge.json").write_text(json.dumps({
+        "base_model": loaded.base_id, "adapters": loaded.adapters, "dequantize": dequantize,
+        "dtype": str(loaded.dtype).removeprefix("torch."), "max_logit_difference": diff, "tolerance": tolerance,
+    }, indent=2))
     return out

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import logger
+from . import logger, quiet_library_noise
 
 TRAINABLE = "default"  # PEFT's default adapter name; transformers' Trainer resumes this one
 
@@ -155,18 +155,24 @@ def require_chat_template(tok, model_id: str) -> None:
         )
 
 
-def load_model(s, *, for_training: bool = False, full_precision: bool = False) -> Loaded:
+def load_model(s, *, for_training: bool = False, full_precision: bool = False, dequantize: bool = False,
+               base_model: str | None = None) -> Loaded:
     """Load `s.model_id` (settings from alignkit.config.ModelSettings) and any adapter chain under it.
 
     full_precision: never quantize (merging adapters must happen in full precision).
+    dequantize: load the base in 4-bit NF4, then turn it back into plain weights before the adapters go on:
+        the exact model a QLoRA adapter was trained against, in a form adapters can merge into.
+    base_model: use this base instead of the one the adapter chain records (a moved or renamed base).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    quiet_library_noise()
     base_id, chain = adapter_chain(s.model_id, s.revision)
+    base_id = base_model or base_id
     if chain:
         logger.info(f"{s.model_id} is an adapter; base model: {base_id}; adapters: {' -> '.join(chain)}")
     dtype = resolve_dtype(s.dtype)
-    quantization = "none" if full_precision else resolve_quantization(s.quantization)
+    quantization = "4bit" if dequantize else "none" if full_precision else resolve_quantization(s.quantization)
     kwargs: dict = dict(
         revision=None if chain else s.revision, trust_remote_code=s.trust_remote_code, dtype=dtype,
         attn_implementation=resolve_attention(s.attn_implementation),
@@ -182,6 +188,10 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False) -
         # Each process owns one GPU: device_map="auto" would spread a model over all of them and break DDP.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(base_id, **kwargs)
+    if dequantize:
+        model = model.dequantize()  # bitsandbytes' own NF4 -> float, weight by weight
+        model.to(dtype)
+        quantization = "none"
     if resolve_liger(s.use_liger):
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 

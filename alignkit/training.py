@@ -14,12 +14,11 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from . import logger
+from . import logger, quiet_library_noise
 from .args import config_to_dict, save_config
 
 CONFIG_FILE = "alignkit_config.json"
@@ -109,21 +108,6 @@ def resolve_report_to(s) -> str:
     return choice
 
 
-def quiet_library_noise() -> None:
-    """Keep the log to what the user can act on.
-
-    transformers v5 warns on every step that TRL calls its renamed gradient-checkpointing helpers, and progress
-    bars redraw by the line when there is no terminal: thousands of lines in a CI log.
-    """
-    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
-    if not sys.stderr.isatty():
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-
-
 def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, **stage_kwargs):
     """TRL's SFTConfig/DPOConfig from alignkit's settings; --trainer_overrides JSON adds anything else."""
     has_eval = s.eval_split > 0
@@ -181,13 +165,19 @@ def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:
     if trainer.accelerator.is_main_process:
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
         logger.info(f"{stage} adapter saved to {folder}")
-    if s.merge_adaptors and trainer.accelerator.is_main_process:
-        from .merge import merge_adapters
-
-        merged = merge_adapters(str(folder), folder / "merged", dtype=s.dtype)
-        logger.info(f"merged model saved to {merged}")
-    if s.push_to_hub and trainer.accelerator.is_main_process:
-        from .hub import push
-
-        push(folder / "merged" if s.merge_adaptors else folder, s.hub_repo_id, private=not s.hub_public)
+    if trainer.accelerator.is_main_process and (s.merge_adaptors or s.push_to_hub):
+        publish_run(folder, s)
     return metrics
+
+
+def publish_run(folder: Path, s) -> None:
+    """--merge_adaptors and --push_to_hub of sft.py and dpo.py, through alignkit.merge and alignkit.hub."""
+    from .hub import push
+    from .merge import merge_adapters
+
+    target = folder
+    if s.merge_adaptors:
+        target = merge_adapters(str(folder), folder / "merged", dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+        logger.info(f"merged model saved to {target}")
+    if s.push_to_hub:
+        push(target, s.hub_repo_id, private=not s.hub_public)

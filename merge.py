@@ -1,0 +1,66 @@
+# %% [markdown]
+# # Merge: adapters into the base model, checked, saved, published
+#
+# Loads the base in full precision (merging into 4-bit weights would round the adapter's update away),
+# applies the adapter chain (an SFT adapter, then a DPO adapter on top, merge in order), merges, and checks
+# on a few prompts that the merged model's logits equal base + adapters before saving anything. For a QLoRA
+# adapter, `--dequantize` merges into the dequantized NF4 base instead: exactly the model that was trained.
+#
+# ```bash
+# python merge.py --preset tiny                                    # merges runs/tiny-dpo (SFT -> DPO chain)
+# python merge.py --adapter_dir runs/my-dpo --output_dir my-model --dtype bf16
+# python merge.py --adapter_dir runs/my-qlora-dpo --dequantize     # match the NF4 base it was trained on
+# python merge.py --adapter_dir runs/my-dpo --push_to_hub --hub_repo_id you/my-model         # private
+# python merge.py --adapter_dir runs/my-dpo --push_to_hub --push adapter --hub_repo_id you/my-adapter
+# ```
+
+# %% [markdown]
+# ## Settings
+# The same mechanism as every script: flags, environment variables, `.env`, `--config`, `--preset`.
+# A push needs HF_TOKEN: checked here, before the merge.
+
+# %%
+from pathlib import Path
+
+from alignkit import presets
+from alignkit.args import parse_config
+from alignkit.config import MergeSettings
+
+settings = parse_config(
+    MergeSettings, presets={"tiny": {"adapter_dir": "runs/tiny-dpo"}}, prog="merge.py",
+    description="Merge LoRA adapters into their base model, check, save and push.",
+)
+if settings.push_to_hub:
+    from alignkit.hub import require_token
+
+    require_token()
+presets.ensure(settings)
+output_dir = Path(settings.output_dir or Path(settings.adapter_dir) / "merged")
+
+# %% [markdown]
+# ## Merge and check
+# Fails loudly, saving nothing, when the merged logits differ from base + adapters beyond the tolerance.
+
+# %%
+from alignkit.merge import merge_adapters
+
+if settings.push != "adapter" or not settings.push_to_hub:
+    merged_dir = merge_adapters(
+        settings.adapter_dir, output_dir, dtype=settings.dtype, base_model=settings.base_model,
+        dequantize=settings.dequantize, max_shard_size=settings.max_shard_size,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    print(f"merged model: {merged_dir}")
+
+# %% [markdown]
+# ## Publish
+# A model card (base, data, settings without secrets, final metrics, evaluation results, how to load it)
+# goes with the weights and the tokenizer. Private unless `--hub_public`.
+
+# %%
+from alignkit.hub import push
+
+if settings.push_to_hub:
+    folder = output_dir if settings.push == "merged" else Path(settings.adapter_dir)
+    url = push(folder, settings.hub_repo_id, private=not settings.hub_public)
+    print(f"pushed: {url}")

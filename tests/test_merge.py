@@ -1,0 +1,163 @@
+"""merge.py and the Hub push: merged logits equal the adapters', QLoRA merges, the upload, no secrets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignkit import merge as merge_module
+from alignkit.config import ModelSettings
+from alignkit.models import load_model
+
+from conftest import run_script
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """HfApi at its boundary: record create_repo and upload_folder, with the files as they are at upload time."""
+    import huggingface_hub
+
+    calls = {}
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None, **kw):
+        calls["create_repo"] = dict(repo_id=repo_id, private=private, repo_type=repo_type, token=self.token)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, folder_path, repo_id, repo_type=None, ignore_patterns=None, **kw):
+        import fnmatch
+
+        root = Path(folder_path)
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        kept = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in ignore_patterns or [])]
+        calls["upload_folder"] = dict(repo_id=repo_id, repo_type=repo_type, files=kept, root=root)
+        return "commit"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setenv("HF_TOKEN", "hf_FAKEtokenForTests123456")
+    return calls
+
+
+def test_merged_chain_reloads_from_disk_with_the_same_logits(dpo_run, tmp_path):
+    out = tmp_path / "merged"
+    run_script("merge.py", "--adapter_dir", str(dpo_run["run_folder"]), "--output_dir", str(out))
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    stacked = load_model(ModelSettings(model_id=str(dpo_run["run_folder"]), quantization="none")).model
+    assert torch.allclose(logits(merged), logits(stacked), atol=1e-4)
+    # Not a no-op: the merged model is not the base.
+    base = AutoModelForCausalLM.from_pretrained(json.loads((out / "merge.json").read_text())["base_model"])
+    assert not torch.allclose(logits(merged), logits(base), atol=1e-3)
+    # Both adapters of the chain, in order.
+    assert json.loads((out / "merge.json").read_text())["adapters"][-1] == str(dpo_run["run_folder"])
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and tok.pad_token != tok.eos_token
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tok.eos_token_id and generation["pad_token_id"] == tok.pad_token_id
+
+
+def test_qlora_adapter_merges_both_ways(tiny_cache, tmp_path):
+    run = run_script("dpo.py", "--preset", "tiny", "--quantization", "4bit", "--max_steps", "15",
+                     "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", "qlora")
+    adapter = str(run["run_folder"])
+    trained = load_model(ModelSettings(model_id=adapter, quantization="4bit")).model  # what was trained
+    full = merge_module.merge_adapters(adapter, tmp_path / "full")
+    dequantized = merge_module.merge_adapters(adapter, tmp_path / "dequantized", dequantize=True)
+    want = logits(trained)
+    got_full = logits(AutoModelForCausalLM.from_pretrained(full))
+    got_dequantized = logits(AutoModelForCausalLM.from_pretrained(dequantized))
+    # --dequantize reproduces the NF4-trained model up to bitsandbytes' kernel arithmetic (~0.06 in the logits
+    # here); the full-precision merge is the original base + update, which is further from it (~1.6 here).
+    assert (got_dequantized - want).abs().max() < 0.2
+    assert (got_full - want).abs().max() > 10 * (got_dequantized - want).abs().max()
+
+
+def test_a_failed_check_saves_nothing_and_says_by_how_much(dpo_run, tmp_path, monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    original = LoraModel.merge_and_unload
+
+    def lossy_merge(self, *args, **kwargs):  # a merge that loses part of the update
+        model = original(self, *args, **kwargs)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.01)
+        return model
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lossy_merge)
+    with pytest.raises(RuntimeError, match=r"differ from base \+ adapters by up to [0-9.e-]+"):
+        merge_module.merge_adapters(str(dpo_run["run_folder"]), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_push_builds_the_right_upload_with_a_model_card(dpo_run, tmp_path, fake_hub):
+    out = tmp_path / "merged"
+    run_script("merge.py", "--adapter_dir", str(dpo_run["run_folder"]), "--output_dir", str(out),
+               "--push_to_hub", "--hub_repo_id", "me/tiny-dpo")
+    assert fake_hub["create_repo"] == dict(repo_id="me/tiny-dpo", private=True, repo_type="model",
+                                           token="hf_FAKEtokenForTests123456")
+    files = fake_hub["upload_folder"]["files"]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+            "generation_config.json"} <= set(files)
+    card = (out / "README.md").read_text()
+    assert "me/tiny-dpo" in card and "eval_rewards/accuracies" in card and "dpo_beta" in card
+    assert "AutoModelForCausalLM.from_pretrained(\"me/tiny-dpo\")" in card
+    assert "hf_FAKEtokenForTests123456" not in card
+
+
+def test_public_push_and_adapter_push(sft_run, dpo_run, tmp_path, fake_hub):
+    import shutil
+
+    # An adapter whose base is on the Hub (here the tiny base stands in for it under a Hub id).
+    adapter = tmp_path / "adapter"
+    shutil.copytree(sft_run["run_folder"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "me/tiny-base"}))
+    (adapter / "checkpoint-5").mkdir()
+    (adapter / "checkpoint-5" / "optimizer.pt").write_text("not for the Hub")
+    run_script("merge.py", "--adapter_dir", str(adapter), "--push_to_hub", "--push", "adapter",
+               "--hub_repo_id", "me/sft-adapter", "--hub_public")
+    assert fake_hub["create_repo"]["private"] is False
+    files = fake_hub["upload_folder"]["files"]
+    assert "adapter_model.safetensors" in files and "README.md" in files
+    assert not any(f.startswith(("checkpoint-", "merged")) for f in files)
+    card = (adapter / "README.md").read_text()
+    assert "AutoPeftModelForCausalLM" in card and "base_model: me/tiny-base" in card
+    # An adapter on top of a local SFT adapter cannot be loaded by anyone else: refused, with the way out.
+    with pytest.raises(ValueError, match="push the merged model"):
+        run_script("merge.py", "--adapter_dir", str(dpo_run["run_folder"]), "--push_to_hub", "--push", "adapter",
+                   "--hub_repo_id", "me/dpo-adapter")
+
+
+def test_missing_token_fails_before_merging(dpo_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="HF_TOKEN"):
+        run_script("merge.py", "--adapter_dir", str(dpo_run["run_folder"]), "--output_dir", str(tmp_path / "m"),
+                   "--push_to_hub", "--hub_repo_id", "me/x")
+    assert not (tmp_path / "m").exists()
+
+
+def test_dpo_merge_and_push_go_through_the_same_module(sft_run, tmp_path, fake_hub, monkeypatch):
+    secrets = {"WANDB_API_KEY": "wandbFAKEkey98765432", "OPENAI_API_KEY": "sk-FAKEopenaiKEY1234567"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    run = run_script("dpo.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--max_steps", "3",
+                     "--report_to", "none", "--merge_adaptors", "--push_to_hub", "--hub_repo_id", "me/pushed",
+                     "--output_dir", str(tmp_path), "--run_name", "pushed")
+    upload = fake_hub["upload_folder"]
+    assert upload["repo_id"] == "me/pushed" and upload["root"] == Path(run["run_folder"]) / "merged"
+    assert "model.safetensors" in upload["files"] and "README.md" in upload["files"]
+    for path in (p for p in tmp_path.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        for value in [*secrets.values(), "hf_FAKEtokenForTests123456"]:
+            assert value.encode() not in data, f"{value} leaked into {path}"
