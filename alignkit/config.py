@@ -149,6 +149,90 @@ class DPOSettings(TrainSettings):
 
 
 @dataclass
+class LabelSettings(ModelSettings):
+    """label.py. The loader settings above apply to every local generator."""
+
+    model_id: str = setting(
+        "mistralai/Mistral-7B-Instruct-v0.2", "the model --num_samples samples from, and the --mode completions "
+        "teacher unless --model_a is set: Hub id, local or adapter folder, or openai:MODEL",
+    )
+    preset: str | None = setting(None, "named defaults: 'tiny' labels the offline demo's prompts with its rule judge")
+    mode: str = setting(
+        "pairs", "pairs: judged response pairs, preference data for dpo.py; completions: a teacher's answers, "
+        "SFT data for sft.py", choices=["pairs", "completions"],
+    )
+    # Prompts
+    prompts: str | None = setting(
+        None, "prompts: .jsonl/.json/.csv/.parquet file or Hub dataset id; default: the prompts of --responses_a"
+    )
+    prompt_field: str = setting("prompt", "column holding the prompt: text, or role/content messages")
+    prompts_split: str = setting("train", "split of a Hub prompt dataset")
+    prompts_config: str | None = setting(None, "configuration name of a Hub prompt dataset")
+    max_prompts: int | None = setting(None, "use only the first N distinct prompts")
+    # Where the responses come from
+    model_a: str | None = setting(
+        None, "generator A: Hub id, local or adapter folder, or openai:MODEL for an OpenAI-compatible endpoint"
+    )
+    model_b: str | None = setting(None, "generator B, like --model_a")
+    responses_a: str | None = setting(None, "existing responses for slot A (instead of --model_a): a file with "
+                                            "the prompt column and a response column")
+    responses_b: str | None = setting(None, "existing responses for slot B (instead of --model_b)")
+    response_field: str = setting("auto", "response column of those files; auto: response, completion, output or answer")
+    num_samples: int = setting(0, "N >= 2: sample N responses per prompt from --model_id and judge every pair of them")
+    max_new_tokens: int = setting(512, "longest generated response, in tokens")
+    temperature: float = setting(0.7, "generation temperature; 0 is greedy")
+    top_p: float = setting(1.0, "nucleus sampling for generation")
+    generation_batch_size: int = setting(16, "prompts per batch for local generation (and for --judge hf)")
+    generation_base_url: str | None = setting(
+        None, "endpoint of openai:MODEL generators; default: OPENAI_BASE_URL, else the OpenAI API"
+    )
+    generation_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the generators' API key")
+    # Judge
+    judge: str = setting("openai", "openai: OpenAI-compatible endpoint; hf: local transformers model; "
+                                   "python:module:function (or python:file.py:function): a rule or verifier")
+    judge_model: str | None = setting(
+        None, "endpoint model name (default gpt-4o-mini), or for --judge hf a Hub id or folder"
+    )
+    judge_base_url: str | None = setting(None, "judge endpoint, e.g. http://localhost:8000/v1; default: "
+                                               "OPENAI_BASE_URL, else the OpenAI API")
+    judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the judge's API key")
+    judge_template: str = setting(
+        "default", "default, self_reference, or a FastChat judge_prompts.jsonl FILE (FILE#NAME picks one entry)"
+    )
+    principle: str = setting(
+        "Which response is more helpful, honest and harmless?", "the one principle of --judge_template self_reference"
+    )
+    judge_temperature: float = setting(0.0, "judge sampling temperature")
+    judge_max_tokens: int = setting(1024, "longest judge answer, in tokens (self_reference needs room for its own answer)")
+    both_orders: bool = setting(True, "judge every pair in both orders and label it only when they agree")
+    parallel: int = setting(8, "concurrent requests to the judge and to generator endpoints")
+    max_retries: int = setting(5, "retries of a request on 429, 5xx, timeouts (exponential backoff, Retry-After)")
+    request_timeout: float = setting(120.0, "seconds before one request attempt times out")
+    # Output
+    output: str | None = setting(None, "output .jsonl; default: runs/label-<prompts>/<preferences|completions>.jsonl")
+    cache_dir: str | None = setting(None, "cache of responses and judgments a rerun resumes from; default: OUTPUT.cache")
+    seed: int = setting(42, "seed for sampling")
+    push_to_hub: bool = setting(False, "push the output as a Hub dataset (needs HF_TOKEN)")
+    hub_repo_id: str | None = setting(None, "Hub dataset repo to push to, e.g. you/rlaif-prefs")
+    hub_public: bool = setting(False, "make the Hub dataset public (private by default)")
+
+    def __post_init__(self):
+        if self.num_samples == 1 or self.num_samples < 0:
+            raise ValueError(f"num_samples must be 0 (off) or >= 2, got {self.num_samples}")
+        for name in ("parallel", "generation_batch_size", "max_new_tokens", "judge_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_retries < 0 or self.request_timeout <= 0 or self.temperature < 0:
+            raise ValueError("max_retries and temperature must be >= 0, request_timeout > 0")
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("push_to_hub needs hub_repo_id: pass --hub_repo_id you/name")
+
+
+# ---------------------------------------------------------------- evaluate.py
+from dataclasses import field as _field  # noqa: E402  (init=False: a field that is not a flag)
+
+
+@dataclass
 class MergeSettings:
     """merge.py: adapters merged into their base, checked, saved, and optionally pushed."""
 

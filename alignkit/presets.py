@@ -80,6 +80,13 @@ def defaults(stage: str) -> dict:
     if stage == "dpo":
         return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 2e-4,
                 "run_name": "tiny-dpo"}
+    if stage == "label":
+        # Six sampled answers per prompt from the base model, every pair judged by the checkable rule.
+        return dict(
+            model_id=p["model"], quantization="none", prompts=p["prompts"], num_samples=6, temperature=1.0,
+            max_new_tokens=16, generation_batch_size=64, judge="python:alignkit.presets:rule_judge",
+            output="runs/label-tiny/preferences.jsonl",
+        )
     return common
 
 

@@ -1,0 +1,112 @@
+# %% [markdown]
+# # Label: preference data from AI feedback (RLAIF)
+#
+# Turns prompts into a preference dataset that `dpo.py --dataset_id OUT.jsonl` trains on as it is: two
+# responses per prompt, judged by an LLM (or a rule), as in the RLAIF loop of Sharma et al. 2024 and the
+# self-reference feedback of Bao et al. 2024. The responses come from two models (say the SFT policy against a
+# teacher), from N samples of one model (every pair among them), or from files of existing outputs.
+#
+# Judges favour whichever response they read first, so each pair is judged in both orders and labeled only when
+# both orders pick the same winner; ties, disagreements and answers without a verdict are counted, never turned
+# into a win. Identical responses never reach the judge. Every judgment is cached on disk as it arrives: after
+# a crash, Ctrl-C or kill, run the same command again and it resumes without asking anything twice.
+#
+# ```bash
+# python label.py --preset tiny                  # offline demo: tiny-model samples judged by the preset's rule
+# python dpo.py --preset tiny --dataset_id runs/label-tiny/preferences.jsonl
+#
+# # the SFT policy against a teacher endpoint, judged by gpt-4o-mini (OPENAI_API_KEY), 16 requests at a time
+# python label.py --prompts prompts.jsonl --model_a runs/sft-model --model_b openai:gpt-4o \
+#     --judge_model gpt-4o-mini --parallel 16 --output prefs.jsonl
+# # four samples per prompt, judged by a local vLLM server that needs no key, under one principle
+# python label.py --prompts HuggingFaceH4/ultrafeedback_binarized --prompts_split train_prefs --max_prompts 2000 \
+#     --num_samples 4 --judge_base_url http://localhost:8000/v1 --judge_model Qwen/Qwen2.5-72B-Instruct \
+#     --judge_template self_reference --principle "Which response is more honest?"
+# # existing outputs, a local judge model, a FastChat judge prompt
+# python label.py --responses_a teacher.jsonl --responses_b policy.jsonl --judge hf --judge_model ./judge \
+#     --judge_template judge_prompts.jsonl#pair-v2
+# # a checkable task: your own verifier, function(prompt, answer_a, answer_b) -> "A" | "B" | "tie"
+# python label.py --prompts math.jsonl --num_samples 8 --judge python:verify.py:judge
+# # teacher completions as SFT data, the RLAIF paper's first step
+# python label.py --mode completions --model_a openai:gpt-4o --prompts prompts.jsonl --output teacher.jsonl
+# python sft.py --dataset_id teacher.jsonl
+# python label.py --help                         # every setting, its default and env var
+# ```
+
+# %% [markdown]
+# ## Settings
+# Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags. Everything that can fail
+# before any work fails here: the sources, the judge and its template, a missing API key (naming the
+# variable), a Hub token for `--push_to_hub`. The settings are saved next to the output, secrets redacted.
+
+# %%
+from alignkit import presets
+from alignkit.args import parse_config
+from alignkit.config import LabelSettings
+from alignkit.labeling import prepare
+
+settings = parse_config(
+    LabelSettings, presets={"tiny": presets.defaults("label")}, prog="label.py",
+    description="Label prompt/response pairs with an LLM judge into DPO preference data (or teacher SFT data).",
+)
+presets.ensure(settings)
+run = prepare(settings)
+
+# %% [markdown]
+# ## Prompts
+# A file or a Hub dataset; `--prompt_field` holds text or role/content messages. Repeated prompts are dropped.
+
+# %%
+from alignkit.labeling import load_prompts
+
+prompts = load_prompts(run)
+
+# %% [markdown]
+# ## Responses
+# Read from `--responses_a/b` files (matched by prompt), or generated: local models in batches (left padding,
+# the chat template's generation prompt), `openai:MODEL` endpoints `--parallel` at a time. Each generated
+# response is cached as it arrives, so a rerun never samples a new one for a pair it already judged.
+
+# %%
+from alignkit.labeling import collect_responses
+
+responses = collect_responses(run, prompts)
+
+# %% [markdown]
+# ## Judge
+# Pairs of responses to the same prompt, each judged in both orders (`--both_orders false`: one random order).
+# The progress bar counts pairs done of total, their rate, and failed requests; the client retries 429s, 5xx
+# and timeouts with exponential backoff (and Retry-After) up to `--max_retries`, then the request counts as an
+# error, which the next run retries.
+
+# %%
+from alignkit.labeling import judge_pairs, make_pairs
+
+pairs = make_pairs(run, prompts, responses)  # none in --mode completions
+judge_pairs(run, pairs)
+
+# %% [markdown]
+# ## Output and summary
+# The output is rebuilt from the cache and replaced atomically: conversational prompt / chosen / rejected plus
+# the judge's metadata (or prompt / completion for sft.py). The summary shows agreement between the two orders,
+# how often slot A wins (position bias: 50% is none), ties, parse failures, errors and tokens.
+
+# %%
+from alignkit.labeling import format_summary, write_output
+
+summary = write_output(run, prompts, responses, pairs)
+print(format_summary(summary))
+print(f"\nwrote {run.output} (summary: {run.summary_path})")
+next_step = "dpo.py" if settings.mode == "pairs" else "sft.py"
+print(f"train on it: python {next_step}{' --preset tiny' if settings.preset else ''} --dataset_id {run.output}")
+
+# %% [markdown]
+# ## Push
+# `--push_to_hub --hub_repo_id you/name` publishes the output as a Hub dataset, private unless `--hub_public`.
+
+# %%
+if settings.push_to_hub:
+    from alignkit.labeling import push_dataset
+
+    push_dataset(run)
+run.close()

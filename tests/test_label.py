@@ -1,0 +1,473 @@
+"""label.py, alignkit.judge and alignkit.labeling: judges, both orders, the cache, faults, crash and resume, tiny e2e.
+
+The judge is a real HTTP server on 127.0.0.1 (tests/openai_server.py) reached through the real `openai`
+client; it answers from the judge prompt it receives, so the tests can tell which slot held which response.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_script
+from openai_server import FakeOpenAI, Fault
+
+from alignkit.args import ConfigError
+from alignkit.data import DataError, load_preferences, load_sft
+from alignkit.judge import combine, load_template, parse_verdict, winner
+from alignkit.labeling import AppendLog
+
+DATA = Path(__file__).parent / "data" / "label"
+SLOT = re.compile(r"\[Response (A|B)\]\n(.*?)\n\[End of Response \1\]", re.S)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def marker_pairs(tmp_path: Path, n: int = 6, identical: bool = True) -> list[str]:
+    """Responses files a.jsonl and b.jsonl: in row i, A has the MARKER word when i is even, B when odd;
+    the last row (when `identical`) has the same answer on both sides. Returns the prompts in order."""
+    prompts = [f"question {i}: say something useful." for i in range(n)]
+    a, b = [], []
+    for i, p in enumerate(prompts):
+        if identical and i == n - 1:
+            a.append({"prompt": p, "response": f"the same answer {i}"})
+            b.append({"prompt": p, "response": f"the same answer {i}"})
+        else:
+            a.append({"prompt": p, "response": f"answer {i} from A" + (" MARKER" if i % 2 == 0 else "")})
+            b.append({"prompt": p, "response": f"answer {i} from B" + (" MARKER" if i % 2 else "")})
+    write_jsonl(tmp_path / "a.jsonl", a)
+    write_jsonl(tmp_path / "b.jsonl", list(reversed(b)))  # matched by prompt, not by row
+    return prompts
+
+
+def slots(body: dict) -> dict:
+    return dict(SLOT.findall(body["messages"][-1]["content"]))
+
+
+def marker_judge(body: dict) -> str:
+    """Prefers the response that contains MARKER, wherever it sits."""
+    found = slots(body)
+    if "MARKER" in found["A"]:
+        return "Response A mentions the marker.\n[[A]]"
+    if "MARKER" in found["B"]:
+        return "Response B mentions the marker; format reminder: [[A]], [[B]] or [[C]].\n[[B]]"
+    return "Neither stands out.\n[[C]]"
+
+
+def request_id(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body["messages"], sort_keys=True).encode()).hexdigest()
+
+
+def label(tmp_path: Path, server, *extra: str, out: str = "prefs.jsonl") -> dict:
+    """label.py in this process on a.jsonl/b.jsonl, judged by `server`; returns the summary."""
+    run_script(
+        "label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge_base_url", server.base_url,
+        "--judge_model", "fake-judge", "--output", out, *extra, cwd=tmp_path,
+    )
+    return json.loads((tmp_path / out).with_suffix(".summary.json").read_text())
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------- judge.py
+def test_verdicts_are_fastchat_tokens_and_the_last_one_counts():
+    assert parse_verdict("A is clearer.\n[[A]]") == "A"
+    assert parse_verdict("[[B]]") == "B" and parse_verdict("equally good [[C]]") == "tie"
+    assert parse_verdict('Answer "[[A]]" if A is better, "[[B]]" if B is. Verdict: [[B]]') == "B"
+    for garbage in ("A is better", "[A]", "[[D]]", "[[a]]", "", None):
+        assert parse_verdict(garbage) is None
+
+
+def test_both_orders_label_only_when_they_agree():
+    assert winner("ab", "A") == "a" and winner("ba", "A") == "b" and winner("ba", "B") == "a"
+    assert combine({"ab": "A", "ba": "B"}) == "a"  # response a won in both positions
+    assert combine({"ab": "B", "ba": "A"}) == "b"
+    assert combine({"ab": "A", "ba": "A"}) == "disagree"  # slot A always wins: position bias, no label
+    assert combine({"ab": "tie", "ba": "tie"}) == "tie"
+    assert combine({"ab": "A", "ba": "tie"}) == "disagree"  # a tie is never turned into a win
+    assert combine({"ab": "A", "ba": None}) == "unparsed"
+    assert combine({"ba": "B"}) == "a"  # one order only (--both_orders false)
+
+
+def test_templates_default_self_reference_and_fastchat_files(tmp_path):
+    default = load_template("default").messages("What is 2+2?", "4", "5")
+    assert [m["role"] for m in default] == ["system", "user"]
+    assert all(t in default[0]["content"] for t in ("[[A]]", "[[B]]", "[[C]]"))
+    assert SLOT.findall(default[1]["content"]) == [("A", "4"), ("B", "5")]
+
+    principle = "Which response is kinder to the user?"
+    ref = load_template("self_reference", principle).messages("q", "x", "y")
+    assert principle in ref[0]["content"] and "My answer" in ref[0]["content"]
+    # the principle is part of the cache identity only where the template uses it
+    assert load_template("default", "p1").fingerprint() == load_template("default", "p2").fingerprint()
+    assert load_template("self_reference", "p1").fingerprint() != load_template("self_reference", "p2").fingerprint()
+
+    # FastChat's format: the one usable pairwise entry is picked (multi-turn, reference and single ones are not)
+    fastchat = load_template(str(DATA / "judge_prompts.jsonl"))
+    assert fastchat.name == "judge_prompts.jsonl#pair-test"
+    user = fastchat.messages("Q?", "first", "second")[1]["content"]
+    assert "[Assistant A]\nfirst\n" in user and "[Assistant B]\nsecond\n" in user and "{this}" in user
+    assert load_template(f"{DATA / 'judge_prompts.jsonl'}#pair-test") == fastchat
+
+    with pytest.raises(ConfigError, match=r"line 3 \(pair-with-reference\).*\{ref_answer_1\} is not supported"):
+        load_template(f"{DATA / 'judge_prompts.jsonl'}#pair-with-reference")
+    with pytest.raises(ConfigError, match="'single' is not a pairwise prompt"):
+        load_template(f"{DATA / 'judge_prompts.jsonl'}#single-test")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"name": "x", "prompt_template": "{question} {answer_a}"}\n{"name": oops}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl: line 2: invalid JSON"):
+        load_template(str(bad))
+    bad.write_text('{"name": "x", "prompt_template": "{question} {answer_a}"}\n')
+    with pytest.raises(ConfigError, match=r"line 1 \(x\).*must contain \{answer_a\} and \{answer_b\}"):
+        load_template(str(bad))
+    two = tmp_path / "two.jsonl"
+    write_jsonl(two, [{"name": n, "prompt_template": "{answer_a} {answer_b}"} for n in ("p", "q")])
+    with pytest.raises(ConfigError, match=r"several pairwise judge prompts \(p, q\).*#NAME"):
+        load_template(str(two))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_template("nope.jsonl")
+
+
+# ------------------------------------------------------------------------------------------- the cache
+def test_cache_drops_a_torn_last_line_and_appends_cleanly(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    log = AppendLog(path)
+    log.append({"key": "k1", "text": "[[A]]"})
+    log.append({"key": "k2", "text": "[[B]]"})
+    log.close()
+    with open(path, "ab") as f:
+        f.write(b'{"key": "k3", "text": "[[')  # what SIGKILL in the middle of a write leaves
+    log = AppendLog(path)
+    assert set(log.records) == {"k1", "k2"}
+    log.append({"key": "k4", "text": "[[C]]"})
+    log.close()
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k1", "k2", "k4"]
+
+    import fcntl
+
+    with open(path, "a+b") as other:  # another process working on this cache holds its lock
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RuntimeError, match="in use by another label.py run"):
+            AppendLog(path)
+
+
+# ------------------------------------------------------------------------------------------- against the server
+def test_labels_land_on_the_right_rows_and_secrets_stay_out(tmp_path, monkeypatch, capfd):
+    secret = "sk-test-do-not-leak-0123456789"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    prompts = marker_pairs(tmp_path)
+    with FakeOpenAI(marker_judge) as server:
+        summary = label(tmp_path, server)
+        sent = [request_id(b) for b in server.requests]
+        texts = [b["messages"][-1]["content"] for b in server.requests]
+
+        out = rows(tmp_path / "prefs.jsonl")
+        assert [r["prompt"] for r in out] == [[{"role": "user", "content": p}] for p in prompts[:-1]]
+        for r in out:
+            assert "MARKER" in r["chosen"][0]["content"] and "MARKER" not in r["rejected"][0]["content"]
+            assert r["verdicts"] == {"chosen_in_A": "A", "chosen_in_B": "B"}
+            assert r["judge"] == "openai:fake-judge" and r["judge_template"] == "default"
+        assert [r["chosen_source"] for r in out] == ["a.jsonl", "b.jsonl", "a.jsonl", "b.jsonl", "a.jsonl"]
+        assert len(load_preferences(str(tmp_path / "prefs.jsonl"))) == 5  # dpo.py's loader reads it as it is
+
+        assert len(sent) == len(set(sent)) == 10  # 5 pairs x 2 orders, nothing twice
+        assert not any("the same answer" in t for t in texts)  # identical responses never reach the judge
+        assert summary["labeled"] == 5 and summary["skipped"]["identical"] == 1
+        assert summary["agreement"] == 1.0 and summary["slot_a_wins"] == 0.5
+        assert summary["tokens_this_run"]["judge"] == {"calls": 10, "prompt_tokens": 100, "completion_tokens": 50}
+
+        # A rerun finds every judgment in the cache: no request, the same output, each pair once.
+        again = label(tmp_path, server)
+        assert server.count == 10 and again["judgments"]["from_cache"] == 10
+        assert rows(tmp_path / "prefs.jsonl") == out
+
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"prefs.jsonl", "prefs.summary.json", "prefs.config.json", "judgments.jsonl"}
+    captured = capfd.readouterr()
+    for text in [p.read_text() for p in written] + [captured.out, captured.err]:
+        assert secret not in text
+
+
+def test_one_order_per_pair_when_asked(tmp_path):
+    marker_pairs(tmp_path)
+    with FakeOpenAI(marker_judge) as server:
+        summary = label(tmp_path, server, "--both_orders", "false")
+        assert server.count == 5 and summary["labeled"] == 5 and summary["agreement"] is None
+        # the slot order is drawn per pair, so a single-order run does not always put model_a first
+        assert {slots(b)["A"].split()[3] for b in server.requests} == {"A", "B"}
+    assert all("MARKER" in r["chosen"][0]["content"] for r in rows(tmp_path / "prefs.jsonl"))
+
+
+def test_a_judge_that_always_says_A_yields_no_labels(tmp_path):
+    marker_pairs(tmp_path)
+    with FakeOpenAI(lambda body: "Both are fine, but I pick [[A]]") as server:
+        summary = label(tmp_path, server)
+    assert rows(tmp_path / "prefs.jsonl") == []
+    assert summary["labeled"] == 0 and summary["disagreements"] == 5
+    assert summary["slot_a_wins"] == 1.0 and summary["agreement"] == 0.0
+
+
+def test_rate_limits_and_server_errors_are_retried(tmp_path):
+    marker_pairs(tmp_path)
+    attempts, times, lock = Counter(), {}, threading.Lock()
+
+    def flaky(body):
+        rid = request_id(body)
+        with lock:
+            attempts[rid] += 1
+            n = attempts[rid]
+            times.setdefault(rid, []).append(time.monotonic())
+        if n == 1:
+            return Fault(429, headers={"Retry-After": "1"})
+        if n == 2:
+            return Fault(500)
+        return marker_judge(body)
+
+    with FakeOpenAI(flaky) as server:
+        summary = label(tmp_path, server, "--max_retries", "2")
+        assert server.count == 30  # every judgment: 429, 500, then the answer
+    assert summary["labeled"] == 5 and summary["errors"] == 0
+    assert all(t[1] - t[0] >= 0.95 for t in times.values())  # Retry-After: 1 was honoured
+
+
+def test_timeouts_and_garbage_verdicts_are_counted_and_a_rerun_retries_only_the_errors(tmp_path):
+    prompts = marker_pairs(tmp_path)
+    slow, garbage = prompts[0], prompts[1]
+
+    def responder(body):
+        text = body["messages"][-1]["content"]
+        if slow in text:
+            return Fault(200, delay=4.0)  # longer than the client's timeout
+        if garbage in text:
+            return "Both answers have merit; I cannot decide."
+        return marker_judge(body)
+
+    with FakeOpenAI(responder) as server:
+        summary = label(tmp_path, server, "--request_timeout", "1", "--max_retries", "1")
+        assert sum(slow in b["messages"][-1]["content"] for b in server.requests) == 4  # 2 orders x 2 attempts
+    assert summary["errors"] == 1 and summary["parse_failures"] == 1 and summary["labeled"] == 3
+    assert summary["judgments"]["failed"] == 2
+
+    with FakeOpenAI(marker_judge) as healthy:  # the next run asks again only what failed
+        summary = label(tmp_path, healthy)
+        assert healthy.count == 2 and all(slow in b["messages"][-1]["content"] for b in healthy.requests)
+    assert summary["errors"] == 0 and summary["parse_failures"] == 1 and summary["labeled"] == 4
+
+
+def test_a_killed_run_resumes_without_repeating_a_request(tmp_path):
+    """SIGKILL a real label.py process after 6 judgments are cached; the rerun asks only for the rest."""
+    prompts = marker_pairs(tmp_path, n=12, identical=False)  # 24 judgments
+    phase, answered, lock, release = [1], [], threading.Lock(), threading.Event()
+
+    def responder(body):
+        with lock:
+            allowed = phase[0] == 2 or sum(p == 1 for p, _ in answered) < 6
+            if allowed:
+                answered.append((phase[0], request_id(body)))
+        if not allowed:  # run 1 after 6 answers: hang like a stuck server until the test lets go
+            release.wait(30)
+            return Fault(503)
+        return marker_judge(body)
+
+    args = ["--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge_model", "fake-judge",
+            "--output", "prefs.jsonl", "--parallel", "2"]
+    cache = tmp_path / "prefs.cache" / "judgments.jsonl"
+    with FakeOpenAI(responder) as server:
+        log = open(tmp_path / "run1.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "label.py"), *args, "--judge_base_url", server.base_url], cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while not cache.is_file() or cache.read_bytes().count(b"\n") < 6:
+            assert proc.poll() is None, (tmp_path / "run1.log").read_text()
+            assert time.monotonic() < deadline, "label.py cached nothing within a minute"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        log.close()
+        seen_in_run1 = server.count
+        release.set()
+        with open(cache, "ab") as f:  # and suppose it died in the middle of writing a line
+            f.write(b'{"key": "4f2a", "judge": "openai:fake-judge", "te')
+
+        with lock:
+            phase[0] = 2
+        summary = label(tmp_path, server, "--parallel", "2")
+        run2 = [request_id(b) for b in server.requests[seen_in_run1:]]
+        answered_in_run1 = {rid for p, rid in answered if p == 1}
+        assert len(answered_in_run1) == 6 and not answered_in_run1 & set(run2)  # nothing answered is asked again
+        all_answered = [rid for _, rid in answered]
+        assert len(all_answered) == len(set(all_answered)) == 24  # each judgment answered exactly once
+        assert summary["judgments"] == {"needed": 24, "sent_this_run": 18, "from_cache": 6, "failed": 0}
+
+        out = rows(tmp_path / "prefs.jsonl")
+        assert [r["prompt"][0]["content"] for r in out] == prompts  # each pair once, in prompt order
+        assert all("MARKER" in r["chosen"][0]["content"] for r in out)
+        before = server.count
+        label(tmp_path, server, "--parallel", "2")  # a third run has nothing left to ask
+        assert server.count == before and rows(tmp_path / "prefs.jsonl") == out
+
+
+def test_teacher_completions_from_an_endpoint_are_sft_data(tmp_path):
+    prompts = [f"explain topic {i}" for i in range(5)]
+    write_jsonl(tmp_path / "prompts.jsonl", [{"question": p} for p in prompts + prompts[:2]])  # 2 repeats
+    teacher = lambda body: f"The teacher explains: {body['messages'][-1]['content']}"  # noqa: E731
+    args = ["--mode", "completions", "--prompts", "prompts.jsonl", "--prompt_field", "question", "--model_a",
+            "openai:teacher", "--output", "teacher.jsonl"]
+    with FakeOpenAI(teacher) as server:
+        run_script("label.py", *args, "--generation_base_url", server.base_url, cwd=tmp_path)
+        assert server.count == 5 and {b["model"] for b in server.requests} == {"teacher"}
+        run_script("label.py", *args, "--generation_base_url", server.base_url, cwd=tmp_path)
+        assert server.count == 5  # cached responses are never generated again
+    sft = load_sft(str(tmp_path / "teacher.jsonl"))  # sft.py's loader reads it as it is
+    assert len(sft) == 5 and sft[0]["prompt"] == [{"role": "user", "content": prompts[0]}]
+    assert sft[0]["completion"][0]["content"] == f"The teacher explains: {prompts[0]}"
+
+
+def test_endpoint_generators_against_a_python_verifier(tmp_path):
+    """Pairs from two openai:MODEL generators, judged by a function in a .py file."""
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"what is {i} + {i}?"} for i in range(4)])
+    (tmp_path / "verify.py").write_text(
+        "import re\n"
+        "def judge(prompt, answer_a, answer_b):\n"
+        "    x = int(re.findall(r'\\d+', prompt)[0]) * 2\n"
+        "    ok_a, ok_b = answer_a.strip() == str(x), answer_b.strip() == str(x)\n"
+        "    return 'A' if ok_a > ok_b else 'B' if ok_b > ok_a else 'tie'\n"
+    )
+
+    def generators(body):
+        x = int(re.findall(r"\d+", body["messages"][-1]["content"])[0])
+        return str(2 * x) if body["model"] == "good" or x == 0 else str(2 * x + 1)
+
+    with FakeOpenAI(generators) as server:
+        run_script("label.py", "--prompts", "prompts.jsonl", "--model_a", "openai:bad", "--model_b", "openai:good",
+                   "--generation_base_url", server.base_url, "--judge", "python:verify.py:judge", "--output", "v.jsonl",
+                   cwd=tmp_path)
+    summary = json.loads((tmp_path / "v.summary.json").read_text())
+    out = rows(tmp_path / "v.jsonl")
+    assert summary["skipped"]["identical"] == 1 and summary["labeled"] == 3  # 0 + 0: both right, same text
+    assert all(r["chosen_source"] == "openai:good" for r in out)
+    assert all(r["chosen"][0]["content"] == str(2 * int(r["prompt"][0]["content"].split()[2])) for r in out)
+
+
+def test_a_refused_key_stops_the_run_at_once(tmp_path):
+    marker_pairs(tmp_path)
+    refuse = Fault(401, body='{"error": {"message": "Incorrect API key", "type": "invalid_request_error"}}')
+    with FakeOpenAI(lambda body: refuse) as server:
+        with pytest.raises(RuntimeError, match=r"the judge refused the request.*Check the API key"):
+            label(tmp_path, server, "--parallel", "1")
+        assert server.count <= 2  # not one failure per pair: every further request would be refused too
+
+
+def test_push_to_hub_is_private_by_default_and_needs_a_token(tmp_path, monkeypatch):
+    import datasets
+    from huggingface_hub import constants
+
+    marker_pairs(tmp_path)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+    pushed = {}
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub",
+                        lambda self, repo_id, **kw: pushed.update(repo_id=repo_id, rows=self.to_list(), **kw))
+    with FakeOpenAI(marker_judge) as server:
+        with pytest.raises(ValueError, match="HF_TOKEN"):
+            label(tmp_path, server, "--push_to_hub", "--hub_repo_id", "me/prefs")
+        assert server.count == 0  # no token: stopped before judging anything
+        monkeypatch.setenv("HF_TOKEN", "hf_fake_token_0123456789")
+        label(tmp_path, server, "--push_to_hub", "--hub_repo_id", "me/prefs")
+    assert pushed["repo_id"] == "me/prefs" and pushed["private"] is True
+    assert pushed["rows"] == rows(tmp_path / "prefs.jsonl") and len(pushed["rows"]) == 5
+    assert "hf_fake_token" not in (tmp_path / "prefs.config.json").read_text()
+
+
+# ------------------------------------------------------------------------------------------- bad input, fast
+@pytest.mark.parametrize("args, error, message", [
+    ([], ConfigError, r"OPENAI_API_KEY is not set"),
+    (["--judge_base_url", "http://127.0.0.1:9/v1", "--judge_api_key_env", "MY_JUDGE_KEY"], ConfigError,
+     r"MY_JUDGE_KEY is not set"),
+    (["--judge", "python:no_such_module:judge"], ConfigError, r"cannot import no_such_module"),
+    (["--judge", "python:alignkit.presets:score"], ConfigError, r"must accept \(prompt, answer_a, answer_b\)"),
+    (["--judge", "hf"], ConfigError, r"--judge hf needs --judge_model"),
+    (["--judge_template", "mine.jsonl"], ConfigError, r"no such file"),
+    (["--num_samples", "4"], ConfigError, r"cannot be combined with --model_a"),
+    (["--output", "prefs.csv"], ConfigError, r"name a .jsonl file"),
+])
+def test_bad_settings_fail_before_any_work(tmp_path, args, error, message):
+    marker_pairs(tmp_path)
+    with pytest.raises(error, match=message):
+        run_script("label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--output", "o/p.jsonl",
+                   *args, cwd=tmp_path)
+    assert not (tmp_path / "o").exists()  # nothing written, nothing cached
+
+
+def test_bad_rows_name_the_file_row_and_field(tmp_path):
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "fine"}, {"prompt": "   "}])
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "fine", "response": "x"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": "fine", "reply": "y"}])
+    common = ["--responses_a", "a.jsonl", "--judge", "python:alignkit.presets:rule_judge", "--output", "p.jsonl"]
+    with pytest.raises(DataError, match=r"prompts.jsonl: row 2: field 'prompt': expected non-empty text"):
+        run_script("label.py", *common, "--responses_b", "b.jsonl", "--prompts", "prompts.jsonl", cwd=tmp_path)
+    with pytest.raises(DataError, match=r"prompts.jsonl: no column 'text' .*Pass --prompt_field"):
+        run_script("label.py", *common, "--responses_b", "b.jsonl", "--prompts", "prompts.jsonl",
+                   "--prompt_field", "text", cwd=tmp_path)
+    with pytest.raises(DataError, match=r"b.jsonl: no response column .*columns: prompt, reply.*--response_field"):
+        run_script("label.py", *common, "--responses_b", "b.jsonl", cwd=tmp_path)
+
+
+def test_help_shows_every_setting(capsys):
+    from dataclasses import fields
+
+    from alignkit.config import LabelSettings
+
+    with pytest.raises(SystemExit) as exit_:
+        run_script("label.py", "--help")
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{f.name}" in text for f in fields(LabelSettings))
+
+
+# ------------------------------------------------------------------------------------------- tiny preset
+def test_tiny_preset_labels_offline_and_dpo_learns_from_the_labels(tiny_cache, tmp_path):
+    from alignkit import presets
+
+    run_script("label.py", "--preset", "tiny", cwd=tmp_path)
+    out = tmp_path / "runs" / "label-tiny" / "preferences.jsonl"
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    labeled = rows(out)
+    assert len(labeled) == summary["labeled"] >= 200
+    assert summary["agreement"] == 1.0 and summary["errors"] == summary["parse_failures"] == 0
+    for r in labeled:  # the rule judge's labels are checkable
+        prompt = r["prompt"][0]["content"]
+        assert presets.score(prompt, r["chosen"][0]["content"]) > presets.score(prompt, r["rejected"][0]["content"])
+
+    dpo = run_script("dpo.py", "--preset", "tiny", "--dataset_id", str(out), "--output_dir", str(tmp_path / "runs"),
+                     "--run_name", "dpo-on-labels", cwd=tmp_path)
+    assert dpo["metrics"]["eval_rewards/accuracies"] > 0.7
+
+
+def test_a_local_model_can_judge(tiny_cache, tmp_path):
+    """--judge hf runs batched through a local model; the tiny one writes no verdicts, which are counted."""
+    from alignkit import presets
+
+    run_script("label.py", "--preset", "tiny", "--num_samples", "2", "--max_prompts", "3", "--judge", "hf",
+               "--judge_model", presets.paths()["model"], "--judge_max_tokens", "8", "--output", "hf.jsonl", cwd=tmp_path)
+    summary = json.loads((tmp_path / "hf.summary.json").read_text())
+    assert summary["judge"].startswith("hf:") and summary["errors"] == 0
+    assert summary["pairs_judged"] == summary["parse_failures"] + summary["ties"] + summary["disagreements"] \
+        + summary["labeled"] > 0
