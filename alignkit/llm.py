@@ -42,6 +42,8 @@ class ChatClient:
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = os.environ.get(api_key_env)
         if not api_key:
+            if api_key_env != "OPENAI_API_KEY":  # a variable named on purpose must be there
+                raise ValueError(f"{api_key_env} is not set: put the API key there (or in .env)")
             if base_url is None:  # the OpenAI API itself: no key, no call
                 raise ValueError(f"{api_key_env} is not set: put the API key there (or in .env), or pass a base URL "
                                  "of a server that needs no key")
