@@ -89,6 +89,17 @@ def resolve_liger(requested: str) -> bool:
     return True
 
 
+def _sharded_launch() -> str | None:
+    """"FSDP" or "DeepSpeed ZeRO-3" when accelerate launched this process to shard the model, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true") and os.environ.get(
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE", ""
+    ) == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
 def adapter_config(source: str, revision: str | None = None) -> dict | None:
     """The adapter_config.json of `source` as a dict, or None when `source` is a full model."""
     path = Path(source)
@@ -177,14 +188,22 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         revision=None if chain else s.revision, trust_remote_code=s.trust_remote_code, dtype=dtype,
         attn_implementation=resolve_attention(s.attn_implementation),
     )
+    sharded = _sharded_launch()
+    if quantization == "8bit" and sharded:
+        raise ValueError(
+            f"--quantization 8bit cannot be sharded by {sharded}: bitsandbytes supports that for 4-bit only. "
+            "Use --quantization 4bit, or a DDP launch (recipes/accelerate/ddp.yaml)."
+        )
     if quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            # FSDP and ZeRO-3 flatten parameters of one dtype: store the 4-bit weights in the compute dtype.
+            bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
         )
     elif quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if quantization != "none" and torch.cuda.is_available():
+    if quantization != "none" and torch.cuda.is_available() and not sharded:
         # Each process owns one GPU: device_map="auto" would spread a model over all of them and break DDP.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(base_id, **kwargs)

@@ -57,9 +57,29 @@ def _training_view(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in _NOT_TRAINING}
 
 
+def world_size() -> int:
+    """Processes launched together (accelerate launch / torchrun set WORLD_SIZE); 1 for a plain run."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def prepare_run(s, stage: str) -> tuple[Path, str | None]:
-    """Create the run folder and decide where training starts: (folder, checkpoint to resume from or None)."""
+    """Create the run folder and decide where training starts: (folder, checkpoint to resume from or None).
+
+    Under a multi-process launch the main process decides and writes first; the others then read the same
+    folder and reach the same decision, without touching it.
+    """
     quiet_library_noise()
+    if world_size() == 1:
+        return _prepare(s, stage, write=True)
+    from accelerate import PartialState
+
+    # On a machine without CUDA, processes talk over gloo; transformers needs use_cpu for that (trl_config).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.main_process_first():
+        return _prepare(s, stage, write=state.is_main_process)
+
+
+def _prepare(s, stage: str, write: bool) -> tuple[Path, str | None]:
     folder = run_dir(s, stage)
     checkpoints = _checkpoints(folder) if folder.is_dir() else []
     saved_file = folder / CONFIG_FILE
@@ -74,17 +94,18 @@ def prepare_run(s, stage: str) -> tuple[Path, str | None]:
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if not changed:
             resume_from = str(checkpoints[-1])
-        else:
+        elif write:
             aside = folder.with_name(f"{folder.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
             logger.info(f"{folder} was trained with other settings ({', '.join(changed)}): moved it to {aside}")
             shutil.move(str(folder), aside)
-    elif s.resume == "false" and checkpoints:
+    elif s.resume == "false" and checkpoints and write:
         for checkpoint in checkpoints:  # a fresh start must not leave old checkpoints for a later resume
             shutil.rmtree(checkpoint)
-    if resume_from:
+    if resume_from and write:
         logger.info(f"resuming from {resume_from}")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_config(s, folder / CONFIG_FILE)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(s, folder / CONFIG_FILE)
     return folder, resume_from
 
 
@@ -127,6 +148,8 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, **stage_kwargs):
         dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps host-to-GPU copies
         disable_tqdm=not sys.stderr.isatty(),  # progress bars in a CI log are thousands of lines of noise
         push_to_hub=False,  # alignkit.hub pushes at the end, with a model card and without secrets
+        # Several processes without CUDA: transformers only sets up gloo DDP between them with use_cpu.
+        use_cpu=world_size() > 1 and not torch.cuda.is_available(),
         **stage_kwargs,
     )
     if s.trainer_overrides:
@@ -162,6 +185,7 @@ def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     metrics["global_step"] = trainer.state.global_step
+    metrics["num_processes"] = trainer.accelerator.num_processes
     if trainer.accelerator.is_main_process:
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
         logger.info(f"{stage} adapter saved to {folder}")

@@ -1,0 +1,94 @@
+"""Scale-out: two real processes over gloo under `accelerate launch`, and every recipe parses against the code."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignkit.args import parse_config
+from alignkit.config import DPOSettings, SFTSettings
+
+from conftest import ROOT
+
+SETTINGS = {"sft.py": SFTSettings, "dpo.py": DPOSettings}
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert len(RECIPES) >= 3 and len(ACCELERATE_CONFIGS) == 3
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_parses_with_the_command_it_is_headed_by(recipe, monkeypatch):
+    """The header's exact command, parsed by the script's own settings class: no key drifts from the code."""
+    header = re.search(r"^# (python \S+\.py .*)$", recipe.read_text(), re.M)
+    assert header, f"{recipe.name} must start with the exact command that runs it"
+    words = shlex.split(header.group(1))
+    script = words[1]
+    assert (ROOT / script).is_file()
+    monkeypatch.chdir(ROOT)
+    settings = parse_config(SETTINGS[script], args=words[2:], env_file=None)
+    assert settings.run_name  # each recipe names its run, so its outputs have a stable folder
+
+
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_config_loads_and_its_command_names_real_files(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.distributed_type in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    command = re.search(r"^# (accelerate launch .*)$", config.read_text(), re.M).group(1)
+    for path in re.findall(r"(\S+\.(?:py|yaml))", command):
+        assert (ROOT / path).is_file(), path
+    if loaded.distributed_type == "DEEPSPEED":
+        assert loaded.deepspeed_config["zero_stage"] == 3 and loaded.deepspeed_config["zero3_save_16bit_model"]
+    if loaded.distributed_type == "FSDP":
+        assert loaded.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert loaded.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+
+
+def test_8bit_is_refused_under_fsdp(monkeypatch):
+    from alignkit.config import ModelSettings
+    from alignkit.models import load_model
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="8bit cannot be sharded by FSDP"):
+        load_model(ModelSettings(model_id="unused/model", quantization="8bit"))
+
+
+@pytest.mark.parametrize("script", ["dpo.py", "sft.py"])
+def test_two_processes_train_together_over_gloo(script, tiny_cache, tmp_path):
+    env = {**os.environ, "ALIGNKIT_CACHE": str(tiny_cache)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "0", script, "--preset", "tiny", "--max_steps", "20", "--logging_steps", "5",
+               "--output_dir", str(tmp_path), "--run_name", "ddp"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "ddp"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["global_step"] == 20
+    # Both processes took part: 20 steps of 2 x 16 rows cover twice the data one process would.
+    state = json.loads((run / "checkpoint-20" / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(20 * 2 * 16 / metrics_rows(run), rel=0.02)
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert losses[-1] < losses[0]
+    # One run folder, one adapter, one settings file, written by the main process only.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+    assert (run / "adapter_model.safetensors").is_file() and (run / "alignkit_config.json").is_file()
+    assert done.stdout.count("adapter saved to") + done.stderr.count("adapter saved to") == 1
+
+
+def metrics_rows(run: Path) -> int:
+    """Training rows of the tiny run: its data minus the held-out share."""
+    settings = json.loads((run / "alignkit_config.json").read_text())
+    rows = sum(1 for _ in open(settings["dataset_id"]))
+    return rows - round(settings["eval_split"] * rows)
