@@ -20,16 +20,21 @@
 
 # %% [markdown]
 # ## Settings
-# Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags. In a notebook, pass
-# `overrides={...}` (or `args=[...]`) here instead of touching argv.
+# Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags < `overrides`. In a notebook,
+# set `overrides` below (or environment variables) instead of touching argv.
 
 # %%
 from alignkit import presets
 from alignkit.args import parse_config
 from alignkit.config import DPOSettings
 
+# In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "dpo_beta": 0.2};
+# environment variables (upper-case names) work too. Flags given on a command line apply as well.
+overrides: dict = {}
+
 settings = parse_config(
-    DPOSettings, presets={"tiny": presets.defaults("dpo")}, prog="dpo.py", description="DPO with LoRA/QLoRA."
+    DPOSettings, overrides=overrides, presets={"tiny": presets.defaults("dpo")}, prog="dpo.py",
+    description="DPO with LoRA/QLoRA.",
 )
 if settings.push_to_hub:
     from alignkit.hub import require_token

@@ -45,8 +45,12 @@ from alignkit.args import parse_config
 from alignkit.config import LabelSettings
 from alignkit.labeling import prepare
 
+# In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "max_prompts": 8};
+# environment variables (upper-case names) work too. Flags given on a command line apply as well.
+overrides: dict = {}
+
 settings = parse_config(
-    LabelSettings, presets={"tiny": presets.defaults("label")}, prog="label.py",
+    LabelSettings, overrides=overrides, presets={"tiny": presets.defaults("label")}, prog="label.py",
     description="Label prompt/response pairs with an LLM judge into DPO preference data (or teacher SFT data).",
 )
 presets.ensure(settings)

@@ -26,8 +26,12 @@ from alignkit import presets
 from alignkit.args import parse_config
 from alignkit.config import MergeSettings
 
+# In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "dtype": "fp32"};
+# environment variables (upper-case names) work too. Flags given on a command line apply as well.
+overrides: dict = {}
+
 settings = parse_config(
-    MergeSettings, presets={"tiny": {"adapter_dir": "runs/tiny-dpo"}}, prog="merge.py",
+    MergeSettings, overrides=overrides, presets={"tiny": {"adapter_dir": "runs/tiny-dpo"}}, prog="merge.py",
     description="Merge LoRA adapters into their base model, check, save and push.",
 )
 if settings.push_to_hub:

@@ -14,16 +14,21 @@
 
 # %% [markdown]
 # ## Settings
-# Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags. In a notebook, pass
-# `overrides={...}` (or `args=[...]`) here instead of touching argv.
+# Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags < `overrides`. In a notebook,
+# set `overrides` below (or environment variables) instead of touching argv.
 
 # %%
 from alignkit import presets
 from alignkit.args import parse_config
 from alignkit.config import SFTSettings
 
+# In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "max_steps": 20};
+# environment variables (upper-case names) work too. Flags given on a command line apply as well.
+overrides: dict = {}
+
 settings = parse_config(
-    SFTSettings, presets={"tiny": presets.defaults("sft")}, prog="sft.py", description="SFT with LoRA/QLoRA."
+    SFTSettings, overrides=overrides, presets={"tiny": presets.defaults("sft")}, prog="sft.py",
+    description="SFT with LoRA/QLoRA.",
 )
 if settings.push_to_hub:
     from alignkit.hub import require_token

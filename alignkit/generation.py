@@ -48,3 +48,58 @@ def generate(
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vLLM: the fast path for generation at scale (label.py, evaluate.py) when it is installed and a GPU is there.
+
+
+def resolve_backend(requested: str = "auto") -> str:
+    """"vllm" or "transformers"; auto picks vLLM when it is installed and CUDA is available, with one log line."""
+    import importlib.util
+
+    from . import logger
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if requested == "vllm":
+        if not has_vllm:
+            raise ValueError("--backend vllm needs vLLM: pip install vllm (on a machine with a CUDA GPU)")
+        return "vllm"
+    if requested == "transformers":
+        return "transformers"
+    if has_vllm and torch.cuda.is_available():
+        logger.info("generation backend: vllm (installed, CUDA available)")
+        return "vllm"
+    why = "no CUDA device" if has_vllm else "vLLM is not installed (pip install vllm on a GPU machine)"
+    logger.info(f"generation backend: transformers ({why})")
+    return "transformers"
+
+
+def vllm_generate(model_id: str, conversations: list[list[dict]], max_new_tokens: int = 256,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                  trust_remote_code: bool = False, chat_template: str | None = None) -> list[str]:
+    """The same answers as `generate`, from vLLM: one base model, plus at most one LoRA adapter on top."""
+    from pathlib import Path
+
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from .models import adapter_chain, adapter_config, load_tokenizer
+
+    base, chain = adapter_chain(model_id)
+    if len(chain) > 1:
+        raise ValueError(
+            f"{model_id} is a chain of {len(chain)} adapters; vLLM serves one adapter on a base. Merge the chain "
+            f"first (python merge.py --adapter_dir {model_id}) and pass the merged folder."
+        )
+    # The chat template travels with the adapter when training saved one there.
+    template_source = chain[-1] if chain and Path(chain[-1], "tokenizer_config.json").is_file() else base
+    template = chat_template or load_tokenizer(template_source, trust_remote_code=trust_remote_code).chat_template
+    rank = adapter_config(chain[0])["r"] if chain else 16
+    llm = LLM(model=base, enable_lora=bool(chain), max_lora_rank=max(rank, 8), seed=seed or 0,
+              trust_remote_code=trust_remote_code)
+    params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                            max_tokens=max_new_tokens, seed=seed)
+    lora = LoRARequest("adapter", 1, chain[0]) if chain else None
+    outputs = llm.chat(conversations, params, lora_request=lora, chat_template=template, use_tqdm=False)
+    return [o.outputs[0].text.strip() for o in outputs]
