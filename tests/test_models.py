@@ -1,0 +1,94 @@
+"""The one loader: hardware choices with one log line each, tokenizer safety, adapter chains, generation backends."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from alignkit import generation, models, presets
+from alignkit.config import DPOSettings, ModelSettings
+
+
+@pytest.fixture
+def alignkit_log(caplog):
+    logger = logging.getLogger("alignkit")
+    logger.addHandler(caplog.handler)  # the toolkit's logger does not propagate to the root
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_auto_choices_on_a_cpu_say_what_and_why(alignkit_log):
+    assert not torch.cuda.is_available()  # these tests describe the CPU path
+    assert models.resolve_dtype("auto") == torch.float32
+    assert models.resolve_quantization("auto") == "none"
+    assert models.resolve_attention("auto") == "sdpa"
+    assert models.resolve_liger("auto") is False
+    text = alignkit_log.text
+    assert "dtype: fp32 (no CUDA device" in text and "quantization: none" in text and "attention: sdpa" in text
+    # Explicit choices are honoured and need no explanation.
+    assert models.resolve_dtype("bf16") == torch.bfloat16 and models.resolve_quantization("4bit") == "4bit"
+
+
+def test_gpu_defaults_follow_the_seed():
+    s = DPOSettings()
+    assert s.model_id == "mistralai/Mistral-7B-Instruct-v0.2"
+    assert s.dataset_id == "argilla/ultrafeedback-binarized-preferences-cleaned"
+    assert (s.quantization, s.dtype, s.attn_implementation, s.dpo_beta) == ("auto", "auto", "auto", 0.1)
+    assert s.lora_target_modules == ["all-linear"] and s.trust_remote_code is False
+
+
+def test_pad_token_is_never_the_eos_token(tiny_cache):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(presets.paths()["model"])
+    tok.pad_token = tok.eos_token  # the trap: padding masks would hide the end of every answer
+    models.set_pad_token(tok)
+    assert tok.pad_token is not None and tok.pad_token != tok.eos_token
+    assert tok.pad_token in tok.get_vocab()
+
+
+def test_a_chat_model_without_a_template_is_a_clear_error(tiny_cache, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(presets.paths()["model"])
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="--chat_template FILE"):
+        models.require_chat_template(tok, "my/model")
+    template = tmp_path / "chat.jinja"
+    template.write_text(presets.CHAT_TEMPLATE)
+    loaded = models.load_tokenizer(presets.paths()["model"], chat_template=str(template))
+    assert loaded.chat_template == presets.CHAT_TEMPLATE
+
+
+def test_adapter_chain_is_read_from_adapter_configs(tmp_path):
+    sft, dpo = tmp_path / "sft", tmp_path / "dpo"
+    for folder, base in ((sft, "org/base-model"), (dpo, str(sft))):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base, "r": 8}))
+    assert models.adapter_chain(str(dpo)) == ("org/base-model", [str(sft), str(dpo)])
+    assert models.adapter_chain(str(tmp_path)) == (str(tmp_path), [])  # a folder without adapter is a model
+    (sft / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(dpo)}))
+    with pytest.raises(ValueError, match="longer than 8"):
+        models.adapter_chain(str(dpo))
+
+
+def test_generation_stops_at_the_end_of_turn(tiny_cache):
+    loaded = models.load_model(ModelSettings(model_id=presets.paths()["model"], quantization="none"))
+    answers = generation.generate(loaded.model, loaded.tokenizer, [[{"role": "user", "content": "name three fruits."}]] * 3,
+                                  max_new_tokens=40)
+    # Greedy, batched, left-padded: three identical answers, short, without template tokens.
+    assert len(set(answers)) == 1 and "<|" not in answers[0] and len(answers[0].split(",")) == 3
+
+
+def test_generation_backend_falls_back_with_a_reason(alignkit_log, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert generation.resolve_backend("auto") == "transformers"
+    assert "vLLM is not installed" in alignkit_log.text
+    with pytest.raises(ValueError, match="pip install vllm"):
+        generation.resolve_backend("vllm")
