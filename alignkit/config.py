@@ -233,6 +233,105 @@ from dataclasses import field as _field  # noqa: E402  (init=False: a field that
 
 
 @dataclass
+class EvalSettings(ModelSettings):
+    """What every evaluate.py command shares: the loader settings above, and how the models answer."""
+
+    max_new_tokens: int = setting(1024, "longest answer per turn, in tokens (FastChat's MT-Bench default)")
+    temperature: float | None = setting(
+        None, "sampling temperature, 0 is greedy; none: FastChat's per-category MT-Bench temperatures (0.7 else)"
+    )
+    top_p: float = setting(1.0, "nucleus sampling: keep the smallest token set with this much probability")
+    num_beams: int = setting(1, "beam search width (1: none)")
+    batch_size: int = setting(8, "prompts per generation batch")
+    seed: int = setting(42, "sampling seed")
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.num_beams < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens, num_beams and batch_size must be >= 1")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class VibesSettings(EvalSettings):
+    """evaluate.py vibes: a quick look at one model's answers, or two side by side."""
+
+    preset: str | None = setting(None, "named defaults: 'tiny' asks the offline demo model its own prompts")
+    compare_to: str | None = setting(None, "second model (Hub id, folder, adapter or merged folder) shown beside the first")
+    prompts: list[str] = setting([], "prompts to ask, each one quoted: --prompts \"Hi!\" \"Name three fruits.\"")
+    prompts_file: str | None = setting(None, "JSONL of {\"prompt\": ...} rows, or a .txt file with one prompt a line")
+    system_prompt: str | None = setting(None, "system message put before every prompt")
+    max_new_tokens: int = setting(256, "longest answer, in tokens")
+    temperature: float = setting(0.7, "sampling temperature; 0 is greedy")
+    output_file: str | None = setting(None, "JSONL written with every answer; default: outputs/vibes-<time>.jsonl")
+
+
+@dataclass
+class MTBenchSettings(EvalSettings):
+    """evaluate.py mt_bench: answers to MT-Bench, judged pairwise by an OpenAI-compatible model through FastChat."""
+
+    model_id: str = _field(default="", init=False)  # the models come from --models; the loader settings apply to each
+    revision: str | None = _field(default=None, init=False)
+    models: list[str] = setting([], "models to compare, as NAME=ID_OR_PATH (Hub id, local, adapter or merged folder)")
+    mode: str = setting(
+        "pairwise-baseline", "pairwise-baseline: every model against --baseline; pairwise-all: every pair",
+        choices=["pairwise-baseline", "pairwise-all"],
+    )
+    baseline: str | None = setting(None, "NAME of the baseline model; default: the first of --models")
+    judge_model: str | None = setting(None, "judge model name at the endpoint, e.g. gpt-4o (required)")
+    judge_base_url: str | None = setting(
+        None, "OpenAI-compatible judge endpoint, e.g. http://localhost:8000/v1; default: OPENAI_BASE_URL, else OpenAI"
+    )
+    judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the judge's API key")
+    judge_max_tokens: int = setting(2048, "longest judge answer, in tokens (FastChat's value)")
+    parallel: int = setting(1, "concurrent requests to the judge")
+    max_retries: int = setting(3, "retries of a judge request on 429, 5xx, timeouts (the client's backoff, Retry-After)")
+    request_timeout: float = setting(120.0, "seconds before one judge request attempt times out")
+    mt_bench_data: str | None = setting(
+        None, "FastChat's data folder (judge_prompts.jsonl, mt_bench/...); default: download once into the cache"
+    )
+    question_ids: list[int] = setting([], "judge only these question ids (MT-Bench: 81-160)")
+    max_questions: int | None = setting(None, "judge only the first N questions; for quick runs")
+    bootstrap_rounds: int = setting(1000, "bootstrap resamples (of questions) for the 95% confidence intervals")
+    output_dir: str = setting("outputs/mt_bench", "answers, judgments and results go here; a rerun resumes from them")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("parallel", "judge_max_tokens", "bootstrap_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_retries < 0 or self.request_timeout <= 0:
+            raise ValueError("max_retries must be >= 0 and request_timeout > 0")
+        if self.max_questions is not None and self.max_questions < 1:
+            raise ValueError(f"max_questions must be >= 1, got {self.max_questions}")
+        if not self.models:
+            raise ValueError("pass the models to compare: --models NAME=ID_OR_PATH NAME=ID_OR_PATH ...")
+        if not self.judge_model:
+            raise ValueError("pass the judge: --judge_model NAME (a model served by an OpenAI-compatible endpoint)")
+
+
+@dataclass
+class PairwiseSettings(MTBenchSettings):
+    """evaluate.py pairwise: MT-Bench's pairwise flow on your own single-turn prompts."""
+
+    preset: str | None = setting(None, "named defaults: 'tiny' compares the demo's SFT and DPO runs with its rule judge")
+    prompts_file: str | None = setting(
+        None, "JSONL of {\"prompt\": ..., optional \"category\", \"question_id\"} rows, or a .txt file, a prompt a line"
+    )
+    judge_model: str | None = setting(
+        None, "judge model name at the endpoint (FastChat's pair-v2 prompt), or 'rule': the tiny preset's rule judge"
+    )
+    output_dir: str = setting("outputs/pairwise", "answers, judgments and results go here; a rerun resumes from them")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.prompts_file:
+            raise ValueError("pass the prompts: --prompts_file FILE (or --preset tiny for the demo's own)")
+
+
+@dataclass
 class MergeSettings:
     """merge.py: adapters merged into their base, checked, saved, and optionally pushed."""
 

@@ -87,6 +87,16 @@ def defaults(stage: str) -> dict:
             max_new_tokens=16, generation_batch_size=64, judge="python:alignkit.presets:rule_judge",
             output="runs/label-tiny/preferences.jsonl",
         )
+    if stage == "evaluate":
+        # evaluate.py pairwise: the SFT run against the DPO run trained on top of it, in the run folders that
+        # `sft.py --preset tiny` and `dpo.py --preset tiny --model_id runs/tiny-sft` write; rule-judged.
+        # Sampled at temperature 1, the models' own distribution: greedy answers collapse to one repeated word
+        # ("plum,plum,plum."), which the rule passes, and lower temperatures hide most rule breaking.
+        return dict(
+            model_id=p["model"], quantization="none", prompts_file=p["prompts"], max_new_tokens=16, temperature=1.0,
+            batch_size=64, models=["sft=runs/tiny-sft", "dpo=runs/tiny-dpo"],
+            baseline="sft", judge_model="rule", output_dir="outputs/pairwise-tiny",
+        )
     return common
 
 

@@ -1,0 +1,456 @@
+"""evaluate.py: vibes, MT-Bench pairwise judging through FastChat, the tiny preset's pairwise check.
+
+Offline: the judge is a real HTTP server on 127.0.0.1 (tests/openai_server.py) reached by the real `openai`
+client; the questions are real MT-Bench ones from ../shared/data/fastchat-llm-judge; the models are the tiny
+preset's. Judge tests write the two models' answers first (a resumed run does not generate them again), so
+the judge can tell them apart; generation is tested on its own with the tiny models.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import socket
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SHARED, run_script
+from openai_server import FakeOpenAI, Fault
+
+from alignkit import fastchat_compat, mtbench, presets, results
+from alignkit.args import ConfigError
+
+MT_DATA = SHARED / "data" / "fastchat-llm-judge"
+QIDS = ["81", "101", "111", "131"]  # writing, reasoning (reference), math (reference), extraction
+
+
+@pytest.fixture(scope="module")
+def mt_data():
+    if not (MT_DATA / mtbench.QUESTIONS).is_file():
+        pytest.skip(f"MT-Bench data not found at {MT_DATA} (FastChat's fastchat/llm_judge/data layout)")
+    return MT_DATA
+
+
+@pytest.fixture(autouse=True)
+def no_judge_key(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+def write_answers(output_dir: Path, name: str, qids, marker: str) -> None:
+    """FastChat answer records whose every turn carries `marker`, so a judge can tell the models apart."""
+    path = mtbench.answer_path(output_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for qid in qids:
+            turns = [f"{marker} answer {i} to question {qid}" for i in (1, 2)]
+            f.write(json.dumps({"question_id": int(qid), "answer_id": f"{name}-{qid}", "model_id": name,
+                                "choices": [{"index": 0, "turns": turns}], "tstamp": 0.0}) + "\n")
+
+
+def prefers(marker: str, other: str):
+    """A judge picking whichever of A and B carries `marker` (A's answer comes first in FastChat's prompts)."""
+    def respond(body):
+        prompt = body["messages"][-1]["content"]
+        return "[[A]]" if prompt.index(marker) < prompt.index(other) else "[[B]]"
+    return respond
+
+
+def mt_bench(server, output_dir, *extra):
+    return run_script(
+        "evaluate.py", "mt_bench", "--models", "alpha=/nowhere/alpha", "omega=/nowhere/omega", "--baseline", "omega",
+        "--judge_model", "judge-x", "--judge_base_url", server.base_url, "--mt_bench_data", str(MT_DATA),
+        "--question_ids", *QIDS, "--output_dir", str(output_dir), "--max_retries", "0", "--bootstrap_rounds", "200",
+        *extra,
+    )
+
+
+def overall(run, model="alpha"):
+    (pair,) = [p for p in run["pairs"] if p["model"] == model]
+    return pair["overall"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The FastChat adaptation
+
+
+def test_fastchat_names_that_the_adaptation_relies_on_are_unchanged():
+    import fastchat
+
+    assert fastchat.__version__ == fastchat_compat.FASTCHAT_VERSION
+    fastchat_compat.check()  # raises FastChatChanged naming whatever moved
+    common, gen_judgment = fastchat_compat.load()
+    # The four adapted points, spelled out (see the module docstring).
+    assert "gpt-4" in common.OPENAI_MODEL_LIST and "judge-x" not in common.OPENAI_MODEL_LIST
+    assert common.API_ERROR_OUTPUT == "$ERROR$"
+    assert set(common.NEED_REF_CATS) >= {"math", "reasoning", "coding"}
+    if MT_DATA.is_dir():  # evaluate.py picks FastChat's judges by these keys
+        judges = fastchat_compat.judges("judge-x", mtbench.load_judge_prompts(MT_DATA / mtbench.JUDGE_PROMPTS))
+        assert {k: (j.model_name, j.prompt_template["name"], j.ref_based, j.multi_turn) for k, j in judges.items()} == {
+            "default": ("judge-x", "pair-v2", False, False), "math": ("judge-x", "pair-math-v1", True, False),
+            "default-mt": ("judge-x", "pair-v2-multi-turn", False, True),
+            "math-mt": ("judge-x", "pair-math-v1-multi-turn", True, True),
+        }
+    import sys
+
+    # FastChat's module keeps its placeholder for `anthropic`; nothing else ever sees it.
+    assert "placeholder" not in (getattr(sys.modules.get("anthropic"), "__doc__", "") or "")
+
+
+def test_drift_in_an_adapted_fastchat_name_is_reported():
+    common, gen_judgment = fastchat_compat.load()
+    renamed = types.SimpleNamespace(**{k: getattr(common, k) for k in dir(common) if not k.startswith("__")})
+    del renamed.chat_completion_openai  # e.g. a release that renames it
+    with pytest.raises(fastchat_compat.FastChatChanged, match=r"common\.chat_completion_openai is missing"):
+        fastchat_compat.check(renamed, gen_judgment)
+
+    def make_match(questions, models, model_answers, judge, baseline_model, ref_answers=None):  # lost multi_turn
+        return ref_answers[judge.model_name]
+
+    changed = types.SimpleNamespace(**{k: getattr(gen_judgment, k) for k in dir(gen_judgment) if k[:2] != "__"})
+    changed.make_match = make_match
+    with pytest.raises(fastchat_compat.FastChatChanged, match="make_match.*no longer takes"):
+        fastchat_compat.check(common, changed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MT-Bench data
+
+
+def test_pinned_checksums_match_the_shared_data_and_catch_a_changed_file(mt_data, tmp_path):
+    assert mtbench.checksum_mismatches(mt_data) == []
+    sums = dict(reversed(line.split()) for line in (mt_data / "SHA256SUMS").read_text().splitlines() if line.strip())
+    assert sums == mtbench.CHECKSUMS
+    copy = tmp_path / "data"
+    shutil.copytree(mt_data, copy)
+    with open(copy / mtbench.QUESTIONS, "a") as f:
+        f.write("\n")
+    assert mtbench.checksum_mismatches(copy) == [mtbench.QUESTIONS]
+    (copy / mtbench.REFERENCES).unlink()
+    with pytest.raises(ConfigError, match="lacks mt_bench/reference_answer/gpt-4.jsonl"):
+        mtbench.data_dir(str(copy))
+
+
+class _Files(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_download_checks_checksums_and_fails_fast_without_network(mt_data, tmp_path, monkeypatch):
+    # Offline (HF_HUB_OFFLINE, set by conftest): a clear error at once, naming the way out.
+    with pytest.raises(ConfigError, match="--mt_bench_data"):
+        mtbench.data_dir(None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("ALIGNKIT_OFFLINE", raising=False)
+    # A network that refuses the connection: an error within seconds, not a hang.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setattr(mtbench, "BASE_URL", f"http://127.0.0.1:{closed}/")
+    start = time.time()
+    with pytest.raises(ConfigError, match="could not download .*Without network.*--mt_bench_data"):
+        mtbench.download(tmp_path / "cache")
+    assert time.time() - start < 10
+    # A server with FastChat's files: downloaded and checked; one with a changed file: refused, nothing saved.
+    for served, ok in [(mt_data, True), (tmp_path / "changed", False)]:
+        if not ok:
+            shutil.copytree(mt_data, served)
+            (served / mtbench.JUDGE_PROMPTS).write_text("{}\n")
+        handler = lambda *a, d=str(served), **k: _Files(*a, directory=d, **k)  # noqa: E731
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        monkeypatch.setattr(mtbench, "BASE_URL", f"http://127.0.0.1:{httpd.server_address[1]}/")
+        target = tmp_path / f"cache-{ok}"
+        try:
+            if ok:
+                assert mtbench.download(target) == target and mtbench.checksum_mismatches(target) == []
+            else:
+                with pytest.raises(ConfigError, match="judge_prompts.jsonl does not match its pinned checksum"):
+                    mtbench.download(target)
+                assert not (target / mtbench.JUDGE_PROMPTS).exists()
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+
+
+def test_bad_data_and_flags_give_errors_naming_file_row_and_field(mt_data, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(mt_data, copy)
+    lines = (copy / mtbench.QUESTIONS).read_text().splitlines()
+    row = json.loads(lines[2])
+    row["turns"] = "one string"
+    lines[2] = json.dumps(row)
+    (copy / mtbench.QUESTIONS).write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"question\.jsonl, line 3: field 'turns' must be a non-empty list"):
+        mtbench.load_questions(copy / mtbench.QUESTIONS)
+    with pytest.raises(ConfigError, match="--question_ids 7 not in"):
+        mtbench.load_questions(mt_data / mtbench.QUESTIONS, [81, 7])
+    with pytest.raises(ConfigError, match="NAME=ID_OR_PATH"):
+        mtbench.parse_models(["bad name=x"])
+    with pytest.raises(ConfigError, match="given twice"):
+        mtbench.parse_models(["a=x", "a=y"])
+    with pytest.raises(ConfigError, match="--baseline zeta is not one of"):
+        run_script("evaluate.py", "mt_bench", "--models", "a=x", "b=y", "--baseline", "zeta", "--judge_model", "j",
+                   "--judge_base_url", "http://127.0.0.1:9/v1", "--output_dir", str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="--judge_model"):
+        run_script("evaluate.py", "mt_bench", "--models", "a=x", "b=y")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ConfigError, match=r"prompts\.jsonl, line 2: field 'prompt' must be a string"):
+        mtbench.prompt_questions(prompts)
+
+
+def test_help_for_each_command_and_a_missing_command(capsys):
+    for command, flag in [("vibes", "--compare_to"), ("mt_bench", "--mt_bench_data"), ("pairwise", "--prompts_file")]:
+        with pytest.raises(SystemExit) as exit_:
+            run_script("evaluate.py", command, "--help")
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert f"evaluate.py {command}" in out and flag in out and "--temperature" in out
+    assert "--model_id" not in out  # pairwise/mt_bench take --models; the loader flags still apply
+    with pytest.raises(SystemExit, match="missing command(.|\n)*vibes,mt_bench,pairwise"):
+        run_script("evaluate.py")
+    with pytest.raises(SystemExit, match="unknown command 'mtbench'"):
+        run_script("evaluate.py", "mtbench")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Judging through FastChat with a real HTTP judge
+
+
+def test_a_judge_preferring_one_model_gives_it_a_win_rate_near_one(mt_data, tmp_path):
+    write_answers(tmp_path, "alpha", QIDS, "ALPHA")
+    write_answers(tmp_path, "omega", QIDS, "OMEGA")
+    with FakeOpenAI(prefers("ALPHA", "OMEGA")) as server:
+        run = mt_bench(server, tmp_path, "--parallel", "4")
+        assert server.count == 16  # 4 questions x 2 turns x both orders
+        requests = list(server.requests)
+        again = mt_bench(server, tmp_path)
+        assert server.count == 16  # judged matches are not sent again
+    stats = overall(run)
+    assert (stats["win"], stats["loss"], stats["tie"], stats["error"]) == (8, 0, 0, 0)
+    assert stats["adjusted_win_rate"] == 1.0 and stats["ci95"] == [1.0, 1.0]
+    assert set(run["pairs"][0]["by_category"]) == {"writing", "reasoning", "math", "extraction"}
+    assert overall(again) == stats
+    # FastChat's prompts: its system prompt, the multi-turn prompt for turn 2, the GPT-4 reference for math.
+    assert all(r["model"] == "judge-x" and r["temperature"] == 0 and r["max_tokens"] == 2048
+               and r["messages"][0]["role"] == "system" for r in requests)
+    reference = mtbench.load_reference_answers(mt_data / mtbench.REFERENCES)[111]["choices"][0]["turns"][0]
+    math = [r for r in requests if "circumscribing" in r["messages"][-1]["content"] or
+            "vertices of a triangle" in r["messages"][-1]["content"]]
+    assert len(math) == 4 and all(reference in r["messages"][-1]["content"] for r in math)
+    multi_turn = "<|The Start of Assistant A's Conversation with User|>"
+    assert sum(multi_turn in r["messages"][-1]["content"] for r in requests) == 8
+    # FastChat's judgment format, and the outputs.
+    records = [json.loads(line) for line in mtbench.judgment_path(tmp_path, "judge-x").read_text().splitlines()]
+    assert {tuple(r["judge"]) for r in records} == {("judge-x", p) for p in mtbench.PAIR_PROMPTS}
+    assert {(r["g1_winner"], r["g2_winner"]) for r in records} == {("model_1", "model_1")}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["pairs"][0]["overall"]["adjusted_win_rate"] == 1.0
+    assert saved["judge_usage"]["calls"] == 0  # the rerun's usage: it sent nothing
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_always_A_judge_gives_all_ties(mt_data, tmp_path, capsys):
+    write_answers(tmp_path, "alpha", QIDS, "ALPHA")
+    write_answers(tmp_path, "omega", QIDS, "OMEGA")
+    with FakeOpenAI(lambda body: "Assistant A is better. [[A]]") as server:
+        run = mt_bench(server, tmp_path, "--mode", "pairwise-all")
+    stats = overall(run)
+    assert (stats["win"], stats["loss"], stats["tie"], stats["error"]) == (0, 0, 8, 0)
+    assert stats["adjusted_win_rate"] == 0.5 and stats["win_rate"] == 0.0
+    assert "alpha vs omega" in capsys.readouterr().out
+
+
+def test_judge_errors_are_counted_as_errors_never_ties_and_retried_on_rerun(mt_data, tmp_path, monkeypatch):
+    write_answers(tmp_path, "alpha", QIDS, "ALPHA")
+    write_answers(tmp_path, "omega", QIDS, "OMEGA")
+    good = prefers("ALPHA", "OMEGA")
+
+    def flaky(body):  # requests about question 81 fail, about 131 time out; one verdict cannot be parsed
+        prompt = body["messages"][-1]["content"]
+        if "travel blog" in prompt:
+            return Fault(status=500)
+        if "movie reviews" in prompt:
+            return Fault(status=200, delay=8.0)
+        if "overtaken" in prompt and "Conversation" not in prompt:
+            return "I cannot decide."
+        return good(body)
+
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test-secret-0123456789")
+    with FakeOpenAI(flaky) as server:
+        run = mt_bench(server, tmp_path, "--judge_api_key_env", "MY_JUDGE_KEY", "--request_timeout", "2",
+                       "--parallel", "8")
+    stats = overall(run)
+    assert (stats["win"], stats["tie"], stats["error"], stats["n"]) == (3, 0, 5, 3)
+    by_category = run["pairs"][0]["by_category"]
+    assert by_category["writing"]["error"] == by_category["extraction"]["error"] == 2 and len(run["failures"]) == 8
+    with FakeOpenAI(good) as server:
+        rerun = mt_bench(server, tmp_path, "--judge_api_key_env", "MY_JUDGE_KEY")
+        assert server.count == 8  # only the matches of failed requests (questions 81, 131) are sent again
+    assert (overall(rerun)["win"], overall(rerun)["error"]) == (7, 1)  # the unparsable verdict stays an error
+    for file in tmp_path.rglob("*"):
+        assert file.is_dir() or b"sk-test-secret" not in file.read_bytes(), file
+
+
+def test_pairwise_on_own_prompts_with_an_llm_judge(mt_data, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"prompt": "Write a haiku about rain.", "category": "writing"},
+        {"prompt": "What is 7 * 8?", "category": "math"}, {"prompt": "name three fruits."}]))
+    write_answers(tmp_path, "alpha", ["1", "2", "3"], "ALPHA")
+    write_answers(tmp_path, "omega", ["1", "2", "3"], "OMEGA")
+    with FakeOpenAI(prefers("OMEGA", "ALPHA")) as server:
+        run = run_script("evaluate.py", "pairwise", "--prompts_file", str(prompts), "--models", "alpha=/a", "omega=/o",
+                         "--judge_model", "judge-y", "--judge_base_url", server.base_url, "--mt_bench_data",
+                         str(mt_data), "--output_dir", str(tmp_path))
+        assert server.count == 6  # 3 prompts, one turn, both orders; no reference answers for own prompts
+        assert all("[The Start of Assistant A's Answer]" in r["messages"][-1]["content"] for r in server.requests)
+    stats = overall(run, "omega")  # the baseline defaults to the first of --models
+    assert (stats["win"], stats["n"], stats["adjusted_win_rate"]) == (3, 3, 1.0)
+    assert list(run["pairs"][0]["by_category"]) == ["writing", "math", "fruits"]
+
+
+def test_a_missing_judge_key_fails_before_any_work(mt_data, tmp_path):
+    for extra, variable in [((), "OPENAI_API_KEY"), (("--judge_api_key_env", "MY_JUDGE_KEY"), "MY_JUDGE_KEY")]:
+        with pytest.raises(ConfigError, match=f"{variable} is not set"):
+            run_script("evaluate.py", "mt_bench", "--models", "a=/nowhere/a", "b=/nowhere/b", "--judge_model", "gpt-4o",
+                       "--output_dir", str(tmp_path), *extra)
+    assert not (tmp_path / "model_answer").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation with the tiny models
+
+
+def test_mt_bench_answers_both_turns_with_history_and_resumes(mt_data, sft_run, tmp_path, monkeypatch):
+    from alignkit import generation
+
+    calls = []
+    real = generation.generate
+
+    def spy(model, tokenizer, conversations, **kw):
+        calls.append(([list(c) for c in conversations], kw))  # a copy: the caller extends them afterwards
+        return real(model, tokenizer, conversations, **kw)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    models = ("base=" + presets.paths()["model"], f"sft={sft_run['run_folder']}")
+    args = ["--models", *models, "--question_ids", "81", "111", "--max_new_tokens", "6", "--judge_model", "j",
+            "--mt_bench_data", str(mt_data), "--output_dir", str(tmp_path)]
+    with FakeOpenAI(lambda body: "[[C]]") as server:
+        run = run_script("evaluate.py", "mt_bench", *args, "--judge_base_url", server.base_url)
+    assert len(calls) == 8  # per model: one batch per temperature (writing 0.7, math 0.0) x 2 turns
+    temperatures = sorted({kw["temperature"] for _, kw in calls})
+    assert temperatures == [0.0, 0.7]  # FastChat's per-category temperatures (math 0.0, writing 0.7)
+    second_turns = [c for conversations, _ in calls for c in conversations if len(c) == 3]
+    assert second_turns and all(c[1]["role"] == "assistant" for c in second_turns)
+    common, _ = fastchat_compat.load()
+    loaded = common.load_model_answers(str(tmp_path / "model_answer"))  # FastChat reads our answer files
+    assert set(loaded) == {"base", "sft"} and set(loaded["sft"]) == {81, 111}
+    for answer in loaded["sft"].values():
+        assert len(answer["choices"][0]["turns"]) == 2 and answer["model_id"] == "sft"
+        first_turn = answer["choices"][0]["turns"][0]
+        assert any(c[1]["content"] == first_turn for c in second_turns)  # the first answer is in the history
+    assert overall(run, "sft")["tie"] == 4
+    # A run killed while writing: one full answer and a torn line. The rerun answers only what is missing.
+    path = mtbench.answer_path(tmp_path, "sft")
+    first, second = path.read_text().splitlines()
+    path.write_text(first + "\n" + second[: len(second) // 2])
+    calls.clear()
+    with FakeOpenAI(lambda body: "[[C]]") as server:
+        run_script("evaluate.py", "mt_bench", *args, "--judge_base_url", server.base_url)
+        assert server.count == 4  # the regenerated answer's matches are judged again, the others are not
+    assert len(calls) == 2 and all(len(conversations) == 1 for conversations, _ in calls)  # sft, question 111
+    assert len(mtbench.read_answers(path)) == 2
+    with pytest.raises(ConfigError, match="holds answers by"):
+        run_script("evaluate.py", "mt_bench", "--models", "base=elsewhere/model", models[1], *args[3:],
+                   "--judge_base_url", "http://127.0.0.1:9/v1")
+
+
+def test_vibes_base_adapter_and_merged_side_by_side(tiny_cache, sft_run, tmp_path, capsys):
+    from alignkit.merge import merge_adapters
+
+    adapter = str(sft_run["run_folder"])
+    merged = str(merge_adapters(adapter, tmp_path / "merged"))
+    out = tmp_path / "vibes.jsonl"
+    prompts = ["name three fruits.", "Hello, who are you?", "give me three tools."]  # a comma stays in its prompt
+    run_script("evaluate.py", "vibes", "--model_id", adapter, "--compare_to", merged, "--prompts", *prompts,
+               "--temperature", "0", "--max_new_tokens", "12", "--output_file", str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    for row in rows:
+        (a, b) = row["answers"]
+        assert (a["model_id"], b["model_id"]) == (adapter, merged)
+        assert a["answer"] and a["answer"] == b["answer"]  # greedy: the merged model answers like adapter + base
+    printed = capsys.readouterr().out
+    assert all(p in printed for p in prompts) and " | " in printed
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("name three animals.\n\nlist three sports.\n")
+    run_script("evaluate.py", "vibes", "--model_id", presets.paths()["model"], "--prompts_file", str(prompts_file),
+               "--max_new_tokens", "8", "--output_file", str(out))
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["name three animals.",
+                                                                                     "list three sports."]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiny preset: DPO against SFT on the preset's prompts, rule-judged
+
+
+@pytest.fixture(scope="module")
+def tiny_pairwise(sft_run, dpo_run, tmp_path_factory):
+    """`python evaluate.py pairwise --preset tiny` on the session's SFT and DPO runs: (globals, output folder)."""
+    out = tmp_path_factory.mktemp("pairwise-tiny")
+    args = ("evaluate.py", "pairwise", "--preset", "tiny", "--models", f"sft={sft_run['run_folder']}",
+            f"dpo={dpo_run['run_folder']}", "--output_dir", str(out))
+    return run_script(*args), out, args
+
+
+def test_tiny_pairwise_runs_the_flow_offline(tiny_pairwise, capsys):
+    run, out, args = tiny_pairwise
+    (pair,) = run["pairs"]
+    assert (pair["model"], pair["opponent"], pair["judge"]) == ("dpo", "sft", "rule")
+    stats = pair["overall"]
+    assert stats["n"] == 64 and stats["error"] == 0
+    assert stats["ci95"][0] <= stats["adjusted_win_rate"] <= stats["ci95"][1]
+    assert set(pair["by_category"]) <= set(presets.CATEGORIES)
+    assert (out / "results.png").stat().st_size > 10_000
+    again = run_script(*args)
+    assert again["todo"] == [] and again["pairs"][0]["overall"] == stats
+    printed = capsys.readouterr().out
+    assert "dpo vs sft" in printed and "overall" in printed and "adj. win rate" in printed
+    assert "sft: all 64 questions already answered" in printed
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured with the preset as it is: DPO-from-SFT vs SFT adjusted win rate 0.53-0.59 (SFT already follows the "
+    "rule ~80% at temperature 0.7, ~35-45% at 1.0, and the preset's DPO barely moves it), so most matches tie; "
+    "needs a weaker tiny SFT and a stronger tiny DPO in alignkit/presets.py (see the evaluate.py report)"))
+def test_tiny_dpo_beats_sft(tiny_pairwise):
+    run, _, _ = tiny_pairwise
+    assert run["pairs"][0]["overall"]["adjusted_win_rate"] >= 0.7
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results arithmetic
+
+
+def test_outcomes_rates_and_bootstrap_interval():
+    record = lambda g1, g2: {"g1_winner": g1, "g2_winner": g2}  # noqa: E731
+    assert results.outcome(record("model_1", "model_1")) == "win"
+    assert results.outcome(record("model_2", "model_2")) == "loss"
+    assert results.outcome(record("model_1", "model_2")) == "tie"  # the orders disagree: a position preference
+    assert results.outcome(record("tie", "tie")) == "tie"
+    assert results.outcome(record("model_1", "error")) == "error"
+    games = [(i, o) for i, o in enumerate(["win"] * 6 + ["loss"] * 2 + ["tie"] * 2 + ["error"])]
+    s = results.summarize(games, rounds=2000, seed=1)
+    assert (s["n"], s["error"], s["win_rate"], s["adjusted_win_rate"]) == (10, 1, 0.6, 0.7)
+    assert 0.35 < s["ci95"][0] < 0.7 < s["ci95"][1] <= 1.0
+    assert results.summarize([(1, "error")])["adjusted_win_rate"] is None
+    # Questions resample whole: two turns of one question move together.
+    paired = results.summarize([(1, "win"), (1, "win"), (2, "loss"), (2, "loss")], rounds=500)
+    assert paired["adjusted_win_rate"] == 0.5 and paired["ci95"] == [0.0, 1.0]
