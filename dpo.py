@@ -9,7 +9,7 @@
 #
 # ```bash
 # python dpo.py --preset tiny                                  # offline CPU demo, about a minute
-# python dpo.py --preset tiny --model_id runs/sft-model-sft    # DPO on top of the SFT adapter
+# python dpo.py --preset tiny --model_id runs/tiny-sft         # DPO on top of the SFT adapter
 # python dpo.py --dpo_beta 0.1                                 # Mistral-7B QLoRA on UltraFeedback (GPU)
 # DPO_BETA=0.1 python dpo.py                                   # the same, from the environment
 # python dpo.py --loss_type ipo --dpo_beta 0.5

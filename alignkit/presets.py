@@ -4,9 +4,9 @@ It builds once, and caches under $ALIGNKIT_CACHE (default ~/.cache/alignkit):
 - a small Llama-style model (2 layers, 64 wide) with a byte-level BPE tokenizer trained here and a chat
   template, briefly pretrained on chat-formatted text so it already speaks the format;
 - data whose preferences a rule can check. The prompt asks for three things of one category ("name three
-  fruits."); an answer ("apple,pear,plum.") follows the rule when its three words all belong to that category. The pretraining
-  text follows the rule a quarter of the time, the SFT demonstrations 60% of the time, and every preference
-  pair has a rule-following chosen answer and a rejected one that breaks it. So SFT teaches the format,
+  fruits."); an answer ("apple,pear,plum.") follows the rule when its three words all belong to that category. Each
+  word of the pretraining text is on-topic half of the time, of the SFT demonstrations 60% of the time, and every
+  preference pair has a rule-following chosen answer and a rejected one that breaks it. So SFT teaches the format,
   and DPO must teach the rule: held-out reward accuracy rises, and the model follows the rule more often.
 
 `score` and `rule_judge` are the preset's judges for label.py and evaluate.py.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import logger
 
-VERSION = "tiny-v1"  # bump when the recipe below changes, so stale caches are rebuilt
+VERSION = "tiny-v2"  # bump when the recipe below changes, so stale caches are rebuilt
 CATEGORIES = {
     "colors": "red blue green yellow purple orange pink brown black white",
     "animals": "cat dog horse cow sheep goat tiger lion bear wolf",
@@ -78,7 +78,10 @@ def defaults(stage: str) -> dict:
     if stage == "sft":
         return {**common, "dataset_id": p["sft"], "dataset_split": "train", "learning_rate": 2e-3, "run_name": "tiny-sft"}
     if stage == "dpo":
-        return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 2e-4,
+        # DPO plus an NLL term on the chosen answers (TRL's "sft" loss, as in RPO): plain DPO on a model this
+        # small learns the preference but wrecks the answer format within an epoch; the NLL term holds it.
+        return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 1e-3,
+                "num_train_epochs": 3.0, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0],
                 "run_name": "tiny-dpo"}
     if stage == "label":
         # Six sampled answers per prompt from the base model, every pair judged by the checkable rule.
@@ -157,7 +160,7 @@ def make_data(seed: int = 0) -> dict[str, list[dict]]:
     for _ in range(SIZES["sft"]):
         cat, prompt = _prompt(rng)
         data["sft"].append({"messages": [
-            {"role": "user", "content": prompt}, {"role": "assistant", "content": _answer(rng, cat, 0.8)}]})
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": _answer(rng, cat, 0.6)}]})
     for _ in range(SIZES["preferences"]):
         cat, prompt = _prompt(rng)
         data["preferences"].append({
