@@ -1,0 +1,232 @@
+"""notebooks/: generated from the cell scripts, never stale, and each one runs top to bottom in a real kernel.
+
+The notebooks run in pipeline order (sft -> label -> dpo -> evaluate -> merge) in one shared working folder,
+each in its own ipykernel started from this very Python (so the kernel sees the same venv as pytest), on the
+tiny preset. Settings reach the kernels the way a notebook user sets them without argv: environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+# Not importorskip: without the dev extra (jupytext, nbclient, ipykernel) these tests must fail, not vanish.
+import nbformat
+from jupyter_client import AsyncKernelManager
+from jupyter_client.kernelspec import KernelSpecManager
+from nbclient import NotebookClient
+
+sys.path.insert(0, str(ROOT / "notebooks"))
+import build  # noqa: E402  (notebooks/build.py)
+
+CELL_TIMEOUT = 600  # seconds per cell; a whole SFT or DPO run is one cell
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generated, and up to date
+
+
+def test_committed_notebooks_match_a_fresh_build(tmp_path):
+    # A script edited without `python notebooks/build.py` afterwards fails here, naming the notebook.
+    assert build.main(["--out_dir", str(tmp_path)]) == 0
+    for name in build.SCRIPTS:
+        fresh, committed = tmp_path / f"{name}.ipynb", ROOT / "notebooks" / f"{name}.ipynb"
+        assert committed.is_file(), f"notebooks/{name}.ipynb is missing: run python notebooks/build.py"
+        assert committed.read_bytes() == fresh.read_bytes(), (
+            f"notebooks/{name}.ipynb is stale: run python notebooks/build.py")
+    assert sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")) == sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_build_is_deterministic_and_check_names_stale_notebooks(tmp_path):
+    out = tmp_path / "nb"
+    assert build.main(["--out_dir", str(out)]) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert build.main(["--out_dir", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # byte-identical rebuild
+    # The command line a developer and CI run: exit 0 when current, non-zero naming each stale notebook.
+    check = [sys.executable, str(ROOT / "notebooks" / "build.py"), "--check", "--out_dir", str(out)]
+    assert subprocess.run(check, capture_output=True, text=True).returncode == 0
+    dpo = out / "dpo.ipynb"
+    nb = nbformat.reads(dpo.read_text(), as_version=4)
+    nb.cells[3].source += "\nprint('edited by hand')"
+    dpo.write_text(nbformat.writes(nb) + "\n")
+    (out / "merge.ipynb").unlink()
+    result = subprocess.run(check, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "dpo.ipynb: stale" in result.stderr and "merge.ipynb: missing" in result.stderr
+    assert "sft.ipynb" not in result.stderr and "python notebooks/build.py" in result.stderr
+
+
+def test_notebooks_are_clean_python3_notebooks_with_settings_first():
+    for name in build.SCRIPTS:
+        nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+        nbformat.validate(nb)
+        assert nb.metadata["kernelspec"]["name"] == "python3"
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(c.outputs == [] and c.execution_count is None for c in code), f"{name}: outputs committed"
+        # The first code cell is where a notebook user changes settings without argv: an overrides dict.
+        assert re.search(r"^overrides: dict = \{\}", code[0].source, re.M), f"{name}.ipynb: no overrides dict"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Executed in a real kernel
+
+
+@pytest.fixture(scope="module")
+def kernel_specs(tmp_path_factory):
+    """A kernelspec dir whose only `python3` kernel is this interpreter.
+
+    Without it jupyter_client would pick the first python3 spec on JUPYTER_PATH, which on a developer machine
+    may be ~/.local/share/jupyter's, i.e. another Python without this venv's packages.
+    """
+    kernels = tmp_path_factory.mktemp("jupyter") / "kernels"
+    (kernels / "python3").mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3 (this venv)", "language": "python"}
+    (kernels / "python3" / "kernel.json").write_text(json.dumps(spec))
+    return KernelSpecManager(kernel_dirs=[str(kernels)], ensure_native_kernel=False)
+
+
+def kernel_env(cache: Path, **settings: str) -> dict:
+    env = dict(os.environ)  # conftest's offline switches (HF_HUB_OFFLINE, WANDB_MODE...) included
+    # The kernel must import this checkout's alignkit even when it is not pip-installed (a plain venv).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(ALIGNKIT_CACHE=str(cache), **settings)
+    return env
+
+
+def execute(name: str, cwd: Path, env: dict, specs: KernelSpecManager) -> str:
+    """Run notebooks/<name>.ipynb top to bottom in a fresh kernel; all its stream and result text."""
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
+    client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120,
+                            resources={"metadata": {"path": str(cwd)}})
+    # cleanup_kc: shut the kernel down even though we made its manager (nbclient would leave it running, with
+    # a model in memory, until pytest exits). A failing cell raises CellExecutionError with the traceback.
+    client.execute(env=env, cleanup_kc=True)
+    text = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream":
+                text.append(out.text)
+            elif out.output_type in ("execute_result", "display_data"):
+                text.append(out.data.get("text/plain", ""))
+    return "".join(text)
+
+
+def test_kernel_runs_this_python(kernel_specs, tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import sys; from alignkit.args import is_notebook; print(sys.executable, is_notebook())")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)
+    NotebookClient(nb, km=km, timeout=120, startup_timeout=120).execute(
+        env=kernel_env(tmp_path), cwd=str(tmp_path), cleanup_kc=True)
+    assert nb.cells[0].outputs[0].text.split() == [sys.executable, "True"]
+
+
+def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, tmp_path):
+    # What the first cell tells a notebook user to do: edit the overrides dict and run the cell. Each
+    # notebook's own first code cell, so edited, runs in one kernel; nothing else sets the preset.
+    edits = {"sft": {"max_steps": 7}, "label": {"max_prompts": 3}, "dpo": {"dpo_beta": 0.25},
+             "evaluate": {"max_new_tokens": 5}, "merge": {"dtype": "fp32"}}
+    cells = []
+    for name, edit in edits.items():
+        nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+        first = next(c for c in nb.cells if c.cell_type == "code")
+        assert first.source.count("overrides: dict = {}") == 1, f"{name}.ipynb: no overrides dict in the first cell"
+        cells.append(nbformat.v4.new_code_cell(
+            first.source.replace("overrides: dict = {}", f"overrides: dict = {{'preset': 'tiny', **{edit!r}}}")))
+        field, = edit
+        cells.append(nbformat.v4.new_code_cell(f"print({name!r}, settings.preset, repr(settings.{field}))"))
+    nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": build.KERNELSPEC})
+    km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)
+    env = kernel_env(tiny_cache)
+    env.pop("PRESET", None)
+    NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120).execute(
+        env=env, cwd=str(tmp_path), cleanup_kc=True)
+    printed = [c.outputs[-1].text.strip() for c in nb.cells[1::2]]
+    assert printed == [f"{name} tiny {next(iter(edit.values()))!r}" for name, edit in edits.items()]
+
+
+class Pipeline:
+    """The five notebooks run once each, in one working folder; a notebook first runs the ones it needs."""
+
+    NEEDS = {"sft": [], "label": [], "dpo": ["sft"], "evaluate": ["sft", "dpo"], "merge": ["dpo"]}
+    # Environment variables, the notebook way to set things from outside (argv is the kernel's, not ours).
+    SETTINGS = {
+        "sft": {"PRESET": "tiny"},
+        "label": {"PRESET": "tiny"},
+        # DPO on top of the SFT adapter, as in real use; evaluate.py then compares the two runs.
+        "dpo": {"PRESET": "tiny", "MODEL_ID": "runs/tiny-sft"},
+        # A kernel has no argv for the command, so evaluate.py reads it from COMMAND; the tiny preset's models
+        # are the two run folders the notebooks above wrote.
+        "evaluate": {"PRESET": "tiny", "COMMAND": "pairwise"},
+        "merge": {"PRESET": "tiny"},
+    }
+
+    def __init__(self, cwd: Path, cache: Path, specs: KernelSpecManager):
+        self.cwd, self.cache, self.specs, self.outputs, self.failed = cwd, cache, specs, {}, set()
+
+    def run(self, name: str) -> str:
+        if name in self.failed:  # its own test shows the traceback; do not spend minutes failing again
+            raise RuntimeError(f"notebooks/{name}.ipynb failed earlier in this session (see its test)")
+        if name not in self.outputs:
+            for need in self.NEEDS[name]:
+                self.run(need)
+            try:
+                self.outputs[name] = execute(name, self.cwd, kernel_env(self.cache, **self.SETTINGS[name]),
+                                             self.specs)
+            except Exception:
+                self.failed.add(name)
+                raise
+        return self.outputs[name]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_cache, kernel_specs, tmp_path_factory):
+    return Pipeline(tmp_path_factory.mktemp("notebook-pipeline"), tiny_cache, kernel_specs)
+
+
+def test_sft_notebook(pipeline):
+    out = pipeline.run("sft")
+    assert re.search(r"^adapter: runs/tiny-sft$", out, re.M), out[-2000:]
+    assert (pipeline.cwd / "runs/tiny-sft/adapter_model.safetensors").is_file()
+
+
+def test_label_notebook(pipeline):
+    out = pipeline.run("label")
+    assert "wrote runs/label-tiny/preferences.jsonl" in out, out[-2000:]
+    rows = [json.loads(line) for line in (pipeline.cwd / "runs/label-tiny/preferences.jsonl").read_text().splitlines()]
+    assert len(rows) >= 20
+    assert all(set(row) >= {"prompt", "chosen", "rejected"} and row["chosen"] != row["rejected"] for row in rows)
+
+
+def test_dpo_notebook_beats_chance(pipeline):
+    out = pipeline.run("dpo")
+    assert re.search(r"^adapter: runs/tiny-dpo$", out, re.M), out[-2000:]
+    (accuracy,) = re.findall(r"held-out reward accuracy: ([0-9.]+)", out)
+    assert float(accuracy) > 0.6  # chance is 0.5
+    # It trained on top of the SFT notebook's adapter, not on the bare base model.
+    config = json.loads((pipeline.cwd / "runs/tiny-dpo/adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == (pipeline.cwd / "runs/tiny-sft").resolve()
+
+
+def test_evaluate_notebook_prints_the_pairwise_table(pipeline):
+    out = pipeline.run("evaluate")
+    assert "dpo vs sft  (judge: rule; 64 matches, 0 judge errors)" in out, out[-3000:]
+    assert re.search(r"^overall +64 ", out, re.M) and "adj. win rate" in out
+    assert (pipeline.cwd / "outputs/pairwise-tiny/results.json").is_file()
+
+
+def test_merge_notebook(pipeline):
+    out = pipeline.run("merge")
+    assert re.search(r"^merged model: runs/tiny-dpo/merged$", out, re.M), out[-2000:]
+    assert (pipeline.cwd / "runs/tiny-dpo/merged/model.safetensors").is_file()
