@@ -81,7 +81,7 @@ def defaults(stage: str) -> dict:
         # DPO plus an NLL term on the chosen answers (TRL's "sft" loss, as in RPO): plain DPO on a model this
         # small learns the preference but wrecks the answer format within an epoch; the NLL term holds it.
         return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 1e-3,
-                "num_train_epochs": 3.0, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0],
+                "num_train_epochs": 3.0, "loss_type": ["sigmoid", "sft"],
                 "run_name": "tiny-dpo"}
     if stage == "label":
         # Six sampled answers per prompt from the base model, every pair judged by the checkable rule.

@@ -128,8 +128,8 @@ def test_a_run_with_other_settings_does_not_resume_from_this_one(tiny_cache, tmp
 def test_dpo_losses_match_the_formula_on_a_real_batch(tiny_cache, tmp_path):
     """The trainer's cDPO loss equals -(1-e)logsig(b*h) - e*logsig(-b*h) from log-probs computed here."""
     beta, eps = 0.3, 0.2
-    run = run_script("dpo.py", "--preset", "tiny", "--max_steps", "3", "--dpo_beta", str(beta),
-                     "--label_smoothing", str(eps), "--output_dir", str(tmp_path), "--run_name", "cdpo")
+    run = run_script("dpo.py", "--preset", "tiny", "--max_steps", "3", "--loss_type", "sigmoid",
+                     "--dpo_beta", str(beta),                     "--label_smoothing", str(eps), "--output_dir", str(tmp_path), "--run_name", "cdpo")
     trainer = run["trainer"]
     model = trainer.accelerator.unwrap_model(trainer.model)
     batch = next(iter(trainer.get_eval_dataloader()))
