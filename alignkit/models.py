@@ -247,7 +247,11 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
 def add_trainable_adapter(loaded: Loaded, s) -> torch.nn.Module:
     """Put a fresh LoRA adapter on top: the base and any loaded adapters stay frozen and active."""
     from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import set_seed
 
+    # LoRA's A matrices start random, before the Trainer seeds anything: without this, --seed would not make
+    # two runs (or a run and its resume's straight twin) start from the same weights.
+    set_seed(s.seed)
     targets = s.lora_target_modules
     config = LoraConfig(
         r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, task_type="CAUSAL_LM", bias="none",

@@ -92,3 +92,16 @@ def test_generation_backend_falls_back_with_a_reason(alignkit_log, monkeypatch):
     assert "vLLM is not installed" in alignkit_log.text
     with pytest.raises(ValueError, match="pip install vllm"):
         generation.resolve_backend("vllm")
+
+
+def test_the_fresh_adapter_starts_from_the_seed(tiny_cache):
+    """--seed fixes LoRA's random A matrices, so two runs (or a resumed run and its straight twin) start alike."""
+
+    def first_lora_a(seed: int) -> torch.Tensor:
+        s = DPOSettings(model_id=presets.paths()["model"], seed=seed, lora_r=4, lora_alpha=8)
+        torch.seed()  # a random global state, as in a fresh process: only --seed may decide the weights
+        model = models.add_trainable_adapter(models.load_model(s, for_training=True), s)
+        return next(p for n, p in model.named_parameters() if "lora_A" in n).detach().clone()
+
+    assert torch.equal(first_lora_a(1), first_lora_a(1))
+    assert not torch.equal(first_lora_a(1), first_lora_a(2))
