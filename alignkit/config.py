@@ -134,7 +134,7 @@ class DPOSettings(TrainSettings):
     )
     loss_weights: list[float] | None = setting(None, "weights for a comma list of loss types, e.g. 0.8,0.2")
     label_smoothing: float = setting(0.0, "conservative DPO (cDPO): assumed share of flipped labels, in [0, 0.5)")
-    precompute_ref_log_probs: bool = setting(False, "compute the reference log-probs once before training")
+    precompute_ref_log_probs: bool = setting(False, "compute reference log-probs up front; identical reruns reuse them")
 
     def __post_init__(self):
         super().__post_init__()

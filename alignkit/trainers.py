@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from trl import DPOTrainer, SFTTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from . import logger
+from . import logger, refcache
 from .losses import LOSS_TYPES, preference_loss
 from .models import TRAINABLE, reference_mode
 
@@ -63,6 +65,11 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
                 logger.info("ipo combined with TRL-only losses uses TRL's length-normalised IPO")
         # Reference log-probs always come from compute_ref_log_probs below and ride in the batch.
         self.precompute_ref_logps = True
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # --precompute_ref_log_probs: reuse the log-probs an identical earlier run cached (see alignkit.refcache).
+        compute = functools.partial(super()._precompute_ref_logps, dataset, name, batch_size)
+        return refcache.with_ref_logps(self, dataset, compute)
 
     def compute_ref_log_probs(self, model, inputs):
         """Summed log-probs of chosen and rejected under the reference: the trained adapter switched off."""

@@ -1,0 +1,175 @@
+"""Reference log-probs cached on disk: a DPO rerun with the same inputs skips the reference pass.
+
+With `--precompute_ref_log_probs`, TRL runs the reference model over the whole dataset once before training. Its
+own cache lives in the dataset's cache folder, keyed by the dataset fingerprint and a hash of the whole model,
+and so never survives the process here: alignkit's loader returns in-memory datasets (no cache folder), and
+the model hash covers the freshly initialised trainable adapter too (trl#3985 asks for a reusable cache).
+
+Here the key is exactly what the reference log-probs depend on:
+- the base model: its config, attention implementation and every tensor of its state dict except the trained
+  (and TRL's "ref" copy of it) adapters, so frozen adapters the run sits on (an SFT adapter) count, with their
+  configs (alpha / r scales their weights);
+- the data as the collator sees it: the tokenized prompt, chosen and rejected ids, in order;
+- max_length and truncation_mode (they cut sequences), ld_alpha (it weights tokens), bf16/fp16 autocast;
+- the trainer class, this module's KEY_VERSION and the library versions (a new kernel can change the numbers).
+Anything else (beta, loss type, LoRA rank of the new adapter, learning rate, batch size) does not change the
+reference log-probs, so runs that differ only there share one cache entry. Batch size only changes padding,
+and so the last float bits of the values, not their meaning.
+
+Entries are `$ALIGNKIT_CACHE/ref_logps/<key>.safetensors` (float32 `ref_chosen_logps` and
+`ref_rejected_logps`, one value per row), written to a temporary file and renamed, so a crash never leaves a
+torn entry. They are a few bytes per pair; delete the folder to clear them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from . import logger
+
+KEY_VERSION = 1  # bump when the reference computation in alignkit.trainers changes
+COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def cache_root() -> Path:
+    from .presets import cache_dir
+
+    return cache_dir() / "ref_logps"
+
+
+def _canonical(value):
+    """JSON-safe and order-stable: sets are sorted (their iteration order changes between processes)."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(_canonical(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)  # dtypes, enums
+
+
+def model_fingerprint(model, skip_adapters=()) -> str:
+    """sha256 of the base config and every tensor of `model` outside the adapters in `skip_adapters`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version"):  # a moved folder or a new version is the same model
+        config.pop(volatile, None)
+    peft_configs = getattr(model, "peft_config", {})
+    described = {
+        "config": config, "attn": getattr(base.config, "_attn_implementation", None),
+        "adapters": {n: c.to_dict() for n, c in peft_configs.items() if n not in skip_adapters},
+    }
+    h = hashlib.sha256(json.dumps(_canonical(described), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if any(part in skip_adapters for part in name.split(".")):
+            continue
+        tensor = tensor.detach()
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        # Raw bytes, whatever the dtype (bf16 and 4-bit packed weights included): an exact fingerprint.
+        h.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(dataset) -> str:
+    """sha256 of the tokenized prompt/chosen/rejected ids, row by row in order (what the collator reads)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = dataset.select_columns(list(ID_COLUMNS)).with_format("arrow")[:]  # applies any shuffle/select
+    h = hashlib.sha256(f"rows:{len(dataset)}".encode())
+    for column in ID_COLUMNS:
+        ids = table[column].combine_chunks()
+        h.update(column.encode())
+        h.update(pc.cast(ids.value_lengths(), pa.int64()).to_numpy(zero_copy_only=False).tobytes())
+        h.update(pc.cast(ids.flatten(), pa.int64()).to_numpy(zero_copy_only=False).tobytes())
+    return h.hexdigest()
+
+
+def cache_key(trainer, dataset) -> str:
+    """The cache key of `dataset`'s reference log-probs under `trainer` (an AlignDPOTrainer)."""
+    from .models import TRAINABLE
+
+    args = trainer.args
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trained = {TRAINABLE, "ref"}  # TRL's "ref" is a copy of the trained adapter, never part of our reference
+    parts = {
+        "key_version": KEY_VERSION,
+        "trainer": type(trainer).__qualname__,
+        "versions": {p: version(p) for p in ("torch", "transformers", "trl", "peft")},
+        "model": model_fingerprint(model, skip_adapters=trained),
+        "frozen_adapters": list(getattr(trainer, "frozen_adapters", [])),
+        "data": data_fingerprint(dataset),
+        "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else str(getattr(model, "dtype", "")),
+    }
+    return hashlib.sha256(json.dumps(_canonical(parts), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _same_key_on_every_rank(trainer, key: str) -> str:
+    # Under ZeRO-3 each rank holds a shard, so each would hash something else: all ranks use rank 0's key.
+    if trainer.accelerator.num_processes == 1:
+        return key
+    from accelerate.utils import broadcast_object_list
+
+    box = [key]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def load(path: Path, rows: int) -> dict[str, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a damaged entry is recomputed, not fatal
+        logger.warning(f"ignoring unreadable reference log-prob cache {path}: {e}")
+        return None
+    if set(tensors) != set(COLUMNS) or any(t.shape != (rows,) for t in tensors.values()):
+        logger.warning(f"ignoring reference log-prob cache {path}: it does not hold {rows} rows")
+        return None
+    return tensors
+
+
+def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write to a temporary file in the same folder, then rename: readers see a whole file or none."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def with_ref_logps(trainer, dataset, compute):
+    """`dataset` plus its reference log-prob columns: from the cache when the key matches, else `compute()`d
+    (TRL's precompute pass) and then stored for the next run."""
+    from datasets import Dataset, concatenate_datasets
+
+    key = _same_key_on_every_rank(trainer, cache_key(trainer, dataset))
+    path = cache_root() / f"{key}.safetensors"
+    if path.is_file() and (tensors := load(path, len(dataset))) is not None:
+        logger.info(f"reference log-probs of {len(dataset)} pairs reused from {path}")
+        columns = Dataset.from_dict({c: tensors[c].numpy() for c in COLUMNS})
+        return concatenate_datasets([dataset, columns], axis=1)
+    out = compute()
+    if trainer.accelerator.is_main_process:
+        table = out.select_columns(list(COLUMNS)).with_format("arrow")[:]
+        tensors = {c: torch.from_numpy(table[c].to_numpy().astype("float32")) for c in COLUMNS}
+        save(path, tensors, {"rows": str(len(dataset)), "max_length": str(trainer.args.max_length)})
+        logger.info(f"reference log-probs of {len(dataset)} pairs cached in {path}")
+    return out

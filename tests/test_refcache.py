@@ -1,0 +1,82 @@
+"""The reference log-prob disk cache (alignkit.refcache): an identical DPO rerun skips the reference pass.
+
+Real tiny DPO runs with --precompute_ref_log_probs; the reference forward is counted by wrapping
+AlignDPOTrainer.compute_ref_log_probs, which both TRL's precompute pass and the per-step path go through.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkit import refcache
+from alignkit.trainers import AlignDPOTrainer
+
+from conftest import run_script
+
+
+@pytest.fixture
+def counted(monkeypatch, tmp_path):
+    """Reference forwards per run, and a cache folder of this test's own."""
+    monkeypatch.setattr(refcache, "cache_root", lambda: tmp_path / "ref_logps")
+    calls = {"n": 0}
+    original = AlignDPOTrainer.compute_ref_log_probs
+
+    def counting(self, model, inputs):
+        calls["n"] += 1
+        return original(self, model, inputs)
+
+    monkeypatch.setattr(AlignDPOTrainer, "compute_ref_log_probs", counting)
+    return calls
+
+
+def dpo(tmp_path, calls, name, *extra) -> tuple[dict, int]:
+    calls["n"] = 0
+    out = run_script(
+        "dpo.py", "--preset", "tiny", "--precompute_ref_log_probs", "true", "--max_samples", "240",
+        "--max_steps", "2", "--output_dir", str(tmp_path / "runs"), "--run_name", name, "--resume", "false", *extra,
+    )
+    return out, calls["n"]
+
+
+def ref_logps(run) -> torch.Tensor:
+    data = run["trainer"].train_dataset
+    return torch.tensor([data["ref_chosen_logps"], data["ref_rejected_logps"]])
+
+
+def test_a_rerun_with_the_same_inputs_reuses_the_reference_log_probs(tiny_cache, tmp_path, counted):
+    first, calls = dpo(tmp_path, counted, "first")
+    assert calls > 0  # computed: nothing was cached yet
+    assert len(list((tmp_path / "ref_logps").glob("*.safetensors"))) == 2  # train and held-out rows
+
+    # Same base, data and max_length; another run name and beta (the reference does not depend on them).
+    second, calls = dpo(tmp_path, counted, "second", "--dpo_beta", "0.2")
+    assert calls == 0  # no reference forward at all: not before training, not per step, not at eval
+    assert torch.equal(ref_logps(first), ref_logps(second))
+    assert second["metrics"]["eval_rewards/accuracies"] >= 0  # training and evaluation ran on the cached values
+
+    # Other data or another max_length: recomputed, and stored as entries of their own.
+    _, calls = dpo(tmp_path, counted, "other-data", "--max_samples", "200")
+    assert calls > 0
+    short, calls = dpo(tmp_path, counted, "short", "--max_length", "12")
+    assert calls > 0 and not torch.equal(ref_logps(first), ref_logps(short))
+    assert len(list((tmp_path / "ref_logps").glob("*.safetensors"))) == 6
+
+
+def test_the_key_ignores_the_trained_adapter_and_sees_every_base_weight(tiny_cache):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignkit import presets
+
+    def fingerprint(rank: int, seed: int, nudge: float = 0.0) -> str:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(presets.paths()["model"])
+        with torch.no_grad():
+            model.model.layers[-1].mlp.down_proj.weight[0, 0] += nudge
+        model = get_peft_model(model, LoraConfig(r=rank, target_modules="all-linear", task_type="CAUSAL_LM"))
+        return refcache.model_fingerprint(model, skip_adapters={"default", "ref"})
+
+    same = fingerprint(rank=16, seed=0)
+    assert fingerprint(rank=4, seed=1) == same  # a new adapter of any rank or init: same reference
+    assert fingerprint(rank=16, seed=0, nudge=1e-3) != same  # one base weight changed: another reference
