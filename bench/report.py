@@ -1,0 +1,139 @@
+"""bench/results.json as a markdown table (bench/results.md, and the README's Benchmarks section)."""
+
+from __future__ import annotations
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _goal(value: float | None, goal: float) -> str:
+    if value is None:
+        return "not run"
+    return f"{'met' if value >= goal else 'NOT met'} ({value:.2f}x, goal >= {goal}x)"
+
+
+def _standard_error(p: float, n: int) -> float:
+    return (p * (1 - p) / n) ** 0.5
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, torch {m['torch']}, Python {m['python']}; "
+            f"benchmarks ran with {m['torch_threads']} torch thread(s); load average at start "
+            f"{m['load_average_at_start'][0]} (a shared machine)")
+
+
+def dpo_table(dpo: dict) -> list[str]:
+    seed = dpo["configs"]["seed"]
+    lines = [
+        f"DPO: {dpo['train_pairs']} training pairs (same order for all), {dpo['eval_pairs']} held out; "
+        f"lengths x{dpo['length_scale']:g} of full scale, max_length scaled alike (1512 -> {dpo['max_length_seed']}, "
+        f"1024 -> {dpo['max_length_defaults']}); learning rate {dpo['learning_rate']:g}, beta {dpo['beta']:g} for all. "
+        "Tokens are non-pad chosen + rejected tokens (prompt included); each pair is trained on once. "
+        f"The seed's figures are the mean of its {len(dpo['configs']['seed']['runs'])} run(s). Reward accuracy "
+        f"is over {dpo['eval_pairs']} held-out pairs: its binomial standard error at the seed's accuracy is "
+        f"{_standard_error(seed['reward_accuracy'], dpo['eval_pairs']):.3f}.",
+        "",
+        "| configuration | tokens/s | vs seed | vs seed, CPU time | median step s (pairs) | s per pair vs seed "
+        "| peak RSS MiB | vs seed | reward acc. | what changes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, r in dpo["configs"].items():
+        lines.append(
+            f"| {name} | {r['tokens_per_s']:.1f} | {_x(r['tokens_per_s'] / seed['tokens_per_s'])} "
+            f"| {_x(r['tokens_per_cpu_s'] / seed['tokens_per_cpu_s'])} "
+            f"| {r['median_step_s']:.2f} ({r['pairs_per_step']}) "
+            f"| {_x(r['median_step_s_per_pair'] / seed['median_step_s_per_pair'])} | {r['peak_rss_mib']} "
+            f"| {_x(r['peak_rss_mib'] / seed['peak_rss_mib'])} | {r['reward_accuracy']:.3f} | {r['what']} |"
+        )
+    upfront = [f"{n} {r['tokens_per_s_with_precompute']:.1f} tokens/s "
+               f"({_x(r['tokens_per_s_with_precompute'] / seed['tokens_per_s'])} vs seed)"
+               for n, r in dpo["configs"].items() if r["precompute"]]
+    if upfront:
+        lines += ["", "With the (cold) precompute pass counted in, as a first run pays it: " + "; ".join(upfront) + "."]
+    dropout = {n: r["lora_dropout"] for n, r in dpo["configs"].items() if r["lora_dropout"]["modules"]}
+    if dropout and all(d["p"] == [0] for d in dropout.values()):
+        lines += ["", "LoRA dropout: in every run with lora_dropout > 0, TRL's DPOConfig(disable_dropout=True) had set "
+                      "all dropout modules to p=0 (measured on the model), so the 0.05 was never applied; the "
+                      "dropout-0 lever only removes a no-op module call."]
+    kept = sorted({(r["max_length"], r["train_rows"], r["eval_rows"]) for r in dpo["configs"].values()})
+    lines += ["", "TRL drops pairs whose prompt alone reaches max_length: " + "; ".join(
+        f"max_length {m} keeps {t} of {dpo['train_pairs']} training and {e} of {dpo['eval_pairs']} held-out pairs"
+        for m, t, e in kept) + "."]
+    lines += ["", f"Peak RSS of alignkit's defaults over a policy-only run (no reference at all): "
+                  f"{_x(dpo['peak_rss_ratio_vs_policy_only'])} ({dpo['policy_only']['peak_rss_mib']} MiB)."]
+    cache = dpo.get("refcache")
+    if cache:
+        lines += ["", f"Reference log-prob disk cache ({cache['pairs']} train + held-out pairs): first run "
+                      f"{cache['cold_seconds']:.2f} s computing them ({cache['cold_forwards']} reference forwards), "
+                      f"identical rerun {cache['warm_seconds']:.2f} s ({cache['warm_forwards']} forwards): "
+                      f"{_x(cache['saving'])} faster."]
+    if dpo.get("noise"):
+        lines += ["", "Noise: the seed's second run (last of all) differs from its first in tokens/s by " + ", ".join(
+            f"{v:+.0%}" for v in dpo["noise"].values()) + "."]
+    return lines
+
+
+def command(results: dict) -> str:
+    flags = (" --quick" if results["quick"] else "") + (f" --threads {results['threads']}" if results["threads"] else "")
+    return f"python bench/run_all.py{flags}"
+
+
+def markdown(results: dict) -> str:
+    lines = ["# alignkit benchmarks", "", f"Machine: {machine_line(results['machine'])}.",
+             f"Run: `{command(results)}` ({results['started']}, {results['seconds']} s).", ""]
+    dpo, gen, judge, lim = (results.get(k) for k in ("dpo", "generation", "judge", "limit"))
+    lines += ["## Goals", "",
+              f"- DPO, alignkit defaults over the seed, tokens/s: {_goal(dpo and dpo['speedup_vs_seed'], 1.5)}"
+              + (f"; reward accuracy {dpo['reward_accuracy']['alignkit defaults']:.3f} vs seed "
+                 f"{dpo['reward_accuracy']['seed']:.3f}" if dpo else ""),
+              f"- Generation, batched (16, label.py's default) over one at a time: "
+              f"{_goal(gen and gen['batched_speedup'], 4)}",
+              f"- Judging, --parallel 16 over 1: {_goal(judge and judge['parallel_16_speedup'], 12)}", ""]
+    if dpo:
+        lines += ["## DPO training", ""] + dpo_table(dpo) + [""]
+    if gen:
+        lines += ["## Generation (alignkit.generation.generate, as label.py and evaluate.py call it)", "",
+                  f"{gen['prompts']} prompts, {gen['max_new_tokens']} new tokens each, temperature 0.7, "
+                  f"{gen['rounds']} round(s).", "", "| batch size | tokens/s | vs one at a time |", "| ---: | ---: | ---: |"]
+        lines += [f"| {b} | {r['tokens_per_s']:.1f} | {_x(r['speedup'])} |" for b, r in gen["by_batch_size"].items()]
+        lines += [""]
+    if judge:
+        lines += ["## Judging (label.py against a local judge with "
+                  f"{judge['latency_s'] * 1000:.0f} ms latency)", "",
+                  f"{judge['pairs']} pairs, each judged in both orders.", "",
+                  "| --parallel | labeled pairs/s (whole run) | vs 1 | judging phase alone | vs 1 |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {p} | {r['pairs_per_s']:.2f} | {_x(r['speedup'])} | {r['judge_pairs_per_s']:.2f} "
+                  f"| {_x(r['judge_speedup'])} |" for p, r in judge["by_parallel"].items()]
+        lines += [""]
+    if lim:
+        lines += ["## The limit", "", f"Measured fp32 matmul peak: {lim['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
+                  "(best of the runs at the start and the end).", ""]
+        if "by_config" in lim:
+            lines += ["Model FLOPs per non-pad token: 4N + 6N_lora + 3A, plus 2N + A when the reference forward "
+                      "runs in the step (N: matmul weights incl. the LM head, A: causal attention; see bench/limit.py).",
+                      "", "| configuration | model GFLOP/token | model GFLOP/s | MFU | MFU, 6N convention |",
+                      "| --- | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {n} | {m['model_flops_per_token'] / 1e9:.3f} | {m['model_flops_per_s'] / 1e9:.2f} "
+                      f"| {m['mfu']:.1%} | {m['mfu_6n_convention']:.1%} |" for n, m in lim["by_config"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def readme_section(results: dict) -> str:
+    """The README's `## Benchmarks` section: how to run them, and the latest table with its machine."""
+    body = markdown(results).split("\n", 2)[2]  # without the document title
+    body = body.replace("\n## ", "\n### ")
+    return (
+        "## Benchmarks\n\n"
+        "`bench/` measures training, generation and judging speed against the seed project's configuration, on the "
+        "CPU, each comparison side by side in one run (same model, same data, same seed). They print figures and "
+        "never fail; CI does not run them.\n\n"
+        "```bash\n"
+        "python bench/run_all.py --quick              # a few minutes: the seed, the defaults and the proposal\n"
+        "python bench/run_all.py                      # every lever (about 25 minutes on 2 cores)\n"
+        "python bench/run_all.py --threads 1          # on a machine others are using (see bench/common.py)\n"
+        "python bench/run_all.py --only generation judge\n"
+        "```\n\n"
+        "They write `bench/results.json` and `bench/results.md`. The latest run:\n\n" + body
+    )

@@ -1,0 +1,94 @@
+"""Run every benchmark and write bench/results.json and bench/results.md.
+
+    python bench/run_all.py            # the full run (DPO levers twice, in opposite orders)
+    python bench/run_all.py --quick    # a few minutes: fewer pairs, the seed, the defaults and the proposal only
+
+Benchmarks print figures; they are not tests and never fail on a slow machine. Each comparison runs side by
+side in one run: same model, same data, same seed; figures are shown as ratios to the baseline of their
+comparison, which is what stays meaningful on a shared, noisy CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/run_all.py` from anywhere
+
+from bench import common, dpo_speed, generation_speed, judge_speed, limit, report  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a run of a few minutes (fewer pairs and configurations)")
+    parser.add_argument("--only", nargs="+", choices=["dpo", "generation", "judge"], help="run only these parts")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every benchmark (default: torch's own, one per core). On a machine "
+                             "others are using, 1 avoids threads waiting on each other's time slices")
+    parser.add_argument("--out", default=str(common.ROOT / "bench" / "results.json"), help="JSON results file")
+    parser.add_argument("--no_readme", action="store_true",
+                        help="leave README.md's Benchmarks section as it is (a --quick or --only run always does)")
+    cli = parser.parse_args()
+    parts = set(cli.only or ["dpo", "generation", "judge"])
+
+    common.offline_env()
+    common.set_threads(cli.threads)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="alignkit-bench-"))
+    results: dict = {"machine": common.machine(), "quick": cli.quick, "threads": cli.threads,
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        model = str(common.build_model(work / "model"))
+        peaks = [limit.matmul_peak()]
+        print(f"matmul peak: {peaks[0]['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
+        if "dpo" in parts:
+            results["dpo"] = dpo_speed.run(work, model, cli.quick)
+        if "generation" in parts:
+            results["generation"] = generation_speed.run(model, cli.quick)
+            print(f"generation: batched x{results['generation']['batched_speedup']:.2f}", flush=True)
+        if "judge" in parts:
+            results["judge"] = judge_speed.run(cli.quick)
+            print(f"judging: parallel 16 x{results['judge']['parallel_16_speedup']:.2f}", flush=True)
+        peaks.append(limit.matmul_peak())  # again at the end: the best of both is the least disturbed
+        results["limit"] = limit_section(peaks, results.get("dpo"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["seconds"] = round(time.perf_counter() - started)
+    results["model"] = {"params": results.get("dpo", {}).get("model_params"), **common.MODEL}
+    Path(cli.out).write_text(json.dumps(results, indent=2) + "\n")
+    table = report.markdown(results)
+    Path(cli.out).with_suffix(".md").write_text(table)
+    if not (cli.no_readme or cli.quick or cli.only):  # the README shows only complete, full runs
+        update_readme(common.ROOT / "README.md", report.readme_section(results))
+    print(table)
+
+
+def update_readme(readme: Path, section: str) -> None:
+    """Replace the README's `## Benchmarks` section (up to the next `## ` heading) or append it at the end."""
+    text = readme.read_text()
+    start = text.find("\n## Benchmarks\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[: start + 1] + section + (text[end:] if end >= 0 else "")
+    readme.write_text(text.rstrip("\n") + "\n")
+
+
+def limit_section(peaks: list[dict], dpo: dict | None) -> dict:
+    best = max(peaks, key=lambda p: p["flops_per_s"])
+    section = {"matmul_flops_per_s": best["flops_per_s"], "matmul_runs": peaks, "formula": limit.__doc__.strip()}
+    if dpo:
+        section["by_config"] = {name: limit.mfu(r, best["flops_per_s"]) for name, r in dpo["configs"].items()}
+        section["mfu"] = section["by_config"]["alignkit defaults"]["mfu"]
+        section["mfu_seed"] = section["by_config"]["seed"]["mfu"]
+    return section
+
+
+if __name__ == "__main__":
+    main()
