@@ -1,9 +1,10 @@
 """Reference log-probs cached on disk: a DPO rerun with the same inputs skips the reference pass.
 
-With `--precompute_ref_log_probs`, TRL runs the reference model over the whole dataset once before training. Its
-own cache lives in the dataset's cache folder, keyed by the dataset fingerprint and a hash of the whole model,
-and so never survives the process here: alignkit's loader returns in-memory datasets (no cache folder), and
-the model hash covers the freshly initialised trainable adapter too (trl#3985 asks for a reusable cache).
+With `--precompute_ref_log_probs`, the reference runs over the whole dataset once before training (TRL's
+DPOTrainer calls `_precompute_ref_logps`, which AlignDPOTrainer routes here). TRL's own cache lives in the
+dataset's cache folder, keyed by the dataset fingerprint and a hash of the whole model, and so never survives
+the process here: alignkit's loader returns in-memory datasets (no cache folder), and the model hash covers the
+freshly initialised trainable adapter too (trl#3985 asks for a reusable cache).
 
 Here the key is exactly what the reference log-probs depend on:
 - the base model: its config, attention implementation and every tensor of its state dict except the trained
@@ -17,8 +18,8 @@ reference log-probs, so runs that differ only there share one cache entry. Batch
 and so the last float bits of the values, not their meaning.
 
 Entries are `$ALIGNKIT_CACHE/ref_logps/<key>.safetensors` (float32 `ref_chosen_logps` and
-`ref_rejected_logps`, one value per row), written to a temporary file and renamed, so a crash never leaves a
-torn entry. They are a few bytes per pair; delete the folder to clear them.
+`ref_rejected_logps`, one value per row), written by the main process to a temporary file and renamed, so a
+crash never leaves a torn entry. They are a few bytes per pair; delete the folder to clear them.
 """
 
 from __future__ import annotations
@@ -155,21 +156,50 @@ def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
             os.remove(tmp)
 
 
-def with_ref_logps(trainer, dataset, compute):
-    """`dataset` plus its reference log-prob columns: from the cache when the key matches, else `compute()`d
-    (TRL's precompute pass) and then stored for the next run."""
+def compute(trainer, dataset, batch_size: int) -> dict[str, torch.Tensor]:
+    """Every row's reference log-probs, in dataset order, on every process.
+
+    TRL's own pass (`DPOTrainer._precompute_ref_logps`) hands the values between processes through a file in
+    the dataset's cache folder; alignkit's in-memory datasets have a temporary folder per process, so under
+    `accelerate launch` the other processes could not find it. Here each process computes its share and
+    `gather_for_metrics` gives every process all rows, in order (and without the duplicates that even out the
+    last batch).
+    """
+    from torch.utils.data import DataLoader
+    from trl.models import prepare_deepspeed
+
+    args = trainer.args
+    loader = trainer.accelerator.prepare(DataLoader(
+        dataset, batch_size=batch_size, collate_fn=trainer.data_collator, shuffle=False,
+        num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+    ))
+    model = trainer.model
+    if trainer.is_deepspeed_enabled:  # before training, ZeRO-3 parameters are still sharded: TRL's inference engine
+        if trainer._precompute_engine is None:
+            trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
+        model = trainer._precompute_engine
+    chosen, rejected = [], []
+    for batch in loader:
+        c, r = trainer.accelerator.gather_for_metrics(trainer.compute_ref_log_probs(model, batch))
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
+    return {"ref_chosen_logps": torch.cat(chosen), "ref_rejected_logps": torch.cat(rejected)}
+
+
+def with_ref_logps(trainer, dataset, batch_size: int):
+    """`dataset` plus its reference log-prob columns: from the disk cache when the key matches, else computed
+    and then stored (by the main process) for the next run."""
     from datasets import Dataset, concatenate_datasets
 
     key = _same_key_on_every_rank(trainer, cache_key(trainer, dataset))
     path = cache_root() / f"{key}.safetensors"
-    if path.is_file() and (tensors := load(path, len(dataset))) is not None:
+    tensors = load(path, len(dataset)) if path.is_file() else None
+    if tensors is not None:
         logger.info(f"reference log-probs of {len(dataset)} pairs reused from {path}")
-        columns = Dataset.from_dict({c: tensors[c].numpy() for c in COLUMNS})
-        return concatenate_datasets([dataset, columns], axis=1)
-    out = compute()
-    if trainer.accelerator.is_main_process:
-        table = out.select_columns(list(COLUMNS)).with_format("arrow")[:]
-        tensors = {c: torch.from_numpy(table[c].to_numpy().astype("float32")) for c in COLUMNS}
-        save(path, tensors, {"rows": str(len(dataset)), "max_length": str(trainer.args.max_length)})
-        logger.info(f"reference log-probs of {len(dataset)} pairs cached in {path}")
-    return out
+    else:
+        tensors = compute(trainer, dataset, batch_size)
+        if trainer.accelerator.is_main_process:
+            save(path, tensors, {"rows": str(len(dataset)), "max_length": str(trainer.args.max_length)})
+            logger.info(f"reference log-probs of {len(dataset)} pairs cached in {path}")
+    columns = Dataset.from_dict({c: tensors[c].numpy() for c in COLUMNS})
+    return concatenate_datasets([dataset, columns], axis=1)

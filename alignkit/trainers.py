@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from trl import DPOTrainer, SFTTrainer
 from trl.models.utils import disable_gradient_checkpointing
@@ -67,9 +65,8 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
         self.precompute_ref_logps = True
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        # --precompute_ref_log_probs: reuse the log-probs an identical earlier run cached (see alignkit.refcache).
-        compute = functools.partial(super()._precompute_ref_logps, dataset, name, batch_size)
-        return refcache.with_ref_logps(self, dataset, compute)
+        # --precompute_ref_log_probs: computed once, or reused from an identical earlier run (alignkit.refcache).
+        return refcache.with_ref_logps(self, dataset, batch_size)
 
     def compute_ref_log_probs(self, model, inputs):
         """Summed log-probs of chosen and rejected under the reference: the trained adapter switched off."""

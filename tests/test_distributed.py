@@ -92,3 +92,31 @@ def metrics_rows(run: Path) -> int:
     settings = json.loads((run / "alignkit_config.json").read_text())
     rows = sum(1 for _ in open(settings["dataset_id"]))
     return rows - round(settings["eval_split"] * rows)
+
+
+def test_two_processes_write_the_reference_cache_once_and_reuse_it(tiny_cache, tmp_path):
+    """--precompute_ref_log_probs under two processes: the main process alone stores the entries, and a rerun
+    on two processes finds them (both processes use one key, so neither computes)."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)  # the tiny model and data, with an empty reference cache of this test's own
+    env = {**os.environ, "ALIGNKIT_CACHE": str(cache)}
+
+    def launch(name: str) -> str:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "0", "dpo.py", "--preset", "tiny", "--max_steps", "2",
+                   "--precompute_ref_log_probs", "true", "--output_dir", str(tmp_path / "runs"), "--run_name", name]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    first = launch("first")
+    entries = sorted((cache / "ref_logps").glob("*.safetensors"))
+    assert len(entries) == 2  # train and held-out rows, one file each
+    assert first.count("pairs cached in") == 2 and "reused from" not in first  # written by one process
+    second = launch("second")
+    assert second.count("reused from") == 4  # each process, train and held-out rows
+    assert "pairs cached in" not in second
+    assert sorted((cache / "ref_logps").glob("*.safetensors")) == entries
