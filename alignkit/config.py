@@ -149,7 +149,17 @@ class DPOSettings(TrainSettings):
 
 
 @dataclass
-class LabelSettings(ModelSettings):
+class GenerationSettings(ModelSettings):
+    """The loader settings, and the engine that answers with a local model (label.py, evaluate.py)."""
+
+    backend: str = setting(
+        "auto", "local generation engine; auto: vllm when installed and a CUDA GPU is there, else transformers",
+        choices=["auto", "vllm", "transformers"],
+    )
+
+
+@dataclass
+class LabelSettings(GenerationSettings):
     """label.py. The loader settings above apply to every local generator."""
 
     model_id: str = setting(
@@ -233,7 +243,7 @@ from dataclasses import field as _field  # noqa: E402  (init=False: a field that
 
 
 @dataclass
-class EvalSettings(ModelSettings):
+class EvalSettings(GenerationSettings):
     """What every evaluate.py command shares: the loader settings above, and how the models answer."""
 
     max_new_tokens: int = setting(1024, "longest answer per turn, in tokens (FastChat's MT-Bench default)")

@@ -1,10 +1,15 @@
 """Batched generation through the tokenizer's chat template (used by evaluation, labeling and the tests).
 
+`load_generator(settings, backend)` is what label.py and evaluate.py use: the model loaded once on vLLM or
+transformers (`--backend`), then called chunk by chunk with the same arguments and answers either way.
+
 Prompts are rendered with the generation prompt and left-padded, so every row of a batch ends where its
 answer begins; the answer is cut at the tokenizer's eos token (which the loader keeps distinct from pad).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -51,23 +56,30 @@ def generate(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# vLLM: the fast path for generation at scale (label.py, evaluate.py) when it is installed and a GPU is there.
+# Backends: the one entry point for label.py and evaluate.py. vLLM is the fast path for generation at scale
+# when it is installed and a GPU is there; transformers (`generate` above) runs everywhere.
 
 
-def resolve_backend(requested: str = "auto") -> str:
+def resolve_backend(requested: str = "auto", num_beams: int = 1) -> str:
     """"vllm" or "transformers"; auto picks vLLM when it is installed and CUDA is available, with one log line."""
     import importlib.util
 
     from . import logger
+    from .args import ConfigError
 
     has_vllm = importlib.util.find_spec("vllm") is not None
     if requested == "vllm":
         if not has_vllm:
-            raise ValueError("--backend vllm needs vLLM: pip install vllm (on a machine with a CUDA GPU)")
+            raise ConfigError("--backend vllm needs vLLM: pip install vllm (on a machine with a CUDA GPU)")
+        if num_beams > 1:  # vLLM's sampling has no beam search; silently sampling instead would mislead
+            raise ConfigError("--num_beams > 1 (beam search) runs on --backend transformers only")
         return "vllm"
     if requested == "transformers":
         return "transformers"
     if has_vllm and torch.cuda.is_available():
+        if num_beams > 1:
+            logger.info("generation backend: transformers (beam search, --num_beams > 1, is not in vLLM)")
+            return "transformers"
         logger.info("generation backend: vllm (installed, CUDA available)")
         return "vllm"
     why = "no CUDA device" if has_vllm else "vLLM is not installed (pip install vllm on a GPU machine)"
@@ -75,31 +87,101 @@ def resolve_backend(requested: str = "auto") -> str:
     return "transformers"
 
 
-def vllm_generate(model_id: str, conversations: list[list[dict]], max_new_tokens: int = 256,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                  trust_remote_code: bool = False, chat_template: str | None = None) -> list[str]:
-    """The same answers as `generate`, from vLLM: one base model, plus at most one LoRA adapter on top."""
-    from pathlib import Path
+def load_generator(s, backend: str = "auto") -> Generator:
+    """The model `s.model_id` (loader settings: alignkit.config.ModelSettings) loaded once on `backend`, ready
+    to be called chunk after chunk, so callers can save each chunk's answers as it comes (crash safety).
 
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
+    Only the chosen backend loads the model: with vLLM, transformers never holds the weights too.
+    """
+    backend = resolve_backend(backend)  # a resolved name passes through without a log line
+    return VLLMGenerator(s) if backend == "vllm" else TransformersGenerator(s)
 
-    from .models import adapter_chain, adapter_config, load_tokenizer
 
-    base, chain = adapter_chain(model_id)
-    if len(chain) > 1:
-        raise ValueError(
-            f"{model_id} is a chain of {len(chain)} adapters; vLLM serves one adapter on a base. Merge the chain "
-            f"first (python merge.py --adapter_dir {model_id}) and pass the merged folder."
-        )
-    # The chat template travels with the adapter when training saved one there.
-    template_source = chain[-1] if chain and Path(chain[-1], "tokenizer_config.json").is_file() else base
-    template = chat_template or load_tokenizer(template_source, trust_remote_code=trust_remote_code).chat_template
-    rank = adapter_config(chain[0])["r"] if chain else 16
-    llm = LLM(model=base, enable_lora=bool(chain), max_lora_rank=max(rank, 8), seed=seed or 0,
-              trust_remote_code=trust_remote_code)
-    params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                            max_tokens=max_new_tokens, seed=seed)
-    lora = LoRARequest("adapter", 1, chain[0]) if chain else None
-    outputs = llm.chat(conversations, params, lora_request=lora, chat_template=template, use_tqdm=False)
-    return [o.outputs[0].text.strip() for o in outputs]
+class Generator:
+    """generator(conversations, max_new_tokens=, temperature=, top_p=, num_beams=, batch_size=, seed=) -> one
+    answer per conversation, in order, as `generate` gives them; leaving a `with` block frees the model."""
+
+    def close(self) -> None:
+        """Free the model's memory: the judge, or the next model, may need it."""
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TransformersGenerator(Generator):
+    def __init__(self, s):
+        from .models import load_model, require_chat_template
+
+        self.loaded = load_model(s)
+        require_chat_template(self.loaded.tokenizer, s.model_id)
+
+    def __call__(self, conversations, **sampling):
+        return generate(self.loaded.model, self.loaded.tokenizer, conversations, **sampling)
+
+    def close(self) -> None:
+        self.loaded = None
+        super().close()
+
+
+class VLLMGenerator(Generator):
+    """One base model, plus at most one LoRA adapter on top (vLLM serves adapters, not chains of them).
+
+    The loader's quantization and attention settings are transformers' own; vLLM serves in `--dtype` and
+    picks its kernels itself.
+    """
+
+    def __init__(self, s):
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        from . import logger
+        from .models import adapter_chain, adapter_config, load_tokenizer, require_chat_template
+
+        base, chain = adapter_chain(s.model_id, s.revision)
+        if len(chain) > 1:
+            raise ValueError(
+                f"{s.model_id} is a chain of {len(chain)} adapters; vLLM serves one adapter on a base. Merge the "
+                f"chain first (python merge.py --adapter_dir {s.model_id}) and pass the merged folder."
+            )
+        if s.quantization in ("4bit", "8bit"):
+            logger.warning(f"--quantization {s.quantization} applies to --backend transformers; vLLM serves "
+                           f"{base} unquantized")
+        # The tokenizer (and its chat template) travels with the adapter when training saved one there; the
+        # template is checked and resolved here, as the transformers path does, so both answer alike.
+        tok_source = chain[-1] if chain and Path(chain[-1], "tokenizer_config.json").is_file() else base
+        revision = None if chain else s.revision
+        tokenizer = load_tokenizer(tok_source, revision, s.trust_remote_code, s.chat_template)
+        require_chat_template(tokenizer, s.model_id)
+        self.template = tokenizer.chat_template
+        # vLLM accepts LoRA ranks 8, 16, 32, ...: the adapter's rank rounded up to one of them.
+        rank = adapter_config(chain[0])["r"] if chain else 8
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(s.dtype, "auto")
+        self.llm = LLM(model=base, tokenizer=tok_source, revision=revision, dtype=dtype,
+                       trust_remote_code=s.trust_remote_code, enable_lora=bool(chain),
+                       max_lora_rank=max(8, 1 << (rank - 1).bit_length()))
+        self.lora = LoRARequest("adapter", 1, chain[0]) if chain else None
+
+    def __call__(self, conversations, max_new_tokens=256, temperature=0.0, top_p=1.0, num_beams=1,
+                 batch_size=16, seed=None):
+        from vllm import SamplingParams
+
+        if num_beams > 1:
+            raise ValueError("--num_beams > 1 (beam search) runs on --backend transformers only")
+        # batch_size is not passed on: vLLM schedules its own batches (continuous batching) within a call.
+        params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                max_tokens=max_new_tokens, seed=seed)
+        outputs = self.llm.chat(conversations, params, lora_request=self.lora, chat_template=self.template,
+                                use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outputs]
+
+    def close(self) -> None:
+        self.llm = None  # vLLM frees GPU memory only once the engine is garbage-collected
+        super().close()

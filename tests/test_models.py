@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from alignkit import generation, models, presets
+from alignkit.args import ConfigError
 from alignkit.config import DPOSettings, ModelSettings
 
 
@@ -105,3 +106,74 @@ def test_the_fresh_adapter_starts_from_the_seed(tiny_cache):
 
     assert torch.equal(first_lora_a(1), first_lora_a(1))
     assert not torch.equal(first_lora_a(1), first_lora_a(2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# load_generator: one entry point, vLLM or transformers
+
+
+def test_the_transformers_backend_answers_as_generate_does(tiny_cache):
+    s = ModelSettings(model_id=presets.paths()["model"], quantization="none")
+    conversations = [[{"role": "user", "content": "name three fruits."}], [{"role": "user", "content": "hi"}]]
+    loaded = models.load_model(s)
+    expected = generation.generate(loaded.model, loaded.tokenizer, conversations, max_new_tokens=12)
+    with generation.load_generator(s, "transformers") as generator:
+        assert isinstance(generator, generation.TransformersGenerator)
+        assert generator(conversations, max_new_tokens=12) == expected
+    assert generator.loaded is None  # leaving the block let go of the model
+
+
+def _adapter(folder, base, r=8):
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base), "r": r}))
+    return str(folder)
+
+
+def test_auto_picks_vllm_on_a_gpu_and_serves_an_adapter_on_its_base(tiny_cache, tmp_path, monkeypatch, alignkit_log):
+    from fake_vllm import install
+
+    fake = install(monkeypatch, cuda=True)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("vLLM was chosen: no transformers model"))
+    base = presets.paths()["model"]
+    adapter = _adapter(tmp_path / "adapter", base, r=12)
+    assert generation.resolve_backend("auto") == "vllm"
+    assert "generation backend: vllm (installed, CUDA available)" in alignkit_log.text
+
+    conversations = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "name three fruits."}],
+                     [{"role": "user", "content": "hi"}]]
+    with generation.load_generator(ModelSettings(model_id=adapter, dtype="bf16"), "auto") as generator:
+        answers = generator(conversations, max_new_tokens=7, temperature=0.0, top_p=0.9, batch_size=1, seed=3)
+        sampled = generator(conversations[1:], max_new_tokens=5, temperature=0.8, top_p=0.9, seed=4)
+    assert answers == ["vllm says: name three fruits.", "vllm says: hi"]  # in order, stripped
+    assert sampled == ["vllm says: hi"]
+    (llm,) = fake.llms
+    assert llm.kwargs["model"] == base and llm.kwargs["tokenizer"] == base  # the adapter saved no tokenizer
+    assert llm.kwargs["enable_lora"] is True and llm.kwargs["max_lora_rank"] == 16  # r=12, rounded up
+    assert llm.kwargs["dtype"] == "bfloat16"
+    first, second = llm.chats
+    assert first["messages"] == conversations
+    assert first["params"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 7, "seed": 3}  # greedy: no top_p
+    assert second["params"] == {"temperature": 0.8, "top_p": 0.9, "max_tokens": 5, "seed": 4}
+    assert (first["lora"].lora_path, first["lora"].lora_int_id) == (adapter, 1)
+    assert first["chat_template"] == models.load_tokenizer(base).chat_template  # the one transformers would use
+
+    with generation.load_generator(ModelSettings(model_id=base), "vllm"):  # a plain model: no LoRA
+        pass
+    assert fake.llms[1].kwargs["enable_lora"] is False and fake.llms[1].kwargs["dtype"] == "auto"
+    chain = _adapter(tmp_path / "dpo", adapter)
+    with pytest.raises(ValueError, match=r"chain of 2 adapters.*merge\.py --adapter_dir"):
+        generation.load_generator(ModelSettings(model_id=chain), "vllm")
+    # Beam search is transformers' only: auto falls back to it, an explicit --backend vllm is refused.
+    assert generation.resolve_backend("auto", num_beams=2) == "transformers"
+    with pytest.raises(ConfigError, match="--num_beams > 1"):
+        generation.resolve_backend("vllm", num_beams=2)
+
+
+def test_backend_is_one_of_three():
+    from alignkit.args import parse_config
+    from alignkit.config import LabelSettings, VibesSettings
+
+    for cls in (LabelSettings, VibesSettings):
+        assert cls().backend == "auto"
+        with pytest.raises(ConfigError, match=r"--backend: 'gpu' is not one of auto, vllm, transformers"):
+            parse_config(cls, args=["--backend", "gpu"], env_file=None)
