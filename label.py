@@ -67,9 +67,10 @@ prompts = load_prompts(run)
 
 # %% [markdown]
 # ## Responses
-# Read from `--responses_a/b` files (matched by prompt), or generated: local models in batches (left padding,
-# the chat template's generation prompt), `openai:MODEL` endpoints `--parallel` at a time. Each generated
-# response is cached as it arrives, so a rerun never samples a new one for a pair it already judged.
+# Read from `--responses_a/b` files (matched by prompt), or generated: local models in batches through the
+# chat template's generation prompt (on vLLM when it is installed and a GPU is there, else transformers;
+# `--backend` picks one), `openai:MODEL` endpoints `--parallel` at a time. Each generated response is cached
+# as it arrives (a local model's batch by batch), so a rerun never samples a new one for a pair it already judged.
 
 # %%
 from alignkit.labeling import collect_responses

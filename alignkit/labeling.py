@@ -13,7 +13,6 @@ A run writes, next to `--output X.jsonl`:
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import os
@@ -225,6 +224,7 @@ class Run:
     judgments: AppendLog | None
     stats: Counter = field(default_factory=Counter)
     errors: dict = field(default_factory=dict)  # judgment key -> the exception of a request that failed
+    backend: str | None = None  # "vllm" or "transformers" for local generators; None when there are none
 
     @property
     def summary_path(self) -> Path:
@@ -295,7 +295,11 @@ def _slug(text: str) -> str:
 def prepare(s) -> Run:
     """Check the settings, build the judge and endpoint clients (a missing key fails here, naming the variable),
     save the settings, and open the cache. Nothing is generated or sent yet."""
+    from .generation import resolve_backend  # imports torch: not before a run needs it
+
     sources, pairing = plan_sources(s)
+    # Once, before any work: --backend vllm without vLLM stops here; auto says which one it picked.
+    backend = resolve_backend(s.backend) if any(src.kind == "local" for src in sources) else None
     prompt_source = s.prompts or s.responses_a or s.responses_b
     if not prompt_source:
         raise ConfigError("pass --prompts: a .jsonl/.json/.csv/.parquet file or a Hub dataset id, with the prompt "
@@ -315,7 +319,7 @@ def prepare(s) -> Run:
     save_config(s, output.with_suffix(".config.json"))
     judgments = AppendLog(cache_dir / "judgments.jsonl") if judge else None
     run = Run(s, output, cache_dir, sources, pairing, judge, endpoints, AppendLog(cache_dir / "responses.jsonl"),
-              judgments)
+              judgments, backend=backend)
     what = f"judge {judge.name}" + (f" with template {judge.template.name}" if judge.template else "") if judge else \
         "teacher completions"
     logger.info(f"label: {what}; responses from {', '.join(sorted({src.spec for src in sources}))}; cache "
@@ -469,9 +473,9 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
             else:
                 todo[(source.kind, source.spec)].append((si, pi, key))
     for (kind, spec), cells in todo.items():
-        loaded = _load_generator(run, spec) if kind == "local" else None
+        generator = _load_generator(run, spec) if kind == "local" else None
         progress = Progress(f"generating with {spec}", len(cells), unit="response")
-        stream = (_generate_local(run, loaded, cells, prompts) if loaded is not None
+        stream = (_generate_local(run, generator, cells, prompts) if generator is not None
                   else _generate_endpoint(run, spec, cells, prompts))
         try:
             for (si, pi, key), text in stream:
@@ -484,32 +488,21 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
                 progress.update(1, run.stats["generation errors"])
         finally:
             progress.close()
-            if loaded is not None:
-                del loaded, stream  # the judge (or the next generator) may need the memory
-                _free_memory()
+            if generator is not None:
+                del stream
+                generator.close()  # the judge (or the next generator) may need the memory
     return table
 
 
 def _load_generator(run: Run, spec: str):
-    from .models import load_model, require_chat_template
+    from .generation import load_generator
 
     s = run.settings
-    loaded = load_model(dataclasses.replace(s, model_id=spec, revision=s.revision if spec == s.model_id else None))
-    require_chat_template(loaded.tokenizer, spec)
-    return loaded
+    return load_generator(dataclasses.replace(s, model_id=spec, revision=s.revision if spec == s.model_id else None),
+                          run.backend)
 
 
-def _free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _generate_local(run: Run, loaded, cells, prompts):
-    from .generation import generate
-
+def _generate_local(run: Run, generator, cells, prompts):
     s = run.settings
     by_source = defaultdict(list)
     for cell in cells:
@@ -519,9 +512,9 @@ def _generate_local(run: Run, loaded, cells, prompts):
             chunk = group[start:start + s.generation_batch_size]
             # Seeded per chunk, so a resumed run samples the same way whatever it already had.
             seed = int(digest([s.seed, run.sources[si].index, chunk[0][2]])[:8], 16)
-            texts = generate(loaded.model, loaded.tokenizer, [prompts[pi].messages for _, pi, _ in chunk],
-                             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                             batch_size=s.generation_batch_size, seed=seed)
+            # One call per chunk on either backend: its answers are cached before the next chunk starts.
+            texts = generator([prompts[pi].messages for _, pi, _ in chunk], max_new_tokens=s.max_new_tokens,
+                              temperature=s.temperature, top_p=s.top_p, batch_size=s.generation_batch_size, seed=seed)
             yield from zip(chunk, texts)
 
 

@@ -471,3 +471,83 @@ def test_a_local_model_can_judge(tiny_cache, tmp_path):
     assert summary["judge"].startswith("hf:") and summary["errors"] == 0
     assert summary["pairs_judged"] == summary["parse_failures"] + summary["ties"] + summary["disagreements"] \
         + summary["labeled"] > 0
+
+
+# ------------------------------------------------------------------------------------------- generation backends
+def write_prompts(tmp_path: Path, n: int = 5) -> list[str]:
+    prompts = [f"name three fruits, take {i}." for i in range(n)]
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    return prompts
+
+
+def test_backend_vllm_without_vllm_stops_before_any_model_load(tmp_path, monkeypatch):
+    import importlib.util
+
+    from alignkit import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    write_prompts(tmp_path)
+    with pytest.raises(ConfigError, match=r"--backend vllm needs vLLM: pip install vllm"):
+        run_script("label.py", "--mode", "completions", "--model_a", "some/model", "--prompts", "prompts.jsonl",
+                   "--backend", "vllm", "--output", "o/t.jsonl", cwd=tmp_path)
+    assert not (tmp_path / "o").exists()  # nothing written, nothing cached
+
+
+def test_vllm_backend_writes_what_transformers_writes_and_resumes_after_a_crash(sft_run, tmp_path, monkeypatch):
+    """The same chunks, seeds and output format on both backends; vLLM (faked: no GPU here) gets the adapter as
+    a LoRA request on its base, and a run that dies mid-way resumes from the chunks already cached."""
+    from fake_vllm import install
+
+    from alignkit import generation, models, presets
+
+    prompts = write_prompts(tmp_path)
+    adapter = str(sft_run["run_folder"])
+    args = ["--mode", "completions", "--model_a", adapter, "--prompts", "prompts.jsonl", "--max_new_tokens", "4",
+            "--temperature", "0.7", "--top_p", "0.9", "--generation_batch_size", "2"]
+    calls, real = [], generation.generate
+
+    def spy(model, tokenizer, conversations, **kw):
+        calls.append((conversations, kw))
+        return real(model, tokenizer, conversations, **kw)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    run_script("label.py", *args, "--backend", "transformers", "--output", "hf.jsonl", cwd=tmp_path)
+    run_script("label.py", *args, "--output", "auto.jsonl", cwd=tmp_path)  # auto: no vLLM here, so transformers
+    assert [c for c, _ in calls[:3]] == [c for c, _ in calls[3:]]  # both runs asked the same
+    hf, hf_summary = rows(tmp_path / "hf.jsonl"), json.loads((tmp_path / "hf.summary.json").read_text())
+    assert rows(tmp_path / "auto.jsonl") == hf and len(hf) == 5
+    transformers_calls = calls[:3]
+
+    fake = install(monkeypatch, cuda=True)  # auto now finds vLLM and a GPU
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("vLLM was chosen: no transformers model"))
+    fake.fail_on_call = 2  # the engine dies on the second chunk
+    with pytest.raises(RuntimeError, match="fake vLLM engine died"):
+        run_script("label.py", *args, "--output", "vllm.jsonl", cwd=tmp_path)
+    cached = rows(tmp_path / "vllm.cache" / "responses.jsonl")
+    assert [r["text"] for r in cached] == [f"vllm says: {p}" for p in prompts[:2]]  # the first chunk was kept
+    fake.fail_on_call = None
+    run_script("label.py", *args, "--output", "vllm.jsonl", cwd=tmp_path)
+
+    first_run, second_run = fake.llms
+    assert [len(c["messages"]) for c in second_run.chats] == [2, 1]  # only the three prompts still missing
+    chats = first_run.chats + second_run.chats
+    # The same chunks and per-chunk seeds as transformers got, and the sampling flags.
+    assert [(c["messages"], c["params"]["seed"]) for c in chats] == [(c, kw["seed"]) for c, kw in transformers_calls]
+    assert all(c["params"] == {"temperature": 0.7, "top_p": 0.9, "max_tokens": 4, "seed": c["params"]["seed"]}
+               for c in chats)
+    base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).resolve() == Path(presets.paths()["model"]).resolve()
+    for llm in fake.llms:
+        assert llm.kwargs["model"] == base and llm.kwargs["enable_lora"] is True
+        assert llm.kwargs["tokenizer"] == adapter  # the SFT run saved its tokenizer (and chat template) there
+    assert all(c["lora"].lora_path == adapter and c["chat_template"] for c in chats)
+
+    out = rows(tmp_path / "vllm.jsonl")
+    assert [r["completion"] for r in out] == [[{"role": "assistant", "content": f"vllm says: {p}"}] for p in prompts]
+    assert [{k: v for k, v in r.items() if k != "completion"} for r in out] == \
+        [{k: v for k, v in r.items() if k != "completion"} for r in hf]  # prompt, generator: as transformers wrote
+    assert len(load_sft(str(tmp_path / "vllm.jsonl"))) == 5  # sft.py reads it as it is
+    summary = json.loads((tmp_path / "vllm.summary.json").read_text())
+    assert {k: v for k, v in summary.items() if k != "output"} == {k: v for k, v in hf_summary.items() if k != "output"}
