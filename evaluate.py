@@ -14,6 +14,7 @@
 # ```bash
 # python evaluate.py vibes --model_id runs/dpo-run --compare_to runs/sft-run --prompts "Hi!" "Name three fruits."
 # python evaluate.py vibes --model_id runs/dpo-run/merged --prompts_file prompts.jsonl --temperature 0
+# python evaluate.py vibes --model_id runs/sft-run --prompts_file prompts.jsonl --backend vllm  # GPU + pip install vllm
 # python evaluate.py mt_bench --models base=mistralai/Mistral-7B-Instruct-v0.2 dpo=runs/dpo-run --judge_model gpt-4o
 # python evaluate.py mt_bench --models sft=runs/sft-run dpo=runs/dpo-run --mode pairwise-all \
 #     --judge_model Qwen/Qwen2.5-72B-Instruct --judge_base_url http://localhost:8000/v1 --parallel 8
@@ -88,23 +89,25 @@ settings = parse_config(settings_class, args=argv, presets={"tiny": tiny} if "pr
                         overrides={**overrides, **({"prompts": prompts} if prompts is not None else {})},
                         prog=f"evaluate.py {command}", description=description)
 presets.ensure(settings)
+# The engine every model answers on, chosen once: --backend vllm without vLLM stops here, before any work.
+from alignkit.generation import load_generator, resolve_backend
+
+backend = resolve_backend(settings.backend, settings.num_beams)
 
 # %% [markdown]
 # ## Vibes
 # Batched generation through each model's chat template with the generation prompt (left padding, so a
-# batch answers at once). Base models, adapters (chains included) and merged folders all load the same way.
+# batch answers at once). Base models, adapters (chains included) and merged folders all load the same way;
+# on `--backend vllm`, a base model or one adapter on it (merge a chain first).
 
 # %%
 if command == "vibes":
-    import gc
     import json
     import shutil
     import textwrap
     import time
     from pathlib import Path
 
-    from alignkit.generation import generate
-    from alignkit.models import load_model, require_chat_template
     from alignkit.mtbench import prompt_questions
 
     prompts = list(settings.prompts) + (
@@ -116,15 +119,11 @@ if command == "vibes":
     sources = [settings.model_id] + ([settings.compare_to] if settings.compare_to else [])
     answers = {}
     for source in sources:  # one model in memory at a time
-        loaded = load_model(dataclasses.replace(settings, model_id=source))
-        require_chat_template(loaded.tokenizer, source)
-        answers[source] = generate(
-            loaded.model, loaded.tokenizer, conversations, max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature, top_p=settings.top_p, num_beams=settings.num_beams,
-            batch_size=settings.batch_size, seed=settings.seed,
-        )
-        del loaded
-        gc.collect()
+        with load_generator(dataclasses.replace(settings, model_id=source), backend) as generator:
+            answers[source] = generator(
+                conversations, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                top_p=settings.top_p, num_beams=settings.num_beams, batch_size=settings.batch_size, seed=settings.seed,
+            )
 
 # %% [markdown]
 # Printed side by side, and written to `--output_file` (one JSON row per prompt).
@@ -219,10 +218,7 @@ if command in ("mt_bench", "pairwise"):
 
 # %%
 if command in ("mt_bench", "pairwise"):
-    import gc
-
     from alignkit.config import ModelSettings
-    from alignkit.models import load_model, require_chat_template
 
     loader = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ModelSettings) if f.init}
     for name, source in models.items():
@@ -233,11 +229,8 @@ if command in ("mt_bench", "pairwise"):
         if getattr(settings, "preset", None) == "tiny" and not Path(source).exists():
             raise ConfigError(f"{source} not found: train the tiny runs first (python sft.py --preset tiny; python "
                               "dpo.py --preset tiny --model_id runs/tiny-sft), or pass --models NAME=PATH ...")
-        loaded = load_model(ModelSettings(**{**loader, "model_id": source}))
-        require_chat_template(loaded.tokenizer, source)
-        mtbench.generate_answers(loaded.model, loaded.tokenizer, questions, name, source, path, settings)
-        del loaded
-        gc.collect()
+        with load_generator(ModelSettings(**{**loader, "model_id": source}), backend) as generator:
+            mtbench.generate_answers(generator, questions, name, source, path, settings)
     answers = {name: mtbench.read_answers(mtbench.answer_path(output_dir, name), source)
                for name, source in models.items()}
 

@@ -26,7 +26,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from . import generation, logger
+from . import logger
 from .args import ConfigError
 
 QUESTIONS = "mt_bench/question.jsonl"
@@ -317,13 +317,14 @@ def temperature_for(question: dict, temperature: float | None) -> float:
     return common.temperature_config.get(question["category"], 0.7)
 
 
-def generate_answers(model, tokenizer, questions, name: str, source: str, path, s) -> int:
+def generate_answers(generator, questions, name: str, source: str, path, s) -> int:
     """Answer every question not yet in `path`, all turns, and append FastChat answer records.
 
-    Each turn is asked with the conversation so far (earlier questions and the model's own answers) through
-    the tokenizer's chat template. Questions are batched by temperature; each batch's records are appended
-    as soon as the batch is done, so an interrupted run keeps them. s: max_new_tokens, temperature, top_p,
-    num_beams, batch_size, seed. Returns the number of questions answered now.
+    generator: a model from alignkit.generation.load_generator, on either backend. Each turn is asked with the
+    conversation so far (earlier questions and the model's own answers) through the model's chat template.
+    Questions are batched by temperature; each batch's records are appended as soon as the batch is done, so
+    an interrupted run keeps them. s: max_new_tokens, temperature, top_p, num_beams, batch_size, seed.
+    Returns the number of questions answered now.
     """
     path = Path(path)
     done = read_answers(path, source)
@@ -343,8 +344,8 @@ def generate_answers(model, tokenizer, questions, name: str, source: str, path, 
                 active = [i for i, q in enumerate(batch) if turn < len(q["turns"])]
                 for i in active:
                     histories[i].append({"role": "user", "content": batch[i]["turns"][turn]})
-                outs = generation.generate(
-                    model, tokenizer, [histories[i] for i in active], max_new_tokens=s.max_new_tokens,
+                outs = generator(
+                    [histories[i] for i in active], max_new_tokens=s.max_new_tokens,
                     temperature=temperature, top_p=s.top_p, num_beams=s.num_beams, batch_size=len(active),
                     seed=s.seed,
                 )

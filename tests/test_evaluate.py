@@ -389,6 +389,12 @@ def test_vibes_base_adapter_and_merged_side_by_side(tiny_cache, sft_run, tmp_pat
         assert a["answer"] and a["answer"] == b["answer"]  # greedy: the merged model answers like adapter + base
     printed = capsys.readouterr().out
     assert all(p in printed for p in prompts) and " | " in printed
+    # --backend transformers is what auto picked here (no vLLM, no GPU): the same answers.
+    explicit = tmp_path / "explicit.jsonl"
+    run_script("evaluate.py", "vibes", "--model_id", adapter, "--prompts", *prompts, "--temperature", "0",
+               "--max_new_tokens", "12", "--backend", "transformers", "--output_file", str(explicit))
+    assert [json.loads(line)["answers"] for line in explicit.read_text().splitlines()] == \
+        [row["answers"][:1] for row in rows]
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("name three animals.\n\nlist three sports.\n")
     run_script("evaluate.py", "vibes", "--model_id", presets.paths()["model"], "--prompts_file", str(prompts_file),
@@ -450,3 +456,70 @@ def test_outcomes_rates_and_bootstrap_interval():
     # Questions resample whole: two turns of one question move together.
     paired = results.summarize([(1, "win"), (1, "win"), (2, "loss"), (2, "loss")], rounds=500)
     assert paired["adjusted_win_rate"] == 0.5 and paired["ci95"] == [0.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation backends: vLLM (faked here: no GPU, no vllm package) or transformers, the same answer files
+
+
+def test_backend_vllm_without_vllm_stops_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    from alignkit import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match="--backend vllm needs vLLM: pip install vllm"):
+        run_script("evaluate.py", "vibes", "--model_id", "/nowhere/model", "--prompts", "hi", "--backend", "vllm",
+                   "--output_file", str(tmp_path / "vibes.jsonl"))
+    with pytest.raises(ConfigError, match="--backend vllm needs vLLM: pip install vllm"):
+        run_script("evaluate.py", "mt_bench", "--models", "a=/nowhere/a", "b=/nowhere/b", "--judge_model", "j",
+                   "--judge_base_url", "http://127.0.0.1:9/v1", "--backend", "vllm", "--output_dir", str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match=r"--backend: 'cuda' is not one of auto, vllm, transformers"):
+        run_script("evaluate.py", "vibes", "--prompts", "hi", "--backend", "cuda")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_mt_bench_answers_on_vllm_in_the_transformers_format(mt_data, sft_run, tmp_path, monkeypatch):
+    from fake_vllm import install
+
+    from alignkit import models
+
+    adapter = str(sft_run["run_folder"])
+    args = ["--models", "base=" + presets.paths()["model"], f"sft={adapter}", "--question_ids", "81", "111",
+            "--max_new_tokens", "6", "--judge_model", "j", "--mt_bench_data", str(mt_data)]
+    with FakeOpenAI(lambda body: "[[C]]") as server:
+        run_script("evaluate.py", "mt_bench", *args, "--backend", "transformers", "--output_dir", str(tmp_path / "hf"),
+                   "--judge_base_url", server.base_url)
+        fake = install(monkeypatch, cuda=True)  # auto now finds vLLM and a GPU
+        monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("vLLM was chosen: no transformers model"))
+        run = run_script("evaluate.py", "mt_bench", *args, "--output_dir", str(tmp_path / "vllm"),
+                         "--judge_base_url", server.base_url)
+    assert overall(run, "sft")["tie"] == 4  # judged like any answers
+
+    base_llm, sft_llm = fake.llms  # one engine per model, the adapter as a LoRA request on its base
+    assert base_llm.kwargs["model"] == presets.paths()["model"] and base_llm.kwargs["enable_lora"] is False
+    assert sft_llm.kwargs["enable_lora"] is True
+    assert Path(sft_llm.kwargs["model"]).resolve() == Path(presets.paths()["model"]).resolve()
+    assert {c["lora"] for c in base_llm.chats} == {None} and {c["lora"].lora_path for c in sft_llm.chats} == {adapter}
+    for llm in fake.llms:  # per temperature (writing 0.7, math 0.0), both turns; turn 2 sees the first answer
+        assert [(c["params"]["temperature"], len(c["messages"][0])) for c in llm.chats] == \
+            [(0.7, 1), (0.7, 3), (0.0, 1), (0.0, 3)]
+        assert all(c["params"]["max_tokens"] == 6 and c["params"]["seed"] == 42 for c in llm.chats)
+        first, second = llm.chats[0]["messages"][0], llm.chats[1]["messages"][0]
+        assert second[:2] == [first[0], {"role": "assistant", "content": f"vllm says: {first[0]['content']}"}]
+
+    common, _ = fastchat_compat.load()
+    for name in ("base", "sft"):
+        hf = mtbench.read_answers(mtbench.answer_path(tmp_path / "hf", name))
+        vllm = mtbench.read_answers(mtbench.answer_path(tmp_path / "vllm", name))
+        assert set(hf) == set(vllm) == {81, 111}
+        for qid, record in vllm.items():
+            other = hf[qid]
+            assert set(record) == set(other)
+            same = ("question_id", "model_id", "source", "generation")
+            assert {k: record[k] for k in same} == {k: other[k] for k in same}
+            turns = record["choices"][0]["turns"]
+            assert len(turns) == len(other["choices"][0]["turns"]) == 2 and turns[0].startswith("vllm says: ")
+    assert set(common.load_model_answers(str(tmp_path / "vllm" / "model_answer"))) == {"base", "sft"}
