@@ -508,6 +508,8 @@ def _generate_local(run: Run, generator, cells, prompts):
     for cell in cells:
         by_source[cell[0]].append(cell)
     for si, group in by_source.items():
+        # Chunks of prompts of similar length: a batch is padded to its longest prompt (alignkit.generation).
+        group.sort(key=lambda cell: -sum(len(m["content"]) for m in prompts[cell[1]].messages))
         for start in range(0, len(group), s.generation_batch_size):
             chunk = group[start:start + s.generation_batch_size]
             # Seeded per chunk, so a resumed run samples the same way whatever it already had.

@@ -1,8 +1,8 @@
 """Generation speed: batched against one-at-a-time, on the path label.py and evaluate.py use.
 
-Both scripts load the model with alignkit.models.load_model and answer with alignkit.generation.generate
-(left-padded batches through the chat template); label.py batches --generation_batch_size (default 16) prompts,
-evaluate.py --batch_size (default 8). Here the same prompts (the benchmark's varied-length prompts) are
+Both scripts load the model with alignkit.generation.load_generator, here on --backend transformers (the one
+this CPU has: left-padded batches of prompts of similar length, through the chat template); label.py batches
+--generation_batch_size (default 16) prompts, evaluate.py --batch_size (default 8). Here the same prompts (the benchmark's varied-length prompts) are
 answered with batch sizes 1, 8 and 16, sampled at label.py's temperature 0.7, in rounds whose order alternates
 so a change in the machine's load hits every batch size alike. tokens/s counts generated tokens that are not
 padding (rows that end early are padded until the batch's longest answer ends).
@@ -35,24 +35,22 @@ def _counting(model, tokenizer):
 
 def worker(spec: dict) -> dict:
     from alignkit.config import ModelSettings
-    from alignkit.generation import generate
-    from alignkit.models import load_model
+    from alignkit.generation import load_generator
     from alignkit.training import quiet_library_noise
 
     common.offline_env()
     quiet_library_noise()
-    loaded = load_model(ModelSettings(model_id=spec["model"], quantization="none", dtype="fp32"))
+    generate = load_generator(ModelSettings(model_id=spec["model"], quantization="none", dtype="fp32"), "transformers")
     rows = common.preference_rows(spec["prompts"], spec["length_scale"], seed=1)
     conversations = [row["prompt"] for row in rows]
-    counted = _counting(loaded.model, loaded.tokenizer)
-    generate(loaded.model, loaded.tokenizer, conversations[:2], max_new_tokens=4, batch_size=2)  # warm-up
+    counted = _counting(generate.loaded.model, generate.loaded.tokenizer)
+    generate(conversations[:2], max_new_tokens=4, batch_size=2)  # warm-up
     totals = {b: {"tokens": 0, "seconds": 0.0} for b in BATCH_SIZES}
     for round_ in range(spec["rounds"]):
         for b in BATCH_SIZES if round_ % 2 == 0 else reversed(BATCH_SIZES):
             counted["tokens"] = 0
             started = time.perf_counter()
-            generate(loaded.model, loaded.tokenizer, conversations, max_new_tokens=spec["max_new_tokens"],
-                     temperature=0.7, batch_size=b, seed=0)
+            generate(conversations, max_new_tokens=spec["max_new_tokens"], temperature=0.7, batch_size=b, seed=0)
             totals[b]["seconds"] += time.perf_counter() - started
             totals[b]["tokens"] += counted["tokens"]
     rates = {b: t["tokens"] / t["seconds"] for b, t in totals.items()}

@@ -84,6 +84,18 @@ def test_generation_stops_at_the_end_of_turn(tiny_cache):
     assert len(set(answers)) == 1 and "<|" not in answers[0] and len(answers[0].split(",")) == 3
 
 
+def test_batches_of_similar_length_answer_in_the_callers_order(tiny_cache):
+    """generate batches prompts by length, not in the order given: each answer must still land on its prompt."""
+    loaded = models.load_model(ModelSettings(model_id=presets.paths()["model"], quantization="none"))
+    prompts = ["name three fruits.", "could you please list three colours that you like?", "three tools?",
+               "which three animals would you name if you were asked for some animals?", "name three sports."]
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    one_by_one = [generation.generate(loaded.model, loaded.tokenizer, [c], max_new_tokens=20)[0] for c in conversations]
+    batched = generation.generate(loaded.model, loaded.tokenizer, conversations, max_new_tokens=20, batch_size=2)
+    assert len(set(one_by_one)) >= 3  # answers differ by prompt, so a misplaced answer would show
+    assert batched == one_by_one
+
+
 def test_generation_backend_falls_back_with_a_reason(alignkit_log, monkeypatch):
     import importlib.util
 
