@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED, run_script
+from conftest import SHARED, run_script
 from openai_server import FakeOpenAI, Fault
 
 from alignkit import fastchat_compat, mtbench, presets, results
