@@ -261,15 +261,20 @@ if command in ("mt_bench", "pairwise"):
 # %% [markdown]
 # ### Judging
 # Each match is judged in both answer orders (FastChat's g1 and g2). Verdicts are appended to
-# `model_judgment/<judge>_pair.jsonl` as they arrive; matches judged before are not sent again. A request
-# that fails after the client's bounded retries is recorded as a judge error, counted, never a tie.
+# `model_judgment/<judge>_pair.jsonl` as they arrive; matches judged before by the same judge under the same
+# settings (endpoint, `--judge_max_tokens`, judge prompt) are not sent again. A request that fails after the
+# client's bounded retries is recorded as a judge error, counted, never a tie. A verdict that could not be
+# parsed was paid for and stays; `--retry_parse_failures` asks for those again.
 
 # %%
 if command in ("mt_bench", "pairwise"):
     judge_name = "rule" if use_rule else settings.judge_model
+    # Who judges under which settings (endpoint, max_tokens, ...): a match judged under others is judged again.
+    identity = mtbench.judge_identity(rule=presets.rule_judge) if use_rule else mtbench.judge_identity(client)
     judgment_file = mtbench.judgment_path(output_dir, judge_name)
     previous = mtbench.read_judgments(judgment_file)
-    todo = [m for m in matches if mtbench.settled(m, previous, common.API_ERROR_OUTPUT) is None]
+    todo = [m for m in matches if mtbench.settled(m, previous, common.API_ERROR_OUTPUT, identity,
+                                                  settings.retry_parse_failures) is None]
     print(f"{len(matches)} matches, {len(matches) - len(todo)} judged before, {len(todo)} to judge "
           f"({'rule judge' if use_rule else f'{2 * len(todo)} requests to {settings.judge_model}'})")
     failures = []
@@ -280,10 +285,11 @@ if command in ("mt_bench", "pairwise"):
                        f"{redact(str(error))}")
 
     if use_rule:
-        mtbench.judge_matches(todo, mtbench.rule_player(presets.rule_judge), judgment_file, settings.parallel)
+        mtbench.judge_matches(todo, mtbench.rule_player(presets.rule_judge), judgment_file, identity,
+                              settings.parallel)
     elif todo:
         with fastchat_compat.judging_with(client, on_error=on_error):
-            mtbench.judge_matches(todo, fastchat_compat.play, judgment_file, settings.parallel)
+            mtbench.judge_matches(todo, fastchat_compat.play, judgment_file, identity, settings.parallel)
     if failures:
         print(f"{len(failures)} judge requests failed; a rerun sends their matches again")
 
@@ -298,7 +304,7 @@ if command in ("mt_bench", "pairwise"):
     from alignkit.args import config_to_dict
 
     judged = mtbench.read_judgments(judgment_file)
-    records = [judged[key] for key in map(mtbench.match_key, matches) if key in judged]
+    records = [judged[key] for key in (mtbench.match_key(m, identity) for m in matches) if key in judged]
     categories = {q["question_id"]: q["category"] for q in questions}
     pairs = results.pair_results(records, categories, settings.bootstrap_rounds, settings.seed)
     print(results.format_table(pairs))

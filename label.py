@@ -82,7 +82,10 @@ responses = collect_responses(run, prompts)
 # Pairs of responses to the same prompt, each judged in both orders (`--both_orders false`: one random order).
 # The progress bar counts pairs done of total, their rate, and failed requests; the client retries 429s, 5xx
 # and timeouts with exponential backoff (and Retry-After) up to `--max_retries`, then the request counts as an
-# error, which the next run retries.
+# error, which the next run retries. A judgment is cached under the judge's whole identity (endpoint, model,
+# template, `--judge_max_tokens`, `--judge_temperature`; a local judge's weights, revision, dtype and
+# quantization), so a rerun with other judge settings asks again. An answer without a verdict was paid for: it
+# stays cached, counted as a parse failure; `--retry_parse_failures` asks again under the same settings.
 
 # %%
 from alignkit.labeling import judge_pairs, make_pairs

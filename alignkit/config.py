@@ -212,8 +212,11 @@ class LabelSettings(GenerationSettings):
     principle: str = setting(
         "Which response is more helpful, honest and harmless?", "the one principle of --judge_template self_reference"
     )
+    judge_revision: str | None = setting(None, "Hub revision (branch, tag or commit) of a --judge hf model")
     judge_temperature: float = setting(0.0, "judge sampling temperature")
     judge_max_tokens: int = setting(1024, "longest judge answer, in tokens (self_reference needs room for its own answer)")
+    retry_parse_failures: bool = setting(
+        False, "ask the judge again for cached answers without a verdict (otherwise a rerun keeps them, paid once)")
     both_orders: bool = setting(True, "judge every pair in both orders and label it only when they agree")
     parallel: int = setting(8, "concurrent requests to the judge and to generator endpoints")
     max_retries: int = setting(5, "retries of a request on 429, 5xx, timeouts (exponential backoff, Retry-After)")
@@ -296,6 +299,8 @@ class MTBenchSettings(EvalSettings):
     )
     judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the judge's API key")
     judge_max_tokens: int = setting(2048, "longest judge answer, in tokens (FastChat's value)")
+    retry_parse_failures: bool = setting(
+        False, "judge again the matches whose recorded verdict could not be parsed (otherwise a rerun keeps them)")
     parallel: int = setting(1, "concurrent requests to the judge")
     max_retries: int = setting(3, "retries of a judge request on 429, 5xx, timeouts (the client's backoff, Retry-After)")
     request_timeout: float = setting(120.0, "seconds before one judge request attempt times out")

@@ -197,7 +197,8 @@ class Judge:
         self.name, self.template = name, template
 
     def identity(self) -> dict:
-        """What makes two judgments of the same request differ: part of every cache key."""
+        """Everything but the request that can change this judge's answer: the one description every judgment
+        key derives from (label.py's cache). A subclass adds what it owns (endpoint, sampling, weights)."""
         return {"judge": self.name, "template": self.template.fingerprint() if self.template else None}
 
     def judge(self, request: Request) -> str:
@@ -223,6 +224,10 @@ class OpenAIJudge(Judge):
 
         super().__init__(f"openai:{model}", template)
         self.client = ChatClient(model, base_url, api_key_env, max_retries, timeout, temperature, max_tokens)
+
+    def identity(self) -> dict:
+        # Another server (or --judge_max_tokens, --judge_temperature) answers differently under the same model name.
+        return {**super().identity(), **endpoint_identity(self.client)}
 
     def judge(self, request: Request) -> str:
         return self.client.complete(self.template.messages(request.question, request.answer_a, request.answer_b))
@@ -252,8 +257,10 @@ class HFJudge(Judge):
         self.batch_size, self.loaded, self._fold = batch_size, None, False
 
     def identity(self) -> dict:
-        # A local folder retrained in place is another judge: its files' sizes and times are part of the key.
-        return {**super().identity(), "files": folder_fingerprint(self.settings.model_id)}
+        # The weights as loaded (a folder retrained in place, revision, dtype, quantization) and the sampling.
+        # Not the batch size: it changes speed, not what is asked.
+        return {**super().identity(), **loader_identity(self.settings), "max_tokens": self.max_tokens,
+                "temperature": self.temperature}
 
     def judge_batch(self, requests: list[Request]) -> list[str]:
         from .generation import generate
@@ -350,7 +357,7 @@ def make_judge(s) -> Judge:
             raise ConfigError("--judge hf needs --judge_model: a Hub id or a local model folder")
         from .config import ModelSettings
 
-        model = ModelSettings(model_id=s.judge_model, trust_remote_code=s.trust_remote_code,
+        model = ModelSettings(model_id=s.judge_model, revision=s.judge_revision, trust_remote_code=s.trust_remote_code,
                               quantization=s.quantization, dtype=s.dtype, attn_implementation=s.attn_implementation,
                               use_liger=s.use_liger)
         return HFJudge(model, template, s.judge_max_tokens, s.judge_temperature, s.generation_batch_size)
@@ -402,6 +409,44 @@ def folder_fingerprint(source: str) -> str | None:
         return None
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
     return _digest(files)
+
+
+def endpoint_identity(client) -> dict:
+    """What an OpenAI-compatible endpoint's answer depends on besides the messages (alignkit.llm.ChatClient):
+    the server actually called (--*_base_url, else OPENAI_BASE_URL, else OpenAI), the model name there, and
+    the sampling sent with every request. Part of every key that caches such an answer."""
+    return {"base_url": str(client.client.base_url).rstrip("/"), "model": client.model,
+            "temperature": client.temperature, "max_tokens": client.max_tokens}
+
+
+def loader_identity(s) -> dict:
+    """What a local model's answers depend on besides the prompt and the sampling: the weights as loaded from
+    loader settings `s` (alignkit.config.ModelSettings). A local folder counts by its files' sizes and mtimes
+    (retrained in place, it is another model); "auto" settings count with what they resolve from (the device,
+    the optional kernels installed), so a cache made on a CPU is not reused on a GPU."""
+    template = Path(s.chat_template).read_text(encoding="utf-8") if getattr(s, "chat_template", None) else None
+    identity = {"model": s.model_id, "files": folder_fingerprint(s.model_id), "revision": s.revision,
+                "dtype": s.dtype, "quantization": s.quantization, "attn_implementation": s.attn_implementation,
+                "use_liger": s.use_liger, "chat_template": template}
+    if "auto" in (s.dtype, s.quantization, s.attn_implementation, s.use_liger):
+        identity["auto_on"] = _hardware()
+    return identity
+
+
+def _hardware() -> str:
+    """The inputs of alignkit.models' "auto" choices: the CUDA device (or cpu) and the optional kernels."""
+    import importlib.util
+
+    import torch
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        try:
+            device = f"cuda:{torch.cuda.get_device_name(0)}"
+        except (RuntimeError, AssertionError):  # a CUDA that reports itself but cannot name the device
+            device = "cuda"
+    kernels = [k for k in ("flash_attn", "liger_kernel") if importlib.util.find_spec(k) is not None]
+    return "+".join([device, *kernels])
 
 
 def log_judge(judge: Judge) -> None:

@@ -3,9 +3,12 @@
 A run writes, next to `--output X.jsonl`:
 - `X.cache/responses.jsonl` and `X.cache/judgments.jsonl`: append-only logs, one JSON line per generated
   response or judge answer, flushed and fsync'd as it arrives. A judgment's key hashes what the judge saw (the
-  prompt, the response in slot A, the one in slot B) and who judged (judge, model, template). A rerun after a
-  crash, Ctrl-C or SIGKILL finds every answer it already has and asks only for the rest; a changed setting
-  simply misses the cache. Failed requests are not cached, so a rerun retries them.
+  prompt, the response in slot A, the one in slot B) and the judge's whole identity (Judge.identity: kind,
+  model, template, endpoint, max tokens, temperature, or a local judge's weights and loader settings); a
+  response's key hashes the prompt and its generator's identity (_generator_identity). A rerun after a crash,
+  Ctrl-C or SIGKILL finds every answer it already has and asks only for the rest; a changed setting simply
+  misses the cache. Failed requests are not cached, so a rerun retries them. An answer without a verdict was
+  paid for: it stays cached, and only --retry_parse_failures asks again under the same settings.
 - `X.jsonl`: rebuilt from the cache at the end of every run and replaced atomically, so each pair is in it once.
 - `X.summary.json` (also printed as a table) and `X.config.json` (the settings, secrets redacted).
 """
@@ -29,8 +32,8 @@ from pathlib import Path
 from . import logger
 from .args import ConfigError, is_notebook, redact, save_config
 from .data import DataError
-from .judge import Judge, Request, combine, folder_fingerprint, is_fatal, make_judge, orders_for, parse_verdict
-from .judge import question_text, winner
+from .judge import Judge, Request, combine, endpoint_identity, is_fatal, loader_identity, make_judge, orders_for
+from .judge import parse_verdict, question_text, winner
 
 try:
     import fcntl
@@ -442,13 +445,20 @@ def read_responses(path: str, s) -> dict[str, str | None]:
 
 
 def _generator_identity(run: Run, source: Source) -> dict:
-    """Everything that decides a generated response, except the prompt: part of its cache key."""
+    """Everything that decides a generated response, except the prompt: its cache key derives from this.
+
+    A local model: the weights as loaded (alignkit.judge.loader_identity: files, revision, dtype, quantization,
+    attention, chat template) and the engine (--backend: vLLM and transformers sample differently). An
+    endpoint: the server, the model name and the sampling sent (alignkit.judge.endpoint_identity). Both: the
+    sampling settings, the seed and the sample number.
+    """
     s = run.settings
-    template = Path(s.chat_template).read_text(encoding="utf-8") if s.chat_template else None
-    return {"model": source.spec, "files": folder_fingerprint(source.spec) if source.kind == "local" else None,
-            "revision": s.revision if source.spec == s.model_id else None, "chat_template": template,
-            "temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens, "seed": s.seed,
-            "index": source.index}
+    if source.kind == "local":
+        where = {**loader_identity(_loader_settings(run, source.spec)), "backend": run.backend}
+    else:
+        where = endpoint_identity(run.endpoints[source.spec])
+    return {**where, "model": source.spec, "temperature": s.temperature, "top_p": s.top_p,
+            "max_new_tokens": s.max_new_tokens, "seed": s.seed, "index": source.index}
 
 
 def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]:
@@ -494,12 +504,16 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
     return table
 
 
+def _loader_settings(run: Run, spec: str):
+    """The loader settings of local generator `spec`: what loads it, and what its cache key describes."""
+    s = run.settings
+    return dataclasses.replace(s, model_id=spec, revision=s.revision if spec == s.model_id else None)
+
+
 def _load_generator(run: Run, spec: str):
     from .generation import load_generator
 
-    s = run.settings
-    return load_generator(dataclasses.replace(s, model_id=spec, revision=s.revision if spec == s.model_id else None),
-                          run.backend)
+    return load_generator(_loader_settings(run, spec), run.backend)
 
 
 def _generate_local(run: Run, generator, cells, prompts):
@@ -512,8 +526,9 @@ def _generate_local(run: Run, generator, cells, prompts):
         group.sort(key=lambda cell: -sum(len(m["content"]) for m in prompts[cell[1]].messages))
         for start in range(0, len(group), s.generation_batch_size):
             chunk = group[start:start + s.generation_batch_size]
-            # Seeded per chunk, so a resumed run samples the same way whatever it already had.
-            seed = int(digest([s.seed, run.sources[si].index, chunk[0][2]])[:8], 16)
+            # Seeded per chunk (by its first prompt, not by the cache key, which names the engine too), so a
+            # resumed run samples the same way whatever it already had, on either backend.
+            seed = int(digest([s.seed, run.sources[si].index, prompts[chunk[0][1]].key])[:8], 16)
             # One call per chunk on either backend: its answers are cached before the next chunk starts.
             texts = generator([prompts[pi].messages for _, pi, _ in chunk], max_new_tokens=s.max_new_tokens,
                               temperature=s.temperature, top_p=s.top_p, batch_size=s.generation_batch_size, seed=seed)
@@ -588,11 +603,20 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
     if not pairs:
         return
     judge, s = run.judge, run.settings
+    keys = {key for pair in pairs for key in pair.keys.values()}
+    # A paid answer without a verdict stays recorded and is reused: asking again under the very same settings
+    # is a choice the user makes (--retry_parse_failures), not something a rerun does behind their back.
+    unparsed = {key for key in keys if key in run.judgments and parse_verdict(run.judgments.get(key)["text"]) is None}
+    if unparsed:
+        logger.info(f"{len(unparsed)} cached judgments hold no verdict; " + (
+            "asking again (--retry_parse_failures)" if s.retry_parse_failures else
+            "kept as parse failures (--retry_parse_failures asks again under the same settings)"))
+    retry = unparsed if s.retry_parse_failures else set()
     needed: dict[str, Request] = {}
     waiting = defaultdict(list)  # key -> pairs waiting for it
     open_keys = []
     for n, pair in enumerate(pairs):
-        missing = {key for key in pair.keys.values() if key not in run.judgments}
+        missing = {key for key in pair.keys.values() if key not in run.judgments or key in retry}
         open_keys.append(len(missing))
         for order, key in pair.keys.items():
             if key in missing and key not in needed:
@@ -600,7 +624,7 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
                 needed[key] = Request(key, question_text(pair.prompt.messages), slot_a, slot_b)
         for key in missing:
             waiting[key].append(n)
-    run.stats["judgments needed"] = len({k for p in pairs for k in p.keys.values()})
+    run.stats["judgments needed"] = len(keys)
     run.stats["judgments sent"] = len(needed)
     progress = Progress("judging", len(pairs), done=sum(k == 0 for k in open_keys))
     stream = batched(judge.judge_batch, needed.values(), s.generation_batch_size) if judge.batched else \

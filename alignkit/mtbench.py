@@ -5,8 +5,10 @@ Layout of `--output_dir` (FastChat's, so its own tools read it too):
     model_judgment/<judge>_pair.jsonl      one line per match (question, turn, pair), as each verdict arrives
     results.json, results.png              per model pair: overall, per category, per turn
 
-A rerun skips questions already answered and matches already judged; a match whose judge request failed is
-sent again, and so is a match whose answers changed since it was judged.
+A rerun skips questions already answered and matches already judged by the same judge under the same
+settings (judge_key: endpoint, model, max_tokens, temperature, judge prompt, reference answer); a match whose
+judge request failed is sent again, and so is a match whose answers changed since it was judged. A verdict
+that could not be parsed stays, unless --retry_parse_failures.
 
 The data is FastChat's `fastchat/llm_judge/data` folder; without `--mt_bench_data`, its three files are
 downloaded once into the alignkit cache and checked against the checksums pinned below (never when
@@ -374,15 +376,41 @@ def judgment_path(output_dir, judge_model: str) -> Path:
     return Path(output_dir) / "model_judgment" / f"{slug}_pair.jsonl"
 
 
-def match_key(match) -> tuple:
+def judge_key(match, judge_identity: dict) -> str:
+    """Everything that can change this match's verdicts, bar the answers (checked by their ids): the judge's
+    identity (for an endpoint alignkit.judge.endpoint_identity: server, model, temperature, max_tokens; for a
+    rule, its code), the judge prompt's text and the reference answer. Written into each judgment record."""
+    what = {"judge": judge_identity, "prompt": match.judge.prompt_template, "reference": match.ref_answer}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def judge_identity(client=None, rule=None) -> dict:
+    """Who judges: an endpoint (an alignkit.llm.ChatClient) with the settings it sends, or a rule function,
+    by its code (edit the rule and its old verdicts no longer apply)."""
+    if client is not None:
+        from .judge import endpoint_identity
+
+        return endpoint_identity(client)
+    import inspect
+
+    try:
+        code = inspect.getsource(rule)
+    except (OSError, TypeError):
+        code = None
+    return {"rule": f"{rule.__module__}.{rule.__qualname__}", "code": code}
+
+
+def match_key(match, judge_identity: dict) -> tuple:
     return (match.judge.model_name, match.judge.prompt_template["name"], match.question["question_id"],
-            match.model_1, match.model_2, 2 if match.multi_turn else 1)
+            match.model_1, match.model_2, 2 if match.multi_turn else 1, judge_key(match, judge_identity))
 
 
 def record_key(record: dict) -> tuple:
     judge = list(record.get("judge") or ["?", "?"])
+    # A record without a judge_key was written before judgments were keyed on the judge's settings: which server
+    # and max_tokens made it is unknown, so it matches no match and the match is judged again.
     return (judge[0], judge[1], record.get("question_id"), record.get("model_1"), record.get("model_2"),
-            record.get("turn", 1))
+            record.get("turn", 1), record.get("judge_key"))
 
 
 def read_judgments(path) -> dict[tuple, dict]:
@@ -395,20 +423,26 @@ def _answer_ids(match) -> list:
     return [match.answer_1.get("answer_id"), match.answer_2.get("answer_id")]
 
 
-def settled(match, judgments: dict, error_output: str) -> dict | None:
-    """The match's judgment when it needs no new request: judged, no failed request, same answers."""
-    record = judgments.get(match_key(match))
+def settled(match, judgments: dict, error_output: str, judge_identity: dict,
+            retry_parse_failures: bool = False) -> dict | None:
+    """The match's judgment when it needs no new request: judged by this judge under these settings, no failed
+    request, same answers. A verdict that could not be parsed was paid for and stays, unless
+    `retry_parse_failures`."""
+    record = judgments.get(match_key(match, judge_identity))
     if record is None or error_output in (record.get("g1_judgment"), record.get("g2_judgment")):
         return None
     if record.get("answer_ids", _answer_ids(match)) != _answer_ids(match):
         return None
+    if retry_parse_failures and "error" in (record.get("g1_winner"), record.get("g2_winner")):
+        return None
     return record
 
 
-def judge_matches(matches, play, path, parallel: int = 1) -> list[dict]:
+def judge_matches(matches, play, path, judge_identity: dict, parallel: int = 1) -> list[dict]:
     """play(match) -> FastChat judgment record, for every match, `parallel` at a time.
 
     Each record is appended to `path` as soon as it arrives, so an interrupted run keeps every verdict so far.
+    judge_identity: who judges under which settings (see judge_key), stamped on each record.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -417,6 +451,7 @@ def judge_matches(matches, play, path, parallel: int = 1) -> list[dict]:
     def run(match):
         record = play(match)
         record["answer_ids"] = _answer_ids(match)  # a later rerun re-judges the match if its answers change
+        record["judge_key"] = judge_key(match, judge_identity)  # ... and if the judge or its settings change
         with lock, open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         return record

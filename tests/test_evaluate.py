@@ -270,10 +270,12 @@ def test_an_always_A_judge_gives_all_ties(mt_data, tmp_path, capsys):
 def test_judge_errors_are_counted_as_errors_never_ties_and_retried_on_rerun(mt_data, tmp_path, monkeypatch):
     write_answers(tmp_path, "alpha", QIDS, "ALPHA")
     write_answers(tmp_path, "omega", QIDS, "OMEGA")
-    good = prefers("ALPHA", "OMEGA")
+    good, healthy = prefers("ALPHA", "OMEGA"), [False]
 
     def flaky(body):  # requests about question 81 fail, about 131 time out; one verdict cannot be parsed
         prompt = body["messages"][-1]["content"]
+        if healthy[0]:
+            return good(body)
         if "travel blog" in prompt:
             return Fault(status=500)
         if "movie reviews" in prompt:
@@ -286,16 +288,51 @@ def test_judge_errors_are_counted_as_errors_never_ties_and_retried_on_rerun(mt_d
     with FakeOpenAI(flaky) as server:
         run = mt_bench(server, tmp_path, "--judge_api_key_env", "MY_JUDGE_KEY", "--request_timeout", "2",
                        "--parallel", "8")
-    stats = overall(run)
-    assert (stats["win"], stats["tie"], stats["error"], stats["n"]) == (3, 0, 5, 3)
-    by_category = run["pairs"][0]["by_category"]
-    assert by_category["writing"]["error"] == by_category["extraction"]["error"] == 2 and len(run["failures"]) == 8
-    with FakeOpenAI(good) as server:
+        stats = overall(run)
+        assert (stats["win"], stats["tie"], stats["error"], stats["n"]) == (3, 0, 5, 3)
+        by_category = run["pairs"][0]["by_category"]
+        assert by_category["writing"]["error"] == by_category["extraction"]["error"] == 2
+        assert len(run["failures"]) == 8
+        healthy[0], before = True, server.count
         rerun = mt_bench(server, tmp_path, "--judge_api_key_env", "MY_JUDGE_KEY")
-        assert server.count == 8  # only the matches of failed requests (questions 81, 131) are sent again
-    assert (overall(rerun)["win"], overall(rerun)["error"]) == (7, 1)  # the unparsable verdict stays an error
+        assert server.count - before == 8  # only the matches of failed requests (questions 81, 131) are sent again
+        assert (overall(rerun)["win"], overall(rerun)["error"]) == (7, 1)  # the unparsable verdict stays an error
     for file in tmp_path.rglob("*"):
         assert file.is_dir() or b"sk-test-secret" not in file.read_bytes(), file
+
+
+def test_judgments_key_on_the_endpoint_and_max_tokens_and_parse_failures_retry_on_request(mt_data, tmp_path):
+    """Verdicts cut off by a small --judge_max_tokens stay recorded under it; a rerun with room to answer, or
+    against another server behind the same judge model name, judges again; --retry_parse_failures asks again
+    under the same settings."""
+    write_answers(tmp_path, "alpha", QIDS, "ALPHA")
+    write_answers(tmp_path, "omega", QIDS, "OMEGA")
+    good, decided = prefers("ALPHA", "OMEGA"), [True]
+
+    def cut_short(body):  # no verdict when the answer is cut off, or while the judge cannot decide
+        return good(body) if body["max_tokens"] >= 100 and decided[0] else "Assistant A's answer is more"
+
+    with FakeOpenAI(cut_short) as server, FakeOpenAI(good) as other:
+        short = mt_bench(server, tmp_path, "--judge_max_tokens", "20")
+        assert server.count == 16 and overall(short)["error"] == 8
+        mt_bench(server, tmp_path, "--judge_max_tokens", "20")
+        assert server.count == 16  # the paid answers are kept under the same settings
+        full = mt_bench(server, tmp_path)  # FastChat's 2048: judged again
+        assert server.count == 32 and {r["max_tokens"] for r in server.requests[16:]} == {2048}
+        assert (overall(full)["win"], overall(full)["error"]) == (8, 0)
+        moved = mt_bench(other, tmp_path)  # the same model name at another endpoint is another judge
+        assert other.count == 16 and overall(moved)["win"] == 8 and server.count == 32
+        mt_bench(server, tmp_path)  # each judge's verdicts are still there when it comes back
+        assert server.count == 32
+
+        decided[0] = False
+        undecided = mt_bench(server, tmp_path, "--judge_max_tokens", "100")
+        assert server.count == 48 and overall(undecided)["error"] == 8
+        decided[0] = True
+        mt_bench(server, tmp_path, "--judge_max_tokens", "100")
+        assert server.count == 48  # unparsable, but paid for: not asked again without being told
+        retried = mt_bench(server, tmp_path, "--judge_max_tokens", "100", "--retry_parse_failures")
+        assert server.count == 64 and (overall(retried)["win"], overall(retried)["error"]) == (8, 0)
 
 
 def test_pairwise_on_own_prompts_with_an_llm_judge(mt_data, tmp_path):

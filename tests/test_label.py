@@ -248,10 +248,12 @@ def test_rate_limits_and_server_errors_are_retried(tmp_path):
 
 def test_timeouts_and_garbage_verdicts_are_counted_and_a_rerun_retries_only_the_errors(tmp_path):
     prompts = marker_pairs(tmp_path)
-    slow, garbage = prompts[0], prompts[1]
+    slow, garbage, healthy = prompts[0], prompts[1], [False]
 
     def responder(body):
         text = body["messages"][-1]["content"]
+        if healthy[0]:
+            return marker_judge(body)
         if slow in text:
             return Fault(200, delay=4.0)  # longer than the client's timeout
         if garbage in text:
@@ -261,13 +263,118 @@ def test_timeouts_and_garbage_verdicts_are_counted_and_a_rerun_retries_only_the_
     with FakeOpenAI(responder) as server:
         summary = label(tmp_path, server, "--request_timeout", "1", "--max_retries", "1")
         assert sum(slow in b["messages"][-1]["content"] for b in server.requests) == 4  # 2 orders x 2 attempts
-    assert summary["errors"] == 1 and summary["parse_failures"] == 1 and summary["labeled"] == 3
-    assert summary["judgments"]["failed"] == 2
+        assert summary["errors"] == 1 and summary["parse_failures"] == 1 and summary["labeled"] == 3
+        assert summary["judgments"]["failed"] == 2
 
-    with FakeOpenAI(marker_judge) as healthy:  # the next run asks again only what failed
-        summary = label(tmp_path, healthy)
-        assert healthy.count == 2 and all(slow in b["messages"][-1]["content"] for b in healthy.requests)
+        healthy[0], before = True, server.count  # the next run asks again only what failed
+        summary = label(tmp_path, server)  # timeout and retries change how long it waits, not the answer: same key
+        assert server.count - before == 2
+        assert all(slow in b["messages"][-1]["content"] for b in server.requests[before:])
     assert summary["errors"] == 0 and summary["parse_failures"] == 1 and summary["labeled"] == 4
+
+
+def test_the_judgment_cache_keys_on_every_judge_setting(tmp_path):
+    """A cut-off answer (--judge_max_tokens 20) has no verdict: it stays cached under those settings, but a rerun
+    with room to answer, another temperature or another server behind the same model name asks again."""
+    marker_pairs(tmp_path)  # 5 pairs, 10 judgments
+
+    def cut_short(body):  # what a real endpoint returns when max_tokens ends the answer before the verdict
+        return "Response A is more detailed and" if body["max_tokens"] < 100 else marker_judge(body)
+
+    with FakeOpenAI(cut_short) as server, FakeOpenAI(marker_judge) as other:
+        short = label(tmp_path, server, "--judge_max_tokens", "20")
+        assert server.count == 10 and short["parse_failures"] == 5 and short["labeled"] == 0
+        again = label(tmp_path, server, "--judge_max_tokens", "20")
+        assert server.count == 10 and again["parse_failures"] == 5  # paid answers are kept, not bought again
+
+        full = label(tmp_path, server)  # the default 1024: another setting, so every judgment is asked again
+        assert server.count == 20 and {b["max_tokens"] for b in server.requests[10:]} == {1024}
+        assert full["labeled"] == 5 and full["parse_failures"] == 0
+
+        warm = label(tmp_path, server, "--judge_temperature", "0.7")
+        assert server.count == 30 and {b["temperature"] for b in server.requests[20:]} == {0.7}
+        assert warm["judgments"]["sent_this_run"] == 10
+
+        moved = label(tmp_path, other)  # same model name, another server: never answered from the first one's cache
+        assert other.count == 10 and moved["judgments"]["from_cache"] == 0 and moved["labeled"] == 5
+        assert server.count == 30
+
+        back = label(tmp_path, server)  # and each setting's answers are still there when it comes back
+        assert server.count == 30 and back["judgments"]["from_cache"] == 10
+
+
+def test_unparsable_verdicts_stay_cached_until_retry_parse_failures(tmp_path):
+    prompts = marker_pairs(tmp_path)
+    undecided, decided = prompts[2], [False]
+
+    def responder(body):  # undecided about one prompt on the first run, decided from then on
+        if undecided in body["messages"][-1]["content"] and not decided[0]:
+            return "Both answers have merit; I cannot decide."
+        return marker_judge(body)
+
+    with FakeOpenAI(responder) as server:
+        first = label(tmp_path, server)
+        assert server.count == 10 and first["parse_failures"] == 1 and first["labeled"] == 4
+        decided[0] = True
+        kept = label(tmp_path, server)  # the same settings: the paid answers are the answers
+        assert server.count == 10 and kept["parse_failures"] == 1
+        retried = label(tmp_path, server, "--retry_parse_failures")
+        assert server.count == 12 and all(undecided in b["messages"][-1]["content"] for b in server.requests[10:])
+        assert retried["parse_failures"] == 0 and retried["labeled"] == 5
+        label(tmp_path, server, "--retry_parse_failures")  # nothing left without a verdict: nothing asked
+        assert server.count == 12
+    records = rows(tmp_path / "prefs.cache" / "judgments.jsonl")
+    assert len(records) == 12  # the first answers stay in the log; the new ones, appended, are the ones used
+
+
+def test_response_cache_keys_on_the_endpoint_and_the_sampling(tmp_path):
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"explain topic {i}"} for i in range(3)])
+    args = ["--mode", "completions", "--prompts", "prompts.jsonl", "--model_a", "openai:teacher", "--output", "t.jsonl"]
+    with FakeOpenAI(lambda body: "from the first server") as first, \
+            FakeOpenAI(lambda body: "from the second server") as second:
+        run_script("label.py", *args, "--generation_base_url", first.base_url, cwd=tmp_path)
+        run_script("label.py", *args, "--generation_base_url", second.base_url, cwd=tmp_path)
+        assert first.count == 3 and second.count == 3  # same model name, another server: asked
+        assert {r["completion"][0]["content"] for r in rows(tmp_path / "t.jsonl")} == {"from the second server"}
+        run_script("label.py", *args, "--generation_base_url", first.base_url, "--max_new_tokens", "64", cwd=tmp_path)
+        assert first.count == 6 and {b["max_tokens"] for b in first.requests[3:]} == {64}
+        run_script("label.py", *args, "--generation_base_url", first.base_url, cwd=tmp_path)
+        assert first.count == 6  # its own earlier answers
+
+
+def test_local_generator_and_judge_identities_cover_the_loader_and_sampling():
+    """The key of a local model's answer changes with each setting that changes the weights as loaded, the engine
+    or the sampling; it does not change with settings that only change speed."""
+    import types
+
+    from alignkit.config import LabelSettings, ModelSettings
+    from alignkit.judge import HFJudge
+    from alignkit.labeling import Source, _generator_identity
+
+    source = Source("some/model", "some/model", "local", 0)
+
+    def generator_key(backend="transformers", **changes):
+        run = types.SimpleNamespace(settings=LabelSettings(model_id="some/model", **changes), backend=backend)
+        return json.dumps(_generator_identity(run, source), sort_keys=True)
+
+    base = generator_key()
+    changed = [generator_key(dtype="bf16"), generator_key(quantization="4bit"), generator_key(backend="vllm"),
+               generator_key(revision="v2"), generator_key(max_new_tokens=7), generator_key(temperature=0.1),
+               generator_key(top_p=0.5), generator_key(seed=1), generator_key(attn_implementation="eager")]
+    assert len({base, *changed}) == len(changed) + 1
+    assert generator_key(generation_batch_size=3, parallel=2) == base
+
+    template = load_template("default")
+
+    def judge_key(max_tokens=1024, temperature=0.0, batch_size=16, **changes):
+        settings = ModelSettings(model_id="judge/model", **changes)
+        return json.dumps(HFJudge(settings, template, max_tokens, temperature, batch_size).identity(), sort_keys=True)
+
+    base = judge_key()
+    changed = [judge_key(revision="v2"), judge_key(dtype="fp16"), judge_key(quantization="8bit"),
+               judge_key(max_tokens=20), judge_key(temperature=0.5)]
+    assert len({base, *changed}) == len(changed) + 1
+    assert judge_key(batch_size=2) == base
 
 
 def test_a_killed_run_resumes_without_repeating_a_request(tmp_path):
