@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import datasets
 
 __all__ = ["DataError", "PREFERENCE_FORMATS", "SFT_FORMATS", "load_rows", "load_preferences", "load_sft",
-           "detect_format"]
+           "detect_format", "is_hh_prompt", "hh_prompt_messages"]
 
 logger = logging.getLogger("alignkit")
 
@@ -199,6 +199,8 @@ def _pair(prompt, chosen, rejected, names=("chosen", "rejected"), prompt_field="
 
 # ---------------------------------------------------------------- preference formats
 def _explicit(row, names=("prompt", "chosen", "rejected")):
+    if is_hh_prompt(row.get(names[0])):  # HH already split (the DPO reference code's form): parse its turns
+        return _hh_split(row, names)
     prompt = _messages(row.get(names[0]), names[0], "user")
     context_c, chosen = _answer(row.get(names[1]), names[1], prompt)
     context_r, rejected = _answer(row.get(names[2]), names[2], prompt)
@@ -228,7 +230,57 @@ def _hh_transcript(text, field):
     return turns[:-1], turns[-1:]
 
 
+def is_hh_prompt(value) -> bool:
+    """True for an Anthropic HH prompt as split copies and the DPO reference code cut it: the transcript through
+    its last Assistant marker, i.e. text that starts with "Human:" (or "\n\nHuman:") and ends with
+    "\n\nAssistant:". Both ends are required, so an ordinary prompt that merely mentions "Human:" is not one."""
+    return (isinstance(value, str) and value.lstrip().startswith("Human:")
+            and value.rstrip().endswith("\n\nAssistant:"))
+
+
+def hh_prompt_messages(text) -> list[dict]:
+    """The user/assistant turns of an HH prompt (see is_hh_prompt), markers removed, ending with the user's."""
+    try:
+        return _hh_prompt(text, "prompt")
+    except _RowError as e:
+        raise DataError(e.problem) from None
+
+
+def _hh_prompt(text, field):
+    if not is_hh_prompt(text):
+        raise _bad(field, "an HH prompt '\n\nHuman: ...\n\nAssistant:' (the transcript through its last "
+                          "'Assistant:')", text)
+    parts = _HH_TURN.split("\n\n" + text.strip())  # ["", "Human", said, ..., "Human", said, "Assistant", ""]
+    return [_turn("user" if who == "Human" else "assistant", _text(said.strip(), field, f"turn {i} ({who}): "))[0]
+            for i, (who, said) in enumerate(zip(parts[1:-2:2], parts[2:-2:2]), 1)]
+
+
+def _hh_answer(value, field, prompt):
+    """One answer of split HH: the text after the prompt's last "Assistant:" (its leading space dropped), or the
+    whole transcript, which must then continue the prompt."""
+    if isinstance(value, str) and value.lstrip().startswith("Human:"):
+        context, answer = _hh_transcript(value, field)
+        if not _same(context, prompt):
+            raise _RowError(field, "expected a transcript that starts with the prompt's turns, or the answer alone")
+        return answer
+    if not isinstance(value, str):
+        return _answer(value, field, prompt)[1]
+    text = _text(value, field).strip()
+    if _HH_TURN.search(text):
+        raise _RowError(field, "expected the answer alone (the text after the prompt's last 'Assistant:'), got text "
+                               "holding further 'Human:'/'Assistant:' turns")
+    return _turn("assistant", text)
+
+
+def _hh_split(row, names=("prompt", "chosen", "rejected")):
+    prompt = _hh_prompt(row.get(names[0]), names[0])
+    chosen, rejected = (_hh_answer(row.get(name), name, prompt) for name in names[1:])
+    return _pair(prompt, chosen, rejected, names[1:], names[0])
+
+
 def _hh(row):
+    if row.get("prompt") is not None:  # split HH: prompt, then the two answers
+        return _hh_split(row)
     prompt, chosen = _hh_transcript(row.get("chosen"), "chosen")
     prompt_r, rejected = _hh_transcript(row.get("rejected"), "rejected")
     if not _same(prompt, prompt_r):
@@ -312,7 +364,7 @@ _TABLES = {
         "text": (lambda row: {"text": _text(row.get("text"), "text")}, ("text",)),
     },
 }
-_NOTES = {"hh": " as transcript strings", "ultrafeedback": " as message lists"}
+_NOTES = {"hh": " as transcript strings, or split after an HH prompt column", "ultrafeedback": " as message lists"}
 
 
 def _choices(kind):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import logger
 from .args import ConfigError, is_notebook, redact, save_config
-from .data import DataError
+from .data import DataError, hh_prompt_messages, is_hh_prompt
 from .judge import Judge, Request, combine, endpoint_identity, is_fatal, loader_identity, make_judge, orders_for
 from .judge import parse_verdict, question_text, winner
 
@@ -351,6 +351,11 @@ def _show(value) -> str:
 
 def _as_messages(value, where: str) -> list[dict]:
     """A prompt cell as role/content messages ending with a user turn. `where` is 'FILE: row N: field F'."""
+    if is_hh_prompt(value):  # an HH prompt (split HH data): its turns, not one message holding the markers
+        try:
+            return hh_prompt_messages(value)
+        except DataError as e:
+            raise DataError(f"{where}: {e}. Fix the row.") from None
     if isinstance(value, str) and value.strip():
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and value and all(

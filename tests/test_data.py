@@ -4,6 +4,7 @@ import copy
 import csv
 import json
 import logging
+import re
 
 import datasets
 import pyarrow as pa
@@ -140,6 +141,15 @@ HH_OUT = [
                 u("How long should it rise?")],
      "chosen": [a("About an hour, until doubled in size.")], "rejected": [a("Two days.")]},
 ]
+# HH already split as the DPO reference code (and split copies of Anthropic/hh-rlhf) cut it: the prompt is the
+# transcript through its last "\n\nAssistant:", each answer the text after it (with its leading space).
+HH_SPLIT = [
+    {"prompt": "\n\nHuman: What are some cuss words in english?\n\nAssistant:",
+     "chosen": " I'd rather not list those.", "rejected": " Here is a long list of them."},
+    {"prompt": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water, yeast and salt, then knead."
+               "\n\nHuman: How long should it rise?\n\nAssistant:",
+     "chosen": "  About an hour, until doubled in size. ", "rejected": " Two days."},
+]
 # stanfordnlp/SHP: labels 1 = A preferred, 0 = B preferred.
 SHP = [
     {"post_id": "himc90", "domain": "askculinary_train", "upvote_ratio": 0.99,
@@ -245,6 +255,7 @@ PREF_CASES = [  # (case id, format, rows, expected, file types)
     ("labelled_output", "explicit", LABELLED, LABELLED_OUT, ["json", "jsonl", "parquet"]),
     ("ultrafeedback", "ultrafeedback", UF, UF_OUT, ["json", "jsonl", "parquet"]),
     ("hh", "hh", HH, HH_OUT, ["json", "jsonl", "parquet", "csv"]),
+    ("hh_split", "explicit", HH_SPLIT, HH_OUT, ["json", "jsonl", "parquet", "csv"]),
     ("shp", "shp", SHP, SHP_OUT, ["json", "jsonl", "parquet", "csv"]),
     ("stack_exchange", "stack_exchange", STACK, STACK_OUT, ["json", "jsonl", "parquet"]),
     ("self_reference", "self_reference", SELFREF, SELFREF_OUT, ["json", "jsonl", "parquet", "csv"]),
@@ -553,3 +564,50 @@ def test_named_format_missing_column(tmp_path):
 def test_named_hh_on_message_lists_is_a_row_error():
     with pytest.raises(DataError, match=r"row 1: field 'chosen': expected a transcript"):
         load_preferences(UF, format="hh")
+
+
+# ------------------------------------------------------------------------------ HH already split
+def _markers(ds):
+    return [m["content"] for row in ds.to_list() for field in ("prompt", "chosen", "rejected") for m in row[field]
+            if "Human:" in m["content"] or "Assistant:" in m["content"]]
+
+
+@pytest.mark.parametrize("fmt", ["auto", "hh", "explicit"])
+def test_split_hh_is_parsed_into_turns(tmp_path, fmt):
+    """Split HH (a real multi-turn row, with the leading spaces the reference code leaves on the answers) becomes
+    user/assistant turns under every format name that accepts it, with no marker left inside a message; answers
+    given as whole transcripts that continue the prompt work too."""
+    path = write(tmp_path, HH_SPLIT, "jsonl")
+    ds = load_preferences(str(path), format=fmt)
+    assert ds.to_list() == HH_OUT and not _markers(ds)
+    assert [m["role"] for m in ds[1]["prompt"]] == ["user", "assistant", "user"]
+    whole = [dict(row, chosen=full["chosen"], rejected=full["rejected"]) for row, full in zip(HH_SPLIT, HH)]
+    assert load_preferences(whole, format=fmt).to_list() == HH_OUT
+    no_newlines = [dict(row, prompt=row["prompt"].lstrip()) for row in HH_SPLIT]  # "Human: ..." at the very start
+    assert load_preferences(no_newlines, format=fmt).to_list() == HH_OUT
+
+
+def test_prompts_that_merely_mention_human_are_not_hh():
+    rows = [
+        {"prompt": "Summarise this chat log:\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye",
+         "chosen": "A greeting and a goodbye.", "rejected": "Nothing."},
+        {"prompt": "Human: is a word I use for people. What does Assistant: mean in a transcript?",
+         "chosen": "It marks the assistant's turn.", "rejected": "A job title."},
+        {"prompt": "Write a dialogue that ends with the line\n\nAssistant:", "chosen": "Sure: ...", "rejected": "No."},
+    ]
+    out = load_preferences(rows).to_list()
+    assert [r["prompt"] for r in out] == [[u(r["prompt"])] for r in rows]  # left whole, as one user message
+    assert not D.is_hh_prompt(rows[0]["prompt"]) and D.is_hh_prompt("Human: hi\n\nAssistant:")
+
+
+@pytest.mark.parametrize("row, field, message", [
+    (dict(HH_SPLIT[0], prompt="What are some cuss words in english?"), "prompt", "an HH prompt"),
+    (dict(HH_SPLIT[1], chosen=" About an hour.\n\nHuman: Thanks!\n\nAssistant: You're welcome."), "chosen",
+     "the answer alone"),
+    (dict(HH_SPLIT[1], rejected=HH[0]["rejected"]), "rejected", "starts with the prompt's turns"),
+    (dict(HH_SPLIT[0], prompt="\n\nHuman: \n\nAssistant:"), "prompt", "turn 1 (Human): expected non-empty text"),
+    (dict(HH_SPLIT[0], rejected="   "), "rejected", "non-empty text"),
+])
+def test_split_hh_row_errors_name_the_row_and_field(row, field, message):
+    with pytest.raises(DataError, match=rf"row 2: field '{field}': .*{re.escape(message)}"):
+        load_preferences([HH_SPLIT[1], row], format="hh")

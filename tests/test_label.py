@@ -537,6 +537,26 @@ def test_bad_rows_name_the_file_row_and_field(tmp_path):
         run_script("label.py", *common, "--responses_b", "b.jsonl", cwd=tmp_path)
 
 
+def test_hh_prompts_are_labeled_as_their_turns(tmp_path):
+    """Prompts from split HH data reach the generators and the output as user/assistant turns, not as one user
+    message holding literal Human:/Assistant: markers."""
+    hh = "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour and water.\n\nHuman: How long should it rise?" \
+         "\n\nAssistant:"
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": hh, "response": "About an hour."}])
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": hh, "response": "Two days."}])
+    run_script("label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge",
+               "python:alignkit.presets:rule_judge", "--output", "p.jsonl", cwd=tmp_path)
+    from alignkit.labeling import _as_messages
+
+    turns = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix flour and water."},
+             {"role": "user", "content": "How long should it rise?"}]
+    assert _as_messages(hh, "here") == turns
+    summary = json.loads((tmp_path / "p.summary.json").read_text())
+    assert summary["pairs"] == 1 and summary["skipped"]["missing"] == 0  # responses matched to the parsed prompt
+    with pytest.raises(DataError, match=r"here: .*turn 1 \(Human\): expected non-empty text"):
+        _as_messages("\n\nHuman: \n\nAssistant:", "here")
+
+
 def test_help_shows_every_setting(capsys):
     from dataclasses import fields
 
