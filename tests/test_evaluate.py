@@ -379,29 +379,29 @@ def test_mt_bench_answers_both_turns_with_history_and_resumes(mt_data, sft_run, 
     models = ("base=" + presets.paths()["model"], f"sft={sft_run['run_folder']}")
     args = ["--models", *models, "--question_ids", "81", "111", "--max_new_tokens", "6", "--judge_model", "j",
             "--mt_bench_data", str(mt_data), "--output_dir", str(tmp_path)]
-    with FakeOpenAI(lambda body: "[[C]]") as server:
+    with FakeOpenAI(lambda body: "[[C]]") as server:  # one judge for both runs: its URL is part of the key
         run = run_script("evaluate.py", "mt_bench", *args, "--judge_base_url", server.base_url)
-    assert len(calls) == 8  # per model: one batch per temperature (writing 0.7, math 0.0) x 2 turns
-    temperatures = sorted({kw["temperature"] for _, kw in calls})
-    assert temperatures == [0.0, 0.7]  # FastChat's per-category temperatures (math 0.0, writing 0.7)
-    second_turns = [c for conversations, _ in calls for c in conversations if len(c) == 3]
-    assert second_turns and all(c[1]["role"] == "assistant" for c in second_turns)
-    common, _ = fastchat_compat.load()
-    loaded = common.load_model_answers(str(tmp_path / "model_answer"))  # FastChat reads our answer files
-    assert set(loaded) == {"base", "sft"} and set(loaded["sft"]) == {81, 111}
-    for answer in loaded["sft"].values():
-        assert len(answer["choices"][0]["turns"]) == 2 and answer["model_id"] == "sft"
-        first_turn = answer["choices"][0]["turns"][0]
-        assert any(c[1]["content"] == first_turn for c in second_turns)  # the first answer is in the history
-    assert overall(run, "sft")["tie"] == 4
-    # A run killed while writing: one full answer and a torn line. The rerun answers only what is missing.
-    path = mtbench.answer_path(tmp_path, "sft")
-    first, second = path.read_text().splitlines()
-    path.write_text(first + "\n" + second[: len(second) // 2])
-    calls.clear()
-    with FakeOpenAI(lambda body: "[[C]]") as server:
+        assert len(calls) == 8  # per model: one batch per temperature (writing 0.7, math 0.0) x 2 turns
+        temperatures = sorted({kw["temperature"] for _, kw in calls})
+        assert temperatures == [0.0, 0.7]  # FastChat's per-category temperatures (math 0.0, writing 0.7)
+        second_turns = [c for conversations, _ in calls for c in conversations if len(c) == 3]
+        assert second_turns and all(c[1]["role"] == "assistant" for c in second_turns)
+        common, _ = fastchat_compat.load()
+        loaded = common.load_model_answers(str(tmp_path / "model_answer"))  # FastChat reads our answer files
+        assert set(loaded) == {"base", "sft"} and set(loaded["sft"]) == {81, 111}
+        for answer in loaded["sft"].values():
+            assert len(answer["choices"][0]["turns"]) == 2 and answer["model_id"] == "sft"
+            first_turn = answer["choices"][0]["turns"][0]
+            assert any(c[1]["content"] == first_turn for c in second_turns)  # the first answer is in the history
+        assert overall(run, "sft")["tie"] == 4
+        # A run killed while writing: one full answer and a torn line. The rerun answers only what is missing.
+        path = mtbench.answer_path(tmp_path, "sft")
+        first, second = path.read_text().splitlines()
+        path.write_text(first + "\n" + second[: len(second) // 2])
+        calls.clear()
+        before = server.count
         run_script("evaluate.py", "mt_bench", *args, "--judge_base_url", server.base_url)
-        assert server.count == 4  # the regenerated answer's matches are judged again, the others are not
+        assert server.count - before == 4  # the regenerated answer's matches are judged again, the others are not
     assert len(calls) == 2 and all(len(conversations) == 1 for conversations, _ in calls)  # sft, question 111
     assert len(mtbench.read_answers(path)) == 2
     with pytest.raises(ConfigError, match="holds answers by"):

@@ -548,7 +548,8 @@ def test_hh_prompts_are_labeled_as_their_turns(tmp_path):
                "python:alignkit.presets:rule_judge", "--output", "p.jsonl", cwd=tmp_path)
     from alignkit.labeling import _as_messages
 
-    turns = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix flour and water."},
+    turns = [{"role": "user", "content": "How do I bake bread?"},
+             {"role": "assistant", "content": "Mix flour and water."},
              {"role": "user", "content": "How long should it rise?"}]
     assert _as_messages(hh, "here") == turns
     summary = json.loads((tmp_path / "p.summary.json").read_text())
