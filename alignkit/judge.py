@@ -357,9 +357,9 @@ def make_judge(s) -> Judge:
             raise ConfigError("--judge hf needs --judge_model: a Hub id or a local model folder")
         from .config import ModelSettings
 
-        model = ModelSettings(model_id=s.judge_model, revision=s.judge_revision, trust_remote_code=s.trust_remote_code,
-                              quantization=s.quantization, dtype=s.dtype, attn_implementation=s.attn_implementation,
-                              use_liger=s.use_liger)
+        model = ModelSettings(model_id=s.judge_model, revision=s.judge_revision,
+                              trust_remote_code=s.trust_remote_code, quantization=s.quantization, dtype=s.dtype,
+                              attn_implementation=s.attn_implementation, use_liger=s.use_liger)
         return HFJudge(model, template, s.judge_max_tokens, s.judge_temperature, s.generation_batch_size)
     raise ConfigError(f"--judge {s.judge!r}: expected openai, hf, or python:module:function")
 

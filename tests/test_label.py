@@ -375,6 +375,10 @@ def test_local_generator_and_judge_identities_cover_the_loader_and_sampling():
                judge_key(max_tokens=20), judge_key(temperature=0.5)]
     assert len({base, *changed}) == len(changed) + 1
     assert judge_key(batch_size=2) == base
+    from alignkit.judge import make_judge
+
+    hf = make_judge(LabelSettings(judge="hf", judge_model="judge/model", judge_revision="v2", dtype="fp16"))
+    assert (hf.identity()["revision"], hf.identity()["dtype"]) == ("v2", "fp16")  # --judge_revision reaches it
 
 
 def test_a_killed_run_resumes_without_repeating_a_request(tmp_path):
