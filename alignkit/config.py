@@ -20,9 +20,12 @@ from .args import setting
 class ModelSettings:
     model_id: str = setting(
         "mistralai/Mistral-7B-Instruct-v0.2",
-        "Hub id, local model folder, or adapter folder (its base model is read from adapter_config.json)",
+        "Hub id, local model folder, .gguf file, or adapter folder (its base model is read from adapter_config.json)",
     )
     revision: str | None = setting(None, "Hub revision (branch, tag or commit) of model_id")
+    gguf_file: str | None = setting(
+        None, "GGUF file NAME inside the model_id folder or Hub repo (a .gguf model_id needs none); converted once, cached"
+    )
     trust_remote_code: bool = setting(False, "run custom model code shipped with the checkpoint; off unless asked")
     chat_template: str | None = setting(None, "Jinja chat template FILE, for a model that lacks one")
     quantization: str = setting(
