@@ -33,7 +33,7 @@ from alignkit.config import DPOSettings
 overrides: dict = {}
 
 settings = parse_config(
-    DPOSettings, overrides=overrides, presets={"tiny": presets.defaults("dpo")}, prog="dpo.py",
+    DPOSettings, overrides=overrides, presets=presets.named("dpo"), prog="dpo.py",
     description="DPO with LoRA/QLoRA.",
 )
 if settings.push_to_hub:

@@ -84,8 +84,9 @@ def whole_values(argv: list[str], flag: str) -> tuple[list[str], list[str] | Non
 
 
 argv, prompts = whole_values(argv, "--prompts") if "prompts" in fields else (argv, None)
-tiny = {k: v for k, v in presets.defaults("evaluate").items() if k in fields}  # the preset's share for this command
-settings = parse_config(settings_class, args=argv, presets={"tiny": tiny} if "preset" in fields else None,
+named = {name: {k: v for k, v in d.items() if k in fields}  # each preset's share for this command
+         for name, d in presets.named("evaluate").items()}
+settings = parse_config(settings_class, args=argv, presets=named if "preset" in fields else None,
                         overrides={**overrides, **({"prompts": prompts} if prompts is not None else {})},
                         prog=f"evaluate.py {command}", description=description)
 presets.ensure(settings)
@@ -280,7 +281,7 @@ if command in ("mt_bench", "pairwise"):
                        f"{redact(str(error))}")
 
     if use_rule:
-        mtbench.judge_matches(todo, mtbench.rule_player(presets.rule_judge), judgment_file, settings.parallel)
+        mtbench.judge_matches(todo, mtbench.rule_player(presets.judge(settings.preset)), judgment_file, settings.parallel)
     elif todo:
         with fastchat_compat.judging_with(client, on_error=on_error):
             mtbench.judge_matches(todo, fastchat_compat.play, judgment_file, settings.parallel)

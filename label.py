@@ -50,7 +50,7 @@ from alignkit.labeling import prepare
 overrides: dict = {}
 
 settings = parse_config(
-    LabelSettings, overrides=overrides, presets={"tiny": presets.defaults("label")}, prog="label.py",
+    LabelSettings, overrides=overrides, presets=presets.named("label"), prog="label.py",
     description="Label prompt/response pairs with an LLM judge into DPO preference data (or teacher SFT data).",
 )
 presets.ensure(settings)
@@ -103,7 +103,7 @@ summary = write_output(run, prompts, responses, pairs)
 print(format_summary(summary))
 print(f"\nwrote {run.output} (summary: {run.summary_path})")
 next_step = "dpo.py" if settings.mode == "pairs" else "sft.py"
-print(f"train on it: python {next_step}{' --preset tiny' if settings.preset else ''} --dataset_id {run.output}")
+print(f"train on it: python {next_step}{f' --preset {settings.preset}' if settings.preset else ''} --dataset_id {run.output}")
 
 # %% [markdown]
 # ## Push
