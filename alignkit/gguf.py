@@ -128,13 +128,11 @@ def convert(path: Path) -> Path:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
 
     arch = architecture(path)
-    logger.info(f"converting {path} ({arch}) into {target} (once; cached for every later run)")
-    try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    try:  # the metadata alone, in a second: an architecture transformers cannot read fails before any work
+        load_gguf_checkpoint(str(path), return_tensors=False)
     except ValueError as e:
         if "not supported" in str(e):
             raise ValueError(
@@ -143,6 +141,9 @@ def convert(path: Path) -> Path:
                 "instead, or pass its Hub id"
             ) from None
         raise
+    logger.info(f"converting {path} ({arch}) into {target} (once; cached for every later run)")
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild it from its config without
     # the quantization marker, with the already dequantized weights.
     config = gguf_model.config
