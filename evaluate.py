@@ -230,6 +230,9 @@ if command in ("mt_bench", "pairwise"):
         if getattr(settings, "preset", None) == "tiny" and not Path(source).exists():
             raise ConfigError(f"{source} not found: train the tiny runs first (python sft.py --preset tiny; python "
                               "dpo.py --preset tiny --model_id runs/tiny-sft), or pass --models NAME=PATH ...")
+        if getattr(settings, "preset", None) == "smol" and not Path(source).exists():
+            raise ConfigError(f"{source} not found: train it first (python label.py --preset smol; python dpo.py "
+                              "--preset smol), or pass --models NAME=PATH ...")
         with load_generator(ModelSettings(**{**loader, "model_id": source}), backend) as generator:
             mtbench.generate_answers(generator, questions, name, source, path, settings)
     answers = {name: mtbench.read_answers(mtbench.answer_path(output_dir, name), source)
