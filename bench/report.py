@@ -148,6 +148,7 @@ def readme_section(results: dict) -> str:
         "python bench/run_all.py                      # every lever (about 25 minutes on 2 cores)\n"
         "python bench/run_all.py --threads 1          # on a machine others are using (see bench/common.py)\n"
         "python bench/run_all.py --only generation judge\n"
+        "python bench/run_all.py --only smol --quick   # SmolLM2-135M (its wheel): the seed vs the defaults\n"
         "```\n\n"
         "They write `bench/results.json` and `bench/results.md`. The latest run:\n\n" + body
     )
