@@ -145,7 +145,7 @@ def readme_section(results: dict) -> str:
         "never fail; CI does not run them.\n\n"
         "```bash\n"
         "python bench/run_all.py --quick              # a few minutes: the seed, the defaults and the proposal\n"
-        "python bench/run_all.py                      # every lever (about 25 minutes on 2 cores)\n"
+        "python bench/run_all.py                      # every lever (about 25 minutes on 2 cores), then SmolLM2\n"
         "python bench/run_all.py --threads 1          # on a machine others are using (see bench/common.py)\n"
         "python bench/run_all.py --only generation judge\n"
         "python bench/run_all.py --only smol --quick   # SmolLM2-135M (its wheel): the seed vs the defaults\n"

