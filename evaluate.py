@@ -284,7 +284,8 @@ if command in ("mt_bench", "pairwise"):
                        f"{redact(str(error))}")
 
     if use_rule:
-        mtbench.judge_matches(todo, mtbench.rule_player(presets.judge(settings.preset)), judgment_file, settings.parallel)
+        rule = mtbench.rule_player(presets.judge(settings.preset))  # the preset's rule (tiny's when none)
+        mtbench.judge_matches(todo, rule, judgment_file, settings.parallel)
     elif todo:
         with fastchat_compat.judging_with(client, on_error=on_error):
             mtbench.judge_matches(todo, fastchat_compat.play, judgment_file, settings.parallel)

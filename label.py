@@ -103,7 +103,8 @@ summary = write_output(run, prompts, responses, pairs)
 print(format_summary(summary))
 print(f"\nwrote {run.output} (summary: {run.summary_path})")
 next_step = "dpo.py" if settings.mode == "pairs" else "sft.py"
-print(f"train on it: python {next_step}{f' --preset {settings.preset}' if settings.preset else ''} --dataset_id {run.output}")
+preset = f" --preset {settings.preset}" if settings.preset else ""
+print(f"train on it: python {next_step}{preset} --dataset_id {run.output}")
 
 # %% [markdown]
 # ## Push

@@ -80,7 +80,8 @@ def defaults(stage: str) -> dict:
         # Four sampled answers to each of 64 training prompts (the categories take turns in the file): six
         # pairs each, ranked by the rule in both orders. About 4 minutes on 2 CPU cores.
         return dict(**common, prompts=p["train_prompts"], max_prompts=64, num_samples=4, temperature=0.8,
-                    max_new_tokens=80, generation_batch_size=32, judge="python:alignkit.smol:rule_judge", output=p["preferences"])
+                    max_new_tokens=80, generation_batch_size=32, judge="python:alignkit.smol:rule_judge",
+                    output=p["preferences"])
     if stage == "dpo":
         # Short sequences (system prompt + question + an 80-token answer fit in 160) and few steps: about
         # 10 s a step on 2 CPU cores.

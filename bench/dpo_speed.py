@@ -374,7 +374,8 @@ def run_smol(work: Path, quick: bool) -> dict:
               f"peak RSS {r['peak_rss_mib']} MiB", flush=True)
         configs[name] = _merge(what, config, [r])
     return {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)", "model_params": configs["seed"]["counts"]["base_params"],
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)",
+        "model_params": configs["seed"]["counts"]["base_params"],
         "length_scale": LENGTH_SCALE, "max_length_scale": SMOL_MAX_LENGTH_SCALE, "train_pairs": train_pairs,
         "eval_pairs": eval_pairs, "learning_rate": LEARNING_RATE, "beta": BETA, "configs": configs,
         "speedup_vs_seed": configs["alignkit defaults"]["tokens_per_s"] / configs["seed"]["tokens_per_s"],
