@@ -21,6 +21,8 @@
 # python evaluate.py mt_bench ... --mt_bench_data FastChat/fastchat/llm_judge/data --max_questions 10
 # python sft.py --preset tiny && python dpo.py --preset tiny --model_id runs/tiny-sft
 # python evaluate.py pairwise --preset tiny                      # offline: DPO against SFT, rule-judged
+# python label.py --preset smol && python dpo.py --preset smol
+# python evaluate.py pairwise --preset smol                      # offline: SmolLM2 + DPO against SmolLM2
 # ```
 #
 # Everything lands in `--output_dir` in FastChat's layout (`model_answer/`, `model_judgment/`), and a rerun

