@@ -10,6 +10,8 @@
 # ```bash
 # python dpo.py --preset tiny                                  # offline CPU demo, about a minute
 # python dpo.py --preset tiny --model_id runs/tiny-sft         # DPO on top of the SFT adapter
+# python dpo.py --preset smol                                  # SmolLM2-135M on label.py --preset smol's labels
+# python dpo.py --model_id model.Q4_K_M.gguf --dataset_id p.jsonl  # a GGUF base, converted once (alignkit.gguf)
 # python dpo.py --dpo_beta 0.1                                 # Mistral-7B QLoRA on UltraFeedback (GPU)
 # DPO_BETA=0.1 python dpo.py                                   # the same, from the environment
 # python dpo.py --loss_type ipo --dpo_beta 0.5
@@ -33,7 +35,7 @@ from alignkit.config import DPOSettings
 overrides: dict = {}
 
 settings = parse_config(
-    DPOSettings, overrides=overrides, presets={"tiny": presets.defaults("dpo")}, prog="dpo.py",
+    DPOSettings, overrides=overrides, presets=presets.named("dpo"), prog="dpo.py",
     description="DPO with LoRA/QLoRA.",
 )
 if settings.push_to_hub:

@@ -21,6 +21,8 @@
 # python evaluate.py mt_bench ... --mt_bench_data FastChat/fastchat/llm_judge/data --max_questions 10
 # python sft.py --preset tiny && python dpo.py --preset tiny --model_id runs/tiny-sft
 # python evaluate.py pairwise --preset tiny                      # offline: DPO against SFT, rule-judged
+# python label.py --preset smol && python dpo.py --preset smol
+# python evaluate.py pairwise --preset smol                      # offline: SmolLM2 + DPO against SmolLM2
 # ```
 #
 # Everything lands in `--output_dir` in FastChat's layout (`model_answer/`, `model_judgment/`), and a rerun
@@ -84,8 +86,9 @@ def whole_values(argv: list[str], flag: str) -> tuple[list[str], list[str] | Non
 
 
 argv, prompts = whole_values(argv, "--prompts") if "prompts" in fields else (argv, None)
-tiny = {k: v for k, v in presets.defaults("evaluate").items() if k in fields}  # the preset's share for this command
-settings = parse_config(settings_class, args=argv, presets={"tiny": tiny} if "preset" in fields else None,
+named = {name: {k: v for k, v in d.items() if k in fields}  # each preset's share for this command
+         for name, d in presets.named("evaluate").items()}
+settings = parse_config(settings_class, args=argv, presets=named if "preset" in fields else None,
                         overrides={**overrides, **({"prompts": prompts} if prompts is not None else {})},
                         prog=f"evaluate.py {command}", description=description)
 presets.ensure(settings)
@@ -229,6 +232,9 @@ if command in ("mt_bench", "pairwise"):
         if getattr(settings, "preset", None) == "tiny" and not Path(source).exists():
             raise ConfigError(f"{source} not found: train the tiny runs first (python sft.py --preset tiny; python "
                               "dpo.py --preset tiny --model_id runs/tiny-sft), or pass --models NAME=PATH ...")
+        if getattr(settings, "preset", None) == "smol" and not Path(source).exists():
+            raise ConfigError(f"{source} not found: train it first (python label.py --preset smol; python dpo.py "
+                              "--preset smol), or pass --models NAME=PATH ...")
         with load_generator(ModelSettings(**{**loader, "model_id": source}), backend) as generator:
             mtbench.generate_answers(generator, questions, name, source, path, settings)
     answers = {name: mtbench.read_answers(mtbench.answer_path(output_dir, name), source)
@@ -270,7 +276,8 @@ if command in ("mt_bench", "pairwise"):
 if command in ("mt_bench", "pairwise"):
     judge_name = "rule" if use_rule else settings.judge_model
     # Who judges under which settings (endpoint, max_tokens, ...): a match judged under others is judged again.
-    identity = mtbench.judge_identity(rule=presets.rule_judge) if use_rule else mtbench.judge_identity(client)
+    rule_fn = presets.judge(settings.preset) if use_rule else None  # the preset's rule (tiny's when none)
+    identity = mtbench.judge_identity(rule=rule_fn) if use_rule else mtbench.judge_identity(client)
     judgment_file = mtbench.judgment_path(output_dir, judge_name)
     previous = mtbench.read_judgments(judgment_file)
     todo = [m for m in matches if mtbench.settled(m, previous, common.API_ERROR_OUTPUT, identity,
@@ -285,8 +292,7 @@ if command in ("mt_bench", "pairwise"):
                        f"{redact(str(error))}")
 
     if use_rule:
-        mtbench.judge_matches(todo, mtbench.rule_player(presets.rule_judge), judgment_file, identity,
-                              settings.parallel)
+        mtbench.judge_matches(todo, mtbench.rule_player(rule_fn), judgment_file, identity, settings.parallel)
     elif todo:
         with fastchat_compat.judging_with(client, on_error=on_error):
             mtbench.judge_matches(todo, fastchat_compat.play, judgment_file, identity, settings.parallel)

