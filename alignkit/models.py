@@ -273,8 +273,8 @@ def keep_trainable_fp32(model) -> int:
             param.data = param.data.float()
             moved += 1
     if moved:
-        logger.info(f"trainable weights: fp32 ({moved} tensors back from TRL's bf16 cast; autocast computes in half "
-                    "precision, updates too small for bf16 still land)")
+        logger.info(f"trainable weights: fp32 ({moved} tensors back from TRL's bf16 cast, so updates too small for "
+                    "bf16 still land; the forward still computes in the compute dtype)")
     return moved
 
 

