@@ -237,13 +237,21 @@ def gathered_state_dict(trainer) -> dict | None:
 
     Under ZeRO-3 each rank holds a partition, and the unwrapped model's parameters are empty (torch.Size([0])):
     saving them writes an adapter that neither reloads nor merges. transformers gathers them first
-    (trainer.py save_model: `self.accelerator.get_state_dict(self.deepspeed)`), on every rank, since the gather is
-    a collective. Under FSDP with SHARDED_STATE_DICT, save_model writes no weights at all, and a state_dict() on
+    (trainer.py save_model: `self.deepspeed._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)`
+    for a PeftModel), on every rank, since the gather is a collective. Under FSDP with SHARDED_STATE_DICT, save_model writes no weights at all, and a state_dict() on
     the main process alone enters a collective the other ranks never join; accelerate's get_state_dict gathers a
     full state dict (FULL_STATE_DICT, rank 0 only) on every rank.
     """
     if getattr(trainer, "is_deepspeed_enabled", False):
-        return trainer.accelerator.get_state_dict(trainer.deepspeed)
+        engine = trainer.deepspeed
+        if trainer.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
+            # Only the trainable (adapter) weights, as save_model does for a PeftModel under ZeRO-3: gathering the
+            # frozen base too would put the whole 16-bit model in the main process's RAM for nothing.
+            try:
+                return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+            except TypeError:  # a DeepSpeed without the argument: the whole model, as accelerate gathers it
+                pass
+        return trainer.accelerator.get_state_dict(engine)
     if getattr(trainer, "is_fsdp_enabled", False):
         return trainer.accelerator.get_state_dict(trainer.model)
     return None

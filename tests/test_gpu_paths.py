@@ -258,6 +258,7 @@ def test_under_zero3_the_new_adapter_takes_the_base_dtype(sft_adapter, monkeypat
 class FakeAccelerator:
     def __init__(self, full: dict, main: bool):
         self.full, self.is_main_process, self.num_processes, self.gathered_from = full, main, 2, None
+        self.deepspeed_config = {"zero_optimization": {"stage": 3}}
 
     def get_state_dict(self, model):
         self.gathered_from = model  # a collective: every rank must call it
@@ -265,6 +266,18 @@ class FakeAccelerator:
 
     def unwrap_model(self, model):
         return model
+
+
+class FakeEngine:
+    """DeepSpeed's engine at ZeRO-3: gathers the 16-bit weights (a collective), trainable ones only if asked."""
+
+    def __init__(self, accelerator: FakeAccelerator, trainable: set[str]):
+        self.accelerator, self.trainable = accelerator, trainable
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters=False):
+        self.accelerator.gathered_from = self
+        full = self.accelerator.full
+        return {k: v for k, v in full.items() if k in self.trainable} if exclude_frozen_parameters else full
 
 
 def _sharded_trainer(tiny_cache, kind: str, main: bool):
@@ -277,12 +290,14 @@ def _sharded_trainer(tiny_cache, kind: str, main: bool):
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     full = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     for p in model.parameters():
         p.data = torch.empty(0, dtype=p.dtype)  # what ZeRO-3 leaves on a rank: torch.Size([0])
-    engine = object()
+    accelerator = FakeAccelerator(full, main)
+    engine = FakeEngine(accelerator, trainable)
     trainer = types.SimpleNamespace(
         model=model, deepspeed=engine, is_deepspeed_enabled=kind == "zero3", is_fsdp_enabled=kind == "fsdp",
-        accelerator=FakeAccelerator(full, main), eval_dataset=None,
+        accelerator=accelerator, eval_dataset=None,
         state=types.SimpleNamespace(log_history=[{"loss": 0.5}], global_step=3),
     )
     return trainer, loaded, s, full, engine
