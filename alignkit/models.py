@@ -472,7 +472,8 @@ def reference_mode(model, frozen: list[str]):
         model.set_requires_grad(frozen, requires_grad=False)  # ... so freeze the loaded ones once more
 
 
-def save_adapter(model, tokenizer, out_dir: str | os.PathLike, base_source: str, state_dict: dict | None = None) -> None:
+def save_adapter(model, tokenizer, out_dir: str | os.PathLike, base_source: str,
+                 state_dict: dict | None = None) -> None:
     """Save only the trained adapter, recording what it sits on (the base, or the adapter it was trained over).
 
     state_dict: the full weights when the model is sharded (alignkit.training.gathered_state_dict).

@@ -238,9 +238,11 @@ def gathered_state_dict(trainer) -> dict | None:
     Under ZeRO-3 each rank holds a partition, and the unwrapped model's parameters are empty (torch.Size([0])):
     saving them writes an adapter that neither reloads nor merges. transformers gathers them first
     (trainer.py save_model: `self.deepspeed._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)`
-    for a PeftModel), on every rank, since the gather is a collective. Under FSDP with SHARDED_STATE_DICT, save_model writes no weights at all, and a state_dict() on
-    the main process alone enters a collective the other ranks never join; accelerate's get_state_dict gathers a
-    full state dict (FULL_STATE_DICT, rank 0 only) on every rank.
+    for a PeftModel), on every rank, since the gather is a collective. Under FSDP with SHARDED_STATE_DICT,
+    save_model writes no weights at all (trainer.py: only FULL_STATE_DICT saves), and a state_dict() on the main
+    process alone hangs: FSDP's state-dict hooks all-gather the flat parameters first
+    (torch/distributed/fsdp/_state_dict_utils.py, _enter_unshard_params_ctx), a collective the other ranks never
+    join. accelerate's get_state_dict gathers a full state dict (FULL_STATE_DICT, rank 0 only) on every rank.
     """
     if getattr(trainer, "is_deepspeed_enabled", False):
         engine = trainer.deepspeed

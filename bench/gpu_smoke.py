@@ -205,7 +205,8 @@ def merge_and_answer(smoke: Smoke) -> None:
     runs = smoke.out / "runs"
     merged = runs / "tiny-merged"
     log = smoke.run("merge", "merge.py", "--adapter_dir", str(runs / "tiny-dpo"), "--output_dir", str(merged))
-    if not smoke.check("merge with its fp32 check", log and (merged / "merge.json").is_file(), _line(log, "merge check")):
+    merged_ok = bool(log) and (merged / "merge.json").is_file()
+    if not smoke.check("merge with its fp32 check", merged_ok, _line(log, "merge check")):
         return
     report = json.loads((merged / "merge.json").read_text())
     names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -218,7 +219,8 @@ from alignkit.generation import generate
 from alignkit.models import load_model
 loaded = load_model(ModelSettings(model_id={str(merged)!r}))
 print("placed", loaded.model.device, loaded.model.dtype, loaded.quantization)
-print("answer", generate(loaded.model, loaded.tokenizer, [[{{"role": "user", "content": "name three fruits."}}]], max_new_tokens=12))
+ask = [[{{"role": "user", "content": "name three fruits."}}]]
+print("answer", generate(loaded.model, loaded.tokenizer, ask, max_new_tokens=12))
 """
     log = smoke.run("inference", "-c", code)
     smoke.check(f"inference: merged model unquantized on {expected_device()}",
@@ -234,7 +236,8 @@ def qlora(smoke: Smoke, steps: int) -> None:
     log = smoke.run("tiny-qlora-dpo", "dpo.py", "--preset", "tiny", "--quantization", "4bit", "--max_steps", str(steps),
                     "--output_dir", out, "--run_name", "tiny-qlora", "--report_to", "none", "--eval_split", "0")
     if smoke.check("tiny QLoRA DPO runs", log):
-        smoke.check("QLoRA trainable weights in fp32", "trainable weights: fp32" in log, _line(log, "trainable weights"))
+        smoke.check("QLoRA trainable weights in fp32", "trainable weights: fp32" in log,
+                    _line(log, "trainable weights"))
 
 
 def several_gpus(smoke: Smoke) -> None:

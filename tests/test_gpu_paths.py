@@ -42,7 +42,8 @@ def fake_gpus(monkeypatch, count: int = 1, gpu: str = "A100", flash_attn: bool =
     monkeypatch.setattr(cuda, "set_device", lambda device: None)
     monkeypatch.setattr(cuda, "get_device_capability", lambda device=None: capability)
     # torch/cuda/__init__.py: native bf16 from capability 8.0; with emulation (the default) any GPU "has" it.
-    monkeypatch.setattr(cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or capability >= (8, 0))
+    monkeypatch.setattr(cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or capability >= (8, 0))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: (types.SimpleNamespace(name=name) if flash_attn else None)
