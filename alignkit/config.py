@@ -42,7 +42,8 @@ class ModelSettings:
         choices=["auto", "true", "false"],
     )
     num_threads: str = setting(
-        "auto", "torch CPU threads; auto: 1 for a model under 50M parameters on a CPU, else the physical cores"
+        "auto", "torch CPU threads; auto: OMP_NUM_THREADS when set, else 1 for a model under 50M parameters on a "
+        "CPU, else the physical cores"
     )
 
 

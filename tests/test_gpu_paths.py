@@ -478,6 +478,9 @@ def test_a_bf16_merge_is_checked_in_fp32_and_saved_in_bf16(sft_adapter, tmp_path
 
 def test_threads_auto_is_one_for_a_small_model_on_a_cpu(monkeypatch):
     monkeypatch.setattr(models, "physical_cores", lambda: 16)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a choice already made (cpuslot makes one) is kept
+    assert models.resolve_num_threads("auto", 7_000_000_000) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
     assert models.resolve_num_threads("auto", 5_000_000) == 1
     assert models.resolve_num_threads("auto", 7_000_000_000) == 16
     assert models.resolve_num_threads("3", 5_000_000) == 3
@@ -489,6 +492,7 @@ def test_threads_auto_is_one_for_a_small_model_on_a_cpu(monkeypatch):
 
 def test_loading_sets_the_threads_and_says_so_once(tiny_cache, monkeypatch, alignkit_log):
     monkeypatch.setattr(models, "_threads_logged", None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
