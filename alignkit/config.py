@@ -29,20 +29,24 @@ class ModelSettings:
     trust_remote_code: bool = setting(False, "run custom model code shipped with the checkpoint; off unless asked")
     chat_template: str | None = setting(None, "Jinja chat template FILE, for a model that lacks one")
     quantization: str = setting(
-        "auto", "auto: 4bit on CUDA, none elsewhere; 4bit is NF4 with double quant (QLoRA)",
+        "auto", "auto: 4bit for training on CUDA, none for inference and on a CPU; 4bit is NF4 with double quant (QLoRA)",
         choices=["auto", "4bit", "8bit", "none"],
     )
     dtype: str = setting(
-        "auto", "compute dtype; auto: bf16 on CUDA that supports it, fp16 on older CUDA, fp32 on CPU",
+        "auto", "compute dtype; auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older ones, fp32 on CPU",
         choices=["auto", "bf16", "fp16", "fp32"],
     )
     attn_implementation: str = setting(
-        "auto", "auto: flash_attention_2 when installed and on CUDA, else sdpa",
+        "auto", "auto: flash_attention_2 when installed, on a GPU of compute capability >= 8.0, in bf16/fp16; else sdpa",
         choices=["auto", "flash_attention_2", "sdpa", "eager"],
     )
     use_liger: str = setting(
         "auto", "Liger Triton kernels: auto uses them on CUDA when liger-kernel is installed",
         choices=["auto", "true", "false"],
+    )
+    num_threads: str = setting(
+        "auto", "torch CPU threads; auto: OMP_NUM_THREADS when set, else 1 for a model under 50M parameters on a "
+        "CPU, else the physical cores"
     )
 
 
@@ -160,6 +164,14 @@ class GenerationSettings(ModelSettings):
     backend: str = setting(
         "auto", "local generation engine; auto: vllm when installed and a CUDA GPU is there, else transformers",
         choices=["auto", "vllm", "transformers"],
+    )
+    max_model_len: int = setting(
+        8192, "vLLM: longest prompt + answer in tokens (capped at the model's context); sizes the KV cache, so a "
+        "128k-context model fits a small GPU"
+    )
+    gpu_memory_utilization: float | None = setting(
+        None, "vLLM: share of the GPU's memory one engine may take; default: 90% of what is free when it starts, "
+        "so a second engine (generator B, a judge) fits beside the first"
     )
 
 

@@ -136,6 +136,33 @@ class TransformersGenerator(Generator):
         super().close()
 
 
+def vllm_memory(s, base: str, revision: str | None) -> dict:
+    """vLLM's max_model_len and gpu_memory_utilization (GenerationSettings; defaults where `s` lacks them).
+
+    max_model_len: vLLM sizes the KV cache for the model's whole context by default and refuses to start when one
+    sequence of it does not fit (a 128k-context model on a 24 GB GPU); --max_model_len caps it, and is itself
+    capped at the model's context, which vLLM refuses to exceed.
+    gpu_memory_utilization: vLLM's 0.9 is a share of the GPU's *total* memory, checked against what is free at
+    start: a second engine in the same process (generator B, a judge, the next model while the last one's memory
+    is still being released) would not start. By default each engine takes 90% of what is free when it starts.
+    """
+    from transformers import AutoConfig
+
+    from . import logger
+    from .models import local_gpu
+
+    config = AutoConfig.from_pretrained(base, revision=revision, trust_remote_code=s.trust_remote_code)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    wanted = getattr(s, "max_model_len", 8192)
+    length = min(wanted, context) if context else wanted
+    share = getattr(s, "gpu_memory_utilization", None)
+    if share is None:
+        free, total = torch.cuda.mem_get_info(local_gpu())
+        share = round(0.9 * free / total, 3)
+    logger.info(f"vLLM: max_model_len {length} (model context {context}), gpu_memory_utilization {share}")
+    return {"max_model_len": length, "gpu_memory_utilization": share}
+
+
 class VLLMGenerator(Generator):
     """One base model, plus at most one LoRA adapter on top (vLLM serves adapters, not chains of them).
 
@@ -171,7 +198,7 @@ class VLLMGenerator(Generator):
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(s.dtype, "auto")
         self.llm = LLM(model=base, tokenizer=tok_source, revision=revision, dtype=dtype,
                        trust_remote_code=s.trust_remote_code, enable_lora=bool(chain),
-                       max_lora_rank=max(8, 1 << (rank - 1).bit_length()))
+                       max_lora_rank=max(8, 1 << (rank - 1).bit_length()), **vllm_memory(s, base, revision))
         self.lora = LoRARequest("adapter", 1, chain[0]) if chain else None
 
     def __call__(self, conversations, max_new_tokens=256, temperature=0.0, top_p=1.0, num_beams=1,

@@ -8,9 +8,11 @@ Two ways to merge a QLoRA adapter (see peft#2105, qlora#254):
   that was trained, rounding of the base included. Use it for a QLoRA adapter whose quality you measured
   in training and want to keep bit for bit.
 
-A chain (base -> SFT adapter -> DPO adapter) merges in order. Before anything is saved, the merged model's
-logits on a few prompts are compared with the unmerged base-plus-adapters model; a difference above the
-tolerance is an error that says by how much.
+A chain (base -> SFT adapter -> DPO adapter) merges in order. The merge and its check run in fp32, in CPU RAM:
+the merged model's logits on a few prompts are compared with the unmerged base-plus-adapters model, and a
+difference above the tolerance is an error that says by how much. Only then is the model cast to `dtype`
+(bf16 on a GPU machine) and saved. In bf16 the check could not tell a wrong merge from rounding: on the tiny
+model the two bf16 computations already differ by 0.14-0.19 in the logits, and more on a deep 7B model.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import torch
 from . import logger
 from .config import ModelSettings
 
-# Max |logit difference| accepted between the merged and the unmerged model, by compute dtype: merging only
-# reorders the same arithmetic, so the bound is float noise on logits of order 10.
-TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
+# Max |logit difference| accepted between the merged and the unmerged model, relative to the largest |logit|
+# (at least 1). Both run in fp32 and merging only reorders the same arithmetic, so the bound is fp32 noise
+# accumulated over the layers; a merge that loses or doubles part of an update is orders of magnitude above it.
+TOLERANCE = 1e-4
 CHECK_PROMPTS = ["Hello! What can you do?", "Name three fruits.", "Explain gravity to a child in one sentence."]
 RUN_FILES = ("alignkit_config.json", "metrics.json")  # carried over so the merged folder describes itself
 
@@ -48,9 +51,12 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     """Merge the adapter chain ending at `adapter_dir` into its base; returns the output folder."""
     from .models import load_model
 
-    settings = ModelSettings(model_id=str(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code,
+    from .models import resolve_dtype
+
+    target = resolve_dtype(dtype)  # what is saved; the merge itself is done and checked in fp32
+    settings = ModelSettings(model_id=str(adapter_dir), dtype="fp32", trust_remote_code=trust_remote_code,
                              attn_implementation="eager", use_liger="false")
-    loaded = load_model(settings, full_precision=True, dequantize=dequantize, base_model=base_model)
+    loaded = load_model(settings, full_precision=True, dequantize=dequantize, base_model=base_model, on_cpu=True)
     if not loaded.adapters:
         raise ValueError(f"{adapter_dir} holds no adapter_config.json: there is nothing to merge")
     model, tok = loaded.model, loaded.tokenizer
@@ -60,14 +66,17 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         expected = model(**batch).logits.float()
         merged = model.merge_and_unload(adapter_names=loaded.frozen)
         got = merged(**batch).logits.float()
-    diff = (expected - got).abs()[batch["attention_mask"].bool()].max().item()
-    tolerance = TOLERANCE[loaded.dtype]
+    mask = batch["attention_mask"].bool()
+    diff = (expected - got).abs()[mask].max().item()
+    tolerance = TOLERANCE * max(1.0, expected[mask].abs().max().item())
     if not diff <= tolerance:  # also catches NaN
         raise RuntimeError(
             f"merge check failed: merged logits differ from base + adapters by up to {diff:.3g} "
-            f"(tolerance {tolerance:g} for {loaded.dtype}); nothing was saved"
+            f"(tolerance {tolerance:.3g}, in fp32); nothing was saved"
         )
-    logger.info(f"merge check: max |logit difference| {diff:.2e} <= {tolerance:g} over {len(CHECK_PROMPTS)} prompts")
+    logger.info(f"merge check: max |logit difference| {diff:.2e} <= {tolerance:.2e} (fp32) over "
+                f"{len(CHECK_PROMPTS)} prompts")
+    merged.to(target)
     out = Path(output_dir)
     merged.save_pretrained(out, max_shard_size=max_shard_size)
     tok.save_pretrained(out)  # with its chat template
@@ -80,6 +89,7 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
             shutil.copy(Path(adapter_dir, name), out / name)
     (out / "merge.json").write_text(json.dumps({
         "base_model": loaded.base_id, "adapters": loaded.adapters, "dequantize": dequantize,
-        "dtype": str(loaded.dtype).removeprefix("torch."), "max_logit_difference": diff, "tolerance": tolerance,
+        "dtype": str(target).removeprefix("torch."), "check_dtype": "float32", "max_logit_difference": diff,
+        "tolerance": tolerance,
     }, indent=2))
     return out

@@ -40,23 +40,40 @@ def _log_choice(what: str, value: str, why: str) -> None:
     logger.info(f"{what}: {value} ({why})")
 
 
+def local_gpu() -> int:
+    """This process's GPU: LOCAL_RANK under accelerate launch / torchrun, else the first visible one."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _ampere_or_newer() -> bool:
+    """Compute capability >= 8.0 (A100, A10, L4, H100, RTX 30xx/40xx): native bf16 and flash-attn 2's kernels."""
+    return torch.cuda.get_device_capability(local_gpu()) >= (8, 0)
+
+
 def resolve_dtype(requested: str) -> torch.dtype:
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if requested != "auto":
         return names[requested]
     if torch.cuda.is_available():
-        if torch.cuda.is_bf16_supported():
-            _log_choice("dtype", "bf16", "CUDA with bf16 support")
+        # torch.cuda.is_bf16_supported() defaults to including_emulation=True (torch/cuda/__init__.py: it then
+        # returns True for any GPU that can hold a bf16 tensor), so V100/T4 would "support" bf16 and train in
+        # slow emulation. Only native bf16 (Ampere and newer) counts.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            _log_choice("dtype", "bf16", "CUDA with native bf16")
             return torch.bfloat16
-        _log_choice("dtype", "fp16", "this GPU lacks bf16")
+        _log_choice("dtype", "fp16", "this GPU has no native bf16 (compute capability < 8.0)")
         return torch.float16
     _log_choice("dtype", "fp32", "no CUDA device: bf16/fp16 training needs a GPU, so the CPU computes in fp32")
     return torch.float32
 
 
-def resolve_quantization(requested: str) -> str:
+def resolve_quantization(requested: str, for_training: bool = True) -> str:
     if requested != "auto":
         return requested
+    if not for_training:
+        # Generation, judging, evaluation: a merged bf16 model must be judged as it is, not as its NF4 copy.
+        _log_choice("quantization", "none", "inference loads the model as saved; --quantization 4bit to save memory")
+        return "none"
     if torch.cuda.is_available():
         _log_choice("quantization", "4bit", "QLoRA NF4 by default on CUDA; --quantization none to train in full precision")
         return "4bit"
@@ -64,16 +81,35 @@ def resolve_quantization(requested: str) -> str:
     return "none"
 
 
-def resolve_attention(requested: str) -> str:
+def resolve_attention(requested: str, dtype: torch.dtype | None = None) -> str:
+    """flash_attention_2 only where its kernels run: CUDA, compute capability >= 8.0, bf16/fp16 activations.
+
+    flash-attn 2 has no fp32 kernel and no pre-Ampere build: a model loaded with it on a T4, or in fp32, imports
+    fine and crashes in its first forward. Everything else gets PyTorch's sdpa.
+    """
+    half = dtype in (torch.bfloat16, torch.float16)
+    if requested == "flash_attention_2" and torch.cuda.is_available():
+        if not half:
+            raise ValueError("--attn_implementation flash_attention_2 needs --dtype bf16 or fp16 (flash-attn has no "
+                             "fp32 kernels); use sdpa, or auto")
+        if not _ampere_or_newer():
+            raise ValueError("--attn_implementation flash_attention_2 needs a GPU of compute capability >= 8.0 "
+                             f"(this one: {torch.cuda.get_device_capability(local_gpu())}); use sdpa, or auto")
     if requested != "auto":
         return requested
     if not torch.cuda.is_available():
         _log_choice("attention", "sdpa", "no CUDA device, so no flash attention")
         return "sdpa"
-    if importlib.util.find_spec("flash_attn") is None:
-        _log_choice("attention", "sdpa", "flash-attn is not installed: pip install 'alignkit[gpu]' for flash_attention_2")
+    if not _ampere_or_newer():
+        _log_choice("attention", "sdpa", "flash-attn 2 needs compute capability >= 8.0")
         return "sdpa"
-    _log_choice("attention", "flash_attention_2", "CUDA and flash-attn installed")
+    if not half:
+        _log_choice("attention", "sdpa", "flash-attn 2 needs bf16/fp16; this model computes in fp32")
+        return "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:
+        _log_choice("attention", "sdpa", "flash-attn is not installed: pip install flash-attn --no-build-isolation")
+        return "sdpa"
+    _log_choice("attention", "flash_attention_2", "CUDA >= 8.0, half precision, flash-attn installed")
     return "flash_attention_2"
 
 
@@ -89,6 +125,56 @@ def resolve_liger(requested: str) -> bool:
     return True
 
 
+SMALL_MODEL = 50_000_000  # parameters; below this a CPU step is too short for a second thread to pay off
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def resolve_num_threads(requested: str, num_parameters: int) -> int:
+    """torch's CPU threads: auto is OMP_NUM_THREADS when set, else 1 for a model under ~50M parameters on a CPU,
+    else the physical cores.
+
+    A small model's matrix products are too short to split: the threads mostly wait for each other, and on a
+    busy machine for cores other processes hold (measured: tiny DPO 0.028 s/step with 1 thread, 1.9 s/step with 2
+    at load average 4).
+    """
+    if requested != "auto":
+        if not requested.isdigit() or int(requested) < 1:
+            raise ValueError(f"--num_threads must be auto or a positive whole number, got {requested!r}")
+        return int(requested)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])  # the machine's owner already chose
+    if not torch.cuda.is_available() and num_parameters < SMALL_MODEL:
+        return 1
+    return physical_cores()
+
+
+_threads_logged: int | None = None
+
+
+def apply_num_threads(requested: str, model) -> int:
+    """Set torch's CPU threads for `model` (see resolve_num_threads); logs the choice once per value."""
+    global _threads_logged
+    count = sum(p.numel() for p in model.parameters())
+    threads = resolve_num_threads(requested, count)
+    torch.set_num_threads(threads)
+    if _threads_logged != threads:
+        why = "set by --num_threads" if requested != "auto" else "OMP_NUM_THREADS" if os.environ.get(
+            "OMP_NUM_THREADS", "").isdigit() else (
+            f"model of {count / 1e6:.1f}M parameters on a CPU: one thread is fastest, and robust on a busy machine"
+            if threads == 1 and not torch.cuda.is_available() else "the physical cores")
+        _log_choice("threads", str(threads), why)
+        _threads_logged = threads
+    return threads
+
+
 def _sharded_launch() -> str | None:
     """"FSDP" or "DeepSpeed ZeRO-3" when accelerate launched this process to shard the model, else None."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
@@ -98,6 +184,102 @@ def _sharded_launch() -> str | None:
     ) == "3":
         return "DeepSpeed ZeRO-3"
     return None
+
+
+def device_placement(sharded: str | None) -> dict:
+    """from_pretrained's device_map: the whole model on this process's own GPU, unless FSDP/ZeRO-3 shards it.
+
+    Without a device_map, from_pretrained leaves the model on the CPU, and only the Trainer moves it to the GPU:
+    generation, judging and evaluation (which have no Trainer) would run on the CPU of a GPU machine.
+    device_map="auto" would spread one model over every visible GPU and break DDP, where each process owns one.
+    """
+    if not torch.cuda.is_available() or sharded:
+        return {}
+    _log_choice("device", f"cuda:{local_gpu()}", "the whole model on this process's GPU")
+    return {"device_map": {"": local_gpu()}}
+
+
+_zero3_config = None  # must stay alive: transformers keeps only a weakref to it
+
+
+def register_zero3_init() -> None:
+    """Under a ZeRO-3 launch with zero3_init_flag, make from_pretrained build the model partitioned (zero.Init).
+
+    from_pretrained partitions at load time only when a DeepSpeed config is registered
+    (transformers/modeling_utils.py: `needs_zero3_init = is_deepspeed_zero3_enabled() and not _is_quantized`);
+    the Trainer registers one only when its TrainingArguments are built (training_args.py, "12. DeepSpeed":
+    DeepSpeedPlugin().set_deepspeed_weakref()), which in the scripts comes after loading: every rank would load
+    the whole model into CPU RAM. This registers the same config, read from accelerate launch's environment,
+    before loading. (4-bit models are never built under zero.Init.)
+    """
+    global _zero3_config
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return  # TRL's config (or an HfDeepSpeedConfig of the caller's) is already registered
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin()  # ACCELERATE_DEEPSPEED_* and the config file, as TrainingArguments reads them
+    if not plugin.zero3_init_flag:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # the plugin registered its config on creation; zero.Init stays off as asked
+        return
+    plugin.set_deepspeed_weakref()
+    _zero3_config = plugin
+    _log_choice("ZeRO-3 init", "on", "each rank loads only its shard of the weights (zero3_init_flag)")
+
+
+def fit_embeddings(model, tok) -> None:
+    """Grow the embeddings when the tokenizer has more tokens than the model (a pad token was added); never shrink.
+
+    Under ZeRO-3's zero.Init the embedding weight is partitioned and its local shape is [0]; comparing with it
+    would resize (shrink) a vocabulary padded past the tokenizer. The module's num_embeddings is the full count.
+    """
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None) or model.config.get_text_config().vocab_size
+    if len(tok) > rows:
+        model.resize_token_embeddings(len(tok))
+
+
+def cast_adapters(model, names: list[str], dtype: torch.dtype) -> None:
+    """Store the frozen adapters `names` in the compute dtype, as the base's weights are.
+
+    PEFT upcasts loaded adapters to fp32 (autocast_adapter_dtype=True: peft/tuners/tuners_utils.py
+    cast_adapter_dtype). Beside a bf16 base that breaks FSDP, which flattens each decoder layer, frozen adapter
+    included, into one tensor ("Must flatten tensors with uniform dtype"; transformers wraps only the *trainable*
+    LoRA layers separately, transformers/distributed/fsdp.py update_fsdp_plugin_peft), and ZeRO-3, whose
+    all-gather buffers take the first parameter's dtype (trl/trainer/dpo_trainer.py, the comment above
+    `autocast_adapter_dtype = False`). A frozen adapter gains nothing from fp32: it is never updated.
+    """
+    if not dtype.is_floating_point:
+        return
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and any(f".{adapter}." in name for adapter in names) and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def keep_trainable_fp32(model) -> int:
+    """QLoRA: store the trainable LoRA weights in fp32 (autocast still computes in bf16/fp16); returns how many moved.
+
+    TRL casts every trainable parameter of a quantized model to bf16 (trl/trainer/dpo_trainer.py and
+    sft_trainer.py, "When using QLoRA, the PEFT adapter weights are converted to bf16"). With plain AdamW at a
+    DPO learning rate most updates are below bf16's resolution and round away (a 3-step tiny 4-bit DPO moved 10
+    of 1024 lora_A entries), and on an fp16 GPU the grad scaler refuses non-fp32 parameters. QLoRA itself keeps
+    the adapters in fp32. Under ZeRO-3 they stay as they are: DeepSpeed keeps fp32 master weights itself and
+    needs one dtype across its partitions.
+    """
+    if _sharded_launch() == "DeepSpeed ZeRO-3":
+        return 0
+    moved = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            moved += 1
+    if moved:
+        logger.info(f"trainable weights: fp32 ({moved} tensors back from TRL's bf16 cast, so updates too small for "
+                    "bf16 still land; the forward still computes in the compute dtype)")
+    return moved
 
 
 def adapter_config(source: str, revision: str | None = None) -> dict | None:
@@ -170,13 +352,14 @@ def require_chat_template(tok, model_id: str) -> None:
 
 
 def load_model(s, *, for_training: bool = False, full_precision: bool = False, dequantize: bool = False,
-               base_model: str | None = None) -> Loaded:
+               base_model: str | None = None, on_cpu: bool = False) -> Loaded:
     """Load `s.model_id` (settings from alignkit.config.ModelSettings) and any adapter chain under it.
 
     full_precision: never quantize (merging adapters must happen in full precision).
     dequantize: load the base in 4-bit NF4, then turn it back into plain weights before the adapters go on:
         the exact model a QLoRA adapter was trained against, in a form adapters can merge into.
     base_model: use this base instead of the one the adapter chain records (a moved or renamed base).
+    on_cpu: keep the model in CPU RAM even on a GPU machine (merging in fp32: a 7B model takes 28 GB).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -186,12 +369,15 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     if chain:
         logger.info(f"{s.model_id} is an adapter; base model: {base_id}; adapters: {' -> '.join(chain)}")
     dtype = resolve_dtype(s.dtype)
-    quantization = "4bit" if dequantize else "none" if full_precision else resolve_quantization(s.quantization)
+    quantization = ("4bit" if dequantize else "none" if full_precision
+                    else resolve_quantization(s.quantization, for_training))
     kwargs: dict = dict(
         revision=None if chain else s.revision, trust_remote_code=s.trust_remote_code, dtype=dtype,
-        attn_implementation=resolve_attention(s.attn_implementation),
+        attn_implementation=resolve_attention(s.attn_implementation, dtype),
     )
     sharded = _sharded_launch()
+    if sharded == "DeepSpeed ZeRO-3":
+        register_zero3_init()
     if quantization == "8bit" and sharded:
         raise ValueError(
             f"--quantization 8bit cannot be sharded by {sharded}: bitsandbytes supports that for 4-bit only. "
@@ -206,9 +392,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         )
     elif quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if quantization != "none" and torch.cuda.is_available() and not sharded:
-        # Each process owns one GPU: device_map="auto" would spread a model over all of them and break DDP.
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if not on_cpu:
+        kwargs.update(device_placement(sharded))
     from .gguf import model_source
 
     # A GGUF base (--model_id FILE.gguf, or --gguf_file NAME) loads from its converted folder, cached once;
@@ -216,6 +401,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     weights, revision = model_source(base_id, getattr(s, "gguf_file", None), kwargs["revision"])
     kwargs["revision"] = revision
     model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
+    apply_num_threads(getattr(s, "num_threads", "auto"), model)
     if dequantize:
         model = model.dequantize()  # bitsandbytes' own NF4 -> float, weight by weight
         model.to(dtype)
@@ -229,8 +415,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     # The tokenizer travels with the last adapter when it was saved there (it carries the chat template).
     tok_source = next((a for a in reversed(chain) if Path(a, "tokenizer_config.json").is_file()), weights)
     tok = load_tokenizer(tok_source, revision, s.trust_remote_code, s.chat_template)
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tok))
+    fit_embeddings(model, tok)
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     if tok.eos_token_id is not None:
@@ -248,6 +433,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
                 model.load_adapter(source, adapter_name=name, is_trainable=False)
             frozen.append(name)
         model.base_model.set_adapter(frozen, inference_mode=True)
+    if frozen and for_training:
+        cast_adapters(model, frozen, dtype)
     if not for_training:
         model.eval()
     return Loaded(model, tok, base_id, chain, frozen, dtype, quantization)
@@ -267,13 +454,16 @@ def add_trainable_adapter(loaded: Loaded, s) -> torch.nn.Module:
         target_modules=targets[0] if targets == ["all-linear"] else targets,
     )
     model = loaded.model
+    # ZeRO-3 all-gathers into buffers of the first parameter's dtype: PEFT's fp32 upcast of the new adapter beside a
+    # bf16 base fails the first optimizer step (TRL passes the same flag for this, trl/trainer/dpo_trainer.py).
+    autocast = _sharded_launch() != "DeepSpeed ZeRO-3"
     if isinstance(model, PeftModel):
-        model.add_adapter(TRAINABLE, config)
+        model.add_adapter(TRAINABLE, config, autocast_adapter_dtype=autocast)
         # The trained adapter first: transformers' Trainer resumes the first active adapter.
         model.base_model.set_adapter([TRAINABLE, *loaded.frozen])
         model.set_requires_grad(loaded.frozen, requires_grad=False)
     else:
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, config, autocast_adapter_dtype=autocast)
     loaded.model = model
     return model
 
@@ -295,10 +485,14 @@ def reference_mode(model, frozen: list[str]):
         model.set_requires_grad(frozen, requires_grad=False)  # ... so freeze the loaded ones once more
 
 
-def save_adapter(model, tokenizer, out_dir: str | os.PathLike, base_source: str) -> None:
-    """Save only the trained adapter, recording what it sits on (the base, or the adapter it was trained over)."""
+def save_adapter(model, tokenizer, out_dir: str | os.PathLike, base_source: str,
+                 state_dict: dict | None = None) -> None:
+    """Save only the trained adapter, recording what it sits on (the base, or the adapter it was trained over).
+
+    state_dict: the full weights when the model is sharded (alignkit.training.gathered_state_dict).
+    """
     out = Path(out_dir)
-    model.save_pretrained(out, selected_adapters=[TRAINABLE])
+    model.save_pretrained(out, selected_adapters=[TRAINABLE], state_dict=state_dict)
     tokenizer.save_pretrained(out)
     config_file = out / "adapter_config.json"
     config = json.loads(config_file.read_text())

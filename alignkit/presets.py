@@ -74,7 +74,7 @@ def defaults(stage: str) -> dict:
     """The preset's defaults for a script stage ("sft", "dpo"); alignkit.args applies them under every flag."""
     p = paths()
     common = dict(
-        model_id=p["model"], quantization="none", max_length=64, per_device_train_batch_size=16,
+        model_id=p["model"], quantization="none", num_threads="1", max_length=64, per_device_train_batch_size=16,
         per_device_eval_batch_size=32, gradient_accumulation_steps=1, gradient_checkpointing=False,
         lora_r=16, lora_alpha=32, lora_dropout=0.0, warmup_ratio=0.05, logging_steps=10, save_steps=25,
         eval_split=0.1, output_dir="runs",
@@ -90,7 +90,7 @@ def defaults(stage: str) -> dict:
     if stage == "label":
         # Six sampled answers per prompt from the base model, every pair judged by the checkable rule.
         return dict(
-            model_id=p["model"], quantization="none", prompts=p["prompts"], num_samples=6, temperature=1.0,
+            model_id=p["model"], quantization="none", num_threads="1", prompts=p["prompts"], num_samples=6, temperature=1.0,
             max_new_tokens=16, generation_batch_size=64, judge="python:alignkit.presets:rule_judge",
             output="runs/label-tiny/preferences.jsonl",
         )
@@ -100,8 +100,8 @@ def defaults(stage: str) -> dict:
         # Sampled at temperature 1, the models' own distribution: greedy answers collapse to one repeated word
         # ("plum,plum,plum."), which the rule passes, and lower temperatures hide most rule breaking.
         return dict(
-            model_id=p["model"], quantization="none", prompts_file=p["prompts"], max_new_tokens=16, temperature=1.0,
-            batch_size=64, models=["sft=runs/tiny-sft", "dpo=runs/tiny-dpo"],
+            model_id=p["model"], quantization="none", num_threads="1", prompts_file=p["prompts"], max_new_tokens=16,
+            temperature=1.0, batch_size=64, models=["sft=runs/tiny-sft", "dpo=runs/tiny-dpo"],
             baseline="sft", judge_model="rule", output_dir="outputs/pairwise-tiny",
         )
     return common

@@ -19,13 +19,17 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from . import logger, refcache
 from .losses import LOSS_TYPES, preference_loss
-from .models import TRAINABLE, reference_mode
+from .models import TRAINABLE, keep_trainable_fp32, reference_mode
 
 _NOT_MODEL_INPUTS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
 class _StackedAdapters:
     frozen_adapters: list[str] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        keep_trainable_fp32(self.model)  # TRL casts QLoRA's trainable weights to bf16; see alignkit.models
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -152,13 +152,48 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, **stage_kwargs):
         use_cpu=world_size() > 1 and not torch.cuda.is_available(),
         **stage_kwargs,
     )
+    if world_size() > 1:
+        # Left unset, transformers turns it on for any model that is not a PreTrainedModel, a PeftModel included
+        # (transformers/trainer.py, accelerator setup: `else: find_unused = True`), and DDP then walks the whole
+        # autograd graph after every backward looking for unused parameters (with reentrant gradient checkpointing
+        # it even fails). Every LoRA parameter is used in every step.
+        kwargs["ddp_find_unused_parameters"] = False
     if s.trainer_overrides:
         try:
             extra = json.loads(s.trainer_overrides)
         except json.JSONDecodeError as e:
             raise ValueError(f"--trainer_overrides is not valid JSON: {e}") from e
         kwargs.update(extra)
-    return config_cls(**kwargs)
+    args = config_cls(**kwargs)
+    one_gpu_per_process(args, config_cls)
+    return args
+
+
+def launch_command(script: str, gpus: int) -> str:
+    """The exact `accelerate launch` line that runs this command on `gpus` GPUs (one process each, DDP)."""
+    import shlex
+
+    flags = sys.argv[1:] if Path(sys.argv[0]).name == script else []
+    return shlex.join(["accelerate", "launch", "--config_file", "recipes/accelerate/ddp.yaml", "--num_processes",
+                       str(gpus), script, *flags])
+
+
+def one_gpu_per_process(args, config_cls=None) -> None:
+    """A plain `python dpo.py` that sees several GPUs trains on one, and says how to use them all.
+
+    With no distributed launcher, transformers gives the process every visible GPU (training_args.py
+    `_setup_devices`: `self._n_gpu = torch.cuda.device_count()`) so that the Trainer wraps the model in
+    nn.DataParallel, which TRL refuses (trl/trainer/dpo_trainer.py: "does not support `nn.DataParallel`"), and
+    which would split a 4-bit model placed on one GPU anyway. One GPU, and the launch line for all of them.
+    """
+    gpus = args.n_gpu
+    if world_size() > 1 or gpus <= 1:
+        return
+    args._n_gpu = 1  # what Trainer itself sets for a model it must not replicate (trainer.py: is_model_parallel)
+    script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") and Path(sys.argv[0]).is_file() else (
+        "sft.py" if config_cls is not None and "SFT" in config_cls.__name__ else "dpo.py")
+    logger.warning(f"{gpus} GPUs are visible and this is one process: training on GPU {torch.cuda.current_device()} "
+                   f"only. To train on all {gpus}: {launch_command(script, gpus)}")
 
 
 def split(dataset, s):
@@ -179,8 +214,11 @@ def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:
     """Save the adapter and tokenizer, evaluate on the held-out rows, then merge and push if asked."""
     from .models import save_adapter
 
+    # Every rank takes part in gathering the weights (a collective); only the main process writes them.
+    state_dict = gathered_state_dict(trainer)
     if trainer.accelerator.is_main_process:
-        save_adapter(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, s.model_id)
+        save_adapter(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, s.model_id,
+                     state_dict=state_dict)
     metrics = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
@@ -192,6 +230,33 @@ def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:
     if trainer.accelerator.is_main_process and (s.merge_adaptors or s.push_to_hub):
         publish_run(folder, s)
     return metrics
+
+
+def gathered_state_dict(trainer) -> dict | None:
+    """The full weights of a sharded model, gathered on every rank as Trainer.save_model does; None when unsharded.
+
+    Under ZeRO-3 each rank holds a partition, and the unwrapped model's parameters are empty (torch.Size([0])):
+    saving them writes an adapter that neither reloads nor merges. transformers gathers them first
+    (trainer.py save_model: `self.deepspeed._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)`
+    for a PeftModel), on every rank, since the gather is a collective. Under FSDP with SHARDED_STATE_DICT,
+    save_model writes no weights at all (trainer.py: only FULL_STATE_DICT saves), and a state_dict() on the main
+    process alone hangs: FSDP's state-dict hooks all-gather the flat parameters first
+    (torch/distributed/fsdp/_state_dict_utils.py, _enter_unshard_params_ctx), a collective the other ranks never
+    join. accelerate's get_state_dict gathers a full state dict (FULL_STATE_DICT, rank 0 only) on every rank.
+    """
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        engine = trainer.deepspeed
+        if trainer.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
+            # Only the trainable (adapter) weights, as save_model does for a PeftModel under ZeRO-3: gathering the
+            # frozen base too would put the whole 16-bit model in the main process's RAM for nothing.
+            try:
+                return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+            except TypeError:  # a DeepSpeed without the argument: the whole model, as accelerate gathers it
+                pass
+        return trainer.accelerator.get_state_dict(engine)
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return trainer.accelerator.get_state_dict(trainer.model)
+    return None
 
 
 def publish_run(folder: Path, s) -> None:

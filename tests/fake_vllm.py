@@ -66,4 +66,5 @@ def install(monkeypatch, cuda: bool = False) -> Recorder:
         monkeypatch.setitem(sys.modules, name, module)
     if cuda:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * 2**30, 80 * 2**30))  # free, total
     return recorder
