@@ -40,7 +40,7 @@ import sys
 
 from alignkit import presets
 from alignkit.args import is_notebook, parse_config
-from alignkit.config import MTBenchSettings, PairwiseSettings, VibesSettings
+from alignkit.config import AlpacaEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings
 
 # In a notebook, set things here instead of on a command line, e.g. NOTEBOOK_COMMAND = "pairwise" and
 # overrides = {"preset": "tiny"}; environment variables (upper-case names, COMMAND for the command) work too.
@@ -51,6 +51,7 @@ COMMANDS = {
     "vibes": (VibesSettings, "a quick look at one model's answers, or two models side by side"),
     "mt_bench": (MTBenchSettings, "MT-Bench answers, judged pairwise by an OpenAI-compatible model via FastChat"),
     "pairwise": (PairwiseSettings, "the same pairwise flow on your own prompts (--preset tiny: offline demo)"),
+    "alpaca_eval": (AlpacaEvalSettings, "AlpacaEval win rates (and length-controlled) through the alpaca_eval package"),
 }
 USAGE = "\n".join([f"usage: evaluate.py {{{','.join(COMMANDS)}}} [--OPTION VALUE ...]", ""]
                   + [f"  {name:<10}{text}" for name, (_, text) in COMMANDS.items()]
@@ -85,6 +86,10 @@ def whole_values(argv: list[str], flag: str) -> tuple[list[str], list[str] | Non
 
 argv, prompts = whole_values(argv, "--prompts") if "prompts" in fields else (argv, None)
 tiny = {k: v for k, v in presets.defaults("evaluate").items() if k in fields}  # the preset's share for this command
+if command == "alpaca_eval":
+    from alignkit.alpacaeval import tiny_defaults
+
+    tiny = tiny_defaults()
 settings = parse_config(settings_class, args=argv, presets={"tiny": tiny} if "preset" in fields else None,
                         overrides={**overrides, **({"prompts": prompts} if prompts is not None else {})},
                         prog=f"evaluate.py {command}", description=description)
@@ -310,3 +315,18 @@ if command in ("mt_bench", "pairwise"):
     )
     chart = results.plot(pairs, output_dir / "results.png")
     print(f"\nresults: {results_file}\nchart:   {chart}")
+
+# %% [markdown]
+# ## AlpacaEval (alpaca_eval)
+# Outputs for AlpacaEval's 805 instructions (or `--eval_set`) in its format, generated on `--backend` and kept
+# across reruns; references from `--reference_outputs`, `--reference_model` or AlpacaEval 2's own; pairs
+# annotated by the `alpaca_eval` package with `--annotators_config` at `--judge_base_url` (its caching, plus a
+# log of every judge answer, so a rerun sends nothing twice); win rate, standard error and length-controlled
+# win rate from its metrics. `leaderboard.csv`, `annotations.json`, `summary.json` and `win_rates.png` land in
+# `<output_dir>/<config>/<reference>/` (see alignkit.alpacaeval).
+
+# %%
+if command == "alpaca_eval":
+    from alignkit import alpacaeval
+
+    summary = alpacaeval.run(settings, backend)
