@@ -1,7 +1,7 @@
 # %% [markdown]
-# # Evaluate: vibes, and MT-Bench pairwise judging through FastChat
+# # Evaluate: vibes, MT-Bench pairwise judging through FastChat, AlpacaEval through alpaca_eval
 #
-# Three commands, each with its own settings (`python evaluate.py COMMAND --help`):
+# Four commands, each with its own settings (`python evaluate.py COMMAND --help`):
 # - `vibes`: ask one model (Hub id, local folder, adapter or merged folder) a few prompts, or two models side
 #   by side; the answers are printed and written as JSONL.
 # - `mt_bench`: the 80 two-turn MT-Bench questions answered by each model, then judged pairwise by any
@@ -10,6 +10,8 @@
 #   overall and per category: a table, `results.json` and `results.png`.
 # - `pairwise`: the same flow on your own single-turn prompts. With `--preset tiny` it runs offline: the
 #   tiny demo's SFT run against the DPO run trained on top of it, on the demo's prompts, with its rule judge.
+# - `alpaca_eval`: AlpacaEval win rates (raw and length-controlled) against reference outputs, annotated and
+#   scored by the `alpaca_eval` package itself; `--preset tiny` runs offline with the rule judge.
 #
 # ```bash
 # python evaluate.py vibes --model_id runs/dpo-run --compare_to runs/sft-run --prompts "Hi!" "Name three fruits."
@@ -21,6 +23,8 @@
 # python evaluate.py mt_bench ... --mt_bench_data FastChat/fastchat/llm_judge/data --max_questions 10
 # python sft.py --preset tiny && python dpo.py --preset tiny --model_id runs/tiny-sft
 # python evaluate.py pairwise --preset tiny                      # offline: DPO against SFT, rule-judged
+# python evaluate.py alpaca_eval --model_id runs/dpo-run --reference_model mistralai/Mistral-7B-Instruct-v0.2
+# python evaluate.py alpaca_eval --preset tiny                   # offline: DPO against SFT, rule-judged
 # ```
 #
 # Everything lands in `--output_dir` in FastChat's layout (`model_answer/`, `model_judgment/`), and a rerun
@@ -54,7 +58,7 @@ COMMANDS = {
     "alpaca_eval": (AlpacaEvalSettings, "AlpacaEval win rates (and length-controlled) through the alpaca_eval package"),
 }
 USAGE = "\n".join([f"usage: evaluate.py {{{','.join(COMMANDS)}}} [--OPTION VALUE ...]", ""]
-                  + [f"  {name:<10}{text}" for name, (_, text) in COMMANDS.items()]
+                  + [f"  {name:<12}{text}" for name, (_, text) in COMMANDS.items()]
                   + ["", "A command's settings: python evaluate.py COMMAND --help"])
 
 argv = [] if is_notebook() else sys.argv[1:]

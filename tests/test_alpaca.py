@@ -102,7 +102,8 @@ def judge_by_rule(config_format: str, p_winner: float = 0.9):
 
 
 @pytest.mark.parametrize("config,fmt", [("weighted_alpaca_eval_gpt4_turbo", "logprobs"), ("alpaca_eval_gpt4", "ranking")])
-def test_a_real_annotator_config_against_the_loopback_server(tiny_set, tmp_path, monkeypatch, config, fmt):
+def test_a_real_annotator_config_against_the_loopback_server(tiny_set, tmp_path, monkeypatch, capsys, caplog, config,
+                                                             fmt):
     model, _, refs = tiny_set
     out = tmp_path / "out"
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-test-secret-value-123")
@@ -121,8 +122,10 @@ def test_a_real_annotator_config_against_the_loopback_server(tiny_set, tmp_path,
         assert float(row["preference"]) == pytest.approx(want, abs=1e-6)
     assert board.loc["tiny", "win_rate"] == pytest.approx(100 * sum(float(r["preference"]) - 1 for r in annotations) / 12)
     assert summary["judge_model"] == "judge-x" and summary["judge_base_url"] == server.base_url
-    for file in out.rglob("*"):  # the key never reaches a file
+    for file in out.rglob("*"):  # the key never reaches a file, nor the logs
         assert not file.is_file() or b"sk-test-secret-value-123" not in file.read_bytes(), file
+    captured = capsys.readouterr()
+    assert "sk-test-secret-value-123" not in captured.out + captured.err + caplog.text
 
 
 def test_a_kill_during_annotation_resumes_without_a_repeated_request(tiny_set, tmp_path, monkeypatch):
@@ -205,6 +208,46 @@ def test_a_kill_during_generation_resumes_with_the_finished_batches(tiny_set, tm
     assert results(out, "weighted_alpaca_eval_gpt4_turbo")[0]["instances"] == 29
 
 
+def hub_cache(root: Path, files: dict[str, str]) -> Path:
+    """A Hugging Face Hub cache holding `files` of the dataset tatsu-lab/alpaca_eval, as a download leaves it."""
+    repo = root / "datasets--tatsu-lab--alpaca_eval"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, text in files.items():
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / name).write_text(text)
+    return root
+
+
+def test_the_default_eval_set_and_length_control_come_from_the_hub_cache_offline(tiny_set, tmp_path, monkeypatch):
+    """AlpacaEval's own set (and its GPT-4 Turbo references) and df_gamed.csv for length_controlled_v1, read
+    offline from the Hub cache: here small stand-ins with the real files' names and columns."""
+    import random
+
+    model, eval_set, _ = tiny_set
+    rows = json.loads(eval_set.read_text())
+    baseline = [{"instruction": r["instruction"], "output": BAD, "generator": "gpt4_1106_preview",
+                 "dataset": "helpful_base"} for r in rows]
+    rng = random.Random(0)
+    difficulty = [rng.uniform(-1, 1) for _ in rows]
+    gamed = "model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\n" + "".join(
+        f"{m},{i},{p},{d},{difficulty[i]},False\n" for m, p, d in (("gamed_verbose", 0.8, 1.0), ("gamed_concise", 0.2, -1.0))
+        for i in range(len(rows)))
+    cache = hub_cache(tmp_path / "hub", {"alpaca_eval_gpt4_baseline.json": json.dumps(baseline), "df_gamed.csv": gamed})
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    out = tmp_path / "out"
+    run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", model, "--model_name", "tiny",
+               "--eval_set", "none", "--reference_model", "none", "--output_dir", str(out),
+               "--max_instances", "20")
+    summary, board, annotations, folder = results(out, "weighted_alpaca_eval_gpt4_turbo", "gpt4_1106_preview")
+    assert summary["eval_set"] == "tatsu-lab/alpaca_eval/alpaca_eval_gpt4_baseline.json" and summary["instances"] == 20
+    assert summary["glm"] == "length_controlled_v1" and 0 <= summary["length_controlled_winrate"] <= 100
+    assert {r["generator_1"] for r in annotations} == {"gpt4_1106_preview"} and len(annotations) == 20
+    weights = pd.read_csv(folder / "glm_weights" / "length_controlled_v1" / "baseline_gpt4_1106_preview.csv", index_col=0)
+    assert "tiny" in weights.index and "instruction_difficulty" in weights.columns
+
+
 def test_bad_input_and_missing_things_fail_with_one_clear_line(tiny_set, tmp_path, monkeypatch):
     model, eval_set, refs = tiny_set
     base = ("evaluate.py", "alpaca_eval", "--model_id", model, "--output_dir", str(tmp_path / "out"))
@@ -213,7 +256,7 @@ def test_bad_input_and_missing_things_fail_with_one_clear_line(tiny_set, tmp_pat
     with pytest.raises(ConfigError, match=r"bad.jsonl, line 2: field 'instruction' must be a non-empty string"):
         run_script(*base, "--eval_set", str(bad), "--judge_model", "rule", "--reference_outputs", str(refs))
     # The default eval set comes from the Hub; offline and not cached, the error says what to provide.
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     with pytest.raises(ConfigError, match=r"alpaca_eval_gpt4_baseline.json of the Hub dataset tatsu-lab/alpaca_eval.*"
                                           r"--eval_set FILE"):
         run_script(*base, "--judge_model", "rule")
