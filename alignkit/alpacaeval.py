@@ -628,6 +628,7 @@ def run(s, backend: str) -> dict:
                                                                    for a, c in annotators.items()},
                            "base_url": client["openai_api_base"] if client else "rule"})[:12]
     cache = output_dir / "annotations" / f"{config_name}-{key}.json"
+    cache.parent.mkdir(parents=True, exist_ok=True)
     forget_failed(cache)
     decoder = rule_completions if use_rule else LoggedCompletions(
         output_dir / "annotations" / f"requests-{config_name}-{key}.jsonl", client, s.parallel)
