@@ -86,6 +86,20 @@ def test_tiny_flow_end_to_end_offline(tiny_set, tmp_path, capsys):
     assert results(out, "weighted_alpaca_eval_gpt4_turbo")[0]["win_rate"] == pytest.approx(win_rate)
 
 
+def test_tiny_preset_dpo_against_its_sft_reference_model(sft_run, dpo_run, tmp_path):
+    """The preset's own comparison: the DPO run against the SFT run it was trained on (--reference_model),
+    both generated here; DPO was trained on the rule, so it wins more than it loses."""
+    out = tmp_path / "out"
+    run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", str(dpo_run["run_folder"]),
+               "--reference_model", str(sft_run["run_folder"]), "--output_dir", str(out))
+    summary, board, annotations, folder = results(out, "weighted_alpaca_eval_gpt4_turbo", "sft")
+    assert summary["model"] == "dpo" and summary["reference"] == "sft" and len(annotations) == 29
+    refs = {o["instruction"]: o["output"] for o in json.loads((out / "model_outputs" / "sft.json").read_text())}
+    assert all(r["output_1"] == refs[r["instruction"]] and r["generator_1"] == "sft" for r in annotations)
+    assert summary["win_rate"] > 50 and "length_controlled_winrate" in board.columns
+    assert (folder / "win_rates.png").is_file()
+
+
 def judge_by_rule(config_format: str, p_winner: float = 0.9):
     """A loopback judge answering in `config_format` by the rule, reading the pair from the rendered prompt."""
 
