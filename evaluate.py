@@ -1,7 +1,7 @@
 # %% [markdown]
-# # Evaluate: vibes, and MT-Bench pairwise judging through FastChat
+# # Evaluate: vibes, MT-Bench pairwise judging through FastChat, AlpacaEval through alpaca_eval
 #
-# Three commands, each with its own settings (`python evaluate.py COMMAND --help`):
+# Four commands, each with its own settings (`python evaluate.py COMMAND --help`):
 # - `vibes`: ask one model (Hub id, local folder, adapter or merged folder) a few prompts, or two models side
 #   by side; the answers are printed and written as JSONL.
 # - `mt_bench`: the 80 two-turn MT-Bench questions answered by each model, then judged pairwise by any
@@ -10,6 +10,8 @@
 #   overall and per category: a table, `results.json` and `results.png`.
 # - `pairwise`: the same flow on your own single-turn prompts. With `--preset tiny` it runs offline: the
 #   tiny demo's SFT run against the DPO run trained on top of it, on the demo's prompts, with its rule judge.
+# - `alpaca_eval`: AlpacaEval win rates (raw and length-controlled) against reference outputs, annotated and
+#   scored by the `alpaca_eval` package itself; `--preset tiny` runs offline with the rule judge.
 #
 # ```bash
 # python evaluate.py vibes --model_id runs/dpo-run --compare_to runs/sft-run --prompts "Hi!" "Name three fruits."
@@ -23,6 +25,8 @@
 # python evaluate.py pairwise --preset tiny                      # offline: DPO against SFT, rule-judged
 # python label.py --preset smol && python dpo.py --preset smol
 # python evaluate.py pairwise --preset smol                      # offline: SmolLM2 + DPO against SmolLM2
+# python evaluate.py alpaca_eval --model_id runs/dpo-run --reference_model mistralai/Mistral-7B-Instruct-v0.2
+# python evaluate.py alpaca_eval --preset tiny                   # offline: DPO against SFT, rule-judged
 # ```
 #
 # Everything lands in `--output_dir` in FastChat's layout (`model_answer/`, `model_judgment/`), and a rerun
@@ -42,7 +46,7 @@ import sys
 
 from alignkit import presets
 from alignkit.args import is_notebook, parse_config
-from alignkit.config import MTBenchSettings, PairwiseSettings, VibesSettings
+from alignkit.config import AlpacaEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings
 
 # In a notebook, set things here instead of on a command line, e.g. NOTEBOOK_COMMAND = "pairwise" and
 # overrides = {"preset": "tiny"}; environment variables (upper-case names, COMMAND for the command) work too.
@@ -53,9 +57,10 @@ COMMANDS = {
     "vibes": (VibesSettings, "a quick look at one model's answers, or two models side by side"),
     "mt_bench": (MTBenchSettings, "MT-Bench answers, judged pairwise by an OpenAI-compatible model via FastChat"),
     "pairwise": (PairwiseSettings, "the same pairwise flow on your own prompts (--preset tiny: offline demo)"),
+    "alpaca_eval": (AlpacaEvalSettings, "AlpacaEval win rates (and length-controlled) through the alpaca_eval package"),
 }
 USAGE = "\n".join([f"usage: evaluate.py {{{','.join(COMMANDS)}}} [--OPTION VALUE ...]", ""]
-                  + [f"  {name:<10}{text}" for name, (_, text) in COMMANDS.items()]
+                  + [f"  {name:<12}{text}" for name, (_, text) in COMMANDS.items()]
                   + ["", "A command's settings: python evaluate.py COMMAND --help"])
 
 argv = [] if is_notebook() else sys.argv[1:]
@@ -88,6 +93,10 @@ def whole_values(argv: list[str], flag: str) -> tuple[list[str], list[str] | Non
 argv, prompts = whole_values(argv, "--prompts") if "prompts" in fields else (argv, None)
 named = {name: {k: v for k, v in d.items() if k in fields}  # each preset's share for this command
          for name, d in presets.named("evaluate").items()}
+if command == "alpaca_eval":  # its own share of the tiny preset: DPO against SFT as a reference model
+    from alignkit.alpacaeval import tiny_defaults
+
+    named["tiny"] = tiny_defaults()
 settings = parse_config(settings_class, args=argv, presets=named if "preset" in fields else None,
                         overrides={**overrides, **({"prompts": prompts} if prompts is not None else {})},
                         prog=f"evaluate.py {command}", description=description)
@@ -322,3 +331,18 @@ if command in ("mt_bench", "pairwise"):
     )
     chart = results.plot(pairs, output_dir / "results.png")
     print(f"\nresults: {results_file}\nchart:   {chart}")
+
+# %% [markdown]
+# ## AlpacaEval (alpaca_eval)
+# Outputs for AlpacaEval's 805 instructions (or `--eval_set`) in its format, generated on `--backend` and kept
+# across reruns; references from `--reference_outputs`, `--reference_model` or AlpacaEval 2's own; pairs
+# annotated by the `alpaca_eval` package with `--annotators_config` at `--judge_base_url` (its caching, plus a
+# log of every judge answer, so a rerun sends nothing twice); win rate, standard error and length-controlled
+# win rate from its metrics. `leaderboard.csv`, `annotations.json`, `summary.json` and `win_rates.png` land in
+# `<output_dir>/<config>/<reference>/` (see alignkit.alpacaeval).
+
+# %%
+if command == "alpaca_eval":
+    from alignkit import alpacaeval
+
+    summary = alpacaeval.run(settings, backend)

@@ -371,6 +371,65 @@ class PairwiseSettings(MTBenchSettings):
 
 
 @dataclass
+class JudgeEndpointSettings:
+    """An LLM judge at an OpenAI-compatible endpoint (evaluate.py alpaca_eval)."""
+
+    judge_model: str | None = setting(
+        None, "judge model name at the endpoint; default: the annotator config's own (e.g. gpt-4-1106-preview)"
+    )
+    judge_base_url: str | None = setting(
+        None, "OpenAI-compatible judge endpoint, e.g. http://localhost:8000/v1; default: OPENAI_BASE_URL, else OpenAI"
+    )
+    judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the judge's API key")
+    parallel: int = setting(8, "concurrent requests to the judge")
+    max_retries: int = setting(3, "retries of a judge request on 429, 5xx, timeouts (the client's backoff)")
+    request_timeout: float = setting(120.0, "seconds before one judge request attempt times out")
+
+    def check_judge(self):
+        if self.parallel < 1 or self.max_retries < 0 or self.request_timeout <= 0:
+            raise ValueError("parallel must be >= 1, max_retries >= 0 and request_timeout > 0")
+
+
+@dataclass
+class AlpacaEvalSettings(JudgeEndpointSettings, EvalSettings):
+    """evaluate.py alpaca_eval: AlpacaEval win rates against reference outputs, judged by alpaca_eval itself."""
+
+    preset: str | None = setting(None, "named defaults: 'tiny' runs the whole flow offline with the rule judge")
+    model_name: str | None = setting(None, "the generator's name in outputs and leaderboard; default: model folder name")
+    eval_set: str | None = setting(
+        None, "JSON/JSONL rows with an `instruction` field; default: AlpacaEval's 805 (Hub tatsu-lab/alpaca_eval)"
+    )
+    max_instances: int | None = setting(None, "evaluate only the first N instructions; for quick runs")
+    reference_outputs: str | None = setting(
+        None, "reference outputs in AlpacaEval's format (instruction, output, generator); default: AlpacaEval 2's "
+        "GPT-4 Turbo outputs with the default eval set"
+    )
+    reference_model: str | None = setting(
+        None, "generate the reference outputs with this model (e.g. the base); --reference_outputs wins over it"
+    )
+    reference_name: str | None = setting(None, "the reference's generator name; default: its folder name")
+    annotators_config: str = setting(
+        "weighted_alpaca_eval_gpt4_turbo", "alpaca_eval annotator config: a name of its evaluators_configs "
+        "(alpaca_eval_gpt4, ...) or a configs.yaml path; --judge_model rule: the tiny preset's rule judge",
+    )
+    lc_glm: str = setting(
+        "auto", "length-controlled GLM; auto: length_controlled_v1 on AlpacaEval's set, length_controlled_minimal "
+        "(no instruction difficulty) on your own", choices=["auto", "length_controlled_v1", "length_controlled_minimal"],
+    )
+    lc_data: str | None = setting(
+        None, "AlpacaEval's df_gamed.csv (instruction difficulties) for length_controlled_v1; default: the Hub file"
+    )
+    temperature: float = setting(0.7, "sampling temperature of the generated outputs; 0 is greedy")
+    output_dir: str = setting("outputs/alpaca_eval", "outputs, annotations, leaderboard and summary; reruns resume")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_judge()
+        if self.max_instances is not None and self.max_instances < 1:
+            raise ValueError(f"max_instances must be >= 1, got {self.max_instances}")
+
+
+@dataclass
 class MergeSettings:
     """merge.py: adapters merged into their base, checked, saved, and optionally pushed."""
 

@@ -5,12 +5,15 @@
 
 The responder gets the request's JSON body and returns the assistant's text, or a `Fault` to inject an
 HTTP error (429 with Retry-After, 500), a delay longer than the client's timeout, or a body that is not JSON.
+It may also return a `Reply`: text with the token log-probs the API sends when asked (`logprobs: true`,
+`top_logprobs`), e.g. `Reply("m", logprobs=top_logprobs({"m": 0.8, "M": 0.2}))`.
 Every request is recorded in `server.requests`, so tests can count what was sent.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,10 +29,30 @@ class Fault:
     body: str = '{"error": {"message": "injected fault", "type": "server_error"}}'
 
 
-def completion(text: str, model: str = "fake", prompt_tokens: int = 10, completion_tokens: int = 5) -> dict:
+@dataclass
+class Reply:
+    """An answer with the choice's `logprobs` object ({"content": [per-token entries]}), as the API sends it."""
+
+    text: str
+    logprobs: dict | None = None
+
+
+def top_logprobs(probs: dict[str, float], token: str | None = None) -> dict:
+    """A one-token choice.logprobs: `token` (default: the likeliest) with `probs` as its top_logprobs."""
+    tops = [{"token": t, "logprob": math.log(max(p, 1e-12)), "bytes": list(t.encode())} for t, p in probs.items()]
+    token = token or max(probs, key=probs.get)
+    chosen = next(t for t in tops if t["token"] == token)
+    return {"content": [{**chosen, "top_logprobs": tops}]}
+
+
+def completion(text: str, model: str = "fake", prompt_tokens: int = 10, completion_tokens: int = 5,
+               logprobs: dict | None = None) -> dict:
+    choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
     return {
         "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+        "choices": [choice],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
@@ -56,6 +79,10 @@ class FakeOpenAI:
                 if isinstance(answer, Fault):
                     time.sleep(answer.delay)
                     status, headers, payload = answer.status, answer.headers, answer.body.encode()
+                elif isinstance(answer, Reply):
+                    status, headers = 200, {}
+                    payload = json.dumps(completion(answer.text, body.get("model", "fake"),
+                                                    logprobs=answer.logprobs)).encode()
                 else:
                     status, headers = 200, {}
                     payload = json.dumps(completion(answer, body.get("model", "fake"))).encode()

@@ -1,0 +1,289 @@
+"""evaluate.py alpaca_eval: AlpacaEval through the real alpaca_eval package, offline.
+
+The tiny preset's flow runs end to end with the rule judge standing in for the annotator's model; real
+annotator configs are sent to the loopback OpenAI-compatible server (tests/openai_server.py), which answers in
+the config's format (log-probs of m/M, or the ranking text) so alpaca_eval's own parsing runs; kills during
+generation and during annotation resume without generating or paying for anything twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import run_script
+
+sys.path.insert(0, str(Path(__file__).parent))
+from openai_server import FakeOpenAI, Fault, Reply, top_logprobs  # noqa: E402
+
+from alignkit import presets  # noqa: E402
+from alignkit.args import ConfigError  # noqa: E402
+
+BAD = "stone,cloud,river."  # three words of no category: the rule scores it 0
+
+
+@pytest.fixture()
+def tiny_set(tiny_cache, tmp_path):
+    """(tiny model, eval set file, rule-breaking reference outputs file)."""
+    from alignkit.alpacaeval import tiny_eval_set
+
+    rows = json.loads(tiny_eval_set().read_text())
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps([{"instruction": r["instruction"], "output": BAD, "generator": "bad"} for r in rows]))
+    return presets.paths()["model"], tiny_eval_set(), refs
+
+
+def results(out: Path, config: str, ref: str = "bad"):
+    folder = out / config / ref
+    return (json.loads((folder / "summary.json").read_text()), pd.read_csv(folder / "leaderboard.csv", index_col=0),
+            json.loads((folder / "annotations.json").read_text()), folder)
+
+
+def verdict(instruction: str, first: str, second: str, ties: bool = True) -> str:
+    """The rule's verdict; without ties (a ranking must pick one), a tie goes to the alphabetically later text."""
+    out = presets.rule_judge(instruction, first, second)
+    return out if ties or out != "tie" else "A" if first > second else "B"
+
+
+def expected_preference(row, p_winner: float, ties: bool = True) -> float:
+    """The preference alpaca_eval must parse when the judge gives the rule's winner probability p_winner."""
+    return {"A": 2 - p_winner, "B": 1 + p_winner}.get(verdict(row["instruction"], row["output_1"], row["output_2"],
+                                                              ties), 1.5)
+
+
+def test_tiny_flow_end_to_end_offline(tiny_set, tmp_path, capsys):
+    model, _, refs = tiny_set
+    out = tmp_path / "out"
+    args = ("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", model, "--model_name", "tiny",
+            "--reference_outputs", str(refs), "--output_dir", str(out))
+    run_script(*args)
+    summary, board, annotations, folder = results(out, "weighted_alpaca_eval_gpt4_turbo")
+    outputs = json.loads((out / "model_outputs" / "tiny.json").read_text())
+    assert len(outputs) == len(annotations) == summary["instances"] == 29
+    assert all(set(o) == {"instruction", "output", "generator", "dataset"} and o["generator"] == "tiny" for o in outputs)
+    # Every pair went through alpaca_eval's annotator: random order, m/M log-probs parsed back to the rule's verdict.
+    for row in annotations:
+        assert row["generator_2"] == "tiny" and row["output_1"] == BAD
+        assert float(row["preference"]) == pytest.approx(expected_preference(row, 1.0), abs=1e-6)
+    # The model won some pairs shown first (token m) and some shown second (M): alpaca_eval shuffled the order.
+    won = [r["preference_raw_completion"]["text"] for r in annotations if float(r["preference"]) > 1.9]
+    assert set(won) == {"m", "M"}
+    # alpaca_eval's metrics: win rate = mean(preference - 1) in %, and the length-controlled GLM's.
+    win_rate = 100 * sum(float(r["preference"]) - 1 for r in annotations) / len(annotations)
+    assert board.loc["tiny", "win_rate"] == pytest.approx(win_rate) == pytest.approx(summary["win_rate"])
+    assert 50 < win_rate < 100  # the model follows the rule some of the time; the reference never does
+    assert 0 <= board.loc["tiny", "length_controlled_winrate"] <= 100 and summary["standard_error"] > 0
+    assert summary["glm"] == "length_controlled_minimal"
+    assert (folder / "win_rates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    run_script(*args)  # a rerun generates nothing and finds every annotation cached
+    assert "all 29 outputs generated before" in capsys.readouterr().out
+    assert results(out, "weighted_alpaca_eval_gpt4_turbo")[0]["win_rate"] == pytest.approx(win_rate)
+
+
+def test_tiny_preset_dpo_against_its_sft_reference_model(sft_run, dpo_run, tmp_path):
+    """The preset's own comparison: the DPO run against the SFT run it was trained on (--reference_model),
+    both generated here; DPO was trained on the rule, so it wins more than it loses."""
+    out = tmp_path / "out"
+    run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", str(dpo_run["run_folder"]),
+               "--reference_model", str(sft_run["run_folder"]), "--output_dir", str(out))
+    summary, board, annotations, folder = results(out, "weighted_alpaca_eval_gpt4_turbo", "sft")
+    assert summary["model"] == "dpo" and summary["reference"] == "sft" and len(annotations) == 29
+    refs = {o["instruction"]: o["output"] for o in json.loads((out / "model_outputs" / "sft.json").read_text())}
+    assert all(r["output_1"] == refs[r["instruction"]] and r["generator_1"] == "sft" for r in annotations)
+    assert summary["win_rate"] > 50 and "length_controlled_winrate" in board.columns
+    assert (folder / "win_rates.png").is_file()
+
+
+def judge_by_rule(config_format: str, p_winner: float = 0.9):
+    """A loopback judge answering in `config_format` by the rule, reading the pair from the rendered prompt."""
+
+    def respond(body):
+        content = body["messages"][-1]["content"]
+        instruction, first, second = re.findall(r'"""(.*?)"""', content, re.S)[:3]
+        if config_format == "ranking":
+            first_rank = 2 if verdict(instruction, first, second, ties=False) == "B" else 1
+            return str([{"model": "model_1", "rank": first_rank}, {"model": "model_2", "rank": 3 - first_rank}])
+        p_m = {"A": p_winner, "B": 1 - p_winner}.get(verdict(instruction, first, second), 0.5)
+        return Reply("m" if p_m >= 0.5 else "M", logprobs=top_logprobs({"m": p_m, "M": 1 - p_m, "The": 1e-6}))
+
+    return respond
+
+
+@pytest.mark.parametrize("config,fmt", [("weighted_alpaca_eval_gpt4_turbo", "logprobs"), ("alpaca_eval_gpt4", "ranking")])
+def test_a_real_annotator_config_against_the_loopback_server(tiny_set, tmp_path, monkeypatch, capsys, caplog, config,
+                                                             fmt):
+    model, _, refs = tiny_set
+    out = tmp_path / "out"
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test-secret-value-123")
+    with FakeOpenAI(judge_by_rule(fmt)) as server:
+        run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", model, "--model_name", "tiny",
+                   "--reference_outputs", str(refs), "--output_dir", str(out), "--max_instances", "12",
+                   "--annotators_config", config, "--judge_model", "judge-x", "--judge_base_url", server.base_url,
+                   "--judge_api_key_env", "MY_JUDGE_KEY")
+    summary, board, annotations, folder = results(out, config)
+    assert server.count == len(annotations) == 12 and summary["requests"] == {"sent": 12, "reused": 0, "failed": 0}
+    assert {r["model"] for r in server.requests} == {"judge-x"}
+    if fmt == "logprobs":  # the config's decoding arguments reach the endpoint
+        assert all(r["logprobs"] is True and r["top_logprobs"] == 5 and r["max_tokens"] == 1 for r in server.requests)
+    for row in annotations:  # parsed by alpaca_eval and put back in order despite its random switching
+        want = expected_preference(row, 0.9) if fmt == "logprobs" else expected_preference(row, 1.0, ties=False)
+        assert float(row["preference"]) == pytest.approx(want, abs=1e-6)
+    assert board.loc["tiny", "win_rate"] == pytest.approx(100 * sum(float(r["preference"]) - 1 for r in annotations) / 12)
+    assert summary["judge_model"] == "judge-x" and summary["judge_base_url"] == server.base_url
+    for file in out.rglob("*"):  # the key never reaches a file, nor the logs
+        assert not file.is_file() or b"sk-test-secret-value-123" not in file.read_bytes(), file
+    captured = capsys.readouterr()
+    assert "sk-test-secret-value-123" not in captured.out + captured.err + caplog.text
+
+
+def test_a_kill_during_annotation_resumes_without_a_repeated_request(tiny_set, tmp_path, monkeypatch):
+    model, _, refs = tiny_set
+    out = tmp_path / "out"
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    answered: list[str] = []  # the prompts the judge answered (and charged for)
+    healthy = judge_by_rule("logprobs")
+
+    def dies_at_the_fifth(body):
+        if len(answered) == 4:
+            return Fault(status=400)  # not retried: the run stops mid-chunk, like a kill
+        answered.append(body["messages"][-1]["content"])
+        return healthy(body)
+
+    args = ("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", model, "--model_name", "tiny",
+            "--reference_outputs", str(refs), "--output_dir", str(out), "--max_instances", "10", "--parallel", "1",
+            "--judge_model", "judge-x")
+    with FakeOpenAI(dies_at_the_fifth) as server:
+        with pytest.raises(Exception):
+            run_script(*args, "--judge_base_url", server.base_url)
+        assert len(answered) == 4
+        assert not list(out.glob("weighted_alpaca_eval_gpt4_turbo/bad/leaderboard.csv"))  # the chunk never finished
+        first = list(answered)
+
+        def counting(body):
+            answered.append(body["messages"][-1]["content"])
+            return healthy(body)
+
+        server.responder = counting  # the same endpoint, healthy again
+        before = server.count  # the four answered and the failed one (the client may have retried it)
+        run_script(*args, "--judge_base_url", server.base_url)
+        assert server.count - before == 6  # only the six pairs never answered
+        summary = results(out, "weighted_alpaca_eval_gpt4_turbo")[0]
+        assert summary["requests"] == {"sent": 6, "reused": 4, "failed": 0} and summary["n_total"] == 10
+        assert not set(answered[4:]) & set(first) and len(set(answered)) == 10
+        run_script(*args, "--judge_base_url", server.base_url)  # all cached by alpaca_eval now
+        assert server.count - before == 6
+
+
+def test_a_kill_during_generation_resumes_with_the_finished_batches(tiny_set, tmp_path, monkeypatch):
+    import alignkit.generation as generation
+
+    model, _, refs = tiny_set
+    out = tmp_path / "out"
+    real, asked = generation.load_generator, []
+
+    class Killed(Exception):
+        pass
+
+    def patched(die_after: int | None):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def load(settings, backend):
+            with real(settings, backend) as generator:
+                def generate(conversations, **kw):
+                    if die_after is not None and len(asked) >= die_after:
+                        raise Killed
+                    asked.extend(c[-1]["content"] for c in conversations)
+                    return generator(conversations, **kw)
+
+                yield generate
+
+        return load
+
+    args = ("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", model, "--model_name", "tiny",
+            "--reference_outputs", str(refs), "--output_dir", str(out), "--batch_size", "8")
+    monkeypatch.setattr(generation, "load_generator", patched(die_after=16))
+    with pytest.raises(Killed):
+        run_script(*args)
+    log = out / "model_outputs" / "tiny.jsonl"
+    kept = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(kept) == 16 and len(asked) == 16
+    monkeypatch.setattr(generation, "load_generator", patched(die_after=None))
+    run_script(*args)
+    assert len(asked) == 29 and len(set(asked)) == 29  # the 13 missing ones, nothing twice
+    outputs = {o["instruction"]: o["output"] for o in json.loads((out / "model_outputs" / "tiny.json").read_text())}
+    assert all(outputs[k["instruction"]] == k["output"] for k in kept)
+    assert results(out, "weighted_alpaca_eval_gpt4_turbo")[0]["instances"] == 29
+
+
+def hub_cache(root: Path, files: dict[str, str]) -> Path:
+    """A Hugging Face Hub cache holding `files` of the dataset tatsu-lab/alpaca_eval, as a download leaves it."""
+    repo = root / "datasets--tatsu-lab--alpaca_eval"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, text in files.items():
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / name).write_text(text)
+    return root
+
+
+def test_the_default_eval_set_and_length_control_come_from_the_hub_cache_offline(tiny_set, tmp_path, monkeypatch):
+    """AlpacaEval's own set (and its GPT-4 Turbo references) and df_gamed.csv for length_controlled_v1, read
+    offline from the Hub cache: here small stand-ins with the real files' names and columns."""
+    import random
+
+    model, eval_set, _ = tiny_set
+    rows = json.loads(eval_set.read_text())
+    baseline = [{"instruction": r["instruction"], "output": BAD, "generator": "gpt4_1106_preview",
+                 "dataset": "helpful_base"} for r in rows]
+    rng = random.Random(0)
+    difficulty = [rng.uniform(-1, 1) for _ in rows]
+    gamed = "model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\n" + "".join(
+        f"{m},{i},{p},{d},{difficulty[i]},False\n" for m, p, d in (("gamed_verbose", 0.8, 1.0), ("gamed_concise", 0.2, -1.0))
+        for i in range(len(rows)))
+    cache = hub_cache(tmp_path / "hub", {"alpaca_eval_gpt4_baseline.json": json.dumps(baseline), "df_gamed.csv": gamed})
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    out = tmp_path / "out"
+    run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", model, "--model_name", "tiny",
+               "--eval_set", "none", "--reference_model", "none", "--output_dir", str(out),
+               "--max_instances", "20")
+    summary, board, annotations, folder = results(out, "weighted_alpaca_eval_gpt4_turbo", "gpt4_1106_preview")
+    assert summary["eval_set"] == "tatsu-lab/alpaca_eval/alpaca_eval_gpt4_baseline.json" and summary["instances"] == 20
+    assert summary["glm"] == "length_controlled_v1" and 0 <= summary["length_controlled_winrate"] <= 100
+    assert {r["generator_1"] for r in annotations} == {"gpt4_1106_preview"} and len(annotations) == 20
+    weights = pd.read_csv(folder / "glm_weights" / "length_controlled_v1" / "baseline_gpt4_1106_preview.csv", index_col=0)
+    assert "tiny" in weights.index and "instruction_difficulty" in weights.columns
+
+
+def test_bad_input_and_missing_things_fail_with_one_clear_line(tiny_set, tmp_path, monkeypatch):
+    model, eval_set, refs = tiny_set
+    base = ("evaluate.py", "alpaca_eval", "--model_id", model, "--output_dir", str(tmp_path / "out"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "name three fruits."}\n{"prompt": "no instruction"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl, line 2: field 'instruction' must be a non-empty string"):
+        run_script(*base, "--eval_set", str(bad), "--judge_model", "rule", "--reference_outputs", str(refs))
+    # The default eval set comes from the Hub; offline and not cached, the error says what to provide.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    with pytest.raises(ConfigError, match=r"alpaca_eval_gpt4_baseline.json of the Hub dataset tatsu-lab/alpaca_eval.*"
+                                          r"--eval_set FILE"):
+        run_script(*base, "--judge_model", "rule")
+    with pytest.raises(ConfigError, match="MISSING_JUDGE_KEY is not set"):
+        run_script(*base, "--eval_set", str(eval_set), "--judge_api_key_env", "MISSING_JUDGE_KEY")
+    with pytest.raises(ConfigError, match=r"no output for 28 of the eval set's 29 instructions"):
+        one = tmp_path / "one.json"
+        one.write_text(json.dumps([{"instruction": json.loads(eval_set.read_text())[0]["instruction"], "output": "x"}]))
+        run_script(*base, "--eval_set", str(eval_set), "--judge_model", "rule", "--reference_outputs", str(one))
+    with pytest.raises(ConfigError, match="needs references"):
+        run_script(*base, "--eval_set", str(eval_set), "--judge_model", "rule")
+    with pytest.raises(ConfigError, match="df_gamed.csv .*--lc_data FILE"):
+        from alignkit.alpacaeval import glm_setup
+        from alignkit.config import AlpacaEvalSettings
+
+        glm_setup(AlpacaEvalSettings(lc_glm="length_controlled_v1"), [{}], tmp_path)
