@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import logger, quiet_library_noise
+from .errors import UserError
 
 TRAINABLE = "default"  # PEFT's default adapter name; transformers' Trainer resumes this one
 
@@ -117,18 +118,61 @@ def adapter_config(source: str, revision: str | None = None) -> dict | None:
         return None
 
 
+def _recorded_base(adapter: str, base: str) -> str:
+    """Where the base an adapter records lives: a relative path counts from the adapter's folder.
+
+    save_adapter records a local adapter it was trained on relative to itself, so a chain copied or moved as a
+    whole still resolves; absolute paths (older runs, local full models) and Hub ids stay as they are.
+    """
+    if Path(adapter).is_dir() and not Path(base).is_absolute():
+        beside = Path(adapter, base)
+        if beside.exists() or base.startswith("."):
+            return os.path.normpath(os.path.abspath(beside))
+    return base
+
+
 def adapter_chain(source: str, revision: str | None = None) -> tuple[str, list[str]]:
     """(base model id, [adapter sources from the base upwards])."""
     chain: list[str] = []
     while (config := adapter_config(source, revision)) is not None:
         chain.insert(0, source)
-        base = config.get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{source}/adapter_config.json has no base_model_name_or_path; pass the base with --model_id")
+        recorded = config.get("base_model_name_or_path")
+        if not recorded:
+            raise UserError(f"{source}/adapter_config.json has no base_model_name_or_path; pass the base with --model_id")
         if len(chain) > 8:
-            raise ValueError(f"adapter chain from {source} is longer than 8: does an adapter name itself as its base?")
+            raise UserError(f"adapter chain from {source} is longer than 8: does an adapter name itself as its base?")
+        base = _recorded_base(source, recorded)
+        if _looks_local(base) and not Path(base).exists():
+            raise UserError(
+                f"{source}/adapter_config.json names its base {recorded!r}, which is not there "
+                f"({'relative paths count from the adapter folder; ' if base != recorded else ''}was it moved or "
+                "deleted?). Put it back, or point base_model_name_or_path at where it is now (merge.py: --base_model)."
+            )
         source = base
     return source, chain
+
+
+def _looks_local(source: str) -> bool:
+    """A filesystem path rather than a Hub id: absolute, ./ ../ ~, or more than one "/"."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def check_model_source(source: str) -> None:
+    """Fail early and in one line when the model is neither a local folder nor reachable on the Hub."""
+    from .hub import require_reachable
+
+    if Path(source).exists():
+        return
+    if _looks_local(source):
+        raise UserError(f"model not found: {source} is no local folder (and not a Hub id); check the path")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not any(
+        isinstance(try_to_load_from_cache(source, name), str) for name in ("config.json", "adapter_config.json")
+    ):
+        raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
+                        "cache holds no copy of it; check the path, or unset HF_HUB_OFFLINE to download it")
+    require_reachable(source)
 
 
 def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_template: str | None = None):
@@ -136,6 +180,8 @@ def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_tem
 
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if chat_template:
+        if not Path(chat_template).is_file():
+            raise UserError(f"--chat_template {chat_template}: file not found; pass a Jinja chat template file")
         tok.chat_template = Path(chat_template).read_text()
     set_pad_token(tok)
     return tok
@@ -159,7 +205,7 @@ def set_pad_token(tok) -> None:
 
 def require_chat_template(tok, model_id: str) -> None:
     if not getattr(tok, "chat_template", None):
-        raise ValueError(
+        raise UserError(
             f"{model_id} has no chat template, and this data is conversational. Pass one with "
             "--chat_template FILE (a Jinja file: take it from an instruct model of the same family, or from TRL's "
             "trl/chat_templates folder)."
@@ -178,8 +224,11 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quiet_library_noise()
+    check_model_source(s.model_id)  # before the libraries retry an unreachable Hub for a minute
     base_id, chain = adapter_chain(s.model_id, s.revision)
     base_id = base_model or base_id
+    if base_id != s.model_id:
+        check_model_source(base_id)
     if chain:
         logger.info(f"{s.model_id} is an adapter; base model: {base_id}; adapters: {' -> '.join(chain)}")
     dtype = resolve_dtype(s.dtype)
@@ -207,6 +256,11 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         # Each process owns one GPU: device_map="auto" would spread a model over all of them and break DDP.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(base_id, **kwargs)
+    if quantization == "4bit" and not torch.cuda.is_available():
+        from . import _BitsandbytesCpuKernelNote
+
+        if _BitsandbytesCpuKernelNote.seen:  # bitsandbytes' own import-time warning is dropped (see alignkit)
+            logger.info("4-bit on the CPU: bitsandbytes uses its own matmul kernel; `pip install kernels` gives it a faster one")
     if dequantize:
         model = model.dequantize()  # bitsandbytes' own NF4 -> float, weight by weight
         model.to(dtype)
@@ -293,6 +347,17 @@ def save_adapter(model, tokenizer, out_dir: str | os.PathLike, base_source: str)
     tokenizer.save_pretrained(out)
     config_file = out / "adapter_config.json"
     config = json.loads(config_file.read_text())
-    # A local base is recorded by absolute path so the adapter loads from any working directory.
-    config["base_model_name_or_path"] = str(Path(base_source).resolve()) if Path(base_source).exists() else base_source
+    # A local adapter underneath is recorded relative to this one, so the chain can be copied or moved as a whole
+    # (adapter_chain resolves it from here); a local full model by absolute path, so an adapter copied away from
+    # it still finds it; a Hub id as it is.
+    base = Path(base_source)
+    if (base / "adapter_config.json").is_file():
+        recorded = os.path.relpath(base.resolve(), out.resolve())
+    else:
+        recorded = str(base.resolve()) if base.exists() else base_source
+    config["base_model_name_or_path"] = recorded
     config_file.write_text(json.dumps(config, indent=2))
+    from .hub import model_card
+
+    # The card TRL and PEFT left names the base "None" (a local one) or by its local path: write alignkit's.
+    (out / "README.md").write_text(model_card(out))
