@@ -239,7 +239,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     )
     sharded = _sharded_launch()
     if quantization == "8bit" and sharded:
-        raise ValueError(
+        raise UserError(
             f"--quantization 8bit cannot be sharded by {sharded}: bitsandbytes supports that for 4-bit only. "
             "Use --quantization 4bit, or a DDP launch (recipes/accelerate/ddp.yaml)."
         )
