@@ -157,8 +157,11 @@ def _looks_local(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
 
 
-def check_model_source(source: str) -> None:
-    """Fail early and in one line when the model is neither a local folder nor reachable on the Hub."""
+def check_model_source(source: str, cache: bool = True) -> None:
+    """Fail early and in one line when a model is neither a local folder nor to be had from the Hub.
+
+    cache: offline (HF_HUB_OFFLINE=1), also require a copy in the Hugging Face cache.
+    """
     from .hub import require_reachable
 
     if Path(source).exists():
@@ -167,7 +170,7 @@ def check_model_source(source: str) -> None:
         raise UserError(f"model not found: {source} is no local folder (and not a Hub id); check the path")
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if constants.HF_HUB_OFFLINE and not any(
+    if cache and constants.HF_HUB_OFFLINE and not any(
         isinstance(try_to_load_from_cache(source, name), str) for name in ("config.json", "adapter_config.json")
     ):
         raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
@@ -224,11 +227,9 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quiet_library_noise()
-    check_model_source(s.model_id)  # before the libraries retry an unreachable Hub for a minute
+    check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
     base_id, chain = adapter_chain(s.model_id, s.revision)
     base_id = base_model or base_id
-    if base_id != s.model_id:
-        check_model_source(base_id)
     if chain:
         logger.info(f"{s.model_id} is an adapter; base model: {base_id}; adapters: {' -> '.join(chain)}")
     dtype = resolve_dtype(s.dtype)
@@ -255,6 +256,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     if quantization != "none" and torch.cuda.is_available() and not sharded:
         # Each process owns one GPU: device_map="auto" would spread a model over all of them and break DDP.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    check_model_source(base_id)
     model = AutoModelForCausalLM.from_pretrained(base_id, **kwargs)
     if quantization == "4bit" and not torch.cuda.is_available():
         from . import _BitsandbytesCpuKernelNote
