@@ -97,11 +97,12 @@ args = trl_config(
     loss_weights=settings.loss_weights, label_smoothing=settings.label_smoothing,
     precompute_ref_log_probs=settings.precompute_ref_log_probs,
 )
-trainer = AlignDPOTrainer(
-    model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-    processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
-)
-with start_run(settings, run_folder, resume_from):  # claims the folder; gives it back if this fails early
+# The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
+with start_run(settings, run_folder, resume_from):
+    trainer = AlignDPOTrainer(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+        processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
+    )
     trainer.train(resume_from_checkpoint=resume_from)
 
 # %% [markdown]

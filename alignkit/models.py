@@ -262,7 +262,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         from . import _BitsandbytesCpuKernelNote
 
         if _BitsandbytesCpuKernelNote.seen:  # bitsandbytes' own import-time warning is dropped (see alignkit)
-            logger.info("4-bit on the CPU: bitsandbytes uses its own matmul kernel; `pip install kernels` gives it a faster one")
+            logger.info("4-bit on the CPU: bitsandbytes uses its plain matmul kernel (`pip install kernels` "
+                        "gives it a faster one)")
     if dequantize:
         model = model.dequantize()  # bitsandbytes' own NF4 -> float, weight by weight
         model.to(dtype)

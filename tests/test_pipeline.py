@@ -168,6 +168,7 @@ def test_label_smoothing_with_trl_losses_is_refused(tiny_cache, tmp_path):
     with pytest.raises(ValueError, match="ignores label smoothing"):
         run_script("dpo.py", "--preset", "tiny", "--max_steps", "1", "--loss_type", "sigmoid,hinge",
                    "--label_smoothing", "0.1", "--output_dir", str(tmp_path))
+    assert not list(tmp_path.iterdir())  # the refused run left no folder behind
 
 
 def test_merge_adaptors_writes_a_model_with_the_same_logits(dpo_run, tmp_path):
