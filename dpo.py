@@ -26,9 +26,14 @@
 # set `overrides` below (or environment variables) instead of touching argv.
 
 # %%
+from alignkit.errors import report_user_errors
+
+report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
+
 from alignkit import presets
 from alignkit.args import parse_config
 from alignkit.config import DPOSettings
+from alignkit.training import preflight
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "dpo_beta": 0.2};
 # environment variables (upper-case names) work too. Flags given on a command line apply as well.
@@ -38,34 +43,8 @@ settings = parse_config(
     DPOSettings, overrides=overrides, presets=presets.named("dpo"), prog="dpo.py",
     description="DPO with LoRA/QLoRA.",
 )
-if settings.push_to_hub:
-    from alignkit.hub import require_token
-
-    require_token()  # fail now, not after hours of training
 presets.ensure(settings)
-
-# %% [markdown]
-# ## Run folder
-# Everything goes to `output_dir/run_name`; the resolved settings are saved there first (secrets redacted).
-# A rerun with the same settings continues from the last checkpoint.
-
-# %%
-from alignkit.training import prepare_run
-
-run_folder, resume_from = prepare_run(settings, "dpo")
-
-# %% [markdown]
-# ## Model
-# One loader for every script: a Hub id, a local folder or an adapter folder; 4-bit NF4 on CUDA by default.
-# A fresh LoRA adapter goes on top; anything the model was loaded with stays frozen.
-
-# %%
-from alignkit.models import add_trainable_adapter, load_model, require_chat_template
-
-loaded = load_model(settings, for_training=True)
-require_chat_template(loaded.tokenizer, settings.model_id)
-model = add_trainable_adapter(loaded, settings)
-model.print_trainable_parameters()
+preflight(settings)  # a push's token and base, wandb's key, the Hub: checked now, not after hours of training
 
 # %% [markdown]
 # ## Data
@@ -83,6 +62,29 @@ train_data, eval_data = split(preferences, settings)
 print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]
+# ## Model
+# One loader for every script: a Hub id, a local folder or an adapter folder; 4-bit NF4 on CUDA by default.
+# A fresh LoRA adapter goes on top; anything the model was loaded with stays frozen.
+
+# %%
+from alignkit.models import add_trainable_adapter, load_model, require_chat_template
+
+loaded = load_model(settings, for_training=True)
+require_chat_template(loaded.tokenizer, settings.model_id)
+model = add_trainable_adapter(loaded, settings)
+model.print_trainable_parameters()
+
+# %% [markdown]
+# ## Run folder
+# Everything goes to `output_dir/run_name`. A rerun with the same settings continues from the last checkpoint.
+# Nothing is written yet: the folder is claimed when training starts, with settings, data and model checked.
+
+# %%
+from alignkit.training import prepare_run
+
+run_folder, resume_from = prepare_run(settings, "dpo")
+
+# %% [markdown]
 # ## Train
 # The reference pass runs with the trained adapter off (see alignkit.trainers).
 
@@ -90,18 +92,20 @@ print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} h
 from trl import DPOConfig
 
 from alignkit.trainers import AlignDPOTrainer
-from alignkit.training import trl_config
+from alignkit.training import start_run, trl_config
 
 args = trl_config(
     DPOConfig, settings, run_folder, loaded.dtype, beta=settings.dpo_beta, loss_type=settings.loss_type,
     loss_weights=settings.loss_weights, label_smoothing=settings.label_smoothing,
     precompute_ref_log_probs=settings.precompute_ref_log_probs,
 )
-trainer = AlignDPOTrainer(
-    model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-    processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
-)
-trainer.train(resume_from_checkpoint=resume_from)
+# The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
+with start_run(settings, run_folder, resume_from):
+    trainer = AlignDPOTrainer(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+        processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
 
 # %% [markdown]
 # ## Save, evaluate, merge, push

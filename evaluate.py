@@ -44,8 +44,12 @@ import dataclasses
 import os
 import sys
 
+from alignkit.errors import report_user_errors
+
+report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
+
 from alignkit import presets
-from alignkit.args import is_notebook, parse_config
+from alignkit.args import ConfigError, is_notebook, parse_config
 from alignkit.config import AlpacaEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings
 
 # In a notebook, set things here instead of on a command line, e.g. NOTEBOOK_COMMAND = "pairwise" and
@@ -69,7 +73,7 @@ if command not in COMMANDS:
     if command is None and argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         raise SystemExit(0)
-    raise SystemExit(f"{'unknown command ' + repr(command) if command else 'missing command'}\n{USAGE}")
+    raise ConfigError(f"{'unknown command ' + repr(command) if command else 'missing command'}\n{USAGE}")
 settings_class, description = COMMANDS[command]
 fields = {f.name for f in dataclasses.fields(settings_class) if f.init}
 
@@ -125,7 +129,7 @@ if command == "vibes":
     prompts = list(settings.prompts) + (
         [q["turns"][0] for q in prompt_questions(settings.prompts_file)] if settings.prompts_file else [])
     if not prompts:
-        raise SystemExit('vibes needs prompts: --prompts "first prompt" "second prompt", or --prompts_file FILE')
+        raise ConfigError('vibes needs prompts: --prompts "first prompt" "second prompt", or --prompts_file FILE')
     system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
     conversations = [system + [{"role": "user", "content": p}] for p in prompts]
     sources = [settings.model_id] + ([settings.compare_to] if settings.compare_to else [])

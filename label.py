@@ -41,6 +41,10 @@
 # variable), a Hub token for `--push_to_hub`. The settings are saved next to the output, secrets redacted.
 
 # %%
+from alignkit.errors import report_user_errors
+
+report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
+
 from alignkit import presets
 from alignkit.args import parse_config
 from alignkit.config import LabelSettings

@@ -22,6 +22,10 @@
 # %%
 from pathlib import Path
 
+from alignkit.errors import report_user_errors
+
+report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
+
 from alignkit import presets
 from alignkit.args import parse_config
 from alignkit.config import MergeSettings
@@ -35,11 +39,13 @@ settings = parse_config(
     presets={"tiny": {"adapter_dir": "runs/tiny-dpo"}, "smol": {"adapter_dir": "runs/smol-dpo"}},
     description="Merge LoRA adapters into their base model, check, save and push.",
 )
+presets.ensure(settings)
 if settings.push_to_hub:
-    from alignkit.hub import require_token
+    from alignkit.hub import check_pushable, require_token
 
     require_token()
-presets.ensure(settings)
+    if settings.push == "adapter":
+        check_pushable(settings.adapter_dir)  # an adapter on a local base loads nowhere else: refused now
 output_dir = Path(settings.output_dir or Path(settings.adapter_dir) / "merged")
 
 # %% [markdown]

@@ -18,9 +18,14 @@
 # set `overrides` below (or environment variables) instead of touching argv.
 
 # %%
+from alignkit.errors import report_user_errors
+
+report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
+
 from alignkit import presets
 from alignkit.args import parse_config
 from alignkit.config import SFTSettings
+from alignkit.training import preflight
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "max_steps": 20};
 # environment variables (upper-case names) work too. Flags given on a command line apply as well.
@@ -30,21 +35,8 @@ settings = parse_config(
     SFTSettings, overrides=overrides, presets={"tiny": presets.defaults("sft")}, prog="sft.py",
     description="SFT with LoRA/QLoRA.",
 )
-if settings.push_to_hub:
-    from alignkit.hub import require_token
-
-    require_token()  # fail now, not after hours of training
 presets.ensure(settings)
-
-# %% [markdown]
-# ## Run folder
-# Everything goes to `output_dir/run_name`; the resolved settings are saved there first (secrets redacted).
-# A rerun with the same settings continues from the last checkpoint.
-
-# %%
-from alignkit.training import prepare_run
-
-run_folder, resume_from = prepare_run(settings, "sft")
+preflight(settings)  # a push's token and base, wandb's key, the Hub: checked now, not after hours of training
 
 # %% [markdown]
 # ## Data
@@ -74,23 +66,35 @@ model = add_trainable_adapter(loaded, settings)
 model.print_trainable_parameters()
 
 # %% [markdown]
+# ## Run folder
+# Everything goes to `output_dir/run_name`. A rerun with the same settings continues from the last checkpoint.
+# Nothing is written yet: the folder is claimed when training starts, with settings, data and model checked.
+
+# %%
+from alignkit.training import prepare_run
+
+run_folder, resume_from = prepare_run(settings, "sft")
+
+# %% [markdown]
 # ## Train
 
 # %%
 from trl import SFTConfig
 
 from alignkit.trainers import AlignSFTTrainer, loss_mask_settings
-from alignkit.training import trl_config
+from alignkit.training import start_run, trl_config
 
 args = trl_config(
     SFTConfig, settings, run_folder, loaded.dtype, packing=settings.packing,
     **loss_mask_settings(settings.train_on, train_data, loaded.tokenizer),
 )
-trainer = AlignSFTTrainer(
-    model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-    processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
-)
-trainer.train(resume_from_checkpoint=resume_from)
+# The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
+with start_run(settings, run_folder, resume_from):
+    trainer = AlignSFTTrainer(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+        processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
 
 # %% [markdown]
 # ## Save, evaluate, merge, push

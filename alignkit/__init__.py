@@ -20,6 +20,28 @@ if not logger.handlers:
     logger.propagate = False
 
 
+class _BitsandbytesCpuKernelNote(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning.
+
+    bitsandbytes logs it on import on any CPU with AVX512-BF16, and PEFT and transformers import bitsandbytes in
+    every run, so it appeared in runs that hold no 4-bit weights at all. It only says that bitsandbytes' faster
+    CPU kernel for 4-bit matmuls (from the `kernels` package) is not installed and its own kernel is used;
+    alignkit.models says that once, in 4-bit runs on the CPU (`seen` tells whether bitsandbytes would have).
+    """
+
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "gemm_4bit_forward" in str(record.msg):
+            _BitsandbytesCpuKernelNote.seen = True
+            return False
+        return True
+
+
+# Installed before anything imports bitsandbytes: its warning is logged at import time.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_BitsandbytesCpuKernelNote())
+
+
 def quiet_library_noise() -> None:
     """Keep the log to what the user can act on.
 

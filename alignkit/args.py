@@ -22,6 +22,8 @@ from pathlib import Path
 import yaml
 from dotenv import load_dotenv
 
+from .errors import UserError
+
 __all__ = ["ConfigError", "setting", "parse_config", "config_to_dict", "save_config", "redact", "is_notebook"]
 
 _MISSING = dataclasses.MISSING
@@ -33,7 +35,7 @@ _SECRET_WORDS = ("token", "api_key", "secret", "password")
 _SPECIAL_TOKENS = {f"{p}_token" for p in ("pad", "eos", "bos", "unk", "sep", "cls", "mask")}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user-facing configuration problem; the message names the source of the bad value and the fix."""
 
 
@@ -132,6 +134,8 @@ def _parse_cli(argv, types_):
         if tok in ("-h", "--help"):
             wants_help = True
             continue
+        if tok == "--debug":  # read by alignkit.errors: show the traceback of a user error; not a setting
+            continue
         if not tok.startswith("--") or tok == "--":
             kind = "option" if tok.startswith("-") else "argument"
             raise ConfigError(f"unexpected {kind} {tok!r}: options are written --name VALUE (see --help)")
@@ -189,6 +193,8 @@ def _print_help(fields, types_, defaults, prog, description):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
     parser.add_argument("--config", metavar="FILE", help="YAML file of {option: value} [env: CONFIG]")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error, not just its message [env: ALIGNKIT_DEBUG=1]")
     for name, f in fields.items():
         choices = f.metadata.get("choices")
         inner, _ = _unwrap_optional(types_[name])

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 import datasets
 
+from .errors import UserError
+
 __all__ = ["DataError", "PREFERENCE_FORMATS", "SFT_FORMATS", "load_rows", "load_preferences", "load_sft",
            "detect_format", "is_hh_prompt", "hh_prompt_messages"]
 
@@ -27,7 +29,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem in the user's data or data arguments; the message says where it is and how to fix it."""
 
 

@@ -25,6 +25,7 @@ import torch
 
 from . import logger
 from .config import ModelSettings
+from .errors import UserError
 
 # Max |logit difference| accepted between the merged and the unmerged model, relative to the largest |logit|
 # (at least 1). Both run in fp32 and merging only reorders the same arithmetic, so the bound is fp32 noise
@@ -58,7 +59,7 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
                              attn_implementation="eager", use_liger="false")
     loaded = load_model(settings, full_precision=True, dequantize=dequantize, base_model=base_model, on_cpu=True)
     if not loaded.adapters:
-        raise ValueError(f"{adapter_dir} holds no adapter_config.json: there is nothing to merge")
+        raise UserError(f"{adapter_dir} holds no adapter_config.json: there is nothing to merge")
     model, tok = loaded.model, loaded.tokenizer
     batch = _check_inputs(tok, model.device)
     with torch.no_grad():

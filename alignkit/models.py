@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import logger, quiet_library_noise
+from .errors import UserError
 
 TRAINABLE = "default"  # PEFT's default adapter name; transformers' Trainer resumes this one
 
@@ -299,18 +300,64 @@ def adapter_config(source: str, revision: str | None = None) -> dict | None:
         return None
 
 
+def _recorded_base(adapter: str, base: str) -> str:
+    """Where the base an adapter records lives: a relative path counts from the adapter's folder.
+
+    save_adapter records a local adapter it was trained on relative to itself, so a chain copied or moved as a
+    whole still resolves; absolute paths (older runs, local full models) and Hub ids stay as they are.
+    """
+    if Path(adapter).is_dir() and not Path(base).is_absolute():
+        beside = Path(adapter, base)
+        if beside.exists() or base.startswith("."):
+            return os.path.normpath(os.path.abspath(beside))
+    return base
+
+
 def adapter_chain(source: str, revision: str | None = None) -> tuple[str, list[str]]:
     """(base model id, [adapter sources from the base upwards])."""
     chain: list[str] = []
     while (config := adapter_config(source, revision)) is not None:
         chain.insert(0, source)
-        base = config.get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{source}/adapter_config.json has no base_model_name_or_path; pass the base with --model_id")
+        recorded = config.get("base_model_name_or_path")
+        if not recorded:
+            raise UserError(f"{source}/adapter_config.json has no base_model_name_or_path; pass the base with --model_id")
         if len(chain) > 8:
-            raise ValueError(f"adapter chain from {source} is longer than 8: does an adapter name itself as its base?")
+            raise UserError(f"adapter chain from {source} is longer than 8: does an adapter name itself as its base?")
+        base = _recorded_base(source, recorded)
+        if _looks_local(base) and not Path(base).exists():
+            raise UserError(
+                f"{source}/adapter_config.json names its base {recorded!r}, which is not there "
+                f"({'relative paths count from the adapter folder; ' if base != recorded else ''}was it moved or "
+                "deleted?). Put it back, or point base_model_name_or_path at where it is now (merge.py: --base_model)."
+            )
         source = base
     return source, chain
+
+
+def _looks_local(source: str) -> bool:
+    """A filesystem path rather than a Hub id: absolute, ./ ../ ~, or more than one "/"."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def check_model_source(source: str, cache: bool = True) -> None:
+    """Fail early and in one line when a model is neither a local folder nor to be had from the Hub.
+
+    cache: offline (HF_HUB_OFFLINE=1), also require a copy in the Hugging Face cache.
+    """
+    from .hub import require_reachable
+
+    if Path(source).exists():
+        return
+    if _looks_local(source):
+        raise UserError(f"model not found: {source} is no local folder (and not a Hub id); check the path")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if cache and constants.HF_HUB_OFFLINE and not any(
+        isinstance(try_to_load_from_cache(source, name), str) for name in ("config.json", "adapter_config.json")
+    ):
+        raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
+                        "cache holds no copy of it; check the path, or unset HF_HUB_OFFLINE to download it")
+    require_reachable(source)
 
 
 def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_template: str | None = None):
@@ -321,6 +368,8 @@ def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_tem
     source, revision = model_source(source, None, revision)  # a .gguf file: its converted folder
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if chat_template:
+        if not Path(chat_template).is_file():
+            raise UserError(f"--chat_template {chat_template}: file not found; pass a Jinja chat template file")
         tok.chat_template = Path(chat_template).read_text()
     set_pad_token(tok)
     return tok
@@ -344,7 +393,7 @@ def set_pad_token(tok) -> None:
 
 def require_chat_template(tok, model_id: str) -> None:
     if not getattr(tok, "chat_template", None):
-        raise ValueError(
+        raise UserError(
             f"{model_id} has no chat template, and this data is conversational. Pass one with "
             "--chat_template FILE (a Jinja file: take it from an instruct model of the same family, or from TRL's "
             "trl/chat_templates folder)."
@@ -364,6 +413,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quiet_library_noise()
+    check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
     base_id, chain = adapter_chain(s.model_id, s.revision)
     base_id = base_model or base_id
     if chain:
@@ -379,7 +429,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     if sharded == "DeepSpeed ZeRO-3":
         register_zero3_init()
     if quantization == "8bit" and sharded:
-        raise ValueError(
+        raise UserError(
             f"--quantization 8bit cannot be sharded by {sharded}: bitsandbytes supports that for 4-bit only. "
             "Use --quantization 4bit, or a DDP launch (recipes/accelerate/ddp.yaml)."
         )
@@ -396,12 +446,20 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         kwargs.update(device_placement(sharded))
     from .gguf import model_source
 
+    if not (str(base_id).endswith(".gguf") or getattr(s, "gguf_file", None)):  # GGUF sources check themselves
+        check_model_source(base_id)
     # A GGUF base (--model_id FILE.gguf, or --gguf_file NAME) loads from its converted folder, cached once;
     # base_id stays the GGUF source, so adapters record where their base really came from.
     weights, revision = model_source(base_id, getattr(s, "gguf_file", None), kwargs["revision"])
     kwargs["revision"] = revision
     model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     apply_num_threads(getattr(s, "num_threads", "auto"), model)
+    if quantization == "4bit" and not torch.cuda.is_available():
+        from . import _BitsandbytesCpuKernelNote
+
+        if _BitsandbytesCpuKernelNote.seen:  # bitsandbytes' own import-time warning is dropped (see alignkit)
+            logger.info("4-bit on the CPU: bitsandbytes uses its plain matmul kernel (`pip install kernels` "
+                        "gives it a faster one)")
     if dequantize:
         model = model.dequantize()  # bitsandbytes' own NF4 -> float, weight by weight
         model.to(dtype)
@@ -496,6 +554,17 @@ def save_adapter(model, tokenizer, out_dir: str | os.PathLike, base_source: str,
     tokenizer.save_pretrained(out)
     config_file = out / "adapter_config.json"
     config = json.loads(config_file.read_text())
-    # A local base is recorded by absolute path so the adapter loads from any working directory.
-    config["base_model_name_or_path"] = str(Path(base_source).resolve()) if Path(base_source).exists() else base_source
+    # A local adapter underneath is recorded relative to this one, so the chain can be copied or moved as a whole
+    # (adapter_chain resolves it from here); a local full model by absolute path, so an adapter copied away from
+    # it still finds it; a Hub id as it is.
+    base = Path(base_source)
+    if (base / "adapter_config.json").is_file():
+        recorded = os.path.relpath(base.resolve(), out.resolve())
+    else:
+        recorded = str(base.resolve()) if base.exists() else base_source
+    config["base_model_name_or_path"] = recorded
     config_file.write_text(json.dumps(config, indent=2))
+    from .hub import model_card
+
+    # The card TRL and PEFT left names the base "None" (a local one) or by its local path: write alignkit's.
+    (out / "README.md").write_text(model_card(out))

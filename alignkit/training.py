@@ -1,13 +1,21 @@
-"""What sft.py and dpo.py share around the trainer: the run folder, resuming, TRL's config, logging, the end.
+"""What sft.py and dpo.py share around the trainer: checks before any work, the run folder, resuming, TRL's
+config, logging, the end.
 
 A run lives in `output_dir/run_name`: `alignkit_config.json` (the resolved settings, no secrets), TRL's
 `checkpoint-N` folders, and at the end the adapter, the tokenizer and `metrics.json`. `--resume auto`
 continues from the last checkpoint only when the saved settings match the new ones, so a different run never
 picks up another run's state.
+
+No good run is thrown away: `prepare_run` only decides, and `start_run` claims the folder when training starts,
+after the settings, the data, the model and the trainer have all been checked. An earlier run in the folder is
+moved aside then (`NAME.previous-TIME`); if the new run fails before its first checkpoint, its folder is removed
+and the earlier run goes back in place. A run that fails later keeps its checkpoints, marked by
+`alignkit_failed.txt`, for `--resume auto` to continue.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,9 +27,11 @@ from pathlib import Path
 import torch
 
 from . import logger, quiet_library_noise
-from .args import config_to_dict, save_config
+from .args import ConfigError, config_to_dict, redact, save_config
+from .errors import UserError
 
 CONFIG_FILE = "alignkit_config.json"
+FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
 # Settings that do not change what is trained: a run that differs only in these still resumes.
 _NOT_TRAINING = {
     "resume", "merge_adaptors", "push_to_hub", "hub_repo_id", "hub_public", "report_to", "wandb_project",
@@ -62,51 +72,108 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def prepare_run(s, stage: str) -> tuple[Path, str | None]:
-    """Create the run folder and decide where training starts: (folder, checkpoint to resume from or None).
+def preflight(s) -> None:
+    """What can fail before any work, checked in seconds: a push's token and base, wandb's key, the Hub."""
+    from .hub import is_hub_id, require_reachable, require_token
 
-    Under a multi-process launch the main process decides and writes first; the others then read the same
-    folder and reach the same decision, without touching it.
+    if s.push_to_hub:
+        require_token()  # now, not after hours of training
+        if not s.merge_adaptors and not is_hub_id(s.model_id):
+            raise ConfigError(
+                f"--push_to_hub pushes the adapter alone, and its base {s.model_id} is local: nobody else could "
+                "load it. Add --merge_adaptors to push the merged model, or train on a base from the Hub."
+            )
+    resolve_report_to(s)
+    require_reachable(s.model_id, s.dataset_id)
+
+
+def prepare_run(s, stage: str) -> tuple[Path, str | None]:
+    """Where this run goes and where training starts: (folder, checkpoint to resume from or None).
+
+    Writes nothing: `start_run` claims the folder once the new run is sure to start.
     """
     quiet_library_noise()
-    if world_size() == 1:
-        return _prepare(s, stage, write=True)
-    from accelerate import PartialState
-
-    # On a machine without CUDA, processes talk over gloo; transformers needs use_cpu for that (trl_config).
-    state = PartialState(cpu=not torch.cuda.is_available())
-    with state.main_process_first():
-        return _prepare(s, stage, write=state.is_main_process)
-
-
-def _prepare(s, stage: str, write: bool) -> tuple[Path, str | None]:
     folder = run_dir(s, stage)
     checkpoints = _checkpoints(folder) if folder.is_dir() else []
-    saved_file = folder / CONFIG_FILE
-    resume_from = None
     if s.resume == "true":
         if not checkpoints:
-            raise ValueError(f"--resume true, but {folder} holds no checkpoint-N folder to resume from")
-        resume_from = str(checkpoints[-1])
-    elif s.resume == "auto" and checkpoints:
-        saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
-        old, new = _training_view(saved), _training_view(config_to_dict(s))
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        if not changed:
-            resume_from = str(checkpoints[-1])
-        elif write:
-            aside = folder.with_name(f"{folder.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
-            logger.info(f"{folder} was trained with other settings ({', '.join(changed)}): moved it to {aside}")
-            shutil.move(str(folder), aside)
-    elif s.resume == "false" and checkpoints and write:
-        for checkpoint in checkpoints:  # a fresh start must not leave old checkpoints for a later resume
-            shutil.rmtree(checkpoint)
-    if resume_from and write:
+            raise ConfigError(f"--resume true, but {folder} holds no checkpoint-N folder to resume from")
+        return folder, str(checkpoints[-1])
+    if s.resume == "auto" and checkpoints and not _changed(folder, s):
+        return folder, str(checkpoints[-1])
+    return folder, None
+
+
+def _changed(folder: Path, s) -> list[str]:
+    """The training settings in which `s` differs from the run saved in `folder`."""
+    saved_file = folder / CONFIG_FILE
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    old, new = _training_view(saved), _training_view(config_to_dict(s))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _holds_work(folder: Path) -> bool:
+    """A checkpoint, an adapter, metrics or a merged model: something a run took time to make."""
+    return folder.is_dir() and any(
+        any(folder.glob(pattern)) for pattern in ("checkpoint-*", "adapter_model.*", "metrics.json", "merged")
+    )
+
+
+@contextlib.contextmanager
+def start_run(s, folder: Path, resume_from: str | None):
+    """Claim the run folder for the training inside the `with` block (see the module docstring).
+
+    Under a multi-process launch the main process moves and writes; the others wait for it, then train.
+    """
+    if world_size() == 1:
+        write, order = True, contextlib.nullcontext()
+    else:
+        from accelerate import PartialState
+
+        # On a machine without CUDA, processes talk over gloo; transformers needs use_cpu for that (trl_config).
+        state = PartialState(cpu=not torch.cuda.is_available())
+        write, order = state.is_main_process, state.main_process_first()
+    aside = None
+    with order:
+        if write:
+            aside = _claim(s, folder, resume_from)
+    try:
+        yield
+    except BaseException as error:  # Ctrl-C too: a run stopped before its first checkpoint gives the folder back
+        if write:
+            _release(folder, aside, error)
+        raise
+
+
+def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
+    aside = None
+    if resume_from:
         logger.info(f"resuming from {resume_from}")
-    if write:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_config(s, folder / CONFIG_FILE)
-    return folder, resume_from
+    elif _holds_work(folder):
+        aside = folder.with_name(f"{folder.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        changed = _changed(folder, s)
+        why = f"trained with other settings ({', '.join(changed)})" if changed else f"--resume {s.resume}"
+        logger.info(f"{folder} holds an earlier run ({why}): moved it to {aside}")
+        shutil.move(str(folder), aside)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / FAILED_FILE).unlink(missing_ok=True)
+    save_config(s, folder / CONFIG_FILE)
+    return aside
+
+
+def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
+    """After a failed run: keep what it saved, or give the folder back to the run that was there."""
+    if _checkpoints(folder):
+        (folder / FAILED_FILE).write_text(redact(f"{type(error).__name__}: {error}\n"))
+        logger.info(f"the run failed; its checkpoints stay in {folder} (see {FAILED_FILE}): the same command resumes"
+                    + (f"; the earlier run is in {aside}" if aside else ""))
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    if aside:
+        shutil.move(str(aside), folder)
+        logger.info(f"the run failed before its first checkpoint: removed it; the earlier run is back in {folder}")
+    else:
+        logger.info(f"the run failed before its first checkpoint: removed {folder}")
 
 
 def resolve_report_to(s) -> str:
@@ -121,7 +188,7 @@ def resolve_report_to(s) -> str:
         netrc = Path.home() / ".netrc"
         logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text()
         if not (offline or os.environ.get("WANDB_API_KEY") or logged_in):
-            raise ValueError(
+            raise UserError(
                 "wandb logging is on, but WANDB_API_KEY is not set (env or .env) and there is no wandb login. "
                 "Set WANDB_API_KEY, or WANDB_MODE=offline to log locally, or --report_to none."
             )
@@ -205,7 +272,7 @@ def split(dataset, s):
         return dataset, None
     size = s.eval_split if s.eval_split < 1 else int(s.eval_split)
     if (size if size >= 1 else round(size * len(dataset))) < 1 or len(dataset) < 2:
-        raise ValueError(f"eval_split {s.eval_split} leaves no held-out rows out of {len(dataset)}; raise it or pass 0")
+        raise ConfigError(f"eval_split {s.eval_split} leaves no held-out rows out of {len(dataset)}; raise it or pass 0")
     parts = dataset.train_test_split(test_size=size, seed=s.seed, shuffle=False)
     return parts["train"], parts["test"]
 

@@ -342,6 +342,19 @@ def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
 
 
+def test_user_errors_share_one_base_and_debug_is_no_setting(capsys):
+    from alignkit.data import DataError
+    from alignkit.errors import UserError
+    from alignkit.hub import HubUnreachable
+
+    assert all(issubclass(e, UserError) for e in (ConfigError, DataError, HubUnreachable))
+    # --debug belongs to the error reporting (alignkit.errors): accepted anywhere, never a setting.
+    assert parse(["--seed", "7", "--debug"]) == parse(["--debug", "--seed", "7"]) == parse(["--seed", "7"])
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    assert "--debug" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- help
 def test_help_lists_every_field(capsys):
     with pytest.raises(SystemExit) as e:

@@ -213,9 +213,9 @@ def test_help_for_each_command_and_a_missing_command(capsys):
         out = capsys.readouterr().out
         assert f"evaluate.py {command}" in out and flag in out and "--temperature" in out
     assert "--model_id" not in out  # pairwise/mt_bench take --models; the loader flags still apply
-    with pytest.raises(SystemExit, match="missing command(.|\n)*vibes,mt_bench,pairwise"):
+    with pytest.raises(ConfigError, match="missing command(.|\n)*vibes,mt_bench,pairwise"):
         run_script("evaluate.py")
-    with pytest.raises(SystemExit, match="unknown command 'mtbench'"):
+    with pytest.raises(ConfigError, match="unknown command 'mtbench'"):
         run_script("evaluate.py", "mtbench")
 
 

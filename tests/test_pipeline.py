@@ -51,7 +51,8 @@ def test_dpo_from_the_sft_adapter_trains_a_new_adapter_on_top(sft_run, dpo_run):
     # The SFT adapter was loaded frozen under the new one, and the new adapter records it as its base.
     assert trainer.frozen_adapters == ["frozen_0"]
     config = json.loads((folder / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(Path(sft_run["run_folder"]).resolve())
+    # Recorded relative to the new adapter, so the two can be moved together (tests/test_trust.py).
+    assert config["base_model_name_or_path"] == os.path.relpath(Path(sft_run["run_folder"]).resolve(), folder.resolve())
     assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if "frozen_0" in n)
     # Held-out reward accuracy: chance is 0.5 (and at step 0, with policy == reference, it is 0).
     assert dpo_run["metrics"]["eval_rewards/accuracies"] > 0.8
@@ -167,6 +168,7 @@ def test_label_smoothing_with_trl_losses_is_refused(tiny_cache, tmp_path):
     with pytest.raises(ValueError, match="ignores label smoothing"):
         run_script("dpo.py", "--preset", "tiny", "--max_steps", "1", "--loss_type", "sigmoid,hinge",
                    "--label_smoothing", "0.1", "--output_dir", str(tmp_path))
+    assert not list(tmp_path.iterdir())  # the refused run left no folder behind
 
 
 def test_merge_adaptors_writes_a_model_with_the_same_logits(dpo_run, tmp_path):

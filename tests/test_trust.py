@@ -1,0 +1,257 @@
+"""No good run thrown away, errors a user can act on (issue 11, points 6-11).
+
+A failed rerun leaves the earlier run where it was; an adapter chain copied elsewhere still loads and merges; an
+unreachable Hub fails in seconds with the way out; user errors are one line and exit status 2; model cards name
+the real base; bitsandbytes' kernel warning stays out of runs without 4-bit weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit import presets
+from alignkit.config import ModelSettings
+from alignkit.data import DataError
+from alignkit.errors import UserError
+from alignkit.hub import model_card
+from alignkit.models import adapter_chain, load_model
+
+from conftest import ROOT, run_script
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under folder."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def script(name: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300):
+    """Run a script as a user does (`python name args`): (return code, stdout, stderr, seconds)."""
+    start = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / name), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return proc.returncode, proc.stdout, proc.stderr, time.time() - start
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------- 6. a failed rerun keeps the good run
+def test_a_failed_rerun_leaves_the_good_run_where_it_was(tiny_cache, tmp_path, monkeypatch):
+    common = ["--preset", "tiny", "--max_steps", "4", "--save_steps", "2", "--eval_split", "0",
+              "--output_dir", str(tmp_path), "--run_name", "run"]
+    run_script("sft.py", *common)
+    folder = tmp_path / "run"
+    good = snapshot(folder)
+    assert "adapter_model.safetensors" in good and "checkpoint-4/trainer_state.json" in good
+
+    def still_there():
+        assert snapshot(folder) == good
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "run"]  # nothing moved aside or left
+
+    write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": "hello"}]},
+                                         {"messages": "not a conversation"}])
+    with pytest.raises(DataError, match="bad.jsonl"):  # other settings, bad data
+        run_script("sft.py", *common, "--learning_rate", "1e-3", "--dataset_id", str(tmp_path / "bad.jsonl"))
+    still_there()
+    with pytest.raises(UserError, match="model not found"):  # other settings, missing model
+        run_script("sft.py", *common, "--lora_r", "4", "--model_id", str(tmp_path / "no-such-model"))
+    still_there()
+
+    # Other settings, failing inside training before its first checkpoint: removed, the good run back in place.
+    from alignkit.trainers import AlignSFTTrainer
+
+    real_step = AlignSFTTrainer.training_step
+
+    def broken_step(self, *args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(AlignSFTTrainer, "training_step", broken_step)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_script("sft.py", *common, "--lora_r", "4")
+    still_there()
+
+    # Failing after its first checkpoint: the new run keeps its checkpoint, marked failed; the good run is aside.
+    def step_then_fail(self, *args, **kwargs):
+        if self.state.global_step >= 3:
+            raise RuntimeError("crash after a checkpoint (simulated)")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(AlignSFTTrainer, "training_step", step_then_fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_script("sft.py", *common, "--lora_r", "4")
+    assert (folder / "checkpoint-2").is_dir() and "crash after a checkpoint" in (folder / "alignkit_failed.txt").read_text()
+    (aside,) = tmp_path.glob("run.previous-*")
+    assert snapshot(aside) == good
+
+
+# ---------------------------------------------------------------- 7. a copied chain loads, merges, is not pushed
+def test_a_copied_adapter_chain_loads_and_merges_without_the_originals(tiny_cache, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    tiny = ["--preset", "tiny", "--max_steps", "3", "--eval_split", "0", "--output_dir", str(runs)]
+    run_script("sft.py", *tiny, "--run_name", "sft")
+    run_script("dpo.py", *tiny, "--run_name", "dpo", "--model_id", str(runs / "sft"))
+    config = json.loads((runs / "dpo" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "../sft"  # the chain, relative to the adapter
+    # The SFT adapter's base is a full model outside runs/: recorded by absolute path, so it is found from anywhere.
+    assert json.loads((runs / "sft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        Path(presets.paths()["model"]).resolve())
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = load_model(ModelSettings(model_id=str(runs / "dpo"), quantization="none")).model(input_ids=ids).logits
+
+    elsewhere = tmp_path / "elsewhere" / "copied-runs"
+    shutil.copytree(runs, elsewhere)
+    shutil.rmtree(runs)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # and from another working directory
+    base, chain = adapter_chain("copied-runs/dpo")
+    assert chain == [str(elsewhere / "sft"), "copied-runs/dpo"] and base == str(Path(presets.paths()["model"]).resolve())
+    with torch.no_grad():
+        after = load_model(ModelSettings(model_id="copied-runs/dpo", quantization="none")).model(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    run_script("merge.py", "--adapter_dir", "copied-runs/dpo", "--output_dir", "merged")
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "elsewhere" / "merged")(input_ids=ids).logits
+    assert torch.allclose(merged, before, atol=1e-4)
+
+    # Old runs recorded their base by absolute path: still followed.
+    config = json.loads((elsewhere / "dpo" / "adapter_config.json").read_text())
+    (elsewhere / "dpo" / "adapter_config.json").write_text(json.dumps(
+        {**config, "base_model_name_or_path": str(elsewhere / "sft")}))
+    assert adapter_chain(str(elsewhere / "dpo"))[1] == [str(elsewhere / "sft"), str(elsewhere / "dpo")]
+    # A base that is gone is named, with the fix, instead of being tried as a Hub repo id.
+    shutil.rmtree(elsewhere / "sft")
+    with pytest.raises(UserError, match="names its base .*which is not there"):
+        adapter_chain(str(elsewhere / "dpo"))
+
+
+def test_pushing_an_adapter_on_a_local_adapter_is_refused_before_any_upload(dpo_run, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    uploads = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: uploads.append(kw))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **kw: uploads.append(kw))
+    monkeypatch.setenv("HF_TOKEN", "hf_FAKEtokenForTests123456")
+    with pytest.raises(UserError, match=r"local folder \.\./\S*sft(.|\n)*push the merged model(.|\n)*--push adapter"):
+        run_script("merge.py", "--adapter_dir", str(dpo_run["run_folder"]), "--push_to_hub", "--push", "adapter",
+                   "--hub_repo_id", "me/dpo-adapter")
+    # sft.py/dpo.py --push_to_hub without --merge_adaptors would push such an adapter: refused before training.
+    with pytest.raises(UserError, match="--merge_adaptors"):
+        run_script("dpo.py", "--preset", "tiny", "--push_to_hub", "--hub_repo_id", "me/x", "--output_dir",
+                   str(tmp_path))
+    assert uploads == [] and not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- 8. an unreachable Hub fails in seconds
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when this returns: connections to it are refused
+
+
+def test_an_unreachable_hub_fails_in_seconds_with_the_way_out(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"
+    start = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "dpo.py"), "--dpo_beta", "0.1"], cwd=tmp_path, env={
+        **env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    took = time.time() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, proc.stderr[-3000:]
+    assert "cannot reach the Hugging Face Hub" in error[0] and env["HF_ENDPOINT"] in error[0]
+    assert "mistralai/Mistral-7B-Instruct-v0.2" in error[0] and "HF_HUB_OFFLINE=1" in error[0]
+    assert "--preset tiny" in error[0]
+    assert took < 45, took  # the libraries' retries took 73 s; this is imports plus one refused connection
+    assert not list(tmp_path.iterdir())  # no run folder
+
+
+# ---------------------------------------------------------------- 9. user errors: one line, status 2
+@pytest.mark.parametrize("case", ["bad flag", "bad value", "bad data row", "missing token", "missing file"])
+def test_user_errors_are_one_line_and_exit_2(tiny_cache, tmp_path, case):
+    bad = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "hi", "chosen": "a", "rejected": "b"},
+                                                 {"prompt": "hi", "chosen": "a"}])
+    env = {"ALIGNKIT_CACHE": str(tiny_cache), "HF_HOME": str(tmp_path / "hf")}
+    args, expected = {
+        "bad flag": (["dpo.py", "--dpo_betta", "0.1"], "unknown option --dpo_betta; did you mean --dpo_beta?"),
+        "bad value": (["dpo.py", "--preset", "tiny", "--dpo_beta", "-1"], "dpo_beta must be > 0"),
+        "bad data row": (["dpo.py", "--preset", "tiny", "--dataset_id", str(bad)], "prefs.jsonl"),
+        "missing token": (["merge.py", "--adapter_dir", "x", "--push_to_hub", "--hub_repo_id", "me/x"], "HF_TOKEN"),
+        "missing file": (["sft.py", "--preset", "tiny", "--dataset_id", str(tmp_path / "nowhere.jsonl")],
+                         "nowhere.jsonl: file not found"),
+    }[case]
+    code, out, err, _ = script(*args, cwd=tmp_path, env=env)
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and expected in err.strip().splitlines()[-1], err[-3000:]
+    code, out, err, _ = script(*args, "--debug", cwd=tmp_path, env=env)
+    assert code == 2 and "Traceback" in err and expected in err
+
+
+def test_debug_from_the_environment_and_unexpected_errors_keep_their_traceback(tmp_path):
+    code, _, err, _ = script("merge.py", "--adapter_dirr", "x", cwd=tmp_path, env={"ALIGNKIT_DEBUG": "1"})
+    assert code == 2 and "Traceback" in err and "ConfigError" in err
+    # A bug is not a user error: Python's own report, status 1.
+    boom = tmp_path / "boom.py"
+    boom.write_text("from alignkit.errors import report_user_errors\nreport_user_errors()\nraise KeyError('bug')\n")
+    proc = subprocess.run([sys.executable, str(boom)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError: 'bug'" in proc.stderr
+
+
+# ---------------------------------------------------------------- 10. model cards name the real base
+def test_model_cards_name_the_real_base_never_a_local_path(sft_run, dpo_run, tmp_path):
+    tiny_model = presets.paths()["model"]
+    for folder in (Path(sft_run["run_folder"]), Path(dpo_run["run_folder"])):
+        card = (folder / "README.md").read_text()  # the card the run folder keeps
+        assert "[None]" not in card and "huggingface.co/None" not in card
+        assert "a local model (LlamaForCausalLM, llama; folder `model`)" in card
+        assert tiny_model not in card and str(Path(tiny_model).resolve()) not in card
+        assert "base_model:" not in card  # the Hub metadata names Hub repos only
+    assert "on top of the adapter `sft`" in (Path(dpo_run["run_folder"]) / "README.md").read_text()
+
+    # An adapter on a Hub model names and links it, and tags it as its base_model.
+    adapter = tmp_path / "adapter"
+    shutil.copytree(sft_run["run_folder"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "me/tiny-base"}))
+    card = model_card(adapter, "me/sft-adapter")
+    assert "SFT of [me/tiny-base](https://huggingface.co/me/tiny-base) with LoRA" in card
+    assert "base_model: me/tiny-base" in card and 'from_pretrained("me/sft-adapter")' in card
+
+    # A merged model of a local base: "a local model" too, and no local path anywhere in its card.
+    from alignkit.merge import merge_adapters
+
+    merged = merge_adapters(str(dpo_run["run_folder"]), tmp_path / "merged")
+    card = model_card(merged, "me/merged")
+    assert "a local model (LlamaForCausalLM" in card and str(tmp_path) not in card
+    assert str(Path(tiny_model).resolve()) not in card and str(Path(dpo_run["run_folder"]).parent) not in card
+
+
+# ---------------------------------------------------------------- 11. no bitsandbytes kernel warning
+def test_a_run_without_4bit_weights_prints_no_bitsandbytes_kernel_warning(tiny_cache, tmp_path):
+    probe = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True)
+    if "gemm_4bit_forward" not in probe.stderr:
+        pytest.skip("bitsandbytes prints no CPU-kernel warning on this CPU (no AVX512-BF16): nothing to keep out")
+    code, out, err, _ = script("sft.py", "--preset", "tiny", "--max_steps", "2", "--eval_split", "0",
+                               "--output_dir", str(tmp_path), cwd=tmp_path, env={"ALIGNKIT_CACHE": str(tiny_cache)})
+    assert code == 0, err[-3000:]
+    assert "gemm_4bit_forward" not in out + err and "kernels-community" not in out + err
+    assert (tmp_path / "tiny-sft" / "adapter_model.safetensors").is_file()
