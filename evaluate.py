@@ -237,9 +237,11 @@ if command in ("mt_bench", "pairwise"):
     from alignkit.config import ModelSettings
 
     loader = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ModelSettings) if f.init}
+    keys = {name: mtbench.answers_key(ModelSettings(**{**loader, "model_id": source}), settings, backend)
+            for name, source in models.items()}
     for name, source in models.items():
         path = mtbench.answer_path(output_dir, name)
-        if not mtbench.unanswered(questions, mtbench.read_answers(path, source)):
+        if not mtbench.unanswered(questions, mtbench.read_answers(path, source, key=keys[name])):
             print(f"{name}: all {len(questions)} questions already answered in {path}")
             continue
         if getattr(settings, "preset", None) == "tiny" and not Path(source).exists():
@@ -249,8 +251,8 @@ if command in ("mt_bench", "pairwise"):
             raise ConfigError(f"{source} not found: train it first (python label.py --preset smol; python dpo.py "
                               "--preset smol), or pass --models NAME=PATH ...")
         with load_generator(ModelSettings(**{**loader, "model_id": source}), backend) as generator:
-            mtbench.generate_answers(generator, questions, name, source, path, settings)
-    answers = {name: mtbench.read_answers(mtbench.answer_path(output_dir, name), source)
+            mtbench.generate_answers(generator, questions, name, source, path, settings, keys[name])
+    answers = {name: mtbench.read_answers(mtbench.answer_path(output_dir, name), source, key=keys[name])
                for name, source in models.items()}
 
 # %% [markdown]

@@ -276,10 +276,24 @@ def answer_path(output_dir, name: str) -> Path:
     return Path(output_dir) / "model_answer" / f"{name}.jsonl"
 
 
-def read_answers(path, source: str | None = None, fix: str | None = None, repair_tail: bool = True) -> dict[int, dict]:
+def answers_key(loader, s, backend: str) -> str:
+    """What a model's answers depend on besides the questions: the model as loaded (alignkit.judge.loader_identity
+    of the loader settings), the engine, and the sampling settings. Recorded with every answer as `settings_key`,
+    so a rerun under other settings never takes old answers for new ones."""
+    from .judge import loader_identity
+
+    identity = {"loader": loader_identity(loader), "backend": backend, "temperature": s.temperature,
+                "top_p": s.top_p, "num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens, "seed": s.seed}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_answers(path, source: str | None = None, fix: str | None = None, repair_tail: bool = True,
+                 key: str | None = None) -> dict[int, dict]:
     """{question_id: answer record} of a FastChat answer file (the last record of a question wins).
 
     source: the model these answers must come from; answers recorded from another one are an error.
+    key: the `answers_key` they must have been made under; answers recorded under other settings are an error
+        (answer files made elsewhere, without a key, are taken as they are).
     """
     fix = fix or "delete the file (or the line) to answer again"
     answers = {}
@@ -294,6 +308,12 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
             raise ConfigError(
                 f"{path} holds answers by {recorded}, not {source}: give this model another NAME in --models, use "
                 "another --output_dir, or delete the file to answer again"
+            )
+        if key is not None and row.get("settings_key", key) != key:
+            raise ConfigError(
+                f"{path}, line {line}: this answer was generated under other settings (model loading, backend or "
+                "sampling: --max_new_tokens, --temperature, --top_p, --num_beams, --seed); give this model another "
+                "NAME in --models, use another --output_dir, or delete the file to answer again"
             )
         answers[qid] = row
     return answers
@@ -319,7 +339,7 @@ def temperature_for(question: dict, temperature: float | None) -> float:
     return common.temperature_config.get(question["category"], 0.7)
 
 
-def generate_answers(generator, questions, name: str, source: str, path, s) -> int:
+def generate_answers(generator, questions, name: str, source: str, path, s, key: str | None = None) -> int:
     """Answer every question not yet in `path`, all turns, and append FastChat answer records.
 
     generator: a model from alignkit.generation.load_generator, on either backend. Each turn is asked with the
@@ -329,7 +349,7 @@ def generate_answers(generator, questions, name: str, source: str, path, s) -> i
     Returns the number of questions answered now.
     """
     path = Path(path)
-    done = read_answers(path, source)
+    done = read_answers(path, source, key=key)
     todo = unanswered(questions, done)
     if not todo:
         return 0
@@ -361,6 +381,7 @@ def generate_answers(generator, questions, name: str, source: str, path, s) -> i
                         "choices": [{"index": 0, "turns": turns}], "tstamp": time.time(),
                         "source": source, "generation": {"temperature": temperature, "top_p": s.top_p,
                                                          "num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens},
+                        **({"settings_key": key} if key else {}),
                     }) + "\n")
             answered += len(batch)
             logger.info(f"{name}: {answered}/{len(todo)} questions answered")

@@ -407,6 +407,13 @@ def test_mt_bench_answers_both_turns_with_history_and_resumes(mt_data, sft_run, 
     with pytest.raises(ConfigError, match="holds answers by"):
         run_script("evaluate.py", "mt_bench", "--models", "base=elsewhere/model", models[1], *args[3:],
                    "--judge_base_url", "http://127.0.0.1:9/v1")
+    # Answers made under other sampling settings are never taken for new ones (the answer cache's key).
+    assert args[6:8] == ["--max_new_tokens", "6"]
+    for changed in (["--max_new_tokens", "7"], ["--max_new_tokens", "6", "--top_p", "0.9"],
+                    ["--max_new_tokens", "6", "--dtype", "bf16"]):
+        with pytest.raises(ConfigError, match="generated under other settings"):
+            run_script("evaluate.py", "mt_bench", *args[:6], *changed, *args[8:],
+                       "--judge_base_url", "http://127.0.0.1:9/v1")
 
 
 def test_vibes_base_adapter_and_merged_side_by_side(tiny_cache, sft_run, tmp_path, capsys):
