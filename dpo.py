@@ -15,6 +15,7 @@
 # python dpo.py --loss_type ipo --dpo_beta 0.5
 # python dpo.py --label_smoothing 0.1                          # cDPO
 # python dpo.py --dataset_id prefs.jsonl --merge_adaptors --push_to_hub --hub_repo_id you/model-dpo
+# python dpo.py --preset tiny --model_id runs/tiny-sft --adapter lota --lota_exclude_mask runs/tiny-sft  # LoTA
 # python dpo.py --help                                         # every setting, its default and env var
 # ```
 
@@ -55,15 +56,20 @@ run_folder, resume_from = prepare_run(settings, "dpo")
 # %% [markdown]
 # ## Model
 # One loader for every script: a Hub id, a local folder or an adapter folder; 4-bit NF4 on CUDA by default.
-# A fresh LoRA adapter goes on top; anything the model was loaded with stays frozen.
+# A fresh LoRA adapter goes on top; anything the model was loaded with stays frozen. With `--adapter lota`, a
+# sparse delta instead (Lottery Ticket Adaptation, alignkit.lota), dense for the calibration steps at first.
 
 # %%
+from alignkit import lota
 from alignkit.models import add_trainable_adapter, load_model, require_chat_template
 
 loaded = load_model(settings, for_training=True)
 require_chat_template(loaded.tokenizer, settings.model_id)
-model = add_trainable_adapter(loaded, settings)
-model.print_trainable_parameters()
+if settings.adapter == "lota":
+    model = lota.add_trainable_delta(loaded, settings, run_folder, resume_from)
+else:
+    model = add_trainable_adapter(loaded, settings)
+    model.print_trainable_parameters()
 
 # %% [markdown]
 # ## Data
@@ -82,7 +88,8 @@ print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} h
 
 # %% [markdown]
 # ## Train
-# The reference pass runs with the trained adapter off (see alignkit.trainers).
+# The reference pass runs with the trained adapter off (see alignkit.trainers); a LoTA delta is switched off
+# the same way. LoTA first calibrates with the DPO loss, keeps the largest changes as its mask, and starts over.
 
 # %%
 from trl import DPOConfig
@@ -95,10 +102,19 @@ args = trl_config(
     loss_weights=settings.loss_weights, label_smoothing=settings.label_smoothing,
     precompute_ref_log_probs=settings.precompute_ref_log_probs,
 )
-trainer = AlignDPOTrainer(
-    model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-    processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
-)
+trainer_class = lota.trainer_class(AlignDPOTrainer) if settings.adapter == "lota" else AlignDPOTrainer
+
+
+def make_trainer(args):
+    return trainer_class(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+        processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
+    )
+
+
+if settings.adapter == "lota":  # calibrate and mask, unless --lota_mask (or this run's resumed mask) gives it
+    lota.calibrate(model, settings, run_folder, make_trainer, args)
+trainer = make_trainer(args)
 trainer.train(resume_from_checkpoint=resume_from)
 
 # %% [markdown]

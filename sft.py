@@ -9,6 +9,7 @@
 # python sft.py --preset tiny                                   # offline CPU demo, about a minute
 # python sft.py --dataset_id HuggingFaceH4/ultrachat_200k       # Mistral-7B QLoRA (GPU)
 # python sft.py --dataset_id chats.jsonl --lora_r 32 --max_steps 500
+# python sft.py --preset tiny --adapter lota --lota_sparsity 0.9  # LoTA: a sparse delta instead of LoRA
 # python sft.py --help                                          # every setting, its default and env var
 # ```
 
@@ -62,19 +63,26 @@ print(f"{len(train_data)} training examples, {len(eval_data) if eval_data else 0
 
 # %% [markdown]
 # ## Model
-# One loader for every script; a fresh LoRA adapter goes on top.
+# One loader for every script; a fresh LoRA adapter goes on top. With `--adapter lota`, a sparse delta instead
+# (Lottery Ticket Adaptation, alignkit.lota): dense at first, for the calibration steps that find its mask.
 
 # %%
+from alignkit import lota
 from alignkit.models import add_trainable_adapter, load_model, require_chat_template
 
 loaded = load_model(settings, for_training=True)
 if "text" not in train_data.column_names:
     require_chat_template(loaded.tokenizer, settings.model_id)
-model = add_trainable_adapter(loaded, settings)
-model.print_trainable_parameters()
+if settings.adapter == "lota":
+    model = lota.add_trainable_delta(loaded, settings, run_folder, resume_from)
+else:
+    model = add_trainable_adapter(loaded, settings)
+    model.print_trainable_parameters()
 
 # %% [markdown]
 # ## Train
+# With `--adapter lota`: calibrate (dense steps on this data and loss), keep the 1 - sparsity largest changes as
+# the mask, go back to the starting weights and train only the masked entries.
 
 # %%
 from trl import SFTConfig
@@ -86,10 +94,19 @@ args = trl_config(
     SFTConfig, settings, run_folder, loaded.dtype, packing=settings.packing,
     **loss_mask_settings(settings.train_on, train_data, loaded.tokenizer),
 )
-trainer = AlignSFTTrainer(
-    model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-    processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
-)
+trainer_class = lota.trainer_class(AlignSFTTrainer) if settings.adapter == "lota" else AlignSFTTrainer
+
+
+def make_trainer(args):
+    return trainer_class(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+        processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
+    )
+
+
+if settings.adapter == "lota":  # calibrate and mask, unless --lota_mask (or this run's resumed mask) gives it
+    lota.calibrate(model, settings, run_folder, make_trainer, args)
+trainer = make_trainer(args)
 trainer.train(resume_from_checkpoint=resume_from)
 
 # %% [markdown]

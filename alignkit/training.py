@@ -179,7 +179,11 @@ def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:
     """Save the adapter and tokenizer, evaluate on the held-out rows, then merge and push if asked."""
     from .models import save_adapter
 
-    if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process and getattr(s, "adapter", "lora") == "lota":
+        from .lota import save_run  # a sparse delta and its mask instead of a LoRA adapter
+
+        save_run(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, s.model_id, s)
+    elif trainer.accelerator.is_main_process:
         save_adapter(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, s.model_id)
     metrics = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
     if trainer.eval_dataset is not None:
