@@ -127,7 +127,7 @@ def test_merged_logits_equal_base_plus_delta(lota_sft, tmp_path):
     assert not torch.allclose(logits(merged), logits(plain), atol=1e-3)  # not a no-op
 
 
-def test_resume_reuses_the_mask_and_the_sparse_values(lota_sft, tmp_path):
+def test_checkpoints_hold_the_sparse_values_not_the_model(lota_sft, tmp_path):
     folder = lota_sft["run_folder"]
     checkpoint = sorted(folder.glob("checkpoint-*"))[-1]
     assert (checkpoint / lota.DELTA_FILE).is_file() and not (checkpoint / "model.safetensors").is_file()
@@ -231,3 +231,51 @@ def test_a_mask_from_another_model_is_refused(lota_sft, tmp_path):
     with pytest.raises(ValueError, match="made for another model or other --lota_target_modules"):
         run_script("sft.py", "--preset", "tiny", "--adapter", "lota", "--lota_mask", str(tmp_path / "names.safetensors"),
                    "--max_steps", "1", "--output_dir", str(tmp_path), "--run_name", "bad")
+
+
+# ---------------------------------------------------------------- reuse: a given mask, a resumed run, the reference cache
+
+
+def test_a_given_mask_skips_calibration_and_is_the_one_trained(lota_sft, tmp_path):
+    run = run_script("sft.py", "--preset", "tiny", "--adapter", "lota", "--lota_mask", str(lota_sft["run_folder"]),
+                     "--max_steps", "3", "--output_dir", str(tmp_path), "--run_name", "reuse")
+    assert not (tmp_path / "reuse" / "lota-calibration").exists()
+    _, shapes = lota.read_delta(lota_sft["run_folder"])
+    given, trained = lota.load_mask(lota_sft["run_folder"], shapes), lota.load_mask(run["run_folder"], shapes)
+    assert all(torch.equal(given[n], trained[n]) for n in shapes)
+
+
+def test_a_resumed_run_reuses_its_mask_and_ends_where_a_straight_run_does(tiny_cache, tmp_path):
+    args = ["--preset", "tiny", "--adapter", "lota", "--lota_calibration_steps", "4", "--max_steps", "12",
+            "--save_steps", "6", "--output_dir", str(tmp_path), "--run_name", "run"]
+    straight = run_script("sft.py", *args)
+    final, _ = lota.read_delta(straight["run_folder"])
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.rmtree(run / "checkpoint-12")  # as if killed after checkpoint 6
+    (run / lota.DELTA_FILE).unlink()
+    shutil.rmtree(run / "lota-calibration", ignore_errors=True)
+    resumed = run_script("sft.py", *args)
+    assert resumed["resume_from"].endswith("checkpoint-6")
+    assert not (run / "lota-calibration").exists()  # the run's own mask was reused, not recalibrated
+    again, _ = lota.read_delta(run)
+    for name in final:
+        assert torch.equal(again[name][0], final[name][0])
+        assert torch.allclose(again[name][1], final[name][1], atol=1e-5), name
+
+
+def test_precomputed_reference_log_probs_are_cached_and_reused_with_lota(tiny_cache, tmp_path):
+    from alignkit import refcache
+
+    args = ["--preset", "tiny", "--adapter", "lota", "--lota_calibration_steps", "3", "--max_steps", "3",
+            "--max_samples", "200", "--precompute_ref_log_probs", "--output_dir", str(tmp_path)]
+    before = set(refcache.cache_root().glob("*.safetensors")) if refcache.cache_root().is_dir() else set()
+    first = run_script("dpo.py", *args, "--run_name", "a")
+    made = set(refcache.cache_root().glob("*.safetensors")) - before
+    # Train and eval rows once each: calibration and sparse training share the entries (the delta is not in the key).
+    assert len(made) == 2
+    second = run_script("dpo.py", *args, "--run_name", "b")
+    assert set(refcache.cache_root().glob("*.safetensors")) - before == made
+    assert first["trainer"].ref_model is None
+    assert second["metrics"]["eval_rewards/accuracies"] == pytest.approx(first["metrics"]["eval_rewards/accuracies"])
