@@ -304,6 +304,8 @@ def calibrate(model, s, run_folder: Path, make_trainer, args) -> dict[str, torch
     )
     logger.info(f"LoTA calibration: {s.lota_calibration_steps} dense steps to find the mask")
     make_trainer(cal_args).train()
+    with contextlib.suppress(OSError):
+        Path(cal_args.output_dir).rmdir()  # it only held what save_strategy "no" never writes
     modules = {n: m for n, m in model.named_modules() if n in deltas}
     shapes = _shapes(modules)
     exclude = load_mask(s.lota_exclude_mask, shapes, "--lota_exclude_mask") if s.lota_exclude_mask else None

@@ -236,16 +236,23 @@ def test_a_mask_from_another_model_is_refused(lota_sft, tmp_path):
 # ---------------------------------------------------------------- reuse: a given mask, a resumed run, the reference cache
 
 
-def test_a_given_mask_skips_calibration_and_is_the_one_trained(lota_sft, tmp_path):
+def _no_calibration(monkeypatch):
+    def calibrated(*a, **k):
+        raise AssertionError("calibration ran although the mask was given")
+
+    monkeypatch.setattr(lota, "compute_mask", calibrated)
+
+
+def test_a_given_mask_skips_calibration_and_is_the_one_trained(lota_sft, tmp_path, monkeypatch):
+    _no_calibration(monkeypatch)
     run = run_script("sft.py", "--preset", "tiny", "--adapter", "lota", "--lota_mask", str(lota_sft["run_folder"]),
                      "--max_steps", "3", "--output_dir", str(tmp_path), "--run_name", "reuse")
-    assert not (tmp_path / "reuse" / "lota-calibration").exists()
     _, shapes = lota.read_delta(lota_sft["run_folder"])
     given, trained = lota.load_mask(lota_sft["run_folder"], shapes), lota.load_mask(run["run_folder"], shapes)
     assert all(torch.equal(given[n], trained[n]) for n in shapes)
 
 
-def test_a_resumed_run_reuses_its_mask_and_ends_where_a_straight_run_does(tiny_cache, tmp_path):
+def test_a_resumed_run_reuses_its_mask_and_ends_where_a_straight_run_does(tiny_cache, tmp_path, monkeypatch):
     args = ["--preset", "tiny", "--adapter", "lota", "--lota_calibration_steps", "4", "--max_steps", "12",
             "--save_steps", "6", "--output_dir", str(tmp_path), "--run_name", "run"]
     straight = run_script("sft.py", *args)
@@ -255,22 +262,23 @@ def test_a_resumed_run_reuses_its_mask_and_ends_where_a_straight_run_does(tiny_c
 
     shutil.rmtree(run / "checkpoint-12")  # as if killed after checkpoint 6
     (run / lota.DELTA_FILE).unlink()
-    shutil.rmtree(run / "lota-calibration", ignore_errors=True)
+    _no_calibration(monkeypatch)  # the run's own mask is reused, not recalibrated
     resumed = run_script("sft.py", *args)
     assert resumed["resume_from"].endswith("checkpoint-6")
-    assert not (run / "lota-calibration").exists()  # the run's own mask was reused, not recalibrated
     again, _ = lota.read_delta(run)
     for name in final:
         assert torch.equal(again[name][0], final[name][0])
         assert torch.allclose(again[name][1], final[name][1], atol=1e-5), name
 
 
-def test_precomputed_reference_log_probs_are_cached_and_reused_with_lota(tiny_cache, tmp_path):
+def test_precomputed_reference_log_probs_are_cached_and_reused_with_lota(tiny_cache, tmp_path, monkeypatch):
     from alignkit import refcache
+
+    monkeypatch.setattr(refcache, "cache_root", lambda: tmp_path / "ref_logps")  # empty, whatever ran before
 
     args = ["--preset", "tiny", "--adapter", "lota", "--lota_calibration_steps", "3", "--max_steps", "3",
             "--max_samples", "200", "--precompute_ref_log_probs", "--output_dir", str(tmp_path)]
-    before = set(refcache.cache_root().glob("*.safetensors")) if refcache.cache_root().is_dir() else set()
+    before: set = set()
     first = run_script("dpo.py", *args, "--run_name", "a")
     made = set(refcache.cache_root().glob("*.safetensors")) - before
     # Train and eval rows once each: calibration and sparse training share the entries (the delta is not in the key).
@@ -279,3 +287,17 @@ def test_precomputed_reference_log_probs_are_cached_and_reused_with_lota(tiny_ca
     assert set(refcache.cache_root().glob("*.safetensors")) - before == made
     assert first["trainer"].ref_model is None
     assert second["metrics"]["eval_rewards/accuracies"] == pytest.approx(first["metrics"]["eval_rewards/accuracies"])
+
+
+def test_lota_dpo_on_a_lora_sft_adapter_starts_from_the_sft_model_and_reloads_as_trained(sft_run, tmp_path):
+    sft_folder = str(sft_run["run_folder"])
+    run = run_script("dpo.py", "--preset", "tiny", "--model_id", sft_folder, "--adapter", "lota",
+                     "--lota_calibration_steps", "3", "--max_steps", "5", "--output_dir", str(tmp_path), "--run_name", "d")
+    trained = run["trainer"].model.eval()
+    sft = load_model(ModelSettings(model_id=sft_folder, quantization="none")).model
+    with lota.reference_mode(trained):  # the reference: the SFT adapter folded into the starting weights
+        assert torch.allclose(logits(trained), logits(sft), atol=1e-4)
+    assert not torch.allclose(logits(trained), logits(sft), atol=1e-4)  # the delta trained
+    loaded = load_model(ModelSettings(model_id=str(run["run_folder"]), quantization="none"))
+    assert loaded.adapters == [sft_folder] and loaded.deltas == [str(run["run_folder"])]
+    assert torch.allclose(logits(loaded.model), logits(trained), atol=1e-4)
