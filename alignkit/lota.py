@@ -318,6 +318,16 @@ def calibrate(model, s, run_folder: Path, make_trainer, args) -> dict[str, torch
     return mask
 
 
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
 def trainer_class(base):
     """`base` (AlignSFTTrainer or AlignDPOTrainer) with LoTA checkpoints (the sparse delta only) and reference."""
 
@@ -327,13 +337,16 @@ def trainer_class(base):
             # the reference here is the starting weights (reference_mode), so tell it it precomputes, and then
             # compute on the fly unless precomputing was asked for.
             self._lota_on_the_fly = hasattr(args, "precompute_ref_log_probs") and not args.precompute_ref_log_probs
-            if self._lota_on_the_fly:
-                args.precompute_ref_log_probs = True
-            try:
-                super().__init__(*a, args=args, **kw)
-            finally:
+            with contextlib.ExitStack() as stack:
                 if self._lota_on_the_fly:
-                    args.precompute_ref_log_probs = False
+                    args.precompute_ref_log_probs = True
+                    stack.callback(setattr, args, "precompute_ref_log_probs", False)
+                    # TRL would also hash every weight for its own precompute cache, which nothing reads here.
+                    from trl.trainer import dpo_trainer
+
+                    if hasattr(dpo_trainer, "hash_module"):
+                        stack.enter_context(_patched(dpo_trainer, "hash_module", lambda module: None))
+                super().__init__(*a, args=args, **kw)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             return dataset if self._lota_on_the_fly else super()._precompute_ref_logps(dataset, name, batch_size)
