@@ -146,6 +146,11 @@ class LoTASettings:
                 f"--adapter lota needs full-precision weights (the delta is added to them), not --quantization "
                 f"{self.quantization}: pass --quantization none (or auto)"
             )
+        if getattr(self, "push_to_hub", False) and not getattr(self, "merge_adaptors", False):
+            raise ValueError(
+                "--push_to_hub with --adapter lota pushes the merged model: add --merge_adaptors (a sparse delta "
+                "loads only with alignkit)"
+            )
         if not self.lota_mask and self.lota_calibration_steps < 1:
             raise ValueError("lota_calibration_steps must be >= 1 unless --lota_mask gives the mask")
 

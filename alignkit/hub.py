@@ -83,6 +83,11 @@ def push(folder, repo_id: str, private: bool = True) -> str:
     from huggingface_hub import HfApi
 
     folder = Path(folder)
+    if (folder / "lota_config.json").is_file():  # alignkit.lota.CONFIG_FILE
+        raise ValueError(
+            f"{folder} is a LoTA sparse delta, which only alignkit's loader applies: push the merged model "
+            "(--merge_adaptors, or merge.py --push merged)"
+        )
     base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path", "")
     if base and Path(base).exists():
         raise ValueError(

@@ -211,6 +211,16 @@ def test_sparsity_outside_0_1_is_refused(sparsity):
             cls(adapter="lota", lota_sparsity=sparsity)
 
 
+def test_pushing_an_unmerged_delta_is_refused_before_training(lota_sft):
+    from alignkit.hub import push
+
+    with pytest.raises(ValueError, match="add --merge_adaptors"):
+        SFTSettings(adapter="lota", push_to_hub=True, hub_repo_id="you/x")
+    SFTSettings(adapter="lota", push_to_hub=True, hub_repo_id="you/x", merge_adaptors=True)
+    with pytest.raises(ValueError, match="is a LoTA sparse delta"):
+        push(lota_sft["run_folder"], "you/x")
+
+
 def test_lota_with_4bit_quantization_is_refused():
     with pytest.raises(ValueError, match="--adapter lota needs full-precision weights.*--quantization 4bit"):
         DPOSettings(adapter="lota", quantization="4bit")
