@@ -19,7 +19,8 @@ phases (sft.py and dpo.py with `--adapter lota`):
 
 How it is built (`SparseDelta`): a `torch.nn.utils.parametrize` parametrization of each targeted `weight`
 computes W + D in the forward pass (one `index_add` over the flattened weight, in float32), from the frozen
-original W and the float32 values v. Memory: the optimizer sees only v, so AdamW holds 2 floats per *masked* entry
+original W and the float32 values v; in bf16/fp16 the sum is rounded to the weight's dtype, exactly as the loader
+rounds W + D when it adds the delta on load, so the loaded model is the trained one. Memory: the optimizer sees only v, so AdamW holds 2 floats per *masked* entry
 (8 (1 - s) bytes per weight entry, 0.8 bytes at s = 0.9) and no dense state at all; the frozen W needs no gradient.
 The dense gradient of one matrix exists transiently in the backward pass (as in any full fine-tuning) and is
 reduced to its masked entries at once. Calibration is dense fine-tuning, so it holds dense AdamW state for the

@@ -311,3 +311,13 @@ def test_lota_dpo_on_a_lora_sft_adapter_starts_from_the_sft_model_and_reloads_as
     loaded = load_model(ModelSettings(model_id=str(run["run_folder"]), quantization="none"))
     assert loaded.adapters == [sft_folder] and loaded.deltas == [str(run["run_folder"])]
     assert torch.allclose(logits(loaded.model), logits(trained), atol=1e-4)
+
+
+def test_vllm_refuses_a_delta_with_the_fix(lota_sft, monkeypatch):
+    from fake_vllm import install
+
+    from alignkit import generation
+
+    install(monkeypatch, cuda=True)
+    with pytest.raises(ValueError, match="holds a LoTA delta; vLLM serves LoRA adapters only. Merge it first"):
+        generation.load_generator(ModelSettings(model_id=str(lota_sft["run_folder"])), "vllm")
