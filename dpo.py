@@ -16,6 +16,7 @@
 # DPO_BETA=0.1 python dpo.py                                   # the same, from the environment
 # python dpo.py --loss_type ipo --dpo_beta 0.5
 # python dpo.py --label_smoothing 0.1                          # cDPO
+# python dpo.py --preset tiny --adapter lota --lota_sparsity 0.9  # LoTA: a sparse delta instead of LoRA
 # python dpo.py --dataset_id prefs.jsonl --merge_adaptors --push_to_hub --hub_repo_id you/model-dpo
 # python dpo.py --help                                         # every setting, its default and env var
 # ```
@@ -62,22 +63,10 @@ train_data, eval_data = split(preferences, settings)
 print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]
-# ## Model
-# One loader for every script: a Hub id, a local folder or an adapter folder; 4-bit NF4 on CUDA by default.
-# A fresh LoRA adapter goes on top; anything the model was loaded with stays frozen.
-
-# %%
-from alignkit.models import add_trainable_adapter, load_model, require_chat_template
-
-loaded = load_model(settings, for_training=True)
-require_chat_template(loaded.tokenizer, settings.model_id)
-model = add_trainable_adapter(loaded, settings)
-model.print_trainable_parameters()
-
-# %% [markdown]
 # ## Run folder
 # Everything goes to `output_dir/run_name`. A rerun with the same settings continues from the last checkpoint.
-# Nothing is written yet: the folder is claimed when training starts, with settings, data and model checked.
+# Nothing is written yet: the folder is claimed when training starts, with settings, data and model checked
+# (a LoTA run reads its mask from here when it resumes).
 
 # %%
 from alignkit.training import prepare_run
@@ -85,8 +74,27 @@ from alignkit.training import prepare_run
 run_folder, resume_from = prepare_run(settings, "dpo")
 
 # %% [markdown]
+# ## Model
+# One loader for every script: a Hub id, a local folder or an adapter folder; 4-bit NF4 on CUDA by default.
+# A fresh LoRA adapter goes on top; anything the model was loaded with stays frozen. With `--adapter lota`, a
+# sparse delta instead (Lottery Ticket Adaptation, alignkit.lota), dense for the calibration steps at first.
+
+# %%
+from alignkit import lota
+from alignkit.models import add_trainable_adapter, load_model, require_chat_template
+
+loaded = load_model(settings, for_training=True)
+require_chat_template(loaded.tokenizer, settings.model_id)
+if settings.adapter == "lota":
+    model = lota.add_trainable_delta(loaded, settings, run_folder, resume_from)
+else:
+    model = add_trainable_adapter(loaded, settings)
+    model.print_trainable_parameters()
+
+# %% [markdown]
 # ## Train
-# The reference pass runs with the trained adapter off (see alignkit.trainers).
+# The reference pass runs with the trained adapter off (see alignkit.trainers); a LoTA delta is switched off
+# the same way. LoTA first calibrates with the DPO loss, keeps the largest changes as its mask, and starts over.
 
 # %%
 from trl import DPOConfig
@@ -99,12 +107,21 @@ args = trl_config(
     loss_weights=settings.loss_weights, label_smoothing=settings.label_smoothing,
     precompute_ref_log_probs=settings.precompute_ref_log_probs,
 )
-# The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
-with start_run(settings, run_folder, resume_from):
-    trainer = AlignDPOTrainer(
+trainer_class = lota.trainer_class(AlignDPOTrainer) if settings.adapter == "lota" else AlignDPOTrainer
+
+
+def make_trainer(args):
+    return trainer_class(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
         processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
     )
+
+
+# The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
+with start_run(settings, run_folder, resume_from):
+    if settings.adapter == "lota":  # calibrate and mask, unless --lota_mask (or this run's resumed mask) gives it
+        lota.calibrate(model, settings, run_folder, make_trainer, args)
+    trainer = make_trainer(args)
     trainer.train(resume_from_checkpoint=resume_from)
 
 # %% [markdown]

@@ -5,6 +5,8 @@
 # applies the adapter chain (an SFT adapter, then a DPO adapter on top, merge in order), merges, and checks
 # on a few prompts that the merged model's logits equal base + adapters before saving anything. For a QLoRA
 # adapter, `--dequantize` merges into the dequantized NF4 base instead: exactly the model that was trained.
+# A LoTA run folder (a sparse delta, alignkit.lota) merges the same way; `--add_delta` instead adds two LoTA
+# deltas of one base into a single delta (a task merge) and reports how many entries they share.
 #
 # ```bash
 # python merge.py --preset tiny                                    # merges runs/tiny-dpo (SFT -> DPO chain)
@@ -12,6 +14,7 @@
 # python merge.py --adapter_dir runs/my-qlora-dpo --dequantize     # match the NF4 base it was trained on
 # python merge.py --adapter_dir runs/my-dpo --push_to_hub --hub_repo_id you/my-model         # private
 # python merge.py --adapter_dir runs/my-dpo --push_to_hub --push adapter --hub_repo_id you/my-adapter
+# python merge.py --adapter_dir runs/lota-a --add_delta runs/lota-b --output_dir runs/lota-ab   # LoTA task merge
 # ```
 
 # %% [markdown]
@@ -53,9 +56,13 @@ output_dir = Path(settings.output_dir or Path(settings.adapter_dir) / "merged")
 # Fails loudly, saving nothing, when the merged logits differ from base + adapters beyond the tolerance.
 
 # %%
+from alignkit import lota
 from alignkit.merge import merge_adapters
 
-if settings.push != "adapter" or not settings.push_to_hub:
+if settings.add_delta:
+    report = lota.add_deltas(settings.adapter_dir, settings.add_delta, output_dir)
+    print(f"summed delta: {output_dir} ({report['entries']:,} entries, {report['overlap']:,} touched by both)")
+elif settings.push != "adapter" or not settings.push_to_hub:
     merged_dir = merge_adapters(
         settings.adapter_dir, output_dir, dtype=settings.dtype, base_model=settings.base_model,
         dequantize=settings.dequantize, max_shard_size=settings.max_shard_size,

@@ -9,6 +9,7 @@
 # python sft.py --preset tiny                                   # offline CPU demo, about a minute
 # python sft.py --dataset_id HuggingFaceH4/ultrachat_200k       # Mistral-7B QLoRA (GPU)
 # python sft.py --dataset_id chats.jsonl --lora_r 32 --max_steps 500
+# python sft.py --preset tiny --adapter lota --lota_sparsity 0.9  # LoTA: a sparse delta instead of LoRA
 # python sft.py --help                                          # every setting, its default and env var
 # ```
 
@@ -53,22 +54,10 @@ train_data, eval_data = split(examples, settings)
 print(f"{len(train_data)} training examples, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]
-# ## Model
-# One loader for every script; a fresh LoRA adapter goes on top.
-
-# %%
-from alignkit.models import add_trainable_adapter, load_model, require_chat_template
-
-loaded = load_model(settings, for_training=True)
-if "text" not in train_data.column_names:
-    require_chat_template(loaded.tokenizer, settings.model_id)
-model = add_trainable_adapter(loaded, settings)
-model.print_trainable_parameters()
-
-# %% [markdown]
 # ## Run folder
 # Everything goes to `output_dir/run_name`. A rerun with the same settings continues from the last checkpoint.
-# Nothing is written yet: the folder is claimed when training starts, with settings, data and model checked.
+# Nothing is written yet: the folder is claimed when training starts, with settings, data and model checked
+# (a LoTA run reads its mask from here when it resumes).
 
 # %%
 from alignkit.training import prepare_run
@@ -76,7 +65,27 @@ from alignkit.training import prepare_run
 run_folder, resume_from = prepare_run(settings, "sft")
 
 # %% [markdown]
+# ## Model
+# One loader for every script; a fresh LoRA adapter goes on top. With `--adapter lota`, a sparse delta instead
+# (Lottery Ticket Adaptation, alignkit.lota): dense at first, for the calibration steps that find its mask.
+
+# %%
+from alignkit import lota
+from alignkit.models import add_trainable_adapter, load_model, require_chat_template
+
+loaded = load_model(settings, for_training=True)
+if "text" not in train_data.column_names:
+    require_chat_template(loaded.tokenizer, settings.model_id)
+if settings.adapter == "lota":
+    model = lota.add_trainable_delta(loaded, settings, run_folder, resume_from)
+else:
+    model = add_trainable_adapter(loaded, settings)
+    model.print_trainable_parameters()
+
+# %% [markdown]
 # ## Train
+# With `--adapter lota`: calibrate (dense steps on this data and loss), keep the 1 - sparsity largest changes as
+# the mask, go back to the starting weights and train only the masked entries.
 
 # %%
 from trl import SFTConfig
@@ -88,12 +97,21 @@ args = trl_config(
     SFTConfig, settings, run_folder, loaded.dtype, packing=settings.packing,
     **loss_mask_settings(settings.train_on, train_data, loaded.tokenizer),
 )
-# The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
-with start_run(settings, run_folder, resume_from):
-    trainer = AlignSFTTrainer(
+trainer_class = lota.trainer_class(AlignSFTTrainer) if settings.adapter == "lota" else AlignSFTTrainer
+
+
+def make_trainer(args):
+    return trainer_class(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
         processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
     )
+
+
+# The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
+with start_run(settings, run_folder, resume_from):
+    if settings.adapter == "lota":  # calibrate and mask, unless --lota_mask (or this run's resumed mask) gives it
+        lota.calibrate(model, settings, run_folder, make_trainer, args)
+    trainer = make_trainer(args)
     trainer.train(resume_from_checkpoint=resume_from)
 
 # %% [markdown]

@@ -121,7 +121,51 @@ class TrainSettings(ModelSettings):
 
 
 @dataclass
-class SFTSettings(TrainSettings):
+class LoTASettings:
+    """The adapter kind, and LoTA's settings (alignkit.lota): shared by every script that trains an adapter."""
+
+    adapter: str = setting(
+        "lora", "lora: a LoRA adapter; lota: a sparse delta found by Lottery Ticket Adaptation (alignkit.lota)",
+        choices=["lora", "lota"],
+    )
+    lota_sparsity: float = setting(0.9, "LoTA: share of each targeted matrix that stays frozen, in (0, 1)")
+    lota_calibration_steps: int = setting(100, "LoTA: dense fine-tuning steps (same data and loss) that find the mask")
+    lota_mask_scope: str = setting(
+        "matrix", "LoTA: keep the largest |delta| per matrix, or over all targeted matrices together",
+        choices=["matrix", "global"],
+    )
+    lota_mask: str | None = setting(None, "LoTA: reuse this mask (lota_mask.safetensors or a LoTA run folder); no calibration")
+    lota_exclude_mask: str | None = setting(
+        None, "LoTA: never train these entries (an earlier task's mask or run folder): sequential tasks stay disjoint"
+    )
+    lota_target_modules: list[str] = setting(
+        default_factory=lambda: ["all-linear"], help="LoTA: linear layers that get a delta; all-linear: all but the LM head"
+    )
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent:
+            parent()
+        if self.adapter != "lota":
+            return
+        if not 0.0 < self.lota_sparsity < 1.0:
+            raise ValueError(f"lota_sparsity must lie strictly between 0 and 1 (the share kept frozen), got {self.lota_sparsity}")
+        if getattr(self, "quantization", "none") in ("4bit", "8bit"):
+            raise ValueError(
+                f"--adapter lota needs full-precision weights (the delta is added to them), not --quantization "
+                f"{self.quantization}: pass --quantization none (or auto)"
+            )
+        if getattr(self, "push_to_hub", False) and not getattr(self, "merge_adaptors", False):
+            raise ValueError(
+                "--push_to_hub with --adapter lota pushes the merged model: add --merge_adaptors (a sparse delta "
+                "loads only with alignkit)"
+            )
+        if not self.lota_mask and self.lota_calibration_steps < 1:
+            raise ValueError("lota_calibration_steps must be >= 1 unless --lota_mask gives the mask")
+
+
+@dataclass
+class SFTSettings(LoTASettings, TrainSettings):
     dataset_id: str = setting(
         "HuggingFaceH4/ultrachat_200k", "Hub dataset id or local .json/.jsonl/.parquet/.csv file or folder"
     )
@@ -135,7 +179,7 @@ class SFTSettings(TrainSettings):
 
 
 @dataclass
-class DPOSettings(TrainSettings):
+class DPOSettings(LoTASettings, TrainSettings):
     dpo_beta: float = setting(0.1, "beta: strength of the pull towards the reference (IPO: its tau)")
     loss_type: list[str] = setting(
         default_factory=lambda: ["sigmoid"],
@@ -436,6 +480,9 @@ class MergeSettings:
     preset: str | None = setting(None, "named defaults: 'tiny' merges runs/tiny-dpo, 'smol' runs/smol-dpo")
     adapter_dir: str | None = setting(None, "adapter folder (a training run); chains (SFT then DPO) merge in order")
     base_model: str | None = setting(None, "base model to merge into; default: the one the adapter records")
+    add_delta: str | None = setting(
+        None, "LoTA task merge: a second delta folder; adapter_dir's delta + this one go to output_dir as one delta"
+    )
     output_dir: str | None = setting(None, "where the merged model goes; default: <adapter_dir>/merged")
     dtype: str = setting("auto", "weights of the merged model; auto: bf16 on CUDA, fp32 on CPU",
                          choices=["auto", "bf16", "fp16", "fp32"])

@@ -178,6 +178,13 @@ class VLLMGenerator(Generator):
         from .models import adapter_chain, adapter_config, load_tokenizer, require_chat_template
 
         base, chain = adapter_chain(s.model_id, s.revision)
+        from .lota import resolve_chain
+
+        if resolve_chain(base, chain, adapter_chain, s.revision)[2]:  # LoTA deltas: vLLM has no way to add them
+            raise ValueError(
+                f"{s.model_id} holds a LoTA delta; vLLM serves LoRA adapters only. Merge it first (python merge.py "
+                f"--adapter_dir {s.model_id}) and pass the merged folder, or use --backend transformers."
+            )
         if len(chain) > 1:
             raise ValueError(
                 f"{s.model_id} is a chain of {len(chain)} adapters; vLLM serves one adapter on a base. Merge the "

@@ -202,6 +202,11 @@ def push(folder, repo_id: str, private: bool = True) -> str:
     from huggingface_hub import HfApi
 
     folder = Path(folder)
+    if (folder / "lota_config.json").is_file():  # alignkit.lota.CONFIG_FILE
+        raise UserError(
+            f"{folder} is a LoTA sparse delta, which only alignkit's loader applies: push the merged model "
+            "(--merge_adaptors, or merge.py --push merged)"
+        )
     check_pushable(folder)
     api = HfApi(token=require_token())
     (folder / "README.md").write_text(model_card(folder, repo_id))

@@ -58,14 +58,18 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     settings = ModelSettings(model_id=str(adapter_dir), dtype="fp32", trust_remote_code=trust_remote_code,
                              attn_implementation="eager", use_liger="false")
     loaded = load_model(settings, full_precision=True, dequantize=dequantize, base_model=base_model, on_cpu=True)
-    if not loaded.adapters:
-        raise UserError(f"{adapter_dir} holds no adapter_config.json: there is nothing to merge")
+    if not loaded.adapters and not loaded.deltas:
+        raise UserError(f"{adapter_dir} holds no adapter_config.json or LoTA delta: there is nothing to merge")
     model, tok = loaded.model, loaded.tokenizer
     batch = _check_inputs(tok, model.device)
     with torch.no_grad():
-        model.base_model.set_adapter(loaded.frozen)  # every adapter of the chain on, as in training
-        expected = model(**batch).logits.float()
-        merged = model.merge_and_unload(adapter_names=loaded.frozen)
+        if not loaded.adapters:  # LoTA deltas only: the loader already added them into the weights
+            expected = lota_expected_logits(loaded, batch, settings)
+            merged = model
+        else:
+            model.base_model.set_adapter(loaded.frozen)  # every adapter of the chain on, as in training
+            expected = model(**batch).logits.float()
+            merged = model.merge_and_unload(adapter_names=loaded.frozen)
         got = merged(**batch).logits.float()
     mask = batch["attention_mask"].bool()
     diff = (expected - got).abs()[mask].max().item()
@@ -89,8 +93,29 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         if Path(adapter_dir, name).is_file():
             shutil.copy(Path(adapter_dir, name), out / name)
     (out / "merge.json").write_text(json.dumps({
-        "base_model": loaded.base_id, "adapters": loaded.adapters, "dequantize": dequantize,
-        "dtype": str(target).removeprefix("torch."), "check_dtype": "float32", "max_logit_difference": diff,
-        "tolerance": tolerance,
+        "base_model": loaded.base_id, "adapters": loaded.adapters, "lota_deltas": loaded.deltas,
+        "dequantize": dequantize, "dtype": str(target).removeprefix("torch."), "check_dtype": "float32",
+        "max_logit_difference": diff, "tolerance": tolerance,
     }, indent=2))
     return out
+
+
+def lota_expected_logits(loaded, batch, settings):
+    """Logits of the base with the LoTA deltas unmerged: each targeted weight computed as W + D in the forward pass
+    (alignkit.lota.SparseDelta), the independent route the merged weights are checked against."""
+    from dataclasses import replace
+
+    from torch.nn.utils import parametrize
+
+    from . import lota
+    from .models import load_model
+
+    base = load_model(replace(settings, model_id=loaded.base_id), full_precision=True).model
+    for folder in loaded.deltas:  # stacked parametrizations: W + D_1 + D_2 ... in every forward pass
+        delta, shapes = lota.read_delta(folder)
+        modules = lota.target_modules(base, [n.rsplit(".", 1)[-1] for n in shapes])
+        for name, (indices, values) in delta.items():
+            part = lota.SparseDelta(modules[name].weight, indices)
+            part.lota_values.data.copy_(values)
+            parametrize.register_parametrization(modules[name], "weight", part, unsafe=True)
+    return base(**batch.to(base.device)).logits.float()

@@ -35,6 +35,7 @@ class Loaded:
     frozen: list[str] = field(default_factory=list)  # their adapter names inside the PeftModel
     dtype: torch.dtype = torch.float32
     quantization: str = "none"
+    deltas: list[str] = field(default_factory=list)  # LoTA delta folders added into the weights (alignkit.lota)
 
 
 def _log_choice(what: str, value: str, why: str) -> None:
@@ -415,12 +416,16 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     quiet_library_noise()
     check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
     base_id, chain = adapter_chain(s.model_id, s.revision)
+    from . import lota  # LoTA: sparse deltas in the chain go into the weights (alignkit.lota)
+
+    base_id, chain, deltas = lota.resolve_chain(base_id, chain, adapter_chain, s.revision)
     base_id = base_model or base_id
     if chain:
         logger.info(f"{s.model_id} is an adapter; base model: {base_id}; adapters: {' -> '.join(chain)}")
     dtype = resolve_dtype(s.dtype)
     quantization = ("4bit" if dequantize else "none" if full_precision
                     else resolve_quantization(s.quantization, for_training))
+    quantization = lota.full_precision(s, quantization, deltas)
     kwargs: dict = dict(
         revision=None if chain else s.revision, trust_remote_code=s.trust_remote_code, dtype=dtype,
         attn_implementation=resolve_attention(s.attn_implementation, dtype),
@@ -478,6 +483,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     model.generation_config.pad_token_id = tok.pad_token_id
     if tok.eos_token_id is not None:
         model.generation_config.eos_token_id = tok.eos_token_id
+    lota.apply_deltas(model, deltas)
 
     frozen: list[str] = []
     if chain:
@@ -495,7 +501,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         cast_adapters(model, frozen, dtype)
     if not for_training:
         model.eval()
-    return Loaded(model, tok, base_id, chain, frozen, dtype, quantization)
+    return Loaded(model, tok, base_id, chain, frozen, dtype, quantization, deltas)
 
 
 def add_trainable_adapter(loaded: Loaded, s) -> torch.nn.Module:

@@ -103,6 +103,7 @@ def cache_key(trainer, dataset) -> str:
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
     trained = {TRAINABLE, "ref"}  # TRL's "ref" is a copy of the trained adapter, never part of our reference
+    trained |= {"lota_values", "lota_indices"}  # a LoTA delta (alignkit.lota.STATE_NAMES): off in the reference
     parts = {
         "key_version": KEY_VERSION,
         "trainer": type(trainer).__qualname__,

@@ -51,7 +51,7 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
         super().__init__(*args, **kwargs)
         peft_model = self.accelerator.unwrap_model(self.model)
         # TRL copies a pre-loaded adapter into a "ref" adapter; our reference pass does not need that copy.
-        if "ref" in peft_model.peft_config:
+        if "ref" in getattr(peft_model, "peft_config", {}):  # none without PEFT (a LoTA run)
             peft_model.delete_adapter("ref")
             peft_model.base_model.set_adapter([TRAINABLE, *self.frozen_adapters])
             if self.frozen_adapters:
@@ -72,6 +72,9 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
         # --precompute_ref_log_probs: computed once, or reused from an identical earlier run (alignkit.refcache).
         return refcache.with_ref_logps(self, dataset, batch_size)
 
+    def _reference_mode(self, peft_model):
+        return reference_mode(peft_model, self.frozen_adapters)  # alignkit.lota's trainer switches its delta off instead
+
     def compute_ref_log_probs(self, model, inputs):
         """Summed log-probs of chosen and rejected under the reference: the trained adapter switched off."""
         kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
@@ -80,7 +83,7 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            reference_mode(peft_model, self.frozen_adapters),
+            self._reference_mode(peft_model),
             self.accelerator.autocast(),
         ):
             per_token = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True).log_probs

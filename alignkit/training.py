@@ -282,8 +282,12 @@ def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:
     from .models import save_adapter
 
     # Every rank takes part in gathering the weights (a collective); only the main process writes them.
-    state_dict = gathered_state_dict(trainer)
-    if trainer.accelerator.is_main_process:
+    state_dict = gathered_state_dict(trainer) if getattr(s, "adapter", "lora") != "lota" else None
+    if trainer.accelerator.is_main_process and getattr(s, "adapter", "lora") == "lota":
+        from .lota import save_run  # a sparse delta and its mask instead of a LoRA adapter
+
+        save_run(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, s.model_id, s)
+    elif trainer.accelerator.is_main_process:
         save_adapter(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, s.model_id,
                      state_dict=state_dict)
     metrics = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}

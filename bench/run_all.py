@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/run_all.py` from anywhere
 
-from bench import common, dpo_speed, generation_speed, judge_speed, limit, report  # noqa: E402
+from bench import common, dpo_speed, generation_speed, judge_speed, limit, lota, report  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run of a few minutes (fewer pairs and configurations)")
-    parser.add_argument("--only", nargs="+", choices=["dpo", "smol", "generation", "judge"], help="run only these parts")
+    parser.add_argument("--only", nargs="+", choices=["dpo", "smol", "generation", "judge", "lota"], help="run only these parts")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every benchmark (default: torch's own, one per core). On a machine "
                              "others are using, 1 avoids threads waiting on each other's time slices")
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--no_readme", action="store_true",
                         help="leave README.md's Benchmarks section as it is (a --quick or --only run always does)")
     cli = parser.parse_args()
-    parts = set(cli.only or ["dpo", "smol", "generation", "judge"])
+    parts = set(cli.only or ["dpo", "smol", "generation", "judge", "lota"])
 
     common.offline_env()
     common.set_threads(cli.threads)
@@ -61,6 +61,8 @@ def main() -> None:
         if "judge" in parts:
             results["judge"] = judge_speed.run(cli.quick)
             print(f"judging: parallel 16 x{results['judge']['parallel_16_speedup']:.2f}", flush=True)
+        if "lota" in parts:  # LoTA vs LoRA on the tiny preset: speed, memory, forgetting (bench.lota)
+            results["lota"] = lota.run(work / "lota", cli.quick)
         peaks.append(limit.matmul_peak())  # again at the end: the best of both is the least disturbed
         results["limit"] = limit_section(peaks, results.get("dpo"), results.get("smol"))
     finally:
@@ -68,7 +70,7 @@ def main() -> None:
     results["seconds"] = round(time.perf_counter() - started)
     results["model"] = {"params": results.get("dpo", {}).get("model_params"), **common.MODEL}
     Path(cli.out).write_text(json.dumps(results, indent=2) + "\n")
-    table = report.markdown(results)
+    table = report.markdown(results) + ("\n" + lota.markdown(results["lota"]) if "lota" in results else "")
     Path(cli.out).with_suffix(".md").write_text(table)
     if not (cli.no_readme or cli.quick or cli.only):  # the README shows only complete, full runs
         update_readme(common.ROOT / "README.md", report.readme_section(results))

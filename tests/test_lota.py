@@ -1,0 +1,323 @@
+"""LoTA (alignkit.lota): the mask, the sparse delta on disk, loading and merging it, DPO with it, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alignkit import lota
+from alignkit.config import DPOSettings, ModelSettings, SFTSettings
+from alignkit.models import load_model
+
+from conftest import run_script
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [12, 11, 10, 9, 8, 7, 6, 5]])
+SPARSITY = 0.9
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+# ---------------------------------------------------------------- the mask, on fixed tensors
+
+
+def test_matrix_scope_keeps_the_largest_share_of_each_matrix():
+    a = torch.tensor([[0.1, -5.0, 0.2, 0.0, 3.0], [0.3, 0.0, -0.4, 0.5, 0.05]])  # 10 entries: keep floor(0.3*10)=3
+    b = torch.tensor([1.0, -2.0, 0.5, 0.25])  # 4 entries: keep floor(0.3*4)=1
+    mask = lota.compute_mask({"a": a, "b": b}, sparsity=0.7, scope="matrix")
+    assert mask["a"].tolist() == [1, 4, 8]  # |-5|, |3|, |0.5|
+    assert mask["b"].tolist() == [1]
+
+
+def test_global_scope_uses_one_threshold_over_all_matrices():
+    a = torch.tensor([10.0, 9.0, 8.0, 7.0])
+    b = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    mask = lota.compute_mask({"a": a, "b": b}, sparsity=0.5, scope="global")  # keep 4 of 8: all of a
+    assert mask["a"].tolist() == [0, 1, 2, 3] and mask["b"].tolist() == []
+
+
+def test_exclude_mask_entries_are_never_chosen():
+    a = torch.tensor([10.0, 9.0, 8.0, 7.0, 1.0, 0.5])
+    mask = lota.compute_mask({"a": a}, sparsity=0.5, exclude={"a": torch.tensor([0, 2])})
+    assert mask["a"].tolist() == [1, 3, 4]  # the largest three outside the excluded 0 and 2
+
+
+def test_masked_training_never_moves_entries_outside_the_mask_even_with_weight_decay_and_momentum():
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
+    start = layer[0].weight.detach().clone()
+    mask = {"0": torch.tensor([3, 17, 40])}
+    lota.attach(layer, {"0": layer[0]}, mask)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in params) == 3  # AdamW holds state for the 3 masked entries, nothing dense
+    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5)
+    for _ in range(5):
+        layer(torch.randn(4, 8)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    changed = (layer[0].weight.detach() != start).reshape(-1).nonzero().reshape(-1)
+    assert changed.tolist() == [3, 17, 40]
+    with lota.reference_mode(layer):  # the reference is exactly the starting weights
+        assert torch.equal(layer[0].weight, start)
+
+
+# ---------------------------------------------------------------- a LoTA SFT run
+
+
+@pytest.fixture(scope="module")
+def lota_sft(tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lota")
+    # Weight decay on: it must not move entries outside the mask either.
+    return run_script(
+        "sft.py", "--preset", "tiny", "--adapter", "lota", "--lota_sparsity", str(SPARSITY),
+        "--lota_calibration_steps", "5", "--max_steps", "15", "--weight_decay", "0.1",
+        "--output_dir", str(out), "--run_name", "sft",
+    )
+
+
+def _base_and_loaded(folder):
+    config = json.loads((folder / lota.CONFIG_FILE).read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    loaded = load_model(ModelSettings(model_id=str(folder), quantization="none"))
+    return base, loaded
+
+
+def test_saved_delta_changes_at_most_the_allowed_share_and_exactly_the_masked_entries(lota_sft):
+    folder = lota_sft["run_folder"]
+    delta, shapes = lota.read_delta(folder)
+    mask = lota.load_mask(folder / lota.MASK_FILE, shapes)
+    base, loaded = _base_and_loaded(folder)
+    assert loaded.deltas == [str(folder)]
+    targeted = lota.target_modules(base)
+    assert set(shapes) == set(targeted) and len(shapes) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    base_weights = dict(base.named_parameters())
+    new_weights = dict(loaded.model.named_parameters())
+    for name, shape in shapes.items():
+        indices, values = delta[name]
+        assert torch.equal(indices, mask[name])
+        assert indices.numel() <= math.floor((1 - SPARSITY) * math.prod(shape))
+        assert indices.numel() > 0 and bool((values != 0).all())  # every masked entry was trained
+        before, after = base_weights[f"{name}.weight"].reshape(-1), new_weights[f"{name}.weight"].reshape(-1)
+        changed = (after != before).nonzero().reshape(-1)
+        assert torch.equal(changed, indices), name  # exactly the masked entries, nothing else
+        assert torch.allclose(after[indices] - before[indices], values, atol=1e-6)
+    # The delta is a small fraction of the model on disk.
+    assert (folder / lota.DELTA_FILE).stat().st_size < 0.25 * sum(p.numel() * 4 for p in base.parameters())
+
+
+def test_merged_logits_equal_base_plus_delta(lota_sft, tmp_path):
+    folder = lota_sft["run_folder"]
+    out = tmp_path / "merged"
+    run_script("merge.py", "--adapter_dir", str(folder), "--output_dir", str(out))
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base, _ = _base_and_loaded(folder)
+    delta, _ = lota.read_delta(folder)
+    with torch.no_grad():  # base + delta by hand
+        for name, (indices, values) in delta.items():
+            base.get_submodule(name).weight.view(-1)[indices] += values
+    assert torch.allclose(logits(merged), logits(base), atol=1e-4)
+    assert json.loads((out / "merge.json").read_text())["lota_deltas"] == [str(folder)]
+    plain = AutoModelForCausalLM.from_pretrained(json.loads((out / "merge.json").read_text())["base_model"])
+    assert not torch.allclose(logits(merged), logits(plain), atol=1e-3)  # not a no-op
+
+
+def test_checkpoints_hold_the_sparse_values_not_the_model(lota_sft, tmp_path):
+    folder = lota_sft["run_folder"]
+    checkpoint = sorted(folder.glob("checkpoint-*"))[-1]
+    assert (checkpoint / lota.DELTA_FILE).is_file() and not (checkpoint / "model.safetensors").is_file()
+    delta, _ = lota.read_delta(checkpoint)
+    final, _ = lota.read_delta(folder)
+    assert all(torch.equal(delta[n][1], final[n][1]) for n in final)  # the last checkpoint holds the final values
+
+
+# ---------------------------------------------------------------- DPO on top of the SFT delta: LoTA vs LoRA
+
+
+@pytest.fixture(scope="module")
+def dpo_pair(lota_sft, tmp_path_factory):
+    """LoRA and LoTA DPO with the same settings from the same start (the LoTA SFT model); LoTA's mask is kept
+    disjoint from SFT's, as in the paper's sequential training."""
+    out = tmp_path_factory.mktemp("lota-dpo")
+    start = str(lota_sft["run_folder"])
+    common = ["--preset", "tiny", "--model_id", start, "--max_steps", "30", "--output_dir", str(out)]
+    lora = run_script("dpo.py", *common, "--run_name", "lora")
+    sparse = run_script(
+        "dpo.py", *common, "--run_name", "lota", "--adapter", "lota", "--lota_sparsity", str(SPARSITY),
+        "--lota_calibration_steps", "10", "--lota_exclude_mask", start,
+    )
+    return lora, sparse
+
+
+def test_lota_dpo_reward_accuracy_is_within_005_of_lora(dpo_pair):
+    lora, sparse = dpo_pair
+    acc_lora, acc_lota = lora["metrics"]["eval_rewards/accuracies"], sparse["metrics"]["eval_rewards/accuracies"]
+    # At step 0 policy == reference, so every reward is 0 and the accuracy 0: both must have learned.
+    assert acc_lora > 0.8 and acc_lota > 0.8
+    assert abs(acc_lota - acc_lora) <= 0.05, (acc_lota, acc_lora)
+
+
+def test_lota_dpo_reference_is_the_starting_model_without_a_second_copy(dpo_pair):
+    _, sparse = dpo_pair
+    trainer = sparse["trainer"]
+    assert trainer.ref_model is None  # no second model was loaded
+    assert sparse["loaded"].deltas == [str(sparse["settings"].model_id)]  # the SFT delta is in the start
+
+
+def test_exclude_mask_gives_disjoint_task_masks(lota_sft, dpo_pair):
+    _, sparse = dpo_pair
+    delta, shapes = lota.read_delta(sparse["run_folder"])
+    first = lota.load_mask(lota_sft["run_folder"], shapes)
+    second = lota.load_mask(sparse["run_folder"], shapes)
+    assert sum(m.numel() for m in second.values()) > 0
+    assert lota.overlap(first, second) == 0
+
+
+def test_two_deltas_add_up_and_the_overlap_is_reported(lota_sft, dpo_pair, tmp_path):
+    _, sparse = dpo_pair
+    out = tmp_path / "sum"
+    run_script("merge.py", "--adapter_dir", str(sparse["run_folder"]), "--add_delta", str(lota_sft["run_folder"]),
+               "--output_dir", str(out))
+    report = json.loads((out / lota.CONFIG_FILE).read_text())
+    assert report["overlap"] == 0 and report["entries"] == report["entries_a"] + report["entries_b"]
+    # Adding a delta to itself: every entry overlaps and the values double.
+    twice = lota.add_deltas(lota_sft["run_folder"], lota_sft["run_folder"], tmp_path / "twice")
+    assert twice["overlap"] == twice["entries"] == twice["entries_a"]
+    once, _ = lota.read_delta(lota_sft["run_folder"])
+    doubled, _ = lota.read_delta(tmp_path / "twice")
+    assert all(torch.allclose(doubled[n][1], 2 * once[n][1]) for n in once)
+
+
+def test_a_lora_adapter_over_a_lota_delta_loads_both(dpo_pair, lota_sft):
+    lora, _ = dpo_pair
+    loaded = load_model(ModelSettings(model_id=str(lora["run_folder"]), quantization="none"))
+    assert loaded.deltas == [str(lota_sft["run_folder"])] and loaded.adapters == [str(lora["run_folder"])]
+    # The LoRA run trained on exactly this model: its held-out accuracy is reproduced by what the loader builds.
+    assert torch.allclose(logits(loaded.model), logits(lora["trainer"].model), atol=1e-4)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0, -0.1, 1.5])
+def test_sparsity_outside_0_1_is_refused(sparsity):
+    for cls in (SFTSettings, DPOSettings):
+        with pytest.raises(ValueError, match="lota_sparsity must lie strictly between 0 and 1"):
+            cls(adapter="lota", lota_sparsity=sparsity)
+
+
+def test_pushing_an_unmerged_delta_is_refused_before_training(lota_sft):
+    from alignkit.hub import push
+
+    with pytest.raises(ValueError, match="add --merge_adaptors"):
+        SFTSettings(adapter="lota", push_to_hub=True, hub_repo_id="you/x")
+    SFTSettings(adapter="lota", push_to_hub=True, hub_repo_id="you/x", merge_adaptors=True)
+    with pytest.raises(ValueError, match="is a LoTA sparse delta"):
+        push(lota_sft["run_folder"], "you/x")
+
+
+def test_lota_with_4bit_quantization_is_refused():
+    with pytest.raises(ValueError, match="--adapter lota needs full-precision weights.*--quantization 4bit"):
+        DPOSettings(adapter="lota", quantization="4bit")
+    SFTSettings(adapter="lora", quantization="4bit")  # LoRA still takes QLoRA
+
+
+def test_a_mask_from_another_model_is_refused(lota_sft, tmp_path):
+    folder = lota_sft["run_folder"]
+    _, shapes = lota.read_delta(folder)
+    mask = lota.load_mask(folder, shapes)
+    name = next(iter(shapes))
+    wrong_shape = {**shapes, name: (shapes[name][0] + 1, shapes[name][1])}
+    lota.save_mask(mask, wrong_shape, tmp_path / "shape.safetensors")
+    with pytest.raises(ValueError, match=f"made for another model: {name} has shape"):
+        lota.load_mask(tmp_path / "shape.safetensors", shapes)
+    renamed = {k.replace("model.layers", "transformer.h"): v for k, v in shapes.items()}
+    lota.save_mask({k.replace("model.layers", "transformer.h"): v for k, v in mask.items()}, renamed, tmp_path / "names.safetensors")
+    with pytest.raises(ValueError, match="made for another model or other --lota_target_modules"):
+        run_script("sft.py", "--preset", "tiny", "--adapter", "lota", "--lota_mask", str(tmp_path / "names.safetensors"),
+                   "--max_steps", "1", "--output_dir", str(tmp_path), "--run_name", "bad")
+
+
+# ---------------------------------------------------------------- reuse: a given mask, a resumed run, the reference cache
+
+
+def _no_calibration(monkeypatch):
+    def calibrated(*a, **k):
+        raise AssertionError("calibration ran although the mask was given")
+
+    monkeypatch.setattr(lota, "compute_mask", calibrated)
+
+
+def test_a_given_mask_skips_calibration_and_is_the_one_trained(lota_sft, tmp_path, monkeypatch):
+    _no_calibration(monkeypatch)
+    run = run_script("sft.py", "--preset", "tiny", "--adapter", "lota", "--lota_mask", str(lota_sft["run_folder"]),
+                     "--max_steps", "3", "--output_dir", str(tmp_path), "--run_name", "reuse")
+    _, shapes = lota.read_delta(lota_sft["run_folder"])
+    given, trained = lota.load_mask(lota_sft["run_folder"], shapes), lota.load_mask(run["run_folder"], shapes)
+    assert all(torch.equal(given[n], trained[n]) for n in shapes)
+
+
+def test_a_resumed_run_reuses_its_mask_and_ends_where_a_straight_run_does(tiny_cache, tmp_path, monkeypatch):
+    args = ["--preset", "tiny", "--adapter", "lota", "--lota_calibration_steps", "4", "--max_steps", "12",
+            "--save_steps", "6", "--output_dir", str(tmp_path), "--run_name", "run"]
+    straight = run_script("sft.py", *args)
+    final, _ = lota.read_delta(straight["run_folder"])
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.rmtree(run / "checkpoint-12")  # as if killed after checkpoint 6
+    (run / lota.DELTA_FILE).unlink()
+    _no_calibration(monkeypatch)  # the run's own mask is reused, not recalibrated
+    resumed = run_script("sft.py", *args)
+    assert resumed["resume_from"].endswith("checkpoint-6")
+    again, _ = lota.read_delta(run)
+    for name in final:
+        assert torch.equal(again[name][0], final[name][0])
+        assert torch.allclose(again[name][1], final[name][1], atol=1e-5), name
+
+
+def test_precomputed_reference_log_probs_are_cached_and_reused_with_lota(tiny_cache, tmp_path, monkeypatch):
+    from alignkit import refcache
+
+    monkeypatch.setattr(refcache, "cache_root", lambda: tmp_path / "ref_logps")  # empty, whatever ran before
+
+    args = ["--preset", "tiny", "--adapter", "lota", "--lota_calibration_steps", "3", "--max_steps", "3",
+            "--max_samples", "200", "--precompute_ref_log_probs", "--output_dir", str(tmp_path)]
+    before: set = set()
+    first = run_script("dpo.py", *args, "--run_name", "a")
+    made = set(refcache.cache_root().glob("*.safetensors")) - before
+    # Train and eval rows once each: calibration and sparse training share the entries (the delta is not in the key).
+    assert len(made) == 2
+    second = run_script("dpo.py", *args, "--run_name", "b")
+    assert set(refcache.cache_root().glob("*.safetensors")) - before == made
+    assert first["trainer"].ref_model is None
+    assert second["metrics"]["eval_rewards/accuracies"] == pytest.approx(first["metrics"]["eval_rewards/accuracies"])
+
+
+def test_lota_dpo_on_a_lora_sft_adapter_starts_from_the_sft_model_and_reloads_as_trained(sft_run, tmp_path):
+    sft_folder = str(sft_run["run_folder"])
+    run = run_script("dpo.py", "--preset", "tiny", "--model_id", sft_folder, "--adapter", "lota",
+                     "--lota_calibration_steps", "3", "--max_steps", "5", "--output_dir", str(tmp_path), "--run_name", "d")
+    trained = run["trainer"].model.eval()
+    sft = load_model(ModelSettings(model_id=sft_folder, quantization="none")).model
+    with lota.reference_mode(trained):  # the reference: the SFT adapter folded into the starting weights
+        assert torch.allclose(logits(trained), logits(sft), atol=1e-4)
+    assert not torch.allclose(logits(trained), logits(sft), atol=1e-4)  # the delta trained
+    loaded = load_model(ModelSettings(model_id=str(run["run_folder"]), quantization="none"))
+    assert loaded.adapters == [sft_folder] and loaded.deltas == [str(run["run_folder"])]
+    assert torch.allclose(logits(loaded.model), logits(trained), atol=1e-4)
+
+
+def test_vllm_refuses_a_delta_with_the_fix(lota_sft, monkeypatch):
+    from fake_vllm import install
+
+    from alignkit import generation
+
+    install(monkeypatch, cuda=True)
+    with pytest.raises(ValueError, match="holds a LoTA delta; vLLM serves LoRA adapters only. Merge it first"):
+        generation.load_generator(ModelSettings(model_id=str(lota_sft["run_folder"])), "vllm")
