@@ -75,15 +75,19 @@ def full_tensor(tensor):
         with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
             yield tensor.data
         return
-    from torch.distributed.tensor import DTensor
+    yield tensor.full_tensor() if _is_dtensor(tensor) else tensor
 
-    yield tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+def _is_dtensor(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 keeps it private
+        from torch.distributed._tensor import DTensor
+    return isinstance(tensor, DTensor)
 
 
 def _sharded(tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return hasattr(tensor, "ds_status") or isinstance(tensor, DTensor)
+    return hasattr(tensor, "ds_status") or _is_dtensor(tensor)
 
 
 def model_fingerprint(model, skip_adapters=(), hash_here: bool = True) -> str | None:
