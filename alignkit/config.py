@@ -186,15 +186,18 @@ class DPOSettings(LoTASettings, TrainSettings):
         help="TRL DPO loss(es), comma separated (sigmoid, ipo, hinge, robust, ...); sigmoid and ipo follow the DPO paper's code",
     )
     loss_weights: list[float] | None = setting(None, "weights for a comma list of loss types, e.g. 0.8,0.2")
-    label_smoothing: float = setting(0.0, "conservative DPO (cDPO): assumed share of flipped labels, in [0, 0.5)")
+    label_smoothing: float = setting(
+        0.0, "conservative DPO (cDPO): assumed share of flipped labels, in [0, 0.5); read by sigmoid, TRL's robust, exo_pair, aot"
+    )
     precompute_ref_log_probs: bool = setting(False, "compute reference log-probs up front; identical reruns reuse them")
 
     def __post_init__(self):
         super().__post_init__()
         if self.dpo_beta <= 0:
             raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        from .losses import check_label_smoothing  # the loss module owns the bounds and which losses read it
+
+        check_label_smoothing(self.label_smoothing, self.loss_type)  # e.g. ipo would silently drop it
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(
                 f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types {self.loss_type}"

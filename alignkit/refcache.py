@@ -9,7 +9,8 @@ freshly initialised trainable adapter too (trl#3985 asks for a reusable cache).
 Here the key is exactly what the reference log-probs depend on:
 - the base model: its config, attention implementation and every tensor of its state dict except the trained
   (and TRL's "ref" copy of it) adapters, so frozen adapters the run sits on (an SFT adapter) count, with their
-  configs (alpha / r scales their weights);
+  configs (alpha / r scales their weights). Whole tensors: under ZeRO-3 (or FSDP2) each shard is gathered, one
+  tensor at a time, and the main process alone hashes and broadcasts the key;
 - the data as the collator sees it: the tokenized prompt, chosen and rejected ids, in order;
 - max_length and truncation_mode (they cut sequences), ld_alpha (it weights tokens), bf16/fp16 autocast;
 - the trainer class, this module's KEY_VERSION and the library versions (a new kernel can change the numbers).
@@ -24,6 +25,7 @@ crash never leaves a torn entry. They are a few bytes per pair; delete the folde
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,7 +37,7 @@ import torch
 
 from . import logger
 
-KEY_VERSION = 1  # bump when the reference computation in alignkit.trainers changes
+KEY_VERSION = 2  # 2: the reference sums apply ld_alpha. Bump when the reference computation in alignkit.trainers changes
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -59,8 +61,51 @@ def _canonical(value):
     return str(value)  # dtypes, enums
 
 
-def model_fingerprint(model, skip_adapters=()) -> str:
-    """sha256 of the base config and every tensor of `model` outside the adapters in `skip_adapters`."""
+@contextlib.contextmanager
+def full_tensor(tensor):
+    """The whole of `tensor`, also when this process holds only a shard of it.
+
+    A DeepSpeed ZeRO-3 parameter (it has `ds_status`; its `.data` is an empty placeholder) is gathered with
+    `deepspeed.zero.GatheredParameters`, an FSDP2 / tensor-parallel DTensor with `full_tensor()`. Both are
+    collective: every process must ask for the same tensors in the same order.
+    """
+    if hasattr(tensor, "ds_status"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+            yield tensor.data
+        return
+    yield tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _is_dtensor(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 keeps it private
+        from torch.distributed._tensor import DTensor
+    return isinstance(tensor, DTensor)
+
+
+def _sharded(tensor) -> bool:
+    return hasattr(tensor, "ds_status") or _is_dtensor(tensor)
+
+
+def model_fingerprint(model, skip_adapters=(), hash_here: bool = True) -> str | None:
+    """sha256 of the base config and every full tensor of `model` outside the adapters in `skip_adapters`.
+
+    Sharded parameters (ZeRO-3, FSDP2) are gathered one at a time, so a process never holds more than one whole
+    tensor beyond its shard. Only where `hash_here` (the main process) is anything hashed; the others return None
+    and only take part in the gathers. Under FSDP's RAM-efficient loading the other processes hold empty
+    placeholders until the model is wrapped, so their own hash would be meaningless anyway.
+    """
+    state = model.state_dict(keep_vars=True)  # keep_vars: the Parameter objects, which carry ZeRO-3's ds_* fields
+    names = sorted(n for n in state if not any(part in skip_adapters for part in n.split(".")))
+    if not hash_here:
+        for name in names:  # the same collectives, in the same order, as the hashing process
+            if _sharded(state[name]):
+                with full_tensor(state[name]):
+                    pass
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version"):  # a moved folder or a new version is the same model
@@ -71,13 +116,12 @@ def model_fingerprint(model, skip_adapters=()) -> str:
         "adapters": {n: c.to_dict() for n, c in peft_configs.items() if n not in skip_adapters},
     }
     h = hashlib.sha256(json.dumps(_canonical(described), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        if any(part in skip_adapters for part in name.split(".")):
-            continue
-        tensor = tensor.detach()
-        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        # Raw bytes, whatever the dtype (bf16 and 4-bit packed weights included): an exact fingerprint.
-        h.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name in names:
+        with full_tensor(state[name]) as tensor:
+            tensor = tensor.detach()
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            # Raw bytes, whatever the dtype (bf16 and 4-bit packed weights included): an exact fingerprint.
+            h.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -97,28 +141,34 @@ def data_fingerprint(dataset) -> str:
 
 
 def cache_key(trainer, dataset) -> str:
-    """The cache key of `dataset`'s reference log-probs under `trainer` (an AlignDPOTrainer)."""
+    """The cache key of `dataset`'s reference log-probs under `trainer` (an AlignDPOTrainer), the same on every
+    process: the main process computes it from the full parameters and broadcasts it (under ZeRO-3 each
+    process holds a shard; under FSDP's RAM-efficient loading the others hold placeholders)."""
     from .models import TRAINABLE
 
     args = trainer.args
+    main = trainer.accelerator.is_main_process
     model = trainer.accelerator.unwrap_model(trainer.model)
     trained = {TRAINABLE, "ref"}  # TRL's "ref" is a copy of the trained adapter, never part of our reference
     trained |= {"lota_values", "lota_indices"}  # a LoTA delta (alignkit.lota.STATE_NAMES): off in the reference
-    parts = {
-        "key_version": KEY_VERSION,
-        "trainer": type(trainer).__qualname__,
-        "versions": {p: version(p) for p in ("torch", "transformers", "trl", "peft")},
-        "model": model_fingerprint(model, skip_adapters=trained),
-        "frozen_adapters": list(getattr(trainer, "frozen_adapters", [])),
-        "data": data_fingerprint(dataset),
-        "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else str(getattr(model, "dtype", "")),
-    }
-    return hashlib.sha256(json.dumps(_canonical(parts), sort_keys=True).encode()).hexdigest()[:32]
+    fingerprint = model_fingerprint(model, skip_adapters=trained, hash_here=main)  # every process: collectives
+    key = None
+    if main:
+        parts = {
+            "key_version": KEY_VERSION,
+            "trainer": type(trainer).__qualname__,
+            "versions": {p: version(p) for p in ("torch", "transformers", "trl", "peft")},
+            "model": fingerprint,
+            "frozen_adapters": list(getattr(trainer, "frozen_adapters", [])),
+            "data": data_fingerprint(dataset),
+            "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else str(getattr(model, "dtype", "")),
+        }
+        key = hashlib.sha256(json.dumps(_canonical(parts), sort_keys=True).encode()).hexdigest()[:32]
+    return _from_main_process(trainer, key)
 
 
-def _same_key_on_every_rank(trainer, key: str) -> str:
-    # Under ZeRO-3 each rank holds a shard, so each would hash something else: all ranks use rank 0's key.
+def _from_main_process(trainer, key: str | None) -> str:
     if trainer.accelerator.num_processes == 1:
         return key
     from accelerate.utils import broadcast_object_list
@@ -192,7 +242,7 @@ def with_ref_logps(trainer, dataset, batch_size: int):
     and then stored (by the main process) for the next run."""
     from datasets import Dataset, concatenate_datasets
 
-    key = _same_key_on_every_rank(trainer, cache_key(trainer, dataset))
+    key = cache_key(trainer, dataset)
     path = cache_root() / f"{key}.safetensors"
     tensors = load(path, len(dataset)) if path.is_file() else None
     if tensors is not None:

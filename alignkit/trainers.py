@@ -9,16 +9,22 @@
 - `loss_type` sigmoid (with cDPO label smoothing) and ipo go to `alignkit.losses.preference_loss`, which
   follows the DPO paper's reference code; TRL ignores label smoothing for sigmoid and length-normalises ipo.
   Every other TRL loss type, alone or combined, is TRL's own.
+- One helper (`answer_forward`, over `alignkit.losses.answer_logps`) sums the answer log-probs for the reference
+  and for alignkit's policy pass, with TRL's ld_alpha weighting in both; TRL's own policy pass uses the same
+  formula in the same op order. The other DPOConfig settings (use_weighting, f_divergence_type, the MoE
+  router aux loss) act on alignkit's losses as on TRL's; those that cannot act here are refused by name
+  (`check_dpo_config`), so nothing passed through --trainer_overrides is dropped or half-applied.
 """
 
 from __future__ import annotations
 
 import torch
-from trl import DPOTrainer, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from . import logger, refcache
-from .losses import LOSS_TYPES, preference_loss
+from .args import ConfigError
+from .losses import answer_logps, check_label_smoothing, is_own_loss, preference_loss
 from .models import TRAINABLE, keep_trainable_fp32, reference_mode
 
 _NOT_MODEL_INPUTS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -45,10 +51,59 @@ class AlignSFTTrainer(_StackedAdapters, SFTTrainer):
         super().__init__(*args, **kwargs)
 
 
+# DPOConfig fields that cannot act here, with the fix: alignkit passes a loaded PEFT model and computes the
+# reference itself (no separate reference model to sync). Any non-default value is refused by name.
+_REFUSED = {
+    "model_init_kwargs": "alignkit loads the model itself; use --dtype, --quantization, --attn_implementation, --revision",
+    "trust_remote_code": "alignkit loads the model itself; use --trust_remote_code",
+    "sync_ref_model": "TR-DPO moves the reference, which TRL does not support with a PEFT adapter",
+    "ref_model_mixup_alpha": "it tunes sync_ref_model (TR-DPO), which TRL does not support with a PEFT adapter",
+    "ref_model_sync_steps": "it tunes sync_ref_model (TR-DPO), which TRL does not support with a PEFT adapter",
+}
+# Fields that only one loss setting reads: set without it, TRL ignores them silently.
+_ONLY_WITH = {
+    "discopop_tau": (lambda a: "discopop" in a.loss_type, "it applies to --loss_type discopop only"),
+    "f_alpha_divergence_coef": (
+        lambda a: a.f_divergence_type == "alpha_divergence", "it applies to f_divergence_type alpha_divergence only"
+    ),
+}
+
+
+def check_dpo_config(args) -> None:
+    """Refuse DPOConfig settings (e.g. from --trainer_overrides) that would be dropped or half-applied.
+
+    Every other field takes effect on both loss paths, and where it touches the summed log-probs (ld_alpha) in the
+    policy and the reference pass alike: ld_alpha, use_weighting (WPO), f_divergence_type, router_aux_loss_coef
+    (MoE), label_smoothing (where the loss reads it), precompute_ref_batch_size, max_length, padding.
+    """
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(DPOConfig) if f.name in {*_REFUSED, *_ONLY_WITH}}
+    for name, why in _REFUSED.items():
+        if getattr(args, name) != defaults[name]:
+            raise ConfigError(f"trainer override {name}={getattr(args, name)!r} has no effect in alignkit: {why}; drop it")
+    for name, (applies, why) in _ONLY_WITH.items():
+        if getattr(args, name) != defaults[name] and not applies(args):
+            raise ConfigError(f"trainer override {name}={getattr(args, name)!r} has no effect: {why}; drop it")
+    try:
+        check_label_smoothing(args.label_smoothing, args.loss_type)  # again: --trainer_overrides may set either
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if "ipo" in args.loss_type and not is_own_loss(args.loss_type):
+        logger.warning(
+            f"loss_type {','.join(args.loss_type)}: combined with TRL-only losses, ipo is TRL's length-normalised IPO "
+            "(log-ratios divided by the answer length), not the paper's summed form; use --loss_type ipo alone for that"
+        )
+
+
 class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
-    def __init__(self, *args, frozen_adapters=(), **kwargs):
+    def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), **kwargs):
+        if ref_model is not None:
+            raise ValueError("AlignDPOTrainer computes the reference from the model itself; pass no ref_model")
+        args = args or DPOConfig(output_dir="trainer_output")  # TRL's own default, made here to check it first
+        check_dpo_config(args)  # before TRL tokenizes the data
         self.frozen_adapters = list(frozen_adapters)  # set first: TRL's __init__ may precompute reference log-probs
-        super().__init__(*args, **kwargs)
+        super().__init__(model, None, args, *rest, **kwargs)
         peft_model = self.accelerator.unwrap_model(self.model)
         # TRL copies a pre-loaded adapter into a "ref" adapter; our reference pass does not need that copy.
         if "ref" in getattr(peft_model, "peft_config", {}):  # none without PEFT (a LoTA run)
@@ -56,15 +111,7 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
             peft_model.base_model.set_adapter([TRAINABLE, *self.frozen_adapters])
             if self.frozen_adapters:
                 peft_model.set_requires_grad(self.frozen_adapters, requires_grad=False)
-        self.own_loss = set(self.loss_types) <= set(LOSS_TYPES)
-        if not self.own_loss:
-            if "sigmoid" in self.loss_types and self.label_smoothing > 0:
-                raise ValueError(
-                    f"label_smoothing (cDPO) with loss_type {self.loss_types}: TRL ignores label smoothing for sigmoid. "
-                    "Combine sigmoid with ipo only, or drop --label_smoothing."
-                )
-            if "ipo" in self.loss_types:
-                logger.info("ipo combined with TRL-only losses uses TRL's length-normalised IPO")
+        self.own_loss = is_own_loss(self.loss_types)
         # Reference log-probs always come from compute_ref_log_probs below and ride in the batch.
         self.precompute_ref_logps = True
 
@@ -75,10 +122,17 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
     def _reference_mode(self, peft_model):
         return reference_mode(peft_model, self.frozen_adapters)  # alignkit.lota's trainer switches its delta off instead
 
+    def answer_forward(self, model, inputs, **model_kwargs):
+        """One forward pass and the summed answer log-probs of every row (`alignkit.losses.answer_logps`, with
+        ld_alpha). The reference and alignkit's policy pass both go through here, so they are computed alike."""
+        kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+        # Positions outside the completion carry label -100 and so a log-prob of 0: the sum is over the answer.
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        outputs = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True, **model_kwargs)
+        return outputs, answer_logps(outputs.log_probs, inputs["completion_mask"], self.ld_alpha)
+
     def compute_ref_log_probs(self, model, inputs):
         """Summed log-probs of chosen and rejected under the reference: the trained adapter switched off."""
-        kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         peft_model = self.accelerator.unwrap_model(self.model)
         with (
             torch.no_grad(),
@@ -86,9 +140,7 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
             self._reference_mode(peft_model),
             self.accelerator.autocast(),
         ):
-            per_token = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True).log_probs
-        # Positions outside the completion carry label -100 and so a log-prob of 0: the sum is over the answer.
-        logps = per_token[:, -(inputs["completion_mask"].size(1) - 1) :].sum(dim=1)
+            _, logps = self.answer_forward(model, inputs)
         return logps.chunk(2, dim=0)  # the batch is [chosen..., rejected...]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -98,20 +150,34 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
         if not self.own_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        mask = inputs["completion_mask"]
-        kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
-        labels = inputs["input_ids"].masked_fill(mask == 0, -100)
-        outputs = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True)
-        chosen, rejected = outputs.log_probs[:, -(mask.size(1) - 1) :].sum(dim=1).chunk(2, dim=0)
+        # MoE: the router logits give TRL's load-balancing loss, weighted by router_aux_loss_coef (as TRL does).
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        outputs, logps = self.answer_forward(model, inputs, **router)
+        chosen, rejected = logps.chunk(2, dim=0)
+        weights = self._wpo_weights(outputs, inputs["completion_mask"]) if self.use_weighting else 1.0
         loss = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             losses, chosen_rewards, rejected_rewards = preference_loss(
                 chosen, rejected, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], self.beta,
                 loss_type, self.label_smoothing if loss_type == "sigmoid" else 0.0,
+                self.f_divergence_type, self.f_alpha_divergence_coef,
             )
-            loss = loss + weight * losses.mean()
+            loss = loss + weight * (losses * weights).mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
         self._log_rewards(mode, chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach())
         return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _wpo_weights(outputs, completion_mask):
+        """WPO (Zhou et al. 2024), as TRL computes it: w = exp(mean over the answer of log p - log sum p^2) per
+        answer, no gradient; each pair's loss is scaled by w_chosen * w_rejected."""
+        mask = completion_mask[..., 1:]
+        with torch.no_grad():
+            aligned = (outputs.log_probs - outputs.log_sum_sq_probs)[:, -mask.size(1) :] * mask
+        w_chosen, w_rejected = torch.exp(aligned.sum(dim=1) / mask.sum(dim=1).clamp_min(1)).chunk(2, dim=0)
+        return w_chosen * w_rejected
 
     def _log_rewards(self, mode, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
         # The same metric names as TRL's, so dashboards and the held-out accuracy read the same either way.

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from alignkit.losses import preference_loss
+from alignkit.config import DPOSettings
+from alignkit.losses import answer_logps, preference_loss
 
 
 def logsig(x: float) -> float:
@@ -70,6 +71,8 @@ def test_rewards_carry_no_gradient():
     [
         (dict(beta=0.0), "beta"),
         (dict(beta=0.1, label_smoothing=0.6), "label_smoothing"),
+        (dict(beta=0.1, label_smoothing=0.5), "label_smoothing"),
+        (dict(beta=0.1, f_divergence_type="kl"), "f_divergence_type"),
         (dict(beta=0.1, loss_type="hinge"), "unknown loss_type"),
         (dict(beta=0.1, loss_type="ipo", label_smoothing=0.1), "sigmoid"),
     ],
@@ -77,3 +80,58 @@ def test_rewards_carry_no_gradient():
 def test_bad_arguments_are_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         preference_loss(*tensors(), **kwargs)
+
+
+@pytest.mark.parametrize("eps", [-0.01, 0.0, 0.2, 0.49, 0.5, 0.7])
+def test_label_smoothing_bounds_agree_between_settings_and_loss(eps):
+    """[0, 0.5) in both: at 0.5 the smoothed label is a coin flip and the loss has no gradient."""
+    outcomes = []
+    for check in (lambda: DPOSettings(label_smoothing=eps), lambda: preference_loss(*tensors(), 0.1, "sigmoid", eps)):
+        try:
+            check()
+            outcomes.append("ok")
+        except ValueError as e:
+            assert "label_smoothing" in str(e)
+            outcomes.append("refused")
+    assert outcomes[0] == outcomes[1] == ("ok" if 0 <= eps < 0.5 else "refused")
+
+
+@pytest.mark.parametrize("loss_type", [["ipo"], ["ipo", "hinge"], ["hinge"]])
+def test_label_smoothing_no_loss_reads_is_refused_at_settings_time(loss_type):
+    with pytest.raises(ValueError, match=f"--label_smoothing 0.3 has no effect with --loss_type {','.join(loss_type)}"):
+        DPOSettings(loss_type=loss_type, label_smoothing=0.3)
+
+
+def test_label_smoothing_where_a_loss_reads_it_is_accepted():
+    for loss_type in (["sigmoid"], ["sigmoid", "ipo"], ["robust"], ["ipo", "exo_pair"]):
+        assert DPOSettings(loss_type=loss_type, label_smoothing=0.1).label_smoothing == 0.1
+
+
+def test_answer_logps_sum_the_answer_and_ld_alpha_weights_the_tail():
+    """Two pairs over 6 positions; answers of 2 (chosen) vs 4 (rejected) tokens, then 3 vs 1.
+    LD-DPO: the first min(len_c, len_r) tokens count fully, the rest times ld_alpha."""
+    mask = torch.tensor([
+        [0, 0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0],  # chosen rows: 2 and 3 answer tokens
+        [0, 0, 1, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0, 0],  # rejected rows: 4 and 1 answer tokens
+    ])
+    # Next-token log-probs line up with mask[:, 1:]; 0 outside the answer, as the fused head gives them.
+    per_token = -torch.arange(1, 7, dtype=torch.float64).repeat(4, 1) * mask[:, 1:]
+    assert answer_logps(per_token, mask).tolist() == [-5.0, -6.0, -14.0, -1.0]
+    # chosen 0: shared 2 tokens; rejected 0: -(2+3) shared + alpha * -(4+5) tail; pair 1: shared 1.
+    assert answer_logps(per_token, mask, ld_alpha=0.5).tolist() == [-5.0, -1.0 - 0.5 * 5.0, -5.0 - 0.5 * 9.0, -1.0]
+    assert answer_logps(per_token, mask, ld_alpha=1.0).tolist() == answer_logps(per_token, mask).tolist()
+
+
+@pytest.mark.parametrize("f, score", [
+    ("reverse_kl", lambda u: u),
+    ("forward_kl", lambda u: 1 - math.exp(-u)),
+    ("js_divergence", lambda u: math.log(2) + logsig(u)),
+    ("alpha_divergence", lambda u: (math.exp(-0.7 * u) - 1) / -0.7),
+])
+def test_f_divergence_scores_replace_the_log_ratios(f, score):
+    beta = 0.1
+    losses, chosen_rewards, _ = preference_loss(*tensors(), beta=beta, f_divergence_type=f, f_alpha_divergence_coef=0.3)
+    for i in range(2):
+        h_f = score(PC[i] - RC[i]) - score(PR[i] - RR[i])
+        assert losses[i].item() == pytest.approx(-logsig(beta * h_f), rel=1e-6)  # alpha: in fp32, as TRL
+        assert chosen_rewards[i].item() == pytest.approx(beta * (PC[i] - RC[i]))  # rewards stay the log-ratios

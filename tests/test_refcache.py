@@ -80,3 +80,73 @@ def test_the_key_ignores_the_trained_adapter_and_sees_every_base_weight(tiny_cac
     same = fingerprint(rank=16, seed=0)
     assert fingerprint(rank=4, seed=1) == same  # a new adapter of any rank or init: same reference
     assert fingerprint(rank=16, seed=0, nudge=1e-3) != same  # one base weight changed: another reference
+
+
+def sft_adapter(folder, seed: int) -> str:
+    """A LoRA SFT adapter on the tiny base with seeded non-zero weights: two seeds, two different SFT models."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignkit import presets
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(presets.paths()["model"])
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(base, config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def sft_adapters(tiny_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft-adapters")
+    return [sft_adapter(root / name, seed) for name, seed in (("a", 1), ("b", 2))]
+
+
+def test_a_zero3_partitioned_model_is_keyed_on_its_full_parameters(sft_adapters):
+    """ZeRO-3 leaves each process an empty `.data` placeholder per parameter: the key must gather the real values
+    (here through a stand-in for deepspeed.zero.GatheredParameters, one process), not hash the placeholders."""
+    from types import SimpleNamespace
+
+    from sharded_fingerprint import fake_deepspeed, load, partition_like_zero3, stand_in_trainer, tiny_dataset
+
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1, unwrap_model=lambda m: m)
+    keys = {}
+    for adapter in sft_adapters:
+        model, frozen = load(adapter)
+        whole = refcache.cache_key(stand_in_trainer(model, accelerator, frozen), tiny_dataset())
+        partition_like_zero3(model)
+        assert all(p.numel() == 0 for p in model.parameters())
+        with fake_deepspeed():
+            keys[adapter] = refcache.cache_key(stand_in_trainer(model, accelerator, frozen), tiny_dataset())
+        assert keys[adapter] == whole  # the gathered values, not the empty placeholders
+        assert all(p.numel() == 0 for p in model.parameters())  # gathered one at a time, and released again
+    assert len(set(keys.values())) == 2  # different SFT adapters: different reference log-probs, different keys
+
+
+def test_two_processes_key_sharded_models_on_full_parameters(sft_adapters, tmp_path):
+    """Two processes over gloo (accelerate launch): ZeRO-3-style partitions gathered by real all_gathers, FSDP's
+    empty placeholders on the non-main process, and FSDP2 fully_shard (DTensor): every process gets the main
+    process's key, it equals the unsharded key, and the two SFT adapters get different keys."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "0", str(ROOT / "tests" / "sharded_fingerprint.py"), str(tmp_path), *sft_adapters]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # one key on every process
+    keys = ranks[0]
+    for adapter in sft_adapters:
+        assert "fsdp2_error" not in keys[adapter], keys[adapter]["fsdp2_error"]
+        assert keys[adapter]["zero3"] == keys[adapter]["whole"]
+        assert keys[adapter]["placeholders"] == keys[adapter]["whole"]
+        assert keys[adapter]["fsdp2"] == keys[adapter]["whole"]
+    a, b = (keys[adapter]["whole"] for adapter in sft_adapters)
+    assert a != b
