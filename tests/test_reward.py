@@ -170,6 +170,10 @@ def test_wrong_kind_of_model_is_an_error_that_says_what_to_pass(reward_run, tiny
         load(f"rm:{causal}")
     with pytest.raises(ValueError, match=r"is a reward model .*cannot generate.*--judge rm:"):
         load_model(ModelSettings(model_id=str(reward_run["run_folder"]), quantization="none"))
+    from alignkit.generation import load_generator
+
+    with pytest.raises(ValueError, match=r"is a reward model .*pass a causal language model"):
+        load_generator(ModelSettings(model_id=str(reward_run["run_folder"]), quantization="none"), "transformers")
 
 
 def test_logexpwithlm_adds_the_chosen_sequences_lm_loss(tiny_cache, tmp_path):
