@@ -56,14 +56,19 @@ run_folder, resume_from = prepare_run(settings, "reward")
 
 # %% [markdown]
 # ## Model
-# The one loader, with a score head of one output instead of the LM head (a fresh one, seeded). A LoRA adapter
+# The one loader, with a score head of one output instead of the LM head (a fresh one starts at zero). A LoRA adapter
 # of task type SEQ_CLS goes on top; PEFT trains the score head in full and saves it with the adapter. For
 # `logexpwithlm` the base's LM head is kept beside it, frozen, for the LM term.
 
 # %%
 from alignkit.models import add_trainable_adapter, load_lm_head, load_model, require_chat_template
+from alignkit.reward import zero_fresh_score_head
 
+from transformers import set_seed
+
+set_seed(settings.seed)  # the fresh score head is drawn while the model loads: seed it, as TRL does
 loaded = load_model(settings, for_training=True, reward=True)
+zero_fresh_score_head(loaded.model, settings.model_id)
 require_chat_template(loaded.tokenizer, settings.model_id)
 model = add_trainable_adapter(loaded, settings, task_type="SEQ_CLS")
 model.print_trainable_parameters()

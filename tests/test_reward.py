@@ -115,13 +115,19 @@ def test_tiny_reward_model_ranks_held_out_pairs(reward_run):
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
 
 
-def test_reward_callable_scores_rule_following_answers_higher(reward_run):
+def test_reward_callable_loads_the_run_folder_and_scores_as_trained(reward_run):
+    """alignkit.rewards.load("rm:FOLDER") rebuilds the model from the folder alone: the held-out rewards that
+    reward.py computed with the model in memory come back, and the rule-following answers win."""
     from alignkit.rewards import load
 
     reward = load(f"rm:{reward_run['run_folder']}")
-    prompts = [[{"role": "user", "content": "name three fruits."}]] * 2 + [[{"role": "user", "content": "list three tools."}]] * 2
-    scores = reward(prompts, ["apple,pear,plum.", "apple,tiger,piano.", "hammer,saw,drill.", "red,saw,cat."])
-    assert scores[0] > scores[1] and scores[2] > scores[3]
+    held_out = json.loads((reward_run["run_folder"] / "held_out_rewards.json").read_text())
+    pairs = reward_run["eval_data"].select(range(8))
+    chosen = reward([p for p in pairs["prompt"]], [c[0]["content"] for c in pairs["chosen"]])
+    rejected = reward([p for p in pairs["prompt"]], [r[0]["content"] for r in pairs["rejected"]])
+    assert max(abs(a - b) for a, b in zip(chosen, held_out["chosen"][:8])) < 1e-4
+    assert max(abs(a - b) for a, b in zip(rejected, held_out["rejected"][:8])) < 1e-4
+    assert sum(c > r for c, r in zip(chosen, rejected)) >= 6
 
 
 def test_label_with_rm_judge_agrees_with_the_rule(reward_run, tmp_path):
@@ -192,7 +198,7 @@ def test_logexpwithlm_adds_the_chosen_sequences_lm_loss(tiny_cache, tmp_path):
     head = load_lm_head(loaded.base_id, model)
     data = load_preferences(presets.paths()["preferences"]).select(range(4))
     trainer = AlignRewardTrainer(
-        model=model, args=RewardConfig(output_dir=str(tmp_path), report_to="none", max_length=64),
+        model=model, args=RewardConfig(output_dir=str(tmp_path), report_to="none", max_length=64, bf16=False),
         train_dataset=data, processing_class=loaded.tokenizer, loss="logexpwithlm", lm_loss_coef=0.5, lm_head=head,
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
