@@ -13,6 +13,10 @@ the merged model's logits on a few prompts are compared with the unmerged base-p
 difference above the tolerance is an error that says by how much. Only then is the model cast to `dtype`
 (bf16 on a GPU machine) and saved. In bf16 the check could not tell a wrong merge from rounding: on the tiny
 model the two bf16 computations already differ by 0.14-0.19 in the logits, and more on a deep 7B model.
+
+A reward model (reward.py: a LoRA adapter of task type SEQ_CLS with its score head) merges the same way; the
+trained score head replaces the base's, and the check compares the rewards instead of the logits. The merged
+model loads with AutoModelForSequenceClassification.
 """
 
 from __future__ import annotations
@@ -50,14 +54,16 @@ def _check_inputs(tokenizer, device):
 def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str | None = None,
                    dequantize: bool = False, max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
     """Merge the adapter chain ending at `adapter_dir` into its base; returns the output folder."""
-    from .models import load_model
+    from .models import REWARD, load_model, model_kind
 
     from .models import resolve_dtype
 
+    reward = model_kind(str(adapter_dir)) == REWARD
     target = resolve_dtype(dtype)  # what is saved; the merge itself is done and checked in fp32
     settings = ModelSettings(model_id=str(adapter_dir), dtype="fp32", trust_remote_code=trust_remote_code,
                              attn_implementation="eager", use_liger="false")
-    loaded = load_model(settings, full_precision=True, dequantize=dequantize, base_model=base_model, on_cpu=True)
+    loaded = load_model(settings, full_precision=True, dequantize=dequantize, base_model=base_model, on_cpu=True,
+                        reward=reward)
     if not loaded.adapters and not loaded.deltas:
         raise UserError(f"{adapter_dir} holds no adapter_config.json or LoTA delta: there is nothing to merge")
     model, tok = loaded.model, loaded.tokenizer
@@ -72,8 +78,9 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
             merged = model.merge_and_unload(adapter_names=loaded.frozen)
         got = merged(**batch).logits.float()
     mask = batch["attention_mask"].bool()
-    diff = (expected - got).abs()[mask].max().item()
-    tolerance = TOLERANCE * max(1.0, expected[mask].abs().max().item())
+    # Logits at every real token; a reward model's one score per sequence.
+    diff = ((expected - got).abs() if reward else (expected - got).abs()[mask]).max().item()
+    tolerance = TOLERANCE * max(1.0, (expected if reward else expected[mask]).abs().max().item())
     if not diff <= tolerance:  # also catches NaN
         raise RuntimeError(
             f"merge check failed: merged logits differ from base + adapters by up to {diff:.3g} "
@@ -86,9 +93,10 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     merged.save_pretrained(out, max_shard_size=max_shard_size)
     tok.save_pretrained(out)  # with its chat template
     # Generation stops at the tokenizer's eos (the chat template's end of turn) and pads with its own token.
-    merged.generation_config.pad_token_id = tok.pad_token_id
-    merged.generation_config.eos_token_id = tok.eos_token_id
-    merged.generation_config.save_pretrained(out)
+    if not reward:  # a reward model does not generate, and has no generation config
+        merged.generation_config.pad_token_id = tok.pad_token_id
+        merged.generation_config.eos_token_id = tok.eos_token_id
+        merged.generation_config.save_pretrained(out)
     for name in RUN_FILES:
         if Path(adapter_dir, name).is_file():
             shutil.copy(Path(adapter_dir, name), out / name)
@@ -96,6 +104,7 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         "base_model": loaded.base_id, "adapters": loaded.adapters, "lota_deltas": loaded.deltas,
         "dequantize": dequantize, "dtype": str(target).removeprefix("torch."), "check_dtype": "float32",
         "max_logit_difference": diff, "tolerance": tolerance,
+        "kind": "reward model" if reward else "causal language model",
     }, indent=2))
     return out
 
