@@ -1,9 +1,11 @@
 """alignkit: align language models with LoRA/QLoRA adapters on top of Hugging Face TRL.
 
-The package holds the logic; the top-level cell scripts (sft.py, dpo.py, ...) read like notebooks over it.
+The package holds the logic; the top-level cell scripts (sft.py, dpo.py, label.py, evaluate.py, merge.py,
+reward.py) read like notebooks over it.
 Modules: args (one config mechanism), config (every script's settings), models (one loader), data (one
 normaliser), losses (preference losses TRL lacks), training (trainers and run folders), presets (the
-offline `tiny` demo), generation, merge, hub.
+offline `tiny` demo), generation, merge, hub, reward (reward.py's losses and trainer), rewards (reward models
+as one callable and as label.py's judge).
 """
 
 import logging

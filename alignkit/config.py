@@ -149,6 +149,32 @@ class DPOSettings(TrainSettings):
 
 
 @dataclass
+class RewardSettings(TrainSettings):
+    """reward.py: a reward model (one-output score head + LoRA) trained on preference pairs."""
+
+    learning_rate: float = setting(1e-5, "peak learning rate (AdamW)")
+    loss: str = setting(
+        "bradley_terry", "bradley_terry: -log sigmoid(r_c - r_r), TRL's; logexp: log(1 + exp(r_r - r_c)), "
+        "OpenRLHF's; logexpwithlm: logexp with a margin plus --lm_loss_coef x the chosen answer's LM loss",
+        choices=["bradley_terry", "logexp", "logexpwithlm"],
+    )
+    center_rewards_coefficient: float | None = setting(
+        None, "add coef x mean((r_c + r_r)^2), pulling rewards towards 0 (TRL's; e.g. 0.01)"
+    )
+    use_margin: bool = setting(
+        False, "subtract each pair's margin: a 'margin' column, else the difference of its chosen/rejected scores"
+    )
+    lm_loss_coef: float = setting(1e-6, "logexpwithlm: weight of the chosen sequence's LM cross-entropy (0: none)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lm_loss_coef < 0:
+            raise ValueError(f"lm_loss_coef must be >= 0, got {self.lm_loss_coef}")
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise ValueError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
+
+
+@dataclass
 class GenerationSettings(ModelSettings):
     """The loader settings, and the engine that answers with a local model (label.py, evaluate.py)."""
 
@@ -199,6 +225,7 @@ class LabelSettings(GenerationSettings):
     generation_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the generators' API key")
     # Judge
     judge: str = setting("openai", "openai: OpenAI-compatible endpoint; hf: local transformers model; "
+                                   "rm:RUN_FOLDER: a reward.py model scores each answer; "
                                    "python:module:function (or python:file.py:function): a rule or verifier")
     judge_model: str | None = setting(
         None, "endpoint model name (default gpt-4o-mini), or for --judge hf a Hub id or folder"
@@ -213,6 +240,7 @@ class LabelSettings(GenerationSettings):
         "Which response is more helpful, honest and harmless?", "the one principle of --judge_template self_reference"
     )
     judge_revision: str | None = setting(None, "Hub revision (branch, tag or commit) of a --judge hf model")
+    rm_tie_margin: float = setting(0.0, "--judge rm:RUN_FOLDER: a reward difference of at most this is a tie")
     judge_temperature: float = setting(0.0, "judge sampling temperature")
     judge_max_tokens: int = setting(1024, "longest judge answer, in tokens (self_reference needs room for its own answer)")
     retry_parse_failures: bool = setting(
@@ -237,6 +265,8 @@ class LabelSettings(GenerationSettings):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_retries < 0 or self.request_timeout <= 0 or self.temperature < 0:
             raise ValueError("max_retries and temperature must be >= 0, request_timeout > 0")
+        if self.rm_tie_margin < 0:
+            raise ValueError(f"rm_tie_margin must be >= 0, got {self.rm_tie_margin}")
         if self.push_to_hub and not self.hub_repo_id:
             raise ValueError("push_to_hub needs hub_repo_id: pass --hub_repo_id you/name")
 

@@ -12,6 +12,7 @@ Kinds (`--judge`):
 - `openai`: any OpenAI-compatible chat endpoint, through alignkit.llm.ChatClient (the official client, with
   its retries and backoff);
 - `hf`: a local transformers model, batched;
+- `rm:RUN_FOLDER`: a reward.py model scores each answer once (alignkit.rewards.RMJudge);
 - `python:module:function` or `python:path/to/file.py:function`: `function(prompt, answer_a, answer_b)` returns
   "A", "B", "tie" (or text holding a verdict token), for tasks a rule or a verifier can check.
 """
@@ -340,6 +341,10 @@ def make_judge(s) -> Judge:
     """The judge named by settings `s` (alignkit.config.LabelSettings); checks what it can before any work."""
     if s.judge.startswith("python:"):
         return PythonJudge(s.judge)
+    if s.judge.startswith("rm:"):  # a reward model scores each answer (alignkit.rewards)
+        from .rewards import RMJudge
+
+        return RMJudge(s.judge, s, s.rm_tie_margin, s.generation_batch_size)
     template = load_template(s.judge_template, s.principle)
     if s.judge == "openai":
         key_env = s.judge_api_key_env
@@ -361,7 +366,7 @@ def make_judge(s) -> Judge:
                               trust_remote_code=s.trust_remote_code, quantization=s.quantization, dtype=s.dtype,
                               attn_implementation=s.attn_implementation, use_liger=s.use_liger)
         return HFJudge(model, template, s.judge_max_tokens, s.judge_temperature, s.generation_batch_size)
-    raise ConfigError(f"--judge {s.judge!r}: expected openai, hf, or python:module:function")
+    raise ConfigError(f"--judge {s.judge!r}: expected openai, hf, rm:RUN_FOLDER, or python:module:function")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -594,7 +594,8 @@ def make_pairs(run: Run, prompts: list[Prompt], table) -> list[Pair]:
                 seen.add((prompt.key, frozenset((a.strip(), b.strip()))))
                 pair = Pair(prompt, a, b, run.sources[i].name, run.sources[j].name)
                 coin = int(digest([s.seed, prompt.key, a, b])[:8], 16)
-                for order in orders_for(s.both_orders, coin):
+                # A judge that scores each answer on its own (a reward model) has no order bias: one order.
+                for order in orders_for(s.both_orders and not getattr(run.judge, "one_pass", False), coin):
                     slot_a, slot_b = (a, b) if order == "ab" else (b, a)
                     pair.keys[order] = digest({"prompt": prompt.messages, "a": slot_a, "b": slot_b, **identity})
                 pairs.append(pair)
@@ -712,6 +713,7 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                     "prompt": pair.prompt.messages, "chosen": _assistant(chosen), "rejected": _assistant(rejected),
                     "chosen_source": sources[0], "rejected_source": sources[1], "judge": run.judge.name,
                     "judge_template": run.judge.template.name if run.judge.template else None, "verdicts": named,
+                    **_label_fields(run, pair, outcome),
                 })
         _atomic_jsonl(run.output, rows)
         summary = _pair_summary(run, prompts, pairs, outcomes, verdicts, rows)
@@ -722,6 +724,16 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, run.summary_path)
     return summary
+
+
+def _label_fields(run: Run, pair: Pair, outcome: str) -> dict:
+    """What a judge adds to a labeled row (a reward model: the two scores); nothing for text judges."""
+    fields = getattr(run.judge, "label_fields", None)
+    if fields is None:
+        return {}
+    texts = {order: run.judgments.get(key)["text"] for order, key in pair.keys.items()}
+    chosen_slot = {order: "A" if (order == "ab") == (outcome == "a") else "B" for order in pair.keys}
+    return fields(texts, chosen_slot)
 
 
 def _share(part: int, whole: int) -> float | None:

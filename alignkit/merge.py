@@ -11,6 +11,10 @@ Two ways to merge a QLoRA adapter (see peft#2105, qlora#254):
 A chain (base -> SFT adapter -> DPO adapter) merges in order. Before anything is saved, the merged model's
 logits on a few prompts are compared with the unmerged base-plus-adapters model; a difference above the
 tolerance is an error that says by how much.
+
+A reward model (reward.py: a LoRA adapter of task type SEQ_CLS with its score head) merges the same way; the
+trained score head replaces the base's, and the check compares the rewards instead of the logits. The merged
+model loads with AutoModelForSequenceClassification.
 """
 
 from __future__ import annotations
@@ -46,11 +50,12 @@ def _check_inputs(tokenizer, device):
 def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str | None = None,
                    dequantize: bool = False, max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
     """Merge the adapter chain ending at `adapter_dir` into its base; returns the output folder."""
-    from .models import load_model
+    from .models import REWARD, load_model, model_kind
 
+    reward = model_kind(str(adapter_dir)) == REWARD
     settings = ModelSettings(model_id=str(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code,
                              attn_implementation="eager", use_liger="false")
-    loaded = load_model(settings, full_precision=True, dequantize=dequantize, base_model=base_model)
+    loaded = load_model(settings, full_precision=True, dequantize=dequantize, base_model=base_model, reward=reward)
     if not loaded.adapters:
         raise ValueError(f"{adapter_dir} holds no adapter_config.json: there is nothing to merge")
     model, tok = loaded.model, loaded.tokenizer
@@ -60,7 +65,8 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         expected = model(**batch).logits.float()
         merged = model.merge_and_unload(adapter_names=loaded.frozen)
         got = merged(**batch).logits.float()
-    diff = (expected - got).abs()[batch["attention_mask"].bool()].max().item()
+    # Logits at every real token; a reward model's one score per sequence.
+    diff = ((expected - got).abs() if reward else (expected - got).abs()[batch["attention_mask"].bool()]).max().item()
     tolerance = TOLERANCE[loaded.dtype]
     if not diff <= tolerance:  # also catches NaN
         raise RuntimeError(
@@ -72,14 +78,16 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     merged.save_pretrained(out, max_shard_size=max_shard_size)
     tok.save_pretrained(out)  # with its chat template
     # Generation stops at the tokenizer's eos (the chat template's end of turn) and pads with its own token.
-    merged.generation_config.pad_token_id = tok.pad_token_id
-    merged.generation_config.eos_token_id = tok.eos_token_id
-    merged.generation_config.save_pretrained(out)
+    if not reward:  # a reward model does not generate, and has no generation config
+        merged.generation_config.pad_token_id = tok.pad_token_id
+        merged.generation_config.eos_token_id = tok.eos_token_id
+        merged.generation_config.save_pretrained(out)
     for name in RUN_FILES:
         if Path(adapter_dir, name).is_file():
             shutil.copy(Path(adapter_dir, name), out / name)
     (out / "merge.json").write_text(json.dumps({
         "base_model": loaded.base_id, "adapters": loaded.adapters, "dequantize": dequantize,
         "dtype": str(loaded.dtype).removeprefix("torch."), "max_logit_difference": diff, "tolerance": tolerance,
+        "kind": "reward model" if reward else "causal language model",
     }, indent=2))
     return out

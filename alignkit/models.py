@@ -167,19 +167,22 @@ def require_chat_template(tok, model_id: str) -> None:
 
 
 def load_model(s, *, for_training: bool = False, full_precision: bool = False, dequantize: bool = False,
-               base_model: str | None = None) -> Loaded:
+               base_model: str | None = None, reward: bool = False) -> Loaded:
     """Load `s.model_id` (settings from alignkit.config.ModelSettings) and any adapter chain under it.
 
     full_precision: never quantize (merging adapters must happen in full precision).
     dequantize: load the base in 4-bit NF4, then turn it back into plain weights before the adapters go on:
         the exact model a QLoRA adapter was trained against, in a form adapters can merge into.
     base_model: use this base instead of the one the adapter chain records (a moved or renamed base).
+    reward: load a reward model (sequence classification, one output; see "Reward models" below) instead of a
+        causal LM. Either way, a model of the other kind is an error that says what to pass instead.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quiet_library_noise()
     base_id, chain = adapter_chain(s.model_id, s.revision)
     base_id = base_model or base_id
+    check_model_kind(s.model_id, s.revision, reward, for_training)
     if chain:
         logger.info(f"{s.model_id} is an adapter; base model: {base_id}; adapters: {' -> '.join(chain)}")
     dtype = resolve_dtype(s.dtype)
@@ -206,7 +209,10 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     if quantization != "none" and torch.cuda.is_available() and not sharded:
         # Each process owns one GPU: device_map="auto" would spread a model over all of them and break DDP.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    model = AutoModelForCausalLM.from_pretrained(base_id, **kwargs)
+    if reward:
+        model = _load_reward_base(base_id, kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_id, **kwargs)
     if dequantize:
         model = model.dequantize()  # bitsandbytes' own NF4 -> float, weight by weight
         model.to(dtype)
@@ -222,10 +228,11 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     tok = load_tokenizer(tok_source, None if chain else s.revision, s.trust_remote_code, s.chat_template)
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))
-    model.config.pad_token_id = tok.pad_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    if tok.eos_token_id is not None:
-        model.generation_config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id  # a reward model scores the last token before the padding
+    if getattr(model, "generation_config", None) is not None:  # a reward model cannot generate: it has none
+        model.generation_config.pad_token_id = tok.pad_token_id
+        if tok.eos_token_id is not None:
+            model.generation_config.eos_token_id = tok.eos_token_id
 
     frozen: list[str] = []
     if chain:
@@ -244,8 +251,11 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     return Loaded(model, tok, base_id, chain, frozen, dtype, quantization)
 
 
-def add_trainable_adapter(loaded: Loaded, s) -> torch.nn.Module:
-    """Put a fresh LoRA adapter on top: the base and any loaded adapters stay frozen and active."""
+def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Put a fresh LoRA adapter on top: the base and any loaded adapters stay frozen and active.
+
+    task_type "SEQ_CLS" (a reward model): PEFT also trains the score head and saves it with the adapter.
+    """
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import set_seed
 
@@ -254,7 +264,7 @@ def add_trainable_adapter(loaded: Loaded, s) -> torch.nn.Module:
     set_seed(s.seed)
     targets = s.lora_target_modules
     config = LoraConfig(
-        r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, task_type="CAUSAL_LM", bias="none",
+        r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, task_type=task_type, bias="none",
         target_modules=targets[0] if targets == ["all-linear"] else targets,
     )
     model = loaded.model
@@ -296,3 +306,95 @@ def save_adapter(model, tokenizer, out_dir: str | os.PathLike, base_source: str)
     # A local base is recorded by absolute path so the adapter loads from any working directory.
     config["base_model_name_or_path"] = str(Path(base_source).resolve()) if Path(base_source).exists() else base_source
     config_file.write_text(json.dumps(config, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reward models: a sequence-classification head with one output ("score") on the same backbone.
+#
+# reward.py loads the base with AutoModelForSequenceClassification(num_labels=1): a fresh score head replaces
+# the LM head. The LoRA adapter (task_type SEQ_CLS) trains the score head in full and saves it with the
+# adapter (PEFT's modules_to_save), so a reward run folder is an adapter folder like any other.
+
+REWARD, CAUSAL = "reward model", "causal language model"
+
+
+def model_kind(source: str, revision: str | None = None) -> str | None:
+    """REWARD or CAUSAL for a model or adapter folder (or Hub id); None when it cannot be told offline."""
+    adapter = adapter_config(source, revision)
+    if adapter is not None:
+        return REWARD if adapter.get("task_type") == "SEQ_CLS" else CAUSAL
+    file = Path(source, "config.json")
+    try:
+        if file.is_file():
+            config = json.loads(file.read_text())
+        else:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(source, revision=revision).to_dict()
+    except Exception:  # noqa: BLE001 - unreachable or not a model: from_pretrained reports it properly later
+        return None
+    architectures = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return REWARD if config.get("num_labels", len(config.get("id2label") or {0: 0})) == 1 else None
+    return CAUSAL if architectures else None
+
+
+def check_model_kind(source: str, revision: str | None, reward: bool, for_training: bool = False) -> None:
+    """A reward model where a causal LM is needed (or the reverse) fails here, saying what to pass instead."""
+    kind = model_kind(source, revision)
+    if reward and kind == CAUSAL and not for_training:
+        raise ValueError(
+            f"{source} is a causal language model (no reward score head), not a reward model. Pass a reward.py run "
+            "folder (or its merged/ folder) as rm:FOLDER; to judge with this model's text verdicts use --judge hf "
+            f"--judge_model {source}; to get a reward model from it, train one: python reward.py --model_id {source}"
+        )
+    if not reward and kind == REWARD:
+        raise ValueError(
+            f"{source} is a reward model (a score head, no language-model head): it scores answers but cannot "
+            "generate or be fine-tuned as a policy. Pass it as a judge, --judge rm:" + source + " (or "
+            "alignkit.rewards.load('rm:" + source + "')), and pass a causal language model (an SFT/DPO run "
+            "folder, a Hub id) as the generator or --model_id"
+        )
+    if reward and for_training and adapter_config(source, revision) is not None:
+        what = "a reward model's adapter" if kind == REWARD else "a LoRA adapter"
+        raise ValueError(
+            f"{source} is {what}: reward.py trains a fresh adapter and score head on a full model. Merge it first "
+            f"(python merge.py --adapter_dir {source}) and pass --model_id {Path(source, 'merged')}"
+        )
+
+
+def _load_reward_base(base_id: str, kwargs: dict):
+    """The base as AutoModelForSequenceClassification with one output; the LM head's weights are not loaded."""
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    # A causal LM's checkpoint has lm_head.weight and no score.weight: both expected, so not warned about.
+    with suppress_seqcls_warning():
+        return AutoModelForSequenceClassification.from_pretrained(base_id, num_labels=1, **kwargs)
+
+
+def load_lm_head(base_id: str, model, revision: str | None = None) -> torch.nn.Module:
+    """The base's LM head, frozen, beside a reward model (for the LM term of reward.py's logexpwithlm loss).
+
+    Only that one tensor is read from the checkpoint; with tied embeddings it is the input embedding matrix.
+    """
+    backbone_config = model.config.get_text_config()
+    embeddings = model.get_input_embeddings().weight
+    head = torch.nn.Linear(embeddings.shape[1], embeddings.shape[0], bias=False, device=embeddings.device,
+                           dtype=embeddings.dtype if embeddings.is_floating_point() else torch.float32)
+    if getattr(backbone_config, "tie_word_embeddings", False):
+        head.weight = embeddings
+    else:
+        from safetensors import safe_open
+        from transformers.utils import cached_file
+
+        index = cached_file(base_id, "model.safetensors.index.json", revision=revision,
+                            _raise_exceptions_for_missing_entries=False)
+        shard = json.loads(Path(index).read_text())["weight_map"]["lm_head.weight"] if index else "model.safetensors"
+        with safe_open(cached_file(base_id, shard, revision=revision), framework="pt") as f:
+            weight = f.get_tensor("lm_head.weight")
+        if weight.shape[0] < head.weight.shape[0]:  # the tokenizer added a pad token: its row stays zero
+            weight = torch.cat([weight, weight.new_zeros(head.weight.shape[0] - weight.shape[0], weight.shape[1])])
+        head.weight = torch.nn.Parameter(weight.to(head.weight.device, head.weight.dtype))
+    head.requires_grad_(False)
+    return head

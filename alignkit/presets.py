@@ -67,7 +67,7 @@ def paths() -> dict[str, str]:
 
 
 def defaults(stage: str) -> dict:
-    """The preset's defaults for a script stage ("sft", "dpo"); alignkit.args applies them under every flag."""
+    """The preset's defaults for a script stage ("sft", "dpo", "reward", ...); alignkit.args applies them under every flag."""
     p = paths()
     common = dict(
         model_id=p["model"], quantization="none", max_length=64, per_device_train_batch_size=16,
@@ -83,6 +83,14 @@ def defaults(stage: str) -> dict:
         return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 1e-3,
                 "num_train_epochs": 3.0, "loss_type": ["sigmoid", "sft"],
                 "run_name": "tiny-dpo"}
+    if stage == "reward":
+        # A reward model on the base model (a fresh score head + LoRA) learns the rule from the pairs alone. It
+        # must compare each answer word with the prompt's category at the last token, which this small model
+        # learns slowly: 20 epochs of small batches (about 30 s) reach held-out accuracy 0.92-0.93 over seeds,
+        # where 2 epochs stay near 0.68.
+        return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 1e-3,
+                "per_device_train_batch_size": 8, "num_train_epochs": 20.0, "save_steps": 500,
+                "run_name": "tiny-reward"}
     if stage == "label":
         # Six sampled answers per prompt from the base model, every pair judged by the checkable rule.
         return dict(

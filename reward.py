@@ -1,0 +1,130 @@
+# %% [markdown]
+# # Reward model: score answers with a LoRA adapter and a one-output head
+#
+# A reward model reads a conversation and returns one number; trained on preference pairs, the chosen answer
+# should score above the rejected one. It is the base model with a sequence-classification head of one output
+# ("score") in place of the LM head, and a LoRA adapter (QLoRA on a 4-bit base); the head is trained in full and
+# saved with the adapter. TRL's RewardTrainer runs the training. Uses: `label.py --judge rm:RUN_FOLDER` labels
+# pairs with it, and `alignkit.rewards.load("rm:RUN_FOLDER")` gives online RL one reward callable.
+#
+# Losses (`--loss`, formulas in alignkit.reward): `bradley_terry` (TRL's, with `--center_rewards_coefficient`),
+# `logexp` (OpenRLHF's LogExpLoss), `logexpwithlm` (the self-reference code's: logexp with the row's margin,
+# plus `--lm_loss_coef` times the chosen sequence's LM loss). `--use_margin` reads a margin from the data.
+#
+# ```bash
+# python reward.py --preset tiny                                   # offline CPU demo, about a minute
+# python reward.py --model_id runs/sft-model/merged                # Mistral-7B QLoRA on UltraFeedback (GPU)
+# python reward.py --loss logexpwithlm --use_margin --dataset_id runs/label-x/preferences.jsonl
+# python reward.py --dataset_id Anthropic/hh-rlhf --center_rewards_coefficient 0.01
+# python label.py --preset tiny --judge rm:runs/tiny-reward        # the reward model as a judge
+# python reward.py --help                                          # every setting, its default and env var
+# ```
+
+# %% [markdown]
+# ## Settings
+# Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags < `overrides`. In a notebook,
+# set `overrides` below (or environment variables) instead of touching argv.
+
+# %%
+from alignkit import presets
+from alignkit.args import parse_config
+from alignkit.config import RewardSettings
+
+# In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "loss": "logexp"};
+# environment variables (upper-case names) work too. Flags given on a command line apply as well.
+overrides: dict = {}
+
+settings = parse_config(
+    RewardSettings, overrides=overrides, presets={"tiny": presets.defaults("reward")}, prog="reward.py",
+    description="Reward model with LoRA/QLoRA.",
+)
+if settings.push_to_hub:
+    from alignkit.hub import require_token
+
+    require_token()  # fail now, not after hours of training
+presets.ensure(settings)
+
+# %% [markdown]
+# ## Run folder
+# Everything goes to `output_dir/run_name`; the resolved settings are saved there first (secrets redacted).
+# A rerun with the same settings continues from the last checkpoint.
+
+# %%
+from alignkit.training import prepare_run
+
+run_folder, resume_from = prepare_run(settings, "reward")
+
+# %% [markdown]
+# ## Model
+# The one loader, with a score head of one output instead of the LM head (a fresh one, seeded). A LoRA adapter
+# of task type SEQ_CLS goes on top; PEFT trains the score head in full and saves it with the adapter. For
+# `logexpwithlm` the base's LM head is kept beside it, frozen, for the LM term.
+
+# %%
+from alignkit.models import add_trainable_adapter, load_lm_head, load_model, require_chat_template
+
+loaded = load_model(settings, for_training=True, reward=True)
+require_chat_template(loaded.tokenizer, settings.model_id)
+model = add_trainable_adapter(loaded, settings, task_type="SEQ_CLS")
+model.print_trainable_parameters()
+lm_head = load_lm_head(loaded.base_id, model, settings.revision) if settings.loss == "logexpwithlm" and \
+    settings.lm_loss_coef else None
+
+# %% [markdown]
+# ## Data
+# Any supported preference format becomes conversational prompt / chosen / rejected; with `--use_margin` each
+# pair also gets its margin. A seeded share is held out to measure pairwise accuracy on unseen pairs.
+
+# %%
+from alignkit.data import load_preferences
+from alignkit.reward import with_margins
+from alignkit.training import split
+
+preferences = load_preferences(
+    settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
+)
+preferences = with_margins(preferences, settings)
+train_data, eval_data = split(preferences, settings)
+print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} held out")
+
+# %% [markdown]
+# ## Train
+# TRL's RewardTrainer tokenizes prompt + answer with the chat template and scores both answers in one batch.
+
+# %%
+from trl import RewardConfig
+
+from alignkit.reward import AlignRewardTrainer
+from alignkit.training import trl_config
+
+args = trl_config(RewardConfig, settings, run_folder, loaded.dtype,
+                  center_rewards_coefficient=settings.center_rewards_coefficient)
+trainer = AlignRewardTrainer(
+    model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=loaded.tokenizer,
+    loss=settings.loss, lm_loss_coef=settings.lm_loss_coef, lm_head=lm_head,
+)
+trainer.train(resume_from_checkpoint=resume_from)
+
+# %% [markdown]
+# ## Save, evaluate, merge, push
+# The adapter (with its score head) and tokenizer go to the run folder. On the held-out pairs: pairwise accuracy
+# (chance is 0.5), chosen / rejected / margin means and standard deviations, and `rewards_histogram.png`.
+# `--merge_adaptors` writes a merged model that loads with AutoModelForSequenceClassification.
+
+# %%
+import json
+
+from alignkit.reward import held_out_report
+from alignkit.training import finish
+
+metrics = finish(trainer, loaded, settings, run_folder, "reward")
+print(f"adapter: {run_folder}")
+if eval_data is not None and trainer.accelerator.is_main_process:
+    report = held_out_report(model, loaded.tokenizer, eval_data, run_folder, settings.per_device_eval_batch_size,
+                             settings.max_length)
+    metrics.update(report)
+    (run_folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"held-out accuracy: {report['held_out_accuracy']:.3f}")
+    print(f"chosen {report['chosen_mean']:.3f} ± {report['chosen_std']:.3f}, rejected {report['rejected_mean']:.3f} "
+          f"± {report['rejected_std']:.3f}, margin {report['margin_mean']:.3f} ± {report['margin_std']:.3f}")
+    print(f"histogram: {report['histogram']}")

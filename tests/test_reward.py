@@ -1,0 +1,203 @@
+"""reward.py and reward models as judges: the losses' formulas, the tiny reward model's held-out accuracy,
+label.py with an rm: judge, the merge round trip, margins, and the errors for a model of the wrong kind."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from alignkit import presets
+from alignkit.reward import margins, reward_loss
+
+from conftest import run_script
+
+CHOSEN = torch.tensor([1.5, -0.2, 0.3, 2.0])
+REJECTED = torch.tensor([0.5, 0.4, -1.0, 2.5])
+MARGIN = torch.tensor([0.5, 1.0, 0.0, 2.0])
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def _by_hand(loss, margin=None, lm=0.0, coef=0.0):
+    """The formulas of alignkit.reward's docstring, in plain floats."""
+    m = margin.tolist() if margin is not None else [0.0] * len(CHOSEN)
+    pairs = list(zip(CHOSEN.tolist(), REJECTED.tolist(), m))
+    if loss == "bradley_terry":
+        return _mean([-math.log(1 / (1 + math.exp(-(c - r - mm)))) for c, r, mm in pairs])
+    value = _mean([math.log(1 + math.exp(mm + r - c)) for c, r, mm in pairs])
+    return value + coef * lm if loss == "logexpwithlm" else value
+
+
+@pytest.mark.parametrize("loss", ["bradley_terry", "logexp", "logexpwithlm"])
+@pytest.mark.parametrize("margin", [None, MARGIN], ids=["no-margin", "margin"])
+def test_losses_match_their_formulas(loss, margin):
+    lm = torch.tensor(2.7)
+    got = reward_loss(CHOSEN, REJECTED, loss, margin, lm_loss=lm, lm_loss_coef=0.1)
+    expected = _by_hand(loss, margin, lm=2.7, coef=0.1)
+    assert abs(got.item() - expected) < 1e-6
+
+
+def test_logexpwithlm_with_coefficient_zero_is_logexp_and_the_lm_term_counts():
+    lm = torch.tensor(3.0)
+    for margin in (None, MARGIN):
+        plain = reward_loss(CHOSEN, REJECTED, "logexp", margin)
+        assert abs(reward_loss(CHOSEN, REJECTED, "logexpwithlm", margin, lm, 0.0).item() - plain.item()) < 1e-6
+        with_lm = reward_loss(CHOSEN, REJECTED, "logexpwithlm", margin, lm, 1e-6).item()
+        assert abs(with_lm - (plain.item() + 3e-6)) < 1e-7
+
+
+def test_center_rewards_coefficient_adds_the_squared_sum():
+    base = reward_loss(CHOSEN, REJECTED, "bradley_terry").item()
+    centred = reward_loss(CHOSEN, REJECTED, "bradley_terry", center_rewards_coefficient=0.01).item()
+    assert abs(centred - base - 0.01 * _mean([(c + r) ** 2 for c, r in zip(CHOSEN.tolist(), REJECTED.tolist())])) < 1e-6
+
+
+def test_bradley_terry_is_trls_own_loss():
+    """TRL's RewardTrainer.compute_loss on the same rewards (and margins) gives the same value."""
+    from trl import RewardTrainer
+
+    for margin in (None, MARGIN):
+        stub = SimpleNamespace(
+            model=SimpleNamespace(training=False), args=SimpleNamespace(center_rewards_coefficient=0.01),
+            accelerator=SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x),
+            _metrics={"train": {}, "eval": __import__("collections").defaultdict(list)}, _total_train_tokens=0,
+            _tp_size=1,
+        )
+        logits = torch.cat([CHOSEN, REJECTED]).unsqueeze(-1)
+        inputs = {"input_ids": torch.zeros(8, 3, dtype=torch.long), "attention_mask": torch.ones(8, 3)}
+        if margin is not None:
+            inputs["margin"] = margin
+        trl_loss = RewardTrainer.compute_loss(stub, lambda **kw: SimpleNamespace(logits=logits), inputs)
+        ours = reward_loss(CHOSEN, REJECTED, "bradley_terry", margin, center_rewards_coefficient=0.01)
+        assert abs(trl_loss.item() - ours.item()) < 1e-6
+
+
+def test_margins_from_a_margin_column_or_score_difference(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 8.0, "score_rejected": 5.5},
+            {"prompt": "q", "chosen": "c", "rejected": "d", "score_chosen": 3, "score_rejected": 1}]
+    assert margins(rows) == [2.5, 2.0]
+    assert margins([{**row, "margin": 0.25} for row in rows]) == [0.25, 0.25]
+    with pytest.raises(ValueError, match="needs a 'margin' column"):
+        margins([{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps({**row, "margin": m}) for row, m in zip(rows, [1.0, None])) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 2: field 'margin'"):
+        margins(str(bad))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiny reward model, trained once per session
+
+
+@pytest.fixture(scope="session")
+def reward_run(tiny_cache, tmp_path_factory):
+    """`python reward.py --preset tiny`, once per session."""
+    out = tmp_path_factory.mktemp("runs")
+    return run_script("reward.py", "--preset", "tiny", "--output_dir", str(out), "--run_name", "reward")
+
+
+def test_tiny_reward_model_ranks_held_out_pairs(reward_run):
+    metrics = json.loads((reward_run["run_folder"] / "metrics.json").read_text())
+    assert metrics["held_out_pairs"] == 120
+    assert metrics["held_out_accuracy"] >= 0.9, metrics
+    assert metrics["chosen_mean"] > metrics["rejected_mean"]
+    assert metrics["margin_std"] > 0 and metrics["chosen_std"] > 0 and metrics["rejected_std"] > 0
+    assert Path(metrics["histogram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The score head is saved with the adapter, so the run folder alone scores answers.
+    adapter = json.loads((reward_run["run_folder"] / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
+
+
+def test_reward_callable_scores_rule_following_answers_higher(reward_run):
+    from alignkit.rewards import load
+
+    reward = load(f"rm:{reward_run['run_folder']}")
+    prompts = [[{"role": "user", "content": "name three fruits."}]] * 2 + [[{"role": "user", "content": "list three tools."}]] * 2
+    scores = reward(prompts, ["apple,pear,plum.", "apple,tiger,piano.", "hammer,saw,drill.", "red,saw,cat."])
+    assert scores[0] > scores[1] and scores[2] > scores[3]
+
+
+def test_label_with_rm_judge_agrees_with_the_rule(reward_run, tmp_path):
+    out = tmp_path / "prefs.jsonl"
+    run_script("label.py", "--preset", "tiny", "--judge", f"rm:{reward_run['run_folder']}", "--output", str(out),
+               "--rm_tie_margin", "1.0")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert len(rows) >= 100
+    # One pass per answer: one judgment per pair, no second order.
+    assert summary["judgments"]["needed"] == summary["pairs_judged"]
+    agree = 0
+    for row in rows:
+        prompt = row["prompt"][0]["content"]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert row["chosen_score"] - row["rejected_score"] > 1.0  # the scores ride along, beyond the tie margin
+        agree += presets.score(prompt, chosen) >= presets.score(prompt, rejected) and \
+            presets.rule_judge(prompt, chosen, rejected) != "B"
+    assert agree / len(rows) >= 0.9, f"{agree} of {len(rows)} labels agree with the rule"
+
+
+def test_merge_round_trip_keeps_the_score_head(reward_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignkit.merge import merge_adapters
+    from alignkit.rewards import load, score
+
+    conversations = [[{"role": "user", "content": "name three fruits."}, {"role": "assistant", "content": a}]
+                     for a in ("apple,pear,plum.", "apple,tiger,piano.", "red,blue,green.")]
+    before = load(f"rm:{reward_run['run_folder']}")([c[:1] for c in conversations], [c[1]["content"] for c in conversations])
+    merged_dir = merge_adapters(str(reward_run["run_folder"]), tmp_path / "merged")
+    model = AutoModelForSequenceClassification.from_pretrained(merged_dir)
+    after = score(model, AutoTokenizer.from_pretrained(merged_dir), conversations)
+    assert model.config.num_labels == 1
+    assert max(abs(a - b) for a, b in zip(before, after)) < 1e-4, (before, after)
+    assert len(set(round(x, 3) for x in after)) == 3  # really scores: not one constant
+
+
+def test_wrong_kind_of_model_is_an_error_that_says_what_to_pass(reward_run, tiny_cache):
+    from alignkit.config import ModelSettings
+    from alignkit.models import load_model
+    from alignkit.rewards import load
+
+    causal = presets.paths()["model"]
+    with pytest.raises(ValueError, match=r"is a causal language model \(no reward score head\).*reward.py run folder"):
+        load(f"rm:{causal}")
+    with pytest.raises(ValueError, match=r"is a reward model .*cannot generate.*--judge rm:"):
+        load_model(ModelSettings(model_id=str(reward_run["run_folder"]), quantization="none"))
+
+
+def test_logexpwithlm_adds_the_chosen_sequences_lm_loss(tiny_cache, tmp_path):
+    """The trainer's logexpwithlm loss = mean softplus(r_r - r_c) + coef x the base LM's own loss on chosen."""
+    from transformers import AutoModelForCausalLM
+    from trl import RewardConfig
+
+    from alignkit.config import RewardSettings
+    from alignkit.data import load_preferences
+    from alignkit.models import add_trainable_adapter, load_lm_head, load_model
+    from alignkit.reward import AlignRewardTrainer
+
+    s = RewardSettings(**{**presets.defaults("reward"), "loss": "logexpwithlm", "lm_loss_coef": 0.5})
+    loaded = load_model(s, for_training=True, reward=True)
+    model = add_trainable_adapter(loaded, s, task_type="SEQ_CLS")  # LoRA B = 0: the backbone is the base's
+    head = load_lm_head(loaded.base_id, model)
+    data = load_preferences(presets.paths()["preferences"]).select(range(4))
+    trainer = AlignRewardTrainer(
+        model=model, args=RewardConfig(output_dir=str(tmp_path), report_to="none", max_length=64),
+        train_dataset=data, processing_class=loaded.tokenizer, loss="logexpwithlm", lm_loss_coef=0.5, lm_head=head,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, dict(batch)).item()
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+        chosen, rejected = rewards.chunk(2)
+        causal = AutoModelForCausalLM.from_pretrained(loaded.base_id)
+        ids, mask = batch["input_ids"][:4], batch["attention_mask"][:4]
+        lm = causal(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.item()
+    assert lm > 0.1
+    assert abs(got - (torch.nn.functional.softplus(rejected - chosen).mean().item() + 0.5 * lm)) < 1e-5
