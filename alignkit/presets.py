@@ -91,6 +91,13 @@ def defaults(stage: str) -> dict:
         return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 1e-3,
                 "per_device_train_batch_size": 8, "num_train_epochs": 20.0, "save_steps": 500,
                 "run_name": "tiny-reward"}
+    if stage == "rl":
+        # GRPO from the SFT adapter (--model_id runs/tiny-sft) on the preset's prompts, rewarded by its rule.
+        # Answers are three words, so 16 new tokens suffice; 8 samples per prompt give the group baseline.
+        return {**common, "dataset_id": p["prompts"], "dataset_split": "train", "eval_split": 0.0,
+                "learning_rate": 3e-3, "max_steps": 60, "per_device_train_batch_size": 32, "num_generations": 8,
+                "max_completion_length": 16, "temperature": 1.0, "beta": 0.01, "logging_steps": 5,
+                "save_steps": 30, "reward": ["rule"], "run_name": "tiny-rl"}
     if stage == "label":
         # Six sampled answers per prompt from the base model, every pair judged by the checkable rule.
         return dict(

@@ -8,6 +8,7 @@ picks up another run's state.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -152,6 +153,8 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, **stage_kwargs):
         use_cpu=world_size() > 1 and not torch.cuda.is_available(),
         **stage_kwargs,
     )
+    if "max_length" not in {f.name for f in dataclasses.fields(config_cls)}:
+        kwargs.pop("max_length")  # GRPOConfig/RLOOConfig bound prompt and completion lengths separately
     if s.trainer_overrides:
         try:
             extra = json.loads(s.trainer_overrides)
