@@ -114,6 +114,10 @@ for reward in rewards:
     if hasattr(reward, "close"):
         reward.close()
 print(f"adapter: {run_folder}")
-logged = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+# A log whose every completion went unscored (failed judgments) has no reward: NaN, which transformers logs as None.
+logged = [entry["reward"] for entry in trainer.state.log_history if entry.get("reward") is not None]
 if logged:
     print(f"reward: {logged[0]:.3f} at the first log, {logged[-1]:.3f} at the last")
+unscored = [entry["rewards/unscored_frac"] for entry in trainer.state.log_history if "rewards/unscored_frac" in entry]
+if unscored and max(unscored) > 0:
+    print(f"unscored completions (failed judgments, left out of the advantages): up to {max(unscored):.0%} of a log")
