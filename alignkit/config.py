@@ -468,3 +468,37 @@ class RLSettings(TrainSettings, GenerationSettings):
                              f"{self.reward}")
         if "judge" in self.reward and self.judge_mode == "pairwise" and not self.reference_completions:
             raise ValueError("--judge_mode pairwise needs --reference_completions FILE (prompt + response rows)")
+
+
+# ---------------------------------------------------------------- rlaif.py
+@dataclass
+class RLAIFSettings(DPOSettings):
+    """rlaif.py: rounds of sample (label.py) -> judge (label.py) -> DPO (dpo.py) -> evaluate (evaluate.py pairwise).
+
+    The DPO settings above apply to every round's dpo.py run; label.py and evaluate.py get the settings below,
+    and anything else through --label_args / --evaluate_args.
+    """
+
+    dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
+                                                                       "or Hub dataset id (label.py --prompts)")
+    rounds: int = setting(3, "rounds of sample, judge, train, evaluate")
+    num_samples: int = setting(4, "answers sampled per prompt from the current policy (every pair is judged)")
+    max_prompts: int | None = setting(None, "use only the first N distinct prompts")
+    sample_temperature: float = setting(0.7, "sampling temperature of the policy's answers")
+    max_new_tokens: int = setting(512, "longest sampled answer, in tokens")
+    reference: str = setting(
+        "previous", "DPO reference of each round: previous: the previous round's policy (its adapters frozen under "
+        "the new one)", choices=["previous"])
+    judge: str = setting("openai", "label.py --judge: openai, hf, rm:RUN_FOLDER or python:module:function")
+    judge_model: str | None = setting(None, "label.py --judge_model")
+    judge_base_url: str | None = setting(None, "label.py and evaluate.py --judge_base_url")
+    eval_judge_model: str | None = setting(None, "evaluate.py pairwise --judge_model (rule: the tiny preset's rule); "
+                                                 "default: --judge_model")
+    eval_prompts: str | None = setting(None, "evaluate.py --prompts_file; default: the preset's, else --dataset_id")
+    label_args: str = setting("", "further label.py flags for every round, e.g. '--parallel 16 --both_orders false'")
+    evaluate_args: str = setting("", "further evaluate.py pairwise flags for every round")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rounds < 1 or self.num_samples < 2:
+            raise ValueError(f"rounds must be >= 1 and num_samples >= 2, got {self.rounds} and {self.num_samples}")
