@@ -153,3 +153,20 @@ def test_rl_with_a_failing_judge_trains_without_turning_failures_into_rewards(sf
     assert all(e["reward"] is None or math.isnan(e["reward"]) for e in logs)
     assert all(e["grad_norm"] == 0 for e in logs)  # advantage 0 everywhere and KL 0 at the start: no update
     assert logs[-1]["judge/failed"] >= 32 and (g["run_folder"] / "adapter_config.json").is_file()
+
+
+def test_python_and_reward_model_rewards_combine_with_weights(sft_run, tiny_cache, tmp_path):
+    """--reward rule,python:FILE:FN,rm:FOLDER --reward_weights: the logged reward is the weighted sum of the terms."""
+    reward_run = run_script("reward.py", "--preset", "tiny", "--output_dir", str(tmp_path), "--run_name", "rm",
+                            "--max_steps", "3", "--eval_split", "0")
+    code = tmp_path / "my_reward.py"
+    code.write_text("def short(prompts, completions, **kwargs):\n"
+                    "    return [1.0 / (1 + len(c[-1]['content'])) for c in completions]\n")
+    g = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir",
+                   str(tmp_path), "--run_name", "mix", "--reward", f"rule,python:{code}:short,rm:{reward_run['run_folder']}",
+                   "--reward_weights", "1,2,0.5", "--max_steps", "2", "--logging_steps", "1")
+    for entry in [e for e in g["trainer"].state.log_history if "loss" in e]:
+        names = ["rule_reward", "short", f"rm:{reward_run['run_folder']}"]
+        means = [entry[f"rewards/{n}/mean"] for n in names]
+        assert all(m is not None for m in means)
+        assert entry["reward"] == pytest.approx(means[0] + 2 * means[1] + 0.5 * means[2], rel=1e-4, abs=1e-5)
