@@ -170,3 +170,12 @@ def test_python_and_reward_model_rewards_combine_with_weights(sft_run, tiny_cach
         means = [entry[f"rewards/{n}/mean"] for n in names]
         assert all(m is not None for m in means)
         assert entry["reward"] == pytest.approx(means[0] + 2 * means[1] + 0.5 * means[2], rel=1e-4, abs=1e-5)
+
+
+def test_rloo_with_the_rule_raises_rule_following(sft_run, tmp_path):
+    g = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir",
+                   str(tmp_path), "--algo", "rloo")
+    assert type(g["trainer"]).__name__ == "AlignRLOOTrainer"
+    before, _ = _rates(str(sft_run["run_folder"]))
+    after, _ = _rates(str(g["run_folder"]))
+    assert after - before >= 0.1 or after >= 0.95, (before, after)
