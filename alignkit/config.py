@@ -534,3 +534,104 @@ class MergeSettings:
             raise ValueError("pass the adapter to merge: --adapter_dir RUN_FOLDER (or --preset tiny)")
         if self.push_to_hub and not self.hub_repo_id:
             raise ValueError("push_to_hub needs hub_repo_id: pass --hub_repo_id you/name")
+
+
+# ---------------------------------------------------------------- rl.py
+@dataclass
+class RLSettings(TrainSettings, GenerationSettings):
+    """rl.py: online GRPO/RLOO on a LoRA policy, rewarded by a rule, a judge, a reward model or a function.
+
+    The prompts come from --dataset_id (a file or Hub dataset of prompts, read as label.py reads --prompts).
+    The judge settings carry label.py's names and meanings, so the judgment cache keys are built alike.
+    """
+
+    dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
+                                                                       "or Hub dataset id (read like label.py --prompts)")
+    dataset_split: str = setting("train_prefs", "split of a Hub prompt dataset")
+    prompt_field: str = setting("prompt", "column holding the prompt: text, or role/content messages")
+    max_prompts: int | None = setting(None, "use only the first N distinct prompts")
+    eval_split: float = setting(0.0, "unused by rl.py (it measures the reward on its own samples); keep 0")
+    learning_rate: float = setting(1e-5, "peak learning rate (AdamW)")
+    algo: str = setting("grpo", "grpo: group-normalised advantages (TRL GRPOTrainer); rloo: leave-one-out "
+                                "baseline (TRL RLOOTrainer)", choices=["grpo", "rloo"])
+    reward: list[str] = setting(
+        default_factory=lambda: ["rule"], help="reward(s), comma separated: rule (the preset's), judge, "
+        "rm:FOLDER (a reward.py run), python:module:function (or python:file.py:function)")
+    reward_weights: list[float] | None = setting(None, "weights of a comma list of rewards, e.g. 1.0,0.5")
+    beta: float = setting(0.04, "KL coefficient towards the reference (the policy with the trained adapter off)")
+    num_generations: int = setting(8, "completions sampled per prompt (the group its advantages compare within)")
+    max_completion_length: int = setting(256, "longest sampled completion, in tokens")
+    temperature: float = setting(1.0, "sampling temperature of the rollouts")
+    vllm_mode: str = setting("colocate", "--backend vllm: colocate (vLLM shares the training GPU) or server "
+                                         "(trl vllm-serve on other GPUs)", choices=["colocate", "server"])
+    vllm_gpu_memory_utilization: float = setting(0.3, "--backend vllm colocate: share of GPU memory vLLM may take")
+    # The judge (--reward judge)
+    judge_mode: str = setting("pointwise", "pointwise: FastChat's single-answer grading, [[rating]] 1-10 scaled to "
+                                           "[0, 1]; pairwise: against --reference_completions, [[A]]/[[B]]/[[C]] is "
+                                           "0/1/0.5", choices=["pointwise", "pairwise"])
+    judge_model: str | None = setting(None, "judge model name at the OpenAI-compatible endpoint (default gpt-4o-mini)")
+    judge_base_url: str | None = setting(None, "judge endpoint, e.g. http://localhost:8000/v1; default: "
+                                               "OPENAI_BASE_URL, else the OpenAI API")
+    judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the judge's API key")
+    judge_template: str = setting(
+        "default", "pointwise: default (FastChat single-v1) or a judge_prompts.jsonl FILE#NAME of type single; "
+        "pairwise: as label.py's --judge_template")
+    principle: str = setting("Which response is more helpful, honest and harmless?",
+                             "the one principle of --judge_template self_reference (pairwise)")
+    reference_completions: str | None = setting(
+        None, "pairwise judging: a file of prompt + response rows, the reference each completion is judged against")
+    response_field: str = setting("auto", "response column of --reference_completions; auto: response, completion, "
+                                          "output or answer")
+    judge_temperature: float = setting(0.0, "judge sampling temperature")
+    judge_max_tokens: int = setting(1024, "longest judge answer, in tokens")
+    parallel: int = setting(8, "concurrent requests to the judge")
+    max_retries: int = setting(5, "retries of a judge request on 429, 5xx, timeouts (exponential backoff)")
+    request_timeout: float = setting(120.0, "seconds before one judge request attempt times out")
+    judge_cache: str | None = setting(None, "judgment cache folder (label.py's format); default: <run>/judge.cache")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (advantages compare completions of one prompt), got "
+                             f"{self.num_generations}")
+        if self.beta < 0 or self.max_completion_length < 1 or self.parallel < 1:
+            raise ValueError("beta must be >= 0, max_completion_length and parallel >= 1")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward)} rewards "
+                             f"{self.reward}")
+        if "judge" in self.reward and self.judge_mode == "pairwise" and not self.reference_completions:
+            raise ValueError("--judge_mode pairwise needs --reference_completions FILE (prompt + response rows)")
+
+
+# ---------------------------------------------------------------- rlaif.py
+@dataclass
+class RLAIFSettings(DPOSettings):
+    """rlaif.py: rounds of sample (label.py) -> judge (label.py) -> DPO (dpo.py) -> evaluate (evaluate.py pairwise).
+
+    The DPO settings above apply to every round's dpo.py run; label.py and evaluate.py get the settings below,
+    and anything else through --label_args / --evaluate_args.
+    """
+
+    dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
+                                                                       "or Hub dataset id (label.py --prompts)")
+    rounds: int = setting(3, "rounds of sample, judge, train, evaluate")
+    num_samples: int = setting(4, "answers sampled per prompt from the current policy (every pair is judged)")
+    max_prompts: int | None = setting(None, "use only the first N distinct prompts")
+    sample_temperature: float = setting(0.7, "sampling temperature of the policy's answers")
+    max_new_tokens: int = setting(512, "longest sampled answer, in tokens")
+    reference: str = setting(
+        "previous", "DPO reference of each round: previous: the previous round's policy (its adapters frozen under "
+        "the new one)", choices=["previous"])
+    judge: str = setting("openai", "label.py --judge: openai, hf, rm:RUN_FOLDER or python:module:function")
+    judge_model: str | None = setting(None, "label.py --judge_model")
+    judge_base_url: str | None = setting(None, "label.py and evaluate.py --judge_base_url")
+    eval_judge_model: str | None = setting(None, "evaluate.py pairwise --judge_model (rule: the tiny preset's rule); "
+                                                 "default: --judge_model")
+    eval_prompts: str | None = setting(None, "evaluate.py --prompts_file; default: the preset's, else --dataset_id")
+    label_args: str = setting("", "further label.py flags for every round, e.g. '--parallel 16 --both_orders false'")
+    evaluate_args: str = setting("", "further evaluate.py pairwise flags for every round")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rounds < 1 or self.num_samples < 2:
+            raise ValueError(f"rounds must be >= 1 and num_samples >= 2, got {self.rounds} and {self.num_samples}")

@@ -95,6 +95,19 @@ def defaults(stage: str) -> dict:
         return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 5e-4,
                 "per_device_train_batch_size": 8, "num_train_epochs": 30.0, "save_steps": 1000,
                 "run_name": "tiny-reward"}
+    if stage == "rl":
+        # GRPO from the SFT adapter (--model_id runs/tiny-sft) on the preset's prompts, rewarded by its rule.
+        # Answers are three words, so 16 new tokens suffice; 8 samples per prompt give the group baseline.
+        return {**common, "dataset_id": p["prompts"], "dataset_split": "train", "eval_split": 0.0,
+                "learning_rate": 3e-3, "max_steps": 60, "per_device_train_batch_size": 32, "num_generations": 8,
+                "max_completion_length": 16, "temperature": 1.0, "beta": 0.01, "logging_steps": 5,
+                "save_steps": 30, "reward": ["rule"], "run_name": "tiny-rl"}
+    if stage == "rlaif":
+        # Rounds of label.py (six samples per prompt, rule-judged) -> dpo.py (the preset's DPO recipe, one epoch
+        # on each round's pairs) -> evaluate.py pairwise against the previous round, rule-judged.
+        return {**defaults("dpo"), "dataset_id": p["prompts"], "num_train_epochs": 1.0, "num_samples": 6,
+                "sample_temperature": 1.0, "max_new_tokens": 16, "judge": "python:alignkit.presets:rule_judge",
+                "eval_judge_model": "rule", "eval_prompts": p["prompts"], "run_name": "tiny-rlaif"}
     if stage == "label":
         # Six sampled answers per prompt from the base model, every pair judged by the checkable rule.
         return dict(

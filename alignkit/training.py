@@ -16,6 +16,7 @@ and the earlier run goes back in place. A run that fails later keeps its checkpo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -225,6 +226,8 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, **stage_kwargs):
         # autograd graph after every backward looking for unused parameters (with reentrant gradient checkpointing
         # it even fails). Every LoRA parameter is used in every step.
         kwargs["ddp_find_unused_parameters"] = False
+    if "max_length" not in {f.name for f in dataclasses.fields(config_cls)}:
+        kwargs.pop("max_length")  # GRPOConfig/RLOOConfig bound prompt and completion lengths separately
     if s.trainer_overrides:
         try:
             extra = json.loads(s.trainer_overrides)

@@ -121,6 +121,10 @@ def markdown(results: dict) -> str:
         lines += [f"| {p} | {r['pairs_per_s']:.2f} | {_x(r['speedup'])} | {r['judge_pairs_per_s']:.2f} "
                   f"| {_x(r['judge_speedup'])} |" for p, r in judge["by_parallel"].items()]
         lines += [""]
+    if results.get("rl"):
+        from bench.rl_speed import table as rl_table
+
+        lines += ["## Online RL (rl.py)", ""] + rl_table(results["rl"]) + [""]
     if lim:
         lines += ["## The limit", "", f"Measured fp32 matmul peak: {lim['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
                   "(best of the runs at the start and the end).", ""]

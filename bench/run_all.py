@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/run_all.py` from anywhere
 
-from bench import common, dpo_speed, generation_speed, judge_speed, limit, lota, report  # noqa: E402
+from bench import common, dpo_speed, generation_speed, judge_speed, limit, lota, report, rl_speed  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run of a few minutes (fewer pairs and configurations)")
-    parser.add_argument("--only", nargs="+", choices=["dpo", "smol", "generation", "judge", "lota"], help="run only these parts")
+    parser.add_argument("--only", nargs="+", choices=["dpo", "smol", "generation", "judge", "lota", "rl"], help="run only these parts")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every benchmark (default: torch's own, one per core). On a machine "
                              "others are using, 1 avoids threads waiting on each other's time slices")
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--no_readme", action="store_true",
                         help="leave README.md's Benchmarks section as it is (a --quick or --only run always does)")
     cli = parser.parse_args()
-    parts = set(cli.only or ["dpo", "smol", "generation", "judge", "lota"])
+    parts = set(cli.only or ["dpo", "smol", "generation", "judge", "lota", "rl"])
 
     common.offline_env()
     common.set_threads(cli.threads)
@@ -63,6 +63,12 @@ def main() -> None:
             print(f"judging: parallel 16 x{results['judge']['parallel_16_speedup']:.2f}", flush=True)
         if "lota" in parts:  # LoTA vs LoRA on the tiny preset: speed, memory, forgetting (bench.lota)
             results["lota"] = lota.run(work / "lota", cli.quick)
+        if "rl" in parts:
+            import os
+
+            os.environ.setdefault("ALIGNKIT_CACHE", str(work / "alignkit-cache"))  # the tiny preset, built once here
+            results["rl"] = rl_speed.run(cli.quick)
+            print(f"rl: {results['rl']['by_reward']['rule']['steps_per_s']:.2f} steps/s (rule reward)", flush=True)
         peaks.append(limit.matmul_peak())  # again at the end: the best of both is the least disturbed
         results["limit"] = limit_section(peaks, results.get("dpo"), results.get("smol"))
     finally:

@@ -1,6 +1,6 @@
 """notebooks/: generated from the cell scripts, never stale, and each one runs top to bottom in a real kernel.
 
-The notebooks run in pipeline order (sft -> label -> dpo -> evaluate -> merge) in one shared working folder,
+The notebooks run in pipeline order (sft -> label -> dpo -> evaluate -> merge; rl, rlaif) in one shared working folder,
 each in its own ipykernel started from this very Python (so the kernel sees the same venv as pytest), on the
 tiny preset. Settings reach the kernels the way a notebook user sets them without argv: environment variables.
 """
@@ -157,9 +157,10 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
 
 
 class Pipeline:
-    """The five notebooks run once each, in one working folder; a notebook first runs the ones it needs."""
+    """The notebooks run once each, in one working folder; a notebook first runs the ones it needs."""
 
-    NEEDS = {"sft": [], "label": [], "dpo": ["sft"], "evaluate": ["sft", "dpo"], "merge": ["dpo"]}
+    NEEDS = {"sft": [], "label": [], "dpo": ["sft"], "evaluate": ["sft", "dpo"], "merge": ["dpo"], "rl": ["sft"],
+             "rlaif": ["sft"]}
     # Environment variables, the notebook way to set things from outside (argv is the kernel's, not ours).
     SETTINGS = {
         "sft": {"PRESET": "tiny"},
@@ -170,6 +171,9 @@ class Pipeline:
         # are the two run folders the notebooks above wrote.
         "evaluate": {"PRESET": "tiny", "COMMAND": "pairwise"},
         "merge": {"PRESET": "tiny"},
+        # Online RL and one RLAIF round on a few prompts, both from the SFT notebook's adapter.
+        "rl": {"PRESET": "tiny", "MODEL_ID": "runs/tiny-sft"},
+        "rlaif": {"PRESET": "tiny", "MODEL_ID": "runs/tiny-sft", "ROUNDS": "1", "MAX_PROMPTS": "8", "NUM_SAMPLES": "4"},
     }
 
     def __init__(self, cwd: Path, cache: Path, specs: KernelSpecManager):
@@ -232,3 +236,18 @@ def test_merge_notebook(pipeline):
     out = pipeline.run("merge")
     assert re.search(r"^merged model: runs/tiny-dpo/merged$", out, re.M), out[-2000:]
     assert (pipeline.cwd / "runs/tiny-dpo/merged/model.safetensors").is_file()
+
+
+def test_rl_notebook(pipeline):
+    out = pipeline.run("rl")
+    assert re.search(r"^adapter: runs/tiny-rl$", out, re.M), out[-2000:]
+    first, last = map(float, re.search(r"^reward: ([0-9.]+) at the first log, ([0-9.]+) at the last$", out, re.M).groups())
+    assert last > first  # GRPO on the rule raises the reward of the policy's own samples
+    config = json.loads((pipeline.cwd / "runs/tiny-rl/adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == (pipeline.cwd / "runs/tiny-sft").resolve()
+
+
+def test_rlaif_notebook(pipeline):
+    out = pipeline.run("rlaif")
+    assert "| 1 |" in out and "final adapter: runs/tiny-rlaif/round-1/dpo" in out, out[-2000:]
+    assert (pipeline.cwd / "runs/tiny-rlaif/win_rate.png").is_file()

@@ -1,0 +1,123 @@
+# %% [markdown]
+# # RL: online GRPO / RLOO with a rule, a judge or a reward model as the reward
+#
+# Online alignment on TRL's GRPOTrainer and RLOOTrainer: the policy (the model plus a fresh LoRA adapter, any
+# SFT adapter frozen under it) samples `--num_generations` answers per prompt, each is rewarded, and the policy
+# moves towards the answers that beat their group. The KL term (`--beta`) pulls towards the reference: the same
+# model with the trained adapter off, so no second copy is loaded. Rewards: the preset's `rule`, an
+# OpenAI-compatible `judge` (FastChat's single-answer `[[rating]]` prompt, or pairwise against reference
+# answers; cached like label.py's), a reward.py model `rm:FOLDER`, or your own `python:module:function`.
+#
+# ```bash
+# python rl.py --preset tiny --model_id runs/tiny-sft                      # offline CPU demo: GRPO on the rule
+# python rl.py --preset tiny --model_id runs/tiny-sft --algo rloo
+# python rl.py --preset tiny --model_id runs/tiny-sft --reward rule,rm:runs/tiny-reward --reward_weights 1,0.5
+# python rl.py --model_id runs/sft-mistral --dataset_id prompts.jsonl --reward judge \
+#     --judge_base_url http://localhost:8000/v1 --judge_model Qwen/Qwen2.5-72B-Instruct --parallel 32
+# python rl.py --reward judge --judge_mode pairwise --reference_completions teacher.jsonl --judge_model gpt-4o-mini
+# python rl.py --reward python:verify.py:reward                            # reward(prompts, completions, **kw)
+# python rl.py --help                                                      # every setting, its default and env var
+# ```
+
+# %% [markdown]
+# ## Settings
+# Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags < `overrides`.
+
+# %%
+from alignkit import presets
+from alignkit.args import parse_config
+from alignkit.config import RLSettings
+
+# In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "beta": 0.02};
+# environment variables (upper-case names) work too. Flags given on a command line apply as well.
+overrides: dict = {}
+
+settings = parse_config(
+    RLSettings, overrides=overrides, presets={"tiny": presets.defaults("rl")}, prog="rl.py",
+    description="Online GRPO/RLOO with LoRA/QLoRA, rewarded by a rule, a judge, a reward model or a function.",
+)
+if settings.push_to_hub:
+    from alignkit.hub import require_token
+
+    require_token()  # fail now, not after hours of training
+presets.ensure(settings)
+
+# %% [markdown]
+# ## Run folder
+# Everything goes to `output_dir/run_name`; the resolved settings are saved there first (secrets redacted).
+# A rerun with the same settings continues from the last checkpoint.
+
+# %%
+from alignkit.training import prepare_run
+
+run_folder, resume_from = prepare_run(settings, "rl")
+
+# %% [markdown]
+# ## Rewards
+# Built before the model loads, so a bad spec or a missing judge key fails at once. A failed or unparseable
+# judgment scores nothing (NaN): that completion is left out of its group's baseline and gets advantage 0; the
+# failures are counted in the logs (`judge/failed`, `judge/unparsed`, `rewards/unscored_frac`).
+
+# %%
+from alignkit.rl import build_rewards
+
+rewards = build_rewards(settings, run_folder)
+print("rewards:", ", ".join(r.__name__ for r in rewards))
+
+# %% [markdown]
+# ## Model
+# One loader for every script; a fresh LoRA adapter goes on top, anything the model was loaded with stays frozen.
+
+# %%
+from alignkit.models import add_trainable_adapter, load_model, require_chat_template
+
+loaded = load_model(settings, for_training=True)
+require_chat_template(loaded.tokenizer, settings.model_id)
+model = add_trainable_adapter(loaded, settings)
+model.print_trainable_parameters()
+
+# %% [markdown]
+# ## Prompts
+# A file or Hub dataset, read as label.py reads `--prompts` (`--prompt_field` holds text or messages).
+
+# %%
+from alignkit.rl import load_prompt_dataset
+
+prompts = load_prompt_dataset(settings)
+print(f"{len(prompts)} prompts")
+
+# %% [markdown]
+# ## Train
+# Generation runs on vLLM on a GPU (`--backend vllm`, colocated by default), else on transformers. The logs show
+# the reward's mean and std, the KL to the reference, completion lengths, and the share of each step spent
+# generating, judging and training (`time/*_share`).
+
+# %%
+from alignkit.rl import trainer_class, trl_args
+
+args = trl_args(settings, run_folder, loaded.dtype)
+trainer = trainer_class(settings.algo)(
+    model=model, reward_funcs=rewards, args=args, train_dataset=prompts, processing_class=loaded.tokenizer,
+    frozen_adapters=loaded.frozen,
+)
+trainer.train(resume_from_checkpoint=resume_from)
+
+# %% [markdown]
+# ## Save, merge, push
+# The adapter and tokenizer go to the run folder, as dpo.py's do: merge.py and evaluate.py take it the same way.
+
+# %%
+from alignkit.training import finish
+
+metrics = finish(trainer, loaded, settings, run_folder, "rl")
+for reward in rewards:
+    if hasattr(reward, "close"):
+        reward.close()
+print(f"adapter: {run_folder}")
+# A log whose every completion went unscored (failed judgments) has no reward: NaN, which transformers logs as None.
+logged = [entry["reward"] for entry in trainer.state.log_history if entry.get("reward") is not None]
+if logged:
+    print(f"reward: {logged[0]:.3f} at the first log, {logged[-1]:.3f} at the last")
+unscored = [entry["rewards/unscored_frac"] for entry in trainer.state.log_history if "rewards/unscored_frac" in entry]
+if unscored and max(unscored) > 0:
+    print(f"unscored completions (failed judgments, left out of the advantages): up to {max(unscored):.0%} of a log")

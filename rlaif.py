@@ -1,0 +1,69 @@
+# %% [markdown]
+# # RLAIF: iterative (online) DPO on the policy's own samples
+#
+# Offline DPO trains on a fixed preference file; here each round's preferences come from the current policy:
+# sample answers (label.py), judge every pair with an AI judge or a rule (label.py, cached), train DPO on them
+# on top of the current policy (dpo.py; the reference is the previous round's policy), and judge the new policy
+# against the previous one (evaluate.py pairwise). The question the RLAIF critique asks, whether labels on the
+# policy's own samples beat fixed data, is answered by the win-rate curve.
+#
+# ```bash
+# python sft.py --preset tiny && python rlaif.py --preset tiny --model_id runs/tiny-sft --rounds 3   # offline demo
+# python rlaif.py --model_id runs/sft-mistral --dataset_id prompts.jsonl --max_prompts 2000 --num_samples 4 \
+#     --judge_base_url http://localhost:8000/v1 --judge_model Qwen/Qwen2.5-72B-Instruct --rounds 3
+# python rlaif.py --help                                          # every setting, its default and env var
+# ```
+
+# %% [markdown]
+# ## Settings
+# Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags < `overrides`. The DPO settings
+# apply to every round's dpo.py run; `--label_args` and `--evaluate_args` pass anything else on.
+
+# %%
+from alignkit import presets
+from alignkit.args import parse_config
+from alignkit.config import RLAIFSettings
+
+# In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "rounds": 2}.
+overrides: dict = {}
+
+settings = parse_config(
+    RLAIFSettings, overrides=overrides, presets={"tiny": presets.defaults("rlaif")}, prog="rlaif.py",
+    description="Iterative DPO: sample, judge, train, evaluate, round after round.",
+)
+presets.ensure(settings)
+
+# %% [markdown]
+# ## Run folder
+# `output_dir/run_name/round-N/` per round: preferences (+ label cache), the DPO adapter in `dpo/`, the
+# evaluation in `eval/`, and `round.json` once the round is complete. A rerun skips complete rounds.
+
+# %%
+from alignkit.args import save_config
+from alignkit.training import run_dir
+
+folder = run_dir(settings, "rlaif")
+folder.mkdir(parents=True, exist_ok=True)
+save_config(settings, folder / "rlaif_config.json")  # secrets redacted
+
+# %% [markdown]
+# ## Rounds
+# Each step is a script in its own process and resumes by its own rules; a failed step stops the loop with
+# its log, and the same command resumes at that round.
+
+# %%
+from alignkit.rlaif import run
+
+records = run(settings, folder)
+
+# %% [markdown]
+# ## Win rate per round
+# Adjusted win rate (win + 0.5 tie) / n of each round's policy against the previous round's, with a bootstrap
+# 95% CI: `rlaif.md` and `win_rate.png`. The last round's adapter is the result; merge.py and evaluate.py
+# take it like any DPO adapter.
+
+# %%
+from alignkit.rlaif import format_table
+
+print(format_table(records))
+print(f"\ntable: {folder / 'rlaif.md'}\nchart: {folder / 'win_rate.png'}\nfinal adapter: {records[-1]['policy']}")

@@ -1,0 +1,181 @@
+"""rl.py: GRPO on the tiny preset's rule teaches the rule; the judge reward survives a faulty endpoint honestly.
+
+The rule-following rate is measured on the preset's prompts, sampled at temperature 1 (the preset's evaluation
+convention, see alignkit.presets "evaluate"): greedy answers of the tiny SFT model already collapse to one
+repeated word ("plum,plum,plum."), which the rule passes, so the greedy rate starts at 1.0 and can only be
+checked not to drop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import run_script
+from openai_server import Fault, FakeOpenAI
+
+
+def _rates(model_id: str) -> tuple[float, float]:
+    """(sampled rate over 4 samples per prompt at T=1, seed 0; greedy rate) of follows_rule on the preset's prompts."""
+    from alignkit import presets
+    from alignkit.config import ModelSettings
+    from alignkit.generation import generate
+    from alignkit.models import load_model
+    from alignkit.presets import follows_rule
+
+    rows = [json.loads(line)["prompt"] for line in open(presets.paths()["prompts"])]
+    loaded = load_model(ModelSettings(model_id=model_id, quantization="none"))
+    conversations = [[{"role": "user", "content": p}] for p in rows]
+    sampled = generate(loaded.model, loaded.tokenizer, conversations * 4, max_new_tokens=16, temperature=1.0,
+                       batch_size=256, seed=0)
+    greedy = generate(loaded.model, loaded.tokenizer, conversations, max_new_tokens=16, temperature=0.0,
+                      batch_size=64)
+    rate = lambda answers, convs: sum(follows_rule(c[0]["content"], a) for c, a in zip(convs, answers)) / len(answers)
+    return rate(sampled, conversations * 4), rate(greedy, conversations)
+
+
+@pytest.fixture(scope="module")
+def rl_run(sft_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rl")
+    return run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir", str(out))
+
+
+def test_grpo_with_the_rule_raises_rule_following(sft_run, rl_run):
+    before, before_greedy = _rates(str(sft_run["run_folder"]))
+    after, after_greedy = _rates(str(rl_run["run_folder"]))
+    assert after - before >= 0.1 or after >= 0.95, (before, after)
+    assert after_greedy >= min(before_greedy, 0.95)
+    # The run logged what the issue asks for, and saved an adapter over the SFT adapter, as dpo.py does.
+    logs = [e for e in rl_run["trainer"].state.log_history if "loss" in e]
+    assert logs and all({"reward", "reward_std", "kl", "completions/mean_length"} <= e.keys() for e in logs)
+    for entry in logs:
+        shares = [entry[f"time/{part}_share"] for part in ("generating", "judging", "training")]
+        assert all(0 <= s <= 1 for s in shares) and abs(sum(shares) - 1) < 0.01
+    config = json.loads((rl_run["run_folder"] / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(sft_run["run_folder"].resolve())
+
+
+def test_reference_pass_keeps_the_sft_adapter(rl_run):
+    """KL's reference is base + SFT adapter (trained adapter off), not the bare base TRL's PEFT path would use."""
+    import torch
+
+    from alignkit.models import reference_mode
+
+    trainer = rl_run["trainer"]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    tok = rl_run["loaded"].tokenizer
+    batch = tok(["<|user|>name three fruits.<|end|><|assistant|>apple,pear,plum.<|end|>"], return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    from alignkit.rl import _Reference
+
+    ref, _, _ = trainer._get_per_token_logps_and_entropies(_Reference(), ids, mask, 6)
+    with torch.no_grad(), reference_mode(model, trainer.frozen_adapters):
+        expected, _, _ = type(trainer).__mro__[2]._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, 6)
+    with torch.no_grad(), model.disable_adapter():
+        bare, _, _ = type(trainer).__mro__[2]._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, 6)
+    assert torch.allclose(ref, expected)
+    assert not torch.allclose(ref, bare)  # the SFT adapter is part of the reference
+
+
+def _judge_settings(server, tmp_path, **extra):
+    from alignkit.config import RLSettings
+
+    return RLSettings(reward=["judge"], judge_base_url=server.base_url, judge_model="judge", max_retries=1,
+                      request_timeout=5, parallel=4, judge_cache=str(tmp_path / "cache"), **extra)
+
+
+def _faulty(body):
+    """500 for answers naming apple, garbage (no rating) for pear, 429 once then fine for plum, else a rating."""
+    text = body["messages"][-1]["content"]
+    answer = text.split("[The Start of Assistant's Answer]\n")[-1]
+    if "apple" in answer:
+        return Fault(500)
+    if "pear" in answer:
+        return "I cannot rate this."
+    if "plum" in answer and not any("plum" in r["messages"][-1]["content"].split("Answer]\n")[-1]
+                                    for r in _faulty.seen):
+        _faulty.seen.append(body)
+        return Fault(429, headers={"Retry-After": "0"})
+    return "Good answer. Rating: [[8]]"
+
+
+def test_judge_reward_counts_failures_and_never_scores_them(tmp_path):
+    from alignkit.rl import JudgeReward
+
+    _faulty.seen = []
+    prompts = [[{"role": "user", "content": "name three fruits."}]] * 4
+    completions = [[{"role": "assistant", "content": a}] for a in ("apple.", "pear.", "plum.", "mango.")]
+    with FakeOpenAI(_faulty) as server:
+        reward = JudgeReward(_judge_settings(server, tmp_path), tmp_path / "cache")
+        scores = reward(prompts, completions)
+        assert scores[0] is None and scores[1] is None  # 500 after retries, and an answer without a rating
+        assert scores[2] == pytest.approx(0.8) and scores[3] == pytest.approx(0.8)  # the 429 was retried
+        assert reward.stats["failed"] == 1 and reward.stats["unparsed"] == 1 and reward.stats["unscored"] == 2
+        sent = server.count
+        again = reward(prompts, completions)  # the cache answers all but the failed request, which is asked again
+        assert again == scores
+        assert server.count - sent == 2  # the 500 with its one retry; nothing else re-sent
+        reward.close()
+    records = [json.loads(line) for line in (tmp_path / "cache" / "judgments.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and sum(r["verdict"] is None for r in records) == 1
+
+
+def test_pairwise_judge_reward_uses_label_keys(tmp_path):
+    from alignkit.judge import make_judge  # noqa: F401 - the key below is label.py's make_pairs key
+    from alignkit.labeling import digest
+    from alignkit.rl import JudgeReward
+
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text(json.dumps({"prompt": "name three fruits.", "response": "apple,pear,plum."}) + "\n")
+    prompt = [{"role": "user", "content": "name three fruits."}]
+    # The completion wins in slot A and loses in slot B: a position-biased judge; the reward averages to 0.5.
+    with FakeOpenAI(lambda body: "[[A]]") as server:
+        reward = JudgeReward(_judge_settings(server, tmp_path, judge_mode="pairwise",
+                                             reference_completions=str(refs)), tmp_path / "cache")
+        scores = reward([prompt, [{"role": "user", "content": "name three tools."}]],
+                        [[{"role": "assistant", "content": "mango,lemon,plum."}]] * 2)
+        assert scores == [0.5, None] and reward.stats["no reference"] == 1
+        key = digest({"prompt": prompt, "a": "mango,lemon,plum.", "b": "apple,pear,plum.", **reward.judge.identity()})
+        assert key in reward.cache
+        reward.close()
+
+
+def test_rl_with_a_failing_judge_trains_without_turning_failures_into_rewards(sft_run, tmp_path):
+    """Rule + judge, the judge always failing: no crash; every completion unscored (not rule + 0), all counted."""
+    with FakeOpenAI(lambda body: Fault(500)) as server:
+        g = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir",
+                       str(tmp_path), "--reward", "rule,judge", "--judge_base_url", server.base_url,
+                       "--judge_model", "judge", "--max_retries", "0", "--max_steps", "2", "--logging_steps", "1")
+    logs = [e for e in g["trainer"].state.log_history if "loss" in e]
+    assert logs and all(e["rewards/unscored_frac"] == 1.0 for e in logs)
+    # No reward was made up from the rule term alone: the logged reward is NaN (transformers logs it as None).
+    assert all(e["reward"] is None or math.isnan(e["reward"]) for e in logs)
+    assert all(e["grad_norm"] == 0 for e in logs)  # advantage 0 everywhere and KL 0 at the start: no update
+    assert logs[-1]["judge/failed"] >= 32 and (g["run_folder"] / "adapter_config.json").is_file()
+
+
+def test_python_and_reward_model_rewards_combine_with_weights(sft_run, tiny_cache, tmp_path):
+    """--reward rule,python:FILE:FN,rm:FOLDER --reward_weights: the logged reward is the weighted sum of the terms."""
+    reward_run = run_script("reward.py", "--preset", "tiny", "--output_dir", str(tmp_path), "--run_name", "rm",
+                            "--max_steps", "3", "--eval_split", "0")
+    code = tmp_path / "my_reward.py"
+    code.write_text("def short(prompts, completions, **kwargs):\n"
+                    "    return [1.0 / (1 + len(c[-1]['content'])) for c in completions]\n")
+    g = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir",
+                   str(tmp_path), "--run_name", "mix", "--reward", f"rule,python:{code}:short,rm:{reward_run['run_folder']}",
+                   "--reward_weights", "1,2,0.5", "--max_steps", "2", "--logging_steps", "1")
+    for entry in [e for e in g["trainer"].state.log_history if "loss" in e]:
+        names = ["rule_reward", "short", f"rm:{reward_run['run_folder']}"]
+        means = [entry[f"rewards/{n}/mean"] for n in names]
+        assert all(m is not None for m in means)
+        assert entry["reward"] == pytest.approx(means[0] + 2 * means[1] + 0.5 * means[2], rel=1e-4, abs=1e-5)
+
+
+def test_rloo_with_the_rule_raises_rule_following(sft_run, tmp_path):
+    g = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir",
+                   str(tmp_path), "--algo", "rloo")
+    assert type(g["trainer"]).__name__ == "AlignRLOOTrainer"
+    before, _ = _rates(str(sft_run["run_folder"]))
+    after, _ = _rates(str(g["run_folder"]))
+    assert after - before >= 0.1 or after >= 0.95, (before, after)
