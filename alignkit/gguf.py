@@ -42,6 +42,14 @@ def is_gguf(source: str | None) -> bool:
     return bool(source) and str(source).lower().endswith(".gguf")
 
 
+def source_id(source: str, gguf_file: str | None = None) -> str:
+    """The one string that names a GGUF source without --gguf_file: FOLDER/NAME.gguf for a local folder,
+    owner/repo/NAME.gguf for a Hub repo. Adapters record it as their base, so they load and merge without the flag."""
+    if not gguf_file or Path(source, "adapter_config.json").is_file():
+        return source
+    return str(Path(source) / gguf_file) if Path(source).is_dir() else f"{source.rstrip('/')}/{gguf_file}"
+
+
 def locate(source: str, gguf_file: str | None = None, revision: str | None = None) -> Path | None:
     """The local .gguf file `source` (and `gguf_file`) names, downloaded from the Hub when needed; None when
     the source is not a GGUF one."""

@@ -282,16 +282,18 @@ def split(dataset, s):
 
 def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:
     """Save the adapter and tokenizer, evaluate on the held-out rows, then merge and push if asked."""
+    from .gguf import source_id
     from .models import save_adapter
 
+    base = source_id(s.model_id, getattr(s, "gguf_file", None))  # a GGUF in a folder or repo: recorded whole
     # Every rank takes part in gathering the weights (a collective); only the main process writes them.
     state_dict = gathered_state_dict(trainer) if getattr(s, "adapter", "lora") != "lota" else None
     if trainer.accelerator.is_main_process and getattr(s, "adapter", "lora") == "lota":
         from .lota import save_run  # a sparse delta and its mask instead of a LoRA adapter
 
-        save_run(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, s.model_id, s)
+        save_run(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, base, s)
     elif trainer.accelerator.is_main_process:
-        save_adapter(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, s.model_id,
+        save_adapter(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, base,
                      state_dict=state_dict)
     metrics = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
     if trainer.eval_dataset is not None:

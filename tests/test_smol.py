@@ -175,3 +175,18 @@ def test_smol_dpo_records_the_gguf_base_and_merges_into_a_plain_model(smol_dpo_r
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
     loaded = load_model(ModelSettings(model_id=str(merged)))
     assert not loaded.adapters and "Paris" in greedy(loaded.model, loaded.tokenizer, FRANCE)
+
+
+def test_a_gguf_named_by_folder_or_repo_and_gguf_file_is_recorded_whole(tmp_path):
+    """An adapter trained from `--model_id FOLDER --gguf_file NAME` records FOLDER/NAME.gguf (a Hub repo:
+    owner/repo/NAME.gguf), so it loads and merges later without the flag."""
+    from alignkit.gguf import locate, source_id
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    recorded = source_id(str(tmp_path), "m.gguf")
+    assert recorded == str(tmp_path / "m.gguf") and locate(recorded) == tmp_path / "m.gguf"
+    assert source_id("owner/repo", "m.Q4.gguf") == "owner/repo/m.Q4.gguf"
+    assert source_id("owner/repo", None) == "owner/repo" and source_id(str(tmp_path / "m.gguf")) == str(tmp_path / "m.gguf")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")  # an adapter records its own base
+    assert source_id(str(tmp_path / "adapter"), "m.gguf") == str(tmp_path / "adapter")
