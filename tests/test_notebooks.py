@@ -1,6 +1,6 @@
 """notebooks/: generated from the cell scripts, never stale, and each one runs top to bottom in a real kernel.
 
-The notebooks run in pipeline order (sft -> label -> dpo -> evaluate -> merge; rl, rlaif) in one shared working folder,
+The notebooks run in pipeline order (sft -> label -> dpo -> evaluate -> merge; rl, rlaif, reward) in one shared working folder,
 each in its own ipykernel started from this very Python (so the kernel sees the same venv as pytest), on the
 tiny preset. Settings reach the kernels the way a notebook user sets them without argv: environment variables.
 """
@@ -160,7 +160,7 @@ class Pipeline:
     """The notebooks run once each, in one working folder; a notebook first runs the ones it needs."""
 
     NEEDS = {"sft": [], "label": [], "dpo": ["sft"], "evaluate": ["sft", "dpo"], "merge": ["dpo"], "rl": ["sft"],
-             "rlaif": ["sft"]}
+             "rlaif": ["sft"], "reward": []}
     # Environment variables, the notebook way to set things from outside (argv is the kernel's, not ours).
     SETTINGS = {
         "sft": {"PRESET": "tiny"},
@@ -174,6 +174,7 @@ class Pipeline:
         # Online RL and one RLAIF round on a few prompts, both from the SFT notebook's adapter.
         "rl": {"PRESET": "tiny", "MODEL_ID": "runs/tiny-sft"},
         "rlaif": {"PRESET": "tiny", "MODEL_ID": "runs/tiny-sft", "ROUNDS": "1", "MAX_PROMPTS": "8", "NUM_SAMPLES": "4"},
+        "reward": {"PRESET": "tiny"},
     }
 
     def __init__(self, cwd: Path, cache: Path, specs: KernelSpecManager):
@@ -251,3 +252,10 @@ def test_rlaif_notebook(pipeline):
     out = pipeline.run("rlaif")
     assert "| 1 |" in out and "final adapter: runs/tiny-rlaif/round-1/dpo" in out, out[-2000:]
     assert (pipeline.cwd / "runs/tiny-rlaif/win_rate.png").is_file()
+
+
+def test_reward_notebook_ranks_held_out_pairs(pipeline):
+    out = pipeline.run("reward")
+    (accuracy,) = re.findall(r"held-out accuracy: ([0-9.]+)", out)
+    assert float(accuracy) >= 0.9, out[-2000:]
+    assert (pipeline.cwd / "runs/tiny-reward/rewards_histogram.png").is_file()
