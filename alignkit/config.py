@@ -190,6 +190,9 @@ class DPOSettings(LoTASettings, TrainSettings):
         0.0, "conservative DPO (cDPO): assumed share of flipped labels, in [0, 0.5); read by sigmoid, TRL's robust, exo_pair, aot"
     )
     precompute_ref_log_probs: bool = setting(False, "compute reference log-probs up front; identical reruns reuse them")
+    reference_adapters: int | None = setting(
+        None, "how many of the adapters the model was loaded with, from the base up, the reference keeps on; "
+        "default: all (the model you start from); 0: the bare base")
 
     def __post_init__(self):
         super().__post_init__()
@@ -621,7 +624,7 @@ class RLAIFSettings(DPOSettings):
     max_new_tokens: int = setting(512, "longest sampled answer, in tokens")
     reference: str = setting(
         "previous", "DPO reference of each round: previous: the previous round's policy (its adapters frozen under "
-        "the new one)", choices=["previous"])
+        "the new one); start: the model the first round started from", choices=["previous", "start"])
     judge: str = setting("openai", "label.py --judge: openai, hf, rm:RUN_FOLDER or python:module:function")
     judge_model: str | None = setting(None, "label.py --judge_model")
     judge_base_url: str | None = setting(None, "label.py and evaluate.py --judge_base_url")

@@ -543,15 +543,20 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
 
 
 @contextlib.contextmanager
-def reference_mode(model, frozen: list[str]):
-    """Run `model` as the DPO reference: the trained adapter off, any frozen adapters it was loaded with on."""
-    if not frozen:
+def reference_mode(model, frozen: list[str], keep: list[str] | None = None):
+    """Run `model` as the DPO reference: the trained adapter off, the frozen adapters it was loaded with on.
+
+    keep: only these of the frozen adapters stay on (the chain's first ones: an earlier model in the chain is the
+    reference, as rlaif.py's `--reference start`); default: all of them.
+    """
+    keep = list(frozen) if keep is None else list(keep)
+    if not keep:
         with model.disable_adapter():
             yield
         return
     lora = model.base_model
     active = list(lora.active_adapters)
-    lora.set_adapter(frozen, inference_mode=True)
+    lora.set_adapter(keep, inference_mode=True)
     try:
         yield
     finally:

@@ -160,6 +160,7 @@ def cache_key(trainer, dataset) -> str:
             "versions": {p: version(p) for p in ("torch", "transformers", "trl", "peft")},
             "model": fingerprint,
             "frozen_adapters": list(getattr(trainer, "frozen_adapters", [])),
+            "reference_adapters": list(getattr(trainer, "reference_adapters", getattr(trainer, "frozen_adapters", []))),
             "data": data_fingerprint(dataset),
             "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
             "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else str(getattr(model, "dtype", "")),

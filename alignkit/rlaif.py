@@ -4,7 +4,8 @@ Round r (policy pi_{r-1}: the starting model for r = 1, else round-(r-1)/dpo):
 1. label.py samples `--num_samples` answers per prompt from pi_{r-1} and judges every pair (its cache:
    round-r/preferences.cache);
 2. dpo.py trains a fresh adapter on those pairs on top of pi_{r-1}, whose adapters stay frozen; the reference
-   is pi_{r-1} (`--reference previous`): each round is a KL-regularised step away from the last policy;
+   is pi_{r-1} (`--reference previous`): each round is a KL-regularised step away from the last policy; or the
+   starting model pi_0 (`--reference start`): the adapters of rounds 1..r-1 are off in the reference pass;
 3. evaluate.py pairwise judges pi_r against pi_{r-1} on the evaluation prompts: adjusted win rate
    (win + 0.5 tie) / n with a bootstrap 95% CI.
 
@@ -30,8 +31,8 @@ from .args import config_to_dict
 ROOT = Path(__file__).resolve().parents[1]  # the scripts live at the repository's top level
 ROUND_FILE = "round.json"
 # RLAIFSettings' own fields and the run folder: everything else is a DPO setting handed to every dpo.py run.
-_NOT_DPO = {"model_id", "dataset_id", "output_dir", "run_name", "preset", "eval_split", "push_to_hub",
-            "hub_repo_id", "hub_public", "merge_adaptors"}
+_NOT_DPO = {"model_id", "reference_adapters", "dataset_id", "output_dir", "run_name", "preset", "eval_split",
+            "push_to_hub", "hub_repo_id", "hub_public", "merge_adaptors"}
 
 
 def round_dir(folder: Path, r: int) -> Path:
@@ -89,9 +90,14 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
     dpo = here / "dpo"
     if not (dpo / "metrics.json").is_file():
         _dpo_config(s, here / "dpo_config.yaml")
+        reference = []
+        if s.reference == "start":  # the reference keeps only the starting model's own adapters on
+            from .models import adapter_chain
+
+            reference = ["--reference_adapters", str(len(adapter_chain(s.model_id, s.revision)[1]))]
         _run("dpo.py", ["--config", str(here / "dpo_config.yaml"), "--model_id", policy, "--dataset_id",
                         str(preferences), "--output_dir", str(here), "--run_name", "dpo",
-                        "--eval_split", str(s.eval_split)], log)
+                        "--eval_split", str(s.eval_split), *reference], log)
     evaluation = here / "eval"
     if not (evaluation / "results.json").is_file():
         judge = s.eval_judge_model or s.judge_model

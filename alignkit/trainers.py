@@ -97,12 +97,18 @@ def check_dpo_config(args) -> None:
 
 
 class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
-    def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), **kwargs):
+    def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), reference_adapters=None, **kwargs):
         if ref_model is not None:
             raise ValueError("AlignDPOTrainer computes the reference from the model itself; pass no ref_model")
         args = args or DPOConfig(output_dir="trainer_output")  # TRL's own default, made here to check it first
         check_dpo_config(args)  # before TRL tokenizes the data
         self.frozen_adapters = list(frozen_adapters)  # set first: TRL's __init__ may precompute reference log-probs
+        # The reference keeps the first reference_adapters of them on (default: all: the model the run starts from).
+        keep = len(self.frozen_adapters) if reference_adapters is None else reference_adapters
+        if not 0 <= keep <= len(self.frozen_adapters):
+            raise ConfigError(f"--reference_adapters {keep}: the model was loaded with {len(self.frozen_adapters)} "
+                              "adapters; pass a number from 0 (the bare base) to that")
+        self.reference_adapters = self.frozen_adapters[:keep]
         super().__init__(model, None, args, *rest, **kwargs)
         peft_model = self.accelerator.unwrap_model(self.model)
         # TRL copies a pre-loaded adapter into a "ref" adapter; our reference pass does not need that copy.
@@ -120,7 +126,7 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
         return refcache.with_ref_logps(self, dataset, batch_size)
 
     def _reference_mode(self, peft_model):
-        return reference_mode(peft_model, self.frozen_adapters)  # alignkit.lota's trainer switches its delta off instead
+        return reference_mode(peft_model, self.frozen_adapters, self.reference_adapters)  # alignkit.lota's trainer switches its delta off instead
 
     def answer_forward(self, model, inputs, **model_kwargs):
         """One forward pass and the summed answer log-probs of every row (`alignkit.losses.answer_logps`, with

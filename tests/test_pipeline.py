@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from alignkit import presets
+from alignkit.args import ConfigError
 from alignkit.config import ModelSettings
 from alignkit.generation import generate
 from alignkit.models import load_model, reference_mode
@@ -72,6 +73,32 @@ def test_reference_is_the_sft_model_not_the_base(sft_run, dpo_run):
         expected = sft(input_ids=ids).logits
     assert torch.allclose(reference, expected, atol=1e-5)
     assert not torch.allclose(policy, expected, atol=1e-3)  # the trained adapter does change the model
+
+
+def test_reference_adapters_pick_an_earlier_model_of_the_chain_as_the_reference(sft_run, dpo_run, tmp_path):
+    """DPO on top of base -> SFT -> DPO with --reference_adapters 1: the reference is base + SFT (rlaif.py's
+    `--reference start`), while the policy carries the whole chain; 0 is the bare base."""
+    run = run_script("dpo.py", "--preset", "tiny", "--model_id", str(dpo_run["run_folder"]), "--max_steps", "2",
+                     "--reference_adapters", "1", "--output_dir", str(tmp_path), "--run_name", "ref1")
+    trainer = run["trainer"]
+    assert trainer.frozen_adapters == ["frozen_0", "frozen_1"] and trainer.reference_adapters == ["frozen_0"]
+    batch = next(iter(trainer.get_eval_dataloader()))
+    sft = load_model(ModelSettings(model_id=str(sft_run["run_folder"]), quantization="none")).model
+    ids = batch["input_ids"][:, :5]
+    with torch.no_grad():
+        chosen, _ = trainer.compute_ref_log_probs(trainer.model, batch)
+        expected = sft(input_ids=ids).logits
+        with reference_mode(trainer.model, trainer.frozen_adapters, trainer.reference_adapters):
+            reference = trainer.model(input_ids=ids).logits
+    assert torch.allclose(reference, expected, atol=1e-5)
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "frozen_" in n)
+    trainer.reference_adapters = trainer.frozen_adapters  # the default: the whole chain the run starts from
+    with torch.no_grad():
+        whole, _ = trainer.compute_ref_log_probs(trainer.model, batch)
+    assert not torch.allclose(chosen, whole, atol=1e-4)  # the DPO adapter of the chain does count by default
+    with pytest.raises(ConfigError, match="--reference_adapters 3"):
+        run_script("dpo.py", "--preset", "tiny", "--model_id", str(dpo_run["run_folder"]), "--max_steps", "1",
+                   "--reference_adapters", "3", "--output_dir", str(tmp_path), "--run_name", "ref3")
 
 
 def test_dpo_preset_makes_the_model_follow_the_rule_more_often(tiny_cache, tmp_path):
