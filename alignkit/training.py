@@ -226,7 +226,7 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, **stage_kwargs):
         # autograd graph after every backward looking for unused parameters (with reentrant gradient checkpointing
         # it even fails). Every LoRA parameter is used in every step.
         kwargs["ddp_find_unused_parameters"] = False
-    if "max_length" not in {f.name for f in dataclasses.fields(config_cls)}:
+    if dataclasses.is_dataclass(config_cls) and "max_length" not in {f.name for f in dataclasses.fields(config_cls)}:
         kwargs.pop("max_length")  # GRPOConfig/RLOOConfig bound prompt and completion lengths separately
     if s.trainer_overrides:
         try:

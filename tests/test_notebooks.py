@@ -245,7 +245,8 @@ def test_rl_notebook(pipeline):
     first, last = map(float, re.search(r"^reward: ([0-9.]+) at the first log, ([0-9.]+) at the last$", out, re.M).groups())
     assert last > first  # GRPO on the rule raises the reward of the policy's own samples
     config = json.loads((pipeline.cwd / "runs/tiny-rl/adapter_config.json").read_text())
-    assert Path(config["base_model_name_or_path"]) == (pipeline.cwd / "runs/tiny-sft").resolve()
+    base = pipeline.cwd / "runs/tiny-rl" / config["base_model_name_or_path"]  # recorded relative to the adapter
+    assert base.resolve() == (pipeline.cwd / "runs/tiny-sft").resolve()
 
 
 def test_rlaif_notebook(pipeline):

@@ -130,24 +130,51 @@ def test_reward_callable_loads_the_run_folder_and_scores_as_trained(reward_run):
     assert sum(c > r for c, r in zip(chosen, rejected)) >= 6
 
 
-def test_label_with_rm_judge_agrees_with_the_rule(reward_run, tmp_path):
+def test_the_rm_judge_labels_fresh_tiny_pairs_as_the_rule_does(reward_run):
+    """label.py's `--judge rm:` judge (alignkit.rewards.RMJudge, the object label.py calls) on 300 tiny pairs it
+    never trained on (the preset's recipe with another seed), each in a random slot order: at least 90% of the
+    labels are the rule's."""
+    import random
+
+    from alignkit.config import LabelSettings
+    from alignkit.judge import Request, parse_verdict
+    from alignkit.rewards import RMJudge
+
+    rng = random.Random(0)
+    fresh = presets.make_data(seed=123)["preferences"][:300]
+    judge = RMJudge(f"rm:{reward_run['run_folder']}", LabelSettings(quantization="none"), tie_margin=0.0)
+    requests, truth = [], []
+    for i, row in enumerate(fresh):
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        a, b = (chosen, rejected) if rng.random() < 0.5 else (rejected, chosen)
+        requests.append(Request(str(i), row["prompt"][0]["content"], a, b))
+        truth.append(presets.rule_judge(row["prompt"][0]["content"], a, b))
+    verdicts = [parse_verdict(text) for text in judge.judge_batch(requests)]  # as label.py reads them
+    agree = sum(v == t for v, t in zip(verdicts, truth))
+    assert agree / len(truth) >= 0.9, f"{agree} of {len(truth)} labels agree with the rule"
+
+
+def test_label_with_rm_judge_scores_each_answer_once_and_keeps_the_scores(reward_run, tmp_path):
+    """label.py --judge rm: on the base model's own samples (off the training distribution: most answers mix
+    categories, so many pairs differ by one word): one judgment per pair, both scores in each labeled row, and
+    the labels side with the rule far more often than chance on the pairs the rule decides."""
     out = tmp_path / "prefs.jsonl"
     run_script("label.py", "--preset", "tiny", "--judge", f"rm:{reward_run['run_folder']}", "--output", str(out),
                "--rm_tie_margin", "5.0")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     summary = json.loads(out.with_suffix(".summary.json").read_text())
-    assert len(rows) >= 100  # base-model samples: answers off the rule's format often, so many close calls
+    assert len(rows) >= 100
     # One pass per answer: one judgment per pair, no second order.
     assert summary["judgments"]["needed"] == summary["pairs_judged"]
-    agree = 0
+    decided = agree = 0
     for row in rows:
         prompt = row["prompt"][0]["content"]
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
         assert row["chosen_score"] - row["rejected_score"] > 5.0  # the scores ride along, beyond the tie margin
-        # A label agrees with the rule when the rule does not prefer the rejected answer (where the rule scores
-        # both answers alike, either label is consistent with it).
-        agree += presets.rule_judge(prompt, chosen, rejected) != "B"
-    assert agree / len(rows) >= 0.9, f"{agree} of {len(rows)} labels agree with the rule"
+        verdict = presets.rule_judge(prompt, chosen, rejected)
+        decided += verdict != "tie"
+        agree += verdict == "A"
+    assert decided >= 50 and agree / decided >= 0.7, f"{agree} of {decided} rule-decided labels agree with the rule"
 
 
 def test_merge_round_trip_keeps_the_score_head(reward_run, tmp_path):

@@ -30,7 +30,7 @@ def test_rounds_write_adapters_and_evaluations_and_resume_at_the_next_round(sft_
         adapter = json.loads((here / "dpo" / "adapter_config.json").read_text())
         # Each round trains on top of the previous round's policy.
         started = sft_run["run_folder"] if r == 1 else folder / "round-1" / "dpo"
-        assert adapter["base_model_name_or_path"] == str(started.resolve())
+        assert (here / "dpo" / adapter["base_model_name_or_path"]).resolve() == started.resolve()  # relative, or absolute
         results = json.loads((here / "eval" / "results.json").read_text())
         assert {results["pairs"][0]["model"], results["pairs"][0]["opponent"]} == {f"round-{r}", "previous"}
         assert 0 <= record["win_rate"] <= 1 and record["win"] + record["loss"] + record["tie"] > 0
