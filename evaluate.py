@@ -50,7 +50,7 @@ report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 
 
 from alignkit import presets
 from alignkit.args import ConfigError, is_notebook, parse_config
-from alignkit.config import AlpacaEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings
+from alignkit.config import AlpacaEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings, loader_settings
 
 # In a notebook, set things here instead of on a command line, e.g. NOTEBOOK_COMMAND = "pairwise" and
 # overrides = {"preset": "tiny"}; environment variables (upper-case names, COMMAND for the command) work too.
@@ -135,7 +135,7 @@ if command == "vibes":
     sources = [settings.model_id] + ([settings.compare_to] if settings.compare_to else [])
     answers = {}
     for source in sources:  # one model in memory at a time
-        with load_generator(dataclasses.replace(settings, model_id=source), backend) as generator:
+        with load_generator(loader_settings(settings, source), backend) as generator:
             answers[source] = generator(
                 conversations, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                 top_p=settings.top_p, num_beams=settings.num_beams, batch_size=settings.batch_size, seed=settings.seed,
@@ -180,7 +180,7 @@ if command in ("mt_bench", "pairwise"):
 
     from alignkit import fastchat_compat, logger, mtbench
     from alignkit.args import ConfigError, redact, save_config
-    from alignkit.llm import ChatClient
+    from alignkit.llm import judge_client
 
     use_rule = settings.judge_model == "rule"
     if use_rule and command == "mt_bench":
@@ -193,12 +193,7 @@ if command in ("mt_bench", "pairwise"):
         raise ConfigError("pairwise judging needs at least two --models, e.g. base=ID dpo=PATH")
     client = None
     if not use_rule:
-        try:
-            client = ChatClient(settings.judge_model, settings.judge_base_url, settings.judge_api_key_env,
-                                max_retries=settings.max_retries, timeout=settings.request_timeout, temperature=0.0,
-                                max_tokens=settings.judge_max_tokens)
-        except ValueError as e:  # the key's variable is not set
-            raise ConfigError(f"the judge's API key is missing: {e} (--judge_api_key_env names the variable)") from None
+        client = judge_client(settings, what="the judge (--judge_api_key_env names the key's variable)")
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(settings, output_dir / "evaluate_config.json")  # secrets redacted
@@ -234,10 +229,9 @@ if command in ("mt_bench", "pairwise"):
 
 # %%
 if command in ("mt_bench", "pairwise"):
-    from alignkit.config import ModelSettings
+    from alignkit.config import loader_settings
 
-    loader = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ModelSettings) if f.init}
-    keys = {name: mtbench.answers_key(ModelSettings(**{**loader, "model_id": source}), settings, backend)
+    keys = {name: mtbench.answers_key(loader_settings(settings, source), settings, backend)
             for name, source in models.items()}
     for name, source in models.items():
         path = mtbench.answer_path(output_dir, name)
@@ -250,7 +244,7 @@ if command in ("mt_bench", "pairwise"):
         if getattr(settings, "preset", None) == "smol" and not Path(source).exists():
             raise ConfigError(f"{source} not found: train it first (python label.py --preset smol; python dpo.py "
                               "--preset smol), or pass --models NAME=PATH ...")
-        with load_generator(ModelSettings(**{**loader, "model_id": source}), backend) as generator:
+        with load_generator(loader_settings(settings, source), backend) as generator:
             mtbench.generate_answers(generator, questions, name, source, path, settings, keys[name])
     answers = {name: mtbench.read_answers(mtbench.answer_path(output_dir, name), source, key=keys[name])
                for name, source in models.items()}

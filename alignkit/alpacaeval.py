@@ -52,7 +52,6 @@ each on a tie), so alpaca_eval's own order randomisation, parser, caching and me
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
@@ -266,6 +265,7 @@ def _write_json(path, data) -> Path:
 
 def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> list[dict]:
     """The outputs of model `source` on `rows` in AlpacaEval's format, generated where missing."""
+    from .config import loader_settings
     from .generation import load_generator
 
     path = outputs_path(s.output_dir, name)
@@ -277,8 +277,7 @@ def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> 
             raise ConfigError(f"{source} not found: train the tiny runs first (python sft.py --preset tiny; python "
                               "dpo.py --preset tiny --model_id runs/tiny-sft), or pass --model_id / --reference_model")
         print(f"{name}: {len(rows) - len(missing)} outputs from before, generating {len(missing)} with {source}")
-        revision = s.revision if source == s.model_id else None
-        with load_generator(dataclasses.replace(s, model_id=source, revision=revision), backend) as generator:
+        with load_generator(loader_settings(s, source), backend) as generator:
             generate_outputs(generator, missing, name, source, path, s)
         done = read_outputs(path, source, generation)
     else:
@@ -360,13 +359,11 @@ def check_tiktoken(annotators: dict) -> None:
 
 def endpoint(s) -> dict:
     """alpaca_eval's client arguments for the judge endpoint; fails fast, naming the variable, without a key."""
-    base_url = s.judge_base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-    api_key = os.environ.get(s.judge_api_key_env)
-    if not api_key:
-        if s.judge_api_key_env != "OPENAI_API_KEY" or not (s.judge_base_url or os.environ.get("OPENAI_BASE_URL")):
-            raise ConfigError(f"the judge's API key is missing: {s.judge_api_key_env} is not set (put the key there or "
-                              "in .env; --judge_api_key_env names the variable)")
-        api_key = "no-key"  # local servers (vLLM, llama.cpp) accept any key; the client insists on one
+    from .llm import endpoint_key
+
+    api_key, base_url = endpoint_key(s.judge_api_key_env, s.judge_base_url,
+                                     "the judge (--judge_api_key_env names the key's variable)")
+    base_url = base_url or "https://api.openai.com/v1"
     # client_config_path: a path that is never a file, so alpaca_eval builds the client from the arguments below
     # rather than from a client_configs yaml found on this machine. alpaca_eval keeps keys named *api_key* out of
     # its logs; these never reach a file.

@@ -125,6 +125,9 @@ def describe_base(folder) -> tuple[str | None, str, list[str]]:
     return None, f"a local model ({kind + '; ' if kind else ''}folder `{Path(base).name}`)", under
 
 
+RUN_TYPES = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model"}  # rl: GRPO or RLOO, from its --algo
+
+
 def model_card(folder, repo_id: str | None = None) -> str:
     """README.md for a merged model or an adapter folder, from the files the run left there.
 
@@ -140,7 +143,14 @@ def model_card(folder, repo_id: str | None = None) -> str:
     hub_base, base_text, under = describe_base(folder)
     where = repo_id or f"path/to/{folder.name}"
     dataset = settings.get("dataset_id", "")
-    stage = "DPO" if "dpo_beta" in settings else "SFT" if settings else "merged adapters"
+    # The run type training recorded (alignkit.training.save_run_config); merged adapters have no settings.
+    run_type = settings.get("run_type")
+    if not settings:
+        stage = "merged adapters"
+    elif run_type == "rl":
+        stage = (settings.get("algo") or run_type).upper()
+    else:
+        stage = RUN_TYPES.get(run_type, "Fine-tuning")
     header = ["---", f"base_model: {hub_base}" if hub_base else None,
               f"datasets:\n- {dataset}" if dataset.count("/") == 1 and not Path(dataset).exists() else None,
               f"library_name: {'peft' if is_adapter else 'transformers'}",

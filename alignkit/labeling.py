@@ -15,7 +15,6 @@ A run writes, next to `--output X.jsonl`:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -279,15 +278,8 @@ def _endpoint(spec: str, s):
     model = spec.removeprefix("openai:")
     if not model:
         raise ConfigError(f"{spec!r}: name the endpoint's model after openai:, e.g. openai:gpt-4o-mini")
-    key_env = s.generation_api_key_env
-    if key_env != "OPENAI_API_KEY" and not os.environ.get(key_env):
-        raise ConfigError(f"--generation_api_key_env {key_env}: the variable {key_env} is not set; put the API "
-                          "key there (or in .env)")
-    try:
-        return ChatClient(model, s.generation_base_url, key_env, s.max_retries, s.request_timeout, s.temperature,
-                          s.max_new_tokens)
-    except ValueError as e:  # the client's missing-key message, which names the variable
-        raise ConfigError(f"generator {spec}: {e}") from None
+    return ChatClient(model, s.generation_base_url, s.generation_api_key_env, s.max_retries, s.request_timeout,
+                      s.temperature, s.max_new_tokens, what=f"generator {spec} (--generation_api_key_env)")
 
 
 def _slug(text: str) -> str:
@@ -511,8 +503,9 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
 
 def _loader_settings(run: Run, spec: str):
     """The loader settings of local generator `spec`: what loads it, and what its cache key describes."""
-    s = run.settings
-    return dataclasses.replace(s, model_id=spec, revision=s.revision if spec == s.model_id else None)
+    from .config import loader_settings
+
+    return loader_settings(run.settings, spec)
 
 
 def _load_generator(run: Run, spec: str):

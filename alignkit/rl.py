@@ -31,6 +31,7 @@ baseline and gives it advantage 0, so it moves the policy only through the KL te
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import re
@@ -162,35 +163,25 @@ class JudgeReward:
     """
 
     def __init__(self, s, cache_dir: Path):
-        from .judge import endpoint_identity, load_template, make_judge
+        from .judge import endpoint_identity, make_judge
         from .labeling import AppendLog
-        from .llm import ChatClient
+        from .llm import judge_client
 
         self.__name__ = f"judge_{s.judge_mode}"
         self.s, self.stats = s, Counter()
-        key_env = s.judge_api_key_env
-        import os
-
-        if key_env != "OPENAI_API_KEY" and not os.environ.get(key_env):
-            raise ConfigError(f"--judge_api_key_env {key_env}: the variable {key_env} is not set; put the judge's "
-                              "API key there (or in .env)")
         if s.judge_mode == "pairwise":
             # label.py's own judge, so the keys, template handling and verdict parsing are label.py's.
-            judge_settings = SimpleNamespace(
-                judge="openai", judge_template=s.judge_template, principle=s.principle, judge_api_key_env=key_env,
-                judge_model=s.judge_model, judge_base_url=s.judge_base_url, max_retries=s.max_retries,
-                request_timeout=s.request_timeout, judge_temperature=s.judge_temperature,
-                judge_max_tokens=s.judge_max_tokens)
+            from .config import JudgeAnswerSettings
+
+            endpoint = {f.name: getattr(s, f.name) for f in dataclasses.fields(JudgeAnswerSettings)}
+            judge_settings = SimpleNamespace(judge="openai", judge_template=s.judge_template, principle=s.principle,
+                                             **endpoint)
             self.judge = make_judge(judge_settings)
             self.identity = self.judge.identity()
             self.references = self._references(s)
         else:
             self.template = self._single_template(s.judge_template)
-            try:
-                self.client = ChatClient(s.judge_model or "gpt-4o-mini", s.judge_base_url, key_env, s.max_retries,
-                                         s.request_timeout, s.judge_temperature, s.judge_max_tokens)
-            except ValueError as e:  # the client's missing-key message names the variable
-                raise ConfigError(f"--reward judge: {e}") from None
+            self.client = judge_client(s, "gpt-4o-mini", "--reward judge")
             from .judge import _digest
 
             self.identity = {"judge": f"openai:{self.client.model}", "mode": "single",

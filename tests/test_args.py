@@ -438,3 +438,44 @@ def test_preset_default_from_dataclass():
     assert parse_config(WithPreset, args=["--preset", ""], env_file=None, presets=presets).seed == 0
     with pytest.raises(ConfigError, match=r"preset 'small' sets unknown field 'sed'"):
         parse_config(WithPreset, args=[], env_file=None, presets={"small": {"sed": 1}})
+
+
+# ---------------------------------------------------------------- shared settings groups, by composition
+def test_judge_and_hub_settings_are_one_group_each_with_one_default_and_one_check():
+    from dataclasses import fields
+
+    from alignkit import config
+
+    judged = [config.LabelSettings, config.MTBenchSettings, config.PairwiseSettings, config.AlpacaEvalSettings,
+              config.RLSettings]
+    for cls in judged:
+        assert issubclass(cls, config.JudgeEndpointSettings), cls
+        defaults = {f.name: f.default for f in fields(cls)}
+        assert defaults["max_retries"] == 5 and defaults["request_timeout"] == 120.0, cls
+        if cls is not config.AlpacaEvalSettings:  # alpaca_eval's annotator config sets its own answer length
+            assert defaults["judge_max_tokens"] == 2048, cls
+    for cls, needed in [(config.DPOSettings, {}), (config.SFTSettings, {}), (config.LabelSettings, {}),
+                        (config.MergeSettings, {"adapter_dir": "x"}), (config.RewardSettings, {})]:
+        assert issubclass(cls, config.HubPushSettings), cls
+        with pytest.raises(ConfigError, match="push_to_hub needs hub_repo_id"):
+            cls(push_to_hub=True, **needed)
+        assert cls(push_to_hub=True, hub_repo_id="me/x", **needed).hub_repo_id == "me/x"
+    with pytest.raises(ConfigError, match="max_retries >= 0"):
+        parse_config(config.LabelSettings, args=["--max_retries", "-1"], env_file=None)
+
+
+def test_loader_settings_of_another_model_keep_how_models_load_but_not_the_revision():
+    from alignkit.config import GenerationSettings, LabelSettings, ModelSettings, loader_settings
+
+    s = LabelSettings(model_id="org/a", revision="v2", gguf_file="a.gguf", dtype="fp16", quantization="none",
+                      chat_template="t.jinja", max_model_len=512)
+    other = loader_settings(s, "org/b")
+    assert type(other) is GenerationSettings and other.model_id == "org/b"
+    assert (other.revision, other.gguf_file) == (None, None)  # they name files of org/a
+    assert (other.dtype, other.quantization, other.chat_template, other.max_model_len) == ("fp16", "none",
+                                                                                        "t.jinja", 512)
+    same = loader_settings(s, "org/a")
+    assert (same.revision, same.gguf_file) == ("v2", "a.gguf")
+    judge = loader_settings(s, "org/judge", revision="main", chat_template=None)
+    assert (judge.revision, judge.chat_template) == ("main", None)
+    assert type(loader_settings(ModelSettings(), "x")) is ModelSettings

@@ -287,8 +287,8 @@ def test_the_judgment_cache_keys_on_every_judge_setting(tmp_path):
         again = label(tmp_path, server, "--judge_max_tokens", "20")
         assert server.count == 10 and again["parse_failures"] == 5  # paid answers are kept, not bought again
 
-        full = label(tmp_path, server)  # the default 1024: another setting, so every judgment is asked again
-        assert server.count == 20 and {b["max_tokens"] for b in server.requests[10:]} == {1024}
+        full = label(tmp_path, server)  # the default 2048: another setting, so every judgment is asked again
+        assert server.count == 20 and {b["max_tokens"] for b in server.requests[10:]} == {2048}
         assert full["labeled"] == 5 and full["parse_failures"] == 0
 
         warm = label(tmp_path, server, "--judge_temperature", "0.7")
