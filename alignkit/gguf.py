@@ -33,7 +33,7 @@ DONE = "gguf_source.json"  # written last into a converted folder: its presence 
 
 
 def cache_root() -> Path:
-    from .presets import cache_dir
+    from .paths import cache_dir
 
     return cache_dir() / "gguf"
 

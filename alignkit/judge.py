@@ -30,7 +30,6 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import logger
 from .args import ConfigError
 
 TOKENS = {"A": "[[A]]", "B": "[[B]]", "tie": "[[C]]"}
@@ -441,7 +440,3 @@ def _hardware() -> str:
     kernels = [k for k in ("flash_attn", "liger_kernel") if importlib.util.find_spec(k) is not None]
     return "+".join([device, *kernels])
 
-
-def log_judge(judge: Judge) -> None:
-    template = f", template {judge.template.name}" if judge.template else ""
-    logger.info(f"judge: {judge.name}{template}")

@@ -31,6 +31,7 @@ from pathlib import Path
 from . import logger
 from .args import ConfigError, is_notebook, redact, save_config
 from .data import DataError, hh_prompt_messages, is_hh_prompt
+from .errors import EndpointRefused
 from .judge import Judge, Request, combine, endpoint_identity, is_fatal, loader_identity, make_judge, orders_for
 from .judge import parse_verdict, question_text, winner
 
@@ -538,7 +539,7 @@ def _generate_endpoint(run: Run, spec: str, cells, prompts):
     extra = {"top_p": s.top_p} if s.top_p < 1 else {}
     for cell, result in threaded(lambda c: client.complete(prompts[c[1]].messages, **extra), cells, s.parallel):
         if isinstance(result, Exception) and is_fatal(result):
-            raise RuntimeError(f"generator {spec} refused the request: {redact(str(result))}. Check the key, "
+            raise EndpointRefused(f"generator {spec} refused the request: {redact(str(result))}. Check the key, "
                                "--generation_base_url and the model name.") from None
         yield cell, result
 
@@ -632,7 +633,7 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
         for request, result in stream:
             if isinstance(result, Exception):
                 if judge.fatal(result):
-                    raise RuntimeError(f"the judge refused the request: {redact(str(result))}. Check the API key, "
+                    raise EndpointRefused(f"the judge refused the request: {redact(str(result))}. Check the API key, "
                                        "--judge_base_url (it usually ends in /v1) and --judge_model.") from None
                 run.errors[request.key] = result
                 _report(result, "judge request", len(run.errors))
@@ -805,7 +806,7 @@ def push_dataset(run: Run) -> str:
     s = run.settings
     rows = [json.loads(line) for line in run.output.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
-        raise ValueError(f"{run.output} has no rows to push")
+        raise DataError(f"{run.output} has no rows to push: label some first (or drop --push_to_hub)")
     Dataset.from_list(rows).push_to_hub(s.hub_repo_id, private=not s.hub_public, token=require_token())
     url = f"https://huggingface.co/datasets/{s.hub_repo_id}"
     logger.info(f"pushed {len(rows)} rows to {url} ({'public' if s.hub_public else 'private'})")

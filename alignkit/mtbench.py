@@ -108,7 +108,7 @@ def download(target) -> Path:
 def data_dir(mt_bench_data: str | None) -> Path:
     """The FastChat data folder to use: the one given (checked for its files) or the checked download."""
     if mt_bench_data is None:
-        from .presets import cache_dir
+        from .paths import cache_dir
 
         return download(cache_dir() / "fastchat-llm-judge")
     folder = Path(mt_bench_data)
@@ -223,10 +223,7 @@ def check_references(questions, references, need_ref_cats, path) -> None:
 
 def prompt_questions(path) -> list[dict]:
     """Single-turn questions from a prompts file: JSONL rows {"prompt", optional "category" and "question_id"},
-    or a .txt file with one prompt a line. The category defaults to the tiny preset's task category, else
-    "prompts"."""
-    from .presets import category_of
-
+    or a .txt file with one prompt a line. A row without a category counts under "prompts"."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--prompts_file {path} not found; check the path")
@@ -242,8 +239,7 @@ def prompt_questions(path) -> list[dict]:
         if not prompt.strip():
             raise ConfigError(f"{path}, line {line}: field 'prompt' is empty; {fix}")
         qid = _field(path, line, row, "question_id", int, fix) if "question_id" in row else n
-        category = _field(path, line, row, "category", str, fix) if "category" in row else (
-            category_of(prompt) or "prompts")
+        category = _field(path, line, row, "category", str, fix) if "category" in row else "prompts"
         questions.append({"question_id": qid, "category": category, "turns": [prompt]})
     if not questions:
         raise ConfigError(f"{path} holds no prompts; {fix}")

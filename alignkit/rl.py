@@ -44,6 +44,7 @@ import torch
 
 from . import logger
 from .args import ConfigError, redact
+from .errors import EndpointRefused
 
 # FastChat llm_judge's single-answer grading prompt "single-v1" (judge_prompts.jsonl), word for word.
 SINGLE_V1 = {
@@ -288,7 +289,7 @@ class JudgeReward:
         for (key, _), result in threaded(self._ask, needed.values(), self.s.parallel):
             if isinstance(result, Exception):
                 if is_fatal(result):
-                    raise RuntimeError(f"the judge refused the request: {redact(str(result))}. Check the API key, "
+                    raise EndpointRefused(f"the judge refused the request: {redact(str(result))}. Check the API key, "
                                        "--judge_base_url (it usually ends in /v1) and --judge_model.") from None
                 self.stats["failed"] += 1
                 if self.stats["failed"] <= 3:

@@ -55,7 +55,7 @@ def model_id() -> str:
 
 
 def smol_dir() -> Path:
-    from .presets import cache_dir
+    from .paths import cache_dir
 
     return cache_dir() / VERSION
 

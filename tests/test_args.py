@@ -3,6 +3,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -479,3 +480,20 @@ def test_loader_settings_of_another_model_keep_how_models_load_but_not_the_revis
     judge = loader_settings(s, "org/judge", revision="main", chat_template=None)
     assert (judge.revision, judge.chat_template) == ("main", None)
     assert type(loader_settings(ModelSettings(), "x")) is ModelSettings
+
+
+# ---------------------------------------------------------------- package structure
+def test_the_package_docstring_names_every_module_and_only_presets_code_imports_the_preset():
+    import ast
+    from pathlib import Path
+
+    import alignkit
+
+    package = Path(alignkit.__file__).parent
+    modules = sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+    assert [m for m in modules if not re.search(rf"\b{m}\b", alignkit.__doc__)] == []
+    # The MT-Bench code and the reference cache serve every model: no demo preset in their imports.
+    for name in ("mtbench", "refcache"):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & {"presets", "smol"}, name

@@ -24,6 +24,7 @@ from openai_server import FakeOpenAI, Fault
 
 from alignkit.args import ConfigError
 from alignkit.data import DataError, load_preferences, load_sft
+from alignkit.errors import UserError
 from alignkit.judge import combine, load_template, parse_verdict, winner
 from alignkit.labeling import AppendLog
 
@@ -482,8 +483,9 @@ def test_a_refused_key_stops_the_run_at_once(tmp_path):
     marker_pairs(tmp_path)
     refuse = Fault(401, body='{"error": {"message": "Incorrect API key", "type": "invalid_request_error"}}')
     with FakeOpenAI(lambda body: refuse) as server:
-        with pytest.raises(RuntimeError, match=r"the judge refused the request.*Check the API key"):
+        with pytest.raises(RuntimeError, match=r"the judge refused the request.*Check the API key") as refused:
             label(tmp_path, server, "--parallel", "1")
+        assert isinstance(refused.value, UserError)  # the user fixes the key: `error: ...`, exit 2, no traceback
         assert server.count <= 2  # not one failure per pair: every further request would be refused too
 
 

@@ -273,6 +273,19 @@ def test_stage_settings_map_into_trls_config_and_bad_overrides_are_a_config_erro
         trl_config(DPOConfig, DPOSettings(report_to="none", trainer_overrides="{optim: x}"), tmp_path, torch.float32)
 
 
+def test_train_on_completions_without_generation_markers_is_a_config_error():
+    from types import SimpleNamespace
+
+    from alignkit.args import ConfigError
+    from alignkit.trainers import loss_mask_settings
+
+    tokenizer = SimpleNamespace(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    conversations = SimpleNamespace(column_names=["messages"])
+    with pytest.raises(ConfigError, match="--train_on completions needs a chat template with"):
+        loss_mask_settings("completions", conversations, tokenizer)
+    assert loss_mask_settings("auto", conversations, tokenizer) == {"assistant_only_loss": False}
+
+
 # ---------------------------------------------------------------- 11. no bitsandbytes kernel warning
 def test_a_run_without_4bit_weights_prints_no_bitsandbytes_kernel_warning(tiny_cache, tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True)
