@@ -5,7 +5,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, by what they ho
 
 - Settings and errors: args (the one settings mechanism: flags, env, .env, --config, presets), config (every
   script's settings, shared groups by composition), errors (UserError and how a script reports it), paths
-  (the cache folder).
+  (the cache folder), journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses).
 - Models and data: models (the one loader), gguf (GGUF files converted once), data (the one data normaliser),
   generation (local answering engines: transformers, vLLM).
 - Training: losses (preference losses TRL lacks), trainers (alignkit's TRL trainers), training (run folders,

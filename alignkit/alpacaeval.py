@@ -60,12 +60,12 @@ import re
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import logger
 from .args import ConfigError, config_to_dict
+from .journal import append_jsonl, threaded, write_json
 
 HUB_REPO = "tatsu-lab/alpaca_eval"
 EVAL_FILE = "alpaca_eval_gpt4_baseline.json"  # the 805 instructions with AlpacaEval 2's reference outputs
@@ -125,7 +125,7 @@ def hub_file(filename: str, how: str) -> Path:
 
 def read_rows(path, flag: str) -> list[tuple[str, dict]]:
     """(where, row) of a JSON list or JSONL file; a bad file or row is an error naming the file and row."""
-    from .mtbench import read_jsonl
+    from .journal import read_jsonl
 
     path = Path(path)
     if not path.is_file():
@@ -216,7 +216,8 @@ def _generation(s) -> dict:
 
 def read_outputs(path, source: str, generation: dict) -> dict[str, dict]:
     """{instruction: record} of an outputs log; records from another model or other sampling are an error."""
-    from .mtbench import _same_source, read_jsonl
+    from .journal import read_jsonl
+    from .mtbench import _same_source
 
     fix = "delete the file (or the line) to generate again"
     out = {}
@@ -246,21 +247,11 @@ def generate_outputs(generator, rows: list[dict], name: str, source: str, path, 
         outs = generator([[{"role": "user", "content": r["instruction"]}] for r in batch],
                          max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                          num_beams=s.num_beams, batch_size=len(batch), seed=s.seed)
-        with open(path, "a", encoding="utf-8") as f:
-            for row, out in zip(batch, outs, strict=True):
-                f.write(json.dumps({"instruction": row["instruction"], "output": out, "generator": name,
-                                    "dataset": row["dataset"], "source": source, "generation": generation}) + "\n")
+        append_jsonl(path, [{"instruction": row["instruction"], "output": out, "generator": name,
+                             "dataset": row["dataset"], "source": source, "generation": generation}
+                            for row, out in zip(batch, outs, strict=True)])
         logger.info(f"{name}: {start + len(batch)}/{len(todo)} outputs generated")
     return len(todo)
-
-
-def _write_json(path, data) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, path)  # never a half-written file under the real name
-    return path
 
 
 def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> list[dict]:
@@ -283,7 +274,7 @@ def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> 
     else:
         print(f"{name}: all {len(rows)} outputs generated before ({path})")
     outputs = [{k: (name if k == "generator" else done[r["instruction"]][k]) for k in OUTPUT_KEYS} for r in rows]
-    _write_json(path.with_suffix(".json"), outputs)
+    write_json(path.with_suffix(".json"), outputs)
     return outputs
 
 
@@ -377,7 +368,7 @@ class LoggedCompletions:
     same prompt, endpoint and decoding arguments (the log's key). Counts what it sent and reused."""
 
     def __init__(self, path, client: dict, parallel: int = 1, fn=None):
-        from .mtbench import read_jsonl
+        from .journal import read_jsonl
 
         if fn is None:
             load_package()
@@ -400,8 +391,7 @@ class LoggedCompletions:
                 self.failed += 1
                 return record
             self.sent += 1
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.path, [record])
             self.entries[key] = record
         return record
 
@@ -411,9 +401,11 @@ class LoggedCompletions:
         self.reused += sum(r is not None for r in records)
         todo = [i for i, r in enumerate(records) if r is None]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(max(1, min(self.parallel, len(todo) or 1))) as pool:
-            for i, record in zip(todo, pool.map(lambda i: self._ask(prompts[i], keys[i], kwargs), todo)):
-                records[i] = record
+        for i, record in threaded(lambda i: self._ask(prompts[i], keys[i], kwargs), todo, self.parallel,
+                                  stop_on_error=True):
+            if isinstance(record, BaseException):
+                raise record  # what alpaca_eval's own call would raise; the answers so far are journaled
+            records[i] = record
         names = [k for k in records[0] if k not in ("key", "tstamp")] if records else []
         return {name: [r.get(name) for r in records] for name in names}
 
@@ -484,7 +476,7 @@ def forget_failed(cache) -> int:
     rows = json.loads(cache.read_text(encoding="utf-8") or "[]")
     kept = [r for r in rows if r.get("preference") not in (-1, None)]
     if len(kept) < len(rows):
-        _write_json(cache, kept)
+        write_json(cache, kept)
         logger.info(f"{cache}: {len(rows) - len(kept)} annotations failed before; asking again")
     return len(rows) - len(kept)
 
@@ -563,7 +555,7 @@ def tiny_eval_set() -> Path:
     path = tiny_dir() / "alpaca_eval_set.json"
     if not path.is_file():
         prompts = [json.loads(line)["prompt"] for line in Path(paths()["prompts"]).read_text().splitlines() if line]
-        _write_json(path, [{"instruction": p, "dataset": "tiny"} for p in dict.fromkeys(prompts)])
+        write_json(path, [{"instruction": p, "dataset": "tiny"} for p in dict.fromkeys(prompts)])
     return path
 
 
@@ -658,7 +650,7 @@ def run(s, backend: str) -> dict:
                   "chart": str(results_dir / "win_rates.png")},
         "settings": config_to_dict(s),
     }
-    _write_json(results_dir / "summary.json", summary)
+    write_json(results_dir / "summary.json", summary)
     plot(leaderboard, results_dir / "win_rates.png", f"AlpacaEval vs {ref_name}; annotator {config_name}, judge {judge}")
     columns = [c for c in ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error", "n_total",
                            "avg_length") if c in leaderboard]

@@ -207,6 +207,22 @@ def check_pushable(folder) -> None:
     )
 
 
+def push_dataset(jsonl_path, repo_id: str, private: bool = True) -> str:
+    """Push a JSONL file (label.py's output) as a Hub dataset, private unless asked; returns its URL."""
+    from datasets import Dataset
+
+    from .data import DataError
+
+    path = Path(jsonl_path)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise DataError(f"{path} has no rows to push: label some first (or drop --push_to_hub)")
+    Dataset.from_list(rows).push_to_hub(repo_id, private=private, token=require_token())
+    url = f"https://huggingface.co/datasets/{repo_id}"
+    logger.info(f"pushed {len(rows)} rows to {url} ({'private' if private else 'public'})")
+    return url
+
+
 def push(folder, repo_id: str, private: bool = True) -> str:
     """Write the model card into `folder` and upload the folder (no checkpoints) to a model repo."""
     from huggingface_hub import HfApi

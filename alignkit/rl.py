@@ -165,7 +165,7 @@ class JudgeReward:
 
     def __init__(self, s, cache_dir: Path):
         from .judge import endpoint_identity, make_judge
-        from .labeling import AppendLog
+        from .journal import AppendLog
         from .llm import judge_client
 
         self.__name__ = f"judge_{s.judge_mode}"
@@ -188,7 +188,8 @@ class JudgeReward:
             self.identity = {"judge": f"openai:{self.client.model}", "mode": "single",
                              "template": _digest([self.template["system_prompt"], self.template["prompt_template"]]),
                              **endpoint_identity(self.client)}
-        self.cache = AppendLog(cache_dir / "judgments.jsonl")
+        self.cache = AppendLog(cache_dir / "judgments.jsonl", "rl.py",
+                               "let it finish, or give this run its own --judge_cache or run folder")
 
     @staticmethod
     def _single_template(spec: str) -> dict:
@@ -272,7 +273,7 @@ class JudgeReward:
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
         from .judge import is_fatal
-        from .labeling import threaded
+        from .journal import threaded
 
         per_row, needed = [], {}
         for prompt, completion in zip(prompts, completions, strict=True):
