@@ -14,7 +14,8 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, by what they ho
   merge (adapters into their base), hub (Hub pushes and model cards).
 - Feedback and evaluation: llm (the chat-client factory for OpenAI-compatible endpoints), judge (label.py's
   judges), rewards (reward models as one callable and as a judge), labeling (label.py's pipeline),
-  fastchat_compat, mtbench and results (evaluate.py mt_bench/pairwise), alpacaeval (evaluate.py alpaca_eval).
+  evaluation (evaluate.py's commands, vibes and the pairwise flow), fastchat_compat, mtbench and results (the
+  pairwise flow's FastChat judging, answers and statistics), alpacaeval (evaluate.py alpaca_eval).
 - Presets: presets (the offline `tiny` demo and its rule), smol (SmolLM2-135M).
 """
 import logging

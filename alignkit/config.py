@@ -442,7 +442,8 @@ class VibesSettings(EvalSettings):
         None, "named defaults: 'tiny' or 'smol' (SmolLM2-135M) asks that model its own prompts"
     )
     compare_to: str | None = setting(None, "second model (Hub id, folder, adapter or merged folder) shown beside the first")
-    prompts: list[str] = setting([], "prompts to ask, each one quoted: --prompts \"Hi!\" \"Name three fruits.\"")
+    prompts: list[str] = setting([], "prompts to ask, each one quoted: --prompts \"Hi!\" \"Name three fruits.\"",
+                                 whole=True)
     prompts_file: str | None = setting(None, "JSONL of {\"prompt\": ...} rows, or a .txt file with one prompt a line")
     system_prompt: str | None = setting(None, "system message put before every prompt")
     max_new_tokens: int = setting(256, "longest answer, in tokens")

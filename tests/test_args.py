@@ -497,3 +497,20 @@ def test_the_package_docstring_names_every_module_and_only_presets_code_imports_
         tree = ast.parse((package / f"{name}.py").read_text())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert not imported & {"presets", "smol"}, name
+
+
+def test_whole_list_values_keep_their_commas_from_every_layer(monkeypatch):
+    @dataclass
+    class Asks:
+        prompts: list[str] = setting([], "prompts", whole=True)
+        tags: list[str] = setting([], "split at commas")
+
+    got = parse_config(Asks, args=["--prompts", "Hello, who are you?", "Hi", "--tags", "a,b", "--prompts=x, y"],
+                       env_file=None)
+    assert got.prompts == ["Hello, who are you?", "Hi", "x, y"] and got.tags == ["a", "b"]
+    monkeypatch.setenv("PROMPTS", "Name three fruits, please.")
+    assert parse_config(Asks, args=[], env_file=None).prompts == ["Name three fruits, please."]
+    from alignkit.evaluation import parse_command
+
+    command, settings = parse_command(["vibes", "--model_id", "m", "--prompts", "Hello, who are you?", "Hi"])
+    assert command == "vibes" and settings.prompts == ["Hello, who are you?", "Hi"]
