@@ -102,11 +102,7 @@ from trl import DPOConfig
 from alignkit.trainers import AlignDPOTrainer
 from alignkit.training import start_run, trl_config
 
-args = trl_config(
-    DPOConfig, settings, run_folder, loaded.dtype, beta=settings.dpo_beta, loss_type=settings.loss_type,
-    loss_weights=settings.loss_weights, label_smoothing=settings.label_smoothing,
-    precompute_ref_log_probs=settings.precompute_ref_log_probs,
-)
+args = trl_config(DPOConfig, settings, run_folder, loaded.dtype)  # --dpo_beta is DPOConfig.beta, and so on
 trainer_class = lota.trainer_class(AlignDPOTrainer) if settings.adapter == "lota" else AlignDPOTrainer
 
 

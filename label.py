@@ -120,7 +120,7 @@ print(f"train on it: python {next_step}{preset} --dataset_id {run.output}")
 
 # %%
 if settings.push_to_hub:
-    from alignkit.labeling import push_dataset
+    from alignkit.hub import push_dataset
 
-    push_dataset(run)
+    push_dataset(run.output, settings.hub_repo_id, private=not settings.hub_public)
 run.close()

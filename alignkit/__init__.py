@@ -1,13 +1,23 @@
 """alignkit: align language models with LoRA/QLoRA adapters on top of Hugging Face TRL.
 
-The package holds the logic; the top-level cell scripts (sft.py, dpo.py, label.py, evaluate.py, merge.py,
-reward.py) read like notebooks over it.
-Modules: args (one config mechanism), config (every script's settings), models (one loader), data (one
-normaliser), losses (preference losses TRL lacks), training (trainers and run folders), presets (the
-offline `tiny` demo), generation, merge, hub, reward (reward.py's losses and trainer), rewards (reward models
-as one callable and as label.py's judge).
-"""
+The package holds the logic; the top-level cell scripts (sft.py, dpo.py, reward.py, rl.py, rlaif.py, label.py,
+evaluate.py, merge.py) read like notebooks over it. Its modules, by what they hold:
 
+- Settings and errors: args (the one settings mechanism: flags, env, .env, --config, presets), config (every
+  script's settings, shared groups by composition), errors (UserError and how a script reports it), paths
+  (the cache folder), journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses).
+- Models and data: models (the one loader), gguf (GGUF files converted once), data (the one data normaliser),
+  generation (local answering engines: transformers, vLLM).
+- Training: losses (preference losses TRL lacks), trainers (alignkit's TRL trainers), training (run folders,
+  TRL configs, resume, finish), refcache (reference log-prob cache), lota (Lottery Ticket Adaptation),
+  reward (reward.py's losses and trainer), rl (rl.py's rewards and GRPO/RLOO), rlaif (rlaif.py's rounds),
+  merge (adapters into their base), hub (Hub pushes and model cards).
+- Feedback and evaluation: llm (the chat-client factory for OpenAI-compatible endpoints), judge (label.py's
+  judges), rewards (reward models as one callable and as a judge), labeling (label.py's pipeline),
+  evaluation (evaluate.py's commands, vibes and the pairwise flow), fastchat_compat, mtbench and results (the
+  pairwise flow's FastChat judging, answers and statistics), alpacaeval (evaluate.py alpaca_eval).
+- Presets: presets (the offline `tiny` demo and its rule), smol (SmolLM2-135M).
+"""
 import logging
 
 __version__ = "0.1.0"

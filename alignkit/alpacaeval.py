@@ -52,7 +52,6 @@ each on a tie), so alpaca_eval's own order randomisation, parser, caching and me
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
@@ -61,12 +60,12 @@ import re
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import logger
 from .args import ConfigError, config_to_dict
+from .journal import append_jsonl, threaded, write_json
 
 HUB_REPO = "tatsu-lab/alpaca_eval"
 EVAL_FILE = "alpaca_eval_gpt4_baseline.json"  # the 805 instructions with AlpacaEval 2's reference outputs
@@ -126,7 +125,7 @@ def hub_file(filename: str, how: str) -> Path:
 
 def read_rows(path, flag: str) -> list[tuple[str, dict]]:
     """(where, row) of a JSON list or JSONL file; a bad file or row is an error naming the file and row."""
-    from .mtbench import read_jsonl
+    from .journal import read_jsonl
 
     path = Path(path)
     if not path.is_file():
@@ -217,7 +216,8 @@ def _generation(s) -> dict:
 
 def read_outputs(path, source: str, generation: dict) -> dict[str, dict]:
     """{instruction: record} of an outputs log; records from another model or other sampling are an error."""
-    from .mtbench import _same_source, read_jsonl
+    from .journal import read_jsonl
+    from .mtbench import _same_source
 
     fix = "delete the file (or the line) to generate again"
     out = {}
@@ -247,25 +247,16 @@ def generate_outputs(generator, rows: list[dict], name: str, source: str, path, 
         outs = generator([[{"role": "user", "content": r["instruction"]}] for r in batch],
                          max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                          num_beams=s.num_beams, batch_size=len(batch), seed=s.seed)
-        with open(path, "a", encoding="utf-8") as f:
-            for row, out in zip(batch, outs, strict=True):
-                f.write(json.dumps({"instruction": row["instruction"], "output": out, "generator": name,
-                                    "dataset": row["dataset"], "source": source, "generation": generation}) + "\n")
+        append_jsonl(path, [{"instruction": row["instruction"], "output": out, "generator": name,
+                             "dataset": row["dataset"], "source": source, "generation": generation}
+                            for row, out in zip(batch, outs, strict=True)])
         logger.info(f"{name}: {start + len(batch)}/{len(todo)} outputs generated")
     return len(todo)
 
 
-def _write_json(path, data) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, path)  # never a half-written file under the real name
-    return path
-
-
 def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> list[dict]:
     """The outputs of model `source` on `rows` in AlpacaEval's format, generated where missing."""
+    from .config import loader_settings
     from .generation import load_generator
 
     path = outputs_path(s.output_dir, name)
@@ -277,14 +268,13 @@ def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> 
             raise ConfigError(f"{source} not found: train the tiny runs first (python sft.py --preset tiny; python "
                               "dpo.py --preset tiny --model_id runs/tiny-sft), or pass --model_id / --reference_model")
         print(f"{name}: {len(rows) - len(missing)} outputs from before, generating {len(missing)} with {source}")
-        revision = s.revision if source == s.model_id else None
-        with load_generator(dataclasses.replace(s, model_id=source, revision=revision), backend) as generator:
+        with load_generator(loader_settings(s, source), backend) as generator:
             generate_outputs(generator, missing, name, source, path, s)
         done = read_outputs(path, source, generation)
     else:
         print(f"{name}: all {len(rows)} outputs generated before ({path})")
     outputs = [{k: (name if k == "generator" else done[r["instruction"]][k]) for k in OUTPUT_KEYS} for r in rows]
-    _write_json(path.with_suffix(".json"), outputs)
+    write_json(path.with_suffix(".json"), outputs)
     return outputs
 
 
@@ -360,13 +350,11 @@ def check_tiktoken(annotators: dict) -> None:
 
 def endpoint(s) -> dict:
     """alpaca_eval's client arguments for the judge endpoint; fails fast, naming the variable, without a key."""
-    base_url = s.judge_base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-    api_key = os.environ.get(s.judge_api_key_env)
-    if not api_key:
-        if s.judge_api_key_env != "OPENAI_API_KEY" or not (s.judge_base_url or os.environ.get("OPENAI_BASE_URL")):
-            raise ConfigError(f"the judge's API key is missing: {s.judge_api_key_env} is not set (put the key there or "
-                              "in .env; --judge_api_key_env names the variable)")
-        api_key = "no-key"  # local servers (vLLM, llama.cpp) accept any key; the client insists on one
+    from .llm import endpoint_key
+
+    api_key, base_url = endpoint_key(s.judge_api_key_env, s.judge_base_url,
+                                     "the judge (--judge_api_key_env names the key's variable)")
+    base_url = base_url or "https://api.openai.com/v1"
     # client_config_path: a path that is never a file, so alpaca_eval builds the client from the arguments below
     # rather than from a client_configs yaml found on this machine. alpaca_eval keeps keys named *api_key* out of
     # its logs; these never reach a file.
@@ -380,7 +368,7 @@ class LoggedCompletions:
     same prompt, endpoint and decoding arguments (the log's key). Counts what it sent and reused."""
 
     def __init__(self, path, client: dict, parallel: int = 1, fn=None):
-        from .mtbench import read_jsonl
+        from .journal import read_jsonl
 
         if fn is None:
             load_package()
@@ -403,8 +391,7 @@ class LoggedCompletions:
                 self.failed += 1
                 return record
             self.sent += 1
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.path, [record])
             self.entries[key] = record
         return record
 
@@ -414,9 +401,11 @@ class LoggedCompletions:
         self.reused += sum(r is not None for r in records)
         todo = [i for i, r in enumerate(records) if r is None]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(max(1, min(self.parallel, len(todo) or 1))) as pool:
-            for i, record in zip(todo, pool.map(lambda i: self._ask(prompts[i], keys[i], kwargs), todo)):
-                records[i] = record
+        for i, record in threaded(lambda i: self._ask(prompts[i], keys[i], kwargs), todo, self.parallel,
+                                  stop_on_error=True):
+            if isinstance(record, BaseException):
+                raise record  # what alpaca_eval's own call would raise; the answers so far are journaled
+            records[i] = record
         names = [k for k in records[0] if k not in ("key", "tstamp")] if records else []
         return {name: [r.get(name) for r in records] for name in names}
 
@@ -487,7 +476,7 @@ def forget_failed(cache) -> int:
     rows = json.loads(cache.read_text(encoding="utf-8") or "[]")
     kept = [r for r in rows if r.get("preference") not in (-1, None)]
     if len(kept) < len(rows):
-        _write_json(cache, kept)
+        write_json(cache, kept)
         logger.info(f"{cache}: {len(rows) - len(kept)} annotations failed before; asking again")
     return len(rows) - len(kept)
 
@@ -566,7 +555,7 @@ def tiny_eval_set() -> Path:
     path = tiny_dir() / "alpaca_eval_set.json"
     if not path.is_file():
         prompts = [json.loads(line)["prompt"] for line in Path(paths()["prompts"]).read_text().splitlines() if line]
-        _write_json(path, [{"instruction": p, "dataset": "tiny"} for p in dict.fromkeys(prompts)])
+        write_json(path, [{"instruction": p, "dataset": "tiny"} for p in dict.fromkeys(prompts)])
     return path
 
 
@@ -661,7 +650,7 @@ def run(s, backend: str) -> dict:
                   "chart": str(results_dir / "win_rates.png")},
         "settings": config_to_dict(s),
     }
-    _write_json(results_dir / "summary.json", summary)
+    write_json(results_dir / "summary.json", summary)
     plot(leaderboard, results_dir / "win_rates.png", f"AlpacaEval vs {ref_name}; annotator {config_name}, judge {judge}")
     columns = [c for c in ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error", "n_total",
                            "avg_length") if c in leaderboard]

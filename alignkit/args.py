@@ -39,12 +39,17 @@ class ConfigError(UserError):
     """A user-facing configuration problem; the message names the source of the bad value and the fix."""
 
 
-def setting(default=_MISSING, help: str = "", choices=None, default_factory=_MISSING):
-    """``dataclasses.field`` carrying the help text and allowed values shown by ``--help``."""
+def setting(default=_MISSING, help: str = "", choices=None, default_factory=_MISSING, whole: bool = False):
+    """``dataclasses.field`` carrying the help text and allowed values shown by ``--help``.
+
+    whole: a list whose values are kept whole, never split at commas (prompts hold commas: "Hello, who are
+    you?" is one prompt); on a command line each value is its own argument, and a string from the environment
+    or a --config file is one value.
+    """
     if isinstance(default, (list, dict, set)):  # dataclasses rejects mutable defaults; copy per instance instead
         default, default_factory = _MISSING, (lambda d=default: type(d)(d))
     return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"help": help, "choices": list(choices) if choices else None})
+                             metadata={"help": help, "choices": list(choices) if choices else None, "whole": whole})
 
 
 def is_notebook() -> bool:
@@ -96,8 +101,10 @@ def _scalar(raw, tp, where):
         raise ConfigError(f"invalid value for {where}: {raw!r} is not {expected}") from None
 
 
-def _convert(raw, tp, where, choices=None):
-    """Turn a raw value (string from CLI/env, or YAML/Python object) into the annotated type."""
+def _convert(raw, tp, where, choices=None, whole=False):
+    """Turn a raw value (string from CLI/env, or YAML/Python object) into the annotated type.
+
+    whole: a string is one list item, not a comma-separated list (setting(whole=True))."""
     inner, optional = _unwrap_optional(tp)
     if raw is None or (optional and isinstance(raw, str) and raw.strip().lower() in ("none", "null")):
         if optional:
@@ -108,8 +115,8 @@ def _convert(raw, tp, where, choices=None):
         value = _scalar(raw, inner, where)
         items = [value]
     else:
-        if isinstance(raw, str):  # CLI tokens, env vars and YAML strings are comma separated
-            raw = [p.strip() for p in raw.split(",") if p.strip()]
+        if isinstance(raw, str):  # CLI tokens, env vars and YAML strings are comma separated, unless whole
+            raw = [raw] if whole else [p.strip() for p in raw.split(",") if p.strip()]
         if not isinstance(raw, (list, tuple)):
             raise ConfigError(f"invalid value for {where}: {raw!r} is not a {_type_name(inner)}")
         value = items = [_scalar(x, item, where) for x in raw]
@@ -125,8 +132,9 @@ def _suggest(name, names, prefix=""):
 
 
 # ---------------------------------------------------------------- layers
-def _parse_cli(argv, types_):
-    """Return ({field: raw string}, config path or None, wants_help). Raw values are converted later."""
+def _parse_cli(argv, types_, whole=frozenset()):
+    """Return ({field: raw string, or a list for a `whole` field}, config path or None, wants_help). Raw values
+    are converted later. A `whole` field's values are its arguments as given, repeated flags adding more."""
     values, config, wants_help, i = {}, None, False, 0
     is_option = lambda tok: tok.startswith("--") or tok == "-h"  # noqa: E731  ("-0.5" stays a value)
     while i < len(argv):
@@ -152,7 +160,9 @@ def _parse_cli(argv, types_):
         if name not in types_:
             raise ConfigError(f"unknown option --{name}{_suggest(name, [*types_, 'config'], '--')} (see --help)")
         inner, _ = _unwrap_optional(types_[name])
-        if _list_item(inner) is not None:
+        if name in whole:
+            values[name] = [*values.get(name, []), *vals]
+        elif _list_item(inner) is not None:
             values[name] = ",".join(vals)  # `a b` and `a,b` both become "a,b"; `--x none` stays "none"
         elif inner is bool and not vals:
             values[name] = "true"
@@ -220,7 +230,8 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
 
     if args is None:  # a kernel's argv (`-f kernel.json`) belongs to the kernel, not to us
         args = [] if is_notebook() else sys.argv[1:]
-    cli, config_path, wants_help = _parse_cli(list(args), types_)
+    whole = frozenset(n for n, f in fields.items() if f.metadata.get("whole"))
+    cli, config_path, wants_help = _parse_cli(list(args), types_, whole)
 
     env_from_file = set()
     if env_file is not None:
@@ -263,7 +274,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
             for key, value in presets[name].items():
                 if key not in fields:
                     raise ConfigError(f"preset {name!r} sets unknown field {key!r}{_suggest(key, fields)}")
-                defaults[key] = _convert(value, types_[key], f"preset {name!r}: key {key}", choices(key))
+                defaults[key] = _convert(value, types_[key], f"preset {name!r}: key {key}", choices(key), key in whole)
             defaults["preset"] = name
 
     if wants_help:
@@ -274,7 +285,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
     values = dict(defaults)
     for layer, label in layers:
         for n, raw in layer.items():
-            values[n] = _convert(raw, types_[n], label(n), choices(n))
+            values[n] = _convert(raw, types_[n], label(n), choices(n), n in whole)
     for n in (n for n in fields if n not in values):
         raise ConfigError(f"missing required option --{n} (or env var {n.upper()}, or key {n} in the --config file)")
     try:

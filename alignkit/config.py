@@ -11,9 +11,10 @@ are resolved at load time from the hardware, with one log line each (see alignki
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
-from .args import setting
+from .args import ConfigError, setting
 
 
 @dataclass
@@ -50,8 +51,90 @@ class ModelSettings:
     )
 
 
+_SAME = object()  # loader_settings: "the revision (or GGUF file) that goes with the model"
+
+
+def loader_settings(s, model_id: str, revision=_SAME, **changes) -> ModelSettings:
+    """The loader settings of another model, `model_id`, loaded the way `s` loads models (dtype, quantization,
+    attention, ...): the one way every script builds them (a second generator, a judge, a reward model, a base).
+
+    The revision and the GGUF file name belong to `s.model_id`: they carry over only when `model_id` is that
+    same model (pass `revision` to set it). A GenerationSettings stays one, so the engine settings come along.
+    """
+    cls = GenerationSettings if isinstance(s, GenerationSettings) else ModelSettings
+    values = {f.name: getattr(s, f.name) for f in fields(cls) if hasattr(s, f.name)}
+    same = model_id == getattr(s, "model_id", None)
+    values.update(model_id=model_id, gguf_file=values.get("gguf_file") if same else None,
+                  revision=(values.get("revision") if same else None) if revision is _SAME else revision)
+    return cls(**{**values, **changes})
+
+
+def _chain_post_init(self, cls) -> None:
+    """Run the next __post_init__ in the MRO after `cls`'s: groups used by composition check in turn."""
+    parent = getattr(super(cls, self), "__post_init__", None)
+    if parent:
+        parent()
+
+
 @dataclass
-class TrainSettings(ModelSettings):
+class HubPushSettings:
+    """Pushing the result to the Hugging Face Hub: one group with one check (training runs, label.py, merge.py)."""
+
+    push_to_hub: bool = setting(False, "push the result (model, adapter or label.py's dataset) to the Hugging Face "
+                                       "Hub (needs HF_TOKEN)")
+    hub_repo_id: str | None = setting(None, "Hub repo to push to, e.g. you/mistral-7b-dpo")
+    hub_public: bool = setting(False, "make the Hub repo public (private by default)")
+
+    def __post_init__(self):
+        _chain_post_init(self, HubPushSettings)
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ConfigError("push_to_hub needs hub_repo_id: pass --hub_repo_id you/name")
+
+
+@dataclass
+class JudgeEndpointSettings:
+    """An LLM judge at an OpenAI-compatible endpoint: one group for label.py, rl.py and evaluate.py's judges.
+
+    Defaults reconciled (they differed between scripts): max_retries 5, as label.py had (evaluate.py had 3);
+    judge_max_tokens 2048, FastChat's MT-Bench value (label.py had 1024; it is a ceiling, not a length).
+    """
+
+    judge_model: str | None = setting(None, "judge model name at the endpoint")
+    judge_base_url: str | None = setting(
+        None, "OpenAI-compatible judge endpoint, e.g. http://localhost:8000/v1; default: OPENAI_BASE_URL, else OpenAI"
+    )
+    judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the judge's API key")
+    parallel: int = setting(8, "concurrent requests to the judge (and to label.py's generator endpoints)")
+    max_retries: int = setting(5, "retries of a request on 429, 5xx, timeouts (the client's exponential backoff, "
+                                  "Retry-After)")
+    request_timeout: float = setting(120.0, "seconds before one request attempt times out")
+
+    def __post_init__(self):
+        _chain_post_init(self, JudgeEndpointSettings)
+        self.check_judge()
+
+    def check_judge(self):
+        if self.parallel < 1 or self.max_retries < 0 or self.request_timeout <= 0:
+            raise ConfigError("parallel must be >= 1, max_retries >= 0 and request_timeout > 0")
+
+
+@dataclass
+class JudgeAnswerSettings(JudgeEndpointSettings):
+    """How the judge answers, for the judges that alignkit prompts itself (not alpaca_eval's annotators)."""
+
+    judge_temperature: float = setting(0.0, "judge sampling temperature")
+    judge_max_tokens: int = setting(2048, "longest judge answer, in tokens (FastChat's value; self_reference needs "
+                                          "room for its own answer)")
+
+    def check_judge(self):
+        super().check_judge()
+        if self.judge_max_tokens < 1 or self.judge_temperature < 0:
+            raise ConfigError(f"judge_max_tokens must be >= 1 and judge_temperature >= 0, got "
+                              f"{self.judge_max_tokens} and {self.judge_temperature}")
+
+
+@dataclass
+class TrainSettings(HubPushSettings, ModelSettings):
     preset: str | None = setting(
         None, "named defaults: 'tiny' is the offline CPU demo, 'smol' SmolLM2-135M; any flag still overrides it"
     )
@@ -106,18 +189,14 @@ class TrainSettings(ModelSettings):
     wandb_project: str | None = setting(None, "Weights & Biases project (also read from WANDB_PROJECT by wandb)")
     # After training
     merge_adaptors: bool = setting(False, "also write a merged, standalone model to <run>/merged")
-    push_to_hub: bool = setting(False, "push the result to the Hugging Face Hub (needs HF_TOKEN)")
-    hub_repo_id: str | None = setting(None, "Hub repo to push to, e.g. you/mistral-7b-dpo")
-    hub_public: bool = setting(False, "make the Hub repo public (private by default)")
     trainer_overrides: str | None = setting(
         None, "JSON object of extra TRL/transformers training arguments, e.g. '{\"optim\": \"paged_adamw_8bit\"}'"
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.eval_split < 0:
             raise ValueError(f"eval_split must be >= 0, got {self.eval_split}")
-        if self.push_to_hub and not self.hub_repo_id:
-            raise ValueError("push_to_hub needs hub_repo_id: pass --hub_repo_id you/name")
 
 
 @dataclass
@@ -166,6 +245,7 @@ class LoTASettings:
 
 @dataclass
 class SFTSettings(LoTASettings, TrainSettings):
+    run_type: ClassVar[str] = "sft"  # recorded in alignkit_config.json (not a flag)
     dataset_id: str = setting(
         "HuggingFaceH4/ultrachat_200k", "Hub dataset id or local .json/.jsonl/.parquet/.csv file or folder"
     )
@@ -180,6 +260,7 @@ class SFTSettings(LoTASettings, TrainSettings):
 
 @dataclass
 class DPOSettings(LoTASettings, TrainSettings):
+    run_type: ClassVar[str] = "dpo"
     dpo_beta: float = setting(0.1, "beta: strength of the pull towards the reference (IPO: its tau)")
     loss_type: list[str] = setting(
         default_factory=lambda: ["sigmoid"],
@@ -210,6 +291,8 @@ class DPOSettings(LoTASettings, TrainSettings):
 @dataclass
 class RewardSettings(TrainSettings):
     """reward.py: a reward model (one-output score head + LoRA) trained on preference pairs."""
+
+    run_type: ClassVar[str] = "reward"
 
     learning_rate: float = setting(1e-5, "peak learning rate (AdamW)")
     loss: str = setting(
@@ -252,7 +335,7 @@ class GenerationSettings(ModelSettings):
 
 
 @dataclass
-class LabelSettings(GenerationSettings):
+class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
     """label.py. The loader settings above apply to every local generator."""
 
     model_id: str = setting(
@@ -299,9 +382,6 @@ class LabelSettings(GenerationSettings):
     judge_model: str | None = setting(
         None, "endpoint model name (default gpt-4o-mini), or for --judge hf a Hub id or folder"
     )
-    judge_base_url: str | None = setting(None, "judge endpoint, e.g. http://localhost:8000/v1; default: "
-                                               "OPENAI_BASE_URL, else the OpenAI API")
-    judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the judge's API key")
     judge_template: str = setting(
         "default", "default, self_reference, or a FastChat judge_prompts.jsonl FILE (FILE#NAME picks one entry)"
     )
@@ -310,34 +390,25 @@ class LabelSettings(GenerationSettings):
     )
     judge_revision: str | None = setting(None, "Hub revision (branch, tag or commit) of a --judge hf model")
     rm_tie_margin: float = setting(0.0, "--judge rm:RUN_FOLDER: a reward difference of at most this is a tie")
-    judge_temperature: float = setting(0.0, "judge sampling temperature")
-    judge_max_tokens: int = setting(1024, "longest judge answer, in tokens (self_reference needs room for its own answer)")
     retry_parse_failures: bool = setting(
         False, "ask the judge again for cached answers without a verdict (otherwise a rerun keeps them, paid once)")
     both_orders: bool = setting(True, "judge every pair in both orders and label it only when they agree")
-    parallel: int = setting(8, "concurrent requests to the judge and to generator endpoints")
-    max_retries: int = setting(5, "retries of a request on 429, 5xx, timeouts (exponential backoff, Retry-After)")
-    request_timeout: float = setting(120.0, "seconds before one request attempt times out")
     # Output
     output: str | None = setting(None, "output .jsonl; default: runs/label-<prompts>/<preferences|completions>.jsonl")
     cache_dir: str | None = setting(None, "cache of responses and judgments a rerun resumes from; default: OUTPUT.cache")
     seed: int = setting(42, "seed for sampling")
-    push_to_hub: bool = setting(False, "push the output as a Hub dataset (needs HF_TOKEN)")
-    hub_repo_id: str | None = setting(None, "Hub dataset repo to push to, e.g. you/rlaif-prefs")
-    hub_public: bool = setting(False, "make the Hub dataset public (private by default)")
 
     def __post_init__(self):
+        super().__post_init__()  # the judge endpoint's and the Hub push's checks
         if self.num_samples == 1 or self.num_samples < 0:
             raise ValueError(f"num_samples must be 0 (off) or >= 2, got {self.num_samples}")
-        for name in ("parallel", "generation_batch_size", "max_new_tokens", "judge_max_tokens"):
+        for name in ("generation_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_retries < 0 or self.request_timeout <= 0 or self.temperature < 0:
-            raise ValueError("max_retries and temperature must be >= 0, request_timeout > 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.rm_tie_margin < 0:
             raise ValueError(f"rm_tie_margin must be >= 0, got {self.rm_tie_margin}")
-        if self.push_to_hub and not self.hub_repo_id:
-            raise ValueError("push_to_hub needs hub_repo_id: pass --hub_repo_id you/name")
 
 
 # ---------------------------------------------------------------- evaluate.py
@@ -374,7 +445,8 @@ class VibesSettings(EvalSettings):
         None, "named defaults: 'tiny' or 'smol' (SmolLM2-135M) asks that model its own prompts"
     )
     compare_to: str | None = setting(None, "second model (Hub id, folder, adapter or merged folder) shown beside the first")
-    prompts: list[str] = setting([], "prompts to ask, each one quoted: --prompts \"Hi!\" \"Name three fruits.\"")
+    prompts: list[str] = setting([], "prompts to ask, each one quoted: --prompts \"Hi!\" \"Name three fruits.\"",
+                                 whole=True)
     prompts_file: str | None = setting(None, "JSONL of {\"prompt\": ...} rows, or a .txt file with one prompt a line")
     system_prompt: str | None = setting(None, "system message put before every prompt")
     max_new_tokens: int = setting(256, "longest answer, in tokens")
@@ -383,7 +455,7 @@ class VibesSettings(EvalSettings):
 
 
 @dataclass
-class MTBenchSettings(EvalSettings):
+class MTBenchSettings(JudgeAnswerSettings, EvalSettings):
     """evaluate.py mt_bench: answers to MT-Bench, judged pairwise by an OpenAI-compatible model through FastChat."""
 
     model_id: str = _field(default="", init=False)  # the models come from --models; the loader settings apply to each
@@ -395,16 +467,9 @@ class MTBenchSettings(EvalSettings):
     )
     baseline: str | None = setting(None, "NAME of the baseline model; default: the first of --models")
     judge_model: str | None = setting(None, "judge model name at the endpoint, e.g. gpt-4o (required)")
-    judge_base_url: str | None = setting(
-        None, "OpenAI-compatible judge endpoint, e.g. http://localhost:8000/v1; default: OPENAI_BASE_URL, else OpenAI"
-    )
-    judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the judge's API key")
-    judge_max_tokens: int = setting(2048, "longest judge answer, in tokens (FastChat's value)")
     retry_parse_failures: bool = setting(
         False, "judge again the matches whose recorded verdict could not be parsed (otherwise a rerun keeps them)")
-    parallel: int = setting(1, "concurrent requests to the judge")
-    max_retries: int = setting(3, "retries of a judge request on 429, 5xx, timeouts (the client's backoff, Retry-After)")
-    request_timeout: float = setting(120.0, "seconds before one judge request attempt times out")
+    parallel: int = setting(1, "concurrent requests to the judge (FastChat's default: one at a time)")
     mt_bench_data: str | None = setting(
         None, "FastChat's data folder (judge_prompts.jsonl, mt_bench/...); default: download once into the cache"
     )
@@ -414,12 +479,9 @@ class MTBenchSettings(EvalSettings):
     output_dir: str = setting("outputs/mt_bench", "answers, judgments and results go here; a rerun resumes from them")
 
     def __post_init__(self):
-        super().__post_init__()
-        for name in ("parallel", "judge_max_tokens", "bootstrap_rounds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_retries < 0 or self.request_timeout <= 0:
-            raise ValueError("max_retries must be >= 0 and request_timeout > 0")
+        super().__post_init__()  # the judge endpoint's checks, then the generation settings'
+        if self.bootstrap_rounds < 1:
+            raise ValueError(f"bootstrap_rounds must be >= 1, got {self.bootstrap_rounds}")
         if self.max_questions is not None and self.max_questions < 1:
             raise ValueError(f"max_questions must be >= 1, got {self.max_questions}")
         if not self.models:
@@ -451,30 +513,13 @@ class PairwiseSettings(MTBenchSettings):
 
 
 @dataclass
-class JudgeEndpointSettings:
-    """An LLM judge at an OpenAI-compatible endpoint (evaluate.py alpaca_eval)."""
-
-    judge_model: str | None = setting(
-        None, "judge model name at the endpoint; default: the annotator config's own (e.g. gpt-4-1106-preview)"
-    )
-    judge_base_url: str | None = setting(
-        None, "OpenAI-compatible judge endpoint, e.g. http://localhost:8000/v1; default: OPENAI_BASE_URL, else OpenAI"
-    )
-    judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the judge's API key")
-    parallel: int = setting(8, "concurrent requests to the judge")
-    max_retries: int = setting(3, "retries of a judge request on 429, 5xx, timeouts (the client's backoff)")
-    request_timeout: float = setting(120.0, "seconds before one judge request attempt times out")
-
-    def check_judge(self):
-        if self.parallel < 1 or self.max_retries < 0 or self.request_timeout <= 0:
-            raise ValueError("parallel must be >= 1, max_retries >= 0 and request_timeout > 0")
-
-
-@dataclass
 class AlpacaEvalSettings(JudgeEndpointSettings, EvalSettings):
     """evaluate.py alpaca_eval: AlpacaEval win rates against reference outputs, judged by alpaca_eval itself."""
 
     preset: str | None = setting(None, "named defaults: 'tiny' runs the whole flow offline with the rule judge")
+    judge_model: str | None = setting(
+        None, "judge model name at the endpoint; default: the annotator config's own (e.g. gpt-4-1106-preview)"
+    )
     model_name: str | None = setting(None, "the generator's name in outputs and leaderboard; default: model folder name")
     eval_set: str | None = setting(
         None, "JSON/JSONL rows with an `instruction` field; default: AlpacaEval's 805 (Hub tatsu-lab/alpaca_eval)"
@@ -503,14 +548,13 @@ class AlpacaEvalSettings(JudgeEndpointSettings, EvalSettings):
     output_dir: str = setting("outputs/alpaca_eval", "outputs, annotations, leaderboard and summary; reruns resume")
 
     def __post_init__(self):
-        super().__post_init__()
-        self.check_judge()
+        super().__post_init__()  # the judge endpoint's checks, then the generation settings'
         if self.max_instances is not None and self.max_instances < 1:
             raise ValueError(f"max_instances must be >= 1, got {self.max_instances}")
 
 
 @dataclass
-class MergeSettings:
+class MergeSettings(HubPushSettings):
     """merge.py: adapters merged into their base, checked, saved, and optionally pushed."""
 
     preset: str | None = setting(None, "named defaults: 'tiny' merges runs/tiny-dpo, 'smol' runs/smol-dpo")
@@ -527,26 +571,24 @@ class MergeSettings:
     )
     max_shard_size: str = setting("5GB", "largest safetensors shard")
     trust_remote_code: bool = setting(False, "run custom model code shipped with the checkpoint; off unless asked")
-    push_to_hub: bool = setting(False, "push to the Hugging Face Hub (needs HF_TOKEN)")
     push: str = setting("merged", "what to push: the merged model, or the adapter alone", choices=["merged", "adapter"])
-    hub_repo_id: str | None = setting(None, "Hub repo to push to, e.g. you/mistral-7b-dpo")
-    hub_public: bool = setting(False, "make the Hub repo public (private by default)")
 
     def __post_init__(self):
         if not self.adapter_dir:
             raise ValueError("pass the adapter to merge: --adapter_dir RUN_FOLDER (or --preset tiny)")
-        if self.push_to_hub and not self.hub_repo_id:
-            raise ValueError("push_to_hub needs hub_repo_id: pass --hub_repo_id you/name")
+        super().__post_init__()
 
 
 # ---------------------------------------------------------------- rl.py
 @dataclass
-class RLSettings(TrainSettings, GenerationSettings):
+class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
     """rl.py: online GRPO/RLOO on a LoRA policy, rewarded by a rule, a judge, a reward model or a function.
 
     The prompts come from --dataset_id (a file or Hub dataset of prompts, read as label.py reads --prompts).
-    The judge settings carry label.py's names and meanings, so the judgment cache keys are built alike.
+    The judge settings are label.py's group (JudgeAnswerSettings), so the judgment cache keys are built alike.
     """
+
+    run_type: ClassVar[str] = "rl"
 
     dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
                                                                        "or Hub dataset id (read like label.py --prompts)")
@@ -573,9 +615,6 @@ class RLSettings(TrainSettings, GenerationSettings):
                                            "[0, 1]; pairwise: against --reference_completions, [[A]]/[[B]]/[[C]] is "
                                            "0/1/0.5", choices=["pointwise", "pairwise"])
     judge_model: str | None = setting(None, "judge model name at the OpenAI-compatible endpoint (default gpt-4o-mini)")
-    judge_base_url: str | None = setting(None, "judge endpoint, e.g. http://localhost:8000/v1; default: "
-                                               "OPENAI_BASE_URL, else the OpenAI API")
-    judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the judge's API key")
     judge_template: str = setting(
         "default", "pointwise: default (FastChat single-v1) or a judge_prompts.jsonl FILE#NAME of type single; "
         "pairwise: as label.py's --judge_template")
@@ -585,11 +624,6 @@ class RLSettings(TrainSettings, GenerationSettings):
         None, "pairwise judging: a file of prompt + response rows, the reference each completion is judged against")
     response_field: str = setting("auto", "response column of --reference_completions; auto: response, completion, "
                                           "output or answer")
-    judge_temperature: float = setting(0.0, "judge sampling temperature")
-    judge_max_tokens: int = setting(1024, "longest judge answer, in tokens")
-    parallel: int = setting(8, "concurrent requests to the judge")
-    max_retries: int = setting(5, "retries of a judge request on 429, 5xx, timeouts (exponential backoff)")
-    request_timeout: float = setting(120.0, "seconds before one judge request attempt times out")
     judge_cache: str | None = setting(None, "judgment cache folder (label.py's format); default: <run>/judge.cache")
 
     def __post_init__(self):
@@ -597,8 +631,8 @@ class RLSettings(TrainSettings, GenerationSettings):
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (advantages compare completions of one prompt), got "
                              f"{self.num_generations}")
-        if self.beta < 0 or self.max_completion_length < 1 or self.parallel < 1:
-            raise ValueError("beta must be >= 0, max_completion_length and parallel >= 1")
+        if self.beta < 0 or self.max_completion_length < 1:
+            raise ValueError("beta must be >= 0 and max_completion_length >= 1")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward)} rewards "
                              f"{self.reward}")

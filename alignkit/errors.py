@@ -22,6 +22,11 @@ class UserError(ValueError):
     """
 
 
+class EndpointRefused(UserError, RuntimeError):
+    """An endpoint refused a request outright (a bad key, base URL or model name): every further request would be
+    refused too, so the run stops, and the user fixes the setting. A RuntimeError too, as it was before."""
+
+
 def debugging() -> bool:
     """--debug on the command line, or ALIGNKIT_DEBUG=1: show tracebacks of user errors too."""
     return "--debug" in sys.argv[1:] or os.environ.get("ALIGNKIT_DEBUG", "").lower() in ("1", "true", "yes", "on")

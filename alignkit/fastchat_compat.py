@@ -154,10 +154,10 @@ def judging_with(client, on_error=None):
     common, _ = load()
 
     def chat_completion_openai(model, conv, temperature, max_tokens, api_dict=None):  # point 2
-        # FastChat's temperature (0) is kept; the answer length is the client's (--judge_max_tokens, FastChat's
-        # 2048 by default), since FastChat hard-codes it.
+        # Temperature and answer length are the client's (--judge_temperature, --judge_max_tokens), whose defaults
+        # are FastChat's (0 and 2048), since FastChat hard-codes them.
         try:
-            return client.complete(conv.to_openai_api_messages(), temperature=temperature)
+            return client.complete(conv.to_openai_api_messages())
         except (openai.APIError, ValueError, LookupError) as e:  # also a 200 whose body is not JSON, or no choices
             if on_error is not None:
                 on_error(e)

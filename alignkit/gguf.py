@@ -27,13 +27,14 @@ import tempfile
 from pathlib import Path
 
 from . import logger
+from .journal import write_atomic
 
 CONVERTER = "v1"  # bump when the conversion below changes what it writes
 DONE = "gguf_source.json"  # written last into a converted folder: its presence means the folder is whole
 
 
 def cache_root() -> Path:
-    from .presets import cache_dir
+    from .paths import cache_dir
 
     return cache_dir() / "gguf"
 
@@ -100,16 +101,8 @@ def content_hash(path: Path) -> str:
             digest.update(block)
     value = f"{stat.st_size}-{digest.hexdigest()}"
     memo[key] = value
-    _write_atomic(memo_file, json.dumps(memo, indent=1))
+    write_atomic(memo_file, json.dumps(memo, indent=1))
     return value
-
-
-def _write_atomic(file: Path, text: str) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}-", dir=file.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, file)
 
 
 def architecture(path: Path) -> str:

@@ -125,6 +125,9 @@ def describe_base(folder) -> tuple[str | None, str, list[str]]:
     return None, f"a local model ({kind + '; ' if kind else ''}folder `{Path(base).name}`)", under
 
 
+RUN_TYPES = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model"}  # rl: GRPO or RLOO, from its --algo
+
+
 def model_card(folder, repo_id: str | None = None) -> str:
     """README.md for a merged model or an adapter folder, from the files the run left there.
 
@@ -140,7 +143,14 @@ def model_card(folder, repo_id: str | None = None) -> str:
     hub_base, base_text, under = describe_base(folder)
     where = repo_id or f"path/to/{folder.name}"
     dataset = settings.get("dataset_id", "")
-    stage = "DPO" if "dpo_beta" in settings else "SFT" if settings else "merged adapters"
+    # The run type training recorded (alignkit.training.save_run_config); merged adapters have no settings.
+    run_type = settings.get("run_type")
+    if not settings:
+        stage = "merged adapters"
+    elif run_type == "rl":
+        stage = (settings.get("algo") or run_type).upper()
+    else:
+        stage = RUN_TYPES.get(run_type, "Fine-tuning")
     header = ["---", f"base_model: {hub_base}" if hub_base else None,
               f"datasets:\n- {dataset}" if dataset.count("/") == 1 and not Path(dataset).exists() else None,
               f"library_name: {'peft' if is_adapter else 'transformers'}",
@@ -195,6 +205,22 @@ def check_pushable(folder) -> None:
         f"--merge_adaptors when training), or push that base first ({first}) and set base_model_name_or_path in "
         f"{folder / 'adapter_config.json'} to its repo id"
     )
+
+
+def push_dataset(jsonl_path, repo_id: str, private: bool = True) -> str:
+    """Push a JSONL file (label.py's output) as a Hub dataset, private unless asked; returns its URL."""
+    from datasets import Dataset
+
+    from .data import DataError
+
+    path = Path(jsonl_path)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise DataError(f"{path} has no rows to push: label some first (or drop --push_to_hub)")
+    Dataset.from_list(rows).push_to_hub(repo_id, private=private, token=require_token())
+    url = f"https://huggingface.co/datasets/{repo_id}"
+    logger.info(f"pushed {len(rows)} rows to {url} ({'private' if private else 'public'})")
+    return url
 
 
 def push(folder, repo_id: str, private: bool = True) -> str:

@@ -25,13 +25,11 @@ import importlib
 import importlib.util
 import inspect
 import json
-import os
 import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import logger
 from .args import ConfigError
 
 TOKENS = {"A": "[[A]]", "B": "[[B]]", "tie": "[[C]]"}
@@ -219,12 +217,9 @@ class Judge:
 class OpenAIJudge(Judge):
     kind = "openai"
 
-    def __init__(self, model: str, template: Template, base_url=None, api_key_env="OPENAI_API_KEY",
-                 max_retries=5, timeout=120.0, temperature=0.0, max_tokens=1024):
-        from .llm import ChatClient
-
-        super().__init__(f"openai:{model}", template)
-        self.client = ChatClient(model, base_url, api_key_env, max_retries, timeout, temperature, max_tokens)
+    def __init__(self, template: Template, client):
+        super().__init__(f"openai:{client.model}", template)
+        self.client = client  # an alignkit.llm.ChatClient (llm.judge_client)
 
     def identity(self) -> dict:
         # Another server (or --judge_max_tokens, --judge_temperature) answers differently under the same model name.
@@ -347,24 +342,16 @@ def make_judge(s) -> Judge:
         return RMJudge(s.judge, s, s.rm_tie_margin, s.generation_batch_size)
     template = load_template(s.judge_template, s.principle)
     if s.judge == "openai":
-        key_env = s.judge_api_key_env
-        # A variable the user named on purpose must exist; only the default may fall back to "no key".
-        if key_env != "OPENAI_API_KEY" and not os.environ.get(key_env):
-            raise ConfigError(f"--judge_api_key_env {key_env}: the variable {key_env} is not set; put the judge's "
-                              "API key there (or in .env)")
-        try:
-            return OpenAIJudge(s.judge_model or "gpt-4o-mini", template, s.judge_base_url, key_env, s.max_retries,
-                               s.request_timeout, s.judge_temperature, s.judge_max_tokens)
-        except ValueError as e:  # the client's own missing-key message, which names the variable
-            raise ConfigError(f"--judge openai: {e}") from None
+        from .llm import judge_client
+
+        return OpenAIJudge(template, judge_client(s, "gpt-4o-mini", "--judge openai"))
     if s.judge == "hf":
         if not s.judge_model:
             raise ConfigError("--judge hf needs --judge_model: a Hub id or a local model folder")
-        from .config import ModelSettings
+        from .config import loader_settings
 
-        model = ModelSettings(model_id=s.judge_model, revision=s.judge_revision,
-                              trust_remote_code=s.trust_remote_code, quantization=s.quantization, dtype=s.dtype,
-                              attn_implementation=s.attn_implementation, use_liger=s.use_liger)
+        # The generators' --chat_template is for them; the judge model brings its own.
+        model = loader_settings(s, s.judge_model, revision=s.judge_revision, chat_template=None)
         return HFJudge(model, template, s.judge_max_tokens, s.judge_temperature, s.generation_batch_size)
     raise ConfigError(f"--judge {s.judge!r}: expected openai, hf, rm:RUN_FOLDER, or python:module:function")
 
@@ -453,7 +440,3 @@ def _hardware() -> str:
     kernels = [k for k in ("flash_attn", "liger_kernel") if importlib.util.find_spec(k) is not None]
     return "+".join([device, *kernels])
 
-
-def log_judge(judge: Judge) -> None:
-    template = f", template {judge.template.name}" if judge.template else ""
-    logger.info(f"judge: {judge.name}{template}")

@@ -1,4 +1,5 @@
-"""label.py's machinery: prompts, response sources and pairs, the crash-safe cache, concurrent judging, output.
+"""label.py's machinery: prompts, response sources and pairs, generation and judging, output. The crash-safe
+cache, the thread pool and the progress bar are alignkit.journal's; the Hub upload is alignkit.hub.push_dataset.
 
 A run writes, next to `--output X.jsonl`:
 - `X.cache/responses.jsonl` and `X.cache/judgments.jsonl`: append-only logs, one JSON line per generated
@@ -15,30 +16,22 @@ A run writes, next to `--output X.jsonl`:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import os
-import queue
 import re
-import sys
-import threading
-import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
 from . import logger
-from .args import ConfigError, is_notebook, redact, save_config
+from .args import ConfigError, redact, save_config
 from .data import DataError, hh_prompt_messages, is_hh_prompt
+from .errors import EndpointRefused
+from . import journal
+from .journal import Progress, batched, threaded, write_json, write_jsonl
 from .judge import Judge, Request, combine, endpoint_identity, is_fatal, loader_identity, make_judge, orders_for
 from .judge import parse_verdict, question_text, winner
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; keeping to one run per cache is then the user's job
-    fcntl = None
 
 RESPONSE_FIELDS = ("response", "completion", "output", "answer")
 ROLES = ("system", "user", "assistant", "tool")
@@ -48,156 +41,12 @@ def digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The on-disk cache
+class AppendLog(journal.AppendLog):
+    """label.py's cache log (alignkit.journal.AppendLog): another run holding it is told how to proceed."""
 
-
-class AppendLog:
-    """An append-only JSONL file of {"key": ..., ...} records, loaded into `records` on open.
-
-    A record is one line written by one write(), flushed and fsync'd before `append` returns, so a SIGKILL can
-    at worst leave a torn last line: it is dropped, and cut off so the next record starts on a clean line. An
-    exclusive lock keeps two runs off one cache (they would pay for the same requests twice).
-    """
-
-    _open: dict[str, "AppendLog"] = {}
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        stale = AppendLog._open.pop(str(self.path.resolve()), None)
-        if stale is not None:  # an earlier run in this process (a notebook cell run again) never closed it
-            stale.close()
-        self._file = open(self.path, "a+b")
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._file.close()
-                raise RuntimeError(f"{self.path} is in use by another label.py run; let it finish, or give this "
-                                   "run its own --output or --cache_dir") from None
-        AppendLog._open[str(self.path.resolve())] = self
-        self.records: dict[str, dict] = {}
-        self._load()
-
-    def _load(self) -> None:
-        self._file.seek(0)
-        lines = self._file.read().split(b"\n")
-        end = 0
-        for number, line in enumerate(lines[:-1], 1):  # every element but the last ended with a newline
-            end += len(line) + 1
-            try:
-                record = json.loads(line)
-                self.records[record["key"]] = record
-            except (ValueError, KeyError, TypeError):
-                if line.strip():
-                    logger.warning(f"{self.path}: line {number} is not a cache record; ignored")
-        if lines[-1]:  # no newline after it: the write was cut short
-            logger.info(f"{self.path}: dropped a torn last line (a run was killed while writing it)")
-            self._file.truncate(end)
-
-    def __contains__(self, key) -> bool:
-        return key in self.records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def get(self, key):
-        return self.records.get(key)
-
-    def append(self, record: dict) -> None:
-        self._file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self.records[record["key"]] = record
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()  # releases the lock
-        AppendLog._open.pop(str(self.path.resolve()), None)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Concurrency and progress
-
-
-def threaded(fn, items, parallel: int):
-    """Yield (item, fn(item) or the exception it raised) as results arrive, `parallel` calls at a time.
-
-    Daemon threads: Ctrl-C ends the process at once rather than waiting for requests in flight. Their answers
-    are lost, which costs nothing but resending them on the next run: nothing was cached for them.
-    """
-    items = list(items)
-    todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
-    for item in items:
-        todo.put(item)
-
-    def work():
-        while not stop.is_set():
-            try:
-                item = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                result = fn(item)
-            except Exception as e:  # noqa: BLE001 - reported to the caller, which counts it
-                result = e
-            done.put((item, result))
-
-    for _ in range(min(parallel, len(items))):
-        threading.Thread(target=work, daemon=True).start()
-    try:
-        for _ in items:
-            yield done.get()
-    finally:
-        stop.set()  # a caller that stops early (a fatal error, Ctrl-C) starts no further requests
-
-
-def batched(fn, items, size: int):
-    """Like `threaded` for a function of a whole batch (a local model): yield (item, result or exception)."""
-    items = list(items)
-    for start in range(0, len(items), size):
-        chunk = items[start:start + size]
-        try:
-            results = fn(chunk)
-        except Exception as e:  # noqa: BLE001
-            results = [e] * len(chunk)
-        yield from zip(chunk, results)
-
-
-class Progress:
-    """A tqdm bar on a terminal or in a notebook; elsewhere (CI logs) a log line every 30 seconds."""
-
-    def __init__(self, what: str, total: int, done: int = 0, unit: str = "pair"):
-        self.what, self.total, self.done, self.unit, self.errors = what, total, done, unit, 0
-        self._start, self._start_done = time.monotonic(), done
-        self._last = self._start
-        self.bar = None
-        if total and (sys.stderr.isatty() or is_notebook()):
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=done, desc=what, unit=unit, dynamic_ncols=True)
-            self.bar.set_postfix(errors=0)
-
-    def update(self, n: int = 1, errors: int | None = None) -> None:
-        self.done += n
-        self.errors = self.errors if errors is None else errors
-        if self.bar is not None:
-            self.bar.set_postfix(errors=self.errors, refresh=False)
-            self.bar.update(n)
-        elif time.monotonic() - self._last >= 30:
-            self._last = time.monotonic()
-            self._log()
-
-    def _log(self) -> None:
-        rate = (self.done - self._start_done) / max(time.monotonic() - self._start, 1e-9)
-        logger.info(f"{self.what}: {self.done}/{self.total} {self.unit}s, {rate:.1f}/s, {self.errors} errors")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.total:
-            self._log()
+    def __init__(self, path, owner: str = "label.py",
+                 fix: str = "let it finish, or give this run its own --output or --cache_dir"):
+        super().__init__(path, owner, fix)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,15 +128,8 @@ def _endpoint(spec: str, s):
     model = spec.removeprefix("openai:")
     if not model:
         raise ConfigError(f"{spec!r}: name the endpoint's model after openai:, e.g. openai:gpt-4o-mini")
-    key_env = s.generation_api_key_env
-    if key_env != "OPENAI_API_KEY" and not os.environ.get(key_env):
-        raise ConfigError(f"--generation_api_key_env {key_env}: the variable {key_env} is not set; put the API "
-                          "key there (or in .env)")
-    try:
-        return ChatClient(model, s.generation_base_url, key_env, s.max_retries, s.request_timeout, s.temperature,
-                          s.max_new_tokens)
-    except ValueError as e:  # the client's missing-key message, which names the variable
-        raise ConfigError(f"generator {spec}: {e}") from None
+    return ChatClient(model, s.generation_base_url, s.generation_api_key_env, s.max_retries, s.request_timeout,
+                      s.temperature, s.max_new_tokens, what=f"generator {spec} (--generation_api_key_env)")
 
 
 def _slug(text: str) -> str:
@@ -511,8 +353,9 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
 
 def _loader_settings(run: Run, spec: str):
     """The loader settings of local generator `spec`: what loads it, and what its cache key describes."""
-    s = run.settings
-    return dataclasses.replace(s, model_id=spec, revision=s.revision if spec == s.model_id else None)
+    from .config import loader_settings
+
+    return loader_settings(run.settings, spec)
 
 
 def _load_generator(run: Run, spec: str):
@@ -545,7 +388,7 @@ def _generate_endpoint(run: Run, spec: str, cells, prompts):
     extra = {"top_p": s.top_p} if s.top_p < 1 else {}
     for cell, result in threaded(lambda c: client.complete(prompts[c[1]].messages, **extra), cells, s.parallel):
         if isinstance(result, Exception) and is_fatal(result):
-            raise RuntimeError(f"generator {spec} refused the request: {redact(str(result))}. Check the key, "
+            raise EndpointRefused(f"generator {spec} refused the request: {redact(str(result))}. Check the key, "
                                "--generation_base_url and the model name.") from None
         yield cell, result
 
@@ -639,7 +482,7 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
         for request, result in stream:
             if isinstance(result, Exception):
                 if judge.fatal(result):
-                    raise RuntimeError(f"the judge refused the request: {redact(str(result))}. Check the API key, "
+                    raise EndpointRefused(f"the judge refused the request: {redact(str(result))}. Check the API key, "
                                        "--judge_base_url (it usually ends in /v1) and --judge_model.") from None
                 run.errors[request.key] = result
                 _report(result, "judge request", len(run.errors))
@@ -663,16 +506,6 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
 # Output and summary
 
 
-def _atomic_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
 def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
@@ -690,7 +523,7 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                     run.stats["empty completion"] += 1
                 else:
                     rows.append({"prompt": prompt.messages, "completion": _assistant(text), "generator": source.name})
-        _atomic_jsonl(run.output, rows)
+        write_jsonl(run.output, rows)  # readers see the old file or the new one, never half of one
         summary = _completion_summary(run, prompts, rows)
     else:
         rows, outcomes, verdicts = [], Counter(), []
@@ -715,14 +548,12 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                     "judge_template": run.judge.template.name if run.judge.template else None, "verdicts": named,
                     **_label_fields(run, pair, outcome),
                 })
-        _atomic_jsonl(run.output, rows)
+        write_jsonl(run.output, rows)
         summary = _pair_summary(run, prompts, pairs, outcomes, verdicts, rows)
         if pairs and not rows:
             logger.warning("no pair was labeled: the summary shows why (ties, disagreements between the orders, "
                            "answers without a verdict, errors)")
-    tmp = run.summary_path.with_name(f".{run.summary_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, run.summary_path)
+    write_json(run.summary_path, summary)
     return summary
 
 
@@ -801,19 +632,3 @@ def format_summary(summary: dict) -> str:
         else:
             lines.append(f"{label:<32} {show(value)}")
     return "\n".join(lines)
-
-
-def push_dataset(run: Run) -> str:
-    """Push the output as a Hub dataset (private unless --hub_public)."""
-    from datasets import Dataset
-
-    from .hub import require_token
-
-    s = run.settings
-    rows = [json.loads(line) for line in run.output.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"{run.output} has no rows to push")
-    Dataset.from_list(rows).push_to_hub(s.hub_repo_id, private=not s.hub_public, token=require_token())
-    url = f"https://huggingface.co/datasets/{s.hub_repo_id}"
-    logger.info(f"pushed {len(rows)} rows to {url} ({'public' if s.hub_public else 'private'})")
-    return url

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import logger
-from .config import ModelSettings
+from .config import ModelSettings, loader_settings
 from .errors import UserError
 
 # Max |logit difference| accepted between the merged and the unmerged model, relative to the largest |logit|
@@ -112,14 +112,12 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
 def lota_expected_logits(loaded, batch, settings):
     """Logits of the base with the LoTA deltas unmerged: each targeted weight computed as W + D in the forward pass
     (alignkit.lota.SparseDelta), the independent route the merged weights are checked against."""
-    from dataclasses import replace
-
     from torch.nn.utils import parametrize
 
     from . import lota
     from .models import load_model
 
-    base = load_model(replace(settings, model_id=loaded.base_id), full_precision=True).model
+    base = load_model(loader_settings(settings, loaded.base_id), full_precision=True).model
     for folder in loaded.deltas:  # stacked parametrizations: W + D_1 + D_2 ... in every forward pass
         delta, shapes = lota.read_delta(folder)
         modules = lota.target_modules(base, [n.rsplit(".", 1)[-1] for n in shapes])

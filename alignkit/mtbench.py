@@ -21,15 +21,14 @@ import hashlib
 import json
 import os
 import re
-import threading
 import time
 import urllib.request
 import uuid
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from . import logger
 from .args import ConfigError
+from .journal import append_jsonl, read_jsonl, threaded, write_atomic
 
 QUESTIONS = "mt_bench/question.jsonl"
 JUDGE_PROMPTS = "judge_prompts.jsonl"
@@ -98,17 +97,14 @@ def download(target) -> Path:
         if got != digest:
             raise ConfigError(f"{url} does not match its pinned checksum (sha256 {got}, expected {digest}): FastChat "
                               f"changed the file or the download is corrupt. Nothing was saved; {how}")
-        file.parent.mkdir(parents=True, exist_ok=True)
-        partial = file.with_name(file.name + ".partial")
-        partial.write_bytes(data)
-        os.replace(partial, file)  # never a half-written file under the real name
+        write_atomic(file, data)  # never a half-written file under the real name
     return target
 
 
 def data_dir(mt_bench_data: str | None) -> Path:
     """The FastChat data folder to use: the one given (checked for its files) or the checked download."""
     if mt_bench_data is None:
-        from .presets import cache_dir
+        from .paths import cache_dir
 
         return download(cache_dir() / "fastchat-llm-judge")
     folder = Path(mt_bench_data)
@@ -120,34 +116,6 @@ def data_dir(mt_bench_data: str | None) -> Path:
         logger.info(f"{folder}: {', '.join(changed)} differ from FastChat's published files; results will not be "
                     "comparable with published MT-Bench numbers")
     return folder
-
-
-def read_jsonl(path, what: str, repair_tail: bool = False) -> list[tuple[int, dict]]:
-    """(line number, object) for each row; a bad row is an error naming the file and line.
-
-    repair_tail: a last line cut short (a run killed mid-write) is dropped from the file instead.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if repair_tail and i == len(lines) and not text.endswith("\n"):
-                logger.info(f"{path}: dropping a last line cut short by an interrupted run")
-                path.write_text(text[: len(text) - len(line)], encoding="utf-8")
-                break
-            raise ConfigError(f"{path}, line {i}: not valid JSON ({e.msg}); {what}") from None
-        if not isinstance(obj, dict):
-            raise ConfigError(f"{path}, line {i}: expected a JSON object, got {type(obj).__name__}; {what}")
-        rows.append((i, obj))
-    return rows
 
 
 def _field(path, line, row, name, kind, fix):
@@ -223,10 +191,7 @@ def check_references(questions, references, need_ref_cats, path) -> None:
 
 def prompt_questions(path) -> list[dict]:
     """Single-turn questions from a prompts file: JSONL rows {"prompt", optional "category" and "question_id"},
-    or a .txt file with one prompt a line. The category defaults to the tiny preset's task category, else
-    "prompts"."""
-    from .presets import category_of
-
+    or a .txt file with one prompt a line. A row without a category counts under "prompts"."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--prompts_file {path} not found; check the path")
@@ -242,8 +207,7 @@ def prompt_questions(path) -> list[dict]:
         if not prompt.strip():
             raise ConfigError(f"{path}, line {line}: field 'prompt' is empty; {fix}")
         qid = _field(path, line, row, "question_id", int, fix) if "question_id" in row else n
-        category = _field(path, line, row, "category", str, fix) if "category" in row else (
-            category_of(prompt) or "prompts")
+        category = _field(path, line, row, "category", str, fix) if "category" in row else "prompts"
         questions.append({"question_id": qid, "category": category, "turns": [prompt]})
     if not questions:
         raise ConfigError(f"{path} holds no prompts; {fix}")
@@ -373,16 +337,14 @@ def generate_answers(generator, questions, name: str, source: str, path, s, key:
                 )
                 for i, out in zip(active, outs):
                     histories[i].append({"role": "assistant", "content": out})
-            with open(path, "a", encoding="utf-8") as f:
-                for q, history in zip(batch, histories):
-                    turns = [m["content"] for m in history if m["role"] == "assistant"]
-                    f.write(json.dumps({
-                        "question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name,
-                        "choices": [{"index": 0, "turns": turns}], "tstamp": time.time(),
-                        "source": source, "generation": {"temperature": temperature, "top_p": s.top_p,
-                                                         "num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens},
-                        **({"settings_key": key} if key else {}),
-                    }) + "\n")
+            append_jsonl(path, [{  # each batch journaled as it finishes: a crash keeps every batch before it
+                "question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name,
+                "choices": [{"index": 0, "turns": [m["content"] for m in history if m["role"] == "assistant"]}],
+                "tstamp": time.time(), "source": source,
+                "generation": {"temperature": temperature, "top_p": s.top_p, "num_beams": s.num_beams,
+                               "max_new_tokens": s.max_new_tokens},
+                **({"settings_key": key} if key else {}),
+            } for q, history in zip(batch, histories)])
             answered += len(batch)
             logger.info(f"{name}: {answered}/{len(todo)} questions answered")
     return answered
@@ -465,27 +427,20 @@ def judge_matches(matches, play, path, judge_identity: dict, parallel: int = 1) 
     Each record is appended to `path` as soon as it arrives, so an interrupted run keeps every verdict so far.
     judge_identity: who judges under which settings (see judge_key), stamped on each record.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    records, lock = [], threading.Lock()
-
     def run(match):
         record = play(match)
         record["answer_ids"] = _answer_ids(match)  # a later rerun re-judges the match if its answers change
         record["judge_key"] = judge_key(match, judge_identity)  # ... and if the judge or its settings change
-        with lock, open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(path, [record])
         return record
 
     if parallel == 1:
         return [run(m) for m in matches]
-    pool = ThreadPoolExecutor(parallel)
-    futures = [pool.submit(run, m) for m in matches]
-    try:
-        for future in as_completed(futures):
-            records.append(future.result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: drop queued matches, let running ones finish
+    records = []
+    for _, result in threaded(run, matches, parallel, stop_on_error=True):  # no match starts after a failure
+        if isinstance(result, BaseException):
+            raise result
+        records.append(result)
     return records
 
 

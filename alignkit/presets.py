@@ -27,8 +27,9 @@ import tempfile
 from pathlib import Path
 
 from . import logger
+from .paths import cache_dir
 
-VERSION = "tiny-v2"  # bump when the recipe below changes, so stale caches are rebuilt
+VERSION = "tiny-v3"  # bump when the recipe below changes, so stale caches are rebuilt (v3: prompts name their category)
 CATEGORIES = {
     "colors": "red blue green yellow purple orange pink brown black white",
     "animals": "cat dog horse cow sheep goat tiger lion bear wolf",
@@ -50,10 +51,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 SIZES = {"pretrain": 4000, "sft": 1200, "preferences": 1200, "prompts": 64}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
 
 
 def tiny_dir() -> Path:
@@ -194,8 +191,8 @@ def make_data(seed: int = 0) -> dict[str, list[dict]]:
             "rejected": [{"role": "assistant", "content": _answer(rng, cat, 0.0, n_wrong=rng.randint(1, 3))}],
         })
     for _ in range(SIZES["prompts"]):
-        _, prompt = _prompt(rng)
-        data["prompts"].append({"prompt": prompt})
+        category, prompt = _prompt(rng)
+        data["prompts"].append({"prompt": prompt, "category": category})  # evaluate.py pairwise groups by it
     return data
 
 

@@ -43,7 +43,7 @@ ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 def cache_root() -> Path:
-    from .presets import cache_dir
+    from .paths import cache_dir
 
     return cache_dir() / "ref_logps"
 

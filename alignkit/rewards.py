@@ -60,17 +60,14 @@ class RewardModel:
     """A loaded reward model as a callable: reward(prompts, answers) -> one float per answer."""
 
     def __init__(self, folder: str, batch_size: int = 16, max_length: int | None = None, settings=None):
-        from .config import ModelSettings
+        from .config import ModelSettings, loader_settings
         from .models import load_model
 
         if not Path(folder).exists() and folder.count("/") != 1:
             raise ConfigError(f"{PREFIX}{folder}: no such folder; pass a reward.py run folder (or its merged/ "
                               "folder), e.g. rm:runs/tiny-reward")
-        base = settings or ModelSettings()
-        model_settings = ModelSettings(
-            model_id=folder, trust_remote_code=base.trust_remote_code, quantization=base.quantization,
-            dtype=base.dtype, attn_implementation=base.attn_implementation, use_liger="false",
-        )
+        # A score head needs no chat template of the generators', nor Liger's fused LM-head loss.
+        model_settings = loader_settings(settings or ModelSettings(), folder, chat_template=None, use_liger="false")
         self.folder, self.batch_size, self.max_length = folder, batch_size, max_length
         self.loaded = load_model(model_settings, reward=True)
 

@@ -31,6 +31,7 @@ baseline and gives it advantage 0, so it moves the policy only through the KL te
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import re
@@ -43,6 +44,7 @@ import torch
 
 from . import logger
 from .args import ConfigError, redact
+from .errors import EndpointRefused
 
 # FastChat llm_judge's single-answer grading prompt "single-v1" (judge_prompts.jsonl), word for word.
 SINGLE_V1 = {
@@ -162,41 +164,32 @@ class JudgeReward:
     """
 
     def __init__(self, s, cache_dir: Path):
-        from .judge import endpoint_identity, load_template, make_judge
-        from .labeling import AppendLog
-        from .llm import ChatClient
+        from .judge import endpoint_identity, make_judge
+        from .journal import AppendLog
+        from .llm import judge_client
 
         self.__name__ = f"judge_{s.judge_mode}"
         self.s, self.stats = s, Counter()
-        key_env = s.judge_api_key_env
-        import os
-
-        if key_env != "OPENAI_API_KEY" and not os.environ.get(key_env):
-            raise ConfigError(f"--judge_api_key_env {key_env}: the variable {key_env} is not set; put the judge's "
-                              "API key there (or in .env)")
         if s.judge_mode == "pairwise":
             # label.py's own judge, so the keys, template handling and verdict parsing are label.py's.
-            judge_settings = SimpleNamespace(
-                judge="openai", judge_template=s.judge_template, principle=s.principle, judge_api_key_env=key_env,
-                judge_model=s.judge_model, judge_base_url=s.judge_base_url, max_retries=s.max_retries,
-                request_timeout=s.request_timeout, judge_temperature=s.judge_temperature,
-                judge_max_tokens=s.judge_max_tokens)
+            from .config import JudgeAnswerSettings
+
+            endpoint = {f.name: getattr(s, f.name) for f in dataclasses.fields(JudgeAnswerSettings)}
+            judge_settings = SimpleNamespace(judge="openai", judge_template=s.judge_template, principle=s.principle,
+                                             **endpoint)
             self.judge = make_judge(judge_settings)
             self.identity = self.judge.identity()
             self.references = self._references(s)
         else:
             self.template = self._single_template(s.judge_template)
-            try:
-                self.client = ChatClient(s.judge_model or "gpt-4o-mini", s.judge_base_url, key_env, s.max_retries,
-                                         s.request_timeout, s.judge_temperature, s.judge_max_tokens)
-            except ValueError as e:  # the client's missing-key message names the variable
-                raise ConfigError(f"--reward judge: {e}") from None
+            self.client = judge_client(s, "gpt-4o-mini", "--reward judge")
             from .judge import _digest
 
             self.identity = {"judge": f"openai:{self.client.model}", "mode": "single",
                              "template": _digest([self.template["system_prompt"], self.template["prompt_template"]]),
                              **endpoint_identity(self.client)}
-        self.cache = AppendLog(cache_dir / "judgments.jsonl")
+        self.cache = AppendLog(cache_dir / "judgments.jsonl", "rl.py",
+                               "let it finish, or give this run its own --judge_cache or run folder")
 
     @staticmethod
     def _single_template(spec: str) -> dict:
@@ -280,7 +273,7 @@ class JudgeReward:
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
         from .judge import is_fatal
-        from .labeling import threaded
+        from .journal import threaded
 
         per_row, needed = [], {}
         for prompt, completion in zip(prompts, completions, strict=True):
@@ -297,7 +290,7 @@ class JudgeReward:
         for (key, _), result in threaded(self._ask, needed.values(), self.s.parallel):
             if isinstance(result, Exception):
                 if is_fatal(result):
-                    raise RuntimeError(f"the judge refused the request: {redact(str(result))}. Check the API key, "
+                    raise EndpointRefused(f"the judge refused the request: {redact(str(result))}. Check the API key, "
                                        "--judge_base_url (it usually ends in /v1) and --judge_model.") from None
                 self.stats["failed"] += 1
                 if self.stats["failed"] <= 3:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import logger
 from .args import config_to_dict
+from .journal import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]  # the scripts live at the repository's top level
 ROUND_FILE = "round.json"
@@ -120,9 +121,7 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
     record = {"round": r, "policy": str(dpo), "started_from": policy, "win_rate": rate, "ci95": ci,
               "win": overall["win"], "loss": overall["loss"], "tie": overall["tie"],
               "pairs": sum(1 for _ in preferences.open()), "label_summary": summary}
-    tmp = here / f".{ROUND_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, here / ROUND_FILE)  # the round counts as done only once this file is whole
+    write_atomic(here / ROUND_FILE, json.dumps(record, indent=2))  # the round is done only once this file is whole
     return record
 
 

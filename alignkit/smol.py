@@ -55,7 +55,7 @@ def model_id() -> str:
 
 
 def smol_dir() -> Path:
-    from .presets import cache_dir
+    from .paths import cache_dir
 
     return cache_dir() / VERSION
 
@@ -152,7 +152,7 @@ def ensure(settings) -> None:
         file = Path(paths()[key])
         if file.is_file():
             continue
-        from .gguf import _write_atomic
+        from .journal import write_atomic
 
-        _write_atomic(file, "".join(json.dumps({"prompt": r["prompt"], "category": r["category"]}) + "\n"
-                                    for r in rows if r["split"] == split))
+        write_atomic(file, "".join(json.dumps({"prompt": r["prompt"], "category": r["category"]}) + "\n"
+                                   for r in rows if r["split"] == split))

@@ -216,7 +216,7 @@ def loss_mask_settings(train_on: str, dataset, tokenizer) -> dict:
         except Exception:  # noqa: BLE001 - TRL raises for templates it has no training version of
             supported = False
     if not supported and train_on == "completions":
-        raise ValueError(
+        raise ConfigError(
             "--train_on completions needs a chat template with {% generation %} markers around assistant turns; "
             "pass one with --chat_template FILE, or use --train_on all"
         )

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import logger, quiet_library_noise
-from .args import ConfigError, config_to_dict, redact, save_config
+from .args import ConfigError, config_to_dict, redact
 from .errors import UserError
 
 CONFIG_FILE = "alignkit_config.json"
@@ -37,6 +37,15 @@ FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised aft
 _NOT_TRAINING = {
     "resume", "merge_adaptors", "push_to_hub", "hub_repo_id", "hub_public", "report_to", "wandb_project",
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size", "output_dir",
+    "run_type",  # recorded beside the settings (save_run_config); the run folder's name already holds the stage
+}
+# A stage's settings that are TRL config fields (alignkit name -> TRL name): passed wherever both the settings and
+# the TRL config class have them, as the shared fields are, so no script maps them by hand.
+STAGE_FIELDS = {
+    "dpo_beta": "beta", "loss_type": "loss_type", "loss_weights": "loss_weights", "label_smoothing": "label_smoothing",
+    "precompute_ref_log_probs": "precompute_ref_log_probs",  # DPOConfig
+    "packing": "packing",  # SFTConfig
+    "center_rewards_coefficient": "center_rewards_coefficient",  # RewardConfig
 }
 
 
@@ -158,8 +167,15 @@ def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
         shutil.move(str(folder), aside)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / FAILED_FILE).unlink(missing_ok=True)
-    save_config(s, folder / CONFIG_FILE)
+    save_run_config(s, folder / CONFIG_FILE)
     return aside
+
+
+def save_run_config(s, path: Path) -> None:
+    """alignkit_config.json: the resolved settings (secrets redacted) and the run type (`run_type` of the settings
+    class: sft, dpo, reward, rl), so a model card states what the run was instead of guessing it."""
+    data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None)}
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
@@ -226,13 +242,19 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, **stage_kwargs):
         # autograd graph after every backward looking for unused parameters (with reentrant gradient checkpointing
         # it even fails). Every LoRA parameter is used in every step.
         kwargs["ddp_find_unused_parameters"] = False
-    if dataclasses.is_dataclass(config_cls) and "max_length" not in {f.name for f in dataclasses.fields(config_cls)}:
+    # A config class that is no dataclass (a test's stand-in) takes the shared fields as they are.
+    trl_fields = {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else set(kwargs)
+    for name, trl_name in STAGE_FIELDS.items():
+        if hasattr(s, name) and trl_name in trl_fields and trl_name not in stage_kwargs:
+            kwargs[trl_name] = getattr(s, name)
+    if "max_length" not in trl_fields:
         kwargs.pop("max_length")  # GRPOConfig/RLOOConfig bound prompt and completion lengths separately
     if s.trainer_overrides:
         try:
             extra = json.loads(s.trainer_overrides)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--trainer_overrides is not valid JSON: {e}") from e
+            raise ConfigError(f"--trainer_overrides is not valid JSON: {e}; pass a JSON object, e.g. "
+                              "'{\"optim\": \"paged_adamw_8bit\"}'") from e
         kwargs.update(extra)
     args = config_cls(**kwargs)
     one_gpu_per_process(args, config_cls)

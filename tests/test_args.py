@@ -3,6 +3,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -438,3 +439,78 @@ def test_preset_default_from_dataclass():
     assert parse_config(WithPreset, args=["--preset", ""], env_file=None, presets=presets).seed == 0
     with pytest.raises(ConfigError, match=r"preset 'small' sets unknown field 'sed'"):
         parse_config(WithPreset, args=[], env_file=None, presets={"small": {"sed": 1}})
+
+
+# ---------------------------------------------------------------- shared settings groups, by composition
+def test_judge_and_hub_settings_are_one_group_each_with_one_default_and_one_check():
+    from dataclasses import fields
+
+    from alignkit import config
+
+    judged = [config.LabelSettings, config.MTBenchSettings, config.PairwiseSettings, config.AlpacaEvalSettings,
+              config.RLSettings]
+    for cls in judged:
+        assert issubclass(cls, config.JudgeEndpointSettings), cls
+        defaults = {f.name: f.default for f in fields(cls)}
+        assert defaults["max_retries"] == 5 and defaults["request_timeout"] == 120.0, cls
+        if cls is not config.AlpacaEvalSettings:  # alpaca_eval's annotator config sets its own answer length
+            assert defaults["judge_max_tokens"] == 2048, cls
+    for cls, needed in [(config.DPOSettings, {}), (config.SFTSettings, {}), (config.LabelSettings, {}),
+                        (config.MergeSettings, {"adapter_dir": "x"}), (config.RewardSettings, {})]:
+        assert issubclass(cls, config.HubPushSettings), cls
+        with pytest.raises(ConfigError, match="push_to_hub needs hub_repo_id"):
+            cls(push_to_hub=True, **needed)
+        assert cls(push_to_hub=True, hub_repo_id="me/x", **needed).hub_repo_id == "me/x"
+    with pytest.raises(ConfigError, match="max_retries >= 0"):
+        parse_config(config.LabelSettings, args=["--max_retries", "-1"], env_file=None)
+
+
+def test_loader_settings_of_another_model_keep_how_models_load_but_not_the_revision():
+    from alignkit.config import GenerationSettings, LabelSettings, ModelSettings, loader_settings
+
+    s = LabelSettings(model_id="org/a", revision="v2", gguf_file="a.gguf", dtype="fp16", quantization="none",
+                      chat_template="t.jinja", max_model_len=512)
+    other = loader_settings(s, "org/b")
+    assert type(other) is GenerationSettings and other.model_id == "org/b"
+    assert (other.revision, other.gguf_file) == (None, None)  # they name files of org/a
+    assert (other.dtype, other.quantization, other.chat_template, other.max_model_len) == ("fp16", "none",
+                                                                                        "t.jinja", 512)
+    same = loader_settings(s, "org/a")
+    assert (same.revision, same.gguf_file) == ("v2", "a.gguf")
+    judge = loader_settings(s, "org/judge", revision="main", chat_template=None)
+    assert (judge.revision, judge.chat_template) == ("main", None)
+    assert type(loader_settings(ModelSettings(), "x")) is ModelSettings
+
+
+# ---------------------------------------------------------------- package structure
+def test_the_package_docstring_names_every_module_and_only_presets_code_imports_the_preset():
+    import ast
+    from pathlib import Path
+
+    import alignkit
+
+    package = Path(alignkit.__file__).parent
+    modules = sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+    assert [m for m in modules if not re.search(rf"\b{m}\b", alignkit.__doc__)] == []
+    # The MT-Bench code and the reference cache serve every model: no demo preset in their imports.
+    for name in ("mtbench", "refcache"):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & {"presets", "smol"}, name
+
+
+def test_whole_list_values_keep_their_commas_from_every_layer(monkeypatch):
+    @dataclass
+    class Asks:
+        prompts: list[str] = setting([], "prompts", whole=True)
+        tags: list[str] = setting([], "split at commas")
+
+    got = parse_config(Asks, args=["--prompts", "Hello, who are you?", "Hi", "--tags", "a,b", "--prompts=x, y"],
+                       env_file=None)
+    assert got.prompts == ["Hello, who are you?", "Hi", "x, y"] and got.tags == ["a", "b"]
+    monkeypatch.setenv("PROMPTS", "Name three fruits, please.")
+    assert parse_config(Asks, args=[], env_file=None).prompts == ["Name three fruits, please."]
+    from alignkit.evaluation import parse_command
+
+    command, settings = parse_command(["vibes", "--model_id", "m", "--prompts", "Hello, who are you?", "Hi"])
+    assert command == "vibes" and settings.prompts == ["Hello, who are you?", "Hi"]

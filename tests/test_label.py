@@ -24,6 +24,7 @@ from openai_server import FakeOpenAI, Fault
 
 from alignkit.args import ConfigError
 from alignkit.data import DataError, load_preferences, load_sft
+from alignkit.errors import UserError
 from alignkit.judge import combine, load_template, parse_verdict, winner
 from alignkit.labeling import AppendLog
 
@@ -287,8 +288,8 @@ def test_the_judgment_cache_keys_on_every_judge_setting(tmp_path):
         again = label(tmp_path, server, "--judge_max_tokens", "20")
         assert server.count == 10 and again["parse_failures"] == 5  # paid answers are kept, not bought again
 
-        full = label(tmp_path, server)  # the default 1024: another setting, so every judgment is asked again
-        assert server.count == 20 and {b["max_tokens"] for b in server.requests[10:]} == {1024}
+        full = label(tmp_path, server)  # the default 2048: another setting, so every judgment is asked again
+        assert server.count == 20 and {b["max_tokens"] for b in server.requests[10:]} == {2048}
         assert full["labeled"] == 5 and full["parse_failures"] == 0
 
         warm = label(tmp_path, server, "--judge_temperature", "0.7")
@@ -482,8 +483,9 @@ def test_a_refused_key_stops_the_run_at_once(tmp_path):
     marker_pairs(tmp_path)
     refuse = Fault(401, body='{"error": {"message": "Incorrect API key", "type": "invalid_request_error"}}')
     with FakeOpenAI(lambda body: refuse) as server:
-        with pytest.raises(RuntimeError, match=r"the judge refused the request.*Check the API key"):
+        with pytest.raises(RuntimeError, match=r"the judge refused the request.*Check the API key") as refused:
             label(tmp_path, server, "--parallel", "1")
+        assert isinstance(refused.value, UserError)  # the user fixes the key: `error: ...`, exit 2, no traceback
         assert server.count <= 2  # not one failure per pair: every further request would be refused too
 
 

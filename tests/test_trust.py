@@ -245,6 +245,47 @@ def test_model_cards_name_the_real_base_never_a_local_path(sft_run, dpo_run, tmp
     assert str(Path(tiny_model).resolve()) not in card and str(Path(dpo_run["run_folder"]).parent) not in card
 
 
+def test_the_run_type_is_recorded_in_the_saved_config_and_named_by_the_card(sft_run, dpo_run, tmp_path):
+    for run, run_type in [(sft_run, "sft"), (dpo_run, "dpo")]:
+        assert json.loads((Path(run["run_folder"]) / "alignkit_config.json").read_text())["run_type"] == run_type
+    # The card reads the recorded type, not a field name: a reward run has no dpo_beta and is no SFT either.
+    reward = tmp_path / "reward"
+    shutil.copytree(sft_run["run_folder"], reward)
+    saved = json.loads((reward / "alignkit_config.json").read_text())
+    (reward / "alignkit_config.json").write_text(json.dumps({**saved, "run_type": "reward"}))
+    card = model_card(reward, "me/rm")
+    assert "Reward model of" in card and "- reward\n" in card and "SFT of" not in card
+
+
+def test_stage_settings_map_into_trls_config_and_bad_overrides_are_a_config_error(tmp_path):
+    from trl import DPOConfig
+
+    from alignkit.args import ConfigError
+    from alignkit.config import DPOSettings
+    from alignkit.training import trl_config
+
+    s = DPOSettings(dpo_beta=0.3, label_smoothing=0.1, loss_weights=[1.0], precompute_ref_log_probs=True,
+                    report_to="none")
+    args = trl_config(DPOConfig, s, tmp_path, torch.float32)
+    assert (args.beta, args.label_smoothing, args.loss_type, args.loss_weights, args.precompute_ref_log_probs) == (
+        0.3, 0.1, ["sigmoid"], [1.0], True)
+    with pytest.raises(ConfigError, match="--trainer_overrides is not valid JSON"):
+        trl_config(DPOConfig, DPOSettings(report_to="none", trainer_overrides="{optim: x}"), tmp_path, torch.float32)
+
+
+def test_train_on_completions_without_generation_markers_is_a_config_error():
+    from types import SimpleNamespace
+
+    from alignkit.args import ConfigError
+    from alignkit.trainers import loss_mask_settings
+
+    tokenizer = SimpleNamespace(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    conversations = SimpleNamespace(column_names=["messages"])
+    with pytest.raises(ConfigError, match="--train_on completions needs a chat template with"):
+        loss_mask_settings("completions", conversations, tokenizer)
+    assert loss_mask_settings("auto", conversations, tokenizer) == {"assistant_only_loss": False}
+
+
 # ---------------------------------------------------------------- 11. no bitsandbytes kernel warning
 def test_a_run_without_4bit_weights_prints_no_bitsandbytes_kernel_warning(tiny_cache, tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True)
