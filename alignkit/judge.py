@@ -302,12 +302,14 @@ class PythonJudge(Judge):
         return TOKENS.get(verdict, TOKENS["tie"] if verdict == "C" else str(verdict))
 
 
-def _import_function(spec: str):
+def import_function(spec: str, flag: str = "--judge", contract: str = "") -> object:
+    """The function `python:MODULE:FUNCTION` (or `python:path/to/file.py:FUNCTION`) names, for `flag`
+    (--judge here, --reward in rl.py); `contract` says what it must take and return, for the error message."""
     target = spec.removeprefix("python:")
     module_name, _, function_name = target.rpartition(":")
-    usage = "--judge python:MODULE:FUNCTION (or python:path/to/file.py:FUNCTION)"
+    usage = f"{flag} python:MODULE:FUNCTION (or python:path/to/file.py:FUNCTION)"
     if not module_name or not function_name:
-        raise ConfigError(f"--judge {spec!r}: expected {usage}")
+        raise ConfigError(f"{flag} {spec!r}: expected {usage}")
     try:
         if module_name.endswith(".py"):
             file_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
@@ -318,15 +320,21 @@ def _import_function(spec: str):
         else:
             module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-        raise ConfigError(f"--judge {spec!r}: cannot import {module_name} ({type(e).__name__}: {e}); expected "
+        raise ConfigError(f"{flag} {spec!r}: cannot import {module_name} ({type(e).__name__}: {e}); expected "
                           f"{usage}") from e
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise ConfigError(f"--judge {spec!r}: {module_name} has no function {function_name!r}")
+        raise ConfigError(f"{flag} {spec!r}: {module_name} has no function {function_name!r}{contract}")
+    return function
+
+
+def _import_function(spec: str):
+    function = import_function(spec)
     try:
         inspect.signature(function).bind("prompt", "answer_a", "answer_b")
     except TypeError:
-        raise ConfigError(f"--judge {spec!r}: {function_name} must accept (prompt, answer_a, answer_b)") from None
+        name = spec.rpartition(":")[2]
+        raise ConfigError(f"--judge {spec!r}: {name} must accept (prompt, answer_a, answer_b)") from None
     except ValueError:  # builtins without a signature: trust them
         pass
     return function

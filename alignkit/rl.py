@@ -32,7 +32,6 @@ baseline and gives it advantage 0, so it moves the policy only through the KL te
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
 import re
 import time
@@ -131,28 +130,10 @@ class RewardModelReward:
 
 def import_reward(spec: str):
     """`python:module:function` or `python:path/file.py:function`, called with TRL's reward arguments."""
-    target = spec.removeprefix("python:")
-    module_name, _, name = target.rpartition(":")
-    usage = "--reward python:MODULE:FUNCTION (or python:path/to/file.py:FUNCTION)"
-    if not module_name or not name:
-        raise ConfigError(f"--reward {spec!r}: expected {usage}")
-    try:
-        if module_name.endswith(".py"):
-            file_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            if file_spec is None or not Path(module_name).is_file():
-                raise ImportError(f"no such file: {module_name}")
-            module = importlib.util.module_from_spec(file_spec)
-            file_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-        raise ConfigError(f"--reward {spec!r}: cannot import {module_name} ({type(e).__name__}: {e}); expected "
-                          f"{usage}") from e
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ConfigError(f"--reward {spec!r}: {module_name} has no function {name!r}; it must take "
-                          "(prompts, completions, **kwargs) and return one float (or None) per completion")
-    return function
+    from .judge import import_function
+
+    return import_function(spec, "--reward", "; it must take (prompts, completions, **kwargs) and return one float "
+                                             "(or None) per completion")
 
 
 class JudgeReward:
