@@ -320,7 +320,9 @@ class _Reference(torch.nn.Module):
 
 
 class _OnlineMixin:
-    """What alignkit adds to TRL's GRPOTrainer and RLOOTrainer (see the module docstring)."""
+    """What alignkit adds to TRL's GRPOTrainer and RLOOTrainer (see the module docstring). trainer_class puts
+    alignkit.trainers' stacked adapters under it (frozen ones back on after a resume, QLoRA's trainable weights in
+    fp32), as in sft.py and dpo.py."""
 
     frozen_adapters: list[str] = []
 
@@ -337,15 +339,6 @@ class _OnlineMixin:
             self.ref_model = _Reference()
         self._times = Counter()
         self._unscored = Counter()
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from .models import TRAINABLE
-
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.frozen_adapters:
-            peft_model = self.accelerator.unwrap_model(model or self.model)
-            peft_model.base_model.set_adapter([TRAINABLE, *self.frozen_adapters])
-            peft_model.set_requires_grad(self.frozen_adapters, requires_grad=False)
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         if not isinstance(model, _Reference):
@@ -403,9 +396,11 @@ class _OnlineMixin:
 def trainer_class(algo: str):
     from trl import GRPOTrainer, RLOOTrainer
 
+    from .trainers import _StackedAdapters
+
     base = GRPOTrainer if algo == "grpo" else RLOOTrainer
 
-    class AlignOnlineTrainer(_OnlineMixin, base):
+    class AlignOnlineTrainer(_OnlineMixin, _StackedAdapters, base):
         def __init__(self, *args, frozen_adapters=(), **kwargs):
             self.frozen_adapters = list(frozen_adapters)
             super().__init__(*args, **kwargs)
