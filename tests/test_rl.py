@@ -71,10 +71,11 @@ def test_reference_pass_keeps_the_sft_adapter(rl_run):
     from alignkit.rl import _Reference
 
     ref, _, _ = trainer._get_per_token_logps_and_entropies(_Reference(), ids, mask, 6)
+    trl_class = next(k for k in type(trainer).__mro__ if k.__module__.startswith("trl."))  # TRL's own pass
     with torch.no_grad(), reference_mode(model, trainer.frozen_adapters):
-        expected, _, _ = type(trainer).__mro__[2]._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, 6)
+        expected, _, _ = trl_class._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, 6)
     with torch.no_grad(), model.disable_adapter():
-        bare, _, _ = type(trainer).__mro__[2]._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, 6)
+        bare, _, _ = trl_class._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, 6)
     assert torch.allclose(ref, expected)
     assert not torch.allclose(ref, bare)  # the SFT adapter is part of the reference
 
