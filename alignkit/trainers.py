@@ -14,6 +14,12 @@
   formula in the same op order. The other DPOConfig settings (use_weighting, f_divergence_type, the MoE
   router aux loss) act on alignkit's losses as on TRL's; those that cannot act here are refused by name
   (`check_dpo_config`), so nothing passed through --trainer_overrides is dropped or half-applied.
+- Prefix sharing (`alignkit.prefix`, on by default, `--prefix_sharing false` turns it off): `answer_forward`
+  packs each pair into one row, prompt once, chosen and rejected behind a block attention mask, and unpacks
+  the per-token log-probs to the unshared layout, so every sum, weight and loss downstream is unchanged. Where
+  the attention implementation takes no custom 4D mask (flash_attention_2) or the model is a mixture of experts,
+  it stays off, said once in the log. TRL's own policy pass (loss types alignkit does not compute itself, e.g.
+  `sigmoid,sft`) does its own forward and so runs unshared; the reference pass is shared there too.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from trl import DPOConfig, DPOTrainer, SFTTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from . import logger, refcache
+from . import logger, prefix, refcache
 from .args import ConfigError
 from .losses import answer_logps, check_label_smoothing, is_own_loss, preference_loss
 from .models import TRAINABLE, keep_trainable_fp32, reference_mode
@@ -97,12 +103,13 @@ def check_dpo_config(args) -> None:
 
 
 class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
-    def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), **kwargs):
+    def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), prefix_sharing=True, **kwargs):
         if ref_model is not None:
             raise ValueError("AlignDPOTrainer computes the reference from the model itself; pass no ref_model")
         args = args or DPOConfig(output_dir="trainer_output")  # TRL's own default, made here to check it first
         check_dpo_config(args)  # before TRL tokenizes the data
         self.frozen_adapters = list(frozen_adapters)  # set first: TRL's __init__ may precompute reference log-probs
+        self.prefix_sharing = prefix_sharing and self._prefix_sharing_available(model, args.loss_type)
         super().__init__(model, None, args, *rest, **kwargs)
         peft_model = self.accelerator.unwrap_model(self.model)
         # TRL copies a pre-loaded adapter into a "ref" adapter; our reference pass does not need that copy.
@@ -122,14 +129,55 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
     def _reference_mode(self, peft_model):
         return reference_mode(peft_model, self.frozen_adapters)  # alignkit.lota's trainer switches its delta off instead
 
+    @staticmethod
+    def _prefix_sharing_available(model, loss_type) -> bool:
+        why = prefix.unavailable_reason(model)
+        if why:
+            logger.info(f"prefix sharing off: {why}")
+            return False
+        loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        if not is_own_loss(loss_types):
+            logger.info(
+                f"prefix sharing in the reference pass only: loss_type {','.join(loss_types)} is computed by TRL, "
+                "whose policy pass does its own (unshared) forward"
+            )
+        return True
+
     def answer_forward(self, model, inputs, **model_kwargs):
         """One forward pass and the summed answer log-probs of every row (`alignkit.losses.answer_logps`, with
-        ld_alpha). The reference and alignkit's policy pass both go through here, so they are computed alike."""
+        ld_alpha). The reference and alignkit's policy pass both go through here, so they are computed alike.
+
+        With prefix sharing, the pass runs on the packed pairs (`alignkit.prefix.pack_pairs`) and the per-token
+        outputs come back in the unshared [chosen..., rejected...] layout, so everything after is the same code."""
+        if getattr(self, "prefix_sharing", False) and prefix.can_pack(inputs):
+            return self._shared_forward(model, inputs, **model_kwargs)
         kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
         # Positions outside the completion carry label -100 and so a log-prob of 0: the sum is over the answer.
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         outputs = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True, **model_kwargs)
         return outputs, answer_logps(outputs.log_probs, inputs["completion_mask"], self.ld_alpha)
+
+    def _shared_forward(self, model, inputs, **model_kwargs):
+        config = self.accelerator.unwrap_model(self.model).config
+        packed = prefix.pack_pairs(
+            inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
+            attn_implementation=config._attn_implementation, dtype=self._mask_dtype(),
+        )
+        outputs = model(**packed.model_inputs(), use_cache=False, labels=None, shift_labels=packed.shift_labels,
+                        fused_lm_head=True, **model_kwargs)
+        for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
+            value = getattr(outputs, name, None)
+            if value is not None:
+                setattr(outputs, name, packed.unpack(value))
+        return outputs, answer_logps(outputs.log_probs, inputs["completion_mask"], self.ld_alpha)
+
+    def _mask_dtype(self) -> torch.dtype:
+        # The additive (eager) mask must not overflow in the dtype the attention scores are computed in.
+        if self.args.bf16:
+            return torch.bfloat16
+        if self.args.fp16:
+            return torch.float16
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     def compute_ref_log_probs(self, model, inputs):
         """Summed log-probs of chosen and rejected under the reference: the trained adapter switched off."""
