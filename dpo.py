@@ -113,7 +113,7 @@ trainer_class = lota.trainer_class(AlignDPOTrainer) if settings.adapter == "lota
 def make_trainer(args):
     return trainer_class(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-        processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
+        processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen, prefix_sharing=settings.prefix_sharing,
     )
 
 

@@ -190,6 +190,10 @@ class DPOSettings(LoTASettings, TrainSettings):
         0.0, "conservative DPO (cDPO): assumed share of flipped labels, in [0, 0.5); read by sigmoid, TRL's robust, exo_pair, aot"
     )
     precompute_ref_log_probs: bool = setting(False, "compute reference log-probs up front; identical reruns reuse them")
+    prefix_sharing: bool = setting(
+        True, "compute each pair's prompt once (chosen and rejected in one row, block attention mask); off by itself "
+        "with flash_attention_2 or a mixture-of-experts model"
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -37,6 +37,7 @@ FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised aft
 _NOT_TRAINING = {
     "resume", "merge_adaptors", "push_to_hub", "hub_repo_id", "hub_public", "report_to", "wandb_project",
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size", "output_dir",
+    "prefix_sharing",  # the same log-probs either way (alignkit.prefix), only faster
 }
 
 

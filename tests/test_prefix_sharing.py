@@ -124,3 +124,18 @@ def test_trl_loss_path_shares_the_reference_pass_only(tiny_cache, tmp_path, capl
     ref_on, *_ = _run(trainer, batch, True)
     ref_off, *_ = _run(trainer, batch, False)
     torch.testing.assert_close(ref_on, ref_off, atol=1e-5, rtol=1e-5)
+
+
+def test_dpo_py_flag_turns_it_off_and_the_step_is_the_same(tiny_cache, tmp_path):
+    from conftest import run_script
+
+    def first_step(name, *flags):
+        run = run_script("dpo.py", "--preset", "tiny", "--max_steps", "1", "--logging_steps", "1", "--eval_split", "0",
+                         "--loss_type", "sigmoid", "--output_dir", str(tmp_path), "--run_name", name, *flags)
+        return run["trainer"].state.log_history[0], run["trainer"]
+
+    on, shared = first_step("on")
+    off, unshared = first_step("off", "--prefix_sharing", "false")
+    assert shared.prefix_sharing and not unshared.prefix_sharing
+    for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
+        assert on[key] == pytest.approx(off[key], rel=1e-5, abs=1e-5), key
