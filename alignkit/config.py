@@ -165,7 +165,16 @@ class LoTASettings:
 
 
 @dataclass
-class SFTSettings(LoTASettings, TrainSettings):
+class BatchingSettings:
+    """How training rows are put into batches: shared by sft.py and dpo.py."""
+
+    group_by_length: bool = setting(
+        True, "batches of rows of similar length (less padding), in random order, the same on every process"
+    )
+
+
+@dataclass
+class SFTSettings(LoTASettings, BatchingSettings, TrainSettings):
     dataset_id: str = setting(
         "HuggingFaceH4/ultrachat_200k", "Hub dataset id or local .json/.jsonl/.parquet/.csv file or folder"
     )
@@ -179,7 +188,7 @@ class SFTSettings(LoTASettings, TrainSettings):
 
 
 @dataclass
-class DPOSettings(LoTASettings, TrainSettings):
+class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
     dpo_beta: float = setting(0.1, "beta: strength of the pull towards the reference (IPO: its tau)")
     loss_type: list[str] = setting(
         default_factory=lambda: ["sigmoid"],

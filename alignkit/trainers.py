@@ -18,8 +18,8 @@
   packs each pair into one row, prompt once, chosen and rejected behind a block attention mask, and unpacks
   the per-token log-probs to the unshared layout, so every sum, weight and loss downstream is unchanged. Where
   the attention implementation takes no custom 4D mask (flash_attention_2) or the model is a mixture of experts,
-  it stays off, said once in the log. TRL's own policy pass (loss types alignkit does not compute itself, e.g.
-  `sigmoid,sft`) does its own forward and so runs unshared; the reference pass is shared there too.
+  it stays off, said once in the log. So it does with loss types TRL computes (e.g. `sigmoid,sft`): TRL's policy
+  pass does its own forward, and the reference pass then stays unshared too, so both are computed alike.
 """
 
 from __future__ import annotations
@@ -51,7 +51,22 @@ class _StackedAdapters:
             peft_model.set_requires_grad(self.frozen_adapters, requires_grad=False)
 
 
-class AlignSFTTrainer(_StackedAdapters, SFTTrainer):
+class _LengthGrouped:
+    """`--group_by_length`: alignkit.training's seeded sampler over each row's length (`example_lengths`)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or dataset is None or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        from .training import length_grouped_sampler
+
+        return length_grouped_sampler(self.example_lengths(dataset), self.args)
+
+    def example_lengths(self, dataset) -> list[int]:
+        return [len(ids) for ids in dataset["input_ids"]]
+
+
+class AlignSFTTrainer(_LengthGrouped, _StackedAdapters, SFTTrainer):
     def __init__(self, *args, frozen_adapters=(), **kwargs):
         self.frozen_adapters = list(frozen_adapters)
         super().__init__(*args, **kwargs)
@@ -102,7 +117,7 @@ def check_dpo_config(args) -> None:
         )
 
 
-class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
+class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
     def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), prefix_sharing=True, **kwargs):
         if ref_model is not None:
             raise ValueError("AlignDPOTrainer computes the reference from the model itself; pass no ref_model")
@@ -122,6 +137,14 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
         # Reference log-probs always come from compute_ref_log_probs below and ride in the batch.
         self.precompute_ref_logps = True
 
+    def example_lengths(self, dataset) -> list[int]:
+        """Tokens a pair costs: prompt + chosen + rejected packed (prefix sharing), else two rows of prompt + the
+        longer answer (the batch is padded to it)."""
+        columns = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+        if self.prefix_sharing:
+            return [len(p) + len(c) + len(r) for p, c, r in columns]
+        return [len(p) + max(len(c), len(r)) for p, c, r in columns]
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # --precompute_ref_log_probs: computed once, or reused from an identical earlier run (alignkit.refcache).
         return refcache.with_ref_logps(self, dataset, batch_size)
@@ -137,10 +160,13 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
             return False
         loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         if not is_own_loss(loss_types):
+            # TRL's policy pass does its own forward; sharing the reference pass alone would make the two differ by
+            # rounding (a step-0 reward of 1e-9 instead of 0), so both stay unshared.
             logger.info(
-                f"prefix sharing in the reference pass only: loss_type {','.join(loss_types)} is computed by TRL, "
-                "whose policy pass does its own (unshared) forward"
+                f"prefix sharing off: loss_type {','.join(loss_types)} is computed by TRL, whose policy pass does its "
+                "own forward; the reference pass stays unshared too, so both are computed alike"
             )
+            return False
         return True
 
     def answer_forward(self, model, inputs, **model_kwargs):

@@ -116,14 +116,11 @@ def test_off_with_one_log_line_where_no_custom_mask_is_taken(tiny_cache, tmp_pat
     assert not off.prefix_sharing
 
 
-def test_trl_loss_path_shares_the_reference_pass_only(tiny_cache, tmp_path, caplog):
+def test_off_on_trls_loss_path_so_policy_and_reference_stay_alike(tiny_cache, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="alignkit"):
         trainer, batch = _trainer(tmp_path, loss_type=["sigmoid", "sft"])
-    assert trainer.prefix_sharing and not trainer.own_loss
-    assert any("reference pass only" in r.getMessage() for r in caplog.records)
-    ref_on, *_ = _run(trainer, batch, True)
-    ref_off, *_ = _run(trainer, batch, False)
-    torch.testing.assert_close(ref_on, ref_off, atol=1e-5, rtol=1e-5)
+    assert not trainer.prefix_sharing and not trainer.own_loss
+    assert sum("prefix sharing off: loss_type sigmoid,sft" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_dpo_py_flag_turns_it_off_and_the_step_is_the_same(tiny_cache, tmp_path):
