@@ -52,15 +52,23 @@ class _StackedAdapters:
 
 
 class _LengthGrouped:
-    """`--group_by_length`: alignkit.training's seeded sampler over each row's length (`example_lengths`)."""
+    """`--group_by_length`: alignkit.training's seeded sampler over each row's length (`example_lengths`), for
+    training and evaluation alike (transformers groups both under that strategy, by an `input_ids` column that a
+    DPO dataset does not have)."""
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return self._grouped(dataset, self.args.per_device_train_batch_size) or super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        return self._grouped(eval_dataset, self.args.per_device_eval_batch_size) or super()._get_eval_sampler(eval_dataset)
+
+    def _grouped(self, dataset, batch_size):
         if self.args.train_sampling_strategy != "group_by_length" or dataset is None or not hasattr(dataset, "__len__"):
-            return super()._get_train_sampler(train_dataset)
+            return None
         from .training import length_grouped_sampler
 
-        return length_grouped_sampler(self.example_lengths(dataset), self.args)
+        return length_grouped_sampler(self.example_lengths(dataset), batch_size, self.args)
 
     def example_lengths(self, dataset) -> list[int]:
         return [len(ids) for ids in dataset["input_ids"]]

@@ -281,10 +281,10 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return iter([i for b in full for i in b] + short)
 
 
-def length_grouped_sampler(lengths: list[int], args) -> LengthGroupedSampler:
-    """The sampler for `--group_by_length`, grouping by the micro-batch: the rows padded together."""
+def length_grouped_sampler(lengths: list[int], batch_size: int, args) -> LengthGroupedSampler:
+    """The sampler for `--group_by_length`, grouping by the micro-batch (`batch_size`): the rows padded together."""
     seed = args.data_seed if args.data_seed is not None else args.seed
-    return LengthGroupedSampler(lengths, args.per_device_train_batch_size, seed)
+    return LengthGroupedSampler(lengths, batch_size, seed)
 
 
 def launch_command(script: str, gpus: int) -> str:
