@@ -167,14 +167,15 @@ def readme_section(results: dict) -> str:
     return (
         "## Benchmarks\n\n"
         "`bench/` measures training, generation and judging speed against the seed project's configuration, on the "
-        "CPU, each comparison side by side in one run (same model, same data, same seed). They print figures and "
-        "never fail; CI does not run them.\n\n"
+        "CPU, each comparison side by side in one run (same model, same data, same seed), interleaved over 3 rounds "
+        "(seed, defaults, seed, defaults, ...) and reported as the median ratio with its min-max, on a pinned "
+        "number of torch threads. They print figures and never fail; CI does not run them.\n\n"
         "```bash\n"
-        "python bench/run_all.py --quick              # a few minutes: the seed, the defaults and the proposal\n"
-        "python bench/run_all.py                      # every lever (about 25 minutes on 2 cores), then SmolLM2\n"
-        "python bench/run_all.py --threads 1          # on a machine others are using (see bench/common.py)\n"
+        "python bench/run_all.py --quick              # the seed, the defaults, the proposal, prefix sharing on/off\n"
+        "python bench/run_all.py                      # every lever, 3 rounds each (over an hour on 2 cores), SmolLM2\n"
+        "python bench/run_all.py --threads 4          # torch threads for every run (default 1, for a shared machine)\n"
         "python bench/run_all.py --only generation judge\n"
-        "python bench/run_all.py --only smol --quick   # SmolLM2-135M (its wheel): the seed vs the defaults\n"
+        "python bench/run_all.py --only smol --quick   # SmolLM2-135M (its wheel): seed vs defaults, prefix sharing\n"
         "```\n\n"
         "They write `bench/results.json` and `bench/results.md`. The latest run:\n\n" + body
     )
