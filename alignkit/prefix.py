@@ -58,7 +58,7 @@ class PackedPairs:
     shift_labels: torch.Tensor  # (B, L): the token each position predicts, IGNORE where none is scored
     index: torch.Tensor  # (2B, T - 1): packed position of each unshared prediction position
     scored: torch.Tensor  # (2B, T - 1): whether that unshared position predicts an answer token
-    tokens: int = 0  # real (non-padding) tokens in the packed batch
+    segment: torch.Tensor  # (B, L): 0 shared prefix, 1 chosen, 2 rejected, -1 padding
 
     def model_inputs(self) -> dict:
         return dict(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids)
@@ -67,11 +67,14 @@ class PackedPairs:
         """(B, L) per-position values -> (2B, T - 1) in the unshared layout, 0 where nothing is scored."""
         if per_token is None:
             return None
-        pairs = self.index.size(0) // 2
-        source = torch.cat([per_token, per_token], dim=0) if pairs else per_token
+        source = per_token.repeat(2, 1)  # row r of [chosen..., rejected...] reads pair r mod B
         gathered = source.gather(1, self.index.clamp(max=per_token.size(1) - 1))
         return gathered.masked_fill(~self.scored, 0)
 
+    @property
+    def tokens(self) -> int:
+        """Real (non-padding) tokens in the packed batch."""
+        return int((self.segment >= 0).sum())
 
 
 def can_pack(inputs: dict) -> bool:
@@ -138,5 +141,5 @@ def pack_pairs(input_ids, attention_mask, completion_mask, attn_implementation="
     else:
         mask = allowed
     # Padding positions get position 0 (any value works: nothing sees them and they are not scored).
-    return PackedPairs(packed_ids, positions.clamp(min=0), mask, shift_labels, index, scored, int(is_token.sum()))
+    return PackedPairs(packed_ids, positions.clamp(min=0), mask, shift_labels, index, scored, segment)
 
