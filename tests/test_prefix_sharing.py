@@ -136,3 +136,13 @@ def test_dpo_py_flag_turns_it_off_and_the_step_is_the_same(tiny_cache, tmp_path)
     assert shared.prefix_sharing and not unshared.prefix_sharing
     for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
         assert on[key] == pytest.approx(off[key], rel=1e-5, abs=1e-5), key
+
+
+def test_batches_it_cannot_lay_out_run_unshared():
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 8, 9]])
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+             "completion_mask": torch.tensor([[0, 0, 1, 0], [0, 0, 1, 1]])}
+    assert prefix.can_pack(batch)
+    assert not prefix.can_pack({**batch, "token_type_ids": torch.zeros_like(ids)})  # Gemma's token types
+    assert not prefix.can_pack({**batch, "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])})  # left-padded
+    assert not prefix.can_pack({k: v[:1] for k, v in batch.items()})  # not [chosen..., rejected...]
