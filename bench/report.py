@@ -101,10 +101,16 @@ def markdown(results: dict) -> str:
     lines = ["# alignkit benchmarks", "", f"Machine: {machine_line(results['machine'])}.",
              f"Run: `{command(results)}` ({results['started']}, {results['seconds']} s).", ""]
     dpo, gen, judge, lim = (results.get(k) for k in ("dpo", "generation", "judge", "limit"))
+    smol_ = results.get("smol")
     lines += ["## Goals", "",
-              f"- DPO, alignkit defaults over the seed, tokens/s: {_goal(dpo and dpo['speedup_vs_seed'], 1.5)}"
-              + (f"; reward accuracy {dpo['reward_accuracy']['alignkit defaults']:.3f} vs seed "
-                 f"{dpo['reward_accuracy']['seed']:.3f}" if dpo else ""),
+              f"- DPO, alignkit defaults over the seed, tokens/s: {_goal(dpo and dpo['speedup_vs_seed'], 2.5)}"
+              + (f", rounds {_range(dpo.get('speedup_vs_seed_range'))}; reward accuracy "
+                 f"{dpo['reward_accuracy']['alignkit defaults']:.3f} vs seed {dpo['reward_accuracy']['seed']:.3f}"
+                 if dpo else ""),
+              f"- The same on SmolLM2-135M: {_goal(smol_ and smol_['speedup_vs_seed'], 2)}",
+              f"- MFU of the defaults (fp32 CPU, measured matmul peak): "
+              + (f"{'met' if lim['mfu'] >= 0.35 else 'NOT met'} ({lim['mfu']:.1%}, goal >= 35%)"
+                 if lim and "mfu" in lim else "not run"),
               f"- Prefix sharing, on over off (prompts >= half of each sequence): "
               f"{_goal(dpo and dpo.get('prefix_sharing_speedup'), 1.3)}",
               f"- Generation, batched (16, label.py's default) over one at a time: "
