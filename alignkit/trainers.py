@@ -18,8 +18,9 @@
   packs each pair into one row, prompt once, chosen and rejected behind a block attention mask, and unpacks
   the per-token log-probs to the unshared layout, so every sum, weight and loss downstream is unchanged. Where
   the attention implementation takes no custom 4D mask (flash_attention_2) or the model is a mixture of experts,
-  it stays off, said once in the log. So it does with loss types TRL computes (e.g. `sigmoid,sft`): TRL's policy
-  pass does its own forward, and the reference pass then stays unshared too, so both are computed alike.
+  it stays off, said once in the log. Loss types TRL computes (e.g. `sigmoid,sft`) share too: TRL's loss gets a
+  stand-in for the model (`_SharedCall`) whose fused forward runs on the packed pairs and returns the unpacked
+  per-token outputs, so TRL's sums, weights and metrics read what they would read without sharing.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
         args = args or DPOConfig(output_dir="trainer_output")  # TRL's own default, made here to check it first
         check_dpo_config(args)  # before TRL tokenizes the data
         self.frozen_adapters = list(frozen_adapters)  # set first: TRL's __init__ may precompute reference log-probs
-        self.prefix_sharing = prefix_sharing and self._prefix_sharing_available(model, args.loss_type)
+        self.prefix_sharing = prefix_sharing and self._prefix_sharing_available(model)
         super().__init__(model, None, args, *rest, **kwargs)
         peft_model = self.accelerator.unwrap_model(self.model)
         # TRL copies a pre-loaded adapter into a "ref" adapter; our reference pass does not need that copy.
@@ -161,19 +162,10 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
         return reference_mode(peft_model, self.frozen_adapters)  # alignkit.lota's trainer switches its delta off instead
 
     @staticmethod
-    def _prefix_sharing_available(model, loss_type) -> bool:
+    def _prefix_sharing_available(model) -> bool:
         why = prefix.unavailable_reason(model)
         if why:
             logger.info(f"prefix sharing off: {why}")
-            return False
-        loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-        if not is_own_loss(loss_types):
-            # TRL's policy pass does its own forward; sharing the reference pass alone would make the two differ by
-            # rounding (a step-0 reward of 1e-9 instead of 0), so both stay unshared.
-            logger.info(
-                f"prefix sharing off: loss_type {','.join(loss_types)} is computed by TRL, whose policy pass does its "
-                "own forward; the reference pass stays unshared too, so both are computed alike"
-            )
             return False
         return True
 
@@ -230,7 +222,9 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
             ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
             inputs = {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
         if not self.own_loss:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            shared = self.prefix_sharing and prefix.can_pack(inputs)
+            caller = _SharedCall(self, model, inputs) if shared else model
+            return super().compute_loss(caller, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         # MoE: the router logits give TRL's load-balancing loss, weighted by router_aux_loss_coef (as TRL does).
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
@@ -271,6 +265,23 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
         metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
         metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
+
+
+class _SharedCall:
+    """The model as TRL's DPO loss calls it: its fused forward (`fused_lm_head=True`, over the whole batch) runs
+    on the packed pairs (`AlignDPOTrainer._shared_forward`, the reference pass's own path), any other call on the
+    model itself."""
+
+    def __init__(self, trainer, model, inputs):
+        self.trainer, self.model, self.inputs = trainer, model, inputs
+
+    def __call__(self, *args, fused_lm_head=False, **kwargs):
+        if not fused_lm_head or args:
+            return self.model(*args, fused_lm_head=fused_lm_head, **kwargs)
+        # TRL's labels are input_ids outside the completion masked, what pack_pairs derives from the same batch.
+        extra = {k: kwargs[k] for k in ("output_router_logits",) if k in kwargs}
+        outputs, _ = self.trainer._shared_forward(self.model, self.inputs, **extra)
+        return outputs
 
 
 def loss_mask_settings(train_on: str, dataset, tokenizer) -> dict:

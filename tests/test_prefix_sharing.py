@@ -116,11 +116,20 @@ def test_off_with_one_log_line_where_no_custom_mask_is_taken(tiny_cache, tmp_pat
     assert not off.prefix_sharing
 
 
-def test_off_on_trls_loss_path_so_policy_and_reference_stay_alike(tiny_cache, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="alignkit"):
-        trainer, batch = _trainer(tmp_path, loss_type=["sigmoid", "sft"])
-    assert not trainer.prefix_sharing and not trainer.own_loss
-    assert sum("prefix sharing off: loss_type sigmoid,sft" in r.getMessage() for r in caplog.records) == 1
+def test_trls_loss_path_shares_too_with_the_same_loss_and_gradients(tiny_cache, tmp_path):
+    """`sigmoid,sft` (the tiny preset's loss) is TRL's: its forward runs on the packed pairs as well."""
+    trainer, batch = _trainer(tmp_path, loss_type=["sigmoid", "sft"])
+    assert trainer.prefix_sharing and not trainer.own_loss
+    calls = []
+    forward = trainer._shared_forward
+    trainer._shared_forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    ref_on, _, loss_on, grads_on = _run(trainer, batch, True)
+    assert len(calls) == 4  # the reference twice (alone, and inside compute_loss), answer_forward, TRL's policy pass
+    ref_off, _, loss_off, grads_off = _run(trainer, batch, False)
+    torch.testing.assert_close(ref_on, ref_off, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_on, loss_off, atol=1e-5, rtol=1e-5)
+    for name, grad in grads_off.items():
+        torch.testing.assert_close(grads_on[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_dpo_py_flag_turns_it_off_and_the_step_is_the_same(tiny_cache, tmp_path):
