@@ -110,7 +110,7 @@ def make_trainer(args):
     return trainer_class(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
         processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
-        reference_adapters=settings.reference_adapters,
+        reference_adapters=settings.reference_adapters, prefix_sharing=settings.prefix_sharing,
     )
 
 

@@ -244,7 +244,16 @@ class LoTASettings:
 
 
 @dataclass
-class SFTSettings(LoTASettings, TrainSettings):
+class BatchingSettings:
+    """How training rows are put into batches: shared by sft.py and dpo.py."""
+
+    group_by_length: bool = setting(
+        True, "batches of rows of similar length (less padding), in random order, the same on every process"
+    )
+
+
+@dataclass
+class SFTSettings(LoTASettings, BatchingSettings, TrainSettings):
     run_type: ClassVar[str] = "sft"  # recorded in alignkit_config.json (not a flag)
     dataset_id: str = setting(
         "HuggingFaceH4/ultrachat_200k", "Hub dataset id or local .json/.jsonl/.parquet/.csv file or folder"
@@ -259,7 +268,7 @@ class SFTSettings(LoTASettings, TrainSettings):
 
 
 @dataclass
-class DPOSettings(LoTASettings, TrainSettings):
+class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
     run_type: ClassVar[str] = "dpo"
     dpo_beta: float = setting(0.1, "beta: strength of the pull towards the reference (IPO: its tau)")
     loss_type: list[str] = setting(
@@ -274,6 +283,10 @@ class DPOSettings(LoTASettings, TrainSettings):
     reference_adapters: int | None = setting(
         None, "how many of the adapters the model was loaded with, from the base up, the reference keeps on; "
         "default: all (the model you start from); 0: the bare base")
+    prefix_sharing: bool = setting(
+        True, "compute each pair's prompt once (chosen and rejected in one row, block attention mask); off by itself "
+        "with flash_attention_2 or a mixture-of-experts model"
+    )
 
     def __post_init__(self):
         super().__post_init__()

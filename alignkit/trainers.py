@@ -14,6 +14,13 @@
   formula in the same op order. The other DPOConfig settings (use_weighting, f_divergence_type, the MoE
   router aux loss) act on alignkit's losses as on TRL's; those that cannot act here are refused by name
   (`check_dpo_config`), so nothing passed through --trainer_overrides is dropped or half-applied.
+- Prefix sharing (`alignkit.prefix`, on by default, `--prefix_sharing false` turns it off): `answer_forward`
+  packs each pair into one row, prompt once, chosen and rejected behind a block attention mask, and unpacks
+  the per-token log-probs to the unshared layout, so every sum, weight and loss downstream is unchanged. Where
+  the attention implementation takes no custom 4D mask (flash_attention_2) or the model is a mixture of experts,
+  it stays off, said once in the log. Loss types TRL computes (e.g. `sigmoid,sft`) share too: TRL's loss gets a
+  stand-in for the model (`_SharedCall`) whose fused forward runs on the packed pairs and returns the unpacked
+  per-token outputs, so TRL's sums, weights and metrics read what they would read without sharing.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 from trl import DPOConfig, DPOTrainer, SFTTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from . import logger, refcache
+from . import logger, prefix, refcache
 from .args import ConfigError
 from .losses import answer_logps, check_label_smoothing, is_own_loss, preference_loss
 from .models import TRAINABLE, keep_trainable_fp32, reference_mode
@@ -45,7 +52,30 @@ class _StackedAdapters:
             peft_model.set_requires_grad(self.frozen_adapters, requires_grad=False)
 
 
-class AlignSFTTrainer(_StackedAdapters, SFTTrainer):
+class _LengthGrouped:
+    """`--group_by_length`: alignkit.training's seeded sampler over each row's length (`example_lengths`), for
+    training and evaluation alike (transformers groups both under that strategy, by an `input_ids` column that a
+    DPO dataset does not have)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return self._grouped(dataset, self.args.per_device_train_batch_size) or super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        return self._grouped(eval_dataset, self.args.per_device_eval_batch_size) or super()._get_eval_sampler(eval_dataset)
+
+    def _grouped(self, dataset, batch_size):
+        if self.args.train_sampling_strategy != "group_by_length" or dataset is None or not hasattr(dataset, "__len__"):
+            return None
+        from .training import length_grouped_sampler
+
+        return length_grouped_sampler(self.example_lengths(dataset), batch_size, self.args)
+
+    def example_lengths(self, dataset) -> list[int]:
+        return [len(ids) for ids in dataset["input_ids"]]
+
+
+class AlignSFTTrainer(_LengthGrouped, _StackedAdapters, SFTTrainer):
     def __init__(self, *args, frozen_adapters=(), **kwargs):
         self.frozen_adapters = list(frozen_adapters)
         super().__init__(*args, **kwargs)
@@ -96,8 +126,9 @@ def check_dpo_config(args) -> None:
         )
 
 
-class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
-    def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), reference_adapters=None, **kwargs):
+class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
+    def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), reference_adapters=None,
+                 prefix_sharing=True, **kwargs):
         if ref_model is not None:
             raise ValueError("AlignDPOTrainer computes the reference from the model itself; pass no ref_model")
         args = args or DPOConfig(output_dir="trainer_output")  # TRL's own default, made here to check it first
@@ -109,6 +140,7 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
             raise ConfigError(f"--reference_adapters {keep}: the model was loaded with {len(self.frozen_adapters)} "
                               "adapters; pass a number from 0 (the bare base) to that")
         self.reference_adapters = self.frozen_adapters[:keep]
+        self.prefix_sharing = prefix_sharing and self._prefix_sharing_available(model)
         super().__init__(model, None, args, *rest, **kwargs)
         peft_model = self.accelerator.unwrap_model(self.model)
         # TRL copies a pre-loaded adapter into a "ref" adapter; our reference pass does not need that copy.
@@ -121,6 +153,14 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
         # Reference log-probs always come from compute_ref_log_probs below and ride in the batch.
         self.precompute_ref_logps = True
 
+    def example_lengths(self, dataset) -> list[int]:
+        """Tokens a pair costs: prompt + chosen + rejected packed (prefix sharing), else two rows of prompt + the
+        longer answer (the batch is padded to it)."""
+        columns = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+        if self.prefix_sharing:
+            return [len(p) + len(c) + len(r) for p, c, r in columns]
+        return [len(p) + max(len(c), len(r)) for p, c, r in columns]
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # --precompute_ref_log_probs: computed once, or reused from an identical earlier run (alignkit.refcache).
         return refcache.with_ref_logps(self, dataset, batch_size)
@@ -128,14 +168,49 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
     def _reference_mode(self, peft_model):
         return reference_mode(peft_model, self.frozen_adapters, self.reference_adapters)  # alignkit.lota's trainer switches its delta off instead
 
+    @staticmethod
+    def _prefix_sharing_available(model) -> bool:
+        why = prefix.unavailable_reason(model)
+        if why:
+            logger.info(f"prefix sharing off: {why}")
+            return False
+        return True
+
     def answer_forward(self, model, inputs, **model_kwargs):
         """One forward pass and the summed answer log-probs of every row (`alignkit.losses.answer_logps`, with
-        ld_alpha). The reference and alignkit's policy pass both go through here, so they are computed alike."""
+        ld_alpha). The reference and alignkit's policy pass both go through here, so they are computed alike.
+
+        With prefix sharing, the pass runs on the packed pairs (`alignkit.prefix.pack_pairs`) and the per-token
+        outputs come back in the unshared [chosen..., rejected...] layout, so everything after is the same code."""
+        if getattr(self, "prefix_sharing", False) and prefix.can_pack(inputs):
+            return self._shared_forward(model, inputs, **model_kwargs)
         kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
         # Positions outside the completion carry label -100 and so a log-prob of 0: the sum is over the answer.
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         outputs = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True, **model_kwargs)
         return outputs, answer_logps(outputs.log_probs, inputs["completion_mask"], self.ld_alpha)
+
+    def _shared_forward(self, model, inputs, **model_kwargs):
+        config = self.accelerator.unwrap_model(self.model).config
+        packed = prefix.pack_pairs(
+            inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
+            attn_implementation=config._attn_implementation, dtype=self._mask_dtype(),
+        )
+        outputs = model(**packed.model_inputs(), use_cache=False, labels=None, shift_labels=packed.shift_labels,
+                        fused_lm_head=True, **model_kwargs)
+        for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
+            value = getattr(outputs, name, None)
+            if value is not None:
+                setattr(outputs, name, packed.unpack(value))
+        return outputs, answer_logps(outputs.log_probs, inputs["completion_mask"], self.ld_alpha)
+
+    def _mask_dtype(self) -> torch.dtype:
+        # The additive (eager) mask must not overflow in the dtype the attention scores are computed in.
+        if self.args.bf16:
+            return torch.bfloat16
+        if self.args.fp16:
+            return torch.float16
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     def compute_ref_log_probs(self, model, inputs):
         """Summed log-probs of chosen and rejected under the reference: the trained adapter switched off."""
@@ -154,7 +229,9 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
             ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
             inputs = {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
         if not self.own_loss:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            shared = self.prefix_sharing and prefix.can_pack(inputs)
+            caller = _SharedCall(self, model, inputs) if shared else model
+            return super().compute_loss(caller, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         # MoE: the router logits give TRL's load-balancing loss, weighted by router_aux_loss_coef (as TRL does).
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
@@ -195,6 +272,23 @@ class AlignDPOTrainer(_StackedAdapters, DPOTrainer):
         metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
         metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
+
+
+class _SharedCall:
+    """The model as TRL's DPO loss calls it: its fused forward (`fused_lm_head=True`, over the whole batch) runs
+    on the packed pairs (`AlignDPOTrainer._shared_forward`, the reference pass's own path), any other call on the
+    model itself."""
+
+    def __init__(self, trainer, model, inputs):
+        self.trainer, self.model, self.inputs = trainer, model, inputs
+
+    def __call__(self, *args, fused_lm_head=False, **kwargs):
+        if not fused_lm_head or args:
+            return self.model(*args, fused_lm_head=fused_lm_head, **kwargs)
+        # TRL's labels are input_ids outside the completion masked, what pack_pairs derives from the same batch.
+        extra = {k: kwargs[k] for k in ("output_router_logits",) if k in kwargs}
+        outputs, _ = self.trainer._shared_forward(self.model, self.inputs, **extra)
+        return outputs
 
 
 def loss_mask_settings(train_on: str, dataset, tokenizer) -> dict:

@@ -38,6 +38,7 @@ _NOT_TRAINING = {
     "resume", "merge_adaptors", "push_to_hub", "hub_repo_id", "hub_public", "report_to", "wandb_project",
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size", "output_dir",
     "run_type",  # recorded beside the settings (save_run_config); the run folder's name already holds the stage
+    "prefix_sharing",  # the same log-probs either way (alignkit.prefix), only faster
 }
 # A stage's settings that are TRL config fields (alignkit name -> TRL name): passed wherever both the settings and
 # the TRL config class have them, as the shared fields are, so no script maps them by hand.
@@ -242,6 +243,8 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, **stage_kwargs):
         # autograd graph after every backward looking for unused parameters (with reentrant gradient checkpointing
         # it even fails). Every LoRA parameter is used in every step.
         kwargs["ddp_find_unused_parameters"] = False
+    if getattr(s, "group_by_length", False):  # SFT and DPO; the trainers build the sampler (alignkit.trainers)
+        kwargs["train_sampling_strategy"] = "group_by_length"
     # A config class that is no dataclass (a test's stand-in) takes the shared fields as they are.
     trl_fields = {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else set(kwargs)
     for name, trl_name in STAGE_FIELDS.items():
@@ -259,6 +262,51 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, **stage_kwargs):
     args = config_cls(**kwargs)
     one_gpu_per_process(args, config_cls)
     return args
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Batches of similar length (less padding), in random order, the same order on every process.
+
+    Per epoch, with a generator seeded by (seed, epoch) only: a random permutation, cut into megabatches of up
+    to 50 batches (at least 4 megabatches, as transformers' own sampler), each sorted by length and cut into
+    batches; then the batches are shuffled, and the one holding the longest example goes first, so that a
+    batch too large for memory fails at step 1, not hours in. Under accelerate every process draws the same
+    order and takes its own batches; a resumed run draws the same order again (set_epoch, from the Trainer).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), max(1, batch_size), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        n, size = len(self.lengths), self.batch_size
+        mega = max(1, min(n // (size * 4), 50)) * size
+        order = torch.randperm(n, generator=generator).tolist()
+        batches = []
+        for start in range(0, n, mega):
+            group = sorted(order[start : start + mega], key=lambda i: self.lengths[i], reverse=True)
+            batches += [group[i : i + size] for i in range(0, len(group), size)]
+        # Megabatches are whole batches, so only the last one can end short; the DataLoader re-cuts the index stream
+        # into batches of `size`, so that short one stays last.
+        full = [b for b in batches if len(b) == size]
+        short = [i for b in batches if len(b) < size for i in b]
+        full = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        if full:
+            longest = max(range(len(full)), key=lambda k: max(self.lengths[i] for i in full[k]))
+            full[0], full[longest] = full[longest], full[0]
+        return iter([i for b in full for i in b] + short)
+
+
+def length_grouped_sampler(lengths: list[int], batch_size: int, args) -> LengthGroupedSampler:
+    """The sampler for `--group_by_length`, grouping by the micro-batch (`batch_size`): the rows padded together."""
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    return LengthGroupedSampler(lengths, batch_size, seed)
 
 
 def launch_command(script: str, gpus: int) -> str:

@@ -114,14 +114,23 @@ def _answer(rng: random.Random, n: int, rate: float, helpful: list[str], filler:
     return " ".join(rng.choice(helpful) if rng.random() < rate else rng.choice(filler) for _ in range(n))
 
 
-def preference_rows(n: int, length_scale: float, seed: int = 0) -> list[dict]:
-    """n conversational preference pairs (prompt / chosen / rejected) with heavy-tailed lengths."""
+def preference_rows(n: int, length_scale: float, seed: int = 0, long_prompts: bool = False) -> list[dict]:
+    """n conversational preference pairs (prompt / chosen / rejected) with heavy-tailed lengths.
+
+    With `long_prompts`, each prompt has at least as many words as the longer of its two answers, so the prompt
+    is at least half of each sequence (the data prefix sharing is measured on: multi-turn chats, long contexts).
+    """
     rng = random.Random(seed)
     helpful, filler = helpful_and_filler()
     rows = []
     for _ in range(n):
-        prompt = " ".join(rng.choice(filler) for _ in range(_length(rng, PROMPT_MEDIAN, PROMPT_SIGMA, length_scale)))
-        chosen_n, rejected_n = (_length(rng, ANSWER_MEDIAN, ANSWER_SIGMA, length_scale) for _ in range(2))
+        prompt_n = _length(rng, PROMPT_MEDIAN, PROMPT_SIGMA, length_scale)
+        if long_prompts:  # the answer lengths first; without it the draws stay in their old order (same data)
+            chosen_n, rejected_n = (_length(rng, ANSWER_MEDIAN, ANSWER_SIGMA, length_scale) for _ in range(2))
+            prompt_n = max(prompt_n, chosen_n, rejected_n)
+        prompt = " ".join(rng.choice(filler) for _ in range(prompt_n))
+        if not long_prompts:
+            chosen_n, rejected_n = (_length(rng, ANSWER_MEDIAN, ANSWER_SIGMA, length_scale) for _ in range(2))
         rows.append({
             "prompt": [{"role": "user", "content": prompt}],
             "chosen": [{"role": "assistant", "content": _answer(rng, chosen_n, CHOSEN_RATE, helpful, filler)}],

@@ -13,6 +13,16 @@ dropout 0.05, the reference forward every step, gradient checkpointing, max_leng
 max_grad_norm 0.3, fused AdamW; fp32 on this CPU. alignkit's defaults are read from alignkit.config.DPOSettings
 and go through alignkit's own loader, trl_config and AlignDPOTrainer, as dpo.py runs them. A lever is the
 seed's configuration with one thing changed. The learning rate is one bench constant for every configuration.
+
+On a shared machine a change in load between two runs decides their ratio, so every comparison is interleaved:
+round 1 runs each configuration once (seed, defaults, ...), round 2 again, and so on (`REPEATS` rounds, at
+least 3). A ratio is taken within each round (the configurations of one round ran minutes apart) and reported
+as the median over rounds with its min-max; each configuration's figures are its medians. Every worker runs on
+the same pinned number of torch threads (bench.run_all --threads) and records it.
+
+Prefix sharing (alignkit.prefix) is measured on its own data: the same generator with every prompt at least as
+long as the longer answer, so the prompt is at least half of each sequence; alignkit's defaults with prefix
+sharing on and off, interleaved alike (`prefix_sharing_speedup`).
 """
 
 from __future__ import annotations
@@ -31,8 +41,10 @@ LEARNING_RATE = 1e-3  # one value for all (dpo.py's default 5e-5 is for 7B model
 BETA = 0.1
 SEED_CONFIG = dict(
     trainer="trl", lora_r=256, lora_alpha=128, lora_dropout=0.05, gradient_checkpointing=True, max_length=1512,
-    batch=8, accum=1, precompute=False, max_grad_norm=0.3, optim="adamw_torch_fused",
+    batch=8, accum=1, precompute=False, max_grad_norm=0.3, optim="adamw_torch_fused", prefix_sharing=False,
+    group_by_length=False,
 )
+REPEATS = 3  # interleaved rounds of every comparison
 
 
 def defaults_config() -> dict:
@@ -45,6 +57,7 @@ def defaults_config() -> dict:
         gradient_checkpointing=s.gradient_checkpointing, max_length=s.max_length,
         batch=s.per_device_train_batch_size, accum=s.gradient_accumulation_steps,
         precompute=s.precompute_ref_log_probs, max_grad_norm=s.max_grad_norm, optim=None,
+        prefix_sharing=s.prefix_sharing, group_by_length=s.group_by_length,
     )
 
 
@@ -69,6 +82,10 @@ def configurations() -> list[tuple[str, str, dict]]:
          "less padding to the batch's longest", {"batch": 4, "accum": 2}),
         ("lever: micro-batch 1 x 8", "per-device batch 1 with 8 accumulation steps: no padding at all",
          {"batch": 1, "accum": 8}),
+        ("lever: prefix sharing", "alignkit trainer with prefix sharing: each pair's prompt computed once",
+         {"trainer": "alignkit", "prefix_sharing": True}),
+        ("lever: length-grouped batches", "alignkit trainer with batches of similar length (less padding)",
+         {"trainer": "alignkit", "group_by_length": True}),
     ]
     proposed = {**defaults, "gradient_checkpointing": False, "precompute": True, "lora_dropout": 0.0}
     return (
@@ -167,6 +184,7 @@ def _build(spec: dict, out: Path):
         model_id=spec["model"], quantization="none", dtype="fp32", lora_r=spec["lora_r"],
         lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"], output_dir=str(out), run_name="run",
         report_to="none", logging_steps=1000, precompute_ref_log_probs=spec["precompute"],
+        group_by_length=spec.get("group_by_length", False), prefix_sharing=spec.get("prefix_sharing", False),
         trainer_overrides=json.dumps(overrides), **common_args,
     )
     loaded = load_model(s, for_training=True)
@@ -176,7 +194,7 @@ def _build(spec: dict, out: Path):
                       precompute_ref_log_probs=s.precompute_ref_log_probs)
     cls = _measured(_policy_only(AlignDPOTrainer) if spec.get("policy_only") else AlignDPOTrainer)
     return cls(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-               processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen)
+               processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen, prefix_sharing=s.prefix_sharing)
 
 
 def _counts(model) -> dict:
@@ -246,6 +264,8 @@ def worker(spec: dict) -> dict:
     result["lora_dropout"] = _lora_dropout_modules(model)
     result["counts"] = _counts(model)
     result["precompute"] = spec["precompute"]
+    result["torch_threads"] = torch.get_num_threads()
+    result["prefix_sharing"] = bool(getattr(trainer, "prefix_sharing", False))
     load = os.getloadavg()[0]
     trainer.train()
     result["peak_rss_mib"] = round(common.peak_rss_mib())
@@ -280,15 +300,57 @@ QUICK = ("seed", "alignkit defaults", "proposed")
 
 
 def _merge(what: str, config: dict, runs: list[dict]) -> dict:
-    """One configuration's figures over its runs (the seed runs twice): mean throughput, worst memory."""
+    """One configuration's figures over its runs (one per round): median throughput, worst memory."""
     merged = {**runs[0], "what": what, "pairs_per_step": config["batch"] * config["accum"]}
     for key in ("tokens_per_s", "tokens_per_cpu_s", "tokens_per_s_with_precompute", "median_step_s",
                 "median_step_s_per_pair", "reward_accuracy"):
-        merged[key] = statistics.mean(r[key] for r in runs)
+        merged[key] = statistics.median(r[key] for r in runs)
     merged["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
     merged["runs"] = [{k: r[k] for k in ("tokens_per_s", "tokens_per_cpu_s", "median_step_s", "seconds",
-                                        "load_average", "process_seconds")} for r in runs]
+                                        "load_average", "process_seconds", "torch_threads")} for r in runs]
     return merged
+
+
+def _ratio(runs: dict[str, list[dict]], over: str, base: str, key: str = "tokens_per_s") -> dict:
+    """`over`'s figure over `base`'s, round by round: the median, its min-max and every round's value."""
+    ratios = [a[key] / b[key] for a, b in zip(runs[over], runs[base], strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
+
+
+def _interleaved(label: str, configs: list[tuple[str, str, dict]], spec, env: dict, repeats: int) -> dict:
+    """Run every configuration once per round, `repeats` rounds: {name: [run of round 1, round 2, ...]}."""
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
+    for round_ in range(1, repeats + 1):
+        for name, _, config in configs:
+            print(f"{label}: {name} (round {round_}/{repeats})", flush=True)
+            runs[name].append(common.run_worker("dpo_speed", spec(name, config), env))
+            r = runs[name][-1]
+            print(f"  {r['tokens_per_s']:.1f} tokens/s, reward accuracy {r['reward_accuracy']:.3f}, "
+                  f"peak RSS {r['peak_rss_mib']} MiB, {r['torch_threads']} thread(s)", flush=True)
+    return runs
+
+
+def prefix_sharing_comparison(label: str, work: Path, model: str, pairs: int, max_length_scale: float, env: dict,
+                              repeats: int) -> dict:
+    """alignkit's defaults with prefix sharing on and off, interleaved, on data whose prompts are >= half of
+    each sequence (bench.common.preference_rows(long_prompts=True))."""
+    rows = common.preference_rows(pairs + 16, LENGTH_SCALE, seed=1, long_prompts=True)
+    train = common.write_jsonl(work / f"{label}-prefix" / "train.jsonl", rows[:pairs])
+    held_out = common.write_jsonl(work / f"{label}-prefix" / "eval.jsonl", rows[pairs:])
+    defaults = defaults_config()
+    configs = [("sharing on", "alignkit defaults, prefix sharing on", {**defaults, "prefix_sharing": True}),
+               ("sharing off", "alignkit defaults, --prefix_sharing false", {**defaults, "prefix_sharing": False})]
+
+    def spec(name, config):
+        return {**config, "name": name, "model": model, "train": str(train), "eval": str(held_out), "pairs": pairs,
+                "max_length": round(config["max_length"] * max_length_scale)}
+
+    runs = _interleaved(f"{label} prefix sharing", configs, spec, env, repeats)
+    on = runs["sharing on"]
+    if not all(r["prefix_sharing"] for r in on):
+        raise RuntimeError("prefix sharing was not active in the 'sharing on' runs (see the worker's log line)")
+    return {"pairs": pairs, "prompt_share_min": 0.5, "repeats": repeats, "speedup": _ratio(runs, "sharing on", "sharing off"),
+            "configs": {name: _merge(what, config, runs[name]) for name, what, config in configs}}
 
 
 def run(work: Path, model: str, quick: bool) -> dict:
@@ -303,15 +365,7 @@ def run(work: Path, model: str, quick: bool) -> dict:
                 "pairs": train_pairs, "max_length": round(config["max_length"] * LENGTH_SCALE)}
 
     chosen = [c for c in configurations() if not quick or c[0] in QUICK]
-    # The seed runs first and, in the full run, once more at the end: how far the machine drifted in between.
-    order = chosen + ([] if quick else chosen[:1])
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in chosen}
-    for name, _, config in order:
-        print(f"dpo: {name}", flush=True)
-        runs[name].append(common.run_worker("dpo_speed", spec(name, config), env))
-        r = runs[name][-1]
-        print(f"  {r['tokens_per_s']:.1f} tokens/s, reward accuracy {r['reward_accuracy']:.3f}, "
-              f"peak RSS {r['peak_rss_mib']} MiB", flush=True)
+    runs = _interleaved("dpo", chosen, spec, env, REPEATS)
     configs = {name: _merge(what, config, runs[name]) for name, what, config in chosen}
 
     defaults = next(c for n, _, c in chosen if n == "alignkit defaults")
@@ -324,15 +378,22 @@ def run(work: Path, model: str, quick: bool) -> dict:
     cold = runs["proposed"][0]
 
     seed, ours = configs["seed"], configs["alignkit defaults"]
-    noise = {n: r[1]["tokens_per_s"] / r[0]["tokens_per_s"] - 1 for n, r in runs.items() if len(r) > 1}
+    # How far one configuration's throughput moved between rounds: the machine's drift, (max - min) / median.
+    noise = {n: (max(x["tokens_per_s"] for x in r) - min(x["tokens_per_s"] for x in r)) / configs[n]["tokens_per_s"]
+             for n, r in runs.items()}
+    speedup = _ratio(runs, "alignkit defaults", "seed")
+    prefix = prefix_sharing_comparison("dpo", work, model, train_pairs, LENGTH_SCALE, env, REPEATS)
     return {
+        "repeats": REPEATS, "torch_threads": sorted({r["torch_threads"] for rs in runs.values() for r in rs}),
+        "speedup_vs_seed_range": speedup, "prefix_sharing_speedup": prefix["speedup"]["median"],
+        "prefix_sharing": prefix,
         "length_scale": LENGTH_SCALE, "train_pairs": train_pairs, "eval_pairs": eval_pairs,
         "learning_rate": LEARNING_RATE, "beta": BETA,
         "max_length_seed": round(SEED_CONFIG["max_length"] * LENGTH_SCALE),
         "max_length_defaults": round(defaults["max_length"] * LENGTH_SCALE),
         "model_params": seed["counts"]["base_params"],
         "configs": configs,
-        "speedup_vs_seed": ours["tokens_per_s"] / seed["tokens_per_s"],
+        "speedup_vs_seed": speedup["median"],
         "reward_accuracy": {name: r["reward_accuracy"] for name, r in configs.items()},
         "policy_only": policy,
         "peak_rss_ratio_vs_policy_only": ours["peak_rss_mib"] / policy["peak_rss_mib"],
@@ -364,21 +425,24 @@ def run_smol(work: Path, quick: bool) -> dict:
     rows = common.preference_rows(train_pairs + eval_pairs, LENGTH_SCALE, seed=0)
     train = common.write_jsonl(work / "smol" / "train.jsonl", rows[:train_pairs])
     held_out = common.write_jsonl(work / "smol" / "eval.jsonl", rows[train_pairs:])
-    configs = {}
-    for name, what, config in (c for c in configurations() if c[0] in SMOL_CONFIGS):
-        print(f"smol dpo: {name}", flush=True)
-        spec = {**config, "name": name, "model": model, "train": str(train), "eval": str(held_out),
+    chosen = [c for c in configurations() if c[0] in SMOL_CONFIGS]
+    env = {"ALIGNKIT_CACHE": str(work / "cache")}
+
+    def spec(name, config):
+        return {**config, "name": name, "model": model, "train": str(train), "eval": str(held_out),
                 "pairs": train_pairs, "max_length": round(config["max_length"] * SMOL_MAX_LENGTH_SCALE)}
-        r = common.run_worker("dpo_speed", spec, {"ALIGNKIT_CACHE": str(work / "cache")})
-        print(f"  {r['tokens_per_s']:.1f} tokens/s, reward accuracy {r['reward_accuracy']:.3f}, "
-              f"peak RSS {r['peak_rss_mib']} MiB", flush=True)
-        configs[name] = _merge(what, config, [r])
+
+    runs = _interleaved("smol dpo", chosen, spec, env, REPEATS)
+    configs = {name: _merge(what, config, runs[name]) for name, what, config in chosen}
+    speedup = _ratio(runs, "alignkit defaults", "seed")
+    prefix = prefix_sharing_comparison("smol", work, model, train_pairs, SMOL_MAX_LENGTH_SCALE, env, REPEATS)
     return {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)",
         "model_params": configs["seed"]["counts"]["base_params"],
         "length_scale": LENGTH_SCALE, "max_length_scale": SMOL_MAX_LENGTH_SCALE, "train_pairs": train_pairs,
         "eval_pairs": eval_pairs, "learning_rate": LEARNING_RATE, "beta": BETA, "configs": configs,
-        "speedup_vs_seed": configs["alignkit defaults"]["tokens_per_s"] / configs["seed"]["tokens_per_s"],
+        "repeats": REPEATS, "speedup_vs_seed": speedup["median"], "speedup_vs_seed_range": speedup,
+        "prefix_sharing_speedup": prefix["speedup"]["median"], "prefix_sharing": prefix,
     }
 
 

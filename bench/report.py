@@ -23,6 +23,21 @@ def machine_line(m: dict) -> str:
             f"{m['load_average_at_start'][0]} (a shared machine)")
 
 
+def _range(r: dict | None) -> str:
+    """A median ratio with its min-max over interleaved rounds."""
+    return "-" if not r else f"{r['median']:.2f}x (min {r['min']:.2f}x, max {r['max']:.2f}x)"
+
+
+def prefix_lines(section: dict | None, what: str) -> list[str]:
+    if not section:
+        return []
+    on, off = section["configs"]["sharing on"], section["configs"]["sharing off"]
+    return ["", f"Prefix sharing ({what}; {section['pairs']} pairs whose prompts are at least half of each sequence, "
+                f"alignkit's defaults, on vs off, {section['repeats']} interleaved rounds): "
+                f"{_range(section['speedup'])} tokens/s ({on['tokens_per_s']:.1f} vs {off['tokens_per_s']:.1f}); "
+                f"reward accuracy {on['reward_accuracy']:.3f} vs {off['reward_accuracy']:.3f}."]
+
+
 def dpo_table(dpo: dict) -> list[str]:
     seed = dpo["configs"]["seed"]
     lines = [
@@ -30,7 +45,9 @@ def dpo_table(dpo: dict) -> list[str]:
         f"lengths x{dpo['length_scale']:g} of full scale, max_length scaled alike (1512 -> {dpo['max_length_seed']}, "
         f"1024 -> {dpo['max_length_defaults']}); learning rate {dpo['learning_rate']:g}, beta {dpo['beta']:g} for all. "
         "Tokens are non-pad chosen + rejected tokens (prompt included); each pair is trained on once. "
-        f"The seed's figures are the mean of its {len(dpo['configs']['seed']['runs'])} run(s). Reward accuracy "
+        f"Every configuration ran once in each of {len(dpo['configs']['seed']['runs'])} interleaved rounds; figures "
+        "are medians over rounds, and a ratio to the seed is taken within each round: defaults over the seed "
+        f"{_range(dpo.get('speedup_vs_seed_range'))}. Reward accuracy "
         f"is over {dpo['eval_pairs']} held-out pairs: its binomial standard error at the seed's accuracy is "
         f"{_standard_error(seed['reward_accuracy'], dpo['eval_pairs']):.3f}.",
         "",
@@ -68,9 +85,10 @@ def dpo_table(dpo: dict) -> list[str]:
                       f"{cache['cold_seconds']:.2f} s computing them ({cache['cold_forwards']} reference forwards), "
                       f"identical rerun {cache['warm_seconds']:.2f} s ({cache['warm_forwards']} forwards): "
                       f"{_x(cache['saving'])} faster."]
+    lines += prefix_lines(dpo.get("prefix_sharing"), "the bench model")
     if dpo.get("noise"):
-        lines += ["", "Noise: the seed's second run (last of all) differs from its first in tokens/s by " + ", ".join(
-            f"{v:+.0%}" for v in dpo["noise"].values()) + "."]
+        lines += ["", "Noise: each configuration's tokens/s moved between rounds by (max - min) / median = " + ", ".join(
+            f"{n} {v:.0%}" for n, v in dpo["noise"].items()) + "."]
     return lines
 
 
@@ -83,10 +101,18 @@ def markdown(results: dict) -> str:
     lines = ["# alignkit benchmarks", "", f"Machine: {machine_line(results['machine'])}.",
              f"Run: `{command(results)}` ({results['started']}, {results['seconds']} s).", ""]
     dpo, gen, judge, lim = (results.get(k) for k in ("dpo", "generation", "judge", "limit"))
+    smol_ = results.get("smol")
     lines += ["## Goals", "",
-              f"- DPO, alignkit defaults over the seed, tokens/s: {_goal(dpo and dpo['speedup_vs_seed'], 1.5)}"
-              + (f"; reward accuracy {dpo['reward_accuracy']['alignkit defaults']:.3f} vs seed "
-                 f"{dpo['reward_accuracy']['seed']:.3f}" if dpo else ""),
+              f"- DPO, alignkit defaults over the seed, tokens/s: {_goal(dpo and dpo['speedup_vs_seed'], 2.5)}"
+              + (f", rounds {_range(dpo.get('speedup_vs_seed_range'))}; reward accuracy "
+                 f"{dpo['reward_accuracy']['alignkit defaults']:.3f} vs seed {dpo['reward_accuracy']['seed']:.3f}"
+                 if dpo else ""),
+              f"- The same on SmolLM2-135M: {_goal(smol_ and smol_['speedup_vs_seed'], 2)}",
+              f"- MFU of the defaults (fp32 CPU, measured matmul peak): "
+              + (f"{'met' if lim['mfu'] >= 0.35 else 'NOT met'} ({lim['mfu']:.1%}, goal >= 35%)"
+                 if lim and "mfu" in lim else "not run"),
+              f"- Prefix sharing, on over off (prompts >= half of each sequence): "
+              f"{_goal(dpo and dpo.get('prefix_sharing_speedup'), 1.3)}",
               f"- Generation, batched (16, label.py's default) over one at a time: "
               f"{_goal(gen and gen['batched_speedup'], 4)}",
               f"- Judging, --parallel 16 over 1: {_goal(judge and judge['parallel_16_speedup'], 12)}", ""]
@@ -98,7 +124,9 @@ def markdown(results: dict) -> str:
         lines += ["## DPO training on SmolLM2-135M-Instruct", "",
                   f"{smol['model']}, {smol['model_params']:,} weights; {smol['train_pairs']} training pairs of the "
                   f"same data, max_length at {smol['max_length_scale']:.3f} of full scale (SmolLM2's tokenizer "
-                  f"splits the made-up words). Defaults over the seed: {_x(smol['speedup_vs_seed'])} tokens/s.", "",
+                  f"splits the made-up words). Defaults over the seed: "
+                  f"{_range(smol.get('speedup_vs_seed_range')) if smol.get('speedup_vs_seed_range') else _x(smol['speedup_vs_seed'])} "
+                  "tokens/s.", *prefix_lines(smol.get("prefix_sharing"), "SmolLM2")[1:], "",
                   "| configuration | tokens/s | median step (s) | peak RSS (MiB) | reward accuracy | MFU |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {n} | {r['tokens_per_s']:.1f} | {r['median_step_s']:.1f} | {r['peak_rss_mib']} "
@@ -145,14 +173,15 @@ def readme_section(results: dict) -> str:
     return (
         "## Benchmarks\n\n"
         "`bench/` measures training, generation and judging speed against the seed project's configuration, on the "
-        "CPU, each comparison side by side in one run (same model, same data, same seed). They print figures and "
-        "never fail; CI does not run them.\n\n"
+        "CPU, each comparison side by side in one run (same model, same data, same seed), interleaved over 3 rounds "
+        "(seed, defaults, seed, defaults, ...) and reported as the median ratio with its min-max, on a pinned "
+        "number of torch threads. They print figures and never fail; CI does not run them.\n\n"
         "```bash\n"
-        "python bench/run_all.py --quick              # a few minutes: the seed, the defaults and the proposal\n"
-        "python bench/run_all.py                      # every lever (about 25 minutes on 2 cores), then SmolLM2\n"
-        "python bench/run_all.py --threads 1          # on a machine others are using (see bench/common.py)\n"
+        "python bench/run_all.py --quick              # the seed, the defaults, the proposal, prefix sharing on/off\n"
+        "python bench/run_all.py                      # every lever, 3 rounds each (over an hour on 2 cores), SmolLM2\n"
+        "python bench/run_all.py --threads 4          # torch threads for every run (default 1, for a shared machine)\n"
         "python bench/run_all.py --only generation judge\n"
-        "python bench/run_all.py --only smol --quick   # SmolLM2-135M (its wheel): the seed vs the defaults\n"
+        "python bench/run_all.py --only smol --quick   # SmolLM2-135M (its wheel): seed vs defaults, prefix sharing\n"
         "```\n\n"
         "They write `bench/results.json` and `bench/results.md`. The latest run:\n\n" + body
     )

@@ -2,7 +2,11 @@
 
     python bench/run_all.py            # the full run (DPO levers twice, in opposite orders)
     python bench/run_all.py --quick    # a few minutes: fewer pairs, the seed, the defaults and the proposal only
-    python bench/run_all.py --only smol --quick   # SmolLM2-135M (needs its wheel): seed vs defaults
+    python bench/run_all.py --only smol --quick   # SmolLM2-135M (needs its wheel): seed vs defaults, prefix sharing
+    python bench/run_all.py --threads 4           # pinned to 4 torch threads (default 1)
+
+Every comparison is interleaved over rounds (bench.dpo_speed.REPEATS, >= 3) and reported as a median ratio
+with its min-max, so that a change in the machine's load between two runs does not decide the ratio.
 
 Benchmarks print figures; they are not tests and never fail on a slow machine. Each comparison runs side by
 side in one run: same model, same data, same seed; figures are shown as ratios to the baseline of their
@@ -28,9 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run of a few minutes (fewer pairs and configurations)")
     parser.add_argument("--only", nargs="+", choices=["dpo", "smol", "generation", "judge", "lota", "rl"], help="run only these parts")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for every benchmark (default: torch's own, one per core). On a machine "
-                             "others are using, 1 avoids threads waiting on each other's time slices")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads, pinned for every benchmark and recorded in results.json (default 1: on "
+                             "a machine others are using, more threads wait on each other's time slices)")
     parser.add_argument("--out", default=str(common.ROOT / "bench" / "results.json"), help="JSON results file")
     parser.add_argument("--no_readme", action="store_true",
                         help="leave README.md's Benchmarks section as it is (a --quick or --only run always does)")
