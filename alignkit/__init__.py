@@ -8,7 +8,8 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, by what they ho
   (the cache folder), journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses).
 - Models and data: models (the one loader), gguf (GGUF files converted once), data (the one data normaliser),
   generation (local answering engines: transformers, vLLM).
-- Training: losses (preference losses TRL lacks), trainers (alignkit's TRL trainers), training (run folders,
+- Training: losses (preference losses TRL lacks), trainers (alignkit's TRL trainers), prefix (DPO prefix
+  sharing: a pair's prompt computed once), training (run folders,
   TRL configs, resume, finish), refcache (reference log-prob cache), lota (Lottery Ticket Adaptation),
   reward (reward.py's losses and trainer), rl (rl.py's rewards and GRPO/RLOO), rlaif (rlaif.py's rounds),
   merge (adapters into their base), hub (Hub pushes and model cards).
