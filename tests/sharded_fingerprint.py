@@ -143,6 +143,11 @@ def main(out: Path, adapters: list[str]) -> None:
         except Exception as e:  # noqa: BLE001 - reported, and the test says which sharding ran
             found["fsdp2_error"] = f"{type(e).__name__}: {e}"
     (out / f"rank{rank}.json").write_text(json.dumps(keys))
+    # Leave together and tear the process group down: a gloo group still alive at interpreter exit can abort a
+    # process ("terminate called without an active exception") after its work is done.
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
