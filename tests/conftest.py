@@ -38,6 +38,18 @@ def tiny_cache(tmp_path_factory):
     return Path(cache)
 
 
+@pytest.fixture
+def alignkit_log(caplog):
+    """caplog for the toolkit's own log lines: its logger does not propagate to the root, so attach to it."""
+    import logging
+
+    logger = logging.getLogger("alignkit")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="alignkit")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 def run_script(name: str, *args: str, cwd: Path | None = None) -> dict:
     """Run a top-level cell script (sft.py, dpo.py, ...) in this process; returns its globals."""
     old_argv, old_cwd = sys.argv, os.getcwd()

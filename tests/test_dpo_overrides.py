@@ -127,14 +127,6 @@ def test_label_smoothing_set_through_an_override_is_checked_too():
         check_dpo_config(dpo_config(loss_type=["ipo"], label_smoothing=0.3))
 
 
-@pytest.fixture
-def alignkit_log(caplog):
-    from alignkit import logger
-
-    logger.addHandler(caplog.handler)  # the toolkit's logger does not propagate to the root
-    caplog.set_level(logging.INFO, logger="alignkit")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def test_ipo_with_trl_losses_warns_that_it_becomes_trls_length_normalised_ipo(alignkit_log):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import sys
 import types
 from pathlib import Path
@@ -24,12 +23,6 @@ from conftest import run_script
 GPUS = {"T4": (7, 5), "V100": (7, 0), "A100": (8, 0), "H100": (9, 0)}
 
 
-@pytest.fixture
-def alignkit_log(caplog):
-    logger = logging.getLogger("alignkit")
-    logger.addHandler(caplog.handler)  # the toolkit's logger does not propagate to the root
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def fake_gpus(monkeypatch, count: int = 1, gpu: str = "A100", flash_attn: bool = False):

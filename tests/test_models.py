@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
@@ -13,12 +12,6 @@ from alignkit.args import ConfigError
 from alignkit.config import DPOSettings, ModelSettings
 
 
-@pytest.fixture
-def alignkit_log(caplog):
-    logger = logging.getLogger("alignkit")
-    logger.addHandler(caplog.handler)  # the toolkit's logger does not propagate to the root
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def test_auto_choices_on_a_cpu_say_what_and_why(alignkit_log):
