@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # alignkit itself, also where it is not pip-installed (a bare GPU machine)
 NEEDED = ["trl", "datasets", "dotenv"]  # import names alignkit needs beyond torch/transformers/peft/accelerate
 PROVIDED = ["torch", "transformers", "peft", "accelerate"]  # on the GPU machine already
 WHEEL_LIMIT = 64 * 2**20
@@ -122,7 +123,8 @@ def ensure_packages(wheels: str | None) -> None:
 class Smoke:
     def __init__(self, out: Path):
         self.out, self.results, self.env = out, [], {
-            **os.environ, "PYTHONPATH": str(ROOT), "ALIGNKIT_CACHE": str(out / "cache"), "HF_HUB_OFFLINE": "1",
+            **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "ALIGNKIT_CACHE": str(out / "cache"), "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
             "TOKENIZERS_PARALLELISM": "false",
         }
@@ -257,9 +259,8 @@ def smollm2(smoke: Smoke, path: str | None, steps: int) -> None:
     if path is None:
         try:
             from alignkit.smol import gguf_path
-        except ImportError:
-            print("skip SmolLM2: this alignkit cannot load GGUF files yet (no alignkit.smol); pass --smollm2 FOLDER "
-                  "for a transformers folder")
+        except ImportError as e:
+            print(f"skip SmolLM2: alignkit.smol does not import ({e}); pass --smollm2 FOLDER for a transformers folder")
             return
         path = gguf_path()
         if path is None:
