@@ -89,6 +89,24 @@ def test_batches_of_similar_length_answer_in_the_callers_order(tiny_cache):
     assert batched == one_by_one
 
 
+def test_ragged_prefill_answers_as_the_padded_batch_does(tiny_cache, monkeypatch):
+    """Prompts of mixed lengths in one batch: the cache is computed row by row without padding, and generation
+    continues from it to the same answers as the padded batch's and as each prompt's alone (greedy)."""
+    loaded = models.load_model(ModelSettings(model_id=presets.paths()["model"], quantization="none"))
+    prompts = ["three tools?", "name three fruits.", "which three animals would you name if you were asked, "
+               "on a long walk through the park on a sunny day, for the names of some animals?"]
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    used, real = [], generation.ragged_prefill
+    monkeypatch.setattr(generation, "ragged_prefill", lambda *a: used.append(real(*a)) or used[-1])
+    ragged = generation.generate(loaded.model, loaded.tokenizer, conversations, max_new_tokens=20, batch_size=3)
+    assert used and used[-1], "the ragged prefill did not apply to a batch that is mostly padding"
+    monkeypatch.setattr(generation, "RAGGED_PREFILL_PADDING", 1.1)  # never: the plain padded batch
+    padded = generation.generate(loaded.model, loaded.tokenizer, conversations, max_new_tokens=20, batch_size=3)
+    assert not used[-1]
+    one_by_one = [generation.generate(loaded.model, loaded.tokenizer, [c], max_new_tokens=20)[0] for c in conversations]
+    assert len(set(one_by_one)) == 3 and ragged == padded == one_by_one
+
+
 def test_generation_backend_falls_back_with_a_reason(alignkit_log, monkeypatch):
     import importlib.util
 
