@@ -3,7 +3,9 @@
 Every configuration trains the same model (bench.common) on the same pairs in the same order (same seed) for
 the same number of pairs, each in a fresh process so its peak RSS is its own, and reports:
 - tokens/s: non-pad tokens of chosen plus rejected sequences (prompt included, after truncation) over the
-  wall time of the measured optimizer steps (the first step, which allocates, is left out);
+  wall time of the measured optimizer steps (the first step, which allocates, is left out): the data's tokens,
+  so prefix sharing, which computes each prompt once, shows as more tokens/s; computed_tokens_per_s counts
+  what the model computed (the prompt once with sharing), which MFU (bench.limit) uses;
 - median optimizer-step time (a step is per_device_batch x grad_accumulation pairs, so it is shown per pair too);
 - peak RSS at the end of training (before evaluation);
 - held-out reward accuracy (TRL's eval_rewards/accuracies) after training.
@@ -111,24 +113,40 @@ def _measured(trainer_cls):
         def on_step_end(self, args, state, control, **kwargs):
             now, cpu = time.perf_counter(), time.process_time()  # process_time: CPU time of all our threads
             o = self.owner
-            o.steps.append((now - self.last, o.step_tokens, o.step_pairs, o.step_squares, cpu - self.last_cpu))
-            o.step_tokens = o.step_pairs = o.step_squares = 0
+            o.steps.append((now - self.last, o.step_tokens, o.step_pairs, o.step_squares, cpu - self.last_cpu,
+                            o.step_computed))
+            o.step_tokens = o.step_pairs = o.step_squares = o.step_computed = 0
             self.last, self.last_cpu = now, cpu
 
     class Measured(trainer_cls):
         def __init__(self, *args, **kwargs):
-            self.steps, self.step_tokens, self.step_pairs, self.step_squares = [], 0, 0, 0
+            self.steps, self.step_tokens, self.step_pairs, self.step_squares, self.step_computed = [], 0, 0, 0, 0
             super().__init__(*args, **kwargs)
             self.add_callback(Clock(self))
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             lengths = inputs["attention_mask"].sum(dim=1)  # non-pad tokens per sequence (chosen..., rejected...)
             self.step_tokens += int(lengths.sum())
-            self.step_squares += int((lengths**2).sum())  # for the attention FLOPs (bench.limit)
+            shared = _shared_prefix_lengths(self, inputs)  # tokens each pair computes once instead of twice
+            self.step_computed += int(lengths.sum() - shared.sum())
+            # For the attention FLOPs (bench.limit): a shared prefix attends within itself once.
+            self.step_squares += int((lengths**2).sum() - (shared**2).sum())
             self.step_pairs += len(lengths) // 2
             return super().training_step(model, inputs, num_items_in_batch)
 
     return Measured
+
+
+def _shared_prefix_lengths(trainer, inputs):
+    """Per pair, the prompt tokens prefix sharing computes once rather than twice (zeros when it is off)."""
+    import torch
+
+    from alignkit import prefix
+
+    if not (getattr(trainer, "prefix_sharing", False) and prefix.can_pack(inputs)):
+        return torch.zeros(0, dtype=torch.long)
+    packed = prefix.pack_pairs(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+    return (packed.segment == 0).sum(dim=1)
 
 
 def _policy_only(trainer_cls):
@@ -274,7 +292,11 @@ def worker(spec: dict) -> dict:
     seconds, tokens = sum(s[0] for s in measured), sum(s[1] for s in measured)
     # Less sensitive to other processes than wall time (though not immune: caches and memory are shared).
     result["tokens_per_cpu_s"] = tokens / sum(s[4] for s in measured)
-    result["counts"]["mean_tokens_per_sequence_weighted"] = sum(s[3] for s in measured) / tokens
+    # Tokens the model computed: with prefix sharing each pair's prompt once. MFU counts these (bench.limit);
+    # tokens/s counts the data's tokens (prompt twice), the same for every configuration.
+    computed = sum(s[5] for s in measured)
+    result["counts"]["mean_tokens_per_sequence_weighted"] = sum(s[3] for s in measured) / computed
+    result["computed_tokens_per_s"] = computed / seconds
     pairs = sum(s[2] for s in measured)
     # The training pairs' share of a (cold) precompute pass: every pair is trained on once (one epoch).
     upfront = reference["precompute_seconds_train"] * pairs / spec["pairs"]
@@ -302,7 +324,7 @@ QUICK = ("seed", "alignkit defaults", "proposed")
 def _merge(what: str, config: dict, runs: list[dict]) -> dict:
     """One configuration's figures over its runs (one per round): median throughput, worst memory."""
     merged = {**runs[0], "what": what, "pairs_per_step": config["batch"] * config["accum"]}
-    for key in ("tokens_per_s", "tokens_per_cpu_s", "tokens_per_s_with_precompute", "median_step_s",
+    for key in ("tokens_per_s", "computed_tokens_per_s", "tokens_per_cpu_s", "tokens_per_s_with_precompute", "median_step_s",
                 "median_step_s_per_pair", "reward_accuracy"):
         merged[key] = statistics.median(r[key] for r in runs)
     merged["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)

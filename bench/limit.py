@@ -3,12 +3,14 @@
 Peak: torch.matmul of two n x n fp32 matrices (2 n^3 FLOPs), best of several repeats at a few sizes, with
 torch's default threads. On a shared machine the best repeat is the one least disturbed by other work.
 
-Model FLOPs per non-pad training token of a LoRA DPO step, counted from the model itself:
+Model FLOPs per computed training token of a LoRA DPO step (non-pad; with prefix sharing a pair's shared prompt
+is one set of tokens, not two), counted from the model itself:
   N     = weights of every matmul on a token's path: the decoder's linear layers and the LM head (the input
           embedding is a lookup, no matmul);
   N_l   = LoRA weights of the trained adapter (A and B);
   A     = 2 * layers * hidden * T, causal attention scores and mixing in the forward, T the sequence length
-          (averaged per token: sum T^2 / sum T over the measured batches);
+          (averaged per token: sum T^2 / sum T over the measured batches; with prefix sharing the shared prefix's
+          s^2 is counted once per pair);
   policy forward 2N + 2N_l + A; policy backward 2N + 2N_l + 2A (gradients of the activations, through the
   frozen weights too) + 2N_l (gradients of the LoRA weights; frozen weights get none);
   reference forward, when it runs in the step: 2N + A.
@@ -50,6 +52,7 @@ def flops_per_token(counts: dict, reference_in_step: bool) -> dict:
 
 def mfu(result: dict, peak: float) -> dict:
     per_token = flops_per_token(result["counts"], reference_in_step=not result["precompute"])
-    achieved = per_token["model_flops_per_token"] * result["tokens_per_s"]
+    tokens_per_s = result["computed_tokens_per_s"]  # with prefix sharing a prompt is computed (and counted) once
+    achieved = per_token["model_flops_per_token"] * tokens_per_s
     return {**per_token, "model_flops_per_s": achieved, "mfu": achieved / peak,
-            "mfu_6n_convention": per_token["convention_6n_flops_per_token"] * result["tokens_per_s"] / peak}
+            "mfu_6n_convention": per_token["convention_6n_flops_per_token"] * tokens_per_s / peak}

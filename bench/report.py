@@ -114,7 +114,9 @@ def markdown(results: dict) -> str:
               f"- Prefix sharing, on over off (prompts >= half of each sequence): "
               f"{_goal(dpo and dpo.get('prefix_sharing_speedup'), 1.3)}",
               f"- Generation, batched (16, label.py's default) over one at a time: "
-              f"{_goal(gen and gen['batched_speedup'], 4)}",
+              f"{_goal(gen and gen['batched_speedup'], 4)}"
+              + (f", rounds {_range(gen['by_batch_size']['16']['speedup_range'] | {'median': gen['batched_speedup']})}"
+                 if gen and "speedup_range" in gen["by_batch_size"]["16"] else ""),
               f"- Judging, --parallel 16 over 1: {_goal(judge and judge['parallel_16_speedup'], 12)}", ""]
     if dpo:
         lines += ["## DPO training", ""] + dpo_table(dpo) + [""]
