@@ -102,7 +102,7 @@ from trl import DPOConfig
 from alignkit.trainers import AlignDPOTrainer
 from alignkit.training import start_run, trl_config
 
-args = trl_config(DPOConfig, settings, run_folder, loaded.dtype)  # --dpo_beta is DPOConfig.beta, and so on
+args = trl_config(DPOConfig, settings, run_folder, loaded.dtype, model)  # --dpo_beta is DPOConfig.beta, and so on
 trainer_class = lota.trainer_class(AlignDPOTrainer) if settings.adapter == "lota" else AlignDPOTrainer
 
 

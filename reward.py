@@ -102,7 +102,7 @@ from trl import RewardConfig
 from alignkit.reward import AlignRewardTrainer
 from alignkit.training import trl_config
 
-args = trl_config(RewardConfig, settings, run_folder, loaded.dtype)
+args = trl_config(RewardConfig, settings, run_folder, loaded.dtype, model)
 trainer = AlignRewardTrainer(
     model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=loaded.tokenizer,
     loss=settings.loss, lm_loss_coef=settings.lm_loss_coef, lm_head=lm_head,

@@ -95,7 +95,7 @@ print(f"{len(prompts)} prompts")
 # %%
 from alignkit.rl import trainer_class, trl_args
 
-args = trl_args(settings, run_folder, loaded.dtype)
+args = trl_args(settings, run_folder, loaded.dtype, model)
 trainer = trainer_class(settings.algo)(
     model=model, reward_funcs=rewards, args=args, train_dataset=prompts, processing_class=loaded.tokenizer,
     frozen_adapters=loaded.frozen,

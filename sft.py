@@ -94,7 +94,7 @@ from alignkit.trainers import AlignSFTTrainer, loss_mask_settings
 from alignkit.training import start_run, trl_config
 
 args = trl_config(
-    SFTConfig, settings, run_folder, loaded.dtype,
+    SFTConfig, settings, run_folder, loaded.dtype, model,
     **loss_mask_settings(settings.train_on, train_data, loaded.tokenizer),
 )
 trainer_class = lota.trainer_class(AlignSFTTrainer) if settings.adapter == "lota" else AlignSFTTrainer

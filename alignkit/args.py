@@ -110,6 +110,8 @@ def _convert(raw, tp, where, choices=None, whole=False):
         if optional:
             return None
         raise ConfigError(f"invalid value for {where}: None is not allowed, expected {_type_name(tp)}")
+    if choices and {"true", "false"} <= set(choices) and str(raw).strip().lower() in _TRUE | _FALSE:
+        raw = "true" if str(raw).strip().lower() in _TRUE else "false"  # auto/true/false: YAML booleans too
     item = _list_item(inner)
     if item is None:
         value = _scalar(raw, inner, where)

@@ -168,7 +168,10 @@ class TrainSettings(HubPushSettings, ModelSettings):
     lr_scheduler_type: str = setting("cosine", "learning-rate schedule (transformers SchedulerType)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     max_grad_norm: float = setting(1.0, "gradient clipping norm")
-    gradient_checkpointing: bool = setting(True, "recompute activations in backward: less memory, ~20% slower")
+    gradient_checkpointing: str = setting(
+        "auto", "recompute activations in backward (less memory, ~20% slower); auto: off when the activations of "
+        "a micro-batch fit in half the free memory, else on (logged)", choices=["auto", "true", "false"],
+    )
     seed: int = setting(42, "seed for data shuffling, adapter init and sampling")
     # LoRA
     lora_r: int = setting(16, "LoRA rank")

@@ -425,7 +425,7 @@ def resolve_backend(s) -> bool:
     return False
 
 
-def trl_args(s, folder: Path, dtype):
+def trl_args(s, folder: Path, dtype, model=None):
     """TRL's GRPOConfig or RLOOConfig from the settings (alignkit.training.trl_config underneath)."""
     from trl import GRPOConfig, RLOOConfig
 
@@ -434,7 +434,7 @@ def trl_args(s, folder: Path, dtype):
     use_vllm = resolve_backend(s)
     extra = dict(vllm_mode=s.vllm_mode, vllm_gpu_memory_utilization=s.vllm_gpu_memory_utilization) if use_vllm else {}
     return trl_config(
-        GRPOConfig if s.algo == "grpo" else RLOOConfig, s, folder, dtype, beta=s.beta,
+        GRPOConfig if s.algo == "grpo" else RLOOConfig, s, folder, dtype, model, beta=s.beta,
         num_generations=s.num_generations, max_completion_length=s.max_completion_length,
         temperature=s.temperature, reward_weights=s.reward_weights, use_vllm=use_vllm, **extra,
     )

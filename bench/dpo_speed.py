@@ -207,7 +207,7 @@ def _build(spec: dict, out: Path):
     )
     loaded = load_model(s, for_training=True)
     model = add_trainable_adapter(loaded, s)
-    args = trl_config(DPOConfig, s, out / "run", loaded.dtype, beta=BETA, loss_type=s.loss_type,
+    args = trl_config(DPOConfig, s, out / "run", loaded.dtype, model, beta=BETA, loss_type=s.loss_type,
                       loss_weights=s.loss_weights, label_smoothing=s.label_smoothing,
                       precompute_ref_log_probs=s.precompute_ref_log_probs)
     cls = _measured(_policy_only(AlignDPOTrainer) if spec.get("policy_only") else AlignDPOTrainer)
@@ -284,6 +284,7 @@ def worker(spec: dict) -> dict:
     result["precompute"] = spec["precompute"]
     result["torch_threads"] = torch.get_num_threads()
     result["prefix_sharing"] = bool(getattr(trainer, "prefix_sharing", False))
+    result["gradient_checkpointing"] = bool(trainer.args.gradient_checkpointing)  # as resolved (auto: by memory)
     load = os.getloadavg()[0]
     trainer.train()
     result["peak_rss_mib"] = round(common.peak_rss_mib())

@@ -498,3 +498,39 @@ def test_loading_sets_the_threads_and_says_so_once(tiny_cache, monkeypatch, alig
         torch.set_num_threads(before)
     for stage in ("sft", "dpo", "label", "evaluate"):
         assert presets.defaults(stage)["num_threads"] == "1"
+
+
+def _meta_llama(hidden, inner, layers, vocab):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):  # the shapes without the weights
+        return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=inner, num_hidden_layers=layers,
+                                            vocab_size=vocab, num_attention_heads=8, num_key_value_heads=8))
+
+
+def test_gradient_checkpointing_auto_is_on_for_7b_qlora_on_24gb_and_off_for_the_tiny_preset(monkeypatch, alignkit_log):
+    """The mission's main run (7B QLoRA DPO, batch 4 x 1024 tokens, 24 GB GPU with the 4-bit model in it) keeps
+    checkpointing on; a small model with memory to spare turns it off; both say why; true/false always win."""
+    s = DPOSettings(report_to="none")  # per-device batch 4, max_length 1024
+    seven_b = _meta_llama(4096, 11008, 32, 32000)
+    assert training.activation_bytes(seven_b, s, torch.bfloat16) > 30 * 2**30  # about 40 GB at worst
+    monkeypatch.setattr(training, "free_memory", lambda device: 19 * 2**30)  # 24 GB less a 4-bit 7B and its optimizer
+    assert training.resolve_gradient_checkpointing(s, seven_b, torch.bfloat16) is True
+    assert "gradient checkpointing: on (auto" in alignkit_log.text
+    small = _meta_llama(128, 256, 2, 512)
+    assert training.resolve_gradient_checkpointing(s, small, torch.float32) is False
+    assert "gradient checkpointing: off (auto" in alignkit_log.text
+    for requested, expected in (("true", True), ("false", False), (False, False)):
+        s.gradient_checkpointing = requested
+        assert training.resolve_gradient_checkpointing(s, small if expected else seven_b, torch.float32) is expected
+    s.gradient_checkpointing = "auto"
+    assert training.resolve_gradient_checkpointing(s, None, torch.float32) is True  # nothing to size: the safe side
+
+
+def test_gradient_checkpointing_takes_yaml_booleans_and_auto(tmp_path):
+    from alignkit.args import parse_config
+
+    (tmp_path / "c.yaml").write_text("gradient_checkpointing: true\n")
+    assert parse_config(DPOSettings, ["--config", str(tmp_path / "c.yaml")], env_file=None).gradient_checkpointing == "true"
+    assert parse_config(DPOSettings, ["--gradient_checkpointing", "no"], env_file=None).gradient_checkpointing == "false"
+    assert parse_config(DPOSettings, [], env_file=None).gradient_checkpointing == "auto"
