@@ -11,7 +11,7 @@
 # python dpo.py --preset tiny                                  # offline CPU demo, about a minute
 # python dpo.py --preset tiny --model_id runs/tiny-sft         # DPO on top of the SFT adapter
 # python dpo.py --preset smol                                  # SmolLM2-135M on label.py --preset smol's labels
-# python dpo.py --model_id model.Q4_K_M.gguf --dataset_id p.jsonl  # a GGUF base, converted once (alignkit.gguf)
+# python dpo.py --model_id model.Q4_K_M.gguf --dataset_id p.jsonl  # a GGUF base, converted once (alignkit.modeling.gguf)
 # python dpo.py --dpo_beta 0.1                                 # Mistral-7B QLoRA on UltraFeedback (GPU)
 # DPO_BETA=0.1 python dpo.py                                   # the same, from the environment
 # python dpo.py --loss_type ipo --dpo_beta 0.5
@@ -27,14 +27,14 @@
 # set `overrides` below (or environment variables) instead of touching argv.
 
 # %%
-from alignkit.errors import report_user_errors
+from alignkit.core.errors import report_user_errors
 
 report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
 
-from alignkit import presets
-from alignkit.args import parse_config
-from alignkit.config import DPOSettings
-from alignkit.training import preflight
+from alignkit.core.args import parse_config
+from alignkit.core.config import DPOSettings
+from alignkit.modeling import presets
+from alignkit.train.training import preflight
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "dpo_beta": 0.2};
 # environment variables (upper-case names) work too. Flags given on a command line apply as well.
@@ -53,8 +53,8 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 # out to measure reward accuracy on pairs the model never trained on.
 
 # %%
-from alignkit.data import load_preferences
-from alignkit.training import split
+from alignkit.core.data import load_preferences
+from alignkit.train.training import split
 
 preferences = load_preferences(
     settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
@@ -69,7 +69,7 @@ print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} h
 # (a LoTA run reads its mask from here when it resumes).
 
 # %%
-from alignkit.training import prepare_run
+from alignkit.train.training import prepare_run
 
 run_folder, resume_from = prepare_run(settings, "dpo")
 
@@ -77,11 +77,11 @@ run_folder, resume_from = prepare_run(settings, "dpo")
 # ## Model
 # One loader for every script: a Hub id, a local folder or an adapter folder; 4-bit NF4 on CUDA by default.
 # A fresh LoRA adapter goes on top; anything the model was loaded with stays frozen. With `--adapter lota`, a
-# sparse delta instead (Lottery Ticket Adaptation, alignkit.lota), dense for the calibration steps at first.
+# sparse delta instead (Lottery Ticket Adaptation, alignkit.train.lota), dense for the calibration steps at first.
 
 # %%
-from alignkit import lota
-from alignkit.models import add_trainable_adapter, load_model, require_chat_template
+from alignkit.modeling.models import add_trainable_adapter, load_model, require_chat_template
+from alignkit.train import lota
 
 loaded = load_model(settings, for_training=True)
 require_chat_template(loaded.tokenizer, settings.model_id)
@@ -93,14 +93,14 @@ else:
 
 # %% [markdown]
 # ## Train
-# The reference pass runs with the trained adapter off (see alignkit.trainers); a LoTA delta is switched off
+# The reference pass runs with the trained adapter off (see alignkit.train.trainers); a LoTA delta is switched off
 # the same way. LoTA first calibrates with the DPO loss, keeps the largest changes as its mask, and starts over.
 
 # %%
 from trl import DPOConfig
 
-from alignkit.trainers import AlignDPOTrainer
-from alignkit.training import start_run, trl_config
+from alignkit.train.trainers import AlignDPOTrainer
+from alignkit.train.training import start_run, trl_config
 
 args = trl_config(DPOConfig, settings, run_folder, loaded.dtype, model)  # --dpo_beta is DPOConfig.beta, and so on
 trainer_class = lota.trainer_class(AlignDPOTrainer) if settings.adapter == "lota" else AlignDPOTrainer
@@ -126,7 +126,7 @@ with start_run(settings, run_folder, resume_from):
 # The adapter and tokenizer go to the run folder; `--merge_adaptors` also writes a checked, merged model.
 
 # %%
-from alignkit.training import finish
+from alignkit.train.training import finish
 
 metrics = finish(trainer, loaded, settings, run_folder, "dpo")
 print(f"adapter: {run_folder}")

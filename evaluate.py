@@ -44,12 +44,12 @@
 import os
 import sys
 
-from alignkit.errors import report_user_errors
+from alignkit.core.errors import report_user_errors
 
 report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
-from alignkit.args import is_notebook
-from alignkit.evaluation import parse_command
-from alignkit.generation import resolve_backend
+from alignkit.core.args import is_notebook
+from alignkit.evals.evaluation import parse_command
+from alignkit.modeling.generation import resolve_backend
 
 # In a notebook, set things here instead of on a command line, e.g. NOTEBOOK_COMMAND = "pairwise" and
 # overrides = {"preset": "tiny"}; environment variables (upper-case names, COMMAND for the command) work too.
@@ -68,7 +68,7 @@ backend = resolve_backend(settings.backend, settings.num_beams)
 
 # %%
 if command == "vibes":
-    from alignkit import evaluation
+    from alignkit.evals import evaluation
 
     prompts, sources, answers = evaluation.vibes(settings, backend)
     evaluation.show_vibes(prompts, sources, answers)
@@ -84,7 +84,7 @@ if command == "vibes":
 
 # %%
 if command in ("mt_bench", "pairwise"):
-    from alignkit.evaluation import Pairwise
+    from alignkit.evals.evaluation import Pairwise
 
     run = Pairwise.start(command, settings)
 
@@ -149,10 +149,10 @@ if command in ("mt_bench", "pairwise"):
 # annotated by the `alpaca_eval` package with `--annotators_config` at `--judge_base_url` (its caching, plus a
 # log of every judge answer, so a rerun sends nothing twice); win rate, standard error and length-controlled
 # win rate from its metrics. `leaderboard.csv`, `annotations.json`, `summary.json` and `win_rates.png` land in
-# `<output_dir>/<config>/<reference>/` (see alignkit.alpacaeval).
+# `<output_dir>/<config>/<reference>/` (see alignkit.evals.alpacaeval).
 
 # %%
 if command == "alpaca_eval":
-    from alignkit import alpacaeval
+    from alignkit.evals import alpacaeval
 
     summary = alpacaeval.run(settings, backend)

@@ -41,14 +41,14 @@
 # variable), a Hub token for `--push_to_hub`. The settings are saved next to the output, secrets redacted.
 
 # %%
-from alignkit.errors import report_user_errors
+from alignkit.core.errors import report_user_errors
 
 report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
 
-from alignkit import presets
-from alignkit.args import parse_config
-from alignkit.config import LabelSettings
-from alignkit.labeling import prepare
+from alignkit.core.args import parse_config
+from alignkit.core.config import LabelSettings
+from alignkit.feedback.labeling import prepare
+from alignkit.modeling import presets
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "max_prompts": 8};
 # environment variables (upper-case names) work too. Flags given on a command line apply as well.
@@ -66,7 +66,7 @@ run = prepare(settings)
 # A file or a Hub dataset; `--prompt_field` holds text or role/content messages. Repeated prompts are dropped.
 
 # %%
-from alignkit.labeling import load_prompts
+from alignkit.feedback.labeling import load_prompts
 
 prompts = load_prompts(run)
 
@@ -78,7 +78,7 @@ prompts = load_prompts(run)
 # as it arrives (a local model's batch by batch), so a rerun never samples a new one for a pair it already judged.
 
 # %%
-from alignkit.labeling import collect_responses
+from alignkit.feedback.labeling import collect_responses
 
 responses = collect_responses(run, prompts)
 
@@ -93,7 +93,7 @@ responses = collect_responses(run, prompts)
 # stays cached, counted as a parse failure; `--retry_parse_failures` asks again under the same settings.
 
 # %%
-from alignkit.labeling import judge_pairs, make_pairs
+from alignkit.feedback.labeling import judge_pairs, make_pairs
 
 pairs = make_pairs(run, prompts, responses)  # none in --mode completions
 judge_pairs(run, pairs)
@@ -105,7 +105,7 @@ judge_pairs(run, pairs)
 # how often slot A wins (position bias: 50% is none), ties, parse failures, errors and tokens.
 
 # %%
-from alignkit.labeling import format_summary, write_output
+from alignkit.feedback.labeling import format_summary, write_output
 
 summary = write_output(run, prompts, responses, pairs)
 print(format_summary(summary))
@@ -120,7 +120,7 @@ print(f"train on it: python {next_step}{preset} --dataset_id {run.output}")
 
 # %%
 if settings.push_to_hub:
-    from alignkit.hub import push_dataset
+    from alignkit.core.hub import push_dataset
 
     push_dataset(run.output, settings.hub_repo_id, private=not settings.hub_public)
 run.close()

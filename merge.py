@@ -5,7 +5,7 @@
 # applies the adapter chain (an SFT adapter, then a DPO adapter on top, merge in order), merges, and checks
 # on a few prompts that the merged model's logits equal base + adapters before saving anything. For a QLoRA
 # adapter, `--dequantize` merges into the dequantized NF4 base instead: exactly the model that was trained.
-# A LoTA run folder (a sparse delta, alignkit.lota) merges the same way; `--add_delta` instead adds two LoTA
+# A LoTA run folder (a sparse delta, alignkit.train.lota) merges the same way; `--add_delta` instead adds two LoTA
 # deltas of one base into a single delta (a task merge) and reports how many entries they share.
 #
 # ```bash
@@ -25,13 +25,13 @@
 # %%
 from pathlib import Path
 
-from alignkit.errors import report_user_errors
+from alignkit.core.errors import report_user_errors
 
 report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
 
-from alignkit import presets
-from alignkit.args import parse_config
-from alignkit.config import MergeSettings
+from alignkit.core.args import parse_config
+from alignkit.core.config import MergeSettings
+from alignkit.modeling import presets
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "dtype": "fp32"};
 # environment variables (upper-case names) work too. Flags given on a command line apply as well.
@@ -44,7 +44,7 @@ settings = parse_config(
 )
 presets.ensure(settings)
 if settings.push_to_hub:
-    from alignkit.hub import check_pushable, require_token
+    from alignkit.core.hub import check_pushable, require_token
 
     require_token()
     if settings.push == "adapter":
@@ -56,8 +56,8 @@ output_dir = Path(settings.output_dir or Path(settings.adapter_dir) / "merged")
 # Fails loudly, saving nothing, when the merged logits differ from base + adapters beyond the tolerance.
 
 # %%
-from alignkit import lota
-from alignkit.merge import merge_adapters
+from alignkit.modeling.merge import merge_adapters
+from alignkit.train import lota
 
 if settings.add_delta:
     report = lota.add_deltas(settings.adapter_dir, settings.add_delta, output_dir)
@@ -76,7 +76,7 @@ elif settings.push != "adapter" or not settings.push_to_hub:
 # goes with the weights and the tokenizer. Private unless `--hub_public`.
 
 # %%
-from alignkit.hub import push
+from alignkit.core.hub import push
 
 if settings.push_to_hub:
     folder = output_dir if settings.push == "merged" else Path(settings.adapter_dir)

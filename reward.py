@@ -5,9 +5,9 @@
 # should score above the rejected one. It is the base model with a sequence-classification head of one output
 # ("score") in place of the LM head, and a LoRA adapter (QLoRA on a 4-bit base); the head is trained in full and
 # saved with the adapter. TRL's RewardTrainer runs the training. Uses: `label.py --judge rm:RUN_FOLDER` labels
-# pairs with it, and `alignkit.rewards.load("rm:RUN_FOLDER")` gives online RL one reward callable.
+# pairs with it, and `alignkit.feedback.rewards.load("rm:RUN_FOLDER")` gives online RL one reward callable.
 #
-# Losses (`--loss`, formulas in alignkit.reward): `bradley_terry` (TRL's, with `--center_rewards_coefficient`),
+# Losses (`--loss`, formulas in alignkit.train.reward): `bradley_terry` (TRL's, with `--center_rewards_coefficient`),
 # `logexp` (OpenRLHF's LogExpLoss), `logexpwithlm` (the self-reference code's: logexp with the row's margin,
 # plus `--lm_loss_coef` times the chosen sequence's LM loss). `--use_margin` reads a margin from the data.
 #
@@ -26,9 +26,9 @@
 # set `overrides` below (or environment variables) instead of touching argv.
 
 # %%
-from alignkit import presets
-from alignkit.args import parse_config
-from alignkit.config import RewardSettings
+from alignkit.core.args import parse_config
+from alignkit.core.config import RewardSettings
+from alignkit.modeling import presets
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "loss": "logexp"};
 # environment variables (upper-case names) work too. Flags given on a command line apply as well.
@@ -39,7 +39,7 @@ settings = parse_config(
     description="Reward model with LoRA/QLoRA.",
 )
 if settings.push_to_hub:
-    from alignkit.hub import require_token
+    from alignkit.core.hub import require_token
 
     require_token()  # fail now, not after hours of training
 presets.ensure(settings)
@@ -50,7 +50,7 @@ presets.ensure(settings)
 # A rerun with the same settings continues from the last checkpoint.
 
 # %%
-from alignkit.training import prepare_run
+from alignkit.train.training import prepare_run
 
 run_folder, resume_from = prepare_run(settings, "reward")
 
@@ -61,8 +61,8 @@ run_folder, resume_from = prepare_run(settings, "reward")
 # `logexpwithlm` the base's LM head is kept beside it, frozen, for the LM term.
 
 # %%
-from alignkit.models import add_trainable_adapter, load_lm_head, load_model, require_chat_template
-from alignkit.reward import zero_fresh_score_head
+from alignkit.modeling.models import add_trainable_adapter, load_lm_head, load_model, require_chat_template
+from alignkit.train.reward import zero_fresh_score_head
 
 from transformers import set_seed
 
@@ -81,9 +81,9 @@ lm_head = load_lm_head(loaded.base_id, model, settings.revision) if settings.los
 # pair also gets its margin. A seeded share is held out to measure pairwise accuracy on unseen pairs.
 
 # %%
-from alignkit.data import load_preferences
-from alignkit.reward import with_margins
-from alignkit.training import split
+from alignkit.core.data import load_preferences
+from alignkit.train.reward import with_margins
+from alignkit.train.training import split
 
 preferences = load_preferences(
     settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
@@ -99,8 +99,8 @@ print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} h
 # %%
 from trl import RewardConfig
 
-from alignkit.reward import AlignRewardTrainer
-from alignkit.training import trl_config
+from alignkit.train.reward import AlignRewardTrainer
+from alignkit.train.training import trl_config
 
 args = trl_config(RewardConfig, settings, run_folder, loaded.dtype, model)
 trainer = AlignRewardTrainer(
@@ -118,8 +118,8 @@ trainer.train(resume_from_checkpoint=resume_from)
 # %%
 import json
 
-from alignkit.reward import held_out_report
-from alignkit.training import finish
+from alignkit.train.reward import held_out_report
+from alignkit.train.training import finish
 
 metrics = finish(trainer, loaded, settings, run_folder, "reward")
 print(f"adapter: {run_folder}")

@@ -24,9 +24,9 @@
 # Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags < `overrides`.
 
 # %%
-from alignkit import presets
-from alignkit.args import parse_config
-from alignkit.config import RLSettings
+from alignkit.core.args import parse_config
+from alignkit.core.config import RLSettings
+from alignkit.modeling import presets
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "beta": 0.02};
 # environment variables (upper-case names) work too. Flags given on a command line apply as well.
@@ -37,7 +37,7 @@ settings = parse_config(
     description="Online GRPO/RLOO with LoRA/QLoRA, rewarded by a rule, a judge, a reward model or a function.",
 )
 if settings.push_to_hub:
-    from alignkit.hub import require_token
+    from alignkit.core.hub import require_token
 
     require_token()  # fail now, not after hours of training
 presets.ensure(settings)
@@ -48,7 +48,7 @@ presets.ensure(settings)
 # A rerun with the same settings continues from the last checkpoint.
 
 # %%
-from alignkit.training import prepare_run
+from alignkit.train.training import prepare_run
 
 run_folder, resume_from = prepare_run(settings, "rl")
 
@@ -59,7 +59,7 @@ run_folder, resume_from = prepare_run(settings, "rl")
 # failures are counted in the logs (`judge/failed`, `judge/unparsed`, `rewards/unscored_frac`).
 
 # %%
-from alignkit.rl import build_rewards
+from alignkit.train.rl import build_rewards
 
 rewards = build_rewards(settings, run_folder)
 print("rewards:", ", ".join(r.__name__ for r in rewards))
@@ -69,7 +69,7 @@ print("rewards:", ", ".join(r.__name__ for r in rewards))
 # One loader for every script; a fresh LoRA adapter goes on top, anything the model was loaded with stays frozen.
 
 # %%
-from alignkit.models import add_trainable_adapter, load_model, require_chat_template
+from alignkit.modeling.models import add_trainable_adapter, load_model, require_chat_template
 
 loaded = load_model(settings, for_training=True)
 require_chat_template(loaded.tokenizer, settings.model_id)
@@ -81,7 +81,7 @@ model.print_trainable_parameters()
 # A file or Hub dataset, read as label.py reads `--prompts` (`--prompt_field` holds text or messages).
 
 # %%
-from alignkit.rl import load_prompt_dataset
+from alignkit.train.rl import load_prompt_dataset
 
 prompts = load_prompt_dataset(settings)
 print(f"{len(prompts)} prompts")
@@ -93,7 +93,7 @@ print(f"{len(prompts)} prompts")
 # generating, judging and training (`time/*_share`).
 
 # %%
-from alignkit.rl import trainer_class, trl_args
+from alignkit.train.rl import trainer_class, trl_args
 
 args = trl_args(settings, run_folder, loaded.dtype, model)
 trainer = trainer_class(settings.algo)(
@@ -107,7 +107,7 @@ trainer.train(resume_from_checkpoint=resume_from)
 # The adapter and tokenizer go to the run folder, as dpo.py's do: merge.py and evaluate.py take it the same way.
 
 # %%
-from alignkit.training import finish
+from alignkit.train.training import finish
 
 metrics = finish(trainer, loaded, settings, run_folder, "rl")
 for reward in rewards:

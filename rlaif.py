@@ -20,9 +20,9 @@
 # apply to every round's dpo.py run; `--label_args` and `--evaluate_args` pass anything else on.
 
 # %%
-from alignkit import presets
-from alignkit.args import parse_config
-from alignkit.config import RLAIFSettings
+from alignkit.core.args import parse_config
+from alignkit.core.config import RLAIFSettings
+from alignkit.modeling import presets
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "rounds": 2}.
 overrides: dict = {}
@@ -39,8 +39,8 @@ presets.ensure(settings)
 # evaluation in `eval/`, and `round.json` once the round is complete. A rerun skips complete rounds.
 
 # %%
-from alignkit.args import save_config
-from alignkit.training import run_dir
+from alignkit.core.args import save_config
+from alignkit.train.training import run_dir
 
 folder = run_dir(settings, "rlaif")
 folder.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ save_config(settings, folder / "rlaif_config.json")  # secrets redacted
 # its log, and the same command resumes at that round.
 
 # %%
-from alignkit.rlaif import run
+from alignkit.train.rlaif import run
 
 records = run(settings, folder)
 
@@ -63,7 +63,7 @@ records = run(settings, folder)
 # take it like any DPO adapter.
 
 # %%
-from alignkit.rlaif import format_table
+from alignkit.train.rlaif import format_table
 
 print(format_table(records))
 print(f"\ntable: {folder / 'rlaif.md'}\nchart: {folder / 'win_rate.png'}\nfinal adapter: {records[-1]['policy']}")

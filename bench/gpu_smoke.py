@@ -10,7 +10,7 @@ installed here, as binary wheels (about 60 MiB, mostly pyarrow and pandas).
 
 What it runs, each step a subprocess whose log is kept under --out, and what it checks:
 1. the tiny preset: bf16 LoRA SFT, then DPO on the SFT adapter: dtype bf16 on compute capability >= 8.0
-   (fp16 below), the model on cuda:0, attention as alignkit.models.resolve_attention decides, loss finite,
+   (fp16 below), the model on cuda:0, attention as alignkit.modeling.models.resolve_attention decides, loss finite,
    held-out reward accuracy above chance;
 2. the same DPO as QLoRA (when bitsandbytes is installed): trainable weights back in fp32;
 3. merge.py on the DPO chain: the fp32 merge check passes, the model saved in bf16; then the merged model
@@ -216,9 +216,9 @@ def merge_and_answer(smoke: Smoke) -> None:
                 f"{report['dtype']}, max |logit diff| {report['max_logit_difference']:.2e}")
     code = f"""
 import torch
-from alignkit.config import ModelSettings
-from alignkit.generation import generate
-from alignkit.models import load_model
+from alignkit.core.config import ModelSettings
+from alignkit.modeling.generation import generate
+from alignkit.modeling.models import load_model
 loaded = load_model(ModelSettings(model_id={str(merged)!r}))
 print("placed", loaded.model.device, loaded.model.dtype, loaded.quantization)
 ask = [[{{"role": "user", "content": "name three fruits."}}]]
@@ -258,9 +258,10 @@ def several_gpus(smoke: Smoke) -> None:
 def smollm2(smoke: Smoke, path: str | None, steps: int) -> None:
     if path is None:
         try:
-            from alignkit.smol import gguf_path
+            from alignkit.modeling.smol import gguf_path
         except ImportError as e:
-            print(f"skip SmolLM2: alignkit.smol does not import ({e}); pass --smollm2 FOLDER for a transformers folder")
+            print(f"skip SmolLM2: alignkit.modeling.smol does not import ({e}); pass --smollm2 FOLDER for a "
+                  "transformers folder")
             return
         path = gguf_path()
         if path is None:
@@ -302,7 +303,7 @@ def main() -> None:
           f"compute capability {capability[0]}.{capability[1]}, flash-attn "
           f"{'installed' if importlib.util.find_spec('flash_attn') else 'not installed'}", flush=True)
     smoke = Smoke(out)
-    build = smoke.run("tiny-build", "-c", "from alignkit import presets; presets.build()")
+    build = smoke.run("tiny-build", "-c", "from alignkit.modeling import presets; presets.build()")
     if smoke.check("tiny preset builds", build):
         training_pair(smoke, "tiny", None, a.steps, [])
         qlora(smoke, min(a.steps, 20))

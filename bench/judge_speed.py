@@ -44,7 +44,7 @@ def serve(latency: float) -> None:
 
 
 def _label_script(folder: Path, base_url: str, parallel: int, name: str) -> dict:
-    import alignkit.labeling as labeling
+    import alignkit.feedback.labeling as labeling
 
     phase = {}
     original = labeling.judge_pairs

@@ -1,4 +1,4 @@
-"""LoTA (alignkit.lota) against LoRA on the tiny preset: DPO step time and memory, and forgetting.
+"""LoTA (alignkit.train.lota) against LoRA on the tiny preset: DPO step time and memory, and forgetting.
 
     python -m bench.lota                 # both parts, about ten minutes on 2 CPU cores
     python -m bench.lota --quick         # fewer steps
@@ -53,7 +53,7 @@ def speed_worker(spec: dict) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from alignkit import trainers
+    from alignkit.train import trainers
 
     steps: list[float] = []
 
@@ -92,8 +92,8 @@ def task1_loss(model_dir: str, rows: list[dict]) -> float:
     """Mean token NLL of task-1 conversations (every token) under the model `model_dir` loads as."""
     import torch
 
-    from alignkit.config import ModelSettings
-    from alignkit.models import load_model
+    from alignkit.core.config import ModelSettings
+    from alignkit.modeling.models import load_model
 
     loaded = load_model(ModelSettings(model_id=model_dir, quantization="none"))
     tok, model = loaded.tokenizer, loaded.model
@@ -120,7 +120,7 @@ def task2_rows(preferences: Path) -> list[dict]:
 
 
 def forgetting_worker(spec: dict) -> dict:
-    from alignkit import presets
+    from alignkit.modeling import presets
 
     kind, out, steps = spec["kind"], spec["out"], spec["steps"]
     lota = ["--adapter", "lota", "--lota_calibration_steps", str(spec["calibration"])] if kind == "lota" else []
@@ -140,7 +140,7 @@ def forgetting_worker(spec: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the run
 def run(work: Path, quick: bool = False) -> dict:
-    from alignkit import presets
+    from alignkit.modeling import presets
 
     presets.build()
     steps = 20 if quick else 60

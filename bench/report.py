@@ -137,7 +137,7 @@ def markdown(results: dict) -> str:
                   f"| {r['reward_accuracy']:.3f} | - |" for n, r in smol["configs"].items()]
         lines += [""]
     if gen:
-        lines += ["## Generation (alignkit.generation.load_generator on transformers, as label.py and evaluate.py call it)", "",
+        lines += ["## Generation (alignkit.modeling.generation.load_generator on transformers, as label.py and evaluate.py call it)", "",
                   f"{gen['prompts']} prompts, {gen['max_new_tokens']} new tokens each, temperature 0.7, "
                   f"{gen['rounds']} round(s).", "", "| batch size | tokens/s | vs one at a time |", "| ---: | ---: | ---: |"]
         lines += [f"| {b} | {r['tokens_per_s']:.1f} | {_x(r['speedup'])} |" for b, r in gen["by_batch_size"].items()]

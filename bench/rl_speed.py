@@ -45,7 +45,7 @@ def run(quick: bool = False, latency: float = 0.02) -> dict:
     sys.path.insert(0, str(common.ROOT / "tests"))
     from openai_server import FakeOpenAI
 
-    from alignkit import presets
+    from alignkit.modeling import presets
 
     presets.build()
     steps = 6 if quick else STEPS

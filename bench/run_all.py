@@ -53,7 +53,7 @@ def main() -> None:
         print(f"matmul peak: {peaks[0]['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
         if "dpo" in parts:
             results["dpo"] = dpo_speed.run(work, model, cli.quick)
-        from alignkit import smol
+        from alignkit.modeling import smol
 
         if "smol" in parts and (smol.gguf_path() or cli.only):  # --only smol without the wheel: say how to get it
             results["smol"] = dpo_speed.run_smol(work, cli.quick)

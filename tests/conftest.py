@@ -32,7 +32,7 @@ def tiny_cache(tmp_path_factory):
     """ALIGNKIT_CACHE for the session, with the tiny preset built in it."""
     cache = os.environ.get("ALIGNKIT_TEST_CACHE") or str(tmp_path_factory.mktemp("alignkit-cache"))
     os.environ["ALIGNKIT_CACHE"] = cache
-    from alignkit import presets
+    from alignkit.modeling import presets
 
     presets.build()
     return Path(cache)

@@ -6,7 +6,7 @@ Imported by tests/test_refcache.py for the one-process helpers, and run by it un
     python -m accelerate.commands.launch ... tests/sharded_fingerprint.py OUT_DIR ADAPTER_DIR [ADAPTER_DIR ...]
 
 For each SFT adapter folder, every process loads the tiny base with that adapter (alignkit's loader) plus a fresh
-trained adapter on top, and computes `alignkit.refcache.cache_key`:
+trained adapter on top, and computes `alignkit.train.refcache.cache_key`:
 - "whole": every process holds every parameter (plain DDP);
 - "zero3": every parameter partitioned the way DeepSpeed ZeRO-3 does it (each process keeps 1/N of the
   flattened tensor, `.data` is an empty placeholder with `ds_status`), with `deepspeed.zero.GatheredParameters`
@@ -62,7 +62,7 @@ def _gathered(params, modifier_rank=None):
 
 @contextlib.contextmanager
 def fake_deepspeed():
-    """`import deepspeed` gives a module holding only `zero.GatheredParameters` (all alignkit.refcache uses).
+    """`import deepspeed` gives a module holding only `zero.GatheredParameters` (all alignkit.train.refcache uses).
     Only inside this block: transformers probes for deepspeed when it loads a model."""
     module = types.ModuleType("deepspeed")
     module.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)  # found, but no installed metadata
@@ -92,8 +92,8 @@ def stand_in_trainer(model, accelerator, frozen):
 
 def load(adapter: str):
     """The tiny base with the SFT adapter at `adapter` frozen under a fresh trained adapter, as dpo.py loads it."""
-    from alignkit.config import DPOSettings
-    from alignkit.models import add_trainable_adapter, load_model
+    from alignkit.core.config import DPOSettings
+    from alignkit.modeling.models import add_trainable_adapter, load_model
 
     settings = DPOSettings(model_id=adapter, quantization="none", dtype="fp32", attn_implementation="sdpa",
                            use_liger="false", lora_r=4, lora_target_modules=["q_proj", "v_proj"])
@@ -104,7 +104,7 @@ def load(adapter: str):
 def main(out: Path, adapters: list[str]) -> None:
     from accelerate import Accelerator
 
-    from alignkit import refcache
+    from alignkit.train import refcache
 
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes

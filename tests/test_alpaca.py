@@ -21,8 +21,8 @@ from conftest import run_script
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import FakeOpenAI, Fault, Reply, top_logprobs  # noqa: E402
 
-from alignkit import presets  # noqa: E402
-from alignkit.args import ConfigError  # noqa: E402
+from alignkit.core.args import ConfigError  # noqa: E402
+from alignkit.modeling import presets  # noqa: E402
 
 BAD = "stone,cloud,river."  # three words of no category: the rule scores it 0
 
@@ -30,7 +30,7 @@ BAD = "stone,cloud,river."  # three words of no category: the rule scores it 0
 @pytest.fixture()
 def tiny_set(tiny_cache, tmp_path):
     """(tiny model, eval set file, rule-breaking reference outputs file)."""
-    from alignkit.alpacaeval import tiny_eval_set
+    from alignkit.evals.alpacaeval import tiny_eval_set
 
     rows = json.loads(tiny_eval_set().read_text())
     refs = tmp_path / "refs.json"
@@ -181,7 +181,7 @@ def test_a_kill_during_annotation_resumes_without_a_repeated_request(tiny_set, t
 
 
 def test_a_kill_during_generation_resumes_with_the_finished_batches(tiny_set, tmp_path, monkeypatch):
-    import alignkit.generation as generation
+    import alignkit.modeling.generation as generation
 
     model, _, refs = tiny_set
     out = tmp_path / "out"
@@ -283,7 +283,7 @@ def test_bad_input_and_missing_things_fail_with_one_clear_line(tiny_set, tmp_pat
     with pytest.raises(ConfigError, match="needs references"):
         run_script(*base, "--eval_set", str(eval_set), "--judge_model", "rule")
     with pytest.raises(ConfigError, match="df_gamed.csv .*--lc_data FILE"):
-        from alignkit.alpacaeval import glm_setup
-        from alignkit.config import AlpacaEvalSettings
+        from alignkit.core.config import AlpacaEvalSettings
+        from alignkit.evals.alpacaeval import glm_setup
 
         glm_setup(AlpacaEvalSettings(lc_glm="length_controlled_v1"), [{}], tmp_path)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from alignkit.args import (
+from alignkit.core.args import (
     ConfigError,
     config_to_dict,
     is_notebook,
@@ -344,12 +344,12 @@ def test_config_error_is_a_value_error():
 
 
 def test_user_errors_share_one_base_and_debug_is_no_setting(capsys):
-    from alignkit.data import DataError
-    from alignkit.errors import UserError
-    from alignkit.hub import HubUnreachable
+    from alignkit.core.data import DataError
+    from alignkit.core.errors import UserError
+    from alignkit.core.hub import HubUnreachable
 
     assert all(issubclass(e, UserError) for e in (ConfigError, DataError, HubUnreachable))
-    # --debug belongs to the error reporting (alignkit.errors): accepted anywhere, never a setting.
+    # --debug belongs to the error reporting (alignkit.core.errors): accepted anywhere, never a setting.
     assert parse(["--seed", "7", "--debug"]) == parse(["--debug", "--seed", "7"]) == parse(["--seed", "7"])
     with pytest.raises(SystemExit):
         parse(["--help"])
@@ -445,7 +445,7 @@ def test_preset_default_from_dataclass():
 def test_judge_and_hub_settings_are_one_group_each_with_one_default_and_one_check():
     from dataclasses import fields
 
-    from alignkit import config
+    from alignkit.core import config
 
     judged = [config.LabelSettings, config.MTBenchSettings, config.PairwiseSettings, config.AlpacaEvalSettings,
               config.RLSettings]
@@ -466,7 +466,7 @@ def test_judge_and_hub_settings_are_one_group_each_with_one_default_and_one_chec
 
 
 def test_loader_settings_of_another_model_keep_how_models_load_but_not_the_revision():
-    from alignkit.config import GenerationSettings, LabelSettings, ModelSettings, loader_settings
+    from alignkit.core.config import GenerationSettings, LabelSettings, ModelSettings, loader_settings
 
     s = LabelSettings(model_id="org/a", revision="v2", gguf_file="a.gguf", dtype="fp16", quantization="none",
                       chat_template="t.jinja", max_model_len=512)
@@ -490,12 +490,23 @@ def test_the_package_docstring_names_every_module_and_only_presets_code_imports_
     import alignkit
 
     package = Path(alignkit.__file__).parent
-    modules = sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
-    assert [m for m in modules if not re.search(rf"\b{m}\b", alignkit.__doc__)] == []
+    # Modules live in one subpackage per pipeline stage; the package root holds only the logger (__init__).
+    assert sorted(p.name for p in package.glob("*.py")) == ["__init__.py"]
+    files = {p.stem: p for p in package.glob("*/*.py") if p.stem != "__init__"}
+    assert len(files) == len(list(package.glob("*/*.py"))) - len(list(package.glob("*/__init__.py")))  # unique
+    assert [m for m in sorted(files) if not re.search(rf"\b{m}\b", alignkit.__doc__)] == []
+    for stage in sorted({p.parent for p in files.values()}):  # and each subpackage's docstring names its own
+        doc = ast.get_docstring(ast.parse((stage / "__init__.py").read_text())) or ""
+        assert [m for m, p in files.items() if p.parent == stage and not re.search(rf"\b{m}\b", doc)] == []
     # The MT-Bench code and the reference cache serve every model: no demo preset in their imports.
     for name in ("mtbench", "refcache"):
-        tree = ast.parse((package / f"{name}.py").read_text())
-        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        tree = ast.parse(files[name].read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                imported |= {(node.module or "").rpartition(".")[2]} | {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.rpartition(".")[2] for a in node.names}
         assert not imported & {"presets", "smol"}, name
 
 
@@ -510,7 +521,7 @@ def test_whole_list_values_keep_their_commas_from_every_layer(monkeypatch):
     assert got.prompts == ["Hello, who are you?", "Hi", "x, y"] and got.tags == ["a", "b"]
     monkeypatch.setenv("PROMPTS", "Name three fruits, please.")
     assert parse_config(Asks, args=[], env_file=None).prompts == ["Name three fruits, please."]
-    from alignkit.evaluation import parse_command
+    from alignkit.evals.evaluation import parse_command
 
     command, settings = parse_command(["vibes", "--model_id", "m", "--prompts", "Hello, who are you?", "Hi"])
     assert command == "vibes" and settings.prompts == ["Hello, who are you?", "Hi"]

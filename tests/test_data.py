@@ -1,4 +1,4 @@
-"""Tests for alignkit.data: every supported dataset shape, every file type, and the row-level errors users see."""
+"""Tests for alignkit.core.data: every supported dataset shape, every file type, and the row-level errors users see."""
 
 import copy
 import csv
@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from trl.data_utils import is_conversational
 
-from alignkit import data as D
-from alignkit.data import DataError, detect_format, load_preferences, load_rows, load_sft
+from alignkit.core import data as D
+from alignkit.core.data import DataError, detect_format, load_preferences, load_rows, load_sft
 
 
 def u(text):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.args import parse_config
-from alignkit.config import DPOSettings, SFTSettings
+from alignkit.core.args import parse_config
+from alignkit.core.config import DPOSettings, SFTSettings
 
 from conftest import ROOT
 
@@ -56,8 +56,8 @@ def test_accelerate_config_loads_and_its_command_names_real_files(config):
 
 
 def test_8bit_is_refused_under_fsdp(monkeypatch):
-    from alignkit.config import ModelSettings
-    from alignkit.models import load_model
+    from alignkit.core.config import ModelSettings
+    from alignkit.modeling.models import load_model
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="8bit cannot be sharded by FSDP"):

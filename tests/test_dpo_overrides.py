@@ -15,8 +15,8 @@ import math
 
 import pytest
 
-from alignkit.args import ConfigError
-from alignkit.trainers import check_dpo_config
+from alignkit.core.args import ConfigError
+from alignkit.train.trainers import check_dpo_config
 
 from conftest import run_script
 
@@ -34,7 +34,7 @@ def first_step(tmp_path, name, *flags, overrides=None) -> tuple[dict, object]:
 
 def uneven_pairs(tmp_path) -> str:
     """The tiny preferences with chosen answers of 3 or 5 words against rejected ones of 3: LD-DPO has a tail."""
-    from alignkit import presets
+    from alignkit.modeling import presets
 
     rows = [json.loads(line) for line in open(presets.paths()["preferences"])][:64]
     for row in rows[::2]:
@@ -70,7 +70,7 @@ def tiny_moe(folder) -> str:
     import torch
     from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
-    from alignkit import presets
+    from alignkit.modeling import presets
 
     tokenizer = AutoTokenizer.from_pretrained(presets.paths()["model"])
     config = MixtralConfig(

@@ -22,8 +22,9 @@ import pytest
 from conftest import SHARED, run_script
 from openai_server import FakeOpenAI, Fault
 
-from alignkit import fastchat_compat, mtbench, presets, results
-from alignkit.args import ConfigError
+from alignkit.core.args import ConfigError
+from alignkit.evals import fastchat_compat, mtbench, results
+from alignkit.modeling import presets
 
 MT_DATA = SHARED / "data" / "fastchat-llm-judge"
 QIDS = ["81", "101", "111", "131"]  # writing, reasoning (reference), math (reference), extraction
@@ -367,7 +368,7 @@ def test_a_missing_judge_key_fails_before_any_work(mt_data, tmp_path):
 
 
 def test_mt_bench_answers_both_turns_with_history_and_resumes(mt_data, sft_run, tmp_path, monkeypatch):
-    from alignkit import generation
+    from alignkit.modeling import generation
 
     calls = []
     real = generation.generate
@@ -418,7 +419,7 @@ def test_mt_bench_answers_both_turns_with_history_and_resumes(mt_data, sft_run, 
 
 
 def test_vibes_base_adapter_and_merged_side_by_side(tiny_cache, sft_run, tmp_path, capsys):
-    from alignkit.merge import merge_adapters
+    from alignkit.modeling.merge import merge_adapters
 
     adapter = str(sft_run["run_folder"])
     merged = str(merge_adapters(adapter, tmp_path / "merged"))
@@ -510,7 +511,7 @@ def test_outcomes_rates_and_bootstrap_interval():
 def test_backend_vllm_without_vllm_stops_before_any_work(tmp_path, monkeypatch):
     import importlib.util
 
-    from alignkit import models
+    from alignkit.modeling import models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
@@ -529,7 +530,7 @@ def test_backend_vllm_without_vllm_stops_before_any_work(tmp_path, monkeypatch):
 def test_mt_bench_answers_on_vllm_in_the_transformers_format(mt_data, sft_run, tmp_path, monkeypatch):
     from fake_vllm import install
 
-    from alignkit import models
+    from alignkit.modeling import models
 
     adapter = str(sft_run["run_folder"])
     args = ["--models", "base=" + presets.paths()["model"], f"sft={adapter}", "--question_ids", "81", "111",

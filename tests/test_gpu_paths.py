@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit import models, presets, training
-from alignkit.config import DPOSettings, ModelSettings
+from alignkit.core.config import DPOSettings, ModelSettings
+from alignkit.modeling import models, presets
+from alignkit.train import training
 
 from conftest import run_script
 
@@ -430,8 +431,8 @@ def test_a_partitioned_embedding_is_not_resized(tiny_cache):
 def test_vllm_is_capped_to_a_context_and_shares_the_gpu(tiny_cache, monkeypatch, alignkit_log):
     from fake_vllm import install
 
-    from alignkit import generation
-    from alignkit.config import GenerationSettings
+    from alignkit.core.config import GenerationSettings
+    from alignkit.modeling import generation
 
     fake = install(monkeypatch, cuda=True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
@@ -456,7 +457,7 @@ def test_vllm_is_capped_to_a_context_and_shares_the_gpu(tiny_cache, monkeypatch,
 def test_a_bf16_merge_is_checked_in_fp32_and_saved_in_bf16(sft_adapter, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from alignkit.merge import merge_adapters
+    from alignkit.modeling.merge import merge_adapters
 
     out = merge_adapters(sft_adapter, tmp_path / "merged", dtype="bf16")
     report = json.loads((out / "merge.json").read_text())
@@ -528,7 +529,7 @@ def test_gradient_checkpointing_auto_is_on_for_7b_qlora_on_24gb_and_off_for_the_
 
 
 def test_gradient_checkpointing_takes_yaml_booleans_and_auto(tmp_path):
-    from alignkit.args import parse_config
+    from alignkit.core.args import parse_config
 
     (tmp_path / "c.yaml").write_text("gradient_checkpointing: true\n")
     assert parse_config(DPOSettings, ["--config", str(tmp_path / "c.yaml")], env_file=None).gradient_checkpointing == "true"

@@ -1,4 +1,4 @@
-"""alignkit.journal: the one append-only log, atomic writes and concurrent map every crash-safe loop uses."""
+"""alignkit.core.journal: the one append-only log, atomic writes and concurrent map every crash-safe loop uses."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from alignkit.args import ConfigError
-from alignkit.errors import UserError
-from alignkit.journal import AppendLog, InUse, append_jsonl, read_jsonl, threaded, write_json, write_jsonl
+from alignkit.core.args import ConfigError
+from alignkit.core.errors import UserError
+from alignkit.core.journal import AppendLog, InUse, append_jsonl, read_jsonl, threaded, write_json, write_jsonl
 
 
 def test_append_log_keeps_whole_records_from_many_threads_and_drops_a_torn_tail(tmp_path):

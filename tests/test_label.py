@@ -1,4 +1,5 @@
-"""label.py, alignkit.judge and alignkit.labeling: judges, both orders, the cache, faults, crash and resume, tiny e2e.
+"""label.py, alignkit.feedback.judge and alignkit.feedback.labeling: judges, both orders, the cache, faults, crash
+and resume, tiny e2e.
 
 The judge is a real HTTP server on 127.0.0.1 (tests/openai_server.py) reached through the real `openai`
 client; it answers from the judge prompt it receives, so the tests can tell which slot held which response.
@@ -22,11 +23,11 @@ import pytest
 from conftest import ROOT, run_script
 from openai_server import FakeOpenAI, Fault
 
-from alignkit.args import ConfigError
-from alignkit.data import DataError, load_preferences, load_sft
-from alignkit.errors import UserError
-from alignkit.judge import combine, load_template, parse_verdict, winner
-from alignkit.labeling import AppendLog
+from alignkit.core.args import ConfigError
+from alignkit.core.data import DataError, load_preferences, load_sft
+from alignkit.core.errors import UserError
+from alignkit.feedback.judge import combine, load_template, parse_verdict, winner
+from alignkit.feedback.labeling import AppendLog
 
 DATA = Path(__file__).parent / "data" / "label"
 SLOT = re.compile(r"\[Response (A|B)\]\n(.*?)\n\[End of Response \1\]", re.S)
@@ -348,9 +349,9 @@ def test_local_generator_and_judge_identities_cover_the_loader_and_sampling():
     or the sampling; it does not change with settings that only change speed."""
     import types
 
-    from alignkit.config import LabelSettings, ModelSettings
-    from alignkit.judge import HFJudge
-    from alignkit.labeling import Source, _generator_identity
+    from alignkit.core.config import LabelSettings, ModelSettings
+    from alignkit.feedback.judge import HFJudge
+    from alignkit.feedback.labeling import Source, _generator_identity
 
     source = Source("some/model", "some/model", "local", 0)
 
@@ -376,7 +377,7 @@ def test_local_generator_and_judge_identities_cover_the_loader_and_sampling():
                judge_key(max_tokens=20), judge_key(temperature=0.5)]
     assert len({base, *changed}) == len(changed) + 1
     assert judge_key(batch_size=2) == base
-    from alignkit.judge import make_judge
+    from alignkit.feedback.judge import make_judge
 
     hf = make_judge(LabelSettings(judge="hf", judge_model="judge/model", judge_revision="v2", dtype="fp16"))
     assert (hf.identity()["revision"], hf.identity()["dtype"]) == ("v2", "fp16")  # --judge_revision reaches it
@@ -515,7 +516,7 @@ def test_push_to_hub_is_private_by_default_and_needs_a_token(tmp_path, monkeypat
     (["--judge_base_url", "http://127.0.0.1:9/v1", "--judge_api_key_env", "MY_JUDGE_KEY"], ConfigError,
      r"MY_JUDGE_KEY is not set"),
     (["--judge", "python:no_such_module:judge"], ConfigError, r"cannot import no_such_module"),
-    (["--judge", "python:alignkit.presets:score"], ConfigError, r"must accept \(prompt, answer_a, answer_b\)"),
+    (["--judge", "python:alignkit.modeling.presets:score"], ConfigError, r"must accept \(prompt, answer_a, answer_b\)"),
     (["--judge", "hf"], ConfigError, r"--judge hf needs --judge_model"),
     (["--judge_template", "mine.jsonl"], ConfigError, r"no such file"),
     (["--num_samples", "4"], ConfigError, r"cannot be combined with --model_a"),
@@ -533,7 +534,8 @@ def test_bad_rows_name_the_file_row_and_field(tmp_path):
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "fine"}, {"prompt": "   "}])
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": "fine", "response": "x"}])
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": "fine", "reply": "y"}])
-    common = ["--responses_a", "a.jsonl", "--judge", "python:alignkit.presets:rule_judge", "--output", "p.jsonl"]
+    common = ["--responses_a", "a.jsonl", "--judge", "python:alignkit.modeling.presets:rule_judge",
+              "--output", "p.jsonl"]
     with pytest.raises(DataError, match=r"prompts.jsonl: row 2: field 'prompt': expected non-empty text"):
         run_script("label.py", *common, "--responses_b", "b.jsonl", "--prompts", "prompts.jsonl", cwd=tmp_path)
     with pytest.raises(DataError, match=r"prompts.jsonl: no column 'text' .*Pass --prompt_field"):
@@ -551,8 +553,8 @@ def test_hh_prompts_are_labeled_as_their_turns(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": hh, "response": "About an hour."}])
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": hh, "response": "Two days."}])
     run_script("label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge",
-               "python:alignkit.presets:rule_judge", "--output", "p.jsonl", cwd=tmp_path)
-    from alignkit.labeling import _as_messages
+               "python:alignkit.modeling.presets:rule_judge", "--output", "p.jsonl", cwd=tmp_path)
+    from alignkit.feedback.labeling import _as_messages
 
     turns = [{"role": "user", "content": "How do I bake bread?"},
              {"role": "assistant", "content": "Mix flour and water."},
@@ -567,7 +569,7 @@ def test_hh_prompts_are_labeled_as_their_turns(tmp_path):
 def test_help_shows_every_setting(capsys):
     from dataclasses import fields
 
-    from alignkit.config import LabelSettings
+    from alignkit.core.config import LabelSettings
 
     with pytest.raises(SystemExit) as exit_:
         run_script("label.py", "--help")
@@ -578,7 +580,7 @@ def test_help_shows_every_setting(capsys):
 
 # ------------------------------------------------------------------------------------------- tiny preset
 def test_tiny_preset_labels_offline_and_dpo_learns_from_the_labels(tiny_cache, tmp_path):
-    from alignkit import presets
+    from alignkit.modeling import presets
 
     run_script("label.py", "--preset", "tiny", cwd=tmp_path)
     out = tmp_path / "runs" / "label-tiny" / "preferences.jsonl"
@@ -597,7 +599,7 @@ def test_tiny_preset_labels_offline_and_dpo_learns_from_the_labels(tiny_cache, t
 
 def test_a_local_model_can_judge(tiny_cache, tmp_path):
     """--judge hf runs batched through a local model; the tiny one writes no verdicts, which are counted."""
-    from alignkit import presets
+    from alignkit.modeling import presets
 
     run_script("label.py", "--preset", "tiny", "--num_samples", "2", "--max_prompts", "3", "--judge", "hf",
                "--judge_model", presets.paths()["model"], "--judge_max_tokens", "8", "--output", "hf.jsonl", cwd=tmp_path)
@@ -617,7 +619,7 @@ def write_prompts(tmp_path: Path, n: int = 5) -> list[str]:
 def test_backend_vllm_without_vllm_stops_before_any_model_load(tmp_path, monkeypatch):
     import importlib.util
 
-    from alignkit import models
+    from alignkit.modeling import models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
@@ -634,7 +636,7 @@ def test_vllm_backend_writes_what_transformers_writes_and_resumes_after_a_crash(
     a LoRA request on its base, and a run that dies mid-way resumes from the chunks already cached."""
     from fake_vllm import install
 
-    from alignkit import generation, models, presets
+    from alignkit.modeling import generation, models, presets
 
     prompts = write_prompts(tmp_path)
     adapter = str(sft_run["run_folder"])

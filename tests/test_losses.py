@@ -1,12 +1,12 @@
-"""alignkit.losses.preference_loss against values computed by hand from the formulas."""
+"""alignkit.train.losses.preference_loss against values computed by hand from the formulas."""
 
 import math
 
 import pytest
 import torch
 
-from alignkit.config import DPOSettings
-from alignkit.losses import answer_logps, preference_loss
+from alignkit.core.config import DPOSettings
+from alignkit.train.losses import answer_logps, preference_loss
 
 
 def logsig(x: float) -> float:

@@ -1,4 +1,4 @@
-"""LoTA (alignkit.lota): the mask, the sparse delta on disk, loading and merging it, DPO with it, bad input."""
+"""LoTA (alignkit.train.lota): the mask, the sparse delta on disk, loading and merging it, DPO with it, bad input."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alignkit import lota
-from alignkit.config import DPOSettings, ModelSettings, SFTSettings
-from alignkit.models import load_model
+from alignkit.core.config import DPOSettings, ModelSettings, SFTSettings
+from alignkit.modeling.models import load_model
+from alignkit.train import lota
 
 from conftest import run_script
 
@@ -212,7 +212,7 @@ def test_sparsity_outside_0_1_is_refused(sparsity):
 
 
 def test_pushing_an_unmerged_delta_is_refused_before_training(lota_sft):
-    from alignkit.hub import push
+    from alignkit.core.hub import push
 
     with pytest.raises(ValueError, match="add --merge_adaptors"):
         SFTSettings(adapter="lota", push_to_hub=True, hub_repo_id="you/x")
@@ -282,7 +282,7 @@ def test_a_resumed_run_reuses_its_mask_and_ends_where_a_straight_run_does(tiny_c
 
 
 def test_precomputed_reference_log_probs_are_cached_and_reused_with_lota(tiny_cache, tmp_path, monkeypatch):
-    from alignkit import refcache
+    from alignkit.train import refcache
 
     monkeypatch.setattr(refcache, "cache_root", lambda: tmp_path / "ref_logps")  # empty, whatever ran before
 
@@ -316,7 +316,7 @@ def test_lota_dpo_on_a_lora_sft_adapter_starts_from_the_sft_model_and_reloads_as
 def test_vllm_refuses_a_delta_with_the_fix(lota_sft, monkeypatch):
     from fake_vllm import install
 
-    from alignkit import generation
+    from alignkit.modeling import generation
 
     install(monkeypatch, cuda=True)
     with pytest.raises(ValueError, match="holds a LoTA delta; vLLM serves LoRA adapters only. Merge it first"):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignkit import merge as merge_module
-from alignkit.config import ModelSettings
-from alignkit.models import load_model
+from alignkit.core.config import ModelSettings
+from alignkit.modeling import merge as merge_module
+from alignkit.modeling.models import load_model
 
 from conftest import run_script
 

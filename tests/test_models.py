@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from alignkit import generation, models, presets
-from alignkit.args import ConfigError
-from alignkit.config import DPOSettings, ModelSettings
+from alignkit.core.args import ConfigError
+from alignkit.core.config import DPOSettings, ModelSettings
+from alignkit.modeling import generation, models, presets
 
 
 
@@ -193,8 +193,8 @@ def test_auto_picks_vllm_on_a_gpu_and_serves_an_adapter_on_its_base(tiny_cache, 
 
 
 def test_backend_is_one_of_three():
-    from alignkit.args import parse_config
-    from alignkit.config import LabelSettings, VibesSettings
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import LabelSettings, VibesSettings
 
     for cls in (LabelSettings, VibesSettings):
         assert cls().backend == "auto"

@@ -124,7 +124,7 @@ def execute(name: str, cwd: Path, env: dict, specs: KernelSpecManager) -> str:
 
 def test_kernel_runs_this_python(kernel_specs, tmp_path):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "import sys; from alignkit.args import is_notebook; print(sys.executable, is_notebook())")])
+        "import sys; from alignkit.core.args import is_notebook; print(sys.executable, is_notebook())")])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)
     NotebookClient(nb, km=km, timeout=120, startup_timeout=120).execute(

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit import presets
-from alignkit.args import ConfigError
-from alignkit.config import ModelSettings
-from alignkit.generation import generate
-from alignkit.models import load_model, reference_mode
+from alignkit.core.args import ConfigError
+from alignkit.core.config import ModelSettings
+from alignkit.modeling import presets
+from alignkit.modeling.generation import generate
+from alignkit.modeling.models import load_model, reference_mode
 
 from conftest import ROOT, run_script
 

@@ -1,4 +1,4 @@
-"""Prefix sharing for DPO (alignkit.prefix): the packed pass gives the unshared pass's log-probs, loss and
+"""Prefix sharing for DPO (alignkit.train.prefix): the packed pass gives the unshared pass's log-probs, loss and
 gradients (to 1e-5 in fp32, on the tiny model), in the policy and the reference pass, with sdpa and eager
 attention; the packed batch is shorter; it is off, with one log line, where no custom mask can be passed.
 
@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 
-from alignkit import prefix
+from alignkit.train import prefix
 
 
 def _trainer(tmp_path, attn="sdpa", sharing=True, loss_type="sigmoid", **overrides):
@@ -23,9 +23,9 @@ def _trainer(tmp_path, attn="sdpa", sharing=True, loss_type="sigmoid", **overrid
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig
 
-    from alignkit import presets
-    from alignkit.models import TRAINABLE
-    from alignkit.trainers import AlignDPOTrainer
+    from alignkit.modeling import presets
+    from alignkit.modeling.models import TRAINABLE
+    from alignkit.train.trainers import AlignDPOTrainer
 
     path = presets.paths()["model"]
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,4 +1,4 @@
-"""The reference log-prob disk cache (alignkit.refcache): an identical DPO rerun skips the reference pass.
+"""The reference log-prob disk cache (alignkit.train.refcache): an identical DPO rerun skips the reference pass.
 
 Real tiny DPO runs with --precompute_ref_log_probs; the reference forward is counted by wrapping
 AlignDPOTrainer.compute_ref_log_probs, which both TRL's precompute pass and the per-step path go through.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkit import refcache
-from alignkit.trainers import AlignDPOTrainer
+from alignkit.train import refcache
+from alignkit.train.trainers import AlignDPOTrainer
 
 from conftest import run_script
 
@@ -67,7 +67,7 @@ def test_the_key_ignores_the_trained_adapter_and_sees_every_base_weight(tiny_cac
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from alignkit import presets
+    from alignkit.modeling import presets
 
     def fingerprint(rank: int, seed: int, nudge: float = 0.0) -> str:
         torch.manual_seed(seed)
@@ -87,7 +87,7 @@ def sft_adapter(folder, seed: int) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from alignkit import presets
+    from alignkit.modeling import presets
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(presets.paths()["model"])

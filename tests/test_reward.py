@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from alignkit import presets
-from alignkit.reward import margins, reward_loss
+from alignkit.modeling import presets
+from alignkit.train.reward import margins, reward_loss
 
 from conftest import run_script
 
@@ -26,7 +26,7 @@ def _mean(values):
 
 
 def _by_hand(loss, margin=None, lm=0.0, coef=0.0):
-    """The formulas of alignkit.reward's docstring, in plain floats."""
+    """The formulas of alignkit.train.reward's docstring, in plain floats."""
     m = margin.tolist() if margin is not None else [0.0] * len(CHOSEN)
     pairs = list(zip(CHOSEN.tolist(), REJECTED.tolist(), m))
     if loss == "bradley_terry":
@@ -116,9 +116,9 @@ def test_tiny_reward_model_ranks_held_out_pairs(reward_run):
 
 
 def test_reward_callable_loads_the_run_folder_and_scores_as_trained(reward_run):
-    """alignkit.rewards.load("rm:FOLDER") rebuilds the model from the folder alone: the held-out rewards that
+    """alignkit.feedback.rewards.load("rm:FOLDER") rebuilds the model from the folder alone: the held-out rewards that
     reward.py computed with the model in memory come back, and the rule-following answers win."""
-    from alignkit.rewards import load
+    from alignkit.feedback.rewards import load
 
     reward = load(f"rm:{reward_run['run_folder']}")
     held_out = json.loads((reward_run["run_folder"] / "held_out_rewards.json").read_text())
@@ -131,14 +131,14 @@ def test_reward_callable_loads_the_run_folder_and_scores_as_trained(reward_run):
 
 
 def test_the_rm_judge_labels_fresh_tiny_pairs_as_the_rule_does(reward_run):
-    """label.py's `--judge rm:` judge (alignkit.rewards.RMJudge, the object label.py calls) on 300 tiny pairs it
-    never trained on (the preset's recipe with another seed), each in a random slot order: at least 90% of the
-    labels are the rule's."""
+    """label.py's `--judge rm:` judge (alignkit.feedback.rewards.RMJudge, the object label.py calls) on 300 tiny
+    pairs it never trained on (the preset's recipe with another seed), each in a random slot order: at least 90%
+    of the labels are the rule's."""
     import random
 
-    from alignkit.config import LabelSettings
-    from alignkit.judge import Request, parse_verdict
-    from alignkit.rewards import RMJudge
+    from alignkit.core.config import LabelSettings
+    from alignkit.feedback.judge import Request, parse_verdict
+    from alignkit.feedback.rewards import RMJudge
 
     rng = random.Random(0)
     fresh = presets.make_data(seed=123)["preferences"][:300]
@@ -180,8 +180,8 @@ def test_label_with_rm_judge_scores_each_answer_once_and_keeps_the_scores(reward
 def test_merge_round_trip_keeps_the_score_head(reward_run, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignkit.merge import merge_adapters
-    from alignkit.rewards import load, score
+    from alignkit.feedback.rewards import load, score
+    from alignkit.modeling.merge import merge_adapters
 
     conversations = [[{"role": "user", "content": "name three fruits."}, {"role": "assistant", "content": a}]
                      for a in ("apple,pear,plum.", "apple,tiger,piano.", "red,blue,green.")]
@@ -195,16 +195,16 @@ def test_merge_round_trip_keeps_the_score_head(reward_run, tmp_path):
 
 
 def test_wrong_kind_of_model_is_an_error_that_says_what_to_pass(reward_run, tiny_cache):
-    from alignkit.config import ModelSettings
-    from alignkit.models import load_model
-    from alignkit.rewards import load
+    from alignkit.core.config import ModelSettings
+    from alignkit.feedback.rewards import load
+    from alignkit.modeling.models import load_model
 
     causal = presets.paths()["model"]
     with pytest.raises(ValueError, match=r"is a causal language model \(no reward score head\).*reward.py run folder"):
         load(f"rm:{causal}")
     with pytest.raises(ValueError, match=r"is a reward model .*cannot generate.*--judge rm:"):
         load_model(ModelSettings(model_id=str(reward_run["run_folder"]), quantization="none"))
-    from alignkit.generation import load_generator
+    from alignkit.modeling.generation import load_generator
 
     with pytest.raises(ValueError, match=r"is a reward model .*pass a causal language model"):
         load_generator(ModelSettings(model_id=str(reward_run["run_folder"]), quantization="none"), "transformers")
@@ -215,10 +215,10 @@ def test_logexpwithlm_adds_the_chosen_sequences_lm_loss(tiny_cache, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import RewardConfig
 
-    from alignkit.config import RewardSettings
-    from alignkit.data import load_preferences
-    from alignkit.models import add_trainable_adapter, load_lm_head, load_model
-    from alignkit.reward import AlignRewardTrainer
+    from alignkit.core.config import RewardSettings
+    from alignkit.core.data import load_preferences
+    from alignkit.modeling.models import add_trainable_adapter, load_lm_head, load_model
+    from alignkit.train.reward import AlignRewardTrainer
 
     s = RewardSettings(**{**presets.defaults("reward"), "loss": "logexpwithlm", "lm_loss_coef": 0.5})
     loaded = load_model(s, for_training=True, reward=True)

@@ -1,7 +1,7 @@
 """rl.py: GRPO on the tiny preset's rule teaches the rule; the judge reward survives a faulty endpoint honestly.
 
 The rule-following rate is measured on the preset's prompts, sampled at temperature 1 (the preset's evaluation
-convention, see alignkit.presets "evaluate"): greedy answers of the tiny SFT model already collapse to one
+convention, see alignkit.modeling.presets "evaluate"): greedy answers of the tiny SFT model already collapse to one
 repeated word ("plum,plum,plum."), which the rule passes, so the greedy rate starts at 1.0 and can only be
 checked not to drop.
 """
@@ -18,11 +18,11 @@ from openai_server import Fault, FakeOpenAI
 
 def _rates(model_id: str) -> tuple[float, float]:
     """(sampled rate over 4 samples per prompt at T=1, seed 0; greedy rate) of follows_rule on the preset's prompts."""
-    from alignkit import presets
-    from alignkit.config import ModelSettings
-    from alignkit.generation import generate
-    from alignkit.models import load_model
-    from alignkit.presets import follows_rule
+    from alignkit.core.config import ModelSettings
+    from alignkit.modeling import presets
+    from alignkit.modeling.generation import generate
+    from alignkit.modeling.models import load_model
+    from alignkit.modeling.presets import follows_rule
 
     rows = [json.loads(line)["prompt"] for line in open(presets.paths()["prompts"])]
     loaded = load_model(ModelSettings(model_id=model_id, quantization="none"))
@@ -53,7 +53,7 @@ def test_grpo_with_the_rule_raises_rule_following(sft_run, rl_run):
         shares = [entry[f"time/{part}_share"] for part in ("generating", "judging", "training")]
         assert all(0 <= s <= 1 for s in shares) and abs(sum(shares) - 1) < 0.01
     config = json.loads((rl_run["run_folder"] / "adapter_config.json").read_text())
-    # A local adapter underneath is recorded relative to this one (alignkit.models.save_adapter).
+    # A local adapter underneath is recorded relative to this one (alignkit.modeling.models.save_adapter).
     assert (rl_run["run_folder"] / config["base_model_name_or_path"]).resolve() == sft_run["run_folder"].resolve()
 
 
@@ -61,14 +61,14 @@ def test_reference_pass_keeps_the_sft_adapter(rl_run):
     """KL's reference is base + SFT adapter (trained adapter off), not the bare base TRL's PEFT path would use."""
     import torch
 
-    from alignkit.models import reference_mode
+    from alignkit.modeling.models import reference_mode
 
     trainer = rl_run["trainer"]
     model = trainer.accelerator.unwrap_model(trainer.model)
     tok = rl_run["loaded"].tokenizer
     batch = tok(["<|user|>name three fruits.<|end|><|assistant|>apple,pear,plum.<|end|>"], return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    from alignkit.rl import _Reference
+    from alignkit.train.rl import _Reference
 
     ref, _, _ = trainer._get_per_token_logps_and_entropies(_Reference(), ids, mask, 6)
     trl_class = next(k for k in type(trainer).__mro__ if k.__module__.startswith("trl."))  # TRL's own pass
@@ -81,7 +81,7 @@ def test_reference_pass_keeps_the_sft_adapter(rl_run):
 
 
 def _judge_settings(server, tmp_path, **extra):
-    from alignkit.config import RLSettings
+    from alignkit.core.config import RLSettings
 
     return RLSettings(reward=["judge"], judge_base_url=server.base_url, judge_model="judge", max_retries=1,
                       request_timeout=5, parallel=4, judge_cache=str(tmp_path / "cache"), **extra)
@@ -103,7 +103,7 @@ def _faulty(body):
 
 
 def test_judge_reward_counts_failures_and_never_scores_them(tmp_path):
-    from alignkit.rl import JudgeReward
+    from alignkit.train.rl import JudgeReward
 
     _faulty.seen = []
     prompts = [[{"role": "user", "content": "name three fruits."}]] * 4
@@ -124,9 +124,9 @@ def test_judge_reward_counts_failures_and_never_scores_them(tmp_path):
 
 
 def test_pairwise_judge_reward_uses_label_keys(tmp_path):
-    from alignkit.judge import make_judge  # noqa: F401 - the key below is label.py's make_pairs key
-    from alignkit.labeling import digest
-    from alignkit.rl import JudgeReward
+    from alignkit.feedback.judge import make_judge  # noqa: F401 - the key below is label.py's make_pairs key
+    from alignkit.feedback.labeling import digest
+    from alignkit.train.rl import JudgeReward
 
     refs = tmp_path / "refs.jsonl"
     refs.write_text(json.dumps({"prompt": "name three fruits.", "response": "apple,pear,plum."}) + "\n")

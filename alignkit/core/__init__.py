@@ -1,0 +1,11 @@
+"""Shared infrastructure: what every stage and every script stands on.
+
+- args: the one settings mechanism (flags, env, .env, --config, presets).
+- config: every script's settings dataclasses, shared groups by composition.
+- errors: UserError and how a script reports it.
+- paths: the cache folder ($ALIGNKIT_CACHE).
+- journal: append-only logs, atomic writes, the concurrent map every crash-safe loop uses.
+- data: the one data normaliser (SFT and preference rows from files, folders, the Hub).
+- hub: Hub pushes and model cards.
+- llm: the chat-client factory for OpenAI-compatible endpoints.
+"""

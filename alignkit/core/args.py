@@ -1,0 +1,345 @@
+"""The one config mechanism every alignkit script uses.
+
+A settings ``@dataclass`` becomes a parser with this precedence, lowest to highest:
+dataclass defaults < preset < .env file < environment < ``--config`` YAML < CLI flags < ``overrides``.
+Field ``dpo_beta`` is ``--dpo_beta VALUE`` / ``--dpo_beta=VALUE`` and env var ``DPO_BETA``.
+"""
+from __future__ import annotations
+
+import argparse
+import builtins
+import dataclasses
+import difflib
+import json
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+from dotenv import load_dotenv
+
+from alignkit.core.errors import UserError
+
+__all__ = ["ConfigError", "setting", "parse_config", "config_to_dict", "save_config", "redact", "is_notebook"]
+
+_MISSING = dataclasses.MISSING
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+_SECRET_ENV = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY"}
+_SECRET_SUFFIXES = ("_TOKEN", "_API_KEY", "_SECRET", "_PASSWORD")
+_SECRET_WORDS = ("token", "api_key", "secret", "password")
+# Tokenizer special tokens ("<pad>", "</s>") are settings, not credentials: hiding them would only lose information.
+_SPECIAL_TOKENS = {f"{p}_token" for p in ("pad", "eos", "bos", "unk", "sep", "cls", "mask")}
+
+
+class ConfigError(UserError):
+    """A user-facing configuration problem; the message names the source of the bad value and the fix."""
+
+
+def setting(default=_MISSING, help: str = "", choices=None, default_factory=_MISSING, whole: bool = False):
+    """``dataclasses.field`` carrying the help text and allowed values shown by ``--help``.
+
+    whole: a list whose values are kept whole, never split at commas (prompts hold commas: "Hello, who are
+    you?" is one prompt); on a command line each value is its own argument, and a string from the environment
+    or a --config file is one value.
+    """
+    if isinstance(default, (list, dict, set)):  # dataclasses rejects mutable defaults; copy per instance instead
+        default, default_factory = _MISSING, (lambda d=default: type(d)(d))
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={"help": help, "choices": list(choices) if choices else None, "whole": whole})
+
+
+def is_notebook() -> bool:
+    """True inside a Jupyter/IPython kernel (incl. VS Code interactive), whose argv is not ours to parse."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    # Not "ipykernel in sys.modules": a test runner or a tool that merely imports it is no kernel, and its argv
+    # (a script's real flags) must still be read.
+    return argv0.endswith("ipykernel_launcher.py") or hasattr(builtins, "get_ipython")
+
+
+# ---------------------------------------------------------------- types and conversion
+def _unwrap_optional(tp):
+    """(X, True) for ``X | None`` / ``Optional[X]``, else (tp, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(args) == 2:
+            return rest[0], True
+    return tp, False
+
+
+def _list_item(tp):
+    """Element type of ``list[X]`` (``str`` for bare ``list``), or None if tp is not a list."""
+    if tp is list:
+        return str
+    return (typing.get_args(tp) or (str,))[0] if typing.get_origin(tp) is list else None
+
+
+def _type_name(tp) -> str:
+    inner, optional = _unwrap_optional(tp)
+    item = _list_item(inner)
+    name = f"list of {_type_name(item)}" if item is not None else getattr(inner, "__name__", str(inner))
+    return f"{name} or none" if optional else name
+
+
+def _scalar(raw, tp, where):
+    if tp is bool and str(raw).strip().lower() in _TRUE | _FALSE:  # str(True) == "True": YAML booleans work too
+        return str(raw).strip().lower() in _TRUE
+    expected = {bool: "a boolean (true/false, 1/0, yes/no, on/off)", int: "an int", float: "a float",
+                str: "a string"}.get(tp, f"a valid {_type_name(tp)}")
+    try:
+        # YAML `true` for a number or string is a mistake, not 1; a YAML list for a string is a mistake too.
+        if tp is bool or isinstance(raw, bool) or (tp is str and not isinstance(raw, (str, int, float))):
+            raise ValueError
+        if tp is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError
+        return raw if isinstance(raw, tp) else tp(raw)  # int(" 3"), float(2), str(5), Path("x")...
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid value for {where}: {raw!r} is not {expected}") from None
+
+
+def _convert(raw, tp, where, choices=None, whole=False):
+    """Turn a raw value (string from CLI/env, or YAML/Python object) into the annotated type.
+
+    whole: a string is one list item, not a comma-separated list (setting(whole=True))."""
+    inner, optional = _unwrap_optional(tp)
+    if raw is None or (optional and isinstance(raw, str) and raw.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"invalid value for {where}: None is not allowed, expected {_type_name(tp)}")
+    if choices and {"true", "false"} <= set(choices) and str(raw).strip().lower() in _TRUE | _FALSE:
+        raw = "true" if str(raw).strip().lower() in _TRUE else "false"  # auto/true/false: YAML booleans too
+    item = _list_item(inner)
+    if item is None:
+        value = _scalar(raw, inner, where)
+        items = [value]
+    else:
+        if isinstance(raw, str):  # CLI tokens, env vars and YAML strings are comma separated, unless whole
+            raw = [raw] if whole else [p.strip() for p in raw.split(",") if p.strip()]
+        if not isinstance(raw, (list, tuple)):
+            raise ConfigError(f"invalid value for {where}: {raw!r} is not a {_type_name(inner)}")
+        value = items = [_scalar(x, item, where) for x in raw]
+    for v in items if choices else []:
+        if v not in choices:
+            raise ConfigError(f"invalid value for {where}: {v!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _suggest(name, names, prefix=""):
+    close = difflib.get_close_matches(str(name), list(names), n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+# ---------------------------------------------------------------- layers
+def _parse_cli(argv, types_, whole=frozenset()):
+    """Return ({field: raw string, or a list for a `whole` field}, config path or None, wants_help). Raw values
+    are converted later. A `whole` field's values are its arguments as given, repeated flags adding more."""
+    values, config, wants_help, i = {}, None, False, 0
+    is_option = lambda tok: tok.startswith("--") or tok == "-h"  # noqa: E731  ("-0.5" stays a value)
+    while i < len(argv):
+        tok, i = argv[i], i + 1
+        if tok in ("-h", "--help"):
+            wants_help = True
+            continue
+        if tok == "--debug":  # read by alignkit.core.errors: show the traceback of a user error; not a setting
+            continue
+        if not tok.startswith("--") or tok == "--":
+            kind = "option" if tok.startswith("-") else "argument"
+            raise ConfigError(f"unexpected {kind} {tok!r}: options are written --name VALUE (see --help)")
+        name, eq, inline = tok[2:].partition("=")
+        name = name.replace("-", "_")  # accept --dpo-beta too
+        vals = [inline] if eq else []
+        while not eq and i < len(argv) and not is_option(argv[i]):
+            vals, i = vals + [argv[i]], i + 1
+        if name == "config":
+            if len(vals) != 1:
+                raise ConfigError("--config expects one value: the path of a YAML file")
+            config = vals[0]
+            continue
+        if name not in types_:
+            raise ConfigError(f"unknown option --{name}{_suggest(name, [*types_, 'config'], '--')} (see --help)")
+        inner, _ = _unwrap_optional(types_[name])
+        if name in whole:
+            values[name] = [*values.get(name, []), *vals]
+        elif _list_item(inner) is not None:
+            values[name] = ",".join(vals)  # `a b` and `a,b` both become "a,b"; `--x none` stays "none"
+        elif inner is bool and not vals:
+            values[name] = "true"
+        elif len(vals) != 1:
+            got = f"got {len(vals)}: {' '.join(vals)}" if vals else "got none"
+            raise ConfigError(f"--{name} expects one value, {got}")
+        else:
+            values[name] = vals[0]
+    return values, config, wants_help
+
+
+def _load_yaml(path, source, names):
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path} (given by {source}); check the path")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of option: value, got {type(data).__name__}")
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key {key!r}{_suggest(key, names)}")
+    return data
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "[]"
+    return str(value).lower() if value is None or isinstance(value, bool) else str(value) or "''"
+
+
+def _print_help(fields, types_, defaults, prog, description):
+    parser = argparse.ArgumentParser(prog=prog, description=description, add_help=False,
+                                     usage=f"{prog} [--config FILE] [--OPTION VALUE ...]",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of {option: value} [env: CONFIG]")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error, not just its message [env: ALIGNKIT_DEBUG=1]")
+    for name, f in fields.items():
+        choices = f.metadata.get("choices")
+        inner, _ = _unwrap_optional(types_[name])
+        metavar = "{%s}" % ",".join(map(str, choices)) if choices else (
+            "[BOOL]" if inner is bool else "A,B,..." if _list_item(inner) else _type_name(inner).upper())
+        default = "required" if name not in defaults else "***" if _is_secret_field(name) and _is_set(
+            defaults[name]) else redact(_show(defaults[name]))
+        text = f"{f.metadata.get('help', '')} [{_type_name(types_[name])}; default: {default}; env: {name.upper()}]"
+        parser.add_argument(f"--{name}", metavar=metavar, help=text.strip().replace("%", "%%"))
+    print(parser.format_help())
+
+
+# ---------------------------------------------------------------- entry point
+def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, prog=None, description=None):
+    """Build an instance of dataclass ``cls`` from all layers (see module docstring)."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"parse_config expects a dataclass type, got {cls!r}")
+    hints = typing.get_type_hints(cls)  # resolves string annotations from `from __future__ import annotations`
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    types_ = {n: hints.get(n, f.type) for n, f in fields.items()}
+    if "config" in fields:
+        raise ConfigError(f"{cls.__name__}: field name 'config' is reserved for --config FILE; rename the field")
+
+    if args is None:  # a kernel's argv (`-f kernel.json`) belongs to the kernel, not to us
+        args = [] if is_notebook() else sys.argv[1:]
+    whole = frozenset(n for n, f in fields.items() if f.metadata.get("whole"))
+    cli, config_path, wants_help = _parse_cli(list(args), types_, whole)
+
+    env_from_file = set()
+    if env_file is not None:
+        before = set(os.environ)  # override=False: real env vars win; secrets such as HF_TOKEN reach libraries
+        load_dotenv(env_file, override=False)
+        env_from_file = set(os.environ) - before
+    env = {n: os.environ[n.upper()] for n in fields if n.upper() in os.environ}
+
+    config_source = "--config"
+    if config_path is None and os.environ.get("CONFIG"):
+        config_path, config_source = os.environ["CONFIG"], "env var CONFIG"
+    recipe = _load_yaml(config_path, config_source, fields) if config_path else {}
+
+    overrides = dict(overrides or {})
+    for key in overrides:
+        if key not in fields:
+            raise ConfigError(f"unknown overrides key {key!r}{_suggest(key, fields)}; keys must be fields of "
+                              f"{cls.__name__}")
+
+    def env_label(n):
+        return f"env var {n.upper()}" + (f" (from {env_file})" if n.upper() in env_from_file else "")
+    layers = [(env, env_label), (recipe, lambda n: f"{config_path}: key {n}"),
+              (cli, lambda n: f"--{n}"), (overrides, lambda n: f"overrides key {n!r}")]
+
+    def choices(n):
+        return fields[n].metadata.get("choices")
+
+    defaults = {n: f.default if f.default is not _MISSING else f.default_factory()
+                for n, f in fields.items() if f.default is not _MISSING or f.default_factory is not _MISSING}
+    if presets is not None and "preset" in fields:
+        # The preset name itself may come from any layer; the highest one wins like any other field.
+        name = defaults.get("preset")
+        for layer, label in layers:
+            if "preset" in layer:
+                name = _convert(layer["preset"], types_["preset"], label("preset"), choices("preset"))
+        if name:
+            if name not in presets:
+                known = ", ".join(sorted(presets)) or "(none defined)"
+                raise ConfigError(f"unknown preset {name!r}; known presets: {known}")
+            for key, value in presets[name].items():
+                if key not in fields:
+                    raise ConfigError(f"preset {name!r} sets unknown field {key!r}{_suggest(key, fields)}")
+                defaults[key] = _convert(value, types_[key], f"preset {name!r}: key {key}", choices(key), key in whole)
+            defaults["preset"] = name
+
+    if wants_help:
+        prog = prog or (cls.__name__ if is_notebook() or not sys.argv else os.path.basename(sys.argv[0]))
+        _print_help(fields, types_, defaults, prog, description)
+        raise SystemExit(0)
+
+    values = dict(defaults)
+    for layer, label in layers:
+        for n, raw in layer.items():
+            values[n] = _convert(raw, types_[n], label(n), choices(n), n in whole)
+    for n in (n for n in fields if n not in values):
+        raise ConfigError(f"missing required option --{n} (or env var {n.upper()}, or key {n} in the --config file)")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:  # __post_init__ validation is a user-facing config problem too
+        raise ConfigError(str(e)) from e
+
+
+# ---------------------------------------------------------------- saving and secrets
+def _secret_env_values():
+    names = {k for k in os.environ if k.upper() in _SECRET_ENV or k.upper().endswith(_SECRET_SUFFIXES)}
+    # Longest first, so a secret that contains another one is hidden whole.
+    return sorted({os.environ[k] for k in names if len(os.environ[k]) >= 8}, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """Replace every secret value found in the environment by ``***``."""
+    for secret in _secret_env_values():
+        text = text.replace(secret, "***")
+    return text
+
+
+def _is_secret_field(name) -> bool:
+    # "tokenizer_name" and "max_new_tokens" are not credentials; "*_env" fields hold a variable's NAME.
+    n = re.sub("tokenizer|tokens", "", str(name).lower())
+    return not n.endswith("_env") and n not in _SPECIAL_TOKENS and any(w in n for w in _SECRET_WORDS)
+
+
+def _is_set(value) -> bool:
+    # Numbers are never credentials (`token_budget: int` must survive); empty values reveal nothing.
+    return bool(value) and not isinstance(value, (int, float))
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): "***" if _is_secret_field(k) and _is_set(v) else _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return redact(str(value))  # str, Path, Enum...: their text form is what a reader wants
+
+
+def config_to_dict(cfg) -> dict:
+    """JSON-safe dict of all fields of dataclass instance ``cfg``, with secrets replaced by ``***``."""
+    return _jsonable(cfg)
+
+
+def save_config(cfg, path) -> None:
+    """Write ``config_to_dict(cfg)`` as indented JSON, creating parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,441 @@
+"""One data normaliser: load SFT and preference data from a file, folder, in-memory rows or the Hub, and turn every
+supported dataset shape into one conversational layout, with errors that name the source, the row and the field."""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+
+import datasets
+
+from alignkit.core.errors import UserError
+
+__all__ = ["DataError", "PREFERENCE_FORMATS", "SFT_FORMATS", "load_rows", "load_preferences", "load_sft",
+           "detect_format", "is_hh_prompt", "hh_prompt_messages"]
+
+logger = logging.getLogger("alignkit")
+
+PREFERENCE_FORMATS = ("explicit", "ultrafeedback", "hh", "shp", "stack_exchange", "self_reference")
+SFT_FORMATS = ("messages", "sharegpt", "prompt_completion", "text")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv")
+_FIX = "Fix the row, or pass --skip_invalid to skip invalid rows."
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+class DataError(UserError):
+    """A problem in the user's data or data arguments; the message says where it is and how to fix it."""
+
+
+class _RowError(Exception):  # one invalid row: the column at fault, what was expected and what was found
+    def __init__(self, field, problem):
+        super().__init__(problem)
+        self.field, self.problem = field, problem
+
+
+# ---------------------------------------------------------------- loading
+def load_rows(source, split="train", config_name=None) -> tuple[datasets.Dataset, str]:
+    """Load `source` (a file, folder, Dataset, list of dicts or Hub id) as a Dataset; return (dataset, label)."""
+    data, label, _ = _read(source, split, config_name)
+    try:
+        return (data if isinstance(data, datasets.Dataset) else datasets.Dataset.from_list(data)), label
+    except Exception as e:  # pyarrow refuses a column whose type differs between rows
+        raise DataError(f"{label}: cannot build a table ({e}): a column holds different types in different rows. "
+                        "load_preferences/load_sft name the bad row.") from e
+
+
+def _read(source, split, config_name):
+    """-> (rows: list of dicts or a Dataset, label, 1-based row numbers or None meaning 1..n)."""
+    if isinstance(source, datasets.DatasetDict):
+        return _pick_split(source, split, "<DatasetDict>"), f"<DatasetDict split {split}>", None
+    if isinstance(source, datasets.Dataset):
+        return source, "<in-memory dataset>", None
+    if isinstance(source, (list, tuple)):
+        return list(source), "<list of rows>", None
+    if not isinstance(source, (str, os.PathLike)):
+        raise DataError(f"unsupported data source of type {type(source).__name__}; pass a file path, a folder, "
+                        "a Hub dataset id, a datasets.Dataset or a list of dicts")
+    label = os.fspath(source)
+    path = os.path.expanduser(label)
+    if os.path.isfile(path):
+        return _read_file(path, label)
+    if os.path.isdir(path):
+        try:
+            if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+                return _pick_split(datasets.load_from_disk(path), split, label), label, None
+            return datasets.load_dataset(path, split=split), label, None
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{label}: cannot load the folder as a dataset: {e}") from e
+    if not _HUB_ID.match(label) or label.lower().endswith(FILE_TYPES):
+        raise DataError(f"{label}: file not found. Pass an existing {', '.join(FILE_TYPES)} file, a dataset "
+                        "folder, or a Hub dataset id such as 'owner/name'.")
+    label += f" (config {config_name}, split {split})" if config_name else f" (split {split})"
+    try:
+        return datasets.load_dataset(os.fspath(source), config_name, split=split), label, None
+    except Exception as e:
+        raise DataError(f"{label}: no such local file or folder, and loading it as a Hugging Face Hub dataset "
+                        f"failed: {e}") from e
+
+
+def _read_file(path, label):
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in FILE_TYPES:
+        raise DataError(f"{label}: unsupported file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+            return pq.read_table(path).to_pylist(), label, None
+        with open(path, newline="", encoding="utf-8") as f:
+            if suffix == ".csv":
+                return list(csv.DictReader(f)), label, None
+            text = f.read()
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
+        raise DataError(f"{label}: cannot read the file: {e}") from e
+    try:  # a JSON array (or one object) ...
+        data = json.loads(text) if text.strip() else []
+        if isinstance(data, (list, dict)):
+            return (data if isinstance(data, list) else [data]), label, None
+    except json.JSONDecodeError:
+        pass
+    rows, numbers = [], []  # ... or JSON lines, numbered by line so that "row N" is line N
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{label}: line {number}: invalid JSON ({e.msg} at column {e.colno}). "
+                                "Fix the line so that it holds one JSON object.") from e
+            numbers.append(number)
+    return rows, label, numbers
+
+
+def _pick_split(data, split, label):
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{label}: no split {split!r}; the splits are {', '.join(data)}. Pass one of them.")
+        return data[split]
+    return data
+
+
+# ---------------------------------------------------------------- row checks
+def _show(value):
+    if value is None:
+        return "nothing (the field is missing or null)"
+    text = repr(value)
+    return f"{type(value).__name__} ({text if len(text) <= 60 else text[:57] + '...'})"
+
+
+def _bad(field, expected, value, where=""):
+    return _RowError(field, f"{where}expected {expected}, got {_show(value)}")
+
+
+def _text(value, field, where=""):
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(field, "non-empty text", value, where)
+    return value
+
+
+def _turn(role, content):
+    return [{"role": role, "content": content}]
+
+
+def _messages(value, field, role=None):
+    """A list of role/content messages, or a string that becomes one `role` message (refused if role is None)."""
+    if isinstance(value, str) and role:
+        return _turn(role, _text(value, field))
+    if not isinstance(value, list) or not value:
+        raise _bad(field, "a non-empty string or a list of messages" if role else "a non-empty list of messages", value)
+    out = []
+    for i, message in enumerate(value, 1):
+        where = f"message {i}: "
+        if not isinstance(message, dict):
+            raise _bad(field, "a {'role': ..., 'content': ...} dict", message, where)
+        if message.get("role") not in ROLES:
+            raise _bad(field, f"'role' to be one of {', '.join(ROLES)}", message.get("role"), where)
+        if message["role"] == "system" and message.get("content") == "":
+            continue  # an empty system prompt says nothing; ShareGPT dumps are full of them
+        out += _turn(message["role"], _text(message.get("content"), field, where + "'content': "))
+    if not out:
+        raise _bad(field, "at least one non-empty message", value)
+    return out
+
+
+def _same(a, b):
+    return [(m["role"], m["content"].strip()) for m in a] == [(m["role"], m["content"].strip()) for m in b]
+
+
+def _answer(value, field, prompt=None):
+    """Split a string or a conversation into (the turns before the answer, [the final assistant turn])."""
+    conv = _messages(value, field, "assistant")
+    if conv[-1]["role"] != "assistant":
+        raise _RowError(field, f"expected a conversation ending with an assistant turn, got a last turn with role "
+                               f"{conv[-1]['role']!r}")
+    if len(conv) > 1 and prompt and not _same(conv[:len(prompt)], prompt):
+        raise _RowError(field, "expected a conversation that starts with the prompt turns, got one starting with "
+                               + _show(conv[0]["content"]))
+    return conv[:-1], conv[-1:]
+
+
+def _check_prompt(prompt, field):
+    if not prompt or prompt[-1]["role"] not in ("user", "tool"):
+        roles = ", ".join(m["role"] for m in prompt) or "none"
+        raise _RowError(field, f"expected prompt turns ending with a user turn before the answer, got roles [{roles}]")
+    return prompt
+
+
+def _pair(prompt, chosen, rejected, names=("chosen", "rejected"), prompt_field="prompt"):
+    _check_prompt(prompt, prompt_field)
+    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+        raise _RowError(names[1], f"expected an answer different from '{names[0]}', got the same text "
+                                  "(identical answers carry no preference signal)")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+# ---------------------------------------------------------------- preference formats
+def _explicit(row, names=("prompt", "chosen", "rejected")):
+    if is_hh_prompt(row.get(names[0])):  # HH already split (the DPO reference code's form): parse its turns
+        return _hh_split(row, names)
+    prompt = _messages(row.get(names[0]), names[0], "user")
+    context_c, chosen = _answer(row.get(names[1]), names[1], prompt)
+    context_r, rejected = _answer(row.get(names[2]), names[2], prompt)
+    if context_c and context_r and not _same(context_c, context_r):
+        raise _RowError(names[2], f"expected the same turns before the answer as '{names[1]}', got different ones")
+    return _pair(context_c or context_r or prompt, chosen, rejected, names[1:], names[0])
+
+
+def _ultrafeedback(row):
+    for field in ("chosen", "rejected"):
+        if not isinstance(row.get(field), list):
+            raise _bad(field, "a list of messages (the whole conversation)", row.get(field))
+    context_c, chosen = _answer(row["chosen"], "chosen")
+    context_r, rejected = _answer(row["rejected"], "rejected")
+    if not _same(context_c, context_r):
+        raise _RowError("rejected", "expected the same turns before the final answer as 'chosen', got different ones")
+    return _pair(context_c, chosen, rejected, prompt_field="chosen")
+
+
+def _hh_transcript(text, field):
+    expected = "a transcript '\\n\\nHuman: ...\\n\\nAssistant: ...' ending with an Assistant turn"
+    parts = _HH_TURN.split("\n\n" + text.lstrip()) if isinstance(text, str) else []
+    if len(parts) < 5 or parts[0].strip() or parts[-2] != "Assistant":
+        raise _bad(field, expected, text)
+    turns = [_turn("user" if who == "Human" else "assistant", _text(said.strip(), field, f"turn {i} ({who}): "))[0]
+             for i, (who, said) in enumerate(zip(parts[1::2], parts[2::2]), 1)]
+    return turns[:-1], turns[-1:]
+
+
+def is_hh_prompt(value) -> bool:
+    """True for an Anthropic HH prompt as split copies and the DPO reference code cut it: the transcript through
+    its last Assistant marker, i.e. text that starts with "Human:" (or "\n\nHuman:") and ends with
+    "\n\nAssistant:". Both ends are required, so an ordinary prompt that merely mentions "Human:" is not one."""
+    return (isinstance(value, str) and value.lstrip().startswith("Human:")
+            and value.rstrip().endswith("\n\nAssistant:"))
+
+
+def hh_prompt_messages(text) -> list[dict]:
+    """The user/assistant turns of an HH prompt (see is_hh_prompt), markers removed, ending with the user's."""
+    try:
+        return _hh_prompt(text, "prompt")
+    except _RowError as e:
+        raise DataError(e.problem) from None
+
+
+def _hh_prompt(text, field):
+    if not is_hh_prompt(text):
+        raise _bad(field, "an HH prompt '\n\nHuman: ...\n\nAssistant:' (the transcript through its last "
+                          "'Assistant:')", text)
+    parts = _HH_TURN.split("\n\n" + text.strip())  # ["", "Human", said, ..., "Human", said, "Assistant", ""]
+    return [_turn("user" if who == "Human" else "assistant", _text(said.strip(), field, f"turn {i} ({who}): "))[0]
+            for i, (who, said) in enumerate(zip(parts[1:-2:2], parts[2:-2:2]), 1)]
+
+
+def _hh_answer(value, field, prompt):
+    """One answer of split HH: the text after the prompt's last "Assistant:" (its leading space dropped), or the
+    whole transcript, which must then continue the prompt."""
+    if isinstance(value, str) and value.lstrip().startswith("Human:"):
+        context, answer = _hh_transcript(value, field)
+        if not _same(context, prompt):
+            raise _RowError(field, "expected a transcript that starts with the prompt's turns, or the answer alone")
+        return answer
+    if not isinstance(value, str):
+        return _answer(value, field, prompt)[1]
+    text = _text(value, field).strip()
+    if _HH_TURN.search(text):
+        raise _RowError(field, "expected the answer alone (the text after the prompt's last 'Assistant:'), got text "
+                               "holding further 'Human:'/'Assistant:' turns")
+    return _turn("assistant", text)
+
+
+def _hh_split(row, names=("prompt", "chosen", "rejected")):
+    prompt = _hh_prompt(row.get(names[0]), names[0])
+    chosen, rejected = (_hh_answer(row.get(name), name, prompt) for name in names[1:])
+    return _pair(prompt, chosen, rejected, names[1:], names[0])
+
+
+def _hh(row):
+    if row.get("prompt") is not None:  # split HH: prompt, then the two answers
+        return _hh_split(row)
+    prompt, chosen = _hh_transcript(row.get("chosen"), "chosen")
+    prompt_r, rejected = _hh_transcript(row.get("rejected"), "rejected")
+    if not _same(prompt, prompt_r):
+        raise _RowError("rejected", "expected the same conversation as 'chosen' before the last 'Assistant:' turn, "
+                                    "got a different one")
+    return _pair(prompt, chosen, rejected, prompt_field="chosen")
+
+
+def _shp(row):
+    prompt = _turn("user", _text(row.get("history"), "history"))
+    a, b = (_text(row.get(field), field) for field in ("human_ref_A", "human_ref_B"))
+    label = row["labels"].strip() if isinstance(row.get("labels"), str) else row.get("labels")
+    if label not in (0, 1, "0", "1"):
+        raise _bad("labels", "1 (human_ref_A preferred) or 0 (human_ref_B preferred)", row.get("labels"))
+    chosen, rejected = (a, b) if label in (1, "1") else (b, a)
+    return _pair(prompt, _turn("assistant", chosen), _turn("assistant", rejected), ("human_ref_A", "human_ref_B"),
+                 "history")
+
+
+def _stack_exchange(row):
+    prompt = _turn("user", _text(row.get("question"), "question"))
+    answers = row.get("answers")
+    if not isinstance(answers, list) or len(answers) < 2:
+        raise _bad("answers", "a list of at least 2 answers", answers)
+    scored = []
+    for i, answer in enumerate(answers, 1):
+        score = answer.get("pm_score") if isinstance(answer, dict) else None
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise _bad("answers", "a number in 'pm_score'", score, f"answer {i}: ")
+        scored.append((score, _text(answer.get("text"), "answers", f"answer {i}: 'text': ")))
+    best, worst = max(scored, key=lambda s: s[0]), min(scored, key=lambda s: s[0])
+    if best[0] == worst[0]:
+        raise _RowError("answers", f"expected answers with different pm_score values, got all {best[0]}")
+    return _pair(prompt, _turn("assistant", best[1]), _turn("assistant", worst[1]), ("answers", "answers"), "question")
+
+
+# ---------------------------------------------------------------- SFT formats
+def _sft_messages(row, field="messages"):
+    messages = _messages(row.get(field), field)
+    if not any(m["role"] == "assistant" for m in messages):
+        roles = ", ".join(m["role"] for m in messages)
+        raise _RowError(field, f"expected at least one assistant turn to learn from, got roles [{roles}]")
+    return {"messages": messages}
+
+
+def _sft_sharegpt(row):
+    turns = row.get("conversations")
+    if not isinstance(turns, list):
+        raise _bad("conversations", "a list of {'from': ..., 'value': ...} turns", turns)
+    messages = []
+    for i, turn in enumerate(turns, 1):
+        who = turn.get("from") if isinstance(turn, dict) else None
+        if who not in SHAREGPT_ROLES:
+            raise _bad("conversations", f"'from' to be one of {', '.join(SHAREGPT_ROLES)}", who, f"message {i}: ")
+        messages.append({"role": SHAREGPT_ROLES[who], "content": turn.get("value")})
+    return _sft_messages({"conversations": messages}, "conversations")
+
+
+def _sft_prompt_completion(row):
+    prompt = _messages(row.get("prompt"), "prompt", "user")
+    context, completion = _answer(row.get("completion"), "completion", prompt)
+    return {"prompt": _check_prompt(context or prompt, "prompt"), "completion": completion}
+
+
+# Format -> (normaliser, required columns). "auto" tries them in this order, most specific first; hh and
+# ultrafeedback share their columns and are told apart by the type of `chosen` (transcript string or message list).
+_TABLES = {
+    "preference": {
+        "shp": (_shp, ("history", "human_ref_A", "human_ref_B", "labels")),
+        "stack_exchange": (_stack_exchange, ("question", "answers")),
+        "self_reference": (functools.partial(_explicit, names=("message", "chose", "reject")),
+                           ("message", "chose", "reject")),
+        "explicit": (_explicit, ("prompt", "chosen", "rejected")),
+        "hh": (_hh, ("chosen", "rejected")),
+        "ultrafeedback": (_ultrafeedback, ("chosen", "rejected")),
+    },
+    "sft": {
+        "messages": (_sft_messages, ("messages",)),
+        "sharegpt": (_sft_sharegpt, ("conversations",)),
+        "prompt_completion": (_sft_prompt_completion, ("prompt", "completion")),
+        "text": (lambda row: {"text": _text(row.get("text"), "text")}, ("text",)),
+    },
+}
+_NOTES = {"hh": " as transcript strings, or split after an HH prompt column", "ultrafeedback": " as message lists"}
+
+
+def _choices(kind):
+    names = PREFERENCE_FORMATS if kind == "preference" else SFT_FORMATS
+    return "; ".join(f"{name} ({', '.join(_TABLES[kind][name][1])}{_NOTES.get(name, '')})" for name in names)
+
+
+def detect_format(columns, kind, source=None) -> str:
+    """The `kind` ("preference" or "sft") format of data with these columns: a list of names, or a mapping of
+    name -> example value or datasets feature (only that tells hh transcripts from ultrafeedback message lists)."""
+    if kind not in _TABLES:
+        raise ValueError(f"kind must be 'preference' or 'sft', got {kind!r}")
+    names = list(columns)
+    for name, (_, required) in _TABLES[kind].items():
+        if all(column in names for column in required):
+            sample = columns.get("chosen") if isinstance(columns, Mapping) else None
+            if name not in ("hh", "ultrafeedback"):
+                return name
+            if sample is not None:  # a string, or a datasets.Value("string") feature, is an hh transcript
+                is_text = isinstance(sample, str) or getattr(sample, "dtype", None) in ("string", "large_string")
+                return "hh" if is_text else "ultrafeedback"
+    where = f"{source}: " if source else ""
+    raise DataError(f"{where}cannot tell the {kind} format from the columns [{', '.join(map(str, names))}]. "
+                    f"Rename the columns, or pass --dataset_format with one of: {_choices(kind)}.")
+
+
+def _load(kind, source, format, split, skip_invalid, config_name):
+    if format != "auto" and format not in _TABLES[kind]:
+        raise DataError(f"unknown {kind} data format {format!r}; choose auto or one of: {_choices(kind)}")
+    data, label, numbers = _read(source, split, config_name)
+    if len(data) == 0:
+        raise DataError(f"{label}: no usable rows: the dataset is empty. Point it at a file with data rows.")
+    if isinstance(data, datasets.Dataset):
+        columns, data = dict(data.features), data.to_list()
+    else:  # first non-null value of each column, so that detection can look at types
+        columns = {}
+        for row in data:
+            columns.update({k: v for k, v in row.items() if columns.get(k) is None} if isinstance(row, dict) else {})
+    format = detect_format(columns, kind, label) if format == "auto" else format
+    normalise, required = _TABLES[kind][format]
+    for column in required:
+        if column not in columns:
+            raise DataError(f"{label}: format {format!r} needs column {column!r}, which is missing (columns found: "
+                            f"{', '.join(map(str, columns))}). Rename it, or pick the right --dataset_format.")
+    out, skipped = [], []
+    for i, row in enumerate(data):
+        try:
+            if not isinstance(row, dict):
+                raise _bad(None, "an object with named fields", row)
+            out.append(normalise(row))
+        except _RowError as e:
+            field = f"field '{e.field}': " if e.field else ""
+            reason = f"{label}: row {numbers[i] if numbers else i + 1}: {field}{e.problem}."
+            if not skip_invalid:
+                raise DataError(f"{reason} {_FIX}") from None
+            skipped.append(reason)
+    if not out:
+        raise DataError(f"{label}: no usable rows: all {len(data)} rows are invalid. First problem: {skipped[0]}")
+    if skipped:
+        logger.warning("%s: skipped %d of %d rows as invalid (--skip_invalid). First problem: %s",
+                       label, len(skipped), len(data), skipped[0])
+    return datasets.Dataset.from_list(out)
+
+
+def load_preferences(source, format="auto", split="train", skip_invalid=False, config_name=None) -> datasets.Dataset:
+    """Preference pairs: `prompt` (the turns before the answer), `chosen` and `rejected` ([assistant turn])."""
+    return _load("preference", source, format, split, skip_invalid, config_name)
+
+
+def load_sft(source, format="auto", split="train", skip_invalid=False, config_name=None) -> datasets.Dataset:
+    """SFT rows: `messages`, or `prompt`/`completion` message lists, or `text`, depending on the data."""
+    return _load("sft", source, format, split, skip_invalid, config_name)

@@ -1,0 +1,53 @@
+"""User-facing errors, and how a script reports them.
+
+`UserError` is the one base type of every problem the user can fix: a bad flag or value (`ConfigError`), a bad
+data row or a missing data file (`DataError`), a missing token, an unreachable Hub (`HubUnreachable`), a missing
+model folder. Its message names what is wrong and the fix. Run as a script (`python dpo.py ...`), such an error
+prints `error: <message>` and exits with status 2, without a traceback; `--debug` or `ALIGNKIT_DEBUG=1` shows
+the traceback too. Anything else is a bug or a failure nobody foresaw, and keeps its full traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+EXIT_USER_ERROR = 2  # the status argparse and most Unix tools use for bad usage
+
+
+class UserError(ValueError):
+    """A problem the user can fix; the message names the bad input and the fix.
+
+    A ValueError, so code that caught the ValueErrors alignkit raised before still catches these.
+    """
+
+
+class EndpointRefused(UserError, RuntimeError):
+    """An endpoint refused a request outright (a bad key, base URL or model name): every further request would be
+    refused too, so the run stops, and the user fixes the setting. A RuntimeError too, as it was before."""
+
+
+def debugging() -> bool:
+    """--debug on the command line, or ALIGNKIT_DEBUG=1: show tracebacks of user errors too."""
+    return "--debug" in sys.argv[1:] or os.environ.get("ALIGNKIT_DEBUG", "").lower() in ("1", "true", "yes", "on")
+
+
+def _report(kind, error, tb) -> None:
+    if issubclass(kind, UserError) and not debugging():
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)  # honoured from an excepthook: the interpreter exits with this status
+    sys.__excepthook__(kind, error, tb)
+    if issubclass(kind, UserError):
+        sys.exit(EXIT_USER_ERROR)
+
+
+def report_user_errors() -> None:
+    """Make a script report UserErrors as `error: <message>` and exit 2 (see the module docstring).
+
+    Only for a script run from a command line: a notebook shows exceptions its own way, and code that imports
+    alignkit as a library handles its exceptions itself.
+    """
+    from alignkit.core.args import is_notebook
+
+    if not is_notebook():
+        sys.excepthook = _report

@@ -1,0 +1,244 @@
+"""Publishing to the Hugging Face Hub: a model card, the upload, and never a prompt or a secret.
+
+The token comes from HF_TOKEN (or `.env`, or a cached `huggingface-cli login`); a missing token is an error
+raised before any training or merging starts, never an interactive prompt. Repos are private unless asked.
+An adapter is pushed only when its base is on the Hub: a config naming a local path loads nowhere else.
+
+`require_reachable` asks the Hub once, with a short timeout, before anything is fetched from it: without it, an
+unreachable Hub costs a minute of the libraries' retries and ends in a long traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from pathlib import Path
+
+from alignkit import logger
+from alignkit.core.args import redact
+from alignkit.core.errors import UserError
+
+# Never uploaded: intermediate state, and anything that could hold credentials.
+IGNORE = ["checkpoint-*", "*.previous-*", ".env", "*.env", "wandb/*", "runs/*", "merged/*"]
+PROBE_TIMEOUT = 5.0  # seconds: a reachable Hub answers a HEAD well within this; a dead one fails fast
+# owner/name or name: letters, digits, - _ . (not first); no "..", no file suffix of a local data file.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".yml", ".txt", ".jinja")
+
+
+class HubUnreachable(UserError):
+    """The Hub is needed for a model or dataset and does not answer."""
+
+
+def is_hub_id(source) -> bool:
+    """True for a Hub repo id (`owner/name` or `name`), False for a local path (existing or path-shaped)."""
+    source = str(source or "")
+    if not source or Path(source).exists() or ".." in source or source.lower().endswith(_FILE_SUFFIXES):
+        return False
+    return bool(_HUB_ID.match(source))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(endpoint: str) -> str | None:
+    """None when `endpoint` answers at all (any HTTP status), else why not."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=PROBE_TIMEOUT, follow_redirects=False)
+        return None
+    except Exception as e:  # noqa: BLE001 - refused, DNS, timeout, proxy: every one means "not reachable"
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def require_reachable(*sources) -> None:
+    """Fail within seconds, with the way out, when a source is a Hub id and the Hub does not answer.
+
+    Offline mode (HF_HUB_OFFLINE=1) asks nothing: the libraries then read their cache alone.
+    """
+    from huggingface_hub import constants
+
+    ids = [str(s) for s in sources if is_hub_id(s)]
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not ids or offline:
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+    why = _probe(endpoint)
+    if why:
+        raise HubUnreachable(
+            f"cannot reach the Hugging Face Hub at {endpoint} ({why}) to fetch {', '.join(ids)} (no local folder "
+            "has that name). For models and datasets already in your Hugging Face cache, set HF_HUB_OFFLINE=1; "
+            "for the offline demo, run with --preset tiny."
+        )
+
+
+def require_token() -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()  # HF_TOKEN, then the token file of a `huggingface-cli login`; never prompts
+    if not token:
+        raise UserError("pushing to the Hub needs a token: set HF_TOKEN in the environment or in .env")
+    return token
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _shown(value):
+    """A setting as a card shows it: a local absolute path by its last part only (it means nothing elsewhere)."""
+    if isinstance(value, str) and (value.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", value)):
+        return f".../{Path(value).name}"
+    return value
+
+
+def describe_base(folder) -> tuple[str | None, str, list[str]]:
+    """(Hub id of the base model or None, how a card names the base, names of local adapters under this one).
+
+    A local base is "a local model" with its architecture and folder name from its config.json, never its path.
+    """
+    from alignkit.modeling.models import adapter_chain
+
+    folder = Path(folder)
+    merge = _read_json(folder / "merge.json")
+    under: list[str] = []
+    if merge:
+        base = merge.get("base_model") or ""
+    elif (folder / "adapter_config.json").is_file():
+        try:
+            base, chain = adapter_chain(str(folder))
+            under = [Path(a).name if not is_hub_id(a) else a for a in chain[:-1]]
+        except (UserError, OSError, ValueError):  # a broken chain still gets a card naming what it records
+            base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path") or ""
+    else:
+        base = _read_json(folder / "alignkit_config.json").get("model_id") or ""
+    if is_hub_id(base):
+        return base, f"[{base}](https://huggingface.co/{base})", under
+    config = _read_json(Path(base, "config.json")) if base else {}
+    kind = ", ".join(x for x in [(config.get("architectures") or [None])[0], config.get("model_type")] if x)
+    if not base:
+        return None, "a base model this folder does not record", under
+    return None, f"a local model ({kind + '; ' if kind else ''}folder `{Path(base).name}`)", under
+
+
+RUN_TYPES = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model"}  # rl: GRPO or RLOO, from its --algo
+
+
+def model_card(folder, repo_id: str | None = None) -> str:
+    """README.md for a merged model or an adapter folder, from the files the run left there.
+
+    repo_id: the Hub repo it is pushed to; None for the card a run folder keeps for itself.
+    """
+    folder = Path(folder)
+    settings = _read_json(folder / "alignkit_config.json")  # already redacted when saved
+    metrics = _read_json(folder / "metrics.json")
+    merge = _read_json(folder / "merge.json")
+    adapter = _read_json(folder / "adapter_config.json")
+    evaluation = {p.name: _read_json(p) for p in sorted(folder.glob("eval*.json"))}
+    is_adapter = bool(adapter) and not merge
+    hub_base, base_text, under = describe_base(folder)
+    where = repo_id or f"path/to/{folder.name}"
+    dataset = settings.get("dataset_id", "")
+    # The run type training recorded (alignkit.train.training.save_run_config); merged adapters have no settings.
+    run_type = settings.get("run_type")
+    if not settings:
+        stage = "merged adapters"
+    elif run_type == "rl":
+        stage = (settings.get("algo") or run_type).upper()
+    else:
+        stage = RUN_TYPES.get(run_type, "Fine-tuning")
+    header = ["---", f"base_model: {hub_base}" if hub_base else None,
+              f"datasets:\n- {dataset}" if dataset.count("/") == 1 and not Path(dataset).exists() else None,
+              f"library_name: {'peft' if is_adapter else 'transformers'}",
+              "tags:\n- alignkit\n- trl\n- lora\n- " + stage.split()[0].lower(), "---"]
+    lines = [line for line in header if line]
+    on_top = f", on top of the adapter{'s' if len(under) > 1 else ''} {', '.join(f'`{a}`' for a in under)}" if under else ""
+    lines += ["", f"# {where.split('/')[-1]}", "",
+              f"{stage} of {base_text}{on_top} with LoRA adapters, trained with alignkit on Hugging Face TRL."]
+    if merge:
+        lines += ["", f"Adapters merged into the base: {' -> '.join(f'`{_shown(a)}`' for a in merge.get('adapters', []))}"
+                      f"{' (into the dequantized NF4 base)' if merge.get('dequantize') else ''}; merged logits "
+                      f"match base + adapters within {merge.get('max_logit_difference', 0):.1e}."]
+    if settings:
+        lines += ["", "## Training settings", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| {k} | `{json.dumps(_shown(v))}` |" for k, v in settings.items() if v not in (None, "", [], False)]
+    if metrics:
+        lines += ["", "## Final metrics", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    for name, results in evaluation.items():
+        lines += ["", f"## Evaluation ({name})", "", "```json", json.dumps(results, indent=2)[:4000], "```"]
+    lines += ["", "## How to load it", "", "```python"]
+    if is_adapter and under:  # PEFT loads one adapter on a base; alignkit's loader follows the chain
+        lines += ["from alignkit.core.config import ModelSettings",
+                  "from alignkit.modeling.models import load_model", "",
+                  f'loaded = load_model(ModelSettings(model_id="{where}"))',
+                  "model, tokenizer = loaded.model, loaded.tokenizer"]
+    elif is_adapter:
+        lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+                  f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
+    else:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
+    lines += ['messages = [{"role": "user", "content": "Hello!"}]',
+              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=128)[0]))", "```", ""]
+    return redact("\n".join(lines))
+
+
+def check_pushable(folder) -> None:
+    """Refuse an adapter whose recorded base is a local path (or a local adapter): nobody else could load it."""
+    folder = Path(folder)
+    base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path", "")
+    if not base or is_hub_id(base):
+        return
+    local = Path(os.path.normpath(Path(folder, base)))
+    first = (f"merge.py --adapter_dir {local} --push_to_hub --push adapter --hub_repo_id you/base"
+             if (local / "adapter_config.json").is_file() else f"huggingface-cli upload you/base {local}")
+    raise UserError(
+        f"{folder} is an adapter on the local folder {base}, which nobody else can load from the Hub: push the "
+        f"merged model instead (merge.py --adapter_dir {folder} --push_to_hub --hub_repo_id you/name, or "
+        f"--merge_adaptors when training), or push that base first ({first}) and set base_model_name_or_path in "
+        f"{folder / 'adapter_config.json'} to its repo id"
+    )
+
+
+def push_dataset(jsonl_path, repo_id: str, private: bool = True) -> str:
+    """Push a JSONL file (label.py's output) as a Hub dataset, private unless asked; returns its URL."""
+    from datasets import Dataset
+
+    from alignkit.core.data import DataError
+
+    path = Path(jsonl_path)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise DataError(f"{path} has no rows to push: label some first (or drop --push_to_hub)")
+    Dataset.from_list(rows).push_to_hub(repo_id, private=private, token=require_token())
+    url = f"https://huggingface.co/datasets/{repo_id}"
+    logger.info(f"pushed {len(rows)} rows to {url} ({'private' if private else 'public'})")
+    return url
+
+
+def push(folder, repo_id: str, private: bool = True) -> str:
+    """Write the model card into `folder` and upload the folder (no checkpoints) to a model repo."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if (folder / "lota_config.json").is_file():  # alignkit.train.lota.CONFIG_FILE
+        raise UserError(
+            f"{folder} is a LoTA sparse delta, which only alignkit's loader applies: push the merged model "
+            "(--merge_adaptors, or merge.py --push merged)"
+        )
+    check_pushable(folder)
+    api = HfApi(token=require_token())
+    (folder / "README.md").write_text(model_card(folder, repo_id))
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", ignore_patterns=IGNORE,
+                      commit_message="Upload with alignkit")
+    logger.info(f"pushed {folder} to {url} ({'private' if private else 'public'})")
+    return str(url)

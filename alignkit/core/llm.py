@@ -1,0 +1,86 @@
+"""One way to call an OpenAI-compatible chat endpoint (OpenAI, vLLM, a local server), for judges and teachers.
+
+The official `openai` client (>= 1) already retries 429s, 5xx answers, connection errors and timeouts with
+exponential backoff, honouring Retry-After; `max_retries` bounds it. What this adds: the key from a named
+variable, checked before any work starts; no key needed for a local server; and usage counted per call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+from alignkit.core.args import ConfigError
+
+
+@dataclass
+class Usage:
+    """Tokens and calls so far, safe to update from worker threads."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, usage) -> None:
+        with self._lock:
+            self.calls += 1
+            if usage is not None:
+                self.prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
+                self.completion_tokens += getattr(usage, "completion_tokens", 0) or 0
+
+    def as_dict(self) -> dict:
+        return {"calls": self.calls, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+
+def endpoint_key(api_key_env: str = "OPENAI_API_KEY", base_url: str | None = None,
+                 what: str = "the endpoint") -> tuple[str, str | None]:
+    """(API key, base URL) of an OpenAI-compatible endpoint, checked before any work starts: the one key check.
+
+    A variable named on purpose (not OPENAI_API_KEY) must be set; OPENAI_API_KEY may be missing only for a
+    server at a base URL (a local vLLM or llama.cpp accepts any key; the client insists on one). The base URL is
+    `base_url`, else OPENAI_BASE_URL, else None (the OpenAI API).
+    """
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+    api_key = os.environ.get(api_key_env)
+    if not api_key:
+        if api_key_env != "OPENAI_API_KEY":
+            raise ConfigError(f"{what}: {api_key_env} is not set: put the API key there (or in .env)")
+        if base_url is None:  # the OpenAI API itself: no key, no call
+            raise ConfigError(f"{what}: {api_key_env} is not set: put the API key there (or in .env), or pass a "
+                              "base URL of a server that needs no key")
+        api_key = "no-key"
+    return api_key, base_url
+
+
+class ChatClient:
+    """`complete(messages)` -> the answer's text, through `openai.OpenAI(...).chat.completions.create`."""
+
+    def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 max_retries: int = 5, timeout: float = 120.0, temperature: float = 0.0, max_tokens: int = 1024,
+                 what: str = "the endpoint"):
+        from openai import OpenAI
+
+        api_key, base_url = endpoint_key(api_key_env, base_url, what)
+        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
+        self.client = OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout)
+        self.usage = Usage()
+
+    def complete(self, messages: list[dict], **kwargs) -> str:
+        response = self.client.chat.completions.create(
+            model=self.model, messages=messages, temperature=kwargs.pop("temperature", self.temperature),
+            max_tokens=kwargs.pop("max_tokens", self.max_tokens), **kwargs,
+        )
+        self.usage.add(getattr(response, "usage", None))
+        return response.choices[0].message.content or ""
+
+
+def judge_client(s, default_model: str | None = None, what: str = "the judge") -> ChatClient:
+    """The chat client of the judge that settings `s` describe (alignkit.core.config.JudgeEndpointSettings, with
+    judge_temperature and judge_max_tokens when it has them): the one place a judge's client is made."""
+    model = s.judge_model or default_model
+    if not model:
+        raise ConfigError(f"{what}: pass --judge_model NAME (a model served by the OpenAI-compatible endpoint)")
+    return ChatClient(model, s.judge_base_url, s.judge_api_key_env, s.max_retries, s.request_timeout,
+                      getattr(s, "judge_temperature", 0.0), getattr(s, "judge_max_tokens", 1024), what)

@@ -1,0 +1,282 @@
+"""evaluate.py's machinery, as alignkit.feedback.labeling is label.py's: the commands and their settings, vibes, and the
+pairwise flow (MT-Bench or your own prompts) from the judge to the results. AlpacaEval is alignkit.evals.alpacaeval.
+
+The pairwise flow, one step each (see evaluate.py): `Pairwise.start` makes the judge first (a missing key stops
+the run before any model loads) and checks the models; `load_questions`; `answer` (each model's answers, kept
+across reruns under a key of its loader and sampling settings); `make_matches` (FastChat's own match building);
+`judge` (verdicts appended as they arrive; matches judged before under the same judge settings are not sent
+again); `report` (win / loss / tie and adjusted win rate with bootstrap CIs, as a table, JSON and a chart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignkit import logger
+from alignkit.core.args import ConfigError, config_to_dict, parse_config, redact, save_config
+from alignkit.core.config import AlpacaEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings, loader_settings
+
+COMMANDS = {
+    "vibes": (VibesSettings, "a quick look at one model's answers, or two models side by side"),
+    "mt_bench": (MTBenchSettings, "MT-Bench answers, judged pairwise by an OpenAI-compatible model via FastChat"),
+    "pairwise": (PairwiseSettings, "the same pairwise flow on your own prompts (--preset tiny: offline demo)"),
+    "alpaca_eval": (AlpacaEvalSettings, "AlpacaEval win rates (and length-controlled) through the alpaca_eval package"),
+}
+USAGE = "\n".join([f"usage: evaluate.py {{{','.join(COMMANDS)}}} [--OPTION VALUE ...]", ""]
+                  + [f"  {name:<12}{text}" for name, (_, text) in COMMANDS.items()]
+                  + ["", "A command's settings: python evaluate.py COMMAND --help"])
+
+
+def parse_command(argv: list[str], command: str | None = None, overrides: dict | None = None):
+    """(command, settings) from a command line `argv` (its first argument names the command), or from
+    `command` and `overrides` in a notebook. `--help` alone prints the commands and exits."""
+    from alignkit.modeling import presets
+
+    argv = list(argv)
+    if command is None:
+        command = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    if command not in COMMANDS:
+        if command is None and argv and argv[0] in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        raise ConfigError(f"{'unknown command ' + repr(command) if command else 'missing command'}\n{USAGE}")
+    settings_class, description = COMMANDS[command]
+    fields = {f.name for f in dataclasses.fields(settings_class) if f.init}
+    named = {name: {k: v for k, v in d.items() if k in fields}  # each preset's share for this command
+             for name, d in presets.named("evaluate").items()}
+    if command == "alpaca_eval":  # its own share of the tiny preset: DPO against SFT as a reference model
+        from alignkit.evals.alpacaeval import tiny_defaults
+
+        named["tiny"] = tiny_defaults()
+    settings = parse_config(settings_class, args=argv, presets=named if "preset" in fields else None,
+                            overrides=overrides, prog=f"evaluate.py {command}", description=description)
+    presets.ensure(settings)
+    return command, settings
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vibes
+
+
+def vibes(s, backend: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """(prompts, models, {model: answers}): every prompt asked of `s.model_id` and `s.compare_to`, one model in
+    memory at a time."""
+    from alignkit.evals.mtbench import prompt_questions
+    from alignkit.modeling.generation import load_generator
+
+    prompts = list(s.prompts) + ([q["turns"][0] for q in prompt_questions(s.prompts_file)] if s.prompts_file else [])
+    if not prompts:
+        raise ConfigError('vibes needs prompts: --prompts "first prompt" "second prompt", or --prompts_file FILE')
+    system = [{"role": "system", "content": s.system_prompt}] if s.system_prompt else []
+    conversations = [system + [{"role": "user", "content": p}] for p in prompts]
+    sources = [s.model_id] + ([s.compare_to] if s.compare_to else [])
+    answers = {}
+    for source in sources:
+        with load_generator(loader_settings(s, source), backend) as generator:
+            answers[source] = generator(conversations, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                        top_p=s.top_p, num_beams=s.num_beams, batch_size=s.batch_size, seed=s.seed)
+    return prompts, sources, answers
+
+
+def show_vibes(prompts: list[str], sources: list[str], answers: dict[str, list[str]]) -> None:
+    """The answers printed side by side, one column per model, wrapped to the terminal."""
+    width = max(40, min(shutil.get_terminal_size((120, 20)).columns, 160))
+    column = (width - 3 * (len(sources) - 1)) // len(sources)
+
+    def block(text: str) -> list[str]:
+        return [line for para in (text or "(empty answer)").splitlines() or [""]
+                for line in textwrap.wrap(para, column) or [""]]
+
+    for prompt, *outs in zip(prompts, *(answers[s] for s in sources)):
+        print("=" * width + "\n" + "\n".join(textwrap.wrap(f">>> {prompt}", width)))
+        columns = [[s[-column:]] + ["-" * min(column, len(s))] + block(o) for s, o in zip(sources, outs)]
+        for row in zip(*(c + [""] * (max(map(len, columns)) - len(c)) for c in columns)):
+            print(" | ".join(cell.ljust(column) for cell in row).rstrip())
+
+
+def save_vibes(s, prompts: list[str], sources: list[str], answers: dict[str, list[str]]) -> Path:
+    """One JSON row per prompt (its answers, and the sampling settings) in --output_file."""
+    output_file = Path(s.output_file or f"outputs/vibes-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    sampling = {k: getattr(s, k) for k in ("temperature", "top_p", "num_beams", "max_new_tokens", "seed")}
+    with open(output_file, "w", encoding="utf-8") as f:
+        for i, prompt in enumerate(prompts):
+            answers_i = [{"model_id": m, "answer": answers[m][i]} for m in sources]
+            f.write(json.dumps({"prompt": prompt, "answers": answers_i, "generation": sampling}) + "\n")
+    return output_file
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mt_bench and pairwise
+
+
+@dataclass
+class Pairwise:
+    """One pairwise run (evaluate.py mt_bench or pairwise), filled in step by step."""
+
+    command: str
+    settings: object  # alignkit.core.config.MTBenchSettings or PairwiseSettings
+    models: dict  # name -> model
+    baseline: str
+    use_rule: bool  # --judge_model rule: the preset's rule judge, no endpoint
+    client: object  # alignkit.core.llm.ChatClient, or None for the rule judge
+    output_dir: Path
+    questions: list = field(default_factory=list)
+    references: dict = field(default_factory=dict)
+    judge_prompts: dict | None = None
+    answers: dict = field(default_factory=dict)
+    matches: list = field(default_factory=list)
+    identity: dict = field(default_factory=dict)
+    judgment_file: Path | None = None
+    failures: list = field(default_factory=list)
+
+    @classmethod
+    def start(cls, command: str, s) -> "Pairwise":
+        """The judge first, so a missing API key stops the run before any model is loaded; then the models."""
+        from alignkit.core.llm import judge_client
+        from alignkit.evals import mtbench
+
+        use_rule = s.judge_model == "rule"
+        if use_rule and command == "mt_bench":
+            raise ConfigError("--judge_model rule is the tiny preset's rule judge, for `evaluate.py pairwise` only")
+        models = mtbench.parse_models(s.models)
+        baseline = s.baseline or next(iter(models))
+        if baseline not in models:
+            raise ConfigError(f"--baseline {baseline} is not one of the --models names: {', '.join(models)}")
+        if len(models) < 2:
+            raise ConfigError("pairwise judging needs at least two --models, e.g. base=ID dpo=PATH")
+        client = None if use_rule else judge_client(s, what="the judge (--judge_api_key_env names the key's variable)")
+        output_dir = Path(s.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(s, output_dir / "evaluate_config.json")  # secrets redacted
+        return cls(command, s, models, baseline, use_rule, client, output_dir)
+
+    @property
+    def judge_name(self) -> str:
+        return "rule" if self.use_rule else self.settings.judge_model
+
+    def load_questions(self) -> None:
+        """MT-Bench's questions, judge prompts and reference answers (checked), or the prompts file's."""
+        from alignkit.evals import fastchat_compat, mtbench
+
+        s = self.settings
+        common, _ = fastchat_compat.load()
+        fastchat_compat.log_version()
+        if self.command == "mt_bench":
+            data = mtbench.data_dir(s.mt_bench_data)
+            self.questions = mtbench.load_questions(data / mtbench.QUESTIONS, s.question_ids, s.max_questions)
+            self.references = mtbench.load_reference_answers(data / mtbench.REFERENCES)
+            mtbench.check_references(self.questions, self.references, common.NEED_REF_CATS, data / mtbench.REFERENCES)
+        else:
+            self.questions = mtbench.select(mtbench.prompt_questions(s.prompts_file), s.question_ids, s.max_questions,
+                                            s.prompts_file)
+            data = None if self.use_rule else mtbench.data_dir(s.mt_bench_data)  # for FastChat's pair-v2 prompt
+        self.judge_prompts = None if self.use_rule else mtbench.load_judge_prompts(data / mtbench.JUDGE_PROMPTS)
+
+    def answer(self, backend: str) -> None:
+        """Each model's answers, generated where missing; a model with nothing left to answer is not loaded."""
+        from alignkit.evals import mtbench
+        from alignkit.modeling.generation import load_generator
+
+        s = self.settings
+        keys = {name: mtbench.answers_key(loader_settings(s, source), s, backend)
+                for name, source in self.models.items()}
+        for name, source in self.models.items():
+            path = mtbench.answer_path(self.output_dir, name)
+            if not mtbench.unanswered(self.questions, mtbench.read_answers(path, source, key=keys[name])):
+                print(f"{name}: all {len(self.questions)} questions already answered in {path}")
+                continue
+            _check_preset_model(s, source)
+            with load_generator(loader_settings(s, source), backend) as generator:
+                mtbench.generate_answers(generator, self.questions, name, source, path, s, keys[name])
+        self.answers = {name: mtbench.read_answers(mtbench.answer_path(self.output_dir, name), source, key=keys[name])
+                        for name, source in self.models.items()}
+
+    def make_matches(self) -> None:
+        """FastChat's matches: every model against the baseline, or every pair; math, reasoning and coding
+        questions of MT-Bench with the reference answers; first and second turns."""
+        from alignkit.evals import fastchat_compat
+
+        s, names = self.settings, list(self.models)
+        common, _ = fastchat_compat.load()
+        if self.use_rule:
+            rule_judge = common.Judge("rule", {"name": "rule", "type": "pairwise", "output_format": "[[A]]"})
+            self.matches = fastchat_compat.make_matches(self.questions, names, self.answers, rule_judge, s.mode,
+                                                        self.baseline)
+            return
+        judges = fastchat_compat.judges(s.judge_model, self.judge_prompts)
+        refs = fastchat_compat.reference_answers_for(s.judge_model, self.references)
+        need_ref = common.NEED_REF_CATS if self.command == "mt_bench" else []  # own prompts have no references
+        plain = [q for q in self.questions if q["category"] not in need_ref]
+        with_ref = [q for q in self.questions if q["category"] in need_ref]
+        self.matches = []
+        for group, judge, ref, multi_turn in [(plain, "default", None, False), (with_ref, "math", refs, False),
+                                              (plain, "default-mt", None, True), (with_ref, "math-mt", refs, True)]:
+            self.matches += fastchat_compat.make_matches(group, names, self.answers, judges[judge], s.mode,
+                                                         self.baseline, ref_answers=ref, multi_turn=multi_turn)
+
+    def judge(self) -> tuple[list, list]:
+        """Every match not settled before, in both answer orders; a failed request counts as a judge error.
+        Returns (the matches sent this time, the requests that failed)."""
+        from alignkit.evals import fastchat_compat, mtbench
+        from alignkit.modeling import presets
+
+        s = self.settings
+        common, _ = fastchat_compat.load()
+        rule_fn = presets.judge(s.preset) if self.use_rule else None  # the preset's rule (tiny's when none)
+        # Who judges under which settings (endpoint, max_tokens, ...): a match judged under others is judged again.
+        self.identity = mtbench.judge_identity(rule=rule_fn) if self.use_rule else mtbench.judge_identity(self.client)
+        self.judgment_file = mtbench.judgment_path(self.output_dir, self.judge_name)
+        previous = mtbench.read_judgments(self.judgment_file)
+        todo = [m for m in self.matches if mtbench.settled(m, previous, common.API_ERROR_OUTPUT, self.identity,
+                                                           s.retry_parse_failures) is None]
+        print(f"{len(self.matches)} matches, {len(self.matches) - len(todo)} judged before, {len(todo)} to judge "
+              f"({'rule judge' if self.use_rule else f'{2 * len(todo)} requests to {s.judge_model}'})")
+
+        def on_error(error):
+            self.failures.append(error)
+            logger.warning(f"judge request failed after {s.max_retries} retries: {type(error).__name__}: "
+                           f"{redact(str(error))}")
+
+        if self.use_rule:
+            mtbench.judge_matches(todo, mtbench.rule_player(rule_fn), self.judgment_file, self.identity, s.parallel)
+        elif todo:
+            with fastchat_compat.judging_with(self.client, on_error=on_error):
+                mtbench.judge_matches(todo, fastchat_compat.play, self.judgment_file, self.identity, s.parallel)
+        if self.failures:
+            print(f"{len(self.failures)} judge requests failed; a rerun sends their matches again")
+        return todo, self.failures
+
+    def report(self) -> tuple[list[dict], Path, Path]:
+        """Print the results table; write results.json and results.png. Returns (per pair results, their paths)."""
+        from alignkit.evals import mtbench, results
+
+        s = self.settings
+        judged = mtbench.read_judgments(self.judgment_file)
+        records = [judged[key] for key in (mtbench.match_key(m, self.identity) for m in self.matches) if key in judged]
+        categories = {q["question_id"]: q["category"] for q in self.questions}
+        pairs = results.pair_results(records, categories, s.bootstrap_rounds, s.seed)
+        print(results.format_table(pairs))
+        results_file = results.save_json(
+            pairs, self.output_dir / "results.json", command=self.command, judge=self.judge_name, mode=s.mode,
+            baseline=self.baseline if s.mode == "pairwise-baseline" else None, models=self.models,
+            questions=[q["question_id"] for q in self.questions], judgment_file=str(self.judgment_file),
+            judge_usage=self.client.usage.as_dict() if self.client else None, settings=config_to_dict(s),
+        )
+        return pairs, results_file, results.plot(pairs, self.output_dir / "results.png")
+
+
+def _check_preset_model(s, source: str) -> None:
+    """A preset's models are runs the user trains first: say how, rather than failing to load a missing folder."""
+    if getattr(s, "preset", None) == "tiny" and not Path(source).exists():
+        raise ConfigError(f"{source} not found: train the tiny runs first (python sft.py --preset tiny; python "
+                          "dpo.py --preset tiny --model_id runs/tiny-sft), or pass --models NAME=PATH ...")
+    if getattr(s, "preset", None) == "smol" and not Path(source).exists():
+        raise ConfigError(f"{source} not found: train it first (python label.py --preset smol; python dpo.py "
+                          "--preset smol), or pass --models NAME=PATH ...")

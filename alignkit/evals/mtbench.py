@@ -1,0 +1,467 @@
+"""MT-Bench pairwise evaluation: FastChat's data, answers in FastChat's format, judgments that resume.
+
+Layout of `--output_dir` (FastChat's, so its own tools read it too):
+    model_answer/<name>.jsonl              one line per question, both turns: appended as each batch finishes
+    model_judgment/<judge>_pair.jsonl      one line per match (question, turn, pair), as each verdict arrives
+    results.json, results.png              per model pair: overall, per category, per turn
+
+A rerun skips questions already answered and matches already judged by the same judge under the same
+settings (judge_key: endpoint, model, max_tokens, temperature, judge prompt, reference answer); a match whose
+judge request failed is sent again, and so is a match whose answers changed since it was judged. A verdict
+that could not be parsed stays, unless --retry_parse_failures.
+
+The data is FastChat's `fastchat/llm_judge/data` folder; without `--mt_bench_data`, its three files are
+downloaded once into the alignkit cache and checked against the checksums pinned below (never when
+ALIGNKIT_OFFLINE or HF_HUB_OFFLINE is set: then a clear error says to pass --mt_bench_data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from alignkit import logger
+from alignkit.core.args import ConfigError
+from alignkit.core.journal import append_jsonl, read_jsonl, threaded, write_atomic
+
+QUESTIONS = "mt_bench/question.jsonl"
+JUDGE_PROMPTS = "judge_prompts.jsonl"
+REFERENCES = "mt_bench/reference_answer/gpt-4.jsonl"
+# sha256 of FastChat's files (lm-sys/FastChat, fastchat/llm_judge/data), as published: a download must match.
+CHECKSUMS = {
+    JUDGE_PROMPTS: "fd283293406d024f44c174b094ef48031d0687a4682fd3a56b29b138f80281b6",
+    QUESTIONS: "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7",
+    REFERENCES: "f957a5bc977badb66885ec970e6cd08527845780313f0995764260e5777b9b3f",
+}
+BASE_URL = "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/"
+DOWNLOAD_TIMEOUT = 30.0  # seconds per connection attempt: a closed network fails fast instead of hanging
+PAIR_PROMPTS = ["pair-v2", "pair-v2-multi-turn", "pair-math-v1", "pair-math-v1-multi-turn"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_FIX_DATA = "point --mt_bench_data at FastChat's fastchat/llm_judge/data folder, or fix the file"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: FastChat's folder, given or downloaded
+
+
+def sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksum_mismatches(folder) -> list[str]:
+    """The pinned files of `folder` that are missing or differ from FastChat's published ones."""
+    folder = Path(folder)
+    return [name for name, digest in CHECKSUMS.items()
+            if not (folder / name).is_file() or sha256(folder / name) != digest]
+
+
+def _offline() -> str | None:
+    for var in ("ALIGNKIT_OFFLINE", "HF_HUB_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return var
+    return None
+
+
+def download(target) -> Path:
+    """Download FastChat's three files into `target` once; each must match its pinned checksum."""
+    target = Path(target)
+    if not checksum_mismatches(target):
+        return target
+    how = ("get FastChat's fastchat/llm_judge/data folder (e.g. from a FastChat checkout) and pass "
+           "--mt_bench_data DIR")
+    if var := _offline():
+        raise ConfigError(f"MT-Bench data is not in the cache ({target}) and {var} is set, so nothing is downloaded: "
+                          f"{how}")
+    for name, digest in CHECKSUMS.items():
+        file = target / name
+        if file.is_file() and sha256(file) == digest:
+            continue
+        url = BASE_URL + name
+        logger.info(f"downloading {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
+                data = response.read()
+        except OSError as e:  # URLError, timeouts, refused connections
+            raise ConfigError(f"could not download {url} ({getattr(e, 'reason', e)}). Without network, {how}") from None
+        got = hashlib.sha256(data).hexdigest()
+        if got != digest:
+            raise ConfigError(f"{url} does not match its pinned checksum (sha256 {got}, expected {digest}): FastChat "
+                              f"changed the file or the download is corrupt. Nothing was saved; {how}")
+        write_atomic(file, data)  # never a half-written file under the real name
+    return target
+
+
+def data_dir(mt_bench_data: str | None) -> Path:
+    """The FastChat data folder to use: the one given (checked for its files) or the checked download."""
+    if mt_bench_data is None:
+        from alignkit.core.paths import cache_dir
+
+        return download(cache_dir() / "fastchat-llm-judge")
+    folder = Path(mt_bench_data)
+    missing = [name for name in CHECKSUMS if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(f"--mt_bench_data {folder} lacks {', '.join(missing)}: it must be FastChat's data folder "
+                          "(judge_prompts.jsonl, mt_bench/question.jsonl, mt_bench/reference_answer/gpt-4.jsonl)")
+    if changed := checksum_mismatches(folder):
+        logger.info(f"{folder}: {', '.join(changed)} differ from FastChat's published files; results will not be "
+                    "comparable with published MT-Bench numbers")
+    return folder
+
+
+def _field(path, line, row, name, kind, fix):
+    value = row.get(name)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is list:
+        ok = ok and len(value) > 0 and all(isinstance(v, str) for v in value)
+    if not ok:
+        want = {int: "an integer", str: "a string", list: "a non-empty list of strings"}[kind]
+        raise ConfigError(f"{path}, line {line}: field {name!r} must be {want}, got {value!r:.80}; {fix}")
+    return value
+
+
+def load_questions(path, question_ids=None, max_questions=None) -> list[dict]:
+    """FastChat's question rows ({question_id, category, turns}), validated, optionally filtered."""
+    questions, seen = [], set()
+    for line, row in read_jsonl(path, _FIX_DATA):
+        qid = _field(path, line, row, "question_id", int, _FIX_DATA)
+        _field(path, line, row, "category", str, _FIX_DATA)
+        _field(path, line, row, "turns", list, _FIX_DATA)
+        if qid in seen:
+            raise ConfigError(f"{path}, line {line}: question_id {qid} appears twice; {_FIX_DATA}")
+        seen.add(qid)
+        questions.append(row)
+    if not questions:
+        raise ConfigError(f"{path} holds no questions; {_FIX_DATA}")
+    return select(questions, question_ids, max_questions, path)
+
+
+def select(questions, question_ids=None, max_questions=None, source="the questions") -> list[dict]:
+    if question_ids:
+        known = {q["question_id"] for q in questions}
+        unknown = [i for i in question_ids if i not in known]
+        if unknown:
+            ids = sorted(known)
+            raise ConfigError(f"--question_ids {', '.join(map(str, unknown))} not in {source} "
+                              f"(its ids run {ids[0]}..{ids[-1]})")
+        wanted = set(question_ids)
+        questions = [q for q in questions if q["question_id"] in wanted]
+    return questions[:max_questions] if max_questions else questions
+
+
+def load_judge_prompts(path) -> dict:
+    """FastChat's judge prompts by name; the four pairwise ones must be there."""
+    prompts = {}
+    for line, row in read_jsonl(path, _FIX_DATA):
+        for name in ("name", "type", "system_prompt", "prompt_template", "output_format"):
+            _field(path, line, row, name, str, _FIX_DATA)
+        prompts[row["name"]] = row
+    missing = [p for p in PAIR_PROMPTS if p not in prompts]
+    if missing:
+        raise ConfigError(f"{path} lacks the judge prompt(s) {', '.join(missing)}; {_FIX_DATA}")
+    return prompts
+
+
+def load_reference_answers(path) -> dict[int, dict]:
+    """FastChat's reference answers by question id (FastChat's answer format)."""
+    return read_answers(path, fix=_FIX_DATA, repair_tail=False)  # data is never rewritten
+
+
+def check_references(questions, references, need_ref_cats, path) -> None:
+    """Every question of a reference-based category needs a reference answer for each of its turns."""
+    for q in questions:
+        if q["category"] in need_ref_cats:
+            ref = references.get(q["question_id"])
+            if ref is None or len(ref["choices"][0]["turns"]) < len(q["turns"]):
+                raise ConfigError(
+                    f"question {q['question_id']} ({q['category']}) is judged against a reference answer, but {path} "
+                    f"has {'none' if ref is None else 'too few turns'} for it; add it, or leave the question out "
+                    "with --question_ids"
+                )
+
+
+def prompt_questions(path) -> list[dict]:
+    """Single-turn questions from a prompts file: JSONL rows {"prompt", optional "category" and "question_id"},
+    or a .txt file with one prompt a line. A row without a category counts under "prompts"."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--prompts_file {path} not found; check the path")
+    fix = 'each row needs "prompt": a non-empty string'
+    if path.suffix == ".txt":
+        rows = [(i, {"prompt": line.strip()}) for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1)
+                if line.strip()]
+    else:
+        rows = read_jsonl(path, fix)
+    questions = []
+    for n, (line, row) in enumerate(rows, 1):
+        prompt = _field(path, line, row, "prompt", str, fix)
+        if not prompt.strip():
+            raise ConfigError(f"{path}, line {line}: field 'prompt' is empty; {fix}")
+        qid = _field(path, line, row, "question_id", int, fix) if "question_id" in row else n
+        category = _field(path, line, row, "category", str, fix) if "category" in row else "prompts"
+        questions.append({"question_id": qid, "category": category, "turns": [prompt]})
+    if not questions:
+        raise ConfigError(f"{path} holds no prompts; {fix}")
+    if len({q["question_id"] for q in questions}) != len(questions):
+        raise ConfigError(f"{path}: question_id values repeat; give every row its own, or none")
+    return questions
+
+
+def parse_models(entries: list[str]) -> dict[str, str]:
+    """--models NAME=ID_OR_PATH ... -> {name: source}; a bare path is named after its folder."""
+    models: dict[str, str] = {}
+    for entry in entries:
+        name, eq, source = entry.partition("=")
+        if not eq:
+            name, source = Path(entry.rstrip("/")).name, entry
+        if not source or not _NAME.match(name):
+            raise ConfigError(f"--models entry {entry!r}: write NAME=ID_OR_PATH, with a NAME of letters, digits, "
+                              "'.', '_' or '-' (it names the answer file)")
+        if name in models:
+            raise ConfigError(f"--models: the name {name!r} is given twice; give each model its own NAME=")
+        models[name] = source
+    return models
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Answers, in FastChat's model_answer format
+
+
+def answer_path(output_dir, name: str) -> Path:
+    return Path(output_dir) / "model_answer" / f"{name}.jsonl"
+
+
+def answers_key(loader, s, backend: str) -> str:
+    """What a model's answers depend on besides the questions: the model as loaded
+    (alignkit.feedback.judge.loader_identity of the loader settings), the engine, and the sampling settings.
+    Recorded with every answer as `settings_key`, so a rerun under other settings never takes old answers for
+    new ones."""
+    from alignkit.feedback.judge import loader_identity
+
+    identity = {"loader": loader_identity(loader), "backend": backend, "temperature": s.temperature,
+                "top_p": s.top_p, "num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens, "seed": s.seed}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_answers(path, source: str | None = None, fix: str | None = None, repair_tail: bool = True,
+                 key: str | None = None) -> dict[int, dict]:
+    """{question_id: answer record} of a FastChat answer file (the last record of a question wins).
+
+    source: the model these answers must come from; answers recorded from another one are an error.
+    key: the `answers_key` they must have been made under; answers recorded under other settings are an error
+        (answer files made elsewhere, without a key, are taken as they are).
+    """
+    fix = fix or "delete the file (or the line) to answer again"
+    answers = {}
+    for line, row in read_jsonl(path, fix, repair_tail=repair_tail):
+        qid = _field(path, line, row, "question_id", int, fix)
+        choices = row.get("choices")
+        if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
+            raise ConfigError(f"{path}, line {line}: field 'choices' must be a list of {{index, turns}}; {fix}")
+        _field(path, line, choices[0], "turns", list, fix)
+        recorded = row.get("source")
+        if source is not None and recorded is not None and _same_source(recorded) != _same_source(source):
+            raise ConfigError(
+                f"{path} holds answers by {recorded}, not {source}: give this model another NAME in --models, use "
+                "another --output_dir, or delete the file to answer again"
+            )
+        if key is not None and row.get("settings_key", key) != key:
+            raise ConfigError(
+                f"{path}, line {line}: this answer was generated under other settings (model loading, backend or "
+                "sampling: --max_new_tokens, --temperature, --top_p, --num_beams, --seed); give this model another "
+                "NAME in --models, use another --output_dir, or delete the file to answer again"
+            )
+        answers[qid] = row
+    return answers
+
+
+def unanswered(questions, answers: dict) -> list[dict]:
+    """The questions without an answer to every turn."""
+    return [q for q in questions if q["question_id"] not in answers
+            or len(answers[q["question_id"]]["choices"][0]["turns"]) < len(q["turns"])]
+
+
+def _same_source(source: str) -> str:
+    return str(Path(source).resolve()) if Path(source).exists() else source
+
+
+def temperature_for(question: dict, temperature: float | None) -> float:
+    """The given temperature, or FastChat's MT-Bench temperature for the question's category."""
+    if temperature is not None:
+        return temperature
+    from alignkit.evals.fastchat_compat import load
+
+    common, _ = load()
+    return common.temperature_config.get(question["category"], 0.7)
+
+
+def generate_answers(generator, questions, name: str, source: str, path, s, key: str | None = None) -> int:
+    """Answer every question not yet in `path`, all turns, and append FastChat answer records.
+
+    generator: a model from alignkit.modeling.generation.load_generator, on either backend. Each turn is asked with the
+    conversation so far (earlier questions and the model's own answers) through the model's chat template.
+    Questions are batched by temperature; each batch's records are appended as soon as the batch is done, so
+    an interrupted run keeps them. s: max_new_tokens, temperature, top_p, num_beams, batch_size, seed.
+    Returns the number of questions answered now.
+    """
+    path = Path(path)
+    done = read_answers(path, source, key=key)
+    todo = unanswered(questions, done)
+    if not todo:
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    by_temperature: dict[float, list[dict]] = {}
+    for q in todo:
+        by_temperature.setdefault(temperature_for(q, s.temperature), []).append(q)
+    answered = 0
+    for temperature, group in by_temperature.items():
+        for start in range(0, len(group), s.batch_size):
+            batch = group[start : start + s.batch_size]
+            histories: list[list[dict]] = [[] for _ in batch]
+            for turn in range(max(len(q["turns"]) for q in batch)):
+                active = [i for i, q in enumerate(batch) if turn < len(q["turns"])]
+                for i in active:
+                    histories[i].append({"role": "user", "content": batch[i]["turns"][turn]})
+                outs = generator(
+                    [histories[i] for i in active], max_new_tokens=s.max_new_tokens,
+                    temperature=temperature, top_p=s.top_p, num_beams=s.num_beams, batch_size=len(active),
+                    seed=s.seed,
+                )
+                for i, out in zip(active, outs):
+                    histories[i].append({"role": "assistant", "content": out})
+            append_jsonl(path, [{  # each batch journaled as it finishes: a crash keeps every batch before it
+                "question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name,
+                "choices": [{"index": 0, "turns": [m["content"] for m in history if m["role"] == "assistant"]}],
+                "tstamp": time.time(), "source": source,
+                "generation": {"temperature": temperature, "top_p": s.top_p, "num_beams": s.num_beams,
+                               "max_new_tokens": s.max_new_tokens},
+                **({"settings_key": key} if key else {}),
+            } for q, history in zip(batch, histories)])
+            answered += len(batch)
+            logger.info(f"{name}: {answered}/{len(todo)} questions answered")
+    return answered
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Judgments, in FastChat's model_judgment format
+
+
+def judgment_path(output_dir, judge_model: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", judge_model)  # "org/model" must not become a folder
+    return Path(output_dir) / "model_judgment" / f"{slug}_pair.jsonl"
+
+
+def judge_key(match, judge_identity: dict) -> str:
+    """Everything that can change this match's verdicts, bar the answers (checked by their ids): the judge's
+    identity (for an endpoint alignkit.feedback.judge.endpoint_identity: server, model, temperature, max_tokens; for a
+    rule, its code), the judge prompt's text and the reference answer. Written into each judgment record."""
+    what = {"judge": judge_identity, "prompt": match.judge.prompt_template, "reference": match.ref_answer}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def judge_identity(client=None, rule=None) -> dict:
+    """Who judges: an endpoint (an alignkit.core.llm.ChatClient) with the settings it sends, or a rule function,
+    by its code (edit the rule and its old verdicts no longer apply)."""
+    if client is not None:
+        from alignkit.feedback.judge import endpoint_identity
+
+        return endpoint_identity(client)
+    import inspect
+
+    try:
+        code = inspect.getsource(rule)
+    except (OSError, TypeError):
+        code = None
+    return {"rule": f"{rule.__module__}.{rule.__qualname__}", "code": code}
+
+
+def match_key(match, judge_identity: dict) -> tuple:
+    return (match.judge.model_name, match.judge.prompt_template["name"], match.question["question_id"],
+            match.model_1, match.model_2, 2 if match.multi_turn else 1, judge_key(match, judge_identity))
+
+
+def record_key(record: dict) -> tuple:
+    judge = list(record.get("judge") or ["?", "?"])
+    # A record without a judge_key was written before judgments were keyed on the judge's settings: which server
+    # and max_tokens made it is unknown, so it matches no match and the match is judged again.
+    return (judge[0], judge[1], record.get("question_id"), record.get("model_1"), record.get("model_2"),
+            record.get("turn", 1), record.get("judge_key"))
+
+
+def read_judgments(path) -> dict[tuple, dict]:
+    """{match key: the last judgment record of that match} of a FastChat pairwise judgment file."""
+    return {record_key(row): row for _, row in read_jsonl(path, "delete the line to judge the match again",
+                                                          repair_tail=True)}
+
+
+def _answer_ids(match) -> list:
+    return [match.answer_1.get("answer_id"), match.answer_2.get("answer_id")]
+
+
+def settled(match, judgments: dict, error_output: str, judge_identity: dict,
+            retry_parse_failures: bool = False) -> dict | None:
+    """The match's judgment when it needs no new request: judged by this judge under these settings, no failed
+    request, same answers. A verdict that could not be parsed was paid for and stays, unless
+    `retry_parse_failures`."""
+    record = judgments.get(match_key(match, judge_identity))
+    if record is None or error_output in (record.get("g1_judgment"), record.get("g2_judgment")):
+        return None
+    if record.get("answer_ids", _answer_ids(match)) != _answer_ids(match):
+        return None
+    if retry_parse_failures and "error" in (record.get("g1_winner"), record.get("g2_winner")):
+        return None
+    return record
+
+
+def judge_matches(matches, play, path, judge_identity: dict, parallel: int = 1) -> list[dict]:
+    """play(match) -> FastChat judgment record, for every match, `parallel` at a time.
+
+    Each record is appended to `path` as soon as it arrives, so an interrupted run keeps every verdict so far.
+    judge_identity: who judges under which settings (see judge_key), stamped on each record.
+    """
+    def run(match):
+        record = play(match)
+        record["answer_ids"] = _answer_ids(match)  # a later rerun re-judges the match if its answers change
+        record["judge_key"] = judge_key(match, judge_identity)  # ... and if the judge or its settings change
+        append_jsonl(path, [record])
+        return record
+
+    if parallel == 1:
+        return [run(m) for m in matches]
+    records = []
+    for _, result in threaded(run, matches, parallel, stop_on_error=True):  # no match starts after a failure
+        if isinstance(result, BaseException):
+            raise result
+        records.append(result)
+    return records
+
+
+def rule_player(rule, judge_name: str = "rule"):
+    """play(match) for a rule judge rule(prompt, answer_a, answer_b) -> "A" | "B" | "tie", in FastChat's record
+    format: asked in both orders like an LLM judge, so the same results code reads it."""
+    names = {"A": "model_1", "B": "model_2"}
+    verdicts = {"A": "[[A]]", "B": "[[B]]", "tie": "[[C]]"}  # FastChat's verdict tokens
+
+    def play(match) -> dict:
+        prompt = match.question["turns"][-1]
+        a1, a2 = (a["choices"][0]["turns"][-1] for a in (match.answer_1, match.answer_2))
+        g1, g2 = rule(prompt, a1, a2), rule(prompt, a2, a1)
+        return {
+            "question_id": match.question["question_id"], "model_1": match.model_1, "model_2": match.model_2,
+            "g1_winner": names.get(g1, g1), "g2_winner": {"A": "model_2", "B": "model_1"}.get(g2, g2),
+            "judge": [judge_name, match.judge.prompt_template["name"]],
+            "g1_user_prompt": prompt, "g1_judgment": verdicts.get(g1, g1), "g2_user_prompt": prompt,
+            "g2_judgment": verdicts.get(g2, g2),
+            "turn": 2 if match.multi_turn else 1, "tstamp": time.time(),
+        }
+
+    return play

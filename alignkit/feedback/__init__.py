@@ -1,0 +1,6 @@
+"""AI feedback: judges and reward models that turn pairs of answers into preference labels (label.py).
+
+- judge: label.py's judges (endpoint, local model, Python rule), both answer orders.
+- labeling: label.py's pipeline (prompts, responses, judging, output).
+- rewards: reward models as one callable and as a judge.
+"""

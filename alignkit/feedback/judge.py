@@ -1,0 +1,450 @@
+"""Pairwise judges for AI-feedback labeling: templates, verdicts, the three judge kinds, and both-order agreement.
+
+A judge sees one prompt and two responses, in slots A and B, and answers with text that ends in one of
+FastChat's verdict tokens: [[A]], [[B]], or [[C]] for a tie. Every template here asks for them, so a judge
+prompt written for FastChat's llm_judge (judge_prompts.jsonl) works unchanged.
+
+Judges favour a slot (position bias), so by default each pair is judged twice, once in each order, and a pair
+is labeled only when both orders name the same winner. A tie, a disagreement or an answer without a verdict is
+never turned into a win.
+
+Kinds (`--judge`):
+- `openai`: any OpenAI-compatible chat endpoint, through alignkit.core.llm.ChatClient (the official client, with
+  its retries and backoff);
+- `hf`: a local transformers model, batched;
+- `rm:RUN_FOLDER`: a reward.py model scores each answer once (alignkit.feedback.rewards.RMJudge);
+- `python:module:function` or `python:path/to/file.py:function`: `function(prompt, answer_a, answer_b)` returns
+  "A", "B", "tie" (or text holding a verdict token), for tasks a rule or a verifier can check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignkit.core.args import ConfigError
+
+TOKENS = {"A": "[[A]]", "B": "[[B]]", "tie": "[[C]]"}
+_VERDICT = re.compile(r"\[\[([ABC])\]\]")
+
+
+def parse_verdict(text: str | None) -> str | None:
+    """"A", "B" or "tie" from the LAST verdict token in `text`; None when there is none.
+
+    The last one, because judges often quote the format ("[[A]] if A is better, ...") before they decide.
+    """
+    found = _VERDICT.findall(text or "")
+    return {"A": "A", "B": "B", "C": "tie"}[found[-1]] if found else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Templates
+
+
+@dataclass(frozen=True)
+class Template:
+    """As in FastChat: a system prompt used as it is, and a user prompt in str.format syntax with {question},
+    {answer_a}, {answer_b} (literal braces written {{ and }}). Both may name the {principle}."""
+
+    name: str
+    system: str
+    prompt: str
+    principle: str = ""
+
+    def messages(self, question: str, answer_a: str, answer_b: str) -> list[dict]:
+        fields = dict(question=question, answer_a=answer_a, answer_b=answer_b, principle=self.principle)
+        system = self.system.replace("{principle}", self.principle)
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": self.prompt.format(**fields)}]
+
+    def fingerprint(self) -> str:
+        """Changes whenever the text the judge sees could change: part of every cache key."""
+        uses_principle = "{principle}" in self.system + self.prompt
+        return _digest([self.system, self.prompt, self.principle if uses_principle else ""])
+
+
+_VERDICT_RULE = ("End with your verdict alone on the last line, exactly one of: [[A]] if response A is better, "
+                 "[[B]] if response B is better, [[C]] if they are equally good.")
+_LAYOUT = ("[User Prompt]\n{question}\n\n[Response A]\n{answer_a}\n[End of Response A]\n\n"
+           "[Response B]\n{answer_b}\n[End of Response B]")
+
+DEFAULT = Template(
+    "default",
+    "You are an impartial judge. Two AI assistants answered the same user prompt; decide which response serves "
+    "the user better. Weigh whether it follows the instructions, is correct, helpful, relevant and clear. The "
+    "order of the responses, their length and the assistants' names must not sway you. First explain your "
+    "reasoning in a few sentences. " + _VERDICT_RULE,
+    _LAYOUT,
+)
+
+# Bao et al. 2024: the judge answers the prompt itself first, then uses its own answer as the reference for
+# comparing the two responses under one general principle.
+SELF_REFERENCE = Template(
+    "self_reference",
+    "You are an impartial judge. Before you judge two AI assistants' responses to a user prompt, you answer the "
+    "prompt yourself, and your own answer then serves as the reference. The principle to judge by: {principle}\n"
+    "Work in three steps. 1. Under the heading 'My answer:', write your own best answer to the prompt. "
+    "2. Compare response A and response B with your answer and with each other in the light of the principle, "
+    "in a few sentences; their order and their length must not sway you. 3. " + _VERDICT_RULE,
+    _LAYOUT,
+)
+
+_FIELDS = {"question", "answer_a", "answer_b", "principle"}
+
+
+def _placeholders(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+
+
+def load_template(spec: str, principle: str = "") -> Template:
+    """`default`, `self_reference`, or a FastChat judge_prompts.jsonl file (`FILE#NAME` picks one entry)."""
+    if spec in ("default", "self_reference"):
+        return dataclasses.replace(DEFAULT if spec == "default" else SELF_REFERENCE, principle=principle)
+    path, _, wanted = spec.partition("#")
+    if not Path(path).is_file():
+        raise ConfigError(f"--judge_template {spec!r}: no such file. Use default, self_reference, or a FastChat "
+                          "judge_prompts.jsonl file (one JSON object a line with system_prompt and prompt_template)")
+    entries, problems = [], []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno}); each line holds "
+                              "one judge prompt object") from None
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: line {number}: expected a JSON object, got {type(entry).__name__}")
+        name = str(entry.get("name", f"line {number}"))
+        if wanted and name != wanted:
+            continue
+        problem = _template_problem(entry)
+        if problem and wanted:
+            raise ConfigError(f"{path}: line {number} ({name}): {problem}")
+        (problems if problem else entries).append((number, name, problem or entry))
+    if not entries:
+        if wanted:
+            raise ConfigError(f"{path}: no judge prompt named {wanted!r}")
+        found = "; ".join(f"line {n} ({name}): {why}" for n, name, why in problems) or "the file is empty"
+        raise ConfigError(f"{path}: no usable pairwise judge prompt ({found})")
+    if len(entries) > 1:
+        names = ", ".join(name for _, name, _ in entries)
+        raise ConfigError(f"{path} holds several pairwise judge prompts ({names}); pick one with "
+                          f"--judge_template {path}#NAME")
+    number, name, entry = entries[0]
+    return Template(f"{Path(path).name}#{name}", entry.get("system_prompt") or "", entry["prompt_template"], principle)
+
+
+def _template_problem(entry: dict) -> str | None:
+    """Why this judge_prompts.jsonl entry cannot judge a pair here, or None when it can."""
+    if entry.get("type", "pairwise") != "pairwise":
+        return f"field 'type': {entry.get('type')!r} is not a pairwise prompt"
+    template, system = entry.get("prompt_template"), entry.get("system_prompt", "")
+    if not isinstance(template, str) or not template.strip():
+        return "field 'prompt_template': expected non-empty text"
+    if not isinstance(system, str):
+        return "field 'system_prompt': expected text"
+    try:
+        names = _placeholders(template)
+    except ValueError as e:
+        return f"field 'prompt_template': not a valid format string ({e}); write literal braces as {{{{ and }}}}"
+    unknown = sorted(names - _FIELDS)
+    if unknown:
+        return (f"field 'prompt_template': placeholder {{{unknown[0]}}} is not supported; alignkit fills "
+                "{question}, {answer_a}, {answer_b} and {principle}")
+    if not {"answer_a", "answer_b"} <= _placeholders(template):
+        return "field 'prompt_template': must contain {answer_a} and {answer_b}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests and judges
+
+
+@dataclass(frozen=True)
+class Request:
+    """One judgment to make: `answer_a` is in slot A. `key` names it in the cache."""
+
+    key: str
+    question: str
+    answer_a: str
+    answer_b: str
+
+
+def question_text(messages: list[dict]) -> str:
+    """The prompt as the judge reads it: the user's text, or a transcript when there are several turns."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+class Judge:
+    """`judge(request)` -> the judge's raw text; `batched` judges (local models) take `judge_batch(requests)`."""
+
+    kind = ""
+    batched = False
+
+    def __init__(self, name: str, template: Template | None):
+        self.name, self.template = name, template
+
+    def identity(self) -> dict:
+        """Everything but the request that can change this judge's answer: the one description every judgment
+        key derives from (label.py's cache). A subclass adds what it owns (endpoint, sampling, weights)."""
+        return {"judge": self.name, "template": self.template.fingerprint() if self.template else None}
+
+    def judge(self, request: Request) -> str:
+        raise NotImplementedError
+
+    def judge_batch(self, requests: list[Request]) -> list[str]:
+        return [self.judge(r) for r in requests]
+
+    def fatal(self, error: Exception) -> bool:
+        """True for errors that every further request would hit too (a bad key, an unknown model)."""
+        return False
+
+    def usage(self) -> dict | None:
+        return None
+
+
+class OpenAIJudge(Judge):
+    kind = "openai"
+
+    def __init__(self, template: Template, client):
+        super().__init__(f"openai:{client.model}", template)
+        self.client = client  # an alignkit.core.llm.ChatClient (llm.judge_client)
+
+    def identity(self) -> dict:
+        # Another server (or --judge_max_tokens, --judge_temperature) answers differently under the same model name.
+        return {**super().identity(), **endpoint_identity(self.client)}
+
+    def judge(self, request: Request) -> str:
+        return self.client.complete(self.template.messages(request.question, request.answer_a, request.answer_b))
+
+    def fatal(self, error: Exception) -> bool:
+        return is_fatal(error)
+
+    def usage(self) -> dict:
+        return self.client.usage.as_dict()
+
+
+def is_fatal(error: Exception) -> bool:
+    import openai
+
+    return isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError))
+
+
+class HFJudge(Judge):
+    """A local transformers model as the judge: greedy (or --judge_temperature) batched generation."""
+
+    kind = "hf"
+    batched = True
+
+    def __init__(self, model_settings, template: Template, max_tokens=1024, temperature=0.0, batch_size=16):
+        super().__init__(f"hf:{model_settings.model_id}", template)
+        self.settings, self.max_tokens, self.temperature = model_settings, max_tokens, temperature
+        self.batch_size, self.loaded, self._fold = batch_size, None, False
+
+    def identity(self) -> dict:
+        # The weights as loaded (a folder retrained in place, revision, dtype, quantization) and the sampling.
+        # Not the batch size: it changes speed, not what is asked.
+        return {**super().identity(), **loader_identity(self.settings), "max_tokens": self.max_tokens,
+                "temperature": self.temperature}
+
+    def judge_batch(self, requests: list[Request]) -> list[str]:
+        from alignkit.modeling.generation import generate
+
+        if self.loaded is None:
+            from alignkit.modeling.models import load_model, require_chat_template
+
+            self.loaded = load_model(self.settings)
+            require_chat_template(self.loaded.tokenizer, self.settings.model_id)
+            probe = self.template.messages("q", "a", "b")
+            try:
+                self.loaded.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            except Exception:  # noqa: BLE001 - some templates (Gemma, Mistral v0.1) refuse a system turn
+                self._fold = True
+        conversations = []
+        for r in requests:
+            messages = self.template.messages(r.question, r.answer_a, r.answer_b)
+            if self._fold and messages[0]["role"] == "system":
+                messages = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+            conversations.append(messages)
+        return generate(self.loaded.model, self.loaded.tokenizer, conversations, max_new_tokens=self.max_tokens,
+                        temperature=self.temperature, batch_size=self.batch_size)
+
+
+class PythonJudge(Judge):
+    """`function(prompt, answer_a, answer_b)`: the prompt's text (see question_text) and the two responses."""
+
+    kind = "python"
+
+    def __init__(self, spec: str):
+        super().__init__(spec, None)
+        self.function = _import_function(spec)
+
+    def identity(self) -> dict:
+        try:  # edit the rule and its old verdicts no longer apply
+            code = _digest(inspect.getsource(self.function))
+        except (OSError, TypeError):
+            code = None
+        return {**super().identity(), "code": code}
+
+    def judge(self, request: Request) -> str:
+        verdict = self.function(request.question, request.answer_a, request.answer_b)
+        return TOKENS.get(verdict, TOKENS["tie"] if verdict == "C" else str(verdict))
+
+
+def import_function(spec: str, flag: str = "--judge", contract: str = "") -> object:
+    """The function `python:MODULE:FUNCTION` (or `python:path/to/file.py:FUNCTION`) names, for `flag`
+    (--judge here, --reward in rl.py); `contract` says what it must take and return, for the error message."""
+    target = spec.removeprefix("python:")
+    module_name, _, function_name = target.rpartition(":")
+    usage = f"{flag} python:MODULE:FUNCTION (or python:path/to/file.py:FUNCTION)"
+    if not module_name or not function_name:
+        raise ConfigError(f"{flag} {spec!r}: expected {usage}")
+    try:
+        if module_name.endswith(".py"):
+            file_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            if file_spec is None or not Path(module_name).is_file():
+                raise ImportError(f"no such file: {module_name}")
+            module = importlib.util.module_from_spec(file_spec)
+            file_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
+        raise ConfigError(f"{flag} {spec!r}: cannot import {module_name} ({type(e).__name__}: {e}); expected "
+                          f"{usage}") from e
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"{flag} {spec!r}: {module_name} has no function {function_name!r}{contract}")
+    return function
+
+
+def _import_function(spec: str):
+    function = import_function(spec)
+    try:
+        inspect.signature(function).bind("prompt", "answer_a", "answer_b")
+    except TypeError:
+        name = spec.rpartition(":")[2]
+        raise ConfigError(f"--judge {spec!r}: {name} must accept (prompt, answer_a, answer_b)") from None
+    except ValueError:  # builtins without a signature: trust them
+        pass
+    return function
+
+
+def make_judge(s) -> Judge:
+    """The judge named by settings `s` (alignkit.core.config.LabelSettings); checks what it can before any work."""
+    if s.judge.startswith("python:"):
+        return PythonJudge(s.judge)
+    if s.judge.startswith("rm:"):  # a reward model scores each answer (alignkit.feedback.rewards)
+        from alignkit.feedback.rewards import RMJudge
+
+        return RMJudge(s.judge, s, s.rm_tie_margin, s.generation_batch_size)
+    template = load_template(s.judge_template, s.principle)
+    if s.judge == "openai":
+        from alignkit.core.llm import judge_client
+
+        return OpenAIJudge(template, judge_client(s, "gpt-4o-mini", "--judge openai"))
+    if s.judge == "hf":
+        if not s.judge_model:
+            raise ConfigError("--judge hf needs --judge_model: a Hub id or a local model folder")
+        from alignkit.core.config import loader_settings
+
+        # The generators' --chat_template is for them; the judge model brings its own.
+        model = loader_settings(s, s.judge_model, revision=s.judge_revision, chat_template=None)
+        return HFJudge(model, template, s.judge_max_tokens, s.judge_temperature, s.generation_batch_size)
+    raise ConfigError(f"--judge {s.judge!r}: expected openai, hf, rm:RUN_FOLDER, or python:module:function")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Both orders
+
+
+ORDERS = ("ab", "ba")  # "ab": the pair's first response sits in slot A
+
+
+def orders_for(both: bool, coin: int) -> tuple[str, ...]:
+    """Both orders, or one order picked by `coin` so a single-order run has no systematic slot."""
+    return ORDERS if both else (ORDERS[coin % 2],)
+
+
+def winner(order: str, verdict: str | None) -> str | None:
+    """Map a slot verdict back to the pair: "a", "b", "tie", or None (no verdict)."""
+    if verdict in (None, "tie"):
+        return verdict
+    return "a" if (verdict == "A") == (order == "ab") else "b"
+
+
+def combine(verdicts: dict[str, str | None]) -> str:
+    """Outcome of a pair from its verdict per order: "a" or "b" (labeled), "tie", "disagree", "unparsed"."""
+    if any(v is None for v in verdicts.values()):
+        return "unparsed"
+    winners = {winner(order, v) for order, v in verdicts.items()}
+    if len(winners) > 1:
+        return "disagree"
+    return winners.pop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def folder_fingerprint(source: str) -> str | None:
+    """Names, sizes and mtimes of a local model folder's files (None for a Hub id): cheap, and it changes
+    when the folder is retrained in place."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    return _digest(files)
+
+
+def endpoint_identity(client) -> dict:
+    """What an OpenAI-compatible endpoint's answer depends on besides the messages (alignkit.core.llm.ChatClient):
+    the server actually called (--*_base_url, else OPENAI_BASE_URL, else OpenAI), the model name there, and
+    the sampling sent with every request. Part of every key that caches such an answer."""
+    return {"base_url": str(client.client.base_url).rstrip("/"), "model": client.model,
+            "temperature": client.temperature, "max_tokens": client.max_tokens}
+
+
+def loader_identity(s) -> dict:
+    """What a local model's answers depend on besides the prompt and the sampling: the weights as loaded from
+    loader settings `s` (alignkit.core.config.ModelSettings). A local folder counts by its files' sizes and mtimes
+    (retrained in place, it is another model); "auto" settings count with what they resolve from (the device,
+    the optional kernels installed), so a cache made on a CPU is not reused on a GPU."""
+    template = Path(s.chat_template).read_text(encoding="utf-8") if getattr(s, "chat_template", None) else None
+    identity = {"model": s.model_id, "files": folder_fingerprint(s.model_id), "revision": s.revision,
+                "dtype": s.dtype, "quantization": s.quantization, "attn_implementation": s.attn_implementation,
+                "use_liger": s.use_liger, "chat_template": template}
+    if "auto" in (s.dtype, s.quantization, s.attn_implementation, s.use_liger):
+        identity["auto_on"] = _hardware()
+    return identity
+
+
+def _hardware() -> str:
+    """The inputs of alignkit.modeling.models' "auto" choices: the CUDA device (or cpu) and the optional kernels."""
+    import importlib.util
+
+    import torch
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        try:
+            device = f"cuda:{torch.cuda.get_device_name(0)}"
+        except (RuntimeError, AssertionError):  # a CUDA that reports itself but cannot name the device
+            device = "cuda"
+    kernels = [k for k in ("flash_attn", "liger_kernel") if importlib.util.find_spec(k) is not None]
+    return "+".join([device, *kernels])
+

@@ -1,0 +1,9 @@
+"""Models: loading, generating, merging, and the presets that build a model offline.
+
+- models: the one loader (base, adapter chains, quantization, attention).
+- gguf: GGUF files converted once into a model folder.
+- generation: local answering engines (transformers, vLLM).
+- merge: adapters merged into their base and checked.
+- presets: the offline `tiny` demo and its rule.
+- smol: the `smol` preset, SmolLM2-135M-Instruct (its prompts: smol_prompts.jsonl).
+"""

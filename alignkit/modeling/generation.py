@@ -1,0 +1,289 @@
+"""Batched generation through the tokenizer's chat template (used by evaluation, labeling and the tests).
+
+`load_generator(settings, backend)` is what label.py and evaluate.py use: the model loaded once on vLLM or
+transformers (`--backend`), then called chunk by chunk with the same arguments and answers either way.
+
+Prompts are rendered with the generation prompt and left-padded, so every row of a batch ends where its
+answer begins; the answer is cut at the tokenizer's eos token (which the loader keeps distinct from pad).
+Batches are made of prompts of similar length (longest first), and the answers returned in the caller's
+order: a short prompt batched with a long one would be padded to its length, and the padding costs as much
+compute as real tokens (about a fifth of the time on varied chat prompts, see bench/generation_speed.py).
+Where a batch is still mostly padding (a few prompts of mixed lengths), a CPU computes the prompts' cache row by
+row without it (`ragged_prefill`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_beams: int = 1,
+    batch_size: int = 16,
+    seed: int | None = None,
+) -> list[str]:
+    """One answer per conversation (a list of role/content messages ending with a user turn).
+
+    temperature 0 means greedy decoding; above 0, sampling with top_p.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    # The template already wrote any bos token; adding special tokens again would double it.
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: out-of-memory shows at once
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers: list[str] = [""] * len(texts)
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+            out = model.generate(
+                **batch, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                **(ragged_prefill(model, batch) if num_beams == 1 else {}), **sampling,
+            )
+            new_tokens = out[:, batch["input_ids"].shape[1] :]
+            for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+                answers[i] = text.strip()
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+RAGGED_PREFILL_PADDING = 0.25  # share of a batch's prompt positions that are padding, from which it pays
+
+
+def ragged_prefill(model, batch) -> dict:
+    """On a CPU, the prompts' KV cache computed row by row without padding, then left-padded into one batch cache
+    that `model.generate` continues from: the cache as generate's keyword argument, or {} where the padded batch
+    is as good or this cannot apply.
+
+    A left-padded batch computes every padding position of its prompts like a real token: with prompts of
+    mixed lengths in one batch (a few prompts, or the long tail of a sorted set) that is most of the prompt
+    work, and a CPU, which is compute-bound, pays for all of it (about a quarter of the time of 16 mixed chat
+    prompts answered with 32 tokens: bench/generation_speed.py). Each row's cache holds its prompt but the last
+    token, right-aligned; padded slots are masked by the attention mask as before, and positions count from each
+    row's first real token in both cases, so generation continues exactly as from the padded prefill (the
+    tests compare greedy answers). A GPU computes the padding in parallel, where row-by-row calls would only
+    add latency; caches other than plain full-attention layers (sliding windows, state-space layers) keep the
+    padded path.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows, width = ids.shape
+    lengths = mask.sum(dim=1).tolist()
+    padding = rows * width - sum(lengths)
+    if model.device.type != "cpu" or rows < 2 or width < 2 or padding < RAGGED_PREFILL_PADDING * rows * width:
+        return {}
+    caches = []
+    for i, n in enumerate(lengths):
+        if n < 2:  # nothing before its last token: its slots stay padding
+            caches.append(None)
+            continue
+        try:
+            out = model(input_ids=ids[i : i + 1, width - n : width - 1], use_cache=True, logits_to_keep=1)
+        except TypeError:  # a model without logits_to_keep
+            return {}
+        name = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.x
+        cache = out[name]
+        if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return {}
+        caches.append(cache)
+    if all(c is None for c in caches):
+        return {}
+    merged = DynamicCache()
+    for layer in range(len(next(c for c in caches if c is not None).layers)):
+        first = next(c.layers[layer] for c in caches if c is not None)
+        keys = first.keys.new_zeros(rows, first.keys.shape[1], width - 1, first.keys.shape[3])
+        values = first.values.new_zeros(rows, first.values.shape[1], width - 1, first.values.shape[3])
+        for i, cache in enumerate(caches):
+            if cache is not None:
+                n = cache.layers[layer].keys.shape[-2]
+                keys[i, :, width - 1 - n :] = cache.layers[layer].keys[0]
+                values[i, :, width - 1 - n :] = cache.layers[layer].values[0]
+        merged.update(keys, values, layer)
+    return {name: merged}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends: the one entry point for label.py and evaluate.py. vLLM is the fast path for generation at scale
+# when it is installed and a GPU is there; transformers (`generate` above) runs everywhere.
+
+
+def resolve_backend(requested: str = "auto", num_beams: int = 1) -> str:
+    """"vllm" or "transformers"; auto picks vLLM when it is installed and CUDA is available, with one log line."""
+    import importlib.util
+
+    from alignkit import logger
+    from alignkit.core.args import ConfigError
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if requested == "vllm":
+        if not has_vllm:
+            raise ConfigError("--backend vllm needs vLLM: pip install vllm (on a machine with a CUDA GPU)")
+        if num_beams > 1:  # vLLM's sampling has no beam search; silently sampling instead would mislead
+            raise ConfigError("--num_beams > 1 (beam search) runs on --backend transformers only")
+        return "vllm"
+    if requested == "transformers":
+        return "transformers"
+    if has_vllm and torch.cuda.is_available():
+        if num_beams > 1:
+            logger.info("generation backend: transformers (beam search, --num_beams > 1, is not in vLLM)")
+            return "transformers"
+        logger.info("generation backend: vllm (installed, CUDA available)")
+        return "vllm"
+    why = "no CUDA device" if has_vllm else "vLLM is not installed (pip install vllm on a GPU machine)"
+    logger.info(f"generation backend: transformers ({why})")
+    return "transformers"
+
+
+def load_generator(s, backend: str = "auto") -> Generator:
+    """The model `s.model_id` (loader settings: alignkit.core.config.ModelSettings) loaded once on `backend`, ready
+    to be called chunk after chunk, so callers can save each chunk's answers as it comes (crash safety).
+
+    Only the chosen backend loads the model: with vLLM, transformers never holds the weights too.
+    """
+    backend = resolve_backend(backend)  # a resolved name passes through without a log line
+    from alignkit.modeling.models import check_model_kind
+
+    check_model_kind(s.model_id, s.revision, reward=False)  # a reward model cannot generate, on either backend
+    return VLLMGenerator(s) if backend == "vllm" else TransformersGenerator(s)
+
+
+class Generator:
+    """generator(conversations, max_new_tokens=, temperature=, top_p=, num_beams=, batch_size=, seed=) -> one
+    answer per conversation, in order, as `generate` gives them; leaving a `with` block frees the model."""
+
+    def close(self) -> None:
+        """Free the model's memory: the judge, or the next model, may need it."""
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TransformersGenerator(Generator):
+    def __init__(self, s):
+        from alignkit.modeling.models import load_model, require_chat_template
+
+        self.loaded = load_model(s)
+        require_chat_template(self.loaded.tokenizer, s.model_id)
+
+    def __call__(self, conversations, **sampling):
+        return generate(self.loaded.model, self.loaded.tokenizer, conversations, **sampling)
+
+    def close(self) -> None:
+        self.loaded = None
+        super().close()
+
+
+def vllm_memory(s, base: str, revision: str | None) -> dict:
+    """vLLM's max_model_len and gpu_memory_utilization (GenerationSettings; defaults where `s` lacks them).
+
+    max_model_len: vLLM sizes the KV cache for the model's whole context by default and refuses to start when one
+    sequence of it does not fit (a 128k-context model on a 24 GB GPU); --max_model_len caps it, and is itself
+    capped at the model's context, which vLLM refuses to exceed.
+    gpu_memory_utilization: vLLM's 0.9 is a share of the GPU's *total* memory, checked against what is free at
+    start: a second engine in the same process (generator B, a judge, the next model while the last one's memory
+    is still being released) would not start. By default each engine takes 90% of what is free when it starts.
+    """
+    from transformers import AutoConfig
+
+    from alignkit import logger
+    from alignkit.modeling.models import local_gpu
+
+    config = AutoConfig.from_pretrained(base, revision=revision, trust_remote_code=s.trust_remote_code)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    wanted = getattr(s, "max_model_len", 8192)
+    length = min(wanted, context) if context else wanted
+    share = getattr(s, "gpu_memory_utilization", None)
+    if share is None:
+        free, total = torch.cuda.mem_get_info(local_gpu())
+        share = round(0.9 * free / total, 3)
+    logger.info(f"vLLM: max_model_len {length} (model context {context}), gpu_memory_utilization {share}")
+    return {"max_model_len": length, "gpu_memory_utilization": share}
+
+
+class VLLMGenerator(Generator):
+    """One base model, plus at most one LoRA adapter on top (vLLM serves adapters, not chains of them).
+
+    The loader's quantization and attention settings are transformers' own; vLLM serves in `--dtype` and
+    picks its kernels itself.
+    """
+
+    def __init__(self, s):
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        from alignkit import logger
+        from alignkit.modeling.models import adapter_chain, adapter_config, load_tokenizer, require_chat_template
+
+        base, chain = adapter_chain(s.model_id, s.revision)
+        from alignkit.train.lota import resolve_chain
+
+        if resolve_chain(base, chain, adapter_chain, s.revision)[2]:  # LoTA deltas: vLLM has no way to add them
+            raise ValueError(
+                f"{s.model_id} holds a LoTA delta; vLLM serves LoRA adapters only. Merge it first (python merge.py "
+                f"--adapter_dir {s.model_id}) and pass the merged folder, or use --backend transformers."
+            )
+        if len(chain) > 1:
+            raise ValueError(
+                f"{s.model_id} is a chain of {len(chain)} adapters; vLLM serves one adapter on a base. Merge the "
+                f"chain first (python merge.py --adapter_dir {s.model_id}) and pass the merged folder."
+            )
+        if s.quantization in ("4bit", "8bit"):
+            logger.warning(f"--quantization {s.quantization} applies to --backend transformers; vLLM serves "
+                           f"{base} unquantized")
+        # The tokenizer (and its chat template) travels with the adapter when training saved one there; the
+        # template is checked and resolved here, as the transformers path does, so both answer alike.
+        tok_source = chain[-1] if chain and Path(chain[-1], "tokenizer_config.json").is_file() else base
+        revision = None if chain else s.revision
+        tokenizer = load_tokenizer(tok_source, revision, s.trust_remote_code, s.chat_template)
+        require_chat_template(tokenizer, s.model_id)
+        self.template = tokenizer.chat_template
+        # vLLM accepts LoRA ranks 8, 16, 32, ...: the adapter's rank rounded up to one of them.
+        rank = adapter_config(chain[0])["r"] if chain else 8
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(s.dtype, "auto")
+        self.llm = LLM(model=base, tokenizer=tok_source, revision=revision, dtype=dtype,
+                       trust_remote_code=s.trust_remote_code, enable_lora=bool(chain),
+                       max_lora_rank=max(8, 1 << (rank - 1).bit_length()), **vllm_memory(s, base, revision))
+        self.lora = LoRARequest("adapter", 1, chain[0]) if chain else None
+
+    def __call__(self, conversations, max_new_tokens=256, temperature=0.0, top_p=1.0, num_beams=1,
+                 batch_size=16, seed=None):
+        from vllm import SamplingParams
+
+        if num_beams > 1:
+            raise ValueError("--num_beams > 1 (beam search) runs on --backend transformers only")
+        # batch_size is not passed on: vLLM schedules its own batches (continuous batching) within a call.
+        params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                max_tokens=max_new_tokens, seed=seed)
+        outputs = self.llm.chat(conversations, params, lora_request=self.lora, chat_template=self.template,
+                                use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outputs]
+
+    def close(self) -> None:
+        self.llm = None  # vLLM frees GPU memory only once the engine is garbage-collected
+        super().close()

@@ -1,0 +1,683 @@
+"""The one model loader every script uses.
+
+`load_model(settings)` takes a Hub id, a local model folder, or an adapter folder. For an adapter folder the
+base model is read from its adapter_config.json, recursively, so a DPO adapter trained on top of an SFT
+adapter loads as base -> SFT -> DPO. It resolves the "auto" hardware settings (dtype, 4-bit, attention,
+Liger) with one log line each, and returns the tokenizer with a safe pad token and a chat template.
+
+`add_trainable_adapter` then puts a fresh LoRA adapter ("default") on top; adapters the model was loaded with
+stay active and frozen, and `reference_mode` switches to them alone for the DPO reference pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit import logger, quiet_library_noise
+from alignkit.core.errors import UserError
+
+TRAINABLE = "default"  # PEFT's default adapter name; transformers' Trainer resumes this one
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module  # a PreTrainedModel, or a PeftModel when adapters were loaded
+    tokenizer: object
+    base_id: str  # the base model under all adapters
+    adapters: list[str] = field(default_factory=list)  # adapter sources, base first
+    frozen: list[str] = field(default_factory=list)  # their adapter names inside the PeftModel
+    dtype: torch.dtype = torch.float32
+    quantization: str = "none"
+    deltas: list[str] = field(default_factory=list)  # LoTA delta folders added into the weights (alignkit.train.lota)
+
+
+def _log_choice(what: str, value: str, why: str) -> None:
+    logger.info(f"{what}: {value} ({why})")
+
+
+def local_gpu() -> int:
+    """This process's GPU: LOCAL_RANK under accelerate launch / torchrun, else the first visible one."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _ampere_or_newer() -> bool:
+    """Compute capability >= 8.0 (A100, A10, L4, H100, RTX 30xx/40xx): native bf16 and flash-attn 2's kernels."""
+    return torch.cuda.get_device_capability(local_gpu()) >= (8, 0)
+
+
+def resolve_dtype(requested: str) -> torch.dtype:
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if requested != "auto":
+        return names[requested]
+    if torch.cuda.is_available():
+        # torch.cuda.is_bf16_supported() defaults to including_emulation=True (torch/cuda/__init__.py: it then
+        # returns True for any GPU that can hold a bf16 tensor), so V100/T4 would "support" bf16 and train in
+        # slow emulation. Only native bf16 (Ampere and newer) counts.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            _log_choice("dtype", "bf16", "CUDA with native bf16")
+            return torch.bfloat16
+        _log_choice("dtype", "fp16", "this GPU has no native bf16 (compute capability < 8.0)")
+        return torch.float16
+    _log_choice("dtype", "fp32", "no CUDA device: bf16/fp16 training needs a GPU, so the CPU computes in fp32")
+    return torch.float32
+
+
+def resolve_quantization(requested: str, for_training: bool = True) -> str:
+    if requested != "auto":
+        return requested
+    if not for_training:
+        # Generation, judging, evaluation: a merged bf16 model must be judged as it is, not as its NF4 copy.
+        _log_choice("quantization", "none", "inference loads the model as saved; --quantization 4bit to save memory")
+        return "none"
+    if torch.cuda.is_available():
+        _log_choice("quantization", "4bit", "QLoRA NF4 by default on CUDA; --quantization none to train in full precision")
+        return "4bit"
+    _log_choice("quantization", "none", "no CUDA device; --quantization 4bit still runs QLoRA on the CPU, slowly")
+    return "none"
+
+
+def resolve_attention(requested: str, dtype: torch.dtype | None = None) -> str:
+    """flash_attention_2 only where its kernels run: CUDA, compute capability >= 8.0, bf16/fp16 activations.
+
+    flash-attn 2 has no fp32 kernel and no pre-Ampere build: a model loaded with it on a T4, or in fp32, imports
+    fine and crashes in its first forward. Everything else gets PyTorch's sdpa.
+    """
+    half = dtype in (torch.bfloat16, torch.float16)
+    if requested == "flash_attention_2" and torch.cuda.is_available():
+        if not half:
+            raise ValueError("--attn_implementation flash_attention_2 needs --dtype bf16 or fp16 (flash-attn has no "
+                             "fp32 kernels); use sdpa, or auto")
+        if not _ampere_or_newer():
+            raise ValueError("--attn_implementation flash_attention_2 needs a GPU of compute capability >= 8.0 "
+                             f"(this one: {torch.cuda.get_device_capability(local_gpu())}); use sdpa, or auto")
+    if requested != "auto":
+        return requested
+    if not torch.cuda.is_available():
+        _log_choice("attention", "sdpa", "no CUDA device, so no flash attention")
+        return "sdpa"
+    if not _ampere_or_newer():
+        _log_choice("attention", "sdpa", "flash-attn 2 needs compute capability >= 8.0")
+        return "sdpa"
+    if not half:
+        _log_choice("attention", "sdpa", "flash-attn 2 needs bf16/fp16; this model computes in fp32")
+        return "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:
+        _log_choice("attention", "sdpa", "flash-attn is not installed: pip install flash-attn --no-build-isolation")
+        return "sdpa"
+    _log_choice("attention", "flash_attention_2", "CUDA >= 8.0, half precision, flash-attn installed")
+    return "flash_attention_2"
+
+
+def resolve_liger(requested: str) -> bool:
+    if requested != "auto":
+        return requested == "true"
+    if not torch.cuda.is_available():
+        return False  # Liger's Triton kernels need CUDA; the CPU path needs no log line beyond attention's
+    if importlib.util.find_spec("liger_kernel") is None:
+        _log_choice("liger", "off", "liger-kernel is not installed: pip install 'alignkit[gpu]'")
+        return False
+    _log_choice("liger", "on", "CUDA and liger-kernel installed")
+    return True
+
+
+SMALL_MODEL = 50_000_000  # parameters; below this a CPU step is too short for a second thread to pay off
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def resolve_num_threads(requested: str, num_parameters: int) -> int:
+    """torch's CPU threads: auto is OMP_NUM_THREADS when set, else 1 for a model under ~50M parameters on a CPU,
+    else the physical cores.
+
+    A small model's matrix products are too short to split: the threads mostly wait for each other, and on a
+    busy machine for cores other processes hold (measured: tiny DPO 0.028 s/step with 1 thread, 1.9 s/step with 2
+    at load average 4).
+    """
+    if requested != "auto":
+        if not requested.isdigit() or int(requested) < 1:
+            raise ValueError(f"--num_threads must be auto or a positive whole number, got {requested!r}")
+        return int(requested)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])  # the machine's owner already chose
+    if not torch.cuda.is_available() and num_parameters < SMALL_MODEL:
+        return 1
+    return physical_cores()
+
+
+_threads_logged: int | None = None
+
+
+def apply_num_threads(requested: str, model) -> int:
+    """Set torch's CPU threads for `model` (see resolve_num_threads); logs the choice once per value."""
+    global _threads_logged
+    count = sum(p.numel() for p in model.parameters())
+    threads = resolve_num_threads(requested, count)
+    torch.set_num_threads(threads)
+    if _threads_logged != threads:
+        why = "set by --num_threads" if requested != "auto" else "OMP_NUM_THREADS" if os.environ.get(
+            "OMP_NUM_THREADS", "").isdigit() else (
+            f"model of {count / 1e6:.1f}M parameters on a CPU: one thread is fastest, and robust on a busy machine"
+            if threads == 1 and not torch.cuda.is_available() else "the physical cores")
+        _log_choice("threads", str(threads), why)
+        _threads_logged = threads
+    return threads
+
+
+def _sharded_launch() -> str | None:
+    """"FSDP" or "DeepSpeed ZeRO-3" when accelerate launched this process to shard the model, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true") and os.environ.get(
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE", ""
+    ) == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def device_placement(sharded: str | None) -> dict:
+    """from_pretrained's device_map: the whole model on this process's own GPU, unless FSDP/ZeRO-3 shards it.
+
+    Without a device_map, from_pretrained leaves the model on the CPU, and only the Trainer moves it to the GPU:
+    generation, judging and evaluation (which have no Trainer) would run on the CPU of a GPU machine.
+    device_map="auto" would spread one model over every visible GPU and break DDP, where each process owns one.
+    """
+    if not torch.cuda.is_available() or sharded:
+        return {}
+    _log_choice("device", f"cuda:{local_gpu()}", "the whole model on this process's GPU")
+    return {"device_map": {"": local_gpu()}}
+
+
+_zero3_config = None  # must stay alive: transformers keeps only a weakref to it
+
+
+def register_zero3_init() -> None:
+    """Under a ZeRO-3 launch with zero3_init_flag, make from_pretrained build the model partitioned (zero.Init).
+
+    from_pretrained partitions at load time only when a DeepSpeed config is registered
+    (transformers/modeling_utils.py: `needs_zero3_init = is_deepspeed_zero3_enabled() and not _is_quantized`);
+    the Trainer registers one only when its TrainingArguments are built (training_args.py, "12. DeepSpeed":
+    DeepSpeedPlugin().set_deepspeed_weakref()), which in the scripts comes after loading: every rank would load
+    the whole model into CPU RAM. This registers the same config, read from accelerate launch's environment,
+    before loading. (4-bit models are never built under zero.Init.)
+    """
+    global _zero3_config
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return  # TRL's config (or an HfDeepSpeedConfig of the caller's) is already registered
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin()  # ACCELERATE_DEEPSPEED_* and the config file, as TrainingArguments reads them
+    if not plugin.zero3_init_flag:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # the plugin registered its config on creation; zero.Init stays off as asked
+        return
+    plugin.set_deepspeed_weakref()
+    _zero3_config = plugin
+    _log_choice("ZeRO-3 init", "on", "each rank loads only its shard of the weights (zero3_init_flag)")
+
+
+def fit_embeddings(model, tok) -> None:
+    """Grow the embeddings when the tokenizer has more tokens than the model (a pad token was added); never shrink.
+
+    Under ZeRO-3's zero.Init the embedding weight is partitioned and its local shape is [0]; comparing with it
+    would resize (shrink) a vocabulary padded past the tokenizer. The module's num_embeddings is the full count.
+    """
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None) or model.config.get_text_config().vocab_size
+    if len(tok) > rows:
+        model.resize_token_embeddings(len(tok))
+
+
+def cast_adapters(model, names: list[str], dtype: torch.dtype) -> None:
+    """Store the frozen adapters `names` in the compute dtype, as the base's weights are.
+
+    PEFT upcasts loaded adapters to fp32 (autocast_adapter_dtype=True: peft/tuners/tuners_utils.py
+    cast_adapter_dtype). Beside a bf16 base that breaks FSDP, which flattens each decoder layer, frozen adapter
+    included, into one tensor ("Must flatten tensors with uniform dtype"; transformers wraps only the *trainable*
+    LoRA layers separately, transformers/distributed/fsdp.py update_fsdp_plugin_peft), and ZeRO-3, whose
+    all-gather buffers take the first parameter's dtype (trl/trainer/dpo_trainer.py, the comment above
+    `autocast_adapter_dtype = False`). A frozen adapter gains nothing from fp32: it is never updated.
+    """
+    if not dtype.is_floating_point:
+        return
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and any(f".{adapter}." in name for adapter in names) and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def keep_trainable_fp32(model) -> int:
+    """QLoRA: store the trainable LoRA weights in fp32 (autocast still computes in bf16/fp16); returns how many moved.
+
+    TRL casts every trainable parameter of a quantized model to bf16 (trl/trainer/dpo_trainer.py and
+    sft_trainer.py, "When using QLoRA, the PEFT adapter weights are converted to bf16"). With plain AdamW at a
+    DPO learning rate most updates are below bf16's resolution and round away (a 3-step tiny 4-bit DPO moved 10
+    of 1024 lora_A entries), and on an fp16 GPU the grad scaler refuses non-fp32 parameters. QLoRA itself keeps
+    the adapters in fp32. Under ZeRO-3 they stay as they are: DeepSpeed keeps fp32 master weights itself and
+    needs one dtype across its partitions.
+    """
+    if _sharded_launch() == "DeepSpeed ZeRO-3":
+        return 0
+    moved = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            moved += 1
+    if moved:
+        logger.info(f"trainable weights: fp32 ({moved} tensors back from TRL's bf16 cast, so updates too small for "
+                    "bf16 still land; the forward still computes in the compute dtype)")
+    return moved
+
+
+def adapter_config(source: str, revision: str | None = None) -> dict | None:
+    """The adapter_config.json of `source` as a dict, or None when `source` is a full model."""
+    path = Path(source)
+    if path.is_dir():
+        file = path / "adapter_config.json"
+        return json.loads(file.read_text()) if file.is_file() else None
+    if path.exists() or source.count("/") != 1:
+        return None
+    # A Hub id: ask the Hub whether it holds an adapter; offline, let from_pretrained report the problem.
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(source, "adapter_config.json", revision=revision)).read_text())
+    except Exception:  # noqa: BLE001 - not an adapter, or not reachable: treat as a full model
+        return None
+
+
+def _recorded_base(adapter: str, base: str) -> str:
+    """Where the base an adapter records lives: a relative path counts from the adapter's folder.
+
+    save_adapter records a local adapter it was trained on relative to itself, so a chain copied or moved as a
+    whole still resolves; absolute paths (older runs, local full models) and Hub ids stay as they are.
+    """
+    if Path(adapter).is_dir() and not Path(base).is_absolute():
+        beside = Path(adapter, base)
+        if beside.exists() or base.startswith("."):
+            return os.path.normpath(os.path.abspath(beside))
+    return base
+
+
+def adapter_chain(source: str, revision: str | None = None) -> tuple[str, list[str]]:
+    """(base model id, [adapter sources from the base upwards])."""
+    chain: list[str] = []
+    while (config := adapter_config(source, revision)) is not None:
+        chain.insert(0, source)
+        recorded = config.get("base_model_name_or_path")
+        if not recorded:
+            raise UserError(f"{source}/adapter_config.json has no base_model_name_or_path; pass the base with --model_id")
+        if len(chain) > 8:
+            raise UserError(f"adapter chain from {source} is longer than 8: does an adapter name itself as its base?")
+        base = _recorded_base(source, recorded)
+        if _looks_local(base) and not Path(base).exists():
+            raise UserError(
+                f"{source}/adapter_config.json names its base {recorded!r}, which is not there "
+                f"({'relative paths count from the adapter folder; ' if base != recorded else ''}was it moved or "
+                "deleted?). Put it back, or point base_model_name_or_path at where it is now (merge.py: --base_model)."
+            )
+        source = base
+    return source, chain
+
+
+def _looks_local(source: str) -> bool:
+    """A filesystem path rather than a Hub id: absolute, ./ ../ ~, or more than one "/"."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def check_model_source(source: str, cache: bool = True) -> None:
+    """Fail early and in one line when a model is neither a local folder nor to be had from the Hub.
+
+    cache: offline (HF_HUB_OFFLINE=1), also require a copy in the Hugging Face cache.
+    """
+    from alignkit.core.hub import require_reachable
+
+    if Path(source).exists():
+        return
+    if _looks_local(source):
+        raise UserError(f"model not found: {source} is no local folder (and not a Hub id); check the path")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if cache and constants.HF_HUB_OFFLINE and not any(
+        isinstance(try_to_load_from_cache(source, name), str) for name in ("config.json", "adapter_config.json")
+    ):
+        raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
+                        "cache holds no copy of it; check the path, or unset HF_HUB_OFFLINE to download it")
+    require_reachable(source)
+
+
+def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    from alignkit.modeling.gguf import model_source
+
+    source, revision = model_source(source, None, revision)  # a .gguf file: its converted folder
+    tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    if chat_template:
+        if not Path(chat_template).is_file():
+            raise UserError(f"--chat_template {chat_template}: file not found; pass a Jinja chat template file")
+        tok.chat_template = Path(chat_template).read_text()
+    set_pad_token(tok)
+    return tok
+
+
+def set_pad_token(tok) -> None:
+    """Give the tokenizer a pad token that is not its eos token.
+
+    With pad == eos, collators that mask padding also mask the real end-of-answer token, so the model never
+    learns to stop. Prefer a token the vocabulary already has, so no embedding has to be added.
+    """
+    if tok.pad_token is not None and tok.pad_token != tok.eos_token:
+        return
+    vocab = tok.get_vocab()
+    for candidate in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", tok.unk_token):
+        if candidate and candidate in vocab and candidate != tok.eos_token:
+            tok.pad_token = candidate
+            return
+    tok.add_special_tokens({"pad_token": "<|pad|>"})  # the loader then resizes the embeddings
+
+
+def require_chat_template(tok, model_id: str) -> None:
+    if not getattr(tok, "chat_template", None):
+        raise UserError(
+            f"{model_id} has no chat template, and this data is conversational. Pass one with "
+            "--chat_template FILE (a Jinja file: take it from an instruct model of the same family, or from TRL's "
+            "trl/chat_templates folder)."
+        )
+
+
+def load_model(s, *, for_training: bool = False, full_precision: bool = False, dequantize: bool = False,
+               base_model: str | None = None, on_cpu: bool = False, reward: bool = False) -> Loaded:
+    """Load `s.model_id` (settings from alignkit.core.config.ModelSettings) and any adapter chain under it.
+
+    full_precision: never quantize (merging adapters must happen in full precision).
+    dequantize: load the base in 4-bit NF4, then turn it back into plain weights before the adapters go on:
+        the exact model a QLoRA adapter was trained against, in a form adapters can merge into.
+    base_model: use this base instead of the one the adapter chain records (a moved or renamed base).
+    on_cpu: keep the model in CPU RAM even on a GPU machine (merging in fp32: a 7B model takes 28 GB).
+    reward: load a reward model (sequence classification, one output; see "Reward models" below) instead of a
+        causal LM. Either way, a model of the other kind is an error that says what to pass instead.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quiet_library_noise()
+    check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
+    base_id, chain = adapter_chain(s.model_id, s.revision)
+    from alignkit.train import lota  # LoTA: sparse deltas in the chain go into the weights (alignkit.train.lota)
+
+    base_id, chain, deltas = lota.resolve_chain(base_id, chain, adapter_chain, s.revision)
+    base_id = base_model or base_id
+    check_model_kind(s.model_id, s.revision, reward, for_training)
+    if chain:
+        logger.info(f"{s.model_id} is an adapter; base model: {base_id}; adapters: {' -> '.join(chain)}")
+    dtype = resolve_dtype(s.dtype)
+    quantization = ("4bit" if dequantize else "none" if full_precision
+                    else resolve_quantization(s.quantization, for_training))
+    quantization = lota.full_precision(s, quantization, deltas)
+    kwargs: dict = dict(
+        revision=None if chain else s.revision, trust_remote_code=s.trust_remote_code, dtype=dtype,
+        attn_implementation=resolve_attention(s.attn_implementation, dtype),
+    )
+    sharded = _sharded_launch()
+    if sharded == "DeepSpeed ZeRO-3":
+        register_zero3_init()
+    if quantization == "8bit" and sharded:
+        raise UserError(
+            f"--quantization 8bit cannot be sharded by {sharded}: bitsandbytes supports that for 4-bit only. "
+            "Use --quantization 4bit, or a DDP launch (recipes/accelerate/ddp.yaml)."
+        )
+    if quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # FSDP and ZeRO-3 flatten parameters of one dtype: store the 4-bit weights in the compute dtype.
+            bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
+        )
+    elif quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if not on_cpu:
+        kwargs.update(device_placement(sharded))
+    from alignkit.modeling.gguf import model_source
+
+    if not (str(base_id).endswith(".gguf") or getattr(s, "gguf_file", None)):  # GGUF sources check themselves
+        check_model_source(base_id)
+    # A GGUF base (--model_id FILE.gguf, or --gguf_file NAME) loads from its converted folder, cached once;
+    # base_id stays the GGUF source, so adapters record where their base really came from.
+    weights, revision = model_source(base_id, getattr(s, "gguf_file", None), kwargs["revision"])
+    kwargs["revision"] = revision
+    if reward:
+        model = _load_reward_base(weights, kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
+    apply_num_threads(getattr(s, "num_threads", "auto"), model)
+    if quantization == "4bit" and not torch.cuda.is_available():
+        from alignkit import _BitsandbytesCpuKernelNote
+
+        if _BitsandbytesCpuKernelNote.seen:  # bitsandbytes' own import-time warning is dropped (see alignkit)
+            logger.info("4-bit on the CPU: bitsandbytes uses its plain matmul kernel (`pip install kernels` "
+                        "gives it a faster one)")
+    if dequantize:
+        model = model.dequantize()  # bitsandbytes' own NF4 -> float, weight by weight
+        model.to(dtype)
+        quantization = "none"
+    if resolve_liger(s.use_liger):
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        # Layer kernels only: TRL's fused LM head replaces the loss, so Liger's fused cross-entropy stays off.
+        _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+
+    # The tokenizer travels with the last adapter when it was saved there (it carries the chat template).
+    tok_source = next((a for a in reversed(chain) if Path(a, "tokenizer_config.json").is_file()), weights)
+    tok = load_tokenizer(tok_source, revision, s.trust_remote_code, s.chat_template)
+    fit_embeddings(model, tok)
+    model.config.pad_token_id = tok.pad_token_id  # a reward model scores the last token before the padding
+    if getattr(model, "generation_config", None) is not None:  # a reward model cannot generate: it has none
+        model.generation_config.pad_token_id = tok.pad_token_id
+        if tok.eos_token_id is not None:
+            model.generation_config.eos_token_id = tok.eos_token_id
+    lota.apply_deltas(model, deltas)
+
+    frozen: list[str] = []
+    if chain:
+        from peft import PeftModel
+
+        for i, source in enumerate(chain):
+            name = f"frozen_{i}"
+            if i == 0:
+                model = PeftModel.from_pretrained(model, source, adapter_name=name, is_trainable=False)
+            else:
+                model.load_adapter(source, adapter_name=name, is_trainable=False)
+            frozen.append(name)
+        model.base_model.set_adapter(frozen, inference_mode=True)
+    if frozen and for_training:
+        cast_adapters(model, frozen, dtype)
+    if not for_training:
+        model.eval()
+    return Loaded(model, tok, base_id, chain, frozen, dtype, quantization, deltas)
+
+
+def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Put a fresh LoRA adapter on top: the base and any loaded adapters stay frozen and active.
+
+    task_type "SEQ_CLS" (a reward model): PEFT also trains the score head and saves it with the adapter.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import set_seed
+
+    # LoRA's A matrices start random, before the Trainer seeds anything: without this, --seed would not make
+    # two runs (or a run and its resume's straight twin) start from the same weights.
+    set_seed(s.seed)
+    targets = s.lora_target_modules
+    config = LoraConfig(
+        r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, task_type=task_type, bias="none",
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+    )
+    model = loaded.model
+    # ZeRO-3 all-gathers into buffers of the first parameter's dtype: PEFT's fp32 upcast of the new adapter beside a
+    # bf16 base fails the first optimizer step (TRL passes the same flag for this, trl/trainer/dpo_trainer.py).
+    autocast = _sharded_launch() != "DeepSpeed ZeRO-3"
+    if isinstance(model, PeftModel):
+        model.add_adapter(TRAINABLE, config, autocast_adapter_dtype=autocast)
+        # The trained adapter first: transformers' Trainer resumes the first active adapter.
+        model.base_model.set_adapter([TRAINABLE, *loaded.frozen])
+        model.set_requires_grad(loaded.frozen, requires_grad=False)
+    else:
+        model = get_peft_model(model, config, autocast_adapter_dtype=autocast)
+    loaded.model = model
+    return model
+
+
+@contextlib.contextmanager
+def reference_mode(model, frozen: list[str], keep: list[str] | None = None):
+    """Run `model` as the DPO reference: the trained adapter off, the frozen adapters it was loaded with on.
+
+    keep: only these of the frozen adapters stay on (the chain's first ones: an earlier model in the chain is the
+    reference, as rlaif.py's `--reference start`); default: all of them.
+    """
+    keep = list(frozen) if keep is None else list(keep)
+    if not keep:
+        with model.disable_adapter():
+            yield
+        return
+    lora = model.base_model
+    active = list(lora.active_adapters)
+    lora.set_adapter(keep, inference_mode=True)
+    try:
+        yield
+    finally:
+        lora.set_adapter(active)  # this marks every active adapter trainable again ...
+        model.set_requires_grad(frozen, requires_grad=False)  # ... so freeze the loaded ones once more
+
+
+def save_adapter(model, tokenizer, out_dir: str | os.PathLike, base_source: str,
+                 state_dict: dict | None = None) -> None:
+    """Save only the trained adapter, recording what it sits on (the base, or the adapter it was trained over).
+
+    state_dict: the full weights when the model is sharded (alignkit.train.training.gathered_state_dict).
+    """
+    out = Path(out_dir)
+    model.save_pretrained(out, selected_adapters=[TRAINABLE], state_dict=state_dict)
+    tokenizer.save_pretrained(out)
+    config_file = out / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    # A local adapter underneath is recorded relative to this one, so the chain can be copied or moved as a whole
+    # (adapter_chain resolves it from here); a local full model by absolute path, so an adapter copied away from
+    # it still finds it; a Hub id as it is.
+    base = Path(base_source)
+    if (base / "adapter_config.json").is_file():
+        recorded = os.path.relpath(base.resolve(), out.resolve())
+    else:
+        recorded = str(base.resolve()) if base.exists() else base_source
+    config["base_model_name_or_path"] = recorded
+    config_file.write_text(json.dumps(config, indent=2))
+    from alignkit.core.hub import model_card
+
+    # The card TRL and PEFT left names the base "None" (a local one) or by its local path: write alignkit's.
+    (out / "README.md").write_text(model_card(out))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reward models: a sequence-classification head with one output ("score") on the same backbone.
+#
+# reward.py loads the base with AutoModelForSequenceClassification(num_labels=1): a fresh score head replaces
+# the LM head. The LoRA adapter (task_type SEQ_CLS) trains the score head in full and saves it with the
+# adapter (PEFT's modules_to_save), so a reward run folder is an adapter folder like any other.
+
+REWARD, CAUSAL = "reward model", "causal language model"
+
+
+def model_kind(source: str, revision: str | None = None) -> str | None:
+    """REWARD or CAUSAL for a model or adapter folder (or Hub id); None when it cannot be told offline."""
+    adapter = adapter_config(source, revision)
+    if adapter is not None:
+        return REWARD if adapter.get("task_type") == "SEQ_CLS" else CAUSAL
+    file = Path(source, "config.json")
+    try:
+        if file.is_file():
+            config = json.loads(file.read_text())
+        else:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(source, revision=revision).to_dict()
+    except Exception:  # noqa: BLE001 - unreachable or not a model: from_pretrained reports it properly later
+        return None
+    architectures = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return REWARD if config.get("num_labels", len(config.get("id2label") or {0: 0})) == 1 else None
+    return CAUSAL if architectures else None
+
+
+def check_model_kind(source: str, revision: str | None, reward: bool, for_training: bool = False) -> None:
+    """A reward model where a causal LM is needed (or the reverse) fails here, saying what to pass instead."""
+    kind = model_kind(source, revision)
+    if reward and kind == CAUSAL and not for_training:
+        raise ValueError(
+            f"{source} is a causal language model (no reward score head), not a reward model. Pass a reward.py run "
+            "folder (or its merged/ folder) as rm:FOLDER; to judge with this model's text verdicts use --judge hf "
+            f"--judge_model {source}; to get a reward model from it, train one: python reward.py --model_id {source}"
+        )
+    if not reward and kind == REWARD:
+        raise ValueError(
+            f"{source} is a reward model (a score head, no language-model head): it scores answers but cannot "
+            "generate or be fine-tuned as a policy. Pass it as a judge, --judge rm:" + source + " (or "
+            "alignkit.feedback.rewards.load('rm:" + source + "')), and pass a causal language model (an SFT/DPO run "
+            "folder, a Hub id) as the generator or --model_id"
+        )
+    if reward and for_training and adapter_config(source, revision) is not None:
+        what = "a reward model's adapter" if kind == REWARD else "a LoRA adapter"
+        raise ValueError(
+            f"{source} is {what}: reward.py trains a fresh adapter and score head on a full model. Merge it first "
+            f"(python merge.py --adapter_dir {source}) and pass --model_id {Path(source, 'merged')}"
+        )
+
+
+def _load_reward_base(base_id: str, kwargs: dict):
+    """The base as AutoModelForSequenceClassification with one output; the LM head's weights are not loaded."""
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    # A causal LM's checkpoint has lm_head.weight and no score.weight: both expected, so not warned about.
+    with suppress_seqcls_warning():
+        return AutoModelForSequenceClassification.from_pretrained(base_id, num_labels=1, **kwargs)
+
+
+def load_lm_head(base_id: str, model, revision: str | None = None) -> torch.nn.Module:
+    """The base's LM head, frozen, beside a reward model (for the LM term of reward.py's logexpwithlm loss).
+
+    Only that one tensor is read from the checkpoint; with tied embeddings it is the input embedding matrix.
+    """
+    backbone_config = model.config.get_text_config()
+    embeddings = model.get_input_embeddings().weight
+    head = torch.nn.Linear(embeddings.shape[1], embeddings.shape[0], bias=False, device=embeddings.device,
+                           dtype=embeddings.dtype if embeddings.is_floating_point() else torch.float32)
+    if getattr(backbone_config, "tie_word_embeddings", False):
+        head.weight = embeddings
+    else:
+        from safetensors import safe_open
+        from transformers.utils import cached_file
+
+        index = cached_file(base_id, "model.safetensors.index.json", revision=revision,
+                            _raise_exceptions_for_missing_entries=False)
+        shard = json.loads(Path(index).read_text())["weight_map"]["lm_head.weight"] if index else "model.safetensors"
+        with safe_open(cached_file(base_id, shard, revision=revision), framework="pt") as f:
+            weight = f.get_tensor("lm_head.weight")
+        if weight.shape[0] < head.weight.shape[0]:  # the tokenizer added a pad token: its row stays zero
+            weight = torch.cat([weight, weight.new_zeros(head.weight.shape[0] - weight.shape[0], weight.shape[1])])
+        head.weight = torch.nn.Parameter(weight.to(head.weight.device, head.weight.dtype))
+    head.requires_grad_(False)
+    return head

@@ -1,0 +1,12 @@
+"""Training and its algorithms: what sft.py, dpo.py, reward.py, rl.py and rlaif.py run.
+
+- training: run folders, TRL configs, resume, finish.
+- trainers: alignkit's TRL trainers (stacked adapters, the explicit reference pass).
+- losses: preference losses TRL lacks.
+- prefix: DPO prefix sharing (a pair's prompt computed once).
+- refcache: the reference log-prob cache.
+- lota: Lottery Ticket Adaptation (sparse deltas instead of LoRA).
+- reward: reward.py's losses and trainer.
+- rl: rl.py's rewards and GRPO/RLOO.
+- rlaif: rlaif.py's rounds.
+"""

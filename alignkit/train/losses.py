@@ -1,0 +1,133 @@
+"""Preference losses that TRL lacks or computes differently, as pure functions, and which losses read what.
+
+TRL's DPOTrainer ignores `label_smoothing` for `loss_type="sigmoid"` (TRL >= 0.29: it only feeds `robust`,
+`exo_pair` and `aot`), and its `ipo` divides the log-ratios by the completion length. This module follows the
+DPO paper's reference code (Rafailov et al. 2023, github.com/eric-mitchell/direct-preference-optimization):
+
+    h = s(pc - rc) - s(pr - rr)          log-probs summed over the response tokens (LD-DPO: see answer_logps)
+    sigmoid (cDPO when eps > 0):  loss = -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)
+    ipo:                          loss = (h - 1 / (2 * beta)) ** 2
+    rewards:                      chosen = beta * (pc - rc),  rejected = beta * (pr - rr)
+
+`s` is the f-divergence score of a log-ratio u (f-DPO, Wang et al. 2023; TRL's `f_divergence_type`):
+reverse_kl u (plain DPO), forward_kl 1 - exp(-u), js_divergence log 2 + logsigmoid(u), alpha_divergence
+(exp((a - 1) u) - 1) / (a - 1). Every score is 0 at u = 0, so an untrained policy has h = 0 under each.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# The loss types this module computes; AlignDPOTrainer routes a list made only of these here instead of to TRL.
+LOSS_TYPES = ("sigmoid", "ipo")
+# TRL's loss types that read label_smoothing (TRL's sigmoid does not: alignkit's does, as cDPO).
+TRL_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def is_own_loss(loss_types) -> bool:
+    """True when every loss type is computed here; one TRL-only name sends the whole list to TRL."""
+    return set(loss_types) <= set(LOSS_TYPES)
+
+
+def check_label_smoothing(label_smoothing: float, loss_types=("sigmoid",)) -> None:
+    """label_smoothing must lie in [0, 0.5) and be read by one of `loss_types`; else a ValueError with the fix.
+
+    At 0.5 the smoothed label is a coin flip (the sigmoid loss has no gradient); above it prefers the rejected
+    answer. DPOSettings (settings time) and AlignDPOTrainer (the effective TRL config) both call this.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    if not label_smoothing:
+        return
+    names = ",".join(loss_types)
+    if not is_own_loss(loss_types) and "sigmoid" in loss_types:
+        raise ValueError(
+            f"label_smoothing (cDPO) with loss_type {names}: TRL ignores label smoothing for sigmoid. "
+            "Combine sigmoid with ipo only, or drop --label_smoothing."
+        )
+    readers = {"sigmoid", *TRL_SMOOTHED} if is_own_loss(loss_types) else set(TRL_SMOOTHED)
+    if not readers & set(loss_types):
+        raise ValueError(
+            f"--label_smoothing {label_smoothing} has no effect with --loss_type {names}: it smooths sigmoid (cDPO) "
+            f"and TRL's {', '.join(TRL_SMOOTHED)}; drop --label_smoothing or use --loss_type sigmoid"
+        )
+
+
+def answer_logps(per_token: torch.Tensor, completion_mask: torch.Tensor, ld_alpha: float | None = None) -> torch.Tensor:
+    """Each row's summed answer log-prob, shape (rows,); the batch is [chosen..., rejected...].
+
+    `per_token` (rows, >= T - 1) are the fused LM head's next-token log-probs, 0 where the label is -100 (outside
+    the answer); `completion_mask` (rows, T) marks the answer tokens. Its last T - 1 columns line up with them.
+    LD-DPO (`ld_alpha`, Liu et al. 2024): with l = min(len chosen, len rejected) of the pair, the first l answer
+    tokens count fully and the rest with weight ld_alpha: sum(shared) + ld_alpha * sum(tail). The same op order
+    as TRL's DPOTrainer, so a policy pass in TRL and a reference pass here give bit-identical sums.
+    """
+    shift_mask = completion_mask[..., 1:]
+    per_token = per_token[:, -shift_mask.size(1) :]  # prompt-learning PEFT prepends virtual tokens
+    if ld_alpha is None:
+        return per_token.sum(dim=1)
+    positions = shift_mask.cumsum(dim=1)
+    chosen_lens, rejected_lens = shift_mask.sum(dim=1).long().chunk(2, dim=0)
+    shared = torch.minimum(chosen_lens, rejected_lens)
+    shared = torch.cat([shared, shared], dim=0).to(per_token.device).unsqueeze(1)
+    shared_mask = (positions > 0) & (positions <= shared)
+    tail_mask = positions > shared
+    return (per_token * shared_mask).sum(dim=1) + ld_alpha * (per_token * tail_mask).sum(dim=1)
+
+
+def f_divergence_score(log_ratio: torch.Tensor, f_divergence_type: str = "reverse_kl", alpha: float = 0.5):
+    """f'(exp(u)) of the policy/reference log-ratio u: the f-DPO score (formulas in the module docstring)."""
+    if f_divergence_type == "reverse_kl":
+        return log_ratio
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-log_ratio)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(log_ratio)
+    if f_divergence_type == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:  # the limit a -> 1 is log t: reverse KL
+            return log_ratio
+        # Clamped as TRL does, so exp stays finite once cast back to a half dtype.
+        t = torch.clamp(((alpha - 1.0) * log_ratio).float(), max=11.0 if log_ratio.dtype == torch.float16 else 80.0)
+        return (torch.exp(t) - 1.0).to(log_ratio.dtype) / (alpha - 1.0)
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; expected one of {F_DIVERGENCES}")
+
+
+def preference_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example `(losses, chosen_rewards, rejected_rewards)`, each of shape (batch,).
+
+    Raises ValueError for an unknown `loss_type` or `f_divergence_type`, a `beta` <= 0, a `label_smoothing`
+    outside [0, 0.5), or label smoothing with ipo (it would be silently dropped).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r} for alignkit.train.losses; expected one of {LOSS_TYPES}")
+    check_label_smoothing(label_smoothing, [loss_type])
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    h = (
+        f_divergence_score(chosen_ratio, f_divergence_type, f_alpha_divergence_coef)
+        - f_divergence_score(rejected_ratio, f_divergence_type, f_alpha_divergence_coef)
+    )
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    else:
+        losses = (h - 1 / (2 * beta)) ** 2
+    # Rewards carry no gradient: they are for logging and accuracy, as in the reference code.
+    chosen_rewards = beta * chosen_ratio.detach()
+    rejected_rewards = beta * rejected_ratio.detach()
+    return losses, chosen_rewards, rejected_rewards

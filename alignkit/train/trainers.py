@@ -1,0 +1,320 @@
+"""TRL's trainers with what alignkit adds: stacked adapters, an explicit reference pass, the paper's losses.
+
+- Stacked adapters: a run that starts from an adapter (an SFT adapter under DPO) keeps it loaded, frozen and
+  active, and trains a fresh adapter on top. After a resume, transformers re-activates only the first adapter,
+  so `_load_from_checkpoint` turns the frozen ones back on.
+- The DPO reference pass (`compute_ref_log_probs`) is the policy with the trained adapter off and the frozen
+  ones on: the base model, or base + SFT adapter. No second copy of the model is loaded. Its log-probs reach
+  TRL's loss through the batch, exactly as TRL's own `precompute_ref_log_probs` does.
+- `loss_type` sigmoid (with cDPO label smoothing) and ipo go to `alignkit.train.losses.preference_loss`, which
+  follows the DPO paper's reference code; TRL ignores label smoothing for sigmoid and length-normalises ipo.
+  Every other TRL loss type, alone or combined, is TRL's own.
+- One helper (`answer_forward`, over `alignkit.train.losses.answer_logps`) sums the answer log-probs for the reference
+  and for alignkit's policy pass, with TRL's ld_alpha weighting in both; TRL's own policy pass uses the same
+  formula in the same op order. The other DPOConfig settings (use_weighting, f_divergence_type, the MoE
+  router aux loss) act on alignkit's losses as on TRL's; those that cannot act here are refused by name
+  (`check_dpo_config`), so nothing passed through --trainer_overrides is dropped or half-applied.
+- Prefix sharing (`alignkit.train.prefix`, on by default, `--prefix_sharing false` turns it off): `answer_forward`
+  packs each pair into one row, prompt once, chosen and rejected behind a block attention mask, and unpacks
+  the per-token log-probs to the unshared layout, so every sum, weight and loss downstream is unchanged. Where
+  the attention implementation takes no custom 4D mask (flash_attention_2) or the model is a mixture of experts,
+  it stays off, said once in the log. Loss types TRL computes (e.g. `sigmoid,sft`) share too: TRL's loss gets a
+  stand-in for the model (`_SharedCall`) whose fused forward runs on the packed pairs and returns the unpacked
+  per-token outputs, so TRL's sums, weights and metrics read what they would read without sharing.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import DPOConfig, DPOTrainer, SFTTrainer
+from trl.models.utils import disable_gradient_checkpointing
+
+from alignkit import logger
+from alignkit.core.args import ConfigError
+from alignkit.modeling.models import TRAINABLE, keep_trainable_fp32, reference_mode
+from alignkit.train import prefix, refcache
+from alignkit.train.losses import answer_logps, check_label_smoothing, is_own_loss, preference_loss
+
+_NOT_MODEL_INPUTS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+class _StackedAdapters:
+    frozen_adapters: list[str] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        keep_trainable_fp32(self.model)  # TRL casts QLoRA's trainable weights to bf16; see alignkit.modeling.models
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.frozen_adapters:
+            peft_model = self.accelerator.unwrap_model(model or self.model)
+            peft_model.base_model.set_adapter([TRAINABLE, *self.frozen_adapters])
+            peft_model.set_requires_grad(self.frozen_adapters, requires_grad=False)
+
+
+class _LengthGrouped:
+    """`--group_by_length`: alignkit.train.training's seeded sampler over each row's length (`example_lengths`), for
+    training and evaluation alike (transformers groups both under that strategy, by an `input_ids` column that a
+    DPO dataset does not have)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return self._grouped(dataset, self.args.per_device_train_batch_size) or super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        return self._grouped(eval_dataset, self.args.per_device_eval_batch_size) or super()._get_eval_sampler(eval_dataset)
+
+    def _grouped(self, dataset, batch_size):
+        if self.args.train_sampling_strategy != "group_by_length" or dataset is None or not hasattr(dataset, "__len__"):
+            return None
+        from alignkit.train.training import length_grouped_sampler
+
+        return length_grouped_sampler(self.example_lengths(dataset), batch_size, self.args)
+
+    def example_lengths(self, dataset) -> list[int]:
+        return [len(ids) for ids in dataset["input_ids"]]
+
+
+class AlignSFTTrainer(_LengthGrouped, _StackedAdapters, SFTTrainer):
+    def __init__(self, *args, frozen_adapters=(), **kwargs):
+        self.frozen_adapters = list(frozen_adapters)
+        super().__init__(*args, **kwargs)
+
+
+# DPOConfig fields that cannot act here, with the fix: alignkit passes a loaded PEFT model and computes the
+# reference itself (no separate reference model to sync). Any non-default value is refused by name.
+_REFUSED = {
+    "model_init_kwargs": "alignkit loads the model itself; use --dtype, --quantization, --attn_implementation, --revision",
+    "trust_remote_code": "alignkit loads the model itself; use --trust_remote_code",
+    "sync_ref_model": "TR-DPO moves the reference, which TRL does not support with a PEFT adapter",
+    "ref_model_mixup_alpha": "it tunes sync_ref_model (TR-DPO), which TRL does not support with a PEFT adapter",
+    "ref_model_sync_steps": "it tunes sync_ref_model (TR-DPO), which TRL does not support with a PEFT adapter",
+}
+# Fields that only one loss setting reads: set without it, TRL ignores them silently.
+_ONLY_WITH = {
+    "discopop_tau": (lambda a: "discopop" in a.loss_type, "it applies to --loss_type discopop only"),
+    "f_alpha_divergence_coef": (
+        lambda a: a.f_divergence_type == "alpha_divergence", "it applies to f_divergence_type alpha_divergence only"
+    ),
+}
+
+
+def check_dpo_config(args) -> None:
+    """Refuse DPOConfig settings (e.g. from --trainer_overrides) that would be dropped or half-applied.
+
+    Every other field takes effect on both loss paths, and where it touches the summed log-probs (ld_alpha) in the
+    policy and the reference pass alike: ld_alpha, use_weighting (WPO), f_divergence_type, router_aux_loss_coef
+    (MoE), label_smoothing (where the loss reads it), precompute_ref_batch_size, max_length, padding.
+    """
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(DPOConfig) if f.name in {*_REFUSED, *_ONLY_WITH}}
+    for name, why in _REFUSED.items():
+        if getattr(args, name) != defaults[name]:
+            raise ConfigError(f"trainer override {name}={getattr(args, name)!r} has no effect in alignkit: {why}; drop it")
+    for name, (applies, why) in _ONLY_WITH.items():
+        if getattr(args, name) != defaults[name] and not applies(args):
+            raise ConfigError(f"trainer override {name}={getattr(args, name)!r} has no effect: {why}; drop it")
+    try:
+        check_label_smoothing(args.label_smoothing, args.loss_type)  # again: --trainer_overrides may set either
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if "ipo" in args.loss_type and not is_own_loss(args.loss_type):
+        logger.warning(
+            f"loss_type {','.join(args.loss_type)}: combined with TRL-only losses, ipo is TRL's length-normalised IPO "
+            "(log-ratios divided by the answer length), not the paper's summed form; use --loss_type ipo alone for that"
+        )
+
+
+class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
+    def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), reference_adapters=None,
+                 prefix_sharing=True, **kwargs):
+        if ref_model is not None:
+            raise ValueError("AlignDPOTrainer computes the reference from the model itself; pass no ref_model")
+        args = args or DPOConfig(output_dir="trainer_output")  # TRL's own default, made here to check it first
+        check_dpo_config(args)  # before TRL tokenizes the data
+        self.frozen_adapters = list(frozen_adapters)  # set first: TRL's __init__ may precompute reference log-probs
+        # The reference keeps the first reference_adapters of them on (default: all: the model the run starts from).
+        keep = len(self.frozen_adapters) if reference_adapters is None else reference_adapters
+        if not 0 <= keep <= len(self.frozen_adapters):
+            raise ConfigError(f"--reference_adapters {keep}: the model was loaded with {len(self.frozen_adapters)} "
+                              "adapters; pass a number from 0 (the bare base) to that")
+        self.reference_adapters = self.frozen_adapters[:keep]
+        self.prefix_sharing = prefix_sharing and self._prefix_sharing_available(model)
+        super().__init__(model, None, args, *rest, **kwargs)
+        peft_model = self.accelerator.unwrap_model(self.model)
+        # TRL copies a pre-loaded adapter into a "ref" adapter; our reference pass does not need that copy.
+        if "ref" in getattr(peft_model, "peft_config", {}):  # none without PEFT (a LoTA run)
+            peft_model.delete_adapter("ref")
+            peft_model.base_model.set_adapter([TRAINABLE, *self.frozen_adapters])
+            if self.frozen_adapters:
+                peft_model.set_requires_grad(self.frozen_adapters, requires_grad=False)
+        self.own_loss = is_own_loss(self.loss_types)
+        # Reference log-probs always come from compute_ref_log_probs below and ride in the batch.
+        self.precompute_ref_logps = True
+
+    def example_lengths(self, dataset) -> list[int]:
+        """Tokens a pair costs: prompt + chosen + rejected packed (prefix sharing), else two rows of prompt + the
+        longer answer (the batch is padded to it)."""
+        columns = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+        if self.prefix_sharing:
+            return [len(p) + len(c) + len(r) for p, c, r in columns]
+        return [len(p) + max(len(c), len(r)) for p, c, r in columns]
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # --precompute_ref_log_probs: computed once, or reused from an identical earlier run (alignkit.train.refcache).
+        return refcache.with_ref_logps(self, dataset, batch_size)
+
+    def _reference_mode(self, peft_model):
+        return reference_mode(peft_model, self.frozen_adapters, self.reference_adapters)  # alignkit.train.lota's trainer switches its delta off instead
+
+    @staticmethod
+    def _prefix_sharing_available(model) -> bool:
+        why = prefix.unavailable_reason(model)
+        if why:
+            logger.info(f"prefix sharing off: {why}")
+            return False
+        return True
+
+    def answer_forward(self, model, inputs, **model_kwargs):
+        """One forward pass and the summed answer log-probs of every row (`alignkit.train.losses.answer_logps`, with
+        ld_alpha). The reference and alignkit's policy pass both go through here, so they are computed alike.
+
+        With prefix sharing, the pass runs on the packed pairs (`alignkit.train.prefix.pack_pairs`) and the per-token
+        outputs come back in the unshared [chosen..., rejected...] layout, so everything after is the same code."""
+        if getattr(self, "prefix_sharing", False) and prefix.can_pack(inputs):
+            return self._shared_forward(model, inputs, **model_kwargs)
+        kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+        # Positions outside the completion carry label -100 and so a log-prob of 0: the sum is over the answer.
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        outputs = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True, **model_kwargs)
+        return outputs, answer_logps(outputs.log_probs, inputs["completion_mask"], self.ld_alpha)
+
+    def _shared_forward(self, model, inputs, **model_kwargs):
+        config = self.accelerator.unwrap_model(self.model).config
+        packed = prefix.pack_pairs(
+            inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
+            attn_implementation=config._attn_implementation, dtype=self._mask_dtype(),
+        )
+        outputs = model(**packed.model_inputs(), use_cache=False, labels=None, shift_labels=packed.shift_labels,
+                        fused_lm_head=True, **model_kwargs)
+        for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
+            value = getattr(outputs, name, None)
+            if value is not None:
+                setattr(outputs, name, packed.unpack(value))
+        return outputs, answer_logps(outputs.log_probs, inputs["completion_mask"], self.ld_alpha)
+
+    def _mask_dtype(self) -> torch.dtype:
+        # The additive (eager) mask must not overflow in the dtype the attention scores are computed in.
+        if self.args.bf16:
+            return torch.bfloat16
+        if self.args.fp16:
+            return torch.float16
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Summed log-probs of chosen and rejected under the reference: the trained adapter switched off."""
+        peft_model = self.accelerator.unwrap_model(self.model)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference_mode(peft_model),
+            self.accelerator.autocast(),
+        ):
+            _, logps = self.answer_forward(model, inputs)
+        return logps.chunk(2, dim=0)  # the batch is [chosen..., rejected...]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "ref_chosen_logps" not in inputs:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
+            inputs = {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+        if not self.own_loss:
+            shared = self.prefix_sharing and prefix.can_pack(inputs)
+            caller = _SharedCall(self, model, inputs) if shared else model
+            return super().compute_loss(caller, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        # MoE: the router logits give TRL's load-balancing loss, weighted by router_aux_loss_coef (as TRL does).
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        outputs, logps = self.answer_forward(model, inputs, **router)
+        chosen, rejected = logps.chunk(2, dim=0)
+        weights = self._wpo_weights(outputs, inputs["completion_mask"]) if self.use_weighting else 1.0
+        loss = 0.0
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            losses, chosen_rewards, rejected_rewards = preference_loss(
+                chosen, rejected, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], self.beta,
+                loss_type, self.label_smoothing if loss_type == "sigmoid" else 0.0,
+                self.f_divergence_type, self.f_alpha_divergence_coef,
+            )
+            loss = loss + weight * (losses * weights).mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        self._log_rewards(mode, chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _wpo_weights(outputs, completion_mask):
+        """WPO (Zhou et al. 2024), as TRL computes it: w = exp(mean over the answer of log p - log sum p^2) per
+        answer, no gradient; each pair's loss is scaled by w_chosen * w_rejected."""
+        mask = completion_mask[..., 1:]
+        with torch.no_grad():
+            aligned = (outputs.log_probs - outputs.log_sum_sq_probs)[:, -mask.size(1) :] * mask
+        w_chosen, w_rejected = torch.exp(aligned.sum(dim=1) / mask.sum(dim=1).clamp_min(1)).chunk(2, dim=0)
+        return w_chosen * w_rejected
+
+    def _log_rewards(self, mode, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
+        # The same metric names as TRL's, so dashboards and the held-out accuracy read the same either way.
+        gather = self.accelerator.gather
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
+        metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
+
+
+class _SharedCall:
+    """The model as TRL's DPO loss calls it: its fused forward (`fused_lm_head=True`, over the whole batch) runs
+    on the packed pairs (`AlignDPOTrainer._shared_forward`, the reference pass's own path), any other call on the
+    model itself."""
+
+    def __init__(self, trainer, model, inputs):
+        self.trainer, self.model, self.inputs = trainer, model, inputs
+
+    def __call__(self, *args, fused_lm_head=False, **kwargs):
+        if not fused_lm_head or args:
+            return self.model(*args, fused_lm_head=fused_lm_head, **kwargs)
+        # TRL's labels are input_ids outside the completion masked, what pack_pairs derives from the same batch.
+        extra = {k: kwargs[k] for k in ("output_router_logits",) if k in kwargs}
+        outputs, _ = self.trainer._shared_forward(self.model, self.inputs, **extra)
+        return outputs
+
+
+def loss_mask_settings(train_on: str, dataset, tokenizer) -> dict:
+    """SFTConfig flags that put the loss on completions or assistant turns where the data allows."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    columns = set(dataset.column_names)
+    if train_on == "all" or "text" in columns:
+        return dict(completion_only_loss=False, assistant_only_loss=False)
+    if "completion" in columns:
+        return dict(completion_only_loss=True)
+    # Conversations: TRL masks non-assistant tokens through {% generation %} markers in the chat template,
+    # and swaps in a marked copy of the templates it knows.
+    template = getattr(tokenizer, "chat_template", None) or ""
+    supported = has_generation_markers(template)
+    if not supported:
+        try:
+            supported = get_training_chat_template(tokenizer) is not None
+        except Exception:  # noqa: BLE001 - TRL raises for templates it has no training version of
+            supported = False
+    if not supported and train_on == "completions":
+        raise ConfigError(
+            "--train_on completions needs a chat template with {% generation %} markers around assistant turns; "
+            "pass one with --chat_template FILE, or use --train_on all"
+        )
+    if not supported:
+        logger.info("loss on every token: this chat template has no {% generation %} markers TRL can use")
+    return dict(assistant_only_loss=supported)
