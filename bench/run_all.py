@@ -37,7 +37,7 @@ def main() -> None:
                              "a machine others are using, more threads wait on each other's time slices)")
     parser.add_argument("--out", default=str(common.ROOT / "bench" / "results.json"), help="JSON results file")
     parser.add_argument("--no_readme", action="store_true",
-                        help="leave README.md's Benchmarks section as it is (a --quick or --only run always does)")
+                        help="leave README.md's Benchmarks section as it is (an --only run always does)")
     cli = parser.parse_args()
     parts = set(cli.only or ["dpo", "smol", "generation", "judge", "lota", "rl"])
 
@@ -82,7 +82,8 @@ def main() -> None:
     Path(cli.out).write_text(json.dumps(results, indent=2) + "\n")
     table = report.markdown(results) + ("\n" + lota.markdown(results["lota"]) if "lota" in results else "")
     Path(cli.out).with_suffix(".md").write_text(table)
-    if not (cli.no_readme or cli.quick or cli.only):  # the README shows only complete, full runs
+    # The README shows the latest run of every part, quick or full; its text names the command that ran.
+    if not (cli.no_readme or cli.only):
         update_readme(common.ROOT / "README.md", report.readme_section(results))
     print(table)
 

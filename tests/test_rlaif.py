@@ -38,3 +38,21 @@ def test_rounds_write_adapters_and_evaluations_and_resume_at_the_next_round(sft_
     table = (folder / "rlaif.md").read_text()
     assert "| 1 |" in table and "| 2 |" in table
     assert (folder / "win_rate.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_judge_endpoint_group_reaches_label_and_evaluate_whole():
+    """rlaif.py composes the judge endpoint group once and hands every field of it to label.py and evaluate.py,
+    which compose the same group: a round's judge calls run with the settings given to rlaif.py."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import LabelSettings, PairwiseSettings, RLAIFSettings
+    from alignkit.train.rlaif import endpoint_flags
+
+    s = RLAIFSettings(judge_model="judge-x", judge_base_url="http://127.0.0.1:9/v1", parallel=3, max_retries=1,
+                      request_timeout=7.0, judge_api_key_env="MY_KEY")
+    label = parse_config(LabelSettings, ["--prompts", "p.jsonl", *endpoint_flags(s)], env_file=None)
+    pairwise = parse_config(PairwiseSettings, ["--models", "a=x", "b=y", "--judge_model", "eval-judge",
+                                               *endpoint_flags(s, skip={"judge_model"})], env_file=None)
+    for parsed in (label, pairwise):
+        assert (parsed.judge_base_url, parsed.parallel, parsed.max_retries, parsed.request_timeout,
+                parsed.judge_api_key_env) == ("http://127.0.0.1:9/v1", 3, 1, 7.0, "MY_KEY")
+    assert label.judge_model == "judge-x" and pairwise.judge_model == "eval-judge"  # --eval_judge_model's place

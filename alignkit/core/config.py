@@ -659,11 +659,12 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
 
 # ---------------------------------------------------------------- rlaif.py
 @dataclass
-class RLAIFSettings(DPOSettings):
+class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
     """rlaif.py: rounds of sample (label.py) -> judge (label.py) -> DPO (dpo.py) -> evaluate (evaluate.py pairwise).
 
-    The DPO settings above apply to every round's dpo.py run; label.py and evaluate.py get the settings below,
-    and anything else through --label_args / --evaluate_args.
+    The DPO settings apply to every round's dpo.py run; the judge endpoint group goes to both label.py and
+    evaluate.py; label.py and evaluate.py get the settings below, and anything else through --label_args /
+    --evaluate_args.
     """
 
     dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
@@ -677,8 +678,6 @@ class RLAIFSettings(DPOSettings):
         "previous", "DPO reference of each round: previous: the previous round's policy (its adapters frozen under "
         "the new one); start: the model the first round started from", choices=["previous", "start"])
     judge: str = setting("openai", "label.py --judge: openai, hf, rm:RUN_FOLDER or python:module:function")
-    judge_model: str | None = setting(None, "label.py --judge_model")
-    judge_base_url: str | None = setting(None, "label.py and evaluate.py --judge_base_url")
     eval_judge_model: str | None = setting(None, "evaluate.py pairwise --judge_model (rule: the tiny preset's rule); "
                                                  "default: --judge_model")
     eval_prompts: str | None = setting(None, "evaluate.py --prompts_file; default: the preset's, else --dataset_id")

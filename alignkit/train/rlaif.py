@@ -72,6 +72,19 @@ def _dpo_config(s, path: Path) -> None:
     path.write_text(yaml.safe_dump(values, sort_keys=True))
 
 
+def endpoint_flags(s, skip: set[str] = frozenset()) -> list[str]:
+    """The judge endpoint group (alignkit.core.config.JudgeEndpointSettings) as label.py / evaluate.py flags:
+    both scripts compose the same group, so every field passes through as it is."""
+    from alignkit.core.config import JudgeEndpointSettings
+
+    flags = []
+    for f in fields(JudgeEndpointSettings):
+        value = getattr(s, f.name)
+        if f.name not in skip and value is not None:
+            flags += [f"--{f.name}", str(value)]
+    return flags
+
+
 def run_round(s, folder: Path, r: int, policy: str) -> dict:
     """Label, train and evaluate round r starting from `policy`; returns (and writes) the round's record."""
     here = round_dir(folder, r)
@@ -83,11 +96,9 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
                 "--temperature", str(s.sample_temperature), "--max_new_tokens", str(s.max_new_tokens),
                 "--judge", s.judge, "--output", str(preferences), "--seed", str(s.seed + r),
                 "--quantization", s.quantization]
-        for flag, value in (("--judge_model", s.judge_model), ("--judge_base_url", s.judge_base_url),
-                            ("--max_prompts", s.max_prompts)):
-            if value is not None:
-                args += [flag, str(value)]
-        _run("label.py", args + shlex.split(s.label_args), log)
+        if s.max_prompts is not None:
+            args += ["--max_prompts", str(s.max_prompts)]
+        _run("label.py", args + endpoint_flags(s) + shlex.split(s.label_args), log)
     dpo = here / "dpo"
     if not (dpo / "metrics.json").is_file():
         _dpo_config(s, here / "dpo_config.yaml")
@@ -106,11 +117,10 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
                 "--prompts_file", s.eval_prompts or s.dataset_id, "--output_dir", str(evaluation),
                 "--max_new_tokens", str(s.max_new_tokens), "--temperature", str(s.sample_temperature),
                 "--quantization", s.quantization, "--seed", str(s.seed)]
+        endpoint = [] if judge == "rule" else endpoint_flags(s, skip={"judge_model"})
         if judge:
             args += ["--judge_model", judge]
-        if s.judge_base_url and judge != "rule":
-            args += ["--judge_base_url", s.judge_base_url]
-        _run("evaluate.py", args + shlex.split(s.evaluate_args), log)
+        _run("evaluate.py", args + endpoint + shlex.split(s.evaluate_args), log)
     results = json.loads((evaluation / "results.json").read_text())
     pair = next(p for p in results["pairs"] if {p["model"], p["opponent"]} == {f"round-{r}", "previous"})
     overall = pair["overall"]
