@@ -50,7 +50,7 @@ def test_the_judge_endpoint_group_reaches_label_and_evaluate_whole():
     s = RLAIFSettings(judge_model="judge-x", judge_base_url="http://127.0.0.1:9/v1", parallel=3, max_retries=1,
                       request_timeout=7.0, judge_api_key_env="MY_KEY")
     label = parse_config(LabelSettings, ["--prompts", "p.jsonl", *endpoint_flags(s)], env_file=None)
-    pairwise = parse_config(PairwiseSettings, ["--models", "a=x", "b=y", "--judge_model", "eval-judge",
+    pairwise = parse_config(PairwiseSettings, ["--models", "a=x", "b=y", "--prompts_file", "q.jsonl", "--judge_model", "eval-judge",
                                                *endpoint_flags(s, skip={"judge_model"})], env_file=None)
     for parsed in (label, pairwise):
         assert (parsed.judge_base_url, parsed.parallel, parsed.max_retries, parsed.request_timeout,
