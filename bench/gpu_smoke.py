@@ -187,8 +187,12 @@ def training_pair(smoke: Smoke, prefix: str, model: str | None, steps: int, extr
         smoke.check(f"{prefix} SFT held-out loss finite", loss is not None and loss == loss, str(loss))
     dpo = smoke.run(f"{prefix}-dpo", "dpo.py", "--preset", "tiny", "--model_id", f"{out}/{prefix}-sft",
                     "--max_steps", str(steps), "--output_dir", out, "--run_name", f"{prefix}-dpo",
-                    "--report_to", "none", *extra) if sft else ""
+                    "--report_to", "none", "--gradient_checkpointing", "auto", *extra) if sft else ""
     if smoke.check(f"{prefix} DPO on the SFT adapter runs", dpo):
+        # auto sizes a micro-batch's activations against the device's free memory: a small model fits.
+        smoke.check(f"{prefix} DPO gradient checkpointing auto: off", "gradient checkpointing: off" in dpo,
+                    _line(dpo, "gradient checkpointing:"))
+        smoke.check(f"{prefix} DPO prefix sharing on", "prefix sharing off" not in dpo, _line(dpo, "prefix sharing"))
         accuracy = _number(dpo, r"held-out reward accuracy: ([0-9.]+)")
         smoke.check(f"{prefix} DPO held-out reward accuracy > 0.5", accuracy is not None and accuracy > 0.5,
                     str(accuracy))
