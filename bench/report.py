@@ -179,7 +179,7 @@ def readme_section(results: dict) -> str:
         "(seed, defaults, seed, defaults, ...) and reported as the median ratio with its min-max, on a pinned "
         "number of torch threads. They print figures and never fail; CI does not run them.\n\n"
         "```bash\n"
-        "python bench/run_all.py --quick              # the seed, the defaults, the proposal, prefix sharing on/off\n"
+        "python bench/run_all.py --quick              # seed, defaults, proposal, prefix sharing (~35 min with SmolLM2)\n"
         "python bench/run_all.py                      # every lever, 3 rounds each (over an hour on 2 cores), SmolLM2\n"
         "python bench/run_all.py --threads 4          # torch threads for every run (default 1, for a shared machine)\n"
         "python bench/run_all.py --only generation judge\n"
