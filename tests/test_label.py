@@ -133,7 +133,7 @@ def test_templates_default_self_reference_and_fastchat_files(tmp_path):
         load_template(f"{DATA / 'judge_prompts.jsonl'}#single-test")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"name": "x", "prompt_template": "{question} {answer_a}"}\n{"name": oops}\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl: line 2: invalid JSON"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl, line 2: not valid JSON.*each line holds one judge prompt"):
         load_template(str(bad))
     bad.write_text('{"name": "x", "prompt_template": "{question} {answer_a}"}\n')
     with pytest.raises(ConfigError, match=r"line 1 \(x\).*must contain \{answer_a\} and \{answer_b\}"):

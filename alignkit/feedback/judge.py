@@ -112,17 +112,10 @@ def load_template(spec: str, principle: str = "") -> Template:
     if not Path(path).is_file():
         raise ConfigError(f"--judge_template {spec!r}: no such file. Use default, self_reference, or a FastChat "
                           "judge_prompts.jsonl file (one JSON object a line with system_prompt and prompt_template)")
+    from alignkit.core.journal import read_jsonl
+
     entries, problems = [], []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno}); each line holds "
-                              "one judge prompt object") from None
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: line {number}: expected a JSON object, got {type(entry).__name__}")
+    for number, entry in read_jsonl(path, "each line holds one judge prompt object"):
         name = str(entry.get("name", f"line {number}"))
         if wanted and name != wanted:
             continue
