@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from alignkit.core.config import DPOSettings
+from alignkit.core.errors import UserError
 from alignkit.train.losses import answer_logps, preference_loss
 
 
@@ -92,6 +93,7 @@ def test_label_smoothing_bounds_agree_between_settings_and_loss(eps):
             outcomes.append("ok")
         except ValueError as e:
             assert "label_smoothing" in str(e)
+            assert isinstance(e, UserError)  # the project's own type: a script prints one line, no traceback
             outcomes.append("refused")
     assert outcomes[0] == outcomes[1] == ("ok" if 0 <= eps < 0.5 else "refused")
 

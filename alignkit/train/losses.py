@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from alignkit.core.args import ConfigError
+
 # The loss types this module computes; AlignDPOTrainer routes a list made only of these here instead of to TRL.
 LOSS_TYPES = ("sigmoid", "ipo")
 # TRL's loss types that read label_smoothing (TRL's sigmoid does not: alignkit's does, as cDPO).
@@ -34,24 +36,24 @@ def is_own_loss(loss_types) -> bool:
 
 
 def check_label_smoothing(label_smoothing: float, loss_types=("sigmoid",)) -> None:
-    """label_smoothing must lie in [0, 0.5) and be read by one of `loss_types`; else a ValueError with the fix.
+    """label_smoothing must lie in [0, 0.5) and be read by one of `loss_types`; else a ConfigError (a ValueError) with the fix.
 
     At 0.5 the smoothed label is a coin flip (the sigmoid loss has no gradient); above it prefers the rejected
     answer. DPOSettings (settings time) and AlignDPOTrainer (the effective TRL config) both call this.
     """
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+        raise ConfigError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     if not label_smoothing:
         return
     names = ",".join(loss_types)
     if not is_own_loss(loss_types) and "sigmoid" in loss_types:
-        raise ValueError(
+        raise ConfigError(
             f"label_smoothing (cDPO) with loss_type {names}: TRL ignores label smoothing for sigmoid. "
             "Combine sigmoid with ipo only, or drop --label_smoothing."
         )
     readers = {"sigmoid", *TRL_SMOOTHED} if is_own_loss(loss_types) else set(TRL_SMOOTHED)
     if not readers & set(loss_types):
-        raise ValueError(
+        raise ConfigError(
             f"--label_smoothing {label_smoothing} has no effect with --loss_type {names}: it smooths sigmoid (cDPO) "
             f"and TRL's {', '.join(TRL_SMOOTHED)}; drop --label_smoothing or use --loss_type sigmoid"
         )

@@ -116,10 +116,7 @@ def check_dpo_config(args) -> None:
     for name, (applies, why) in _ONLY_WITH.items():
         if getattr(args, name) != defaults[name] and not applies(args):
             raise ConfigError(f"trainer override {name}={getattr(args, name)!r} has no effect: {why}; drop it")
-    try:
-        check_label_smoothing(args.label_smoothing, args.loss_type)  # again: --trainer_overrides may set either
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    check_label_smoothing(args.label_smoothing, args.loss_type)  # again: --trainer_overrides may set either
     if "ipo" in args.loss_type and not is_own_loss(args.loss_type):
         logger.warning(
             f"loss_type {','.join(args.loss_type)}: combined with TRL-only losses, ipo is TRL's length-normalised IPO "
