@@ -205,7 +205,9 @@ def save_mask(mask: dict[str, torch.Tensor], shapes: dict[str, tuple], path: Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)  # a crash never leaves a torn mask for a later run to reuse
+    # A crash never leaves a torn mask for a later run to reuse. Not journal.write_atomic: that takes the file
+    # as bytes in memory, and a 7B model's mask indices are gigabytes.
+    tmp.replace(path)
 
 
 def load_mask(path: str | Path, shapes: dict[str, tuple], what: str = "--lota_mask") -> dict[str, torch.Tensor]:

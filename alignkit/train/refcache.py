@@ -28,8 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -195,18 +193,13 @@ def load(path: Path, rows: int) -> dict[str, torch.Tensor] | None:
 
 
 def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see a whole file or none."""
-    from safetensors.torch import save_file
+    """Written through the journal's atomic write (temporary file, fsync, rename): readers see a whole file or
+    none. Two floats a row, so the file is built in memory first."""
+    from safetensors.torch import save as to_bytes
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from alignkit.core.journal import write_atomic
+
+    write_atomic(path, to_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def compute(trainer, dataset, batch_size: int) -> dict[str, torch.Tensor]:
