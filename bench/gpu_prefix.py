@@ -5,8 +5,8 @@ there too, and does it give the same answer log-probs?
     python bench/gpu_prefix.py --cpu      # a dry run of this script on a tiny model
 
 On a CPU every padding position and every masked attention score costs compute, so the packed row wins by the
-prompt tokens it saves (bench/dpo_speed.py). On a GPU, sdpa with a custom mask cannot use the flash kernel
-that a causal, unmasked batch gets, so this measures the trade on one DPO step's model work: the reference
+prompt tokens it saves (bench/dpo_speed.py). On a GPU, sdpa with a custom mask cannot use the flash kernel, and
+the packed row's attention is over a longer sequence, so this measures the trade on one DPO step's model work: the reference
 forward (no grad) and the policy forward and backward (weights frozen, as under LoRA), at prompt shares of a quarter, a half and three quarters.
 It prints the max |difference| of the summed answer log-probs (packed vs two rows) and the step time of each.
 """
