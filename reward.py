@@ -29,6 +29,7 @@
 from alignkit.core.args import parse_config
 from alignkit.core.config import RewardSettings
 from alignkit.modeling import presets
+from alignkit.train.training import preflight
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "loss": "logexp"};
 # environment variables (upper-case names) work too. Flags given on a command line apply as well.
@@ -38,11 +39,8 @@ settings = parse_config(
     RewardSettings, overrides=overrides, presets={"tiny": presets.defaults("reward")}, prog="reward.py",
     description="Reward model with LoRA/QLoRA.",
 )
-if settings.push_to_hub:
-    from alignkit.core.hub import require_token
-
-    require_token()  # fail now, not after hours of training
 presets.ensure(settings)
+preflight(settings)  # a push's token and base, wandb's key, the Hub: checked now, not after hours of training
 
 # %% [markdown]
 # ## Run folder

@@ -27,6 +27,7 @@
 from alignkit.core.args import parse_config
 from alignkit.core.config import RLSettings
 from alignkit.modeling import presets
+from alignkit.train.training import preflight
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "beta": 0.02};
 # environment variables (upper-case names) work too. Flags given on a command line apply as well.
@@ -36,11 +37,8 @@ settings = parse_config(
     RLSettings, overrides=overrides, presets={"tiny": presets.defaults("rl")}, prog="rl.py",
     description="Online GRPO/RLOO with LoRA/QLoRA, rewarded by a rule, a judge, a reward model or a function.",
 )
-if settings.push_to_hub:
-    from alignkit.core.hub import require_token
-
-    require_token()  # fail now, not after hours of training
 presets.ensure(settings)
+preflight(settings)  # a push's token and base, wandb's key, the Hub: checked now, not after hours of training
 
 # %% [markdown]
 # ## Run folder

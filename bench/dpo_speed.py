@@ -146,8 +146,7 @@ def _shared_prefix_lengths(trainer, inputs):
 
     if not (getattr(trainer, "prefix_sharing", False) and prefix.can_pack(inputs)):
         return torch.zeros(0, dtype=torch.long)
-    packed = prefix.pack_pairs(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
-    return (packed.segment == 0).sum(dim=1)
+    return prefix.shared_lengths(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
 
 
 def _policy_only(trainer_cls):

@@ -104,18 +104,18 @@ def ragged_prefill(model, batch) -> dict:
         if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
             return {}
         caches.append(cache)
-    if all(c is None for c in caches):
+    present = [(i, c) for i, c in enumerate(caches) if c is not None]
+    if not present:
         return {}
     merged = DynamicCache()
-    for layer in range(len(next(c for c in caches if c is not None).layers)):
-        first = next(c.layers[layer] for c in caches if c is not None)
+    for layer in range(len(present[0][1].layers)):
+        first = present[0][1].layers[layer]  # keys and values may differ in head size
         keys = first.keys.new_zeros(rows, first.keys.shape[1], width - 1, first.keys.shape[3])
         values = first.values.new_zeros(rows, first.values.shape[1], width - 1, first.values.shape[3])
-        for i, cache in enumerate(caches):
-            if cache is not None:
-                n = cache.layers[layer].keys.shape[-2]
-                keys[i, :, width - 1 - n :] = cache.layers[layer].keys[0]
-                values[i, :, width - 1 - n :] = cache.layers[layer].values[0]
+        for i, cache in present:
+            n = cache.layers[layer].keys.shape[-2]  # right-aligned: its slots before are the row's padding
+            keys[i, :, width - 1 - n :] = cache.layers[layer].keys[0]
+            values[i, :, width - 1 - n :] = cache.layers[layer].values[0]
         merged.update(keys, values, layer)
     return {name: merged}
 

@@ -89,6 +89,21 @@ def can_pack(inputs: dict) -> bool:
     return bool((mask.bool() == right_padded).all())
 
 
+def shared_lengths(input_ids, attention_mask, completion_mask) -> torch.Tensor:
+    """s of each pair (module docstring): the tokens computed once instead of twice, (B,)."""
+    T = input_ids.size(1)
+    lengths = attention_mask.sum(dim=1).long()
+    cm = completion_mask.bool() & attention_mask.bool()
+    # Prompt length of each row: the first answer token, or the whole row when truncation left no answer.
+    prompt = torch.where(cm.any(dim=1), cm.long().argmax(dim=1), lengths)
+    ids_c, ids_r = input_ids.chunk(2, dim=0)
+    len_c, len_r = lengths.chunk(2, dim=0)
+    p_c, p_r = prompt.chunk(2, dim=0)
+    t = torch.arange(T, device=input_ids.device).unsqueeze(0)
+    common = ((ids_c == ids_r) & (t < torch.minimum(len_c, len_r).unsqueeze(1))).long().cumprod(dim=1).sum(dim=1)
+    return torch.minimum(common, torch.minimum(p_c, p_r) - 1).clamp(min=0)
+
+
 def pack_pairs(input_ids, attention_mask, completion_mask, attn_implementation="sdpa", dtype=torch.float32,
                pad_token_id: int = 0) -> PackedPairs:
     """Pack TRL's [chosen..., rejected...] rows into one row per pair (layout in the module docstring)."""
@@ -97,14 +112,9 @@ def pack_pairs(input_ids, attention_mask, completion_mask, attn_implementation="
     device = input_ids.device
     lengths = attention_mask.sum(dim=1).long()
     cm = completion_mask.bool() & attention_mask.bool()
-    # Prompt length of each row: the first answer token, or the whole row when truncation left no answer.
-    prompt = torch.where(cm.any(dim=1), cm.long().argmax(dim=1), lengths)
-    ids_c, ids_r = input_ids.chunk(2, dim=0)
     len_c, len_r = lengths.chunk(2, dim=0)
-    p_c, p_r = prompt.chunk(2, dim=0)
     t = torch.arange(T, device=device).unsqueeze(0)
-    common = ((ids_c == ids_r) & (t < torch.minimum(len_c, len_r).unsqueeze(1))).long().cumprod(dim=1).sum(dim=1)
-    s = torch.minimum(common, torch.minimum(p_c, p_r) - 1).clamp(min=0)  # (B,)
+    s = shared_lengths(input_ids, attention_mask, completion_mask)  # (B,)
     L = int((len_c + len_r - s).max())
 
     # Packed position of every unshared token: chosen rows keep theirs; a rejected row's tokens past the shared

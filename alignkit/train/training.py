@@ -218,13 +218,13 @@ ACTIVATION_SHARE = 0.5  # gradient checkpointing stays off while a micro-batch's
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free for training on `device`: the GPU's free memory, or the host's available memory."""
+    """Bytes free for training on `device`: the GPU's free memory, or the host's available memory (psutil, which
+    peft and TRL require, reads it on Linux, macOS and Windows alike)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").is_file() else []:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0  # unknown: checkpointing stays on
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def activation_bytes(model, s, dtype: torch.dtype) -> int:
