@@ -380,7 +380,8 @@ def test_local_generator_and_judge_identities_cover_the_loader_and_sampling():
     from alignkit.feedback.judge import make_judge
 
     hf = make_judge(LabelSettings(judge="hf", judge_model="judge/model", judge_revision="v2", dtype="fp16"))
-    assert (hf.identity()["revision"], hf.identity()["dtype"]) == ("v2", "fp16")  # --judge_revision reaches it
+    loader = hf.identity()["model"]["loader"]
+    assert (loader["revision"], loader["dtype"]) == ("v2", "fp16")  # --judge_revision reaches it
 
 
 def test_a_killed_run_resumes_without_repeating_a_request(tmp_path):

@@ -131,14 +131,13 @@ def test_reward_callable_loads_the_run_folder_and_scores_as_trained(reward_run):
 
 
 def test_the_rm_judge_labels_fresh_tiny_pairs_as_the_rule_does(reward_run):
-    """label.py's `--judge rm:` judge (alignkit.feedback.rewards.RMJudge, the object label.py calls) on 300 tiny
+    """label.py's `--judge rm:` judge (alignkit.feedback.judge.RMJudge, the object label.py calls) on 300 tiny
     pairs it never trained on (the preset's recipe with another seed), each in a random slot order: at least 90%
     of the labels are the rule's."""
     import random
 
     from alignkit.core.config import LabelSettings
-    from alignkit.feedback.judge import Request, parse_verdict
-    from alignkit.feedback.rewards import RMJudge
+    from alignkit.feedback.judge import Request, RMJudge, parse_verdict
 
     rng = random.Random(0)
     fresh = presets.make_data(seed=123)["preferences"][:300]

@@ -67,7 +67,7 @@ def test_gguf_converts_once_into_a_plain_folder_with_the_same_weights(smol_gguf,
     assert source["architecture"] == "llama" and source["content"].startswith(f"{smol_gguf.stat().st_size}-")
 
     # Reused: a second resolution neither hashes the file again nor converts it.
-    monkeypatch.setattr(gguf.hashlib, "sha256", lambda: pytest.fail("the file was hashed again"))
+    monkeypatch.setattr(identity.hashlib, "sha256", lambda: pytest.fail("the file was hashed again"))
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_config",
                         lambda *a, **k: pytest.fail("the file was converted again"))
     assert gguf.model_source(str(smol_gguf)) == (str(folder), None)
@@ -95,13 +95,13 @@ def test_content_hash_is_remembered_until_the_file_changes(tiny_cache, tmp_path,
     import hashlib
     import os
 
-    from alignkit.modeling import gguf
+    from alignkit.modeling import gguf, identity
 
     file = tmp_path / "m.gguf"
     file.write_bytes(b"x" * 1000)
     calls = []
     real = hashlib.sha256
-    monkeypatch.setattr(gguf.hashlib, "sha256", lambda: calls.append(1) or real())
+    monkeypatch.setattr(identity.hashlib, "sha256", lambda: calls.append(1) or real())
     first = gguf.content_hash(file)
     assert first == f"1000-{real(b'x' * 1000).hexdigest()}" and len(calls) == 1
     assert gguf.content_hash(file) == first and len(calls) == 1  # remembered by path, size and mtime

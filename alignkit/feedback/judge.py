@@ -12,7 +12,7 @@ Kinds (`--judge`):
 - `openai`: any OpenAI-compatible chat endpoint, through alignkit.core.llm.ChatClient (the official client, with
   its retries and backoff);
 - `hf`: a local transformers model, batched;
-- `rm:RUN_FOLDER`: a reward.py model scores each answer once (alignkit.feedback.rewards.RMJudge);
+- `rm:RUN_FOLDER`: a reward.py model scores each answer once (RMJudge, through alignkit.feedback.rewards);
 - `python:module:function` or `python:path/to/file.py:function`: `function(prompt, answer_a, answer_b)` returns
   "A", "B", "tie" (or text holding a verdict token), for tasks a rule or a verifier can check.
 """
@@ -170,6 +170,7 @@ class Request:
     question: str
     answer_a: str
     answer_b: str
+    messages: list[dict] | None = None  # the prompt's turns as they are (a reward model scores real turns)
 
 
 def question_text(messages: list[dict]) -> str:
@@ -246,10 +247,12 @@ class HFJudge(Judge):
         self.batch_size, self.loaded, self._fold = batch_size, None, False
 
     def identity(self) -> dict:
-        # The weights as loaded (a folder retrained in place, revision, dtype, quantization) and the sampling.
-        # Not the batch size: it changes speed, not what is asked.
-        return {**super().identity(), **loader_identity(self.settings), "max_tokens": self.max_tokens,
-                "temperature": self.temperature}
+        # The model as loaded (alignkit.modeling.identity: every loader setting, every file down its adapter
+        # chain, the GGUF file, the hardware) and the sampling. Not the batch size: it changes speed, not answers.
+        from alignkit.modeling.identity import model_identity
+
+        return {**super().identity(), "model": model_identity(self.settings, "transformers"),
+                "max_tokens": self.max_tokens, "temperature": self.temperature}
 
     def judge_batch(self, requests: list[Request]) -> list[str]:
         from alignkit.modeling.generation import generate
@@ -338,8 +341,6 @@ def make_judge(s) -> Judge:
     if s.judge.startswith("python:"):
         return PythonJudge(s.judge)
     if s.judge.startswith("rm:"):  # a reward model scores each answer (alignkit.feedback.rewards)
-        from alignkit.feedback.rewards import RMJudge
-
         return RMJudge(s.judge, s, s.rm_tie_margin, s.generation_batch_size)
     template = load_template(s.judge_template, s.principle)
     if s.judge == "openai":
@@ -355,6 +356,76 @@ def make_judge(s) -> Judge:
         model = loader_settings(s, s.judge_model, revision=s.judge_revision, chat_template=None)
         return HFJudge(model, template, s.judge_max_tokens, s.judge_temperature, s.generation_batch_size)
     raise ConfigError(f"--judge {s.judge!r}: expected openai, hf, rm:RUN_FOLDER, or python:module:function")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A reward model as the judge
+
+_SCORES = re.compile(r"reward A: (\S+), reward B: (\S+)")
+
+
+class RMJudge(Judge):
+    """label.py's `--judge rm:RUN_FOLDER`: scores each answer once; the verdict follows the score difference."""
+
+    kind = "rm"
+    batched = True
+    one_pass = True  # symmetric by construction: labeling asks for one order only
+
+    def __init__(self, spec: str, settings, tie_margin: float = 0.0, batch_size: int = 16):
+        super().__init__(spec, None)
+        self.folder, self.settings, self.tie_margin, self.batch_size = spec[len("rm:"):], settings, tie_margin, batch_size
+        if not self.folder:
+            raise ConfigError(f"--judge {spec!r}: expected rm:RUN_FOLDER, a reward.py run folder")
+        from alignkit.modeling.models import REWARD, model_kind
+
+        kind = model_kind(self.folder)
+        if kind != REWARD:  # fail before any generation, with the loader's message for a causal LM
+            from alignkit.modeling.models import check_model_kind
+
+            if not Path(self.folder).exists():
+                raise ConfigError(f"--judge {spec}: no such folder; pass a reward.py run folder, e.g. rm:runs/tiny-reward")
+            check_model_kind(self.folder, None, reward=True)
+        self.reward: RewardModel | None = None
+
+    def identity(self) -> dict:
+        # The reward model as loaded: its files down to the base, and how it is loaded (dtype, quantization, the
+        # hardware), since verdicts near the tie margin flip with the numerics.
+        from alignkit.feedback.rewards import reward_loader_settings
+        from alignkit.modeling.identity import model_identity
+
+        return {**super().identity(), "model": model_identity(reward_loader_settings(self.folder, self.settings)),
+                "tie_margin": self.tie_margin}
+
+    def judge_batch(self, requests: list[Request]) -> list[str]:
+        from alignkit.feedback.rewards import RewardModel
+
+        if self.reward is None:
+            self.reward = RewardModel(self.folder, self.batch_size, settings=self.settings)
+        # The conversation as it is, turn by turn (as reward.py trained and rl.py's rm: reward scores it), not its
+        # flattened text. One pass per distinct (conversation, answer): both answers of every pair, each once.
+        turns = {_turns_key(r): r.messages or [{"role": "user", "content": r.question}] for r in requests}
+        wanted = list(dict.fromkeys((_turns_key(r), a) for r in requests for a in (r.answer_a, r.answer_b)))
+        found = dict(zip(wanted, self.reward([turns[t] for t, _ in wanted], [a for _, a in wanted])))
+        return [self.verdict(found[(_turns_key(r), r.answer_a)], found[(_turns_key(r), r.answer_b)]) for r in requests]
+
+    def verdict(self, a: float, b: float) -> str:
+        """Text holding both scores and the verdict token, as cached and parsed by label.py."""
+        winner = "A" if a - b > self.tie_margin else "B" if b - a > self.tie_margin else "tie"
+        return f"reward A: {a:.6g}, reward B: {b:.6g} {TOKENS[winner]}"
+
+    def label_fields(self, texts: dict[str, str], chosen_slot: dict[str, str]) -> dict:
+        """The two scores for a labeled row, from any one judgment text (order -> text; order -> "A"/"B")."""
+        order, text = next(iter(texts.items()))
+        found = _SCORES.search(text or "")
+        if not found:
+            return {}
+        a, b = float(found.group(1)), float(found.group(2))
+        chosen, rejected = (a, b) if chosen_slot[order] == "A" else (b, a)
+        return {"chosen_score": chosen, "rejected_score": rejected}
+
+
+def _turns_key(request: Request) -> str:
+    return json.dumps(request.messages, sort_keys=True) if request.messages else request.question
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,50 +465,9 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def folder_fingerprint(source: str) -> str | None:
-    """Names, sizes and mtimes of a local model folder's files (None for a Hub id): cheap, and it changes
-    when the folder is retrained in place."""
-    folder = Path(source)
-    if not folder.is_dir():
-        return None
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
-    return _digest(files)
-
-
 def endpoint_identity(client) -> dict:
     """What an OpenAI-compatible endpoint's answer depends on besides the messages (alignkit.core.llm.ChatClient):
     the server actually called (--*_base_url, else OPENAI_BASE_URL, else OpenAI), the model name there, and
     the sampling sent with every request. Part of every key that caches such an answer."""
     return {"base_url": str(client.client.base_url).rstrip("/"), "model": client.model,
             "temperature": client.temperature, "max_tokens": client.max_tokens}
-
-
-def loader_identity(s) -> dict:
-    """What a local model's answers depend on besides the prompt and the sampling: the weights as loaded from
-    loader settings `s` (alignkit.core.config.ModelSettings). A local folder counts by its files' sizes and mtimes
-    (retrained in place, it is another model); "auto" settings count with what they resolve from (the device,
-    the optional kernels installed), so a cache made on a CPU is not reused on a GPU."""
-    template = Path(s.chat_template).read_text(encoding="utf-8") if getattr(s, "chat_template", None) else None
-    identity = {"model": s.model_id, "files": folder_fingerprint(s.model_id), "revision": s.revision,
-                "dtype": s.dtype, "quantization": s.quantization, "attn_implementation": s.attn_implementation,
-                "use_liger": s.use_liger, "chat_template": template}
-    if "auto" in (s.dtype, s.quantization, s.attn_implementation, s.use_liger):
-        identity["auto_on"] = _hardware()
-    return identity
-
-
-def _hardware() -> str:
-    """The inputs of alignkit.modeling.models' "auto" choices: the CUDA device (or cpu) and the optional kernels."""
-    import importlib.util
-
-    import torch
-
-    device = "cpu"
-    if torch.cuda.is_available():
-        try:
-            device = f"cuda:{torch.cuda.get_device_name(0)}"
-        except (RuntimeError, AssertionError):  # a CUDA that reports itself but cannot name the device
-            device = "cuda"
-    kernels = [k for k in ("flash_attn", "liger_kernel") if importlib.util.find_spec(k) is not None]
-    return "+".join([device, *kernels])
-

@@ -31,7 +31,7 @@ from alignkit.core.args import ConfigError, redact, save_config
 from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt
 from alignkit.core.errors import EndpointRefused
 from alignkit.core.journal import Progress, batched, threaded, write_json, write_jsonl
-from alignkit.feedback.judge import Judge, Request, combine, endpoint_identity, is_fatal, loader_identity, make_judge
+from alignkit.feedback.judge import Judge, Request, combine, endpoint_identity, is_fatal, make_judge
 from alignkit.feedback.judge import orders_for, parse_verdict, question_text, winner
 
 RESPONSE_FIELDS = ("response", "completion", "output", "answer")
@@ -295,14 +295,16 @@ def read_responses(path: str, s) -> dict[str, str | None]:
 def _generator_identity(run: Run, source: Source) -> dict:
     """Everything that decides a generated response, except the prompt: its cache key derives from this.
 
-    A local model: the weights as loaded (alignkit.feedback.judge.loader_identity: files, revision, dtype, quantization,
-    attention, chat template) and the engine (--backend: vLLM and transformers sample differently). An
+    A local model: the model as loaded and the engine (alignkit.modeling.identity.model_identity: every loader
+    setting, every file down its adapter chain, the GGUF file, --backend, the hardware). An
     endpoint: the server, the model name and the sampling sent (alignkit.feedback.judge.endpoint_identity). Both: the
     sampling settings, the seed and the sample number.
     """
     s = run.settings
     if source.kind == "local":
-        where = {**loader_identity(_loader_settings(run, source.spec)), "backend": run.backend}
+        from alignkit.modeling.identity import model_identity
+
+        where = {"loaded": model_identity(_loader_settings(run, source.spec), run.backend)}
     else:
         where = endpoint_identity(run.endpoints[source.spec])
     return {**where, "model": source.spec, "temperature": s.temperature, "top_p": s.top_p,
@@ -471,7 +473,7 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
         for order, key in pair.keys.items():
             if key in missing and key not in needed:
                 slot_a, slot_b = (pair.a, pair.b) if order == "ab" else (pair.b, pair.a)
-                needed[key] = Request(key, question_text(pair.prompt.messages), slot_a, slot_b)
+                needed[key] = Request(key, question_text(pair.prompt.messages), slot_a, slot_b, pair.prompt.messages)
         for key in missing:
             waiting[key].append(n)
     run.stats["judgments needed"] = len(keys)

@@ -19,7 +19,6 @@ and renamed into place, so a crash never leaves a half-written model that a late
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 from alignkit import logger
-from alignkit.core.journal import write_atomic
 
 CONVERTER = "v1"  # bump when the conversion below changes what it writes
 DONE = "gguf_source.json"  # written last into a converted folder: its presence means the folder is whole
@@ -85,24 +83,10 @@ def _download(repo: str, name: str, revision: str | None) -> Path:
 
 
 def content_hash(path: Path) -> str:
-    """SHA-256 of the file's bytes (streamed in 8 MiB blocks), remembered by path, size and mtime."""
-    stat = path.stat()
-    memo_file = cache_root() / "hashes.json"
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if key in memo:
-        return memo[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    value = f"{stat.st_size}-{digest.hexdigest()}"
-    memo[key] = value
-    write_atomic(memo_file, json.dumps(memo, indent=1))
-    return value
+    """"SIZE-SHA256" of the file's bytes, remembered by path, size and mtime (alignkit.modeling.identity)."""
+    from alignkit.modeling.identity import file_hash
+
+    return file_hash(path)
 
 
 def architecture(path: Path) -> str:

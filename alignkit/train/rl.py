@@ -221,7 +221,7 @@ class JudgeReward:
         out = []
         for slot_a, slot_b in ((answer, reference), (reference, answer)):  # label.py's key: prompt, a, b, identity
             key = digest({"prompt": prompt, "a": slot_a, "b": slot_b, **self.identity})
-            out.append((key, Request(key, question, slot_a, slot_b)))
+            out.append((key, Request(key, question, slot_a, slot_b, prompt)))
         return out
 
     def _ask(self, item):

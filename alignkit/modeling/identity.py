@@ -1,0 +1,191 @@
+"""The one identity of a model as loaded: what every cache of a model's outputs keys on.
+
+A cached answer, verdict, score or output is reused only when the model that would make it now is the model
+that made it then. `model_identity(settings, backend)` describes that model completely, so each cache keys on
+it plus its own inputs (prompt, sampling, template) and never lists loader fields by hand:
+
+- `loader`: every field of the loader settings groups (alignkit.core.config.ModelSettings, and
+  GenerationSettings' engine fields when the settings carry them), taken from the settings object itself, so a
+  field added to a group counts from the day it is added. Only the fields in `INERT` are left out, each with
+  the reason it cannot change an output. A chat template file counts by its text.
+- `chain`: every model along the adapter chain, from the one named down to the base. A local folder counts by
+  the content (SHA-256) of each file the loader can read in it, a GGUF file by its content, a Hub model by its
+  resolved commit. So a base, an SFT adapter or a merged model retrained in place is another model, and Q2_K
+  and Q8_0 of one repo are two models. Hashes are remembered by path, size and mtime (`file_hash`), so a
+  second look at a 14 GB folder costs a few stat calls.
+- `backend`: the generation engine (vLLM and transformers sample differently), when the caller has one.
+- `hardware`: the device class and the optional kernels installed, the inputs of every `auto` choice (dtype,
+  attention, quantization, Liger): a cache made on a CPU in fp32 is not reused on a GPU in 4-bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import fields
+from pathlib import Path
+
+# Loader settings that cannot change a model's outputs, each with the reason. Every other field counts.
+INERT = {
+    "num_threads": "CPU threads change speed, not results",
+    "gpu_memory_utilization": "vLLM's memory share sizes its KV cache, not what it answers",
+    "trust_remote_code": "it only permits code that a model's files (already hashed) ship",
+}
+
+# Files in a model folder that no loader reads: a change to them is not a new model.
+_NOT_READ = re.compile(r"(\.png|\.log|\.lock)$|^(README\.md|FAILED|\.)", re.IGNORECASE)
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# File content, remembered by path, size and mtime
+
+
+def _memo_file() -> Path:
+    from alignkit.core.paths import cache_dir
+
+    return cache_dir() / "file_hashes.json"
+
+
+def file_hashes(paths: list[Path]) -> dict[Path, str]:
+    """"SIZE-SHA256" of each file's bytes, streamed in 8 MiB blocks; a file seen before with the same path, size
+    and mtime is not read again. One read and at most one write of the memo, however many files."""
+    from alignkit.core.journal import write_atomic
+
+    memo_file = _memo_file()
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    out, changed = {}, False
+    for path in paths:
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in memo:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(8 << 20):
+                    digest.update(block)
+            memo[key], changed = f"{stat.st_size}-{digest.hexdigest()}", True
+        out[path] = memo[key]
+    if changed:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(memo_file, json.dumps(memo, indent=1))
+    return out
+
+
+def file_hash(path: Path) -> str:
+    return file_hashes([Path(path)])[Path(path)]
+
+
+def folder_files(folder: Path) -> dict[str, str]:
+    """{file name: content hash} of the files a loader can read in `folder`: its top-level files, less images,
+    logs and the model card. Subfolders (checkpoint-N, merged/) are models or states of their own."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not _NOT_READ.search(p.name))
+    return {p.name: h for p, h in file_hashes(files).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The chain
+
+
+def hub_commit(repo: str, revision: str | None, filename: str | None = None) -> str | None:
+    """The commit `revision` of Hub repo `repo` resolves to: the revision itself when it is a commit, else the
+    Hugging Face cache's snapshot (no network), else the Hub's answer when online; None when none is known."""
+    if revision and _COMMIT.match(revision):
+        return revision
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    for name in ([filename] if filename else ["config.json", "adapter_config.json"]):
+        found = try_to_load_from_cache(repo, name, revision=revision)
+        if isinstance(found, str):
+            return Path(found).parent.name if _COMMIT.match(Path(found).parent.name) else None
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo, revision=revision, timeout=10).sha
+    except Exception:  # noqa: BLE001 - no such repo, no network: the loader reports it
+        return None
+
+
+def _one(source: str, revision: str | None, gguf_file: str | None) -> dict:
+    """One model of the chain by content: a GGUF file, a local folder, or a Hub repo at its commit."""
+    from alignkit.modeling import gguf
+
+    path = Path(source)
+    if gguf_file and path.is_dir():
+        return {"gguf": file_hash(path / gguf_file)} if (path / gguf_file).is_file() else {"missing": str(path / gguf_file)}
+    if path.is_file():
+        return {"gguf" if gguf.is_gguf(source) else "file": file_hash(path)}
+    if path.is_dir():
+        return {"files": folder_files(path)}
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1 and not gguf.is_gguf(source):
+        return {"missing": source}  # a local path that is not there: the loader says so when it is needed
+    if gguf.is_gguf(source) and not gguf_file:  # owner/repo/NAME.gguf
+        repo, _, gguf_file = source.rpartition("/")
+        source = repo
+    return {"hub": source, "file": gguf_file, "revision": revision, "commit": hub_commit(source, revision, gguf_file)}
+
+
+def chain_identity(source: str, revision: str | None = None, gguf_file: str | None = None) -> list[dict]:
+    """Every model along `source`'s adapter chain by content, from `source` down to its base."""
+    from alignkit.modeling.models import adapter_chain
+
+    base, adapters = adapter_chain(source, revision)
+    out = [_one(adapter, revision if adapter == source else None, None) for adapter in reversed(adapters)]
+    return out + [_one(base, revision if base == source else None, gguf_file if base == source else None)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The identity
+
+
+def hardware() -> str:
+    """The device class and the optional kernels installed: the inputs of alignkit's "auto" choices."""
+    import importlib.util
+
+    import torch
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        try:
+            device = f"cuda:{torch.cuda.get_device_name(0)}"
+        except (RuntimeError, AssertionError):  # a CUDA that reports itself but cannot name the device
+            device = "cuda"
+    kernels = [k for k in ("flash_attn", "liger_kernel") if importlib.util.find_spec(k) is not None]
+    return "+".join([device, *kernels])
+
+
+def loader_fields(s) -> dict:
+    """The loader settings of `s` that can change its outputs: every field of the loader groups it carries
+    (ModelSettings, GenerationSettings) but the INERT ones; the chat template by its text."""
+    from alignkit.core.config import GenerationSettings, ModelSettings
+
+    groups = [ModelSettings] + ([GenerationSettings] if isinstance(s, GenerationSettings) else [])
+    names = [f.name for group in groups for f in fields(group) if f.name not in INERT]
+    out = {name: getattr(s, name) for name in dict.fromkeys(names)}
+    template = out.get("chat_template")
+    if template and Path(template).is_file():
+        out["chat_template"] = Path(template).read_text(encoding="utf-8")
+    return out
+
+
+def model_identity(s, backend: str | None = None) -> dict:
+    """The model that settings `s` (ModelSettings or a subclass) load, completely: see the module docstring.
+    backend: the resolved generation engine, for a cache of generated text; None where no engine is involved."""
+    return {"loader": loader_fields(s), "chain": chain_identity(s.model_id, s.revision, s.gguf_file),
+            "backend": backend, "hardware": hardware()}
+
+
+def identity_key(s, backend: str | None = None) -> str:
+    """model_identity as one short string, for a cache key or a record's `identity` field."""
+    return _digest(model_identity(s, backend))[:16]

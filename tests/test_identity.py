@@ -1,0 +1,217 @@
+"""The one identity of a model as loaded (alignkit.modeling.identity) and the caches keyed on it: a change to any
+loader setting, to any file down the adapter chain, or to the GGUF file is another model, so no cache returns an
+old answer for it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from alignkit.core.args import ConfigError
+from alignkit.core.config import GenerationSettings, LabelSettings, ModelSettings, loader_settings
+from alignkit.modeling import identity, presets
+
+from conftest import run_script
+
+
+def chain(tmp_path: Path) -> dict[str, Path]:
+    """base (a full model's files) <- sft (an adapter recording it by absolute path) <- dpo (recording ../sft)."""
+    base, sft, dpo = (tmp_path / name for name in ("base", "sft", "dpo"))
+    for folder in (base, sft, dpo):
+        folder.mkdir()
+    (base / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (base / "model.safetensors").write_bytes(b"base weights")
+    (sft / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (sft / "adapter_model.safetensors").write_bytes(b"sft weights")
+    (dpo / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "../sft"}))
+    (dpo / "adapter_model.safetensors").write_bytes(b"dpo weights")
+    return {"base": base, "sft": sft, "dpo": dpo}
+
+
+def retrain(file: Path, content: bytes) -> None:
+    """Rewrite a file in place with new content of the same size and an old mtime: only its content says it changed."""
+    stat = file.stat()
+    file.write_bytes(content)
+    import os
+
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+
+
+def keys(s, backend="transformers") -> dict:
+    """The keys the caches derive from a model's loader settings: MT-Bench answers, the HF judge's verdicts,
+    label.py's responses (its generator identity holds model_identity), AlpacaEval outputs."""
+    from alignkit.evals import alpacaeval, mtbench
+    from alignkit.feedback.judge import DEFAULT, HFJudge
+
+    from types import SimpleNamespace
+
+    sampling = SimpleNamespace(temperature=0.0, top_p=1.0, num_beams=1, max_new_tokens=8, seed=0)
+    return {"mt_bench": mtbench.answers_key(s, sampling, backend),
+            "hf_judge": json.dumps(HFJudge(s, DEFAULT).identity(), sort_keys=True, default=str),
+            "alpaca_eval": alpacaeval.outputs_key(s, s.model_id, backend),
+            "identity": identity.identity_key(s, backend)}
+
+
+def differ(a: dict, b: dict) -> list[str]:
+    return [name for name in a if a[name] == b[name]]
+
+
+def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cache, tmp_path):
+    """Walks every field of the loader groups: a field added tomorrow counts unless it is declared in INERT."""
+    model = presets.paths()["model"]
+    other = tmp_path / "other"
+    shutil.copytree(model, other)
+    (other / "config.json").write_text((other / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    template = tmp_path / "template.jinja"
+    template.write_text("{{ messages }}")
+    (tmp_path / "a.gguf").write_bytes(b"gguf a")
+    changed_values = {"model_id": str(other), "revision": "v2", "gguf_file": "a.gguf", "trust_remote_code": True,
+                      "chat_template": str(template), "quantization": "4bit", "dtype": "fp16",
+                      "attn_implementation": "eager", "use_liger": "true", "num_threads": "3", "backend": "vllm",
+                      "max_model_len": 128, "gpu_memory_utilization": 0.5}
+    base = GenerationSettings(model_id=model)
+    names = [f.name for f in dataclasses.fields(GenerationSettings)]
+    assert set(names) <= set(changed_values), f"give the new loader field a changed value here: {set(names) - set(changed_values)}"
+    for name in names:
+        settings = dataclasses.replace(base, **{name: changed_values[name]})
+        if name == "gguf_file":
+            settings = dataclasses.replace(settings, model_id=str(tmp_path))
+            base_for = dataclasses.replace(base, model_id=str(tmp_path))
+        else:
+            base_for = base
+        same = identity.model_identity(settings) == identity.model_identity(base_for)
+        assert same == (name in identity.INERT), f"{name}: {'inert' if same else 'counts'}"
+    # A chat template counts by its text: the same file rewritten is another model.
+    with_template = dataclasses.replace(base, chat_template=str(template))
+    before = identity.model_identity(with_template)
+    template.write_text("{{ other }}")
+    assert identity.model_identity(with_template) != before
+
+
+def test_two_gguf_files_of_one_folder_are_two_models_in_every_cache(tiny_cache, tmp_path):
+    (tmp_path / "model-Q2_K.gguf").write_bytes(b"q2 weights")
+    (tmp_path / "model-Q8_0.gguf").write_bytes(b"q8 weights")
+    q2 = keys(ModelSettings(model_id=str(tmp_path), gguf_file="model-Q2_K.gguf"))
+    q8 = keys(ModelSettings(model_id=str(tmp_path), gguf_file="model-Q8_0.gguf"))
+    assert differ(q2, q8) == []
+    # And a .gguf file named directly counts by its content.
+    file = tmp_path / "model-Q2_K.gguf"
+    before = identity.model_identity(ModelSettings(model_id=str(file)))
+    retrain(file, b"q2 weighs2")
+    assert identity.model_identity(ModelSettings(model_id=str(file))) != before
+
+
+def test_a_model_retrained_in_place_anywhere_down_the_chain_is_another_model(tiny_cache, tmp_path):
+    models = chain(tmp_path)
+    dpo = ModelSettings(model_id=str(models["dpo"]))
+    first = keys(dpo)
+    retrain(models["sft"] / "adapter_model.safetensors", b"sft weighs2")  # the SFT adapter retrained in place
+    second = keys(dpo)
+    assert differ(first, second) == []
+    retrain(models["base"] / "model.safetensors", b"base weighs2")  # the (merged) base retrained in place
+    assert differ(second, keys(dpo)) == []
+    # Files no loader reads do not count: a picture or a model card written later is not a new model.
+    (models["sft"] / "training.png").write_bytes(b"png")
+    (models["dpo"] / "README.md").write_text("card")
+    third = keys(dpo)
+    assert third == keys(dpo)
+    # The file hashes are remembered: a second look reads no file.
+    calls = []
+    real = identity.hashlib.sha256
+    identity.hashlib.sha256 = lambda *a: calls.append(1) or real(*a)
+    try:
+        identity.chain_identity(str(models["dpo"]))
+    finally:
+        identity.hashlib.sha256 = real
+    assert calls == []
+
+
+def test_a_hub_model_counts_by_its_resolved_commit(tiny_cache, tmp_path, monkeypatch):
+    """Offline, the commit comes from the Hugging Face cache's snapshot the revision points at."""
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    repo = hub / "models--owner--model"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    first = identity.chain_identity("owner/model")
+    assert first[0]["commit"] == "a" * 40
+    (repo / "refs" / "main").write_text("b" * 40)  # the Hub's main moved on and the cache followed
+    assert identity.chain_identity("owner/model")[0]["commit"] == "b" * 40
+    assert identity.chain_identity("owner/model", "c" * 40)[0]["commit"] == "c" * 40
+
+
+def test_the_reward_model_judge_keys_on_how_the_reward_model_is_loaded(tiny_cache, tmp_path):
+    from alignkit.feedback.judge import RMJudge
+
+    folder = tmp_path / "rm"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"], "num_labels": 1}))
+    (folder / "model.safetensors").write_bytes(b"rm weights")
+    spec = f"rm:{folder}"
+    fp32 = RMJudge(spec, LabelSettings(dtype="fp32", quantization="none")).identity()
+    assert RMJudge(spec, LabelSettings(dtype="fp32", quantization="none")).identity() == fp32
+    assert RMJudge(spec, LabelSettings(dtype="bf16", quantization="4bit")).identity() != fp32
+    retrain(folder / "model.safetensors", b"rm weighs2")
+    assert RMJudge(spec, LabelSettings(dtype="fp32", quantization="none")).identity() != fp32
+
+
+def test_the_reward_model_judge_scores_real_turns_and_keeps_conversations_apart(tiny_cache):
+    """Two conversations whose flattened text is the same are two prompts: each is scored turn by turn, as
+    reward.py trained and rl.py's rm: reward scores it."""
+    from alignkit.feedback.judge import Request, RMJudge, question_text
+
+    one = [{"role": "user", "content": "User: hi"}]
+    two = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+           {"role": "user", "content": "bye"}]
+    flat_two = question_text(two)
+    one = [{"role": "user", "content": flat_two}]  # a single turn whose text is the other's transcript
+    seen = []
+
+    def reward(prompts, answers):
+        seen.extend(zip((json.dumps(p) for p in prompts), answers))
+        return [float(len(p)) + (0.5 if a == "x" else 0.0) for p, a in zip(prompts, answers)]
+
+    judge = RMJudge.__new__(RMJudge)
+    judge.tie_margin, judge.reward = 0.0, reward
+    requests = [Request("k1", question_text(one), "x", "y", one), Request("k2", question_text(two), "x", "y", two)]
+    assert requests[0].question == requests[1].question
+    judge.judge_batch(requests)
+    assert sorted(seen) == sorted((json.dumps(p), a) for p in (one, two) for a in ("x", "y"))
+
+
+def test_readme_alpaca_eval_command_runs_as_written_and_a_retrained_model_is_never_scored_from_old_outputs(
+        sft_run, dpo_run, tmp_path, capsys):
+    """`python evaluate.py alpaca_eval --preset tiny` from a project root holding runs/tiny-sft and runs/tiny-dpo:
+    the default output_dir is relative (alpaca_eval resolved it against its own package folder and crashed)."""
+    root = tmp_path / "project"
+    shutil.copytree(sft_run["run_folder"], root / "runs" / "tiny-sft", ignore=shutil.ignore_patterns("checkpoint-*"))
+    shutil.copytree(dpo_run["run_folder"], root / "runs" / "tiny-dpo", ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = root / "runs" / "tiny-dpo" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "../tiny-sft"}))
+    run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", cwd=root)
+    summary = json.loads((root / "outputs" / "alpaca_eval-tiny" / "weighted_alpaca_eval_gpt4_turbo" / "tiny-sft"
+                          / "summary.json").read_text())
+    assert summary["model"] == "tiny-dpo" and summary["reference"] == "tiny-sft" and summary["instances"] == 29
+    capsys.readouterr()
+    run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", cwd=root)  # nothing changed: all reused
+    assert "all 29 outputs generated before" in capsys.readouterr().out
+    # tiny-dpo retrained in place (here: its adapter replaced by another one): its old outputs are not its outputs.
+    shutil.copy(Path(sft_run["run_folder"]) / "adapter_model.safetensors", root / "runs" / "tiny-dpo")
+    with pytest.raises(ConfigError, match="another model as loaded"):
+        run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", cwd=root)
+    # Nor under another loader setting.
+    from alignkit.evals import alpacaeval
+
+    s = loader_settings(GenerationSettings(), str(root / "runs" / "tiny-sft"))
+    assert alpacaeval.outputs_key(s, s.model_id, "transformers") != \
+        alpacaeval.outputs_key(dataclasses.replace(s, dtype="fp16"), s.model_id, "transformers")
