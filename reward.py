@@ -26,8 +26,13 @@
 # set `overrides` below (or environment variables) instead of touching argv.
 
 # %%
+from alignkit.core.errors import report_user_errors
+
+report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
+
 from alignkit.core.args import parse_config
 from alignkit.core.config import RewardSettings
+from alignkit.core.launch import establish_launch
 from alignkit.modeling import presets
 from alignkit.train.training import preflight
 
@@ -40,6 +45,7 @@ settings = parse_config(
     description="Reward model with LoRA/QLoRA.",
 )
 presets.ensure(settings)
+establish_launch(settings, "reward.py")  # the process's device, the process group, what this launch refuses
 preflight(settings)  # a push's token and base, wandb's key, the Hub: checked now, not after hours of training
 
 # %% [markdown]
