@@ -106,3 +106,208 @@ def test_checkpointing_auto_reads_this_rank_s_gpu_and_the_least_free_rank_decide
     # Alone, this rank's 4x would have turned it off: the decision really is the agreed one.
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, **kw: tensor)
     assert training.resolve_gradient_checkpointing(s, model, torch.bfloat16) is False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refused before anything loads: one line naming the combination and what to use instead
+
+
+REFUSED = [
+    ("fsdp", "dpo.py", DPOSettings(precompute_ref_log_probs=True),
+     "dpo.py --precompute_ref_log_probs under FSDP: .* use a DDP or DeepSpeed launch, or drop"),  # item 7
+    ("fsdp", "rl.py", RLSettings(reward=["rm:runs/rm"]), r"rl.py --reward rm:FOLDER under FSDP: .* use a DDP launch"),
+    ("zero3", "rl.py", RLSettings(reward=["rule", "rm:runs/rm"]), "rl.py --reward rm:FOLDER under DeepSpeed ZeRO-3"),
+    ("fsdp", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.1),
+     "reward.py --loss logexpwithlm under FSDP: .* use a DDP launch, or --lm_loss_coef 0"),
+    ("zero3", "sft.py", SFTSettings(quantization="8bit"), "8bit cannot be sharded by DeepSpeed ZeRO-3.*4bit"),
+    ("ddp", "merge.py", MergeSettings(adapter_dir="runs/x"), r"merge.py under accelerate launch \(DDP, 2 processes\): .* `python merge.py"),
+]
+
+
+@pytest.mark.parametrize("mode, script, s, line", REFUSED, ids=[f"{m}-{s}" for m, s, *_ in REFUSED])
+def test_what_cannot_work_is_refused_in_one_line_before_loading(mode, script, s, line, monkeypatch):
+    launched(monkeypatch, mode)
+    monkeypatch.setattr(launch, "_start_process_group", lambda: pytest.fail("refused only after the process group"))
+    with pytest.raises(UserError, match=line) as refused:
+        launch.establish_launch(s, script)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("mode, script, s", [
+    ("zero3", "dpo.py", DPOSettings(precompute_ref_log_probs=True)),  # TRL's own DeepSpeed inference engine
+    ("ddp", "rl.py", RLSettings(reward=["rm:runs/rm"])),
+    ("zero2", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.1)),
+    ("fsdp", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.0)),  # no LM term: plain logexp
+])
+def test_what_works_is_not_refused(mode, script, s, monkeypatch):
+    launched(monkeypatch, mode)
+    monkeypatch.setattr(launch, "_start_process_group", lambda: None)
+    monkeypatch.setattr(launch, "register_zero3_init", lambda: None)
+    assert launch.establish_launch(s, script).world_size == 2
+
+
+def test_dpo_py_refuses_precompute_under_fsdp_before_reading_data_or_model(monkeypatch, tiny_cache):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import run_script
+
+    launched(monkeypatch, "fsdp")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("alignkit.core.data.load_preferences", lambda *a, **k: pytest.fail("the data was read"))
+    with pytest.raises(UserError, match="--precompute_ref_log_probs under FSDP"):
+        run_script("dpo.py", "--preset", "tiny", "--precompute_ref_log_probs", "true")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. rl.py with vLLM: QLoRA refused, the context capped
+
+
+def vllm_installed(monkeypatch):
+    import importlib.util
+    import types
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: types.SimpleNamespace(name=name) if name == "vllm" else real(name, *a))
+
+
+def test_rl_with_vllm_refuses_qlora_and_caps_vllm_s_context(monkeypatch, tmp_path, tiny_cache):
+    import trl
+    from transformers import AutoConfig
+
+    from test_gpu_paths import Recorded
+
+    from alignkit.train import rl
+
+    trl.GRPOConfig, trl.RLOOConfig  # imported before CUDA is faked (bitsandbytes would probe the fake one)
+    fake_gpus(monkeypatch, count=1)
+    vllm_installed(monkeypatch)
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    # Its GPU defaults: vLLM (installed) and QLoRA. Refused before loading, saying what to use instead.
+    with pytest.raises(UserError, match=r"rl.py with vLLM and QLoRA .* use --backend transformers, or "
+                                        "--quantization none with vLLM"):
+        launch.establish_launch(RLSettings(), "rl.py")
+    launch.establish_launch(RLSettings(quantization="none"), "rl.py")
+    launch.establish_launch(RLSettings(backend="transformers"), "rl.py")
+    # vLLM's context: --max_model_len, at most the model's own.
+    monkeypatch.setattr(trl, "GRPOConfig", Recorded)
+    model = type("M", (), {"config": AutoConfig.from_pretrained(presets.paths()["model"])})()
+    context = model.config.max_position_embeddings
+    s = RLSettings(quantization="none", report_to="none", gradient_checkpointing="false", max_model_len=10**6)
+    assert rl.trl_args(s, tmp_path, torch.bfloat16, model)["vllm_max_model_length"] == context
+    s.max_model_len = context // 2
+    assert rl.trl_args(s, tmp_path, torch.bfloat16, model)["vllm_max_model_length"] == context // 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. reward.py: QLoRA trains fp32 weights (and runs on a CPU); a fresh head is zeroed in every ZeRO-3 partition
+
+
+def test_reward_py_qlora_on_a_cpu_trains_fp32_lora_and_score_head(tiny_cache, tmp_path):
+    """It stopped with "expected m1 and m2 to have the same dtype": TRL cast the trainable weights to bf16."""
+    from conftest import run_script
+
+    run = run_script("reward.py", "--preset", "tiny", "--quantization", "4bit", "--max_steps", "2",
+                     "--max_samples", "48", "--output_dir", str(tmp_path), "--run_name", "rm4")
+    trainable = {n: p.dtype for n, p in run["trainer"].model.named_parameters() if p.requires_grad}
+    assert any(".score." in n for n in trainable) and set(trainable.values()) == {torch.float32}
+    assert run["loaded"].quantization == "4bit" and (tmp_path / "rm4" / "held_out_rewards.json").is_file()
+
+
+class _Partitioned:
+    """deepspeed.zero.GatheredParameters as DeepSpeed runs it for 2 ranks, seen from rank 0: the whole tensor while
+    inside, and modifier_rank's changes written back into this rank's partition (ds_tensor) on the way out."""
+
+    def __init__(self, params, modifier_rank=None):
+        self.params, self.modifier_rank = list(params), modifier_rank
+
+    def __enter__(self):
+        for p in self.params:
+            p.data = torch.cat([p.ds_tensor, p.other_shard])[: p.ds_numel].view(p.ds_shape)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            if self.modifier_rank is not None:
+                p.ds_tensor.copy_(p.data.reshape(-1)[: p.ds_tensor.numel()])
+            p.data = torch.empty(0, dtype=p.dtype)
+
+
+def test_a_fresh_score_head_is_zeroed_in_its_zero3_partition(tiny_cache, monkeypatch):
+    import sys
+    import types
+
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.train.reward import zero_fresh_score_head
+
+    base = presets.paths()["model"]
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    weight = model.score.weight
+    flat = weight.data.reshape(-1).clone()
+    half = flat.numel() // 2
+    weight.ds_id, weight.ds_shape, weight.ds_numel = 7, weight.shape, flat.numel()
+    weight.ds_tensor, weight.other_shard = flat[:half].clone(), flat[half:].clone()
+    weight.data = torch.empty(0)  # what zero.Init leaves on a rank: zeroing this changes nothing
+    assert weight.ds_tensor.abs().sum() > 0
+    deepspeed = types.SimpleNamespace(zero=types.SimpleNamespace(GatheredParameters=_Partitioned))
+    monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
+    zero_fresh_score_head(model, base)
+    assert torch.count_nonzero(weight.ds_tensor) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. --merge_adaptors at the end of a ZeRO-3 run: the main process builds the whole model outside zero.Init
+
+
+def test_merge_adaptors_after_zero3_builds_outside_zero_init(monkeypatch, tmp_path):
+    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    import alignkit.modeling.merge
+
+    class Config:  # what DeepSpeed's registered HfDeepSpeedConfig answers during a ZeRO-3 run
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self):
+            return True
+
+    config = Config()
+    hf_deepspeed.set_hf_deepspeed_config(config)
+    seen = []
+    monkeypatch.setattr(alignkit.modeling.merge, "merge_adapters",
+                        lambda *a, **k: seen.append(is_deepspeed_zero3_enabled()) or tmp_path / "merged")
+    try:
+        assert is_deepspeed_zero3_enabled()
+        training.publish_run(tmp_path, DPOSettings(merge_adaptors=True, report_to="none"))
+        assert seen == [False]  # under zero.Init, from_pretrained would wait for ranks that have left
+        assert is_deepspeed_zero3_enabled()  # and the run's own config is back afterwards
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. merge.py --dequantize on a GPU machine: the 4-bit base in CPU RAM, not on cuda:0
+
+
+def test_dequantize_merges_in_cpu_ram_on_a_gpu_machine(monkeypatch, tiny_cache, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.modeling.merge import merge_adapters
+
+    base = presets.paths()["model"]
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                   LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(tmp_path / "a")
+    fake_gpus(monkeypatch, count=1)
+    seen = {}
+
+    def from_pretrained(source, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(RuntimeError, match="stop"):
+        merge_adapters(tmp_path / "a", tmp_path / "merged", dequantize=True)
+    # bitsandbytes without a device map takes cuda:current_device(): a 7B dequantized to fp32 there is 28 GB.
+    assert seen["quantization_config"].load_in_4bit and seen["device_map"] == {"": "cpu"}
