@@ -122,14 +122,13 @@ trainer.train(resume_from_checkpoint=resume_from)
 # %%
 import json
 
-from alignkit.core.launch import sharded_launch
-from alignkit.train.reward import held_out_report
+from alignkit.train.reward import held_out_report, scores_held_out
 from alignkit.train.training import finish
 
 metrics = finish(trainer, loaded, settings, run_folder, "reward")
 print(f"adapter: {run_folder}")
 main = trainer.accelerator.is_main_process
-if eval_data is not None and (main or sharded_launch()):  # FSDP/ZeRO-3: every rank takes part in each forward
+if eval_data is not None and scores_held_out(main):  # FSDP/ZeRO-3: every rank takes part in each forward
     report = held_out_report(trainer.model, loaded.tokenizer, eval_data, run_folder,
                              settings.per_device_eval_batch_size, settings.max_length, write=main)
 if eval_data is not None and main:

@@ -190,6 +190,13 @@ class AlignRewardTrainer(RewardTrainer):
 # Held-out report
 
 
+def scores_held_out(is_main_process: bool) -> bool:
+    """Whether this process takes part in the held-out report: the main one, and under FSDP/ZeRO-3 every one."""
+    from alignkit.core.launch import sharded_launch
+
+    return is_main_process or sharded_launch() is not None
+
+
 def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16, max_length: int | None = None,
                     write: bool = True) -> dict:
     """Score every held-out pair; accuracy, means and standard deviations, and (`write`) a histogram PNG and the
