@@ -4,6 +4,8 @@ that cannot work refused in one line before anything loads (issue 24)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -120,7 +122,9 @@ REFUSED = [
     ("fsdp", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.1),
      "reward.py --loss logexpwithlm under FSDP: .* use a DDP launch, or --lm_loss_coef 0"),
     ("zero3", "sft.py", SFTSettings(quantization="8bit"), "8bit cannot be sharded by DeepSpeed ZeRO-3.*4bit"),
-    ("ddp", "merge.py", MergeSettings(adapter_dir="runs/x"), r"merge.py under accelerate launch \(DDP, 2 processes\): .* `python merge.py"),
+    ("ddp", "merge.py", MergeSettings(adapter_dir="runs/x"),
+     r"merge.py under accelerate launch \(DDP, 2 processes\): .* `python merge.py"),
+    ("fsdp", "rlaif.py", SimpleNamespace(), r"rlaif.py under accelerate launch \(FSDP, 2 processes\)"),
 ]
 
 

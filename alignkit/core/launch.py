@@ -32,6 +32,7 @@ from alignkit import logger
 from alignkit.core.errors import UserError
 
 FSDP, ZERO3 = "FSDP", "DeepSpeed ZeRO-3"  # the two launches that shard the model (`sharded_launch`)
+ONE_PROCESS = ("label.py", "evaluate.py", "merge.py", "rlaif.py")  # scripts that never run under a launcher
 
 
 def _log_choice(what: str, value: str, why: str) -> None:
@@ -85,7 +86,7 @@ def refusal(s, script: str) -> str | None:
     Only combinations that cannot work are here; the README's support matrix says how every other one is proven.
     """
     mode, sharded = launch_mode(), sharded_launch()
-    if script in ("label.py", "evaluate.py", "merge.py") and world_size() > 1:
+    if script in ONE_PROCESS and world_size() > 1:
         return (f"{script} under accelerate launch ({mode}, {world_size()} processes): it runs as one process; run "
                 f"`python {script} ...` (it uses this machine's GPU itself)")
     quantization = getattr(s, "quantization", "none")
@@ -152,7 +153,7 @@ def establish_launch(s=None, script: str = "") -> Launch:
         _distributed_state = _start_process_group()
         logger.info(f"launch: {launch.mode}, {launch.world_size} processes; this one is local rank {launch.local_rank} "
                     f"on {launch.device}")
-    if launch.mode == "ZeRO-3" and script not in ("label.py", "evaluate.py", "merge.py"):
+    if launch.mode == "ZeRO-3" and script not in ONE_PROCESS:
         register_zero3_init()
     return launch
 
