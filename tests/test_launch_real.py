@@ -1,6 +1,6 @@
 """The scripts under a real two-process launch on this CPU (gloo): `accelerate launch --multi_gpu --num_processes 2`
 creates the process group, each script establishes its launch, trains 2 steps and finishes (no hang: each launch
-has a timeout). One SFT run is shared by everything built on it. FSDP, which accelerate does not do on a CPU, runs
+has a timeout); QLoRA through bitsandbytes' CPU kernels. One SFT run is shared by everything built on it. FSDP, which accelerate does not do on a CPU, runs
 reward.py's own pieces under torch's `fully_shard` instead (tests/fsdp_reward_worker.py). See also
 tests/test_distributed.py (longer DDP runs whose losses fall, and the reference cache across processes).
 """
@@ -50,10 +50,13 @@ def runs(tmp_path_factory):
 TINY = ["--preset", "tiny", "--max_steps", "2", "--save_steps", "100", "--logging_steps", "1"]
 
 
+QLORA = ["--quantization", "4bit"]  # bitsandbytes' CPU kernels: QLoRA under DDP (plain LoRA: test_distributed.py)
+
+
 @pytest.fixture(scope="module")
 def sft_adapter(cache, runs):
-    """sft.py on two processes, once: the adapter dpo.py trains on below."""
-    output = accelerate_launch(["sft.py", *TINY, "--output_dir", str(runs), "--run_name", "sft"], cache)
+    """sft.py (QLoRA) on two processes, once: the adapter dpo.py, LoTA and rl.py train on below."""
+    output = accelerate_launch(["sft.py", *TINY, *QLORA, "--output_dir", str(runs), "--run_name", "sft"], cache)
     assert output.count("launch: DDP, 2 processes") == 2  # each process established its launch
     return runs / "sft"
 
@@ -72,7 +75,8 @@ def test_sft_on_two_processes(sft_adapter):
 def test_dpo_with_precompute_and_merge_on_two_processes(sft_adapter, cache, runs):
     """--precompute_ref_log_probs (the reference pass before training, on both processes) and --merge_adaptors
     (the main process merges while the other has finished): both end, and the merged model passed its check."""
-    output = accelerate_launch(["dpo.py", *TINY, "--model_id", str(sft_adapter), "--precompute_ref_log_probs", "true",
+    output = accelerate_launch(["dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
+                                "true",
                                 "--merge_adaptors", "--output_dir", str(runs), "--run_name", "dpo"], cache)
     finished(runs / "dpo")
     assert "pairs cached in" in output
@@ -80,12 +84,15 @@ def test_dpo_with_precompute_and_merge_on_two_processes(sft_adapter, cache, runs
     assert merge["adapters"][-1].endswith("dpo") and merge["max_logit_difference"] <= merge["tolerance"]
 
 
-def test_reward_with_its_held_out_report_on_two_processes(cache, runs):
-    accelerate_launch(["reward.py", *TINY, "--output_dir", str(runs), "--run_name", "reward"], cache)
-    metrics = finished(runs / "reward")
-    held_out = json.loads((runs / "reward" / "held_out_rewards.json").read_text())
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_reward_with_its_held_out_report_on_two_processes(quantization, cache, runs):
+    name = f"reward-{quantization}"
+    accelerate_launch(["reward.py", *TINY, "--quantization", quantization, "--output_dir", str(runs), "--run_name",
+                       name], cache)
+    metrics = finished(runs / name)
+    held_out = json.loads((runs / name / "held_out_rewards.json").read_text())
     assert metrics["held_out_pairs"] == held_out["held_out_pairs"] == len(held_out["chosen"]) > 0
-    assert (runs / "reward" / "rewards_histogram.png").is_file()
+    assert (runs / name / "rewards_histogram.png").is_file()
 
 
 def test_lota_dpo_on_two_processes(sft_adapter, cache, runs):
