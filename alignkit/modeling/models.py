@@ -23,6 +23,13 @@ import torch
 from alignkit import logger, quiet_library_noise
 from alignkit.core.errors import UserError
 
+# The launch's decisions (dtype, quantization, attention, Liger, threads, device map) live in alignkit.core.launch;
+# `local_gpu` and `_sharded_launch` stay importable from here for the modules that read them.
+from alignkit.core.launch import (  # noqa: F401 - local_gpu is re-exported
+    ZERO3, apply_num_threads, device_placement, local_gpu, quantization_config, resolve_attention, resolve_dtype,
+    resolve_liger, resolve_quantization, sharded_launch as _sharded_launch,
+)
+
 TRAINABLE = "default"  # PEFT's default adapter name; transformers' Trainer resumes this one
 
 
@@ -36,14 +43,6 @@ class Loaded:
     dtype: torch.dtype = torch.float32
     quantization: str = "none"
     deltas: list[str] = field(default_factory=list)  # LoTA delta folders added into the weights (alignkit.train.lota)
-
-
-# The launch's decisions (dtype, quantization, attention, Liger, threads, device map) live in alignkit.core.launch;
-# `local_gpu` and `_sharded_launch` stay importable from here for the modules that read them.
-from alignkit.core.launch import (  # noqa: E402
-    ZERO3, apply_num_threads, device_placement, local_gpu, quantization_config, resolve_attention, resolve_dtype,
-    resolve_liger, resolve_quantization, sharded_launch as _sharded_launch,
-)
 
 
 def fit_embeddings(model, tok) -> None:
