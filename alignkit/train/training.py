@@ -218,6 +218,9 @@ def activation_bytes(model, s, dtype: torch.dtype) -> int:
     max_length): per token and layer a Llama-style block keeps about 8 hidden-sized and 4 intermediate-sized
     tensors for the backward (norm inputs, q/k/v, attention output; the MLP's input, gate, up, activation), and
     the LM head's fp32 logits and log-softmax take 2 x 4 bytes per vocabulary entry. Preference pairs are two rows.
+    DPO's prefix sharing packs a pair into one row of up to 2 x max_length tokens whose 4D attention mask
+    (alignkit.train.prefix) takes about (2 x max_length)^2 bytes as a bool, plus a float copy inside attention:
+    counted too, though it stays near 1% of the rest (batch 4 at 8k tokens: 3 GiB of about 300).
     """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden = config.hidden_size
@@ -227,7 +230,10 @@ def activation_bytes(model, s, dtype: torch.dtype) -> int:
     rows = s.per_device_train_batch_size * (2 if getattr(s, "run_type", "") in ("dpo", "reward") else 1)
     tokens = rows * length
     per_token = config.num_hidden_layers * (8 * hidden + 4 * inner) * dtype.itemsize + 8 * config.vocab_size
-    return tokens * per_token
+    masks = 0
+    if getattr(s, "run_type", "") == "dpo" and getattr(s, "prefix_sharing", False):
+        masks = s.per_device_train_batch_size * (2 * length) ** 2 * (1 + dtype.itemsize)
+    return tokens * per_token + masks
 
 
 def resolve_gradient_checkpointing(s, model, dtype: torch.dtype) -> bool:
