@@ -327,3 +327,14 @@ def test_checkpointing_auto_counts_prefix_sharing_s_4d_mask():
     mask = training.activation_bytes(model, s, torch.bfloat16) - unshared
     assert mask == 4 * (2 * 8192) ** 2 * (1 + 2)
     assert 0.005 < mask / unshared < 0.02
+
+
+def test_zero2_saves_the_adapter_without_cloning_the_model_into_host_ram(tiny_cache):
+    """ZeRO-2 never partitions the weights: accelerate's get_state_dict would clone the whole model, frozen base
+    included, into every rank's host RAM (suspected in issue 24: settled, and fixed)."""
+    from test_gpu_paths import _sharded_trainer
+
+    trainer, *_ = _sharded_trainer(tiny_cache, "zero3", main=True)
+    trainer.accelerator.deepspeed_config = {"zero_optimization": {"stage": 2}}
+    assert training.gathered_state_dict(trainer) is None  # saved from the whole model itself
+    assert trainer.accelerator.gathered_from is None  # nothing gathered or cloned

@@ -441,14 +441,17 @@ def gathered_state_dict(trainer) -> dict | None:
     """
     if getattr(trainer, "is_deepspeed_enabled", False):
         engine = trainer.deepspeed
-        if trainer.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
-            # Only the trainable (adapter) weights, as save_model does for a PeftModel under ZeRO-3: gathering the
-            # frozen base too would put the whole 16-bit model in the main process's RAM for nothing.
-            try:
-                return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
-            except TypeError:  # a DeepSpeed without the argument: the whole model, as accelerate gathers it
-                pass
-        return trainer.accelerator.get_state_dict(engine)
+        if trainer.accelerator.deepspeed_config["zero_optimization"]["stage"] != 3:
+            # ZeRO-0/1/2 partition optimizer states and gradients, never the weights: the model is whole on every
+            # rank. accelerate's get_state_dict would clone all of it, frozen base included, into every rank's
+            # host RAM (clone_tensors_for_torch_save) for an adapter of a few megabytes.
+            return None
+        # Only the trainable (adapter) weights, as save_model does for a PeftModel under ZeRO-3: gathering the
+        # frozen base too would put the whole 16-bit model in the main process's RAM for nothing.
+        try:
+            return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+        except TypeError:  # a DeepSpeed without the argument: the whole model, as accelerate gathers it
+            return trainer.accelerator.get_state_dict(engine)
     if getattr(trainer, "is_fsdp_enabled", False):
         return trainer.accelerator.get_state_dict(trainer.model)
     return None
