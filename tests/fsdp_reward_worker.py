@@ -10,7 +10,9 @@ with the environment `accelerate launch --use_fsdp` gives its processes. Each pr
 2. loads it whole (RAM-efficient loading off), zeroes the fresh score head and adds the LoRA adapter as reward.py
    does, scores the held-out pairs unsharded, shards every decoder layer and the model with `fully_shard`;
 3. takes part in the held-out report where `scores_held_out` says so (under FSDP: every rank), the main process
-   alone writing it.
+   alone writing it;
+4. runs dpo.py's prefix-sharing forward (packed pairs, a 4D mask) on the causal LM with a LoRA adapter, unsharded
+   and sharded.
 Each process writes OUT_DIR/rank<N>.json.
 """
 
@@ -70,9 +72,47 @@ def main(out: Path) -> None:
     if scores_held_out(rank == 0):
         report = held_out_report(model, loaded.tokenizer, pairs, out, batch_size=4, write=rank == 0)
         found["report"] = {k: v for k, v in report.items() if k != "histogram"}
+    found["packed"] = packed_forward(launch.world_size)
     (out / f"rank{rank}.json").write_text(json.dumps(found))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def packed_forward(world: int) -> dict:
+    """dpo.py's prefix-sharing forward (alignkit.train.prefix: one packed row per pair, a 4D mask) on the causal
+    LM with its LoRA adapter, unsharded and then sharded by fully_shard: the largest logit difference."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from alignkit.core.config import DPOSettings
+    from alignkit.modeling import presets
+    from alignkit.modeling.models import add_trainable_adapter, load_model
+    from alignkit.train import prefix
+
+    s = DPOSettings(model_id=presets.paths()["model"], quantization="none", dtype="fp32", lora_r=4, report_to="none")
+    loaded = load_model(s, for_training=True)
+    model = add_trainable_adapter(loaded, s)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # as if trained: the adapter changes the logits
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    # Two pairs, [chosen..., rejected...]: a shared prompt, then different answers; right-padded.
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0], [5, 6, 10, 11, 0, 0], [5, 6, 7, 12, 13, 14], [5, 6, 10, 15, 16, 0]])
+    attention = (ids != 0).long()
+    completion = attention.clone()
+    completion[:, :3] = 0
+    packed = prefix.pack_pairs(ids, attention, completion, attn_implementation="sdpa")
+    model.eval()
+    with torch.no_grad():
+        whole = model(**packed.model_inputs()).logits
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.get_base_model().model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        share = sum(p.to_local().numel() for p in model.parameters()) / sum(p.numel() for p in model.parameters())
+        sharded = model(**packed.model_inputs()).logits
+    return {"rows": list(packed.input_ids.shape), "local_share": share,
+            "max_logit_difference": float((whole - sharded).abs().max())}
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def test_reward_pieces_under_fsdp_on_two_processes(cache, tmp_path):
     `accelerate launch --use_fsdp` sets: the process group is there when the model loads (so FSDP's RAM-efficient
     loading reads the weights on rank 0 only), the fresh head starts at zero, and every rank takes part in the
     held-out report (a sharded forward is a collective: the main process alone would wait forever), whose scores
-    equal the unsharded model's."""
+    equal the unsharded model's; and dpo.py's prefix-sharing forward gives the unsharded logits."""
     accelerate_launch([str(ROOT / "tests" / "fsdp_reward_worker.py"), str(tmp_path)], cache,
                       {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"})
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -131,3 +131,7 @@ def test_reward_pieces_under_fsdp_on_two_processes(cache, tmp_path):
     assert ranks[0]["report"]["chosen_mean"] == pytest.approx(sum(whole) / len(whole), abs=1e-4)
     written = json.loads((tmp_path / "held_out_rewards.json").read_text())  # by the main process
     assert written["chosen"] == pytest.approx(whole, abs=1e-4)
+    # dpo.py's prefix sharing: the packed forward (one row per pair, 4D mask) is the same when sharded.
+    for found in ranks:
+        assert found["packed"]["rows"][0] == 2 and found["packed"]["local_share"] < 0.75  # 2 pairs, sharded
+        assert found["packed"]["max_logit_difference"] < 1e-4
