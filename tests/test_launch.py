@@ -75,6 +75,22 @@ def test_rank_1_of_a_sharded_qlora_launch_loads_onto_gpu_1(mode, monkeypatch, lo
     assert "device_map" not in load_kwargs(DPOSettings(model_id=s.model_id, quantization="none"), for_training=True)
 
 
+@pytest.mark.parametrize("mode", ["ddp", "zero2"])
+def test_ddp_and_zero2_ranks_load_the_whole_model_onto_their_own_gpu(mode, monkeypatch, load_kwargs):
+    """Neither partitions the weights: every rank holds the whole model (QLoRA or not) on its GPU, the 4-bit
+    weights stored as bitsandbytes packs them, and ZeRO-3's load-time partitioning stays off."""
+    gpu_devices = gpus(monkeypatch, 2)
+    registered = []
+    monkeypatch.setattr(launch, "register_zero3_init", lambda: registered.append(True))
+    launched(monkeypatch, mode, rank=1)
+    s = DPOSettings(model_id=presets.paths()["model"])
+    assert launch.establish_launch(s, "dpo.py").mode == {"ddp": "DDP", "zero2": "ZeRO-2"}[mode]
+    assert gpu_devices == [1] and registered == []
+    kwargs = load_kwargs(s, for_training=True)
+    assert kwargs["device_map"] == {"": 1} and kwargs["quantization_config"].bnb_4bit_quant_storage == torch.uint8
+    assert load_kwargs(DPOSettings(model_id=s.model_id, quantization="none"), for_training=True)["device_map"] == {"": 1}
+
+
 def test_one_process_starts_no_process_group(monkeypatch):
     gpu_devices = gpus(monkeypatch, 1)
     assert launch.establish_launch(DPOSettings(), "dpo.py").mode == "one process"
