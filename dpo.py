@@ -33,6 +33,7 @@ report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 
 
 from alignkit.core.args import parse_config
 from alignkit.core.config import DPOSettings
+from alignkit.core.launch import establish_launch
 from alignkit.modeling import presets
 from alignkit.train.training import preflight
 
@@ -45,6 +46,7 @@ settings = parse_config(
     description="DPO with LoRA/QLoRA.",
 )
 presets.ensure(settings)
+establish_launch(settings, "dpo.py")  # the process's device, the process group, what this launch refuses
 preflight(settings)  # a push's token and base, wandb's key, the Hub: checked now, not after hours of training
 
 # %% [markdown]

@@ -57,6 +57,9 @@ NOTEBOOK_COMMAND: str = os.environ.get("COMMAND", "vibes")
 overrides: dict = {}
 command, settings = parse_command([] if is_notebook() else sys.argv[1:],
                                   NOTEBOOK_COMMAND if is_notebook() else None, overrides)
+from alignkit.core.launch import establish_launch
+
+establish_launch(settings, "evaluate.py")  # the process's device, the process group, what this launch refuses
 backend = resolve_backend(settings.backend, settings.num_beams)
 
 # %% [markdown]

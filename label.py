@@ -59,6 +59,9 @@ settings = parse_config(
     description="Label prompt/response pairs with an LLM judge into DPO preference data (or teacher SFT data).",
 )
 presets.ensure(settings)
+from alignkit.core.launch import establish_launch
+
+establish_launch(settings, "label.py")  # the process's device, the process group, what this launch refuses
 run = prepare(settings)
 
 # %% [markdown]

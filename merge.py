@@ -43,6 +43,9 @@ settings = parse_config(
     description="Merge LoRA adapters into their base model, check, save and push.",
 )
 presets.ensure(settings)
+from alignkit.core.launch import establish_launch
+
+establish_launch(settings, "merge.py")  # the process's device, the process group, what this launch refuses
 if settings.push_to_hub:
     from alignkit.core.hub import check_pushable, require_token
 

@@ -26,8 +26,13 @@
 # set `overrides` below (or environment variables) instead of touching argv.
 
 # %%
+from alignkit.core.errors import report_user_errors
+
+report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
+
 from alignkit.core.args import parse_config
 from alignkit.core.config import RewardSettings
+from alignkit.core.launch import establish_launch
 from alignkit.modeling import presets
 from alignkit.train.training import preflight
 
@@ -40,6 +45,7 @@ settings = parse_config(
     description="Reward model with LoRA/QLoRA.",
 )
 presets.ensure(settings)
+establish_launch(settings, "reward.py")  # the process's device, the process group, what this launch refuses
 preflight(settings)  # a push's token and base, wandb's key, the Hub: checked now, not after hours of training
 
 # %% [markdown]
@@ -116,14 +122,16 @@ trainer.train(resume_from_checkpoint=resume_from)
 # %%
 import json
 
-from alignkit.train.reward import held_out_report
+from alignkit.train.reward import held_out_report, scores_held_out
 from alignkit.train.training import finish
 
 metrics = finish(trainer, loaded, settings, run_folder, "reward")
 print(f"adapter: {run_folder}")
-if eval_data is not None and trainer.accelerator.is_main_process:
-    report = held_out_report(model, loaded.tokenizer, eval_data, run_folder, settings.per_device_eval_batch_size,
-                             settings.max_length)
+main = trainer.accelerator.is_main_process
+if eval_data is not None and scores_held_out(main):  # FSDP/ZeRO-3: every rank takes part in each forward
+    report = held_out_report(trainer.model, loaded.tokenizer, eval_data, run_folder,
+                             settings.per_device_eval_batch_size, settings.max_length, write=main)
+if eval_data is not None and main:
     metrics.update(report)
     (run_folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"held-out accuracy: {report['held_out_accuracy']:.3f}")

@@ -24,8 +24,13 @@
 # Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags < `overrides`.
 
 # %%
+from alignkit.core.errors import report_user_errors
+
+report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
+
 from alignkit.core.args import parse_config
 from alignkit.core.config import RLSettings
+from alignkit.core.launch import establish_launch
 from alignkit.modeling import presets
 from alignkit.train.training import preflight
 
@@ -38,6 +43,7 @@ settings = parse_config(
     description="Online GRPO/RLOO with LoRA/QLoRA, rewarded by a rule, a judge, a reward model or a function.",
 )
 presets.ensure(settings)
+establish_launch(settings, "rl.py")  # the process's device, the process group, what this launch refuses
 preflight(settings)  # a push's token and base, wandb's key, the Hub: checked now, not after hours of training
 
 # %% [markdown]

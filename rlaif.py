@@ -20,8 +20,13 @@
 # apply to every round's dpo.py run; `--label_args` and `--evaluate_args` pass anything else on.
 
 # %%
+from alignkit.core.errors import report_user_errors
+
+report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
+
 from alignkit.core.args import parse_config
 from alignkit.core.config import RLAIFSettings
+from alignkit.core.launch import establish_launch
 from alignkit.modeling import presets
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "rounds": 2}.
@@ -32,6 +37,7 @@ settings = parse_config(
     description="Iterative DPO: sample, judge, train, evaluate, round after round.",
 )
 presets.ensure(settings)
+establish_launch(settings, "rlaif.py")  # the process's device, the process group, what this launch refuses
 
 # %% [markdown]
 # ## Run folder

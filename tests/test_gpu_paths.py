@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignkit.core import launch
 from alignkit.core.config import DPOSettings, ModelSettings
 from alignkit.modeling import models, presets
 from alignkit.train import training
@@ -108,7 +109,7 @@ def test_several_gpus_in_one_plain_process_train_on_one_and_say_how_to_use_all(m
 def test_fp16_on_gpus_without_native_bf16(gpu, dtype, monkeypatch, alignkit_log):
     fake_gpus(monkeypatch, gpu=gpu)
     assert torch.cuda.is_bf16_supported()  # the trap: with emulation counted, every GPU says yes
-    assert models.resolve_dtype("auto") == dtype
+    assert launch.resolve_dtype("auto") == dtype
     assert ("no native bf16" in alignkit_log.text) == (dtype == torch.float16)
 
 
@@ -121,18 +122,18 @@ def test_fp16_on_gpus_without_native_bf16(gpu, dtype, monkeypatch, alignkit_log)
 ])
 def test_flash_attention_only_where_its_kernels_run(gpu, dtype, installed, expected, why, monkeypatch, alignkit_log):
     fake_gpus(monkeypatch, gpu=gpu, flash_attn=installed)
-    assert models.resolve_attention("auto", dtype) == expected
+    assert launch.resolve_attention("auto", dtype) == expected
     assert f"attention: {expected}" in alignkit_log.text and why in alignkit_log.text
 
 
 def test_asking_for_flash_attention_where_it_would_crash_is_refused(monkeypatch):
     fake_gpus(monkeypatch, gpu="A100", flash_attn=True)
     with pytest.raises(ValueError, match="needs --dtype bf16 or fp16"):
-        models.resolve_attention("flash_attention_2", torch.float32)
+        launch.resolve_attention("flash_attention_2", torch.float32)
     fake_gpus(monkeypatch, gpu="T4", flash_attn=True)
     with pytest.raises(ValueError, match=r"compute capability >= 8.0 \(this one: \(7, 5\)\)"):
-        models.resolve_attention("flash_attention_2", torch.float16)
-    assert models.resolve_attention("sdpa", torch.float32) == "sdpa"
+        launch.resolve_attention("flash_attention_2", torch.float16)
+    assert launch.resolve_attention("sdpa", torch.float32) == "sdpa"
 
 
 def test_the_loader_passes_the_attention_its_dtype_allows(monkeypatch, load_kwargs):
@@ -164,9 +165,9 @@ def test_inference_loads_go_whole_and_unquantized_onto_this_process_gpu(monkeypa
     assert kwargs["quantization_config"].load_in_4bit and kwargs["device_map"] == {"": 1}
     # Asked for, inference is quantized too.
     assert load_kwargs(ModelSettings(model_id=model, quantization="4bit"))["quantization_config"].load_in_4bit
-    # FSDP and ZeRO-3 place the shards themselves; merging stays in CPU RAM (fp32).
+    # FSDP and ZeRO-3 place a full-precision model's shards themselves; merging stays in CPU RAM (fp32).
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert "device_map" not in load_kwargs(ModelSettings(model_id=model), for_training=True)
+    assert "device_map" not in load_kwargs(ModelSettings(model_id=model, quantization="none"), for_training=True)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert "device_map" not in load_kwargs(ModelSettings(model_id=model), full_precision=True, on_cpu=True)
 
@@ -239,7 +240,7 @@ def test_under_zero3_the_new_adapter_takes_the_base_dtype(sft_adapter, monkeypat
     """ZeRO-3 gathers into buffers of one dtype (trl/trainer/dpo_trainer.py); DeepSpeed keeps fp32 masters itself."""
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    monkeypatch.setattr(models, "register_zero3_init", lambda: None)  # no DeepSpeed on this machine
+    monkeypatch.setattr(launch, "register_zero3_init", lambda: None)  # no DeepSpeed on this machine
     s = DPOSettings(model_id=sft_adapter, dtype="bf16", quantization="none", lora_r=4, lora_alpha=8)
     model = models.add_trainable_adapter(models.load_model(s, for_training=True), s)
     assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.bfloat16}
@@ -390,15 +391,17 @@ def test_zero3_init_is_registered_before_the_model_loads(monkeypatch, load_kwarg
             hf_deepspeed.set_hf_deepspeed_config(self.dschf)
 
     monkeypatch.setattr(accelerate.utils, "DeepSpeedPlugin", Plugin)
-    monkeypatch.setattr(models, "_zero3_config", None)
+    monkeypatch.setattr(launch, "_zero3_config", None)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true")
     s = ModelSettings(model_id=presets.paths()["model"], quantization="none")
     try:
+        launch.establish_launch(s, "dpo.py")  # as every script starts
         assert load_kwargs(s, for_training=True)["zero3_at_load"] is True
         hf_deepspeed.unset_hf_deepspeed_config()
         monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false")  # turned off in the accelerate config
+        launch.establish_launch(s, "dpo.py")
         assert load_kwargs(s, for_training=True)["zero3_at_load"] is False
     finally:
         hf_deepspeed.unset_hf_deepspeed_config()
@@ -471,21 +474,21 @@ def test_a_bf16_merge_is_checked_in_fp32_and_saved_in_bf16(sft_adapter, tmp_path
 
 
 def test_threads_auto_is_one_for_a_small_model_on_a_cpu(monkeypatch):
-    monkeypatch.setattr(models, "physical_cores", lambda: 16)
+    monkeypatch.setattr(launch, "physical_cores", lambda: 16)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a choice already made (cpuslot makes one) is kept
-    assert models.resolve_num_threads("auto", 7_000_000_000) == 3
+    assert launch.resolve_num_threads("auto", 7_000_000_000) == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert models.resolve_num_threads("auto", 5_000_000) == 1
-    assert models.resolve_num_threads("auto", 7_000_000_000) == 16
-    assert models.resolve_num_threads("3", 5_000_000) == 3
+    assert launch.resolve_num_threads("auto", 5_000_000) == 1
+    assert launch.resolve_num_threads("auto", 7_000_000_000) == 16
+    assert launch.resolve_num_threads("3", 5_000_000) == 3
     with pytest.raises(ValueError, match="--num_threads must be auto or a positive whole number"):
-        models.resolve_num_threads("many", 1)
+        launch.resolve_num_threads("many", 1)
     fake_gpus(monkeypatch)
-    assert models.resolve_num_threads("auto", 5_000_000) == 16  # on a GPU the CPU only feeds it
+    assert launch.resolve_num_threads("auto", 5_000_000) == 16  # on a GPU the CPU only feeds it
 
 
 def test_loading_sets_the_threads_and_says_so_once(tiny_cache, monkeypatch, alignkit_log):
-    monkeypatch.setattr(models, "_threads_logged", None)
+    monkeypatch.setattr(launch, "_threads_logged", None)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     try:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from alignkit.core import launch
 from alignkit.core.args import ConfigError
 from alignkit.core.config import DPOSettings, ModelSettings
 from alignkit.modeling import generation, models, presets
@@ -16,14 +17,14 @@ from alignkit.modeling import generation, models, presets
 
 def test_auto_choices_on_a_cpu_say_what_and_why(alignkit_log):
     assert not torch.cuda.is_available()  # these tests describe the CPU path
-    assert models.resolve_dtype("auto") == torch.float32
-    assert models.resolve_quantization("auto") == "none"
-    assert models.resolve_attention("auto") == "sdpa"
-    assert models.resolve_liger("auto") is False
+    assert launch.resolve_dtype("auto") == torch.float32
+    assert launch.resolve_quantization("auto") == "none"
+    assert launch.resolve_attention("auto") == "sdpa"
+    assert launch.resolve_liger("auto") is False
     text = alignkit_log.text
     assert "dtype: fp32 (no CUDA device" in text and "quantization: none" in text and "attention: sdpa" in text
     # Explicit choices are honoured and need no explanation.
-    assert models.resolve_dtype("bf16") == torch.bfloat16 and models.resolve_quantization("4bit") == "4bit"
+    assert launch.resolve_dtype("bf16") == torch.bfloat16 and launch.resolve_quantization("4bit") == "4bit"
 
 
 def test_gpu_defaults_follow_the_seed():

@@ -4,6 +4,7 @@
 - config: every script's settings dataclasses, shared groups by composition.
 - errors: UserError and how a script reports it.
 - paths: the cache folder ($ALIGNKIT_CACHE).
+- launch: the launch mode, this process's device and process group, the loader's hardware decisions, refusals.
 - journal: append-only logs, atomic writes, the concurrent map every crash-safe loop uses.
 - data: the one data normaliser (SFT and preference rows from files, folders, the Hub).
 - hub: Hub pushes and model cards.

@@ -1,6 +1,6 @@
 """Models: loading, generating, merging, and the presets that build a model offline.
 
-- models: the one loader (base, adapter chains, quantization, attention).
+- models: the one loader (base, adapter chains, reward-model kinds; its hardware decisions: alignkit.core.launch).
 - gguf: GGUF files converted once into a model folder.
 - generation: local answering engines (transformers, vLLM).
 - merge: adapters merged into their base and checked.

@@ -54,9 +54,8 @@ def _check_inputs(tokenizer, device):
 def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str | None = None,
                    dequantize: bool = False, max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
     """Merge the adapter chain ending at `adapter_dir` into its base; returns the output folder."""
+    from alignkit.core.launch import resolve_dtype
     from alignkit.modeling.models import REWARD, load_model, model_kind
-
-    from alignkit.modeling.models import resolve_dtype
 
     reward = model_kind(str(adapter_dir)) == REWARD
     target = resolve_dtype(dtype)  # what is saved; the merge itself is done and checked in fp32

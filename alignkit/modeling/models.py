@@ -2,8 +2,9 @@
 
 `load_model(settings)` takes a Hub id, a local model folder, or an adapter folder. For an adapter folder the
 base model is read from its adapter_config.json, recursively, so a DPO adapter trained on top of an SFT
-adapter loads as base -> SFT -> DPO. It resolves the "auto" hardware settings (dtype, 4-bit, attention,
-Liger) with one log line each, and returns the tokenizer with a safe pad token and a chat template.
+adapter loads as base -> SFT -> DPO. The "auto" hardware settings (dtype, 4-bit, attention, Liger, threads, the
+device map) are alignkit.core.launch's decisions, one log line each; it returns the tokenizer with a safe pad
+token and a chat template.
 
 `add_trainable_adapter` then puts a fresh LoRA adapter ("default") on top; adapters the model was loaded with
 stay active and frozen, and `reference_mode` switches to them alone for the DPO reference pass.
@@ -12,7 +13,6 @@ stay active and frozen, and `reference_mode` switches to them alone for the DPO 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,6 +22,13 @@ import torch
 
 from alignkit import logger, quiet_library_noise
 from alignkit.core.errors import UserError
+
+# The launch's decisions (dtype, quantization, attention, Liger, threads, device map) live in alignkit.core.launch;
+# `local_gpu` and `_sharded_launch` stay importable from here for the modules that read them.
+from alignkit.core.launch import (  # noqa: F401 - local_gpu is re-exported
+    ZERO3, apply_num_threads, device_placement, local_gpu, quantization_config, resolve_attention, resolve_dtype,
+    resolve_liger, resolve_quantization, sharded_launch as _sharded_launch,
+)
 
 TRAINABLE = "default"  # PEFT's default adapter name; transformers' Trainer resumes this one
 
@@ -36,200 +43,6 @@ class Loaded:
     dtype: torch.dtype = torch.float32
     quantization: str = "none"
     deltas: list[str] = field(default_factory=list)  # LoTA delta folders added into the weights (alignkit.train.lota)
-
-
-def _log_choice(what: str, value: str, why: str) -> None:
-    logger.info(f"{what}: {value} ({why})")
-
-
-def local_gpu() -> int:
-    """This process's GPU: LOCAL_RANK under accelerate launch / torchrun, else the first visible one."""
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _ampere_or_newer() -> bool:
-    """Compute capability >= 8.0 (A100, A10, L4, H100, RTX 30xx/40xx): native bf16 and flash-attn 2's kernels."""
-    return torch.cuda.get_device_capability(local_gpu()) >= (8, 0)
-
-
-def resolve_dtype(requested: str) -> torch.dtype:
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if requested != "auto":
-        return names[requested]
-    if torch.cuda.is_available():
-        # torch.cuda.is_bf16_supported() defaults to including_emulation=True (torch/cuda/__init__.py: it then
-        # returns True for any GPU that can hold a bf16 tensor), so V100/T4 would "support" bf16 and train in
-        # slow emulation. Only native bf16 (Ampere and newer) counts.
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            _log_choice("dtype", "bf16", "CUDA with native bf16")
-            return torch.bfloat16
-        _log_choice("dtype", "fp16", "this GPU has no native bf16 (compute capability < 8.0)")
-        return torch.float16
-    _log_choice("dtype", "fp32", "no CUDA device: bf16/fp16 training needs a GPU, so the CPU computes in fp32")
-    return torch.float32
-
-
-def resolve_quantization(requested: str, for_training: bool = True) -> str:
-    if requested != "auto":
-        return requested
-    if not for_training:
-        # Generation, judging, evaluation: a merged bf16 model must be judged as it is, not as its NF4 copy.
-        _log_choice("quantization", "none", "inference loads the model as saved; --quantization 4bit to save memory")
-        return "none"
-    if torch.cuda.is_available():
-        _log_choice("quantization", "4bit", "QLoRA NF4 by default on CUDA; --quantization none to train in full precision")
-        return "4bit"
-    _log_choice("quantization", "none", "no CUDA device; --quantization 4bit still runs QLoRA on the CPU, slowly")
-    return "none"
-
-
-def resolve_attention(requested: str, dtype: torch.dtype | None = None) -> str:
-    """flash_attention_2 only where its kernels run: CUDA, compute capability >= 8.0, bf16/fp16 activations.
-
-    flash-attn 2 has no fp32 kernel and no pre-Ampere build: a model loaded with it on a T4, or in fp32, imports
-    fine and crashes in its first forward. Everything else gets PyTorch's sdpa.
-    """
-    half = dtype in (torch.bfloat16, torch.float16)
-    if requested == "flash_attention_2" and torch.cuda.is_available():
-        if not half:
-            raise ValueError("--attn_implementation flash_attention_2 needs --dtype bf16 or fp16 (flash-attn has no "
-                             "fp32 kernels); use sdpa, or auto")
-        if not _ampere_or_newer():
-            raise ValueError("--attn_implementation flash_attention_2 needs a GPU of compute capability >= 8.0 "
-                             f"(this one: {torch.cuda.get_device_capability(local_gpu())}); use sdpa, or auto")
-    if requested != "auto":
-        return requested
-    if not torch.cuda.is_available():
-        _log_choice("attention", "sdpa", "no CUDA device, so no flash attention")
-        return "sdpa"
-    if not _ampere_or_newer():
-        _log_choice("attention", "sdpa", "flash-attn 2 needs compute capability >= 8.0")
-        return "sdpa"
-    if not half:
-        _log_choice("attention", "sdpa", "flash-attn 2 needs bf16/fp16; this model computes in fp32")
-        return "sdpa"
-    if importlib.util.find_spec("flash_attn") is None:
-        _log_choice("attention", "sdpa", "flash-attn is not installed: pip install flash-attn --no-build-isolation")
-        return "sdpa"
-    _log_choice("attention", "flash_attention_2", "CUDA >= 8.0, half precision, flash-attn installed")
-    return "flash_attention_2"
-
-
-def resolve_liger(requested: str) -> bool:
-    if requested != "auto":
-        return requested == "true"
-    if not torch.cuda.is_available():
-        return False  # Liger's Triton kernels need CUDA; the CPU path needs no log line beyond attention's
-    if importlib.util.find_spec("liger_kernel") is None:
-        _log_choice("liger", "off", "liger-kernel is not installed: pip install 'alignkit[gpu]'")
-        return False
-    _log_choice("liger", "on", "CUDA and liger-kernel installed")
-    return True
-
-
-SMALL_MODEL = 50_000_000  # parameters; below this a CPU step is too short for a second thread to pay off
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
-
-
-def resolve_num_threads(requested: str, num_parameters: int) -> int:
-    """torch's CPU threads: auto is OMP_NUM_THREADS when set, else 1 for a model under ~50M parameters on a CPU,
-    else the physical cores.
-
-    A small model's matrix products are too short to split: the threads mostly wait for each other, and on a
-    busy machine for cores other processes hold (measured: tiny DPO 0.028 s/step with 1 thread, 1.9 s/step with 2
-    at load average 4).
-    """
-    if requested != "auto":
-        if not requested.isdigit() or int(requested) < 1:
-            raise ValueError(f"--num_threads must be auto or a positive whole number, got {requested!r}")
-        return int(requested)
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
-        return int(os.environ["OMP_NUM_THREADS"])  # the machine's owner already chose
-    if not torch.cuda.is_available() and num_parameters < SMALL_MODEL:
-        return 1
-    return physical_cores()
-
-
-_threads_logged: int | None = None
-
-
-def apply_num_threads(requested: str, model) -> int:
-    """Set torch's CPU threads for `model` (see resolve_num_threads); logs the choice once per value."""
-    global _threads_logged
-    count = sum(p.numel() for p in model.parameters())
-    threads = resolve_num_threads(requested, count)
-    torch.set_num_threads(threads)
-    if _threads_logged != threads:
-        why = "set by --num_threads" if requested != "auto" else "OMP_NUM_THREADS" if os.environ.get(
-            "OMP_NUM_THREADS", "").isdigit() else (
-            f"model of {count / 1e6:.1f}M parameters on a CPU: one thread is fastest, and robust on a busy machine"
-            if threads == 1 and not torch.cuda.is_available() else "the physical cores")
-        _log_choice("threads", str(threads), why)
-        _threads_logged = threads
-    return threads
-
-
-def _sharded_launch() -> str | None:
-    """"FSDP" or "DeepSpeed ZeRO-3" when accelerate launched this process to shard the model, else None."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-        return "FSDP"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true") and os.environ.get(
-        "ACCELERATE_DEEPSPEED_ZERO_STAGE", ""
-    ) == "3":
-        return "DeepSpeed ZeRO-3"
-    return None
-
-
-def device_placement(sharded: str | None) -> dict:
-    """from_pretrained's device_map: the whole model on this process's own GPU, unless FSDP/ZeRO-3 shards it.
-
-    Without a device_map, from_pretrained leaves the model on the CPU, and only the Trainer moves it to the GPU:
-    generation, judging and evaluation (which have no Trainer) would run on the CPU of a GPU machine.
-    device_map="auto" would spread one model over every visible GPU and break DDP, where each process owns one.
-    """
-    if not torch.cuda.is_available() or sharded:
-        return {}
-    _log_choice("device", f"cuda:{local_gpu()}", "the whole model on this process's GPU")
-    return {"device_map": {"": local_gpu()}}
-
-
-_zero3_config = None  # must stay alive: transformers keeps only a weakref to it
-
-
-def register_zero3_init() -> None:
-    """Under a ZeRO-3 launch with zero3_init_flag, make from_pretrained build the model partitioned (zero.Init).
-
-    from_pretrained partitions at load time only when a DeepSpeed config is registered
-    (transformers/modeling_utils.py: `needs_zero3_init = is_deepspeed_zero3_enabled() and not _is_quantized`);
-    the Trainer registers one only when its TrainingArguments are built (training_args.py, "12. DeepSpeed":
-    DeepSpeedPlugin().set_deepspeed_weakref()), which in the scripts comes after loading: every rank would load
-    the whole model into CPU RAM. This registers the same config, read from accelerate launch's environment,
-    before loading. (4-bit models are never built under zero.Init.)
-    """
-    global _zero3_config
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        return  # TRL's config (or an HfDeepSpeedConfig of the caller's) is already registered
-    from accelerate.utils import DeepSpeedPlugin
-
-    plugin = DeepSpeedPlugin()  # ACCELERATE_DEEPSPEED_* and the config file, as TrainingArguments reads them
-    if not plugin.zero3_init_flag:
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()  # the plugin registered its config on creation; zero.Init stays off as asked
-        return
-    plugin.set_deepspeed_weakref()
-    _zero3_config = plugin
-    _log_choice("ZeRO-3 init", "on", "each rank loads only its shard of the weights (zero3_init_flag)")
 
 
 def fit_embeddings(model, tok) -> None:
@@ -271,7 +84,7 @@ def keep_trainable_fp32(model) -> int:
     the adapters in fp32. Under ZeRO-3 they stay as they are: DeepSpeed keeps fp32 master weights itself and
     needs one dtype across its partitions.
     """
-    if _sharded_launch() == "DeepSpeed ZeRO-3":
+    if _sharded_launch() == ZERO3:
         return 0
     moved = 0
     for param in model.parameters():
@@ -413,7 +226,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     reward: load a reward model (sequence classification, one output; see "Reward models" below) instead of a
         causal LM. Either way, a model of the other kind is an error that says what to pass instead.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     quiet_library_noise()
     check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
@@ -433,25 +246,10 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         revision=None if chain else s.revision, trust_remote_code=s.trust_remote_code, dtype=dtype,
         attn_implementation=resolve_attention(s.attn_implementation, dtype),
     )
-    sharded = _sharded_launch()
-    if sharded == "DeepSpeed ZeRO-3":
-        register_zero3_init()
-    if quantization == "8bit" and sharded:
-        raise UserError(
-            f"--quantization 8bit cannot be sharded by {sharded}: bitsandbytes supports that for 4-bit only. "
-            "Use --quantization 4bit, or a DDP launch (recipes/accelerate/ddp.yaml)."
-        )
-    if quantization == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            # FSDP and ZeRO-3 flatten parameters of one dtype: store the 4-bit weights in the compute dtype.
-            bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
-        )
-    elif quantization == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if not on_cpu:
-        kwargs.update(device_placement(sharded))
+    config = quantization_config(quantization, dtype)  # 8-bit under FSDP/ZeRO-3 is refused here
+    if config is not None:
+        kwargs["quantization_config"] = config
+    kwargs.update(device_placement(quantization, on_cpu=on_cpu))
     from alignkit.modeling.gguf import model_source
 
     if not (str(base_id).endswith(".gguf") or getattr(s, "gguf_file", None)):  # GGUF sources check themselves
@@ -530,7 +328,7 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
     model = loaded.model
     # ZeRO-3 all-gathers into buffers of the first parameter's dtype: PEFT's fp32 upcast of the new adapter beside a
     # bf16 base fails the first optimizer step (TRL passes the same flag for this, trl/trainer/dpo_trainer.py).
-    autocast = _sharded_launch() != "DeepSpeed ZeRO-3"
+    autocast = _sharded_launch() != ZERO3
     if isinstance(model, PeftModel):
         model.add_adapter(TRAINABLE, config, autocast_adapter_dtype=autocast)
         # The trained adapter first: transformers' Trainer resumes the first active adapter.

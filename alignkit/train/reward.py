@@ -109,8 +109,17 @@ def zero_fresh_score_head(model, model_id: str) -> None:
     from alignkit.modeling.models import CAUSAL, model_kind
 
     head = getattr(model, "score", None)  # the name transformers gives it on decoder-only models
-    if model_kind(model_id) == CAUSAL and isinstance(head, torch.nn.Linear):
-        torch.nn.init.zeros_(head.weight)
+    if not (model_kind(model_id) == CAUSAL and isinstance(head, torch.nn.Linear)):
+        return
+    if hasattr(head.weight, "ds_id"):  # built under ZeRO-3's zero.Init: each rank holds a partition, .data is empty
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=0):  # rank 0's zeros go to every shard
+            torch.nn.init.zeros_(head.weight)
+        return
+    # FSDP's RAM-efficient loading leaves ranks > 0 on the meta device: rank 0's zeros reach them when FSDP wraps
+    # the model (sync_module_states), as every other weight does.
+    torch.nn.init.zeros_(head.weight)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,7 +134,11 @@ class AlignRewardTrainer(RewardTrainer):
     """
 
     def __init__(self, *args, loss: str = "bradley_terry", lm_loss_coef: float = 0.0, lm_head=None, **kwargs):
+        from alignkit.modeling.models import keep_trainable_fp32
+
         super().__init__(*args, **kwargs)
+        # TRL casts a 4-bit model's trainable weights (LoRA and the score head) to bf16; back to fp32, as for sft/dpo.
+        keep_trainable_fp32(self.model)
         self.loss, self.lm_loss_coef, self.lm_head = loss, lm_loss_coef, lm_head
         self._hidden = None
         if self.uses_lm_term:
@@ -177,8 +190,21 @@ class AlignRewardTrainer(RewardTrainer):
 # Held-out report
 
 
-def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16, max_length: int | None = None) -> dict:
-    """Score every held-out pair; accuracy, means and standard deviations, and a histogram PNG in `folder`."""
+def scores_held_out(is_main_process: bool) -> bool:
+    """Whether this process takes part in the held-out report: the main one, and under FSDP/ZeRO-3 every one."""
+    from alignkit.core.launch import sharded_launch
+
+    return is_main_process or sharded_launch() is not None
+
+
+def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16, max_length: int | None = None,
+                    write: bool = True) -> dict:
+    """Score every held-out pair; accuracy, means and standard deviations, and (`write`) a histogram PNG and the
+    scores in `folder`.
+
+    Under FSDP or ZeRO-3 a forward pass is a collective (each layer gathers its weights from every rank): every
+    rank must call this with the trained, wrapped model (`trainer.model`), and only the main process writes.
+    """
     from alignkit.feedback.rewards import score
 
     model.eval()
@@ -192,7 +218,10 @@ def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16,
         "rejected_mean": r.mean().item(), "rejected_std": r.std().item() if len(r) > 1 else 0.0,
         "margin_mean": (c - r).mean().item(), "margin_std": (c - r).std().item() if len(c) > 1 else 0.0,
     }
-    report["histogram"] = str(histogram(chosen, rejected, Path(folder) / "rewards_histogram.png"))
+    report["histogram"] = str(Path(folder) / "rewards_histogram.png")
+    if not write:
+        return report
+    histogram(chosen, rejected, Path(report["histogram"]))
     (Path(folder) / "held_out_rewards.json").write_text(json.dumps({**report, "chosen": chosen, "rejected": rejected}))
     logger.info(f"held-out rewards: chosen {report['chosen_mean']:.3f} ± {report['chosen_std']:.3f}, rejected "
                 f"{report['rejected_mean']:.3f} ± {report['rejected_std']:.3f}, histogram {report['histogram']}")

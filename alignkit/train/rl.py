@@ -411,6 +411,12 @@ def trainer_class(algo: str):
     return AlignOnlineTrainer
 
 
+def wants_vllm(s) -> bool:
+    """Whether rl.py generates with vLLM (resolve_backend's decision, without its checks and log line)."""
+    return s.backend == "vllm" or (s.backend == "auto" and torch.cuda.is_available()
+                                   and importlib.util.find_spec("vllm") is not None)
+
+
 def resolve_backend(s) -> bool:
     """True to generate with vLLM. auto: vLLM when installed and a CUDA GPU is there; one line when falling back."""
     has_vllm = importlib.util.find_spec("vllm") is not None
@@ -433,7 +439,13 @@ def trl_args(s, folder: Path, dtype, model=None):
     from alignkit.train.training import trl_config
 
     use_vllm = resolve_backend(s)
-    extra = dict(vllm_mode=s.vllm_mode, vllm_gpu_memory_utilization=s.vllm_gpu_memory_utilization) if use_vllm else {}
+    extra = {}
+    if use_vllm:
+        # vLLM sizes its KV cache for max_model_len inside its memory share; left unset that is the model's whole
+        # context. Capped as label.py and evaluate.py cap it (--max_model_len, at most the model's context).
+        context = getattr(model.config.get_text_config(), "max_position_embeddings", None) if model is not None else None
+        extra = dict(vllm_mode=s.vllm_mode, vllm_gpu_memory_utilization=s.vllm_gpu_memory_utilization,
+                     vllm_max_model_length=min(s.max_model_len, context) if context else s.max_model_len)
     return trl_config(
         GRPOConfig if s.algo == "grpo" else RLOOConfig, s, folder, dtype, model, beta=s.beta,
         num_generations=s.num_generations, max_completion_length=s.max_completion_length,

@@ -30,6 +30,7 @@ import torch
 from alignkit import logger, quiet_library_noise
 from alignkit.core.args import ConfigError, config_to_dict, redact
 from alignkit.core.errors import UserError
+from alignkit.core.launch import agreed_minimum, free_memory, training_device, world_size
 
 CONFIG_FILE = "alignkit_config.json"
 FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
@@ -76,11 +77,6 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 def _training_view(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in _NOT_TRAINING}
-
-
-def world_size() -> int:
-    """Processes launched together (accelerate launch / torchrun set WORLD_SIZE); 1 for a plain run."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def preflight(s) -> None:
@@ -217,21 +213,14 @@ def resolve_report_to(s) -> str:
 ACTIVATION_SHARE = 0.5  # gradient checkpointing stays off while a micro-batch's activations fit in this share
 
 
-def free_memory(device: torch.device) -> int:
-    """Bytes free for training on `device`: the GPU's free memory, or the host's available memory (psutil, which
-    peft and TRL require, reads it on Linux, macOS and Windows alike)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
 def activation_bytes(model, s, dtype: torch.dtype) -> int:
     """What one micro-batch's activations take without gradient checkpointing, at its worst (every row at
     max_length): per token and layer a Llama-style block keeps about 8 hidden-sized and 4 intermediate-sized
     tensors for the backward (norm inputs, q/k/v, attention output; the MLP's input, gate, up, activation), and
     the LM head's fp32 logits and log-softmax take 2 x 4 bytes per vocabulary entry. Preference pairs are two rows.
+    DPO's prefix sharing packs a pair into one row of up to 2 x max_length tokens whose 4D attention mask
+    (alignkit.train.prefix) takes about (2 x max_length)^2 bytes as a bool, plus a float copy inside attention:
+    counted too, though it stays near 1% of the rest (batch 4 at 8k tokens: 3 GiB of about 300).
     """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden = config.hidden_size
@@ -241,25 +230,34 @@ def activation_bytes(model, s, dtype: torch.dtype) -> int:
     rows = s.per_device_train_batch_size * (2 if getattr(s, "run_type", "") in ("dpo", "reward") else 1)
     tokens = rows * length
     per_token = config.num_hidden_layers * (8 * hidden + 4 * inner) * dtype.itemsize + 8 * config.vocab_size
-    return tokens * per_token
+    masks = 0
+    if getattr(s, "run_type", "") == "dpo" and getattr(s, "prefix_sharing", False):
+        masks = s.per_device_train_batch_size * (2 * length) ** 2 * (1 + dtype.itemsize)
+    return tokens * per_token + masks
 
 
 def resolve_gradient_checkpointing(s, model, dtype: torch.dtype) -> bool:
     """--gradient_checkpointing: true/false as given; auto: off when a micro-batch's activations (estimated by
-    `activation_bytes`) fit in half the memory free on the model's device, since recomputing them costs about a
-    fifth of a step; on otherwise, or with no model to size them. A 7B QLoRA run on a 24 GB GPU (batch 4, 1024
-    tokens) needs about 40 GB of them: on. The tiny preset on a CPU: off. The choice is logged."""
+    `activation_bytes`) fit in half the memory free on the device this process trains on, since recomputing them
+    costs about a fifth of a step; on otherwise, or with no model to size them. A 7B QLoRA run on a 24 GB GPU
+    (batch 4, 1024 tokens) needs about 40 GB of them: on. The tiny preset on a CPU: off. The choice is logged.
+
+    The device is this process's GPU (alignkit.core.launch.training_device), not the model's first parameter: under
+    FSDP, or a sharded 4-bit load, that sits on the CPU or the meta device and would measure host RAM. Under a
+    multi-process launch the smallest free memory of all ranks decides, so every rank takes the same choice.
+    """
     requested = str(s.gradient_checkpointing).strip().lower()
     if requested in ("true", "false"):
         return requested == "true"
     if model is None:
         return True
     needed = activation_bytes(model, s, dtype)
-    device = next(model.parameters()).device
-    free = free_memory(device)
+    device = training_device()
+    free = agreed_minimum(free_memory(device))
     on = needed > ACTIVATION_SHARE * free
+    ranks = " (the least of all ranks)" if world_size() > 1 else ""
     logger.info(f"gradient checkpointing: {'on' if on else 'off'} (auto: a micro-batch's activations take up to "
-                f"{needed / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free on {device.type}, "
+                f"{needed / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free on {device.type}{ranks}, "
                 f"{'more' if on else 'less'} than half; --gradient_checkpointing true|false to choose)")
     return on
 
@@ -443,14 +441,17 @@ def gathered_state_dict(trainer) -> dict | None:
     """
     if getattr(trainer, "is_deepspeed_enabled", False):
         engine = trainer.deepspeed
-        if trainer.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
-            # Only the trainable (adapter) weights, as save_model does for a PeftModel under ZeRO-3: gathering the
-            # frozen base too would put the whole 16-bit model in the main process's RAM for nothing.
-            try:
-                return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
-            except TypeError:  # a DeepSpeed without the argument: the whole model, as accelerate gathers it
-                pass
-        return trainer.accelerator.get_state_dict(engine)
+        if trainer.accelerator.deepspeed_config["zero_optimization"]["stage"] != 3:
+            # ZeRO-0/1/2 partition optimizer states and gradients, never the weights: the model is whole on every
+            # rank. accelerate's get_state_dict would clone all of it, frozen base included, into every rank's
+            # host RAM (clone_tensors_for_torch_save) for an adapter of a few megabytes.
+            return None
+        # Only the trainable (adapter) weights, as save_model does for a PeftModel under ZeRO-3: gathering the
+        # frozen base too would put the whole 16-bit model in the main process's RAM for nothing.
+        try:
+            return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+        except TypeError:  # a DeepSpeed without the argument: the whole model, as accelerate gathers it
+            return trainer.accelerator.get_state_dict(engine)
     if getattr(trainer, "is_fsdp_enabled", False):
         return trainer.accelerator.get_state_dict(trainer.model)
     return None
@@ -464,7 +465,11 @@ def publish_run(folder: Path, s) -> None:
 
     target = folder
     if s.merge_adaptors:
-        target = merge_adapters(str(folder), folder / "merged", dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+        from alignkit.core.launch import outside_zero3
+
+        with outside_zero3():  # the main process alone builds the whole model: not under ZeRO-3's zero.Init
+            target = merge_adapters(str(folder), folder / "merged", dtype=s.dtype,
+                                    trust_remote_code=s.trust_remote_code)
         logger.info(f"merged model saved to {target}")
     if s.push_to_hub:
         push(target, s.hub_repo_id, private=not s.hub_public)

@@ -1,0 +1,398 @@
+"""The launch: which processes run, on which device, and what each feature may do there; decided before loading.
+
+Every script calls `establish_launch(settings, script)` first. Under `accelerate launch` / torchrun it
+- refuses, in one line naming the combination and what to use instead, what cannot work under this launch mode
+  (`refusal`: the support matrix's "refused" cells), before any data or model is read;
+- sets this process's CUDA device from LOCAL_RANK: bitsandbytes places a 4-bit model on
+  `torch.cuda.current_device()` when no device map says otherwise (transformers/quantizers/quantizer_bnb_4bit.py
+  `update_device_map`), which is GPU 0 on every rank until someone sets it;
+- creates the process group (accelerate's PartialState, the one the Trainer later finds): transformers' FSDP
+  RAM-efficient loading (`fsdp_cpu_ram_efficient_loading`: only local rank 0 reads the weights) checks
+  `torch.distributed.is_initialized()` while the model loads (transformers/distributed/fsdp.py is_fsdp_enabled);
+- under ZeRO-3, registers DeepSpeed's config so that from_pretrained builds the model partitioned.
+
+The loader's hardware decisions live here too, each logged once with its reason: dtype, quantization (and its
+bitsandbytes config: under FSDP/ZeRO-3 the 4-bit weights are stored in the compute dtype), attention, Liger, CPU
+threads and the device map (the whole model on this process's GPU; under FSDP/ZeRO-3 only a 4-bit model, which
+they cannot build sharded, is placed per rank). alignkit.modeling.models only loads.
+
+Launch modes: "one process", "DDP", "FSDP", "ZeRO-2" (also ZeRO-0/1), "ZeRO-3".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from alignkit import logger
+from alignkit.core.errors import UserError
+
+FSDP, ZERO3 = "FSDP", "DeepSpeed ZeRO-3"  # the two launches that shard the model (`sharded_launch`)
+ONE_PROCESS = ("label.py", "evaluate.py", "merge.py", "rlaif.py")  # scripts that never run under a launcher
+
+
+def _log_choice(what: str, value: str, why: str) -> None:
+    logger.info(f"{what}: {value} ({why})")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true")
+
+
+def world_size() -> int:
+    """Processes launched together (accelerate launch / torchrun set WORLD_SIZE); 1 for a plain run."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_gpu() -> int:
+    """This process's GPU: LOCAL_RANK under accelerate launch / torchrun, else the first visible one."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def sharded_launch() -> str | None:
+    """FSDP or ZERO3 when accelerate launched this process to shard the model, else None."""
+    if _flag("ACCELERATE_USE_FSDP"):
+        return FSDP
+    if _flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":
+        return ZERO3
+    return None
+
+
+def launch_mode() -> str:
+    """"one process", "DDP", "FSDP", "ZeRO-2" or "ZeRO-3", from the launcher's environment."""
+    if _flag("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        return "ZeRO-3" if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3" else "ZeRO-2"
+    return "DDP" if world_size() > 1 else "one process"
+
+
+def training_device() -> torch.device:
+    """The device this process trains on: its own GPU, else the CPU (whatever device the model is loaded on)."""
+    return torch.device("cuda", local_gpu()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What each feature may do under each launch mode
+
+
+def refusal(s, script: str) -> str | None:
+    """The one line that refuses `script` with settings `s` under this launch, or None when it is supported.
+
+    Only combinations that cannot work are here; the README's support matrix says how every other one is proven.
+    """
+    mode, sharded = launch_mode(), sharded_launch()
+    if script in ONE_PROCESS and world_size() > 1:
+        return (f"{script} under accelerate launch ({mode}, {world_size()} processes): it runs as one process; run "
+                f"`python {script} ...` (it uses this machine's GPU itself)")
+    quantization = getattr(s, "quantization", "none")
+    if sharded and quantization == "8bit":
+        return _no_8bit(sharded)
+    if script == "dpo.py" and sharded == FSDP and getattr(s, "precompute_ref_log_probs", False):
+        return ("dpo.py --precompute_ref_log_probs under FSDP: TRL runs the reference pass before FSDP wraps the model "
+                "(its weights still on the CPU, the batches on the GPU); use a DDP or DeepSpeed launch, or drop "
+                "--precompute_ref_log_probs (the reference is then the model with the adapter off, at no memory cost)")
+    if script == "reward.py" and sharded and getattr(s, "loss", "") == "logexpwithlm" and getattr(s, "lm_loss_coef", 0):
+        return (f"reward.py --loss logexpwithlm under {sharded}: its LM term needs the base's whole LM head beside a "
+                "sharded model; use a DDP launch, or --lm_loss_coef 0 (logexp), or --loss logexp")
+    if script == "rl.py":
+        if sharded and any(str(r).startswith("rm:") for r in getattr(s, "reward", [])):
+            return (f"rl.py --reward rm:FOLDER under {sharded}: the reward model would be sharded like the policy and "
+                    "score nothing; use a DDP launch (each GPU holds the policy and the reward model), or serve it "
+                    "and use --reward judge")
+        from alignkit.train.rl import wants_vllm
+
+        if wants_vllm(s) and resolve_quantization(quantization, for_training=True, log=False) == "4bit":
+            return ("rl.py with vLLM and QLoRA (--quantization 4bit): TRL syncs packed 4-bit weights vLLM cannot load, "
+                    "and each sync re-quantizes the frozen base (TRL issue #4973); use --backend transformers, or "
+                    "--quantization none with vLLM")
+    return None
+
+
+def _no_8bit(sharded: str) -> str:
+    return (f"--quantization 8bit cannot be sharded by {sharded}: bitsandbytes supports that for 4-bit only. "
+            "Use --quantization 4bit, or a DDP launch (recipes/accelerate/ddp.yaml).")
+
+
+@dataclass(frozen=True)
+class Launch:
+    mode: str  # one process, DDP, FSDP, ZeRO-2, ZeRO-3
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+_distributed_state = None
+
+
+def _start_process_group():
+    """accelerate's PartialState: it creates the process group (nccl on GPUs, gloo on CPUs) and sets the device.
+
+    The Trainer's TrainingArguments later find the same state (it is a singleton) and use it.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def establish_launch(s=None, script: str = "") -> Launch:
+    """The launch, established before anything loads (see the module docstring). Call it first in every script."""
+    global _distributed_state
+    why = refusal(s, script) if s is not None else None
+    if why:
+        raise UserError(why)
+    launch = Launch(launch_mode(), world_size(), local_gpu(), training_device())
+    if launch.world_size > 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(launch.local_rank)  # before loading: bitsandbytes places on the current device
+        _distributed_state = _start_process_group()
+        logger.info(f"launch: {launch.mode}, {launch.world_size} processes; this one is local rank {launch.local_rank} "
+                    f"on {launch.device}")
+    if launch.mode == "ZeRO-3" and script not in ONE_PROCESS:
+        register_zero3_init()
+    return launch
+
+
+def agreed_minimum(value: int) -> int:
+    """The smallest `value` over all processes (all_reduce MIN), so that every rank takes the same decision; the
+    value itself when no process group is running."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    device = training_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for training on `device`: the GPU's free memory, or the host's available memory (psutil, which
+    peft and TRL require, reads it on Linux, macOS and Windows alike)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loader's hardware decisions
+
+
+def _ampere_or_newer() -> bool:
+    """Compute capability >= 8.0 (A100, A10, L4, H100, RTX 30xx/40xx): native bf16 and flash-attn 2's kernels."""
+    return torch.cuda.get_device_capability(local_gpu()) >= (8, 0)
+
+
+def resolve_dtype(requested: str) -> torch.dtype:
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if requested != "auto":
+        return names[requested]
+    if torch.cuda.is_available():
+        # torch.cuda.is_bf16_supported() defaults to including_emulation=True (torch/cuda/__init__.py: it then
+        # returns True for any GPU that can hold a bf16 tensor), so V100/T4 would "support" bf16 and train in
+        # slow emulation. Only native bf16 (Ampere and newer) counts.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            _log_choice("dtype", "bf16", "CUDA with native bf16")
+            return torch.bfloat16
+        _log_choice("dtype", "fp16", "this GPU has no native bf16 (compute capability < 8.0)")
+        return torch.float16
+    _log_choice("dtype", "fp32", "no CUDA device: bf16/fp16 training needs a GPU, so the CPU computes in fp32")
+    return torch.float32
+
+
+def resolve_quantization(requested: str, for_training: bool = True, log: bool = True) -> str:
+    if requested != "auto":
+        return requested
+    say = _log_choice if log else (lambda *a: None)
+    if not for_training:
+        # Generation, judging, evaluation: a merged bf16 model must be judged as it is, not as its NF4 copy.
+        say("quantization", "none", "inference loads the model as saved; --quantization 4bit to save memory")
+        return "none"
+    if torch.cuda.is_available():
+        say("quantization", "4bit", "QLoRA NF4 by default on CUDA; --quantization none to train in full precision")
+        return "4bit"
+    say("quantization", "none", "no CUDA device; --quantization 4bit still runs QLoRA on the CPU, slowly")
+    return "none"
+
+
+def quantization_config(quantization: str, dtype: torch.dtype):
+    """bitsandbytes' config for `quantization` ("4bit", "8bit"), or None."""
+    from transformers import BitsAndBytesConfig
+
+    sharded = sharded_launch()
+    if quantization == "8bit" and sharded:
+        raise UserError(_no_8bit(sharded))
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+            # FSDP and ZeRO-3 flatten parameters of one dtype: store the 4-bit weights in the compute dtype.
+            bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def resolve_attention(requested: str, dtype: torch.dtype | None = None) -> str:
+    """flash_attention_2 only where its kernels run: CUDA, compute capability >= 8.0, bf16/fp16 activations.
+
+    flash-attn 2 has no fp32 kernel and no pre-Ampere build: a model loaded with it on a T4, or in fp32, imports
+    fine and crashes in its first forward. Everything else gets PyTorch's sdpa.
+    """
+    half = dtype in (torch.bfloat16, torch.float16)
+    if requested == "flash_attention_2" and torch.cuda.is_available():
+        if not half:
+            raise ValueError("--attn_implementation flash_attention_2 needs --dtype bf16 or fp16 (flash-attn has no "
+                             "fp32 kernels); use sdpa, or auto")
+        if not _ampere_or_newer():
+            raise ValueError("--attn_implementation flash_attention_2 needs a GPU of compute capability >= 8.0 "
+                             f"(this one: {torch.cuda.get_device_capability(local_gpu())}); use sdpa, or auto")
+    if requested != "auto":
+        return requested
+    if not torch.cuda.is_available():
+        _log_choice("attention", "sdpa", "no CUDA device, so no flash attention")
+        return "sdpa"
+    if not _ampere_or_newer():
+        _log_choice("attention", "sdpa", "flash-attn 2 needs compute capability >= 8.0")
+        return "sdpa"
+    if not half:
+        _log_choice("attention", "sdpa", "flash-attn 2 needs bf16/fp16; this model computes in fp32")
+        return "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:
+        _log_choice("attention", "sdpa", "flash-attn is not installed: pip install flash-attn --no-build-isolation")
+        return "sdpa"
+    _log_choice("attention", "flash_attention_2", "CUDA >= 8.0, half precision, flash-attn installed")
+    return "flash_attention_2"
+
+
+def resolve_liger(requested: str) -> bool:
+    if requested != "auto":
+        return requested == "true"
+    if not torch.cuda.is_available():
+        return False  # Liger's Triton kernels need CUDA; the CPU path needs no log line beyond attention's
+    if importlib.util.find_spec("liger_kernel") is None:
+        _log_choice("liger", "off", "liger-kernel is not installed: pip install 'alignkit[gpu]'")
+        return False
+    _log_choice("liger", "on", "CUDA and liger-kernel installed")
+    return True
+
+
+def device_placement(quantization: str = "none", on_cpu: bool = False) -> dict:
+    """from_pretrained's device_map: the whole model on this process's own GPU.
+
+    Without a device_map, from_pretrained leaves the model on the CPU, and only the Trainer moves it to the GPU:
+    generation, judging and evaluation (which have no Trainer) would run on the CPU of a GPU machine.
+    device_map="auto" would spread one model over every visible GPU and break DDP, where each process owns one.
+    FSDP and ZeRO-3 place a full-precision model themselves (none here); a 4-bit model they cannot build sharded,
+    so it goes on this rank's GPU, as TRL's get_kbit_device_map puts it (bitsandbytes would otherwise take
+    current_device()). on_cpu: CPU RAM even for a 4-bit model (merge.py --dequantize: a 7B in fp32 is 28 GB).
+    """
+    if not torch.cuda.is_available():
+        return {}
+    if on_cpu:
+        return {"device_map": {"": "cpu"}} if quantization != "none" else {}
+    if sharded_launch() and quantization == "none":
+        return {}
+    _log_choice("device", f"cuda:{local_gpu()}", "the whole model on this process's GPU")
+    return {"device_map": {"": local_gpu()}}
+
+
+_zero3_config = None  # must stay alive: transformers keeps only a weakref to it
+
+
+def register_zero3_init() -> None:
+    """Under a ZeRO-3 launch with zero3_init_flag, make from_pretrained build the model partitioned (zero.Init).
+
+    from_pretrained partitions at load time only when a DeepSpeed config is registered
+    (transformers/modeling_utils.py: `needs_zero3_init = is_deepspeed_zero3_enabled() and not _is_quantized`);
+    the Trainer registers one only when its TrainingArguments are built (training_args.py, "12. DeepSpeed":
+    DeepSpeedPlugin().set_deepspeed_weakref()), which in the scripts comes after loading: every rank would load
+    the whole model into CPU RAM. This registers the same config, read from accelerate launch's environment,
+    before loading. (4-bit models are never built under zero.Init.)
+    """
+    global _zero3_config
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return  # TRL's config (or an HfDeepSpeedConfig of the caller's) is already registered
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin()  # ACCELERATE_DEEPSPEED_* and the config file, as TrainingArguments reads them
+    if not plugin.zero3_init_flag:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # the plugin registered its config on creation; zero.Init stays off as asked
+        return
+    plugin.set_deepspeed_weakref()
+    _zero3_config = plugin
+    _log_choice("ZeRO-3 init", "on", "each rank loads only its shard of the weights (zero3_init_flag)")
+
+
+@contextlib.contextmanager
+def outside_zero3():
+    """One process builds a whole model (a merge at the end of a ZeRO-3 run): DeepSpeed's registered config is set
+    aside, so from_pretrained does not build under zero.Init and wait for ranks that have left."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    kept = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = kept
+
+
+SMALL_MODEL = 50_000_000  # parameters; below this a CPU step is too short for a second thread to pay off
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def resolve_num_threads(requested: str, num_parameters: int) -> int:
+    """torch's CPU threads: auto is OMP_NUM_THREADS when set, else 1 for a model under ~50M parameters on a CPU,
+    else the physical cores.
+
+    A small model's matrix products are too short to split: the threads mostly wait for each other, and on a
+    busy machine for cores other processes hold (measured: tiny DPO 0.028 s/step with 1 thread, 1.9 s/step with 2
+    at load average 4).
+    """
+    if requested != "auto":
+        if not requested.isdigit() or int(requested) < 1:
+            raise ValueError(f"--num_threads must be auto or a positive whole number, got {requested!r}")
+        return int(requested)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])  # the machine's owner already chose
+    if not torch.cuda.is_available() and num_parameters < SMALL_MODEL:
+        return 1
+    return physical_cores()
+
+
+_threads_logged: int | None = None
+
+
+def apply_num_threads(requested: str, model) -> int:
+    """Set torch's CPU threads for `model` (see resolve_num_threads); logs the choice once per value."""
+    global _threads_logged
+    count = sum(p.numel() for p in model.parameters())
+    threads = resolve_num_threads(requested, count)
+    torch.set_num_threads(threads)
+    if _threads_logged != threads:
+        why = "set by --num_threads" if requested != "auto" else "OMP_NUM_THREADS" if os.environ.get(
+            "OMP_NUM_THREADS", "").isdigit() else (
+            f"model of {count / 1e6:.1f}M parameters on a CPU: one thread is fastest, and robust on a busy machine"
+            if threads == 1 and not torch.cuda.is_available() else "the physical cores")
+        _log_choice("threads", str(threads), why)
+        _threads_logged = threads
+    return threads

@@ -1,0 +1,356 @@
+"""The launch, established before the model loads (alignkit.core.launch), on a simulated multi-GPU machine: each
+rank's device and process group, its 4-bit placement, the ranks' one checkpointing choice, and each combination
+that cannot work refused in one line before anything loads (issue 24)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from alignkit.core import launch
+from alignkit.core.config import DPOSettings, MergeSettings, RewardSettings, RLSettings, SFTSettings
+from alignkit.core.errors import UserError
+from alignkit.modeling import presets
+from alignkit.train import training
+
+from test_gpu_paths import _meta_llama, fake_gpus, load_kwargs  # noqa: F401 - load_kwargs is a fixture
+
+ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING",
+       "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE")
+
+
+def launched(monkeypatch, mode: str, rank: int = 1, world: int = 2) -> None:
+    """The environment `accelerate launch` gives process `rank` of `world` in `mode` (ddp, fsdp, zero2, zero3)."""
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    if mode == "fsdp":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    elif mode.startswith("zero"):
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", mode[-1])
+
+
+def gpus(monkeypatch, count: int) -> list:
+    """`count` fake GPUs whose current device is what set_device left (fake_gpus' set_device does nothing); returns
+    the devices current when a process group was started."""
+    fake_gpus(monkeypatch, count=count)
+    current = [0]
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.__setitem__(0, int(device)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    started = []
+    monkeypatch.setattr(launch, "_start_process_group", lambda: started.append(torch.cuda.current_device()))
+    monkeypatch.setattr(launch, "register_zero3_init", lambda: None)  # DeepSpeed is not installed here
+    return started
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. QLoRA under FSDP / ZeRO-3: each rank's 4-bit model on its own GPU, the process group there before loading
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "zero3"])
+def test_rank_1_of_a_sharded_qlora_launch_loads_onto_gpu_1(mode, monkeypatch, load_kwargs):
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    gpu_devices = gpus(monkeypatch, 2)
+    launched(monkeypatch, mode, rank=1)
+    s = DPOSettings(model_id=presets.paths()["model"])  # quantization auto: QLoRA on CUDA
+    established = launch.establish_launch(s, "dpo.py")
+    assert established.mode == {"fsdp": "FSDP", "zero3": "ZeRO-3"}[mode] and established.local_rank == 1
+    # The device is set, then the process group is created (FSDP's RAM-efficient loading needs it at load time).
+    assert torch.cuda.current_device() == 1 and gpu_devices == [1]
+    # bitsandbytes without a device map places on the current device (update_device_map): GPU 1 now, not 0.
+    assert Bnb4BitHfQuantizer(BitsAndBytesConfig(load_in_4bit=True)).update_device_map(None) == {"": 1}
+    kwargs = load_kwargs(s, for_training=True)
+    assert kwargs["device_map"] == {"": 1}  # and the loader says so itself
+    config = kwargs["quantization_config"]
+    assert config.load_in_4bit and config.bnb_4bit_quant_storage == config.bnb_4bit_compute_dtype == torch.bfloat16
+    # A full-precision model is placed by FSDP / ZeRO-3 themselves.
+    assert "device_map" not in load_kwargs(DPOSettings(model_id=s.model_id, quantization="none"), for_training=True)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "zero2"])
+def test_ddp_and_zero2_ranks_load_the_whole_model_onto_their_own_gpu(mode, monkeypatch, load_kwargs):
+    """Neither partitions the weights: every rank holds the whole model (QLoRA or not) on its GPU, the 4-bit
+    weights stored as bitsandbytes packs them, and ZeRO-3's load-time partitioning stays off."""
+    gpu_devices = gpus(monkeypatch, 2)
+    registered = []
+    monkeypatch.setattr(launch, "register_zero3_init", lambda: registered.append(True))
+    launched(monkeypatch, mode, rank=1)
+    s = DPOSettings(model_id=presets.paths()["model"])
+    assert launch.establish_launch(s, "dpo.py").mode == {"ddp": "DDP", "zero2": "ZeRO-2"}[mode]
+    assert gpu_devices == [1] and registered == []
+    kwargs = load_kwargs(s, for_training=True)
+    assert kwargs["device_map"] == {"": 1} and kwargs["quantization_config"].bnb_4bit_quant_storage == torch.uint8
+    assert load_kwargs(DPOSettings(model_id=s.model_id, quantization="none"), for_training=True)["device_map"] == {"": 1}
+
+
+def test_one_process_starts_no_process_group(monkeypatch):
+    gpu_devices = gpus(monkeypatch, 1)
+    assert launch.establish_launch(DPOSettings(), "dpo.py").mode == "one process"
+    assert gpu_devices == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. --gradient_checkpointing auto: the GPU this rank trains on, and the ranks agree
+
+
+def test_checkpointing_auto_reads_this_rank_s_gpu_and_the_least_free_rank_decides(monkeypatch, alignkit_log):
+    import psutil
+    import torch.distributed as dist
+
+    fake_gpus(monkeypatch, count=2)
+    launched(monkeypatch, "fsdp", rank=1)
+    s = DPOSettings(report_to="none")
+    model = _meta_llama(1024, 2816, 8, 32000)  # under FSDP the model is on the CPU or the meta device at this point
+    needed = training.activation_bytes(model, s, torch.bfloat16)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (4 * needed, 8 * needed))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("V", (), {"available": 100 * needed})())
+    # The other rank's GPU has less free: the all_reduce MIN gives every rank that value.
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, **kw: tensor.clamp_(max=needed))
+    assert training.resolve_gradient_checkpointing(s, model, torch.bfloat16) is True
+    assert asked == [torch.device("cuda", 1)]  # this rank's GPU, not host RAM
+    assert "free on cuda (the least of all ranks)" in alignkit_log.text
+    # Alone, this rank's 4x would have turned it off: the decision really is the agreed one.
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, **kw: tensor)
+    assert training.resolve_gradient_checkpointing(s, model, torch.bfloat16) is False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refused before anything loads: one line naming the combination and what to use instead
+
+
+REFUSED = [
+    ("fsdp", "dpo.py", DPOSettings(precompute_ref_log_probs=True),
+     "dpo.py --precompute_ref_log_probs under FSDP: .* use a DDP or DeepSpeed launch, or drop"),  # item 7
+    ("fsdp", "rl.py", RLSettings(reward=["rm:runs/rm"]), r"rl.py --reward rm:FOLDER under FSDP: .* use a DDP launch"),
+    ("zero3", "rl.py", RLSettings(reward=["rule", "rm:runs/rm"]), "rl.py --reward rm:FOLDER under DeepSpeed ZeRO-3"),
+    ("fsdp", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.1),
+     "reward.py --loss logexpwithlm under FSDP: .* use a DDP launch, or --lm_loss_coef 0"),
+    ("zero3", "sft.py", SFTSettings(quantization="8bit"), "8bit cannot be sharded by DeepSpeed ZeRO-3.*4bit"),
+    ("ddp", "merge.py", MergeSettings(adapter_dir="runs/x"),
+     r"merge.py under accelerate launch \(DDP, 2 processes\): .* `python merge.py"),
+    ("fsdp", "rlaif.py", SimpleNamespace(), r"rlaif.py under accelerate launch \(FSDP, 2 processes\)"),
+]
+
+
+@pytest.mark.parametrize("mode, script, s, line", REFUSED, ids=[f"{m}-{s}" for m, s, *_ in REFUSED])
+def test_what_cannot_work_is_refused_in_one_line_before_loading(mode, script, s, line, monkeypatch):
+    launched(monkeypatch, mode)
+    monkeypatch.setattr(launch, "_start_process_group", lambda: pytest.fail("refused only after the process group"))
+    with pytest.raises(UserError, match=line) as refused:
+        launch.establish_launch(s, script)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("mode, script, s", [
+    ("zero3", "dpo.py", DPOSettings(precompute_ref_log_probs=True)),  # TRL's own DeepSpeed inference engine
+    ("ddp", "rl.py", RLSettings(reward=["rm:runs/rm"])),
+    ("zero2", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.1)),
+    ("fsdp", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.0)),  # no LM term: plain logexp
+])
+def test_what_works_is_not_refused(mode, script, s, monkeypatch):
+    launched(monkeypatch, mode)
+    monkeypatch.setattr(launch, "_start_process_group", lambda: None)
+    monkeypatch.setattr(launch, "register_zero3_init", lambda: None)
+    assert launch.establish_launch(s, script).world_size == 2
+
+
+def test_dpo_py_refuses_precompute_under_fsdp_before_reading_data_or_model(monkeypatch, tiny_cache):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import run_script
+
+    launched(monkeypatch, "fsdp")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("alignkit.core.data.load_preferences", lambda *a, **k: pytest.fail("the data was read"))
+    with pytest.raises(UserError, match="--precompute_ref_log_probs under FSDP"):
+        run_script("dpo.py", "--preset", "tiny", "--precompute_ref_log_probs", "true")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. rl.py with vLLM: QLoRA refused, the context capped
+
+
+def vllm_installed(monkeypatch):
+    import importlib.util
+    import types
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: types.SimpleNamespace(name=name) if name == "vllm" else real(name, *a))
+
+
+def test_rl_with_vllm_refuses_qlora_and_caps_vllm_s_context(monkeypatch, tmp_path, tiny_cache):
+    import trl
+    from transformers import AutoConfig
+
+    from test_gpu_paths import Recorded
+
+    from alignkit.train import rl
+
+    trl.GRPOConfig, trl.RLOOConfig  # imported before CUDA is faked (bitsandbytes would probe the fake one)
+    fake_gpus(monkeypatch, count=1)
+    vllm_installed(monkeypatch)
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    # Its GPU defaults: vLLM (installed) and QLoRA. Refused before loading, saying what to use instead.
+    with pytest.raises(UserError, match=r"rl.py with vLLM and QLoRA .* use --backend transformers, or "
+                                        "--quantization none with vLLM"):
+        launch.establish_launch(RLSettings(), "rl.py")
+    launch.establish_launch(RLSettings(quantization="none"), "rl.py")
+    launch.establish_launch(RLSettings(backend="transformers"), "rl.py")
+    # vLLM's context: --max_model_len, at most the model's own.
+    monkeypatch.setattr(trl, "GRPOConfig", Recorded)
+    model = type("M", (), {"config": AutoConfig.from_pretrained(presets.paths()["model"])})()
+    context = model.config.max_position_embeddings
+    s = RLSettings(quantization="none", report_to="none", gradient_checkpointing="false", max_model_len=10**6)
+    assert rl.trl_args(s, tmp_path, torch.bfloat16, model)["vllm_max_model_length"] == context
+    s.max_model_len = context // 2
+    assert rl.trl_args(s, tmp_path, torch.bfloat16, model)["vllm_max_model_length"] == context // 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. reward.py: QLoRA trains fp32 weights (and runs on a CPU); a fresh head is zeroed in every ZeRO-3 partition
+
+
+def test_reward_py_qlora_on_a_cpu_trains_fp32_lora_and_score_head(tiny_cache, tmp_path):
+    """It stopped with "expected m1 and m2 to have the same dtype": TRL cast the trainable weights to bf16."""
+    from conftest import run_script
+
+    run = run_script("reward.py", "--preset", "tiny", "--quantization", "4bit", "--max_steps", "2",
+                     "--max_samples", "48", "--output_dir", str(tmp_path), "--run_name", "rm4")
+    trainable = {n: p.dtype for n, p in run["trainer"].model.named_parameters() if p.requires_grad}
+    assert any(".score." in n for n in trainable) and set(trainable.values()) == {torch.float32}
+    assert run["loaded"].quantization == "4bit" and (tmp_path / "rm4" / "held_out_rewards.json").is_file()
+
+
+class _Partitioned:
+    """deepspeed.zero.GatheredParameters as DeepSpeed runs it for 2 ranks, seen from rank 0: the whole tensor while
+    inside, and modifier_rank's changes written back into this rank's partition (ds_tensor) on the way out."""
+
+    def __init__(self, params, modifier_rank=None):
+        self.params, self.modifier_rank = list(params), modifier_rank
+
+    def __enter__(self):
+        for p in self.params:
+            p.data = torch.cat([p.ds_tensor, p.other_shard])[: p.ds_numel].view(p.ds_shape)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            if self.modifier_rank is not None:
+                p.ds_tensor.copy_(p.data.reshape(-1)[: p.ds_tensor.numel()])
+            p.data = torch.empty(0, dtype=p.dtype)
+
+
+def test_a_fresh_score_head_is_zeroed_in_its_zero3_partition(tiny_cache, monkeypatch):
+    import sys
+    import types
+
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.train.reward import zero_fresh_score_head
+
+    base = presets.paths()["model"]
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    weight = model.score.weight
+    flat = weight.data.reshape(-1).clone()
+    half = flat.numel() // 2
+    weight.ds_id, weight.ds_shape, weight.ds_numel = 7, weight.shape, flat.numel()
+    weight.ds_tensor, weight.other_shard = flat[:half].clone(), flat[half:].clone()
+    weight.data = torch.empty(0)  # what zero.Init leaves on a rank: zeroing this changes nothing
+    assert weight.ds_tensor.abs().sum() > 0
+    deepspeed = types.SimpleNamespace(zero=types.SimpleNamespace(GatheredParameters=_Partitioned))
+    monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
+    zero_fresh_score_head(model, base)
+    assert torch.count_nonzero(weight.ds_tensor) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. --merge_adaptors at the end of a ZeRO-3 run: the main process builds the whole model outside zero.Init
+
+
+def test_merge_adaptors_after_zero3_builds_outside_zero_init(monkeypatch, tmp_path):
+    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    import alignkit.modeling.merge
+
+    class Config:  # what DeepSpeed's registered HfDeepSpeedConfig answers during a ZeRO-3 run
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self):
+            return True
+
+    config = Config()
+    hf_deepspeed.set_hf_deepspeed_config(config)
+    seen = []
+    monkeypatch.setattr(alignkit.modeling.merge, "merge_adapters",
+                        lambda *a, **k: seen.append(is_deepspeed_zero3_enabled()) or tmp_path / "merged")
+    try:
+        assert is_deepspeed_zero3_enabled()
+        training.publish_run(tmp_path, DPOSettings(merge_adaptors=True, report_to="none"))
+        assert seen == [False]  # under zero.Init, from_pretrained would wait for ranks that have left
+        assert is_deepspeed_zero3_enabled()  # and the run's own config is back afterwards
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. merge.py --dequantize on a GPU machine: the 4-bit base in CPU RAM, not on cuda:0
+
+
+def test_dequantize_merges_in_cpu_ram_on_a_gpu_machine(monkeypatch, tiny_cache, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.modeling.merge import merge_adapters
+
+    base = presets.paths()["model"]
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                   LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(tmp_path / "a")
+    fake_gpus(monkeypatch, count=1)
+    seen = {}
+
+    def from_pretrained(source, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(RuntimeError, match="stop"):
+        merge_adapters(tmp_path / "a", tmp_path / "merged", dequantize=True)
+    # bitsandbytes without a device map takes cuda:current_device(): a 7B dequantized to fp32 there is 28 GB.
+    assert seen["quantization_config"].load_in_4bit and seen["device_map"] == {"": "cpu"}
+
+
+def test_checkpointing_auto_counts_prefix_sharing_s_4d_mask():
+    """The packed pair's (B, 1, 2L, 2L) mask, as a bool and one float copy (suspected in issue 24: settled as
+    counted, and small: batch 4 at 8k tokens on a 7B is about 1% of the activations)."""
+    model = _meta_llama(4096, 11008, 32, 32000)
+    s = DPOSettings(report_to="none", max_length=8192, per_device_train_batch_size=4, prefix_sharing=False)
+    unshared = training.activation_bytes(model, s, torch.bfloat16)
+    s.prefix_sharing = True
+    mask = training.activation_bytes(model, s, torch.bfloat16) - unshared
+    assert mask == 4 * (2 * 8192) ** 2 * (1 + 2)
+    assert 0.005 < mask / unshared < 0.02
+
+
+def test_zero2_saves_the_adapter_without_cloning_the_model_into_host_ram(tiny_cache):
+    """ZeRO-2 never partitions the weights: accelerate's get_state_dict would clone the whole model, frozen base
+    included, into every rank's host RAM (suspected in issue 24: settled, and fixed)."""
+    from test_gpu_paths import _sharded_trainer
+
+    trainer, *_ = _sharded_trainer(tiny_cache, "zero3", main=True)
+    trainer.accelerator.deepspeed_config = {"zero_optimization": {"stage": 2}}
+    assert training.gathered_state_dict(trainer) is None  # saved from the whole model itself
+    assert trainer.accelerator.gathered_from is None  # nothing gathered or cloned

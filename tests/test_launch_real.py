@@ -1,0 +1,137 @@
+"""The scripts under a real two-process launch on this CPU (gloo): `accelerate launch --multi_gpu --num_processes 2`
+creates the process group, each script establishes its launch, trains 2 steps and finishes (no hang: each launch
+has a timeout); QLoRA through bitsandbytes' CPU kernels. One SFT run is shared by everything built on it. FSDP, which accelerate does not do on a CPU, runs
+reward.py's own pieces under torch's `fully_shard` instead (tests/fsdp_reward_worker.py). See also
+tests/test_distributed.py (longer DDP runs whose losses fall, and the reference cache across processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+TIMEOUT = 600  # seconds per launch; a hang (a collective only some ranks join) fails here instead of stalling CI
+
+
+def accelerate_launch(args: list[str], cache: Path, extra_env: dict | None = None) -> str:
+    """Two processes over gloo; returns their output. Fails with the output's tail when the launch fails."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "0", *args]
+    env = {**os.environ, "ALIGNKIT_CACHE": str(cache), "OMP_NUM_THREADS": "1", **(extra_env or {}),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_cache, tmp_path_factory):
+    """A cache of this module's own (its reference log-probs must not reach other tests' copies of the cache)."""
+    own = tmp_path_factory.mktemp("launch-cache") / "cache"
+    shutil.copytree(tiny_cache, own, ignore=shutil.ignore_patterns("ref_logps"))
+    return own
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("launch-runs")
+
+
+TINY = ["--preset", "tiny", "--max_steps", "2", "--save_steps", "100", "--logging_steps", "1"]
+
+
+QLORA = ["--quantization", "4bit"]  # bitsandbytes' CPU kernels: QLoRA under DDP (plain LoRA: test_distributed.py)
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(cache, runs):
+    """sft.py (QLoRA) on two processes, once: the adapter dpo.py, LoTA and rl.py train on below."""
+    output = accelerate_launch(["sft.py", *TINY, *QLORA, "--output_dir", str(runs), "--run_name", "sft"], cache)
+    assert output.count("launch: DDP, 2 processes") == 2  # each process established its launch
+    return runs / "sft"
+
+
+def finished(folder: Path) -> dict:
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["global_step"] == 2
+    return metrics
+
+
+def test_sft_on_two_processes(sft_adapter):
+    finished(sft_adapter)
+    assert (sft_adapter / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_with_precompute_and_merge_on_two_processes(sft_adapter, cache, runs):
+    """--precompute_ref_log_probs (the reference pass before training, on both processes) and --merge_adaptors
+    (the main process merges while the other has finished): both end, and the merged model passed its check."""
+    output = accelerate_launch(["dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
+                                "true",
+                                "--merge_adaptors", "--output_dir", str(runs), "--run_name", "dpo"], cache)
+    finished(runs / "dpo")
+    assert "pairs cached in" in output
+    merge = json.loads((runs / "dpo" / "merged" / "merge.json").read_text())
+    assert merge["adapters"][-1].endswith("dpo") and merge["max_logit_difference"] <= merge["tolerance"]
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_reward_with_its_held_out_report_on_two_processes(quantization, cache, runs):
+    name = f"reward-{quantization}"
+    accelerate_launch(["reward.py", *TINY, "--quantization", quantization, "--output_dir", str(runs), "--run_name",
+                       name], cache)
+    metrics = finished(runs / name)
+    held_out = json.loads((runs / name / "held_out_rewards.json").read_text())
+    assert metrics["held_out_pairs"] == held_out["held_out_pairs"] == len(held_out["chosen"]) > 0
+    assert (runs / name / "rewards_histogram.png").is_file()
+
+
+def test_lota_dpo_on_two_processes(sft_adapter, cache, runs):
+    """LoTA: dense calibration steps, the mask, then the sparse steps, on both processes; the main process saves."""
+    accelerate_launch(["dpo.py", *TINY, "--model_id", str(sft_adapter), "--adapter", "lota",
+                       "--lota_calibration_steps", "1", "--output_dir", str(runs), "--run_name", "lota"], cache)
+    finished(runs / "lota")
+    assert any((runs / "lota").glob("lota_mask*"))
+
+
+def test_rl_on_two_processes(sft_adapter, cache, runs):
+    """GRPO with the transformers backend, the rule as the reward."""
+    accelerate_launch(["rl.py", "--preset", "tiny", "--model_id", str(sft_adapter), "--max_steps", "1",
+                       "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts", "16",
+                       "--save_steps", "100", "--output_dir", str(runs), "--run_name", "rl"], cache)
+    metrics = json.loads((runs / "rl" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["global_step"] == 1
+
+
+def test_reward_pieces_under_fsdp_on_two_processes(cache, tmp_path):
+    """reward.py's score head and held-out report on a model sharded by FSDP2 over gloo, with the environment
+    `accelerate launch --use_fsdp` sets: the process group is there when the model loads (so FSDP's RAM-efficient
+    loading reads the weights on rank 0 only), the fresh head starts at zero, and every rank takes part in the
+    held-out report (a sharded forward is a collective: the main process alone would wait forever), whose scores
+    equal the unsharded model's; and dpo.py's prefix-sharing forward gives the unsharded logits."""
+    accelerate_launch([str(ROOT / "tests" / "fsdp_reward_worker.py"), str(tmp_path)], cache,
+                      {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for found in ranks:
+        assert found["mode"] == "FSDP" and found["world"] == 2
+        assert found["process_group_at_load"] and found["ram_efficient_loading"]
+        assert found["head_zeroed"] and found["sharded"]
+        assert found["report"] == ranks[0]["report"]  # every rank scored, the same numbers
+    assert ranks[0]["meta_params"] == 0 < ranks[1]["meta_params"]  # rank 1 did not read the weights
+    whole = ranks[0]["whole"]
+    assert ranks[0]["report"]["chosen_mean"] == pytest.approx(sum(whole) / len(whole), abs=1e-4)
+    written = json.loads((tmp_path / "held_out_rewards.json").read_text())  # by the main process
+    assert written["chosen"] == pytest.approx(whole, abs=1e-4)
+    # dpo.py's prefix sharing: the packed forward (one row per pair, 4D mask) is the same when sharded.
+    for found in ranks:
+        assert found["packed"]["rows"][0] == 2 and found["packed"]["local_share"] < 0.75  # 2 pairs, sharded
+        assert found["packed"]["max_logit_difference"] < 1e-4
