@@ -1,7 +1,9 @@
 """Shared infrastructure: what every stage and every script stands on.
 
 - args: the one settings mechanism (flags, env, .env, --config, presets).
-- config: every script's settings dataclasses, shared groups by composition.
+- config: every script's settings dataclasses in one namespace, re-exported from:
+  groups (the shared settings groups, composed by inheritance), train_settings (sft.py, dpo.py, reward.py, rl.py,
+  rlaif.py) and tool_settings (label.py, evaluate.py, merge.py).
 - errors: UserError and how a script reports it.
 - paths: the cache folder ($ALIGNKIT_CACHE).
 - journal: append-only logs, atomic writes, the concurrent map every crash-safe loop uses.
