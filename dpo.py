@@ -53,13 +53,10 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 # out to measure reward accuracy on pairs the model never trained on.
 
 # %%
-from alignkit.core.data import load_preferences
-from alignkit.train.training import split
+from alignkit.core.mixture import load_train_eval
 
-preferences = load_preferences(
-    settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
-)
-train_data, eval_data = split(preferences, settings)
+# --dataset_id with an --eval_split share or its --dataset_test_split, or an alignment-handbook dataset_mixture
+train_data, eval_data = load_train_eval("preference", settings)
 print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]

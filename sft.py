@@ -44,13 +44,10 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 # Messages, ShareGPT conversations, prompt/completion or plain text, normalised to what TRL reads.
 
 # %%
-from alignkit.core.data import load_sft
-from alignkit.train.training import split
+from alignkit.core.mixture import load_train_eval
 
-examples = load_sft(
-    settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
-)
-train_data, eval_data = split(examples, settings)
+# --dataset_id with an --eval_split share or its --dataset_test_split, or an alignment-handbook dataset_mixture
+train_data, eval_data = load_train_eval("sft", settings)
 print(f"{len(train_data)} training examples, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]

@@ -8,8 +8,12 @@ needs, so the same thing has the same flag, default and check everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 from alignkit.core.args import ConfigError, setting
+
+
+DTYPE_SYNONYMS = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}  # TRL's
 
 
 @dataclass
@@ -23,14 +27,15 @@ class ModelSettings:
         None, "GGUF file NAME inside the model_id folder or Hub repo (a .gguf model_id needs none); converted once, cached"
     )
     trust_remote_code: bool = setting(False, "run custom model code shipped with the checkpoint; off unless asked")
-    chat_template: str | None = setting(None, "Jinja chat template FILE, for a model that lacks one")
+    chat_template: str | None = setting(None, "Jinja chat template: a FILE, or the template itself (a recipe's "
+                                              "inline one), for a model that lacks one or to replace its own")
     quantization: str = setting(
         "auto", "auto: 4bit for training on CUDA, none for inference and on a CPU; 4bit is NF4 with double quant (QLoRA)",
         choices=["auto", "4bit", "8bit", "none"],
     )
     dtype: str = setting(
         "auto", "compute dtype; auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older ones, fp32 on CPU",
-        choices=["auto", "bf16", "fp16", "fp32"],
+        choices=["auto", "bf16", "fp16", "fp32"], synonyms=DTYPE_SYNONYMS,
     )
     attn_implementation: str = setting(
         "auto", "auto: flash_attention_2 when installed, on a GPU of compute capability >= 8.0, in bf16/fp16; else sdpa",
@@ -128,11 +133,39 @@ class JudgeAnswerSettings(JudgeEndpointSettings):
                               f"{self.judge_max_tokens} and {self.judge_temperature}")
 
 
+# --help shows a training script's settings in these groups, most used first (alignkit.core.args).
+TRAIN_HELP_GROUPS = [
+    ("model", ["preset", "model_id", "quantization", "dtype", "attn_implementation", "revision", "chat_template",
+               "gguf_file", "trust_remote_code", "use_liger", "num_threads"]),
+    ("data", ["dataset_id", "dataset_config", "dataset_split", "dataset_test_split", "eval_split", "max_samples",
+              "dataset_format", "dataset_mixture", "skip_invalid"]),
+    ("LoRA", ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora",
+              "lora_modules_to_save", "adapter"]),
+    ("training", ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                  "gradient_accumulation_steps", "max_length", "lr_scheduler_type", "warmup_ratio", "weight_decay",
+                  "max_grad_norm", "gradient_checkpointing", "seed", "group_by_length", "packing", "train_on",
+                  "per_device_eval_batch_size", "trainer_overrides"]),
+    ("run folder, logging and checkpoints", ["output_dir", "run_name", "resume", "report_to", "wandb_project",
+                                             "logging_steps", "eval_steps", "save_steps", "save_total_limit"]),
+    ("Hub and merging", ["push_to_hub", "hub_repo_id", "hub_public", "merge_adaptors"]),
+]
+
+
 @dataclass
 class TrainSettings(HubPushSettings, ModelSettings):
-    preset: str | None = setting(
-        None, "named defaults: 'tiny' is the offline CPU demo, 'smol' SmolLM2-135M; any flag still overrides it"
-    )
+    """What every training script shares. TRL's names for these are accepted too (alignkit.core.trl_names)."""
+
+    trl_configs: ClassVar[tuple[str, ...]] = ("SFTConfig",)  # the TRL config(s) whose fields pass through
+    help_groups: ClassVar[list] = TRAIN_HELP_GROUPS
+    help_rest_at: ClassVar[int] = 4  # the script's own settings (DPO, reward, ...) right after training
+
+    @classmethod
+    def vocabulary(cls):
+        from alignkit.core.trl_names import Vocabulary
+
+        return Vocabulary(cls)
+
+    preset: str | None = setting(None, "named defaults; any flag still overrides them")
     # Data
     dataset_id: str = setting(
         "argilla/ultrafeedback-binarized-preferences-cleaned",
@@ -144,8 +177,15 @@ class TrainSettings(HubPushSettings, ModelSettings):
     skip_invalid: bool = setting(False, "skip rows that fail validation (and report how many) instead of stopping")
     max_samples: int | None = setting(None, "use at most this many rows (after shuffling with seed); for quick runs")
     eval_split: float = setting(0.05, "held-out share of the data (< 1), or a row count (>= 1); 0 disables eval")
+    dataset_test_split: str | None = setting(
+        None, "held-out data: this split of the dataset (e.g. test_prefs) instead of an --eval_split share of the "
+        "training split (TRL's default 'test' is not assumed: most local files have none)")
+    dataset_mixture: dict[str, Any] | None = setting(
+        None, "alignment-handbook mixture: {datasets: [{id, config, split, columns, weight}], seed, test_split_size}; "
+        "replaces --dataset_id (alignkit.core.mixture)")
     # Run folder
-    output_dir: str = setting("runs", "parent folder; a run writes to output_dir/run_name")
+    output_dir: str = setting("runs", "parent folder; a run writes to output_dir/run_name (a --config recipe's "
+                                      "output_dir, without run_name, is the run folder itself, as in TRL)")
     run_name: str | None = setting(None, "run folder name; default: <stage>-<model>-<dataset>")
     resume: str = setting(
         "auto", "auto: continue from the run's last checkpoint when its settings match; true: must resume; false: start over",
@@ -171,7 +211,12 @@ class TrainSettings(HubPushSettings, ModelSettings):
     # LoRA
     lora_r: int = setting(16, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
-    lora_dropout: float = setting(0.05, "dropout on the LoRA input")
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input (kept in DPO, where TRL turns the model's own "
+                                        "dropout off)")
+    use_rslora: bool = setting(False, "rank-stabilised LoRA: scale by alpha / sqrt(r)")
+    use_dora: bool = setting(False, "DoRA: weight-decomposed LoRA (slower; not with 4-bit on every PEFT version)")
+    lora_modules_to_save: list[str] | None = setting(
+        None, "modules trained in full and saved with the adapter, e.g. lm_head,embed_tokens")
     lora_target_modules: list[str] = setting(
         default_factory=lambda: ["all-linear"], help="modules that get adapters; all-linear: every linear layer but the LM head"
     )
@@ -180,21 +225,36 @@ class TrainSettings(HubPushSettings, ModelSettings):
     eval_steps: int | None = setting(None, "evaluate every N steps; default: at the end only")
     save_steps: int = setting(100, "write a checkpoint every N steps (a rerun resumes from the last one)")
     save_total_limit: int = setting(2, "keep at most this many checkpoints")
-    report_to: str = setting(
-        "auto", "auto: wandb when WANDB_API_KEY or wandb_project is set, else none",
-        choices=["auto", "none", "wandb", "tensorboard"],
+    report_to: list[str] = setting(
+        default_factory=lambda: ["auto"], help="trackers, comma separated; auto: wandb when WANDB_API_KEY or "
+        "wandb_project is set, else none", choices=["auto", "none", "wandb", "tensorboard"],
     )
     wandb_project: str | None = setting(None, "Weights & Biases project (also read from WANDB_PROJECT by wandb)")
     # After training
     merge_adaptors: bool = setting(False, "also write a merged, standalone model to <run>/merged")
-    trainer_overrides: str | None = setting(
-        None, "JSON object of extra TRL/transformers training arguments, e.g. '{\"optim\": \"paged_adamw_8bit\"}'"
+    trainer_overrides: dict[str, Any] = setting(
+        {}, "further TRL config fields as a JSON object, e.g. '{\"optim\": \"paged_adamw_8bit\"}'; each one is a "
+        "flag under its TRL name too (--optim paged_adamw_8bit)"
     )
 
     def __post_init__(self):
         super().__post_init__()
         if self.eval_split < 0:
             raise ValueError(f"eval_split must be >= 0, got {self.eval_split}")
+        if self.dataset_mixture is not None:
+            from alignkit.core.mixture import check_mixture
+
+            check_mixture(self.dataset_mixture)
+        if self.eval_steps and not self.has_eval_data():
+            raise ValueError(f"eval_steps {self.eval_steps} but no held-out data (eval_split 0, no "
+                             "dataset_test_split or test split in the mixture): nothing would be evaluated. Pass "
+                             "--eval_split 0.05 or --dataset_test_split test, or drop eval_steps")
+
+    def has_eval_data(self) -> bool:
+        """Whether the run holds data out: a share, a test split, or a mixture's test part."""
+        mixture = self.dataset_mixture or {}
+        return bool(self.eval_split > 0 or self.dataset_test_split or mixture.get("test_split_size")
+                    or any(d.get("test") for d in mixture.get("datasets", [])))
 
 
 @dataclass

@@ -20,6 +20,7 @@ from alignkit.core.groups import (
 @dataclass
 class SFTSettings(LoTASettings, BatchingSettings, TrainSettings):
     run_type: ClassVar[str] = "sft"  # recorded in alignkit_config.json (not a flag)
+    help_title: ClassVar[str] = "SFT"
     dataset_id: str = setting(
         "HuggingFaceH4/ultrachat_200k", "Hub dataset id or local .json/.jsonl/.parquet/.csv file or folder"
     )
@@ -35,7 +36,9 @@ class SFTSettings(LoTASettings, BatchingSettings, TrainSettings):
 @dataclass
 class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
     run_type: ClassVar[str] = "dpo"
-    dpo_beta: float = setting(0.1, "beta: strength of the pull towards the reference (IPO: its tau)")
+    trl_configs: ClassVar[tuple[str, ...]] = ("DPOConfig",)
+    help_title: ClassVar[str] = "DPO"
+    dpo_beta: float = setting(0.1, "beta: strength of the pull towards the reference (IPO: its tau); TRL's --beta")
     loss_type: list[str] = setting(
         default_factory=lambda: ["sigmoid"],
         help="TRL DPO loss(es), comma separated (sigmoid, ipo, hinge, robust, ...); sigmoid and ipo follow the DPO paper's code",
@@ -72,6 +75,8 @@ class RewardSettings(TrainSettings):
     """reward.py: a reward model (one-output score head + LoRA) trained on preference pairs."""
 
     run_type: ClassVar[str] = "reward"
+    trl_configs: ClassVar[tuple[str, ...]] = ("RewardConfig",)
+    help_title: ClassVar[str] = "reward model"
 
     learning_rate: float = setting(1e-5, "peak learning rate (AdamW)")
     loss: str = setting(
@@ -89,6 +94,9 @@ class RewardSettings(TrainSettings):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dataset_mixture or self.dataset_test_split:
+            raise ValueError("reward.py reads one dataset split (--use_margin lines its rows up with the file) and "
+                             "holds out --eval_split: drop dataset_mixture / dataset_test_split")
         if self.lm_loss_coef < 0:
             raise ValueError(f"lm_loss_coef must be >= 0, got {self.lm_loss_coef}")
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
@@ -105,6 +113,8 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
     """
 
     run_type: ClassVar[str] = "rl"
+    trl_configs: ClassVar[tuple[str, ...]] = ("GRPOConfig", "RLOOConfig")
+    help_title: ClassVar[str] = "RL: algorithm, rewards, rollouts, judge"
 
     dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
                                                                        "or Hub dataset id (read like label.py --prompts)")
@@ -144,6 +154,9 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dataset_mixture or self.dataset_test_split:
+            raise ValueError("rl.py reads prompts from --dataset_id and measures the reward on its own samples: drop "
+                             "dataset_mixture / dataset_test_split")
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (advantages compare completions of one prompt), got "
                              f"{self.num_generations}")
@@ -165,6 +178,8 @@ class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
     evaluate.py; label.py and evaluate.py get the settings below, and anything else through --label_args /
     --evaluate_args.
     """
+
+    help_title: ClassVar[str] = "rounds (and DPO)"
 
     dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
                                                                        "or Hub dataset id (label.py --prompts)")

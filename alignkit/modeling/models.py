@@ -369,9 +369,11 @@ def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_tem
     source, revision = model_source(source, None, revision)  # a .gguf file: its converted folder
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if chat_template:
-        if not Path(chat_template).is_file():
-            raise UserError(f"--chat_template {chat_template}: file not found; pass a Jinja chat template file")
-        tok.chat_template = Path(chat_template).read_text()
+        inline = "{{" in chat_template or "{%" in chat_template  # a recipe's template itself (the handbook's)
+        if not inline and not Path(chat_template).is_file():
+            raise UserError(f"--chat_template {chat_template}: file not found; pass a Jinja chat template file "
+                            "or the template itself")
+        tok.chat_template = chat_template if inline else Path(chat_template).read_text()
     set_pad_token(tok)
     return tok
 
@@ -526,6 +528,8 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
     config = LoraConfig(
         r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, task_type=task_type, bias="none",
         target_modules=targets[0] if targets == ["all-linear"] else targets,
+        use_rslora=getattr(s, "use_rslora", False), use_dora=getattr(s, "use_dora", False),
+        modules_to_save=getattr(s, "lora_modules_to_save", None),
     )
     model = loaded.model
     # ZeRO-3 all-gathers into buffers of the first parameter's dtype: PEFT's fp32 upcast of the new adapter beside a
