@@ -201,6 +201,10 @@ def _parse_cli(argv, types_, whole=frozenset()):
                 raise ConfigError("--config expects one value: the path of a YAML file")
             config = vals[0]
             continue
+        if name not in types_ and name.startswith("no_") and _unwrap_optional(types_.get(name[3:]))[0] is bool \
+                and not vals:
+            values[name[3:]] = "false"  # HfArgumentParser's --no_<flag> for a flag that defaults to true (TRL's CLI)
+            continue
         if name not in types_:
             unknown.append(name)
             continue
@@ -255,11 +259,11 @@ def _help_groups(cls, fields) -> list[tuple[str, list[str]]]:
     return groups
 
 
-def _print_help(cls, fields, types_, defaults, prog, description, vocab):
+def _print_help(cls, fields, types_, defaults, prog, description, vocab, presets=None):
     parser = argparse.ArgumentParser(prog=prog, description=description, add_help=False,
                                      usage=f"{prog} [--config FILE] [--OPTION VALUE ...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=vocab.help_text() if vocab else None)
+                                     epilog=vocab.help_text(fields) if vocab else None)
     parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
     parser.add_argument("--config", metavar="FILE", help=f"YAML file of {{option: value}} [env: {ENV_PREFIX}CONFIG]")
     parser.add_argument("--debug", action="store_true",
@@ -268,7 +272,7 @@ def _print_help(cls, fields, types_, defaults, prog, description, vocab):
         group = parser.add_argument_group(title)
         for name in names:
             f = fields[name]
-            choices = f.metadata.get("choices")
+            choices = f.metadata.get("choices") or (sorted(presets) if name == "preset" and presets else None)
             inner, _ = _unwrap_optional(types_[name])
             metavar = "{%s}" % ",".join(map(str, choices)) if choices else (
                 "[BOOL]" if inner is bool else "A,B,..." if _list_item(inner) else _type_name(inner).upper())
@@ -310,12 +314,12 @@ def _log():
     return logging.getLogger("alignkit")
 
 
-def _translate(vocab, layer, where, fields):
+def _translate(vocab, layer, where, fields, label):
     """(layer in field names, unknown keys, notes): a second vocabulary's keys become fields; `where` names the
-    layer in messages."""
+    layer, `label(key)` a value in it, in messages."""
     if vocab is None:
         return dict(layer), [k for k in layer if k not in fields], []
-    return vocab.translate(layer, where, fields)
+    return vocab.translate(layer, where, fields, label)
 
 
 # ---------------------------------------------------------------- entry point
@@ -352,10 +356,13 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
     # Every layer in field names; every key that is no setting, from every layer, in one message.
     unknown, notes = [], []
     translated = []
-    for layer, where, show in ((env, "the environment", lambda k: f"{ENV_PREFIX}{k.upper()}"),
-                               (recipe, str(config_path), str), (cli, "the command line", lambda k: f"--{k}"),
-                               (overrides, "overrides", repr)):
-        fields_layer, bad, said = _translate(vocab, layer, where, fields)
+    labels = (lambda k: env_labels.get(k, f"env var {ENV_PREFIX}{k.upper()}"), lambda k: f"{config_path}: key {k}",
+              lambda k: f"--{k}", lambda k: f"overrides key {k!r}")
+    for (layer, where, show), label in zip(((env, "the environment", lambda k: f"{ENV_PREFIX}{k.upper()}"),
+                                            (recipe, str(config_path), str),
+                                            (cli, "the command line", lambda k: f"--{k}"),
+                                            (overrides, "overrides", repr)), labels):
+        fields_layer, bad, said = _translate(vocab, layer, where, fields, label)
         dashes = "--" if layer is cli else ""
         unknown += [f"{show(k)} (in {where}{_suggest(k, [*fields, *cli_types], dashes)})" for k in bad]
         notes += said
@@ -368,10 +375,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
         _log().warning("not applied, and why: " + " | ".join(dict.fromkeys(notes)))
     env, recipe, cli, overrides = translated
 
-    def env_label(n):
-        return env_labels.get(n, f"env var {ENV_PREFIX}{n.upper()}")
-    layers = [(env, env_label), (recipe, lambda n: f"{config_path}: key {n}"),
-              (cli, lambda n: f"--{n}"), (overrides, lambda n: f"overrides key {n!r}")]
+    layers = list(zip((env, recipe, cli, overrides), labels))
 
     def convert(n, raw, label):
         meta = fields[n].metadata
@@ -397,7 +401,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
 
     if wants_help:
         prog = prog or (cls.__name__ if is_notebook() or not sys.argv else os.path.basename(sys.argv[0]))
-        _print_help(cls, fields, types_, defaults, prog, description, vocab)
+        _print_help(cls, fields, types_, defaults, prog, description, vocab, presets)
         raise SystemExit(0)
 
     values, given = dict(defaults), {}

@@ -143,11 +143,13 @@ TRAIN_HELP_GROUPS = [
               "lora_modules_to_save", "adapter"]),
     ("training", ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                   "gradient_accumulation_steps", "max_length", "lr_scheduler_type", "warmup_ratio", "weight_decay",
-                  "max_grad_norm", "gradient_checkpointing", "seed", "group_by_length", "packing", "train_on",
+                  "max_grad_norm", "gradient_checkpointing", "seed", "group_by_length",
                   "per_device_eval_batch_size", "trainer_overrides"]),
     ("run folder, logging and checkpoints", ["output_dir", "run_name", "resume", "report_to", "wandb_project",
                                              "logging_steps", "eval_steps", "save_steps", "save_total_limit"]),
     ("Hub and merging", ["push_to_hub", "hub_repo_id", "hub_public", "merge_adaptors"]),
+    ("LoTA (--adapter lota)", ["lota_sparsity", "lota_calibration_steps", "lota_mask_scope", "lota_mask",
+                               "lota_exclude_mask", "lota_target_modules"]),
 ]
 
 

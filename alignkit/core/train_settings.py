@@ -38,7 +38,7 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
     run_type: ClassVar[str] = "dpo"
     trl_configs: ClassVar[tuple[str, ...]] = ("DPOConfig",)
     help_title: ClassVar[str] = "DPO"
-    dpo_beta: float = setting(0.1, "beta: strength of the pull towards the reference (IPO: its tau); TRL's --beta")
+    dpo_beta: float = setting(0.1, "beta: strength of the pull towards the reference (IPO: its tau)")
     loss_type: list[str] = setting(
         default_factory=lambda: ["sigmoid"],
         help="TRL DPO loss(es), comma separated (sigmoid, ipo, hinge, robust, ...); sigmoid and ipo follow the DPO paper's code",

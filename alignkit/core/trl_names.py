@@ -52,7 +52,7 @@ def _on(value_if_true):
 
 def _use_peft(value, where):
     if not _bool(value, where):
-        raise ConfigError(f"{where}: use_peft false asks for full fine-tuning; alignkit trains adapters only. "
+        raise ConfigError(f"{where} false asks for full fine-tuning; alignkit trains adapters only. "
                           "Keep use_peft true (LoRA), pass --adapter lota for a sparse full-rank delta, or use TRL's "
                           "own `trl sft`/`trl dpo` for full fine-tuning")
     return SKIP
@@ -214,7 +214,9 @@ class Vocabulary:
         out.update(dataset_mixer=dict, dataset_splits=list[str])
         return out
 
-    def translate(self, layer: Mapping, where: str, fields) -> tuple[dict, list[str], list[str]]:
+    def translate(self, layer: Mapping, where: str, fields, label) -> tuple[dict, list[str], list[str]]:
+        """(the layer in alignkit's field names, its unknown keys, notes on keys not applied); `label(key)`
+        names a value of this layer in an error."""
         out, unknown, notes, extra = {}, [], [], {}
         if "dataset_mixer" in layer or "dataset_splits" in layer:
             if "dataset_mixer" not in layer:
@@ -223,16 +225,15 @@ class Vocabulary:
                 mixer = layer["dataset_mixer"]
                 if isinstance(mixer, str):
                     mixer = json.loads(mixer) if mixer.strip().startswith("{") else {mixer: 1.0}
-                out["dataset_mixture"] = mixture_from_mixer(mixer, layer.get("dataset_splits"), where)
+                out["dataset_mixture"] = mixture_from_mixer(mixer, layer.get("dataset_splits"), label("dataset_mixer"))
         for key, raw in layer.items():
-            label = f"{where}: {key}"
             if key in ("dataset_mixer", "dataset_splits"):
                 continue
             if key in fields:
                 out[key] = raw
             elif key in ALIASES and ALIASES[key].target in fields:
                 alias = ALIASES[key]
-                value = alias.convert(raw, label) if alias.convert else raw
+                value = alias.convert(raw, label(key)) if alias.convert else raw
                 if value is not SKIP and alias.target not in layer:  # alignkit's own name wins in one layer
                     out[alias.target] = value
                 self.trl_style |= key in _TRL_ONLY and where == "the command line"
@@ -241,7 +242,7 @@ class Vocabulary:
                 if same is _ANY or str(raw).lower() != str(same).lower():
                     notes.append(f"{key}: {reason}")
             elif key in self.passthrough:
-                extra[key] = trl_value(raw, self.passthrough[key], label)
+                extra[key] = trl_value(raw, self.passthrough[key], label(key))
             else:
                 unknown.append(key)
         if extra:
@@ -258,8 +259,8 @@ class Vocabulary:
         if folder.name:
             values["output_dir"], values["run_name"] = str(folder.parent), folder.name
 
-    def help_text(self) -> str:
-        names = ", ".join(sorted(set(self.passthrough) - set(ALIASES)))
+    def help_text(self, fields=()) -> str:
+        names = ", ".join(sorted(set(self.passthrough) - set(ALIASES) - set(fields)))
         aliases = ", ".join(f"--{a} (--{x.target}{': ' + x.note if x.note else ''})" for a, x in ALIASES.items())
         ignored = ", ".join(f"{k} ({reason})" for k, (_, reason) in NOT_APPLIED.items())
         return (f"TRL's names: {aliases}.\n\nEvery other field of TRL's {'/'.join(self.config_names)} is accepted "

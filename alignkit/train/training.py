@@ -295,8 +295,9 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
         dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps host-to-GPU copies
         disable_tqdm=not sys.stderr.isatty(),  # progress bars in a CI log are thousands of lines of noise
         push_to_hub=False,  # alignkit.core.hub pushes at the end, with a model card and without secrets
-        # Several processes without CUDA: transformers only sets up gloo DDP between them with use_cpu.
-        use_cpu=world_size() > 1 and not torch.cuda.is_available(),
+        # Several processes without CUDA: transformers only sets up gloo DDP between them with use_cpu; bf16 on a
+        # CPU (a recipe's bf16: true) also needs it ("Your setup doesn't support bf16/gpu").
+        use_cpu=(world_size() > 1 or dtype == torch.bfloat16) and not torch.cuda.is_available(),
         **stage_kwargs,
     )
     if world_size() > 1:
