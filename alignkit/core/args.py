@@ -281,6 +281,11 @@ def _print_help(cls, fields, types_, defaults, prog, description, vocab, presets
             env = f"{ENV_PREFIX}{name.upper()}" + (f" or {name.upper()}" if name.upper() in BARE_ENV_NAMES else "")
             also = vocab.aliases_of(name) if vocab else []
             also = f"; also --{', --'.join(also)}" if also else ""
+            theirs = vocab.trl_default(name) if vocab else default
+            if vocab and theirs is not None and not isinstance(theirs, (dict, list)) and name in defaults and \
+                    _show(theirs) != _show(defaults[name]) and str(getattr(theirs, "value", theirs)) != \
+                    _show(defaults[name]) and type(theirs).__name__ != "object":
+                also += f"; TRL's default: {_show(getattr(theirs, 'value', theirs))}"
             text = f"{f.metadata.get('help', '')} [{_type_name(types_[name])}; default: {default}; env: {env}{also}]"
             group.add_argument(f"--{name}", metavar=metavar, help=text.strip().replace("%", "%%"))
     print(parser.format_help())

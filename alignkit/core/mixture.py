@@ -32,12 +32,13 @@ def check_mixture(mixture) -> None:
     for i, entry in enumerate(mixture["datasets"], 1):
         if not isinstance(entry, dict) or not entry.get("id"):
             raise ConfigError(f"dataset_mixture: dataset {i} needs an 'id' (a Hub dataset id or a local file/folder)")
+        where = f"dataset_mixture: dataset {i} ({entry['id']})"
         if set(entry) - _ENTRY_KEYS:
-            raise ConfigError(f"dataset_mixture: dataset {i} ({entry['id']}): unknown key(s) "
-                              f"{', '.join(sorted(set(entry) - _ENTRY_KEYS))}; the keys are {', '.join(sorted(_ENTRY_KEYS))}")
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(set(entry) - _ENTRY_KEYS))}; the keys "
+                              f"are {', '.join(sorted(_ENTRY_KEYS))}")
         weight = entry.get("weight")
         if weight is not None and not (isinstance(weight, (int, float)) and 0 < weight <= 1):
-            raise ConfigError(f"dataset_mixture: dataset {i} ({entry['id']}): weight {weight!r} must be a share in (0, 1]")
+            raise ConfigError(f"{where}: weight {weight!r} must be a share in (0, 1]")
         if entry.get("columns") is not None:
             columns.append(sorted(entry["columns"]))
     if any(c != columns[0] for c in columns):

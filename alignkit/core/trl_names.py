@@ -203,6 +203,19 @@ class Vocabulary:
         self.model_and_script = trl_fields(_MODEL_AND_SCRIPT)
         self.trl_style = False  # a TRL-only name (model_name_or_path, dataset_name) was given on the command line
 
+    def trl_default(self, field: str):
+        """TRL's own default for a setting alignkit has under TRL's name (or under an alias), or SKIP."""
+        import trl
+
+        names = [field, *(a for a in self.aliases_of(field) if ALIASES[a].convert is None)]  # same meaning
+        for config in (*self.config_names, *_MODEL_AND_SCRIPT):
+            by_name = {f.name: f for f in dataclasses.fields(getattr(trl, config))}
+            for name in names:
+                f = by_name.get(name)
+                if f is not None and f.default is not dataclasses.MISSING:
+                    return f.default
+        return SKIP
+
     def aliases_of(self, field: str) -> list[str]:
         return [a for a, alias in ALIASES.items() if alias.target == field]
 
@@ -263,7 +276,8 @@ class Vocabulary:
         names = ", ".join(sorted(set(self.passthrough) - set(ALIASES) - set(fields)))
         aliases = ", ".join(f"--{a} (--{x.target}{': ' + x.note if x.note else ''})" for a, x in ALIASES.items())
         ignored = ", ".join(f"{k} ({reason})" for k, (_, reason) in NOT_APPLIED.items())
-        return (f"TRL's names: {aliases}.\n\nEvery other field of TRL's {'/'.join(self.config_names)} is accepted "
+        return ("alignkit's defaults are for QLoRA on one GPU, as the seed project's; where TRL's differ, a flag "
+                f"shows TRL's.\n\nTRL's names: {aliases}.\n\nEvery other field of TRL's {'/'.join(self.config_names)} is accepted "
                 f"under its TRL name and type and handed to TRL as it is (collected in --trainer_overrides): "
                 f"{names}.\n\nalignment-handbook recipes: dataset_mixture (id, config, split, columns, weight; "
                 "test_split_size, seed) and the older dataset_mixer + dataset_splits; a recipe's output_dir is the "

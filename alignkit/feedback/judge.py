@@ -417,7 +417,9 @@ def loader_identity(s) -> dict:
     loader settings `s` (alignkit.core.config.ModelSettings). A local folder counts by its files' sizes and mtimes
     (retrained in place, it is another model); "auto" settings count with what they resolve from (the device,
     the optional kernels installed), so a cache made on a CPU is not reused on a GPU."""
-    template = Path(s.chat_template).read_text(encoding="utf-8") if getattr(s, "chat_template", None) else None
+    from alignkit.modeling.models import chat_template_text
+
+    template = chat_template_text(s.chat_template) if getattr(s, "chat_template", None) else None
     identity = {"model": s.model_id, "files": folder_fingerprint(s.model_id), "revision": s.revision,
                 "dtype": s.dtype, "quantization": s.quantization, "attn_implementation": s.attn_implementation,
                 "use_liger": s.use_liger, "chat_template": template}

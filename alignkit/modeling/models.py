@@ -361,6 +361,17 @@ def check_model_source(source: str, cache: bool = True) -> None:
     require_reachable(source)
 
 
+def chat_template_text(value: str) -> str:
+    """--chat_template's Jinja text: a file's contents, or the value itself when it is a template (a recipe's
+    inline one, as the alignment-handbook writes them)."""
+    if "{{" in value or "{%" in value:
+        return value
+    if not Path(value).is_file():
+        raise UserError(f"--chat_template {value}: file not found; pass a Jinja chat template file or the template "
+                        "itself")
+    return Path(value).read_text(encoding="utf-8")
+
+
 def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
@@ -369,11 +380,7 @@ def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_tem
     source, revision = model_source(source, None, revision)  # a .gguf file: its converted folder
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if chat_template:
-        inline = "{{" in chat_template or "{%" in chat_template  # a recipe's template itself (the handbook's)
-        if not inline and not Path(chat_template).is_file():
-            raise UserError(f"--chat_template {chat_template}: file not found; pass a Jinja chat template file "
-                            "or the template itself")
-        tok.chat_template = chat_template if inline else Path(chat_template).read_text()
+        tok.chat_template = chat_template_text(chat_template)
     set_pad_token(tok)
     return tok
 
