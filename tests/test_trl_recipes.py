@@ -204,6 +204,19 @@ def test_trl_aliases_and_pass_through_fields():
     assert parse_config(DPOSettings, env_file=None, args=["--dpo_beta", "0.3"]).dpo_beta == 0.3  # alignkit's name
 
 
+@pytest.mark.parametrize("args, quantization, dtype", [
+    (["--load_in_4bit", "false"], "none", "auto"),  # TRL's meaning: no 4-bit (alignkit's auto would be 4-bit)
+    (["--load_in_4bit", "false", "--load_in_8bit"], "8bit", "auto"),  # a false never undoes the other key
+    (["--load_in_8bit", "--load_in_4bit", "false"], "8bit", "auto"),
+    (["--bf16", "false"], "auto", "fp32"),
+    (["--torch_dtype", "bfloat16", "--bf16", "false"], "auto", "bf16"),
+    (["--fp16", "--quantization", "4bit", "--load_in_4bit", "false"], "4bit", "fp16"),  # alignkit's name wins
+])
+def test_trl_booleans_pick_alignkits_choices(args, quantization, dtype):
+    s = parse_config(DPOSettings, env_file=None, args=args)
+    assert (s.quantization, s.dtype) == (quantization, dtype)
+
+
 @pytest.mark.parametrize("args, pattern", [
     (["--optim", "adam_nope"], r"--optim.*'adam_nope' is not one of .*adamw_torch"),
     (["--eval_strategy", "sometimes"], r"'sometimes' is not one of no, steps, epoch"),

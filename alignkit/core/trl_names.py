@@ -46,8 +46,15 @@ class Alias:
     note: str = ""
 
 
-def _on(value_if_true):
-    return lambda v, where: value_if_true if _bool(v, where) else SKIP
+def _on(value_if_true, value_if_false):
+    """A TRL boolean that picks one of alignkit's choices. Its false value never replaces what another key of the
+    same layer chose (`load_in_4bit: false` beside `load_in_8bit: true` is 8-bit)."""
+    return lambda v, where: value_if_true if _bool(v, where) else _Weak(value_if_false)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weak:
+    value: str
 
 
 def _use_peft(value, where):
@@ -68,10 +75,10 @@ ALIASES = {
     "hub_private_repo": Alias("hub_public", lambda v, w: not _bool(v, w), bool),
     "beta": Alias("dpo_beta"),
     "max_seq_length": Alias("max_length", note="TRL < 0.20's SFTConfig name"),
-    "load_in_4bit": Alias("quantization", _on("4bit"), bool, "true: --quantization 4bit; false leaves it as it is"),
-    "load_in_8bit": Alias("quantization", _on("8bit"), bool, "true: --quantization 8bit; false leaves it as it is"),
-    "bf16": Alias("dtype", _on("bf16"), bool, "true: --dtype bf16; false leaves --dtype as it is"),
-    "fp16": Alias("dtype", _on("fp16"), bool, "true: --dtype fp16; false leaves --dtype as it is"),
+    "load_in_4bit": Alias("quantization", _on("4bit", "none"), bool, "true: --quantization 4bit; false: none"),
+    "load_in_8bit": Alias("quantization", _on("8bit", "none"), bool, "true: --quantization 8bit; false: none"),
+    "bf16": Alias("dtype", _on("bf16", "fp32"), bool, "true: --dtype bf16; false: fp32"),
+    "fp16": Alias("dtype", _on("fp16", "fp32"), bool, "true: --dtype fp16; false: fp32"),
     "use_peft": Alias("adapter", _use_peft, bool, "alignkit always trains an adapter; false is refused"),
 }
 # Names that mean TRL's vocabulary on a command line: with them, --output_dir is the run's own folder, as in TRL.
@@ -230,7 +237,7 @@ class Vocabulary:
     def translate(self, layer: Mapping, where: str, fields, label) -> tuple[dict, list[str], list[str]]:
         """(the layer in alignkit's field names, its unknown keys, notes on keys not applied); `label(key)`
         names a value of this layer in an error."""
-        out, unknown, notes, extra = {}, [], [], {}
+        out, unknown, notes, extra, chosen = {}, [], [], {}, set()
         if "dataset_mixer" in layer or "dataset_splits" in layer:
             if "dataset_mixer" not in layer:
                 unknown.append("dataset_splits")  # splits of nothing
@@ -247,8 +254,11 @@ class Vocabulary:
             elif key in ALIASES and ALIASES[key].target in fields:
                 alias = ALIASES[key]
                 value = alias.convert(raw, label(key)) if alias.convert else raw
-                if value is not SKIP and alias.target not in layer:  # alignkit's own name wins in one layer
-                    out[alias.target] = value
+                weak = isinstance(value, _Weak)
+                if value is not SKIP and alias.target not in layer and not (weak and alias.target in chosen):
+                    out[alias.target] = value.value if weak else value  # alignkit's own name wins in one layer
+                    if not weak:
+                        chosen.add(alias.target)
                 self.trl_style |= key in _TRL_ONLY and where == "the command line"
             elif key in NOT_APPLIED:
                 same, reason = NOT_APPLIED[key]
