@@ -201,6 +201,7 @@ def test_trl_aliases_and_pass_through_fields():
     assert s.trainer_overrides == {"optim": "adamw_torch", "gradient_checkpointing_kwargs": {"use_reentrant": False},
                                    "adam_beta2": 0.95, "dataset_num_proc": 2}
     assert parse_config(DPOSettings, env_file=None, args=["--dtype", "float16"]).dtype == "fp16"
+    assert parse_config(DPOSettings, env_file=None, args=["--use_liger_kernel"]).use_liger == "true"
     assert parse_config(DPOSettings, env_file=None, args=["--dpo_beta", "0.3"]).dpo_beta == 0.3  # alignkit's name
 
 

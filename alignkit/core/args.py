@@ -281,11 +281,8 @@ def _print_help(cls, fields, types_, defaults, prog, description, vocab, presets
             env = f"{ENV_PREFIX}{name.upper()}" + (f" or {name.upper()}" if name.upper() in BARE_ENV_NAMES else "")
             also = vocab.aliases_of(name) if vocab else []
             also = f"; also --{', --'.join(also)}" if also else ""
-            theirs = vocab.trl_default(name) if vocab else default
-            if vocab and theirs is not None and not isinstance(theirs, (dict, list)) and name in defaults and \
-                    _show(theirs) != _show(defaults[name]) and str(getattr(theirs, "value", theirs)) != \
-                    _show(defaults[name]) and type(theirs).__name__ != "object":
-                also += f"; TRL's default: {_show(getattr(theirs, 'value', theirs))}"
+            if vocab and name in defaults:
+                also += vocab.default_note(name, _show(defaults[name]))
             text = f"{f.metadata.get('help', '')} [{_type_name(types_[name])}; default: {default}; env: {env}{also}]"
             group.add_argument(f"--{name}", metavar=metavar, help=text.strip().replace("%", "%%"))
     print(parser.format_help())
@@ -296,7 +293,7 @@ def _environment(names, env_from_file, env_file):
     """{name: raw value} from ALIGNKIT_<NAME> (any setting) or a bare <NAME> (BARE_ENV_NAMES only), with a label
     for each; one log line names them. A bare name from .env that is not read gets a warning: it was meant."""
     found, labels, ignored = {}, {}, []
-    for n in names:
+    for n in dict.fromkeys(names):
         for var in (f"{ENV_PREFIX}{n.upper()}", n.upper()):
             if var in os.environ and (var.startswith(ENV_PREFIX) or var in BARE_ENV_NAMES):
                 found[n] = os.environ[var]

@@ -79,6 +79,8 @@ ALIASES = {
     "load_in_8bit": Alias("quantization", _on("8bit", "none"), bool, "true: --quantization 8bit; false: none"),
     "bf16": Alias("dtype", _on("bf16", "fp32"), bool, "true: --dtype bf16; false: fp32"),
     "fp16": Alias("dtype", _on("fp16", "fp32"), bool, "true: --dtype fp16; false: fp32"),
+    "use_liger_kernel": Alias("use_liger", lambda v, w: "true" if _bool(v, w) else "false", bool,
+                              "alignkit's loader applies the kernels"),
     "use_peft": Alias("adapter", _use_peft, bool, "alignkit always trains an adapter; false is refused"),
 }
 # Names that mean TRL's vocabulary on a command line: with them, --output_dir is the run's own folder, as in TRL.
@@ -210,18 +212,21 @@ class Vocabulary:
         self.model_and_script = trl_fields(_MODEL_AND_SCRIPT)
         self.trl_style = False  # a TRL-only name (model_name_or_path, dataset_name) was given on the command line
 
-    def trl_default(self, field: str):
-        """TRL's own default for a setting alignkit has under TRL's name (or under an alias), or SKIP."""
+    def default_note(self, field: str, ours: str) -> str:
+        """"; TRL's default: X" for --help when TRL's default for `field` (under its name or a same-meaning alias)
+        differs from alignkit's, shown as `ours`; else ""."""
         import trl
 
-        names = [field, *(a for a in self.aliases_of(field) if ALIASES[a].convert is None)]  # same meaning
+        names = [field, *(a for a in self.aliases_of(field) if ALIASES[a].convert is None)]
         for config in (*self.config_names, *_MODEL_AND_SCRIPT):
             by_name = {f.name: f for f in dataclasses.fields(getattr(trl, config))}
-            for name in names:
-                f = by_name.get(name)
-                if f is not None and f.default is not dataclasses.MISSING:
-                    return f.default
-        return SKIP
+            for f in (by_name[n] for n in names if n in by_name):
+                theirs = getattr(f.default, "value", f.default)  # an enum default shows as its value
+                if f.default is dataclasses.MISSING or theirs is None or isinstance(theirs, (dict, list)):
+                    return ""
+                theirs = str(theirs).lower() if isinstance(theirs, bool) else str(theirs)
+                return f"; TRL's default: {theirs}" if theirs != ours else ""
+        return ""
 
     def aliases_of(self, field: str) -> list[str]:
         return [a for a, alias in ALIASES.items() if alias.target == field]
