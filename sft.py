@@ -10,6 +10,7 @@
 # python sft.py --dataset_id HuggingFaceH4/ultrachat_200k       # Mistral-7B QLoRA (GPU)
 # python sft.py --dataset_id chats.jsonl --lora_r 32 --max_steps 500
 # python sft.py --preset tiny --adapter lota --lota_sparsity 0.9  # LoTA: a sparse delta instead of LoRA
+# python sft.py --config alignment-handbook/recipes/zephyr-7b-beta/sft/config_qlora.yaml  # its recipe, as it is
 # python sft.py --help                                          # every setting, its default and env var
 # ```
 
