@@ -231,6 +231,16 @@ def test_bad_trl_values_are_one_line_errors(args, pattern):
         parse_config(DPOSettings, env_file=None, args=args)
 
 
+def test_keys_that_cannot_apply_are_named_once_with_the_alternative(alignkit_log):
+    s = parse_config(DPOSettings, env_file=None, args=["--overwrite_output_dir", "--max_prompt_length", "512",
+                                                      "--hub_strategy", "every_save", "--bnb_4bit_quant_type", "nf4"])
+    assert s == parse_config(DPOSettings, env_file=None, args=[])
+    warnings = [r.getMessage() for r in alignkit_log.records if "not applied" in r.getMessage()]
+    assert len(warnings) == 1 and "bnb_4bit_quant_type" not in warnings[0]  # nf4 is what alignkit does anyway
+    assert all(f"{k}: " in warnings[0] for k in ("overwrite_output_dir", "max_prompt_length", "hub_strategy"))
+    assert "--resume false" in warnings[0] and "max_length" in warnings[0]
+
+
 def test_scripts_without_the_data_features_refuse_them():
     with pytest.raises(ConfigError, match="reward.py reads one dataset split"):
         parse_config(RewardSettings, env_file=None, args=["--dataset_test_split", "test"])

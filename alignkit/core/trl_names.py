@@ -235,7 +235,8 @@ class Vocabulary:
         out = {n: cli_kind(t) for n, t in self.passthrough.items()}
         out.update({n: bool if t is bool or bool in _members(t) else str for n, t in self.model_and_script.items()})
         out.update({n: a.kind for n, a in ALIASES.items()})
-        out.update({n: str for n in NOT_APPLIED})
+        for n in NOT_APPLIED:  # typed as TRL types them where it still has them; transformers 5 dropped this one
+            out.setdefault(n, bool if n == "overwrite_output_dir" else str)
         out.update(dataset_mixer=dict, dataset_splits=list[str])
         return out
 
