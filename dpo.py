@@ -18,6 +18,8 @@
 # python dpo.py --label_smoothing 0.1                          # cDPO
 # python dpo.py --preset tiny --adapter lota --lota_sparsity 0.9  # LoTA: a sparse delta instead of LoRA
 # python dpo.py --dataset_id prefs.jsonl --merge_adaptors --push_to_hub --hub_repo_id you/model-dpo
+# python dpo.py --config alignment-handbook/recipes/zephyr-7b-beta/dpo/config_qlora.yaml  # its recipe, as it is
+# python dpo.py --model_name_or_path Qwen/Qwen2-0.5B-Instruct --beta 0.1  # TRL's names work too
 # python dpo.py --help                                         # every setting, its default and env var
 # ```
 
@@ -38,7 +40,7 @@ from alignkit.modeling import presets
 from alignkit.train.training import preflight
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "dpo_beta": 0.2};
-# environment variables (upper-case names) work too. Flags given on a command line apply as well.
+# environment variables (ALIGNKIT_<NAME>, e.g. ALIGNKIT_MAX_STEPS=20) work too. Flags on a command line apply as well.
 overrides: dict = {}
 
 settings = parse_config(
@@ -55,13 +57,10 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 # out to measure reward accuracy on pairs the model never trained on.
 
 # %%
-from alignkit.core.data import load_preferences
-from alignkit.train.training import split
+from alignkit.core.mixture import load_train_eval
 
-preferences = load_preferences(
-    settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
-)
-train_data, eval_data = split(preferences, settings)
+# --dataset_id with an --eval_split share or its --dataset_test_split, or an alignment-handbook dataset_mixture
+train_data, eval_data = load_train_eval("preference", settings)
 print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]

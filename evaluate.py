@@ -52,7 +52,7 @@ from alignkit.evals.evaluation import parse_command
 from alignkit.modeling.generation import resolve_backend
 
 # In a notebook, set things here instead of on a command line, e.g. NOTEBOOK_COMMAND = "pairwise" and
-# overrides = {"preset": "tiny"}; environment variables (upper-case names, COMMAND for the command) work too.
+# overrides = {"preset": "tiny"}; environment variables (ALIGNKIT_<NAME>, COMMAND for the command) work too.
 NOTEBOOK_COMMAND: str = os.environ.get("COMMAND", "vibes")
 overrides: dict = {}
 command, settings = parse_command([] if is_notebook() else sys.argv[1:],

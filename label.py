@@ -51,7 +51,7 @@ from alignkit.feedback.labeling import prepare
 from alignkit.modeling import presets
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "max_prompts": 8};
-# environment variables (upper-case names) work too. Flags given on a command line apply as well.
+# environment variables (ALIGNKIT_<NAME>, e.g. ALIGNKIT_MAX_STEPS=20) work too. Flags on a command line apply as well.
 overrides: dict = {}
 
 settings = parse_config(

@@ -34,7 +34,7 @@ from alignkit.core.config import MergeSettings
 from alignkit.modeling import presets
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "dtype": "fp32"};
-# environment variables (upper-case names) work too. Flags given on a command line apply as well.
+# environment variables (ALIGNKIT_<NAME>, e.g. ALIGNKIT_MAX_STEPS=20) work too. Flags on a command line apply as well.
 overrides: dict = {}
 
 settings = parse_config(

@@ -35,7 +35,7 @@ from alignkit.modeling import presets
 from alignkit.train.training import preflight
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "beta": 0.02};
-# environment variables (upper-case names) work too. Flags given on a command line apply as well.
+# environment variables (ALIGNKIT_<NAME>, e.g. ALIGNKIT_MAX_STEPS=20) work too. Flags on a command line apply as well.
 overrides: dict = {}
 
 settings = parse_config(

@@ -10,6 +10,7 @@
 # python sft.py --dataset_id HuggingFaceH4/ultrachat_200k       # Mistral-7B QLoRA (GPU)
 # python sft.py --dataset_id chats.jsonl --lora_r 32 --max_steps 500
 # python sft.py --preset tiny --adapter lota --lota_sparsity 0.9  # LoTA: a sparse delta instead of LoRA
+# python sft.py --config alignment-handbook/recipes/zephyr-7b-beta/sft/config_qlora.yaml  # its recipe, as it is
 # python sft.py --help                                          # every setting, its default and env var
 # ```
 
@@ -30,7 +31,7 @@ from alignkit.modeling import presets
 from alignkit.train.training import preflight
 
 # In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "max_steps": 20};
-# environment variables (upper-case names) work too. Flags given on a command line apply as well.
+# environment variables (ALIGNKIT_<NAME>, e.g. ALIGNKIT_MAX_STEPS=20) work too. Flags on a command line apply as well.
 overrides: dict = {}
 
 settings = parse_config(
@@ -46,13 +47,10 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 # Messages, ShareGPT conversations, prompt/completion or plain text, normalised to what TRL reads.
 
 # %%
-from alignkit.core.data import load_sft
-from alignkit.train.training import split
+from alignkit.core.mixture import load_train_eval
 
-examples = load_sft(
-    settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
-)
-train_data, eval_data = split(examples, settings)
+# --dataset_id with an --eval_split share or its --dataset_test_split, or an alignment-handbook dataset_mixture
+train_data, eval_data = load_train_eval("sft", settings)
 print(f"{len(train_data)} training examples, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]

@@ -5,7 +5,10 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
 
 - core (shared infrastructure):
   args (the one settings mechanism: flags, env, .env, --config, presets),
-  config (every script's settings, shared groups by composition),
+  config (every script's settings in one namespace), groups (the shared settings groups),
+  train_settings and tool_settings (the training scripts' and the other scripts' settings),
+  trl_names (TRL's and the alignment-handbook's names for the training settings),
+  mixture (a run's training and held-out data: a share, a test split, a handbook dataset mixture),
   errors (UserError and how a script reports it),
   paths (the cache folder),
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),

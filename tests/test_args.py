@@ -58,6 +58,7 @@ def clean_env(monkeypatch, tmp_path):
     saved = dict(os.environ)
     for name in [*FIELDS, "config"]:
         monkeypatch.delenv(name.upper(), raising=False)
+        monkeypatch.delenv(f"ALIGNKIT_{name.upper()}", raising=False)
     monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
     monkeypatch.delattr(builtins, "get_ipython", raising=False)
     monkeypatch.setattr(sys, "argv", ["train.py"])
@@ -88,12 +89,12 @@ def test_each_layer_overrides_the_one_below(tmp_path, monkeypatch):
     # seven fields; field k is set by layers 0..k, so it must end up with layer k's value
     presets = {"p": {"seed": 1, "dpo_beta": 0.1, "max_steps": 1, "run_name": "preset", "model_name": "preset",
                      "output_dir": "preset"}}
-    env_file = write(tmp_path / "my.env", "DPO_BETA=0.2\nMAX_STEPS=2\nRUN_NAME=dotenv\nMODEL_NAME=dotenv\n"
-                                          "OUTPUT_DIR=dotenv\n")
+    env_file = write(tmp_path / "my.env", "DPO_BETA=0.2\nMAX_STEPS=2\nALIGNKIT_RUN_NAME=dotenv\n"
+                                          "ALIGNKIT_MODEL_NAME=dotenv\nALIGNKIT_OUTPUT_DIR=dotenv\n")
     monkeypatch.setenv("MAX_STEPS", "3")
-    monkeypatch.setenv("RUN_NAME", "env")
-    monkeypatch.setenv("MODEL_NAME", "env")
-    monkeypatch.setenv("OUTPUT_DIR", "env")
+    monkeypatch.setenv("ALIGNKIT_RUN_NAME", "env")
+    monkeypatch.setenv("ALIGNKIT_MODEL_NAME", "env")
+    monkeypatch.setenv("ALIGNKIT_OUTPUT_DIR", "env")
     monkeypatch.setenv("PRESET", "p")
     recipe = write(tmp_path / "recipe.yaml", "model_name: yaml\noutput_dir: yaml\nrun_name: yaml\n")
     cfg = parse(["--config", recipe, "--model_name", "flag", "--output_dir", "flag"],
@@ -115,22 +116,22 @@ def test_flag_and_env_var_give_the_same_config(monkeypatch):
 
 
 def test_real_env_beats_dotenv_and_dotenv_beats_defaults(tmp_path, monkeypatch):
-    write(tmp_path / ".env", "SEED=7\nRUN_NAME=from_file\nHF_TOKEN=dotenv_token_value\n")
-    monkeypatch.setenv("RUN_NAME", "from_env")
+    write(tmp_path / ".env", "ALIGNKIT_SEED=7\nALIGNKIT_RUN_NAME=from_file\nHF_TOKEN=dotenv_token_value\n")
+    monkeypatch.setenv("ALIGNKIT_RUN_NAME", "from_env")
     cfg = parse_config(Cfg, args=[])  # default env_file=".env" in cwd (tmp_path)
     assert cfg.seed == 7 and cfg.run_name == "from_env"
     assert os.environ["HF_TOKEN"] == "dotenv_token_value"  # secrets become visible to libraries
-    assert os.environ["RUN_NAME"] == "from_env"  # override=False
+    assert os.environ["ALIGNKIT_RUN_NAME"] == "from_env"  # override=False
 
 
 def test_env_file_none_and_missing_file(tmp_path):
-    write(tmp_path / ".env", "SEED=7\n")
+    write(tmp_path / ".env", "ALIGNKIT_SEED=7\n")
     assert parse_config(Cfg, args=[], env_file=None).seed == 42
     assert parse_config(Cfg, args=[], env_file=str(tmp_path / "nope.env")).seed == 42
 
 
 def test_config_file_via_env_var(tmp_path, monkeypatch):
-    monkeypatch.setenv("CONFIG", write(tmp_path / "r.yaml", "seed: 5\ntarget_modules: [a, b]\nlrs: 1e-4,2e-4\n"))
+    monkeypatch.setenv("ALIGNKIT_CONFIG", write(tmp_path / "r.yaml", "seed: 5\ntarget_modules: [a, b]\nlrs: 1e-4,2e-4\n"))
     cfg = parse()
     assert cfg.seed == 5 and cfg.target_modules == ["a", "b"] and cfg.lrs == [1e-4, 2e-4]
 
@@ -155,7 +156,7 @@ def test_bool_flag_forms(args, expected):
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("no", False), ("OFF", False)])
 def test_bool_env_forms(monkeypatch, value, expected):
-    monkeypatch.setenv("BF16", value)
+    monkeypatch.setenv("ALIGNKIT_BF16", value)
     assert parse().bf16 is expected
 
 
@@ -173,8 +174,8 @@ def test_list_flag_forms(args):
 
 
 def test_list_from_env_yaml_and_overrides(monkeypatch, tmp_path):
-    monkeypatch.setenv("TARGET_MODULES", "a, b")
-    monkeypatch.setenv("LRS", "0.1,1")
+    monkeypatch.setenv("ALIGNKIT_TARGET_MODULES", "a, b")
+    monkeypatch.setenv("ALIGNKIT_LRS", "0.1,1")
     cfg = parse()
     assert cfg.target_modules == ["a", "b"] and cfg.lrs == [0.1, 1.0]
     yaml_file = write(tmp_path / "r.yaml", "target_modules: c,d\nlrs: [0.5, 2]\n")
@@ -234,11 +235,21 @@ def test_script_uses_sys_argv(monkeypatch):
 
 # ---------------------------------------------------------------- errors
 def test_unknown_flag_suggests_close_match():
-    with pytest.raises(ConfigError, match=r"unknown option --dpo_bta.*did you mean --dpo_beta"):
+    with pytest.raises(ConfigError, match=r"unknown setting: --dpo_bta \(on the command line; did you mean --dpo_beta"):
         parse(["--dpo_bta", "0.1"])
-    with pytest.raises(ConfigError, match="unknown option --zzz") as e:
+    with pytest.raises(ConfigError, match="unknown setting: --zzz") as e:
         parse(["--zzz"])
     assert "did you mean" not in str(e.value)
+
+
+def test_every_unknown_key_of_every_layer_in_one_message(tmp_path):
+    recipe = write(tmp_path / "recipe.yaml", "sed: 1\nrun_nam: x\nseed: 2\n")
+    with pytest.raises(ConfigError) as e:
+        parse(["--config", recipe, "--dpo_bta", "0.1", "--zzz", "--seed", "3"], overrides={"lr": 1})
+    message = str(e.value)
+    for name in ("sed", "run_nam", "--dpo_bta", "--zzz", "'lr'"):
+        assert name in message, name
+    assert message.count("unknown setting") == 1 and "\n" not in message
 
 
 @pytest.mark.parametrize("args, pattern", [
@@ -257,10 +268,10 @@ def test_bad_flag_values(args, pattern):
 
 
 @pytest.mark.parametrize("name, value, pattern", [
-    ("SEED", "abc", r"env var SEED: 'abc' is not an int"),
+    ("ALIGNKIT_SEED", "abc", r"env var ALIGNKIT_SEED: 'abc' is not an int"),
     ("DPO_BETA", "abc", r"env var DPO_BETA: 'abc' is not a float"),
-    ("BF16", "2", r"env var BF16: '2' is not a boolean"),
-    ("LOSS_TYPE", "dpo", r"env var LOSS_TYPE: 'dpo' is not one of"),
+    ("ALIGNKIT_BF16", "2", r"env var ALIGNKIT_BF16: '2' is not a boolean"),
+    ("ALIGNKIT_LOSS_TYPE", "dpo", r"env var ALIGNKIT_LOSS_TYPE: 'dpo' is not one of"),
 ])
 def test_bad_env_values(monkeypatch, name, value, pattern):
     monkeypatch.setenv(name, value)
@@ -269,8 +280,8 @@ def test_bad_env_values(monkeypatch, name, value, pattern):
 
 
 def test_bad_dotenv_value_names_the_file(tmp_path):
-    env_file = write(tmp_path / "my.env", "SEED=abc\n")
-    with pytest.raises(ConfigError, match=r"env var SEED \(from .*my.env\)"):
+    env_file = write(tmp_path / "my.env", "ALIGNKIT_SEED=abc\n")
+    with pytest.raises(ConfigError, match=r"env var ALIGNKIT_SEED \(from .*my.env\)"):
         parse(env_file=env_file)
 
 
@@ -280,7 +291,7 @@ def test_bad_dotenv_value_names_the_file(tmp_path):
     ("bf16: maybe\n", r"recipe.yaml: key bf16: 'maybe' is not a boolean"),
     ("loss_type: dpo\n", r"recipe.yaml: key loss_type: 'dpo' is not one of"),
     ("seed: true\n", r"key seed: True is not an int"),
-    ("dpo_bta: 0.1\n", r"recipe.yaml: unknown key 'dpo_bta'; did you mean dpo_beta"),
+    ("dpo_bta: 0.1\n", r"unknown setting: dpo_bta \(in .*recipe.yaml; did you mean dpo_beta"),
     ("- seed\n", r"recipe.yaml: top level must be a mapping"),
     ("seed: [1\n", r"recipe.yaml: not valid YAML"),
 ])
@@ -308,7 +319,7 @@ def test_unknown_preset_lists_known_ones(monkeypatch):
 
 
 def test_bad_overrides():
-    with pytest.raises(ConfigError, match=r"unknown overrides key 'sed'.*did you mean seed"):
+    with pytest.raises(ConfigError, match=r"unknown setting: 'sed' \(in overrides; did you mean seed"):
         parse(overrides={"sed": 1})
     with pytest.raises(ConfigError, match=r"overrides key 'seed': 'x' is not an int"):
         parse(overrides={"seed": "x"})
@@ -364,7 +375,7 @@ def test_help_lists_every_field(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert out.index("train_dpo") < out.index("Train with DPO.")
     for name in FIELDS:
-        assert f"--{name}" in out and f"env: {name.upper()}" in out
+        assert f"--{name}" in out and f"env: ALIGNKIT_{name.upper()}" in out
     for default in ["default: 42", "default: 0.5", "default: false", "default: q_proj", "default: sigmoid",
                     "default: none", "default: HF_TOKEN"]:
         assert default in out, default
@@ -519,7 +530,7 @@ def test_whole_list_values_keep_their_commas_from_every_layer(monkeypatch):
     got = parse_config(Asks, args=["--prompts", "Hello, who are you?", "Hi", "--tags", "a,b", "--prompts=x, y"],
                        env_file=None)
     assert got.prompts == ["Hello, who are you?", "Hi", "x, y"] and got.tags == ["a", "b"]
-    monkeypatch.setenv("PROMPTS", "Name three fruits, please.")
+    monkeypatch.setenv("ALIGNKIT_PROMPTS", "Name three fruits, please.")
     assert parse_config(Asks, args=[], env_file=None).prompts == ["Name three fruits, please."]
     from alignkit.evals.evaluation import parse_command
 

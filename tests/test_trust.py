@@ -190,7 +190,8 @@ def test_user_errors_are_one_line_and_exit_2(tiny_cache, tmp_path, case):
                                                  {"prompt": "hi", "chosen": "a"}])
     env = {"ALIGNKIT_CACHE": str(tiny_cache), "HF_HOME": str(tmp_path / "hf")}
     args, expected = {
-        "bad flag": (["dpo.py", "--dpo_betta", "0.1"], "unknown option --dpo_betta; did you mean --dpo_beta?"),
+        "bad flag": (["dpo.py", "--dpo_betta", "0.1"],
+                     "unknown setting: --dpo_betta (on the command line; did you mean --dpo_beta?)"),
         "bad value": (["dpo.py", "--preset", "tiny", "--dpo_beta", "-1"], "dpo_beta must be > 0"),
         "bad data row": (["dpo.py", "--preset", "tiny", "--dataset_id", str(bad)], "prefs.jsonl"),
         "missing token": (["merge.py", "--adapter_dir", "x", "--push_to_hub", "--hub_repo_id", "me/x"], "HF_TOKEN"),

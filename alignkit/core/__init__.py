@@ -1,7 +1,11 @@
 """Shared infrastructure: what every stage and every script stands on.
 
 - args: the one settings mechanism (flags, env, .env, --config, presets).
-- config: every script's settings dataclasses, shared groups by composition.
+- config: every script's settings dataclasses in one namespace, re-exported from:
+  groups (the shared settings groups, composed by inheritance), train_settings (sft.py, dpo.py, reward.py, rl.py,
+  rlaif.py) and tool_settings (label.py, evaluate.py, merge.py).
+- trl_names: TRL's and the alignment-handbook's names for the training settings (aliases, pass-through).
+- mixture: a run's training and held-out data (a share, a test split, a handbook dataset mixture).
 - errors: UserError and how a script reports it.
 - paths: the cache folder ($ALIGNKIT_CACHE).
 - launch: the launch mode, this process's device and process group, the loader's hardware decisions, refusals.

@@ -2,7 +2,14 @@
 
 A settings ``@dataclass`` becomes a parser with this precedence, lowest to highest:
 dataclass defaults < preset < .env file < environment < ``--config`` YAML < CLI flags < ``overrides``.
-Field ``dpo_beta`` is ``--dpo_beta VALUE`` / ``--dpo_beta=VALUE`` and env var ``DPO_BETA``.
+Field ``dpo_beta`` is ``--dpo_beta VALUE`` / ``--dpo_beta=VALUE`` and env var ``ALIGNKIT_DPO_BETA``.
+
+Environment variables: every setting is read as ``ALIGNKIT_<NAME>``; the bare upper-case name only for the few
+names the seed project documented (``BARE_ENV_NAMES``: ``DPO_BETA``, ``MODEL_ID``, ...), so a ``SEED``, ``MODE`` or
+``OUTPUT`` left in a shell or a cluster's environment never changes a run. Each one read is logged by name.
+
+A class may speak a second vocabulary (``cls.vocabulary()``, e.g. TRL's names, alignkit.core.trl_names): it
+translates every layer's keys into fields, and every key that is neither is reported in one message.
 """
 from __future__ import annotations
 
@@ -24,7 +31,14 @@ from dotenv import load_dotenv
 
 from alignkit.core.errors import UserError
 
-__all__ = ["ConfigError", "setting", "parse_config", "config_to_dict", "save_config", "redact", "is_notebook"]
+__all__ = ["ConfigError", "setting", "parse_config", "config_to_dict", "save_config", "redact", "is_notebook",
+           "BARE_ENV_NAMES", "ENV_PREFIX"]
+
+ENV_PREFIX = "ALIGNKIT_"
+# The settings the seed project documented under bare names (README, notebooks: `DPO_BETA=0.1 python dpo.py`,
+# `PRESET=tiny`): still read without the prefix. Every other setting needs ALIGNKIT_<NAME>.
+BARE_ENV_NAMES = frozenset({"PRESET", "MODEL_ID", "DATASET_ID", "DPO_BETA", "MAX_STEPS", "ROUNDS", "MAX_PROMPTS",
+                            "NUM_SAMPLES"})
 
 _MISSING = dataclasses.MISSING
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -39,17 +53,21 @@ class ConfigError(UserError):
     """A user-facing configuration problem; the message names the source of the bad value and the fix."""
 
 
-def setting(default=_MISSING, help: str = "", choices=None, default_factory=_MISSING, whole: bool = False):
+def setting(default=_MISSING, help: str = "", choices=None, default_factory=_MISSING, whole: bool = False,
+            synonyms: Mapping | None = None):
     """``dataclasses.field`` carrying the help text and allowed values shown by ``--help``.
 
     whole: a list whose values are kept whole, never split at commas (prompts hold commas: "Hello, who are
     you?" is one prompt); on a command line each value is its own argument, and a string from the environment
     or a --config file is one value.
+    synonyms: other spellings of the choices, e.g. TRL's {"bfloat16": "bf16"}; accepted from every layer.
+    A ``dict`` setting takes a YAML mapping or a JSON object, and merges key by key across the layers.
     """
     if isinstance(default, (list, dict, set)):  # dataclasses rejects mutable defaults; copy per instance instead
         default, default_factory = _MISSING, (lambda d=default: type(d)(d))
     return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"help": help, "choices": list(choices) if choices else None, "whole": whole})
+                             metadata={"help": help, "choices": list(choices) if choices else None, "whole": whole,
+                                       "synonyms": dict(synonyms or {})})
 
 
 def is_notebook() -> bool:
@@ -78,10 +96,15 @@ def _list_item(tp):
     return (typing.get_args(tp) or (str,))[0] if typing.get_origin(tp) is list else None
 
 
+def _is_mapping(tp) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
+
+
 def _type_name(tp) -> str:
     inner, optional = _unwrap_optional(tp)
     item = _list_item(inner)
-    name = f"list of {_type_name(item)}" if item is not None else getattr(inner, "__name__", str(inner))
+    name = f"list of {_type_name(item)}" if item is not None else "mapping" if _is_mapping(inner) else getattr(
+        inner, "__name__", str(inner))
     return f"{name} or none" if optional else name
 
 
@@ -101,15 +124,33 @@ def _scalar(raw, tp, where):
         raise ConfigError(f"invalid value for {where}: {raw!r} is not {expected}") from None
 
 
-def _convert(raw, tp, where, choices=None, whole=False):
+def _mapping(raw, where) -> dict:
+    """A YAML mapping or a JSON object (from a flag or the environment) as a dict."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"invalid value for {where}: not valid JSON ({e}); pass a JSON object, e.g. "
+                              "'{\"optim\": \"paged_adamw_8bit\"}'") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"invalid value for {where}: {raw!r} is not a mapping (a JSON object or YAML mapping)")
+    return dict(raw)
+
+
+def _convert(raw, tp, where, choices=None, whole=False, synonyms=None):
     """Turn a raw value (string from CLI/env, or YAML/Python object) into the annotated type.
 
-    whole: a string is one list item, not a comma-separated list (setting(whole=True))."""
+    whole: a string is one list item, not a comma-separated list (setting(whole=True)).
+    synonyms: other spellings of the choices (setting(synonyms=...))."""
     inner, optional = _unwrap_optional(tp)
     if raw is None or (optional and isinstance(raw, str) and raw.strip().lower() in ("none", "null")):
         if optional:
             return None
         raise ConfigError(f"invalid value for {where}: None is not allowed, expected {_type_name(tp)}")
+    if _is_mapping(inner):
+        return _mapping(raw, where)
+    if synonyms and isinstance(raw, str) and raw.strip().lower() in synonyms:
+        raw = synonyms[raw.strip().lower()]
     if choices and {"true", "false"} <= set(choices) and str(raw).strip().lower() in _TRUE | _FALSE:
         raw = "true" if str(raw).strip().lower() in _TRUE else "false"  # auto/true/false: YAML booleans too
     item = _list_item(inner)
@@ -135,9 +176,10 @@ def _suggest(name, names, prefix=""):
 
 # ---------------------------------------------------------------- layers
 def _parse_cli(argv, types_, whole=frozenset()):
-    """Return ({field: raw string, or a list for a `whole` field}, config path or None, wants_help). Raw values
-    are converted later. A `whole` field's values are its arguments as given, repeated flags adding more."""
-    values, config, wants_help, i = {}, None, False, 0
+    """Return ({name: raw string, or a list for a `whole` field}, config path or None, wants_help, unknown names).
+    Raw values are converted later. A `whole` field's values are its arguments as given, repeated flags adding
+    more. An unknown option takes the values after it, so that every unknown one is reported together."""
+    values, config, wants_help, i, unknown = {}, None, False, 0, []
     is_option = lambda tok: tok.startswith("--") or tok == "-h"  # noqa: E731  ("-0.5" stays a value)
     while i < len(argv):
         tok, i = argv[i], i + 1
@@ -159,8 +201,13 @@ def _parse_cli(argv, types_, whole=frozenset()):
                 raise ConfigError("--config expects one value: the path of a YAML file")
             config = vals[0]
             continue
+        if name not in types_ and name.startswith("no_") and _unwrap_optional(types_.get(name[3:]))[0] is bool \
+                and not vals:
+            values[name[3:]] = "false"  # HfArgumentParser's --no_<flag> for a flag that defaults to true (TRL's CLI)
+            continue
         if name not in types_:
-            raise ConfigError(f"unknown option --{name}{_suggest(name, [*types_, 'config'], '--')} (see --help)")
+            unknown.append(name)
+            continue
         inner, _ = _unwrap_optional(types_[name])
         if name in whole:
             values[name] = [*values.get(name, []), *vals]
@@ -173,10 +220,10 @@ def _parse_cli(argv, types_, whole=frozenset()):
             raise ConfigError(f"--{name} expects one value, {got}")
         else:
             values[name] = vals[0]
-    return values, config, wants_help
+    return values, config, wants_help, unknown
 
 
-def _load_yaml(path, source, names):
+def _load_yaml(path, source):
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {path} (given by {source}); check the path")
@@ -187,10 +234,7 @@ def _load_yaml(path, source, names):
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of option: value, got {type(data).__name__}")
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"{path}: unknown key {key!r}{_suggest(key, names)}")
-    return data
+    return {str(k): v for k, v in data.items()}
 
 
 def _show(value) -> str:
@@ -199,24 +243,85 @@ def _show(value) -> str:
     return str(value).lower() if value is None or isinstance(value, bool) else str(value) or "''"
 
 
-def _print_help(fields, types_, defaults, prog, description):
+def _help_groups(cls, fields) -> list[tuple[str, list[str]]]:
+    """(title, field names) in the order --help shows them: the class's `help_groups` (most used first), then
+    the fields no group names, under the class's `help_title`."""
+    groups, seen = [], set()
+    for title, names in getattr(cls, "help_groups", ()):
+        present = [n for n in names if n in fields and n not in seen]
+        seen |= set(present)
+        if present:
+            groups.append((title, present))
+    rest = [n for n in fields if n not in seen]
+    if rest:
+        groups.insert(min(len(groups), getattr(cls, "help_rest_at", len(groups))),
+                      (getattr(cls, "help_title", "settings"), rest))
+    return groups
+
+
+def _print_help(cls, fields, types_, defaults, prog, description, vocab, presets=None):
     parser = argparse.ArgumentParser(prog=prog, description=description, add_help=False,
                                      usage=f"{prog} [--config FILE] [--OPTION VALUE ...]",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=vocab.help_text(fields) if vocab else None)
     parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
-    parser.add_argument("--config", metavar="FILE", help="YAML file of {option: value} [env: CONFIG]")
+    parser.add_argument("--config", metavar="FILE", help=f"YAML file of {{option: value}} [env: {ENV_PREFIX}CONFIG]")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a user error, not just its message [env: ALIGNKIT_DEBUG=1]")
-    for name, f in fields.items():
-        choices = f.metadata.get("choices")
-        inner, _ = _unwrap_optional(types_[name])
-        metavar = "{%s}" % ",".join(map(str, choices)) if choices else (
-            "[BOOL]" if inner is bool else "A,B,..." if _list_item(inner) else _type_name(inner).upper())
-        default = "required" if name not in defaults else "***" if _is_secret_field(name) and _is_set(
-            defaults[name]) else redact(_show(defaults[name]))
-        text = f"{f.metadata.get('help', '')} [{_type_name(types_[name])}; default: {default}; env: {name.upper()}]"
-        parser.add_argument(f"--{name}", metavar=metavar, help=text.strip().replace("%", "%%"))
+    for title, names in _help_groups(cls, fields):
+        group = parser.add_argument_group(title)
+        for name in names:
+            f = fields[name]
+            choices = f.metadata.get("choices") or (sorted(presets) if name == "preset" and presets else None)
+            inner, _ = _unwrap_optional(types_[name])
+            metavar = "{%s}" % ",".join(map(str, choices)) if choices else (
+                "[BOOL]" if inner is bool else "A,B,..." if _list_item(inner) else _type_name(inner).upper())
+            default = "required" if name not in defaults else "***" if _is_secret_field(name) and _is_set(
+                defaults[name]) else redact(_show(defaults[name]))
+            env = f"{ENV_PREFIX}{name.upper()}" + (f" or {name.upper()}" if name.upper() in BARE_ENV_NAMES else "")
+            also = vocab.aliases_of(name) if vocab else []
+            also = f"; also --{', --'.join(also)}" if also else ""
+            if vocab and name in defaults:
+                also += vocab.default_note(name, _show(defaults[name]))
+            text = f"{f.metadata.get('help', '')} [{_type_name(types_[name])}; default: {default}; env: {env}{also}]"
+            group.add_argument(f"--{name}", metavar=metavar, help=text.strip().replace("%", "%%"))
     print(parser.format_help())
+
+
+# ---------------------------------------------------------------- layers in a second vocabulary
+def _environment(names, env_from_file, env_file):
+    """{name: raw value} from ALIGNKIT_<NAME> (any setting) or a bare <NAME> (BARE_ENV_NAMES only), with a label
+    for each; one log line names them. A bare name from .env that is not read gets a warning: it was meant."""
+    found, labels, ignored = {}, {}, []
+    for n in dict.fromkeys(names):
+        for var in (f"{ENV_PREFIX}{n.upper()}", n.upper()):
+            if var in os.environ and (var.startswith(ENV_PREFIX) or var in BARE_ENV_NAMES):
+                found[n] = os.environ[var]
+                labels[n] = f"env var {var}" + (f" (from {env_file})" if var in env_from_file else "")
+                break
+            if var == n.upper() and var in env_from_file:
+                ignored.append(var)
+    if found:
+        _log().info("settings from the environment: " + ", ".join(
+            f"{n} ({labels[n].removeprefix('env var ')})" for n in found))
+    if ignored:
+        _log().warning(f"{env_file}: not read: {', '.join(ignored)} (bare names are read only for "
+                       f"{', '.join(sorted(BARE_ENV_NAMES))}); write {ENV_PREFIX}{ignored[0]} instead")
+    return found, labels
+
+
+def _log():
+    import logging
+
+    return logging.getLogger("alignkit")
+
+
+def _translate(vocab, layer, where, fields, label):
+    """(layer in field names, unknown keys, notes): a second vocabulary's keys become fields; `where` names the
+    layer, `label(key)` a value in it, in messages."""
+    if vocab is None:
+        return dict(layer), [k for k in layer if k not in fields], []
+    return vocab.translate(layer, where, fields, label)
 
 
 # ---------------------------------------------------------------- entry point
@@ -229,37 +334,54 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
     types_ = {n: hints.get(n, f.type) for n, f in fields.items()}
     if "config" in fields:
         raise ConfigError(f"{cls.__name__}: field name 'config' is reserved for --config FILE; rename the field")
+    vocab = cls.vocabulary() if hasattr(cls, "vocabulary") else None
 
     if args is None:  # a kernel's argv (`-f kernel.json`) belongs to the kernel, not to us
         args = [] if is_notebook() else sys.argv[1:]
     whole = frozenset(n for n, f in fields.items() if f.metadata.get("whole"))
-    cli, config_path, wants_help = _parse_cli(list(args), types_, whole)
+    cli_types = {**(vocab.cli_types() if vocab else {}), **types_}
+    cli, config_path, wants_help, unknown_flags = _parse_cli(list(args), cli_types, whole)
 
     env_from_file = set()
     if env_file is not None:
         before = set(os.environ)  # override=False: real env vars win; secrets such as HF_TOKEN reach libraries
         load_dotenv(env_file, override=False)
         env_from_file = set(os.environ) - before
-    env = {n: os.environ[n.upper()] for n in fields if n.upper() in os.environ}
+    env, env_labels = _environment([*fields, *(vocab.cli_types() if vocab else {})], env_from_file, env_file)
 
     config_source = "--config"
-    if config_path is None and os.environ.get("CONFIG"):
-        config_path, config_source = os.environ["CONFIG"], "env var CONFIG"
-    recipe = _load_yaml(config_path, config_source, fields) if config_path else {}
-
+    if config_path is None and os.environ.get(f"{ENV_PREFIX}CONFIG"):
+        config_path, config_source = os.environ[f"{ENV_PREFIX}CONFIG"], f"env var {ENV_PREFIX}CONFIG"
+    recipe = _load_yaml(config_path, config_source) if config_path else {}
     overrides = dict(overrides or {})
-    for key in overrides:
-        if key not in fields:
-            raise ConfigError(f"unknown overrides key {key!r}{_suggest(key, fields)}; keys must be fields of "
-                              f"{cls.__name__}")
 
-    def env_label(n):
-        return f"env var {n.upper()}" + (f" (from {env_file})" if n.upper() in env_from_file else "")
-    layers = [(env, env_label), (recipe, lambda n: f"{config_path}: key {n}"),
-              (cli, lambda n: f"--{n}"), (overrides, lambda n: f"overrides key {n!r}")]
+    # Every layer in field names; every key that is no setting, from every layer, in one message.
+    unknown, notes = [], []
+    translated = []
+    labels = (lambda k: env_labels.get(k, f"env var {ENV_PREFIX}{k.upper()}"), lambda k: f"{config_path}: key {k}",
+              lambda k: f"--{k}", lambda k: f"overrides key {k!r}")
+    for (layer, where, show), label in zip(((env, "the environment", lambda k: f"{ENV_PREFIX}{k.upper()}"),
+                                            (recipe, str(config_path), str),
+                                            (cli, "the command line", lambda k: f"--{k}"),
+                                            (overrides, "overrides", repr)), labels):
+        fields_layer, bad, said = _translate(vocab, layer, where, fields, label)
+        dashes = "--" if layer is cli else ""
+        unknown += [f"{show(k)} (in {where}{_suggest(k, [*fields, *cli_types], dashes)})" for k in bad]
+        notes += said
+        translated.append(fields_layer)
+    unknown += [f"--{k} (on the command line{_suggest(k, [*cli_types, 'config'], '--')})" for k in unknown_flags]
+    if unknown:
+        raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}. --help lists "
+                          "every setting" + (", TRL's names included" if vocab else ""))
+    if notes:
+        _log().warning("not applied, and why: " + " | ".join(dict.fromkeys(notes)))
+    env, recipe, cli, overrides = translated
 
-    def choices(n):
-        return fields[n].metadata.get("choices")
+    layers = list(zip((env, recipe, cli, overrides), labels))
+
+    def convert(n, raw, label):
+        meta = fields[n].metadata
+        return _convert(raw, types_[n], label, meta.get("choices"), n in whole, meta.get("synonyms"))
 
     defaults = {n: f.default if f.default is not _MISSING else f.default_factory()
                 for n, f in fields.items() if f.default is not _MISSING or f.default_factory is not _MISSING}
@@ -268,7 +390,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
         name = defaults.get("preset")
         for layer, label in layers:
             if "preset" in layer:
-                name = _convert(layer["preset"], types_["preset"], label("preset"), choices("preset"))
+                name = convert("preset", layer["preset"], label("preset"))
         if name:
             if name not in presets:
                 known = ", ".join(sorted(presets)) or "(none defined)"
@@ -276,20 +398,26 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
             for key, value in presets[name].items():
                 if key not in fields:
                     raise ConfigError(f"preset {name!r} sets unknown field {key!r}{_suggest(key, fields)}")
-                defaults[key] = _convert(value, types_[key], f"preset {name!r}: key {key}", choices(key), key in whole)
+                defaults[key] = convert(key, value, f"preset {name!r}: key {key}")
             defaults["preset"] = name
 
     if wants_help:
         prog = prog or (cls.__name__ if is_notebook() or not sys.argv else os.path.basename(sys.argv[0]))
-        _print_help(fields, types_, defaults, prog, description)
+        _print_help(cls, fields, types_, defaults, prog, description, vocab, presets)
         raise SystemExit(0)
 
-    values = dict(defaults)
-    for layer, label in layers:
+    values, given = dict(defaults), {}
+    for (layer, label), kind in zip(layers, ("env", "recipe", "cli", "overrides")):
         for n, raw in layer.items():
-            values[n] = _convert(raw, types_[n], label(n), choices(n), n in whole)
+            value = convert(n, raw, label(n))
+            if isinstance(value, dict) and isinstance(values.get(n), dict):  # mappings merge key by key
+                value = {**values[n], **value}
+            values[n], given[n] = value, kind
+    if vocab is not None:
+        vocab.finish(values, given, recipe_given=bool(config_path))
     for n in (n for n in fields if n not in values):
-        raise ConfigError(f"missing required option --{n} (or env var {n.upper()}, or key {n} in the --config file)")
+        raise ConfigError(f"missing required option --{n} (or env var {ENV_PREFIX}{n.upper()}, or key {n} in the "
+                          "--config file)")
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:  # __post_init__ validation is a user-facing config problem too

@@ -173,9 +173,10 @@ def loader_fields(s) -> dict:
     groups = [ModelSettings] + ([GenerationSettings] if isinstance(s, GenerationSettings) else [])
     names = [f.name for group in groups for f in fields(group) if f.name not in INERT]
     out = {name: getattr(s, name) for name in dict.fromkeys(names)}
-    template = out.get("chat_template")
-    if template and Path(template).is_file():
-        out["chat_template"] = Path(template).read_text(encoding="utf-8")
+    if out.get("chat_template"):
+        from alignkit.modeling.models import chat_template_text
+
+        out["chat_template"] = chat_template_text(out["chat_template"])  # a file by its text, or inline Jinja
     return out
 
 

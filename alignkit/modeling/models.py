@@ -174,6 +174,17 @@ def check_model_source(source: str, cache: bool = True) -> None:
     require_reachable(source)
 
 
+def chat_template_text(value: str) -> str:
+    """--chat_template's Jinja text: a file's contents, or the value itself when it is a template (a recipe's
+    inline one, as the alignment-handbook writes them)."""
+    if "{{" in value or "{%" in value:
+        return value
+    if not Path(value).is_file():
+        raise UserError(f"--chat_template {value}: file not found; pass a Jinja chat template file or the template "
+                        "itself")
+    return Path(value).read_text(encoding="utf-8")
+
+
 def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
@@ -182,9 +193,7 @@ def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_tem
     source, revision = model_source(source, None, revision)  # a .gguf file: its converted folder
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if chat_template:
-        if not Path(chat_template).is_file():
-            raise UserError(f"--chat_template {chat_template}: file not found; pass a Jinja chat template file")
-        tok.chat_template = Path(chat_template).read_text()
+        tok.chat_template = chat_template_text(chat_template)
     set_pad_token(tok)
     return tok
 
@@ -324,6 +333,8 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
     config = LoraConfig(
         r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, task_type=task_type, bias="none",
         target_modules=targets[0] if targets == ["all-linear"] else targets,
+        use_rslora=getattr(s, "use_rslora", False), use_dora=getattr(s, "use_dora", False),
+        modules_to_save=getattr(s, "lora_modules_to_save", None),
     )
     model = loaded.model
     # ZeRO-3 all-gathers into buffers of the first parameter's dtype: PEFT's fp32 upcast of the new adapter beside a

@@ -124,6 +124,19 @@ def check_dpo_config(args) -> None:
         )
 
 
+def keep_lora_dropout(model) -> None:
+    """The trained adapter's LoRA dropout back on after TRL's disable_dropout zeroed every nn.Dropout: DPO turns
+    the model's own dropout off (the policy and its reference must see the same network), but --lora_dropout
+    regularises only the update and the reference pass runs with the trained adapter off."""
+    config = getattr(model, "peft_config", {}).get(TRAINABLE)
+    p = getattr(config, "lora_dropout", 0.0) or 0.0
+    for module in model.modules() if p else ():
+        dropout = getattr(module, "lora_dropout", None)
+        if isinstance(dropout, torch.nn.ModuleDict) and TRAINABLE in dropout and isinstance(
+                dropout[TRAINABLE], torch.nn.Dropout):
+            dropout[TRAINABLE].p = p
+
+
 class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
     def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), reference_adapters=None,
                  prefix_sharing=True, **kwargs):
@@ -147,6 +160,7 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
             peft_model.base_model.set_adapter([TRAINABLE, *self.frozen_adapters])
             if self.frozen_adapters:
                 peft_model.set_requires_grad(self.frozen_adapters, requires_grad=False)
+        keep_lora_dropout(peft_model)
         self.own_loss = is_own_loss(self.loss_types)
         # Reference log-probs always come from compute_ref_log_probs below and ride in the batch.
         self.precompute_ref_logps = True

@@ -31,6 +31,7 @@ from alignkit import logger, quiet_library_noise
 from alignkit.core.args import ConfigError, config_to_dict, redact
 from alignkit.core.errors import UserError
 from alignkit.core.launch import agreed_minimum, free_memory, training_device, world_size
+from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scripts import it from here)
 
 CONFIG_FILE = "alignkit_config.json"
 FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
@@ -190,12 +191,21 @@ def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
         logger.info(f"the run failed before its first checkpoint: removed {folder}")
 
 
-def resolve_report_to(s) -> str:
-    """wandb when asked for (or when a key is there), never with a login prompt that nobody can answer."""
-    choice = s.report_to
-    if choice == "auto":
-        choice = "wandb" if (os.environ.get("WANDB_API_KEY") or s.wandb_project) else "none"
-    if choice == "wandb":
+def resolve_report_to(s) -> str | list[str]:
+    """wandb when asked for (or when a key is there), never with a login prompt that nobody can answer;
+    tensorboard only when it is installed. One tracker as its name, several as TRL's list."""
+    asked = [s.report_to] if isinstance(s.report_to, str) else list(s.report_to)
+    asked = [c for c in asked if c != "none"] or ["none"]
+    if "auto" in asked:
+        auto = "wandb" if (os.environ.get("WANDB_API_KEY") or s.wandb_project) else "none"
+        asked = [c for c in asked if c != "auto"] + ([auto] if auto != "none" or len(asked) == 1 else [])
+    if "tensorboard" in asked:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise UserError("--report_to tensorboard, but tensorboard is not installed: pip install tensorboard "
+                            "(or pass --report_to none)")
+    if "wandb" in asked:
         if s.wandb_project:
             os.environ["WANDB_PROJECT"] = s.wandb_project
         offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
@@ -207,7 +217,7 @@ def resolve_report_to(s) -> str:
                 "Set WANDB_API_KEY, or WANDB_MODE=offline to log locally, or --report_to none."
             )
         os.environ.setdefault("WANDB_LOG_MODEL", "false")  # never upload checkpoints (or what they hold) to wandb
-    return choice
+    return asked[0] if len(asked) == 1 else asked
 
 
 ACTIVATION_SHARE = 0.5  # gradient checkpointing stays off while a micro-batch's activations fit in this share
@@ -263,9 +273,10 @@ def resolve_gradient_checkpointing(s, model, dtype: torch.dtype) -> bool:
 
 
 def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **stage_kwargs):
-    """TRL's SFTConfig/DPOConfig from alignkit's settings; --trainer_overrides JSON adds anything else. `model`
-    (the loaded model) sizes --gradient_checkpointing auto; without it, checkpointing stays on."""
-    has_eval = s.eval_split > 0
+    """TRL's SFTConfig/DPOConfig from alignkit's settings; --trainer_overrides (every TRL field given under its
+    TRL name, alignkit.core.trl_names) goes on top. `model` (the loaded model) sizes --gradient_checkpointing
+    auto; without it, checkpointing stays on."""
+    has_eval = s.has_eval_data() if hasattr(s, "has_eval_data") else s.eval_split > 0
     kwargs = dict(
         output_dir=str(folder), run_name=folder.name, seed=s.seed, data_seed=s.seed,
         num_train_epochs=s.num_train_epochs, max_steps=s.max_steps, learning_rate=s.learning_rate,
@@ -282,8 +293,9 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
         dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps host-to-GPU copies
         disable_tqdm=not sys.stderr.isatty(),  # progress bars in a CI log are thousands of lines of noise
         push_to_hub=False,  # alignkit.core.hub pushes at the end, with a model card and without secrets
-        # Several processes without CUDA: transformers only sets up gloo DDP between them with use_cpu.
-        use_cpu=world_size() > 1 and not torch.cuda.is_available(),
+        # Several processes without CUDA: transformers only sets up gloo DDP between them with use_cpu; bf16 on a
+        # CPU (a recipe's bf16: true) also needs it ("Your setup doesn't support bf16/gpu").
+        use_cpu=(world_size() > 1 or dtype == torch.bfloat16) and not torch.cuda.is_available(),
         **stage_kwargs,
     )
     if world_size() > 1:
@@ -301,13 +313,21 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
             kwargs[trl_name] = getattr(s, name)
     if "max_length" not in trl_fields:
         kwargs.pop("max_length")  # GRPOConfig/RLOOConfig bound prompt and completion lengths separately
-    if s.trainer_overrides:
+    extra = s.trainer_overrides or {}
+    if isinstance(extra, str):  # a settings object built in code, not parsed
         try:
-            extra = json.loads(s.trainer_overrides)
+            extra = json.loads(extra)
         except json.JSONDecodeError as e:
             raise ConfigError(f"--trainer_overrides is not valid JSON: {e}; pass a JSON object, e.g. "
                               "'{\"optim\": \"paged_adamw_8bit\"}'") from e
-        kwargs.update(extra)
+    foreign = sorted(set(extra) - trl_fields) if dataclasses.is_dataclass(config_cls) else []
+    if foreign:
+        raise ConfigError(f"{', '.join(foreign)}: not field(s) of TRL's {config_cls.__name__}, which this run uses; "
+                          "drop them")
+    if extra.get("eval_strategy") not in (None, "no") and not has_eval:
+        raise ConfigError(f"eval_strategy {extra['eval_strategy']} but no held-out data: pass --eval_split 0.05 or "
+                          "--dataset_test_split test, or eval_strategy no")
+    kwargs.update(extra)
     args = config_cls(**kwargs)
     one_gpu_per_process(args, config_cls)
     return args
@@ -383,20 +403,6 @@ def one_gpu_per_process(args, config_cls=None) -> None:
         "sft.py" if config_cls is not None and "SFT" in config_cls.__name__ else "dpo.py")
     logger.warning(f"{gpus} GPUs are visible and this is one process: training on GPU {torch.cuda.current_device()} "
                    f"only. To train on all {gpus}: {launch_command(script, gpus)}")
-
-
-def split(dataset, s):
-    """(train, eval or None): a seeded shuffle, --max_samples, then the held-out share."""
-    dataset = dataset.shuffle(seed=s.seed)
-    if s.max_samples:
-        dataset = dataset.select(range(min(s.max_samples, len(dataset))))
-    if s.eval_split <= 0:
-        return dataset, None
-    size = s.eval_split if s.eval_split < 1 else int(s.eval_split)
-    if (size if size >= 1 else round(size * len(dataset))) < 1 or len(dataset) < 2:
-        raise ConfigError(f"eval_split {s.eval_split} leaves no held-out rows out of {len(dataset)}; raise it or pass 0")
-    parts = dataset.train_test_split(test_size=size, seed=s.seed, shuffle=False)
-    return parts["train"], parts["test"]
 
 
 def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:

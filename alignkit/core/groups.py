@@ -1,0 +1,332 @@
+"""The settings groups every script composes: the loader, the Hub push, the judge endpoint, training, LoTA,
+batching and the generation engine (alignkit.core.config re-exports them with every script's settings).
+
+A group is a dataclass of `setting(...)` fields with its own checks; a script's settings inherit the groups it
+needs, so the same thing has the same flag, default and check everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from alignkit.core.args import ConfigError, setting
+
+
+DTYPE_SYNONYMS = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}  # TRL's
+
+
+@dataclass
+class ModelSettings:
+    model_id: str = setting(
+        "mistralai/Mistral-7B-Instruct-v0.2",
+        "Hub id, local model folder, .gguf file, or adapter folder (its base model is read from adapter_config.json)",
+    )
+    revision: str | None = setting(None, "Hub revision (branch, tag or commit) of model_id")
+    gguf_file: str | None = setting(
+        None, "GGUF file NAME inside the model_id folder or Hub repo (a .gguf model_id needs none); converted once, cached"
+    )
+    trust_remote_code: bool = setting(False, "run custom model code shipped with the checkpoint; off unless asked")
+    chat_template: str | None = setting(None, "Jinja chat template: a FILE, or the template itself (a recipe's "
+                                              "inline one), for a model that lacks one or to replace its own")
+    quantization: str = setting(
+        "auto", "auto: 4bit for training on CUDA, none for inference and on a CPU; 4bit is NF4 with double quant (QLoRA)",
+        choices=["auto", "4bit", "8bit", "none"],
+    )
+    dtype: str = setting(
+        "auto", "compute dtype; auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older ones, fp32 on CPU",
+        choices=["auto", "bf16", "fp16", "fp32"], synonyms=DTYPE_SYNONYMS,
+    )
+    attn_implementation: str = setting(
+        "auto", "auto: flash_attention_2 when installed, on a GPU of compute capability >= 8.0, in bf16/fp16; else sdpa",
+        choices=["auto", "flash_attention_2", "sdpa", "eager"],
+    )
+    use_liger: str = setting(
+        "auto", "Liger Triton kernels: auto uses them on CUDA when liger-kernel is installed",
+        choices=["auto", "true", "false"],
+    )
+    num_threads: str = setting(
+        "auto", "torch CPU threads; auto: OMP_NUM_THREADS when set, else 1 for a model under 50M parameters on a "
+        "CPU, else the physical cores"
+    )
+
+
+_SAME = object()  # loader_settings: "the revision (or GGUF file) that goes with the model"
+
+
+def loader_settings(s, model_id: str, revision=_SAME, **changes) -> ModelSettings:
+    """The loader settings of another model, `model_id`, loaded the way `s` loads models (dtype, quantization,
+    attention, ...): the one way every script builds them (a second generator, a judge, a reward model, a base).
+
+    The revision and the GGUF file name belong to `s.model_id`: they carry over only when `model_id` is that
+    same model (pass `revision` to set it). A GenerationSettings stays one, so the engine settings come along.
+    """
+    cls = GenerationSettings if isinstance(s, GenerationSettings) else ModelSettings
+    values = {f.name: getattr(s, f.name) for f in fields(cls) if hasattr(s, f.name)}
+    same = model_id == getattr(s, "model_id", None)
+    values.update(model_id=model_id, gguf_file=values.get("gguf_file") if same else None,
+                  revision=(values.get("revision") if same else None) if revision is _SAME else revision)
+    return cls(**{**values, **changes})
+
+
+def _chain_post_init(self, cls) -> None:
+    """Run the next __post_init__ in the MRO after `cls`'s: groups used by composition check in turn."""
+    parent = getattr(super(cls, self), "__post_init__", None)
+    if parent:
+        parent()
+
+
+@dataclass
+class HubPushSettings:
+    """Pushing the result to the Hugging Face Hub: one group with one check (training runs, label.py, merge.py)."""
+
+    push_to_hub: bool = setting(False, "push the result (model, adapter or label.py's dataset) to the Hugging Face "
+                                       "Hub (needs HF_TOKEN)")
+    hub_repo_id: str | None = setting(None, "Hub repo to push to, e.g. you/mistral-7b-dpo")
+    hub_public: bool = setting(False, "make the Hub repo public (private by default)")
+
+    def __post_init__(self):
+        _chain_post_init(self, HubPushSettings)
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ConfigError("push_to_hub needs hub_repo_id: pass --hub_repo_id you/name")
+
+
+@dataclass
+class JudgeEndpointSettings:
+    """An LLM judge at an OpenAI-compatible endpoint: one group for label.py, rl.py and evaluate.py's judges.
+
+    Defaults reconciled (they differed between scripts): max_retries 5, as label.py had (evaluate.py had 3);
+    judge_max_tokens 2048, FastChat's MT-Bench value (label.py had 1024; it is a ceiling, not a length).
+    """
+
+    judge_model: str | None = setting(None, "judge model name at the endpoint")
+    judge_base_url: str | None = setting(
+        None, "OpenAI-compatible judge endpoint, e.g. http://localhost:8000/v1; default: OPENAI_BASE_URL, else OpenAI"
+    )
+    judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the judge's API key")
+    parallel: int = setting(8, "concurrent requests to the judge (and to label.py's generator endpoints)")
+    max_retries: int = setting(5, "retries of a request on 429, 5xx, timeouts (the client's exponential backoff, "
+                                  "Retry-After)")
+    request_timeout: float = setting(120.0, "seconds before one request attempt times out")
+
+    def __post_init__(self):
+        _chain_post_init(self, JudgeEndpointSettings)
+        self.check_judge()
+
+    def check_judge(self):
+        if self.parallel < 1 or self.max_retries < 0 or self.request_timeout <= 0:
+            raise ConfigError("parallel must be >= 1, max_retries >= 0 and request_timeout > 0")
+
+
+@dataclass
+class JudgeAnswerSettings(JudgeEndpointSettings):
+    """How the judge answers, for the judges that alignkit prompts itself (not alpaca_eval's annotators)."""
+
+    judge_temperature: float = setting(0.0, "judge sampling temperature")
+    judge_max_tokens: int = setting(2048, "longest judge answer, in tokens (FastChat's value; self_reference needs "
+                                          "room for its own answer)")
+
+    def check_judge(self):
+        super().check_judge()
+        if self.judge_max_tokens < 1 or self.judge_temperature < 0:
+            raise ConfigError(f"judge_max_tokens must be >= 1 and judge_temperature >= 0, got "
+                              f"{self.judge_max_tokens} and {self.judge_temperature}")
+
+
+# --help shows a training script's settings in these groups, most used first (alignkit.core.args).
+TRAIN_HELP_GROUPS = [
+    ("model", ["preset", "model_id", "quantization", "dtype", "attn_implementation", "revision", "chat_template",
+               "gguf_file", "trust_remote_code", "use_liger", "num_threads"]),
+    ("data", ["dataset_id", "dataset_config", "dataset_split", "dataset_test_split", "eval_split", "max_samples",
+              "dataset_format", "dataset_mixture", "skip_invalid"]),
+    ("LoRA", ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora",
+              "lora_modules_to_save", "adapter"]),
+    ("training", ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                  "gradient_accumulation_steps", "max_length", "lr_scheduler_type", "warmup_ratio", "weight_decay",
+                  "max_grad_norm", "gradient_checkpointing", "seed", "group_by_length",
+                  "per_device_eval_batch_size", "trainer_overrides"]),
+    ("run folder, logging and checkpoints", ["output_dir", "run_name", "resume", "report_to", "wandb_project",
+                                             "logging_steps", "eval_steps", "save_steps", "save_total_limit"]),
+    ("Hub and merging", ["push_to_hub", "hub_repo_id", "hub_public", "merge_adaptors"]),
+    ("LoTA (--adapter lota)", ["lota_sparsity", "lota_calibration_steps", "lota_mask_scope", "lota_mask",
+                               "lota_exclude_mask", "lota_target_modules"]),
+]
+
+
+@dataclass
+class TrainSettings(HubPushSettings, ModelSettings):
+    """What every training script shares. TRL's names for these are accepted too (alignkit.core.trl_names)."""
+
+    trl_configs: ClassVar[tuple[str, ...]] = ("SFTConfig",)  # the TRL config(s) whose fields pass through
+    help_groups: ClassVar[list] = TRAIN_HELP_GROUPS
+    help_rest_at: ClassVar[int] = 4  # the script's own settings (DPO, reward, ...) right after training
+
+    @classmethod
+    def vocabulary(cls):
+        from alignkit.core.trl_names import Vocabulary
+
+        return Vocabulary(cls)
+
+    preset: str | None = setting(None, "named defaults; any flag still overrides them")
+    # Data
+    dataset_id: str = setting(
+        "argilla/ultrafeedback-binarized-preferences-cleaned",
+        "Hub dataset id or local .json/.jsonl/.parquet/.csv file or folder",
+    )
+    dataset_config: str | None = setting(None, "Hub dataset configuration name")
+    dataset_split: str = setting("train", "split to train on")
+    dataset_format: str = setting("auto", "row format; auto detects it from the columns (see alignkit.core.data)")
+    skip_invalid: bool = setting(False, "skip rows that fail validation (and report how many) instead of stopping")
+    max_samples: int | None = setting(None, "use at most this many rows (after shuffling with seed); for quick runs")
+    eval_split: float = setting(0.05, "held-out share of the data (< 1), or a row count (>= 1); 0 disables eval")
+    dataset_test_split: str | None = setting(
+        None, "held-out data: this split of the dataset (e.g. test_prefs) instead of an --eval_split share of the "
+        "training split (TRL's default 'test' is not assumed: most local files have none)")
+    dataset_mixture: dict[str, Any] | None = setting(
+        None, "alignment-handbook mixture: {datasets: [{id, config, split, columns, weight}], seed, test_split_size}; "
+        "replaces --dataset_id (alignkit.core.mixture)")
+    # Run folder
+    output_dir: str = setting("runs", "parent folder; a run writes to output_dir/run_name (a --config recipe's "
+                                      "output_dir, without run_name, is the run folder itself, as in TRL)")
+    run_name: str | None = setting(None, "run folder name; default: <stage>-<model>-<dataset>")
+    resume: str = setting(
+        "auto", "auto: continue from the run's last checkpoint when its settings match; true: must resume; false: start over",
+        choices=["auto", "true", "false"],
+    )
+    # Optimisation
+    num_train_epochs: float = setting(1.0, "passes over the training data (max_steps wins when set)")
+    max_steps: int = setting(-1, "stop after this many optimizer steps; -1: use num_train_epochs")
+    learning_rate: float = setting(5e-5, "peak learning rate (AdamW)")
+    per_device_train_batch_size: int = setting(4, "examples (or preference pairs) per device per step")
+    per_device_eval_batch_size: int = setting(8, "examples per device per eval step")
+    gradient_accumulation_steps: int = setting(4, "micro-batches accumulated into one optimizer step")
+    max_length: int = setting(1024, "longest tokenized sequence (prompt + answer); longer ones are truncated")
+    warmup_ratio: float = setting(0.1, "share of steps for the linear learning-rate warm-up")
+    lr_scheduler_type: str = setting("cosine", "learning-rate schedule (transformers SchedulerType)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm")
+    gradient_checkpointing: str = setting(
+        "auto", "recompute activations in backward (less memory, ~20% slower); auto: off when the activations of "
+        "a micro-batch fit in half the free memory, else on (logged)", choices=["auto", "true", "false"],
+    )
+    seed: int = setting(42, "seed for data shuffling, adapter init and sampling")
+    # LoRA
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input (kept in DPO, where TRL turns the model's own "
+                                        "dropout off)")
+    use_rslora: bool = setting(False, "rank-stabilised LoRA: scale by alpha / sqrt(r)")
+    use_dora: bool = setting(False, "DoRA: weight-decomposed LoRA (slower; not with 4-bit on every PEFT version)")
+    lora_modules_to_save: list[str] | None = setting(
+        None, "modules trained in full and saved with the adapter, e.g. lm_head,embed_tokens")
+    lora_target_modules: list[str] = setting(
+        default_factory=lambda: ["all-linear"], help="modules that get adapters; all-linear: every linear layer but the LM head"
+    )
+    # Logging and checkpoints
+    logging_steps: int = setting(10, "log loss and rewards every N steps")
+    eval_steps: int | None = setting(None, "evaluate every N steps; default: at the end only")
+    save_steps: int = setting(100, "write a checkpoint every N steps (a rerun resumes from the last one)")
+    save_total_limit: int = setting(2, "keep at most this many checkpoints")
+    report_to: list[str] = setting(
+        default_factory=lambda: ["auto"], help="trackers, comma separated; auto: wandb when WANDB_API_KEY or "
+        "wandb_project is set, else none", choices=["auto", "none", "wandb", "tensorboard"],
+    )
+    wandb_project: str | None = setting(None, "Weights & Biases project (also read from WANDB_PROJECT by wandb)")
+    # After training
+    merge_adaptors: bool = setting(False, "also write a merged, standalone model to <run>/merged")
+    trainer_overrides: dict[str, Any] = setting(
+        {}, "further TRL config fields as a JSON object, e.g. '{\"optim\": \"paged_adamw_8bit\"}'; each one is a "
+        "flag under its TRL name too (--optim paged_adamw_8bit)"
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eval_split < 0:
+            raise ValueError(f"eval_split must be >= 0, got {self.eval_split}")
+        if self.dataset_mixture is not None:
+            from alignkit.core.mixture import check_mixture
+
+            check_mixture(self.dataset_mixture)
+        if self.eval_steps and not self.has_eval_data():
+            raise ValueError(f"eval_steps {self.eval_steps} but no held-out data (eval_split 0, no "
+                             "dataset_test_split or test split in the mixture): nothing would be evaluated. Pass "
+                             "--eval_split 0.05 or --dataset_test_split test, or drop eval_steps")
+
+    def has_eval_data(self) -> bool:
+        """Whether the run holds data out: a share, a test split, or a mixture's test part."""
+        mixture = self.dataset_mixture or {}
+        return bool(self.eval_split > 0 or self.dataset_test_split or mixture.get("test_split_size")
+                    or any(d.get("test") for d in mixture.get("datasets", [])))
+
+
+@dataclass
+class LoTASettings:
+    """The adapter kind, and LoTA's settings (alignkit.train.lota): shared by every script that trains an adapter."""
+
+    adapter: str = setting(
+        "lora", "lora: a LoRA adapter; lota: a sparse delta found by Lottery Ticket Adaptation (alignkit.train.lota)",
+        choices=["lora", "lota"],
+    )
+    lota_sparsity: float = setting(0.9, "LoTA: share of each targeted matrix that stays frozen, in (0, 1)")
+    lota_calibration_steps: int = setting(100, "LoTA: dense fine-tuning steps (same data and loss) that find the mask")
+    lota_mask_scope: str = setting(
+        "matrix", "LoTA: keep the largest |delta| per matrix, or over all targeted matrices together",
+        choices=["matrix", "global"],
+    )
+    lota_mask: str | None = setting(None, "LoTA: reuse this mask (lota_mask.safetensors or a LoTA run folder); no calibration")
+    lota_exclude_mask: str | None = setting(
+        None, "LoTA: never train these entries (an earlier task's mask or run folder): sequential tasks stay disjoint"
+    )
+    lota_target_modules: list[str] = setting(
+        default_factory=lambda: ["all-linear"], help="LoTA: linear layers that get a delta; all-linear: all but the LM head"
+    )
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent:
+            parent()
+        if self.adapter != "lota":
+            return
+        if not 0.0 < self.lota_sparsity < 1.0:
+            raise ValueError(f"lota_sparsity must lie strictly between 0 and 1 (the share kept frozen), got {self.lota_sparsity}")
+        if getattr(self, "quantization", "none") in ("4bit", "8bit"):
+            raise ValueError(
+                f"--adapter lota needs full-precision weights (the delta is added to them), not --quantization "
+                f"{self.quantization}: pass --quantization none (or auto)"
+            )
+        if getattr(self, "push_to_hub", False) and not getattr(self, "merge_adaptors", False):
+            raise ValueError(
+                "--push_to_hub with --adapter lota pushes the merged model: add --merge_adaptors (a sparse delta "
+                "loads only with alignkit)"
+            )
+        if not self.lota_mask and self.lota_calibration_steps < 1:
+            raise ValueError("lota_calibration_steps must be >= 1 unless --lota_mask gives the mask")
+
+
+@dataclass
+class BatchingSettings:
+    """How training rows are put into batches: shared by sft.py and dpo.py."""
+
+    group_by_length: bool = setting(
+        True, "batches of rows of similar length (less padding), in random order, the same on every process"
+    )
+
+
+
+@dataclass
+class GenerationSettings(ModelSettings):
+    """The loader settings, and the engine that answers with a local model (label.py, evaluate.py)."""
+
+    backend: str = setting(
+        "auto", "local generation engine; auto: vllm when installed and a CUDA GPU is there, else transformers",
+        choices=["auto", "vllm", "transformers"],
+    )
+    max_model_len: int = setting(
+        8192, "vLLM: longest prompt + answer in tokens (capped at the model's context); sizes the KV cache, so a "
+        "128k-context model fits a small GPU"
+    )
+    gpu_memory_utilization: float | None = setting(
+        None, "vLLM: share of the GPU's memory one engine may take; default: 90% of what is free when it starts, "
+        "so a second engine (generator B, a judge) fits beside the first"
+    )
+

@@ -1,0 +1,258 @@
+"""The settings of the scripts that do not train: label.py, evaluate.py's commands and merge.py, composed of the
+shared groups of alignkit.core.groups (re-exported by alignkit.core.config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from dataclasses import field as _field  # init=False: a field that is not a flag
+
+from alignkit.core.args import setting
+from alignkit.core.groups import (
+    GenerationSettings,
+    HubPushSettings,
+    JudgeAnswerSettings,
+    JudgeEndpointSettings,
+)
+
+
+@dataclass
+class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
+    """label.py. The loader settings above apply to every local generator."""
+
+    model_id: str = setting(
+        "mistralai/Mistral-7B-Instruct-v0.2", "the model --num_samples samples from, and the --mode completions "
+        "teacher unless --model_a is set: Hub id, local or adapter folder, or openai:MODEL",
+    )
+    preset: str | None = setting(
+        None, "named defaults: 'tiny' or 'smol' (SmolLM2-135M) labels its own prompts with its rule judge"
+    )
+    mode: str = setting(
+        "pairs", "pairs: judged response pairs, preference data for dpo.py; completions: a teacher's answers, "
+        "SFT data for sft.py", choices=["pairs", "completions"],
+    )
+    # Prompts
+    prompts: str | None = setting(
+        None, "prompts: .jsonl/.json/.csv/.parquet file or Hub dataset id; default: the prompts of --responses_a"
+    )
+    prompt_field: str = setting("prompt", "column holding the prompt: text, or role/content messages")
+    prompts_split: str = setting("train", "split of a Hub prompt dataset")
+    prompts_config: str | None = setting(None, "configuration name of a Hub prompt dataset")
+    max_prompts: int | None = setting(None, "use only the first N distinct prompts")
+    # Where the responses come from
+    model_a: str | None = setting(
+        None, "generator A: Hub id, local or adapter folder, or openai:MODEL for an OpenAI-compatible endpoint"
+    )
+    model_b: str | None = setting(None, "generator B, like --model_a")
+    responses_a: str | None = setting(None, "existing responses for slot A (instead of --model_a): a file with "
+                                            "the prompt column and a response column")
+    responses_b: str | None = setting(None, "existing responses for slot B (instead of --model_b)")
+    response_field: str = setting("auto", "response column of those files; auto: response, completion, output or answer")
+    num_samples: int = setting(0, "N >= 2: sample N responses per prompt from --model_id and judge every pair of them")
+    max_new_tokens: int = setting(512, "longest generated response, in tokens")
+    temperature: float = setting(0.7, "generation temperature; 0 is greedy")
+    top_p: float = setting(1.0, "nucleus sampling for generation")
+    generation_batch_size: int = setting(16, "prompts per batch for local generation (and for --judge hf)")
+    generation_base_url: str | None = setting(
+        None, "endpoint of openai:MODEL generators; default: OPENAI_BASE_URL, else the OpenAI API"
+    )
+    generation_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the generators' API key")
+    # Judge
+    judge: str = setting("openai", "openai: OpenAI-compatible endpoint; hf: local transformers model; "
+                                   "rm:RUN_FOLDER: a reward.py model scores each answer; "
+                                   "python:module:function (or python:file.py:function): a rule or verifier")
+    judge_model: str | None = setting(
+        None, "endpoint model name (default gpt-4o-mini), or for --judge hf a Hub id or folder"
+    )
+    judge_template: str = setting(
+        "default", "default, self_reference, or a FastChat judge_prompts.jsonl FILE (FILE#NAME picks one entry)"
+    )
+    principle: str = setting(
+        "Which response is more helpful, honest and harmless?", "the one principle of --judge_template self_reference"
+    )
+    judge_revision: str | None = setting(None, "Hub revision (branch, tag or commit) of a --judge hf model")
+    rm_tie_margin: float = setting(0.0, "--judge rm:RUN_FOLDER: a reward difference of at most this is a tie")
+    retry_parse_failures: bool = setting(
+        False, "ask the judge again for cached answers without a verdict (otherwise a rerun keeps them, paid once)")
+    both_orders: bool = setting(True, "judge every pair in both orders and label it only when they agree")
+    # Output
+    output: str | None = setting(None, "output .jsonl; default: runs/label-<prompts>/<preferences|completions>.jsonl")
+    cache_dir: str | None = setting(None, "cache of responses and judgments a rerun resumes from; default: OUTPUT.cache")
+    seed: int = setting(42, "seed for sampling")
+
+    def __post_init__(self):
+        super().__post_init__()  # the judge endpoint's and the Hub push's checks
+        if self.num_samples == 1 or self.num_samples < 0:
+            raise ValueError(f"num_samples must be 0 (off) or >= 2, got {self.num_samples}")
+        for name in ("generation_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.rm_tie_margin < 0:
+            raise ValueError(f"rm_tie_margin must be >= 0, got {self.rm_tie_margin}")
+
+
+
+@dataclass
+class EvalSettings(GenerationSettings):
+    """What every evaluate.py command shares: the loader settings above, and how the models answer."""
+
+    max_new_tokens: int = setting(1024, "longest answer per turn, in tokens (FastChat's MT-Bench default)")
+    temperature: float | None = setting(
+        None, "sampling temperature, 0 is greedy; none: FastChat's per-category MT-Bench temperatures (0.7 else)"
+    )
+    top_p: float = setting(1.0, "nucleus sampling: keep the smallest token set with this much probability")
+    num_beams: int = setting(1, "beam search width (1: none)")
+    batch_size: int = setting(8, "prompts per generation batch")
+    seed: int = setting(42, "sampling seed")
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.num_beams < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens, num_beams and batch_size must be >= 1")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class VibesSettings(EvalSettings):
+    """evaluate.py vibes: a quick look at one model's answers, or two side by side."""
+
+    preset: str | None = setting(
+        None, "named defaults: 'tiny' or 'smol' (SmolLM2-135M) asks that model its own prompts"
+    )
+    compare_to: str | None = setting(None, "second model (Hub id, folder, adapter or merged folder) shown beside the first")
+    prompts: list[str] = setting([], "prompts to ask, each one quoted: --prompts \"Hi!\" \"Name three fruits.\"",
+                                 whole=True)
+    prompts_file: str | None = setting(None, "JSONL of {\"prompt\": ...} rows, or a .txt file with one prompt a line")
+    system_prompt: str | None = setting(None, "system message put before every prompt")
+    max_new_tokens: int = setting(256, "longest answer, in tokens")
+    temperature: float = setting(0.7, "sampling temperature; 0 is greedy")
+    output_file: str | None = setting(None, "JSONL written with every answer; default: outputs/vibes-<time>.jsonl")
+
+
+@dataclass
+class MTBenchSettings(JudgeAnswerSettings, EvalSettings):
+    """evaluate.py mt_bench: answers to MT-Bench, judged pairwise by an OpenAI-compatible model through FastChat."""
+
+    model_id: str = _field(default="", init=False)  # the models come from --models; the loader settings apply to each
+    revision: str | None = _field(default=None, init=False)
+    models: list[str] = setting([], "models to compare, as NAME=ID_OR_PATH (Hub id, local, adapter or merged folder)")
+    mode: str = setting(
+        "pairwise-baseline", "pairwise-baseline: every model against --baseline; pairwise-all: every pair",
+        choices=["pairwise-baseline", "pairwise-all"],
+    )
+    baseline: str | None = setting(None, "NAME of the baseline model; default: the first of --models")
+    judge_model: str | None = setting(None, "judge model name at the endpoint, e.g. gpt-4o (required)")
+    retry_parse_failures: bool = setting(
+        False, "judge again the matches whose recorded verdict could not be parsed (otherwise a rerun keeps them)")
+    parallel: int = setting(1, "concurrent requests to the judge (FastChat's default: one at a time)")
+    mt_bench_data: str | None = setting(
+        None, "FastChat's data folder (judge_prompts.jsonl, mt_bench/...); default: download once into the cache"
+    )
+    question_ids: list[int] = setting([], "judge only these question ids (MT-Bench: 81-160)")
+    max_questions: int | None = setting(None, "judge only the first N questions; for quick runs")
+    bootstrap_rounds: int = setting(1000, "bootstrap resamples (of questions) for the 95% confidence intervals")
+    output_dir: str = setting("outputs/mt_bench", "answers, judgments and results go here; a rerun resumes from them")
+
+    def __post_init__(self):
+        super().__post_init__()  # the judge endpoint's checks, then the generation settings'
+        if self.bootstrap_rounds < 1:
+            raise ValueError(f"bootstrap_rounds must be >= 1, got {self.bootstrap_rounds}")
+        if self.max_questions is not None and self.max_questions < 1:
+            raise ValueError(f"max_questions must be >= 1, got {self.max_questions}")
+        if not self.models:
+            raise ValueError("pass the models to compare: --models NAME=ID_OR_PATH NAME=ID_OR_PATH ...")
+        if not self.judge_model:
+            raise ValueError("pass the judge: --judge_model NAME (a model served by an OpenAI-compatible endpoint)")
+
+
+@dataclass
+class PairwiseSettings(MTBenchSettings):
+    """evaluate.py pairwise: MT-Bench's pairwise flow on your own single-turn prompts."""
+
+    preset: str | None = setting(
+        None, "named defaults: 'tiny' compares the demo's SFT and DPO runs, 'smol' SmolLM2 and its DPO run, by their rule"
+    )
+    prompts_file: str | None = setting(
+        None, "JSONL of {\"prompt\": ..., optional \"category\", \"question_id\"} rows, or a .txt file, a prompt a line"
+    )
+    judge_model: str | None = setting(
+        None, "judge model name at the endpoint (FastChat's pair-v2 prompt), or 'rule': the --preset's rule judge "
+        "(tiny's if none)"
+    )
+    output_dir: str = setting("outputs/pairwise", "answers, judgments and results go here; a rerun resumes from them")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.prompts_file:
+            raise ValueError("pass the prompts: --prompts_file FILE (or --preset tiny for the demo's own)")
+
+
+@dataclass
+class AlpacaEvalSettings(JudgeEndpointSettings, EvalSettings):
+    """evaluate.py alpaca_eval: AlpacaEval win rates against reference outputs, judged by alpaca_eval itself."""
+
+    preset: str | None = setting(None, "named defaults: 'tiny' runs the whole flow offline with the rule judge")
+    judge_model: str | None = setting(
+        None, "judge model name at the endpoint; default: the annotator config's own (e.g. gpt-4-1106-preview)"
+    )
+    model_name: str | None = setting(None, "the generator's name in outputs and leaderboard; default: model folder name")
+    eval_set: str | None = setting(
+        None, "JSON/JSONL rows with an `instruction` field; default: AlpacaEval's 805 (Hub tatsu-lab/alpaca_eval)"
+    )
+    max_instances: int | None = setting(None, "evaluate only the first N instructions; for quick runs")
+    reference_outputs: str | None = setting(
+        None, "reference outputs in AlpacaEval's format (instruction, output, generator); default: AlpacaEval 2's "
+        "GPT-4 Turbo outputs with the default eval set"
+    )
+    reference_model: str | None = setting(
+        None, "generate the reference outputs with this model (e.g. the base); --reference_outputs wins over it"
+    )
+    reference_name: str | None = setting(None, "the reference's generator name; default: its folder name")
+    annotators_config: str = setting(
+        "weighted_alpaca_eval_gpt4_turbo", "alpaca_eval annotator config: a name of its evaluators_configs "
+        "(alpaca_eval_gpt4, ...) or a configs.yaml path; --judge_model rule: the tiny preset's rule judge",
+    )
+    lc_glm: str = setting(
+        "auto", "length-controlled GLM; auto: length_controlled_v1 on AlpacaEval's set, length_controlled_minimal "
+        "(no instruction difficulty) on your own", choices=["auto", "length_controlled_v1", "length_controlled_minimal"],
+    )
+    lc_data: str | None = setting(
+        None, "AlpacaEval's df_gamed.csv (instruction difficulties) for length_controlled_v1; default: the Hub file"
+    )
+    temperature: float = setting(0.7, "sampling temperature of the generated outputs; 0 is greedy")
+    output_dir: str = setting("outputs/alpaca_eval", "outputs, annotations, leaderboard and summary; reruns resume")
+
+    def __post_init__(self):
+        super().__post_init__()  # the judge endpoint's checks, then the generation settings'
+        if self.max_instances is not None and self.max_instances < 1:
+            raise ValueError(f"max_instances must be >= 1, got {self.max_instances}")
+
+
+@dataclass
+class MergeSettings(HubPushSettings):
+    """merge.py: adapters merged into their base, checked, saved, and optionally pushed."""
+
+    preset: str | None = setting(None, "named defaults: 'tiny' merges runs/tiny-dpo, 'smol' runs/smol-dpo")
+    adapter_dir: str | None = setting(None, "adapter folder (a training run); chains (SFT then DPO) merge in order")
+    base_model: str | None = setting(None, "base model to merge into; default: the one the adapter records")
+    add_delta: str | None = setting(
+        None, "LoTA task merge: a second delta folder; adapter_dir's delta + this one go to output_dir as one delta"
+    )
+    output_dir: str | None = setting(None, "where the merged model goes; default: <adapter_dir>/merged")
+    dtype: str = setting("auto", "weights of the merged model; auto: bf16 on CUDA, fp32 on CPU",
+                         choices=["auto", "bf16", "fp16", "fp32"])
+    dequantize: bool = setting(
+        False, "merge into the NF4-quantized base, dequantized: the exact model a QLoRA adapter was trained on"
+    )
+    max_shard_size: str = setting("5GB", "largest safetensors shard")
+    trust_remote_code: bool = setting(False, "run custom model code shipped with the checkpoint; off unless asked")
+    push: str = setting("merged", "what to push: the merged model, or the adapter alone", choices=["merged", "adapter"])
+
+    def __post_init__(self):
+        if not self.adapter_dir:
+            raise ValueError("pass the adapter to merge: --adapter_dir RUN_FOLDER (or --preset tiny)")
+        super().__post_init__()
+

@@ -1,0 +1,204 @@
+"""The training scripts' settings: sft.py, dpo.py, reward.py, rl.py and rlaif.py, each composed of the shared
+groups of alignkit.core.groups (re-exported by alignkit.core.config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from alignkit.core.args import setting
+from alignkit.core.groups import (
+    BatchingSettings,
+    GenerationSettings,
+    JudgeAnswerSettings,
+    JudgeEndpointSettings,
+    LoTASettings,
+    TrainSettings,
+)
+
+
+@dataclass
+class SFTSettings(LoTASettings, BatchingSettings, TrainSettings):
+    run_type: ClassVar[str] = "sft"  # recorded in alignkit_config.json (not a flag)
+    help_title: ClassVar[str] = "SFT"
+    dataset_id: str = setting(
+        "HuggingFaceH4/ultrachat_200k", "Hub dataset id or local .json/.jsonl/.parquet/.csv file or folder"
+    )
+    dataset_split: str = setting("train_sft", "split to train on")
+    learning_rate: float = setting(2e-4, "peak learning rate (AdamW); LoRA SFT takes a larger one than DPO")
+    train_on: str = setting(
+        "auto", "auto: loss on completions or assistant turns where the data allows; all: on every token",
+        choices=["auto", "completions", "all"],
+    )
+    packing: bool = setting(False, "pack several examples into each sequence")
+
+
+@dataclass
+class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
+    run_type: ClassVar[str] = "dpo"
+    trl_configs: ClassVar[tuple[str, ...]] = ("DPOConfig",)
+    help_title: ClassVar[str] = "DPO"
+    dpo_beta: float = setting(0.1, "beta: strength of the pull towards the reference (IPO: its tau)")
+    loss_type: list[str] = setting(
+        default_factory=lambda: ["sigmoid"],
+        help="TRL DPO loss(es), comma separated (sigmoid, ipo, hinge, robust, ...); sigmoid and ipo follow the DPO paper's code",
+    )
+    loss_weights: list[float] | None = setting(None, "weights for a comma list of loss types, e.g. 0.8,0.2")
+    label_smoothing: float = setting(
+        0.0, "conservative DPO (cDPO): assumed share of flipped labels, in [0, 0.5); read by sigmoid, TRL's robust, exo_pair, aot"
+    )
+    precompute_ref_log_probs: bool = setting(False, "compute reference log-probs up front; identical reruns reuse them")
+    reference_adapters: int | None = setting(
+        None, "how many of the adapters the model was loaded with, from the base up, the reference keeps on; "
+        "default: all (the model you start from); 0: the bare base")
+    prefix_sharing: bool = setting(
+        True, "compute each pair's prompt once (chosen and rejected in one row, block attention mask); off by itself "
+        "with flash_attention_2 or a mixture-of-experts model"
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dpo_beta <= 0:
+            raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+        # the loss module owns the bounds and which losses read it
+        from alignkit.train.losses import check_label_smoothing
+
+        check_label_smoothing(self.label_smoothing, self.loss_type)  # e.g. ipo would silently drop it
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types {self.loss_type}"
+            )
+
+
+@dataclass
+class RewardSettings(TrainSettings):
+    """reward.py: a reward model (one-output score head + LoRA) trained on preference pairs."""
+
+    run_type: ClassVar[str] = "reward"
+    trl_configs: ClassVar[tuple[str, ...]] = ("RewardConfig",)
+    help_title: ClassVar[str] = "reward model"
+
+    learning_rate: float = setting(1e-5, "peak learning rate (AdamW)")
+    loss: str = setting(
+        "bradley_terry", "bradley_terry: -log sigmoid(r_c - r_r), TRL's; logexp: log(1 + exp(r_r - r_c)), "
+        "OpenRLHF's; logexpwithlm: logexp with a margin plus --lm_loss_coef x the chosen answer's LM loss",
+        choices=["bradley_terry", "logexp", "logexpwithlm"],
+    )
+    center_rewards_coefficient: float | None = setting(
+        None, "add coef x mean((r_c + r_r)^2), pulling rewards towards 0 (TRL's; e.g. 0.01)"
+    )
+    use_margin: bool = setting(
+        False, "subtract each pair's margin: a 'margin' column, else the difference of its chosen/rejected scores"
+    )
+    lm_loss_coef: float = setting(1e-6, "logexpwithlm: weight of the chosen sequence's LM cross-entropy (0: none)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dataset_mixture or self.dataset_test_split:
+            raise ValueError("reward.py reads one dataset split (--use_margin lines its rows up with the file) and "
+                             "holds out --eval_split: drop dataset_mixture / dataset_test_split")
+        if self.lm_loss_coef < 0:
+            raise ValueError(f"lm_loss_coef must be >= 0, got {self.lm_loss_coef}")
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise ValueError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
+
+
+# ---------------------------------------------------------------- rl.py
+@dataclass
+class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
+    """rl.py: online GRPO/RLOO on a LoRA policy, rewarded by a rule, a judge, a reward model or a function.
+
+    The prompts come from --dataset_id (a file or Hub dataset of prompts, read as label.py reads --prompts).
+    The judge settings are label.py's group (JudgeAnswerSettings), so the judgment cache keys are built alike.
+    """
+
+    run_type: ClassVar[str] = "rl"
+    trl_configs: ClassVar[tuple[str, ...]] = ("GRPOConfig", "RLOOConfig")
+    help_title: ClassVar[str] = "RL: algorithm, rewards, rollouts, judge"
+
+    dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
+                                                                       "or Hub dataset id (read like label.py --prompts)")
+    dataset_split: str = setting("train_prefs", "split of a Hub prompt dataset")
+    prompt_field: str = setting("prompt", "column holding the prompt: text, or role/content messages")
+    max_prompts: int | None = setting(None, "use only the first N distinct prompts")
+    eval_split: float = setting(0.0, "unused by rl.py (it measures the reward on its own samples); keep 0")
+    learning_rate: float = setting(1e-5, "peak learning rate (AdamW)")
+    algo: str = setting("grpo", "grpo: group-normalised advantages (TRL GRPOTrainer); rloo: leave-one-out "
+                                "baseline (TRL RLOOTrainer)", choices=["grpo", "rloo"])
+    reward: list[str] = setting(
+        default_factory=lambda: ["rule"], help="reward(s), comma separated: rule (the preset's), judge, "
+        "rm:FOLDER (a reward.py run), python:module:function (or python:file.py:function)")
+    reward_weights: list[float] | None = setting(None, "weights of a comma list of rewards, e.g. 1.0,0.5")
+    beta: float = setting(0.04, "KL coefficient towards the reference (the policy with the trained adapter off)")
+    num_generations: int = setting(8, "completions sampled per prompt (the group its advantages compare within)")
+    max_completion_length: int = setting(256, "longest sampled completion, in tokens")
+    temperature: float = setting(1.0, "sampling temperature of the rollouts")
+    vllm_mode: str = setting("colocate", "--backend vllm: colocate (vLLM shares the training GPU) or server "
+                                         "(trl vllm-serve on other GPUs)", choices=["colocate", "server"])
+    vllm_gpu_memory_utilization: float = setting(0.3, "--backend vllm colocate: share of GPU memory vLLM may take")
+    # The judge (--reward judge)
+    judge_mode: str = setting("pointwise", "pointwise: FastChat's single-answer grading, [[rating]] 1-10 scaled to "
+                                           "[0, 1]; pairwise: against --reference_completions, [[A]]/[[B]]/[[C]] is "
+                                           "0/1/0.5", choices=["pointwise", "pairwise"])
+    judge_model: str | None = setting(None, "judge model name at the OpenAI-compatible endpoint (default gpt-4o-mini)")
+    judge_template: str = setting(
+        "default", "pointwise: default (FastChat single-v1) or a judge_prompts.jsonl FILE#NAME of type single; "
+        "pairwise: as label.py's --judge_template")
+    principle: str = setting("Which response is more helpful, honest and harmless?",
+                             "the one principle of --judge_template self_reference (pairwise)")
+    reference_completions: str | None = setting(
+        None, "pairwise judging: a file of prompt + response rows, the reference each completion is judged against")
+    response_field: str = setting("auto", "response column of --reference_completions; auto: response, completion, "
+                                          "output or answer")
+    judge_cache: str | None = setting(None, "judgment cache folder (label.py's format); default: <run>/judge.cache")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dataset_mixture or self.dataset_test_split:
+            raise ValueError("rl.py reads prompts from --dataset_id and measures the reward on its own samples: drop "
+                             "dataset_mixture / dataset_test_split")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (advantages compare completions of one prompt), got "
+                             f"{self.num_generations}")
+        if self.beta < 0 or self.max_completion_length < 1:
+            raise ValueError("beta must be >= 0 and max_completion_length >= 1")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward)} rewards "
+                             f"{self.reward}")
+        if "judge" in self.reward and self.judge_mode == "pairwise" and not self.reference_completions:
+            raise ValueError("--judge_mode pairwise needs --reference_completions FILE (prompt + response rows)")
+
+
+# ---------------------------------------------------------------- rlaif.py
+@dataclass
+class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
+    """rlaif.py: rounds of sample (label.py) -> judge (label.py) -> DPO (dpo.py) -> evaluate (evaluate.py pairwise).
+
+    The DPO settings apply to every round's dpo.py run; the judge endpoint group goes to both label.py and
+    evaluate.py; label.py and evaluate.py get the settings below, and anything else through --label_args /
+    --evaluate_args.
+    """
+
+    help_title: ClassVar[str] = "rounds (and DPO)"
+
+    dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
+                                                                       "or Hub dataset id (label.py --prompts)")
+    rounds: int = setting(3, "rounds of sample, judge, train, evaluate")
+    num_samples: int = setting(4, "answers sampled per prompt from the current policy (every pair is judged)")
+    max_prompts: int | None = setting(None, "use only the first N distinct prompts")
+    sample_temperature: float = setting(0.7, "sampling temperature of the policy's answers")
+    max_new_tokens: int = setting(512, "longest sampled answer, in tokens")
+    reference: str = setting(
+        "previous", "DPO reference of each round: previous: the previous round's policy (its adapters frozen under "
+        "the new one); start: the model the first round started from", choices=["previous", "start"])
+    judge: str = setting("openai", "label.py --judge: openai, hf, rm:RUN_FOLDER or python:module:function")
+    eval_judge_model: str | None = setting(None, "evaluate.py pairwise --judge_model (rule: the tiny preset's rule); "
+                                                 "default: --judge_model")
+    eval_prompts: str | None = setting(None, "evaluate.py --prompts_file; default: the preset's, else --dataset_id")
+    label_args: str = setting("", "further label.py flags for every round, e.g. '--parallel 16 --both_orders false'")
+    evaluate_args: str = setting("", "further evaluate.py pairwise flags for every round")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rounds < 1 or self.num_samples < 2:
+            raise ValueError(f"rounds must be >= 1 and num_samples >= 2, got {self.rounds} and {self.num_samples}")

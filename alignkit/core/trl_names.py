@@ -1,0 +1,300 @@
+"""TRL's and the alignment-handbook's vocabulary, spoken by the training scripts' settings.
+
+A TRL command line or an alignment-handbook recipe runs through sft.py/dpo.py unchanged. Besides alignkit's own
+field names, a settings class with `trl_configs` (e.g. ("DPOConfig",)) accepts:
+
+- aliases: TRL's name for a setting alignkit has under its own (`beta` is `dpo_beta`, `model_name_or_path` is
+  `model_id`, `load_in_4bit: true` is `quantization 4bit`, `hub_model_id` is `hub_repo_id`, ...), `ALIASES`;
+- pass-through: every other field of the TRL config the script runs, typed from TRL's own dataclass
+  (`dataclasses.fields(trl.DPOConfig)`), collected into `trainer_overrides` and handed to TRL as it is;
+- the handbook's recipe keys: `dataset_mixer`/`dataset_splits` (its older data format) become a
+  `dataset_mixture` (its current one), and a recipe's `output_dir` is the run's own folder (TRL's meaning);
+- keys that cannot apply (`NOT_APPLIED`), each named with the reason and what to use instead, all in one
+  warning; keys that are nothing at all are all refused in one message (alignkit.core.args).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import json
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+
+from alignkit.core.args import _FALSE, _TRUE, ConfigError
+
+SKIP = object()  # an alias's value that leaves alignkit's setting as it is
+
+
+def _bool(value, where) -> bool:
+    text = str(value).strip().lower()
+    if text not in _TRUE | _FALSE:
+        raise ConfigError(f"invalid value for {where}: {value!r} is not a boolean (true/false)")
+    return text in _TRUE
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """TRL's `name` for alignkit's `target`; `convert(value, where)` gives the target's value (or SKIP)."""
+
+    target: str
+    convert: typing.Callable | None = None
+    kind: type = str  # how a command line reads it: bool flags need no value
+    note: str = ""
+
+
+def _on(value_if_true, value_if_false):
+    """A TRL boolean that picks one of alignkit's choices. Its false value never replaces what another key of the
+    same layer chose (`load_in_4bit: false` beside `load_in_8bit: true` is 8-bit)."""
+    return lambda v, where: value_if_true if _bool(v, where) else _Weak(value_if_false)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weak:
+    value: str
+
+
+def _use_peft(value, where):
+    if not _bool(value, where):
+        raise ConfigError(f"{where} false asks for full fine-tuning; alignkit trains adapters only. "
+                          "Keep use_peft true (LoRA), pass --adapter lota for a sparse full-rank delta, or use TRL's "
+                          "own `trl sft`/`trl dpo` for full fine-tuning")
+    return SKIP
+
+
+ALIASES = {
+    "model_name_or_path": Alias("model_id"),
+    "model_revision": Alias("revision"),
+    "torch_dtype": Alias("dtype"),
+    "dataset_name": Alias("dataset_id"),
+    "dataset_train_split": Alias("dataset_split"),
+    "hub_model_id": Alias("hub_repo_id"),
+    "hub_private_repo": Alias("hub_public", lambda v, w: not _bool(v, w), bool),
+    "beta": Alias("dpo_beta"),
+    "max_seq_length": Alias("max_length", note="TRL < 0.20's SFTConfig name"),
+    "load_in_4bit": Alias("quantization", _on("4bit", "none"), bool, "true: --quantization 4bit; false: none"),
+    "load_in_8bit": Alias("quantization", _on("8bit", "none"), bool, "true: --quantization 8bit; false: none"),
+    "bf16": Alias("dtype", _on("bf16", "fp32"), bool, "true: --dtype bf16; false: fp32"),
+    "fp16": Alias("dtype", _on("fp16", "fp32"), bool, "true: --dtype fp16; false: fp32"),
+    "use_liger_kernel": Alias("use_liger", lambda v, w: "true" if _bool(v, w) else "false", bool,
+                              "alignkit's loader applies the kernels"),
+    "use_peft": Alias("adapter", _use_peft, bool, "alignkit always trains an adapter; false is refused"),
+}
+# Names that mean TRL's vocabulary on a command line: with them, --output_dir is the run's own folder, as in TRL.
+_TRL_ONLY = {"model_name_or_path", "dataset_name"}
+
+_ANY = object()
+# key: (the value that is alignkit's behaviour anyway, or _ANY: never applied; the reason and what to use instead)
+NOT_APPLIED = {
+    "max_prompt_length": (_ANY, "TRL 1.x dropped it: prompt and answer are truncated together to max_length, "
+                                "as truncation_mode says; set max_length"),
+    "overwrite_output_dir": (_ANY, "a run never overwrites: an earlier run in the folder is moved aside to "
+                                   "NAME.previous-TIME, and --resume false starts over"),
+    "hub_strategy": (_ANY, "alignkit pushes once, at the end, with a model card and without secrets: "
+                           "--push_to_hub"),
+    "resume_from_checkpoint": (_ANY, "use --resume true|auto|false"),
+    "dataset_streaming": (False, "alignkit reads and checks every row before training; use --max_samples"),
+    "ignore_bias_buffers": (False, "not needed: LoRA runs have no buffers to sync"),
+    "lora_task_type": (_ANY, "set by the script: CAUSAL_LM, or SEQ_CLS in reward.py"),
+    "lora_target_parameters": (None, "not supported; use --lora_target_modules"),
+    "bnb_4bit_quant_type": ("nf4", "alignkit's 4-bit is QLoRA's NF4"),
+    "use_bnb_nested_quant": (True, "alignkit's 4-bit always uses QLoRA's double quantization"),
+    "bnb_4bit_quant_storage": (_ANY, "chosen by the loader: the compute dtype under FSDP"),
+}
+_MODEL_AND_SCRIPT = ("ModelConfig", "ScriptArguments")
+
+
+# ---------------------------------------------------------------- TRL's own field types
+def _members(tp) -> tuple:
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+
+
+def cli_kind(tp):
+    """How a command line reads a TRL field: a bool flag may come bare, a list takes several values."""
+    members = _members(tp)
+    if bool in members:
+        return bool
+    if any(m is list or typing.get_origin(m) is list for m in members):
+        return list[str]
+    return str
+
+
+def trl_value(raw, tp, where):
+    """`raw` (a string from a flag or the environment, or a YAML/Python value) as TRL's field type `tp` takes it;
+    an enum's value is checked here, before the model loads."""
+    members = _members(tp)
+    enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
+    literals = [a for m in members if typing.get_origin(m) is typing.Literal for a in typing.get_args(m)]
+    value = raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        low = text.lower()
+        if low in ("none", "null") and type(None) in members:
+            return None
+        if bool in members and low in _TRUE | _FALSE:
+            return low in _TRUE
+        for number in (int, float):
+            if number in members:
+                try:
+                    return number(text)
+                except ValueError:
+                    pass
+        if any(m is dict or typing.get_origin(m) is dict for m in members) and text.startswith("{"):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"invalid value for {where}: not valid JSON ({e})") from None
+        if any(m is list or typing.get_origin(m) is list for m in members) and (
+                str not in members or "," in text):
+            return [p.strip() for p in text.split(",") if p.strip()]
+        if str not in members and not enums and not literals:
+            raise ConfigError(f"invalid value for {where}: {raw!r} is not {' or '.join(map(_name, members))}")
+    if enums and isinstance(value, str):
+        allowed = [e.value for m in enums for e in m]
+        if value not in allowed:
+            raise ConfigError(f"invalid value for {where}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    if literals and value not in literals and not (str in members and isinstance(value, str)):
+        raise ConfigError(f"invalid value for {where}: {value!r} is not one of {', '.join(map(str, literals))}")
+    return value
+
+
+def _name(tp) -> str:
+    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+@functools.cache
+def trl_fields(names: tuple[str, ...]) -> dict:
+    """{field name: type} of TRL's dataclasses `names` (e.g. ("DPOConfig",)), read from TRL itself."""
+    import trl
+
+    out = {}
+    for name in names:
+        cls = getattr(trl, name)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                out.setdefault(f.name, hints.get(f.name, f.type))
+    return out
+
+
+# ---------------------------------------------------------------- the handbook's data keys
+def mixture_from_mixer(mixer, splits, where) -> dict:
+    """The handbook's older `dataset_mixer` ({id: fraction}) and `dataset_splits` as its current
+    `dataset_mixture`: the fraction of each train split (splits named "train..."), every test split held out
+    whole (`test: true`), shuffled with the handbook's seed 42, as its get_datasets did."""
+    if not isinstance(mixer, Mapping) or not mixer:
+        raise ConfigError(f"{where}: dataset_mixer must map dataset ids to fractions, e.g. "
+                          "{HuggingFaceH4/ultrafeedback_binarized: 1.0}")
+    splits = ["train", "test"] if splits is None else ([splits] if isinstance(splits, str) else list(splits))
+    entries = []
+    for dataset_id, fraction in mixer.items():
+        for split in splits:
+            if "train" in split:
+                entries.append({"id": dataset_id, "split": split, "weight": float(fraction)})
+            elif "test" in split:
+                entries.append({"id": dataset_id, "split": split, "test": True})
+            else:
+                raise ConfigError(f"{where}: dataset_splits entry {split!r} names neither a train nor a test split "
+                                  "(the handbook tells them apart by 'train'/'test' in the name)")
+    return {"datasets": entries, "seed": 42}
+
+
+# ---------------------------------------------------------------- the vocabulary
+class Vocabulary:
+    """alignkit.core.args' second vocabulary for a settings class with `trl_configs`."""
+
+    def __init__(self, settings_cls):
+        self.config_names = tuple(settings_cls.trl_configs)
+        self.passthrough = {n: t for n, t in trl_fields(self.config_names).items()}
+        self.model_and_script = trl_fields(_MODEL_AND_SCRIPT)
+        self.trl_style = False  # a TRL-only name (model_name_or_path, dataset_name) was given on the command line
+
+    def default_note(self, field: str, ours: str) -> str:
+        """"; TRL's default: X" for --help when TRL's default for `field` (under its name or a same-meaning alias)
+        differs from alignkit's, shown as `ours`; else ""."""
+        import trl
+
+        names = [field, *(a for a in self.aliases_of(field) if ALIASES[a].convert is None)]
+        for config in (*self.config_names, *_MODEL_AND_SCRIPT):
+            by_name = {f.name: f for f in dataclasses.fields(getattr(trl, config))}
+            for f in (by_name[n] for n in names if n in by_name):
+                theirs = getattr(f.default, "value", f.default)  # an enum default shows as its value
+                if f.default is dataclasses.MISSING or theirs is None or isinstance(theirs, (dict, list)):
+                    return ""
+                theirs = str(theirs).lower() if isinstance(theirs, bool) else str(theirs)
+                return f"; TRL's default: {theirs}" if theirs != ours else ""
+        return ""
+
+    def aliases_of(self, field: str) -> list[str]:
+        return [a for a, alias in ALIASES.items() if alias.target == field]
+
+    def cli_types(self) -> dict:
+        out = {n: cli_kind(t) for n, t in self.passthrough.items()}
+        out.update({n: bool if t is bool or bool in _members(t) else str for n, t in self.model_and_script.items()})
+        out.update({n: a.kind for n, a in ALIASES.items()})
+        for n in NOT_APPLIED:  # typed as TRL types them where it still has them; transformers 5 dropped this one
+            out.setdefault(n, bool if n == "overwrite_output_dir" else str)
+        out.update(dataset_mixer=dict, dataset_splits=list[str])
+        return out
+
+    def translate(self, layer: Mapping, where: str, fields, label) -> tuple[dict, list[str], list[str]]:
+        """(the layer in alignkit's field names, its unknown keys, notes on keys not applied); `label(key)`
+        names a value of this layer in an error."""
+        out, unknown, notes, extra, chosen = {}, [], [], {}, set()
+        if "dataset_mixer" in layer or "dataset_splits" in layer:
+            if "dataset_mixer" not in layer:
+                unknown.append("dataset_splits")  # splits of nothing
+            else:
+                mixer = layer["dataset_mixer"]
+                if isinstance(mixer, str):
+                    mixer = json.loads(mixer) if mixer.strip().startswith("{") else {mixer: 1.0}
+                out["dataset_mixture"] = mixture_from_mixer(mixer, layer.get("dataset_splits"), label("dataset_mixer"))
+        for key, raw in layer.items():
+            if key in ("dataset_mixer", "dataset_splits"):
+                continue
+            if key in fields:
+                out[key] = raw
+            elif key in ALIASES and ALIASES[key].target in fields:
+                alias = ALIASES[key]
+                value = alias.convert(raw, label(key)) if alias.convert else raw
+                weak = isinstance(value, _Weak)
+                if value is not SKIP and alias.target not in layer and not (weak and alias.target in chosen):
+                    out[alias.target] = value.value if weak else value  # alignkit's own name wins in one layer
+                    if not weak:
+                        chosen.add(alias.target)
+                self.trl_style |= key in _TRL_ONLY and where == "the command line"
+            elif key in NOT_APPLIED:
+                same, reason = NOT_APPLIED[key]
+                if same is _ANY or str(raw).lower() != str(same).lower():
+                    notes.append(f"{key}: {reason}")
+            elif key in self.passthrough:
+                extra[key] = trl_value(raw, self.passthrough[key], label(key))
+            else:
+                unknown.append(key)
+        if extra:
+            out["trainer_overrides"] = {**extra, **(out.get("trainer_overrides") or {})}
+        return out, unknown, notes
+
+    def finish(self, values: dict, given: dict, recipe_given: bool) -> None:
+        """A recipe's (or a TRL command line's) output_dir is the run's own folder, as in TRL, unless a run_name
+        says otherwise: it becomes alignkit's output_dir (the parent) and run_name (the folder's name)."""
+        source = given.get("output_dir")
+        if "run_name" in given or not (source == "recipe" or (source == "cli" and self.trl_style)):
+            return
+        folder = Path(values["output_dir"])
+        if folder.name:
+            values["output_dir"], values["run_name"] = str(folder.parent), folder.name
+
+    def help_text(self, fields=()) -> str:
+        names = ", ".join(sorted(set(self.passthrough) - set(ALIASES) - set(fields)))
+        aliases = ", ".join(f"--{a} (--{x.target}{': ' + x.note if x.note else ''})" for a, x in ALIASES.items())
+        ignored = ", ".join(f"{k} ({reason})" for k, (_, reason) in NOT_APPLIED.items())
+        return ("alignkit's defaults are for QLoRA on one GPU, as the seed project's; where TRL's differ, a flag "
+                f"shows TRL's.\n\nTRL's names: {aliases}.\n\nEvery other field of TRL's {'/'.join(self.config_names)} is accepted "
+                f"under its TRL name and type and handed to TRL as it is (collected in --trainer_overrides): "
+                f"{names}.\n\nalignment-handbook recipes: dataset_mixture (id, config, split, columns, weight; "
+                "test_split_size, seed) and the older dataset_mixer + dataset_splits; a recipe's output_dir is the "
+                f"run's own folder; an inline chat_template works. Named but not applied: {ignored}.")

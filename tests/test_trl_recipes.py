@@ -1,0 +1,355 @@
+"""TRL's vocabulary and the alignment-handbook's recipes (alignkit.core.trl_names, alignkit.core.mixture).
+
+The handbook's zephyr-7b-beta QLoRA recipes (tests/data/handbook, copied verbatim but for the model and dataset
+ids and push_to_hub) and a `trl dpo` command line from TRL's own docs resolve into TRL configs that carry
+their values, and run to completion on the tiny preset. Resolution is checked in-process; two short runs
+(max_steps 2, the recipes' GPU-only attention swapped for sdpa) go through the scripts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from alignkit.core.args import ConfigError, parse_config
+from alignkit.core.config import DPOSettings, RewardSettings, SFTSettings
+from conftest import ROOT, run_script
+
+HANDBOOK = Path(__file__).parent / "data" / "handbook"
+# trl/scripts/dpo.py's docstring (TRL 1.16), the PEFT example; only the model and dataset ids are swapped.
+TRL_DPO_COMMAND = """--dataset_name trl-lib/ultrafeedback_binarized --model_name_or_path Qwen/Qwen2-0.5B-Instruct
+    --learning_rate 5.0e-6 --num_train_epochs 1 --per_device_train_batch_size 2 --max_steps 1000
+    --gradient_accumulation_steps 8 --eval_strategy steps --eval_steps 50 --output_dir Qwen2-0.5B-DPO
+    --no_remove_unused_columns --use_peft --lora_r 32 --lora_alpha 16"""
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    """No ALIGNKIT_* settings or CONFIG from the developer's shell in these tests."""
+    for name in [k for k in os.environ if k.startswith("ALIGNKIT_") and k not in ("ALIGNKIT_CACHE",
+                                                                                  "ALIGNKIT_TEST_CACHE")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_cache, tmp_path_factory):
+    """The tiny preset's data as Hub-style datasets with the handbook's split names, and the recipes with their
+    model and dataset ids pointed at them."""
+    import datasets
+
+    from alignkit.modeling import presets
+
+    p = presets.paths()
+    root = tmp_path_factory.mktemp("handbook")
+    sft = datasets.Dataset.from_json(p["sft"])
+    datasets.DatasetDict(train_sft=sft.select(range(1000)), test_sft=sft.select(range(1000, len(sft)))).save_to_disk(
+        root / "ultrachat")
+    prefs = datasets.Dataset.from_json(p["preferences"])
+    datasets.DatasetDict(train_prefs=prefs.select(range(1100)),
+                         test_prefs=prefs.select(range(1100, len(prefs)))).save_to_disk(root / "ultrafeedback")
+    swaps = {"TINY_MODEL": p["model"], "TINY_SFT_DATA": str(root / "ultrachat"),
+             "TINY_PREFERENCE_DATA": str(root / "ultrafeedback")}
+    recipes = {}
+    for stage in ("sft", "dpo"):
+        text = (HANDBOOK / f"zephyr-7b-beta-{stage}-qlora.yaml").read_text()
+        for placeholder, path in swaps.items():
+            text = text.replace(placeholder, path)
+        recipes[stage] = root / f"{stage}.yaml"
+        recipes[stage].write_text(text)
+    command = TRL_DPO_COMMAND.replace("trl-lib/ultrafeedback_binarized", str(root / "ultrafeedback")).replace(
+        "Qwen/Qwen2-0.5B-Instruct", p["model"]).split()
+    return {"root": root, "recipes": recipes, "command": command, "model": p["model"]}
+
+
+def resolve(cls, config_cls, stage, args=(), **overrides):
+    """Settings and TRL config as the script builds them (no model: gradient checkpointing as the recipe says)."""
+    from alignkit.train.training import run_dir, trl_config
+
+    s = parse_config(cls, args=list(args), env_file=None, overrides=overrides)
+    return s, trl_config(config_cls, s, run_dir(s, stage), torch.bfloat16 if s.dtype == "bf16" else torch.float32)
+
+
+# ---------------------------------------------------------------- the handbook's recipes, resolved
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_handbook_recipe_resolves_to_a_trl_config_with_its_values(local, stage, monkeypatch, tmp_path,
+                                                                  alignkit_log):
+    from trl import DPOConfig, SFTConfig
+
+    monkeypatch.chdir(tmp_path)
+    recipe = local["recipes"][stage]
+    want = yaml.safe_load(recipe.read_text())
+    cls, config_cls = (SFTSettings, SFTConfig) if stage == "sft" else (DPOSettings, DPOConfig)
+    # tensorboard is not installed here (an extra): the recipe's report_to is checked apart, below
+    s, args = resolve(cls, config_cls, stage, ["--config", str(recipe)], report_to=["none"])
+
+    assert Path(args.output_dir) == Path(want["output_dir"])  # the recipe's output_dir is the run folder itself
+    assert (s.model_id, s.quantization, s.dtype, s.attn_implementation) == (
+        local["model"], "4bit", "bf16", "flash_attention_2")
+    assert (s.lora_r, s.lora_alpha, s.lora_dropout, s.lora_target_modules) == (
+        want["lora_r"], want["lora_alpha"], want["lora_dropout"], want["lora_target_modules"])
+    assert args.max_length == want.get("max_length", want.get("max_seq_length"))
+    for key in ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size", "seed",
+                "gradient_accumulation_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit",
+                "log_level", "dataset_num_proc", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+                "do_eval", "bf16"):
+        assert getattr(args, key) == want[key], key
+    for key in ("lr_scheduler_type", "eval_strategy", "save_strategy"):
+        assert getattr(args, key).value == want[key], key
+    assert args.warmup_steps == want["warmup_ratio"]  # transformers 5 reads a float < 1 as the ratio
+    assert s.hub_repo_id == want["hub_model_id"] and s.push_to_hub is False
+    if stage == "dpo":
+        assert args.beta == want["beta"] and args.optim.value == want["optim"] and args.eval_steps == 100
+        # dataset_mixer + dataset_splits: the train split at its fraction, the test split held out whole
+        assert s.dataset_mixture["datasets"] == [
+            {"id": str(local["root"] / "ultrafeedback"), "split": "train_prefs", "weight": 1.0},
+            {"id": str(local["root"] / "ultrafeedback"), "split": "test_prefs", "test": True}]
+    else:
+        assert s.chat_template == want["chat_template"] and s.dataset_mixture == want["dataset_mixture"]
+        assert s.report_to == ["none"] and args.logging_strategy.value == "steps"
+    # What cannot apply is named, all in one warning, each with its reason
+    warnings = [r.getMessage() for r in alignkit_log.records if "not applied" in r.getMessage()]
+    assert len(warnings) == 1
+    for key in ({"max_prompt_length"} if stage == "dpo" else {"hub_strategy", "overwrite_output_dir"}):
+        assert f"{key}: " in warnings[0]
+
+
+def test_recipe_report_to_tensorboard_is_checked_before_any_work(local, monkeypatch):
+    import importlib.util
+
+    from alignkit.core.errors import UserError
+    from alignkit.train.training import resolve_report_to
+
+    s = parse_config(SFTSettings, args=["--config", str(local["recipes"]["sft"])], env_file=None)
+    assert s.report_to == ["tensorboard"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
+    with pytest.raises(UserError, match="tensorboard is not installed: pip install tensorboard"):
+        resolve_report_to(s)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert resolve_report_to(s) == "tensorboard"
+    s.report_to = ["tensorboard", "wandb"]
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_report_to(s) == ["tensorboard", "wandb"]  # TRL's list, both trackers
+
+
+def test_trl_dpo_command_line_resolves(local, monkeypatch, tmp_path):
+    from trl import DPOConfig
+
+    monkeypatch.chdir(tmp_path)
+    s, args = resolve(DPOSettings, DPOConfig, "dpo", local["command"])
+    assert Path(args.output_dir) == Path("Qwen2-0.5B-DPO")  # TRL's meaning, with TRL's names on the line
+    assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size, args.max_steps,
+            args.gradient_accumulation_steps, args.eval_steps) == (5e-6, 1, 2, 1000, 8, 50)
+    assert args.eval_strategy.value == "steps" and args.remove_unused_columns is False
+    assert (s.lora_r, s.lora_alpha, s.model_id) == (32, 16, local["model"])
+    assert s.dataset_id == str(local["root"] / "ultrafeedback")
+    # alignkit's own --output_dir (a parent) is untouched when the line speaks alignkit
+    s2 = parse_config(DPOSettings, args=["--output_dir", "runs2", "--model_id", "m"], env_file=None)
+    assert (s2.output_dir, s2.run_name) == ("runs2", None)
+
+
+# ---------------------------------------------------------------- whole runs
+def test_handbook_dpo_recipe_runs_to_completion(local, tmp_path):
+    """The older recipe format (dataset_mixer/dataset_splits): trains on train_prefs, evaluates on test_prefs."""
+    g = run_script("dpo.py", "--config", str(local["recipes"]["dpo"]), "--attn_implementation", "sdpa",
+                   "--max_steps", "2", cwd=tmp_path)
+    folder = tmp_path / "data" / "zephyr-7b-dpo-qlora"
+    assert (folder / "adapter_config.json").is_file() and (folder / "metrics.json").is_file()
+    assert g["trainer"].state.global_step == 2 and g["trainer"].args.beta == 0.01
+    assert len(g["eval_data"]) == 100 and len(g["train_data"]) == 1100  # test_prefs held out whole
+    assert g["loaded"].quantization == "4bit" and "eval_loss" in g["metrics"]
+    # TRL's disable_dropout zeroed the model's dropout; the recipe's LoRA dropout is kept on the trained adapter
+    from alignkit.modeling.models import TRAINABLE
+
+    ps = {m.lora_dropout[TRAINABLE].p for m in g["trainer"].model.modules()
+          if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict) and TRAINABLE in m.lora_dropout}
+    assert ps == {0.05}
+
+
+def test_handbook_sft_recipe_runs_to_completion(local, tmp_path):
+    """The current recipe format (dataset_mixture with columns, weights, test_split_size, seed; inline template)."""
+    g = run_script("sft.py", "--config", str(local["recipes"]["sft"]), "--attn_implementation", "sdpa",
+                   "--report_to", "none", "--max_steps", "2", cwd=tmp_path)
+    folder = tmp_path / "data" / "zephyr-7b-sft-qlora"
+    assert (folder / "adapter_config.json").is_file() and g["trainer"].state.global_step == 2
+    # both splits mixed (1200 rows), test_split_size 1000 rows held out, as the handbook's get_dataset does
+    assert (len(g["train_data"]), len(g["eval_data"])) == (200, 1000)
+    assert "<|assistant|>" in g["loaded"].tokenizer.chat_template
+
+
+# ---------------------------------------------------------------- TRL's names, one by one
+def test_trl_aliases_and_pass_through_fields():
+    s = parse_config(DPOSettings, env_file=None, args=[
+        "--beta", "0.2", "--model_name_or_path", "m", "--dataset_name", "d", "--hub_model_id", "me/x",
+        "--load_in_4bit", "--use_peft", "--torch_dtype", "bfloat16", "--lora_target_modules", "q_proj", "v_proj",
+        "--dataset_test_split", "test", "--report_to", "tensorboard", "wandb", "--optim", "adamw_torch",
+        "--use_dora", "--use_rslora", "--lora_modules_to_save", "lm_head", "--gradient_checkpointing_kwargs",
+        '{"use_reentrant": false}', "--adam_beta2", "0.95", "--dataset_num_proc", "2"])
+    assert (s.dpo_beta, s.model_id, s.dataset_id, s.hub_repo_id, s.quantization, s.dtype) == (
+        0.2, "m", "d", "me/x", "4bit", "bf16")
+    assert s.lora_target_modules == ["q_proj", "v_proj"] and s.dataset_test_split == "test"
+    assert s.report_to == ["tensorboard", "wandb"] and (s.use_dora, s.use_rslora) == (True, True)
+    assert s.lora_modules_to_save == ["lm_head"]
+    assert s.trainer_overrides == {"optim": "adamw_torch", "gradient_checkpointing_kwargs": {"use_reentrant": False},
+                                   "adam_beta2": 0.95, "dataset_num_proc": 2}
+    assert parse_config(DPOSettings, env_file=None, args=["--dtype", "float16"]).dtype == "fp16"
+    assert parse_config(DPOSettings, env_file=None, args=["--use_liger_kernel"]).use_liger == "true"
+    assert parse_config(DPOSettings, env_file=None, args=["--dpo_beta", "0.3"]).dpo_beta == 0.3  # alignkit's name
+
+
+@pytest.mark.parametrize("args, quantization, dtype", [
+    (["--load_in_4bit", "false"], "none", "auto"),  # TRL's meaning: no 4-bit (alignkit's auto would be 4-bit)
+    (["--load_in_4bit", "false", "--load_in_8bit"], "8bit", "auto"),  # a false never undoes the other key
+    (["--load_in_8bit", "--load_in_4bit", "false"], "8bit", "auto"),
+    (["--bf16", "false"], "auto", "fp32"),
+    (["--torch_dtype", "bfloat16", "--bf16", "false"], "auto", "bf16"),
+    (["--fp16", "--quantization", "4bit", "--load_in_4bit", "false"], "4bit", "fp16"),  # alignkit's name wins
+])
+def test_trl_booleans_pick_alignkits_choices(args, quantization, dtype):
+    s = parse_config(DPOSettings, env_file=None, args=args)
+    assert (s.quantization, s.dtype) == (quantization, dtype)
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--optim", "adam_nope"], r"--optim.*'adam_nope' is not one of .*adamw_torch"),
+    (["--eval_strategy", "sometimes"], r"'sometimes' is not one of no, steps, epoch"),
+    (["--adam_beta2", "high"], r"adam_beta2.*'high' is not float"),
+    (["--use_peft", "false"], r"--use_peft false asks for full fine-tuning.*--adapter lota"),
+    (["--eval_steps", "10", "--eval_split", "0"], r"eval_steps 10 but no held-out data.*--dataset_test_split"),
+    (["--packing", "true"], r"unknown setting: --packing"),  # an SFTConfig field is not a DPO setting
+])
+def test_bad_trl_values_are_one_line_errors(args, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(DPOSettings, env_file=None, args=args)
+
+
+def test_keys_that_cannot_apply_are_named_once_with_the_alternative(alignkit_log):
+    s = parse_config(DPOSettings, env_file=None, args=["--overwrite_output_dir", "--max_prompt_length", "512",
+                                                      "--hub_strategy", "every_save", "--bnb_4bit_quant_type", "nf4"])
+    assert s == parse_config(DPOSettings, env_file=None, args=[])
+    warnings = [r.getMessage() for r in alignkit_log.records if "not applied" in r.getMessage()]
+    assert len(warnings) == 1 and "bnb_4bit_quant_type" not in warnings[0]  # nf4 is what alignkit does anyway
+    assert all(f"{k}: " in warnings[0] for k in ("overwrite_output_dir", "max_prompt_length", "hub_strategy"))
+    assert "--resume false" in warnings[0] and "max_length" in warnings[0]
+
+
+def test_scripts_without_the_data_features_refuse_them():
+    with pytest.raises(ConfigError, match="reward.py reads one dataset split"):
+        parse_config(RewardSettings, env_file=None, args=["--dataset_test_split", "test"])
+
+
+def test_lora_settings_reach_peft(tiny_cache):
+    from alignkit.modeling import presets
+    from alignkit.modeling.models import TRAINABLE, add_trainable_adapter, load_model
+
+    s = parse_config(SFTSettings, env_file=None, presets={"tiny": presets.defaults("sft")},
+                     args=["--preset", "tiny", "--use_rslora", "--use_dora", "--lora_modules_to_save", "lm_head"])
+    model = add_trainable_adapter(load_model(s, for_training=True), s)
+    config = model.peft_config[TRAINABLE]
+    assert config.use_rslora and config.use_dora and "lm_head" in config.modules_to_save
+
+
+# ---------------------------------------------------------------- data: test splits and mixtures
+def test_dataset_test_split_and_mixture_weights(local):
+    from alignkit.core.mixture import load_train_eval
+
+    data = str(local["root"] / "ultrafeedback")
+    s = DPOSettings(dataset_id=data, dataset_split="train_prefs", dataset_test_split="test_prefs", report_to="none")
+    train, held_out = load_train_eval("preference", s)
+    assert (len(train), len(held_out)) == (1100, 100)
+    mixture = {"datasets": [{"id": data, "split": "train_prefs", "weight": 0.5},
+                            {"id": data, "split": "test_prefs", "columns": ["prompt", "chosen", "rejected"]}],
+               "seed": 3, "test_split_size": 0.1}
+    s = DPOSettings(dataset_mixture=mixture, report_to="none")
+    train, held_out = load_train_eval("preference", s)
+    assert len(train) + len(held_out) == 550 + 100 and len(held_out) == 65
+    with pytest.raises(ConfigError, match="weight 2 must be a share"):
+        DPOSettings(dataset_mixture={"datasets": [{"id": data, "weight": 2}]})
+
+
+# ---------------------------------------------------------------- --help
+def test_help_is_grouped_and_offers_only_the_scripts_presets(tiny_cache, capsys):
+    with pytest.raises(SystemExit):
+        run_script("sft.py", "--help")
+    out = capsys.readouterr().out
+    titles = [line for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert titles[:7] == ["options:", "model:", "data:", "LoRA:", "training:", "SFT:",
+                          "run folder, logging and checkpoints:"]
+    preset = " ".join(out[out.index("--preset"):out.index("--model_id")].split())
+    assert "smol" not in preset and "tiny" in preset
+    assert "--model_name_or_path (--model_id)" in " ".join(out.split()) and "adam_beta2" in out
+    with pytest.raises(SystemExit):
+        run_script("dpo.py", "--help")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "DPO: --dpo_beta" in out and "also --beta" in out and "smol" in out[out.index("--preset"):][:300]
+
+
+# ---------------------------------------------------------------- environment (issue 28's rule)
+def test_bare_generic_env_names_change_nothing_and_prefixed_ones_are_logged(monkeypatch, tmp_path, alignkit_log):
+    from alignkit.core.config import LabelSettings
+
+    monkeypatch.chdir(tmp_path)
+    baseline = parse_config(DPOSettings, args=[], env_file=None)
+    label_baseline = parse_config(LabelSettings, args=[], env_file=None)
+    for name, value in {"SEED": "7", "MODE": "completions", "OUTPUT": "x.jsonl", "CONFIG": "nope.yaml",
+                        "BACKEND": "vllm", "TEMPERATURE": "1.5", "OUTPUT_DIR": "elsewhere"}.items():
+        monkeypatch.setenv(name, value)
+    assert parse_config(DPOSettings, args=[], env_file=None) == baseline
+    assert parse_config(LabelSettings, args=[], env_file=None) == label_baseline
+    assert not any("from the environment" in r.getMessage() for r in alignkit_log.records)
+    monkeypatch.setenv("ALIGNKIT_SEED", "7")
+    monkeypatch.setenv("DPO_BETA", "0.3")  # the seed project's documented bare name
+    monkeypatch.setenv("ALIGNKIT_OPTIM", "adamw_torch")  # a TRL field, prefixed like any setting
+    s = parse_config(DPOSettings, args=[], env_file=None)
+    assert (s.seed, s.dpo_beta, s.trainer_overrides) == (7, 0.3, {"optim": "adamw_torch"})
+    logged = [r.getMessage() for r in alignkit_log.records if "from the environment" in r.getMessage()]
+    assert len(logged) == 1 and all(n in logged[0] for n in ("ALIGNKIT_SEED", "DPO_BETA", "ALIGNKIT_OPTIM"))
+
+
+def test_env_example_copied_to_dotenv_changes_nothing(tiny_cache, monkeypatch, tmp_path):
+    from alignkit.modeling import presets
+    from alignkit.train.training import resolve_report_to
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("WANDB_PROJECT", "WANDB_API_KEY", "HF_TOKEN", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    saved = dict(os.environ)
+    demo = dict(args=["--preset", "tiny"], presets=presets.named("dpo"))
+    try:
+        without = parse_config(DPOSettings, env_file=None, **demo)
+        shutil.copy(ROOT / ".env.example", tmp_path / ".env")
+        with_env = parse_config(DPOSettings, env_file=".env", **demo)
+        assert with_env == without and resolve_report_to(with_env) == "none"
+        added = {k: os.environ[k] for k in set(os.environ) - set(saved)}
+        assert all(v == "" for v in added.values()), added  # nothing it sets turns a feature on
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_dotenv_bare_name_that_is_not_read_is_named(monkeypatch, tmp_path, alignkit_log):
+    (tmp_path / "my.env").write_text("SEED=3\n")
+    monkeypatch.delenv("SEED", raising=False)
+    saved = dict(os.environ)
+    try:
+        assert parse_config(DPOSettings, args=[], env_file=str(tmp_path / "my.env")).seed == 42
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert any("not read: SEED" in r.getMessage() and "ALIGNKIT_SEED" in r.getMessage()
+               for r in alignkit_log.records if r.levelno == logging.WARNING)
+
+
+def test_every_alias_names_a_training_setting():
+    from alignkit.core.trl_names import ALIASES
+
+    names = {f.name for f in dataclasses.fields(DPOSettings)}
+    assert {a.target for a in ALIASES.values()} <= names
