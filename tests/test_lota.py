@@ -321,3 +321,44 @@ def test_vllm_refuses_a_delta_with_the_fix(lota_sft, monkeypatch):
     install(monkeypatch, cuda=True)
     with pytest.raises(ValueError, match="holds a LoTA delta; vLLM serves LoRA adapters only. Merge it first"):
         generation.load_generator(ModelSettings(model_id=str(lota_sft["run_folder"])), "vllm")
+
+
+# ---------------------------------------------------------------- the reference over a LoRA chain: as for LoRA
+
+
+def _answer_logps(model, batch) -> torch.Tensor:
+    """Summed answer log-probs of each row of a DPO batch, computed by hand (no packing, no fused head)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    logp = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    return (logp * batch["completion_mask"][:, 1:]).sum(-1)
+
+
+def test_lota_reference_keeps_the_chain_adapters_reference_adapters_names(sft_run, dpo_run, tmp_path):
+    """LoTA DPO from a stacked chain (base -> SFT -> DPO adapters) with --reference_adapters 0: the reference
+    log-probs are the bare base's; with 1 the SFT model's (rlaif.py's --reference start); by default the whole
+    chain the run starts from, as the LoRA path does. The chain stays loaded and frozen, never merged away."""
+    run = run_script("dpo.py", "--preset", "tiny", "--model_id", str(dpo_run["run_folder"]), "--adapter", "lota",
+                     "--lota_calibration_steps", "2", "--max_steps", "2", "--reference_adapters", "0",
+                     "--output_dir", str(tmp_path), "--run_name", "ref0")
+    trainer, loaded = run["trainer"], run["loaded"]
+    assert trainer.frozen_adapters == ["frozen_0", "frozen_1"] and trainer.reference_adapters == []
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "frozen_" in n)
+    batch = next(iter(trainer.get_eval_dataloader()))
+
+    def reference():
+        with torch.no_grad():
+            return torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+
+    def of(model_id):
+        return _answer_logps(load_model(ModelSettings(model_id=model_id, quantization="none")).model.eval(), batch)
+
+    base, sft, start = of(loaded.base_id), of(str(sft_run["run_folder"])), of(str(dpo_run["run_folder"]))
+    assert not torch.allclose(base, sft, atol=1e-3) and not torch.allclose(sft, start, atol=1e-3)
+    assert torch.allclose(reference(), base, atol=1e-4)  # --reference_adapters 0: the bare base
+    trainer.reference_adapters = ["frozen_0"]
+    assert torch.allclose(reference(), sft, atol=1e-4)  # 1: base + SFT
+    trainer.reference_adapters = trainer.frozen_adapters  # the default: the model the run starts from
+    assert torch.allclose(reference(), start, atol=1e-4)
+    assert not torch.allclose(_answer_logps(trainer.model, batch), start, atol=1e-4)  # the policy: the delta trained
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "frozen_" in n)

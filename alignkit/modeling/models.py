@@ -551,8 +551,12 @@ def reference_mode(model, frozen: list[str], keep: list[str] | None = None):
     """
     keep = list(frozen) if keep is None else list(keep)
     if not keep:
-        with model.disable_adapter():
-            yield
+        try:
+            with model.disable_adapter():
+                yield
+        finally:  # enabling the adapters again marks every active one trainable (peft enable_adapters) ...
+            if frozen:
+                model.set_requires_grad(frozen, requires_grad=False)  # ... so freeze the loaded ones once more
         return
     lora = model.base_model
     active = list(lora.active_adapters)

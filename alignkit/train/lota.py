@@ -29,7 +29,9 @@ dense weights with the optimizer step fused into the backward pass; a values-onl
 allows without a custom optimizer, and gives the same update on the masked entries.
 
 The DPO reference is the starting weights: `reference_mode` switches every delta off (D = 0) for the reference
-pass, so no second model copy is loaded; `--precompute_ref_log_probs` and its disk cache (alignkit.train.refcache)
+pass, so no second model copy is loaded. Started from a LoRA chain (an SFT adapter), the chain stays loaded,
+frozen and active over the delta (which sits on the base weights, as it loads again), and the reference keeps on
+the chain's adapters that `--reference_adapters` names, exactly as the LoRA path does; `--precompute_ref_log_probs` and its disk cache (alignkit.train.refcache)
 work as for LoRA (the cache key skips the delta's tensors, which the reference does not use).
 
 A finished run folder holds `lota_delta.safetensors` (per matrix `<name>.indices`, flat int32/int64 positions,
@@ -93,11 +95,32 @@ class SparseDelta(torch.nn.Module):
         return flat.index_add_(0, self.lota_indices, values).view(self.shape)
 
 
+def _layers(model):
+    """(name, module) of every module as the plain model names it. Under a PeftModel (a LoRA chain kept frozen
+    under a LoTA run) a LoRA-wrapped layer stands for its base layer under its own name, and the adapters' own
+    layers are left out, so the delta's names are the plain model's and it loads onto the base."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    root = model.get_base_model() if isinstance(model, PeftModel) else model
+    tuners: list[str] = []
+    for name, module in root.named_modules():
+        if any(name.startswith(t + ".") for t in tuners):
+            continue  # inside a LoRA layer: its adapters (or its base layer, yielded below)
+        if isinstance(module, BaseTunerLayer):
+            tuners.append(name)
+            module = module.get_base_layer()
+        yield name, module
+
+
 def target_modules(model, patterns=("all-linear",)) -> dict[str, torch.nn.Module]:
     """{module name: module} of the targeted linear layers: all but the LM head, or those whose name ends in a pattern."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = head.get_base_layer() if isinstance(head, BaseTunerLayer) else head
     found = {}
-    for name, module in model.named_modules():
+    for name, module in _layers(model):
         if not isinstance(module, torch.nn.Linear) or module is head:
             continue
         if list(patterns) == ["all-linear"] or any(name == p or name.endswith(f".{p}") for p in patterns):
@@ -110,7 +133,7 @@ def target_modules(model, patterns=("all-linear",)) -> dict[str, torch.nn.Module
 def _deltas(model) -> dict[str, SparseDelta]:
     return {
         name: module.parametrizations["weight"][0]
-        for name, module in model.named_modules()
+        for name, module in _layers(model)
         if parametrize.is_parametrized(module, "weight") and isinstance(module.parametrizations["weight"][0], SparseDelta)
     }
 
@@ -261,13 +284,11 @@ def add_trainable_delta(loaded, s, run_folder: Path | None = None, resume_from: 
     model = loaded.model
     if loaded.quantization != "none":
         raise ValueError("--adapter lota needs full-precision weights (the delta is added to them): pass --quantization none")
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        # A LoRA chain under the run (an SFT adapter): fold it into the weights, so W is the starting model itself.
-        logger.info(f"LoTA: merging the loaded adapters ({', '.join(loaded.adapters)}) into the starting weights")
-        model = model.merge_and_unload()
-        loaded.frozen = []
+    if loaded.frozen:
+        # A LoRA chain under the run (an SFT adapter) stays loaded, frozen and active, with the delta on the base
+        # weights under it: the model as it loads again (deltas into W, adapters on top), and the reference can
+        # keep any first part of the chain on (--reference_adapters, rlaif.py's --reference start), as for LoRA.
+        logger.info(f"LoTA: the loaded adapters ({', '.join(loaded.adapters)}) stay frozen over the delta")
     modules = target_modules(model, s.lota_target_modules)
     shapes = _shapes(modules)
     own = Path(run_folder, MASK_FILE) if run_folder else None
@@ -282,7 +303,6 @@ def add_trainable_delta(loaded, s, run_folder: Path | None = None, resume_from: 
         if shared:
             raise ValueError(f"--lota_mask {s.lota_mask} shares {shared} entries with --lota_exclude_mask {s.lota_exclude_mask}")
     attach(model, modules, mask)
-    loaded.model = model
     _log_trainable(model, "sparse" if mask is not None else "dense calibration")
     return model
 
@@ -309,7 +329,7 @@ def calibrate(model, s, run_folder: Path, make_trainer, args) -> dict[str, torch
     make_trainer(cal_args).train()
     with contextlib.suppress(OSError):
         Path(cal_args.output_dir).rmdir()  # it only held what save_strategy "no" never writes
-    modules = {n: m for n, m in model.named_modules() if n in deltas}
+    modules = {n: m for n, m in _layers(model) if n in deltas}
     shapes = _shapes(modules)
     exclude = load_mask(s.lota_exclude_mask, shapes, "--lota_exclude_mask") if s.lota_exclude_mask else None
     mask = compute_mask({n: d.dense() for n, d in deltas.items()}, s.lota_sparsity, s.lota_mask_scope, exclude)
@@ -335,7 +355,13 @@ def trainer_class(base):
     """`base` (AlignSFTTrainer or AlignDPOTrainer) with LoTA checkpoints (the sparse delta only) and reference."""
 
     class LoTATrainer(base):
-        def __init__(self, *a, args=None, **kw):
+        def __init__(self, *a, model=None, args=None, **kw):
+            # A frozen LoRA chain under the delta: TRL would take the PeftModel for one whose "default" adapter
+            # trains, so it gets the model inside; the PeftModel is kept to switch the chain for the reference.
+            from peft import PeftModel
+
+            self._lota_chain = model if isinstance(model, PeftModel) else None
+            model = model.get_base_model() if self._lota_chain is not None else model
             # TRL's DPOTrainer loads a second model as reference for a model without PEFT unless it precomputes;
             # the reference here is the starting weights (reference_mode), so tell it it precomputes, and then
             # compute on the fly unless precomputing was asked for.
@@ -349,13 +375,21 @@ def trainer_class(base):
 
                     if hasattr(dpo_trainer, "hash_module"):
                         stack.enter_context(_patched(dpo_trainer, "hash_module", lambda module: None))
-                super().__init__(*a, args=args, **kw)
+                super().__init__(*a, model=model, args=args, **kw)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             return dataset if self._lota_on_the_fly else super()._precompute_ref_logps(dataset, name, batch_size)
 
         def _reference_mode(self, model):
-            return reference_mode(model)
+            """The delta off, and of a frozen LoRA chain the adapters the LoRA path's reference keeps on."""
+            stack = contextlib.ExitStack()
+            stack.enter_context(reference_mode(model))
+            if self._lota_chain is not None:
+                from alignkit.modeling.models import reference_mode as chain_reference
+
+                stack.enter_context(chain_reference(self._lota_chain, self.frozen_adapters,
+                                                    getattr(self, "reference_adapters", None)))
+            return stack
 
         def _save(self, output_dir=None, state_dict=None):
             out = Path(output_dir or self.args.output_dir)
