@@ -227,6 +227,34 @@ def test_lota_with_4bit_quantization_is_refused():
     SFTSettings(adapter="lora", quantization="4bit")  # LoRA still takes QLoRA
 
 
+@pytest.mark.parametrize("env, launch", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
+])
+def test_lota_under_fsdp_or_zero3_is_refused_before_the_model_loads(tiny_cache, monkeypatch, env, launch):
+    """FSDP cannot flatten the float32 delta beside bf16 weights, and ZeRO-3 hands SparseDelta an empty [0]
+    partition: both are refused by name, with what to use instead, before from_pretrained runs."""
+    from alignkit.core.args import ConfigError
+    from alignkit.modeling import presets
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loading)
+    s = SFTSettings(model_id=presets.paths()["model"], adapter="lota", quantization="none")
+    with pytest.raises(ConfigError, match=rf"^--adapter lota under {launch} is not supported: launch with DDP .*"
+                                          r"ZeRO-2, or train with --adapter lora$"):
+        load_model(s, for_training=True)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # ZeRO-2 keeps whole weights: LoTA is not refused
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        load_model(s, for_training=True)
+
+
 def test_a_mask_from_another_model_is_refused(lota_sft, tmp_path):
     folder = lota_sft["run_folder"]
     _, shapes = lota.read_delta(folder)

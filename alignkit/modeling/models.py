@@ -434,6 +434,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         attn_implementation=resolve_attention(s.attn_implementation, dtype),
     )
     sharded = _sharded_launch()
+    lota.check_launch(s, sharded)  # LoTA shards under neither FSDP nor ZeRO-3: refused before anything loads
     if sharded == "DeepSpeed ZeRO-3":
         register_zero3_init()
     if quantization == "8bit" and sharded:

@@ -53,6 +53,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from alignkit import logger
+from alignkit.core.args import ConfigError
 
 DELTA_FILE = "lota_delta.safetensors"
 MASK_FILE = "lota_mask.safetensors"
@@ -126,7 +127,7 @@ def target_modules(model, patterns=("all-linear",)) -> dict[str, torch.nn.Module
         if list(patterns) == ["all-linear"] or any(name == p or name.endswith(f".{p}") for p in patterns):
             found[name] = module
     if not found:
-        raise ValueError(f"--lota_target_modules {list(patterns)} matches no linear layer of this model")
+        raise ConfigError(f"--lota_target_modules {list(patterns)} matches no linear layer of this model")
     return found
 
 
@@ -207,13 +208,13 @@ def compute_mask(deltas: dict[str, torch.Tensor], sparsity: float, scope: str = 
             mask[n] = part.nonzero().reshape(-1)
             start += scores[n].numel()
     else:
-        raise ValueError(f"--lota_mask_scope must be matrix or global, got {scope!r}")
+        raise ConfigError(f"--lota_mask_scope must be matrix or global, got {scope!r}")
     return mask
 
 
 def check_sparsity(sparsity: float) -> None:
     if not 0.0 < sparsity < 1.0:
-        raise ValueError(f"--lota_sparsity must lie strictly between 0 and 1 (the share of entries kept frozen), got {sparsity}")
+        raise ConfigError(f"--lota_sparsity must lie strictly between 0 and 1 (the share of entries kept frozen), got {sparsity}")
 
 
 def _index_dtype(numel: int) -> torch.dtype:
@@ -241,26 +242,26 @@ def load_mask(path: str | Path, shapes: dict[str, tuple], what: str = "--lota_ma
     if path.is_dir():
         path = path / MASK_FILE
     if not path.is_file():
-        raise ValueError(f"{what} {path}: no such file (pass a {MASK_FILE} or a LoTA run folder)")
+        raise ConfigError(f"{what} {path}: no such file (pass a {MASK_FILE} or a LoTA run folder)")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         saved = {n: tuple(s) for n, s in json.loads(meta.get("shapes", "{}")).items()}
         tensors = {n: f.get_tensor(n).long() for n in f.keys()}
     missing, extra = sorted(set(shapes) - set(saved)), sorted(set(saved) - set(shapes))
     if missing or extra:
-        raise ValueError(
+        raise ConfigError(
             f"{what} {path} was made for another model or other --lota_target_modules: "
             f"{len(missing)} targeted matrices missing from it (e.g. {missing[:2]}), {len(extra)} unknown here "
             f"(e.g. {extra[:2]}). Use a mask from a run on this base model with the same targets."
         )
     for n, shape in shapes.items():
         if tuple(saved[n]) != tuple(shape):
-            raise ValueError(
+            raise ConfigError(
                 f"{what} {path} was made for another model: {n} has shape {list(saved[n])} there, {list(shape)} here"
             )
         idx = tensors.get(n, torch.zeros(0, dtype=torch.long))
         if idx.numel() and (idx.min() < 0 or idx.max() >= math.prod(shape)):
-            raise ValueError(f"{what} {path} is damaged: indices of {n} fall outside its {list(shape)} entries")
+            raise ConfigError(f"{what} {path} is damaged: indices of {n} fall outside its {list(shape)} entries")
         tensors[n] = idx
     return tensors
 
@@ -283,7 +284,7 @@ def add_trainable_delta(loaded, s, run_folder: Path | None = None, resume_from: 
     sparse delta of `--lota_mask` (or of this run's own mask when resuming) ready to train."""
     model = loaded.model
     if loaded.quantization != "none":
-        raise ValueError("--adapter lota needs full-precision weights (the delta is added to them): pass --quantization none")
+        raise ConfigError("--adapter lota needs full-precision weights (the delta is added to them): pass --quantization none")
     if loaded.frozen:
         # A LoRA chain under the run (an SFT adapter) stays loaded, frozen and active, with the delta on the base
         # weights under it: the model as it loads again (deltas into W, adapters on top), and the reference can
@@ -301,7 +302,7 @@ def add_trainable_delta(loaded, s, run_folder: Path | None = None, resume_from: 
     if mask is not None and s.lota_exclude_mask:
         shared = overlap(mask, load_mask(s.lota_exclude_mask, shapes, "--lota_exclude_mask"))
         if shared:
-            raise ValueError(f"--lota_mask {s.lota_mask} shares {shared} entries with --lota_exclude_mask {s.lota_exclude_mask}")
+            raise ConfigError(f"--lota_mask {s.lota_mask} shares {shared} entries with --lota_exclude_mask {s.lota_exclude_mask}")
     attach(model, modules, mask)
     _log_trainable(model, "sparse" if mask is not None else "dense calibration")
     return model
@@ -451,7 +452,7 @@ def load_delta_values(model, checkpoint: Path) -> None:
     for name, d in _deltas(model).items():
         indices, values = delta[name]
         if d.lota_indices is None or not torch.equal(indices.to(d.lota_indices.device), d.lota_indices):
-            raise ValueError(f"{checkpoint} was trained with another LoTA mask than this run's ({name})")
+            raise ConfigError(f"{checkpoint} was trained with another LoTA mask than this run's ({name})")
         with torch.no_grad():
             d.lota_values.copy_(values)
 
@@ -478,13 +479,24 @@ def resolve_chain(base_id: str, chain: list[str], adapter_chain, revision=None) 
     while is_delta_folder(base_id):
         deltas.insert(0, base_id)
         if len(deltas) > 8:
-            raise ValueError(f"LoTA chain from {base_id} is longer than 8: does a delta name itself as its base?")
+            raise ConfigError(f"LoTA chain from {base_id} is longer than 8: does a delta name itself as its base?")
         base = json.loads(Path(base_id, CONFIG_FILE).read_text()).get("base_model_name_or_path")
         if not base:
-            raise ValueError(f"{base_id}/{CONFIG_FILE} has no base_model_name_or_path")
+            raise ConfigError(f"{base_id}/{CONFIG_FILE} has no base_model_name_or_path")
         base_id, under = adapter_chain(base, revision)
         chain = under + chain
     return base_id, chain, deltas
+
+
+def check_launch(s, sharded: str | None) -> None:
+    """Refuse `--adapter lota` under a sharded launch (`sharded`: alignkit.modeling.models._sharded_launch), before
+    the model loads. FSDP flattens each layer's parameters into one tensor of one dtype, which the float32 delta
+    values beside bf16 weights break ("Must flatten tensors with uniform dtype"); ZeRO-3 partitions every weight,
+    so each SparseDelta would take its shape from an empty [0] partition and train nothing. DDP and ZeRO-2 keep
+    whole weights on every process, and LoRA shards under both."""
+    if sharded and getattr(s, "adapter", "lora") == "lota":
+        raise ConfigError(f"--adapter lota under {sharded} is not supported: launch with DDP "
+                          "(recipes/accelerate/ddp.yaml) or DeepSpeed ZeRO-2, or train with --adapter lora")
 
 
 def full_precision(s, quantization: str, deltas: list[str]) -> str:
@@ -493,7 +505,7 @@ def full_precision(s, quantization: str, deltas: list[str]) -> str:
         return quantization
     if s.quantization in ("4bit", "8bit"):
         what = "--adapter lota" if getattr(s, "adapter", "lora") == "lota" else f"the LoTA delta {deltas[-1]}"
-        raise ValueError(f"{what} needs full-precision weights, not --quantization {s.quantization}: pass --quantization none")
+        raise ConfigError(f"{what} needs full-precision weights, not --quantization {s.quantization}: pass --quantization none")
     logger.info("quantization: none (a LoTA delta adds to the weights, which must be in full precision)")
     return "none"
 
@@ -507,7 +519,7 @@ def apply_deltas(model, deltas: list[str]) -> None:
             module = modules.get(name)
             if module is None or tuple(module.weight.shape) != tuple(shape):
                 here = None if module is None else list(module.weight.shape)
-                raise ValueError(f"LoTA delta {folder} does not fit this model: {name} is {list(shape)} there, {here} here")
+                raise ConfigError(f"LoTA delta {folder} does not fit this model: {name} is {list(shape)} there, {here} here")
             indices, values = delta[name]
             with torch.no_grad():
                 flat = module.weight.data.view(-1)
@@ -527,7 +539,7 @@ def add_deltas(a: str | Path, b: str | Path, out: str | Path) -> dict:
     # sits on the lower one's base.
     base = base_a if same(base_a, base_b) else base_b if same(base_a, b) else base_a if same(base_b, a) else None
     if base is None or shapes_a != shapes_b:
-        raise ValueError(
+        raise ConfigError(
             f"{a} and {b} are deltas of different models ({base_a} vs {base_b}, or other targets): only deltas of "
             "one base, or a delta and the one it was trained on, add up"
         )
