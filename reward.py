@@ -26,6 +26,10 @@
 # set `overrides` below (or environment variables) instead of touching argv.
 
 # %%
+from alignkit.core.errors import report_user_errors
+
+report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
+
 from alignkit.core.args import parse_config
 from alignkit.core.config import RewardSettings
 from alignkit.modeling import presets

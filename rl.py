@@ -24,6 +24,10 @@
 # Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags < `overrides`.
 
 # %%
+from alignkit.core.errors import report_user_errors
+
+report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
+
 from alignkit.core.args import parse_config
 from alignkit.core.config import RLSettings
 from alignkit.modeling import presets

@@ -20,6 +20,10 @@
 # apply to every round's dpo.py run; `--label_args` and `--evaluate_args` pass anything else on.
 
 # %%
+from alignkit.core.errors import report_user_errors
+
+report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
+
 from alignkit.core.args import parse_config
 from alignkit.core.config import RLAIFSettings
 from alignkit.modeling import presets

@@ -347,6 +347,8 @@ def check_model_source(source: str, cache: bool = True) -> None:
     """
     from alignkit.core.hub import require_reachable
 
+    if Path(source).is_dir():
+        _check_model_folder(Path(source))
     if Path(source).exists():
         return
     if _looks_local(source):
@@ -359,6 +361,25 @@ def check_model_source(source: str, cache: bool = True) -> None:
         raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
                         "cache holds no copy of it; check the path, or unset HF_HUB_OFFLINE to download it")
     require_reachable(source)
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A local folder must hold a model (config.json), an adapter or LoTA delta, or GGUF files, and its safetensors
+    files must be whole: checked in one line here, before a library fails on it with a traceback. Reading a
+    safetensors header maps the file and checks that it covers every tensor, without reading the weights."""
+    from safetensors import safe_open
+
+    markers = ("config.json", "adapter_config.json", "lota_config.json")
+    if not any((folder / name).is_file() for name in markers) and not any(folder.glob("*.gguf")):
+        raise UserError(f"{folder} is not a model folder: it holds no config.json (nor adapter_config.json or a "
+                        ".gguf file); point at the folder a model or adapter was saved to, or at a Hub id")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError for unreadable files)
+            raise UserError(f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}): a download "
+                            "or copy was cut short? Copy or download it again") from None
 
 
 def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_template: str | None = None):
