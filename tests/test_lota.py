@@ -333,7 +333,7 @@ def test_lota_dpo_on_a_lora_sft_adapter_starts_from_the_sft_model_and_reloads_as
                      "--lota_calibration_steps", "3", "--max_steps", "5", "--output_dir", str(tmp_path), "--run_name", "d")
     trained = run["trainer"].model.eval()
     sft = load_model(ModelSettings(model_id=sft_folder, quantization="none")).model
-    with lota.reference_mode(trained):  # the reference: the SFT adapter folded into the starting weights
+    with lota.reference_mode(trained):  # the reference: the delta off, the frozen SFT adapter on
         assert torch.allclose(logits(trained), logits(sft), atol=1e-4)
     assert not torch.allclose(logits(trained), logits(sft), atol=1e-4)  # the delta trained
     loaded = load_model(ModelSettings(model_id=str(run["run_folder"]), quantization="none"))
