@@ -66,6 +66,8 @@ CASES = [
     ("rlaif.py", [*TRAIN, "--rounds", "0"], "rounds must be >= 1", None),
     ("rlaif.py", [*TRAIN, "--nosuch", "3"], "unknown option --nosuch", None),
     ("rlaif.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
+    ("rlaif.py", [*TRAIN, "--adapter", "lota", "--reference", "start", "--rounds", "2"],
+     "--adapter lota with --reference start is not supported past round 1", None),
     # A bad input found by a round's own step (label.py here, in its own process) is passed on as one line too.
     ("rlaif.py", [*TRAIN, "--judge", "nosuch"], "label.py stopped: --judge 'nosuch'", None),
 ]
