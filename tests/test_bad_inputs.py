@@ -51,6 +51,10 @@ CASES = [
     ("evaluate.py", ["vibes", "--model_id", "some-folder", "--prompts", "hi"], "some-folder is not a model folder", None),
     ("evaluate.py", ["vibes", "--model_id", "truncated", "--prompts", "hi"], "model.safetensors is damaged", None),
     ("evaluate.py", ["vibes", "--model_id", "./no-such-folder", "--prompts", "hi"], "model not found", None),
+    ("evaluate.py", ["vibes", "--model_id", "gguf-folder", "--gguf_file", "nosuch.gguf", "--prompts", "hi"],
+     "--gguf_file nosuch.gguf: no such file in gguf-folder", None),
+    ("dpo.py", [*TRAIN, "--model_id", "gguf-folder", "--gguf_file", "nosuch.gguf"],
+     "--gguf_file nosuch.gguf: no such file in gguf-folder", None),
     ("merge.py", ["--adapter_dir", "./no-such-folder"], "model not found", None),
     ("merge.py", ["--adapter_dir", "some-folder"], "some-folder is not a model folder", None),
     ("merge.py", ["--adapter_dir", "truncated"], "truncated/model.safetensors is damaged", None),
@@ -76,7 +80,8 @@ CASES = [
 @pytest.fixture(scope="module")
 def bad_files(tiny_cache, tmp_path_factory):
     """A working folder holding the bad inputs: an empty data file, malformed JSON lines, a row without its
-    rejected answer, a folder that holds no model, and a model whose weights file was cut in half."""
+    rejected answer, a folder that holds no model, a folder of GGUF files, and a model whose weights file was cut
+    in half."""
     from alignkit.modeling import presets
 
     here = tmp_path_factory.mktemp("bad-inputs")
@@ -84,6 +89,8 @@ def bad_files(tiny_cache, tmp_path_factory):
     good = {"prompt": "name three fruits.", "chosen": "apple, pear, plum", "rejected": "red, blue, green"}
     (here / "bad-json.jsonl").write_text(json.dumps(good) + "\n{not json\n")
     (here / "bad-row.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": ""}) + "\n")
+    (here / "gguf-folder").mkdir()
+    (here / "gguf-folder" / "model-Q4_0.gguf").write_bytes(b"GGUF")
     (here / "some-folder").mkdir()
     (here / "some-folder" / "notes.txt").write_text("not a model")
     shutil.copytree(presets.paths()["model"], here / "truncated")

@@ -370,7 +370,8 @@ def _check_model_folder(folder: Path) -> None:
     from safetensors import safe_open
 
     markers = ("config.json", "adapter_config.json", "lota_config.json")
-    if not any((folder / name).is_file() for name in markers) and not any(folder.glob("*.gguf")):
+    gguf = any(folder.glob("*.gguf")) or any(folder.glob("*/*.gguf"))  # --gguf_file may name a subfolder's file
+    if not any((folder / name).is_file() for name in markers) and not gguf:
         raise UserError(f"{folder} is not a model folder: it holds no config.json (nor adapter_config.json or a "
                         ".gguf file); point at the folder a model or adapter was saved to, or at a Hub id")
     for path in sorted(folder.glob("*.safetensors")):
