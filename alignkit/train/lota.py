@@ -31,8 +31,9 @@ allows without a custom optimizer, and gives the same update on the masked entri
 The DPO reference is the starting weights: `reference_mode` switches every delta off (D = 0) for the reference
 pass, so no second model copy is loaded. Started from a LoRA chain (an SFT adapter), the chain stays loaded,
 frozen and active over the delta (which sits on the base weights, as it loads again), and the reference keeps on
-the chain's adapters that `--reference_adapters` names, exactly as the LoRA path does; `--precompute_ref_log_probs` and its disk cache (alignkit.train.refcache)
-work as for LoRA (the cache key skips the delta's tensors, which the reference does not use).
+the chain's adapters that `--reference_adapters` names, exactly as the LoRA path does. `--precompute_ref_log_probs`
+and its disk cache (alignkit.train.refcache) work as for LoRA (the cache key skips the delta's tensors, which the
+reference does not use). FSDP and ZeRO-3 are refused before loading (`check_launch`).
 
 A finished run folder holds `lota_delta.safetensors` (per matrix `<name>.indices`, flat int32/int64 positions,
 and `<name>.values`, float32), `lota_mask.safetensors` (the indices alone, with every targeted matrix's shape in
@@ -288,7 +289,7 @@ def add_trainable_delta(loaded, s, run_folder: Path | None = None, resume_from: 
     if loaded.frozen:
         # A LoRA chain under the run (an SFT adapter) stays loaded, frozen and active, with the delta on the base
         # weights under it: the model as it loads again (deltas into W, adapters on top), and the reference can
-        # keep any first part of the chain on (--reference_adapters, rlaif.py's --reference start), as for LoRA.
+        # keep any first part of the chain on (--reference_adapters), as for LoRA.
         logger.info(f"LoTA: the loaded adapters ({', '.join(loaded.adapters)}) stay frozen over the delta")
     modules = target_modules(model, s.lota_target_modules)
     shapes = _shapes(modules)
