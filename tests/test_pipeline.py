@@ -105,17 +105,12 @@ def test_a_bare_base_reference_pass_leaves_the_loaded_adapters_frozen(dpo_run):
     """--reference_adapters 0: the pass runs with every adapter off, and peft's enable_adapters marks each active
     adapter trainable when they come back on; the loaded (SFT) adapter must stay frozen, or it gets gradients and
     counts in the gradient-norm clipping."""
-    trainer = dpo_run["trainer"]
-    batch = next(iter(trainer.get_eval_dataloader()))
-    old, trainer.reference_adapters = trainer.reference_adapters, []
-    try:
-        with torch.no_grad():
-            trainer.compute_ref_log_probs(trainer.model, batch)
-    finally:
-        trainer.reference_adapters = old
-    frozen = {n: p.requires_grad for n, p in trainer.model.named_parameters() if ".frozen_0." in n}
-    trained = [p.requires_grad for n, p in trainer.model.named_parameters() if ".default." in n]
-    assert frozen and not any(frozen.values()) and trained and all(trained)
+    model = dpo_run["model"]  # the PeftModel: the SFT adapter frozen under the trained one
+    with reference_mode(model, ["frozen_0"], []):
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    frozen = [p.requires_grad for n, p in model.named_parameters() if ".frozen_0." in n]
+    trained = [p.requires_grad for n, p in model.named_parameters() if ".default." in n]
+    assert frozen and not any(frozen) and trained and all(trained)
 
 
 def test_dpo_preset_makes_the_model_follow_the_rule_more_often(tiny_cache, tmp_path):
