@@ -600,6 +600,33 @@ def test_prompts_that_merely_mention_human_are_not_hh():
     assert not D.is_hh_prompt(rows[0]["prompt"]) and D.is_hh_prompt("Human: hi\n\nAssistant:")
 
 
+def _split_like_reference(row):
+    """Cut an HH transcript pair as the DPO reference code does (preference_datasets.py,
+    extract_anthropic_prompt): the prompt runs through the last "\n\nAssistant:", the answers are the rest."""
+    cut = row["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
+    prompt = row["chosen"][:cut]
+    return {"prompt": prompt, "chosen": row["chosen"][len(prompt):], "rejected": row["rejected"][len(prompt):]}
+
+
+def test_split_hh_answer_that_begins_with_human_is_kept(tmp_path):
+    """A quirk of the real data: some answers' own text begins with "Human:" (no "\n\n" before it, so it is no
+    transcript marker). The reference code keeps such rows as they are; so must we, and --skip_invalid must not
+    drop them."""
+    full = {"chosen": "\n\nHuman: Can you help me?\n\nAssistant: Human: Sure, what do you need?",
+            "rejected": "\n\nHuman: Can you help me?\n\nAssistant: No."}
+    row = _split_like_reference(full)
+    assert row["chosen"] == " Human: Sure, what do you need?"
+    want = {"prompt": [u("Can you help me?")], "chosen": [a("Human: Sure, what do you need?")],
+            "rejected": [a("No.")]}
+    path = write(tmp_path, HH_SPLIT + [row], "jsonl")
+    for fmt in ("auto", "hh", "explicit"):
+        assert load_preferences(str(path), format=fmt).to_list() == HH_OUT + [want]
+        assert len(load_preferences(str(path), format=fmt, skip_invalid=True)) == 3
+    assert load_preferences([full]).to_list() == [want]  # the unsplit transcript agrees
+    whole = dict(row, chosen=full["chosen"])  # a whole transcript as the answer still parses as one
+    assert load_preferences([whole], format="hh").to_list() == [want]
+
+
 @pytest.mark.parametrize("row, field, message", [
     (dict(HH_SPLIT[0], prompt="What are some cuss words in english?"), "prompt", "an HH prompt"),
     (dict(HH_SPLIT[1], chosen=" About an hour.\n\nHuman: Thanks!\n\nAssistant: You're welcome."), "chosen",

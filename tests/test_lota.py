@@ -227,6 +227,34 @@ def test_lota_with_4bit_quantization_is_refused():
     SFTSettings(adapter="lora", quantization="4bit")  # LoRA still takes QLoRA
 
 
+@pytest.mark.parametrize("env, launch", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
+])
+def test_lota_under_fsdp_or_zero3_is_refused_before_the_model_loads(tiny_cache, monkeypatch, env, launch):
+    """FSDP cannot flatten the float32 delta beside bf16 weights, and ZeRO-3 hands SparseDelta an empty [0]
+    partition: both are refused by name, with what to use instead, before from_pretrained runs."""
+    from alignkit.core.args import ConfigError
+    from alignkit.modeling import presets
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loading)
+    s = SFTSettings(model_id=presets.paths()["model"], adapter="lota", quantization="none")
+    with pytest.raises(ConfigError, match=rf"^--adapter lota under {launch} is not supported: launch with DDP .*"
+                                          r"ZeRO-2, or train with --adapter lora$"):
+        load_model(s, for_training=True)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # ZeRO-2 keeps whole weights: LoTA is not refused
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        load_model(s, for_training=True)
+
+
 def test_a_mask_from_another_model_is_refused(lota_sft, tmp_path):
     folder = lota_sft["run_folder"]
     _, shapes = lota.read_delta(folder)
@@ -305,7 +333,7 @@ def test_lota_dpo_on_a_lora_sft_adapter_starts_from_the_sft_model_and_reloads_as
                      "--lota_calibration_steps", "3", "--max_steps", "5", "--output_dir", str(tmp_path), "--run_name", "d")
     trained = run["trainer"].model.eval()
     sft = load_model(ModelSettings(model_id=sft_folder, quantization="none")).model
-    with lota.reference_mode(trained):  # the reference: the SFT adapter folded into the starting weights
+    with lota.reference_mode(trained):  # the reference: the delta off, the frozen SFT adapter on
         assert torch.allclose(logits(trained), logits(sft), atol=1e-4)
     assert not torch.allclose(logits(trained), logits(sft), atol=1e-4)  # the delta trained
     loaded = load_model(ModelSettings(model_id=str(run["run_folder"]), quantization="none"))
@@ -321,3 +349,44 @@ def test_vllm_refuses_a_delta_with_the_fix(lota_sft, monkeypatch):
     install(monkeypatch, cuda=True)
     with pytest.raises(ValueError, match="holds a LoTA delta; vLLM serves LoRA adapters only. Merge it first"):
         generation.load_generator(ModelSettings(model_id=str(lota_sft["run_folder"])), "vllm")
+
+
+# ---------------------------------------------------------------- the reference over a LoRA chain: as for LoRA
+
+
+def _answer_logps(model, batch) -> torch.Tensor:
+    """Summed answer log-probs of each row of a DPO batch, computed by hand (no packing, no fused head)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    logp = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    return (logp * batch["completion_mask"][:, 1:]).sum(-1)
+
+
+def test_lota_reference_keeps_the_chain_adapters_reference_adapters_names(sft_run, dpo_run, tmp_path):
+    """LoTA DPO from a stacked chain (base -> SFT -> DPO adapters) with --reference_adapters 0: the reference
+    log-probs are the bare base's; with 1 the SFT model's (rlaif.py's --reference start); by default the whole
+    chain the run starts from, as the LoRA path does. The chain stays loaded and frozen, never merged away."""
+    run = run_script("dpo.py", "--preset", "tiny", "--model_id", str(dpo_run["run_folder"]), "--adapter", "lota",
+                     "--lota_calibration_steps", "2", "--max_steps", "2", "--reference_adapters", "0",
+                     "--output_dir", str(tmp_path), "--run_name", "ref0")
+    trainer, loaded = run["trainer"], run["loaded"]
+    assert trainer.frozen_adapters == ["frozen_0", "frozen_1"] and trainer.reference_adapters == []
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "frozen_" in n)
+    batch = next(iter(trainer.get_eval_dataloader()))
+
+    def reference():
+        with torch.no_grad():
+            return torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+
+    def of(model_id):
+        return _answer_logps(load_model(ModelSettings(model_id=model_id, quantization="none")).model.eval(), batch)
+
+    base, sft, start = of(loaded.base_id), of(str(sft_run["run_folder"])), of(str(dpo_run["run_folder"]))
+    assert not torch.allclose(base, sft, atol=1e-3) and not torch.allclose(sft, start, atol=1e-3)
+    assert torch.allclose(reference(), base, atol=1e-4)  # --reference_adapters 0: the bare base
+    trainer.reference_adapters = ["frozen_0"]
+    assert torch.allclose(reference(), sft, atol=1e-4)  # 1: base + SFT
+    trainer.reference_adapters = trainer.frozen_adapters  # the default: the model the run starts from
+    assert torch.allclose(reference(), start, atol=1e-4)
+    assert not torch.allclose(_answer_logps(trainer.model, batch), start, atol=1e-4)  # the policy: the delta trained
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "frozen_" in n)

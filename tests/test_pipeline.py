@@ -101,6 +101,18 @@ def test_reference_adapters_pick_an_earlier_model_of_the_chain_as_the_reference(
                    "--reference_adapters", "3", "--output_dir", str(tmp_path), "--run_name", "ref3")
 
 
+def test_a_bare_base_reference_pass_leaves_the_loaded_adapters_frozen(dpo_run):
+    """--reference_adapters 0: the pass runs with every adapter off, and peft's enable_adapters marks each active
+    adapter trainable when they come back on; the loaded (SFT) adapter must stay frozen, or it gets gradients and
+    counts in the gradient-norm clipping."""
+    model = dpo_run["model"]  # the PeftModel: the SFT adapter frozen under the trained one
+    with reference_mode(model, ["frozen_0"], []):
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    frozen = [p.requires_grad for n, p in model.named_parameters() if ".frozen_0." in n]
+    trained = [p.requires_grad for n, p in model.named_parameters() if ".default." in n]
+    assert frozen and not any(frozen) and trained and all(trained)
+
+
 def test_dpo_preset_makes_the_model_follow_the_rule_more_often(tiny_cache, tmp_path):
     run = run_script("dpo.py", "--preset", "tiny", "--output_dir", str(tmp_path))
     assert run["metrics"]["eval_rewards/accuracies"] > 0.8

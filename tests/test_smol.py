@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignkit.core.errors import UserError
+
 from conftest import run_script
 
 FRANCE = "What is the capital of France?"
@@ -126,7 +128,7 @@ def test_an_unsupported_architecture_names_the_file_and_the_architecture(tiny_ca
     writer.close()
     with pytest.raises(ValueError, match=rf"{path}: GGUF architecture 'rwkv-test' cannot be read"):
         model_source(str(path))
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(UserError, match="no such file"):  # a bad flag: one error: line, no traceback
         model_source(str(tmp_path), "missing.gguf")
 
 

@@ -259,8 +259,10 @@ def _hh_prompt(text, field):
 
 def _hh_answer(value, field, prompt):
     """One answer of split HH: the text after the prompt's last "Assistant:" (its leading space dropped), or the
-    whole transcript, which must then continue the prompt."""
-    if isinstance(value, str) and value.lstrip().startswith("Human:"):
+    whole transcript, which must then continue the prompt. A transcript starts with "Human:" and holds an
+    "\n\nAssistant:" marker; an answer alone never does (the reference code cuts at the last one, via rfind), so
+    an answer whose own text begins with "Human:" (28 rows of HH's harmless-base test split) is kept as it is."""
+    if isinstance(value, str) and value.lstrip().startswith("Human:") and "\n\nAssistant:" in value:
         context, answer = _hh_transcript(value, field)
         if not _same(context, prompt):
             raise _RowError(field, "expected a transcript that starts with the prompt's turns, or the answer alone")

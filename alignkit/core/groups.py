@@ -243,6 +243,17 @@ class TrainSettings(HubPushSettings, ModelSettings):
         super().__post_init__()
         if self.eval_split < 0:
             raise ValueError(f"eval_split must be >= 0, got {self.eval_split}")
+        # Counts the Trainer would take silently (max_steps -5 trains by epochs) or fail on deep in a library.
+        counts = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                  "max_length", "logging_steps", "save_steps", "lora_r")
+        for name in counts + (("eval_steps",) if self.eval_steps is not None else ()):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps must be a number of steps (>= 1), or -1 to train for --num_train_epochs; "
+                             f"got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ValueError(f"--num_train_epochs must be above 0 (or set --max_steps), got {self.num_train_epochs}")
         if self.dataset_mixture is not None:
             from alignkit.core.mixture import check_mixture
 

@@ -202,3 +202,7 @@ class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
         super().__post_init__()
         if self.rounds < 1 or self.num_samples < 2:
             raise ValueError(f"rounds must be >= 1 and num_samples >= 2, got {self.rounds} and {self.num_samples}")
+        if self.adapter == "lota" and self.reference == "start" and self.rounds > 1:
+            # Round r loads the earlier rounds' LoTA deltas into the weights, where no reference can switch them off.
+            raise ValueError("--adapter lota with --reference start is not supported past round 1 (the earlier rounds' "
+                             "deltas are part of the loaded weights): use --reference previous, or --adapter lora")

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from alignkit import logger
+from alignkit.core.errors import UserError
 
 CONVERTER = "v1"  # bump when the conversion below changes what it writes
 DONE = "gguf_source.json"  # written last into a converted folder: its presence means the folder is whole
@@ -57,7 +58,7 @@ def locate(source: str, gguf_file: str | None = None, revision: str | None = Non
         if folder.is_dir():
             path = folder / gguf_file
             if not path.is_file():
-                raise FileNotFoundError(f"--gguf_file {gguf_file}: no such file in {folder}")
+                raise UserError(f"--gguf_file {gguf_file}: no such file in {folder}")
             return path
         return _download(source, gguf_file, revision)
     if not is_gguf(source):
@@ -66,10 +67,10 @@ def locate(source: str, gguf_file: str | None = None, revision: str | None = Non
     if path.is_file():
         return path
     if path.exists():
-        raise ValueError(f"{source} is not a file: pass a .gguf file, or a folder with --gguf_file NAME")
+        raise UserError(f"{source} is not a file: pass a .gguf file, or a folder with --gguf_file NAME")
     repo, _, name = str(source).rpartition("/")
     if repo.count("/") != 1 or str(source).startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"{source}: no such GGUF file (a Hub file is written owner/repo/NAME.gguf)")
+        raise UserError(f"{source}: no such GGUF file (a Hub file is written owner/repo/NAME.gguf)")
     return _download(repo, name, revision)
 
 
@@ -79,7 +80,7 @@ def _download(repo: str, name: str, revision: str | None) -> Path:
     try:
         return Path(hf_hub_download(repo, name, revision=revision))
     except Exception as e:  # noqa: BLE001 - offline, no such repo or file: say which file was wanted
-        raise FileNotFoundError(f"could not get {name} from the Hub repo {repo}: {type(e).__name__}: {e}") from None
+        raise UserError(f"could not get {name} from the Hub repo {repo}: {type(e).__name__}: {e}") from None
 
 
 def content_hash(path: Path) -> str:
@@ -120,7 +121,7 @@ def convert(path: Path) -> Path:
         load_gguf_checkpoint(str(path), return_tensors=False)
     except ValueError as e:
         if "not supported" in str(e):
-            raise ValueError(
+            raise UserError(
                 f"{path}: GGUF architecture {arch!r} cannot be read by transformers {transformers.__version__} "
                 f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); convert the original checkpoint "
                 "instead, or pass its Hub id"

@@ -160,6 +160,8 @@ def check_model_source(source: str, cache: bool = True) -> None:
     """
     from alignkit.core.hub import require_reachable
 
+    if Path(source).is_dir():
+        _check_model_folder(Path(source))
     if Path(source).exists():
         return
     if _looks_local(source):
@@ -183,6 +185,26 @@ def chat_template_text(value: str) -> str:
         raise UserError(f"--chat_template {value}: file not found; pass a Jinja chat template file or the template "
                         "itself")
     return Path(value).read_text(encoding="utf-8")
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A local folder must hold a model (config.json), an adapter or LoTA delta, or GGUF files, and its safetensors
+    files must be whole: checked in one line here, before a library fails on it with a traceback. Reading a
+    safetensors header maps the file and checks that it covers every tensor, without reading the weights."""
+    from safetensors import safe_open
+
+    markers = ("config.json", "adapter_config.json", "lota_config.json")
+    gguf = any(folder.glob("*.gguf")) or any(folder.glob("*/*.gguf"))  # --gguf_file may name a subfolder's file
+    if not any((folder / name).is_file() for name in markers) and not gguf:
+        raise UserError(f"{folder} is not a model folder: it holds no config.json (nor adapter_config.json or a "
+                        ".gguf file); point at the folder a model or adapter was saved to, or at a Hub id")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError for unreadable files)
+            raise UserError(f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}): a download "
+                            "or copy was cut short? Copy or download it again") from None
 
 
 def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_template: str | None = None):
@@ -255,6 +277,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         revision=None if chain else s.revision, trust_remote_code=s.trust_remote_code, dtype=dtype,
         attn_implementation=resolve_attention(s.attn_implementation, dtype),
     )
+    lota.check_launch(s, _sharded_launch())  # LoTA shards under neither FSDP nor ZeRO-3: refused before loading
     config = quantization_config(quantization, dtype)  # 8-bit under FSDP/ZeRO-3 is refused here
     if config is not None:
         kwargs["quantization_config"] = config
@@ -360,8 +383,12 @@ def reference_mode(model, frozen: list[str], keep: list[str] | None = None):
     """
     keep = list(frozen) if keep is None else list(keep)
     if not keep:
-        with model.disable_adapter():
-            yield
+        try:
+            with model.disable_adapter():
+                yield
+        finally:  # enabling the adapters again marks every active one trainable (peft enable_adapters) ...
+            if frozen:
+                model.set_requires_grad(frozen, requires_grad=False)  # ... so freeze the loaded ones once more
         return
     lora = model.base_model
     active = list(lora.active_adapters)

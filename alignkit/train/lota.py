@@ -29,8 +29,11 @@ dense weights with the optimizer step fused into the backward pass; a values-onl
 allows without a custom optimizer, and gives the same update on the masked entries.
 
 The DPO reference is the starting weights: `reference_mode` switches every delta off (D = 0) for the reference
-pass, so no second model copy is loaded; `--precompute_ref_log_probs` and its disk cache (alignkit.train.refcache)
-work as for LoRA (the cache key skips the delta's tensors, which the reference does not use).
+pass, so no second model copy is loaded. Started from a LoRA chain (an SFT adapter), the chain stays loaded,
+frozen and active over the delta (which sits on the base weights, as it loads again), and the reference keeps on
+the chain's adapters that `--reference_adapters` names, exactly as the LoRA path does. `--precompute_ref_log_probs`
+and its disk cache (alignkit.train.refcache) work as for LoRA (the cache key skips the delta's tensors, which the
+reference does not use). FSDP and ZeRO-3 are refused before loading (`check_launch`).
 
 A finished run folder holds `lota_delta.safetensors` (per matrix `<name>.indices`, flat int32/int64 positions,
 and `<name>.values`, float32), `lota_mask.safetensors` (the indices alone, with every targeted matrix's shape in
@@ -51,6 +54,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from alignkit import logger
+from alignkit.core.args import ConfigError
 
 DELTA_FILE = "lota_delta.safetensors"
 MASK_FILE = "lota_mask.safetensors"
@@ -93,24 +97,45 @@ class SparseDelta(torch.nn.Module):
         return flat.index_add_(0, self.lota_indices, values).view(self.shape)
 
 
+def _layers(model):
+    """(name, module) of every module as the plain model names it. Under a PeftModel (a LoRA chain kept frozen
+    under a LoTA run) a LoRA-wrapped layer stands for its base layer under its own name, and the adapters' own
+    layers are left out, so the delta's names are the plain model's and it loads onto the base."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    root = model.get_base_model() if isinstance(model, PeftModel) else model
+    tuners: list[str] = []
+    for name, module in root.named_modules():
+        if any(name.startswith(t + ".") for t in tuners):
+            continue  # inside a LoRA layer: its adapters (or its base layer, yielded below)
+        if isinstance(module, BaseTunerLayer):
+            tuners.append(name)
+            module = module.get_base_layer()
+        yield name, module
+
+
 def target_modules(model, patterns=("all-linear",)) -> dict[str, torch.nn.Module]:
     """{module name: module} of the targeted linear layers: all but the LM head, or those whose name ends in a pattern."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = head.get_base_layer() if isinstance(head, BaseTunerLayer) else head
     found = {}
-    for name, module in model.named_modules():
+    for name, module in _layers(model):
         if not isinstance(module, torch.nn.Linear) or module is head:
             continue
         if list(patterns) == ["all-linear"] or any(name == p or name.endswith(f".{p}") for p in patterns):
             found[name] = module
     if not found:
-        raise ValueError(f"--lota_target_modules {list(patterns)} matches no linear layer of this model")
+        raise ConfigError(f"--lota_target_modules {list(patterns)} matches no linear layer of this model")
     return found
 
 
 def _deltas(model) -> dict[str, SparseDelta]:
     return {
         name: module.parametrizations["weight"][0]
-        for name, module in model.named_modules()
+        for name, module in _layers(model)
         if parametrize.is_parametrized(module, "weight") and isinstance(module.parametrizations["weight"][0], SparseDelta)
     }
 
@@ -184,13 +209,13 @@ def compute_mask(deltas: dict[str, torch.Tensor], sparsity: float, scope: str = 
             mask[n] = part.nonzero().reshape(-1)
             start += scores[n].numel()
     else:
-        raise ValueError(f"--lota_mask_scope must be matrix or global, got {scope!r}")
+        raise ConfigError(f"--lota_mask_scope must be matrix or global, got {scope!r}")
     return mask
 
 
 def check_sparsity(sparsity: float) -> None:
     if not 0.0 < sparsity < 1.0:
-        raise ValueError(f"--lota_sparsity must lie strictly between 0 and 1 (the share of entries kept frozen), got {sparsity}")
+        raise ConfigError(f"--lota_sparsity must lie strictly between 0 and 1 (the share of entries kept frozen), got {sparsity}")
 
 
 def _index_dtype(numel: int) -> torch.dtype:
@@ -218,26 +243,26 @@ def load_mask(path: str | Path, shapes: dict[str, tuple], what: str = "--lota_ma
     if path.is_dir():
         path = path / MASK_FILE
     if not path.is_file():
-        raise ValueError(f"{what} {path}: no such file (pass a {MASK_FILE} or a LoTA run folder)")
+        raise ConfigError(f"{what} {path}: no such file (pass a {MASK_FILE} or a LoTA run folder)")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         saved = {n: tuple(s) for n, s in json.loads(meta.get("shapes", "{}")).items()}
         tensors = {n: f.get_tensor(n).long() for n in f.keys()}
     missing, extra = sorted(set(shapes) - set(saved)), sorted(set(saved) - set(shapes))
     if missing or extra:
-        raise ValueError(
+        raise ConfigError(
             f"{what} {path} was made for another model or other --lota_target_modules: "
             f"{len(missing)} targeted matrices missing from it (e.g. {missing[:2]}), {len(extra)} unknown here "
             f"(e.g. {extra[:2]}). Use a mask from a run on this base model with the same targets."
         )
     for n, shape in shapes.items():
         if tuple(saved[n]) != tuple(shape):
-            raise ValueError(
+            raise ConfigError(
                 f"{what} {path} was made for another model: {n} has shape {list(saved[n])} there, {list(shape)} here"
             )
         idx = tensors.get(n, torch.zeros(0, dtype=torch.long))
         if idx.numel() and (idx.min() < 0 or idx.max() >= math.prod(shape)):
-            raise ValueError(f"{what} {path} is damaged: indices of {n} fall outside its {list(shape)} entries")
+            raise ConfigError(f"{what} {path} is damaged: indices of {n} fall outside its {list(shape)} entries")
         tensors[n] = idx
     return tensors
 
@@ -260,14 +285,12 @@ def add_trainable_delta(loaded, s, run_folder: Path | None = None, resume_from: 
     sparse delta of `--lota_mask` (or of this run's own mask when resuming) ready to train."""
     model = loaded.model
     if loaded.quantization != "none":
-        raise ValueError("--adapter lota needs full-precision weights (the delta is added to them): pass --quantization none")
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        # A LoRA chain under the run (an SFT adapter): fold it into the weights, so W is the starting model itself.
-        logger.info(f"LoTA: merging the loaded adapters ({', '.join(loaded.adapters)}) into the starting weights")
-        model = model.merge_and_unload()
-        loaded.frozen = []
+        raise ConfigError("--adapter lota needs full-precision weights (the delta is added to them): pass --quantization none")
+    if loaded.frozen:
+        # A LoRA chain under the run (an SFT adapter) stays loaded, frozen and active, with the delta on the base
+        # weights under it: the model as it loads again (deltas into W, adapters on top), and the reference can
+        # keep any first part of the chain on (--reference_adapters), as for LoRA.
+        logger.info(f"LoTA: the loaded adapters ({', '.join(loaded.adapters)}) stay frozen over the delta")
     modules = target_modules(model, s.lota_target_modules)
     shapes = _shapes(modules)
     own = Path(run_folder, MASK_FILE) if run_folder else None
@@ -280,9 +303,8 @@ def add_trainable_delta(loaded, s, run_folder: Path | None = None, resume_from: 
     if mask is not None and s.lota_exclude_mask:
         shared = overlap(mask, load_mask(s.lota_exclude_mask, shapes, "--lota_exclude_mask"))
         if shared:
-            raise ValueError(f"--lota_mask {s.lota_mask} shares {shared} entries with --lota_exclude_mask {s.lota_exclude_mask}")
+            raise ConfigError(f"--lota_mask {s.lota_mask} shares {shared} entries with --lota_exclude_mask {s.lota_exclude_mask}")
     attach(model, modules, mask)
-    loaded.model = model
     _log_trainable(model, "sparse" if mask is not None else "dense calibration")
     return model
 
@@ -309,7 +331,7 @@ def calibrate(model, s, run_folder: Path, make_trainer, args) -> dict[str, torch
     make_trainer(cal_args).train()
     with contextlib.suppress(OSError):
         Path(cal_args.output_dir).rmdir()  # it only held what save_strategy "no" never writes
-    modules = {n: m for n, m in model.named_modules() if n in deltas}
+    modules = {n: m for n, m in _layers(model) if n in deltas}
     shapes = _shapes(modules)
     exclude = load_mask(s.lota_exclude_mask, shapes, "--lota_exclude_mask") if s.lota_exclude_mask else None
     mask = compute_mask({n: d.dense() for n, d in deltas.items()}, s.lota_sparsity, s.lota_mask_scope, exclude)
@@ -335,7 +357,13 @@ def trainer_class(base):
     """`base` (AlignSFTTrainer or AlignDPOTrainer) with LoTA checkpoints (the sparse delta only) and reference."""
 
     class LoTATrainer(base):
-        def __init__(self, *a, args=None, **kw):
+        def __init__(self, *a, model=None, args=None, **kw):
+            # A frozen LoRA chain under the delta: TRL would take the PeftModel for one whose "default" adapter
+            # trains, so it gets the model inside; the PeftModel is kept to switch the chain for the reference.
+            from peft import PeftModel
+
+            self._lota_chain = model if isinstance(model, PeftModel) else None
+            model = model.get_base_model() if self._lota_chain is not None else model
             # TRL's DPOTrainer loads a second model as reference for a model without PEFT unless it precomputes;
             # the reference here is the starting weights (reference_mode), so tell it it precomputes, and then
             # compute on the fly unless precomputing was asked for.
@@ -349,13 +377,21 @@ def trainer_class(base):
 
                     if hasattr(dpo_trainer, "hash_module"):
                         stack.enter_context(_patched(dpo_trainer, "hash_module", lambda module: None))
-                super().__init__(*a, args=args, **kw)
+                super().__init__(*a, model=model, args=args, **kw)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             return dataset if self._lota_on_the_fly else super()._precompute_ref_logps(dataset, name, batch_size)
 
         def _reference_mode(self, model):
-            return reference_mode(model)
+            """The delta off, and of a frozen LoRA chain the adapters the LoRA path's reference keeps on."""
+            stack = contextlib.ExitStack()
+            stack.enter_context(reference_mode(model))
+            if self._lota_chain is not None:
+                from alignkit.modeling.models import reference_mode as chain_reference
+
+                stack.enter_context(chain_reference(self._lota_chain, self.frozen_adapters,
+                                                    getattr(self, "reference_adapters", None)))
+            return stack
 
         def _save(self, output_dir=None, state_dict=None):
             out = Path(output_dir or self.args.output_dir)
@@ -417,7 +453,7 @@ def load_delta_values(model, checkpoint: Path) -> None:
     for name, d in _deltas(model).items():
         indices, values = delta[name]
         if d.lota_indices is None or not torch.equal(indices.to(d.lota_indices.device), d.lota_indices):
-            raise ValueError(f"{checkpoint} was trained with another LoTA mask than this run's ({name})")
+            raise ConfigError(f"{checkpoint} was trained with another LoTA mask than this run's ({name})")
         with torch.no_grad():
             d.lota_values.copy_(values)
 
@@ -444,13 +480,24 @@ def resolve_chain(base_id: str, chain: list[str], adapter_chain, revision=None) 
     while is_delta_folder(base_id):
         deltas.insert(0, base_id)
         if len(deltas) > 8:
-            raise ValueError(f"LoTA chain from {base_id} is longer than 8: does a delta name itself as its base?")
+            raise ConfigError(f"LoTA chain from {base_id} is longer than 8: does a delta name itself as its base?")
         base = json.loads(Path(base_id, CONFIG_FILE).read_text()).get("base_model_name_or_path")
         if not base:
-            raise ValueError(f"{base_id}/{CONFIG_FILE} has no base_model_name_or_path")
+            raise ConfigError(f"{base_id}/{CONFIG_FILE} has no base_model_name_or_path")
         base_id, under = adapter_chain(base, revision)
         chain = under + chain
     return base_id, chain, deltas
+
+
+def check_launch(s, sharded: str | None) -> None:
+    """Refuse `--adapter lota` under a sharded launch (`sharded`: alignkit.modeling.models._sharded_launch), before
+    the model loads. FSDP flattens each layer's parameters into one tensor of one dtype, which the float32 delta
+    values beside bf16 weights break ("Must flatten tensors with uniform dtype"); ZeRO-3 partitions every weight,
+    so each SparseDelta would take its shape from an empty [0] partition and train nothing. DDP and ZeRO-2 keep
+    whole weights on every process, and LoRA shards under both."""
+    if sharded and getattr(s, "adapter", "lora") == "lota":
+        raise ConfigError(f"--adapter lota under {sharded} is not supported: launch with DDP "
+                          "(recipes/accelerate/ddp.yaml) or DeepSpeed ZeRO-2, or train with --adapter lora")
 
 
 def full_precision(s, quantization: str, deltas: list[str]) -> str:
@@ -459,7 +506,7 @@ def full_precision(s, quantization: str, deltas: list[str]) -> str:
         return quantization
     if s.quantization in ("4bit", "8bit"):
         what = "--adapter lota" if getattr(s, "adapter", "lora") == "lota" else f"the LoTA delta {deltas[-1]}"
-        raise ValueError(f"{what} needs full-precision weights, not --quantization {s.quantization}: pass --quantization none")
+        raise ConfigError(f"{what} needs full-precision weights, not --quantization {s.quantization}: pass --quantization none")
     logger.info("quantization: none (a LoTA delta adds to the weights, which must be in full precision)")
     return "none"
 
@@ -473,7 +520,7 @@ def apply_deltas(model, deltas: list[str]) -> None:
             module = modules.get(name)
             if module is None or tuple(module.weight.shape) != tuple(shape):
                 here = None if module is None else list(module.weight.shape)
-                raise ValueError(f"LoTA delta {folder} does not fit this model: {name} is {list(shape)} there, {here} here")
+                raise ConfigError(f"LoTA delta {folder} does not fit this model: {name} is {list(shape)} there, {here} here")
             indices, values = delta[name]
             with torch.no_grad():
                 flat = module.weight.data.view(-1)
@@ -493,7 +540,7 @@ def add_deltas(a: str | Path, b: str | Path, out: str | Path) -> dict:
     # sits on the lower one's base.
     base = base_a if same(base_a, base_b) else base_b if same(base_a, b) else base_a if same(base_b, a) else None
     if base is None or shapes_a != shapes_b:
-        raise ValueError(
+        raise ConfigError(
             f"{a} and {b} are deltas of different models ({base_a} vs {base_b}, or other targets): only deltas of "
             "one base, or a delta and the one it was trained on, add up"
         )

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import config_to_dict
+from alignkit.core.errors import EXIT_USER_ERROR, UserError
 from alignkit.core.journal import write_atomic
 
 ROOT = Path(__file__).resolve().parents[2]  # the scripts live at the repository's top level, above alignkit/train/
@@ -55,6 +56,11 @@ def _run(script: str, args: list[str], log: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(log, "a", encoding="utf-8") as out:
         done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+    if done.returncode == EXIT_USER_ERROR:  # the step named a bad input in one `error:` line: pass that line on
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        said = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), "see the log")
+        raise UserError(f"{script} stopped: {said} (its log: {log}). Fix that and run the same rlaif.py command "
+                        "again: it resumes at this round")
     if done.returncode != 0:
         tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
         raise RuntimeError(f"{script} failed (exit {done.returncode}); its log: {log}\n{tail}\nFix the cause and run "

@@ -1,0 +1,136 @@
+"""Bad input to any of the eight scripts: one `error:` line that names it and the fix, exit status 2, no traceback.
+
+Each case runs the script in this process (conftest.run_script) and, when it raises, hands the exception to
+`sys.excepthook` as the interpreter does at the top level: a script that never called `report_user_errors()`,
+or an error that is no UserError, prints Python's traceback there and fails the case. Almost every case stops in
+argument parsing or before the model loads, so the table costs seconds, not a run each.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from conftest import run_script
+
+ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+FSDP = {"ACCELERATE_USE_FSDP": "true"}
+
+# (script, arguments, what the error line must say, launch environment). In the arguments, "OUT" is the case's
+# output folder; the bad files (missing.jsonl, empty.jsonl, ...) sit in the working folder (see `bad_files`).
+TRAIN = ["--preset", "tiny", "--output_dir", "OUT"]
+CASES = [
+    ("sft.py", [*TRAIN, "--nosuch", "1"], "unknown option --nosuch", None),
+    ("sft.py", [*TRAIN, "--learning_rate", "abc"], "invalid value for --learning_rate", None),
+    ("sft.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
+    ("sft.py", [*TRAIN, "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1", None),
+    ("sft.py", [*TRAIN, "--dataset_id", "missing.jsonl"], "missing.jsonl: file not found", None),
+    ("sft.py", [*TRAIN, "--dataset_id", "empty.jsonl"], "empty.jsonl: no usable rows", None),
+    ("sft.py", [*TRAIN, "--model_id", "some-folder"], "some-folder is not a model folder", None),
+    ("sft.py", [*TRAIN, "--config", "missing.yaml"], "config file not found: missing.yaml", None),
+    ("sft.py", [*TRAIN, "--adapter", "lota", "--lota_sparsity", "1.5"], "lota_sparsity must lie strictly between 0 and 1", None),
+    ("sft.py", [*TRAIN, "--adapter", "lota"], "--adapter lota under FSDP is not supported", FSDP),
+    ("dpo.py", [*TRAIN, "--model_id", "some-folder"], "some-folder is not a model folder", None),
+    ("dpo.py", [*TRAIN, "--model_id", "truncated"], "truncated/model.safetensors is damaged", None),
+    ("dpo.py", [*TRAIN, "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1", None),
+    ("dpo.py", [*TRAIN, "--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1", None),
+    ("dpo.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
+    ("dpo.py", [*TRAIN, "--dataset_id", "bad-json.jsonl"], "bad-json.jsonl: line 2: invalid JSON", None),
+    ("dpo.py", [*TRAIN, "--dataset_id", "bad-row.jsonl"], "bad-row.jsonl: row 2: field 'rejected'", None),
+    ("dpo.py", [*TRAIN, "--eval_split", "-1"], "eval_split must be >= 0", None),
+    ("dpo.py", [*TRAIN, "--adapter", "lota"], "--adapter lota under DeepSpeed ZeRO-3 is not supported", ZERO3),
+    ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl", "--judge", "nosuch"], "--judge 'nosuch'", None),
+    ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl", "--prompts", "missing.jsonl"],
+     "missing.jsonl: file not found", None),
+    ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl", "--model_id", "some-folder"],
+     "some-folder is not a model folder", None),
+    ("evaluate.py", ["nosuch"], "unknown command 'nosuch'", None),
+    ("evaluate.py", ["vibes", "--model_id", "some-folder", "--prompts", "hi"], "some-folder is not a model folder", None),
+    ("evaluate.py", ["vibes", "--model_id", "truncated", "--prompts", "hi"], "model.safetensors is damaged", None),
+    ("evaluate.py", ["vibes", "--model_id", "./no-such-folder", "--prompts", "hi"], "model not found", None),
+    ("evaluate.py", ["vibes", "--model_id", "gguf-folder", "--gguf_file", "nosuch.gguf", "--prompts", "hi"],
+     "--gguf_file nosuch.gguf: no such file in gguf-folder", None),
+    ("dpo.py", [*TRAIN, "--model_id", "gguf-folder", "--gguf_file", "nosuch.gguf"],
+     "--gguf_file nosuch.gguf: no such file in gguf-folder", None),
+    ("merge.py", ["--adapter_dir", "./no-such-folder"], "model not found", None),
+    ("merge.py", ["--adapter_dir", "some-folder"], "some-folder is not a model folder", None),
+    ("merge.py", ["--adapter_dir", "truncated"], "truncated/model.safetensors is damaged", None),
+    ("merge.py", ["--adapter_dir", "truncated", "--nosuch", "1"], "unknown option --nosuch", None),
+    ("reward.py", [*TRAIN, "--dataset_id", "empty.jsonl"], "empty.jsonl: no usable rows", None),
+    ("reward.py", [*TRAIN, "--loss", "nosuch"], "invalid value for --loss", None),
+    ("reward.py", [*TRAIN, "--model_id", "truncated"], "truncated/model.safetensors is damaged", None),
+    ("reward.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
+    ("rl.py", [*TRAIN, "--reward", "nosuch"], "--reward 'nosuch'", None),
+    ("rl.py", [*TRAIN, "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1", None),
+    ("rl.py", [*TRAIN, "--dataset_id", "missing.jsonl"], "missing.jsonl: file not found", None),
+    ("rl.py", [*TRAIN, "--model_id", "some-folder"], "some-folder is not a model folder", None),
+    ("rlaif.py", [*TRAIN, "--rounds", "0"], "rounds must be >= 1", None),
+    ("rlaif.py", [*TRAIN, "--nosuch", "3"], "unknown option --nosuch", None),
+    ("rlaif.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
+    ("rlaif.py", [*TRAIN, "--adapter", "lota", "--reference", "start", "--rounds", "2"],
+     "--adapter lota with --reference start is not supported past round 1", None),
+    # A bad input found by a round's own step (label.py here, in its own process) is passed on as one line too.
+    ("rlaif.py", [*TRAIN, "--judge", "nosuch"], "label.py stopped: --judge 'nosuch'", None),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tiny_cache, tmp_path_factory):
+    """A working folder holding the bad inputs: an empty data file, malformed JSON lines, a row without its
+    rejected answer, a folder that holds no model, a folder of GGUF files, and a model whose weights file was cut
+    in half."""
+    from alignkit.modeling import presets
+
+    here = tmp_path_factory.mktemp("bad-inputs")
+    (here / "empty.jsonl").write_text("")
+    good = {"prompt": "name three fruits.", "chosen": "apple, pear, plum", "rejected": "red, blue, green"}
+    (here / "bad-json.jsonl").write_text(json.dumps(good) + "\n{not json\n")
+    (here / "bad-row.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": ""}) + "\n")
+    (here / "gguf-folder").mkdir()
+    (here / "gguf-folder" / "model-Q4_0.gguf").write_bytes(b"GGUF")
+    (here / "some-folder").mkdir()
+    (here / "some-folder" / "notes.txt").write_text("not a model")
+    shutil.copytree(presets.paths()["model"], here / "truncated")
+    weights = here / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return here
+
+
+def _run_as_a_command(script, args, cwd):
+    """Run `script` as `python script args` would, in this process: (exit status, printed text)."""
+    try:
+        run_script(script, *args, cwd=cwd)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except BaseException as e:  # uncaught at the top level: the interpreter hands it to sys.excepthook
+        try:
+            sys.excepthook(type(e), e, e.__traceback__)
+        except SystemExit as exit_:
+            return exit_.code
+        return 1
+    return 0
+
+
+@pytest.mark.parametrize("script, args, says, env", CASES, ids=[f"{c[0]}:{' '.join(c[1][-2:])}" for c in CASES])
+def test_bad_input_is_one_error_line_with_exit_2(bad_files, tmp_path, monkeypatch, capsys, script, args, says, env):
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)  # what the script itself installs is what counts
+    monkeypatch.delenv("ALIGNKIT_DEBUG", raising=False)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    args = [a.replace("OUT", str(tmp_path)) for a in args]
+    capsys.readouterr()
+    status = _run_as_a_command(script, args, bad_files)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(errors) == 1, (status, err[-3000:])
+    assert says in errors[0], errors[0]
+
+
+def test_the_table_covers_every_script_with_at_least_30_cases():
+    assert len(CASES) >= 30
+    assert {c[0] for c in CASES} == {"sft.py", "label.py", "dpo.py", "evaluate.py", "merge.py", "reward.py", "rl.py",
+                                     "rlaif.py"}
