@@ -23,7 +23,7 @@ FSDP = {"ACCELERATE_USE_FSDP": "true"}
 # output folder; the bad files (missing.jsonl, empty.jsonl, ...) sit in the working folder (see `bad_files`).
 TRAIN = ["--preset", "tiny", "--output_dir", "OUT"]
 CASES = [
-    ("sft.py", [*TRAIN, "--nosuch", "1"], "unknown option --nosuch", None),
+    ("sft.py", [*TRAIN, "--nosuch", "1"], "unknown setting: --nosuch", None),
     ("sft.py", [*TRAIN, "--learning_rate", "abc"], "invalid value for --learning_rate", None),
     ("sft.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
     ("sft.py", [*TRAIN, "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1", None),
@@ -58,7 +58,7 @@ CASES = [
     ("merge.py", ["--adapter_dir", "./no-such-folder"], "model not found", None),
     ("merge.py", ["--adapter_dir", "some-folder"], "some-folder is not a model folder", None),
     ("merge.py", ["--adapter_dir", "truncated"], "truncated/model.safetensors is damaged", None),
-    ("merge.py", ["--adapter_dir", "truncated", "--nosuch", "1"], "unknown option --nosuch", None),
+    ("merge.py", ["--adapter_dir", "truncated", "--nosuch", "1"], "unknown setting: --nosuch", None),
     ("reward.py", [*TRAIN, "--dataset_id", "empty.jsonl"], "empty.jsonl: no usable rows", None),
     ("reward.py", [*TRAIN, "--loss", "nosuch"], "invalid value for --loss", None),
     ("reward.py", [*TRAIN, "--model_id", "truncated"], "truncated/model.safetensors is damaged", None),
@@ -68,7 +68,7 @@ CASES = [
     ("rl.py", [*TRAIN, "--dataset_id", "missing.jsonl"], "missing.jsonl: file not found", None),
     ("rl.py", [*TRAIN, "--model_id", "some-folder"], "some-folder is not a model folder", None),
     ("rlaif.py", [*TRAIN, "--rounds", "0"], "rounds must be >= 1", None),
-    ("rlaif.py", [*TRAIN, "--nosuch", "3"], "unknown option --nosuch", None),
+    ("rlaif.py", [*TRAIN, "--nosuch", "3"], "unknown setting: --nosuch", None),
     ("rlaif.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
     ("rlaif.py", [*TRAIN, "--adapter", "lota", "--reference", "start", "--rounds", "2"],
      "--adapter lota with --reference start is not supported past round 1", None),

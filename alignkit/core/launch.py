@@ -92,6 +92,9 @@ def refusal(s, script: str) -> str | None:
     quantization = getattr(s, "quantization", "none")
     if sharded and quantization == "8bit":
         return _no_8bit(sharded)
+    if sharded and getattr(s, "adapter", "lora") == "lota":
+        return (f"--adapter lota under {sharded} is not supported: launch with DDP (recipes/accelerate/ddp.yaml) or "
+                "DeepSpeed ZeRO-2, or train with --adapter lora")
     if script == "dpo.py" and sharded == FSDP and getattr(s, "precompute_ref_log_probs", False):
         return ("dpo.py --precompute_ref_log_probs under FSDP: TRL runs the reference pass before FSDP wraps the model "
                 "(its weights still on the CPU, the batches on the GPU); use a DDP or DeepSpeed launch, or drop "
@@ -321,6 +324,11 @@ def register_zero3_init() -> None:
 
     if is_deepspeed_zero3_enabled():
         return  # TRL's config (or an HfDeepSpeedConfig of the caller's) is already registered
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("a DeepSpeed ZeRO-3 launch, but deepspeed is not installed: pip install deepspeed (on a CUDA "
+                        "machine), or launch with DDP/FSDP (recipes/accelerate/ddp.yaml, fsdp.yaml)")
     from accelerate.utils import DeepSpeedPlugin
 
     plugin = DeepSpeedPlugin()  # ACCELERATE_DEEPSPEED_* and the config file, as TrainingArguments reads them

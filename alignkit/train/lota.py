@@ -496,8 +496,9 @@ def check_launch(s, sharded: str | None) -> None:
     so each SparseDelta would take its shape from an empty [0] partition and train nothing. DDP and ZeRO-2 keep
     whole weights on every process, and LoRA shards under both."""
     if sharded and getattr(s, "adapter", "lora") == "lota":
-        raise ConfigError(f"--adapter lota under {sharded} is not supported: launch with DDP "
-                          "(recipes/accelerate/ddp.yaml) or DeepSpeed ZeRO-2, or train with --adapter lora")
+        from alignkit.core.launch import refusal
+
+        raise ConfigError(refusal(s, ""))  # the launch's own line (alignkit.core.launch.refusal)
 
 
 def full_precision(s, quantization: str, deltas: list[str]) -> str:
