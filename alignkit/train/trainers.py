@@ -168,11 +168,7 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
 
     @staticmethod
     def _prefix_sharing_available(model) -> bool:
-        why = prefix.unavailable_reason(model)
-        if why:
-            logger.info(f"prefix sharing off: {why}")
-            return False
-        return True
+        return prefix.choose(model).kind != prefix.OFF  # logs the path (sdpa-mask, flex or off) and why
 
     def answer_forward(self, model, inputs, **model_kwargs):
         """One forward pass and the summed answer log-probs of every row (`alignkit.train.losses.answer_logps`, with
@@ -192,7 +188,7 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
         config = self.accelerator.unwrap_model(self.model).config
         packed = prefix.pack_pairs(
             inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
-            attn_implementation=config._attn_implementation, dtype=self._mask_dtype(),
+            attn_implementation=config._attn_implementation, dtype=self._mask_dtype(), config=config,
         )
         outputs = model(**packed.model_inputs(), use_cache=False, labels=None, shift_labels=packed.shift_labels,
                         fused_lm_head=True, **model_kwargs)
