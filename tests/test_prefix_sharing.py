@@ -328,3 +328,37 @@ def test_the_reference_cache_keys_on_packed_or_unshared(tiny_cache, tmp_path):
     trainer.prefix_sharing = False
     assert refcache.computed_as(trainer) == "unshared"
     assert refcache.cache_key(trainer, trainer.train_dataset) != packed_key
+
+
+def test_auto_prefers_flex_only_where_it_trains_and_sharing_applies():
+    from transformers import AutoModelForCausalLM
+
+    mistral = _tiny_model("mistral")
+    assert prefix.flex_preferred(mistral.config, "cuda", type(mistral))[0]
+    assert prefix.flex_preferred(mistral.config, "cuda")[0]  # the class found from the config
+    cpu = prefix.flex_preferred(mistral.config, "cpu", type(mistral))
+    assert not cpu[0] and "no backward" in cpu[1]
+    moe = prefix.flex_preferred(_tiny_model("mixtral").config, "cuda")
+    assert not moe[0] and "mixture-of-experts" in moe[1]
+    no_flex = type("NoFlex", (AutoModelForCausalLM,), {"_supports_flex_attn": False})
+    assert not prefix.flex_preferred(mistral.config, "cuda", no_flex)[0]
+    mistral.config.attention_dropout = 0.1
+    assert "dropout" in prefix.flex_preferred(mistral.config, "cuda", type(mistral))[1]
+
+
+def test_the_trainer_packs_with_a_block_mask_under_flex_attention(tiny_cache, tmp_path):
+    """The trainer's own reference pass (no gradient, so it runs on a CPU) under flex_attention: packed with the
+    BlockMask, the same log-probs as unshared."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    trainer, batch = _trainer(tmp_path, attn="flex_attention")
+    assert trainer.prefix_sharing
+    masks = []
+    forward = trainer.model.forward
+    trainer.model.forward = lambda *a, **k: masks.append(k.get("attention_mask")) or forward(*a, **k)
+    trainer.model.eval()
+    on = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    trainer.prefix_sharing = False
+    off = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    assert isinstance(masks[0], BlockMask) and masks[1].dim() == 2
+    torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)

@@ -143,6 +143,31 @@ def sharing_path(config, attn_implementation: str | None = None, model_class=Non
     return SharingPath(kind, why)
 
 
+def flex_preferred(config, device_type: str, model_class=None) -> tuple[bool, str]:
+    """Whether `--attn_implementation auto` should load `flex_attention` for a DPO run with prefix sharing on
+    `device_type`, and why (for the log line).
+
+    Yes only where FlexAttention can train and sharing applies on it: a CUDA device (torch's FlexAttention has no
+    backward on a CPU), a model class transformers runs under flex_attention, no attention dropout (flex
+    refuses it in training), and `sharing_path` not off. Then the prompt is computed once on a kernel that skips
+    the masked blocks, where sdpa with the same mask loses its flash kernel and flash_attention_2 turns sharing
+    off. Whether that beats flash_attention_2 without sharing depends on the prompt share and lengths:
+    bench/gpu_dpo.py measures it; no GPU figure backs this choice yet.
+    """
+    if device_type != "cuda":
+        return False, f"FlexAttention has no backward on {device_type}"
+    model_class = model_class or _model_class(config)
+    if model_class is None or not getattr(model_class, "_supports_flex_attn", False):
+        return False, f"{getattr(model_class, '__name__', config.model_type)} does not run under flex_attention"
+    if getattr(_text_config(config), "attention_dropout", 0.0):
+        return False, "attention dropout (flex_attention refuses it in training)"
+    path = sharing_path(config, FLEX_ATTENTION, model_class)
+    if path.kind == OFF:
+        return False, f"prefix sharing is off on it anyway ({path.reason})"
+    return True, "prefix sharing on a kernel that skips masked blocks (sdpa with the mask loses its flash kernel; " \
+                 "flash_attention_2 takes no mask)"
+
+
 def choose(model) -> SharingPath:
     """`sharing_path` of a loaded model (a PEFT model's base), logged once: the path and its reason."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
