@@ -70,7 +70,9 @@ class SharingPath:
     reason: str
 
     def __str__(self) -> str:
-        return f"prefix sharing off: {self.reason}" if self.kind == OFF else f"prefix sharing: {self.kind} ({self.reason})"
+        if self.kind == OFF:
+            return f"prefix sharing off: {self.reason}"
+        return f"prefix sharing: {self.kind} ({self.reason})"
 
 
 def _text_config(config):
@@ -318,5 +320,6 @@ def _mask(segment, positions, window, attn_implementation, dtype):
     allowed = _allowed(q, kv, segment.unsqueeze(2), segment.unsqueeze(1), positions.unsqueeze(2),
                        positions.unsqueeze(1), window).unsqueeze(1)  # (B, 1, L, L)
     if attn_implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=segment.device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)
     return allowed
