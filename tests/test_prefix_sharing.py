@@ -20,7 +20,9 @@ import torch
 from alignkit.train import prefix
 
 
-def _trainer(tmp_path, attn="sdpa", sharing=True, loss_type="sigmoid", **overrides):
+def _trainer(tmp_path, attn="sdpa", sharing=True, loss_type="sigmoid", family=None, **overrides):
+    """The tiny preset's model (or a tiny random model of `family`, FAMILIES below, on the preset's vocabulary)
+    with a random LoRA adapter, in AlignDPOTrainer, and its first batch."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,7 +35,10 @@ def _trainer(tmp_path, attn="sdpa", sharing=True, loss_type="sigmoid", **overrid
     path = presets.paths()["model"]
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    if family is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    else:
+        model = _tiny_model(family, attn, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     # Random (not zero) LoRA weights: the policy differs from the reference and every LoRA matrix gets a gradient.
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora, adapter_name=TRAINABLE)
@@ -195,11 +200,11 @@ FAMILIES = {
 }
 
 
-def _tiny_model(model_type, attn=None):
+def _tiny_model(model_type, attn=None, **shape):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     overrides, default_attn = FAMILIES[model_type]
-    config = AutoConfig.for_model(model_type, **TINY, **overrides)
+    config = AutoConfig.for_model(model_type, **{**TINY, **shape}, **overrides)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn or default_attn, dtype=torch.float32)
     return model.eval()
@@ -362,3 +367,20 @@ def test_the_trainer_packs_with_a_block_mask_under_flex_attention(tiny_cache, tm
     off = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
     assert isinstance(masks[0], BlockMask) and masks[1].dim() == 2
     torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])  # one windowed mask; full + sliding layers (a dict)
+def test_the_trainer_keeps_the_window_in_logps_loss_and_gradients(tiny_cache, tmp_path, family):
+    """Through AlignDPOTrainer (the reference pass, the policy pass and its backward) on a model whose window
+    (4) is shorter than the pairs (up to 48 tokens): the same reference log-probs, loss and LoRA gradients packed
+    and unshared."""
+    trainer, batch = _trainer(tmp_path, family=family)
+    assert trainer.prefix_sharing and prefix.can_pack(batch) and batch["attention_mask"].sum(dim=1).max() > WINDOW
+    ref_on, logps_on, loss_on, grads_on = _run(trainer, batch, True)
+    ref_off, logps_off, loss_off, grads_off = _run(trainer, batch, False)
+    torch.testing.assert_close(ref_on, ref_off, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps_on, logps_off, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_on, loss_off, atol=1e-5, rtol=1e-5)
+    assert len(grads_off) > 0 and all(g.abs().sum() > 0 for g in grads_off.values())
+    for name, grad in grads_off.items():
+        torch.testing.assert_close(grads_on[name], grad, atol=1e-5, rtol=1e-4, msg=name)
