@@ -310,8 +310,21 @@ def test_the_trainer_logs_the_path_it_chose(tiny_cache, tmp_path, caplog):
                                                 "cannot use its flash kernel with it))"]
 
 
+@pytest.fixture
+def static_flex():
+    """transformers compiles flex_attention once per process; after a shape change torch recompiles it with
+    dynamic shapes, and torch 2.13's CPU (C++) code for dynamic-shape FlexAttention does not compile
+    (`cur_kvSplitSize8` undeclared). Each flex test starts from a clean compile cache with static shapes only."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])  # plain causal; full + sliding layers (a dict of masks)
-def test_flex_attention_block_mask_gives_the_unshared_logps(model_type):
+def test_flex_attention_block_mask_gives_the_unshared_logps(model_type, static_flex):
     """FlexAttention's forward runs on a CPU (compiled by transformers; its backward does not): the packed pass
     with the BlockMask equals the unshared sdpa/eager pass."""
     from torch.nn.attention.flex_attention import BlockMask
@@ -351,7 +364,7 @@ def test_auto_prefers_flex_only_where_it_trains_and_sharing_applies():
     assert "dropout" in prefix.flex_preferred(mistral.config, "cuda", type(mistral))[1]
 
 
-def test_the_trainer_packs_with_a_block_mask_under_flex_attention(tiny_cache, tmp_path):
+def test_the_trainer_packs_with_a_block_mask_under_flex_attention(tiny_cache, tmp_path, static_flex):
     """The trainer's own reference pass (no gradient, so it runs on a CPU) under flex_attention: packed with the
     BlockMask, the same log-probs as unshared."""
     from torch.nn.attention.flex_attention import BlockMask
