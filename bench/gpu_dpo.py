@@ -145,6 +145,41 @@ def write_data(work: Path, pairs: int) -> Path:
     return common.write_jsonl(work / "pairs.jsonl", common.preference_rows(pairs, length_scale=1.0, seed=0))
 
 
+def gradient_check(device: str, attn: str) -> dict:
+    """Packed (under `attn`) against unshared (sdpa) on a small fp32 Mistral with a sliding window (8) shorter
+    than the pairs (48 tokens): the largest |difference| of the answer log-probs and of any weight's gradient,
+    after the reference-style forward and the policy's backward. On a GPU with flex_attention this is the check
+    a CPU cannot run (FlexAttention has no backward there); on a CPU it checks the sdpa mask."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from bench.gpu_prefix import answer_logps, batch
+
+    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=256, sliding_window=8, max_position_embeddings=512)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MistralForCausalLM(config).float()
+    data = batch(3, 24, 24, config.vocab_size, device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 to fp32: the comparison is of the layouts, not of TF32
+    try:
+        outputs = {}
+        for shared in (False, True):
+            model.set_attn_implementation(attn if shared else "sdpa")
+            model.zero_grad()
+            logps = answer_logps(model, *data, shared)
+            logps.sum().backward()
+            outputs[shared] = logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    (l_off, g_off), (l_on, g_on) = outputs[False], outputs[True]
+    return {"attention": attn, "sliding_window": config.sliding_window, "tokens_per_row": 48,
+            "max_logp_diff": float((l_on - l_off).abs().max()),
+            "max_grad_diff": max(float((g_on[n] - g_off[n]).abs().max()) for n in g_off),
+            "max_grad": max(float(g.abs().max()) for g in g_off.values())}
+
+
 # ---------------------------------------------------------------------------------------------- one configuration
 def configurations(flex: bool) -> dict[str, dict]:
     from bench.dpo_speed import defaults_config
@@ -278,6 +313,14 @@ def markdown(result: dict) -> str:
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".", ""]
     if result["cpu_smoke"]:
         lines += ["**A CPU smoke run on toy shapes: these figures say the script runs, nothing about speed.**", ""]
+    check = result.get("packed_vs_unshared", {})
+    if "error" in check:
+        lines += [f"Packed vs unshared under {check['attention']}: failed ({check['error'][-200:]}).", ""]
+    elif check:
+        lines += [f"Packed ({check['attention']}) vs unshared (sdpa), fp32, sliding window {check['sliding_window']} "
+                  f"< {check['tokens_per_row']} tokens: max |log-prob difference| {check['max_logp_diff']:.1e}, "
+                  f"max |gradient difference| {check['max_grad_diff']:.1e} (largest gradient {check['max_grad']:.1e}).",
+                  ""]
     lines += ["| scenario | config | attention | prefix sharing | tokens/s | peak memory (GiB) | MFU |",
               "| --- | --- | --- | --- | ---: | ---: | ---: |"]
     for name, s in result["scenarios"].items():
@@ -324,6 +367,12 @@ def main(argv=None) -> dict:
     peak = None if a.cpu_smoke else bf16_peak(info.get("gpu"), a.peak_tflops)
     result = {"machine": info, "cpu_smoke": a.cpu_smoke, "bf16_dense_peak_tflops": peak and peak / 1e12,
               "scenarios": {}}
+    check_attn = "sdpa" if a.cpu_smoke else "flex_attention"
+    try:
+        result["packed_vs_unshared"] = gradient_check("cpu" if a.cpu_smoke else "cuda", check_attn)
+    except Exception as e:  # noqa: BLE001 - recorded: the timing runs still say something
+        result["packed_vs_unshared"] = {"attention": check_attn, "error": str(e)[-2000:]}
+    print(f"packed vs unshared: {result['packed_vs_unshared']}", flush=True)
     for name in a.only or list(scenarios):
         result["scenarios"][name] = run_scenario(name, scenarios[name], a, work, peak)
         result[name] = result["scenarios"][name]  # flat keys: qlora_7b_1024.speedup_vs_trl, dense_1b.mfu, ...

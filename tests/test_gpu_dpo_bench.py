@@ -32,3 +32,7 @@ def test_cpu_smoke_runs_every_scenario_and_writes_the_result_keys(tmp_path, monk
     assert result["qlora_7b_1024"]["quantization"] == "4bit" and result["dense_1b"]["quantization"] == "none"
     assert result["qlora_7b_2048"]["max_length"] == 2 * result["qlora_7b_1024"]["max_length"]
     assert "CPU smoke run" in (tmp_path / "gpu_dpo_smoke.md").read_text()
+    # The layout check the GPU run makes under flex_attention (log-probs and gradients), here under sdpa.
+    check = result["packed_vs_unshared"]
+    assert check["attention"] == "sdpa" and check["max_grad"] > 0
+    assert check["max_logp_diff"] < 1e-4 and check["max_grad_diff"] < 1e-4
