@@ -184,10 +184,17 @@ def gradient_check(device: str, attn: str) -> dict:
 def configurations(flex: bool) -> dict[str, dict]:
     from bench.dpo_speed import defaults_config
 
+    import dataclasses
+
+    from trl import DPOConfig
+
     defaults = defaults_config()  # alignkit.core.config's DPO defaults, nothing copied
-    trl = dict(trainer="trl", lora_r=defaults["lora_r"], lora_alpha=defaults["lora_alpha"], lora_dropout=0.05,
-               gradient_checkpointing=True, precompute=False, max_grad_norm=1.0, optim="adamw_torch",
-               attn=best_trl_attention())
+    stock = {f.name: f.default for f in dataclasses.fields(DPOConfig)}  # TRL's own defaults, read the same way
+    # The LoRA a TRL user passes: the same rank, alpha and dropout as alignkit's, so the adapters do equal work.
+    trl = dict(trainer="trl", lora_r=defaults["lora_r"], lora_alpha=defaults["lora_alpha"],
+               lora_dropout=defaults["lora_dropout"], gradient_checkpointing=stock["gradient_checkpointing"],
+               precompute=stock["precompute_ref_log_probs"], max_grad_norm=stock["max_grad_norm"],
+               optim=stock["optim"], attn=best_trl_attention())
     configs = {"trl": trl, "alignkit": {**defaults, "attn": None}}
     if flex:
         configs["alignkit-flex"] = {**defaults, "attn": "flex_attention"}
