@@ -181,15 +181,23 @@ def _build(spec: dict, out: Path):
         max_length=spec["max_length"], gradient_checkpointing=spec["gradient_checkpointing"],
         max_grad_norm=spec["max_grad_norm"], seed=0,
     )
+    # fp32 and unquantized unless the spec says otherwise (bench.gpu_dpo: bf16, QLoRA's NF4, the best attention).
+    dtype, quantization = spec.get("dtype", "fp32"), spec.get("quantization", "none")
     if spec["trainer"] == "trl":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
         tok = AutoTokenizer.from_pretrained(spec["model"])
-        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        load = {"attn_implementation": spec["attn"]} if spec.get("attn") else {}
+        if quantization == "4bit":  # the QLoRA recipe as TRL's docs write it
+            load["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch_dtype, **load)
         args = DPOConfig(
-            output_dir=str(out), bf16=False, beta=BETA, warmup_steps=0.1, lr_scheduler_type="cosine",
+            output_dir=str(out), bf16=dtype == "bf16", beta=BETA, warmup_steps=0.1, lr_scheduler_type="cosine",
             per_device_eval_batch_size=4, optim=spec["optim"], report_to="none", save_strategy="no",
-            logging_steps=1000, disable_tqdm=True, data_seed=0, **common_args,
+            logging_steps=1000, disable_tqdm=True, data_seed=0, use_cpu=spec.get("cpu", False), **common_args,
         )
         peft = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
                           bias="none", target_modules="all-linear", task_type="CAUSAL_LM")
@@ -197,15 +205,18 @@ def _build(spec: dict, out: Path):
         trainer = cls(model=model, args=args, train_dataset=train, eval_dataset=held_out, processing_class=tok,
                       peft_config=peft)
         return trainer
-    overrides = {"save_strategy": "no", **({"optim": spec["optim"]} if spec["optim"] else {})}
+    overrides = {"save_strategy": "no", **({"optim": spec["optim"]} if spec["optim"] else {}),
+                 **({"use_cpu": True} if spec.get("cpu") else {})}  # transformers refuses bf16 on a CPU without it
     s = DPOSettings(
-        model_id=spec["model"], quantization="none", dtype="fp32", lora_r=spec["lora_r"],
+        model_id=spec["model"], quantization=quantization, dtype=dtype, lora_r=spec["lora_r"],
         lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"], output_dir=str(out), run_name="run",
         report_to="none", logging_steps=1000, precompute_ref_log_probs=spec["precompute"],
         group_by_length=spec.get("group_by_length", False), prefix_sharing=spec.get("prefix_sharing", False),
         trainer_overrides=json.dumps(overrides), **common_args,
     )
     loaded = load_model(s, for_training=True)
+    if spec.get("attn"):  # an attention implementation the settings do not offer yet (bench.gpu_dpo: flex)
+        loaded.model.set_attn_implementation(spec["attn"])
     model = add_trainable_adapter(loaded, s)
     args = trl_config(DPOConfig, s, out / "run", loaded.dtype, model, beta=BETA, loss_type=s.loss_type,
                       loss_weights=s.loss_weights, label_smoothing=s.label_smoothing,
@@ -221,7 +232,8 @@ def _counts(model) -> dict:
 
     linear = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    return {"matmul_params": sum(m.weight.numel() for m in linear),
+    # in x out, not weight.numel(): a 4-bit layer's weight holds two values per element
+    return {"matmul_params": sum(m.in_features * m.out_features for m in linear),
             "lora_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "base_params": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n),
             "layers": config.num_hidden_layers, "hidden": config.hidden_size}

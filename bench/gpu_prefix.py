@@ -47,7 +47,8 @@ def answer_logps(model, ids, mask, completion, shared: bool):
     from alignkit.train import prefix
 
     if shared:
-        packed = prefix.pack_pairs(ids, mask, completion, attn_implementation="sdpa", dtype=model.dtype)
+        packed = prefix.pack_pairs(ids, mask, completion, attn_implementation=model.config._attn_implementation,
+                                   dtype=model.dtype, config=model.config)  # the model's mask form and windows
         logits = model(**packed.model_inputs(), use_cache=False).logits.float()
         labels = packed.shift_labels.clamp(min=0)
         per_token = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)

@@ -20,41 +20,178 @@ gradients. The answer labels are passed pre-shifted (`shift_labels`, which TRL's
 without shifting); `PackedPairs.unpack` puts per-token outputs back in the unshared (2B, T - 1) layout, so the
 sums, ld_alpha and WPO weights downstream read the same tensors as without sharing.
 
-The mask is boolean for sdpa (True = attend) and additive float (0 or the dtype's minimum) for eager attention,
-the two forms transformers passes through unchanged when they come as 4D (masking_utils: "If the mask is
-already 4D, simply return as-is").
+Which attention each token sees is the model's own: a layer with a sliding window W (Mistral-v0.1, Phi-3-mini-4k,
+Qwen2/3 with use_sliding_window, Gemma-2/3's and Cohere2's local layers, ...) lets query a see key b only when their
+positions are less than W apart, and the packed mask applies the same rule on the original positions (packed
+indices are not positions: a rejected answer sits after the chosen one). transformers passes a custom 4D mask
+through unchanged for sliding-window layers too (masking_utils: "If the mask is already 4D, simply return
+as-is"), so the window has to be in it: a model whose layers all see the same window gets one mask, a model
+with full and sliding layers (`config.layer_types`) a dict {"full_attention": ..., "sliding_attention": ...},
+which its forward takes as its per-layer-type masks.
+
+Three forms of that mask, by attention implementation (`sharing_path` says which applies and why):
+- "sdpa-mask": a dense (B, 1, L, L) mask, boolean for sdpa (True = attend), additive float (0 or the dtype's
+  minimum) for eager. Exact, but a custom mask keeps sdpa from its flash kernel.
+- "flex": a FlexAttention BlockMask built from a mask_mod with the same rule, for transformers'
+  `flex_attention` implementation, whose kernel skips the blocks the mask rules out entirely (the prefix-sharing
+  paper's implementation). torch's FlexAttention has no backward on a CPU; its forward runs there.
+- "off": flash_attention_2/3 and other kernels take no custom mask; mixture-of-experts models (their
+  load-balancing loss); layer types other than full and sliding-window attention. The trainer then runs the
+  unshared pass and logs the reason once.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
 
+from alignkit import logger
+
 IGNORE = -100
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+MASK_ATTENTION = ("sdpa", "eager")  # take a dense custom 4D mask
+FLEX_ATTENTION = "flex_attention"  # takes a BlockMask
+SDPA_MASK, FLEX, OFF = "sdpa-mask", "flex", "off"
+# Layer types whose mask the packed layout reproduces: whether the layer attends within a sliding window.
+WINDOWED = {"full_attention": False, "sliding_attention": True}
+# How transformers 5's decoders take one mask per layer type (Gemma2/3, Qwen2/3, Cohere2, GPT-OSS, ...).
+_PER_TYPE_IDIOM = "causal_mask_mapping := attention_mask, dict"
 # Batch keys the packed forward knows how to lay out; a batch with any other model input (Gemma's token types,
 # images) runs unshared.
 PACKABLE_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
+@dataclass(frozen=True)
+class SharingPath:
+    kind: str  # SDPA_MASK, FLEX or OFF
+    reason: str
+
+    def __str__(self) -> str:
+        if self.kind == OFF:
+            return f"prefix sharing off: {self.reason}"
+        return f"prefix sharing: {self.kind} ({self.reason})"
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def layer_windows(config) -> dict[str | None, int | None] | str:
+    """The sliding window of each layer type as transformers masks it ({None: w} when the model has no
+    `layer_types`: every layer takes the one mask, windowed iff `sliding_window` is set), or why the packed
+    layout cannot reproduce some layer type's mask."""
+    text = _text_config(config)
+    window = getattr(text, "sliding_window", None) or None  # Qwen2-MoE writes 0 for "no window"
+    types = getattr(text, "layer_types", None)
+    if not types:
+        return {None: window}
+    unknown = sorted(set(types) - set(WINDOWED))
+    if unknown:
+        return f"layer types {unknown} (only full and sliding-window attention are laid out)"
+    return {t: window if WINDOWED[t] else None for t in sorted(set(types))}
+
+
+@functools.lru_cache(maxsize=None)
+def _module_takes_mask_per_layer_type(module_name: str) -> bool:
+    module = sys.modules.get(module_name)
+    try:
+        return module is not None and _PER_TYPE_IDIOM in inspect.getsource(module)
+    except (OSError, TypeError):  # no source (a frozen or compiled install): assume not
+        return False
+
+
+def _model_class(config):
+    """The causal-LM class transformers would build for `config` (to read its modeling module), or None."""
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, ""), None)
+    except Exception:  # noqa: BLE001 - an unknown or remote-code model: its modeling is not inspected
+        return None
+
+
+def sharing_path(config, attn_implementation: str | None = None, model_class=None) -> SharingPath:
+    """Which prefix-sharing path applies to a model with `config` under `attn_implementation` (default: the one
+    the config was loaded with), and why. `model_class` (default: transformers' causal-LM class for the
+    config) is read only for models that mix full and sliding-window layers: they need a decoder that takes a
+    dict of masks per layer type."""
+    impl = attn_implementation or getattr(config, "_attn_implementation", None)
+    text = _text_config(config)
+    if getattr(text, "output_router_logits", False) or getattr(text, "num_experts_per_tok", None):
+        return SharingPath(OFF, "a mixture-of-experts model: its load-balancing loss reads a 2D padding mask and "
+                                "counts the prompt twice")
+    if impl in MASK_ATTENTION:
+        kind, why = SDPA_MASK, f"{impl} with a custom 4D mask (exact; sdpa cannot use its flash kernel with it)"
+    elif impl == FLEX_ATTENTION:
+        kind, why = FLEX, "FlexAttention with a block mask: blocks the mask rules out are skipped"
+    else:
+        return SharingPath(OFF, f"attention implementation {impl} takes no custom mask (sdpa, eager and "
+                                "flex_attention do)")
+    windows = layer_windows(config)
+    if isinstance(windows, str):
+        return SharingPath(OFF, windows)
+    if len(set(windows.values())) > 1:
+        model_class = model_class or _model_class(config)
+        if model_class is None or not _module_takes_mask_per_layer_type(model_class.__module__):
+            return SharingPath(OFF, "full and sliding-window layers, and the model's forward takes no mask per "
+                                    "layer type")
+        why += "; one mask per layer type: " + ", ".join(f"{t} window {w}" for t, w in windows.items())
+    elif windows and next(iter(windows.values())):
+        why += f"; sliding window {next(iter(windows.values()))}"
+    return SharingPath(kind, why)
+
+
+def flex_preferred(config, device_type: str, model_class=None) -> tuple[bool, str]:
+    """Whether `--attn_implementation auto` should load `flex_attention` for a DPO run with prefix sharing on
+    `device_type`, and why (for the log line).
+
+    Yes only where FlexAttention can train and sharing applies on it: a CUDA device (torch's FlexAttention has no
+    backward on a CPU), a model class transformers runs under flex_attention, no attention dropout (flex
+    refuses it in training), and `sharing_path` not off. Then the prompt is computed once on a kernel that skips
+    the masked blocks, where sdpa with the same mask loses its flash kernel and flash_attention_2 turns sharing
+    off. Whether that beats flash_attention_2 without sharing depends on the prompt share and lengths:
+    bench/gpu_dpo.py measures it; no GPU figure backs this choice yet.
+    """
+    if device_type != "cuda":
+        return False, f"FlexAttention has no backward on {device_type}"
+    model_class = model_class or _model_class(config)
+    if model_class is None or not getattr(model_class, "_supports_flex_attn", False):
+        return False, f"{getattr(model_class, '__name__', config.model_type)} does not run under flex_attention"
+    if getattr(_text_config(config), "attention_dropout", 0.0):
+        return False, "attention dropout (flex_attention refuses it in training)"
+    path = sharing_path(config, FLEX_ATTENTION, model_class)
+    if path.kind == OFF:
+        return False, f"prefix sharing is off on it anyway ({path.reason})"
+    return True, "prefix sharing on a kernel that skips masked blocks (sdpa with the mask loses its flash kernel; " \
+                 "flash_attention_2 takes no mask)"
+
+
+def choose(model) -> SharingPath:
+    """`sharing_path` of a loaded model (a PEFT model's base), logged once: the path and its reason."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    path = sharing_path(base.config, model_class=type(base))
+    logger.info(str(path))
+    return path
+
+
 def unavailable_reason(model) -> str | None:
     """Why prefix sharing cannot run on `model`, or None when it can."""
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    if impl not in SUPPORTED_ATTENTION:
-        return f"attention implementation {impl} takes no custom 4D mask (sdpa and eager do)"
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text_config, "output_router_logits", False) or getattr(text_config, "num_experts_per_tok", None):
-        return "a mixture-of-experts model: its load-balancing loss reads a 2D padding mask and counts the prompt twice"
-    return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    path = sharing_path(base.config, model_class=type(base))
+    return path.reason if path.kind == OFF else None
 
 
 @dataclass
 class PackedPairs:
     input_ids: torch.Tensor  # (B, L)
     position_ids: torch.Tensor  # (B, L)
-    attention_mask: torch.Tensor  # (B, 1, L, L), bool (sdpa) or additive float (eager)
+    # (B, 1, L, L) bool (sdpa), additive float (eager) or a BlockMask (flex_attention); a dict of them by layer
+    # type for models with full and sliding-window layers
+    attention_mask: torch.Tensor | dict
     shift_labels: torch.Tensor  # (B, L): the token each position predicts, IGNORE where none is scored
     index: torch.Tensor  # (2B, T - 1): packed position of each unshared prediction position
     scored: torch.Tensor  # (2B, T - 1): whether that unshared position predicts an answer token
@@ -105,8 +242,11 @@ def shared_lengths(input_ids, attention_mask, completion_mask) -> torch.Tensor:
 
 
 def pack_pairs(input_ids, attention_mask, completion_mask, attn_implementation="sdpa", dtype=torch.float32,
-               pad_token_id: int = 0) -> PackedPairs:
-    """Pack TRL's [chosen..., rejected...] rows into one row per pair (layout in the module docstring)."""
+               pad_token_id: int = 0, config=None) -> PackedPairs:
+    """Pack TRL's [chosen..., rejected...] rows into one row per pair (layout in the module docstring).
+
+    `config` (the model's) gives the sliding windows (`layer_windows`); without it every layer attends to the
+    whole causal past, which is right for a model without windows only."""
     rows, T = input_ids.shape
     B = rows // 2
     device = input_ids.device
@@ -141,15 +281,45 @@ def pack_pairs(input_ids, attention_mask, completion_mask, attn_implementation="
     shift_labels = torch.full((B, L), IGNORE, dtype=input_ids.dtype, device=device)
     shift_labels[pair[:, :-1][scored], index[scored]] = labels[scored]
 
-    is_token = segment >= 0
-    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-    allowed = causal & is_token.unsqueeze(1) & ~((segment == 2).unsqueeze(2) & (segment == 1).unsqueeze(1))
-    allowed = allowed | torch.eye(L, dtype=torch.bool, device=device)  # padding rows attend to themselves: no NaN
-    allowed = allowed.unsqueeze(1)
-    if attn_implementation == "eager":
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    else:
-        mask = allowed
+    windows = layer_windows(config) if config is not None else {None: None}
+    if isinstance(windows, str):
+        raise ValueError(f"prefix sharing cannot lay out this model: {windows}")
+    by_window = {w: _mask(segment, positions, w, attn_implementation, dtype) for w in set(windows.values())}
+    if len(by_window) == 1:
+        mask = next(iter(by_window.values()))
+    else:  # one mask per layer type, which the model's forward takes as its own (sharing_path checked that)
+        mask = {layer_type: by_window[w] for layer_type, w in windows.items()}
     # Padding positions get position 0 (any value works: nothing sees them and they are not scored).
     return PackedPairs(packed_ids, positions.clamp(min=0), mask, shift_labels, index, scored, segment)
 
+
+def _allowed(q, kv, seg_q, seg_kv, pos_q, pos_kv, window: int | None):
+    """Whether packed query q sees packed key kv (elementwise over broadcast tensors; seg_* and pos_* are their
+    segments and original positions): kv is a token at or before q, not in the chosen answer when q is in the
+    rejected one, and, with a sliding window, fewer than `window` positions back (masking_utils'
+    sliding_window_overlay: kv > q - window). Every row sees itself, so padding rows get no NaN."""
+    ok = (kv <= q) & (seg_kv >= 0) & ~((seg_q == 2) & (seg_kv == 1))
+    if window is not None:
+        ok = ok & (pos_q - pos_kv < window)
+    return ok | (q == kv)
+
+
+def _mask(segment, positions, window, attn_implementation, dtype):
+    """The packed mask in the form `attn_implementation` takes (module docstring)."""
+    B, L = segment.shape
+    if attn_implementation == FLEX_ATTENTION:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, kv):
+            return _allowed(q, kv, segment[b, q], segment[b, kv], positions[b, q], positions[b, kv], window)
+
+        # Compiled mask building on a GPU (what transformers does: it never holds the dense L x L mask).
+        return create_block_mask(mask_mod, B, None, L, L, device=segment.device, _compile=segment.is_cuda)
+    idx = torch.arange(L, device=segment.device)
+    q, kv = idx.view(L, 1), idx.view(1, L)
+    allowed = _allowed(q, kv, segment.unsqueeze(2), segment.unsqueeze(1), positions.unsqueeze(2),
+                       positions.unsqueeze(1), window).unsqueeze(1)  # (B, 1, L, L)
+    if attn_implementation == "eager":
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=segment.device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed

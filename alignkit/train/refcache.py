@@ -13,6 +13,9 @@ Here the key is exactly what the reference log-probs depend on:
   tensor at a time, and the main process alone hashes and broadcasts the key;
 - the data as the collator sees it: the tokenized prompt, chosen and rejected ids, in order;
 - max_length and truncation_mode (they cut sequences), ld_alpha (it weights tokens), bf16/fp16 autocast;
+- how the pass ran: packed (prefix sharing, and on which path) or unshared (`computed_as`). Both give the same
+  log-probs to float rounding, but a packed entry from before the packed mask kept sliding windows was wrong for
+  windowed models, so a change of mode, or of the packing code (KEY_VERSION), never reuses an entry;
 - the trainer class, this module's KEY_VERSION and the library versions (a new kernel can change the numbers).
 Anything else (beta, loss type, LoRA rank of the new adapter, learning rate, batch size) does not change the
 reference log-probs, so runs that differ only there share one cache entry. Batch size only changes padding,
@@ -35,8 +38,9 @@ import torch
 
 from alignkit import logger
 
-# 2: the reference sums apply ld_alpha. Bump when the reference computation in alignkit.train.trainers changes
-KEY_VERSION = 2
+# 2: the reference sums apply ld_alpha. 3: the packed pass keeps sliding windows, and the key says packed or
+# unshared. Bump when the reference computation in alignkit.train.trainers or alignkit.train.prefix changes.
+KEY_VERSION = 3
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -163,9 +167,21 @@ def cache_key(trainer, dataset) -> str:
             "data": data_fingerprint(dataset),
             "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
             "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else str(getattr(model, "dtype", "")),
+            "computed_as": computed_as(trainer),
         }
         key = hashlib.sha256(json.dumps(_canonical(parts), sort_keys=True).encode()).hexdigest()[:32]
     return _from_main_process(trainer, key)
+
+
+def computed_as(trainer) -> str:
+    """How `trainer`'s reference pass runs: "packed:<path>" (alignkit.train.prefix.sharing_path) or "unshared"."""
+    from alignkit.train import prefix
+
+    if not getattr(trainer, "prefix_sharing", False):
+        return "unshared"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return f"packed:{prefix.sharing_path(base.config, model_class=type(base)).kind}"
 
 
 def _from_main_process(trainer, key: str | None) -> str:
@@ -245,7 +261,8 @@ def with_ref_logps(trainer, dataset, batch_size: int):
     else:
         tensors = compute(trainer, dataset, batch_size)
         if trainer.accelerator.is_main_process:
-            save(path, tensors, {"rows": str(len(dataset)), "max_length": str(trainer.args.max_length)})
+            save(path, tensors, {"rows": str(len(dataset)), "max_length": str(trainer.args.max_length),
+                                 "computed_as": computed_as(trainer)})
             logger.info(f"reference log-probs of {len(dataset)} pairs cached in {path}")
     columns = Dataset.from_dict({c: tensors[c].numpy() for c in COLUMNS})
     return concatenate_datasets([dataset, columns], axis=1)

@@ -16,9 +16,10 @@
   (`check_dpo_config`), so nothing passed through --trainer_overrides is dropped or half-applied.
 - Prefix sharing (`alignkit.train.prefix`, on by default, `--prefix_sharing false` turns it off): `answer_forward`
   packs each pair into one row, prompt once, chosen and rejected behind a block attention mask, and unpacks
-  the per-token log-probs to the unshared layout, so every sum, weight and loss downstream is unchanged. Where
-  the attention implementation takes no custom 4D mask (flash_attention_2) or the model is a mixture of experts,
-  it stays off, said once in the log. Loss types TRL computes (e.g. `sigmoid,sft`) share too: TRL's loss gets a
+  the per-token log-probs to the unshared layout, so every sum, weight and loss downstream is unchanged. The
+  mask keeps the model's sliding windows and comes in the form its attention takes (`prefix.sharing_path`: a
+  dense mask for sdpa/eager, a FlexAttention block mask for flex_attention); where none can be passed
+  (flash_attention_2) or the model is a mixture of experts, it stays off. The log says which, once. Loss types TRL computes (e.g. `sigmoid,sft`) share too: TRL's loss gets a
   stand-in for the model (`_SharedCall`) whose fused forward runs on the packed pairs and returns the unpacked
   per-token outputs, so TRL's sums, weights and metrics read what they would read without sharing.
 """
@@ -182,11 +183,7 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
 
     @staticmethod
     def _prefix_sharing_available(model) -> bool:
-        why = prefix.unavailable_reason(model)
-        if why:
-            logger.info(f"prefix sharing off: {why}")
-            return False
-        return True
+        return prefix.choose(model).kind != prefix.OFF  # logs the path (sdpa-mask, flex or off) and why
 
     def answer_forward(self, model, inputs, **model_kwargs):
         """One forward pass and the summed answer log-probs of every row (`alignkit.train.losses.answer_logps`, with
@@ -206,7 +203,7 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
         config = self.accelerator.unwrap_model(self.model).config
         packed = prefix.pack_pairs(
             inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
-            attn_implementation=config._attn_implementation, dtype=self._mask_dtype(),
+            attn_implementation=config._attn_implementation, dtype=self._mask_dtype(), config=config,
         )
         outputs = model(**packed.model_inputs(), use_cache=False, labels=None, shift_labels=packed.shift_labels,
                         fused_lm_head=True, **model_kwargs)
