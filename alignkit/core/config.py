@@ -276,8 +276,11 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
     dpo_beta: float = setting(0.1, "beta: strength of the pull towards the reference (IPO: its tau)")
     loss_type: list[str] = setting(
         default_factory=lambda: ["sigmoid"],
-        help="TRL DPO loss(es), comma separated (sigmoid, ipo, hinge, robust, ...); sigmoid and ipo follow the DPO paper's code",
+        help="TRL DPO loss(es), comma separated (sigmoid, ipo, hinge, robust, ...); sigmoid and ipo follow the DPO paper's code; "
+        "simpo and orpo (alone) need no reference model",
     )
+    simpo_gamma: float = setting(0.5, "SimPO's target reward margin gamma (--loss_type simpo; TRL's CPOConfig name)")
+    cpo_alpha: float = setting(0.0, "weight of an NLL term on the chosen answers under --loss_type simpo (CPO; TRL's name)")
     loss_weights: list[float] | None = setting(None, "weights for a comma list of loss types, e.g. 0.8,0.2")
     label_smoothing: float = setting(
         0.0, "conservative DPO (cDPO): assumed share of flipped labels, in [0, 0.5); read by sigmoid, TRL's robust, exo_pair, aot"
@@ -296,9 +299,16 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
         if self.dpo_beta <= 0:
             raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
         # the loss module owns the bounds and which losses read it
-        from alignkit.train.losses import check_label_smoothing
+        from alignkit.train.losses import check_label_smoothing, check_loss_types, is_reference_free
 
         check_label_smoothing(self.label_smoothing, self.loss_type)  # e.g. ipo would silently drop it
+        check_loss_types(self.loss_type)  # simpo and orpo run alone
+        for name, default in (("simpo_gamma", 0.5), ("cpo_alpha", 0.0)):
+            if getattr(self, name) != default and self.loss_type != ["simpo"]:
+                raise ConfigError(f"--{name} applies to --loss_type simpo only, not {','.join(self.loss_type)}; drop it")
+        if is_reference_free(self.loss_type) and self.precompute_ref_log_probs:
+            raise ConfigError(f"--precompute_ref_log_probs has no effect with --loss_type {self.loss_type[0]}: it "
+                             "reads no reference model; drop it")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(
                 f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types {self.loss_type}"
