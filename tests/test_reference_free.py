@@ -79,6 +79,6 @@ def test_settings_that_need_a_reference_are_refused_in_the_trainer(override):
 
     from alignkit.core.args import ConfigError
 
-    args = DPOConfig(output_dir="unused", loss_type=["orpo"], report_to="none", **override)
+    args = DPOConfig(output_dir="unused", loss_type=["orpo"], report_to="none", use_cpu=True, **override)
     with pytest.raises(ConfigError, match=f"{next(iter(override))}=.* has no effect with --loss_type orpo"):
         trainers.check_dpo_config(args)
