@@ -698,3 +698,31 @@ class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
         super().__post_init__()
         if self.rounds < 1 or self.num_samples < 2:
             raise ValueError(f"rounds must be >= 1 and num_samples >= 2, got {self.rounds} and {self.num_samples}")
+
+
+# ---------------------------------------------------------------- kto.py
+@dataclass
+class KTOSettings(TrainSettings):
+    """kto.py: KTO on unpaired, labelled answers (alignkit.train.kto); TRL's KTOConfig names."""
+
+    run_type: ClassVar[str] = "kto"
+    dataset_id: str = setting(
+        "trl-lib/kto-mix-14k", "labelled answers (prompt, completion, label) or preference pairs (each becomes a "
+        "desirable and an undesirable row): Hub id or local file")
+    beta: float = setting(0.1, "KTO's beta: strength of the pull towards the reference")
+    desirable_weight: float = setting(1.0, "weight of the desirable answers' loss (raise it when they are fewer)")
+    undesirable_weight: float = setting(1.0, "weight of the undesirable answers' loss")
+    loss_type: str = setting("kto", "kto (with the KL baseline) or apo_zero_unpaired", choices=["kto", "apo_zero_unpaired"])
+    precompute_ref_log_probs: bool = setting(False, "compute reference log-probs up front")
+    reference_adapters: int | None = setting(
+        None, "how many of the adapters the model was loaded with, from the base up, the reference keeps on; "
+        "default: all (the model you start from); 0: the bare base")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beta <= 0 or self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ConfigError(f"beta, desirable_weight and undesirable_weight must be > 0, got {self.beta}, "
+                              f"{self.desirable_weight} and {self.undesirable_weight}")
+        if self.loss_type == "kto" and self.per_device_train_batch_size < 2:
+            raise ConfigError("--loss_type kto estimates its KL baseline from mismatched answers in a batch: pass "
+                              "--per_device_train_batch_size 2 or more (or --loss_type apo_zero_unpaired)")
