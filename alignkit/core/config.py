@@ -726,3 +726,30 @@ class KTOSettings(TrainSettings):
         if self.loss_type == "kto" and self.per_device_train_batch_size < 2:
             raise ConfigError("--loss_type kto estimates its KL baseline from mismatched answers in a batch: pass "
                               "--per_device_train_batch_size 2 or more (or --loss_type apo_zero_unpaired)")
+
+
+@dataclass
+class LMEvalSettings(EvalSettings):
+    """evaluate.py lm_eval: EleutherAI's lm-evaluation-harness on a base model and its tuned versions (the alignment
+    tax), its own tasks and metrics (alignkit.evals.harness)."""
+
+    model_id: str = _field(default="", init=False)  # the models come from --models; the loader settings apply to each
+    revision: str | None = _field(default=None, init=False)
+    preset: str | None = setting(None, "named defaults: 'tiny' runs the base model and the tiny runs on a local task")
+    models: list[str] = setting([], "models side by side, as NAME=ID_OR_PATH (Hub id, local, adapter or merged folder, .gguf)")
+    tasks: list[str] = setting([], "lm_eval task names as lm_eval lists them, e.g. ifeval gsm8k mmlu hellaswag")
+    include_path: str | None = setting(None, "folder of extra lm_eval task YAML configs (e.g. a task over local files)")
+    num_fewshot: int | None = setting(None, "few-shot examples per prompt; default: each task's own")
+    limit: float | None = setting(None, "at most N examples per task (a share when < 1); for quick runs, not for reporting")
+    apply_chat_template: bool = setting(True, "wrap each prompt in the model's chat template (tuned chat models expect it)")
+    batch_size: int = setting(8, "lm_eval's batch size")
+    output_dir: str = setting("outputs/lm_eval", "results.md, results.json, results.png and each model's kept results")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.models:
+            raise ConfigError("pass the models: --models NAME=ID_OR_PATH ... (e.g. base=org/model dpo=runs/dpo-run)")
+        if not self.tasks:
+            raise ConfigError("pass the tasks: --tasks NAME ... (lm_eval's names, e.g. ifeval gsm8k mmlu)")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"limit must be > 0, got {self.limit}")
