@@ -374,8 +374,12 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
     )
     mode: str = setting(
         "pairs", "pairs: judged response pairs, preference data for dpo.py; completions: a teacher's answers, "
-        "SFT data for sft.py", choices=["pairs", "completions"],
+        "SFT data for sft.py; pointwise: each answer graded alone against --grade_threshold, KTO data for kto.py",
+        choices=["pairs", "completions", "pointwise"],
     )
+    grade_threshold: float | None = setting(
+        None, "--mode pointwise: an answer is desirable when its grade reaches this; default: 7 for an LLM's 1-10 "
+        "rating, 0 for a reward model's score, 1 for a python grader (True counts 1)")
     # Prompts
     prompts: str | None = setting(
         None, "prompts: .jsonl/.json/.csv/.parquet file or Hub dataset id; default: the prompts of --responses_a"
