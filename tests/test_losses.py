@@ -240,6 +240,7 @@ def test_reference_free_bad_arguments_are_errors(kwargs, message):
     (dict(loss_type=["simpo", "sft"]), "simpo reads no reference model and runs alone"),
     (dict(loss_type=["sigmoid", "orpo"]), "orpo reads no reference model and runs alone"),
     (dict(loss_type=["orpo"], precompute_ref_log_probs=True), "--precompute_ref_log_probs has no effect"),
+    (dict(loss_type=["simpo"], reference_adapters=0), "--reference_adapters has no effect"),
     (dict(loss_type=["orpo"], cpo_alpha=1.0), "--cpo_alpha applies to --loss_type simpo only, not orpo"),
     (dict(simpo_gamma=1.0), "--simpo_gamma applies to --loss_type simpo only, not sigmoid"),
 ])

@@ -306,9 +306,10 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
         for name, default in (("simpo_gamma", 0.5), ("cpo_alpha", 0.0)):
             if getattr(self, name) != default and self.loss_type != ["simpo"]:
                 raise ConfigError(f"--{name} applies to --loss_type simpo only, not {','.join(self.loss_type)}; drop it")
-        if is_reference_free(self.loss_type) and self.precompute_ref_log_probs:
-            raise ConfigError(f"--precompute_ref_log_probs has no effect with --loss_type {self.loss_type[0]}: it "
-                             "reads no reference model; drop it")
+        for name in ("precompute_ref_log_probs", "reference_adapters"):
+            if is_reference_free(self.loss_type) and getattr(self, name) not in (False, None):
+                raise ConfigError(f"--{name} has no effect with --loss_type {self.loss_type[0]}: it reads no "
+                                  "reference model; drop it")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(
                 f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types {self.loss_type}"
@@ -733,12 +734,15 @@ class KTOSettings(TrainSettings):
 
 
 @dataclass
-class LMEvalSettings(EvalSettings):
+class LMEvalSettings(ModelSettings):
     """evaluate.py lm_eval: EleutherAI's lm-evaluation-harness on a base model and its tuned versions (the alignment
-    tax), its own tasks and metrics (alignkit.evals.harness)."""
+    tax), its own tasks and metrics (alignkit.evals.harness). The loader settings apply to every model; lm_eval's
+    tasks carry their own prompts and generation settings, so none of evaluate.py's generation flags apply."""
 
     model_id: str = _field(default="", init=False)  # the models come from --models; the loader settings apply to each
     revision: str | None = _field(default=None, init=False)
+    backend: str = _field(default="transformers", init=False)  # lm_eval runs its HF class on the loaded model
+    num_beams: int = _field(default=1, init=False)
     preset: str | None = setting(None, "named defaults: 'tiny' runs the base model and the tiny runs on a local task")
     models: list[str] = setting([], "models side by side, as NAME=ID_OR_PATH (Hub id, local, adapter or merged folder, .gguf)")
     tasks: list[str] = setting([], "lm_eval task names as lm_eval lists them, e.g. ifeval gsm8k mmlu hellaswag")
@@ -747,10 +751,13 @@ class LMEvalSettings(EvalSettings):
     limit: float | None = setting(None, "at most N examples per task (a share when < 1); for quick runs, not for reporting")
     apply_chat_template: bool = setting(True, "wrap each prompt in the model's chat template (tuned chat models expect it)")
     batch_size: int = setting(8, "lm_eval's batch size")
+    seed: int = setting(42, "lm_eval's seeds (sampling, few-shot selection)")
     output_dir: str = setting("outputs/lm_eval", "results.md, results.json, results.png and each model's kept results")
 
     def __post_init__(self):
-        super().__post_init__()
+        _chain_post_init(self, LMEvalSettings)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.models:
             raise ConfigError("pass the models: --models NAME=ID_OR_PATH ... (e.g. base=org/model dpo=runs/dpo-run)")
         if not self.tasks:

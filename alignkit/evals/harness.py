@@ -126,6 +126,9 @@ def evaluate_model(s, source: str, lm_eval, task_manager) -> dict:
     from alignkit.modeling.models import load_model
 
     loaded = load_model(loader_settings(s, source))
+    if s.apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+        raise ConfigError(f"{source} has no chat template: pass --chat_template FILE, or --apply_chat_template false "
+                          "to give every model the plain prompts")
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=s.batch_size)
     out = lm_eval.simple_evaluate(
         model=lm, tasks=list(s.tasks), task_manager=task_manager, num_fewshot=s.num_fewshot, limit=s.limit,
