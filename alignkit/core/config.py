@@ -306,8 +306,8 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
         for name, default in (("simpo_gamma", 0.5), ("cpo_alpha", 0.0)):
             if getattr(self, name) != default and self.loss_type != ["simpo"]:
                 raise ConfigError(f"--{name} applies to --loss_type simpo only, not {','.join(self.loss_type)}; drop it")
-        for name in ("precompute_ref_log_probs", "reference_adapters"):
-            if is_reference_free(self.loss_type) and getattr(self, name) not in (False, None):
+        for name, unset in (("precompute_ref_log_probs", False), ("reference_adapters", None)):
+            if is_reference_free(self.loss_type) and getattr(self, name) is not unset:
                 raise ConfigError(f"--{name} has no effect with --loss_type {self.loss_type[0]}: it reads no "
                                   "reference model; drop it")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
