@@ -249,5 +249,13 @@ def test_reference_free_settings_refused_at_settings_time(kwargs, message):
         DPOSettings(**kwargs)
 
 
+def test_rlaif_refuses_a_reference_for_a_reference_free_loss():
+    from alignkit.core.config import RLAIFSettings
+
+    with pytest.raises(UserError, match="--reference start has no effect with --loss_type orpo"):
+        RLAIFSettings(loss_type=["orpo"], reference="start")
+    assert RLAIFSettings(loss_type=["orpo"]).reference == "previous"
+
+
 def test_simpo_reads_label_smoothing():
     assert DPOSettings(loss_type=["simpo"], label_smoothing=0.1).label_smoothing == 0.1

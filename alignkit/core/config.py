@@ -703,6 +703,11 @@ class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
         super().__post_init__()
         if self.rounds < 1 or self.num_samples < 2:
             raise ValueError(f"rounds must be >= 1 and num_samples >= 2, got {self.rounds} and {self.num_samples}")
+        from alignkit.train.losses import is_reference_free
+
+        if self.reference == "start" and is_reference_free(self.loss_type):
+            raise ConfigError(f"--reference start has no effect with --loss_type {self.loss_type[0]}: it reads no "
+                              "reference model; drop it")
 
 
 # ---------------------------------------------------------------- kto.py

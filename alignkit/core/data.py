@@ -21,7 +21,6 @@ logger = logging.getLogger("alignkit")
 
 PREFERENCE_FORMATS = ("explicit", "ultrafeedback", "hh", "shp", "stack_exchange", "self_reference")
 SFT_FORMATS = ("messages", "sharegpt", "prompt_completion", "text")
-UNPAIRED_FORMATS = ("unpaired", *PREFERENCE_FORMATS)  # KTO: labelled answers, or pairs split into two rows
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv")
