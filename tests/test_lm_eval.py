@@ -31,27 +31,31 @@ def test_preset_reports_the_local_task_for_base_and_tuned_models(tuned, tmp_path
     run = run_script("evaluate.py", "lm_eval", "--preset", "tiny", "--limit", "40", cwd=tmp_path)
     results = run["lm_results"]
     assert list(results) == ["base", "sft", "dpo"]
-    accs = {name: r[harness.TINY_TASK]["acc,none"] for name, r in results.items()}
+    accs = {name: r["tiny_rule"]["acc,none"] for name, r in results.items()}
     assert all(0.0 <= a <= 1.0 for a in accs.values())
+    assert all(r["tiny_text"]["bits_per_byte,none"] > 0 for r in results.values())
     out = tmp_path / "outputs" / "lm_eval-tiny"
     table = (out / "results.md").read_text()
-    assert "| tiny_rule | acc | " in table and "| base | sft | dpo |" in table
+    assert "| tiny_rule | acc | " in table and "| tiny_text | bits_per_byte | " in table and "| base | sft | dpo |" in table
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((out / "results.json").read_text())["results"]["dpo"][harness.TINY_TASK]["acc,none"] == accs["dpo"]
+    assert json.loads((out / "results.json").read_text())["results"]["dpo"]["tiny_rule"]["acc,none"] == accs["dpo"]
     # A rerun reuses each model's kept results instead of evaluating again.
     again = run_script("evaluate.py", "lm_eval", "--preset", "tiny", "--limit", "40", cwd=tmp_path)
     assert again["lm_results"] == results
 
 
-def test_the_tiny_task_is_lm_evals_own_yaml_over_a_local_file(tmp_path):
-    folder = harness.tiny_task(tmp_path / "tasks", n=10)
-    config = (folder / "tiny_rule.yaml").read_text()
-    assert "dataset_path: json" in config and str((folder / "tiny_rule.jsonl").resolve()) in config
-    rows = [json.loads(line) for line in (folder / "tiny_rule.jsonl").read_text().splitlines()]
+def test_the_tiny_tasks_are_lm_evals_own_yaml_over_local_files(tmp_path):
     from alignkit.modeling.presets import follows_rule
 
-    assert len(rows) == 10
-    assert all(follows_rule(r["prompt"], r["choices"][0]) and not follows_rule(r["prompt"], r["choices"][1]) for r in rows)
+    folder = harness.tiny_task(tmp_path / "tasks", n=10)
+    for name in harness.TINY_TASKS:
+        config = (folder / f"{name}.yaml").read_text()
+        assert f"task: {name}\ndataset_path: json" in config and str((folder / f"{name}.jsonl").resolve()) in config
+    rule = [json.loads(line) for line in (folder / "tiny_rule.jsonl").read_text().splitlines()]
+    assert len(rule) == 10
+    assert all(follows_rule(r["prompt"], r["choices"][0]) and not follows_rule(r["prompt"], r["choices"][1]) for r in rule)
+    text = [json.loads(line)["text"] for line in (folder / "tiny_text.jsonl").read_text().splitlines()]
+    assert len(text) == 10 and all(t.startswith("<|user|>") and t.endswith("<|end|>") for t in text)
 
 
 def test_missing_lm_eval_is_one_line_naming_the_install(monkeypatch):

@@ -9,9 +9,8 @@ model, with lm_eval's standard errors), `results.json` (lm_eval's results of eac
 `results.png` (a grouped bar chart). Each model's results are kept in `<output_dir>/models/NAME.json` under a key
 of its source, loader settings and the harness settings, so a rerun evaluates only what changed.
 
-The tiny preset defines its own local task (`tiny_task`): `tiny_rule`, a two-way multiple choice over fresh pairs of
-the preset (a rule-following answer and one with a single off-category word), scored by lm_eval's `acc`: the share
-of prompts where the model gives the rule-following answer the higher likelihood.
+The tiny preset defines its own local tasks (`tiny_task`): `tiny_rule` (does the model prefer the rule-following
+answer: the preference) and `tiny_text` (the perplexity of held-out text of the base's own distribution: the tax).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from alignkit.core.args import ConfigError
 from alignkit.core.errors import UserError
 
 INSTALL = "pip install 'alignkit[lm_eval]' (or pip install 'lm_eval>=0.4.13,<0.5')"
-TINY_TASK = "tiny_rule"
+TINY_TASKS = ("tiny_rule", "tiny_text")
 
 
 def require():
@@ -47,48 +46,62 @@ def tiny_defaults() -> dict:
     from alignkit.modeling import presets
 
     return dict(models=[f"base={presets.paths()['model']}", "sft=runs/tiny-sft", "dpo=runs/tiny-dpo"],
-                tasks=[TINY_TASK], include_path=str(presets.tiny_dir() / "lm_eval_tasks"), quantization="none",
+                tasks=list(TINY_TASKS), include_path=str(presets.tiny_dir() / "lm_eval_tasks"), quantization="none",
                 num_threads="1", batch_size=32, output_dir="outputs/lm_eval-tiny")
 
 
 def tiny_task(folder, n: int = 200, seed: int = 1) -> Path:
-    """Write `tiny_rule`: a YAML task config over a local JSONL of n fresh preset pairs (seed 1: not the training
-    data's seed). Rewritten only when missing, so a rerun reads the same file."""
+    """Write the tiny preset's two tasks as lm_eval YAML configs over local JSONL files in `folder` (rewritten only
+    when missing, so a rerun reads the same files), from fresh data of the preset (seeds other than its own):
+
+    - `tiny_rule` (the preference): n prompts, each with a rule-following answer and one with a single
+      off-category word; multiple choice, lm_eval's `acc`;
+    - `tiny_text` (the tax): n chat transcripts of the preset's pretraining distribution (each answer word on topic
+      half of the time), scored by lm_eval's rolling log-likelihood: `word_perplexity` and `bits_per_byte`, lower
+      is better. A tuned model that keeps the base's language stays near the base; one that lost it rises."""
     import random
 
     from alignkit.modeling import presets
 
     folder = Path(folder)
-    data, config = folder / f"{TINY_TASK}.jsonl", folder / f"{TINY_TASK}.yaml"
-    if data.is_file() and config.is_file():
+    if all((folder / f"{name}.{ext}").is_file() for name in TINY_TASKS for ext in ("jsonl", "yaml")):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    rows = []
+    rule = []
     for _ in range(n):
         category, prompt = presets._prompt(rng)
         good = presets._answer(rng, category, 1.0, n_wrong=0)
         bad = presets._answer(rng, category, 0.0, n_wrong=1)
-        rows.append({"prompt": prompt, "choices": [good, bad], "label": 0})
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    # lm_eval's own task schema: a JSON dataset from local files, multiple choice, its `acc` metric. The tiny
-    # tokenizer has no space-prefixed words, so the answer follows the prompt with no delimiter.
-    config.write_text(f"""task: {TINY_TASK}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(str(data.resolve()))}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
+        rule.append({"prompt": prompt, "choices": [good, bad], "label": 0})
+    text = [{"text": presets._render(row["messages"])} for row in presets.make_data(seed + 1)["pretrain"][:n]]
+    # lm_eval's own task schema. The tiny tokenizer has no space-prefixed words, so an answer follows its prompt
+    # with no delimiter.
+    configs = {
+        "tiny_rule": (rule, """output_type: multiple_choice
+doc_to_text: "{{prompt}}"
+doc_to_choice: "{{choices}}"
 doc_to_target: label
 target_delimiter: ""
 metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
-""")
+"""),
+        "tiny_text": (text, """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+"""),
+    }
+    for name, (rows, body) in configs.items():
+        data = folder / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        head = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                f"    test: {json.dumps(str(data.resolve()))}\ntest_split: test\n")
+        (folder / f"{name}.yaml").write_text(head + body)
     return folder
 
 
