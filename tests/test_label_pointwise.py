@@ -50,6 +50,21 @@ def test_kto_on_pointwise_labels_raises_rule_following(tiny_labels, tmp_path):
     assert run["after"] - run["before"] >= 0.05, (run["before"], run["after"])
 
 
+def test_a_reward_model_grades_each_answer_by_its_score(tiny_cache, tmp_path):
+    """rm:RUN_FOLDER: the grade is the reward model's score of (prompt, answer), the label score >= 0 (default)."""
+    from alignkit.feedback.rewards import RewardModel
+
+    folder = run_script("reward.py", "--preset", "tiny", "--max_steps", "2", "--eval_split", "0", "--output_dir",
+                        str(tmp_path), "--run_name", "rm")["run_folder"]
+    out = tmp_path / "labels.jsonl"
+    run_script("label.py", "--preset", "tiny", "--mode", "pointwise", "--judge", f"rm:{folder}", "--max_prompts", "8",
+               "--output", str(out))
+    labelled = rows(out)
+    assert len(labelled) > 10 and all(r["label"] == (r["grade"] >= 0.0) for r in labelled)
+    scores = RewardModel(str(folder))([r["prompt"] for r in labelled], [r["completion"][0]["content"] for r in labelled])
+    assert [r["grade"] for r in labelled] == pytest.approx(scores, abs=1e-5)
+
+
 def _answers(tmp_path: Path) -> None:
     lines = [{"prompt": f"question {i}", "response": f"answer {i}" + (" GOOD" if i % 2 == 0 else "")} for i in range(6)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))

@@ -167,7 +167,7 @@ def prepare(s) -> Run:
     run = Run(s, output, cache_dir, sources, pairing, judge, endpoints, AppendLog(cache_dir / "responses.jsonl"),
               judgments, backend=backend)
     what = f"judge {judge.name}" + (f" with template {judge.template.name}" if judge.template else "") if judge else \
-        "teacher completions"
+        f"{s.judge} grades each answer (--mode pointwise)" if s.mode == "pointwise" else "teacher completions"
     logger.info(f"label: {what}; responses from {', '.join(sorted({src.spec for src in sources}))}; cache "
                 f"{cache_dir} ({len(run.responses)} responses"
                 + (f", {len(judgments)} judgments" if judgments else "") + " cached)")
