@@ -73,11 +73,12 @@ model.print_trainable_parameters()
 # The preset's rule (alignkit.modeling.presets.follows_rule) checks each sampled answer: the share that follow it.
 
 # %%
+from alignkit.core.data import load_rows
 from alignkit.train.kto import rule_following
 
 tiny = settings.preset == "tiny"
 if tiny:
-    prompts = [row["prompt"] for row in presets.make_data()["prompts"]]
+    prompts = [row["prompt"] for row in load_rows(presets.paths()["prompts"])[0]]
     before = rule_following(model, loaded.tokenizer, prompts)
     print(f"rule-following before KTO: {before:.3f}")
 
