@@ -5,7 +5,8 @@
 # fresh LoRA adapter, and the reference is the same model with that adapter switched off, so no second copy
 # is loaded. Started from an SFT adapter, the SFT adapter stays frozen under the new one and is part of the
 # reference. Losses: `sigmoid` (DPO; with `--label_smoothing` it is conservative DPO), `ipo`, and any other
-# TRL loss by name, alone or combined with `--loss_weights`.
+# TRL loss by name, alone or combined with `--loss_weights`; `simpo` (SimPO) and `orpo` (ORPO) need no reference
+# model at all, so no reference pass runs.
 #
 # ```bash
 # python dpo.py --preset tiny                                  # offline CPU demo, about a minute
@@ -16,6 +17,7 @@
 # DPO_BETA=0.1 python dpo.py                                   # the same, from the environment
 # python dpo.py --loss_type ipo --dpo_beta 0.5
 # python dpo.py --label_smoothing 0.1                          # cDPO
+# python dpo.py --preset tiny --loss_type simpo                # SimPO: no reference pass (orpo: ORPO)
 # python dpo.py --preset tiny --adapter lota --lota_sparsity 0.9  # LoTA: a sparse delta instead of LoRA
 # python dpo.py --dataset_id prefs.jsonl --merge_adaptors --push_to_hub --hub_repo_id you/model-dpo
 # python dpo.py --config alignment-handbook/recipes/zephyr-7b-beta/dpo/config_qlora.yaml  # its recipe, as it is
@@ -112,6 +114,7 @@ def make_trainer(args):
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
         processing_class=loaded.tokenizer, frozen_adapters=loaded.frozen,
         reference_adapters=settings.reference_adapters, prefix_sharing=settings.prefix_sharing,
+        simpo_gamma=settings.simpo_gamma, cpo_alpha=settings.cpo_alpha,
     )
 
 

@@ -12,6 +12,8 @@
 #   tiny demo's SFT run against the DPO run trained on top of it, on the demo's prompts, with its rule judge.
 # - `alpaca_eval`: AlpacaEval win rates (raw and length-controlled) against reference outputs, annotated and
 #   scored by the `alpaca_eval` package itself; `--preset tiny` runs offline with the rule judge.
+# - `lm_eval`: the alignment tax: EleutherAI's lm-evaluation-harness tasks (its own configs and metrics) on a
+#   base model and its tuned versions, side by side; `--preset tiny` runs offline on a local task.
 #
 # ```bash
 # python evaluate.py vibes --model_id runs/dpo-run --compare_to runs/sft-run --prompts "Hi!" "Name three fruits."
@@ -27,6 +29,8 @@
 # python evaluate.py pairwise --preset smol                      # offline: SmolLM2 + DPO against SmolLM2
 # python evaluate.py alpaca_eval --model_id runs/dpo-run --reference_model mistralai/Mistral-7B-Instruct-v0.2
 # python evaluate.py alpaca_eval --preset tiny                   # offline: DPO against SFT, rule-judged
+# python evaluate.py lm_eval --models base=mistralai/Mistral-7B-Instruct-v0.2 dpo=runs/dpo-run --tasks ifeval gsm8k mmlu
+# python evaluate.py lm_eval --preset tiny                       # offline: base, SFT and DPO on a local task
 # ```
 #
 # Everything lands in `--output_dir` in FastChat's layout (`model_answer/`, `model_judgment/`), and a rerun
@@ -159,3 +163,18 @@ if command == "alpaca_eval":
     from alignkit.evals import alpacaeval
 
     summary = alpacaeval.run(settings, backend)
+
+# %% [markdown]
+# ## The alignment tax (lm_eval)
+# Each model loaded by alignkit's loader (adapters and chains included) and evaluated by lm-evaluation-harness on
+# its own tasks and metrics (`--tasks`, plus YAML configs in `--include_path`); results kept per model, so a rerun
+# evaluates only what changed. `results.md` (side by side), `results.json` and `results.png` in `--output_dir`
+# (see alignkit.evals.harness). Needs `pip install 'alignkit[lm_eval]'`.
+
+# %%
+if command == "lm_eval":
+    from alignkit.evals import harness
+
+    lm_results, table_file, results_file, chart = harness.run(settings)
+    print("\n" + table_file.read_text())
+    print(f"results: {results_file}\nchart:   {chart}")

@@ -31,6 +31,9 @@
 # # teacher completions as SFT data, the RLAIF paper's first step
 # python label.py --mode completions --model_a openai:gpt-4o --prompts prompts.jsonl --output teacher.jsonl
 # python sft.py --dataset_id teacher.jsonl
+# # KTO data: each answer graded alone (an LLM's 1-10 rating, a reward model's score or a rule) against a threshold
+# python label.py --preset tiny --mode pointwise --judge python:alignkit.modeling.presets:score
+# python kto.py --preset tiny --dataset_id runs/label-tiny/labels.jsonl
 # python label.py --help                         # every setting, its default and env var
 # ```
 
@@ -62,6 +65,11 @@ presets.ensure(settings)
 from alignkit.core.launch import establish_launch
 
 establish_launch(settings, "label.py")  # the process's device, the process group, what this launch refuses
+if settings.mode == "pointwise":  # each answer graded alone (alignkit.feedback.pointwise); its grader checked now
+    from alignkit.feedback import pointwise
+
+    pointwise.settle_output(settings)
+    grader = pointwise.Grader(settings)
 run = prepare(settings)
 
 # %% [markdown]
@@ -110,10 +118,13 @@ judge_pairs(run, pairs)
 # %%
 from alignkit.feedback.labeling import format_summary, write_output
 
-summary = write_output(run, prompts, responses, pairs)
+if settings.mode == "pointwise":  # rows of prompt, completion, label (grade >= --grade_threshold), grade
+    summary = pointwise.grade(run, grader, prompts, responses)
+else:
+    summary = write_output(run, prompts, responses, pairs)
 print(format_summary(summary))
 print(f"\nwrote {run.output} (summary: {run.summary_path})")
-next_step = "dpo.py" if settings.mode == "pairs" else "sft.py"
+next_step = {"pairs": "dpo.py", "completions": "sft.py", "pointwise": "kto.py"}[settings.mode]
 preset = f" --preset {settings.preset}" if settings.preset else ""
 print(f"train on it: python {next_step}{preset} --dataset_id {run.output}")
 

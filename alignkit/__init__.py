@@ -1,6 +1,6 @@
 """alignkit: align language models with LoRA/QLoRA adapters on top of Hugging Face TRL.
 
-The package holds the logic; the top-level cell scripts (sft.py, dpo.py, reward.py, rl.py, rlaif.py, label.py,
+The package holds the logic; the top-level cell scripts (sft.py, dpo.py, kto.py, reward.py, rl.py, rlaif.py, label.py,
 evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpackage per pipeline stage:
 
 - core (shared infrastructure):
@@ -25,7 +25,8 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
 - train (training and its algorithms):
   training (run folders, TRL configs, resume, finish),
   trainers (alignkit's TRL trainers),
-  losses (preference losses TRL lacks),
+  losses (preference losses TRL lacks: the DPO paper's, SimPO, ORPO),
+  kto (kto.py's trainer: TRL's KTOTrainer with alignkit's adapters and reference),
   prefix (DPO prefix sharing: a pair's prompt computed once),
   refcache (reference log-prob cache),
   lota (Lottery Ticket Adaptation),
@@ -35,11 +36,13 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
 - feedback (AI feedback):
   judge (label.py's judges),
   labeling (label.py's pipeline),
+  pointwise (label.py --mode pointwise: one grade per answer, KTO data),
   rewards (reward models as one callable and as a judge).
 - evals (evaluation):
   evaluation (evaluate.py's commands, vibes and the pairwise flow),
   mtbench, fastchat_compat and results (the pairwise flow's answers, FastChat judging and statistics),
-  alpacaeval (evaluate.py alpaca_eval).
+  alpacaeval (evaluate.py alpaca_eval),
+  harness (evaluate.py lm_eval: EleutherAI's lm-evaluation-harness).
 
 This module itself holds the `alignkit` logger and the library-noise helpers every module imports.
 """

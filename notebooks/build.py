@@ -19,7 +19,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "notebooks"
-SCRIPTS = ("sft", "label", "dpo", "evaluate", "merge", "reward", "rl", "rlaif")  # pipeline order
+SCRIPTS = ("sft", "label", "dpo", "kto", "evaluate", "merge", "reward", "rl", "rlaif")  # pipeline order
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 
 

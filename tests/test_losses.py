@@ -7,7 +7,7 @@ import torch
 
 from alignkit.core.config import DPOSettings
 from alignkit.core.errors import UserError
-from alignkit.train.losses import answer_logps, preference_loss
+from alignkit.train.losses import answer_logps, mean_answer_logps, preference_loss, reference_free_loss
 
 
 def logsig(x: float) -> float:
@@ -137,3 +137,125 @@ def test_f_divergence_scores_replace_the_log_ratios(f, score):
         h_f = score(PC[i] - RC[i]) - score(PR[i] - RR[i])
         assert losses[i].item() == pytest.approx(-logsig(beta * h_f), rel=1e-6)  # alpha: in fp32, as TRL
         assert chosen_rewards[i].item() == pytest.approx(beta * (PC[i] - RC[i]))  # rewards stay the log-ratios
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference-free losses: SimPO and ORPO, on length-normalised log-probs (the two pairs' answers: 4/5 and 2/6 tokens)
+
+LENGTHS_C, LENGTHS_R = [4, 2], [5, 6]
+AC = [PC[i] / LENGTHS_C[i] for i in range(2)]  # -2.5, -10
+AR = [PR[i] / LENGTHS_R[i] for i in range(2)]  # -2.4, -3
+
+
+def averaged():
+    return torch.tensor(AC, dtype=torch.float64), torch.tensor(AR, dtype=torch.float64)
+
+
+def test_mean_answer_logps_divide_by_the_answer_tokens():
+    # Next-token log-probs line up with mask[:, 1:]; rows of 4, 2, 5 and 6 answer tokens summing to PC and PR.
+    mask = torch.zeros(4, 8, dtype=torch.long)
+    for row, n in enumerate(LENGTHS_C + LENGTHS_R):
+        mask[row, 1 : 1 + n] = 1
+    per_token = mask[:, 1:].double() * torch.tensor(AC + AR, dtype=torch.float64)[:, None]
+    assert mean_answer_logps(per_token, mask).tolist() == pytest.approx(AC + AR, rel=1e-12)
+
+
+@pytest.mark.parametrize("beta, gamma, eps, alpha", [(2.0, 1.0, 0.0, 0.0), (2.5, 0.5, 0.1, 0.0), (0.1, 0.3, 0.0, 1.0)])
+def test_simpo_is_the_papers_loss(beta, gamma, eps, alpha):
+    """Meng et al. 2024, eq. 6: -log sigmoid(beta/|yw| log p(yw) - beta/|yl| log p(yl) - gamma); cDPO smoothing
+    and CPO's NLL term as TRL's CPOTrainer adds them."""
+    losses, chosen_rewards, rejected_rewards = reference_free_loss(*averaged(), beta, "simpo", gamma, alpha, eps)
+    for i in range(2):
+        z = beta * AC[i] - beta * AR[i] - gamma
+        expected = -(1 - eps) * logsig(z) - eps * logsig(-z) - alpha * AC[i]
+        assert losses[i].item() == pytest.approx(expected, abs=1e-6, rel=1e-6)
+        assert chosen_rewards[i].item() == pytest.approx(beta * AC[i]) and rejected_rewards[i].item() == pytest.approx(beta * AR[i])
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_orpo_is_the_papers_loss(beta):
+    """Hong et al. 2024, eqs. 6-7: L_SFT + lambda * -log sigmoid(log(odds(yw) / odds(yl))), odds(y) = P / (1 - P)
+    with P = exp(mean token log-prob); L_SFT is the chosen answer's mean token NLL."""
+    losses, chosen_rewards, _ = reference_free_loss(*averaged(), beta, "orpo")
+    for i in range(2):
+        pw, pl = math.exp(AC[i]), math.exp(AR[i])
+        log_odds_ratio = math.log((pw / (1 - pw)) / (pl / (1 - pl)))
+        assert losses[i].item() == pytest.approx(-AC[i] - beta * logsig(log_odds_ratio), abs=1e-6, rel=1e-6)
+        assert chosen_rewards[i].item() == pytest.approx(beta * AC[i])
+
+
+def _trl_self(**fields):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(accelerator=SimpleNamespace(device="cpu"), alpha=0.0, **fields)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_simpo_matches_trls_cpo_trainer(eps):
+    """TRL's CPOTrainer.cpo_loss with loss_type simpo (and cpo_alpha 0) on the same averaged log-probs."""
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    trl_self = _trl_self(beta=2.0, simpo_gamma=0.8, label_smoothing=eps, loss_type="simpo")
+    trl_losses, trl_chosen, trl_rejected = CPOTrainer.cpo_loss(trl_self, *averaged())
+    losses, chosen, rejected = reference_free_loss(*averaged(), 2.0, "simpo", 0.8, 0.0, eps)
+    assert torch.allclose(losses, trl_losses, atol=1e-6, rtol=0)
+    assert torch.allclose(chosen, trl_chosen) and torch.allclose(rejected, trl_rejected)
+
+
+def test_orpo_matches_trls_orpo_trainer():
+    """TRL's ORPOTrainer: loss = NLL(chosen) - mean(beta * log sigmoid(log odds)), its odds_ratio_loss on the same
+    averaged log-probs; its NLL is the chosen tokens' mean, which is -AC when the chosen answers are equally long."""
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    ac, ar = averaged()
+    ac = torch.tensor([-2.5, -2.5 / 3], dtype=torch.float64)  # two chosen answers of one length: the NLL terms agree
+    trl_or, trl_chosen, _, _, _ = ORPOTrainer.odds_ratio_loss(_trl_self(beta=0.3), ac, ar)
+    trl_loss = -ac.mean() - trl_or.mean()
+    losses, chosen, _ = reference_free_loss(ac, ar, 0.3, "orpo")
+    assert losses.mean().item() == pytest.approx(trl_loss.item(), abs=1e-6)
+    assert torch.allclose(chosen, trl_chosen.double())
+
+
+def test_reference_free_gradients_prefer_the_chosen_answer():
+    for loss_type in ("simpo", "orpo"):
+        ac, ar = (torch.tensor([v], requires_grad=True) for v in (-2.0, -2.0))
+        losses, _, _ = reference_free_loss(ac, ar, 0.5, loss_type)
+        losses.sum().backward()
+        assert ac.grad.item() < 0 < ar.grad.item(), loss_type
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(loss_type="sigmoid"), "reference-free loss_type"),
+    (dict(loss_type="orpo", label_smoothing=0.1), "no effect with --loss_type orpo"),
+    (dict(loss_type="simpo", beta=0.0), "beta"),
+])
+def test_reference_free_bad_arguments_are_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        reference_free_loss(*averaged(), **{"beta": 0.1, **kwargs})
+    with pytest.raises(ValueError, match="reference_free_loss"):
+        preference_loss(*tensors(), beta=0.1, loss_type="simpo")  # no reference to read: the other function
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(loss_type=["simpo", "sft"]), "simpo reads no reference model and runs alone"),
+    (dict(loss_type=["sigmoid", "orpo"]), "orpo reads no reference model and runs alone"),
+    (dict(loss_type=["orpo"], precompute_ref_log_probs=True), "--precompute_ref_log_probs has no effect"),
+    (dict(loss_type=["simpo"], reference_adapters=0), "--reference_adapters has no effect"),
+    (dict(loss_type=["orpo"], cpo_alpha=1.0), "--cpo_alpha applies to --loss_type simpo only, not orpo"),
+    (dict(simpo_gamma=1.0), "--simpo_gamma applies to --loss_type simpo only, not sigmoid"),
+])
+def test_reference_free_settings_refused_at_settings_time(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        DPOSettings(**kwargs)
+
+
+def test_rlaif_refuses_a_reference_for_a_reference_free_loss():
+    from alignkit.core.config import RLAIFSettings
+
+    with pytest.raises(UserError, match="--reference start has no effect with --loss_type orpo"):
+        RLAIFSettings(loss_type=["orpo"], reference="start")
+    assert RLAIFSettings(loss_type=["orpo"]).reference == "previous"
+
+
+def test_simpo_reads_label_smoothing():
+    assert DPOSettings(loss_type=["simpo"], label_smoothing=0.1).label_smoothing == 0.1

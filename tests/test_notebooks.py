@@ -159,7 +159,7 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
 class Pipeline:
     """The notebooks run once each, in one working folder; a notebook first runs the ones it needs."""
 
-    NEEDS = {"sft": [], "label": [], "dpo": ["sft"], "evaluate": ["sft", "dpo"], "merge": ["dpo"], "rl": ["sft"],
+    NEEDS = {"sft": [], "label": [], "dpo": ["sft"], "kto": ["sft"], "evaluate": ["sft", "dpo"], "merge": ["dpo"], "rl": ["sft"],
              "rlaif": ["sft"], "reward": []}
     # Environment variables, the notebook way to set things from outside (argv is the kernel's, not ours).
     SETTINGS = {
@@ -167,6 +167,7 @@ class Pipeline:
         "label": {"PRESET": "tiny"},
         # DPO on top of the SFT adapter, as in real use; evaluate.py then compares the two runs.
         "dpo": {"PRESET": "tiny", "MODEL_ID": "runs/tiny-sft"},
+        "kto": {"PRESET": "tiny", "MODEL_ID": "runs/tiny-sft"},  # KTO on the pairs split in two, over the SFT adapter
         # A kernel has no argv for the command, so evaluate.py reads it from COMMAND; the tiny preset's models
         # are the two run folders the notebooks above wrote.
         "evaluate": {"PRESET": "tiny", "COMMAND": "pairwise"},
@@ -224,6 +225,13 @@ def test_dpo_notebook_beats_chance(pipeline):
     # (recorded relative to the DPO adapter, so runs/ can be moved as a whole)
     base = pipeline.cwd / "runs/tiny-dpo" / config["base_model_name_or_path"]
     assert base.resolve() == (pipeline.cwd / "runs/tiny-sft").resolve()
+
+
+def test_kto_notebook_raises_rule_following(pipeline):
+    out = pipeline.run("kto")
+    assert re.search(r"^adapter: runs/tiny-kto$", out, re.M), out[-2000:]
+    after, before = map(float, re.search(r"^rule-following after KTO: ([0-9.]+) \(before: ([0-9.]+)\)$", out, re.M).groups())
+    assert after > before, out[-2000:]
 
 
 def test_evaluate_notebook_prints_the_pairwise_table(pipeline):

@@ -28,17 +28,25 @@ from alignkit.core.tool_settings import (
     AlpacaEvalSettings,
     EvalSettings,
     LabelSettings,
+    LMEvalSettings,
     MergeSettings,
     MTBenchSettings,
     PairwiseSettings,
     VibesSettings,
 )
-from alignkit.core.train_settings import DPOSettings, RewardSettings, RLAIFSettings, RLSettings, SFTSettings
+from alignkit.core.train_settings import (
+    DPOSettings,
+    KTOSettings,
+    RewardSettings,
+    RLAIFSettings,
+    RLSettings,
+    SFTSettings,
+)
 
 __all__ = [
     "ModelSettings", "loader_settings", "HubPushSettings", "JudgeEndpointSettings", "JudgeAnswerSettings",
     "TrainSettings", "LoTASettings", "BatchingSettings", "GenerationSettings",
     "SFTSettings", "DPOSettings", "RewardSettings", "RLSettings", "RLAIFSettings",
     "LabelSettings", "EvalSettings", "VibesSettings", "MTBenchSettings", "PairwiseSettings", "AlpacaEvalSettings",
-    "MergeSettings",
+    "MergeSettings", "KTOSettings", "LMEvalSettings",
 ]

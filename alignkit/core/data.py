@@ -15,7 +15,7 @@ import datasets
 from alignkit.core.errors import UserError
 
 __all__ = ["DataError", "PREFERENCE_FORMATS", "SFT_FORMATS", "load_rows", "load_preferences", "load_sft",
-           "detect_format", "is_hh_prompt", "hh_prompt_messages"]
+           "load_unpaired", "detect_format", "is_hh_prompt", "hh_prompt_messages"]
 
 logger = logging.getLogger("alignkit")
 
@@ -349,6 +349,16 @@ def _sft_prompt_completion(row):
     return {"prompt": _check_prompt(context or prompt, "prompt"), "completion": completion}
 
 
+def _unpaired(row):
+    """One labelled answer (KTO): prompt, completion, label true (desirable) or false (undesirable)."""
+    label = row.get("label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        label = label.strip().lower() == "true"
+    if not isinstance(label, bool):
+        raise _bad("label", "true or false", label)
+    return {**_sft_prompt_completion(row), "label": label}
+
+
 # Format -> (normaliser, required columns). "auto" tries them in this order, most specific first; hh and
 # ultrafeedback share their columns and are told apart by the type of `chosen` (transcript string or message list).
 _TABLES = {
@@ -368,11 +378,12 @@ _TABLES = {
         "text": (lambda row: {"text": _text(row.get("text"), "text")}, ("text",)),
     },
 }
+_TABLES["unpaired"] = {"unpaired": (_unpaired, ("prompt", "completion", "label")), **_TABLES["preference"]}
 _NOTES = {"hh": " as transcript strings, or split after an HH prompt column", "ultrafeedback": " as message lists"}
 
 
 def _choices(kind):
-    names = PREFERENCE_FORMATS if kind == "preference" else SFT_FORMATS
+    names = list(_TABLES[kind])
     return "; ".join(f"{name} ({', '.join(_TABLES[kind][name][1])}{_NOTES.get(name, '')})" for name in names)
 
 
@@ -380,7 +391,7 @@ def detect_format(columns, kind, source=None) -> str:
     """The `kind` ("preference" or "sft") format of data with these columns: a list of names, or a mapping of
     name -> example value or datasets feature (only that tells hh transcripts from ultrafeedback message lists)."""
     if kind not in _TABLES:
-        raise ValueError(f"kind must be 'preference' or 'sft', got {kind!r}")
+        raise ValueError(f"kind must be one of {', '.join(_TABLES)}, got {kind!r}")
     names = list(columns)
     for name, (_, required) in _TABLES[kind].items():
         if all(column in names for column in required):
@@ -441,3 +452,15 @@ def load_preferences(source, format="auto", split="train", skip_invalid=False, c
 def load_sft(source, format="auto", split="train", skip_invalid=False, config_name=None) -> datasets.Dataset:
     """SFT rows: `messages`, or `prompt`/`completion` message lists, or `text`, depending on the data."""
     return _load("sft", source, format, split, skip_invalid, config_name)
+
+
+def load_unpaired(source, format="auto", split="train", skip_invalid=False, config_name=None) -> datasets.Dataset:
+    """Labelled answers for KTO: `prompt` (the turns before the answer), `completion` ([assistant turn]) and `label`
+    (True: desirable). Preference pairs in any supported format become two rows each: chosen True, rejected False."""
+    data = _load("unpaired", source, format, split, skip_invalid, config_name)
+    if "label" in data.column_names:
+        return data
+    return datasets.Dataset.from_list([
+        {"prompt": row["prompt"], "completion": row[side], "label": side == "chosen"}
+        for row in data for side in ("chosen", "rejected")
+    ])

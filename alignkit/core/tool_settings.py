@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from dataclasses import field as _field  # init=False: a field that is not a flag
 
-from alignkit.core.args import setting
+from alignkit.core.args import ConfigError, setting
 from alignkit.core.groups import (
     GenerationSettings,
     HubPushSettings,
     JudgeAnswerSettings,
     JudgeEndpointSettings,
+    ModelSettings,
+    _chain_post_init,
 )
 
 
@@ -28,8 +30,12 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
     )
     mode: str = setting(
         "pairs", "pairs: judged response pairs, preference data for dpo.py; completions: a teacher's answers, "
-        "SFT data for sft.py", choices=["pairs", "completions"],
+        "SFT data for sft.py; pointwise: each answer graded alone against --grade_threshold, KTO data for kto.py",
+        choices=["pairs", "completions", "pointwise"],
     )
+    grade_threshold: float | None = setting(
+        None, "--mode pointwise: an answer is desirable when its grade reaches this; default: 7 for an LLM's 1-10 "
+        "rating, 0 for a reward model's score, 1 for a python grader (True counts 1)")
     # Prompts
     prompts: str | None = setting(
         None, "prompts: .jsonl/.json/.csv/.parquet file or Hub dataset id; default: the prompts of --responses_a"
@@ -256,3 +262,35 @@ class MergeSettings(HubPushSettings):
             raise ValueError("pass the adapter to merge: --adapter_dir RUN_FOLDER (or --preset tiny)")
         super().__post_init__()
 
+
+@dataclass
+class LMEvalSettings(ModelSettings):
+    """evaluate.py lm_eval: EleutherAI's lm-evaluation-harness on a base model and its tuned versions (the alignment
+    tax), its own tasks and metrics (alignkit.evals.harness). The loader settings apply to every model; lm_eval's
+    tasks carry their own prompts and generation settings, so none of evaluate.py's generation flags apply."""
+
+    model_id: str = _field(default="", init=False)  # the models come from --models; the loader settings apply to each
+    revision: str | None = _field(default=None, init=False)
+    backend: str = _field(default="transformers", init=False)  # lm_eval runs its HF class on the loaded model
+    num_beams: int = _field(default=1, init=False)
+    preset: str | None = setting(None, "named defaults: 'tiny' runs the base model and the tiny runs on a local task")
+    models: list[str] = setting([], "models side by side, as NAME=ID_OR_PATH (Hub id, local, adapter or merged folder, .gguf)")
+    tasks: list[str] = setting([], "lm_eval task names as lm_eval lists them, e.g. ifeval gsm8k mmlu hellaswag")
+    include_path: str | None = setting(None, "folder of extra lm_eval task YAML configs (e.g. a task over local files)")
+    num_fewshot: int | None = setting(None, "few-shot examples per prompt; default: each task's own")
+    limit: float | None = setting(None, "at most N examples per task (a share when < 1); for quick runs, not for reporting")
+    apply_chat_template: bool = setting(True, "wrap each prompt in the model's chat template (tuned chat models expect it)")
+    batch_size: int = setting(8, "lm_eval's batch size")
+    seed: int = setting(42, "lm_eval's seeds (sampling, few-shot selection)")
+    output_dir: str = setting("outputs/lm_eval", "results.md, results.json, results.png and each model's kept results")
+
+    def __post_init__(self):
+        _chain_post_init(self, LMEvalSettings)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.models:
+            raise ConfigError("pass the models: --models NAME=ID_OR_PATH ... (e.g. base=org/model dpo=runs/dpo-run)")
+        if not self.tasks:
+            raise ConfigError("pass the tasks: --tasks NAME ... (lm_eval's names, e.g. ifeval gsm8k mmlu)")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"limit must be > 0, got {self.limit}")

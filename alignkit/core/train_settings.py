@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from alignkit.core.args import setting
+from alignkit.core.args import ConfigError, setting
 from alignkit.core.groups import (
     BatchingSettings,
     GenerationSettings,
@@ -41,8 +41,11 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
     dpo_beta: float = setting(0.1, "beta: strength of the pull towards the reference (IPO: its tau)")
     loss_type: list[str] = setting(
         default_factory=lambda: ["sigmoid"],
-        help="TRL DPO loss(es), comma separated (sigmoid, ipo, hinge, robust, ...); sigmoid and ipo follow the DPO paper's code",
+        help="TRL DPO loss(es), comma separated (sigmoid, ipo, hinge, robust, ...); sigmoid and ipo follow the DPO paper's code; "
+        "simpo and orpo (alone) need no reference model",
     )
+    simpo_gamma: float = setting(0.5, "SimPO's target reward margin gamma (--loss_type simpo; TRL's CPOConfig name)")
+    cpo_alpha: float = setting(0.0, "weight of an NLL term on the chosen answers under --loss_type simpo (CPO; TRL's name)")
     loss_weights: list[float] | None = setting(None, "weights for a comma list of loss types, e.g. 0.8,0.2")
     label_smoothing: float = setting(
         0.0, "conservative DPO (cDPO): assumed share of flipped labels, in [0, 0.5); read by sigmoid, TRL's robust, exo_pair, aot"
@@ -61,9 +64,17 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
         if self.dpo_beta <= 0:
             raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
         # the loss module owns the bounds and which losses read it
-        from alignkit.train.losses import check_label_smoothing
+        from alignkit.train.losses import check_label_smoothing, check_loss_types, is_reference_free
 
         check_label_smoothing(self.label_smoothing, self.loss_type)  # e.g. ipo would silently drop it
+        check_loss_types(self.loss_type)  # simpo and orpo run alone
+        for name, default in (("simpo_gamma", 0.5), ("cpo_alpha", 0.0)):
+            if getattr(self, name) != default and self.loss_type != ["simpo"]:
+                raise ConfigError(f"--{name} applies to --loss_type simpo only, not {','.join(self.loss_type)}; drop it")
+        for name, unset in (("precompute_ref_log_probs", False), ("reference_adapters", None)):
+            if is_reference_free(self.loss_type) and getattr(self, name) is not unset:
+                raise ConfigError(f"--{name} has no effect with --loss_type {self.loss_type[0]}: it reads no "
+                                  "reference model; drop it")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(
                 f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types {self.loss_type}"
@@ -202,7 +213,42 @@ class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
         super().__post_init__()
         if self.rounds < 1 or self.num_samples < 2:
             raise ValueError(f"rounds must be >= 1 and num_samples >= 2, got {self.rounds} and {self.num_samples}")
+        from alignkit.train.losses import is_reference_free
+
+        if self.reference == "start" and is_reference_free(self.loss_type):
+            raise ConfigError(f"--reference start has no effect with --loss_type {self.loss_type[0]}: it reads no "
+                              "reference model; drop it")
         if self.adapter == "lota" and self.reference == "start" and self.rounds > 1:
             # Round r loads the earlier rounds' LoTA deltas into the weights, where no reference can switch them off.
             raise ValueError("--adapter lota with --reference start is not supported past round 1 (the earlier rounds' "
                              "deltas are part of the loaded weights): use --reference previous, or --adapter lora")
+
+
+# ---------------------------------------------------------------- kto.py
+@dataclass
+class KTOSettings(TrainSettings):
+    """kto.py: KTO on unpaired, labelled answers (alignkit.train.kto); TRL's KTOConfig names."""
+
+    run_type: ClassVar[str] = "kto"
+    help_title: ClassVar[str] = "KTO"
+    trl_configs: ClassVar[tuple[str, ...]] = ("KTOConfig",)
+    dataset_id: str = setting(
+        "trl-lib/kto-mix-14k", "labelled answers (prompt, completion, label) or preference pairs (each becomes a "
+        "desirable and an undesirable row): Hub id or local file")
+    beta: float = setting(0.1, "KTO's beta: strength of the pull towards the reference")
+    desirable_weight: float = setting(1.0, "weight of the desirable answers' loss (raise it when they are fewer)")
+    undesirable_weight: float = setting(1.0, "weight of the undesirable answers' loss")
+    loss_type: str = setting("kto", "kto (with the KL baseline) or apo_zero_unpaired", choices=["kto", "apo_zero_unpaired"])
+    precompute_ref_log_probs: bool = setting(False, "compute reference log-probs up front")
+    reference_adapters: int | None = setting(
+        None, "how many of the adapters the model was loaded with, from the base up, the reference keeps on; "
+        "default: all (the model you start from); 0: the bare base")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beta <= 0 or self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ConfigError(f"beta, desirable_weight and undesirable_weight must be > 0, got {self.beta}, "
+                              f"{self.desirable_weight} and {self.undesirable_weight}")
+        if self.loss_type == "kto" and self.per_device_train_batch_size < 2:
+            raise ConfigError("--loss_type kto estimates its KL baseline from mismatched answers in a batch: pass "
+                              "--per_device_train_batch_size 2 or more (or --loss_type apo_zero_unpaired)")

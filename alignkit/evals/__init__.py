@@ -5,4 +5,5 @@
 - alpacaeval: evaluate.py alpaca_eval through the alpaca_eval package.
 - fastchat_compat: FastChat's judge code adapted to today's stack.
 - results: the pairwise flow's statistics, table and chart.
+- harness: evaluate.py lm_eval through EleutherAI's lm-evaluation-harness (the alignment tax).
 """

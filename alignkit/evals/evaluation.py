@@ -20,13 +20,16 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError, config_to_dict, parse_config, redact, save_config
-from alignkit.core.config import AlpacaEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings, loader_settings
+from alignkit.core.config import (
+    AlpacaEvalSettings, LMEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings, loader_settings,
+)
 
 COMMANDS = {
     "vibes": (VibesSettings, "a quick look at one model's answers, or two models side by side"),
     "mt_bench": (MTBenchSettings, "MT-Bench answers, judged pairwise by an OpenAI-compatible model via FastChat"),
     "pairwise": (PairwiseSettings, "the same pairwise flow on your own prompts (--preset tiny: offline demo)"),
     "alpaca_eval": (AlpacaEvalSettings, "AlpacaEval win rates (and length-controlled) through the alpaca_eval package"),
+    "lm_eval": (LMEvalSettings, "lm-evaluation-harness tasks on a base model and its tuned versions, side by side"),
 }
 USAGE = "\n".join([f"usage: evaluate.py {{{','.join(COMMANDS)}}} [--OPTION VALUE ...]", ""]
                   + [f"  {name:<12}{text}" for name, (_, text) in COMMANDS.items()]
@@ -54,6 +57,10 @@ def parse_command(argv: list[str], command: str | None = None, overrides: dict |
         from alignkit.evals.alpacaeval import tiny_defaults
 
         named["tiny"] = tiny_defaults()
+    if command == "lm_eval":  # the base and the tiny runs on the preset's local task (alignkit.evals.harness)
+        from alignkit.evals.harness import tiny_defaults
+
+        named = {"tiny": tiny_defaults()}
     settings = parse_config(settings_class, args=argv, presets=named if "preset" in fields else None,
                             overrides=overrides, prog=f"evaluate.py {command}", description=description)
     presets.ensure(settings)

@@ -150,7 +150,7 @@ def prepare(s) -> Run:
     if not prompt_source:
         raise ConfigError("pass --prompts: a .jsonl/.json/.csv/.parquet file or a Hub dataset id, with the prompt "
                           f"in column {s.prompt_field!r} (see --prompt_field)")
-    kind = "preferences" if s.mode == "pairs" else "completions"
+    kind = {"pairs": "preferences", "completions": "completions", "pointwise": "labels"}[s.mode]
     output = Path(s.output or f"runs/label-{_slug(prompt_source)}/{kind}.jsonl")
     if output.suffix != ".jsonl":
         raise ConfigError(f"--output {output}: name a .jsonl file (one JSON row a line, which dpo.py and sft.py read)")
@@ -167,7 +167,7 @@ def prepare(s) -> Run:
     run = Run(s, output, cache_dir, sources, pairing, judge, endpoints, AppendLog(cache_dir / "responses.jsonl"),
               judgments, backend=backend)
     what = f"judge {judge.name}" + (f" with template {judge.template.name}" if judge.template else "") if judge else \
-        "teacher completions"
+        f"{s.judge} grades each answer (--mode pointwise)" if s.mode == "pointwise" else "teacher completions"
     logger.info(f"label: {what}; responses from {', '.join(sorted({src.spec for src in sources}))}; cache "
                 f"{cache_dir} ({len(run.responses)} responses"
                 + (f", {len(judgments)} judgments" if judgments else "") + " cached)")

@@ -84,6 +84,11 @@ def defaults(stage: str) -> dict:
         return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 1e-3,
                 "num_train_epochs": 3.0, "loss_type": ["sigmoid", "sft"],
                 "run_name": "tiny-dpo"}
+    if stage == "kto":
+        # KTO on the pairs split into labelled answers (chosen: desirable, rejected: undesirable), from the base
+        # or from the SFT adapter (--model_id runs/tiny-sft), which stays frozen under the new one.
+        return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 1e-3,
+                "num_train_epochs": 2.0, "run_name": "tiny-kto"}
     if stage == "reward":
         # A reward model on the base model (a fresh score head + LoRA) learns the rule from the pairs alone. It
         # must compare each answer word with the prompt's category at the last token, which this small model

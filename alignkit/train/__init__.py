@@ -1,8 +1,9 @@
-"""Training and its algorithms: what sft.py, dpo.py, reward.py, rl.py and rlaif.py run.
+"""Training and its algorithms: what sft.py, dpo.py, kto.py, reward.py, rl.py and rlaif.py run.
 
 - training: run folders, TRL configs, resume, finish.
 - trainers: alignkit's TRL trainers (stacked adapters, the explicit reference pass).
-- losses: preference losses TRL lacks.
+- losses: preference losses TRL lacks (the DPO paper's sigmoid and IPO; SimPO and ORPO, reference-free).
+- kto: kto.py's trainer (TRL's KTOTrainer with stacked adapters and alignkit's reference).
 - prefix: DPO prefix sharing (a pair's prompt computed once).
 - refcache: the reference log-prob cache.
 - lota: Lottery Ticket Adaptation (sparse deltas instead of LoRA).

@@ -12,6 +12,20 @@ DPO paper's reference code (Rafailov et al. 2023, github.com/eric-mitchell/direc
 `s` is the f-divergence score of a log-ratio u (f-DPO, Wang et al. 2023; TRL's `f_divergence_type`):
 reverse_kl u (plain DPO), forward_kl 1 - exp(-u), js_divergence log 2 + logsigmoid(u), alpha_divergence
 (exp((a - 1) u) - 1) / (a - 1). Every score is 0 at u = 0, so an untrained policy has h = 0 under each.
+
+Reference-free losses (`reference_free_loss`) read the policy alone, through length-normalised log-probs
+a = (summed answer log-prob) / (answer tokens), so no reference pass runs at all:
+
+    simpo (Meng et al. 2024, eq. 6; cDPO-smoothed as TRL's CPOTrainer):
+        z = beta * (ac - ar) - gamma
+        loss = -(1 - eps) * logsigmoid(z) - eps * logsigmoid(-z) + cpo_alpha * (-ac)    (cpo_alpha: CPO's NLL term)
+    orpo (Hong et al. 2024, eqs. 6-7; lambda is beta, as in TRL's ORPOTrainer):
+        log odds(y) = a - log(1 - exp(a))
+        loss = -ac - beta * logsigmoid(log odds(yc) - log odds(yr))                     (SFT NLL + lambda * L_OR)
+    rewards:  chosen = beta * ac,  rejected = beta * ar   (what TRL's CPO and ORPO trainers log)
+
+The NLL term is each chosen answer's mean token NLL (the papers' per-example form; TRL averages over the tokens
+of the whole batch, the same when the chosen answers are equally long).
 """
 
 from __future__ import annotations
@@ -24,7 +38,9 @@ import torch.nn.functional as F
 from alignkit.core.args import ConfigError
 
 # The loss types this module computes; AlignDPOTrainer routes a list made only of these here instead of to TRL.
-LOSS_TYPES = ("sigmoid", "ipo")
+LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo")
+# Of those, the ones that read no reference: AlignDPOTrainer runs no reference pass for them.
+REFERENCE_FREE = ("simpo", "orpo")
 # TRL's loss types that read label_smoothing (TRL's sigmoid does not: alignkit's does, as cDPO).
 TRL_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -33,6 +49,21 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 def is_own_loss(loss_types) -> bool:
     """True when every loss type is computed here; one TRL-only name sends the whole list to TRL."""
     return set(loss_types) <= set(LOSS_TYPES)
+
+
+def is_reference_free(loss_types) -> bool:
+    """True for a reference-free loss; check_loss_types makes sure it stands alone."""
+    return any(t in REFERENCE_FREE for t in loss_types)
+
+
+def check_loss_types(loss_types) -> None:
+    """A reference-free loss runs alone: combined with a reference-based one, the reference pass would be back."""
+    free = [t for t in loss_types if t in REFERENCE_FREE]
+    if free and len(loss_types) > 1:
+        raise ConfigError(
+            f"--loss_type {','.join(loss_types)}: {free[0]} reads no reference model and runs alone; drop the other "
+            "loss types (simpo adds an NLL term with --cpo_alpha; orpo has its own)"
+        )
 
 
 def check_label_smoothing(label_smoothing: float, loss_types=("sigmoid",)) -> None:
@@ -51,11 +82,11 @@ def check_label_smoothing(label_smoothing: float, loss_types=("sigmoid",)) -> No
             f"label_smoothing (cDPO) with loss_type {names}: TRL ignores label smoothing for sigmoid. "
             "Combine sigmoid with ipo only, or drop --label_smoothing."
         )
-    readers = {"sigmoid", *TRL_SMOOTHED} if is_own_loss(loss_types) else set(TRL_SMOOTHED)
+    readers = {"sigmoid", "simpo", *TRL_SMOOTHED} if is_own_loss(loss_types) else set(TRL_SMOOTHED)
     if not readers & set(loss_types):
         raise ConfigError(
-            f"--label_smoothing {label_smoothing} has no effect with --loss_type {names}: it smooths sigmoid (cDPO) "
-            f"and TRL's {', '.join(TRL_SMOOTHED)}; drop --label_smoothing or use --loss_type sigmoid"
+            f"--label_smoothing {label_smoothing} has no effect with --loss_type {names}: it smooths sigmoid (cDPO), "
+            f"simpo and TRL's {', '.join(TRL_SMOOTHED)}; drop --label_smoothing or use --loss_type sigmoid"
         )
 
 
@@ -79,6 +110,50 @@ def answer_logps(per_token: torch.Tensor, completion_mask: torch.Tensor, ld_alph
     shared_mask = (positions > 0) & (positions <= shared)
     tail_mask = positions > shared
     return (per_token * shared_mask).sum(dim=1) + ld_alpha * (per_token * tail_mask).sum(dim=1)
+
+
+def mean_answer_logps(per_token: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's answer log-prob divided by its answer tokens, shape (rows,): SimPO's and ORPO's length-normalised
+    log-prob (`per_token` and `completion_mask` as for answer_logps)."""
+    return answer_logps(per_token, completion_mask) / completion_mask[..., 1:].sum(dim=1).clamp_min(1)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation (Maechler 2012: branch at -log 2)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def reference_free_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example `(losses, chosen_rewards, rejected_rewards)` of simpo or orpo (module docstring) from the
+    length-normalised answer log-probs (`mean_answer_logps`), each of shape (batch,).
+
+    Raises ValueError for another loss_type, a beta <= 0, or label smoothing outside [0, 0.5) or with orpo.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type not in REFERENCE_FREE:
+        raise ValueError(f"unknown reference-free loss_type {loss_type!r}; expected one of {REFERENCE_FREE}")
+    check_label_smoothing(label_smoothing, [loss_type])
+    if loss_type == "simpo":
+        z = beta * (chosen_logps - rejected_logps) - simpo_gamma
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+        if cpo_alpha:
+            losses = losses - cpo_alpha * chosen_logps
+    else:
+        # In float32 at least, as TRL does: log(1 - exp(a)) loses everything in bf16 near a = 0.
+        dtype = torch.promote_types(chosen_logps.dtype, torch.float32)
+        chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        losses = (-chosen - beta * F.logsigmoid(log_odds)).to(chosen_logps.dtype)
+    return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
 
 
 def f_divergence_score(log_ratio: torch.Tensor, f_divergence_type: str = "reverse_kl", alpha: float = 0.5):
@@ -116,8 +191,10 @@ def preference_loss(
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r} for alignkit.train.losses; expected one of {LOSS_TYPES}")
+    if loss_type not in LOSS_TYPES or loss_type in REFERENCE_FREE:
+        expected = tuple(t for t in LOSS_TYPES if t not in REFERENCE_FREE)
+        raise ValueError(f"unknown loss_type {loss_type!r} for preference_loss; expected one of {expected} "
+                         "(reference-free losses: reference_free_loss)")
     check_label_smoothing(label_smoothing, [loss_type])
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps

@@ -9,6 +9,9 @@
 - `loss_type` sigmoid (with cDPO label smoothing) and ipo go to `alignkit.train.losses.preference_loss`, which
   follows the DPO paper's reference code; TRL ignores label smoothing for sigmoid and length-normalises ipo.
   Every other TRL loss type, alone or combined, is TRL's own.
+- `loss_type` simpo and orpo (`alignkit.train.losses.reference_free_loss`) read length-normalised policy
+  log-probs only: no reference pass runs at all (none per step, none precomputed, no reference cache), so a
+  step is one forward and one backward. Prefix sharing applies to the policy pass as for DPO.
 - One helper (`answer_forward`, over `alignkit.train.losses.answer_logps`) sums the answer log-probs for the reference
   and for alignkit's policy pass, with TRL's ld_alpha weighting in both; TRL's own policy pass uses the same
   formula in the same op order. The other DPOConfig settings (use_weighting, f_divergence_type, the MoE
@@ -34,7 +37,10 @@ from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.modeling.models import TRAINABLE, keep_trainable_fp32, reference_mode
 from alignkit.train import prefix, refcache
-from alignkit.train.losses import answer_logps, check_label_smoothing, is_own_loss, preference_loss
+from alignkit.train.losses import (
+    answer_logps, check_label_smoothing, check_loss_types, is_own_loss, is_reference_free, mean_answer_logps,
+    preference_loss, reference_free_loss,
+)
 
 _NOT_MODEL_INPUTS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
@@ -118,6 +124,15 @@ def check_dpo_config(args) -> None:
         if getattr(args, name) != defaults[name] and not applies(args):
             raise ConfigError(f"trainer override {name}={getattr(args, name)!r} has no effect: {why}; drop it")
     check_label_smoothing(args.label_smoothing, args.loss_type)  # again: --trainer_overrides may set either
+    check_loss_types(args.loss_type)
+    if is_reference_free(args.loss_type):
+        name = ",".join(args.loss_type)
+        for field, value, default in (("precompute_ref_log_probs", args.precompute_ref_log_probs, False),
+                                      ("f_divergence_type", args.f_divergence_type, "reverse_kl"),
+                                      ("ld_alpha", args.ld_alpha, None)):
+            if value != default:
+                raise ConfigError(f"{field}={value!r} has no effect with --loss_type {name}: it reads no reference "
+                                  "model and length-normalises the log-probs; drop it")
     if "ipo" in args.loss_type and not is_own_loss(args.loss_type):
         logger.warning(
             f"loss_type {','.join(args.loss_type)}: combined with TRL-only losses, ipo is TRL's length-normalised IPO "
@@ -140,7 +155,7 @@ def keep_lora_dropout(model) -> None:
 
 class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
     def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), reference_adapters=None,
-                 prefix_sharing=True, **kwargs):
+                 prefix_sharing=True, simpo_gamma=0.5, cpo_alpha=0.0, **kwargs):
         if ref_model is not None:
             raise ValueError("AlignDPOTrainer computes the reference from the model itself; pass no ref_model")
         args = args or DPOConfig(output_dir="trainer_output")  # TRL's own default, made here to check it first
@@ -163,8 +178,10 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
                 peft_model.set_requires_grad(self.frozen_adapters, requires_grad=False)
         keep_lora_dropout(peft_model)
         self.own_loss = is_own_loss(self.loss_types)
-        # Reference log-probs always come from compute_ref_log_probs below and ride in the batch.
-        self.precompute_ref_logps = True
+        self.reference_free = is_reference_free(self.loss_types)
+        self.simpo_gamma, self.cpo_alpha = simpo_gamma, cpo_alpha
+        # Reference log-probs always come from compute_ref_log_probs below and ride in the batch (simpo and orpo: none).
+        self.precompute_ref_logps = not self.reference_free
 
     def example_lengths(self, dataset) -> list[int]:
         """Tokens a pair costs: prompt + chosen + rejected packed (prefix sharing), else two rows of prompt + the
@@ -234,6 +251,8 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
         return logps.chunk(2, dim=0)  # the batch is [chosen..., rejected...]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.reference_free:
+            return self._reference_free_loss(model, inputs, return_outputs)
         if "ref_chosen_logps" not in inputs:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
             inputs = {**inputs, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
@@ -255,11 +274,30 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
                 self.f_divergence_type, self.f_alpha_divergence_coef,
             )
             loss = loss + weight * (losses * weights).mean()
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        loss = self._with_aux_loss(loss, outputs, mode)
         self._log_rewards(mode, chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach())
         return (loss, outputs) if return_outputs else loss
+
+    def _reference_free_loss(self, model, inputs, return_outputs):
+        """simpo or orpo: the policy pass alone (prefix-shared where possible), on length-normalised log-probs."""
+        mode = "train" if self.model.training else "eval"
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        outputs, _ = self.answer_forward(model, inputs, **router)
+        chosen, rejected = mean_answer_logps(outputs.log_probs, inputs["completion_mask"]).chunk(2, dim=0)
+        weights = self._wpo_weights(outputs, inputs["completion_mask"]) if self.use_weighting else 1.0
+        losses, chosen_rewards, rejected_rewards = reference_free_loss(
+            chosen, rejected, self.beta, self.loss_types[0], self.simpo_gamma, self.cpo_alpha, self.label_smoothing,
+        )
+        loss = self.loss_weights[0] * (losses * weights).mean()
+        loss = self._with_aux_loss(loss, outputs, mode)
+        self._log_rewards(mode, chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def _with_aux_loss(self, loss, outputs, mode):
+        if not self.aux_loss_enabled:
+            return loss
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        return loss + self.router_aux_loss_coef * outputs.aux_loss
 
     @staticmethod
     def _wpo_weights(outputs, completion_mask):

@@ -1,0 +1,245 @@
+"""evaluate.py lm_eval: the alignment tax, measured by EleutherAI's lm-evaluation-harness (the `lm_eval` package).
+
+Each model of `--models NAME=SOURCE` (a base, an adapter folder (chains included), a merged folder, a GGUF file) is
+loaded once by alignkit's loader, as every other script loads it, and handed to lm_eval's own HF model class
+(`HFLM(pretrained=<the loaded model>)`); the tasks are lm_eval's own configs and metrics (IFEval, GSM8K, MMLU, ...,
+`--tasks`), plus any YAML task configs in `--include_path` (e.g. a task over local files). Nothing of lm_eval is
+copied here. The numbers land side by side: `results.md` (a table: a row per task and metric, a column per
+model, with lm_eval's standard errors), `results.json` (lm_eval's results of each model, as it gives them) and
+`results.png` (a grouped bar chart). Each model's results are kept in `<output_dir>/models/NAME.json` under a key
+of its source, loader settings and the harness settings, so a rerun evaluates only what changed.
+
+The tiny preset defines its own local tasks (`tiny_task`): `tiny_rule` (does the model prefer the rule-following
+answer: the preference) and `tiny_text` (the perplexity of held-out text of the base's own distribution: the tax).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from alignkit import logger
+from alignkit.core.args import ConfigError
+from alignkit.core.errors import UserError
+
+INSTALL = "pip install 'alignkit[lm_eval]' (or pip install 'lm_eval>=0.4.13,<0.5')"
+TINY_TASKS = ("tiny_rule", "tiny_text")
+
+
+def require():
+    """The lm_eval package, or one UserError line naming the install command."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM  # noqa: F401 - its HF backend is what runs here
+    except ImportError as e:
+        raise UserError(f"evaluate.py lm_eval needs EleutherAI's lm-evaluation-harness ({e}): {INSTALL}") from None
+    return lm_eval
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiny preset's local task
+
+
+def tiny_defaults() -> dict:
+    """`evaluate.py lm_eval --preset tiny`: the base model and the tiny runs on the preset's local task."""
+    from alignkit.modeling import presets
+
+    return dict(models=[f"base={presets.paths()['model']}", "sft=runs/tiny-sft", "dpo=runs/tiny-dpo"],
+                tasks=list(TINY_TASKS), include_path=str(presets.tiny_dir() / "lm_eval_tasks"), quantization="none",
+                num_threads="1", batch_size=32, output_dir="outputs/lm_eval-tiny")
+
+
+def tiny_task(folder, n: int = 200, seed: int = 1) -> Path:
+    """Write the tiny preset's two tasks as lm_eval YAML configs over local JSONL files in `folder` (rewritten only
+    when missing, so a rerun reads the same files), from fresh data of the preset (seeds other than its own):
+
+    - `tiny_rule` (the preference): n prompts, each with a rule-following answer and one with a single
+      off-category word; multiple choice, lm_eval's `acc`;
+    - `tiny_text` (the tax): n chat transcripts of the preset's pretraining distribution (each answer word on topic
+      half of the time), scored by lm_eval's rolling log-likelihood: `word_perplexity` and `bits_per_byte`, lower
+      is better. A tuned model that keeps the base's language stays near the base; one that lost it rises."""
+    import random
+
+    from alignkit.modeling import presets
+
+    folder = Path(folder)
+    if all((folder / f"{name}.{ext}").is_file() for name in TINY_TASKS for ext in ("jsonl", "yaml")):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rule = []
+    for _ in range(n):
+        category, prompt = presets._prompt(rng)
+        good = presets._answer(rng, category, 1.0, n_wrong=0)
+        bad = presets._answer(rng, category, 0.0, n_wrong=1)
+        rule.append({"prompt": prompt, "choices": [good, bad], "label": 0})
+    text = [{"text": presets._render(row["messages"])} for row in presets.make_data(seed + 1)["pretrain"][:n]]
+    # lm_eval's own task schema. The tiny tokenizer has no space-prefixed words, so an answer follows its prompt
+    # with no delimiter.
+    configs = {
+        "tiny_rule": (rule, """output_type: multiple_choice
+doc_to_text: "{{prompt}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""),
+        "tiny_text": (text, """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+"""),
+    }
+    for name, (rows, body) in configs.items():
+        data = folder / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        head = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                f"    test: {json.dumps(str(data.resolve()))}\ntest_split: test\n")
+        (folder / f"{name}.yaml").write_text(head + body)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running the harness
+
+
+def parse_models(models: list[str]) -> dict[str, str]:
+    named = {}
+    for item in models:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise ConfigError(f"--models {item!r}: write each model as NAME=ID_OR_PATH, e.g. base=org/model dpo=runs/dpo")
+        if name in named:
+            raise ConfigError(f"--models names {name!r} twice; give each model its own name")
+        named[name] = source
+    return named
+
+
+def _key(s, source: str) -> str:
+    from alignkit.core.args import config_to_dict
+    from alignkit.core.config import loader_settings
+
+    parts = {"source": source, "loader": config_to_dict(loader_settings(s, source)), "tasks": s.tasks,
+             "include_path": s.include_path, "num_fewshot": s.num_fewshot, "limit": s.limit,
+             "apply_chat_template": s.apply_chat_template, "seed": s.seed}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def evaluate_model(s, source: str, lm_eval, task_manager) -> dict:
+    """lm_eval's results (its `results` dict, per task: metric -> value) for one model."""
+    from lm_eval.models.huggingface import HFLM
+
+    from alignkit.core.config import loader_settings
+    from alignkit.modeling.models import load_model
+
+    loaded = load_model(loader_settings(s, source))
+    if s.apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+        raise ConfigError(f"{source} has no chat template: pass --chat_template FILE, or --apply_chat_template false "
+                          "to give every model the plain prompts")
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=s.batch_size)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=list(s.tasks), task_manager=task_manager, num_fewshot=s.num_fewshot, limit=s.limit,
+        apply_chat_template=s.apply_chat_template, log_samples=False, random_seed=s.seed, numpy_random_seed=s.seed,
+        torch_random_seed=s.seed, fewshot_random_seed=s.seed,
+    )
+    return {"results": out["results"], "versions": out.get("versions", {}), "n-shot": out.get("n-shot", {})}
+
+
+def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
+    """Evaluate every model (or reuse its kept results), then write the table, JSON and chart."""
+    lm_eval = require()
+    from lm_eval.tasks import TaskManager
+
+    from alignkit.evals.evaluation import _check_preset_model
+
+    models = parse_models(s.models)
+    for source in models.values():
+        _check_preset_model(s, source)
+    if s.preset == "tiny" and s.include_path:
+        tiny_task(s.include_path)
+    task_manager = TaskManager(include_path=s.include_path) if s.include_path else TaskManager()
+    unknown = [t for t in s.tasks if t not in task_manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"lm_eval has no task {', '.join(map(repr, unknown))}: name tasks as lm_eval lists them "
+                          "(lm_eval ls tasks), or put their YAML configs in --include_path")
+    out = Path(s.output_dir)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, source in models.items():
+        kept, key = out / "models" / f"{name}.json", _key(s, source)
+        if kept.is_file() and json.loads(kept.read_text()).get("key") == key:
+            results[name] = json.loads(kept.read_text())["results"]
+            logger.info(f"lm_eval: {name} ({source}): kept results reused ({kept})")
+            continue
+        logger.info(f"lm_eval: {name} ({source}) on {', '.join(s.tasks)}")
+        evaluated = evaluate_model(s, source, lm_eval, task_manager)
+        kept.write_text(json.dumps({"key": key, "source": source, **evaluated}, indent=2, default=str) + "\n")
+        results[name] = evaluated["results"]
+    table = format_table(results)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({"models": models, "results": results}, indent=2, default=str) + "\n")
+    chart = plot(results, out / "results.png")
+    return results, out / "results.md", out / "results.json", chart
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table and the chart
+
+
+def metric_rows(results: dict[str, dict]) -> list[tuple[str, str, dict[str, tuple[float, float | None]]]]:
+    """(task, metric, {model: (value, stderr)}) in the order lm_eval reports them; lm_eval's keys are
+    "metric,filter" with a "metric_stderr,filter" beside each."""
+    rows: dict[tuple[str, str], dict] = {}
+    for model, by_task in results.items():
+        for task, metrics in by_task.items():
+            for key, value in metrics.items():
+                if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+                    continue
+                metric, _, flt = key.partition(",")
+                stderr = metrics.get(f"{metric}_stderr,{flt}")
+                label = metric if flt == "none" else f"{metric} ({flt})"
+                rows.setdefault((task, label), {})[model] = (float(value), stderr if isinstance(stderr, (int, float)) else None)
+    return [(task, metric, values) for (task, metric), values in rows.items()]
+
+
+def format_table(results: dict[str, dict]) -> str:
+    models = list(results)
+    lines = ["| task | metric | " + " | ".join(models) + " |", "| --- | --- |" + " ---: |" * len(models)]
+    for task, metric, values in metric_rows(results):
+        cells = []
+        for model in models:
+            value, stderr = values.get(model, (None, None))
+            cells.append("" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr else ""))
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path) -> Path:
+    """A PNG: one group of bars per task and metric, one bar per model, with lm_eval's standard errors."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, models = metric_rows(results), list(results)
+    fig = Figure(figsize=(max(5.0, 1.2 + 0.9 * len(rows) * max(1, len(models)) * 0.6), 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    x, width = np.arange(len(rows)), 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        values = [r[2].get(model, (np.nan, None)) for r in rows]
+        heights = [v for v, _ in values]
+        errors = [e or 0.0 for _, e in values]
+        bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, heights, width, yerr=errors, capsize=3, label=model)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+    ax.set_xticks(x, [f"{task}\n{metric}" for task, metric, _ in rows], fontsize=8)
+    ax.set_title("lm-evaluation-harness, side by side (error bars: stderr)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path

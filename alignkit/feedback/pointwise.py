@@ -1,0 +1,189 @@
+"""label.py --mode pointwise: an absolute grade per answer against a threshold, written as KTO data for kto.py.
+
+Every response label.py collects (from --num_samples N samples of --model_id, or from sources A and B) is graded
+on its own, no pair needed, and becomes a row (prompt, completion, label, grade): label true (desirable) when the
+grade reaches --grade_threshold. The grader is `--judge`:
+
+- `openai` / `hf`: an LLM under the pointwise template below (FastChat's single-answer grading, "single-v1"):
+  a 1-10 rating written as [[rating]], the last one in the answer counting; default threshold 7;
+- `rm:RUN_FOLDER`: a reward.py model's score (alignkit.feedback.rewards); default threshold 0;
+- `python:module:function`: `function(prompt, answer)` returns a number or a bool (True is 1); default
+  threshold 1, e.g. the tiny preset's `alignkit.modeling.presets:score` (1 when the answer follows its rule).
+
+A grade is cached as it arrives under the grader's identity, the prompt and the answer (label.py's cache folder,
+`grades.jsonl`), so a rerun grades only what is new; an answer without a rating is kept as a parse failure and
+never labelled, and a failed request is counted and retried by the next run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from alignkit import logger
+from alignkit.core.args import ConfigError
+from alignkit.core.journal import Progress, batched, threaded, write_json, write_jsonl
+from alignkit.feedback.judge import Request, Template, import_function, question_text
+from alignkit.feedback.labeling import AppendLog, digest
+
+# FastChat's "single-v1" judge prompt (fastchat/llm_judge/data/judge_prompts.jsonl), in this module's Template form.
+POINTWISE = Template(
+    "pointwise",
+    "You are a helpful assistant.",
+    "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the response provided by an AI "
+    "assistant to the user question displayed below. Your evaluation should consider factors such as the "
+    "helpfulness, relevance, accuracy, depth, creativity, and level of detail of the response. Begin your "
+    "evaluation by providing a short explanation. Be as objective as possible. After providing your explanation, "
+    "you must rate the response on a scale of 1 to 10 by strictly following this format: \"[[rating]]\", for "
+    "example: \"Rating: [[5]]\".\n\n[Question]\n{question}\n\n[The Start of Assistant's Answer]\n{answer_a}\n"
+    "[The End of Assistant's Answer]",
+)
+_RATING = re.compile(r"\[\[(\d+(?:\.\d+)?)\]\]")
+DEFAULT_THRESHOLDS = {"llm": 7.0, "rm": 0.0, "python": 1.0}
+
+
+def parse_rating(text: str | None) -> float | None:
+    """The last [[rating]] in an LLM grader's answer; None when there is none."""
+    found = _RATING.findall(text or "")
+    return float(found[-1]) if found else None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One answer to grade: `key` names it in the cache."""
+
+    key: str
+    messages: list  # the prompt's turns
+    answer: str
+
+
+def _grading_function(spec: str):
+    import inspect
+
+    function = import_function(spec, contract=" taking (prompt, answer) and returning a number or a bool")
+    try:
+        inspect.signature(function).bind("prompt", "answer")
+    except TypeError:
+        raise ConfigError(f"--judge {spec!r} under --mode pointwise: {spec.rpartition(':')[2]} must accept "
+                          "(prompt, answer) and return a number or a bool") from None
+    except ValueError:  # builtins without a signature: trust them
+        pass
+    return function
+
+
+def settle_output(s) -> None:
+    """A pointwise run never overwrites a preference file: an --output named preferences.jsonl (the pairs mode's
+    default name, and a preset's) becomes labels.jsonl beside it."""
+    from pathlib import Path
+
+    if s.output and Path(s.output).name == "preferences.jsonl":
+        s.output = str(Path(s.output).with_name("labels.jsonl"))
+        logger.info(f"--mode pointwise writes {s.output} (KTO data), not a preference file")
+
+
+class Grader:
+    """`grade_batch(items)` -> one grade (a number, or None: no rating) per item; `identity` keys the cache."""
+
+    def __init__(self, s):
+        self.spec, self.batched, self.llm = s.judge, False, None
+        if s.judge.startswith("python:"):
+            self.kind, self.function = "python", _grading_function(s.judge)
+        elif s.judge.startswith("rm:"):
+            from alignkit.feedback.rewards import RMJudge
+
+            self.kind, self.batched = "rm", True
+            self.rm = RMJudge(s.judge, s, 0.0, s.generation_batch_size)  # checks the folder before any work
+        elif s.judge in ("openai", "hf"):
+            if s.judge_template != "default":
+                raise ConfigError(f"--mode pointwise grades with FastChat's single-answer template; drop "
+                                  f"--judge_template {s.judge_template}")
+            from alignkit.feedback.judge import make_judge
+
+            self.kind = "llm"
+            self.llm = make_judge(s)  # its endpoint or local model, with FastChat's single-answer template
+            self.llm.template = POINTWISE
+            self.batched = self.llm.batched
+        else:
+            raise ConfigError(f"--judge {s.judge!r}: expected openai, hf, rm:RUN_FOLDER, or python:module:function")
+        self.threshold = DEFAULT_THRESHOLDS[self.kind] if s.grade_threshold is None else s.grade_threshold
+
+    def identity(self) -> dict:
+        if self.kind == "python":
+            import inspect
+
+            try:
+                code = digest(inspect.getsource(self.function))
+            except (OSError, TypeError):
+                code = None
+            return {"grader": self.spec, "code": code}
+        return {"grader": self.spec, **(self.rm.identity() if self.kind == "rm" else self.llm.identity())}
+
+    def grade_batch(self, items: list[Item]) -> list[float | None]:
+        if self.kind == "python":
+            return [float(self.function(question_text(i.messages), i.answer)) for i in items]
+        if self.kind == "rm":
+            from alignkit.feedback.rewards import RewardModel
+
+            if self.rm.reward is None:
+                self.rm.reward = RewardModel(self.rm.folder, self.rm.batch_size, settings=self.rm.settings)
+            return self.rm.reward([i.messages for i in items], [i.answer for i in items])
+        requests = [Request(i.key, question_text(i.messages), i.answer, "") for i in items]
+        return [parse_rating(text) for text in self.llm.judge_batch(requests)]
+
+    def grade(self, item: Item) -> float | None:
+        return self.grade_batch([item])[0]
+
+
+def grade(run, grader: Grader, prompts, table) -> dict:
+    """Grade every collected response not yet in the cache; then write the KTO rows and the summary."""
+    s = run.settings
+    identity = grader.identity()
+    grades = AppendLog(run.cache_dir / "grades.jsonl")
+    try:
+        cells, needed = [], {}
+        for si, source in enumerate(run.sources):
+            for pi, prompt in enumerate(prompts):
+                text = table[si][pi]
+                if text is None or not text.strip():
+                    continue
+                key = digest([identity, prompt.messages, text])
+                cells.append((source, prompt, text, key))
+                if key not in grades and key not in needed:
+                    needed[key] = Item(key, prompt.messages, text)
+        errors = 0
+        progress = Progress("grading", len(needed), unit="answer")
+        stream = batched(grader.grade_batch, needed.values(), s.generation_batch_size) if grader.batched else \
+            threaded(grader.grade, needed.values(), s.parallel)
+        try:
+            for item, result in stream:
+                if isinstance(result, Exception):
+                    errors += 1
+                    logger.warning(f"grading failed ({errors} so far; the next run retries): {result}")
+                else:
+                    grades.append({"key": item.key, "grade": None if result is None else float(result)})
+                progress.update(1, errors)
+        finally:
+            progress.close()
+        rows, outcomes = [], Counter()
+        for source, prompt, text, key in cells:
+            if key not in grades:
+                outcomes["error"] += 1
+                continue
+            value = grades.get(key)["grade"]
+            if value is None:
+                outcomes["parse failure"] += 1
+                continue
+            label = value >= grader.threshold
+            outcomes["desirable" if label else "undesirable"] += 1
+            rows.append({"prompt": prompt.messages, "completion": [{"role": "assistant", "content": text}],
+                         "label": label, "grade": value, "grader": grader.spec, "generator": source.name})
+    finally:
+        grades.close()
+    write_jsonl(run.output, rows)
+    summary = {"output": str(run.output), "mode": "pointwise", "prompts": len(prompts), "answers": len(cells),
+               "threshold": f">= {grader.threshold:g}", "desirable": outcomes["desirable"],
+               "undesirable": outcomes["undesirable"], "parse_failures": outcomes["parse failure"],
+               "errors": outcomes["error"]}
+    write_json(run.summary_path, summary)
+    return summary

@@ -1,0 +1,100 @@
+"""KTO (Ethayarajh et al. 2024) on TRL's KTOTrainer, with alignkit's adapters: kto.py's trainer and its rule check.
+
+KTO learns from unpaired answers, each labelled desirable or not (`alignkit.core.data.load_unpaired`: label.py's
+pointwise grades, or preference pairs split into a desirable and an undesirable row). With the log-ratio
+r = log pi(y|x) - log ref(y|x) and z0 a batch estimate of KL(pi || ref) (mismatched prompt/answer pairs, no gradient):
+
+    desirable:    loss = desirable_weight   * (1 - sigmoid(beta * (r - z0)))
+    undesirable:  loss = undesirable_weight * (1 - sigmoid(beta * (z0 - r)))
+
+TRL computes that; `AlignKTOTrainer` adds what alignkit's DPO trainer (alignkit.train.trainers) does for a PEFT
+model: stacked adapters (a run started from an SFT adapter keeps it frozen and active, and trains a fresh adapter
+on top) and a reference that is the policy with the trained adapter off and the frozen ones on (the model the
+run starts from, or the first `reference_adapters` of the chain), never a second copy of the model. TRL's own
+PEFT reference switches every adapter off (the bare base) and copies a pre-loaded adapter into a "ref" adapter;
+here the reference log-probs of the answer and of the KL answer come from `compute_ref_log_probs` in that mode
+and reach TRL's loss through the batch, as TRL's own `precompute_ref_log_probs` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import KTOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+
+from alignkit.core.args import ConfigError
+from alignkit.modeling.models import TRAINABLE, reference_mode
+from alignkit.train.trainers import _StackedAdapters
+
+# KTOConfig fields that cannot act here (alignkit loads the model and computes the reference itself).
+_REFUSED = {
+    "model_init_kwargs": "alignkit loads the model itself; use --dtype, --quantization, --attn_implementation",
+    "sync_ref_model": "TR-DPO moves the reference, which TRL does not support with a PEFT adapter",
+}
+
+
+class AlignKTOTrainer(_StackedAdapters, KTOTrainer):
+    def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), reference_adapters=None, **kwargs):
+        if ref_model is not None:
+            raise ValueError("AlignKTOTrainer computes the reference from the model itself; pass no ref_model")
+        for name, why in _REFUSED.items():
+            if args is not None and getattr(args, name):
+                raise ConfigError(f"trainer override {name}={getattr(args, name)!r} has no effect in alignkit: {why}; drop it")
+        self.frozen_adapters = list(frozen_adapters)  # set first: TRL's __init__ may precompute reference log-probs
+        keep = len(self.frozen_adapters) if reference_adapters is None else reference_adapters
+        if not 0 <= keep <= len(self.frozen_adapters):
+            raise ConfigError(f"--reference_adapters {keep}: the model was loaded with {len(self.frozen_adapters)} "
+                              "adapters; pass a number from 0 (the bare base) to that")
+        self.reference_adapters = self.frozen_adapters[:keep]
+        super().__init__(model, None, args, *rest, **kwargs)
+        peft_model = self.accelerator.unwrap_model(self.model)
+        if "ref" in getattr(peft_model, "peft_config", {}):  # TRL's copy of the trained adapter: not our reference
+            peft_model.delete_adapter("ref")
+            peft_model.base_model.set_adapter([TRAINABLE, *self.frozen_adapters])
+            if self.frozen_adapters:
+                peft_model.set_requires_grad(self.frozen_adapters, requires_grad=False)
+        self.precompute_ref_logps = True  # reference log-probs always ride in the batch (see compute_loss)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Summed log-probs of each answer and of its KL answer under the reference: the trained adapter off."""
+        peft_model = self.accelerator.unwrap_model(self.model)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            reference_mode(peft_model, self.frozen_adapters, self.reference_adapters),
+            self.accelerator.autocast(),
+        ):
+            logps = self._answer_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            kl_logps = None
+            if self.calculate_KL:
+                kl_logps = self._answer_logps(model, inputs["KL_input_ids"], inputs["KL_attention_mask"],
+                                              inputs["KL_completion_mask"])
+        return logps, kl_logps
+
+    @staticmethod
+    def _answer_logps(model, input_ids, attention_mask, completion_mask):
+        labels = input_ids.masked_fill(completion_mask == 0, -100)
+        per_token = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True).log_probs
+        return per_token[:, -(input_ids.size(1) - 1) :].sum(-1)  # prompt-learning PEFT prepends virtual tokens
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "ref_logps" not in inputs:
+            ref_logps, ref_kl_logps = self.compute_ref_log_probs(model, inputs)
+            inputs = {**inputs, "ref_logps": ref_logps}
+            if ref_kl_logps is not None:
+                inputs["ref_KL_logps"] = ref_kl_logps
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def rule_following(model, tokenizer, prompts: list[str], samples: int = 4, seed: int = 0) -> float:
+    """Share of answers sampled at temperature 1 (the tiny preset's evaluation convention: greedy answers collapse
+    to one repeated word, which passes) that follow the tiny preset's rule (alignkit.modeling.presets.follows_rule)."""
+    from alignkit.modeling.generation import generate
+    from alignkit.modeling.presets import follows_rule
+
+    conversations = [[{"role": "user", "content": p}] for p in prompts] * samples
+    was_training = model.training
+    model.eval()
+    answers = generate(model, tokenizer, conversations, max_new_tokens=16, temperature=1.0, batch_size=256, seed=seed)
+    model.train(was_training)
+    return sum(follows_rule(c[0]["content"], a) for c, a in zip(conversations, answers)) / len(answers)

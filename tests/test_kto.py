@@ -1,0 +1,61 @@
+"""kto.py: KTO on unpaired labelled answers raises the tiny preset's rule-following rate; the reference is the
+model the run starts from (SFT adapter included); the data loader labels and splits rows, or refuses them."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignkit.core.config import KTOSettings
+from alignkit.core.data import DataError, load_unpaired
+from alignkit.core.errors import UserError
+
+from conftest import run_script
+
+
+def test_kto_raises_rule_following(tiny_cache, tmp_path):
+    """The preset's pairs split into desirable/undesirable answers; measured 0.20 -> 0.45 (sampled at T=1)."""
+    run = run_script("kto.py", "--preset", "tiny", "--output_dir", str(tmp_path))
+    assert run["after"] - run["before"] >= 0.1, (run["before"], run["after"])
+    assert (run["run_folder"] / "adapter_model.safetensors").is_file()
+
+
+def _first_log(tmp_path, sft_run, name, *flags) -> dict:
+    run = run_script("kto.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--max_steps", "1",
+                     "--logging_steps", "1", "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", name, *flags)
+    return run["trainer"].state.log_history[0]
+
+
+def test_reference_is_the_model_the_run_starts_from(tiny_cache, tmp_path, sft_run):
+    """At step 0 the new adapter is zero: against base + SFT adapter (the default) every reward is exactly 0; TRL's
+    own PEFT reference would be the bare base, which --reference_adapters 0 asks for: rewards then differ from 0."""
+    stacked = _first_log(tmp_path, sft_run, "stacked")
+    assert stacked["rewards/chosen"] == 0.0 and stacked["rewards/rejected"] == 0.0
+    bare = _first_log(tmp_path, sft_run, "bare", "--reference_adapters", "0")
+    assert abs(bare["rewards/chosen"]) + abs(bare["rewards/rejected"]) > 1e-3
+
+
+def test_unpaired_rows_and_pairs_load_as_labelled_answers():
+    rows = load_unpaired([{"prompt": "name three fruits.", "completion": "apple,pear,plum.", "label": "False"},
+                          {"prompt": "hi", "completion": [{"role": "assistant", "content": "yo"}], "label": True}])
+    assert rows["label"] == [False, True]
+    assert rows[0]["completion"] == [{"role": "assistant", "content": "apple,pear,plum."}]
+    pairs = load_unpaired([{"prompt": "q", "chosen": "good", "rejected": "bad"}])
+    assert [(r["completion"][0]["content"], r["label"]) for r in pairs] == [("good", True), ("bad", False)]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "q", "completion": "a", "label": 1}, "row 1: field 'label': expected true or false, got int"),
+    ({"prompt": "q", "completion": "a", "label": "yes"}, "field 'label': expected true or false"),
+    ({"prompt": "q", "completion": "", "label": True}, "field 'completion'"),
+])
+def test_bad_unpaired_rows_name_row_and_field(row, message):
+    with pytest.raises(DataError, match=message):
+        load_unpaired([row])
+
+
+def test_kto_settings_refuse_what_cannot_work():
+    with pytest.raises(UserError, match="per_device_train_batch_size 2 or more"):
+        KTOSettings(per_device_train_batch_size=1)
+    with pytest.raises(UserError, match="must be > 0"):
+        KTOSettings(desirable_weight=0)
+    assert KTOSettings(per_device_train_batch_size=1, loss_type="apo_zero_unpaired").loss_type == "apo_zero_unpaired"

@@ -1,0 +1,110 @@
+"""label.py --mode pointwise (alignkit.feedback.pointwise): each answer graded alone against a threshold, written as
+KTO data. The tiny preset's rule grades its samples, and kto.py on those labels raises the rule-following rate; an
+LLM grader (a real HTTP server speaking the OpenAI API) rates each answer once, cached; bad graders are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_script
+from openai_server import FakeOpenAI
+
+from alignkit.core.args import ConfigError
+from alignkit.core.data import load_unpaired
+from alignkit.feedback.pointwise import parse_rating
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def tiny_labels(tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pointwise") / "labels.jsonl"
+    run_script("label.py", "--preset", "tiny", "--mode", "pointwise", "--judge", "python:alignkit.modeling.presets:score",
+               "--output", str(out))
+    return out
+
+
+def test_rule_grades_become_labels_kto_reads(tiny_labels):
+    from alignkit.modeling.presets import follows_rule
+
+    out = rows(tiny_labels)
+    assert len(out) > 100
+    for r in out:
+        assert r["label"] == follows_rule(r["prompt"][0]["content"], r["completion"][0]["content"])
+        assert r["label"] == (r["grade"] >= 1.0)
+    assert 0 < sum(r["label"] for r in out) < len(out)
+    assert load_unpaired(str(tiny_labels))["label"] == [r["label"] for r in out]  # kto.py's loader reads it as it is
+    summary = json.loads(tiny_labels.with_suffix(".summary.json").read_text())
+    assert summary["desirable"] + summary["undesirable"] == len(out)
+
+
+def test_kto_on_pointwise_labels_raises_rule_following(tiny_labels, tmp_path):
+    """The labels are imbalanced (about 1 desirable in 8), so the desirable answers weigh 7 times more, as TRL
+    advises; 10 epochs of about 10 steps. Measured: 0.199 -> 0.316 (sampled at T=1)."""
+    run = run_script("kto.py", "--preset", "tiny", "--dataset_id", str(tiny_labels), "--desirable_weight", "7",
+                     "--num_train_epochs", "10", "--output_dir", str(tmp_path))
+    assert run["after"] - run["before"] >= 0.05, (run["before"], run["after"])
+
+
+def test_a_reward_model_grades_each_answer_by_its_score(tiny_cache, tmp_path):
+    """rm:RUN_FOLDER: the grade is the reward model's score of (prompt, answer), the label score >= 0 (default)."""
+    from alignkit.feedback.rewards import RewardModel
+
+    folder = run_script("reward.py", "--preset", "tiny", "--max_steps", "2", "--eval_split", "0", "--output_dir",
+                        str(tmp_path), "--run_name", "rm")["run_folder"]
+    out = tmp_path / "labels.jsonl"
+    run_script("label.py", "--preset", "tiny", "--mode", "pointwise", "--judge", f"rm:{folder}", "--max_prompts", "8",
+               "--output", str(out))
+    labelled = rows(out)
+    assert len(labelled) > 10 and all(r["label"] == (r["grade"] >= 0.0) for r in labelled)
+    scores = RewardModel(str(folder))([r["prompt"] for r in labelled], [r["completion"][0]["content"] for r in labelled])
+    assert [r["grade"] for r in labelled] == pytest.approx(scores, abs=1e-5)
+
+
+def _answers(tmp_path: Path) -> None:
+    lines = [{"prompt": f"question {i}", "response": f"answer {i}" + (" GOOD" if i % 2 == 0 else "")} for i in range(6)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({**r, "response": r["response"] + " too"}) + "\n" for r in lines))
+
+
+def test_an_llm_grades_each_answer_once_with_the_pointwise_template(tmp_path):
+    _answers(tmp_path)
+
+    def grader(body):
+        text = body["messages"][-1]["content"]
+        assert "[The Start of Assistant's Answer]" in text and "[[rating]]" in text  # FastChat's single-v1
+        return "Fine. Rating: [[9]]" if "GOOD" in text else ("no rating here" if "answer 1 too" in text else "[[3]]")
+
+    with FakeOpenAI(grader) as server:
+        args = ["label.py", "--mode", "pointwise", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl",
+                "--judge_base_url", server.base_url, "--judge_model", "fake", "--output", "labels.jsonl"]
+        run_script(*args, cwd=tmp_path)
+        assert server.count == 12  # 6 prompts x 2 sources, each graded once
+        out = rows(tmp_path / "labels.jsonl")
+        assert len(out) == 11  # the answer without a rating is not labelled
+        assert all(r["label"] == ("GOOD" in r["completion"][0]["content"]) for r in out)
+        summary = json.loads((tmp_path / "labels.summary.json").read_text())
+        assert summary["parse_failures"] == 1 and summary["desirable"] == 6
+        run_script(*args, cwd=tmp_path)  # a rerun asks nothing again
+        assert server.count == 12 and rows(tmp_path / "labels.jsonl") == out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--judge", "python:alignkit.modeling.presets:rule_judge"], "must accept \\(prompt, answer\\)"),
+    (["--judge", "openai", "--judge_template", "self_reference"], "drop --judge_template self_reference"),
+])
+def test_bad_graders_are_refused_before_any_work(tmp_path, flags, message):
+    _answers(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        run_script("label.py", "--mode", "pointwise", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl",
+                   "--output", "labels.jsonl", *flags, cwd=tmp_path)
+    assert not (tmp_path / "labels.jsonl").exists()
+
+
+def test_parse_rating_reads_the_last_rating():
+    assert parse_rating("Rating: [[5]] ... on reflection [[7.5]]") == 7.5
+    assert parse_rating("seven") is None and parse_rating(None) is None

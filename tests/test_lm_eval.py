@@ -1,0 +1,91 @@
+"""evaluate.py lm_eval: lm-evaluation-harness on the tiny preset's local task (a YAML config over a local JSONL),
+for the base model and tuned ones (an adapter, and an adapter over an adapter), side by side; offline."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from alignkit.core.errors import UserError
+from alignkit.evals import harness
+
+from conftest import run_script
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_cache, tmp_path_factory):
+    """Two short tuned runs: ORPO on the base (no reference), KTO on top of that ORPO adapter (a chain)."""
+    out = tmp_path_factory.mktemp("tuned")
+    orpo = run_script("dpo.py", "--preset", "tiny", "--loss_type", "orpo", "--max_steps", "30", "--eval_split", "0",
+                      "--output_dir", str(out), "--run_name", "tiny-sft")["run_folder"]
+    kto = run_script("kto.py", "--preset", "tiny", "--model_id", str(orpo), "--max_steps", "2", "--eval_split", "0",
+                     "--output_dir", str(out), "--run_name", "tiny-dpo")["run_folder"]
+    return out
+
+
+def test_preset_reports_the_local_task_for_base_and_tuned_models(tuned, tmp_path):
+    """`python evaluate.py lm_eval --preset tiny` as typed, from a folder whose runs/ holds tiny-sft and tiny-dpo."""
+    (tmp_path / "runs").symlink_to(tuned, target_is_directory=True)
+    run = run_script("evaluate.py", "lm_eval", "--preset", "tiny", "--limit", "40", cwd=tmp_path)
+    results = run["lm_results"]
+    assert list(results) == ["base", "sft", "dpo"]
+    accs = {name: r["tiny_rule"]["acc,none"] for name, r in results.items()}
+    assert all(0.0 <= a <= 1.0 for a in accs.values())
+    assert all(r["tiny_text"]["bits_per_byte,none"] > 0 for r in results.values())
+    out = tmp_path / "outputs" / "lm_eval-tiny"
+    table = (out / "results.md").read_text()
+    assert "| tiny_rule | acc | " in table and "| tiny_text | bits_per_byte | " in table and "| base | sft | dpo |" in table
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "results.json").read_text())["results"]["dpo"]["tiny_rule"]["acc,none"] == accs["dpo"]
+    # A rerun reuses each model's kept results instead of evaluating again.
+    again = run_script("evaluate.py", "lm_eval", "--preset", "tiny", "--limit", "40", cwd=tmp_path)
+    assert again["lm_results"] == results
+
+
+def test_the_tiny_tasks_are_lm_evals_own_yaml_over_local_files(tmp_path):
+    from alignkit.modeling.presets import follows_rule
+
+    folder = harness.tiny_task(tmp_path / "tasks", n=10)
+    for name in harness.TINY_TASKS:
+        config = (folder / f"{name}.yaml").read_text()
+        assert f"task: {name}\ndataset_path: json" in config and str((folder / f"{name}.jsonl").resolve()) in config
+    rule = [json.loads(line) for line in (folder / "tiny_rule.jsonl").read_text().splitlines()]
+    assert len(rule) == 10
+    assert all(follows_rule(r["prompt"], r["choices"][0]) and not follows_rule(r["prompt"], r["choices"][1]) for r in rule)
+    text = [json.loads(line)["text"] for line in (folder / "tiny_text.jsonl").read_text().splitlines()]
+    assert len(text) == 10 and all(t.startswith("<|user|>") and t.endswith("<|end|>") for t in text)
+
+
+def test_missing_lm_eval_is_one_line_naming_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    with pytest.raises(UserError, match=r"pip install 'alignkit\[lm_eval\]'") as e:
+        harness.require()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--models", "base", "--tasks", "tiny_rule"], "write each model as NAME=ID_OR_PATH"),
+    (["--models", "a=x", "a=y", "--tasks", "tiny_rule"], "names 'a' twice"),
+    (["--models", "a=x"], "pass the tasks"),
+])
+def test_bad_models_and_tasks_are_one_line_errors(flags, message):
+    from alignkit.core.args import ConfigError
+    from alignkit.evals.evaluation import parse_command
+
+    with pytest.raises(ConfigError, match=message):
+        _, s = parse_command(["lm_eval", *flags])
+        harness.parse_models(s.models)
+
+
+def test_an_unknown_task_is_refused_before_any_model_loads(tiny_cache, tmp_path, monkeypatch):
+    from alignkit.core.args import ConfigError
+    from alignkit.evals.evaluation import parse_command
+    from alignkit.modeling import presets
+
+    monkeypatch.setattr(harness, "evaluate_model", lambda *a: pytest.fail("a model was evaluated"))
+    _, s = parse_command(["lm_eval", "--models", f"base={presets.paths()['model']}", "--tasks", "no_such_task",
+                          "--include_path", str(harness.tiny_task(tmp_path, n=4)), "--output_dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match="lm_eval has no task 'no_such_task'"):
+        harness.run(s)
