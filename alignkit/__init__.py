@@ -11,12 +11,14 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   mixture (a run's training and held-out data: a share, a test split, a handbook dataset mixture),
   errors (UserError and how a script reports it),
   paths (the cache folder),
+  launch (the launch mode, this process's device and process group, the loader's hardware decisions, refusals),
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
   data (the one data normaliser),
   hub (Hub pushes and model cards),
   llm (the chat-client factory for OpenAI-compatible endpoints).
 - modeling (load, generate, merge models; the presets):
   models (the one loader),
+  identity (the one identity of a model as loaded, which every cache of model outputs keys on),
   gguf (GGUF files converted once),
   generation (local answering engines: transformers, vLLM),
   merge (adapters into their base),
@@ -37,7 +39,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   judge (label.py's judges),
   labeling (label.py's pipeline),
   pointwise (label.py --mode pointwise: one grade per answer, KTO data),
-  rewards (reward models as one callable and as a judge).
+  rewards (reward models as one callable; judge's RMJudge scores with it).
 - evals (evaluation):
   evaluation (evaluate.py's commands, vibes and the pairwise flow),
   mtbench, fastchat_compat and results (the pairwise flow's answers, FastChat judging and statistics),

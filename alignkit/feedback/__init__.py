@@ -2,6 +2,6 @@
 
 - judge: label.py's judges (endpoint, local model, Python rule), both answer orders.
 - labeling: label.py's pipeline (prompts, responses, judging, output).
-- rewards: reward models as one callable and as a judge.
+- rewards: reward models as one callable (label.py's rm: judge, judge.RMJudge, scores through it).
 - pointwise: label.py --mode pointwise (one grade per answer against a threshold: KTO data).
 """

@@ -90,7 +90,7 @@ class Grader:
         if s.judge.startswith("python:"):
             self.kind, self.function = "python", _grading_function(s.judge)
         elif s.judge.startswith("rm:"):
-            from alignkit.feedback.rewards import RMJudge
+            from alignkit.feedback.judge import RMJudge
 
             self.kind, self.batched = "rm", True
             self.rm = RMJudge(s.judge, s, 0.0, s.generation_batch_size)  # checks the folder before any work
