@@ -80,15 +80,12 @@ def quiet_library_noise() -> None:
     """Keep the log to what the user can act on.
 
     transformers v5 warns on every step that TRL calls its renamed gradient-checkpointing helpers, and progress
-    bars redraw by the line when there is no terminal: thousands of lines in a CI log.
+    bars redraw by the line when there is no terminal: thousands of lines in a CI log (alignkit.core.progress
+    decides where bars are drawn).
     """
-    import sys
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
-    if not sys.stderr.isatty():
-        import datasets
-        import transformers
+    from alignkit.core.progress import apply_to_libraries
 
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+    apply_to_libraries()  # datasets'/transformers' bars: on in a terminal or a notebook, off in CI logs

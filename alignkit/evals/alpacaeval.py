@@ -66,6 +66,7 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import ConfigError, config_to_dict
 from alignkit.core.journal import append_jsonl, threaded, write_json
+from alignkit.core.progress import Progress
 
 HUB_REPO = "tatsu-lab/alpaca_eval"
 EVAL_FILE = "alpaca_eval_gpt4_baseline.json"  # the 805 instructions with AlpacaEval 2's reference outputs
@@ -242,6 +243,7 @@ def generate_outputs(generator, rows: list[dict], name: str, source: str, path, 
     generation = _generation(s)
     todo = [r for r in rows if r["instruction"] not in read_outputs(path, source, generation)]
     path.parent.mkdir(parents=True, exist_ok=True)
+    progress = Progress(f"{name}: generating", len(todo), unit="output", errors=False)
     for start in range(0, len(todo), s.batch_size):
         batch = todo[start : start + s.batch_size]
         outs = generator([[{"role": "user", "content": r["instruction"]}] for r in batch],
@@ -250,7 +252,8 @@ def generate_outputs(generator, rows: list[dict], name: str, source: str, path, 
         append_jsonl(path, [{"instruction": row["instruction"], "output": out, "generator": name,
                              "dataset": row["dataset"], "source": source, "generation": generation}
                             for row, out in zip(batch, outs, strict=True)])
-        logger.info(f"{name}: {start + len(batch)}/{len(todo)} outputs generated")
+        progress.update(len(batch))
+    progress.close()
     return len(todo)
 
 
@@ -401,11 +404,13 @@ class LoggedCompletions:
         self.reused += sum(r is not None for r in records)
         todo = [i for i, r in enumerate(records) if r is None]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for i, record in threaded(lambda i: self._ask(prompts[i], keys[i], kwargs), todo, self.parallel,
-                                  stop_on_error=True):
-            if isinstance(record, BaseException):
-                raise record  # what alpaca_eval's own call would raise; the answers so far are journaled
-            records[i] = record
+        with Progress("annotating", len(todo), unit="pair", errors=False) as progress:
+            for i, record in threaded(lambda i: self._ask(prompts[i], keys[i], kwargs), todo, self.parallel,
+                                      stop_on_error=True):
+                if isinstance(record, BaseException):
+                    raise record  # what alpaca_eval's own call would raise; the answers so far are journaled
+                records[i] = record
+                progress.update()
         names = [k for k in records[0] if k not in ("key", "tstamp")] if records else []
         return {name: [r.get(name) for r in records] for name in names}
 

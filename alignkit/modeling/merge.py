@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from alignkit import logger
+from alignkit.core import progress
 from alignkit.core.config import ModelSettings, loader_settings
 from alignkit.core.errors import UserError
 
@@ -75,7 +76,7 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         else:
             model.base_model.set_adapter(loaded.frozen)  # every adapter of the chain on, as in training
             expected = model(**batch).logits.float()
-            merged = model.merge_and_unload(adapter_names=loaded.frozen)
+            merged = model.merge_and_unload(adapter_names=loaded.frozen, progressbar=progress.live())
         got = merged(**batch).logits.float()
     mask = batch["attention_mask"].bool()
     # Logits at every real token; a reward model's one score per sequence.

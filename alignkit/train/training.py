@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from alignkit import logger, quiet_library_noise
+from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, redact
 from alignkit.core.errors import UserError
 
@@ -282,7 +283,7 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
         report_to=resolve_report_to(s), bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         prediction_loss_only=True,  # no logits are kept at eval: the metrics come from the loss pass
         dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps host-to-GPU copies
-        disable_tqdm=not sys.stderr.isatty(),  # progress bars in a CI log are thousands of lines of noise
+        disable_tqdm=not progress.live(),  # a bar in a terminal and a notebook; none in CI logs
         push_to_hub=False,  # alignkit.core.hub pushes at the end, with a model card and without secrets
         # Several processes without CUDA: transformers only sets up gloo DDP between them with use_cpu.
         use_cpu=world_size() > 1 and not torch.cuda.is_available(),
