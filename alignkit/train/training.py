@@ -425,8 +425,13 @@ def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:
     if trainer.accelerator.is_main_process:
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
         logger.info(f"{stage} adapter saved to {folder}")
+    merged = hub_url = None
     if trainer.accelerator.is_main_process and (s.merge_adaptors or s.push_to_hub):
-        publish_run(folder, s)
+        merged, hub_url = publish_run(folder, s)
+    if trainer.accelerator.is_main_process:  # training.png and the closing summary (alignkit.train.report)
+        from alignkit.train.report import report
+
+        report(trainer, stage, folder, metrics, merged=merged, hub_url=hub_url)
     return metrics
 
 
@@ -457,15 +462,17 @@ def gathered_state_dict(trainer) -> dict | None:
     return None
 
 
-def publish_run(folder: Path, s) -> None:
+def publish_run(folder: Path, s) -> tuple[Path | None, str | None]:
     """--merge_adaptors and --push_to_hub of sft.py and dpo.py, through alignkit.modeling.merge and
-    alignkit.core.hub."""
+    alignkit.core.hub: (the merged folder, the Hub URL), None for what was not asked."""
     from alignkit.core.hub import push
     from alignkit.modeling.merge import merge_adapters
 
-    target = folder
+    target, merged, url = folder, None, None
     if s.merge_adaptors:
-        target = merge_adapters(str(folder), folder / "merged", dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+        target = merged = merge_adapters(str(folder), folder / "merged", dtype=s.dtype,
+                                         trust_remote_code=s.trust_remote_code)
         logger.info(f"merged model saved to {target}")
     if s.push_to_hub:
-        push(target, s.hub_repo_id, private=not s.hub_public)
+        url = push(target, s.hub_repo_id, private=not s.hub_public)
+    return merged, url
