@@ -10,7 +10,9 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   paths (the cache folder),
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
   data (the one data normaliser),
-  hub (Hub pushes and model cards),
+  hub (Hub pushes),
+  card (model cards through huggingface_hub's ModelCard),
+  progress (the one progress-bar rule),
   llm (the chat-client factory for OpenAI-compatible endpoints).
 - modeling (load, generate, merge models; the presets):
   models (the one loader),
@@ -21,6 +23,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   smol (SmolLM2-135M).
 - train (training and its algorithms):
   training (run folders, TRL configs, resume, finish),
+  report (training.png and the closing summary of a run),
   trainers (alignkit's TRL trainers),
   losses (preference losses TRL lacks),
   prefix (DPO prefix sharing: a pair's prompt computed once),

@@ -574,6 +574,18 @@ def tiny_defaults() -> dict:
             "eval_set": str(tiny_dir() / "alpaca_eval_set.json"), "output_dir": "outputs/alpaca_eval-tiny"}
 
 
+def record_card_results(model_id: str, summary: dict) -> None:
+    """A local model folder keeps its AlpacaEval win rates (percent, as alpaca_eval reports them) for its card."""
+    from alignkit.core.card import record_evaluation
+
+    for column, label in (("length_controlled_winrate", "length-controlled win rate"), ("win_rate", "win rate")):
+        if isinstance(summary.get(column), (int, float)):
+            record_evaluation(model_id, f"alpaca_eval {column} vs {summary['reference']}", {
+                "benchmark": "AlpacaEval", "dataset": "tatsu-lab/alpaca_eval", "metric": column,
+                "value": summary[column], "metric_name": f"{label} vs {summary['reference']} "
+                                                         f"(annotator {summary['annotators_config']})"})
+
+
 def run(s, backend: str) -> dict:
     """evaluate.py alpaca_eval, start to end; returns the summary (also written to summary.json)."""
     import pandas as pd
@@ -656,6 +668,7 @@ def run(s, backend: str) -> dict:
         "settings": config_to_dict(s),
     }
     write_json(results_dir / "summary.json", summary)
+    record_card_results(s.model_id, summary)
     plot(leaderboard, results_dir / "win_rates.png", f"AlpacaEval vs {ref_name}; annotator {config_name}, judge {judge}")
     columns = [c for c in ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error", "n_total",
                            "avg_length") if c in leaderboard]

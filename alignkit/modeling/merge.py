@@ -37,7 +37,8 @@ from alignkit.core.errors import UserError
 # accumulated over the layers; a merge that loses or doubles part of an update is orders of magnitude above it.
 TOLERANCE = 1e-4
 CHECK_PROMPTS = ["Hello! What can you do?", "Name three fruits.", "Explain gravity to a child in one sentence."]
-RUN_FILES = ("alignkit_config.json", "metrics.json")  # carried over so the merged folder describes itself
+# Carried over so the merged folder describes itself (its model card: alignkit.core.card).
+RUN_FILES = ("alignkit_config.json", "metrics.json", "alignkit_evals.json")
 
 
 def _check_inputs(tokenizer, device):
