@@ -100,12 +100,9 @@ def load_package():
         import pkg_resources  # noqa: F401
     except ImportError:
         _pkg_resources_stand_in()
-    try:
-        import alpaca_eval
-    except ImportError as e:
-        raise ConfigError(f"evaluate.py alpaca_eval needs the alpaca_eval package: pip install 'alpaca_eval>=0.6,<0.7' "
-                          f"({e})") from None
-    return alpaca_eval
+    from alignkit.core.extras import require
+
+    return require("alpaca_eval", "eval", "evaluate.py alpaca_eval")
 
 
 def hub_file(filename: str, how: str) -> Path:

@@ -31,6 +31,7 @@ from alignkit import logger, quiet_library_noise
 from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, redact
 from alignkit.core.errors import UserError
+from alignkit.core.extras import require_tracker
 
 CONFIG_FILE = "alignkit_config.json"
 FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
@@ -212,6 +213,7 @@ def resolve_report_to(s) -> str:
                 "Set WANDB_API_KEY, or WANDB_MODE=offline to log locally, or --report_to none."
             )
         os.environ.setdefault("WANDB_LOG_MODEL", "false")  # never upload checkpoints (or what they hold) to wandb
+    require_tracker(choice)  # the tracking extra (wandb, tensorboard): installed, or one line saying how
     return choice
 
 
