@@ -79,3 +79,8 @@ def test_a_dpo_run_leaves_its_picture(dpo_run):
     drawn = titles(dpo_run["trainer"].state.log_history)
     assert {"loss", "reward margin (chosen - rejected)", "reward accuracy", "learning rate"} <= set(drawn)
     assert drawn["reward accuracy"] == ["held-out", "train"]
+    # The run folder's card was written again with the final metrics: the held-out accuracy as a model-index entry.
+    from huggingface_hub import ModelCard
+
+    (result,) = ModelCard((folder / "README.md").read_text()).data.eval_results
+    assert result.metric_value == round(dpo_run["metrics"]["eval_rewards/accuracies"], 4)

@@ -254,10 +254,11 @@ def model_card(folder, repo_id: str | None = None) -> str:
         library_name="peft" if is_adapter else "transformers",
         pipeline_tag="text-classification" if reward else "text-generation", tags=tags,
         license=license_.get("license") or "unknown", license_name=license_.get("license_name"),
-        license_link=license_.get("license_link"), model_name=where.split("/")[-1],
-        eval_results=eval_results(folder, run_type, metrics, hub_dataset or "custom", Path(dataset).name or "custom")
-        or None,
+        license_link=license_.get("license_link"),
     )
+    results = eval_results(folder, run_type, metrics, hub_dataset or "custom", Path(dataset).name or "custom")
+    if results:  # model-index entries, under the model's name (which the metadata holds only there)
+        data.eval_results, data.model_name = results, where.split("/")[-1]
     on_top = f", on top of the adapter{'s' if len(under) > 1 else ''} {', '.join(f'`{a}`' for a in under)}" if under else ""
     lines = [f"# {where.split('/')[-1]}", "",
              f"{stage} of {base_text}{on_top} with {'a LoTA sparse delta' if 'LoTA' in cited else 'LoRA adapters'}, "

@@ -136,8 +136,13 @@ def summary(stage: str, folder, metrics: dict, log_history: list[dict], picture:
 
 
 def report(trainer, stage: str, folder, metrics: dict, merged: Path | None = None, hub_url: str | None = None) -> None:
-    """Draw training.png from the trainer's log history and print the summary block (main process only)."""
+    """Refresh the run folder's model card with the final metrics, draw training.png from the trainer's log
+    history and print the summary block (main process only)."""
     folder = Path(folder)
+    if (folder / "README.md").is_file():  # the card the adapter was saved with, now with the held-out figures
+        from alignkit.core.card import model_card
+
+        (folder / "README.md").write_text(model_card(folder), encoding="utf-8")
     history = list(trainer.state.log_history)
     picture = plot_training(history, folder / PICTURE, title=f"{stage}: {folder.name}")
     print(summary(stage, folder, metrics, history, picture, merged=merged, hub_url=hub_url), flush=True)
