@@ -111,7 +111,8 @@ def text_of(nb) -> str:
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             if out.output_type == "stream":
-                text.append(out.text)
+                # A progress bar (stderr) ends on "\r", not a newline: keep the next print on a line of its own.
+                text.append(out.text if out.text.endswith("\n") or out.name != "stderr" else out.text + "\n")
             elif out.output_type in ("execute_result", "display_data"):
                 text.append(out.data.get("text/plain", ""))
     return "".join(text)
