@@ -396,11 +396,15 @@ def _digest(value) -> str:
 
 def folder_fingerprint(source: str) -> str | None:
     """Names, sizes and mtimes of a local model folder's files (None for a Hub id): cheap, and it changes
-    when the folder is retrained in place."""
+    when the folder is retrained in place. The evaluation results recorded there for its model card
+    (alignkit.core.card.EVALS_FILE) are about the model, not part of it: evaluating it must not make it another."""
+    from alignkit.core.card import EVALS_FILE
+
     folder = Path(source)
     if not folder.is_dir():
         return None
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
+                   if p.is_file() and p.name != EVALS_FILE)
     return _digest(files)
 
 
