@@ -7,6 +7,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   args (the one settings mechanism: flags, env, .env, --config, presets),
   config (every script's settings, shared groups by composition),
   errors (UserError and how a script reports it),
+  extras (the optional eval and tracking extras, and the line that installs a missing one),
   paths (the cache folder),
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
   data (the one data normaliser),
