@@ -1,6 +1,7 @@
 """Training and its algorithms: what sft.py, dpo.py, reward.py, rl.py and rlaif.py run.
 
 - training: run folders, TRL configs, resume, finish.
+- report: training.png and the closing summary of a run.
 - trainers: alignkit's TRL trainers (stacked adapters, the explicit reference pass).
 - losses: preference losses TRL lacks.
 - prefix: DPO prefix sharing (a pair's prompt computed once).
