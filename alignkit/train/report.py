@@ -139,7 +139,8 @@ def report(trainer, stage: str, folder, metrics: dict, merged: Path | None = Non
     """Refresh the run folder's model card with the final metrics, draw training.png from the trainer's log
     history and print the summary block (main process only)."""
     folder = Path(folder)
-    if (folder / "README.md").is_file():  # the card the adapter was saved with, now with the held-out figures
+    pushed_here = hub_url is not None and merged is None  # push() just wrote this folder's card, for its repo
+    if (folder / "README.md").is_file() and not pushed_here:  # the card saved with the adapter, now with metrics
         from alignkit.core.card import model_card
 
         (folder / "README.md").write_text(model_card(folder), encoding="utf-8")
