@@ -128,6 +128,9 @@ with start_run(settings, run_folder, resume_from):
 # %% [markdown]
 # ## Save, evaluate, merge, push
 # The adapter and tokenizer go to the run folder; `--merge_adaptors` also writes a checked, merged model.
+# `training.png` in the run folder draws the logged curves (loss, reward margins and accuracies, train and
+# held-out) and the learning rate; a summary block (steps, wall time, where everything went) ends the run, and in a
+# notebook the picture shows below this cell.
 
 # %%
 from alignkit.train.training import finish
@@ -136,3 +139,7 @@ metrics = finish(trainer, loaded, settings, run_folder, "dpo")
 print(f"adapter: {run_folder}")
 if "eval_rewards/accuracies" in metrics:
     print(f"held-out reward accuracy: {metrics['eval_rewards/accuracies']:.3f}")
+
+from alignkit.train.report import show
+
+show(run_folder)  # in a notebook: training.png (loss, learning rate, the run's own curves) below this cell

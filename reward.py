@@ -118,6 +118,9 @@ trainer.train(resume_from_checkpoint=resume_from)
 # The adapter (with its score head) and tokenizer go to the run folder. On the held-out pairs: pairwise accuracy
 # (chance is 0.5), chosen / rejected / margin means and standard deviations, and `rewards_histogram.png`.
 # `--merge_adaptors` writes a merged model that loads with AutoModelForSequenceClassification.
+# `training.png` in the run folder draws the logged curves (loss, pairwise accuracy, train and held-out) and the
+# learning rate; a summary block (steps, wall time, where everything went) ends the run, and in a notebook the
+# picture shows below this cell.
 
 # %%
 import json
@@ -138,3 +141,7 @@ if eval_data is not None and main:
     print(f"chosen {report['chosen_mean']:.3f} ± {report['chosen_std']:.3f}, rejected {report['rejected_mean']:.3f} "
           f"± {report['rejected_std']:.3f}, margin {report['margin_mean']:.3f} ± {report['margin_std']:.3f}")
     print(f"histogram: {report['histogram']}")
+
+from alignkit.train.report import show
+
+show(run_folder)  # in a notebook: training.png (loss, learning rate, the run's own curves) below this cell

@@ -109,6 +109,9 @@ trainer.train(resume_from_checkpoint=resume_from)
 # %% [markdown]
 # ## Save, merge, push
 # The adapter and tokenizer go to the run folder, as dpo.py's do: merge.py and evaluate.py take it the same way.
+# `training.png` in the run folder draws the logged curves (loss, reward, KL to the reference) and the learning
+# rate; a summary block (steps, wall time, where everything went) ends the run, and in a notebook the picture shows
+# below this cell.
 
 # %%
 from alignkit.train.training import finish
@@ -125,3 +128,7 @@ if logged:
 unscored = [entry["rewards/unscored_frac"] for entry in trainer.state.log_history if "rewards/unscored_frac" in entry]
 if unscored and max(unscored) > 0:
     print(f"unscored completions (failed judgments, left out of the advantages): up to {max(unscored):.0%} of a log")
+
+from alignkit.train.report import show
+
+show(run_folder)  # in a notebook: training.png (loss, learning rate, the run's own curves) below this cell

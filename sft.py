@@ -116,6 +116,9 @@ with start_run(settings, run_folder, resume_from):
 
 # %% [markdown]
 # ## Save, evaluate, merge, push
+# `training.png` in the run folder draws the logged curves (loss, held-out loss) and the learning rate; a summary
+# block (steps, wall time, where everything went) ends the run, and in a notebook the picture shows below this
+# cell.
 
 # %%
 from alignkit.train.training import finish
@@ -124,3 +127,7 @@ metrics = finish(trainer, loaded, settings, run_folder, "sft")
 print(f"adapter: {run_folder}")
 if "eval_loss" in metrics:
     print(f"held-out loss: {metrics['eval_loss']:.3f}")
+
+from alignkit.train.report import show
+
+show(run_folder)  # in a notebook: training.png (loss, learning rate, the run's own curves) below this cell

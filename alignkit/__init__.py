@@ -10,11 +10,14 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   trl_names (TRL's and the alignment-handbook's names for the training settings),
   mixture (a run's training and held-out data: a share, a test split, a handbook dataset mixture),
   errors (UserError and how a script reports it),
+  extras (the optional eval and tracking extras, and the line that installs a missing one),
   paths (the cache folder),
   launch (the launch mode, this process's device and process group, the loader's hardware decisions, refusals),
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
   data (the one data normaliser),
-  hub (Hub pushes and model cards),
+  hub (Hub pushes),
+  card (model cards through huggingface_hub's ModelCard),
+  progress (the one progress-bar rule),
   llm (the chat-client factory for OpenAI-compatible endpoints).
 - modeling (load, generate, merge models; the presets):
   models (the one loader),
@@ -26,6 +29,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   smol (SmolLM2-135M).
 - train (training and its algorithms):
   training (run folders, TRL configs, resume, finish),
+  report (training.png and the closing summary of a run),
   trainers (alignkit's TRL trainers),
   losses (preference losses TRL lacks: the DPO paper's, SimPO, ORPO),
   kto (kto.py's trainer: TRL's KTOTrainer with alignkit's adapters and reference),
@@ -88,15 +92,12 @@ def quiet_library_noise() -> None:
     """Keep the log to what the user can act on.
 
     transformers v5 warns on every step that TRL calls its renamed gradient-checkpointing helpers, and progress
-    bars redraw by the line when there is no terminal: thousands of lines in a CI log.
+    bars redraw by the line when there is no terminal: thousands of lines in a CI log (alignkit.core.progress
+    decides where bars are drawn).
     """
-    import sys
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
-    if not sys.stderr.isatty():
-        import datasets
-        import transformers
+    from alignkit.core.progress import apply_to_libraries
 
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+    apply_to_libraries()  # datasets'/transformers' bars: on in a terminal or a notebook, off in CI logs

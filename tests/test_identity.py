@@ -117,6 +117,7 @@ def test_a_model_retrained_in_place_anywhere_down_the_chain_is_another_model(tin
     # Files no loader reads do not count: a picture or a model card written later is not a new model.
     (models["sft"] / "training.png").write_bytes(b"png")
     (models["dpo"] / "README.md").write_text("card")
+    (models["dpo"] / "alignkit_evals.json").write_text("{}")  # evaluate.py records results for the card
     third = keys(dpo)
     assert third == keys(dpo)
     # The file hashes are remembered: a second look reads no file.

@@ -110,7 +110,8 @@ def test_push_builds_the_right_upload_with_a_model_card(dpo_run, tmp_path, fake_
             "generation_config.json"} <= set(files)
     card = (out / "README.md").read_text()
     assert "me/tiny-dpo" in card and "eval_rewards/accuracies" in card and "dpo_beta" in card
-    assert "AutoModelForCausalLM.from_pretrained(\"me/tiny-dpo\")" in card
+    # The saved dtype (merge.py's --dtype, fp32 on this CPU) on every device there is, not fp32 on the CPU always.
+    assert 'AutoModelForCausalLM.from_pretrained("me/tiny-dpo", dtype=torch.float32, device_map="auto")' in card
     assert "hf_FAKEtokenForTests123456" not in card
 
 

@@ -7,6 +7,7 @@ tiny preset. Settings reach the kernels the way a notebook user sets them withou
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -100,11 +101,25 @@ def kernel_env(cache: Path, **settings: str) -> dict:
     # The kernel must import this checkout's alignkit even when it is not pip-installed (a plain venv).
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(ALIGNKIT_CACHE=str(cache), **settings)
+    env.pop("CI", None)  # a user's notebook, not a CI log: progress bars show (alignkit.core.progress)
     return env
 
 
-def execute(name: str, cwd: Path, env: dict, specs: KernelSpecManager) -> str:
-    """Run notebooks/<name>.ipynb top to bottom in a fresh kernel; all its stream and result text."""
+def text_of(nb) -> str:
+    """All stream and result text of an executed notebook."""
+    text = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream":
+                # A progress bar (stderr) ends on "\r", not a newline: keep the next print on a line of its own.
+                text.append(out.text if out.text.endswith("\n") or out.name != "stderr" else out.text + "\n")
+            elif out.output_type in ("execute_result", "display_data"):
+                text.append(out.data.get("text/plain", ""))
+    return "".join(text)
+
+
+def execute(name: str, cwd: Path, env: dict, specs: KernelSpecManager):
+    """Run notebooks/<name>.ipynb top to bottom in a fresh kernel; returns the notebook with its outputs."""
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
     client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120,
@@ -112,14 +127,7 @@ def execute(name: str, cwd: Path, env: dict, specs: KernelSpecManager) -> str:
     # cleanup_kc: shut the kernel down even though we made its manager (nbclient would leave it running, with
     # a model in memory, until pytest exits). A failing cell raises CellExecutionError with the traceback.
     client.execute(env=env, cleanup_kc=True)
-    text = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            if out.output_type == "stream":
-                text.append(out.text)
-            elif out.output_type in ("execute_result", "display_data"):
-                text.append(out.data.get("text/plain", ""))
-    return "".join(text)
+    return nb
 
 
 def test_kernel_runs_this_python(kernel_specs, tmp_path):
@@ -180,6 +188,7 @@ class Pipeline:
 
     def __init__(self, cwd: Path, cache: Path, specs: KernelSpecManager):
         self.cwd, self.cache, self.specs, self.outputs, self.failed = cwd, cache, specs, {}, set()
+        self.notebooks = {}  # name -> the executed notebook, outputs and all
 
     def run(self, name: str) -> str:
         if name in self.failed:  # its own test shows the traceback; do not spend minutes failing again
@@ -188,8 +197,9 @@ class Pipeline:
             for need in self.NEEDS[name]:
                 self.run(need)
             try:
-                self.outputs[name] = execute(name, self.cwd, kernel_env(self.cache, **self.SETTINGS[name]),
-                                             self.specs)
+                self.notebooks[name] = execute(name, self.cwd, kernel_env(self.cache, **self.SETTINGS[name]),
+                                               self.specs)
+                self.outputs[name] = text_of(self.notebooks[name])
             except Exception:
                 self.failed.add(name)
                 raise
@@ -205,6 +215,30 @@ def test_sft_notebook(pipeline):
     out = pipeline.run("sft")
     assert re.search(r"^adapter: runs/tiny-sft$", out, re.M), out[-2000:]
     assert (pipeline.cwd / "runs/tiny-sft/adapter_model.safetensors").is_file()
+
+
+def displayed(nb, mime: str) -> list:
+    """Every displayed output of `mime` type, in cell order (with its cell's index)."""
+    return [(i, out.data[mime]) for i, cell in enumerate(nb.cells) for out in cell.get("outputs", [])
+            if out.output_type in ("display_data", "execute_result") and mime in out.data]
+
+
+def test_training_in_a_notebook_shows_a_live_bar_and_its_picture(pipeline):
+    # ipykernel's stderr is no TTY: the bar must not depend on one. transformers draws its notebook bar (an HTML
+    # <progress> element with the steps and the time left) when the Trainer's disable_tqdm is off.
+    pipeline.run("sft")
+    nb = pipeline.notebooks["sft"]
+    train_cell = next(i for i, c in enumerate(nb.cells) if "trainer.train(" in c.source)
+    bars = [html for i, html in displayed(nb, "text/html") if i == train_cell and "<progress" in html]
+    assert bars, "no training progress bar in the training cell's outputs"
+    steps = json.loads((pipeline.cwd / "runs/tiny-sft/metrics.json").read_text())["global_step"]
+    assert f"[{steps}/{steps} " in bars[-1]  # it ran to the last step
+    # The last cell shows training.png, the very file the run wrote; the summary block names it.
+    last_code = max(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    pictures = [png for i, png in displayed(nb, "image/png") if i == last_code]
+    png = (pipeline.cwd / "runs/tiny-sft/training.png").read_bytes()
+    assert len(pictures) == 1 and base64.b64decode(pictures[0]) == png
+    assert re.search(r"^  picture +runs/tiny-sft/training\.png$", pipeline.outputs["sft"], re.M)
 
 
 def test_label_notebook(pipeline):

@@ -23,7 +23,7 @@ import torch
 from alignkit.core.config import ModelSettings
 from alignkit.core.data import DataError
 from alignkit.core.errors import UserError
-from alignkit.core.hub import model_card
+from alignkit.core.card import model_card
 from alignkit.modeling import presets
 from alignkit.modeling.models import adapter_chain, load_model
 
@@ -236,7 +236,7 @@ def test_model_cards_name_the_real_base_never_a_local_path(sft_run, dpo_run, tmp
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "me/tiny-base"}))
     card = model_card(adapter, "me/sft-adapter")
     assert "SFT of [me/tiny-base](https://huggingface.co/me/tiny-base) with LoRA" in card
-    assert "base_model: me/tiny-base" in card and 'from_pretrained("me/sft-adapter")' in card
+    assert "base_model: me/tiny-base" in card and 'from_pretrained("me/sft-adapter", dtype="auto", device_map="auto")' in card
 
     # A merged model of a local base: "a local model" too, and no local path anywhere in its card.
     from alignkit.modeling.merge import merge_adapters

@@ -7,10 +7,13 @@
 - trl_names: TRL's and the alignment-handbook's names for the training settings (aliases, pass-through).
 - mixture: a run's training and held-out data (a share, a test split, a handbook dataset mixture).
 - errors: UserError and how a script reports it.
+- extras: the optional eval and tracking extras, and the one line that installs a missing one.
 - paths: the cache folder ($ALIGNKIT_CACHE).
 - launch: the launch mode, this process's device and process group, the loader's hardware decisions, refusals.
 - journal: append-only logs, atomic writes, the concurrent map every crash-safe loop uses.
+- progress: the one progress-bar rule (a bar in a terminal and a notebook, none in CI logs).
 - data: the one data normaliser (SFT and preference rows from files, folders, the Hub).
-- hub: Hub pushes and model cards.
+- hub: Hub pushes.
+- card: model cards through huggingface_hub's ModelCard (license, model-index, citations).
 - llm: the chat-client factory for OpenAI-compatible endpoints.
 """

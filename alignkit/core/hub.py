@@ -1,4 +1,5 @@
-"""Publishing to the Hugging Face Hub: a model card, the upload, and never a prompt or a secret.
+"""Publishing to the Hugging Face Hub: the upload (with the model card of alignkit.core.card), and never a prompt or
+a secret.
 
 The token comes from HF_TOKEN (or `.env`, or a cached `huggingface-cli login`); a missing token is an error
 raised before any training or merging starts, never an interactive prompt. Repos are private unless asked.
@@ -17,7 +18,6 @@ import re
 from pathlib import Path
 
 from alignkit import logger
-from alignkit.core.args import redact
 from alignkit.core.errors import UserError
 
 # Never uploaded: intermediate state, and anything that could hold credentials.
@@ -89,108 +89,6 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _shown(value):
-    """A setting as a card shows it: a local absolute path by its last part only (it means nothing elsewhere)."""
-    if isinstance(value, str) and (value.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", value)):
-        return f".../{Path(value).name}"
-    return value
-
-
-def describe_base(folder) -> tuple[str | None, str, list[str]]:
-    """(Hub id of the base model or None, how a card names the base, names of local adapters under this one).
-
-    A local base is "a local model" with its architecture and folder name from its config.json, never its path.
-    """
-    from alignkit.modeling.models import adapter_chain
-
-    folder = Path(folder)
-    merge = _read_json(folder / "merge.json")
-    under: list[str] = []
-    if merge:
-        base = merge.get("base_model") or ""
-    elif (folder / "adapter_config.json").is_file():
-        try:
-            base, chain = adapter_chain(str(folder))
-            under = [Path(a).name if not is_hub_id(a) else a for a in chain[:-1]]
-        except (UserError, OSError, ValueError):  # a broken chain still gets a card naming what it records
-            base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path") or ""
-    else:
-        base = _read_json(folder / "alignkit_config.json").get("model_id") or ""
-    if is_hub_id(base):
-        return base, f"[{base}](https://huggingface.co/{base})", under
-    config = _read_json(Path(base, "config.json")) if base else {}
-    kind = ", ".join(x for x in [(config.get("architectures") or [None])[0], config.get("model_type")] if x)
-    if not base:
-        return None, "a base model this folder does not record", under
-    return None, f"a local model ({kind + '; ' if kind else ''}folder `{Path(base).name}`)", under
-
-
-RUN_TYPES = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model"}  # rl: GRPO or RLOO, from its --algo
-
-
-def model_card(folder, repo_id: str | None = None) -> str:
-    """README.md for a merged model or an adapter folder, from the files the run left there.
-
-    repo_id: the Hub repo it is pushed to; None for the card a run folder keeps for itself.
-    """
-    folder = Path(folder)
-    settings = _read_json(folder / "alignkit_config.json")  # already redacted when saved
-    metrics = _read_json(folder / "metrics.json")
-    merge = _read_json(folder / "merge.json")
-    adapter = _read_json(folder / "adapter_config.json")
-    evaluation = {p.name: _read_json(p) for p in sorted(folder.glob("eval*.json"))}
-    is_adapter = bool(adapter) and not merge
-    hub_base, base_text, under = describe_base(folder)
-    where = repo_id or f"path/to/{folder.name}"
-    dataset = settings.get("dataset_id", "")
-    # The run type training recorded (alignkit.train.training.save_run_config); merged adapters have no settings.
-    run_type = settings.get("run_type")
-    if not settings:
-        stage = "merged adapters"
-    elif run_type == "rl":
-        stage = (settings.get("algo") or run_type).upper()
-    else:
-        stage = RUN_TYPES.get(run_type, "Fine-tuning")
-    header = ["---", f"base_model: {hub_base}" if hub_base else None,
-              f"datasets:\n- {dataset}" if dataset.count("/") == 1 and not Path(dataset).exists() else None,
-              f"library_name: {'peft' if is_adapter else 'transformers'}",
-              "tags:\n- alignkit\n- trl\n- lora\n- " + stage.split()[0].lower(), "---"]
-    lines = [line for line in header if line]
-    on_top = f", on top of the adapter{'s' if len(under) > 1 else ''} {', '.join(f'`{a}`' for a in under)}" if under else ""
-    lines += ["", f"# {where.split('/')[-1]}", "",
-              f"{stage} of {base_text}{on_top} with LoRA adapters, trained with alignkit on Hugging Face TRL."]
-    if merge:
-        lines += ["", f"Adapters merged into the base: {' -> '.join(f'`{_shown(a)}`' for a in merge.get('adapters', []))}"
-                      f"{' (into the dequantized NF4 base)' if merge.get('dequantize') else ''}; merged logits "
-                      f"match base + adapters within {merge.get('max_logit_difference', 0):.1e}."]
-    if settings:
-        lines += ["", "## Training settings", "", "| setting | value |", "| --- | --- |"]
-        lines += [f"| {k} | `{json.dumps(_shown(v))}` |" for k, v in settings.items() if v not in (None, "", [], False)]
-    if metrics:
-        lines += ["", "## Final metrics", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    for name, results in evaluation.items():
-        lines += ["", f"## Evaluation ({name})", "", "```json", json.dumps(results, indent=2)[:4000], "```"]
-    lines += ["", "## How to load it", "", "```python"]
-    if is_adapter and under:  # PEFT loads one adapter on a base; alignkit's loader follows the chain
-        lines += ["from alignkit.core.config import ModelSettings",
-                  "from alignkit.modeling.models import load_model", "",
-                  f'loaded = load_model(ModelSettings(model_id="{where}"))',
-                  "model, tokenizer = loaded.model, loaded.tokenizer"]
-    elif is_adapter:
-        lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
-                  f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
-    else:
-        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{where}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
-    lines += ['messages = [{"role": "user", "content": "Hello!"}]',
-              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
-              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=128)[0]))", "```", ""]
-    return redact("\n".join(lines))
-
-
 def check_pushable(folder) -> None:
     """Refuse an adapter whose recorded base is a local path (or a local adapter): nobody else could load it."""
     folder = Path(folder)
@@ -236,7 +134,9 @@ def push(folder, repo_id: str, private: bool = True) -> str:
         )
     check_pushable(folder)
     api = HfApi(token=require_token())
-    (folder / "README.md").write_text(model_card(folder, repo_id))
+    from alignkit.core.card import model_card
+
+    (folder / "README.md").write_text(model_card(folder, repo_id), encoding="utf-8")
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", ignore_patterns=IGNORE,
                       commit_message="Upload with alignkit")

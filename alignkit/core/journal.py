@@ -9,7 +9,7 @@ outputs and annotations, rl.py's judge, rlaif.py's rounds) writes through, so no
 - `write_atomic`, `write_json`, `write_jsonl`: a whole file replaced at once (temporary file, fsync, rename), so
   a reader sees the old file or the new one, never half of one.
 - `threaded` (a concurrent map that yields results as they arrive, exceptions included), `batched` (the same
-  for a function of a whole batch) and `Progress` (a bar on a terminal, a log line every 30 s elsewhere).
+  for a function of a whole batch). Progress bars: alignkit.core.progress.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import os
 import queue
-import sys
 import threading
-import time
 from pathlib import Path
 
 from alignkit import logger
@@ -234,39 +232,3 @@ def batched(fn, items, size: int):
             results = [e] * len(chunk)
         yield from zip(chunk, results)
 
-
-class Progress:
-    """A tqdm bar on a terminal or in a notebook; elsewhere (CI logs) a log line every 30 seconds."""
-
-    def __init__(self, what: str, total: int, done: int = 0, unit: str = "pair"):
-        from alignkit.core.args import is_notebook
-
-        self.what, self.total, self.done, self.unit, self.errors = what, total, done, unit, 0
-        self._start, self._start_done = time.monotonic(), done
-        self._last = self._start
-        self.bar = None
-        if total and (sys.stderr.isatty() or is_notebook()):
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=done, desc=what, unit=unit, dynamic_ncols=True)
-            self.bar.set_postfix(errors=0)
-
-    def update(self, n: int = 1, errors: int | None = None) -> None:
-        self.done += n
-        self.errors = self.errors if errors is None else errors
-        if self.bar is not None:
-            self.bar.set_postfix(errors=self.errors, refresh=False)
-            self.bar.update(n)
-        elif time.monotonic() - self._last >= 30:
-            self._last = time.monotonic()
-            self._log()
-
-    def _log(self) -> None:
-        rate = (self.done - self._start_done) / max(time.monotonic() - self._start, 1e-9)
-        logger.info(f"{self.what}: {self.done}/{self.total} {self.unit}s, {rate:.1f}/s, {self.errors} errors")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.total:
-            self._log()

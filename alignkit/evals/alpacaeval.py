@@ -66,6 +66,7 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import ConfigError, config_to_dict
 from alignkit.core.journal import append_jsonl, threaded, write_json
+from alignkit.core.progress import Progress
 
 HUB_REPO = "tatsu-lab/alpaca_eval"
 EVAL_FILE = "alpaca_eval_gpt4_baseline.json"  # the 805 instructions with AlpacaEval 2's reference outputs
@@ -99,12 +100,9 @@ def load_package():
         import pkg_resources  # noqa: F401
     except ImportError:
         _pkg_resources_stand_in()
-    try:
-        import alpaca_eval
-    except ImportError as e:
-        raise ConfigError(f"evaluate.py alpaca_eval needs the alpaca_eval package: pip install 'alpaca_eval>=0.6,<0.7' "
-                          f"({e})") from None
-    return alpaca_eval
+    from alignkit.core.extras import require
+
+    return require("alpaca_eval", "eval", "evaluate.py alpaca_eval")
 
 
 def hub_file(filename: str, how: str) -> Path:
@@ -256,6 +254,7 @@ def generate_outputs(generator, rows: list[dict], name: str, source: str, path, 
     generation = _generation(s)
     todo = [r for r in rows if r["instruction"] not in read_outputs(path, source, generation, identity)]
     path.parent.mkdir(parents=True, exist_ok=True)
+    progress = Progress(f"{name}: generating", len(todo), unit="output", errors=False)
     for start in range(0, len(todo), s.batch_size):
         batch = todo[start : start + s.batch_size]
         outs = generator([[{"role": "user", "content": r["instruction"]}] for r in batch],
@@ -265,7 +264,8 @@ def generate_outputs(generator, rows: list[dict], name: str, source: str, path, 
                              "dataset": row["dataset"], "source": source, "generation": generation,
                              "identity": identity}
                             for row, out in zip(batch, outs, strict=True)])
-        logger.info(f"{name}: {start + len(batch)}/{len(todo)} outputs generated")
+        progress.update(len(batch))
+    progress.close()
     return len(todo)
 
 
@@ -417,11 +417,13 @@ class LoggedCompletions:
         self.reused += sum(r is not None for r in records)
         todo = [i for i, r in enumerate(records) if r is None]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for i, record in threaded(lambda i: self._ask(prompts[i], keys[i], kwargs), todo, self.parallel,
-                                  stop_on_error=True):
-            if isinstance(record, BaseException):
-                raise record  # what alpaca_eval's own call would raise; the answers so far are journaled
-            records[i] = record
+        with Progress("annotating", len(todo), unit="pair", errors=False) as progress:
+            for i, record in threaded(lambda i: self._ask(prompts[i], keys[i], kwargs), todo, self.parallel,
+                                      stop_on_error=True):
+                if isinstance(record, BaseException):
+                    raise record  # what alpaca_eval's own call would raise; the answers so far are journaled
+                records[i] = record
+                progress.update()
         names = [k for k in records[0] if k not in ("key", "tstamp")] if records else []
         return {name: [r.get(name) for r in records] for name in names}
 
@@ -585,6 +587,18 @@ def tiny_defaults() -> dict:
             "eval_set": str(tiny_dir() / "alpaca_eval_set.json"), "output_dir": "outputs/alpaca_eval-tiny"}
 
 
+def record_card_results(model_id: str, summary: dict) -> None:
+    """A local model folder keeps its AlpacaEval win rates (percent, as alpaca_eval reports them) for its card."""
+    from alignkit.core.card import record_evaluation
+
+    for column, label in (("length_controlled_winrate", "length-controlled win rate"), ("win_rate", "win rate")):
+        if isinstance(summary.get(column), (int, float)):
+            record_evaluation(model_id, f"alpaca_eval {column} vs {summary['reference']}", {
+                "benchmark": "AlpacaEval", "dataset": "tatsu-lab/alpaca_eval", "metric": column,
+                "value": summary[column], "metric_name": f"{label} vs {summary['reference']} "
+                                                         f"(annotator {summary['annotators_config']})"})
+
+
 def run(s, backend: str) -> dict:
     """evaluate.py alpaca_eval, start to end; returns the summary (also written to summary.json)."""
     import pandas as pd
@@ -668,6 +682,7 @@ def run(s, backend: str) -> dict:
         "settings": config_to_dict(s),
     }
     write_json(results_dir / "summary.json", summary)
+    record_card_results(s.model_id, summary)
     plot(leaderboard, results_dir / "win_rates.png", f"AlpacaEval vs {ref_name}; annotator {config_name}, judge {judge}")
     columns = [c for c in ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error", "n_total",
                            "avg_length") if c in leaderboard]

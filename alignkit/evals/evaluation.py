@@ -276,7 +276,20 @@ class Pairwise:
             questions=[q["question_id"] for q in self.questions], judgment_file=str(self.judgment_file),
             judge_usage=self.client.usage.as_dict() if self.client else None, settings=config_to_dict(s),
         )
+        self.record(pairs)
         return pairs, results_file, results.plot(pairs, self.output_dir / "results.png")
+
+    def record(self, pairs: list[dict]) -> None:
+        """Each evaluated local model folder keeps its win rates, for its model card (alignkit.core.card)."""
+        from alignkit.core.card import record_evaluation
+
+        benchmark, dataset = ("MT-Bench", "mt_bench") if self.command == "mt_bench" else ("pairwise prompts", "custom")
+        for pair in pairs:
+            rate = pair["overall"]["adjusted_win_rate"]
+            if rate is not None and pair["model"] in self.models:
+                record_evaluation(self.models[pair["model"]], f"{self.command} vs {pair['opponent']}", {
+                    "benchmark": benchmark, "dataset": dataset, "metric": "win_rate", "value": rate,
+                    "metric_name": f"adjusted win rate vs {pair['opponent']} (judge {pair['judge']})"})
 
 
 def _check_preset_model(s, source: str) -> None:

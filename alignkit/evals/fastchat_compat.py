@@ -87,9 +87,9 @@ def load():
     """(fastchat.llm_judge.common, fastchat.llm_judge.gen_judgment), imported once and checked."""
     global _modules
     if _modules is None:
-        if importlib.util.find_spec("fastchat") is None:
-            raise ImportError(f"MT-Bench judging needs FastChat's judge code: {PIP_LINE} (without the [llm_judge] "
-                              "extra, which would downgrade openai)")
+        from alignkit.core.extras import require
+
+        require("fastchat", "eval", "MT-Bench judging (FastChat's judge code)")  # one line naming the install
         with _placeholder("anthropic"):
             from fastchat.llm_judge import common, gen_judgment
         check(common, gen_judgment)

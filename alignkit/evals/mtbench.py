@@ -29,6 +29,7 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.journal import append_jsonl, read_jsonl, threaded, write_atomic
+from alignkit.core.progress import Progress
 
 QUESTIONS = "mt_bench/question.jsonl"
 JUDGE_PROMPTS = "judge_prompts.jsonl"
@@ -324,6 +325,7 @@ def generate_answers(generator, questions, name: str, source: str, path, s, key:
     for q in todo:
         by_temperature.setdefault(temperature_for(q, s.temperature), []).append(q)
     answered = 0
+    progress = Progress(f"{name}: answering", len(todo), unit="question", errors=False)
     for temperature, group in by_temperature.items():
         for start in range(0, len(group), s.batch_size):
             batch = group[start : start + s.batch_size]
@@ -348,7 +350,8 @@ def generate_answers(generator, questions, name: str, source: str, path, s, key:
                 **({"settings_key": key} if key else {}),
             } for q, history in zip(batch, histories)])
             answered += len(batch)
-            logger.info(f"{name}: {answered}/{len(todo)} questions answered")
+            progress.update(len(batch))
+    progress.close()
     return answered
 
 
@@ -436,13 +439,18 @@ def judge_matches(matches, play, path, judge_identity: dict, parallel: int = 1) 
         append_jsonl(path, [record])
         return record
 
-    if parallel == 1:
-        return [run(m) for m in matches]
     records = []
-    for _, result in threaded(run, matches, parallel, stop_on_error=True):  # no match starts after a failure
-        if isinstance(result, BaseException):
-            raise result
-        records.append(result)
+    with Progress("judging", len(matches), unit="match", errors=False) as progress:
+        if parallel == 1:
+            for m in matches:
+                records.append(run(m))
+                progress.update()
+            return records
+        for _, result in threaded(run, matches, parallel, stop_on_error=True):  # no match starts after a failure
+            if isinstance(result, BaseException):
+                raise result
+            records.append(result)
+            progress.update()
     return records
 
 

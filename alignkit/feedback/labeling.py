@@ -30,7 +30,8 @@ from alignkit.core import journal
 from alignkit.core.args import ConfigError, redact, save_config
 from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt
 from alignkit.core.errors import EndpointRefused
-from alignkit.core.journal import Progress, batched, threaded, write_json, write_jsonl
+from alignkit.core.journal import batched, threaded, write_json, write_jsonl
+from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Judge, Request, combine, endpoint_identity, is_fatal, make_judge
 from alignkit.feedback.judge import orders_for, parse_verdict, question_text, winner
 

@@ -35,7 +35,7 @@ INERT = {
 }
 
 # Files in a model folder that no loader reads: a change to them is not a new model.
-_NOT_READ = re.compile(r"(\.png|\.log|\.lock)$|^(README\.md|FAILED|\.)", re.IGNORECASE)
+_NOT_READ = re.compile(r"(\.png|\.log|\.lock)$|^(README\.md|FAILED|alignkit_evals\.json|\.)", re.IGNORECASE)
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -87,7 +87,7 @@ def file_hash(path: Path) -> str:
 
 def folder_files(folder: Path) -> dict[str, str]:
     """{file name: content hash} of the files a loader can read in `folder`: its top-level files, less images,
-    logs and the model card. Subfolders (checkpoint-N, merged/) are models or states of their own."""
+    logs, the model card and the evaluation results recorded for it (alignkit.core.card.EVALS_FILE). Subfolders (checkpoint-N, merged/) are models or states of their own."""
     files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not _NOT_READ.search(p.name))
     return {p.name: h for p, h in file_hashes(files).items()}
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from alignkit import logger
+from alignkit.core import progress
 from alignkit.core.config import ModelSettings, loader_settings
 from alignkit.core.errors import UserError
 
@@ -36,7 +37,8 @@ from alignkit.core.errors import UserError
 # accumulated over the layers; a merge that loses or doubles part of an update is orders of magnitude above it.
 TOLERANCE = 1e-4
 CHECK_PROMPTS = ["Hello! What can you do?", "Name three fruits.", "Explain gravity to a child in one sentence."]
-RUN_FILES = ("alignkit_config.json", "metrics.json")  # carried over so the merged folder describes itself
+# Carried over so the merged folder describes itself (its model card: alignkit.core.card).
+RUN_FILES = ("alignkit_config.json", "metrics.json", "alignkit_evals.json")
 
 
 def _check_inputs(tokenizer, device):
@@ -74,7 +76,7 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         else:
             model.base_model.set_adapter(loaded.frozen)  # every adapter of the chain on, as in training
             expected = model(**batch).logits.float()
-            merged = model.merge_and_unload(adapter_names=loaded.frozen)
+            merged = model.merge_and_unload(adapter_names=loaded.frozen, progressbar=progress.live())
         got = merged(**batch).logits.float()
     mask = batch["attention_mask"].bool()
     # Logits at every real token; a reward model's one score per sequence.

@@ -421,7 +421,7 @@ def save_adapter(model, tokenizer, out_dir: str | os.PathLike, base_source: str,
         recorded = str(base.resolve()) if base.exists() else base_source
     config["base_model_name_or_path"] = recorded
     config_file.write_text(json.dumps(config, indent=2))
-    from alignkit.core.hub import model_card
+    from alignkit.core.card import model_card
 
     # The card TRL and PEFT left names the base "None" (a local one) or by its local path: write alignkit's.
     (out / "README.md").write_text(model_card(out))

@@ -241,7 +241,9 @@ def compute(trainer, dataset, batch_size: int) -> dict[str, torch.Tensor]:
             trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
         model = trainer._precompute_engine
     chosen, rejected = [], []
-    for batch in loader:
+    from alignkit.core.progress import bar
+
+    for batch in bar(loader, trainer.accelerator.is_main_process, desc="reference log-probs", unit="batch"):
         c, r = trainer.accelerator.gather_for_metrics(trainer.compute_ref_log_probs(model, batch))
         chosen.append(c.float().cpu())
         rejected.append(r.float().cpu())

@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 
 from alignkit import logger, quiet_library_noise
+from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, redact
 from alignkit.core.errors import UserError
+from alignkit.core.extras import require_tracker
 from alignkit.core.launch import agreed_minimum, free_memory, training_device, world_size
 from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scripts import it from here)
 
@@ -199,12 +201,8 @@ def resolve_report_to(s) -> str | list[str]:
     if "auto" in asked:
         auto = "wandb" if (os.environ.get("WANDB_API_KEY") or s.wandb_project) else "none"
         asked = [c for c in asked if c != "auto"] + ([auto] if auto != "none" or len(asked) == 1 else [])
-    if "tensorboard" in asked:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            raise UserError("--report_to tensorboard, but tensorboard is not installed: pip install tensorboard "
-                            "(or pass --report_to none)")
+    for tracker in asked:
+        require_tracker(tracker)  # the tracking extra (wandb, tensorboard): installed, or one line saying how
     if "wandb" in asked:
         if s.wandb_project:
             os.environ["WANDB_PROJECT"] = s.wandb_project
@@ -291,7 +289,7 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
         report_to=resolve_report_to(s), bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         prediction_loss_only=True,  # no logits are kept at eval: the metrics come from the loss pass
         dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps host-to-GPU copies
-        disable_tqdm=not sys.stderr.isatty(),  # progress bars in a CI log are thousands of lines of noise
+        disable_tqdm=not progress.live(),  # a bar in a terminal and a notebook; none in CI logs
         push_to_hub=False,  # alignkit.core.hub pushes at the end, with a model card and without secrets
         # Several processes without CUDA: transformers only sets up gloo DDP between them with use_cpu; bf16 on a
         # CPU (a recipe's bf16: true) also needs it ("Your setup doesn't support bf16/gpu").
@@ -428,8 +426,13 @@ def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:
     if trainer.accelerator.is_main_process:
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
         logger.info(f"{stage} adapter saved to {folder}")
+    merged = hub_url = None
     if trainer.accelerator.is_main_process and (s.merge_adaptors or s.push_to_hub):
-        publish_run(folder, s)
+        merged, hub_url = publish_run(folder, s)
+    if trainer.accelerator.is_main_process:  # training.png and the closing summary (alignkit.train.report)
+        from alignkit.train.report import report
+
+        report(trainer, stage, folder, metrics, merged=merged, hub_url=hub_url)
     return metrics
 
 
@@ -463,19 +466,20 @@ def gathered_state_dict(trainer) -> dict | None:
     return None
 
 
-def publish_run(folder: Path, s) -> None:
+def publish_run(folder: Path, s) -> tuple[Path | None, str | None]:
     """--merge_adaptors and --push_to_hub of sft.py and dpo.py, through alignkit.modeling.merge and
-    alignkit.core.hub."""
+    alignkit.core.hub: (the merged folder, the Hub URL), None for what was not asked."""
     from alignkit.core.hub import push
     from alignkit.modeling.merge import merge_adapters
 
-    target = folder
+    target, merged, url = folder, None, None
     if s.merge_adaptors:
         from alignkit.core.launch import outside_zero3
 
         with outside_zero3():  # the main process alone builds the whole model: not under ZeRO-3's zero.Init
-            target = merge_adapters(str(folder), folder / "merged", dtype=s.dtype,
-                                    trust_remote_code=s.trust_remote_code)
+            target = merged = merge_adapters(str(folder), folder / "merged", dtype=s.dtype,
+                                             trust_remote_code=s.trust_remote_code)
         logger.info(f"merged model saved to {target}")
     if s.push_to_hub:
-        push(target, s.hub_repo_id, private=not s.hub_public)
+        url = push(target, s.hub_repo_id, private=not s.hub_public)
+    return merged, url

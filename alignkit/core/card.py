@@ -1,0 +1,301 @@
+"""The model card (README.md) of a run folder, an adapter or a merged model, through huggingface_hub's
+ModelCard/ModelCardData, so the Hub reads its metadata as it reads any other card.
+
+What a card says, from the files the run left in its folder (nothing is guessed, nothing secret is written):
+
+- metadata: the base model (a Hub id; a local base is described in the text, never by its path) and its
+  license, inherited from the base's own card (its README.md metadata, in its folder or the Hugging Face cache;
+  a Llama or Gemma license binds the derivative too; `unknown` with a note when there is none), the datasets
+  (Hub ids), library_name, pipeline_tag (text-generation; text-classification for a reward model), tags, and the
+  evaluation results as model-index entries: the held-out reward accuracy of a DPO run or a reward model, and
+  MT-Bench / pairwise / AlpacaEval win rates recorded by evaluate.py (`record_evaluation`, EVALS_FILE);
+- text: what was trained on what, the merge and its check, the training settings (already redacted when saved),
+  the final metrics, the framework versions, a load snippet in the saved dtype with `device_map="auto"`, and
+  the citations of the methods used (LoRA, QLoRA, DPO, cDPO, IPO, LoTA, GRPO, RLOO, MT-Bench, AlpacaEval, TRL).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import metadata
+from pathlib import Path
+
+from alignkit.core.args import redact
+from alignkit.core.errors import UserError
+from alignkit.core.hub import _read_json, is_hub_id
+
+EVALS_FILE = "alignkit_evals.json"  # evaluation results evaluate.py recorded for a local model folder
+RUN_TYPES = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model"}  # rl: GRPO or RLOO, from its --algo
+FRAMEWORKS = ("alignkit", "transformers", "trl", "peft", "torch", "datasets", "tokenizers", "accelerate",
+              "bitsandbytes")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+CITATIONS = {
+    "LoRA": ("hu2021lora", "LoRA: Low-Rank Adaptation of Large Language Models",
+             "Edward J. Hu and Yelong Shen and Phillip Wallis and Zeyuan Allen-Zhu and Yuanzhi Li and Shean Wang and "
+             "Lu Wang and Weizhu Chen", 2021, "2106.09685"),
+    "QLoRA": ("dettmers2023qlora", "QLoRA: Efficient Finetuning of Quantized LLMs",
+              "Tim Dettmers and Artidoro Pagnoni and Ari Holtzman and Luke Zettlemoyer", 2023, "2305.14314"),
+    "DPO": ("rafailov2023direct", "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+            "Rafael Rafailov and Archit Sharma and Eric Mitchell and Stefano Ermon and Christopher D. Manning and "
+            "Chelsea Finn", 2023, "2305.18290"),
+    "cDPO": ("mitchell2023note", "A note on DPO with noisy preferences and relationship to IPO", "Eric Mitchell",
+             2023, None),
+    "IPO": ("azar2023general", "A General Theoretical Paradigm to Understand Learning from Human Preferences",
+            "Mohammad Gheshlaghi Azar and Mark Rowland and Bilal Piot and Daniel Guo and Daniele Calandriello and "
+            "Michal Valko and Rémi Munos", 2023, "2310.12036"),
+    "LoTA": ("panda2024lottery", "Lottery Ticket Adaptation: Mitigating Destructive Interference in LLMs",
+             "Ashwinee Panda and Berivan Isik and Xiangyu Qi and Sanmi Koyejo and Tsachy Weissman and Prateek Mittal",
+             2024, "2406.16797"),
+    "Bradley-Terry reward model": ("ouyang2022training", "Training language models to follow instructions with "
+                                   "human feedback", "Long Ouyang and Jeff Wu and Xu Jiang and others", 2022,
+                                   "2203.02155"),
+    "GRPO": ("shao2024deepseekmath", "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language "
+             "Models", "Zhihong Shao and Peiyi Wang and Qihao Zhu and others", 2024, "2402.03300"),
+    "RLOO": ("ahmadian2024back", "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human "
+             "Feedback in LLMs", "Arash Ahmadian and Chris Cremer and Matthias Gallé and others", 2024, "2402.14740"),
+    "MT-Bench": ("zheng2023judging", "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena",
+                 "Lianmin Zheng and Wei-Lin Chiang and Ying Sheng and others", 2023, "2306.05685"),
+    "AlpacaEval": ("dubois2024length", "Length-Controlled AlpacaEval: A Simple Way to Debias Automatic Evaluators",
+                   "Yann Dubois and Balázs Galambosi and Percy Liang and Tatsunori B. Hashimoto", 2024, "2404.04475"),
+    "TRL": ("vonwerra2020trl", "TRL: Transformer Reinforcement Learning", "Leandro von Werra and Younes Belkada and "
+            "Lewis Tunstall and Edward Beeching and Tristan Thrush and Nathan Lambert and Shengyi Huang and Kashif "
+            "Rasul and Quentin Gallouédec", 2020, None),
+}
+
+
+def _shown(value):
+    """A setting as a card shows it: a local absolute path by its last part only (it means nothing elsewhere)."""
+    if isinstance(value, str) and (value.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", value)):
+        return f".../{Path(value).name}"
+    return value
+
+
+def base_source(folder) -> tuple[str, list[str]]:
+    """(the base model as recorded: Hub id or local path, or ""; names of the local adapters under this one)."""
+    from alignkit.modeling.models import adapter_chain
+
+    folder = Path(folder)
+    merge = _read_json(folder / "merge.json")
+    under: list[str] = []
+    if merge:
+        base = merge.get("base_model") or ""
+    elif (folder / "adapter_config.json").is_file():
+        try:
+            base, chain = adapter_chain(str(folder))
+            under = [Path(a).name if not is_hub_id(a) else a for a in chain[:-1]]
+        except (UserError, OSError, ValueError):  # a broken chain still gets a card naming what it records
+            base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path") or ""
+    else:
+        base = _read_json(folder / "alignkit_config.json").get("model_id") or ""
+    return base, under
+
+
+def describe_base(folder) -> tuple[str | None, str, list[str]]:
+    """(Hub id of the base model or None, how a card names the base, names of local adapters under this one).
+
+    A local base is "a local model" with its architecture and folder name from its config.json, never its path.
+    """
+    base, under = base_source(folder)
+    if is_hub_id(base):
+        return base, f"[{base}](https://huggingface.co/{base})", under
+    config = _read_json(Path(base, "config.json")) if base else {}
+    kind = ", ".join(x for x in [(config.get("architectures") or [None])[0], config.get("model_type")] if x)
+    if not base:
+        return None, "a base model this folder does not record", under
+    return None, f"a local model ({kind + '; ' if kind else ''}folder `{Path(base).name}`)", under
+
+
+def base_license(base: str) -> dict:
+    """{license, license_name, license_link} from the base's own card: README.md in its folder, or in the
+    Hugging Face cache for a Hub id (never fetched: a card is written offline too). {} when there is none."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    readme = None
+    if base and Path(base, "README.md").is_file():
+        readme = Path(base, "README.md")
+    elif is_hub_id(base):
+        cached = try_to_load_from_cache(base, "README.md")
+        readme = Path(cached) if isinstance(cached, str) else None
+    if readme is None:
+        return {}
+    try:
+        data = ModelCard(readme.read_text(encoding="utf-8"), ignore_metadata_errors=True).data
+    except Exception:  # noqa: BLE001 - a base card we cannot parse gives no license, not a failed push
+        return {}
+    return {k: getattr(data, k, None) for k in ("license", "license_name", "license_link") if getattr(data, k, None)}
+
+
+def record_evaluation(source, name: str, entry: dict) -> None:
+    """Keep an evaluation result (a win rate, ...) in a local model folder's EVALS_FILE, under `name`, for its
+    card. A Hub id or a file (a GGUF) is not a folder alignkit wrote: nothing is recorded there."""
+    from alignkit.core.journal import write_json
+
+    folder = Path(str(source))
+    if not folder.is_dir() or not any((folder / f).is_file() for f in ("config.json", "adapter_config.json",
+                                                                       "alignkit_config.json", "merge.json")):
+        return
+    results = _read_json(folder / EVALS_FILE)
+    results[name] = entry
+    write_json(folder / EVALS_FILE, results)
+
+
+def eval_results(folder, run_type: str | None, metrics: dict, dataset: str, dataset_name: str) -> list:
+    """huggingface_hub EvalResults: the held-out reward accuracy, and what evaluate.py recorded."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    task = "text-classification" if run_type == "reward" else "text-generation"
+    accuracy = metrics.get("held_out_accuracy", metrics.get("eval_accuracy")) if run_type == "reward" else \
+        metrics.get("eval_rewards/accuracies")
+    if isinstance(accuracy, (int, float)):
+        results.append(EvalResult(
+            task_type=task, dataset_type=dataset, dataset_name=f"{dataset_name} (held-out pairs)",
+            dataset_split="held-out", metric_type="accuracy", metric_value=round(float(accuracy), 4),
+            metric_name="held-out reward accuracy" if run_type != "reward" else "held-out pairwise accuracy"))
+    for name, entry in sorted(_read_json(Path(folder) / EVALS_FILE).items()):
+        if not isinstance(entry, dict) or not isinstance(entry.get("value"), (int, float)):
+            continue
+        results.append(EvalResult(
+            task_type="text-generation", dataset_type=entry.get("dataset", name), dataset_name=entry.get(
+                "benchmark", name), metric_type=entry.get("metric", "win_rate"),
+            metric_value=round(float(entry["value"]), 4), metric_name=entry.get("metric_name")))
+    return results
+
+
+def methods(settings: dict, run_type: str | None, folder: Path) -> list[str]:
+    """The methods the card cites, from the recorded settings and evaluations."""
+    used = ["LoTA"] if settings.get("adapter") == "lota" or (folder / "lota_config.json").is_file() else ["LoRA"]
+    if settings.get("quantization") == "4bit":
+        used.append("QLoRA")
+    if run_type == "dpo":
+        losses = settings.get("loss_type") or ["sigmoid"]
+        if any(loss != "ipo" for loss in losses):
+            used.append("DPO")
+        if settings.get("label_smoothing"):
+            used.append("cDPO")
+        if "ipo" in losses:
+            used.append("IPO")
+    elif run_type == "reward":
+        used.append("Bradley-Terry reward model")
+    elif run_type == "rl":
+        used.append((settings.get("algo") or "grpo").upper())
+    evaluated = " ".join(_read_json(folder / EVALS_FILE))
+    used += [m for m, key in (("MT-Bench", "mt_bench"), ("AlpacaEval", "alpaca_eval")) if key in evaluated]
+    return [*used, "TRL"]
+
+
+def _versions() -> list[str]:
+    found = []
+    for name in FRAMEWORKS:
+        try:
+            found.append(f"- {name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _bibtex(name: str) -> str:
+    key, title, authors, year, arxiv = CITATIONS[name]
+    extra = f",\n  journal = {{arXiv preprint arXiv:{arxiv}}}" if arxiv else ""
+    return f"@article{{{key},\n  title = {{{title}}},\n  author = {{{authors}}},\n  year = {{{year}}}{extra}\n}}"
+
+
+def _load_snippet(where: str, is_adapter: bool, under: list[str], reward: bool, dtype: str) -> list[str]:
+    if is_adapter and under:  # PEFT loads one adapter on a base; alignkit's loader follows the chain
+        return ["from alignkit.core.config import ModelSettings", "from alignkit.modeling.models import load_model",
+                "", f'loaded = load_model(ModelSettings(model_id="{where}"))',
+                "model, tokenizer = loaded.model, loaded.tokenizer"]
+    torch_dtype = "\"auto\"" if dtype == "auto" else f"torch.{dtype}"
+    head = ["import torch"] if dtype != "auto" else []
+    if is_adapter:
+        cls = "AutoPeftModelForSequenceClassification" if reward else "AutoPeftModelForCausalLM"
+        head += [f"from peft import {cls}", "from transformers import AutoTokenizer"]
+    else:
+        cls = "AutoModelForSequenceClassification" if reward else "AutoModelForCausalLM"
+        head += [f"from transformers import {cls}, AutoTokenizer"]
+    return head + ["", f'model = {cls}.from_pretrained("{where}", dtype={torch_dtype}, device_map="auto")',
+                   f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
+
+
+def model_card(folder, repo_id: str | None = None) -> str:
+    """README.md for a run folder, an adapter or a merged model, from the files the run left there.
+
+    repo_id: the Hub repo it is pushed to; None for the card a run folder keeps for itself.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    settings = _read_json(folder / "alignkit_config.json")  # already redacted when saved
+    metrics = _read_json(folder / "metrics.json")
+    merge = _read_json(folder / "merge.json")
+    adapter = _read_json(folder / "adapter_config.json")
+    is_adapter = bool(adapter) and not merge
+    base, _ = base_source(folder)
+    hub_base, base_text, under = describe_base(folder)
+    where = repo_id or f"path/to/{folder.name}"
+    dataset = settings.get("dataset_id", "") or ""
+    hub_dataset = dataset if dataset.count("/") == 1 and is_hub_id(dataset) else None
+    run_type = settings.get("run_type")  # what training recorded (alignkit.train.training.save_run_config)
+    reward = run_type == "reward" or merge.get("kind") == "reward model" or adapter.get("task_type") == "SEQ_CLS"
+    if not settings:
+        stage = "merged adapters"
+    elif run_type == "rl":
+        stage = (settings.get("algo") or run_type).upper()
+    else:
+        stage = RUN_TYPES.get(run_type, "Fine-tuning")
+    cited = methods(settings, run_type, folder)
+    license_ = base_license(base)
+    tags = ["alignkit", "trl", "lota" if "LoTA" in cited else "lora", stage.split()[0].lower()]
+    tags += [m.lower() for m in cited if m in ("cDPO", "IPO", "QLoRA")]
+    data = ModelCardData(
+        base_model=hub_base, datasets=[hub_dataset] if hub_dataset else None,
+        library_name="peft" if is_adapter else "transformers",
+        pipeline_tag="text-classification" if reward else "text-generation", tags=tags,
+        license=license_.get("license") or "unknown", license_name=license_.get("license_name"),
+        license_link=license_.get("license_link"),
+    )
+    results = eval_results(folder, run_type, metrics, hub_dataset or "custom", Path(dataset).name or "custom")
+    if results:  # model-index entries, under the model's name (which the metadata holds only there)
+        data.eval_results, data.model_name = results, where.split("/")[-1]
+    on_top = f", on top of the adapter{'s' if len(under) > 1 else ''} {', '.join(f'`{a}`' for a in under)}" if under else ""
+    lines = [f"# {where.split('/')[-1]}", "",
+             f"{stage} of {base_text}{on_top} with {'a LoTA sparse delta' if 'LoTA' in cited else 'LoRA adapters'}, "
+             "trained with alignkit on Hugging Face TRL."]
+    if license_:
+        lines += ["", f"License: `{license_['license']}`, inherited from the base model's card: its terms apply to "
+                      "this derivative too."]
+    else:
+        lines += ["", "License: `unknown`: the base model's card (README.md in its folder or the Hugging Face cache) "
+                      "names none. Set `license:` above to the base model's license before publishing."]
+    if merge:
+        lines += ["", f"Adapters merged into the base: {' -> '.join(f'`{_shown(a)}`' for a in merge.get('adapters', []))}"
+                      f"{' (into the dequantized NF4 base)' if merge.get('dequantize') else ''}; merged logits "
+                      f"match base + adapters within {merge.get('max_logit_difference', 0):.1e}."]
+    if data.eval_results:
+        lines += ["", "## Evaluation", "", "| task | dataset | metric | value |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r.task_type} | {r.dataset_name} | {r.metric_name or r.metric_type} | {r.metric_value} |"
+                  for r in data.eval_results]
+    if settings:
+        lines += ["", "## Training settings", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| {k} | `{json.dumps(_shown(v))}` |" for k, v in settings.items() if v not in (None, "", [], False)]
+    if metrics:
+        lines += ["", "## Final metrics", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    dtype = merge.get("dtype") if merge else "auto"  # an adapter loads on its base in the base's saved dtype
+    lines += ["", "## How to load it", "", "```python", *_load_snippet(where, is_adapter, under, reward, dtype or "auto")]
+    if not reward:
+        lines += ['messages = [{"role": "user", "content": "Hello!"}]',
+                  "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+                  "return_dict=True).to(model.device)",
+                  "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=128)[0]))"]
+    lines += ["```", "", "## Framework versions", "", *_versions(), "", "## Citations", "",
+              f"Methods used: {', '.join(cited)}.", ""]
+    for name in cited:
+        lines += ["```bibtex", _bibtex(name), "```", ""]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    text = redact(str(card))
+    ModelCard(text)  # the Hub's own parser reads it back (model-index included), or this raises now, not on the Hub
+    return text
+

@@ -1,0 +1,109 @@
+"""The one progress rule: a live bar with an ETA wherever a person watches, quiet in CI logs.
+
+`live()` decides for every bar alignkit shows or lets a library show: training (the Trainer's `disable_tqdm`),
+the reference log-prob pass, generation, judging, merging, and the datasets/transformers bars (downloads,
+loading weights, map). A bar is drawn
+
+- in a terminal (stderr is a TTY),
+- in a notebook (Jupyter, VS Code): ipykernel's stderr is no TTY, so a TTY test alone showed nothing there,
+  and tqdm.auto draws a widget (or, without ipywidgets, text bars) in the cell's output,
+- when a person started the command and pipes its output (`python dpo.py 2>&1 | tee log`): stdin is still
+  their terminal,
+
+and never when `CI` is set (every CI service sets it; a bar redrawn by the line is thousands of lines of log
+noise), nor when no stream is interactive and no notebook runs (a batch job): there `Progress` logs a line every
+30 seconds instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from alignkit import logger
+
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError, OSError):  # a closed or replaced stream
+        return False
+
+
+def live() -> bool:
+    """True where progress bars are drawn (see the module docstring): a terminal or a notebook, not CI."""
+    from alignkit.core.args import is_notebook
+
+    if os.environ.get("CI", "").strip().lower() not in _FALSE:
+        return False
+    return is_notebook() or _isatty(sys.stderr) or _isatty(sys.stdin)
+
+
+def bar(iterable=None, main_process: bool = True, **kwargs):
+    """tqdm.auto's bar (a widget in a notebook, text in a terminal), switched off where `live()` is False and
+    on every process but the main one of a multi-process launch (one bar, not one per GPU)."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, disable=not (main_process and live()), **kwargs)
+
+
+def apply_to_libraries() -> None:
+    """datasets' and transformers' own bars (downloads, loading weights, map) follow the same rule."""
+    import datasets
+    import transformers
+
+    if live():
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+    else:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+class Progress:
+    """A tqdm bar where `live()`; elsewhere (CI logs) a log line every 30 seconds and one at the end."""
+
+    def __init__(self, what: str, total: int, done: int = 0, unit: str = "pair", errors: bool = True):
+        self.what, self.total, self.done, self.unit, self.errors = what, total, done, unit, 0
+        self._show_errors = errors
+        self._start, self._start_done = time.monotonic(), done
+        self._last = self._start
+        self.bar = None
+        if total and live():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=what, unit=unit, dynamic_ncols=True)
+            if errors:
+                self.bar.set_postfix(errors=0)
+
+    def update(self, n: int = 1, errors: int | None = None) -> None:
+        self.done += n
+        self.errors = self.errors if errors is None else errors
+        if self.bar is not None:
+            if self._show_errors:
+                self.bar.set_postfix(errors=self.errors, refresh=False)
+            self.bar.update(n)
+        elif time.monotonic() - self._last >= 30:
+            self._last = time.monotonic()
+            self._log()
+
+    def _log(self) -> None:
+        rate = (self.done - self._start_done) / max(time.monotonic() - self._start, 1e-9)
+        errors = f", {self.errors} errors" if self._show_errors else ""
+        logger.info(f"{self.what}: {self.done}/{self.total} {self.unit}s, {rate:.1f}/s{errors}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.total:
+            self._log()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

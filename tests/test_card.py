@@ -1,0 +1,119 @@
+"""The model card (alignkit.core.card): huggingface_hub's own parser reads it back, license, model-index and all."""
+
+from __future__ import annotations
+
+import json
+import types
+from importlib import metadata
+
+import pytest
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+from alignkit.core.card import EVALS_FILE, model_card, record_evaluation
+
+LLAMA_CARD = "---\nlicense: llama3.1\nlicense_link: https://llama.com/llama3_1/license\n---\n# Llama\n"
+
+
+def write(folder, **files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name.replace("__", ".")).write_text(data if isinstance(data, str) else json.dumps(data))
+    return folder
+
+
+@pytest.fixture
+def merged_dpo(tmp_path, monkeypatch):
+    """A merged cDPO run of a QLoRA adapter on a local Llama base whose own card names its license; a secret
+    from the environment that slipped into a setting."""
+    monkeypatch.setenv("HF_TOKEN", "hf_FAKEtokenForTests123456")
+    base = write(tmp_path / "llama", config__json={"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+                 README__md=LLAMA_CARD)
+    settings = {"run_type": "dpo", "model_id": str(base), "dataset_id": "me/prefs", "loss_type": ["sigmoid"],
+                "label_smoothing": 0.1, "quantization": "4bit", "adapter": "lora", "dpo_beta": 0.1,
+                "wandb_project": "hf_FAKEtokenForTests123456"}
+    folder = write(tmp_path / "run" / "merged", alignkit_config__json=settings,
+                   metrics__json={"eval_rewards/accuracies": 0.875, "global_step": 30},
+                   merge__json={"base_model": str(base), "adapters": [str(tmp_path / "run")], "dtype": "bfloat16",
+                                "kind": "causal language model", "max_logit_difference": 1e-6},
+                   config__json={"architectures": ["LlamaForCausalLM"]})
+    return folder
+
+
+def test_card_parses_with_license_model_index_and_metadata(merged_dpo):
+    evaluation = __import__("alignkit.evals.evaluation", fromlist=["Pairwise"])
+    pairs = [{"model": "dpo", "opponent": "sft", "judge": "gpt-4",
+              "overall": {"adjusted_win_rate": 0.6125}}]
+    # What evaluate.py mt_bench records for a local model folder it judged.
+    evaluation.Pairwise.record(types.SimpleNamespace(command="mt_bench", models={"dpo": str(merged_dpo)}), pairs)
+    assert json.loads((merged_dpo / EVALS_FILE).read_text())["mt_bench vs sft"]["value"] == 0.6125
+
+    text = model_card(merged_dpo, "me/llama-dpo")
+    card = ModelCard(text)  # the Hub's parser: a bad model-index or YAML raises here
+    data = card.data
+    assert data.license == "llama3.1" and data.license_link == "https://llama.com/llama3_1/license"
+    assert data.pipeline_tag == "text-generation" and data.library_name == "transformers"
+    assert data.datasets == ["me/prefs"] and data.base_model is None  # a local base: described, never its path
+    assert {"alignkit", "trl", "lora", "dpo", "cdpo", "qlora"} <= set(data.tags) and "ipo" not in data.tags
+    # The model-index round trip through huggingface_hub's own converters.
+    name, results = model_index_to_eval_results(data.to_dict()["model-index"])
+    assert name == "llama-dpo"
+    got = {(r.dataset_type, r.metric_type): r.metric_value for r in results}
+    assert got == {("me/prefs", "accuracy"): 0.875, ("mt_bench", "win_rate"): 0.6125}
+    assert model_index_to_eval_results(eval_results_to_model_index(name, results))[1] == results
+    ModelCardData(**data.to_dict())  # and the metadata builds a card data object again
+    # The text: the load snippet in the saved dtype on every device, versions, citations, no secrets or paths.
+    assert 'AutoModelForCausalLM.from_pretrained("me/llama-dpo", dtype=torch.bfloat16, device_map="auto")' in text
+    assert f"- transformers {metadata.version('transformers')}" in text and f"- trl {metadata.version('trl')}" in text
+    for key in ("rafailov2023direct", "mitchell2023note", "dettmers2023qlora", "hu2021lora", "zheng2023judging"):
+        assert key in text
+    assert "azar2023general" not in text and "panda2024lottery" not in text
+    assert "hf_FAKEtokenForTests123456" not in text and str(merged_dpo.parent.parent) not in text
+    assert "inherited from the base model's card" in text
+
+
+def test_license_from_the_hub_cache_and_unknown_without_a_card(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--me--gemma" / "snapshots" / "abc123"
+    write(snapshot, README__md="---\nlicense: gemma\n---\n")
+    write(cache / "models--me--gemma" / "refs", main="abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    reward = write(tmp_path / "rm", alignkit_config__json={"run_type": "reward", "model_id": "me/gemma",
+                                                           "dataset_id": "prefs.jsonl"},
+                   metrics__json={"held_out_accuracy": 0.9, "eval_accuracy": 0.85},
+                   merge__json={"base_model": "me/gemma", "adapters": [], "dtype": "float16", "kind": "reward model"})
+    data = ModelCard(model_card(reward, "me/rm")).data
+    assert data.license == "gemma" and data.base_model == "me/gemma" and data.pipeline_tag == "text-classification"
+    assert data.datasets is None  # a local data file is no Hub dataset
+    (result,) = data.eval_results
+    assert (result.task_type, result.metric_type, result.metric_value) == ("text-classification", "accuracy", 0.9)
+
+    bare = write(tmp_path / "bare", alignkit_config__json={"run_type": "sft", "model_id": "me/nocard"})
+    text = model_card(bare)
+    assert ModelCard(text).data.license == "unknown" and "Set `license:`" in text
+    assert ModelCard(text).data.eval_results is None
+
+
+def test_evaluations_are_recorded_only_in_local_model_folders(tmp_path):
+    record_evaluation("me/hub-model", "x", {"value": 1.0})  # a Hub id: nothing to write, no error
+    plain = tmp_path / "not-a-model"
+    plain.mkdir()
+    record_evaluation(plain, "x", {"value": 1.0})
+    assert not (plain / EVALS_FILE).exists()
+    from alignkit.feedback.judge import folder_fingerprint
+
+    model = write(tmp_path / "m", config__json={})
+    before = folder_fingerprint(str(model))
+    record_evaluation(model, "alpaca_eval win_rate vs gpt4", {"value": 55.0})
+    # Still the same model: its cached MT-Bench answers stay valid (the answers key holds the folder's fingerprint).
+    assert folder_fingerprint(str(model)) == before
+    record_evaluation(model, "mt_bench vs base", {"value": 0.5})
+    assert set(json.loads((model / EVALS_FILE).read_text())) == {"alpaca_eval win_rate vs gpt4", "mt_bench vs base"}
+
+
+def test_eval_result_needs_what_the_hub_requires():
+    # The Hub's validation refuses an EvalResult without a dataset or metric: the card never writes one.
+    with pytest.raises(TypeError):
+        EvalResult(task_type="text-generation", metric_type="accuracy", metric_value=1.0)

@@ -1,0 +1,132 @@
+"""The one progress rule (alignkit.core.progress): bars in a terminal and in a notebook, none in CI logs, and
+every place a person waits (training, library bars, the reference pass, MT-Bench answers) follows it."""
+
+from __future__ import annotations
+
+import builtins
+import io
+
+import pytest
+import torch
+
+from alignkit.core import progress
+from alignkit.core.config import DPOSettings
+from alignkit.train import training
+
+
+class Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+class Recorded(dict):
+    """A stand-in TRL config class that records its kwargs."""
+
+    def __init__(self, **kwargs):
+        super().__init__(kwargs)
+        self.n_gpu = 1
+
+
+@pytest.fixture
+def where(monkeypatch):
+    """where(ci=..., tty=..., notebook=...): set up the surroundings the rule reads."""
+
+    def setup(ci: bool = False, tty: bool = False, notebook: bool = False, stdin_tty: bool = False):
+        monkeypatch.delenv("CI", raising=False)
+        if ci:
+            monkeypatch.setenv("CI", "true")
+        monkeypatch.setattr("sys.stderr", Stream(tty))
+        monkeypatch.setattr("sys.stdin", Stream(stdin_tty))
+        monkeypatch.setattr("sys.argv", ["dpo.py"])
+        if notebook:
+            monkeypatch.setattr(builtins, "get_ipython", lambda: None, raising=False)
+        else:
+            monkeypatch.delattr(builtins, "get_ipython", raising=False)
+
+    return setup
+
+
+@pytest.mark.parametrize("case, expected", [
+    (dict(tty=True), True),  # a terminal
+    (dict(notebook=True), True),  # ipykernel: stderr is no TTY
+    (dict(stdin_tty=True), True),  # python dpo.py 2>&1 | tee log, typed in a terminal
+    (dict(), False),  # a batch job: nothing interactive
+    (dict(ci=True, tty=True), False),  # CI wins, even with a TTY
+    (dict(ci=True, notebook=True), False),
+])
+def test_the_rule(where, case, expected):
+    where(**case)
+    assert progress.live() is expected
+
+
+def test_training_shows_its_bar_in_a_notebook_and_not_in_ci(where, tmp_path):
+    s = DPOSettings(report_to="none")
+    where(notebook=True)  # stderr not a TTY: the old rule (`not sys.stderr.isatty()`) hid the bar here
+    assert training.trl_config(Recorded, s, tmp_path, torch.float32)["disable_tqdm"] is False
+    where(ci=True, tty=True)
+    assert training.trl_config(Recorded, s, tmp_path, torch.float32)["disable_tqdm"] is True
+
+
+def test_library_bars_follow_the_rule(where):
+    import datasets
+    import transformers
+
+    from alignkit import quiet_library_noise
+
+    try:
+        where(notebook=True)
+        datasets.disable_progress_bars()  # as an earlier run in the process (a CI-like cell) left them
+        quiet_library_noise()
+        assert transformers.utils.logging.is_progress_bar_enabled()
+        assert not datasets.utils.are_progress_bars_disabled()
+        where(ci=True)
+        quiet_library_noise()
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+        assert datasets.utils.are_progress_bars_disabled()
+    finally:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+
+
+def test_bar_draws_in_a_notebook_only_on_the_main_process(where):
+    where(notebook=True)
+    assert not progress.bar(range(3), total=3).disable
+    assert progress.bar(range(3), main_process=False, total=3).disable
+    where()
+    assert progress.bar(range(3), total=3).disable
+
+
+def test_progress_logs_instead_of_drawing_in_ci(where, alignkit_log):
+    where(ci=True)
+    with progress.Progress("answering", 4, unit="question", errors=False) as p:
+        assert p.bar is None
+        p.update(4)
+    assert "answering: 4/4 questions" in alignkit_log.text and "errors" not in alignkit_log.text
+
+
+def test_mt_bench_answers_show_a_bar(where, monkeypatch, tmp_path):
+    from alignkit.evals import mtbench
+
+    where(notebook=True)
+    bars = []
+    real = progress.Progress
+
+    def spy(*args, **kwargs):
+        bars.append(real(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(mtbench, "Progress", spy)
+
+    class S:
+        temperature, top_p, num_beams, max_new_tokens, batch_size, seed = 0.0, 1.0, 1, 4, 2, 0
+
+    questions = [{"question_id": i, "category": "writing", "turns": ["hi", "again"]} for i in range(3)]
+    answered = mtbench.generate_answers(lambda convs, **kw: ["ok"] * len(convs), questions, "m", "src",
+                                        tmp_path / "answers.jsonl", S())
+    assert answered == 3
+    (bar,) = bars
+    assert bar.bar is not None and bar.done == 3 and bar.total == 3
