@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
-from alignkit.core.journal import Progress, batched, threaded, write_json, write_jsonl
+from alignkit.core.journal import batched, threaded, write_json, write_jsonl
+from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, Template, import_function, question_text
 from alignkit.feedback.labeling import AppendLog, digest
 
