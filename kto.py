@@ -26,6 +26,7 @@ report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 
 
 from alignkit.core.args import parse_config
 from alignkit.core.config import KTOSettings
+from alignkit.core.launch import establish_launch
 from alignkit.modeling import presets
 from alignkit.train.training import preflight
 
@@ -35,6 +36,7 @@ settings = parse_config(
     KTOSettings, overrides=overrides, presets=presets.named("kto"), prog="kto.py", description="KTO with LoRA/QLoRA.",
 )
 presets.ensure(settings)
+establish_launch(settings, "kto.py")  # the process's device, the process group, what this launch refuses
 preflight(settings)
 
 # %% [markdown]

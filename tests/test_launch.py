@@ -354,3 +354,35 @@ def test_zero2_saves_the_adapter_without_cloning_the_model_into_host_ram(tiny_ca
     trainer.accelerator.deepspeed_config = {"zero_optimization": {"stage": 2}}
     assert training.gathered_state_dict(trainer) is None  # saved from the whole model itself
     assert trainer.accelerator.gathered_from is None  # nothing gathered or cloned
+
+
+def test_kto_py_refuses_precompute_under_fsdp_before_reading_data_or_model(monkeypatch, tiny_cache):
+    """kto.py establishes the launch like dpo.py: TRL's KTO reference pass has the same FSDP problem."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import run_script
+
+    launched(monkeypatch, "fsdp")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("alignkit.core.data.load_unpaired", lambda *a, **k: pytest.fail("the data was read"))
+    with pytest.raises(UserError, match="kto.py --precompute_ref_log_probs under FSDP"):
+        run_script("kto.py", "--preset", "tiny", "--precompute_ref_log_probs", "true")
+
+
+def test_flash_attention_asked_for_without_cuda_or_flash_attn_falls_back_to_sdpa_in_one_line(monkeypatch, alignkit_log):
+    """A handbook recipe says attn_implementation: flash_attention_2; where it cannot run, sdpa, said once."""
+    import importlib.util
+
+    import torch
+
+    from alignkit.core import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launch.resolve_attention("flash_attention_2", torch.float32) == "sdpa"
+    assert "no CUDA device" in alignkit_log.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launch, "_ampere_or_newer", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    assert launch.resolve_attention("flash_attention_2", torch.bfloat16) == "sdpa"
+    assert "flash-attn is not installed" in alignkit_log.text

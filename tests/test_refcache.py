@@ -150,3 +150,26 @@ def test_two_processes_key_sharded_models_on_full_parameters(sft_adapters, tmp_p
         assert keys[adapter]["fsdp2"] == keys[adapter]["whole"]
     a, b = (keys[adapter]["whole"] for adapter in sft_adapters)
     assert a != b
+
+
+def test_the_key_sees_the_attention_implementation_and_the_hardware(tiny_cache, monkeypatch):
+    """The same weights on another kernel give other log-probs in the last bits: another entry, never a reuse."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.modeling import presets
+
+    model = AutoModelForCausalLM.from_pretrained(presets.paths()["model"], attn_implementation="sdpa")
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1, unwrap_model=lambda m: m)
+    args = SimpleNamespace(max_length=64, truncation_mode="keep_start", ld_alpha=None, bf16=False, fp16=False)
+    trainer = SimpleNamespace(args=args, accelerator=accelerator, model=model, frozen_adapters=[])
+    data = Dataset.from_dict({"prompt_ids": [[1, 2]], "chosen_ids": [[3]], "rejected_ids": [[4]]})
+    sdpa = refcache.cache_key(trainer, data)
+    assert refcache.cache_key(trainer, data) == sdpa
+    model.config._attn_implementation = "eager"
+    eager = refcache.cache_key(trainer, data)
+    assert eager != sdpa
+    monkeypatch.setattr(refcache, "hardware", lambda: "cuda:NVIDIA H200")
+    assert refcache.cache_key(trainer, data) not in (sdpa, eager)

@@ -95,8 +95,8 @@ def refusal(s, script: str) -> str | None:
     if sharded and getattr(s, "adapter", "lora") == "lota":
         return (f"--adapter lota under {sharded} is not supported: launch with DDP (recipes/accelerate/ddp.yaml) or "
                 "DeepSpeed ZeRO-2, or train with --adapter lora")
-    if script == "dpo.py" and sharded == FSDP and getattr(s, "precompute_ref_log_probs", False):
-        return ("dpo.py --precompute_ref_log_probs under FSDP: TRL runs the reference pass before FSDP wraps the model "
+    if script in ("dpo.py", "kto.py") and sharded == FSDP and getattr(s, "precompute_ref_log_probs", False):
+        return (f"{script} --precompute_ref_log_probs under FSDP: TRL runs the reference pass before FSDP wraps the model "
                 "(its weights still on the CPU, the batches on the GPU); use a DDP or DeepSpeed launch, or drop "
                 "--precompute_ref_log_probs (the reference is then the model with the adapter off, at no memory cost)")
     if script == "reward.py" and sharded and getattr(s, "loss", "") == "logexpwithlm" and getattr(s, "lm_loss_coef", 0):
@@ -256,6 +256,14 @@ def resolve_attention(requested: str, dtype: torch.dtype | None = None) -> str:
         if not _ampere_or_newer():
             raise ValueError("--attn_implementation flash_attention_2 needs a GPU of compute capability >= 8.0 "
                              f"(this one: {torch.cuda.get_device_capability(local_gpu())}); use sdpa, or auto")
+    if requested == "flash_attention_2" and not torch.cuda.is_available():
+        # A recipe written for a GPU (the alignment-handbook's ask for flash_attention_2) runs here as it is.
+        _log_choice("attention", "sdpa", "flash_attention_2 was asked for, but there is no CUDA device to run it")
+        return "sdpa"
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        _log_choice("attention", "sdpa", "flash_attention_2 was asked for, but flash-attn is not installed: pip "
+                    "install flash-attn --no-build-isolation")
+        return "sdpa"
     if requested != "auto":
         return requested
     if not torch.cuda.is_available():

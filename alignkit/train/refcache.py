@@ -37,10 +37,11 @@ from pathlib import Path
 import torch
 
 from alignkit import logger
+from alignkit.modeling.identity import hardware
 
 # 2: the reference sums apply ld_alpha. 3: the packed pass keeps sliding windows, and the key says packed or
 # unshared. Bump when the reference computation in alignkit.train.trainers or alignkit.train.prefix changes.
-KEY_VERSION = 3
+KEY_VERSION = 4
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -167,6 +168,10 @@ def cache_key(trainer, dataset) -> str:
             "data": data_fingerprint(dataset),
             "max_length": args.max_length, "truncation_mode": args.truncation_mode, "ld_alpha": args.ld_alpha,
             "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else str(getattr(model, "dtype", "")),
+            # The kernels that computed them (alignkit.modeling.identity's hardware class, the attention): the same
+            # weights give other log-probs in the last bits on another device or attention implementation.
+            "hardware": hardware(),
+            "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
             "computed_as": computed_as(trainer),
         }
         key = hashlib.sha256(json.dumps(_canonical(parts), sort_keys=True).encode()).hexdigest()[:32]
