@@ -21,6 +21,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   llm (the chat-client factory for OpenAI-compatible endpoints).
 - modeling (load, generate, merge models; the presets):
   models (the one loader),
+  chain (where a model comes from: a Hub id or a local path, and its adapter chain),
   identity (the one identity of a model as loaded, which every cache of model outputs keys on),
   gguf (GGUF files converted once),
   generation (local answering engines: transformers, vLLM),

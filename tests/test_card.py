@@ -102,13 +102,13 @@ def test_evaluations_are_recorded_only_in_local_model_folders(tmp_path):
     plain.mkdir()
     record_evaluation(plain, "x", {"value": 1.0})
     assert not (plain / EVALS_FILE).exists()
-    from alignkit.feedback.judge import folder_fingerprint
+    from alignkit.modeling.identity import chain_identity
 
     model = write(tmp_path / "m", config__json={})
-    before = folder_fingerprint(str(model))
+    before = chain_identity(str(model))
     record_evaluation(model, "alpaca_eval win_rate vs gpt4", {"value": 55.0})
-    # Still the same model: its cached MT-Bench answers stay valid (the answers key holds the folder's fingerprint).
-    assert folder_fingerprint(str(model)) == before
+    # Still the same model: its cached MT-Bench answers stay valid (the answers key holds the model's identity).
+    assert chain_identity(str(model)) == before
     record_evaluation(model, "mt_bench vs base", {"value": 0.5})
     assert set(json.loads((model / EVALS_FILE).read_text())) == {"alpaca_eval win_rate vs gpt4", "mt_bench vs base"}
 

@@ -14,7 +14,6 @@ translates every layer's keys into fields, and every key that is neither is repo
 from __future__ import annotations
 
 import argparse
-import builtins
 import dataclasses
 import difflib
 import json
@@ -29,7 +28,7 @@ from pathlib import Path
 import yaml
 from dotenv import load_dotenv
 
-from alignkit.core.errors import UserError
+from alignkit.core.errors import UserError, is_notebook
 
 __all__ = ["ConfigError", "setting", "parse_config", "config_to_dict", "save_config", "redact", "is_notebook",
            "BARE_ENV_NAMES", "ENV_PREFIX"]
@@ -68,14 +67,6 @@ def setting(default=_MISSING, help: str = "", choices=None, default_factory=_MIS
     return dataclasses.field(default=default, default_factory=default_factory,
                              metadata={"help": help, "choices": list(choices) if choices else None, "whole": whole,
                                        "synonyms": dict(synonyms or {})})
-
-
-def is_notebook() -> bool:
-    """True inside a Jupyter/IPython kernel (incl. VS Code interactive), whose argv is not ours to parse."""
-    argv0 = sys.argv[0] if sys.argv else ""
-    # Not "ipykernel in sys.modules": a test runner or a tool that merely imports it is no kernel, and its argv
-    # (a script's real flags) must still be read.
-    return argv0.endswith("ipykernel_launcher.py") or hasattr(builtins, "get_ipython")
 
 
 # ---------------------------------------------------------------- types and conversion

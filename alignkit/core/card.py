@@ -23,7 +23,8 @@ from pathlib import Path
 
 from alignkit.core.args import redact
 from alignkit.core.errors import UserError
-from alignkit.core.hub import _read_json, is_hub_id
+from alignkit.core.journal import read_json as _read_json
+from alignkit.modeling.chain import is_hub_id
 
 EVALS_FILE = "alignkit_evals.json"  # evaluation results evaluate.py recorded for a local model folder
 RUN_TYPES = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model"}  # rl: GRPO or RLOO, from its --algo
@@ -74,7 +75,7 @@ def _shown(value):
 
 def base_source(folder) -> tuple[str, list[str]]:
     """(the base model as recorded: Hub id or local path, or ""; names of the local adapters under this one)."""
-    from alignkit.modeling.models import adapter_chain
+    from alignkit.modeling.chain import adapter_chain
 
     folder = Path(folder)
     merge = _read_json(folder / "merge.json")

@@ -9,6 +9,7 @@ the traceback too. Anything else is a bug or a failure nobody foresaw, and keeps
 
 from __future__ import annotations
 
+import builtins
 import os
 import sys
 
@@ -41,13 +42,19 @@ def _report(kind, error, tb) -> None:
         sys.exit(EXIT_USER_ERROR)
 
 
+def is_notebook() -> bool:
+    """True inside a Jupyter/IPython kernel (incl. VS Code interactive), whose argv is not ours to parse."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    # Not "ipykernel in sys.modules": a test runner or a tool that merely imports it is no kernel, and its argv
+    # (a script's real flags) must still be read.
+    return argv0.endswith("ipykernel_launcher.py") or hasattr(builtins, "get_ipython")
+
+
 def report_user_errors() -> None:
     """Make a script report UserErrors as `error: <message>` and exit 2 (see the module docstring).
 
     Only for a script run from a command line: a notebook shows exceptions its own way, and code that imports
     alignkit as a library handles its exceptions itself.
     """
-    from alignkit.core.args import is_notebook
-
     if not is_notebook():
         sys.excepthook = _report

@@ -14,30 +14,20 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.errors import UserError
+from alignkit.core.journal import read_json as _read_json
+from alignkit.modeling.chain import is_hub_id  # noqa: F401  (importable from here, as before)
 
 # Never uploaded: intermediate state, and anything that could hold credentials.
 IGNORE = ["checkpoint-*", "*.previous-*", ".env", "*.env", "wandb/*", "runs/*", "merged/*"]
 PROBE_TIMEOUT = 5.0  # seconds: a reachable Hub answers a HEAD well within this; a dead one fails fast
-# owner/name or name: letters, digits, - _ . (not first); no "..", no file suffix of a local data file.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".yml", ".txt", ".jinja")
 
 
 class HubUnreachable(UserError):
     """The Hub is needed for a model or dataset and does not answer."""
-
-
-def is_hub_id(source) -> bool:
-    """True for a Hub repo id (`owner/name` or `name`), False for a local path (existing or path-shaped)."""
-    source = str(source or "")
-    if not source or Path(source).exists() or ".." in source or source.lower().endswith(_FILE_SUFFIXES):
-        return False
-    return bool(_HUB_ID.match(source))
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,13 +70,6 @@ def require_token() -> str:
     if not token:
         raise UserError("pushing to the Hub needs a token: set HF_TOKEN in the environment or in .env")
     return token
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def check_pushable(folder) -> None:

@@ -106,6 +106,15 @@ class AppendLog:
 _append_lock = threading.Lock()
 
 
+
+def read_json(path) -> dict:
+    """A JSON object file as a dict; {} when it is missing or unreadable (a best-effort read of optional metadata)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def append_jsonl(path, rows) -> None:
     """Append `rows` (dicts) to JSONL file `path` in one write, flushed and fsync'd before this returns.
 

@@ -35,7 +35,7 @@ def _isatty(stream) -> bool:
 
 def live() -> bool:
     """True where progress bars are drawn (see the module docstring): a terminal or a notebook, not CI."""
-    from alignkit.core.args import is_notebook
+    from alignkit.core.errors import is_notebook
 
     if os.environ.get("CI", "").strip().lower() not in _FALSE:
         return False

@@ -199,7 +199,9 @@ class Pairwise:
             if not mtbench.unanswered(self.questions, mtbench.read_answers(path, source, key=keys[name])):
                 print(f"{name}: all {len(self.questions)} questions already answered in {path}")
                 continue
-            _check_preset_model(s, source)
+            from alignkit.modeling.presets import check_run_exists
+
+            check_run_exists(s, source)
             with load_generator(loader_settings(s, source), backend) as generator:
                 mtbench.generate_answers(generator, self.questions, name, source, path, s, keys[name])
         self.answers = {name: mtbench.read_answers(mtbench.answer_path(self.output_dir, name), source, key=keys[name])
@@ -290,13 +292,3 @@ class Pairwise:
                 record_evaluation(self.models[pair["model"]], f"{self.command} vs {pair['opponent']}", {
                     "benchmark": benchmark, "dataset": dataset, "metric": "win_rate", "value": rate,
                     "metric_name": f"adjusted win rate vs {pair['opponent']} (judge {pair['judge']})"})
-
-
-def _check_preset_model(s, source: str) -> None:
-    """A preset's models are runs the user trains first: say how, rather than failing to load a missing folder."""
-    if getattr(s, "preset", None) == "tiny" and not Path(source).exists():
-        raise ConfigError(f"{source} not found: train the tiny runs first (python sft.py --preset tiny; python "
-                          "dpo.py --preset tiny --model_id runs/tiny-sft), or pass --models NAME=PATH ...")
-    if getattr(s, "preset", None) == "smol" and not Path(source).exists():
-        raise ConfigError(f"{source} not found: train it first (python label.py --preset smol; python dpo.py "
-                          "--preset smol), or pass --models NAME=PATH ...")

@@ -156,11 +156,11 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
     lm_eval = require()
     from lm_eval.tasks import TaskManager
 
-    from alignkit.evals.evaluation import _check_preset_model
+    from alignkit.modeling.presets import check_run_exists
 
     models = parse_models(s.models)
     for source in models.values():
-        _check_preset_model(s, source)
+        check_run_exists(s, source)
     if s.preset == "tiny" and s.include_path:
         tiny_task(s.include_path)
     task_manager = TaskManager(include_path=s.include_path) if s.include_path else TaskManager()

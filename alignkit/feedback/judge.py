@@ -385,7 +385,7 @@ class RMJudge(Judge):
             if not Path(self.folder).exists():
                 raise ConfigError(f"--judge {spec}: no such folder; pass a reward.py run folder, e.g. rm:runs/tiny-reward")
             check_model_kind(self.folder, None, reward=True)
-        self.reward: RewardModel | None = None
+        self.reward = None  # an alignkit.feedback.rewards.RewardModel, loaded at the first batch
 
     def identity(self) -> dict:
         # The reward model as loaded: its files down to the base, and how it is loaded (dtype, quantization, the

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -119,18 +118,17 @@ def hub_commit(repo: str, revision: str | None, filename: str | None = None) -> 
 
 def _one(source: str, revision: str | None, gguf_file: str | None) -> dict:
     """One model of the chain by content: a GGUF file, a local folder, or a Hub repo at its commit."""
-    from alignkit.modeling import gguf
-
     path = Path(source)
+    is_gguf = source.lower().endswith(".gguf")
     if gguf_file and path.is_dir():
         return {"gguf": file_hash(path / gguf_file)} if (path / gguf_file).is_file() else {"missing": str(path / gguf_file)}
     if path.is_file():
-        return {"gguf" if gguf.is_gguf(source) else "file": file_hash(path)}
+        return {"gguf" if is_gguf else "file": file_hash(path)}
     if path.is_dir():
         return {"files": folder_files(path)}
-    if source.startswith(("/", ".", "~")) or source.count("/") > 1 and not gguf.is_gguf(source):
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1 and not is_gguf:
         return {"missing": source}  # a local path that is not there: the loader says so when it is needed
-    if gguf.is_gguf(source) and not gguf_file:  # owner/repo/NAME.gguf
+    if is_gguf and not gguf_file:  # owner/repo/NAME.gguf
         repo, _, gguf_file = source.rpartition("/")
         source = repo
     return {"hub": source, "file": gguf_file, "revision": revision, "commit": hub_commit(source, revision, gguf_file)}
@@ -138,7 +136,7 @@ def _one(source: str, revision: str | None, gguf_file: str | None) -> dict:
 
 def chain_identity(source: str, revision: str | None = None, gguf_file: str | None = None) -> list[dict]:
     """Every model along `source`'s adapter chain by content, from `source` down to its base."""
-    from alignkit.modeling.models import adapter_chain
+    from alignkit.modeling.chain import adapter_chain
 
     base, adapters = adapter_chain(source, revision)
     out = [_one(adapter, revision if adapter == source else None, None) for adapter in reversed(adapters)]

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from alignkit import logger
+from alignkit.core.errors import UserError
 from alignkit.core.paths import cache_dir
 
 VERSION = "tiny-v3"  # bump when the recipe below changes, so stale caches are rebuilt (v3: prompts name their category)
@@ -311,3 +312,13 @@ def judge(preset: str | None):
     from alignkit.modeling import smol
 
     return smol.rule_judge if preset == "smol" else rule_judge
+
+
+def check_run_exists(s, source: str) -> None:
+    """A preset's models are runs the user trains first: say how, rather than failing to load a missing folder."""
+    if getattr(s, "preset", None) == "tiny" and not Path(source).exists():
+        raise UserError(f"{source} not found: train the tiny runs first (python sft.py --preset tiny; python "
+                          "dpo.py --preset tiny --model_id runs/tiny-sft), or pass --models NAME=PATH ...")
+    if getattr(s, "preset", None) == "smol" and not Path(source).exists():
+        raise UserError(f"{source} not found: train it first (python label.py --preset smol; python dpo.py "
+                          "--preset smol), or pass --models NAME=PATH ...")

@@ -110,7 +110,7 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
         _dpo_config(s, here / "dpo_config.yaml")
         reference = []
         if s.reference == "start":  # the reference keeps only the starting model's own adapters on
-            from alignkit.modeling.models import adapter_chain
+            from alignkit.modeling.chain import adapter_chain
 
             reference = ["--reference_adapters", str(len(adapter_chain(s.model_id, s.revision)[1]))]
         _run("dpo.py", ["--config", str(here / "dpo_config.yaml"), "--model_id", policy, "--dataset_id",
