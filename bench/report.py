@@ -166,24 +166,3 @@ def markdown(results: dict) -> str:
             lines += [f"| {n} | {m['model_flops_per_token'] / 1e9:.3f} | {m['model_flops_per_s'] / 1e9:.2f} "
                       f"| {m['mfu']:.1%} | {m['mfu_6n_convention']:.1%} |" for n, m in lim["by_config"].items()]
     return "\n".join(lines) + "\n"
-
-
-def readme_section(results: dict) -> str:
-    """The README's `## Benchmarks` section: how to run them, and the latest table with its machine."""
-    body = markdown(results).split("\n", 2)[2]  # without the document title
-    body = body.replace("\n## ", "\n### ")
-    return (
-        "## Benchmarks\n\n"
-        "`bench/` measures training, generation and judging speed against the seed project's configuration, on the "
-        "CPU, each comparison side by side in one run (same model, same data, same seed), interleaved over 3 rounds "
-        "(seed, defaults, seed, defaults, ...) and reported as the median ratio with its min-max, on a pinned "
-        "number of torch threads. They print figures and never fail; CI does not run them.\n\n"
-        "```bash\n"
-        "python bench/run_all.py --quick              # seed, defaults, proposal, prefix sharing (~35 min with SmolLM2)\n"
-        "python bench/run_all.py                      # every lever, 3 rounds each (over an hour on 2 cores), SmolLM2\n"
-        "python bench/run_all.py --threads 4          # torch threads for every run (default 1, for a shared machine)\n"
-        "python bench/run_all.py --only generation judge\n"
-        "python bench/run_all.py --only smol --quick   # SmolLM2-135M (its wheel): seed vs defaults, prefix sharing\n"
-        "```\n\n"
-        "They write `bench/results.json` and `bench/results.md`. The latest run:\n\n" + body
-    )

@@ -36,8 +36,6 @@ def main() -> None:
                         help="torch threads, pinned for every benchmark and recorded in results.json (default 1: on "
                              "a machine others are using, more threads wait on each other's time slices)")
     parser.add_argument("--out", default=str(common.ROOT / "bench" / "results.json"), help="JSON results file")
-    parser.add_argument("--no_readme", action="store_true",
-                        help="leave README.md's Benchmarks section as it is (an --only run always does)")
     cli = parser.parse_args()
     parts = set(cli.only or ["dpo", "smol", "generation", "judge", "lota", "rl"])
 
@@ -82,22 +80,9 @@ def main() -> None:
     Path(cli.out).write_text(json.dumps(results, indent=2) + "\n")
     table = report.markdown(results) + ("\n" + lota.markdown(results["lota"]) if "lota" in results else "")
     Path(cli.out).with_suffix(".md").write_text(table)
-    # The README shows the latest run of every part, quick or full; its text names the command that ran.
-    if not (cli.no_readme or cli.only):
-        update_readme(common.ROOT / "README.md", report.readme_section(results))
+    # bench/results.md holds the latest tables; README.md and bench/README.md keep a hand-written summary of them.
     print(table)
 
-
-def update_readme(readme: Path, section: str) -> None:
-    """Replace the README's `## Benchmarks` section (up to the next `## ` heading) or append it at the end."""
-    text = readme.read_text()
-    start = text.find("\n## Benchmarks\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + (text[end:] if end >= 0 else "")
-    readme.write_text(text.rstrip("\n") + "\n")
 
 
 def limit_section(peaks: list[dict], dpo: dict | None, smol: dict | None = None) -> dict:
