@@ -386,3 +386,17 @@ def test_flash_attention_asked_for_without_cuda_or_flash_attn_falls_back_to_sdpa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
     assert launch.resolve_attention("flash_attention_2", torch.bfloat16) == "sdpa"
     assert "flash-attn is not installed" in alignkit_log.text
+
+
+def test_a_zero3_launch_without_deepspeed_is_one_line_naming_the_install(monkeypatch):
+    import importlib.util
+
+    from alignkit.core import launch
+    from alignkit.core.config import DPOSettings
+
+    launched(monkeypatch, "zero3")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    monkeypatch.setattr(launch, "_start_process_group", lambda: None)
+    with pytest.raises(UserError, match="deepspeed is not installed: pip install deepspeed"):
+        launch.establish_launch(DPOSettings(model_id="m", quantization="none"), "dpo.py")

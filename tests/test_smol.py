@@ -69,6 +69,8 @@ def test_gguf_converts_once_into_a_plain_folder_with_the_same_weights(smol_gguf,
     assert source["architecture"] == "llama" and source["content"].startswith(f"{smol_gguf.stat().st_size}-")
 
     # Reused: a second resolution neither hashes the file again nor converts it.
+    from alignkit.modeling import identity
+
     monkeypatch.setattr(identity.hashlib, "sha256", lambda: pytest.fail("the file was hashed again"))
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_config",
                         lambda *a, **k: pytest.fail("the file was converted again"))
