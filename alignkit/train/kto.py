@@ -40,12 +40,7 @@ class AlignKTOTrainer(_StackedAdapters, KTOTrainer):
         for name, why in _REFUSED.items():
             if args is not None and getattr(args, name):
                 raise ConfigError(f"trainer override {name}={getattr(args, name)!r} has no effect in alignkit: {why}; drop it")
-        self.frozen_adapters = list(frozen_adapters)  # set first: TRL's __init__ may precompute reference log-probs
-        keep = len(self.frozen_adapters) if reference_adapters is None else reference_adapters
-        if not 0 <= keep <= len(self.frozen_adapters):
-            raise ConfigError(f"--reference_adapters {keep}: the model was loaded with {len(self.frozen_adapters)} "
-                              "adapters; pass a number from 0 (the bare base) to that")
-        self.reference_adapters = self.frozen_adapters[:keep]
+        self._choose_reference(frozen_adapters, reference_adapters)
         super().__init__(model, None, args, *rest, **kwargs)
         peft_model = self.accelerator.unwrap_model(self.model)
         if "ref" in getattr(peft_model, "peft_config", {}):  # TRL's copy of the trained adapter: not our reference

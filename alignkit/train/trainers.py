@@ -52,6 +52,17 @@ class _StackedAdapters:
         super().__init__(*args, **kwargs)
         keep_trainable_fp32(self.model)  # TRL casts QLoRA's trainable weights to bf16; see alignkit.modeling.models
 
+    def _choose_reference(self, frozen_adapters, reference_adapters: int | None) -> None:
+        """The adapters the model was loaded with (frozen), and the first `reference_adapters` of them that the
+        reference keeps on (default: all: the model the run starts from; 0: the bare base). Called before TRL's
+        __init__, which may precompute reference log-probs."""
+        self.frozen_adapters = list(frozen_adapters)
+        keep = len(self.frozen_adapters) if reference_adapters is None else reference_adapters
+        if not 0 <= keep <= len(self.frozen_adapters):
+            raise ConfigError(f"--reference_adapters {keep}: the model was loaded with {len(self.frozen_adapters)} "
+                              "adapters; pass a number from 0 (the bare base) to that")
+        self.reference_adapters = self.frozen_adapters[:keep]
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.frozen_adapters:
@@ -160,13 +171,7 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
             raise ValueError("AlignDPOTrainer computes the reference from the model itself; pass no ref_model")
         args = args or DPOConfig(output_dir="trainer_output")  # TRL's own default, made here to check it first
         check_dpo_config(args)  # before TRL tokenizes the data
-        self.frozen_adapters = list(frozen_adapters)  # set first: TRL's __init__ may precompute reference log-probs
-        # The reference keeps the first reference_adapters of them on (default: all: the model the run starts from).
-        keep = len(self.frozen_adapters) if reference_adapters is None else reference_adapters
-        if not 0 <= keep <= len(self.frozen_adapters):
-            raise ConfigError(f"--reference_adapters {keep}: the model was loaded with {len(self.frozen_adapters)} "
-                              "adapters; pass a number from 0 (the bare base) to that")
-        self.reference_adapters = self.frozen_adapters[:keep]
+        self._choose_reference(frozen_adapters, reference_adapters)
         self.prefix_sharing = prefix_sharing and self._prefix_sharing_available(model)
         super().__init__(model, None, args, *rest, **kwargs)
         peft_model = self.accelerator.unwrap_model(self.model)
