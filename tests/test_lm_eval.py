@@ -89,3 +89,30 @@ def test_an_unknown_task_is_refused_before_any_model_loads(tiny_cache, tmp_path,
                           "--include_path", str(harness.tiny_task(tmp_path, n=4)), "--output_dir", str(tmp_path)])
     with pytest.raises(ConfigError, match="lm_eval has no task 'no_such_task'"):
         harness.run(s)
+
+
+def test_kept_results_key_on_the_model_as_loaded_and_the_task_files(tiny_cache, tmp_path):
+    """A model retrained in place, or a local task edited, is evaluated again; nothing else changes the key."""
+    import json
+    import os
+
+    from alignkit.core.config import LMEvalSettings
+    from alignkit.evals.harness import _key
+
+    base, adapter, tasks = tmp_path / "base", tmp_path / "adapter", tmp_path / "tasks"
+    for folder in (base, adapter, tasks):
+        folder.mkdir()
+    (base / "config.json").write_text("{}")
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights one")
+    (tasks / "task.yaml").write_text("task: t\n")
+    s = LMEvalSettings(models=[f"a={adapter}"], tasks=["t"], include_path=str(tasks))
+    first = _key(s, str(adapter))
+    assert _key(s, str(adapter)) == first
+    stat = (base / "config.json").stat()
+    (base / "config.json").write_text("{ }")  # the base retrained in place, down the chain
+    os.utime(base / "config.json", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = _key(s, str(adapter))
+    assert second != first
+    (tasks / "task.yaml").write_text("task: t2\n")
+    assert _key(s, str(adapter)) != second

@@ -122,12 +122,19 @@ def parse_models(models: list[str]) -> dict[str, str]:
 
 
 def _key(s, source: str) -> str:
-    from alignkit.core.args import config_to_dict
-    from alignkit.core.config import loader_settings
+    """What a model's kept results depend on: the model as loaded (alignkit.modeling.identity: every loader setting,
+    every file down its adapter chain, the GGUF file, the hardware), the tasks with the content of every file of
+    --include_path, lm_eval's version and the evaluation settings. A model retrained in place is evaluated again."""
+    from importlib.metadata import version
 
-    parts = {"source": source, "loader": config_to_dict(loader_settings(s, source)), "tasks": s.tasks,
-             "include_path": s.include_path, "num_fewshot": s.num_fewshot, "limit": s.limit,
-             "apply_chat_template": s.apply_chat_template, "seed": s.seed}
+    from alignkit.core.config import loader_settings
+    from alignkit.modeling.identity import file_hashes, model_identity
+
+    task_files = sorted(p for p in Path(s.include_path).rglob("*") if p.is_file()) if s.include_path else []
+    parts = {"model": model_identity(loader_settings(s, source), "transformers"), "tasks": s.tasks,
+             "task_files": {str(p): h for p, h in file_hashes(task_files).items()}, "lm_eval": version("lm_eval"),
+             "num_fewshot": s.num_fewshot, "limit": s.limit, "apply_chat_template": s.apply_chat_template,
+             "seed": s.seed}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
