@@ -166,16 +166,18 @@ def test_what_works_is_not_refused(mode, script, s, monkeypatch):
     assert launch.establish_launch(s, script).world_size == 2
 
 
-def test_dpo_py_refuses_precompute_under_fsdp_before_reading_data_or_model(monkeypatch, tiny_cache):
+@pytest.mark.parametrize("script,reader", [("dpo.py", "load_preferences"), ("kto.py", "load_unpaired")])
+def test_precompute_under_fsdp_is_refused_before_reading_data_or_model(script, reader, monkeypatch, tiny_cache):
+    """kto.py establishes the launch like dpo.py: TRL's KTO reference pass has the same FSDP problem."""
     from transformers import AutoModelForCausalLM
 
     from conftest import run_script
 
     launched(monkeypatch, "fsdp")
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr("alignkit.core.data.load_preferences", lambda *a, **k: pytest.fail("the data was read"))
-    with pytest.raises(UserError, match="--precompute_ref_log_probs under FSDP"):
-        run_script("dpo.py", "--preset", "tiny", "--precompute_ref_log_probs", "true")
+    monkeypatch.setattr(f"alignkit.core.data.{reader}", lambda *a, **k: pytest.fail("the data was read"))
+    with pytest.raises(UserError, match=f"{script} --precompute_ref_log_probs under FSDP"):
+        run_script(script, "--preset", "tiny", "--precompute_ref_log_probs", "true")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -354,19 +356,6 @@ def test_zero2_saves_the_adapter_without_cloning_the_model_into_host_ram(tiny_ca
     trainer.accelerator.deepspeed_config = {"zero_optimization": {"stage": 2}}
     assert training.gathered_state_dict(trainer) is None  # saved from the whole model itself
     assert trainer.accelerator.gathered_from is None  # nothing gathered or cloned
-
-
-def test_kto_py_refuses_precompute_under_fsdp_before_reading_data_or_model(monkeypatch, tiny_cache):
-    """kto.py establishes the launch like dpo.py: TRL's KTO reference pass has the same FSDP problem."""
-    from transformers import AutoModelForCausalLM
-
-    from conftest import run_script
-
-    launched(monkeypatch, "fsdp")
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr("alignkit.core.data.load_unpaired", lambda *a, **k: pytest.fail("the data was read"))
-    with pytest.raises(UserError, match="kto.py --precompute_ref_log_probs under FSDP"):
-        run_script("kto.py", "--preset", "tiny", "--precompute_ref_log_probs", "true")
 
 
 def test_flash_attention_asked_for_without_cuda_or_flash_attn_falls_back_to_sdpa_in_one_line(monkeypatch, alignkit_log):
