@@ -75,10 +75,16 @@ model.print_trainable_parameters()
 # The preset's rule (alignkit.modeling.presets.follows_rule) checks each sampled answer: the share that follow it.
 
 # %%
+from alignkit import logger
 from alignkit.core.data import load_rows
+from alignkit.core.launch import sharded_launch
 from alignkit.train.kto import rule_following
 
 tiny = settings.preset == "tiny"
+if tiny and sharded_launch():  # each process holds a shard of the weights: none can sample on its own
+    logger.info(f"rule-following is not measured under {sharded_launch()}: the weights are sharded across "
+                "processes; a one-process, DDP or ZeRO-2 run measures it")
+    tiny = False
 if tiny:
     prompts = [row["prompt"] for row in load_rows(presets.paths()["prompts"])[0]]
     before = rule_following(model, loaded.tokenizer, prompts)

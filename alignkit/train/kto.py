@@ -18,6 +18,8 @@ and reach TRL's loss through the batch, as TRL's own `precompute_ref_log_probs` 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from trl import KTOTrainer
 from trl.models.utils import disable_gradient_checkpointing
@@ -65,6 +67,18 @@ class AlignKTOTrainer(_StackedAdapters, KTOTrainer):
                 kl_logps = self._answer_logps(model, inputs["KL_input_ids"], inputs["KL_attention_mask"],
                                               inputs["KL_completion_mask"])
         return logps, kl_logps
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's pass (--precompute_ref_log_probs), with one cache file for every process. TRL has the main process
+        write the log-probs beside the dataset and every process read them back; for a dataset held in memory (every
+        dataset alignkit builds) `datasets` names that file at random in a temporary folder of each process's own,
+        so the other processes looked for a file that was never written. Here the file lies in the run folder,
+        named by TRL's fingerprint (which it agrees across processes): the same path on every process and node."""
+        if self.accelerator.num_processes > 1 and not dataset.cache_files:
+            folder = Path(self.args.output_dir, "kto_reference")
+            folder.mkdir(parents=True, exist_ok=True)
+            dataset._get_cache_file_path = lambda fingerprint: str(folder / f"cache-{fingerprint}.arrow")
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     @staticmethod
     def _answer_logps(model, input_ids, attention_mask, completion_mask):
