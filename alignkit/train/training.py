@@ -462,8 +462,24 @@ def gathered_state_dict(trainer) -> dict | None:
         except TypeError:  # a DeepSpeed without the argument: the whole model, as accelerate gathers it
             return trainer.accelerator.get_state_dict(engine)
     if getattr(trainer, "is_fsdp_enabled", False):
+        if getattr(trainer.accelerator, "is_fsdp2", False):
+            return _fsdp2_trainable_state_dict(trainer.accelerator.unwrap_model(trainer.model))
         return trainer.accelerator.get_state_dict(trainer.model)
     return None
+
+
+def _fsdp2_trainable_state_dict(model) -> dict:
+    """The trainable weights of a model sharded by FSDP2 (`fully_shard`), whole, on every rank.
+
+    FSDP2 shards in place: each parameter is a DTensor holding this rank's rows. accelerate's get_state_dict hands
+    back those DTensors (peft's save then fails on their storage), and a full state dict would gather the frozen
+    base too, into host RAM, for an adapter of a few megabytes. So, as under ZeRO-3: only what trains (the adapter,
+    a reward model's score head), each gathered with `full_tensor()`, a collective every rank joins in the same
+    parameter order."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for name, p in model.named_parameters() if p.requires_grad}
 
 
 def publish_run(folder: Path, s) -> tuple[Path | None, str | None]:
