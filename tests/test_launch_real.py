@@ -21,9 +21,11 @@ from conftest import ROOT
 TIMEOUT = 600  # seconds per launch; a hang (a collective only some ranks join) fails here instead of stalling CI
 
 
-def accelerate_launch(args: list[str], cache: Path, extra_env: dict | None = None) -> str:
-    """Two processes over gloo; returns their output. Fails with the output's tail when the launch fails."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+def accelerate_launch(args: list[str], cache: Path, extra_env: dict | None = None, multi_gpu: bool = True) -> str:
+    """Two processes over gloo; returns their output. Fails with the output's tail when the launch fails.
+    multi_gpu False: the launch type comes from a --config_file in `args` (DeepSpeed, FSDP)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if multi_gpu else []),
+               "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                "0", *args]
     env = {**os.environ, "ALIGNKIT_CACHE": str(cache), "OMP_NUM_THREADS": "1", **(extra_env or {}),
@@ -101,6 +103,16 @@ def test_lota_dpo_on_two_processes(sft_adapter, cache, runs):
                        "--lota_calibration_steps", "1", "--output_dir", str(runs), "--run_name", "lota"], cache)
     finished(runs / "lota")
     assert any((runs / "lota").glob("lota_mask*"))
+
+
+def test_kto_with_precompute_on_two_processes(sft_adapter, cache, runs):
+    """kto.py with --precompute_ref_log_probs: the main process writes the reference log-probs, every process reads
+    the same file (TRL named it at random per process for an in-memory dataset: the others found nothing)."""
+    output = accelerate_launch(["kto.py", *TINY, "--model_id", str(sft_adapter), "--precompute_ref_log_probs", "true",
+                                "--output_dir", str(runs), "--run_name", "kto"], cache)
+    finished(runs / "kto")
+    assert "rule-following after KTO" in output  # DDP: the model is whole on each process, so it samples
+    assert len(list((runs / "kto" / "kto_reference").glob("cache-*.arrow"))) == 2  # train and held-out rows
 
 
 def test_rl_on_two_processes(sft_adapter, cache, runs):

@@ -1,0 +1,87 @@
+"""Runs a script (sft.py, dpo.py, ...) as `accelerate launch` starts it, and reports what it really did.
+
+    accelerate launch ... tests/launched.py [--fsdp-on-cpu] SCRIPT [script flags...]
+
+Used by tests/test_launch_sharded.py. Each process prints, after the script ends,
+
+    launched: rank R of W under TYPE; packed batches N; own loss calls M
+
+TYPE is accelerate's `distributed_type` as the Trainer saw it (not what the launch asked for), N the forwards
+that ran on packed pairs (`alignkit.train.prefix.pack_pairs`: prefix sharing really on), M the calls of
+alignkit's own preference loss (`alignkit.train.trainers.preference_loss`).
+
+`--fsdp-on-cpu`: accelerate 1.16 turns FSDP on only for GPU-type launches (accelerate/state.py: its FSDP branch
+lists MULTI_GPU, MULTI_NPU, ... but not MULTI_CPU), so `accelerate launch --use_fsdp` on a CPU trains under
+plain DDP. This lifts that one check: where accelerate built an FSDP plugin from the launch's environment and
+would fall back to MULTI_CPU, the state says FSDP and holds the plugin. Everything after is accelerate's,
+transformers' and torch's own FSDP code (wrapping, sharding with `fully_shard` over gloo, gathering the state dict
+for saving), run as on GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+counts = {"packed": 0, "own": 0}
+seen = {"type": None}
+
+
+def _count(module, name: str, key: str) -> None:
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        counts[key] += 1
+        return real(*args, **kwargs)
+
+    setattr(module, name, counted)
+
+
+def _fsdp_on_cpu() -> None:
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.fsdp_plugin = fsdp_plugin
+            # Every later AcceleratorState() copies the process state's type over its own: set both.
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init_with_fsdp_on_cpu
+
+
+def _watch_distributed_type() -> None:
+    """Record the distributed type of the Trainer's accelerator (the last one made, for scripts with two)."""
+    import transformers
+
+    create = transformers.Trainer.create_accelerator_and_postprocess
+
+    def create_and_record(self, *args, **kwargs):
+        out = create(self, *args, **kwargs)
+        seen["type"] = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+        return out
+
+    transformers.Trainer.create_accelerator_and_postprocess = create_and_record
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] == "--fsdp-on-cpu":
+        argv = argv[1:]
+        _fsdp_on_cpu()
+    from alignkit.train import prefix, trainers
+
+    _count(prefix, "pack_pairs", "packed")
+    _count(trainers, "preference_loss", "own")
+    _watch_distributed_type()
+    sys.argv = argv
+    runpy.run_path(argv[0], run_name="__main__")
+    print(f"launched: rank {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)} under {seen['type']}; "
+          f"packed batches {counts['packed']}; own loss calls {counts['own']}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,174 @@
+"""The training scripts under real sharded launches on this CPU: two processes over gloo, through the Trainer.
+
+- DeepSpeed ZeRO-3 and ZeRO-2, with the project's own configs (recipes/accelerate/deepspeed_zero{3,2}.yaml, at 2
+  processes and no mixed precision): DeepSpeed's CPU accelerator runs ZeRO for real (it communicates over gloo
+  when oneCCL is not installed), partitioning, gathering and saving as on GPUs.
+- FSDP2 with recipes/accelerate/fsdp.yaml: accelerate 1.16 turns FSDP on for GPU launches only, so
+  tests/launched.py lifts that one check; the wrapping, sharding (`fully_shard` over gloo) and gathering are
+  accelerate's, transformers' and torch's own.
+
+Each launch trains 2 steps and finishes (a timeout catches a hang). tests/launched.py reports the distributed
+type the Trainer really ran under, the batches dpo.py really packed (prefix sharing) and the calls of alignkit's
+own preference loss. One SFT adapter per launch mode (QLoRA) is shared by the runs built on it. DDP launches:
+tests/test_launch_real.py and tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from test_launch_real import accelerate_launch
+
+# Not importorskip: deepspeed is in the dev extra, and without it these tests must fail, not vanish.
+assert importlib.util.find_spec("deepspeed"), "deepspeed is missing: pip install -r requirements-dev.txt"
+
+CONFIGS = {"zero3": "deepspeed_zero3.yaml", "zero2": "deepspeed_zero2.yaml", "fsdp": "fsdp.yaml"}
+TYPE = {"zero3": "DEEPSPEED", "zero2": "DEEPSPEED", "fsdp": "FSDP"}
+TINY = ["--preset", "tiny", "--max_steps", "2", "--save_steps", "100", "--logging_steps", "1"]
+QLORA = ["--quantization", "4bit"]
+
+
+def launch(mode: str, script: str, run: Path, *flags: str, cache: Path) -> dict:
+    """`script` under `mode` on two processes; returns what both processes reported (tests/launched.py)."""
+    config = ["--config_file", str(ROOT / "recipes" / "accelerate" / CONFIGS[mode])]  # 2 processes, fp32: below
+    shim = [str(ROOT / "tests" / "launched.py"), *(["--fsdp-on-cpu"] if mode == "fsdp" else [])]
+    output = accelerate_launch([*config, *shim, script, *flags, "--output_dir", str(run.parent), "--run_name",
+                                run.name], cache, multi_gpu=False)
+    reports = re.findall(r"^launched: rank (\d) of 2 under (\w+); packed batches (\d+); own loss calls (\d+)$",
+                         output, re.M)
+    assert sorted(r[0] for r in reports) == ["0", "1"], output[-3000:]
+    assert {r[1] for r in reports} == {TYPE[mode]}, reports  # the Trainer ran under the launch asked for
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    return {"output": output, "packed": min(int(r[2]) for r in reports), "own": min(int(r[3]) for r in reports),
+            "metrics": metrics}
+
+
+def whole_adapter(run: Path) -> dict:
+    """The saved adapter, checked whole: no empty tensor from a partition (ZeRO-3's [0]) or a shard."""
+    weights = load_file(run / "adapter_model.safetensors")
+    assert weights and all(t.numel() > 0 for t in weights.values()), {k: t.shape for k, t in weights.items()}
+    return weights
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_cache, tmp_path_factory):
+    own = tmp_path_factory.mktemp("sharded-cache") / "cache"
+    shutil.copytree(tiny_cache, own, ignore=shutil.ignore_patterns("ref_logps"))
+    return own
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deepspeed_ops(tmp_path_factory):
+    """DeepSpeed's CPU communication op (shared memory between the ranks) compiles on first use, into torch's
+    extension folder, guarded by a lock file. Built here once, in one process, in a folder of this session's own:
+    the launches load it instead of both ranks racing to compile it, and a lock left by a killed run elsewhere
+    cannot stall them."""
+    folder = tmp_path_factory.mktemp("torch-extensions")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCH_EXTENSIONS_DIR", str(folder))
+        build = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+        subprocess.run([sys.executable, "-c", build], check=True, capture_output=True, timeout=600)
+        yield
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("sharded-runs")
+
+
+@pytest.fixture(scope="module", params=["zero3", "fsdp"])
+def sft(request, cache, runs):
+    """sft.py with QLoRA under ZeRO-3 and under FSDP2: the adapter the runs below train on."""
+    mode = request.param
+    run = runs / f"sft-{mode}"
+    done = launch(mode, "sft.py", run, *TINY, *QLORA, cache=cache)
+    assert done["metrics"]["global_step"] == 2
+    return mode, run
+
+
+def test_sft_saves_a_whole_adapter(sft):
+    whole_adapter(sft[1])
+
+
+def test_dpo_packs_its_batches_precomputes_and_merges(sft, cache, runs):
+    """dpo.py's defaults (prefix sharing, alignkit's own sigmoid loss) on the sharded QLoRA model, with
+    --merge_adaptors (the main process merges after the others are done); under ZeRO-3 also
+    --precompute_ref_log_probs (refused under FSDP: tests/test_launch.py)."""
+    mode, sft_run = sft
+    run = runs / f"dpo-{mode}"
+    precompute = ["--precompute_ref_log_probs", "true"] if mode == "zero3" else []
+    done = launch(mode, "dpo.py", run, *TINY, *QLORA, "--model_id", str(sft_run), "--loss_type", "sigmoid",
+                  "--merge_adaptors", *precompute, cache=cache)
+    assert done["packed"] > 0 and done["own"] > 0
+    if precompute:
+        assert "pairs cached in" in done["output"]
+    whole_adapter(run)
+    merge = json.loads((run / "merged" / "merge.json").read_text())
+    assert merge["max_logit_difference"] <= merge["tolerance"]
+
+
+def test_kto(sft, cache, runs):
+    """kto.py; under ZeRO-3 with --precompute_ref_log_probs, whose cache file every process reads (TRL named it
+    at random per process for an in-memory dataset). The tiny preset's rule check is skipped with its line."""
+    mode, sft_run = sft
+    run = runs / f"kto-{mode}"
+    precompute = ["--precompute_ref_log_probs", "true"] if mode == "zero3" else []
+    done = launch(mode, "kto.py", run, *TINY, "--model_id", str(sft_run), *precompute, cache=cache)
+    assert done["metrics"]["global_step"] == 2
+    assert "rule-following is not measured under" in done["output"]
+    whole_adapter(run)
+
+
+def test_rl(sft, cache, runs):
+    """rl.py (GRPO, transformers backend, the rule reward): generation on the sharded model, every rank in step."""
+    mode, sft_run = sft
+    run = runs / f"rl-{mode}"
+    done = launch(mode, "rl.py", run, "--preset", "tiny", "--model_id", str(sft_run), "--max_steps", "1",
+                  "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts", "16",
+                  "--save_steps", "100", cache=cache)
+    assert done["metrics"]["global_step"] == 1
+    whole_adapter(run)
+
+
+def test_reward_with_its_held_out_report_under_zero3(cache, runs):
+    """The fresh score head zeroed in its partition, the held-out report on every rank (a collective)."""
+    run = runs / "reward-zero3"
+    done = launch("zero3", "reward.py", run, *TINY, cache=cache)
+    held_out = json.loads((run / "held_out_rewards.json").read_text())
+    assert done["metrics"]["held_out_pairs"] == len(held_out["chosen"]) > 0
+    whole_adapter(run)
+
+
+def test_reward_logexpwithlm_with_qlora_under_zero2(cache, runs):
+    """The LM term needs the base's whole LM head: ZeRO-2 keeps the model whole on every rank."""
+    run = runs / "reward-lm-zero2"
+    done = launch("zero2", "reward.py", run, *TINY, *QLORA, "--loss", "logexpwithlm", cache=cache)
+    assert done["metrics"]["held_out_pairs"] > 0
+
+
+def test_lota_under_zero2(cache, runs):
+    """LoTA's two trainers in one process (dense calibration, then the sparse run): the second one's accelerator
+    takes DeepSpeed's plugin again. Prefix sharing packs its batches."""
+    run = runs / "lota-zero2"
+    done = launch("zero2", "dpo.py", run, *TINY, "--adapter", "lota", "--lota_calibration_steps", "1", cache=cache)
+    assert done["packed"] > 0 and done["metrics"]["global_step"] == 2
+    assert any(run.glob("lota_mask*"))
+
+
+def test_orpo_with_merge_under_zero2(cache, runs):
+    """A reference-free loss (no reference pass at all), then --merge_adaptors."""
+    run = runs / "orpo-zero2"
+    done = launch("zero2", "dpo.py", run, *TINY, "--loss_type", "orpo", "--merge_adaptors", cache=cache)
+    assert done["packed"] > 0
+    assert (run / "merged" / "merge.json").is_file()
