@@ -16,7 +16,7 @@ Each step is DPO's full work: the reference forward (both sides run it every ste
 the policy forward and backward, and the optimizer step. The sides:
 - trl: `AutoModelForCausalLM.from_pretrained` (BitsAndBytesConfig NF4 where quantized) with the best attention
   available (flash_attention_2 when flash-attn is installed, else sdpa), `DPOTrainer(peft_config=LoRA)` with
-  DPOConfig's defaults (gradient checkpointing on) but the shared batch and learning rate;
+  DPOConfig's defaults (gradient checkpointing on) but the bench's batch and learning rate;
 - alignkit: dpo.py's path (alignkit's loader, `--attn_implementation auto`, adapter, trl_config,
   AlignDPOTrainer with prefix sharing and length-grouped batches), alignkit.core.config's defaults; on a GPU,
   auto loads flex_attention for these models, so prefix sharing runs on FlexAttention's block-sparse kernel;
@@ -26,10 +26,10 @@ the policy forward and backward, and the optimizer step. The sides:
   alignkit row (alignkit.core.launch.resolve_attention).
 Per-device batch: as large as fits, found per configuration (bench.batch_search: doubling from --batch-start on the
 longest pairs, each try a process of its own, cached in the --work folder), or --batch N for all; no gradient
-accumulation. Every configuration trains on the same pairs (the first of them its batch needs), each run in a
-fresh process (its peak GPU memory is its own), interleaved: round 1 runs each once, round 2 again, ... Ratios are
-taken within a round and reported as the median over rounds; at searched batches the memory ratio compares each
-side at its own largest batch, and the batches themselves say which side fits more.
+accumulation. Every configuration draws its steps' pairs from the same file, each run in a fresh process (its
+peak GPU memory is its own), interleaved: round 1 runs each once, round 2 again, ... Ratios are taken within a
+round and reported as the median over rounds; at searched batches the memory ratio compares each side at its own
+largest batch, and the batches themselves say which side fits more.
 
 Reported per configuration: tokens/s (the data's non-pad tokens, prompt counted twice per pair on every side,
 over the measured steps' wall time; the first step is left out), peak GPU memory (torch.cuda.max_memory_allocated
