@@ -212,11 +212,9 @@ def _build(spec: dict, out: Path):
         lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"], output_dir=str(out), run_name="run",
         report_to="none", logging_steps=1000, precompute_ref_log_probs=spec["precompute"],
         group_by_length=spec.get("group_by_length", False), prefix_sharing=spec.get("prefix_sharing", False),
-        trainer_overrides=json.dumps(overrides), **common_args,
+        attn_implementation=spec.get("attn") or "auto", trainer_overrides=json.dumps(overrides), **common_args,
     )
     loaded = load_model(s, for_training=True)
-    if spec.get("attn"):  # an attention implementation the settings do not offer yet (bench.gpu_dpo: flex)
-        loaded.model.set_attn_implementation(spec["attn"])
     model = add_trainable_adapter(loaded, s)
     args = trl_config(DPOConfig, s, out / "run", loaded.dtype, model, beta=BETA, loss_type=s.loss_type,
                       loss_weights=s.loss_weights, label_smoothing=s.label_smoothing,

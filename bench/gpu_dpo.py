@@ -1,7 +1,7 @@
 """DPO on a GPU: stock TRL DPOTrainer against alignkit's defaults, one DPO step's full work at real lengths.
 
     python bench/gpu_dpo.py                          # on a CUDA machine: every scenario, 3 interleaved rounds
-    python bench/gpu_dpo.py --only qlora_7b_1024 --rounds 1 --steps 4   # one scenario, shorter (fits ~10 min)
+    python bench/gpu_dpo.py --only qlora_7b_1024 --rounds 1 --steps 4 --batch 8   # one scenario, shorter
     python bench/gpu_dpo.py --cpu-smoke              # tiny shapes on a CPU: the same model work, in seconds
 
 Scenarios (random weights, seeded, written once to a folder so both sides load the same model from disk, as a
@@ -16,15 +16,20 @@ Each step is DPO's full work: the reference forward (both sides run it every ste
 the policy forward and backward, and the optimizer step. The sides:
 - trl: `AutoModelForCausalLM.from_pretrained` (BitsAndBytesConfig NF4 where quantized) with the best attention
   available (flash_attention_2 when flash-attn is installed, else sdpa), `DPOTrainer(peft_config=LoRA)` with
-  DPOConfig's defaults (gradient checkpointing on) but the shared batch and learning rate;
+  DPOConfig's defaults (gradient checkpointing on) but the bench's batch and learning rate;
 - alignkit: dpo.py's path (alignkit's loader, `--attn_implementation auto`, adapter, trl_config,
-  AlignDPOTrainer with prefix sharing and length-grouped batches), alignkit.core.config's defaults;
-- alignkit-flex (with --flex, on by default on a GPU): the same with the model switched to flex_attention, so
-  prefix sharing runs on FlexAttention's block-sparse kernel (alignkit.train.prefix); what `auto` should pick
-  is decided by this figure against the alignkit row.
-Both sides train on the same pairs, with the same per-device batch (--batch) and no gradient accumulation, each
-configuration in a fresh process (its peak GPU memory is its own), interleaved: round 1 runs each once, round 2
-again, ... Ratios are taken within a round and reported as the median over rounds.
+  AlignDPOTrainer with prefix sharing and length-grouped batches), alignkit.core.config's defaults; on a GPU,
+  auto loads flex_attention for these models, so prefix sharing runs on FlexAttention's block-sparse kernel;
+- alignkit-flash_attention_2 (alignkit-sdpa without flash-attn; with --other-attention, on by default on a GPU):
+  the same with `--attn_implementation` set to what auto picked before FlexAttention (flash_attention_2: prefix
+  sharing off; sdpa: sharing with a dense mask). Whether auto's flex choice stands is this figure against the
+  alignkit row (alignkit.core.launch.resolve_attention).
+Per-device batch: as large as fits, found per configuration (bench.batch_search: doubling from --batch-start on the
+longest pairs, each try a process of its own, cached in the --work folder), or --batch N for all; no gradient
+accumulation. Every configuration draws its steps' pairs from the same file, each run in a fresh process (its
+peak GPU memory is its own), interleaved: round 1 runs each once, round 2 again, ... Ratios are taken within a
+round and reported as the median over rounds; at searched batches the memory ratio compares each side at its own
+largest batch, and the batches themselves say which side fits more.
 
 Reported per configuration: tokens/s (the data's non-pad tokens, prompt counted twice per pair on every side,
 over the measured steps' wall time; the first step is left out), peak GPU memory (torch.cuda.max_memory_allocated
@@ -47,7 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # alignkit and bench without a pip install
 
-from bench import common  # noqa: E402
+from bench import batch_search, common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHAPES = {  # (config class, shape)
@@ -110,7 +115,8 @@ def bf16_peak(gpu: str | None, override: float | None) -> float | None:
 
 
 def best_trl_attention() -> str:
-    """What a TRL user gets at best without extra wiring: flash_attention_2 when flash-attn is installed."""
+    """What a TRL user gets at best without extra wiring: flash_attention_2 when flash-attn is installed (also what
+    alignkit's auto picked before FlexAttention: the alignkit-<attention> row)."""
     import importlib.util
 
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
@@ -181,7 +187,7 @@ def gradient_check(device: str, attn: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- one configuration
-def configurations(flex: bool) -> dict[str, dict]:
+def configurations(other_attention: bool) -> dict[str, dict]:
     from bench.dpo_speed import defaults_config
 
     import dataclasses
@@ -195,9 +201,9 @@ def configurations(flex: bool) -> dict[str, dict]:
                lora_dropout=defaults["lora_dropout"], gradient_checkpointing=stock["gradient_checkpointing"],
                precompute=stock["precompute_ref_log_probs"], max_grad_norm=stock["max_grad_norm"],
                optim=stock["optim"], attn=best_trl_attention())
-    configs = {"trl": trl, "alignkit": {**defaults, "attn": None}}
-    if flex:
-        configs["alignkit-flex"] = {**defaults, "attn": "flex_attention"}
+    configs = {"trl": trl, "alignkit": {**defaults, "attn": None}}  # None: --attn_implementation auto
+    if other_attention:
+        configs[f"alignkit-{best_trl_attention()}"] = {**defaults, "attn": best_trl_attention()}
     return configs
 
 
@@ -219,6 +225,9 @@ def worker(spec: dict) -> dict:
 
     common.offline_env()
     quiet_library_noise()
+    if spec.get("smoke_fits") is not None and spec["batch"] > spec["smoke_fits"]:  # --cpu-smoke --smoke-fits
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (faked: a smoke try of more than {spec['smoke_fits']} "
+                                          "pairs)")
     cuda = torch.cuda.is_available() and not spec["cpu"]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -252,33 +261,68 @@ def _ratio(a: list[dict], b: list[dict], key: str) -> dict:
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
 
 
+def _run(spec: dict, a, work: Path) -> dict:
+    """One worker run: in this process on a CPU smoke (it proves the model work runs; its memory is not compared),
+    else in a fresh process."""
+    if a.cpu_smoke:
+        return worker(spec)
+    return common.run_worker("gpu_dpo", spec, env={"ALIGNKIT_CACHE": str(work / "cache")}, timeout=a.timeout)
+
+
+def batch_sizes(name: str, scenario: dict, configs: dict, base: dict, a, work: Path) -> tuple[dict, dict]:
+    """Per configuration, the per-device batch: --batch for all, else the largest it fits (bench.batch_search, two
+    steps a try on the scenario's worst pairs), and the searches' tries [batch, fitted]."""
+    if a.batch:
+        return {c: a.batch for c in configs}, {}
+    worst = common.write_jsonl(work / name / "worst.jsonl", batch_search.worst_rows(2 * a.max_batch,
+                                                                                    scenario["max_length"]))
+
+    def search(config_name: str) -> dict:
+        def fits(batch: int) -> bool:
+            spec = {**configs[config_name], **base, "name": config_name, "train": str(worst), "eval": str(worst),
+                    "pairs": 2 * batch, "batch": batch, "steps": 1, "smoke_fits": a.smoke_fits}
+            print(f"{name}: {config_name} tries batch {batch}", flush=True)
+            try:
+                _run(spec, a, work)
+            except Exception as e:  # noqa: BLE001 - out of memory means "does not fit"; anything else is a bug
+                if not batch_search.is_out_of_memory(e):
+                    raise
+                return False
+            return True
+
+        batch, tries = batch_search.largest_batch(fits, a.batch_start, a.max_batch)
+        return {"batch": batch, "tries": tries}
+
+    found = {}
+    for c in configs:  # one search per configuration and search setting, kept in the --work folder
+        key = f"{name}/{c}/start {a.batch_start}, cap {a.max_batch}, smoke fits {a.smoke_fits}"
+        found[c] = batch_search.cached(work / "batch_search.json", key, lambda c=c: search(c))
+    return {c: f["batch"] for c, f in found.items()}, {c: f["tries"] for c, f in found.items()}
+
+
 def run_scenario(name: str, scenario: dict, a, work: Path, peak: float | None) -> dict:
     from bench.limit import flops_per_token
 
     device = "cpu" if a.cpu_smoke else "cuda"
     folder = write_model(scenario["shape"], work / scenario["shape"], device)
-    pairs = (a.steps + 1) * a.batch
-    data = write_data(work / name, pairs)
-    configs = configurations(a.flex)
+    configs = configurations(a.other_attention)
+    base = {"model": str(folder), "accum": 1, "max_length": scenario["max_length"], "dtype": "bf16",
+            "quantization": scenario["quantization"], "cpu": a.cpu_smoke, "lr": 1e-5}
+    batches, tries = batch_sizes(name, scenario, configs, base, a, work)
+    failed = {c: "no batch fits, not even 1 pair" for c, b in batches.items() if b is None}
+    data = write_data(work / name, (a.steps + 1) * max((b for b in batches.values() if b), default=1))
     runs: dict[str, list[dict]] = {c: [] for c in configs}
-    failed: dict[str, str] = {}
     for round_ in range(1, a.rounds + 1):
         for config_name, config in configs.items():
             if config_name in failed:
                 continue
-            spec = {**config, "name": config_name, "model": str(folder), "train": str(data), "eval": str(data),
-                    "pairs": pairs, "batch": a.batch, "accum": 1, "max_length": scenario["max_length"],
-                    "quantization": scenario["quantization"], "dtype": "bf16", "steps": a.steps,
-                    "cpu": a.cpu_smoke, "lr": 1e-5}
-            print(f"{name}: {config_name} (round {round_}/{a.rounds})", flush=True)
+            spec = {**config, **base, "name": config_name, "train": str(data), "eval": str(data), "steps": a.steps,
+                    "pairs": (a.steps + 1) * batches[config_name], "batch": batches[config_name]}
+            print(f"{name}: {config_name} (round {round_}/{a.rounds}, batch {batches[config_name]})", flush=True)
             try:
-                if a.cpu_smoke:  # in this process: the smoke proves the model work runs, its memory is not compared
-                    r = worker(spec)
-                else:
-                    r = common.run_worker("gpu_dpo", spec, env={"ALIGNKIT_CACHE": str(work / "cache")},
-                                          timeout=a.timeout)
-            except Exception as e:  # noqa: BLE001 - the flex row is an experiment: its failure is a finding
-                if config_name != "alignkit-flex":
+                r = _run(spec, a, work)
+            except Exception as e:  # noqa: BLE001 - alignkit's rows (flex, the other attention) report what failed
+                if config_name == "trl":
                     raise
                 failed[config_name] = str(e)[-2000:]
                 print(f"  failed (recorded; the other rows go on): {str(e)[-300:]}", flush=True)
@@ -287,11 +331,12 @@ def run_scenario(name: str, scenario: dict, a, work: Path, peak: float | None) -
             print(f"  {r['tokens_per_s']:.0f} tokens/s, peak memory {r['peak_memory_gib']:.2f} GiB, "
                   f"{r['attention']}, prefix sharing {r['prefix_sharing']}", flush=True)
     out = {"max_length": scenario["max_length"], "quantization": scenario["quantization"],
-           "shape": scenario["shape"], "batch": a.batch, "steps_measured": a.steps, "rounds": a.rounds, "configs": {},
-           "failed": failed}
+           "shape": scenario["shape"], "batch": batches, "batch_search": tries, "steps_measured": a.steps,
+           "rounds": a.rounds, "configs": {}, "failed": failed}
     runs = {name: rs for name, rs in runs.items() if name not in failed}
     for config_name, rs in runs.items():
         merged = {k: rs[0][k] for k in ("attention", "prefix_sharing", "gradient_checkpointing")}
+        merged["batch"] = batches[config_name]
         merged["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rs)
         merged["peak_memory_gib"] = max(r["peak_memory_gib"] for r in rs)
         per_token = flops_per_token(rs[0]["counts"], reference_in_step=True)["model_flops_per_token"]
@@ -301,14 +346,14 @@ def run_scenario(name: str, scenario: dict, a, work: Path, peak: float | None) -
         merged["runs"] = rs
         out["configs"][config_name] = merged
     for config_name in runs:
-        if config_name != "trl":
+        if config_name != "trl" and "trl" in runs:
             suffix = "" if config_name == "alignkit" else "_" + config_name.split("-", 1)[1]
             speed = _ratio(runs[config_name], runs["trl"], "tokens_per_s")
             out["speedup_vs_trl" + suffix] = speed["median"]
             out["speedup_vs_trl_range" + suffix] = speed
             memory = _ratio(runs[config_name], runs["trl"], "peak_memory_gib")
             out["peak_memory_ratio_vs_trl" + suffix] = memory["median"]
-    out["mfu"] = out["configs"]["alignkit"]["mfu"]  # alignkit's defaults
+    out["mfu"] = out["configs"].get("alignkit", {}).get("mfu")  # alignkit's defaults
     return out
 
 
@@ -328,18 +373,20 @@ def markdown(result: dict) -> str:
                   f"< {check['tokens_per_row']} tokens: max |log-prob difference| {check['max_logp_diff']:.1e}, "
                   f"max |gradient difference| {check['max_grad_diff']:.1e} (largest gradient {check['max_grad']:.1e}).",
                   ""]
-    lines += ["| scenario | config | attention | prefix sharing | tokens/s | peak memory (GiB) | MFU |",
-              "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+    lines += ["| scenario | config | attention | prefix sharing | batch | tokens/s | peak memory (GiB) | MFU |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for name, s in result["scenarios"].items():
         for config_name, c in s["configs"].items():
             mfu = f"{c['mfu']:.1%}" if c["mfu"] is not None else "n/a"
-            lines.append(f"| {name} | {config_name} | {c['attention']} | {c['prefix_sharing']} | "
+            lines.append(f"| {name} | {config_name} | {c['attention']} | {c['prefix_sharing']} | {c['batch']} | "
                          f"{c['tokens_per_s']:.0f} | {c['peak_memory_gib']:.2f} | {mfu} |")
     lines += [""]
     for name, s in result["scenarios"].items():
         ratios = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k.startswith(("speedup_vs_trl", "peak_memory_ratio"))
                            and not k.endswith("range") and "range_" not in k)
-        lines.append(f"- {name} (max_length {s['max_length']}, batch {s['batch']}, {s['rounds']} rounds): {ratios}")
+        how = "batch as large as fits" if s["batch_search"] else "batch fixed"
+        failed = "".join(f"; {c} failed: {why[-200:]}" for c, why in s["failed"].items())
+        lines.append(f"- {name} (max_length {s['max_length']}, {how}, {s['rounds']} rounds): {ratios}{failed}")
     return "\n".join(lines) + "\n"
 
 
@@ -350,9 +397,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", nargs="*", choices=list(SCENARIOS), help="scenarios to run (default: all)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps per run (after one warm-up)")
-    parser.add_argument("--batch", type=int, default=4, help="pairs per step, the same on every side")
-    parser.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
-                        help="also run alignkit with flex_attention (default: on a GPU)")
+    parser.add_argument("--batch", type=int, help="pairs per device on every side (default: the largest each side "
+                        "fits, bench.batch_search; 2 on a CPU smoke)")
+    parser.add_argument("--batch-start", type=int, default=4, help="the batch search's first try (then it doubles, "
+                        "or halves)")
+    parser.add_argument("--max-batch", type=int, default=64, help="the batch search goes no higher")
+    parser.add_argument("--smoke-fits", type=int, help="CPU smoke: search the batch, faking out-of-memory for tries "
+                        "of more than this many pairs")
+    parser.add_argument("--other-attention", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run alignkit with what auto picked before flex_attention (default: on a GPU)")
     parser.add_argument("--peak_tflops", type=float, help="the GPU's bf16 dense peak, where the table lacks it")
     parser.add_argument("--out", type=Path, default=HERE, help="folder for gpu_dpo.json and gpu_dpo.md")
     parser.add_argument("--work", type=Path, help="folder for the model and data (default: a temporary one)")
@@ -366,8 +419,13 @@ def main(argv=None) -> dict:
     if not a.cpu_smoke and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device; run with --cpu-smoke for the CPU check, or on a GPU machine")
     if a.cpu_smoke:
-        a.rounds, a.steps, a.batch = min(a.rounds, 1), min(a.steps, 1), min(a.batch, 2)
-    a.flex = (not a.cpu_smoke) if a.flex is None else a.flex  # FlexAttention has no backward on a CPU
+        a.rounds, a.steps = min(a.rounds, 1), min(a.steps, 1)
+        a.batch = None if a.smoke_fits is not None else min(a.batch or 2, 2)
+        a.batch_start, a.max_batch = min(a.batch_start, 2), min(a.max_batch, 4)  # toy sizes: at most 2 tries
+    elif a.smoke_fits is not None:
+        raise SystemExit("error: --smoke-fits fakes out-of-memory on a --cpu-smoke run only")
+    # On a CPU, auto is sdpa on both alignkit rows (and FlexAttention has no backward there): one row is enough.
+    a.other_attention = (not a.cpu_smoke) if a.other_attention is None else a.other_attention
     scenarios = SMOKE if a.cpu_smoke else SCENARIOS
     work = a.work or Path(tempfile.mkdtemp(prefix="gpu-dpo-work-"))
     info = machine("cpu" if a.cpu_smoke else "cuda")

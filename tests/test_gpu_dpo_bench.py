@@ -1,11 +1,15 @@
 """bench/gpu_dpo.py's CPU smoke mode: the benchmark's model work (a QLoRA NF4 Mistral-shaped model at two
 max_lengths, an unquantized Llama-shaped one; stock TRL DPOTrainer and alignkit's defaults, each a full DPO step:
 reference pass, policy forward and backward, optimizer) runs on toy shapes, and the result file carries the keys
-the GPU run fills in. The speed figures of a CPU smoke say nothing and are not asserted."""
+the GPU run fills in. The speed figures of a CPU smoke say nothing and are not asserted. The per-device batch
+search (bench.batch_search) keeps the largest batch that fit, on a fake predicate and on the smoke run with a
+faked out-of-memory limit."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 
 def test_cpu_smoke_runs_every_scenario_and_writes_the_result_keys(tmp_path, monkeypatch):
@@ -20,6 +24,7 @@ def test_cpu_smoke_runs_every_scenario_and_writes_the_result_keys(tmp_path, monk
         scenario = result[name]
         trl, ours = scenario["configs"]["trl"], scenario["configs"]["alignkit"]
         assert not trl["prefix_sharing"] and ours["prefix_sharing"]  # each side ran as itself
+        assert trl["batch"] == ours["batch"] == 2 and not scenario["batch_search"]  # fixed: no search on the smoke
         for config in (trl, ours):
             run = config["runs"][0]
             assert run["steps"] == 1 and run["tokens"] > 0 and run["loss"] is not None
@@ -36,3 +41,41 @@ def test_cpu_smoke_runs_every_scenario_and_writes_the_result_keys(tmp_path, monk
     check = result["packed_vs_unshared"]
     assert check["attention"] == "sdpa" and check["max_grad"] > 0
     assert check["max_logp_diff"] < 1e-4 and check["max_grad_diff"] < 1e-4
+
+
+def test_the_batch_search_keeps_the_largest_batch_that_fit():
+    from bench.batch_search import is_out_of_memory, largest_batch
+
+    fits = lambda batch: batch <= 13  # noqa: E731 - a GPU that holds 13 pairs
+    assert largest_batch(fits, start=4) == (8, [[4, True], [8, True], [16, False]])
+    assert largest_batch(fits, start=32) == (8, [[32, False], [16, False], [8, True]])
+    assert largest_batch(lambda b: True, start=4, cap=20) == (16, [[4, True], [8, True], [16, True]])
+    assert largest_batch(lambda b: False, start=2) == (None, [[2, False], [1, False]])
+    import torch
+
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    stderr = "torch.OutOfMemoryError: CUDA out of memory."  # a worker process's last words
+    assert is_out_of_memory(RuntimeError(f"bench.gpu_dpo worker failed (1) for {{...}}:\n{stderr}"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # a bug stops the search
+
+
+def test_cpu_smoke_searches_the_batch_under_a_faked_memory_limit(tmp_path, monkeypatch):
+    import argparse
+
+    from bench import batch_search, gpu_dpo
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    gpu_dpo.main(["--cpu-smoke", "--only", "dense_1b", "--smoke-fits", "2", "--out", str(tmp_path),
+                  "--work", str(work)])
+    scenario = json.loads((tmp_path / "gpu_dpo_smoke.json").read_text())["dense_1b"]
+    assert scenario["batch"] == {"trl": 2, "alignkit": 2}  # 2 fitted, 4 "ran out of memory"
+    assert scenario["batch_search"] == {"trl": [[2, True], [4, False]], "alignkit": [[2, True], [4, False]]}
+    assert all(c["batch"] == 2 and c["runs"][0]["tokens"] > 0 for c in scenario["configs"].values())
+    rows = batch_search.worst_rows(2, max_length=64)  # the tries' pairs: every answer longer than max_length
+    assert all(len(r[k][0]["content"].split()) == 64 for r in rows for k in ("chosen", "rejected"))
+    # A later call with the same --work folder reuses the search: no try runs again.
+    monkeypatch.setattr(gpu_dpo, "_run", lambda *a, **k: pytest.fail("a try ran again"))
+    a = argparse.Namespace(batch=None, batch_start=2, max_batch=4, smoke_fits=2, cpu_smoke=True)
+    batches, _ = gpu_dpo.batch_sizes("dense_1b", gpu_dpo.SMOKE["dense_1b"], gpu_dpo.configurations(False), {}, a, work)
+    assert batches == {"trl": 2, "alignkit": 2}

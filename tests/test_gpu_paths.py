@@ -147,6 +147,59 @@ def test_the_loader_passes_the_attention_its_dtype_allows(monkeypatch, load_kwar
     assert kwargs["dtype"] == torch.bfloat16 and kwargs["attn_implementation"] == "flash_attention_2"
 
 
+def _moe_folder(folder: Path) -> str:
+    """A tiny Mixtral's config.json (all the loader reads before from_pretrained): a model flex_attention runs, on
+    which prefix sharing is off (its load-balancing loss)."""
+    from transformers import MixtralConfig
+
+    MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=64, architectures=["MixtralForCausalLM"]).save_pretrained(folder)
+    return str(folder)
+
+
+def test_auto_loads_flex_attention_for_dpo_with_prefix_sharing_only(monkeypatch, load_kwargs, alignkit_log, tmp_path):
+    """dpo.py with prefix sharing on an Ampere GPU with flash-attn installed: flex_attention (sharing on a kernel
+    that skips masked blocks) instead of flash_attention_2 (sharing off), logged with its reason. Every other run
+    keeps flash_attention_2, and an explicit choice is kept."""
+    from alignkit.core.config import KTOSettings, RewardSettings, RLSettings, SFTSettings
+
+    tiny = presets.paths()["model"]
+
+    def attention(settings, training=True):
+        return load_kwargs(settings, for_training=training)["attn_implementation"]
+
+    assert attention(DPOSettings(model_id=tiny)) == "sdpa"  # no CUDA: as before (flex has no backward on a CPU)
+    fake_gpus(monkeypatch, gpu="A100", flash_attn=True)
+    alignkit_log.clear()
+    assert attention(DPOSettings(model_id=tiny)) == "flex_attention"
+    lines = [r.getMessage() for r in alignkit_log.records if r.getMessage().startswith("attention:")]
+    assert len(lines) == 1 and "DPO with prefix sharing" in lines[0] and "bench/gpu_dpo.py" in lines[0]
+    assert attention(DPOSettings(model_id=tiny, prefix_sharing=False)) == "flash_attention_2"
+    assert attention(DPOSettings(model_id=tiny), training=False) == "flash_attention_2"  # generation, evaluation
+    for other in (SFTSettings, KTOSettings, RewardSettings, RLSettings):
+        assert not launch.packs_pairs(other(model_id=tiny), True)  # sft/kto/reward/rl: the plain choice
+    assert attention(SFTSettings(model_id=tiny)) == "flash_attention_2"
+    for explicit in ("flash_attention_2", "sdpa"):  # the override: what bench/gpu_dpo.py compares it with
+        assert attention(DPOSettings(model_id=tiny, attn_implementation=explicit)) == explicit
+    alignkit_log.clear()
+    assert attention(DPOSettings(model_id=_moe_folder(tmp_path / "moe"))) == "flash_attention_2"
+    assert "not flex_attention for prefix sharing: prefix sharing is off on it anyway (a mixture-of-experts" in \
+        alignkit_log.text
+    fake_gpus(monkeypatch, gpu="A100", flash_attn=False)
+    assert attention(DPOSettings(model_id=tiny)) == "flex_attention"
+    assert attention(DPOSettings(model_id=tiny, prefix_sharing=False)) == "sdpa"
+    fake_gpus(monkeypatch, gpu="T4", flash_attn=True)  # flex is tried on compute capability >= 8.0 only
+    assert attention(DPOSettings(model_id=tiny)) == "sdpa"
+
+
+def test_the_model_config_is_read_only_where_auto_weighs_flex(monkeypatch):
+    config = lambda: pytest.fail("the config was read")  # noqa: E731
+    assert launch.resolve_attention("auto", torch.bfloat16, config) == "sdpa"  # no CUDA
+    fake_gpus(monkeypatch, gpu="A100", flash_attn=True)
+    assert launch.resolve_attention("sdpa", torch.bfloat16, config) == "sdpa"
+    assert launch.resolve_attention("flash_attention_2", torch.bfloat16, config) == "flash_attention_2"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 4. Where the model goes, and whether inference is quantized
 

@@ -334,7 +334,47 @@ def test_flex_attention_block_mask_gives_the_unshared_logps(model_type, static_f
     unshared, packed, layout = _unshared_and_packed(model, "flex_attention", model.config)
     masks = layout.attention_mask.values() if isinstance(layout.attention_mask, dict) else [layout.attention_mask]
     assert all(isinstance(m, BlockMask) for m in masks)
+    # Padded to a whole FlexAttention block (the pairs pack into 25 tokens), and the log-probs are the same.
+    assert layout.input_ids.shape[1] == prefix.FLEX_BLOCK and int((layout.segment >= 0).sum(dim=1).max()) == 25
     torch.testing.assert_close(packed, unshared, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_lengths_are_whole_blocks_in_few_buckets():
+    lengths = {n: prefix.flex_length(n) for n in range(1, 4097)}
+    assert all(b % prefix.FLEX_BLOCK == 0 and b >= n for n, b in lengths.items())
+    assert all(b - n < prefix.FLEX_BLOCK for n, b in lengths.items() if n <= 1024)  # whole blocks up to 1024
+    assert all(b - n < n / 4 for n, b in lengths.items() if n > 1024)  # then under 25% padding
+    assert len({b for n, b in lengths.items() if n <= 2048}) == 12 and len(set(lengths.values())) == 16
+    assert [prefix.flex_length(n) for n in (1025, 1281, 2049, 2561)] == [1280, 1536, 2560, 3072]
+
+
+def test_the_flex_path_packs_many_batches_into_few_shapes():
+    """Random batches of TRL's layout (prompts up to 600 tokens, answers up to 500, so packed rows up to ~1600):
+    the flex path's packed lengths are at most the buckets' count (11 up to 1792 tokens), where the exact lengths
+    the sdpa path keeps are nearly all different; and what a pair packs into is the same either way."""
+    g = torch.Generator().manual_seed(0)
+    flex_shapes, exact_shapes = set(), set()
+    for _ in range(40):
+        B = 2
+        prompt = torch.randint(1, 600, (B,), generator=g).repeat(2)
+        answer = torch.randint(1, 500, (2 * B,), generator=g)
+        lengths = prompt + answer
+        T = int(lengths.max())
+        t = torch.arange(T).unsqueeze(0)
+        mask = (t < lengths.unsqueeze(1)).long()
+        completion = ((t >= prompt.unsqueeze(1)) & (t < lengths.unsqueeze(1))).long()
+        shared = torch.randint(3, 64, (1, T), generator=g).expand(2 * B, T)  # the prompt tokens, the same in every row
+        ids = torch.where(completion.bool(), torch.randint(3, 64, (2 * B, T), generator=g), shared) * mask
+        exact = prefix.pack_pairs(ids, mask, completion, attn_implementation="sdpa")
+        flex = prefix.pack_pairs(ids, mask, completion, attn_implementation="flex_attention")
+        flex_shapes.add(tuple(flex.input_ids.shape))
+        exact_shapes.add(tuple(exact.input_ids.shape))
+        L = exact.input_ids.shape[1]
+        assert flex.input_ids.shape[1] == prefix.flex_length(L)
+        assert torch.equal(flex.input_ids[:, :L], exact.input_ids) and (flex.segment[:, L:] == -1).all()
+        assert (flex.shift_labels[:, L:] == prefix.IGNORE).all() and torch.equal(flex.index, exact.index)
+    assert len(flex_shapes) <= len({prefix.flex_length(n) for n in range(1, 1793)}) == 11
+    assert len(exact_shapes) > 30
 
 
 def test_the_reference_cache_keys_on_packed_or_unshared(tiny_cache, tmp_path):
@@ -348,7 +388,8 @@ def test_the_reference_cache_keys_on_packed_or_unshared(tiny_cache, tmp_path):
     assert refcache.cache_key(trainer, trainer.train_dataset) != packed_key
 
 
-def test_auto_prefers_flex_only_where_it_trains_and_sharing_applies():
+def test_auto_prefers_flex_only_where_it_trains_and_sharing_applies(monkeypatch):
+    import transformers.utils
     from transformers import AutoModelForCausalLM
 
     mistral = _tiny_model("mistral")
@@ -360,6 +401,10 @@ def test_auto_prefers_flex_only_where_it_trains_and_sharing_applies():
     assert not moe[0] and "mixture-of-experts" in moe[1]
     no_flex = type("NoFlex", (AutoModelForCausalLM,), {"_supports_flex_attn": False})
     assert not prefix.flex_preferred(mistral.config, "cuda", no_flex)[0]
+    with monkeypatch.context() as m:  # torch < 2.5: transformers has no flex_attention to run
+        m.setattr(transformers.utils, "is_torch_flex_attn_available", lambda: False)
+        old_torch = prefix.flex_preferred(mistral.config, "cuda", type(mistral))
+        assert not old_torch[0] and "torch >= 2.5" in old_torch[1]
     mistral.config.attention_dropout = 0.1
     assert "dropout" in prefix.flex_preferred(mistral.config, "cuda", type(mistral))[1]
 

@@ -38,7 +38,8 @@ class ModelSettings:
         choices=["auto", "bf16", "fp16", "fp32"], synonyms=DTYPE_SYNONYMS,
     )
     attn_implementation: str = setting(
-        "auto", "auto: flash_attention_2 when installed, on a GPU of compute capability >= 8.0, in bf16/fp16; else sdpa",
+        "auto", "auto: flex_attention for dpo.py with prefix sharing on a GPU of compute capability >= 8.0 where the "
+        "model runs under it; else flash_attention_2 when installed, on such a GPU, in bf16/fp16; else sdpa",
         choices=["auto", "flash_attention_2", "sdpa", "eager"],
     )
     use_liger: str = setting(

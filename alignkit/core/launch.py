@@ -242,11 +242,29 @@ def quantization_config(quantization: str, dtype: torch.dtype):
     return None
 
 
-def resolve_attention(requested: str, dtype: torch.dtype | None = None) -> str:
-    """flash_attention_2 only where its kernels run: CUDA, compute capability >= 8.0, bf16/fp16 activations.
+def packs_pairs(s, for_training: bool) -> bool:
+    """Whether a load with settings `s` is for DPO training with prefix sharing on (dpo.py, and rlaif.py's rounds,
+    which run it): the one run whose `auto` attention weighs FlexAttention (`resolve_attention`). sft.py, kto.py,
+    reward.py, rl.py and every inference load (generation, judging, evaluation) keep the plain choice."""
+    return for_training and getattr(s, "run_type", None) == "dpo" and bool(getattr(s, "prefix_sharing", False))
 
-    flash-attn 2 has no fp32 kernel and no pre-Ampere build: a model loaded with it on a T4, or in fp32, imports
-    fine and crashes in its first forward. Everything else gets PyTorch's sdpa.
+
+def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_config=None) -> str:
+    """The attention implementation to load: an explicit request as given (checked where it would crash), else:
+
+    - flex_attention for DPO with prefix sharing (`packed_config`: a callable giving the model's config, passed
+      only where `packs_pairs`) on a CUDA GPU of compute capability >= 8.0, where alignkit.train.prefix's
+      `flex_preferred` says yes (the model runs under flex_attention, no attention dropout, sharing applies):
+      the prompt is computed once on a kernel that skips masked blocks, where flash_attention_2 would turn sharing
+      off and sdpa loses its flash kernel to the mask. No GPU figure backs this over flash_attention_2 without
+      sharing yet: bench/gpu_dpo.py measures both sides, and `--attn_implementation flash_attention_2` (or sdpa)
+      keeps the old choice. Older GPUs keep sdpa: FlexAttention's Triton kernels are untried there.
+    - flash_attention_2 only where its kernels run: CUDA, compute capability >= 8.0, bf16/fp16 activations
+      (flash-attn 2 has no fp32 kernel and no pre-Ampere build: a model loaded with it on a T4, or in fp32,
+      imports fine and crashes in its first forward).
+    - sdpa everywhere else.
+
+    The choice and its reason are one log line.
     """
     half = dtype in (torch.bfloat16, torch.float16)
     if requested == "flash_attention_2" and torch.cuda.is_available():
@@ -269,17 +287,36 @@ def resolve_attention(requested: str, dtype: torch.dtype | None = None) -> str:
     if not torch.cuda.is_available():
         _log_choice("attention", "sdpa", "no CUDA device, so no flash attention")
         return "sdpa"
+    note = ""  # why a DPO run with prefix sharing does not get flex_attention, appended to the plain choice's line
+    if packed_config is not None:
+        flex, why = _flex_for_prefix_sharing(packed_config)
+        if flex:
+            _log_choice("attention", "flex_attention", f"DPO with prefix sharing: {why}; not yet measured against "
+                        "flash_attention_2 without sharing (bench/gpu_dpo.py); --attn_implementation "
+                        "flash_attention_2 or sdpa overrides it")
+            return "flex_attention"
+        note = f"; not flex_attention for prefix sharing: {why}"
     if not _ampere_or_newer():
-        _log_choice("attention", "sdpa", "flash-attn 2 needs compute capability >= 8.0")
+        _log_choice("attention", "sdpa", "flash-attn 2 needs compute capability >= 8.0" + note)
         return "sdpa"
     if not half:
-        _log_choice("attention", "sdpa", "flash-attn 2 needs bf16/fp16; this model computes in fp32")
+        _log_choice("attention", "sdpa", "flash-attn 2 needs bf16/fp16; this model computes in fp32" + note)
         return "sdpa"
     if importlib.util.find_spec("flash_attn") is None:
-        _log_choice("attention", "sdpa", "flash-attn is not installed: pip install flash-attn --no-build-isolation")
+        _log_choice("attention", "sdpa", "flash-attn is not installed: pip install flash-attn --no-build-isolation"
+                    + note)
         return "sdpa"
-    _log_choice("attention", "flash_attention_2", "CUDA >= 8.0, half precision, flash-attn installed")
+    _log_choice("attention", "flash_attention_2", "CUDA >= 8.0, half precision, flash-attn installed" + note)
     return "flash_attention_2"
+
+
+def _flex_for_prefix_sharing(packed_config) -> tuple[bool, str]:
+    """(whether, why) a DPO run with prefix sharing on this CUDA machine loads flex_attention (resolve_attention)."""
+    if not _ampere_or_newer():
+        return False, "FlexAttention is tried on compute capability >= 8.0 only"
+    from alignkit.train.prefix import flex_preferred  # core does not import train at module level
+
+    return flex_preferred(packed_config(), "cuda")
 
 
 def resolve_liger(requested: str) -> bool:

@@ -13,6 +13,7 @@ stay active and frozen, and `reference_mode` switches to them alone for the DPO 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ from alignkit.modeling.chain import _looks_local, _recorded_base, adapter_chain,
 # The launch's decisions (dtype, quantization, attention, Liger, threads, device map) live in alignkit.core.launch;
 # `local_gpu` and `_sharded_launch` stay importable from here for the modules that read them.
 from alignkit.core.launch import (  # noqa: F401 - local_gpu is re-exported
-    ZERO3, apply_num_threads, device_placement, local_gpu, quantization_config, resolve_attention, resolve_dtype,
-    resolve_liger, resolve_quantization, sharded_launch as _sharded_launch,
+    ZERO3, apply_num_threads, device_placement, local_gpu, packs_pairs, quantization_config, resolve_attention,
+    resolve_dtype, resolve_liger, resolve_quantization, sharded_launch as _sharded_launch,
 )
 
 TRAINABLE = "default"  # PEFT's default adapter name; transformers' Trainer resumes this one
@@ -203,7 +204,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     reward: load a reward model (sequence classification, one output; see "Reward models" below) instead of a
         causal LM. Either way, a model of the other kind is an error that says what to pass instead.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_library_noise()
     check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
@@ -219,10 +220,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     quantization = ("4bit" if dequantize else "none" if full_precision
                     else resolve_quantization(s.quantization, for_training))
     quantization = lota.full_precision(s, quantization, deltas)
-    kwargs: dict = dict(
-        revision=None if chain else s.revision, trust_remote_code=s.trust_remote_code, dtype=dtype,
-        attn_implementation=resolve_attention(s.attn_implementation, dtype),
-    )
+    kwargs: dict = dict(revision=None if chain else s.revision, trust_remote_code=s.trust_remote_code, dtype=dtype)
     lota.check_launch(s, _sharded_launch())  # LoTA shards under neither FSDP nor ZeRO-3: refused before loading
     config = quantization_config(quantization, dtype)  # 8-bit under FSDP/ZeRO-3 is refused here
     if config is not None:
@@ -236,6 +234,10 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     # base_id stays the GGUF source, so adapters record where their base really came from.
     weights, revision = model_source(base_id, getattr(s, "gguf_file", None), kwargs["revision"])
     kwargs["revision"] = revision
+    # DPO with prefix sharing: auto may pick flex_attention, from the model's config (read only if it has to be).
+    packed_config = functools.partial(AutoConfig.from_pretrained, weights, revision=revision,
+                                      trust_remote_code=s.trust_remote_code) if packs_pairs(s, for_training) else None
+    kwargs["attn_implementation"] = resolve_attention(s.attn_implementation, dtype, packed_config)
     if reward:
         model = _load_reward_base(weights, kwargs)
     else:

@@ -38,6 +38,24 @@ Three forms of that mask, by attention implementation (`sharing_path` says which
 - "off": flash_attention_2/3 and other kernels take no custom mask; mixture-of-experts models (their
   load-balancing loss); layer types other than full and sliding-window attention. The trainer then runs the
   unshared pass and logs the reason once.
+
+`--attn_implementation auto` loads flex_attention for a dpo.py run with prefix sharing on a CUDA GPU where
+`flex_preferred` says yes (alignkit.core.launch.resolve_attention); no GPU figure backs that over
+flash_attention_2 without sharing yet: bench/gpu_dpo.py measures both, and an explicit flash_attention_2 or sdpa
+is kept.
+
+Compiled shapes (flex): transformers runs FlexAttention through one `torch.compile(flex_attention)`
+(transformers/integrations/flex_attention.py, WrappedFlexAttention: torch's default dynamic=None, or
+dynamic=False for training under torch 2.6), and on a GPU the BlockMask comes from a compiled create_block_mask.
+A new packed shape (B, L) fails a guard and recompiles: from the second shape on with dynamic shapes where torch
+allows them, else (static shapes: torch 2.6's training compile, automatic_dynamic_shapes off) once per shape and
+grad mode, until torch._dynamo.config.recompile_limit (8) leaves flex_attention uncompiled (a dense, slow path).
+So the flex path pads the packed length to `flex_length(L)`: a whole number of FlexAttention's 128-token blocks
+(its kernel's unit), and past 8 blocks one of 4 lengths per doubling (1280, 1536, 1792, 2048, 2560, ...): at
+most 12 lengths up to 2048 tokens (max_length 1024), 16 up to 4096, at under 25% padding (under 128 tokens up to
+1024). Padding positions are segment -1: no real token sees them, nothing is scored there, the log-probs do not
+change; the kernel skips their blocks, the linear layers still compute them. B is the per-device batch (a short
+last batch is one more shape). The sdpa and eager masks keep the exact length (nothing compiled there).
 """
 
 from __future__ import annotations
@@ -55,6 +73,8 @@ IGNORE = -100
 MASK_ATTENTION = ("sdpa", "eager")  # take a dense custom 4D mask
 FLEX_ATTENTION = "flex_attention"  # takes a BlockMask
 SDPA_MASK, FLEX, OFF = "sdpa-mask", "flex", "off"
+FLEX_BLOCK = 128  # FlexAttention's block (torch's _DEFAULT_SPARSE_BLOCK_SIZE): the flex path pads to whole blocks
+FLEX_EXACT_BLOCKS = 8  # up to this many blocks every whole-block length is kept; past it, 4 lengths per doubling
 # Layer types whose mask the packed layout reproduces: whether the layer attends within a sliding window.
 WINDOWED = {"full_attention": False, "sliding_attention": True}
 # How transformers 5's decoders take one mask per layer type (Gemma2/3, Qwen2/3, Cohere2, GPT-OSS, ...).
@@ -145,6 +165,16 @@ def sharing_path(config, attn_implementation: str | None = None, model_class=Non
     return SharingPath(kind, why)
 
 
+def flex_length(length: int) -> int:
+    """The packed length the flex path pads `length` to (module docstring, "Compiled shapes"): whole 128-token
+    blocks, and past 8 blocks the next of 4 lengths per doubling (9 blocks -> 10, 17 -> 20, 33 -> 40)."""
+    blocks = -(-max(length, 1) // FLEX_BLOCK)
+    if blocks > FLEX_EXACT_BLOCKS:
+        step = (1 << ((blocks - 1).bit_length() - 1)) // 4  # a quarter of the power of two below
+        blocks = -(-blocks // step) * step
+    return blocks * FLEX_BLOCK
+
+
 def flex_preferred(config, device_type: str, model_class=None) -> tuple[bool, str]:
     """Whether `--attn_implementation auto` should load `flex_attention` for a DPO run with prefix sharing on
     `device_type`, and why (for the log line).
@@ -158,6 +188,10 @@ def flex_preferred(config, device_type: str, model_class=None) -> tuple[bool, st
     """
     if device_type != "cuda":
         return False, f"FlexAttention has no backward on {device_type}"
+    from transformers.utils import is_torch_flex_attn_available
+
+    if not is_torch_flex_attn_available():
+        return False, f"torch {torch.__version__} has no FlexAttention transformers runs (it needs torch >= 2.5)"
     model_class = model_class or _model_class(config)
     if model_class is None or not getattr(model_class, "_supports_flex_attn", False):
         return False, f"{getattr(model_class, '__name__', config.model_type)} does not run under flex_attention"
@@ -256,6 +290,8 @@ def pack_pairs(input_ids, attention_mask, completion_mask, attn_implementation="
     t = torch.arange(T, device=device).unsqueeze(0)
     s = shared_lengths(input_ids, attention_mask, completion_mask)  # (B,)
     L = int((len_c + len_r - s).max())
+    if attn_implementation == FLEX_ATTENTION:
+        L = flex_length(L)  # few distinct shapes to compile (module docstring); the padding is masked, not scored
 
     # Packed position of every unshared token: chosen rows keep theirs; a rejected row's tokens past the shared
     # prefix go after its pair's chosen segment.
