@@ -26,6 +26,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   gguf (GGUF files converted once),
   generation (local answering engines: transformers, vLLM),
   merge (adapters into their base),
+  lota_delta (a LoTA sparse delta: its files, and how the loader adds it),
   presets (the offline `tiny` demo and its rule),
   smol (SmolLM2-135M).
 - train (training and its algorithms):
@@ -36,7 +37,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   kto (kto.py's trainer: TRL's KTOTrainer with alignkit's adapters and reference),
   prefix (DPO prefix sharing: a pair's prompt computed once),
   refcache (reference log-prob cache),
-  lota (Lottery Ticket Adaptation),
+  lota and lota_mask (Lottery Ticket Adaptation: training, and its calibration and mask),
   reward (reward.py's losses and trainer),
   rl (rl.py's rewards and GRPO/RLOO),
   rlaif (rlaif.py's rounds).

@@ -22,6 +22,7 @@ import torch
 
 from alignkit import logger, quiet_library_noise
 from alignkit.core.errors import UserError
+from alignkit.modeling import lota_delta
 # Where a model comes from (alignkit.modeling.chain): importable from here too, as before.
 from alignkit.modeling.chain import _looks_local, _recorded_base, adapter_chain, adapter_config  # noqa: F401
 
@@ -44,7 +45,7 @@ class Loaded:
     frozen: list[str] = field(default_factory=list)  # their adapter names inside the PeftModel
     dtype: torch.dtype = torch.float32
     quantization: str = "none"
-    deltas: list[str] = field(default_factory=list)  # LoTA delta folders added into the weights (alignkit.train.lota)
+    deltas: list[str] = field(default_factory=list)  # LoTA delta folders added into weights (alignkit.modeling.lota_delta)
 
 
 def fit_embeddings(model, tok) -> None:
@@ -208,9 +209,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     quiet_library_noise()
     check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
     base_id, chain = adapter_chain(s.model_id, s.revision)
-    from alignkit.train import lota  # LoTA: sparse deltas in the chain go into the weights (alignkit.train.lota)
-
-    base_id, chain, deltas = lota.resolve_chain(base_id, chain, adapter_chain, s.revision)
+    # LoTA: sparse deltas in the chain go into the weights (alignkit.modeling.lota_delta)
+    base_id, chain, deltas = lota_delta.resolve_chain(base_id, chain, adapter_chain, s.revision)
     base_id = base_model or base_id
     check_model_kind(s.model_id, s.revision, reward, for_training)
     if chain:
@@ -218,12 +218,12 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     dtype = resolve_dtype(s.dtype)
     quantization = ("4bit" if dequantize else "none" if full_precision
                     else resolve_quantization(s.quantization, for_training))
-    quantization = lota.full_precision(s, quantization, deltas)
+    quantization = lota_delta.full_precision(s, quantization, deltas)
     kwargs: dict = dict(
         revision=None if chain else s.revision, trust_remote_code=s.trust_remote_code, dtype=dtype,
         attn_implementation=resolve_attention(s.attn_implementation, dtype),
     )
-    lota.check_launch(s, _sharded_launch())  # LoTA shards under neither FSDP nor ZeRO-3: refused before loading
+    lota_delta.check_launch(s, _sharded_launch())  # LoTA shards under neither FSDP nor ZeRO-3: refused before loading
     config = quantization_config(quantization, dtype)  # 8-bit under FSDP/ZeRO-3 is refused here
     if config is not None:
         kwargs["quantization_config"] = config
@@ -266,7 +266,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         model.generation_config.pad_token_id = tok.pad_token_id
         if tok.eos_token_id is not None:
             model.generation_config.eos_token_id = tok.eos_token_id
-    lota.apply_deltas(model, deltas)
+    lota_delta.apply_deltas(model, deltas)
 
     frozen: list[str] = []
     if chain:
