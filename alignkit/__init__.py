@@ -49,7 +49,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
 - evals (evaluation):
   evaluation (evaluate.py's commands, vibes and the pairwise flow),
   mtbench, fastchat_compat and results (the pairwise flow's answers, FastChat judging and statistics),
-  alpacaeval (evaluate.py alpaca_eval),
+  alpacaeval (evaluate.py alpaca_eval), with alpacaeval_outputs, alpacaeval_annotate and alpacaeval_report,
   harness (evaluate.py lm_eval: EleutherAI's lm-evaluation-harness).
 
 This module itself holds the `alignkit` logger and the library-noise helpers every module imports.

@@ -26,11 +26,11 @@ def hide(monkeypatch, *names):
 
 
 def test_alpaca_eval_missing(monkeypatch):
-    from alignkit.evals import alpacaeval
+    from alignkit.evals import alpacaeval_annotate
 
     hide(monkeypatch, "alpaca_eval")
     with pytest.raises(MissingExtra, match=r"evaluate\.py alpaca_eval needs the alpaca_eval package") as e:
-        alpacaeval.load_package()
+        alpacaeval_annotate.load_package()
     assert EVAL_LINE in str(e.value) and "\n" not in str(e.value)
 
 
