@@ -43,7 +43,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   rlaif (rlaif.py's rounds).
 - feedback (AI feedback):
   judge (label.py's judges),
-  labeling (label.py's pipeline),
+  labeling, label_pairs and label_records (label.py's pipeline; its pairs and judging; its cache and output),
   pointwise (label.py --mode pointwise: one grade per answer, KTO data),
   rewards (reward models as one callable; judge's RMJudge scores with it).
 - evals (evaluation):

@@ -205,7 +205,7 @@ class JudgeReward:
     # One request: a key and the messages to send.
     def _requests(self, prompt: list[dict], answer: str) -> list[tuple[str, object]]:
         from alignkit.feedback.judge import Request, question_text
-        from alignkit.feedback.labeling import digest
+        from alignkit.feedback.label_records import digest
 
         question = question_text(prompt)
         if self.s.judge_mode == "pointwise":
