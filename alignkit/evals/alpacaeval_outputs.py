@@ -24,7 +24,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def hub_file(filename: str, how: str) -> Path:
-    """A file of the Hub dataset tatsu-lab/alpaca_eval: from the Hub cache, or downloaded once into it."""
+    """A file of the Hub dataset tatsu-lab/alpaca_eval (the eval set; df_gamed.csv for alignkit.evals.alpacaeval_report):
+    from the Hub cache, or downloaded once into it."""
     from huggingface_hub import hf_hub_download
 
     try:
