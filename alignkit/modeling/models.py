@@ -22,6 +22,7 @@ import torch
 
 from alignkit import logger, quiet_library_noise
 from alignkit.core.errors import UserError
+from alignkit.core.groups import chat_template_text
 from alignkit.modeling import lota_delta
 # Where a model comes from (alignkit.modeling.chain): importable from here too, as before.
 from alignkit.modeling.chain import _looks_local, _recorded_base, adapter_chain, adapter_config  # noqa: F401
@@ -123,17 +124,6 @@ def check_model_source(source: str, cache: bool = True) -> None:
     require_reachable(source)
 
 
-def chat_template_text(value: str) -> str:
-    """--chat_template's Jinja text: a file's contents, or the value itself when it is a template (a recipe's
-    inline one, as the alignment-handbook writes them)."""
-    if "{{" in value or "{%" in value:
-        return value
-    if not Path(value).is_file():
-        raise UserError(f"--chat_template {value}: file not found; pass a Jinja chat template file or the template "
-                        "itself")
-    return Path(value).read_text(encoding="utf-8")
-
-
 def _check_model_folder(folder: Path) -> None:
     """A local folder must hold a model (config.json), an adapter or LoTA delta, or GGUF files, and its safetensors
     files must be whole: checked in one line here, before a library fails on it with a traceback. Reading a
@@ -162,7 +152,7 @@ def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_tem
     source, revision = model_source(source, None, revision)  # a .gguf file: its converted folder
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if chat_template:
-        tok.chat_template = chat_template_text(chat_template)
+        tok.chat_template = chat_template_text(chat_template)  # alignkit.core.groups: a file or inline Jinja
     set_pad_token(tok)
     return tok
 
