@@ -52,7 +52,9 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   alpacaeval (evaluate.py alpaca_eval), with alpacaeval_outputs, alpacaeval_annotate and alpacaeval_report,
   harness (evaluate.py lm_eval: EleutherAI's lm-evaluation-harness).
 
-This module itself holds the `alignkit` logger and the library-noise helpers every module imports.
+This module itself holds the `alignkit` logger every module imports, and the filter that drops bitsandbytes'
+import-time kernel warning (installed before anything imports bitsandbytes); the rest of the library noise is
+alignkit.core.progress.quiet_library_noise. It imports no alignkit module, so no module's import cycles back here.
 """
 import logging
 
@@ -88,18 +90,3 @@ class _BitsandbytesCpuKernelNote(logging.Filter):
 
 # Installed before anything imports bitsandbytes: its warning is logged at import time.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_BitsandbytesCpuKernelNote())
-
-
-def quiet_library_noise() -> None:
-    """Keep the log to what the user can act on.
-
-    transformers v5 warns on every step that TRL calls its renamed gradient-checkpointing helpers, and progress
-    bars redraw by the line when there is no terminal: thousands of lines in a CI log (alignkit.core.progress
-    decides where bars are drawn).
-    """
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
-    from alignkit.core.progress import apply_to_libraries
-
-    apply_to_libraries()  # datasets'/transformers' bars: on in a terminal or a notebook, off in CI logs

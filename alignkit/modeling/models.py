@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from alignkit import logger, quiet_library_noise
+from alignkit import logger
 from alignkit.core.errors import UserError
 from alignkit.core.groups import chat_template_text
+from alignkit.core.progress import quiet_library_noise
 from alignkit.modeling import lota_delta
 # Where a model comes from (alignkit.modeling.chain): importable from here too, as before.
 from alignkit.modeling.chain import _looks_local, _recorded_base, adapter_chain, adapter_config  # noqa: F401
