@@ -104,7 +104,7 @@ responses = collect_responses(run, prompts)
 # stays cached, counted as a parse failure; `--retry_parse_failures` asks again under the same settings.
 
 # %%
-from alignkit.feedback.labeling import judge_pairs, make_pairs
+from alignkit.feedback.label_pairs import judge_pairs, make_pairs
 
 pairs = make_pairs(run, prompts, responses)  # none in --mode completions
 judge_pairs(run, pairs)
@@ -116,7 +116,7 @@ judge_pairs(run, pairs)
 # how often slot A wins (position bias: 50% is none), ties, parse failures, errors and tokens.
 
 # %%
-from alignkit.feedback.labeling import format_summary, write_output
+from alignkit.feedback.label_records import format_summary, write_output
 
 if settings.mode == "pointwise":  # rows of prompt, completion, label (grade >= --grade_threshold), grade
     summary = pointwise.grade(run, grader, prompts, responses)

@@ -60,10 +60,10 @@ output_dir = Path(settings.output_dir or Path(settings.adapter_dir) / "merged")
 
 # %%
 from alignkit.modeling.merge import merge_adapters
-from alignkit.train import lota
+from alignkit.modeling import lota_delta
 
 if settings.add_delta:
-    report = lota.add_deltas(settings.adapter_dir, settings.add_delta, output_dir)
+    report = lota_delta.add_deltas(settings.adapter_dir, settings.add_delta, output_dir)
     print(f"summed delta: {output_dir} ({report['entries']:,} entries, {report['overlap']:,} touched by both)")
 elif settings.push != "adapter" or not settings.push_to_hub:
     merged_dir = merge_adapters(

@@ -71,7 +71,7 @@ run_folder, resume_from = prepare_run(settings, "sft")
 
 # %%
 from alignkit.modeling.models import add_trainable_adapter, load_model, require_chat_template
-from alignkit.train import lota
+from alignkit.train import lota, lota_mask
 
 loaded = load_model(settings, for_training=True)
 if "text" not in train_data.column_names:
@@ -110,7 +110,7 @@ def make_trainer(args):
 # The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
 with start_run(settings, run_folder, resume_from):
     if settings.adapter == "lota":  # calibrate and mask, unless --lota_mask (or this run's resumed mask) gives it
-        lota.calibrate(model, settings, run_folder, make_trainer, args)
+        lota_mask.calibrate(model, settings, run_folder, make_trainer, args)
     trainer = make_trainer(args)
     trainer.train(resume_from_checkpoint=resume_from)
 

@@ -26,6 +26,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   gguf (GGUF files converted once),
   generation (local answering engines: transformers, vLLM),
   merge (adapters into their base),
+  lota_delta (a LoTA sparse delta: its files, and how the loader adds it),
   presets (the offline `tiny` demo and its rule),
   smol (SmolLM2-135M).
 - train (training and its algorithms):
@@ -36,22 +37,24 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   kto (kto.py's trainer: TRL's KTOTrainer with alignkit's adapters and reference),
   prefix (DPO prefix sharing: a pair's prompt computed once),
   refcache (reference log-prob cache),
-  lota (Lottery Ticket Adaptation),
+  lota and lota_mask (Lottery Ticket Adaptation: training, and its calibration and mask),
   reward (reward.py's losses and trainer),
   rl (rl.py's rewards and GRPO/RLOO),
   rlaif (rlaif.py's rounds).
 - feedback (AI feedback):
   judge (label.py's judges),
-  labeling (label.py's pipeline),
+  labeling, label_pairs and label_records (label.py's pipeline; its pairs and judging; its cache and output),
   pointwise (label.py --mode pointwise: one grade per answer, KTO data),
   rewards (reward models as one callable; judge's RMJudge scores with it).
 - evals (evaluation):
   evaluation (evaluate.py's commands, vibes and the pairwise flow),
   mtbench, fastchat_compat and results (the pairwise flow's answers, FastChat judging and statistics),
-  alpacaeval (evaluate.py alpaca_eval),
+  alpacaeval (evaluate.py alpaca_eval), with alpacaeval_outputs, alpacaeval_annotate and alpacaeval_report,
   harness (evaluate.py lm_eval: EleutherAI's lm-evaluation-harness).
 
-This module itself holds the `alignkit` logger and the library-noise helpers every module imports.
+This module itself holds the `alignkit` logger every module imports, and the filter that drops bitsandbytes'
+import-time kernel warning (installed before anything imports bitsandbytes); the rest of the library noise is
+alignkit.core.progress.quiet_library_noise. It imports no alignkit module, so no module's import cycles back here.
 """
 import logging
 
@@ -87,18 +90,3 @@ class _BitsandbytesCpuKernelNote(logging.Filter):
 
 # Installed before anything imports bitsandbytes: its warning is logged at import time.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_BitsandbytesCpuKernelNote())
-
-
-def quiet_library_noise() -> None:
-    """Keep the log to what the user can act on.
-
-    transformers v5 warns on every step that TRL calls its renamed gradient-checkpointing helpers, and progress
-    bars redraw by the line when there is no terminal: thousands of lines in a CI log (alignkit.core.progress
-    decides where bars are drawn).
-    """
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
-    from alignkit.core.progress import apply_to_libraries
-
-    apply_to_libraries()  # datasets'/transformers' bars: on in a terminal or a notebook, off in CI logs

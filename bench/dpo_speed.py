@@ -270,7 +270,7 @@ def _watch_reference(stats: dict) -> None:
 def worker(spec: dict) -> dict:
     import torch
 
-    from alignkit.train.training import quiet_library_noise
+    from alignkit.core.progress import quiet_library_noise
 
     common.offline_env()
     quiet_library_noise()

@@ -41,7 +41,7 @@ def worker(spec: dict) -> dict:
 
     from alignkit.core.config import ModelSettings
     from alignkit.modeling.generation import load_generator
-    from alignkit.train.training import quiet_library_noise
+    from alignkit.core.progress import quiet_library_noise
 
     common.offline_env()
     quiet_library_noise()

@@ -220,7 +220,7 @@ def worker(spec: dict) -> dict:
     """Train `spec["steps"] + 1` steps of one configuration in this process; its figures."""
     import torch
 
-    from alignkit.train.training import quiet_library_noise
+    from alignkit.core.progress import quiet_library_noise
     from bench.dpo_speed import _build, _counts, _measured  # noqa: F401 - _measured wraps the trainer inside _build
 
     common.offline_env()

@@ -44,10 +44,10 @@ def serve(latency: float) -> None:
 
 
 def _label_script(folder: Path, base_url: str, parallel: int, name: str) -> dict:
-    import alignkit.feedback.labeling as labeling
+    import alignkit.feedback.label_pairs as label_pairs
 
     phase = {}
-    original = labeling.judge_pairs
+    original = label_pairs.judge_pairs
 
     def timed(run, pairs):  # label.py looks judge_pairs up when its cell runs, so this wraps the real one
         started = time.perf_counter()
@@ -56,7 +56,7 @@ def _label_script(folder: Path, base_url: str, parallel: int, name: str) -> dict
         finally:
             phase["seconds"] = time.perf_counter() - started
 
-    labeling.judge_pairs = timed
+    label_pairs.judge_pairs = timed
     out = folder / name / "prefs.jsonl"  # a fresh output and cache per run: nothing is judged from the cache
     argv, cwd = sys.argv, os.getcwd()
     sys.argv = ["label.py", "--responses_a", str(folder / "a.jsonl"), "--responses_b", str(folder / "b.jsonl"),
@@ -69,7 +69,7 @@ def _label_script(folder: Path, base_url: str, parallel: int, name: str) -> dict
     finally:
         sys.argv = argv
         os.chdir(cwd)
-        labeling.judge_pairs = original
+        label_pairs.judge_pairs = original
     seconds = time.perf_counter() - started
     summary = json.loads(out.with_suffix(".summary.json").read_text())
     return {"labeled": summary["labeled"], "seconds": seconds, "judge_seconds": phase["seconds"]}

@@ -32,7 +32,7 @@ def worker(spec: dict) -> dict:
     from alignkit.modeling import presets
     from alignkit.modeling.models import TRAINABLE
     from alignkit.train.trainers import AlignDPOTrainer
-    from alignkit.train.training import quiet_library_noise
+    from alignkit.core.progress import quiet_library_noise
 
     common.offline_env()
     quiet_library_noise()

@@ -284,6 +284,6 @@ def test_bad_input_and_missing_things_fail_with_one_clear_line(tiny_set, tmp_pat
         run_script(*base, "--eval_set", str(eval_set), "--judge_model", "rule")
     with pytest.raises(ConfigError, match="df_gamed.csv .*--lc_data FILE"):
         from alignkit.core.config import AlpacaEvalSettings
-        from alignkit.evals.alpacaeval import glm_setup
+        from alignkit.evals.alpacaeval_report import glm_setup
 
         glm_setup(AlpacaEvalSettings(lc_glm="length_controlled_v1"), [{}], tmp_path)

@@ -26,11 +26,11 @@ def hide(monkeypatch, *names):
 
 
 def test_alpaca_eval_missing(monkeypatch):
-    from alignkit.evals import alpacaeval
+    from alignkit.evals import alpacaeval_annotate
 
     hide(monkeypatch, "alpaca_eval")
     with pytest.raises(MissingExtra, match=r"evaluate\.py alpaca_eval needs the alpaca_eval package") as e:
-        alpacaeval.load_package()
+        alpacaeval_annotate.load_package()
     assert EVAL_LINE in str(e.value) and "\n" not in str(e.value)
 
 
@@ -75,7 +75,8 @@ def test_core_modules_import_without_the_extras():
     # sft/dpo/merge/label/reward/rl's modules import in a fresh process where no extra is installed.
     code = ("import sys; sys.modules.update(dict.fromkeys(['fastchat', 'alpaca_eval', 'wandb', 'tensorboard', "
             "'tensorboardX'])); import alignkit.train.training, alignkit.train.trainers, alignkit.modeling.merge, "
-            "alignkit.feedback.labeling, alignkit.train.reward, alignkit.train.rl, alignkit.core.card, "
+            "alignkit.feedback.labeling, alignkit.feedback.label_pairs, alignkit.feedback.label_records, "
+            "alignkit.train.reward, alignkit.train.rl, alignkit.core.card, "
             "alignkit.train.report, alignkit.evals.evaluation, trl; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=300)

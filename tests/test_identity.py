@@ -44,7 +44,7 @@ def retrain(file: Path, content: bytes) -> None:
 def keys(s, backend="transformers") -> dict:
     """The keys the caches derive from a model's loader settings: MT-Bench answers, the HF judge's verdicts,
     label.py's responses (its generator identity holds model_identity), AlpacaEval outputs."""
-    from alignkit.evals import alpacaeval, mtbench
+    from alignkit.evals import alpacaeval_outputs, mtbench
     from alignkit.feedback.judge import DEFAULT, HFJudge
 
     from types import SimpleNamespace
@@ -52,7 +52,7 @@ def keys(s, backend="transformers") -> dict:
     sampling = SimpleNamespace(temperature=0.0, top_p=1.0, num_beams=1, max_new_tokens=8, seed=0)
     return {"mt_bench": mtbench.answers_key(s, sampling, backend),
             "hf_judge": json.dumps(HFJudge(s, DEFAULT).identity(), sort_keys=True, default=str),
-            "alpaca_eval": alpacaeval.outputs_key(s, s.model_id, backend),
+            "alpaca_eval": alpacaeval_outputs.outputs_key(s, s.model_id, backend),
             "identity": identity.identity_key(s, backend)}
 
 
@@ -211,8 +211,8 @@ def test_readme_alpaca_eval_command_runs_as_written_and_a_retrained_model_is_nev
     with pytest.raises(ConfigError, match="another model as loaded"):
         run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", cwd=root)
     # Nor under another loader setting.
-    from alignkit.evals import alpacaeval
+    from alignkit.evals import alpacaeval_outputs
 
     s = loader_settings(GenerationSettings(), str(root / "runs" / "tiny-sft"))
-    assert alpacaeval.outputs_key(s, s.model_id, "transformers") != \
-        alpacaeval.outputs_key(dataclasses.replace(s, dtype="fp16"), s.model_id, "transformers")
+    assert alpacaeval_outputs.outputs_key(s, s.model_id, "transformers") != \
+        alpacaeval_outputs.outputs_key(dataclasses.replace(s, dtype="fp16"), s.model_id, "transformers")

@@ -1,5 +1,5 @@
-"""label.py, alignkit.feedback.judge and alignkit.feedback.labeling: judges, both orders, the cache, faults, crash
-and resume, tiny e2e.
+"""label.py, alignkit.feedback.judge and alignkit.feedback.labeling (with label_pairs, label_records): judges, both
+orders, the cache, faults, crash and resume, tiny e2e.
 
 The judge is a real HTTP server on 127.0.0.1 (tests/openai_server.py) reached through the real `openai`
 client; it answers from the judge prompt it receives, so the tests can tell which slot held which response.
@@ -27,7 +27,7 @@ from alignkit.core.args import ConfigError
 from alignkit.core.data import DataError, load_preferences, load_sft
 from alignkit.core.errors import UserError
 from alignkit.feedback.judge import combine, load_template, parse_verdict, winner
-from alignkit.feedback.labeling import AppendLog
+from alignkit.feedback.label_records import AppendLog
 
 DATA = Path(__file__).parent / "data" / "label"
 SLOT = re.compile(r"\[Response (A|B)\]\n(.*?)\n\[End of Response \1\]", re.S)
@@ -351,7 +351,8 @@ def test_local_generator_and_judge_identities_cover_the_loader_and_sampling():
 
     from alignkit.core.config import LabelSettings, ModelSettings
     from alignkit.feedback.judge import HFJudge
-    from alignkit.feedback.labeling import Source, _generator_identity
+    from alignkit.feedback.label_records import Source
+    from alignkit.feedback.labeling import _generator_identity
 
     source = Source("some/model", "some/model", "local", 0)
 

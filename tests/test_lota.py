@@ -1,4 +1,5 @@
-"""LoTA (alignkit.train.lota): the mask, the sparse delta on disk, loading and merging it, DPO with it, bad input."""
+"""LoTA (alignkit.train.lota, lota_mask; alignkit.modeling.lota_delta): the mask, the sparse delta on disk,
+loading and merging it, DPO with it, bad input."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignkit.core.config import DPOSettings, ModelSettings, SFTSettings
+from alignkit.modeling import lota_delta
 from alignkit.modeling.models import load_model
-from alignkit.train import lota
+from alignkit.train import lota_mask
 
 from conftest import run_script
 
@@ -30,7 +32,7 @@ def logits(model) -> torch.Tensor:
 def test_matrix_scope_keeps_the_largest_share_of_each_matrix():
     a = torch.tensor([[0.1, -5.0, 0.2, 0.0, 3.0], [0.3, 0.0, -0.4, 0.5, 0.05]])  # 10 entries: keep floor(0.3*10)=3
     b = torch.tensor([1.0, -2.0, 0.5, 0.25])  # 4 entries: keep floor(0.3*4)=1
-    mask = lota.compute_mask({"a": a, "b": b}, sparsity=0.7, scope="matrix")
+    mask = lota_mask.compute_mask({"a": a, "b": b}, sparsity=0.7, scope="matrix")
     assert mask["a"].tolist() == [1, 4, 8]  # |-5|, |3|, |0.5|
     assert mask["b"].tolist() == [1]
 
@@ -38,13 +40,13 @@ def test_matrix_scope_keeps_the_largest_share_of_each_matrix():
 def test_global_scope_uses_one_threshold_over_all_matrices():
     a = torch.tensor([10.0, 9.0, 8.0, 7.0])
     b = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    mask = lota.compute_mask({"a": a, "b": b}, sparsity=0.5, scope="global")  # keep 4 of 8: all of a
+    mask = lota_mask.compute_mask({"a": a, "b": b}, sparsity=0.5, scope="global")  # keep 4 of 8: all of a
     assert mask["a"].tolist() == [0, 1, 2, 3] and mask["b"].tolist() == []
 
 
 def test_exclude_mask_entries_are_never_chosen():
     a = torch.tensor([10.0, 9.0, 8.0, 7.0, 1.0, 0.5])
-    mask = lota.compute_mask({"a": a}, sparsity=0.5, exclude={"a": torch.tensor([0, 2])})
+    mask = lota_mask.compute_mask({"a": a}, sparsity=0.5, exclude={"a": torch.tensor([0, 2])})
     assert mask["a"].tolist() == [1, 3, 4]  # the largest three outside the excluded 0 and 2
 
 
@@ -53,7 +55,7 @@ def test_masked_training_never_moves_entries_outside_the_mask_even_with_weight_d
     layer = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
     start = layer[0].weight.detach().clone()
     mask = {"0": torch.tensor([3, 17, 40])}
-    lota.attach(layer, {"0": layer[0]}, mask)
+    lota_delta.attach(layer, {"0": layer[0]}, mask)
     params = [p for p in layer.parameters() if p.requires_grad]
     assert sum(p.numel() for p in params) == 3  # AdamW holds state for the 3 masked entries, nothing dense
     opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5)
@@ -63,7 +65,7 @@ def test_masked_training_never_moves_entries_outside_the_mask_even_with_weight_d
         opt.zero_grad()
     changed = (layer[0].weight.detach() != start).reshape(-1).nonzero().reshape(-1)
     assert changed.tolist() == [3, 17, 40]
-    with lota.reference_mode(layer):  # the reference is exactly the starting weights
+    with lota_delta.reference_mode(layer):  # the reference is exactly the starting weights
         assert torch.equal(layer[0].weight, start)
 
 
@@ -82,7 +84,7 @@ def lota_sft(tiny_cache, tmp_path_factory):
 
 
 def _base_and_loaded(folder):
-    config = json.loads((folder / lota.CONFIG_FILE).read_text())
+    config = json.loads((folder / lota_delta.CONFIG_FILE).read_text())
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
     loaded = load_model(ModelSettings(model_id=str(folder), quantization="none"))
     return base, loaded
@@ -90,11 +92,11 @@ def _base_and_loaded(folder):
 
 def test_saved_delta_changes_at_most_the_allowed_share_and_exactly_the_masked_entries(lota_sft):
     folder = lota_sft["run_folder"]
-    delta, shapes = lota.read_delta(folder)
-    mask = lota.load_mask(folder / lota.MASK_FILE, shapes)
+    delta, shapes = lota_delta.read_delta(folder)
+    mask = lota_delta.load_mask(folder / lota_delta.MASK_FILE, shapes)
     base, loaded = _base_and_loaded(folder)
     assert loaded.deltas == [str(folder)]
-    targeted = lota.target_modules(base)
+    targeted = lota_delta.target_modules(base)
     assert set(shapes) == set(targeted) and len(shapes) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
     base_weights = dict(base.named_parameters())
     new_weights = dict(loaded.model.named_parameters())
@@ -108,7 +110,7 @@ def test_saved_delta_changes_at_most_the_allowed_share_and_exactly_the_masked_en
         assert torch.equal(changed, indices), name  # exactly the masked entries, nothing else
         assert torch.allclose(after[indices] - before[indices], values, atol=1e-6)
     # The delta is a small fraction of the model on disk.
-    assert (folder / lota.DELTA_FILE).stat().st_size < 0.25 * sum(p.numel() * 4 for p in base.parameters())
+    assert (folder / lota_delta.DELTA_FILE).stat().st_size < 0.25 * sum(p.numel() * 4 for p in base.parameters())
 
 
 def test_merged_logits_equal_base_plus_delta(lota_sft, tmp_path):
@@ -117,7 +119,7 @@ def test_merged_logits_equal_base_plus_delta(lota_sft, tmp_path):
     run_script("merge.py", "--adapter_dir", str(folder), "--output_dir", str(out))
     merged = AutoModelForCausalLM.from_pretrained(out)
     base, _ = _base_and_loaded(folder)
-    delta, _ = lota.read_delta(folder)
+    delta, _ = lota_delta.read_delta(folder)
     with torch.no_grad():  # base + delta by hand
         for name, (indices, values) in delta.items():
             base.get_submodule(name).weight.view(-1)[indices] += values
@@ -130,9 +132,9 @@ def test_merged_logits_equal_base_plus_delta(lota_sft, tmp_path):
 def test_checkpoints_hold_the_sparse_values_not_the_model(lota_sft, tmp_path):
     folder = lota_sft["run_folder"]
     checkpoint = sorted(folder.glob("checkpoint-*"))[-1]
-    assert (checkpoint / lota.DELTA_FILE).is_file() and not (checkpoint / "model.safetensors").is_file()
-    delta, _ = lota.read_delta(checkpoint)
-    final, _ = lota.read_delta(folder)
+    assert (checkpoint / lota_delta.DELTA_FILE).is_file() and not (checkpoint / "model.safetensors").is_file()
+    delta, _ = lota_delta.read_delta(checkpoint)
+    final, _ = lota_delta.read_delta(folder)
     assert all(torch.equal(delta[n][1], final[n][1]) for n in final)  # the last checkpoint holds the final values
 
 
@@ -171,11 +173,11 @@ def test_lota_dpo_reference_is_the_starting_model_without_a_second_copy(dpo_pair
 
 def test_exclude_mask_gives_disjoint_task_masks(lota_sft, dpo_pair):
     _, sparse = dpo_pair
-    delta, shapes = lota.read_delta(sparse["run_folder"])
-    first = lota.load_mask(lota_sft["run_folder"], shapes)
-    second = lota.load_mask(sparse["run_folder"], shapes)
+    delta, shapes = lota_delta.read_delta(sparse["run_folder"])
+    first = lota_delta.load_mask(lota_sft["run_folder"], shapes)
+    second = lota_delta.load_mask(sparse["run_folder"], shapes)
     assert sum(m.numel() for m in second.values()) > 0
-    assert lota.overlap(first, second) == 0
+    assert lota_delta.overlap(first, second) == 0
 
 
 def test_two_deltas_add_up_and_the_overlap_is_reported(lota_sft, dpo_pair, tmp_path):
@@ -183,13 +185,13 @@ def test_two_deltas_add_up_and_the_overlap_is_reported(lota_sft, dpo_pair, tmp_p
     out = tmp_path / "sum"
     run_script("merge.py", "--adapter_dir", str(sparse["run_folder"]), "--add_delta", str(lota_sft["run_folder"]),
                "--output_dir", str(out))
-    report = json.loads((out / lota.CONFIG_FILE).read_text())
+    report = json.loads((out / lota_delta.CONFIG_FILE).read_text())
     assert report["overlap"] == 0 and report["entries"] == report["entries_a"] + report["entries_b"]
     # Adding a delta to itself: every entry overlaps and the values double.
-    twice = lota.add_deltas(lota_sft["run_folder"], lota_sft["run_folder"], tmp_path / "twice")
+    twice = lota_delta.add_deltas(lota_sft["run_folder"], lota_sft["run_folder"], tmp_path / "twice")
     assert twice["overlap"] == twice["entries"] == twice["entries_a"]
-    once, _ = lota.read_delta(lota_sft["run_folder"])
-    doubled, _ = lota.read_delta(tmp_path / "twice")
+    once, _ = lota_delta.read_delta(lota_sft["run_folder"])
+    doubled, _ = lota_delta.read_delta(tmp_path / "twice")
     assert all(torch.allclose(doubled[n][1], 2 * once[n][1]) for n in once)
 
 
@@ -257,15 +259,15 @@ def test_lota_under_fsdp_or_zero3_is_refused_before_the_model_loads(tiny_cache, 
 
 def test_a_mask_from_another_model_is_refused(lota_sft, tmp_path):
     folder = lota_sft["run_folder"]
-    _, shapes = lota.read_delta(folder)
-    mask = lota.load_mask(folder, shapes)
+    _, shapes = lota_delta.read_delta(folder)
+    mask = lota_delta.load_mask(folder, shapes)
     name = next(iter(shapes))
     wrong_shape = {**shapes, name: (shapes[name][0] + 1, shapes[name][1])}
-    lota.save_mask(mask, wrong_shape, tmp_path / "shape.safetensors")
+    lota_delta.save_mask(mask, wrong_shape, tmp_path / "shape.safetensors")
     with pytest.raises(ValueError, match=f"made for another model: {name} has shape"):
-        lota.load_mask(tmp_path / "shape.safetensors", shapes)
+        lota_delta.load_mask(tmp_path / "shape.safetensors", shapes)
     renamed = {k.replace("model.layers", "transformer.h"): v for k, v in shapes.items()}
-    lota.save_mask({k.replace("model.layers", "transformer.h"): v for k, v in mask.items()}, renamed, tmp_path / "names.safetensors")
+    lota_delta.save_mask({k.replace("model.layers", "transformer.h"): v for k, v in mask.items()}, renamed, tmp_path / "names.safetensors")
     with pytest.raises(ValueError, match="made for another model or other --lota_target_modules"):
         run_script("sft.py", "--preset", "tiny", "--adapter", "lota", "--lota_mask", str(tmp_path / "names.safetensors"),
                    "--max_steps", "1", "--output_dir", str(tmp_path), "--run_name", "bad")
@@ -278,15 +280,15 @@ def _no_calibration(monkeypatch):
     def calibrated(*a, **k):
         raise AssertionError("calibration ran although the mask was given")
 
-    monkeypatch.setattr(lota, "compute_mask", calibrated)
+    monkeypatch.setattr(lota_mask, "compute_mask", calibrated)
 
 
 def test_a_given_mask_skips_calibration_and_is_the_one_trained(lota_sft, tmp_path, monkeypatch):
     _no_calibration(monkeypatch)
     run = run_script("sft.py", "--preset", "tiny", "--adapter", "lota", "--lota_mask", str(lota_sft["run_folder"]),
                      "--max_steps", "3", "--output_dir", str(tmp_path), "--run_name", "reuse")
-    _, shapes = lota.read_delta(lota_sft["run_folder"])
-    given, trained = lota.load_mask(lota_sft["run_folder"], shapes), lota.load_mask(run["run_folder"], shapes)
+    _, shapes = lota_delta.read_delta(lota_sft["run_folder"])
+    given, trained = lota_delta.load_mask(lota_sft["run_folder"], shapes), lota_delta.load_mask(run["run_folder"], shapes)
     assert all(torch.equal(given[n], trained[n]) for n in shapes)
 
 
@@ -294,16 +296,16 @@ def test_a_resumed_run_reuses_its_mask_and_ends_where_a_straight_run_does(tiny_c
     args = ["--preset", "tiny", "--adapter", "lota", "--lota_calibration_steps", "4", "--max_steps", "12",
             "--save_steps", "6", "--output_dir", str(tmp_path), "--run_name", "run"]
     straight = run_script("sft.py", *args)
-    final, _ = lota.read_delta(straight["run_folder"])
+    final, _ = lota_delta.read_delta(straight["run_folder"])
     run = tmp_path / "run"
     import shutil
 
     shutil.rmtree(run / "checkpoint-12")  # as if killed after checkpoint 6
-    (run / lota.DELTA_FILE).unlink()
+    (run / lota_delta.DELTA_FILE).unlink()
     _no_calibration(monkeypatch)  # the run's own mask is reused, not recalibrated
     resumed = run_script("sft.py", *args)
     assert resumed["resume_from"].endswith("checkpoint-6")
-    again, _ = lota.read_delta(run)
+    again, _ = lota_delta.read_delta(run)
     for name in final:
         assert torch.equal(again[name][0], final[name][0])
         assert torch.allclose(again[name][1], final[name][1], atol=1e-5), name
@@ -333,7 +335,7 @@ def test_lota_dpo_on_a_lora_sft_adapter_starts_from_the_sft_model_and_reloads_as
                      "--lota_calibration_steps", "3", "--max_steps", "5", "--output_dir", str(tmp_path), "--run_name", "d")
     trained = run["trainer"].model.eval()
     sft = load_model(ModelSettings(model_id=sft_folder, quantization="none")).model
-    with lota.reference_mode(trained):  # the reference: the delta off, the frozen SFT adapter on
+    with lota_delta.reference_mode(trained):  # the reference: the delta off, the frozen SFT adapter on
         assert torch.allclose(logits(trained), logits(sft), atol=1e-4)
     assert not torch.allclose(logits(trained), logits(sft), atol=1e-4)  # the delta trained
     loaded = load_model(ModelSettings(model_id=str(run["run_folder"]), quantization="none"))

@@ -75,7 +75,7 @@ def test_library_bars_follow_the_rule(where):
     import datasets
     import transformers
 
-    from alignkit import quiet_library_noise
+    from alignkit.core.progress import quiet_library_noise
 
     try:
         where(notebook=True)

@@ -8,9 +8,11 @@ needs, so the same thing has the same flag, default and check everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 from alignkit.core.args import ConfigError, setting
+from alignkit.core.errors import UserError
 
 
 DTYPE_SYNONYMS = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}  # TRL's
@@ -68,6 +70,18 @@ def loader_settings(s, model_id: str, revision=_SAME, **changes) -> ModelSetting
     values.update(model_id=model_id, gguf_file=values.get("gguf_file") if same else None,
                   revision=(values.get("revision") if same else None) if revision is _SAME else revision)
     return cls(**{**values, **changes})
+
+
+def chat_template_text(value: str) -> str:
+    """--chat_template's Jinja text: a file's contents, or the value itself when it is a template (a recipe's
+    inline one, as the alignment-handbook writes them). It sits beside the setting so that the loader
+    (alignkit.modeling.models) and the identity of a model as loaded (alignkit.modeling.identity) read it one way."""
+    if "{{" in value or "{%" in value:
+        return value
+    if not Path(value).is_file():
+        raise UserError(f"--chat_template {value}: file not found; pass a Jinja chat template file or the template "
+                        "itself")
+    return Path(value).read_text(encoding="utf-8")
 
 
 def _chain_post_init(self, cls) -> None:
@@ -322,7 +336,6 @@ class BatchingSettings:
     group_by_length: bool = setting(
         True, "batches of rows of similar length (less padding), in random order, the same on every process"
     )
-
 
 
 @dataclass

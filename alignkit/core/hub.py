@@ -110,7 +110,7 @@ def push(folder, repo_id: str, private: bool = True) -> str:
     from huggingface_hub import HfApi
 
     folder = Path(folder)
-    if (folder / "lota_config.json").is_file():  # alignkit.train.lota.CONFIG_FILE
+    if (folder / "lota_config.json").is_file():  # alignkit.modeling.lota_delta.CONFIG_FILE
         raise UserError(
             f"{folder} is a LoTA sparse delta, which only alignkit's loader applies: push the merged model "
             "(--merge_adaptors, or merge.py --push merged)"

@@ -107,13 +107,18 @@ def refusal(s, script: str) -> str | None:
             return (f"rl.py --reward rm:FOLDER under {sharded}: the reward model would be sharded like the policy and "
                     "score nothing; use a DDP launch (each GPU holds the policy and the reward model), or serve it "
                     "and use --reward judge")
-        from alignkit.train.rl import wants_vllm
-
         if wants_vllm(s) and resolve_quantization(quantization, for_training=True, log=False) == "4bit":
             return ("rl.py with vLLM and QLoRA (--quantization 4bit): TRL syncs packed 4-bit weights vLLM cannot load, "
                     "and each sync re-quantizes the frozen base (TRL issue #4973); use --backend transformers, or "
                     "--quantization none with vLLM")
     return None
+
+
+def wants_vllm(s) -> bool:
+    """Whether rl.py generates with vLLM: the decision alignkit.train.rl.resolve_backend makes (with its checks and
+    log line) when the run starts, made here without them for `refusal`."""
+    return s.backend == "vllm" or (s.backend == "auto" and torch.cuda.is_available()
+                                   and importlib.util.find_spec("vllm") is not None)
 
 
 def _no_8bit(sharded: str) -> str:

@@ -13,6 +13,9 @@ loading weights, map). A bar is drawn
 and never when `CI` is set (every CI service sets it; a bar redrawn by the line is thousands of lines of log
 noise), nor when no stream is interactive and no notebook runs (a batch job): there `Progress` logs a line every
 30 seconds instead.
+
+`quiet_library_noise()`, which the loader and every training run call first, applies the rule to those libraries'
+bars and drops a transformers warning TRL triggers on every step.
 """
 
 from __future__ import annotations
@@ -62,6 +65,19 @@ def apply_to_libraries() -> None:
     else:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+
+
+def quiet_library_noise() -> None:
+    """Keep the log to what the user can act on.
+
+    transformers v5 warns on every step that TRL calls its renamed gradient-checkpointing helpers, and progress
+    bars redraw by the line when there is no terminal: thousands of lines in a CI log (`live` decides where bars
+    are drawn). The loader and every training run call it first.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
+    apply_to_libraries()  # datasets'/transformers' bars: on in a terminal or a notebook, off in CI logs
 
 
 class Progress:

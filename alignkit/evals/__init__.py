@@ -2,7 +2,9 @@
 
 - evaluation: evaluate.py's commands, vibes and the pairwise flow.
 - mtbench: MT-Bench answers and judgments in FastChat's format.
-- alpacaeval: evaluate.py alpaca_eval through the alpaca_eval package.
+- alpacaeval: evaluate.py alpaca_eval through the alpaca_eval package (the command), with
+  alpacaeval_outputs (the eval set and each model's keyed outputs), alpacaeval_annotate (alpaca_eval's annotators
+  at the judge endpoint, the request log and annotation cache) and alpacaeval_report (metrics, chart, card results).
 - fastchat_compat: FastChat's judge code adapted to today's stack.
 - results: the pairwise flow's statistics, table and chart.
 - harness: evaluate.py lm_eval through EleutherAI's lm-evaluation-harness (the alignment tax).

@@ -1,93 +1,32 @@
-"""label.py's machinery: prompts, response sources and pairs, generation and judging, output. The crash-safe
-cache, the thread pool and the progress bar are alignkit.core.journal's; the Hub upload is
-alignkit.core.hub.push_dataset.
-
-A run writes, next to `--output X.jsonl`:
-- `X.cache/responses.jsonl` and `X.cache/judgments.jsonl`: append-only logs, one JSON line per generated
-  response or judge answer, flushed and fsync'd as it arrives. A judgment's key hashes what the judge saw (the
-  prompt, the response in slot A, the one in slot B) and the judge's whole identity (Judge.identity: kind,
-  model, template, endpoint, max tokens, temperature, or a local judge's weights and loader settings); a
-  response's key hashes the prompt and its generator's identity (_generator_identity). A rerun after a crash,
-  Ctrl-C or SIGKILL finds every answer it already has and asks only for the rest; a changed setting simply
-  misses the cache. Failed requests are not cached, so a rerun retries them. An answer without a verdict was
-  paid for: it stays cached, and only --retry_parse_failures asks again under the same settings.
-- `X.jsonl`: rebuilt from the cache at the end of every run and replaced atomically, so each pair is in it once.
-- `X.summary.json` (also printed as a table) and `X.config.json` (the settings, secrets redacted).
+"""label.py's pipeline: the plan (sources, pairing, judge, cache), the prompts, and the responses (read from a file,
+found in the cache, or generated now). The pairs and their judgments are alignkit.feedback.label_pairs; the cache,
+its keys, the output and the summary, alignkit.feedback.label_records (its docstring lists the files a run
+writes). The thread pool and the progress bar are alignkit.core.journal's and alignkit.core.progress's; the Hub
+upload is alignkit.core.hub.push_dataset.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import defaultdict
 from itertools import combinations
 from pathlib import Path
 
 from alignkit import logger
-from alignkit.core import journal
 from alignkit.core.args import ConfigError, redact, save_config
 from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt
 from alignkit.core.errors import EndpointRefused
-from alignkit.core.journal import batched, threaded, write_json, write_jsonl
+from alignkit.core.journal import threaded
 from alignkit.core.progress import Progress
-from alignkit.feedback.judge import Judge, Request, combine, endpoint_identity, is_fatal, make_judge
-from alignkit.feedback.judge import orders_for, parse_verdict, question_text, winner
+from alignkit.feedback.judge import endpoint_identity, is_fatal, make_judge
+from alignkit.feedback.label_records import AppendLog, Prompt, Run, Source, digest, report_failure
 
 RESPONSE_FIELDS = ("response", "completion", "output", "answer")
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-class AppendLog(journal.AppendLog):
-    """label.py's cache log (alignkit.core.journal.AppendLog): another run holding it is told how to proceed."""
-
-    def __init__(self, path, owner: str = "label.py",
-                 fix: str = "let it finish, or give this run its own --output or --cache_dir"):
-        super().__init__(path, owner, fix)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The plan: everything that can be checked before any work
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where one column of responses comes from."""
-
-    name: str  # recorded in output rows (chosen_source, rejected_source, generator)
-    spec: str  # a model (Hub id, folder, openai:MODEL) or a responses file
-    kind: str  # "local", "endpoint" or "file"
-    index: int  # sample number, or slot (0 = A, 1 = B): part of the seeds and of the response cache keys
-
-
-@dataclass
-class Run:
-    settings: object  # alignkit.core.config.LabelSettings
-    output: Path
-    cache_dir: Path
-    sources: list[Source]
-    pairing: list[tuple[int, int]]  # which sources are paired with which
-    judge: Judge | None
-    endpoints: dict  # openai:MODEL -> alignkit.core.llm.ChatClient
-    responses: AppendLog
-    judgments: AppendLog | None
-    stats: Counter = field(default_factory=Counter)
-    errors: dict = field(default_factory=dict)  # judgment key -> the exception of a request that failed
-    backend: str | None = None  # "vllm" or "transformers" for local generators; None when there are none
-
-    @property
-    def summary_path(self) -> Path:
-        return self.output.with_suffix(".summary.json")
-
-    def close(self) -> None:
-        self.responses.close()
-        if self.judgments is not None:
-            self.judgments.close()
 
 
 def _model_source(spec: str, name: str, index: int) -> Source:
@@ -177,15 +116,6 @@ def prepare(s) -> Run:
 
 # ---------------------------------------------------------------------------------------------------------
 # Prompts
-
-
-@dataclass
-class Prompt:
-    messages: list[dict]  # role/content turns ending with a user turn
-    key: str = ""
-
-    def __post_init__(self):
-        self.key = digest(self.messages)
 
 
 def _show(value) -> str:
@@ -342,7 +272,7 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
             for (si, pi, key), text in stream:
                 if isinstance(text, Exception):
                     run.stats["generation errors"] += 1
-                    _report(text, "generation request", run.stats["generation errors"])
+                    report_failure(text, "generation request", run.stats["generation errors"])
                 else:
                     run.responses.append({"key": key, "source": run.sources[si].name, "text": text})
                     table[si][pi] = text
@@ -395,244 +325,3 @@ def _generate_endpoint(run: Run, spec: str, cells, prompts):
             raise EndpointRefused(f"generator {spec} refused the request: {redact(str(result))}. Check the key, "
                                "--generation_base_url and the model name.") from None
         yield cell, result
-
-
-def _report(error: Exception, what: str, count: int) -> None:
-    """Log the first few failures in full (secrets redacted); the rest are only counted."""
-    if count <= 3:
-        logger.warning(f"{what} failed: {type(error).__name__}: {redact(str(error))[:300]}")
-    elif count == 4:
-        logger.warning(f"more {what}s failed; counting them in the summary")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pairs and judging
-
-
-@dataclass
-class Pair:
-    prompt: Prompt
-    a: str
-    b: str
-    source_a: str
-    source_b: str
-    keys: dict[str, str] = field(default_factory=dict)  # order ("ab" or "ba") -> judgment cache key
-
-
-def make_pairs(run: Run, prompts: list[Prompt], table) -> list[Pair]:
-    """The pairs to judge, in prompt order. Missing, empty, identical and repeated pairs never reach the judge."""
-    if run.judge is None:
-        return []
-    s, pairs, seen = run.settings, [], set()
-    identity = run.judge.identity()
-    for pi, prompt in enumerate(prompts):
-        for i, j in run.pairing:
-            a, b = table[i][pi], table[j][pi]
-            run.stats["pairs"] += 1
-            if a is None or b is None:
-                run.stats["missing response"] += 1
-            elif not a.strip() or not b.strip():
-                run.stats["empty response"] += 1
-            elif a.strip() == b.strip():
-                run.stats["identical"] += 1
-            elif (prompt.key, frozenset((a.strip(), b.strip()))) in seen:
-                run.stats["repeated pair"] += 1
-            else:
-                seen.add((prompt.key, frozenset((a.strip(), b.strip()))))
-                pair = Pair(prompt, a, b, run.sources[i].name, run.sources[j].name)
-                coin = int(digest([s.seed, prompt.key, a, b])[:8], 16)
-                # A judge that scores each answer on its own (a reward model) has no order bias: one order.
-                for order in orders_for(s.both_orders and not getattr(run.judge, "one_pass", False), coin):
-                    slot_a, slot_b = (a, b) if order == "ab" else (b, a)
-                    pair.keys[order] = digest({"prompt": prompt.messages, "a": slot_a, "b": slot_b, **identity})
-                pairs.append(pair)
-    skipped = run.stats["pairs"] - len(pairs)
-    logger.info(f"{len(pairs)} pairs to judge" + (f" ({skipped} skipped: see the summary)" if skipped else ""))
-    return pairs
-
-
-def judge_pairs(run: Run, pairs: list[Pair]) -> None:
-    """Ask the judge for every judgment not in the cache, `--parallel` at a time, caching each as it arrives."""
-    if not pairs:
-        return
-    judge, s = run.judge, run.settings
-    keys = {key for pair in pairs for key in pair.keys.values()}
-    # A paid answer without a verdict stays recorded and is reused: asking again under the very same settings
-    # is a choice the user makes (--retry_parse_failures), not something a rerun does behind their back.
-    unparsed = {key for key in keys if key in run.judgments and parse_verdict(run.judgments.get(key)["text"]) is None}
-    if unparsed:
-        logger.info(f"{len(unparsed)} cached judgments hold no verdict; " + (
-            "asking again (--retry_parse_failures)" if s.retry_parse_failures else
-            "kept as parse failures (--retry_parse_failures asks again under the same settings)"))
-    retry = unparsed if s.retry_parse_failures else set()
-    needed: dict[str, Request] = {}
-    waiting = defaultdict(list)  # key -> pairs waiting for it
-    open_keys = []
-    for n, pair in enumerate(pairs):
-        missing = {key for key in pair.keys.values() if key not in run.judgments or key in retry}
-        open_keys.append(len(missing))
-        for order, key in pair.keys.items():
-            if key in missing and key not in needed:
-                slot_a, slot_b = (pair.a, pair.b) if order == "ab" else (pair.b, pair.a)
-                needed[key] = Request(key, question_text(pair.prompt.messages), slot_a, slot_b, pair.prompt.messages)
-        for key in missing:
-            waiting[key].append(n)
-    run.stats["judgments needed"] = len(keys)
-    run.stats["judgments sent"] = len(needed)
-    progress = Progress("judging", len(pairs), done=sum(k == 0 for k in open_keys))
-    stream = batched(judge.judge_batch, needed.values(), s.generation_batch_size) if judge.batched else \
-        threaded(judge.judge, needed.values(), s.parallel)
-    try:
-        for request, result in stream:
-            if isinstance(result, Exception):
-                if judge.fatal(result):
-                    raise EndpointRefused(f"the judge refused the request: {redact(str(result))}. Check the API key, "
-                                       "--judge_base_url (it usually ends in /v1) and --judge_model.") from None
-                run.errors[request.key] = result
-                _report(result, "judge request", len(run.errors))
-            else:
-                run.judgments.append({"key": request.key, "judge": judge.name, "verdict": parse_verdict(result),
-                                      "text": result})
-            finished = 0
-            for n in waiting[request.key]:
-                open_keys[n] -= 1
-                finished += open_keys[n] == 0
-            progress.update(finished, len(run.errors))
-    except KeyboardInterrupt:
-        logger.warning(f"interrupted: {len(run.judgments)} judgments are safe in {run.judgments.path}; run the same "
-                       "command again to resume")
-        raise
-    finally:
-        progress.close()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Output and summary
-
-
-def _assistant(text: str) -> list[dict]:
-    return [{"role": "assistant", "content": text}]
-
-
-def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> dict:
-    """Write the output rows (rebuilt from the cache) and the summary; return the summary."""
-    if run.judge is None:
-        rows = []
-        for si, source in enumerate(run.sources):
-            for pi, prompt in enumerate(prompts):
-                text = table[si][pi]
-                if text is None:
-                    run.stats["missing completion"] += 1
-                elif not text.strip():
-                    run.stats["empty completion"] += 1
-                else:
-                    rows.append({"prompt": prompt.messages, "completion": _assistant(text), "generator": source.name})
-        write_jsonl(run.output, rows)  # readers see the old file or the new one, never half of one
-        summary = _completion_summary(run, prompts, rows)
-    else:
-        rows, outcomes, verdicts = [], Counter(), []
-        for pair in pairs:
-            if any(key not in run.judgments for key in pair.keys.values()):
-                outcomes["error"] += 1
-                continue
-            found = {order: parse_verdict(run.judgments.get(key)["text"]) for order, key in pair.keys.items()}
-            verdicts.append(found)
-            outcome = combine(found)
-            outcomes[outcome] += 1
-            if outcome in ("a", "b"):
-                chosen, rejected = (pair.a, pair.b) if outcome == "a" else (pair.b, pair.a)
-                sources = (pair.source_a, pair.source_b) if outcome == "a" else (pair.source_b, pair.source_a)
-                # The verdicts as the judge gave them, named by where the chosen response sat.
-                named = dict(sorted(
-                    (("chosen_in_A" if (order == "ab") == (outcome == "a") else "chosen_in_B"), v)
-                    for order, v in found.items()))
-                rows.append({
-                    "prompt": pair.prompt.messages, "chosen": _assistant(chosen), "rejected": _assistant(rejected),
-                    "chosen_source": sources[0], "rejected_source": sources[1], "judge": run.judge.name,
-                    "judge_template": run.judge.template.name if run.judge.template else None, "verdicts": named,
-                    **_label_fields(run, pair, outcome),
-                })
-        write_jsonl(run.output, rows)
-        summary = _pair_summary(run, prompts, pairs, outcomes, verdicts, rows)
-        if pairs and not rows:
-            logger.warning("no pair was labeled: the summary shows why (ties, disagreements between the orders, "
-                           "answers without a verdict, errors)")
-    write_json(run.summary_path, summary)
-    return summary
-
-
-def _label_fields(run: Run, pair: Pair, outcome: str) -> dict:
-    """What a judge adds to a labeled row (a reward model: the two scores); nothing for text judges."""
-    fields = getattr(run.judge, "label_fields", None)
-    if fields is None:
-        return {}
-    texts = {order: run.judgments.get(key)["text"] for order, key in pair.keys.items()}
-    chosen_slot = {order: "A" if (order == "ab") == (outcome == "a") else "B" for order in pair.keys}
-    return fields(texts, chosen_slot)
-
-
-def _share(part: int, whole: int) -> float | None:
-    return round(part / whole, 4) if whole else None
-
-
-def _tokens(run: Run) -> dict:
-    usage = {"judge": run.judge.usage() if run.judge else None}
-    for spec, client in run.endpoints.items():
-        usage[spec] = client.usage.as_dict()
-    return {name: u for name, u in usage.items() if u}
-
-
-def _pair_summary(run, prompts, pairs, outcomes, verdicts, rows) -> dict:
-    parsed = [v for found in verdicts for v in found.values() if v is not None]
-    both = [found for found in verdicts if len(found) == 2 and None not in found.values()]
-    agree = sum(winner("ab", f["ab"]) == winner("ba", f["ba"]) for f in both)
-    st = run.stats
-    return {
-        "output": str(run.output), "judge": run.judge.name,
-        "template": run.judge.template.name if run.judge.template else None, "both_orders": run.settings.both_orders,
-        "prompts": len(prompts), "pairs": st["pairs"],
-        "skipped": {"identical": st["identical"], "empty": st["empty response"], "missing": st["missing response"],
-                    "repeated": st["repeated pair"], "generation_errors": st["generation errors"]},
-        "pairs_judged": len(pairs), "labeled": len(rows), "ties": outcomes["tie"],
-        "disagreements": outcomes["disagree"], "parse_failures": outcomes["unparsed"], "errors": outcomes["error"],
-        "agreement": _share(agree, len(both)) if run.settings.both_orders else None,
-        "slot_a_wins": _share(parsed.count("A"), len(parsed)), "slot_b_wins": _share(parsed.count("B"), len(parsed)),
-        "tie_verdicts": _share(parsed.count("tie"), len(parsed)),
-        "judgments": {"needed": st["judgments needed"], "sent_this_run": st["judgments sent"],
-                      "from_cache": st["judgments needed"] - st["judgments sent"], "failed": len(run.errors)},
-        "tokens_this_run": _tokens(run),
-    }
-
-
-def _completion_summary(run, prompts, rows) -> dict:
-    st = run.stats
-    return {"output": str(run.output), "mode": "completions", "prompts": len(prompts), "completions": len(rows),
-            "empty": st["empty completion"], "missing": st["missing completion"],
-            "generation_errors": st["generation errors"], "tokens_this_run": _tokens(run)}
-
-
-_LABELS = {
-    "agreement": "agreement of the two orders", "slot_a_wins": "slot A wins (position bias)",
-    "slot_b_wins": "slot B wins", "tie_verdicts": "tie verdicts", "parse_failures": "parse failures (no verdict)",
-    "pairs": "pairs (before skipping)", "tokens_this_run": "tokens used this run",
-}
-
-
-def format_summary(summary: dict) -> str:
-    """The summary as a two-column table, shares as percentages."""
-    def show(value):
-        if isinstance(value, float):
-            return f"{value:.1%}"
-        if isinstance(value, dict):
-            return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items())
-        return "n/a" if value is None else str(value)
-
-    lines = []
-    for key, value in summary.items():
-        label = _LABELS.get(key, key.replace("_", " "))
-        if isinstance(value, dict):
-            lines.append(f"{label}:" + ("" if value else " none"))
-            lines += [f"  {_LABELS.get(k, k.replace('_', ' ')):<30} {show(v)}" for k, v in value.items()]
-        else:
-            lines.append(f"{label:<32} {show(value)}")
-    return "\n".join(lines)

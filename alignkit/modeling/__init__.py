@@ -7,6 +7,7 @@
 - gguf: GGUF files converted once into a model folder.
 - generation: local answering engines (transformers, vLLM).
 - merge: adapters merged into their base and checked.
+- lota_delta: a LoTA sparse delta as a model part (its parametrization, files, and how every loader adds it).
 - presets: the offline `tiny` demo and its rule.
 - smol: the `smol` preset, SmolLM2-135M-Instruct (its prompts: smol_prompts.jsonl).
 """

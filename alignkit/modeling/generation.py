@@ -241,7 +241,7 @@ class VLLMGenerator(Generator):
         from alignkit.modeling.models import adapter_chain, adapter_config, load_tokenizer, require_chat_template
 
         base, chain = adapter_chain(s.model_id, s.revision)
-        from alignkit.train.lota import resolve_chain
+        from alignkit.modeling.lota_delta import resolve_chain
 
         if resolve_chain(base, chain, adapter_chain, s.revision)[2]:  # LoTA deltas: vLLM has no way to add them
             raise ValueError(

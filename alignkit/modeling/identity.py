@@ -172,7 +172,7 @@ def loader_fields(s) -> dict:
     names = [f.name for group in groups for f in fields(group) if f.name not in INERT]
     out = {name: getattr(s, name) for name in dict.fromkeys(names)}
     if out.get("chat_template"):
-        from alignkit.modeling.models import chat_template_text
+        from alignkit.core.groups import chat_template_text
 
         out["chat_template"] = chat_template_text(out["chat_template"])  # a file by its text, or inline Jinja
     return out

@@ -112,18 +112,18 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
 
 def lota_expected_logits(loaded, batch, settings):
     """Logits of the base with the LoTA deltas unmerged: each targeted weight computed as W + D in the forward pass
-    (alignkit.train.lota.SparseDelta), the independent route the merged weights are checked against."""
+    (alignkit.modeling.lota_delta.SparseDelta), the independent route the merged weights are checked against."""
     from torch.nn.utils import parametrize
 
     from alignkit.modeling.models import load_model
-    from alignkit.train import lota
+    from alignkit.modeling import lota_delta
 
     base = load_model(loader_settings(settings, loaded.base_id), full_precision=True).model
     for folder in loaded.deltas:  # stacked parametrizations: W + D_1 + D_2 ... in every forward pass
-        delta, shapes = lota.read_delta(folder)
-        modules = lota.target_modules(base, [n.rsplit(".", 1)[-1] for n in shapes])
+        delta, shapes = lota_delta.read_delta(folder)
+        modules = lota_delta.target_modules(base, [n.rsplit(".", 1)[-1] for n in shapes])
         for name, (indices, values) in delta.items():
-            part = lota.SparseDelta(modules[name].weight, indices)
+            part = lota_delta.SparseDelta(modules[name].weight, indices)
             part.lota_values.data.copy_(values)
             parametrize.register_parametrization(modules[name], "weight", part, unsafe=True)
     return base(**batch.to(base.device)).logits.float()

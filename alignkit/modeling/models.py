@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 
-from alignkit import logger, quiet_library_noise
+from alignkit import logger
 from alignkit.core.errors import UserError
+from alignkit.core.groups import chat_template_text
+from alignkit.core.progress import quiet_library_noise
+from alignkit.modeling import lota_delta
 # Where a model comes from (alignkit.modeling.chain): importable from here too, as before.
 from alignkit.modeling.chain import _looks_local, _recorded_base, adapter_chain, adapter_config  # noqa: F401
 
@@ -45,7 +48,7 @@ class Loaded:
     frozen: list[str] = field(default_factory=list)  # their adapter names inside the PeftModel
     dtype: torch.dtype = torch.float32
     quantization: str = "none"
-    deltas: list[str] = field(default_factory=list)  # LoTA delta folders added into the weights (alignkit.train.lota)
+    deltas: list[str] = field(default_factory=list)  # LoTA delta folders added into weights (alignkit.modeling.lota_delta)
 
 
 def fit_embeddings(model, tok) -> None:
@@ -123,17 +126,6 @@ def check_model_source(source: str, cache: bool = True) -> None:
     require_reachable(source)
 
 
-def chat_template_text(value: str) -> str:
-    """--chat_template's Jinja text: a file's contents, or the value itself when it is a template (a recipe's
-    inline one, as the alignment-handbook writes them)."""
-    if "{{" in value or "{%" in value:
-        return value
-    if not Path(value).is_file():
-        raise UserError(f"--chat_template {value}: file not found; pass a Jinja chat template file or the template "
-                        "itself")
-    return Path(value).read_text(encoding="utf-8")
-
-
 def _check_model_folder(folder: Path) -> None:
     """A local folder must hold a model (config.json), an adapter or LoTA delta, or GGUF files, and its safetensors
     files must be whole: checked in one line here, before a library fails on it with a traceback. Reading a
@@ -162,7 +154,7 @@ def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_tem
     source, revision = model_source(source, None, revision)  # a .gguf file: its converted folder
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if chat_template:
-        tok.chat_template = chat_template_text(chat_template)
+        tok.chat_template = chat_template_text(chat_template)  # alignkit.core.groups: a file or inline Jinja
     set_pad_token(tok)
     return tok
 
@@ -209,9 +201,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     quiet_library_noise()
     check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
     base_id, chain = adapter_chain(s.model_id, s.revision)
-    from alignkit.train import lota  # LoTA: sparse deltas in the chain go into the weights (alignkit.train.lota)
-
-    base_id, chain, deltas = lota.resolve_chain(base_id, chain, adapter_chain, s.revision)
+    # LoTA: sparse deltas in the chain go into the weights (alignkit.modeling.lota_delta)
+    base_id, chain, deltas = lota_delta.resolve_chain(base_id, chain, adapter_chain, s.revision)
     base_id = base_model or base_id
     check_model_kind(s.model_id, s.revision, reward, for_training)
     if chain:
@@ -219,9 +210,9 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     dtype = resolve_dtype(s.dtype)
     quantization = ("4bit" if dequantize else "none" if full_precision
                     else resolve_quantization(s.quantization, for_training))
-    quantization = lota.full_precision(s, quantization, deltas)
+    quantization = lota_delta.full_precision(s, quantization, deltas)
     kwargs: dict = dict(revision=None if chain else s.revision, trust_remote_code=s.trust_remote_code, dtype=dtype)
-    lota.check_launch(s, _sharded_launch())  # LoTA shards under neither FSDP nor ZeRO-3: refused before loading
+    lota_delta.check_launch(s, _sharded_launch())  # LoTA shards under neither FSDP nor ZeRO-3: refused before loading
     config = quantization_config(quantization, dtype)  # 8-bit under FSDP/ZeRO-3 is refused here
     if config is not None:
         kwargs["quantization_config"] = config
@@ -268,7 +259,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         model.generation_config.pad_token_id = tok.pad_token_id
         if tok.eos_token_id is not None:
             model.generation_config.eos_token_id = tok.eos_token_id
-    lota.apply_deltas(model, deltas)
+    lota_delta.apply_deltas(model, deltas)
 
     frozen: list[str] = []
     if chain:

@@ -7,7 +7,8 @@
 - kto: kto.py's trainer (TRL's KTOTrainer with stacked adapters and alignkit's reference).
 - prefix: DPO prefix sharing (a pair's prompt computed once).
 - refcache: the reference log-prob cache.
-- lota: Lottery Ticket Adaptation (sparse deltas instead of LoRA).
+- lota: Lottery Ticket Adaptation (sparse deltas instead of LoRA): the training glue; lota_mask: its calibration
+  and mask (the delta itself: alignkit.modeling.lota_delta).
 - reward: reward.py's losses and trainer.
 - rl: rl.py's rewards and GRPO/RLOO.
 - rlaif: rlaif.py's rounds.

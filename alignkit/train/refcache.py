@@ -154,7 +154,7 @@ def cache_key(trainer, dataset) -> str:
     main = trainer.accelerator.is_main_process
     model = trainer.accelerator.unwrap_model(trainer.model)
     trained = {TRAINABLE, "ref"}  # TRL's "ref" is a copy of the trained adapter, never part of our reference
-    trained |= {"lota_values", "lota_indices"}  # a LoTA delta (alignkit.train.lota.STATE_NAMES): off in the reference
+    trained |= {"lota_values", "lota_indices"}  # a LoTA delta (alignkit.modeling.lota_delta.STATE_NAMES): off in the reference
     fingerprint = model_fingerprint(model, skip_adapters=trained, hash_here=main)  # every process: collectives
     key = None
     if main:

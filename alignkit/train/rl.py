@@ -205,7 +205,7 @@ class JudgeReward:
     # One request: a key and the messages to send.
     def _requests(self, prompt: list[dict], answer: str) -> list[tuple[str, object]]:
         from alignkit.feedback.judge import Request, question_text
-        from alignkit.feedback.labeling import digest
+        from alignkit.feedback.label_records import digest
 
         question = question_text(prompt)
         if self.s.judge_mode == "pointwise":
@@ -411,14 +411,9 @@ def trainer_class(algo: str):
     return AlignOnlineTrainer
 
 
-def wants_vllm(s) -> bool:
-    """Whether rl.py generates with vLLM (resolve_backend's decision, without its checks and log line)."""
-    return s.backend == "vllm" or (s.backend == "auto" and torch.cuda.is_available()
-                                   and importlib.util.find_spec("vllm") is not None)
-
-
 def resolve_backend(s) -> bool:
-    """True to generate with vLLM. auto: vLLM when installed and a CUDA GPU is there; one line when falling back."""
+    """True to generate with vLLM. auto: vLLM when installed and a CUDA GPU is there; one line when falling back.
+    (alignkit.core.launch.wants_vllm makes the same decision before loading, for what a launch refuses.)"""
     has_vllm = importlib.util.find_spec("vllm") is not None
     cuda = torch.cuda.is_available()
     if s.backend == "transformers":

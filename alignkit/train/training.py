@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit import logger, quiet_library_noise
+from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, redact
 from alignkit.core.errors import UserError
@@ -102,7 +102,7 @@ def prepare_run(s, stage: str) -> tuple[Path, str | None]:
 
     Writes nothing: `start_run` claims the folder once the new run is sure to start.
     """
-    quiet_library_noise()
+    progress.quiet_library_noise()
     folder = run_dir(s, stage)
     checkpoints = _checkpoints(folder) if folder.is_dir() else []
     if s.resume == "true":

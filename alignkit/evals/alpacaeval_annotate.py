@@ -1,0 +1,268 @@
+"""The annotator side of `evaluate.py alpaca_eval` (alignkit.evals.alpacaeval): alpaca_eval itself, its annotator
+config pointed at the judge endpoint, and the two stores that make a rerun send no request twice.
+
+- `load_package`: `import alpaca_eval`, with a stand-in for the `pkg_resources` it imports (setuptools >= 81
+  no longer ships it).
+- `annotator_config`: a copy of the annotators config with absolute prompt templates, --judge_model, and no
+  `fn_completions`, so `LoggedCompletions` can be passed in: alpaca_eval's own `openai_completions`, each answer
+  appended to `annotations/requests-<config>-<key>.jsonl` the moment it arrives and reused by any later call
+  with the same prompt, endpoint and decoding arguments.
+- `annotation_store`: alpaca_eval's annotation cache file, keyed by what alpaca_eval's own key leaves out (the
+  judge model, the endpoint, the config's content), rows that failed before dropped so this run asks again.
+- `rule_completions`: the tiny preset's rule judge standing in for the annotator's model, sending nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+from alignkit import logger
+from alignkit.core.args import ConfigError
+from alignkit.core.journal import append_jsonl, threaded, write_json
+from alignkit.core.progress import Progress
+
+_FAILED = ""  # alpaca_eval's text for a request that failed after its retries
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The package
+
+
+def _pkg_resources_stand_in() -> None:
+    """alpaca_eval.utils imports pkg_resources for two calls; setuptools >= 81 removed the module."""
+    import importlib.metadata
+    import types
+
+    from packaging.version import parse
+
+    module = types.ModuleType("pkg_resources")
+    module.parse_version = parse
+    module.get_distribution = lambda name: types.SimpleNamespace(version=importlib.metadata.version(name))
+    sys.modules["pkg_resources"] = module
+
+
+def load_package():
+    """`import alpaca_eval`, with the pkg_resources stand-in when needed."""
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        _pkg_resources_stand_in()
+    from alignkit.core.extras import require
+
+    return require("alpaca_eval", "eval", "evaluate.py alpaca_eval")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The annotator: alpaca_eval's config, pointed at the endpoint
+
+
+def _canonical_hash(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def annotator_config(s, output_dir) -> tuple[Path, str, dict]:
+    """(derived configs.yaml, config name, its annotators) for --annotators_config.
+
+    The derived copy differs from alpaca_eval's in three ways: prompt templates are absolute paths, the judge
+    model is --judge_model, and `fn_completions` is left out so alignkit's logged decoder can be passed in.
+    """
+    import yaml
+
+    load_package()
+    from alpaca_eval import constants, utils
+
+    given = Path(s.annotators_config)
+    if given.exists():
+        path = given / "configs.yaml" if given.is_dir() else given
+    else:
+        path = constants.EVALUATORS_CONFIG_DIR / s.annotators_config / "configs.yaml"
+    if not path.is_file():
+        known = sorted(p.parent.name for p in constants.EVALUATORS_CONFIG_DIR.glob("*/configs.yaml"))
+        raise ConfigError(f"--annotators_config {s.annotators_config}: no such file, nor a config of alpaca_eval "
+                          f"(e.g. {', '.join(k for k in known if 'gpt4' in k)[:300]})")
+    name = path.parent.name
+    annotators = {}
+    for annotator, cfg in utils.load_configs(path).items():
+        cfg = copy.deepcopy(cfg)
+        decoder = cfg.pop("fn_completions", "openai_completions")
+        if decoder != "openai_completions":
+            raise ConfigError(f"{path}: annotator {annotator} decodes with {decoder}; evaluate.py alpaca_eval sends "
+                              "annotators to an OpenAI-compatible endpoint, so pick a config whose fn_completions is "
+                              "openai_completions (weighted_alpaca_eval_gpt4_turbo, alpaca_eval_gpt4, ...)")
+        template = Path(cfg["prompt_template"])
+        template = template if template.is_absolute() else path.parents[1] / template
+        if not template.is_file():
+            raise ConfigError(f"{path}: annotator {annotator}'s prompt_template {template} does not exist")
+        cfg["prompt_template"] = str(template)
+        kwargs = cfg.setdefault("completions_kwargs", {})
+        if s.judge_model and s.judge_model != "rule":
+            kwargs["model_name"] = s.judge_model
+        annotators[annotator] = cfg
+    derived = Path(output_dir) / "annotators" / name / "configs.yaml"
+    derived.parent.mkdir(parents=True, exist_ok=True)
+    derived.write_text(yaml.safe_dump(annotators, sort_keys=False), encoding="utf-8")
+    return derived, name, annotators
+
+
+def check_tiktoken(annotators: dict) -> None:
+    """Configs that bias tokens (tokens_to_avoid/favor) need the judge model's tiktoken encoding, which tiktoken
+    downloads on first use: check it loads before any request is sent."""
+    for annotator, cfg in annotators.items():
+        kwargs = cfg.get("completions_kwargs", {})
+        if kwargs.get("tokens_to_avoid") or kwargs.get("tokens_to_favor"):
+            import tiktoken
+
+            try:
+                tiktoken.encoding_for_model(kwargs["model_name"])
+            except Exception as e:
+                raise ConfigError(
+                    f"annotator {annotator} biases tokens (tokens_to_avoid/tokens_to_favor), which needs tiktoken's "
+                    f"encoding of {kwargs['model_name']} ({type(e).__name__}: {e}): it must be an OpenAI model, and "
+                    "offline its encoding file must be in TIKTOKEN_CACHE_DIR; or pick a config without them"
+                ) from None
+
+
+def endpoint(s) -> dict:
+    """alpaca_eval's client arguments for the judge endpoint; fails fast, naming the variable, without a key."""
+    from alignkit.core.llm import endpoint_key
+
+    api_key, base_url = endpoint_key(s.judge_api_key_env, s.judge_base_url,
+                                     "the judge (--judge_api_key_env names the key's variable)")
+    base_url = base_url or "https://api.openai.com/v1"
+    # client_config_path: a path that is never a file, so alpaca_eval builds the client from the arguments below
+    # rather than from a client_configs yaml found on this machine. alpaca_eval keeps keys named *api_key* out of
+    # its logs; these never reach a file.
+    return {"openai_api_keys": [api_key], "openai_api_base": base_url, "client_config_path": os.devnull,
+            "client_kwargs": {"max_retries": s.max_retries, "timeout": s.request_timeout}}
+
+
+class LoggedCompletions:
+    """`fn_completions` for alpaca_eval's annotators: its own `openai_completions`, one prompt per call,
+    `parallel` at a time, each answer appended to a JSONL log as it arrives and reused by any later call with the
+    same prompt, endpoint and decoding arguments (the log's key). Counts what it sent and reused."""
+
+    def __init__(self, path, client: dict, parallel: int = 1, fn=None):
+        from alignkit.core.journal import read_jsonl
+
+        if fn is None:
+            load_package()
+            from alpaca_eval.decoders.openai import openai_completions as fn
+        self.path, self.client, self.parallel, self.fn = Path(path), client, parallel, fn
+        self.entries = {row["key"]: row for _, row in read_jsonl(self.path, "delete the line to ask again",
+                                                                 repair_tail=True) if "key" in row}
+        self.sent = self.reused = self.failed = 0
+        self._lock = threading.Lock()
+
+    def key(self, prompt: str, kwargs: dict) -> str:
+        decoding = {k: v for k, v in kwargs.items() if k not in ("num_procs",)}  # concurrency changes no answer
+        return _canonical_hash({"prompt": prompt, "base_url": self.client["openai_api_base"], "decoding": decoding})
+
+    def _ask(self, prompt: str, key: str, kwargs: dict) -> dict:
+        out = self.fn([prompt], **{**kwargs, "num_procs": 1}, **self.client)
+        record = {"key": key, **{k: v[0] for k, v in out.items()}, "tstamp": time.time()}
+        with self._lock:
+            if record.get("completions") == _FAILED:
+                self.failed += 1
+                return record
+            self.sent += 1
+            append_jsonl(self.path, [record])
+            self.entries[key] = record
+        return record
+
+    def __call__(self, prompts, **kwargs) -> dict:
+        keys = [self.key(p, kwargs) for p in prompts]
+        records = [self.entries.get(k) for k in keys]
+        self.reused += sum(r is not None for r in records)
+        todo = [i for i, r in enumerate(records) if r is None]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with Progress("annotating", len(todo), unit="pair", errors=False) as progress:
+            for i, record in threaded(lambda i: self._ask(prompts[i], keys[i], kwargs), todo, self.parallel,
+                                      stop_on_error=True):
+                if isinstance(record, BaseException):
+                    raise record  # what alpaca_eval's own call would raise; the answers so far are journaled
+                records[i] = record
+                progress.update()
+        names = [k for k in records[0] if k not in ("key", "tstamp")] if records else []
+        return {name: [r.get(name) for r in records] for name in names}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# alpaca_eval's annotation cache
+
+
+def annotation_store(output_dir: Path, config_name: str, annotators: dict, client: dict | None,
+                     parallel: int) -> tuple[Path, object]:
+    """(alpaca_eval's annotation cache file, the decoder it annotates with) for this run: a judge endpoint's
+    logged decoder (client None: the rule judge). Rows the cache holds as failed are dropped first."""
+    key = _canonical_hash({"annotators": annotators, "templates": {a: Path(c["prompt_template"]).read_text()
+                                                                   for a, c in annotators.items()},
+                           "base_url": client["openai_api_base"] if client else "rule"})[:12]
+    cache = output_dir / "annotations" / f"{config_name}-{key}.json"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    forget_failed(cache)
+    decoder = rule_completions if client is None else LoggedCompletions(
+        output_dir / "annotations" / f"requests-{config_name}-{key}.jsonl", client, parallel)
+    return cache, decoder
+
+
+def forget_failed(cache) -> int:
+    """Drop the rows alpaca_eval cached as failed (preference -1: no parsable answer), so this run asks again.
+
+    (alpaca_eval's own switch for this, is_store_missing_annotations=False, fails on a first run in 0.6.6.)"""
+    cache = Path(cache)
+    if not cache.is_file():
+        return 0
+    rows = json.loads(cache.read_text(encoding="utf-8") or "[]")
+    kept = [r for r in rows if r.get("preference") not in (-1, None)]
+    if len(kept) < len(rows):
+        write_json(cache, kept)
+        logger.info(f"{cache}: {len(rows) - len(kept)} annotations failed before; asking again")
+    return len(rows) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiny preset's rule judge, standing in for the annotator's model
+
+_CLF_PROMPT = re.compile(r'"instruction": """(?P<instruction>.*?)""",.*?"model_identifier": "m",\s*"output": """'
+                         r'(?P<output_1>.*?)""".*?"model_identifier": "M",\s*"output": """(?P<output_2>.*?)"""', re.S)
+
+
+def check_rule_config(annotators: dict) -> None:
+    for annotator, cfg in annotators.items():
+        parser = cfg.get("completion_parser_kwargs", {})
+        if cfg.get("fn_completion_parser") != "logprob_parser" or parser.get("numerator_token") != "m" \
+                or "alpaca_eval_clf" not in Path(cfg["prompt_template"]).name:
+            raise ConfigError(f"--judge_model rule stands in for weighted_alpaca_eval_gpt4_turbo-style annotators "
+                              f"(its prompt, log-probs of m/M); {annotator} is not one: drop --annotators_config")
+
+
+def rule_completions(prompts, rule=None, **kwargs) -> dict:
+    """alpaca_eval `fn_completions` answering weighted_alpaca_eval_gpt4_turbo's prompt by a rule(instruction,
+    output_1, output_2) -> "A" | "B" | "tie" (default: the tiny preset's), as the log-probs of the tokens m
+    (output_1) and M (output_2): probability 1 for the winner, 0.5 each on a tie. Sends nothing."""
+    from alignkit.modeling.presets import rule_judge
+
+    rule = rule or rule_judge
+    texts, alls = [], []
+    for prompt in prompts:
+        match = _CLF_PROMPT.search(prompt)
+        if match is None:
+            raise ValueError("the rule judge reads weighted_alpaca_eval_gpt4_turbo's prompt; this one differs")
+        verdict = rule(match["instruction"], match["output_1"], match["output_2"])
+        p_m = {"A": 1.0, "B": 0.0}.get(verdict, 0.5)
+        tops = [{"token": t, "logprob": math.log(max(p, 1e-12))} for t, p in (("m", p_m), ("M", 1 - p_m))]
+        token = "m" if p_m >= 0.5 else "M"
+        texts.append(token)
+        alls.append({"text": token, "total_tokens": 0, "logprobs": {"content": [
+            {"token": token, "logprob": max(t["logprob"] for t in tops), "top_logprobs": tops}]}})
+    return {"completions": texts, "completions_all": alls, "price_per_example": [0.0] * len(prompts),
+            "time_per_example": [0.0] * len(prompts)}

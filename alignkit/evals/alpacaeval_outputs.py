@@ -1,0 +1,214 @@
+"""AlpacaEval's inputs and the outputs it scores, for `evaluate.py alpaca_eval` (alignkit.evals.alpacaeval).
+
+The eval set (AlpacaEval's 805 instructions from the Hub file, or `--eval_set`), reference outputs from a file in
+AlpacaEval's format, and each model's outputs: generated with alignkit's own backends
+(alignkit.modeling.generation.load_generator) and appended to `model_outputs/<name>.jsonl` batch by batch, each
+record stamped with its source, its sampling and the model as loaded (`outputs_key`), so a rerun generates only
+what is missing and never scores another model's old outputs as this one's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from alignkit.core.args import ConfigError
+from alignkit.core.journal import append_jsonl, write_json
+from alignkit.core.progress import Progress
+
+HUB_REPO = "tatsu-lab/alpaca_eval"
+EVAL_FILE = "alpaca_eval_gpt4_baseline.json"  # the 805 instructions with AlpacaEval 2's reference outputs
+OUTPUT_KEYS = ("instruction", "output", "generator", "dataset")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def hub_file(filename: str, how: str) -> Path:
+    """A file of the Hub dataset tatsu-lab/alpaca_eval (the eval set; df_gamed.csv for alignkit.evals.alpacaeval_report):
+    from the Hub cache, or downloaded once into it."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(HUB_REPO, filename, repo_type="dataset"))
+    except Exception as e:  # offline, no network, gated: all the same to the user
+        raise ConfigError(f"{filename} of the Hub dataset {HUB_REPO} is not in the Hub cache and could not be "
+                          f"downloaded ({type(e).__name__}). Fetch it once with network (hf download {HUB_REPO} "
+                          f"{filename} --repo-type dataset), or {how}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The eval set and output files
+
+
+def read_rows(path, flag: str) -> list[tuple[str, dict]]:
+    """(where, row) of a JSON list or JSONL file; a bad file or row is an error naming the file and row."""
+    from alignkit.core.journal import read_jsonl
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path} not found; check the path")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); {flag} takes a JSON list of "
+                              "objects or JSONL") from None
+        if not isinstance(data, list):
+            raise ConfigError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        rows = [(f"{path}, row {i}", row) for i, row in enumerate(data, 1)]
+    else:
+        rows = [(f"{path}, line {i}", row) for i, row in read_jsonl(path, f"{flag} takes JSONL or a JSON list")]
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
+def _text(where, row, field, fix) -> str:
+    value = row.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: field {field!r} must be a non-empty string, got {value!r:.80}; {fix}")
+    return value
+
+
+def load_eval_set(eval_set: str | None, max_instances: int | None) -> tuple[list[dict], list[dict] | None]:
+    """(rows {instruction, dataset}, AlpacaEval 2's reference outputs for them when the set is AlpacaEval's)."""
+    hub = eval_set is None
+    path = hub_file(EVAL_FILE, "pass your own --eval_set FILE (and --reference_outputs FILE or --reference_model)") \
+        if hub else Path(eval_set)
+    fix = "each row needs an `instruction`"
+    rows, seen = [], {}
+    for where, row in read_rows(path, "--eval_set"):
+        instruction = _text(where, row, "instruction", fix)
+        if instruction in seen:  # alpaca_eval pairs outputs by instruction: a repeat would pair the wrong ones
+            raise ConfigError(f"{where}: the instruction repeats {seen[instruction]}; keep one of them")
+        seen[instruction] = where
+        dataset = row.get("dataset") if isinstance(row.get("dataset"), str) else path.stem
+        rows.append({**row, "instruction": instruction, "dataset": dataset})
+    if not rows:
+        raise ConfigError(f"{path} holds no instructions; {fix}")
+    rows = rows[:max_instances] if max_instances else rows
+    references = [{k: r[k] for k in OUTPUT_KEYS} for r in rows] if hub else None
+    return [{"instruction": r["instruction"], "dataset": r["dataset"]} for r in rows], references
+
+
+def load_reference_outputs(path, rows: list[dict], name: str | None) -> list[dict]:
+    """The reference output of every eval-set instruction from a file in AlpacaEval's format."""
+    fix = "rows need `instruction` and `output` (AlpacaEval's format)"
+    found = {}
+    for where, row in read_rows(path, "--reference_outputs"):
+        instruction = _text(where, row, "instruction", fix)
+        output = row.get("output")
+        if not isinstance(output, str):
+            raise ConfigError(f"{where}: field 'output' must be a string, got {output!r:.80}; {fix}")
+        generator = name or (row["generator"] if isinstance(row.get("generator"), str) else Path(path).stem)
+        found[instruction] = {"instruction": instruction, "output": output, "generator": generator}
+    missing = [r["instruction"] for r in rows if r["instruction"] not in found]
+    if missing:
+        raise ConfigError(f"--reference_outputs {path} has no output for {len(missing)} of the eval set's "
+                          f"{len(rows)} instructions, e.g. {missing[0]!r:.100}; add them, or evaluate on the set the "
+                          "file answers (--eval_set)")
+    return [{**found[r["instruction"]], "dataset": r["dataset"]} for r in rows]
+
+
+def default_name(source: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source.rstrip("/")).name).lstrip("._-")
+    return name or "model"
+
+
+def check_name(name: str, flag: str) -> str:
+    if not _NAME.match(name):
+        raise ConfigError(f"{flag} {name!r}: use letters, digits, '.', '_' or '-' (it names files)")
+    return name
+
+
+def outputs_path(output_dir, name: str) -> Path:
+    return Path(output_dir) / "model_outputs" / f"{name}.jsonl"
+
+
+def _generation(s) -> dict:
+    return {k: getattr(s, k) for k in ("temperature", "top_p", "num_beams", "max_new_tokens", "seed")}
+
+
+def outputs_key(s, source: str, backend: str) -> str:
+    """The model that makes `source`'s outputs, as loaded (alignkit.modeling.identity: every loader setting, every
+    file down its adapter chain, the GGUF file, the backend, the hardware). Stamped on each output record."""
+    from alignkit.core.config import loader_settings
+    from alignkit.modeling.identity import identity_key
+
+    return identity_key(loader_settings(s, source), backend)
+
+
+def read_outputs(path, source: str, generation: dict, identity: str | None = None) -> dict[str, dict]:
+    """{instruction: record} of an outputs log; records from another model, another model as loaded (`identity`,
+    see outputs_key) or other sampling are an error: the old outputs are never scored as the new model's."""
+    from alignkit.core.journal import read_jsonl
+    from alignkit.evals.mtbench import _same_source
+
+    fix = "delete the file (or the line) to generate again"
+    out = {}
+    for line, row in read_jsonl(path, fix, repair_tail=True):
+        where = f"{path}, line {line}"
+        _text(where, row, "instruction", fix)
+        if not isinstance(row.get("output"), str):
+            raise ConfigError(f"{where}: field 'output' must be a string; {fix}")
+        if row.get("source") is not None and _same_source(row["source"]) != _same_source(source):
+            raise ConfigError(f"{path} holds outputs by {row['source']}, not {source}: give this model another "
+                              "--model_name / --reference_name, use another --output_dir, or delete the file")
+        if row.get("generation") not in (None, generation):
+            raise ConfigError(f"{where}: generated with {row['generation']}, not {generation}: use another "
+                              "--output_dir, or delete the file to generate again with the new settings")
+        if identity is not None and row.get("identity") != identity:
+            raise ConfigError(f"{where}: generated by another model as loaded than {source} now (its files, down its "
+                              "adapter chain, or its loading: dtype, quantization, chat template, GGUF file, backend, "
+                              "hardware): use another --output_dir, or delete the file to generate again")
+        out[row["instruction"]] = row
+    return out
+
+
+def generate_outputs(generator, rows: list[dict], name: str, source: str, path, s, identity: str | None = None) -> int:
+    """Generate the outputs `path` lacks, batch by batch, appending each batch's records as it finishes."""
+    path = Path(path)
+    generation = _generation(s)
+    todo = [r for r in rows if r["instruction"] not in read_outputs(path, source, generation, identity)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    progress = Progress(f"{name}: generating", len(todo), unit="output", errors=False)
+    for start in range(0, len(todo), s.batch_size):
+        batch = todo[start : start + s.batch_size]
+        outs = generator([[{"role": "user", "content": r["instruction"]}] for r in batch],
+                         max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                         num_beams=s.num_beams, batch_size=len(batch), seed=s.seed)
+        append_jsonl(path, [{"instruction": row["instruction"], "output": out, "generator": name,
+                             "dataset": row["dataset"], "source": source, "generation": generation,
+                             "identity": identity}
+                            for row, out in zip(batch, outs, strict=True)])
+        progress.update(len(batch))
+    progress.close()
+    return len(todo)
+
+
+def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> list[dict]:
+    """The outputs of model `source` on `rows` in AlpacaEval's format, generated where missing."""
+    from alignkit.core.config import loader_settings
+    from alignkit.modeling.generation import load_generator
+
+    path = outputs_path(s.output_dir, name)
+    generation = _generation(s)
+    if getattr(s, "preset", None) == "tiny" and not Path(source).exists():
+        raise ConfigError(f"{source} not found: train the tiny runs first (python sft.py --preset tiny; python "
+                          "dpo.py --preset tiny --model_id runs/tiny-sft), or pass --model_id / --reference_model")
+    identity = outputs_key(s, source, backend)
+    done = read_outputs(path, source, generation, identity)
+    missing = [r for r in rows if r["instruction"] not in done]
+    if missing:
+        print(f"{name}: {len(rows) - len(missing)} outputs from before, generating {len(missing)} with {source}")
+        with load_generator(loader_settings(s, source), backend) as generator:
+            generate_outputs(generator, missing, name, source, path, s, identity)
+        done = read_outputs(path, source, generation, identity)
+    else:
+        print(f"{name}: all {len(rows)} outputs generated before ({path})")
+    outputs = [{k: (name if k == "generator" else done[r["instruction"]][k]) for k in OUTPUT_KEYS} for r in rows]
+    write_json(path.with_suffix(".json"), outputs)
+    return outputs
+

@@ -1,0 +1,251 @@
+"""What a label.py run keeps: its state, the keys of its cache, the append-only logs a rerun resumes from, and the
+output and summary rebuilt from them at the end. The loop that fills them is alignkit.feedback.labeling; the pairs
+and their judgments, alignkit.feedback.label_pairs.
+
+A run writes, next to `--output X.jsonl`:
+- `X.cache/responses.jsonl` and `X.cache/judgments.jsonl`: append-only logs (`AppendLog`), one JSON line per
+  generated response or judge answer, flushed and fsync'd as it arrives. A judgment's key hashes what the judge
+  saw (the prompt, the response in slot A, the one in slot B) and the judge's whole identity (Judge.identity:
+  kind, model, template, endpoint, max tokens, temperature, or a local judge's weights and loader settings); a
+  response's key hashes the prompt and its generator's identity (labeling._generator_identity). A rerun after a
+  crash, Ctrl-C or SIGKILL finds every answer it already has and asks only for the rest; a changed setting simply
+  misses the cache. Failed requests are not cached, so a rerun retries them. An answer without a verdict was
+  paid for: it stays cached, and only --retry_parse_failures asks again under the same settings.
+- `X.jsonl`: rebuilt from the cache at the end of every run (`write_output`) and replaced atomically, so each
+  pair is in it once.
+- `X.summary.json` (also printed as a table, `format_summary`) and `X.config.json` (the settings, secrets redacted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignkit import logger
+from alignkit.core import journal
+from alignkit.core.args import redact
+from alignkit.core.journal import write_json, write_jsonl
+from alignkit.feedback.judge import Judge, combine, parse_verdict, winner
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class AppendLog(journal.AppendLog):
+    """label.py's cache log (alignkit.core.journal.AppendLog): another run holding it is told how to proceed."""
+
+    def __init__(self, path, owner: str = "label.py",
+                 fix: str = "let it finish, or give this run its own --output or --cache_dir"):
+        super().__init__(path, owner, fix)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run and what it keys on
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one column of responses comes from."""
+
+    name: str  # recorded in output rows (chosen_source, rejected_source, generator)
+    spec: str  # a model (Hub id, folder, openai:MODEL) or a responses file
+    kind: str  # "local", "endpoint" or "file"
+    index: int  # sample number, or slot (0 = A, 1 = B): part of the seeds and of the response cache keys
+
+
+@dataclass
+class Run:
+    """One label.py run: its settings, sources, judge and clients, its cache logs, and what it counted."""
+
+    settings: object  # alignkit.core.config.LabelSettings
+    output: Path
+    cache_dir: Path
+    sources: list[Source]
+    pairing: list[tuple[int, int]]  # which sources are paired with which
+    judge: Judge | None
+    endpoints: dict  # openai:MODEL -> alignkit.core.llm.ChatClient
+    responses: AppendLog
+    judgments: AppendLog | None
+    stats: Counter = field(default_factory=Counter)
+    errors: dict = field(default_factory=dict)  # judgment key -> the exception of a request that failed
+    backend: str | None = None  # "vllm" or "transformers" for local generators; None when there are none
+
+    @property
+    def summary_path(self) -> Path:
+        return self.output.with_suffix(".summary.json")
+
+    def close(self) -> None:
+        self.responses.close()
+        if self.judgments is not None:
+            self.judgments.close()
+
+
+@dataclass
+class Prompt:
+    """A prompt as role/content turns; `key` (their digest) names it in every cache key."""
+
+    messages: list[dict]  # role/content turns ending with a user turn
+    key: str = ""
+
+    def __post_init__(self):
+        self.key = digest(self.messages)
+
+
+@dataclass
+class Pair:
+    """Two responses to one prompt, and the judgment cache key of each order the judge sees them in."""
+
+    prompt: Prompt
+    a: str
+    b: str
+    source_a: str
+    source_b: str
+    keys: dict[str, str] = field(default_factory=dict)  # order ("ab" or "ba") -> judgment cache key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Failures: the first few logged in full, every one counted in the summary
+
+
+def report_failure(error: Exception, what: str, count: int) -> None:
+    """Log the first few failures in full (secrets redacted); the rest are only counted."""
+    if count <= 3:
+        logger.warning(f"{what} failed: {type(error).__name__}: {redact(str(error))[:300]}")
+    elif count == 4:
+        logger.warning(f"more {what}s failed; counting them in the summary")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output and summary
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> dict:
+    """Write the output rows (rebuilt from the cache) and the summary; return the summary."""
+    if run.judge is None:
+        rows = []
+        for si, source in enumerate(run.sources):
+            for pi, prompt in enumerate(prompts):
+                text = table[si][pi]
+                if text is None:
+                    run.stats["missing completion"] += 1
+                elif not text.strip():
+                    run.stats["empty completion"] += 1
+                else:
+                    rows.append({"prompt": prompt.messages, "completion": _assistant(text), "generator": source.name})
+        write_jsonl(run.output, rows)  # readers see the old file or the new one, never half of one
+        summary = _completion_summary(run, prompts, rows)
+    else:
+        rows, outcomes, verdicts = [], Counter(), []
+        for pair in pairs:
+            if any(key not in run.judgments for key in pair.keys.values()):
+                outcomes["error"] += 1
+                continue
+            found = {order: parse_verdict(run.judgments.get(key)["text"]) for order, key in pair.keys.items()}
+            verdicts.append(found)
+            outcome = combine(found)
+            outcomes[outcome] += 1
+            if outcome in ("a", "b"):
+                chosen, rejected = (pair.a, pair.b) if outcome == "a" else (pair.b, pair.a)
+                sources = (pair.source_a, pair.source_b) if outcome == "a" else (pair.source_b, pair.source_a)
+                # The verdicts as the judge gave them, named by where the chosen response sat.
+                named = dict(sorted(
+                    (("chosen_in_A" if (order == "ab") == (outcome == "a") else "chosen_in_B"), v)
+                    for order, v in found.items()))
+                rows.append({
+                    "prompt": pair.prompt.messages, "chosen": _assistant(chosen), "rejected": _assistant(rejected),
+                    "chosen_source": sources[0], "rejected_source": sources[1], "judge": run.judge.name,
+                    "judge_template": run.judge.template.name if run.judge.template else None, "verdicts": named,
+                    **_label_fields(run, pair, outcome),
+                })
+        write_jsonl(run.output, rows)
+        summary = _pair_summary(run, prompts, pairs, outcomes, verdicts, rows)
+        if pairs and not rows:
+            logger.warning("no pair was labeled: the summary shows why (ties, disagreements between the orders, "
+                           "answers without a verdict, errors)")
+    write_json(run.summary_path, summary)
+    return summary
+
+
+def _label_fields(run: Run, pair: Pair, outcome: str) -> dict:
+    """What a judge adds to a labeled row (a reward model: the two scores); nothing for text judges."""
+    fields = getattr(run.judge, "label_fields", None)
+    if fields is None:
+        return {}
+    texts = {order: run.judgments.get(key)["text"] for order, key in pair.keys.items()}
+    chosen_slot = {order: "A" if (order == "ab") == (outcome == "a") else "B" for order in pair.keys}
+    return fields(texts, chosen_slot)
+
+
+def _share(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _tokens(run: Run) -> dict:
+    usage = {"judge": run.judge.usage() if run.judge else None}
+    for spec, client in run.endpoints.items():
+        usage[spec] = client.usage.as_dict()
+    return {name: u for name, u in usage.items() if u}
+
+
+def _pair_summary(run, prompts, pairs, outcomes, verdicts, rows) -> dict:
+    parsed = [v for found in verdicts for v in found.values() if v is not None]
+    both = [found for found in verdicts if len(found) == 2 and None not in found.values()]
+    agree = sum(winner("ab", f["ab"]) == winner("ba", f["ba"]) for f in both)
+    st = run.stats
+    return {
+        "output": str(run.output), "judge": run.judge.name,
+        "template": run.judge.template.name if run.judge.template else None, "both_orders": run.settings.both_orders,
+        "prompts": len(prompts), "pairs": st["pairs"],
+        "skipped": {"identical": st["identical"], "empty": st["empty response"], "missing": st["missing response"],
+                    "repeated": st["repeated pair"], "generation_errors": st["generation errors"]},
+        "pairs_judged": len(pairs), "labeled": len(rows), "ties": outcomes["tie"],
+        "disagreements": outcomes["disagree"], "parse_failures": outcomes["unparsed"], "errors": outcomes["error"],
+        "agreement": _share(agree, len(both)) if run.settings.both_orders else None,
+        "slot_a_wins": _share(parsed.count("A"), len(parsed)), "slot_b_wins": _share(parsed.count("B"), len(parsed)),
+        "tie_verdicts": _share(parsed.count("tie"), len(parsed)),
+        "judgments": {"needed": st["judgments needed"], "sent_this_run": st["judgments sent"],
+                      "from_cache": st["judgments needed"] - st["judgments sent"], "failed": len(run.errors)},
+        "tokens_this_run": _tokens(run),
+    }
+
+
+def _completion_summary(run, prompts, rows) -> dict:
+    st = run.stats
+    return {"output": str(run.output), "mode": "completions", "prompts": len(prompts), "completions": len(rows),
+            "empty": st["empty completion"], "missing": st["missing completion"],
+            "generation_errors": st["generation errors"], "tokens_this_run": _tokens(run)}
+
+
+_LABELS = {
+    "agreement": "agreement of the two orders", "slot_a_wins": "slot A wins (position bias)",
+    "slot_b_wins": "slot B wins", "tie_verdicts": "tie verdicts", "parse_failures": "parse failures (no verdict)",
+    "pairs": "pairs (before skipping)", "tokens_this_run": "tokens used this run",
+}
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a two-column table, shares as percentages."""
+    def show(value):
+        if isinstance(value, float):
+            return f"{value:.1%}"
+        if isinstance(value, dict):
+            return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items())
+        return "n/a" if value is None else str(value)
+
+    lines = []
+    for key, value in summary.items():
+        label = _LABELS.get(key, key.replace("_", " "))
+        if isinstance(value, dict):
+            lines.append(f"{label}:" + ("" if value else " none"))
+            lines += [f"  {_LABELS.get(k, k.replace('_', ' ')):<30} {show(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{label:<32} {show(value)}")
+    return "\n".join(lines)
