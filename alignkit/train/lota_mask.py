@@ -21,6 +21,18 @@ from alignkit.modeling.lota_delta import (
 )
 
 
+def _let_the_next_trainer_start(trainer) -> None:
+    """The calibration trainer is done; the run's own trainer comes next, in this process. Under DeepSpeed its
+    Accelerator would refuse the plugin a second time ("You cannot pass in a `deepspeed_plugin` when creating a
+    second `Accelerator`", accelerate/accelerator.py): the first one's engine and accelerate's shared state go with
+    the calibration (the process group stays)."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        from accelerate.state import AcceleratorState
+
+        trainer.accelerator.free_memory()  # the DeepSpeed engine and its optimizer state
+        AcceleratorState._reset_state()
+
+
 def calibrate(model, s, run_folder: Path, make_trainer, args) -> dict[str, torch.Tensor]:
     """Phases 1 and 2 when the model carries a dense delta: train it, take the mask, go back to the starting
     weights with a sparse delta. `make_trainer(args)` builds the run's own trainer (same data and loss)."""
@@ -34,7 +46,9 @@ def calibrate(model, s, run_folder: Path, make_trainer, args) -> dict[str, torch
         save_strategy="no", eval_strategy="no", report_to="none", load_best_model_at_end=False,
     )
     logger.info(f"LoTA calibration: {s.lota_calibration_steps} dense steps to find the mask")
-    make_trainer(cal_args).train()
+    calibration = make_trainer(cal_args)
+    calibration.train()
+    _let_the_next_trainer_start(calibration)
     with contextlib.suppress(OSError):
         Path(cal_args.output_dir).rmdir()  # it only held what save_strategy "no" never writes
     modules = {n: m for n, m in layers(model) if n in deltas}
