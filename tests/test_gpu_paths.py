@@ -595,3 +595,34 @@ def test_gradient_checkpointing_takes_yaml_booleans_and_auto(tmp_path):
     assert parse_config(DPOSettings, ["--config", str(tmp_path / "c.yaml")], env_file=None).gradient_checkpointing == "true"
     assert parse_config(DPOSettings, ["--gradient_checkpointing", "no"], env_file=None).gradient_checkpointing == "false"
     assert parse_config(DPOSettings, [], env_file=None).gradient_checkpointing == "auto"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Back-to-back vLLM engines (label.py's generator then its judge, rlaif.py's rounds)
+
+
+def test_a_closed_vllm_engine_is_shut_down_and_its_memory_back_before_the_next_starts(monkeypatch):
+    """vLLM's engine core is a process of its own that releases the GPU some time after the engine is dropped;
+    the next engine sizes itself from the free memory and profiles against it. close() shuts the core down and
+    returns once the free memory has stopped rising, so the next engine reads all of it."""
+    from alignkit.modeling import generation
+
+    released = iter([10, 30, 60, 80, 80])  # GiB free: the old engine's process still letting go
+    readings = []
+
+    def mem_get_info(device):
+        readings.append(next(released, 80) << 30)
+        return readings[-1], 80 << 30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    shut = []
+    core = types.SimpleNamespace(shutdown=lambda: shut.append(True))
+    generator = generation.VLLMGenerator.__new__(generation.VLLMGenerator)
+    generator.llm = types.SimpleNamespace(llm_engine=types.SimpleNamespace(engine_core=core))
+    generator.close()
+    assert shut == [True] and generator.llm is None
+    assert readings[-1] == 80 << 30  # it waited for the whole release
+    assert generation.settled_free_memory(0, sleep=lambda s: None) == 80 << 30

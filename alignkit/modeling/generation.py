@@ -285,5 +285,33 @@ class VLLMGenerator(Generator):
         return [o.outputs[0].text.strip() for o in outputs]
 
     def close(self) -> None:
-        self.llm = None  # vLLM frees GPU memory only once the engine is garbage-collected
-        super().close()
+        """Shut the engine down and wait until the GPU has its memory back. vLLM's engine core runs in a process of
+        its own, which lets go of its memory some time after the engine is dropped; the next engine (a judge, the
+        next model, rlaif.py's next round) reads the free memory to size itself and profiles its own load against
+        it, and fails ("Error in memory profiling") when memory is still being released meanwhile."""
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        super().close()  # garbage-collects the engine (vLLM frees GPU memory only then) and empties torch's cache
+        if torch.cuda.is_available():
+            from alignkit.core.launch import local_gpu
+
+            settled_free_memory(local_gpu())
+
+
+def settled_free_memory(device: int, step_s: float = 0.5, timeout_s: float = 60.0, sleep=None) -> int:
+    """The GPU's free memory once it has stopped rising (two readings `step_s` apart within 64 MiB), or after
+    `timeout_s`: memory another process is still releasing is not yet free."""
+    import time
+
+    sleep = sleep or time.sleep
+    last = torch.cuda.mem_get_info(device)[0]
+    for _ in range(max(1, int(timeout_s / step_s))):
+        sleep(step_s)
+        now = torch.cuda.mem_get_info(device)[0]
+        if now - last < 64 << 20:
+            return now
+        last = now
+    return last
