@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from test_launch_real import accelerate_launch
+from test_launch_real import accelerate_launch, cache, runs  # noqa: F401 - its fixtures: a cache and runs folder of this module's own
 
 # Not importorskip: deepspeed is in the dev extra, and without it these tests must fail, not vanish.
 assert importlib.util.find_spec("deepspeed"), "deepspeed is missing: pip install -r requirements-dev.txt"
@@ -61,13 +60,6 @@ def whole_adapter(run: Path) -> dict:
     return weights
 
 
-@pytest.fixture(scope="module")
-def cache(tiny_cache, tmp_path_factory):
-    own = tmp_path_factory.mktemp("sharded-cache") / "cache"
-    shutil.copytree(tiny_cache, own, ignore=shutil.ignore_patterns("ref_logps"))
-    return own
-
-
 @pytest.fixture(scope="module", autouse=True)
 def deepspeed_ops(tmp_path_factory):
     """DeepSpeed's CPU communication op (shared memory between the ranks) compiles on first use, into torch's
@@ -80,11 +72,6 @@ def deepspeed_ops(tmp_path_factory):
         build = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
         subprocess.run([sys.executable, "-c", build], check=True, capture_output=True, timeout=600)
         yield
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return tmp_path_factory.mktemp("sharded-runs")
 
 
 @pytest.fixture(scope="module", params=["zero3", "fsdp"])
