@@ -67,6 +67,9 @@ def fake_deepspeed():
     module = types.ModuleType("deepspeed")
     module.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)  # found, but no installed metadata
     module.zero = types.SimpleNamespace(GatheredParameters=_gathered)
+    # accelerate's unwrap_model asks `isinstance(model, deepspeed.DeepSpeedEngine)` once it finds deepspeed
+    # installed (the dev extra brings it): a class nothing here is an instance of.
+    module.DeepSpeedEngine = type("DeepSpeedEngine", (), {})
     before = sys.modules.get("deepspeed")
     sys.modules["deepspeed"] = module
     try:
