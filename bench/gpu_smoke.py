@@ -198,7 +198,7 @@ def training_pair(smoke: Smoke, prefix: str, model: str | None, steps: int, extr
         smoke.check(f"{prefix} SFT attention decided", "attention:" in sft, _line(sft, "attention:"))
         loss = _number(sft, r"held-out loss: ([0-9.]+|nan)")
         smoke.check(f"{prefix} SFT held-out loss finite", loss is not None and loss == loss, str(loss))
-    dpo = smoke.run(f"{prefix}-dpo", "-c", COUNTED_DPO, "--preset", "tiny", "--model_id", f"{out}/{prefix}-sft",
+    dpo = smoke.run(f"{prefix}-dpo", COUNTED, "dpo.py", "--preset", "tiny", "--model_id", f"{out}/{prefix}-sft",
                     "--max_steps", str(steps), "--output_dir", out, "--run_name", f"{prefix}-dpo",
                     "--report_to", "none", "--gradient_checkpointing", "auto",
                     # DPOSettings' default loss (the tiny preset adds TRL's sft term, which sends it to TRL's loss)
@@ -210,7 +210,7 @@ def training_pair(smoke: Smoke, prefix: str, model: str | None, steps: int, extr
         if expected_device() != "cpu" and want == "bf16":  # Ampere+: auto weighs FlexAttention for prefix sharing
             smoke.check(f"{prefix} DPO attention auto: flex_attention (prefix sharing on FlexAttention)",
                         "attention: flex_attention" in dpo, _line(dpo, "attention:"))
-        packed, own = _number(dpo, r"packed batches: (\d+)"), _number(dpo, r"own loss calls: (\d+)")
+        packed, own = _number(dpo, r"packed batches (\d+)"), _number(dpo, r"own loss calls (\d+)")
         smoke.check(f"{prefix} DPO prefix sharing packed its batches", packed is not None and packed > 0,
                     _line(dpo, "packed batches"))
         smoke.check(f"{prefix} DPO default loss is alignkit's own sigmoid", own is not None and own > 0,
@@ -220,24 +220,9 @@ def training_pair(smoke: Smoke, prefix: str, model: str | None, steps: int, extr
                     str(accuracy))
 
 
-# dpo.py in this process, counting what it really did: forwards on packed pairs (alignkit.train.prefix) and calls
-# of alignkit's own preference loss (alignkit.train.losses, the default sigmoid path), printed at the end.
-COUNTED_DPO = """
-import runpy, sys
-from alignkit.train import prefix, trainers
-counts = {"packed": 0, "own": 0}
-def counted(name, module, key):
-    real = getattr(module, name)
-    def wrapper(*args, **kwargs):
-        counts[key] += 1
-        return real(*args, **kwargs)
-    setattr(module, name, wrapper)
-counted("pack_pairs", prefix, "packed")
-counted("preference_loss", trainers, "own")
-sys.argv = ["dpo.py", *sys.argv[1:]]
-runpy.run_path("dpo.py", run_name="__main__")
-print(f"packed batches: {counts['packed']}; own loss calls: {counts['own']}")
-"""
+# Runs a script counting what it really did: forwards on packed pairs (alignkit.train.prefix) and calls of
+# alignkit's own preference loss (the default sigmoid path); the test suite's sharded launches use it too.
+COUNTED = "tests/launched.py"
 
 
 def _line(log: str, key: str) -> str:

@@ -2,7 +2,8 @@
 
     accelerate launch ... tests/launched.py [--fsdp-on-cpu] SCRIPT [script flags...]
 
-Used by tests/test_launch_sharded.py. Each process prints, after the script ends,
+Used by tests/test_launch_sharded.py and by bench/gpu_smoke.py (one process). Each process prints, after the
+script ends,
 
     launched: rank R of W under TYPE; packed batches N; own loss calls M
 
