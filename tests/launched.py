@@ -55,6 +55,17 @@ def _fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init_with_fsdp_on_cpu
 
 
+def _no_deepspeed_cpu_shm_op() -> None:
+    """DeepSpeed's CPU accelerator compiles a shared-memory communication op (C++, about a minute on 2 cores, under
+    a lock file a killed run leaves behind) on its first process group. It serves inference all-reduces on CPUs
+    only; training's collectives go through torch.distributed (gloo here, nccl on GPUs) either way. Without it,
+    DeepSpeed takes the path it takes where the op cannot be built."""
+    import importlib
+
+    # By its module (deepspeed.comm's attribute `torch` is torch itself).
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def _watch_distributed_type() -> None:
     """Record the distributed type of the Trainer's accelerator (the last one made, for scripts with two)."""
     import transformers
@@ -73,6 +84,8 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] == "--fsdp-on-cpu":
         argv = argv[1:]
         _fsdp_on_cpu()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+        _no_deepspeed_cpu_shm_op()
     from alignkit.train import prefix, trainers
 
     _count(prefix, "pack_pairs", "packed")

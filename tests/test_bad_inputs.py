@@ -23,6 +23,10 @@ FSDP = {"ACCELERATE_USE_FSDP": "true"}
 # output folder; the bad files (missing.jsonl, empty.jsonl, ...) sit in the working folder (see `bad_files`).
 TRAIN = ["--preset", "tiny", "--output_dir", "OUT"]
 CASES = [
+    ("dpo.py", [*TRAIN, "--dpo_betta", "0.1"],
+     "unknown setting: --dpo_betta (on the command line; did you mean --dpo_beta?)", None),
+    ("dpo.py", [*TRAIN, "--dpo_beta", "-1"], "dpo_beta must be > 0", None),
+    ("merge.py", ["--adapter_dir", "x", "--push_to_hub", "--hub_repo_id", "me/x"], "HF_TOKEN", None),
     ("sft.py", [*TRAIN, "--nosuch", "1"], "unknown setting: --nosuch", None),
     ("sft.py", [*TRAIN, "--learning_rate", "abc"], "invalid value for --learning_rate", None),
     ("sft.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
