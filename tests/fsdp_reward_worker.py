@@ -1,7 +1,7 @@
 """reward.py's own pieces under FSDP, on two CPU processes over gloo (accelerate 1.15 does not shard on a CPU, so
 torch's FSDP2 `fully_shard` stands in for the Trainer's wrapping). Run by tests/test_launch_real.py as
 
-    ACCELERATE_USE_FSDP=true FSDP_CPU_RAM_EFFICIENT_LOADING=true \
+    ACCELERATE_USE_FSDP=true FSDP_VERSION=2 FSDP_CPU_RAM_EFFICIENT_LOADING=true \
     python -m accelerate.commands.launch --multi_gpu --num_processes 2 ... tests/fsdp_reward_worker.py OUT_DIR
 
 with the environment `accelerate launch --use_fsdp` gives its processes. Each process:

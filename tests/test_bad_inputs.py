@@ -17,7 +17,7 @@ import pytest
 from conftest import run_script
 
 ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
-FSDP = {"ACCELERATE_USE_FSDP": "true"}
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
 # (script, arguments, what the error line must say, launch environment). In the arguments, "OUT" is the case's
 # output folder; the bad files (missing.jsonl, empty.jsonl, ...) sit in the working folder (see `bad_files`).
@@ -37,6 +37,8 @@ CASES = [
     ("sft.py", [*TRAIN, "--config", "missing.yaml"], "config file not found: missing.yaml", None),
     ("sft.py", [*TRAIN, "--adapter", "lota", "--lota_sparsity", "1.5"], "lota_sparsity must lie strictly between 0 and 1", None),
     ("sft.py", [*TRAIN, "--adapter", "lota"], "--adapter lota under FSDP is not supported", FSDP),
+    ("dpo.py", TRAIN, "FSDP1 (fsdp_version 1, accelerate's default when the config names none) is not supported",
+     {**FSDP, "FSDP_VERSION": "1"}),
     ("dpo.py", [*TRAIN, "--model_id", "some-folder"], "some-folder is not a model folder", None),
     ("dpo.py", [*TRAIN, "--model_id", "truncated"], "truncated/model.safetensors is damaged", None),
     ("dpo.py", [*TRAIN, "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1", None),

@@ -63,6 +63,7 @@ def test_8bit_is_refused_under_fsdp(monkeypatch):
     from alignkit.modeling.models import load_model
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
     with pytest.raises(ValueError, match="8bit cannot be sharded by FSDP"):
         load_model(ModelSettings(model_id="unused/model", quantization="8bit"))
 

@@ -17,19 +17,21 @@ from alignkit.train import training
 
 from test_gpu_paths import _meta_llama, fake_gpus, load_kwargs  # noqa: F401 - load_kwargs is a fixture
 
-ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING",
+ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_CPU_RAM_EFFICIENT_LOADING",
        "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE")
 
 
 def launched(monkeypatch, mode: str, rank: int = 1, world: int = 2) -> None:
-    """The environment `accelerate launch` gives process `rank` of `world` in `mode` (ddp, fsdp, zero2, zero3)."""
+    """The environment `accelerate launch` gives process `rank` of `world` in `mode` (ddp, fsdp, fsdp1, zero2,
+    zero3); fsdp is FSDP2, as recipes/accelerate/fsdp.yaml launches it."""
     for name in ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("LOCAL_RANK", str(rank))
-    if mode == "fsdp":
+    if mode.startswith("fsdp"):
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        monkeypatch.setenv("FSDP_VERSION", "1" if mode == "fsdp1" else "2")
         monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
     elif mode.startswith("zero"):
         monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -131,6 +133,9 @@ def test_checkpointing_auto_reads_this_rank_s_gpu_and_the_least_free_rank_decide
 
 
 REFUSED = [
+    ("fsdp1", "sft.py", SFTSettings(), r"^FSDP1 \(fsdp_version 1, accelerate's default .* set `fsdp_version: 2` in the "
+     r"accelerate config, as recipes/accelerate/fsdp.yaml does, or pass --fsdp_version 2 to accelerate launch$"),
+    ("fsdp1", "dpo.py", DPOSettings(), "^FSDP1 .* not supported: set `fsdp_version: 2`"),
     ("fsdp", "dpo.py", DPOSettings(precompute_ref_log_probs=True),
      "dpo.py --precompute_ref_log_probs under FSDP: .* use a DDP or DeepSpeed launch, or drop"),  # item 7
     ("fsdp", "rl.py", RLSettings(reward=["rm:runs/rm"]), r"rl.py --reward rm:FOLDER under FSDP: .* use a DDP launch"),

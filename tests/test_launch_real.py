@@ -131,7 +131,7 @@ def test_reward_pieces_under_fsdp_on_two_processes(cache, tmp_path):
     held-out report (a sharded forward is a collective: the main process alone would wait forever), whose scores
     equal the unsharded model's; and dpo.py's prefix-sharing forward gives the unsharded logits."""
     accelerate_launch([str(ROOT / "tests" / "fsdp_reward_worker.py"), str(tmp_path)], cache,
-                      {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"})
+                      {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"})
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for found in ranks:
         assert found["mode"] == "FSDP" and found["world"] == 2

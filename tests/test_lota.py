@@ -230,7 +230,7 @@ def test_lota_with_4bit_quantization_is_refused():
 
 
 @pytest.mark.parametrize("env, launch", [
-    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "FSDP"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
 ])
 def test_lota_under_fsdp_or_zero3_is_refused_before_the_model_loads(tiny_cache, monkeypatch, env, launch):

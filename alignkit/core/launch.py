@@ -62,6 +62,12 @@ def sharded_launch() -> str | None:
     return None
 
 
+def fsdp_version() -> int:
+    """The FSDP version accelerate launched with (FSDP_VERSION; its plugin reads 1 when unset). Only FSDP2
+    (torch's fully_shard) is supported: the tests launch it, and FSDP1's full-state-dict save is not proven."""
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
 def launch_mode() -> str:
     """"one process", "DDP", "FSDP", "ZeRO-2" or "ZeRO-3", from the launcher's environment."""
     if _flag("ACCELERATE_USE_FSDP"):
@@ -89,6 +95,10 @@ def refusal(s, script: str) -> str | None:
     if script in ONE_PROCESS and world_size() > 1:
         return (f"{script} under accelerate launch ({mode}, {world_size()} processes): it runs as one process; run "
                 f"`python {script} ...` (it uses this machine's GPU itself)")
+    if sharded == FSDP and fsdp_version() != 2:
+        return (f"FSDP1 (fsdp_version {fsdp_version()}, accelerate's default when the config names none) is not "
+                "supported: set `fsdp_version: 2` in the accelerate config, as recipes/accelerate/fsdp.yaml does, or "
+                "pass --fsdp_version 2 to accelerate launch")
     quantization = getattr(s, "quantization", "none")
     if sharded and quantization == "8bit":
         return _no_8bit(sharded)
