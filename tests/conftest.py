@@ -17,6 +17,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
+# pytest-xdist's workers (pyproject: one per core) share the cores out: torch's default, a thread per core in
+# every worker, oversubscribes them, and its waiting threads then spin against each other (two workers building
+# the tiny preset at once: 212 s each with 2 threads, 31 s with 1). Set before torch is imported; processes the
+# tests start inherit it, and the scripts' `--num_threads auto` follows it (alignkit.core.launch).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _share = max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_share)
+    if "torch" in sys.modules:  # a plugin imported it already: the variable came too late for it
+        sys.modules["torch"].set_num_threads(_share)
+
 # No test may reach the Hub, wandb or a real API: fail fast instead of hanging on the closed network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
