@@ -84,7 +84,9 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] == "--fsdp-on-cpu":
         argv = argv[1:]
         _fsdp_on_cpu()
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+    from alignkit.core.launch import launch_mode
+
+    if launch_mode().startswith("ZeRO"):
         _no_deepspeed_cpu_shm_op()
     from alignkit.train import prefix, trainers
 

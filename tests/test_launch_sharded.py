@@ -8,10 +8,10 @@
   accelerate's, transformers' and torch's own.
 
 Each launch trains 2 steps and finishes (a timeout catches a hang). DeepSpeed's CPU-only shared-memory op is not
-compiled (tests/launched.py says why). tests/launched.py reports the distributed
-type the Trainer really ran under, the batches dpo.py really packed (prefix sharing) and the calls of alignkit's
-own preference loss. One SFT adapter per launch mode (QLoRA) is shared by the runs built on it. DDP launches:
-tests/test_launch_real.py and tests/test_distributed.py.
+compiled (tests/launched.py says why). tests/launched.py reports the distributed type the Trainer really ran under,
+the batches dpo.py really packed (prefix sharing) and the calls of alignkit's own preference loss. One SFT adapter
+per launch mode (QLoRA) is shared by the runs built on it. DDP launches: tests/test_launch_real.py and
+tests/test_distributed.py.
 """
 
 from __future__ import annotations

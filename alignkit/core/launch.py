@@ -95,8 +95,8 @@ def refusal(s, script: str) -> str | None:
     if script in ONE_PROCESS and world_size() > 1:
         return (f"{script} under accelerate launch ({mode}, {world_size()} processes): it runs as one process; run "
                 f"`python {script} ...` (it uses this machine's GPU itself)")
-    if sharded == FSDP and fsdp_version() != 2:
-        return (f"FSDP1 (fsdp_version {fsdp_version()}, accelerate's default when the config names none) is not "
+    if sharded == FSDP and (version := fsdp_version()) != 2:
+        return (f"FSDP1 (fsdp_version {version}, accelerate's default when the config names none) is not "
                 "supported: set `fsdp_version: 2` in the accelerate config, as recipes/accelerate/fsdp.yaml does, or "
                 "pass --fsdp_version 2 to accelerate launch")
     quantization = getattr(s, "quantization", "none")
