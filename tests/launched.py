@@ -9,7 +9,7 @@ script ends,
 
 TYPE is accelerate's `distributed_type` as the Trainer saw it (not what the launch asked for), N the forwards
 that ran on packed pairs (`alignkit.train.prefix.pack_pairs`: prefix sharing really on), M the calls of
-alignkit's own preference loss (`alignkit.train.trainers.preference_loss`).
+alignkit's own losses (`alignkit.train.trainers.preference_loss`, and `reference_free_loss` for simpo and orpo).
 
 `--fsdp-on-cpu`: accelerate 1.16 turns FSDP on only for GPU-type launches (accelerate/state.py: its FSDP branch
 lists MULTI_GPU, MULTI_NPU, ... but not MULTI_CPU), so `accelerate launch --use_fsdp` on a CPU trains under
@@ -92,6 +92,7 @@ def main(argv: list[str]) -> None:
 
     _count(prefix, "pack_pairs", "packed")
     _count(trainers, "preference_loss", "own")
+    _count(trainers, "reference_free_loss", "own")
     _watch_distributed_type()
     sys.argv = argv
     runpy.run_path(argv[0], run_name="__main__")

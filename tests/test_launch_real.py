@@ -2,7 +2,7 @@
 creates the process group, each script establishes its launch, trains 2 steps and finishes (no hang: each launch
 has a timeout); QLoRA through bitsandbytes' CPU kernels. One SFT run is shared by everything built on it. FSDP, which accelerate does not do on a CPU, runs
 reward.py's own pieces under torch's `fully_shard` instead (tests/fsdp_reward_worker.py). See also
-tests/test_distributed.py (longer DDP runs whose losses fall, and the reference cache across processes).
+tests/test_distributed.py (longer DDP runs whose losses fall).
 """
 
 from __future__ import annotations
@@ -74,27 +74,56 @@ def test_sft_on_two_processes(sft_adapter):
     assert (sft_adapter / "adapter_model.safetensors").is_file()
 
 
-def test_dpo_with_precompute_and_merge_on_two_processes(sft_adapter, cache, runs):
+def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(sft_adapter, cache, runs):
     """--precompute_ref_log_probs (the reference pass before training, on both processes) and --merge_adaptors
-    (the main process merges while the other has finished): both end, and the merged model passed its check."""
-    output = accelerate_launch(["dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
-                                "true",
-                                "--merge_adaptors", "--output_dir", str(runs), "--run_name", "dpo"], cache)
+    (the main process merges while the other has finished): both end, and the merged model passed its check. The
+    main process alone stores the reference entries; a rerun on two processes with another loss (the reference
+    does not depend on it: alignkit/train/refcache.py) finds them, and neither process computes."""
+    first = accelerate_launch(["dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
+                               "true", "--merge_adaptors", "--output_dir", str(runs), "--run_name", "dpo"], cache)
     finished(runs / "dpo")
-    assert "pairs cached in" in output
+    entries = sorted((cache / "ref_logps").glob("*.safetensors"))
+    assert len(entries) == 2  # train and held-out rows, one file each
+    assert first.count("pairs cached in") == 2 and "reused from" not in first  # written by one process
     merge = json.loads((runs / "dpo" / "merged" / "merge.json").read_text())
     assert merge["adapters"][-1].endswith("dpo") and merge["max_logit_difference"] <= merge["tolerance"]
 
+    second = accelerate_launch(["dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
+                                "true", "--loss_type", "ipo", "--output_dir", str(runs), "--run_name", "dpo-ipo"], cache)
+    finished(runs / "dpo-ipo")
+    assert second.count("reused from") == 4  # each process, train and held-out rows
+    assert "pairs cached in" not in second
+    assert sorted((cache / "ref_logps").glob("*.safetensors")) == entries
 
-@pytest.mark.parametrize("quantization", ["none", "4bit"])
-def test_reward_with_its_held_out_report_on_two_processes(quantization, cache, runs):
-    name = f"reward-{quantization}"
-    accelerate_launch(["reward.py", *TINY, "--quantization", quantization, "--output_dir", str(runs), "--run_name",
-                       name], cache)
-    metrics = finished(runs / name)
-    held_out = json.loads((runs / name / "held_out_rewards.json").read_text())
+
+REWARDS = {  # reward.py's launches: plain LoRA with its LM term on (the LM head whole on each rank), and QLoRA
+    "lora-logexpwithlm": ["--quantization", "none", "--loss", "logexpwithlm"],
+    "qlora": QLORA,
+}
+
+
+@pytest.fixture(scope="module")
+def reward_run(cache, runs):
+    """reward.py on two processes, each kind of REWARDS launched once (on first use): returns its run folder."""
+    launched = {}
+
+    def run(kind: str) -> Path:
+        if kind not in launched:
+            accelerate_launch(["reward.py", *TINY, *REWARDS[kind], "--output_dir", str(runs), "--run_name",
+                               f"reward-{kind}"], cache)
+            launched[kind] = runs / f"reward-{kind}"
+        return launched[kind]
+
+    return run
+
+
+@pytest.mark.parametrize("kind", REWARDS)
+def test_reward_with_its_held_out_report_on_two_processes(kind, reward_run):
+    run = reward_run(kind)
+    metrics = finished(run)
+    held_out = json.loads((run / "held_out_rewards.json").read_text())
     assert metrics["held_out_pairs"] == held_out["held_out_pairs"] == len(held_out["chosen"]) > 0
-    assert (runs / name / "rewards_histogram.png").is_file()
+    assert (run / "rewards_histogram.png").is_file()
 
 
 def test_lota_dpo_on_two_processes(sft_adapter, cache, runs):
@@ -115,13 +144,20 @@ def test_kto_with_precompute_on_two_processes(sft_adapter, cache, runs):
     assert len(list((runs / "kto" / "kto_reference").glob("cache-*.arrow"))) == 2  # train and held-out rows
 
 
-def test_rl_on_two_processes(sft_adapter, cache, runs):
-    """GRPO with the transformers backend, the rule as the reward."""
-    accelerate_launch(["rl.py", "--preset", "tiny", "--model_id", str(sft_adapter), "--max_steps", "1",
-                       "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts", "16",
-                       "--save_steps", "100", "--output_dir", str(runs), "--run_name", "rl"], cache)
-    metrics = json.loads((runs / "rl" / "metrics.json").read_text())
+@pytest.mark.parametrize("reward", ["rule", "rm"])
+def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
+    """GRPO with the transformers backend: the rule as the reward, or a reward.py model (`rm:FOLDER`, QLoRA) that
+    each process holds whole beside the policy."""
+    flags = ["--reward", f"rm:{reward_run('qlora')}", "--logging_steps", "1"] if reward == "rm" else []
+    output = accelerate_launch(["rl.py", "--preset", "tiny", "--model_id", str(sft_adapter), "--max_steps", "1",
+                                "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts", "16",
+                                "--save_steps", "100", *flags, "--output_dir", str(runs), "--run_name", f"rl-{reward}"],
+                               cache)
+    metrics = json.loads((runs / f"rl-{reward}" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["global_step"] == 1
+    if reward == "rm":  # each process built the reward model, and it scored the completions
+        assert output.count(f"rewards: rm:{reward_run('qlora')}") == 2, output[-3000:]
+        assert f"'rewards/rm:{reward_run('qlora')}/mean'" in output, output[-3000:]
 
 
 def test_reward_pieces_under_fsdp_on_two_processes(cache, tmp_path):

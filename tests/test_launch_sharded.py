@@ -10,7 +10,8 @@
 Each launch trains 2 steps and finishes (a timeout catches a hang). DeepSpeed's CPU-only shared-memory op is not
 compiled (tests/launched.py says why). tests/launched.py reports the distributed type the Trainer really ran under,
 the batches dpo.py really packed (prefix sharing) and the calls of alignkit's own preference loss. One SFT adapter
-per launch mode (QLoRA) is shared by the runs built on it. DDP launches: tests/test_launch_real.py and
+per launch mode (QLoRA) is shared by the runs built on it, and one plain-LoRA SFT adapter (FSDP2, ZeRO-3) by simpo.
+DDP launches: tests/test_launch_real.py and
 tests/test_distributed.py.
 """
 
@@ -59,14 +60,33 @@ def whole_adapter(run: Path) -> dict:
     return weights
 
 
-@pytest.fixture(scope="module", params=["zero3", "fsdp"])
+@pytest.fixture(scope="module", params=["zero3", "fsdp", "zero2"])
 def sft(request, cache, runs):
-    """sft.py with QLoRA under ZeRO-3 and under FSDP2: the adapter the runs below train on."""
+    """sft.py with QLoRA under ZeRO-3, FSDP2 and ZeRO-2: the adapter the runs below train on."""
     mode = request.param
     run = runs / f"sft-{mode}"
     done = launch(mode, "sft.py", run, *TINY, *QLORA, cache=cache)
     assert done["metrics"]["global_step"] == 2
     return mode, run
+
+
+@pytest.fixture(scope="module", params=["zero3", "fsdp"])
+def lora_sft(request, cache, runs):
+    """sft.py with plain LoRA (no quantization) under ZeRO-3 (the model built partitioned) and FSDP2."""
+    mode = request.param
+    run = runs / f"sft-lora-{mode}"
+    done = launch(mode, "sft.py", run, *TINY, "--quantization", "none", cache=cache)
+    assert done["metrics"]["global_step"] == 2
+    return mode, run
+
+
+@pytest.fixture(scope="module")
+def reward_zero2(cache, runs):
+    """reward.py with QLoRA and logexpwithlm under ZeRO-2 (the LM term needs the base's whole LM head, which ZeRO-2
+    keeps on every rank); rl.py scores with it below."""
+    run = runs / "reward-lm-zero2"
+    done = launch("zero2", "reward.py", run, *TINY, *QLORA, "--loss", "logexpwithlm", cache=cache)
+    return run, done
 
 
 def test_sft_saves_a_whole_adapter(sft):
@@ -75,11 +95,11 @@ def test_sft_saves_a_whole_adapter(sft):
 
 def test_dpo_packs_its_batches_precomputes_and_merges(sft, cache, runs):
     """dpo.py's defaults (prefix sharing, alignkit's own sigmoid loss) on the sharded QLoRA model, with
-    --merge_adaptors (the main process merges after the others are done); under ZeRO-3 also
+    --merge_adaptors (the main process merges after the others are done); under ZeRO-3 and ZeRO-2 also
     --precompute_ref_log_probs (refused under FSDP: tests/test_launch.py)."""
     mode, sft_run = sft
     run = runs / f"dpo-{mode}"
-    precompute = ["--precompute_ref_log_probs", "true"] if mode == "zero3" else []
+    precompute = ["--precompute_ref_log_probs", "true"] if mode != "fsdp" else []
     done = launch(mode, "dpo.py", run, *TINY, *QLORA, "--model_id", str(sft_run), "--loss_type", "sigmoid",
                   "--merge_adaptors", *precompute, cache=cache)
     assert done["packed"] > 0 and done["own"] > 0
@@ -91,42 +111,73 @@ def test_dpo_packs_its_batches_precomputes_and_merges(sft, cache, runs):
 
 
 def test_kto(sft, cache, runs):
-    """kto.py; under ZeRO-3 with --precompute_ref_log_probs, whose cache file every process reads (TRL named it
-    at random per process for an in-memory dataset). The tiny preset's rule check is skipped with its line."""
+    """kto.py; under ZeRO-3 and ZeRO-2 with --precompute_ref_log_probs, whose cache file every process reads (TRL
+    named it at random per process for an in-memory dataset). Under a sharded model (FSDP, ZeRO-3) the tiny preset's
+    rule check is skipped with its line; under ZeRO-2 the model is whole on each rank, so it samples."""
     mode, sft_run = sft
     run = runs / f"kto-{mode}"
-    precompute = ["--precompute_ref_log_probs", "true"] if mode == "zero3" else []
+    precompute = ["--precompute_ref_log_probs", "true"] if mode != "fsdp" else []
     done = launch(mode, "kto.py", run, *TINY, "--model_id", str(sft_run), *precompute, cache=cache)
     assert done["metrics"]["global_step"] == 2
-    assert "rule-following is not measured under" in done["output"]
+    if precompute:
+        assert len(list((run / "kto_reference").glob("cache-*.arrow"))) == 2  # train and held-out rows, one file
+    sampled = "rule-following after KTO" in done["output"]
+    assert sampled == (mode == "zero2"), done["output"][-2000:]
+    assert sampled or "rule-following is not measured under" in done["output"]
     whole_adapter(run)
 
 
-def test_rl(sft, cache, runs):
-    """rl.py (GRPO, transformers backend, the rule reward): generation on the sharded model, every rank in step."""
+def test_rl(sft, request, cache, runs):
+    """rl.py (GRPO, transformers backend): generation on the sharded model, every rank in step. The rule reward
+    under ZeRO-3 and FSDP (a reward model is refused there: tests/test_launch.py); under ZeRO-2 the rule and a
+    reward.py model (`rm:FOLDER`), which each rank holds whole beside the policy."""
     mode, sft_run = sft
     run = runs / f"rl-{mode}"
+    rm = request.getfixturevalue("reward_zero2")[0] if mode == "zero2" else None
+    rewards = ["--reward", f"rule,rm:{rm}", "--reward_weights", "1,0.5", "--logging_steps", "1"] if rm else []
     done = launch(mode, "rl.py", run, "--preset", "tiny", "--model_id", str(sft_run), "--max_steps", "1",
                   "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts", "16",
-                  "--save_steps", "100", cache=cache)
+                  "--save_steps", "100", *rewards, cache=cache)
     assert done["metrics"]["global_step"] == 1
     whole_adapter(run)
+    if rm:  # each rank built both reward functions, and both scored the completions
+        assert done["output"].count(f"rewards: rule_reward, rm:{rm}") == 2, done["output"][-3000:]
+        assert f"'rewards/rm:{rm}/mean'" in done["output"], done["output"][-3000:]
 
 
-def test_reward_with_its_held_out_report_under_zero3(cache, runs):
-    """The fresh score head zeroed in its partition, the held-out report on every rank (a collective)."""
-    run = runs / "reward-zero3"
-    done = launch("zero3", "reward.py", run, *TINY, cache=cache)
+@pytest.mark.parametrize("mode", ["zero3", "fsdp"])
+def test_reward_with_its_held_out_report(mode, cache, runs):
+    """The whole reward.py under a sharded model: the fresh score head zeroed (under ZeRO-3 in its partition), the
+    held-out report on every rank (a sharded forward is a collective), its scores and picture written once.
+    reward.py's pieces checked against the unsharded model under FSDP: test_launch_real.py."""
+    run = runs / f"reward-{mode}"
+    done = launch(mode, "reward.py", run, *TINY, cache=cache)
     held_out = json.loads((run / "held_out_rewards.json").read_text())
     assert done["metrics"]["held_out_pairs"] == len(held_out["chosen"]) > 0
+    assert (run / "rewards_histogram.png").is_file()
     whole_adapter(run)
 
 
-def test_reward_logexpwithlm_with_qlora_under_zero2(cache, runs):
+def test_reward_logexpwithlm_with_qlora_under_zero2(reward_zero2):
     """The LM term needs the base's whole LM head: ZeRO-2 keeps the model whole on every rank."""
-    run = runs / "reward-lm-zero2"
-    done = launch("zero2", "reward.py", run, *TINY, *QLORA, "--loss", "logexpwithlm", cache=cache)
+    run, done = reward_zero2
     assert done["metrics"]["held_out_pairs"] > 0
+    whole_adapter(run)
+
+
+def test_sft_with_lora_saves_a_whole_adapter(lora_sft):
+    whole_adapter(lora_sft[1])
+
+
+def test_simpo_on_the_lora_adapter(lora_sft, cache, runs):
+    """dpo.py --loss_type simpo (reference-free: the policy pass alone) with plain LoRA on the sharded model:
+    batches packed, alignkit's own reference-free loss."""
+    mode, sft_run = lora_sft
+    run = runs / f"simpo-{mode}"
+    done = launch(mode, "dpo.py", run, *TINY, "--quantization", "none", "--model_id", str(sft_run), "--loss_type",
+                  "simpo", cache=cache)
+    assert done["packed"] > 0 and done["own"] > 0 and done["metrics"]["global_step"] == 2
+    whole_adapter(run)
 
 
 def test_lota_under_zero2(cache, runs):
