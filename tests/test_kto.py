@@ -19,19 +19,27 @@ def test_kto_raises_rule_following(tiny_cache, tmp_path):
     assert (run["run_folder"] / "adapter_model.safetensors").is_file()
 
 
-def _first_log(tmp_path, sft_run, name, *flags) -> dict:
+def _first_log(tmp_path, sft_run, name, *flags) -> tuple[dict, list[str]]:
+    """The first step's logs, and the training rows' columns."""
     run = run_script("kto.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--max_steps", "1",
                      "--logging_steps", "1", "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", name, *flags)
-    return run["trainer"].state.log_history[0]
+    return run["trainer"].state.log_history[0], run["trainer"].train_dataset.column_names
 
 
 def test_reference_is_the_model_the_run_starts_from(tiny_cache, tmp_path, sft_run):
     """At step 0 the new adapter is zero: against base + SFT adapter (the default) every reward is exactly 0; TRL's
-    own PEFT reference would be the bare base, which --reference_adapters 0 asks for: rewards then differ from 0."""
-    stacked = _first_log(tmp_path, sft_run, "stacked")
+    own PEFT reference would be the bare base, which --reference_adapters 0 asks for: rewards then differ from 0.
+    Precomputed (--precompute_ref_log_probs), the reference is base + SFT adapter too: rewards 0 at step 0."""
+    stacked, columns = _first_log(tmp_path, sft_run, "stacked")
     assert stacked["rewards/chosen"] == 0.0 and stacked["rewards/rejected"] == 0.0
-    bare = _first_log(tmp_path, sft_run, "bare", "--reference_adapters", "0")
+    assert "ref_logps" not in columns  # computed in each step
+    bare, _ = _first_log(tmp_path, sft_run, "bare", "--reference_adapters", "0")
     assert abs(bare["rewards/chosen"]) + abs(bare["rewards/rejected"]) > 1e-3
+    # --precompute_ref_log_probs: the same reference, computed before training and carried in the rows.
+    precomputed, columns = _first_log(tmp_path, sft_run, "precomputed", "--precompute_ref_log_probs", "true")
+    assert "ref_logps" in columns
+    assert precomputed["rewards/chosen"] == pytest.approx(0, abs=1e-4), precomputed
+    assert precomputed["rewards/rejected"] == pytest.approx(0, abs=1e-4), precomputed
 
 
 def test_unpaired_rows_and_pairs_load_as_labelled_answers():
