@@ -22,7 +22,8 @@ def test_kto_raises_rule_following(tiny_cache, tmp_path):
 def _first_log(tmp_path, sft_run, name, *flags) -> tuple[dict, list[str]]:
     """The first step's logs, and the training rows' columns."""
     run = run_script("kto.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--max_steps", "1",
-                     "--logging_steps", "1", "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", name, *flags)
+                     "--logging_steps", "1", "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", name,
+                     *flags)
     return run["trainer"].state.log_history[0], run["trainer"].train_dataset.column_names
 
 

@@ -1,8 +1,9 @@
 """The scripts under a real two-process launch on this CPU (gloo): `accelerate launch --multi_gpu --num_processes 2`
 creates the process group, each script establishes its launch, trains 2 steps and finishes (no hang: each launch
-has a timeout); QLoRA through bitsandbytes' CPU kernels. One SFT run is shared by everything built on it. FSDP, which accelerate does not do on a CPU, runs
-reward.py's own pieces under torch's `fully_shard` instead (tests/fsdp_reward_worker.py). See also
-tests/test_distributed.py (longer DDP runs whose losses fall).
+has a timeout); QLoRA through bitsandbytes' CPU kernels. One SFT run is shared by everything built on it, one reward
+run of each kind by its report and by rl.py. reward.py's own pieces under FSDP2 are checked here against the
+unsharded model (tests/fsdp_reward_worker.py); the whole scripts under FSDP2 and ZeRO: tests/test_launch_sharded.py.
+See also tests/test_distributed.py (longer DDP runs whose losses fall).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(sft_ada
     assert merge["adapters"][-1].endswith("dpo") and merge["max_logit_difference"] <= merge["tolerance"]
 
     second = accelerate_launch(["dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
-                                "true", "--loss_type", "ipo", "--output_dir", str(runs), "--run_name", "dpo-ipo"], cache)
+                                "true", "--loss_type", "ipo", "--output_dir", str(runs), "--run_name", "dpo-ipo"],
+                               cache)
     finished(runs / "dpo-ipo")
     assert second.count("reused from") == 4  # each process, train and held-out rows
     assert "pairs cached in" not in second

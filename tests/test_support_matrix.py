@@ -85,5 +85,6 @@ def test_every_test_the_matrix_names_exists(collected):
 def test_references_resolve_as_the_matrix_writes_them():
     cell = ("QLoRA: DDP 2-proc `test_launch_real::test_r[qlora]`; LoRA: `[lora-lm]`, `::test_s`; CPU "
             "`tests/test_kto.py`, `test_readme`")
-    assert references(cell) == ["tests/test_launch_real.py::test_r[qlora]", "tests/test_launch_real.py::test_r[lora-lm]",
-                                "tests/test_launch_real.py::test_s", "tests/test_kto.py", "tests/test_readme.py"]
+    real = "tests/test_launch_real.py"
+    assert references(cell) == [f"{real}::test_r[qlora]", f"{real}::test_r[lora-lm]", f"{real}::test_s",
+                                "tests/test_kto.py", "tests/test_readme.py"]
