@@ -1,6 +1,6 @@
 """Runs a script (sft.py, dpo.py, ...) as `accelerate launch` starts it, and reports what it really did.
 
-    accelerate launch ... tests/launched.py [--fsdp-on-cpu] SCRIPT [script flags...]
+    accelerate launch ... tests/launched.py [--fsdp-on-cpu] [--vllm-sync FILE] SCRIPT [script flags...]
 
 Used by tests/test_launch_sharded.py and by bench/gpu_smoke.py (one process). Each process prints, after the
 script ends,
@@ -17,6 +17,11 @@ plain DDP. This lifts that one check: where accelerate built an FSDP plugin from
 would fall back to MULTI_CPU, the state says FSDP and holds the plugin. Everything after is accelerate's,
 transformers' and torch's own FSDP code (wrapping, sharding with `fully_shard` over gloo, gathering the state dict
 for saving), run as on GPUs.
+
+`--vllm-sync FILE` (rl.py): after the script, every rank walks TRL's own weight sync for a colocated vLLM engine
+(`trl.generation.vllm_generation.VLLMGeneration._iter_named_params`, what `sync_weights` hands to vLLM's
+`load_weights`) over the trained model as the launch left it (sharded, partitioned or whole), and the main process
+saves what it yields to FILE. vLLM itself needs CUDA; what it would be given, and under which names, does not.
 """
 
 from __future__ import annotations
@@ -80,10 +85,28 @@ def _watch_distributed_type() -> None:
     transformers.Trainer.create_accelerator_and_postprocess = create_and_record
 
 
+def _vllm_sync(trainer, out: str) -> None:
+    """The weights TRL's colocated vLLM sync would load, in the names it would load them under (see the module's
+    docstring). Every rank iterates: gathering a sharded parameter is a collective."""
+    from safetensors.torch import save_file
+    from trl.distributed import DistributedBackend
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    sync = object.__new__(VLLMGeneration)  # its weight walk alone: no engine is built
+    sync.model, sync.accelerator = trainer.model, trainer.accelerator  # the model TRL's GRPOTrainer gives it
+    sync._dist = DistributedBackend(trainer.accelerator)
+    weights = {name: tensor.detach().float().cpu().contiguous().clone() for name, tensor in sync._iter_named_params()}
+    if trainer.accelerator.is_main_process:
+        save_file(weights, out)
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--fsdp-on-cpu":
         argv = argv[1:]
         _fsdp_on_cpu()
+    vllm_sync = None
+    if argv and argv[0] == "--vllm-sync":
+        vllm_sync, argv = argv[1], argv[2:]
     from alignkit.core.launch import launch_mode
 
     if launch_mode().startswith("ZeRO"):
@@ -95,7 +118,9 @@ def main(argv: list[str]) -> None:
     _count(trainers, "reference_free_loss", "own")
     _watch_distributed_type()
     sys.argv = argv
-    runpy.run_path(argv[0], run_name="__main__")
+    ran = runpy.run_path(argv[0], run_name="__main__")
+    if vllm_sync:
+        _vllm_sync(ran["trainer"], vllm_sync)
     print(f"launched: rank {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)} under {seen['type']}; "
           f"packed batches {counts['packed']}; own loss calls {counts['own']}", flush=True)
 

@@ -64,6 +64,29 @@ def sft_adapter(cache, runs):
     return runs / "sft"
 
 
+def assert_vllm_would_get_the_merged_policy(run: Path, synced: Path) -> None:
+    """What TRL's weight sync hands a colocated vLLM engine (tests/launched.py --vllm-sync) is the trained policy
+    merged: the base with every adapter of the chain ending at `run` added in (alignkit.modeling.merge, checked
+    against the unmerged logits there), under the base model's own parameter names, each once."""
+    import torch
+    from safetensors.torch import load_file
+
+    from alignkit.modeling.merge import merge_adapters
+
+    got = load_file(synced)
+    merged, folder = {}, merge_adapters(run, run.parent / f"{run.name}-merged-fp32", dtype="fp32")
+    for shard in folder.glob("*.safetensors"):
+        merged.update(load_file(shard))
+    # Each adapter of the chain (the SFT adapter, the one just trained) moves the weights: a sync that left one
+    # out would differ from the merged model below.
+    for adapter in json.loads((folder / "merge.json").read_text())["adapters"]:
+        lora_b = [t for name, t in load_file(Path(adapter) / "adapter_model.safetensors").items() if "lora_B" in name]
+        assert lora_b and any(t.abs().max() > 0 for t in lora_b), f"{adapter}: its LoRA B is zero"
+    assert set(got) == set(merged), sorted(set(got) ^ set(merged))
+    for name, weight in merged.items():
+        torch.testing.assert_close(got[name], weight, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def finished(folder: Path) -> dict:
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["global_step"] == 2
@@ -149,14 +172,21 @@ def test_kto_with_precompute_on_two_processes(sft_adapter, cache, runs):
 @pytest.mark.parametrize("reward", ["rule", "rm"])
 def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     """GRPO with the transformers backend: the rule as the reward, or a reward.py model (`rm:FOLDER`, QLoRA) that
-    each process holds whole beside the policy."""
+    each process holds whole beside the policy. With the rule, what TRL would load into a colocated vLLM engine is
+    the merged policy (vLLM itself needs CUDA)."""
     flags = ["--reward", f"rm:{reward_run('qlora')}", "--logging_steps", "1"] if reward == "rm" else []
-    output = accelerate_launch(["rl.py", "--preset", "tiny", "--model_id", str(sft_adapter), "--max_steps", "1",
-                                "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts", "16",
-                                "--save_steps", "100", *flags, "--output_dir", str(runs), "--run_name", f"rl-{reward}"],
-                               cache)
+    # The rule run also walks TRL's weight sync for a colocated vLLM engine (tests/launched.py --vllm-sync).
+    synced = runs / "rl-vllm-sync.safetensors"
+    shim = [str(ROOT / "tests" / "launched.py"), "--vllm-sync", str(synced)] if reward == "rule" else []
+    output = accelerate_launch([*shim, "rl.py", "--preset", "tiny", "--model_id", str(sft_adapter), "--max_steps",
+                                "1", "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts",
+                                "16", "--save_steps", "100", "--quantization", "none", "--warmup_ratio", "0", *flags,
+                                "--output_dir",
+                                str(runs), "--run_name", f"rl-{reward}"], cache)
     metrics = json.loads((runs / f"rl-{reward}" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["global_step"] == 1
+    if reward == "rule":
+        assert_vllm_would_get_the_merged_policy(runs / "rl-rule", synced)
     if reward == "rm":  # each process built the reward model, and it scored the completions
         assert output.count(f"rewards: rm:{reward_run('qlora')}") == 2, output[-3000:]
         assert f"'rewards/rm:{reward_run('qlora')}/mean'" in output, output[-3000:]

@@ -26,7 +26,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from test_launch_real import accelerate_launch, cache, runs  # noqa: F401 - its fixtures: a cache and runs folder of this module's own
+from test_launch_real import accelerate_launch, assert_vllm_would_get_the_merged_policy
+from test_launch_real import cache, runs  # noqa: F401 - its fixtures: a cache and runs folder of this module's own
 
 # Not importorskip: deepspeed is in the dev extra, and without it these tests must fail, not vanish.
 assert importlib.util.find_spec("deepspeed"), "deepspeed is missing: pip install -r requirements-dev.txt"
@@ -37,10 +38,12 @@ TINY = ["--preset", "tiny", "--max_steps", "2", "--save_steps", "100", "--loggin
 QLORA = ["--quantization", "4bit"]
 
 
-def launch(mode: str, script: str, run: Path, *flags: str, cache: Path) -> dict:
-    """`script` under `mode` on two processes; returns what both processes reported (tests/launched.py)."""
+def launch(mode: str, script: str, run: Path, *flags: str, cache: Path, vllm_sync: Path | None = None) -> dict:
+    """`script` under `mode` on two processes; returns what both processes reported (tests/launched.py), which
+    with `vllm_sync` also saves what TRL's weight sync would hand a colocated vLLM engine there."""
     config = ["--config_file", str(ROOT / "recipes" / "accelerate" / CONFIGS[mode])]  # 2 processes, fp32: below
-    shim = [str(ROOT / "tests" / "launched.py"), *(["--fsdp-on-cpu"] if mode == "fsdp" else [])]
+    shim = [str(ROOT / "tests" / "launched.py"), *(["--fsdp-on-cpu"] if mode == "fsdp" else []),
+            *(["--vllm-sync", str(vllm_sync)] if vllm_sync else [])]
     output = accelerate_launch([*config, *shim, script, *flags, "--output_dir", str(run.parent), "--run_name",
                                 run.name], cache, multi_gpu=False)
     reports = re.findall(r"^launched: rank (\d) of 2 under (\w+); packed batches (\d+); own loss calls (\d+)$",
@@ -135,11 +138,16 @@ def test_rl(sft, request, cache, runs):
     run = runs / f"rl-{mode}"
     rm = request.getfixturevalue("reward_zero2")[0] if mode == "zero2" else None
     rewards = ["--reward", f"rule,rm:{rm}", "--reward_weights", "1,0.5", "--logging_steps", "1"] if rm else []
+    synced = runs / f"rl-{mode}-vllm-sync.safetensors"
     done = launch(mode, "rl.py", run, "--preset", "tiny", "--model_id", str(sft_run), "--max_steps", "1",
                   "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts", "16",
-                  "--save_steps", "100", *rewards, cache=cache)
+                  "--save_steps", "100", "--quantization", "none", "--warmup_ratio", "0", *rewards, cache=cache,
+                  vllm_sync=synced)
     assert done["metrics"]["global_step"] == 1
     whole_adapter(run)
+    # What TRL's weight sync would load into a colocated vLLM engine on this launch: the merged policy, gathered
+    # from the shards or partitions (vLLM itself needs CUDA).
+    assert_vllm_would_get_the_merged_policy(run, synced)
     if rm:  # each rank built both reward functions, and both scored the completions
         assert done["output"].count(f"rewards: rule_reward, rm:{rm}") == 2, done["output"][-3000:]
         assert f"'rewards/rm:{rm}/mean'" in done["output"], done["output"][-3000:]
