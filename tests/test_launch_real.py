@@ -8,6 +8,7 @@ See also tests/test_distributed.py (longer DDP runs whose losses fall).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -130,16 +131,21 @@ REWARDS = {  # reward.py's launches: plain LoRA with its LM term on (the LM head
 @pytest.fixture(scope="module")
 def reward_run(cache, runs):
     """reward.py on two processes, each kind of REWARDS launched once (on first use): returns its run folder."""
-    launched = {}
 
+    @functools.cache
     def run(kind: str) -> Path:
-        if kind not in launched:
-            accelerate_launch(["reward.py", *TINY, *REWARDS[kind], "--output_dir", str(runs), "--run_name",
-                               f"reward-{kind}"], cache)
-            launched[kind] = runs / f"reward-{kind}"
-        return launched[kind]
+        accelerate_launch(["reward.py", *TINY, *REWARDS[kind], "--output_dir", str(runs), "--run_name",
+                           f"reward-{kind}"], cache)
+        return runs / f"reward-{kind}"
 
     return run
+
+
+def assert_each_rank_scored_with(output: str, rewards: str, rm: Path) -> None:
+    """rl.py's launch `output`: each of the 2 processes built the reward functions `rewards` (as rl.py lists them),
+    and the reward model `rm` scored the completions (its mean is logged)."""
+    assert output.count(f"rewards: {rewards}") == 2, output[-3000:]
+    assert f"'rewards/rm:{rm}/mean'" in output, output[-3000:]
 
 
 @pytest.mark.parametrize("kind", REWARDS)
@@ -174,22 +180,22 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     """GRPO with the transformers backend: the rule as the reward, or a reward.py model (`rm:FOLDER`, QLoRA) that
     each process holds whole beside the policy. With the rule, what TRL would load into a colocated vLLM engine is
     the merged policy (vLLM itself needs CUDA)."""
-    flags = ["--reward", f"rm:{reward_run('qlora')}", "--logging_steps", "1"] if reward == "rm" else []
+    rm = reward_run("qlora") if reward == "rm" else None
+    flags = ["--reward", f"rm:{rm}", "--logging_steps", "1"] if rm else []
     # The rule run also walks TRL's weight sync for a colocated vLLM engine (tests/launched.py --vllm-sync).
     synced = runs / "rl-vllm-sync.safetensors"
-    shim = [str(ROOT / "tests" / "launched.py"), "--vllm-sync", str(synced)] if reward == "rule" else []
+    shim = [] if rm else [str(ROOT / "tests" / "launched.py"), "--vllm-sync", str(synced)]
+    run = runs / f"rl-{reward}"
     output = accelerate_launch([*shim, "rl.py", "--preset", "tiny", "--model_id", str(sft_adapter), "--max_steps",
                                 "1", "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts",
                                 "16", "--save_steps", "100", "--quantization", "none", "--warmup_ratio", "0", *flags,
-                                "--output_dir",
-                                str(runs), "--run_name", f"rl-{reward}"], cache)
-    metrics = json.loads((runs / f"rl-{reward}" / "metrics.json").read_text())
+                                "--output_dir", str(runs), "--run_name", run.name], cache)
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["global_step"] == 1
-    if reward == "rule":
-        assert_vllm_would_get_the_merged_policy(runs / "rl-rule", synced)
-    if reward == "rm":  # each process built the reward model, and it scored the completions
-        assert output.count(f"rewards: rm:{reward_run('qlora')}") == 2, output[-3000:]
-        assert f"'rewards/rm:{reward_run('qlora')}/mean'" in output, output[-3000:]
+    if rm:
+        assert_each_rank_scored_with(output, f"rm:{rm}", rm)
+    else:
+        assert_vllm_would_get_the_merged_policy(run, synced)
 
 
 def test_reward_pieces_under_fsdp_on_two_processes(cache, tmp_path):

@@ -20,7 +20,7 @@ SAYS_HOW = re.compile(r"`(tests/)?test_\w+|refused|not proven|as any model|GPU")
 def matrix() -> list[list[str]]:
     """The table's rows (feature first, then one cell per launch mode), header checked."""
     lines = (ROOT / "README.md").read_text().split("### The support matrix", 1)[1].splitlines()
-    table = [line for line in lines[lines.index(next(l for l in lines if l.startswith("| feature"))):]]
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("| feature")):]
     table = table[:next(i for i, line in enumerate(table) if not line.startswith("|"))]
     split = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in table]
     assert split[0] == ["feature", *MODES], split[0]
