@@ -35,7 +35,8 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   trainers (alignkit's TRL trainers),
   losses (preference losses TRL lacks: the DPO paper's, SimPO, ORPO),
   kto (kto.py's trainer: TRL's KTOTrainer with alignkit's adapters and reference),
-  prefix (DPO prefix sharing: a pair's prompt computed once),
+  prefix (DPO prefix sharing: a pair's prompt computed once), flex_check (FlexAttention checked on this GPU before
+  auto picks it),
   refcache (reference log-prob cache),
   lota and lota_mask (Lottery Ticket Adaptation: training, and its calibration and mask),
   reward (reward.py's losses and trainer),

@@ -19,7 +19,8 @@ the policy forward and backward, and the optimizer step. The sides:
   DPOConfig's defaults (gradient checkpointing on) but the bench's batch and learning rate;
 - alignkit: dpo.py's path (alignkit's loader, `--attn_implementation auto`, adapter, trl_config,
   AlignDPOTrainer with prefix sharing and length-grouped batches), alignkit.core.config's defaults; on a GPU,
-  auto loads flex_attention for these models, so prefix sharing runs on FlexAttention's block-sparse kernel;
+  auto loads flex_attention for these models (where alignkit.train.flex_check passes: head size 128), so prefix
+  sharing runs on FlexAttention's block-sparse kernel;
 - alignkit-flash_attention_2 (alignkit-sdpa without flash-attn; with --other-attention, on by default on a GPU):
   the same with `--attn_implementation` set to what auto picked before FlexAttention (flash_attention_2: prefix
   sharing off; sdpa: sharing with a dense mask). Whether auto's flex choice stands is this figure against the

@@ -11,7 +11,8 @@ installed here, as binary wheels (about 60 MiB, mostly pyarrow and pandas).
 What it runs, each step a subprocess whose log is kept under --out, and what it checks:
 1. the tiny preset: bf16 LoRA SFT, then DPO (DPOSettings' default loss, sigmoid) on the SFT adapter: dtype bf16 on compute capability >= 8.0
    (fp16 below), the model on cuda:0, attention as alignkit.core.launch.resolve_attention decides (for the DPO
-   run on compute capability >= 8.0: flex_attention, prefix sharing's kernel), loss finite,
+   run on compute capability >= 8.0: flex_attention, prefix sharing's kernel, after alignkit.train.flex_check's
+   forward and backward check on the GPU passed), loss finite,
    held-out reward accuracy above chance; the DPO run counts the batches its forward really packed (prefix
    sharing: more than 0) and the calls of alignkit's own loss (the default sigmoid path: more than 0);
 2. the same DPO as QLoRA (when bitsandbytes is installed): trainable weights back in fp32;
@@ -208,8 +209,9 @@ def training_pair(smoke: Smoke, prefix: str, model: str | None, steps: int, extr
         smoke.check(f"{prefix} DPO gradient checkpointing auto: off", "gradient checkpointing: off" in dpo,
                     _line(dpo, "gradient checkpointing:"))
         if expected_device() != "cpu" and want == "bf16":  # Ampere+: auto weighs FlexAttention for prefix sharing
-            smoke.check(f"{prefix} DPO attention auto: flex_attention (prefix sharing on FlexAttention)",
-                        "attention: flex_attention" in dpo, _line(dpo, "attention:"))
+            smoke.check(f"{prefix} DPO attention auto: flex_attention, its kernel checked forward and backward "
+                        "(prefix sharing on FlexAttention)", "attention: flex_attention" in dpo and
+                        "its kernel passed a forward and backward check" in dpo, _line(dpo, "attention:"))
         packed, own = _number(dpo, r"packed batches (\d+)"), _number(dpo, r"own loss calls (\d+)")
         smoke.check(f"{prefix} DPO prefix sharing packed its batches", packed is not None and packed > 0,
                     _line(dpo, "packed batches"))

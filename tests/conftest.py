@@ -7,6 +7,7 @@ per session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import sys
@@ -59,6 +60,28 @@ def alignkit_log(caplog):
     caplog.set_level(logging.INFO, logger="alignkit")
     yield caplog
     logger.removeHandler(caplog.handler)
+
+
+@contextlib.contextmanager
+def static_flex_shapes():
+    """FlexAttention on the CPU (forward only: torch has no backward there). transformers compiles flex_attention
+    once per process; after a shape change torch recompiles it with dynamic shapes, and torch 2.13's CPU (C++)
+    code for dynamic-shape FlexAttention does not compile (`cur_kvSplitSize8` undeclared). So each use starts
+    from a clean compile cache, with static shapes only."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            yield
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.fixture
+def static_flex():
+    with static_flex_shapes():
+        yield
 
 
 def run_script(name: str, *args: str, cwd: Path | None = None) -> dict:

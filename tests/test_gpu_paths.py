@@ -6,10 +6,12 @@ gloo, bitsandbytes 4-bit training), it does. bench/gpu_smoke.py runs the same pa
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
 import types
+import unittest.mock
 from pathlib import Path
 
 import pytest
@@ -18,17 +20,21 @@ import torch
 from alignkit.core import launch
 from alignkit.core.config import DPOSettings, ModelSettings
 from alignkit.modeling import models, presets
-from alignkit.train import training
+from alignkit.train import flex_check, training
 
-from conftest import run_script
+from conftest import run_script, static_flex_shapes
 
 GPUS = {"T4": (7, 5), "V100": (7, 0), "A100": (8, 0), "H100": (9, 0)}
 
 
 
 
-def fake_gpus(monkeypatch, count: int = 1, gpu: str = "A100", flash_attn: bool = False):
-    """torch as it looks on a machine with `count` GPUs of one kind (no CUDA call reaches the real torch)."""
+def fake_gpus(monkeypatch, count: int = 1, gpu: str = "A100", flash_attn: bool = False, flex_kernel: bool = True):
+    """torch as it looks on a machine with `count` GPUs of one kind (no CUDA call reaches the real torch).
+
+    The FlexAttention check `auto` makes before it picks flex_attention (alignkit.train.flex_check) runs for real,
+    on the CPU: its forward only where this GPU's kernel works (`flex_kernel`), else with its backward, which a
+    CPU lacks, standing for a GPU whose kernel does not compile."""
     capability = GPUS[gpu]
     cuda = torch.cuda
     monkeypatch.setattr(cuda, "is_available", lambda: True)
@@ -45,6 +51,17 @@ def fake_gpus(monkeypatch, count: int = 1, gpu: str = "A100", flash_attn: bool =
                         if name == "flash_attn" else real(name, *a))
     for name in ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(flex_check, "check", functools.partial(_flex_check_on_the_cpu, backward=not flex_kernel))
+
+
+_real_flex_check, _real_cuda = flex_check.check, torch.cuda.is_available
+
+
+def _flex_check_on_the_cpu(config, dtype, device, backward):
+    assert device == f"cuda:{launch.local_gpu()}"  # the check runs on this process's GPU
+    # torch.compile saves the CUDA RNG state where CUDA looks available: the real torch answers while it compiles.
+    with static_flex_shapes(), unittest.mock.patch.object(torch.cuda, "is_available", _real_cuda):
+        return _real_flex_check(config, dtype, device="cpu", backward=backward)
 
 
 class Loaded(Exception):
@@ -174,6 +191,8 @@ def test_auto_loads_flex_attention_for_dpo_with_prefix_sharing_only(monkeypatch,
     assert attention(DPOSettings(model_id=tiny)) == "flex_attention"
     lines = [r.getMessage() for r in alignkit_log.records if r.getMessage().startswith("attention:")]
     assert len(lines) == 1 and "DPO with prefix sharing" in lines[0] and "bench/gpu_dpo.py" in lines[0]
+    assert "its kernel passed a forward check on this device (head size 16, 4 query / 4 key-value heads, bfloat16" \
+        in lines[0]
     assert attention(DPOSettings(model_id=tiny, prefix_sharing=False)) == "flash_attention_2"
     assert attention(DPOSettings(model_id=tiny), training=False) == "flash_attention_2"  # generation, evaluation
     for other in (SFTSettings, KTOSettings, RewardSettings, RLSettings):
@@ -190,6 +209,24 @@ def test_auto_loads_flex_attention_for_dpo_with_prefix_sharing_only(monkeypatch,
     assert attention(DPOSettings(model_id=tiny, prefix_sharing=False)) == "sdpa"
     fake_gpus(monkeypatch, gpu="T4", flash_attn=True)  # flex is tried on compute capability >= 8.0 only
     assert attention(DPOSettings(model_id=tiny)) == "sdpa"
+
+
+def test_auto_keeps_the_plain_choice_where_the_flex_kernel_fails_on_this_gpu(monkeypatch, load_kwargs, alignkit_log):
+    """A GPU whose FlexAttention kernel does not build for this model (its backward past the GPU's shared memory at
+    a large head size, say): auto loads what it would without FlexAttention, and its one line says why. The
+    prefix sharing of the run goes on, on sdpa's mask where flash-attn is not installed."""
+    tiny = presets.paths()["model"]
+    for flash_attn, plain in ((True, "flash_attention_2"), (False, "sdpa")):
+        fake_gpus(monkeypatch, gpu="H100", flash_attn=flash_attn, flex_kernel=False)
+        alignkit_log.clear()
+        assert load_kwargs(DPOSettings(model_id=tiny), for_training=True)["attn_implementation"] == plain
+        lines = [r.getMessage() for r in alignkit_log.records if r.getMessage().startswith("attention:")]
+        assert len(lines) == 1 and lines[0].startswith(f"attention: {plain} (")
+        assert "; not flex_attention for prefix sharing: FlexAttention failed its check (head size 16, 4 query / " \
+               "4 key-value heads, bfloat16): NotImplementedError: FlexAttention does not support backward" in lines[0]
+    fake_gpus(monkeypatch, gpu="H100", flex_kernel=False)  # asked for by name: no check, the user's choice
+    assert load_kwargs(DPOSettings(model_id=tiny, attn_implementation="flex_attention"),
+                       for_training=True)["attn_implementation"] == "flex_attention"
 
 
 def test_the_model_config_is_read_only_where_auto_weighs_flex(monkeypatch):

@@ -374,6 +374,10 @@ def test_flash_attention_asked_for_without_cuda_or_flash_attn_falls_back_to_sdpa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert launch.resolve_attention("flash_attention_2", torch.float32) == "sdpa"
     assert "no CUDA device" in alignkit_log.text
+    alignkit_log.clear()  # flex_attention by name: a CPU has no FlexAttention backward to train with
+    assert launch.resolve_attention("flex_attention", torch.float32) == "sdpa"
+    assert alignkit_log.messages == ["attention: sdpa (flex_attention was asked for, but there is no CUDA device "
+                                     "(torch's FlexAttention has no backward on a CPU))"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(launch, "_ampere_or_newer", lambda: True)
     real = importlib.util.find_spec

@@ -310,19 +310,6 @@ def test_the_trainer_logs_the_path_it_chose(tiny_cache, tmp_path, caplog):
                                                 "cannot use its flash kernel with it))"]
 
 
-@pytest.fixture
-def static_flex():
-    """transformers compiles flex_attention once per process; after a shape change torch recompiles it with
-    dynamic shapes, and torch 2.13's CPU (C++) code for dynamic-shape FlexAttention does not compile
-    (`cur_kvSplitSize8` undeclared). Each flex test starts from a clean compile cache with static shapes only."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-        yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])  # plain causal; full + sliding layers (a dict of masks)
 def test_flex_attention_block_mask_gives_the_unshared_logps(model_type, static_flex):
     """FlexAttention's forward runs on a CPU (compiled by transformers; its backward does not): the packed pass
@@ -337,6 +324,55 @@ def test_flex_attention_block_mask_gives_the_unshared_logps(model_type, static_f
     # Padded to a whole FlexAttention block (the pairs pack into 25 tokens), and the log-probs are the same.
     assert layout.input_ids.shape[1] == prefix.FLEX_BLOCK and int((layout.segment >= 0).sum(dim=1).max()) == 25
     torch.testing.assert_close(packed, unshared, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def flex_check(static_flex):
+    """alignkit.train.flex_check with its per-process memo cleared before and after (tests swap the kernel)."""
+    from alignkit.train import flex_check
+
+    flex_check._check.cache_clear()
+    yield flex_check
+    flex_check._check.cache_clear()
+
+
+def test_the_flex_check_compares_the_kernel_with_plain_attention(flex_check, monkeypatch):
+    """The check auto makes before it loads flex_attention (forward only here: a CPU has no FlexAttention
+    backward). The real kernel passes: a sliding window shorter than the packed pairs, grouped key-value heads,
+    an odd head count (transformers repeats the key-value heads), Gemma-2's logit softcap. A kernel that ignores
+    the mask fails it, and so does one that does not compile, with the error in the reason."""
+    import transformers.integrations.flex_attention as integration
+    from transformers import Gemma2Config, MistralConfig
+
+    mistral = MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, sliding_window=50)
+    gemma2 = Gemma2Config(hidden_size=48, num_attention_heads=3, num_key_value_heads=1, head_dim=16,
+                          sliding_window=50, attn_logit_softcapping=30.0)
+    assert flex_check._packed_layout(50, "cpu").segment.shape[1] == 256 > 2 * 50  # the window matters here
+    for config, dtype, within in ((mistral, torch.float32, 1e-5), (mistral, torch.bfloat16, 2e-2),
+                                  (gemma2, torch.float32, 1e-5)):
+        ok, why = flex_check.check(config, dtype, "cpu", backward=False)
+        assert ok and why.startswith("its kernel passed a forward check on this device"), why
+        assert float(why.rsplit(" ", 1)[1].rstrip(")")) < within
+    assert "head size 16, 3 query / 1 key-value heads, float32" in why
+
+    real = integration.flex_attention_forward
+    flex_check._check.cache_clear()
+    monkeypatch.setattr(integration, "flex_attention_forward", lambda m, q, k, v, mask, **kw: real(m, q, k, v, None,
+                                                                                                   **kw))
+    ok, why = flex_check.check(mistral, torch.float32, "cpu", backward=False)
+    assert not ok and why.startswith("FlexAttention disagrees with plain attention (head size 16, 4 query / 2 "
+                                     "key-value heads, float32): output off by"), why
+
+    def does_not_compile(*args, **kwargs):
+        raise RuntimeError("No valid triton configs. OutOfMemoryError: out of resource: triton_flex_attention_"
+                           "backward Required: 114688 Hardware limit:101376\nReducing block sizes may help.")
+
+    flex_check._check.cache_clear()
+    monkeypatch.setattr(integration, "flex_attention_forward", does_not_compile)
+    assert flex_check.check(mistral, torch.bfloat16, "cpu", backward=False) == (
+        False, "FlexAttention failed its check (head size 16, 4 query / 2 key-value heads, bfloat16): RuntimeError: "
+               "No valid triton configs. OutOfMemoryError: out of resource: triton_flex_attention_backward Required: "
+               "114688 Hardware limit:101376")
 
 
 def test_flex_lengths_are_whole_blocks_in_few_buckets():

@@ -41,8 +41,9 @@ class ModelSettings:
     )
     attn_implementation: str = setting(
         "auto", "auto: flex_attention for dpo.py with prefix sharing on a GPU of compute capability >= 8.0 where the "
-        "model runs under it; else flash_attention_2 when installed, on such a GPU, in bf16/fp16; else sdpa",
-        choices=["auto", "flash_attention_2", "sdpa", "eager"],
+        "model runs under it and its kernel passes a check on that GPU; else flash_attention_2 when installed, on "
+        "such a GPU, in bf16/fp16; else sdpa",
+        choices=["auto", "flex_attention", "flash_attention_2", "sdpa", "eager"],
     )
     use_liger: str = setting(
         "auto", "Liger Triton kernels: auto uses them on CUDA when liger-kernel is installed",

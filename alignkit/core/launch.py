@@ -265,11 +265,14 @@ def packs_pairs(s, for_training: bool) -> bool:
 
 
 def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_config=None) -> str:
-    """The attention implementation to load: an explicit request as given (checked where it would crash), else:
+    """The attention implementation to load: an explicit request as given (checked where it would crash;
+    flash_attention_2 or flex_attention without CUDA loads sdpa, in one line), else:
 
     - flex_attention for DPO with prefix sharing (`packed_config`: a callable giving the model's config, passed
       only where `packs_pairs`) on a CUDA GPU of compute capability >= 8.0, where alignkit.train.prefix's
-      `flex_preferred` says yes (the model runs under flex_attention, no attention dropout, sharing applies):
+      `flex_preferred` says yes (the model runs under flex_attention, no attention dropout, sharing applies)
+      and its kernel passes alignkit.train.flex_check on this GPU (compiles, and matches plain attention, forward
+      and backward, at the model's head sizes and dtype; else the choice below, with the failure in its line):
       the prompt is computed once on a kernel that skips masked blocks, where flash_attention_2 would turn sharing
       off and sdpa loses its flash kernel to the mask. No GPU figure backs this over flash_attention_2 without
       sharing yet: bench/gpu_dpo.py measures both sides, and `--attn_implementation flash_attention_2` (or sdpa)
@@ -293,6 +296,10 @@ def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_c
         # A recipe written for a GPU (the alignment-handbook's ask for flash_attention_2) runs here as it is.
         _log_choice("attention", "sdpa", "flash_attention_2 was asked for, but there is no CUDA device to run it")
         return "sdpa"
+    if requested == "flex_attention" and not torch.cuda.is_available():
+        _log_choice("attention", "sdpa", "flex_attention was asked for, but there is no CUDA device (torch's "
+                    "FlexAttention has no backward on a CPU)")
+        return "sdpa"
     if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         _log_choice("attention", "sdpa", "flash_attention_2 was asked for, but flash-attn is not installed: pip "
                     "install flash-attn --no-build-isolation")
@@ -304,7 +311,7 @@ def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_c
         return "sdpa"
     note = ""  # why a DPO run with prefix sharing does not get flex_attention, appended to the plain choice's line
     if packed_config is not None:
-        flex, why = _flex_for_prefix_sharing(packed_config)
+        flex, why = _flex_for_prefix_sharing(packed_config, dtype or torch.float32)
         if flex:
             _log_choice("attention", "flex_attention", f"DPO with prefix sharing: {why}; not yet measured against "
                         "flash_attention_2 without sharing (bench/gpu_dpo.py); --attn_implementation "
@@ -325,13 +332,21 @@ def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_c
     return "flash_attention_2"
 
 
-def _flex_for_prefix_sharing(packed_config) -> tuple[bool, str]:
-    """(whether, why) a DPO run with prefix sharing on this CUDA machine loads flex_attention (resolve_attention)."""
+def _flex_for_prefix_sharing(packed_config, dtype: torch.dtype) -> tuple[bool, str]:
+    """(whether, why) a DPO run with prefix sharing on this CUDA machine loads flex_attention (resolve_attention):
+    where `flex_preferred` says it applies and its kernel passes alignkit.train.flex_check on this process's GPU
+    (it compiles and matches plain attention at the model's head sizes and dtype)."""
     if not _ampere_or_newer():
         return False, "FlexAttention is tried on compute capability >= 8.0 only"
-    from alignkit.train.prefix import flex_preferred  # core does not import train at module level
+    from alignkit.train import flex_check  # core does not import train at module level
+    from alignkit.train.prefix import flex_preferred
 
-    return flex_preferred(packed_config(), "cuda")
+    config = packed_config()
+    preferred, why = flex_preferred(config, "cuda")
+    if not preferred:
+        return False, why
+    passed, how = flex_check.check(config, dtype, device=f"cuda:{local_gpu()}")
+    return passed, f"{why}; {how}" if passed else how
 
 
 def resolve_liger(requested: str) -> bool:

@@ -5,7 +5,8 @@
 - trainers: alignkit's TRL trainers (stacked adapters, the explicit reference pass).
 - losses: preference losses TRL lacks (the DPO paper's sigmoid and IPO; SimPO and ORPO, reference-free).
 - kto: kto.py's trainer (TRL's KTOTrainer with stacked adapters and alignkit's reference).
-- prefix: DPO prefix sharing (a pair's prompt computed once).
+- prefix: DPO prefix sharing (a pair's prompt computed once); flex_check: whether FlexAttention's kernel trains
+  it correctly on this GPU, before auto picks it.
 - refcache: the reference log-prob cache.
 - lota: Lottery Ticket Adaptation (sparse deltas instead of LoRA): the training glue; lota_mask: its calibration
   and mask (the delta itself: alignkit.modeling.lota_delta).
