@@ -79,3 +79,29 @@ def test_cpu_smoke_searches_the_batch_under_a_faked_memory_limit(tmp_path, monke
     a = argparse.Namespace(batch=None, batch_start=2, max_batch=4, smoke_fits=2, cpu_smoke=True)
     batches, _ = gpu_dpo.batch_sizes("dense_1b", gpu_dpo.SMOKE["dense_1b"], gpu_dpo.configurations(False), {}, a, work)
     assert batches == {"trl": 2, "alignkit": 2}
+
+
+def test_the_gpu_session_script_runs_its_steps_within_its_budget(tmp_path):
+    """bench/gpu_session.sh, the prepared commands for the first session lent a GPU, at toy size on the CPU (its
+    `install` is pip's own --no-index --target, not run here): without a command it prints its usage; `run`
+    gives every step one line in summary.txt, in order, having run to its end, been stopped at the budget or not
+    started for want of it, and the first step (the headline benchmark) leaves its result file."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "GPU_SESSION_CPU": "1",
+           "PYTHON": sys.executable, "ALIGNKIT_CACHE": str(tmp_path / "cache")}
+    usage = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert usage.returncode == 2 and "device run 1 (carry wheels/a)" in usage.stdout
+    run = subprocess.run(["bash", "bench/gpu_session.sh", "run", "40"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    steps = ["gpu_dpo-qlora_7b_1024", "gpu_dpo-dense_1b", "gpu_dpo-qlora_7b_2048", "gpu_smoke"]
+    assert [line.split(":")[0] for line in lines] == steps, run.stdout + run.stderr
+    assert lines[0].startswith("gpu_dpo-qlora_7b_1024: exit 0 after")
+    assert all(" exit " in line or ": not run (" in line for line in lines)
+    assert json.loads((tmp_path / "out" / "gpu_dpo-qlora_7b_1024" / "gpu_dpo_smoke.json").read_text())["qlora_7b_1024"]
+    assert lines[-1].startswith("gpu_smoke: not run (") or "exit 124" in lines[-1]  # 40 s: the smoke does not fit
