@@ -75,18 +75,13 @@ class _BitsandbytesCpuKernelNote(logging.Filter):
     """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning.
 
     bitsandbytes logs it on import on any CPU with AVX512-BF16, and PEFT and transformers import bitsandbytes in
-    every run, so it appeared in runs that hold no 4-bit weights at all. It only says that bitsandbytes' faster
-    CPU kernel for 4-bit matmuls (from the `kernels` package) is not installed and its own kernel is used;
-    alignkit.modeling.models says that once, in 4-bit runs on the CPU (`seen` tells whether bitsandbytes would have).
+    every run, so it appeared in runs that hold no 4-bit weights at all. It says that the `kernels` package's
+    faster kernel for bitsandbytes' repacked CPU layout is missing; alignkit keeps 4-bit weights out of that
+    layout anyway (alignkit.modeling.models.keep_4bit_layout: the repacking changes the weights).
     """
 
-    seen = False
-
     def filter(self, record: logging.LogRecord) -> bool:
-        if "gemm_4bit_forward" in str(record.msg):
-            _BitsandbytesCpuKernelNote.seen = True
-            return False
-        return True
+        return "gemm_4bit_forward" not in str(record.msg)
 
 
 # Installed before anything imports bitsandbytes: its warning is logged at import time.

@@ -82,6 +82,31 @@ def test_the_key_ignores_the_trained_adapter_and_sees_every_base_weight(tiny_cac
     assert fingerprint(rank=16, seed=0, nudge=1e-3) != same  # one base weight changed: another reference
 
 
+def test_a_4bit_model_on_the_cpu_is_the_same_model_after_a_pass_without_gradients(tiny_cache, monkeypatch,
+                                                                                   alignkit_log):
+    """On a CPU with AVX512-BF16 (simulated on one without), bitsandbytes repacks 4-bit weights at the first
+    eval-mode pass without gradients and gives them back with bf16 block scales: the model changed under the run
+    and its reference key with it (a rerun that reused its train-set entry then missed its held-out one). Loaded by
+    alignkit, the weights stay as loaded: the same fingerprint and the same training-mode logits after such a pass."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    from alignkit.core.config import ModelSettings
+    from alignkit.modeling import models, presets
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    model = models.load_model(ModelSettings(model_id=presets.paths()["model"], quantization="4bit"),
+                              for_training=True).model
+    assert "the weights stay in bitsandbytes' standard NF4 layout" in alignkit_log.text
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    before, logits = refcache.model_fingerprint(model), model(ids).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        model(ids)  # the reference pass's conditions
+    model.train()
+    assert refcache.model_fingerprint(model) == before
+    torch.testing.assert_close(model(ids).logits.detach(), logits, atol=0, rtol=0)
+
+
 def sft_adapter(folder, seed: int) -> str:
     """A LoRA SFT adapter on the tiny base with seeded non-zero weights: two seeds, two different SFT models."""
     from peft import LoraConfig, get_peft_model

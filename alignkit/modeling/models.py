@@ -234,12 +234,10 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     else:
         model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     apply_num_threads(getattr(s, "num_threads", "auto"), model)
-    if quantization == "4bit" and not torch.cuda.is_available():
-        from alignkit import _BitsandbytesCpuKernelNote
-
-        if _BitsandbytesCpuKernelNote.seen:  # bitsandbytes' own import-time warning is dropped (see alignkit)
-            logger.info("4-bit on the CPU: bitsandbytes uses its plain matmul kernel (`pip install kernels` "
-                        "gives it a faster one)")
+    if quantization == "4bit" and not torch.cuda.is_available() and keep_4bit_layout(model):
+        logger.info("4-bit on the CPU: the weights stay in bitsandbytes' standard NF4 layout (its AVX512-BF16 "
+                    "repacking rounds their block scales to bf16 at the first pass without gradients, changing "
+                    "the model mid-run)")
     if dequantize:
         model = model.dequantize()  # bitsandbytes' own NF4 -> float, weight by weight
         model.to(dtype)
@@ -419,6 +417,21 @@ def check_model_kind(source: str, revision: str | None, reward: bool, for_traini
             f"{source} is {what}: reward.py trains a fresh adapter and score head on a full model. Merge it first "
             f"(python merge.py --adapter_dir {source}) and pass --model_id {Path(source, 'merged')}"
         )
+
+
+def keep_4bit_layout(model) -> int:
+    """Keep bitsandbytes from repacking `model`'s 4-bit layers for its CPU kernel; how many layers would have been.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.49 on) repacks a Linear4bit's weight for its fast kernel at the
+    first forward in eval mode without gradients (a reference pass, an evaluation), and converts it back when a
+    state dict is taken, "best-effort": the block scales (absmax) come back in bf16. So from that first pass on the
+    base model computes with other weights than it was loaded with, and its identity (the reference cache's
+    key) depends on whether such a pass has run. The same model on a CPU without AVX512-BF16 never changes. Kept
+    in the layout it was loaded in, every pass on every CPU computes with the weights as loaded."""
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def _load_reward_base(base_id: str, kwargs: dict):
