@@ -121,8 +121,13 @@ def main(argv: list[str]) -> None:
     ran = runpy.run_path(argv[0], run_name="__main__")
     if vllm_sync:
         _vllm_sync(ran["trainer"], vllm_sync)
-    print(f"launched: rank {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)} under {seen['type']}; "
-          f"packed batches {counts['packed']}; own loss calls {counts['own']}", flush=True)
+    # One write of the whole line, from a line's start: print() writes the text and its newline apart, and the
+    # other rank's line can land between them on the shared pipe ("... own loss calls 0launched: rank 1 ...").
+    rank, world = os.environ.get("RANK", 0), os.environ.get("WORLD_SIZE", 1)
+    line = (f"\nlaunched: rank {rank} of {world} under {seen['type']}; packed batches {counts['packed']}; "
+            f"own loss calls {counts['own']}\n")
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), line.encode())
 
 
 if __name__ == "__main__":
