@@ -95,7 +95,7 @@ def test_the_gpu_session_script_runs_its_steps_within_its_budget(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "GPU_SESSION_CPU": "1",
            "PYTHON": sys.executable, "ALIGNKIT_CACHE": str(tmp_path / "cache")}
     usage = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert usage.returncode == 2 and "device run 1 (carry wheels/a)" in usage.stdout
+    assert usage.returncode == 2 and "device run (carry [\"wheels\"])" in usage.stdout
     run = subprocess.run(["bash", "bench/gpu_session.sh", "run", "40"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()

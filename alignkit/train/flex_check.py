@@ -10,13 +10,13 @@ So `check` runs, on this process's GPU, one packed prefix-sharing attention the 
 alignkit.train.prefix.pack_pairs (two pairs of different lengths, the model's sliding window), the model's head
 size, query and key-value heads, logit softcap and compute dtype, through transformers' own compiled
 `flex_attention_forward` in training mode; then its backward. It compares the output and the gradients of the
-query, key and value with plain attention under the same mask, computed in float32 from the same (rounded) inputs. Either
-failing (an exception, or a difference past the dtype's tolerance) sends `auto` to its plain choice with the
-reason in its one log line (alignkit.core.launch.resolve_attention).
+query, key and value with plain attention under the same mask, computed in float32 from the same (rounded)
+inputs. Either failing (an exception, or a difference past the dtype's tolerance) sends `auto` to its plain
+choice with the reason in its one log line (alignkit.core.launch.resolve_attention).
 
-Cost: one compile of the forward and backward kernels, the one the run itself would make for its first batch
-shape (transformers compiles flex_attention once per process; a new shape recompiles it with dynamic shapes), so
-a run with more than one batch shape compiles no more than it would have. Checked once per process and key.
+Cost: a compile of the forward and backward kernels at a 256-token shape, about what the run's own first batch
+shape costs (transformers compiles flex_attention once per process, and a second shape recompiles it with
+dynamic shapes anyway). Checked once per process for each model shape, dtype and device.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def heads(config) -> tuple[int, int, int, int]:
     """(query heads, key-value heads, query/key head size, value head size) of the model's attention."""
     text = prefix._text_config(config)
     n_heads = text.num_attention_heads
+    n_kv = getattr(text, "num_key_value_heads", None) or n_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
-    return n_heads, getattr(text, "num_key_value_heads", None) or n_heads, head_dim, \
-        getattr(text, "v_head_dim", None) or head_dim
+    return n_heads, n_kv, head_dim, getattr(text, "v_head_dim", None) or head_dim
 
 
 def check(config, dtype: torch.dtype, device: str, backward: bool = True) -> tuple[bool, str]:
@@ -106,8 +106,7 @@ def _compare(n_heads, n_kv, head_dim, v_dim, softcap, window, dtype, device, bac
 
 def _packed_layout(window, device) -> prefix.PackedPairs:
     """Two pairs in TRL's [chosen..., rejected...] layout, packed by pack_pairs for flex_attention."""
-    rows = [(p, c) for p, c in zip(PROMPT, CHOSEN, strict=True)] + [(p, r) for p, r in zip(PROMPT, REJECTED,
-                                                                                            strict=True)]
+    rows = [*zip(PROMPT, CHOSEN, strict=True), *zip(PROMPT, REJECTED, strict=True)]  # (prompt, answer) lengths
     T = max(p + a for p, a in rows)
     ids = torch.zeros(len(rows), T, dtype=torch.long)
     mask, completion = torch.zeros_like(ids), torch.zeros_like(ids)
