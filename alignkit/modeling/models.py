@@ -234,7 +234,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     else:
         model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     apply_num_threads(getattr(s, "num_threads", "auto"), model)
-    if quantization == "4bit" and not torch.cuda.is_available() and keep_4bit_layout(model):
+    if quantization == "4bit" and keep_4bit_layout(model) and not torch.cuda.is_available():  # a GPU run never repacks
         logger.info("4-bit on the CPU: the weights stay in bitsandbytes' standard NF4 layout (its AVX512-BF16 "
                     "repacking rounds their block scales to bf16 at the first pass without gradients, changing "
                     "the model mid-run)")
@@ -422,7 +422,7 @@ def check_model_kind(source: str, revision: str | None, reward: bool, for_traini
 def keep_4bit_layout(model) -> int:
     """Keep bitsandbytes from repacking `model`'s 4-bit layers for its CPU kernel; how many layers would have been.
 
-    On a CPU with AVX512-BF16, bitsandbytes (0.49 on) repacks a Linear4bit's weight for its fast kernel at the
+    On a CPU with AVX512-BF16, bitsandbytes (0.50.2 here) repacks a Linear4bit's weight for its fast kernel at the
     first forward in eval mode without gradients (a reference pass, an evaluation), and converts it back when a
     state dict is taken, "best-effort": the block scales (absmax) come back in bf16. So from that first pass on the
     base model computes with other weights than it was loaded with, and its identity (the reference cache's
