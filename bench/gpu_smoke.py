@@ -332,7 +332,9 @@ def zero3(smoke: Smoke, wheels: str | None, steps: int) -> None:
         return
     runs = smoke.out / "runs"
     log = smoke.run("zero3", "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "3",
-                    "--zero3_init_flag", "true", "--num_processes", "1", "--mixed_precision", "bf16", "dpo.py",
+                    "--zero3_init_flag", "true", "--num_processes", "1",
+                    "--mixed_precision", {"fp32": "no"}.get(expected_dtype(), expected_dtype()),  # the run's dtype
+                    "dpo.py",
                     "--preset", "tiny", "--model_id", str(runs / "tiny-sft"), "--quantization", "none",
                     "--max_steps", str(steps), "--output_dir", str(runs), "--run_name", "tiny-zero3",
                     "--report_to", "none")

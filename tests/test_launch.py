@@ -18,7 +18,7 @@ from alignkit.train import training
 from test_gpu_paths import _meta_llama, fake_gpus, load_kwargs  # noqa: F401 - load_kwargs is a fixture
 
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_CPU_RAM_EFFICIENT_LOADING",
-       "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE")
+       "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_MIXED_PRECISION")
 
 
 def launched(monkeypatch, mode: str, rank: int = 1, world: int = 2) -> None:
@@ -169,6 +169,39 @@ def test_what_works_is_not_refused(mode, script, s, monkeypatch):
     monkeypatch.setattr(launch, "_start_process_group", lambda: None)
     monkeypatch.setattr(launch, "register_zero3_init", lambda: None)
     assert launch.establish_launch(s, script).world_size == 2
+
+
+def test_a_launch_whose_mixed_precision_is_not_the_run_s_dtype_is_refused(monkeypatch):
+    """recipes/accelerate/*.yaml say mixed_precision: bf16. Where the run computes in something else (fp32 on a
+    CPU, fp16 on a GPU without native bf16, or an explicit --dtype), transformers would autocast in the launch's
+    precision behind alignkit's dtype line, and DeepSpeed stops at its first step: refused first, in one line."""
+    def establish(s, script="sft.py", world=2):
+        launched(monkeypatch, "zero3", world=world)
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+        return launch.establish_launch(s, script)
+
+    monkeypatch.setattr(launch, "_start_process_group", lambda: None)
+    monkeypatch.setattr(launch, "register_zero3_init", lambda: None)
+    refused = [
+        (SFTSettings(), r"^accelerate launch asks for mixed_precision bf16, but this run computes in fp32 \(no CUDA "
+                        r"device: .*\): launch with --mixed_precision no \(or set it in the accelerate config\)$"),
+        (DPOSettings(dtype="fp32"), r"computes in fp32 \(--dtype fp32\): launch with --mixed_precision no \(or set "
+                                    r"it in the accelerate config\), or pass --dtype bf16$"),
+    ]
+    for s, line in refused:
+        with pytest.raises(UserError, match=line):
+            establish(s)
+    assert establish(MergeSettings(adapter_dir="runs/x"), "merge.py", world=1).world_size == 1  # trains nothing
+    fake_gpus(monkeypatch, gpu="T4")
+    with pytest.raises(UserError, match=r"computes in fp16 \(this GPU has no native bf16 .*\): launch with "
+                                        r"--mixed_precision fp16 "):
+        establish(SFTSettings())
+    fake_gpus(monkeypatch, gpu="A100")
+    assert establish(DPOSettings()).world_size == 2  # bf16 both
+    fake_gpus(monkeypatch, gpu="T4")
+    launched(monkeypatch, "zero3")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert launch.establish_launch(SFTSettings(), "sft.py").world_size == 2  # the run's own dtype: nothing asked
 
 
 @pytest.mark.parametrize("script,reader", [("dpo.py", "load_preferences"), ("kto.py", "load_unpaired")])

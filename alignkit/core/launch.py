@@ -99,6 +99,8 @@ def refusal(s, script: str) -> str | None:
         return (f"FSDP1 (fsdp_version {version}, accelerate's default when the config names none) is not "
                 "supported: set `fsdp_version: 2` in the accelerate config, as recipes/accelerate/fsdp.yaml does, or "
                 "pass --fsdp_version 2 to accelerate launch")
+    if script not in ONE_PROCESS and (conflict := _mixed_precision_conflict(s)):  # the training scripts
+        return conflict
     quantization = getattr(s, "quantization", "none")
     if sharded and quantization == "8bit":
         return _no_8bit(sharded)
@@ -207,21 +209,45 @@ def _ampere_or_newer() -> bool:
     return torch.cuda.get_device_capability(local_gpu()) >= (8, 0)
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def resolve_dtype(requested: str) -> torch.dtype:
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    name, why = dtype_choice(requested)
+    if requested == "auto":
+        _log_choice("dtype", name, why)
+    return DTYPES[name]
+
+
+def dtype_choice(requested: str) -> tuple[str, str]:
+    """(the dtype name a run computes in, why) for `--dtype requested`, without a log line."""
     if requested != "auto":
-        return names[requested]
+        return requested, f"--dtype {requested}"
     if torch.cuda.is_available():
         # torch.cuda.is_bf16_supported() defaults to including_emulation=True (torch/cuda/__init__.py: it then
         # returns True for any GPU that can hold a bf16 tensor), so V100/T4 would "support" bf16 and train in
         # slow emulation. Only native bf16 (Ampere and newer) counts.
         if torch.cuda.is_bf16_supported(including_emulation=False):
-            _log_choice("dtype", "bf16", "CUDA with native bf16")
-            return torch.bfloat16
-        _log_choice("dtype", "fp16", "this GPU has no native bf16 (compute capability < 8.0)")
-        return torch.float16
-    _log_choice("dtype", "fp32", "no CUDA device: bf16/fp16 training needs a GPU, so the CPU computes in fp32")
-    return torch.float32
+            return "bf16", "CUDA with native bf16"
+        return "fp16", "this GPU has no native bf16 (compute capability < 8.0)"
+    return "fp32", "no CUDA device: bf16/fp16 training needs a GPU, so the CPU computes in fp32"
+
+
+def _mixed_precision_conflict(s) -> str | None:
+    """The refusal when `accelerate launch` asks for a mixed precision (ACCELERATE_MIXED_PRECISION, from its config
+    or --mixed_precision) other than the dtype this run computes in. transformers takes the launch's value where
+    the run asks for neither bf16 nor fp16, so an fp32 run would autocast in bf16 behind its own log line, and
+    DeepSpeed stops at its first step on any difference ("DeepSpeed config values that mismatch")."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched not in ("bf16", "fp16") or not hasattr(s, "dtype"):
+        return None
+    ours, why = dtype_choice(s.dtype)
+    if ours == launched:
+        return None
+    fix = f"launch with --mixed_precision {'no' if ours == 'fp32' else ours} (or set it in the accelerate config)"
+    if s.dtype != "auto":
+        fix += f", or pass --dtype {launched}"
+    return f"accelerate launch asks for mixed_precision {launched}, but this run computes in {ours} ({why}): {fix}"
 
 
 def resolve_quantization(requested: str, for_training: bool = True, log: bool = True) -> str:
