@@ -292,6 +292,42 @@ def test_a_given_mask_skips_calibration_and_is_the_one_trained(lota_sft, tmp_pat
     assert all(torch.equal(given[n], trained[n]) for n in shapes)
 
 
+def test_only_the_main_process_writes_the_calibrated_mask(tiny_cache, tmp_path, monkeypatch):
+    """Under a launch every process calibrates the same mask. Two processes renaming one temporary file into place
+    raced, and the second crashed its rank (test_launch_real's LoTA launch, on a fast machine): the other ranks
+    keep the mask in memory and write nothing."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from alignkit.modeling import presets
+    from alignkit.train import lota
+
+    @dataclasses.dataclass
+    class Args:  # the fields calibrate replaces
+        output_dir: str = ""
+        max_steps: int = 0
+        save_strategy: str = "steps"
+        eval_strategy: str = "steps"
+        report_to: str = "none"
+        load_best_model_at_end: bool = False
+
+    class Calibration:  # trains nothing: the mask of a zero delta is as good as any here
+        def __init__(self, main: bool):
+            self.accelerator = SimpleNamespace(is_main_process=main)
+
+        def train(self):
+            pass
+
+    monkeypatch.setattr(lota_mask, "_let_the_next_trainer_start", lambda trainer: None)
+    s = DPOSettings(model_id=presets.paths()["model"], adapter="lota", quantization="none")
+    for main in (False, True):
+        model = lota.add_trainable_delta(load_model(s, for_training=True), s)
+        folder = tmp_path / f"main-{main}"
+        mask = lota_mask.calibrate(model, s, folder, lambda args, main=main: Calibration(main), Args())
+        assert mask and (folder / lota_delta.MASK_FILE).is_file() == main
+        assert not list(folder.glob(".*.tmp"))
+
+
 def test_a_resumed_run_reuses_its_mask_and_ends_where_a_straight_run_does(tiny_cache, tmp_path, monkeypatch):
     args = ["--preset", "tiny", "--adapter", "lota", "--lota_calibration_steps", "4", "--max_steps", "12",
             "--save_steps", "6", "--output_dir", str(tmp_path), "--run_name", "run"]

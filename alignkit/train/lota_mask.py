@@ -48,6 +48,7 @@ def calibrate(model, s, run_folder: Path, make_trainer, args) -> dict[str, torch
     logger.info(f"LoTA calibration: {s.lota_calibration_steps} dense steps to find the mask")
     calibration = make_trainer(cal_args)
     calibration.train()
+    main = calibration.accelerator.is_main_process  # read before the state is reset
     _let_the_next_trainer_start(calibration)
     with contextlib.suppress(OSError):
         Path(cal_args.output_dir).rmdir()  # it only held what save_strategy "no" never writes
@@ -55,9 +56,13 @@ def calibrate(model, s, run_folder: Path, make_trainer, args) -> dict[str, torch
     shapes = weight_shapes(modules)
     exclude = load_mask(s.lota_exclude_mask, shapes, "--lota_exclude_mask") if s.lota_exclude_mask else None
     mask = compute_mask({n: d.dense() for n, d in deltas.items()}, s.lota_sparsity, s.lota_mask_scope, exclude)
-    save_mask(mask, shapes, Path(run_folder, MASK_FILE), {"sparsity": s.lota_sparsity, "scope": s.lota_mask_scope})
-    kept, total = sum(m.numel() for m in mask.values()), sum(math.prod(v) for v in shapes.values())
-    logger.info(f"LoTA mask: {kept:,} of {total:,} entries ({100 * kept / total:.2f}%) saved to {run_folder / MASK_FILE}")
+    # Every process holds the same mask (the launch keeps the dense delta in step); one writes it: two renaming
+    # one temporary file into place raced, and the second crashed its rank.
+    if main:
+        save_mask(mask, shapes, Path(run_folder, MASK_FILE), {"sparsity": s.lota_sparsity, "scope": s.lota_mask_scope})
+        kept, total = sum(m.numel() for m in mask.values()), sum(math.prod(v) for v in shapes.values())
+        logger.info(f"LoTA mask: {kept:,} of {total:,} entries ({100 * kept / total:.2f}%) saved to "
+                    f"{run_folder / MASK_FILE}")
     attach(model, modules, mask)  # back to the starting weights: the calibration delta is dropped
     log_trainable(model, "sparse")
     return mask
