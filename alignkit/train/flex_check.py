@@ -35,9 +35,8 @@ TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 5e-3}  # 
 PROMPT, CHOSEN, REJECTED = (96, 80), (64, 40), (80, 24)  # two pairs: prompt and answer lengths (packed: 256)
 
 
-def heads(config) -> tuple[int, int, int, int]:
-    """(query heads, key-value heads, query/key head size, value head size) of the model's attention."""
-    text = prefix._text_config(config)
+def heads(text) -> tuple[int, int, int, int]:
+    """(query heads, key-value heads, query/key head size, value head size) of a (text) config's attention."""
     n_heads = text.num_attention_heads
     n_kv = getattr(text, "num_key_value_heads", None) or n_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
@@ -47,8 +46,8 @@ def heads(config) -> tuple[int, int, int, int]:
 def check(config, dtype: torch.dtype, device: str, backward: bool = True) -> tuple[bool, str]:
     """(whether flex_attention trains correctly here, why) for a model with `config` computing in `dtype` on
     `device` (module docstring). `backward=False` checks the forward only (a CPU has no FlexAttention backward)."""
-    n_heads, n_kv, head_dim, v_dim = heads(config)
     text = prefix._text_config(config)
+    n_heads, n_kv, head_dim, v_dim = heads(text)
     softcap = getattr(text, "attn_logit_softcapping", None)
     windows = prefix.layer_windows(config)
     window = max((w for w in windows.values() if w), default=None) if isinstance(windows, dict) else None
