@@ -11,7 +11,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   mixture (a run's training and held-out data: a share, a test split, a handbook dataset mixture),
   errors (UserError and how a script reports it),
   extras (the optional eval and tracking extras, and the line that installs a missing one),
-  paths (the cache folder),
+  paths (the cache folder, and folders built there once by one process),
   launch (the launch mode, this process's device and process group, the loader's hardware decisions, refusals),
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
   data (the one data normaliser),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -120,3 +121,95 @@ def test_stop_on_error_starts_nothing_after_the_first_failure():
     assert [i for i, _ in out] == [0, 1, 2] and isinstance(out[-1][1], RuntimeError)
     time.sleep(0.1)
     assert started == [0, 1, 2]  # the caller raises this failure; no request went out after it
+
+
+# ---------------------------------------------------------------------------------------------------------
+# alignkit.core.paths.build_once: a cache folder built by one process while the others wait
+
+
+def _slow_build(log):
+    def build(work):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # long enough that the other process asks while this one builds
+        (work / "model.bin").write_text("weights")
+        return "done"
+    return build
+
+
+def _build_in_child(target, log, ready):
+    from alignkit.core.paths import build_once
+
+    ready.wait()
+    folder = build_once(target, "DONE", _slow_build(log))
+    assert (folder / "model.bin").read_text() == "weights"  # never half a folder
+
+
+def test_build_once_builds_in_one_process_while_the_others_wait_then_use_its_folder(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # the children share the build function without pickling it
+    target, log, ready = tmp_path / "cache" / "model", tmp_path / "builds.log", ctx.Event()
+    children = [ctx.Process(target=_build_in_child, args=(target, log, ready)) for _ in range(3)]
+    for child in children:
+        child.start()
+    ready.set()
+    for child in children:
+        child.join(60)
+    assert [child.exitcode for child in children] == [0, 0, 0]
+    assert len(log.read_text().splitlines()) == 1  # built once, by whichever asked first
+    assert (target / "DONE").read_text() == "done" and (target / "model.bin").read_text() == "weights"
+    assert sorted(p.name for p in target.parent.iterdir()) == [".model.lock", "model"]  # no work folder left
+
+
+def test_build_once_leaves_nothing_of_a_failed_build_and_rebuilds_a_half_built_folder(tmp_path):
+    from alignkit.core.paths import build_once
+
+    target = tmp_path / "model"
+
+    def crash(work):
+        (work / "part").write_text("half")
+        raise RuntimeError("killed mid-build")
+
+    with pytest.raises(RuntimeError, match="killed mid-build"):
+        build_once(target, "DONE", crash)
+    assert not target.exists() and [p.name for p in tmp_path.iterdir()] == [".model.lock"]
+    target.mkdir()
+    (target / "part").write_text("half")  # what a build before build_once could leave: no DONE file
+    build_once(target, "DONE", lambda work: (work / "whole").write_text("x") and "done")
+    assert sorted(p.name for p in target.iterdir()) == ["DONE", "whole"]
+    assert build_once(target, "DONE", crash) == target  # done: not built again
+
+
+@pytest.mark.parametrize("what", ["tiny preset", "gguf"])
+def test_the_tiny_preset_and_gguf_conversions_wait_for_the_process_that_builds_them(what, tmp_path, monkeypatch):
+    """Every rank of a launch asks for the tiny preset (or a GGUF file's conversion) at once: the one that holds the
+    lock builds it, and a rank that asked meanwhile uses that build rather than building (and replacing) its own."""
+    from filelock import FileLock
+
+    from alignkit.modeling import gguf, presets
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path))
+    built = []
+    if what == "gguf":
+        monkeypatch.setattr(gguf, "architecture", lambda path: "llama")
+        monkeypatch.setattr("transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint", lambda *a, **k: {})
+        monkeypatch.setattr(gguf, "_convert_into", lambda path, arch, work: built.append(work) or "{}")
+        file = tmp_path / "m.gguf"
+        file.write_bytes(b"GGUF")
+        target, done, ask = gguf.converted_folder(file), gguf.DONE, lambda: gguf.convert(file)
+    else:
+        monkeypatch.setattr(presets, "_build_into", lambda work: built.append(work) or "{}")
+        target, done, ask = presets.tiny_dir(), "done", presets.build
+    target.parent.mkdir(parents=True, exist_ok=True)
+    other = FileLock(str(target.parent / f".{target.name}.lock"))
+    other.acquire()  # another rank is building
+    asking = threading.Thread(target=ask)
+    asking.start()
+    time.sleep(0.5)
+    assert asking.is_alive() and not built  # it waits rather than building beside the other rank
+    target.mkdir()
+    (target / done).write_text("{}")  # the other rank's build lands
+    other.release()
+    asking.join(30)
+    assert not asking.is_alive() and not built

@@ -14,19 +14,19 @@ Sources (`model_source`):
 The cache ($ALIGNKIT_CACHE/gguf/<key>) is keyed by the file's content (size + SHA-256, streamed; the digest
 itself is remembered by path, size and mtime, so a 100 MB file is hashed once), the transformers version (its
 converter writes the weights) and this module's CONVERTER version. A conversion is written to a temporary folder
-and renamed into place, so a crash never leaves a half-written model that a later run would trust.
+and renamed into place, so a crash never leaves a half-written model that a later run would trust, and one
+process converts while the others wait (`alignkit.core.paths.build_once`): under accelerate launch with 8 GPUs a 7B
+GGUF is dequantized once, not in 8 fp32 copies at the same time.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.errors import UserError
+from alignkit.core.paths import build_once
 
 CONVERTER = "v1"  # bump when the conversion below changes what it writes
 DONE = "gguf_source.json"  # written last into a converted folder: its presence means the folder is whole
@@ -111,9 +111,7 @@ def convert(path: Path) -> Path:
     target = converted_folder(path)
     if (target / DONE).is_file():
         return target
-    import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
 
     arch = architecture(path)
@@ -127,7 +125,16 @@ def convert(path: Path) -> Path:
                 "instead, or pass its Hub id"
             ) from None
         raise
-    logger.info(f"converting {path} ({arch}) into {target} (once; cached for every later run)")
+    return build_once(target, DONE, lambda work: _convert_into(path, arch, work))
+
+
+def _convert_into(path: Path, arch: str, work: Path) -> str:
+    """The GGUF file's model and tokenizer as a plain folder in `work`; the text of its done file."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info(f"converting {path} ({arch}) into {work.parent} (once; cached for every later run)")
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild it from its config without
@@ -145,25 +152,11 @@ def convert(path: Path) -> Path:
     if tok.eos_token_id is not None:
         model.generation_config.eos_token_id = tok.eos_token_id
     del gguf_model
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(work)
-        tok.save_pretrained(work)
-        (work / DONE).write_text(json.dumps(
-            {"source": str(path.resolve()), "content": content_hash(path), "architecture": arch,
-             "transformers": transformers.__version__, "converter": CONVERTER}, indent=2))
-        if (target / DONE).is_file():  # another process finished first: keep theirs
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            shutil.rmtree(target, ignore_errors=True)  # a conversion that crashed half-way
-            os.rename(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    logger.info(f"converted {path.name}: {sum(p.numel() for p in model.parameters()):,} parameters in {target}")
-    return target
+    model.save_pretrained(work)
+    tok.save_pretrained(work)
+    logger.info(f"converted {path.name}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    return json.dumps({"source": str(path.resolve()), "content": content_hash(path), "architecture": arch,
+                       "transformers": transformers.__version__, "converter": CONVERTER}, indent=2)
 
 
 def model_source(source: str, gguf_file: str | None = None, revision: str | None = None) -> tuple[str, str | None]:

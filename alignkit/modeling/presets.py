@@ -19,16 +19,13 @@ preset needs before a script runs.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.errors import UserError
-from alignkit.core.paths import cache_dir
+from alignkit.core.paths import build_once, cache_dir
 
 VERSION = "tiny-v3"  # bump when the recipe below changes, so stale caches are rebuilt (v3: prompts name their category)
 CATEGORIES = {
@@ -247,12 +244,17 @@ def build(force: bool = False) -> Path:
     target = tiny_dir()
     if (target / "done").is_file() and not force:
         return target
+    build_once(target, "done", _build_into, force=force)
+    logger.info(f"tiny preset ready: {target}")
+    return target
+
+
+def _build_into(work: Path) -> str:
+    """The preset's files in `work`; the text of its done file."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    logger.info(f"building the tiny preset in {target} (once; about half a minute)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{VERSION}-", dir=target.parent))
+    logger.info(f"building the tiny preset (once; about half a minute) in {work.parent}")
     data = make_data()
     tok = _train_tokenizer([_render(row["messages"]) for row in data["pretrain"]])
     torch.manual_seed(0)
@@ -272,18 +274,8 @@ def build(force: bool = False) -> Path:
         with open(work / f"{name}.jsonl", "w") as f:
             for row in data[name]:
                 f.write(json.dumps(row) + "\n")
-    (work / "done").write_text(json.dumps({"version": VERSION, "pretrain_loss": final_loss}))
-    # Another process may have finished first (two ranks under accelerate): keep theirs, drop ours.
-    if (target / "done").is_file():
-        shutil.rmtree(work, ignore_errors=True)
-    else:
-        shutil.rmtree(target, ignore_errors=True)  # a build that crashed half-way
-        try:
-            os.rename(work, target)
-        except OSError:
-            shutil.rmtree(work, ignore_errors=True)
-    logger.info(f"tiny preset ready: {target} (pretraining loss {final_loss:.2f})")
-    return target
+    logger.info(f"tiny preset built (pretraining loss {final_loss:.2f})")
+    return json.dumps({"version": VERSION, "pretrain_loss": final_loss})
 
 
 def _render(messages: list[dict]) -> str:
