@@ -26,11 +26,11 @@ PY=${PYTHON:-python3}  # the lent machine's python3 holds its torch
 
 case "${1:-}" in
 wheels)
-  folder=${2:-wheels}
+  folder=${2:-wheels}  # WHEEL_PYTHON: the lent machine's Python (3.12); this machine's for a rehearsal here
   pins=$("$PY" -c "from importlib.metadata import version as v; print(' '.join(f'{n}=={v(n)}' for n in ('trl', \
 'datasets', 'dill', 'multiprocess', 'python-dotenv', 'bitsandbytes', 'transformers', 'peft', 'accelerate')))") || exit 1
   # shellcheck disable=SC2086 - the pins are words
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d "$folder" \
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" --implementation cp -d "$folder" \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any $pins || exit 1
   du -sh "$folder"
