@@ -117,6 +117,27 @@ def test_several_gpus_in_one_plain_process_train_on_one_and_say_how_to_use_all(m
     assert "accelerate launch" not in alignkit_log.text
 
 
+def test_without_cuda_the_cpu_trains_where_torch_also_finds_apple_mps(monkeypatch, alignkit_log, tmp_path):
+    """On a Mac, alignkit loads on the CPU and decides fp32, sdpa, threads and memory for it; the Trainer must not
+    then move the model to MPS, where none of those decisions was made."""
+    import transformers.training_args
+    from trl import DPOConfig
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(transformers.training_args, "is_torch_mps_available", lambda *a, **k: True)
+    # The problem, reproduced: left to itself, transformers trains on MPS where torch finds it.
+    assert DPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False).device.type == "mps"
+    s = DPOSettings(report_to="none")
+    launch.establish_launch(s, "dpo.py")
+    assert "device: cpu (Apple MPS found: alignkit runs on CUDA GPUs or the CPU" in alignkit_log.text
+    assert training.trl_config(DPOConfig, s, tmp_path, torch.float32).device.type == "cpu"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch, "xpu", types.SimpleNamespace(is_available=lambda: True), raising=False)
+    assert launch.other_accelerator() == "Intel XPU"
+    monkeypatch.setattr(torch, "xpu", types.SimpleNamespace(is_available=lambda: False), raising=False)
+    assert launch.other_accelerator() is None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 2. and 3. dtype and attention from the GPU's compute capability
 

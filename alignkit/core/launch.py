@@ -82,6 +82,15 @@ def training_device() -> torch.device:
     return torch.device("cuda", local_gpu()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def other_accelerator() -> str | None:
+    """An accelerator torch finds besides CUDA (Apple's MPS, Intel's XPU). alignkit does not use one: its 4-bit,
+    attention, dtype and memory decisions are made for CUDA GPUs and the CPU, so without CUDA the CPU runs."""
+    if torch.backends.mps.is_available():
+        return "Apple MPS"
+    xpu = getattr(torch, "xpu", None)
+    return "Intel XPU" if xpu is not None and xpu.is_available() else None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # What each feature may do under each launch mode
 
@@ -166,6 +175,9 @@ def establish_launch(s=None, script: str = "") -> Launch:
     if why:
         raise UserError(why)
     launch = Launch(launch_mode(), world_size(), local_gpu(), training_device())
+    if not torch.cuda.is_available() and (other := other_accelerator()):
+        logger.info(f"device: cpu ({other} found: alignkit runs on CUDA GPUs or the CPU, and its 4-bit, attention "
+                    f"and memory decisions are not made for {other})")
     if launch.world_size > 1:
         if torch.cuda.is_available():
             torch.cuda.set_device(launch.local_rank)  # before loading: bitsandbytes places on the current device

@@ -291,9 +291,11 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
         dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps host-to-GPU copies
         disable_tqdm=not progress.live(),  # a bar in a terminal and a notebook; none in CI logs
         push_to_hub=False,  # alignkit.core.hub pushes at the end, with a model card and without secrets
-        # Several processes without CUDA: transformers only sets up gloo DDP between them with use_cpu; bf16 on a
-        # CPU (a recipe's bf16: true) also needs it ("Your setup doesn't support bf16/gpu").
-        use_cpu=(world_size() > 1 or dtype == torch.bfloat16) and not torch.cuda.is_available(),
+        # Without CUDA the CPU trains: alignkit loaded the model there and decided its dtype, attention, threads and
+        # memory for it, while transformers would move it to Apple's MPS or Intel's XPU where torch finds one
+        # (alignkit.core.launch.other_accelerator). Several processes also only get gloo DDP with use_cpu, and bf16
+        # on a CPU (a recipe's bf16: true) needs it ("Your setup doesn't support bf16/gpu").
+        use_cpu=not torch.cuda.is_available(),
         **stage_kwargs,
     )
     if world_size() > 1:
