@@ -260,9 +260,18 @@ def with_ref_logps(trainer, dataset, batch_size: int):
     and then stored (by the main process) for the next run."""
     from datasets import Dataset, concatenate_datasets
 
+    from alignkit.core.launch import agreed_minimum
+
     key = cache_key(trainer, dataset)
     path = cache_root() / f"{key}.safetensors"
     tensors = load(path, len(dataset)) if path.is_file() else None
+    # Every process must take the same branch, since computing is collective: a process that reuses the entry
+    # while another computes would leave that one waiting forever. Each one reads its own cache folder, which
+    # other machines of a multi-node launch may not share.
+    if agreed_minimum(int(tensors is not None)) == 0 and tensors is not None:
+        logger.info(f"reference log-probs: {path} is not readable on every process (a cache folder not shared "
+                    "between machines?), so every process computes them")
+        tensors = None
     if tensors is not None:
         logger.info(f"reference log-probs of {len(dataset)} pairs reused from {path}")
     else:
