@@ -245,6 +245,21 @@ def test_auto_keeps_the_plain_choice_where_the_flex_kernel_fails_on_this_gpu(mon
         assert len(lines) == 1 and lines[0].startswith(f"attention: {plain} (")
         assert "; not flex_attention for prefix sharing: FlexAttention failed its check (head size 16, 4 query / " \
                "4 key-value heads, bfloat16): NotImplementedError: FlexAttention does not support backward" in lines[0]
+    # Under a launch every process loads the same attention: where another process's GPU failed the check, this
+    # one keeps its plain choice too. Every process takes part in that agreement, whatever its own answer (else
+    # the ones that ask would wait for the others forever).
+    agreements = []
+    monkeypatch.setattr(launch, "agreed_minimum", lambda value: agreements.append(value) or 0)
+    for gpu, flex_kernel in (("H100", True), ("H100", False), ("T4", True)):
+        fake_gpus(monkeypatch, gpu=gpu, flash_attn=True, flex_kernel=flex_kernel)
+        alignkit_log.clear()
+        assert load_kwargs(DPOSettings(model_id=tiny), for_training=True)["attn_implementation"] != "flex_attention"
+    assert agreements == [1, 0, 0]
+    assert "its kernel passed a forward check on this device" not in alignkit_log.text  # the T4's line
+    fake_gpus(monkeypatch, gpu="H100", flash_attn=True)
+    alignkit_log.clear()
+    assert load_kwargs(DPOSettings(model_id=tiny), for_training=True)["attn_implementation"] == "flash_attention_2"
+    assert "but not on every process of this launch (they all load the same attention)" in alignkit_log.text
     fake_gpus(monkeypatch, gpu="H100", flex_kernel=False)  # asked for by name: no check, the user's choice
     assert load_kwargs(DPOSettings(model_id=tiny, attn_implementation="flex_attention"),
                        for_training=True)["attn_implementation"] == "flex_attention"

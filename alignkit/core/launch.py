@@ -373,7 +373,17 @@ def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_c
 def _flex_for_prefix_sharing(packed_config, dtype: torch.dtype) -> tuple[bool, str]:
     """(whether, why) a DPO run with prefix sharing on this CUDA machine loads flex_attention (resolve_attention):
     where `flex_preferred` says it applies and its kernel passes alignkit.train.flex_check on this process's GPU
-    (it compiles and matches plain attention at the model's head sizes and dtype)."""
+    (it compiles and matches plain attention at the model's head sizes and dtype), and on every other process's
+    of the launch: they all load the same attention (every process reaches the agreement, whatever its answer)."""
+    flex, why = _flex_on_this_gpu(packed_config, dtype)
+    if flex and not agreed_minimum(1):
+        return False, f"{why}, but not on every process of this launch (they all load the same attention)"
+    if not flex:
+        agreed_minimum(0)
+    return flex, why
+
+
+def _flex_on_this_gpu(packed_config, dtype: torch.dtype) -> tuple[bool, str]:
     if not _ampere_or_newer():
         return False, "FlexAttention is tried on compute capability >= 8.0 only"
     from alignkit.train import flex_check  # core does not import train at module level
