@@ -160,6 +160,8 @@ def test_build_once_builds_in_one_process_while_the_others_wait_then_use_its_fol
     assert len(log.read_text().splitlines()) == 1  # built once, by whichever asked first
     assert (target / "DONE").read_text() == "done" and (target / "model.bin").read_text() == "weights"
     assert sorted(p.name for p in target.parent.iterdir()) == [".model.lock", "model"]  # no work folder left
+    # Readable by whoever can read the cache folder (a cache shared on a lab server), not mkdtemp's owner-only.
+    assert target.stat().st_mode & 0o777 == target.parent.stat().st_mode & 0o777 != 0o700
 
 
 def test_build_once_leaves_nothing_of_a_failed_build_and_rebuilds_a_half_built_folder(tmp_path):

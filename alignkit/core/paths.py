@@ -44,6 +44,7 @@ def build_once(target: Path, done: str, build: Callable[[Path], str], force: boo
         if (target / done).is_file() and not force:  # built by the process that held the lock
             return target
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        work.chmod(target.parent.stat().st_mode & 0o777)  # mkdtemp's 0700 would lock others out of a shared cache
         try:
             text = build(work)
             (work / done).write_text(text, encoding="utf-8")
