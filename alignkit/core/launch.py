@@ -376,10 +376,9 @@ def _flex_for_prefix_sharing(packed_config, dtype: torch.dtype) -> tuple[bool, s
     (it compiles and matches plain attention at the model's head sizes and dtype), and on every other process's
     of the launch: they all load the same attention (every process reaches the agreement, whatever its answer)."""
     flex, why = _flex_on_this_gpu(packed_config, dtype)
-    if flex and not agreed_minimum(1):
+    everywhere = agreed_minimum(int(flex))  # called by every process, whatever its own answer
+    if flex and not everywhere:
         return False, f"{why}, but not on every process of this launch (they all load the same attention)"
-    if not flex:
-        agreed_minimum(0)
     return flex, why
 
 

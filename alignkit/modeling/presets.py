@@ -241,12 +241,7 @@ def _pretrain(model, tok, texts: list[str], steps: int = 600, seed: int = 0) -> 
 
 def build(force: bool = False) -> Path:
     """Build the preset's model and data once; later calls return the cached folder at once."""
-    target = tiny_dir()
-    if (target / "done").is_file() and not force:
-        return target
-    build_once(target, "done", _build_into, force=force)
-    logger.info(f"tiny preset ready: {target}")
-    return target
+    return build_once(tiny_dir(), "done", _build_into, force=force)
 
 
 def _build_into(work: Path) -> str:
