@@ -164,6 +164,22 @@ def test_build_once_builds_in_one_process_while_the_others_wait_then_use_its_fol
     assert target.stat().st_mode & 0o777 == target.parent.stat().st_mode & 0o777 != 0o700
 
 
+def test_build_once_lock_file_can_be_taken_by_everyone_who_can_build_in_the_cache_folder(tmp_path):
+    """A cache shared on a lab server (a group-writable folder): the next user to build there must be able to open
+    the lock file the first left behind, whatever the first user's umask was."""
+    from alignkit.core.paths import build_once
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    old = os.umask(0o077)  # the strictest umask a first user could have
+    try:
+        build_once(shared / "model", "DONE", lambda work: "done")
+    finally:
+        os.umask(old)
+    assert (shared / ".model.lock").stat().st_mode & 0o777 == 0o664
+
+
 def test_build_once_leaves_nothing_of_a_failed_build_and_rebuilds_a_half_built_folder(tmp_path):
     from alignkit.core.paths import build_once
 

@@ -34,7 +34,8 @@ def build_once(target: Path, done: str, build: Callable[[Path], str], force: boo
     if (target / done).is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(target.parent / f".{target.name}.lock"))
+    # Whoever may build in the cache folder may take its lock: the folder's read and write bits, not the umask's.
+    lock = FileLock(str(target.parent / f".{target.name}.lock"), mode=target.parent.stat().st_mode & 0o666)
     try:
         lock.acquire(blocking=False)
     except Timeout:
