@@ -131,6 +131,28 @@ def test_a_model_retrained_in_place_anywhere_down_the_chain_is_another_model(tin
     assert calls == []
 
 
+def test_processes_hashing_at_once_keep_each_others_remembered_hashes(tmp_path, monkeypatch):
+    """The ranks of a launch hash their files at once: each reads the memo, hashes, then writes. A write merges
+    into the memo as it is by then, so a process that wrote meanwhile keeps its entries (before, the last writer's
+    view won and the other's files were read again next time)."""
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    mine, theirs = tmp_path / "mine.bin", tmp_path / "theirs.bin"
+    mine.write_bytes(b"a" * 100)
+    theirs.write_bytes(b"b" * 10)
+    real = identity._sha256
+
+    def another_process_writes_meanwhile(path):
+        if path == mine:
+            identity.file_hashes([theirs])  # the other rank's whole read-hash-write, between our read and write
+        return real(path)
+
+    monkeypatch.setattr(identity, "_sha256", another_process_writes_meanwhile)
+    identity.file_hashes([mine])
+    memo = json.loads((tmp_path / "cache" / "file_hashes.json").read_text())
+    assert sorted(value.split("-")[0] for value in memo.values()) == ["10", "100"]
+    assert identity.file_hashes([theirs, mine]) == {theirs: f"10-{real(theirs)}", mine: f"100-{real(mine)}"}
+
+
 def test_a_hub_model_counts_by_its_resolved_commit(tiny_cache, tmp_path, monkeypatch):
     """Offline, the commit comes from the Hugging Face cache's snapshot the revision points at."""
     hub = tmp_path / "hub"

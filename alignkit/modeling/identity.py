@@ -55,29 +55,42 @@ def _memo_file() -> Path:
 
 def file_hashes(paths: list[Path]) -> dict[Path, str]:
     """"SIZE-SHA256" of each file's bytes, streamed in 8 MiB blocks; a file seen before with the same path, size
-    and mtime is not read again. One read and at most one write of the memo, however many files."""
+    and mtime is not read again. One read and at most one write of the memo, however many files: the write merges
+    into the memo as it is then, under a lock, so processes hashing at once (the ranks of a launch) keep each
+    other's entries."""
+    from filelock import FileLock
+
     from alignkit.core.journal import write_atomic
 
     memo_file = _memo_file()
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    out, changed = {}, False
+    memo = _read_memo(memo_file)
+    out, fresh = {}, {}
     for path in paths:
         stat = path.stat()
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if key not in memo:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(8 << 20):
-                    digest.update(block)
-            memo[key], changed = f"{stat.st_size}-{digest.hexdigest()}", True
+            memo[key] = fresh[key] = f"{stat.st_size}-{_sha256(path)}"
         out[path] = memo[key]
-    if changed:
+    if fresh:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(memo_file, json.dumps(memo, indent=1))
+        with FileLock(str(memo_file) + ".lock", mode=memo_file.parent.stat().st_mode & 0o666):
+            write_atomic(memo_file, json.dumps({**_read_memo(memo_file), **fresh}, indent=1))
     return out
+
+
+def _read_memo(memo_file: Path) -> dict:
+    try:
+        return json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def file_hash(path: Path) -> str:
