@@ -4,6 +4,7 @@ that cannot work refused in one line before anything loads (issue 24)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -431,3 +432,53 @@ def test_a_zero3_launch_without_deepspeed_is_one_line_naming_the_install(monkeyp
     monkeypatch.setattr(launch, "_start_process_group", lambda: None)
     with pytest.raises(UserError, match="deepspeed is not installed: pip install deepspeed"):
         launch.establish_launch(DPOSettings(model_id="m", quantization="none"), "dpo.py")
+
+
+def _rank_prepares_its_run(rank, root, shared):
+    """One process of two over gloo deciding where its run starts; rank 0's folder holds checkpoint-2."""
+    import datetime
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/group", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    out = root / ("out0" if shared else f"out{rank}")  # not shared: each machine its own folder
+    s = SFTSettings(model_id="tiny", output_dir=str(out), run_name="run")
+    try:
+        folder, resume_from = training.prepare_run(s, "sft")
+        said = {"resume_from": resume_from and str(Path(resume_from).relative_to(out))}
+    except UserError as error:
+        said = {"error": str(error)}
+    (root / f"rank{rank}.json").write_text(json.dumps(said))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_every_rank_resumes_from_the_same_checkpoint_or_all_stop_in_one_line(shared, tmp_path):
+    """Multi-node with --output_dir on each machine's own disk: rank 0 would resume from its checkpoint and rank 1
+    start over, and their first collective would wait forever. The ranks compare their decisions: all stop, with
+    one line naming the fix. On a shared folder both resume from the same checkpoint."""
+    import json
+    import multiprocessing
+
+    checkpoint = tmp_path / "out0" / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    training.save_run_config(SFTSettings(model_id="tiny", output_dir=str(tmp_path / "out0"), run_name="run"),
+                             checkpoint.parent / training.CONFIG_FILE)
+    ctx = multiprocessing.get_context("fork")
+    ranks = [ctx.Process(target=_rank_prepares_its_run, args=(rank, tmp_path, shared)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    said = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    if shared:
+        assert said == [{"resume_from": str(Path("run") / "checkpoint-2")}] * 2
+    else:
+        assert said == [{"error": (
+            f"{tmp_path / f'out{rank}' / 'run'} is not the same folder for every process of this launch: rank 0 "
+            "sees checkpoint-2 to resume from, rank 1 sees no checkpoint to resume from. Give --output_dir a folder "
+            "every machine shares.")} for rank in (0, 1)]

@@ -202,6 +202,18 @@ def agreed_minimum(value: int) -> int:
     return int(tensor.item())
 
 
+def every_process(value) -> list:
+    """`value` as each process has it, in rank order (all_gather_object); `[value]` when no process group runs.
+    For decisions every rank must take alike: compare the views, and stop all ranks together where they differ."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, value)
+    return views
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free for training on `device`: the GPU's free memory, or the host's available memory (psutil, which
     peft and TRL require, reads it on Linux, macOS and Windows alike)."""

@@ -32,7 +32,7 @@ from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, redact
 from alignkit.core.errors import UserError
 from alignkit.core.extras import require_tracker
-from alignkit.core.launch import agreed_minimum, free_memory, training_device, world_size
+from alignkit.core.launch import agreed_minimum, every_process, free_memory, training_device, world_size
 from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scripts import it from here)
 
 CONFIG_FILE = "alignkit_config.json"
@@ -100,18 +100,25 @@ def preflight(s) -> None:
 def prepare_run(s, stage: str) -> tuple[Path, str | None]:
     """Where this run goes and where training starts: (folder, checkpoint to resume from or None).
 
-    Writes nothing: `start_run` claims the folder once the new run is sure to start.
+    Writes nothing: `start_run` claims the folder once the new run is sure to start. Under a multi-process launch
+    every rank decides from its own view of the folder, then they compare: a folder that is not shared by every
+    machine (one rank would resume, another start over, and the first collective would wait forever) stops all of
+    them at once with one line.
     """
     progress.quiet_library_noise()
     folder = run_dir(s, stage)
     checkpoints = _checkpoints(folder) if folder.is_dir() else []
-    if s.resume == "true":
-        if not checkpoints:
-            raise ConfigError(f"--resume true, but {folder} holds no checkpoint-N folder to resume from")
-        return folder, str(checkpoints[-1])
-    if s.resume == "auto" and checkpoints and not _changed(folder, s):
-        return folder, str(checkpoints[-1])
-    return folder, None
+    resume = s.resume == "true" or (s.resume == "auto" and checkpoints and not _changed(folder, s))
+    checkpoint = checkpoints[-1].name if resume and checkpoints else None
+    views = every_process(checkpoint)
+    if differing := [rank for rank, other in enumerate(views) if other != views[0]]:
+        said = [f"{view} to resume from" if view else "no checkpoint to resume from" for view in views]
+        rank = differing[0]
+        raise UserError(f"{folder} is not the same folder for every process of this launch: rank 0 sees {said[0]}, "
+                        f"rank {rank} sees {said[rank]}. Give --output_dir a folder every machine shares.")
+    if s.resume == "true" and not checkpoint:
+        raise ConfigError(f"--resume true, but {folder} holds no checkpoint-N folder to resume from")
+    return folder, str(folder / checkpoint) if checkpoint else None
 
 
 def _changed(folder: Path, s) -> list[str]:
