@@ -97,6 +97,34 @@ def run_script(name: str, *args: str, cwd: Path | None = None) -> dict:
         os.chdir(old_cwd)
 
 
+def in_two_ranks(target, folder: Path, *args) -> list[int]:
+    """`target(rank, *args)` in two forked processes, ranks 0 and 1 of a gloo process group as under a launch on
+    this CPU (the group's rendezvous file in `folder`); their exit codes. Forked, so `target` may be any function
+    of the test module and see what the test patched."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    ranks = [ctx.Process(target=_as_rank, args=(target, rank, folder, args)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    return [process.exitcode for process in ranks]
+
+
+def _as_rank(target, rank: int, folder: Path, args: tuple) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/group", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        target(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def sft_run(tiny_cache, tmp_path_factory):
     """`python sft.py --preset tiny`, once per session: the run's globals (run_folder, metrics, trainer, ...)."""

@@ -16,6 +16,7 @@ from alignkit.core.errors import UserError
 from alignkit.modeling import presets
 from alignkit.train import training
 
+from conftest import in_two_ranks
 from test_gpu_paths import _meta_llama, fake_gpus, load_kwargs  # noqa: F401 - load_kwargs is a fixture
 
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_CPU_RAM_EFFICIENT_LOADING",
@@ -435,14 +436,9 @@ def test_a_zero3_launch_without_deepspeed_is_one_line_naming_the_install(monkeyp
 
 
 def _rank_prepares_its_run(rank, root, shared):
-    """One process of two over gloo deciding where its run starts; rank 0's folder holds checkpoint-2."""
-    import datetime
+    """One process of two deciding where its run starts; rank 0's folder holds checkpoint-2."""
     import json
 
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{root}/group", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=30))
     out = root / ("out0" if shared else f"out{rank}")  # not shared: each machine its own folder
     s = SFTSettings(model_id="tiny", output_dir=str(out), run_name="run")
     try:
@@ -451,7 +447,6 @@ def _rank_prepares_its_run(rank, root, shared):
     except UserError as error:
         said = {"error": str(error)}
     (root / f"rank{rank}.json").write_text(json.dumps(said))
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -460,20 +455,13 @@ def test_every_rank_resumes_from_the_same_checkpoint_or_all_stop_in_one_line(sha
     start over, and their first collective would wait forever. The ranks compare their decisions: all stop, with
     one line naming the fix. On a shared folder both resume from the same checkpoint."""
     import json
-    import multiprocessing
 
     checkpoint = tmp_path / "out0" / "run" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
     training.save_run_config(SFTSettings(model_id="tiny", output_dir=str(tmp_path / "out0"), run_name="run"),
                              checkpoint.parent / training.CONFIG_FILE)
-    ctx = multiprocessing.get_context("fork")
-    ranks = [ctx.Process(target=_rank_prepares_its_run, args=(rank, tmp_path, shared)) for rank in (0, 1)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(120)
-    assert [process.exitcode for process in ranks] == [0, 0]
+    assert in_two_ranks(_rank_prepares_its_run, tmp_path, tmp_path, shared) == [0, 0]
     said = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     if shared:
         assert said == [{"resume_from": str(Path("run") / "checkpoint-2")}] * 2

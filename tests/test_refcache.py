@@ -14,7 +14,7 @@ import torch
 from alignkit.train import refcache
 from alignkit.train.trainers import AlignDPOTrainer
 
-from conftest import run_script
+from conftest import in_two_ranks, run_script
 
 
 @pytest.fixture
@@ -202,9 +202,8 @@ def test_the_key_sees_the_attention_implementation_and_the_hardware(tiny_cache, 
     assert refcache.cache_key(trainer, data) not in (sdpa, eager)
 
 
-def _rank_uses_the_cache(rank, folder, results):
-    """One process of two over gloo: rank 0's cache folder holds the entry, rank 1's (another machine's) does not."""
-    import datetime
+def _rank_uses_the_cache(rank, folder):
+    """One process of two: rank 0's cache folder holds the entry, rank 1's (another machine's) does not."""
     import json
 
     import torch.distributed as dist
@@ -212,8 +211,6 @@ def _rank_uses_the_cache(rank, folder, results):
 
     from alignkit.train import refcache
 
-    dist.init_process_group("gloo", init_method=f"file://{folder}/group", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=30))
     refcache.cache_key = lambda trainer, dataset: "key"
     refcache.cache_root = lambda: folder / f"cache{rank}"
 
@@ -227,25 +224,17 @@ def _rank_uses_the_cache(rank, folder, results):
                                     args=types.SimpleNamespace(max_length=8))
     data = refcache.with_ref_logps(trainer, Dataset.from_dict({"prompt": ["a", "b"]}), 2)
     (folder / f"rank{rank}.json").write_text(json.dumps(list(data["ref_chosen_logps"])))
-    dist.destroy_process_group()
 
 
 def test_an_entry_not_every_process_can_read_is_computed_by_all_instead_of_hanging(tmp_path):
     """Multi-node with a cache folder per machine: the main process finds the entry, another does not. Computing is
     collective, so the processes must agree: all compute (before, rank 1 waited in its gather forever)."""
     import json
-    import multiprocessing
 
     from alignkit.train import refcache
 
     (tmp_path / "cache0").mkdir()
     refcache.save(tmp_path / "cache0" / "key.safetensors",
                   {"ref_chosen_logps": torch.full((2,), -9.0), "ref_rejected_logps": torch.full((2,), -9.0)}, {})
-    ctx = multiprocessing.get_context("fork")
-    ranks = [ctx.Process(target=_rank_uses_the_cache, args=(rank, tmp_path, None)) for rank in (0, 1)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(120)
-    assert [process.exitcode for process in ranks] == [0, 0]
+    assert in_two_ranks(_rank_uses_the_cache, tmp_path, tmp_path) == [0, 0]
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[-2.0, -2.0]] * 2  # computed
