@@ -111,6 +111,15 @@ def test_an_override_that_cannot_act_is_refused_by_name(override):
         check_dpo_config(dpo_config(**override))
 
 
+@pytest.mark.parametrize("field, value", [("precompute_ref_log_probs", True), ("precompute_ref_batch_size", 64),
+                                          ("f_divergence_type", "forward_kl"), ("ld_alpha", 0.5)])
+def test_a_reference_setting_with_a_reference_free_loss_is_refused_by_name(field, value):
+    """simpo and orpo run no reference pass: a reference setting passed through --trainer_overrides would do nothing."""
+    for loss_type in ("simpo", "orpo"):
+        with pytest.raises(ConfigError, match=f"{field}={value!r} has no effect with --loss_type {loss_type}"):
+            check_dpo_config(dpo_config(loss_type=[loss_type], **{field: value}))
+
+
 def test_an_override_that_acts_is_accepted():
     check_dpo_config(dpo_config(loss_type=["discopop"], discopop_tau=0.1))
     check_dpo_config(dpo_config(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3))

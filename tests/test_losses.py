@@ -216,6 +216,39 @@ def test_orpo_matches_trls_orpo_trainer():
     assert torch.allclose(chosen, trl_chosen.double())
 
 
+def test_orpo_is_finite_where_an_answer_has_no_tokens_or_a_certain_one():
+    """A prompt as long as max_length leaves both answers no tokens (mean log-prob 0 / 1 = 0); a model sure of every
+    token gives 0 too. log(1 - exp(0)) is -inf, so the log odds were NaN and so was the batch's loss. Now the mean is
+    capped at -1e-6 inside the odds, and every other pair's loss and gradient are the formula's."""
+    ac = torch.tensor([-0.9, 0.0, 0.0], requires_grad=True)
+    ar = torch.tensor([-1.3, 0.0, -0.5], requires_grad=True)
+    losses, _, _ = reference_free_loss(ac, ar, 0.1, "orpo")
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(ac.grad).all() and torch.isfinite(ar.grad).all()
+    pw, pl = math.exp(-0.9), math.exp(-1.3)
+    assert losses[0].item() == pytest.approx(0.9 - 0.1 * logsig(math.log((pw / (1 - pw)) / (pl / (1 - pl)))), rel=1e-6)
+    assert losses[1].item() == pytest.approx(0.1 * math.log(2), rel=1e-5)  # an empty pair: no preference either way
+    assert losses[2].item() < 0.01  # the certain chosen answer: the odds-ratio term all but saturated
+
+
+def test_an_unknown_loss_type_is_refused_at_settings_time_and_trl_s_own_are_all_known():
+    """TRL names an unknown loss type only inside its loss, mid-training; alignkit's list is TRL's own."""
+    import inspect
+    import re
+
+    from trl import DPOTrainer
+
+    from alignkit.train.losses import TRL_LOSS_TYPES
+
+    trl_list = re.search(r"Unknown loss type: \{loss_type\}\. Should be one of \[(.*?)\]",
+                         inspect.getsource(DPOTrainer).replace('"\n', "").replace('  "', ""), re.S)
+    assert tuple(re.findall(r"'(\w+)'", trl_list.group(1))) == TRL_LOSS_TYPES
+    with pytest.raises(UserError, match="unknown --loss_type sigmod: did you mean sigmoid"):
+        DPOSettings(loss_type=["sigmod"])
+    for loss_type in TRL_LOSS_TYPES:
+        DPOSettings(loss_type=[loss_type])
+
+
 def test_reference_free_gradients_prefer_the_chosen_answer():
     for loss_type in ("simpo", "orpo"):
         ac, ar = (torch.tensor([v], requires_grad=True) for v in (-2.0, -2.0))

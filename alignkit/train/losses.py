@@ -20,7 +20,7 @@ a = (summed answer log-prob) / (answer tokens), so no reference pass runs at all
         z = beta * (ac - ar) - gamma
         loss = -(1 - eps) * logsigmoid(z) - eps * logsigmoid(-z) + cpo_alpha * (-ac)    (cpo_alpha: CPO's NLL term)
     orpo (Hong et al. 2024, eqs. 6-7; lambda is beta, as in TRL's ORPOTrainer):
-        log odds(y) = a - log(1 - exp(a))
+        log odds(y) = a - log(1 - exp(a))      (a capped at -1e-6: odds of at most 1e6, never infinite)
         loss = -ac - beta * logsigmoid(log odds(yc) - log odds(yr))                     (SFT NLL + lambda * L_OR)
     rewards:  chosen = beta * ac,  rejected = beta * ar   (what TRL's CPO and ORPO trainers log)
 
@@ -44,6 +44,12 @@ REFERENCE_FREE = ("simpo", "orpo")
 # TRL's loss types that read label_smoothing (TRL's sigmoid does not: alignkit's does, as cDPO).
 TRL_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# TRL 1.16 DPOTrainer's loss types (its "Unknown loss type" list; tests/test_losses.py reads it from TRL's source).
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# ORPO's log odds a - log(1 - exp(a)) is infinite at a = 0: an answer cut away to no tokens by max_length, or one
+# the model is sure of to float precision. Capped there (odds 1e6, where the odds-ratio term has all but saturated).
+ORPO_MAX_MEAN_LOGP = -1e-6
 
 
 def is_own_loss(loss_types) -> bool:
@@ -57,7 +63,16 @@ def is_reference_free(loss_types) -> bool:
 
 
 def check_loss_types(loss_types) -> None:
-    """A reference-free loss runs alone: combined with a reference-based one, the reference pass would be back."""
+    """Every loss type is one alignkit or TRL computes (TRL would only say so mid-training); a reference-free loss
+    runs alone: combined with a reference-based one, the reference pass would be back."""
+    import difflib
+
+    known = (*TRL_LOSS_TYPES, *REFERENCE_FREE)
+    for name in loss_types:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"unknown --loss_type {name}: {hint}choose from {', '.join(known)}")
     free = [t for t in loss_types if t in REFERENCE_FREE]
     if free and len(loss_types) > 1:
         raise ConfigError(
@@ -150,9 +165,9 @@ def reference_free_loss(
     else:
         # In float32 at least, as TRL does: log(1 - exp(a)) loses everything in bf16 near a = 0.
         dtype = torch.promote_types(chosen_logps.dtype, torch.float32)
-        chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
+        chosen, rejected = (logps.to(dtype).clamp(max=ORPO_MAX_MEAN_LOGP) for logps in (chosen_logps, rejected_logps))
         log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
-        losses = (-chosen - beta * F.logsigmoid(log_odds)).to(chosen_logps.dtype)
+        losses = (-chosen_logps.to(dtype) - beta * F.logsigmoid(log_odds)).to(chosen_logps.dtype)
     return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
 
 

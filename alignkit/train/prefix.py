@@ -16,7 +16,8 @@ Attention (4D, (B, 1, L, L)): query a sees key b iff b <= a, b is not padding, a
 segment and b in the chosen one). So every token sees exactly the tokens it saw in its own unshared row, at the
 same positions (position ids continue from the prompt's end in both segments): the same hidden states, hence
 the same log-probs, and, since the shared prefix's gradient is the sum of what both answers send it, the same
-gradients. The answer labels are passed pre-shifted (`shift_labels`, which TRL's fused LM head scores
+gradients. (Exactly so without dropout; with LoRA dropout, which dpo.py keeps, the shared prompt draws one dropout
+mask for both answers where two rows draw two: another sample of the same noise.) The answer labels are passed pre-shifted (`shift_labels`, which TRL's fused LM head scores
 without shifting); `PackedPairs.unpack` puts per-token outputs back in the unshared (2B, T - 1) layout, so the
 sums, ld_alpha and WPO weights downstream read the same tensors as without sharing.
 

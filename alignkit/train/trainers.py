@@ -139,6 +139,7 @@ def check_dpo_config(args) -> None:
     if is_reference_free(args.loss_type):
         name = ",".join(args.loss_type)
         for field, value, default in (("precompute_ref_log_probs", args.precompute_ref_log_probs, False),
+                                      ("precompute_ref_batch_size", args.precompute_ref_batch_size, None),
                                       ("f_divergence_type", args.f_divergence_type, "reverse_kl"),
                                       ("ld_alpha", args.ld_alpha, None)):
             if value != default:
