@@ -49,6 +49,23 @@ establish_launch(settings, "reward.py")  # the process's device, the process gro
 preflight(settings)  # a push's token and base, wandb's key, the Hub: checked now, not after hours of training
 
 # %% [markdown]
+# ## Data
+# Any supported preference format becomes conversational prompt / chosen / rejected; with `--use_margin` each
+# pair also gets its margin. A seeded share is held out to measure pairwise accuracy on unseen pairs.
+
+# %%
+from alignkit.core.data import load_preferences
+from alignkit.train.reward import with_margins
+from alignkit.train.training import split
+
+preferences = load_preferences(
+    settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
+)
+preferences = with_margins(preferences, settings)
+train_data, eval_data = split(preferences, settings)
+print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} held out")
+
+# %% [markdown]
 # ## Run folder
 # Everything goes to `output_dir/run_name`; the resolved settings are saved there first (secrets redacted).
 # A rerun with the same settings continues from the last checkpoint.
@@ -78,23 +95,6 @@ model = add_trainable_adapter(loaded, settings, task_type="SEQ_CLS")
 model.print_trainable_parameters()
 lm_head = load_lm_head(loaded.base_id, model, settings.revision) if settings.loss == "logexpwithlm" and \
     settings.lm_loss_coef else None
-
-# %% [markdown]
-# ## Data
-# Any supported preference format becomes conversational prompt / chosen / rejected; with `--use_margin` each
-# pair also gets its margin. A seeded share is held out to measure pairwise accuracy on unseen pairs.
-
-# %%
-from alignkit.core.data import load_preferences
-from alignkit.train.reward import with_margins
-from alignkit.train.training import split
-
-preferences = load_preferences(
-    settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
-)
-preferences = with_margins(preferences, settings)
-train_data, eval_data = split(preferences, settings)
-print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]
 # ## Train

@@ -46,7 +46,24 @@ CASES = [
     ("dpo.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
     ("dpo.py", [*TRAIN, "--dataset_id", "bad-json.jsonl"], "bad-json.jsonl: line 2: invalid JSON", None),
     ("dpo.py", [*TRAIN, "--dataset_id", "bad-row.jsonl"], "bad-row.jsonl: row 2: field 'rejected'", None),
-    ("dpo.py", [*TRAIN, "--eval_split", "-1"], "eval_split must be >= 0", None),
+    ("dpo.py", [*TRAIN, "--eval_split", "-1"], "--eval_split must be a share below 1, a row count, or 0", None),
+    ("dpo.py", [*TRAIN, "--eval_split", "nan"], "--eval_split must be a share below 1, a row count, or 0", None),
+    ("dpo.py", [*TRAIN, "--loss_type", "sigmod"], "unknown --loss_type sigmod: did you mean sigmoid?", None),
+    ("sft.py", [*TRAIN, "--seed", "-1"], "--seed must be a whole number from 0 to 4294967295, got -1", None),
+    ("sft.py", [*TRAIN, "--max_samples", "0"], "--max_samples must be at least 1", None),
+    ("sft.py", [*TRAIN, "--learning_rate", "-1e-4"], "--learning_rate must be >= 0", None),
+    ("sft.py", [*TRAIN, "--warmup_ratio", "5"], "--warmup_ratio must be a share of the steps", None),
+    ("sft.py", [*TRAIN, "--num_train_epochs", "nan"], "--num_train_epochs must be a number", None),
+    ("sft.py", [*TRAIN, "--lora_dropout", "1.5"], "--lora_dropout must be from 0 up to (not including) 1", None),
+    ("sft.py", [*TRAIN, "--lr_scheduler_type", "cosin"], "invalid value for --lr_scheduler_type: 'cosin' is not one of", None),
+    ("dpo.py", [*TRAIN, "--trainer_overrides", '{"optim": "adamw_torch_fusd"}'],
+     "invalid value for --trainer_overrides optim: 'adamw_torch_fusd' is not one of", None),
+    ("sft.py", [*TRAIN, "--config", "latin1.yaml"], "latin1.yaml: line 2: not UTF-8 text; save the file as UTF-8", None),
+    ("sft.py", [*TRAIN, "--config", "tab.yaml"],
+     "tab.yaml: line 2, column 10: not valid YAML (found character '\\t' that cannot start any token); fix the file", None),
+    ("evaluate.py", ["vibes", "--model_id", "some-folder", "--prompts", "hi", "--seed", "-3"], "--seed must be", None),
+    ("reward.py", [*TRAIN, "--dataset_id", "margin-null.jsonl", "--use_margin"],
+     "margin-null.jsonl: row 2: field 'margin': expected a number (--use_margin reads it), got None", None),
     ("dpo.py", [*TRAIN, "--adapter", "lota"], "--adapter lota under DeepSpeed ZeRO-3 is not supported", ZERO3),
     ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl", "--judge", "nosuch"], "--judge 'nosuch'", None),
     ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl", "--prompts", "missing.jsonl"],
@@ -95,6 +112,10 @@ def bad_files(tiny_cache, tmp_path_factory):
     good = {"prompt": "name three fruits.", "chosen": "apple, pear, plum", "rejected": "red, blue, green"}
     (here / "bad-json.jsonl").write_text(json.dumps(good) + "\n{not json\n")
     (here / "bad-row.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": ""}) + "\n")
+    margin = [{**good, "margin": 1.5}, {**good, "margin": None}]
+    (here / "margin-null.jsonl").write_text("".join(json.dumps(row) + "\n" for row in margin))
+    (here / "latin1.yaml").write_bytes("learning_rate: 1e-4\nrun_name: caf\u00e9\n".encode("latin-1"))
+    (here / "tab.yaml").write_text("learning_rate: 1e-4\nrun_name:\tx\n")
     (here / "gguf-folder").mkdir()
     (here / "gguf-folder" / "model-Q4_0.gguf").write_bytes(b"GGUF")
     (here / "some-folder").mkdir()
@@ -140,3 +161,21 @@ def test_the_table_covers_every_script_with_at_least_30_cases():
     assert len(CASES) >= 30
     assert {c[0] for c in CASES} == {"sft.py", "label.py", "dpo.py", "evaluate.py", "merge.py", "reward.py", "rl.py",
                                      "rlaif.py"}
+
+
+def test_what_trl_refuses_across_fields_is_one_line_naming_its_config(tmp_path):
+    """A combination only TRL's config checks (it is built after the model loads): one line in TRL's words, naming
+    the config, rather than transformers' traceback."""
+    import torch
+    from trl import SFTConfig
+
+    from alignkit.core.args import ConfigError
+    from alignkit.core.config import SFTSettings
+    from alignkit.train.training import trl_config
+
+    s = SFTSettings(preset=None, trainer_overrides={"load_best_model_at_end": True, "eval_strategy": "no"})
+    with pytest.raises(ConfigError) as caught:
+        trl_config(SFTConfig, s, tmp_path, torch.float32)
+    line = str(caught.value)
+    assert line.startswith("TRL's SFTConfig refuses these settings: ") and "load_best_model_at_end" in line
+    assert "\n" not in line

@@ -219,9 +219,15 @@ def _load_yaml(path, source):
     if not p.is_file():
         raise ConfigError(f"config file not found: {path} (given by {source}); check the path")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text; save the file as UTF-8") from None
+    except yaml.YAMLError as e:  # one line: pyyaml's own message spans several, with a drawing of the spot
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: {where}not valid YAML ({problem}); fix the file there") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of option: value, got {type(data).__name__}")

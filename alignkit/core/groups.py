@@ -7,6 +7,8 @@ needs, so the same thing has the same flag, default and check everywhere.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -83,6 +85,12 @@ def chat_template_text(value: str) -> str:
         raise UserError(f"--chat_template {value}: file not found; pass a Jinja chat template file or the template "
                         "itself")
     return Path(value).read_text(encoding="utf-8")
+
+
+def check_seed(seed: int) -> None:
+    """A seed numpy takes (transformers.set_seed and datasets' shuffles draw on it): 0 to 2**32 - 1."""
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {seed}")
 
 
 def _chain_post_init(self, cls) -> None:
@@ -257,8 +265,23 @@ class TrainSettings(HubPushSettings, ModelSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.eval_split < 0:
-            raise ValueError(f"eval_split must be >= 0, got {self.eval_split}")
+        if not 0 <= self.eval_split < math.inf:  # NaN too
+            raise ValueError(f"--eval_split must be a share below 1, a row count, or 0 (none held out); got "
+                             f"{self.eval_split}")
+        check_seed(self.seed)
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"--max_samples must be at least 1 (or none: all rows), got {self.max_samples}")
+        # Values TRL would take silently (a negative learning rate ascends the loss) or fail on after the model loads.
+        for name, low, high, what in (("learning_rate", 0, math.inf, ">= 0"), ("weight_decay", 0, math.inf, ">= 0"),
+                                      ("max_grad_norm", 0, math.inf, ">= 0 (0: no clipping)"),
+                                      ("warmup_ratio", 0, 1, "a share of the steps, from 0 to 1"),
+                                      ("num_train_epochs", -math.inf, math.inf, "a number")):
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"--{name} must be {what}, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be from 0 up to (not including) 1, got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise ValueError("--lora_target_modules is empty: pass all-linear, or module names such as q_proj,v_proj")
         # Counts the Trainer would take silently (max_steps -5 trains by epochs) or fail on deep in a library.
         counts = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                   "max_length", "logging_steps", "save_steps", "lora_r")

@@ -14,6 +14,7 @@ from alignkit.core.groups import (
     JudgeEndpointSettings,
     ModelSettings,
     _chain_post_init,
+    check_seed,
 )
 
 
@@ -96,6 +97,7 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.rm_tie_margin < 0:
             raise ValueError(f"rm_tie_margin must be >= 0, got {self.rm_tie_margin}")
+        check_seed(self.seed)
 
 
 
@@ -119,6 +121,7 @@ class EvalSettings(GenerationSettings):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        check_seed(self.seed)
 
 
 @dataclass
@@ -294,3 +297,4 @@ class LMEvalSettings(ModelSettings):
             raise ConfigError("pass the tasks: --tasks NAME ... (lm_eval's names, e.g. ifeval gsm8k mmlu)")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"limit must be > 0, got {self.limit}")
+        check_seed(self.seed)

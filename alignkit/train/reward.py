@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from trl import RewardTrainer
 
 from alignkit import logger
+from alignkit.core.data import DataError
 
 LOSSES = ("bradley_terry", "logexp", "logexpwithlm")
 SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("chosen_score", "rejected_score"))
@@ -63,7 +64,7 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, loss: str, margin:
 def _number(row: dict, column: str, where: str) -> float:
     value = row.get(column)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where}: field '{column}': expected a number (--use_margin reads it), got {value!r}. "
+        raise DataError(f"{where}: field '{column}': expected a number (--use_margin reads it), got {value!r}. "
                          "Fix the row, or drop --use_margin")
     return float(value)
 
@@ -80,7 +81,7 @@ def margins(source, split="train", config_name=None) -> list[float]:
         if {chosen, rejected} <= columns:
             return [_number(row, chosen, f"{label}: row {i}") - _number(row, rejected, f"{label}: row {i}")
                     for i, row in enumerate(rows, 1)]
-    raise ValueError(
+    raise DataError(
         f"{label}: --use_margin needs a 'margin' column, or scores of both answers ("
         + " or ".join(f"{c}/{r}" for c, r in SCORE_COLUMNS) + f"); the columns are {', '.join(sorted(columns))}. "
         "Add one, or drop --use_margin"
@@ -93,7 +94,7 @@ def with_margins(preferences, s):
         return preferences
     values = margins(s.dataset_id, s.dataset_split, s.dataset_config)
     if len(values) != len(preferences):
-        raise ValueError(f"{s.dataset_id}: {len(values) - len(preferences)} rows were skipped as invalid "
+        raise DataError(f"{s.dataset_id}: {len(values) - len(preferences)} rows were skipped as invalid "
                          "(--skip_invalid), so their margins no longer line up with the pairs; fix those rows, or "
                          "drop --use_margin")
     return preferences.add_column("margin", values)

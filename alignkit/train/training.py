@@ -94,7 +94,22 @@ def preflight(s) -> None:
                 "load it. Add --merge_adaptors to push the merged model, or train on a base from the Hub."
             )
     resolve_report_to(s)
+    check_trl_values(s)
     require_reachable(s.model_id, s.dataset_id)
+
+
+def check_trl_values(s) -> None:
+    """--lr_scheduler_type and every --trainer_overrides entry as TRL's config takes them (an enum's values, a
+    field's type), now: TRL itself would refuse them when its config is built, after the data and model loaded."""
+    from alignkit.core.trl_names import trl_fields, trl_value
+
+    names = tuple(getattr(s, "trl_configs", ("SFTConfig",)))
+    types = trl_fields(names)
+    overrides = s.trainer_overrides if isinstance(s.trainer_overrides, dict) else {}
+    for name, value in {"lr_scheduler_type": s.lr_scheduler_type, **overrides}.items():
+        if name in types:  # a name TRL's config lacks is trl_config's one line, with the same data
+            flag = f"--{name}" if name == "lr_scheduler_type" else f"--trainer_overrides {name}"
+            trl_value(value, types[name], flag)
 
 
 def prepare_run(s, stage: str) -> tuple[Path, str | None]:
@@ -335,7 +350,11 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
         raise ConfigError(f"eval_strategy {extra['eval_strategy']} but no held-out data: pass --eval_split 0.05 or "
                           "--dataset_test_split test, or eval_strategy no")
     kwargs.update(extra)
-    args = config_cls(**kwargs)
+    try:
+        args = config_cls(**kwargs)
+    except (ValueError, TypeError) as e:  # what TRL or transformers checks across fields, in their words
+        text = " ".join(str(e).split())
+        raise ConfigError(f"TRL's {config_cls.__name__} refuses these settings: {text}") from None
     one_gpu_per_process(args, config_cls)
     return args
 
