@@ -293,7 +293,7 @@ def test_bad_dotenv_value_names_the_file(tmp_path):
     ("seed: true\n", r"key seed: True is not an int"),
     ("dpo_bta: 0.1\n", r"unknown setting: dpo_bta \(in .*recipe.yaml; did you mean dpo_beta"),
     ("- seed\n", r"recipe.yaml: top level must be a mapping"),
-    ("seed: [1\n", r"recipe.yaml: not valid YAML"),
+    ("seed: [1\n", r"recipe.yaml: line 2, column 1: not valid YAML \(expected ',' or '\]'"),
 ])
 def test_bad_yaml(tmp_path, text, pattern):
     recipe = write(tmp_path / "recipe.yaml", text)
