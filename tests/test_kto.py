@@ -4,10 +4,12 @@ model the run starts from (SFT adapter included); the data loader labels and spl
 from __future__ import annotations
 
 import pytest
+import torch
 
 from alignkit.core.config import KTOSettings
 from alignkit.core.data import DataError, load_unpaired
 from alignkit.core.errors import UserError
+from alignkit.modeling.models import TRAINABLE
 
 from conftest import run_script
 
@@ -19,28 +21,33 @@ def test_kto_raises_rule_following(tiny_cache, tmp_path):
     assert (run["run_folder"] / "adapter_model.safetensors").is_file()
 
 
-def _first_log(tmp_path, sft_run, name, *flags) -> tuple[dict, list[str]]:
-    """The first step's logs, and the training rows' columns."""
+def _first_log(tmp_path, sft_run, name, *flags) -> tuple[dict, list[str], set[float]]:
+    """The first step's logs, the training rows' columns, and the trained adapter's LoRA dropout rates."""
     run = run_script("kto.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--max_steps", "1",
                      "--logging_steps", "1", "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", name,
                      *flags)
-    return run["trainer"].state.log_history[0], run["trainer"].train_dataset.column_names
+    dropouts = {m.lora_dropout[TRAINABLE].p for m in run["trainer"].model.modules()
+                if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+                and isinstance(m.lora_dropout[TRAINABLE], torch.nn.Dropout)}
+    return run["trainer"].state.log_history[0], run["trainer"].train_dataset.column_names, dropouts
 
 
 def test_reference_is_the_model_the_run_starts_from(tiny_cache, tmp_path, sft_run):
     """At step 0 the new adapter is zero: against base + SFT adapter (the default) every reward is exactly 0; TRL's
     own PEFT reference would be the bare base, which --reference_adapters 0 asks for: rewards then differ from 0.
     Precomputed (--precompute_ref_log_probs), the reference is base + SFT adapter too: rewards 0 at step 0."""
-    stacked, columns = _first_log(tmp_path, sft_run, "stacked")
+    stacked, columns, dropouts = _first_log(tmp_path, sft_run, "stacked", "--lora_dropout", "0.1")
     assert stacked["rewards/chosen"] == 0.0 and stacked["rewards/rejected"] == 0.0
     assert "ref_logps" not in columns  # computed in each step
-    bare, _ = _first_log(tmp_path, sft_run, "bare", "--reference_adapters", "0")
+    bare, _, _ = _first_log(tmp_path, sft_run, "bare", "--reference_adapters", "0")
     assert abs(bare["rewards/chosen"]) + abs(bare["rewards/rejected"]) > 1e-3
     # --precompute_ref_log_probs: the same reference, computed before training and carried in the rows.
-    precomputed, columns = _first_log(tmp_path, sft_run, "precomputed", "--precompute_ref_log_probs", "true")
+    precomputed, columns, _ = _first_log(tmp_path, sft_run, "precomputed", "--precompute_ref_log_probs", "true")
     assert "ref_logps" in columns
     assert precomputed["rewards/chosen"] == pytest.approx(0, abs=1e-4), precomputed
     assert precomputed["rewards/rejected"] == pytest.approx(0, abs=1e-4), precomputed
+    # TRL's disable_dropout zeroed the model's dropout; --lora_dropout stays on the trained adapter, as in DPO.
+    assert dropouts == {0.1}
 
 
 def test_unpaired_rows_and_pairs_load_as_labelled_answers():

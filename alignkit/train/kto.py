@@ -26,11 +26,12 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from alignkit.core.args import ConfigError
 from alignkit.modeling.models import TRAINABLE, reference_mode
-from alignkit.train.trainers import _StackedAdapters
+from alignkit.train.trainers import _StackedAdapters, keep_lora_dropout
 
 # KTOConfig fields that cannot act here (alignkit loads the model and computes the reference itself).
 _REFUSED = {
     "model_init_kwargs": "alignkit loads the model itself; use --dtype, --quantization, --attn_implementation",
+    "trust_remote_code": "alignkit loads the model itself; use --trust_remote_code",
     "sync_ref_model": "TR-DPO moves the reference, which TRL does not support with a PEFT adapter",
 }
 
@@ -50,6 +51,7 @@ class AlignKTOTrainer(_StackedAdapters, KTOTrainer):
             peft_model.base_model.set_adapter([TRAINABLE, *self.frozen_adapters])
             if self.frozen_adapters:
                 peft_model.set_requires_grad(self.frozen_adapters, requires_grad=False)
+        keep_lora_dropout(peft_model)  # --lora_dropout acts as in dpo.py, after TRL's disable_dropout
         self.precompute_ref_logps = True  # reference log-probs always ride in the batch (see compute_loss)
 
     def compute_ref_log_probs(self, model, inputs):
