@@ -24,8 +24,9 @@ a = (summed answer log-prob) / (answer tokens), so no reference pass runs at all
         loss = -ac - beta * logsigmoid(log odds(yc) - log odds(yr))                     (SFT NLL + lambda * L_OR)
     rewards:  chosen = beta * ac,  rejected = beta * ar   (what TRL's CPO and ORPO trainers log)
 
-The NLL term is each chosen answer's mean token NLL (the papers' per-example form; TRL averages over the tokens
-of the whole batch, the same when the chosen answers are equally long).
+The NLL term is each chosen answer's mean token NLL (ORPO's per-example form; the CPO paper writes a whole
+answer's log-likelihood, and TRL averages over the tokens of the whole batch, the same as here when the chosen
+answers are equally long).
 """
 
 from __future__ import annotations
