@@ -30,7 +30,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   presets (the offline `tiny` demo and its rule),
   smol (SmolLM2-135M).
 - train (training and its algorithms):
-  training (run folders, TRL configs, resume, finish),
+  training (run folders, TRL configs, resume, finish), sampling (--group_by_length's batches),
   report (training.png and the closing summary of a run),
   trainers (alignkit's TRL trainers),
   losses (preference losses TRL lacks: the DPO paper's, SimPO, ORPO),

@@ -1,4 +1,4 @@
-"""--group_by_length (alignkit.train.training.LengthGroupedSampler): batches of similar length pad less, still come in
+"""--group_by_length (alignkit.train.sampling.LengthGroupedSampler): batches of similar length pad less, still come in
 random order, hold every row once, and are drawn alike by every process; SFT and DPO train with it by default."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from alignkit.train.training import LengthGroupedSampler
+from alignkit.train.sampling import LengthGroupedSampler
 
 
 def _batches(sampler, size):

@@ -86,7 +86,7 @@ class _LengthGrouped:
     def _grouped(self, dataset, batch_size):
         if self.args.train_sampling_strategy != "group_by_length" or dataset is None or not hasattr(dataset, "__len__"):
             return None
-        from alignkit.train.training import length_grouped_sampler
+        from alignkit.train.sampling import length_grouped_sampler
 
         return length_grouped_sampler(self.example_lengths(dataset), batch_size, self.args)
 
