@@ -14,7 +14,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   paths (the cache folder, and folders built there once by one process),
   launch (the launch mode, this process's device and process group, the loader's hardware decisions, refusals),
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
-  data (the one data normaliser),
+  data (the one data normaliser), data_files (reading files, folders and Hub datasets into rows that keep their place),
   hub (Hub pushes),
   card (model cards through huggingface_hub's ModelCard),
   progress (the one progress-bar rule),

@@ -478,8 +478,10 @@ def test_mixed_types_in_json_array(tmp_path):
     path = write(tmp_path, rows, "json")
     with pytest.raises(DataError, match=r"row 3: field 'prompt': message 1: expected a \{'role'"):
         load_preferences(path)
-    with pytest.raises(DataError, match="different types"):
+    with pytest.raises(DataError) as err:
         load_rows(path)
+    assert str(err.value) == (f"{path}: row 3: field 'prompt': expected str as in row 1, got list (['not', "
+                              "'messages']); a column holds one type in every row. Fix the row.")
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@
 - journal: append-only logs, atomic writes, the concurrent map every crash-safe loop uses.
 - progress: the one progress-bar rule (a bar in a terminal and a notebook, none in CI logs).
 - data: the one data normaliser (SFT and preference rows from files, folders, the Hub).
+- data_files: reading a file, folder or Hub dataset into rows that keep their file and line.
 - hub: Hub pushes.
 - card: model cards through huggingface_hub's ModelCard (license, model-index, citations).
 - llm: the chat-client factory for OpenAI-compatible endpoints.

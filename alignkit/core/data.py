@@ -1,21 +1,19 @@
 """One data normaliser: load SFT and preference data from a file, folder, in-memory rows or the Hub, and turn every
-supported dataset shape into one conversational layout, with errors that name the source, the row and the field."""
+supported dataset shape into one conversational layout, with errors that name the source, the row and the field.
+Reading the sources, and each row's place in them, is alignkit.core.data_files'."""
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import logging
-import os
 import re
 from collections.abc import Mapping
 
 import datasets
 
-from alignkit.core.errors import UserError
+from alignkit.core.data_files import FILE_TYPES, DataError, Rows, _show, load_rows, read_rows
 
-__all__ = ["DataError", "PREFERENCE_FORMATS", "SFT_FORMATS", "load_rows", "load_preferences", "load_sft",
-           "load_unpaired", "detect_format", "is_hh_prompt", "hh_prompt_messages"]
+__all__ = ["DataError", "FILE_TYPES", "PREFERENCE_FORMATS", "SFT_FORMATS", "Rows", "load_rows", "read_rows",
+           "load_preferences", "load_sft", "load_unpaired", "detect_format", "is_hh_prompt", "hh_prompt_messages"]
 
 logger = logging.getLogger("alignkit")
 
@@ -23,14 +21,8 @@ PREFERENCE_FORMATS = ("explicit", "ultrafeedback", "hh", "shp", "stack_exchange"
 SFT_FORMATS = ("messages", "sharegpt", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv")
 _FIX = "Fix the row, or pass --skip_invalid to skip invalid rows."
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
-class DataError(UserError):
-    """A problem in the user's data or data arguments; the message says where it is and how to fix it."""
 
 
 class _RowError(Exception):  # one invalid row: the column at fault, what was expected and what was found
@@ -39,100 +31,7 @@ class _RowError(Exception):  # one invalid row: the column at fault, what was ex
         self.field, self.problem = field, problem
 
 
-# ---------------------------------------------------------------- loading
-def load_rows(source, split="train", config_name=None) -> tuple[datasets.Dataset, str]:
-    """Load `source` (a file, folder, Dataset, list of dicts or Hub id) as a Dataset; return (dataset, label)."""
-    data, label, _ = _read(source, split, config_name)
-    try:
-        return (data if isinstance(data, datasets.Dataset) else datasets.Dataset.from_list(data)), label
-    except Exception as e:  # pyarrow refuses a column whose type differs between rows
-        raise DataError(f"{label}: cannot build a table ({e}): a column holds different types in different rows. "
-                        "load_preferences/load_sft name the bad row.") from e
-
-
-def _read(source, split, config_name):
-    """-> (rows: list of dicts or a Dataset, label, 1-based row numbers or None meaning 1..n)."""
-    if isinstance(source, datasets.DatasetDict):
-        return _pick_split(source, split, "<DatasetDict>"), f"<DatasetDict split {split}>", None
-    if isinstance(source, datasets.Dataset):
-        return source, "<in-memory dataset>", None
-    if isinstance(source, (list, tuple)):
-        return list(source), "<list of rows>", None
-    if not isinstance(source, (str, os.PathLike)):
-        raise DataError(f"unsupported data source of type {type(source).__name__}; pass a file path, a folder, "
-                        "a Hub dataset id, a datasets.Dataset or a list of dicts")
-    label = os.fspath(source)
-    path = os.path.expanduser(label)
-    if os.path.isfile(path):
-        return _read_file(path, label)
-    if os.path.isdir(path):
-        try:
-            if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
-                return _pick_split(datasets.load_from_disk(path), split, label), label, None
-            return datasets.load_dataset(path, split=split), label, None
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"{label}: cannot load the folder as a dataset: {e}") from e
-    if not _HUB_ID.match(label) or label.lower().endswith(FILE_TYPES):
-        raise DataError(f"{label}: file not found. Pass an existing {', '.join(FILE_TYPES)} file, a dataset "
-                        "folder, or a Hub dataset id such as 'owner/name'.")
-    label += f" (config {config_name}, split {split})" if config_name else f" (split {split})"
-    try:
-        return datasets.load_dataset(os.fspath(source), config_name, split=split), label, None
-    except Exception as e:
-        raise DataError(f"{label}: no such local file or folder, and loading it as a Hugging Face Hub dataset "
-                        f"failed: {e}") from e
-
-
-def _read_file(path, label):
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix not in FILE_TYPES:
-        raise DataError(f"{label}: unsupported file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-            return pq.read_table(path).to_pylist(), label, None
-        with open(path, newline="", encoding="utf-8") as f:
-            if suffix == ".csv":
-                return list(csv.DictReader(f)), label, None
-            text = f.read()
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
-        raise DataError(f"{label}: cannot read the file: {e}") from e
-    try:  # a JSON array (or one object) ...
-        data = json.loads(text) if text.strip() else []
-        if isinstance(data, (list, dict)):
-            return (data if isinstance(data, list) else [data]), label, None
-    except json.JSONDecodeError:
-        pass
-    rows, numbers = [], []  # ... or JSON lines, numbered by line so that "row N" is line N
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{label}: line {number}: invalid JSON ({e.msg} at column {e.colno}). "
-                                "Fix the line so that it holds one JSON object.") from e
-            numbers.append(number)
-    return rows, label, numbers
-
-
-def _pick_split(data, split, label):
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise DataError(f"{label}: no split {split!r}; the splits are {', '.join(data)}. Pass one of them.")
-        return data[split]
-    return data
-
-
 # ---------------------------------------------------------------- row checks
-def _show(value):
-    if value is None:
-        return "nothing (the field is missing or null)"
-    text = repr(value)
-    return f"{type(value).__name__} ({text if len(text) <= 60 else text[:57] + '...'})"
-
-
 def _bad(field, expected, value, where=""):
     return _RowError(field, f"{where}expected {expected}, got {_show(value)}")
 
@@ -409,7 +308,8 @@ def detect_format(columns, kind, source=None) -> str:
 def _load(kind, source, format, split, skip_invalid, config_name):
     if format != "auto" and format not in _TABLES[kind]:
         raise DataError(f"unknown {kind} data format {format!r}; choose auto or one of: {_choices(kind)}")
-    data, label, numbers = _read(source, split, config_name)
+    read = read_rows(source, split, config_name)
+    data, label = read.rows, read.label
     if len(data) == 0:
         raise DataError(f"{label}: no usable rows: the dataset is empty. Point it at a file with data rows.")
     if isinstance(data, datasets.Dataset):
@@ -418,6 +318,8 @@ def _load(kind, source, format, split, skip_invalid, config_name):
         columns = {}
         for row in data:
             columns.update({k: v for k, v in row.items() if columns.get(k) is None} if isinstance(row, dict) else {})
+    if not columns:  # no row is an object: say so of the first, not "no format has these columns"
+        read.dicts()
     format = detect_format(columns, kind, label) if format == "auto" else format
     normalise, required = _TABLES[kind][format]
     for column in required:
@@ -432,7 +334,7 @@ def _load(kind, source, format, split, skip_invalid, config_name):
             out.append(normalise(row))
         except _RowError as e:
             field = f"field '{e.field}': " if e.field else ""
-            reason = f"{label}: row {numbers[i] if numbers else i + 1}: {field}{e.problem}."
+            reason = f"{read.place(i)}: {field}{e.problem}."
             if not skip_invalid:
                 raise DataError(f"{reason} {_FIX}") from None
             skipped.append(reason)

@@ -5,10 +5,14 @@ The mixture is the handbook's (alignment/data.py, get_dataset): each entry's spl
 a `weight` share of it drawn after a seeded shuffle, all concatenated and shuffled with the mixture's seed, then
 `test_split_size` rows (or share) held out. The handbook's older dataset_mixer/dataset_splits become entries with
 `test: true` for the test splits (alignkit.core.trl_names): those are held out whole. Every entry goes through
-the one data normaliser (alignkit.core.data), so its rows are checked like any other data.
+the one data normaliser (alignkit.core.data) before its share is drawn, so its rows are checked like any other
+data, and a bad one is named by its own file and row.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import datasets
 
@@ -30,22 +34,39 @@ def check_mixture(mixture) -> None:
                           "seed and test_split_size")
     columns = []
     for i, entry in enumerate(mixture["datasets"], 1):
-        if not isinstance(entry, dict) or not entry.get("id"):
+        if not isinstance(entry, dict) or not entry.get("id") or not isinstance(entry["id"], str):
             raise ConfigError(f"dataset_mixture: dataset {i} needs an 'id' (a Hub dataset id or a local file/folder)")
         where = f"dataset_mixture: dataset {i} ({entry['id']})"
         if set(entry) - _ENTRY_KEYS:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(set(entry) - _ENTRY_KEYS))}; the keys "
                               f"are {', '.join(sorted(_ENTRY_KEYS))}")
+        for key in ("split", "config"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise ConfigError(f"{where}: {key} {entry[key]!r} must be a name, e.g. {key}: train")
+        if "test" in entry and not isinstance(entry["test"], bool):
+            raise ConfigError(f"{where}: test {entry['test']!r} must be true (held out whole) or false")
         weight = entry.get("weight")
-        if weight is not None and not (isinstance(weight, (int, float)) and 0 < weight <= 1):
+        if weight is not None and not (_number(weight) and 0 < weight <= 1):
             raise ConfigError(f"{where}: weight {weight!r} must be a share in (0, 1]")
-        if entry.get("columns") is not None:
-            columns.append(sorted(entry["columns"]))
+        kept = entry.get("columns")
+        if kept is not None and not (isinstance(kept, list) and all(isinstance(c, str) for c in kept)):
+            raise ConfigError(f"{where}: columns {kept!r} must be a list of column names, e.g. "
+                              "columns: [prompt, chosen, rejected]")
+        if kept is not None:
+            columns.append(sorted(kept))
     if any(c != columns[0] for c in columns):
         raise ConfigError(f"dataset_mixture: the datasets keep different columns {columns}; they must match")
+    seed = mixture.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"dataset_mixture: seed {seed!r} must be a whole number >= 0, e.g. seed: 42")
     size = mixture.get("test_split_size")
-    if size is not None and not (isinstance(size, (int, float)) and size > 0):
-        raise ConfigError(f"dataset_mixture: test_split_size {size!r} must be a share (< 1) or a row count (>= 1)")
+    if size is not None and not (_number(size) and size > 0 and (size < 1 or size == int(size))):
+        raise ConfigError(f"dataset_mixture: test_split_size {size!r} must be a share (< 1) or a row count (>= 1), "
+                          "e.g. test_split_size: 0.1")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def split(dataset, s):
@@ -59,11 +80,19 @@ def split(dataset, s):
 
 
 def _hold_out(dataset, size, seed, name):
+    """(train, held out): `size` rows (>= 1) or a share (< 1), counted as datasets' train_test_split counts them."""
+    n = len(dataset)
+    if not (_number(size) and size > 0):
+        raise ConfigError(f"{name} {size!r} must be a share (< 1) or a row count (>= 1)")
     size = size if size < 1 else int(size)
-    if (size if size >= 1 else round(size * len(dataset))) < 1 or len(dataset) < 2 or (
-            size >= 1 and size >= len(dataset)):
-        raise ConfigError(f"{name} {size} leaves no training or no held-out rows out of {len(dataset)}; "
-                          "change it, or pass 0")
+    held = math.ceil(size * n) if size < 1 else size
+    other = "pass 0" if name == "eval_split" else "drop it"
+    if n < 2:
+        raise ConfigError(f"{name} {size}: {n} row(s) cannot be split into training and held-out rows. Add rows, "
+                          f"or {other}")
+    if held >= n:
+        raise ConfigError(f"{name} {size} leaves no training rows: it holds out {min(held, n)} of the {n} rows. "
+                          f"Hold out fewer (a smaller share, or fewer than {n} rows), or {other}")
     parts = dataset.train_test_split(test_size=size, seed=seed, shuffle=False)
     return parts["train"], parts["test"]
 
@@ -79,6 +108,7 @@ def load_train_eval(kind: str, s):
     load = _loader(kind)
     if s.dataset_mixture:
         return _mixture(kind, s)
+    check_file_splits(s)
     data = load(s.dataset_id, s.dataset_format, s.dataset_split, s.skip_invalid, s.dataset_config)
     if not s.dataset_test_split:
         return split(data, s)
@@ -89,28 +119,59 @@ def load_train_eval(kind: str, s):
     return train, held_out
 
 
-def _entry(kind, s, entry, seed):
-    from alignkit.core.data import load_rows
+def check_file_splits(s) -> None:
+    """A single local file has no splits: refuse --dataset_test_split (its "test split" would be the training rows
+    themselves) and a --dataset_split other than train (it would be read as the whole file), rather than ignore
+    them."""
+    from alignkit.core.data_files import single_file
 
-    rows, label = load_rows(entry["id"], entry.get("split", "train"), entry.get("config"))
+    if not single_file(s.dataset_id):
+        return
+    if getattr(s, "dataset_test_split", None):
+        raise ConfigError(f"--dataset_test_split {s.dataset_test_split}: {s.dataset_id} is a single file, which has "
+                          "no splits, so the held-out rows would be the training rows. Hold out a share with "
+                          "--eval_split 0.05, or put the rows in a folder as train.jsonl and test.jsonl (or use a Hub "
+                          "dataset with a test split)")
+    defaults = {f.name: f.default for f in dataclasses.fields(s)} if dataclasses.is_dataclass(s) else {}
+    if s.dataset_split not in ("train", defaults.get("dataset_split")):  # a default names its Hub dataset's split
+        raise ConfigError(f"--dataset_split {s.dataset_split}: {s.dataset_id} is a single file, which has no splits "
+                          "(the whole file is the training data). Drop --dataset_split, or pass a folder or Hub "
+                          f"dataset that has a {s.dataset_split} split")
+
+
+def _entry(kind, s, entry, number, seed):
+    """One entry's normalised rows: checked before its `weight` share is drawn, so a bad row is named by its own
+    file and row."""
+    from alignkit.core.data_files import read_rows, single_file
+
+    where = f"dataset_mixture: dataset {number} ({entry['id']})"
+    split_name = entry.get("split") or "train"
+    if split_name != "train" and single_file(entry["id"]):
+        raise ConfigError(f"{where}: split {split_name!r}, but a single file has no splits (the whole file would "
+                          "be read). Drop the entry's split, and give held-out rows their own file (an entry with "
+                          "test: true) or hold out a share with test_split_size (with dataset_mixer, set "
+                          "dataset_splits: [train])")
+    rows = read_rows(entry["id"], split_name, entry.get("config"))
     if entry.get("columns"):
-        missing = [c for c in entry["columns"] if c not in rows.column_names]
-        if missing:
-            raise DataError(f"{label}: dataset_mixture columns {missing} are missing (columns found: "
-                            f"{', '.join(rows.column_names)})")
-        rows = rows.select_columns(entry["columns"])
+        rows = rows.keep(entry["columns"])
+    data = _loader(kind)(rows, s.dataset_format, "train", s.skip_invalid)
     weight = entry.get("weight", 1.0)
     if weight is not None and not entry.get("test"):
-        rows = rows.shuffle(seed=seed).select(range(int(len(rows) * weight)))
-    return _loader(kind)(rows, s.dataset_format, "train", s.skip_invalid)
+        count = int(len(data) * weight)
+        if count < 1:
+            raise ConfigError(f"{where}: weight {weight} selects no rows: {weight} of its {len(data)} rows is less "
+                              f"than one row. Raise it to at least {math.ceil(1000 / len(data)) / 1000}, or drop the "
+                              "entry")
+        data = data.shuffle(seed=seed).select(range(count))
+    return data
 
 
 def _mixture(kind, s):
     m = s.dataset_mixture
     seed = m.get("seed", 0)
     train_parts, test_parts = [], []
-    for entry in m["datasets"]:
-        (test_parts if entry.get("test") else train_parts).append(_entry(kind, s, entry, seed))
+    for number, entry in enumerate(m["datasets"], 1):
+        (test_parts if entry.get("test") else train_parts).append(_entry(kind, s, entry, number, seed))
     if not train_parts:
         raise ConfigError("dataset_mixture holds only test splits; add a train split")
     try:

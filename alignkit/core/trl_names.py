@@ -19,6 +19,7 @@ import dataclasses
 import enum
 import functools
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -181,25 +182,47 @@ def trl_fields(names: tuple[str, ...]) -> dict:
 
 
 # ---------------------------------------------------------------- the handbook's data keys
-def mixture_from_mixer(mixer, splits, where) -> dict:
+def mixture_from_mixer(mixer, splits, where, splits_where=None) -> dict:
     """The handbook's older `dataset_mixer` ({id: fraction}) and `dataset_splits` as its current
     `dataset_mixture`: the fraction of each train split (splits named "train..."), every test split held out
-    whole (`test: true`), shuffled with the handbook's seed 42, as its get_datasets did."""
+    whole (`test: true`), shuffled with the handbook's seed 42, as its get_datasets did. `where` and
+    `splits_where` name the two values in an error."""
     if not isinstance(mixer, Mapping) or not mixer:
         raise ConfigError(f"{where}: dataset_mixer must map dataset ids to fractions, e.g. "
                           "{HuggingFaceH4/ultrafeedback_binarized: 1.0}")
-    splits = ["train", "test"] if splits is None else ([splits] if isinstance(splits, str) else list(splits))
+    given = splits
+    if isinstance(splits, str):  # one name, or several as a command line joins them: train_prefs,test_prefs
+        splits = [p.strip() for p in splits.split(",") if p.strip()]
+    splits = ["train", "test"] if splits is None else splits
+    if not isinstance(splits, (list, tuple)) or not splits or not all(isinstance(x, str) for x in splits):
+        raise ConfigError(f"{splits_where or where}: dataset_splits {given!r} must be a split name or a list of "
+                          "them, e.g. [train_prefs, test_prefs]")
     entries = []
     for dataset_id, fraction in mixer.items():
+        weight = _fraction(fraction)
+        if weight is None:
+            raise ConfigError(f"{where}: the fraction of {dataset_id} is {fraction!r}; dataset_mixer maps each "
+                              f"dataset id to a fraction in (0, 1] of its train split, e.g. {{{dataset_id}: 0.5}}")
         for split in splits:
             if "train" in split:
-                entries.append({"id": dataset_id, "split": split, "weight": float(fraction)})
+                entries.append({"id": dataset_id, "split": split, "weight": weight})
             elif "test" in split:
                 entries.append({"id": dataset_id, "split": split, "test": True})
             else:
                 raise ConfigError(f"{where}: dataset_splits entry {split!r} names neither a train nor a test split "
                                   "(the handbook tells them apart by 'train'/'test' in the name)")
     return {"datasets": entries, "seed": 42}
+
+
+def _fraction(value) -> float | None:
+    """A dataset_mixer fraction as a float in (0, 1], or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        weight = float(value)
+    except ValueError:
+        return None
+    return weight if math.isfinite(weight) and 0 < weight <= 1 else None
 
 
 # ---------------------------------------------------------------- the vocabulary
@@ -249,9 +272,17 @@ class Vocabulary:
                 unknown.append("dataset_splits")  # splits of nothing
             else:
                 mixer = layer["dataset_mixer"]
-                if isinstance(mixer, str):
-                    mixer = json.loads(mixer) if mixer.strip().startswith("{") else {mixer: 1.0}
-                out["dataset_mixture"] = mixture_from_mixer(mixer, layer.get("dataset_splits"), label("dataset_mixer"))
+                if isinstance(mixer, str) and mixer.strip().startswith("{"):
+                    try:
+                        mixer = json.loads(mixer)
+                    except json.JSONDecodeError as e:
+                        raise ConfigError(f"invalid value for {label('dataset_mixer')}: not valid JSON ({e}); pass a "
+                                          "JSON object of dataset id: fraction, e.g. "
+                                          "'{\"HuggingFaceH4/ultrafeedback_binarized\": 1.0}'") from None
+                elif isinstance(mixer, str):
+                    mixer = {mixer: 1.0}
+                out["dataset_mixture"] = mixture_from_mixer(mixer, layer.get("dataset_splits"), label("dataset_mixer"),
+                                                            label("dataset_splits"))
         for key, raw in layer.items():
             if key in ("dataset_mixer", "dataset_splits"):
                 continue

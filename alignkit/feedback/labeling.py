@@ -144,10 +144,12 @@ def _as_messages(value, where: str) -> list[dict]:
 
 
 def _rows(source, split="train", config=None):
-    from alignkit.core.data import load_rows
+    """(columns, rows, label, place(i) -> "FILE: row N"); no table is built, so a prompt column may hold text in
+    one row and messages in another."""
+    from alignkit.core.data import read_rows
 
-    data, label = load_rows(source, split, config)
-    return data.column_names, data.to_list(), label
+    read = read_rows(source, split, config)
+    return read.columns(), read.dicts(), read.label, read.place
 
 
 def _column(columns, wanted: str, label: str, flag: str, fallbacks=()) -> str:
@@ -162,13 +164,13 @@ def load_prompts(run: Run) -> list[Prompt]:
     """The distinct prompts of --prompts (or of --responses_a), in file order, at most --max_prompts."""
     s = run.settings
     if s.prompts:
-        columns, rows, label = _rows(s.prompts, s.prompts_split, s.prompts_config)
+        columns, rows, label, place = _rows(s.prompts, s.prompts_split, s.prompts_config)
     else:
-        columns, rows, label = _rows(s.responses_a or s.responses_b)
+        columns, rows, label, place = _rows(s.responses_a or s.responses_b)
     column = _column(columns, s.prompt_field, label, "--prompt_field", () if s.prompts else ("prompt",))
     prompts, seen = [], set()
-    for number, row in enumerate(rows, 1):
-        prompt = Prompt(_as_messages(row.get(column), f"{label}: row {number}: field '{column}'"))
+    for i, row in enumerate(rows):
+        prompt = Prompt(_as_messages(row.get(column), f"{place(i)}: field '{column}'"))
         if prompt.key in seen:
             run.stats["duplicate prompts"] += 1
             continue
@@ -204,7 +206,7 @@ def _response_text(value, where: str) -> str | None:
 
 def read_responses(path: str, s) -> dict[str, str | None]:
     """A responses file as {prompt key: response}, matched to the prompts by the prompt itself (not by row)."""
-    columns, rows, label = _rows(path)
+    columns, rows, label, place = _rows(path)
     prompt_column = _column(columns, s.prompt_field, label, "--prompt_field", ("prompt",))
     if s.response_field == "auto":
         found = [c for c in RESPONSE_FIELDS if c in columns]
@@ -215,8 +217,8 @@ def read_responses(path: str, s) -> dict[str, str | None]:
     else:
         response_column = _column(columns, s.response_field, label, "--response_field")
     out: dict[str, str | None] = {}
-    for number, row in enumerate(rows, 1):
-        where = f"{label}: row {number}: field"
+    for i, row in enumerate(rows):
+        where = f"{place(i)}: field"
         key = Prompt(_as_messages(row.get(prompt_column), f"{where} '{prompt_column}'")).key
         text = _response_text(row.get(response_column), f"{where} '{response_column}'")
         out.setdefault(key, text)  # a repeated prompt keeps its first response

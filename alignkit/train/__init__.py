@@ -1,6 +1,7 @@
 """Training and its algorithms: what sft.py, dpo.py, kto.py, reward.py, rl.py and rlaif.py run.
 
 - training: run folders, TRL configs, resume, finish.
+- sampling: --group_by_length's batches of similar length.
 - report: training.png and the closing summary of a run.
 - trainers: alignkit's TRL trainers (stacked adapters, the explicit reference pass).
 - losses: preference losses TRL lacks (the DPO paper's sigmoid and IPO; SimPO and ORPO, reference-free).

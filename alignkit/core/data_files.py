@@ -1,0 +1,310 @@
+"""Reading data sources into rows: a .json/.jsonl/.parquet/.csv file, a folder of such files (or one written by
+save_to_disk), a Dataset, a list of dicts or a Hub dataset. Every row keeps its place (its file and row, or its
+line in a JSON-lines file), so that a message about it can name them; a file that cannot be read is reported with
+its line and the fix. alignkit.core.data turns the rows into the conversational layout."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import os
+import re
+from typing import NamedTuple
+
+import datasets
+
+from alignkit.core.errors import UserError
+
+__all__ = ["DataError", "FILE_TYPES", "Rows", "load_rows", "read_rows", "single_file"]
+
+FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class DataError(UserError):
+    """A problem in the user's data or data arguments; the message says where it is and how to fix it."""
+
+
+def _show(value):
+    if value is None:
+        return "nothing (the field is missing or null)"
+    text = repr(value)
+    return f"{type(value).__name__} ({text if len(text) <= 60 else text[:57] + '...'})"
+
+
+class Rows(NamedTuple):
+    """Rows as read, before any table is built (so a column may hold different types in different rows)."""
+
+    rows: list | datasets.Dataset
+    label: str
+    places: list | None = None  # per row: its row (line) number in `label`, or (file, number); None: 1..n
+
+    def place(self, i) -> str:
+        """Row i's place as a message starts with it: "FILE: row N"."""
+        where = self.places[i] if self.places else i + 1
+        return f"{where[0]}: row {where[1]}" if isinstance(where, tuple) else f"{self.label}: row {where}"
+
+    def columns(self) -> list[str]:
+        """Every row's columns, in order of appearance."""
+        if isinstance(self.rows, datasets.Dataset):
+            return list(self.rows.column_names)
+        return list(dict.fromkeys(key for row in self.rows if isinstance(row, dict) for key in row))
+
+    def dicts(self) -> list[dict]:
+        """The rows as dicts; a row that is no object is refused, by its place."""
+        rows = self.rows.to_list() if isinstance(self.rows, datasets.Dataset) else self.rows
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{self.place(i)}: expected an object with named fields, got {_show(row)}. "
+                                "Fix the row.")
+        return rows
+
+    def keep(self, columns) -> Rows:
+        """Only these columns (a dataset_mixture entry's `columns`); a missing one is refused."""
+        missing = [c for c in columns if c not in self.columns()]
+        if missing:
+            raise DataError(f"{self.label}: dataset_mixture columns {missing} are missing (columns found: "
+                            f"{', '.join(self.columns())}). Fix the entry's columns, or the data.")
+        if isinstance(self.rows, datasets.Dataset):
+            return self._replace(rows=self.rows.select_columns(list(columns)))
+        return self._replace(rows=[{c: r.get(c) for c in columns} if isinstance(r, dict) else r for r in self.rows])
+
+
+# ---------------------------------------------------------------- sources
+def load_rows(source, split="train", config_name=None) -> tuple[datasets.Dataset, str]:
+    """Load `source` (a file, folder, Dataset, list of dicts or Hub id) as a Dataset; return (dataset, label)."""
+    read = read_rows(source, split, config_name)
+    if isinstance(read.rows, datasets.Dataset):
+        return read.rows, read.label
+    rows, columns = read.dicts(), read.columns()
+    try:  # every row's columns, not only the first row's (Dataset.from_list drops the others)
+        return datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns}), read.label
+    except Exception as e:  # pyarrow refuses a column whose type differs between rows
+        raise DataError(_type_clash(read, rows, columns) or f"{read.label}: cannot build a table of the rows "
+                        f"({e}). Give each column one type in every row.") from e
+
+
+def _arrow_ok(values) -> bool:
+    import pyarrow as pa
+
+    try:
+        pa.array(values)
+        return True
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        return False
+
+
+def _type_clash(read, rows, columns) -> str | None:
+    """The first row whose value a table cannot hold beside the rows before it, as a message (None: not found)."""
+    for column in columns:
+        values = [row.get(column) for row in rows]
+        if _arrow_ok(values):
+            continue
+        lo, hi = 0, len(values) - 1  # the shortest failing prefix ends at the culprit
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if _arrow_ok(values[:mid + 1]) else (lo, mid)
+        where = f"{read.place(lo)}: field '{column}'"
+        first = next((i for i in range(lo) if values[i] is not None), None)
+        if first is None:
+            return (f"{where}: holds values of different types ({_show(values[lo])}), which a table cannot store. "
+                    "Fix the row.")
+        was, got = values[first], values[lo]
+        source, _, row = read.place(first).rpartition(": ")
+        earlier = row if source == read.place(lo).rpartition(": ")[0] else read.place(first)
+        expected = (f"a value shaped like {earlier}'s ({_show(was)})" if type(was) is type(got)
+                    else f"{type(was).__name__} as in {earlier}")
+        return f"{where}: expected {expected}, got {_show(got)}; a column holds one type in every row. Fix the row."
+    return None
+
+
+def read_rows(source, split="train", config_name=None) -> Rows:
+    """The rows of `source` (see load_rows) with their places, without building a table."""
+    if isinstance(source, Rows):
+        return source
+    if isinstance(source, datasets.DatasetDict):
+        return Rows(_pick_split(source, split, "<DatasetDict>"), f"<DatasetDict split {split}>")
+    if isinstance(source, datasets.Dataset):
+        return Rows(source, "<in-memory dataset>")
+    if isinstance(source, (list, tuple)):
+        return Rows(list(source), "<list of rows>")
+    if not isinstance(source, (str, os.PathLike)):
+        raise DataError(f"unsupported data source of type {type(source).__name__}; pass a file path, a folder, "
+                        "a Hub dataset id, a datasets.Dataset or a list of dicts")
+    label = os.fspath(source)
+    path = os.path.expanduser(label)
+    if os.path.isfile(path):
+        return _read_file(path, label)
+    if os.path.isdir(path):
+        if not any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+            return _read_folder(path, label, split)
+        try:
+            return Rows(_pick_split(datasets.load_from_disk(path), split, label), label)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{label}: cannot load the folder written by save_to_disk: {e}") from e
+    if not _HUB_ID.match(label) or label.lower().endswith(FILE_TYPES):
+        raise DataError(f"{label}: file not found. Pass an existing {', '.join(FILE_TYPES)} file, a dataset "
+                        "folder, or a Hub dataset id such as 'owner/name'.")
+    label += f" (config {config_name}, split {split})" if config_name else f" (split {split})"
+    try:
+        return Rows(datasets.load_dataset(os.fspath(source), config_name, split=split), label)
+    except Exception as e:
+        raise DataError(f"{label}: no such local file or folder, and loading it as a Hugging Face Hub dataset "
+                        f"failed: {e}") from e
+
+
+def single_file(source) -> bool:
+    """Whether `source` names one local file: it has no splits, whatever split is asked for."""
+    return isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.expanduser(os.fspath(source)))
+
+
+def _pick_split(data, split, label):
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{label}: no split {split!r}; the splits are {', '.join(data)}. Pass one of them.")
+        return data[split]
+    return data
+
+
+# ---------------------------------------------------------------- folders
+def _data_files(path) -> list[str]:
+    found = []
+    for top, folders, files in os.walk(path):
+        folders[:] = sorted(f for f in folders if not f.startswith((".", "__")))
+        found += [os.path.join(top, f) for f in sorted(files) if f.lower().endswith(FILE_TYPES)
+                  and not f.startswith(".")]
+    return found
+
+
+def _splits(path, files) -> dict[str, list[str]]:
+    """{split: files}, as load_dataset names a folder's splits (train.jsonl, data/test-00000-of-00001.parquet)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        resolved = DataFilesDict.from_patterns(get_data_patterns(path), path)
+    except Exception:  # no file the library counts as data: every one of ours is the train split
+        resolved = {}
+    wanted = {os.path.abspath(f) for f in files}
+    splits = {str(name): [f for f in found if os.path.abspath(f) in wanted] for name, found in resolved.items()}
+    return {name: found for name, found in splits.items() if found} or {"train": files}
+
+
+def _read_folder(path, label, split) -> Rows:
+    files = _data_files(path)
+    if not files:
+        others = sorted(n for n in os.listdir(path) if not n.startswith("."))
+        held = f"it holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}" if others else "it is empty"
+        raise DataError(f"{label}: the folder holds no {', '.join(FILE_TYPES)} data files ({held}). Put the rows in "
+                        "such a file, or pass the data file itself.")
+    splits = _splits(path, files)
+    if split not in splits:
+        raise DataError(f"{label}: no split {split!r}; the folder's files make the split(s) {', '.join(splits)}. "
+                        f"Pass one of them, or name a file after the split (e.g. {split}.jsonl).")
+    rows, places, columns = [], [], {}
+    for file in splits[split]:
+        name = os.path.join(label, os.path.relpath(file, path))
+        read = _read_file(file, name)
+        rows += read.rows
+        places += [(name, read.places[i] if read.places else i + 1) for i in range(len(read.rows))]
+        if len(read.rows):
+            columns[name] = read.columns()
+    first = next(iter(columns), None)
+    differ = [name for name in columns if set(columns[name]) != set(columns[first])]
+    if differ:
+        shown = "; ".join(f"{name} has {', '.join(map(str, columns[name])) or 'none'}" for name in [first, *differ[:3]])
+        raise DataError(f"{label}: the folder's files hold different columns: {shown}. Give every file the same "
+                        "columns, or load the files apart (e.g. one dataset_mixture entry each).")
+    return Rows(rows, label, places)
+
+
+# ---------------------------------------------------------------- files
+def _read_file(path, label) -> Rows:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in FILE_TYPES:
+        raise DataError(f"{label}: unsupported file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+            return Rows(pq.read_table(path).to_pylist(), label)
+        with open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{label}: cannot read the file: {e}") from e
+    text = _decode(raw, label)
+    return _read_csv(text, label) if suffix == ".csv" else _read_json(text, label)
+
+
+def _decode(raw: bytes, label) -> str:
+    """The file's text; a UTF-8 byte order mark (Excel's "CSV UTF-8", some editors) is dropped, as utf-8-sig does."""
+    raw = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        line, column = raw.count(b"\n", 0, e.start) + 1, len(raw[start:e.start].decode("utf-8", "replace")) + 1
+        raise DataError(f"{label}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}). "
+                        "Save the file as UTF-8 (in Excel: CSV UTF-8).") from None
+
+
+def _read_csv(text, label) -> Rows:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for number, row in enumerate(reader, 1):
+            if None in row:  # more values than the header names: the columns would be shifted
+                raise DataError(f"{label}: row {number}: {len(reader.fieldnames) + len(row[None])} values, but the "
+                                f"header names {len(reader.fieldnames)} columns. Fix the row (quote a value that "
+                                "holds a comma).")
+            rows.append(row)
+    except csv.Error as e:
+        raise DataError(f"{label}: line {reader.line_num}: cannot read the CSV ({e}). Fix the line.") from e
+    return Rows(rows, label)
+
+
+def _parses(text) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_json(text, label) -> Rows:
+    if not text.strip():
+        return Rows([], label)
+    try:  # a JSON array (or one object) ...
+        data = json.loads(text)
+        if isinstance(data, (list, dict)):
+            return Rows(data if isinstance(data, list) else [data], label)
+        whole = None
+    except json.JSONDecodeError as e:
+        whole = e
+    first = next(line for line in text.splitlines() if line.strip())
+    if whole is not None and first.lstrip()[:1] in ("[", "{") and not _parses(first):  # not one object per line
+        line, column, problem = _json_problem(text, whole)
+        raise DataError(f"{label}: line {line}: invalid JSON ({problem} at column {column}). Fix it there: the "
+                        "file must hold one JSON array of objects, or one JSON object per line.") from None
+    rows, numbers = [], []  # ... or JSON lines, numbered by line so that "row N" is line N
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{label}: line {number}: invalid JSON ({e.msg} at column {e.colno}). "
+                                "Fix the line so that it holds one JSON object.") from e
+            numbers.append(number)
+    return Rows(rows, label, numbers)
+
+
+def _json_problem(text, error) -> tuple[int, int, str]:
+    """(line, column, problem) of a whole-document JSON error; a trailing comma is named at the comma itself."""
+    before = text[:error.pos].rstrip()
+    if before.endswith(",") and text[error.pos:error.pos + 1] in ("]", "}"):
+        at = len(before) - 1
+        return text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at), f"a trailing comma before '{text[error.pos]}'"
+    return error.lineno, error.colno, error.msg
+
