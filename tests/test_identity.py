@@ -153,6 +153,58 @@ def test_processes_hashing_at_once_keep_each_others_remembered_hashes(tmp_path, 
     assert identity.file_hashes([theirs, mine]) == {theirs: f"10-{real(theirs)}", mine: f"100-{real(mine)}"}
 
 
+def test_the_base_under_a_lota_delta_and_a_file_whose_mtime_was_put_back_count_by_content(tmp_path):
+    """A LoTA delta folder (lota_config.json, not adapter_config.json) names its base as the loader follows it: the
+    base retrained in place is another model. And a file rewritten with its old size and mtime put back (rsync -a,
+    cp -p, touch -r) is read again: its ctime moved."""
+    import os
+
+    from alignkit.modeling.lota_delta import CONFIG_FILE, DELTA_FILE
+
+    models = chain(tmp_path)
+    delta = tmp_path / "lota"
+    delta.mkdir()
+    (delta / CONFIG_FILE).write_text(json.dumps({"base_model_name_or_path": str(models["sft"])}))
+    (delta / DELTA_FILE).write_bytes(b"delta")
+    first = identity.chain_identity(str(delta))
+    assert len(first) == 3  # the delta, the SFT adapter under it, the base
+    retrain(models["base"] / "model.safetensors", b"base weighs2")
+    second = identity.chain_identity(str(delta))
+    assert [a == b for a, b in zip(first, second)] == [True, True, False]  # the base's entry, last, changed
+    weights = models["sft"] / "adapter_model.safetensors"
+    stat = weights.stat()
+    weights.write_bytes(b"sft weighs2")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the old mtime, exactly
+    third = identity.chain_identity(str(delta))
+    assert sum(a != b for a, b in zip(second, third)) == 1  # the SFT adapter's entry
+
+
+def test_online_a_hub_model_counts_by_the_commit_that_will_load_not_the_cached_snapshot(tmp_path, monkeypatch):
+    """The local cache holds commit a; upstream main moved to b, which from_pretrained downloads when online."""
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    repo = hub / "models--owner--model"
+    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("a" * 40) / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    asked = []
+
+    class Hub:
+        def model_info(self, name, revision=None, timeout=None):
+            asked.append((name, revision))
+            return type("Info", (), {"sha": "b" * 40})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert identity.chain_identity("owner/model")[0]["commit"] == "b" * 40 and asked == [("owner/model", None)]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline the cached snapshot is what loads
+    assert identity.chain_identity("owner/model")[0]["commit"] == "a" * 40
+
+
 def test_a_hub_model_counts_by_its_resolved_commit(tiny_cache, tmp_path, monkeypatch):
     """Offline, the commit comes from the Hugging Face cache's snapshot the revision points at."""
     hub = tmp_path / "hub"

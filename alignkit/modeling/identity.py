@@ -11,8 +11,8 @@ it plus its own inputs (prompt, sampling, template) and never lists loader field
 - `chain`: every model along the adapter chain, from the one named down to the base. A local folder counts by
   the content (SHA-256) of each file the loader can read in it, a GGUF file by its content, a Hub model by its
   resolved commit. So a base, an SFT adapter or a merged model retrained in place is another model, and Q2_K
-  and Q8_0 of one repo are two models. Hashes are remembered by path, size and mtime (`file_hash`), so a
-  second look at a 14 GB folder costs a few stat calls.
+  and Q8_0 of one repo are two models. Hashes are remembered by path, inode, size, mtime and ctime (`file_hash`),
+  so a second look at a 14 GB folder costs a few stat calls.
 - `backend`: the generation engine (vLLM and transformers sample differently), when the caller has one.
 - `hardware`: the device class and the optional kernels installed, the inputs of every `auto` choice (dtype,
   attention, quantization, Liger): a cache made on a CPU in fp32 is not reused on a GPU in 4-bit.
@@ -44,7 +44,7 @@ def _digest(value) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# File content, remembered by path, size and mtime
+# File content, remembered by path, inode, size, mtime and ctime
 
 
 def _memo_file() -> Path:
@@ -54,8 +54,8 @@ def _memo_file() -> Path:
 
 
 def file_hashes(paths: list[Path]) -> dict[Path, str]:
-    """"SIZE-SHA256" of each file's bytes, streamed in 8 MiB blocks; a file seen before with the same path, size
-    and mtime is not read again. One read and at most one write of the memo, however many files: the write merges
+    """"SIZE-SHA256" of each file's bytes, streamed in 8 MiB blocks; a file seen before with the same path, inode,
+    size, mtime and ctime is not read again. One read and at most one write of the memo, however many files: the write merges
     into the memo as it is then, under a lock, so processes hashing at once (the ranks of a launch) keep each
     other's entries."""
     from filelock import FileLock
@@ -67,7 +67,8 @@ def file_hashes(paths: list[Path]) -> dict[Path, str]:
     out, fresh = {}, {}
     for path in paths:
         stat = path.stat()
-        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        # ctime too: any write sets it and nothing sets it back (rsync -a, cp -p and touch -r restore an mtime).
+        key = f"{path.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
         if key not in memo:
             memo[key] = fresh[key] = f"{stat.st_size}-{_sha256(path)}"
         out[path] = memo[key]
@@ -109,24 +110,26 @@ def folder_files(folder: Path) -> dict[str, str]:
 
 
 def hub_commit(repo: str, revision: str | None, filename: str | None = None) -> str | None:
-    """The commit `revision` of Hub repo `repo` resolves to: the revision itself when it is a commit, else the
-    Hugging Face cache's snapshot (no network), else the Hub's answer when online; None when none is known."""
+    """The commit `revision` of Hub repo `repo` resolves to, as the loader will load it: the revision itself when
+    it is a commit; online, the Hub's answer (from_pretrained downloads a newer upstream commit, not the snapshot
+    the local cache holds); offline, or when the Hub does not answer, the Hugging Face cache's snapshot, which is
+    what loads then; None when none is known."""
     if revision and _COMMIT.match(revision):
         return revision
     from huggingface_hub import constants, try_to_load_from_cache
 
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().model_info(repo, revision=revision, timeout=10).sha
+        except Exception:  # noqa: BLE001 - no such repo, no network: the cache's snapshot, else the loader reports it
+            pass
     for name in ([filename] if filename else ["config.json", "adapter_config.json"]):
         found = try_to_load_from_cache(repo, name, revision=revision)
         if isinstance(found, str):
             return Path(found).parent.name if _COMMIT.match(Path(found).parent.name) else None
-    if constants.HF_HUB_OFFLINE:
-        return None
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().model_info(repo, revision=revision, timeout=10).sha
-    except Exception:  # noqa: BLE001 - no such repo, no network: the loader reports it
-        return None
+    return None
 
 
 def _one(source: str, revision: str | None, gguf_file: str | None) -> dict:
@@ -148,11 +151,14 @@ def _one(source: str, revision: str | None, gguf_file: str | None) -> dict:
 
 
 def chain_identity(source: str, revision: str | None = None, gguf_file: str | None = None) -> list[dict]:
-    """Every model along `source`'s adapter chain by content, from `source` down to its base."""
+    """Every model along `source`'s chain by content, from `source` down to its base: the chain the loader walks
+    (alignkit.modeling.models.load_model), LoRA adapters and LoTA deltas alike, so the base under a delta counts."""
     from alignkit.modeling.chain import adapter_chain
+    from alignkit.modeling.lota_delta import resolve_chain
 
-    base, adapters = adapter_chain(source, revision)
-    out = [_one(adapter, revision if adapter == source else None, None) for adapter in reversed(adapters)]
+    base, adapters, deltas = resolve_chain(*adapter_chain(source, revision), adapter_chain, revision)
+    parts = [*reversed(adapters), *reversed(deltas)]
+    out = [_one(part, revision if part == source else None, None) for part in parts]
     return out + [_one(base, revision if base == source else None, gguf_file if base == source else None)]
 
 
