@@ -470,3 +470,32 @@ def test_every_rank_resumes_from_the_same_checkpoint_or_all_stop_in_one_line(sha
             f"{tmp_path / f'out{rank}' / 'run'} is not the same folder for every process of this launch: rank 0 "
             "sees checkpoint-2 to resume from, rank 1 sees no checkpoint to resume from. Give --output_dir a folder "
             "every machine shares.")} for rank in (0, 1)]
+
+
+def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_place(tmp_path):
+    """`--resume auto` compares what the settings name by path by content: a base retrained in place or a data file
+    edited since the checkpoint is another run (it would otherwise continue an adapter trained on the old ones). A
+    run folder saved before alignkit recorded its inputs compares by settings alone."""
+    import json
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"weights")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    s = SFTSettings(model_id=str(base), dataset_id=str(data), output_dir=str(tmp_path / "runs"), run_name="run")
+    folder = tmp_path / "runs" / "run"
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    training.save_run_config(s, folder / training.CONFIG_FILE)
+    assert training.prepare_run(s, "sft")[1] == str(folder / "checkpoint-2")
+    data.write_text('{"prompt": "a", "chosen": "B", "rejected": "c"}\n')
+    assert training._changed(folder, s) == ["data files"] and training.prepare_run(s, "sft")[1] is None
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    (base / "model.safetensors").write_bytes(b"weighs2")
+    assert training._changed(folder, s) == ["model files"]
+    saved = json.loads((folder / training.CONFIG_FILE).read_text())
+    del saved["inputs"]
+    (folder / training.CONFIG_FILE).write_text(json.dumps(saved))
+    assert training._changed(folder, s) == []

@@ -162,6 +162,18 @@ def chain_identity(source: str, revision: str | None = None, gguf_file: str | No
     return out + [_one(base, revision if base == source else None, gguf_file if base == source else None)]
 
 
+def data_identity(source: str) -> dict | None:
+    """A local data file or folder by content (every file under a folder, by its relative path); None for a Hub
+    dataset (its id, config and split are settings already) or a path that is not there."""
+    path = Path(source)
+    if path.is_file():
+        return {"file": file_hash(path)}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return {"files": {str(p.relative_to(path)): h for p, h in file_hashes(files).items()}}
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The identity
 

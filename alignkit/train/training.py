@@ -32,6 +32,7 @@ from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, redact
 from alignkit.core.errors import UserError
 from alignkit.core.extras import require_tracker
+from alignkit.core.journal import write_atomic
 from alignkit.core.launch import agreed_minimum, every_process, free_memory, training_device, world_size
 from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scripts import it from here)
 
@@ -43,6 +44,7 @@ _NOT_TRAINING = {
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size", "output_dir",
     "run_type",  # recorded beside the settings (save_run_config); the run folder's name already holds the stage
     "prefix_sharing",  # the same log-probs either way (alignkit.train.prefix), only faster
+    "inputs",  # recorded beside the settings (save_run_config) and compared by content (_changed)
 }
 # A stage's settings that are TRL config fields (alignkit name -> TRL name): passed wherever both the settings and
 # the TRL config class have them, as the shared fields are, so no script maps them by hand.
@@ -137,11 +139,27 @@ def prepare_run(s, stage: str) -> tuple[Path, str | None]:
 
 
 def _changed(folder: Path, s) -> list[str]:
-    """The training settings in which `s` differs from the run saved in `folder`."""
+    """The training settings in which `s` differs from the run saved in `folder`, and the inputs they name by path
+    whose content differs (the model's chain and local data retrained or edited in place)."""
     saved_file = folder / CONFIG_FILE
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
     old, new = _training_view(saved), _training_view(config_to_dict(s))
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
+    if "inputs" in saved:  # a run saved before alignkit recorded them compares by settings alone
+        now = run_inputs(s)
+        changed += [k for k in now if saved["inputs"].get(k) != now[k]]
+    return sorted(changed)
+
+
+def run_inputs(s) -> dict:
+    """What the settings name by path, by content: the model's whole chain (alignkit.modeling.identity) and each
+    local data file or folder. A Hub model counts by its commit; a Hub dataset by its id and split (settings)."""
+    from alignkit.modeling.identity import _digest, chain_identity, data_identity
+
+    sources = [s.dataset_id, *(entry["id"] for entry in (s.dataset_mixture or {}).get("datasets", []))]
+    data = {source: found for source in sources if (found := data_identity(source)) is not None}
+    model = chain_identity(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None))
+    return {"model files": _digest(model), "data files": _digest(data)}
 
 
 def _holds_work(folder: Path) -> bool:
@@ -194,10 +212,11 @@ def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
 
 
 def save_run_config(s, path: Path) -> None:
-    """alignkit_config.json: the resolved settings (secrets redacted) and the run type (`run_type` of the settings
-    class: sft, dpo, reward, rl), so a model card states what the run was instead of guessing it."""
-    data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None)}
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    """alignkit_config.json: the resolved settings (secrets redacted), the run type (`run_type` of the settings
+    class: sft, dpo, reward, rl), so a model card states what the run was instead of guessing it, and the content
+    of what the settings name by path (`run_inputs`), which `--resume auto` compares."""
+    data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None), "inputs": run_inputs(s)}
+    write_atomic(path, json.dumps(data, indent=2) + "\n")  # a torn file would stop the next --resume auto
 
 
 def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
