@@ -153,6 +153,8 @@ def trl_value(raw, tp, where):
             return [p.strip() for p in text.split(",") if p.strip()]
         if str not in members and not enums and not literals:
             raise ConfigError(f"invalid value for {where}: {raw!r} is not {' or '.join(map(_name, members))}")
+    elif not _fits(raw, members):  # a YAML or JSON value of another type (optim: 5): TRL fails on it after loading
+        raise ConfigError(f"invalid value for {where}: {raw!r} is not {' or '.join(map(_name, members))}")
     if enums and isinstance(value, str):
         allowed = [e.value for m in enums for e in m]
         if value not in allowed:
@@ -160,6 +162,29 @@ def trl_value(raw, tp, where):
     if literals and value not in literals and not (str in members and isinstance(value, str)):
         raise ConfigError(f"invalid value for {where}: {value!r} is not one of {', '.join(map(str, literals))}")
     return value
+
+
+def _fits(value, members) -> bool:
+    """Whether a non-string `value` has one of the types `members` (a TRL field's); True where a member is a type
+    this cannot judge (Any, a class of TRL's own)."""
+    simple = (type(None), bool, int, float, str, list, dict)
+    kinds = [typing.get_origin(m) or m for m in members]
+    if any(k is typing.Literal and value in typing.get_args(m) for k, m in zip(kinds, members)):
+        return True
+    if any(not (k in simple or (isinstance(k, type) and issubclass(k, enum.Enum)) or k is typing.Literal)
+           for k in kinds):
+        return True
+    if value is None or isinstance(value, bool):
+        return type(value) in kinds
+    if isinstance(value, enum.Enum):
+        return type(value) in kinds
+    if isinstance(value, (int, float)):
+        return float in kinds or (isinstance(value, int) and int in kinds)
+    if isinstance(value, (list, tuple)):
+        return list in kinds
+    if isinstance(value, dict):
+        return dict in kinds
+    return True
 
 
 def _name(tp) -> str:
