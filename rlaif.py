@@ -42,7 +42,8 @@ establish_launch(settings, "rlaif.py")  # the process's device, the process grou
 # %% [markdown]
 # ## Run folder
 # `output_dir/run_name/round-N/` per round: preferences (+ label cache), the DPO adapter in `dpo/`, the
-# evaluation in `eval/`, and `round.json` once the round is complete. A rerun skips complete rounds.
+# evaluation in `eval/`, and `round.json` once the round is complete. A rerun reuses each step made from the same
+# inputs and redoes the rest, naming what changed (alignkit.train.rlaif); earlier results move to `previous-TIME/`.
 
 # %%
 from alignkit.core.args import save_config

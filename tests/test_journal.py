@@ -73,6 +73,41 @@ def test_append_jsonl_lines_never_interleave_and_read_jsonl_repairs_only_the_tai
         read_jsonl(path, "fix it", repair_tail=True)
 
 
+def test_a_kill_while_repairing_a_torn_tail_keeps_every_earlier_line(tmp_path, monkeypatch):
+    """The repair cuts the file at the end of its last whole line; it never rewrites the lines before it, so a
+    kill while it runs (here: any whole-file rewrite dies half-way) cannot take them with it."""
+    from pathlib import Path
+
+    path = tmp_path / "answers.jsonl"
+    good = [{"i": i, "answer": "z" * 200} for i in range(50)]
+    append_jsonl(path, good)
+    with open(path, "a") as f:
+        f.write('{"i": 50, "answ')  # a SIGKILL mid-append
+
+    def killed_half_way(self, data, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(data[: len(data) // 2])
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Path, "write_text", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):  # where a rewrite would die (the old code), the test is over for it too
+        read_jsonl(path, "fix it", repair_tail=True)
+        raise KeyboardInterrupt("no rewrite, no kill")
+    monkeypatch.undo()
+    assert [row for _, row in read_jsonl(path, "fix it")] == good and path.read_text().endswith("}\n")
+
+
+def test_an_append_after_a_whole_last_row_without_its_newline_starts_a_new_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n{"b": 2}')  # whole, but no newline: a write cut just before it, or an editor
+    append_jsonl(path, [{"c": 3}])
+    assert [row for _, row in read_jsonl(path, "fix it")] == [{"a": 1}, {"b": 2}, {"c": 3}]
+    path.write_text('{"a": 1}\n{"b": 2}')
+    assert len(read_jsonl(path, "fix it", repair_tail=True)) == 2 and path.read_text().endswith("}\n")
+    append_jsonl(path, [{"c": 3}])
+    assert path.read_text() == '{"a": 1}\n{"b": 2}\n{"c": 3}\n'
+
+
 def test_atomic_writes_replace_the_whole_file_and_leave_no_temporary(tmp_path):
     path = tmp_path / "sub" / "out.json"
     write_json(path, {"a": [1, 2]})

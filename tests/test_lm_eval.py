@@ -116,3 +116,26 @@ def test_kept_results_key_on_the_model_as_loaded_and_the_task_files(tiny_cache, 
     assert second != first
     (tasks / "task.yaml").write_text("task: t2\n")
     assert _key(s, str(adapter)) != second
+
+
+def test_a_torn_kept_result_is_evaluated_again_and_results_are_written_whole(tiny_cache, tmp_path, monkeypatch):
+    """A kept models/NAME.json cut short by a kill (written in place by an older version) is no result: the model
+    is evaluated again instead of the rerun stopping on a JSONDecodeError. Every file is now written atomically."""
+    from alignkit.evals.evaluation import parse_command
+    from alignkit.modeling import presets
+
+    calls = []
+    scores = {"tiny_rule": {"acc,none": 0.75, "acc_stderr,none": 0.05}}
+    monkeypatch.setattr(harness, "_key", lambda s, source: "the-key")
+    monkeypatch.setattr(harness, "evaluate_model", lambda s, source, *a: calls.append(source) or {"results": scores})
+    _, s = parse_command(["lm_eval", "--models", f"base={presets.paths()['model']}", "--tasks", "tiny_rule",
+                          "--include_path", str(harness.tiny_task(tmp_path / "tasks", n=4)),
+                          "--output_dir", str(tmp_path / "out")])
+    kept = tmp_path / "out" / "models" / "base.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text('{"key": "the-key", "results": {"tiny_ru')
+    results = harness.run(s)[0]
+    assert calls == [presets.paths()["model"]] and results == {"base": scores}
+    assert json.loads(kept.read_text())["key"] == "the-key"
+    assert harness.run(s)[0] == {"base": scores} and len(calls) == 1  # whole now: reused
+    assert not [p for p in (tmp_path / "out").rglob(".*tmp*")]

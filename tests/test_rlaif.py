@@ -56,3 +56,137 @@ def test_the_judge_endpoint_group_reaches_label_and_evaluate_whole():
         assert (parsed.judge_base_url, parsed.parallel, parsed.max_retries, parsed.request_timeout,
                 parsed.judge_api_key_env) == ("http://127.0.0.1:9/v1", 3, 1, 7.0, "MY_KEY")
     assert label.judge_model == "judge-x" and pairwise.judge_model == "eval-judge"  # --eval_judge_model's place
+
+
+def _fake_steps(calls: list):
+    """rlaif's three scripts, faked: each writes what the real one leaves, and its output says what it was made
+    from."""
+    from pathlib import Path
+
+    import yaml
+
+    from alignkit.evals.results import save_json
+
+    def run(script, args, log):
+        flag = {a: b for a, b in zip(args, args[1:]) if a.startswith("--")}
+        calls.append((script, flag.get("--output") or flag.get("--output_dir")))
+        if script == "label.py":
+            out = Path(flag["--output"])
+            out.write_text(json.dumps({"judge": flag["--judge"], "policy": flag["--model_id"]}) + "\n")
+            out.with_suffix(".summary.json").write_text(json.dumps({"pairs": 1}))
+        elif script == "dpo.py":
+            dpo = Path(flag["--output_dir"]) / flag["--run_name"]
+            dpo.mkdir(exist_ok=True)
+            beta = yaml.safe_load(Path(flag["--config"]).read_text())["dpo_beta"]
+            trained = Path(flag["--dataset_id"]).read_text() + f"beta {beta}"
+            (dpo / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": flag["--model_id"]}))
+            (dpo / "adapter_model.safetensors").write_text(trained)
+            (dpo / "metrics.json").write_text("{}")
+        else:
+            r = args[args.index("--models") + 2].split("=")[0]
+            overall = {"adjusted_win_rate": 0.75, "ci95": [0.5, 1.0], "win": 3, "loss": 1, "tie": 0}
+            save_json([{"model": r, "opponent": "previous", "overall": overall}],
+                      Path(flag["--output_dir"]) / "results.json")
+
+    return run
+
+
+def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_earlier_results(
+        tmp_path, monkeypatch, alignkit_log):
+    """A round is reused because it was made from the same inputs, not because its files exist: a new --dpo_beta
+    retrains round 1's adapter (its labels stand), which changes round 1's evaluation and round 2's policy, so
+    round 2 is redone whole; a new --judge relabels. The earlier results move aside, and one line says why."""
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.train import rlaif
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    base, prompts = tmp_path / "base", tmp_path / "prompts.jsonl"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    prompts.write_text('{"prompt": "hi"}\n')
+    calls = []
+    monkeypatch.setattr(rlaif, "_run", _fake_steps(calls))
+    folder = tmp_path / "run"
+
+    def run(**changes):
+        calls.clear()
+        s = RLAIFSettings(**{"model_id": str(base), "dataset_id": str(prompts), "judge": "python:my_judge:judge",
+                             "eval_judge_model": "rule", "rounds": 2, "output_dir": str(tmp_path), **changes})
+        return rlaif.run(s, folder)
+
+    first = run()
+    everything = [(step, f"{folder}/round-{r}{where}") for r in (1, 2) for step, where in
+                  (("label.py", "/preferences.jsonl"), ("dpo.py", ""), ("evaluate.py", "/eval"))]
+    assert calls == everything
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("round-*/**/*") if p.is_file()}
+    assert run() == first and calls == []  # the same inputs: nothing redone, nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    alignkit_log.clear()
+    run(dpo_beta=0.3)
+    assert calls == everything[1:]  # round 1's labels stand; everything after its adapter is redone
+    assert "round 1: dpo redone: dpo_beta changed (the earlier results: " in alignkit_log.text
+    assert "round 1: eval redone: adapter changed" in alignkit_log.text
+    assert "round 2: label redone: policy changed" in alignkit_log.text
+    aside = next((folder / "round-1").glob("previous-*"))
+    assert json.loads((aside / "dpo.step.json").read_text())["inputs"]["dpo_beta"] == 0.1
+    assert (aside / "round.json").is_file() and (aside / "eval" / "results.json").is_file()
+    earlier = next((folder / "round-1").glob("dpo.previous-*"))  # beside dpo/: its relative base path still holds
+    assert (earlier / "adapter_model.safetensors").read_text().endswith("beta 0.1")
+    assert json.loads((folder / "round-1" / "dpo.step.json").read_text())["inputs"]["dpo_beta"] == 0.3
+
+    calls.clear()
+    run(dpo_beta=0.3, judge="python:other_judge:judge")
+    assert calls[0] == ("label.py", f"{folder}/round-1/preferences.jsonl") and len(calls) == 6
+    assert json.loads((folder / "round-1" / "preferences.jsonl").read_text())["judge"] == "python:other_judge:judge"
+
+    (folder / "round-2" / "eval" / "results.json").write_text('{"pairs": [{"mod')  # torn by a kill mid-write
+    run(dpo_beta=0.3, judge="python:other_judge:judge")
+    assert calls == [("evaluate.py", f"{folder}/round-2/eval")]  # redone, not read (nor skipped)
+    assert set(first[0]["steps"]) == {"label", "dpo", "eval"}  # round.json: the digest of each step's inputs
+
+
+def test_a_redo_that_fails_keeps_the_earlier_round_aside_and_the_same_command_resumes_it(tmp_path, monkeypatch):
+    """A step redone from new inputs moves the earlier results aside first; if it fails, the rerun resumes it (by
+    the step's own rules: no --resume false again) instead of starting it over or reading the earlier results."""
+    import pytest
+
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.train import rlaif
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    base, prompts = tmp_path / "base", tmp_path / "prompts.jsonl"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    prompts.write_text('{"prompt": "hi"}\n')
+    calls, runs, fail = [], [], []
+    fake = _fake_steps(calls)
+
+    def run_step(script, args, log):
+        runs.append((script, args))
+        if script in fail:
+            raise RuntimeError(f"{script} failed")
+        fake(script, args, log)
+
+    monkeypatch.setattr(rlaif, "_run", run_step)
+    folder = tmp_path / "run"
+
+    def run(**changes):
+        runs.clear()
+        return rlaif.run(RLAIFSettings(**{"model_id": str(base), "dataset_id": str(prompts), "judge": "python:j:f",
+                                          "eval_judge_model": "rule", "rounds": 1, **changes}), folder)
+
+    first = run()
+    fail.append("dpo.py")
+    with pytest.raises(RuntimeError, match="dpo.py failed"):
+        run(dpo_beta=0.3)
+    assert [script for script, _ in runs] == ["dpo.py"] and runs[0][1][-2:] == ["--resume", "false"]
+    here = folder / "round-1"
+    assert not (here / "round.json").exists()  # the round is unfinished: nothing reads the earlier one as its result
+    aside = next(here.glob("previous-*"))
+    assert json.loads((aside / "round.json").read_text()) == first[0]
+    fail.clear()
+    again = run(dpo_beta=0.3)
+    assert [script for script, _ in runs] == ["dpo.py", "evaluate.py"] and "--resume" not in runs[0][1]
+    assert again[0]["steps"]["label"] == first[0]["steps"]["label"]  # its labels stood throughout
+    assert json.loads((aside / "round.json").read_text()) == first[0]

@@ -67,17 +67,17 @@ class AppendLog:
 
     def _load(self) -> None:
         self._file.seek(0)
-        lines = self._file.read().split(b"\n")
-        end = 0
-        for number, line in enumerate(lines[:-1], 1):  # every element but the last ended with a newline
-            end += len(line) + 1
+        data = self._file.read()
+        end = _whole_lines_end(data)
+        lines = data[:end].split(b"\n")[:-1]  # every line that ended with a newline
+        for number, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
                 self.records[record["key"]] = record
             except (ValueError, KeyError, TypeError):
                 if line.strip():
                     logger.warning(f"{self.path}: line {number} is not a journal record; ignored")
-        if lines[-1]:  # no newline after it: the write was cut short
+        if end < len(data):  # no newline after it: the write was cut short
             logger.info(f"{self.path}: dropped a torn last line (a run was killed while writing it)")
             self._file.truncate(end)
 
@@ -106,6 +106,10 @@ class AppendLog:
 _append_lock = threading.Lock()
 
 
+def _whole_lines_end(data: bytes) -> int:
+    """The byte offset just past the last newline: what a writer killed mid-line left whole before it."""
+    return data.rfind(b"\n") + 1
+
 
 def read_json(path) -> dict:
     """A JSON object file as a dict; {} when it is missing or unreadable (a best-effort read of optional metadata)."""
@@ -118,12 +122,18 @@ def read_json(path) -> dict:
 def append_jsonl(path, rows) -> None:
     """Append `rows` (dicts) to JSONL file `path` in one write, flushed and fsync'd before this returns.
 
-    One lock for all callers in the process, so threads appending to one file never interleave their lines.
+    One lock for all callers in the process, so threads appending to one file never interleave their lines. A file
+    whose last line lacks its newline (a write cut just before it, an editor) gets one first: the rows start on a
+    line of their own instead of gluing onto that one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
-    with _append_lock, open(path, "ab") as f:
+    with _append_lock, open(path, "a+b") as f:
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = b"\n" + data
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -132,30 +142,38 @@ def append_jsonl(path, rows) -> None:
 def read_jsonl(path, what: str, repair_tail: bool = False) -> list[tuple[int, dict]]:
     """(line number, object) for each row; a bad row is an error naming the file and line, and `what` to do.
 
-    repair_tail: a last line cut short (a run killed mid-write) is dropped from the file instead.
+    repair_tail: a last line cut short (a run killed mid-write) is cut off the file instead, by truncating it to
+    the end of the last whole line: a kill during the repair leaves every earlier line as it was (a rewrite of the
+    whole file would not). A whole last row that only lacks its newline is kept, and the newline added.
     """
     from alignkit.core.args import ConfigError
 
     path = Path(path)
     if not path.is_file():
         return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
+    data = path.read_bytes()
+    end = _whole_lines_end(data)
+    lines = data[:end].decode("utf-8").split("\n")[:-1]
+    tail = data[end:].decode("utf-8", errors="replace")  # a cut may split a character; such a line is torn anyway
     rows = []
-    for i, line in enumerate(lines, 1):
+    for i, line in enumerate(lines + ([tail] if tail.strip() else []), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            if repair_tail and i == len(lines) and not text.endswith("\n"):
+            if repair_tail and i == len(lines) + 1:
                 logger.info(f"{path}: dropping a last line cut short by an interrupted run")
-                path.write_text(text[: len(text) - len(line)], encoding="utf-8")
+                os.truncate(path, end)
                 break
             raise ConfigError(f"{path}, line {i}: not valid JSON ({e.msg}); {what}") from None
         if not isinstance(obj, dict):
             raise ConfigError(f"{path}, line {i}: expected a JSON object, got {type(obj).__name__}; {what}")
         rows.append((i, obj))
+    else:
+        if repair_tail and tail.strip():  # whole, but the next append would glue onto it
+            with _append_lock, open(path, "ab") as f:
+                f.write(b"\n")
     return rows
 
 

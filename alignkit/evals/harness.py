@@ -22,6 +22,7 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.errors import UserError
+from alignkit.core.journal import read_json, write_atomic
 
 INSTALL = "pip install 'alignkit[lm_eval]' (or pip install 'lm_eval>=0.4.13,<0.5')"
 TINY_TASKS = ("tiny_rule", "tiny_text")
@@ -98,10 +99,10 @@ metric_list:
     }
     for name, (rows, body) in configs.items():
         data = folder / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_atomic(data, "".join(json.dumps(row) + "\n" for row in rows))  # reused by a rerun: never half a file
         head = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
                 f"    test: {json.dumps(str(data.resolve()))}\ntest_split: test\n")
-        (folder / f"{name}.yaml").write_text(head + body)
+        write_atomic(folder / f"{name}.yaml", head + body)
     return folder
 
 
@@ -180,17 +181,18 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
     results = {}
     for name, source in models.items():
         kept, key = out / "models" / f"{name}.json", _key(s, source)
-        if kept.is_file() and json.loads(kept.read_text()).get("key") == key:
-            results[name] = json.loads(kept.read_text())["results"]
+        earlier = read_json(kept)  # {} when missing or torn (a kill mid-write in an older version): evaluated again
+        if earlier.get("key") == key and isinstance(earlier.get("results"), dict):
+            results[name] = earlier["results"]
             logger.info(f"lm_eval: {name} ({source}): kept results reused ({kept})")
             continue
         logger.info(f"lm_eval: {name} ({source}) on {', '.join(s.tasks)}")
         evaluated = evaluate_model(s, source, lm_eval, task_manager)
-        kept.write_text(json.dumps({"key": key, "source": source, **evaluated}, indent=2, default=str) + "\n")
+        write_atomic(kept, json.dumps({"key": key, "source": source, **evaluated}, indent=2, default=str) + "\n")
         results[name] = evaluated["results"]
     table = format_table(results)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"models": models, "results": results}, indent=2, default=str) + "\n")
+    write_atomic(out / "results.md", table + "\n")
+    write_atomic(out / "results.json", json.dumps({"models": models, "results": results}, indent=2, default=str) + "\n")
     chart = plot(results, out / "results.png")
     return results, out / "results.md", out / "results.json", chart
 

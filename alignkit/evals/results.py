@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from alignkit.core.journal import write_atomic
+
 # MT-Bench's categories, in FastChat's order; other categories (your own prompts) follow alphabetically.
 CATEGORIES = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
 OUTCOMES = ("win", "loss", "tie", "error")
@@ -110,11 +112,9 @@ def format_table(results: list[dict]) -> str:
 
 
 def save_json(results: list[dict], path, **context) -> Path:
-    """results.json: the settings context (judge, mode, models, ...) and every pair's numbers."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**context, "pairs": results}, indent=2) + "\n", encoding="utf-8")
-    return path
+    """results.json: the settings context (judge, mode, models, ...) and every pair's numbers. Written atomically:
+    rlaif.py reads it back as its evaluation's result, so a kill mid-write must leave no half of one."""
+    return write_atomic(path, json.dumps({**context, "pairs": results}, indent=2) + "\n")
 
 
 def plot(results: list[dict], path) -> Path:

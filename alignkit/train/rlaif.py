@@ -11,30 +11,50 @@ Round r (policy pi_{r-1}: the starting model for r = 1, else round-(r-1)/dpo):
 
 Each step runs as its own process (a crash in one leaves the others' files whole) and resumes by its own rules
 (label.py's append-only cache, dpo.py's checkpoints, evaluate.py's answers and judgments). A round is finished
-once round-r/round.json is written (atomically, last): a rerun skips finished rounds and continues with the
-first unfinished one. At the end, rlaif.md (a table) and win_rate.png hold the win rate per round.
+once round-r/round.json is written (atomically, last). At the end, rlaif.md (a table) and win_rate.png hold the
+win rate per round.
+
+A result is reused because it was made from the same inputs, not because its file exists. Each step records
+what it read in its marker, round-r/STEP.step.json (label, dpo, eval): the settings it is given, the model it
+starts from by content (alignkit.modeling.identity.chain_identity: a policy retrained in place is another
+policy), the prompts file by content, and for DPO the preferences file by content. round.json holds the digests
+of all three. A rerun redoes a step whose inputs differ (one log line names what changed), and the change
+travels by content: new preferences retrain the adapter, a new adapter is evaluated again and is the next
+round's new policy, so every later round is redone too; a step whose inputs still match, as the evaluation
+after a change of --dpo_beta does not, is reused. A redo reuses whatever of label.py's and evaluate.py's own
+caches still applies (they key on their inputs too). Nothing earlier is deleted: before a step is redone, its
+earlier outputs, marker and round.json move to round-r/previous-TIME/, and the earlier adapter to
+round-r/dpo.previous-TIME (beside dpo/, as alignkit.train.training moves a run folder, so a relative base path
+still resolves). A redo that fails resumes on the next run, as any step does.
+A round made by a version that kept no markers is redone (nothing says what it was made from).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
 from alignkit import logger
-from alignkit.core.args import config_to_dict
+from alignkit.core.args import config_to_dict, redact
 from alignkit.core.errors import EXIT_USER_ERROR, UserError
-from alignkit.core.journal import write_atomic
+from alignkit.core.journal import read_json, write_atomic, write_json
 
 ROOT = Path(__file__).resolve().parents[2]  # the scripts live at the repository's top level, above alignkit/train/
 ROUND_FILE = "round.json"
 # RLAIFSettings' own fields and the run folder: everything else is a DPO setting handed to every dpo.py run.
 _NOT_DPO = {"model_id", "reference_adapters", "dataset_id", "output_dir", "run_name", "preset", "eval_split",
             "push_to_hub", "hub_repo_id", "hub_public", "merge_adaptors"}
+# Judge endpoint settings that change how fast or with which key a judge is asked, not what it answers.
+_NOT_ANSWERS = {"parallel", "max_retries", "request_timeout", "judge_api_key_env"}
+STEPS = ("label", "dpo", "eval")
 
 
 def round_dir(folder: Path, r: int) -> Path:
@@ -42,11 +62,8 @@ def round_dir(folder: Path, r: int) -> Path:
 
 
 def finished(folder: Path, r: int) -> dict | None:
-    file = round_dir(folder, r) / ROUND_FILE
-    try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError):
-        return None
+    """Round r's record, or None while it is unfinished (round.json missing or torn)."""
+    return read_json(round_dir(folder, r) / ROUND_FILE) or None
 
 
 def _run(script: str, args: list[str], log: Path) -> None:
@@ -71,11 +88,14 @@ def _dpo_config(s, path: Path) -> None:
     """The DPO settings of this run as a dpo.py --config YAML (None values left to dpo.py's defaults)."""
     import yaml
 
+    write_atomic(path, yaml.safe_dump(_dpo_values(s), sort_keys=True))
+
+
+def _dpo_values(s) -> dict:
     from alignkit.core.config import DPOSettings
 
     names = {f.name for f in fields(DPOSettings)} - _NOT_DPO
-    values = {k: v for k, v in config_to_dict(s).items() if k in names and v is not None}
-    path.write_text(yaml.safe_dump(values, sort_keys=True))
+    return {k: v for k, v in config_to_dict(s).items() if k in names and v is not None}
 
 
 def endpoint_flags(s, skip: set[str] = frozenset()) -> list[str]:
@@ -91,13 +111,160 @@ def endpoint_flags(s, skip: set[str] = frozenset()) -> list[str]:
     return flags
 
 
+# ---------------------------------------------------------------------------------------------------------
+# What each step reads
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model(source: str, revision: str | None = None) -> str:
+    """A model by content, down its adapter chain: a folder retrained in place is another model."""
+    from alignkit.modeling.identity import chain_identity
+
+    return _digest(chain_identity(str(source), revision))
+
+
+def _data(source: str):
+    """A prompts (or preferences) file by its content, a local folder by its files', a Hub dataset by its id."""
+    from alignkit.modeling.identity import file_hash, file_hashes
+
+    path = Path(source)
+    if path.is_file():
+        return file_hash(path)
+    if path.is_dir():
+        return _digest({str(p.relative_to(path)): h
+                        for p, h in file_hashes(sorted(p for p in path.rglob("*") if p.is_file())).items()})
+    return source
+
+
+def _judge(spec: str):
+    """label.py --judge, with the reward model (rm:FOLDER) or the code file (python:FILE.py:function) by content."""
+    kind, _, rest = spec.partition(":")
+    if kind == "rm" and Path(rest).exists():
+        return [spec, _model(rest)]
+    if kind == "python" and Path(rest.rpartition(":")[0]).is_file():
+        return [spec, _data(rest.rpartition(":")[0])]
+    return spec
+
+
+def _endpoint(s, skip: set[str] = frozenset()) -> dict:
+    """The judge endpoint settings that can change an answer (the server called, the model there)."""
+    from alignkit.core.config import JudgeEndpointSettings
+
+    out = {f.name: getattr(s, f.name) for f in fields(JudgeEndpointSettings) if f.name not in _NOT_ANSWERS | skip}
+    if "judge_base_url" in out:
+        out["judge_base_url"] = out["judge_base_url"] or os.environ.get("OPENAI_BASE_URL")
+    if out.get("judge_model") and Path(out["judge_model"]).exists():  # a local judge (--judge hf) by content
+        out["judge_model"] = [out["judge_model"], _model(out["judge_model"])]
+    return out
+
+
+def _label_inputs(s, r: int, policy: str) -> dict:
+    return {"policy": _model(policy, s.revision if policy == s.model_id else None), "prompts": _data(s.dataset_id),
+            "num_samples": s.num_samples, "sample_temperature": s.sample_temperature, "max_prompts": s.max_prompts,
+            "max_new_tokens": s.max_new_tokens, "judge": _judge(s.judge), "seed": s.seed + r,
+            "quantization": s.quantization, **_endpoint(s), "label_args": redact(s.label_args)}
+
+
+def _dpo_inputs(s, policy: str, preferences: Path, reference: list[str]) -> dict:
+    from alignkit.modeling.identity import INERT
+    from alignkit.train.training import NOT_TRAINING  # the settings that do not change what is trained
+
+    values = {k: v for k, v in _dpo_values(s).items() if k not in NOT_TRAINING and k not in INERT}
+    return {**values, "policy": _model(policy, s.revision if policy == s.model_id else None),
+            "preferences": _data(str(preferences)), "reference": s.reference, "reference_adapters": reference,
+            "eval_split": s.eval_split}
+
+
+def _eval_inputs(s, policy: str, dpo: Path, judge: str | None) -> dict:
+    return {"policy": _model(policy, s.revision if policy == s.model_id else None), "adapter": _model(str(dpo)),
+            "prompts": _data(s.eval_prompts or s.dataset_id), "judge_model": judge, "max_new_tokens": s.max_new_tokens,
+            "temperature": s.sample_temperature, "quantization": s.quantization, "seed": s.seed,
+            **({} if judge == "rule" else _endpoint(s, skip={"judge_model"})), "evaluate_args": redact(s.evaluate_args)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps, reused only when made from the same inputs
+
+
+def _marker(here: Path, step: str) -> Path:
+    return here / f"{step}.step.json"
+
+
+def _plan(here: Path, step: str, inputs: dict, whole: bool) -> tuple[str | None, str]:
+    """(None, ""): the step's result stands (made from these inputs, and whole); ("resume", ""): a run from these
+    inputs was cut short (the step resumes by its own rules); ("redo", why): never run, or made from other inputs."""
+    saved = read_json(_marker(here, step))
+    if saved.get("digest") == _digest(inputs):
+        return (None if saved.get("done") and whole else "resume"), ""
+    if not (saved or whole):
+        return "redo", ""
+    before = saved.get("inputs", {})
+    changed = sorted(k for k in inputs.keys() | before.keys() if inputs.get(k) != before.get(k))
+    return "redo", f"{', '.join(changed)} changed" if saved else "no record of the inputs it was made from"
+
+
+def _fresh(path: Path) -> Path:
+    """`path`, or with -2, -3, ... after it when a rerun within the same second already took that name."""
+    n = 1
+    while path.with_name(path.name + (f"-{n}" if n > 1 else "")).exists():
+        n += 1
+    return path.with_name(path.name + (f"-{n}" if n > 1 else ""))
+
+
+def _start(here: Path, step: str, inputs: dict, plan: tuple[str | None, str], outputs: list[Path], aside: Path,
+           r: int, beside: Path | None = None) -> None:
+    """Before a redo, move the step's earlier outputs, its marker and round.json to `aside` (a model folder `beside`
+    to NAME.previous-TIME next to it, where a relative base path in its adapter config still resolves); then mark
+    the step begun, so that a rerun after a failure resumes it rather than starting it over."""
+    moved = False
+    if plan[0] == "redo":
+        if beside is not None and beside.exists():
+            shutil.move(str(beside), _fresh(beside.with_name(f"{beside.name}.{aside.name}")))
+        for path in [*outputs, _marker(here, step), here / ROUND_FILE]:
+            if path.exists():
+                target = aside / path.relative_to(here)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(path), target)
+                moved = True
+    if plan[1]:
+        logger.info(f"round {r}: {step} redone: {plan[1]}" + (f" (the earlier results: {aside})" if moved else ""))
+    write_json(_marker(here, step), {"digest": _digest(inputs), "inputs": inputs, "done": False})
+
+
+def _done(here: Path, step: str, inputs: dict) -> None:
+    write_json(_marker(here, step), {"digest": _digest(inputs), "inputs": inputs, "done": True})
+
+
+def _whole(path: Path) -> bool:
+    """A step's JSON output is there and parses: one cut short by a kill counts as missing (the step is redone)."""
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _json_inputs(inputs: dict) -> dict:
+    return json.loads(json.dumps(inputs, default=str))  # as the marker will read back: tuples as lists
+
+
 def run_round(s, folder: Path, r: int, policy: str) -> dict:
-    """Label, train and evaluate round r starting from `policy`; returns (and writes) the round's record."""
+    """Label, train and evaluate round r starting from `policy`, each step reused only when its inputs match;
+    returns (and writes) the round's record."""
     here = round_dir(folder, r)
     here.mkdir(parents=True, exist_ok=True)
-    log = here / "log.txt"
+    log, aside = here / "log.txt", _fresh(here / f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
     preferences = here / "preferences.jsonl"
-    if not (here / "preferences.summary.json").is_file() or not preferences.is_file():
+    summary_file = preferences.with_suffix(".summary.json")
+    inputs = {"label": _json_inputs(_label_inputs(s, r, policy))}
+    plan = _plan(here, "label", inputs["label"], _whole(summary_file) and preferences.is_file())
+    ran = bool(plan[0])
+    if plan[0]:
+        outputs = [preferences, summary_file, preferences.with_suffix(".config.json")]
+        _start(here, "label", inputs["label"], plan, outputs, aside, r)
         args = ["--model_id", policy, "--prompts", s.dataset_id, "--num_samples", str(s.num_samples),
                 "--temperature", str(s.sample_temperature), "--max_new_tokens", str(s.max_new_tokens),
                 "--judge", s.judge, "--output", str(preferences), "--seed", str(s.seed + r),
@@ -105,20 +272,33 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
         if s.max_prompts is not None:
             args += ["--max_prompts", str(s.max_prompts)]
         _run("label.py", args + endpoint_flags(s) + shlex.split(s.label_args), log)
+        _done(here, "label", inputs["label"])
     dpo = here / "dpo"
-    if not (dpo / "metrics.json").is_file():
-        _dpo_config(s, here / "dpo_config.yaml")
-        reference = []
-        if s.reference == "start":  # the reference keeps only the starting model's own adapters on
-            from alignkit.modeling.chain import adapter_chain
+    reference = []
+    if s.reference == "start":  # the reference keeps only the starting model's own adapters on
+        from alignkit.modeling.chain import adapter_chain
 
-            reference = ["--reference_adapters", str(len(adapter_chain(s.model_id, s.revision)[1]))]
+        reference = ["--reference_adapters", str(len(adapter_chain(s.model_id, s.revision)[1]))]
+    inputs["dpo"] = _json_inputs(_dpo_inputs(s, policy, preferences, reference))
+    plan = _plan(here, "dpo", inputs["dpo"], _whole(dpo / "metrics.json"))
+    ran |= bool(plan[0])
+    if plan[0]:
+        # A redo starts over, the earlier adapter moved to dpo.previous-TIME first: what dpo.py then finds in dpo/
+        # (checkpoints to resume from after a failure) was made from these inputs.
+        _start(here, "dpo", inputs["dpo"], plan, [here / "dpo_config.yaml"], aside, r, beside=dpo)
+        _dpo_config(s, here / "dpo_config.yaml")
+        restart = ["--resume", "false"] if plan[0] == "redo" else []
         _run("dpo.py", ["--config", str(here / "dpo_config.yaml"), "--model_id", policy, "--dataset_id",
                         str(preferences), "--output_dir", str(here), "--run_name", "dpo",
-                        "--eval_split", str(s.eval_split), *reference], log)
+                        "--eval_split", str(s.eval_split), *reference, *restart], log)
+        _done(here, "dpo", inputs["dpo"])
     evaluation = here / "eval"
-    if not (evaluation / "results.json").is_file():
-        judge = s.eval_judge_model or s.judge_model
+    judge = s.eval_judge_model or s.judge_model
+    inputs["eval"] = _json_inputs(_eval_inputs(s, policy, dpo, judge))
+    plan = _plan(here, "eval", inputs["eval"], _whole(evaluation / "results.json"))
+    ran |= bool(plan[0])
+    if plan[0]:
+        _start(here, "eval", inputs["eval"], plan, [evaluation / "results.json", evaluation / "results.png"], aside, r)
         args = ["pairwise", "--models", f"previous={policy}", f"round-{r}={dpo}", "--baseline", "previous",
                 "--prompts_file", s.eval_prompts or s.dataset_id, "--output_dir", str(evaluation),
                 "--max_new_tokens", str(s.max_new_tokens), "--temperature", str(s.sample_temperature),
@@ -127,30 +307,33 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
         if judge:
             args += ["--judge_model", judge]
         _run("evaluate.py", args + endpoint + shlex.split(s.evaluate_args), log)
-    results = json.loads((evaluation / "results.json").read_text())
+        _done(here, "eval", inputs["eval"])
+    steps = {step: _digest(inputs[step]) for step in STEPS}
+    record = finished(folder, r)
+    if not ran and record is not None and record.get("steps") == steps:
+        logger.info(f"round {r}: finished earlier from the same inputs (win rate {record['win_rate']:.3f}); reused")
+        return record
+    results = read_json(evaluation / "results.json")
     pair = next(p for p in results["pairs"] if {p["model"], p["opponent"]} == {f"round-{r}", "previous"})
     overall = pair["overall"]
     rate, ci = overall["adjusted_win_rate"], overall["ci95"]
     if pair["model"] != f"round-{r}":  # the table reads from the new policy's side
         rate, ci = 1 - rate, [1 - ci[1], 1 - ci[0]]
-    summary = json.loads((here / "preferences.summary.json").read_text())
+    with preferences.open() as f:
+        pairs = sum(1 for _ in f)
     record = {"round": r, "policy": str(dpo), "started_from": policy, "win_rate": rate, "ci95": ci,
-              "win": overall["win"], "loss": overall["loss"], "tie": overall["tie"],
-              "pairs": sum(1 for _ in preferences.open()), "label_summary": summary}
+              "win": overall["win"], "loss": overall["loss"], "tie": overall["tie"], "pairs": pairs,
+              "label_summary": read_json(summary_file), "steps": steps}
     write_atomic(here / ROUND_FILE, json.dumps(record, indent=2))  # the round is done only once this file is whole
     return record
 
 
 def run(s, folder: Path) -> list[dict]:
-    """Every round, skipping finished ones; then the table and the chart."""
+    """Every round, each reused where it was made from the same inputs; then the table and the chart."""
     records, policy = [], s.model_id
     for r in range(1, s.rounds + 1):
-        record = finished(folder, r)
-        if record is not None:
-            logger.info(f"round {r}: finished earlier (win rate {record['win_rate']:.3f}); skipped")
-        else:
-            logger.info(f"round {r}: sampling from {policy}")
-            record = run_round(s, folder, r, policy)
+        logger.info(f"round {r}: from {policy}")
+        record = run_round(s, folder, r, policy)
         records.append(record)
         policy = record["policy"]
     write_table(records, folder / "rlaif.md")

@@ -39,7 +39,7 @@ from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scri
 CONFIG_FILE = "alignkit_config.json"
 FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
 # Settings that do not change what is trained: a run that differs only in these still resumes.
-_NOT_TRAINING = {
+NOT_TRAINING = {
     "resume", "merge_adaptors", "push_to_hub", "hub_repo_id", "hub_public", "report_to", "wandb_project",
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size", "output_dir",
     "run_type",  # recorded beside the settings (save_run_config); the run folder's name already holds the stage
@@ -81,7 +81,7 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 
 def _training_view(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in _NOT_TRAINING}
+    return {k: v for k, v in settings.items() if k not in NOT_TRAINING}
 
 
 def preflight(s) -> None:
