@@ -58,6 +58,8 @@ CASES = [
     ("sft.py", [*TRAIN, "--lr_scheduler_type", "cosin"], "invalid value for --lr_scheduler_type: 'cosin' is not one of", None),
     ("dpo.py", [*TRAIN, "--trainer_overrides", '{"optim": "adamw_torch_fusd"}'],
      "invalid value for --trainer_overrides optim: 'adamw_torch_fusd' is not one of", None),
+    ("sft.py", [*TRAIN, "--trainer_overrides", '{"optim": 5}'],
+     "invalid value for --trainer_overrides optim: 5 is not OptimizerNames or str", None),
     ("sft.py", [*TRAIN, "--config", "latin1.yaml"], "latin1.yaml: line 2: not UTF-8 text; save the file as UTF-8", None),
     ("sft.py", [*TRAIN, "--config", "tab.yaml"],
      "tab.yaml: line 2, column 10: not valid YAML (found character '\\t' that cannot start any token); fix the file", None),
