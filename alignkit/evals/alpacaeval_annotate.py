@@ -8,7 +8,8 @@ config pointed at the judge endpoint, and the two stores that make a rerun send 
   appended to `annotations/requests-<config>-<key>.jsonl` the moment it arrives and reused by any later call
   with the same prompt, endpoint and decoding arguments.
 - `annotation_store`: alpaca_eval's annotation cache file, keyed by what alpaca_eval's own key leaves out (the
-  judge model, the endpoint, the config's content), rows that failed before dropped so this run asks again.
+  judge model, the endpoint or the rule's code, the config's content), rows that failed before dropped so this
+  run asks again.
 - `rule_completions`: the tiny preset's rule judge standing in for the annotator's model, sending nothing.
 """
 
@@ -202,10 +203,18 @@ class LoggedCompletions:
 def annotation_store(output_dir: Path, config_name: str, annotators: dict, client: dict | None,
                      parallel: int) -> tuple[Path, object]:
     """(alpaca_eval's annotation cache file, the decoder it annotates with) for this run: a judge endpoint's
-    logged decoder (client None: the rule judge). Rows the cache holds as failed are dropped first."""
+    logged decoder (client None: the rule judge, keyed on its code and on rule_completions', which reads the
+    prompt: alignkit.feedback.judge.rule_fingerprint). Rows the cache holds as failed are dropped first."""
+    if client is None:  # edit the rule, a constant or helper it uses, or the prompt's reader: annotated again
+        from alignkit.feedback.judge import rule_fingerprint
+        from alignkit.modeling.presets import rule_judge
+
+        judge = {"rule": rule_fingerprint(rule_judge), "reader": rule_fingerprint(rule_completions)}
+    else:
+        judge = client["openai_api_base"]
     key = _canonical_hash({"annotators": annotators, "templates": {a: Path(c["prompt_template"]).read_text()
                                                                    for a, c in annotators.items()},
-                           "base_url": client["openai_api_base"] if client else "rule"})[:12]
+                           "base_url": judge})[:12]
     cache = output_dir / "annotations" / f"{config_name}-{key}.json"
     cache.parent.mkdir(parents=True, exist_ok=True)
     forget_failed(cache)

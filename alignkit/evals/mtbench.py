@@ -5,10 +5,11 @@ Layout of `--output_dir` (FastChat's, so its own tools read it too):
     model_judgment/<judge>_pair.jsonl      one line per match (question, turn, pair), as each verdict arrives
     results.json, results.png              per model pair: overall, per category, per turn
 
-A rerun skips questions already answered and matches already judged by the same judge under the same
-settings (judge_key: endpoint, model, max_tokens, temperature, judge prompt, reference answer); a match whose
-judge request failed is sent again, and so is a match whose answers changed since it was judged. A verdict
-that could not be parsed stays, unless --retry_parse_failures.
+A rerun skips questions already answered as they now read (question_key: turns, category, its temperature) and
+matches already judged by the same judge under the same settings (judge_key: endpoint, model, max_tokens,
+temperature, judge prompt, the question's turns, reference answer); a match whose judge request failed is sent
+again, and so is a match whose answers changed since it was judged. A verdict that could not be parsed stays,
+unless --retry_parse_failures.
 
 The data is FastChat's `fastchat/llm_judge/data` folder; without `--mt_bench_data`, its three files are
 downloaded once into the alignkit cache and checked against the checksums pinned below (never when
@@ -286,10 +287,28 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
     return answers
 
 
+def question_key(question: dict) -> str:
+    """What an answer depends on besides the model and its sampling (settings_key): the question's turns, its
+    category, and the temperature FastChat gives that category (used unless --temperature, which settings_key
+    holds). Recorded with every answer as `question_key`: an edited question, or a prompts file whose rows
+    moved (their ids are line numbers), is answered again."""
+    what = {"turns": question["turns"], "category": question["category"],
+            "temperature": temperature_for(question, None)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 def unanswered(questions, answers: dict) -> list[dict]:
-    """The questions without an answer to every turn."""
-    return [q for q in questions if q["question_id"] not in answers
-            or len(answers[q["question_id"]]["choices"][0]["turns"]) < len(q["turns"])]
+    """The questions without an answer to every turn of the question as it now reads. An answer for another
+    text is answered again (a new record, which supersedes it), not an error: the rest of the file still holds.
+    An answer without a question_key is taken as it is when made elsewhere (no `source`), answered again when
+    alignkit made it before answers recorded their question."""
+    def current(answer, q) -> bool:
+        if "question_key" in answer:
+            return answer["question_key"] == question_key(q)
+        return "source" not in answer
+
+    return [q for q in questions if (a := answers.get(q["question_id"])) is None
+            or len(a["choices"][0]["turns"]) < len(q["turns"]) or not current(a, q)]
 
 
 def _same_source(source: str) -> str:
@@ -307,7 +326,8 @@ def temperature_for(question: dict, temperature: float | None) -> float:
 
 
 def generate_answers(generator, questions, name: str, source: str, path, s, key: str | None = None) -> int:
-    """Answer every question not yet in `path`, all turns, and append FastChat answer records.
+    """Answer every question not yet answered in `path` as it now reads (unanswered), all turns, and append
+    FastChat answer records.
 
     generator: a model from alignkit.modeling.generation.load_generator, on either backend. Each turn is asked with the
     conversation so far (earlier questions and the model's own answers) through the model's chat template.
@@ -344,7 +364,7 @@ def generate_answers(generator, questions, name: str, source: str, path, s, key:
             append_jsonl(path, [{  # each batch journaled as it finishes: a crash keeps every batch before it
                 "question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name,
                 "choices": [{"index": 0, "turns": [m["content"] for m in history if m["role"] == "assistant"]}],
-                "tstamp": time.time(), "source": source,
+                "tstamp": time.time(), "source": source, "question_key": question_key(q),
                 "generation": {"temperature": temperature, "top_p": s.top_p, "num_beams": s.num_beams,
                                "max_new_tokens": s.max_new_tokens},
                 **({"settings_key": key} if key else {}),
@@ -367,25 +387,22 @@ def judgment_path(output_dir, judge_model: str) -> Path:
 def judge_key(match, judge_identity: dict) -> str:
     """Everything that can change this match's verdicts, bar the answers (checked by their ids): the judge's
     identity (for an endpoint alignkit.feedback.judge.endpoint_identity: server, model, temperature, max_tokens; for a
-    rule, its code), the judge prompt's text and the reference answer. Written into each judgment record."""
-    what = {"judge": judge_identity, "prompt": match.judge.prompt_template, "reference": match.ref_answer}
+    rule, its code), the judge prompt's text, the question's turns (an edited prompt is judged again, even on
+    answers made elsewhere) and the reference answer. Written into each judgment record."""
+    what = {"judge": judge_identity, "prompt": match.judge.prompt_template, "question": match.question["turns"],
+            "reference": match.ref_answer}
     return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def judge_identity(client=None, rule=None) -> dict:
     """Who judges: an endpoint (an alignkit.core.llm.ChatClient) with the settings it sends, or a rule function,
-    by its code (edit the rule and its old verdicts no longer apply)."""
+    by its code (alignkit.feedback.judge.rule_fingerprint: edit the rule, or a constant or helper it uses, and its
+    old verdicts no longer apply)."""
+    from alignkit.feedback.judge import endpoint_identity, rule_fingerprint
+
     if client is not None:
-        from alignkit.feedback.judge import endpoint_identity
-
         return endpoint_identity(client)
-    import inspect
-
-    try:
-        code = inspect.getsource(rule)
-    except (OSError, TypeError):
-        code = None
-    return {"rule": f"{rule.__module__}.{rule.__qualname__}", "code": code}
+    return {"rule": f"{rule.__module__}.{rule.__qualname__}", "code": rule_fingerprint(rule)}
 
 
 def match_key(match, judge_identity: dict) -> tuple:

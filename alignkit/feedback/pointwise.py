@@ -25,7 +25,7 @@ from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.journal import batched, threaded, write_json, write_jsonl
 from alignkit.core.progress import Progress
-from alignkit.feedback.judge import Request, Template, import_function, question_text
+from alignkit.feedback.judge import Request, Template, import_function, question_text, rule_fingerprint
 from alignkit.feedback.label_records import AppendLog, digest
 
 # FastChat's "single-v1" judge prompt (fastchat/llm_judge/data/judge_prompts.jsonl), in this module's Template form.
@@ -110,14 +110,8 @@ class Grader:
         self.threshold = DEFAULT_THRESHOLDS[self.kind] if s.grade_threshold is None else s.grade_threshold
 
     def identity(self) -> dict:
-        if self.kind == "python":
-            import inspect
-
-            try:
-                code = digest(inspect.getsource(self.function))
-            except (OSError, TypeError):
-                code = None
-            return {"grader": self.spec, "code": code}
+        if self.kind == "python":  # its module's file and what it imports: edit a constant, old grades go
+            return {"grader": self.spec, "code": rule_fingerprint(self.function)}
         return {"grader": self.spec, **(self.rm.identity() if self.kind == "rm" else self.llm.identity())}
 
     def grade_batch(self, items: list[Item]) -> list[float | None]:

@@ -1,0 +1,211 @@
+"""What answers and verdicts are keyed on: the question as it now reads, and a rule judge's whole code.
+
+MT-Bench / `evaluate.py pairwise` answers are reused per question only while the question reads the same (its
+turns, its category and so its temperature); a verdict only while the judged question does. A rule judge is
+keyed on its module's file and the alignkit modules (or files beside it) that module imports, not just the
+function's lines: a constant it reads changes its verdicts. No model is loaded here: a fake generator echoes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import types
+from pathlib import Path
+
+import pytest
+
+from conftest import run_script
+
+from alignkit.evals import mtbench
+
+
+@pytest.fixture(autouse=True)
+def no_judge_key(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+@pytest.fixture
+def echo(monkeypatch):
+    """load_generator stands in for a model that answers "<model> on <last user turn>"; records what it was asked."""
+    from alignkit.modeling import generation
+
+    asked = []
+
+    @contextlib.contextmanager
+    def load_generator(settings, backend="auto"):
+        def generate(conversations, **kw):
+            asked.extend((settings.model_id, c[-1]["content"], kw["temperature"]) for c in conversations)
+            return [f"{settings.model_id} on {c[-1]['content']}" for c in conversations]
+        yield generate
+
+    monkeypatch.setattr(generation, "load_generator", load_generator)
+    return asked
+
+
+def write_prompts(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def pairwise(prompts: Path, output_dir: Path, *extra) -> dict:
+    return run_script("evaluate.py", "pairwise", "--prompts_file", str(prompts), "--models", "alpha=/nowhere/alpha",
+                      "omega=/nowhere/omega", "--judge_model", "rule", "--output_dir", str(output_dir), *extra)
+
+
+def judged(run) -> list[int]:
+    return sorted(m.question["question_id"] for m in run["todo"])
+
+
+ROWS = [{"prompt": "name three fruits."}, {"prompt": "name three colors."}, {"prompt": "name three animals."}]
+
+
+def test_an_edited_prompt_is_answered_and_judged_again_and_only_it(echo, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, ROWS)
+    first = pairwise(prompts, tmp_path / "out")
+    assert len(echo) == 6 and judged(first) == [1, 2, 3]
+    echo.clear()
+    assert judged(pairwise(prompts, tmp_path / "out")) == [] and echo == []  # nothing changed: all reused
+
+    write_prompts(prompts, [ROWS[0], {"prompt": "name three tools."}, ROWS[2]])  # row 2 (question_id 2) edited
+    again = pairwise(prompts, tmp_path / "out")
+    assert sorted(echo) == [("/nowhere/alpha", "name three tools.", 0.7), ("/nowhere/omega", "name three tools.", 0.7)]
+    assert judged(again) == [2]
+    answers = mtbench.read_answers(mtbench.answer_path(tmp_path / "out", "alpha"))
+    assert answers[2]["choices"][0]["turns"] == ["/nowhere/alpha on name three tools."]
+    assert answers[1]["choices"][0]["turns"] == ["/nowhere/alpha on name three fruits."]  # the others kept
+    (match,) = [m for m in again["run"].matches if m.question["question_id"] == 2]
+    assert match.answer_1["choices"][0]["turns"][0].endswith("tools.")  # judged on the new answers
+
+    echo.clear()
+    write_prompts(prompts, [{"prompt": "say hello."}, ROWS[0], {"prompt": "name three tools."}, ROWS[2]])
+    pairwise(prompts, tmp_path / "out")  # a row inserted on top: every line number now names another prompt
+    assert sorted(p for _, p, _ in echo) == sorted(2 * ["say hello.", *(r["prompt"] for r in ROWS[:1]),
+                                                        "name three tools.", ROWS[2]["prompt"]])
+
+
+def test_a_category_change_is_answered_again_at_its_temperature(echo, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, ROWS)
+    pairwise(prompts, tmp_path / "out")
+    echo.clear()
+    write_prompts(prompts, [ROWS[0], {**ROWS[1], "category": "math"}, ROWS[2]])  # FastChat: math at temperature 0
+    again = pairwise(prompts, tmp_path / "out")
+    assert sorted(echo) == [(model, "name three colors.", 0.0) for model in ("/nowhere/alpha", "/nowhere/omega")]
+    assert judged(again) == [2]
+
+
+def test_old_answers_without_a_question_key(echo, tmp_path):
+    """alignkit's answers from before question keys are answered once more; answers made elsewhere are taken."""
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, ROWS)
+    pairwise(prompts, tmp_path / "out")
+    path = mtbench.answer_path(tmp_path / "out", "alpha")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "question_key"}) + "\n" for r in rows))
+    echo.clear()
+    pairwise(prompts, tmp_path / "out")
+    assert sorted(echo) == [("/nowhere/alpha", r["prompt"], 0.7) for r in sorted(ROWS, key=lambda r: r["prompt"])]
+    path.write_text("".join(json.dumps({"question_id": q, "answer_id": f"x{q}", "model_id": "alpha", "tstamp": 0,
+                                        "choices": [{"index": 0, "turns": ["made elsewhere"]}]}) + "\n"
+                            for q in (1, 2, 3)))
+    echo.clear()
+    pairwise(prompts, tmp_path / "out")
+    assert echo == []
+
+
+def test_an_edited_question_is_judged_again_even_on_answers_made_elsewhere(tmp_path):
+    question = {"question_id": 1, "category": "prompts", "turns": ["name three fruits."]}
+    judge = types.SimpleNamespace(prompt_template={"name": "rule"})
+    match = types.SimpleNamespace(question=question, judge=judge, ref_answer=None)
+    edited = types.SimpleNamespace(**{**vars(match), "question": {**question, "turns": ["name three tools."]}})
+    identity = {"rule": "r", "code": "c"}
+    assert mtbench.judge_key(match, identity) != mtbench.judge_key(edited, identity)
+    assert mtbench.question_key(question) != mtbench.question_key(edited.question)
+    assert mtbench.question_key(question) != mtbench.question_key({**question, "category": "math"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rule judges: keyed on their module's file and its imports, one level
+
+
+RULE = '''
+from keys_helper import SHORT
+from alignkit.feedback.judge import TOKENS
+
+MARGIN = {margin}
+
+
+def rule(prompt, answer_a, answer_b):
+    return "tie" if abs(len(answer_a) - len(answer_b)) <= MARGIN + SHORT else "A" if answer_a < answer_b else "B"
+
+
+def grade(prompt, answer):
+    return len(answer) <= MARGIN
+'''
+
+
+def load_rule(folder: Path, margin: int, short: int = 0):
+    """python:FOLDER/rules.py:rule, after writing rules.py (MARGIN = margin) and keys_helper.py (SHORT = short)
+    beside it."""
+    (folder / "rules.py").write_text(RULE.format(margin=margin))
+    (folder / "keys_helper.py").write_text(f"SHORT = {short}\n")
+    return f"python:{folder / 'rules.py'}:rule"
+
+
+def identities(spec: str, monkeypatch) -> dict:
+    """The rule's identity in each of its caches: label.py pairs and pointwise grades, evaluate.py pairwise."""
+    from alignkit.feedback.judge import PythonJudge, import_function
+    from alignkit.feedback.pointwise import Grader
+
+    monkeypatch.syspath_prepend(str(Path(spec.split(":")[1]).parent))  # `from helper import ...` resolves
+    grader = Grader(types.SimpleNamespace(judge=spec.replace(":rule", ":grade"), grade_threshold=None))
+    return {"label": PythonJudge(spec).identity(), "pointwise": grader.identity(),
+            "mt_bench": mtbench.judge_identity(rule=import_function(spec))}
+
+
+def test_a_constant_the_rule_reads_changes_its_identity(tmp_path, monkeypatch):
+    base = identities(load_rule(tmp_path, 1), monkeypatch)
+    assert identities(load_rule(tmp_path, 1), monkeypatch) == base  # the same files: the same identity
+    margin = identities(load_rule(tmp_path, 2), monkeypatch)  # the function's own lines are unchanged
+    helper = identities(load_rule(tmp_path, 1, short=5), monkeypatch)  # a module it imports, beside it
+    for cache in base:
+        assert len({json.dumps(ids[cache], sort_keys=True) for ids in (base, margin, helper)}) == 3, cache
+
+
+def edit_as_read(monkeypatch, module, old: bytes, new: bytes) -> None:
+    """`module`'s file as every key reads it (Path.read_bytes) with `old` replaced by `new`; the file stays."""
+    real, target = Path.read_bytes, Path(module.__file__).resolve()
+    monkeypatch.setattr(Path, "read_bytes", lambda self: real(self).replace(old, new) if self.resolve() == target
+                        else real(self))
+
+
+def test_a_rule_is_keyed_on_the_alignkit_modules_it_imports(monkeypatch):
+    from alignkit.feedback import judge
+    from alignkit.modeling import presets, smol
+
+    def keys():
+        return (judge.PythonJudge("python:alignkit.modeling.smol:rule_judge").identity(),
+                mtbench.judge_identity(rule=smol.rule_judge), mtbench.judge_identity(rule=presets.rule_judge))
+
+    before = keys()
+    assert keys() == before
+    edit_as_read(monkeypatch, smol, b"TIE_MARGIN = 0.05", b"TIE_MARGIN = 0.5")  # rule_judge's lines unchanged
+    # smol's own rule, and the tiny rule of presets.py, which imports smol (inside a function): one level.
+    assert all(a != b for a, b in zip(keys(), before))
+    assert judge.rule_fingerprint(len) is None  # no source at all
+
+
+def test_the_alpaca_eval_rule_annotations_key_on_the_rule(tmp_path, monkeypatch):
+    from alignkit.evals import alpacaeval_annotate
+    from alignkit.modeling import presets
+
+    template = tmp_path / "prompt.txt"
+    template.write_text("{instruction}")
+    annotators = {"a": {"prompt_template": str(template)}}
+    cache, decoder = alpacaeval_annotate.annotation_store(tmp_path, "cfg", annotators, None, 1)
+    assert decoder is alpacaeval_annotate.rule_completions
+    assert alpacaeval_annotate.annotation_store(tmp_path, "cfg", annotators, None, 1)[0] == cache
+    edit_as_read(monkeypatch, presets, b"WORDS = ", b"WORDS  = ")  # the tiny rule's module, as if edited
+    assert alpacaeval_annotate.annotation_store(tmp_path, "cfg", annotators, None, 1)[0] != cache
