@@ -179,6 +179,21 @@ def test_the_base_under_a_lota_delta_and_a_file_whose_mtime_was_put_back_count_b
     assert sum(a != b for a, b in zip(second, third)) == 1  # the SFT adapter's entry
 
 
+def test_one_folder_is_one_model_however_its_path_is_spelled_or_wherever_it_moved(tmp_path, monkeypatch):
+    """The chain names a local model by content, so `runs/dpo`, `./runs/dpo`, its absolute path and the folder
+    after a move share their answers (before, each spelling was another model, and MT-Bench stopped on it)."""
+    models = chain(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    spelled = [ModelSettings(model_id=m) for m in ("dpo", "./dpo", str(models["dpo"]), str(models["dpo"]) + "/")]
+    assert len({identity.identity_key(s) for s in spelled}) == 1
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.copytree(models["dpo"], moved / "dpo")
+    (moved / "dpo" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(models["sft"])}))
+    (models["dpo"] / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(models["sft"])}))
+    assert identity.identity_key(ModelSettings(model_id=str(moved / "dpo"))) == identity.identity_key(spelled[2])
+
+
 def test_online_a_hub_model_counts_by_the_commit_that_will_load_not_the_cached_snapshot(tmp_path, monkeypatch):
     """The local cache holds commit a; upstream main moved to b, which from_pretrained downloads when online."""
     import huggingface_hub

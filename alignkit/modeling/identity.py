@@ -200,7 +200,9 @@ def loader_fields(s) -> dict:
     from alignkit.core.config import GenerationSettings, ModelSettings
 
     groups = [ModelSettings] + ([GenerationSettings] if isinstance(s, GenerationSettings) else [])
-    names = [f.name for group in groups for f in fields(group) if f.name not in INERT]
+    # model_id counts through the chain instead (model_identity): a local folder by its content, however the path is
+    # spelled (relative, absolute, ./) and wherever the folder moved; a Hub id by repo and commit.
+    names = [f.name for group in groups for f in fields(group) if f.name not in INERT and f.name != "model_id"]
     out = {name: getattr(s, name) for name in dict.fromkeys(names)}
     if out.get("chat_template"):
         from alignkit.core.groups import chat_template_text
