@@ -21,7 +21,7 @@ SHARED = ROOT.parent / "shared"
 # pytest-xdist's workers (pyproject: one per core) share the cores out: torch's default, a thread per core in
 # every worker, oversubscribes them, and its waiting threads then spin against each other (two workers building
 # the tiny preset at once: 212 s each with 2 threads, 31 s with 1). Set before torch is imported; processes the
-# tests start inherit it, and the scripts' `--num_threads auto` follows it (alignkit.core.launch).
+# tests start inherit it, and the scripts' `--num_threads auto` follows it (alignkit.core.threads).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     _share = max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))

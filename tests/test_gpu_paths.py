@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.core import launch
+from alignkit.core import launch, threads
 from alignkit.core.config import DPOSettings, ModelSettings
 from alignkit.modeling import models, presets
 from alignkit.train import flex_check, training
@@ -604,21 +604,21 @@ def test_a_bf16_merge_is_checked_in_fp32_and_saved_in_bf16(sft_adapter, tmp_path
 
 
 def test_threads_auto_is_one_for_a_small_model_on_a_cpu(monkeypatch):
-    monkeypatch.setattr(launch, "physical_cores", lambda: 16)
+    monkeypatch.setattr(threads, "physical_cores", lambda: 16)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a choice already made (cpuslot makes one) is kept
-    assert launch.resolve_num_threads("auto", 7_000_000_000) == 3
+    assert threads.resolve_num_threads("auto", 7_000_000_000) == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert launch.resolve_num_threads("auto", 5_000_000) == 1
-    assert launch.resolve_num_threads("auto", 7_000_000_000) == 16
-    assert launch.resolve_num_threads("3", 5_000_000) == 3
+    assert threads.resolve_num_threads("auto", 5_000_000) == 1
+    assert threads.resolve_num_threads("auto", 7_000_000_000) == 16
+    assert threads.resolve_num_threads("3", 5_000_000) == 3
     with pytest.raises(ValueError, match="--num_threads must be auto or a positive whole number"):
-        launch.resolve_num_threads("many", 1)
+        threads.resolve_num_threads("many", 1)
     fake_gpus(monkeypatch)
-    assert launch.resolve_num_threads("auto", 5_000_000) == 16  # on a GPU the CPU only feeds it
+    assert threads.resolve_num_threads("auto", 5_000_000) == 16  # on a GPU the CPU only feeds it
 
 
 def test_loading_sets_the_threads_and_says_so_once(tiny_cache, monkeypatch, alignkit_log):
-    monkeypatch.setattr(launch, "_threads_logged", None)
+    monkeypatch.setattr(threads, "_threads_logged", None)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     try:

@@ -10,6 +10,7 @@
 - extras: the optional eval and tracking extras, and the one line that installs a missing one.
 - paths: the cache folder ($ALIGNKIT_CACHE).
 - launch: the launch mode, this process's device and process group, the loader's hardware decisions, refusals.
+- threads: torch's CPU threads for a loaded model (--num_threads).
 - journal: append-only logs, atomic writes, the concurrent map every crash-safe loop uses.
 - progress: the one progress-bar rule (a bar in a terminal and a notebook, none in CI logs).
 - data: the one data normaliser (SFT and preference rows from files, folders, the Hub).

@@ -29,12 +29,14 @@ from alignkit.modeling import lota_delta
 # Where a model comes from (alignkit.modeling.chain): importable from here too, as before.
 from alignkit.modeling.chain import _looks_local, _recorded_base, adapter_chain, adapter_config  # noqa: F401
 
-# The launch's decisions (dtype, quantization, attention, Liger, threads, device map) live in alignkit.core.launch;
-# `local_gpu` and `_sharded_launch` stay importable from here for the modules that read them.
+# The launch's decisions (dtype, quantization, attention, Liger, device map) live in alignkit.core.launch, the CPU
+# threads in alignkit.core.threads; `local_gpu` and `_sharded_launch` stay importable from here for the modules
+# that read them.
 from alignkit.core.launch import (  # noqa: F401 - local_gpu is re-exported
-    ZERO3, apply_num_threads, device_placement, local_gpu, packs_pairs, quantization_config, resolve_attention,
+    ZERO3, device_placement, local_gpu, packs_pairs, quantization_config, resolve_attention,
     resolve_dtype, resolve_liger, resolve_quantization, sharded_launch as _sharded_launch,
 )
+from alignkit.core.threads import apply_num_threads
 
 TRAINABLE = "default"  # PEFT's default adapter name; transformers' Trainer resumes this one
 
