@@ -217,23 +217,19 @@ def test_byte_order_mark_is_dropped(tmp_path):
         assert len(load_preferences(tmp_path / name)) == 1
 
 
-def test_file_that_is_not_utf8_names_its_line(tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + json.dumps(dict(GOOD, prompt="caf\u00e9"),
-                                                                     ensure_ascii=False).encode("latin-1") + b"\n")
+@pytest.mark.parametrize("name, content, says", [
+    ("p.jsonl", json.dumps(GOOD).encode() + b"\n" + json.dumps(dict(GOOD, prompt="caf\u00e9"),
+                                                              ensure_ascii=False).encode("latin-1") + b"\n",
+     "line 2: not UTF-8 text (byte 0xe9 at column 16). Save the file as UTF-8 (in Excel: CSV UTF-8)."),
+    ("p.csv", b"prompt,chosen,rejected\nq,a, b,c\n",
+     "row 1: 4 values, but the header names 3 columns. Fix the row (quote a value that holds a comma)."),
+], ids=["not utf-8", "csv row longer than its header"])
+def test_a_file_that_cannot_be_read_names_its_line_and_the_fix(tmp_path, name, content, says):
+    path = tmp_path / name
+    path.write_bytes(content)
     with pytest.raises(DataError) as err:
         load_preferences(path)
-    assert str(err.value) == (f"{path}: line 2: not UTF-8 text (byte 0xe9 at column 16). Save the file as UTF-8 (in "
-                              "Excel: CSV UTF-8).")
-
-
-def test_csv_row_with_more_values_than_the_header(tmp_path):
-    path = tmp_path / "p.csv"
-    path.write_text("prompt,chosen,rejected\nq,a, b,c\n", encoding="utf-8")
-    with pytest.raises(DataError) as err:
-        load_preferences(path)
-    assert str(err.value) == (f"{path}: row 1: 4 values, but the header names 3 columns. Fix the row (quote a value "
-                              "that holds a comma).")
+    assert str(err.value) == f"{path}: {says}"
 
 
 # ---------------------------------------------------------------- 6: folders
