@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -262,7 +263,38 @@ def test_the_tiny_preset_and_gguf_conversions_wait_for_the_process_that_builds_t
     time.sleep(0.5)
     assert asking.is_alive() and not built  # it waits rather than building beside the other rank
     target.mkdir()
-    (target / done).write_text("{}")  # the other rank's build lands
+    (target / done).write_text(json.dumps({"recipe": presets._recipe()}))  # the other rank's build lands
     other.release()
     asking.join(30)
     assert not asking.is_alive() and not built
+
+
+def test_the_tiny_preset_is_rebuilt_when_its_recipe_changed_and_smol_s_prompts_follow_the_shipped_ones(
+        tmp_path, monkeypatch):
+    """No version to remember to bump: the preset records the hash of the module that builds it, and an edit to
+    that module (its data, tokenizer, model or pretraining) rebuilds it; SmolLM2's prompt files are rewritten
+    whenever the shipped prompts say something else."""
+    from types import SimpleNamespace
+
+    from alignkit.modeling import presets, smol
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path))
+    built = []
+    monkeypatch.setattr(presets, "_build_into",
+                        lambda work: built.append(work) or json.dumps({"recipe": presets._recipe()}))
+    presets.build()
+    presets.build()
+    assert len(built) == 1
+    monkeypatch.setattr(presets, "_recipe", lambda: "an edited recipe")
+    presets.build()
+    assert len(built) == 2 and json.loads((presets.tiny_dir() / "done").read_text())["recipe"] == "an edited recipe"
+
+    monkeypatch.setattr(smol, "gguf_path", lambda: "model.gguf")
+    shipped = [{"prompt": "p1", "category": "c", "split": "train"}, {"prompt": "p2", "category": "c", "split": "heldout"}]
+    monkeypatch.setattr(smol, "prompts", lambda: shipped)
+    smol.ensure(SimpleNamespace(preset="smol", dataset_id=None))
+    train = Path(smol.paths()["train_prompts"])
+    assert [row["prompt"] for _, row in read_jsonl(train, "prompts")] == ["p1"]
+    shipped[0]["prompt"] = "p1, reworded"
+    smol.ensure(SimpleNamespace(preset="smol", dataset_id=None))
+    assert [row["prompt"] for _, row in read_jsonl(train, "prompts")] == ["p1, reworded"]

@@ -20,9 +20,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
 
 
-def build_once(target: Path, done: str, build: Callable[[Path], str], force: bool = False) -> Path:
-    """`target`, built by `build(work)` when its `done` file is missing (or `force`): `build` fills the fresh
-    folder `work` and returns the `done` file's text, written last; `work` then becomes `target` at once.
+def build_once(target: Path, done: str, build: Callable[[Path], str], force: bool = False,
+               current: Callable[[str], bool] | None = None) -> Path:
+    """`target`, built by `build(work)` when its `done` file is missing (or `force`, or `current(its text)` says
+    it was built from another recipe): `build` fills the fresh folder `work` and returns the `done` file's text,
+    written last; `work` then becomes `target` at once.
 
     One process builds at a time (a lock file beside `target`): under accelerate launch every rank asks, the
     first builds and the others wait, then find it done. Nobody sees half a folder: a crashed build leaves only
@@ -31,7 +33,15 @@ def build_once(target: Path, done: str, build: Callable[[Path], str], force: boo
     from filelock import FileLock, Timeout
 
     target = Path(target)
-    if (target / done).is_file() and not force:
+
+    def built() -> bool:
+        try:
+            text = (target / done).read_text(encoding="utf-8")
+        except OSError:
+            return False
+        return current is None or current(text)
+
+    if built() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Whoever may build in the cache folder may take its lock: the folder's read and write bits, not the umask's.
@@ -42,7 +52,7 @@ def build_once(target: Path, done: str, build: Callable[[Path], str], force: boo
         logger.info(f"waiting for another process to build {target}")
         lock.acquire()
     try:
-        if (target / done).is_file() and not force:  # built by the process that held the lock
+        if built() and not force:  # built by the process that held the lock
             return target
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         work.chmod(target.parent.stat().st_mode & 0o777)  # mkdtemp's 0700 would lock others out of a shared cache

