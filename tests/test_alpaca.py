@@ -84,6 +84,32 @@ def test_tiny_flow_end_to_end_offline(tiny_set, tmp_path, capsys):
     run_script(*args)  # a rerun generates nothing and finds every annotation cached
     assert "all 29 outputs generated before" in capsys.readouterr().out
     assert results(out, "weighted_alpaca_eval_gpt4_turbo")[0]["win_rate"] == pytest.approx(win_rate)
+    assert list(folder.glob("leaderboard-*.csv")) == []  # the same comparison: the leaderboard stays
+
+
+def test_the_leaderboard_ranks_only_models_judged_alike(tmp_path, capsys):
+    """Another judge, eval set or reference under the same reference name: the earlier leaderboard (whose rows were
+    judged otherwise) is moved aside instead of being ranked beside the new run's row."""
+    import pandas as pd
+
+    from alignkit.evals.alpacaeval import keep_comparable
+
+    folder = tmp_path / "weighted_alpaca_eval_gpt4_turbo" / "bad"
+    folder.mkdir(parents=True)
+    first = {"judge": "weighted-1.json", "eval_set": ["a", "b"], "references": [["a", "x"], ["b", "y"]]}
+    pd.DataFrame({"win_rate": [60.0]}, index=["old"]).to_csv(folder / "leaderboard.csv")  # made before any record
+    keep_comparable(folder, first)
+    assert not (folder / "leaderboard.csv").exists() and (folder / "leaderboard-unrecorded.csv").is_file()
+    pd.DataFrame({"win_rate": [70.0]}, index=["tiny"]).to_csv(folder / "leaderboard.csv")
+    keep_comparable(folder, first)
+    assert (folder / "leaderboard.csv").is_file()  # judged alike: kept, the next model joins it
+    for changed in ({"judge": "weighted-2.json"}, {"eval_set": ["a"]}, {"references": [["a", "x"], ["b", "z"]]}):
+        keep_comparable(folder, {**first, **changed})
+        assert not (folder / "leaderboard.csv").exists(), changed
+        pd.DataFrame({"win_rate": [70.0]}, index=["tiny"]).to_csv(folder / "leaderboard.csv")
+        keep_comparable(folder, first)  # back: the leaderboard made under the changed comparison goes aside too
+        pd.DataFrame({"win_rate": [70.0]}, index=["tiny"]).to_csv(folder / "leaderboard.csv")
+    assert len(list(folder.glob("leaderboard-*.csv"))) == 7  # nothing set aside is ever overwritten
 
 
 def test_tiny_preset_dpo_against_its_sft_reference_model(sft_run, dpo_run, tmp_path):

@@ -71,6 +71,29 @@ from alignkit.evals.alpacaeval_report import glm_setup, metric, plot, record_car
 CHUNKSIZE = 64  # rows per alpaca_eval annotation chunk (its cache is written after each)
 
 
+def keep_comparable(results_dir: Path, comparison: dict) -> None:
+    """The leaderboard holds only models judged alike: the same judge and annotator config (`comparison["judge"]`,
+    the annotation store's name), eval set and reference outputs. A leaderboard.csv made under other ones (or
+    before alignkit recorded them) is moved aside as leaderboard-KEY.csv, so its rows are not ranked beside
+    this run's; `comparison.json` says what the one in place was made under."""
+    from alignkit.evals.alpacaeval_annotate import _canonical_hash
+
+    key = _canonical_hash(comparison)[:12]
+    record, leaderboard = results_dir / "comparison.json", results_dir / "leaderboard.csv"
+    try:
+        before = json.loads(record.read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        before = None
+    if before != key and leaderboard.is_file():
+        aside, n = results_dir / f"leaderboard-{before or 'unrecorded'}.csv", 1
+        while aside.exists():  # an earlier one set aside under the same comparison stays too
+            n += 1
+            aside = results_dir / f"leaderboard-{before or 'unrecorded'}-{n}.csv"
+        leaderboard.replace(aside)
+        print(f"{leaderboard} ranked models judged under another judge, eval set or reference: moved to {aside}")
+    write_json(record, {"key": key, "judge": comparison["judge"], "instances": len(comparison["eval_set"])})
+
+
 def tiny_eval_set() -> Path:
     """The tiny preset's prompts as an AlpacaEval eval set (rows with `instruction`)."""
     from alignkit.modeling.presets import paths, tiny_dir
@@ -143,6 +166,8 @@ def run(s, backend: str) -> dict:
     glm, table = glm_setup(s, rows, output_dir / "annotations")
     positions = {r["instruction"]: i for i, r in enumerate(rows)}
     leaderboard_csv = results_dir / "leaderboard.csv"
+    keep_comparable(results_dir, {"judge": cache.name, "eval_set": [r["instruction"] for r in rows],
+                                  "references": [(r["instruction"], r["output"]) for r in references]})
     print(f"annotating {len(rows)} pairs ({name} vs {ref_name}) with {config_name}, judge {judge}")
     leaderboard, annotations = ae.evaluate(
         model_outputs=pd.DataFrame(outputs), reference_outputs=pd.DataFrame(references),
