@@ -45,13 +45,10 @@ preflight(settings)
 # pair becoming a desirable and an undesirable answer; a seeded share is held out.
 
 # %%
-from alignkit.core.data import load_unpaired
-from alignkit.train.training import split
+from alignkit.core.mixture import load_train_eval
 
-answers = load_unpaired(
-    settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
-)
-train_data, eval_data = split(answers, settings)
+# --dataset_id with an --eval_split share or its --dataset_test_split, or an alignment-handbook dataset_mixture
+train_data, eval_data = load_train_eval("unpaired", settings)
 desirable = sum(train_data["label"])
 print(f"{len(train_data)} training answers ({desirable} desirable), {len(eval_data) if eval_data else 0} held out")
 

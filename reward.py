@@ -55,9 +55,11 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 
 # %%
 from alignkit.core.data import load_preferences
+from alignkit.core.mixture import check_file_splits
 from alignkit.train.reward import with_margins
 from alignkit.train.training import split
 
+check_file_splits(settings)  # a single file has no splits: --dataset_split is refused there, not ignored
 preferences = load_preferences(
     settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
 )

@@ -75,3 +75,23 @@ def test_kto_settings_refuse_what_cannot_work():
     with pytest.raises(UserError, match="must be > 0"):
         KTOSettings(desirable_weight=0)
     assert KTOSettings(per_device_train_batch_size=1, loss_type="apo_zero_unpaired").loss_type == "apo_zero_unpaired"
+
+
+def test_kto_takes_a_test_split_and_a_handbook_mixture_as_dpo_does(tmp_path):
+    """kto.py read --dataset_id alone: a --dataset_test_split or a dataset_mixture was silently ignored."""
+    import json
+
+    from alignkit.core.mixture import load_train_eval
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    pair = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    for split, count in (("train", 6), ("test", 2)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({**pair, "prompt": f"{split} {i}"}) + "\n"
+                                                       for i in range(count)))
+    s = KTOSettings(dataset_id=str(folder), dataset_test_split="test")
+    train, held_out = load_train_eval("unpaired", s)
+    assert (len(train), len(held_out)) == (12, 4) and sum(held_out["label"]) == 2  # each pair: two labelled answers
+    mixture = {"datasets": [{"id": str(folder / "train.jsonl"), "weight": 0.5}], "seed": 0}
+    train, held_out = load_train_eval("unpaired", KTOSettings(dataset_mixture=mixture))
+    assert len(train) + (len(held_out) if held_out else 0) == 6  # half of the file's 12 labelled answers

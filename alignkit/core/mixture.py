@@ -98,13 +98,13 @@ def _hold_out(dataset, size, seed, name):
 
 
 def _loader(kind):
-    from alignkit.core.data import load_preferences, load_sft
+    from alignkit.core.data import load_preferences, load_sft, load_unpaired
 
-    return load_sft if kind == "sft" else load_preferences
+    return {"sft": load_sft, "preference": load_preferences, "unpaired": load_unpaired}[kind]
 
 
 def load_train_eval(kind: str, s):
-    """(train, eval or None) for sft.py ("sft") or dpo.py/reward.py ("preference"), from settings `s`."""
+    """(train, eval or None) for sft.py ("sft"), dpo.py ("preference") or kto.py ("unpaired"), from settings `s`."""
     load = _loader(kind)
     if s.dataset_mixture:
         return _mixture(kind, s)
