@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import types
 from pathlib import Path
 
@@ -159,7 +160,9 @@ def identities(spec: str, monkeypatch) -> dict:
     from alignkit.feedback.judge import PythonJudge, import_function
     from alignkit.feedback.pointwise import Grader
 
-    monkeypatch.syspath_prepend(str(Path(spec.split(":")[1]).parent))  # `from helper import ...` resolves
+    # `from helper import ...` resolves. Not monkeypatch.syspath_prepend: it fails where alpaca_eval's pkg_resources
+    # stand-in is loaded (an earlier test in the same worker).
+    monkeypatch.setattr(sys, "path", [str(Path(spec.split(":")[1]).parent), *sys.path])
     grader = Grader(types.SimpleNamespace(judge=spec.replace(":rule", ":grade"), grade_threshold=None))
     return {"label": PythonJudge(spec).identity(), "pointwise": grader.identity(),
             "mt_bench": mtbench.judge_identity(rule=import_function(spec))}
