@@ -55,9 +55,9 @@ def _memo_file() -> Path:
 
 def file_hashes(paths: list[Path]) -> dict[Path, str]:
     """"SIZE-SHA256" of each file's bytes, streamed in 8 MiB blocks; a file seen before with the same path, inode,
-    size, mtime and ctime is not read again. One read and at most one write of the memo, however many files: the write merges
-    into the memo as it is then, under a lock, so processes hashing at once (the ranks of a launch) keep each
-    other's entries."""
+    size, mtime and ctime is not read again. One read and at most one write of the memo, however many files: the
+    write merges into the memo as it is then, under a lock, so processes hashing at once (the ranks of a launch)
+    keep each other's entries."""
     from filelock import FileLock
 
     from alignkit.core.journal import write_atomic
