@@ -115,7 +115,17 @@ def test_kept_results_key_on_the_model_as_loaded_and_the_task_files(tiny_cache, 
     second = _key(s, str(adapter))
     assert second != first
     (tasks / "task.yaml").write_text("task: t2\n")
-    assert _key(s, str(adapter)) != second
+    third = _key(s, str(adapter))
+    assert third != second
+    # A task whose rows live outside --include_path (lm_eval's own tags read as nothing): its data counts too.
+    rows = tmp_path / "elsewhere" / "rows.jsonl"
+    rows.parent.mkdir()
+    rows.write_text('{"text": "one"}\n')
+    (tasks / "task.yaml").write_text(f"task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {rows}\n"
+                                     "process_docs: !function utils.process\n")
+    fourth = _key(s, str(adapter))
+    rows.write_text('{"text": "two"}\n')
+    assert _key(s, str(adapter)) != fourth
 
 
 def test_a_torn_kept_result_is_evaluated_again_and_results_are_written_whole(tiny_cache, tmp_path, monkeypatch):

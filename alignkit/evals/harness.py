@@ -132,11 +132,46 @@ def _key(s, source: str) -> str:
     from alignkit.modeling.identity import file_hashes, model_identity
 
     task_files = sorted(p for p in Path(s.include_path).rglob("*") if p.is_file()) if s.include_path else []
+    task_files += [p for p in task_data(task_files) if p not in task_files]  # rows a task reads from elsewhere
     parts = {"model": model_identity(loader_settings(s, source), "transformers"), "tasks": s.tasks,
              "task_files": {str(p): h for p, h in file_hashes(task_files).items()}, "lm_eval": version("lm_eval"),
              "num_fewshot": s.num_fewshot, "limit": s.limit, "apply_chat_template": s.apply_chat_template,
              "seed": s.seed}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def task_data(task_files: list[Path]) -> list[Path]:
+    """The local files the task YAMLs among `task_files` read their rows from (`dataset_path`, and
+    `dataset_kwargs`' `data_files` or `data_dir`: a path as given, or beside the YAML), which may lie outside
+    --include_path. lm_eval's own tags (`!function`) are read as nothing."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("", lambda loader, suffix, node: None)
+    found: list[Path] = []
+    for file in (f for f in task_files if f.suffix in (".yaml", ".yml")):
+        try:
+            config = yaml.load(file.read_text(encoding="utf-8"), Loader=Loader)
+        except (yaml.YAMLError, UnicodeDecodeError):
+            continue  # lm_eval says what is wrong with it when it reads the task
+        if not isinstance(config, dict):
+            continue
+        kwargs = config.get("dataset_kwargs") if isinstance(config.get("dataset_kwargs"), dict) else {}
+        for text in _strings([config.get("dataset_path"), kwargs.get("data_files"), kwargs.get("data_dir")]):
+            path = next((p for p in (Path(text).expanduser(), file.parent / text) if p.exists()), None)
+            if path is not None:
+                found += [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return found
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [text for item in value for text in _strings(item)] if isinstance(value, list) else []
 
 
 def evaluate_model(s, source: str, lm_eval, task_manager) -> dict:
