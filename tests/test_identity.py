@@ -83,8 +83,15 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
             base_for = dataclasses.replace(base, model_id=str(tmp_path))
         else:
             base_for = base
-        same = identity.model_identity(settings) == identity.model_identity(base_for)
-        assert same == (name in identity.INERT), f"{name}: {'inert' if same else 'counts'}"
+        engine = "vllm" if name == "max_model_len" else None  # it sizes vLLM's context: it counts there
+        same = identity.model_identity(settings, engine) == identity.model_identity(base_for, engine)
+        assert same == (name in identity.INERT or name == "backend"), f"{name}: {'inert' if same else 'counts'}"
+    # The engine settings count only through the engine that runs: --backend auto and the engine it resolved to are
+    # one model, and vLLM's context size does not touch a transformers run.
+    for name, value in (("backend", "transformers"), ("max_model_len", 128)):
+        assert identity.model_identity(dataclasses.replace(base, **{name: value}), "transformers") == \
+            identity.model_identity(base, "transformers"), name
+    assert set(identity.ENGINE_ONLY) == {"backend", "max_model_len"}
     # A chat template counts by its text: the same file rewritten is another model.
     with_template = dataclasses.replace(base, chat_template=str(template))
     before = identity.model_identity(with_template)

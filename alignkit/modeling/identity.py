@@ -33,6 +33,12 @@ INERT = {
     "trust_remote_code": "it only permits code that a model's files (already hashed) ship",
 }
 
+# Engine settings that count only through the engine that runs (model_identity's `backend`), each with the reason.
+ENGINE_ONLY = {
+    "backend": "the engine that runs counts instead: auto and the engine it resolves to are one",
+    "max_model_len": "it sizes vLLM's context: it counts under vLLM only",
+}
+
 # Files in a model folder that no loader reads: a change to them is not a new model.
 _NOT_READ = re.compile(r"(\.png|\.log|\.lock)$|^(README\.md|FAILED|alignkit_evals\.json|\.)", re.IGNORECASE)
 
@@ -214,7 +220,11 @@ def loader_fields(s) -> dict:
 def model_identity(s, backend: str | None = None) -> dict:
     """The model that settings `s` (ModelSettings or a subclass) load, completely: see the module docstring.
     backend: the resolved generation engine, for a cache of generated text; None where no engine is involved."""
-    return {"loader": loader_fields(s), "chain": chain_identity(s.model_id, s.revision, s.gguf_file),
+    loader = loader_fields(s)
+    loader.pop("backend", None)  # ENGINE_ONLY
+    if backend != "vllm":
+        loader.pop("max_model_len", None)
+    return {"loader": loader, "chain": chain_identity(s.model_id, s.revision, s.gguf_file),
             "backend": backend, "hardware": hardware()}
 
 
