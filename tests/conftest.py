@@ -50,6 +50,22 @@ def tiny_cache(tmp_path_factory):
     return Path(cache)
 
 
+@pytest.fixture(autouse=True)
+def _keep_accelerate_state():
+    """Building a TRL config resets accelerate's process-wide state (transformers' TrainingArguments._setup_devices
+    calls AcceleratorState._reset_state); a test that builds one without a trainer after it would leave the state
+    empty, and a session-scoped trainer of another test in the same worker (sft_run) then fails in evaluate()."""
+    import sys
+
+    state = sys.modules.get("accelerate.state")
+    saved = (dict(state.AcceleratorState._shared_state), dict(state.PartialState._shared_state)) if state else None
+    yield
+    if saved:
+        for cls, before in zip((state.AcceleratorState, state.PartialState), saved):
+            if before and not cls._shared_state:
+                cls._shared_state.update(before)
+
+
 @pytest.fixture
 def alignkit_log(caplog):
     """caplog for the toolkit's own log lines: its logger does not propagate to the root, so attach to it."""
