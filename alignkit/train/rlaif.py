@@ -128,15 +128,9 @@ def _model(source: str, revision: str | None = None) -> str:
 
 def _data(source: str):
     """A prompts (or preferences) file by its content, a local folder by its files', a Hub dataset by its id."""
-    from alignkit.modeling.identity import file_hash, file_hashes
+    from alignkit.modeling.identity import data_identity
 
-    path = Path(source)
-    if path.is_file():
-        return file_hash(path)
-    if path.is_dir():
-        return _digest({str(p.relative_to(path)): h
-                        for p, h in file_hashes(sorted(p for p in path.rglob("*") if p.is_file())).items()})
-    return source
+    return data_identity(source) or source
 
 
 def _judge(spec: str):
