@@ -1,7 +1,12 @@
-"""Where a model comes from: a Hub id or a local path, and the adapter chain from an adapter down to its base.
+"""Where a model comes from: a Hub id or a local path, and the chain from an adapter down to its base.
 
 A neutral module (it imports no loader, card or Hub code), so the loader, the model card, the Hub upload and the
 identity of a model as loaded (alignkit.modeling.identity) all read a chain the same way.
+
+Revisions: `--revision` is the revision of `--model_id`. Each part below it loads at the revision the part above
+recorded for its base: PEFT's `revision` field in adapter_config.json (alignkit.modeling.models.save_adapter
+writes it for a Hub base, as `get_peft_model(..., revision=)` does), or the same field in lota_config.json; none
+is the Hub's default branch. So an adapter trained on `--model_id org/base --revision v1` loads on org/base at v1.
 """
 
 from __future__ import annotations
@@ -10,12 +15,15 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from alignkit.core.errors import UserError
 
 # owner/name or name: letters, digits, - _ . (not first); no "..", no file suffix of a local data file.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".yml", ".txt", ".jinja")
+# A LoTA delta folder (alignkit.modeling.lota_delta): the sparse delta and the config naming its base.
+LOTA_DELTA_FILE, LOTA_CONFIG_FILE = "lota_delta.safetensors", "lota_config.json"
 
 
 def is_hub_id(source) -> bool:
@@ -56,15 +64,15 @@ def _recorded_base(adapter: str, base: str) -> str:
     return base
 
 
-def adapter_chain(source: str, revision: str | None = None) -> tuple[str, list[str]]:
-    """(base model id, [adapter sources from the base upwards])."""
-    chain: list[str] = []
+def _adapters(source: str, revision: str | None) -> tuple[str, str | None, list[tuple[str, str | None]]]:
+    """(base, the base's revision, [(adapter, its revision)] from `source` down), through LoRA adapters only."""
+    steps: list[tuple[str, str | None]] = []
     while (config := adapter_config(source, revision)) is not None:
-        chain.insert(0, source)
+        steps.append((source, revision))
         recorded = config.get("base_model_name_or_path")
         if not recorded:
             raise UserError(f"{source}/adapter_config.json has no base_model_name_or_path; pass the base with --model_id")
-        if len(chain) > 8:
+        if len(steps) > 8:
             raise UserError(f"adapter chain from {source} is longer than 8: does an adapter name itself as its base?")
         base = _recorded_base(source, recorded)
         if _looks_local(base) and not Path(base).exists():
@@ -73,8 +81,53 @@ def adapter_chain(source: str, revision: str | None = None) -> tuple[str, list[s
                 f"({'relative paths count from the adapter folder; ' if base != recorded else ''}was it moved or "
                 "deleted?). Put it back, or point base_model_name_or_path at where it is now (merge.py: --base_model)."
             )
-        source = base
-    return source, chain
+        source, revision = base, config.get("revision")  # PEFT's field: the revision of the base it names
+    return source, revision, steps
+
+
+def adapter_chain(source: str, revision: str | None = None) -> tuple[str, list[str]]:
+    """(base model id, [adapter sources from the base upwards]); a LoTA delta folder counts as a base here
+    (`resolve` goes through it)."""
+    base, _, steps = _adapters(source, revision)
+    return base, [part for part, _ in reversed(steps)]
+
+
+def is_delta_folder(source: str) -> bool:
+    return Path(source, LOTA_CONFIG_FILE).is_file() and Path(source, LOTA_DELTA_FILE).is_file()
+
+
+class Chain(NamedTuple):
+    """A model as the loader builds it: `base` loaded at `revision`, the LoTA `deltas` added into its weights, the
+    LoRA `adapters` on top (both lists from the base upwards); `revisions`: the revision each part loads at."""
+
+    base: str
+    revision: str | None
+    adapters: list[str]
+    deltas: list[str]
+    revisions: dict[str, str | None]
+
+
+def resolve(source: str, revision: str | None = None) -> Chain:
+    """`source`'s whole chain, through LoRA adapters and LoTA delta folders alike, each part at its revision.
+
+    Every part adds to the weights (LoRA as B A x beside W, a delta into W), so the deltas can go on the base in
+    any order before the adapters and give the same model."""
+    base, revision, steps = _adapters(source, revision)
+    adapters, deltas = [part for part, _ in steps], []
+    revisions = dict(steps)
+    while is_delta_folder(base):
+        deltas.append(base)
+        revisions[base] = None
+        if len(deltas) > 8:
+            raise UserError(f"LoTA chain from {base} is longer than 8: does a delta name itself as its base?")
+        config = json.loads(Path(base, LOTA_CONFIG_FILE).read_text())
+        if not config.get("base_model_name_or_path"):
+            raise UserError(f"{base}/{LOTA_CONFIG_FILE} has no base_model_name_or_path")
+        base, revision, steps = _adapters(config["base_model_name_or_path"], config.get("revision"))
+        adapters += [part for part, _ in steps]
+        revisions.update(steps)
+    revisions[base] = revision
+    return Chain(base, revision, adapters[::-1], deltas[::-1], revisions)
 
 
 def _looks_local(source: str) -> bool:

@@ -238,12 +238,10 @@ class VLLMGenerator(Generator):
         from vllm.lora.request import LoRARequest
 
         from alignkit import logger
-        from alignkit.modeling.models import adapter_chain, adapter_config, load_tokenizer, require_chat_template
+        from alignkit.modeling.models import adapter_config, load_tokenizer, require_chat_template, resolve
 
-        base, chain = adapter_chain(s.model_id, s.revision)
-        from alignkit.modeling.lota_delta import resolve_chain
-
-        if resolve_chain(base, chain, adapter_chain, s.revision)[2]:  # LoTA deltas: vLLM has no way to add them
+        base, revision, chain, deltas, _ = resolve(s.model_id, s.revision)  # the base at the revision it was trained on
+        if deltas:  # LoTA deltas: vLLM has no way to add them
             raise ValueError(
                 f"{s.model_id} holds a LoTA delta; vLLM serves LoRA adapters only. Merge it first (python merge.py "
                 f"--adapter_dir {s.model_id}) and pass the merged folder, or use --backend transformers."
@@ -259,8 +257,8 @@ class VLLMGenerator(Generator):
         # The tokenizer (and its chat template) travels with the adapter when training saved one there; the
         # template is checked and resolved here, as the transformers path does, so both answer alike.
         tok_source = chain[-1] if chain and Path(chain[-1], "tokenizer_config.json").is_file() else base
-        revision = None if chain else s.revision
-        tokenizer = load_tokenizer(tok_source, revision, s.trust_remote_code, s.chat_template)
+        tokenizer = load_tokenizer(tok_source, revision if tok_source == base else None, s.trust_remote_code,
+                                   s.chat_template)
         require_chat_template(tokenizer, s.model_id)
         self.template = tokenizer.chat_template
         # vLLM accepts LoRA ranks 8, 16, 32, ...: the adapter's rank rounded up to one of them.

@@ -159,13 +159,12 @@ def _one(source: str, revision: str | None, gguf_file: str | None) -> dict:
 def chain_identity(source: str, revision: str | None = None, gguf_file: str | None = None) -> list[dict]:
     """Every model along `source`'s chain by content, from `source` down to its base: the chain the loader walks
     (alignkit.modeling.models.load_model), LoRA adapters and LoTA deltas alike, so the base under a delta counts."""
-    from alignkit.modeling.chain import adapter_chain
-    from alignkit.modeling.lota_delta import resolve_chain
+    from alignkit.modeling.chain import resolve
 
-    base, adapters, deltas = resolve_chain(*adapter_chain(source, revision), adapter_chain, revision)
-    parts = [*reversed(adapters), *reversed(deltas)]
-    out = [_one(part, revision if part == source else None, None) for part in parts]
-    return out + [_one(base, revision if base == source else None, gguf_file if base == source else None)]
+    chain = resolve(source, revision)  # each part at the revision it loads at: a Hub base as its adapter recorded
+    parts = [*reversed(chain.adapters), *reversed(chain.deltas)]
+    out = [_one(part, chain.revisions[part], None) for part in parts]
+    return out + [_one(chain.base, chain.revision, gguf_file if chain.base == source else None)]
 
 
 def data_identity(source: str) -> dict | None:

@@ -11,8 +11,8 @@ loader does with a delta folder. How a run finds and trains one (calibration, ma
 - A LoTA folder holds `lota_delta.safetensors` (per matrix `<name>.indices`, flat int32/int64 positions, and
   `<name>.values`, float32), `lota_mask.safetensors` (the indices alone, with every targeted matrix's shape in its
   metadata), `lota_config.json` (base model, sparsity, counts) and the tokenizer.
-- Loading (`alignkit.modeling.models.load_model`): `resolve_chain` follows delta folders down to their base,
-  `full_precision` and `check_launch` refuse what cannot hold a delta (4/8-bit weights, FSDP, ZeRO-3) before
+- Loading (`alignkit.modeling.models.load_model`): `alignkit.modeling.chain.resolve` follows delta folders down to
+  their base, `full_precision` and `check_launch` refuse what cannot hold a delta (4/8-bit weights, FSDP, ZeRO-3) before
   anything loads, and `apply_deltas` adds W += D in place (in full precision), on top of which any chain of LoRA
   adapters goes, so evaluate.py and merge.py take a LoTA folder like an adapter.
 - `add_deltas` merges two sparse deltas of the same base by addition (a task merge, merge.py --add_delta),
@@ -31,10 +31,10 @@ from torch.nn.utils import parametrize
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.modeling.chain import LOTA_CONFIG_FILE, LOTA_DELTA_FILE
 
-DELTA_FILE = "lota_delta.safetensors"
+DELTA_FILE, CONFIG_FILE = LOTA_DELTA_FILE, LOTA_CONFIG_FILE  # alignkit.modeling.chain walks delta folders too
 MASK_FILE = "lota_mask.safetensors"
-CONFIG_FILE = "lota_config.json"
 # Names of the delta's tensors inside the model's state dict; refcache skips them (the reference never uses them).
 STATE_NAMES = ("lota_values", "lota_indices")
 
@@ -227,8 +227,10 @@ def overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
 # Delta folders: saving, reading, loading, merging
 
 
-def save_delta(model, out: Path, base_source: str | None = None, extra: dict | None = None) -> None:
-    """Write the sparse delta, its mask and (with base_source) lota_config.json to `out`."""
+def save_delta(model, out: Path, base_source: str | None = None, extra: dict | None = None,
+               revision: str | None = None) -> None:
+    """Write the sparse delta, its mask and (with base_source) lota_config.json to `out`; `revision`: the Hub
+    revision base_source was loaded at (recorded for a Hub base, as save_adapter does)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -248,6 +250,7 @@ def save_delta(model, out: Path, base_source: str | None = None, extra: dict | N
         config = {
             "lota": True,
             "base_model_name_or_path": str(Path(base_source).resolve()) if Path(base_source).exists() else base_source,
+            "revision": None if Path(base_source).exists() else revision,
             "entries": kept, "targeted_entries": total, "kept_share": kept / total, **(extra or {}),
         }
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -263,28 +266,6 @@ def read_delta(folder: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.
         shapes = {n: tuple(s) for n, s in json.loads((f.metadata() or {})["shapes"]).items()}
         delta = {n: (f.get_tensor(f"{n}.indices").long(), f.get_tensor(f"{n}.values").float()) for n in shapes}
     return delta, shapes
-
-
-def is_delta_folder(source: str) -> bool:
-    return Path(source, CONFIG_FILE).is_file() and Path(source, DELTA_FILE).is_file()
-
-
-def resolve_chain(base_id: str, chain: list[str], adapter_chain, revision=None) -> tuple[str, list[str], list[str]]:
-    """Extend alignkit.modeling.models.adapter_chain through LoTA folders: (base model, LoRA adapters, LoTA deltas).
-
-    Every part adds to the weights (LoRA as B A x beside W, a delta into W), so the deltas can go on the base in
-    any order before the adapters and give the same model."""
-    deltas: list[str] = []
-    while is_delta_folder(base_id):
-        deltas.insert(0, base_id)
-        if len(deltas) > 8:
-            raise ConfigError(f"LoTA chain from {base_id} is longer than 8: does a delta name itself as its base?")
-        base = json.loads(Path(base_id, CONFIG_FILE).read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ConfigError(f"{base_id}/{CONFIG_FILE} has no base_model_name_or_path")
-        base_id, under = adapter_chain(base, revision)
-        chain = under + chain
-    return base_id, chain, deltas
 
 
 def check_launch(s, sharded: str | None) -> None:

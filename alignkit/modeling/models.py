@@ -27,7 +27,7 @@ from alignkit.core.groups import chat_template_text
 from alignkit.core.progress import quiet_library_noise
 from alignkit.modeling import lota_delta
 # Where a model comes from (alignkit.modeling.chain): importable from here too, as before.
-from alignkit.modeling.chain import _looks_local, _recorded_base, adapter_chain, adapter_config  # noqa: F401
+from alignkit.modeling.chain import _looks_local, _recorded_base, adapter_chain, adapter_config, resolve  # noqa: F401
 
 # The launch's decisions (dtype, quantization, attention, Liger, device map) live in alignkit.core.launch, the CPU
 # threads in alignkit.core.threads; `local_gpu` and `_sharded_launch` stay importable from here for the modules
@@ -51,6 +51,7 @@ class Loaded:
     dtype: torch.dtype = torch.float32
     quantization: str = "none"
     deltas: list[str] = field(default_factory=list)  # LoTA delta folders added into weights (alignkit.modeling.lota_delta)
+    base_revision: str | None = None  # the Hub revision base_id was loaded at
 
 
 def fit_embeddings(model, tok) -> None:
@@ -202,10 +203,9 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
 
     quiet_library_noise()
     check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
-    base_id, chain = adapter_chain(s.model_id, s.revision)
-    # LoTA: sparse deltas in the chain go into the weights (alignkit.modeling.lota_delta)
-    base_id, chain, deltas = lota_delta.resolve_chain(base_id, chain, adapter_chain, s.revision)
-    base_id = base_model or base_id
+    # The chain down to the base, each part at its revision; LoTA deltas in it go into the weights (lota_delta).
+    base_id, base_revision, chain, deltas, _ = resolve(s.model_id, s.revision)
+    base_id, base_revision = (base_model, None) if base_model else (base_id, base_revision)
     check_model_kind(s.model_id, s.revision, reward, for_training)
     if chain:
         logger.info(f"{s.model_id} is an adapter; base model: {base_id}; adapters: {' -> '.join(chain)}")
@@ -213,7 +213,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     quantization = ("4bit" if dequantize else "none" if full_precision
                     else resolve_quantization(s.quantization, for_training))
     quantization = lota_delta.full_precision(s, quantization, deltas)
-    kwargs: dict = dict(revision=None if chain else s.revision, trust_remote_code=s.trust_remote_code, dtype=dtype)
+    kwargs: dict = dict(revision=base_revision, trust_remote_code=s.trust_remote_code, dtype=dtype)
     lota_delta.check_launch(s, _sharded_launch())  # LoTA shards under neither FSDP nor ZeRO-3: refused before loading
     config = quantization_config(quantization, dtype)  # 8-bit under FSDP/ZeRO-3 is refused here
     if config is not None:
@@ -277,7 +277,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         cast_adapters(model, frozen, dtype)
     if not for_training:
         model.eval()
-    return Loaded(model, tok, base_id, chain, frozen, dtype, quantization, deltas)
+    return Loaded(model, tok, base_id, chain, frozen, dtype, quantization, deltas, base_revision)
 
 
 def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
@@ -297,6 +297,7 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
         target_modules=targets[0] if targets == ["all-linear"] else targets,
         use_rslora=getattr(s, "use_rslora", False), use_dora=getattr(s, "use_dora", False),
         modules_to_save=getattr(s, "lora_modules_to_save", None),
+        revision=loaded.base_revision,  # a checkpoint's adapter_config.json names the base, at this revision
     )
     model = loaded.model
     # ZeRO-3 all-gathers into buffers of the first parameter's dtype: PEFT's fp32 upcast of the new adapter beside a
@@ -340,10 +341,12 @@ def reference_mode(model, frozen: list[str], keep: list[str] | None = None):
 
 
 def save_adapter(model, tokenizer, out_dir: str | os.PathLike, base_source: str,
-                 state_dict: dict | None = None) -> None:
+                 state_dict: dict | None = None, revision: str | None = None) -> None:
     """Save only the trained adapter, recording what it sits on (the base, or the adapter it was trained over).
 
     state_dict: the full weights when the model is sharded (alignkit.train.training.gathered_state_dict).
+    revision: the Hub revision base_source was loaded at, recorded in PEFT's own field so that the adapter loads
+    on that revision again (alignkit.modeling.chain), here and in PEFT's AutoPeftModel.
     """
     out = Path(out_dir)
     model.save_pretrained(out, selected_adapters=[TRAINABLE], state_dict=state_dict)
@@ -359,6 +362,7 @@ def save_adapter(model, tokenizer, out_dir: str | os.PathLike, base_source: str,
     else:
         recorded = str(base.resolve()) if base.exists() else base_source
     config["base_model_name_or_path"] = recorded
+    config["revision"] = None if base.exists() else revision
     config_file.write_text(json.dumps(config, indent=2))
     from alignkit.core.card import model_card
 

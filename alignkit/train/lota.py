@@ -165,5 +165,5 @@ def save_run(model, tokenizer, out_dir, base_source: str, s=None) -> None:
     extra = {}
     if s is not None:
         extra = {k: getattr(s, k) for k in ("lota_sparsity", "lota_mask_scope", "lota_target_modules", "lota_exclude_mask")}
-    save_delta(model, Path(out_dir), base_source, extra)
+    save_delta(model, Path(out_dir), base_source, extra, revision=getattr(s, "revision", None))
     tokenizer.save_pretrained(out_dir)

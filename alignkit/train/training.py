@@ -419,7 +419,7 @@ def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:
         save_run(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, base, s)
     elif trainer.accelerator.is_main_process:
         save_adapter(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, base,
-                     state_dict=state_dict)
+                     state_dict=state_dict, revision=getattr(s, "revision", None))
     metrics = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())

@@ -1,0 +1,93 @@
+"""--revision down the chain: an adapter trained on a Hub model at a revision records it (PEFT's adapter_config.json
+`revision` field) and loads on that revision again; the identity of the model as loaded says the same commit.
+
+The Hub is a Hugging Face cache made here, offline: one repo, org/base, whose `main` and `v1` are two snapshots
+of the tiny model with different weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from alignkit.core.config import DPOSettings, ModelSettings
+from alignkit.modeling import chain, identity, models, presets
+
+MAIN, V1 = "a" * 40, "b" * 40
+
+
+@pytest.fixture
+def hub(tiny_cache, tmp_path, monkeypatch):
+    """org/base in an offline Hugging Face cache: main and v1 differ in the weights of the last norm."""
+    import huggingface_hub.constants as constants
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    repo = root / "models--org--base"
+    shutil.copytree(presets.paths()["model"], repo / "snapshots" / MAIN)
+    model = AutoModelForCausalLM.from_pretrained(repo / "snapshots" / MAIN)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    model.save_pretrained(repo / "snapshots" / V1)
+    for name in (repo / "snapshots" / MAIN).iterdir():  # the tokenizer files too
+        if not (repo / "snapshots" / V1 / name.name).exists():
+            shutil.copy(name, repo / "snapshots" / V1 / name.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(MAIN)
+    (repo / "refs" / "v1").write_text(V1)
+    return repo
+
+
+def norm(loaded) -> torch.Tensor:
+    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    return base.model.norm.weight.detach().clone()
+
+
+def test_an_adapter_trained_on_a_revision_loads_on_that_revision_and_counts_by_its_commit(hub, tmp_path):
+    s = DPOSettings(model_id="org/base", revision="v1", quantization="none", lora_r=4)
+    loaded = models.load_model(s, for_training=True)
+    on_v1 = norm(loaded)
+    assert not torch.equal(on_v1, norm(models.load_model(ModelSettings(model_id="org/base", quantization="none"))))
+    model = models.add_trainable_adapter(loaded, s)
+    assert model.peft_config[models.TRAINABLE].revision == "v1"  # a checkpoint's adapter_config.json says it too
+    first = tmp_path / "first"
+    models.save_adapter(model, loaded.tokenizer, first, "org/base", revision="v1")
+    assert json.loads((first / "adapter_config.json").read_text())["revision"] == "v1"
+
+    # A second adapter over the first records its local base, no revision; the chain still ends at v1.
+    s2 = DPOSettings(model_id=str(first), quantization="none", lora_r=4)
+    loaded2 = models.load_model(s2, for_training=True)
+    assert loaded2.base_revision == "v1" and torch.equal(norm(loaded2), on_v1)  # before: main's weights
+    second = tmp_path / "second"
+    models.save_adapter(models.add_trainable_adapter(loaded2, s2), loaded2.tokenizer, second, str(first), revision=None)
+    assert json.loads((second / "adapter_config.json").read_text())["revision"] is None
+    resolved = chain.resolve(str(second))
+    assert (resolved.base, resolved.revision, resolved.adapters) == ("org/base", "v1", [str(first), str(second)])
+    assert torch.equal(norm(models.load_model(ModelSettings(model_id=str(second), quantization="none"))), on_v1)
+
+    # The identity of the model as loaded names v1's commit, as the base on its own at --revision v1 does.
+    assert identity.chain_identity(str(second))[-1]["commit"] == V1
+    assert identity.chain_identity("org/base", "v1")[-1] == identity.chain_identity(str(second))[-1]
+    assert identity.chain_identity("org/base")[-1]["commit"] == MAIN
+
+
+def test_a_lota_delta_records_its_base_revision_and_an_old_adapter_without_one_loads_main(tmp_path):
+    delta = tmp_path / "lota"
+    delta.mkdir()
+    (delta / chain.LOTA_CONFIG_FILE).write_text(json.dumps({"base_model_name_or_path": "org/base", "revision": "v2"}))
+    (delta / chain.LOTA_DELTA_FILE).write_bytes(b"delta")
+    over = tmp_path / "over"
+    over.mkdir()
+    (over / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(delta)}))
+    resolved = chain.resolve(str(over))
+    assert (resolved.base, resolved.revision, resolved.deltas, resolved.adapters) == ("org/base", "v2", [str(delta)],
+                                                                                        [str(over)])
+    # An adapter saved before revisions were recorded (or by PEFT without one) loads its base's default branch;
+    # --revision is the revision of --model_id itself, a local folder here, so it does not reach the base.
+    (over / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
+    assert chain.resolve(str(over), "v9").revision is None
+    assert chain.resolve("org/other", "v9") == ("org/other", "v9", [], [], {"org/other": "v9"})
