@@ -24,6 +24,7 @@ from openai_server import FakeOpenAI, Fault
 
 from alignkit.core.args import ConfigError
 from alignkit.evals import fastchat_compat, mtbench, results
+from alignkit.evals.named_models import parse_models
 from alignkit.modeling import presets
 
 MT_DATA = SHARED / "data" / "fastchat-llm-judge"
@@ -192,9 +193,9 @@ def test_bad_data_and_flags_give_errors_naming_file_row_and_field(mt_data, tmp_p
     with pytest.raises(ConfigError, match="--question_ids 7 not in"):
         mtbench.load_questions(mt_data / mtbench.QUESTIONS, [81, 7])
     with pytest.raises(ConfigError, match="NAME=ID_OR_PATH"):
-        mtbench.parse_models(["bad name=x"])
+        parse_models(["bad name=x"])
     with pytest.raises(ConfigError, match="given twice"):
-        mtbench.parse_models(["a=x", "a=y"])
+        parse_models(["a=x", "a=y"])
     with pytest.raises(ConfigError, match="--baseline zeta is not one of"):
         run_script("evaluate.py", "mt_bench", "--models", "a=x", "b=y", "--baseline", "zeta", "--judge_model", "j",
                    "--judge_base_url", "http://127.0.0.1:9/v1", "--output_dir", str(tmp_path / "o"))

@@ -10,6 +10,7 @@ import pytest
 
 from alignkit.core.errors import UserError
 from alignkit.evals import harness
+from alignkit.evals.named_models import parse_models
 
 from conftest import run_script
 
@@ -66,8 +67,9 @@ def test_missing_lm_eval_is_one_line_naming_the_install(monkeypatch):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--models", "base", "--tasks", "tiny_rule"], "write each model as NAME=ID_OR_PATH"),
-    (["--models", "a=x", "a=y", "--tasks", "tiny_rule"], "names 'a' twice"),
+    (["--models", "bad name=x", "--tasks", "tiny_rule"], "write NAME=ID_OR_PATH"),
+    (["--models", "a=./runs/dpo@v1", "--tasks", "tiny_rule"], "a local folder has no revision"),
+    (["--models", "a=x", "a=y", "--tasks", "tiny_rule"], "'a' is given twice"),
     (["--models", "a=x"], "pass the tasks"),
 ])
 def test_bad_models_and_tasks_are_one_line_errors(flags, message):
@@ -76,7 +78,7 @@ def test_bad_models_and_tasks_are_one_line_errors(flags, message):
 
     with pytest.raises(ConfigError, match=message):
         _, s = parse_command(["lm_eval", *flags])
-        harness.parse_models(s.models)
+        parse_models(s.models)
 
 
 def test_an_unknown_task_is_refused_before_any_model_loads(tiny_cache, tmp_path, monkeypatch):

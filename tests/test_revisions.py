@@ -91,3 +91,23 @@ def test_a_lota_delta_records_its_base_revision_and_an_old_adapter_without_one_l
     (over / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
     assert chain.resolve(str(over), "v9").revision is None
     assert chain.resolve("org/other", "v9") == ("org/other", "v9", [], [], {"org/other": "v9"})
+
+
+def test_evaluate_models_take_a_hub_revision_as_id_at_revision(hub):
+    """evaluate.py mt_bench, pairwise and lm_eval name each model in --models, so a revision goes with its model
+    (NAME=ID@REVISION); --revision and --gguf_file, which could name no model there, are not their flags."""
+    from alignkit.core.args import ConfigError
+    from alignkit.evals.evaluation import parse_command
+    from alignkit.evals.named_models import model_loader, parse_models
+
+    _, s = parse_command(["pairwise", "--models", "main=org/base", "v1=org/base@v1", "--prompts_file", "p.jsonl",
+                          "--judge_model", "rule", "--quantization", "none"])
+    named = parse_models(s.models)
+    on_v1, on_main = model_loader(s, named["v1"]), model_loader(s, named["main"])
+    assert (on_v1.model_id, on_v1.revision, on_main.revision) == ("org/base", "v1", None)
+    assert identity.chain_identity(on_v1.model_id, on_v1.revision)[-1]["commit"] == V1
+    assert identity.identity_key(on_v1) != identity.identity_key(on_main)  # their answers are kept apart
+    assert not torch.equal(norm(models.load_model(on_v1)), norm(models.load_model(on_main)))
+    for flag in ("--gguf_file", "--revision"):
+        with pytest.raises(ConfigError, match=flag):
+            parse_command(["lm_eval", "--models", "a=org/base", "--tasks", "t", flag, "x"])

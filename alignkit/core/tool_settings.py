@@ -145,9 +145,13 @@ class VibesSettings(EvalSettings):
 class MTBenchSettings(JudgeAnswerSettings, EvalSettings):
     """evaluate.py mt_bench: answers to MT-Bench, judged pairwise by an OpenAI-compatible model through FastChat."""
 
-    model_id: str = _field(default="", init=False)  # the models come from --models; the loader settings apply to each
+    # The models come from --models, each with its own revision or GGUF file; the other loader settings apply to each.
+    model_id: str = _field(default="", init=False)
     revision: str | None = _field(default=None, init=False)
-    models: list[str] = setting([], "models to compare, as NAME=ID_OR_PATH (Hub id, local, adapter or merged folder)")
+    gguf_file: str | None = _field(default=None, init=False)
+    models: list[str] = setting([], "models to compare, as NAME=ID_OR_PATH (Hub id, local, adapter or merged folder; "
+                                    "a Hub id at a revision: NAME=ID@REVISION; a GGUF file: NAME=FOLDER/FILE.gguf "
+                                    "or NAME=OWNER/REPO/FILE.gguf)")
     mode: str = setting(
         "pairwise-baseline", "pairwise-baseline: every model against --baseline; pairwise-all: every pair",
         choices=["pairwise-baseline", "pairwise-all"],
@@ -272,12 +276,16 @@ class LMEvalSettings(ModelSettings):
     tax), its own tasks and metrics (alignkit.evals.harness). The loader settings apply to every model; lm_eval's
     tasks carry their own prompts and generation settings, so none of evaluate.py's generation flags apply."""
 
-    model_id: str = _field(default="", init=False)  # the models come from --models; the loader settings apply to each
+    # The models come from --models, each with its own revision or GGUF file; the other loader settings apply to each.
+    model_id: str = _field(default="", init=False)
     revision: str | None = _field(default=None, init=False)
+    gguf_file: str | None = _field(default=None, init=False)
     backend: str = _field(default="transformers", init=False)  # lm_eval runs its HF class on the loaded model
     num_beams: int = _field(default=1, init=False)
     preset: str | None = setting(None, "named defaults: 'tiny' runs the base model and the tiny runs on a local task")
-    models: list[str] = setting([], "models side by side, as NAME=ID_OR_PATH (Hub id, local, adapter or merged folder, .gguf)")
+    models: list[str] = setting([], "models side by side, as NAME=ID_OR_PATH (Hub id, local, adapter or merged folder; "
+                                    "a Hub id at a revision: NAME=ID@REVISION; a GGUF file: NAME=FOLDER/FILE.gguf "
+                                    "or NAME=OWNER/REPO/FILE.gguf)")
     tasks: list[str] = setting([], "lm_eval task names as lm_eval lists them, e.g. ifeval gsm8k mmlu hellaswag")
     include_path: str | None = setting(None, "folder of extra lm_eval task YAML configs (e.g. a task over local files)")
     num_fewshot: int | None = setting(None, "few-shot examples per prompt; default: each task's own")

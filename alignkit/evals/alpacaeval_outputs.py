@@ -16,11 +16,11 @@ from pathlib import Path
 from alignkit.core.args import ConfigError
 from alignkit.core.journal import append_jsonl, write_json
 from alignkit.core.progress import Progress
+from alignkit.evals.named_models import NAME
 
 HUB_REPO = "tatsu-lab/alpaca_eval"
 EVAL_FILE = "alpaca_eval_gpt4_baseline.json"  # the 805 instructions with AlpacaEval 2's reference outputs
 OUTPUT_KEYS = ("instruction", "output", "generator", "dataset")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def hub_file(filename: str, how: str) -> Path:
@@ -118,7 +118,7 @@ def default_name(source: str) -> str:
 
 
 def check_name(name: str, flag: str) -> str:
-    if not _NAME.match(name):
+    if not NAME.match(name):
         raise ConfigError(f"{flag} {name!r}: use letters, digits, '.', '_' or '-' (it names files)")
     return name
 

@@ -23,6 +23,7 @@ from alignkit.core.args import ConfigError, config_to_dict, parse_config, redact
 from alignkit.core.config import (
     AlpacaEvalSettings, LMEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings, loader_settings,
 )
+from alignkit.evals.named_models import model_loader, parse_models
 
 COMMANDS = {
     "vibes": (VibesSettings, "a quick look at one model's answers, or two models side by side"),
@@ -147,12 +148,11 @@ class Pairwise:
     def start(cls, command: str, s) -> "Pairwise":
         """The judge first, so a missing API key stops the run before any model is loaded; then the models."""
         from alignkit.core.llm import judge_client
-        from alignkit.evals import mtbench
 
         use_rule = s.judge_model == "rule"
         if use_rule and command == "mt_bench":
             raise ConfigError("--judge_model rule is the tiny preset's rule judge, for `evaluate.py pairwise` only")
-        models = mtbench.parse_models(s.models)
+        models = parse_models(s.models)
         baseline = s.baseline or next(iter(models))
         if baseline not in models:
             raise ConfigError(f"--baseline {baseline} is not one of the --models names: {', '.join(models)}")
@@ -192,7 +192,7 @@ class Pairwise:
         from alignkit.modeling.generation import load_generator
 
         s = self.settings
-        keys = {name: mtbench.answers_key(loader_settings(s, source), s, backend)
+        keys = {name: mtbench.answers_key(model_loader(s, source), s, backend)
                 for name, source in self.models.items()}
         for name, source in self.models.items():
             path = mtbench.answer_path(self.output_dir, name)
@@ -202,7 +202,7 @@ class Pairwise:
             from alignkit.modeling.presets import check_run_exists
 
             check_run_exists(s, source)
-            with load_generator(loader_settings(s, source), backend) as generator:
+            with load_generator(model_loader(s, source), backend) as generator:
                 mtbench.generate_answers(generator, self.questions, name, source, path, s, keys[name])
         self.answers = {name: mtbench.read_answers(mtbench.answer_path(self.output_dir, name), source, key=keys[name])
                         for name, source in self.models.items()}

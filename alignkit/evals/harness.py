@@ -110,30 +110,18 @@ metric_list:
 # Running the harness
 
 
-def parse_models(models: list[str]) -> dict[str, str]:
-    named = {}
-    for item in models:
-        name, sep, source = item.partition("=")
-        if not sep or not name or not source:
-            raise ConfigError(f"--models {item!r}: write each model as NAME=ID_OR_PATH, e.g. base=org/model dpo=runs/dpo")
-        if name in named:
-            raise ConfigError(f"--models names {name!r} twice; give each model its own name")
-        named[name] = source
-    return named
-
-
 def _key(s, source: str) -> str:
     """What a model's kept results depend on: the model as loaded (alignkit.modeling.identity: every loader setting,
     every file down its adapter chain, the GGUF file, the hardware), the tasks with the content of every file of
     --include_path, lm_eval's version and the evaluation settings. A model retrained in place is evaluated again."""
     from importlib.metadata import version
 
-    from alignkit.core.config import loader_settings
+    from alignkit.evals.named_models import model_loader
     from alignkit.modeling.identity import file_hashes, model_identity
 
     task_files = sorted(p for p in Path(s.include_path).rglob("*") if p.is_file()) if s.include_path else []
     task_files += [p for p in task_data(task_files) if p not in task_files]  # rows a task reads from elsewhere
-    parts = {"model": model_identity(loader_settings(s, source), "transformers"), "tasks": s.tasks,
+    parts = {"model": model_identity(model_loader(s, source), "transformers"), "tasks": s.tasks,
              "task_files": {str(p): h for p, h in file_hashes(task_files).items()}, "lm_eval": version("lm_eval"),
              "num_fewshot": s.num_fewshot, "limit": s.limit, "apply_chat_template": s.apply_chat_template,
              "seed": s.seed}
@@ -178,10 +166,10 @@ def evaluate_model(s, source: str, lm_eval, task_manager) -> dict:
     """lm_eval's results (its `results` dict, per task: metric -> value) for one model."""
     from lm_eval.models.huggingface import HFLM
 
-    from alignkit.core.config import loader_settings
+    from alignkit.evals.named_models import model_loader
     from alignkit.modeling.models import load_model
 
-    loaded = load_model(loader_settings(s, source))
+    loaded = load_model(model_loader(s, source))
     if s.apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
         raise ConfigError(f"{source} has no chat template: pass --chat_template FILE, or --apply_chat_template false "
                           "to give every model the plain prompts")
@@ -200,6 +188,8 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
     from lm_eval.tasks import TaskManager
 
     from alignkit.modeling.presets import check_run_exists
+
+    from alignkit.evals.named_models import parse_models
 
     models = parse_models(s.models)
     for source in models.values():

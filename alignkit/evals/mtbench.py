@@ -44,7 +44,6 @@ CHECKSUMS = {
 BASE_URL = "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/"
 DOWNLOAD_TIMEOUT = 30.0  # seconds per connection attempt: a closed network fails fast instead of hanging
 PAIR_PROMPTS = ["pair-v2", "pair-v2-multi-turn", "pair-math-v1", "pair-math-v1-multi-turn"]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _FIX_DATA = "point --mt_bench_data at FastChat's fastchat/llm_judge/data folder, or fix the file"
 
 
@@ -216,22 +215,6 @@ def prompt_questions(path) -> list[dict]:
     if len({q["question_id"] for q in questions}) != len(questions):
         raise ConfigError(f"{path}: question_id values repeat; give every row its own, or none")
     return questions
-
-
-def parse_models(entries: list[str]) -> dict[str, str]:
-    """--models NAME=ID_OR_PATH ... -> {name: source}; a bare path is named after its folder."""
-    models: dict[str, str] = {}
-    for entry in entries:
-        name, eq, source = entry.partition("=")
-        if not eq:
-            name, source = Path(entry.rstrip("/")).name, entry
-        if not source or not _NAME.match(name):
-            raise ConfigError(f"--models entry {entry!r}: write NAME=ID_OR_PATH, with a NAME of letters, digits, "
-                              "'.', '_' or '-' (it names the answer file)")
-        if name in models:
-            raise ConfigError(f"--models: the name {name!r} is given twice; give each model its own NAME=")
-        models[name] = source
-    return models
 
 
 # ---------------------------------------------------------------------------------------------------------
