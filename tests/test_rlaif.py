@@ -190,3 +190,53 @@ def test_a_redo_that_fails_keeps_the_earlier_round_aside_and_the_same_command_re
     assert [script for script, _ in runs] == ["dpo.py", "evaluate.py"] and "--resume" not in runs[0][1]
     assert again[0]["steps"]["label"] == first[0]["steps"]["label"]  # its labels stood throughout
     assert json.loads((aside / "round.json").read_text()) == first[0]
+
+
+def test_the_policy_samples_trains_and_is_judged_as_loaded_the_same_way(tmp_path, monkeypatch):
+    """The loader settings (--dtype, --chat_template, ...) reach label.py and evaluate.py as well as dpo.py, each
+    parsed by the script's own settings; --revision and --gguf_file name the starting model in every round-1
+    script (evaluate.py as ID@REVISION) and no later policy, a run folder that records its base. Before, label.py
+    and evaluate.py sampled the policy at their defaults: at main, in another dtype, under the model's own template."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import DPOSettings, LabelSettings, PairwiseSettings, RLAIFSettings
+    from alignkit.evals.named_models import model_loader, parse_models
+    from alignkit.train import rlaif
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    prompts, template = tmp_path / "prompts.jsonl", tmp_path / "chat.jinja"
+    prompts.write_text('{"prompt": "hi"}\n')
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    calls, fake = [], _fake_steps([])
+    monkeypatch.setattr(rlaif, "_run", lambda script, args, log: (calls.append((script, args)), fake(script, args, log)))
+    s = RLAIFSettings(model_id="org/model", revision="v1", dataset_id=str(prompts), judge="python:my_judge:judge",
+                      eval_judge_model="rule", rounds=2, output_dir=str(tmp_path), dtype="bf16",
+                      chat_template=str(template), attn_implementation="eager", trust_remote_code=True)
+    rlaif.run(s, tmp_path / "run")
+    parsed = []
+    for script, args in calls:
+        if script == "label.py":
+            parsed.append(parse_config(LabelSettings, args, env_file=None))
+            loaded = parsed[-1]
+        elif script == "dpo.py":
+            parsed.append(parse_config(DPOSettings, args, env_file=None))
+            loaded = parsed[-1]
+        else:
+            parsed.append(parse_config(PairwiseSettings, args[1:], env_file=None))  # after the command
+            loaded = model_loader(parsed[-1], parse_models(parsed[-1].models)["previous"])
+        first = len(parsed) <= 3
+        assert (loaded.model_id, loaded.revision) == (("org/model", "v1") if first else
+                                                      (str(tmp_path / "run" / "round-1" / "dpo"), None)), script
+        assert (loaded.dtype, loaded.chat_template, loaded.attn_implementation, loaded.trust_remote_code) == \
+            ("bf16", str(template), "eager", True), script
+    assert [script for script, _ in calls] == ["label.py", "dpo.py", "evaluate.py"] * 2
+
+    calls.clear()
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}")
+    rlaif.run(s, tmp_path / "run")  # the template is part of every step's inputs, by its text
+    assert [script for script, _ in calls] == ["label.py", "dpo.py", "evaluate.py"] * 2
+
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    s = RLAIFSettings(model_id=str(gguf), gguf_file="model.Q4_0.gguf", dataset_id=str(prompts))
+    assert rlaif.start_model(s) == str(gguf / "model.Q4_0.gguf")  # one name every script loads without the flag
+    assert "gguf_file" not in rlaif._dpo_values(s) and rlaif.revision_of(s, rlaif.start_model(s)) is None

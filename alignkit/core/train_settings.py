@@ -185,9 +185,11 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
 class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
     """rlaif.py: rounds of sample (label.py) -> judge (label.py) -> DPO (dpo.py) -> evaluate (evaluate.py pairwise).
 
-    The DPO settings apply to every round's dpo.py run; the judge endpoint group goes to both label.py and
-    evaluate.py; label.py and evaluate.py get the settings below, and anything else through --label_args /
-    --evaluate_args.
+    The DPO settings apply to every round's dpo.py run; the loader settings (--dtype, --chat_template,
+    --attn_implementation, ...) to label.py and evaluate.py too, so the policy samples and is judged as it is
+    trained; --revision and --gguf_file name the starting model in round 1's three runs (a later policy is a run
+    folder that records its base); the judge endpoint group goes to both label.py and evaluate.py; label.py and
+    evaluate.py get the settings below, and anything else through --label_args / --evaluate_args.
     """
 
     help_title: ClassVar[str] = "rounds (and DPO)"

@@ -2,7 +2,8 @@
 
 Round r (policy pi_{r-1}: the starting model for r = 1, else round-(r-1)/dpo):
 1. label.py samples `--num_samples` answers per prompt from pi_{r-1} and judges every pair (its cache:
-   round-r/preferences.cache);
+   round-r/preferences.cache); the policy is loaded as dpo.py loads it (the loader settings, and round 1's
+   --revision / --gguf_file, reach all three scripts);
 2. dpo.py trains a fresh adapter on those pairs on top of pi_{r-1}, whose adapters stay frozen; the reference
    is pi_{r-1} (`--reference previous`): each round is a KL-regularised step away from the last policy; or the
    starting model pi_0 (`--reference start`): the adapters of rounds 1..r-1 are off in the reference pass;
@@ -50,8 +51,14 @@ from alignkit.core.journal import read_json, write_atomic, write_json
 ROOT = Path(__file__).resolve().parents[2]  # the scripts live at the repository's top level, above alignkit/train/
 ROUND_FILE = "round.json"
 # RLAIFSettings' own fields and the run folder: everything else is a DPO setting handed to every dpo.py run.
+# --revision and --gguf_file name the starting model only: round 1 gets it as one model_id (start_model) and
+# --revision on the command line, a later policy is a run folder that records its base's.
 _NOT_DPO = {"model_id", "reference_adapters", "dataset_id", "output_dir", "run_name", "preset", "eval_split",
-            "push_to_hub", "hub_repo_id", "hub_public", "merge_adaptors"}
+            "push_to_hub", "hub_repo_id", "hub_public", "merge_adaptors", "revision", "gguf_file"}
+# The policy's loader settings that label.py and evaluate.py get too (the model samples and is judged as it is
+# trained); the model itself, its revision and its GGUF file come per round, and --quantization each script resolves
+# for itself (4-bit for training on a GPU, none for inference).
+_PER_ROUND = {"model_id", "revision", "gguf_file", "quantization"}
 # Judge endpoint settings that change how fast or with which key a judge is asked, not what it answers.
 _NOT_ANSWERS = {"parallel", "max_retries", "request_timeout", "judge_api_key_env"}
 STEPS = ("label", "dpo", "eval")
@@ -96,6 +103,38 @@ def _dpo_values(s) -> dict:
 
     names = {f.name for f in fields(DPOSettings)} - _NOT_DPO
     return {k: v for k, v in config_to_dict(s).items() if k in names and v is not None}
+
+
+def start_model(s) -> str:
+    """The model round 1 starts from, as one name every script loads without --gguf_file (FOLDER/FILE.gguf or
+    OWNER/REPO/FILE.gguf for a GGUF; alignkit.modeling.gguf.source_id)."""
+    from alignkit.modeling.gguf import source_id
+
+    return source_id(s.model_id, s.gguf_file)
+
+
+def revision_of(s, policy: str) -> str | None:
+    """--revision is the starting model's, when that is a Hub model; a later policy is a run folder (its adapter
+    records its base's revision)."""
+    return s.revision if policy == start_model(s) and not Path(policy).exists() else None
+
+
+def revision_flags(s, policy: str) -> list[str]:
+    return ["--revision", revision_of(s, policy)] if revision_of(s, policy) else []
+
+
+def loader_values(s) -> dict:
+    """The policy's loader settings (alignkit.core.groups.ModelSettings) that differ from their defaults, but
+    the model itself: label.py and evaluate.py compose the same group, so every one passes through as it is."""
+    from alignkit.core.groups import ModelSettings
+
+    return {f.name: getattr(s, f.name) for f in fields(ModelSettings)
+            if f.name not in _PER_ROUND and getattr(s, f.name) != f.default}
+
+
+def loader_flags(s) -> list[str]:
+    return [f"--{name}={str(value).lower() if isinstance(value, bool) else value}"
+            for name, value in loader_values(s).items()]
 
 
 def endpoint_flags(s, skip: set[str] = frozenset()) -> list[str]:
@@ -155,8 +194,20 @@ def _endpoint(s, skip: set[str] = frozenset()) -> dict:
     return out
 
 
+def _loader(s) -> dict:
+    """The loader settings that can change an answer, only where set (a run at the defaults keeps its digests)."""
+    from alignkit.modeling.identity import INERT
+
+    values = {k: v for k, v in loader_values(s).items() if k not in INERT}
+    if values.get("chat_template"):
+        from alignkit.core.groups import chat_template_text
+
+        values["chat_template"] = chat_template_text(values["chat_template"])  # a template file by its text
+    return {"loader": values} if values else {}
+
+
 def _label_inputs(s, r: int, policy: str) -> dict:
-    return {"policy": _model(policy, s.revision if policy == s.model_id else None), "prompts": _data(s.dataset_id),
+    return {"policy": _model(policy, revision_of(s, policy)), "prompts": _data(s.dataset_id), **_loader(s),
             "num_samples": s.num_samples, "sample_temperature": s.sample_temperature, "max_prompts": s.max_prompts,
             "max_new_tokens": s.max_new_tokens, "judge": _judge(s.judge), "seed": s.seed + r,
             "quantization": s.quantization, **_endpoint(s), "label_args": redact(s.label_args)}
@@ -167,13 +218,14 @@ def _dpo_inputs(s, policy: str, preferences: Path, reference: list[str]) -> dict
     from alignkit.train.training import NOT_TRAINING  # the settings that do not change what is trained
 
     values = {k: v for k, v in _dpo_values(s).items() if k not in NOT_TRAINING and k not in INERT}
-    return {**values, "policy": _model(policy, s.revision if policy == s.model_id else None),
+    values.update(_loader(s).get("loader", {}))  # --chat_template by its text
+    return {**values, "policy": _model(policy, revision_of(s, policy)),
             "preferences": _data(str(preferences)), "reference": s.reference, "reference_adapters": reference,
             "eval_split": s.eval_split}
 
 
 def _eval_inputs(s, policy: str, dpo: Path, judge: str | None) -> dict:
-    return {"policy": _model(policy, s.revision if policy == s.model_id else None), "adapter": _model(str(dpo)),
+    return {"policy": _model(policy, revision_of(s, policy)), "adapter": _model(str(dpo)), **_loader(s),
             "prompts": _data(s.eval_prompts or s.dataset_id), "judge_model": judge, "max_new_tokens": s.max_new_tokens,
             "temperature": s.sample_temperature, "quantization": s.quantization, "seed": s.seed,
             **({} if judge == "rule" else _endpoint(s, skip={"judge_model"})), "evaluate_args": redact(s.evaluate_args)}
@@ -265,7 +317,7 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
                 "--quantization", s.quantization]
         if s.max_prompts is not None:
             args += ["--max_prompts", str(s.max_prompts)]
-        _run("label.py", args + endpoint_flags(s) + shlex.split(s.label_args), log)
+        _run("label.py", args + revision_flags(s, policy) + loader_flags(s) + endpoint_flags(s) + shlex.split(s.label_args), log)
         _done(here, "label", inputs["label"])
     dpo = here / "dpo"
     reference = []
@@ -282,7 +334,8 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
         _start(here, "dpo", inputs["dpo"], plan, [here / "dpo_config.yaml"], aside, r, beside=dpo)
         _dpo_config(s, here / "dpo_config.yaml")
         restart = ["--resume", "false"] if plan[0] == "redo" else []
-        _run("dpo.py", ["--config", str(here / "dpo_config.yaml"), "--model_id", policy, "--dataset_id",
+        _run("dpo.py", ["--config", str(here / "dpo_config.yaml"), "--model_id", policy, *revision_flags(s, policy),
+                        "--dataset_id",
                         str(preferences), "--output_dir", str(here), "--run_name", "dpo",
                         "--eval_split", str(s.eval_split), *reference, *restart], log)
         _done(here, "dpo", inputs["dpo"])
@@ -293,14 +346,15 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
     ran |= bool(plan[0])
     if plan[0]:
         _start(here, "eval", inputs["eval"], plan, [evaluation / "results.json", evaluation / "results.png"], aside, r)
-        args = ["pairwise", "--models", f"previous={policy}", f"round-{r}={dpo}", "--baseline", "previous",
+        previous = f"{policy}@{revision_of(s, policy)}" if revision_of(s, policy) else policy  # named_models
+        args = ["pairwise", "--models", f"previous={previous}", f"round-{r}={dpo}", "--baseline", "previous",
                 "--prompts_file", s.eval_prompts or s.dataset_id, "--output_dir", str(evaluation),
                 "--max_new_tokens", str(s.max_new_tokens), "--temperature", str(s.sample_temperature),
                 "--quantization", s.quantization, "--seed", str(s.seed)]
         endpoint = [] if judge == "rule" else endpoint_flags(s, skip={"judge_model"})
         if judge:
             args += ["--judge_model", judge]
-        _run("evaluate.py", args + endpoint + shlex.split(s.evaluate_args), log)
+        _run("evaluate.py", args + loader_flags(s) + endpoint + shlex.split(s.evaluate_args), log)
         _done(here, "eval", inputs["eval"])
     steps = {step: _digest(inputs[step]) for step in STEPS}
     record = finished(folder, r)
@@ -324,7 +378,7 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
 
 def run(s, folder: Path) -> list[dict]:
     """Every round, each reused where it was made from the same inputs; then the table and the chart."""
-    records, policy = [], s.model_id
+    records, policy = [], start_model(s)
     for r in range(1, s.rounds + 1):
         logger.info(f"round {r}: from {policy}")
         record = run_round(s, folder, r, policy)
