@@ -410,6 +410,15 @@ def test_save_config_redacts_secrets(tmp_path, monkeypatch):
     assert data["max_new_tokens"] == 128  # a count, not a credential
     assert data["output_dir"] == "abc" and data["seed"] == 42 and data["bf16"] is False
 
+    # A crash while the next config is written leaves this one whole (a resume reads it), never half of each.
+    def crash(fd):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr("os.fsync", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        save_config(parse(["--run_name", "next"]), path)
+    assert json.loads(path.read_text()) == data and [p.name for p in path.parent.iterdir()] == ["config.json"]
+
 
 def test_config_to_dict_leaves_unset_secret_fields_and_is_json_safe():
     data = config_to_dict(parse())

@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 from dotenv import load_dotenv
 
-from alignkit.core.errors import UserError, is_notebook
+from alignkit.core.errors import ConfigError, is_notebook  # noqa: F401 - ConfigError is re-exported
+from alignkit.core.journal import write_atomic
 
 __all__ = ["ConfigError", "setting", "parse_config", "config_to_dict", "save_config", "redact", "is_notebook",
            "BARE_ENV_NAMES", "ENV_PREFIX"]
@@ -46,10 +47,6 @@ _SECRET_SUFFIXES = ("_TOKEN", "_API_KEY", "_SECRET", "_PASSWORD")
 _SECRET_WORDS = ("token", "api_key", "secret", "password")
 # Tokenizer special tokens ("<pad>", "</s>") are settings, not credentials: hiding them would only lose information.
 _SPECIAL_TOKENS = {f"{p}_token" for p in ("pad", "eos", "bos", "unk", "sep", "cls", "mask")}
-
-
-class ConfigError(UserError):
-    """A user-facing configuration problem; the message names the source of the bad value and the fix."""
 
 
 def setting(default=_MISSING, help: str = "", choices=None, default_factory=_MISSING, whole: bool = False,
@@ -464,7 +461,6 @@ def config_to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path) -> None:
-    """Write ``config_to_dict(cfg)`` as indented JSON, creating parent directories."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    """Write ``config_to_dict(cfg)`` as indented JSON, creating parent directories; atomically, so a crash leaves
+    the earlier config or this one (a resume reads it to decide what it continues)."""
+    write_atomic(path, json.dumps(config_to_dict(cfg), indent=2) + "\n")

@@ -23,6 +23,10 @@ class UserError(ValueError):
     """
 
 
+class ConfigError(UserError):
+    """A user-facing configuration problem; the message names the source of the bad value and the fix."""
+
+
 class EndpointRefused(UserError, RuntimeError):
     """An endpoint refused a request outright (a bad key, base URL or model name): every further request would be
     refused too, so the run stops, and the user fixes the setting. A RuntimeError too, as it was before."""

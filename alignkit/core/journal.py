@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 from alignkit import logger
-from alignkit.core.errors import UserError
+from alignkit.core.errors import ConfigError, UserError
 
 try:
     import fcntl
@@ -146,8 +146,6 @@ def read_jsonl(path, what: str, repair_tail: bool = False) -> list[tuple[int, di
     the end of the last whole line: a kill during the repair leaves every earlier line as it was (a rewrite of the
     whole file would not). A whole last row that only lacks its newline is kept, and the newline added.
     """
-    from alignkit.core.args import ConfigError
-
     path = Path(path)
     if not path.is_file():
         return []
@@ -187,11 +185,15 @@ def write_atomic(path, data: str | bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a Ctrl-C: no stray temporary file beside the old one
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
