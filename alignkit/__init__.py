@@ -15,6 +15,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   launch (the launch mode, this process's device and process group, the loader's hardware decisions, refusals),
   threads (torch's CPU threads for a loaded model),
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
+  digests (the one digest, SHA-256 of canonical JSON, every cache key is made of),
   data (the one data normaliser), data_files (reading files, folders and Hub datasets into rows that keep their place),
   hub (Hub pushes),
   card (model cards through huggingface_hub's ModelCard),

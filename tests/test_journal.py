@@ -298,3 +298,23 @@ def test_the_tiny_preset_is_rebuilt_when_its_recipe_changed_and_smol_s_prompts_f
     shipped[0]["prompt"] = "p1, reworded"
     smol.ensure(SimpleNamespace(preset="smol", dataset_id=None))
     assert [row["prompt"] for _, row in read_jsonl(train, "prompts")] == ["p1, reworded"]
+
+
+def test_every_key_is_the_same_digest_as_before_it_was_shared():
+    """alignkit.core.digests.digest replaced six copies: each cache's keys stay what they were (canonical JSON with
+    sorted keys; non-ASCII text as itself, or escaped where a cache first made its keys that way; cut or whole)."""
+    import hashlib
+    import json
+
+    from alignkit.core.digests import digest
+
+    value = {"prompt": "naïve café ☕", "b": [1, 2.5, None], "a": {"z": True}}
+    raw = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    escaped = json.dumps(value, sort_keys=True)
+    assert digest(value) == hashlib.sha256(raw.encode()).hexdigest()
+    assert digest(value, 16) == hashlib.sha256(raw.encode()).hexdigest()[:16]
+    assert digest(value, 16, ensure_ascii=True) == hashlib.sha256(escaped.encode()).hexdigest()[:16]
+    assert digest(value) != digest(value, ensure_ascii=True)  # the text is part of the key, not its escaping
+    from pathlib import Path
+
+    assert digest({"path": Path("a/b")}) == digest({"path": "a/b"})  # what JSON cannot write, by its str()

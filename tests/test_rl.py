@@ -125,7 +125,7 @@ def test_judge_reward_counts_failures_and_never_scores_them(tmp_path):
 
 def test_pairwise_judge_reward_uses_label_keys(tmp_path):
     from alignkit.feedback.judge import make_judge  # noqa: F401 - the key below is label.py's make_pairs key
-    from alignkit.feedback.label_records import digest
+    from alignkit.core.digests import digest
     from alignkit.train.rl import JudgeReward
 
     refs = tmp_path / "refs.jsonl"

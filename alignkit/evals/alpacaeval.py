@@ -76,9 +76,9 @@ def keep_comparable(results_dir: Path, comparison: dict) -> None:
     the annotation store's name), eval set and reference outputs. A leaderboard.csv made under other ones (or
     before alignkit recorded them) is moved aside as leaderboard-KEY.csv, so its rows are not ranked beside
     this run's; `comparison.json` says what the one in place was made under."""
-    from alignkit.evals.alpacaeval_annotate import _canonical_hash
+    from alignkit.core.digests import digest
 
-    key = _canonical_hash(comparison)[:12]
+    key = digest(comparison, 12, ensure_ascii=True)
     record, leaderboard = results_dir / "comparison.json", results_dir / "leaderboard.csv"
     try:
         before = json.loads(record.read_text())["key"]

@@ -16,7 +16,6 @@ config pointed at the judge endpoint, and the two stores that make a rerun send 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.core.digests import digest
 from alignkit.core.journal import append_jsonl, threaded, write_json
 from alignkit.core.progress import Progress
 
@@ -67,7 +67,7 @@ def load_package():
 
 
 def _canonical_hash(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(value, ensure_ascii=True)
 
 
 def annotator_config(s, output_dir) -> tuple[Path, str, dict]:

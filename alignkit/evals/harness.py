@@ -15,12 +15,12 @@ answer: the preference) and `tiny_text` (the perplexity of held-out text of the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.core.digests import digest
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json, write_atomic
 
@@ -125,7 +125,7 @@ def _key(s, source: str) -> str:
              "task_files": {str(p): h for p, h in file_hashes(task_files).items()}, "lm_eval": version("lm_eval"),
              "num_fewshot": s.num_fewshot, "limit": s.limit, "apply_chat_template": s.apply_chat_template,
              "seed": s.seed}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(parts, 16, ensure_ascii=True)
 
 
 def task_data(task_files: list[Path]) -> list[Path]:

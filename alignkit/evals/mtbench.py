@@ -19,7 +19,6 @@ ALIGNKIT_OFFLINE or HF_HUB_OFFLINE is set: then a clear error says to pass --mt_
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.core.digests import digest
 from alignkit.core.journal import append_jsonl, read_jsonl, threaded, write_atomic
 from alignkit.core.progress import Progress
 
@@ -83,9 +83,9 @@ def download(target) -> Path:
     if var := _offline():
         raise ConfigError(f"MT-Bench data is not in the cache ({target}) and {var} is set, so nothing is downloaded: "
                           f"{how}")
-    for name, digest in CHECKSUMS.items():
+    for name, expected in CHECKSUMS.items():
         file = target / name
-        if file.is_file() and sha256(file) == digest:
+        if file.is_file() and sha256(file) == expected:
             continue
         url = BASE_URL + name
         logger.info(f"downloading {url}")
@@ -95,8 +95,8 @@ def download(target) -> Path:
         except OSError as e:  # URLError, timeouts, refused connections
             raise ConfigError(f"could not download {url} ({getattr(e, 'reason', e)}). Without network, {how}") from None
         got = hashlib.sha256(data).hexdigest()
-        if got != digest:
-            raise ConfigError(f"{url} does not match its pinned checksum (sha256 {got}, expected {digest}): FastChat "
+        if got != expected:
+            raise ConfigError(f"{url} does not match its pinned checksum (sha256 {got}, expected {expected}): FastChat "
                               f"changed the file or the download is corrupt. Nothing was saved; {how}")
         write_atomic(file, data)  # never a half-written file under the real name
     return target
@@ -234,7 +234,7 @@ def answers_key(loader, s, backend: str) -> str:
 
     identity = {"loaded": model_identity(loader, backend), "temperature": s.temperature,
                 "top_p": s.top_p, "num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens, "seed": s.seed}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(identity, 16, ensure_ascii=True)
 
 
 def read_answers(path, source: str | None = None, fix: str | None = None, repair_tail: bool = True,
@@ -277,7 +277,7 @@ def question_key(question: dict) -> str:
     moved (their ids are line numbers), is answered again."""
     what = {"turns": question["turns"], "category": question["category"],
             "temperature": temperature_for(question, None)}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    return digest(what, 16)
 
 
 def unanswered(questions, answers: dict) -> list[dict]:
@@ -374,7 +374,7 @@ def judge_key(match, judge_identity: dict) -> str:
     answers made elsewhere) and the reference answer. Written into each judgment record."""
     what = {"judge": judge_identity, "prompt": match.judge.prompt_template, "question": match.question["turns"],
             "reference": match.ref_answer}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    return digest(what, 16)
 
 
 def judge_identity(client=None, rule=None) -> dict:

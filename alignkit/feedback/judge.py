@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.core.args import ConfigError
+from alignkit.core.digests import digest
 
 TOKENS = {"A": "[[A]]", "B": "[[B]]", "tie": "[[C]]"}
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
@@ -69,7 +70,7 @@ class Template:
     def fingerprint(self) -> str:
         """Changes whenever the text the judge sees could change: part of every cache key."""
         uses_principle = "{principle}" in self.system + self.prompt
-        return _digest([self.system, self.prompt, self.principle if uses_principle else ""])
+        return digest([self.system, self.prompt, self.principle if uses_principle else ""], 16)
 
 
 _VERDICT_RULE = ("End with your verdict alone on the last line, exactly one of: [[A]] if response A is better, "
@@ -458,10 +459,6 @@ def combine(verdicts: dict[str, str | None]) -> str:
 # Fingerprints
 
 
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
 def rule_fingerprint(function) -> str | None:
     """A rule's code, for every key of its verdicts: the whole source file of its module (the helpers and
     constants it uses, not just its own lines), plus the files of the modules that file imports (anywhere in it)
@@ -472,7 +469,7 @@ def rule_fingerprint(function) -> str | None:
         path = Path()
     if not path.is_file():  # no file (a builtin, a function typed in): its own text, if any
         try:
-            return _digest(inspect.getsource(function))
+            return digest(inspect.getsource(function), 16)
         except (OSError, TypeError):
             return None
     source, root = path.read_bytes(), Path(__file__).resolve().parents[2]  # root: the folder holding alignkit/
@@ -489,7 +486,7 @@ def rule_fingerprint(function) -> str | None:
                                         base.joinpath(*parts[:n], "__init__.py")) if f.is_file()), None)
                 if found and found.resolve() != path.resolve():
                     files[found.relative_to(base).as_posix()] = hashlib.sha256(found.read_bytes()).hexdigest()
-    return _digest({"module": hashlib.sha256(source).hexdigest(), "imports": files})
+    return digest({"module": hashlib.sha256(source).hexdigest(), "imports": files}, 16)
 
 
 def endpoint_identity(client) -> dict:

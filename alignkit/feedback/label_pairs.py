@@ -13,7 +13,8 @@ from alignkit.core.errors import EndpointRefused
 from alignkit.core.journal import batched, threaded
 from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, orders_for, parse_verdict, question_text
-from alignkit.feedback.label_records import Pair, Prompt, Run, digest, report_failure
+from alignkit.core.digests import digest
+from alignkit.feedback.label_records import Pair, Prompt, Run, report_failure
 
 
 def make_pairs(run: Run, prompts: list[Prompt], table) -> list[Pair]:

@@ -18,8 +18,6 @@ A run writes, next to `--output X.jsonl`:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +25,9 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core import journal
 from alignkit.core.args import redact
+from alignkit.core.digests import digest
 from alignkit.core.journal import write_json, write_jsonl
 from alignkit.feedback.judge import Judge, combine, parse_verdict, winner
-
-
-def digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 class AppendLog(journal.AppendLog):

@@ -19,7 +19,8 @@ from alignkit.core.errors import EndpointRefused
 from alignkit.core.journal import threaded
 from alignkit.core.progress import Progress
 from alignkit.feedback.judge import endpoint_identity, is_fatal, make_judge
-from alignkit.feedback.label_records import AppendLog, Prompt, Run, Source, digest, report_failure
+from alignkit.core.digests import digest
+from alignkit.feedback.label_records import AppendLog, Prompt, Run, Source, report_failure
 
 RESPONSE_FIELDS = ("response", "completion", "output", "answer")
 ROLES = ("system", "user", "assistant", "tool")

@@ -26,7 +26,8 @@ from alignkit.core.args import ConfigError
 from alignkit.core.journal import batched, threaded, write_json, write_jsonl
 from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, Template, import_function, question_text, rule_fingerprint
-from alignkit.feedback.label_records import AppendLog, digest
+from alignkit.core.digests import digest
+from alignkit.feedback.label_records import AppendLog
 
 # FastChat's "single-v1" judge prompt (fastchat/llm_judge/data/judge_prompts.jsonl), in this module's Template form.
 POINTWISE = Template(

@@ -26,6 +26,8 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
+from alignkit.core.digests import digest
+
 # Loader settings that cannot change a model's outputs, each with the reason. Every other field counts.
 INERT = {
     "num_threads": "CPU threads change speed, not results",
@@ -43,10 +45,6 @@ ENGINE_ONLY = {
 _NOT_READ = re.compile(r"(\.png|\.log|\.lock)$|^(README\.md|FAILED|alignkit_evals\.json|\.)", re.IGNORECASE)
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,4 +227,4 @@ def model_identity(s, backend: str | None = None) -> dict:
 
 def identity_key(s, backend: str | None = None) -> str:
     """model_identity as one short string, for a cache key or a record's `identity` field."""
-    return _digest(model_identity(s, backend))[:16]
+    return digest(model_identity(s, backend), 16)

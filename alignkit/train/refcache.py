@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from alignkit import logger
+from alignkit.core.digests import digest
 from alignkit.modeling.identity import hardware
 
 # 2: the reference sums apply ld_alpha. 3: the packed pass keeps sliding windows, and the key says packed or
@@ -174,7 +175,7 @@ def cache_key(trainer, dataset) -> str:
             "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
             "computed_as": computed_as(trainer),
         }
-        key = hashlib.sha256(json.dumps(_canonical(parts), sort_keys=True).encode()).hexdigest()[:32]
+        key = digest(_canonical(parts), 32, ensure_ascii=True)
     return _from_main_process(trainer, key)
 
 

@@ -165,10 +165,10 @@ class JudgeReward:
         else:
             self.template = self._single_template(s.judge_template)
             self.client = judge_client(s, "gpt-4o-mini", "--reward judge")
-            from alignkit.feedback.judge import _digest
+            from alignkit.core.digests import digest
 
             self.identity = {"judge": f"openai:{self.client.model}", "mode": "single",
-                             "template": _digest([self.template["system_prompt"], self.template["prompt_template"]]),
+                             "template": digest([self.template["system_prompt"], self.template["prompt_template"]], 16),
                              **endpoint_identity(self.client)}
         self.cache = AppendLog(cache_dir / "judgments.jsonl", "rl.py",
                                "let it finish, or give this run its own --judge_cache or run folder")
@@ -205,7 +205,7 @@ class JudgeReward:
     # One request: a key and the messages to send.
     def _requests(self, prompt: list[dict], answer: str) -> list[tuple[str, object]]:
         from alignkit.feedback.judge import Request, question_text
-        from alignkit.feedback.label_records import digest
+        from alignkit.core.digests import digest
 
         question = question_text(prompt)
         if self.s.judge_mode == "pointwise":

@@ -32,7 +32,6 @@ A round made by a version that kept no markers is redone (nothing says what it w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -45,6 +44,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import config_to_dict, redact
+from alignkit.core.digests import digest
 from alignkit.core.errors import EXIT_USER_ERROR, UserError
 from alignkit.core.journal import read_json, write_atomic, write_json
 
@@ -155,7 +155,7 @@ def endpoint_flags(s, skip: set[str] = frozenset()) -> list[str]:
 
 
 def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(value, 16, ensure_ascii=True)
 
 
 def _model(source: str, revision: str | None = None) -> str:

@@ -154,12 +154,13 @@ def _changed(folder: Path, s) -> list[str]:
 def run_inputs(s) -> dict:
     """What the settings name by path, by content: the model's whole chain (alignkit.modeling.identity) and each
     local data file or folder. A Hub model counts by its commit; a Hub dataset by its id and split (settings)."""
-    from alignkit.modeling.identity import _digest, chain_identity, data_identity
+    from alignkit.core.digests import digest
+    from alignkit.modeling.identity import chain_identity, data_identity
 
     sources = [s.dataset_id, *(entry["id"] for entry in (s.dataset_mixture or {}).get("datasets", []))]
     data = {source: found for source in sources if (found := data_identity(source)) is not None}
     model = chain_identity(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None))
-    return {"model files": _digest(model), "data files": _digest(data)}
+    return {"model files": digest(model), "data files": digest(data)}
 
 
 def _holds_work(folder: Path) -> bool:
