@@ -318,3 +318,26 @@ def test_every_key_is_the_same_digest_as_before_it_was_shared():
     from pathlib import Path
 
     assert digest({"path": Path("a/b")}) == digest({"path": "a/b"})  # what JSON cannot write, by its str()
+
+
+def test_a_run_moved_aside_twice_in_one_second_lands_beside_the_first_not_inside_it(tmp_path, monkeypatch):
+    """training moves an earlier run to NAME.previous-TIME: a second move within the same second went into that
+    folder (shutil.move into an existing directory), nesting one run in another. Now it takes the next free name."""
+    from alignkit.core.config import SFTSettings
+    from alignkit.core.journal import free_name
+    from alignkit.train import training
+
+    monkeypatch.setattr(training.time, "strftime", lambda fmt: "20261203-120000")
+    folder = tmp_path / "run"
+    earlier = tmp_path / "run.previous-20261203-120000"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text('{"first": 1}')
+    folder.mkdir()
+    (folder / "metrics.json").write_text('{"second": 2}')
+    aside = training._claim(SFTSettings(output_dir=str(tmp_path), run_name="run"), folder, None)
+    assert aside == tmp_path / "run.previous-20261203-120000-2"
+    assert (aside / "metrics.json").read_text() == '{"second": 2}'
+    assert sorted(p.name for p in earlier.iterdir()) == ["metrics.json"]  # the first stays whole, nothing inside
+    assert free_name(tmp_path, "leaderboard-k", ".csv") == tmp_path / "leaderboard-k.csv"
+    (tmp_path / "leaderboard-k.csv").write_text("")
+    assert free_name(tmp_path, "leaderboard-k", ".csv") == tmp_path / "leaderboard-k-2.csv"

@@ -111,6 +111,16 @@ def _whole_lines_end(data: bytes) -> int:
     return data.rfind(b"\n") + 1
 
 
+def free_name(folder, name: str, suffix: str = "") -> Path:
+    """folder/NAME+SUFFIX, or NAME-2+SUFFIX, NAME-3+SUFFIX, ... when that is taken: where to move something aside
+    (an earlier run, an earlier round's results, an earlier leaderboard) without landing on what an earlier move,
+    even within the same second, put there."""
+    n = 1
+    while (path := Path(folder, f"{name}{f'-{n}' if n > 1 else ''}{suffix}")).exists():
+        n += 1
+    return path
+
+
 def read_json(path) -> dict:
     """A JSON object file as a dict; {} when it is missing or unreadable (a best-effort read of optional metadata)."""
     try:

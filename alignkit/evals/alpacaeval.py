@@ -59,7 +59,7 @@ import json
 from pathlib import Path
 
 from alignkit.core.args import ConfigError, config_to_dict
-from alignkit.core.journal import write_json
+from alignkit.core.journal import free_name, write_json
 from alignkit.evals.alpacaeval_annotate import (
     LoggedCompletions, annotation_store, annotator_config, check_rule_config, check_tiktoken, endpoint, load_package,
 )
@@ -85,10 +85,7 @@ def keep_comparable(results_dir: Path, comparison: dict) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         before = None
     if before != key and leaderboard.is_file():
-        aside, n = results_dir / f"leaderboard-{before or 'unrecorded'}.csv", 1
-        while aside.exists():  # an earlier one set aside under the same comparison stays too
-            n += 1
-            aside = results_dir / f"leaderboard-{before or 'unrecorded'}-{n}.csv"
+        aside = free_name(results_dir, f"leaderboard-{before or 'unrecorded'}", ".csv")  # earlier ones stay too
         leaderboard.replace(aside)
         print(f"{leaderboard} ranked models judged under another judge, eval set or reference: moved to {aside}")
     write_json(record, {"key": key, "judge": comparison["judge"], "instances": len(comparison["eval_set"])})

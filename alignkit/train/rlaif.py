@@ -46,7 +46,7 @@ from alignkit import logger
 from alignkit.core.args import config_to_dict, redact
 from alignkit.core.digests import digest
 from alignkit.core.errors import EXIT_USER_ERROR, UserError
-from alignkit.core.journal import read_json, write_atomic, write_json
+from alignkit.core.journal import free_name, read_json, write_atomic, write_json
 
 ROOT = Path(__file__).resolve().parents[2]  # the scripts live at the repository's top level, above alignkit/train/
 ROUND_FILE = "round.json"
@@ -252,14 +252,6 @@ def _plan(here: Path, step: str, inputs: dict, whole: bool) -> tuple[str | None,
     return "redo", f"{', '.join(changed)} changed" if saved else "no record of the inputs it was made from"
 
 
-def _fresh(path: Path) -> Path:
-    """`path`, or with -2, -3, ... after it when a rerun within the same second already took that name."""
-    n = 1
-    while path.with_name(path.name + (f"-{n}" if n > 1 else "")).exists():
-        n += 1
-    return path.with_name(path.name + (f"-{n}" if n > 1 else ""))
-
-
 def _start(here: Path, step: str, inputs: dict, plan: tuple[str | None, str], outputs: list[Path], aside: Path,
            r: int, beside: Path | None = None) -> None:
     """Before a redo, move the step's earlier outputs, its marker and round.json to `aside` (a model folder `beside`
@@ -268,7 +260,7 @@ def _start(here: Path, step: str, inputs: dict, plan: tuple[str | None, str], ou
     moved = False
     if plan[0] == "redo":
         if beside is not None and beside.exists():
-            shutil.move(str(beside), _fresh(beside.with_name(f"{beside.name}.{aside.name}")))
+            shutil.move(str(beside), free_name(beside.parent, f"{beside.name}.{aside.name}"))
         for path in [*outputs, _marker(here, step), here / ROUND_FILE]:
             if path.exists():
                 target = aside / path.relative_to(here)
@@ -302,7 +294,7 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
     returns (and writes) the round's record."""
     here = round_dir(folder, r)
     here.mkdir(parents=True, exist_ok=True)
-    log, aside = here / "log.txt", _fresh(here / f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    log, aside = here / "log.txt", free_name(here, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
     preferences = here / "preferences.jsonl"
     summary_file = preferences.with_suffix(".summary.json")
     inputs = {"label": _json_inputs(_label_inputs(s, r, policy))}

@@ -32,7 +32,7 @@ from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, redact
 from alignkit.core.errors import UserError
 from alignkit.core.extras import require_tracker
-from alignkit.core.journal import write_atomic
+from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import agreed_minimum, every_process, free_memory, training_device, world_size
 from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scripts import it from here)
 
@@ -201,7 +201,7 @@ def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
     if resume_from:
         logger.info(f"resuming from {resume_from}")
     elif _holds_work(folder):
-        aside = folder.with_name(f"{folder.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside = free_name(folder.parent, f"{folder.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
         changed = _changed(folder, s)
         why = f"trained with other settings ({', '.join(changed)})" if changed else f"--resume {s.resume}"
         logger.info(f"{folder} holds an earlier run ({why}): moved it to {aside}")
