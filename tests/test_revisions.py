@@ -111,3 +111,17 @@ def test_evaluate_models_take_a_hub_revision_as_id_at_revision(hub):
     for flag in ("--gguf_file", "--revision"):
         with pytest.raises(ConfigError, match=flag):
             parse_command(["lm_eval", "--models", "a=org/base", "--tasks", "t", flag, "x"])
+
+
+def test_offline_a_base_pinned_to_a_revision_needs_that_revision_cached_not_main(hub):
+    """The offline check before loading asked the cache for main's files: a base pinned at v1, with only v1 in the
+    cache, was refused as missing (and one with only main cached passed the check, then failed in transformers)."""
+    from alignkit.core.errors import UserError
+
+    shutil.rmtree(hub / "snapshots" / MAIN)
+    (hub / "refs" / "main").unlink()
+    models.check_model_source("org/base", revision="v1")
+    with pytest.raises(UserError, match="holds no copy of it at revision main"):
+        models.check_model_source("org/base", revision="main")
+    with pytest.raises(UserError, match="holds no copy of it;"):
+        models.check_model_source("org/base")

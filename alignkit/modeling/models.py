@@ -106,10 +106,10 @@ def keep_trainable_fp32(model) -> int:
     return moved
 
 
-def check_model_source(source: str, cache: bool = True) -> None:
+def check_model_source(source: str, cache: bool = True, revision: str | None = None) -> None:
     """Fail early and in one line when a model is neither a local folder nor to be had from the Hub.
 
-    cache: offline (HF_HUB_OFFLINE=1), also require a copy in the Hugging Face cache.
+    cache: offline (HF_HUB_OFFLINE=1), also require a copy of `revision` in the Hugging Face cache.
     """
     from alignkit.core.hub import require_reachable
 
@@ -122,10 +122,12 @@ def check_model_source(source: str, cache: bool = True) -> None:
     from huggingface_hub import constants, try_to_load_from_cache
 
     if cache and constants.HF_HUB_OFFLINE and not any(
-        isinstance(try_to_load_from_cache(source, name), str) for name in ("config.json", "adapter_config.json")
+        isinstance(try_to_load_from_cache(source, name, revision=revision), str)
+        for name in ("config.json", "adapter_config.json")
     ):
+        at = f" at revision {revision}" if revision else ""
         raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
-                        "cache holds no copy of it; check the path, or unset HF_HUB_OFFLINE to download it")
+                        f"cache holds no copy of it{at}; check the path, or unset HF_HUB_OFFLINE to download it")
     require_reachable(source)
 
 
@@ -222,7 +224,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     from alignkit.modeling.gguf import model_source
 
     if not (str(base_id).endswith(".gguf") or getattr(s, "gguf_file", None)):  # GGUF sources check themselves
-        check_model_source(base_id)
+        check_model_source(base_id, revision=base_revision)
     # A GGUF base (--model_id FILE.gguf, or --gguf_file NAME) loads from its converted folder, cached once;
     # base_id stays the GGUF source, so adapters record where their base really came from.
     weights, revision = model_source(base_id, getattr(s, "gguf_file", None), kwargs["revision"])
