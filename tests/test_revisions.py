@@ -125,3 +125,17 @@ def test_offline_a_base_pinned_to_a_revision_needs_that_revision_cached_not_main
         models.check_model_source("org/base", revision="main")
     with pytest.raises(UserError, match="holds no copy of it;"):
         models.check_model_source("org/base")
+
+
+def test_the_second_model_of_vibes_and_alpaca_eval_takes_a_revision_too(hub):
+    from alignkit.evals.alpacaeval_outputs import outputs_key
+    from alignkit.evals.evaluation import parse_command
+    from alignkit.evals.named_models import model_loader
+
+    _, vibes = parse_command(["vibes", "--model_id", "org/base", "--compare_to", "org/base@v1", "--prompts", "hi"])
+    assert (model_loader(vibes, vibes.compare_to).revision, model_loader(vibes, vibes.model_id).revision) == ("v1", None)
+    _, alpaca = parse_command(["alpaca_eval", "--model_id", "org/base", "--revision", "v1",
+                               "--reference_model", "org/base@main", "--judge_model", "rule"])
+    assert model_loader(alpaca, alpaca.model_id).revision == "v1"  # --revision stays the model_id's
+    assert outputs_key(alpaca, alpaca.model_id, "transformers") != outputs_key(alpaca, "org/base@main", "transformers")
+    assert outputs_key(alpaca, "org/base@v1", "transformers") == outputs_key(alpaca, alpaca.model_id, "transformers")

@@ -131,7 +131,8 @@ class VibesSettings(EvalSettings):
     preset: str | None = setting(
         None, "named defaults: 'tiny' or 'smol' (SmolLM2-135M) asks that model its own prompts"
     )
-    compare_to: str | None = setting(None, "second model (Hub id, folder, adapter or merged folder) shown beside the first")
+    compare_to: str | None = setting(None, "second model (Hub id, folder, adapter or merged folder; a Hub id at a "
+                                           "revision: ID@REVISION) shown beside the first")
     prompts: list[str] = setting([], "prompts to ask, each one quoted: --prompts \"Hi!\" \"Name three fruits.\"",
                                  whole=True)
     prompts_file: str | None = setting(None, "JSONL of {\"prompt\": ...} rows, or a .txt file with one prompt a line")
@@ -221,7 +222,8 @@ class AlpacaEvalSettings(JudgeEndpointSettings, EvalSettings):
         "GPT-4 Turbo outputs with the default eval set"
     )
     reference_model: str | None = setting(
-        None, "generate the reference outputs with this model (e.g. the base); --reference_outputs wins over it"
+        None, "generate the reference outputs with this model (e.g. the base; a Hub id at a revision: ID@REVISION); "
+        "--reference_outputs wins over it"
     )
     reference_name: str | None = setting(None, "the reference's generator name; default: its folder name")
     annotators_config: str = setting(

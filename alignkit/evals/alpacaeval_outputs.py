@@ -16,7 +16,7 @@ from pathlib import Path
 from alignkit.core.args import ConfigError
 from alignkit.core.journal import append_jsonl, write_json
 from alignkit.core.progress import Progress
-from alignkit.evals.named_models import NAME
+from alignkit.evals.named_models import NAME, model_loader, same_source
 
 HUB_REPO = "tatsu-lab/alpaca_eval"
 EVAL_FILE = "alpaca_eval_gpt4_baseline.json"  # the 805 instructions with AlpacaEval 2's reference outputs
@@ -134,17 +134,15 @@ def _generation(s) -> dict:
 def outputs_key(s, source: str, backend: str) -> str:
     """The model that makes `source`'s outputs, as loaded (alignkit.modeling.identity: every loader setting, every
     file down its adapter chain, the GGUF file, the backend, the hardware). Stamped on each output record."""
-    from alignkit.core.config import loader_settings
     from alignkit.modeling.identity import identity_key
 
-    return identity_key(loader_settings(s, source), backend)
+    return identity_key(model_loader(s, source), backend)
 
 
 def read_outputs(path, source: str, generation: dict, identity: str | None = None) -> dict[str, dict]:
     """{instruction: record} of an outputs log; records from another model, another model as loaded (`identity`,
     see outputs_key) or other sampling are an error: the old outputs are never scored as the new model's."""
     from alignkit.core.journal import read_jsonl
-    from alignkit.evals.mtbench import _same_source
 
     fix = "delete the file (or the line) to generate again"
     out = {}
@@ -153,7 +151,7 @@ def read_outputs(path, source: str, generation: dict, identity: str | None = Non
         _text(where, row, "instruction", fix)
         if not isinstance(row.get("output"), str):
             raise ConfigError(f"{where}: field 'output' must be a string; {fix}")
-        if row.get("source") is not None and _same_source(row["source"]) != _same_source(source):
+        if row.get("source") is not None and same_source(row["source"]) != same_source(source):
             raise ConfigError(f"{path} holds outputs by {row['source']}, not {source}: give this model another "
                               "--model_name / --reference_name, use another --output_dir, or delete the file")
         if row.get("generation") not in (None, generation):
@@ -190,7 +188,6 @@ def generate_outputs(generator, rows: list[dict], name: str, source: str, path, 
 
 def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> list[dict]:
     """The outputs of model `source` on `rows` in AlpacaEval's format, generated where missing."""
-    from alignkit.core.config import loader_settings
     from alignkit.modeling.generation import load_generator
 
     path = outputs_path(s.output_dir, name)
@@ -203,7 +200,7 @@ def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> 
     missing = [r for r in rows if r["instruction"] not in done]
     if missing:
         print(f"{name}: {len(rows) - len(missing)} outputs from before, generating {len(missing)} with {source}")
-        with load_generator(loader_settings(s, source), backend) as generator:
+        with load_generator(model_loader(s, source), backend) as generator:
             generate_outputs(generator, missing, name, source, path, s, identity)
         done = read_outputs(path, source, generation, identity)
     else:

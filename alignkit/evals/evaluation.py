@@ -21,7 +21,7 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import ConfigError, config_to_dict, parse_config, redact, save_config
 from alignkit.core.config import (
-    AlpacaEvalSettings, LMEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings, loader_settings,
+    AlpacaEvalSettings, LMEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings,
 )
 from alignkit.evals.named_models import model_loader, parse_models
 
@@ -86,7 +86,7 @@ def vibes(s, backend: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
     sources = [s.model_id] + ([s.compare_to] if s.compare_to else [])
     answers = {}
     for source in sources:
-        with load_generator(loader_settings(s, source), backend) as generator:
+        with load_generator(model_loader(s, source), backend) as generator:
             answers[source] = generator(conversations, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                         top_p=s.top_p, num_beams=s.num_beams, batch_size=s.batch_size, seed=s.seed)
     return prompts, sources, answers

@@ -31,6 +31,7 @@ from alignkit.core.args import ConfigError
 from alignkit.core.digests import digest
 from alignkit.core.journal import append_jsonl, read_jsonl, threaded, write_atomic
 from alignkit.core.progress import Progress
+from alignkit.evals.named_models import same_source
 
 QUESTIONS = "mt_bench/question.jsonl"
 JUDGE_PROMPTS = "judge_prompts.jsonl"
@@ -254,7 +255,7 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
             raise ConfigError(f"{path}, line {line}: field 'choices' must be a list of {{index, turns}}; {fix}")
         _field(path, line, choices[0], "turns", list, fix)
         recorded = row.get("source")
-        if source is not None and recorded is not None and _same_source(recorded) != _same_source(source):
+        if source is not None and recorded is not None and same_source(recorded) != same_source(source):
             raise ConfigError(
                 f"{path} holds answers by {recorded}, not {source}: give this model another NAME in --models, use "
                 "another --output_dir, or delete the file to answer again"
@@ -292,10 +293,6 @@ def unanswered(questions, answers: dict) -> list[dict]:
 
     return [q for q in questions if (a := answers.get(q["question_id"])) is None
             or len(a["choices"][0]["turns"]) < len(q["turns"]) or not current(a, q)]
-
-
-def _same_source(source: str) -> str:
-    return str(Path(source).resolve()) if Path(source).exists() else source
 
 
 def temperature_for(question: dict, temperature: float | None) -> float:

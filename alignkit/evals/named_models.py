@@ -1,5 +1,6 @@
 """The models an evaluation compares, as the user names them: --models NAME=ID_OR_PATH ... (evaluate.py mt_bench,
-pairwise and lm_eval), and the loader settings of each."""
+pairwise and lm_eval), vibes' --compare_to and alpaca_eval's --reference_model, a Hub id at a revision as
+ID@REVISION; and the loader settings of each."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def parse_models(entries: list[str]) -> dict[str, str]:
                               "or commit after the @; a local folder has no revision")
         models[name] = source
     return models
+
+
+def same_source(source: str) -> str:
+    """A source as recorded beside its answers: a local path resolved (one folder however it is spelled)."""
+    return str(Path(source).resolve()) if Path(source).exists() else source
 
 
 def model_loader(s, source: str):
