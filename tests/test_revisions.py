@@ -68,6 +68,11 @@ def test_an_adapter_trained_on_a_revision_loads_on_that_revision_and_counts_by_i
     resolved = chain.resolve(str(second))
     assert (resolved.base, resolved.revision, resolved.adapters) == ("org/base", "v1", [str(first), str(second)])
     assert torch.equal(norm(models.load_model(ModelSettings(model_id=str(second), quantization="none"))), on_v1)
+    from alignkit.modeling.merge import merge_adapters
+
+    merged = merge_adapters(second, tmp_path / "merged", dtype="fp32")  # on v1's weights, as trained
+    assert json.loads((merged / "merge.json").read_text())["base_revision"] == "v1"
+    assert torch.equal(norm(models.load_model(ModelSettings(model_id=str(merged), quantization="none"))), on_v1)
 
     # The identity of the model as loaded names v1's commit, as the base on its own at --revision v1 does.
     assert identity.chain_identity(str(second))[-1]["commit"] == V1
@@ -139,3 +144,22 @@ def test_the_second_model_of_vibes_and_alpaca_eval_takes_a_revision_too(hub):
     assert model_loader(alpaca, alpaca.model_id).revision == "v1"  # --revision stays the model_id's
     assert outputs_key(alpaca, alpaca.model_id, "transformers") != outputs_key(alpaca, "org/base@main", "transformers")
     assert outputs_key(alpaca, "org/base@v1", "transformers") == outputs_key(alpaca, alpaca.model_id, "transformers")
+
+
+def test_the_card_and_merge_record_name_the_base_revision(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from alignkit.core.card import model_card
+
+    adapter = tmp_path / "dpo"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base", "revision": "v1"}))
+    (adapter / "alignkit_config.json").write_text(json.dumps({"run_type": "dpo", "model_id": "org/base",
+                                                              "revision": "v1"}))
+    text = model_card(adapter)
+    assert "[org/base](https://huggingface.co/org/base/tree/v1) at revision `v1`" in text
+    assert ModelCard(text).data.base_model == "org/base"
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "merge.json").write_text(json.dumps({"base_model": "org/base", "base_revision": "v1", "adapters": []}))
+    assert "at revision `v1`" in model_card(merged)

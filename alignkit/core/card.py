@@ -73,24 +73,28 @@ def _shown(value):
     return value
 
 
-def base_source(folder) -> tuple[str, list[str]]:
-    """(the base model as recorded: Hub id or local path, or ""; names of the local adapters under this one)."""
-    from alignkit.modeling.chain import adapter_chain
+def base_source(folder) -> tuple[str, list[str], str | None]:
+    """(the base model as recorded: Hub id or local path, or ""; names of the local adapters under this one; the
+    Hub revision the base loads at, None for the default branch)."""
+    from alignkit.modeling.chain import resolve
 
     folder = Path(folder)
     merge = _read_json(folder / "merge.json")
     under: list[str] = []
+    revision = None
     if merge:
-        base = merge.get("base_model") or ""
+        base, revision = merge.get("base_model") or "", merge.get("base_revision")
     elif (folder / "adapter_config.json").is_file():
         try:
-            base, chain = adapter_chain(str(folder))
-            under = [Path(a).name if not is_hub_id(a) else a for a in chain[:-1]]
+            chain = resolve(str(folder))
+            base, revision = chain.base, chain.revision
+            under = [Path(a).name if not is_hub_id(a) else a for a in chain.adapters[:-1]]
         except (UserError, OSError, ValueError):  # a broken chain still gets a card naming what it records
             base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path") or ""
     else:
-        base = _read_json(folder / "alignkit_config.json").get("model_id") or ""
-    return base, under
+        settings = _read_json(folder / "alignkit_config.json")
+        base, revision = settings.get("model_id") or "", settings.get("revision")
+    return base, under, revision
 
 
 def describe_base(folder) -> tuple[str | None, str, list[str]]:
@@ -98,7 +102,9 @@ def describe_base(folder) -> tuple[str | None, str, list[str]]:
 
     A local base is "a local model" with its architecture and folder name from its config.json, never its path.
     """
-    base, under = base_source(folder)
+    base, under, revision = base_source(folder)
+    if is_hub_id(base) and revision:
+        return base, f"[{base}](https://huggingface.co/{base}/tree/{revision}) at revision `{revision}`", under
     if is_hub_id(base):
         return base, f"[{base}](https://huggingface.co/{base})", under
     config = _read_json(Path(base, "config.json")) if base else {}
@@ -233,7 +239,7 @@ def model_card(folder, repo_id: str | None = None) -> str:
     merge = _read_json(folder / "merge.json")
     adapter = _read_json(folder / "adapter_config.json")
     is_adapter = bool(adapter) and not merge
-    base, _ = base_source(folder)
+    base, _, _ = base_source(folder)
     hub_base, base_text, under = describe_base(folder)
     where = repo_id or f"path/to/{folder.name}"
     dataset = settings.get("dataset_id", "") or ""

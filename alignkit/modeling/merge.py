@@ -102,7 +102,8 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         if Path(adapter_dir, name).is_file():
             shutil.copy(Path(adapter_dir, name), out / name)
     (out / "merge.json").write_text(json.dumps({
-        "base_model": loaded.base_id, "adapters": loaded.adapters, "lota_deltas": loaded.deltas,
+        "base_model": loaded.base_id, "base_revision": loaded.base_revision, "adapters": loaded.adapters,
+        "lota_deltas": loaded.deltas,
         "dequantize": dequantize, "dtype": str(target).removeprefix("torch."), "check_dtype": "float32",
         "max_logit_difference": diff, "tolerance": tolerance,
         "kind": "reward model" if reward else "causal language model",
