@@ -163,3 +163,54 @@ def test_the_card_and_merge_record_name_the_base_revision(tmp_path):
     merged.mkdir()
     (merged / "merge.json").write_text(json.dumps({"base_model": "org/base", "base_revision": "v1", "adapters": []}))
     assert "at revision `v1`" in model_card(merged)
+
+
+V2 = "c" * 40
+
+
+@pytest.fixture
+def hub_adapter(hub):
+    """org/adapter in the same cache: a LoRA adapter on org/base whose lora_B is 0 at main and 0.5 at v2."""
+    repo = hub.parent / "models--org--adapter"
+    s = DPOSettings(model_id="org/base", quantization="none", lora_r=4)
+    loaded = models.load_model(s, for_training=True)
+    model = models.add_trainable_adapter(loaded, s)
+    for commit, value in ((MAIN, 0.0), (V2, 0.5)):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.fill_(value)
+        models.save_adapter(model, loaded.tokenizer, repo / "snapshots" / commit, "org/base")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(MAIN)
+    (repo / "refs" / "v2").write_text(V2)
+    return repo
+
+
+def test_a_hub_adapter_at_a_revision_loads_that_revision_s_weights(hub_adapter):
+    """--model_id org/adapter --revision v2: the adapter's config was read at v2, and its weights now are too (PEFT
+    was asked for main's)."""
+    def lora_b(settings) -> set[float]:
+        peft = models.load_model(settings).model
+        return {round(p.float().mean().item(), 4) for n, p in peft.named_parameters() if "lora_B" in n}
+
+    assert lora_b(ModelSettings(model_id="org/adapter", revision="v2", quantization="none")) == {0.5}
+    assert lora_b(ModelSettings(model_id="org/adapter", quantization="none")) == {0.0}
+    assert identity.chain_identity("org/adapter", "v2")[0]["commit"] == V2
+
+
+def test_vllm_serves_a_hub_adapter_at_its_revision_on_the_base_at_its_own(hub_adapter, monkeypatch):
+    """vLLM's LoRARequest takes a path and no revision: a Hub adapter at v2 goes as v2's snapshot folder; the base
+    and its tokenizer at the revision the adapter records."""
+    from fake_vllm import install
+
+    from alignkit.modeling import generation
+
+    fake = install(monkeypatch, cuda=True)
+    config = hub_adapter / "snapshots" / V2 / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "revision": "v1"}))
+    with generation.load_generator(ModelSettings(model_id="org/adapter", revision="v2"), "vllm") as generator:
+        assert generator.lora.lora_path == str(hub_adapter / "snapshots" / V2)  # before: "org/adapter", main's
+    (llm,) = fake.llms
+    assert (llm.kwargs["model"], llm.kwargs["revision"], llm.kwargs["tokenizer_revision"]) == ("org/base", "v1", "v1")
+    assert llm.kwargs["enable_lora"] is True and llm.kwargs["max_lora_rank"] == 8  # r=4, read from v2's config

@@ -199,6 +199,16 @@ class TransformersGenerator(Generator):
         super().close()
 
 
+def _snapshot(source: str, revision: str | None) -> str:
+    """`source` as it is, or for a Hub repo at a revision its snapshot folder (downloaded once; offline, the cached
+    one), for an engine that takes a path and no revision."""
+    if not revision or Path(source).exists():
+        return source
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(source, revision=revision)
+
+
 def vllm_memory(s, base: str, revision: str | None) -> dict:
     """vLLM's max_model_len and gpu_memory_utilization (GenerationSettings; defaults where `s` lacks them).
 
@@ -240,7 +250,7 @@ class VLLMGenerator(Generator):
         from alignkit import logger
         from alignkit.modeling.models import adapter_config, load_tokenizer, require_chat_template, resolve
 
-        base, revision, chain, deltas, _ = resolve(s.model_id, s.revision)  # the base at the revision it was trained on
+        base, revision, chain, deltas, revisions = resolve(s.model_id, s.revision)  # each part at its revision
         if deltas:  # LoTA deltas: vLLM has no way to add them
             raise ValueError(
                 f"{s.model_id} holds a LoTA delta; vLLM serves LoRA adapters only. Merge it first (python merge.py "
@@ -261,13 +271,16 @@ class VLLMGenerator(Generator):
                                    s.chat_template)
         require_chat_template(tokenizer, s.model_id)
         self.template = tokenizer.chat_template
+        # A Hub adapter at a revision goes to vLLM as its snapshot folder: a LoRARequest names no revision.
+        adapter = _snapshot(chain[0], revisions[chain[0]]) if chain else None
         # vLLM accepts LoRA ranks 8, 16, 32, ...: the adapter's rank rounded up to one of them.
-        rank = adapter_config(chain[0])["r"] if chain else 8
+        rank = adapter_config(adapter)["r"] if chain else 8
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(s.dtype, "auto")
         self.llm = LLM(model=base, tokenizer=tok_source, revision=revision, dtype=dtype,
+                       tokenizer_revision=revision if tok_source == base else None,
                        trust_remote_code=s.trust_remote_code, enable_lora=bool(chain),
                        max_lora_rank=max(8, 1 << (rank - 1).bit_length()), **vllm_memory(s, base, revision))
-        self.lora = LoRARequest("adapter", 1, chain[0]) if chain else None
+        self.lora = LoRARequest("adapter", 1, adapter) if chain else None
 
     def __call__(self, conversations, max_new_tokens=256, temperature=0.0, top_p=1.0, num_beams=1,
                  batch_size=16, seed=None):

@@ -206,7 +206,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     quiet_library_noise()
     check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
     # The chain down to the base, each part at its revision; LoTA deltas in it go into the weights (lota_delta).
-    base_id, base_revision, chain, deltas, _ = resolve(s.model_id, s.revision)
+    base_id, base_revision, chain, deltas, revisions = resolve(s.model_id, s.revision)
     base_id, base_revision = (base_model, None) if base_model else (base_id, base_revision)
     check_model_kind(s.model_id, s.revision, reward, for_training)
     if chain:
@@ -269,10 +269,12 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
 
         for i, source in enumerate(chain):
             name = f"frozen_{i}"
+            # A Hub adapter's weights at the revision its config was read at (--revision, or what the one above records)
+            at = {"revision": revisions[source]} if revisions[source] and not Path(source).exists() else {}
             if i == 0:
-                model = PeftModel.from_pretrained(model, source, adapter_name=name, is_trainable=False)
+                model = PeftModel.from_pretrained(model, source, adapter_name=name, is_trainable=False, **at)
             else:
-                model.load_adapter(source, adapter_name=name, is_trainable=False)
+                model.load_adapter(source, adapter_name=name, is_trainable=False, **at)
             frozen.append(name)
         model.base_model.set_adapter(frozen, inference_mode=True)
     if frozen and for_training:
