@@ -166,21 +166,28 @@ def test_the_card_and_merge_record_name_the_base_revision(tmp_path):
 
 
 V2 = "c" * 40
+V2_TEMPLATE = "{% for m in messages %}v2 says {{ m['content'] }}{% endfor %}"
 
 
 @pytest.fixture
 def hub_adapter(hub):
-    """org/adapter in the same cache: a LoRA adapter on org/base whose lora_B is 0 at main and 0.5 at v2."""
+    """org/adapter in the same cache: a LoRA adapter on org/base whose lora_B is 0 at main and 0.5 at v2, saved with
+    its tokenizer, whose chat template at v2 is its own."""
     repo = hub.parent / "models--org--adapter"
     s = DPOSettings(model_id="org/base", quantization="none", lora_r=4)
     loaded = models.load_model(s, for_training=True)
     model = models.add_trainable_adapter(loaded, s)
     for commit, value in ((MAIN, 0.0), (V2, 0.5)):
+        if commit == V2:
+            loaded.tokenizer.chat_template = V2_TEMPLATE
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.fill_(value)
         models.save_adapter(model, loaded.tokenizer, repo / "snapshots" / commit, "org/base")
+        # An adapter repo has no config.json: the Hub's 404, as huggingface_hub records it in the cache.
+        (repo / ".no_exist" / commit).mkdir(parents=True)
+        (repo / ".no_exist" / commit / "config.json").touch()
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(MAIN)
     (repo / "refs" / "v2").write_text(V2)
@@ -197,6 +204,10 @@ def test_a_hub_adapter_at_a_revision_loads_that_revision_s_weights(hub_adapter):
     assert lora_b(ModelSettings(model_id="org/adapter", revision="v2", quantization="none")) == {0.5}
     assert lora_b(ModelSettings(model_id="org/adapter", quantization="none")) == {0.0}
     assert identity.chain_identity("org/adapter", "v2")[0]["commit"] == V2
+    # The tokenizer saved with a Hub adapter is the one it loads with (before: the base's, its template lost).
+    template = models.load_model(ModelSettings(model_id="org/adapter", revision="v2", quantization="none")).tokenizer
+    assert template.chat_template == V2_TEMPLATE
+    assert models.load_tokenizer(presets.paths()["model"]).chat_template != V2_TEMPLATE
 
 
 def test_vllm_serves_a_hub_adapter_at_its_revision_on_the_base_at_its_own(hub_adapter, monkeypatch):
@@ -212,5 +223,7 @@ def test_vllm_serves_a_hub_adapter_at_its_revision_on_the_base_at_its_own(hub_ad
     with generation.load_generator(ModelSettings(model_id="org/adapter", revision="v2"), "vllm") as generator:
         assert generator.lora.lora_path == str(hub_adapter / "snapshots" / V2)  # before: "org/adapter", main's
     (llm,) = fake.llms
-    assert (llm.kwargs["model"], llm.kwargs["revision"], llm.kwargs["tokenizer_revision"]) == ("org/base", "v1", "v1")
+    assert (llm.kwargs["model"], llm.kwargs["revision"]) == ("org/base", "v1")
+    assert (llm.kwargs["tokenizer"], llm.kwargs["tokenizer_revision"]) == ("org/adapter", "v2")  # saved with it
+    assert generator.template == V2_TEMPLATE
     assert llm.kwargs["enable_lora"] is True and llm.kwargs["max_lora_rank"] == 8  # r=4, read from v2's config

@@ -107,6 +107,29 @@ class Chain(NamedTuple):
     revisions: dict[str, str | None]
 
 
+def tokenizer_source(chain: Chain, base: str, base_revision: str | None) -> tuple[str, str | None]:
+    """(where the tokenizer and its chat template load from, at which revision): the topmost adapter that saved one
+    (alignkit saves it beside every adapter, and a push uploads it: a Hub adapter counts too), else the base."""
+    for part in reversed(chain.adapters):
+        local = Path(part).is_dir()
+        if local and Path(part, "tokenizer_config.json").is_file():
+            return part, None
+        if not local and _hub_file(part, "tokenizer_config.json", chain.revisions[part]):
+            return part, chain.revisions[part]
+    return base, base_revision
+
+
+def _hub_file(repo: str, name: str, revision: str | None) -> bool:
+    """Whether Hub repo `repo` holds `name` at `revision` (fetched once, then from the cache; offline, the cache)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(repo, name, revision=revision)
+        return True
+    except Exception:  # noqa: BLE001 - not there, or not reachable: the caller falls back
+        return False
+
+
 def resolve(source: str, revision: str | None = None) -> Chain:
     """`source`'s whole chain, through LoRA adapters and LoTA delta folders alike, each part at its revision.
 

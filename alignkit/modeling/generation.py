@@ -248,9 +248,12 @@ class VLLMGenerator(Generator):
         from vllm.lora.request import LoRARequest
 
         from alignkit import logger
-        from alignkit.modeling.models import adapter_config, load_tokenizer, require_chat_template, resolve
+        from alignkit.modeling.models import (
+            adapter_config, load_tokenizer, require_chat_template, resolve, tokenizer_source,
+        )
 
-        base, revision, chain, deltas, revisions = resolve(s.model_id, s.revision)  # each part at its revision
+        resolved = resolve(s.model_id, s.revision)  # each part at its revision
+        base, revision, chain, deltas, revisions = resolved
         if deltas:  # LoTA deltas: vLLM has no way to add them
             raise ValueError(
                 f"{s.model_id} holds a LoTA delta; vLLM serves LoRA adapters only. Merge it first (python merge.py "
@@ -266,9 +269,8 @@ class VLLMGenerator(Generator):
                            f"{base} unquantized")
         # The tokenizer (and its chat template) travels with the adapter when training saved one there; the
         # template is checked and resolved here, as the transformers path does, so both answer alike.
-        tok_source = chain[-1] if chain and Path(chain[-1], "tokenizer_config.json").is_file() else base
-        tokenizer = load_tokenizer(tok_source, revision if tok_source == base else None, s.trust_remote_code,
-                                   s.chat_template)
+        tok_source, tok_revision = tokenizer_source(resolved, base, revision)
+        tokenizer = load_tokenizer(tok_source, tok_revision, s.trust_remote_code, s.chat_template)
         require_chat_template(tokenizer, s.model_id)
         self.template = tokenizer.chat_template
         # A Hub adapter at a revision goes to vLLM as its snapshot folder: a LoRARequest names no revision.
@@ -277,7 +279,7 @@ class VLLMGenerator(Generator):
         rank = adapter_config(adapter)["r"] if chain else 8
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(s.dtype, "auto")
         self.llm = LLM(model=base, tokenizer=tok_source, revision=revision, dtype=dtype,
-                       tokenizer_revision=revision if tok_source == base else None,
+                       tokenizer_revision=tok_revision,
                        trust_remote_code=s.trust_remote_code, enable_lora=bool(chain),
                        max_lora_rank=max(8, 1 << (rank - 1).bit_length()), **vllm_memory(s, base, revision))
         self.lora = LoRARequest("adapter", 1, adapter) if chain else None

@@ -27,7 +27,9 @@ from alignkit.core.groups import chat_template_text
 from alignkit.core.progress import quiet_library_noise
 from alignkit.modeling import lota_delta
 # Where a model comes from (alignkit.modeling.chain): importable from here too, as before.
-from alignkit.modeling.chain import _looks_local, _recorded_base, adapter_chain, adapter_config, resolve  # noqa: F401
+from alignkit.modeling.chain import (  # noqa: F401 - importable from here too
+    _looks_local, _recorded_base, adapter_chain, adapter_config, resolve, tokenizer_source,
+)
 
 # The launch's decisions (dtype, quantization, attention, Liger, device map) live in alignkit.core.launch, the CPU
 # threads in alignkit.core.threads; `local_gpu` and `_sharded_launch` stay importable from here for the modules
@@ -206,7 +208,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     quiet_library_noise()
     check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
     # The chain down to the base, each part at its revision; LoTA deltas in it go into the weights (lota_delta).
-    base_id, base_revision, chain, deltas, revisions = resolve(s.model_id, s.revision)
+    resolved = resolve(s.model_id, s.revision)
+    base_id, base_revision, chain, deltas, revisions = resolved
     base_id, base_revision = (base_model, None) if base_model else (base_id, base_revision)
     check_model_kind(s.model_id, s.revision, reward, for_training)
     if chain:
@@ -253,8 +256,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
 
     # The tokenizer travels with the last adapter when it was saved there (it carries the chat template).
-    tok_source = next((a for a in reversed(chain) if Path(a, "tokenizer_config.json").is_file()), weights)
-    tok = load_tokenizer(tok_source, revision, s.trust_remote_code, s.chat_template)
+    tok = load_tokenizer(*tokenizer_source(resolved, weights, revision), s.trust_remote_code, s.chat_template)
     fit_embeddings(model, tok)
     model.config.pad_token_id = tok.pad_token_id  # a reward model scores the last token before the padding
     if getattr(model, "generation_config", None) is not None:  # a reward model cannot generate: it has none
