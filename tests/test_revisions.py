@@ -113,9 +113,10 @@ def test_evaluate_models_take_a_hub_revision_as_id_at_revision(hub):
     assert identity.chain_identity(on_v1.model_id, on_v1.revision)[-1]["commit"] == V1
     assert identity.identity_key(on_v1) != identity.identity_key(on_main)  # their answers are kept apart
     assert not torch.equal(norm(models.load_model(on_v1)), norm(models.load_model(on_main)))
-    for flag in ("--gguf_file", "--revision"):
-        with pytest.raises(ConfigError, match=flag):
-            parse_command(["lm_eval", "--models", "a=org/base", "--tasks", "t", flag, "x"])
+    for flag, where in (("--gguf_file", "NAME=FOLDER/FILE.gguf"), ("--revision", "NAME=ID@REVISION")):
+        for command in (["lm_eval", "--tasks", "t"], ["mt_bench", "--judge_model", "j"]):
+            with pytest.raises(ConfigError, match=f"unknown setting: {flag} .*; .*in --models, as {where}"):
+                parse_command([*command, "--models", "a=org/base", "b=org/base@v1", flag, "x"])
 
 
 def test_offline_a_base_pinned_to_a_revision_needs_that_revision_cached_not_main(hub):

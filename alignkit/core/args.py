@@ -157,7 +157,12 @@ def _convert(raw, tp, where, choices=None, whole=False, synonyms=None):
     return value
 
 
-def _suggest(name, names, prefix=""):
+def _suggest(name, names, prefix="", cls=None):
+    """The way to say it: a setting the class names elsewhere (`elsewhere`: name -> where it goes instead), or the
+    closest setting name."""
+    elsewhere = getattr(cls, "elsewhere", {}) or {}
+    if str(name) in elsewhere:
+        return f"; {elsewhere[str(name)]}"
     close = difflib.get_close_matches(str(name), list(names), n=1)
     return f"; did you mean {prefix}{close[0]}?" if close else ""
 
@@ -360,10 +365,10 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
                                             (overrides, "overrides", repr)), labels):
         fields_layer, bad, said = _translate(vocab, layer, where, fields, label)
         dashes = "--" if layer is cli else ""
-        unknown += [f"{show(k)} (in {where}{_suggest(k, [*fields, *cli_types], dashes)})" for k in bad]
+        unknown += [f"{show(k)} (in {where}{_suggest(k, [*fields, *cli_types], dashes, cls)})" for k in bad]
         notes += said
         translated.append(fields_layer)
-    unknown += [f"--{k} (on the command line{_suggest(k, [*cli_types, 'config'], '--')})" for k in unknown_flags]
+    unknown += [f"--{k} (on the command line{_suggest(k, [*cli_types, 'config'], '--', cls)})" for k in unknown_flags]
     if unknown:
         raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}. --help lists "
                           "every setting" + (", TRL's names included" if vocab else ""))

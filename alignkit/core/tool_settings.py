@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from dataclasses import field as _field  # init=False: a field that is not a flag
+from typing import ClassVar
 
 from alignkit.core.args import ConfigError, setting
 from alignkit.core.groups import (
@@ -16,6 +17,13 @@ from alignkit.core.groups import (
     _chain_post_init,
     check_seed,
 )
+
+# evaluate.py mt_bench, pairwise and lm_eval name every model in --models: where its revision and GGUF file go.
+MODELS_NAME_THEIRS = {
+    "revision": "each model takes its own revision in --models, as NAME=ID@REVISION",
+    "gguf_file": "a GGUF model goes in --models, as NAME=FOLDER/FILE.gguf or NAME=OWNER/REPO/FILE.gguf",
+    "model_id": "name the models in --models, as NAME=ID_OR_PATH",
+}
 
 
 @dataclass
@@ -150,6 +158,7 @@ class MTBenchSettings(JudgeAnswerSettings, EvalSettings):
     model_id: str = _field(default="", init=False)
     revision: str | None = _field(default=None, init=False)
     gguf_file: str | None = _field(default=None, init=False)
+    elsewhere: ClassVar[dict] = MODELS_NAME_THEIRS
     models: list[str] = setting([], "models to compare, as NAME=ID_OR_PATH (Hub id, local, adapter or merged folder; "
                                     "a Hub id at a revision: NAME=ID@REVISION; a GGUF file: NAME=FOLDER/FILE.gguf "
                                     "or NAME=OWNER/REPO/FILE.gguf)")
@@ -282,6 +291,7 @@ class LMEvalSettings(ModelSettings):
     model_id: str = _field(default="", init=False)
     revision: str | None = _field(default=None, init=False)
     gguf_file: str | None = _field(default=None, init=False)
+    elsewhere: ClassVar[dict] = MODELS_NAME_THEIRS
     backend: str = _field(default="transformers", init=False)  # lm_eval runs its HF class on the loaded model
     num_beams: int = _field(default=1, init=False)
     preset: str | None = setting(None, "named defaults: 'tiny' runs the base model and the tiny runs on a local task")
