@@ -228,3 +228,19 @@ def test_vllm_serves_a_hub_adapter_at_its_revision_on_the_base_at_its_own(hub_ad
     assert (llm.kwargs["tokenizer"], llm.kwargs["tokenizer_revision"]) == ("org/adapter", "v2")  # saved with it
     assert generator.template == V2_TEMPLATE
     assert llm.kwargs["enable_lora"] is True and llm.kwargs["max_lora_rank"] == 8  # r=4, read from v2's config
+
+
+def test_the_lota_merge_check_computes_its_expectation_on_the_base_at_its_revision(hub):
+    """merge.py checks a LoTA merge against the base with the deltas unmerged: that base at the revision the delta
+    records (before: the default branch, so the check compared against another model)."""
+    from types import SimpleNamespace
+
+    from alignkit.modeling.merge import lota_expected_logits
+
+    s = ModelSettings(model_id="org/base", quantization="none")
+    tok = models.load_tokenizer("org/base")
+    batch = tok(["hello there"], return_tensors="pt")
+    on = {rev: models.load_model(ModelSettings(model_id="org/base", revision=rev, quantization="none")).model(**batch)
+          .logits.float() for rev in ("v1", None)}
+    expected = lota_expected_logits(SimpleNamespace(base_id="org/base", base_revision="v1", deltas=[]), batch, s)
+    assert torch.allclose(expected, on["v1"]) and not torch.allclose(expected, on[None])

@@ -119,7 +119,7 @@ def lota_expected_logits(loaded, batch, settings):
     from alignkit.modeling.models import load_model
     from alignkit.modeling import lota_delta
 
-    base = load_model(loader_settings(settings, loaded.base_id), full_precision=True).model
+    base = load_model(loader_settings(settings, loaded.base_id, revision=loaded.base_revision), full_precision=True).model
     for folder in loaded.deltas:  # stacked parametrizations: W + D_1 + D_2 ... in every forward pass
         delta, shapes = lota_delta.read_delta(folder)
         modules = lota_delta.target_modules(base, [n.rsplit(".", 1)[-1] for n in shapes])
