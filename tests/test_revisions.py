@@ -244,3 +244,16 @@ def test_the_lota_merge_check_computes_its_expectation_on_the_base_at_its_revisi
           .logits.float() for rev in ("v1", None)}
     expected = lota_expected_logits(SimpleNamespace(base_id="org/base", base_revision="v1", deltas=[]), batch, s)
     assert torch.allclose(expected, on["v1"]) and not torch.allclose(expected, on[None])
+
+
+def test_label_generators_take_a_revision_too():
+    from types import SimpleNamespace
+
+    from alignkit.core.config import LabelSettings
+    from alignkit.feedback.labeling import _loader_settings
+    from alignkit.modeling.chain import split_revision
+
+    run = SimpleNamespace(settings=LabelSettings(model_id="org/base", revision="v3", dtype="fp32"))
+    a, b = _loader_settings(run, "org/base@v1"), _loader_settings(run, "org/base")
+    assert (a.model_id, a.revision, a.dtype) == ("org/base", "v1", "fp32") and b.revision == "v3"  # --revision: model_id's
+    assert split_revision("./runs/dpo@v1") == ("./runs/dpo@v1", None)  # a path is a path

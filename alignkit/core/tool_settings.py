@@ -55,7 +55,8 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
     max_prompts: int | None = setting(None, "use only the first N distinct prompts")
     # Where the responses come from
     model_a: str | None = setting(
-        None, "generator A: Hub id, local or adapter folder, or openai:MODEL for an OpenAI-compatible endpoint"
+        None, "generator A: Hub id (at a revision: ID@REVISION), local or adapter folder, or openai:MODEL for an "
+        "OpenAI-compatible endpoint"
     )
     model_b: str | None = setting(None, "generator B, like --model_a")
     responses_a: str | None = setting(None, "existing responses for slot A (instead of --model_a): a file with "

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from alignkit.core.args import ConfigError
-from alignkit.modeling.chain import is_hub_id
+from alignkit.modeling.chain import split_revision
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a model's NAME names its files: letters, digits, . _ -
 
@@ -26,8 +26,7 @@ def parse_models(entries: list[str]) -> dict[str, str]:
                               "'.', '_' or '-' (it names the answer file)")
         if name in models:
             raise ConfigError(f"--models: the name {name!r} is given twice; give each model its own NAME=")
-        model, at, revision = source.rpartition("@")
-        if at and not Path(source).exists() and not (is_hub_id(model) and revision):
+        if "@" in source and not Path(source).exists() and split_revision(source)[1] is None:
             raise ConfigError(f"--models entry {entry!r}: ID@REVISION takes a Hub id (owner/name) and a branch, tag "
                               "or commit after the @; a local folder has no revision")
         models[name] = source
@@ -43,7 +42,5 @@ def model_loader(s, source: str):
     """The loader settings of a --models source: `s`'s, for that model, at its @REVISION when it names one."""
     from alignkit.core.groups import loader_settings
 
-    model, at, revision = source.rpartition("@")
-    if at and not Path(source).exists():
-        return loader_settings(s, model, revision=revision)
-    return loader_settings(s, source)
+    model, revision = split_revision(source)
+    return loader_settings(s, model, revision=revision) if revision else loader_settings(s, source)

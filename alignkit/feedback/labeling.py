@@ -289,10 +289,13 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
 
 
 def _loader_settings(run: Run, spec: str):
-    """The loader settings of local generator `spec`: what loads it, and what its cache key describes."""
+    """The loader settings of local generator `spec` (a Hub id at a revision as ID@REVISION): what loads it, and
+    what its cache key describes."""
     from alignkit.core.config import loader_settings
+    from alignkit.modeling.chain import split_revision
 
-    return loader_settings(run.settings, spec)
+    model, revision = split_revision(spec)
+    return loader_settings(run.settings, model, revision=revision) if revision else loader_settings(run.settings, spec)
 
 
 def _load_generator(run: Run, spec: str):

@@ -34,6 +34,15 @@ def is_hub_id(source) -> bool:
     return bool(_HUB_ID.match(source))
 
 
+def split_revision(source: str) -> tuple[str, str | None]:
+    """(model, revision) of a model named as ID@REVISION where a flag names a second model (evaluate.py --models,
+    --compare_to, label.py --model_a); (source, None) for anything else, a local path with an @ in it included."""
+    model, at, revision = str(source).rpartition("@")
+    if at and revision and not Path(source).exists() and is_hub_id(model):
+        return model, revision
+    return source, None
+
+
 def adapter_config(source: str, revision: str | None = None) -> dict | None:
     """The adapter_config.json of `source` as a dict, or None when `source` is a full model."""
     path = Path(source)
