@@ -309,7 +309,8 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
                 "--quantization", s.quantization]
         if s.max_prompts is not None:
             args += ["--max_prompts", str(s.max_prompts)]
-        _run("label.py", args + revision_flags(s, policy) + loader_flags(s) + endpoint_flags(s) + shlex.split(s.label_args), log)
+        args += revision_flags(s, policy) + loader_flags(s) + endpoint_flags(s)
+        _run("label.py", args + shlex.split(s.label_args), log)
         _done(here, "label", inputs["label"])
     dpo = here / "dpo"
     reference = []
