@@ -66,7 +66,7 @@ run_folder, resume_from = prepare_run(settings, "rl")
 from alignkit.train.rl import build_rewards
 
 rewards = build_rewards(settings, run_folder)
-print("rewards:", ", ".join(r.__name__ for r in rewards))
+print(f"rewards: {', '.join(r.__name__ for r in rewards)}", flush=True)  # whole, beside other ranks' output
 
 # %% [markdown]
 # ## Model
