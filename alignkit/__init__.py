@@ -87,5 +87,15 @@ class _BitsandbytesCpuKernelNote(logging.Filter):
         return "gemm_4bit_forward" not in str(record.msg)
 
 
+class _KernelsOfflineNote(logging.Filter):
+    """Drops the `kernels` package's "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'
+    because Hugging Face Hub is in offline mode", logged when bitsandbytes looks for that same CPU kernel on import
+    (transformers >= 5.25 installs `kernels`): the same note as above, in other words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "quantization-bitsandbytes" not in record.getMessage()
+
+
 # Installed before anything imports bitsandbytes: its warning is logged at import time.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_BitsandbytesCpuKernelNote())
+logging.getLogger("kernels._internals.hf_hub").addFilter(_KernelsOfflineNote())
