@@ -103,12 +103,13 @@ def test_evaluate_models_take_a_hub_revision_as_id_at_revision(hub):
     (NAME=ID@REVISION); --revision and --gguf_file, which could name no model there, are not their flags."""
     from alignkit.core.args import ConfigError
     from alignkit.evals.evaluation import parse_command
-    from alignkit.evals.named_models import model_loader, parse_models
+    from alignkit.core.groups import loader_settings
+    from alignkit.evals.named_models import parse_models
 
     _, s = parse_command(["pairwise", "--models", "main=org/base", "v1=org/base@v1", "--prompts_file", "p.jsonl",
                           "--judge_model", "rule", "--quantization", "none"])
     named = parse_models(s.models)
-    on_v1, on_main = model_loader(s, named["v1"]), model_loader(s, named["main"])
+    on_v1, on_main = loader_settings(s, named["v1"]), loader_settings(s, named["main"])
     assert (on_v1.model_id, on_v1.revision, on_main.revision) == ("org/base", "v1", None)
     assert identity.chain_identity(on_v1.model_id, on_v1.revision)[-1]["commit"] == V1
     assert identity.identity_key(on_v1) != identity.identity_key(on_main)  # their answers are kept apart
@@ -136,13 +137,13 @@ def test_offline_a_base_pinned_to_a_revision_needs_that_revision_cached_not_main
 def test_the_second_model_of_vibes_and_alpaca_eval_takes_a_revision_too(hub):
     from alignkit.evals.alpacaeval_outputs import outputs_key
     from alignkit.evals.evaluation import parse_command
-    from alignkit.evals.named_models import model_loader
+    from alignkit.core.groups import loader_settings
 
     _, vibes = parse_command(["vibes", "--model_id", "org/base", "--compare_to", "org/base@v1", "--prompts", "hi"])
-    assert (model_loader(vibes, vibes.compare_to).revision, model_loader(vibes, vibes.model_id).revision) == ("v1", None)
+    assert (loader_settings(vibes, vibes.compare_to).revision, loader_settings(vibes, vibes.model_id).revision) == ("v1", None)
     _, alpaca = parse_command(["alpaca_eval", "--model_id", "org/base", "--revision", "v1",
                                "--reference_model", "org/base@main", "--judge_model", "rule"])
-    assert model_loader(alpaca, alpaca.model_id).revision == "v1"  # --revision stays the model_id's
+    assert loader_settings(alpaca, alpaca.model_id).revision == "v1"  # --revision stays the model_id's
     assert outputs_key(alpaca, alpaca.model_id, "transformers") != outputs_key(alpaca, "org/base@main", "transformers")
     assert outputs_key(alpaca, "org/base@v1", "transformers") == outputs_key(alpaca, alpaca.model_id, "transformers")
 
@@ -246,14 +247,36 @@ def test_the_lota_merge_check_computes_its_expectation_on_the_base_at_its_revisi
     assert torch.allclose(expected, on["v1"]) and not torch.allclose(expected, on[None])
 
 
-def test_label_generators_take_a_revision_too():
+def test_label_generators_take_a_revision_too(monkeypatch):
+    """label.py's --model_a / --model_b: a generator named ID@REVISION loads, and keys its answers, at that
+    revision; one named plainly takes --revision only when it is --model_id."""
     from types import SimpleNamespace
 
     from alignkit.core.config import LabelSettings
-    from alignkit.feedback.labeling import _loader_settings
-    from alignkit.modeling.chain import split_revision
+    from alignkit.feedback import labeling
+    from alignkit.modeling import generation
 
-    run = SimpleNamespace(settings=LabelSettings(model_id="org/base", revision="v3", dtype="fp32"))
-    a, b = _loader_settings(run, "org/base@v1"), _loader_settings(run, "org/base")
+    run = SimpleNamespace(settings=LabelSettings(model_id="org/base", revision="v3", dtype="fp32"), backend="transformers")
+    monkeypatch.setattr(generation, "load_generator", lambda settings, backend: settings)
+    monkeypatch.setattr(identity, "model_identity", lambda settings, backend: (settings.model_id, settings.revision))
+    a, b = labeling._load_generator(run, "org/base@v1"), labeling._load_generator(run, "org/base")
     assert (a.model_id, a.revision, a.dtype) == ("org/base", "v1", "fp32") and b.revision == "v3"  # --revision: model_id's
+    assert labeling._load_generator(run, "org/other").revision is None
+    keyed = labeling._generator_identity(run, SimpleNamespace(kind="local", spec="org/base@v1", index=0))
+    assert keyed["loaded"] == ("org/base", "v1")
+
+
+def test_every_loader_reads_id_at_revision_and_a_path_stays_a_path():
+    """alignkit.core.groups.loader_settings is the one reading of ID@REVISION (evaluate.py's --models, vibes'
+    --compare_to, alpaca_eval's --reference_model, label.py's generators, a judge model): the revision after the @
+    wins over --revision, a second revision for the same model is refused, and a local path keeps its @."""
+    from alignkit.core.args import ConfigError
+    from alignkit.core.groups import loader_settings
+    from alignkit.core.sources import split_revision
+
+    s = ModelSettings(model_id="org/base", revision="v0", quantization="none")
+    assert (loader_settings(s, "org/base@v1").revision, loader_settings(s, "org/base").revision) == ("v1", "v0")
+    assert loader_settings(s, "org/judge@v2", revision=None).revision == "v2"  # a judge with no --judge_revision
+    with pytest.raises(ConfigError, match="org/judge@v2 names revision v2, and revision v3 is set too"):
+        loader_settings(s, "org/judge@v2", revision="v3")
     assert split_revision("./runs/dpo@v1") == ("./runs/dpo@v1", None)  # a path is a path

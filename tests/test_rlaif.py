@@ -199,7 +199,8 @@ def test_the_policy_samples_trains_and_is_judged_as_loaded_the_same_way(tmp_path
     and evaluate.py sampled the policy at their defaults: at main, in another dtype, under the model's own template."""
     from alignkit.core.args import parse_config
     from alignkit.core.config import DPOSettings, LabelSettings, PairwiseSettings, RLAIFSettings
-    from alignkit.evals.named_models import model_loader, parse_models
+    from alignkit.core.groups import loader_settings
+    from alignkit.evals.named_models import parse_models
     from alignkit.train import rlaif
 
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
@@ -222,7 +223,7 @@ def test_the_policy_samples_trains_and_is_judged_as_loaded_the_same_way(tmp_path
             loaded = parsed[-1]
         else:
             parsed.append(parse_config(PairwiseSettings, args[1:], env_file=None))  # after the command
-            loaded = model_loader(parsed[-1], parse_models(parsed[-1].models)["previous"])
+            loaded = loader_settings(parsed[-1], parse_models(parsed[-1].models)["previous"])
         first = len(parsed) <= 3
         assert (loaded.model_id, loaded.revision) == (("org/model", "v1") if first else
                                                       (str(tmp_path / "run" / "round-1" / "dpo"), None)), script

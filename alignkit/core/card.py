@@ -24,7 +24,7 @@ from pathlib import Path
 from alignkit.core.args import redact
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
-from alignkit.modeling.chain import is_hub_id
+from alignkit.core.sources import is_hub_id
 
 EVALS_FILE = "alignkit_evals.json"  # evaluation results evaluate.py recorded for a local model folder
 RUN_TYPES = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model"}  # rl: GRPO or RLOO, from its --algo

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from alignkit.core.args import ConfigError, setting
 from alignkit.core.errors import UserError
+from alignkit.core.sources import split_revision
 
 
 DTYPE_SYNONYMS = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}  # TRL's
@@ -65,8 +66,16 @@ def loader_settings(s, model_id: str, revision=_SAME, **changes) -> ModelSetting
     attention, ...): the one way every script builds them (a second generator, a judge, a reward model, a base).
 
     The revision and the GGUF file name belong to `s.model_id`: they carry over only when `model_id` is that
-    same model (pass `revision` to set it). A GenerationSettings stays one, so the engine settings come along.
+    same model (pass `revision` to set it). A model named ID@REVISION (evaluate.py --models, label.py --model_a,
+    alignkit.core.sources.split_revision) loads at that revision. A GenerationSettings stays one, so the engine
+    settings come along.
     """
+    model_id, named = split_revision(model_id)
+    if named is not None:
+        if revision not in (_SAME, None, named):
+            raise ConfigError(f"{model_id}@{named} names revision {named}, and revision {revision} is set too: "
+                              "give the revision once")
+        revision = named
     cls = GenerationSettings if isinstance(s, GenerationSettings) else ModelSettings
     values = {f.name: getattr(s, f.name) for f in fields(cls) if hasattr(s, f.name)}
     same = model_id == getattr(s, "model_id", None)

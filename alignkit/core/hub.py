@@ -19,7 +19,7 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
-from alignkit.modeling.chain import is_hub_id  # noqa: F401  (importable from here, as before)
+from alignkit.core.sources import is_hub_id
 
 # Never uploaded: intermediate state, and anything that could hold credentials.
 IGNORE = ["checkpoint-*", "*.previous-*", ".env", "*.env", "wandb/*", "runs/*", "merged/*"]

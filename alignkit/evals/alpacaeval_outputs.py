@@ -16,7 +16,8 @@ from pathlib import Path
 from alignkit.core.args import ConfigError
 from alignkit.core.journal import append_jsonl, write_json
 from alignkit.core.progress import Progress
-from alignkit.evals.named_models import NAME, model_loader, same_source
+from alignkit.core.groups import loader_settings
+from alignkit.evals.named_models import NAME, same_source
 
 HUB_REPO = "tatsu-lab/alpaca_eval"
 EVAL_FILE = "alpaca_eval_gpt4_baseline.json"  # the 805 instructions with AlpacaEval 2's reference outputs
@@ -136,7 +137,7 @@ def outputs_key(s, source: str, backend: str) -> str:
     file down its adapter chain, the GGUF file, the backend, the hardware). Stamped on each output record."""
     from alignkit.modeling.identity import identity_key
 
-    return identity_key(model_loader(s, source), backend)
+    return identity_key(loader_settings(s, source), backend)
 
 
 def read_outputs(path, source: str, generation: dict, identity: str | None = None) -> dict[str, dict]:
@@ -200,7 +201,7 @@ def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> 
     missing = [r for r in rows if r["instruction"] not in done]
     if missing:
         print(f"{name}: {len(rows) - len(missing)} outputs from before, generating {len(missing)} with {source}")
-        with load_generator(model_loader(s, source), backend) as generator:
+        with load_generator(loader_settings(s, source), backend) as generator:
             generate_outputs(generator, missing, name, source, path, s, identity)
         done = read_outputs(path, source, generation, identity)
     else:

@@ -23,7 +23,8 @@ from alignkit.core.args import ConfigError, config_to_dict, parse_config, redact
 from alignkit.core.config import (
     AlpacaEvalSettings, LMEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings,
 )
-from alignkit.evals.named_models import model_loader, parse_models
+from alignkit.core.groups import loader_settings
+from alignkit.evals.named_models import parse_models
 
 COMMANDS = {
     "vibes": (VibesSettings, "a quick look at one model's answers, or two models side by side"),
@@ -86,7 +87,7 @@ def vibes(s, backend: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
     sources = [s.model_id] + ([s.compare_to] if s.compare_to else [])
     answers = {}
     for source in sources:
-        with load_generator(model_loader(s, source), backend) as generator:
+        with load_generator(loader_settings(s, source), backend) as generator:
             answers[source] = generator(conversations, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                         top_p=s.top_p, num_beams=s.num_beams, batch_size=s.batch_size, seed=s.seed)
     return prompts, sources, answers
@@ -192,7 +193,7 @@ class Pairwise:
         from alignkit.modeling.generation import load_generator
 
         s = self.settings
-        keys = {name: mtbench.answers_key(model_loader(s, source), s, backend)
+        keys = {name: mtbench.answers_key(loader_settings(s, source), s, backend)
                 for name, source in self.models.items()}
         for name, source in self.models.items():
             path = mtbench.answer_path(self.output_dir, name)
@@ -202,7 +203,7 @@ class Pairwise:
             from alignkit.modeling.presets import check_run_exists
 
             check_run_exists(s, source)
-            with load_generator(model_loader(s, source), backend) as generator:
+            with load_generator(loader_settings(s, source), backend) as generator:
                 mtbench.generate_answers(generator, self.questions, name, source, path, s, keys[name])
         self.answers = {name: mtbench.read_answers(mtbench.answer_path(self.output_dir, name), source, key=keys[name])
                         for name, source in self.models.items()}

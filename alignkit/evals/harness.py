@@ -116,12 +116,12 @@ def _key(s, source: str) -> str:
     --include_path, lm_eval's version and the evaluation settings. A model retrained in place is evaluated again."""
     from importlib.metadata import version
 
-    from alignkit.evals.named_models import model_loader
+    from alignkit.core.groups import loader_settings
     from alignkit.modeling.identity import file_hashes, model_identity
 
     task_files = sorted(p for p in Path(s.include_path).rglob("*") if p.is_file()) if s.include_path else []
     task_files += [p for p in task_data(task_files) if p not in task_files]  # rows a task reads from elsewhere
-    parts = {"model": model_identity(model_loader(s, source), "transformers"), "tasks": s.tasks,
+    parts = {"model": model_identity(loader_settings(s, source), "transformers"), "tasks": s.tasks,
              "task_files": {str(p): h for p, h in file_hashes(task_files).items()}, "lm_eval": version("lm_eval"),
              "num_fewshot": s.num_fewshot, "limit": s.limit, "apply_chat_template": s.apply_chat_template,
              "seed": s.seed}
@@ -166,10 +166,10 @@ def evaluate_model(s, source: str, lm_eval, task_manager) -> dict:
     """lm_eval's results (its `results` dict, per task: metric -> value) for one model."""
     from lm_eval.models.huggingface import HFLM
 
-    from alignkit.evals.named_models import model_loader
+    from alignkit.core.groups import loader_settings
     from alignkit.modeling.models import load_model
 
-    loaded = load_model(model_loader(s, source))
+    loaded = load_model(loader_settings(s, source))
     if s.apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
         raise ConfigError(f"{source} has no chat template: pass --chat_template FILE, or --apply_chat_template false "
                           "to give every model the plain prompts")

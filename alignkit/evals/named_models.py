@@ -1,6 +1,6 @@
 """The models an evaluation compares, as the user names them: --models NAME=ID_OR_PATH ... (evaluate.py mt_bench,
 pairwise and lm_eval), vibes' --compare_to and alpaca_eval's --reference_model, a Hub id at a revision as
-ID@REVISION; and the loader settings of each."""
+ID@REVISION (alignkit.core.groups.loader_settings reads that form)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import re
 from pathlib import Path
 
 from alignkit.core.args import ConfigError
-from alignkit.modeling.chain import split_revision
+from alignkit.core.sources import split_revision
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a model's NAME names its files: letters, digits, . _ -
 
 
 def parse_models(entries: list[str]) -> dict[str, str]:
     """--models NAME=ID_OR_PATH ... -> {name: source}; a bare path is named after its folder. A source may be a
-    Hub id at a revision, ID@REVISION (`model_loader` splits it)."""
+    Hub id at a revision, ID@REVISION (alignkit.core.groups.loader_settings loads it at that revision)."""
     models: dict[str, str] = {}
     for entry in entries:
         name, eq, source = entry.partition("=")
@@ -36,11 +36,3 @@ def parse_models(entries: list[str]) -> dict[str, str]:
 def same_source(source: str) -> str:
     """A source as recorded beside its answers: a local path resolved (one folder however it is spelled)."""
     return str(Path(source).resolve()) if Path(source).exists() else source
-
-
-def model_loader(s, source: str):
-    """The loader settings of a --models source: `s`'s, for that model, at its @REVISION when it names one."""
-    from alignkit.core.groups import loader_settings
-
-    model, revision = split_revision(source)
-    return loader_settings(s, model, revision=revision) if revision else loader_settings(s, source)

@@ -16,6 +16,7 @@ from alignkit import logger
 from alignkit.core.args import ConfigError, redact, save_config
 from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt
 from alignkit.core.errors import EndpointRefused
+from alignkit.core.groups import loader_settings
 from alignkit.core.journal import threaded
 from alignkit.core.progress import Progress
 from alignkit.feedback.judge import endpoint_identity, is_fatal, make_judge
@@ -238,7 +239,7 @@ def _generator_identity(run: Run, source: Source) -> dict:
     if source.kind == "local":
         from alignkit.modeling.identity import model_identity
 
-        where = {"loaded": model_identity(_loader_settings(run, source.spec), run.backend)}
+        where = {"loaded": model_identity(loader_settings(run.settings, source.spec), run.backend)}
     else:
         where = endpoint_identity(run.endpoints[source.spec])
     return {**where, "model": source.spec, "temperature": s.temperature, "top_p": s.top_p,
@@ -288,20 +289,10 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
     return table
 
 
-def _loader_settings(run: Run, spec: str):
-    """The loader settings of local generator `spec` (a Hub id at a revision as ID@REVISION): what loads it, and
-    what its cache key describes."""
-    from alignkit.core.config import loader_settings
-    from alignkit.modeling.chain import split_revision
-
-    model, revision = split_revision(spec)
-    return loader_settings(run.settings, model, revision=revision) if revision else loader_settings(run.settings, spec)
-
-
 def _load_generator(run: Run, spec: str):
     from alignkit.modeling.generation import load_generator
 
-    return load_generator(_loader_settings(run, spec), run.backend)
+    return load_generator(loader_settings(run.settings, spec), run.backend)  # spec may be ID@REVISION
 
 
 def _generate_local(run: Run, generator, cells, prompts):

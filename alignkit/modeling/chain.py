@@ -1,4 +1,4 @@
-"""Where a model comes from: a Hub id or a local path, and the chain from an adapter down to its base.
+"""The chain from an adapter down to its base, each part a Hub id or a local path (alignkit.core.sources).
 
 A neutral module (it imports no loader, card or Hub code), so the loader, the model card, the Hub upload and the
 identity of a model as loaded (alignkit.modeling.identity) all read a chain the same way.
@@ -13,34 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import NamedTuple
 
 from alignkit.core.errors import UserError
 
-# owner/name or name: letters, digits, - _ . (not first); no "..", no file suffix of a local data file.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".yml", ".txt", ".jinja")
 # A LoTA delta folder (alignkit.modeling.lota_delta): the sparse delta and the config naming its base.
 LOTA_DELTA_FILE, LOTA_CONFIG_FILE = "lota_delta.safetensors", "lota_config.json"
-
-
-def is_hub_id(source) -> bool:
-    """True for a Hub repo id (`owner/name` or `name`), False for a local path (existing or path-shaped)."""
-    source = str(source or "")
-    if not source or Path(source).exists() or ".." in source or source.lower().endswith(_FILE_SUFFIXES):
-        return False
-    return bool(_HUB_ID.match(source))
-
-
-def split_revision(source: str) -> tuple[str, str | None]:
-    """(model, revision) of a model named as ID@REVISION where a flag names a second model (evaluate.py --models,
-    --compare_to, label.py --model_a); (source, None) for anything else, a local path with an @ in it included."""
-    model, at, revision = str(source).rpartition("@")
-    if at and revision and not Path(source).exists() and is_hub_id(model):
-        return model, revision
-    return source, None
 
 
 def adapter_config(source: str, revision: str | None = None) -> dict | None:

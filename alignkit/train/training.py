@@ -86,7 +86,8 @@ def _training_view(settings: dict) -> dict:
 
 def preflight(s) -> None:
     """What can fail before any work, checked in seconds: a push's token and base, wandb's key, the Hub."""
-    from alignkit.core.hub import is_hub_id, require_reachable, require_token
+    from alignkit.core.hub import require_reachable, require_token
+    from alignkit.core.sources import is_hub_id
 
     if s.push_to_hub:
         require_token()  # now, not after hours of training
