@@ -119,10 +119,6 @@ def revision_of(s, policy: str) -> str | None:
     return s.revision if policy == start_model(s) and not Path(policy).exists() else None
 
 
-def revision_flags(s, policy: str) -> list[str]:
-    return ["--revision", revision_of(s, policy)] if revision_of(s, policy) else []
-
-
 def loader_values(s) -> dict:
     """The policy's loader settings (alignkit.core.groups.ModelSettings) that differ from their defaults, but
     the model itself: label.py and evaluate.py compose the same group, so every one passes through as it is."""
@@ -206,26 +202,26 @@ def _loader(s) -> dict:
     return {"loader": values} if values else {}
 
 
-def _label_inputs(s, r: int, policy: str) -> dict:
-    return {"policy": _model(policy, revision_of(s, policy)), "prompts": _data(s.dataset_id), **_loader(s),
+def _label_inputs(s, r: int, policy: str, revision: str | None) -> dict:
+    return {"policy": _model(policy, revision), "prompts": _data(s.dataset_id), **_loader(s),
             "num_samples": s.num_samples, "sample_temperature": s.sample_temperature, "max_prompts": s.max_prompts,
             "max_new_tokens": s.max_new_tokens, "judge": _judge(s.judge), "seed": s.seed + r,
             "quantization": s.quantization, **_endpoint(s), "label_args": redact(s.label_args)}
 
 
-def _dpo_inputs(s, policy: str, preferences: Path, reference: list[str]) -> dict:
+def _dpo_inputs(s, policy: str, revision: str | None, preferences: Path, reference: list[str]) -> dict:
     from alignkit.modeling.identity import INERT
     from alignkit.train.training import NOT_TRAINING  # the settings that do not change what is trained
 
     values = {k: v for k, v in _dpo_values(s).items() if k not in NOT_TRAINING and k not in INERT}
     values.update(_loader(s).get("loader", {}))  # --chat_template by its text
-    return {**values, "policy": _model(policy, revision_of(s, policy)),
+    return {**values, "policy": _model(policy, revision),
             "preferences": _data(str(preferences)), "reference": s.reference, "reference_adapters": reference,
             "eval_split": s.eval_split}
 
 
-def _eval_inputs(s, policy: str, dpo: Path, judge: str | None) -> dict:
-    return {"policy": _model(policy, revision_of(s, policy)), "adapter": _model(str(dpo)), **_loader(s),
+def _eval_inputs(s, policy: str, revision: str | None, dpo: Path, judge: str | None) -> dict:
+    return {"policy": _model(policy, revision), "adapter": _model(str(dpo)), **_loader(s),
             "prompts": _data(s.eval_prompts or s.dataset_id), "judge_model": judge, "max_new_tokens": s.max_new_tokens,
             "temperature": s.sample_temperature, "quantization": s.quantization, "seed": s.seed,
             **({} if judge == "rule" else _endpoint(s, skip={"judge_model"})), "evaluate_args": redact(s.evaluate_args)}
@@ -297,7 +293,9 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
     log, aside = here / "log.txt", free_name(here, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
     preferences = here / "preferences.jsonl"
     summary_file = preferences.with_suffix(".summary.json")
-    inputs = {"label": _json_inputs(_label_inputs(s, r, policy))}
+    revision = revision_of(s, policy)  # the policy's: round 1's --revision, none for a run folder
+    at_revision = ["--revision", revision] if revision else []
+    inputs = {"label": _json_inputs(_label_inputs(s, r, policy, revision))}
     plan = _plan(here, "label", inputs["label"], _whole(summary_file) and preferences.is_file())
     ran = bool(plan[0])
     if plan[0]:
@@ -309,7 +307,7 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
                 "--quantization", s.quantization]
         if s.max_prompts is not None:
             args += ["--max_prompts", str(s.max_prompts)]
-        args += revision_flags(s, policy) + loader_flags(s) + endpoint_flags(s)
+        args += at_revision + loader_flags(s) + endpoint_flags(s)
         _run("label.py", args + shlex.split(s.label_args), log)
         _done(here, "label", inputs["label"])
     dpo = here / "dpo"
@@ -318,7 +316,7 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
         from alignkit.modeling.chain import adapter_chain
 
         reference = ["--reference_adapters", str(len(adapter_chain(s.model_id, s.revision)[1]))]
-    inputs["dpo"] = _json_inputs(_dpo_inputs(s, policy, preferences, reference))
+    inputs["dpo"] = _json_inputs(_dpo_inputs(s, policy, revision, preferences, reference))
     plan = _plan(here, "dpo", inputs["dpo"], _whole(dpo / "metrics.json"))
     ran |= bool(plan[0])
     if plan[0]:
@@ -327,19 +325,19 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
         _start(here, "dpo", inputs["dpo"], plan, [here / "dpo_config.yaml"], aside, r, beside=dpo)
         _dpo_config(s, here / "dpo_config.yaml")
         restart = ["--resume", "false"] if plan[0] == "redo" else []
-        _run("dpo.py", ["--config", str(here / "dpo_config.yaml"), "--model_id", policy, *revision_flags(s, policy),
+        _run("dpo.py", ["--config", str(here / "dpo_config.yaml"), "--model_id", policy, *at_revision,
                         "--dataset_id",
                         str(preferences), "--output_dir", str(here), "--run_name", "dpo",
                         "--eval_split", str(s.eval_split), *reference, *restart], log)
         _done(here, "dpo", inputs["dpo"])
     evaluation = here / "eval"
     judge = s.eval_judge_model or s.judge_model
-    inputs["eval"] = _json_inputs(_eval_inputs(s, policy, dpo, judge))
+    inputs["eval"] = _json_inputs(_eval_inputs(s, policy, revision, dpo, judge))
     plan = _plan(here, "eval", inputs["eval"], _whole(evaluation / "results.json"))
     ran |= bool(plan[0])
     if plan[0]:
         _start(here, "eval", inputs["eval"], plan, [evaluation / "results.json", evaluation / "results.png"], aside, r)
-        previous = f"{policy}@{revision_of(s, policy)}" if revision_of(s, policy) else policy  # named_models
+        previous = f"{policy}@{revision}" if revision else policy  # ID@REVISION: alignkit.core.sources
         args = ["pairwise", "--models", f"previous={previous}", f"round-{r}={dpo}", "--baseline", "previous",
                 "--prompts_file", s.eval_prompts or s.dataset_id, "--output_dir", str(evaluation),
                 "--max_new_tokens", str(s.max_new_tokens), "--temperature", str(s.sample_temperature),
