@@ -212,6 +212,27 @@ def test_a_hub_adapter_at_a_revision_loads_that_revision_s_weights(hub_adapter):
     assert models.load_tokenizer(presets.paths()["model"]).chat_template != V2_TEMPLATE
 
 
+def test_offline_a_hub_adapter_whose_tokenizer_is_not_cached_says_so_once(hub_adapter, alignkit_log):
+    """Offline, a Hub adapter whose tokenizer files are not in the cache loads with the tokenizer below it: one
+    line says so (before: silently, so a custom chat template was lost without a word). A file the cache records
+    as missing on the Hub (its .no_exist entry) is no surprise and says nothing."""
+    v2 = ModelSettings(model_id="org/adapter", revision="v2", quantization="none")
+    (hub_adapter / "snapshots" / V2 / "tokenizer_config.json").unlink()
+    chain._say_unknown.cache_clear()
+    for _ in range(2):
+        assert chain.tokenizer_source(chain.resolve("org/adapter", "v2"), "org/base", None) == ("org/base", None)
+    assert models.load_model(v2).tokenizer.chat_template != V2_TEMPLATE
+    said = [r.getMessage() for r in alignkit_log.records if "does not say whether" in r.getMessage()]
+    assert said == ["org/adapter at v2: offline (HF_HUB_OFFLINE=1), and the Hugging Face cache does not say whether "
+                    "this adapter has its own tokenizer: the one below it in the chain is used, chat template "
+                    "included; run once without HF_HUB_OFFLINE to fetch it"]
+    alignkit_log.clear()
+    chain._say_unknown.cache_clear()
+    (hub_adapter / ".no_exist" / V2 / "tokenizer_config.json").touch()
+    assert chain.tokenizer_source(chain.resolve("org/adapter", "v2"), "org/base", None) == ("org/base", None)
+    assert not [r for r in alignkit_log.records if "does not say whether" in r.getMessage()]
+
+
 def test_vllm_serves_a_hub_adapter_at_its_revision_on_the_base_at_its_own(hub_adapter, monkeypatch):
     """vLLM's LoRARequest takes a path and no revision: a Hub adapter at v2 goes as v2's snapshot folder; the base
     and its tokenizer at the revision the adapter records."""

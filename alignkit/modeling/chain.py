@@ -11,6 +11,7 @@ is the Hub's default branch. So an adapter trained on `--model_id org/base --rev
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -102,13 +103,27 @@ def tokenizer_source(chain: Chain, base: str, base_revision: str | None) -> tupl
         local = Path(part).is_dir()
         if local and Path(part, "tokenizer_config.json").is_file():
             return part, None
-        if not local and _hub_file(part, "tokenizer_config.json", chain.revisions[part]):
-            return part, chain.revisions[part]
+        if not local:
+            found = _hub_file(part, "tokenizer_config.json", chain.revisions[part])
+            if found:
+                return part, chain.revisions[part]
+            if found is None:
+                _say_unknown(part, chain.revisions[part])
     return base, base_revision
 
 
-def _hub_file(repo: str, name: str, revision: str | None) -> bool:
-    """Whether Hub repo `repo` holds `name` at `revision` (fetched once, then from the cache; offline, the cache)."""
+def _hub_file(repo: str, name: str, revision: str | None) -> bool | None:
+    """Whether Hub repo `repo` holds `name` at `revision` (fetched once, then from the cache); None when offline
+    and the cache has no record of it either way."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, name, revision=revision)
+    if isinstance(cached, str):
+        return True
+    if cached is not None:  # the Hub's 404, as the cache recorded it
+        return False
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return None
     try:
         from huggingface_hub import hf_hub_download
 
@@ -116,6 +131,17 @@ def _hub_file(repo: str, name: str, revision: str | None) -> bool:
         return True
     except Exception:  # noqa: BLE001 - not there, or not reachable: the caller falls back
         return False
+
+
+@functools.cache
+def _say_unknown(repo: str, revision: str | None) -> None:
+    """Once per adapter: offline, the tokenizer below it is used, and the user should know why."""
+    from alignkit import logger
+
+    at = f" at {revision}" if revision else ""
+    logger.warning(f"{repo}{at}: offline (HF_HUB_OFFLINE=1), and the Hugging Face cache does not say whether this "
+                   "adapter has its own tokenizer: the one below it in the chain is used, chat template included; run "
+                   "once without HF_HUB_OFFLINE to fetch it")
 
 
 def resolve(source: str, revision: str | None = None) -> Chain:
