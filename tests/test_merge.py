@@ -66,6 +66,25 @@ def test_merged_chain_reloads_from_disk_with_the_same_logits(dpo_run, tmp_path):
     assert generation["eos_token_id"] == tok.eos_token_id and generation["pad_token_id"] == tok.pad_token_id
 
 
+def test_a_checkpoint_of_a_run_on_an_adapter_is_the_whole_chain(dpo_run, sft_run):
+    """A checkpoint of dpo.py on the SFT adapter (checkpoint-N) names the bare base in its adapter_config.json and
+    keeps the SFT adapter in its frozen_0 subfolder. Loaded, merged or evaluated, it is base + SFT + DPO (before:
+    base + DPO, the SFT adapter silently left out); the last checkpoint is the finished run's model."""
+    from alignkit.modeling import chain, identity
+
+    run = Path(dpo_run["run_folder"])
+    last = max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert last.name == f"checkpoint-{dpo_run['trainer'].state.global_step}"
+    assert chain.resolve(str(last)).adapters == [str(last / "frozen_0"), str(last)]
+    assert chain.resolve(str(last)).base == chain.resolve(str(run)).base
+    at = lambda source: logits(load_model(ModelSettings(model_id=str(source), quantization="none")).model)  # noqa: E731
+    from_checkpoint, finished, sft = at(last), at(run), at(sft_run["run_folder"])
+    assert torch.allclose(from_checkpoint, finished, atol=1e-5)
+    assert not torch.allclose(from_checkpoint, sft, atol=1e-3)  # the DPO adapter is on too
+    # Its identity counts the frozen copy's files, so a cache never confuses it with the DPO adapter alone.
+    assert len(identity.chain_identity(str(last))) == 3  # the checkpoint, its frozen_0 and the base
+
+
 def test_qlora_adapter_merges_both_ways(tiny_cache, tmp_path):
     run = run_script("dpo.py", "--preset", "tiny", "--quantization", "4bit", "--max_steps", "15",
                      "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", "qlora")

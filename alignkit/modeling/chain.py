@@ -58,6 +58,7 @@ def _adapters(source: str, revision: str | None) -> tuple[str, str | None, list[
     steps: list[tuple[str, str | None]] = []
     while (config := adapter_config(source, revision)) is not None:
         steps.append((source, revision))
+        steps += [(str(part), None) for part in reversed(checkpoint_frozen(source))]
         recorded = config.get("base_model_name_or_path")
         if not recorded:
             raise UserError(f"{source}/adapter_config.json has no base_model_name_or_path; pass the base with --model_id")
@@ -72,6 +73,22 @@ def _adapters(source: str, revision: str | None) -> tuple[str, str | None, list[
             )
         source, revision = base, config.get("revision")  # PEFT's field: the revision of the base it names
     return source, revision, steps
+
+
+def checkpoint_frozen(source: str) -> list[Path]:
+    """The adapters a training checkpoint (`checkpoint-N`) keeps below its own, from the base upwards.
+
+    A run on top of adapters trains one more over them, frozen (alignkit.modeling.models names them frozen_0,
+    frozen_1, ... from the base up); the Trainer saves each in a subfolder of the checkpoint, and the checkpoint's
+    own adapter_config.json names the bare base model. So a checkpoint is that chain: loaded without them it
+    would be another model. A run's final folder saves only its own adapter and names the one below instead.
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        return []
+    found = {int(p.name.split("_")[1]): p for p in folder.glob("frozen_*")
+             if p.name.split("_")[1].isdigit() and (p / "adapter_config.json").is_file()}
+    return [found[i] for i in sorted(found)]
 
 
 def adapter_chain(source: str, revision: str | None = None) -> tuple[str, list[str]]:
