@@ -51,6 +51,18 @@ def tiny_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _restore_environment():
+    """Each test leaves os.environ as it found it: a script run in-process loads its `.env` into os.environ (so
+    that secrets reach the libraries), and an ALIGNKIT_ or bare setting from one test's .env would otherwise
+    change the runs of later tests in the same worker."""
+    before = dict(os.environ)
+    yield
+    for name in [n for n in os.environ if n not in before]:
+        del os.environ[name]
+    os.environ.update({n: v for n, v in before.items() if os.environ.get(n) != v})
+
+
+@pytest.fixture(autouse=True)
 def _keep_accelerate_state():
     """Building a TRL config resets accelerate's process-wide state (transformers' TrainingArguments._setup_devices
     calls AcceleratorState._reset_state); a test that builds one without a trainer after it would leave the state

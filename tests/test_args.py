@@ -285,6 +285,43 @@ def test_bad_dotenv_value_names_the_file(tmp_path):
         parse(env_file=env_file)
 
 
+def test_an_alignkit_variable_no_script_reads_is_reported_one_for_another_script_is_named(tmp_path, monkeypatch,
+                                                                                          alignkit_log):
+    """ALIGNKIT_DPO_BTA=0.5 was silently ignored: the run went on at the default beta. A variable no script reads
+    is an unknown setting now, with the closest one; a variable of another script (a shell exporting
+    ALIGNKIT_DPO_BETA for a whole pipeline while sft.py runs) is only named in one log line."""
+    from alignkit.core.config import DPOSettings, SFTSettings
+
+    monkeypatch.setenv("ALIGNKIT_DPO_BTA", "0.5")
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path))  # alignkit's own, no setting: fine
+    for cls in (DPOSettings, SFTSettings):
+        with pytest.raises(ConfigError, match=r"^unknown setting: ALIGNKIT_DPO_BTA \(in the environment; did you "
+                                              r"mean ALIGNKIT_DPO_BETA\?\)"):
+            parse_config(cls, args=[], env_file=None)
+    monkeypatch.delenv("ALIGNKIT_DPO_BTA")
+    monkeypatch.setenv("ALIGNKIT_DPO_BETA", "0.2")
+    assert parse_config(DPOSettings, args=[], env_file=None).dpo_beta == 0.2
+    monkeypatch.setenv("ALIGNKIT_BETA", "0.3")  # TRL's name: dpo.py reads it, so sft.py passes it by
+    parse_config(SFTSettings, args=[], env_file=None)
+    assert "not read by this script (settings of other alignkit scripts): ALIGNKIT_BETA, ALIGNKIT_DPO_BETA" in \
+        alignkit_log.text
+    env_file = write(tmp_path / "my.env", "ALIGNKIT_MAX_STEP=5\n")
+    with pytest.raises(ConfigError, match=r"ALIGNKIT_MAX_STEP \(in .*my.env; did you mean ALIGNKIT_MAX_STEPS\?\)"):
+        parse_config(SFTSettings, args=[], env_file=env_file)
+
+
+def test_a_setting_that_holds_another_script_s_flags_takes_them_as_a_shell_user_writes_them():
+    """rlaif.py --label_args "--parallel 32": the value starts with -- and was read as a flag with no value."""
+    from alignkit.core.config import RLAIFSettings
+
+    s = parse_config(RLAIFSettings, args=["--label_args", "--parallel 32 --both_orders false", "--evaluate_args",
+                                          "--parallel 8", "--rounds", "2"], env_file=None)
+    assert (s.label_args, s.evaluate_args, s.rounds) == ("--parallel 32 --both_orders false", "--parallel 8", 2)
+    assert parse_config(RLAIFSettings, args=["--label_args=--parallel 4"], env_file=None).label_args == "--parallel 4"
+    with pytest.raises(ConfigError, match="--label_args expects one value, got none"):
+        parse_config(RLAIFSettings, args=["--label_args"], env_file=None)
+
+
 @pytest.mark.parametrize("text, pattern", [
     ("seed: abc\n", r"recipe.yaml: key seed: 'abc' is not an int"),
     ("dpo_beta: abc\n", r"recipe.yaml: key dpo_beta: 'abc' is not a float"),

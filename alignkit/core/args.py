@@ -35,6 +35,11 @@ __all__ = ["ConfigError", "setting", "parse_config", "config_to_dict", "save_con
            "BARE_ENV_NAMES", "ENV_PREFIX"]
 
 ENV_PREFIX = "ALIGNKIT_"
+# ALIGNKIT_ variables that are no setting: the cache folder, --debug, offline MT-Bench data, --config, the tests'.
+ENV_NOT_SETTINGS = frozenset({"CACHE", "DEBUG", "OFFLINE", "CONFIG", "TEST_CACHE"})
+# Every script's settings class (alignkit.core.config registers them): a variable set for another script (a shell
+# exporting ALIGNKIT_DPO_BETA for a whole pipeline) is not a mistake in this one.
+SETTINGS_CLASSES: list[type] = []
 # The settings the seed project documented under bare names (README, notebooks: `DPO_BETA=0.1 python dpo.py`,
 # `PRESET=tiny`): still read without the prefix. Every other setting needs ALIGNKIT_<NAME>.
 BARE_ENV_NAMES = frozenset({"PRESET", "MODEL_ID", "DATASET_ID", "DPO_BETA", "MAX_STEPS", "ROUNDS", "MAX_PROMPTS",
@@ -50,20 +55,22 @@ _SPECIAL_TOKENS = {f"{p}_token" for p in ("pad", "eos", "bos", "unk", "sep", "cl
 
 
 def setting(default=_MISSING, help: str = "", choices=None, default_factory=_MISSING, whole: bool = False,
-            synonyms: Mapping | None = None):
+            synonyms: Mapping | None = None, flags: bool = False):
     """``dataclasses.field`` carrying the help text and allowed values shown by ``--help``.
 
     whole: a list whose values are kept whole, never split at commas (prompts hold commas: "Hello, who are
     you?" is one prompt); on a command line each value is its own argument, and a string from the environment
     or a --config file is one value.
     synonyms: other spellings of the choices, e.g. TRL's {"bfloat16": "bf16"}; accepted from every layer.
+    flags: a string of another script's flags (rlaif.py's --label_args): on a command line the next argument is
+    its value even when it starts with --, so `--label_args "--parallel 32"` works as a shell user writes it.
     A ``dict`` setting takes a YAML mapping or a JSON object, and merges key by key across the layers.
     """
     if isinstance(default, (list, dict, set)):  # dataclasses rejects mutable defaults; copy per instance instead
         default, default_factory = _MISSING, (lambda d=default: type(d)(d))
     return dataclasses.field(default=default, default_factory=default_factory,
                              metadata={"help": help, "choices": list(choices) if choices else None, "whole": whole,
-                                       "synonyms": dict(synonyms or {})})
+                                       "synonyms": dict(synonyms or {}), "flags": flags})
 
 
 # ---------------------------------------------------------------- types and conversion
@@ -168,7 +175,7 @@ def _suggest(name, names, prefix="", cls=None):
 
 
 # ---------------------------------------------------------------- layers
-def _parse_cli(argv, types_, whole=frozenset()):
+def _parse_cli(argv, types_, whole=frozenset(), flags=frozenset()):
     """Return ({name: raw string, or a list for a `whole` field}, config path or None, wants_help, unknown names).
     Raw values are converted later. A `whole` field's values are its arguments as given, repeated flags adding
     more. An unknown option takes the values after it, so that every unknown one is reported together."""
@@ -187,6 +194,8 @@ def _parse_cli(argv, types_, whole=frozenset()):
         name, eq, inline = tok[2:].partition("=")
         name = name.replace("-", "_")  # accept --dpo-beta too
         vals = [inline] if eq else []
+        if not eq and name in flags and i < len(argv):  # its value is flags itself: take it whole
+            vals, i, eq = [argv[i]], i + 1, "="
         while not eq and i < len(argv) and not is_option(argv[i]):
             vals, i = vals + [argv[i]], i + 1
         if name == "config":
@@ -309,6 +318,29 @@ def _environment(names, env_from_file, env_file):
     return found, labels
 
 
+def _stray_variables(names, env_from_file, env_file) -> list[str]:
+    """The ALIGNKIT_ variables no script reads (a typo, or a setting that is gone), each as an unknown-setting
+    entry; the ones another script reads, named in one log line. Before this, both were silently ignored."""
+    mine = {n.upper() for n in names} | ENV_NOT_SETTINGS
+    strays = [v for v in sorted(os.environ) if v.startswith(ENV_PREFIX) and v[len(ENV_PREFIX):] not in mine]
+    if not strays:
+        return []
+    every = set()
+    for cls in SETTINGS_CLASSES:
+        every.update(f.name.upper() for f in dataclasses.fields(cls))
+        if hasattr(cls, "vocabulary"):
+            every.update(n.upper() for n in cls.vocabulary().cli_types())
+    others = [v for v in strays if v[len(ENV_PREFIX):] in every]
+    if others:
+        _log().info(f"not read by this script (settings of other alignkit scripts): {', '.join(others)}")
+    unknown = []
+    for var in (v for v in strays if v not in others):
+        close = difflib.get_close_matches(var[len(ENV_PREFIX):], sorted((mine | every) - ENV_NOT_SETTINGS), n=1)
+        where = env_file if var in env_from_file else "the environment"
+        unknown.append(f"{var} (in {where}" + (f"; did you mean {ENV_PREFIX}{close[0]}?)" if close else ")"))
+    return unknown
+
+
 def _log():
     import logging
 
@@ -339,14 +371,16 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
         args = [] if is_notebook() else sys.argv[1:]
     whole = frozenset(n for n, f in fields.items() if f.metadata.get("whole"))
     cli_types = {**(vocab.cli_types() if vocab else {}), **types_}
-    cli, config_path, wants_help, unknown_flags = _parse_cli(list(args), cli_types, whole)
+    flags = frozenset(n for n, f in fields.items() if f.metadata.get("flags"))
+    cli, config_path, wants_help, unknown_flags = _parse_cli(list(args), cli_types, whole, flags)
 
     env_from_file = set()
     if env_file is not None:
         before = set(os.environ)  # override=False: real env vars win; secrets such as HF_TOKEN reach libraries
         load_dotenv(env_file, override=False)
         env_from_file = set(os.environ) - before
-    env, env_labels = _environment([*fields, *(vocab.cli_types() if vocab else {})], env_from_file, env_file)
+    env_names = [*fields, *(vocab.env_names(fields) if vocab else [])]
+    env, env_labels = _environment(env_names, env_from_file, env_file)
 
     config_source = "--config"
     if config_path is None and os.environ.get(f"{ENV_PREFIX}CONFIG"):
@@ -369,6 +403,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
         notes += said
         translated.append(fields_layer)
     unknown += [f"--{k} (on the command line{_suggest(k, [*cli_types, 'config'], '--', cls)})" for k in unknown_flags]
+    unknown += _stray_variables(env_names, env_from_file, env_file)
     if unknown:
         raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}. --help lists "
                           "every setting" + (", TRL's names included" if vocab else ""))

@@ -13,6 +13,7 @@ are resolved at load time from the hardware, with one log line each (see alignki
 
 from __future__ import annotations
 
+from alignkit.core.args import SETTINGS_CLASSES
 from alignkit.core.groups import (
     BatchingSettings,
     GenerationSettings,
@@ -50,3 +51,8 @@ __all__ = [
     "LabelSettings", "EvalSettings", "VibesSettings", "MTBenchSettings", "PairwiseSettings", "AlpacaEvalSettings",
     "MergeSettings", "KTOSettings", "LMEvalSettings",
 ]
+
+# Every script's settings, so that parse_config can tell a variable meant for another script from a mistake.
+SETTINGS_CLASSES.extend([SFTSettings, DPOSettings, RewardSettings, RLSettings, RLAIFSettings, KTOSettings, LabelSettings,
+                         VibesSettings, MTBenchSettings, PairwiseSettings, AlpacaEvalSettings, LMEvalSettings,
+                         MergeSettings])

@@ -208,8 +208,10 @@ class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
     eval_judge_model: str | None = setting(None, "evaluate.py pairwise --judge_model (rule: the tiny preset's rule); "
                                                  "default: --judge_model")
     eval_prompts: str | None = setting(None, "evaluate.py --prompts_file; default: the preset's, else --dataset_id")
-    label_args: str = setting("", "further label.py flags for every round, e.g. '--parallel 16 --both_orders false'")
-    evaluate_args: str = setting("", "further evaluate.py pairwise flags for every round")
+    label_args: str = setting("", "further label.py flags for every round, e.g. '--parallel 16 --both_orders false'",
+                              flags=True)
+    evaluate_args: str = setting("", "further evaluate.py pairwise flags for every round, e.g. '--parallel 8'",
+                                 flags=True)
 
     def __post_init__(self):
         super().__post_init__()

@@ -288,6 +288,11 @@ class Vocabulary:
         out.update(dataset_mixer=dict, dataset_splits=list[str])
         return out
 
+    def env_names(self, fields) -> list[str]:
+        """The TRL names this script reads from ALIGNKIT_<NAME>: an alias of a setting it does not have (TRL's
+        `beta` in sft.py) is another script's variable, passed by like ALIGNKIT_DPO_BETA."""
+        return [n for n in self.cli_types() if n not in ALIASES or ALIASES[n].target in fields]
+
     def translate(self, layer: Mapping, where: str, fields, label) -> tuple[dict, list[str], list[str]]:
         """(the layer in alignkit's field names, its unknown keys, notes on keys not applied); `label(key)`
         names a value of this layer in an error."""
