@@ -17,6 +17,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
   digests (the one digest, SHA-256 of canonical JSON, every cache key is made of),
   sources (a Hub id or a local path, and a Hub id at a revision written ID@REVISION),
+  environment (the settings' environment layer: ALIGNKIT_<NAME>, and every other ALIGNKIT_ variable accounted for),
   data (the one data normaliser), data_files (reading files, folders and Hub datasets into rows that keep their place),
   hub (Hub pushes),
   card (model cards through huggingface_hub's ModelCard),

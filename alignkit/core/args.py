@@ -6,7 +6,8 @@ Field ``dpo_beta`` is ``--dpo_beta VALUE`` / ``--dpo_beta=VALUE`` and env var ``
 
 Environment variables: every setting is read as ``ALIGNKIT_<NAME>``; the bare upper-case name only for the few
 names the seed project documented (``BARE_ENV_NAMES``: ``DPO_BETA``, ``MODEL_ID``, ...), so a ``SEED``, ``MODE`` or
-``OUTPUT`` left in a shell or a cluster's environment never changes a run. Each one read is logged by name.
+``OUTPUT`` left in a shell or a cluster's environment never changes a run. Each one read is logged by name, and
+an ALIGNKIT_ variable that no script reads is an unknown setting (alignkit.core.environment).
 
 A class may speak a second vocabulary (``cls.vocabulary()``, e.g. TRL's names, alignkit.core.trl_names): it
 translates every layer's keys into fields, and every key that is neither is reported in one message.
@@ -28,22 +29,12 @@ from pathlib import Path
 import yaml
 from dotenv import load_dotenv
 
+from alignkit.core.environment import BARE_ENV_NAMES, ENV_PREFIX, read_environment, stray_variables
 from alignkit.core.errors import ConfigError, is_notebook  # noqa: F401 - ConfigError is re-exported
 from alignkit.core.journal import write_atomic
 
 __all__ = ["ConfigError", "setting", "parse_config", "config_to_dict", "save_config", "redact", "is_notebook",
            "BARE_ENV_NAMES", "ENV_PREFIX"]
-
-ENV_PREFIX = "ALIGNKIT_"
-# ALIGNKIT_ variables that are no setting: the cache folder, --debug, offline MT-Bench data, --config, the tests'.
-ENV_NOT_SETTINGS = frozenset({"CACHE", "DEBUG", "OFFLINE", "CONFIG", "TEST_CACHE"})
-# Every script's settings class (alignkit.core.config registers them): a variable set for another script (a shell
-# exporting ALIGNKIT_DPO_BETA for a whole pipeline) is not a mistake in this one.
-SETTINGS_CLASSES: list[type] = []
-# The settings the seed project documented under bare names (README, notebooks: `DPO_BETA=0.1 python dpo.py`,
-# `PRESET=tiny`): still read without the prefix. Every other setting needs ALIGNKIT_<NAME>.
-BARE_ENV_NAMES = frozenset({"PRESET", "MODEL_ID", "DATASET_ID", "DPO_BETA", "MAX_STEPS", "ROUNDS", "MAX_PROMPTS",
-                            "NUM_SAMPLES"})
 
 _MISSING = dataclasses.MISSING
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -297,50 +288,6 @@ def _print_help(cls, fields, types_, defaults, prog, description, vocab, presets
 
 
 # ---------------------------------------------------------------- layers in a second vocabulary
-def _environment(names, env_from_file, env_file):
-    """{name: raw value} from ALIGNKIT_<NAME> (any setting) or a bare <NAME> (BARE_ENV_NAMES only), with a label
-    for each; one log line names them. A bare name from .env that is not read gets a warning: it was meant."""
-    found, labels, ignored = {}, {}, []
-    for n in dict.fromkeys(names):
-        for var in (f"{ENV_PREFIX}{n.upper()}", n.upper()):
-            if var in os.environ and (var.startswith(ENV_PREFIX) or var in BARE_ENV_NAMES):
-                found[n] = os.environ[var]
-                labels[n] = f"env var {var}" + (f" (from {env_file})" if var in env_from_file else "")
-                break
-            if var == n.upper() and var in env_from_file:
-                ignored.append(var)
-    if found:
-        _log().info("settings from the environment: " + ", ".join(
-            f"{n} ({labels[n].removeprefix('env var ')})" for n in found))
-    if ignored:
-        _log().warning(f"{env_file}: not read: {', '.join(ignored)} (bare names are read only for "
-                       f"{', '.join(sorted(BARE_ENV_NAMES))}); write {ENV_PREFIX}{ignored[0]} instead")
-    return found, labels
-
-
-def _stray_variables(names, env_from_file, env_file) -> list[str]:
-    """The ALIGNKIT_ variables no script reads (a typo, or a setting that is gone), each as an unknown-setting
-    entry; the ones another script reads, named in one log line. Before this, both were silently ignored."""
-    mine = {n.upper() for n in names} | ENV_NOT_SETTINGS
-    strays = [v for v in sorted(os.environ) if v.startswith(ENV_PREFIX) and v[len(ENV_PREFIX):] not in mine]
-    if not strays:
-        return []
-    every = set()
-    for cls in SETTINGS_CLASSES:
-        every.update(f.name.upper() for f in dataclasses.fields(cls))
-        if hasattr(cls, "vocabulary"):
-            every.update(n.upper() for n in cls.vocabulary().cli_types())
-    others = [v for v in strays if v[len(ENV_PREFIX):] in every]
-    if others:
-        _log().info(f"not read by this script (settings of other alignkit scripts): {', '.join(others)}")
-    unknown = []
-    for var in (v for v in strays if v not in others):
-        close = difflib.get_close_matches(var[len(ENV_PREFIX):], sorted((mine | every) - ENV_NOT_SETTINGS), n=1)
-        where = env_file if var in env_from_file else "the environment"
-        unknown.append(f"{var} (in {where}" + (f"; did you mean {ENV_PREFIX}{close[0]}?)" if close else ")"))
-    return unknown
-
-
 def _log():
     import logging
 
@@ -380,7 +327,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
         load_dotenv(env_file, override=False)
         env_from_file = set(os.environ) - before
     env_names = [*fields, *(vocab.env_names(fields) if vocab else [])]
-    env, env_labels = _environment(env_names, env_from_file, env_file)
+    env, env_labels = read_environment(env_names, env_from_file, env_file)
 
     config_source = "--config"
     if config_path is None and os.environ.get(f"{ENV_PREFIX}CONFIG"):
@@ -403,7 +350,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
         notes += said
         translated.append(fields_layer)
     unknown += [f"--{k} (on the command line{_suggest(k, [*cli_types, 'config'], '--', cls)})" for k in unknown_flags]
-    unknown += _stray_variables(env_names, env_from_file, env_file)
+    unknown += stray_variables(env_names, env_from_file, env_file)
     if unknown:
         raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}. --help lists "
                           "every setting" + (", TRL's names included" if vocab else ""))

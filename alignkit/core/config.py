@@ -13,7 +13,7 @@ are resolved at load time from the hardware, with one log line each (see alignki
 
 from __future__ import annotations
 
-from alignkit.core.args import SETTINGS_CLASSES
+from alignkit.core.environment import SETTINGS_CLASSES
 from alignkit.core.groups import (
     BatchingSettings,
     GenerationSettings,
@@ -53,6 +53,6 @@ __all__ = [
 ]
 
 # Every script's settings, so that parse_config can tell a variable meant for another script from a mistake.
-SETTINGS_CLASSES.extend([SFTSettings, DPOSettings, RewardSettings, RLSettings, RLAIFSettings, KTOSettings, LabelSettings,
-                         VibesSettings, MTBenchSettings, PairwiseSettings, AlpacaEvalSettings, LMEvalSettings,
-                         MergeSettings])
+SETTINGS_CLASSES.extend([SFTSettings, DPOSettings, RewardSettings, RLSettings, RLAIFSettings, KTOSettings,
+                         LabelSettings, VibesSettings, MTBenchSettings, PairwiseSettings, AlpacaEvalSettings,
+                         LMEvalSettings, MergeSettings])

@@ -1,0 +1,68 @@
+"""The environment layer of the settings (alignkit.core.args.parse_config): ALIGNKIT_<NAME> for every setting, a
+bare <NAME> for the few the seed project documented, and every other ALIGNKIT_ variable accounted for: a setting
+of another script is named in a log line, one that no script reads is an unknown setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+
+logger = logging.getLogger("alignkit")
+
+ENV_PREFIX = "ALIGNKIT_"
+# ALIGNKIT_ variables that are no setting: the cache folder, --debug, offline MT-Bench data, --config, the tests'.
+ENV_NOT_SETTINGS = frozenset({"CACHE", "DEBUG", "OFFLINE", "CONFIG", "TEST_CACHE"})
+# Every script's settings class (alignkit.core.config registers them): a variable set for another script (a shell
+# exporting ALIGNKIT_DPO_BETA for a whole pipeline) is not a mistake in this one.
+SETTINGS_CLASSES: list[type] = []
+# The settings the seed project documented under bare names (README, notebooks: `DPO_BETA=0.1 python dpo.py`,
+# `PRESET=tiny`): still read without the prefix. Every other setting needs ALIGNKIT_<NAME>.
+BARE_ENV_NAMES = frozenset({"PRESET", "MODEL_ID", "DATASET_ID", "DPO_BETA", "MAX_STEPS", "ROUNDS", "MAX_PROMPTS",
+                            "NUM_SAMPLES"})
+
+
+def read_environment(names, env_from_file, env_file):
+    """{name: raw value} from ALIGNKIT_<NAME> (any setting) or a bare <NAME> (BARE_ENV_NAMES only), with a label
+    for each; one log line names them. A bare name from .env that is not read gets a warning: it was meant."""
+    found, labels, ignored = {}, {}, []
+    for n in dict.fromkeys(names):
+        for var in (f"{ENV_PREFIX}{n.upper()}", n.upper()):
+            if var in os.environ and (var.startswith(ENV_PREFIX) or var in BARE_ENV_NAMES):
+                found[n] = os.environ[var]
+                labels[n] = f"env var {var}" + (f" (from {env_file})" if var in env_from_file else "")
+                break
+            if var == n.upper() and var in env_from_file:
+                ignored.append(var)
+    if found:
+        logger.info("settings from the environment: " + ", ".join(
+            f"{n} ({labels[n].removeprefix('env var ')})" for n in found))
+    if ignored:
+        logger.warning(f"{env_file}: not read: {', '.join(ignored)} (bare names are read only for "
+                       f"{', '.join(sorted(BARE_ENV_NAMES))}); write {ENV_PREFIX}{ignored[0]} instead")
+    return found, labels
+
+
+def stray_variables(names, env_from_file, env_file) -> list[str]:
+    """The ALIGNKIT_ variables no script reads (a typo, or a setting that is gone), each as an unknown-setting
+    entry; the ones another script reads, named in one log line. Before this, both were silently ignored."""
+    mine = {n.upper() for n in names} | ENV_NOT_SETTINGS
+    strays = [v for v in sorted(os.environ) if v.startswith(ENV_PREFIX) and v[len(ENV_PREFIX):] not in mine]
+    if not strays:
+        return []
+    every = set()
+    for cls in SETTINGS_CLASSES:
+        every.update(f.name.upper() for f in dataclasses.fields(cls))
+        if hasattr(cls, "vocabulary"):
+            every.update(n.upper() for n in cls.vocabulary().cli_types())
+    others = [v for v in strays if v[len(ENV_PREFIX):] in every]
+    if others:
+        logger.info(f"not read by this script (settings of other alignkit scripts): {', '.join(others)}")
+    unknown = []
+    for var in (v for v in strays if v not in others):
+        close = difflib.get_close_matches(var[len(ENV_PREFIX):], sorted((mine | every) - ENV_NOT_SETTINGS), n=1)
+        where = env_file if var in env_from_file else "the environment"
+        unknown.append(f"{var} (in {where}" + (f"; did you mean {ENV_PREFIX}{close[0]}?)" if close else ")"))
+    return unknown
