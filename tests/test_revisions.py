@@ -301,3 +301,7 @@ def test_every_loader_reads_id_at_revision_and_a_path_stays_a_path():
     with pytest.raises(ConfigError, match="org/judge@v2 names revision v2, and revision v3 is set too"):
         loader_settings(s, "org/judge@v2", revision="v3")
     assert split_revision("./runs/dpo@v1") == ("./runs/dpo@v1", None)  # a path is a path
+    # --model_id has its own --revision: the other form is refused with the two flags to write (it was passed to
+    # the loader as a repo name, which failed far from the flag).
+    with pytest.raises(ConfigError, match=r"^--model_id org/base@v1: write --model_id org/base --revision v1 "):
+        DPOSettings(model_id="org/base@v1")

@@ -57,6 +57,13 @@ class ModelSettings:
         "CPU, else the physical cores"
     )
 
+    def __post_init__(self):
+        _chain_post_init(self, ModelSettings)
+        model, revision = split_revision(self.model_id)
+        if revision is not None:  # the form of a second model (--models, --compare_to): here, two flags
+            raise ConfigError(f"--model_id {self.model_id}: write --model_id {model} --revision {revision} (ID@REVISION "
+                              "names the other models: --models, --compare_to, --reference_model, --model_a)")
+
 
 _SAME = object()  # loader_settings: "the revision (or GGUF file) that goes with the model"
 
