@@ -98,13 +98,16 @@ print(f"{len(prompts)} prompts")
 
 # %%
 from alignkit.train.rl import trainer_class, trl_args
+from alignkit.train.training import start_run
 
 args = trl_args(settings, run_folder, loaded.dtype, model)
-trainer = trainer_class(settings.algo)(
-    model=model, reward_funcs=rewards, args=args, train_dataset=prompts, processing_class=loaded.tokenizer,
-    frozen_adapters=loaded.frozen,
-)
-trainer.train(resume_from_checkpoint=resume_from)
+# The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
+with start_run(settings, run_folder, resume_from):
+    trainer = trainer_class(settings.algo)(
+        model=model, reward_funcs=rewards, args=args, train_dataset=prompts, processing_class=loaded.tokenizer,
+        frozen_adapters=loaded.frozen,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
 
 # %% [markdown]
 # ## Save, merge, push

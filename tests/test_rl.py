@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import run_script
@@ -39,6 +40,20 @@ def _rates(model_id: str) -> tuple[float, float]:
 def rl_run(sft_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("rl")
     return run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir", str(out))
+
+
+def test_an_rl_run_records_its_settings_so_a_rerun_resumes_and_its_card_says_grpo(rl_run):
+    """rl.py claimed its folder without start_run: no alignkit_config.json, so a rerun of the same command never
+    resumed, one with other settings overwrote the run in place (its old evaluations left in the card), and the
+    card called the run "merged adapters"."""
+    from alignkit.train.training import prepare_run
+
+    folder = Path(rl_run["run_folder"])
+    assert json.loads((folder / "alignkit_config.json").read_text())["run_type"] == "rl"
+    last = max(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert prepare_run(rl_run["settings"], "rl") == (folder, str(last))
+    card = (folder / "README.md").read_text()
+    assert "GRPO of" in card and "merged" not in card.split("---")[1]  # the stage, and not a merge's tags
 
 
 def test_grpo_with_the_rule_raises_rule_following(sft_run, rl_run):
