@@ -106,14 +106,16 @@ lm_head = load_lm_head(loaded.base_id, model, settings.revision) if settings.los
 from trl import RewardConfig
 
 from alignkit.train.reward import AlignRewardTrainer
-from alignkit.train.training import trl_config
+from alignkit.train.training import start_run, trl_config
 
 args = trl_config(RewardConfig, settings, run_folder, loaded.dtype, model)
-trainer = AlignRewardTrainer(
-    model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=loaded.tokenizer,
-    loss=settings.loss, lm_loss_coef=settings.lm_loss_coef, lm_head=lm_head,
-)
-trainer.train(resume_from_checkpoint=resume_from)
+# The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
+with start_run(settings, run_folder, resume_from):
+    trainer = AlignRewardTrainer(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=loaded.tokenizer,
+        loss=settings.loss, lm_loss_coef=settings.lm_loss_coef, lm_head=lm_head,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
 
 # %% [markdown]
 # ## Save, evaluate, merge, push
@@ -125,20 +127,19 @@ trainer.train(resume_from_checkpoint=resume_from)
 # picture shows below this cell.
 
 # %%
-import json
-
 from alignkit.train.reward import held_out_report, scores_held_out
 from alignkit.train.training import finish
 
-metrics = finish(trainer, loaded, settings, run_folder, "reward")
-print(f"adapter: {run_folder}")
+# The held-out report first, so that metrics.json, the model card and the summary carry its exact accuracy (TRL's
+# eval_accuracy averages per batch).
 main = trainer.accelerator.is_main_process
+report = {}
 if eval_data is not None and scores_held_out(main):  # FSDP/ZeRO-3: every rank takes part in each forward
     report = held_out_report(trainer.model, loaded.tokenizer, eval_data, run_folder,
                              settings.per_device_eval_batch_size, settings.max_length, write=main)
-if eval_data is not None and main:
-    metrics.update(report)
-    (run_folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+metrics = finish(trainer, loaded, settings, run_folder, "reward", measured=report if main else None)
+print(f"adapter: {run_folder}")
+if report and main:
     print(f"held-out accuracy: {report['held_out_accuracy']:.3f}")
     print(f"chosen {report['chosen_mean']:.3f} ± {report['chosen_std']:.3f}, rejected {report['rejected_mean']:.3f} "
           f"± {report['rejected_std']:.3f}, margin {report['margin_mean']:.3f} ± {report['margin_std']:.3f}")

@@ -103,6 +103,22 @@ def reward_run(tiny_cache, tmp_path_factory):
     return run_script("reward.py", "--preset", "tiny", "--output_dir", str(out), "--run_name", "reward")
 
 
+def test_a_reward_run_records_its_settings_so_a_rerun_resumes_and_its_card_reports_its_accuracy(reward_run):
+    """reward.py claimed its folder without start_run: no alignkit_config.json, so no resume, an earlier run
+    overwritten in place, and a card with neither the stage nor the held-out accuracy."""
+    from alignkit.train.training import prepare_run
+
+    folder = Path(reward_run["run_folder"])
+    assert json.loads((folder / "alignkit_config.json").read_text())["run_type"] == "reward"
+    last = max(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert prepare_run(reward_run["settings"], "reward") == (folder, str(last))
+    card = (folder / "README.md").read_text()
+    accuracy = json.loads((folder / "metrics.json").read_text())["held_out_accuracy"]
+    # The exact share of the 120 pairs, as the summary prints it (the card showed TRL's per-batch mean instead).
+    assert "model-index" in card and f"value: {round(accuracy, 4)}" in card, card[:1500]
+    assert accuracy == json.loads((folder / "held_out_rewards.json").read_text())["held_out_accuracy"]
+
+
 def test_tiny_reward_model_ranks_held_out_pairs(reward_run):
     metrics = json.loads((reward_run["run_folder"] / "metrics.json").read_text())
     assert metrics["held_out_pairs"] == 120

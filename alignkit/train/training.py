@@ -407,8 +407,9 @@ def one_gpu_per_process(args, config_cls=None) -> None:
                    f"only. To train on all {gpus}: {launch_command(script, gpus)}")
 
 
-def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:
-    """Save the adapter and tokenizer, evaluate on the held-out rows, then merge and push if asked."""
+def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None = None) -> dict:
+    """Save the adapter and tokenizer, evaluate on the held-out rows, then merge and push if asked. `measured`:
+    figures the script took itself (reward.py's held-out report), in metrics.json, the card and the summary."""
     from alignkit.modeling.gguf import source_id
     from alignkit.modeling.models import save_adapter
 
@@ -427,6 +428,7 @@ def finish(trainer, loaded, s, folder: Path, stage: str) -> dict:
         metrics.update(trainer.evaluate())
     metrics["global_step"] = trainer.state.global_step
     metrics["num_processes"] = trainer.accelerator.num_processes
+    metrics.update(measured or {})
     if trainer.accelerator.is_main_process:
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
         logger.info(f"{stage} adapter saved to {folder}")
