@@ -108,6 +108,10 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         "max_logit_difference": diff, "tolerance": tolerance,
         "kind": "reward model" if reward else "causal language model",
     }, indent=2))
+    from alignkit.core.card import model_card
+
+    # Its card (what it was merged from, the run's settings and evaluations), as every adapter folder has one.
+    (out / "README.md").write_text(model_card(out), encoding="utf-8")
     return out
 
 
