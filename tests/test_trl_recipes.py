@@ -346,6 +346,31 @@ def test_dotenv_bare_name_that_is_not_read_is_named(monkeypatch, tmp_path, align
                for r in alignkit_log.records if r.levelno == logging.WARNING)
 
 
+@pytest.mark.parametrize("script", ["kto", "reward", "rl"])
+def test_use_peft_works_for_every_training_script_and_an_alias_of_another_s_setting_says_so(script):
+    """TRL's kto.py / reward_modeling.py LoRA lines pass --use_peft; kto.py, reward.py and rl.py have no --adapter
+    (its target), so it was refused as 'unknown setting: --use_peft (did you mean --use_peft?)'."""
+    from alignkit.core.config import KTOSettings, RewardSettings, RLSettings, SFTSettings
+
+    cls = {"kto": KTOSettings, "reward": RewardSettings, "rl": RLSettings}[script]
+    assert parse_config(cls, env_file=None, args=["--use_peft"]) == parse_config(cls, env_file=None, args=[])
+    with pytest.raises(ConfigError, match="--use_peft false asks for full fine-tuning"):
+        parse_config(cls, env_file=None, args=["--use_peft", "false"])
+    with pytest.raises(ConfigError, match=r"--beta \(in the command line; TRL's name for --dpo_beta, which this "
+                                          r"script does not have\)"):
+        parse_config(SFTSettings, env_file=None, args=["--beta", "0.1"])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--gradient_checkpointing"], "true"), (["--no_gradient_checkpointing"], "false"),
+    (["--gradient_checkpointing", "false"], "false"), (["--gradient_checkpointing", "auto"], "auto"),
+])
+def test_an_auto_true_false_setting_takes_trl_s_bare_flag_and_its_no_form(args, expected):
+    """TRL's gradient_checkpointing is a bool (`--gradient_checkpointing`, `--no_gradient_checkpointing`); alignkit's
+    has an auto too, and its bare flag stopped a TRL command line ('expects one value, got none')."""
+    assert parse_config(DPOSettings, env_file=None, args=args).gradient_checkpointing == expected
+
+
 def test_every_alias_names_a_training_setting():
     from alignkit.core.trl_names import ALIASES
 

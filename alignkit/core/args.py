@@ -155,6 +155,12 @@ def _convert(raw, tp, where, choices=None, whole=False, synonyms=None):
     return value
 
 
+def _why_not(vocab, name, fields) -> str:
+    """"; why" when a second vocabulary knows `name` but not for this script (alignkit.core.trl_names), else ""."""
+    why = vocab.why_not(name, fields) if vocab is not None else None
+    return f"; {why}" if why else ""
+
+
 def _suggest(name, names, prefix="", cls=None):
     """The way to say it: a setting the class names elsewhere (`elsewhere`: name -> where it goes instead), or the
     closest setting name."""
@@ -166,7 +172,7 @@ def _suggest(name, names, prefix="", cls=None):
 
 
 # ---------------------------------------------------------------- layers
-def _parse_cli(argv, types_, whole=frozenset(), flags=frozenset()):
+def _parse_cli(argv, types_, whole=frozenset(), flags=frozenset(), switches=frozenset()):
     """Return ({name: raw string, or a list for a `whole` field}, config path or None, wants_help, unknown names).
     Raw values are converted later. A `whole` field's values are its arguments as given, repeated flags adding
     more. An unknown option takes the values after it, so that every unknown one is reported together."""
@@ -194,8 +200,8 @@ def _parse_cli(argv, types_, whole=frozenset(), flags=frozenset()):
                 raise ConfigError("--config expects one value: the path of a YAML file")
             config = vals[0]
             continue
-        if name not in types_ and name.startswith("no_") and _unwrap_optional(types_.get(name[3:]))[0] is bool \
-                and not vals:
+        switch = lambda n: _unwrap_optional(types_.get(n))[0] is bool or n in switches  # noqa: E731
+        if name not in types_ and name.startswith("no_") and switch(name[3:]) and not vals:
             values[name[3:]] = "false"  # HfArgumentParser's --no_<flag> for a flag that defaults to true (TRL's CLI)
             continue
         if name not in types_:
@@ -206,7 +212,7 @@ def _parse_cli(argv, types_, whole=frozenset(), flags=frozenset()):
             values[name] = [*values.get(name, []), *vals]
         elif _list_item(inner) is not None:
             values[name] = ",".join(vals)  # `a b` and `a,b` both become "a,b"; `--x none` stays "none"
-        elif inner is bool and not vals:
+        elif switch(name) and not vals:  # a bool, or a choice of auto/true/false (TRL's bool there)
             values[name] = "true"
         elif len(vals) != 1:
             got = f"got {len(vals)}: {' '.join(vals)}" if vals else "got none"
@@ -319,7 +325,8 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
     whole = frozenset(n for n, f in fields.items() if f.metadata.get("whole"))
     cli_types = {**(vocab.cli_types() if vocab else {}), **types_}
     flags = frozenset(n for n, f in fields.items() if f.metadata.get("flags"))
-    cli, config_path, wants_help, unknown_flags = _parse_cli(list(args), cli_types, whole, flags)
+    switches = frozenset(n for n, f in fields.items() if {"true", "false"} <= set(f.metadata.get("choices") or ()))
+    cli, config_path, wants_help, unknown_flags = _parse_cli(list(args), cli_types, whole, flags, switches)
 
     env_from_file = set()
     if env_file is not None:
@@ -346,7 +353,8 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
                                             (overrides, "overrides", repr)), labels):
         fields_layer, bad, said = _translate(vocab, layer, where, fields, label)
         dashes = "--" if layer is cli else ""
-        unknown += [f"{show(k)} (in {where}{_suggest(k, [*fields, *cli_types], dashes, cls)})" for k in bad]
+        unknown += [f"{show(k)} (in {where}"
+                    f"{_why_not(vocab, k, fields) or _suggest(k, [*fields, *cli_types], dashes, cls)})" for k in bad]
         notes += said
         translated.append(fields_layer)
     unknown += [f"--{k} (on the command line{_suggest(k, [*cli_types, 'config'], '--', cls)})" for k in unknown_flags]

@@ -45,6 +45,7 @@ class Alias:
     convert: typing.Callable | None = None
     kind: type = str  # how a command line reads it: bool flags need no value
     note: str = ""
+    everywhere: bool = False  # read by every training script, with the target or without (use_peft: always true)
 
 
 def _on(value_if_true, value_if_false):
@@ -61,8 +62,8 @@ class _Weak:
 def _use_peft(value, where):
     if not _bool(value, where):
         raise ConfigError(f"{where} false asks for full fine-tuning; alignkit trains adapters only. "
-                          "Keep use_peft true (LoRA), pass --adapter lota for a sparse full-rank delta, or use TRL's "
-                          "own `trl sft`/`trl dpo` for full fine-tuning")
+                          "Keep use_peft true (LoRA), pass --adapter lota to sft.py or dpo.py for a sparse full-rank "
+                          "delta, or use TRL's own trainers for full fine-tuning")
     return SKIP
 
 
@@ -82,7 +83,7 @@ ALIASES = {
     "fp16": Alias("dtype", _on("fp16", "fp32"), bool, "true: --dtype fp16; false: fp32"),
     "use_liger_kernel": Alias("use_liger", lambda v, w: "true" if _bool(v, w) else "false", bool,
                               "alignkit's loader applies the kernels"),
-    "use_peft": Alias("adapter", _use_peft, bool, "alignkit always trains an adapter; false is refused"),
+    "use_peft": Alias("adapter", _use_peft, bool, "alignkit always trains an adapter; false is refused", True),
 }
 # Names that mean TRL's vocabulary on a command line: with them, --output_dir is the run's own folder, as in TRL.
 _TRL_ONLY = {"model_name_or_path", "dataset_name"}
@@ -291,7 +292,18 @@ class Vocabulary:
     def env_names(self, fields) -> list[str]:
         """The TRL names this script reads from ALIGNKIT_<NAME>: an alias of a setting it does not have (TRL's
         `beta` in sft.py) is another script's variable, passed by like ALIGNKIT_DPO_BETA."""
-        return [n for n in self.cli_types() if n not in ALIASES or ALIASES[n].target in fields]
+        return [n for n in self.cli_types() if n not in ALIASES or self._applies(n, fields)]
+
+    @staticmethod
+    def _applies(name: str, fields) -> bool:
+        return ALIASES[name].target in fields or ALIASES[name].everywhere
+
+    def why_not(self, name: str, fields) -> str | None:
+        """Why TRL's `name` is no setting of this script: it names one the script does not have (`beta` in
+        sft.py), said so instead of suggesting the very name back."""
+        if name in ALIASES and not self._applies(name, fields):
+            return f"TRL's name for --{ALIASES[name].target}, which this script does not have"
+        return None
 
     def translate(self, layer: Mapping, where: str, fields, label) -> tuple[dict, list[str], list[str]]:
         """(the layer in alignkit's field names, its unknown keys, notes on keys not applied); `label(key)`
@@ -318,7 +330,7 @@ class Vocabulary:
                 continue
             if key in fields:
                 out[key] = raw
-            elif key in ALIASES and ALIASES[key].target in fields:
+            elif key in ALIASES and self._applies(key, fields):
                 alias = ALIASES[key]
                 value = alias.convert(raw, label(key)) if alias.convert else raw
                 weak = isinstance(value, _Weak)
