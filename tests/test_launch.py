@@ -4,6 +4,8 @@ that cannot work refused in one line before anything loads (issue 24)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -495,6 +497,15 @@ def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_plac
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     (base / "model.safetensors").write_bytes(b"weighs2")
     assert training._changed(folder, s) == ["model files"]
+    (base / "model.safetensors").write_bytes(b"weights")
+    # The same folder and file spelled another way (./x/, x/./y) are the same inputs: the same command, typed
+    # differently, resumes (it moved the run aside and started over). Another file with the same rows is not.
+    respelled = dataclasses.replace(s, model_id=f"{base}/", dataset_id=str(tmp_path / "." / "pairs.jsonl"))
+    assert training._changed(folder, respelled) == [] and training.prepare_run(respelled, "sft")[1] is not None
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(data.read_text())
+    assert training._changed(folder, dataclasses.replace(s, dataset_id=str(copy))) == ["data files", "dataset_id"]
+    (base / "model.safetensors").write_bytes(b"weighs2")
     saved = json.loads((folder / training.CONFIG_FILE).read_text())
     del saved["inputs"]
     (folder / training.CONFIG_FILE).write_text(json.dumps(saved))

@@ -146,10 +146,19 @@ def _changed(folder: Path, s) -> list[str]:
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
     old, new = _training_view(saved), _training_view(config_to_dict(s))
     changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
+    # One folder or file spelled two ways (runs/sft, ./runs/sft/, its absolute path) is the same input: its content
+    # is compared below, under the spelling the run recorded (the data digest is keyed by it).
+    respelled = {k: old[k] for k in changed if _same_place(old.get(k), new.get(k))}
+    changed = [k for k in changed if k not in respelled]
     if "inputs" in saved:  # a run saved before alignkit recorded them compares by settings alone
-        now = run_inputs(s)
+        now = run_inputs(dataclasses.replace(s, **respelled) if respelled else s)
         changed += [k for k in now if saved["inputs"].get(k) != now[k]]
     return sorted(changed)
+
+
+def _same_place(a, b) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists() and \
+        Path(a).resolve() == Path(b).resolve()
 
 
 def run_inputs(s) -> dict:
