@@ -263,6 +263,9 @@ def _build_into(work: Path) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from alignkit.core.progress import apply_to_libraries
+
+    apply_to_libraries()  # save_pretrained's bar: drawn in a terminal, not into a batch job's log
     logger.info(f"building the tiny preset (once; about half a minute) in {work.parent}")
     data = make_data()
     tok = _train_tokenizer([_render(row["messages"]) for row in data["pretrain"]])
