@@ -336,7 +336,8 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
     plan = _plan(here, "eval", inputs["eval"], _whole(evaluation / "results.json"))
     ran |= bool(plan[0])
     if plan[0]:
-        _start(here, "eval", inputs["eval"], plan, [evaluation / "results.json", evaluation / "results.png"], aside, r)
+        # The whole folder: the earlier policy's answers too, which evaluate.py would refuse as another model's.
+        _start(here, "eval", inputs["eval"], plan, [evaluation], aside, r)
         previous = f"{policy}@{revision}" if revision else policy  # ID@REVISION: alignkit.core.sources
         args = ["pairwise", "--models", f"previous={previous}", f"round-{r}={dpo}", "--baseline", "previous",
                 "--prompts_file", s.eval_prompts or s.dataset_id, "--output_dir", str(evaluation),
