@@ -341,3 +341,50 @@ def test_a_run_moved_aside_twice_in_one_second_lands_beside_the_first_not_inside
     assert free_name(tmp_path, "leaderboard-k", ".csv") == tmp_path / "leaderboard-k.csv"
     (tmp_path / "leaderboard-k.csv").write_text("")
     assert free_name(tmp_path, "leaderboard-k", ".csv") == tmp_path / "leaderboard-k-2.csv"
+
+
+def test_a_run_killed_before_its_first_checkpoint_gives_the_earlier_run_back_at_the_next_command(tmp_path,
+                                                                                                  alignkit_log):
+    """A SIGKILL (the host's OOM killer) between the claim and the first checkpoint runs no `except`: the new
+    folder stayed claimed and empty and the finished run sat in NAME.previous-TIME, so the same command as before
+    retrained it from scratch. The next command now puts it back before it looks at the folder."""
+    from alignkit.core.config import SFTSettings
+    from alignkit.train import training
+
+    s = SFTSettings(output_dir=str(tmp_path), run_name="run", learning_rate=1e-3)
+    folder = tmp_path / "run"
+    (folder / "checkpoint-4").mkdir(parents=True)
+    (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_text("the finished run")
+    aside = training._claim(s, folder, None)  # ... and killed here
+    assert not (folder / "adapter_model.safetensors").exists() and (aside / "adapter_model.safetensors").exists()
+    folder_seen, resume = training.prepare_run(s, "sft")  # the next command, whatever its settings
+    assert (folder / "adapter_model.safetensors").read_text() == "the finished run" and not aside.exists()
+    assert resume is None  # other settings than the earlier run's: it will be moved aside again, properly
+    assert "stopped before its first checkpoint: the earlier run is back in place" in alignkit_log.text
+    # A folder that got as far as a checkpoint keeps it: nothing is put back over work.
+    aside = training._claim(s, folder, None)
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    training.prepare_run(s, "sft")
+    assert (folder / "checkpoint-2").is_dir() and aside.is_dir()
+
+
+def test_ctrl_c_while_the_folder_is_claimed_puts_the_earlier_run_back(tmp_path, monkeypatch):
+    """An interrupt inside the claim (after the move, while the settings are saved) skipped start_run's `except`:
+    the folder was gone and the earlier run only in NAME.previous-TIME."""
+    from alignkit.core.config import SFTSettings
+    from alignkit.train import training
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.json").write_text('{"earlier": 1}')
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_run_config", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training._claim(SFTSettings(output_dir=str(tmp_path), run_name="run"), folder, None)
+    assert (folder / "metrics.json").read_text() == '{"earlier": 1}'
+    assert not list(tmp_path.glob("run.previous-*"))

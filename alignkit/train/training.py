@@ -38,6 +38,9 @@ from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scri
 
 CONFIG_FILE = "alignkit_config.json"
 FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
+# In a claimed run folder until training finishes: where the earlier run went, for when this one is killed before
+# its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
+CLAIM_FILE = "alignkit_claim.json"
 # Settings that do not change what is trained: a run that differs only in these still resumes.
 NOT_TRAINING = {
     "resume", "merge_adaptors", "push_to_hub", "hub_repo_id", "hub_public", "report_to", "wandb_project",
@@ -125,6 +128,9 @@ def prepare_run(s, stage: str) -> tuple[Path, str | None]:
     """
     progress.quiet_library_noise()
     folder = run_dir(s, stage)
+    if int(os.environ.get("RANK", 0)) == 0:
+        _restore_stranded(folder)
+    every_process(None)  # the others look once the main process has put an earlier run back
     checkpoints = _checkpoints(folder) if folder.is_dir() else []
     resume = s.resume == "true" or (s.resume == "auto" and checkpoints and not _changed(folder, s))
     checkpoint = checkpoints[-1].name if resume and checkpoints else None
@@ -215,11 +221,36 @@ def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
         changed = _changed(folder, s)
         why = f"trained with other settings ({', '.join(changed)})" if changed else f"--resume {s.resume}"
         logger.info(f"{folder} holds an earlier run ({why}): moved it to {aside}")
-        shutil.move(str(folder), aside)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / FAILED_FILE).unlink(missing_ok=True)
-    save_run_config(s, folder / CONFIG_FILE)
+    try:  # a Ctrl-C anywhere in here gives the folder back too (start_run's `except` only covers training)
+        if aside:
+            shutil.move(str(folder), aside)
+        folder.mkdir(parents=True, exist_ok=True)
+        if aside:
+            write_atomic(folder / CLAIM_FILE, json.dumps({"earlier_run": str(aside)}) + "\n")
+        (folder / FAILED_FILE).unlink(missing_ok=True)
+        save_run_config(s, folder / CONFIG_FILE)
+    except BaseException as error:
+        if aside and Path(aside).exists():
+            _release(folder, aside, error)
+        raise
     return aside
+
+
+def _restore_stranded(folder: Path) -> None:
+    """A run killed before its first checkpoint (SIGKILL, the host's OOM killer: no `except` ran) left its folder
+    claimed and empty, and the earlier run aside: put the earlier run back before anything looks at the folder."""
+    claim = folder / CLAIM_FILE
+    if not claim.is_file() or _holds_work(folder):
+        return
+    try:
+        earlier = Path(json.loads(claim.read_text())["earlier_run"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if earlier.is_dir():
+        shutil.rmtree(folder)
+        shutil.move(str(earlier), folder)
+        logger.info(f"the run in {folder} stopped before its first checkpoint: the earlier run is back in place "
+                    f"(from {earlier})")
 
 
 def save_run_config(s, path: Path) -> None:
@@ -423,6 +454,8 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
     from alignkit.modeling.models import save_adapter
 
     base = source_id(s.model_id, getattr(s, "gguf_file", None))  # a GGUF in a folder or repo: recorded whole
+    if trainer.accelerator.is_main_process:
+        (folder / CLAIM_FILE).unlink(missing_ok=True)  # trained: the earlier run aside is history now
     # Every rank takes part in gathering the weights (a collective); only the main process writes them.
     state_dict = gathered_state_dict(trainer) if getattr(s, "adapter", "lora") != "lota" else None
     if trainer.accelerator.is_main_process and getattr(s, "adapter", "lora") == "lota":
