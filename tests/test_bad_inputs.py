@@ -97,6 +97,13 @@ CASES = [
     ("rlaif.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
     ("rlaif.py", [*TRAIN, "--adapter", "lota", "--reference", "start", "--rounds", "2"],
      "--adapter lota with --reference start is not supported past round 1", None),
+    ("sft.py", [*TRAIN, "--chat_template", "bad.jinja"],
+     "--chat_template bad.jinja: line 1: not a valid Jinja template (unexpected '}'); fix the template", None),
+    ("evaluate.py", ["vibes", "--preset", "tiny", "--chat_template", "latin1.jinja", "--prompts", "hi"],
+     "--chat_template latin1.jinja: not UTF-8 text (byte 0xe9 at offset 3); save the file as UTF-8", None),
+    ("merge.py", ["--adapter_dir", "bad-json.jsonl"],
+     "bad-json.jsonl is a file, not a model: pass the folder that holds it (.), a .gguf file, or a Hub id", None),
+    ("dpo.py", [*TRAIN, "--model_id", "some-folder/notes.txt"], "some-folder/notes.txt is a file, not a model", None),
     # A bad input found by a round's own step (label.py here, in its own process) is passed on as one line too.
     ("rlaif.py", [*TRAIN, "--judge", "nosuch"], "label.py stopped: --judge 'nosuch'", None),
 ]
@@ -118,6 +125,8 @@ def bad_files(tiny_cache, tmp_path_factory):
     (here / "margin-null.jsonl").write_text("".join(json.dumps(row) + "\n" for row in margin))
     (here / "latin1.yaml").write_bytes("learning_rate: 1e-4\nrun_name: caf\u00e9\n".encode("latin-1"))
     (here / "tab.yaml").write_text("learning_rate: 1e-4\nrun_name:\tx\n")
+    (here / "bad.jinja").write_text("{% for m in messages %}{{ m.role }}: {{ m.content }\n{% endfor %}")
+    (here / "latin1.jinja").write_bytes("caf\u00e9 {{ messages }}".encode("latin-1"))
     (here / "gguf-folder").mkdir()
     (here / "gguf-folder" / "model-Q4_0.gguf").write_bytes(b"GGUF")
     (here / "some-folder").mkdir()

@@ -93,14 +93,33 @@ def loader_settings(s, model_id: str, revision=_SAME, **changes) -> ModelSetting
 
 def chat_template_text(value: str) -> str:
     """--chat_template's Jinja text: a file's contents, or the value itself when it is a template (a recipe's
-    inline one, as the alignment-handbook writes them). It sits beside the setting so that the loader
-    (alignkit.modeling.models) and the identity of a model as loaded (alignkit.modeling.identity) read it one way."""
+    inline one, as the alignment-handbook writes them), checked to compile (as transformers compiles it). It sits
+    beside the setting so that the loader (alignkit.modeling.models) and the identity of a model as loaded
+    (alignkit.modeling.identity) read it one way; both do before the model loads, so a broken template is one line
+    then, not a traceback from inside TRL's dataset map."""
     if "{{" in value or "{%" in value:
-        return value
+        return _compiles(value, "--chat_template (the template given inline)")
     if not Path(value).is_file():
         raise UserError(f"--chat_template {value}: file not found; pass a Jinja chat template file or the template "
                         "itself")
-    return Path(value).read_text(encoding="utf-8")
+    try:
+        text = Path(value).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--chat_template {value}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        "save the file as UTF-8") from None
+    return _compiles(text, f"--chat_template {value}")
+
+
+def _compiles(text: str, where: str) -> str:
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template  # its extensions ({% generation %})
+
+    try:
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as e:
+        raise UserError(f"{where}: line {e.lineno}: not a valid Jinja template ({e.message}); fix the template") \
+            from None
+    return text
 
 
 def check_seed(seed: int) -> None:

@@ -117,6 +117,9 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
 
     if Path(source).is_dir():
         _check_model_folder(Path(source))
+    elif Path(source).is_file() and not source.lower().endswith(".gguf"):  # adapter_config.json, a data file, ...
+        raise UserError(f"{source} is a file, not a model: pass the folder that holds it ({Path(source).parent}), a "
+                        ".gguf file, or a Hub id")
     if Path(source).exists():
         return
     if _looks_local(source):
@@ -207,6 +210,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
 
     quiet_library_noise()
     check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
+    if getattr(s, "chat_template", None):
+        chat_template_text(s.chat_template)  # a missing or broken template: one line now, not after the weights
     # The chain down to the base, each part at its revision; LoTA deltas in it go into the weights (lota_delta).
     resolved = resolve(s.model_id, s.revision)
     base_id, base_revision, chain, deltas, revisions = resolved
