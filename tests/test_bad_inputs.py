@@ -104,6 +104,11 @@ CASES = [
     ("merge.py", ["--adapter_dir", "bad-json.jsonl"],
      "bad-json.jsonl is a file, not a model: pass the folder that holds it (.), a .gguf file, or a Hub id", None),
     ("dpo.py", [*TRAIN, "--model_id", "some-folder/notes.txt"], "some-folder/notes.txt is a file, not a model", None),
+    ("sft.py", [*TRAIN, "--lora_target_modules", "query_key_value"],
+     "has no module named query_key_value; its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, "
+     "up_proj, v_proj (or pass all-linear)", None),
+    # One misspelt name beside a good one trained a tenth of the adapter, without a word.
+    ("dpo.py", [*TRAIN, "--lora_target_modules", "q_proj,nosuch"], "has no module named nosuch;", None),
     # A bad input found by a round's own step (label.py here, in its own process) is passed on as one line too.
     ("rlaif.py", [*TRAIN, "--judge", "nosuch"], "label.py stopped: --judge 'nosuch'", None),
 ]

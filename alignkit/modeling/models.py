@@ -303,6 +303,7 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
     # two runs (or a run and its resume's straight twin) start from the same weights.
     set_seed(s.seed)
     targets = s.lora_target_modules
+    _check_targets(loaded.model, targets, s.model_id)
     config = LoraConfig(
         r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, task_type=task_type, bias="none",
         target_modules=targets[0] if targets == ["all-linear"] else targets,
@@ -323,6 +324,20 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
         model = get_peft_model(model, config, autocast_adapter_dtype=autocast)
     loaded.model = model
     return model
+
+
+def _check_targets(model, targets: list[str], source: str) -> None:
+    """Every --lora_target_modules name matches a module, as PEFT matches it (the name, or its last parts): a name
+    the model lacks was PEFT's traceback when none matched, and nothing at all when another one did."""
+    if targets == ["all-linear"]:
+        return
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                         and "lora_" not in n} - {"lm_head", "score"})
+        raise UserError(f"--lora_target_modules: {source} has no module named {', '.join(missing)}; its linear "
+                        f"layers are {', '.join(linear)} (or pass all-linear)")
 
 
 @contextlib.contextmanager
