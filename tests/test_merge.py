@@ -88,6 +88,35 @@ def test_a_checkpoint_of_a_run_on_an_adapter_is_the_whole_chain(dpo_run, sft_run
     assert len(identity.chain_identity(str(last))) == 3  # the checkpoint, its frozen_0 and the base
 
 
+def test_a_merge_replaces_its_output_whole_and_a_killed_one_leaves_the_earlier_merge_as_it_was(
+        sft_run, dpo_run, tmp_path, monkeypatch):
+    """merge_adapters wrote straight into --output_dir: a kill mid-write left the new weights under the earlier
+    merge.json and card (a folder that loads as another model than it says). It now writes beside the folder and
+    puts the result in place whole; a folder holding anything else is never replaced."""
+    out = tmp_path / "m1"
+    merge_module.merge_adapters(str(sft_run["run_folder"]), out)
+    (out / "stale-shard.safetensors").write_text("from an earlier merge")
+    merge_module.merge_adapters(str(sft_run["run_folder"]), out)
+    assert not (out / "stale-shard.safetensors").exists()
+    weights = (out / "model.safetensors").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_module.shutil, "copy", killed)  # after the weights, before merge.json
+    with pytest.raises(KeyboardInterrupt):
+        merge_module.merge_adapters(str(dpo_run["run_folder"]), out)
+    assert (out / "model.safetensors").read_bytes() == weights  # the earlier merge, whole
+    assert json.loads((out / "merge.json").read_text())["adapters"] == [str(sft_run["run_folder"])]
+    monkeypatch.undo()
+    merge_module.merge_adapters(str(dpo_run["run_folder"]), out)  # the next merge clears what was cut short
+    assert json.loads((out / "merge.json").read_text())["adapters"][-1] == str(dpo_run["run_folder"])
+    assert [p.name for p in tmp_path.iterdir()] == ["m1"]
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    with pytest.raises(merge_module.UserError, match="holds other things than a merged model"):
+        merge_module.merge_adapters(str(dpo_run["run_folder"]), tmp_path)
+
+
 def test_qlora_adapter_merges_both_ways(tiny_cache, tmp_path):
     run = run_script("dpo.py", "--preset", "tiny", "--quantization", "4bit", "--max_steps", "15",
                      "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", "qlora")

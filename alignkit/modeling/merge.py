@@ -31,6 +31,7 @@ from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.config import ModelSettings, loader_settings
 from alignkit.core.errors import UserError
+from alignkit.core.journal import write_atomic
 
 # Max |logit difference| accepted between the merged and the unmerged model, relative to the largest |logit|
 # (at least 1). Both run in fp32 and merging only reorders the same arithmetic, so the bound is fp32 noise
@@ -59,6 +60,10 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     from alignkit.core.launch import resolve_dtype
     from alignkit.modeling.models import REWARD, load_model, model_kind
 
+    final = Path(output_dir)
+    if final.exists() and not _a_merged_model(final):
+        raise UserError(f"--output_dir {output_dir} holds other things than a merged model: the merge replaces the "
+                        "folder whole; pass a new folder (or an earlier merge's)")
     reward = model_kind(str(adapter_dir)) == REWARD
     target = resolve_dtype(dtype)  # what is saved; the merge itself is done and checked in fp32
     settings = ModelSettings(model_id=str(adapter_dir), dtype="fp32", trust_remote_code=trust_remote_code,
@@ -90,7 +95,10 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     logger.info(f"merge check: max |logit difference| {diff:.2e} <= {tolerance:.2e} (fp32) over "
                 f"{len(CHECK_PROMPTS)} prompts")
     merged.to(target)
-    out = Path(output_dir)
+    # Written beside the output and put in its place whole: a kill mid-write leaves the earlier merged model as it
+    # was (not new weights under its old merge.json and card), and the next merge clears the partial folder.
+    out = final.parent / f".{final.name}.partial"
+    shutil.rmtree(out, ignore_errors=True)
     merged.save_pretrained(out, max_shard_size=max_shard_size)
     tok.save_pretrained(out)  # with its chat template
     # Generation stops at the tokenizer's eos (the chat template's end of turn) and pads with its own token.
@@ -108,11 +116,29 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         "max_logit_difference": diff, "tolerance": tolerance,
         "kind": "reward model" if reward else "causal language model",
     }, indent=2))
+    _put_in_place(out, final)
     from alignkit.core.card import model_card
 
     # Its card (what it was merged from, the run's settings and evaluations), as every adapter folder has one.
-    (out / "README.md").write_text(model_card(out), encoding="utf-8")
-    return out
+    write_atomic(final / "README.md", model_card(final))
+    return final
+
+
+def _a_merged_model(folder: Path) -> bool:
+    """What a merge (or one cut short) leaves: model, tokenizer and record files, no subfolder. Anything else
+    (a runs/ folder, the project's root) is not replaced."""
+    return folder.is_dir() and all(p.is_file() and p.suffix in (".json", ".safetensors", ".jinja", ".md", ".txt",
+                                                                 ".model", ".bin") for p in folder.iterdir())
+
+
+def _put_in_place(new: Path, final: Path) -> None:
+    """`new` becomes `final`; an earlier `final` is removed only once the new one is in its place."""
+    old = final.parent / f".{final.name}.replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def lota_expected_logits(loaded, batch, settings):
