@@ -223,6 +223,10 @@ def test_trl_booleans_pick_alignkits_choices(args, quantization, dtype):
     (["--use_peft", "false"], r"--use_peft false asks for full fine-tuning.*--adapter lota"),
     (["--eval_steps", "10", "--eval_split", "0"], r"eval_steps 10 but no held-out data.*--dataset_test_split"),
     (["--packing", "true"], r"unknown setting: --packing"),  # an SFTConfig field is not a DPO setting
+    # TRL types it dict | str, and a str that is no JSON object failed inside the trainer, after the model loaded.
+    (["--gradient_checkpointing_kwargs", "use_reentrant"],
+     r"--gradient_checkpointing_kwargs: 'use_reentrant' is not a mapping; write a JSON object or a YAML mapping"),
+    (["--lr_scheduler_kwargs", "min_lr"], r"--lr_scheduler_kwargs: 'min_lr' is not a mapping"),
 ])
 def test_bad_trl_values_are_one_line_errors(args, pattern):
     with pytest.raises(ConfigError, match=pattern):

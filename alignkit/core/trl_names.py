@@ -107,6 +107,9 @@ NOT_APPLIED = {
     "bnb_4bit_quant_storage": (_ANY, "chosen by the loader: the compute dtype under FSDP"),
 }
 _MODEL_AND_SCRIPT = ("ModelConfig", "ScriptArguments")
+# TrainingArguments' `dict | str` fields whose str is only JSON text (fsdp_config's and deepspeed's name a file).
+_MAPPINGS = {"gradient_checkpointing_kwargs": '{"use_reentrant": false}', "lr_scheduler_kwargs": '{"min_lr": 1e-6}',
+             "model_init_kwargs": '{"low_cpu_mem_usage": true}'}
 
 
 # ---------------------------------------------------------------- TRL's own field types
@@ -345,6 +348,9 @@ class Vocabulary:
                     notes.append(f"{key}: {reason}")
             elif key in self.passthrough:
                 extra[key] = trl_value(raw, self.passthrough[key], label(key))
+                if key in _MAPPINGS and isinstance(extra[key], str):  # typed dict | str, but a str fails in TRL
+                    raise ConfigError(f"invalid value for {label(key)}: {raw!r} is not a mapping; write a JSON object "
+                                      f"or a YAML mapping, e.g. {_MAPPINGS[key]}")
             else:
                 unknown.append(key)
         if extra:
