@@ -81,10 +81,12 @@ class Run:
 
 @dataclass
 class Prompt:
-    """A prompt as role/content turns; `key` (their digest) names it in every cache key."""
+    """A prompt as role/content turns; `key` (their digest) names it in every cache key, and `place` ("FILE: row
+    N", not part of the key) where it was read, for messages about it."""
 
     messages: list[dict]  # role/content turns ending with a user turn
     key: str = ""
+    place: str = field(default="", compare=False)
 
     def __post_init__(self):
         self.key = digest(self.messages)

@@ -162,9 +162,24 @@ def _column(columns, wanted: str, label: str, flag: str, fallbacks=()) -> str:
                     "that holds it.")
 
 
+def check_prompts_split(s) -> None:
+    """A single prompts file has no splits: a --prompts_split other than train is refused, as sft.py, dpo.py and
+    reward.py refuse --dataset_split on one (alignkit.core.mixture.check_file_splits), rather than ignored with
+    the whole file read. Without --prompts the prompts come from a responses file, a single file too."""
+    from alignkit.core.data_files import single_file
+
+    source = s.prompts or s.responses_a or s.responses_b
+    if s.prompts_split != "train" and single_file(source):
+        raise ConfigError(f"--prompts_split {s.prompts_split}: {source} is a single file, which has no splits (the "
+                          "whole file is the prompts). Drop --prompts_split, or pass a folder or Hub dataset that has "
+                          f"a {s.prompts_split} split")
+
+
 def load_prompts(run: Run) -> list[Prompt]:
-    """The distinct prompts of --prompts (or of --responses_a), in file order, at most --max_prompts."""
+    """The distinct prompts of --prompts (or of --responses_a), in file order, at most --max_prompts; each keeps
+    its place ("FILE: row N"), so a message about it can name it."""
     s = run.settings
+    check_prompts_split(s)
     if s.prompts:
         columns, rows, label, place = _rows(s.prompts, s.prompts_split, s.prompts_config)
     else:
@@ -172,7 +187,7 @@ def load_prompts(run: Run) -> list[Prompt]:
     column = _column(columns, s.prompt_field, label, "--prompt_field", () if s.prompts else ("prompt",))
     prompts, seen = [], set()
     for i, row in enumerate(rows):
-        prompt = Prompt(_as_messages(row.get(column), f"{place(i)}: field '{column}'"))
+        prompt = Prompt(_as_messages(row.get(column), f"{place(i)}: field '{column}'"), place=place(i))
         if prompt.key in seen:
             run.stats["duplicate prompts"] += 1
             continue
@@ -206,8 +221,9 @@ def _response_text(value, where: str) -> str | None:
                     "Fix the row, or pass --response_field with the right column.")
 
 
-def read_responses(path: str, s) -> dict[str, str | None]:
-    """A responses file as {prompt key: response}, matched to the prompts by the prompt itself (not by row)."""
+def response_rows(path: str, s) -> tuple[str, list[tuple[Prompt, str | None]]]:
+    """A responses file's prompt column, and its rows as (prompt, response) in file order; each prompt keeps its
+    place."""
     columns, rows, label, place = _rows(path)
     prompt_column = _column(columns, s.prompt_field, label, "--prompt_field", ("prompt",))
     if s.response_field == "auto":
@@ -218,13 +234,66 @@ def read_responses(path: str, s) -> dict[str, str | None]:
         response_column = found[0]
     else:
         response_column = _column(columns, s.response_field, label, "--response_field")
-    out: dict[str, str | None] = {}
+    out = []
     for i, row in enumerate(rows):
         where = f"{place(i)}: field"
-        key = Prompt(_as_messages(row.get(prompt_column), f"{where} '{prompt_column}'")).key
-        text = _response_text(row.get(response_column), f"{where} '{response_column}'")
-        out.setdefault(key, text)  # a repeated prompt keeps its first response
+        prompt = Prompt(_as_messages(row.get(prompt_column), f"{where} '{prompt_column}'"), place=place(i))
+        out.append((prompt, _response_text(row.get(response_column), f"{where} '{response_column}'")))
+    return prompt_column, out
+
+
+def _row_of(place: str, other: str) -> str:
+    """`other` ("FILE: row N") as "row N" when it is in the same file as `place`, else whole."""
+    source, _, row = other.rpartition(": ")
+    return row if source == place.rpartition(": ")[0] else other
+
+
+def by_prompt(column: str, rows: list[tuple[Prompt, str | None]]) -> dict[str, str | None]:
+    """{prompt key: response}. A prompt repeated with the same response counts once; with a different one, which
+    response to pair is ambiguous, so it is refused, naming both rows, rather than one kept silently."""
+    out: dict[str, str | None] = {}
+    first: dict[str, str] = {}
+    for prompt, text in rows:
+        if prompt.key in out and out[prompt.key] != text:
+            earlier = _row_of(prompt.place, first[prompt.key])
+            raise DataError(f"{prompt.place}: field '{column}': the same prompt as {earlier} but a different response, "
+                            "so which one to pair is ambiguous. Keep one row per prompt (delete or merge the other)")
+        out.setdefault(prompt.key, text)
+        first.setdefault(prompt.key, prompt.place)
     return out
+
+
+def read_responses(path: str, s) -> dict[str, str | None]:
+    """A responses file as {prompt key: response}, matched to the prompts by the prompt itself (not by row)."""
+    return by_prompt(*response_rows(path, s))
+
+
+def _brief(prompt: Prompt) -> str:
+    """A prompt for a message: its text (its turns when there are several), both ends kept when it is long, where
+    a stray space or line break shows."""
+    value = prompt.messages[0]["content"] if len(prompt.messages) == 1 else prompt.messages
+    text = repr(value)
+    return text if len(text) <= 70 else f"{text[:40]}...{text[-25:]}"
+
+
+def _no_match(path: str, column: str, rows, prompts: list[Prompt]) -> str:
+    """Why a responses file pairs with nothing: none of its prompts is one of the prompts to label. Prompts match
+    exactly (as their cache keys hash them), so the example is a pair that differs only in leading or trailing
+    whitespace when there is one, else the first row of each."""
+    def stripped(prompt):
+        return digest([{**m, "content": m["content"].strip()} for m in prompt.messages])
+
+    near = {stripped(p): p for p in reversed(prompts)}
+    theirs, ours = next(((r, near[stripped(r)]) for r, _ in rows if stripped(r) in near), (rows[0][0], prompts[0]))
+    source = ours.place.rpartition(": ")[0]
+    if stripped(theirs) == stripped(ours):
+        why = " (they differ only in leading or trailing whitespace)"
+        fix = "Strip the stray whitespace so the prompts are the same text"
+    else:
+        why, fix = "", f"Give it the same prompts as {source}, or pass --prompt_field with its column that holds them"
+    return (f"{path}: none of its {len({r.key for r, _ in rows})} prompts (field '{column}') is one of the "
+            f"{len(prompts)} prompts to label, which are matched exactly: e.g. its "
+            f"{theirs.place.rpartition(': ')[2]}, {_brief(theirs)}, and {ours.place}, {_brief(ours)}{why}. {fix}")
 
 
 def _generator_identity(run: Run, source: Source) -> dict:
@@ -253,7 +322,10 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
     todo = defaultdict(list)  # (kind, model) -> [(source number, prompt number, cache key)]
     for si, source in enumerate(run.sources):
         if source.kind == "file":
-            found = read_responses(source.spec, run.settings)
+            column, rows = response_rows(source.spec, run.settings)
+            found = by_prompt(column, rows)
+            if rows and prompts and not any(p.key in found for p in prompts):
+                raise DataError(_no_match(source.spec, column, rows, prompts))
             table[si] = [found.get(p.key) for p in prompts]
             missing = sum(t is None for t in table[si])
             if missing:

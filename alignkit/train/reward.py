@@ -62,27 +62,38 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, loss: str, margin:
 
 
 def _number(row: dict, column: str, where: str) -> float:
+    """A margin or score cell as a float. Text that holds a number counts (a CSV has no other kind of cell, and
+    JSON exports sometimes quote numbers); anything else, or a NaN or infinity, is refused by its row and field."""
     value = row.get(column)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{where}: field '{column}': expected a number (--use_margin reads it), got {value!r}. "
-                         "Fix the row, or drop --use_margin")
-    return float(value)
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+        if number is not None and math.isfinite(number):
+            return number
+    elif not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    raise DataError(f"{where}: field '{column}': expected a number (--use_margin reads it), got {value!r}. "
+                    "Fix the row, or drop --use_margin")
 
 
 def margins(source, split="train", config_name=None) -> list[float]:
-    """Each row's margin, in the data's row order: the `margin` column, else a score difference (see above)."""
-    from alignkit.core.data import load_rows
+    """Each row's margin, in the data's row order: the `margin` column, else a score difference (see above). A bad
+    cell is named by the row's place as alignkit.core.data_files keeps it (a JSON-lines file's line, past blank
+    ones), as every other data error is."""
+    from alignkit.core.data import read_rows
 
-    rows, label = load_rows(source, split, config_name)
-    columns = set(rows.column_names)
+    read = read_rows(source, split, config_name)
+    rows, columns = read.dicts(), set(read.columns())
     if "margin" in columns:
-        return [_number(row, "margin", f"{label}: row {i}") for i, row in enumerate(rows, 1)]
+        return [_number(row, "margin", read.place(i)) for i, row in enumerate(rows)]
     for chosen, rejected in SCORE_COLUMNS:
         if {chosen, rejected} <= columns:
-            return [_number(row, chosen, f"{label}: row {i}") - _number(row, rejected, f"{label}: row {i}")
-                    for i, row in enumerate(rows, 1)]
+            return [_number(row, chosen, read.place(i)) - _number(row, rejected, read.place(i))
+                    for i, row in enumerate(rows)]
     raise DataError(
-        f"{label}: --use_margin needs a 'margin' column, or scores of both answers ("
+        f"{read.label}: --use_margin needs a 'margin' column, or scores of both answers ("
         + " or ".join(f"{c}/{r}" for c, r in SCORE_COLUMNS) + f"); the columns are {', '.join(sorted(columns))}. "
         "Add one, or drop --use_margin"
     )

@@ -79,13 +79,21 @@ def parse_rating(text: str | None) -> float | None:
 
 
 def load_prompt_dataset(s):
-    """A Dataset with one conversational "prompt" column, read by label.py's prompt loader from --dataset_id."""
+    """A Dataset with one conversational "prompt" column, read by label.py's prompt loader from --dataset_id.
+
+    A single file has no splits: --dataset_split is refused there (alignkit.core.mixture.check_file_splits, as in
+    sft.py, dpo.py and reward.py) rather than ignored with the whole file read; its default names the default Hub
+    dataset's split, so it passes, and label.py's loader is then told "train" (its own check would refuse it)."""
     from datasets import Dataset
 
+    from alignkit.core.data_files import single_file
+    from alignkit.core.mixture import check_file_splits
     from alignkit.feedback.labeling import load_prompts
 
+    check_file_splits(s)
+    split = "train" if single_file(s.dataset_id) else s.dataset_split
     shim = SimpleNamespace(
-        settings=SimpleNamespace(prompts=s.dataset_id, prompts_split=s.dataset_split, prompts_config=s.dataset_config,
+        settings=SimpleNamespace(prompts=s.dataset_id, prompts_split=split, prompts_config=s.dataset_config,
                                  prompt_field=s.prompt_field, max_prompts=s.max_prompts, responses_a=None,
                                  responses_b=None),
         stats=Counter(),
