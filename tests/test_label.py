@@ -689,3 +689,28 @@ def test_vllm_backend_writes_what_transformers_writes_and_resumes_after_a_crash(
     assert len(load_sft(str(tmp_path / "vllm.jsonl"))) == 5  # sft.py reads it as it is
     summary = json.loads((tmp_path / "vllm.summary.json").read_text())
     assert {k: v for k, v in summary.items() if k != "output"} == {k: v for k, v in hf_summary.items() if k != "output"}
+
+
+def test_a_second_run_into_the_same_output_is_refused_before_it_writes_anything(tiny_cache, tmp_path):
+    """A label.py run refused as "in use" still overwrote the running run's .config.json first, so the record
+    said temperature 0.3 of data sampled at 1.0. The caches take the lock before anything is written now."""
+    import fcntl
+
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import LabelSettings
+    from alignkit.core.journal import InUse
+    from alignkit.feedback.labeling import prepare
+    from alignkit.modeling import presets
+
+    out = tmp_path / "prefs.jsonl"
+    config = out.with_suffix(".config.json")
+    config.write_text('{"temperature": 1.0}')
+    cache = out.with_suffix(".cache")
+    cache.mkdir()
+    s = parse_config(LabelSettings, args=["--preset", "tiny", "--output", str(out), "--temperature", "0.3"],
+                     env_file=None, presets=presets.named("label"))
+    with open(cache / "responses.jsonl", "a+b") as running:  # the running run holds its caches' lock
+        fcntl.flock(running.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InUse, match="in use by another label.py run"):
+            prepare(s)
+    assert config.read_text() == '{"temperature": 1.0}'

@@ -104,10 +104,12 @@ def prepare(s) -> Run:
         require_token()  # fail now, not after hours of judging
     cache_dir = Path(s.cache_dir) if s.cache_dir else output.with_suffix(".cache")
     output.parent.mkdir(parents=True, exist_ok=True)
-    save_config(s, output.with_suffix(".config.json"))
+    # The caches first: they take the lock, so a second run into the same output is refused before it writes
+    # anything (it overwrote the running run's .config.json).
     judgments = AppendLog(cache_dir / "judgments.jsonl") if judge else None
     run = Run(s, output, cache_dir, sources, pairing, judge, endpoints, AppendLog(cache_dir / "responses.jsonl"),
               judgments, backend=backend)
+    save_config(s, output.with_suffix(".config.json"))
     what = f"judge {judge.name}" + (f" with template {judge.template.name}" if judge.template else "") if judge else \
         f"{s.judge} grades each answer (--mode pointwise)" if s.mode == "pointwise" else "teacher completions"
     logger.info(f"label: {what}; responses from {', '.join(sorted({src.spec for src in sources}))}; cache "
