@@ -109,6 +109,11 @@ CASES = [
      "up_proj, v_proj (or pass all-linear)", None),
     # One misspelt name beside a good one trained a tenth of the adapter, without a word.
     ("dpo.py", [*TRAIN, "--lora_target_modules", "q_proj,nosuch"], "has no module named nosuch;", None),
+    # TRL drops what does not fit --max_length while it tokenizes: all of it was an IndexError when training began.
+    ("dpo.py", [*TRAIN, "--max_length", "4"],
+     "--max_length 4: the prompt alone is at least that many tokens in every one of the", None),
+    ("reward.py", [*TRAIN, "--max_length", "4"],
+     "--max_length 4: prompt + an answer is longer than that in every one of the", None),
     # A bad input found by a round's own step (label.py here, in its own process) is passed on as one line too.
     ("rlaif.py", [*TRAIN, "--judge", "nosuch"], "label.py stopped: --judge 'nosuch'", None),
 ]
@@ -195,3 +200,17 @@ def test_what_trl_refuses_across_fields_is_one_line_naming_its_config(tmp_path):
     line = str(caught.value)
     assert line.startswith("TRL's SFTConfig refuses these settings: ") and "load_best_model_at_end" in line
     assert "\n" not in line
+
+
+def test_pairs_trl_drops_for_max_length_are_counted_in_one_line(bad_files, tmp_path, alignkit_log):
+    """A tenth of the pairs, with prompts longer than --max_length, was dropped by TRL without a word: the run
+    said '40 training pairs' and trained on 30."""
+    good = {"prompt": "name three fruits.", "chosen": "apple, pear, plum", "rejected": "red, blue, green"}
+    rows = [dict(good, prompt=good["prompt"] + " please" * 40) if i % 4 == 0 else good for i in range(40)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_script("dpo.py", "--preset", "tiny", "--output_dir", str(tmp_path / "runs"), "--dataset_id", str(data),
+               "--eval_split", "0", "--max_length", "48", "--max_steps", "1", cwd=bad_files)
+    assert "10 of 40 training pairs dropped: the prompt alone is at least that many tokens (--max_length 48); " \
+           "raise --max_length to keep them" in alignkit_log.text
+

@@ -165,6 +165,28 @@ def keep_lora_dropout(model) -> None:
             dropout[TRAINABLE].p = p
 
 
+def _rows(dataset) -> int | None:
+    return len(dataset) if dataset is not None and hasattr(dataset, "__len__") and not isinstance(dataset, dict) \
+        else None
+
+
+def check_kept(trainer, given: tuple[int | None, int | None], because: str) -> None:
+    """TRL drops the pairs that do not fit --max_length while it tokenizes them, without a word (DPO: a prompt
+    that leaves no room for an answer; reward: an answer longer than max_length): say how many, and stop where
+    none is left (it was an IndexError or a sampler's ValueError when training started)."""
+    m = trainer.args.max_length
+    for split, before, dataset in (("training", given[0], trainer.train_dataset),
+                                   ("held-out", given[1], trainer.eval_dataset)):
+        kept = _rows(dataset)
+        if before is None or kept is None or kept == before:
+            continue
+        if kept == 0:
+            raise ConfigError(f"--max_length {m}: {because} in every one of the {before} {split} pairs, so TRL drops "
+                              "them all; raise --max_length")
+        logger.warning(f"{before - kept} of {before} {split} pairs dropped: {because} (--max_length {m}); raise "
+                       "--max_length to keep them")
+
+
 class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
     def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), reference_adapters=None,
                  prefix_sharing=True, simpo_gamma=0.5, cpo_alpha=0.0, **kwargs):
@@ -174,7 +196,10 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
         check_dpo_config(args)  # before TRL tokenizes the data
         self._choose_reference(frozen_adapters, reference_adapters)
         self.prefix_sharing = prefix_sharing and self._prefix_sharing_available(model)
+        given = (_rows(kwargs.get("train_dataset")), _rows(kwargs.get("eval_dataset")))
         super().__init__(model, None, args, *rest, **kwargs)
+        if args.truncation_mode == "keep_start":  # TRL's filter (keep_end truncates the prompt instead)
+            check_kept(self, given, "the prompt alone is at least that many tokens")
         peft_model = self.accelerator.unwrap_model(self.model)
         # TRL copies a pre-loaded adapter into a "ref" adapter; our reference pass does not need that copy.
         if "ref" in getattr(peft_model, "peft_config", {}):  # none without PEFT (a LoTA run)
