@@ -220,10 +220,12 @@ def test_byte_order_mark_is_dropped(tmp_path):
 @pytest.mark.parametrize("name, content, says", [
     ("p.jsonl", json.dumps(GOOD).encode() + b"\n" + json.dumps(dict(GOOD, prompt="caf\u00e9"),
                                                               ensure_ascii=False).encode("latin-1") + b"\n",
-     "line 2: not UTF-8 text (byte 0xe9 at column 16). Save the file as UTF-8 (in Excel: CSV UTF-8)."),
+     "line 2: not UTF-8 text (byte 0xe9 at column 16). Save the file as UTF-8."),
+    ("p.csv", b"prompt,chosen\ncaf\xe9,a\n",  # Excel's Save As offers the fix by that name
+     "line 2: not UTF-8 text (byte 0xe9 at column 4). Save the file as UTF-8 (in Excel: CSV UTF-8)."),
     ("p.csv", b"prompt,chosen,rejected\nq,a, b,c\n",
      "row 1: 4 values, but the header names 3 columns. Fix the row (quote a value that holds a comma)."),
-], ids=["not utf-8", "csv row longer than its header"])
+], ids=["not utf-8", "csv not utf-8", "csv row longer than its header"])
 def test_a_file_that_cannot_be_read_names_its_line_and_the_fix(tmp_path, name, content, says):
     path = tmp_path / name
     path.write_bytes(content)

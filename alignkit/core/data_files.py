@@ -234,20 +234,23 @@ def _read_file(path, label) -> Rows:
             raw = f.read()
     except (OSError, ValueError) as e:
         raise DataError(f"{label}: cannot read the file: {e}") from e
-    text = _decode(raw, label)
+    text = decode_text(raw, label)
     return _read_csv(text, label) if suffix == ".csv" else _read_json(text, label)
 
 
-def _decode(raw: bytes, label) -> str:
-    """The file's text; a UTF-8 byte order mark (Excel's "CSV UTF-8", some editors) is dropped, as utf-8-sig does."""
+def decode_text(raw: bytes, label) -> str:
+    """The file's text; a UTF-8 byte order mark (Excel's "CSV UTF-8", some editors) is dropped, as utf-8-sig does.
+    Not UTF-8 is one line naming the line, the byte and the fix: the one wording for every file alignkit reads
+    (data, prompts, eval sets, caches: alignkit.core.journal.read_jsonl)."""
     raw = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         start = raw.rfind(b"\n", 0, e.start) + 1
         line, column = raw.count(b"\n", 0, e.start) + 1, len(raw[start:e.start].decode("utf-8", "replace")) + 1
+        excel = " (in Excel: CSV UTF-8)" if str(label).lower().endswith((".csv", ".tsv")) else ""
         raise DataError(f"{label}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}). "
-                        "Save the file as UTF-8 (in Excel: CSV UTF-8).") from None
+                        f"Save the file as UTF-8{excel}.") from None
 
 
 def _read_csv(text, label) -> Rows:

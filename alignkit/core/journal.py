@@ -152,17 +152,20 @@ def append_jsonl(path, rows) -> None:
 def read_jsonl(path, what: str, repair_tail: bool = False) -> list[tuple[int, dict]]:
     """(line number, object) for each row; a bad row is an error naming the file and line, and `what` to do.
 
+    The text is UTF-8, a byte order mark at its start dropped (as the training data loader does); bytes that are
+    not UTF-8 are an error naming the line, the byte and the fix (alignkit.core.data_files' one wording for it).
     repair_tail: a last line cut short (a run killed mid-write) is cut off the file instead, by truncating it to
     the end of the last whole line: a kill during the repair leaves every earlier line as it was (a rewrite of the
-    whole file would not). A whole last row that only lacks its newline is kept, and the newline added.
+    whole file would not). A whole last row that only lacks its newline is kept, and the newline added. A cut may
+    split the last line's last character: that line is torn anyway, so it is cut off too, not reported as not UTF-8.
     """
     path = Path(path)
     if not path.is_file():
         return []
     data = path.read_bytes()
     end = _whole_lines_end(data)
-    lines = data[:end].decode("utf-8").split("\n")[:-1]
-    tail = data[end:].decode("utf-8", errors="replace")  # a cut may split a character; such a line is torn anyway
+    lines = _text(data, path, repair_tail).split("\n")
+    tail = lines.pop()  # after the last newline: "" or a last line without its newline (whole, or torn)
     rows = []
     for i, line in enumerate(lines + ([tail] if tail.strip() else []), 1):
         if not line.strip():
@@ -183,6 +186,25 @@ def read_jsonl(path, what: str, repair_tail: bool = False) -> list[tuple[int, di
             with _append_lock, open(path, "ab") as f:
                 f.write(b"\n")
     return rows
+
+
+def _text(data: bytes, path, repair_tail: bool) -> str:
+    """`data` decoded as UTF-8 (a leading byte order mark dropped); not UTF-8 is a DataError naming the line.
+
+    repair_tail: a last line without its newline that ends in part of a character (a write cut mid-character)
+    has that part read as U+FFFD, as before, so that read_jsonl finds the line torn and cuts it off the file.
+    """
+    from alignkit.core.data_files import decode_text  # here, not at the top: it imports `datasets`, and every script
+    # imports this module (through alignkit.core.args) long before it reads a JSONL file, if it ever does
+
+    if repair_tail:
+        end = _whole_lines_end(data)
+        try:
+            data[end:].decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.reason == "unexpected end of data":  # only the last character is incomplete
+                data = data[:end + e.start] + "\ufffd".encode()
+    return decode_text(data, path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -42,13 +42,17 @@ def hub_file(filename: str, how: str) -> Path:
 
 
 def read_rows(path, flag: str) -> list[tuple[str, dict]]:
-    """(where, row) of a JSON list or JSONL file; a bad file or row is an error naming the file and row."""
+    """(where, row) of a JSON list or JSONL file; a bad file or row is an error naming the file and row.
+
+    UTF-8 text, a byte order mark dropped, as the training data loader reads it (alignkit.core.data_files, whose
+    error for bytes that are not UTF-8 names the line and the fix)."""
+    from alignkit.core.data_files import decode_text
     from alignkit.core.journal import read_jsonl
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{flag} {path} not found; check the path")
-    text = path.read_text(encoding="utf-8")
+    text = decode_text(path.read_bytes(), path)
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             data = json.loads(text)

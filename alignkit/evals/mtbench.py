@@ -18,6 +18,7 @@ ALIGNKIT_OFFLINE or HF_HUB_OFFLINE is set: then a clear error says to pass --mt_
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import re
@@ -191,28 +192,51 @@ def check_references(questions, references, need_ref_cats, path) -> None:
                 )
 
 
+_PROMPTS_FORMATS = ('--prompts_file takes JSONL (one {"prompt": ...} object a line) or a .txt file (one prompt a '
+                    'line)')
+_PROMPTS_FIXES = {
+    "prompt": 'each row needs "prompt": a non-empty string',
+    "question_id": 'give every row its own integer "question_id", or leave the field out (rows are then numbered '
+                   '1, 2, ...)',
+    "category": 'make "category" a string, or leave it out (the row then counts under "prompts")',
+}
+
+
+def _prompts_format(path, data: bytes) -> None:
+    """A JSON array or a table as --prompts_file: an error naming the formats it takes, not "not valid JSON"."""
+    if data.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"[":
+        raise ConfigError(f"{path}: holds a JSON array; {_PROMPTS_FORMATS}: write each object on a line of its own")
+    if path.suffix.lower() in (".csv", ".tsv", ".parquet"):
+        raise ConfigError(f"{path}: a {path.suffix.lower()[1:].upper()} file; {_PROMPTS_FORMATS}")
+
+
 def prompt_questions(path) -> list[dict]:
-    """Single-turn questions from a prompts file: JSONL rows {"prompt", optional "category" and "question_id"},
-    or a .txt file with one prompt a line. A row without a category counts under "prompts"."""
+    """Single-turn questions from a prompts file: JSONL rows {"prompt", optional "category" and "question_id" (an
+    integer: FastChat's answer files key on it)}, or a .txt file with one prompt a line. A row without a category
+    counts under "prompts"; rows without a question_id are numbered 1, 2, ... Either file is UTF-8 text (a byte
+    order mark is dropped); any other format is an error naming the two it takes."""
+    from alignkit.core.data_files import decode_text
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--prompts_file {path} not found; check the path")
-    fix = 'each row needs "prompt": a non-empty string'
     if path.suffix == ".txt":
-        rows = [(i, {"prompt": line.strip()}) for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1)
+        rows = [(i, {"prompt": line.strip()}) for i, line in enumerate(decode_text(path.read_bytes(), path).split("\n"), 1)
                 if line.strip()]
     else:
-        rows = read_jsonl(path, fix)
+        _prompts_format(path, path.read_bytes())
+        rows = read_jsonl(path, _PROMPTS_FORMATS)
     questions = []
+    fix = _PROMPTS_FIXES
     for n, (line, row) in enumerate(rows, 1):
-        prompt = _field(path, line, row, "prompt", str, fix)
+        prompt = _field(path, line, row, "prompt", str, fix["prompt"])
         if not prompt.strip():
-            raise ConfigError(f"{path}, line {line}: field 'prompt' is empty; {fix}")
-        qid = _field(path, line, row, "question_id", int, fix) if "question_id" in row else n
-        category = _field(path, line, row, "category", str, fix) if "category" in row else "prompts"
+            raise ConfigError(f"{path}, line {line}: field 'prompt' is empty; {fix['prompt']}")
+        qid = _field(path, line, row, "question_id", int, fix["question_id"]) if "question_id" in row else n
+        category = _field(path, line, row, "category", str, fix["category"]) if "category" in row else "prompts"
         questions.append({"question_id": qid, "category": category, "turns": [prompt]})
     if not questions:
-        raise ConfigError(f"{path} holds no prompts; {fix}")
+        raise ConfigError(f"{path} holds no prompts; {fix['prompt']}")
     if len({q["question_id"] for q in questions}) != len(questions):
         raise ConfigError(f"{path}: question_id values repeat; give every row its own, or none")
     return questions
