@@ -251,3 +251,37 @@ def test_the_policy_samples_trains_and_is_judged_as_loaded_the_same_way(tmp_path
     s = RLAIFSettings(model_id=str(gguf), gguf_file="model.Q4_0.gguf", dataset_id=str(prompts))
     assert rlaif.start_model(s) == str(gguf / "model.Q4_0.gguf")  # one name every script loads without the flag
     assert "gguf_file" not in rlaif._dpo_values(s) and rlaif.revision_of(s, rlaif.start_model(s)) is None
+
+
+def test_a_step_stops_when_rlaif_is_killed(tmp_path):
+    """rlaif.py killed (SIGKILL, SIGTERM) left its dpo.py running: a rerun then started a second dpo.py in the
+    same run folder, both writing checkpoints. A step now gets a SIGTERM when rlaif.py dies."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "step.py").write_text("import os, pathlib, sys, time\n"
+                                      "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\ntime.sleep(60)\n")
+    pid_file = tmp_path / "step.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, sys\nfrom alignkit.train import rlaif\n"
+        f"rlaif.ROOT = pathlib.Path({str(tmp_path)!r})\n"
+        f"rlaif._run('step.py', [{str(pid_file)!r}], pathlib.Path({str(tmp_path / 'log.txt')!r}))\n")])
+    for _ in range(300):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    step = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(step, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(step, signal.SIGKILL)
+        raise AssertionError("the step outlived rlaif.py")

@@ -78,8 +78,9 @@ def _run(script: str, args: list[str], log: Path) -> None:
     command = [sys.executable, str(ROOT / script), *args]
     logger.info(f"{script} {' '.join(shlex.quote(a) for a in args)}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    with open(log, "a", encoding="utf-8") as out:
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+    with open(log, "a", encoding="utf-8") as out:  # Ctrl-C: subprocess.run stops the step before it re-raises
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                              preexec_fn=_stop_with_parent(os.getpid()) if sys.platform == "linux" else None)
     if done.returncode == EXIT_USER_ERROR:  # the step named a bad input in one `error:` line: pass that line on
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
         said = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), "see the log")
@@ -89,6 +90,21 @@ def _run(script: str, args: list[str], log: Path) -> None:
         tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
         raise RuntimeError(f"{script} failed (exit {done.returncode}); its log: {log}\n{tail}\nFix the cause and run "
                            "the same rlaif.py command again: it resumes at this round")
+
+
+def _stop_with_parent(parent: int):
+    """In the step's process, before it starts: a SIGTERM when rlaif.py dies (SIGKILL, SIGTERM: no `except` runs),
+    so a step is never left training on while a rerun starts a second one in the same folder (Linux's
+    PR_SET_PDEATHSIG; the step's run folder is then claimed and restored as after any kill)."""
+    def arm() -> None:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # rlaif.py died before this was armed
+            os._exit(143)
+
+    return arm
 
 
 def _dpo_config(s, path: Path) -> None:
