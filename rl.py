@@ -45,6 +45,9 @@ settings = parse_config(
 presets.ensure(settings)
 establish_launch(settings, "rl.py")  # the process's device, the process group, what this launch refuses
 preflight(settings)  # a push's token and base, wandb's key, the Hub: checked now, not after hours of training
+from alignkit.core.mixture import check_file_splits
+
+check_file_splits(settings)  # a single prompts file has no splits: --dataset_split is refused now, before the model
 
 # %% [markdown]
 # ## Run folder
