@@ -570,3 +570,26 @@ def test_mt_bench_answers_on_vllm_in_the_transformers_format(mt_data, sft_run, t
             turns = record["choices"][0]["turns"]
             assert len(turns) == len(other["choices"][0]["turns"]) == 2 and turns[0].startswith("vllm says: ")
     assert set(common.load_model_answers(str(tmp_path / "vllm" / "model_answer"))) == {"base", "sft"}
+
+
+def test_a_second_pairwise_run_into_the_same_folder_is_refused(tmp_path):
+    """Two evaluate.py runs into one --output_dir both generated every answer and both paid the judge for the
+    matches they shared. The folder is held for one run now; the same process may take it again (a notebook)."""
+    import fcntl
+
+    from alignkit.core.journal import InUse
+    from alignkit.evals.evaluation import Pairwise, parse_command
+
+    out = tmp_path / "pw"
+    _, s = parse_command(["pairwise", "--models", "a=org/a", "b=org/b", "--judge_model", "rule", "--prompts_file",
+                          "p.jsonl", "--output_dir", str(out)])
+    Pairwise.start("pairwise", s)
+    Pairwise.start("pairwise", s)  # a notebook cell run again
+    from alignkit.core import journal
+
+    journal._held.pop(str((out / ".evaluate.lock").resolve())).close()  # as if that run were another process
+    with open(out / ".evaluate.lock", "a+b") as running:
+        fcntl.flock(running.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InUse, match=f"^{out} is in use by another evaluate.py run; let it finish, or pass "
+                                        "another --output_dir$"):
+            Pairwise.start("pairwise", s)

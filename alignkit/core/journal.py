@@ -33,6 +33,29 @@ class InUse(UserError, RuntimeError):
     """Another run holds this journal: two would pay for the same requests twice. A RuntimeError as before."""
 
 
+_held: dict[str, object] = {}
+
+
+def hold(path: str | os.PathLike, owner: str, fix: str):
+    """An exclusive lock on `path` (made if missing) for the rest of this process, so two runs into one output
+    folder never both pay a judge for the same requests: a second one is refused with InUse. Taken again in the
+    same process (a notebook cell run twice), the earlier hold is let go first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stale = _held.pop(str(path.resolve()), None)
+    if stale is not None:
+        stale.close()
+    file = open(path, "a+b")
+    if fcntl is not None:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.close()
+            raise InUse(f"{path.parent} is in use by another {owner} run; {fix}") from None
+    _held[str(path.resolve())] = file
+    return file
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Append-only logs
 

@@ -122,6 +122,10 @@ def run(s, backend: str) -> dict:
     # Absolute: alpaca_eval resolves a relative annotator config path against its own package folder.
     output_dir = Path(s.output_dir).resolve()
     client = None if use_rule else endpoint(s)  # a missing key stops the run before any model is loaded
+    from alignkit.core.journal import hold
+
+    # One run per folder: a second would generate the same outputs and pay the annotator again.
+    hold(output_dir / ".evaluate.lock", "evaluate.py alpaca_eval", "let it finish, or pass another --output_dir")
     if s.preset == "tiny" and s.eval_set == str(Path(tiny_defaults()["eval_set"])):
         tiny_eval_set()
     ae = load_package()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError, config_to_dict, parse_config, redact, save_config
+from alignkit.core.journal import hold
 from alignkit.core.config import (
     AlpacaEvalSettings, LMEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings,
 )
@@ -161,7 +162,8 @@ class Pairwise:
             raise ConfigError("pairwise judging needs at least two --models, e.g. base=ID dpo=PATH")
         client = None if use_rule else judge_client(s, what="the judge (--judge_api_key_env names the key's variable)")
         output_dir = Path(s.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        # One run per folder: a second would generate the same answers and pay the judge for the same matches again.
+        hold(output_dir / ".evaluate.lock", "evaluate.py", "let it finish, or pass another --output_dir")
         save_config(s, output_dir / "evaluate_config.json")  # secrets redacted
         return cls(command, s, models, baseline, use_rule, client, output_dir)
 
