@@ -111,21 +111,22 @@ def test_a_json_array_or_a_table_as_prompts_file_names_the_formats_it_takes(tmp_
 
 
 # ---------------------------------------------------------------- 4. the fix names the field that is wrong
-def test_a_bad_question_id_or_category_names_that_field_and_its_fix(tmp_path):
-    path = write(tmp_path / "prompts.jsonl", b'{"prompt": "hi"}\n{"prompt": "yo", "question_id": "q0"}\n')
-    with pytest.raises(ConfigError, match=exactly(
-            f"{path}, line 2: field 'question_id' must be an integer, got 'q0'; give every row its own integer "
-            '"question_id", or leave the field out (rows are then numbered 1, 2, ...)')):
+@pytest.mark.parametrize("rows, says", [
+    (b'{"prompt": "hi"}\n{"prompt": "yo", "question_id": "q0"}\n',
+     "line 2: field 'question_id' must be an integer, got 'q0'; give every row its own integer \"question_id\", or "
+     "leave the field out (rows are then numbered 1, 2, ...)"),
+    (b'{"prompt": "hi", "category": 5}\n',
+     "line 1: field 'category' must be a string, got 5; make \"category\" a string, or leave it out (the row then "
+     "counts under \"prompts\")"),
+    (b'{"text": "hi"}\n',
+     "line 1: field 'prompt' must be a string, got None; each row needs \"prompt\": a non-empty string"),
+], ids=["question_id", "category", "prompt"])
+def test_a_bad_question_id_or_category_names_that_field_and_its_fix(tmp_path, rows, says):
+    path = write(tmp_path / "prompts.jsonl", rows)
+    with pytest.raises(ConfigError, match=exactly(f"{path}, {says}")):
         mtbench.prompt_questions(path)
-    path = write(tmp_path / "prompts.jsonl", b'{"prompt": "hi", "category": 5}\n')
-    with pytest.raises(ConfigError, match=exactly(
-            f"{path}, line 1: field 'category' must be a string, got 5; make \"category\" a string, or leave it out "
-            '(the row then counts under "prompts")')):
-        mtbench.prompt_questions(path)
-    path = write(tmp_path / "prompts.jsonl", b'{"text": "hi"}\n')
-    with pytest.raises(ConfigError, match=exactly(
-            f"{path}, line 1: field 'prompt' must be a string, got None; each row needs \"prompt\": a non-empty "
-            "string")):
-        mtbench.prompt_questions(path)
+
+
+def test_an_integer_question_id_is_taken(tmp_path):
     path = write(tmp_path / "prompts.jsonl", b'{"prompt": "hi", "question_id": 7}\n{"prompt": "yo"}\n')
     assert [q["question_id"] for q in mtbench.prompt_questions(path)] == [7, 2]  # an integer id is taken
