@@ -213,6 +213,18 @@ def scores_held_out(is_main_process: bool) -> bool:
     return is_main_process or sharded_launch() is not None
 
 
+def _reshard(model) -> None:
+    """FSDP2 leaves the root module's weights gathered after a forward pass without gradients; sharded again, the
+    state dict that saves the adapter afterwards (training.gathered_state_dict) reads the shards it expects."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16, max_length: int | None = None,
                     write: bool = True) -> dict:
     """Score every held-out pair; accuracy, means and standard deviations, and (`write`) a histogram PNG and the
@@ -227,6 +239,7 @@ def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16,
     chosen = score(model, tokenizer, [p + c for p, c in zip(pairs["prompt"], pairs["chosen"])], batch_size, max_length)
     rejected = score(model, tokenizer, [p + r for p, r in zip(pairs["prompt"], pairs["rejected"])], batch_size,
                      max_length)
+    _reshard(model)
     c, r = torch.tensor(chosen), torch.tensor(rejected)
     report = {
         "held_out_pairs": len(chosen), "held_out_accuracy": (c > r).float().mean().item(),
