@@ -25,7 +25,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   llm (the chat-client factory for OpenAI-compatible endpoints).
 - modeling (load, generate, merge models; the presets):
   models (the one loader),
-  chain (where a model comes from: a Hub id or a local path, and its adapter chain),
+  chain (a model's adapter chain down to its base, a checkpoint's frozen adapters included),
   identity (the one identity of a model as loaded, which every cache of model outputs keys on),
   gguf (GGUF files converted once),
   generation (local answering engines: transformers, vLLM),
@@ -34,7 +34,8 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   presets (the offline `tiny` demo and its rule),
   smol (SmolLM2-135M).
 - train (training and its algorithms):
-  training (run folders, TRL configs, resume, finish), sampling (--group_by_length's batches),
+  training (checks, TRL configs, finish), run_folder (a run's folder: resume, claim, give back),
+  sampling (--group_by_length's batches),
   report (training.png and the closing summary of a run),
   trainers (alignkit's TRL trainers),
   losses (preference losses TRL lacks: the DPO paper's, SimPO, ORPO),

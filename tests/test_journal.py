@@ -325,16 +325,16 @@ def test_a_run_moved_aside_twice_in_one_second_lands_beside_the_first_not_inside
     folder (shutil.move into an existing directory), nesting one run in another. Now it takes the next free name."""
     from alignkit.core.config import SFTSettings
     from alignkit.core.journal import free_name
-    from alignkit.train import training
+    from alignkit.train import run_folder
 
-    monkeypatch.setattr(training.time, "strftime", lambda fmt: "20261203-120000")
+    monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "20261203-120000")
     folder = tmp_path / "run"
     earlier = tmp_path / "run.previous-20261203-120000"
     earlier.mkdir()
     (earlier / "metrics.json").write_text('{"first": 1}')
     folder.mkdir()
     (folder / "metrics.json").write_text('{"second": 2}')
-    aside = training._claim(SFTSettings(output_dir=str(tmp_path), run_name="run"), folder, None)
+    aside = run_folder._claim(SFTSettings(output_dir=str(tmp_path), run_name="run"), folder, None)
     assert aside == tmp_path / "run.previous-20261203-120000-2"
     assert (aside / "metrics.json").read_text() == '{"second": 2}'
     assert sorted(p.name for p in earlier.iterdir()) == ["metrics.json"]  # the first stays whole, nothing inside
@@ -349,21 +349,21 @@ def test_a_run_killed_before_its_first_checkpoint_gives_the_earlier_run_back_at_
     folder stayed claimed and empty and the finished run sat in NAME.previous-TIME, so the same command as before
     retrained it from scratch. The next command now puts it back before it looks at the folder."""
     from alignkit.core.config import SFTSettings
-    from alignkit.train import training
+    from alignkit.train import run_folder, training
 
     s = SFTSettings(output_dir=str(tmp_path), run_name="run", learning_rate=1e-3)
     folder = tmp_path / "run"
     (folder / "checkpoint-4").mkdir(parents=True)
     (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
     (folder / "adapter_model.safetensors").write_text("the finished run")
-    aside = training._claim(s, folder, None)  # ... and killed here
+    aside = run_folder._claim(s, folder, None)  # ... and killed here
     assert not (folder / "adapter_model.safetensors").exists() and (aside / "adapter_model.safetensors").exists()
     folder_seen, resume = training.prepare_run(s, "sft")  # the next command, whatever its settings
     assert (folder / "adapter_model.safetensors").read_text() == "the finished run" and not aside.exists()
     assert resume is None  # other settings than the earlier run's: it will be moved aside again, properly
     assert "stopped before its first checkpoint: the earlier run is back in place" in alignkit_log.text
     # A folder that got as far as a checkpoint keeps it: nothing is put back over work.
-    aside = training._claim(s, folder, None)
+    aside = run_folder._claim(s, folder, None)
     (folder / "checkpoint-2").mkdir()
     (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
     training.prepare_run(s, "sft")
@@ -374,7 +374,7 @@ def test_ctrl_c_while_the_folder_is_claimed_puts_the_earlier_run_back(tmp_path, 
     """An interrupt inside the claim (after the move, while the settings are saved) skipped start_run's `except`:
     the folder was gone and the earlier run only in NAME.previous-TIME."""
     from alignkit.core.config import SFTSettings
-    from alignkit.train import training
+    from alignkit.train import run_folder
 
     folder = tmp_path / "run"
     folder.mkdir()
@@ -383,8 +383,8 @@ def test_ctrl_c_while_the_folder_is_claimed_puts_the_earlier_run_back(tmp_path, 
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_run_config", interrupted)
+    monkeypatch.setattr(run_folder, "save_run_config", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        training._claim(SFTSettings(output_dir=str(tmp_path), run_name="run"), folder, None)
+        run_folder._claim(SFTSettings(output_dir=str(tmp_path), run_name="run"), folder, None)
     assert (folder / "metrics.json").read_text() == '{"earlier": 1}'
     assert not list(tmp_path.glob("run.previous-*"))

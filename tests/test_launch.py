@@ -16,7 +16,7 @@ from alignkit.core import launch
 from alignkit.core.config import DPOSettings, MergeSettings, RewardSettings, RLSettings, SFTSettings
 from alignkit.core.errors import UserError
 from alignkit.modeling import presets
-from alignkit.train import training
+from alignkit.train import run_folder, training
 
 from conftest import in_two_ranks
 from test_gpu_paths import _meta_llama, fake_gpus, load_kwargs  # noqa: F401 - load_kwargs is a fixture
@@ -493,20 +493,20 @@ def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_plac
     training.save_run_config(s, folder / training.CONFIG_FILE)
     assert training.prepare_run(s, "sft")[1] == str(folder / "checkpoint-2")
     data.write_text('{"prompt": "a", "chosen": "B", "rejected": "c"}\n')
-    assert training._changed(folder, s) == ["data files"] and training.prepare_run(s, "sft")[1] is None
+    assert run_folder._changed(folder, s) == ["data files"] and training.prepare_run(s, "sft")[1] is None
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     (base / "model.safetensors").write_bytes(b"weighs2")
-    assert training._changed(folder, s) == ["model files"]
+    assert run_folder._changed(folder, s) == ["model files"]
     (base / "model.safetensors").write_bytes(b"weights")
     # The same folder and file spelled another way (./x/, x/./y) are the same inputs: the same command, typed
     # differently, resumes (it moved the run aside and started over). Another file with the same rows is not.
     respelled = dataclasses.replace(s, model_id=f"{base}/", dataset_id=str(tmp_path / "." / "pairs.jsonl"))
-    assert training._changed(folder, respelled) == [] and training.prepare_run(respelled, "sft")[1] is not None
+    assert run_folder._changed(folder, respelled) == [] and training.prepare_run(respelled, "sft")[1] is not None
     copy = tmp_path / "copy.jsonl"
     copy.write_text(data.read_text())
-    assert training._changed(folder, dataclasses.replace(s, dataset_id=str(copy))) == ["data files", "dataset_id"]
+    assert run_folder._changed(folder, dataclasses.replace(s, dataset_id=str(copy))) == ["data files", "dataset_id"]
     (base / "model.safetensors").write_bytes(b"weighs2")
     saved = json.loads((folder / training.CONFIG_FILE).read_text())
     del saved["inputs"]
     (folder / training.CONFIG_FILE).write_text(json.dumps(saved))
-    assert training._changed(folder, s) == []
+    assert run_folder._changed(folder, s) == []

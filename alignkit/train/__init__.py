@@ -1,6 +1,7 @@
 """Training and its algorithms: what sft.py, dpo.py, kto.py, reward.py, rl.py and rlaif.py run.
 
-- training: run folders, TRL configs, resume, finish.
+- training: checks before any work, TRL configs, finish.
+- run_folder: a run's folder: whether it resumes, claiming it, giving an earlier run back.
 - sampling: --group_by_length's batches of similar length.
 - report: training.png and the closing summary of a run.
 - trainers: alignkit's TRL trainers (stacked adapters, the explicit reference pass).

@@ -227,7 +227,7 @@ def _label_inputs(s, r: int, policy: str, revision: str | None) -> dict:
 
 def _dpo_inputs(s, policy: str, revision: str | None, preferences: Path, reference: list[str]) -> dict:
     from alignkit.modeling.identity import INERT
-    from alignkit.train.training import NOT_TRAINING  # the settings that do not change what is trained
+    from alignkit.train.run_folder import NOT_TRAINING  # the settings that do not change what is trained
 
     values = {k: v for k, v in _dpo_values(s).items() if k not in NOT_TRAINING and k not in INERT}
     values.update(_loader(s).get("loader", {}))  # --chat_template by its text

@@ -1,54 +1,30 @@
-"""What sft.py and dpo.py share around the trainer: checks before any work, the run folder, resuming, TRL's
-config, logging, the end.
-
-A run lives in `output_dir/run_name`: `alignkit_config.json` (the resolved settings, no secrets), TRL's
-`checkpoint-N` folders, and at the end the adapter, the tokenizer and `metrics.json`. `--resume auto`
-continues from the last checkpoint only when the saved settings match the new ones, so a different run never
-picks up another run's state.
-
-No good run is thrown away: `prepare_run` only decides, and `start_run` claims the folder when training starts,
-after the settings, the data, the model and the trainer have all been checked. An earlier run in the folder is
-moved aside then (`NAME.previous-TIME`); if the new run fails before its first checkpoint, its folder is removed
-and the earlier run goes back in place. A run that fails later keeps its checkpoints, marked by
-`alignkit_failed.txt`, for `--resume auto` to continue.
+"""What the training scripts share around the trainer: checks before any work, TRL's config, logging, the end
+(save, evaluate, merge, push). The run folder itself (resuming, claiming it without losing an earlier run) is
+alignkit.train.run_folder; its entry points are importable from here, as the scripts import them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import re
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from alignkit import logger
 from alignkit.core import progress
-from alignkit.core.args import ConfigError, config_to_dict, redact
+from alignkit.core.args import ConfigError
 from alignkit.core.errors import UserError
 from alignkit.core.extras import require_tracker
-from alignkit.core.journal import free_name, write_atomic
-from alignkit.core.launch import agreed_minimum, every_process, free_memory, training_device, world_size
+from alignkit.core.launch import agreed_minimum, free_memory, training_device, world_size
 from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scripts import it from here)
+# The run folder (alignkit.train.run_folder): the scripts import these from here.
+from alignkit.train.run_folder import (  # noqa: F401
+    CLAIM_FILE, CONFIG_FILE, FAILED_FILE, NOT_TRAINING, prepare_run, run_dir, run_inputs, save_run_config, start_run,
+)
 
-CONFIG_FILE = "alignkit_config.json"
-FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
-# In a claimed run folder until training finishes: where the earlier run went, for when this one is killed before
-# its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
-CLAIM_FILE = "alignkit_claim.json"
-# Settings that do not change what is trained: a run that differs only in these still resumes.
-NOT_TRAINING = {
-    "resume", "merge_adaptors", "push_to_hub", "hub_repo_id", "hub_public", "report_to", "wandb_project",
-    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size", "output_dir",
-    "run_type",  # recorded beside the settings (save_run_config); the run folder's name already holds the stage
-    "prefix_sharing",  # the same log-probs either way (alignkit.train.prefix), only faster
-    "inputs",  # recorded beside the settings (save_run_config) and compared by content (_changed)
-}
 # A stage's settings that are TRL config fields (alignkit name -> TRL name): passed wherever both the settings and
 # the TRL config class have them, as the shared fields are, so no script maps them by hand.
 STAGE_FIELDS = {
@@ -57,34 +33,6 @@ STAGE_FIELDS = {
     "packing": "packing",  # SFTConfig
     "center_rewards_coefficient": "center_rewards_coefficient",  # RewardConfig
 }
-
-
-def _slug(text: str) -> str:
-    name = Path(text.rstrip("/")).name or text
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.removesuffix(".jsonl").removesuffix(".json"))[:40]
-
-
-def run_dir(s, stage: str) -> Path:
-    name = s.run_name or f"{stage}-{_slug(s.model_id)}-{_slug(s.dataset_id)}"
-    return Path(s.output_dir) / name
-
-
-def _complete(checkpoint: Path) -> bool:
-    """transformers writes trainer_state.json last: a checkpoint cut off by a crash has none, or a torn one."""
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def _checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _complete(p)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def _training_view(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in NOT_TRAINING}
 
 
 def preflight(s) -> None:
@@ -116,164 +64,6 @@ def check_trl_values(s) -> None:
         if name in types:  # a name TRL's config lacks is trl_config's one line, with the same data
             flag = f"--{name}" if name == "lr_scheduler_type" else f"--trainer_overrides {name}"
             trl_value(value, types[name], flag)
-
-
-def prepare_run(s, stage: str) -> tuple[Path, str | None]:
-    """Where this run goes and where training starts: (folder, checkpoint to resume from or None).
-
-    Writes nothing: `start_run` claims the folder once the new run is sure to start. Under a multi-process launch
-    every rank decides from its own view of the folder, then they compare: a folder that is not shared by every
-    machine (one rank would resume, another start over, and the first collective would wait forever) stops all of
-    them at once with one line.
-    """
-    progress.quiet_library_noise()
-    folder = run_dir(s, stage)
-    if int(os.environ.get("RANK", 0)) == 0:
-        _restore_stranded(folder)
-    every_process(None)  # the others look once the main process has put an earlier run back
-    checkpoints = _checkpoints(folder) if folder.is_dir() else []
-    resume = s.resume == "true" or (s.resume == "auto" and checkpoints and not _changed(folder, s))
-    checkpoint = checkpoints[-1].name if resume and checkpoints else None
-    views = every_process(checkpoint)
-    if differing := [rank for rank, other in enumerate(views) if other != views[0]]:
-        said = [f"{view} to resume from" if view else "no checkpoint to resume from" for view in views]
-        rank = differing[0]
-        raise UserError(f"{folder} is not the same folder for every process of this launch: rank 0 sees {said[0]}, "
-                        f"rank {rank} sees {said[rank]}. Give --output_dir a folder every machine shares.")
-    if s.resume == "true" and not checkpoint:
-        raise ConfigError(f"--resume true, but {folder} holds no checkpoint-N folder to resume from")
-    return folder, str(folder / checkpoint) if checkpoint else None
-
-
-def _changed(folder: Path, s) -> list[str]:
-    """The training settings in which `s` differs from the run saved in `folder`, and the inputs they name by path
-    whose content differs (the model's chain and local data retrained or edited in place)."""
-    saved_file = folder / CONFIG_FILE
-    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
-    old, new = _training_view(saved), _training_view(config_to_dict(s))
-    changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
-    # One folder or file spelled two ways (runs/sft, ./runs/sft/, its absolute path) is the same input: its content
-    # is compared below, under the spelling the run recorded (the data digest is keyed by it).
-    respelled = {k: old[k] for k in changed if _same_place(old.get(k), new.get(k))}
-    changed = [k for k in changed if k not in respelled]
-    if "inputs" in saved:  # a run saved before alignkit recorded them compares by settings alone
-        now = run_inputs(dataclasses.replace(s, **respelled) if respelled else s)
-        changed += [k for k in now if saved["inputs"].get(k) != now[k]]
-    return sorted(changed)
-
-
-def _same_place(a, b) -> bool:
-    return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists() and \
-        Path(a).resolve() == Path(b).resolve()
-
-
-def run_inputs(s) -> dict:
-    """What the settings name by path, by content: the model's whole chain (alignkit.modeling.identity) and each
-    local data file or folder. A Hub model counts by its commit; a Hub dataset by its id and split (settings)."""
-    from alignkit.core.digests import digest
-    from alignkit.modeling.identity import chain_identity, data_identity
-
-    sources = [s.dataset_id, *(entry["id"] for entry in (s.dataset_mixture or {}).get("datasets", []))]
-    data = {source: found for source in sources if (found := data_identity(source)) is not None}
-    model = chain_identity(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None))
-    return {"model files": digest(model), "data files": digest(data)}
-
-
-def _holds_work(folder: Path) -> bool:
-    """A checkpoint, an adapter, metrics or a merged model: something a run took time to make."""
-    return folder.is_dir() and any(
-        any(folder.glob(pattern)) for pattern in ("checkpoint-*", "adapter_model.*", "metrics.json", "merged")
-    )
-
-
-@contextlib.contextmanager
-def start_run(s, folder: Path, resume_from: str | None):
-    """Claim the run folder for the training inside the `with` block (see the module docstring).
-
-    Under a multi-process launch the main process moves and writes; the others wait for it, then train.
-    """
-    if world_size() == 1:
-        write, order = True, contextlib.nullcontext()
-    else:
-        from accelerate import PartialState
-
-        # On a machine without CUDA, processes talk over gloo; transformers needs use_cpu for that (trl_config).
-        state = PartialState(cpu=not torch.cuda.is_available())
-        write, order = state.is_main_process, state.main_process_first()
-    aside = None
-    with order:
-        if write:
-            aside = _claim(s, folder, resume_from)
-    try:
-        yield
-    except BaseException as error:  # Ctrl-C too: a run stopped before its first checkpoint gives the folder back
-        if write:
-            _release(folder, aside, error)
-        raise
-
-
-def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
-    aside = None
-    if resume_from:
-        logger.info(f"resuming from {resume_from}")
-    elif _holds_work(folder):
-        aside = free_name(folder.parent, f"{folder.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
-        changed = _changed(folder, s)
-        why = f"trained with other settings ({', '.join(changed)})" if changed else f"--resume {s.resume}"
-        logger.info(f"{folder} holds an earlier run ({why}): moved it to {aside}")
-    try:  # a Ctrl-C anywhere in here gives the folder back too (start_run's `except` only covers training)
-        if aside:
-            shutil.move(str(folder), aside)
-        folder.mkdir(parents=True, exist_ok=True)
-        if aside:
-            write_atomic(folder / CLAIM_FILE, json.dumps({"earlier_run": str(aside)}) + "\n")
-        (folder / FAILED_FILE).unlink(missing_ok=True)
-        save_run_config(s, folder / CONFIG_FILE)
-    except BaseException as error:
-        if aside and Path(aside).exists():
-            _release(folder, aside, error)
-        raise
-    return aside
-
-
-def _restore_stranded(folder: Path) -> None:
-    """A run killed before its first checkpoint (SIGKILL, the host's OOM killer: no `except` ran) left its folder
-    claimed and empty, and the earlier run aside: put the earlier run back before anything looks at the folder."""
-    claim = folder / CLAIM_FILE
-    if not claim.is_file() or _holds_work(folder):
-        return
-    try:
-        earlier = Path(json.loads(claim.read_text())["earlier_run"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if earlier.is_dir():
-        shutil.rmtree(folder)
-        shutil.move(str(earlier), folder)
-        logger.info(f"the run in {folder} stopped before its first checkpoint: the earlier run is back in place "
-                    f"(from {earlier})")
-
-
-def save_run_config(s, path: Path) -> None:
-    """alignkit_config.json: the resolved settings (secrets redacted), the run type (`run_type` of the settings
-    class: sft, dpo, reward, rl), so a model card states what the run was instead of guessing it, and the content
-    of what the settings name by path (`run_inputs`), which `--resume auto` compares."""
-    data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None), "inputs": run_inputs(s)}
-    write_atomic(path, json.dumps(data, indent=2) + "\n")  # a torn file would stop the next --resume auto
-
-
-def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
-    """After a failed run: keep what it saved, or give the folder back to the run that was there."""
-    if _checkpoints(folder):
-        (folder / FAILED_FILE).write_text(redact(f"{type(error).__name__}: {error}\n"))
-        logger.info(f"the run failed; its checkpoints stay in {folder} (see {FAILED_FILE}): the same command resumes"
-                    + (f"; the earlier run is in {aside}" if aside else ""))
-        return
-    shutil.rmtree(folder, ignore_errors=True)
-    if aside:
-        shutil.move(str(aside), folder)
-        logger.info(f"the run failed before its first checkpoint: removed it; the earlier run is back in {folder}")
-    else:
-        logger.info(f"the run failed before its first checkpoint: removed {folder}")
 
 
 def resolve_report_to(s) -> str | list[str]:
