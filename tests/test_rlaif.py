@@ -7,6 +7,9 @@ a small prompt subset keeps it to about a minute.
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from conftest import run_script
 
@@ -285,3 +288,28 @@ def test_a_step_stops_when_rlaif_is_killed(tmp_path):
     else:
         os.kill(step, signal.SIGKILL)
         raise AssertionError("the step outlived rlaif.py")
+
+
+def test_prompts_evaluate_py_cannot_read_stop_the_run_before_round_1(tmp_path, monkeypatch):
+    """With a Hub dataset (or a CSV, or a JSONL without a "prompt" field) as --dataset_id and no --eval_prompts,
+    the first round labelled and trained, then its evaluation stopped on --prompts_file: hours in, every time."""
+    from alignkit.core.args import ConfigError
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.train import rlaif
+
+    calls = []
+    monkeypatch.setattr(rlaif, "_run", _fake_steps(calls))
+    table = tmp_path / "prompts.csv"
+    table.write_text("prompt\nhi\n")
+    for source in ("HuggingFaceH4/ultrafeedback_binarized", str(table)):
+        s = RLAIFSettings(model_id=str(tmp_path), dataset_id=source, judge="python:my_judge:judge",
+                          output_dir=str(tmp_path))
+        with pytest.raises(ConfigError, match=rf"^each round is judged on --eval_prompts \(default --dataset_id: "
+                                              rf"{re.escape(source)}\) by evaluate.py pairwise, which cannot read it: "
+                                              r".*\. Pass --eval_prompts FILE"):
+            rlaif.run(s, tmp_path / "run")
+    assert calls == []
+    prompts = tmp_path / "eval.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    rlaif.check_eval_prompts(RLAIFSettings(model_id=str(tmp_path), dataset_id=str(table), eval_prompts=str(prompts),
+                                           judge="python:my_judge:judge"))

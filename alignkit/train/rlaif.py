@@ -45,7 +45,7 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import config_to_dict, redact
 from alignkit.core.digests import digest
-from alignkit.core.errors import EXIT_USER_ERROR, UserError
+from alignkit.core.errors import EXIT_USER_ERROR, ConfigError, UserError
 from alignkit.core.journal import free_name, read_json, write_atomic, write_json
 
 ROOT = Path(__file__).resolve().parents[2]  # the scripts live at the repository's top level, above alignkit/train/
@@ -384,8 +384,24 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
     return record
 
 
+def check_eval_prompts(s) -> None:
+    """Each round ends in evaluate.py pairwise on --eval_prompts (default --dataset_id), which takes a JSONL of
+    {"prompt": ...} rows or a .txt file: a Hub dataset or another format failed there, after the round's labelling
+    and training. Checked before round 1."""
+    from alignkit.evals.mtbench import prompt_questions
+
+    source = s.eval_prompts or s.dataset_id
+    try:
+        prompt_questions(source)
+    except UserError as error:
+        raise ConfigError(f"each round is judged on --eval_prompts (default --dataset_id: {source}) by evaluate.py "
+                          f"pairwise, which cannot read it: {error}. Pass --eval_prompts FILE, a JSONL of "
+                          '{"prompt": ...} rows or a .txt file with one prompt a line') from None
+
+
 def run(s, folder: Path) -> list[dict]:
     """Every round, each reused where it was made from the same inputs; then the table and the chart."""
+    check_eval_prompts(s)
     records, policy = [], start_model(s)
     for r in range(1, s.rounds + 1):
         logger.info(f"round {r}: from {policy}")
