@@ -36,10 +36,11 @@ class InUse(UserError, RuntimeError):
 _held: dict[str, object] = {}
 
 
-def hold(path: str | os.PathLike, owner: str, fix: str):
-    """An exclusive lock on `path` (made if missing) for the rest of this process, so two runs into one output
-    folder never both pay a judge for the same requests: a second one is refused with InUse. Taken again in the
-    same process (a notebook cell run twice), the earlier hold is let go first."""
+def hold(path: str | os.PathLike, owner: str, fix: str, what=None):
+    """`path` (made if missing) open with an exclusive lock for the rest of this process, so two runs on one
+    journal or output folder (`what`, named in the refusal; default: the folder) never both pay a judge for the
+    same requests: a second one is refused with InUse. Taken again in the same process (a notebook cell run
+    twice), the earlier hold is let go first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stale = _held.pop(str(path.resolve()), None)
@@ -51,7 +52,7 @@ def hold(path: str | os.PathLike, owner: str, fix: str):
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             file.close()
-            raise InUse(f"{path.parent} is in use by another {owner} run; {fix}") from None
+            raise InUse(f"{what or path.parent} is in use by another {owner} run; {fix}") from None
     _held[str(path.resolve())] = file
     return file
 
@@ -68,22 +69,10 @@ class AppendLog:
     exclusive lock keeps two runs off one log (they would pay for the same requests twice).
     """
 
-    _open: dict[str, "AppendLog"] = {}
-
     def __init__(self, path: str | os.PathLike, owner: str = "alignkit", fix: str = "let it finish first"):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        stale = AppendLog._open.pop(str(self.path.resolve()), None)
-        if stale is not None:  # an earlier run in this process (a notebook cell run again) never closed it
-            stale.close()
-        self._file = open(self.path, "a+b")
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._file.close()
-                raise InUse(f"{self.path} is in use by another {owner} run; {fix}") from None
-        AppendLog._open[str(self.path.resolve())] = self
+        # Locked; an earlier run in this process that never closed it (a notebook cell run again) lets go first.
+        self._file = hold(self.path, owner, fix, what=self.path)
         self._lock = threading.Lock()
         self.records: dict[str, dict] = {}
         self._load()
@@ -123,7 +112,6 @@ class AppendLog:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()  # releases the lock
-        AppendLog._open.pop(str(self.path.resolve()), None)
 
 
 _append_lock = threading.Lock()

@@ -148,9 +148,9 @@ class AlignRewardTrainer(RewardTrainer):
     def __init__(self, *args, loss: str = "bradley_terry", lm_loss_coef: float = 0.0, lm_head=None, **kwargs):
         from alignkit.modeling.models import keep_trainable_fp32
 
-        from alignkit.train.trainers import _rows, check_kept
+        from alignkit.train.trainers import check_kept, row_count
 
-        given = (_rows(kwargs.get("train_dataset")), _rows(kwargs.get("eval_dataset")))
+        given = (row_count(kwargs.get("train_dataset")), row_count(kwargs.get("eval_dataset")))
         super().__init__(*args, **kwargs)
         check_kept(self, given, "prompt + an answer is longer than that")
         # TRL casts a 4-bit model's trainable weights (LoRA and the score head) to bf16; back to fp32, as for sft/dpo.

@@ -165,7 +165,8 @@ def keep_lora_dropout(model) -> None:
             dropout[TRAINABLE].p = p
 
 
-def _rows(dataset) -> int | None:
+def row_count(dataset) -> int | None:
+    """A dataset's rows, or None for one without a length (iterable) or a dict of several."""
     return len(dataset) if dataset is not None and hasattr(dataset, "__len__") and not isinstance(dataset, dict) \
         else None
 
@@ -177,7 +178,7 @@ def check_kept(trainer, given: tuple[int | None, int | None], because: str) -> N
     m = trainer.args.max_length
     for split, before, dataset in (("training", given[0], trainer.train_dataset),
                                    ("held-out", given[1], trainer.eval_dataset)):
-        kept = _rows(dataset)
+        kept = row_count(dataset)
         if before is None or kept is None or kept == before:
             continue
         if kept == 0:
@@ -196,7 +197,7 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
         check_dpo_config(args)  # before TRL tokenizes the data
         self._choose_reference(frozen_adapters, reference_adapters)
         self.prefix_sharing = prefix_sharing and self._prefix_sharing_available(model)
-        given = (_rows(kwargs.get("train_dataset")), _rows(kwargs.get("eval_dataset")))
+        given = (row_count(kwargs.get("train_dataset")), row_count(kwargs.get("eval_dataset")))
         super().__init__(model, None, args, *rest, **kwargs)
         if args.truncation_mode == "keep_start":  # TRL's filter (keep_end truncates the prompt instead)
             check_kept(self, given, "the prompt alone is at least that many tokens")
