@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +202,21 @@ def test_a_lora_adapter_over_a_lota_delta_loads_both(dpo_pair, lota_sft):
     assert loaded.deltas == [str(lota_sft["run_folder"])] and loaded.adapters == [str(lora["run_folder"])]
     # The LoRA run trained on exactly this model: its held-out accuracy is reproduced by what the loader builds.
     assert torch.allclose(logits(loaded.model), logits(lora["trainer"].model), atol=1e-4)
+
+
+def test_a_checkpoint_of_a_lora_run_over_a_lota_delta_keeps_the_delta(dpo_pair, lota_sft):
+    """checkpoint-N of a LoRA run on a LoTA model named the bare base: loaded, merged or evaluated, it was base +
+    LoRA, the delta silently left out. It names the run's --model_id now, and is the finished run's model."""
+    from alignkit.modeling import chain
+
+    lora, _ = dpo_pair
+    run = Path(lora["run_folder"])
+    last = max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    resolved = chain.resolve(str(last))
+    assert resolved.deltas == [str(lota_sft["run_folder"])] and resolved.adapters == [str(last)]
+    from_checkpoint = logits(load_model(ModelSettings(model_id=str(last), quantization="none")).model)
+    assert torch.allclose(from_checkpoint, logits(load_model(ModelSettings(model_id=str(run), quantization="none")).model),
+                          atol=1e-5)
 
 
 # ---------------------------------------------------------------- bad input

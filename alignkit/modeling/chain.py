@@ -58,13 +58,14 @@ def _adapters(source: str, revision: str | None) -> tuple[str, str | None, list[
     steps: list[tuple[str, str | None]] = []
     while (config := adapter_config(source, revision)) is not None:
         steps.append((source, revision))
-        steps += [(str(part), None) for part in reversed(checkpoint_frozen(source))]
         recorded = config.get("base_model_name_or_path")
         if not recorded:
             raise UserError(f"{source}/adapter_config.json has no base_model_name_or_path; pass the base with --model_id")
+        base = _recorded_base(source, recorded)
+        if not (Path(base, "adapter_config.json").is_file() or is_delta_folder(base)):
+            steps += [(str(part), None) for part in reversed(checkpoint_frozen(source))]
         if len(steps) > 8:
             raise UserError(f"adapter chain from {source} is longer than 8: does an adapter name itself as its base?")
-        base = _recorded_base(source, recorded)
         if _looks_local(base) and not Path(base).exists():
             raise UserError(
                 f"{source}/adapter_config.json names its base {recorded!r}, which is not there "
@@ -82,6 +83,8 @@ def checkpoint_frozen(source: str) -> list[Path]:
     frozen_1, ... from the base up); the Trainer saves each in a subfolder of the checkpoint, and the checkpoint's
     own adapter_config.json names the bare base model. So a checkpoint is that chain: loaded without them it
     would be another model. A run's final folder saves only its own adapter and names the one below instead.
+    A run over a LoTA delta cannot keep its delta that way: its checkpoints name the run's `--model_id` instead
+    (alignkit.modeling.models.add_trainable_adapter), whose chain holds the frozen adapters, so these are skipped.
     """
     folder = Path(source)
     if not folder.is_dir():

@@ -322,6 +322,8 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
         model.set_requires_grad(loaded.frozen, requires_grad=False)
     else:
         model = get_peft_model(model, config, autocast_adapter_dtype=autocast)
+    if loaded.deltas:  # what its checkpoints name as their base (alignkit.train.trainers.CheckpointBase)
+        model.alignkit_checkpoint_base = (s.model_id, getattr(s, "revision", None))
     loaded.model = model
     return model
 

@@ -148,13 +148,14 @@ class AlignRewardTrainer(RewardTrainer):
     def __init__(self, *args, loss: str = "bradley_terry", lm_loss_coef: float = 0.0, lm_head=None, **kwargs):
         from alignkit.modeling.models import keep_trainable_fp32
 
-        from alignkit.train.trainers import check_kept, row_count
+        from alignkit.train.trainers import CheckpointBase, check_kept, row_count
 
         given = (row_count(kwargs.get("train_dataset")), row_count(kwargs.get("eval_dataset")))
         super().__init__(*args, **kwargs)
         check_kept(self, given, "prompt + an answer is longer than that")
         # TRL casts a 4-bit model's trainable weights (LoRA and the score head) to bf16; back to fp32, as for sft/dpo.
         keep_trainable_fp32(self.model)
+        CheckpointBase.attach(self)
         self.loss, self.lm_loss_coef, self.lm_head = loss, lm_loss_coef, lm_head
         self._hidden = None
         if self.uses_lm_term:

@@ -29,12 +29,19 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DPOConfig, DPOTrainer, SFTTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.modeling.chain import checkpoint_frozen
 from alignkit.modeling.models import TRAINABLE, keep_trainable_fp32, reference_mode
 from alignkit.train import prefix, refcache
 from alignkit.train.losses import (
@@ -45,12 +52,43 @@ from alignkit.train.losses import (
 _NOT_MODEL_INPUTS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
+class CheckpointBase(TrainerCallback):
+    """A run over a LoTA delta: each checkpoint-N names the run's `--model_id` as its base, as the finished run does.
+
+    PEFT records the bare base in a checkpoint's adapter_config.json, and a stacked run's frozen adapters beside it
+    (alignkit.modeling.chain.checkpoint_frozen), but a delta added into the weights is in neither: the checkpoint
+    loaded, merged or evaluated as base + LoRA, another model than the one training.
+    """
+
+    def __init__(self, source: str, revision: str | None):
+        self.source, self.revision = source, revision
+
+    @classmethod
+    def attach(cls, trainer) -> None:
+        wanted = getattr(trainer.accelerator.unwrap_model(trainer.model), "alignkit_checkpoint_base", None)
+        if wanted:
+            trainer.add_callback(cls(*wanted))
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        file = folder / "adapter_config.json"
+        if state.is_world_process_zero and file.is_file():
+            config = json.loads(file.read_text())
+            local = Path(self.source).exists()
+            config["base_model_name_or_path"] = str(Path(self.source).resolve()) if local else self.source
+            config["revision"] = None if local else self.revision
+            file.write_text(json.dumps(config, indent=2))
+            for frozen in checkpoint_frozen(str(folder)):  # the chain of --model_id holds them already
+                shutil.rmtree(frozen)
+
+
 class _StackedAdapters:
     frozen_adapters: list[str] = []
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         keep_trainable_fp32(self.model)  # TRL casts QLoRA's trainable weights to bf16; see alignkit.modeling.models
+        CheckpointBase.attach(self)
 
     def _choose_reference(self, frozen_adapters, reference_adapters: int | None) -> None:
         """The adapters the model was loaded with (frozen), and the first `reference_adapters` of them that the
