@@ -84,7 +84,8 @@ run_folder, resume_from = prepare_run(settings, "reward")
 # `logexpwithlm` the base's LM head is kept beside it, frozen, for the LM term.
 
 # %%
-from alignkit.modeling.models import add_trainable_adapter, load_lm_head, load_model, require_chat_template
+from alignkit.modeling.models import add_trainable_adapter, load_model, require_chat_template
+from alignkit.modeling.reward_models import load_lm_head
 from alignkit.train.reward import zero_fresh_score_head
 
 from transformers import set_seed

@@ -25,6 +25,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   llm (the chat-client factory for OpenAI-compatible endpoints).
 - modeling (load, generate, merge models; the presets):
   models (the one loader),
+  reward_models (reward models told from causal LMs; the score-head base and the LM head beside it),
   chain (a model's adapter chain down to its base, a checkpoint's frozen adapters included),
   identity (the one identity of a model as loaded, which every cache of model outputs keys on),
   gguf (GGUF files converted once),

@@ -232,7 +232,8 @@ def test_logexpwithlm_adds_the_chosen_sequences_lm_loss(tiny_cache, tmp_path):
 
     from alignkit.core.config import RewardSettings
     from alignkit.core.data import load_preferences
-    from alignkit.modeling.models import add_trainable_adapter, load_lm_head, load_model
+    from alignkit.modeling.models import add_trainable_adapter, load_model
+    from alignkit.modeling.reward_models import load_lm_head
     from alignkit.train.reward import AlignRewardTrainer
 
     s = RewardSettings(**{**presets.defaults("reward"), "loss": "logexpwithlm", "lm_loss_coef": 0.5})

@@ -374,11 +374,11 @@ class RMJudge(Judge):
         self.folder, self.settings, self.tie_margin, self.batch_size = spec[len("rm:"):], settings, tie_margin, batch_size
         if not self.folder:
             raise ConfigError(f"--judge {spec!r}: expected rm:RUN_FOLDER, a reward.py run folder")
-        from alignkit.modeling.models import REWARD, model_kind
+        from alignkit.modeling.reward_models import REWARD, model_kind
 
         kind = model_kind(self.folder)
         if kind != REWARD:  # fail before any generation, with the loader's message for a causal LM
-            from alignkit.modeling.models import check_model_kind
+            from alignkit.modeling.reward_models import check_model_kind
 
             if not Path(self.folder).exists():
                 raise ConfigError(f"--judge {spec}: no such folder; pass a reward.py run folder, e.g. rm:runs/tiny-reward")

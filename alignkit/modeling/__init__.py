@@ -1,6 +1,7 @@
 """Models: loading, generating, merging, and the presets that build a model offline.
 
-- models: the one loader (base, adapter chains, reward-model kinds; its hardware decisions: alignkit.core.launch).
+- models: the one loader (base, adapter chains; its hardware decisions: alignkit.core.launch).
+- reward_models: a reward model (score head) told from a causal LM, its base loaded, the LM head beside it.
 - chain: where a model comes from (a Hub id or a local path) and its adapter chain down to the base.
 - identity: the one identity of a model as loaded (settings, files down the adapter chain, GGUF file, backend,
   hardware), which every cache of model outputs keys on.

@@ -159,7 +159,7 @@ def load_generator(s, backend: str = "auto") -> Generator:
     Only the chosen backend loads the model: with vLLM, transformers never holds the weights too.
     """
     backend = resolve_backend(backend)  # a resolved name passes through without a log line
-    from alignkit.modeling.models import check_model_kind
+    from alignkit.modeling.reward_models import check_model_kind
 
     check_model_kind(s.model_id, s.revision, reward=False)  # a reward model cannot generate, on either backend
     return VLLMGenerator(s) if backend == "vllm" else TransformersGenerator(s)

@@ -58,7 +58,8 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
                    dequantize: bool = False, max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
     """Merge the adapter chain ending at `adapter_dir` into its base; returns the output folder."""
     from alignkit.core.launch import resolve_dtype
-    from alignkit.modeling.models import REWARD, load_model, model_kind
+    from alignkit.modeling.models import load_model
+    from alignkit.modeling.reward_models import REWARD, model_kind
 
     final = Path(output_dir)
     if final.exists() and not _a_merged_model(final):

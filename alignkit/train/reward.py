@@ -118,7 +118,7 @@ def zero_fresh_score_head(model, model_id: str) -> None:
     four seeds ranged 0.86-0.95 with random heads, 0.91-0.93 with zero ones. The LoRA update and the head
     still learn (the head's gradient is the hidden state, and once it moves, the LoRA update's does too).
     """
-    from alignkit.modeling.models import CAUSAL, model_kind
+    from alignkit.modeling.reward_models import CAUSAL, model_kind
 
     head = getattr(model, "score", None)  # the name transformers gives it on decoder-only models
     if not (model_kind(model_id) == CAUSAL and isinstance(head, torch.nn.Linear)):
