@@ -38,7 +38,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   training (checks, TRL configs, finish), run_folder (a run's folder: resume, claim, give back),
   sampling (--group_by_length's batches),
   report (training.png and the closing summary of a run),
-  trainers (alignkit's TRL trainers),
+  trainers (alignkit's TRL trainers), template_rows (a row the chat template refuses, named in one line),
   losses (preference losses TRL lacks: the DPO paper's, SimPO, ORPO),
   kto (kto.py's trainer: TRL's KTOTrainer with alignkit's adapters and reference),
   prefix (DPO prefix sharing: a pair's prompt computed once), flex_check (FlexAttention checked on this GPU before

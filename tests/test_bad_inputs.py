@@ -114,6 +114,15 @@ CASES = [
      "--max_length 4: the prompt alone is at least that many tokens in every one of the", None),
     ("reward.py", [*TRAIN, "--max_length", "4"],
      "--max_length 4: prompt + an answer is longer than that in every one of the", None),
+    # A chat template that refuses a row (raise_exception) failed inside TRL's dataset map, naming no row.
+    ("sft.py", [*TRAIN, "--dataset_id", "system-sft.jsonl", "--chat_template", "no-system.jinja"],
+     "the chat template refuses a row of the training data (the one whose first user turn is 'name three "
+     "vegetables.'), messages: System role not supported. Drop or rewrite such rows", None),
+    ("dpo.py", [*TRAIN, "--dataset_id", "system.jsonl", "--chat_template", "no-system.jinja", "--eval_split", "0"],
+     "the chat template refuses a row of the training data (the one whose first user turn is 'name three "
+     "vegetables.'), prompt: System role not", None),
+    ("rl.py", [*TRAIN, "--dataset_id", "system.jsonl", "--chat_template", "no-system.jinja"],
+     "the chat template refuses a row of the prompts (the one whose first user turn is 'name three vegetables.')", None),
     # A bad input found by a round's own step (label.py here, in its own process) is passed on as one line too.
     ("rlaif.py", [*TRAIN, "--judge", "nosuch"], "label.py stopped: --judge 'nosuch'", None),
 ]
@@ -136,6 +145,14 @@ def bad_files(tiny_cache, tmp_path_factory):
     (here / "latin1.yaml").write_bytes("learning_rate: 1e-4\nrun_name: caf\u00e9\n".encode("latin-1"))
     (here / "tab.yaml").write_text("learning_rate: 1e-4\nrun_name:\tx\n")
     (here / "bad.jinja").write_text("{% for m in messages %}{{ m.role }}: {{ m.content }\n{% endfor %}")
+    system = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "name three vegetables."}]
+    (here / "system.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "prompt": system}) + "\n")
+    answer = [{"role": "assistant", "content": "carrot, leek, pea"}]
+    (here / "system-sft.jsonl").write_text(json.dumps({"messages": system[1:] + answer}) + "\n"
+                                           + json.dumps({"messages": system + answer}) + "\n")
+    (here / "no-system.jinja").write_text(
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     (here / "latin1.jinja").write_bytes("caf\u00e9 {{ messages }}".encode("latin-1"))
     (here / "gguf-folder").mkdir()
     (here / "gguf-folder" / "model-Q4_0.gguf").write_bytes(b"GGUF")

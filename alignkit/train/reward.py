@@ -150,8 +150,12 @@ class AlignRewardTrainer(RewardTrainer):
 
         from alignkit.train.trainers import CheckpointBase, check_kept, row_count
 
+        from alignkit.train import template_rows
+
         given = (row_count(kwargs.get("train_dataset")), row_count(kwargs.get("eval_dataset")))
-        super().__init__(*args, **kwargs)
+        data = {"the training data": kwargs.get("train_dataset"), "the held-out data": kwargs.get("eval_dataset")}
+        with template_rows.refused(kwargs.get("processing_class"), data):
+            super().__init__(*args, **kwargs)
         check_kept(self, given, "prompt + an answer is longer than that")
         # TRL casts a 4-bit model's trainable weights (LoRA and the score head) to bf16; back to fp32, as for sft/dpo.
         keep_trainable_fp32(self.model)

@@ -43,7 +43,7 @@ from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.modeling.chain import checkpoint_frozen
 from alignkit.modeling.models import TRAINABLE, keep_trainable_fp32, reference_mode
-from alignkit.train import prefix, refcache
+from alignkit.train import prefix, refcache, template_rows
 from alignkit.train.losses import (
     answer_logps, check_label_smoothing, check_loss_types, is_own_loss, is_reference_free, mean_answer_logps,
     preference_loss, reference_free_loss,
@@ -86,7 +86,9 @@ class _StackedAdapters:
     frozen_adapters: list[str] = []
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        data = {"the training data": kwargs.get("train_dataset"), "the held-out data": kwargs.get("eval_dataset")}
+        with template_rows.refused(kwargs.get("processing_class"), data):
+            super().__init__(*args, **kwargs)
         keep_trainable_fp32(self.model)  # TRL casts QLoRA's trainable weights to bf16; see alignkit.modeling.models
         CheckpointBase.attach(self)
 

@@ -1,0 +1,77 @@
+"""A chat template that refuses a row (`raise_exception`), reported as the row it refused, in one line.
+
+Templates call `raise_exception` on conversations they do not take: Gemma's and Mistral's on a system turn, many on
+roles that do not alternate. TRL renders every row inside its dataset map when the trainer is built (sft, dpo, kto,
+reward) and rl.py's trainer renders each batch's prompts while it trains, so the error was a traceback from deep in
+`datasets`, or a crash at a later step, with no word of which row. `refused` finds the first row the template
+refuses (only after TRL's map failed: a run whose rows all render pays nothing), and `check_prompts` renders rl.py's
+prompts once before training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from alignkit.core.errors import UserError
+
+_ANSWERS = ("messages", "completion", "chosen", "rejected")
+
+
+def _conversations(row: dict):
+    """(what, messages, add_generation_prompt) as TRL renders a row: the prompt alone, then with each answer."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, list) and prompt:
+        yield "prompt", prompt, True
+    for column in _ANSWERS:
+        answer = row.get(column)
+        if isinstance(answer, list) and answer and isinstance(answer[0], dict):
+            yield column, (prompt if isinstance(prompt, list) else []) + answer, False
+
+
+def _opening(messages: list[dict]) -> str:
+    turn = next((m for m in messages if m.get("role") == "user"), messages[0])
+    text = " ".join(str(turn.get("content", "")).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def first_refused(tokenizer, named: dict) -> str | None:
+    """'a row of <which data> (<its first user turn>), <column>: <the template's message>' for the first row of the
+    datasets in `named` ({"the training data": dataset, ...}) that the chat template refuses; None when all render.
+    The row is named by its text: the data TRL holds was normalised, shuffled and split, so a number would not
+    point into the user's file."""
+    from jinja2 import TemplateError
+
+    for name, dataset in named.items():
+        if dataset is None or not hasattr(dataset, "__iter__"):
+            continue
+        for row in dataset:
+            for column, messages, generation in _conversations(row):
+                try:
+                    tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+                except TemplateError as e:
+                    return f"a row of {name} (the one whose first user turn is {_opening(messages)!r}), {column}: {e}"
+    return None
+
+
+def _refusal(where: str) -> UserError:
+    return UserError(f"the chat template refuses {where}. Drop or rewrite such rows (a system turn can go into the "
+                     "first user turn), or pass a --chat_template that takes them")
+
+
+@contextlib.contextmanager
+def refused(tokenizer, named: dict):
+    """Around building a TRL trainer: a template's refusal inside TRL's dataset map becomes one line naming the row."""
+    from jinja2 import TemplateError
+
+    try:
+        yield
+    except TemplateError as e:
+        found = first_refused(tokenizer, named) or f"a row while TRL prepared the data: {e}"
+        raise _refusal(found) from None
+
+
+def check_prompts(tokenizer, named: dict) -> None:
+    """rl.py: every prompt renders before training (its trainer renders them batch by batch as it goes)."""
+    found = first_refused(tokenizer, named)
+    if found:
+        raise _refusal(found)
