@@ -83,5 +83,6 @@ from alignkit.core.hub import push
 
 if settings.push_to_hub:
     folder = output_dir if settings.push == "merged" else Path(settings.adapter_dir)
-    url = push(folder, settings.hub_repo_id, private=not settings.hub_public)
+    name = Path(settings.adapter_dir).resolve().name  # without --hub_repo_id, the repo is named after the run
+    url = push(folder, settings.hub_repo_id, private=not settings.hub_public, name=name)
     print(f"pushed: {url}")

@@ -32,7 +32,8 @@ def fake_hub(monkeypatch):
 
     def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None, **kw):
         calls["create_repo"] = dict(repo_id=repo_id, private=private, repo_type=repo_type, token=self.token)
-        return f"https://huggingface.co/{repo_id}"
+        # as the Hub answers: a bare name lands in the token's namespace
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'me/' + repo_id}")
 
     def upload_folder(self, folder_path, repo_id, repo_type=None, ignore_patterns=None, **kw):
         import fnmatch
@@ -164,6 +165,22 @@ def test_push_builds_the_right_upload_with_a_model_card(dpo_run, tmp_path, fake_
     # The saved dtype (merge.py's --dtype, fp32 on this CPU) on every device there is, not fp32 on the CPU always.
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-dpo", dtype=torch.float32, device_map="auto")' in card
     assert "hf_FAKEtokenForTests123456" not in card
+
+
+def test_a_bare_repo_name_or_none_lands_in_the_token_s_namespace(dpo_run, tmp_path, fake_hub, alignkit_log):
+    """A recipe's `hub_model_id: zephyr-7b-dpo-full` (no namespace) was uploaded to that bare id, which the Hub
+    refuses after the whole run; --push_to_hub alone was refused, where TRL names the repo after the run."""
+    out = tmp_path / "merged"
+    run_script("merge.py", "--adapter_dir", str(dpo_run["run_folder"]), "--output_dir", str(out),
+               "--push_to_hub", "--hub_repo_id", "tiny-dpo-bare")
+    assert fake_hub["create_repo"]["repo_id"] == "tiny-dpo-bare" and fake_hub["upload_folder"]["repo_id"] == (
+        "me/tiny-dpo-bare")
+    assert 'from_pretrained("me/tiny-dpo-bare"' in (out / "README.md").read_text()
+    run_script("merge.py", "--adapter_dir", str(dpo_run["run_folder"]), "--output_dir", str(tmp_path / "m2"),
+               "--push_to_hub")
+    name = Path(dpo_run["run_folder"]).name
+    assert fake_hub["upload_folder"]["repo_id"] == f"me/{name}"
+    assert f"no --hub_repo_id: pushing to {name} in your account" in alignkit_log.text
 
 
 def test_public_push_and_adapter_push(sft_run, dpo_run, tmp_path, fake_hub):

@@ -216,6 +216,70 @@ def test_trl_booleans_pick_alignkits_choices(args, quantization, dtype):
     assert (s.quantization, s.dtype) == (quantization, dtype)
 
 
+@pytest.mark.parametrize("first, second", [("bf16", "torch_dtype"), ("torch_dtype", "bf16")])
+@pytest.mark.parametrize("model_dtype, dtype", [(None, "bf16"), ("auto", "bf16"), ("float32", "fp32"),
+                                                ("bfloat16", "bf16")])
+def test_torch_dtype_beside_bf16_means_the_same_in_either_order(first, second, model_dtype, dtype, tmp_path,
+                                                                alignkit_log):
+    """`bf16: true` then `torch_dtype: null` was "key dtype: None is not allowed" (a key the recipe lacks), and
+    `torch_dtype: float32` gave fp32 in one order, bf16 in the other. A dtype named by torch_dtype is the one;
+    null and auto give way to bf16; a bf16 that asks for another precision is named in the log."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({first: True if first == "bf16" else model_dtype,
+                                      second: True if second == "bf16" else model_dtype}, sort_keys=False))
+    assert parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)]).dtype == dtype
+    noted = any("bf16: alignkit computes in one dtype" in r.getMessage() for r in alignkit_log.records)
+    assert noted == (dtype == "fp32")
+
+
+def test_eval_strategy_no_holds_no_rows_out(local, tmp_path):
+    """A recipe that turns evaluation off (smollm3's, zephyr-141b's) lost 5% of its training rows to a held-out
+    share that was evaluated only at the end. --eval_split given explicitly still holds out."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("eval_strategy: 'no'\n")
+    assert parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)]).eval_split == 0
+    assert parse_config(DPOSettings, env_file=None, args=["--do_eval", "false"]).eval_split == 0
+    assert parse_config(DPOSettings, env_file=None, args=["--config", str(recipe), "--eval_split", "0.1"]).eval_split == 0.1
+    assert parse_config(DPOSettings, env_file=None, args=[]).eval_split == 0.05
+    assert parse_config(DPOSettings, env_file=None, args=["--do_eval", "false", "--eval_strategy", "steps",
+                                                          "--eval_steps", "5"]).eval_split == 0.05
+
+
+def test_step_settings_take_a_share_of_the_run_as_transformers_does(tmp_path):
+    """smollm3's recipes write save_steps: 0.5 (half the run): refused as "not an int" before."""
+    from trl import DPOConfig
+
+    s, args = resolve(DPOSettings, DPOConfig, "dpo", ["--save_steps", "0.5", "--logging_steps", "0.1",
+                                                      "--eval_steps", "0.25", "--output_dir", str(tmp_path)])
+    assert (args.save_steps, args.logging_steps, args.eval_steps) == (0.5, 0.1, 0.25)
+    s, args = resolve(DPOSettings, DPOConfig, "dpo", ["--save_steps", "50", "--output_dir", str(tmp_path)])
+    assert args.save_steps == 50 and isinstance(s.save_steps, int)
+    with pytest.raises(ConfigError, match="--save_steps must be a whole number of steps .* got 1.5"):
+        parse_config(DPOSettings, env_file=None, args=["--save_steps", "1.5"])
+
+
+def test_a_row_s_chat_template_kwargs_reach_the_template(tiny_cache, tmp_path):
+    """smollm3's recipes keep a `chat_template_kwargs` column ({enable_thinking: false}) that TRL hands to the
+    template for that row; the normaliser dropped it, so every row rendered in the template's default mode."""
+    import json
+
+    rows = [{"messages": [{"role": "user", "content": f"name three fruits {i}."},
+                          {"role": "assistant", "content": "apple, pear, plum"}],
+             "chat_template_kwargs": {"enable_thinking": i % 2 == 0}} for i in range(8)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "t.jinja").write_text(
+        "{% if enable_thinking is defined and enable_thinking is false %}NOTHINK {% endif %}"
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    g = run_script("sft.py", "--preset", "tiny", "--dataset_id", str(tmp_path / "sft.jsonl"), "--chat_template",
+                   str(tmp_path / "t.jinja"), "--eval_split", "0", "--max_steps", "1", "--output_dir", str(tmp_path))
+    tok = g["loaded"].tokenizer
+    texts = {tok.decode(row["input_ids"]) for row in g["trainer"].train_dataset}
+    marked = [t for t in texts if "NOTHINK" in t]
+    assert len(marked) == 4 and all(("fruits 1." in t or "fruits 3." in t or "fruits 5." in t or "fruits 7." in t)
+                                    for t in marked)
+
+
 @pytest.mark.parametrize("args, pattern", [
     (["--optim", "adam_nope"], r"--optim.*'adam_nope' is not one of .*adamw_torch"),
     (["--eval_strategy", "sometimes"], r"'sometimes' is not one of no, steps, epoch"),

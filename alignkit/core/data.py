@@ -22,6 +22,9 @@ SFT_FORMATS = ("messages", "sharegpt", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _FIX = "Fix the row, or pass --skip_invalid to skip invalid rows."
+# Per-row columns TRL's trainers hand to the chat template (trl/data_utils.py apply_chat_template): kept as they are,
+# so that a row's `chat_template_kwargs` ({"enable_thinking": false}, the SmolLM3 recipes) and `tools` still apply.
+_TEMPLATE_COLUMNS = ("chat_template_kwargs", "tools")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -327,11 +330,12 @@ def _load(kind, source, format, split, skip_invalid, config_name):
             raise DataError(f"{label}: format {format!r} needs column {column!r}, which is missing (columns found: "
                             f"{', '.join(map(str, columns))}). Rename it, or pick the right --dataset_format.")
     out, skipped = [], []
+    carried = [c for c in _TEMPLATE_COLUMNS if c in columns]
     for i, row in enumerate(data):
         try:
             if not isinstance(row, dict):
                 raise _bad(None, "an object with named fields", row)
-            out.append(normalise(row))
+            out.append({**normalise(row), **{c: _template_column(row.get(c), c) for c in carried}})
         except _RowError as e:
             field = f"field '{e.field}': " if e.field else ""
             reason = f"{read.place(i)}: {field}{e.problem}."
@@ -344,6 +348,12 @@ def _load(kind, source, format, split, skip_invalid, config_name):
         logger.warning("%s: skipped %d of %d rows as invalid (--skip_invalid). First problem: %s",
                        label, len(skipped), len(data), skipped[0])
     return datasets.Dataset.from_list(out)
+
+
+def _template_column(value, column):
+    if column == "chat_template_kwargs" and value is not None and not isinstance(value, Mapping):
+        raise _bad(column, "a mapping of chat template arguments, e.g. {\"enable_thinking\": false}", value)
+    return {} if value is None and column == "chat_template_kwargs" else value  # TRL unpacks it: never None
 
 
 def load_preferences(source, format="auto", split="train", skip_invalid=False, config_name=None) -> datasets.Dataset:
@@ -362,7 +372,8 @@ def load_unpaired(source, format="auto", split="train", skip_invalid=False, conf
     data = _load("unpaired", source, format, split, skip_invalid, config_name)
     if "label" in data.column_names:
         return data
+    carried = [c for c in _TEMPLATE_COLUMNS if c in data.column_names]
     return datasets.Dataset.from_list([
-        {"prompt": row["prompt"], "completion": row[side], "label": side == "chosen"}
+        {"prompt": row["prompt"], "completion": row[side], "label": side == "chosen", **{c: row[c] for c in carried}}
         for row in data for side in ("chosen", "rejected")
     ])

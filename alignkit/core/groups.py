@@ -16,9 +16,7 @@ from typing import Any, ClassVar
 from alignkit.core.args import ConfigError, setting
 from alignkit.core.errors import UserError
 from alignkit.core.sources import split_revision
-
-
-DTYPE_SYNONYMS = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}  # TRL's
+from alignkit.core.trl_names import DTYPE_SYNONYMS
 
 
 @dataclass
@@ -137,17 +135,17 @@ def _chain_post_init(self, cls) -> None:
 
 @dataclass
 class HubPushSettings:
-    """Pushing the result to the Hugging Face Hub: one group with one check (training runs, label.py, merge.py)."""
+    """Pushing the result to the Hugging Face Hub: one group (training runs, label.py, merge.py). The repo and its
+    namespace are settled at the push (alignkit.core.hub), as TRL settles them."""
 
     push_to_hub: bool = setting(False, "push the result (model, adapter or label.py's dataset) to the Hugging Face "
                                        "Hub (needs HF_TOKEN)")
-    hub_repo_id: str | None = setting(None, "Hub repo to push to, e.g. you/mistral-7b-dpo")
+    hub_repo_id: str | None = setting(None, "Hub repo to push to, e.g. you/mistral-7b-dpo; a bare name, or none (the "
+                                            "run's name, as TRL does), is created in your account")
     hub_public: bool = setting(False, "make the Hub repo public (private by default)")
 
     def __post_init__(self):
         _chain_post_init(self, HubPushSettings)
-        if self.push_to_hub and not self.hub_repo_id:
-            raise ConfigError("push_to_hub needs hub_repo_id: pass --hub_repo_id you/name")
 
 
 @dataclass
@@ -282,9 +280,10 @@ class TrainSettings(HubPushSettings, ModelSettings):
         default_factory=lambda: ["all-linear"], help="modules that get adapters; all-linear: every linear layer but the LM head"
     )
     # Logging and checkpoints
-    logging_steps: int = setting(10, "log loss and rewards every N steps")
-    eval_steps: int | None = setting(None, "evaluate every N steps; default: at the end only")
-    save_steps: int = setting(100, "write a checkpoint every N steps (a rerun resumes from the last one)")
+    # Each of the three: a number of steps, or (below 1) a share of the run's steps, as transformers reads it.
+    logging_steps: float = setting(10, "log loss and rewards every N steps")
+    eval_steps: float | None = setting(None, "evaluate every N steps; default: at the end only")
+    save_steps: float = setting(100, "write a checkpoint every N steps (a rerun resumes from the last one)")
     save_total_limit: int = setting(2, "keep at most this many checkpoints")
     report_to: list[str] = setting(
         default_factory=lambda: ["auto"], help="trackers, comma separated; auto: wandb when WANDB_API_KEY or "
@@ -319,10 +318,16 @@ class TrainSettings(HubPushSettings, ModelSettings):
             raise ValueError("--lora_target_modules is empty: pass all-linear, or module names such as q_proj,v_proj")
         # Counts the Trainer would take silently (max_steps -5 trains by epochs) or fail on deep in a library.
         counts = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                  "max_length", "logging_steps", "save_steps", "lora_r")
-        for name in counts + (("eval_steps",) if self.eval_steps is not None else ()):
+                  "max_length", "lora_r")
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("logging_steps", "save_steps") + (("eval_steps",) if self.eval_steps is not None else ()):
+            steps = getattr(self, name)
+            if not (0 < steps < 1 or (steps >= 1 and float(steps).is_integer())):
+                raise ValueError(f"--{name} must be a whole number of steps (at least 1) or a share of the run's "
+                                 f"steps between 0 and 1, got {steps}")
+            setattr(self, name, steps if steps < 1 else int(steps))
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"--max_steps must be a number of steps (>= 1), or -1 to train for --num_train_epochs; "
                              f"got {self.max_steps}")

@@ -89,9 +89,19 @@ def check_pushable(folder) -> None:
     )
 
 
-def push_dataset(jsonl_path, repo_id: str, private: bool = True) -> str:
-    """Push a JSONL file (label.py's output) as a Hub dataset, private unless asked; returns its URL."""
+def _repo(repo_id: str | None, name: str) -> str:
+    """--hub_repo_id, else `name` in the token's own namespace (TRL names the repo after its output_dir the same way)."""
+    if repo_id:
+        return repo_id
+    logger.info(f"no --hub_repo_id: pushing to {name} in your account (pass --hub_repo_id you/name to choose)")
+    return name
+
+
+def push_dataset(jsonl_path, repo_id: str | None, private: bool = True) -> str:
+    """Push a JSONL file (label.py's output) as a Hub dataset, private unless asked; returns its URL. No repo_id:
+    the file's name (without .jsonl) in the token's namespace."""
     from datasets import Dataset
+    from huggingface_hub import HfApi
 
     from alignkit.core.data import DataError
 
@@ -99,14 +109,18 @@ def push_dataset(jsonl_path, repo_id: str, private: bool = True) -> str:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
         raise DataError(f"{path} has no rows to push: label some first (or drop --push_to_hub)")
+    api = HfApi(token=require_token())
+    # A bare name is created in the token's namespace; the repo id the Hub answers with is the one to upload to.
+    repo_id = api.create_repo(_repo(repo_id, path.stem), private=private, exist_ok=True, repo_type="dataset").repo_id
     Dataset.from_list(rows).push_to_hub(repo_id, private=private, token=require_token())
     url = f"https://huggingface.co/datasets/{repo_id}"
     logger.info(f"pushed {len(rows)} rows to {url} ({'private' if private else 'public'})")
     return url
 
 
-def push(folder, repo_id: str, private: bool = True) -> str:
-    """Write the model card into `folder` and upload the folder (no checkpoints) to a model repo."""
+def push(folder, repo_id: str | None, private: bool = True, name: str | None = None) -> str:
+    """Write the model card into `folder` and upload the folder (no checkpoints) to a model repo. No repo_id: `name`
+    (default: the folder's) in the token's namespace."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
@@ -119,8 +133,12 @@ def push(folder, repo_id: str, private: bool = True) -> str:
     api = HfApi(token=require_token())
     from alignkit.core.card import model_card
 
+    # A bare name (a recipe's `hub_model_id: zephyr-7b-dpo-full`) is created in the token's namespace: upload to the
+    # repo id the Hub answers with, as transformers does, and name that one in the card.
+    url = api.create_repo(_repo(repo_id, name or folder.resolve().name), private=private, exist_ok=True,
+                          repo_type="model")
+    repo_id = url.repo_id
     (folder / "README.md").write_text(model_card(folder, repo_id), encoding="utf-8")
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", ignore_patterns=IGNORE,
                       commit_message="Upload with alignkit")
     logger.info(f"pushed {folder} to {url} ({'private' if private else 'public'})")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from alignkit.core.args import _FALSE, _TRUE, ConfigError
 
+DTYPE_SYNONYMS = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}  # TRL's
 SKIP = object()  # an alias's value that leaves alignkit's setting as it is
 
 
@@ -59,6 +60,14 @@ class _Weak:
     value: str
 
 
+def _model_dtype(value):
+    """TRL's torch_dtype: null (the recipes' `torch_dtype: null`) leaves --dtype alone, auto gives way to bf16/fp16,
+    a dtype is the model's and wins over them (`translate`) in either order."""
+    if value is None or str(value).strip().lower() in ("", "none", "null"):
+        return SKIP
+    return _Weak("auto") if str(value).strip().lower() == "auto" else value
+
+
 def _use_peft(value, where):
     if not _bool(value, where):
         raise ConfigError(f"{where} false asks for full fine-tuning; alignkit trains adapters only. "
@@ -70,7 +79,7 @@ def _use_peft(value, where):
 ALIASES = {
     "model_name_or_path": Alias("model_id"),
     "model_revision": Alias("revision"),
-    "torch_dtype": Alias("dtype"),
+    "torch_dtype": Alias("dtype", lambda v, w: _model_dtype(v), note="null and auto: --dtype auto"),
     "dataset_name": Alias("dataset_id"),
     "dataset_train_split": Alias("dataset_split"),
     "hub_model_id": Alias("hub_repo_id"),
@@ -353,13 +362,39 @@ class Vocabulary:
                                       f"or a YAML mapping, e.g. {_MAPPINGS[key]}")
             else:
                 unknown.append(key)
+        self._one_dtype(layer, out, notes, label)
         if extra:
             out["trainer_overrides"] = {**extra, **(out.get("trainer_overrides") or {})}
         return out, unknown, notes
 
+    @staticmethod
+    def _one_dtype(layer: Mapping, out: dict, notes: list[str], label) -> None:
+        """TRL loads the model in torch_dtype and trains under bf16/fp16 autocast; alignkit has one --dtype for both.
+        A torch_dtype that names a dtype is it, whichever key comes first; a bf16/fp16 beside it that asks for
+        another precision is named in a note."""
+        model_dtype = _model_dtype(layer.get("torch_dtype"))
+        if "torch_dtype" not in layer or "dtype" in layer or model_dtype is SKIP or isinstance(model_dtype, _Weak):
+            return
+        out["dtype"] = model_dtype
+        ours = DTYPE_SYNONYMS.get(str(model_dtype).lower(), str(model_dtype).lower())
+        for key in ("bf16", "fp16"):
+            if key in layer and _bool(layer[key], label(key)) and ours != key:
+                notes.append(f"{key}: alignkit computes in one dtype, and torch_dtype {model_dtype} names it; pass "
+                             f"--dtype {key} to load and train in {key}")
+
     def finish(self, values: dict, given: dict, recipe_given: bool) -> None:
-        """A recipe's (or a TRL command line's) output_dir is the run's own folder, as in TRL, unless a run_name
-        says otherwise: it becomes alignkit's output_dir (the parent) and run_name (the folder's name)."""
+        """What TRL's names mean together, once every layer is read.
+
+        - A recipe's (or a TRL command line's) output_dir is the run's own folder, as in TRL, unless a run_name
+          says otherwise: it becomes alignkit's output_dir (the parent) and run_name (the folder's name).
+        - `eval_strategy: no` (or `do_eval: false` alone) asks for no evaluation: no --eval_split share is held out
+          of the training rows unless --eval_split itself is given (TRL and the handbook train on them all).
+        """
+        overrides = values.get("trainer_overrides") or {}
+        strategy = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
+        no_eval = strategy == "no" or (str(overrides.get("do_eval")).lower() == "false" and strategy == "none")
+        if no_eval and "eval_split" in values and "eval_split" not in given:
+            values["eval_split"] = 0
         source = given.get("output_dir")
         if "run_name" in given or not (source == "recipe" or (source == "cli" and self.trl_style)):
             return

@@ -47,7 +47,8 @@ def first_refused(tokenizer, named: dict) -> str | None:
         for row in dataset:
             for column, messages, generation in _conversations(row):
                 try:
-                    tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+                    tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                                  tools=row.get("tools"), **(row.get("chat_template_kwargs") or {}))
                 except TemplateError as e:
                     return f"a row of {name} (the one whose first user turn is {_opening(messages)!r}), {column}: {e}"
     return None

@@ -335,5 +335,5 @@ def publish_run(folder: Path, s) -> tuple[Path | None, str | None]:
                                              trust_remote_code=s.trust_remote_code)
         logger.info(f"merged model saved to {target}")
     if s.push_to_hub:
-        url = push(target, s.hub_repo_id, private=not s.hub_public)
+        url = push(target, s.hub_repo_id, private=not s.hub_public, name=folder.name)
     return merged, url
