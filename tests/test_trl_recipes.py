@@ -245,6 +245,20 @@ def test_eval_strategy_no_holds_no_rows_out(local, tmp_path):
                                                           "--eval_steps", "5"]).eval_split == 0.05
 
 
+def test_trl_s_dataset_name_trains_on_trl_s_default_split_and_use_vllm_picks_the_backend():
+    """TRL's own lines (`--dataset_name X` alone) met alignkit's train_sft/train_prefs split defaults; GRPOConfig's
+    use_vllm, passed through, overrode rl.py's backend choice (a traceback without vLLM)."""
+    from alignkit.core.config import RLSettings
+
+    assert parse_config(SFTSettings, env_file=None, args=["--dataset_name", "d"]).dataset_split == "train"
+    assert parse_config(SFTSettings, env_file=None, args=[]).dataset_split == "train_sft"
+    assert parse_config(SFTSettings, env_file=None, args=["--dataset_name", "d", "--dataset_train_split",
+                                                          "train_sft"]).dataset_split == "train_sft"
+    rl = parse_config(RLSettings, env_file=None, args=["--use_vllm"])
+    assert rl.backend == "vllm" and "use_vllm" not in (rl.trainer_overrides or {})
+    assert parse_config(RLSettings, env_file=None, args=["--use_vllm", "false"]).backend == "transformers"
+
+
 def test_step_settings_take_a_share_of_the_run_as_transformers_does(tmp_path):
     """smollm3's recipes write save_steps: 0.5 (half the run): refused as "not an int" before."""
     from trl import DPOConfig
@@ -291,6 +305,8 @@ def test_a_row_s_chat_template_kwargs_reach_the_template(tiny_cache, tmp_path):
     (["--gradient_checkpointing_kwargs", "use_reentrant"],
      r"--gradient_checkpointing_kwargs: 'use_reentrant' is not a mapping; write a JSON object or a YAML mapping"),
     (["--lr_scheduler_kwargs", "min_lr"], r"--lr_scheduler_kwargs: 'min_lr' is not a mapping"),
+    # sft.py and reward.py took it into a TRL config that never reads it (alignkit loads the model).
+    (["--model_init_kwargs", '{"dtype": "bfloat16"}'], r"--model_init_kwargs has no effect in alignkit: .*--dtype"),
 ])
 def test_bad_trl_values_are_one_line_errors(args, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -442,5 +458,8 @@ def test_an_auto_true_false_setting_takes_trl_s_bare_flag_and_its_no_form(args, 
 def test_every_alias_names_a_training_setting():
     from alignkit.core.trl_names import ALIASES
 
-    names = {f.name for f in dataclasses.fields(DPOSettings)}
+    from alignkit.core.config import SETTINGS_CLASSES
+
+    names = {f.name for cls in SETTINGS_CLASSES if getattr(cls, "trl_configs", None)
+             for f in dataclasses.fields(cls)}
     assert {a.target for a in ALIASES.values()} <= names

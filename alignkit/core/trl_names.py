@@ -93,6 +93,8 @@ ALIASES = {
     "use_liger_kernel": Alias("use_liger", lambda v, w: "true" if _bool(v, w) else "false", bool,
                               "alignkit's loader applies the kernels"),
     "use_peft": Alias("adapter", _use_peft, bool, "alignkit always trains an adapter; false is refused", True),
+    # GRPOConfig/RLOOConfig's switch, passed through, overrode rl.py's backend choice: a traceback without vLLM.
+    "use_vllm": Alias("backend", _on("vllm", "transformers"), bool, "true: --backend vllm; false: transformers"),
 }
 # Names that mean TRL's vocabulary on a command line: with them, --output_dir is the run's own folder, as in TRL.
 _TRL_ONLY = {"model_name_or_path", "dataset_name"}
@@ -115,10 +117,13 @@ NOT_APPLIED = {
     "use_bnb_nested_quant": (True, "alignkit's 4-bit always uses QLoRA's double quantization"),
     "bnb_4bit_quant_storage": (_ANY, "chosen by the loader: the compute dtype under FSDP"),
 }
+# TRL fields that cannot act because alignkit loads the model itself: refused when the settings are read, in every
+# script, rather than taken into a TRL config that never reads them (sft.py, reward.py) or refused after the load.
+REFUSED = {"model_init_kwargs": "alignkit loads the model itself; use --dtype, --quantization, --attn_implementation, "
+                                "--revision"}
 _MODEL_AND_SCRIPT = ("ModelConfig", "ScriptArguments")
 # TrainingArguments' `dict | str` fields whose str is only JSON text (fsdp_config's and deepspeed's name a file).
-_MAPPINGS = {"gradient_checkpointing_kwargs": '{"use_reentrant": false}', "lr_scheduler_kwargs": '{"min_lr": 1e-6}',
-             "model_init_kwargs": '{"low_cpu_mem_usage": true}'}
+_MAPPINGS = {"gradient_checkpointing_kwargs": '{"use_reentrant": false}', "lr_scheduler_kwargs": '{"min_lr": 1e-6}'}
 
 
 # ---------------------------------------------------------------- TRL's own field types
@@ -272,6 +277,7 @@ class Vocabulary:
         self.passthrough = {n: t for n, t in trl_fields(self.config_names).items()}
         self.model_and_script = trl_fields(_MODEL_AND_SCRIPT)
         self.trl_style = False  # a TRL-only name (model_name_or_path, dataset_name) was given on the command line
+        self.trl_dataset = False  # TRL's dataset_name was given, in any layer
 
     def default_note(self, field: str, ours: str) -> str:
         """"; TRL's default: X" for --help when TRL's default for `field` (under its name or a same-meaning alias)
@@ -321,6 +327,7 @@ class Vocabulary:
         """(the layer in alignkit's field names, its unknown keys, notes on keys not applied); `label(key)`
         names a value of this layer in an error."""
         out, unknown, notes, extra, chosen = {}, [], [], {}, set()
+        self.trl_dataset |= "dataset_name" in layer
         if "dataset_mixer" in layer or "dataset_splits" in layer:
             if "dataset_mixer" not in layer:
                 unknown.append("dataset_splits")  # splits of nothing
@@ -351,6 +358,8 @@ class Vocabulary:
                     if not weak:
                         chosen.add(alias.target)
                 self.trl_style |= key in _TRL_ONLY and where == "the command line"
+            elif key in REFUSED:
+                raise ConfigError(f"{label(key)} has no effect in alignkit: {REFUSED[key]}; drop it")
             elif key in NOT_APPLIED:
                 same, reason = NOT_APPLIED[key]
                 if same is _ANY or str(raw).lower() != str(same).lower():
@@ -389,12 +398,15 @@ class Vocabulary:
           says otherwise: it becomes alignkit's output_dir (the parent) and run_name (the folder's name).
         - `eval_strategy: no` (or `do_eval: false` alone) asks for no evaluation: no --eval_split share is held out
           of the training rows unless --eval_split itself is given (TRL and the handbook train on them all).
+        - TRL's `dataset_name` without a split trains on TRL's default split, `train`.
         """
         overrides = values.get("trainer_overrides") or {}
         strategy = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
         no_eval = strategy == "no" or (str(overrides.get("do_eval")).lower() == "false" and strategy == "none")
         if no_eval and "eval_split" in values and "eval_split" not in given:
             values["eval_split"] = 0
+        if self.trl_dataset and "dataset_split" in values and "dataset_split" not in given:
+            values["dataset_split"] = "train"  # TRL's dataset_train_split default, not alignkit's train_sft
         source = given.get("output_dir")
         if "run_name" in given or not (source == "recipe" or (source == "cli" and self.trl_style)):
             return
