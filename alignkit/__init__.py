@@ -16,10 +16,11 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   threads (torch's CPU threads for a loaded model),
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
   digests (the one digest, SHA-256 of canonical JSON, every cache key is made of),
-  sources (a Hub id or a local path, and a Hub id at a revision written ID@REVISION),
+  sources (a Hub id or a local path, a Hub id at a revision written ID@REVISION, and whether the Hub answers),
   environment (the settings' environment layer: ALIGNKIT_<NAME>, and every other ALIGNKIT_ variable accounted for),
   data (the one data normaliser), data_files (reading files, folders and Hub datasets into rows that keep their place),
   hub (Hub pushes),
+  secrets (what is kept out of logs, configs, cards and wandb),
   card (model cards through huggingface_hub's ModelCard),
   progress (the one progress-bar rule),
   llm (the chat-client factory for OpenAI-compatible endpoints).
@@ -60,9 +61,11 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   alpacaeval (evaluate.py alpaca_eval), with alpacaeval_outputs, alpacaeval_annotate and alpacaeval_report,
   harness (evaluate.py lm_eval: EleutherAI's lm-evaluation-harness).
 
-This module itself holds the `alignkit` logger every module imports, and the filter that drops bitsandbytes'
-import-time kernel warning (installed before anything imports bitsandbytes); the rest of the library noise is
-alignkit.core.progress.quiet_library_noise. It imports no alignkit module, so no module's import cycles back here.
+This module itself holds the `alignkit` logger every module imports (its filter keeps secrets out of every line:
+alignkit.core.secrets, imported when a line is logged), and the filter that drops bitsandbytes' import-time kernel
+warning (installed before anything imports bitsandbytes); the rest of the library noise is
+alignkit.core.progress.quiet_library_noise. It imports no alignkit module at import time, so no module's import
+cycles back here.
 """
 import logging
 
@@ -76,6 +79,23 @@ if not logger.handlers:
     logger.addHandler(_handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+class _Redact(logging.Filter):
+    """Every alignkit log line without secrets: a key's value, a URL's password (alignkit.core.secrets)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from alignkit.core.secrets import redact
+
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+if not any(isinstance(f, _Redact) for f in logger.filters):
+    logger.addFilter(_Redact())
 
 
 class _BitsandbytesCpuKernelNote(logging.Filter):

@@ -469,6 +469,17 @@ def test_redact(monkeypatch):
     monkeypatch.setenv("DB_PASSWORD", "hunter2hunter2")
     monkeypatch.setenv("UNRELATED", "plainvalue123")
     assert redact("k=wandbkey12345 p=hunter2hunter2 u=plainvalue123") == "k=*** p=*** u=plainvalue123"
+    # credentials in a URL, whatever the variables say; no scheme (git@host, an e-mail address) is no credential
+    assert redact("http://alice:pw12@h:1/v1?model=m&api_key=abc123") == "http://alice:***@h:1/v1?model=m&api_key=***"
+    assert redact("https://hf_abcdef@huggingface.co/x") == "https://***@huggingface.co/x"
+    assert redact("git@github.com:a/b and me@example.com") == "git@github.com:a/b and me@example.com"
+    # a variable a setting names as holding a key is a secret, whatever it is called
+    from alignkit.core import config
+
+    monkeypatch.setenv("REDACT_TEST_JUDGE", "myjudgekey12345")
+    assert redact("key myjudgekey12345") == "key myjudgekey12345"
+    parse_config(config.LabelSettings, args=["--judge_api_key_env", "REDACT_TEST_JUDGE"], env_file=None)
+    assert redact("key myjudgekey12345") == "key ***"
 
 
 def test_secret_field_names(monkeypatch):

@@ -123,6 +123,11 @@ CASES = [
      "vegetables.'), prompt: System role not", None),
     ("rl.py", [*TRAIN, "--dataset_id", "system.jsonl", "--chat_template", "no-system.jinja"],
      "the chat template refuses a row of the prompts (the one whose first user turn is 'name three vegetables.')", None),
+    # A model that ships its own code, without --trust_remote_code: transformers' ValueError and its traceback.
+    ("evaluate.py", ["vibes", "--model_id", "custom-code", "--prompts", "hi"],
+     "custom-code ships its own model code, which runs only with --trust_remote_code", None),
+    # A token in a flag or recipe is kept in every checkpoint's training_args.bin.
+    ("sft.py", [*TRAIN, "--hub_token", "hf_FlagSecretToken9876543"], "--hub_token has no effect in alignkit", None),
     # A bad input found by a round's own step (label.py here, in its own process) is passed on as one line too.
     ("rlaif.py", [*TRAIN, "--judge", "nosuch"], "label.py stopped: --judge 'nosuch'", None),
 ]
@@ -158,6 +163,11 @@ def bad_files(tiny_cache, tmp_path_factory):
     (here / "gguf-folder" / "model-Q4_0.gguf").write_bytes(b"GGUF")
     (here / "some-folder").mkdir()
     (here / "some-folder" / "notes.txt").write_text("not a model")
+    shutil.copytree(presets.paths()["model"], here / "custom-code")
+    config = json.loads((here / "custom-code" / "config.json").read_text())
+    config.update(model_type="alignkit_custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                          "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    (here / "custom-code" / "config.json").write_text(json.dumps(config))
     shutil.copytree(presets.paths()["model"], here / "truncated")
     weights = here / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

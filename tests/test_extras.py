@@ -56,6 +56,16 @@ def test_tracker_missing_and_present(monkeypatch, tracker):
     assert resolve_report_to(DPOSettings(report_to="none")) == "none"  # nothing asked, nothing needed
 
 
+def test_wandb_never_records_a_password_from_the_command_line(monkeypatch):
+    """wandb stores the command line in its run metadata: rl.py's --judge_base_url with user:password went up
+    with it (found in the offline .wandb file)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setitem(sys.modules, "wandb", types.ModuleType("wandb"))
+    monkeypatch.setattr(sys, "argv", ["rl.py", "--judge_base_url", "http://alice:SuperSecretPass123@h:8000/v1"])
+    assert resolve_report_to(DPOSettings(report_to="wandb")) == "wandb"
+    assert sys.argv == ["rl.py", "--judge_base_url", "http://alice:***@h:8000/v1"]
+
+
 def test_the_command_prints_one_line_before_loading_anything(tiny_cache, tmp_path):
     # The whole script as a user runs it, tensorboard hidden from it: one `error:` line, exit 2, no traceback.
     code = ("import runpy, sys; sys.modules['tensorboard'] = sys.modules['tensorboardX'] = None; "

@@ -25,7 +25,7 @@ from openai_server import FakeOpenAI, Fault
 
 from alignkit.core.args import ConfigError
 from alignkit.core.data import DataError, load_preferences, load_sft
-from alignkit.core.errors import UserError
+from alignkit.core.errors import EndpointRefused, UserError
 from alignkit.feedback.judge import combine, load_template, parse_verdict, winner
 from alignkit.feedback.label_records import AppendLog
 
@@ -204,6 +204,35 @@ def test_labels_land_on_the_right_rows_and_secrets_stay_out(tmp_path, monkeypatc
     captured = capfd.readouterr()
     for text in [p.read_text() for p in written] + [captured.out, captured.err]:
         assert secret not in text
+
+
+def test_a_key_in_any_variable_and_a_password_in_the_judge_url_stay_out(tmp_path, monkeypatch, capfd):
+    """Only *_API_KEY-style names were secrets: a key in the variable --judge_api_key_env names (the README's
+    MY_KEY) was printed in the clear when the judge's 401 repeated it, as OpenAI's does; and user:password in a
+    --judge_base_url went into prefs.config.json and the log."""
+    key, password = "judgeKeyNotNamedAsSecret777", "SuperSecretPass123"
+    monkeypatch.setenv("MYJUDGE", key)
+    marker_pairs(tmp_path)
+    refusal = Fault(status=401, body=json.dumps({"error": {"message": f"Incorrect API key provided: {key}.",
+                                                          "type": "invalid_request_error"}}))
+    with FakeOpenAI(lambda body: refusal) as server:
+        url = server.base_url.replace("://", f"://alice:{password}@") + "?api_key=QueryKeyABCDEF999"
+        with pytest.raises(EndpointRefused) as refused:
+            run_script("label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge_base_url", url,
+                       "--judge_model", "fake-judge", "--judge_api_key_env", "MYJUDGE", "--output", "prefs.jsonl",
+                       cwd=tmp_path)
+    try:  # the line the script prints: the error hook's
+        from alignkit.core.errors import _report
+
+        _report(type(refused.value), refused.value, None)
+    except SystemExit:
+        pass
+    captured = capfd.readouterr()
+    assert "error: the judge refused the request" in captured.err
+    written = [p.read_text() for p in tmp_path.rglob("*") if p.is_file()]
+    assert any("alice:***@" in text for text in written)  # prefs.config.json keeps the URL, masked
+    for text in written + [captured.out, captured.err]:
+        assert key not in text and password not in text and "QueryKeyABCDEF999" not in text
 
 
 def test_one_order_per_pair_when_asked(tmp_path):

@@ -183,6 +183,45 @@ def test_an_unreachable_hub_fails_in_seconds_with_the_way_out(tmp_path):
     assert not list(tmp_path.iterdir())  # no run folder
 
 
+@pytest.mark.parametrize("command", ["vibes", "merge", "chain"])
+def test_every_path_to_a_hub_model_asks_the_hub_before_fetching(command, sft_run, tmp_path, monkeypatch):
+    """evaluate.py vibes, merge.py and label.py's answer cache reached the Hub first through the adapter-chain
+    reading (an hf_hub_download that retries for a minute before alignkit's one line): 35 to 95 seconds."""
+    import huggingface_hub
+    import transformers.utils.hub
+    from huggingface_hub import constants
+
+    from alignkit.core.sources import HubUnreachable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+
+    fetches = []
+
+    def fetched(*a, **k):  # recorded: the callers swallow what a download raises
+        fetches.append(a)
+        raise OSError("fetched from the Hub before asking whether it answers")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fetched)
+    monkeypatch.setattr(transformers.utils.hub, "hf_hub_download", fetched)
+    with pytest.raises(HubUnreachable, match="cannot reach the Hugging Face Hub .* someorg/somemodel"):
+        if command == "vibes":
+            run_script("evaluate.py", "vibes", "--model_id", "someorg/somemodel", "--prompts", "hi", cwd=tmp_path)
+        elif command == "merge":  # an adapter whose base is on the Hub
+            adapter = tmp_path / "adapter"
+            shutil.copytree(sft_run["run_folder"], adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
+            config = json.loads((adapter / "adapter_config.json").read_text())
+            (adapter / "adapter_config.json").write_text(json.dumps({**config,
+                                                                      "base_model_name_or_path": "someorg/somemodel"}))
+            run_script("merge.py", "--adapter_dir", str(adapter), cwd=tmp_path)
+        else:  # what every cache key and model kind reads first (label.py's generator identity among them)
+            from alignkit.modeling.identity import model_identity
+
+            model_identity(ModelSettings(model_id="someorg/somemodel"))
+    assert fetches == []
+
+
 # ---------------------------------------------------------------- 9. user errors: one line, status 2
 def test_a_user_error_is_one_line_and_exit_2_in_a_real_process(tiny_cache, tmp_path):
     """As a user meets it, in a process of its own (the excepthook the script installs, the exit status the shell

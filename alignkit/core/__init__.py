@@ -13,12 +13,13 @@
 - threads: torch's CPU threads for a loaded model (--num_threads).
 - journal: append-only logs, atomic writes, the concurrent map every crash-safe loop uses.
 - digests: the one digest (SHA-256 of canonical JSON) every cache key and record is made of.
-- sources: a Hub id or a local path, and a Hub id at a revision written ID@REVISION.
+- sources: a Hub id or a local path, a Hub id at a revision written ID@REVISION, and whether the Hub answers.
 - environment: the settings' environment layer (ALIGNKIT_<NAME>; a variable no script reads is reported).
 - progress: the one progress-bar rule (a bar in a terminal and a notebook, none in CI logs).
 - data: the one data normaliser (SFT and preference rows from files, folders, the Hub).
 - data_files: reading a file, folder or Hub dataset into rows that keep their file and line.
 - hub: Hub pushes.
+- secrets: what is kept out of logs, error lines, saved configs, model cards and wandb.
 - card: model cards through huggingface_hub's ModelCard (license, model-index, citations).
 - llm: the chat-client factory for OpenAI-compatible endpoints.
 """

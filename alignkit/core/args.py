@@ -32,14 +32,13 @@ from dotenv import load_dotenv
 from alignkit.core.environment import BARE_ENV_NAMES, ENV_PREFIX, read_environment, stray_variables
 from alignkit.core.errors import ConfigError, is_notebook  # noqa: F401 - ConfigError is re-exported
 from alignkit.core.journal import write_atomic
+from alignkit.core.secrets import name_secret_variables, redact
 
 __all__ = ["ConfigError", "setting", "parse_config", "config_to_dict", "save_config", "redact", "is_notebook",
            "BARE_ENV_NAMES", "ENV_PREFIX"]
 
 _MISSING = dataclasses.MISSING
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-_SECRET_ENV = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY"}
-_SECRET_SUFFIXES = ("_TOKEN", "_API_KEY", "_SECRET", "_PASSWORD")
 _SECRET_WORDS = ("token", "api_key", "secret", "password")
 # Tokenizer special tokens ("<pad>", "</s>") are settings, not credentials: hiding them would only lose information.
 _SPECIAL_TOKENS = {f"{p}_token" for p in ("pad", "eos", "bos", "unk", "sep", "cls", "mask")}
@@ -407,6 +406,8 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
     for n in (n for n in fields if n not in values):
         raise ConfigError(f"missing required option --{n} (or env var {ENV_PREFIX}{n.upper()}, or key {n} in the "
                           "--config file)")
+    # A variable a setting names as holding a key (--judge_api_key_env MY_KEY) is a secret whatever it is called.
+    name_secret_variables(*(values.get(n) for n in fields if n.endswith("_key_env") and isinstance(values.get(n), str)))
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:  # __post_init__ validation is a user-facing config problem too
@@ -414,18 +415,6 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
 
 
 # ---------------------------------------------------------------- saving and secrets
-def _secret_env_values():
-    names = {k for k in os.environ if k.upper() in _SECRET_ENV or k.upper().endswith(_SECRET_SUFFIXES)}
-    # Longest first, so a secret that contains another one is hidden whole.
-    return sorted({os.environ[k] for k in names if len(os.environ[k]) >= 8}, key=len, reverse=True)
-
-
-def redact(text: str) -> str:
-    """Replace every secret value found in the environment by ``***``."""
-    for secret in _secret_env_values():
-        text = text.replace(secret, "***")
-    return text
-
 
 def _is_secret_field(name) -> bool:
     # "tokenizer_name" and "max_new_tokens" are not credentials; "*_env" fields hold a variable's NAME.

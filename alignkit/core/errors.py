@@ -39,7 +39,9 @@ def debugging() -> bool:
 
 def _report(kind, error, tb) -> None:
     if issubclass(kind, UserError) and not debugging():
-        print(f"error: {error}", file=sys.stderr)
+        from alignkit.core.secrets import redact
+
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)  # honoured from an excepthook: the interpreter exits with this status
     sys.__excepthook__(kind, error, tb)
     if issubclass(kind, UserError):

@@ -5,13 +5,12 @@ The token comes from HF_TOKEN (or `.env`, or a cached `huggingface-cli login`); 
 raised before any training or merging starts, never an interactive prompt. Repos are private unless asked.
 An adapter is pushed only when its base is on the Hub: a config naming a local path loads nowhere else.
 
-`require_reachable` asks the Hub once, with a short timeout, before anything is fetched from it: without it, an
-unreachable Hub costs a minute of the libraries' retries and ends in a long traceback.
+`require_reachable` (alignkit.core.sources, importable from here) asks the Hub once, with a short timeout, before
+anything is fetched from it.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -19,48 +18,10 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
-from alignkit.core.sources import is_hub_id
+from alignkit.core.sources import HubUnreachable, is_hub_id, require_reachable  # noqa: F401 - re-exported
 
 # Never uploaded: intermediate state, and anything that could hold credentials.
 IGNORE = ["checkpoint-*", "*.previous-*", ".env", "*.env", "wandb/*", "runs/*", "merged/*"]
-PROBE_TIMEOUT = 5.0  # seconds: a reachable Hub answers a HEAD well within this; a dead one fails fast
-
-
-class HubUnreachable(UserError):
-    """The Hub is needed for a model or dataset and does not answer."""
-
-
-@functools.lru_cache(maxsize=None)
-def _probe(endpoint: str) -> str | None:
-    """None when `endpoint` answers at all (any HTTP status), else why not."""
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(endpoint, timeout=PROBE_TIMEOUT, follow_redirects=False)
-        return None
-    except Exception as e:  # noqa: BLE001 - refused, DNS, timeout, proxy: every one means "not reachable"
-        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-
-
-def require_reachable(*sources) -> None:
-    """Fail within seconds, with the way out, when a source is a Hub id and the Hub does not answer.
-
-    Offline mode (HF_HUB_OFFLINE=1) asks nothing: the libraries then read their cache alone.
-    """
-    from huggingface_hub import constants
-
-    ids = [str(s) for s in sources if is_hub_id(s)]
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if not ids or offline:
-        return
-    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
-    why = _probe(endpoint)
-    if why:
-        raise HubUnreachable(
-            f"cannot reach the Hugging Face Hub at {endpoint} ({why}) to fetch {', '.join(ids)} (no local folder "
-            "has that name). For models and datasets already in your Hugging Face cache, set HF_HUB_OFFLINE=1; "
-            "for the offline demo, run with --preset tiny."
-        )
 
 
 def require_token() -> str:
@@ -109,9 +70,10 @@ def push_dataset(jsonl_path, repo_id: str | None, private: bool = True) -> str:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
         raise DataError(f"{path} has no rows to push: label some first (or drop --push_to_hub)")
-    api = HfApi(token=require_token())
-    # A bare name is created in the token's namespace; the repo id the Hub answers with is the one to upload to.
-    repo_id = api.create_repo(_repo(repo_id, path.stem), private=private, exist_ok=True, repo_type="dataset").repo_id
+    repo_id = _repo(repo_id, path.stem)
+    if "/" not in repo_id:  # a bare name is created in the token's namespace: its full id is the Hub's answer
+        repo_id = HfApi(token=require_token()).create_repo(repo_id, private=private, exist_ok=True,
+                                                           repo_type="dataset").repo_id
     Dataset.from_list(rows).push_to_hub(repo_id, private=private, token=require_token())
     url = f"https://huggingface.co/datasets/{repo_id}"
     logger.info(f"pushed {len(rows)} rows to {url} ({'private' if private else 'public'})")

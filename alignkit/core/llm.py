@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 
 from alignkit.core.args import ConfigError
+from alignkit.core.secrets import name_secret_variables
 
 
 @dataclass
@@ -43,6 +44,7 @@ def endpoint_key(api_key_env: str = "OPENAI_API_KEY", base_url: str | None = Non
     `base_url`, else OPENAI_BASE_URL, else None (the OpenAI API).
     """
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+    name_secret_variables(api_key_env)  # its value is kept out of logs and error lines, whatever the name
     api_key = os.environ.get(api_key_env)
     if not api_key:
         if api_key_env != "OPENAI_API_KEY":

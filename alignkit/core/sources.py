@@ -1,14 +1,20 @@
-"""How a model is named: a Hub id or a local path, and a Hub id at a revision written ID@REVISION.
+"""How a model is named: a Hub id or a local path, and a Hub id at a revision written ID@REVISION; and whether the
+Hub answers for a Hub id (`require_reachable`).
 
 A neutral core module (it imports nothing of alignkit's but errors), so the loader settings
 (alignkit.core.groups.loader_settings), the chain of adapters (alignkit.modeling.chain), the Hub upload and the
-model card all tell a Hub id from a path one way.
+model card all tell a Hub id from a path one way, and ask the Hub the same way before fetching from it: without
+that, an unreachable Hub costs a minute of the libraries' retries and ends in a long traceback.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from pathlib import Path
+
+from alignkit.core.errors import UserError
 
 # owner/name or name: letters, digits, - _ . (not first); no "..", no file suffix of a local data file.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -30,3 +36,43 @@ def split_revision(source: str) -> tuple[str, str | None]:
     if at and revision and not Path(source).exists() and is_hub_id(model):
         return model, revision
     return source, None
+
+
+PROBE_TIMEOUT = 5.0  # seconds: a reachable Hub answers a HEAD well within this; a dead one fails fast
+
+
+class HubUnreachable(UserError):
+    """The Hub is needed for a model or dataset and does not answer."""
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(endpoint: str) -> str | None:
+    """None when `endpoint` answers at all (any HTTP status), else why not."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=PROBE_TIMEOUT, follow_redirects=False)
+        return None
+    except Exception as e:  # noqa: BLE001 - refused, DNS, timeout, proxy: every one means "not reachable"
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def require_reachable(*sources) -> None:
+    """Fail within seconds, with the way out, when a source is a Hub id and the Hub does not answer.
+
+    Offline mode (HF_HUB_OFFLINE=1) asks nothing: the libraries then read their cache alone.
+    """
+    from huggingface_hub import constants
+
+    ids = [str(s) for s in sources if is_hub_id(s)]
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not ids or offline:
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+    why = _probe(endpoint)
+    if why:
+        raise HubUnreachable(
+            f"cannot reach the Hugging Face Hub at {endpoint} ({why}) to fetch {', '.join(ids)} (no local folder "
+            "has that name). For models and datasets already in your Hugging Face cache, set HF_HUB_OFFLINE=1; "
+            "for the offline demo, run with --preset tiny."
+        )

@@ -120,7 +120,10 @@ NOT_APPLIED = {
 # TRL fields that cannot act because alignkit loads the model itself: refused when the settings are read, in every
 # script, rather than taken into a TRL config that never reads them (sft.py, reward.py) or refused after the load.
 REFUSED = {"model_init_kwargs": "alignkit loads the model itself; use --dtype, --quantization, --attn_implementation, "
-                                "--revision"}
+                                "--revision",
+           # TrainingArguments keeps it in every checkpoint's training_args.bin, and wandb records the command line
+           "hub_token": "a token in a flag or a recipe is saved in every checkpoint (training_args.bin); set HF_TOKEN "
+                        "(or log in with `hf auth login`): alignkit pushes with that"}
 _MODEL_AND_SCRIPT = ("ModelConfig", "ScriptArguments")
 # TrainingArguments' `dict | str` fields whose str is only JSON text (fsdp_config's and deepspeed's name a file).
 _MAPPINGS = {"gradient_checkpointing_kwargs": '{"use_reentrant": false}', "lr_scheduler_kwargs": '{"min_lr": 1e-6}'}

@@ -31,7 +31,11 @@ def adapter_config(source: str, revision: str | None = None) -> dict | None:
         return json.loads(file.read_text()) if file.is_file() else None
     if path.exists() or source.count("/") != 1:
         return None
-    # A Hub id: ask the Hub whether it holds an adapter; offline, let from_pretrained report the problem.
+    # A Hub id: ask the Hub whether it holds an adapter; offline, let from_pretrained report the problem. A Hub that
+    # does not answer is one line now, not a minute of the download's retries first.
+    from alignkit.core.sources import require_reachable
+
+    require_reachable(source)
     try:
         from huggingface_hub import hf_hub_download
 

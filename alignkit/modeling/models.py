@@ -157,13 +157,27 @@ def _check_model_folder(folder: Path) -> None:
                             "or copy was cut short? Copy or download it again") from None
 
 
+@contextlib.contextmanager
+def custom_code(source: str):
+    """transformers' refusal of a model that ships its own code ("contains custom code ... pass the argument
+    trust_remote_code=True", a ValueError with its traceback) as one line naming alignkit's flag."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code=True" not in str(e):
+            raise
+        raise UserError(f"{source} ships its own model code, which runs only with --trust_remote_code: pass it if you "
+                        "trust that code (read it first), or use a model transformers supports natively") from None
+
+
 def load_tokenizer(source: str, revision=None, trust_remote_code=False, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
     from alignkit.modeling.gguf import model_source
 
     source, revision = model_source(source, None, revision)  # a .gguf file: its converted folder
-    tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    with custom_code(source):
+        tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if chat_template:
         tok.chat_template = chat_template_text(chat_template)  # alignkit.core.groups: a file or inline Jinja
     set_pad_token(tok)
@@ -242,10 +256,11 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     packed_config = functools.partial(AutoConfig.from_pretrained, weights, revision=revision,
                                       trust_remote_code=s.trust_remote_code) if packs_pairs(s, for_training) else None
     kwargs["attn_implementation"] = resolve_attention(s.attn_implementation, dtype, packed_config)
-    if reward:
-        model = load_reward_base(weights, kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
+    with custom_code(s.model_id):
+        if reward:
+            model = load_reward_base(weights, kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     apply_num_threads(getattr(s, "num_threads", "auto"), model)
     if quantization == "4bit" and keep_4bit_layout(model) and not torch.cuda.is_available():  # a GPU run never repacks
         logger.info("4-bit on the CPU: the weights stay in bitsandbytes' standard NF4 layout (its AVX512-BF16 "

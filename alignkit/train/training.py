@@ -16,6 +16,7 @@ import torch
 from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError
+from alignkit.core.secrets import redact
 from alignkit.core.errors import UserError
 from alignkit.core.extras import require_tracker
 from alignkit.core.launch import agreed_minimum, free_memory, training_device, world_size
@@ -88,6 +89,8 @@ def resolve_report_to(s) -> str | list[str]:
                 "Set WANDB_API_KEY, or WANDB_MODE=offline to log locally, or --report_to none."
             )
         os.environ.setdefault("WANDB_LOG_MODEL", "false")  # never upload checkpoints (or what they hold) to wandb
+        # wandb records the command line in its run metadata: a password in a --judge_base_url would go with it.
+        sys.argv[:] = [redact(a) for a in sys.argv]
     return asked[0] if len(asked) == 1 else asked
 
 
