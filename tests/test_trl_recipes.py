@@ -9,6 +9,7 @@ their values, and run to completion on the tiny preset. Resolution is checked in
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -257,6 +258,41 @@ def test_trl_s_dataset_name_trains_on_trl_s_default_split_and_use_vllm_picks_the
     rl = parse_config(RLSettings, env_file=None, args=["--use_vllm"])
     assert rl.backend == "vllm" and "use_vllm" not in (rl.trainer_overrides or {})
     assert parse_config(RLSettings, env_file=None, args=["--use_vllm", "false"]).backend == "transformers"
+
+
+def test_trl_s_own_dataset_mixture_is_read_as_trl_reads_it(local, tmp_path):
+    """TRL's DatasetMixtureConfig YAML (`datasets` of path/name/split/columns/fraction, `test_split_size`), as
+    `trl dpo --config` reads it, was "unknown settings: datasets, test_split_size". The fractions are TRL's:
+    normalised shares, the first rows of each dataset, the mixture capped so that none is oversampled."""
+    from alignkit.core.mixture import load_train_eval
+
+    data = str(local["root"] / "ultrafeedback")
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "datasets": [{"path": data, "split": "train_prefs", "fraction": 0.75, "columns": ["prompt", "chosen", "rejected"]},
+                     {"path": data, "split": "test_prefs", "fraction": 0.25, "columns": ["prompt", "chosen", "rejected"]}],
+        "test_split_size": 0.1, "streaming": False}))
+    s = parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
+    assert s.dataset_mixture["datasets"][0] == {"id": data, "split": "train_prefs", "fraction": 0.75,
+                                               "columns": ["prompt", "chosen", "rejected"]}
+    train, held_out = load_train_eval("preference", s)
+    # 1100 and 100 rows at 3:1: 300 + 100 (test_prefs would be oversampled beyond that), 10% of them held out
+    assert (len(train), len(held_out)) == (360, 40)
+    import datasets
+
+    from alignkit.core.data import load_preferences
+
+    source = datasets.load_from_disk(data)["train_prefs"]
+    first = {json.dumps(r["prompt"]) + json.dumps(r["chosen"]) for r in load_preferences(source.select(range(300)))}
+    mixed = {json.dumps(r["prompt"]) + json.dumps(r["chosen"]) for r in datasets.concatenate_datasets([train, held_out])}
+    assert first <= mixed  # the first rows, as TRL keeps them
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"datasets": [{"path": data, "fraction": 0.5}, {"path": data}]}))
+    with pytest.raises(ConfigError, match="fraction must be set for every dataset of the mixture or for none"):
+        parse_config(DPOSettings, env_file=None, args=["--config", str(bad)])
+    bad.write_text(yaml.safe_dump({"datasets": [{"path": data, "data_files": "x.json"}]}))
+    with pytest.raises(ConfigError, match="data_files not supported"):
+        parse_config(DPOSettings, env_file=None, args=["--config", str(bad)])
 
 
 def test_step_settings_take_a_share_of_the_run_as_transformers_does(tmp_path):

@@ -4,8 +4,10 @@
 The mixture is the handbook's (alignment/data.py, get_dataset): each entry's split loaded, its `columns` kept,
 a `weight` share of it drawn after a seeded shuffle, all concatenated and shuffled with the mixture's seed, then
 `test_split_size` rows (or share) held out. The handbook's older dataset_mixer/dataset_splits become entries with
-`test: true` for the test splits (alignkit.core.trl_names): those are held out whole. Every entry goes through
-the one data normaliser (alignkit.core.data) before its share is drawn, so its rows are checked like any other
+`test: true` for the test splits (alignkit.core.trl_names): those are held out whole. TRL's own mixture
+(DatasetMixtureConfig: `datasets` of path/name/split/columns/fraction) comes in with its `fraction`, taken as TRL's
+get_dataset takes it: shares normalised over the mixture, the first rows of each, none oversampled. Every entry goes
+through the one data normaliser (alignkit.core.data) before its share is drawn, so its rows are checked like any other
 data, and a bad one is named by its own file and row.
 """
 
@@ -20,7 +22,7 @@ from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.data import DataError
 
-_ENTRY_KEYS = {"id", "config", "split", "columns", "weight", "test"}
+_ENTRY_KEYS = {"id", "config", "split", "columns", "weight", "fraction", "test"}
 
 
 def check_mixture(mixture) -> None:
@@ -48,12 +50,23 @@ def check_mixture(mixture) -> None:
         weight = entry.get("weight")
         if weight is not None and not (_number(weight) and 0 < weight <= 1):
             raise ConfigError(f"{where}: weight {weight!r} must be a share in (0, 1]")
+        fraction = entry.get("fraction")
+        if fraction is not None and not (_number(fraction) and fraction > 0):
+            raise ConfigError(f"{where}: fraction {fraction!r} must be a share above 0 (TRL's: the shares are "
+                              "normalised over the mixture)")
+        if fraction is not None and (weight is not None or entry.get("test")):
+            raise ConfigError(f"{where}: fraction (TRL's mixture) beside {'weight' if weight is not None else 'test'}"
+                              " (the handbook's): use one format")
         kept = entry.get("columns")
         if kept is not None and not (isinstance(kept, list) and all(isinstance(c, str) for c in kept)):
             raise ConfigError(f"{where}: columns {kept!r} must be a list of column names, e.g. "
                               "columns: [prompt, chosen, rejected]")
         if kept is not None:
             columns.append(sorted(kept))
+    fractions = [e.get("fraction") is not None for e in mixture["datasets"]]
+    if any(fractions) and not all(fractions):
+        raise ConfigError("dataset_mixture: fraction must be set for every dataset of the mixture or for none (as "
+                          "in TRL)")
     if any(c != columns[0] for c in columns):
         raise ConfigError(f"dataset_mixture: the datasets keep different columns {columns}; they must match")
     seed = mixture.get("seed", 0)
@@ -156,7 +169,7 @@ def _entry(kind, s, entry, number, seed):
         rows = rows.keep(entry["columns"])
     data = _loader(kind)(rows, s.dataset_format, "train", s.skip_invalid)
     weight = entry.get("weight", 1.0)
-    if weight is not None and not entry.get("test"):
+    if weight is not None and not entry.get("test") and entry.get("fraction") is None:
         count = int(len(data) * weight)
         if count < 1:
             raise ConfigError(f"{where}: weight {weight} selects no rows: {weight} of its {len(data)} rows is less "
@@ -174,6 +187,11 @@ def _mixture(kind, s):
         (test_parts if entry.get("test") else train_parts).append(_entry(kind, s, entry, number, seed))
     if not train_parts:
         raise ConfigError("dataset_mixture holds only test splits; add a train split")
+    fractions = [e["fraction"] for e in m["datasets"] if e.get("fraction") is not None]
+    if fractions:  # TRL's get_dataset: shares of the mixture, capped so that no dataset is oversampled
+        shares = [f / sum(fractions) for f in fractions]
+        total = min(len(part) / share for part, share in zip(train_parts, shares))
+        train_parts = [part.select(range(round(share * total))) for part, share in zip(train_parts, shares)]
     try:
         train = datasets.concatenate_datasets(train_parts).shuffle(seed=seed)
         held_out = datasets.concatenate_datasets(test_parts) if test_parts else None

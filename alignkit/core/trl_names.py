@@ -260,6 +260,37 @@ def mixture_from_mixer(mixer, splits, where, splits_where=None) -> dict:
     return {"datasets": entries, "seed": 42}
 
 
+# TRL's DatasetConfig keys (trl/scripts/utils.py) as the mixture's: load_dataset's path and name, and `fraction`.
+_TRL_ENTRY = {"path": "id", "name": "config", "split": "split", "columns": "columns", "fraction": "fraction"}
+
+
+def mixture_from_trl(entries, test_split_size, where) -> dict:
+    """TRL's own mixture (DatasetMixtureConfig: `datasets` of path/name/split/columns/fraction, `test_split_size`),
+    as `trl sft --config` reads it, into alignkit's dataset_mixture (alignkit.core.mixture takes TRL's `fraction`
+    as TRL does: normalised shares of the mixture, none oversampled)."""
+    if isinstance(entries, str):  # a JSON list from a command line
+        try:
+            entries = json.loads(entries)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"invalid value for {where}: not valid JSON ({e})") from None
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, Mapping) for e in entries):
+        raise ConfigError(f"{where}: TRL's datasets must be a list of datasets, e.g. [{{path: trl-lib/tldr, split: "
+                          "train}]")
+    out = []
+    for i, entry in enumerate(entries, 1):
+        other = sorted(set(entry) - set(_TRL_ENTRY))
+        if other:
+            raise ConfigError(f"{where}: dataset {i}: {', '.join(other)} not supported (alignkit reads a dataset by "
+                              f"path, name, split, columns and fraction); point path at the data file or folder")
+        if "path" not in entry:
+            raise ConfigError(f"{where}: dataset {i} needs a path (a Hub dataset id or a local file or folder)")
+        out.append({_TRL_ENTRY[k]: v for k, v in entry.items() if v is not None})
+    mixture = {"datasets": out}
+    if test_split_size is not None:
+        mixture["test_split_size"] = test_split_size
+    return mixture
+
+
 def _fraction(value) -> float | None:
     """A dataset_mixer fraction as a float in (0, 1], or None."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -307,7 +338,7 @@ class Vocabulary:
         out.update({n: a.kind for n, a in ALIASES.items()})
         for n in NOT_APPLIED:  # typed as TRL types them where it still has them; transformers 5 dropped this one
             out.setdefault(n, bool if n == "overwrite_output_dir" else str)
-        out.update(dataset_mixer=dict, dataset_splits=list[str])
+        out.update(dataset_mixer=dict, dataset_splits=list[str], datasets=str, test_split_size=float, streaming=bool)
         return out
 
     def env_names(self, fields) -> list[str]:
@@ -347,8 +378,14 @@ class Vocabulary:
                     mixer = {mixer: 1.0}
                 out["dataset_mixture"] = mixture_from_mixer(mixer, layer.get("dataset_splits"), label("dataset_mixer"),
                                                             label("dataset_splits"))
+        if "datasets" in layer:  # TRL's own mixture, as DatasetMixtureConfig reads it from a YAML config
+            out["dataset_mixture"] = mixture_from_trl(layer["datasets"], layer.get("test_split_size"),
+                                                      label("datasets"))
+            if str(layer.get("streaming", False)).lower() not in ("false", "none"):
+                notes.append(f"streaming: {NOT_APPLIED['dataset_streaming'][1]}")
         for key, raw in layer.items():
-            if key in ("dataset_mixer", "dataset_splits"):
+            if key in ("dataset_mixer", "dataset_splits") or (key in ("datasets", "test_split_size", "streaming")
+                                                                and "datasets" in layer):
                 continue
             if key in fields:
                 out[key] = raw
@@ -425,5 +462,6 @@ class Vocabulary:
                 f"shows TRL's.\n\nTRL's names: {aliases}.\n\nEvery other field of TRL's {'/'.join(self.config_names)} is accepted "
                 f"under its TRL name and type and handed to TRL as it is (collected in --trainer_overrides): "
                 f"{names}.\n\nalignment-handbook recipes: dataset_mixture (id, config, split, columns, weight; "
-                "test_split_size, seed) and the older dataset_mixer + dataset_splits; a recipe's output_dir is the "
+                "test_split_size, seed), the older dataset_mixer + dataset_splits, and TRL's own datasets (path, name, "
+                "split, columns, fraction) + test_split_size; a recipe's output_dir is the "
                 f"run's own folder; an inline chat_template works. Named but not applied: {ignored}.")
