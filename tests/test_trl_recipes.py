@@ -21,6 +21,7 @@ import yaml
 
 from alignkit.core.args import ConfigError, parse_config
 from alignkit.core.config import DPOSettings, RewardSettings, SFTSettings
+from alignkit.core.data import DataError
 from conftest import ROOT, run_script
 
 HANDBOOK = Path(__file__).parent / "data" / "handbook"
@@ -293,6 +294,23 @@ def test_trl_s_own_dataset_mixture_is_read_as_trl_reads_it(local, tmp_path):
     bad.write_text(yaml.safe_dump({"datasets": [{"path": data, "data_files": "x.json"}]}))
     with pytest.raises(ConfigError, match="data_files not supported"):
         parse_config(DPOSettings, env_file=None, args=["--config", str(bad)])
+
+
+def test_trl_s_dataset_text_field_names_the_text_column(tmp_path):
+    """`trl sft --dataset_text_field content` was refused: the format detection knew only a column named text."""
+    import json
+
+    from alignkit.core.mixture import load_train_eval
+
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"content": f"row {i}", "id": i}) + "\n" for i in range(6)))
+    s = parse_config(SFTSettings, env_file=None, args=["--dataset_id", str(tmp_path / "t.jsonl"),
+                                                       "--dataset_text_field", "content", "--eval_split", "0"])
+    train, _ = load_train_eval("sft", s)
+    assert sorted(r["text"] for r in train) == [f"row {i}" for i in range(6)]
+    s = parse_config(SFTSettings, env_file=None, args=["--dataset_id", str(tmp_path / "t.jsonl"),
+                                                       "--dataset_text_field", "body"])
+    with pytest.raises(DataError, match="--dataset_text_field body: no such column .columns found: content, id"):
+        load_train_eval("sft", s)
 
 
 def test_step_settings_take_a_share_of_the_run_as_transformers_does(tmp_path):

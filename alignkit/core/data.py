@@ -308,7 +308,7 @@ def detect_format(columns, kind, source=None) -> str:
                     f"Rename the columns, or pass --dataset_format with one of: {_choices(kind)}.")
 
 
-def _load(kind, source, format, split, skip_invalid, config_name):
+def _load(kind, source, format, split, skip_invalid, config_name, text_field="text"):
     if format != "auto" and format not in _TABLES[kind]:
         raise DataError(f"unknown {kind} data format {format!r}; choose auto or one of: {_choices(kind)}")
     read = read_rows(source, split, config_name)
@@ -323,6 +323,14 @@ def _load(kind, source, format, split, skip_invalid, config_name):
             columns.update({k: v for k, v in row.items() if columns.get(k) is None} if isinstance(row, dict) else {})
     if not columns:  # no row is an object: say so of the first, not "no format has these columns"
         read.dicts()
+    if text_field != "text":  # TRL's dataset_text_field: that column is each row's text
+        if text_field not in columns:
+            raise DataError(f"{label}: --dataset_text_field {text_field}: no such column (columns found: "
+                            f"{', '.join(map(str, columns))})")
+        data = [{**{k: v for k, v in row.items() if k not in (text_field, "text")}, "text": row.get(text_field)}
+                if isinstance(row, dict) else row for row in data]
+        columns = {("text" if k == text_field else k): v for k, v in columns.items() if k != "text"}
+        format = "text" if format == "auto" else format
     format = detect_format(columns, kind, label) if format == "auto" else format
     normalise, required = _TABLES[kind][format]
     for column in required:
@@ -361,9 +369,11 @@ def load_preferences(source, format="auto", split="train", skip_invalid=False, c
     return _load("preference", source, format, split, skip_invalid, config_name)
 
 
-def load_sft(source, format="auto", split="train", skip_invalid=False, config_name=None) -> datasets.Dataset:
-    """SFT rows: `messages`, or `prompt`/`completion` message lists, or `text`, depending on the data."""
-    return _load("sft", source, format, split, skip_invalid, config_name)
+def load_sft(source, format="auto", split="train", skip_invalid=False, config_name=None,
+             text_field="text") -> datasets.Dataset:
+    """SFT rows: `messages`, or `prompt`/`completion` message lists, or `text`, depending on the data.
+    text_field: the column of plain text (TRL's dataset_text_field), read as the text format."""
+    return _load("sft", source, format, split, skip_invalid, config_name, text_field)
 
 
 def load_unpaired(source, format="auto", split="train", skip_invalid=False, config_name=None) -> datasets.Dataset:

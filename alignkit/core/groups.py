@@ -195,7 +195,7 @@ TRAIN_HELP_GROUPS = [
     ("model", ["preset", "model_id", "quantization", "dtype", "attn_implementation", "revision", "chat_template",
                "gguf_file", "trust_remote_code", "use_liger", "num_threads"]),
     ("data", ["dataset_id", "dataset_config", "dataset_split", "dataset_test_split", "eval_split", "max_samples",
-              "dataset_format", "dataset_mixture", "skip_invalid"]),
+              "dataset_format", "dataset_text_field", "dataset_mixture", "skip_invalid"]),
     ("LoRA", ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora",
               "lora_modules_to_save", "adapter"]),
     ("training", ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",

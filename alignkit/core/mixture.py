@@ -110,15 +110,19 @@ def _hold_out(dataset, size, seed, name):
     return parts["train"], parts["test"]
 
 
-def _loader(kind):
+def _loader(kind, s):
+    import functools
+
     from alignkit.core.data import load_preferences, load_sft, load_unpaired
 
-    return {"sft": load_sft, "preference": load_preferences, "unpaired": load_unpaired}[kind]
+    if kind == "sft":  # TRL's dataset_text_field: the column the text format reads
+        return functools.partial(load_sft, text_field=getattr(s, "dataset_text_field", "text"))
+    return {"preference": load_preferences, "unpaired": load_unpaired}[kind]
 
 
 def load_train_eval(kind: str, s):
     """(train, eval or None) for sft.py ("sft"), dpo.py ("preference") or kto.py ("unpaired"), from settings `s`."""
-    load = _loader(kind)
+    load = _loader(kind, s)
     if s.dataset_mixture:
         return _mixture(kind, s)
     check_file_splits(s)
@@ -167,7 +171,7 @@ def _entry(kind, s, entry, number, seed):
     rows = read_rows(entry["id"], split_name, entry.get("config"))
     if entry.get("columns"):
         rows = rows.keep(entry["columns"])
-    data = _loader(kind)(rows, s.dataset_format, "train", s.skip_invalid)
+    data = _loader(kind, s)(rows, s.dataset_format, "train", s.skip_invalid)
     weight = entry.get("weight", 1.0)
     if weight is not None and not entry.get("test") and entry.get("fraction") is None:
         count = int(len(data) * weight)

@@ -25,6 +25,7 @@ class SFTSettings(LoTASettings, BatchingSettings, TrainSettings):
         "HuggingFaceH4/ultrachat_200k", "Hub dataset id or local .json/.jsonl/.parquet/.csv file or folder"
     )
     dataset_split: str = setting("train_sft", "split to train on")
+    dataset_text_field: str = setting("text", "the column that holds each row's plain text (the text format)")
     learning_rate: float = setting(2e-4, "peak learning rate (AdamW); LoRA SFT takes a larger one than DPO")
     train_on: str = setting(
         "auto", "auto: loss on completions or assistant turns where the data allows; all: on every token",

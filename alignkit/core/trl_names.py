@@ -108,6 +108,7 @@ NOT_APPLIED = {
                                    "NAME.previous-TIME, and --resume false starts over"),
     "hub_strategy": (_ANY, "alignkit pushes once, at the end, with a model card and without secrets: "
                            "--push_to_hub"),
+    "hub_model_revision": ("main", "the handbook's branch to push to; alignkit pushes to the repo's main branch"),
     "resume_from_checkpoint": (_ANY, "use --resume true|auto|false"),
     "dataset_streaming": (False, "alignkit reads and checks every row before training; use --max_samples"),
     "ignore_bias_buffers": (False, "not needed: LoRA runs have no buffers to sync"),
