@@ -27,6 +27,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
 - modeling (load, generate, merge models; the presets):
   models (the one loader),
   reward_models (reward models told from causal LMs; the score-head base and the LM head beside it),
+  template_rows (a row or prompt the chat template refuses, named in one line),
   chain (a model's adapter chain down to its base, a checkpoint's frozen adapters included),
   identity (the one identity of a model as loaded, which every cache of model outputs keys on),
   gguf (GGUF files converted once),
@@ -39,7 +40,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   training (checks, TRL configs, finish), run_folder (a run's folder: resume, claim, give back),
   sampling (--group_by_length's batches),
   report (training.png and the closing summary of a run),
-  trainers (alignkit's TRL trainers), template_rows (a row the chat template refuses, named in one line),
+  trainers (alignkit's TRL trainers),
   losses (preference losses TRL lacks: the DPO paper's, SimPO, ORPO),
   kto (kto.py's trainer: TRL's KTOTrainer with alignkit's adapters and reference),
   prefix (DPO prefix sharing: a pair's prompt computed once), flex_check (FlexAttention checked on this GPU before

@@ -123,6 +123,10 @@ CASES = [
      "vegetables.'), prompt: System role not", None),
     ("rl.py", [*TRAIN, "--dataset_id", "system.jsonl", "--chat_template", "no-system.jinja"],
      "the chat template refuses a row of the prompts (the one whose first user turn is 'name three vegetables.')", None),
+    # ... and generating for such a prompt (label.py, evaluate.py) was transformers' traceback too.
+    ("label.py", ["--preset", "tiny", "--prompts", "system.jsonl", "--chat_template", "no-system.jinja", "--output",
+                  "OUT/prefs.jsonl"],
+     "the chat template refuses a prompt (the one whose first user turn is 'name three vegetables.'): System role", None),
     # A model that ships its own code, without --trust_remote_code: transformers' ValueError and its traceback.
     ("evaluate.py", ["vibes", "--model_id", "custom-code", "--prompts", "hi"],
      "custom-code ships its own model code, which runs only with --trust_remote_code", None),

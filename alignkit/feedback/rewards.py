@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from alignkit.core.args import ConfigError
+from alignkit.modeling.template_rows import refusing
 
 PREFIX = "rm:"
 
@@ -30,7 +31,10 @@ def score(model, tokenizer, conversations: list[list[dict]], batch_size: int = 1
     Tokenized exactly as TRL's RewardTrainer tokenizes training pairs (the chat template, tokenize=True), right
     padded; a conversation longer than max_length keeps its last max_length tokens (the score reads the end).
     """
-    ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in conversations]
+    ids = []
+    for c in conversations:
+        with refusing(c, "an answer to score"):  # a template's refusal names the conversation in one line
+            ids.append(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
     if max_length:
         ids = [i[-max_length:] for i in ids]
     order = sorted(range(len(ids)), key=lambda n: -len(ids[n]))  # similar lengths share a batch: less padding

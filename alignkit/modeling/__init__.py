@@ -2,6 +2,7 @@
 
 - models: the one loader (base, adapter chains; its hardware decisions: alignkit.core.launch).
 - reward_models: a reward model (score head) told from a causal LM, its base loaded, the LM head beside it.
+- template_rows: a row or prompt the chat template refuses (`raise_exception`), named in one line.
 - chain: where a model comes from (a Hub id or a local path) and its adapter chain down to the base.
 - identity: the one identity of a model as loaded (settings, files down the adapter chain, GGUF file, backend,
   hardware), which every cache of model outputs keys on.

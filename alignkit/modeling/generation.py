@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from alignkit.modeling.template_rows import render
+
 
 @torch.no_grad()
 def generate(
@@ -37,7 +39,7 @@ def generate(
     """
     if seed is not None:
         torch.manual_seed(seed)
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    texts = [render(tokenizer, c) for c in conversations]  # a prompt the template refuses: one line
     # The template already wrote any bos token; adding special tokens again would double it.
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: out-of-memory shows at once
@@ -272,7 +274,7 @@ class VLLMGenerator(Generator):
         tok_source, tok_revision = tokenizer_source(resolved, base, revision)
         tokenizer = load_tokenizer(tok_source, tok_revision, s.trust_remote_code, s.chat_template)
         require_chat_template(tokenizer, s.model_id)
-        self.template = tokenizer.chat_template
+        self.template, self.tokenizer = tokenizer.chat_template, tokenizer
         # A Hub adapter at a revision goes to vLLM as its snapshot folder: a LoRARequest names no revision.
         adapter = _snapshot(chain[0], revisions[chain[0]]) if chain else None
         # vLLM accepts LoRA ranks 8, 16, 32, ...: the adapter's rank rounded up to one of them.
@@ -293,6 +295,8 @@ class VLLMGenerator(Generator):
         # batch_size is not passed on: vLLM schedules its own batches (continuous batching) within a call.
         params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                 max_tokens=max_new_tokens, seed=seed)
+        for conversation in conversations:  # vLLM renders with the same template: a refusal is one line first
+            render(self.tokenizer, conversation)
         outputs = self.llm.chat(conversations, params, lora_request=self.lora, chat_template=self.template,
                                 use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]

@@ -5,7 +5,6 @@
 - sampling: --group_by_length's batches of similar length.
 - report: training.png and the closing summary of a run.
 - trainers: alignkit's TRL trainers (stacked adapters, the explicit reference pass).
-- template_rows: a row the chat template refuses (`raise_exception`), named in one line before or as TRL renders it.
 - losses: preference losses TRL lacks (the DPO paper's sigmoid and IPO; SimPO and ORPO, reference-free).
 - kto: kto.py's trainer (TRL's KTOTrainer with stacked adapters and alignkit's reference).
 - prefix: DPO prefix sharing (a pair's prompt computed once); flex_check: whether FlexAttention's kernel trains

@@ -150,7 +150,7 @@ class AlignRewardTrainer(RewardTrainer):
 
         from alignkit.train.trainers import CheckpointBase, check_kept, row_count
 
-        from alignkit.train import template_rows
+        from alignkit.modeling import template_rows
 
         given = (row_count(kwargs.get("train_dataset")), row_count(kwargs.get("eval_dataset")))
         data = {"the training data": kwargs.get("train_dataset"), "the held-out data": kwargs.get("eval_dataset")}

@@ -411,7 +411,7 @@ def trainer_class(algo: str):
 
     class AlignOnlineTrainer(_OnlineMixin, _StackedAdapters, base):
         def __init__(self, *args, frozen_adapters=(), **kwargs):
-            from alignkit.train.template_rows import check_prompts
+            from alignkit.modeling.template_rows import check_prompts
 
             # TRL renders each batch's prompts as it trains: a prompt the template refuses is one line now instead.
             check_prompts(kwargs.get("processing_class"), {"the prompts": kwargs.get("train_dataset")})

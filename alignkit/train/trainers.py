@@ -41,9 +41,10 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.modeling import template_rows
 from alignkit.modeling.chain import checkpoint_frozen
 from alignkit.modeling.models import TRAINABLE, keep_trainable_fp32, reference_mode
-from alignkit.train import prefix, refcache, template_rows
+from alignkit.train import prefix, refcache
 from alignkit.train.losses import (
     answer_logps, check_label_smoothing, check_loss_types, is_own_loss, is_reference_free, mean_answer_logps,
     preference_loss, reference_free_loss,

@@ -3,9 +3,10 @@
 Templates call `raise_exception` on conversations they do not take: Gemma's and Mistral's on a system turn, many on
 roles that do not alternate. TRL renders every row inside its dataset map when the trainer is built (sft, dpo, kto,
 reward) and rl.py's trainer renders each batch's prompts while it trains, so the error was a traceback from deep in
-`datasets`, or a crash at a later step, with no word of which row. `refused` finds the first row the template
-refuses (only after TRL's map failed: a run whose rows all render pays nothing), and `check_prompts` renders rl.py's
-prompts once before training.
+`datasets`, or a crash at a later step, with no word of which row; generation (label.py, evaluate.py) likewise.
+`refused` finds the first row the template refuses (only after TRL's map failed: a run whose rows all render pays
+nothing), `check_prompts` renders rl.py's prompts once before training, and `render` is the generation prompt every
+local engine (alignkit.modeling.generation) renders.
 """
 
 from __future__ import annotations
@@ -52,6 +53,23 @@ def first_refused(tokenizer, named: dict) -> str | None:
                 except TemplateError as e:
                     return f"a row of {name} (the one whose first user turn is {_opening(messages)!r}), {column}: {e}"
     return None
+
+
+@contextlib.contextmanager
+def refusing(messages: list[dict], what: str = "a prompt"):
+    """Around one conversation's rendering: the template's refusal as one line naming it by its first user turn."""
+    from jinja2 import TemplateError
+
+    try:
+        yield
+    except TemplateError as e:
+        raise _refusal(f"{what} (the one whose first user turn is {_opening(messages)!r}): {e}") from None
+
+
+def render(tokenizer, messages: list[dict]) -> str:
+    """The text a model answers `messages` from (the template's generation prompt); a refusal is one line."""
+    with refusing(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _refusal(where: str) -> UserError:
