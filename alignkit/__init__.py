@@ -54,11 +54,13 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   judge (label.py's judges),
   labeling, label_pairs and label_records (label.py's pipeline; its pairs and judging; its cache and output),
   pointwise (label.py --mode pointwise: one grade per answer, KTO data),
+  ratings (FastChat's single-answer grading prompt and rating parser),
   rewards (reward models as one callable; judge's RMJudge scores with it).
 - evals (evaluation):
   evaluation (evaluate.py's commands, vibes and the pairwise flow),
   named_models (--models NAME=ID_OR_PATH[@REVISION]: the models mt_bench, pairwise and lm_eval compare),
-  mtbench, fastchat_compat and results (the pairwise flow's answers, FastChat judging and statistics),
+  mtbench, judgments, fastchat_compat and results (the pairwise flow's answers, verdicts, FastChat judging and
+  statistics),
   alpacaeval (evaluate.py alpaca_eval), with alpacaeval_outputs, alpacaeval_annotate and alpacaeval_report,
   harness (evaluate.py lm_eval: EleutherAI's lm-evaluation-harness).
 

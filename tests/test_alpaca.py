@@ -168,6 +168,23 @@ def test_a_real_annotator_config_against_the_loopback_server(tiny_set, tmp_path,
     assert "sk-test-secret-value-123" not in captured.out + captured.err + caplog.text
 
 
+def test_max_instances_picks_the_instructions_alpaca_eval_picks(tmp_path):
+    """alpaca_eval's max_instances shuffles with seed 123 before taking the first N (main.evaluate); alignkit took
+    the first N, so the same flag judged another subset and gave other numbers."""
+    import json
+
+    import pandas as pd
+
+    from alignkit.evals.alpacaeval_outputs import load_eval_set
+
+    rows = [{"instruction": f"instruction {i}", "output": f"reference {i}"} for i in range(30)]
+    (tmp_path / "set.json").write_text(json.dumps(rows))
+    picked, _ = load_eval_set(str(tmp_path / "set.json"), 10)
+    theirs = pd.DataFrame(rows).sample(frac=1, random_state=123)[:10]  # what alpaca_eval does to the outputs
+    assert [r["instruction"] for r in picked] == list(theirs["instruction"])
+    assert [r["instruction"] for r in picked] != [f"instruction {i}" for i in range(10)]
+
+
 def test_a_kill_during_annotation_resumes_without_a_repeated_request(tiny_set, tmp_path, monkeypatch):
     model, _, refs = tiny_set
     out = tmp_path / "out"

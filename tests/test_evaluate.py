@@ -23,7 +23,7 @@ from conftest import SHARED, run_script
 from openai_server import FakeOpenAI, Fault
 
 from alignkit.core.args import ConfigError
-from alignkit.evals import fastchat_compat, mtbench, results
+from alignkit.evals import fastchat_compat, judgments, mtbench, results
 from alignkit.evals.named_models import parse_models
 from alignkit.modeling import presets
 
@@ -249,7 +249,7 @@ def test_a_judge_preferring_one_model_gives_it_a_win_rate_near_one(mt_data, tmp_
     multi_turn = "<|The Start of Assistant A's Conversation with User|>"
     assert sum(multi_turn in r["messages"][-1]["content"] for r in requests) == 8
     # FastChat's judgment format, and the outputs.
-    records = [json.loads(line) for line in mtbench.judgment_path(tmp_path, "judge-x").read_text().splitlines()]
+    records = [json.loads(line) for line in judgments.judgment_path(tmp_path, "judge-x").read_text().splitlines()]
     assert {tuple(r["judge"]) for r in records} == {("judge-x", p) for p in mtbench.PAIR_PROMPTS}
     assert {(r["g1_winner"], r["g2_winner"]) for r in records} == {("model_1", "model_1")}
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -267,6 +267,46 @@ def test_an_always_A_judge_gives_all_ties(mt_data, tmp_path, capsys):
     assert (stats["win"], stats["loss"], stats["tie"], stats["error"]) == (0, 0, 8, 0)
     assert stats["adjusted_win_rate"] == 0.5 and stats["win_rate"] == 0.0
     assert "alpha vs omega" in capsys.readouterr().out
+
+
+def test_pairwise_all_reports_each_model_over_all_its_matches_as_fastchat_does(mt_data, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """In pairwise-all only per-pair numbers from model_1's side were reported: the model listed last never got a
+    row, and FastChat's show_result totals each model over every match it played."""
+    import argparse
+
+    from fastchat.llm_judge import show_result
+
+    for name, marker in (("alpha", "ALPHA"), ("beta", "BETA"), ("omega", "OMEGA")):
+        write_answers(tmp_path, name, QIDS, marker)
+    rank = {"ALPHA": 0, "BETA": 1, "OMEGA": 2}
+
+    def judge(body):  # alpha > beta > omega, but beta and omega tie on question 81 (a trip to Hawaii)
+        prompt = body["messages"][-1]["content"]
+        shown = sorted((prompt.index(m), m) for m in rank if m in prompt)
+        (_, a), (_, b) = shown[:2]
+        if {a, b} == {"BETA", "OMEGA"} and "Hawaii" in prompt:
+            return "[[C]]"
+        return "[[A]]" if rank[a] < rank[b] else "[[B]]"
+
+    with FakeOpenAI(judge) as server:
+        run = run_script(
+            "evaluate.py", "mt_bench", "--models", "alpha=/nowhere/alpha", "beta=/nowhere/beta", "omega=/nowhere/omega",
+            "--mode", "pairwise-all", "--judge_model", "judge-x", "--judge_base_url", server.base_url,
+            "--mt_bench_data", str(MT_DATA), "--question_ids", *QIDS, "--output_dir", str(tmp_path),
+            "--max_retries", "0", "--bootstrap_rounds", "50")
+    printed = []
+    monkeypatch.setattr(show_result, "print", lambda *a: printed.extend(a), raising=False)
+    show_result.display_result_pairwise(argparse.Namespace(
+        input_file=str(judgments.judgment_path(tmp_path, "judge-x")), model_list=None, baseline_model=None))
+    fastchat = printed[-1]
+    saved = json.loads((tmp_path / "results.json").read_text())["model_totals"]
+    assert [t["model"] for t in saved] == ["alpha", "beta", "omega"] and saved[1]["tie"] == saved[2]["tie"] == 2
+    for t in saved:
+        row = fastchat.loc[t["model"]]
+        assert (t["win"], t["loss"], t["tie"]) == (row["win"], row["loss"], row["tie"])
+        assert t["adjusted_win_rate"] == pytest.approx(row["win_rate_adjusted"])
+    assert "FastChat's pairwise-all table" in capsys.readouterr().out and run["pairs"]
 
 
 def test_judge_errors_are_counted_as_errors_never_ties_and_retried_on_rerun(mt_data, tmp_path, monkeypatch):
@@ -335,6 +375,31 @@ def test_judgments_key_on_the_endpoint_and_max_tokens_and_parse_failures_retry_o
         assert server.count == 48  # unparsable, but paid for: not asked again without being told
         retried = mt_bench(server, tmp_path, "--judge_max_tokens", "100", "--retry_parse_failures")
         assert server.count == 64 and (overall(retried)["win"], overall(retried)["error"]) == (8, 0)
+
+
+def test_the_judgment_file_fastchat_reads_holds_one_verdict_a_match(mt_data, tmp_path):
+    """A rerun under another judge endpoint appended its verdicts beside the earlier ones: alignkit reported the new
+    verdicts, while FastChat's show_result on the same file counted both (a 0.5 win rate where alignkit said 0).
+    The replaced verdicts move to <judge>_pair.replaced.jsonl, where a judge that comes back still finds them."""
+    write_answers(tmp_path, "alpha", QIDS, "ALPHA")
+    write_answers(tmp_path, "omega", QIDS, "OMEGA")
+    path = judgments.judgment_path(tmp_path, "judge-x")
+    archive = judgments.archive_path(path)
+
+    def fastchat_win_rate(file):  # FastChat's show_result --mode pairwise-baseline: every row of the file counts
+        rows = [json.loads(line) for line in file.read_text().splitlines()]
+        wins = sum(r["g1_winner"] == r["g2_winner"] == "model_1" for r in rows)
+        losses = sum(r["g1_winner"] == r["g2_winner"] == "model_2" for r in rows)
+        return len(rows), (wins + 0.5 * (len(rows) - wins - losses)) / len(rows)
+
+    with FakeOpenAI(prefers("ALPHA", "OMEGA")) as first, FakeOpenAI(prefers("OMEGA", "ALPHA")) as second:
+        mt_bench(first, tmp_path)
+        run = mt_bench(second, tmp_path)
+        assert overall(run)["adjusted_win_rate"] == 0.0 and fastchat_win_rate(path) == (8, 0.0)
+        assert len(archive.read_text().splitlines()) == 8  # the first judge's verdicts, kept
+        back = mt_bench(first, tmp_path)
+        assert first.count == 16 and overall(back)["adjusted_win_rate"] == 1.0  # reused, not paid again
+        assert fastchat_win_rate(path) == (8, 1.0) and len(archive.read_text().splitlines()) == 16
 
 
 def test_pairwise_on_own_prompts_with_an_llm_judge(mt_data, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import run_script
 
-from alignkit.evals import mtbench
+from alignkit.evals import judgments, mtbench
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +122,7 @@ def test_an_edited_question_is_judged_again_even_on_answers_made_elsewhere(tmp_p
     match = types.SimpleNamespace(question=question, judge=judge, ref_answer=None)
     edited = types.SimpleNamespace(**{**vars(match), "question": {**question, "turns": ["name three tools."]}})
     identity = {"rule": "r", "code": "c"}
-    assert mtbench.judge_key(match, identity) != mtbench.judge_key(edited, identity)
+    assert judgments.judge_key(match, identity) != judgments.judge_key(edited, identity)
     assert mtbench.question_key(question) != mtbench.question_key(edited.question)
     assert mtbench.question_key(question) != mtbench.question_key({**question, "category": "math"})
 
@@ -165,7 +165,7 @@ def identities(spec: str, monkeypatch) -> dict:
     monkeypatch.setattr(sys, "path", [str(Path(spec.split(":")[1]).parent), *sys.path])
     grader = Grader(types.SimpleNamespace(judge=spec.replace(":rule", ":grade"), grade_threshold=None))
     return {"label": PythonJudge(spec).identity(), "pointwise": grader.identity(),
-            "mt_bench": mtbench.judge_identity(rule=import_function(spec))}
+            "mt_bench": judgments.judge_identity(rule=import_function(spec))}
 
 
 def test_a_constant_the_rule_reads_changes_its_identity(tmp_path, monkeypatch):
@@ -190,7 +190,7 @@ def test_a_rule_is_keyed_on_the_alignkit_modules_it_imports(monkeypatch):
 
     def keys():
         return (judge.PythonJudge("python:alignkit.modeling.smol:rule_judge").identity(),
-                mtbench.judge_identity(rule=smol.rule_judge), mtbench.judge_identity(rule=presets.rule_judge))
+                judgments.judge_identity(rule=smol.rule_judge), judgments.judge_identity(rule=presets.rule_judge))
 
     before = keys()
     assert keys() == before

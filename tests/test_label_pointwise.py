@@ -105,6 +105,22 @@ def test_bad_graders_are_refused_before_any_work(tmp_path, flags, message):
     assert not (tmp_path / "labels.jsonl").exists()
 
 
-def test_parse_rating_reads_the_last_rating():
-    assert parse_rating("Rating: [[5]] ... on reflection [[7.5]]") == 7.5
-    assert parse_rating("seven") is None and parse_rating(None) is None
+@pytest.mark.parametrize("text", [
+    "Format is [[rating]], e.g. Rating: [[5]]. My rating: [[9]]", "Rating: [[3]]. Turn 2: Rating: [[8]]",
+    "Rating: [[0]]", "Rating: [[11]]", "Rating: [8]", "Rating: [[8.]]", "Rating: [[7.5]]", "seven", "",
+])
+def test_the_rating_is_read_as_fastchat_reads_it(text):
+    """FastChat's run_judge_single: the first [[x]], else the first [x], any number; -1 (here None) without one.
+    alignkit took the last match, had no [x] fallback and refused "8." (label.py and rl.py alike)."""
+    import ast
+    import re
+
+    from alignkit.evals import fastchat_compat
+    from alignkit.train.rl import parse_rating as rl_rating
+
+    common, _ = fastchat_compat.load()  # FastChat's llm_judge/common.py (its optional API clients stubbed)
+    match = re.search(common.one_score_pattern, text) or re.search(common.one_score_pattern_backup, text)
+    fastchat = float(ast.literal_eval(match.groups()[0])) if match else None
+    assert parse_rating(text) == fastchat
+    assert rl_rating(text) == (fastchat if fastchat is not None and 1 <= fastchat <= 10 else None)  # its scale only
+    assert parse_rating(None) is None

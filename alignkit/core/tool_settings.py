@@ -226,7 +226,8 @@ class AlpacaEvalSettings(JudgeEndpointSettings, EvalSettings):
     eval_set: str | None = setting(
         None, "JSON/JSONL rows with an `instruction` field; default: AlpacaEval's 805 (Hub tatsu-lab/alpaca_eval)"
     )
-    max_instances: int | None = setting(None, "evaluate only the first N instructions; for quick runs")
+    max_instances: int | None = setting(None, "evaluate N instructions, the ones alpaca_eval's max_instances "
+                                              "picks (shuffled with its seed 123); for quick runs")
     reference_outputs: str | None = setting(
         None, "reference outputs in AlpacaEval's format (instruction, output, generator); default: AlpacaEval 2's "
         "GPT-4 Turbo outputs with the default eval set"

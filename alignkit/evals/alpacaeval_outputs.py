@@ -93,7 +93,10 @@ def load_eval_set(eval_set: str | None, max_instances: int | None) -> tuple[list
         rows.append({**row, "instruction": instruction, "dataset": dataset})
     if not rows:
         raise ConfigError(f"{path} holds no instructions; {fix}")
-    rows = rows[:max_instances] if max_instances else rows
+    if max_instances:  # alpaca_eval's own subset (main.evaluate): the rows shuffled with seed 123, then the first N
+        import pandas as pd
+
+        rows = [rows[i] for i in pd.RangeIndex(len(rows)).to_series().sample(frac=1, random_state=123)[:max_instances]]
     references = [{k: r[k] for k in OUTPUT_KEYS} for r in rows] if hub else None
     return [{"instruction": r["instruction"], "dataset": r["dataset"]} for r in rows], references
 

@@ -236,17 +236,17 @@ class Pairwise:
     def judge(self) -> tuple[list, list]:
         """Every match not settled before, in both answer orders; a failed request counts as a judge error.
         Returns (the matches sent this time, the requests that failed)."""
-        from alignkit.evals import fastchat_compat, mtbench
+        from alignkit.evals import fastchat_compat, judgments
         from alignkit.modeling import presets
 
         s = self.settings
         common, _ = fastchat_compat.load()
         rule_fn = presets.judge(s.preset) if self.use_rule else None  # the preset's rule (tiny's when none)
         # Who judges under which settings (endpoint, max_tokens, ...): a match judged under others is judged again.
-        self.identity = mtbench.judge_identity(rule=rule_fn) if self.use_rule else mtbench.judge_identity(self.client)
-        self.judgment_file = mtbench.judgment_path(self.output_dir, self.judge_name)
-        previous = mtbench.read_judgments(self.judgment_file)
-        todo = [m for m in self.matches if mtbench.settled(m, previous, common.API_ERROR_OUTPUT, self.identity,
+        self.identity = judgments.judge_identity(rule=rule_fn) if self.use_rule else judgments.judge_identity(self.client)
+        self.judgment_file = judgments.judgment_path(self.output_dir, self.judge_name)
+        previous = judgments.read_judgments(self.judgment_file)
+        todo = [m for m in self.matches if judgments.settled(m, previous, common.API_ERROR_OUTPUT, self.identity,
                                                            s.retry_parse_failures) is None]
         print(f"{len(self.matches)} matches, {len(self.matches) - len(todo)} judged before, {len(todo)} to judge "
               f"({'rule judge' if self.use_rule else f'{2 * len(todo)} requests to {s.judge_model}'})")
@@ -257,38 +257,53 @@ class Pairwise:
                            f"{redact(str(error))}")
 
         if self.use_rule:
-            mtbench.judge_matches(todo, mtbench.rule_player(rule_fn), self.judgment_file, self.identity, s.parallel)
+            judgments.judge_matches(todo, judgments.rule_player(rule_fn), self.judgment_file, self.identity, s.parallel)
         elif todo:
             with fastchat_compat.judging_with(self.client, on_error=on_error):
-                mtbench.judge_matches(todo, fastchat_compat.play, self.judgment_file, self.identity, s.parallel)
+                judgments.judge_matches(todo, fastchat_compat.play, self.judgment_file, self.identity, s.parallel)
         if self.failures:
             print(f"{len(self.failures)} judge requests failed; a rerun sends their matches again")
         return todo, self.failures
 
     def report(self) -> tuple[list[dict], Path, Path]:
         """Print the results table; write results.json and results.png. Returns (per pair results, their paths)."""
-        from alignkit.evals import mtbench, results
+        from alignkit.evals import judgments, results
 
         s = self.settings
-        judged = mtbench.read_judgments(self.judgment_file)
-        records = [judged[key] for key in (mtbench.match_key(m, self.identity) for m in self.matches) if key in judged]
+        judged = judgments.read_judgments(self.judgment_file)
+        records = [judged[key] for key in (judgments.match_key(m, self.identity) for m in self.matches) if key in judged]
+        moved = judgments.retire_replaced(self.judgment_file, records)  # the file FastChat reads: one verdict a match
+        if moved:
+            print(f"{moved} earlier verdicts of matches judged again moved to "
+                  f"{self.judgment_file.with_name(self.judgment_file.stem + '.replaced.jsonl')}")
         categories = {q["question_id"]: q["category"] for q in self.questions}
         pairs = results.pair_results(records, categories, s.bootstrap_rounds, s.seed)
         print(results.format_table(pairs))
+        totals = results.model_totals(records) if s.mode == "pairwise-all" else None
+        if totals:
+            print("\n" + results.format_totals(totals))
         results_file = results.save_json(
             pairs, self.output_dir / "results.json", command=self.command, judge=self.judge_name, mode=s.mode,
             baseline=self.baseline if s.mode == "pairwise-baseline" else None, models=self.models,
             questions=[q["question_id"] for q in self.questions], judgment_file=str(self.judgment_file),
             judge_usage=self.client.usage.as_dict() if self.client else None, settings=config_to_dict(s),
+            **({"model_totals": totals} if totals else {}),
         )
-        self.record(pairs)
+        self.record(pairs, totals)
         return pairs, results_file, results.plot(pairs, self.output_dir / "results.png")
 
-    def record(self, pairs: list[dict]) -> None:
-        """Each evaluated local model folder keeps its win rates, for its model card (alignkit.core.card)."""
+    def record(self, pairs: list[dict], totals: list[dict] | None = None) -> None:
+        """Each evaluated local model folder keeps its win rates, for its model card (alignkit.core.card); in
+        pairwise-all, each model's rate over all its matches too (the model_2 of every pair included)."""
         from alignkit.core.card import record_evaluation
 
         benchmark, dataset = ("MT-Bench", "mt_bench") if self.command == "mt_bench" else ("pairwise prompts", "custom")
+        for total in totals or []:
+            if total["model"] in self.models:
+                record_evaluation(self.models[total["model"]], f"{self.command} vs all", {
+                    "benchmark": benchmark, "dataset": dataset, "metric": "win_rate",
+                    "value": total["adjusted_win_rate"],
+                    "metric_name": f"adjusted win rate over all {len(self.models)} models (judge {self.judge_name})"})
         for pair in pairs:
             rate = pair["overall"]["adjusted_win_rate"]
             if rate is not None and pair["model"] in self.models:

@@ -88,6 +88,32 @@ def pair_results(records: list[dict], categories: dict, rounds: int = 1000, seed
     return results
 
 
+def model_totals(records: list[dict]) -> list[dict]:
+    """FastChat's pairwise-all table (show_result.py, display_result_pairwise): each model over every match it
+    played, from whichever side, errors left out; best adjusted win rate first."""
+    totals: dict[str, dict] = {}
+    for r in records:
+        o = outcome(r)
+        if o == "error":
+            continue
+        for model, mine in ((r["model_1"], o), (r["model_2"], {"win": "loss", "loss": "win"}.get(o, o))):
+            counts = totals.setdefault(model, {"model": model, "win": 0, "loss": 0, "tie": 0})
+            counts[mine] += 1
+    for counts in totals.values():
+        n = counts["win"] + counts["loss"] + counts["tie"]
+        counts.update(n=n, win_rate=counts["win"] / n, loss_rate=counts["loss"] / n,
+                      adjusted_win_rate=(counts["win"] + 0.5 * counts["tie"]) / n)
+    return sorted(totals.values(), key=lambda c: -c["adjusted_win_rate"])
+
+
+def format_totals(totals: list[dict]) -> str:
+    lines = ["each model over all its matches (FastChat's pairwise-all table)",
+             f"{'model':<20}{'n':>5}{'win':>6}{'loss':>6}{'tie':>6}{'win rate':>10}{'adj. win rate':>15}"]
+    lines += [f"{t['model']:<20}{t['n']:>5}{t['win']:>6}{t['loss']:>6}{t['tie']:>6}{_rate(t['win_rate']):>10}"
+              f"{_rate(t['adjusted_win_rate']):>15}" for t in totals]
+    return "\n".join(lines)
+
+
 def _rate(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 

@@ -5,4 +5,5 @@
   label_records: its cache, keys, output and summary.
 - rewards: reward models as one callable (label.py's rm: judge, judge.RMJudge, scores through it).
 - pointwise: label.py --mode pointwise (one grade per answer against a threshold: KTO data).
+- ratings: FastChat's single-answer grading (its single-v1 prompt and rating parser), for pointwise and rl.py.
 """

@@ -17,7 +17,6 @@ never labelled, and a failed request is counted and retried by the next run.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -28,27 +27,11 @@ from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, Template, import_function, question_text, rule_fingerprint
 from alignkit.core.digests import digest
 from alignkit.feedback.label_records import AppendLog
+from alignkit.feedback.ratings import SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM, parse_rating
 
-# FastChat's "single-v1" judge prompt (fastchat/llm_judge/data/judge_prompts.jsonl), in this module's Template form.
-POINTWISE = Template(
-    "pointwise",
-    "You are a helpful assistant.",
-    "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the response provided by an AI "
-    "assistant to the user question displayed below. Your evaluation should consider factors such as the "
-    "helpfulness, relevance, accuracy, depth, creativity, and level of detail of the response. Begin your "
-    "evaluation by providing a short explanation. Be as objective as possible. After providing your explanation, "
-    "you must rate the response on a scale of 1 to 10 by strictly following this format: \"[[rating]]\", for "
-    "example: \"Rating: [[5]]\".\n\n[Question]\n{question}\n\n[The Start of Assistant's Answer]\n{answer_a}\n"
-    "[The End of Assistant's Answer]",
-)
-_RATING = re.compile(r"\[\[(\d+(?:\.\d+)?)\]\]")
+# FastChat's "single-v1" judge prompt (alignkit.feedback.ratings), in this module's Template form.
+POINTWISE = Template("pointwise", SINGLE_V1_SYSTEM, SINGLE_V1_PROMPT.replace("{answer}", "{answer_a}"))
 DEFAULT_THRESHOLDS = {"llm": 7.0, "rm": 0.0, "python": 1.0}
-
-
-def parse_rating(text: str | None) -> float | None:
-    """The last [[rating]] in an LLM grader's answer; None when there is none."""
-    found = _RATING.findall(text or "")
-    return float(found[-1]) if found else None
 
 
 @dataclass(frozen=True)

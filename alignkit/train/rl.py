@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,34 +43,18 @@ import torch
 from alignkit import logger
 from alignkit.core.args import ConfigError, redact
 from alignkit.core.errors import EndpointRefused
+from alignkit.feedback.ratings import SINGLE_V1_NAME, SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM
+from alignkit.feedback.ratings import parse_rating as fastchat_rating
 
-# FastChat llm_judge's single-answer grading prompt "single-v1" (judge_prompts.jsonl), word for word.
-SINGLE_V1 = {
-    "name": "single-v1",
-    "system_prompt": "You are a helpful assistant.",
-    "prompt_template": (
-        "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the response provided by an AI "
-        "assistant to the user question displayed below. Your evaluation should consider factors such as the "
-        "helpfulness, relevance, accuracy, depth, creativity, and level of detail of the response. Begin your "
-        "evaluation by providing a short explanation. Be as objective as possible. After providing your explanation, "
-        "you must rate the response on a scale of 1 to 10 by strictly following this format: \"[[rating]]\", for "
-        "example: \"Rating: [[5]]\".\n\n[Question]\n{question}\n\n[The Start of Assistant's Answer]\n{answer}\n"
-        "[The End of Assistant's Answer]"
-    ),
-}
-# FastChat's own parsing: "[[rating]]", else "[rating]".
-_RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
-_RATING_LOOSE = re.compile(r"\[(\d+\.?\d*)\]")
+# FastChat llm_judge's single-answer grading prompt "single-v1" (alignkit.feedback.ratings), as FastChat's file has it.
+SINGLE_V1 = {"name": SINGLE_V1_NAME, "system_prompt": SINGLE_V1_SYSTEM, "prompt_template": SINGLE_V1_PROMPT}
 
 
 def parse_rating(text: str | None) -> float | None:
-    """The last "[[rating]]" (FastChat's format; "[rating]" as its fallback) in 1..10, or None."""
-    for pattern in (_RATING, _RATING_LOOSE):
-        found = pattern.findall(text or "")
-        if found:
-            value = float(found[-1])
-            return value if 1 <= value <= 10 else None
-    return None
+    """FastChat's rating (alignkit.feedback.ratings), kept only on its 1..10 scale: a reward from a judge that
+    left the scale (0, 11) counts as no rating, as an unparsable one does."""
+    value = fastchat_rating(text)
+    return value if value is not None and 1 <= value <= 10 else None
 
 
 # ---------------------------------------------------------------------------------------------------------
