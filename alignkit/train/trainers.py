@@ -2,7 +2,10 @@
 
 - Stacked adapters: a run that starts from an adapter (an SFT adapter under DPO) keeps it loaded, frozen and
   active, and trains a fresh adapter on top. After a resume, transformers re-activates only the first adapter,
-  so `_load_from_checkpoint` turns the frozen ones back on.
+  so `_load_from_checkpoint` turns the frozen ones back on. A run over a LoTA delta names its `--model_id` in
+  each checkpoint (`CheckpointBase`), so a checkpoint loads with the delta.
+- A row the chat template refuses (`raise_exception`) fails TRL's dataset map: it is named in one line
+  (alignkit.modeling.template_rows).
 - The DPO reference pass (`compute_ref_log_probs`) is the policy with the trained adapter off and the frozen
   ones on: the base model, or base + SFT adapter. No second copy of the model is loaded. Its log-probs reach
   TRL's loss through the batch, exactly as TRL's own `precompute_ref_log_probs` does.
@@ -41,6 +44,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.core.journal import write_atomic
 from alignkit.modeling import template_rows
 from alignkit.modeling.chain import checkpoint_frozen
 from alignkit.modeling.models import TRAINABLE, keep_trainable_fp32, reference_mode
@@ -78,7 +82,7 @@ class CheckpointBase(TrainerCallback):
             local = Path(self.source).exists()
             config["base_model_name_or_path"] = str(Path(self.source).resolve()) if local else self.source
             config["revision"] = None if local else self.revision
-            file.write_text(json.dumps(config, indent=2))
+            write_atomic(file, json.dumps(config, indent=2))  # a kill here leaves the old config, never half
             for frozen in checkpoint_frozen(str(folder)):  # the chain of --model_id holds them already
                 shutil.rmtree(frozen)
 
