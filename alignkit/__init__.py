@@ -51,7 +51,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   rl (rl.py's rewards and GRPO/RLOO),
   rlaif (rlaif.py's rounds).
 - feedback (AI feedback):
-  judge (label.py's judges),
+  judge (label.py's judges), judge_templates (their prompts),
   labeling, label_pairs and label_records (label.py's pipeline; its pairs and judging; its cache and output),
   pointwise (label.py --mode pointwise: one grade per answer, KTO data),
   ratings (FastChat's single-answer grading prompt and rating parser),

@@ -62,7 +62,7 @@ def test_mt_bench_files_and_judge_prompts_that_are_not_utf8_name_the_line_byte_a
     answers = write(tmp_path / "model.jsonl", b'{"question_id": 1, "choices": [{"index": 0, "turns": ["\xe9"]}]}\n')
     with pytest.raises(DataError, match=not_utf8(answers, 1, 0xE9, 56)):
         mtbench.read_answers(answers)  # an answer log: read with repair_tail, and still not taken as torn
-    from alignkit.feedback.judge import load_template
+    from alignkit.feedback.judge_templates import load_template
 
     with pytest.raises(DataError, match=not_utf8(prompts, 1, 0xE9, 39)):
         load_template(str(prompts))

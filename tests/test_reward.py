@@ -169,6 +169,21 @@ def test_the_rm_judge_labels_fresh_tiny_pairs_as_the_rule_does(reward_run):
     assert agree / len(truth) >= 0.9, f"{agree} of {len(truth)} labels agree with the rule"
 
 
+def test_a_reward_judge_that_cannot_load_stops_label_py_in_one_line(reward_run, tmp_path, monkeypatch):
+    """The reward model loads at the first batch, after generation: a load failure was logged once per judgment,
+    and label.py exited 0 with no labels."""
+    from alignkit.core.errors import UserError
+    from alignkit.feedback import rewards
+
+    def broken(*a, **k):
+        raise ValueError("Gemma2ForSequenceClassification does not support sdpa")
+
+    monkeypatch.setattr(rewards, "RewardModel", broken)
+    with pytest.raises(UserError, match=r"--judge rm:\S+: the reward model did not load: Gemma2ForSequenceClass"):
+        run_script("label.py", "--preset", "tiny", "--judge", f"rm:{reward_run['run_folder']}", "--output",
+                   str(tmp_path / "prefs.jsonl"), "--num_samples", "2", "--max_prompts", "3")
+
+
 def test_label_with_rm_judge_scores_each_answer_once_and_keeps_the_scores(reward_run, tmp_path):
     """label.py --judge rm: on the base model's own samples (off the training distribution: most answers mix
     categories, so many pairs differ by one word): one judgment per pair, both scores in each labeled row, and

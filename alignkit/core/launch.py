@@ -314,7 +314,7 @@ def packs_pairs(s, for_training: bool) -> bool:
     return for_training and getattr(s, "run_type", None) == "dpo" and bool(getattr(s, "prefix_sharing", False))
 
 
-def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_config=None) -> str:
+def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_config=None, model_config=None) -> str:
     """The attention implementation to load: an explicit request as given (checked where it would crash;
     flash_attention_2 or flex_attention without CUDA loads sdpa, in one line), else:
 
@@ -332,33 +332,47 @@ def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_c
       imports fine and crashes in its first forward).
     - sdpa everywhere else.
 
+    Where the choice is sdpa and the model's class has no sdpa attention in transformers (`model_config`: a
+    callable giving its config; Gemma-2 and GPT-OSS: sdpa cannot softcap), eager instead, said in the same line;
+    an explicit `--attn_implementation sdpa` there is refused before the model loads.
+
     The choice and its reason are one log line.
     """
+    from alignkit.train.prefix import without_sdpa  # core does not import train at module level
+
+    if requested == "sdpa" and model_config is not None and without_sdpa(model_config):
+        raise UserError(f"--attn_implementation sdpa: {without_sdpa(model_config)} has no sdpa attention in "
+                        "transformers; use eager (or auto, which picks it)")
+
+    def plain(why: str) -> str:  # sdpa, or eager for a model class without it
+        missing = model_config is not None and without_sdpa(model_config)
+        if missing:
+            _log_choice("attention", "eager", f"{why}; {missing} has no sdpa attention in transformers")
+            return "eager"
+        _log_choice("attention", "sdpa", why)
+        return "sdpa"
+
     half = dtype in (torch.bfloat16, torch.float16)
     if requested == "flash_attention_2" and torch.cuda.is_available():
         if not half:
-            raise ValueError("--attn_implementation flash_attention_2 needs --dtype bf16 or fp16 (flash-attn has no "
-                             "fp32 kernels); use sdpa, or auto")
+            raise UserError("--attn_implementation flash_attention_2 needs --dtype bf16 or fp16 (flash-attn has no "
+                            "fp32 kernels); use sdpa, or auto")
         if not _ampere_or_newer():
-            raise ValueError("--attn_implementation flash_attention_2 needs a GPU of compute capability >= 8.0 "
-                             f"(this one: {torch.cuda.get_device_capability(local_gpu())}); use sdpa, or auto")
+            raise UserError("--attn_implementation flash_attention_2 needs a GPU of compute capability >= 8.0 "
+                            f"(this one: {torch.cuda.get_device_capability(local_gpu())}); use sdpa, or auto")
     if requested == "flash_attention_2" and not torch.cuda.is_available():
         # A recipe written for a GPU (the alignment-handbook's ask for flash_attention_2) runs here as it is.
-        _log_choice("attention", "sdpa", "flash_attention_2 was asked for, but there is no CUDA device to run it")
-        return "sdpa"
+        return plain("flash_attention_2 was asked for, but there is no CUDA device to run it")
     if requested == "flex_attention" and not torch.cuda.is_available():
-        _log_choice("attention", "sdpa", "flex_attention was asked for, but there is no CUDA device (torch's "
-                    "FlexAttention has no backward on a CPU)")
-        return "sdpa"
+        return plain("flex_attention was asked for, but there is no CUDA device (torch's FlexAttention has no "
+                     "backward on a CPU)")
     if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        _log_choice("attention", "sdpa", "flash_attention_2 was asked for, but flash-attn is not installed: pip "
-                    "install flash-attn --no-build-isolation")
-        return "sdpa"
+        return plain("flash_attention_2 was asked for, but flash-attn is not installed: pip install flash-attn "
+                     "--no-build-isolation")
     if requested != "auto":
         return requested
     if not torch.cuda.is_available():
-        _log_choice("attention", "sdpa", "no CUDA device, so no flash attention")
-        return "sdpa"
+        return plain("no CUDA device, so no flash attention")
     note = ""  # why a DPO run with prefix sharing does not get flex_attention, appended to the plain choice's line
     if packed_config is not None:
         flex, why = _flex_for_prefix_sharing(packed_config, dtype or torch.float32)
@@ -369,15 +383,11 @@ def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_c
             return "flex_attention"
         note = f"; not flex_attention for prefix sharing: {why}"
     if not _ampere_or_newer():
-        _log_choice("attention", "sdpa", "flash-attn 2 needs compute capability >= 8.0" + note)
-        return "sdpa"
+        return plain("flash-attn 2 needs compute capability >= 8.0" + note)
     if not half:
-        _log_choice("attention", "sdpa", "flash-attn 2 needs bf16/fp16; this model computes in fp32" + note)
-        return "sdpa"
+        return plain("flash-attn 2 needs bf16/fp16; this model computes in fp32" + note)
     if importlib.util.find_spec("flash_attn") is None:
-        _log_choice("attention", "sdpa", "flash-attn is not installed: pip install flash-attn --no-build-isolation"
-                    + note)
-        return "sdpa"
+        return plain("flash-attn is not installed: pip install flash-attn --no-build-isolation" + note)
     _log_choice("attention", "flash_attention_2", "CUDA >= 8.0, half precision, flash-attn installed" + note)
     return "flash_attention_2"
 

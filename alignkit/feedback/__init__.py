@@ -1,6 +1,6 @@
 """AI feedback: judges and reward models that turn pairs of answers into preference labels (label.py).
 
-- judge: label.py's judges (endpoint, local model, Python rule), both answer orders.
+- judge: label.py's judges (endpoint, local model, Python rule), both answer orders; judge_templates: their prompts.
 - labeling: label.py's pipeline (the plan, prompts, responses); label_pairs: its pairs and their judging;
   label_records: its cache, keys, output and summary.
 - rewards: reward models as one callable (label.py's rm: judge, judge.RMJudge, scores through it).

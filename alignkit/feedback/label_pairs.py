@@ -9,7 +9,7 @@ from collections import defaultdict
 
 from alignkit import logger
 from alignkit.core.args import redact
-from alignkit.core.errors import EndpointRefused
+from alignkit.core.errors import EndpointRefused, UserError
 from alignkit.core.journal import batched, threaded
 from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, orders_for, parse_verdict, question_text
@@ -83,6 +83,8 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
     try:
         for request, result in stream:
             if isinstance(result, Exception):
+                if judge.fatal(result) and isinstance(result, UserError):  # its own line (a local judge's)
+                    raise result
                 if judge.fatal(result):
                     raise EndpointRefused(f"the judge refused the request: {redact(str(result))}. Check the API key, "
                                        "--judge_base_url (it usually ends in /v1) and --judge_model.") from None

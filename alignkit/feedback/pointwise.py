@@ -24,7 +24,8 @@ from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.journal import batched, threaded, write_json, write_jsonl
 from alignkit.core.progress import Progress
-from alignkit.feedback.judge import Request, Template, import_function, question_text, rule_fingerprint
+from alignkit.feedback.judge import Request, import_function, question_text, rule_fingerprint
+from alignkit.feedback.judge_templates import Template
 from alignkit.core.digests import digest
 from alignkit.feedback.label_records import AppendLog
 from alignkit.feedback.ratings import SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM, parse_rating

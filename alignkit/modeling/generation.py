@@ -46,6 +46,13 @@ def generate(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers: list[str] = [""] * len(texts)
+    # A mixture of experts configured to return its router logits (for the training loss) computes that loss from
+    # the 2D padding mask at every step, which the cached decoding's shorter inputs do not fit: a crash on any
+    # padded batch. Generation needs no router loss.
+    routers = [c for c in {id(c): c for c in (model.config, model.config.get_text_config())}.values()
+               if getattr(c, "output_router_logits", False)]
+    for config in routers:
+        config.output_router_logits = False
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -62,6 +69,8 @@ def generate(
                 answers[i] = text.strip()
     finally:
         tokenizer.padding_side = side
+        for config in routers:
+            config.output_router_logits = True
     return answers
 
 

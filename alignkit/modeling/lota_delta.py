@@ -280,6 +280,23 @@ def check_launch(s, sharded: str | None) -> None:
         raise ConfigError(refusal(s, ""))  # the launch's own line (alignkit.core.launch.refusal)
 
 
+def check_experts(s, model_config) -> None:
+    """Refuse `--adapter lota` on a mixture of experts before the weights load, unless --lota_target_modules names
+    what to adapt: transformers 5 keeps the experts' weights in 3D tensors, not linear layers, so all-linear would
+    silently adapt the attention alone (a twelfth of a Mixtral's weights); LoRA targets the experts too."""
+    if getattr(s, "adapter", "lora") != "lota" or list(getattr(s, "lota_target_modules", [])) != ["all-linear"]:
+        return
+    try:
+        config = model_config().get_text_config()
+    except Exception:  # noqa: BLE001 - unreadable here: from_pretrained reports the problem itself
+        return
+    if getattr(config, "num_experts_per_tok", None) or getattr(config, "num_local_experts", None):
+        raise ConfigError(f"--adapter lota on {s.model_id}, a mixture of experts: LoTA's deltas go on linear layers, "
+                          "and its experts' weights are 3D tensors, so only the attention would be adapted. Use LoRA "
+                          "(--adapter lora targets the experts too), or pass --lota_target_modules to adapt the "
+                          "named linear layers only")
+
+
 def full_precision(s, quantization: str, deltas: list[str]) -> str:
     """The quantization to load with: none for a LoTA run or a model with deltas (they add to full weights)."""
     if quantization == "none" or not (deltas or getattr(s, "adapter", "lora") == "lota"):

@@ -252,10 +252,14 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     # base_id stays the GGUF source, so adapters record where their base really came from.
     weights, revision = model_source(base_id, getattr(s, "gguf_file", None), kwargs["revision"])
     kwargs["revision"] = revision
-    # DPO with prefix sharing: auto may pick flex_attention, from the model's config (read only if it has to be).
-    packed_config = functools.partial(AutoConfig.from_pretrained, weights, revision=revision,
-                                      trust_remote_code=s.trust_remote_code) if packs_pairs(s, for_training) else None
-    kwargs["attn_implementation"] = resolve_attention(s.attn_implementation, dtype, packed_config)
+    # The model's config, read only if it has to be: DPO with prefix sharing may get flex_attention from it, and a
+    # model class without sdpa (Gemma-2) gets eager where sdpa would be the choice.
+    model_config = functools.partial(AutoConfig.from_pretrained, weights, revision=revision,
+                                     trust_remote_code=s.trust_remote_code)
+    packed_config = model_config if packs_pairs(s, for_training) else None
+    if for_training:
+        lota_delta.check_experts(s, model_config)  # LoTA on a mixture of experts: refused before the weights load
+    kwargs["attn_implementation"] = resolve_attention(s.attn_implementation, dtype, packed_config, model_config)
     with custom_code(s.model_id):
         if reward:
             model = load_reward_base(weights, kwargs)

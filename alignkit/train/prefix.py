@@ -136,6 +136,16 @@ def _model_class(config):
         return None
 
 
+def without_sdpa(model_config) -> str | None:
+    """The model's class name when transformers gives it no sdpa attention (`_supports_sdpa = False`: Gemma-2 and
+    GPT-OSS, whose softcapping or sinks sdpa cannot do), else None. `model_config`: a callable giving the config."""
+    try:
+        cls = _model_class(model_config())
+    except Exception:  # noqa: BLE001 - unreadable here: from_pretrained reports the problem itself
+        return None
+    return cls.__name__ if cls is not None and getattr(cls, "_supports_sdpa", True) is False else None
+
+
 def sharing_path(config, attn_implementation: str | None = None, model_class=None) -> SharingPath:
     """Which prefix-sharing path applies to a model with `config` under `attn_implementation` (default: the one
     the config was loaded with), and why. `model_class` (default: transformers' causal-LM class for the

@@ -1,0 +1,82 @@
+"""Model families beyond the tiny Llama-style preset, where a script broke: Gemma-2 (no sdpa attention in
+transformers), a mixture of experts that returns its router logits (generation), and LoTA on a mixture of experts.
+Each model is a random two-layer model with the tiny preset's tokenizer, built in seconds."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from alignkit.core.config import ModelSettings
+from alignkit.core.errors import UserError
+from alignkit.modeling import presets
+from alignkit.modeling.generation import generate
+from alignkit.modeling.models import load_model
+
+from conftest import run_script
+
+SHAPE = dict(vocab_size=561, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=4, eos_token_id=3,
+             bos_token_id=None)
+
+
+def build(folder, model_type: str, **config):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **SHAPE, **config)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if Path(presets.paths()["model"], name).is_file():
+            shutil.copy(Path(presets.paths()["model"], name), folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def gemma2(tiny_cache, tmp_path_factory):
+    return build(tmp_path_factory.mktemp("gemma2"), "gemma2", sliding_window=4, attn_logit_softcapping=50.0,
+                 final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention"])
+
+
+@pytest.fixture(scope="module")
+def mixtral(tiny_cache, tmp_path_factory):
+    return build(tmp_path_factory.mktemp("mixtral"), "mixtral", num_local_experts=4, num_experts_per_tok=2,
+                 output_router_logits=True)
+
+
+def test_auto_attention_loads_eager_where_the_model_class_has_no_sdpa(gemma2, alignkit_log):
+    """auto picked sdpa on a CPU (and on a GPU without flash-attn), and transformers refused to build Gemma-2 with
+    it: a traceback in every script. An explicit sdpa is refused in one line before the weights load."""
+    loaded = load_model(ModelSettings(model_id=gemma2, quantization="none"))
+    assert loaded.model.config._attn_implementation == "eager"
+    assert "attention: eager (no CUDA device, so no flash attention; Gemma2ForCausalLM has no sdpa" in alignkit_log.text
+    with pytest.raises(UserError, match="--attn_implementation sdpa: Gemma2ForCausalLM has no sdpa attention"):
+        load_model(ModelSettings(model_id=gemma2, quantization="none", attn_implementation="sdpa"))
+    assert load_model(ModelSettings(model_id=presets.paths()["model"], quantization="none")).model.config \
+        ._attn_implementation == "sdpa"  # a model with sdpa keeps it
+
+
+def test_a_mixture_of_experts_with_router_logits_generates_padded_batches(mixtral):
+    """Mixtral configured with output_router_logits (for its training loss) computed that loss at every decoding
+    step from the 2D padding mask, which the cached step's inputs do not fit: a crash on any padded batch (vibes,
+    label.py, kto.py's rule check)."""
+    loaded = load_model(ModelSettings(model_id=mixtral, quantization="none"))
+    prompts = [[{"role": "user", "content": "name three fruits."}],
+               [{"role": "user", "content": "which three instruments come to mind? please answer"}]]
+    answers = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=4)
+    assert len(answers) == 2 and loaded.model.config.output_router_logits is True  # restored for training
+
+
+def test_lota_on_a_mixture_of_experts_is_refused_before_the_weights_load(mixtral, tmp_path, monkeypatch):
+    """LoTA's deltas go on linear layers; transformers 5 keeps experts in 3D tensors, so all-linear adapted the
+    attention alone (7.7% of a tiny Mixtral's weights) without a word."""
+    import transformers
+
+    def loading(*a, **k):
+        raise AssertionError("the weights were loaded before the refusal")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loading)
+    with pytest.raises(UserError, match="--adapter lota on .*, a mixture of experts: .*Use LoRA"):
+        run_script("dpo.py", "--preset", "tiny", "--model_id", mixtral, "--adapter", "lota", "--max_steps", "1",
+                   "--output_dir", str(tmp_path))
