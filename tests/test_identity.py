@@ -45,7 +45,8 @@ def keys(s, backend="transformers") -> dict:
     """The keys the caches derive from a model's loader settings: MT-Bench answers, the HF judge's verdicts,
     label.py's responses (its generator identity holds model_identity), AlpacaEval outputs."""
     from alignkit.evals import alpacaeval_outputs, mtbench
-    from alignkit.feedback.judge import DEFAULT, HFJudge
+    from alignkit.feedback.judge import HFJudge
+    from alignkit.feedback.judge_templates import DEFAULT
 
     from types import SimpleNamespace
 

@@ -26,7 +26,8 @@ from openai_server import FakeOpenAI, Fault
 from alignkit.core.args import ConfigError
 from alignkit.core.data import DataError, load_preferences, load_sft
 from alignkit.core.errors import EndpointRefused, UserError
-from alignkit.feedback.judge import combine, load_template, parse_verdict, winner
+from alignkit.feedback.judge import combine, parse_verdict, winner
+from alignkit.feedback.judge_templates import load_template
 from alignkit.feedback.label_records import AppendLog
 
 DATA = Path(__file__).parent / "data" / "label"
