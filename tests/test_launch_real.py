@@ -163,6 +163,20 @@ def test_lota_dpo_on_two_processes(sft_adapter, cache, runs):
                        "--lota_calibration_steps", "1", "--output_dir", str(runs), "--run_name", "lota"], cache)
     finished(runs / "lota")
     assert any((runs / "lota").glob("lota_mask*"))
+    # A LoRA run over that delta: each checkpoint names the LoTA run (alignkit.train.trainers.CheckpointBase, on the
+    # main process), so it loads as base + SFT + delta + LoRA, the model training, not base + LoRA.
+    from alignkit.modeling import chain
+
+    accelerate_launch(["dpo.py", *TINY, "--save_steps", "1", "--model_id", str(runs / "lota"), "--output_dir",
+                       str(runs), "--run_name", "lora-on-lota"], cache)
+    run = runs / "lora-on-lota"
+    finished(run)
+    for checkpoint in (run / "checkpoint-1", run / "checkpoint-2"):
+        assert json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+            (runs / "lota").resolve())
+        resolved, finished_run = chain.resolve(str(checkpoint)), chain.resolve(str(run))
+        assert resolved.deltas == finished_run.deltas == [str((runs / "lota").resolve())]
+        assert resolved.adapters[:-1] == finished_run.adapters[:-1]  # the SFT adapter under the delta, once
 
 
 def test_kto_with_precompute_on_two_processes(sft_adapter, cache, runs):
