@@ -334,15 +334,15 @@ def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_c
 
     Where the choice is sdpa and the model's class has no sdpa attention in transformers (`model_config`: a
     callable giving its config; Gemma-2 and GPT-OSS: sdpa cannot softcap), eager instead, said in the same line;
-    an explicit `--attn_implementation sdpa` there is refused before the model loads.
-
-    The choice and its reason are one log line.
+    an explicit `--attn_implementation sdpa` there is refused before the model loads. The choice and its reason
+    are one log line.
     """
     from alignkit.train.prefix import without_sdpa  # core does not import train at module level
 
-    if requested == "sdpa" and model_config is not None and without_sdpa(model_config):
-        raise UserError(f"--attn_implementation sdpa: {without_sdpa(model_config)} has no sdpa attention in "
-                        "transformers; use eager (or auto, which picks it)")
+    missing = without_sdpa(model_config) if requested == "sdpa" and model_config is not None else None
+    if missing:
+        raise UserError(f"--attn_implementation sdpa: {missing} has no sdpa attention in transformers; use eager "
+                        "(or auto, which picks it)")
 
     def plain(why: str) -> str:  # sdpa, or eager for a model class without it
         missing = model_config is not None and without_sdpa(model_config)

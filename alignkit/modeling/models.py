@@ -254,8 +254,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     kwargs["revision"] = revision
     # The model's config, read only if it has to be: DPO with prefix sharing may get flex_attention from it, and a
     # model class without sdpa (Gemma-2) gets eager where sdpa would be the choice.
-    model_config = functools.partial(AutoConfig.from_pretrained, weights, revision=revision,
-                                     trust_remote_code=s.trust_remote_code)
+    model_config = functools.cache(functools.partial(AutoConfig.from_pretrained, weights, revision=revision,
+                                                     trust_remote_code=s.trust_remote_code))  # one read at most
     packed_config = model_config if packs_pairs(s, for_training) else None
     if for_training:
         lota_delta.check_experts(s, model_config)  # LoTA on a mixture of experts: refused before the weights load

@@ -29,10 +29,11 @@ def _conversations(row: dict):
             yield column, (prompt if isinstance(prompt, list) else []) + answer, False
 
 
-def _opening(messages: list[dict]) -> str:
+def _which(messages: list[dict]) -> str:
+    """The conversation named by its first user turn: the data is shuffled and split by then, so no row number."""
     turn = next((m for m in messages if m.get("role") == "user"), messages[0])
     text = " ".join(str(turn.get("content", "")).split())
-    return text if len(text) <= 60 else text[:57] + "..."
+    return f"the one whose first user turn is {text if len(text) <= 60 else text[:57] + '...'!r}"
 
 
 def first_refused(tokenizer, named: dict) -> str | None:
@@ -51,7 +52,7 @@ def first_refused(tokenizer, named: dict) -> str | None:
                     tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
                                                   tools=row.get("tools"), **(row.get("chat_template_kwargs") or {}))
                 except TemplateError as e:
-                    return f"a row of {name} (the one whose first user turn is {_opening(messages)!r}), {column}: {e}"
+                    return f"a row of {name} ({_which(messages)}), {column}: {e}"
     return None
 
 
@@ -63,7 +64,7 @@ def refusing(messages: list[dict], what: str = "a prompt"):
     try:
         yield
     except TemplateError as e:
-        raise _refusal(f"{what} (the one whose first user turn is {_opening(messages)!r}): {e}") from None
+        raise _refusal(f"{what} ({_which(messages)}): {e}") from None
 
 
 def render(tokenizer, messages: list[dict]) -> str:
