@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -290,26 +291,97 @@ def test_a_step_stops_when_rlaif_is_killed(tmp_path):
         raise AssertionError("the step outlived rlaif.py")
 
 
-def test_prompts_evaluate_py_cannot_read_stop_the_run_before_round_1(tmp_path, monkeypatch):
-    """With a Hub dataset (or a CSV, or a JSONL without a "prompt" field) as --dataset_id and no --eval_prompts,
-    the first round labelled and trained, then its evaluation stopped on --prompts_file: hours in, every time."""
-    from alignkit.core.args import ConfigError
+def _capture_steps(monkeypatch):
+    """rlaif's steps faked, each call's flags kept: [(script, {flag: value}, prompts file evaluate.py got)]."""
+    from alignkit.train import rlaif
+
+    calls, fake = [], _fake_steps([])
+
+    def run(script, args, log):
+        flags = {a: b for a, b in zip(args, args[1:]) if a.startswith("--")}
+        seen = Path(flags["--prompts_file"]).read_text() if "--prompts_file" in flags else None
+        calls.append((script, flags, seen))
+        fake(script, args, log)
+
+    monkeypatch.setattr(rlaif, "_run", run)
+    return calls
+
+
+def test_a_hub_style_dataset_is_labelled_from_its_split_and_judged_on_its_held_out_prompts(tmp_path, monkeypatch):
+    """label.py read a dataset with splits from "train" (ultrafeedback_binarized, the default, has none: round 1
+    failed), and a Hub dataset, a CSV or rows of messages as the evaluation prompts were refused before round 1.
+    Now the prompts are labelled from --dataset_split, and each round is judged on the held-out split's prompts
+    (train_prefs: test_prefs), written once to eval_prompts.jsonl in the run folder."""
     from alignkit.core.config import RLAIFSettings
     from alignkit.train import rlaif
 
-    calls = []
-    monkeypatch.setattr(rlaif, "_run", _fake_steps(calls))
+    from datasets import Dataset, DatasetDict
+
+    def rows(*texts):
+        return Dataset.from_list([{"prompt": t, "messages": [{"role": "user", "content": t}]} for t in texts])
+
+    data = tmp_path / "uf"  # ultrafeedback_binarized's splits, saved as a Hub dataset is loaded
+    DatasetDict({"train_prefs": rows("train one", "train two"),
+                 "test_prefs": rows("held out one", "held out two", "held out one", "held out three"),
+                 }).save_to_disk(str(data))
+    calls = _capture_steps(monkeypatch)
+    s = RLAIFSettings(model_id=str(tmp_path), dataset_id=str(data), judge="python:j:f", rounds=1,
+                      eval_judge_model="rule", eval_max_prompts=2)
+    rlaif.run(s, tmp_path / "run")
+    label = next(flags for script, flags, _ in calls if script == "label.py")
+    assert label["--prompts"] == str(data) and label["--prompts_split"] == "train_prefs"
+    _, flags, seen = next(c for c in calls if c[0] == "evaluate.py")
+    assert flags["--prompts_file"] == str(tmp_path / "run" / "eval_prompts.jsonl")
+    assert [json.loads(line) for line in seen.splitlines()] == [
+        {"question_id": 1, "prompt": "held out one"}, {"question_id": 2, "prompt": "held out two"}]
+
+    calls.clear()  # another split and column: a message list per row, read as label.py reads --prompt_field
+    s = RLAIFSettings(model_id=str(tmp_path), dataset_id=str(data), judge="python:j:f", rounds=1,
+                      eval_judge_model="rule", eval_prompts_split="train_prefs", prompt_field="messages")
+    rlaif.run(s, tmp_path / "run2")
+    assert next(f for c, f, _ in calls if c == "label.py")["--prompt_field"] == "messages"
+    assert [json.loads(line)["prompt"] for line in next(p for c, _, p in calls if c == "evaluate.py").splitlines()] \
+        == ["train one", "train two"]
+
+
+def test_evaluation_prompts_are_read_in_any_format_and_refused_before_round_1_where_they_cannot_be_judged(
+        tmp_path, monkeypatch):
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.core.errors import UserError
+    from alignkit.train import rlaif
+
+    calls = _capture_steps(monkeypatch)
     table = tmp_path / "prompts.csv"
-    table.write_text("prompt\nhi\n")
-    for source in ("HuggingFaceH4/ultrafeedback_binarized", str(table)):
-        s = RLAIFSettings(model_id=str(tmp_path), dataset_id=source, judge="python:my_judge:judge",
-                          output_dir=str(tmp_path))
-        with pytest.raises(ConfigError, match=rf"^each round is judged on --eval_prompts \(default --dataset_id: "
-                                              rf"{re.escape(source)}\) by evaluate.py pairwise, which cannot read it: "
-                                              r".*\. Pass --eval_prompts FILE"):
-            rlaif.run(s, tmp_path / "run")
-    assert calls == []
-    prompts = tmp_path / "eval.jsonl"
-    prompts.write_text('{"prompt": "hi"}\n')
-    rlaif.check_eval_prompts(RLAIFSettings(model_id=str(tmp_path), dataset_id=str(table), eval_prompts=str(prompts),
-                                           judge="python:my_judge:judge"))
+    table.write_text("prompt\nhi\nname three fruits.\n")
+    s = RLAIFSettings(model_id=str(tmp_path), dataset_id=str(table), judge="python:j:f", rounds=1,
+                      eval_judge_model="rule")
+    rlaif.run(s, tmp_path / "run")
+    assert "--prompts_split" not in next(f for c, f, _ in calls if c == "label.py")  # one file: no splits
+    assert next(p for c, _, p in calls if c == "evaluate.py").splitlines() == [
+        '{"question_id": 1, "prompt": "hi"}', '{"question_id": 2, "prompt": "name three fruits."}']
+
+    lines = tmp_path / "eval.jsonl"  # what evaluate.py reads goes as it is
+    lines.write_text('{"prompt": "hi", "category": "greeting"}\n')
+    calls.clear()
+    rlaif.run(RLAIFSettings(model_id=str(tmp_path), dataset_id=str(table), eval_prompts=str(lines), rounds=1,
+                            judge="python:j:f", eval_judge_model="rule"), tmp_path / "run3")
+    assert next(f for c, f, _ in calls if c == "evaluate.py")["--prompts_file"] == str(lines)
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}) + "\n")
+    data = tmp_path / "splits"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"prompt": "hi"}\n')
+    calls.clear()
+    for source, split, message in [
+            (chats, None, rf"^{re.escape(str(chats))}: row 2: a prompt of 2 turns \(system, user\); each round's "
+                          r"evaluation \(evaluate.py pairwise\) judges one-turn prompts\. Pass --eval_prompts"),
+            (data, None, r"^the evaluation prompts \(--eval_prompts_split test\): .*: no split 'test'; .* split\(s\) "
+                         r"train\. Pass one of them"),
+            (data, "dev", r"^the evaluation prompts \(--eval_prompts_split dev\): .*no split 'dev'")]:
+        s = RLAIFSettings(model_id=str(tmp_path), dataset_id=str(data), eval_prompts=str(source), rounds=1,
+                          dataset_split="train", eval_prompts_split=split, judge="python:j:f")
+        with pytest.raises(UserError, match=message):
+            rlaif.run(s, tmp_path / "run4")
+    assert calls == []  # refused before round 1's labelling

@@ -197,6 +197,8 @@ class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
 
     dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
                                                                        "or Hub dataset id (label.py --prompts)")
+    dataset_split: str = setting("train_prefs", "split of a Hub prompt dataset (label.py --prompts_split)")
+    dataset_config: str | None = setting(None, "configuration name of a Hub prompt dataset")
     rounds: int = setting(3, "rounds of sample, judge, train, evaluate")
     num_samples: int = setting(4, "answers sampled per prompt from the current policy (every pair is judged)")
     max_prompts: int | None = setting(None, "use only the first N distinct prompts")
@@ -208,7 +210,12 @@ class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
     judge: str = setting("openai", "label.py --judge: openai, hf, rm:RUN_FOLDER or python:module:function")
     eval_judge_model: str | None = setting(None, "evaluate.py pairwise --judge_model (rule: the tiny preset's rule); "
                                                  "default: --judge_model")
-    eval_prompts: str | None = setting(None, "evaluate.py --prompts_file; default: the preset's, else --dataset_id")
+    prompt_field: str = setting("prompt", "column holding the prompt: text, or role/content messages")
+    eval_prompts: str | None = setting(None, "prompts each round is judged on (a file or Hub dataset, read like "
+                                             "--dataset_id); default: the preset's, else --dataset_id")
+    eval_prompts_split: str | None = setting(None, "split of a Hub --eval_prompts; default: --dataset_split with "
+                                                   "train read as test (train_prefs: test_prefs)")
+    eval_max_prompts: int | None = setting(None, "judge each round on the first N distinct eval prompts; default all")
     label_args: str = setting("", "further label.py flags for every round, e.g. '--parallel 16 --both_orders false'",
                               flags=True)
     evaluate_args: str = setting("", "further evaluate.py pairwise flags for every round, e.g. '--parallel 8'",

@@ -8,7 +8,7 @@ upload is alignkit.core.hub.push_dataset.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
 
@@ -202,6 +202,16 @@ def load_prompts(run: Run) -> list[Prompt]:
     dropped = run.stats["duplicate prompts"]
     logger.info(f"{len(prompts)} prompts from {label}" + (f" ({dropped} repeated ones dropped)" if dropped else ""))
     return prompts
+
+
+def read_prompts(source, split="train", config=None, field="prompt", max_prompts=None) -> list[Prompt]:
+    """load_prompts for a source a script names itself (rl.py's and rlaif.py's --dataset_id, rlaif.py's
+    --eval_prompts): the same reading, checks and messages. A single file is read whole: pass split "train"."""
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(prompts=source, prompts_split=split, prompts_config=config, prompt_field=field,
+                               max_prompts=max_prompts, responses_a=None, responses_b=None)
+    return load_prompts(SimpleNamespace(settings=settings, stats=Counter()))
 
 
 # ---------------------------------------------------------------------------------------------------------

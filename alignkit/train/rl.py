@@ -71,17 +71,11 @@ def load_prompt_dataset(s):
 
     from alignkit.core.data_files import single_file
     from alignkit.core.mixture import check_file_splits
-    from alignkit.feedback.labeling import load_prompts
+    from alignkit.feedback.labeling import read_prompts
 
     check_file_splits(s)
     split = "train" if single_file(s.dataset_id) else s.dataset_split
-    shim = SimpleNamespace(
-        settings=SimpleNamespace(prompts=s.dataset_id, prompts_split=split, prompts_config=s.dataset_config,
-                                 prompt_field=s.prompt_field, max_prompts=s.max_prompts, responses_a=None,
-                                 responses_b=None),
-        stats=Counter(),
-    )
-    prompts = load_prompts(shim)
+    prompts = read_prompts(s.dataset_id, split, s.dataset_config, s.prompt_field, s.max_prompts)
     return Dataset.from_list([{"prompt": p.messages} for p in prompts])
 
 

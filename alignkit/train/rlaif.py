@@ -7,8 +7,11 @@ Round r (policy pi_{r-1}: the starting model for r = 1, else round-(r-1)/dpo):
 2. dpo.py trains a fresh adapter on those pairs on top of pi_{r-1}, whose adapters stay frozen; the reference
    is pi_{r-1} (`--reference previous`): each round is a KL-regularised step away from the last policy; or the
    starting model pi_0 (`--reference start`): the adapters of rounds 1..r-1 are off in the reference pass;
-3. evaluate.py pairwise judges pi_r against pi_{r-1} on the evaluation prompts: adjusted win rate
-   (win + 0.5 tie) / n with a bootstrap 95% CI.
+3. evaluate.py pairwise judges pi_r against pi_{r-1} on the evaluation prompts (eval_prompts: a dataset's
+   held-out split by default): adjusted win rate (win + 0.5 tie) / n with a bootstrap 95% CI.
+
+The prompts are --dataset_id's --dataset_split (train_prefs of ultrafeedback_binarized by default), read by
+label.py; dpo.py reads each round's preferences file, so --dataset_split never reaches it.
 
 Each step runs as its own process (a crash in one leaves the others' files whole) and resumes by its own rules
 (label.py's append-only cache, dpo.py's checkpoints, evaluate.py's answers and judgments). A round is finished
@@ -45,7 +48,7 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import config_to_dict, redact
 from alignkit.core.digests import digest
-from alignkit.core.errors import EXIT_USER_ERROR, ConfigError, UserError
+from alignkit.core.errors import EXIT_USER_ERROR, UserError
 from alignkit.core.journal import free_name, read_json, write_atomic, write_json
 
 ROOT = Path(__file__).resolve().parents[2]  # the scripts live at the repository's top level, above alignkit/train/
@@ -118,7 +121,11 @@ def _dpo_values(s) -> dict:
     from alignkit.core.config import DPOSettings
 
     names = {f.name for f in fields(DPOSettings)} - _NOT_DPO
-    return {k: v for k, v in config_to_dict(s).items() if k in names and v is not None}
+    values = {k: v for k, v in config_to_dict(s).items() if k in names and v is not None}
+    # --dataset_split and --dataset_config name the prompts' (label.py's); dpo.py reads the round's preferences
+    # file, which has no splits.
+    values.pop("dataset_config", None)
+    return {**values, "dataset_split": "train"}
 
 
 def start_model(s) -> str:
@@ -218,8 +225,17 @@ def _loader(s) -> dict:
     return {"loader": values} if values else {}
 
 
+def _prompt_source(s) -> dict:
+    """How label.py reads --dataset_id, beyond its content: the split and configuration of a dataset that has
+    splits, and a prompt column other than "prompt" (only where they apply: older rounds keep their digests)."""
+    from alignkit.core.data_files import single_file
+
+    out = {} if single_file(s.dataset_id) else {"prompts_split": s.dataset_split, "prompts_config": s.dataset_config}
+    return {**out, **({"prompt_field": s.prompt_field} if s.prompt_field != "prompt" else {})}
+
+
 def _label_inputs(s, r: int, policy: str, revision: str | None) -> dict:
-    return {"policy": _model(policy, revision), "prompts": _data(s.dataset_id), **_loader(s),
+    return {"policy": _model(policy, revision), "prompts": _data(s.dataset_id), **_prompt_source(s), **_loader(s),
             "num_samples": s.num_samples, "sample_temperature": s.sample_temperature, "max_prompts": s.max_prompts,
             "max_new_tokens": s.max_new_tokens, "judge": _judge(s.judge), "seed": s.seed + r,
             "quantization": s.quantization, **_endpoint(s), "label_args": redact(s.label_args)}
@@ -236,9 +252,8 @@ def _dpo_inputs(s, policy: str, revision: str | None, preferences: Path, referen
             "eval_split": s.eval_split}
 
 
-def _eval_inputs(s, policy: str, revision: str | None, dpo: Path, judge: str | None) -> dict:
-    return {"policy": _model(policy, revision), "adapter": _model(str(dpo)), **_loader(s),
-            "prompts": _data(s.eval_prompts or s.dataset_id), "judge_model": judge, "max_new_tokens": s.max_new_tokens,
+def _eval_inputs(s, policy: str, revision: str | None, dpo: Path, judge: str | None, prompts: str) -> dict:
+    return {"policy": _model(policy, revision), "adapter": _model(str(dpo)), **_loader(s), "prompts": _data(prompts), "judge_model": judge, "max_new_tokens": s.max_new_tokens,
             "temperature": s.sample_temperature, "quantization": s.quantization, "seed": s.seed,
             **({} if judge == "rule" else _endpoint(s, skip={"judge_model"})), "evaluate_args": redact(s.evaluate_args)}
 
@@ -301,9 +316,10 @@ def _json_inputs(inputs: dict) -> dict:
     return json.loads(json.dumps(inputs, default=str))  # as the marker will read back: tuples as lists
 
 
-def run_round(s, folder: Path, r: int, policy: str) -> dict:
-    """Label, train and evaluate round r starting from `policy`, each step reused only when its inputs match;
-    returns (and writes) the round's record."""
+def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
+    """Label, train and evaluate round r starting from `policy`, each step reused only when its inputs match, the
+    new policy judged on the evaluation prompts file `prompts` (eval_prompts); returns (and writes) the round's
+    record."""
     here = round_dir(folder, r)
     here.mkdir(parents=True, exist_ok=True)
     log, aside = here / "log.txt", free_name(here, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -323,6 +339,7 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
                 "--quantization", s.quantization]
         if s.max_prompts is not None:
             args += ["--max_prompts", str(s.max_prompts)]
+        args += [item for k, v in _prompt_source(s).items() if v is not None for item in (f"--{k}", str(v))]
         args += at_revision + loader_flags(s) + endpoint_flags(s)
         _run("label.py", args + shlex.split(s.label_args), log)
         _done(here, "label", inputs["label"])
@@ -348,7 +365,7 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
         _done(here, "dpo", inputs["dpo"])
     evaluation = here / "eval"
     judge = s.eval_judge_model or s.judge_model
-    inputs["eval"] = _json_inputs(_eval_inputs(s, policy, revision, dpo, judge))
+    inputs["eval"] = _json_inputs(_eval_inputs(s, policy, revision, dpo, judge, prompts))
     plan = _plan(here, "eval", inputs["eval"], _whole(evaluation / "results.json"))
     ran |= bool(plan[0])
     if plan[0]:
@@ -356,7 +373,7 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
         _start(here, "eval", inputs["eval"], plan, [evaluation], aside, r)
         previous = f"{policy}@{revision}" if revision else policy  # ID@REVISION: alignkit.core.sources
         args = ["pairwise", "--models", f"previous={previous}", f"round-{r}={dpo}", "--baseline", "previous",
-                "--prompts_file", s.eval_prompts or s.dataset_id, "--output_dir", str(evaluation),
+                "--prompts_file", prompts, "--output_dir", str(evaluation),
                 "--max_new_tokens", str(s.max_new_tokens), "--temperature", str(s.sample_temperature),
                 "--quantization", s.quantization, "--seed", str(s.seed)]
         endpoint = [] if judge == "rule" else endpoint_flags(s, skip={"judge_model"})
@@ -384,28 +401,63 @@ def run_round(s, folder: Path, r: int, policy: str) -> dict:
     return record
 
 
-def check_eval_prompts(s) -> None:
-    """Each round ends in evaluate.py pairwise on --eval_prompts (default --dataset_id), which takes a JSONL of
-    {"prompt": ...} rows or a .txt file: a Hub dataset or another format failed there, after the round's labelling
-    and training. Checked before round 1."""
+EVAL_PROMPTS = "eval_prompts.jsonl"  # in the run folder: the evaluation prompts, when read from a dataset
+
+
+def eval_prompts(s, folder: Path) -> str:
+    """The prompts file each round is judged on, ready before round 1 (a prompt that cannot be judged is found
+    before hours of labelling and training, not after).
+
+    The source is --eval_prompts, else --dataset_id. A JSONL of {"prompt": ...} rows or a .txt file is what
+    evaluate.py --prompts_file reads, and goes as it is. Any other source (a Hub dataset, a folder, a CSV or
+    Parquet file, rows of messages) is read as --dataset_id is read, from --eval_prompts_split (default: the
+    --dataset_split with "train" read as "test": a Hub dataset's held-out prompts), its distinct prompts, at most
+    --eval_max_prompts, into EVAL_PROMPTS in the run folder. evaluate.py pairwise judges one-turn prompts, so a
+    prompt of several turns, or with a system turn, is refused naming its row."""
+    from alignkit.core.data_files import DataError, single_file
     from alignkit.evals.mtbench import prompt_questions
+    from alignkit.feedback.labeling import read_prompts
 
     source = s.eval_prompts or s.dataset_id
+    if s.eval_max_prompts is None and single_file(source):
+        try:
+            prompt_questions(source)
+            return source
+        except UserError:
+            pass  # another format: read as --dataset_id is read, below
+    split = "train" if single_file(source) else (s.eval_prompts_split or s.dataset_split.replace("train", "test"))
+    config = s.dataset_config if source == s.dataset_id else None
     try:
-        prompt_questions(source)
-    except UserError as error:
-        raise ConfigError(f"each round is judged on --eval_prompts (default --dataset_id: {source}) by evaluate.py "
-                          f"pairwise, which cannot read it: {error}. Pass --eval_prompts FILE, a JSONL of "
-                          '{"prompt": ...} rows or a .txt file with one prompt a line') from None
+        prompts = read_prompts(source, split, config, s.prompt_field, s.eval_max_prompts)
+    except DataError as e:  # a missing split: say which setting chose it
+        if single_file(source) or "no split" not in str(e):
+            raise
+        raise DataError(f"the evaluation prompts (--eval_prompts_split {split}): {e}") from None
+    rows = []
+    for prompt in prompts:
+        if len(prompt.messages) != 1:
+            raise DataError(f"{prompt.place}: a prompt of {len(prompt.messages)} turns "
+                            f"({', '.join(m['role'] for m in prompt.messages)}); each round's evaluation (evaluate.py "
+                            "pairwise) judges one-turn prompts. Pass --eval_prompts with one-turn prompts")
+        rows.append({"question_id": len(rows) + 1, "prompt": prompt.messages[0]["content"]})
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / EVAL_PROMPTS
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    logger.info(f"each round is judged on {len(rows)} prompts from {source}"
+                + ("" if single_file(source) else f" (split {split})") + f", in {path}")
+    return str(path)
 
 
 def run(s, folder: Path) -> list[dict]:
     """Every round, each reused where it was made from the same inputs; then the table and the chart."""
-    check_eval_prompts(s)
+    from alignkit.core.mixture import check_file_splits
+
+    check_file_splits(s)  # a --dataset_split on a single prompts file, refused here, not by dpo.py in round 1
+    prompts = eval_prompts(s, folder)
     records, policy = [], start_model(s)
     for r in range(1, s.rounds + 1):
         logger.info(f"round {r}: from {policy}")
-        record = run_round(s, folder, r, policy)
+        record = run_round(s, folder, r, policy, prompts)
         records.append(record)
         policy = record["policy"]
     write_table(records, folder / "rlaif.md")
