@@ -121,6 +121,11 @@ CASES = [
     ("dpo.py", [*TRAIN, "--dataset_id", "system.jsonl", "--chat_template", "no-system.jinja", "--eval_split", "0"],
      "the chat template refuses a row of the training data (the one whose first user turn is 'name three "
      "vegetables.'), prompt: System role not", None),
+    # ... also where TRL maps the rows in worker processes (the error arrives from a worker)
+    ("dpo.py", [*TRAIN, "--dataset_id", "system.jsonl", "--chat_template", "no-system.jinja", "--eval_split", "0",
+                "--dataset_num_proc", "2"],
+     "the chat template refuses a row of the training data (the one whose first user turn is 'name three "
+     "vegetables.'), prompt: System role not", None),
     ("rl.py", [*TRAIN, "--dataset_id", "system.jsonl", "--chat_template", "no-system.jinja"],
      "the chat template refuses a row of the prompts (the one whose first user turn is 'name three vegetables.')", None),
     # ... and generating for such a prompt (label.py, evaluate.py) was transformers' traceback too.

@@ -444,6 +444,7 @@ def test_bare_generic_env_names_change_nothing_and_prefixed_ones_are_logged(monk
     monkeypatch.setenv("ALIGNKIT_SEED", "7")
     monkeypatch.setenv("DPO_BETA", "0.3")  # the seed project's documented bare name
     monkeypatch.setenv("ALIGNKIT_OPTIM", "adamw_torch")  # a TRL field, prefixed like any setting
+    monkeypatch.setenv("ALIGNKIT_DEBUG", "1")  # the traceback switch: not TRL's `debug` field (refused by DPOConfig)
     s = parse_config(DPOSettings, args=[], env_file=None)
     assert (s.seed, s.dpo_beta, s.trainer_overrides) == (7, 0.3, {"optim": "adamw_torch"})
     logged = [r.getMessage() for r in alignkit_log.records if "from the environment" in r.getMessage()]

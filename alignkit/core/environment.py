@@ -28,7 +28,8 @@ def read_environment(names, env_from_file, env_file):
     """{name: raw value} from ALIGNKIT_<NAME> (any setting) or a bare <NAME> (BARE_ENV_NAMES only), with a label
     for each; one log line names them. A bare name from .env that is not read gets a warning: it was meant."""
     found, labels, ignored = {}, {}, []
-    for n in dict.fromkeys(names):
+    # ALIGNKIT_DEBUG is the traceback switch, never TRL's `debug` field (a DebugOption: "1" failed the run).
+    for n in (n for n in dict.fromkeys(names) if n.upper() not in ENV_NOT_SETTINGS):
         for var in (f"{ENV_PREFIX}{n.upper()}", n.upper()):
             if var in os.environ and (var.startswith(ENV_PREFIX) or var in BARE_ENV_NAMES):
                 found[n] = os.environ[var]
