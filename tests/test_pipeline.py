@@ -160,6 +160,12 @@ def test_a_run_with_other_settings_does_not_resume_from_this_one(tiny_cache, tmp
     common = ["--preset", "tiny", "--max_steps", "10", "--save_steps", "5", "--output_dir", str(tmp_path),
               "--run_name", "same-name"]
     run_script("dpo.py", *common)
+    adapter = (tmp_path / "same-name" / "adapter_model.safetensors").read_bytes()
+    # The same command again: it resumes at step 10 of 10 (mid-epoch), where transformers trained one more step.
+    again = run_script("dpo.py", *common)
+    assert again["resume_from"].endswith("checkpoint-10") and again["trainer"].state.global_step == 10
+    assert (tmp_path / "same-name" / "adapter_model.safetensors").read_bytes() == adapter
+    assert again["metrics"]["global_step"] == 10
     changed = run_script("dpo.py", *common, "--dpo_beta", "0.3")
     assert changed["resume_from"] is None
     assert list(tmp_path.glob("same-name.previous-*"))  # the earlier run was moved aside, not lost

@@ -26,7 +26,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from alignkit.core.args import ConfigError
 from alignkit.modeling.models import TRAINABLE, reference_mode
-from alignkit.train.trainers import _StackedAdapters, keep_lora_dropout
+from alignkit.train.trainers import EndsAtMaxSteps, _StackedAdapters, keep_lora_dropout
 
 # KTOConfig fields that cannot act here (alignkit loads the model and computes the reference itself).
 _REFUSED = {
@@ -36,7 +36,7 @@ _REFUSED = {
 }
 
 
-class AlignKTOTrainer(_StackedAdapters, KTOTrainer):
+class AlignKTOTrainer(_StackedAdapters, EndsAtMaxSteps, KTOTrainer):
     def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), reference_adapters=None, **kwargs):
         if ref_model is not None:
             raise ValueError("AlignKTOTrainer computes the reference from the model itself; pass no ref_model")

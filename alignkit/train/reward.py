@@ -32,6 +32,7 @@ from trl import RewardTrainer
 
 from alignkit import logger
 from alignkit.core.data import DataError
+from alignkit.train.trainers import EndsAtMaxSteps
 
 LOSSES = ("bradley_terry", "logexp", "logexpwithlm")
 SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("chosen_score", "rejected_score"))
@@ -138,7 +139,7 @@ def zero_fresh_score_head(model, model_id: str) -> None:
 # The trainer
 
 
-class AlignRewardTrainer(RewardTrainer):
+class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
     """TRL's RewardTrainer with the three losses of this module.
 
     For logexpwithlm with a non-zero --lm_loss_coef, `lm_head` is the base's LM head (frozen, not saved): the

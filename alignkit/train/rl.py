@@ -382,11 +382,11 @@ class _OnlineMixin:
 def trainer_class(algo: str):
     from trl import GRPOTrainer, RLOOTrainer
 
-    from alignkit.train.trainers import _StackedAdapters
+    from alignkit.train.trainers import EndsAtMaxSteps, _StackedAdapters
 
     base = GRPOTrainer if algo == "grpo" else RLOOTrainer
 
-    class AlignOnlineTrainer(_OnlineMixin, _StackedAdapters, base):
+    class AlignOnlineTrainer(_OnlineMixin, _StackedAdapters, EndsAtMaxSteps, base):
         def __init__(self, *args, frozen_adapters=(), **kwargs):
             from alignkit.modeling.template_rows import check_prompts
 

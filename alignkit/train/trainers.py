@@ -87,6 +87,21 @@ class CheckpointBase(TrainerCallback):
                 shutil.rmtree(frozen)
 
 
+class EndsAtMaxSteps:
+    """A run resumed at its last step (the same command run again after it finished at --max_steps) trains no
+    further step. transformers checks the stop only after a step, so a resume at global_step == max_steps in the
+    middle of an epoch trained one more, and each rerun another (20, 21, 22, ...; the adapter changing each time).
+    Every epoch is reported as trained instead; a run finished at an epoch's end was already left alone."""
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
+        epochs, steps = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                                     *args, **kwargs)
+        if 0 < max_steps <= self.state.global_step:
+            logger.info(f"resumed at step {self.state.global_step} of {max_steps}: nothing left to train")
+            return num_train_epochs, 0
+        return epochs, steps
+
+
 class _StackedAdapters:
     frozen_adapters: list[str] = []
 
@@ -139,7 +154,7 @@ class _LengthGrouped:
         return [len(ids) for ids in dataset["input_ids"]]
 
 
-class AlignSFTTrainer(_LengthGrouped, _StackedAdapters, SFTTrainer):
+class AlignSFTTrainer(_LengthGrouped, _StackedAdapters, EndsAtMaxSteps, SFTTrainer):
     def __init__(self, *args, frozen_adapters=(), **kwargs):
         self.frozen_adapters = list(frozen_adapters)
         super().__init__(*args, **kwargs)
@@ -233,7 +248,7 @@ def check_kept(trainer, given: tuple[int | None, int | None], because: str) -> N
                        "--max_length to keep them")
 
 
-class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, DPOTrainer):
+class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, EndsAtMaxSteps, DPOTrainer):
     def __init__(self, model, ref_model=None, args=None, *rest, frozen_adapters=(), reference_adapters=None,
                  prefix_sharing=True, simpo_gamma=0.5, cpo_alpha=0.0, **kwargs):
         if ref_model is not None:
