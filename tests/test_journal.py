@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import threading
 import time
@@ -388,3 +389,27 @@ def test_ctrl_c_while_the_folder_is_claimed_puts_the_earlier_run_back(tmp_path, 
         run_folder._claim(SFTSettings(output_dir=str(tmp_path), run_name="run"), folder, None)
     assert (folder / "metrics.json").read_text() == '{"earlier": 1}'
     assert not list(tmp_path.glob("run.previous-*"))
+
+
+def test_the_save_cell_after_an_interrupted_training_cell_saves_nothing(tmp_path):
+    """In a notebook, the cell after an interrupted training cell (finish) saved the half-trained model into the
+    folder that had just been given back to the earlier run: its adapter and metrics replaced, its settings not."""
+    from alignkit.core.config import SFTSettings
+    from alignkit.train import run_folder
+    from alignkit.train.training import finish
+
+    s = SFTSettings(output_dir=str(tmp_path), run_name="run")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.json").write_text('{"earlier": 1}')
+    with pytest.raises(KeyboardInterrupt):
+        with run_folder.start_run(s, folder, None):
+            raise KeyboardInterrupt  # the training cell, stopped before its first checkpoint
+    assert (folder / "metrics.json").read_text() == '{"earlier": 1}'  # the earlier run is back
+    with pytest.raises(UserError, match=rf"^the training of {re.escape(str(folder))} stopped \(KeyboardInterrupt\) "
+                                        r"and did not finish: nothing saved\. Run the training cell again"):
+        finish(None, None, s, folder, "sft")  # refused before it touches the trainer
+    assert (folder / "metrics.json").read_text() == '{"earlier": 1}'
+    with run_folder.start_run(s, folder, None):
+        pass  # the training cell run again, to its end
+    run_folder.check_trained(folder)

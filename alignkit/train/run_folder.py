@@ -37,6 +37,9 @@ FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised aft
 # In a claimed run folder until training finishes: where the earlier run went, for when this one is killed before
 # its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
 CLAIM_FILE = "alignkit_claim.json"
+# Run folders whose training (start_run's block) raised in this process, with what stopped it: a notebook's next
+# cell (finish) would otherwise save the half-trained model over the earlier run just put back (check_trained).
+_STOPPED: dict[Path, str] = {}
 # Settings that do not change what is trained: a run that differs only in these still resumes.
 NOT_TRAINING = {
     "resume", "merge_adaptors", "push_to_hub", "hub_repo_id", "hub_public", "report_to", "wandb_project",
@@ -166,15 +169,26 @@ def start_run(s, folder: Path, resume_from: str | None):
         state = PartialState(cpu=not torch.cuda.is_available())
         write, order = state.is_main_process, state.main_process_first()
     aside = None
+    _STOPPED.pop(folder.resolve(), None)
     with order:
         if write:
             aside = _claim(s, folder, resume_from)
     try:
         yield
     except BaseException as error:  # Ctrl-C too: a run stopped before its first checkpoint gives the folder back
+        _STOPPED[folder.resolve()] = type(error).__name__
         if write:
             _release(folder, aside, error)
         raise
+
+
+def check_trained(folder: Path) -> None:
+    """Refuse to save a run whose training stopped in this process (a notebook's interrupted training cell, then
+    the next cell): its model is half-trained, and the folder holds the earlier run again, or the checkpoints to
+    resume from."""
+    if stopped := _STOPPED.get(folder.resolve()):
+        raise UserError(f"the training of {folder} stopped ({stopped}) and did not finish: nothing saved. Run the "
+                        "training cell again (it resumes from the last checkpoint, if any), then this one")
 
 
 def _claim(s, folder: Path, resume_from: str | None) -> Path | None:

@@ -23,7 +23,8 @@ from alignkit.core.launch import agreed_minimum, free_memory, training_device, w
 from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scripts import it from here)
 # The run folder (alignkit.train.run_folder): the scripts import these from here.
 from alignkit.train.run_folder import (  # noqa: F401
-    CLAIM_FILE, CONFIG_FILE, FAILED_FILE, NOT_TRAINING, prepare_run, run_dir, run_inputs, save_run_config, start_run,
+    CLAIM_FILE, CONFIG_FILE, FAILED_FILE, NOT_TRAINING, check_trained, prepare_run, run_dir, run_inputs,
+    save_run_config, start_run,
 )
 
 # A stage's settings that are TRL config fields (alignkit name -> TRL name): passed wherever both the settings and
@@ -246,6 +247,7 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
     from alignkit.modeling.gguf import source_id
     from alignkit.modeling.models import save_adapter
 
+    check_trained(folder)
     base = source_id(s.model_id, getattr(s, "gguf_file", None))  # a GGUF in a folder or repo: recorded whole
     if trainer.accelerator.is_main_process:
         (folder / CLAIM_FILE).unlink(missing_ok=True)  # trained: the earlier run aside is history now
