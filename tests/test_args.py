@@ -124,6 +124,19 @@ def test_real_env_beats_dotenv_and_dotenv_beats_defaults(tmp_path, monkeypatch):
     assert os.environ["ALIGNKIT_RUN_NAME"] == "from_env"  # override=False
 
 
+def test_a_dotenv_edited_between_two_runs_in_one_process_is_read_as_it_is_now(tmp_path, monkeypatch):
+    """A notebook's first cell run again: the first read of .env stayed in os.environ, so an edit (or removal) of
+    a value did nothing, and the stale value counted as a real environment variable, above the file."""
+    monkeypatch.setenv("ALIGNKIT_RUN_NAME", "real")  # the user's own variable: never touched
+    write(tmp_path / ".env", "ALIGNKIT_SEED=3\nALIGNKIT_RUN_NAME=from_file\n")
+    assert (parse_config(Cfg, args=[]).seed, parse_config(Cfg, args=[]).run_name) == (3, "real")
+    write(tmp_path / ".env", "ALIGNKIT_SEED=5\n")
+    assert parse_config(Cfg, args=[]).seed == 5
+    write(tmp_path / ".env", "")
+    assert parse_config(Cfg, args=[]).seed == 42 and "ALIGNKIT_SEED" not in os.environ
+    assert os.environ["ALIGNKIT_RUN_NAME"] == "real"
+
+
 def test_env_file_none_and_missing_file(tmp_path):
     write(tmp_path / ".env", "ALIGNKIT_SEED=7\n")
     assert parse_config(Cfg, args=[], env_file=None).seed == 42

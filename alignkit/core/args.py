@@ -308,6 +308,10 @@ def _translate(vocab, layer, where, fields, label):
 
 
 # ---------------------------------------------------------------- entry point
+# The variables a .env file put into os.environ in this process, with their values (parse_config).
+_FROM_DOTENV: dict[str, str] = {}
+
+
 def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, prog=None, description=None):
     """Build an instance of dataclass ``cls`` from all layers (see module docstring)."""
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
@@ -328,10 +332,15 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
     cli, config_path, wants_help, unknown_flags = _parse_cli(list(args), cli_types, whole, flags, switches)
 
     env_from_file = set()
+    for name, value in _FROM_DOTENV.items():  # a .env read earlier in this process (a notebook's first cell run
+        if os.environ.get(name) == value:    # again): its values go, so the file is read as it is now
+            del os.environ[name]
+    _FROM_DOTENV.clear()
     if env_file is not None:
         before = set(os.environ)  # override=False: real env vars win; secrets such as HF_TOKEN reach libraries
         load_dotenv(env_file, override=False)
         env_from_file = set(os.environ) - before
+        _FROM_DOTENV.update((name, os.environ[name]) for name in env_from_file)
     env_names = [*fields, *(vocab.env_names(fields) if vocab else [])]
     env, env_labels = read_environment(env_names, env_from_file, env_file)
 
