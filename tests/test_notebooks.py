@@ -154,14 +154,27 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
             first.source.replace("overrides: dict = {}", f"overrides: dict = {{'preset': 'tiny', **{edit!r}}}")))
         field, = edit
         cells.append(nbformat.v4.new_code_cell(f"print({name!r}, settings.preset, repr(settings.{field}))"))
+    # A misspelt setting: one line under the cell, as on a command line, not an 80-line traceback; the cell counts
+    # as failed, and the kernel lives on.
+    sft = next(c for c in nbformat.read(ROOT / "notebooks" / "sft.ipynb", as_version=4).cells if c.cell_type == "code")
+    cells.append(nbformat.v4.new_code_cell(sft.source.replace("overrides: dict = {}",
+                                                              "overrides: dict = {'preset': 'tiny', 'lora_rr': 4}")))
+    cells.append(nbformat.v4.new_code_cell("print('alive')"))
     nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": build.KERNELSPEC})
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)
     env = kernel_env(tiny_cache)
     env.pop("PRESET", None)
-    NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120).execute(
+    NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120, allow_errors=True).execute(
         env=env, cwd=str(tmp_path), cleanup_kc=True)
-    printed = [c.outputs[-1].text.strip() for c in nb.cells[1::2]]
+    printed = [c.outputs[-1].text.strip() for c in nb.cells[1:-2:2]]
     assert printed == [f"{name} tiny {next(iter(edit.values()))!r}" for name, edit in edits.items()]
+    bad, alive = nb.cells[-2:]
+    said = [line for o in bad.outputs if o.get("name") == "stderr" for line in o.text.splitlines()]
+    assert [o.output_type for o in bad.outputs if o.output_type == "error"] == []  # no traceback
+    assert [line for line in said if line.startswith("error:")] == [
+        "error: unknown setting: 'lora_rr' (in overrides; did you mean lora_r?). --help lists every setting, TRL's "
+        "names included"], said
+    assert alive.outputs[-1].text.strip() == "alive"
 
 
 class Pipeline:

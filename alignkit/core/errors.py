@@ -3,8 +3,9 @@
 `UserError` is the one base type of every problem the user can fix: a bad flag or value (`ConfigError`), a bad
 data row or a missing data file (`DataError`), a missing token, an unreachable Hub (`HubUnreachable`), a missing
 model folder. Its message names what is wrong and the fix. Run as a script (`python dpo.py ...`), such an error
-prints `error: <message>` and exits with status 2, without a traceback; `--debug` or `ALIGNKIT_DEBUG=1` shows
-the traceback too. Anything else is a bug or a failure nobody foresaw, and keeps its full traceback.
+prints `error: <message>` and exits with status 2, without a traceback (in a notebook: the same line under the
+cell); `--debug` or `ALIGNKIT_DEBUG=1` shows the traceback too. Anything else is a bug or a failure nobody
+foresaw, and keeps its full traceback.
 """
 
 from __future__ import annotations
@@ -59,8 +60,24 @@ def is_notebook() -> bool:
 def report_user_errors() -> None:
     """Make a script report UserErrors as `error: <message>` and exit 2 (see the module docstring).
 
-    Only for a script run from a command line: a notebook shows exceptions its own way, and code that imports
-    alignkit as a library handles its exceptions itself.
+    In a notebook (Jupyter, VS Code's Interactive Window) a UserError is shown as the same one line under the
+    cell, which still counts as failed (Run All stops there), and the kernel lives on; `ALIGNKIT_DEBUG=1` shows the
+    traceback. Code that imports alignkit as a library handles its exceptions itself.
     """
     if not is_notebook():
         sys.excepthook = _report
+        return
+    shell = getattr(builtins, "get_ipython", lambda: None)()
+    if shell is not None and hasattr(shell, "set_custom_exc"):
+        shell.set_custom_exc((UserError,), _show_in_cell)
+
+
+def _show_in_cell(shell, kind, error, tb, tb_offset=None):
+    """IPython's handler for a UserError raised by a cell (InteractiveShell.set_custom_exc)."""
+    if debugging():
+        shell._showtraceback(kind, error, shell.InteractiveTB.structured_traceback(kind, error, tb, tb_offset=tb_offset))
+        return None
+    from alignkit.core.secrets import redact
+
+    print(f"error: {redact(str(error))}", file=sys.stderr)
+    return None
