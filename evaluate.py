@@ -54,6 +54,7 @@ report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 
 from alignkit.core.args import is_notebook
 from alignkit.evals.evaluation import parse_command
 from alignkit.modeling.generation import resolve_backend
+from alignkit.train.report import show  # in a notebook, each chart below its cell
 
 # In a notebook, set things here instead of on a command line, e.g. NOTEBOOK_COMMAND = "pairwise" and
 # overrides = {"preset": "tiny"}; environment variables (ALIGNKIT_<NAME>, COMMAND for the command) work too.
@@ -148,6 +149,7 @@ if command in ("mt_bench", "pairwise"):
 if command in ("mt_bench", "pairwise"):
     pairs, results_file, chart = run.report()
     print(f"\nresults: {results_file}\nchart:   {chart}")
+    show(chart)  # in a notebook: the win rates below this cell
 
 # %% [markdown]
 # ## AlpacaEval (alpaca_eval)
@@ -163,6 +165,7 @@ if command == "alpaca_eval":
     from alignkit.evals import alpacaeval
 
     summary = alpacaeval.run(settings, backend)
+    show(summary["files"]["chart"])
 
 # %% [markdown]
 # ## The alignment tax (lm_eval)
@@ -178,3 +181,4 @@ if command == "lm_eval":
     lm_results, table_file, results_file, chart = harness.run(settings)
     print("\n" + table_file.read_text())
     print(f"results: {results_file}\nchart:   {chart}")
+    show(chart)

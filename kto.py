@@ -117,3 +117,7 @@ print(f"adapter: {run_folder}")
 if tiny:
     after = rule_following(model, loaded.tokenizer, prompts)
     print(f"rule-following after KTO: {after:.3f} (before: {before:.3f})")
+
+from alignkit.train.report import show
+
+show(run_folder)  # in a notebook: training.png (loss, learning rate, the run's own curves) below this cell

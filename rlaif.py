@@ -37,7 +37,7 @@ settings = parse_config(
     description="Iterative DPO: sample, judge, train, evaluate, round after round.",
 )
 presets.ensure(settings)
-establish_launch(settings, "rlaif.py")  # the process's device, the process group, what this launch refuses
+launch = establish_launch(settings, "rlaif.py")  # the process's device, the process group, what this launch refuses
 
 # %% [markdown]
 # ## Run folder
@@ -74,3 +74,7 @@ from alignkit.train.rlaif import format_table
 
 print(format_table(records))
 print(f"\ntable: {folder / 'rlaif.md'}\nchart: {folder / 'win_rate.png'}\nfinal adapter: {records[-1]['policy']}")
+
+from alignkit.train.report import show
+
+show(folder / "win_rate.png")  # in a notebook: the win rate per round below this cell

@@ -238,6 +238,14 @@ def displayed(nb, mime: str) -> list:
             if out.output_type in ("display_data", "execute_result") and mime in out.data]
 
 
+def shows(pipeline, name: str, *files: str) -> None:
+    """The notebook's last code cell displays exactly these pictures, the very files the run wrote."""
+    nb = pipeline.notebooks[name]
+    last_code = max(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    pictures = [base64.b64decode(png) for i, png in displayed(nb, "image/png") if i == last_code]
+    assert pictures == [(pipeline.cwd / f).read_bytes() for f in files], f"{name}.ipynb: {len(pictures)} pictures"
+
+
 def test_training_in_a_notebook_shows_a_live_bar_and_its_picture(pipeline):
     # ipykernel's stderr is no TTY: the bar must not depend on one. transformers draws its notebook bar (an HTML
     # <progress> element with the steps and the time left) when the Trainer's disable_tqdm is off.
@@ -281,6 +289,7 @@ def test_kto_notebook_raises_rule_following(pipeline):
     assert re.search(r"^adapter: runs/tiny-kto$", out, re.M), out[-2000:]
     after, before = map(float, re.search(r"^rule-following after KTO: ([0-9.]+) \(before: ([0-9.]+)\)$", out, re.M).groups())
     assert after > before, out[-2000:]
+    shows(pipeline, "kto", "runs/tiny-kto/training.png")
 
 
 def test_evaluate_notebook_prints_the_pairwise_table(pipeline):
@@ -288,6 +297,10 @@ def test_evaluate_notebook_prints_the_pairwise_table(pipeline):
     assert "dpo vs sft  (judge: rule; 64 matches, 0 judge errors)" in out, out[-3000:]
     assert re.search(r"^overall +64 ", out, re.M) and "adj. win rate" in out
     assert (pipeline.cwd / "outputs/pairwise-tiny/results.json").is_file()
+    nb = pipeline.notebooks["evaluate"]  # the results cell shows the win-rate chart it wrote
+    results = next(i for i, c in enumerate(nb.cells) if "run.report()" in c.source)
+    assert [base64.b64decode(png) for i, png in displayed(nb, "image/png") if i == results] == [
+        (pipeline.cwd / "outputs/pairwise-tiny/results.png").read_bytes()]
 
 
 def test_merge_notebook(pipeline):
@@ -309,11 +322,12 @@ def test_rl_notebook(pipeline):
 def test_rlaif_notebook(pipeline):
     out = pipeline.run("rlaif")
     assert "| 1 |" in out and "final adapter: runs/tiny-rlaif/round-1/dpo" in out, out[-2000:]
-    assert (pipeline.cwd / "runs/tiny-rlaif/win_rate.png").is_file()
+    shows(pipeline, "rlaif", "runs/tiny-rlaif/win_rate.png")
+    assert "Launch(" not in out  # the first cell's launch is no stray cell output
 
 
 def test_reward_notebook_reports_held_out_pairs_and_draws_them(pipeline):
     out = pipeline.run("reward")
     (accuracy,) = re.findall(r"held-out accuracy: ([0-9.]+)", out)
     assert 0 <= float(accuracy) <= 1, out[-2000:]
-    assert (pipeline.cwd / "runs/tiny-reward/rewards_histogram.png").is_file()
+    shows(pipeline, "reward", "runs/tiny-reward/training.png", "runs/tiny-reward/rewards_histogram.png")

@@ -130,3 +130,29 @@ def test_mt_bench_answers_show_a_bar(where, monkeypatch, tmp_path):
     assert answered == 3
     (bar,) = bars
     assert bar.bar is not None and bar.done == 3 and bar.total == 3
+
+
+def test_vibes_answers_show_a_bar_counted_batch_by_batch(where, monkeypatch, tiny_cache):
+    """evaluate.py vibes was silent between loading the weights and printing the answers: minutes on a 7B."""
+    from alignkit.evals import evaluation
+
+    where(notebook=True)
+    bars = []
+
+    class Spy(progress.Progress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.updates = []
+            bars.append(self)
+
+        def update(self, n=1, errors=None):
+            self.updates.append(n)
+            super().update(n, errors)
+
+    monkeypatch.setattr(evaluation, "Progress", Spy)
+    _, s = evaluation.parse_command(["vibes", "--preset", "tiny", "--prompts", "name three fruits.",
+                                     "name three colours.", "hi", "--max_new_tokens", "3", "--batch_size", "2"])
+    prompts, sources, answers = evaluation.vibes(s, "transformers")
+    (bar,) = bars
+    assert bar.bar is not None and bar.total == len(prompts) == len(answers[sources[0]])  # the preset's prompts too
+    assert sum(bar.updates) == len(prompts) and set(bar.updates[:-1]) == {2}  # a batch at a time

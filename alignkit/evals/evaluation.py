@@ -21,6 +21,7 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import ConfigError, config_to_dict, parse_config, redact, save_config
 from alignkit.core.journal import hold
+from alignkit.core.progress import Progress
 from alignkit.core.config import (
     AlpacaEvalSettings, LMEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings,
 )
@@ -88,9 +89,11 @@ def vibes(s, backend: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
     sources = [s.model_id] + ([s.compare_to] if s.compare_to else [])
     answers = {}
     for source in sources:
-        with load_generator(loader_settings(s, source), backend) as generator:
+        with load_generator(loader_settings(s, source), backend) as generator, \
+                Progress(f"{source}: answering", len(conversations), unit="prompt", errors=False) as progress:
             answers[source] = generator(conversations, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                        top_p=s.top_p, num_beams=s.num_beams, batch_size=s.batch_size, seed=s.seed)
+                                        top_p=s.top_p, num_beams=s.num_beams, batch_size=s.batch_size, seed=s.seed,
+                                        progress=progress)
     return prompts, sources, answers
 
 

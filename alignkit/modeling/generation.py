@@ -32,10 +32,12 @@ def generate(
     num_beams: int = 1,
     batch_size: int = 16,
     seed: int | None = None,
+    progress=None,
 ) -> list[str]:
     """One answer per conversation (a list of role/content messages ending with a user turn).
 
-    temperature 0 means greedy decoding; above 0, sampling with top_p.
+    temperature 0 means greedy decoding; above 0, sampling with top_p. `progress` (alignkit.core.progress.Progress)
+    counts the answers batch by batch.
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -67,6 +69,8 @@ def generate(
             new_tokens = out[:, batch["input_ids"].shape[1] :]
             for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
                 answers[i] = text.strip()
+            if progress is not None:
+                progress.update(len(rows))
     finally:
         tokenizer.padding_side = side
         for config in routers:
@@ -296,7 +300,7 @@ class VLLMGenerator(Generator):
         self.lora = LoRARequest("adapter", 1, adapter) if chain else None
 
     def __call__(self, conversations, max_new_tokens=256, temperature=0.0, top_p=1.0, num_beams=1,
-                 batch_size=16, seed=None):
+                 batch_size=16, seed=None, progress=None):
         from vllm import SamplingParams
 
         if num_beams > 1:
@@ -308,6 +312,8 @@ class VLLMGenerator(Generator):
             render(self.tokenizer, conversation)
         outputs = self.llm.chat(conversations, params, lora_request=self.lora, chat_template=self.template,
                                 use_tqdm=False)
+        if progress is not None:  # one call, scheduled by vLLM: counted when it returns
+            progress.update(len(conversations))
         return [o.outputs[0].text.strip() for o in outputs]
 
     def close(self) -> None:

@@ -149,13 +149,16 @@ def report(trainer, stage: str, folder, metrics: dict, merged: Path | None = Non
     print(summary(stage, folder, metrics, history, picture, merged=merged, hub_url=hub_url), flush=True)
 
 
-def show(folder) -> None:
-    """In a notebook, display the run's training.png in the cell's output; elsewhere do nothing (the summary
-    already named the file)."""
+def show(*pictures) -> None:
+    """In a notebook, display each picture in the cell's output: a PNG file, or a run folder's training.png;
+    elsewhere do nothing (the script already printed where each one is)."""
     from alignkit.core.args import is_notebook
 
-    picture = Path(folder) / PICTURE
-    if is_notebook() and picture.is_file():
-        from IPython.display import Image, display
+    if not is_notebook():
+        return
+    from IPython.display import Image, display
 
-        display(Image(filename=str(picture)))
+    for picture in map(Path, pictures):
+        picture = picture / PICTURE if picture.is_dir() else picture
+        if picture.is_file():
+            display(Image(filename=str(picture)))
