@@ -23,9 +23,11 @@ from conftest import ROOT
 TIMEOUT = 600  # seconds per launch; a hang (a collective only some ranks join) fails here instead of stalling CI
 
 
-def accelerate_launch(args: list[str], cache: Path, extra_env: dict | None = None, multi_gpu: bool = True) -> str:
-    """Two processes over gloo; returns their output. Fails with the output's tail when the launch fails.
-    multi_gpu False: the launch type comes from a --config_file in `args` (DeepSpeed, FSDP)."""
+def accelerate_launch(args: list[str], cache: Path, extra_env: dict | None = None, multi_gpu: bool = True,
+                      status: int = 0) -> str:
+    """Two processes over gloo; returns their output. Fails with the output's tail when the launch ends with
+    another exit status than `status`. multi_gpu False: the launch type comes from a --config_file in `args`
+    (DeepSpeed, FSDP)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if multi_gpu else []),
                "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
@@ -34,7 +36,7 @@ def accelerate_launch(args: list[str], cache: Path, extra_env: dict | None = Non
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
+    assert done.returncode == status, output[-4000:]
     return output
 
 
@@ -92,6 +94,18 @@ def finished(folder: Path) -> dict:
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["global_step"] == 2
     return metrics
+
+
+def test_a_bad_input_found_after_the_launch_started_is_one_line_from_each_process(cache, runs, tmp_path):
+    """torch's process group wraps the error hook and buffered our `error:` line, then lost it when the hook
+    exited: the launch ended with status 2 and not a word of what was wrong."""
+    missing = tmp_path / "nope.jsonl"
+    output = accelerate_launch(["sft.py", *TINY, "--dataset_id", str(missing), "--output_dir", str(runs),
+                                "--run_name", "bad"], cache, status=1)  # the launcher's status for a failed child
+    said = sorted(line for line in output.splitlines() if "error: " in line and "file not found" in line)
+    assert said == [f"[rank{r}]: error: {missing}: file not found. Pass an existing .json, .jsonl, .parquet, .csv "
+                    "file, a dataset folder, or a Hub dataset id such as 'owner/name'." for r in (0, 1)], output[-3000:]
+    assert "]: Traceback" not in output  # no process's traceback (the launcher still reports its failed child)
 
 
 def test_sft_on_two_processes(sft_adapter):

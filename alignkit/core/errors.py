@@ -11,6 +11,7 @@ foresaw, and keeps its full traceback.
 from __future__ import annotations
 
 import builtins
+import io
 import os
 import sys
 
@@ -47,6 +48,27 @@ def _report(kind, error, tb) -> None:
     sys.__excepthook__(kind, error, tb)
     if issubclass(kind, UserError):
         sys.exit(EXIT_USER_ERROR)
+
+
+def report_on_rank(before, rank: int) -> None:
+    """After torch's init_process_group, which wraps sys.excepthook to put "[rankN]: " before each line the
+    earlier hook (`before`) writes: it buffers that output and writes it out only when the hook returns. Ours
+    exits (status 2) on a user error, so under every launch the error line was lost and the launch ended without a
+    word. The same prefix, and the lines written out in any case."""
+    if before is not _report or sys.excepthook is _report:
+        return
+    prefix = f"[rank{rank}]: "
+
+    def hook(kind, error, tb):
+        stderr, sys.stderr = sys.stderr, io.StringIO()
+        try:
+            _report(kind, error, tb)
+        finally:
+            text, sys.stderr = sys.stderr.getvalue(), stderr
+            sys.stderr.write("".join(prefix + line if line.strip() else line for line in text.splitlines(True)))
+            sys.stderr.flush()
+
+    sys.excepthook = hook
 
 
 def is_notebook() -> bool:

@@ -24,12 +24,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from alignkit import logger
-from alignkit.core.errors import UserError
+from alignkit.core.errors import UserError, report_on_rank
 
 FSDP, ZERO3 = "FSDP", "DeepSpeed ZeRO-3"  # the two launches that shard the model (`sharded_launch`)
 ONE_PROCESS = ("label.py", "evaluate.py", "merge.py", "rlaif.py")  # scripts that never run under a launcher
@@ -181,7 +182,9 @@ def establish_launch(s=None, script: str = "") -> Launch:
     if launch.world_size > 1:
         if torch.cuda.is_available():
             torch.cuda.set_device(launch.local_rank)  # before loading: bitsandbytes places on the current device
+        hook = sys.excepthook
         _distributed_state = _start_process_group()
+        report_on_rank(hook, _distributed_state.process_index)  # torch's hook lost our error line
         logger.info(f"launch: {launch.mode}, {launch.world_size} processes; this one is local rank {launch.local_rank} "
                     f"on {launch.device}")
     if launch.mode == "ZeRO-3" and script not in ONE_PROCESS:
