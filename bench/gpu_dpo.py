@@ -24,7 +24,7 @@ the policy forward and backward, and the optimizer step. The sides:
 - alignkit-flash_attention_2 (alignkit-sdpa without flash-attn; with --other-attention, on by default on a GPU):
   the same with `--attn_implementation` set to what auto picked before FlexAttention (flash_attention_2: prefix
   sharing off; sdpa: sharing with a dense mask). Whether auto's flex choice stands is this figure against the
-  alignkit row (alignkit.core.launch.resolve_attention).
+  alignkit row (alignkit.core.kernels.resolve_attention).
 Per-device batch: as large as fits, found per configuration (bench.batch_search: doubling from --batch-start on the
 longest pairs, each try a process of its own, cached in the --work folder), or --batch N for all; no gradient
 accumulation. Every configuration draws its steps' pairs from the same file, each run in a fresh process (its

@@ -10,7 +10,7 @@ installed here, as binary wheels (about 60 MiB, mostly pyarrow and pandas).
 
 What it runs, each step a subprocess whose log is kept under --out, and what it checks:
 1. the tiny preset: bf16 LoRA SFT, then DPO (DPOSettings' default loss, sigmoid) on the SFT adapter: dtype bf16 on compute capability >= 8.0
-   (fp16 below), the model on cuda:0, attention as alignkit.core.launch.resolve_attention decides (for the DPO
+   (fp16 below), the model on cuda:0, attention as alignkit.core.kernels.resolve_attention decides (for the DPO
    run on compute capability >= 8.0: flex_attention, prefix sharing's kernel, after alignkit.train.flex_check's
    forward and backward check on the GPU passed), loss finite,
    held-out reward accuracy above chance; the DPO run counts the batches its forward really packed (prefix

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.core import launch, threads
+from alignkit.core import kernels, launch, threads
 from alignkit.core.config import DPOSettings, ModelSettings
 from alignkit.modeling import models, presets
 from alignkit.train import flex_check, training
@@ -160,18 +160,18 @@ def test_fp16_on_gpus_without_native_bf16(gpu, dtype, monkeypatch, alignkit_log)
 ])
 def test_flash_attention_only_where_its_kernels_run(gpu, dtype, installed, expected, why, monkeypatch, alignkit_log):
     fake_gpus(monkeypatch, gpu=gpu, flash_attn=installed)
-    assert launch.resolve_attention("auto", dtype) == expected
+    assert kernels.resolve_attention("auto", dtype) == expected
     assert f"attention: {expected}" in alignkit_log.text and why in alignkit_log.text
 
 
 def test_asking_for_flash_attention_where_it_would_crash_is_refused(monkeypatch):
     fake_gpus(monkeypatch, gpu="A100", flash_attn=True)
     with pytest.raises(ValueError, match="needs --dtype bf16 or fp16"):
-        launch.resolve_attention("flash_attention_2", torch.float32)
+        kernels.resolve_attention("flash_attention_2", torch.float32)
     fake_gpus(monkeypatch, gpu="T4", flash_attn=True)
     with pytest.raises(ValueError, match=r"compute capability >= 8.0 \(this one: \(7, 5\)\)"):
-        launch.resolve_attention("flash_attention_2", torch.float16)
-    assert launch.resolve_attention("sdpa", torch.float32) == "sdpa"
+        kernels.resolve_attention("flash_attention_2", torch.float16)
+    assert kernels.resolve_attention("sdpa", torch.float32) == "sdpa"
 
 
 def test_the_loader_passes_the_attention_its_dtype_allows(monkeypatch, load_kwargs):
@@ -217,7 +217,7 @@ def test_auto_loads_flex_attention_for_dpo_with_prefix_sharing_only(monkeypatch,
     assert attention(DPOSettings(model_id=tiny, prefix_sharing=False)) == "flash_attention_2"
     assert attention(DPOSettings(model_id=tiny), training=False) == "flash_attention_2"  # generation, evaluation
     for other in (SFTSettings, KTOSettings, RewardSettings, RLSettings):
-        assert not launch.packs_pairs(other(model_id=tiny), True)  # sft/kto/reward/rl: the plain choice
+        assert not kernels.packs_pairs(other(model_id=tiny), True)  # sft/kto/reward/rl: the plain choice
     assert attention(SFTSettings(model_id=tiny)) == "flash_attention_2"
     for explicit in ("flash_attention_2", "sdpa"):  # the override: what bench/gpu_dpo.py compares it with
         assert attention(DPOSettings(model_id=tiny, attn_implementation=explicit)) == explicit
@@ -267,10 +267,10 @@ def test_auto_keeps_the_plain_choice_where_the_flex_kernel_fails_on_this_gpu(mon
 
 def test_the_model_config_is_read_only_where_auto_weighs_flex(monkeypatch):
     config = lambda: pytest.fail("the config was read")  # noqa: E731
-    assert launch.resolve_attention("auto", torch.bfloat16, config) == "sdpa"  # no CUDA
+    assert kernels.resolve_attention("auto", torch.bfloat16, config) == "sdpa"  # no CUDA
     fake_gpus(monkeypatch, gpu="A100", flash_attn=True)
-    assert launch.resolve_attention("sdpa", torch.bfloat16, config) == "sdpa"
-    assert launch.resolve_attention("flash_attention_2", torch.bfloat16, config) == "flash_attention_2"
+    assert kernels.resolve_attention("sdpa", torch.bfloat16, config) == "sdpa"
+    assert kernels.resolve_attention("flash_attention_2", torch.bfloat16, config) == "flash_attention_2"
 
 
 # ---------------------------------------------------------------------------------------------------------

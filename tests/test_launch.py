@@ -5,6 +5,7 @@ that cannot work refused in one line before anything loads (issue 24)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from alignkit.core import launch
+from alignkit.core import kernels, launch
 from alignkit.core.config import DPOSettings, MergeSettings, RewardSettings, RLSettings, SFTSettings
 from alignkit.core.errors import UserError
 from alignkit.modeling import presets
@@ -22,6 +23,7 @@ from conftest import in_two_ranks
 from test_gpu_paths import _meta_llama, fake_gpus, load_kwargs  # noqa: F401 - load_kwargs is a fixture
 
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_CPU_RAM_EFFICIENT_LOADING",
+       "ACCELERATE_DEEPSPEED_CONFIG_FILE",
        "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_MIXED_PRECISION")
 
 
@@ -409,17 +411,17 @@ def test_flash_attention_asked_for_without_cuda_or_flash_attn_falls_back_to_sdpa
     from alignkit.core import launch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert launch.resolve_attention("flash_attention_2", torch.float32) == "sdpa"
+    assert kernels.resolve_attention("flash_attention_2", torch.float32) == "sdpa"
     assert "no CUDA device" in alignkit_log.text
     alignkit_log.clear()  # flex_attention by name: a CPU has no FlexAttention backward to train with
-    assert launch.resolve_attention("flex_attention", torch.float32) == "sdpa"
+    assert kernels.resolve_attention("flex_attention", torch.float32) == "sdpa"
     assert alignkit_log.messages == ["attention: sdpa (flex_attention was asked for, but there is no CUDA device "
                                      "(torch's FlexAttention has no backward on a CPU))"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(launch, "_ampere_or_newer", lambda: True)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
-    assert launch.resolve_attention("flash_attention_2", torch.bfloat16) == "sdpa"
+    assert kernels.resolve_attention("flash_attention_2", torch.bfloat16) == "sdpa"
     assert "flash-attn is not installed" in alignkit_log.text
 
 
@@ -510,3 +512,20 @@ def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_plac
     del saved["inputs"]
     (folder / training.CONFIG_FILE).write_text(json.dumps(saved))
     assert run_folder._changed(folder, s) == []
+
+
+def test_zero3_named_in_a_deepspeed_json_is_zero3(monkeypatch, tmp_path):
+    """An accelerate config that names a DeepSpeed JSON (deepspeed_config_file) leaves
+    ACCELERATE_DEEPSPEED_ZERO_STAGE unset: the launch was taken for ZeRO-2, so no ZeRO-3 refusal (LoTA, 8-bit) ran
+    and the model was not built partitioned."""
+    launched(monkeypatch, "zero2")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    config = tmp_path / "ds3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    assert (launch.launch_mode(), launch.sharded_launch()) == ("ZeRO-3", launch.ZERO3)
+    assert "ZeRO-3" in launch.refusal(SFTSettings(adapter="lota"), "sft.py")
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert (launch.launch_mode(), launch.sharded_launch()) == ("ZeRO-2", None)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "missing.json"))  # DeepSpeed names it
+    assert launch.launch_mode() == "ZeRO-2"

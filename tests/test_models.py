@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from alignkit.core import launch
+from alignkit.core import kernels, launch
 from alignkit.core.args import ConfigError
 from alignkit.core.config import DPOSettings, ModelSettings
 from alignkit.modeling import generation, models, presets
@@ -19,8 +19,8 @@ def test_auto_choices_on_a_cpu_say_what_and_why(alignkit_log):
     assert not torch.cuda.is_available()  # these tests describe the CPU path
     assert launch.resolve_dtype("auto") == torch.float32
     assert launch.resolve_quantization("auto") == "none"
-    assert launch.resolve_attention("auto") == "sdpa"
-    assert launch.resolve_liger("auto") is False
+    assert kernels.resolve_attention("auto") == "sdpa"
+    assert kernels.resolve_liger("auto") is False
     text = alignkit_log.text
     assert "dtype: fp32 (no CUDA device" in text and "quantization: none" in text and "attention: sdpa" in text
     # Explicit choices are honoured and need no explanation.

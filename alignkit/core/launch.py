@@ -12,9 +12,10 @@ Every script calls `establish_launch(settings, script)` first. Under `accelerate
 - under ZeRO-3, registers DeepSpeed's config so that from_pretrained builds the model partitioned.
 
 The loader's hardware decisions live here too, each logged once with its reason: dtype, quantization (and its
-bitsandbytes config: under FSDP/ZeRO-3 the 4-bit weights are stored in the compute dtype), attention, Liger, CPU
-threads and the device map (the whole model on this process's GPU; under FSDP/ZeRO-3 only a 4-bit model, which
-they cannot build sharded, is placed per rank). alignkit.modeling.models only loads.
+bitsandbytes config: under FSDP/ZeRO-3 the 4-bit weights are stored in the compute dtype), CPU threads and the
+device map (the whole model on this process's GPU; under FSDP/ZeRO-3 only a 4-bit model, which
+they cannot build sharded, is placed per rank); the attention kernel and Liger: alignkit.core.kernels.
+alignkit.modeling.models only loads.
 
 Launch modes: "one process", "DDP", "FSDP", "ZeRO-2" (also ZeRO-0/1), "ZeRO-3".
 """
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -58,9 +61,21 @@ def sharded_launch() -> str | None:
     """FSDP or ZERO3 when accelerate launched this process to shard the model, else None."""
     if _flag("ACCELERATE_USE_FSDP"):
         return FSDP
-    if _flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":
-        return ZERO3
-    return None
+    return ZERO3 if _flag("ACCELERATE_USE_DEEPSPEED") and zero_stage() == "3" else None
+
+
+def zero_stage() -> str:
+    """DeepSpeed's ZeRO stage as accelerate launched it: ACCELERATE_DEEPSPEED_ZERO_STAGE, or, where the accelerate
+    config names a DeepSpeed JSON (deepspeed_config_file) and accelerate leaves that unset, the JSON's own
+    zero_optimization.stage ("" when unreadable: DeepSpeed itself names the file)."""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if stage or not file:
+        return stage
+    try:
+        return str(json.loads(Path(file).read_text()).get("zero_optimization", {}).get("stage", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def fsdp_version() -> int:
@@ -74,7 +89,7 @@ def launch_mode() -> str:
     if _flag("ACCELERATE_USE_FSDP"):
         return "FSDP"
     if _flag("ACCELERATE_USE_DEEPSPEED"):
-        return "ZeRO-3" if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3" else "ZeRO-2"
+        return "ZeRO-3" if zero_stage() == "3" else "ZeRO-2"
     return "DDP" if world_size() > 1 else "one process"
 
 
@@ -184,7 +199,7 @@ def establish_launch(s=None, script: str = "") -> Launch:
             torch.cuda.set_device(launch.local_rank)  # before loading: bitsandbytes places on the current device
         hook = sys.excepthook
         _distributed_state = _start_process_group()
-        report_on_rank(hook, _distributed_state.process_index)  # torch's hook lost our error line
+        report_on_rank(hook, int(os.environ.get("RANK", 0)))  # torch's hook lost our error line
         logger.info(f"launch: {launch.mode}, {launch.world_size} processes; this one is local rank {launch.local_rank} "
                     f"on {launch.device}")
     if launch.mode == "ZeRO-3" and script not in ONE_PROCESS:
@@ -308,129 +323,6 @@ def quantization_config(quantization: str, dtype: torch.dtype):
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
-
-
-def packs_pairs(s, for_training: bool) -> bool:
-    """Whether a load with settings `s` is for DPO training with prefix sharing on (dpo.py, and rlaif.py's rounds,
-    which run it): the one run whose `auto` attention weighs FlexAttention (`resolve_attention`). sft.py, kto.py,
-    reward.py, rl.py and every inference load (generation, judging, evaluation) keep the plain choice."""
-    return for_training and getattr(s, "run_type", None) == "dpo" and bool(getattr(s, "prefix_sharing", False))
-
-
-def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_config=None, model_config=None) -> str:
-    """The attention implementation to load: an explicit request as given (checked where it would crash;
-    flash_attention_2 or flex_attention without CUDA loads sdpa, in one line), else:
-
-    - flex_attention for DPO with prefix sharing (`packed_config`: a callable giving the model's config, passed
-      only where `packs_pairs`) on a CUDA GPU of compute capability >= 8.0, where alignkit.train.prefix's
-      `flex_preferred` says yes (the model runs under flex_attention, no attention dropout, sharing applies)
-      and its kernel passes alignkit.train.flex_check on this GPU (compiles, and matches plain attention, forward
-      and backward, at the model's head sizes and dtype; else the choice below, with the failure in its line):
-      the prompt is computed once on a kernel that skips masked blocks, where flash_attention_2 would turn sharing
-      off and sdpa loses its flash kernel to the mask. No GPU figure backs this over flash_attention_2 without
-      sharing yet: bench/gpu_dpo.py measures both sides, and `--attn_implementation flash_attention_2` (or sdpa)
-      keeps the old choice. Older GPUs keep sdpa: FlexAttention's Triton kernels are untried there.
-    - flash_attention_2 only where its kernels run: CUDA, compute capability >= 8.0, bf16/fp16 activations
-      (flash-attn 2 has no fp32 kernel and no pre-Ampere build: a model loaded with it on a T4, or in fp32,
-      imports fine and crashes in its first forward).
-    - sdpa everywhere else.
-
-    Where the choice is sdpa and the model's class has no sdpa attention in transformers (`model_config`: a
-    callable giving its config; Gemma-2 and GPT-OSS: sdpa cannot softcap), eager instead, said in the same line;
-    an explicit `--attn_implementation sdpa` there is refused before the model loads. The choice and its reason
-    are one log line.
-    """
-    from alignkit.train.prefix import without_sdpa  # core does not import train at module level
-
-    missing = without_sdpa(model_config) if requested == "sdpa" and model_config is not None else None
-    if missing:
-        raise UserError(f"--attn_implementation sdpa: {missing} has no sdpa attention in transformers; use eager "
-                        "(or auto, which picks it)")
-
-    def plain(why: str) -> str:  # sdpa, or eager for a model class without it
-        missing = model_config is not None and without_sdpa(model_config)
-        if missing:
-            _log_choice("attention", "eager", f"{why}; {missing} has no sdpa attention in transformers")
-            return "eager"
-        _log_choice("attention", "sdpa", why)
-        return "sdpa"
-
-    half = dtype in (torch.bfloat16, torch.float16)
-    if requested == "flash_attention_2" and torch.cuda.is_available():
-        if not half:
-            raise UserError("--attn_implementation flash_attention_2 needs --dtype bf16 or fp16 (flash-attn has no "
-                            "fp32 kernels); use sdpa, or auto")
-        if not _ampere_or_newer():
-            raise UserError("--attn_implementation flash_attention_2 needs a GPU of compute capability >= 8.0 "
-                            f"(this one: {torch.cuda.get_device_capability(local_gpu())}); use sdpa, or auto")
-    if requested == "flash_attention_2" and not torch.cuda.is_available():
-        # A recipe written for a GPU (the alignment-handbook's ask for flash_attention_2) runs here as it is.
-        return plain("flash_attention_2 was asked for, but there is no CUDA device to run it")
-    if requested == "flex_attention" and not torch.cuda.is_available():
-        return plain("flex_attention was asked for, but there is no CUDA device (torch's FlexAttention has no "
-                     "backward on a CPU)")
-    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        return plain("flash_attention_2 was asked for, but flash-attn is not installed: pip install flash-attn "
-                     "--no-build-isolation")
-    if requested != "auto":
-        return requested
-    if not torch.cuda.is_available():
-        return plain("no CUDA device, so no flash attention")
-    note = ""  # why a DPO run with prefix sharing does not get flex_attention, appended to the plain choice's line
-    if packed_config is not None:
-        flex, why = _flex_for_prefix_sharing(packed_config, dtype or torch.float32)
-        if flex:
-            _log_choice("attention", "flex_attention", f"DPO with prefix sharing: {why}; not yet measured against "
-                        "flash_attention_2 without sharing (bench/gpu_dpo.py); --attn_implementation "
-                        "flash_attention_2 or sdpa overrides it")
-            return "flex_attention"
-        note = f"; not flex_attention for prefix sharing: {why}"
-    if not _ampere_or_newer():
-        return plain("flash-attn 2 needs compute capability >= 8.0" + note)
-    if not half:
-        return plain("flash-attn 2 needs bf16/fp16; this model computes in fp32" + note)
-    if importlib.util.find_spec("flash_attn") is None:
-        return plain("flash-attn is not installed: pip install flash-attn --no-build-isolation" + note)
-    _log_choice("attention", "flash_attention_2", "CUDA >= 8.0, half precision, flash-attn installed" + note)
-    return "flash_attention_2"
-
-
-def _flex_for_prefix_sharing(packed_config, dtype: torch.dtype) -> tuple[bool, str]:
-    """(whether, why) a DPO run with prefix sharing on this CUDA machine loads flex_attention (resolve_attention):
-    where `flex_preferred` says it applies and its kernel passes alignkit.train.flex_check on this process's GPU
-    (it compiles and matches plain attention at the model's head sizes and dtype), and on every other process's
-    of the launch: they all load the same attention (every process reaches the agreement, whatever its answer)."""
-    flex, why = _flex_on_this_gpu(packed_config, dtype)
-    everywhere = agreed_minimum(int(flex))  # called by every process, whatever its own answer
-    if flex and not everywhere:
-        return False, f"{why}, but not on every process of this launch (they all load the same attention)"
-    return flex, why
-
-
-def _flex_on_this_gpu(packed_config, dtype: torch.dtype) -> tuple[bool, str]:
-    if not _ampere_or_newer():
-        return False, "FlexAttention is tried on compute capability >= 8.0 only"
-    from alignkit.train import flex_check  # core does not import train at module level
-    from alignkit.train.prefix import flex_preferred
-
-    config = packed_config()
-    preferred, why = flex_preferred(config, "cuda")
-    if not preferred:
-        return False, why
-    passed, how = flex_check.check(config, dtype, device=f"cuda:{local_gpu()}")
-    return passed, f"{why}; {how}" if passed else how
-
-
-def resolve_liger(requested: str) -> bool:
-    if requested != "auto":
-        return requested == "true"
-    if not torch.cuda.is_available():
-        return False  # Liger's Triton kernels need CUDA; the CPU path needs no log line beyond attention's
-    if importlib.util.find_spec("liger_kernel") is None:
-        _log_choice("liger", "off", "liger-kernel is not installed: pip install 'alignkit[gpu]'")
-        return False
-    _log_choice("liger", "on", "CUDA and liger-kernel installed")
-    return True
 
 
 def device_placement(quantization: str = "none", on_cpu: bool = False) -> dict:

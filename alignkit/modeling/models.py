@@ -35,9 +35,10 @@ from alignkit.modeling.chain import (  # noqa: F401 - importable from here too
 # The launch's decisions (dtype, quantization, attention, Liger, device map) live in alignkit.core.launch, the CPU
 # threads in alignkit.core.threads; `local_gpu` and `_sharded_launch` stay importable from here for the modules
 # that read them.
+from alignkit.core.kernels import packs_pairs, resolve_attention, resolve_liger
 from alignkit.core.launch import (  # noqa: F401 - local_gpu is re-exported
-    ZERO3, device_placement, local_gpu, packs_pairs, quantization_config, resolve_attention,
-    resolve_dtype, resolve_liger, resolve_quantization, sharded_launch as _sharded_launch,
+    ZERO3, device_placement, local_gpu, quantization_config, resolve_dtype, resolve_quantization,
+    sharded_launch as _sharded_launch,
 )
 from alignkit.core.threads import apply_num_threads
 

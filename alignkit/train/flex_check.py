@@ -12,7 +12,7 @@ size, query and key-value heads, logit softcap and compute dtype, through transf
 `flex_attention_forward` in training mode; then its backward. It compares the output and the gradients of the
 query, key and value with plain attention under the same mask, computed in float32 from the same (rounded)
 inputs. Either failing (an exception, or a difference past the dtype's tolerance) sends `auto` to its plain
-choice with the reason in its one log line (alignkit.core.launch.resolve_attention).
+choice with the reason in its one log line (alignkit.core.kernels.resolve_attention).
 
 Cost: a compile of the forward and backward kernels at a 256-token shape, about what the run's own first batch
 shape costs (transformers compiles flex_attention once per process, and a second shape recompiles it with

@@ -42,7 +42,7 @@ Three forms of that mask, by attention implementation (`sharing_path` says which
 
 `--attn_implementation auto` loads flex_attention for a dpo.py run with prefix sharing on a CUDA GPU where
 `flex_preferred` says yes and its kernel passes alignkit.train.flex_check on that GPU
-(alignkit.core.launch.resolve_attention); no GPU figure backs that over
+(alignkit.core.kernels.resolve_attention); no GPU figure backs that over
 flash_attention_2 without sharing yet: bench/gpu_dpo.py measures both, and an explicit flash_attention_2 or sdpa
 is kept.
 
