@@ -148,4 +148,4 @@ if report and main:
 
 from alignkit.train.report import show
 
-show(run_folder, report["histogram"])  # in a notebook: training.png and the reward histogram below this cell
+show(run_folder, *([report["histogram"]] if report else []))  # in a notebook: training.png and the histogram

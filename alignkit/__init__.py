@@ -13,6 +13,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   extras (the optional eval and tracking extras, and the line that installs a missing one),
   paths (the cache folder, and folders built there once by one process),
   launch (the launch mode, this process's device and process group, the loader's hardware decisions, refusals),
+  kernels (the attention implementation and Liger a load uses),
   threads (torch's CPU threads for a loaded model),
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
   digests (the one digest, SHA-256 of canonical JSON, every cache key is made of),

@@ -518,3 +518,31 @@ def test_every_alias_names_a_training_setting():
     names = {f.name for cls in SETTINGS_CLASSES if getattr(cls, "trl_configs", None)
              for f in dataclasses.fields(cls)}
     assert {a.target for a in ALIASES.values()} <= names
+
+
+def test_rl_and_rlaif_refuse_what_trl_would_fail_on_or_they_would_drop(tmp_path):
+    """Found by the TRL-names audit: each of these loaded the model, then ended in a traceback or did nothing."""
+    from alignkit.core.config import RLAIFSettings, RLSettings
+
+    def error(cls, *args):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(cls, env_file=None, args=list(args))
+        return str(caught.value)
+
+    assert "TRL does not support it with a PEFT adapter" in error(RLSettings, "--sync_ref_model")
+    assert "has no effect in rl.py: TRL's GRPO/RLOO keep each prompt whole" in error(RLSettings, "--max_length", "64")
+    assert "rl.py holds no data out" in error(RLSettings, "--eval_strategy", "steps")
+    assert "rl.py holds no data out" in error(RLSettings, "--eval_split", "0.05")
+    assert "rlaif.py trains each round on the pairs it labels" in error(RLAIFSettings, "--dataset_mixture",
+                                                                        '{"datasets": [{"id": "x.jsonl"}]}')
+    # TRL's GRPOConfig takes scale_rewards as a bool too (True: group, False: none): a flag or a YAML bool
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text("scale_rewards: false\n")
+    assert parse_config(RLSettings, env_file=None, args=["--config", str(recipe)]).trainer_overrides == {
+        "scale_rewards": "none"}
+    assert parse_config(RLSettings, env_file=None, args=["--scale_rewards", "true"]).trainer_overrides == {
+        "scale_rewards": "group"}
+    # a value TRL lists (field metadata "choices") is checked when the settings are read, not after the load
+    from alignkit.core.config import KTOSettings
+
+    assert "'kto2' is not one of kto, apo_zero_unpaired" in error(KTOSettings, "--loss_type", "kto2")

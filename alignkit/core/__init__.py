@@ -10,6 +10,7 @@
 - extras: the optional eval and tracking extras, and the one line that installs a missing one.
 - paths: the cache folder ($ALIGNKIT_CACHE).
 - launch: the launch mode, this process's device and process group, the loader's hardware decisions, refusals.
+- kernels: the attention implementation and Liger a load uses.
 - threads: torch's CPU threads for a loaded model (--num_threads).
 - journal: append-only logs, atomic writes, the concurrent map every crash-safe loop uses.
 - digests: the one digest (SHA-256 of canonical JSON) every cache key and record is made of.

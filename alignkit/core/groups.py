@@ -320,7 +320,7 @@ class TrainSettings(HubPushSettings, ModelSettings):
         counts = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                   "max_length", "lora_r")
         for name in counts:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # None: rl.py has no max_length
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         for name in ("logging_steps", "save_steps") + (("eval_steps",) if self.eval_steps is not None else ()):
             steps = getattr(self, name)

@@ -134,6 +134,8 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
     prompt_field: str = setting("prompt", "column holding the prompt: text, or role/content messages")
     max_prompts: int | None = setting(None, "use only the first N distinct prompts")
     eval_split: float = setting(0.0, "unused by rl.py (it measures the reward on its own samples); keep 0")
+    max_length: int | None = setting(None, "unused by rl.py: TRL's GRPO/RLOO keep each prompt whole and stop the "
+                                           "answers at --max_completion_length")
     learning_rate: float = setting(1e-5, "peak learning rate (AdamW)")
     algo: str = setting("grpo", "grpo: group-normalised advantages (TRL GRPOTrainer); rloo: leave-one-out "
                                 "baseline (TRL RLOOTrainer)", choices=["grpo", "rloo"])
@@ -169,6 +171,18 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
         if self.dataset_mixture or self.dataset_test_split:
             raise ValueError("rl.py reads prompts from --dataset_id and measures the reward on its own samples: drop "
                              "dataset_mixture / dataset_test_split")
+        overrides = self.trainer_overrides if isinstance(self.trainer_overrides, dict) else {}
+        evaluation = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
+        if self.eval_split or evaluation not in ("none", "no"):
+            raise ValueError("rl.py holds no data out: it measures the reward on its own samples, logged every "
+                             "--logging_steps (training.png); drop eval_split / eval_strategy")
+        if self.max_length is not None:
+            raise ValueError(f"--max_length {self.max_length} has no effect in rl.py: TRL's GRPO/RLOO keep each "
+                             "prompt whole and stop the answers at --max_completion_length; drop it, and keep long "
+                             "prompts out of the data (--max_prompts, or a filtered file)")
+        if overrides.get("sync_ref_model"):
+            raise ValueError("sync_ref_model has no effect in rl.py: TRL does not support it with a PEFT adapter (the "
+                             "reference is the policy with its adapter off); drop it")
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (advantages compare completions of one prompt), got "
                              f"{self.num_generations}")
@@ -225,6 +239,10 @@ class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
         super().__post_init__()
         if self.rounds < 1 or self.num_samples < 2:
             raise ValueError(f"rounds must be >= 1 and num_samples >= 2, got {self.rounds} and {self.num_samples}")
+        if self.dataset_mixture or self.dataset_test_split:  # dpo.py trained on them instead of the round's labels
+            raise ValueError("rlaif.py trains each round on the pairs it labels from --dataset_id's prompts: drop "
+                             "dataset_mixture / dataset_test_split (held-out pairs: --eval_split; judged prompts: "
+                             "--eval_prompts)")
         from alignkit.train.losses import is_reference_free
 
         if self.reference == "start" and is_reference_free(self.loss_type):

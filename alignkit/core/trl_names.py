@@ -102,8 +102,9 @@ _TRL_ONLY = {"model_name_or_path", "dataset_name"}
 _ANY = object()
 # key: (the value that is alignkit's behaviour anyway, or _ANY: never applied; the reason and what to use instead)
 NOT_APPLIED = {
-    "max_prompt_length": (_ANY, "TRL 1.x dropped it: prompt and answer are truncated together to max_length, "
-                                "as truncation_mode says; set max_length"),
+    "max_prompt_length": (_ANY, "TRL 1.x dropped it: max_length bounds prompt and answer together (sft.py, dpo.py, "
+                                "kto.py, reward.py); GRPO and RLOO keep the prompt whole and stop the answer at "
+                                "max_completion_length"),
     "overwrite_output_dir": (_ANY, "a run never overwrites: an earlier run in the folder is moved aside to "
                                    "NAME.previous-TIME, and --resume false starts over"),
     "hub_strategy": (_ANY, "alignkit pushes once, at the end, with a model card and without secrets: "
@@ -126,6 +127,9 @@ REFUSED = {"model_init_kwargs": "alignkit loads the model itself; use --dtype, -
            "hub_token": "a token in a flag or a recipe is saved in every checkpoint (training_args.bin); set HF_TOKEN "
                         "(or log in with `hf auth login`): alignkit pushes with that"}
 _MODEL_AND_SCRIPT = ("ModelConfig", "ScriptArguments")
+# TRL str fields that also take a bool, which TRL's __post_init__ turns into a word (GRPOConfig: "True or group",
+# "False or none"); the type hint alone says str, and "false" reached TRL as a word it refuses.
+_BOOL_WORDS = {"scale_rewards": {True: "group", False: "none"}}
 # TrainingArguments' `dict | str` fields whose str is only JSON text (fsdp_config's and deepspeed's name a file).
 _MAPPINGS = {"gradient_checkpointing_kwargs": '{"use_reentrant": false}', "lr_scheduler_kwargs": '{"min_lr": 1e-6}'}
 
@@ -225,6 +229,19 @@ def trl_fields(names: tuple[str, ...]) -> dict:
         for f in dataclasses.fields(cls):
             if f.init:
                 out.setdefault(f.name, hints.get(f.name, f.type))
+    return out
+
+
+@functools.cache
+def trl_choices(names: tuple[str, ...]) -> dict:
+    """{field name: the values it takes} where TRL's dataclasses `names` list them (field metadata "choices")."""
+    import trl
+
+    out = {}
+    for name in names:
+        for f in dataclasses.fields(getattr(trl, name)):
+            if f.init and f.metadata.get("choices"):
+                out.setdefault(f.name, list(f.metadata["choices"]))
     return out
 
 
@@ -406,7 +423,13 @@ class Vocabulary:
                 if same is _ANY or str(raw).lower() != str(same).lower():
                     notes.append(f"{key}: {reason}")
             elif key in self.passthrough:
+                if key in _BOOL_WORDS and str(raw).strip().lower() in _TRUE | _FALSE:  # TRL's bool spelling
+                    raw = _BOOL_WORDS[key][str(raw).strip().lower() in _TRUE]
                 extra[key] = trl_value(raw, self.passthrough[key], label(key))
+                allowed = trl_choices(self.config_names).get(key)
+                if allowed and isinstance(extra[key], str) and extra[key] not in allowed:  # TRL checks it only later
+                    raise ConfigError(f"invalid value for {label(key)}: {extra[key]!r} is not one of "
+                                      f"{', '.join(map(str, allowed))}")
                 if key in _MAPPINGS and isinstance(extra[key], str):  # typed dict | str, but a str fails in TRL
                     raise ConfigError(f"invalid value for {label(key)}: {raw!r} is not a mapping; write a JSON object "
                                       f"or a YAML mapping, e.g. {_MAPPINGS[key]}")
@@ -456,7 +479,8 @@ class Vocabulary:
             values["output_dir"], values["run_name"] = str(folder.parent), folder.name
 
     def help_text(self, fields=()) -> str:
-        names = ", ".join(sorted(set(self.passthrough) - set(ALIASES) - set(fields)))
+        names = ", ".join(sorted(set(self.passthrough) - set(ALIASES) - set(fields) - set(REFUSED) - set(NOT_APPLIED)))
+        refused = ", ".join(sorted(REFUSED))
         aliases = ", ".join(f"--{a} (--{x.target}{': ' + x.note if x.note else ''})" for a, x in ALIASES.items())
         ignored = ", ".join(f"{k} ({reason})" for k, (_, reason) in NOT_APPLIED.items())
         return ("alignkit's defaults are for QLoRA on one GPU, as the seed project's; where TRL's differ, a flag "
@@ -465,4 +489,5 @@ class Vocabulary:
                 f"{names}.\n\nalignment-handbook recipes: dataset_mixture (id, config, split, columns, weight; "
                 "test_split_size, seed), the older dataset_mixer + dataset_splits, and TRL's own datasets (path, name, "
                 "split, columns, fraction) + test_split_size; a recipe's output_dir is the "
-                f"run's own folder; an inline chat_template works. Named but not applied: {ignored}.")
+                f"run's own folder; an inline chat_template works. Named but not applied: {ignored}. Refused: "
+                f"{refused}.")

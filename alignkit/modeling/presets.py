@@ -99,7 +99,7 @@ def defaults(stage: str) -> dict:
     if stage == "rl":
         # GRPO from the SFT adapter (--model_id runs/tiny-sft) on the preset's prompts, rewarded by its rule.
         # Answers are three words, so 16 new tokens suffice; 8 samples per prompt give the group baseline.
-        return {**common, "dataset_id": p["prompts"], "dataset_split": "train", "eval_split": 0.0,
+        return {**common, "dataset_id": p["prompts"], "dataset_split": "train", "eval_split": 0.0, "max_length": None,
                 "learning_rate": 3e-3, "max_steps": 60, "per_device_train_batch_size": 32, "num_generations": 8,
                 "max_completion_length": 16, "temperature": 1.0, "beta": 0.01, "logging_steps": 5,
                 "save_steps": 30, "reward": ["rule"], "run_name": "tiny-rl"}
