@@ -177,8 +177,11 @@ def test_python_and_reward_model_rewards_combine_with_weights(sft_run, tiny_cach
     reward_run = run_script("reward.py", "--preset", "tiny", "--output_dir", str(tmp_path), "--run_name", "rm",
                             "--max_steps", "3", "--eval_split", "0")
     code = tmp_path / "my_reward.py"
-    code.write_text("def short(prompts, completions, **kwargs):\n"
-                    "    return [1.0 / (1 + len(c[-1]['content'])) for c in completions]\n")
+    # TRL's contract on the preset's prompts, written as text with a category column: text in, and every other
+    # column as a keyword argument (before, completions came as messages and the columns were dropped).
+    code.write_text("def short(prompts, completions, category, **kwargs):\n"
+                    "    assert all(isinstance(x, str) for x in prompts + completions + category), (prompts, completions)\n"
+                    "    return [1.0 / (1 + len(c)) for c in completions]\n")
     g = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir",
                    str(tmp_path), "--run_name", "mix", "--reward", f"rule,python:{code}:short,rm:{reward_run['run_folder']}",
                    "--reward_weights", "1,2,0.5", "--max_steps", "2", "--logging_steps", "1")
@@ -196,3 +199,31 @@ def test_rloo_with_the_rule_raises_rule_following(sft_run, tmp_path):
     before, _ = _rates(str(sft_run["run_folder"]))
     after, _ = _rates(str(g["run_folder"]))
     assert after - before >= 0.1 or after >= 0.95, (before, after)
+
+
+def test_a_python_reward_gets_the_rows_as_trl_hands_them(tmp_path, monkeypatch):
+    """TRL calls a reward function with every other column of the row as a keyword argument, and with text for
+    a prompt written as text (messages for a conversation). rl.py dropped the columns (a `solution` argument was a
+    TypeError) and sent text prompts' completions as messages (a length reward saw 1 for every completion)."""
+    import json
+    import sys
+
+    from alignkit.core.config import RLSettings
+    from alignkit.train import rl
+
+    data = tmp_path / "math.jsonl"
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    data.write_text(json.dumps({"prompt": "1+1?", "solution": "2"}) + "\n"
+                    + json.dumps({"prompt": chat, "solution": "4"}) + "\n")
+    monkeypatch.setattr(rl, "TEXT_PROMPTS", set())
+    rows = rl.load_prompt_dataset(RLSettings(dataset_id=str(data)))
+    assert rows.column_names == ["solution", "prompt"] and rows["solution"] == ["2", "4"]
+    (tmp_path / "acc.py").write_text("def accuracy(prompts, completions, solution, **kwargs):\n"
+                                     "    return [(p, c, s) for p, c, s in zip(prompts, completions, solution)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = rl.import_reward("python:acc:accuracy")
+    assert reward.__name__ == "accuracy"
+    said = [{"role": "assistant", "content": "2"}]
+    assert reward([rows[0]["prompt"]], [said], solution=["2"]) == [("1+1?", "2", "2")]  # text, as written
+    assert reward([rows[1]["prompt"]], [said], solution=["4"]) == [(chat, said, "4")]  # a conversation stays one
+    sys.modules.pop("acc", None)

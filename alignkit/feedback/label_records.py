@@ -87,6 +87,7 @@ class Prompt:
     messages: list[dict]  # role/content turns ending with a user turn
     key: str = ""
     place: str = field(default="", compare=False)
+    row: dict | None = field(default=None, compare=False)  # the whole row it came from, where asked (rl.py)
 
     def __post_init__(self):
         self.key = digest(self.messages)

@@ -189,7 +189,8 @@ def load_prompts(run: Run) -> list[Prompt]:
     column = _column(columns, s.prompt_field, label, "--prompt_field", () if s.prompts else ("prompt",))
     prompts, seen = [], set()
     for i, row in enumerate(rows):
-        prompt = Prompt(_as_messages(row.get(column), f"{place(i)}: field '{column}'"), place=place(i))
+        prompt = Prompt(_as_messages(row.get(column), f"{place(i)}: field '{column}'"), place=place(i),
+                        row=row if getattr(s, "keep_rows", False) else None)
         if prompt.key in seen:
             run.stats["duplicate prompts"] += 1
             continue
@@ -204,13 +205,14 @@ def load_prompts(run: Run) -> list[Prompt]:
     return prompts
 
 
-def read_prompts(source, split="train", config=None, field="prompt", max_prompts=None) -> list[Prompt]:
+def read_prompts(source, split="train", config=None, field="prompt", max_prompts=None, keep_rows=False) -> list[Prompt]:
     """load_prompts for a source a script names itself (rl.py's and rlaif.py's --dataset_id, rlaif.py's
-    --eval_prompts): the same reading, checks and messages. A single file is read whole: pass split "train"."""
+    --eval_prompts): the same reading, checks and messages. A single file is read whole: pass split "train".
+    keep_rows: each Prompt keeps the whole row it came from (rl.py hands its other columns to the rewards)."""
     from types import SimpleNamespace
 
     settings = SimpleNamespace(prompts=source, prompts_split=split, prompts_config=config, prompt_field=field,
-                               max_prompts=max_prompts, responses_a=None, responses_b=None)
+                               max_prompts=max_prompts, responses_a=None, responses_b=None, keep_rows=keep_rows)
     return load_prompts(SimpleNamespace(settings=settings, stats=Counter()))
 
 

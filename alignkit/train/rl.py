@@ -20,7 +20,9 @@ Rewards (`reward(prompts, completions, **kwargs) -> list[float | None]`, TRL's r
   Concurrent (`--parallel`), retried with backoff by the openai client, cached in label.py's append-only
   judgments.jsonl under label.py's key rules (the request and the judge's whole identity);
 - `rm:FOLDER`: a reward.py model (alignkit.feedback.rewards.load);
-- `python:module:function`: a function with TRL's reward signature.
+- `python:module:function`: a function with TRL's reward signature, called as TRL calls it on the data as written
+  (`import_reward`): text for a prompt written as text, messages for a conversation, the row's other columns
+  as keyword arguments.
 
 A failed judgment never becomes a reward. A request that still fails after its retries, or an answer without a
 rating/verdict, scores None (NaN). A completion with any NaN reward term is unscored as a whole (its other
@@ -32,6 +34,7 @@ baseline and gives it advantage 0, so it moves the policy only through the KL te
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import time
 from collections import Counter
@@ -62,21 +65,35 @@ def parse_rating(text: str | None) -> float | None:
 
 
 def load_prompt_dataset(s):
-    """A Dataset with one conversational "prompt" column, read by label.py's prompt loader from --dataset_id.
+    """A Dataset with a conversational "prompt" column and the rows' other columns (for the rewards), read by
+    label.py's prompt loader from --dataset_id.
 
     A single file has no splits: --dataset_split is refused there (alignkit.core.mixture.check_file_splits, as in
     sft.py, dpo.py and reward.py) rather than ignored with the whole file read; its default names the default Hub
     dataset's split, so it passes, and label.py's loader is then told "train" (its own check would refuse it)."""
     from datasets import Dataset
 
-    from alignkit.core.data_files import single_file
+    from alignkit.core.data_files import DataError, single_file
     from alignkit.core.mixture import check_file_splits
     from alignkit.feedback.labeling import read_prompts
 
     check_file_splits(s)
     split = "train" if single_file(s.dataset_id) else s.dataset_split
-    prompts = read_prompts(s.dataset_id, split, s.dataset_config, s.prompt_field, s.max_prompts)
-    return Dataset.from_list([{"prompt": p.messages} for p in prompts])
+    prompts = read_prompts(s.dataset_id, split, s.dataset_config, s.prompt_field, s.max_prompts, keep_rows=True)
+    TEXT_PROMPTS.update(p.key for p in prompts if isinstance(p.row.get(s.prompt_field), str) and len(p.messages) == 1)
+    # TRL hands a row's other columns to every reward function as keyword arguments (a math set's `solution`).
+    rows = [{**{k: v for k, v in p.row.items() if k != s.prompt_field}, "prompt": p.messages} for p in prompts]
+    try:
+        return Dataset.from_list(rows)
+    except (ValueError, TypeError) as e:  # pyarrow's ArrowInvalid / ArrowTypeError are these
+        raise DataError(f"{s.dataset_id}: the columns beside the prompt, which go to the rewards as keyword "
+                        f"arguments, do not make one table ({' '.join(str(e).split())[:200]}): keep one type per "
+                        "column, or drop the columns the rewards do not read") from None
+
+
+# Prompts written as text (one user turn): TRL gives a reward function such a prompt and its completions as text,
+# where alignkit sends the prompt through the chat template (rl.py keys them by Prompt.key, the messages' digest).
+TEXT_PROMPTS: set[str] = set()
 
 
 def completion_text(completion) -> str:
@@ -115,11 +132,22 @@ class RewardModelReward:
 
 
 def import_reward(spec: str):
-    """`python:module:function` or `python:path/file.py:function`, called with TRL's reward arguments."""
+    """`python:module:function` or `python:path/file.py:function`, called as TRL calls a reward function on the data
+    as written: a prompt written as text comes with its completions as text, a conversation's as messages, and
+    every other column of the row as a keyword argument."""
+    from alignkit.core.digests import digest
     from alignkit.feedback.judge import import_function
 
-    return import_function(spec, "--reward", "; it must take (prompts, completions, **kwargs) and return one float "
-                                             "(or None) per completion")
+    function = import_function(spec, "--reward", "; it must take (prompts, completions, **kwargs) and return one "
+                                                 "float (or None) per completion")
+
+    @functools.wraps(function)
+    def reward(prompts, completions, **kwargs):
+        if prompts and all(isinstance(p, list) and digest(p) in TEXT_PROMPTS for p in prompts):
+            prompts, completions = [p[-1]["content"] for p in prompts], [completion_text(c) for c in completions]
+        return function(prompts, completions, **kwargs)
+
+    return reward
 
 
 class JudgeReward:
