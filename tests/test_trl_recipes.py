@@ -546,3 +546,9 @@ def test_rl_and_rlaif_refuse_what_trl_would_fail_on_or_they_would_drop(tmp_path)
     from alignkit.core.config import KTOSettings
 
     assert "'kto2' is not one of kto, apo_zero_unpaired" in error(KTOSettings, "--loss_type", "kto2")
+    # TRL's grpo script names: the reward model and functions were "did you mean --model_name_or_path?"
+    assert "--reward rm:FOLDER" in error(RLSettings, "--reward_model_name_or_path", "x")
+    assert "python:trl.rewards.accuracy_reward works" in error(RLSettings, "--reward_funcs", "x")
+    from alignkit.train.rl import import_reward
+
+    assert import_reward("python:trl.rewards.think_format_reward").__name__ == "think_format_reward"

@@ -121,7 +121,10 @@ NOT_APPLIED = {
 }
 # TRL fields that cannot act because alignkit loads the model itself: refused when the settings are read, in every
 # script, rather than taken into a TRL config that never reads them (sft.py, reward.py) or refused after the load.
-REFUSED = {"model_init_kwargs": "alignkit loads the model itself; use --dtype, --quantization, --attn_implementation, "
+REFUSED = {"reward_model_name_or_path": "rl.py takes a reward.py model as --reward rm:FOLDER",
+           "reward_funcs": "rl.py takes rewards as --reward, comma separated: rule, judge, rm:FOLDER or "
+                           "python:module:function (python:trl.rewards.accuracy_reward works)",
+           "model_init_kwargs": "alignkit loads the model itself; use --dtype, --quantization, --attn_implementation, "
                                 "--revision",
            # TrainingArguments keeps it in every checkpoint's training_args.bin, and wandb records the command line
            "hub_token": "a token in a flag or a recipe is saved in every checkpoint (training_args.bin); set HF_TOKEN "
@@ -356,6 +359,8 @@ class Vocabulary:
         out.update({n: a.kind for n, a in ALIASES.items()})
         for n in NOT_APPLIED:  # typed as TRL types them where it still has them; transformers 5 dropped this one
             out.setdefault(n, bool if n == "overwrite_output_dir" else str)
+        for n in REFUSED:  # TRL scripts' own arguments (reward_funcs) too: named, not "unknown"
+            out.setdefault(n, list[str] if n == "reward_funcs" else str)
         out.update(dataset_mixer=dict, dataset_splits=list[str], datasets=str, test_split_size=float, streaming=bool)
         return out
 

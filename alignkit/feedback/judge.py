@@ -185,10 +185,13 @@ class PythonJudge(Judge):
 
 
 def import_function(spec: str, flag: str = "--judge", contract: str = "") -> object:
-    """The function `python:MODULE:FUNCTION` (or `python:path/to/file.py:FUNCTION`) names, for `flag`
+    """The function `python:MODULE:FUNCTION` (or `python:MODULE.FUNCTION`, or `python:path/to/file.py:FUNCTION`)
+    names, for `flag`
     (--judge here, --reward in rl.py); `contract` says what it must take and return, for the error message."""
     target = spec.removeprefix("python:")
     module_name, _, function_name = target.rpartition(":")
+    if not module_name and not target.endswith(".py"):  # TRL scripts' dotted path: trl.rewards.accuracy_reward
+        module_name, _, function_name = target.rpartition(".")
     usage = f"{flag} python:MODULE:FUNCTION (or python:path/to/file.py:FUNCTION)"
     if not module_name or not function_name:
         raise ConfigError(f"{flag} {spec!r}: expected {usage}")
