@@ -65,8 +65,8 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   alpacaeval (evaluate.py alpaca_eval), with alpacaeval_outputs, alpacaeval_annotate and alpacaeval_report,
   harness (evaluate.py lm_eval: EleutherAI's lm-evaluation-harness).
 
-This module itself holds the `alignkit` logger every module imports (its filter keeps secrets out of every line:
-alignkit.core.secrets, imported when a line is logged), and the filter that drops bitsandbytes' import-time kernel
+This module itself holds the `alignkit` logger every module imports (its filters keep secrets out of every line:
+alignkit.core.secrets, imported when a line is logged; and under a launch, info lines to the main process), and the filter that drops bitsandbytes' import-time kernel
 warning (installed before anything imports bitsandbytes); the rest of the library noise is
 alignkit.core.progress.quiet_library_noise. It imports no alignkit module at import time, so no module's import
 cycles back here.
@@ -100,6 +100,21 @@ class _Redact(logging.Filter):
 
 if not any(isinstance(f, _Redact) for f in logger.filters):
     logger.addFilter(_Redact())
+
+
+class _MainProcessInfo(logging.Filter):
+    """Under a launch, info lines from the main process only (8 GPUs printed every decision 8 times); warnings and
+    errors from every process, and a line logged with extra={"every_rank": True} (what each process itself did)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import os
+
+        return record.levelno > logging.INFO or getattr(record, "every_rank", False) or \
+            os.environ.get("RANK", "0") == "0"
+
+
+if not any(isinstance(f, _MainProcessInfo) for f in logger.filters):
+    logger.addFilter(_MainProcessInfo())
 
 
 class _BitsandbytesCpuKernelNote(logging.Filter):

@@ -529,3 +529,17 @@ def test_zero3_named_in_a_deepspeed_json_is_zero3(monkeypatch, tmp_path):
     assert (launch.launch_mode(), launch.sharded_launch()) == ("ZeRO-2", None)
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "missing.json"))  # DeepSpeed names it
     assert launch.launch_mode() == "ZeRO-2"
+
+
+def test_under_a_launch_info_lines_come_from_the_main_process_only(monkeypatch, alignkit_log):
+    """Every decision line was printed once per process (8 copies on 8 GPUs); warnings and what each process did
+    itself still come from each."""
+    from alignkit import logger
+
+    monkeypatch.setenv("RANK", "1")
+    logger.info("a decision")
+    logger.warning("a warning")
+    logger.info("this process's own", extra={"every_rank": True})
+    monkeypatch.setenv("RANK", "0")
+    logger.info("from the main process")
+    assert alignkit_log.messages == ["a warning", "this process's own", "from the main process"]

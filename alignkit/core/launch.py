@@ -201,7 +201,7 @@ def establish_launch(s=None, script: str = "") -> Launch:
         _distributed_state = _start_process_group()
         report_on_rank(hook, int(os.environ.get("RANK", 0)))  # torch's hook lost our error line
         logger.info(f"launch: {launch.mode}, {launch.world_size} processes; this one is local rank {launch.local_rank} "
-                    f"on {launch.device}")
+                    f"on {launch.device}", extra={"every_rank": True})
     if launch.mode == "ZeRO-3" and script not in ONE_PROCESS:
         register_zero3_init()
     return launch

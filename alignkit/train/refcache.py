@@ -274,7 +274,7 @@ def with_ref_logps(trainer, dataset, batch_size: int):
                     "between machines?), so every process computes them")
         tensors = None
     if tensors is not None:
-        logger.info(f"reference log-probs of {len(dataset)} pairs reused from {path}")
+        logger.info(f"reference log-probs of {len(dataset)} pairs reused from {path}", extra={"every_rank": True})
     else:
         tensors = compute(trainer, dataset, batch_size)
         if trainer.accelerator.is_main_process:
