@@ -552,3 +552,18 @@ def test_rl_and_rlaif_refuse_what_trl_would_fail_on_or_they_would_drop(tmp_path)
     from alignkit.train.rl import import_reward
 
     assert import_reward("python:trl.rewards.think_format_reward").__name__ == "think_format_reward"
+
+
+def test_the_help_names_each_trl_field_where_it_really_goes():
+    """The epilog listed hub_token and the not-applied names as "handed to TRL as it is", and --beta (--dpo_beta)
+    in kto.py and rl.py, whose beta is their own."""
+    from alignkit.core.config import DPOSettings, KTOSettings
+
+    def epilog(cls):
+        return cls.vocabulary().help_text({f.name: f for f in dataclasses.fields(cls)})
+
+    kto, dpo = epilog(KTOSettings), epilog(DPOSettings)
+    assert "--beta (--dpo_beta)" in dpo and "--beta (--dpo_beta)" not in kto
+    passed = kto.split("handed to TRL as it is (collected in --trainer_overrides): ")[1].split(".\n")[0].split(", ")
+    assert not {"hub_token", "model_init_kwargs", "hub_strategy", "resume_from_checkpoint"} & set(passed)
+    assert "Refused: " in kto and "hub_token" in kto.split("Refused: ")[1]

@@ -486,7 +486,8 @@ class Vocabulary:
     def help_text(self, fields=()) -> str:
         names = ", ".join(sorted(set(self.passthrough) - set(ALIASES) - set(fields) - set(REFUSED) - set(NOT_APPLIED)))
         refused = ", ".join(sorted(REFUSED))
-        aliases = ", ".join(f"--{a} (--{x.target}{': ' + x.note if x.note else ''})" for a, x in ALIASES.items())
+        aliases = ", ".join(f"--{a} (--{x.target}{': ' + x.note if x.note else ''})" for a, x in ALIASES.items()
+                            if a not in fields and self._applies(a, fields))  # kto.py's beta is its own
         ignored = ", ".join(f"{k} ({reason})" for k, (_, reason) in NOT_APPLIED.items())
         return ("alignkit's defaults are for QLoRA on one GPU, as the seed project's; where TRL's differ, a flag "
                 f"shows TRL's.\n\nTRL's names: {aliases}.\n\nEvery other field of TRL's {'/'.join(self.config_names)} is accepted "
