@@ -66,10 +66,10 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   harness (evaluate.py lm_eval: EleutherAI's lm-evaluation-harness).
 
 This module itself holds the `alignkit` logger every module imports (its filters keep secrets out of every line:
-alignkit.core.secrets, imported when a line is logged; and under a launch, info lines to the main process), and the filter that drops bitsandbytes' import-time kernel
-warning (installed before anything imports bitsandbytes); the rest of the library noise is
-alignkit.core.progress.quiet_library_noise. It imports no alignkit module at import time, so no module's import
-cycles back here.
+alignkit.core.secrets, imported when a line is logged; and under a launch, info lines to the main process), and
+the filter that drops bitsandbytes' import-time kernel warning (installed before anything imports bitsandbytes);
+the rest of the library noise is alignkit.core.progress.quiet_library_noise. It imports no alignkit module at
+import time, so no module's import cycles back here.
 """
 import logging
 

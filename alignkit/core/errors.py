@@ -97,7 +97,8 @@ def report_user_errors() -> None:
 def _show_in_cell(shell, kind, error, tb, tb_offset=None):
     """IPython's handler for a UserError raised by a cell (InteractiveShell.set_custom_exc)."""
     if debugging():
-        shell._showtraceback(kind, error, shell.InteractiveTB.structured_traceback(kind, error, tb, tb_offset=tb_offset))
+        lines = shell.InteractiveTB.structured_traceback(kind, error, tb, tb_offset=tb_offset)
+        shell._showtraceback(kind, error, lines)
         return None
     from alignkit.core.secrets import redact
 

@@ -121,11 +121,8 @@ def _dpo_values(s) -> dict:
     from alignkit.core.config import DPOSettings
 
     names = {f.name for f in fields(DPOSettings)} - _NOT_DPO
-    values = {k: v for k, v in config_to_dict(s).items() if k in names and v is not None}
-    # --dataset_split and --dataset_config name the prompts' (label.py's); dpo.py reads the round's preferences
-    # file, which has no splits.
-    values.pop("dataset_config", None)
-    return {**values, "dataset_split": "train"}
+    values = {k: v for k, v in config_to_dict(s).items() if k in names - {"dataset_config"} and v is not None}
+    return {**values, "dataset_split": "train"}  # the prompts' split is label.py's; the preferences file has none
 
 
 def start_model(s) -> str:
@@ -253,8 +250,9 @@ def _dpo_inputs(s, policy: str, revision: str | None, preferences: Path, referen
 
 
 def _eval_inputs(s, policy: str, revision: str | None, dpo: Path, judge: str | None, prompts: str) -> dict:
-    return {"policy": _model(policy, revision), "adapter": _model(str(dpo)), **_loader(s), "prompts": _data(prompts), "judge_model": judge, "max_new_tokens": s.max_new_tokens,
-            "temperature": s.sample_temperature, "quantization": s.quantization, "seed": s.seed,
+    return {"policy": _model(policy, revision), "adapter": _model(str(dpo)), **_loader(s), "prompts": _data(prompts),
+            "judge_model": judge, "max_new_tokens": s.max_new_tokens, "temperature": s.sample_temperature,
+            "quantization": s.quantization, "seed": s.seed,
             **({} if judge == "rule" else _endpoint(s, skip={"judge_model"})), "evaluate_args": redact(s.evaluate_args)}
 
 
