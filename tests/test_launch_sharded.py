@@ -193,6 +193,19 @@ def test_lota_under_zero2(cache, runs):
     done = launch("zero2", "dpo.py", run, *TINY, "--adapter", "lota", "--lota_calibration_steps", "1", cache=cache)
     assert done["packed"] > 0 and done["metrics"]["global_step"] == 2
     assert any(run.glob("lota_mask*"))
+    # A LoRA run over that delta under FSDP2: the delta goes into the whole weights before they are sharded, and the
+    # finished adapter names the LoTA run as its base. FSDP's checkpoints hold its sharded state (for resuming), no
+    # adapter files for CheckpointBase to rewrite. (Under ZeRO-3, which builds the weights partitioned, a delta is
+    # refused before loading: tests/test_lota.py.)
+    from alignkit.modeling import chain
+
+    over = runs / "lora-on-lota-fsdp"
+    done = launch("fsdp", "dpo.py", over, *TINY, "--save_steps", "1", "--model_id", str(run), cache=cache)
+    assert done["metrics"]["global_step"] == 2
+    whole_adapter(over)
+    assert chain.resolve(str(over)).deltas == [str(run.resolve())]
+    assert (over / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()
+    assert not (over / "checkpoint-2" / "adapter_config.json").exists()
 
 
 def test_orpo_with_merge_under_zero2(cache, runs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -269,6 +270,27 @@ def test_lota_under_fsdp_or_zero3_is_refused_before_the_model_loads(tiny_cache, 
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # ZeRO-2 keeps whole weights: LoTA is not refused
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        load_model(s, for_training=True)
+
+
+def test_a_lora_run_over_a_lota_delta_is_refused_under_zero3_before_the_model_loads(lota_sft, monkeypatch):
+    """ZeRO-3 builds the weights partitioned, so the delta found [0]-shaped weights on every rank: a "does not fit
+    this model" error after the load. FSDP and ZeRO-2 load them whole first: taken."""
+    from alignkit.core.args import ConfigError
+
+    def loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loading)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    folder = str(lota_sft["run_folder"])
+    s = DPOSettings(model_id=folder, quantization="none")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(folder)} holds a LoTA delta \(.*\), which adds into whole "
+                                          r"weights, and DeepSpeed ZeRO-3 builds them partitioned: launch with DDP"):
+        load_model(s, for_training=True)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     with pytest.raises(AssertionError, match="the model was loaded"):
         load_model(s, for_training=True)
 

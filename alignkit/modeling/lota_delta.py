@@ -268,16 +268,27 @@ def read_delta(folder: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.
     return delta, shapes
 
 
-def check_launch(s, sharded: str | None) -> None:
+def check_launch(s, sharded: str | None, deltas: list[str] = ()) -> None:
     """Refuse `--adapter lota` under a sharded launch (`sharded`: alignkit.modeling.models._sharded_launch), before
     the model loads. FSDP flattens each layer's parameters into one tensor of one dtype, which the float32 delta
     values beside bf16 weights break ("Must flatten tensors with uniform dtype"); ZeRO-3 partitions every weight,
     so each SparseDelta would take its shape from an empty [0] partition and train nothing. DDP and ZeRO-2 keep
-    whole weights on every process, and LoRA shards under both."""
+    whole weights on every process, and LoRA shards under both.
+
+    A model whose chain holds a LoTA delta (a LoRA run over a LoTA run) is refused under ZeRO-3 too: the delta adds
+    into whole weights, and ZeRO-3 builds them partitioned ([0] on every rank). FSDP loads them whole first (on the
+    main process), so the delta goes in before they are sharded."""
     if sharded and getattr(s, "adapter", "lora") == "lota":
         from alignkit.core.launch import refusal
 
         raise ConfigError(refusal(s, ""))  # the launch's own line (alignkit.core.launch.refusal)
+    from alignkit.core.launch import ZERO3
+
+    if sharded == ZERO3 and deltas:
+        raise ConfigError(f"{s.model_id} holds a LoTA delta ({deltas[-1]}), which adds into whole weights, and "
+                          "DeepSpeed ZeRO-3 builds them partitioned: launch with DDP (recipes/accelerate/ddp.yaml), "
+                          f"ZeRO-2 or FSDP, or merge it first (python merge.py --adapter_dir {s.model_id}) and train "
+                          "on the merged folder")
 
 
 def check_experts(s, model_config) -> None:

@@ -240,7 +240,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
                     else resolve_quantization(s.quantization, for_training))
     quantization = lota_delta.full_precision(s, quantization, deltas)
     kwargs: dict = dict(revision=base_revision, trust_remote_code=s.trust_remote_code, dtype=dtype)
-    lota_delta.check_launch(s, _sharded_launch())  # LoTA shards under neither FSDP nor ZeRO-3: refused before loading
+    lota_delta.check_launch(s, _sharded_launch(), deltas)  # LoTA under FSDP/ZeRO-3, a delta under ZeRO-3: refused
     config = quantization_config(quantization, dtype)  # 8-bit under FSDP/ZeRO-3 is refused here
     if config is not None:
         kwargs["quantization_config"] = config

@@ -62,7 +62,9 @@ class CheckpointBase(TrainerCallback):
 
     PEFT records the bare base in a checkpoint's adapter_config.json, and a stacked run's frozen adapters beside it
     (alignkit.modeling.chain.checkpoint_frozen), but a delta added into the weights is in neither: the checkpoint
-    loaded, merged or evaluated as base + LoRA, another model than the one training.
+    loaded, merged or evaluated as base + LoRA, another model than the one training. Under DDP and ZeRO-2 the
+    main process rewrites each checkpoint's config (test_launch_real); FSDP's checkpoints hold its sharded state,
+    no adapter files, so there is nothing to rewrite; ZeRO-3 refuses a delta before loading (lota_delta).
     """
 
     def __init__(self, source: str, revision: str | None):
