@@ -112,6 +112,9 @@ CASES = [
     # TRL drops what does not fit --max_length while it tokenizes: all of it was an IndexError when training began.
     ("dpo.py", [*TRAIN, "--max_length", "4"],
      "--max_length 4: the prompt alone is at least that many tokens in every one of the", None),
+    # ... and SFT, whose rows TRL drops when the prompt leaves no answer token: a traceback, or rows gone silently
+    ("sft.py", [*TRAIN, "--max_length", "4"],
+     "--max_length 4: the prompt leaves no token of the answer to learn in every one of the", None),
     ("reward.py", [*TRAIN, "--max_length", "4"],
      "--max_length 4: prompt + an answer is longer than that in every one of the", None),
     # A chat template that refuses a row (raise_exception) failed inside TRL's dataset map, naming no row.

@@ -640,3 +640,34 @@ def test_split_hh_answer_that_begins_with_human_is_kept(tmp_path):
 def test_split_hh_row_errors_name_the_row_and_field(row, field, message):
     with pytest.raises(DataError, match=rf"row 2: field '{field}': .*{re.escape(message)}"):
         load_preferences([HH_SPLIT[1], row], format="hh")
+
+
+def test_trl_s_standard_implicit_prompt_rows_are_split_as_trl_splits_them(tmp_path):
+    """TRL's "preference, standard, implicit prompt" example was refused as a broken HH transcript."""
+    rows = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},
+            {"chosen": "Snow is white.", "rejected": "Snow is black."}]
+    data = load_preferences(str(write(tmp_path, rows, "jsonl")))
+    assert data[0] == {"prompt": [u("The sky is")], "chosen": [a(" blue.")], "rejected": [a(" green.")]}
+    assert data[1]["prompt"] == [u("Snow is")]
+    apart = write(tmp_path, [{"chosen": "Blue.", "rejected": "Green."}], "jsonl", name="apart")
+    with pytest.raises(DataError, match=r"row 1: field 'rejected': expected the same prompt at the start"):
+        load_preferences(str(apart))
+
+
+def test_a_handbook_row_with_a_system_turn_and_a_prompt_string_is_read(tmp_path):
+    """UltraFeedback's shape with a system turn: the prompt column leaves it out, the conversations open with it."""
+    row = {"prompt": "What color is the sky?", "chosen": [s("Be brief."), u("What color is the sky?"), a("Blue.")],
+           "rejected": [s("Be brief."), u("What color is the sky?"), a("Green.")]}
+    (data,) = load_preferences(str(write(tmp_path, [row], "jsonl"))).to_list()
+    assert data["prompt"] == [s("Be brief."), u("What color is the sky?")] and data["chosen"] == [a("Blue.")]
+
+
+@pytest.mark.parametrize("label, desirable", [(1, True), (0, False), ("1", True), ("0", False), (True, True)])
+def test_kto_labels_as_trl_casts_them(label, desirable):
+    """TRL's KTOTrainer casts the label to bool: 1 and 0 (ints, or a CSV's strings) were refused."""
+    from alignkit.core.data import load_unpaired
+
+    (row,) = load_unpaired([{"prompt": "q", "completion": "c", "label": label}]).to_list()
+    assert row["label"] is desirable
+    with pytest.raises(DataError, match=r"field 'label': expected true or false \(or 1 or 0\), got int \(2\)"):
+        load_unpaired([{"prompt": "q", "completion": "c", "label": 2}])

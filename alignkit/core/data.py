@@ -80,9 +80,12 @@ def _answer(value, field, prompt=None):
     if conv[-1]["role"] != "assistant":
         raise _RowError(field, f"expected a conversation ending with an assistant turn, got a last turn with role "
                                f"{conv[-1]['role']!r}")
-    if len(conv) > 1 and prompt and not _same(conv[:len(prompt)], prompt):
-        raise _RowError(field, "expected a conversation that starts with the prompt turns, got one starting with "
-                               + _show(conv[0]["content"]))
+    if len(conv) > 1 and prompt:
+        # A whole conversation may open with a system turn that its prompt column leaves out (the handbook's rows).
+        skip = 0 if prompt[0]["role"] == "system" else next(i for i, m in enumerate(conv) if m["role"] != "system")
+        if not _same(conv[skip:skip + len(prompt)], prompt):
+            raise _RowError(field, "expected a conversation that starts with the prompt turns, got one starting with "
+                                   + _show(conv[0]["content"]))
     return conv[:-1], conv[-1:]
 
 
@@ -195,6 +198,20 @@ def _hh(row):
     return _pair(prompt, chosen, rejected, prompt_field="chosen")
 
 
+def _implicit_text(row):
+    """TRL's standard preference row with an implicit prompt: two texts whose common beginning is the prompt, split
+    as trl.extract_prompt splits it (a space before the answers goes with them)."""
+    chosen, rejected = _text(row.get("chosen"), "chosen"), _text(row.get("rejected"), "rejected")
+    end = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    end -= end > 0 and chosen[end - 1] == " "
+    if not chosen[:end].strip():
+        raise _RowError("rejected", "expected the same prompt at the start of 'chosen' and 'rejected' (TRL's implicit "
+                                    "prompt), got texts that differ from the start: put the prompt in a 'prompt' "
+                                    "column")
+    return _pair(_turn("user", chosen[:end]), _turn("assistant", _text(chosen[end:], "chosen")),
+                 _turn("assistant", _text(rejected[end:], "rejected")), prompt_field="chosen")
+
+
 def _shp(row):
     prompt = _turn("user", _text(row.get("history"), "history"))
     a, b = (_text(row.get(field), field) for field in ("human_ref_A", "human_ref_B"))
@@ -254,10 +271,12 @@ def _sft_prompt_completion(row):
 def _unpaired(row):
     """One labelled answer (KTO): prompt, completion, label true (desirable) or false (undesirable)."""
     label = row.get("label")
-    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
-        label = label.strip().lower() == "true"
+    if isinstance(label, str) and label.strip().lower() in ("true", "false", "1", "0"):
+        label = label.strip().lower() in ("true", "1")
+    if type(label) is int and label in (0, 1):  # TRL casts the label to bool: 1 desirable, 0 undesirable
+        label = bool(label)
     if not isinstance(label, bool):
-        raise _bad("label", "true or false", label)
+        raise _bad("label", "true or false (or 1 or 0)", label)
     return {**_sft_prompt_completion(row), "label": label}
 
 
@@ -272,6 +291,7 @@ _TABLES = {
         "explicit": (_explicit, ("prompt", "chosen", "rejected")),
         "hh": (_hh, ("chosen", "rejected")),
         "ultrafeedback": (_ultrafeedback, ("chosen", "rejected")),
+        "implicit": (_implicit_text, ("chosen", "rejected")),
     },
     "sft": {
         "messages": (_sft_messages, ("messages",)),
@@ -281,7 +301,8 @@ _TABLES = {
     },
 }
 _TABLES["unpaired"] = {"unpaired": (_unpaired, ("prompt", "completion", "label")), **_TABLES["preference"]}
-_NOTES = {"hh": " as transcript strings, or split after an HH prompt column", "ultrafeedback": " as message lists"}
+_NOTES = {"hh": " as transcript strings, or split after an HH prompt column", "ultrafeedback": " as message lists",
+          "implicit": " as plain texts that begin with the same prompt: TRL's standard implicit prompt"}
 
 
 def _choices(kind):
@@ -298,10 +319,12 @@ def detect_format(columns, kind, source=None) -> str:
     for name, (_, required) in _TABLES[kind].items():
         if all(column in names for column in required):
             sample = columns.get("chosen") if isinstance(columns, Mapping) else None
-            if name not in ("hh", "ultrafeedback"):
+            if name not in ("hh", "ultrafeedback", "implicit"):
                 return name
             if sample is not None:  # a string, or a datasets.Value("string") feature, is an hh transcript
                 is_text = isinstance(sample, str) or getattr(sample, "dtype", None) in ("string", "large_string")
+                if is_text and isinstance(sample, str) and not _HH_TURN.search("\n\n" + sample.lstrip()):
+                    return "implicit"  # plain text, no Human:/Assistant: turns: TRL's standard implicit prompt
                 return "hh" if is_text else "ultrafeedback"
     where = f"{source}: " if source else ""
     raise DataError(f"{where}cannot tell the {kind} format from the columns [{', '.join(map(str, names))}]. "
@@ -316,11 +339,13 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
     if len(data) == 0:
         raise DataError(f"{label}: no usable rows: the dataset is empty. Point it at a file with data rows.")
     if isinstance(data, datasets.Dataset):
-        columns, data = dict(data.features), data.to_list()
-    else:  # first non-null value of each column, so that detection can look at types
-        columns = {}
-        for row in data:
-            columns.update({k: v for k, v in row.items() if columns.get(k) is None} if isinstance(row, dict) else {})
+        features, data = dict(data.features), data.to_list()
+    else:
+        features = {}
+    columns = {}  # first non-null value of each column, so that detection can look at types (and at hh markers)
+    for row in data:
+        columns.update({k: v for k, v in row.items() if columns.get(k) is None} if isinstance(row, dict) else {})
+    columns.update({k: v for k, v in features.items() if columns.get(k) is None})
     if not columns:  # no row is an object: say so of the first, not "no format has these columns"
         read.dicts()
     if text_field != "text":  # TRL's dataset_text_field: that column is each row's text

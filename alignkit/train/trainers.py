@@ -159,7 +159,10 @@ class _LengthGrouped:
 class AlignSFTTrainer(_LengthGrouped, _StackedAdapters, EndsAtMaxSteps, SFTTrainer):
     def __init__(self, *args, frozen_adapters=(), **kwargs):
         self.frozen_adapters = list(frozen_adapters)
+        given = (row_count(kwargs.get("train_dataset")), row_count(kwargs.get("eval_dataset")))
         super().__init__(*args, **kwargs)
+        # TRL drops the rows whose loss mask is empty after truncation (a prompt that fills --max_length)
+        check_kept(self, given, "the prompt leaves no token of the answer to learn", "rows")
 
 
 # DPOConfig fields that cannot act here, with the fix: alignkit passes a loaded PEFT model and computes the
@@ -233,10 +236,11 @@ def row_count(dataset) -> int | None:
         else None
 
 
-def check_kept(trainer, given: tuple[int | None, int | None], because: str) -> None:
-    """TRL drops the pairs that do not fit --max_length while it tokenizes them, without a word (DPO: a prompt
-    that leaves no room for an answer; reward: an answer longer than max_length): say how many, and stop where
-    none is left (it was an IndexError or a sampler's ValueError when training started)."""
+def check_kept(trainer, given: tuple[int | None, int | None], because: str, unit: str = "pairs") -> None:
+    """TRL drops the rows that do not fit --max_length while it tokenizes them, without a word (DPO: a prompt
+    that leaves no room for an answer; reward: an answer longer than max_length; SFT: a prompt that leaves no
+    answer token): say how many, and stop where none is left (it was an IndexError or a sampler's ValueError when
+    training started)."""
     m = trainer.args.max_length
     for split, before, dataset in (("training", given[0], trainer.train_dataset),
                                    ("held-out", given[1], trainer.eval_dataset)):
@@ -244,9 +248,9 @@ def check_kept(trainer, given: tuple[int | None, int | None], because: str) -> N
         if before is None or kept is None or kept == before:
             continue
         if kept == 0:
-            raise ConfigError(f"--max_length {m}: {because} in every one of the {before} {split} pairs, so TRL drops "
-                              "them all; raise --max_length")
-        logger.warning(f"{before - kept} of {before} {split} pairs dropped: {because} (--max_length {m}); raise "
+            raise ConfigError(f"--max_length {m}: {because} in every one of the {before} {split} {unit}, so TRL "
+                              "drops them all; raise --max_length")
+        logger.warning(f"{before - kept} of {before} {split} {unit} dropped: {because} (--max_length {m}); raise "
                        "--max_length to keep them")
 
 
