@@ -3,6 +3,8 @@ model the run starts from (SFT adapter included); the data loader labels and spl
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -65,7 +67,7 @@ def test_unpaired_rows_and_pairs_load_as_labelled_answers():
     ({"prompt": "q", "completion": "", "label": True}, "field 'completion'"),
 ])
 def test_bad_unpaired_rows_name_row_and_field(row, message):
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError, match=re.escape(message)):
         load_unpaired([row])
 
 
