@@ -35,17 +35,22 @@ def fake_hub(monkeypatch):
         # as the Hub answers: a bare name lands in the token's namespace
         return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'me/' + repo_id}")
 
-    def upload_folder(self, folder_path, repo_id, repo_type=None, ignore_patterns=None, **kw):
+    def upload_folder(self, folder_path, repo_id, repo_type=None, ignore_patterns=None, delete_patterns=None, **kw):
         import fnmatch
 
         root = Path(folder_path)
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
         kept = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in ignore_patterns or [])]
-        calls["upload_folder"] = dict(repo_id=repo_id, repo_type=repo_type, files=kept, root=root)
+        calls["upload_folder"] = dict(repo_id=repo_id, repo_type=repo_type, files=kept, root=root,
+                                      delete_patterns=delete_patterns)
         return "commit"
+
+    def repo_info(self, repo_id, repo_type=None, **kw):  # an existing repo keeps its visibility
+        return type("Info", (), {"private": calls.get("existing_private", calls["create_repo"]["private"])})()
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
     monkeypatch.setenv("HF_TOKEN", "hf_FAKEtokenForTests123456")
     return calls
 
@@ -230,3 +235,52 @@ def test_dpo_merge_and_push_go_through_the_same_module(sft_run, tmp_path, fake_h
         data = path.read_bytes()
         for value in [*secrets.values(), "hf_FAKEtokenForTests123456"]:
             assert value.encode() not in data, f"{value} leaked into {path}"
+
+
+def test_a_pushed_checkpoint_keeps_its_trainer_state_and_local_records_home(sft_run, tmp_path, fake_hub,
+                                                                           alignkit_log):
+    """Found by the merge audit: pushing an adapter from a checkpoint-N folder uploaded its optimizer, RNG and
+    trainer state, and training_args.bin with every TrainingArguments field; every push uploaded merge.json and
+    alignkit_config.json with local paths; an earlier push of the other kind stayed in the repo (it then loaded as
+    base + the old adapter); and an existing repo's visibility was logged as asked, not as it is."""
+    import shutil
+
+    checkpoint = tmp_path / "run" / "checkpoint-5"
+    shutil.copytree(sft_run["run_folder"], checkpoint, ignore=shutil.ignore_patterns("checkpoint-*", "merged"))
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    (checkpoint / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "me/tiny-base"}))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"):
+        (checkpoint / name).write_text("trainer state")
+    fake_hub["existing_private"] = True  # the repo is there already, private
+    run_script("merge.py", "--adapter_dir", str(checkpoint), "--push_to_hub", "--push", "adapter", "--hub_repo_id",
+               "me/ck", "--hub_public")
+    upload = fake_hub["upload_folder"]
+    assert "adapter_model.safetensors" in upload["files"] and "README.md" in upload["files"]
+    assert not {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin",
+                "alignkit_config.json", "merge.json"} & set(upload["files"])
+    assert {"config.json", "*.safetensors", "adapter_config.json"} <= set(upload["delete_patterns"])
+    assert "pushed" in alignkit_log.text and "(private)" in alignkit_log.text
+
+
+def test_output_dir_naming_an_adapter_or_a_model_is_refused_not_replaced(dpo_run, sft_run, tmp_path):
+    """merge.py --adapter_dir X --output_dir X replaced the adapter folder with its own merge (only file suffixes
+    were checked); so would a base model's folder. --dequantize on a run trained on full weights merged into the
+    NF4-rounded base, another model, and passed its check."""
+    import shutil
+
+    from alignkit.core.errors import UserError
+
+    plain = tmp_path / "plain"
+    shutil.copytree(sft_run["run_folder"], plain, ignore=shutil.ignore_patterns("checkpoint-*", "*.png", "merged"))
+    before = sorted(p.name for p in plain.iterdir())
+    with pytest.raises(UserError, match="holds other things than a merged model"):
+        merge_module.merge_adapters(str(plain), plain)
+    assert sorted(p.name for p in plain.iterdir()) == before
+    base = json.loads((plain / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = tmp_path / "a-model"
+    shutil.copytree(Path(plain, base) if not Path(base).is_absolute() else base, model)
+    with pytest.raises(UserError, match="holds other things than a merged model"):
+        merge_module.merge_adapters(str(plain), model)
+    with pytest.raises(UserError, match=r"^--dequantize merges into the base rounded to 4-bit NF4, .* was trained with "
+                                        r"--quantization none: drop --dequantize$"):
+        merge_module.merge_adapters(str(dpo_run["run_folder"]), tmp_path / "deq", dequantize=True)

@@ -549,6 +549,9 @@ def test_rl_and_rlaif_refuse_what_trl_would_fail_on_or_they_would_drop(tmp_path)
     # TRL's grpo script names: the reward model and functions were "did you mean --model_name_or_path?"
     assert "--reward rm:FOLDER" in error(RLSettings, "--reward_model_name_or_path", "x")
     assert "python:trl.rewards.accuracy_reward works" in error(RLSettings, "--reward_funcs", "x")
+    # a refused name inside --trainer_overrides too (hub_token went into every checkpoint's training_args.bin)
+    assert "--trainer_overrides hub_token has no effect in alignkit" in error(
+        KTOSettings, "--trainer_overrides", '{"hub_token": "hf_xyz"}')
     from alignkit.train.rl import import_reward
 
     assert import_reward("python:trl.rewards.think_format_reward").__name__ == "think_format_reward"

@@ -20,8 +20,17 @@ from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
 from alignkit.core.sources import HubUnreachable, is_hub_id, require_reachable  # noqa: F401 - re-exported
 
-# Never uploaded: intermediate state, and anything that could hold credentials.
-IGNORE = ["checkpoint-*", "*.previous-*", ".env", "*.env", "wandb/*", "runs/*", "merged/*"]
+# Never uploaded: intermediate state, and anything that could hold credentials: a checkpoint's trainer state (its
+# training_args.bin keeps every TrainingArguments field), pushed from a checkpoint-N folder itself too, and the
+# records that name local paths (the card tells what they hold, without them).
+IGNORE = ["checkpoint-*", "*.previous-*", ".env", "*.env", "wandb/*", "runs/*", "merged/*", "optimizer.pt",
+          "scheduler.pt", "rng_state*.pth", "trainer_state.json", "training_args.bin", "pytorch_model_fsdp_*",
+          "optimizer_*", "global_step*/*", "alignkit_config.json", "merge.json", "alignkit_failed.txt",
+          "alignkit_claim.json"]
+# Model files a push replaces: an earlier push of the other kind (an adapter, then the merged model) left its files
+# in the repo, which then loaded as base + the old adapter.
+REPLACED = ["*.safetensors", "*.bin", "*.gguf", "adapter_config.json", "config.json", "lota_config.json",
+            "lota_mask*"]
 
 
 def require_token() -> str:
@@ -102,6 +111,8 @@ def push(folder, repo_id: str | None, private: bool = True, name: str | None = N
     repo_id = url.repo_id
     (folder / "README.md").write_text(model_card(folder, repo_id), encoding="utf-8")
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", ignore_patterns=IGNORE,
-                      commit_message="Upload with alignkit")
+                      delete_patterns=REPLACED, commit_message="Upload with alignkit")
+    # create_repo leaves an existing repo's visibility as it was: say what it is, not what was asked
+    private = getattr(api.repo_info(repo_id, repo_type="model"), "private", private)
     logger.info(f"pushed {folder} to {url} ({'private' if private else 'public'})")
     return str(url)

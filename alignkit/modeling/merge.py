@@ -31,7 +31,7 @@ from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.config import ModelSettings, loader_settings
 from alignkit.core.errors import UserError
-from alignkit.core.journal import write_atomic
+from alignkit.core.journal import read_json, write_atomic
 
 # Max |logit difference| accepted between the merged and the unmerged model, relative to the largest |logit|
 # (at least 1). Both run in fp32 and merging only reorders the same arithmetic, so the bound is fp32 noise
@@ -65,6 +65,10 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     if final.exists() and not _a_merged_model(final):
         raise UserError(f"--output_dir {output_dir} holds other things than a merged model: the merge replaces the "
                         "folder whole; pass a new folder (or an earlier merge's)")
+    trained_on = read_json(Path(adapter_dir) / "alignkit_config.json").get("quantization")
+    if dequantize and trained_on in ("none", "8bit"):  # the NF4-rounded base is another model than the one trained
+        raise UserError(f"--dequantize merges into the base rounded to 4-bit NF4, as QLoRA trains on it, but "
+                        f"{adapter_dir} was trained with --quantization {trained_on}: drop --dequantize")
     reward = model_kind(str(adapter_dir)) == REWARD
     target = resolve_dtype(dtype)  # what is saved; the merge itself is done and checked in fp32
     settings = ModelSettings(model_id=str(adapter_dir), dtype="fp32", trust_remote_code=trust_remote_code,
@@ -126,10 +130,14 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
 
 
 def _a_merged_model(folder: Path) -> bool:
-    """What a merge (or one cut short) leaves: model, tokenizer and record files, no subfolder. Anything else
-    (a runs/ folder, the project's root) is not replaced."""
-    return folder.is_dir() and all(p.is_file() and p.suffix in (".json", ".safetensors", ".jinja", ".md", ".txt",
-                                                                 ".model", ".bin") for p in folder.iterdir())
+    """What a merge (or one cut short) leaves: model, tokenizer and record files, no subfolder, and no adapter or
+    delta (`--output_dir` naming an adapter folder replaced it with its own merge). Anything else (a runs/ folder,
+    the project's root, a base model that no merge wrote) is not replaced."""
+    files = list(folder.iterdir()) if folder.is_dir() else []
+    return (folder.is_dir() and all(p.is_file() and p.suffix in (".json", ".safetensors", ".jinja", ".md", ".txt",
+                                                                ".model", ".bin") for p in files)
+            and not any(p.name in ("adapter_config.json", "lota_config.json") for p in files)
+            and (not any(p.suffix in (".safetensors", ".bin") for p in files) or (folder / "merge.json").is_file()))
 
 
 def _put_in_place(new: Path, final: Path) -> None:
