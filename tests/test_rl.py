@@ -206,7 +206,6 @@ def test_a_python_reward_gets_the_rows_as_trl_hands_them(tmp_path, monkeypatch):
     a prompt written as text (messages for a conversation). rl.py dropped the columns (a `solution` argument was a
     TypeError) and sent text prompts' completions as messages (a length reward saw 1 for every completion)."""
     import json
-    import sys
 
     from alignkit.core.config import RLSettings
     from alignkit.train import rl
@@ -220,10 +219,8 @@ def test_a_python_reward_gets_the_rows_as_trl_hands_them(tmp_path, monkeypatch):
     assert rows.column_names == ["solution", "prompt"] and rows["solution"] == ["2", "4"]
     (tmp_path / "acc.py").write_text("def accuracy(prompts, completions, solution, **kwargs):\n"
                                      "    return [(p, c, s) for p, c, s in zip(prompts, completions, solution)]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    reward = rl.import_reward("python:acc:accuracy")
+    reward = rl.import_reward(f"python:{tmp_path / 'acc.py'}:accuracy")
     assert reward.__name__ == "accuracy"
     said = [{"role": "assistant", "content": "2"}]
     assert reward([rows[0]["prompt"]], [said], solution=["2"]) == [("1+1?", "2", "2")]  # text, as written
     assert reward([rows[1]["prompt"]], [said], solution=["4"]) == [(chat, said, "4")]  # a conversation stays one
-    sys.modules.pop("acc", None)
