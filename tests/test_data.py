@@ -671,3 +671,19 @@ def test_kto_labels_as_trl_casts_them(label, desirable):
     assert row["label"] is desirable
     with pytest.raises(DataError, match=r"field 'label': expected true or false \(or 1 or 0\), got int \(2\)"):
         load_unpaired([{"prompt": "q", "completion": "c", "label": 2}])
+
+
+def test_message_keys_alignkit_does_not_keep_are_named_not_dropped_silently(tmp_path, alignkit_log):
+    """A tool call's `tool_calls`, a tool turn's `name` and `reasoning_content` were dropped without a word."""
+    call = [{"type": "function", "function": {"name": "weather", "arguments": "{}"}}]
+    rows = [{"messages": [u("Weather?"), {"role": "assistant", "content": "Let me check.", "tool_calls": call},
+                          {"role": "tool", "name": "weather", "content": "sunny"}, a("Sunny.")]},
+            {"messages": [u("2+2?"), {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]}]
+    data = load_sft(str(write(tmp_path, rows, "jsonl")))
+    assert all(set(m) == {"role", "content"} for row in data["messages"] for m in row)
+    (line,) = [r.getMessage() for r in alignkit_log.records if "dropped" in r.getMessage()]
+    assert "messages keep their role and content only; dropped: tool_calls (1 messages), name (1 messages), " \
+           "reasoning_content (1 messages)" in line
+    alignkit_log.clear()
+    load_sft(str(write(tmp_path, [{"messages": [u("hi"), a("hello")]}], "jsonl", name="plain")))
+    assert not [r for r in alignkit_log.records if "dropped" in r.getMessage()]

@@ -49,6 +49,12 @@ def _turn(role, content):
     return [{"role": role, "content": content}]
 
 
+# Message keys beside role and content that alignkit does not keep (tool calls, reasoning), counted per load so a
+# run says it trains without them rather than drop them without a word (_load).
+_DROPPED_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
+_dropped: dict[str, int] = {}
+
+
 def _messages(value, field, role=None):
     """A list of role/content messages, or a string that becomes one `role` message (refused if role is None)."""
     if isinstance(value, str) and role:
@@ -62,6 +68,9 @@ def _messages(value, field, role=None):
             raise _bad(field, "a {'role': ..., 'content': ...} dict", message, where)
         if message.get("role") not in ROLES:
             raise _bad(field, f"'role' to be one of {', '.join(ROLES)}", message.get("role"), where)
+        for key in _DROPPED_KEYS:
+            if message.get(key) not in (None, "", []):
+                _dropped[key] = _dropped.get(key, 0) + 1
         if message["role"] == "system" and message.get("content") == "":
             continue  # an empty system prompt says nothing; ShareGPT dumps are full of them
         out += _turn(message["role"], _text(message.get("content"), field, where + "'content': "))
@@ -363,6 +372,7 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
             raise DataError(f"{label}: format {format!r} needs column {column!r}, which is missing (columns found: "
                             f"{', '.join(map(str, columns))}). Rename it, or pick the right --dataset_format.")
     out, skipped = [], []
+    _dropped.clear()
     carried = [c for c in _TEMPLATE_COLUMNS if c in columns]
     for i, row in enumerate(data):
         try:
@@ -380,6 +390,10 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
     if skipped:
         logger.warning("%s: skipped %d of %d rows as invalid (--skip_invalid). First problem: %s",
                        label, len(skipped), len(data), skipped[0])
+    if _dropped:
+        logger.warning(f"{label}: messages keep their role and content only; dropped: "
+                       + ", ".join(f"{key} ({n} messages)" for key, n in _dropped.items())
+                       + ". Tool calls and reasoning are not trained on; write them into the content to keep them")
     return datasets.Dataset.from_list(out)
 
 
