@@ -7,6 +7,7 @@ import types
 from importlib import metadata
 
 import pytest
+import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
@@ -117,3 +118,27 @@ def test_eval_result_needs_what_the_hub_requires():
     # The Hub's validation refuses an EvalResult without a dataset or metric: the card never writes one.
     with pytest.raises(TypeError):
         EvalResult(task_type="text-generation", metric_type="accuracy", metric_value=1.0)
+
+
+def test_a_merged_card_names_every_part_of_the_chain_and_its_datasets(tmp_path, monkeypatch):
+    """Found by the merge audit: a merged card named the LoRA adapters only (a LoTA delta under them was left
+    out, a delta alone was called "LoRA adapters"), and listed only the last run's dataset."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sft, dpo, merged = tmp_path / "sft-lota", tmp_path / "dpo", tmp_path / "merged"
+    for folder, data, run_type in ((sft, "HuggingFaceH4/ultrachat_200k", "sft"),
+                                   (dpo, "HuggingFaceH4/ultrafeedback_binarized", "dpo")):
+        folder.mkdir()
+        (folder / "alignkit_config.json").write_text(json.dumps({"dataset_id": data, "run_type": run_type}))
+    merged.mkdir()
+    (merged / "alignkit_config.json").write_text((dpo / "alignkit_config.json").read_text())
+    (merged / "merge.json").write_text(json.dumps({"base_model": "org/base", "adapters": [str(dpo)],
+                                                   "lota_deltas": [str(sft)], "max_logit_difference": 1e-5}))
+    card = model_card(merged)
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["datasets"] == ["HuggingFaceH4/ultrachat_200k", "HuggingFaceH4/ultrafeedback_binarized"]
+    assert "with LoRA adapters over a LoTA sparse delta" in card
+    assert "Merged into the base: the LoTA delta `" in card and "sft-lota` -> `" in card
+    (merged / "merge.json").write_text(json.dumps({"base_model": "org/base", "adapters": [], "lota_deltas": [str(sft)],
+                                                   "max_logit_difference": 1e-5}))
+    (merged / "alignkit_config.json").unlink()  # a task merge of deltas: no run's settings
+    assert "merged adapters of " in model_card(merged) and "with a LoTA sparse delta" in model_card(merged)

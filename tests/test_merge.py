@@ -68,7 +68,7 @@ def test_merged_chain_reloads_from_disk_with_the_same_logits(dpo_run, tmp_path):
     assert json.loads((out / "merge.json").read_text())["adapters"][-1] == str(dpo_run["run_folder"])
     # A merged model has its card without a push too (it had none): what it was merged from, with the run's stage.
     card = (out / "README.md").read_text()
-    assert "Adapters merged into the base:" in card and "DPO" in card and str(out) not in card
+    assert "Merged into the base:" in card and "DPO" in card and str(out) not in card
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template and tok.pad_token != tok.eos_token
     generation = json.loads((out / "generation_config.json").read_text())

@@ -226,6 +226,12 @@ def _load_snippet(where: str, is_adapter: bool, under: list[str], reward: bool, 
                    f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
 
 
+def _run_dataset(folder) -> str | None:
+    """The Hub dataset a run folder of the chain trained on (its alignkit_config.json), or None."""
+    dataset = _read_json(Path(folder) / "alignkit_config.json").get("dataset_id") or ""
+    return dataset if dataset.count("/") == 1 and is_hub_id(dataset) and not Path(dataset).exists() else None
+
+
 def model_card(folder, repo_id: str | None = None) -> str:
     """README.md for a run folder, an adapter or a merged model, from the files the run left there.
 
@@ -244,6 +250,10 @@ def model_card(folder, repo_id: str | None = None) -> str:
     where = repo_id or f"path/to/{folder.name}"
     dataset = settings.get("dataset_id", "") or ""
     hub_dataset = dataset if dataset.count("/") == 1 and is_hub_id(dataset) else None
+    # Every run of the chain trained on its own data (an SFT run under a DPO run): their Hub datasets, in order.
+    runs = [*merge.get("lota_deltas", []), *merge.get("adapters", [])] if merge else []
+    hub_datasets = list(dict.fromkeys([*(d for d in map(_run_dataset, runs) if d), *([hub_dataset] if hub_dataset
+                                                                                    else [])]))
     run_type = settings.get("run_type")  # what training recorded (alignkit.train.training.save_run_config)
     reward = run_type == "reward" or merge.get("kind") == "reward model" or adapter.get("task_type") == "SEQ_CLS"
     if not settings:
@@ -257,7 +267,7 @@ def model_card(folder, repo_id: str | None = None) -> str:
     tags = ["alignkit", "trl", "lota" if "LoTA" in cited else "lora", stage.split()[0].lower()]
     tags += [m.lower() for m in cited if m in ("cDPO", "IPO", "QLoRA")]
     data = ModelCardData(
-        base_model=hub_base, datasets=[hub_dataset] if hub_dataset else None,
+        base_model=hub_base, datasets=hub_datasets or None,
         library_name="peft" if is_adapter else "transformers",
         pipeline_tag="text-classification" if reward else "text-generation", tags=tags,
         license=license_.get("license") or "unknown", license_name=license_.get("license_name"),
@@ -267,9 +277,11 @@ def model_card(folder, repo_id: str | None = None) -> str:
     if results:  # model-index entries, under the model's name (which the metadata holds only there)
         data.eval_results, data.model_name = results, where.split("/")[-1]
     on_top = f", on top of the adapter{'s' if len(under) > 1 else ''} {', '.join(f'`{a}`' for a in under)}" if under else ""
-    lines = [f"# {where.split('/')[-1]}", "",
-             f"{stage} of {base_text}{on_top} with {'a LoTA sparse delta' if 'LoTA' in cited else 'LoRA adapters'}, "
-             "trained with alignkit on Hugging Face TRL."]
+    deltas, adapters = merge.get("lota_deltas", []), merge.get("adapters", [])
+    kind = ("LoRA adapters over a LoTA sparse delta" if deltas and adapters else "a LoTA sparse delta"
+            if deltas or "LoTA" in cited else "LoRA adapters")
+    lines = [f"# {where.split('/')[-1]}", "", f"{stage} of {base_text}{on_top} with {kind}, trained with alignkit on "
+             "Hugging Face TRL."]
     if license_:
         lines += ["", f"License: `{license_['license']}`, inherited from the base model's card: its terms apply to "
                       "this derivative too."]
@@ -277,7 +289,8 @@ def model_card(folder, repo_id: str | None = None) -> str:
         lines += ["", "License: `unknown`: the base model's card (README.md in its folder or the Hugging Face cache) "
                       "names none. Set `license:` above to the base model's license before publishing."]
     if merge:
-        lines += ["", f"Adapters merged into the base: {' -> '.join(f'`{_shown(a)}`' for a in merge.get('adapters', []))}"
+        parts = [*(f"the LoTA delta `{_shown(d)}`" for d in deltas), *(f"`{_shown(a)}`" for a in adapters)]
+        lines += ["", f"Merged into the base: {' -> '.join(parts)}"
                       f"{' (into the dequantized NF4 base)' if merge.get('dequantize') else ''}; merged logits "
                       f"match base + adapters within {merge.get('max_logit_difference', 0):.1e}."]
     if data.eval_results:
