@@ -226,9 +226,8 @@ def _load_snippet(where: str, is_adapter: bool, under: list[str], reward: bool, 
                    f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
 
 
-def _run_dataset(folder) -> str | None:
-    """The Hub dataset a run folder of the chain trained on (its alignkit_config.json), or None."""
-    dataset = _read_json(Path(folder) / "alignkit_config.json").get("dataset_id") or ""
+def _hub_dataset(dataset: str) -> str | None:
+    """`dataset` (a run's --dataset_id) when it names a Hub dataset, else None."""
     return dataset if dataset.count("/") == 1 and is_hub_id(dataset) and not Path(dataset).exists() else None
 
 
@@ -249,11 +248,11 @@ def model_card(folder, repo_id: str | None = None) -> str:
     hub_base, base_text, under = describe_base(folder)
     where = repo_id or f"path/to/{folder.name}"
     dataset = settings.get("dataset_id", "") or ""
-    hub_dataset = dataset if dataset.count("/") == 1 and is_hub_id(dataset) else None
+    hub_dataset = _hub_dataset(dataset)
     # Every run of the chain trained on its own data (an SFT run under a DPO run): their Hub datasets, in order.
     runs = [*merge.get("lota_deltas", []), *merge.get("adapters", [])] if merge else []
-    hub_datasets = list(dict.fromkeys([*(d for d in map(_run_dataset, runs) if d), *([hub_dataset] if hub_dataset
-                                                                                    else [])]))
+    trained_on = [_read_json(Path(run) / "alignkit_config.json").get("dataset_id") or "" for run in runs]
+    hub_datasets = list(dict.fromkeys(d for d in [*map(_hub_dataset, trained_on), hub_dataset] if d))
     run_type = settings.get("run_type")  # what training recorded (alignkit.train.training.save_run_config)
     reward = run_type == "reward" or merge.get("kind") == "reward model" or adapter.get("task_type") == "SEQ_CLS"
     if not settings:

@@ -133,11 +133,14 @@ def _a_merged_model(folder: Path) -> bool:
     """What a merge (or one cut short) leaves: model, tokenizer and record files, no subfolder, and no adapter or
     delta (`--output_dir` naming an adapter folder replaced it with its own merge). Anything else (a runs/ folder,
     the project's root, a base model that no merge wrote) is not replaced."""
-    files = list(folder.iterdir()) if folder.is_dir() else []
-    return (folder.is_dir() and all(p.is_file() and p.suffix in (".json", ".safetensors", ".jinja", ".md", ".txt",
-                                                                ".model", ".bin") for p in files)
-            and not any(p.name in ("adapter_config.json", "lota_config.json") for p in files)
-            and (not any(p.suffix in (".safetensors", ".bin") for p in files) or (folder / "merge.json").is_file()))
+    if not folder.is_dir():
+        return False
+    files = list(folder.iterdir())
+    suffixes = {p.suffix for p in files}
+    return (all(p.is_file() for p in files) and suffixes <= {".json", ".safetensors", ".jinja", ".md", ".txt",
+                                                              ".model", ".bin"}
+            and not {"adapter_config.json", "lota_config.json"} & {p.name for p in files}
+            and (not {".safetensors", ".bin"} & suffixes or (folder / "merge.json").is_file()))
 
 
 def _put_in_place(new: Path, final: Path) -> None:

@@ -417,18 +417,19 @@ def eval_prompts(s, folder: Path) -> str:
     from alignkit.feedback.labeling import read_prompts
 
     source = s.eval_prompts or s.dataset_id
-    if s.eval_max_prompts is None and single_file(source):
+    one_file = single_file(source)
+    if s.eval_max_prompts is None and one_file:
         try:
             prompt_questions(source)
             return source
         except UserError:
             pass  # another format: read as --dataset_id is read, below
-    split = "train" if single_file(source) else (s.eval_prompts_split or s.dataset_split.replace("train", "test"))
+    split = "train" if one_file else (s.eval_prompts_split or s.dataset_split.replace("train", "test"))
     config = s.dataset_config if source == s.dataset_id else None
     try:
         prompts = read_prompts(source, split, config, s.prompt_field, s.eval_max_prompts)
     except DataError as e:  # a missing split: say which setting chose it
-        if single_file(source) or "no split" not in str(e):
+        if one_file or "no split" not in str(e):
             raise
         raise DataError(f"the evaluation prompts (--eval_prompts_split {split}): {e}") from None
     rows = []
@@ -442,7 +443,7 @@ def eval_prompts(s, folder: Path) -> str:
     path = folder / EVAL_PROMPTS
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
     logger.info(f"each round is judged on {len(rows)} prompts from {source}"
-                + ("" if single_file(source) else f" (split {split})") + f", in {path}")
+                + ("" if one_file else f" (split {split})") + f", in {path}")
     return str(path)
 
 
