@@ -264,10 +264,11 @@ class VLLMGenerator(Generator):
 
         from alignkit import logger
         from alignkit.modeling.models import (
-            adapter_config, load_tokenizer, require_chat_template, resolve, tokenizer_source,
+            adapter_config, check_trained_over, load_tokenizer, require_chat_template, resolve, tokenizer_source,
         )
 
         resolved = resolve(s.model_id, s.revision)  # each part at its revision
+        check_trained_over(resolved)  # a part below retrained in place: refused, as the transformers loader does
         base, revision, chain, deltas, revisions = resolved
         if deltas:  # LoTA deltas: vLLM has no way to add them
             raise ValueError(

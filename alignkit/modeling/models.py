@@ -26,6 +26,7 @@ from alignkit.core.errors import UserError
 from alignkit.core.groups import chat_template_text
 from alignkit.core.progress import quiet_library_noise
 from alignkit.modeling import lota_delta
+from alignkit.modeling.identity import check_trained_over
 from alignkit.modeling.reward_models import check_model_kind, load_reward_base
 # Where a model comes from (alignkit.modeling.chain): importable from here too, as before.
 from alignkit.modeling.chain import (  # noqa: F401 - importable from here too
@@ -230,6 +231,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         chat_template_text(s.chat_template)  # a missing or broken template: one line now, not after the weights
     # The chain down to the base, each part at its revision; LoTA deltas in it go into the weights (lota_delta).
     resolved = resolve(s.model_id, s.revision)
+    check_trained_over(resolved, base_model)  # a part below retrained in place: refused, before the weights load
     base_id, base_revision, chain, deltas, revisions = resolved
     base_id, base_revision = (base_model, None) if base_model else (base_id, base_revision)
     check_model_kind(s.model_id, s.revision, reward, for_training)

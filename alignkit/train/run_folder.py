@@ -47,6 +47,7 @@ NOT_TRAINING = {
     "run_type",  # recorded beside the settings (save_run_config); the run folder's name already holds the stage
     "prefix_sharing",  # the same log-probs either way (alignkit.train.prefix), only faster
     "inputs",  # recorded beside the settings (save_run_config) and compared by content (_changed)
+    "trained_over",  # recorded beside the settings (save_run_config), for the loader (check_trained_over)
 }
 
 
@@ -235,8 +236,13 @@ def _restore_stranded(folder: Path) -> None:
 def save_run_config(s, path: Path) -> None:
     """alignkit_config.json: the resolved settings (secrets redacted), the run type (`run_type` of the settings
     class: sft, dpo, reward, rl), so a model card states what the run was instead of guessing it, and the content
-    of what the settings name by path (`run_inputs`), which `--resume auto` compares."""
-    data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None), "inputs": run_inputs(s)}
+    of what the settings name by path (`run_inputs`), which `--resume auto` compares, and the local model folders
+    this run trains over by content, which the loader compares (alignkit.modeling.identity.trained_over)."""
+    from alignkit.modeling.identity import TRAINED_OVER, trained_over
+
+    below = trained_over(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None), path.parent)
+    data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None), "inputs": run_inputs(s),
+            TRAINED_OVER: below}
     write_atomic(path, json.dumps(data, indent=2) + "\n")  # a torn file would stop the next --resume auto
 
 
