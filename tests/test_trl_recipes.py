@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from alignkit.core.args import ConfigError, parse_config
-from alignkit.core.config import DPOSettings, RewardSettings, SFTSettings
+from alignkit.core.config import DPOSettings, KTOSettings, RewardSettings, SFTSettings
 from alignkit.core.data import DataError
 from conftest import ROOT, run_script
 
@@ -232,6 +232,35 @@ def test_torch_dtype_beside_bf16_means_the_same_in_either_order(first, second, m
     assert parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)]).dtype == dtype
     noted = any("bf16: alignkit computes in one dtype" in r.getMessage() for r in alignkit_log.records)
     assert noted == (dtype == "fp32")
+
+
+def test_max_length_none_is_trl_s_no_truncation_in_every_trainer(tiny_cache, tmp_path, alignkit_log):
+    """TRL's max_length: None truncates nothing (SFT, DPO, KTO, reward); a recipe's `max_length: null` was refused
+    as not a number. Packing needs a row length: refused before the model loads, naming both ways out."""
+    from trl import DPOConfig, KTOConfig, RewardConfig, SFTConfig
+
+    from alignkit.train import training
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("max_length: null\n")
+    for cls, config_cls in ((SFTSettings, SFTConfig), (DPOSettings, DPOConfig), (KTOSettings, KTOConfig),
+                            (RewardSettings, RewardConfig)):
+        for args in (["--max_length", "none"], ["--config", str(recipe)]):
+            s, trl_args = resolve(cls, config_cls, cls.run_type, args, report_to=["none"])
+            assert s.max_length is None and trl_args.max_length is None, (cls.__name__, args)
+    with pytest.raises(ConfigError, match="--packing true packs examples into rows of --max_length tokens"):
+        parse_config(SFTSettings, env_file=None, args=["--max_length", "none", "--packing", "true"])
+    # Gradient checkpointing's auto sizes a row at the model's context length then, not at a made-up 768 tokens.
+    config = type("Config", (), dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=100,
+                                     max_position_embeddings=8192))
+    model = type("Model", (), {"config": config})
+    bounded = DPOSettings(report_to="none", max_length=8192)
+    unbounded = dataclasses.replace(bounded, max_length=None)
+    assert training.activation_bytes(model, unbounded, torch.float32) == training.activation_bytes(
+        model, bounded, torch.float32)
+    run = run_script("dpo.py", "--preset", "tiny", "--max_length", "none", "--max_steps", "1", "--eval_split", "0",
+                     "--output_dir", str(tmp_path / "runs"), "--run_name", "dpo")
+    assert run["args"].max_length is None and run["trainer"].state.global_step == 1
 
 
 def test_eval_strategy_no_holds_no_rows_out(local, tmp_path):

@@ -257,7 +257,8 @@ class TrainSettings(HubPushSettings, ModelSettings):
     per_device_train_batch_size: int = setting(4, "examples (or preference pairs) per device per step")
     per_device_eval_batch_size: int = setting(8, "examples per device per eval step")
     gradient_accumulation_steps: int = setting(4, "micro-batches accumulated into one optimizer step")
-    max_length: int = setting(1024, "longest tokenized sequence (prompt + answer); longer ones are truncated")
+    max_length: int | None = setting(1024, "longest tokenized sequence (prompt + answer); longer ones are truncated; "
+                                           "none: no truncation (TRL's None)")
     warmup_ratio: float = setting(0.1, "share of steps for the linear learning-rate warm-up")
     lr_scheduler_type: str = setting("cosine", "learning-rate schedule (transformers SchedulerType)")
     weight_decay: float = setting(0.0, "AdamW weight decay")

@@ -31,7 +31,13 @@ class SFTSettings(LoTASettings, BatchingSettings, TrainSettings):
         "auto", "auto: loss on completions or assistant turns where the data allows; all: on every token",
         choices=["auto", "completions", "all"],
     )
-    packing: bool = setting(False, "pack several examples into each sequence")
+    packing: bool = setting(False, "pack several examples into each sequence (of --max_length tokens)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.packing and self.max_length is None:  # TRL's packer raises this once the model has loaded
+            raise ValueError("--packing true packs examples into rows of --max_length tokens: give --max_length a "
+                             "number, or pass --packing false to keep every example whole")
 
 
 @dataclass

@@ -100,7 +100,7 @@ ACTIVATION_SHARE = 0.5  # gradient checkpointing stays off while a micro-batch's
 
 def activation_bytes(model, s, dtype: torch.dtype) -> int:
     """What one micro-batch's activations take without gradient checkpointing, at its worst (every row at
-    max_length): per token and layer a Llama-style block keeps about 8 hidden-sized and 4 intermediate-sized
+    max_length; with none, at the model's context length): per token and layer a Llama-style block keeps about 8 hidden-sized and 4 intermediate-sized
     tensors for the backward (norm inputs, q/k/v, attention output; the MLP's input, gate, up, activation), and
     the LM head's fp32 logits and log-softmax take 2 x 4 bytes per vocabulary entry. Preference pairs are two rows.
     DPO's prefix sharing packs a pair into one row of up to 2 x max_length tokens whose 4D attention mask
@@ -110,8 +110,12 @@ def activation_bytes(model, s, dtype: torch.dtype) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden = config.hidden_size
     inner = getattr(config, "intermediate_size", None) or 4 * hidden
-    length = getattr(s, "max_length", None) or (getattr(s, "max_prompt_length", None) or 512) + getattr(
-        s, "max_completion_length", 256)
+    if getattr(s, "max_length", None):
+        length = s.max_length
+    elif hasattr(s, "max_completion_length"):  # rl.py: each prompt whole, answers up to max_completion_length
+        length = (getattr(s, "max_prompt_length", None) or 512) + s.max_completion_length
+    else:  # --max_length none: a row may be as long as the model reads
+        length = getattr(config, "max_position_embeddings", None) or 4096
     rows = s.per_device_train_batch_size * (2 if getattr(s, "run_type", "") in ("dpo", "reward") else 1)
     tokens = rows * length
     per_token = config.num_hidden_layers * (8 * hidden + 4 * inner) * dtype.itemsize + 8 * config.vocab_size
