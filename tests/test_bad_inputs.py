@@ -89,6 +89,7 @@ CASES = [
     ("reward.py", [*TRAIN, "--model_id", "truncated"], "truncated/model.safetensors is damaged", None),
     ("reward.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
     ("rl.py", [*TRAIN, "--reward", "nosuch"], "--reward 'nosuch'", None),
+    ("rl.py", [*TRAIN, "--loss_type", "dapoo"], "unknown loss_type dapoo for GRPO: did you mean dapo?", None),
     ("rl.py", [*TRAIN, "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1", None),
     ("rl.py", [*TRAIN, "--dataset_id", "missing.jsonl"], "missing.jsonl: file not found", None),
     ("rl.py", [*TRAIN, "--model_id", "some-folder"], "some-folder is not a model folder", None),

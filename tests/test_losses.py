@@ -249,6 +249,24 @@ def test_an_unknown_loss_type_is_refused_at_settings_time_and_trl_s_own_are_all_
         DPOSettings(loss_type=[loss_type])
 
 
+def test_grpo_loss_types_are_read_from_the_installed_trl_and_a_typo_is_refused_before_the_first_step():
+    """GRPOTrainer accepts any loss_type and raises at its first step; its own comparisons name the losses."""
+    from trl import GRPOTrainer
+
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import RLSettings
+    from alignkit.train.losses import compared_loss_types
+
+    known = compared_loss_types(GRPOTrainer)
+    assert {"grpo", "dapo", "dr_grpo", "bnpo"} <= known and not known & {"sequence", "token"}  # no other field's values
+    for loss_type in sorted(known):
+        assert parse_config(RLSettings, env_file=None, args=["--loss_type", loss_type]).trainer_overrides == {
+            "loss_type": loss_type}
+    with pytest.raises(UserError, match="unknown loss_type dr_gpro for GRPO: did you mean dr_grpo?"):
+        parse_config(RLSettings, env_file=None, args=["--loss_type", "dr_gpro"])
+    assert compared_loss_types(type("NoSource", (), {})) == set()  # nothing to read: no check rather than a wrong one
+
+
 def test_reference_free_gradients_prefer_the_chosen_answer():
     for loss_type in ("simpo", "orpo"):
         ac, ar = (torch.tensor([v], requires_grad=True) for v in (-2.0, -2.0))

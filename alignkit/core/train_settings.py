@@ -186,6 +186,10 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
             raise ValueError(f"--max_length {self.max_length} has no effect in rl.py: TRL's GRPO/RLOO keep each "
                              "prompt whole and stop the answers at --max_completion_length; drop it, and keep long "
                              "prompts out of the data (--max_prompts, or a filtered file)")
+        if self.algo == "grpo" and isinstance(overrides.get("loss_type"), str):
+            from alignkit.train.losses import check_grpo_loss_type
+
+            check_grpo_loss_type(overrides["loss_type"])  # TRL would say so at the first step
         if overrides.get("sync_ref_model"):
             raise ValueError("sync_ref_model has no effect in rl.py: TRL does not support it with a PEFT adapter (the "
                              "reference is the policy with its adapter off); drop it")

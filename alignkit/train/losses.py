@@ -82,6 +82,41 @@ def check_loss_types(loss_types) -> None:
         )
 
 
+def compared_loss_types(trainer_cls) -> set[str]:
+    """The loss_type values `trainer_cls`'s source compares `loss_type` with (`self.loss_type == "dapo"`,
+    `args.loss_type in ["bnpo", ...]`), read from the installed TRL: GRPOConfig lists them in no field that can be
+    read, and a hand list would refuse a loss the next TRL adds. Empty when the source cannot be read."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(trainer_cls)))
+    except (OSError, TypeError, SyntaxError):  # no source shipped (a frozen install): nothing to check against
+        return set()
+    found = set()
+    for node in ast.walk(tree):
+        operands = [node.left, *node.comparators] if isinstance(node, ast.Compare) else []
+        if any(isinstance(o, ast.Attribute) and o.attr == "loss_type" for o in operands):
+            found |= {c.value for o in operands for c in ast.walk(o)
+                      if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    return found
+
+
+def check_grpo_loss_type(loss_type: str) -> None:
+    """GRPOTrainer takes any loss_type and raises "Unknown loss type" at the first step, after the model loaded and
+    the first completions were sampled: checked here against the losses it computes."""
+    import difflib
+
+    from trl import GRPOTrainer
+
+    known = sorted(compared_loss_types(GRPOTrainer))
+    if known and loss_type not in known:
+        close = difflib.get_close_matches(loss_type, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"unknown loss_type {loss_type} for GRPO: {hint}the installed TRL computes {', '.join(known)}")
+
+
 def check_label_smoothing(label_smoothing: float, loss_types=("sigmoid",)) -> None:
     """label_smoothing must lie in [0, 0.5) and be read by one of `loss_types`; else a ConfigError (a ValueError) with the fix.
 
