@@ -87,7 +87,7 @@ from alignkit.modeling.models import add_trainable_adapter, load_model, require_
 from alignkit.train import lota, lota_mask
 
 loaded = load_model(settings, for_training=True)
-require_chat_template(loaded.tokenizer, settings.model_id)
+require_chat_template(loaded.tokenizer, settings.model_id, train_data)  # conversational data only
 if settings.adapter == "lota":
     model = lota.add_trainable_delta(loaded, settings, run_folder, resume_from)
 else:

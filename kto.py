@@ -63,7 +63,7 @@ from alignkit.train.training import prepare_run
 
 run_folder, resume_from = prepare_run(settings, "kto")
 loaded = load_model(settings, for_training=True)
-require_chat_template(loaded.tokenizer, settings.model_id)
+require_chat_template(loaded.tokenizer, settings.model_id, train_data)  # conversational data only
 model = add_trainable_adapter(loaded, settings)
 model.print_trainable_parameters()
 
@@ -81,6 +81,9 @@ tiny = settings.preset == "tiny"
 if tiny and sharded_launch():  # each process holds a shard of the weights: none can sample on its own
     logger.info(f"rule-following is not measured under {sharded_launch()}: the weights are sharded across "
                 "processes; a one-process, DDP or ZeRO-2 run measures it")
+    tiny = False
+if tiny and not getattr(loaded.tokenizer, "chat_template", None):  # the rule is checked on chat answers
+    logger.info(f"rule-following is not measured: {settings.model_id} has no chat template to sample chats with")
     tiny = False
 if tiny:
     prompts = [row["prompt"] for row in load_rows(presets.paths()["prompts"])[0]]

@@ -93,7 +93,7 @@ from transformers import set_seed
 set_seed(settings.seed)  # the fresh score head is drawn while the model loads: seed it, as TRL does
 loaded = load_model(settings, for_training=True, reward=True)
 zero_fresh_score_head(loaded.model, settings.model_id)
-require_chat_template(loaded.tokenizer, settings.model_id)
+require_chat_template(loaded.tokenizer, settings.model_id, train_data)  # conversational data only
 model = add_trainable_adapter(loaded, settings, task_type="SEQ_CLS")
 model.print_trainable_parameters()
 lm_head = load_lm_head(loaded.base_id, model, settings.revision) if settings.loss == "logexpwithlm" and \

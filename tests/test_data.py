@@ -91,14 +91,8 @@ EXPLICIT_STR = [
      "chosen": "No. Bulls are red-green colour-blind; they react to the movement of the cape.",
      "rejected": "Yes, red makes bulls furious."},
 ]
-EXPLICIT_STR_OUT = [
-    {"prompt": [u("Can you feel the sun on your skin?")],
-     "chosen": [a("No, I am an AI and have no body, so I cannot feel sunlight.")],
-     "rejected": [a("Yes, it feels warm and pleasant this afternoon.")]},
-    {"prompt": [u("Do bulls get angry at the colour red?")],
-     "chosen": [a("No. Bulls are red-green colour-blind; they react to the movement of the cape.")],
-     "rejected": [a("Yes, red makes bulls furious.")]},
-]
+# TRL's standard format: texts stay texts (TRL joins them as plain text, no chat template).
+EXPLICIT_STR_OUT = [{key: row[key] for key in ("prompt", "chosen", "rejected")} for row in EXPLICIT_STR]
 # alignkit's own labelled output: message lists plus judge metadata.
 LABELLED = [
     {"prompt": [s("You are a concise assistant."), u("What is 2 + 2?")], "chosen": [a("4")], "rejected": [a("22")],
@@ -238,9 +232,9 @@ PROMPT_COMPLETION = [
     {"prompt": "SUBREDDIT: r/relationships\nTITLE: Friend keeps cancelling plans\nPOST: ...\nTL;DR:",
      "completion": " My friend cancels every time; should I stop inviting her?"},
 ]
-PROMPT_COMPLETION_OUT = [
-    {"prompt": [u("SUBREDDIT: r/relationships\nTITLE: Friend keeps cancelling plans\nPOST: ...\nTL;DR:")],
-     "completion": [a(" My friend cancels every time; should I stop inviting her?")]},
+PROMPT_COMPLETION_OUT = [  # TRL's standard format: texts, as they are (the completion's leading space too)
+    {"prompt": "SUBREDDIT: r/relationships\nTITLE: Friend keeps cancelling plans\nPOST: ...\nTL;DR:",
+     "completion": " My friend cancels every time; should I stop inviting her?"},
 ]
 PROMPT_COMPLETION_MSGS = [{"prompt": [s("Be brief."), u("Say hi.")], "completion": [a("Hi!")]}]
 # timdettmers/openassistant-guanaco style plain text.
@@ -283,7 +277,8 @@ def test_preference_formats(tmp_path, fmt, rows, expected, ext, named):
     assert isinstance(ds, datasets.Dataset)
     assert ds.column_names == ["prompt", "chosen", "rejected"]
     assert ds.to_list() == expected
-    assert all(is_conversational(row) for row in ds)
+    # TRL's own test decides the format: conversational but for its standard texts, kept as they are
+    assert all(is_conversational(row) == (not isinstance(want["prompt"], str)) for row, want in zip(ds, expected))
 
 
 @pytest.mark.parametrize("fmt, rows, expected, ext, named", _expand(SFT_CASES))
@@ -292,7 +287,7 @@ def test_sft_formats(tmp_path, fmt, rows, expected, ext, named):
     ds = load_sft(path, format=fmt if named else "auto")
     assert ds.to_list() == expected
     assert ds.column_names == list(expected[0])
-    assert is_conversational(ds[0]) == (fmt != "text")
+    assert is_conversational(ds[0]) == (fmt != "text" and not isinstance(expected[0].get("prompt"), str))
 
 
 @pytest.mark.parametrize("cid, fmt, rows, expected, exts", PREF_CASES, ids=[c[0] for c in PREF_CASES])
@@ -598,7 +593,7 @@ def test_prompts_that_merely_mention_human_are_not_hh():
         {"prompt": "Write a dialogue that ends with the line\n\nAssistant:", "chosen": "Sure: ...", "rejected": "No."},
     ]
     out = load_preferences(rows).to_list()
-    assert [r["prompt"] for r in out] == [[u(r["prompt"])] for r in rows]  # left whole, as one user message
+    assert [r["prompt"] for r in out] == [r["prompt"] for r in rows]  # left whole, as TRL's standard text
     assert not D.is_hh_prompt(rows[0]["prompt"]) and D.is_hh_prompt("Human: hi\n\nAssistant:")
 
 
@@ -647,11 +642,36 @@ def test_trl_s_standard_implicit_prompt_rows_are_split_as_trl_splits_them(tmp_pa
     rows = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},
             {"chosen": "Snow is white.", "rejected": "Snow is black."}]
     data = load_preferences(str(write(tmp_path, rows, "jsonl")))
-    assert data[0] == {"prompt": [u("The sky is")], "chosen": [a(" blue.")], "rejected": [a(" green.")]}
-    assert data[1]["prompt"] == [u("Snow is")]
+    assert data[0] == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}  # texts, as TRL keeps them
+    assert data[1]["prompt"] == "Snow is"
     apart = write(tmp_path, [{"chosen": "Blue.", "rejected": "Green."}], "jsonl", name="apart")
     with pytest.raises(DataError, match=r"row 1: field 'rejected': expected the same prompt at the start"):
         load_preferences(str(apart))
+
+
+def test_texts_among_conversations_are_read_as_conversations_in_a_dataset_and_a_mixture(tmp_path, caplog):
+    """TRL reads a dataset as conversational or standard from its first row, and Arrow keeps one type per column:
+    texts beside message lists (in one dataset, or in a dataset_mixture) are read as one user and one assistant
+    turn, as before standard rows stayed text; a dataset of texts only stays text."""
+    from types import SimpleNamespace
+
+    from alignkit.core.mixture import load_train_eval
+
+    text = {"prompt": "Q: 2 + 2?\nA:", "chosen": " 4", "rejected": " 5"}
+    chat = {"prompt": [u("3 + 3?")], "chosen": [a("6")], "rejected": [a("7")]}
+    mixed = write(tmp_path, [text, chat], "jsonl", name="mixed")
+    with caplog.at_level("INFO", logger="alignkit"):
+        rows = load_preferences(str(mixed)).to_list()
+    assert rows == [{"prompt": [u("Q: 2 + 2?\nA:")], "chosen": [a(" 4")], "rejected": [a(" 5")]}, chat]
+    assert "1 of 2 rows are texts among conversations" in caplog.text
+    sft = load_sft([{"prompt": [u("hi")], "completion": [a("hello")]}, {"prompt": "hey", "completion": " yo"}])
+    assert sft[1] == {"prompt": [u("hey")], "completion": [a(" yo")]}
+    texts, chats = (write(tmp_path, [row] * 4, "jsonl", name=name) for row, name in ((text, "texts"), (chat, "chats")))
+    assert load_preferences(str(texts))[0] == text
+    s = SimpleNamespace(dataset_mixture={"datasets": [{"id": str(texts)}, {"id": str(chats)}]}, dataset_format="auto",
+                        skip_invalid=False, max_samples=None, eval_split=0.0, seed=0)
+    train, _ = load_train_eval("preference", s)
+    assert sorted(row["prompt"][0]["content"] for row in train) == ["3 + 3?"] * 4 + ["Q: 2 + 2?\nA:"] * 4
 
 
 def test_a_handbook_row_with_a_system_turn_and_a_prompt_string_is_read(tmp_path):

@@ -58,7 +58,7 @@ def test_unpaired_rows_and_pairs_load_as_labelled_answers():
     assert rows["label"] == [False, True]
     assert rows[0]["completion"] == [{"role": "assistant", "content": "apple,pear,plum."}]
     pairs = load_unpaired([{"prompt": "q", "chosen": "good", "rejected": "bad"}])
-    assert [(r["completion"][0]["content"], r["label"]) for r in pairs] == [("good", True), ("bad", False)]
+    assert [(r["completion"], r["label"]) for r in pairs] == [("good", True), ("bad", False)]  # texts stay texts
 
 
 @pytest.mark.parametrize("row, message", [

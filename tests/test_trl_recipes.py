@@ -263,6 +263,51 @@ def test_max_length_none_is_trl_s_no_truncation_in_every_trainer(tiny_cache, tmp
     assert run["args"].max_length is None and run["trainer"].state.global_step == 1
 
 
+def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_template(tiny_cache, tmp_path):
+    """TRL joins standard rows (texts) as plain text, without a chat template: a base model without one trains on
+    them (it was refused, and a model with one trained through it). Conversational rows still need a template."""
+    from alignkit.core.errors import UserError
+    from alignkit.modeling import presets
+
+    base = tmp_path / "base"  # the tiny model as a base model: no chat template
+    shutil.copytree(presets.paths()["model"], base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    for file in base.glob("chat_template*"):
+        file.unlink()
+    pairs = [json.loads(line) for line in Path(presets.paths()["preferences"]).read_text().splitlines()[:48]]
+    rows = [{"prompt": f"Q: {r['prompt'][-1]['content']}\nA:", "chosen": f" {r['chosen'][0]['content']}",
+             "rejected": f" {r['rejected'][0]['content']}"} for r in pairs]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--preset", "tiny", "--model_id", str(base), "--dataset_id", str(data), "--max_steps", "1",
+              "--output_dir", str(tmp_path / "runs"), "--report_to", "none"]
+    dpo = run_script("dpo.py", *common, "--run_name", "dpo")
+    tok, first = dpo["loaded"].tokenizer, dpo["trainer"].train_dataset[0]
+    prompt = next(r["prompt"] for r in rows if tok(text=r["prompt"])["input_ids"] == first["prompt_ids"])
+    assert first["prompt_ids"] == tok(text=prompt)["input_ids"]  # the text itself: no template around it
+    reward = run_script("reward.py", *common, "--run_name", "reward")
+    assert 0 <= reward["report"]["held_out_accuracy"] <= 1
+    # The held-out report scores a pair as TRL tokenized it for training: the text, ending with the eos token.
+    from alignkit.feedback.rewards import score
+
+    model, ids = reward["trainer"].model, reward["trainer"].train_dataset[0]["chosen_ids"]
+    text = next(r["prompt"] + r["chosen"] for r in rows if tok(text=r["prompt"] + r["chosen"] + tok.eos_token)[
+        "input_ids"] == ids)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert score(model, tok, [text]) == pytest.approx([expected], abs=1e-5)
+    completions = tmp_path / "sft.jsonl"
+    completions.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n" for r in rows))
+    sft = run_script("sft.py", *common[:4], "--dataset_id", str(completions), *common[6:], "--run_name", "sft")
+    assert sft["trainer"].state.global_step == 1
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    with pytest.raises(UserError, match="has no chat template, and this data is conversational"):
+        run_script("dpo.py", *common[:4], "--dataset_id", str(chats), *common[6:], "--run_name", "chats")
+
+
 def test_eval_strategy_no_holds_no_rows_out(local, tmp_path):
     """A recipe that turns evaluation off (smollm3's, zephyr-141b's) lost 5% of its training rows to a held-out
     share that was evaluated only at the end. --eval_split given explicitly still holds out."""

@@ -1,5 +1,6 @@
 """One data normaliser: load SFT and preference data from a file, folder, in-memory rows or the Hub, and turn every
-supported dataset shape into one conversational layout, with errors that name the source, the row and the field.
+supported dataset shape into TRL's layouts, with errors that name the source, the row and the field: message lists
+(conversational), or texts where the data is in TRL's standard format (TRL joins those without a chat template).
 Reading the sources, and each row's place in them, is alignkit.core.data_files'."""
 from __future__ import annotations
 
@@ -106,17 +107,23 @@ def _check_prompt(prompt, field):
 
 
 def _pair(prompt, chosen, rejected, names=("chosen", "rejected"), prompt_field="prompt"):
-    _check_prompt(prompt, prompt_field)
-    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+    """A checked pair: conversational (message lists), or TRL's standard format (texts, used as they are)."""
+    if not isinstance(prompt, str):
+        _check_prompt(prompt, prompt_field)
+    said = [answer if isinstance(answer, str) else answer[0]["content"] for answer in (chosen, rejected)]
+    if said[0].strip() == said[1].strip():
         raise _RowError(names[1], f"expected an answer different from '{names[0]}', got the same text "
                                   "(identical answers carry no preference signal)")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 # ---------------------------------------------------------------- preference formats
-def _explicit(row, names=("prompt", "chosen", "rejected")):
+def _explicit(row, names=("prompt", "chosen", "rejected"), standard=True):
+    """TRL's explicit prompt: texts stay texts (its standard format, `standard`), else message lists."""
     if is_hh_prompt(row.get(names[0])):  # HH already split (the DPO reference code's form): parse its turns
         return _hh_split(row, names)
+    if standard and all(isinstance(row.get(name), str) for name in names):  # TRL's standard format: plain text
+        return _pair(*(_text(row.get(name), name) for name in names), names[1:], names[0])
     prompt = _messages(row.get(names[0]), names[0], "user")
     context_c, chosen = _answer(row.get(names[1]), names[1], prompt)
     context_r, rejected = _answer(row.get(names[2]), names[2], prompt)
@@ -217,8 +224,8 @@ def _implicit_text(row):
         raise _RowError("rejected", "expected the same prompt at the start of 'chosen' and 'rejected' (TRL's implicit "
                                     "prompt), got texts that differ from the start: put the prompt in a 'prompt' "
                                     "column")
-    return _pair(_turn("user", chosen[:end]), _turn("assistant", _text(chosen[end:], "chosen")),
-                 _turn("assistant", _text(rejected[end:], "rejected")), prompt_field="chosen")
+    return _pair(chosen[:end], _text(chosen[end:], "chosen"), _text(rejected[end:], "rejected"),
+                 prompt_field="chosen")
 
 
 def _shp(row):
@@ -272,6 +279,8 @@ def _sft_sharegpt(row):
 
 
 def _sft_prompt_completion(row):
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):  # TRL's standard format
+        return {"prompt": _text(row["prompt"], "prompt"), "completion": _text(row["completion"], "completion")}
     prompt = _messages(row.get("prompt"), "prompt", "user")
     context, completion = _answer(row.get("completion"), "completion", prompt)
     return {"prompt": _check_prompt(context or prompt, "prompt"), "completion": completion}
@@ -295,7 +304,7 @@ _TABLES = {
     "preference": {
         "shp": (_shp, ("history", "human_ref_A", "human_ref_B", "labels")),
         "stack_exchange": (_stack_exchange, ("question", "answers")),
-        "self_reference": (functools.partial(_explicit, names=("message", "chose", "reject")),
+        "self_reference": (functools.partial(_explicit, names=("message", "chose", "reject"), standard=False),
                            ("message", "chose", "reject")),
         "explicit": (_explicit, ("prompt", "chosen", "rejected")),
         "hh": (_hh, ("chosen", "rejected")),
@@ -387,6 +396,7 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
             skipped.append(reason)
     if not out:
         raise DataError(f"{label}: no usable rows: all {len(data)} rows are invalid. First problem: {skipped[0]}")
+    out = _one_kind(out, label)
     if skipped:
         logger.warning("%s: skipped %d of %d rows as invalid (--skip_invalid). First problem: %s",
                        label, len(skipped), len(data), skipped[0])
@@ -397,6 +407,35 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
     return datasets.Dataset.from_list(out)
 
 
+def _is_text(row) -> bool:
+    """A normalised row in TRL's standard format (texts) rather than the conversational one (message lists)."""
+    return any(isinstance(row.get(field), str) for field in ("prompt", "chosen", "completion", "text"))
+
+
+def _one_kind(rows, label) -> list[dict]:
+    """TRL reads a dataset as conversational or standard from its first row (trl.data_utils.is_conversational),
+    and Arrow keeps one type per column: where texts and message lists mix, the texts become conversations."""
+    texts = sum(map(_is_text, rows))
+    if texts in (0, len(rows)):
+        return rows
+    logger.info(f"{label}: {texts} of {len(rows)} rows are texts among conversations: read as one user and one "
+                "assistant turn each (TRL's standard format needs every row as text)")
+    return [as_conversation(row) for row in rows]
+
+
+def as_conversation(row: dict) -> dict:
+    """A normalised row with its texts as one user turn (the prompt) and assistant turns (the answers), as rows in
+    TRL's standard format are read beside conversational ones (a dataset or a dataset_mixture of both kinds)."""
+    return {k: _turn("user" if k == "prompt" else "assistant", v)
+            if k in ("prompt", "chosen", "rejected", "completion") and isinstance(v, str) else v
+            for k, v in row.items()}
+
+
+def is_text_dataset(data: datasets.Dataset) -> bool:
+    """A normalised dataset in TRL's standard format (texts), as its first row says (rows are of one kind)."""
+    return len(data) > 0 and _is_text(data[0])
+
+
 def _template_column(value, column):
     if column == "chat_template_kwargs" and value is not None and not isinstance(value, Mapping):
         raise _bad(column, "a mapping of chat template arguments, e.g. {\"enable_thinking\": false}", value)
@@ -404,19 +443,21 @@ def _template_column(value, column):
 
 
 def load_preferences(source, format="auto", split="train", skip_invalid=False, config_name=None) -> datasets.Dataset:
-    """Preference pairs: `prompt` (the turns before the answer), `chosen` and `rejected` ([assistant turn])."""
+    """Preference pairs: `prompt` (the turns before the answer), `chosen` and `rejected` ([assistant turn]); or
+    the three as texts, for TRL's standard format."""
     return _load("preference", source, format, split, skip_invalid, config_name)
 
 
 def load_sft(source, format="auto", split="train", skip_invalid=False, config_name=None,
              text_field="text") -> datasets.Dataset:
-    """SFT rows: `messages`, or `prompt`/`completion` message lists, or `text`, depending on the data.
+    """SFT rows: `messages`, or `prompt`/`completion` message lists (or texts), or `text`, depending on the data.
     text_field: the column of plain text (TRL's dataset_text_field), read as the text format."""
     return _load("sft", source, format, split, skip_invalid, config_name, text_field)
 
 
 def load_unpaired(source, format="auto", split="train", skip_invalid=False, config_name=None) -> datasets.Dataset:
-    """Labelled answers for KTO: `prompt` (the turns before the answer), `completion` ([assistant turn]) and `label`
+    """Labelled answers for KTO: `prompt` (the turns before the answer), `completion` ([assistant turn]; both texts
+    for TRL's standard format) and `label`
     (True: desirable). Preference pairs in any supported format become two rows each: chosen True, rejected False."""
     data = _load("unpaired", source, format, split, skip_invalid, config_name)
     if "label" in data.column_names:

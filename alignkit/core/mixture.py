@@ -183,6 +183,19 @@ def _entry(kind, s, entry, number, seed):
     return data
 
 
+def _one_kind(parts, trains: int):
+    """(train parts, test parts), all conversational where texts (TRL's standard format) and conversations mix:
+    TRL reads one kind per dataset, and the text datasets are read as one user and one assistant turn each."""
+    from alignkit.core.data import as_conversation, is_text_dataset
+
+    kinds = [is_text_dataset(part) for part in parts]
+    if any(kinds) and not all(kinds):
+        logger.info("dataset_mixture: datasets of texts beside conversations: the texts are read as one user and one "
+                    "assistant turn each (TRL's standard format needs every dataset as text)")
+        parts = [part.map(as_conversation) if text else part for part, text in zip(parts, kinds)]
+    return parts[:trains], parts[trains:]
+
+
 def _mixture(kind, s):
     m = s.dataset_mixture
     seed = m.get("seed", 0)
@@ -196,6 +209,7 @@ def _mixture(kind, s):
         shares = [f / sum(fractions) for f in fractions]
         total = min(len(part) / share for part, share in zip(train_parts, shares))
         train_parts = [part.select(range(round(share * total))) for part, share in zip(train_parts, shares)]
+    train_parts, test_parts = _one_kind(train_parts + test_parts, len(train_parts))
     try:
         train = datasets.concatenate_datasets(train_parts).shuffle(seed=seed)
         held_out = datasets.concatenate_datasets(test_parts) if test_parts else None

@@ -24,15 +24,20 @@ from alignkit.modeling.template_rows import refusing
 PREFIX = "rm:"
 
 
-def score(model, tokenizer, conversations: list[list[dict]], batch_size: int = 16,
+def score(model, tokenizer, conversations: list[list[dict] | str], batch_size: int = 16,
           max_length: int | None = None) -> list[float]:
     """The reward of each whole conversation (prompt turns + the assistant's answer), in the caller's order.
 
-    Tokenized exactly as TRL's RewardTrainer tokenizes training pairs (the chat template, tokenize=True), right
-    padded; a conversation longer than max_length keeps its last max_length tokens (the score reads the end).
+    Tokenized exactly as TRL's RewardTrainer tokenizes training pairs (the chat template, tokenize=True; a text,
+    TRL's standard format: the text itself, ending with the eos token), right padded; a conversation longer than
+    max_length keeps its last max_length tokens (the score reads the end).
     """
     ids = []
     for c in conversations:
+        if isinstance(c, str):
+            eos = tokenizer.eos_token or ""
+            ids.append(tokenizer(text=c if c.endswith(eos) else c + eos)["input_ids"])
+            continue
         with refusing(c, "an answer to score"):  # a template's refusal names the conversation in one line
             ids.append(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
     if max_length:

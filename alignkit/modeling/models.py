@@ -202,7 +202,14 @@ def set_pad_token(tok) -> None:
     tok.add_special_tokens({"pad_token": "<|pad|>"})  # the loader then resizes the embeddings
 
 
-def require_chat_template(tok, model_id: str) -> None:
+def require_chat_template(tok, model_id: str, data=None) -> None:
+    """A chat template, where the data is conversational (`data`: its rows; None: always). Standard rows (texts)
+    are joined as plain text by TRL and need none."""
+    if data is not None and len(data):
+        from trl.data_utils import is_conversational
+
+        if not is_conversational(data[0]):
+            return
     if not getattr(tok, "chat_template", None):
         raise UserError(
             f"{model_id} has no chat template, and this data is conversational. Pass one with "
