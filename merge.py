@@ -61,8 +61,12 @@ output_dir = Path(settings.output_dir or Path(settings.adapter_dir) / "merged")
 # %%
 from alignkit.modeling.merge import merge_adapters
 from alignkit.modeling import lota_delta
+from alignkit.modeling.chain import resolve
+from alignkit.modeling.lineage import check_trained_over
 
 if settings.add_delta:
+    for delta in (settings.adapter_dir, settings.add_delta):  # a part below retrained in place: refused
+        check_trained_over(resolve(delta))
     report = lota_delta.add_deltas(settings.adapter_dir, settings.add_delta, output_dir)
     print(f"summed delta: {output_dir} ({report['entries']:,} entries, {report['overlap']:,} touched by both)")
 elif settings.push != "adapter" or not settings.push_to_hub:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -315,40 +314,3 @@ def test_readme_alpaca_eval_command_runs_as_written_and_a_retrained_model_is_nev
     assert alpacaeval_outputs.outputs_key(s, s.model_id, "transformers") != \
         alpacaeval_outputs.outputs_key(dataclasses.replace(s, dtype="fp16"), s.model_id, "transformers")
 
-
-def test_an_adapter_over_a_part_retrained_in_place_is_refused_before_its_weights_load(sft_run, dpo_run, tmp_path):
-    """A DPO adapter records the SFT adapter below it by path. SFT trained again into the same folder (the earlier
-    run moved aside as NAME.previous-TIME) would load under it unnoticed: a model nobody trained. The DPO run's
-    record of what it trained over, by content, refuses it in one line naming where the earlier SFT went; the
-    same weights again (settings and metrics rewritten) and files added since (a card, a merge) still load."""
-    from alignkit.core.errors import UserError
-    from alignkit.modeling.models import load_model
-
-    sft_folder, dpo_folder = Path(sft_run["run_folder"]), Path(dpo_run["run_folder"])
-    record = json.loads((dpo_folder / identity.RUN_CONFIG).read_text())[identity.TRAINED_OVER]
-    below = {Path(os.path.normpath(dpo_folder.resolve() / relative)) for relative in record}
-    assert sft_folder.resolve() in below and Path(presets.paths()["model"]).resolve() in below  # SFT and its base
-    # The chain copied as a whole keeps its record (relative paths, as the adapters record each other).
-    root = Path(os.path.commonpath([sft_folder.resolve(), dpo_folder.resolve()]))
-    sft, dpo = (tmp_path / p.resolve().relative_to(root) for p in (sft_folder, dpo_folder))
-    for source, target in ((sft_folder, sft), (dpo_folder, dpo)):
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoint-*"))
-    settings = ModelSettings(model_id=str(dpo), dtype="fp32", attn_implementation="eager", use_liger="false")
-
-    (sft / "README.md").write_text("a new card")  # files no loader reads, and files added since, do not count
-    (sft / "merged").mkdir()
-    (sft / "alignkit_config.json").write_text("{}")  # SFT trained again to the same weights: the same model
-    (sft / "metrics.json").write_text("{}")
-    assert load_model(settings).adapters
-
-    earlier = sft.parent / f"{sft.name}.previous-20261204-020000"
-    shutil.copytree(sft, earlier)  # run_folder moves the earlier run aside, then trains the new one in its place
-    retrain(sft / "adapter_model.safetensors", b"x" * (sft / "adapter_model.safetensors").stat().st_size)
-    with pytest.raises(UserError) as refused:
-        load_model(settings)
-    message = str(refused.value)
-    assert "\n" not in message and f"{dpo} was trained over {sft}" in message and "adapter_model.safetensors" in \
-        message and f"(it is in {earlier})" in message
-    # merge.py's --base_model replaces the recorded base: the check leaves the base to the user, not the adapters.
-    with pytest.raises(UserError, match="was trained over"):
-        load_model(settings, base_model=presets.paths()["model"])

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -164,69 +163,6 @@ def chain_identity(source: str, revision: str | None = None, gguf_file: str | No
     parts = [*reversed(chain.adapters), *reversed(chain.deltas)]
     out = [_one(part, chain.revisions[part], None) for part in parts]
     return out + [_one(chain.base, chain.revision, gguf_file if chain.base == source else None)]
-
-
-# A run's settings file in its folder (alignkit.train.run_folder.CONFIG_FILE), and its record of what it trained over.
-RUN_CONFIG, TRAINED_OVER = "alignkit_config.json", "trained_over"
-# A run's own records in its folder: no loader reads them, so a part trained again to the same weights is the same.
-_RUN_RECORDS = {RUN_CONFIG, "metrics.json", "training_args.bin", "alignkit_claim.json", "alignkit_failed.txt"}
-
-
-def trained_over(source: str, revision: str | None, gguf_file: str | None, folder: Path) -> dict[str, dict]:
-    """{path from `folder` to each local model folder of `source`'s chain: {file name: content hash}}.
-
-    A run saves this beside its settings (TRAINED_OVER). Its adapter or delta records the part below it by path,
-    so a part retrained or replaced in place would load under it unnoticed; `check_trained_over` compares.
-    Relative paths, as the adapters record each other: a chain copied or moved as a whole still finds its record.
-    A GGUF base counts by its file in the run's inputs instead (a folder of quantizations is gigabytes)."""
-    from alignkit.modeling.chain import resolve
-
-    chain = resolve(source, revision)
-    parts = [*chain.adapters, *chain.deltas] + ([] if gguf_file else [chain.base])
-    here = Path(folder).resolve()
-    return {os.path.relpath(Path(part).resolve(), here): folder_files(Path(part)) for part in parts
-            if Path(part).is_dir()}
-
-
-def check_trained_over(chain, base_model: str | None = None) -> None:
-    """Refuse a chain in which a part was changed in place after a run trained over it (see `trained_over`).
-
-    Each local adapter or delta made by an alignkit run is checked against its run's record, file by file:
-    a file it recorded that now differs or is gone means a new part below (an SFT adapter trained again in the
-    same folder, a base replaced), and the two together are a model nobody trained. Files added since (a merge,
-    an evaluation) and the run's own records (its settings, metrics) do not count. `base_model` (merge.py --base_model) replaces the recorded base: not checked."""
-    from alignkit.core.errors import UserError
-
-    parts = [*chain.adapters, *chain.deltas]
-    loaded = {Path(part).resolve(): part for part in parts + ([] if base_model else [chain.base])}
-    for part in parts:
-        try:
-            record = json.loads(Path(part, RUN_CONFIG).read_text()).get(TRAINED_OVER) or {}
-        except (OSError, ValueError):
-            continue  # a Hub adapter, or a run saved before alignkit kept this record
-        for relative, files in record.items():
-            below = Path(os.path.normpath(Path(part).resolve() / relative))
-            if below not in loaded or below == Path(part).resolve():
-                continue  # not a part of this chain (moved away from its record): the adapters' paths decide
-            now = folder_files(below)
-            if changed := [name for name, content in files.items()
-                           if name not in _RUN_RECORDS and now.get(name) != content]:
-                earlier = _earlier(below, files)
-                raise UserError(
-                    f"{part} was trained over {loaded[below]}, which has changed since ({', '.join(changed[:3])}: "
-                    "retrained in place?); together they are a model nobody trained. Train it again over the new "
-                    f"one, or put the one it was trained over back" + (f" (it is in {earlier})" if earlier else "")
-                )
-
-
-def _earlier(folder: Path, files: dict[str, str]) -> Path | None:
-    """The run folder moved aside when `folder` was trained again (run_folder: NAME.previous-TIME) that holds
-    `files`, newest first."""
-    for candidate in sorted(folder.parent.glob(f"{folder.name}.previous-*"), reverse=True):
-        if candidate.is_dir() and all(folder_files(candidate).get(n) == h for n, h in files.items()
-                                      if n not in _RUN_RECORDS):
-            return candidate
-    return None
 
 
 def data_identity(source: str) -> dict | None:

@@ -26,7 +26,7 @@ from alignkit.core.errors import UserError
 from alignkit.core.groups import chat_template_text
 from alignkit.core.progress import quiet_library_noise
 from alignkit.modeling import lota_delta
-from alignkit.modeling.identity import check_trained_over
+from alignkit.modeling.lineage import check_trained_over, remember_loaded
 from alignkit.modeling.reward_models import check_model_kind, load_reward_base
 # Where a model comes from (alignkit.modeling.chain): importable from here too, as before.
 from alignkit.modeling.chain import (  # noqa: F401 - importable from here too
@@ -239,6 +239,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     # The chain down to the base, each part at its revision; LoTA deltas in it go into the weights (lota_delta).
     resolved = resolve(s.model_id, s.revision)
     check_trained_over(resolved, base_model)  # a part below retrained in place: refused, before the weights load
+    if for_training:  # what this run trains over, as loaded: its record (alignkit.modeling.lineage)
+        remember_loaded(resolved, getattr(s, "gguf_file", None))
     base_id, base_revision, chain, deltas, revisions = resolved
     base_id, base_revision = (base_model, None) if base_model else (base_id, base_revision)
     check_model_kind(s.model_id, s.revision, reward, for_training)
@@ -352,6 +354,11 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
         model.set_requires_grad(loaded.frozen, requires_grad=False)
     else:
         model = get_peft_model(model, config, autocast_adapter_dtype=autocast)
+    # PEFT keeps target_modules as a set (all-linear expands to one) and saves it in the set's order, which changes
+    # with each process's hash seed: the same adapter trained twice would differ in its adapter_config.json.
+    trained = model.peft_config[TRAINABLE]
+    if isinstance(trained.target_modules, set):
+        trained.target_modules = sorted(trained.target_modules)
     if loaded.deltas:  # what its checkpoints name as their base (alignkit.train.trainers.CheckpointBase)
         model.alignkit_checkpoint_base = (s.model_id, getattr(s, "revision", None))
     loaded.model = model

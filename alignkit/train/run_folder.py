@@ -94,6 +94,8 @@ def prepare_run(s, stage: str) -> tuple[Path, str | None]:
     every_process(None)  # the others look once the main process has put an earlier run back
     checkpoints = _checkpoints(folder) if folder.is_dir() else []
     resume = s.resume == "true" or (s.resume == "auto" and checkpoints and not _changed(folder, s))
+    if s.resume == "true" and checkpoints:
+        _check_below(folder, s)
     checkpoint = checkpoints[-1].name if resume and checkpoints else None
     views = every_process(checkpoint)
     if differing := [rank for rank, other in enumerate(views) if other != views[0]]:
@@ -129,6 +131,20 @@ def _changed(folder: Path, s) -> list[str]:
         now = run_inputs(dataclasses.replace(s, **respelled) if respelled else s)
         changed += [k for k in now if saved["inputs"].get(k) != now[k]]
     return sorted(changed)
+
+
+def _check_below(folder: Path, s) -> None:
+    """--resume true over a part of the chain changed since the checkpoints were trained over it: refused (auto
+    starts over by itself: the model's files are an input)."""
+    from alignkit.modeling.chain import resolve
+    from alignkit.modeling.lineage import changed_below
+
+    chain = resolve(s.model_id, getattr(s, "revision", None))
+    parts = [*chain.adapters, *chain.deltas, chain.base]
+    if found := changed_below(folder, {Path(part).resolve() for part in parts if Path(part).is_dir()}):
+        raise ConfigError(f"--resume true: {folder}'s checkpoints were trained over {found[0]}, which has changed "
+                          f"since ({', '.join(found[1][:3])}): resumed, they would go on over another model. "
+                          "--resume false starts over")
 
 
 def _same_place(a, b) -> bool:
@@ -237,8 +253,8 @@ def save_run_config(s, path: Path) -> None:
     """alignkit_config.json: the resolved settings (secrets redacted), the run type (`run_type` of the settings
     class: sft, dpo, reward, rl), so a model card states what the run was instead of guessing it, and the content
     of what the settings name by path (`run_inputs`), which `--resume auto` compares, and the local model folders
-    this run trains over by content, which the loader compares (alignkit.modeling.identity.trained_over)."""
-    from alignkit.modeling.identity import TRAINED_OVER, trained_over
+    this run trains over by content, as it loaded them, which the loader compares (alignkit.modeling.lineage)."""
+    from alignkit.modeling.lineage import TRAINED_OVER, trained_over
 
     below = trained_over(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None), path.parent)
     data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None), "inputs": run_inputs(s),
