@@ -31,6 +31,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   template_rows (a row or prompt the chat template refuses, named in one line),
   chain (a model's adapter chain down to its base, a checkpoint's frozen adapters included),
   identity (the one identity of a model as loaded, which every cache of model outputs keys on),
+  lineage (what a run trained over by content: an adapter over a part changed since is refused),
   gguf (GGUF files converted once),
   generation (local answering engines: transformers, vLLM),
   merge (adapters into their base),

@@ -302,6 +302,8 @@ def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_templ
     completions.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n" for r in rows))
     sft = run_script("sft.py", *common[:4], "--dataset_id", str(completions), *common[6:], "--run_name", "sft")
     assert sft["trainer"].state.global_step == 1
+    card = (Path(sft["run_folder"]) / "README.md").read_text()  # its usage: plain text, as it was trained
+    assert 'tokenizer("Hello!", return_tensors="pt")' in card and "apply_chat_template" not in card
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     with pytest.raises(UserError, match="has no chat template, and this data is conversational"):

@@ -231,6 +231,18 @@ def _hub_dataset(dataset: str) -> str | None:
     return dataset if dataset.count("/") == 1 and is_hub_id(dataset) and not Path(dataset).exists() else None
 
 
+# What a run records beside its settings in alignkit_config.json (alignkit.train.run_folder.save_run_config): the
+# content digests of its inputs and the local folders it trained over, by path. Neither is a setting, and the
+# second names local paths: left out of the card.
+RECORDED_BESIDE = ("inputs", "trained_over")
+
+
+def _chat_template(folder: Path) -> bool:
+    """Whether the tokenizer saved in `folder` has a chat template; True where no tokenizer was saved there."""
+    config = _read_json(folder / "tokenizer_config.json")
+    return not config or bool(config.get("chat_template")) or any(folder.glob("chat_template.*"))
+
+
 def model_card(folder, repo_id: str | None = None) -> str:
     """README.md for a run folder, an adapter or a merged model, from the files the run left there.
 
@@ -298,13 +310,17 @@ def model_card(folder, repo_id: str | None = None) -> str:
                   for r in data.eval_results]
     if settings:
         lines += ["", "## Training settings", "", "| setting | value |", "| --- | --- |"]
-        lines += [f"| {k} | `{json.dumps(_shown(v))}` |" for k, v in settings.items() if v not in (None, "", [], False)]
+        lines += [f"| {k} | `{json.dumps(_shown(v))}` |" for k, v in settings.items()
+                  if v not in (None, "", [], False) and k not in RECORDED_BESIDE]
     if metrics:
         lines += ["", "## Final metrics", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     dtype = merge.get("dtype") if merge else "auto"  # an adapter loads on its base in the base's saved dtype
     lines += ["", "## How to load it", "", "```python", *_load_snippet(where, is_adapter, under, reward, dtype or "auto")]
-    if not reward:
+    if not reward and not _chat_template(folder):  # trained on plain text (TRL's standard format), no template
+        lines += ['inputs = tokenizer("Hello!", return_tensors="pt").to(model.device)',
+                  "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=128)[0]))"]
+    elif not reward:
         lines += ['messages = [{"role": "user", "content": "Hello!"}]',
                   "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
                   "return_dict=True).to(model.device)",

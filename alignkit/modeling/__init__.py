@@ -6,6 +6,7 @@
 - chain: where a model comes from (a Hub id or a local path) and its adapter chain down to the base.
 - identity: the one identity of a model as loaded (settings, files down the adapter chain, GGUF file, backend,
   hardware), which every cache of model outputs keys on.
+- lineage: what a run trained over, by content: an adapter over a part trained again in place is refused.
 - gguf: GGUF files converted once into a model folder.
 - generation: local answering engines (transformers, vLLM).
 - merge: adapters merged into their base and checked.
