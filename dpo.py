@@ -55,8 +55,8 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 
 # %% [markdown]
 # ## Data
-# Any supported preference format becomes conversational prompt / chosen / rejected; a seeded share is held
-# out to measure reward accuracy on pairs the model never trained on.
+# Any supported preference format becomes prompt / chosen / rejected (messages, or TRL's standard texts); a
+# seeded share is held out to measure reward accuracy on pairs the model never trained on.
 
 # %%
 from alignkit.core.mixture import load_train_eval

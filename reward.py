@@ -50,8 +50,8 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 
 # %% [markdown]
 # ## Data
-# Any supported preference format becomes conversational prompt / chosen / rejected; with `--use_margin` each
-# pair also gets its margin. A seeded share is held out to measure pairwise accuracy on unseen pairs.
+# Any supported preference format becomes prompt / chosen / rejected (messages, or TRL's standard texts); with
+# `--use_margin` each pair also gets its margin. A seeded share is held out to measure pairwise accuracy on unseen pairs.
 
 # %%
 from alignkit.core.data import load_preferences
@@ -101,7 +101,8 @@ lm_head = load_lm_head(loaded.base_id, model, settings.revision) if settings.los
 
 # %% [markdown]
 # ## Train
-# TRL's RewardTrainer tokenizes prompt + answer with the chat template and scores both answers in one batch.
+# TRL's RewardTrainer tokenizes prompt + answer (through the chat template, or as text) and scores both answers
+# in one batch.
 
 # %%
 from trl import RewardConfig

@@ -672,6 +672,25 @@ def test_texts_among_conversations_are_read_as_conversations_in_a_dataset_and_a_
                         skip_invalid=False, max_samples=None, eval_split=0.0, seed=0)
     train, _ = load_train_eval("preference", s)
     assert sorted(row["prompt"][0]["content"] for row in train) == ["3 + 3?"] * 4 + ["Q: 2 + 2?\nA:"] * 4
+    # A dataset whose share rounds to no rows says nothing about the kind: the texts stay texts.
+    s.dataset_mixture = {"datasets": [{"id": str(texts), "fraction": 1.0}, {"id": str(chats), "fraction": 0.001}]}
+    assert load_train_eval("preference", s)[0][0] == text
+    # A held-out split read apart from the training split is read alike (it was a template on one, text on the other).
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    write(folder, [text] * 4, "jsonl", name="train")
+    write(folder, [text, chat], "jsonl", name="test")
+    s = SimpleNamespace(dataset_mixture=None, dataset_id=str(folder), dataset_format="auto", dataset_split="train",
+                        dataset_test_split="test", dataset_config=None, skip_invalid=False, max_samples=None, seed=0)
+    train, held_out = load_train_eval("preference", s)
+    assert isinstance(train[0]["prompt"], list) and isinstance(held_out[0]["prompt"], list)
+    # An SFT text dataset beside a messages one: refused, not rows with both columns.
+    lines = write(tmp_path, [{"text": "some text"}] * 2, "jsonl", name="lines")
+    chats_sft = write(tmp_path, [{"messages": [u("hi"), a("yo")]}] * 2, "jsonl", name="chats_sft")
+    s = SimpleNamespace(dataset_mixture={"datasets": [{"id": str(lines)}, {"id": str(chats_sft)}]},
+                        dataset_format="auto", skip_invalid=False, max_samples=None, eval_split=0.0, seed=0)
+    with pytest.raises(DataError, match="their rows have different columns"):
+        load_train_eval("sft", s)
 
 
 def test_a_handbook_row_with_a_system_turn_and_a_prompt_string_is_read(tmp_path):

@@ -298,6 +298,11 @@ def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_templ
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
     assert score(model, tok, [text]) == pytest.approx([expected], abs=1e-5)
+    # As a judge (label.py, rl.py: rm:FOLDER) it would score conversations through a template it has not got.
+    from alignkit.feedback import rewards
+
+    with pytest.raises(ConfigError, match="has no chat template: it was trained on plain text"):
+        rewards.load(f"rm:{reward['run_folder']}")
     completions = tmp_path / "sft.jsonl"
     completions.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n" for r in rows))
     sft = run_script("sft.py", *common[:4], "--dataset_id", str(completions), *common[6:], "--run_name", "sft")

@@ -133,6 +133,7 @@ def load_train_eval(kind: str, s):
     if s.max_samples:
         train = train.select(range(min(s.max_samples, len(train))))
     held_out = load(s.dataset_id, s.dataset_format, s.dataset_test_split, s.skip_invalid, s.dataset_config)
+    (train,), (held_out,) = _one_kind([train, held_out], 1)  # both splits read alike: texts, or conversations
     return train, held_out
 
 
@@ -188,11 +189,15 @@ def _one_kind(parts, trains: int):
     TRL reads one kind per dataset, and the text datasets are read as one user and one assistant turn each."""
     from alignkit.core.data import as_conversation, is_text_dataset
 
-    kinds = [is_text_dataset(part) for part in parts]
-    if any(kinds) and not all(kinds):
+    kinds = [is_text_dataset(part) if len(part) else None for part in parts]  # an empty part says nothing
+    rows = {"messages", "text", "prompt", "completion", "chosen", "rejected", "label"}  # a row's own columns
+    if len({frozenset(part.column_names) & rows for part in parts if len(part)}) > 1:
+        raise DataError("the datasets do not fit together: their rows have different columns (an SFT text dataset "
+                        "beside a messages one?); mix datasets of one format")
+    if True in kinds and False in kinds:
         logger.info("dataset_mixture: datasets of texts beside conversations: the texts are read as one user and one "
                     "assistant turn each (TRL's standard format needs every dataset as text)")
-        parts = [part.map(as_conversation) if text else part for part, text in zip(parts, kinds)]
+        parts = [part.map(as_conversation) if text and len(part) else part for part, text in zip(parts, kinds)]
     return parts[:trains], parts[trains:]
 
 

@@ -81,6 +81,10 @@ class RewardModel:
                               "folder), e.g. rm:runs/tiny-reward")
         self.folder, self.batch_size, self.max_length = folder, batch_size, max_length
         self.loaded = load_model(reward_loader_settings(folder, settings), reward=True)
+        if not getattr(self.loaded.tokenizer, "chat_template", None):  # score() would fail on every answer
+            raise ConfigError(f"{PREFIX}{folder} has no chat template: it was trained on plain text (TRL's standard "
+                              "rows), and a judge scores conversations. Train it on conversational rows, or on a "
+                              "model with a chat template")
 
     def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
         if len(prompts) != len(answers):
