@@ -38,7 +38,7 @@ _NOT_WEIGHTS = re.compile(r"^(alignkit_config\.json|alignkit_claim\.json|alignki
 _LOADED: dict[Path, dict[str, str]] = {}
 
 
-def _folders(chain, gguf_file: str | None = None) -> list[Path]:
+def folders(chain, gguf_file: str | None = None) -> list[Path]:
     """The local folders of a chain (alignkit.modeling.chain.Chain), resolved; a GGUF base counts by its file in
     the run's inputs instead (a folder of quantizations is gigabytes)."""
     parts = [*chain.adapters, *chain.deltas] + ([] if gguf_file else [chain.base])
@@ -47,7 +47,7 @@ def _folders(chain, gguf_file: str | None = None) -> list[Path]:
 
 def remember_loaded(chain, gguf_file: str | None = None) -> None:
     """Take the chain's local folders by content as they are loaded for training (see the module docstring)."""
-    for folder in _folders(chain, gguf_file):
+    for folder in folders(chain, gguf_file):
         _LOADED[folder] = folder_files(folder)
 
 
@@ -57,8 +57,8 @@ def trained_over(source: str, revision: str | None, gguf_file: str | None, folde
     from alignkit.modeling.chain import resolve
 
     here = Path(folder).resolve()
-    return [{"path": os.path.relpath(part, here), "absolute": str(part), "files": _LOADED.get(part) or folder_files(part)}
-            for part in _folders(resolve(source, revision), gguf_file)]
+    return [{"path": os.path.relpath(part, here), "absolute": str(part), "files": _LOADED.get(part) or
+             folder_files(part)} for part in folders(resolve(source, revision), gguf_file)]
 
 
 def _record(folder) -> list[dict]:

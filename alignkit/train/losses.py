@@ -104,8 +104,8 @@ def compared_loss_types(trainer_cls) -> set[str]:
 
 
 def check_grpo_loss_type(loss_type: str) -> None:
-    """GRPOTrainer takes any loss_type and raises "Unknown loss type" at the first step, after the model loaded and
-    the first completions were sampled: checked here against the losses it computes."""
+    """GRPOTrainer takes any loss_type and raises "Unknown loss type" at the first step, after the model loaded
+    and the first completions were sampled: checked here against the losses it computes."""
     import difflib
 
     from trl import GRPOTrainer
@@ -114,7 +114,8 @@ def check_grpo_loss_type(loss_type: str) -> None:
     if known and loss_type not in known:
         close = difflib.get_close_matches(loss_type, known, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"unknown loss_type {loss_type} for GRPO: {hint}the installed TRL computes {', '.join(known)}")
+        raise ConfigError(f"unknown loss_type {loss_type} for GRPO: {hint}the installed TRL computes "
+                          f"{', '.join(known)}")
 
 
 def check_label_smoothing(label_smoothing: float, loss_types=("sigmoid",)) -> None:

@@ -137,11 +137,9 @@ def _check_below(folder: Path, s) -> None:
     """--resume true over a part of the chain changed since the checkpoints were trained over it: refused (auto
     starts over by itself: the model's files are an input)."""
     from alignkit.modeling.chain import resolve
-    from alignkit.modeling.lineage import changed_below
+    from alignkit.modeling.lineage import changed_below, folders
 
-    chain = resolve(s.model_id, getattr(s, "revision", None))
-    parts = [*chain.adapters, *chain.deltas, chain.base]
-    if found := changed_below(folder, {Path(part).resolve() for part in parts if Path(part).is_dir()}):
+    if found := changed_below(folder, set(folders(resolve(s.model_id, getattr(s, "revision", None))))):
         raise ConfigError(f"--resume true: {folder}'s checkpoints were trained over {found[0]}, which has changed "
                           f"since ({', '.join(found[1][:3])}): resumed, they would go on over another model. "
                           "--resume false starts over")

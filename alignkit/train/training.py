@@ -100,8 +100,9 @@ ACTIVATION_SHARE = 0.5  # gradient checkpointing stays off while a micro-batch's
 
 def activation_bytes(model, s, dtype: torch.dtype) -> int:
     """What one micro-batch's activations take without gradient checkpointing, at its worst (every row at
-    max_length; with none, at the model's context length): per token and layer a Llama-style block keeps about 8 hidden-sized and 4 intermediate-sized
-    tensors for the backward (norm inputs, q/k/v, attention output; the MLP's input, gate, up, activation), and
+    max_length; with none, at the model's context length): per token and layer a Llama-style block keeps about 8
+    hidden-sized and 4 intermediate-sized tensors for the backward (norm inputs, q/k/v, attention output; the
+    MLP's input, gate, up, activation), and
     the LM head's fp32 logits and log-softmax take 2 x 4 bytes per vocabulary entry. Preference pairs are two rows.
     DPO's prefix sharing packs a pair into one row of up to 2 x max_length tokens whose 4D attention mask
     (alignkit.train.prefix) takes about (2 x max_length)^2 bytes as a bool, plus a float copy inside attention:
