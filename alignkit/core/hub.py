@@ -20,13 +20,16 @@ from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
 from alignkit.core.sources import HubUnreachable, is_hub_id, require_reachable  # noqa: F401 - re-exported
 
-# Never uploaded: intermediate state, and anything that could hold credentials: a checkpoint's trainer state (its
-# training_args.bin keeps every TrainingArguments field), pushed from a checkpoint-N folder itself too, and the
-# records that name local paths (the card tells what they hold, without them).
-IGNORE = ["checkpoint-*", "*.previous-*", ".env", "*.env", "wandb/*", "runs/*", "merged/*", "optimizer.pt",
-          "scheduler.pt", "rng_state*.pth", "trainer_state.json", "training_args.bin", "pytorch_model_fsdp_*",
-          "optimizer_*", "global_step*/*", "alignkit_config.json", "merge.json", "alignkit_failed.txt",
-          "alignkit_claim.json"]
+# A run or checkpoint folder's files that are no part of its model: the Trainer's state (training_args.bin keeps
+# every TrainingArguments field) and alignkit's records of the run, which name local paths. No loader reads them
+# (alignkit.modeling.lineage compares a model without them).
+TRAINER_STATE = ["optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
+                 "training_args.bin"]
+RUN_RECORDS = ["alignkit_config.json", "merge.json", "alignkit_failed.txt", "alignkit_claim.json"]
+# Never uploaded: intermediate state, anything that could hold credentials, and the files above (pushed from a
+# checkpoint-N folder itself too; the card tells what the records hold, without them).
+IGNORE = ["checkpoint-*", "*.previous-*", ".env", "*.env", "wandb/*", "runs/*", "merged/*", *TRAINER_STATE,
+          "pytorch_model_fsdp_*", "optimizer_*", "global_step*/*", *RUN_RECORDS]
 # Model files a push replaces: an earlier push of the other kind (an adapter, then the merged model) left its files
 # in the repo, which then loaded as base + the old adapter.
 REPLACED = ["*.safetensors", "*.bin", "*.gguf", "adapter_config.json", "config.json", "lota_config.json",

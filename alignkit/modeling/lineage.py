@@ -20,20 +20,19 @@ NAME.previous-TIME), the adapter above would load over the new one without a wor
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
-import re
 from pathlib import Path
 
 from alignkit.core.errors import UserError
+from alignkit.core.hub import RUN_RECORDS, TRAINER_STATE
 from alignkit.modeling.identity import folder_files
 
 # A run's settings file in its folder (alignkit.train.run_folder.CONFIG_FILE), and its record of what it trained over.
 RUN_CONFIG, TRAINED_OVER = "alignkit_config.json", "trained_over"
-# Files of a run or checkpoint folder no loader reads: its records, the optimizer and trainer state, a merge's record.
-_NOT_WEIGHTS = re.compile(r"^(alignkit_config\.json|alignkit_claim\.json|alignkit_failed\.txt|metrics\.json|merge\.json"
-                          r"|training_args\.bin|trainer_state\.json|optimizer\.pt|scheduler\.pt|scaler\.pt"
-                          r"|rng_state(_\d+)?\.pth)$")
+# Files of a run or checkpoint folder no loader reads: the Trainer's state, alignkit's records, the run's metrics.
+_NOT_WEIGHTS = [*TRAINER_STATE, *RUN_RECORDS, "metrics.json"]
 # {absolute folder: its files by content} as the loader last loaded it for training in this process.
 _LOADED: dict[Path, dict[str, str]] = {}
 
@@ -61,6 +60,10 @@ def trained_over(source: str, revision: str | None, gguf_file: str | None, folde
              folder_files(part)} for part in folders(resolve(source, revision), gguf_file)]
 
 
+def _not_weights(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in _NOT_WEIGHTS)
+
+
 def _record(folder) -> list[dict]:
     try:
         record = json.loads(Path(folder, RUN_CONFIG).read_text()).get(TRAINED_OVER)
@@ -80,7 +83,7 @@ def changed_below(folder, loaded: set[Path]) -> tuple[Path, list[str], dict] | N
             continue  # not a part of this chain: the adapters' own paths decide what loads
         now = folder_files(below)
         changed = [name for name, content in entry["files"].items()
-                   if not _NOT_WEIGHTS.match(name) and now.get(name) != content]
+                   if not _not_weights(name) and now.get(name) != content]
         if changed:
             return below, changed, entry["files"]
     return None
@@ -109,6 +112,6 @@ def _earlier(folder: Path, files: dict[str, str]) -> Path | None:
         for candidate in sorted(moved.parent.glob(f"{moved.name}.previous-*"), reverse=True):
             candidate = candidate / inside if inside else candidate
             if candidate.is_dir() and all(folder_files(candidate).get(n) == h for n, h in files.items()
-                                          if not _NOT_WEIGHTS.match(n)):
+                                          if not _not_weights(n)):
                 return candidate
     return None
