@@ -127,7 +127,7 @@ def main(argv: list[str]) -> None:
     line = (f"\nlaunched: rank {rank} of {world} under {seen['type']}; packed batches {counts['packed']}; "
             f"own loss calls {counts['own']}\n")
     sys.stdout.flush()
-    os.write(sys.stdout.fileno(), line.encode())
+    os.write(1, line.encode())  # the process's own stdout: alignkit.core.launch quiets sys.stdout on ranks above 0
 
 
 if __name__ == "__main__":

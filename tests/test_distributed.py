@@ -95,6 +95,9 @@ def test_two_processes_train_together_over_gloo(script, flags, tiny_cache, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
     assert (run / "adapter_model.safetensors").is_file() and (run / "alignkit_config.json").is_file()
     assert done.stdout.count("adapter saved to") + done.stderr.count("adapter saved to") == 1
+    # The script's own lines once per launch, not once per process (alignkit.core.launch._quiet_other_ranks).
+    assert done.stdout.count(f"adapter: {run}") == 1, done.stdout[-3000:]
+    assert done.stdout.count("held out\n") == 1, done.stdout[-3000:]
 
 
 def metrics_rows(run: Path) -> int:

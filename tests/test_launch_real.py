@@ -113,14 +113,24 @@ def test_sft_on_two_processes(sft_adapter):
     assert (sft_adapter / "adapter_model.safetensors").is_file()
 
 
-def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(sft_adapter, cache, runs):
+@pytest.fixture(scope="module")
+def dpo_run(sft_adapter, cache, runs):
+    """dpo.py (QLoRA) over the SFT adapter on two processes, once, with --precompute_ref_log_probs and
+    --merge_adaptors: returns (its run folder, the launch's output)."""
+    output = accelerate_launch(["dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
+                                "true", "--merge_adaptors", "--output_dir", str(runs), "--run_name", "dpo"], cache)
+    return runs / "dpo", output
+
+
+def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(dpo_run, sft_adapter, cache, runs):
     """--precompute_ref_log_probs (the reference pass before training, on both processes) and --merge_adaptors
     (the main process merges while the other has finished): both end, and the merged model passed its check. The
     main process alone stores the reference entries; a rerun on two processes with another loss (the reference
     does not depend on it: alignkit/train/refcache.py) finds them, and neither process computes."""
-    first = accelerate_launch(["dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
-                               "true", "--merge_adaptors", "--output_dir", str(runs), "--run_name", "dpo"], cache)
+    _, first = dpo_run
     finished(runs / "dpo")
+    # The script's own lines once per launch (alignkit.core.launch keeps stdout on rank 0 only).
+    assert first.count("training pairs, ") == 1 and first.count("adapter: ") == 1, first[-3000:]
     entries = sorted((cache / "ref_logps").glob("*.safetensors"))
     assert len(entries) == 2  # train and held-out rows, one file each
     assert first.count("pairs cached in") == 2 and "reused from" not in first  # written by one process
@@ -134,6 +144,26 @@ def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(sft_ada
     assert second.count("reused from") == 4  # each process, train and held-out rows
     assert "pairs cached in" not in second
     assert sorted((cache / "ref_logps").glob("*.safetensors")) == entries
+
+
+def test_an_adapter_over_a_part_retrained_in_place_is_refused_by_each_process(dpo_run, sft_adapter, cache,
+                                                                              tmp_path):
+    """The lineage check (alignkit.modeling.lineage) under a launch: both processes refuse the DPO adapter whose SFT
+    was trained again in place, each in one line, before its weights load, and neither waits for the other."""
+    from test_identity import retrain
+
+    sft, dpo = tmp_path / "sft", tmp_path / "dpo"  # the chain copied whole, the same places relative to each other
+    shutil.copytree(sft_adapter, sft)
+    shutil.copytree(dpo_run[0], dpo, ignore=shutil.ignore_patterns("merged", "checkpoint-*"))
+    weights = sft / "adapter_model.safetensors"
+    retrain(weights, b"x" * weights.stat().st_size)
+    output = accelerate_launch(["dpo.py", *TINY, "--model_id", str(dpo), "--output_dir", str(tmp_path / "runs"),
+                                "--run_name", "over-changed"], cache, status=1)
+    said = [line for line in output.splitlines() if "error: " in line]
+    assert len(said) == 2 and all(f"error: {dpo} was trained over {sft}" in line and "adapter_model.safetensors" in
+                                  line for line in said), output[-3000:]
+    assert sorted(line.split(":")[0] for line in said) == ["[rank0]", "[rank1]"]
+    assert "]: Traceback" not in output and not (tmp_path / "runs" / "over-changed").exists()
 
 
 REWARDS = {  # reward.py's launches: plain LoRA with its LM term on (the LM head whole on each rank), and QLoRA
@@ -156,8 +186,9 @@ def reward_run(cache, runs):
 
 
 def assert_each_rank_scored_with(output: str, rewards: str, rm: Path) -> None:
-    """rl.py's launch `output`: each of the 2 processes built the reward functions `rewards` (as rl.py lists them),
-    and the reward model `rm` scored the completions (its mean is logged)."""
+    """rl.py's launch `output` (under --debug: stdout from every rank): each of the 2 processes built the reward
+    functions `rewards` (as rl.py lists them), and the reward model `rm` scored the completions (its mean is
+    logged)."""
     assert output.count(f"rewards: {rewards}") == 2, output[-3000:]
     assert f"'rewards/rm:{rm}/mean'" in output, output[-3000:]
 
@@ -217,7 +248,8 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     output = accelerate_launch([*shim, "rl.py", "--preset", "tiny", "--model_id", str(sft_adapter), "--max_steps",
                                 "1", "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts",
                                 "16", "--save_steps", "100", "--quantization", "none", "--warmup_ratio", "0", *flags,
-                                "--output_dir", str(runs), "--run_name", run.name], cache)
+                                "--output_dir", str(runs), "--run_name", run.name], cache,
+                               {"ALIGNKIT_DEBUG": "1"})  # every rank's stdout: each says which rewards it built
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["global_step"] == 1
     if rm:

@@ -37,14 +37,15 @@ TINY = ["--preset", "tiny", "--max_steps", "2", "--save_steps", "100", "--loggin
 QLORA = ["--quantization", "4bit"]
 
 
-def launch(mode: str, script: str, run: Path, *flags: str, cache: Path, vllm_sync: Path | None = None) -> dict:
+def launch(mode: str, script: str, run: Path, *flags: str, cache: Path, vllm_sync: Path | None = None,
+           env: dict | None = None) -> dict:
     """`script` under `mode` on two processes; returns what both processes reported (tests/launched.py), which
     with `vllm_sync` also saves what TRL's weight sync would hand a colocated vLLM engine there."""
     config = ["--config_file", str(ROOT / "recipes" / "accelerate" / CONFIGS[mode])]  # 2 processes, fp32: below
     shim = [str(ROOT / "tests" / "launched.py"), *(["--fsdp-on-cpu"] if mode == "fsdp" else []),
             *(["--vllm-sync", str(vllm_sync)] if vllm_sync else [])]
     output = accelerate_launch([*config, *shim, script, *flags, "--output_dir", str(run.parent), "--run_name",
-                                run.name], cache, multi_gpu=False)
+                                run.name], cache, env, multi_gpu=False)
     reports = re.findall(r"^launched: rank (\d) of 2 under (\w+); packed batches (\d+); own loss calls (\d+)$",
                          output, re.M)
     assert sorted(r[0] for r in reports) == ["0", "1"], output[-3000:]
@@ -141,7 +142,7 @@ def test_rl(sft, request, cache, runs):
     done = launch(mode, "rl.py", run, "--preset", "tiny", "--model_id", str(sft_run), "--max_steps", "1",
                   "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts", "16",
                   "--save_steps", "100", "--quantization", "none", "--warmup_ratio", "0", *rewards, cache=cache,
-                  vllm_sync=synced)
+                  vllm_sync=synced, env={"ALIGNKIT_DEBUG": "1"} if rm else None)  # stdout from every rank
     assert done["metrics"]["global_step"] == 1
     whole_adapter(run)
     # What TRL's weight sync would load into a colocated vLLM engine on this launch: the merged policy, gathered

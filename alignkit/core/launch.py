@@ -9,7 +9,8 @@ Every script calls `establish_launch(settings, script)` first. Under `accelerate
 - creates the process group (accelerate's PartialState, the one the Trainer later finds): transformers' FSDP
   RAM-efficient loading (`fsdp_cpu_ram_efficient_loading`: only local rank 0 reads the weights) checks
   `torch.distributed.is_initialized()` while the model loads (transformers/distributed/fsdp.py is_fsdp_enabled);
-- under ZeRO-3, registers DeepSpeed's config so that from_pretrained builds the model partitioned.
+- under ZeRO-3, registers DeepSpeed's config so that from_pretrained builds the model partitioned;
+- keeps stdout on global rank 0 only, so a script's lines show once per launch (`--debug`: on every rank).
 
 The loader's hardware decisions live here too, each logged once with its reason: dtype, quantization (and its
 bitsandbytes config: under FSDP/ZeRO-3 the 4-bit weights are stored in the compute dtype), CPU threads and the
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 from alignkit import logger
-from alignkit.core.errors import UserError, report_on_rank
+from alignkit.core.errors import UserError, debugging, report_on_rank
 
 FSDP, ZERO3 = "FSDP", "DeepSpeed ZeRO-3"  # the two launches that shard the model (`sharded_launch`)
 ONE_PROCESS = ("label.py", "evaluate.py", "merge.py", "rlaif.py")  # scripts that never run under a launcher
@@ -202,9 +203,19 @@ def establish_launch(s=None, script: str = "") -> Launch:
         report_on_rank(hook, int(os.environ.get("RANK", 0)))  # torch's hook lost our error line
         logger.info(f"launch: {launch.mode}, {launch.world_size} processes; this one is local rank {launch.local_rank} "
                     f"on {launch.device}", extra={"every_rank": True})
+        _quiet_other_ranks()
     if launch.mode == "ZeRO-3" and script not in ONE_PROCESS:
         register_zero3_init()
     return launch
+
+
+def _quiet_other_ranks() -> None:
+    """The scripts' own lines (`print`, PEFT's trainable-parameter count) once per launch, not once per process:
+    only global rank 0 keeps its stdout, as `torchrun --local-ranks-filter 0` would. Warnings, errors and the
+    lines logged with every_rank go to stderr and stay; `--debug` (ALIGNKIT_DEBUG=1) keeps every rank's stdout."""
+    if int(os.environ.get("RANK", 0)) != 0 and not debugging():
+        sys.stdout.flush()
+        sys.stdout = open(os.devnull, "w")
 
 
 def agreed_minimum(value: int) -> int:
