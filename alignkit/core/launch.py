@@ -200,20 +200,21 @@ def establish_launch(s=None, script: str = "") -> Launch:
             torch.cuda.set_device(launch.local_rank)  # before loading: bitsandbytes places on the current device
         hook = sys.excepthook
         _distributed_state = _start_process_group()
-        report_on_rank(hook, int(os.environ.get("RANK", 0)))  # torch's hook lost our error line
+        rank = int(os.environ.get("RANK", 0))
+        report_on_rank(hook, rank)  # torch's hook lost our error line
         logger.info(f"launch: {launch.mode}, {launch.world_size} processes; this one is local rank {launch.local_rank} "
                     f"on {launch.device}", extra={"every_rank": True})
-        _quiet_other_ranks()
+        _quiet_other_ranks(rank)
     if launch.mode == "ZeRO-3" and script not in ONE_PROCESS:
         register_zero3_init()
     return launch
 
 
-def _quiet_other_ranks() -> None:
+def _quiet_other_ranks(rank: int) -> None:
     """The scripts' own lines (`print`, PEFT's trainable-parameter count) once per launch, not once per process:
     only global rank 0 keeps its stdout, as `torchrun --local-ranks-filter 0` would. Warnings, errors and the
     lines logged with every_rank go to stderr and stay; `--debug` (ALIGNKIT_DEBUG=1) keeps every rank's stdout."""
-    if int(os.environ.get("RANK", 0)) != 0 and not debugging():
+    if rank != 0 and not debugging():
         sys.stdout.flush()
         sys.stdout = open(os.devnull, "w")
 
