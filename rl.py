@@ -63,10 +63,11 @@ run_folder, resume_from = prepare_run(settings, "rl")
 # ## Rewards
 # Built before the model loads, so a bad spec or a missing judge key fails at once. A failed or unparseable
 # judgment scores nothing (NaN): that completion is left out of its group's baseline and gets advantage 0; the
-# failures are counted in the logs (`judge/failed`, `judge/unparsed`, `rewards/unscored_frac`).
+# failures are counted in the logs (`judge/failed`, `judge/unparsed`, `rewards/unscored_frac`). Your function may
+# return None where its reward does not apply: as in TRL, the other rewards are summed without it.
 
 # %%
-from alignkit.train.rl import build_rewards
+from alignkit.train.rl_rewards import build_rewards
 
 rewards = build_rewards(settings, run_folder)
 print(f"rewards: {', '.join(r.__name__ for r in rewards)}", flush=True)  # whole, beside other ranks' output
@@ -76,21 +77,22 @@ print(f"rewards: {', '.join(r.__name__ for r in rewards)}", flush=True)  # whole
 # One loader for every script; a fresh LoRA adapter goes on top, anything the model was loaded with stays frozen.
 
 # %%
-from alignkit.modeling.models import add_trainable_adapter, load_model, require_chat_template
+from alignkit.modeling.models import add_trainable_adapter, load_model
 
 loaded = load_model(settings, for_training=True)
-require_chat_template(loaded.tokenizer, settings.model_id)
 model = add_trainable_adapter(loaded, settings)
 model.print_trainable_parameters()
 
 # %% [markdown]
 # ## Prompts
-# A file or Hub dataset, read as label.py reads `--prompts` (`--prompt_field` holds text or messages).
+# A file or Hub dataset, read as label.py reads `--prompts` (`--prompt_field` holds text or messages); every row
+# trains, repeats included, as in TRL. Conversations go through the chat template, and so does text when the model
+# has one; a model without one gets text prompts as they are (TRL's standard format).
 
 # %%
-from alignkit.train.rl import load_prompt_dataset
+from alignkit.train.rl import as_trl_prompts, load_prompt_dataset
 
-prompts = load_prompt_dataset(settings)
+prompts = as_trl_prompts(load_prompt_dataset(settings), loaded.tokenizer, settings.model_id)
 print(f"{len(prompts)} prompts")
 
 # %% [markdown]
@@ -127,13 +129,14 @@ for reward in rewards:
     if hasattr(reward, "close"):
         reward.close()
 print(f"adapter: {run_folder}")
-# A log whose every completion went unscored (failed judgments) has no reward: NaN, which transformers logs as None.
+# A log whose every completion went unscored has no reward: NaN, which transformers logs as None.
 logged = [entry["reward"] for entry in trainer.state.log_history if entry.get("reward") is not None]
 if logged:
     print(f"reward: {logged[0]:.3f} at the first log, {logged[-1]:.3f} at the last")
 unscored = [entry["rewards/unscored_frac"] for entry in trainer.state.log_history if "rewards/unscored_frac" in entry]
 if unscored and max(unscored) > 0:
-    print(f"unscored completions (failed judgments, left out of the advantages): up to {max(unscored):.0%} of a log")
+    print(f"unscored completions (a failed judgment, or None from every reward; left out of the advantages): up "
+          f"to {max(unscored):.0%} of a log")
 
 from alignkit.train.report import show
 

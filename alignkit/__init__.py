@@ -50,7 +50,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   refcache (reference log-prob cache),
   lota and lota_mask (Lottery Ticket Adaptation: training, and its calibration and mask),
   reward (reward.py's losses and trainer),
-  rl (rl.py's rewards and GRPO/RLOO),
+  rl (rl.py's prompts and GRPO/RLOO trainers), rl_rewards (its rewards: rule, judge, reward model, code),
   rlaif (rlaif.py's rounds).
 - feedback (AI feedback):
   judge (label.py's judges), judge_templates (their prompts),

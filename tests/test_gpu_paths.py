@@ -217,7 +217,8 @@ def test_auto_loads_flex_attention_for_dpo_with_prefix_sharing_only(monkeypatch,
     assert attention(DPOSettings(model_id=tiny, prefix_sharing=False)) == "flash_attention_2"
     assert attention(DPOSettings(model_id=tiny), training=False) == "flash_attention_2"  # generation, evaluation
     for other in (SFTSettings, KTOSettings, RewardSettings, RLSettings):
-        assert not kernels.packs_pairs(other(model_id=tiny), True)  # sft/kto/reward/rl: the plain choice
+        rewarded = {"reward": ["rule"]} if other is RLSettings else {}
+        assert not kernels.packs_pairs(other(model_id=tiny, **rewarded), True)  # sft/kto/reward/rl: the plain choice
     assert attention(SFTSettings(model_id=tiny)) == "flash_attention_2"
     for explicit in ("flash_attention_2", "sdpa"):  # the override: what bench/gpu_dpo.py compares it with
         assert attention(DPOSettings(model_id=tiny, attn_implementation=explicit)) == explicit

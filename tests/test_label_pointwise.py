@@ -116,7 +116,7 @@ def test_the_rating_is_read_as_fastchat_reads_it(text):
     import re
 
     from alignkit.evals import fastchat_compat
-    from alignkit.train.rl import parse_rating as rl_rating
+    from alignkit.train.rl_rewards import parse_rating as rl_rating
 
     common, _ = fastchat_compat.load()  # FastChat's llm_judge/common.py (its optional API clients stubbed)
     match = re.search(common.one_score_pattern, text) or re.search(common.one_score_pattern_backup, text)

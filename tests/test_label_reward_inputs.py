@@ -61,12 +61,12 @@ def test_rl_refuses_a_split_of_a_single_prompts_file(tmp_path):
 
     path = jsonl(tmp_path / "rlp.jsonl", [{"question": p} for p in PROMPTS])
     with pytest.raises(ConfigError) as err:
-        load_prompt_dataset(RLSettings(dataset_id=path, prompt_field="question", dataset_split="test"))
+        load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=path, prompt_field="question", dataset_split="test"))
     assert str(err.value) == (
         f"--dataset_split test: {path} is a single file, which has no splits (the whole file is the training data). "
         "Drop --dataset_split, or pass a folder or Hub dataset that has a test split")
     # The default split names the default Hub dataset's: a file read under it is the whole file, as before.
-    data = load_prompt_dataset(RLSettings(dataset_id=path, prompt_field="question"))
+    data = load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=path, prompt_field="question"))
     assert [row["prompt"][0]["content"] for row in data] == PROMPTS
 
 

@@ -256,14 +256,14 @@ def test_rl_with_vllm_refuses_qlora_and_caps_vllm_s_context(monkeypatch, tmp_pat
     # Its GPU defaults: vLLM (installed) and QLoRA. Refused before loading, saying what to use instead.
     with pytest.raises(UserError, match=r"rl.py with vLLM and QLoRA .* use --backend transformers, or "
                                         "--quantization none with vLLM"):
-        launch.establish_launch(RLSettings(), "rl.py")
-    launch.establish_launch(RLSettings(quantization="none"), "rl.py")
-    launch.establish_launch(RLSettings(backend="transformers"), "rl.py")
+        launch.establish_launch(RLSettings(reward=["rule"]), "rl.py")
+    launch.establish_launch(RLSettings(reward=["rule"], quantization="none"), "rl.py")
+    launch.establish_launch(RLSettings(reward=["rule"], backend="transformers"), "rl.py")
     # vLLM's context: --max_model_len, at most the model's own.
     monkeypatch.setattr(trl, "GRPOConfig", Recorded)
     model = type("M", (), {"config": AutoConfig.from_pretrained(presets.paths()["model"])})()
     context = model.config.max_position_embeddings
-    s = RLSettings(quantization="none", report_to="none", gradient_checkpointing="false", max_model_len=10**6)
+    s = RLSettings(reward=["rule"], quantization="none", report_to="none", gradient_checkpointing="false", max_model_len=10**6)
     assert rl.trl_args(s, tmp_path, torch.bfloat16, model)["vllm_max_model_length"] == context
     s.max_model_len = context // 2
     assert rl.trl_args(s, tmp_path, torch.bfloat16, model)["vllm_max_model_length"] == context // 2

@@ -260,10 +260,10 @@ def test_grpo_loss_types_are_read_from_the_installed_trl_and_a_typo_is_refused_b
     known = compared_loss_types(GRPOTrainer)
     assert {"grpo", "dapo", "dr_grpo", "bnpo"} <= known and not known & {"sequence", "token"}  # no other field's values
     for loss_type in sorted(known):
-        assert parse_config(RLSettings, env_file=None, args=["--loss_type", loss_type]).trainer_overrides == {
+        assert parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--loss_type", loss_type]).trainer_overrides == {
             "loss_type": loss_type}
     with pytest.raises(UserError, match="unknown loss_type dr_gpro for GRPO: did you mean dr_grpo?"):
-        parse_config(RLSettings, env_file=None, args=["--loss_type", "dr_gpro"])
+        parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--loss_type", "dr_gpro"])
     assert compared_loss_types(type("NoSource", (), {})) == set()  # nothing to read: no check rather than a wrong one
 
 

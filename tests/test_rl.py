@@ -118,7 +118,7 @@ def _faulty(body):
 
 
 def test_judge_reward_counts_failures_and_never_scores_them(tmp_path):
-    from alignkit.train.rl import JudgeReward
+    from alignkit.train.rl_rewards import JudgeReward
 
     _faulty.seen = []
     prompts = [[{"role": "user", "content": "name three fruits."}]] * 4
@@ -141,7 +141,7 @@ def test_judge_reward_counts_failures_and_never_scores_them(tmp_path):
 def test_pairwise_judge_reward_uses_label_keys(tmp_path):
     from alignkit.feedback.judge import make_judge  # noqa: F401 - the key below is label.py's make_pairs key
     from alignkit.core.digests import digest
-    from alignkit.train.rl import JudgeReward
+    from alignkit.train.rl_rewards import JudgeReward
 
     refs = tmp_path / "refs.jsonl"
     refs.write_text(json.dumps({"prompt": "name three fruits.", "response": "apple,pear,plum."}) + "\n")
@@ -208,19 +208,89 @@ def test_a_python_reward_gets_the_rows_as_trl_hands_them(tmp_path, monkeypatch):
     import json
 
     from alignkit.core.config import RLSettings
-    from alignkit.train import rl
+    from alignkit.train import rl, rl_rewards
 
     data = tmp_path / "math.jsonl"
     chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    # A repeated prompt is a row of its own, as TRL trains it (it was dropped, its solution with it).
     data.write_text(json.dumps({"prompt": "1+1?", "solution": "2"}) + "\n"
-                    + json.dumps({"prompt": chat, "solution": "4"}) + "\n")
-    monkeypatch.setattr(rl, "TEXT_PROMPTS", set())
-    rows = rl.load_prompt_dataset(RLSettings(dataset_id=str(data)))
-    assert rows.column_names == ["solution", "prompt"] and rows["solution"] == ["2", "4"]
+                    + json.dumps({"prompt": chat, "solution": "4"}) + "\n"
+                    + json.dumps({"prompt": "1+1?", "solution": "two"}) + "\n")
+    monkeypatch.setattr(rl_rewards, "TEXT_PROMPTS", set())
+    rows = rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(data)))
+    assert rows.column_names == ["solution", "prompt"] and rows["solution"] == ["2", "4", "two"]
+    assert rows["prompt"][2] == rows["prompt"][0]
+    assert len(rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(data), max_prompts=2))) == 2
     (tmp_path / "acc.py").write_text("def accuracy(prompts, completions, solution, **kwargs):\n"
                                      "    return [(p, c, s) for p, c, s in zip(prompts, completions, solution)]\n")
-    reward = rl.import_reward(f"python:{tmp_path / 'acc.py'}:accuracy")
+    reward = rl_rewards.import_reward(f"python:{tmp_path / 'acc.py'}:accuracy")
     assert reward.__name__ == "accuracy"
     said = [{"role": "assistant", "content": "2"}]
     assert reward([rows[0]["prompt"]], [said], solution=["2"]) == [("1+1?", "2", "2")]  # text, as written
     assert reward([rows[1]["prompt"]], [said], solution=["4"]) == [(chat, said, "4")]  # a conversation stays one
+
+
+def test_an_async_reward_is_awaited_and_its_none_leaves_the_other_rewards_summed(sft_run, tmp_path):
+    """TRL awaits an async reward function (an API call), and where a function returns None ("does not apply
+    here") it sums the other rewards. rl.py's wrapper hid the coroutine from TRL, and a None unscored the whole
+    completion (advantage 0), so a reward that applies to some rows silenced the others on the rest."""
+    code = tmp_path / "maybe.py"
+    code.write_text("async def maybe(prompts, completions, category, **kwargs):\n"
+                    "    assert all(isinstance(x, str) for x in prompts + completions), (prompts, completions)\n"
+                    "    return [None if i % 2 else 1.0 for i in range(len(completions))]\n")
+    g = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir",
+                   str(tmp_path), "--reward", f"rule,python:{code}:maybe", "--max_steps", "1", "--logging_steps", "1")
+    logs = [e for e in g["trainer"].state.log_history if "loss" in e]
+    assert logs
+    for entry in logs:
+        assert entry["rewards/unscored_frac"] == 0.0 and entry["rewards/maybe/mean"] == 1.0
+        # Half the completions get the rule plus 1, the other half the rule alone.
+        assert entry["reward"] == pytest.approx(entry["rewards/rule_reward/mean"] + 0.5, abs=1e-5)
+
+
+def test_a_failed_judgment_unscores_its_completion_and_a_python_none_does_not():
+    """The rows' rewards after TRL's: NaN throughout where a judgment failed; a python reward's None left as
+    TRL leaves it (its nansum adds the others); a row every reward left None counted unscored."""
+    from collections import Counter
+
+    import torch
+
+    from alignkit.train.rl import _OnlineMixin
+    from alignkit.train.rl_rewards import JudgeReward, rule_reward
+
+    class TRLs:
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            return self.raw.clone()
+
+    class Trainer(_OnlineMixin, TRLs):
+        pass
+
+    def mine(prompts, completions, **kwargs):
+        return []
+
+    nan = float("nan")
+    trainer = Trainer()
+    trainer._times, trainer._unscored = Counter(), Counter()
+    trainer.reward_funcs = [JudgeReward.__new__(JudgeReward), mine]
+    trainer.raw = torch.tensor([[0.8, nan], [nan, 1.0], [0.5, 0.2], [nan, nan]])
+    out = trainer._calculate_rewards(None, None, None, None)
+    assert out[0, 0] == pytest.approx(0.8) and torch.isnan(out[0, 1])  # the python reward's None only
+    assert torch.isnan(out[1]).all() and torch.isnan(out[3]).all()  # the failed judgment: the whole row
+    assert torch.equal(out[2], trainer.raw[2]) and trainer._unscored == Counter(rows=4, unscored=2)
+    trainer.reward_funcs = [rule_reward, mine]
+    trainer.raw = torch.tensor([[0.8, nan], [nan, nan]])
+    out = trainer._calculate_rewards(None, None, None, None)
+    assert out[0, 0] == pytest.approx(0.8) and trainer._unscored == Counter(rows=6, unscored=3)
+
+
+def test_rl_needs_a_reward_outside_the_preset(tmp_path):
+    """The rule is the tiny preset's word check: on the user's data it scored 0 for every completion, so the run
+    trained on zero advantages. Outside the preset --reward is required (TRL refuses to train without one)."""
+    from alignkit.core.args import ConfigError
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?"}) + "\n")
+    with pytest.raises(ConfigError, match="rl.py needs --reward: judge .*rm:FOLDER .*python:module:function"):
+        run_script("rl.py", "--model_id", str(tmp_path / "no-model"), "--dataset_id", str(data),
+                   "--output_dir", str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()

@@ -265,7 +265,8 @@ def test_max_length_none_is_trl_s_no_truncation_in_every_trainer(tiny_cache, tmp
 
 def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_template(tiny_cache, tmp_path):
     """TRL joins standard rows (texts) as plain text, without a chat template: a base model without one trains on
-    them (it was refused, and a model with one trained through it). Conversational rows still need a template."""
+    them (it was refused, and a model with one trained through it), and rl.py samples from text prompts as they
+    are. Conversational rows still need a template."""
     from alignkit.core.errors import UserError
     from alignkit.modeling import presets
 
@@ -313,6 +314,17 @@ def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_templ
     chats.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     with pytest.raises(UserError, match="has no chat template, and this data is conversational"):
         run_script("dpo.py", *common[:4], "--dataset_id", str(chats), *common[6:], "--run_name", "chats")
+    # rl.py: text prompts go to a base model as they are (TRL's standard format); it refused the model for want
+    # of a template. Conversations are still refused, naming --chat_template.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows[:8]))
+    rl = run_script("rl.py", *common[:4], "--dataset_id", str(prompts), *common[6:], "--run_name", "rl",
+                    "--reward", "rule", "--per_device_train_batch_size", "8", "--max_completion_length", "4")
+    assert rl["trainer"].train_dataset["prompt"] == [r["prompt"] for r in rows[:8]]
+    assert rl["trainer"].state.global_step == 1
+    with pytest.raises(UserError, match="has no chat template, and this data is conversational"):
+        run_script("rl.py", *common[:4], "--dataset_id", str(chats), *common[6:], "--run_name", "rl-chats",
+                   "--reward", "rule")
 
 
 def test_eval_strategy_no_holds_no_rows_out(local, tmp_path):
@@ -337,9 +349,9 @@ def test_trl_s_dataset_name_trains_on_trl_s_default_split_and_use_vllm_picks_the
     assert parse_config(SFTSettings, env_file=None, args=[]).dataset_split == "train_sft"
     assert parse_config(SFTSettings, env_file=None, args=["--dataset_name", "d", "--dataset_train_split",
                                                           "train_sft"]).dataset_split == "train_sft"
-    rl = parse_config(RLSettings, env_file=None, args=["--use_vllm"])
+    rl = parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--use_vllm"])
     assert rl.backend == "vllm" and "use_vllm" not in (rl.trainer_overrides or {})
-    assert parse_config(RLSettings, env_file=None, args=["--use_vllm", "false"]).backend == "transformers"
+    assert parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--use_vllm", "false"]).backend == "transformers"
 
 
 def test_trl_s_own_dataset_mixture_is_read_as_trl_reads_it(local, tmp_path):
@@ -573,9 +585,10 @@ def test_use_peft_works_for_every_training_script_and_an_alias_of_another_s_sett
     from alignkit.core.config import KTOSettings, RewardSettings, RLSettings, SFTSettings
 
     cls = {"kto": KTOSettings, "reward": RewardSettings, "rl": RLSettings}[script]
-    assert parse_config(cls, env_file=None, args=["--use_peft"]) == parse_config(cls, env_file=None, args=[])
+    base = ["--reward", "rule"] if script == "rl" else []  # rl.py needs one
+    assert parse_config(cls, env_file=None, args=[*base, "--use_peft"]) == parse_config(cls, env_file=None, args=base)
     with pytest.raises(ConfigError, match="--use_peft false asks for full fine-tuning"):
-        parse_config(cls, env_file=None, args=["--use_peft", "false"])
+        parse_config(cls, env_file=None, args=[*base, "--use_peft", "false"])
     with pytest.raises(ConfigError, match=r"--beta \(in the command line; TRL's name for --dpo_beta, which this "
                                           r"script does not have\)"):
         parse_config(SFTSettings, env_file=None, args=["--beta", "0.1"])
@@ -619,9 +632,10 @@ def test_rl_and_rlaif_refuse_what_trl_would_fail_on_or_they_would_drop(tmp_path)
     # TRL's GRPOConfig takes scale_rewards as a bool too (True: group, False: none): a flag or a YAML bool
     recipe = tmp_path / "grpo.yaml"
     recipe.write_text("scale_rewards: false\n")
-    assert parse_config(RLSettings, env_file=None, args=["--config", str(recipe)]).trainer_overrides == {
+    rule = ["--reward", "rule"]
+    assert parse_config(RLSettings, env_file=None, args=[*rule, "--config", str(recipe)]).trainer_overrides == {
         "scale_rewards": "none"}
-    assert parse_config(RLSettings, env_file=None, args=["--scale_rewards", "true"]).trainer_overrides == {
+    assert parse_config(RLSettings, env_file=None, args=[*rule, "--scale_rewards", "true"]).trainer_overrides == {
         "scale_rewards": "group"}
     # a value TRL lists (field metadata "choices") is checked when the settings are read, not after the load
     from alignkit.core.config import KTOSettings
@@ -633,7 +647,7 @@ def test_rl_and_rlaif_refuse_what_trl_would_fail_on_or_they_would_drop(tmp_path)
     # a refused name inside --trainer_overrides too (hub_token went into every checkpoint's training_args.bin)
     assert "--trainer_overrides hub_token has no effect in alignkit" in error(
         KTOSettings, "--trainer_overrides", '{"hub_token": "hf_xyz"}')
-    from alignkit.train.rl import import_reward
+    from alignkit.train.rl_rewards import import_reward
 
     assert import_reward("python:trl.rewards.think_format_reward").__name__ == "think_format_reward"
 

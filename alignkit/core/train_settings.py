@@ -138,7 +138,7 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
                                                                        "or Hub dataset id (read like label.py --prompts)")
     dataset_split: str = setting("train_prefs", "split of a Hub prompt dataset")
     prompt_field: str = setting("prompt", "column holding the prompt: text, or role/content messages")
-    max_prompts: int | None = setting(None, "use only the first N distinct prompts")
+    max_prompts: int | None = setting(None, "use only the first N rows (every row trains, repeats included)")
     eval_split: float = setting(0.0, "unused by rl.py (it measures the reward on its own samples); keep 0")
     max_length: int | None = setting(None, "unused by rl.py: TRL's GRPO/RLOO keep each prompt whole and stop the "
                                            "answers at --max_completion_length")
@@ -146,8 +146,8 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
     algo: str = setting("grpo", "grpo: group-normalised advantages (TRL GRPOTrainer); rloo: leave-one-out "
                                 "baseline (TRL RLOOTrainer)", choices=["grpo", "rloo"])
     reward: list[str] = setting(
-        default_factory=lambda: ["rule"], help="reward(s), comma separated: rule (the preset's), judge, "
-        "rm:FOLDER (a reward.py run), python:module:function (or python:file.py:function)")
+        default_factory=list, help="reward(s), comma separated (required): rule (the tiny preset's word check), "
+        "judge, rm:FOLDER (a reward.py run), python:module:function (or python:file.py:function)")
     reward_weights: list[float] | None = setting(None, "weights of a comma list of rewards, e.g. 1.0,0.5")
     beta: float = setting(0.04, "KL coefficient towards the reference (the policy with the trained adapter off)")
     num_generations: int = setting(8, "completions sampled per prompt (the group its advantages compare within)")
@@ -193,6 +193,9 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
         if overrides.get("sync_ref_model"):
             raise ValueError("sync_ref_model has no effect in rl.py: TRL does not support it with a PEFT adapter (the "
                              "reference is the policy with its adapter off); drop it")
+        if not self.reward:  # TRL too refuses to train with no reward function
+            raise ValueError("rl.py needs --reward: judge (an OpenAI-compatible judge), rm:FOLDER (a reward.py run), "
+                             "python:module:function (your own), or rule (the tiny preset's word check)")
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (advantages compare completions of one prompt), got "
                              f"{self.num_generations}")

@@ -191,7 +191,7 @@ def load_prompts(run: Run) -> list[Prompt]:
     for i, row in enumerate(rows):
         prompt = Prompt(_as_messages(row.get(column), f"{place(i)}: field '{column}'"), place=place(i),
                         row=row if getattr(s, "keep_rows", False) else None)
-        if prompt.key in seen:
+        if prompt.key in seen and not getattr(s, "keep_rows", False):
             run.stats["duplicate prompts"] += 1
             continue
         seen.add(prompt.key)
@@ -208,7 +208,8 @@ def load_prompts(run: Run) -> list[Prompt]:
 def read_prompts(source, split="train", config=None, field="prompt", max_prompts=None, keep_rows=False) -> list[Prompt]:
     """load_prompts for a source a script names itself (rl.py's and rlaif.py's --dataset_id, rlaif.py's
     --eval_prompts): the same reading, checks and messages. A single file is read whole: pass split "train".
-    keep_rows: each Prompt keeps the whole row it came from (rl.py hands its other columns to the rewards)."""
+    keep_rows: every row, repeats included, each Prompt with the whole row it came from (rl.py trains on every
+    row, as TRL does, and hands the other columns to the rewards)."""
     from types import SimpleNamespace
 
     settings = SimpleNamespace(prompts=source, prompts_split=split, prompts_config=config, prompt_field=field,

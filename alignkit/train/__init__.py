@@ -13,6 +13,6 @@
 - lota: Lottery Ticket Adaptation (sparse deltas instead of LoRA): the training glue; lota_mask: its calibration
   and mask (the delta itself: alignkit.modeling.lota_delta).
 - reward: reward.py's losses and trainer.
-- rl: rl.py's rewards and GRPO/RLOO.
+- rl: rl.py's prompts and GRPO/RLOO trainers; rl_rewards: its rewards (rule, judge, reward model, code).
 - rlaif: rlaif.py's rounds.
 """
