@@ -288,7 +288,7 @@ def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_templ
     tok, first = dpo["loaded"].tokenizer, dpo["trainer"].train_dataset[0]
     prompt = next(r["prompt"] for r in rows if tok(text=r["prompt"])["input_ids"] == first["prompt_ids"])
     assert first["prompt_ids"] == tok(text=prompt)["input_ids"]  # the text itself: no template around it
-    reward = run_script("reward.py", *common, "--run_name", "reward")
+    reward = run_script("reward.py", *common, "--run_name", "reward", "--warmup_ratio", "0")  # a step that moves
     assert 0 <= reward["report"]["held_out_accuracy"] <= 1
     # The held-out report scores a pair as TRL tokenized it for training: the text, ending with the eos token.
     from alignkit.feedback.rewards import score
@@ -299,11 +299,29 @@ def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_templ
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
     assert score(model, tok, [text]) == pytest.approx([expected], abs=1e-5)
-    # As a judge (label.py, rl.py: rm:FOLDER) it would score conversations through a template it has not got.
+    # As a judge (label.py, rl.py: rm:FOLDER) it scores as it trained: the prompt's text, then the answer (it was
+    # refused for want of a template). A reward model that has a template but trained on texts scores the same
+    # way: through its template it would score inputs it never saw.
     from alignkit.feedback import rewards
 
-    with pytest.raises(ConfigError, match="has no chat template: it was trained on plain text"):
-        rewards.load(f"rm:{reward['run_folder']}")
+    assert json.loads((reward["run_folder"] / "metrics.json").read_text())["reward_rows"] == "text"
+    judged = rewards.load(f"rm:{reward['run_folder']}")([[{"role": "user", "content": r["prompt"]}] for r in rows[:3]],
+                                                         [r["chosen"] for r in rows[:3]])
+    assert len({round(x, 5) for x in judged}) == 3  # a trained head: the answers score apart
+    assert judged == pytest.approx(score(model, tok, [r["prompt"] + r["chosen"] for r in rows[:3]]), abs=1e-5)
+    with pytest.raises(UserError, match="was trained on text rows .* has 2 turns"):
+        rewards.load(f"rm:{reward['run_folder']}")([[{"role": "system", "content": "s"}, {"role": "user",
+                                                                                          "content": "q"}]], ["a"])
+    templated = run_script("reward.py", *common[:2], *common[4:], "--run_name", "reward-templated", "--warmup_ratio",
+                           "0")
+    scorer = rewards.load(f"rm:{templated['run_folder']}")
+    assert scorer.loaded.tokenizer.chat_template and scorer.text
+    model, tok = templated["trainer"].model, templated["loaded"].tokenizer
+    conversations = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]
+                     for r in rows[:3]]
+    as_text = score(model, tok, [r["prompt"] + r["chosen"] for r in rows[:3]])
+    assert scorer([c[:1] for c in conversations], [r["chosen"] for r in rows[:3]]) == pytest.approx(as_text, abs=1e-5)
+    assert as_text != pytest.approx(score(model, tok, conversations), abs=1e-5)  # the template: other inputs
     completions = tmp_path / "sft.jsonl"
     completions.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n" for r in rows))
     sft = run_script("sft.py", *common[:4], "--dataset_id", str(completions), *common[6:], "--run_name", "sft")

@@ -9,6 +9,11 @@ A reward model scores a conversation by its score head on the last token: r(x, y
 number whose differences, not values, mean something (Bradley-Terry: P(y1 ≻ y2 | x) = σ(r(x, y1) − r(x, y2))).
 
 label.py's `--judge rm:RUN_FOLDER` (alignkit.feedback.judge.RMJudge) scores answers through `RewardModel`.
+
+A reward model is scored as it was trained. reward.py records its rows' format in metrics.json (`reward_rows`,
+carried into merged folders): one trained on conversations scores a conversation through the chat template; one
+trained on TRL's standard rows (texts) scores the prompt's text followed by the answer, with no template, even
+when the tokenizer has one (through the template it would score inputs it never saw).
 """
 
 from __future__ import annotations
@@ -22,6 +27,19 @@ from alignkit.core.args import ConfigError
 from alignkit.modeling.template_rows import refusing
 
 PREFIX = "rm:"
+ROWS_KEY = "reward_rows"  # metrics.json: "text" (TRL's standard rows) or "conversations"
+
+
+def trained_on_text(folder: str) -> bool:
+    """Whether the reward model in `folder` was trained on texts: its run's metrics.json says so (reward.py writes
+    it; merge.py carries it over). A model without the record (a Hub model, an older run) counts as conversational."""
+    import json
+
+    path = Path(folder, "metrics.json")
+    try:
+        return json.loads(path.read_text()).get(ROWS_KEY) == "text"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def score(model, tokenizer, conversations: list[list[dict] | str], batch_size: int = 16,
@@ -80,17 +98,31 @@ class RewardModel:
             raise ConfigError(f"{PREFIX}{folder}: no such folder; pass a reward.py run folder (or its merged/ "
                               "folder), e.g. rm:runs/tiny-reward")
         self.folder, self.batch_size, self.max_length = folder, batch_size, max_length
+        self.text = trained_on_text(folder)
         self.loaded = load_model(reward_loader_settings(folder, settings), reward=True)
-        if not getattr(self.loaded.tokenizer, "chat_template", None):  # score() would fail on every answer
-            raise ConfigError(f"{PREFIX}{folder} has no chat template: it was trained on plain text (TRL's standard "
-                              "rows), and a judge scores conversations. Train it on conversational rows, or on a "
-                              "model with a chat template")
+        if not self.text and not getattr(self.loaded.tokenizer, "chat_template", None):  # score() would fail
+            raise ConfigError(f"{PREFIX}{folder} has no chat template, and its run does not record text rows "
+                              f"(metrics.json {ROWS_KEY}). Retrain it with this reward.py (which records them), on "
+                              "conversational rows, or on a model with a chat template")
 
     def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts for {len(answers)} answers: pass one prompt per answer")
-        conversations = [[*p, {"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
-        return score(self.loaded.model, self.loaded.tokenizer, conversations, self.batch_size, self.max_length)
+        if self.text:  # as TRL's RewardTrainer joined its standard rows: the prompt's text, then the answer
+            inputs = [self._text(p) + a for p, a in zip(prompts, answers)]
+        else:
+            inputs = [[*p, {"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
+        return score(self.loaded.model, self.loaded.tokenizer, inputs, self.batch_size, self.max_length)
+
+    def _text(self, prompt: list[dict]) -> str:
+        if len(prompt) == 1 and prompt[0].get("role") == "user":
+            return prompt[0]["content"]
+        from alignkit.core.errors import UserError
+        from alignkit.modeling.template_rows import _which
+
+        raise UserError(f"{PREFIX}{self.folder} was trained on text rows (a prompt's text, then the answer), so it "
+                        f"scores prompts written as text; {_which(prompt)} has {len(prompt)} turns. Judge such "
+                        "prompts with a reward model trained on conversations")
 
 
 def load(spec: str, **kwargs) -> Callable[[list[list[dict]], list[str]], list[float]]:
