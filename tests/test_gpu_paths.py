@@ -449,6 +449,19 @@ def test_a_sharded_adapter_is_gathered_on_every_rank_and_written_whole(kind, tin
 # 7. QLoRA keeps its trainable weights in fp32
 
 
+def test_sft_with_qlora_in_one_process(tiny_cache, tmp_path):
+    """sft.py with --quantization 4bit in one process: the base's linear layers really 4-bit (bitsandbytes on the
+    CPU), the LoRA weights trained in fp32, the adapter saved."""
+    import bitsandbytes as bnb
+
+    run = run_script("sft.py", "--preset", "tiny", "--quantization", "4bit", "--max_steps", "2", "--eval_split", "0",
+                     "--output_dir", str(tmp_path), "--run_name", "qlora", "--save_steps", "100")
+    assert run["loaded"].quantization == "4bit"
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in run["model"].modules()) == 14  # 7 per layer, 2 layers
+    assert {p.dtype for p in run["model"].parameters() if p.requires_grad} == {torch.float32}
+    assert run["trainer"].state.global_step == 2 and (tmp_path / "qlora" / "adapter_model.safetensors").is_file()
+
+
 def test_qlora_trains_fp32_adapters_that_move(tiny_cache, tmp_path):
     """TRL casts a 4-bit model's trainable LoRA weights to bf16 (trl/trainer/dpo_trainer.py, "When using QLoRA");
     at a DPO learning rate AdamW's steps then round away. A real 4-bit model (bitsandbytes on the CPU), 3 steps."""

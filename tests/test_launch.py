@@ -155,6 +155,12 @@ REFUSED = [
     ("ddp", "merge.py", MergeSettings(adapter_dir="runs/x"),
      r"merge.py under accelerate launch \(DDP, 2 processes\): .* `python merge.py"),
     ("fsdp", "rlaif.py", SimpleNamespace(), r"rlaif.py under accelerate launch \(FSDP, 2 processes\)"),
+    ("ddp", "label.py", SimpleNamespace(), r"^label.py under accelerate launch \(DDP, 2 processes\): it runs as one "
+     r"process; run `python label.py ...` \(it uses this machine's GPU itself\)$"),
+    ("zero2", "evaluate.py", SimpleNamespace(), r"^evaluate.py under accelerate launch \(ZeRO-2, 2 processes\): "
+     r"it runs as one process"),
+    ("zero3", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.1),
+     r"reward.py --loss logexpwithlm under DeepSpeed ZeRO-3: .* use a DDP launch, or --lm_loss_coef 0"),
 ]
 
 

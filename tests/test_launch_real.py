@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -115,11 +116,23 @@ def test_sft_on_two_processes(sft_adapter):
 
 @pytest.fixture(scope="module")
 def dpo_run(sft_adapter, cache, runs):
-    """dpo.py (QLoRA) over the SFT adapter on two processes, once, with --precompute_ref_log_probs and
-    --merge_adaptors: returns (its run folder, the launch's output)."""
-    output = accelerate_launch(["dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
-                                "true", "--merge_adaptors", "--output_dir", str(runs), "--run_name", "dpo"], cache)
+    """dpo.py (QLoRA) over the SFT adapter on two processes, once, with its default loss (sigmoid: alignkit's own;
+    the preset adds TRL's sft term), --precompute_ref_log_probs and --merge_adaptors: returns (its run folder, the
+    launch's output)."""
+    shim = str(ROOT / "tests" / "launched.py")  # each process reports its launch type, packed batches, loss calls
+    output = accelerate_launch([shim, "dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--loss_type",
+                                "sigmoid", "--precompute_ref_log_probs", "true", "--merge_adaptors", "--output_dir",
+                                str(runs), "--run_name", "dpo"], cache)
     return runs / "dpo", output
+
+
+def launched_reports(output: str) -> list[tuple[str, str, int, int]]:
+    """(rank, distributed type, packed batches, own loss calls) as each process of a launch through
+    tests/launched.py reported them."""
+    found = re.findall(r"^launched: rank (\d) of 2 under (\w+); packed batches (\d+); own loss calls (\d+)$",
+                       output, re.M)
+    assert sorted(r[0] for r in found) == ["0", "1"], output[-3000:]
+    return [(rank, kind, int(packed), int(own)) for rank, kind, packed, own in found]
 
 
 def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(dpo_run, sft_adapter, cache, runs):
@@ -129,6 +142,9 @@ def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(dpo_run
     does not depend on it: alignkit/train/refcache.py) finds them, and neither process computes."""
     _, first = dpo_run
     finished(runs / "dpo")
+    # Under DDP both processes packed their pairs (prefix sharing on sdpa) and trained on alignkit's own loss.
+    for _, kind, packed, own in launched_reports(first):
+        assert kind == "MULTI_CPU" and packed > 0 and own > 0, launched_reports(first)
     # The script's own lines once per launch (alignkit.core.launch keeps stdout on rank 0 only).
     assert first.count("training pairs, ") == 1 and first.count("adapter: ") == 1, first[-3000:]
     entries = sorted((cache / "ref_logps").glob("*.safetensors"))
@@ -225,11 +241,13 @@ def test_lota_dpo_on_two_processes(sft_adapter, cache, runs):
 
 
 def test_kto_with_precompute_on_two_processes(sft_adapter, cache, runs):
-    """kto.py with --precompute_ref_log_probs: the main process writes the reference log-probs, every process reads
-    the same file (TRL named it at random per process for an in-memory dataset: the others found nothing)."""
-    output = accelerate_launch(["kto.py", *TINY, "--model_id", str(sft_adapter), "--precompute_ref_log_probs", "true",
-                                "--output_dir", str(runs), "--run_name", "kto"], cache)
+    """kto.py with QLoRA and --precompute_ref_log_probs: the main process writes the reference log-probs, every
+    process reads the same file (TRL named it at random per process for an in-memory dataset: the others found
+    nothing)."""
+    output = accelerate_launch(["kto.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
+                                "true", "--output_dir", str(runs), "--run_name", "kto"], cache)
     finished(runs / "kto")
+    assert json.loads((runs / "kto" / "alignkit_config.json").read_text())["quantization"] == "4bit"
     assert "rule-following after KTO" in output  # DDP: the model is whole on each process, so it samples
     assert len(list((runs / "kto" / "kto_reference").glob("cache-*.arrow"))) == 2  # train and held-out rows
 

@@ -22,10 +22,12 @@ import re
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import ROOT
 from test_launch_real import accelerate_launch, assert_each_rank_scored_with, assert_vllm_would_get_the_merged_policy
+from test_launch_real import launched_reports
 from test_launch_real import cache, runs  # noqa: F401 - its fixtures: a cache and runs folder of this module's own
 
 # Not importorskip: deepspeed is in the dev extra, and without it these tests must fail, not vanish.
@@ -46,20 +48,36 @@ def launch(mode: str, script: str, run: Path, *flags: str, cache: Path, vllm_syn
             *(["--vllm-sync", str(vllm_sync)] if vllm_sync else [])]
     output = accelerate_launch([*config, *shim, script, *flags, "--output_dir", str(run.parent), "--run_name",
                                 run.name], cache, env, multi_gpu=False)
-    reports = re.findall(r"^launched: rank (\d) of 2 under (\w+); packed batches (\d+); own loss calls (\d+)$",
-                         output, re.M)
-    assert sorted(r[0] for r in reports) == ["0", "1"], output[-3000:]
+    reports = launched_reports(output)
     assert {r[1] for r in reports} == {TYPE[mode]}, reports  # the Trainer ran under the launch asked for
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
-    return {"output": output, "packed": min(int(r[2]) for r in reports), "own": min(int(r[3]) for r in reports),
+    return {"output": output, "packed": min(r[2] for r in reports), "own": min(r[3] for r in reports),
             "metrics": metrics}
 
 
 def whole_adapter(run: Path) -> dict:
-    """The saved adapter, checked whole: no empty tensor from a partition (ZeRO-3's [0]) or a shard."""
+    """The saved adapter, checked whole: each LoRA matrix at its full shape, rank x the layer's input features (A)
+    and the layer's output features x rank (B), the layer's read from the base model's own weights. A partition
+    (ZeRO-3's empty [0]) or a shard (FSDP's slice of the rows) fails, where a check of non-empty tensors passed it."""
     weights = load_file(run / "adapter_model.safetensors")
-    assert weights and all(t.numel() > 0 for t in weights.values()), {k: t.shape for k, t in weights.items()}
+    from alignkit.modeling.chain import resolve
+
+    config = json.loads((run / "adapter_config.json").read_text())
+    shapes = {}
+    for file in Path(resolve(str(run)).base).glob("*.safetensors"):  # down the chain to the base model
+        with safe_open(file, "pt") as f:
+            shapes.update({name: f.get_slice(name).get_shape() for name in f.keys()})
+    checked = 0
+    for name, tensor in weights.items():
+        lora = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", name)
+        if lora:
+            out_features, in_features = shapes[f"{lora[1]}.weight"]
+            rank = config.get("rank_pattern", {}).get(lora[1], config["r"])
+            whole = (rank, in_features) if lora[2] == "A" else (out_features, rank)
+            assert tuple(tensor.shape) == whole, (name, tuple(tensor.shape), whole)
+            checked += 1
+    assert checked and all(t.numel() > 0 for t in weights.values()), {k: t.shape for k, t in weights.items()}
     return weights
 
 
@@ -213,5 +231,6 @@ def test_orpo_with_merge_under_zero2(cache, runs):
     """A reference-free loss (no reference pass at all), then --merge_adaptors."""
     run = runs / "orpo-zero2"
     done = launch("zero2", "dpo.py", run, *TINY, "--loss_type", "orpo", "--merge_adaptors", cache=cache)
-    assert done["packed"] > 0
+    assert done["packed"] > 0 and done["own"] > 0
     assert (run / "merged" / "merge.json").is_file()
+    whole_adapter(run)
