@@ -184,7 +184,9 @@ def test_python_and_reward_model_rewards_combine_with_weights(sft_run, tiny_cach
                     "    return [1.0 / (1 + len(c)) for c in completions]\n")
     g = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir",
                    str(tmp_path), "--run_name", "mix", "--reward", f"rule,python:{code}:short,rm:{reward_run['run_folder']}",
-                   "--reward_weights", "1,2,0.5", "--max_steps", "2", "--logging_steps", "1")
+                   "--reward_weights", "1,2,0.5", "--max_steps", "2", "--logging_steps", "1",
+                   "--chat_template_kwargs", '{"flag": true}')
+    assert g["rewards"][2].template_kwargs == {"flag": True}  # the reward model renders as TRL would render it
     for entry in [e for e in g["trainer"].state.log_history if "loss" in e]:
         names = ["rule_reward", "short", f"rm:{reward_run['run_folder']}"]
         means = [entry[f"rewards/{n}/mean"] for n in names]
@@ -294,3 +296,30 @@ def test_rl_needs_a_reward_outside_the_preset(tmp_path):
         run_script("rl.py", "--model_id", str(tmp_path / "no-model"), "--dataset_id", str(data),
                    "--output_dir", str(tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_reward_model_s_conversations_render_with_the_chat_template_kwargs(tiny_cache):
+    """rm:FOLDER ignored GRPOConfig's chat_template_kwargs ({"enable_thinking": false}), which TRL passes when it
+    renders a reward model's conversations."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from alignkit.feedback.rewards import score
+    from alignkit.modeling import presets
+
+    tok = AutoTokenizer.from_pretrained(presets.paths()["model"])
+    tok.chat_template = "{% if flag %}<|system|>{% endif %}{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}"
+
+    class Summing(torch.nn.Module):  # the reward: the sum of the token ids, so any other rendering shows
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask):
+            return SimpleNamespace(logits=(input_ids * attention_mask).sum(1, keepdim=True).float())
+
+    conversation = [[{"role": "user", "content": "name three fruits."}, {"role": "assistant", "content": "fig."}]]
+    plain, flagged = score(Summing(), tok, conversation), score(Summing(), tok, conversation, template_kwargs={"flag": 1})
+    assert flagged[0] - plain[0] == tok.convert_tokens_to_ids("<|system|>")

@@ -149,8 +149,10 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
         default_factory=list, help="reward(s), comma separated (required): rule (the tiny preset's word check), "
         "judge, rm:FOLDER (a reward.py run), python:module:function (or python:file.py:function)")
     reward_weights: list[float] | None = setting(None, "weights of a comma list of rewards, e.g. 1.0,0.5")
-    beta: float = setting(0.04, "KL coefficient towards the reference (the policy with the trained adapter off)")
-    num_generations: int = setting(8, "completions sampled per prompt (the group its advantages compare within)")
+    beta: float = setting(0.04, "KL coefficient towards the reference (the policy with the trained adapter off); "
+                                "for both algos (TRL's own defaults: GRPO 0.0, RLOO 0.05)")
+    num_generations: int = setting(8, "completions sampled per prompt (the group its advantages compare within); for "
+                                      "both algos (TRL's own defaults: GRPO 8, RLOO 2)")
     max_completion_length: int = setting(256, "longest sampled completion, in tokens")
     temperature: float = setting(1.0, "sampling temperature of the rollouts")
     vllm_mode: str = setting("colocate", "--backend vllm: colocate (vLLM shares the training GPU) or server "

@@ -43,12 +43,13 @@ def trained_on_text(folder: str) -> bool:
 
 
 def score(model, tokenizer, conversations: list[list[dict] | str], batch_size: int = 16,
-          max_length: int | None = None) -> list[float]:
+          max_length: int | None = None, template_kwargs: dict | None = None) -> list[float]:
     """The reward of each whole conversation (prompt turns + the assistant's answer), in the caller's order.
 
     Tokenized exactly as TRL's RewardTrainer tokenizes training pairs (the chat template, tokenize=True; a text,
     TRL's standard format: the text itself, ending with the eos token), right padded; a conversation longer than
-    max_length keeps its last max_length tokens (the score reads the end).
+    max_length keeps its last max_length tokens (the score reads the end). `template_kwargs` go to the chat
+    template (rl.py: GRPOConfig's chat_template_kwargs, as TRL renders a reward model's conversations).
     """
     ids = []
     for c in conversations:
@@ -57,7 +58,8 @@ def score(model, tokenizer, conversations: list[list[dict] | str], batch_size: i
             ids.append(tokenizer(text=c if c.endswith(eos) else c + eos)["input_ids"])
             continue
         with refusing(c, "an answer to score"):  # a template's refusal names the conversation in one line
-            ids.append(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
+            ids.append(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True,
+                                                     **(template_kwargs or {}))["input_ids"])
     if max_length:
         ids = [i[-max_length:] for i in ids]
     order = sorted(range(len(ids)), key=lambda n: -len(ids[n]))  # similar lengths share a batch: less padding
@@ -105,14 +107,15 @@ class RewardModel:
                               f"(metrics.json {ROWS_KEY}). Retrain it with this reward.py (which records them), on "
                               "conversational rows, or on a model with a chat template")
 
-    def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
+    def __call__(self, prompts: list[list[dict]], answers: list[str], template_kwargs: dict | None = None) -> list[float]:
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts for {len(answers)} answers: pass one prompt per answer")
         if self.text:  # as TRL's RewardTrainer joined its standard rows: the prompt's text, then the answer
             inputs = [self._text(p) + a for p, a in zip(prompts, answers)]
         else:
             inputs = [[*p, {"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
-        return score(self.loaded.model, self.loaded.tokenizer, inputs, self.batch_size, self.max_length)
+        return score(self.loaded.model, self.loaded.tokenizer, inputs, self.batch_size, self.max_length,
+                     template_kwargs)
 
     def _text(self, prompt: list[dict]) -> str:
         if len(prompt) == 1 and prompt[0].get("role") == "user":

@@ -111,6 +111,9 @@ class _OnlineMixin:
                 peft_model.set_requires_grad(self.frozen_adapters, requires_grad=False)
         if self.beta != 0.0:
             self.ref_model = _Reference()
+        for func in self.reward_funcs:  # rm:FOLDER renders as TRL renders its reward models' conversations
+            if hasattr(func, "template_kwargs"):
+                func.template_kwargs = dict(self.chat_template_kwargs)
         self._times = Counter()
         self._unscored = Counter()
 

@@ -73,17 +73,20 @@ def rule_reward(prompts, completions, **kwargs) -> list[float]:
 
 
 class RewardModelReward:
-    """`rm:FOLDER` as a TRL reward function: the reward model's score of prompt + completion."""
+    """`rm:FOLDER` as a TRL reward function: the reward model's score of prompt + completion. Its conversations
+    render with the run's chat_template_kwargs (GRPOConfig's, e.g. {"enable_thinking": false}), as TRL renders them
+    for a reward model of its own; the trainer hands them over (`template_kwargs`)."""
 
     def __init__(self, spec: str, s):
         from alignkit.feedback.rewards import load
 
         self.__name__ = spec
         self.model = load(spec, settings=s)
+        self.template_kwargs: dict = {}
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         messages = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
-        return self.model(messages, [completion_text(c) for c in completions])
+        return self.model(messages, [completion_text(c) for c in completions], self.template_kwargs)
 
 
 def import_reward(spec: str):
