@@ -712,17 +712,29 @@ def test_kto_labels_as_trl_casts_them(label, desirable):
         load_unpaired([{"prompt": "q", "completion": "c", "label": 2}])
 
 
-def test_message_keys_alignkit_does_not_keep_are_named_not_dropped_silently(tmp_path, alignkit_log):
-    """A tool call's `tool_calls`, a tool turn's `name` and `reasoning_content` were dropped without a word."""
-    call = [{"type": "function", "function": {"name": "weather", "arguments": "{}"}}]
-    rows = [{"messages": [u("Weather?"), {"role": "assistant", "content": "Let me check.", "tool_calls": call},
-                          {"role": "tool", "name": "weather", "content": "sunny"}, a("Sunny.")]},
-            {"messages": [u("2+2?"), {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]}]
-    data = load_sft(str(write(tmp_path, rows, "jsonl")))
-    assert all(set(m) == {"role", "content"} for row in data["messages"] for m in row)
-    (line,) = [r.getMessage() for r in alignkit_log.records if "dropped" in r.getMessage()]
-    assert "messages keep their role and content only; dropped: tool_calls (1 messages), name (1 messages), " \
-           "reasoning_content (1 messages)" in line
-    alignkit_log.clear()
-    load_sft(str(write(tmp_path, [{"messages": [u("hi"), a("hello")]}], "jsonl", name="plain")))
-    assert not [r for r in alignkit_log.records if "dropped" in r.getMessage()]
+def test_tool_calls_and_reasoning_are_kept_as_written_and_no_other_message_gets_them(tmp_path):
+    """TRL hands whole messages to the chat template: a tool call's `tool_calls`, a tool turn's `name` and
+    `reasoning_content` were dropped (training on the text around them only). Kept now, and stored as JSON: as
+    Arrow structs every other message got them as None, which a template testing `'tool_calls' in message`
+    renders. A call with no text beside it (content null, OpenAI's form) is a message too. In a mixture beside a
+    dataset without them, both concatenate."""
+    from types import SimpleNamespace
+
+    from alignkit.core.mixture import load_train_eval
+
+    call = [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]
+    tools = [{"messages": [u("Weather?"), {"role": "assistant", "content": None, "tool_calls": call},
+                           {"role": "tool", "name": "weather", "content": "sunny"}, a("Sunny.")]},
+             {"messages": [u("2+2?"), {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]}]
+    data = load_sft(str(write(tmp_path, tools, "jsonl", name="tools")))
+    assert data.to_list() == [{"messages": [u("Weather?"), {"role": "assistant", "content": "", "tool_calls": call},
+                                            {"role": "tool", "content": "sunny", "name": "weather"}, a("Sunny.")]},
+                              {"messages": [u("2+2?"), {**a("4"), "reasoning_content": "two and two"}]}]
+    plain = write(tmp_path, [{"messages": [u("hi"), a("hello")]}] * 2, "jsonl", name="plain")
+    assert load_sft(str(plain)).to_list() == [{"messages": [u("hi"), a("hello")]}] * 2
+    s = SimpleNamespace(dataset_mixture={"datasets": [{"id": str(plain)}, {"id": str(tmp_path / "tools.jsonl")}]},
+                        dataset_format="auto", skip_invalid=False, max_samples=None, eval_split=0.0, seed=0)
+    train, _ = load_train_eval("sft", s)
+    assert sorted(train.to_list(), key=str) == sorted([*data.to_list(), *load_sft(str(plain)).to_list()], key=str)
+    with pytest.raises(DataError, match=r"message 2: 'content': expected non-empty text, got nothing"):
+        load_sft([{"messages": [u("hi"), {"role": "assistant", "content": None}]}])

@@ -683,3 +683,31 @@ def test_the_help_names_each_trl_field_where_it_really_goes():
     passed = kto.split("handed to TRL as it is (collected in --trainer_overrides): ")[1].split(".\n")[0].split(", ")
     assert not {"hub_token", "model_init_kwargs", "hub_strategy", "resume_from_checkpoint"} & set(passed)
     assert "Refused: " in kto and "hub_token" in kto.split("Refused: ")[1]
+
+
+def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_template(tiny_cache, tmp_path):
+    """TRL hands whole messages to the chat template. The tool call and the tool turn's name were dropped, so the
+    model trained on the text around a call, never the call; and a template testing `'tool_calls' in message` (as
+    Llama 3.1's does) must not meet a None on the messages that have none."""
+    from alignkit.modeling import presets
+
+    template = tmp_path / "tools.jinja"
+    template.write_text(
+        "{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+        "{% if 'tool_calls' in m %}{% for c in m['tool_calls'] %}[call {{ c['function']['name'] }}]{% endfor %}"
+        "{% endif %}<|end|>{% endgeneration %}{% else %}{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    call = [{"type": "function", "function": {"name": "plum", "arguments": {"n": 3}}}]
+    chats = [json.loads(line)["messages"] for line in Path(presets.paths()["sft"]).read_text().splitlines()[:15]]
+    rows = [{"messages": [chats[0][0], {"role": "assistant", "content": None, "tool_calls": call},
+                          {"role": "tool", "name": "plum", "content": "fig"}, chats[0][1]]}]
+    rows += [{"messages": chat} for chat in chats[1:]]
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = run_script("sft.py", "--preset", "tiny", "--dataset_id", str(data), "--chat_template", str(template),
+                     "--max_steps", "1", "--eval_split", "0", "--output_dir", str(tmp_path / "runs"), "--run_name", "tools")
+    tok = run["loaded"].tokenizer
+    texts = [tok.decode(row["input_ids"]) for row in run["trainer"].train_dataset]
+    (called,) = [t for t in texts if "call" in t]
+    assert called.startswith(f"<|user|>{chats[0][0]['content']}<|end|><|assistant|>[call plum]<|end|><|tool|>fig<|end|>")
+    assert run["trainer"].state.global_step == 1

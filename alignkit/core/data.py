@@ -50,10 +50,10 @@ def _turn(role, content):
     return [{"role": role, "content": content}]
 
 
-# Message keys beside role and content that alignkit does not keep (tool calls, reasoning), counted per load so a
-# run says it trains without them rather than drop them without a word (_load).
-_DROPPED_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
-_dropped: dict[str, int] = {}
+# Message keys beside role and content, kept as written: TRL hands whole messages to the chat template, which renders
+# a tool call, a tool turn's name and id, and the reasoning where the model's template knows them.
+_EXTRA_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
+_MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected", "completion")
 
 
 def _messages(value, field, role=None):
@@ -69,12 +69,13 @@ def _messages(value, field, role=None):
             raise _bad(field, "a {'role': ..., 'content': ...} dict", message, where)
         if message.get("role") not in ROLES:
             raise _bad(field, f"'role' to be one of {', '.join(ROLES)}", message.get("role"), where)
-        for key in _DROPPED_KEYS:
-            if message.get(key) not in (None, "", []):
-                _dropped[key] = _dropped.get(key, 0) + 1
+        extra = {key: message[key] for key in _EXTRA_KEYS if message.get(key) not in (None, "", [])}
         if message["role"] == "system" and message.get("content") == "":
             continue  # an empty system prompt says nothing; ShareGPT dumps are full of them
-        out += _turn(message["role"], _text(message.get("content"), field, where + "'content': "))
+        if extra.get("tool_calls") and message.get("content") in (None, ""):  # a call alone: no text beside it
+            out.append({"role": message["role"], "content": "", **extra})
+            continue
+        out += [{**_turn(message["role"], _text(message.get("content"), field, where + "'content': "))[0], **extra}]
     if not out:
         raise _bad(field, "at least one non-empty message", value)
     return out
@@ -381,7 +382,6 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
             raise DataError(f"{label}: format {format!r} needs column {column!r}, which is missing (columns found: "
                             f"{', '.join(map(str, columns))}). Rename it, or pick the right --dataset_format.")
     out, skipped = [], []
-    _dropped.clear()
     carried = [c for c in _TEMPLATE_COLUMNS if c in columns]
     for i, row in enumerate(data):
         try:
@@ -400,11 +400,36 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
     if skipped:
         logger.warning("%s: skipped %d of %d rows as invalid (--skip_invalid). First problem: %s",
                        label, len(skipped), len(data), skipped[0])
-    if _dropped:
-        logger.warning(f"{label}: messages keep their role and content only; dropped: "
-                       + ", ".join(f"{key} ({n} messages)" for key, n in _dropped.items())
-                       + ". Tool calls and reasoning are not trained on; write them into the content to keep them")
-    return datasets.Dataset.from_list(out)
+    return as_dataset(out)
+
+
+def as_dataset(rows: list[dict]) -> datasets.Dataset:
+    """Normalised rows as a Dataset. A message column whose messages carry keys beside role and content (tool calls,
+    reasoning) is stored as JSON (datasets' Json feature, as TRL's tool-calling datasets are): as Arrow structs,
+    every other message would get those keys as None, and a template testing `'tool_calls' in message` renders
+    the None. `align_messages` makes such datasets concatenate with plain ones."""
+    rich = {c for c in _MESSAGE_COLUMNS if any(_has_extra(row.get(c)) for row in rows)}
+    if not rich:
+        return datasets.Dataset.from_list(rows)
+    plain = datasets.Dataset.from_list([{k: v for k, v in row.items() if k not in rich} for row in rows]).features
+    return datasets.Dataset.from_list(rows, features=datasets.Features(
+        {k: datasets.List(datasets.Json()) if k in rich else plain[k] for k in rows[0]}))
+
+
+def _has_extra(value) -> bool:
+    return isinstance(value, list) and any(isinstance(m, dict) and set(m) - {"role", "content"} for m in value)
+
+
+def align_messages(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
+    """Datasets to concatenate, a message column that is JSON in one (see `as_dataset`) made JSON in all."""
+    json = {c for part in parts for c, f in part.features.items() if _is_json(f)}
+    return [part.cast(datasets.Features({c: datasets.List(datasets.Json()) if c in json else f
+                                         for c, f in part.features.items()}))
+            if any(c in json and not _is_json(f) for c, f in part.features.items()) else part for part in parts]
+
+
+def _is_json(feature) -> bool:
+    return isinstance(getattr(feature, "feature", None), datasets.Json)
 
 
 def _is_text(row) -> bool:
@@ -463,7 +488,7 @@ def load_unpaired(source, format="auto", split="train", skip_invalid=False, conf
     if "label" in data.column_names:
         return data
     carried = [c for c in _TEMPLATE_COLUMNS if c in data.column_names]
-    return datasets.Dataset.from_list([
+    return as_dataset([
         {"prompt": row["prompt"], "completion": row[side], "label": side == "chosen", **{c: row[c] for c in carried}}
         for row in data for side in ("chosen", "rejected")
     ])

@@ -214,7 +214,12 @@ def _mixture(kind, s):
         shares = [f / sum(fractions) for f in fractions]
         total = min(len(part) / share for part, share in zip(train_parts, shares))
         train_parts = [part.select(range(round(share * total))) for part, share in zip(train_parts, shares)]
+    from alignkit.core.data import align_messages
+
+    # Texts beside conversations become conversations; a tool-calling dataset's JSON messages make every part's JSON.
     train_parts, test_parts = _one_kind(train_parts + test_parts, len(train_parts))
+    aligned = align_messages(train_parts + test_parts)
+    train_parts, test_parts = aligned[:len(train_parts)], aligned[len(train_parts):]
     try:
         train = datasets.concatenate_datasets(train_parts).shuffle(seed=seed)
         held_out = datasets.concatenate_datasets(test_parts) if test_parts else None
