@@ -73,27 +73,33 @@ rewards = build_rewards(settings, run_folder)
 print(f"rewards: {', '.join(r.__name__ for r in rewards)}", flush=True)  # whole, beside other ranks' output
 
 # %% [markdown]
+# ## Prompts
+# A file or Hub dataset, read as label.py reads `--prompts` (`--prompt_field` holds text or messages); every row
+# trains, repeats included, as in TRL. Read before the model loads, so a bad row, or a prompt a reward cannot
+# score (a conversation for a reward model trained on texts), fails at once.
+
+# %%
+from alignkit.train.rl import load_prompt_dataset
+from alignkit.train.rl_rewards import check_rewards_take
+
+prompts = load_prompt_dataset(settings)
+check_rewards_take(rewards, prompts)
+print(f"{len(prompts)} prompts")
+
+# %% [markdown]
 # ## Model
 # One loader for every script; a fresh LoRA adapter goes on top, anything the model was loaded with stays frozen.
+# Conversations go through the chat template, and so does text when the model has one; a model without one gets
+# text prompts as they are (TRL's standard format).
 
 # %%
 from alignkit.modeling.models import add_trainable_adapter, load_model
+from alignkit.train.rl import as_trl_prompts
 
 loaded = load_model(settings, for_training=True)
+prompts = as_trl_prompts(prompts, loaded.tokenizer, settings.model_id)
 model = add_trainable_adapter(loaded, settings)
 model.print_trainable_parameters()
-
-# %% [markdown]
-# ## Prompts
-# A file or Hub dataset, read as label.py reads `--prompts` (`--prompt_field` holds text or messages); every row
-# trains, repeats included, as in TRL. Conversations go through the chat template, and so does text when the model
-# has one; a model without one gets text prompts as they are (TRL's standard format).
-
-# %%
-from alignkit.train.rl import as_trl_prompts, load_prompt_dataset
-
-prompts = as_trl_prompts(load_prompt_dataset(settings), loaded.tokenizer, settings.model_id)
-print(f"{len(prompts)} prompts")
 
 # %% [markdown]
 # ## Train

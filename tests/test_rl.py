@@ -8,6 +8,7 @@ checked not to drop.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -323,3 +324,66 @@ def test_a_reward_model_s_conversations_render_with_the_chat_template_kwargs(tin
     conversation = [[{"role": "user", "content": "name three fruits."}, {"role": "assistant", "content": "fig."}]]
     plain, flagged = score(Summing(), tok, conversation), score(Summing(), tok, conversation, template_kwargs={"flag": 1})
     assert flagged[0] - plain[0] == tok.convert_tokens_to_ids("<|system|>")
+
+
+def test_each_prompt_load_starts_afresh_and_rewards_are_named_and_awaited_as_trl_does(tmp_path):
+    """Prompts written as text were remembered across loads (a notebook's second run, on conversations, handed its
+    rewards text); an async callable object or a partial lost its name (TRL logs each reward under it) and, as a
+    partial, its async."""
+    import functools
+
+    from trl.trainer.utils import is_async_callable
+
+    from alignkit.core.config import RLSettings
+    from alignkit.core.digests import digest
+    from alignkit.train import rl, rl_rewards
+
+    texts, chats = tmp_path / "texts.jsonl", tmp_path / "chats.jsonl"
+    texts.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    chats.write_text(json.dumps({"prompt": [{"role": "user", "content": "hello"}]}) + "\n")
+    rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(texts)))
+    assert digest([{"role": "user", "content": "hello"}]) in rl_rewards.TEXT_PROMPTS
+    rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(chats)))
+    assert not rl_rewards.TEXT_PROMPTS
+    (tmp_path / "scorers.py").write_text(
+        "import functools\n"
+        "class Length:\n"
+        "    async def __call__(self, prompts, completions, scale=1.0, **kwargs):\n"
+        "        return [scale * len(c) for c in completions]\n"
+        "length = Length()\n"
+        "halved = functools.partial(Length(), scale=0.5)\n")
+    for name, expected in (("length", [2.0]), ("halved", [1.0])):
+        reward = rl_rewards.import_reward(f"python:{tmp_path / 'scorers.py'}:{name}")
+        assert reward.__name__ == "Length" and is_async_callable(reward)
+        assert asyncio.run(reward(prompts=["q"], completions=["ab"])) == expected
+
+
+def test_a_reward_model_trained_on_texts_refuses_conversations_before_the_policy_loads(monkeypatch, tmp_path):
+    """A conversation for a reward model trained on texts was refused at the first reward step, after the policy
+    loaded and sampled (rl.py), and in label.py became a failed judgment for every row of its batch. Now rl.py
+    refuses it while reading the prompts, and label.py stops on the line. A Hub reward model's record is read from
+    its metrics.json too (it counted as conversational)."""
+    from alignkit.core.errors import UserError
+    from alignkit.feedback import rewards
+    from alignkit.feedback.judge import RMJudge
+    from alignkit.train.rl_rewards import RewardModelReward, check_rewards_take
+
+    model = rewards.RewardModel.__new__(rewards.RewardModel)
+    model.folder, model.text = "runs/text-rm", True
+    reward = RewardModelReward.__new__(RewardModelReward)
+    reward.model = model
+    one = [{"role": "user", "content": "q"}]
+    check_rewards_take([reward], {"prompt": [one, one]})
+    chat = [{"role": "system", "content": "be brief"}, *one]
+    with pytest.raises(UserError, match=r"rm:runs/text-rm was trained on text rows .* has 2 turns"):
+        check_rewards_take([reward], {"prompt": [one, chat]})
+    model.text = False
+    check_rewards_take([reward], {"prompt": [chat]})
+    assert RMJudge.fatal(None, UserError("a prompt it cannot score"))
+    record = tmp_path / "metrics.json"
+    record.write_text(json.dumps({"reward_rows": "text"}))
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(record) if (
+        repo, name) == ("owner/text-rm", "metrics.json") else pytest.fail(f"{repo} {name}"))
+    assert rewards.trained_on_text("owner/text-rm")

@@ -667,7 +667,13 @@ def test_rl_and_rlaif_refuse_what_trl_would_fail_on_or_they_would_drop(tmp_path)
         KTOSettings, "--trainer_overrides", '{"hub_token": "hf_xyz"}')
     from alignkit.train.rl_rewards import import_reward
 
-    assert import_reward("python:trl.rewards.think_format_reward").__name__ == "think_format_reward"
+    think = import_reward("python:trl.rewards.think_format_reward")
+    assert think.__name__ == "think_format_reward"
+    # Called by name, as TRL calls it: think_format_reward(completions, **kwargs) has no `prompts` first (it was
+    # handed prompts and completions by position: a TypeError at the first step).
+    said = [[{"role": "assistant", "content": "<think>a</think>b"}], [{"role": "assistant", "content": "b"}]]
+    assert think(prompts=[[{"role": "user", "content": "q"}]] * 2, completions=said, completion_ids=[[1], [2]]) == [
+        1.0, 0.0]
 
 
 def test_the_help_names_each_trl_field_where_it_really_goes():

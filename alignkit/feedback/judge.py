@@ -281,7 +281,9 @@ class RMJudge(Judge):
         self.reward = None  # an alignkit.feedback.rewards.RewardModel, loaded at the first batch
 
     def fatal(self, error: Exception) -> bool:
-        return isinstance(error, _NotLoaded)
+        # Not loaded, or a prompt it cannot score (a conversation, for a model trained on texts; one its template
+        # refuses): every batch would fail alike, so labelling stops with the line.
+        return isinstance(error, UserError)  # _NotLoaded is one
 
     def identity(self) -> dict:
         # The reward model as loaded: its files down to the base, and how it is loaded (dtype, quantization, the

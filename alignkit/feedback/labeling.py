@@ -178,8 +178,8 @@ def check_prompts_split(s) -> None:
 
 
 def load_prompts(run: Run) -> list[Prompt]:
-    """The distinct prompts of --prompts (or of --responses_a), in file order, at most --max_prompts; each keeps
-    its place ("FILE: row N"), so a message about it can name it."""
+    """The distinct prompts of --prompts (or of --responses_a; every row, repeats too, with `keep_rows`), in file
+    order, at most --max_prompts; each keeps its place ("FILE: row N"), so a message about it can name it."""
     s = run.settings
     check_prompts_split(s)
     if s.prompts:

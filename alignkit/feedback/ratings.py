@@ -1,7 +1,7 @@
 """FastChat's single-answer grading, in one place: its "single-v1" judge prompt and its rating parser.
 
 label.py --mode pointwise (alignkit.feedback.pointwise) and rl.py's --judge_mode pointwise
-(alignkit.train.rl) both grade one answer on FastChat's 1-10 scale, so both read the rating as FastChat's
+(alignkit.train.rl_rewards) both grade one answer on FastChat's 1-10 scale, so both read the rating as FastChat's
 llm_judge/common.py `run_judge_single` reads it: the first "[[rating]]" in the judge's text, else the first
 "[rating]", as a number; none when there is neither (FastChat records -1 there).
 """

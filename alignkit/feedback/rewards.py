@@ -31,11 +31,19 @@ ROWS_KEY = "reward_rows"  # metrics.json: "text" (TRL's standard rows) or "conve
 
 
 def trained_on_text(folder: str) -> bool:
-    """Whether the reward model in `folder` was trained on texts: its run's metrics.json says so (reward.py writes
-    it; merge.py carries it over). A model without the record (a Hub model, an older run) counts as conversational."""
+    """Whether the reward model in `folder` (or Hub repo) was trained on texts: its run's metrics.json says so
+    (reward.py writes it; merge.py carries it over; a push uploads it). A model without the record (one not trained
+    by reward.py, an older run) counts as conversational."""
     import json
 
     path = Path(folder, "metrics.json")
+    if not Path(folder).is_dir() and folder.count("/") == 1:  # owner/repo: its metrics.json, as the loader sees it
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(folder, "metrics.json"))
+        except Exception:  # noqa: BLE001 - none uploaded, or offline and not cached: no record
+            return False
     try:
         return json.loads(path.read_text()).get(ROWS_KEY) == "text"
     except (OSError, ValueError, AttributeError):
@@ -111,13 +119,14 @@ class RewardModel:
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts for {len(answers)} answers: pass one prompt per answer")
         if self.text:  # as TRL's RewardTrainer joined its standard rows: the prompt's text, then the answer
-            inputs = [self._text(p) + a for p, a in zip(prompts, answers)]
+            inputs = [self.text_of(p) + a for p, a in zip(prompts, answers)]
         else:
             inputs = [[*p, {"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
         return score(self.loaded.model, self.loaded.tokenizer, inputs, self.batch_size, self.max_length,
                      template_kwargs)
 
-    def _text(self, prompt: list[dict]) -> str:
+    def text_of(self, prompt: list[dict]) -> str:
+        """A prompt's text, for a model trained on texts: one user turn; more is refused in one line."""
         if len(prompt) == 1 and prompt[0].get("role") == "user":
             return prompt[0]["content"]
         from alignkit.core.errors import UserError

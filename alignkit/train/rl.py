@@ -55,6 +55,7 @@ def load_prompt_dataset(s):
     split = "train" if single_file(s.dataset_id) else s.dataset_split
     # Every row, repeats included (TRL trains on each; before, a repeated prompt and its columns were dropped).
     prompts = read_prompts(s.dataset_id, split, s.dataset_config, s.prompt_field, s.max_prompts, keep_rows=True)
+    rl_rewards.TEXT_PROMPTS.clear()  # this run's (a notebook runs the script again, on other data)
     rl_rewards.TEXT_PROMPTS.update(p.key for p in prompts
                                    if isinstance(p.row.get(s.prompt_field), str) and len(p.messages) == 1)
     # TRL hands a row's other columns to every reward function as keyword arguments (a math set's `solution`).

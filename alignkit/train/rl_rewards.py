@@ -24,8 +24,6 @@ advantage 0, so it moves the policy only through the KL term. Both are counted (
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,27 +91,29 @@ def import_reward(spec: str):
     """`python:module:function` or `python:path/file.py:function`, called as TRL calls a reward function on the data
     as written: a prompt written as text comes with its completions as text, a conversation's as messages, and
     every other column of the row as a keyword argument."""
+    from trl.trainer.utils import get_callable_name, is_async_callable
+
     from alignkit.core.digests import digest
     from alignkit.feedback.judge import import_function
 
     function = import_function(spec, "--reward", "; it must take (prompts, completions, **kwargs) and return one "
                                                  "float (or None) per completion")
 
-    def as_written(prompts, completions):
+    def as_written(prompts, completions) -> dict:
         if prompts and all(isinstance(p, list) and digest(p) in TEXT_PROMPTS for p in prompts):
-            return [p[-1]["content"] for p in prompts], [completion_text(c) for c in completions]
-        return prompts, completions
+            prompts, completions = [p[-1]["content"] for p in prompts], [completion_text(c) for c in completions]
+        return {"prompts": prompts, "completions": completions}  # by name, as TRL passes them
 
-    if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(getattr(function, "__call__", None)):
+    if is_async_callable(function):
         # An async reward (an API call) stays async, so TRL awaits it on its event loop beside the others.
-        @functools.wraps(function)
         async def reward(prompts, completions, **kwargs):
-            return await function(*as_written(prompts, completions), **kwargs)
+            return await function(**as_written(prompts, completions), **kwargs)
     else:
-        @functools.wraps(function)
         def reward(prompts, completions, **kwargs):
-            return function(*as_written(prompts, completions), **kwargs)
+            return function(**as_written(prompts, completions), **kwargs)
 
+    reward.__name__ = reward.__qualname__ = get_callable_name(function)  # TRL's name for it in the logs
+    reward.__doc__ = getattr(function, "__doc__", None)
     return reward
 
 
@@ -275,6 +275,15 @@ class JudgeReward:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def check_rewards_take(rewards: list, prompts) -> None:
+    """Refuse, before the policy loads, prompts a reward cannot score: a reward model trained on texts scores a
+    prompt written as text (one user turn), not a conversation (alignkit.feedback.rewards)."""
+    for reward in rewards:
+        if isinstance(reward, RewardModelReward) and reward.model.text:
+            for prompt in prompts["prompt"]:
+                reward.model.text_of(prompt)
 
 
 def build_rewards(s, run_folder: Path) -> list:
