@@ -738,3 +738,16 @@ def test_tool_calls_and_reasoning_are_kept_as_written_and_no_other_message_gets_
     assert sorted(train.to_list(), key=str) == sorted([*data.to_list(), *load_sft(str(plain)).to_list()], key=str)
     with pytest.raises(DataError, match=r"message 2: 'content': expected non-empty text, got nothing"):
         load_sft([{"messages": [u("hi"), {"role": "assistant", "content": None}]}])
+    # Answers or contexts that differ only in a tool call differ (they were refused as identical, or taken as one).
+    other = [{"type": "function", "function": {"name": "stocks", "arguments": {}}}]
+    calls = [{"role": "assistant", "content": "", "tool_calls": c} for c in (call, other)]
+    pair = load_preferences([{"prompt": [u("Weather?")], "chosen": calls[:1], "rejected": calls[1:]}]).to_list()
+    assert pair == [{"prompt": [u("Weather?")], "chosen": calls[:1], "rejected": calls[1:]}]
+    with pytest.raises(DataError, match="expected the same turns before the final answer as 'chosen'"):
+        load_preferences([{"chosen": [u("Weather?"), calls[0], {"role": "tool", "content": "sun"}, a("Sunny.")],
+                           "rejected": [u("Weather?"), calls[1], {"role": "tool", "content": "sun"}, a("Up.")]}])
+    # Tool schemas differ from row to row: each kept as written, no other row's keys as None.
+    schemas = [[{"type": "function", "function": {"name": "f", "parameters": {"city": "str"}}}],
+               [{"type": "function", "function": {"name": "g", "parameters": {"n": "int"}}}]]
+    with_tools = load_sft([{"messages": [u("hi"), a("yo")], "tools": t} for t in schemas])
+    assert with_tools["tools"] == schemas

@@ -700,7 +700,8 @@ def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_templ
     template = tmp_path / "tools.jinja"
     template.write_text(
         "{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
-        "{% if 'tool_calls' in m %}{% for c in m['tool_calls'] %}[call {{ c['function']['name'] }}]{% endfor %}"
+        "{% if 'tool_calls' in m %}{% for c in m['tool_calls'] %}[call {{ c['function']['name'] }} "
+        "{{ c['function']['arguments'] | tojson }}]{% endfor %}"
         "{% endif %}<|end|>{% endgeneration %}{% else %}{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     call = [{"type": "function", "function": {"name": "plum", "arguments": {"n": 3}}}]
@@ -710,10 +711,17 @@ def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_templ
     rows += [{"messages": chat} for chat in chats[1:]]
     data = tmp_path / "tools.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = run_script("sft.py", "--preset", "tiny", "--dataset_id", str(data), "--chat_template", str(template),
-                     "--max_steps", "1", "--eval_split", "0", "--output_dir", str(tmp_path / "runs"), "--run_name", "tools")
+    common = ["--preset", "tiny", "--dataset_id", str(data), "--max_steps", "1", "--eval_split", "0", "--output_dir",
+              str(tmp_path / "runs")]
+    run = run_script("sft.py", *common, "--chat_template", str(template), "--run_name", "tools")
     tok = run["loaded"].tokenizer
     texts = [tok.decode(row["input_ids"]) for row in run["trainer"].train_dataset]
     (called,) = [t for t in texts if "call" in t]
-    assert called.startswith(f"<|user|>{chats[0][0]['content']}<|end|><|assistant|>[call plum]<|end|><|tool|>fig<|end|>")
+    assert called.startswith(f"<|user|>{chats[0][0]['content']}<|end|><|assistant|>[call plum {{\"n\": 3}}]<|end|>"
+                             "<|tool|>fig<|end|>")
+    # The tiny preset's own template renders content only: the call would vanish from training. Refused first.
+    from alignkit.core.errors import UserError
+
+    with pytest.raises(UserError, match="chat template does not render tool calls, and this data has them"):
+        run_script("sft.py", *common, "--run_name", "tools-dropped")
     assert run["trainer"].state.global_step == 1

@@ -5,6 +5,7 @@ Reading the sources, and each row's place in them, is alignkit.core.data_files'.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ from collections.abc import Mapping
 import datasets
 
 from alignkit.core.data_files import FILE_TYPES, DataError, Rows, _show, load_rows, read_rows
+from alignkit.core.message_columns import as_dataset
 
 __all__ = ["DataError", "FILE_TYPES", "PREFERENCE_FORMATS", "SFT_FORMATS", "Rows", "load_rows", "read_rows",
            "load_preferences", "load_sft", "load_unpaired", "detect_format", "is_hh_prompt", "hh_prompt_messages"]
@@ -53,7 +55,6 @@ def _turn(role, content):
 # Message keys beside role and content, kept as written: TRL hands whole messages to the chat template, which renders
 # a tool call, a tool turn's name and id, and the reasoning where the model's template knows them.
 _EXTRA_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
-_MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected", "completion")
 
 
 def _messages(value, field, role=None):
@@ -82,7 +83,13 @@ def _messages(value, field, role=None):
 
 
 def _same(a, b):
-    return [(m["role"], m["content"].strip()) for m in a] == [(m["role"], m["content"].strip()) for m in b]
+    """The same turns: roles, texts (stripped) and what else they carry (tool calls, reasoning)."""
+    return [_said(m) for m in a] == [_said(m) for m in b]
+
+
+def _said(message: dict) -> tuple:
+    return message["role"], message["content"].strip(), json.dumps({k: v for k, v in message.items()
+                                                                     if k not in ("role", "content")}, sort_keys=True)
 
 
 def _answer(value, field, prompt=None):
@@ -111,8 +118,8 @@ def _pair(prompt, chosen, rejected, names=("chosen", "rejected"), prompt_field="
     """A checked pair: conversational (message lists), or TRL's standard format (texts, used as they are)."""
     if not isinstance(prompt, str):
         _check_prompt(prompt, prompt_field)
-    said = [answer if isinstance(answer, str) else answer[0]["content"] for answer in (chosen, rejected)]
-    if said[0].strip() == said[1].strip():
+    said = [answer.strip() if isinstance(answer, str) else _said(answer[0]) for answer in (chosen, rejected)]
+    if said[0] == said[1]:
         raise _RowError(names[1], f"expected an answer different from '{names[0]}', got the same text "
                                   "(identical answers carry no preference signal)")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -401,35 +408,6 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
         logger.warning("%s: skipped %d of %d rows as invalid (--skip_invalid). First problem: %s",
                        label, len(skipped), len(data), skipped[0])
     return as_dataset(out)
-
-
-def as_dataset(rows: list[dict]) -> datasets.Dataset:
-    """Normalised rows as a Dataset. A message column whose messages carry keys beside role and content (tool calls,
-    reasoning) is stored as JSON (datasets' Json feature, as TRL's tool-calling datasets are): as Arrow structs,
-    every other message would get those keys as None, and a template testing `'tool_calls' in message` renders
-    the None. `align_messages` makes such datasets concatenate with plain ones."""
-    rich = {c for c in _MESSAGE_COLUMNS if any(_has_extra(row.get(c)) for row in rows)}
-    if not rich:
-        return datasets.Dataset.from_list(rows)
-    plain = datasets.Dataset.from_list([{k: v for k, v in row.items() if k not in rich} for row in rows]).features
-    return datasets.Dataset.from_list(rows, features=datasets.Features(
-        {k: datasets.List(datasets.Json()) if k in rich else plain[k] for k in rows[0]}))
-
-
-def _has_extra(value) -> bool:
-    return isinstance(value, list) and any(isinstance(m, dict) and set(m) - {"role", "content"} for m in value)
-
-
-def align_messages(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
-    """Datasets to concatenate, a message column that is JSON in one (see `as_dataset`) made JSON in all."""
-    json = {c for part in parts for c, f in part.features.items() if _is_json(f)}
-    return [part.cast(datasets.Features({c: datasets.List(datasets.Json()) if c in json else f
-                                         for c, f in part.features.items()}))
-            if any(c in json and not _is_json(f) for c, f in part.features.items()) else part for part in parts]
-
-
-def _is_json(feature) -> bool:
-    return isinstance(getattr(feature, "feature", None), datasets.Json)
 
 
 def _is_text(row) -> bool:

@@ -214,7 +214,7 @@ def _mixture(kind, s):
         shares = [f / sum(fractions) for f in fractions]
         total = min(len(part) / share for part, share in zip(train_parts, shares))
         train_parts = [part.select(range(round(share * total))) for part, share in zip(train_parts, shares)]
-    from alignkit.core.data import align_messages
+    from alignkit.core.message_columns import align_messages
 
     # Texts beside conversations become conversations; a tool-calling dataset's JSON messages make every part's JSON.
     train_parts, test_parts = _one_kind(train_parts + test_parts, len(train_parts))

@@ -203,8 +203,8 @@ def set_pad_token(tok) -> None:
 
 
 def require_chat_template(tok, model_id: str, data=None) -> None:
-    """A chat template, where the data is conversational (`data`: its rows; None: always). Standard rows (texts)
-    are joined as plain text by TRL and need none."""
+    """A chat template, where the data is conversational (`data`: its rows; None: always), and one that renders tool
+    calls where the data has them. Standard rows (texts) are joined as plain text by TRL and need none."""
     if data is not None and len(data):
         from trl.data_utils import is_conversational
 
@@ -216,6 +216,16 @@ def require_chat_template(tok, model_id: str, data=None) -> None:
             "--chat_template FILE (a Jinja file: take it from an instruct model of the same family, or from TRL's "
             "trl/chat_templates folder)."
         )
+    from alignkit.core.message_columns import has_tool_calls
+
+    if data is not None and has_tool_calls(data):
+        from trl.chat_template_utils import supports_tool_calling
+
+        if not supports_tool_calling(tok):  # TRL's check: the call's name, arguments and the tool turn rendered
+            raise UserError(f"{model_id}'s chat template does not render tool calls, and this data has them: the "
+                            "model would train on the turns around each call without the call. Pass --chat_template "
+                            "FILE with one that renders tool_calls and tool turns (the model family's tool-calling "
+                            "template), or drop the calls from the data")
 
 
 def load_model(s, *, for_training: bool = False, full_precision: bool = False, dequantize: bool = False,

@@ -1,0 +1,51 @@
+"""How normalised rows become a Dataset: message columns whose messages carry tool calls or reasoning, stored as JSON.
+
+TRL hands whole messages to the chat template. Arrow stores a list of messages as structs with one set of keys, so
+every message without `tool_calls` (or `name`, `reasoning_content`, ...) would get it as None, and a template that
+tests `'tool_calls' in message` (Llama 3.1's) renders the None. datasets' Json feature keeps each message as written.
+alignkit.core.data builds every normalised dataset through `as_dataset`; alignkit.core.mixture aligns the parts of a
+mixture (`align_messages`); the training scripts refuse, before training, data with tool calls for a chat template
+that cannot render them (`has_tool_calls`, alignkit.modeling.models.require_chat_template).
+"""
+
+from __future__ import annotations
+
+import datasets
+
+MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected", "completion")
+
+
+def as_dataset(rows: list[dict]) -> datasets.Dataset:
+    """Normalised rows as a Dataset: a message column whose messages carry keys beside role and content is stored as
+    JSON, and so is a `tools` column of schemas (they differ from row to row)."""
+    rich = {c for c in MESSAGE_COLUMNS if any(_has_extra(row.get(c)) for row in rows)}
+    tools = [row.get("tools") for row in rows]
+    if any(tools) and all(t is None or isinstance(t, list) for t in tools):
+        rich.add("tools")
+    if not rich:
+        return datasets.Dataset.from_list(rows)
+    plain = datasets.Dataset.from_list([{k: v for k, v in row.items() if k not in rich} for row in rows]).features
+    return datasets.Dataset.from_list(rows, features=datasets.Features(
+        {k: datasets.List(datasets.Json()) if k in rich else plain[k] for k in rows[0]}))
+
+
+def _has_extra(value) -> bool:
+    return isinstance(value, list) and any(isinstance(m, dict) and set(m) - {"role", "content"} for m in value)
+
+
+def _is_json(feature) -> bool:
+    return isinstance(getattr(feature, "feature", None), datasets.Json)
+
+
+def align_messages(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
+    """Datasets to concatenate, a column that is JSON in one (see `as_dataset`) made JSON in all."""
+    json = {c for part in parts for c, f in part.features.items() if _is_json(f)}
+    return [part.cast(datasets.Features({c: datasets.List(datasets.Json()) if c in json else f
+                                         for c, f in part.features.items()}))
+            if any(c in json and not _is_json(f) for c, f in part.features.items()) else part for part in parts]
+
+
+def has_tool_calls(data) -> bool:
+    """Whether a normalised dataset has a message with tool calls (only JSON message columns can hold them)."""
+    columns = [c for c, f in getattr(data, "features", {}).items() if c in MESSAGE_COLUMNS and _is_json(f)]
+    return any(isinstance(m, dict) and m.get("tool_calls") for c in columns for row in data[c] for m in row or ())
