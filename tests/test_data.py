@@ -738,6 +738,13 @@ def test_tool_calls_and_reasoning_are_kept_as_written_and_no_other_message_gets_
     assert sorted(train.to_list(), key=str) == sorted([*data.to_list(), *load_sft(str(plain)).to_list()], key=str)
     with pytest.raises(DataError, match=r"message 2: 'content': expected non-empty text, got nothing"):
         load_sft([{"messages": [u("hi"), {"role": "assistant", "content": None}]}])
+    # A tool that returned nothing, and a turn of reasoning alone, are turns too (they were refused as empty).
+    quiet = [u("Log it."), {"role": "assistant", "content": "", "tool_calls": call},
+             {"role": "tool", "content": None, "tool_call_id": "1"}, {"role": "assistant", "content": "",
+                                                                      "reasoning_content": "nothing came back"}]
+    assert load_sft([{"messages": quiet}])[0]["messages"][2:] == [
+        {"role": "tool", "content": "", "tool_call_id": "1"}, {"role": "assistant", "content": "",
+                                                               "reasoning_content": "nothing came back"}]
     # Answers or contexts that differ only in a tool call differ (they were refused as identical, or taken as one).
     other = [{"type": "function", "function": {"name": "stocks", "arguments": {}}}]
     calls = [{"role": "assistant", "content": "", "tool_calls": c} for c in (call, other)]

@@ -55,6 +55,7 @@ def _turn(role, content):
 # Message keys beside role and content, kept as written: TRL hands whole messages to the chat template, which renders
 # a tool call, a tool turn's name and id, and the reasoning where the model's template knows them.
 _EXTRA_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
+_SAYS_WITHOUT_TEXT = {"tool_calls", "reasoning_content", "thinking"}
 
 
 def _messages(value, field, role=None):
@@ -73,7 +74,8 @@ def _messages(value, field, role=None):
         extra = {key: message[key] for key in _EXTRA_KEYS if message.get(key) not in (None, "", [])}
         if message["role"] == "system" and message.get("content") == "":
             continue  # an empty system prompt says nothing; ShareGPT dumps are full of them
-        if extra.get("tool_calls") and message.get("content") in (None, ""):  # a call alone: no text beside it
+        # No text beside a call or the reasoning, or a tool that returned nothing: a turn all the same ("").
+        if message.get("content") in (None, "") and (message["role"] == "tool" or set(extra) & _SAYS_WITHOUT_TEXT):
             out.append({"role": message["role"], "content": "", **extra})
             continue
         out += [{**_turn(message["role"], _text(message.get("content"), field, where + "'content': "))[0], **extra}]
