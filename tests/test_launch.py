@@ -159,6 +159,10 @@ REFUSED = [
      r"process; run `python label.py ...` \(it uses this machine's GPU itself\)$"),
     ("zero2", "evaluate.py", SimpleNamespace(), r"^evaluate.py under accelerate launch \(ZeRO-2, 2 processes\): "
      r"it runs as one process"),
+    # vLLM settings where generation falls back to transformers (no CUDA here): they would do nothing.
+    ("ddp", "rl.py", RLSettings(reward=["rule"], vllm_mode="server", trainer_overrides={"vllm_server_port": 8001}),
+     r"^rl.py vllm_server_port, vllm_mode server: generation runs on transformers here \(--backend auto; .*\), so "
+     r"they would do nothing; drop them, or pass --backend vllm"),
     ("zero3", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.1),
      r"reward.py --loss logexpwithlm under DeepSpeed ZeRO-3: .* use a DDP launch, or --lm_loss_coef 0"),
 ]

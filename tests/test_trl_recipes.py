@@ -641,7 +641,13 @@ def test_rl_and_rlaif_refuse_what_trl_would_fail_on_or_they_would_drop(tmp_path)
             parse_config(cls, env_file=None, args=list(args))
         return str(caught.value)
 
-    assert "TRL does not support it with a PEFT adapter" in error(RLSettings, "--sync_ref_model")
+    assert "sync_ref_model has no effect in rl.py: TRL does not support syncing" in error(RLSettings, "--sync_ref_model")
+    # Accepted and without effect (ref_model_*), or undoing the adapter's fp32 weights on a GPU (paged generation).
+    assert "ref_model_sync_steps has no effect in rl.py" in error(RLSettings, "--ref_model_sync_steps", "64")
+    assert "use_transformers_paged is not supported by rl.py: TRL casts the whole model" in error(
+        RLSettings, "--use_transformers_paged")
+    assert "max_tool_calling_iterations has no effect in rl.py" in error(RLSettings, "--max_tool_calling_iterations",
+                                                                         "3")
     assert "has no effect in rl.py: TRL's GRPO/RLOO keep each prompt whole" in error(RLSettings, "--max_length", "64")
     assert "rl.py holds no data out" in error(RLSettings, "--eval_strategy", "steps")
     assert "rl.py holds no data out" in error(RLSettings, "--eval_split", "0.05")

@@ -145,6 +145,12 @@ def refusal(s, script: str) -> str | None:
             return (f"rl.py --reward rm:FOLDER under {sharded}: the reward model would be sharded like the policy and "
                     "score nothing; use a DDP launch (each GPU holds the policy and the reward model), or serve it "
                     "and use --reward judge")
+        asked = [k for k in (getattr(s, "trainer_overrides", None) or {}) if k.startswith("vllm_")]
+        asked += ["vllm_mode server"] if getattr(s, "vllm_mode", "colocate") == "server" else []
+        if asked and not wants_vllm(s):  # auto fell back to transformers: the vLLM settings would do nothing
+            return (f"rl.py {', '.join(asked)}: generation runs on transformers here (--backend {s.backend}; vLLM "
+                    "needs a CUDA GPU and the vllm package), so they would do nothing; drop them, or pass "
+                    "--backend vllm on a machine with both")
         if wants_vllm(s) and resolve_quantization(quantization, for_training=True, log=False) == "4bit":
             return ("rl.py with vLLM and QLoRA (--quantization 4bit): TRL syncs packed 4-bit weights vLLM cannot load, "
                     "and each sync re-quantizes the frozen base (TRL issue #4973); use --backend transformers, or "

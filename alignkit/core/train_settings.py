@@ -192,9 +192,16 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
             from alignkit.train.losses import check_grpo_loss_type
 
             check_grpo_loss_type(overrides["loss_type"])  # TRL would say so at the first step
-        if overrides.get("sync_ref_model"):
-            raise ValueError("sync_ref_model has no effect in rl.py: TRL does not support it with a PEFT adapter (the "
-                             "reference is the policy with its adapter off); drop it")
+        if synced := [k for k in ("sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha") if k in overrides]:
+            raise ValueError(f"{', '.join(synced)} has no effect in rl.py: TRL does not support syncing the reference "
+                             "with a PEFT adapter (the reference is the policy with its adapter off); drop it")
+        if cast := [k for k in ("use_transformers_paged", "use_transformers_continuous_batching") if overrides.get(k)]:
+            raise ValueError(f"{cast[0]} is not supported by rl.py: TRL casts the whole model, the trained adapter "
+                             "included, to bf16/fp16 before each of its generations, undoing the adapter's fp32 "
+                             "weights; drop it (transformers' generate, or --backend vllm on a GPU)")
+        if "max_tool_calling_iterations" in overrides:
+            raise ValueError("max_tool_calling_iterations has no effect in rl.py: it passes no tools or environments "
+                             "to TRL's trainer; drop it")
         if not self.reward:  # TRL too refuses to train with no reward function
             raise ValueError("rl.py needs --reward: judge (an OpenAI-compatible judge), rm:FOLDER (a reward.py run), "
                              "python:module:function (your own), or rule (the tiny preset's word check)")
