@@ -61,7 +61,7 @@ print(f"{len(train_data)} training answers ({desirable} desirable), {len(eval_da
 from alignkit.modeling.models import add_trainable_adapter, load_model, require_chat_template
 from alignkit.train.training import prepare_run
 
-run_folder, resume_from = prepare_run(settings, "kto")
+run_folder, resume_from = prepare_run(settings, "kto", train_data, eval_data)
 loaded = load_model(settings, for_training=True)
 require_chat_template(loaded.tokenizer, settings.model_id, train_data)  # conversational data only
 model = add_trainable_adapter(loaded, settings)

@@ -75,7 +75,7 @@ print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} h
 # %%
 from alignkit.train.training import prepare_run
 
-run_folder, resume_from = prepare_run(settings, "reward")
+run_folder, resume_from = prepare_run(settings, "reward", train_data, eval_data)
 
 # %% [markdown]
 # ## Model

@@ -45,9 +45,18 @@ settings = parse_config(
 presets.ensure(settings)
 establish_launch(settings, "rl.py")  # the process's device, the process group, what this launch refuses
 preflight(settings)  # a push's token and base, wandb's key, the Hub: checked now, not after hours of training
-from alignkit.core.mixture import check_file_splits
 
-check_file_splits(settings)  # a single prompts file has no splits: --dataset_split is refused now, before the model
+# %% [markdown]
+# ## Prompts
+# A file or Hub dataset, read as label.py reads `--prompts` (`--prompt_field` holds text or messages); every row
+# trains, repeats included, as in TRL. Read first: a bad row fails at once, and a checkpoint resumes only over the
+# same rows.
+
+# %%
+from alignkit.train.rl import load_prompt_dataset
+
+prompts = load_prompt_dataset(settings)  # a single file has no splits: --dataset_split is refused, not ignored
+print(f"{len(prompts)} prompts")
 
 # %% [markdown]
 # ## Run folder
@@ -57,34 +66,22 @@ check_file_splits(settings)  # a single prompts file has no splits: --dataset_sp
 # %%
 from alignkit.train.training import prepare_run
 
-run_folder, resume_from = prepare_run(settings, "rl")
+run_folder, resume_from = prepare_run(settings, "rl", prompts)
 
 # %% [markdown]
 # ## Rewards
-# Built before the model loads, so a bad spec or a missing judge key fails at once. A failed or unparseable
+# Built before the model loads, so a bad spec, a missing judge key or a prompt a reward cannot score (a
+# conversation for a reward model trained on texts) fails at once. A failed or unparseable
 # judgment scores nothing (NaN): that completion is left out of its group's baseline and gets advantage 0; the
 # failures are counted in the logs (`judge/failed`, `judge/unparsed`, `rewards/unscored_frac`). Your function may
 # return None where its reward does not apply: as in TRL, the other rewards are summed without it.
 
 # %%
-from alignkit.train.rl_rewards import build_rewards
+from alignkit.train.rl_rewards import build_rewards, check_rewards_take
 
 rewards = build_rewards(settings, run_folder)
+check_rewards_take(rewards, prompts)  # e.g. a conversation for a reward model trained on texts
 print(f"rewards: {', '.join(r.__name__ for r in rewards)}", flush=True)  # whole, beside other ranks' output
-
-# %% [markdown]
-# ## Prompts
-# A file or Hub dataset, read as label.py reads `--prompts` (`--prompt_field` holds text or messages); every row
-# trains, repeats included, as in TRL. Read before the model loads, so a bad row, or a prompt a reward cannot
-# score (a conversation for a reward model trained on texts), fails at once.
-
-# %%
-from alignkit.train.rl import load_prompt_dataset
-from alignkit.train.rl_rewards import check_rewards_take
-
-prompts = load_prompt_dataset(settings)
-check_rewards_take(rewards, prompts)
-print(f"{len(prompts)} prompts")
 
 # %% [markdown]
 # ## Model

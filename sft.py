@@ -62,7 +62,7 @@ print(f"{len(train_data)} training examples, {len(eval_data) if eval_data else 0
 # %%
 from alignkit.train.training import prepare_run
 
-run_folder, resume_from = prepare_run(settings, "sft")
+run_folder, resume_from = prepare_run(settings, "sft", train_data, eval_data)
 
 # %% [markdown]
 # ## Model

@@ -527,6 +527,33 @@ def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_plac
     assert run_folder._changed(folder, s) == []
 
 
+def test_resume_auto_starts_over_when_the_same_files_and_settings_became_other_rows(tmp_path):
+    """The files and settings a run names say nothing of the rows they became: a Hub dataset's new commit, or a
+    file an upgraded alignkit reads into other rows (s12's standard rows as text, s14's tool calls kept), resumed a
+    checkpoint trained on the old rows. prepare_run records the rows' digest; other rows start over, the same rows
+    stored another way (a selection, a concatenation) resume."""
+    from datasets import Dataset, concatenate_datasets
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(1500)]
+    train, held_out = Dataset.from_list(rows[:1400]), Dataset.from_list(rows[1400:])
+    s = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path / "runs"), run_name="run")
+    folder = tmp_path / "runs" / "run"
+    assert training.prepare_run(s, "sft", train, held_out) == (folder, None)
+    with run_folder.start_run(s, folder, None):  # records the settings, the inputs and the rows, as a run does
+        (folder / "checkpoint-2").mkdir()
+        (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    same = concatenate_datasets([Dataset.from_list(rows[:700]), Dataset.from_list(rows[700:1500])])
+    assert training.prepare_run(s, "sft", same.select(range(1400)), held_out)[1] == str(folder / "checkpoint-2")
+    # The same rows, a message read differently (as a newer reader might): another run.
+    other = rows[:1400]
+    other[5] = {"messages": [{"role": "user", "content": "q5"}, {"role": "assistant", "content": "a5 "}]}
+    assert training.prepare_run(s, "sft", Dataset.from_list(other), held_out)[1] is None
+    assert run_folder._changed(folder, s) == ["data rows"]
+    assert training.prepare_run(s, "sft", train, None)[1] is None  # the held-out rows are rows of the run too
+    assert training.prepare_run(s, "sft", train, held_out)[1] == str(folder / "checkpoint-2")
+
+
 def test_zero3_named_in_a_deepspeed_json_is_zero3(monkeypatch, tmp_path):
     """An accelerate config that names a DeepSpeed JSON (deepspeed_config_file) leaves
     ACCELERATE_DEEPSPEED_ZERO_STAGE unset: the launch was taken for ZeRO-2, so no ZeRO-3 refusal (LoTA, 8-bit) ran

@@ -106,12 +106,18 @@ def reward_run(tiny_cache, tmp_path_factory):
 def test_a_reward_run_records_its_settings_so_a_rerun_resumes_and_its_card_reports_its_accuracy(reward_run):
     """reward.py claimed its folder without start_run: no alignkit_config.json, so no resume, an earlier run
     overwritten in place, and a card with neither the stage nor the held-out accuracy."""
-    from alignkit.train.training import prepare_run
+    from alignkit.core.data import load_preferences
+    from alignkit.train.reward import with_margins
+    from alignkit.train.training import prepare_run, split
 
     folder = Path(reward_run["run_folder"])
     assert json.loads((folder / "alignkit_config.json").read_text())["run_type"] == "reward"
     last = max(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    assert prepare_run(reward_run["settings"], "reward") == (folder, str(last))
+    # The data read again, as reward.py reads it, gives the same rows (a checkpoint resumes only over those).
+    s = reward_run["settings"]
+    rows = with_margins(load_preferences(s.dataset_id, s.dataset_format, s.dataset_split, s.skip_invalid,
+                                         s.dataset_config), s)
+    assert prepare_run(s, "reward", *split(rows, s)) == (folder, str(last))
     card = (folder / "README.md").read_text()
     accuracy = json.loads((folder / "metrics.json").read_text())["held_out_accuracy"]
     # The exact share of the 120 pairs, as the summary prints it (the card showed TRL's per-batch mean instead).

@@ -47,12 +47,15 @@ def test_an_rl_run_records_its_settings_so_a_rerun_resumes_and_its_card_says_grp
     """rl.py claimed its folder without start_run: no alignkit_config.json, so a rerun of the same command never
     resumed, one with other settings overwrote the run in place (its old evaluations left in the card), and the
     card called the run "merged adapters"."""
+    from alignkit.train.rl import load_prompt_dataset
     from alignkit.train.training import prepare_run
 
     folder = Path(rl_run["run_folder"])
     assert json.loads((folder / "alignkit_config.json").read_text())["run_type"] == "rl"
     last = max(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    assert prepare_run(rl_run["settings"], "rl") == (folder, str(last))
+    # The prompts read again give the same rows (prepare_run resumes only over the rows the run trained on).
+    prompts = load_prompt_dataset(rl_run["settings"])
+    assert prepare_run(rl_run["settings"], "rl", prompts) == (folder, str(last))
     card = (folder / "README.md").read_text()
     assert "GRPO of" in card and "merged" not in card.split("---")[1]  # the stage, and not a merge's tags
 

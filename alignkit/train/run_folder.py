@@ -2,8 +2,9 @@
 
 A run lives in `output_dir/run_name`: `alignkit_config.json` (the resolved settings, no secrets), TRL's
 `checkpoint-N` folders, and at the end the adapter, the tokenizer and `metrics.json`. `--resume auto`
-continues from the last checkpoint only when the saved settings and what they name by content match the new ones,
-so a different run never picks up another run's state.
+continues from the last checkpoint only when the saved settings, what they name by content, and the rows the data
+became match the new ones, so a different run never picks up another run's state: not after a data file is edited
+in place, a Hub dataset gets a new commit, or alignkit reads the same file into other rows.
 
 No good run is thrown away: `prepare_run` only decides, and `start_run` claims the folder when training starts,
 after the settings, the data, the model and the trainer have all been checked. An earlier run in the folder is
@@ -40,6 +41,9 @@ CLAIM_FILE = "alignkit_claim.json"
 # Run folders whose training (start_run's block) raised in this process, with what stopped it: a notebook's next
 # cell (finish) would otherwise save the half-trained model over the earlier run just put back (check_trained).
 _STOPPED: dict[Path, str] = {}
+# Run folders with the digest of the rows prepare_run was given (alignkit.core.digests.rows_digest), for start_run
+# to record beside the settings: the rows a run trained on, as alignkit read them.
+_ROWS: dict[Path, str] = {}
 # Settings that do not change what is trained: a run that differs only in these still resumes.
 NOT_TRAINING = {
     "resume", "merge_adaptors", "push_to_hub", "hub_repo_id", "hub_public", "report_to", "wandb_project",
@@ -79,8 +83,10 @@ def _training_view(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in NOT_TRAINING}
 
 
-def prepare_run(s, stage: str) -> tuple[Path, str | None]:
-    """Where this run goes and where training starts: (folder, checkpoint to resume from or None).
+def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
+    """Where this run goes and where training starts: (folder, checkpoint to resume from or None). `data` are the
+    datasets the run trains and evaluates on, as alignkit read them (None for no held-out set): a checkpoint
+    resumes only over the same rows.
 
     Writes nothing: `start_run` claims the folder once the new run is sure to start. Under a multi-process launch
     every rank decides from its own view of the folder, then they compare: a folder that is not shared by every
@@ -89,6 +95,10 @@ def prepare_run(s, stage: str) -> tuple[Path, str | None]:
     """
     progress.quiet_library_noise()
     folder = run_dir(s, stage)
+    if data:
+        from alignkit.core.digests import rows_digest
+
+        _ROWS[folder.resolve()] = rows_digest(*data)
     if _first_process():
         _restore_stranded(folder)
     every_process(None)  # the others look once the main process has put an earlier run back
@@ -117,8 +127,9 @@ def _first_process() -> bool:
 
 
 def _changed(folder: Path, s) -> list[str]:
-    """The training settings in which `s` differs from the run saved in `folder`, and the inputs they name by path
-    whose content differs (the model's chain and local data retrained or edited in place)."""
+    """The training settings in which `s` differs from the run saved in `folder`, the inputs they name by path
+    whose content differs (the model's chain and local data retrained or edited in place), and "data rows" when
+    the rows prepare_run was given differ from the rows the run trained on."""
     saved_file = folder / CONFIG_FILE
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
     old, new = _training_view(saved), _training_view(config_to_dict(s))
@@ -128,7 +139,7 @@ def _changed(folder: Path, s) -> list[str]:
     respelled = {k: old[k] for k in changed if _same_place(old.get(k), new.get(k))}
     changed = [k for k in changed if k not in respelled]
     if "inputs" in saved:  # a run saved before alignkit recorded them compares by settings alone
-        now = run_inputs(dataclasses.replace(s, **respelled) if respelled else s)
+        now = run_inputs(dataclasses.replace(s, **respelled) if respelled else s, folder)
         changed += [k for k in now if saved["inputs"].get(k) != now[k]]
     return sorted(changed)
 
@@ -150,16 +161,21 @@ def _same_place(a, b) -> bool:
         Path(a).resolve() == Path(b).resolve()
 
 
-def run_inputs(s) -> dict:
+def run_inputs(s, folder: Path | None = None) -> dict:
     """What the settings name by path, by content: the model's whole chain (alignkit.modeling.identity) and each
-    local data file or folder. A Hub model counts by its commit; a Hub dataset by its id and split (settings)."""
+    local data file or folder. A Hub model counts by its commit; a Hub dataset by its id and split (settings) and
+    by its rows: the digest of the rows prepare_run was given for `folder` ("data rows"), which also tells a file
+    read into other rows (another alignkit, another --dataset_format) from the rows a checkpoint trained on."""
     from alignkit.core.digests import digest
     from alignkit.modeling.identity import chain_identity, data_identity
 
     sources = [s.dataset_id, *(entry["id"] for entry in (s.dataset_mixture or {}).get("datasets", []))]
     data = {source: found for source in sources if (found := data_identity(source)) is not None}
     model = chain_identity(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None))
-    return {"model files": digest(model), "data files": digest(data)}
+    found = {"model files": digest(model), "data files": digest(data)}
+    if folder is not None and (rows := _ROWS.get(folder.resolve())):
+        found["data rows"] = rows
+    return found
 
 
 def _holds_work(folder: Path) -> bool:
@@ -255,7 +271,7 @@ def save_run_config(s, path: Path) -> None:
     from alignkit.modeling.lineage import TRAINED_OVER, trained_over
 
     below = trained_over(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None), path.parent)
-    data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None), "inputs": run_inputs(s),
+    data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None), "inputs": run_inputs(s, path.parent),
             TRAINED_OVER: below}
     write_atomic(path, json.dumps(data, indent=2) + "\n")  # a torn file would stop the next --resume auto
 
