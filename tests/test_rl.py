@@ -133,6 +133,7 @@ def test_judge_reward_counts_failures_and_never_scores_them(tmp_path):
         assert scores[0] is None and scores[1] is None  # 500 after retries, and an answer without a rating
         assert scores[2] == pytest.approx(0.8) and scores[3] == pytest.approx(0.8)  # the 429 was retried
         assert reward.stats["failed"] == 1 and reward.stats["unparsed"] == 1 and reward.stats["unscored"] == 2
+        assert reward.failed == [True, True, False, False]  # the rows the trainer unscores whole
         sent = server.count
         again = reward(prompts, completions)  # the cache answers all but the failed request, which is asked again
         assert again == scores
@@ -157,6 +158,7 @@ def test_pairwise_judge_reward_uses_label_keys(tmp_path):
         scores = reward([prompt, [{"role": "user", "content": "name three tools."}]],
                         [[{"role": "assistant", "content": "mango,lemon,plum."}]] * 2)
         assert scores == [0.5, None] and reward.stats["no reference"] == 1
+        assert reward.failed == [False, False]  # no reference: not judged, so "does not apply", not a failure
         key = digest({"prompt": prompt, "a": "mango,lemon,plum.", "b": "apple,pear,plum.", **reward.judge.identity()})
         assert key in reward.cache
         reward.close()
@@ -207,7 +209,7 @@ def test_rloo_with_the_rule_raises_rule_following(sft_run, tmp_path):
     assert after - before >= 0.1 or after >= 0.95, (before, after)
 
 
-def test_a_python_reward_gets_the_rows_as_trl_hands_them(tmp_path, monkeypatch):
+def test_a_python_reward_gets_the_rows_as_trl_hands_them(tmp_path):
     """TRL calls a reward function with every other column of the row as a keyword argument, and with text for
     a prompt written as text (messages for a conversation). rl.py dropped the columns (a `solution` argument was a
     TypeError) and sent text prompts' completions as messages (a length reward saw 1 for every completion)."""
@@ -222,9 +224,9 @@ def test_a_python_reward_gets_the_rows_as_trl_hands_them(tmp_path, monkeypatch):
     data.write_text(json.dumps({"prompt": "1+1?", "solution": "2"}) + "\n"
                     + json.dumps({"prompt": chat, "solution": "4"}) + "\n"
                     + json.dumps({"prompt": "1+1?", "solution": "two"}) + "\n")
-    monkeypatch.setattr(rl_rewards, "TEXT_PROMPTS", set())
     rows = rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(data)))
-    assert rows.column_names == ["solution", "prompt"] and rows["solution"] == ["2", "4", "two"]
+    assert rows.column_names == ["solution", "prompt", rl_rewards.TEXT_PROMPT]
+    assert rows["solution"] == ["2", "4", "two"]
     assert rows["prompt"][2] == rows["prompt"][0]
     assert len(rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(data), max_prompts=2))) == 2
     (tmp_path / "acc.py").write_text("def accuracy(prompts, completions, solution, **kwargs):\n"
@@ -232,8 +234,10 @@ def test_a_python_reward_gets_the_rows_as_trl_hands_them(tmp_path, monkeypatch):
     reward = rl_rewards.import_reward(f"python:{tmp_path / 'acc.py'}:accuracy")
     assert reward.__name__ == "accuracy"
     said = [{"role": "assistant", "content": "2"}]
-    assert reward([rows[0]["prompt"]], [said], solution=["2"]) == [("1+1?", "2", "2")]  # text, as written
-    assert reward([rows[1]["prompt"]], [said], solution=["4"]) == [(chat, said, "4")]  # a conversation stays one
+    # As TRL hands them: the row's columns, alignkit's mark among them, which the function does not get.
+    for row, expected in ((rows[0], [("1+1?", "2", "2")]), (rows[1], [(chat, said, "4")])):  # text, as written
+        columns = {k: [v] for k, v in row.items() if k != "prompt"}
+        assert reward(prompts=[row["prompt"]], completions=[said], **columns) == expected
 
 
 def test_an_async_reward_is_awaited_and_its_none_leaves_the_other_rewards_summed(sft_run, tmp_path):
@@ -256,7 +260,9 @@ def test_an_async_reward_is_awaited_and_its_none_leaves_the_other_rewards_summed
 
 def test_a_failed_judgment_unscores_its_completion_and_a_python_none_does_not():
     """The rows' rewards after TRL's: NaN throughout where a judgment failed; a python reward's None left as
-    TRL leaves it (its nansum adds the others); a row every reward left None counted unscored."""
+    TRL leaves it (its nansum adds the others); a row every reward left None counted unscored. A pairwise judge's
+    None for a prompt without a reference completion is not a failure (it unscored the row, the other rewards
+    dropped): it is left as a python None is."""
     from collections import Counter
 
     import torch
@@ -277,16 +283,19 @@ def test_a_failed_judgment_unscores_its_completion_and_a_python_none_does_not():
     nan = float("nan")
     trainer = Trainer()
     trainer._times, trainer._unscored = Counter(), Counter()
-    trainer.reward_funcs = [JudgeReward.__new__(JudgeReward), mine]
-    trainer.raw = torch.tensor([[0.8, nan], [nan, 1.0], [0.5, 0.2], [nan, nan]])
-    out = trainer._calculate_rewards(None, None, None, None)
+    judge = JudgeReward.__new__(JudgeReward)
+    judge.failed = [False, True, False, True, False]  # row 4: no reference completion, so not judged
+    trainer.reward_funcs = [judge, mine]
+    trainer.raw = torch.tensor([[0.8, nan], [nan, 1.0], [0.5, 0.2], [nan, nan], [nan, 0.3]])
+    out = trainer._calculate_rewards(None, [None] * 5, None, None)
     assert out[0, 0] == pytest.approx(0.8) and torch.isnan(out[0, 1])  # the python reward's None only
     assert torch.isnan(out[1]).all() and torch.isnan(out[3]).all()  # the failed judgment: the whole row
-    assert torch.equal(out[2], trainer.raw[2]) and trainer._unscored == Counter(rows=4, unscored=2)
+    assert torch.equal(out[2], trainer.raw[2]) and trainer._unscored == Counter(rows=5, unscored=2)
+    assert out[4, 1] == pytest.approx(0.3)  # the judge did not apply: the other reward stands
     trainer.reward_funcs = [rule_reward, mine]
     trainer.raw = torch.tensor([[0.8, nan], [nan, nan]])
-    out = trainer._calculate_rewards(None, None, None, None)
-    assert out[0, 0] == pytest.approx(0.8) and trainer._unscored == Counter(rows=6, unscored=3)
+    out = trainer._calculate_rewards(None, [None] * 2, None, None)
+    assert out[0, 0] == pytest.approx(0.8) and trainer._unscored == Counter(rows=7, unscored=3)
 
 
 def test_rl_needs_a_reward_outside_the_preset(tmp_path):
@@ -329,25 +338,28 @@ def test_a_reward_model_s_conversations_render_with_the_chat_template_kwargs(tin
     assert flagged[0] - plain[0] == tok.convert_tokens_to_ids("<|system|>")
 
 
-def test_each_prompt_load_starts_afresh_and_rewards_are_named_and_awaited_as_trl_does(tmp_path):
-    """Prompts written as text were remembered across loads (a notebook's second run, on conversations, handed its
-    rewards text); an async callable object or a partial lost its name (TRL logs each reward under it) and, as a
+def test_a_prompt_written_as_text_is_told_by_its_row_and_rewards_are_named_and_awaited_as_trl_does(tmp_path):
+    """Prompts written as text were a set of message digests kept in the module: a one-turn conversation with the
+    same words, in the same data, handed its rewards text too (and a notebook's second load had to clear it). The
+    row says it now. An async callable object or a partial lost its name (TRL logs each reward under it) and, as a
     partial, its async."""
-    import functools
-
     from trl.trainer.utils import is_async_callable
 
     from alignkit.core.config import RLSettings
-    from alignkit.core.digests import digest
     from alignkit.train import rl, rl_rewards
 
-    texts, chats = tmp_path / "texts.jsonl", tmp_path / "chats.jsonl"
-    texts.write_text(json.dumps({"prompt": "hello"}) + "\n")
-    chats.write_text(json.dumps({"prompt": [{"role": "user", "content": "hello"}]}) + "\n")
-    rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(texts)))
-    assert digest([{"role": "user", "content": "hello"}]) in rl_rewards.TEXT_PROMPTS
-    rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(chats)))
-    assert not rl_rewards.TEXT_PROMPTS
+    both = tmp_path / "both.jsonl"
+    hello = [{"role": "user", "content": "hello"}]
+    both.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"prompt": hello}) + "\n")
+    rows = rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(both)))
+    assert rows["prompt"] == [hello, hello] and rows[rl_rewards.TEXT_PROMPT] == [True, False]
+    (tmp_path / "echo.py").write_text("def echo(prompts, completions, **kwargs):\n"
+                                      "    return [(p, c, sorted(kwargs)) for p, c in zip(prompts, completions)]\n")
+    echo = rl_rewards.import_reward(f"python:{tmp_path / 'echo.py'}:echo")
+    said = [{"role": "assistant", "content": "hi"}]
+    for row, expected in ((rows[0], ("hello", "hi", [])), (rows[1], (hello, said, []))):
+        assert echo(prompts=[row["prompt"]], completions=[said], **{k: [v] for k, v in row.items() if k != "prompt"}) \
+            == [expected]
     (tmp_path / "scorers.py").write_text(
         "import functools\n"
         "class Length:\n"

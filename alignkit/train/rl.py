@@ -55,11 +55,11 @@ def load_prompt_dataset(s):
     split = "train" if single_file(s.dataset_id) else s.dataset_split
     # Every row, repeats included (TRL trains on each; before, a repeated prompt and its columns were dropped).
     prompts = read_prompts(s.dataset_id, split, s.dataset_config, s.prompt_field, s.max_prompts, keep_rows=True)
-    rl_rewards.TEXT_PROMPTS.clear()  # this run's (a notebook runs the script again, on other data)
-    rl_rewards.TEXT_PROMPTS.update(p.key for p in prompts
-                                   if isinstance(p.row.get(s.prompt_field), str) and len(p.messages) == 1)
-    # TRL hands a row's other columns to every reward function as keyword arguments (a math set's `solution`).
-    rows = [{**{k: v for k, v in p.row.items() if k != s.prompt_field}, "prompt": p.messages} for p in prompts]
+    # TRL hands a row's other columns to every reward function as keyword arguments (a math set's `solution`);
+    # alignkit's mark of a prompt written as text is taken out again before a python reward sees them.
+    rows = [{**{k: v for k, v in p.row.items() if k != s.prompt_field}, "prompt": p.messages,
+             rl_rewards.TEXT_PROMPT: isinstance(p.row.get(s.prompt_field), str) and len(p.messages) == 1}
+            for p in prompts]
     try:
         return Dataset.from_list(rows)
     except (ValueError, TypeError) as e:  # pyarrow's ArrowInvalid / ArrowTypeError are these
@@ -74,12 +74,11 @@ def as_trl_prompts(dataset, tokenizer, model_id: str):
     (alignkit.modeling.models.require_chat_template: one line naming --chat_template)."""
     from datasets import Dataset
 
-    from alignkit.core.digests import digest
     from alignkit.modeling.models import require_chat_template
 
     if getattr(tokenizer, "chat_template", None):
         return dataset
-    if not all(digest(p) in rl_rewards.TEXT_PROMPTS for p in dataset["prompt"]):
+    if not all(dataset[rl_rewards.TEXT_PROMPT]):
         require_chat_template(tokenizer, model_id)
     logger.info(f"{model_id} has no chat template: the prompts, written as text, go to it as they are (TRL's "
                 "standard format)")
@@ -141,10 +140,15 @@ class _OnlineMixin:
             self._times["judging"] += time.perf_counter() - start
         # A failed judgment makes the whole completion unscored (NaN in every column), instead of the other terms
         # summed as if it were 0. A python reward's None is TRL's "does not apply": TRL sums the other terms
-        # (nansum). Either way a row that is NaN throughout is left out of the baseline with advantage 0.
-        judged = [getattr(f, "failure_unscores", False) for f in self.reward_funcs]
-        if any(judged):
-            rewards[torch.isnan(rewards[:, torch.tensor(judged, device=rewards.device)]).any(dim=1)] = torch.nan
+        # (nansum), as for a pairwise judge's prompt without a reference completion. Either way a row that is NaN
+        # throughout is left out of the baseline with advantage 0. The judges say which of this process's rows
+        # failed; TRL gathered the rewards of every process, so the marks are gathered alike.
+        if judges := [f for f in self.reward_funcs if getattr(f, "failure_unscores", False)]:
+            from accelerate.utils import gather
+
+            failed = torch.tensor([any(judge.failed[row] for judge in judges) for row in range(len(prompts))],
+                                  dtype=torch.float32, device=rewards.device)
+            rewards[gather(failed) > 0] = torch.nan
         self._unscored["rows"] += rewards.shape[0]
         self._unscored["unscored"] += int(torch.isnan(rewards).all(dim=1).sum())
         return rewards

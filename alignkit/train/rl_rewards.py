@@ -16,7 +16,8 @@ A failed judgment never becomes a reward. A request that still fails after its r
 rating/verdict, scores None (NaN), and a completion whose judgment failed is unscored as a whole (its other
 terms are dropped too, rather than summed as if the judgment were 0). A python reward's None means what it means
 in TRL, "this reward does not apply here": the other terms are summed without it, and only a completion that every
-reward left None is unscored. TRL leaves an unscored completion out of the group's baseline and gives it
+reward left None is unscored. A pairwise judge's None for a prompt without a reference completion means the same
+(`judge/no_reference` counts them): nothing was judged, so nothing failed. TRL leaves an unscored completion out of the group's baseline and gives it
 advantage 0, so it moves the policy only through the KL term. Both are counted (`judge/failed`, `judge/unparsed`,
 `rewards/unscored_frac` in the logs and the run's metrics.json).
 """
@@ -45,9 +46,10 @@ def parse_rating(text: str | None) -> float | None:
     return value if value is not None and 1 <= value <= 10 else None
 
 
-# Prompts written as text (one user turn): TRL gives a reward function such a prompt and its completions as text,
-# where alignkit sends the prompt through the chat template (rl.py keys them by Prompt.key, the messages' digest).
-TEXT_PROMPTS: set[str] = set()
+# The column marking a row whose prompt was written as text (rl.load_prompt_dataset): TRL gives a reward function
+# such a prompt and its completions as text, where alignkit sends the prompt through the chat template as one user
+# turn. The row says so itself: a one-turn conversation with the same words stays a conversation.
+TEXT_PROMPT = "alignkit_prompt_was_text"
 
 def completion_text(completion) -> str:
     """TRL hands conversational completions as [{"role": "assistant", "content": ...}], plain ones as text."""
@@ -93,24 +95,25 @@ def import_reward(spec: str):
     every other column of the row as a keyword argument."""
     from trl.trainer.utils import get_callable_name, is_async_callable
 
-    from alignkit.core.digests import digest
     from alignkit.feedback.judge import import_function
 
     function = import_function(spec, "--reward", "; it must take (prompts, completions, **kwargs) and return one "
                                                  "float (or None) per completion")
 
-    def as_written(prompts, completions) -> dict:
-        if prompts and all(isinstance(p, list) and digest(p) in TEXT_PROMPTS for p in prompts):
+    def as_written(prompts, completions, kwargs) -> dict:
+        """The prompts and completions by name, as TRL passes them, and the row's columns but alignkit's mark."""
+        was_text = kwargs.pop(TEXT_PROMPT, None)
+        if prompts and was_text and all(was_text) and all(isinstance(p, list) for p in prompts):
             prompts, completions = [p[-1]["content"] for p in prompts], [completion_text(c) for c in completions]
-        return {"prompts": prompts, "completions": completions}  # by name, as TRL passes them
+        return {"prompts": prompts, "completions": completions, **kwargs}
 
     if is_async_callable(function):
         # An async reward (an API call) stays async, so TRL awaits it on its event loop beside the others.
         async def reward(prompts, completions, **kwargs):
-            return await function(**as_written(prompts, completions), **kwargs)
+            return await function(**as_written(prompts, completions, kwargs))
     else:
         def reward(prompts, completions, **kwargs):
-            return function(**as_written(prompts, completions), **kwargs)
+            return function(**as_written(prompts, completions, kwargs))
 
     reward.__name__ = reward.__qualname__ = get_callable_name(function)  # TRL's name for it in the logs
     reward.__doc__ = getattr(function, "__doc__", None)
@@ -125,7 +128,7 @@ class JudgeReward:
     loss, averaged. Failures score None (see the module docstring); `stats` counts them.
     """
 
-    failure_unscores = True  # a None here is a failed judgment: the completion goes unscored as a whole
+    failure_unscores = True  # a failed judgment (`failed`, per row of the last call) unscores the completion whole
 
     def __init__(self, s, cache_dir: Path):
         from alignkit.core.journal import AppendLog
@@ -134,6 +137,7 @@ class JudgeReward:
 
         self.__name__ = f"judge_{s.judge_mode}"
         self.s, self.stats = s, Counter()
+        self.failed: list[bool] = []  # per row of the last call: its judgment failed
         if s.judge_mode == "pairwise":
             # label.py's own judge, so the keys, template handling and verdict parsing are label.py's.
             from alignkit.core.config import JudgeAnswerSettings
@@ -271,6 +275,9 @@ class JudgeReward:
             self.cache.append({"key": key, "judge": self.identity["judge"], "verdict": parsed, "text": result})
         scores = [self._score(keys) for keys in per_row]
         self.stats["unscored"] += sum(v is None for v in scores)
+        # Which rows' judgments failed (rl's trainer unscores them whole); a prompt without a reference completion
+        # was not judged: "does not apply", as a python reward's None.
+        self.failed = [value is None and bool(keys) for value, keys in zip(scores, per_row)]
         return scores
 
     def close(self) -> None:
