@@ -9,6 +9,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   train_settings and tool_settings (the training scripts' and the other scripts' settings),
   trl_names (TRL's and the alignment-handbook's names for the training settings),
   mixture (a run's training and held-out data: a share, a test split, a handbook dataset mixture),
+  mixture_formats (the handbook's dataset_mixer and TRL's datasets as a dataset_mixture),
   errors (UserError and how a script reports it),
   extras (the optional eval and tracking extras, and the line that installs a missing one),
   paths (the cache folder, and folders built there once by one process),

@@ -12,7 +12,7 @@ from alignkit.core.args import ConfigError, parse_config
 from alignkit.core.config import DPOSettings
 from alignkit.core.data import DataError, load_preferences, load_rows
 from alignkit.core.mixture import check_mixture, load_train_eval
-from alignkit.core.trl_names import mixture_from_mixer
+from alignkit.core.mixture_formats import mixture_from_mixer
 
 GOOD = {"prompt": "name three fruits.", "chosen": "apple, pear, plum", "rejected": "red, blue, green"}
 FIX = "Fix the row, or pass --skip_invalid to skip invalid rows."

@@ -6,6 +6,7 @@
   rlaif.py) and tool_settings (label.py, evaluate.py, merge.py).
 - trl_names: TRL's and the alignment-handbook's names for the training settings (aliases, pass-through).
 - mixture: a run's training and held-out data (a share, a test split, a handbook dataset mixture).
+- mixture_formats: the handbook's dataset_mixer and TRL's datasets as a dataset_mixture.
 - errors: UserError and how a script reports it.
 - extras: the optional eval and tracking extras, and the one line that installs a missing one.
 - paths: the cache folder ($ALIGNKIT_CACHE).

@@ -4,7 +4,7 @@
 The mixture is the handbook's (alignment/data.py, get_dataset): each entry's split loaded, its `columns` kept,
 a `weight` share of it drawn after a seeded shuffle, all concatenated and shuffled with the mixture's seed, then
 `test_split_size` rows (or share) held out. The handbook's older dataset_mixer/dataset_splits become entries with
-`test: true` for the test splits (alignkit.core.trl_names): those are held out whole. TRL's own mixture
+`test: true` for the test splits (alignkit.core.mixture_formats): those are held out whole. TRL's own mixture
 (DatasetMixtureConfig: `datasets` of path/name/split/columns/fraction) comes in with its `fraction`, taken as TRL's
 get_dataset takes it: shares normalised over the mixture, the first rows of each, none oversampled. Every entry goes
 through the one data normaliser (alignkit.core.data) before its share is drawn, so its rows are checked like any other
