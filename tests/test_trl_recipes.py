@@ -488,6 +488,23 @@ def test_keys_that_cannot_apply_are_named_once_with_the_alternative(alignkit_log
     assert "--resume false" in warnings[0] and "max_length" in warnings[0]
 
 
+def test_liger_settings_alignkit_does_not_apply_are_named_with_what_does(alignkit_log):
+    """GRPOConfig's use_liger_loss (TRL 0.x; gone in 1.x) got "did you mean --use_liger?", which names Liger's layer
+    kernels, not the loss; liger_kernel_config reached TrainingArguments, which never read it (alignkit applies the
+    kernels at load). GRPOConfig's num_generations_eval was taken by rl.py, which evaluates nothing."""
+    from alignkit.core.config import RLSettings
+
+    s = parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--use_liger_loss",
+                                                     "--liger_kernel_config", '{"rms_norm": true}'])
+    assert s == parse_config(RLSettings, env_file=None, args=["--reward", "rule"])
+    warning, = [r.getMessage() for r in alignkit_log.records if "not applied" in r.getMessage()]
+    assert "use_liger_loss: TRL 1.x dropped GRPO's fused Liger loss" in warning
+    assert "liger_kernel_config: the loader applies Liger's layer kernels itself (--use_liger)" in warning
+    assert parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--use_liger_loss", "false"]) == s
+    with pytest.raises(ConfigError, match="rl.py holds no data out.*num_generations_eval"):
+        parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--num_generations_eval", "4"])
+
+
 def test_scripts_without_the_data_features_refuse_them():
     with pytest.raises(ConfigError, match="reward.py reads one dataset split"):
         parse_config(RewardSettings, env_file=None, args=["--dataset_test_split", "test"])

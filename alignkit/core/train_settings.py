@@ -181,9 +181,9 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
                              "dataset_mixture / dataset_test_split")
         overrides = self.trainer_overrides if isinstance(self.trainer_overrides, dict) else {}
         evaluation = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
-        if self.eval_split or evaluation not in ("none", "no"):
+        if self.eval_split or evaluation not in ("none", "no") or "num_generations_eval" in overrides:
             raise ValueError("rl.py holds no data out: it measures the reward on its own samples, logged every "
-                             "--logging_steps (training.png); drop eval_split / eval_strategy")
+                             "--logging_steps (training.png); drop eval_split / eval_strategy / num_generations_eval")
         if self.max_length is not None:
             raise ValueError(f"--max_length {self.max_length} has no effect in rl.py: TRL's GRPO/RLOO keep each "
                              "prompt whole and stop the answers at --max_completion_length; drop it, and keep long "

@@ -119,6 +119,10 @@ NOT_APPLIED = {
     "bnb_4bit_quant_type": ("nf4", "alignkit's 4-bit is QLoRA's NF4"),
     "use_bnb_nested_quant": (True, "alignkit's 4-bit always uses QLoRA's double quantization"),
     "bnb_4bit_quant_storage": (_ANY, "chosen by the loader: the compute dtype under FSDP"),
+    "use_liger_loss": (False, "TRL 1.x dropped GRPO's fused Liger loss; --use_liger is Liger's layer kernels (auto: "
+                              "on CUDA when installed)"),
+    "liger_kernel_config": (_ANY, "the loader applies Liger's layer kernels itself (--use_liger), with its fused "
+                                  "cross-entropy off: TRL's loss replaces it"),
 }
 # TRL fields that cannot act because alignkit loads the model itself: refused when the settings are read, in every
 # script, rather than taken into a TRL config that never reads them (sft.py, reward.py) or refused after the load.
@@ -283,8 +287,8 @@ class Vocabulary:
         out = {n: cli_kind(t) for n, t in self.passthrough.items()}
         out.update({n: bool if t is bool or bool in _members(t) else str for n, t in self.model_and_script.items()})
         out.update({n: a.kind for n, a in ALIASES.items()})
-        for n in NOT_APPLIED:  # typed as TRL types them where it still has them; transformers 5 dropped this one
-            out.setdefault(n, bool if n == "overwrite_output_dir" else str)
+        for n in NOT_APPLIED:  # typed as TRL types them where it still has them (or had them: TRL 0.x, transformers 4)
+            out.setdefault(n, bool if n in ("overwrite_output_dir", "use_liger_loss") else str)
         for n in REFUSED:  # TRL scripts' own arguments (reward_funcs) too: named, not "unknown"
             out.setdefault(n, list[str] if n == "reward_funcs" else str)
         out.update(dataset_mixer=dict, dataset_splits=list[str], datasets=str, test_split_size=float, streaming=bool)
