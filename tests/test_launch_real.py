@@ -252,25 +252,41 @@ def test_kto_with_precompute_on_two_processes(sft_adapter, cache, runs):
     assert len(list((runs / "kto" / "kto_reference").glob("cache-*.arrow"))) == 2  # train and held-out rows
 
 
-@pytest.mark.parametrize("reward", ["rule", "rm"])
+@pytest.mark.parametrize("reward", ["rule", "rm", "judge"])
 def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     """GRPO with the transformers backend: the rule as the reward, or a reward.py model (`rm:FOLDER`, QLoRA) that
     each process holds whole beside the policy. With the rule, what TRL would load into a colocated vLLM engine is
-    the merged policy (vLLM itself needs CUDA)."""
+    the merged policy (vLLM itself needs CUDA). With the rule and a judge that always fails, every completion of
+    both processes is unscored: each process marks its own rows' failed judgments, and the marks are gathered as
+    TRL gathers the rewards (a process's rows would otherwise keep the rule alone)."""
+    import contextlib
+
+    from openai_server import Fault, FakeOpenAI
+
     rm = reward_run("qlora") if reward == "rm" else None
     flags = ["--reward", f"rm:{rm}", "--logging_steps", "1"] if rm else []
     # The rule run also walks TRL's weight sync for a colocated vLLM engine (tests/launched.py --vllm-sync).
     synced = runs / "rl-vllm-sync.safetensors"
-    shim = [] if rm else [str(ROOT / "tests" / "launched.py"), "--vllm-sync", str(synced)]
+    shim = [str(ROOT / "tests" / "launched.py"), "--vllm-sync", str(synced)] if reward == "rule" else []
     run = runs / f"rl-{reward}"
-    output = accelerate_launch([*shim, "rl.py", "--preset", "tiny", "--model_id", str(sft_adapter), "--max_steps",
-                                "1", "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts",
-                                "16", "--save_steps", "100", "--quantization", "none", "--warmup_ratio", "0", *flags,
-                                "--output_dir", str(runs), "--run_name", run.name], cache,
-                               {"ALIGNKIT_DEBUG": "1"})  # every rank's stdout: each says which rewards it built
+    with contextlib.ExitStack() as stack:
+        if reward == "judge":
+            server = stack.enter_context(FakeOpenAI(lambda body: Fault(500)))
+            flags = ["--reward", "rule,judge", "--judge_base_url", server.base_url, "--judge_model", "judge",
+                     "--max_retries", "0", "--logging_steps", "1"]
+        output = accelerate_launch([*shim, "rl.py", "--preset", "tiny", "--model_id", str(sft_adapter),
+                                    "--max_steps", "1", "--per_device_train_batch_size", "8", "--num_generations",
+                                    "4", "--max_prompts", "16", "--save_steps", "100", "--quantization", "none",
+                                    "--warmup_ratio", "0", *flags, "--output_dir", str(runs), "--run_name", run.name],
+                                   cache, {"ALIGNKIT_DEBUG": "1"})  # every rank's stdout: which rewards it built
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["global_step"] == 1
-    if rm:
+    if reward == "judge":
+        logged, = [e for e in json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())["log_history"]
+                   if "loss" in e]
+        assert logged["rewards/unscored_frac"] == 1.0 and logged["judge/failed"] == 8, logged  # rank 0's 8 rows
+        assert {p.name for p in (run / "judge.cache").iterdir()} == {"judgments.jsonl", "judgments.rank1.jsonl"}
+    elif rm:
         assert_each_rank_scored_with(output, f"rm:{rm}", rm)
     else:
         assert_vllm_would_get_the_merged_policy(run, synced)

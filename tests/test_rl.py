@@ -143,6 +143,27 @@ def test_judge_reward_counts_failures_and_never_scores_them(tmp_path):
     assert len(records) == 3 and sum(r["verdict"] is None for r in records) == 1
 
 
+def test_each_process_of_a_launch_keeps_its_own_judgments_and_reads_all_of_them(tmp_path, monkeypatch):
+    """Under a 2-process launch both processes locked the one judgments.jsonl: the second stopped with "in use by
+    another rl.py run", so `--reward judge` never ran under DDP/FSDP/ZeRO. Each process now appends to its own file
+    and looks up every process's earlier judgments (a resumed run, another world size)."""
+    from alignkit.train.rl_rewards import JudgeReward
+
+    prompt = [{"role": "user", "content": "name three fruits."}]
+    said = [[{"role": "assistant", "content": a}] for a in ("fig.", "kiwi.")]
+    cache = tmp_path / "cache"
+    with FakeOpenAI(lambda body: "Rating: [[8]]") as server:
+        first = JudgeReward(_judge_settings(server, tmp_path), cache)  # rank 0 (no RANK: a plain run)
+        assert first([prompt], said[:1]) == [pytest.approx(0.8)]
+        monkeypatch.setenv("RANK", "1")
+        second = JudgeReward(_judge_settings(server, tmp_path), cache)  # beside the first, not refused
+        sent = server.count
+        assert second([prompt] * 2, said) == [pytest.approx(0.8)] * 2 and server.count - sent == 1  # fig: cached
+        first.close(), second.close()
+    lines = {p.name: p.read_text().count("\n") for p in cache.iterdir()}
+    assert lines == {"judgments.jsonl": 1, "judgments.rank1.jsonl": 1}
+
+
 def test_pairwise_judge_reward_uses_label_keys(tmp_path):
     from alignkit.feedback.judge import make_judge  # noqa: F401 - the key below is label.py's make_pairs key
     from alignkit.core.digests import digest

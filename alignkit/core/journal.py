@@ -93,6 +93,20 @@ class AppendLog:
             logger.info(f"{self.path}: dropped a torn last line (a run was killed while writing it)")
             self._file.truncate(end)
 
+    def read_also(self, path: str | os.PathLike) -> None:
+        """The records of another process's log beside this one (a launch's other ranks each write their own), for
+        lookups only: its whole lines, this log's own record kept where both hold a key. Nothing is written there."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            return
+        for line in data[:_whole_lines_end(data)].split(b"\n")[:-1]:
+            try:
+                record = json.loads(line)
+                self.records.setdefault(record["key"], record)
+            except (ValueError, KeyError, TypeError):
+                continue  # the owner's own open reports a bad line
+
     def __contains__(self, key) -> bool:
         return key in self.records
 

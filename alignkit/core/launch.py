@@ -53,6 +53,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def process_rank() -> int:
+    """This process's global rank (RANK, set by accelerate launch / torchrun); 0 for a plain run."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def local_gpu() -> int:
     """This process's GPU: LOCAL_RANK under accelerate launch / torchrun, else the first visible one."""
     return int(os.environ.get("LOCAL_RANK", 0))

@@ -17,9 +17,10 @@ rating/verdict, scores None (NaN), and a completion whose judgment failed is uns
 terms are dropped too, rather than summed as if the judgment were 0). A python reward's None means what it means
 in TRL, "this reward does not apply here": the other terms are summed without it, and only a completion that every
 reward left None is unscored. A pairwise judge's None for a prompt without a reference completion means the same
-(`judge/no_reference` counts them): nothing was judged, so nothing failed. TRL leaves an unscored completion out of the group's baseline and gives it
-advantage 0, so it moves the policy only through the KL term. Both are counted (`judge/failed`, `judge/unparsed`,
-`rewards/unscored_frac` in the logs and the run's metrics.json).
+(`judge/no_reference` counts them): nothing was judged, so nothing failed. TRL leaves an unscored completion
+out of the group's baseline and gives it advantage 0, so it moves the policy only through the KL term. Both are
+counted (`judge/failed`, `judge/unparsed`, `rewards/unscored_frac` in the logs; rl.py's summary prints the
+largest unscored share).
 """
 
 from __future__ import annotations
@@ -131,7 +132,6 @@ class JudgeReward:
     failure_unscores = True  # a failed judgment (`failed`, per row of the last call) unscores the completion whole
 
     def __init__(self, s, cache_dir: Path):
-        from alignkit.core.journal import AppendLog
         from alignkit.core.llm import judge_client
         from alignkit.feedback.judge import endpoint_identity, make_judge
 
@@ -156,8 +156,23 @@ class JudgeReward:
             self.identity = {"judge": f"openai:{self.client.model}", "mode": "single",
                              "template": digest([self.template["system_prompt"], self.template["prompt_template"]], 16),
                              **endpoint_identity(self.client)}
-        self.cache = AppendLog(cache_dir / "judgments.jsonl", "rl.py",
-                               "let it finish, or give this run its own --judge_cache or run folder")
+        self.cache = self._open_cache(cache_dir)
+
+    @staticmethod
+    def _open_cache(cache_dir: Path):
+        """label.py's judgments.jsonl, locked against a second run. Under a launch each process judges its own
+        completions and appends to its own file (rank r > 0: judgments.rankR.jsonl; one lock each, so two
+        processes never refuse each other), and looks up every process's judgments of earlier runs too."""
+        from alignkit.core.journal import AppendLog
+        from alignkit.core.launch import process_rank
+
+        rank = process_rank()
+        cache = AppendLog(cache_dir / ("judgments.jsonl" if rank == 0 else f"judgments.rank{rank}.jsonl"), "rl.py",
+                          "let it finish, or give this run its own --judge_cache or run folder")
+        for other in sorted(cache_dir.glob("judgments*.jsonl")):
+            if other.resolve() != cache.path.resolve():
+                cache.read_also(other)
+        return cache
 
     @staticmethod
     def _single_template(spec: str) -> dict:
