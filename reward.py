@@ -140,10 +140,10 @@ if eval_data is not None and scores_held_out(main):  # FSDP/ZeRO-3: every rank t
     report = held_out_report(trainer.model, loaded.tokenizer, eval_data, run_folder,
                              settings.per_device_eval_batch_size, settings.max_length, write=main)
 # How its rows were written: a judge (rm:FOLDER) scores the way it trained (alignkit.feedback.rewards).
+from alignkit.core.data import is_text_dataset
 from alignkit.feedback.rewards import ROWS_KEY
-from trl.data_utils import is_conversational
 
-rows = {ROWS_KEY: "conversations" if is_conversational(train_data[0]) else "text"}
+rows = {ROWS_KEY: "text" if is_text_dataset(train_data) else "conversations"}
 metrics = finish(trainer, loaded, settings, run_folder, "reward", measured={**report, **rows} if main else None)
 print(f"adapter: {run_folder}")
 if report and main:

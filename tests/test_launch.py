@@ -532,6 +532,8 @@ def test_resume_auto_starts_over_when_the_same_files_and_settings_became_other_r
     file an upgraded alignkit reads into other rows (s12's standard rows as text, s14's tool calls kept), resumed a
     checkpoint trained on the old rows. prepare_run records the rows' digest; other rows start over, the same rows
     stored another way (a selection, a concatenation) resume."""
+    import json
+
     from datasets import Dataset, concatenate_datasets
 
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
@@ -552,6 +554,8 @@ def test_resume_auto_starts_over_when_the_same_files_and_settings_became_other_r
     assert run_folder._changed(folder, s) == ["data rows"]
     assert training.prepare_run(s, "sft", train, None)[1] is None  # the held-out rows are rows of the run too
     assert training.prepare_run(s, "sft", train, held_out)[1] == str(folder / "checkpoint-2")
+    # The rows' format is recorded beside them (a reward model's checkpoint is scored as it trained).
+    assert json.loads((folder / training.CONFIG_FILE).read_text())["data_rows"] == "conversations"
 
 
 def test_zero3_named_in_a_deepspeed_json_is_zero3(monkeypatch, tmp_path):

@@ -75,7 +75,7 @@ def test_merged_chain_reloads_from_disk_with_the_same_logits(dpo_run, tmp_path):
     assert generation["eos_token_id"] == tok.eos_token_id and generation["pad_token_id"] == tok.pad_token_id
 
 
-def test_a_checkpoint_of_a_run_on_an_adapter_is_the_whole_chain(dpo_run, sft_run):
+def test_a_checkpoint_of_a_run_on_an_adapter_is_the_whole_chain(dpo_run, sft_run, tmp_path):
     """A checkpoint of dpo.py on the SFT adapter (checkpoint-N) names the bare base in its adapter_config.json and
     keeps the SFT adapter in its frozen_0 subfolder. Loaded, merged or evaluated, it is base + SFT + DPO (before:
     base + DPO, the SFT adapter silently left out); the last checkpoint is the finished run's model."""
@@ -92,6 +92,10 @@ def test_a_checkpoint_of_a_run_on_an_adapter_is_the_whole_chain(dpo_run, sft_run
     assert not torch.allclose(from_checkpoint, sft, atol=1e-3)  # the DPO adapter is on too
     # Its identity counts the frozen copy's files, so a cache never confuses it with the DPO adapter alone.
     assert len(identity.chain_identity(str(last))) == 3  # the checkpoint, its frozen_0 and the base
+    # Merged, it keeps its run's settings (the card's stage; a reward model's rows), not the finished run's metrics.
+    merge_module.merge_adapters(str(last), tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "alignkit_config.json").read_text())["run_type"] == "dpo"
+    assert not (tmp_path / "merged" / "metrics.json").exists()
 
 
 def test_a_merge_replaces_its_output_whole_and_a_killed_one_leaves_the_earlier_merge_as_it_was(

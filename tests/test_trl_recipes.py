@@ -316,6 +316,11 @@ def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_templ
                            "0")
     scorer = rewards.load(f"rm:{templated['run_folder']}")
     assert scorer.loaded.tokenizer.chat_template and scorer.text
+    # A checkpoint has no metrics.json (nor has a run stopped before its end): the run's alignkit_config.json,
+    # written when training started, says how it trained (it counted as conversational).
+    checkpoint = Path(templated["run_folder"]) / "checkpoint-1"
+    assert not (checkpoint / "metrics.json").exists() and rewards.load(f"rm:{checkpoint}").text
+    assert json.loads((checkpoint.parent / "alignkit_config.json").read_text())["data_rows"] == "text"
     model, tok = templated["trainer"].model, templated["loaded"].tokenizer
     conversations = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]
                      for r in rows[:3]]

@@ -11,7 +11,8 @@ number whose differences, not values, mean something (Bradley-Terry: P(y1 ≻ y2
 label.py's `--judge rm:RUN_FOLDER` (alignkit.feedback.judge.RMJudge) scores answers through `RewardModel`.
 
 A reward model is scored as it was trained. reward.py records its rows' format in metrics.json (`reward_rows`,
-carried into merged folders): one trained on conversations scores a conversation through the chat template; one
+carried into merged folders), and every run in its alignkit_config.json when training starts (`data_rows`, for a
+checkpoint-N or a run that stopped early): one trained on conversations scores a conversation through the chat template; one
 trained on TRL's standard rows (texts) scores the prompt's text followed by the answer, with no template, even
 when the tokenizer has one (through the template it would score inputs it never saw).
 """
@@ -31,23 +32,32 @@ ROWS_KEY = "reward_rows"  # metrics.json: "text" (TRL's standard rows) or "conve
 
 
 def trained_on_text(folder: str) -> bool:
-    """Whether the reward model in `folder` (or Hub repo) was trained on texts: its run's metrics.json says so
-    (reward.py writes it; merge.py carries it over; a push uploads it). A model without the record (one not trained
-    by reward.py, an older run) counts as conversational."""
+    """Whether the reward model in `folder` (or Hub repo) was trained on texts, as its run recorded it: metrics.json
+    (reward.py writes it at the end; merge.py carries it over; a push uploads it), else the run's
+    alignkit_config.json (`data_rows`, written when training starts): a run stopped before the end, a checkpoint-N
+    inside it, a merge of one. A model without a record (one not trained by reward.py, an older run) counts as
+    conversational."""
     import json
+    import re
 
-    path = Path(folder, "metrics.json")
+    from alignkit.core.journal import read_json
+
     if not Path(folder).is_dir() and folder.count("/") == 1:  # owner/repo: its metrics.json, as the loader sees it
         try:
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(folder, "metrics.json"))
+            return json.loads(path.read_text()).get(ROWS_KEY) == "text"
         except Exception:  # noqa: BLE001 - none uploaded, or offline and not cached: no record
             return False
-    try:
-        return json.loads(path.read_text()).get(ROWS_KEY) == "text"
-    except (OSError, ValueError, AttributeError):
-        return False
+    here = Path(folder)
+    records = [(here / "metrics.json", ROWS_KEY), (here / "alignkit_config.json", "data_rows")]
+    if re.fullmatch(r"checkpoint-\d+", here.resolve().name):  # its run's settings, one folder up
+        records.append((here.resolve().parent / "alignkit_config.json", "data_rows"))
+    for path, key in records:
+        if (found := read_json(path).get(key)) is not None:
+            return found == "text"
+    return False
 
 
 def score(model, tokenizer, conversations: list[list[dict] | str], batch_size: int = 16,

@@ -22,6 +22,7 @@ model loads with AutoModelForSequenceClassification.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -114,6 +115,12 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     for name in RUN_FILES:
         if Path(adapter_dir, name).is_file():
             shutil.copy(Path(adapter_dir, name), out / name)
+    # A checkpoint-N holds no run records of its own: its run's settings (the run type, the rows' format for a
+    # reward model) are its own too. The run's metrics and evaluations are the finished run's, not the checkpoint's.
+    run_config = Path(adapter_dir).resolve().parent / RUN_FILES[0]
+    if re.fullmatch(r"checkpoint-\d+", Path(adapter_dir).resolve().name) and run_config.is_file() \
+            and not (out / RUN_FILES[0]).exists():
+        shutil.copy(run_config, out / RUN_FILES[0])
     (out / "merge.json").write_text(json.dumps({
         "base_model": loaded.base_id, "base_revision": loaded.base_revision, "adapters": loaded.adapters,
         "lota_deltas": loaded.deltas,

@@ -41,9 +41,12 @@ CLAIM_FILE = "alignkit_claim.json"
 # Run folders whose training (start_run's block) raised in this process, with what stopped it: a notebook's next
 # cell (finish) would otherwise save the half-trained model over the earlier run just put back (check_trained).
 _STOPPED: dict[Path, str] = {}
-# Run folders with the digest of the rows prepare_run was given (alignkit.core.digests.rows_digest), for start_run
-# to record beside the settings: the rows a run trained on, as alignkit read them.
-_ROWS: dict[Path, str] = {}
+# Run folders with the rows prepare_run was given, for start_run to record beside the settings: their digest
+# (alignkit.core.digests.rows_digest), the rows a run trained on as alignkit read them, and their format.
+_ROWS: dict[Path, dict] = {}
+# alignkit_config.json: "text" (TRL's standard rows) or "conversations", the format of the rows the run trains on,
+# recorded when training starts (a reward model's checkpoint-N is scored as it trained: alignkit.feedback.rewards).
+DATA_ROWS = "data_rows"
 # Settings that do not change what is trained: a run that differs only in these still resumes.
 NOT_TRAINING = {
     "resume", "merge_adaptors", "push_to_hub", "hub_repo_id", "hub_public", "report_to", "wandb_project",
@@ -52,6 +55,7 @@ NOT_TRAINING = {
     "prefix_sharing",  # the same log-probs either way (alignkit.train.prefix), only faster
     "inputs",  # recorded beside the settings (save_run_config) and compared by content (_changed)
     "trained_over",  # recorded beside the settings (save_run_config), for the loader (check_trained_over)
+    DATA_ROWS,  # recorded beside the settings (save_run_config); the rows themselves are compared by content
 }
 
 
@@ -96,9 +100,11 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     progress.quiet_library_noise()
     folder = run_dir(s, stage)
     if data:
+        from alignkit.core.data import is_text_dataset
         from alignkit.core.digests import rows_digest
 
-        _ROWS[folder.resolve()] = rows_digest(*data)
+        _ROWS[folder.resolve()] = {"digest": rows_digest(*data),
+                                   "format": "text" if is_text_dataset(data[0]) else "conversations"}
     if _first_process():
         _restore_stranded(folder)
     every_process(None)  # the others look once the main process has put an earlier run back
@@ -174,7 +180,7 @@ def run_inputs(s, folder: Path | None = None) -> dict:
     model = chain_identity(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None))
     found = {"model files": digest(model), "data files": digest(data)}
     if folder is not None and (rows := _ROWS.get(folder.resolve())):
-        found["data rows"] = rows
+        found["data rows"] = rows["digest"]
     return found
 
 
@@ -267,12 +273,15 @@ def save_run_config(s, path: Path) -> None:
     """alignkit_config.json: the resolved settings (secrets redacted), the run type (`run_type` of the settings
     class: sft, dpo, reward, rl), so a model card states what the run was instead of guessing it, and the content
     of what the settings name by path (`run_inputs`), which `--resume auto` compares, and the local model folders
-    this run trains over by content, as it loaded them, which the loader compares (alignkit.modeling.lineage)."""
+    this run trains over by content, as it loaded them, which the loader compares (alignkit.modeling.lineage), and
+    the format of the rows it trains on (`data_rows`)."""
     from alignkit.modeling.lineage import TRAINED_OVER, trained_over
 
     below = trained_over(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None), path.parent)
     data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None), "inputs": run_inputs(s, path.parent),
             TRAINED_OVER: below}
+    if rows := _ROWS.get(path.parent.resolve()):
+        data[DATA_ROWS] = rows["format"]
     write_atomic(path, json.dumps(data, indent=2) + "\n")  # a torn file would stop the next --resume auto
 
 
