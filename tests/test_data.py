@@ -758,3 +758,22 @@ def test_tool_calls_and_reasoning_are_kept_as_written_and_no_other_message_gets_
                [{"type": "function", "function": {"name": "g", "parameters": {"n": "int"}}}]]
     with_tools = load_sft([{"messages": [u("hi"), a("yo")], "tools": t} for t in schemas])
     assert with_tools["tools"] == schemas
+
+
+def test_template_columns_keep_each_row_s_arguments_and_read_tools_as_trl_does(tmp_path):
+    """A row's chat_template_kwargs of {} beside {"enable_thinking": false} in another became
+    {"enable_thinking": None} (Arrow's one set of keys), which `enable_thinking is defined` takes as given. A
+    `tools` column written as JSON text (TRL's trainers decode it) reached the template check as a string; text that
+    is not a list of schemas got as far as the trainer."""
+    both = load_sft([{"messages": [u("hi"), a("yo")], "chat_template_kwargs": k}
+                     for k in ({}, {"enable_thinking": False}, None)])
+    assert both["chat_template_kwargs"] == [{}, {"enable_thinking": False}, {}]
+    same = load_sft([{"messages": [u("hi"), a("yo")], "chat_template_kwargs": {"enable_thinking": b}} for b in (1, 0)])
+    assert same["chat_template_kwargs"] == [{"enable_thinking": 1}, {"enable_thinking": 0}]
+    schema = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    rows = [{"messages": [u("hi"), a("yo")], "tools": t} for t in (json.dumps(schema), "", [], None)]
+    assert load_sft(rows)["tools"] == [schema, None, None, None]
+    path = write(tmp_path, [{"messages": [u("hi"), a("yo")], "tools": "f(city)"}], "jsonl", name="bad-tools")
+    with pytest.raises(DataError, match=r"bad-tools.jsonl: row 1: field 'tools': expected a list of tool schemas, or "
+                                        r"that list as JSON text, got str \('f\(city\)'\)\. Fix the row"):
+        load_sft(str(path))

@@ -444,6 +444,15 @@ def is_text_dataset(data: datasets.Dataset) -> bool:
 def _template_column(value, column):
     if column == "chat_template_kwargs" and value is not None and not isinstance(value, Mapping):
         raise _bad(column, "a mapping of chat template arguments, e.g. {\"enable_thinking\": false}", value)
+    if column == "tools":  # as TRL's trainers read it: JSON text decoded, and no tools (None, [], "") as None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else None
+            except ValueError:
+                raise _bad(column, "a list of tool schemas, or that list as JSON text", value) from None
+        if value and not (isinstance(value, list) and all(isinstance(t, Mapping) for t in value)):
+            raise _bad(column, "a list of tool schemas ({\"type\": \"function\", \"function\": {...}})", value)
+        return value or None
     return {} if value is None and column == "chat_template_kwargs" else value  # TRL unpacks it: never None
 
 

@@ -17,16 +17,25 @@ MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected", "completion")
 
 def as_dataset(rows: list[dict]) -> datasets.Dataset:
     """Normalised rows as a Dataset: a message column whose messages carry keys beside role and content is stored as
-    JSON, and so is a `tools` column of schemas (they differ from row to row)."""
+    JSON, and so is a `tools` column of schemas (they differ from row to row), and a `chat_template_kwargs` column
+    whose rows name different arguments (Arrow would give {} the other rows' keys as None: enable_thinking=None)."""
     rich = {c for c in MESSAGE_COLUMNS if any(_has_extra(row.get(c)) for row in rows)}
     tools = [row.get("tools") for row in rows]
     if any(tools) and all(t is None or isinstance(t, list) for t in tools):
         rich.add("tools")
+    kwargs = [row["chat_template_kwargs"] for row in rows if isinstance(row.get("chat_template_kwargs"), dict)]
+    if len({frozenset(k) for k in kwargs}) > 1:
+        rich.add("chat_template_kwargs")
     if not rich:
         return datasets.Dataset.from_list(rows)
     plain = datasets.Dataset.from_list([{k: v for k, v in row.items() if k not in rich} for row in rows]).features
     return datasets.Dataset.from_list(rows, features=datasets.Features(
-        {k: datasets.List(datasets.Json()) if k in rich else plain[k] for k in rows[0]}))
+        {k: _json(k) if k in rich else plain[k] for k in rows[0]}))
+
+
+def _json(column: str):
+    """A column's JSON feature: one mapping per row for chat_template_kwargs, else a list (messages, tools)."""
+    return datasets.Json() if column == "chat_template_kwargs" else datasets.List(datasets.Json())
 
 
 def _has_extra(value) -> bool:
@@ -34,14 +43,13 @@ def _has_extra(value) -> bool:
 
 
 def _is_json(feature) -> bool:
-    return isinstance(getattr(feature, "feature", None), datasets.Json)
+    return isinstance(feature, datasets.Json) or isinstance(getattr(feature, "feature", None), datasets.Json)
 
 
 def align_messages(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
     """Datasets to concatenate, a column that is JSON in one (see `as_dataset`) made JSON in all."""
     json = {c for part in parts for c, f in part.features.items() if _is_json(f)}
-    return [part.cast(datasets.Features({c: datasets.List(datasets.Json()) if c in json else f
-                                         for c, f in part.features.items()}))
+    return [part.cast(datasets.Features({c: _json(c) if c in json else f for c, f in part.features.items()}))
             if any(c in json and not _is_json(f) for c, f in part.features.items()) else part for part in parts]
 
 

@@ -12,6 +12,7 @@ local engine (alignkit.modeling.generation) renders.
 from __future__ import annotations
 
 import contextlib
+import json
 
 from alignkit.core.errors import UserError
 
@@ -47,10 +48,12 @@ def first_refused(tokenizer, named: dict) -> str | None:
         if dataset is None or not hasattr(dataset, "__iter__"):
             continue
         for row in dataset:
+            tools = row.get("tools")  # as TRL's trainers read it: a JSON string decoded; none (or []) is None
+            tools = (json.loads(tools) if isinstance(tools, str) else tools) or None
             for column, messages, generation in _conversations(row):
                 try:
                     tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
-                                                  tools=row.get("tools"), **(row.get("chat_template_kwargs") or {}))
+                                                  tools=tools, **(row.get("chat_template_kwargs") or {}))
                 except TemplateError as e:
                     return f"a row of {name} ({_which(messages)}), {column}: {e}"
     return None
