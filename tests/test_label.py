@@ -744,3 +744,35 @@ def test_a_second_run_into_the_same_output_is_refused_before_it_writes_anything(
         with pytest.raises(InUse, match="in use by another label.py run"):
             prepare(s)
     assert config.read_text() == '{"temperature": 1.0}'
+
+
+def test_a_prompt_s_tool_calls_reach_the_generator_and_the_judge(tmp_path):
+    """Generation prompts (label.py, evaluate.py, rl.py) kept role and content only: a context with a tool call
+    (content null, OpenAI's form) was refused, one with text beside the call lost the call, and a context ending
+    with the tool's result was refused. Kept now as training data keeps them; an OpenAI-compatible generator gets
+    them in the API's form (an id per call, arguments as JSON text, the tool turn naming its call), a judge reads
+    the calls in the transcript."""
+    from alignkit.core.llm import ChatClient
+    from alignkit.feedback.judge import question_text
+    from alignkit.feedback.labeling import read_prompts
+
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+    context = [{"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": None,
+                                                                 "tool_calls": [call]},
+               {"role": "tool", "name": "weather", "content": "sunny"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": context}) + "\n" + json.dumps({"prompt": "Plain?"}) + "\n")
+    with_call, plain = read_prompts(str(path))
+    assert with_call.messages == [context[0], {"role": "assistant", "content": "", "tool_calls": [call]}, context[2]]
+    assert plain.messages == [{"role": "user", "content": "Plain?"}]
+    assert '[calls weather({"city": "Oslo"})]' in question_text(with_call.messages)
+    seen = []
+    with FakeOpenAI(lambda body: seen.append(body) or "It is sunny.") as server:
+        client = ChatClient("gen", base_url=server.base_url)
+        assert client.complete(with_call.messages) == "It is sunny."
+        client.complete(plain.messages)
+    assert seen[0]["messages"][1:] == [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+    assert seen[1]["messages"] == [{"role": "user", "content": "Plain?"}]

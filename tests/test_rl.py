@@ -423,3 +423,26 @@ def test_a_reward_model_trained_on_texts_refuses_conversations_before_the_policy
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(record) if (
         repo, name) == ("owner/text-rm", "metrics.json") else pytest.fail(f"{repo} {name}"))
     assert rewards.trained_on_text("owner/text-rm")
+
+
+def test_prompts_with_tool_calls_keep_them_and_need_a_template_that_renders_them(tiny_cache, tmp_path):
+    """rl.py's prompts kept role and content only: a context with a tool call was refused (content null) or lost
+    the call, and Arrow gave every other message a `tool_calls: None`. Kept as JSON now; a chat template that
+    does not render calls is refused (the policy would sample without seeing the call)."""
+    from transformers import AutoTokenizer
+
+    from alignkit.core.config import RLSettings
+    from alignkit.core.errors import UserError
+    from alignkit.modeling import presets
+    from alignkit.train import rl
+
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+    context = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+               {"role": "tool", "name": "weather", "content": "sunny"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": context}) + "\n" + json.dumps({"prompt": "name three fruits."}) + "\n")
+    rows = rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(path)))
+    assert rows["prompt"] == [context, [{"role": "user", "content": "name three fruits."}]]
+    tok = AutoTokenizer.from_pretrained(presets.paths()["model"])  # the tiny template renders content only
+    with pytest.raises(UserError, match="chat template does not render tool calls, and this data has them"):
+        rl.as_trl_prompts(rows, tok, "tiny")

@@ -84,6 +84,19 @@ def _messages(value, field, role=None):
     return out
 
 
+def kept_message(message) -> dict | None:
+    """A prompt's message as generation keeps it (alignkit.feedback.labeling): its role and text, and the keys beside
+    them that the chat template renders (a tool call, a tool turn's name and id, the reasoning); a call, the
+    reasoning or a tool turn without text has content "". None when it is no such message."""
+    if not isinstance(message, dict) or message.get("role") not in ROLES:
+        return None
+    extra = {key: message[key] for key in _EXTRA_KEYS if message.get(key) not in (None, "", [])}
+    content = message.get("content")
+    if content in (None, "") and (message["role"] == "tool" or set(extra) & _SAYS_WITHOUT_TEXT):
+        content = ""
+    return {"role": message["role"], "content": content, **extra} if isinstance(content, str) else None
+
+
 def _same(a, b):
     """The same turns: roles, texts (stripped) and what else they carry (tool calls, reasoning)."""
     return [_said(m) for m in a] == [_said(m) for m in b]

@@ -71,11 +71,44 @@ class ChatClient:
 
     def complete(self, messages: list[dict], **kwargs) -> str:
         response = self.client.chat.completions.create(
-            model=self.model, messages=messages, temperature=kwargs.pop("temperature", self.temperature),
+            model=self.model, messages=openai_messages(messages),
+            temperature=kwargs.pop("temperature", self.temperature),
             max_tokens=kwargs.pop("max_tokens", self.max_tokens), **kwargs,
         )
         self.usage.add(getattr(response, "usage", None))
         return response.choices[0].message.content or ""
+
+
+def openai_messages(messages: list[dict]) -> list[dict]:
+    """Messages as the OpenAI API takes them. alignkit keeps a tool call as the chat templates read it (Hugging Face's
+    form: arguments as a mapping, often no id, reasoning beside the text); the API wants each call with an id and its
+    arguments as JSON text, a tool turn naming the call it answers (by order when the data gives no ids), and no
+    other keys. Plain role/content messages go as they are."""
+    import json
+
+    if all(set(m) <= {"role", "content"} for m in messages):
+        return messages
+    out, pending, made = [], [], 0
+    for m in messages:
+        message = {"role": m["role"], "content": m["content"]}
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                function = call.get("function", call)
+                arguments = function.get("arguments")
+                made += 1
+                calls.append({"id": call.get("id") or f"call_{made}", "type": "function", "function": {
+                    "name": function.get("name"),
+                    "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments or {})}})
+            pending += [c["id"] for c in calls]
+            message["tool_calls"], message["content"] = calls, m["content"] or None
+        if m["role"] == "tool":
+            given = m.get("tool_call_id")
+            message["tool_call_id"] = given or (pending[0] if pending else f"call_{made or 1}")
+            if message["tool_call_id"] in pending:
+                pending.remove(message["tool_call_id"])
+        out.append(message)
+    return out
 
 
 def judge_client(s, default_model: str | None = None, what: str = "the judge") -> ChatClient:

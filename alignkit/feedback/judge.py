@@ -64,10 +64,19 @@ class Request:
 
 
 def question_text(messages: list[dict]) -> str:
-    """The prompt as the judge reads it: the user's text, or a transcript when there are several turns."""
+    """The prompt as the judge reads it: the user's text, or a transcript when there are several turns, a turn's
+    tool calls written after its text (`[calls weather({"city": "Oslo"})]`) so the judge sees what was asked."""
     if len(messages) == 1:
         return messages[0]["content"]
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+    return "\n\n".join(f"{m['role'].capitalize()}: {' '.join(filter(None, [m['content'], _calls(m)]))}"
+                        for m in messages)
+
+
+def _calls(message: dict) -> str:
+    import json
+
+    calls = [c.get("function", c) for c in message.get("tool_calls") or () if isinstance(c, dict)]
+    return "".join(f"[calls {c.get('name')}({json.dumps(c.get('arguments'), ensure_ascii=False)})]" for c in calls)
 
 
 class Judge:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError, redact, save_config
-from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt
+from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt, kept_message
 from alignkit.core.errors import EndpointRefused
 from alignkit.core.groups import loader_settings
 from alignkit.core.journal import threaded
@@ -24,7 +24,6 @@ from alignkit.core.digests import digest
 from alignkit.feedback.label_records import AppendLog, Prompt, Run, Source, report_failure
 
 RESPONSE_FIELDS = ("response", "completion", "output", "answer")
-ROLES = ("system", "user", "assistant", "tool")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,15 +135,17 @@ def _as_messages(value, where: str) -> list[dict]:
             raise DataError(f"{where}: {e}. Fix the row.") from None
     if isinstance(value, str) and value.strip():
         return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value and all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value):
-        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+    # Messages keep their tool calls, tool turns and reasoning (alignkit.core.data.kept_message): the template
+    # renders them as in training. A context may end with a tool's result: the model answers from it.
+    messages = [kept_message(m) for m in value] if isinstance(value, list) and value else [None]
+    if all(messages):
         while messages and messages[-1]["role"] == "assistant":  # a whole conversation: its last answer goes
             messages.pop()
-        if messages and messages[-1]["role"] == "user" and messages[-1]["content"].strip():
+        if messages and (messages[-1]["role"] == "tool" or
+                         messages[-1]["role"] == "user" and messages[-1]["content"].strip()):
             return messages
-    raise DataError(f"{where}: expected non-empty text, or role/content messages with a user turn, got "
-                    f"{_show(value)}. Fix the row, or point --prompt_field at the column holding the prompts.")
+    raise DataError(f"{where}: expected non-empty text, or role/content messages ending with a user (or tool) turn, "
+                    f"got {_show(value)}. Fix the row, or point --prompt_field at the column holding the prompts.")
 
 
 def _rows(source, split="train", config=None):

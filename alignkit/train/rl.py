@@ -45,9 +45,8 @@ def load_prompt_dataset(s):
     A single file has no splits: --dataset_split is refused there (alignkit.core.mixture.check_file_splits, as in
     sft.py, dpo.py and reward.py) rather than ignored with the whole file read; its default names the default Hub
     dataset's split, so it passes, and label.py's loader is then told "train" (its own check would refuse it)."""
-    from datasets import Dataset
-
     from alignkit.core.data_files import DataError, single_file
+    from alignkit.core.message_columns import as_dataset
     from alignkit.core.mixture import check_file_splits
     from alignkit.feedback.labeling import read_prompts
 
@@ -61,7 +60,7 @@ def load_prompt_dataset(s):
              rl_rewards.TEXT_PROMPT: isinstance(p.row.get(s.prompt_field), str) and len(p.messages) == 1}
             for p in prompts]
     try:
-        return Dataset.from_list(rows)
+        return as_dataset(rows)  # a prompt's tool calls as JSON (alignkit.core.message_columns)
     except (ValueError, TypeError) as e:  # pyarrow's ArrowInvalid / ArrowTypeError are these
         raise DataError(f"{s.dataset_id}: the columns beside the prompt, which go to the rewards as keyword "
                         f"arguments, do not make one table ({' '.join(str(e).split())[:200]}): keep one type per "
@@ -69,14 +68,16 @@ def load_prompt_dataset(s):
 
 
 def as_trl_prompts(dataset, tokenizer, model_id: str):
-    """The prompts as the trainer takes them: as they are when the model has a chat template; without one, prompts
-    written as text become text again (TRL's standard format, no template needed), and conversations are refused
-    (alignkit.modeling.models.require_chat_template: one line naming --chat_template)."""
+    """The prompts as the trainer takes them: as they are when the model has a chat template (one that renders tool
+    calls, where a prompt holds them); without one, prompts written as text become text again (TRL's standard
+    format, no template needed), and conversations are refused (alignkit.modeling.models.require_chat_template: one
+    line naming --chat_template)."""
     from datasets import Dataset
 
     from alignkit.modeling.models import require_chat_template
 
     if getattr(tokenizer, "chat_template", None):
+        require_chat_template(tokenizer, model_id, dataset)  # one that renders the prompts' tool calls, if any
         return dataset
     if not all(dataset[rl_rewards.TEXT_PROMPT]):
         require_chat_template(tokenizer, model_id)
