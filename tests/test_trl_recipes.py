@@ -496,7 +496,8 @@ def test_keys_that_cannot_apply_are_named_once_with_the_alternative(alignkit_log
 def test_liger_settings_alignkit_does_not_apply_are_named_with_what_does(alignkit_log):
     """GRPOConfig's use_liger_loss (TRL 0.x; gone in 1.x) got "did you mean --use_liger?", which names Liger's layer
     kernels, not the loss; liger_kernel_config reached TrainingArguments, which never read it (alignkit applies the
-    kernels at load). GRPOConfig's num_generations_eval was taken by rl.py, which evaluates nothing."""
+    kernels at load). GRPOConfig's num_generations_eval was taken by rl.py, which evaluates nothing. GRPOTrainer's
+    tools and environment_factory were "unknown setting"."""
     from alignkit.core.config import RLSettings
 
     s = parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--use_liger_loss",
@@ -508,6 +509,11 @@ def test_liger_settings_alignkit_does_not_apply_are_named_with_what_does(alignki
     assert parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--use_liger_loss", "false"]) == s
     with pytest.raises(ConfigError, match="rl.py holds no data out.*num_generations_eval"):
         parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--num_generations_eval", "4"])
+    # GRPOTrainer's agent arguments: named with what alignkit does, not "unknown setting"
+    with pytest.raises(ConfigError, match="--tools has no effect in alignkit: rl.py runs no tools while it samples"):
+        parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--tools", "weather"])
+    with pytest.raises(ConfigError, match="--environment_factory has no effect in alignkit: rl.py runs no env"):
+        parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--environment_factory", "m:f"])
 
 
 def test_scripts_without_the_data_features_refuse_them():

@@ -131,6 +131,11 @@ REFUSED = {"reward_model_name_or_path": "rl.py takes a reward.py model as --rewa
                            "python:module:function (python:trl.rewards.accuracy_reward works)",
            "model_init_kwargs": "alignkit loads the model itself; use --dtype, --quantization, --attn_implementation, "
                                 "--revision",
+           # GRPOTrainer's own arguments for agent training: not supported, named rather than "unknown setting"
+           "tools": "rl.py runs no tools while it samples (TRL's GRPOTrainer(tools=...)); tool calls already in the "
+                    "data are kept and rendered by the chat template",
+           "environment_factory": "rl.py runs no environments (TRL's GRPOTrainer(environment_factory=...)); score "
+                                  "completions with --reward python:module:function",
            # TrainingArguments keeps it in every checkpoint's training_args.bin, and wandb records the command line
            "hub_token": "a token in a flag or a recipe is saved in every checkpoint (training_args.bin); set HF_TOKEN "
                         "(or log in with `hf auth login`): alignkit pushes with that"}

@@ -1,11 +1,15 @@
 """rl.py's machinery: online GRPO/RLOO on TRL's trainers, with rewards from a rule, a judge, a reward model or code.
 
 Algorithms (TRL 1.16). For each prompt x the policy samples G completions y_1..y_G and each gets a reward r_i
-(the weighted sum of the `--reward`s, weights `--reward_weights`).
-- grpo: advantage A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-4) within the group; the loss is TRL's clipped
-  policy-gradient surrogate plus beta * KL(pi || pi_ref), KL estimated per token as exp(q - p) - (q - p) - 1
-  with p = log pi, q = log pi_ref.
-- rloo: A_i = r_i - (1 / (G - 1)) sum_{j != i} r_j, the leave-one-out baseline (Ahmadian et al. 2024).
+(the weighted sum of the `--reward`s, weights `--reward_weights`; a reward's None left out of the sum).
+- grpo: advantage A_i = (r_i - mean_j r_j) / (s + 1e-4), the mean over the group; s is the group's std under
+  GRPOConfig's default scale_rewards "group", the whole batch's under "batch", and 1 (no division) under "none".
+  With multi_objective_aggregation "normalize_then_sum" each reward is normalised within its group first, then
+  the weighted sum normalised over the batch. The loss is TRL's clipped policy-gradient surrogate plus
+  beta * KL(pi || pi_ref), KL estimated per token as exp(q - p) - (q - p) - 1 with p = log pi, q = log pi_ref.
+- rloo: A_i = r_i - (1 / (G - 1)) sum_{j != i} r_j, the leave-one-out baseline (Ahmadian et al. 2024), then
+  normalised over the batch when RLOOConfig's normalize_advantages is set.
+An unscored completion (NaN throughout) is left out of the means and stds and gets A_i = 0.
 
 The reference pi_ref is the policy with the trained adapter off: the base, or base + the frozen SFT adapter the
 run started from (as in dpo.py, alignkit.modeling.models.reference_mode); no second model is loaded. TRL's own PEFT path
