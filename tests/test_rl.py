@@ -397,7 +397,7 @@ def test_a_prompt_written_as_text_is_told_by_its_row_and_rewards_are_named_and_a
 def test_a_reward_model_trained_on_texts_refuses_conversations_before_the_policy_loads(monkeypatch, tmp_path):
     """A conversation for a reward model trained on texts was refused at the first reward step, after the policy
     loaded and sampled (rl.py), and in label.py became a failed judgment for every row of its batch. Now rl.py
-    refuses it while reading the prompts, and label.py stops on the line. A Hub reward model's record is read from
+    and label.py refuse it while reading the prompts. A Hub reward model's record is read from
     its metrics.json too (it counted as conversational)."""
     from alignkit.core.errors import UserError
     from alignkit.feedback import rewards
@@ -423,6 +423,15 @@ def test_a_reward_model_trained_on_texts_refuses_conversations_before_the_policy
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(record) if (
         repo, name) == ("owner/text-rm", "metrics.json") else pytest.fail(f"{repo} {name}"))
     assert rewards.trained_on_text("owner/text-rm")
+    # label.py stopped only at the first judged batch, after every answer was generated: now when the prompts are
+    # read, naming the row.
+    from alignkit.feedback.label_records import Prompt
+
+    judge = RMJudge.__new__(RMJudge)
+    judge.folder = str(tmp_path)  # its metrics.json: trained on texts
+    judge.check_prompts([Prompt(one, place="p.jsonl: row 1")])
+    with pytest.raises(UserError, match=r"^p.jsonl: row 2: rm:.* was trained on text rows .* has 2 turns"):
+        judge.check_prompts([Prompt(one, place="p.jsonl: row 1"), Prompt(chat, place="p.jsonl: row 2")])
 
 
 def test_prompts_with_tool_calls_keep_them_and_need_a_template_that_renders_them(tiny_cache, tmp_path):

@@ -289,6 +289,18 @@ class RMJudge(Judge):
             check_model_kind(self.folder, None, reward=True)
         self.reward = None  # an alignkit.feedback.rewards.RewardModel, loaded at the first batch
 
+    def check_prompts(self, prompts) -> None:
+        """Refuse, before anything is generated, a prompt this reward model cannot score: a conversation, for one
+        trained on texts (alignkit.feedback.rewards.text_of), named by its file and row."""
+        from alignkit.feedback.rewards import text_of, trained_on_text
+
+        if trained_on_text(self.folder):
+            for prompt in prompts:
+                try:
+                    text_of(self.folder, prompt.messages)
+                except UserError as e:
+                    raise UserError(f"{prompt.place}: {e}") from None
+
     def fatal(self, error: Exception) -> bool:
         # Not loaded, or a prompt it cannot score (a conversation, for a model trained on texts; one its template
         # refuses): every batch would fail alike, so labelling stops with the line.

@@ -201,6 +201,8 @@ def load_prompts(run: Run) -> list[Prompt]:
             break
     if not prompts:
         raise DataError(f"{label}: no prompts: the dataset is empty")
+    if hasattr(judge := getattr(run, "judge", None), "check_prompts"):  # before any answer is generated
+        judge.check_prompts(prompts)
     dropped = run.stats["duplicate prompts"]
     logger.info(f"{len(prompts)} prompts from {label}" + (f" ({dropped} repeated ones dropped)" if dropped else ""))
     return prompts

@@ -136,15 +136,20 @@ class RewardModel:
                      template_kwargs)
 
     def text_of(self, prompt: list[dict]) -> str:
-        """A prompt's text, for a model trained on texts: one user turn; more is refused in one line."""
-        if len(prompt) == 1 and prompt[0].get("role") == "user":
-            return prompt[0]["content"]
-        from alignkit.core.errors import UserError
-        from alignkit.modeling.template_rows import _which
+        return text_of(self.folder, prompt)
 
-        raise UserError(f"{PREFIX}{self.folder} was trained on text rows (a prompt's text, then the answer), so it "
-                        f"scores prompts written as text; {_which(prompt)} has {len(prompt)} turns. Judge such "
-                        "prompts with a reward model trained on conversations")
+
+def text_of(folder: str, prompt: list[dict]) -> str:
+    """A prompt's text, for the reward model in `folder` trained on texts: one user turn; more is refused in one
+    line."""
+    if len(prompt) == 1 and prompt[0].get("role") == "user":
+        return prompt[0]["content"]
+    from alignkit.core.errors import UserError
+    from alignkit.modeling.template_rows import _which
+
+    raise UserError(f"{PREFIX}{folder} was trained on text rows (a prompt's text, then the answer), so it scores "
+                    f"prompts written as text; {_which(prompt)} has {len(prompt)} turns. Judge such prompts with a "
+                    "reward model trained on conversations")
 
 
 def load(spec: str, **kwargs) -> Callable[[list[list[dict]], list[str]], list[float]]:
