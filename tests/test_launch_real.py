@@ -206,7 +206,7 @@ def assert_each_rank_scored_with(output: str, rewards: str, rm: Path) -> None:
     functions `rewards` (as rl.py lists them), and the reward model `rm` scored the completions (its mean is
     logged)."""
     assert output.count(f"rewards: {rewards}") == 2, output[-3000:]
-    assert f"'rewards/rm:{rm}/mean'" in output, output[-3000:]
+    assert f"'rewards/rm:{rm.name}/mean'" in output, output[-3000:]
 
 
 @pytest.mark.parametrize("kind", REWARDS)
@@ -287,7 +287,7 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
         assert logged["rewards/unscored_frac"] == 1.0 and logged["judge/failed"] == 8, logged  # rank 0's 8 rows
         assert {p.name for p in (run / "judge.cache").iterdir()} == {"judgments.jsonl", "judgments.rank1.jsonl"}
     elif rm:
-        assert_each_rank_scored_with(output, f"rm:{rm}", rm)
+        assert_each_rank_scored_with(output, f"rm:{rm.name}", rm)
     else:
         assert_vllm_would_get_the_merged_policy(run, synced)
 

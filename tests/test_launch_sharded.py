@@ -167,7 +167,7 @@ def test_rl(sft, request, cache, runs):
     # from the shards or partitions (vLLM itself needs CUDA).
     assert_vllm_would_get_the_merged_policy(run, synced)
     if rm:  # each rank built both reward functions, and the reward model scored the completions
-        assert_each_rank_scored_with(done["output"], f"rule_reward, rm:{rm}", rm)
+        assert_each_rank_scored_with(done["output"], f"rule_reward, rm:{rm.name}", rm)
 
 
 @pytest.mark.parametrize("mode", ["zero3", "fsdp"])

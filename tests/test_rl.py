@@ -455,3 +455,17 @@ def test_prompts_with_tool_calls_keep_them_and_need_a_template_that_renders_them
     tok = AutoTokenizer.from_pretrained(presets.paths()["model"])  # the tiny template renders content only
     with pytest.raises(UserError, match="chat template does not render tool calls, and this data has them"):
         rl.as_trl_prompts(rows, tok, "tiny")
+
+
+def test_reward_models_are_logged_under_their_folder_s_name(monkeypatch, tmp_path):
+    """rm:FOLDER logged as rewards/rm:/the/whole/path/mean: its slashes split a dashboard's sections. TRL names a
+    reward model by the last part of its path; two alike (runs/a/merged, runs/b/merged) are told apart."""
+    from alignkit.core.config import RLSettings
+    from alignkit.feedback import rewards
+    from alignkit.train.rl_rewards import build_rewards
+
+    monkeypatch.setattr(rewards, "load", lambda spec, settings=None: spec)
+    specs = ["rule", "rm:runs/a/merged/", "rm:/abs/runs/b/merged", "rm:owner/rm-7b"]
+    funcs = build_rewards(RLSettings(reward=specs), tmp_path)
+    assert [f.__name__ for f in funcs] == ["rule_reward", "rm:merged", "rm:merged_2", "rm:rm-7b"]
+    assert [f.model for f in funcs[1:]] == specs[1:]  # each loads the folder it names

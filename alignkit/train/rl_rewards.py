@@ -81,7 +81,9 @@ class RewardModelReward:
     def __init__(self, spec: str, s):
         from alignkit.feedback.rewards import load
 
-        self.__name__ = spec
+        # Its logs' name, as TRL names a reward model: the last part of its path (rewards/rm:NAME/mean), not the
+        # whole path, whose slashes split a dashboard's sections.
+        self.__name__ = f"rm:{Path(spec[len('rm:'):].rstrip('/')).name or spec[len('rm:'):]}"
         self.model = load(spec, settings=s)
         self.template_kwargs: dict = {}
 
@@ -322,4 +324,9 @@ def build_rewards(s, run_folder: Path) -> list:
             funcs.append(import_reward(spec))
         else:
             raise ConfigError(f"--reward {spec!r}: expected rule, judge, rm:FOLDER or python:module:function")
+    seen = Counter()
+    for func in funcs:  # two reward models named alike (runs/a/merged, runs/b/merged): logged apart
+        seen[func.__name__] += 1
+        if seen[func.__name__] > 1 and func is not rule_reward:
+            func.__name__ = f"{func.__name__}_{seen[func.__name__]}"
     return funcs
