@@ -556,6 +556,39 @@ def test_resume_auto_starts_over_when_the_same_files_and_settings_became_other_r
     assert training.prepare_run(s, "sft", train, held_out)[1] == str(folder / "checkpoint-2")
     # The rows' format is recorded beside them (a reward model's checkpoint is scored as it trained).
     assert json.loads((folder / training.CONFIG_FILE).read_text())["data_rows"] == "conversations"
+    # A later call without rows (a notebook's) does not reuse the earlier call's.
+    assert training.prepare_run(s, "sft", Dataset.from_list(other), held_out)[1] is None
+    training.prepare_run(s, "sft")
+    assert "data rows" not in run_folder.run_inputs(s, folder)
+
+
+def _rank_reads_its_rows(rank, root, same):
+    import json
+
+    from datasets import Dataset
+
+    s = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(root / "runs"), run_name="run")
+    rows = Dataset.from_list([{"text": "the same row" if same or rank == 0 else "a newer row"}])
+    try:
+        said = {"resume_from": training.prepare_run(s, "sft", rows, None)[1]}
+    except UserError as error:
+        said = {"error": str(error)}
+    (root / f"rank{rank}.json").write_text(json.dumps(said))
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_every_rank_reads_the_same_rows_or_all_stop_in_one_line(same, tmp_path):
+    """Two machines reading a Hub dataset cached at other commits: each rank would train on its own rows under one
+    run. The ranks compare their rows' digests before anything else: all stop with one line, or go on together."""
+    import json
+
+    assert in_two_ranks(_rank_reads_its_rows, tmp_path, tmp_path, same) == [0, 0]
+    said = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    if same:
+        assert said == [{"resume_from": None}] * 2
+    else:
+        assert all(s["error"].startswith("the processes of this launch read other rows from the same data settings: "
+                                         "rank 0 and rank 1 differ") for s in said)
 
 
 def test_zero3_named_in_a_deepspeed_json_is_zero3(monkeypatch, tmp_path):

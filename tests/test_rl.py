@@ -180,6 +180,7 @@ def test_pairwise_judge_reward_uses_label_keys(tmp_path):
                         [[{"role": "assistant", "content": "mango,lemon,plum."}]] * 2)
         assert scores == [0.5, None] and reward.stats["no reference"] == 1
         assert reward.failed == [False, False]  # no reference: not judged, so "does not apply", not a failure
+        assert reward.stats["unscored"] == 0
         key = digest({"prompt": prompt, "a": "mango,lemon,plum.", "b": "apple,pear,plum.", **reward.judge.identity()})
         assert key in reward.cache
         reward.close()
@@ -215,7 +216,7 @@ def test_python_and_reward_model_rewards_combine_with_weights(sft_run, tiny_cach
                    "--chat_template_kwargs", '{"flag": true}')
     assert g["rewards"][2].template_kwargs == {"flag": True}  # the reward model renders as TRL would render it
     for entry in [e for e in g["trainer"].state.log_history if "loss" in e]:
-        names = ["rule_reward", "short", f"rm:{reward_run['run_folder']}"]
+        names = ["rule_reward", "short", f"rm:{Path(reward_run['run_folder']).name}"]
         means = [entry[f"rewards/{n}/mean"] for n in names]
         assert all(m is not None for m in means)
         assert entry["reward"] == pytest.approx(means[0] + 2 * means[1] + 0.5 * means[2], rel=1e-4, abs=1e-5)

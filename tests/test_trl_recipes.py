@@ -321,6 +321,11 @@ def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_templ
     checkpoint = Path(templated["run_folder"]) / "checkpoint-1"
     assert not (checkpoint / "metrics.json").exists() and rewards.load(f"rm:{checkpoint}").text
     assert json.loads((checkpoint.parent / "alignkit_config.json").read_text())["data_rows"] == "text"
+    # Merged, it keeps the record in metrics.json too: the file a push uploads (the settings stay home).
+    from alignkit.modeling.merge import merge_adapters
+
+    merged = merge_adapters(str(checkpoint), tmp_path / "merged-checkpoint")
+    assert json.loads((Path(merged) / "metrics.json").read_text()) == {"reward_rows": "text"}
     model, tok = templated["trainer"].model, templated["loaded"].tokenizer
     conversations = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]
                      for r in rows[:3]]

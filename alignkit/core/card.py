@@ -232,9 +232,9 @@ def _hub_dataset(dataset: str) -> str | None:
 
 
 # What a run records beside its settings in alignkit_config.json (alignkit.train.run_folder.save_run_config): the
-# content digests of its inputs and the local folders it trained over, by path. Neither is a setting, and the
-# second names local paths: left out of the card.
-RECORDED_BESIDE = ("inputs", "trained_over")
+# content digests of its inputs, the local folders it trained over, by path, and its rows' format. None is a
+# setting, and the second names local paths: left out of the card.
+RECORDED_BESIDE = ("inputs", "trained_over", "data_rows")
 
 
 def _chat_template(folder: Path) -> bool:

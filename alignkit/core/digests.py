@@ -19,10 +19,11 @@ def digest(value, length: int | None = None, ensure_ascii: bool = False) -> str:
 
 
 def rows_digest(*datasets) -> str:
-    """Hex SHA-256 of datasets' rows as they are (their features, then every row in order; None for a missing
-    one), however they are stored: the same rows give the same digest whether they are one Arrow table or the
-    concatenation of several, a selection of a larger one or a copy. Each 1,000 rows are copied out and written as
-    an Arrow IPC stream into the hash, never all at once."""
+    """Hex SHA-256 of datasets' rows (their features, then every row in order; None for a missing one). The same
+    rows read the same way give the same digest whether they are one Arrow table or the concatenation of several,
+    a selection or shuffle of a larger one (an indices mapping) or a copy; other Arrow types for the same values
+    (large_string, another column order) give another digest, so at worst a run starts over. Each 1,000 rows are
+    copied out and written as an Arrow IPC stream into the hash, never all at once."""
     import pyarrow as pa
 
     hasher = hashlib.sha256()

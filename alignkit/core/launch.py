@@ -54,7 +54,12 @@ def world_size() -> int:
 
 
 def process_rank() -> int:
-    """This process's global rank (RANK, set by accelerate launch / torchrun); 0 for a plain run."""
+    """This process's global rank: the process group's when one is running, else RANK (set by accelerate launch /
+    torchrun); 0 for a plain run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
 
 

@@ -181,7 +181,7 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
                              "dataset_mixture / dataset_test_split")
         overrides = self.trainer_overrides if isinstance(self.trainer_overrides, dict) else {}
         evaluation = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
-        if self.eval_split or evaluation not in ("none", "no") or "num_generations_eval" in overrides:
+        if self.eval_split or evaluation not in ("none", "no") or overrides.get("num_generations_eval") is not None:
             raise ValueError("rl.py holds no data out: it measures the reward on its own samples, logged every "
                              "--logging_steps (training.png); drop eval_split / eval_strategy / num_generations_eval")
         if self.max_length is not None:

@@ -38,7 +38,6 @@ def trained_on_text(folder: str) -> bool:
     inside it, a merge of one. A model without a record (one not trained by reward.py, an older run) counts as
     conversational."""
     import json
-    import re
 
     from alignkit.core.journal import read_json
 
@@ -50,14 +49,11 @@ def trained_on_text(folder: str) -> bool:
             return json.loads(path.read_text()).get(ROWS_KEY) == "text"
         except Exception:  # noqa: BLE001 - none uploaded, or offline and not cached: no record
             return False
-    here = Path(folder)
-    records = [(here / "metrics.json", ROWS_KEY), (here / "alignkit_config.json", "data_rows")]
-    if re.fullmatch(r"checkpoint-\d+", here.resolve().name):  # its run's settings, one folder up
-        records.append((here.resolve().parent / "alignkit_config.json", "data_rows"))
-    for path, key in records:
-        if (found := read_json(path).get(key)) is not None:
-            return found == "text"
-    return False
+    from alignkit.modeling.lineage import run_config
+
+    if (recorded := read_json(Path(folder, "metrics.json")).get(ROWS_KEY)) is not None:
+        return recorded == "text"
+    return run_config(folder).get("data_rows") == "text"  # a checkpoint-N's: its run's
 
 
 def score(model, tokenizer, conversations: list[list[dict] | str], batch_size: int = 16,
@@ -122,7 +118,8 @@ class RewardModel:
         self.loaded = load_model(reward_loader_settings(folder, settings), reward=True)
         if not self.text and not getattr(self.loaded.tokenizer, "chat_template", None):  # score() would fail
             raise ConfigError(f"{PREFIX}{folder} has no chat template, and its run does not record text rows "
-                              f"(metrics.json {ROWS_KEY}). Retrain it with this reward.py (which records them), on "
+                              f"(metrics.json {ROWS_KEY}, or data_rows in its run's alignkit_config.json). Retrain it "
+                              "with this reward.py (which records them), on "
                               "conversational rows, or on a model with a chat template")
 
     def __call__(self, prompts: list[list[dict]], answers: list[str], template_kwargs: dict | None = None) -> list[float]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 from pathlib import Path
 
 from alignkit.core.errors import UserError
@@ -35,6 +36,20 @@ RUN_CONFIG, TRAINED_OVER = "alignkit_config.json", "trained_over"
 _NOT_WEIGHTS = [*TRAINER_STATE, *RUN_RECORDS, "metrics.json"]
 # {absolute folder: its files by content} as the loader last loaded it for training in this process.
 _LOADED: dict[Path, dict[str, str]] = {}
+
+
+def run_config(folder) -> dict:
+    """The settings a model folder was trained with (its alignkit_config.json): a run folder's or a merge's own, or
+    for a checkpoint-N, its run's, one folder up (a checkpoint holds none); {} when there are none."""
+    here = Path(folder).resolve()
+    for candidate in (here, *([here.parent] if re.fullmatch(r"checkpoint-\d+", here.name) else [])):
+        try:
+            found = json.loads((candidate / RUN_CONFIG).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(found, dict):
+            return found
+    return {}
 
 
 def folders(chain, gguf_file: str | None = None) -> list[Path]:

@@ -22,7 +22,6 @@ model loads with AutoModelForSequenceClassification.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.config import ModelSettings, loader_settings
 from alignkit.core.errors import UserError
-from alignkit.core.journal import read_json, write_atomic
+from alignkit.core.journal import write_atomic
 
 # Max |logit difference| accepted between the merged and the unmerged model, relative to the largest |logit|
 # (at least 1). Both run in fp32 and merging only reorders the same arithmetic, so the bound is fp32 noise
@@ -66,7 +65,9 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     if final.exists() and not _a_merged_model(final):
         raise UserError(f"--output_dir {output_dir} holds other things than a merged model: the merge replaces the "
                         "folder whole; pass a new folder (or an earlier merge's)")
-    trained_on = read_json(Path(adapter_dir) / "alignkit_config.json").get("quantization")
+    from alignkit.modeling.lineage import run_config
+
+    trained_on = run_config(adapter_dir).get("quantization")  # a checkpoint-N's: its run's
     if dequantize and trained_on in ("none", "8bit"):  # the NF4-rounded base is another model than the one trained
         raise UserError(f"--dequantize merges into the base rounded to 4-bit NF4, as QLoRA trains on it, but "
                         f"{adapter_dir} was trained with --quantization {trained_on}: drop --dequantize")
@@ -116,11 +117,15 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         if Path(adapter_dir, name).is_file():
             shutil.copy(Path(adapter_dir, name), out / name)
     # A checkpoint-N holds no run records of its own: its run's settings (the run type, the rows' format for a
-    # reward model) are its own too. The run's metrics and evaluations are the finished run's, not the checkpoint's.
-    run_config = Path(adapter_dir).resolve().parent / RUN_FILES[0]
-    if re.fullmatch(r"checkpoint-\d+", Path(adapter_dir).resolve().name) and run_config.is_file() \
-            and not (out / RUN_FILES[0]).exists():
-        shutil.copy(run_config, out / RUN_FILES[0])
+    # reward model) are its own too. The run's metrics and evaluations are the finished run's, not the checkpoint's;
+    # a reward model's rows format goes into metrics.json too, the record a push uploads (settings stay home).
+    config = run_config(adapter_dir)
+    if config and not (out / RUN_FILES[0]).exists():
+        write_atomic(out / RUN_FILES[0], json.dumps(config, indent=2) + "\n")
+        if reward and config.get("data_rows") and not (out / "metrics.json").exists():
+            from alignkit.feedback.rewards import ROWS_KEY
+
+            write_atomic(out / "metrics.json", json.dumps({ROWS_KEY: config["data_rows"]}, indent=2) + "\n")
     (out / "merge.json").write_text(json.dumps({
         "base_model": loaded.base_id, "base_revision": loaded.base_revision, "adapters": loaded.adapters,
         "lota_deltas": loaded.deltas,

@@ -291,10 +291,10 @@ class JudgeReward:
                 self.stats["unparsed"] += 1  # paid for: cached like label.py's, still no reward
             self.cache.append({"key": key, "judge": self.identity["judge"], "verdict": parsed, "text": result})
         scores = [self._score(keys) for keys in per_row]
-        self.stats["unscored"] += sum(v is None for v in scores)
         # Which rows' judgments failed (rl's trainer unscores them whole); a prompt without a reference completion
-        # was not judged: "does not apply", as a python reward's None.
+        # was not judged: "does not apply", as a python reward's None (counted as no reference, not unscored).
         self.failed = [value is None and bool(keys) for value, keys in zip(scores, per_row)]
+        self.stats["unscored"] += sum(self.failed)
         return scores
 
     def close(self) -> None:

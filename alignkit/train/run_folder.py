@@ -99,12 +99,19 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     """
     progress.quiet_library_noise()
     folder = run_dir(s, stage)
+    _ROWS.pop(folder.resolve(), None)  # an earlier call's rows (a notebook's earlier data) are not this run's
     if data:
         from alignkit.core.data import is_text_dataset
         from alignkit.core.digests import rows_digest
 
-        _ROWS[folder.resolve()] = {"digest": rows_digest(*data),
-                                   "format": "text" if is_text_dataset(data[0]) else "conversations"}
+        rows = {"digest": rows_digest(*data), "format": "text" if is_text_dataset(data[0]) else "conversations"}
+        digests = every_process(rows["digest"])
+        if differing := [rank for rank, other in enumerate(digests) if other != digests[0]]:
+            raise UserError(f"the processes of this launch read other rows from the same data settings: rank 0 and "
+                            f"rank {differing[0]} differ (a Hub dataset cached at another commit on one machine, or "
+                            "a local file that is not the same everywhere). Give every machine the same data: one shared "
+                            "file or folder, or the same HF_HOME cache")
+        _ROWS[folder.resolve()] = rows
     if _first_process():
         _restore_stranded(folder)
     every_process(None)  # the others look once the main process has put an earlier run back
@@ -235,7 +242,7 @@ def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
     elif _holds_work(folder):
         aside = free_name(folder.parent, f"{folder.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
         changed = _changed(folder, s)
-        why = f"trained with other settings ({', '.join(changed)})" if changed else f"--resume {s.resume}"
+        why = f"trained with other settings or inputs ({', '.join(changed)})" if changed else f"--resume {s.resume}"
         logger.info(f"{folder} holds an earlier run ({why}): moved it to {aside}")
     try:  # a Ctrl-C anywhere in here gives the folder back too (start_run's `except` only covers training)
         if aside:
