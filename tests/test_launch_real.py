@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import zlib
 import os
 import re
 import shutil
@@ -256,9 +257,10 @@ def test_kto_with_precompute_on_two_processes(sft_adapter, cache, runs):
 def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     """GRPO with the transformers backend: the rule as the reward, or a reward.py model (`rm:FOLDER`, QLoRA) that
     each process holds whole beside the policy. With the rule, what TRL would load into a colocated vLLM engine is
-    the merged policy (vLLM itself needs CUDA). With the rule and a judge that always fails, every completion of
-    both processes is unscored: each process marks its own rows' failed judgments, and the marks are gathered as
-    TRL gathers the rewards (a process's rows would otherwise keep the rule alone)."""
+    the merged policy (vLLM itself needs CUDA). With the rule and a judge that fails for about half the
+    completions: each process judges its own rows into its own judgments file, marks the rows whose judgment
+    failed, and the marks are gathered as TRL gathers the rewards (a failed row would otherwise keep the rule
+    alone); the logged judge counts are the whole launch's (they were the main process's)."""
     import contextlib
 
     from openai_server import Fault, FakeOpenAI
@@ -271,7 +273,11 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     run = runs / f"rl-{reward}"
     with contextlib.ExitStack() as stack:
         if reward == "judge":
-            server = stack.enter_context(FakeOpenAI(lambda body: Fault(500)))
+            def half(body):  # which completions fail, their text decides
+                answer = body["messages"][-1]["content"].split("[The Start of Assistant's Answer]\n")[-1]
+                return Fault(500) if zlib.crc32(answer.encode()) % 2 else "Good. Rating: [[8]]"
+
+            server = stack.enter_context(FakeOpenAI(half))
             flags = ["--reward", "rule,judge", "--judge_base_url", server.base_url, "--judge_model", "judge",
                      "--max_retries", "0", "--logging_steps", "1"]
         output = accelerate_launch([*shim, "rl.py", "--preset", "tiny", "--model_id", str(sft_adapter),
@@ -284,8 +290,10 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     if reward == "judge":
         logged, = [e for e in json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())["log_history"]
                    if "loss" in e]
-        assert logged["rewards/unscored_frac"] == 1.0 and logged["judge/failed"] == 8, logged  # rank 0's 8 rows
-        assert {p.name for p in (run / "judge.cache").iterdir()} == {"judgments.jsonl", "judgments.rank1.jsonl"}
+        assert logged["judge/requests"] == 16 and 0 < logged["judge/unscored"] < 16, logged  # both processes'
+        assert logged["rewards/unscored_frac"] == logged["judge/unscored"] / 16, logged
+        files = {p.name: p.read_text().count("\n") for p in (run / "judge.cache").iterdir()}
+        assert files.keys() == {"judgments.jsonl", "judgments.rank1.jsonl"} and all(files.values()), files
     elif rm:
         assert_each_rank_scored_with(output, f"rm:{rm.name}", rm)
     else:

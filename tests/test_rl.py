@@ -154,6 +154,9 @@ def test_each_process_of_a_launch_keeps_its_own_judgments_and_reads_all_of_them(
     cache = tmp_path / "cache"
     with FakeOpenAI(lambda body: "Rating: [[8]]") as server:
         first = JudgeReward(_judge_settings(server, tmp_path), cache)  # rank 0 (no RANK: a plain run)
+        # Opened at the first judgment, after training claimed the run folder: rl.py builds its rewards before, and
+        # a rerun's judgments went where the claim moved the earlier run (run.previous-TIME/judge.cache).
+        assert not cache.exists()
         assert first([prompt], said[:1]) == [pytest.approx(0.8)]
         monkeypatch.setenv("RANK", "1")
         second = JudgeReward(_judge_settings(server, tmp_path), cache)  # beside the first, not refused

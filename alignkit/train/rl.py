@@ -176,9 +176,13 @@ class _OnlineMixin:
             self._times.clear()
             if self._unscored["rows"]:
                 logs["rewards/unscored_frac"] = self._unscored["unscored"] / self._unscored["rows"]
-            for func in self.reward_funcs:
-                for name, value in getattr(func, "stats", {}).items():
-                    logs[f"judge/{name.replace(' ', '_')}"] = value
+            # Each process judges its own completions: the counts are summed over the launch (every process logs).
+            counts = [(f"judge/{name.replace(' ', '_')}", func.stats[name]) for func in self.reward_funcs
+                      for name in getattr(func, "STATS", ())]
+            if counts:
+                total = self.accelerator.reduce(torch.tensor([float(v) for _, v in counts],
+                                                             device=self.accelerator.device), reduction="sum")
+                logs.update({name: int(value) for (name, _), value in zip(counts, total.tolist())})
         return super().log(logs, start_time)
 
 

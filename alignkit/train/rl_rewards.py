@@ -132,6 +132,8 @@ class JudgeReward:
     """
 
     failure_unscores = True  # a failed judgment (`failed`, per row of the last call) unscores the completion whole
+    # What `stats` counts, logged as judge/NAME (every name, every log: the processes of a launch sum them alike)
+    STATS = ("requests", "cached", "failed", "unparsed", "unscored", "no reference")
 
     def __init__(self, s, cache_dir: Path):
         from alignkit.core.llm import judge_client
@@ -158,7 +160,15 @@ class JudgeReward:
             self.identity = {"judge": f"openai:{self.client.model}", "mode": "single",
                              "template": digest([self.template["system_prompt"], self.template["prompt_template"]], 16),
                              **endpoint_identity(self.client)}
-        self.cache = self._open_cache(cache_dir)
+        # Opened at the first judgment, once training has claimed the run folder: opened now, a rerun's judgments
+        # would follow the earlier run where the claim moves it aside (run_folder.previous-TIME).
+        self.cache_dir, self._cache = cache_dir, None
+
+    @property
+    def cache(self):
+        if self._cache is None:
+            self._cache = self._open_cache(self.cache_dir)
+        return self._cache
 
     @staticmethod
     def _open_cache(cache_dir: Path):
@@ -298,7 +308,8 @@ class JudgeReward:
         return scores
 
     def close(self) -> None:
-        self.cache.close()
+        if self._cache is not None:
+            self._cache.close()
 
 
 def check_rewards_take(rewards: list, prompts) -> None:
