@@ -462,6 +462,21 @@ def test_sft_with_qlora_in_one_process(tiny_cache, tmp_path):
     assert run["trainer"].state.global_step == 2 and (tmp_path / "qlora" / "adapter_model.safetensors").is_file()
 
 
+def test_sft_with_8bit_in_one_process(tiny_cache, tmp_path):
+    """sft.py with --quantization 8bit in one process (the support matrix said "as any model", and no test trained
+    in 8-bit): the base's linear layers really 8-bit (bitsandbytes' LLM.int8 on the CPU), LoRA in fp32, the adapter
+    saved and moved."""
+    import bitsandbytes as bnb
+
+    run = run_script("sft.py", "--preset", "tiny", "--quantization", "8bit", "--max_steps", "2", "--eval_split", "0",
+                     "--warmup_ratio", "0", "--output_dir", str(tmp_path), "--run_name", "int8", "--save_steps", "100")
+    assert run["loaded"].quantization == "8bit"
+    assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in run["model"].modules()) == 14  # 7 per layer, 2 layers
+    assert {p.dtype for p in run["model"].parameters() if p.requires_grad} == {torch.float32}
+    assert run["trainer"].state.global_step == 2 and (tmp_path / "int8" / "adapter_model.safetensors").is_file()
+    assert any(bool(p.abs().sum()) for n, p in run["model"].named_parameters() if "lora_B" in n)  # B starts at 0
+
+
 def test_qlora_trains_fp32_adapters_that_move(tiny_cache, tmp_path):
     """TRL casts a 4-bit model's trainable LoRA weights to bf16 (trl/trainer/dpo_trainer.py, "When using QLoRA");
     at a DPO learning rate AdamW's steps then round away. A real 4-bit model (bitsandbytes on the CPU), 3 steps."""

@@ -220,9 +220,12 @@ def test_reward_with_its_held_out_report_on_two_processes(kind, reward_run):
 
 
 def test_lota_dpo_on_two_processes(sft_adapter, cache, runs):
-    """LoTA: dense calibration steps, the mask, then the sparse steps, on both processes; the main process saves."""
-    accelerate_launch(["dpo.py", *TINY, "--model_id", str(sft_adapter), "--adapter", "lota",
-                       "--lota_calibration_steps", "1", "--output_dir", str(runs), "--run_name", "lota"], cache)
+    """LoTA: dense calibration steps, the mask, then the sparse steps, on both processes; the main process saves.
+    The calibration moves the delta (one step was all warmup, at learning rate 0: a mask over zeros), and the
+    processes compare their masks (alignkit.train.lota_mask: a difference stops both)."""
+    output = accelerate_launch(["dpo.py", *TINY, "--model_id", str(sft_adapter), "--adapter", "lota",
+                                "--lota_calibration_steps", "2", "--output_dir", str(runs), "--run_name", "lota"], cache)
+    assert re.search(r"LoTA calibration moved [1-9][\d,]* entries", output), output[-3000:]
     finished(runs / "lota")
     assert any((runs / "lota").glob("lota_mask*"))
     # A LoRA run over that delta: each checkpoint names the LoTA run (alignkit.train.trainers.CheckpointBase, on the

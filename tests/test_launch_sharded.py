@@ -209,8 +209,9 @@ def test_lota_under_zero2(cache, runs):
     """LoTA's two trainers in one process (dense calibration, then the sparse run): the second one's accelerator
     takes DeepSpeed's plugin again. Prefix sharing packs its batches."""
     run = runs / "lota-zero2"
-    done = launch("zero2", "dpo.py", run, *TINY, "--adapter", "lota", "--lota_calibration_steps", "1", cache=cache)
+    done = launch("zero2", "dpo.py", run, *TINY, "--adapter", "lota", "--lota_calibration_steps", "2", cache=cache)
     assert done["packed"] > 0 and done["metrics"]["global_step"] == 2
+    assert re.search(r"LoTA calibration moved [1-9][\d,]* entries", done["output"])  # a mask of moved entries
     assert any(run.glob("lota_mask*"))
     # A LoRA run over that delta under FSDP2: the delta goes into the whole weights before they are sharded, and the
     # finished adapter names the LoTA run as its base. FSDP's checkpoints hold its sharded state (for resuming), no

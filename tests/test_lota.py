@@ -349,12 +349,15 @@ def test_only_the_main_process_writes_the_calibrated_mask(tiny_cache, tmp_path, 
         report_to: str = "none"
         load_best_model_at_end: bool = False
 
-    class Calibration:  # trains nothing: the mask of a zero delta is as good as any here
+    class Calibration:  # moves the trainable delta a little, as a step would (a delta that never moved is refused)
         def __init__(self, main: bool):
             self.accelerator = SimpleNamespace(is_main_process=main)
 
         def train(self):
-            pass
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    if parameter.requires_grad:
+                        parameter.add_(0.01)
 
     monkeypatch.setattr(lota_mask, "_let_the_next_trainer_start", lambda trainer: None)
     s = DPOSettings(model_id=presets.paths()["model"], adapter="lota", quantization="none")
@@ -466,3 +469,13 @@ def test_lota_reference_keeps_the_chain_adapters_reference_adapters_names(sft_ru
     assert torch.allclose(reference(), start, atol=1e-4)
     assert not torch.allclose(_answer_logps(trainer.model, batch), start, atol=1e-4)  # the policy: the delta trained
     assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "frozen_" in n)
+
+
+def test_a_calibration_that_moved_nothing_is_refused(tiny_cache, tmp_path):
+    """One calibration step under the tiny preset's warmup ran at learning rate 0: the dense delta stayed zero and
+    the mask was top-k over zeros, any entries at all (the 2-process tests trained on such masks)."""
+    from alignkit.core.errors import UserError
+
+    with pytest.raises(UserError, match=r"LoTA's 1 calibration steps moved no weight .* Raise --lota_calibration_steps"):
+        run_script("sft.py", "--preset", "tiny", "--adapter", "lota", "--lota_calibration_steps", "1", "--max_steps",
+                   "1", "--output_dir", str(tmp_path))

@@ -55,7 +55,17 @@ def calibrate(model, s, run_folder: Path, make_trainer, args) -> dict[str, torch
     modules = {n: m for n, m in layers(model) if n in deltas}
     shapes = weight_shapes(modules)
     exclude = load_mask(s.lota_exclude_mask, shapes, "--lota_exclude_mask") if s.lota_exclude_mask else None
-    mask = compute_mask({n: d.dense() for n, d in deltas.items()}, s.lota_sparsity, s.lota_mask_scope, exclude)
+    dense = {n: d.dense() for n, d in deltas.items()}
+    moved = sum(int(torch.count_nonzero(d)) for d in dense.values())
+    logger.info(f"LoTA calibration moved {moved:,} entries")
+    if moved == 0:  # a mask over zeros is any mask: the warmup held the learning rate at 0 for every step
+        from alignkit.core.errors import UserError
+
+        raise UserError(f"LoTA's {s.lota_calibration_steps} calibration steps moved no weight (the learning rate stayed "
+                        "0: --warmup_ratio/--warmup_steps covers them), so the mask would be arbitrary. Raise "
+                        "--lota_calibration_steps, or lower the warmup")
+    mask = compute_mask(dense, s.lota_sparsity, s.lota_mask_scope, exclude)
+    _check_every_process_has(mask)
     # Every process holds the same mask (the launch keeps the dense delta in step); one writes it: two renaming
     # one temporary file into place raced, and the second crashed its rank.
     if main:
@@ -66,6 +76,24 @@ def calibrate(model, s, run_folder: Path, make_trainer, args) -> dict[str, torch
     attach(model, modules, mask)  # back to the starting weights: the calibration delta is dropped
     log_trainable(model, "sparse")
     return mask
+
+
+def _check_every_process_has(mask: dict[str, torch.Tensor]) -> None:
+    """The processes of a launch compare their masks (a digest each): sparse steps on different entries per process
+    would average gradients of entries another process does not train. A difference stops every process."""
+    import hashlib
+
+    from alignkit.core.errors import UserError
+    from alignkit.core.launch import every_process
+
+    hasher = hashlib.sha256()
+    for name in sorted(mask):
+        hasher.update(name.encode())
+        hasher.update(mask[name].to(torch.int64).numpy().tobytes())
+    seen = every_process(hasher.hexdigest())
+    if differing := [rank for rank, other in enumerate(seen) if other != seen[0]]:
+        raise UserError(f"LoTA's calibration gave rank {differing[0]} another mask than rank 0: the dense deltas went "
+                        "apart between processes. Pass the mask with --lota_mask (from a one-process calibration)")
 
 
 def compute_mask(deltas: dict[str, torch.Tensor], sparsity: float, scope: str = "matrix",
