@@ -19,6 +19,7 @@
 - environment: the settings' environment layer (ALIGNKIT_<NAME>; a variable no script reads is reported).
 - progress: the one progress-bar rule (a bar in a terminal and a notebook, none in CI logs).
 - data: the one data normaliser (SFT and preference rows from files, folders, the Hub).
+- row_checks: the checks of one row's messages, answers and preference pairs (tool calls and reasoning kept).
 - message_columns: how the normalised rows are stored (messages with tool calls or reasoning as JSON).
 - data_files: reading a file, folder or Hub dataset into rows that keep their file and line.
 - hub: Hub pushes.

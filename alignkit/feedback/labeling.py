@@ -14,7 +14,8 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError, redact, save_config
-from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt, kept_message
+from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt
+from alignkit.core.row_checks import kept_message
 from alignkit.core.errors import EndpointRefused
 from alignkit.core.groups import loader_settings
 from alignkit.core.journal import threaded

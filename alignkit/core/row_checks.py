@@ -1,0 +1,120 @@
+"""The checks every row of alignkit.core.data goes through: a message list, a turn's text, an answer split from the
+turns before it, a preference pair; each failure a _RowError naming the column, what was expected and what was
+found (alignkit.core.data adds the source, the row and the fix). Messages keep the keys a chat template renders
+beside role and content (a tool call, a tool turn's name and id, the reasoning)."""
+from __future__ import annotations
+
+import json
+
+from alignkit.core.data_files import _show
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class _RowError(Exception):  # one invalid row: the column at fault, what was expected and what was found
+    def __init__(self, field, problem):
+        super().__init__(problem)
+        self.field, self.problem = field, problem
+
+
+# ---------------------------------------------------------------- row checks
+def _bad(field, expected, value, where=""):
+    return _RowError(field, f"{where}expected {expected}, got {_show(value)}")
+
+
+def _text(value, field, where=""):
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(field, "non-empty text", value, where)
+    return value
+
+
+def _turn(role, content):
+    return [{"role": role, "content": content}]
+
+
+# Message keys beside role and content, kept as written: TRL hands whole messages to the chat template, which renders
+# a tool call, a tool turn's name and id, and the reasoning where the model's template knows them.
+_EXTRA_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
+_SAYS_WITHOUT_TEXT = {"tool_calls", "reasoning_content", "thinking"}
+
+
+def _messages(value, field, role=None):
+    """A list of role/content messages, or a string that becomes one `role` message (refused if role is None)."""
+    if isinstance(value, str) and role:
+        return _turn(role, _text(value, field))
+    if not isinstance(value, list) or not value:
+        raise _bad(field, "a non-empty string or a list of messages" if role else "a non-empty list of messages", value)
+    out = []
+    for i, message in enumerate(value, 1):
+        where = f"message {i}: "
+        if not isinstance(message, dict):
+            raise _bad(field, "a {'role': ..., 'content': ...} dict", message, where)
+        if message.get("role") not in ROLES:
+            raise _bad(field, f"'role' to be one of {', '.join(ROLES)}", message.get("role"), where)
+        extra = {key: message[key] for key in _EXTRA_KEYS if message.get(key) not in (None, "", [])}
+        if message["role"] == "system" and message.get("content") == "":
+            continue  # an empty system prompt says nothing; ShareGPT dumps are full of them
+        # No text beside a call or the reasoning, or a tool that returned nothing: a turn all the same ("").
+        if message.get("content") in (None, "") and (message["role"] == "tool" or set(extra) & _SAYS_WITHOUT_TEXT):
+            out.append({"role": message["role"], "content": "", **extra})
+            continue
+        out += [{**_turn(message["role"], _text(message.get("content"), field, where + "'content': "))[0], **extra}]
+    if not out:
+        raise _bad(field, "at least one non-empty message", value)
+    return out
+
+
+def kept_message(message) -> dict | None:
+    """A prompt's message as generation keeps it (alignkit.feedback.labeling): its role and text, and the keys beside
+    them that the chat template renders (a tool call, a tool turn's name and id, the reasoning); a call, the
+    reasoning or a tool turn without text has content "". None when it is no such message."""
+    if not isinstance(message, dict) or message.get("role") not in ROLES:
+        return None
+    extra = {key: message[key] for key in _EXTRA_KEYS if message.get(key) not in (None, "", [])}
+    content = message.get("content")
+    if content in (None, "") and (message["role"] == "tool" or set(extra) & _SAYS_WITHOUT_TEXT):
+        content = ""
+    return {"role": message["role"], "content": content, **extra} if isinstance(content, str) else None
+
+
+def _same(a, b):
+    """The same turns: roles, texts (stripped) and what else they carry (tool calls, reasoning)."""
+    return [_said(m) for m in a] == [_said(m) for m in b]
+
+
+def _said(message: dict) -> tuple:
+    return message["role"], message["content"].strip(), json.dumps({k: v for k, v in message.items()
+                                                                     if k not in ("role", "content")}, sort_keys=True)
+
+
+def _answer(value, field, prompt=None):
+    """Split a string or a conversation into (the turns before the answer, [the final assistant turn])."""
+    conv = _messages(value, field, "assistant")
+    if conv[-1]["role"] != "assistant":
+        raise _RowError(field, f"expected a conversation ending with an assistant turn, got a last turn with role "
+                               f"{conv[-1]['role']!r}")
+    if len(conv) > 1 and prompt:
+        # A whole conversation may open with a system turn that its prompt column leaves out (the handbook's rows).
+        skip = 0 if prompt[0]["role"] == "system" else next(i for i, m in enumerate(conv) if m["role"] != "system")
+        if not _same(conv[skip:skip + len(prompt)], prompt):
+            raise _RowError(field, "expected a conversation that starts with the prompt turns, got one starting with "
+                                   + _show(conv[0]["content"]))
+    return conv[:-1], conv[-1:]
+
+
+def _check_prompt(prompt, field):
+    if not prompt or prompt[-1]["role"] not in ("user", "tool"):
+        roles = ", ".join(m["role"] for m in prompt) or "none"
+        raise _RowError(field, f"expected prompt turns ending with a user turn before the answer, got roles [{roles}]")
+    return prompt
+
+
+def _pair(prompt, chosen, rejected, names=("chosen", "rejected"), prompt_field="prompt"):
+    """A checked pair: conversational (message lists), or TRL's standard format (texts, used as they are)."""
+    if not isinstance(prompt, str):
+        _check_prompt(prompt, prompt_field)
+    said = [answer.strip() if isinstance(answer, str) else _said(answer[0]) for answer in (chosen, rejected)]
+    if said[0] == said[1]:
+        raise _RowError(names[1], f"expected an answer different from '{names[0]}', got the same text "
+                                  "(identical answers carry no preference signal)")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
