@@ -777,3 +777,33 @@ def test_template_columns_keep_each_row_s_arguments_and_read_tools_as_trl_does(t
     with pytest.raises(DataError, match=r"bad-tools.jsonl: row 1: field 'tools': expected a list of tool schemas, or "
                                         r"that list as JSON text, got str \('f\(city\)'\)\. Fix the row"):
         load_sft(str(path))
+
+
+def test_sharegpt_tool_turns_and_system_as_llama_factory_writes_them(tmp_path):
+    """LLaMA-Factory's ShareGPT rows (function_call / observation turns, a `system` column, `tools` as JSON text)
+    were refused ("'from' to be one of human, ..."). A call becomes an assistant turn with tool_calls in the chat
+    templates' form, an observation the tool's turn, the system text the first turn."""
+    rows = [{"conversations": [
+        {"from": "human", "value": "Weather in Oslo?"},
+        {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Oslo"}})},
+        {"from": "observation", "value": "sunny"},
+        {"from": "gpt", "value": "Sunny."}],
+        "system": "Use the tools.", "tools": json.dumps([{"type": "function", "function": {"name": "weather"}}])}]
+    data = load_sft(str(write(tmp_path, rows, "jsonl", name="lf")))
+    assert data[0]["messages"] == [
+        {"role": "system", "content": "Use the tools."}, u("Weather in Oslo?"),
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "sunny"}, a("Sunny.")]
+    assert data[0]["tools"] == [{"type": "function", "function": {"name": "weather"}}]
+    # arguments as JSON text too, and several calls in one turn
+    two = json.dumps([{"name": "f", "arguments": '{"n": 1}'}, {"name": "g", "arguments": {}}])
+    calls = load_sft([{"conversations": [{"from": "human", "value": "Go."}, {"from": "function_call", "value": two},
+                                         {"from": "observation", "value": "ok"}, {"from": "gpt", "value": "Done."}]}])
+    assert [c["function"] for c in calls[0]["messages"][1]["tool_calls"]] == [
+        {"name": "f", "arguments": {"n": 1}}, {"name": "g", "arguments": {}}]
+    bad = write(tmp_path, [{"conversations": [{"from": "human", "value": "Go."},
+                                              {"from": "function_call", "value": "weather(Oslo)"}]}], "jsonl", name="bad")
+    with pytest.raises(DataError, match=r"bad.jsonl: row 1: field 'conversations': message 2: 'value': expected the "
+                                        r"call as JSON"):
+        load_sft(str(bad))

@@ -181,16 +181,52 @@ def _sft_messages(row, field="messages"):
 
 
 def _sft_sharegpt(row):
+    """ShareGPT turns as messages. LLaMA-Factory's tool turns too: `function_call` (its value the call as JSON,
+    {"name": ..., "arguments": {...}}, or a list of them) is an assistant turn with tool_calls, `observation` the
+    tool's turn; a row's `system` text opens the conversation."""
     turns = row.get("conversations")
     if not isinstance(turns, list):
         raise _bad("conversations", "a list of {'from': ..., 'value': ...} turns", turns)
-    messages = []
+    system = row.get("system")
+    messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
     for i, turn in enumerate(turns, 1):
         who = turn.get("from") if isinstance(turn, dict) else None
-        if who not in SHAREGPT_ROLES:
-            raise _bad("conversations", f"'from' to be one of {', '.join(SHAREGPT_ROLES)}", who, f"message {i}: ")
-        messages.append({"role": SHAREGPT_ROLES[who], "content": turn.get("value")})
+        if who == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": _sharegpt_calls(turn.get("value"), i)})
+        elif who == "observation":
+            messages.append({"role": "tool", "content": turn.get("value")})
+        elif who in SHAREGPT_ROLES:
+            messages.append({"role": SHAREGPT_ROLES[who], "content": turn.get("value")})
+        else:
+            raise _bad("conversations", f"'from' to be one of {', '.join([*SHAREGPT_ROLES, *_SHAREGPT_TOOL_ROLES])}",
+                       who, f"message {i}: ")
     return _sft_messages({"conversations": messages}, "conversations")
+
+
+_SHAREGPT_TOOL_ROLES = ("function_call", "observation")  # LLaMA-Factory's
+
+
+def _sharegpt_calls(value, i: int) -> list[dict]:
+    """A `function_call` turn's value ({"name": ..., "arguments": ...} as JSON text, or a list of them) as tool calls
+    in the chat templates' form: {"type": "function", "function": {"name", "arguments" as a mapping}}."""
+    expected = 'the call as JSON, {"name": ..., "arguments": {...}} (or a list of them)'
+    try:
+        calls = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        raise _bad("conversations", expected, value, f"message {i}: 'value': ") from None
+    calls = [calls] if isinstance(calls, Mapping) else calls
+    if not isinstance(calls, list) or not calls or not all(isinstance(c, Mapping) and c.get("name") for c in calls):
+        raise _bad("conversations", expected, value, f"message {i}: 'value': ")
+    out = []
+    for call in calls:
+        arguments = call.get("arguments") or {}
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise _bad("conversations", expected, value, f"message {i}: 'value': ") from None
+        out.append({"type": "function", "function": {"name": call["name"], "arguments": arguments}})
+    return out
 
 
 def _sft_prompt_completion(row):
