@@ -79,7 +79,9 @@ run = prepare(settings)
 # %%
 from alignkit.feedback.labeling import load_prompts
 
-prompts = load_prompts(run)
+prompts = load_prompts(run)  # a prompt the judge cannot score (rm: trained on texts) is refused here
+if settings.mode == "pointwise":
+    grader.check_prompts(prompts)  # likewise for a reward-model grader
 
 # %% [markdown]
 # ## Responses

@@ -94,7 +94,7 @@ from alignkit.modeling.models import add_trainable_adapter, load_model
 from alignkit.train.rl import as_trl_prompts
 
 loaded = load_model(settings, for_training=True)
-prompts = as_trl_prompts(prompts, loaded.tokenizer, settings.model_id)
+train_prompts = as_trl_prompts(prompts, loaded.tokenizer, settings.model_id)  # `prompts` stays as read
 model = add_trainable_adapter(loaded, settings)
 model.print_trainable_parameters()
 
@@ -112,7 +112,7 @@ args = trl_args(settings, run_folder, loaded.dtype, model)
 # The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
 with start_run(settings, run_folder, resume_from):
     trainer = trainer_class(settings.algo)(
-        model=model, reward_funcs=rewards, args=args, train_dataset=prompts, processing_class=loaded.tokenizer,
+        model=model, reward_funcs=rewards, args=args, train_dataset=train_prompts, processing_class=loaded.tokenizer,
         frozen_adapters=loaded.frozen,
     )
     trainer.train(resume_from_checkpoint=resume_from)

@@ -802,8 +802,36 @@ def test_sharegpt_tool_turns_and_system_as_llama_factory_writes_them(tmp_path):
                                          {"from": "observation", "value": "ok"}, {"from": "gpt", "value": "Done."}]}])
     assert [c["function"] for c in calls[0]["messages"][1]["tool_calls"]] == [
         {"name": "f", "arguments": {"n": 1}}, {"name": "g", "arguments": {}}]
+    # A system turn of its own wins over the column (LLaMA-Factory's way): one system turn, never two.
+    both = load_sft([{"system": "S1", "conversations": [{"from": "system", "value": "S2"}, {"from": "human",
+                                                                                          "value": "Go."},
+                                                        {"from": "gpt", "value": "Done."}]}])
+    assert both[0]["messages"] == [{"role": "system", "content": "S2"}, u("Go."), a("Done.")]
+    with pytest.raises(DataError, match="expected the call as JSON"):  # templates read arguments as a mapping
+        load_sft([{"conversations": [{"from": "human", "value": "Go."}, {"from": "function_call", "value": json.dumps(
+            {"name": "f", "arguments": "[1, 2]"})}, {"from": "observation", "value": "ok"}, {"from": "gpt",
+                                                                                        "value": "Done."}]}])
     bad = write(tmp_path, [{"conversations": [{"from": "human", "value": "Go."},
                                               {"from": "function_call", "value": "weather(Oslo)"}]}], "jsonl", name="bad")
     with pytest.raises(DataError, match=r"bad.jsonl: row 1: field 'conversations': message 2: 'value': expected the "
                                         r"call as JSON"):
         load_sft(str(bad))
+
+
+def test_a_mixture_keeps_each_row_s_template_arguments(tmp_path):
+    """Parts of a dataset_mixture with and without chat_template_kwargs, or with other keys: Arrow gave {} the other
+    part's keys as None ({"enable_thinking": None}), and a part without the column gave None, which TRL unpacks
+    (a TypeError after the model loaded). Every row keeps its own; a part without them gets {}."""
+    from types import SimpleNamespace
+
+    from alignkit.core.mixture import load_train_eval
+
+    chat = {"messages": [u("hi"), a("yo")]}
+    parts = {"think": [{**chat, "chat_template_kwargs": {"enable_thinking": False}}] * 2,
+             "empty": [{**chat, "chat_template_kwargs": {}}] * 2, "none": [chat] * 2}
+    for name, rows in parts.items():
+        write(tmp_path, rows, "jsonl", name=name)
+    s = SimpleNamespace(dataset_mixture={"datasets": [{"id": str(tmp_path / f"{n}.jsonl")} for n in parts]},
+                        dataset_format="auto", skip_invalid=False, max_samples=None, eval_split=0.0, seed=0)
+    train, _ = load_train_eval("sft", s)
+    assert sorted(map(str, train["chat_template_kwargs"])) == sorted(["{'enable_thinking': False}"] * 2 + ["{}"] * 4)

@@ -776,3 +776,36 @@ def test_a_prompt_s_tool_calls_reach_the_generator_and_the_judge(tmp_path):
             "name": "weather", "arguments": '{"city": "Oslo"}'}}]},
         {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
     assert seen[1]["messages"] == [{"role": "user", "content": "Plain?"}]
+    # A call's own id stays; a new one is none the data already uses, and each tool turn answers its call in order.
+    from alignkit.core.llm import openai_messages
+
+    named = [{**call, "id": "call_1"}, call]
+    sent = openai_messages([context[0], {"role": "assistant", "content": "", "tool_calls": named},
+                            {"role": "tool", "content": "a"}, {"role": "tool", "content": "b"}])
+    assert [c["id"] for c in sent[1]["tool_calls"]] == ["call_1", "call_2"]
+    assert [m["tool_call_id"] for m in sent[2:]] == ["call_1", "call_2"]
+
+
+def test_a_prompt_s_tool_call_needs_a_template_that_renders_it(tiny_cache, tmp_path):
+    """label.py's and evaluate.py's local generators rendered a prompt with a tool call through a template that
+    drops it: the model answered a conversation without the call. Refused in one line, as training refuses it; a
+    template that renders calls renders it."""
+    from transformers import AutoTokenizer
+
+    from alignkit.core.errors import UserError
+    from alignkit.modeling import presets
+    from alignkit.modeling.template_rows import render
+
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+    prompt = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+              {"role": "tool", "name": "weather", "content": "sunny"}]
+    tok = AutoTokenizer.from_pretrained(presets.paths()["model"])
+    assert render(tok, prompt[:1])  # no call: renders as before
+    with pytest.raises(UserError, match=r"chat template does not render tool calls, and a prompt \(.*Weather\?.*\) "
+                                        r"has them"):
+        render(tok, prompt)
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if 'tool_calls' in m %}{% for c in "
+        "m['tool_calls'] %}[call {{ c['function']['name'] }} {{ c['function']['arguments'] | tojson }}]{% endfor %}"
+        "{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert '[call weather {"city": "Oslo"}]' in render(tok, prompt)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import zlib
 import os
 import re
 import shutil
@@ -260,8 +259,8 @@ def test_kto_with_precompute_on_two_processes(sft_adapter, cache, runs):
 def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     """GRPO with the transformers backend: the rule as the reward, or a reward.py model (`rm:FOLDER`, QLoRA) that
     each process holds whole beside the policy. With the rule, what TRL would load into a colocated vLLM engine is
-    the merged policy (vLLM itself needs CUDA). With the rule and a judge that fails for about half the
-    completions: each process judges its own rows into its own judgments file, marks the rows whose judgment
+    the merged policy (vLLM itself needs CUDA). With the rule and a judge that fails each prompt's first
+    judgment: each process judges its own rows into its own judgments file, marks the rows whose judgment
     failed, and the marks are gathered as TRL gathers the rewards (a failed row would otherwise keep the rule
     alone); the logged judge counts are the whole launch's (they were the main process's)."""
     import contextlib
@@ -276,9 +275,13 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     run = runs / f"rl-{reward}"
     with contextlib.ExitStack() as stack:
         if reward == "judge":
-            def half(body):  # which completions fail, their text decides
-                answer = body["messages"][-1]["content"].split("[The Start of Assistant's Answer]\n")[-1]
-                return Fault(500) if zlib.crc32(answer.encode()) % 2 else "Good. Rating: [[8]]"
+            asked = set()
+
+            def half(body):  # each question's first judgment fails, the others pass (every process has both)
+                question = body["messages"][-1]["content"].split("[The Start of Assistant's Answer]")[0]
+                first = question not in asked
+                asked.add(question)
+                return Fault(500) if first else "Good. Rating: [[8]]"
 
             server = stack.enter_context(FakeOpenAI(half))
             flags = ["--reward", "rule,judge", "--judge_base_url", server.base_url, "--judge_model", "judge",

@@ -469,7 +469,7 @@ def test_reward_models_are_logged_under_their_folder_s_name(monkeypatch, tmp_pat
     from alignkit.train.rl_rewards import build_rewards
 
     monkeypatch.setattr(rewards, "load", lambda spec, settings=None: spec)
-    specs = ["rule", "rm:runs/a/merged/", "rm:/abs/runs/b/merged", "rm:owner/rm-7b"]
+    specs = ["rule", "rm:runs/a/merged/", "rm:/abs/runs/b/merged", "rm:owner/rm-7b", "rm:c/merged_2"]
     funcs = build_rewards(RLSettings(reward=specs), tmp_path)
-    assert [f.__name__ for f in funcs] == ["rule_reward", "rm:merged", "rm:merged_2", "rm:rm-7b"]
+    assert [f.__name__ for f in funcs] == ["rule_reward", "rm:merged", "rm:merged_2", "rm:rm-7b", "rm:merged_2_2"]
     assert [f.model for f in funcs[1:]] == specs[1:]  # each loads the folder it names

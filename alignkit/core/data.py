@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import datasets
 
 from alignkit.core.data_files import FILE_TYPES, DataError, Rows, load_rows, read_rows
-from alignkit.core.message_columns import as_dataset
+from alignkit.core.message_columns import TEMPLATE_COLUMNS, as_dataset
 from alignkit.core.row_checks import _answer, _bad, _check_prompt, _messages, _pair, _RowError, _same, _text, _turn
 
 __all__ = ["DataError", "FILE_TYPES", "PREFERENCE_FORMATS", "SFT_FORMATS", "Rows", "load_rows", "read_rows",
@@ -28,7 +28,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 _FIX = "Fix the row, or pass --skip_invalid to skip invalid rows."
 # Per-row columns TRL's trainers hand to the chat template (trl/data_utils.py apply_chat_template): kept as they are,
 # so that a row's `chat_template_kwargs` ({"enable_thinking": false}, the SmolLM3 recipes) and `tools` still apply.
-_TEMPLATE_COLUMNS = ("chat_template_kwargs", "tools")
+_TEMPLATE_COLUMNS = TEMPLATE_COLUMNS
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -187,8 +187,10 @@ def _sft_sharegpt(row):
     turns = row.get("conversations")
     if not isinstance(turns, list):
         raise _bad("conversations", "a list of {'from': ..., 'value': ...} turns", turns)
-    system = row.get("system")
-    messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    system = row.get("system")  # LLaMA-Factory's: used when the conversation does not open with its own system turn
+    opens = isinstance(turns[0], dict) and turns[0].get("from") == "system" if turns else False
+    messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() and not opens \
+        else []
     for i, turn in enumerate(turns, 1):
         who = turn.get("from") if isinstance(turn, dict) else None
         if who == "function_call":
@@ -225,6 +227,8 @@ def _sharegpt_calls(value, i: int) -> list[dict]:
                 arguments = json.loads(arguments)
             except ValueError:
                 raise _bad("conversations", expected, value, f"message {i}: 'value': ") from None
+        if not isinstance(arguments, Mapping):  # templates read them as a mapping (arguments.items())
+            raise _bad("conversations", expected, value, f"message {i}: 'value': ")
         out.append({"type": "function", "function": {"name": call["name"], "arguments": arguments}})
     return out
 

@@ -88,6 +88,7 @@ def openai_messages(messages: list[dict]) -> list[dict]:
 
     if all(set(m) <= {"role", "content"} for m in messages):
         return messages
+    given = {c.get("id") for m in messages for c in m.get("tool_calls") or () if isinstance(c, dict)}
     out, pending, made = [], [], 0
     for m in messages:
         message = {"role": m["role"], "content": m["content"]}
@@ -96,15 +97,18 @@ def openai_messages(messages: list[dict]) -> list[dict]:
             for call in m["tool_calls"]:
                 function = call.get("function", call)
                 arguments = function.get("arguments")
-                made += 1
+                if not call.get("id"):  # a new id, none the data already uses
+                    made += 1
+                    while f"call_{made}" in given:
+                        made += 1
                 calls.append({"id": call.get("id") or f"call_{made}", "type": "function", "function": {
                     "name": function.get("name"),
                     "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments or {})}})
             pending += [c["id"] for c in calls]
             message["tool_calls"], message["content"] = calls, m["content"] or None
         if m["role"] == "tool":
-            given = m.get("tool_call_id")
-            message["tool_call_id"] = given or (pending[0] if pending else f"call_{made or 1}")
+            answers = m.get("tool_call_id")
+            message["tool_call_id"] = answers or (pending[0] if pending else f"call_{made or 1}")
             if message["tool_call_id"] in pending:
                 pending.remove(message["tool_call_id"])
         out.append(message)

@@ -46,11 +46,28 @@ def _is_json(feature) -> bool:
     return isinstance(feature, datasets.Json) or isinstance(getattr(feature, "feature", None), datasets.Json)
 
 
+TEMPLATE_COLUMNS = ("chat_template_kwargs", "tools")  # per-row columns TRL hands to the chat template
+
+
 def align_messages(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
-    """Datasets to concatenate, a column that is JSON in one (see `as_dataset`) made JSON in all."""
+    """Datasets to concatenate, a column that is JSON in one (see `as_dataset`) made JSON in all. A template column
+    (chat_template_kwargs, tools) of any part is JSON in every part, and a part without it gets {} / None: Arrow
+    would fill one part's kwargs with another's keys as None, and TRL unpacks a row's chat_template_kwargs (None
+    there is a TypeError)."""
     json = {c for part in parts for c, f in part.features.items() if _is_json(f)}
-    return [part.cast(datasets.Features({c: _json(c) if c in json else f for c, f in part.features.items()}))
-            if any(c in json and not _is_json(f) for c, f in part.features.items()) else part for part in parts]
+    if len(parts) > 1:
+        json |= {c for part in parts for c in TEMPLATE_COLUMNS if c in part.column_names}
+    aligned = []
+    for part in parts:
+        for column in TEMPLATE_COLUMNS:
+            if column in json and column not in part.column_names:
+                default = {} if column == "chat_template_kwargs" else None
+                part = part.map(lambda _, c=column, v=default: {c: v},
+                                features=datasets.Features({**part.features, column: _json(column)}))
+        if any(c in json and not _is_json(f) for c, f in part.features.items()):
+            part = part.cast(datasets.Features({c: _json(c) if c in json else f for c, f in part.features.items()}))
+        aligned.append(part)
+    return aligned
 
 
 def has_tool_calls(data) -> bool:

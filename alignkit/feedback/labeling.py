@@ -136,7 +136,7 @@ def _as_messages(value, where: str) -> list[dict]:
             raise DataError(f"{where}: {e}. Fix the row.") from None
     if isinstance(value, str) and value.strip():
         return [{"role": "user", "content": value}]
-    # Messages keep their tool calls, tool turns and reasoning (alignkit.core.data.kept_message): the template
+    # Messages keep their tool calls, tool turns and reasoning (alignkit.core.row_checks.kept_message): the template
     # renders them as in training. A context may end with a tool's result: the model answers from it.
     messages = [kept_message(m) for m in value] if isinstance(value, list) and value else [None]
     if all(messages):

@@ -94,6 +94,11 @@ class Grader:
             raise ConfigError(f"--judge {s.judge!r}: expected openai, hf, rm:RUN_FOLDER, or python:module:function")
         self.threshold = DEFAULT_THRESHOLDS[self.kind] if s.grade_threshold is None else s.grade_threshold
 
+    def check_prompts(self, prompts) -> None:
+        """Before any answer is generated: a prompt a reward-model grader cannot score is refused (RMJudge's)."""
+        if self.kind == "rm":
+            self.rm.check_prompts(prompts)
+
     def identity(self) -> dict:
         if self.kind == "python":  # its module's file and what it imports: edit a constant, old grades go
             return {"grader": self.spec, "code": rule_fingerprint(self.function)}

@@ -71,9 +71,27 @@ def refusing(messages: list[dict], what: str = "a prompt"):
 
 
 def render(tokenizer, messages: list[dict]) -> str:
-    """The text a model answers `messages` from (the template's generation prompt); a refusal is one line."""
+    """The text a model answers `messages` from (the template's generation prompt); a refusal is one line, and so
+    is a prompt with a tool call for a template that renders none (the model would answer without the call)."""
+    if any(m.get("tool_calls") for m in messages) and not _renders_tool_calls(tokenizer):
+        raise UserError(f"the chat template does not render tool calls, and a prompt ({_which(messages)}) has them: "
+                        "the model would answer without seeing the call. Pass --chat_template FILE with one that "
+                        "renders tool_calls and tool turns (the model family's tool-calling template), or drop such "
+                        "prompts")
     with refusing(messages):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+_TOOL_CALLING: dict[str, bool] = {}  # a chat template -> TRL's supports_tool_calling (it renders a test conversation)
+
+
+def _renders_tool_calls(tokenizer) -> bool:
+    key = str(getattr(tokenizer, "chat_template", None))
+    if key not in _TOOL_CALLING:
+        from trl.chat_template_utils import supports_tool_calling
+
+        _TOOL_CALLING[key] = bool(supports_tool_calling(tokenizer))
+    return _TOOL_CALLING[key]
 
 
 def _refusal(where: str) -> UserError:

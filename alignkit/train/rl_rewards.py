@@ -160,8 +160,8 @@ class JudgeReward:
             self.identity = {"judge": f"openai:{self.client.model}", "mode": "single",
                              "template": digest([self.template["system_prompt"], self.template["prompt_template"]], 16),
                              **endpoint_identity(self.client)}
-        # Opened at the first judgment, once training has claimed the run folder: opened now, a rerun's judgments
-        # would follow the earlier run where the claim moves it aside (run_folder.previous-TIME).
+        # Opened once training has claimed the run folder (the trainer's setup reads `cache`): opened now, a rerun's
+        # judgments would follow the earlier run where the claim moves it aside (run_folder.previous-TIME).
         self.cache_dir, self._cache = cache_dir, None
 
     @property
@@ -335,9 +335,11 @@ def build_rewards(s, run_folder: Path) -> list:
             funcs.append(import_reward(spec))
         else:
             raise ConfigError(f"--reward {spec!r}: expected rule, judge, rm:FOLDER or python:module:function")
-    seen = Counter()
+    taken = set()
     for func in funcs:  # two reward models named alike (runs/a/merged, runs/b/merged): logged apart
-        seen[func.__name__] += 1
-        if seen[func.__name__] > 1 and func is not rule_reward:
-            func.__name__ = f"{func.__name__}_{seen[func.__name__]}"
+        name, n = func.__name__, 1
+        while func.__name__ in taken and func is not rule_reward:
+            n += 1
+            func.__name__ = f"{name}_{n}"
+        taken.add(func.__name__)
     return funcs
