@@ -163,8 +163,16 @@ def test_each_process_of_a_launch_keeps_its_own_judgments_and_reads_all_of_them(
         sent = server.count
         assert second([prompt] * 2, said) == [pytest.approx(0.8)] * 2 and server.count - sent == 1  # fig: cached
         first.close(), second.close()
-    lines = {p.name: p.read_text().count("\n") for p in cache.iterdir()}
-    assert lines == {"judgments.jsonl": 1, "judgments.rank1.jsonl": 1}
+        lines = {p.name: p.read_text().count("\n") for p in cache.iterdir()}
+        assert lines == {"judgments.jsonl": 1, "judgments.rank1.jsonl": 1}
+        # Closed (a run's end), or its folder gone (a notebook's failed training, then the cell again): the next
+        # use opens the file where it is now, instead of writing to the closed or deleted one.
+        import shutil
+
+        shutil.rmtree(cache)
+        assert second([prompt], [[{"role": "assistant", "content": "plum."}]]) == [pytest.approx(0.8)]
+        second.close()
+    assert (cache / "judgments.rank1.jsonl").read_text().count("\n") == 1
 
 
 def test_pairwise_judge_reward_uses_label_keys(tmp_path):

@@ -119,8 +119,9 @@ class _OnlineMixin:
         for func in self.reward_funcs:  # rm:FOLDER renders as TRL renders its reward models' conversations
             if hasattr(func, "template_kwargs"):
                 func.template_kwargs = dict(self.chat_template_kwargs)
-            if hasattr(func, "cache"):  # the judge's cache, in the run folder training has just claimed: another
-                func.cache  # noqa: B018 - run holding it stops this one now, not after the model sampled
+            if hasattr(func, "cache"):  # the judge's cache, in the run folder training has just claimed (a notebook's
+                func.close()  # earlier run's file may have gone with a failed run): another run holding it stops
+                func.cache  # noqa: B018 - this one now, not after the model sampled
         self._times = Counter()
         self._unscored = Counter()
 

@@ -310,6 +310,7 @@ class JudgeReward:
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
+            self._cache = None  # the next use opens it again (a notebook's training cell run again)
 
 
 def check_rewards_take(rewards: list, prompts) -> None:
