@@ -326,6 +326,11 @@ def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_templ
 
     merged = merge_adapters(str(checkpoint), tmp_path / "merged-checkpoint")
     assert json.loads((Path(merged) / "metrics.json").read_text()) == {"reward_rows": "text"}
+    # Pushed as an adapter (merge.py --push adapter), the checkpoint gets the same record, the file a push uploads.
+    from alignkit.modeling.merge import keep_reward_rows
+
+    keep_reward_rows(checkpoint, checkpoint)
+    assert json.loads((checkpoint / "metrics.json").read_text()) == {"reward_rows": "text"}
     model, tok = templated["trainer"].model, templated["loaded"].tokenizer
     conversations = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]
                      for r in rows[:3]]

@@ -54,6 +54,20 @@ def _check_inputs(tokenizer, device):
     return batch
 
 
+def keep_reward_rows(adapter_dir, out) -> None:
+    """A reward model without a metrics.json of its own (a checkpoint-N, or its merge) gets one holding its run's
+    rows' format (`reward_rows`, from the run's data_rows): the record a push uploads, so a Hub copy is judged as
+    it trained (alignkit.feedback.rewards.trained_on_text). Nothing when `out` has one or the run recorded none."""
+    from alignkit.modeling.lineage import run_config
+    from alignkit.modeling.reward_models import REWARD, model_kind
+
+    rows = run_config(adapter_dir).get("data_rows")
+    if rows and not (Path(out) / "metrics.json").exists() and model_kind(str(adapter_dir)) == REWARD:
+        from alignkit.feedback.rewards import ROWS_KEY
+
+        write_atomic(Path(out) / "metrics.json", json.dumps({ROWS_KEY: rows}, indent=2) + "\n")
+
+
 def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str | None = None,
                    dequantize: bool = False, max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
     """Merge the adapter chain ending at `adapter_dir` into its base; returns the output folder."""
@@ -122,10 +136,8 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     config = run_config(adapter_dir)
     if config and not (out / RUN_FILES[0]).exists():
         write_atomic(out / RUN_FILES[0], json.dumps(config, indent=2) + "\n")
-        if reward and config.get("data_rows") and not (out / "metrics.json").exists():
-            from alignkit.feedback.rewards import ROWS_KEY
-
-            write_atomic(out / "metrics.json", json.dumps({ROWS_KEY: config["data_rows"]}, indent=2) + "\n")
+        if reward:
+            keep_reward_rows(adapter_dir, out)
     (out / "merge.json").write_text(json.dumps({
         "base_model": loaded.base_id, "base_revision": loaded.base_revision, "adapters": loaded.adapters,
         "lota_deltas": loaded.deltas,
