@@ -81,14 +81,11 @@ class AppendLog:
         self._file.seek(0)
         data = self._file.read()
         end = _whole_lines_end(data)
-        lines = data[:end].split(b"\n")[:-1]  # every line that ended with a newline
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
+        for number, record in _records(data[:end]):
+            if record is None:
+                logger.warning(f"{self.path}: line {number} is not a journal record; ignored")
+            else:
                 self.records[record["key"]] = record
-            except (ValueError, KeyError, TypeError):
-                if line.strip():
-                    logger.warning(f"{self.path}: line {number} is not a journal record; ignored")
         if end < len(data):  # no newline after it: the write was cut short
             logger.info(f"{self.path}: dropped a torn last line (a run was killed while writing it)")
             self._file.truncate(end)
@@ -100,12 +97,9 @@ class AppendLog:
             data = Path(path).read_bytes()
         except OSError:
             return
-        for line in data[:_whole_lines_end(data)].split(b"\n")[:-1]:
-            try:
-                record = json.loads(line)
+        for _, record in _records(data[:_whole_lines_end(data)]):
+            if record is not None:  # the owner's own open reports a bad line
                 self.records.setdefault(record["key"], record)
-            except (ValueError, KeyError, TypeError):
-                continue  # the owner's own open reports a bad line
 
     def __contains__(self, key) -> bool:
         return key in self.records
@@ -129,6 +123,20 @@ class AppendLog:
 
 
 _append_lock = threading.Lock()
+
+
+def _records(whole_lines: bytes):
+    """(line number, record) for each non-blank line of `whole_lines`; record None where the line is no keyed
+    JSON object."""
+    for number, line in enumerate(whole_lines.split(b"\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record["key"]
+        except (ValueError, KeyError, TypeError):
+            record = None
+        yield number, record
 
 
 def _whole_lines_end(data: bytes) -> int:

@@ -54,14 +54,14 @@ def _check_inputs(tokenizer, device):
     return batch
 
 
-def keep_reward_rows(adapter_dir, out) -> None:
+def keep_reward_rows(adapter_dir, out, config: dict | None = None) -> None:
     """A reward model without a metrics.json of its own (a checkpoint-N, or its merge) gets one holding its run's
     rows' format (`reward_rows`, from the run's data_rows): the record a push uploads, so a Hub copy is judged as
     it trained (alignkit.feedback.rewards.trained_on_text). Nothing when `out` has one or the run recorded none."""
     from alignkit.modeling.lineage import run_config
     from alignkit.modeling.reward_models import REWARD, model_kind
 
-    rows = run_config(adapter_dir).get("data_rows")
+    rows = (run_config(adapter_dir) if config is None else config).get("data_rows")
     if rows and not (Path(out) / "metrics.json").exists() and model_kind(str(adapter_dir)) == REWARD:
         from alignkit.feedback.rewards import ROWS_KEY
 
@@ -81,7 +81,8 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
                         "folder whole; pass a new folder (or an earlier merge's)")
     from alignkit.modeling.lineage import run_config
 
-    trained_on = run_config(adapter_dir).get("quantization")  # a checkpoint-N's: its run's
+    config = run_config(adapter_dir)  # a checkpoint-N's: its run's
+    trained_on = config.get("quantization")
     if dequantize and trained_on in ("none", "8bit"):  # the NF4-rounded base is another model than the one trained
         raise UserError(f"--dequantize merges into the base rounded to 4-bit NF4, as QLoRA trains on it, but "
                         f"{adapter_dir} was trained with --quantization {trained_on}: drop --dequantize")
@@ -133,11 +134,10 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     # A checkpoint-N holds no run records of its own: its run's settings (the run type, the rows' format for a
     # reward model) are its own too. The run's metrics and evaluations are the finished run's, not the checkpoint's;
     # a reward model's rows format goes into metrics.json too, the record a push uploads (settings stay home).
-    config = run_config(adapter_dir)
     if config and not (out / RUN_FILES[0]).exists():
         write_atomic(out / RUN_FILES[0], json.dumps(config, indent=2) + "\n")
         if reward:
-            keep_reward_rows(adapter_dir, out)
+            keep_reward_rows(adapter_dir, out, config)
     (out / "merge.json").write_text(json.dumps({
         "base_model": loaded.base_id, "base_revision": loaded.base_revision, "adapters": loaded.adapters,
         "lota_deltas": loaded.deltas,
