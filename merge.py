@@ -87,10 +87,10 @@ from alignkit.core.hub import push
 
 if settings.push_to_hub:
     folder = output_dir if settings.push == "merged" else Path(settings.adapter_dir)
-    if settings.push == "adapter":  # a reward model's checkpoint-N: its rows' format goes up in metrics.json
-        from alignkit.modeling.merge import keep_reward_rows
+    if settings.push == "adapter":  # a checkpoint-N: its figures (a reward model's rows' format) in metrics.json
+        from alignkit.modeling.merge import keep_checkpoint_metrics
 
-        keep_reward_rows(folder, folder)
+        keep_checkpoint_metrics(folder, folder)
     name = Path(settings.adapter_dir).resolve().name  # without --hub_repo_id, the repo is named after the run
     url = push(folder, settings.hub_repo_id, private=not settings.hub_public, name=name)
     print(f"pushed: {url}")

@@ -142,3 +142,24 @@ def test_a_merged_card_names_every_part_of_the_chain_and_its_datasets(tmp_path, 
                                                    "max_logit_difference": 1e-5}))
     (merged / "alignkit_config.json").unlink()  # a task merge of deltas: no run's settings
     assert "merged adapters of " in model_card(merged) and "with a LoTA sparse delta" in model_card(merged)
+
+
+def test_a_checkpoint_card_shows_its_runs_settings_and_its_own_figures(tmp_path, monkeypatch):
+    """A checkpoint-N pushed as an adapter (merge.py --push adapter) holds no run records: its card said "merged
+    adapters" with no settings, and no figures. It now reads its run's settings one folder up and its own figures
+    at its step from trainer_state.json (not the finished run's metrics.json)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = write(tmp_path / "run", alignkit_config__json={"run_type": "dpo", "dataset_id": "me/prefs", "dpo_beta": 0.1},
+                metrics__json={"train_loss": 0.1, "global_step": 40})
+    log = [{"step": 5, "epoch": 0.1, "loss": 0.69, "rewards/accuracies": 0.5},
+           {"step": 10, "epoch": 0.2, "loss": 0.61, "rewards/accuracies": 0.75},
+           {"step": 10, "epoch": 0.2, "eval_loss": 0.65},
+           {"step": 15, "epoch": 0.3, "loss": 0.4}]  # logged after the checkpoint's step: not its own
+    checkpoint = write(run / "checkpoint-10", adapter_config__json={"base_model_name_or_path": "org/base"},
+                       trainer_state__json={"global_step": 10, "log_history": log})
+    card = model_card(checkpoint, "me/ck")
+    assert "\nDPO of " in card  # the stage its run recorded (before: "merged adapters")
+    assert "| dpo_beta | `0.1` |" in card
+    figures = card.split("## Metrics at checkpoint-10")[1].split("##")[0]
+    assert "| loss | 0.61 |" in figures and "| eval_loss | 0.65 |" in figures and "| global_step | 10 |" in figures
+    assert "0.4 |" not in figures and "train_loss" not in card and "Final metrics" not in card

@@ -92,10 +92,17 @@ def test_a_checkpoint_of_a_run_on_an_adapter_is_the_whole_chain(dpo_run, sft_run
     assert not torch.allclose(from_checkpoint, sft, atol=1e-3)  # the DPO adapter is on too
     # Its identity counts the frozen copy's files, so a cache never confuses it with the DPO adapter alone.
     assert len(identity.chain_identity(str(last))) == 3  # the checkpoint, its frozen_0 and the base
-    # Merged, it keeps its run's settings (the card's stage; a reward model's rows), not the finished run's metrics.
+    # Merged, it keeps its run's settings (the card's stage; a reward model's rows) and its own figures at its step
+    # from its trainer_state.json (before: none), not the finished run's metrics.
     merge_module.merge_adapters(str(last), tmp_path / "merged")
     assert json.loads((tmp_path / "merged" / "alignkit_config.json").read_text())["run_type"] == "dpo"
-    assert not (tmp_path / "merged" / "metrics.json").exists()
+    metrics = json.loads((tmp_path / "merged" / "metrics.json").read_text())
+    logged = json.loads((last / "trainer_state.json").read_text())["log_history"]
+    assert metrics["checkpoint"] == last.name and metrics["global_step"] == dpo_run["trainer"].state.global_step
+    assert metrics["loss"] == [e for e in logged if "loss" in e][-1]["loss"]
+    assert "train_runtime" not in metrics  # the finished run's summary is not the checkpoint's
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert f"## Metrics at {last.name}" in card and "Final metrics" not in card and "DPO" in card
 
 
 def test_a_merge_replaces_its_output_whole_and_a_killed_one_leaves_the_earlier_merge_as_it_was(

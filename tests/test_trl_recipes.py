@@ -325,12 +325,13 @@ def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_templ
     from alignkit.modeling.merge import merge_adapters
 
     merged = merge_adapters(str(checkpoint), tmp_path / "merged-checkpoint")
-    assert json.loads((Path(merged) / "metrics.json").read_text()) == {"reward_rows": "text"}
+    merged_metrics = json.loads((Path(merged) / "metrics.json").read_text())
+    assert merged_metrics["reward_rows"] == "text" and merged_metrics["checkpoint"] == "checkpoint-1"
     # Pushed as an adapter (merge.py --push adapter), the checkpoint gets the same record, the file a push uploads.
-    from alignkit.modeling.merge import keep_reward_rows
+    from alignkit.modeling.merge import keep_checkpoint_metrics
 
-    keep_reward_rows(checkpoint, checkpoint)
-    assert json.loads((checkpoint / "metrics.json").read_text()) == {"reward_rows": "text"}
+    keep_checkpoint_metrics(checkpoint, checkpoint)
+    assert json.loads((checkpoint / "metrics.json").read_text()) == merged_metrics
     model, tok = templated["trainer"].model, templated["loaded"].tokenizer
     conversations = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]
                      for r in rows[:3]]

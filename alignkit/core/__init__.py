@@ -25,5 +25,7 @@
 - hub: Hub pushes.
 - secrets: what is kept out of logs, error lines, saved configs, model cards and wandb.
 - card: model cards through huggingface_hub's ModelCard (license, model-index, citations).
+- run_records: a run's settings and a checkpoint's own figures, read back from its folder (a checkpoint-N's run
+  settings are one folder up).
 - llm: the chat-client factory for OpenAI-compatible endpoints.
 """

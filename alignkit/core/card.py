@@ -24,6 +24,7 @@ from pathlib import Path
 from alignkit.core.args import redact
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
+from alignkit.core.run_records import checkpoint_metrics, run_config
 from alignkit.core.sources import is_hub_id
 
 EVALS_FILE = "alignkit_evals.json"  # evaluation results evaluate.py recorded for a local model folder
@@ -251,8 +252,9 @@ def model_card(folder, repo_id: str | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
-    settings = _read_json(folder / "alignkit_config.json")  # already redacted when saved
-    metrics = _read_json(folder / "metrics.json")
+    settings = run_config(folder)  # already redacted when saved; a checkpoint-N's are its run's
+    # A checkpoint's own figures at its step (alignkit.core.run_records), where no metrics.json holds them yet.
+    metrics = _read_json(folder / "metrics.json") or checkpoint_metrics(folder)
     merge = _read_json(folder / "merge.json")
     adapter = _read_json(folder / "adapter_config.json")
     is_adapter = bool(adapter) and not merge
@@ -313,7 +315,8 @@ def model_card(folder, repo_id: str | None = None) -> str:
         lines += [f"| {k} | `{json.dumps(_shown(v))}` |" for k, v in settings.items()
                   if v not in (None, "", [], False) and k not in RECORDED_BESIDE]
     if metrics:
-        lines += ["", "## Final metrics", "", "| metric | value |", "| --- | --- |"]
+        heading = f"Metrics at {metrics['checkpoint']}" if metrics.get("checkpoint") else "Final metrics"
+        lines += ["", f"## {heading}", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     dtype = merge.get("dtype") if merge else "auto"  # an adapter loads on its base in the base's saved dtype
     lines += ["", "## How to load it", "", "```python", *_load_snippet(where, is_adapter, under, reward, dtype or "auto")]

@@ -49,7 +49,7 @@ def trained_on_text(folder: str) -> bool:
             return json.loads(path.read_text()).get(ROWS_KEY) == "text"
         except Exception:  # noqa: BLE001 - none uploaded, or offline and not cached: no record
             return False
-    from alignkit.modeling.lineage import run_config
+    from alignkit.core.run_records import run_config
 
     if (recorded := read_json(Path(folder, "metrics.json")).get(ROWS_KEY)) is not None:
         return recorded == "text"

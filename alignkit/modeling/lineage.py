@@ -23,33 +23,19 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 from pathlib import Path
 
 from alignkit.core.errors import UserError
 from alignkit.core.hub import RUN_RECORDS, TRAINER_STATE
+from alignkit.core.run_records import RUN_CONFIG
 from alignkit.modeling.identity import folder_files
 
-# A run's settings file in its folder (alignkit.train.run_folder.CONFIG_FILE), and its record of what it trained over.
-RUN_CONFIG, TRAINED_OVER = "alignkit_config.json", "trained_over"
+# Its record of what a run trained over, in its settings file (alignkit.core.run_records.RUN_CONFIG).
+TRAINED_OVER = "trained_over"
 # Files of a run or checkpoint folder no loader reads: the Trainer's state, alignkit's records, the run's metrics.
 _NOT_WEIGHTS = [*TRAINER_STATE, *RUN_RECORDS, "metrics.json"]
 # {absolute folder: its files by content} as the loader last loaded it for training in this process.
 _LOADED: dict[Path, dict[str, str]] = {}
-
-
-def run_config(folder) -> dict:
-    """The settings a model folder was trained with (its alignkit_config.json): a run folder's or a merge's own, or
-    for a checkpoint-N, its run's, one folder up (a checkpoint holds none); {} when there are none."""
-    here = Path(folder).resolve()
-    for candidate in (here, *([here.parent] if re.fullmatch(r"checkpoint-\d+", here.name) else [])):
-        try:
-            found = json.loads((candidate / RUN_CONFIG).read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(found, dict):
-            return found
-    return {}
 
 
 def folders(chain, gguf_file: str | None = None) -> list[Path]:

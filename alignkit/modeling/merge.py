@@ -54,18 +54,24 @@ def _check_inputs(tokenizer, device):
     return batch
 
 
-def keep_reward_rows(adapter_dir, out, config: dict | None = None) -> None:
-    """A reward model without a metrics.json of its own (a checkpoint-N, or its merge) gets one holding its run's
-    rows' format (`reward_rows`, from the run's data_rows): the record a push uploads, so a Hub copy is judged as
-    it trained (alignkit.feedback.rewards.trained_on_text). Nothing when `out` has one or the run recorded none."""
-    from alignkit.modeling.lineage import run_config
+def keep_checkpoint_metrics(adapter_dir, out, config: dict | None = None) -> None:
+    """A checkpoint-N (or its merge), which has no metrics.json of its own, gets one: its figures at its step
+    (alignkit.core.run_records.checkpoint_metrics; the run's metrics.json is the finished run's) and, for a reward
+    model, its run's rows' format (`reward_rows`, from the run's data_rows), the record a push uploads so that a
+    Hub copy is judged as it trained (alignkit.feedback.rewards.trained_on_text). Nothing when `out` has one."""
+    from alignkit.core.run_records import checkpoint_metrics, run_config
     from alignkit.modeling.reward_models import REWARD, model_kind
 
+    if (Path(out) / "metrics.json").exists():
+        return
+    metrics = checkpoint_metrics(adapter_dir)
     rows = (run_config(adapter_dir) if config is None else config).get("data_rows")
-    if rows and not (Path(out) / "metrics.json").exists() and model_kind(str(adapter_dir)) == REWARD:
+    if rows and model_kind(str(adapter_dir)) == REWARD:
         from alignkit.feedback.rewards import ROWS_KEY
 
-        write_atomic(Path(out) / "metrics.json", json.dumps({ROWS_KEY: rows}, indent=2) + "\n")
+        metrics[ROWS_KEY] = rows
+    if metrics:
+        write_atomic(Path(out) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
 def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str | None = None,
@@ -79,7 +85,7 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     if final.exists() and not _a_merged_model(final):
         raise UserError(f"--output_dir {output_dir} holds other things than a merged model: the merge replaces the "
                         "folder whole; pass a new folder (or an earlier merge's)")
-    from alignkit.modeling.lineage import run_config
+    from alignkit.core.run_records import run_config
 
     config = run_config(adapter_dir)  # a checkpoint-N's: its run's
     trained_on = config.get("quantization")
@@ -132,12 +138,11 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         if Path(adapter_dir, name).is_file():
             shutil.copy(Path(adapter_dir, name), out / name)
     # A checkpoint-N holds no run records of its own: its run's settings (the run type, the rows' format for a
-    # reward model) are its own too. The run's metrics and evaluations are the finished run's, not the checkpoint's;
-    # a reward model's rows format goes into metrics.json too, the record a push uploads (settings stay home).
+    # reward model) are its own too. The run's metrics and evaluations are the finished run's, not the checkpoint's:
+    # its metrics.json holds its own figures at its step (and a reward model's rows format, which a push uploads).
     if config and not (out / RUN_FILES[0]).exists():
         write_atomic(out / RUN_FILES[0], json.dumps(config, indent=2) + "\n")
-        if reward:
-            keep_reward_rows(adapter_dir, out, config)
+    keep_checkpoint_metrics(adapter_dir, out, config)
     (out / "merge.json").write_text(json.dumps({
         "base_model": loaded.base_id, "base_revision": loaded.base_revision, "adapters": loaded.adapters,
         "lota_deltas": loaded.deltas,
