@@ -292,6 +292,39 @@ def test_reward_py_qlora_on_a_cpu_trains_fp32_lora_and_score_head(tiny_cache, tm
     trainable = {n: p.dtype for n, p in run["trainer"].model.named_parameters() if p.requires_grad}
     assert any(".score." in n for n in trainable) and set(trainable.values()) == {torch.float32}
     assert run["loaded"].quantization == "4bit" and (tmp_path / "rm4" / "held_out_rewards.json").is_file()
+    # The run records how it loaded its base (its settings keep --quantization as given: `auto` is 4-bit on CUDA),
+    # and it is scored as it trained: over its base rounded to NF4 and dequantized where the caller loads in full
+    # precision (it scored over the full-precision base, weights its adapter and head never saw), or in 4-bit.
+    from alignkit.core.config import ModelSettings
+    from alignkit.feedback.rewards import RewardModel
+
+    folder = tmp_path / "rm4"
+    assert json.loads((folder / "alignkit_config.json").read_text())["loaded_as"]["quantization"] == "4bit"
+    assert "QLoRA" in (folder / "README.md").read_text().split("Methods used:")[1]
+    held_out = json.loads((folder / "held_out_rewards.json").read_text())
+    pairs = run["eval_data"]
+    answers, trained = [c[0]["content"] for c in pairs["chosen"]], held_out["chosen"]
+
+    def scores(quantization):
+        model = RewardModel(str(folder), settings=ModelSettings(model_id=str(folder), quantization=quantization))
+        return model(list(pairs["prompt"]), answers)
+
+    for quantization in ("auto", "none", "4bit"):
+        assert torch.allclose(torch.tensor(scores(quantization)), torch.tensor(trained), rtol=1e-4, atol=1e-7)
+    # The full-precision base is another model: what it scored before.
+    from alignkit.modeling.models import load_model
+    from alignkit.feedback.rewards import reward_loader_settings, score
+
+    full = load_model(reward_loader_settings(str(folder), ModelSettings(quantization="none")), reward=True)
+    inputs = [[*p, {"role": "assistant", "content": a}] for p, a in zip(pairs["prompt"], answers)]
+    over_full_base = score(full.model, full.tokenizer, inputs, 8, None)
+    assert not torch.allclose(torch.tensor(over_full_base), torch.tensor(trained), rtol=1e-2, atol=1e-7)
+    # label.py's reward-model verdicts key on it: one cached over the full-precision base is never reused.
+    from alignkit.core.config import LabelSettings
+    from alignkit.feedback.judge import RMJudge
+
+    assert RMJudge(f"rm:{folder}", LabelSettings()).identity()["over_nf4_base"] is True
+    assert "over_nf4_base" not in RMJudge(f"rm:{folder}", LabelSettings(quantization="4bit")).identity()
 
 
 class _Partitioned:

@@ -258,7 +258,7 @@ def test_kto_with_precompute_on_two_processes(sft_adapter, cache, runs):
 @pytest.mark.parametrize("reward", ["rule", "rm", "judge"])
 def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     """GRPO with the transformers backend: the rule as the reward, or a reward.py model (`rm:FOLDER`, QLoRA) that
-    each process holds whole beside the policy. With the rule, what TRL would load into a colocated vLLM engine is
+    each process holds whole beside the policy, over its NF4-rounded base as it trained. With the rule, what TRL would load into a colocated vLLM engine is
     the merged policy (vLLM itself needs CUDA). With the rule and a judge that fails each prompt's first
     judgment: each process judges its own rows into its own judgments file, marks the rows whose judgment
     failed, and the marks are gathered as TRL gathers the rewards (a failed row would otherwise keep the rule
@@ -269,6 +269,7 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
 
     rm = reward_run("qlora") if reward == "rm" else None
     flags = ["--reward", f"rm:{rm}", "--logging_steps", "1"] if rm else []
+
     # The rule run also walks TRL's weight sync for a colocated vLLM engine (tests/launched.py --vllm-sync).
     synced = runs / "rl-vllm-sync.safetensors"
     shim = [str(ROOT / "tests" / "launched.py"), "--vllm-sync", str(synced)] if reward == "rule" else []
@@ -302,6 +303,7 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
         assert files.keys() == {"judgments.jsonl", "judgments.rank1.jsonl"} and all(files.values()), files
     elif rm:
         assert_each_rank_scored_with(output, f"rm:{rm.name}", rm)
+        assert output.count("was trained with QLoRA: it scores over its base rounded to 4-bit NF4") == 1, output[-3000:]
     else:
         assert_vllm_would_get_the_merged_policy(run, synced)
 

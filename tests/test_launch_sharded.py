@@ -168,6 +168,8 @@ def test_rl(sft, request, cache, runs):
     assert_vllm_would_get_the_merged_policy(run, synced)
     if rm:  # each rank built both reward functions, and the reward model scored the completions
         assert_each_rank_scored_with(done["output"], f"rule_reward, rm:{rm.name}", rm)
+        # Trained with QLoRA, it scores over its base rounded to NF4 and dequantized, as it trained.
+        assert "was trained with QLoRA: it scores over its base rounded to 4-bit NF4" in done["output"]
 
 
 @pytest.mark.parametrize("mode", ["zero3", "fsdp"])

@@ -295,3 +295,9 @@ def test_output_dir_naming_an_adapter_or_a_model_is_refused_not_replaced(dpo_run
     with pytest.raises(UserError, match=r"^--dequantize merges into the base rounded to 4-bit NF4, .* was trained with "
                                         r"--quantization none: drop --dequantize$"):
         merge_module.merge_adapters(str(dpo_run["run_folder"]), tmp_path / "deq", dequantize=True)
+    # --quantization auto, recorded as given, is what the loader made of it (`loaded_as`): full precision here.
+    config = json.loads((plain / "alignkit_config.json").read_text())
+    assert config["loaded_as"]["quantization"] == "none"
+    (plain / "alignkit_config.json").write_text(json.dumps({**config, "quantization": "auto"}))
+    with pytest.raises(UserError, match=r"was trained with --quantization none: drop --dequantize$"):
+        merge_module.merge_adapters(str(plain), tmp_path / "deq", dequantize=True)

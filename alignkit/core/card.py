@@ -24,7 +24,7 @@ from pathlib import Path
 from alignkit.core.args import redact
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
-from alignkit.core.run_records import checkpoint_metrics, run_config
+from alignkit.core.run_records import LOADED_AS, checkpoint_metrics, run_config
 from alignkit.core.sources import is_hub_id
 
 EVALS_FILE = "alignkit_evals.json"  # evaluation results evaluate.py recorded for a local model folder
@@ -175,7 +175,8 @@ def eval_results(folder, run_type: str | None, metrics: dict, dataset: str, data
 def methods(settings: dict, run_type: str | None, folder: Path) -> list[str]:
     """The methods the card cites, from the recorded settings and evaluations."""
     used = ["LoTA"] if settings.get("adapter") == "lota" or (folder / "lota_config.json").is_file() else ["LoRA"]
-    if settings.get("quantization") == "4bit":
+    # As the loader loaded it (`auto` is 4-bit QLoRA on CUDA), else as asked (a run saved before the record).
+    if (settings.get(LOADED_AS) or {}).get("quantization", settings.get("quantization")) == "4bit":
         used.append("QLoRA")
     if run_type == "dpo":
         losses = settings.get("loss_type") or ["sigmoid"]

@@ -2,6 +2,9 @@
 
 - `run_config(folder)`: the settings the model in `folder` was trained with (alignkit_config.json): a run
   folder's or a merge's own, or for a checkpoint-N (which holds none) its run's, one folder up.
+- `loaded_as(model_id)`: how the loader loaded a model for training in this process, after every `auto`
+  (quantization: 4bit for QLoRA on CUDA by default; dtype): recorded in the run's settings as `loaded_as`, since
+  the settings keep `auto` as given. A model card cites QLoRA by it, a reward model is scored as it trained by it.
 - `checkpoint_metrics(folder)`: a checkpoint-N's own figures, from the Trainer's trainer_state.json in it: the
   last logged value of each training and evaluation metric up to its step. A run's metrics.json holds the
   finished run's, which are not the checkpoint's; a merge or a model card of the checkpoint shows these instead.
@@ -15,7 +18,29 @@ from pathlib import Path
 
 # A run's settings file in its folder (alignkit.train.run_folder.CONFIG_FILE).
 RUN_CONFIG = "alignkit_config.json"
+LOADED_AS = "loaded_as"  # its record there of how the model trained over was loaded (quantization, dtype)
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
+# {model_id: {"quantization": ..., "dtype": ...}} as the loader last loaded it for training in this process.
+_LOADED_AS: dict[str, dict] = {}
+
+
+def remember_loaded_as(model_id: str, quantization: str, dtype) -> None:
+    """The loader's decisions for a model loaded for training (alignkit.modeling.models.load_model)."""
+    _LOADED_AS[str(model_id)] = {"quantization": quantization, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def loaded_as(model_id: str) -> dict:
+    """{"quantization": "4bit" | "8bit" | "none", "dtype": "bfloat16" | ...} of `model_id` as last loaded for
+    training in this process; {} when it was not."""
+    return dict(_LOADED_AS.get(str(model_id), {}))
+
+
+def trained_quantization(folder) -> str | None:
+    """The quantization the model in `folder` (a run, its checkpoint or its merge) was trained over: the loader's
+    record, else the setting when it was not `auto`; None when neither tells."""
+    config = run_config(folder)
+    recorded = (config.get(LOADED_AS) or {}).get("quantization")
+    return recorded or (config.get("quantization") if config.get("quantization") != "auto" else None)
 
 
 def run_config(folder) -> dict:

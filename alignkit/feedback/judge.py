@@ -309,11 +309,12 @@ class RMJudge(Judge):
     def identity(self) -> dict:
         # The reward model as loaded: its files down to the base, and how it is loaded (dtype, quantization, the
         # hardware), since verdicts near the tie margin flip with the numerics.
-        from alignkit.feedback.rewards import reward_loader_settings
+        from alignkit.feedback.rewards import over_nf4_base, reward_loader_settings
         from alignkit.modeling.identity import model_identity
 
-        return {**super().identity(), "model": model_identity(reward_loader_settings(self.folder, self.settings)),
-                "tie_margin": self.tie_margin}
+        loader = reward_loader_settings(self.folder, self.settings)
+        over_nf4 = {"over_nf4_base": True} if over_nf4_base(self.folder, loader) else {}  # scored as it trained
+        return {**super().identity(), "model": model_identity(loader), **over_nf4, "tie_margin": self.tie_margin}
 
     def judge_batch(self, requests: list[Request]) -> list[str]:
         from alignkit.feedback.rewards import RewardModel

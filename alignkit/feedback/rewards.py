@@ -14,7 +14,9 @@ A reward model is scored as it was trained. reward.py records its rows' format i
 carried into merged folders), and every run in its alignkit_config.json when training starts (`data_rows`, for a
 checkpoint-N or a run that stopped early): one trained on conversations scores a conversation through the chat template; one
 trained on TRL's standard rows (texts) scores the prompt's text followed by the answer, with no template, even
-when the tokenizer has one (through the template it would score inputs it never saw).
+when the tokenizer has one (through the template it would score inputs it never saw). One trained with QLoRA
+(its run records its base loaded in 4-bit, `loaded_as`) scores over that base rounded to NF4 and dequantized, the
+weights its adapter and score head trained over, wherever the caller loads in full precision (`over_nf4_base`).
 """
 
 from __future__ import annotations
@@ -104,6 +106,18 @@ def reward_loader_settings(folder: str, settings=None):
     return loader_settings(settings or ModelSettings(), folder, chat_template=None, use_liger="false")
 
 
+def over_nf4_base(folder: str, loader) -> bool:
+    """Whether the reward model in `folder` scores over its base rounded to 4-bit NF4 and dequantized: when its
+    run trained it with QLoRA (its base loaded in 4-bit; alignkit.core.run_records.trained_quantization) and the
+    caller loads in full precision (--quantization auto or none, as inference does). Its adapter and score head
+    were trained over those weights, not the full-precision base's. --quantization 4bit loads the same NF4 weights
+    quantized; 8bit is the caller's choice. A merged reward model holds its weights already."""
+    from alignkit.core.run_records import trained_quantization
+
+    return (loader.quantization in ("auto", "none") and Path(folder, "adapter_config.json").is_file()
+            and trained_quantization(folder) == "4bit")
+
+
 class RewardModel:
     """A loaded reward model as a callable: reward(prompts, answers) -> one float per answer."""
 
@@ -115,7 +129,14 @@ class RewardModel:
                               "folder), e.g. rm:runs/tiny-reward")
         self.folder, self.batch_size, self.max_length = folder, batch_size, max_length
         self.text = trained_on_text(folder)
-        self.loaded = load_model(reward_loader_settings(folder, settings), reward=True)
+        loader = reward_loader_settings(folder, settings)
+        # Scored as it trained: a QLoRA reward model over its NF4-rounded base, in the compute dtype.
+        if dequantize := over_nf4_base(folder, loader):
+            from alignkit import logger
+
+            logger.info(f"{PREFIX}{folder} was trained with QLoRA: it scores over its base rounded to 4-bit NF4 "
+                        "and dequantized, the weights it trained over (--quantization 4bit keeps them in 4-bit)")
+        self.loaded = load_model(loader, reward=True, dequantize=dequantize)
         if not self.text and not getattr(self.loaded.tokenizer, "chat_template", None):  # score() would fail
             raise ConfigError(f"{PREFIX}{folder} has no chat template, and its run does not record text rows "
                               f"(metrics.json {ROWS_KEY}, or data_rows in its run's alignkit_config.json). Retrain it "

@@ -85,10 +85,10 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     if final.exists() and not _a_merged_model(final):
         raise UserError(f"--output_dir {output_dir} holds other things than a merged model: the merge replaces the "
                         "folder whole; pass a new folder (or an earlier merge's)")
-    from alignkit.core.run_records import run_config
+    from alignkit.core.run_records import run_config, trained_quantization
 
     config = run_config(adapter_dir)  # a checkpoint-N's: its run's
-    trained_on = config.get("quantization")
+    trained_on = trained_quantization(adapter_dir)  # as loaded: `auto` on CUDA trained over 4-bit
     if dequantize and trained_on in ("none", "8bit"):  # the NF4-rounded base is another model than the one trained
         raise UserError(f"--dequantize merges into the base rounded to 4-bit NF4, as QLoRA trains on it, but "
                         f"{adapter_dir} was trained with --quantization {trained_on}: drop --dequantize")

@@ -25,6 +25,7 @@ from alignkit import logger
 from alignkit.core.errors import UserError
 from alignkit.core.groups import chat_template_text
 from alignkit.core.progress import quiet_library_noise
+from alignkit.core.run_records import remember_loaded_as
 from alignkit.modeling import lota_delta
 from alignkit.modeling.lineage import check_trained_over, remember_loaded
 from alignkit.modeling.reward_models import check_model_kind, load_reward_base
@@ -260,6 +261,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     quantization = ("4bit" if dequantize else "none" if full_precision
                     else resolve_quantization(s.quantization, for_training))
     quantization = lota_delta.full_precision(s, quantization, deltas)
+    if for_training:  # recorded in the run's settings: "auto" on CUDA trains QLoRA (alignkit.core.run_records)
+        remember_loaded_as(s.model_id, quantization, dtype)
     kwargs: dict = dict(revision=base_revision, trust_remote_code=s.trust_remote_code, dtype=dtype)
     lota_delta.check_launch(s, _sharded_launch(), deltas)  # LoTA under FSDP/ZeRO-3, a delta under ZeRO-3: refused
     config = quantization_config(quantization, dtype)  # 8-bit under FSDP/ZeRO-3 is refused here

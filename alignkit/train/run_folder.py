@@ -32,6 +32,7 @@ from alignkit.core.args import ConfigError, config_to_dict, redact
 from alignkit.core.errors import UserError
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
+from alignkit.core.run_records import LOADED_AS, loaded_as
 
 CONFIG_FILE = "alignkit_config.json"
 FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
@@ -56,6 +57,7 @@ NOT_TRAINING = {
     "inputs",  # recorded beside the settings (save_run_config) and compared by content (_changed)
     "trained_over",  # recorded beside the settings (save_run_config), for the loader (check_trained_over)
     DATA_ROWS,  # recorded beside the settings (save_run_config); the rows themselves are compared by content
+    LOADED_AS,  # recorded beside the settings (save_run_config): the loader's decisions, known once it loaded
 }
 
 
@@ -281,7 +283,8 @@ def save_run_config(s, path: Path) -> None:
     class: sft, dpo, reward, rl), so a model card states what the run was instead of guessing it, and the content
     of what the settings name by path (`run_inputs`), which `--resume auto` compares, and the local model folders
     this run trains over by content, as it loaded them, which the loader compares (alignkit.modeling.lineage), and
-    the format of the rows it trains on (`data_rows`)."""
+    the format of the rows it trains on (`data_rows`), and how the model was loaded (`loaded_as`: quantization and
+    dtype after every `auto`)."""
     from alignkit.modeling.lineage import TRAINED_OVER, trained_over
 
     below = trained_over(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None), path.parent)
@@ -289,6 +292,8 @@ def save_run_config(s, path: Path) -> None:
             TRAINED_OVER: below}
     if rows := _ROWS.get(path.parent.resolve()):
         data[DATA_ROWS] = rows["format"]
+    if loaded := loaded_as(s.model_id):  # "auto" as the loader resolved it: 4bit is QLoRA (alignkit.core.run_records)
+        data[LOADED_AS] = loaded
     write_atomic(path, json.dumps(data, indent=2) + "\n")  # a torn file would stop the next --resume auto
 
 
