@@ -149,7 +149,9 @@ def test_a_checkpoint_card_shows_its_runs_settings_and_its_own_figures(tmp_path,
     adapters" with no settings, and no figures. It now reads its run's settings one folder up and its own figures
     at its step from trainer_state.json (not the finished run's metrics.json)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    run = write(tmp_path / "run", alignkit_config__json={"run_type": "dpo", "dataset_id": "me/prefs", "dpo_beta": 0.1},
+    run = write(tmp_path / "run", alignkit_config__json={"run_type": "dpo", "dataset_id": "me/prefs", "dpo_beta": 0.1,
+                                                          "quantization": "auto",
+                                                          "loaded_as": {"quantization": "4bit", "dtype": "bfloat16"}},
                 metrics__json={"train_loss": 0.1, "global_step": 40})
     log = [{"step": 5, "epoch": 0.1, "loss": 0.69, "rewards/accuracies": 0.5},
            {"step": 10, "epoch": 0.2, "loss": 0.61, "rewards/accuracies": 0.75},
@@ -163,3 +165,5 @@ def test_a_checkpoint_card_shows_its_runs_settings_and_its_own_figures(tmp_path,
     figures = card.split("## Metrics at checkpoint-10")[1].split("##")[0]
     assert "| loss | 0.61 |" in figures and "| eval_loss | 0.65 |" in figures and "| global_step | 10 |" in figures
     assert "0.4 |" not in figures and "train_loss" not in card and "Final metrics" not in card
+    # `auto` on CUDA trained QLoRA: cited by how the loader loaded the base (the setting alone said nothing).
+    assert "QLoRA" in card.split("Methods used:")[1] and "qlora" in card.split("---")[1]
