@@ -31,12 +31,14 @@ class FakeLLM:
         self.kwargs, self.chats = kwargs, []
         self.recorder.llms.append(self)
 
-    def chat(self, messages, sampling_params=None, use_tqdm=True, lora_request=None, chat_template=None):
+    def chat(self, messages, sampling_params=None, use_tqdm=True, lora_request=None, chat_template=None, tools=None,
+             chat_template_kwargs=None):
         self.recorder.calls += 1
         if self.recorder.calls == self.recorder.fail_on_call:
             raise RuntimeError("fake vLLM engine died")
         self.chats.append({"messages": copy.deepcopy(messages), "params": sampling_params.kwargs,
-                           "lora": lora_request, "chat_template": chat_template})
+                           "lora": lora_request, "chat_template": chat_template, "tools": tools,
+                           "chat_template_kwargs": chat_template_kwargs})
         return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"  vllm says: {m[-1]['content']}\n")])
                 for m in messages]
 

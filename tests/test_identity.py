@@ -73,7 +73,8 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
     changed_values = {"model_id": str(other), "revision": "v2", "gguf_file": "a.gguf", "trust_remote_code": True,
                       "chat_template": str(template), "quantization": "4bit", "dtype": "fp16",
                       "attn_implementation": "eager", "use_liger": "true", "num_threads": "3", "backend": "vllm",
-                      "max_model_len": 128, "gpu_memory_utilization": 0.5}
+                      "max_model_len": 128, "gpu_memory_utilization": 0.5,
+                      "chat_template_kwargs": {"enable_thinking": False}}
     base = GenerationSettings(model_id=model)
     names = [f.name for f in dataclasses.fields(GenerationSettings)]
     assert set(names) <= set(changed_values), f"give the new loader field a changed value here: {set(names) - set(changed_values)}"

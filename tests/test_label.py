@@ -809,3 +809,107 @@ def test_a_prompt_s_tool_call_needs_a_template_that_renders_it(tiny_cache, tmp_p
         "m['tool_calls'] %}[call {{ c['function']['name'] }} {{ c['function']['arguments'] | tojson }}]{% endfor %}"
         "{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     assert '[call weather {"city": "Oslo"}]' in render(tok, prompt)
+
+
+# ------------------------------------------------------------------------------ a prompt's own template arguments
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "today's weather",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_a_prompt_s_tools_and_template_arguments_reach_an_endpoint_and_its_output_rows(tmp_path):
+    """A prompts file's `tools` and `chat_template_kwargs` columns (TRL's per-row template arguments: tool-calling
+    sets, {"enable_thinking": false}) were dropped: the generator answered without the tools, two rows differing
+    only in their tools counted as one, and the output had no tools for sft.py/dpo.py to train with. They go to an
+    OpenAI-compatible generator as the API's `tools` and vLLM's `chat_template_kwargs`, into the cache key and
+    into each output row."""
+    ask = [{"role": "user", "content": "what is the weather in Paris?"}]
+    write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": ask, "tools": [WEATHER], "chat_template_kwargs": {"enable_thinking": False}},
+        {"prompt": ask, "tools": json.dumps([CLOCK])},  # JSON text, as Hub datasets often store them
+        {"prompt": [{"role": "user", "content": "hi"}]},
+    ])
+    args = ["--mode", "completions", "--prompts", "prompts.jsonl", "--model_a", "openai:teacher", "--output", "t.jsonl"]
+    with FakeOpenAI(lambda body: f"answer with {len(body.get('tools') or [])} tools") as server:
+        run_script("label.py", *args, "--generation_base_url", server.base_url, cwd=tmp_path)
+        assert server.count == 3  # the same turns with other tools are another prompt
+        sent = {json.dumps(b.get("tools")): b for b in server.requests}
+        assert sent[json.dumps([WEATHER])]["chat_template_kwargs"] == {"enable_thinking": False}
+        assert "chat_template_kwargs" not in sent[json.dumps([CLOCK])] and "tools" not in sent["null"]
+        out = rows(tmp_path / "t.jsonl")
+        assert [r.get("tools") for r in out] == [[WEATHER], [CLOCK], None]
+        assert [r.get("chat_template_kwargs") for r in out] == [{"enable_thinking": False}, None, None]
+        # Another tool for the second row: only that prompt is generated again.
+        write_jsonl(tmp_path / "prompts.jsonl", [
+            {"prompt": ask, "tools": [WEATHER], "chat_template_kwargs": {"enable_thinking": False}},
+            {"prompt": ask, "tools": [WEATHER, CLOCK]},
+            {"prompt": [{"role": "user", "content": "hi"}]},
+        ])
+        run_script("label.py", *args, "--generation_base_url", server.base_url, cwd=tmp_path)
+        assert server.count == 4 and len(server.requests[-1]["tools"]) == 2
+    sft = load_sft(str(tmp_path / "t.jsonl"))  # sft.py reads the output with its tools, as TRL does
+    assert len(sft) == 3 and "get_weather" in json.dumps(sft[0]["tools"])
+    # A bad column is one line naming the row and the field.
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi"}, {"prompt": "yo", "tools": "[{not json"}])
+    with pytest.raises(DataError, match=r"^bad.jsonl: row 2: field 'tools' is not valid JSON .*leave it out$"):
+        run_script("label.py", *args[:3], "bad.jsonl", *args[4:], "--generation_base_url", "http://127.0.0.1:9",
+                   cwd=tmp_path)
+
+
+TOOLS_TEMPLATE = ("{% if tools %}TOOLS:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}"
+                  "{% if think is defined %}THINK={{ think }}\n{% endif %}"
+                  "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_a_local_generator_renders_tools_and_chat_template_kwargs(tiny_cache, tmp_path, monkeypatch):
+    """--chat_template_kwargs (GRPOConfig's and vLLM's name) for every prompt, a row's own columns on top; both
+    count in the response cache. A template that does not render the tools is refused before anything is
+    generated (the model would answer without them)."""
+    from alignkit.modeling import generation, presets
+
+    rendered = []
+    real = generation.render
+    monkeypatch.setattr(generation, "render", lambda tok, m, t=None: rendered.append(real(tok, m, t)) or rendered[-1])
+    write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": "weather?", "tools": [WEATHER], "chat_template_kwargs": {"think": "row"}},
+        {"prompt": "hello?"},
+    ])
+    (tmp_path / "tools.jinja").write_text(TOOLS_TEMPLATE)
+    args = ["--mode", "completions", "--prompts", "prompts.jsonl", "--model_a", presets.paths()["model"],
+            "--quantization", "none", "--num_threads", "1", "--max_new_tokens", "4", "--backend", "transformers",
+            "--chat_template", "tools.jinja", "--output", "t.jsonl"]
+    run_script("label.py", *args, "--chat_template_kwargs", '{"think": "all"}', cwd=tmp_path)
+    by_prompt = {t.split("user: ")[1].split("\n")[0]: t for t in rendered}
+    assert by_prompt["weather?"].startswith("TOOLS: get_weather") and "THINK=row" in by_prompt["weather?"]
+    assert by_prompt["hello?"].startswith("THINK=all") and "TOOLS" not in by_prompt["hello?"]  # the row's own on top
+    rendered.clear()
+    run_script("label.py", *args, "--chat_template_kwargs", '{"think": "other"}', cwd=tmp_path)
+    assert len(rendered) == 2  # another --chat_template_kwargs: generated again, not taken from the cache
+    (tmp_path / "plain.jinja").write_text(TOOLS_TEMPLATE.split("{% endif %}", 1)[1])
+    with pytest.raises(UserError, match=r"^the chat template does not render tools, and a prompt \(.*weather\?"):
+        run_script("label.py", *args[:-4], "--chat_template", "plain.jinja", "--output", "p.jsonl", cwd=tmp_path)
+
+
+def test_vllm_gets_each_prompt_s_tools_and_template_arguments_in_one_call_per_set(tiny_cache, monkeypatch):
+    """vLLM's LLM.chat takes one set of tools and chat_template_kwargs per call: prompts with other sets go in
+    calls of their own, answers back in the prompts' order."""
+    from fake_vllm import install
+    from transformers import AutoTokenizer
+
+    from alignkit.modeling import generation, presets
+
+    fake = install(monkeypatch)
+    from vllm import LLM
+
+    engine = generation.VLLMGenerator.__new__(generation.VLLMGenerator)
+    engine.llm, engine.lora, engine.chat_template_kwargs = LLM(), None, {"think": "all"}
+    engine.tokenizer = AutoTokenizer.from_pretrained(presets.paths()["model"])
+    engine.tokenizer.chat_template = engine.template = TOOLS_TEMPLATE
+    asks = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    templates = [{"tools": [WEATHER]}, None, {"tools": [WEATHER]}, {"think": "row"}]
+    assert engine(asks, templates=templates) == [f"vllm says: q{i}" for i in range(4)]
+    calls = {json.dumps([c["tools"], c["chat_template_kwargs"]]): [m[-1]["content"] for m in c["messages"]]
+             for c in fake.chats}
+    assert calls == {json.dumps([[WEATHER], {"think": "all"}]): ["q0", "q2"], json.dumps([None, {"think": "all"}]): ["q1"],
+                     json.dumps([None, {"think": "row"}]): ["q3"]}

@@ -424,4 +424,9 @@ class GenerationSettings(ModelSettings):
         None, "vLLM: share of the GPU's memory one engine may take; default: 90% of what is free when it starts, "
         "so a second engine (generator B, a judge) fits beside the first"
     )
+    chat_template_kwargs: dict[str, Any] = setting(
+        {}, "extra arguments of the chat template as a JSON object, e.g. '{\"enable_thinking\": false}' (Qwen3, "
+        "SmolLM3), as GRPOConfig and vLLM name them; a prompt row's own chat_template_kwargs and tools columns go "
+        "on top"
+    )
 

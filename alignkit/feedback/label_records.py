@@ -88,9 +88,18 @@ class Prompt:
     key: str = ""
     place: str = field(default="", compare=False)
     row: dict | None = field(default=None, compare=False)  # the whole row it came from, where asked (rl.py)
+    # Its row's own arguments of the chat template (tools, chat_template_kwargs: template_rows.row_template), which
+    # local generators render it with; part of its key, so the same turns with other tools are another prompt.
+    template: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.key = digest(self.messages)
+        self.key = digest({"messages": self.messages, "template": self.template} if self.template else self.messages)
+
+    def columns(self) -> dict:
+        """Its template columns, as a row of label.py's output carries them (TRL's trainers read them so)."""
+        out = {"tools": self.template["tools"]} if "tools" in self.template else {}
+        kwargs = {k: v for k, v in self.template.items() if k != "tools"}
+        return {**out, **({"chat_template_kwargs": kwargs} if kwargs else {})}
 
 
 @dataclass
@@ -137,7 +146,8 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                 elif not text.strip():
                     run.stats["empty completion"] += 1
                 else:
-                    rows.append({"prompt": prompt.messages, "completion": _assistant(text), "generator": source.name})
+                    rows.append({"prompt": prompt.messages, "completion": _assistant(text), **prompt.columns(),
+                                 "generator": source.name})
         write_jsonl(run.output, rows)  # readers see the old file or the new one, never half of one
         summary = _completion_summary(run, prompts, rows)
     else:
@@ -159,7 +169,7 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                     for order, v in found.items()))
                 rows.append({
                     "prompt": pair.prompt.messages, "chosen": _assistant(chosen), "rejected": _assistant(rejected),
-                    "chosen_source": sources[0], "rejected_source": sources[1], "judge": run.judge.name,
+                    **pair.prompt.columns(), "chosen_source": sources[0], "rejected_source": sources[1], "judge": run.judge.name,
                     "judge_template": run.judge.template.name if run.judge.template else None, "verdicts": named,
                     **_label_fields(run, pair, outcome),
                 })

@@ -192,7 +192,7 @@ def load_prompts(run: Run) -> list[Prompt]:
     prompts, seen = [], set()
     for i, row in enumerate(rows):
         prompt = Prompt(_as_messages(row.get(column), f"{place(i)}: field '{column}'"), place=place(i),
-                        row=row if getattr(s, "keep_rows", False) else None)
+                        row=row if getattr(s, "keep_rows", False) else None, template=_row_template(row, place(i)))
         if prompt.key in seen and not getattr(s, "keep_rows", False):
             run.stats["duplicate prompts"] += 1
             continue
@@ -207,6 +207,24 @@ def load_prompts(run: Run) -> list[Prompt]:
     dropped = run.stats["duplicate prompts"]
     logger.info(f"{len(prompts)} prompts from {label}" + (f" ({dropped} repeated ones dropped)" if dropped else ""))
     return prompts
+
+
+def _row_template(row: dict, where: str) -> dict:
+    """A prompt row's tools and chat_template_kwargs columns (template_rows.row_template), bad ones in one line."""
+    from alignkit.modeling.template_rows import row_template
+
+    kwargs = row.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise DataError(f"{where}: field 'chat_template_kwargs' is {type(kwargs).__name__}, not a mapping: write it "
+                        'as an object, e.g. {"enable_thinking": false}, or leave it out')
+    try:
+        template = row_template(row)
+    except ValueError as e:
+        raise DataError(f"{where}: field 'tools' is not valid JSON ({e}): write the tool schemas as a list, or "
+                        "leave it out") from None
+    if not isinstance(template.get("tools", []), list):
+        raise DataError(f"{where}: field 'tools' is not a list of tool schemas: write them as a list, or leave it out")
+    return template
 
 
 def read_prompts(source, split="train", config=None, field="prompt", max_prompts=None, keep_rows=False) -> list[Prompt]:
@@ -256,7 +274,8 @@ def response_rows(path: str, s) -> tuple[str, list[tuple[Prompt, str | None]]]:
     out = []
     for i, row in enumerate(rows):
         where = f"{place(i)}: field"
-        prompt = Prompt(_as_messages(row.get(prompt_column), f"{where} '{prompt_column}'"), place=place(i))
+        prompt = Prompt(_as_messages(row.get(prompt_column), f"{where} '{prompt_column}'"), place=place(i),
+                        template=_row_template(row, place(i)))  # matched to the prompts with their tools
         out.append((prompt, _response_text(row.get(response_column), f"{where} '{response_column}'")))
     return prompt_column, out
 
@@ -353,7 +372,9 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
             continue
         identity = _generator_identity(run, source)
         for pi, prompt in enumerate(prompts):
-            key = digest({"generator": identity, "prompt": prompt.messages})
+            # A prompt's own template arguments (tools, chat_template_kwargs) change what is generated.
+            key = digest({"generator": identity, "prompt": prompt.messages,
+                          **({"template": prompt.template} if prompt.template else {})})
             if key in run.responses:
                 table[si][pi] = run.responses.get(key)["text"]
             else:
@@ -401,14 +422,25 @@ def _generate_local(run: Run, generator, cells, prompts):
             seed = int(digest([s.seed, run.sources[si].index, prompts[chunk[0][1]].key])[:8], 16)
             # One call per chunk on either backend: its answers are cached before the next chunk starts.
             texts = generator([prompts[pi].messages for _, pi, _ in chunk], max_new_tokens=s.max_new_tokens,
-                              temperature=s.temperature, top_p=s.top_p, batch_size=s.generation_batch_size, seed=seed)
+                              temperature=s.temperature, top_p=s.top_p, batch_size=s.generation_batch_size, seed=seed,
+                              templates=[prompts[pi].template for _, pi, _ in chunk])
             yield from zip(chunk, texts)
 
 
 def _generate_endpoint(run: Run, spec: str, cells, prompts):
     client, s = run.endpoints[spec], run.settings
     extra = {"top_p": s.top_p} if s.top_p < 1 else {}
-    for cell, result in threaded(lambda c: client.complete(prompts[c[1]].messages, **extra), cells, s.parallel):
+
+    def complete(cell):
+        # A prompt's own tools go as the API's tools; its chat_template_kwargs as vLLM's and SGLang's servers take
+        # them (extra_body), which other servers refuse in their own words.
+        template = dict(prompts[cell[1]].template)
+        tools = template.pop("tools", None)
+        own = {**({"tools": tools} if tools else {}), **({"extra_body": {"chat_template_kwargs": template}}
+                                                           if template else {})}
+        return client.complete(prompts[cell[1]].messages, **extra, **own)
+
+    for cell, result in threaded(complete, cells, s.parallel):
         if isinstance(result, Exception) and is_fatal(result):
             raise EndpointRefused(f"generator {spec} refused the request: {redact(str(result))}. Check the key, "
                                "--generation_base_url and the model name.") from None

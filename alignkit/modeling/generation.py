@@ -14,6 +14,7 @@ row without it (`ragged_prefill`).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -33,15 +34,18 @@ def generate(
     batch_size: int = 16,
     seed: int | None = None,
     progress=None,
+    templates: list[dict] | None = None,
 ) -> list[str]:
     """One answer per conversation (a list of role/content messages ending with a user turn).
 
     temperature 0 means greedy decoding; above 0, sampling with top_p. `progress` (alignkit.core.progress.Progress)
-    counts the answers batch by batch.
+    counts the answers batch by batch. `templates`: each conversation's arguments of the chat template (tools,
+    enable_thinking, ...), or None.
     """
     if seed is not None:
         torch.manual_seed(seed)
-    texts = [render(tokenizer, c) for c in conversations]  # a prompt the template refuses: one line
+    templates = templates or [None] * len(conversations)
+    texts = [render(tokenizer, c, t) for c, t in zip(conversations, templates, strict=True)]  # a refusal: one line
     # The template already wrote any bos token; adding special tokens again would double it.
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: out-of-memory shows at once
@@ -181,8 +185,16 @@ def load_generator(s, backend: str = "auto") -> Generator:
 
 
 class Generator:
-    """generator(conversations, max_new_tokens=, temperature=, top_p=, num_beams=, batch_size=, seed=) -> one
-    answer per conversation, in order, as `generate` gives them; leaving a `with` block frees the model."""
+    """generator(conversations, max_new_tokens=, temperature=, top_p=, num_beams=, batch_size=, seed=,
+    templates=) -> one answer per conversation, in order, as `generate` gives them; leaving a `with` block frees
+    the model. Each conversation renders with --chat_template_kwargs, its own `templates` entry (a prompt row's
+    tools and chat_template_kwargs) on top."""
+
+    chat_template_kwargs: dict = {}
+
+    def templates(self, conversations, templates) -> list[dict]:
+        return [{**(self.chat_template_kwargs or {}), **(t or {})}
+                for t in (templates or [None] * len(conversations))]
 
     def close(self) -> None:
         """Free the model's memory: the judge, or the next model, may need it."""
@@ -205,9 +217,11 @@ class TransformersGenerator(Generator):
 
         self.loaded = load_model(s)
         require_chat_template(self.loaded.tokenizer, s.model_id)
+        self.chat_template_kwargs = dict(getattr(s, "chat_template_kwargs", None) or {})
 
-    def __call__(self, conversations, **sampling):
-        return generate(self.loaded.model, self.loaded.tokenizer, conversations, **sampling)
+    def __call__(self, conversations, templates=None, **sampling):
+        return generate(self.loaded.model, self.loaded.tokenizer, conversations,
+                        templates=self.templates(conversations, templates), **sampling)
 
     def close(self) -> None:
         self.loaded = None
@@ -289,6 +303,7 @@ class VLLMGenerator(Generator):
         tokenizer = load_tokenizer(tok_source, tok_revision, s.trust_remote_code, s.chat_template)
         require_chat_template(tokenizer, s.model_id)
         self.template, self.tokenizer = tokenizer.chat_template, tokenizer
+        self.chat_template_kwargs = dict(getattr(s, "chat_template_kwargs", None) or {})
         # A Hub adapter at a revision goes to vLLM as its snapshot folder: a LoRARequest names no revision.
         adapter = _snapshot(chain[0], revisions[chain[0]]) if chain else None
         # vLLM accepts LoRA ranks 8, 16, 32, ...: the adapter's rank rounded up to one of them.
@@ -301,7 +316,7 @@ class VLLMGenerator(Generator):
         self.lora = LoRARequest("adapter", 1, adapter) if chain else None
 
     def __call__(self, conversations, max_new_tokens=256, temperature=0.0, top_p=1.0, num_beams=1,
-                 batch_size=16, seed=None, progress=None):
+                 batch_size=16, seed=None, progress=None, templates=None):
         from vllm import SamplingParams
 
         if num_beams > 1:
@@ -309,13 +324,27 @@ class VLLMGenerator(Generator):
         # batch_size is not passed on: vLLM schedules its own batches (continuous batching) within a call.
         params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                 max_tokens=max_new_tokens, seed=seed)
-        for conversation in conversations:  # vLLM renders with the same template: a refusal is one line first
-            render(self.tokenizer, conversation)
-        outputs = self.llm.chat(conversations, params, lora_request=self.lora, chat_template=self.template,
-                                use_tqdm=False)
-        if progress is not None:  # one call, scheduled by vLLM: counted when it returns
+        templates = self.templates(conversations, templates)
+        for conversation, template in zip(conversations, templates):  # vLLM renders with the same template: a
+            render(self.tokenizer, conversation, template)           # refusal is one line first
+        # vLLM takes one set of template arguments per call: one call per distinct set, answers back in order.
+        groups: dict[str, list[int]] = {}
+        for i, template in enumerate(templates):
+            groups.setdefault(json.dumps(template, sort_keys=True, default=str), []).append(i)
+        answers: list[str] = [""] * len(conversations)
+        for rows in groups.values():
+            template = dict(templates[rows[0]])
+            tools = template.pop("tools", None)
+            extra = {"tools": tools} if tools else {}
+            if template:
+                extra["chat_template_kwargs"] = template
+            outputs = self.llm.chat([conversations[i] for i in rows], params, lora_request=self.lora,
+                                    chat_template=self.template, use_tqdm=False, **extra)
+            for i, o in zip(rows, outputs, strict=True):
+                answers[i] = o.outputs[0].text.strip()
+        if progress is not None:  # scheduled by vLLM: counted when the calls return
             progress.update(len(conversations))
-        return [o.outputs[0].text.strip() for o in outputs]
+        return answers
 
     def close(self) -> None:
         """Shut the engine down and wait until the GPU has its memory back. vLLM's engine core runs in a process of

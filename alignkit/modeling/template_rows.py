@@ -37,6 +37,16 @@ def _which(messages: list[dict]) -> str:
     return f"the one whose first user turn is {text if len(text) <= 60 else text[:57] + '...'!r}"
 
 
+def row_template(row: dict | None) -> dict:
+    """A row's own arguments of the chat template, as TRL's trainers pass them: its `tools` (JSON text decoded; none
+    or [] is left out) and its `chat_template_kwargs` ({"enable_thinking": false})."""
+    if not row:
+        return {}
+    tools = row.get("tools")
+    tools = (json.loads(tools) if isinstance(tools, str) else tools) or None
+    return {**({"tools": tools} if tools else {}), **(row.get("chat_template_kwargs") or {})}
+
+
 def first_refused(tokenizer, named: dict) -> str | None:
     """'a row of <which data> (<its first user turn>), <column>: <the template's message>' for the first row of the
     datasets in `named` ({"the training data": dataset, ...}) that the chat template refuses; None when all render.
@@ -48,12 +58,11 @@ def first_refused(tokenizer, named: dict) -> str | None:
         if dataset is None or not hasattr(dataset, "__iter__"):
             continue
         for row in dataset:
-            tools = row.get("tools")  # as TRL's trainers read it: a JSON string decoded; none (or []) is None
-            tools = (json.loads(tools) if isinstance(tools, str) else tools) or None
+            template = row_template(row)  # as TRL's trainers read it
             for column, messages, generation in _conversations(row):
                 try:
                     tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
-                                                  tools=tools, **(row.get("chat_template_kwargs") or {}))
+                                                  **template)
                 except TemplateError as e:
                     return f"a row of {name} ({_which(messages)}), {column}: {e}"
     return None
@@ -70,16 +79,23 @@ def refusing(messages: list[dict], what: str = "a prompt"):
         raise _refusal(f"{what} ({_which(messages)}): {e}") from None
 
 
-def render(tokenizer, messages: list[dict]) -> str:
-    """The text a model answers `messages` from (the template's generation prompt); a refusal is one line, and so
-    is a prompt with a tool call for a template that renders none (the model would answer without the call)."""
+def render(tokenizer, messages: list[dict], template: dict | None = None) -> str:
+    """The text a model answers `messages` from (the template's generation prompt), with `template`'s arguments
+    of the chat template (tools, enable_thinking, ...); a refusal is one line, and so is a prompt with a tool call
+    for a template that renders none (the model would answer without the call)."""
     if any(m.get("tool_calls") for m in messages) and not _renders_tool_calls(tokenizer):
         raise UserError(f"the chat template does not render tool calls, and a prompt ({_which(messages)}) has them: "
                         "the model would answer without seeing the call. Pass --chat_template FILE with one that "
                         "renders tool_calls and tool turns (the model family's tool-calling template), or drop such "
                         "prompts")
     with refusing(messages):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(template or {}))
+    names = [t.get("function", t).get("name") for t in (template or {}).get("tools") or () if isinstance(t, dict)]
+    if names and not any(name and name in text for name in names):  # a template without tools drops them silently
+        raise UserError(f"the chat template does not render tools, and a prompt ({_which(messages)}) has them (its "
+                        "tools column): the model would answer without knowing them. Pass --chat_template FILE with "
+                        "one that renders tools (the model family's tool-calling template), or drop the column")
+    return text
 
 
 _TOOL_CALLING: dict[str, bool] = {}  # a chat template -> TRL's supports_tool_calling (it renders a test conversation)

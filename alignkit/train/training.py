@@ -34,6 +34,7 @@ STAGE_FIELDS = {
     "precompute_ref_log_probs": "precompute_ref_log_probs",  # DPOConfig
     "packing": "packing",  # SFTConfig
     "center_rewards_coefficient": "center_rewards_coefficient",  # RewardConfig
+    "chat_template_kwargs": "chat_template_kwargs",  # GRPOConfig (rl.py; label.py and evaluate.py generate with it)
 }
 
 
