@@ -159,13 +159,21 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(tiny_cache, tmp_
 def test_a_run_with_other_settings_does_not_resume_from_this_one(tiny_cache, tmp_path):
     common = ["--preset", "tiny", "--max_steps", "10", "--save_steps", "5", "--output_dir", str(tmp_path),
               "--run_name", "same-name"]
+    from alignkit.modeling.identity import chain_identity
+
     run_script("dpo.py", *common)
-    adapter = (tmp_path / "same-name" / "adapter_model.safetensors").read_bytes()
+    run = tmp_path / "same-name"
+    adapter, metrics = (run / "adapter_model.safetensors").read_bytes(), (run / "metrics.json").read_text()
+    identity = chain_identity(str(run))
     # The same command again: it resumes at step 10 of 10 (mid-epoch), where transformers trained one more step.
     again = run_script("dpo.py", *common)
     assert again["resume_from"].endswith("checkpoint-10") and again["trainer"].state.global_step == 10
-    assert (tmp_path / "same-name" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (run / "adapter_model.safetensors").read_bytes() == adapter
     assert again["metrics"]["global_step"] == 10
+    # Its metrics stay the finished run's (rewritten, they said train_loss 0.0 from TRL's summary of no step), so
+    # the model is the same model to every cache and to rlaif.py's rounds over it.
+    assert (run / "metrics.json").read_text() == metrics and json.loads(metrics)["train_loss"] > 0
+    assert chain_identity(str(run)) == identity
     changed = run_script("dpo.py", *common, "--dpo_beta", "0.3")
     assert changed["resume_from"] is None
     assert list(tmp_path.glob("same-name.previous-*"))  # the earlier run was moved aside, not lost

@@ -93,11 +93,16 @@ class EndsAtMaxSteps:
     """A run resumed at its last step (the same command run again after it finished at --max_steps) trains no
     further step. transformers checks the stop only after a step, so a resume at global_step == max_steps in the
     middle of an epoch trained one more, and each rerun another (20, 21, 22, ...; the adapter changing each time).
-    Every epoch is reported as trained instead; a run finished at an epoch's end was already left alone."""
+    Every epoch is reported as trained instead; a run finished at an epoch's end was already left alone.
+    `steps_at_start`: the step training started from in this process (a resumed checkpoint's), so that saving a
+    run that trained no step keeps the finished run's metrics (alignkit.train.training.finish)."""
+
+    steps_at_start: int | None = None
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
         epochs, steps = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
                                                      *args, **kwargs)
+        self.steps_at_start = self.state.global_step
         if 0 < max_steps <= self.state.global_step:
             logger.info(f"resumed at step {self.state.global_step} of {max_steps}: nothing left to train")
             return num_train_epochs, 0

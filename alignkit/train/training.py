@@ -19,6 +19,7 @@ from alignkit.core.args import ConfigError
 from alignkit.core.secrets import redact
 from alignkit.core.errors import UserError
 from alignkit.core.extras import require_tracker
+from alignkit.core.journal import write_atomic
 from alignkit.core.launch import agreed_minimum, free_memory, training_device, world_size
 from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scripts import it from here)
 # The run folder (alignkit.train.run_folder): the scripts import these from here.
@@ -266,14 +267,23 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
     elif trainer.accelerator.is_main_process:
         save_adapter(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, base,
                      state_dict=state_dict, revision=getattr(s, "revision", None))
-    metrics = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    metrics["global_step"] = trainer.state.global_step
-    metrics["num_processes"] = trainer.accelerator.num_processes
-    metrics.update(measured or {})
+    earlier = folder / "metrics.json"
+    if getattr(trainer, "steps_at_start", None) == trainer.state.global_step and earlier.is_file():
+        # The same command again after the run finished: no step trained, the same weights. Its metrics stay the
+        # finished run's (TRL's summary of no step says train_loss 0.0), and so does the model's content (later
+        # runs over it, rlaif.py's rounds, are not redone for a changed metrics.json).
+        metrics = json.loads(earlier.read_text())
+        logger.info(f"{stage}: no step left to train; the finished run's metrics stay in {earlier}")
+    else:
+        metrics = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
+        if trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+        metrics["global_step"] = trainer.state.global_step
+        metrics["num_processes"] = trainer.accelerator.num_processes
+        metrics.update(measured or {})
+        if trainer.accelerator.is_main_process:
+            write_atomic(earlier, json.dumps(metrics, indent=2))
     if trainer.accelerator.is_main_process:
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
         logger.info(f"{stage} adapter saved to {folder}")
     merged = hub_url = None
     if trainer.accelerator.is_main_process and (s.merge_adaptors or s.push_to_hub):
