@@ -81,7 +81,7 @@ if command == "vibes":
     prompts, sources, answers = evaluation.vibes(settings, backend)
     evaluation.show_vibes(prompts, sources, answers)
     output_file = evaluation.save_vibes(settings, prompts, sources, answers)
-    print(f"\n{len(prompts)} prompts; answers written to {output_file}")
+    print(f"\n{len(prompts)} prompt{'' if len(prompts) == 1 else 's'}; answers written to {output_file}")
 
 # %% [markdown]
 # ## Pairwise judging (mt_bench, pairwise)

@@ -306,6 +306,9 @@ def test_detect_format_sft_and_names():
     assert detect_format(["prompt", "chosen", "rejected", "messages"], "preference") == "explicit"
     with pytest.raises(DataError, match="hh.*ultrafeedback|ultrafeedback.*hh"):
         detect_format(["chosen", "rejected"], "preference")  # names alone cannot tell strings from lists
+    # A misspelt column is named with the one it was meant to be (it said only that no format fits).
+    with pytest.raises(DataError, match=r"\[prompt, chosen, rejekted\]\. Rename rejekted \(did you mean rejected\?\), or"):
+        detect_format(["prompt", "chosen", "rejekted"], "preference")
 
 
 def test_in_memory_sources(tmp_path):
@@ -464,6 +467,9 @@ def test_invalid_json_line(tmp_path):
     path = tmp_path / "prefs.jsonl"
     path.write_text(json.dumps(HH[0]) + "\n{not json\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"prefs\.jsonl: line 2: invalid JSON"):
+        load_preferences(path)
+    path.write_text(json.dumps(HH[0]) + '\n{"prompt": "cut off\n', encoding="utf-8")  # json says "starting at"
+    with pytest.raises(DataError, match=r"line 2: invalid JSON \(Unterminated string starting at column 12\)"):
         load_preferences(path)
 
 

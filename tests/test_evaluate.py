@@ -217,7 +217,7 @@ def test_help_for_each_command_and_a_missing_command(capsys):
     assert "--model_id" not in out  # pairwise/mt_bench take --models; the loader flags still apply
     with pytest.raises(ConfigError, match="missing command(.|\n)*vibes,mt_bench,pairwise"):
         run_script("evaluate.py")
-    with pytest.raises(ConfigError, match="unknown command 'mtbench'"):
+    with pytest.raises(ConfigError, match=r"unknown command 'mtbench' \(did you mean mt_bench\?\)"):
         run_script("evaluate.py", "mtbench")
 
 

@@ -202,6 +202,7 @@ def test_label_with_rm_judge_scores_each_answer_once_and_keeps_the_scores(reward
     assert len(rows) >= 100
     # One pass per answer: one judgment per pair, no second order.
     assert summary["judgments"]["needed"] == summary["pairs_judged"]
+    assert summary["both_orders"] is False and summary["agreement"] is None  # it said True, an order never judged
     decided = agree = 0
     for row in rows:
         prompt = row["prompt"][0]["content"]

@@ -300,8 +300,14 @@ def detect_format(columns, kind, source=None) -> str:
                     return "implicit"  # plain text, no Human:/Assistant: turns: TRL's standard implicit prompt
                 return "hh" if is_text else "ultrafeedback"
     where = f"{source}: " if source else ""
+    import difflib
+
+    known = {column for _, required in _TABLES[kind].values() for column in required}
+    typos = [f"{name} (did you mean {close[0]}?)" for name in map(str, names) if name not in known
+             and (close := difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8))]
+    hint = f"Rename {', '.join(typos)}, or" if typos else "Rename the columns, or"
     raise DataError(f"{where}cannot tell the {kind} format from the columns [{', '.join(map(str, names))}]. "
-                    f"Rename the columns, or pass --dataset_format with one of: {_choices(kind)}.")
+                    f"{hint} pass --dataset_format with one of: {_choices(kind)}.")
 
 
 def _load(kind, source, format, split, skip_invalid, config_name, text_field="text"):

@@ -297,7 +297,7 @@ def _read_json(text, label) -> Rows:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"{label}: line {number}: invalid JSON ({e.msg} at column {e.colno}). "
+                raise DataError(f"{label}: line {number}: invalid JSON ({_problem(e)} at column {e.colno}). "
                                 "Fix the line so that it holds one JSON object.") from e
             numbers.append(number)
     return Rows(rows, label, numbers)
@@ -309,5 +309,10 @@ def _json_problem(text, error) -> tuple[int, int, str]:
     if before.endswith(",") and text[error.pos:error.pos + 1] in ("]", "}"):
         at = len(before) - 1
         return text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at), f"a trailing comma before '{text[error.pos]}'"
-    return error.lineno, error.colno, error.msg
+    return error.lineno, error.colno, _problem(error)
+
+
+def _problem(error) -> str:
+    """json's message without its dangling "at" ("Unterminated string starting at"): the column follows."""
+    return error.msg.removesuffix(" at")
 

@@ -20,6 +20,7 @@ bars and drops a transformers warning TRL triggers on every step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -51,7 +52,22 @@ def bar(iterable=None, main_process: bool = True, **kwargs):
     from tqdm.auto import tqdm
 
     kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, disable=not (main_process and live()), **kwargs)
+    off = kwargs.pop("disable", False)  # a library's own switch (lm_eval's disable_tqdm) still counts
+    return tqdm(iterable, disable=bool(off) or not (main_process and live()), **kwargs)
+
+
+@contextlib.contextmanager
+def bars_by_rule(*modules):
+    """Inside, each module's own `tqdm` name is `bar`: the bars of libraries that draw tqdm directly, which no
+    library switch turns off (transformers' GGUF conversion, lm_eval's requests), follow alignkit's rule too."""
+    drawn = [(module, module.tqdm) for module in modules if hasattr(module, "tqdm")]
+    for module, _ in drawn:
+        module.tqdm = bar
+    try:
+        yield
+    finally:
+        for module, tqdm in drawn:
+            module.tqdm = tqdm
 
 
 def apply_to_libraries() -> None:
@@ -110,7 +126,8 @@ class Progress:
     def _log(self) -> None:
         rate = (self.done - self._start_done) / max(time.monotonic() - self._start, 1e-9)
         errors = f", {self.errors} errors" if self._show_errors else ""
-        logger.info(f"{self.what}: {self.done}/{self.total} {self.unit}s, {rate:.1f}/s{errors}")
+        units = self.unit + ("es" if self.unit.endswith(("ch", "sh", "s", "x")) else "s")  # matches, not matchs
+        logger.info(f"{self.what}: {self.done}/{self.total} {units}, {rate:.1f}/s{errors}")
 
     def close(self) -> None:
         if self.bar is not None:

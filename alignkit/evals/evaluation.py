@@ -52,7 +52,11 @@ def parse_command(argv: list[str], command: str | None = None, overrides: dict |
         if command is None and argv and argv[0] in ("-h", "--help"):
             print(USAGE)
             raise SystemExit(0)
-        raise ConfigError(f"{'unknown command ' + repr(command) if command else 'missing command'}\n{USAGE}")
+        import difflib
+
+        close = difflib.get_close_matches(command or "", list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{'unknown command ' + repr(command) + hint if command else 'missing command'}\n{USAGE}")
     settings_class, description = COMMANDS[command]
     fields = {f.name for f in dataclasses.fields(settings_class) if f.init}
     named = {name: {k: v for k, v in d.items() if k in fields}  # each preset's share for this command

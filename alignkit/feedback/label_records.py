@@ -208,15 +208,17 @@ def _pair_summary(run, prompts, pairs, outcomes, verdicts, rows) -> dict:
     both = [found for found in verdicts if len(found) == 2 and None not in found.values()]
     agree = sum(winner("ab", f["ab"]) == winner("ba", f["ba"]) for f in both)
     st = run.stats
+    # A judge that scores each answer once (rm:) has no order to swap: it judged one order, whatever was asked.
+    both_orders = run.settings.both_orders and not getattr(run.judge, "one_pass", False)
     return {
         "output": str(run.output), "judge": run.judge.name,
-        "template": run.judge.template.name if run.judge.template else None, "both_orders": run.settings.both_orders,
+        "template": run.judge.template.name if run.judge.template else None, "both_orders": both_orders,
         "prompts": len(prompts), "pairs": st["pairs"],
         "skipped": {"identical": st["identical"], "empty": st["empty response"], "missing": st["missing response"],
                     "repeated": st["repeated pair"], "generation_errors": st["generation errors"]},
         "pairs_judged": len(pairs), "labeled": len(rows), "ties": outcomes["tie"],
         "disagreements": outcomes["disagree"], "parse_failures": outcomes["unparsed"], "errors": outcomes["error"],
-        "agreement": _share(agree, len(both)) if run.settings.both_orders else None,
+        "agreement": _share(agree, len(both)) if both_orders else None,
         "slot_a_wins": _share(parsed.count("A"), len(parsed)), "slot_b_wins": _share(parsed.count("B"), len(parsed)),
         "tie_verdicts": _share(parsed.count("tie"), len(parsed)),
         "judgments": {"needed": st["judgments needed"], "sent_this_run": st["judgments sent"],

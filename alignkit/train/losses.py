@@ -130,9 +130,12 @@ def check_label_smoothing(label_smoothing: float, loss_types=("sigmoid",)) -> No
         return
     names = ",".join(loss_types)
     if not is_own_loss(loss_types) and "sigmoid" in loss_types:
+        others = [t for t in loss_types if t not in LOSS_TYPES]
         raise ConfigError(
-            f"label_smoothing (cDPO) with loss_type {names}: TRL ignores label smoothing for sigmoid. "
-            "Combine sigmoid with ipo only, or drop --label_smoothing."
+            f"label_smoothing (cDPO) with loss_type {names}: alignkit smooths sigmoid (cDPO) beside its own losses "
+            f"({', '.join(LOSS_TYPES)}); with {', '.join(others)} TRL computes the loss, and TRL ignores label "
+            "smoothing for sigmoid. Pass --loss_type sigmoid (a preset may have set another list), or drop "
+            "--label_smoothing"
         )
     readers = {"sigmoid", "simpo", *TRL_SMOOTHED} if is_own_loss(loss_types) else set(TRL_SMOOTHED)
     if not readers & set(loss_types):

@@ -465,7 +465,8 @@ def run(s, folder: Path) -> list[dict]:
 
 
 def format_table(records: list[dict]) -> str:
-    lines = ["| round | win rate vs previous | 95% CI | win / loss / tie | DPO pairs |", "|---|---|---|---|---|"]
+    lines = ["| round | adjusted win rate vs previous (ties count half) | 95% CI | win / loss / tie | DPO pairs |",
+             "|---|---|---|---|---|"]
     for rec in records:
         lines.append(f"| {rec['round']} | {rec['win_rate']:.3f} | {rec['ci95'][0]:.3f}-{rec['ci95'][1]:.3f} | "
                      f"{rec['win']} / {rec['loss']} / {rec['tie']} | {rec['pairs']} |")
