@@ -143,6 +143,17 @@ class _KernelsOfflineNote(logging.Filter):
         return "quantization-bitsandbytes" not in record.getMessage()
 
 
-# Installed before anything imports bitsandbytes: its warning is logged at import time.
+class _DeepSpeedCpuNote(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect
+    it.", logged at import wherever torch sees no GPU (transformers and accelerate import DeepSpeed in every run
+    where it is installed, ZeRO or not): on a CPU machine it says nothing to act on, and alignkit's own launch line
+    names the device. Only that line: every other DeepSpeed warning stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
+# Installed before anything imports bitsandbytes or DeepSpeed: their notes are logged at import time.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_BitsandbytesCpuKernelNote())
 logging.getLogger("kernels._internals.hf_hub").addFilter(_KernelsOfflineNote())
+logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuNote())

@@ -194,3 +194,29 @@ def test_a_gguf_named_by_folder_or_repo_and_gguf_file_is_recorded_whole(tmp_path
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")  # an adapter records its own base
     assert source_id(str(tmp_path / "adapter"), "m.gguf") == str(tmp_path / "adapter")
+
+
+def test_the_conversion_bar_follows_alignkit_s_progress_rule(tmp_path, monkeypatch):
+    """transformers' "Converting and de-quantizing GGUF tensors" bar is tqdm's own, which no library switch turns
+    off: it redrew in logs nothing reads interactively. The conversion runs under alignkit's bar (off there)."""
+    import transformers
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from alignkit.core import progress
+    from alignkit.modeling import gguf
+
+    seen = []
+
+    def loading(*args, **kwargs):
+        seen.append(gguf_utils.tqdm)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", loading)
+    drawn = gguf_utils.tqdm
+    with pytest.raises(RuntimeError, match="stop here"):
+        gguf._convert_into(tmp_path / "model.gguf", "llama", tmp_path / "work")
+    assert seen == [progress.bar] and gguf_utils.tqdm is drawn  # put back after
+    monkeypatch.setenv("CI", "true")
+    assert progress.bar(range(3)).disable  # off in a log
+    monkeypatch.setattr(progress, "live", lambda: True)
+    assert not progress.bar(range(3)).disable and progress.bar(range(3), disable=True).disable  # a library's own

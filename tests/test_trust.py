@@ -320,7 +320,7 @@ def test_train_on_completions_without_generation_markers_is_a_config_error():
     assert loss_mask_settings("auto", conversations, tokenizer) == {"assistant_only_loss": False}
 
 
-# ---------------------------------------------------------------- 11. no bitsandbytes kernel warning
+# ---------------------------------------------------------------- 11. no bitsandbytes kernel warning, no DeepSpeed CPU note
 def test_a_run_without_4bit_weights_prints_no_bitsandbytes_kernel_warning(tiny_cache, tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True)
     if "gemm_4bit_forward" not in probe.stderr:
@@ -330,3 +330,10 @@ def test_a_run_without_4bit_weights_prints_no_bitsandbytes_kernel_warning(tiny_c
     assert code == 0, err[-3000:]
     assert "gemm_4bit_forward" not in out + err and "kernels-community" not in out + err
     assert (tmp_path / "tiny-sft" / "adapter_model.safetensors").is_file()
+    # Nor DeepSpeed's import-time "Setting accelerator to CPU" (printed by every run on a machine without a GPU).
+    import torch
+
+    if not torch.cuda.is_available():  # what DeepSpeed prints on a machine without a GPU
+        deepspeed = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True)
+        assert "Setting accelerator to CPU" in deepspeed.stdout + deepspeed.stderr
+    assert "Setting accelerator to CPU" not in out + err

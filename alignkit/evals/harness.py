@@ -174,11 +174,18 @@ def evaluate_model(s, source: str, lm_eval, task_manager) -> dict:
         raise ConfigError(f"{source} has no chat template: pass --chat_template FILE, or --apply_chat_template false "
                           "to give every model the plain prompts")
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=s.batch_size)
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=list(s.tasks), task_manager=task_manager, num_fewshot=s.num_fewshot, limit=s.limit,
-        apply_chat_template=s.apply_chat_template, log_samples=False, random_seed=s.seed, numpy_random_seed=s.seed,
-        torch_random_seed=s.seed, fewshot_random_seed=s.seed,
-    )
+    from importlib import import_module
+
+    from alignkit.core.progress import bars_by_rule
+
+    # lm_eval's bars are tqdm's own: alignkit's rule decides them (drawn in a terminal or a notebook, not in logs).
+    drawing = [import_module(f"lm_eval.{name}") for name in ("api.model", "api.task", "models.huggingface")]
+    with bars_by_rule(*drawing):
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=list(s.tasks), task_manager=task_manager, num_fewshot=s.num_fewshot, limit=s.limit,
+            apply_chat_template=s.apply_chat_template, log_samples=False, random_seed=s.seed,
+            numpy_random_seed=s.seed, torch_random_seed=s.seed, fewshot_random_seed=s.seed,
+        )
     return {"results": out["results"], "versions": out.get("versions", {}), "n-shot": out.get("n-shot", {})}
 
 

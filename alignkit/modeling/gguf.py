@@ -134,9 +134,15 @@ def _convert_into(path: Path, arch: str, work: Path) -> str:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from alignkit.core.progress import bars_by_rule
+
     logger.info(f"converting {path} ({arch}) into {work.parent} (once; cached for every later run)")
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # transformers' conversion bar is tqdm's own: alignkit's rule decides it (drawn in a terminal or a notebook).
+    with bars_by_rule(gguf_utils):
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild it from its config without
     # the quantization marker, with the already dequantized weights.
     config = gguf_model.config
