@@ -481,3 +481,31 @@ def test_reward_models_are_logged_under_their_folder_s_name(monkeypatch, tmp_pat
     funcs = build_rewards(RLSettings(reward=specs), tmp_path)
     assert [f.__name__ for f in funcs] == ["rule_reward", "rm:merged", "rm:merged_2", "rm:rm-7b", "rm:merged_2_2"]
     assert [f.model for f in funcs[1:]] == specs[1:]  # each loads the folder it names
+
+
+def test_the_text_prompt_mark_goes_to_python_rewards_not_among_the_columns_trl_prints(tmp_path):
+    """TRL hands every reward the row's columns and prints them in its "All reward functions returned None"
+    warning: alignkit's mark of a prompt written as text was among them. The trainer takes it out of the rows for
+    the reward call (a row twice in the batch as one object too), hands it to the python rewards, and puts it back."""
+    import torch
+
+    from alignkit.train import rl, rl_rewards
+
+    (tmp_path / "short.py").write_text(
+        "def short(prompts, completions, **kwargs):\n"
+        "    assert 'alignkit_prompt_was_text' not in kwargs and all(isinstance(p, str) for p in prompts + completions)\n"
+        "    return [1.0] * len(prompts)\n")
+    class Base:
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            self.columns = [sorted(row) for row in inputs]  # what TRL would hand the rewards as keyword arguments
+            kwargs = {k: [row[k] for row in inputs] for k in inputs[0] if k not in ("prompt", "completion")}
+            return torch.tensor([self.reward_funcs[0](prompts=prompts, completions=completions, **kwargs)]).T
+
+    trainer = type("T", (rl._OnlineMixin, Base), {})()
+    reward = rl_rewards.import_reward(f"python:{tmp_path / 'short.py'}:short")
+    trainer.reward_funcs, trainer._times, trainer._unscored = [reward], rl.Counter(), rl.Counter()
+    row = {"prompt": [{"role": "user", "content": "hi"}], "category": "x", rl_rewards.TEXT_PROMPT: True}
+    said = [[{"role": "assistant", "content": "yo"}]] * 2
+    rewards = trainer._calculate_rewards([row, row], [row["prompt"]] * 2, said, None)
+    assert rewards.tolist() == [[1.0], [1.0]]
+    assert trainer.columns == [["category", "prompt"]] * 2 and row[rl_rewards.TEXT_PROMPT] is True  # put back

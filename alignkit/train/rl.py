@@ -142,9 +142,21 @@ class _OnlineMixin:
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         start = time.perf_counter()
+        # alignkit's mark of a prompt written as text goes to the python rewards directly, not among the row's
+        # columns TRL hands every reward (and prints in its "All reward functions returned None" warning).
+        rows = [row for row in inputs or () if isinstance(row, dict)]
+        marks = [row.get(rl_rewards.TEXT_PROMPT) for row in rows]
+        for row in {id(row): row for row in rows}.values():  # a row may come twice as one object
+            row.pop(rl_rewards.TEXT_PROMPT, None)
+        for func in self.reward_funcs:
+            if hasattr(func, "text_marks"):
+                func.text_marks = marks
         try:
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         finally:
+            for row, mark in zip(rows, marks):
+                if mark is not None:
+                    row[rl_rewards.TEXT_PROMPT] = mark
             self._times["judging"] += time.perf_counter() - start
         # A failed judgment makes the whole completion unscored (NaN in every column), instead of the other terms
         # summed as if it were 0. A python reward's None is TRL's "does not apply": TRL sums the other terms

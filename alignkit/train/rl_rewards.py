@@ -104,8 +104,10 @@ def import_reward(spec: str):
                                                  "float (or None) per completion")
 
     def as_written(prompts, completions, kwargs) -> dict:
-        """The prompts and completions by name, as TRL passes them, and the row's columns but alignkit's mark."""
+        """The prompts and completions by name, as TRL passes them, and the row's columns but alignkit's mark (set
+        by the trainer on `text_marks`, or among the columns where the function is called as TRL would call it)."""
         was_text = kwargs.pop(TEXT_PROMPT, None)
+        was_text = reward.text_marks if was_text is None else was_text
         if prompts and was_text and all(was_text) and all(isinstance(p, list) for p in prompts):
             prompts, completions = [p[-1]["content"] for p in prompts], [completion_text(c) for c in completions]
         return {"prompts": prompts, "completions": completions, **kwargs}
@@ -119,6 +121,7 @@ def import_reward(spec: str):
             return function(**as_written(prompts, completions, kwargs))
 
     reward.__name__ = reward.__qualname__ = get_callable_name(function)  # TRL's name for it in the logs
+    reward.text_marks = None  # this batch's prompts written as text (alignkit.train.rl, _calculate_rewards)
     reward.__doc__ = getattr(function, "__doc__", None)
     return reward
 
