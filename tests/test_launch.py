@@ -553,6 +553,13 @@ def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_plac
     copy = tmp_path / "copy.jsonl"
     copy.write_text(data.read_text())
     assert run_folder._changed(folder, dataclasses.replace(s, dataset_id=str(copy))) == ["data files", "dataset_id"]
+    # Trained where `auto` loaded the base in 4-bit (a GPU), resumed where it loads it in full precision (this CPU):
+    # the checkpoints' adapter would go on over another base.
+    saved = json.loads((folder / training.CONFIG_FILE).read_text())
+    (folder / training.CONFIG_FILE).write_text(json.dumps({**saved, "loaded_as": {"quantization": "4bit"}}))
+    assert run_folder._changed(folder, s) == ["quantization as loaded"] and training.prepare_run(s, "sft")[1] is None
+    (folder / training.CONFIG_FILE).write_text(json.dumps({**saved, "loaded_as": {"quantization": "none"}}))
+    assert run_folder._changed(folder, s) == []
     (base / "model.safetensors").write_bytes(b"weighs2")
     saved = json.loads((folder / training.CONFIG_FILE).read_text())
     del saved["inputs"]

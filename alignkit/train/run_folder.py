@@ -156,7 +156,22 @@ def _changed(folder: Path, s) -> list[str]:
     if "inputs" in saved:  # a run saved before alignkit recorded them compares by settings alone
         now = run_inputs(dataclasses.replace(s, **respelled) if respelled else s, folder)
         changed += [k for k in now if saved["inputs"].get(k) != now[k]]
+    # `auto` is 4-bit on CUDA and none on a CPU: the checkpoints' adapter trained over the NF4-rounded base would go
+    # on over the full-precision one (a run folder carried to another machine).
+    if (then := (saved.get(LOADED_AS) or {}).get("quantization")) and then != _quantization_now(s):
+        changed.append("quantization as loaded")
     return sorted(changed)
+
+
+def _quantization_now(s) -> str:
+    """What the loader would make of --quantization for this run (alignkit.modeling.models.load_model): auto on
+    this hardware, and full precision for LoTA or a chain holding a LoTA delta."""
+    from alignkit.core.launch import resolve_quantization
+    from alignkit.modeling.chain import resolve
+
+    if getattr(s, "adapter", "lora") == "lota" or resolve(s.model_id, getattr(s, "revision", None)).deltas:
+        return "none"
+    return resolve_quantization(s.quantization, for_training=True, log=False)
 
 
 def _check_below(folder: Path, s) -> None:
