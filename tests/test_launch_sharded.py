@@ -149,13 +149,18 @@ def test_kto(sft, cache, runs):
 
 
 def test_rl(sft, request, cache, runs):
-    """rl.py (GRPO, transformers backend): generation on the sharded model, every rank in step. The rule reward
-    under ZeRO-3 and FSDP (a reward model is refused there: tests/test_launch.py); under ZeRO-2 the rule and a
-    reward.py model (`rm:FOLDER`), which each rank holds whole beside the policy."""
+    """rl.py (GRPO, transformers backend): generation on the sharded model, every rank in step. The rule reward and
+    a python: reward under ZeRO-3 and FSDP (a reward model is refused there: tests/test_launch.py); under ZeRO-2
+    the rule and a reward.py model (`rm:FOLDER`), which each rank holds whole beside the policy."""
     mode, sft_run = sft
     run = runs / f"rl-{mode}"
     rm = request.getfixturevalue("reward_zero2")[0] if mode == "zero2" else None
     rewards = ["--reward", f"rule,rm:{rm}", "--reward_weights", "1,0.5", "--logging_steps", "1"] if rm else []
+    if not rm:  # a python: reward beside the rule, called on each rank's own rows as TRL calls it
+        (runs / "short.py").write_text("def short(prompts, completions, **kwargs):\n"
+                                       "    assert all(isinstance(c, str) for c in completions)\n"
+                                       "    return [1.0 / (1 + len(c)) for c in completions]\n")
+        rewards = ["--reward", f"rule,python:{runs / 'short.py'}:short", "--logging_steps", "1"]
     synced = runs / f"rl-{mode}-vllm-sync.safetensors"
     done = launch(mode, "rl.py", run, "--preset", "tiny", "--model_id", str(sft_run), "--max_steps", "1",
                   "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts", "16",
@@ -166,6 +171,8 @@ def test_rl(sft, request, cache, runs):
     # What TRL's weight sync would load into a colocated vLLM engine on this launch: the merged policy, gathered
     # from the shards or partitions (vLLM itself needs CUDA).
     assert_vllm_would_get_the_merged_policy(run, synced)
+    if not rm:
+        assert "'rewards/short/mean'" in done["output"], done["output"][-3000:]
     if rm:  # each rank built both reward functions, and the reward model scored the completions
         assert_each_rank_scored_with(done["output"], f"rule_reward, rm:{rm.name}", rm)
         # Trained with QLoRA, it scores over its base rounded to NF4 and dequantized, as it trained.
