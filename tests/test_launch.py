@@ -324,6 +324,9 @@ def test_reward_py_qlora_on_a_cpu_trains_fp32_lora_and_score_head(tiny_cache, tm
     from alignkit.feedback.judge import RMJudge
 
     assert RMJudge(f"rm:{folder}", LabelSettings()).identity()["over_nf4_base"] is True
+    # The generators' chat template arguments are not the reward model's: its verdicts keep their key.
+    thinking = LabelSettings(chat_template_kwargs={"enable_thinking": False})
+    assert RMJudge(f"rm:{folder}", thinking).identity() == RMJudge(f"rm:{folder}", LabelSettings()).identity()
     assert "over_nf4_base" not in RMJudge(f"rm:{folder}", LabelSettings(quantization="4bit")).identity()
 
 
@@ -560,6 +563,12 @@ def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_plac
     assert run_folder._changed(folder, s) == ["quantization as loaded"] and training.prepare_run(s, "sft")[1] is None
     (folder / training.CONFIG_FILE).write_text(json.dumps({**saved, "loaded_as": {"quantization": "none"}}))
     assert run_folder._changed(folder, s) == []
+    # A setting added since the run was saved (absent from its file), left at its default: the same command.
+    older = {k: v for k, v in saved.items() if k != "learning_rate"}
+    (folder / training.CONFIG_FILE).write_text(json.dumps(older))
+    assert run_folder._changed(folder, s) == []
+    assert run_folder._changed(folder, dataclasses.replace(s, learning_rate=0.5)) == ["learning_rate"]
+    (folder / training.CONFIG_FILE).write_text(json.dumps(saved))
     (base / "model.safetensors").write_bytes(b"weighs2")
     saved = json.loads((folder / training.CONFIG_FILE).read_text())
     del saved["inputs"]

@@ -250,8 +250,9 @@ def make_judge(s) -> Judge:
             raise ConfigError("--judge hf needs --judge_model: a Hub id or a local model folder")
         from alignkit.core.config import loader_settings
 
-        # The generators' --chat_template is for them; the judge model brings its own.
-        model = loader_settings(s, s.judge_model, revision=s.judge_revision, chat_template=None)
+        # The generators' --chat_template and --chat_template_kwargs are for them; the judge model brings its own.
+        model = loader_settings(s, s.judge_model, revision=s.judge_revision, chat_template=None,
+                                chat_template_kwargs={})
         return HFJudge(model, template, s.judge_max_tokens, s.judge_temperature, s.generation_batch_size)
     raise ConfigError(f"--judge {s.judge!r}: expected openai, hf, rm:RUN_FOLDER, or python:module:function")
 

@@ -101,9 +101,13 @@ def reward_loader_settings(folder: str, settings=None):
     """How a reward model in `folder` is loaded, given the caller's loader settings (dtype, quantization, ...):
     a score head needs no chat template of the generators', nor Liger's fused LM-head loss. Its cache keys
     describe these settings (alignkit.modeling.identity)."""
-    from alignkit.core.config import ModelSettings, loader_settings
+    from alignkit.core.config import GenerationSettings, ModelSettings, loader_settings
 
-    return loader_settings(settings or ModelSettings(), folder, chat_template=None, use_liger="false")
+    settings = settings or ModelSettings()
+    # The generators' chat template arguments are theirs: a reward model's scoring gets its own (rl.py's trainer
+    # hands GRPOConfig's to it per call, alignkit.train.rl_rewards).
+    own = {"chat_template_kwargs": {}} if isinstance(settings, GenerationSettings) else {}
+    return loader_settings(settings, folder, chat_template=None, use_liger="false", **own)
 
 
 def over_nf4_base(folder: str, loader) -> bool:

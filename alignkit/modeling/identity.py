@@ -35,6 +35,12 @@ INERT = {
     "trust_remote_code": "it only permits code that a model's files (already hashed) ship",
 }
 
+# Loader settings added after caches were made, each with its value before it existed: at that value a field is left
+# out, so the caches made before it (the same model, loaded the same way) stay valid; set otherwise, it counts.
+ADDED = {
+    "chat_template_kwargs": {},  # the chat template's extra arguments (enable_thinking, ...): none before
+}
+
 # Engine settings that count only through the engine that runs (model_identity's `backend`), each with the reason.
 ENGINE_ONLY = {
     "backend": "the engine that runs counts instead: auto and the engine it resolves to are one",
@@ -206,7 +212,8 @@ def loader_fields(s) -> dict:
     # model_id counts through the chain instead (model_identity): a local folder by its content, however the path is
     # spelled (relative, absolute, ./) and wherever the folder moved; a Hub id by repo and commit.
     names = [f.name for group in groups for f in fields(group) if f.name not in INERT and f.name != "model_id"]
-    out = {name: getattr(s, name) for name in dict.fromkeys(names)}
+    out = {name: getattr(s, name) for name in dict.fromkeys(names)
+           if not (name in ADDED and getattr(s, name) == ADDED[name])}
     if out.get("chat_template"):
         from alignkit.core.groups import chat_template_text
 

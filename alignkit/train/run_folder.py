@@ -148,7 +148,11 @@ def _changed(folder: Path, s) -> list[str]:
     saved_file = folder / CONFIG_FILE
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
     old, new = _training_view(saved), _training_view(config_to_dict(s))
-    changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
+    # A setting added since the run was saved (absent from its file) is left at its default by the run's command:
+    # the same command, not other settings (rl.py's runs restarted when chat_template_kwargs became a setting).
+    defaults = _defaults(type(s)) if saved else {}
+    changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+               and not (k not in old and k in defaults and new.get(k) == defaults[k])]
     # One folder or file spelled two ways (runs/sft, ./runs/sft/, its absolute path) is the same input: its content
     # is compared below, under the spelling the run recorded (the data digest is keyed by it).
     respelled = {k: old[k] for k in changed if _same_place(old.get(k), new.get(k))}
@@ -161,6 +165,17 @@ def _changed(folder: Path, s) -> list[str]:
     if (then := (saved.get(LOADED_AS) or {}).get("quantization")) and then != _quantization_now(s):
         changed.append("quantization as loaded")
     return sorted(changed)
+
+
+def _defaults(cls) -> dict:
+    """Each setting's default, in the JSON form a saved run's settings take."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out, default=str))
 
 
 def _quantization_now(s) -> str:
