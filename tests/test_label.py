@@ -393,9 +393,12 @@ def test_local_generator_and_judge_identities_cover_the_loader_and_sampling():
     base = generator_key()
     changed = [generator_key(dtype="bf16"), generator_key(quantization="4bit"), generator_key(backend="vllm"),
                generator_key(revision="v2"), generator_key(max_new_tokens=7), generator_key(temperature=0.1),
-               generator_key(top_p=0.5), generator_key(seed=1), generator_key(attn_implementation="eager")]
+               generator_key(top_p=0.5), generator_key(seed=1), generator_key(attn_implementation="eager"),
+               generator_key(chat_template_kwargs={"enable_thinking": False})]
     assert len({base, *changed}) == len(changed) + 1
     assert generator_key(generation_batch_size=3, parallel=2) == base
+    # Unset, the setting added later is left out: answers cached before it existed are still found.
+    assert "chat_template_kwargs" not in json.loads(base)["loaded"]["loader"]
 
     template = load_template("default")
 
@@ -413,6 +416,10 @@ def test_local_generator_and_judge_identities_cover_the_loader_and_sampling():
     hf = make_judge(LabelSettings(judge="hf", judge_model="judge/model", judge_revision="v2", dtype="fp16"))
     loader = hf.identity()["model"]["loader"]
     assert (loader["revision"], loader["dtype"]) == ("v2", "fp16")  # --judge_revision reaches it
+    # The generators' --chat_template_kwargs are theirs: the judge's verdicts keep their key (it does not apply them).
+    thinking = LabelSettings(judge="hf", judge_model="judge/model", judge_revision="v2", dtype="fp16",
+                             chat_template_kwargs={"enable_thinking": False})
+    assert make_judge(thinking).identity() == hf.identity()
 
 
 def test_a_killed_run_resumes_without_repeating_a_request(tmp_path):
@@ -836,6 +843,8 @@ def test_a_prompt_s_tools_and_template_arguments_reach_an_endpoint_and_its_outpu
         sent = {json.dumps(b.get("tools")): b for b in server.requests}
         assert sent[json.dumps([WEATHER])]["chat_template_kwargs"] == {"enable_thinking": False}
         assert "chat_template_kwargs" not in sent[json.dumps([CLOCK])] and "tools" not in sent["null"]
+        # Answered in text: a call alone would be an empty answer.
+        assert sent[json.dumps([CLOCK])]["tool_choice"] == "none" and "tool_choice" not in sent["null"]
         out = rows(tmp_path / "t.jsonl")
         assert [r.get("tools") for r in out] == [[WEATHER], [CLOCK], None]
         assert [r.get("chat_template_kwargs") for r in out] == [{"enable_thinking": False}, None, None]
@@ -847,6 +856,25 @@ def test_a_prompt_s_tools_and_template_arguments_reach_an_endpoint_and_its_outpu
         ])
         run_script("label.py", *args, "--generation_base_url", server.base_url, cwd=tmp_path)
         assert server.count == 4 and len(server.requests[-1]["tools"]) == 2
+        # --chat_template_kwargs goes to every prompt, the row's own on top, and counts in the cache: all again.
+        run_script("label.py", *args, "--generation_base_url", server.base_url, "--chat_template_kwargs",
+                   '{"enable_thinking": true, "style": "terse"}', cwd=tmp_path)
+        assert server.count == 7 and [b.get("chat_template_kwargs") for b in server.requests[-3:]] == [
+            {"enable_thinking": False, "style": "terse"}, {"enable_thinking": True, "style": "terse"},
+            {"enable_thinking": True, "style": "terse"}]
+    # A responses file without template columns (evaluate.py's, or label.py's before them) pairs by the turns; one
+    # whose rows name other tools is named as such.
+    write_jsonl(tmp_path / "plain.jsonl", [{"prompt": ask, "response": "plain"}])
+    write_jsonl(tmp_path / "other.jsonl", [{"prompt": ask, "tools": [CLOCK], "response": "other"}])
+    pairs = ["--prompts", "prompts.jsonl", "--judge", "python:alignkit.modeling.presets:rule_judge", "--output"]
+    with FakeOpenAI(lambda body: "x") as server:
+        plain = run_script("label.py", "--responses_a", "plain.jsonl", "--model_b", "openai:b", *pairs, "p.jsonl",
+                           "--generation_base_url", server.base_url, cwd=tmp_path)
+    assert plain["responses"][0] == ["plain", "plain", None]  # both prompts with its turns; "hi" it lacks
+    with pytest.raises(DataError, match=r"other\.jsonl: none of its 1 prompts .*\(the same turns with other tools or "
+                                        r"chat_template_kwargs columns\)\. Give its rows the same tools"):
+        run_script("label.py", "--responses_a", "plain.jsonl", "--responses_b", "other.jsonl", *pairs, "q.jsonl",
+                   cwd=tmp_path)
     sft = load_sft(str(tmp_path / "t.jsonl"))  # sft.py reads the output with its tools, as TRL does
     assert len(sft) == 3 and "get_weather" in json.dumps(sft[0]["tools"])
     # A bad column is one line naming the row and the field.

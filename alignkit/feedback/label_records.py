@@ -95,6 +95,11 @@ class Prompt:
     def __post_init__(self):
         self.key = digest({"messages": self.messages, "template": self.template} if self.template else self.messages)
 
+    @property
+    def turns_key(self) -> str:
+        """The key of its turns alone: what a responses file without template columns pairs with (it says no tools)."""
+        return digest(self.messages)
+
     def columns(self) -> dict:
         """Its template columns, as a row of label.py's output carries them (TRL's trainers read them so)."""
         out = {"tools": self.template["tools"]} if "tools" in self.template else {}

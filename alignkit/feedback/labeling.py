@@ -324,7 +324,10 @@ def _no_match(path: str, column: str, rows, prompts: list[Prompt]) -> str:
     near = {stripped(p): p for p in reversed(prompts)}
     theirs, ours = next(((r, near[stripped(r)]) for r, _ in rows if stripped(r) in near), (rows[0][0], prompts[0]))
     source = ours.place.rpartition(": ")[0]
-    if stripped(theirs) == stripped(ours):
+    if theirs.messages == ours.messages:  # the same turns: the template columns differ
+        why = " (the same turns with other tools or chat_template_kwargs columns)"
+        fix = f"Give its rows the same tools and chat_template_kwargs as {source}, or leave those columns out"
+    elif stripped(theirs) == stripped(ours):
         why = " (they differ only in leading or trailing whitespace)"
         fix = "Strip the stray whitespace so the prompts are the same text"
     else:
@@ -349,6 +352,8 @@ def _generator_identity(run: Run, source: Source) -> dict:
         where = {"loaded": model_identity(loader_settings(run.settings, source.spec), run.backend)}
     else:
         where = endpoint_identity(run.endpoints[source.spec])
+        if s.chat_template_kwargs:  # sent along (extra_body); left out when unset, so earlier answers still count
+            where = {**where, "chat_template_kwargs": s.chat_template_kwargs}
     return {**where, "model": source.spec, "temperature": s.temperature, "top_p": s.top_p,
             "max_new_tokens": s.max_new_tokens, "seed": s.seed, "index": source.index}
 
@@ -362,9 +367,11 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
         if source.kind == "file":
             column, rows = response_rows(source.spec, run.settings)
             found = by_prompt(column, rows)
-            if rows and prompts and not any(p.key in found for p in prompts):
+            # A row without tools or chat_template_kwargs pairs with the prompt's turns (its file says none); a row
+            # with them, with the prompt that has the same.
+            table[si] = [found[p.key] if p.key in found else found.get(p.turns_key) for p in prompts]
+            if rows and prompts and not any(p.key in found or p.turns_key in found for p in prompts):
                 raise DataError(_no_match(source.spec, column, rows, prompts))
-            table[si] = [found.get(p.key) for p in prompts]
             missing = sum(t is None for t in table[si])
             if missing:
                 logger.warning(f"{source.spec}: no response for {missing} of {len(prompts)} prompts; their pairs "
@@ -432,12 +439,13 @@ def _generate_endpoint(run: Run, spec: str, cells, prompts):
     extra = {"top_p": s.top_p} if s.top_p < 1 else {}
 
     def complete(cell):
-        # A prompt's own tools go as the API's tools; its chat_template_kwargs as vLLM's and SGLang's servers take
-        # them (extra_body), which other servers refuse in their own words.
-        template = dict(prompts[cell[1]].template)
+        # A prompt's own tools go as the API's tools, answered in text (tool_choice none: an answer here is the
+        # assistant's text, and a call alone would be an empty one); --chat_template_kwargs with the prompt's own on
+        # top as vLLM's and SGLang's servers take them (extra_body), which other servers refuse in their own words.
+        template = {**(s.chat_template_kwargs or {}), **prompts[cell[1]].template}
         tools = template.pop("tools", None)
-        own = {**({"tools": tools} if tools else {}), **({"extra_body": {"chat_template_kwargs": template}}
-                                                           if template else {})}
+        own = {**({"tools": tools, "tool_choice": "none"} if tools else {}),
+               **({"extra_body": {"chat_template_kwargs": template}} if template else {})}
         return client.complete(prompts[cell[1]].messages, **extra, **own)
 
     for cell, result in threaded(complete, cells, s.parallel):
