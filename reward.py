@@ -139,11 +139,12 @@ report = {}
 if eval_data is not None and scores_held_out(main):  # FSDP/ZeRO-3: every rank takes part in each forward
     report = held_out_report(trainer.model, loaded.tokenizer, eval_data, run_folder,
                              settings.per_device_eval_batch_size, settings.max_length, write=main)
-# How its rows were written: a judge (rm:FOLDER) scores the way it trained (alignkit.feedback.rewards).
+# How its rows were written and its base loaded: a judge (rm:FOLDER) scores the way it trained, a copy pushed to the
+# Hub too (alignkit.feedback.rewards).
 from alignkit.core.data import is_text_dataset
-from alignkit.feedback.rewards import ROWS_KEY
+from alignkit.feedback.rewards import QUANTIZATION_KEY, ROWS_KEY
 
-rows = {ROWS_KEY: "text" if is_text_dataset(train_data) else "conversations"}
+rows = {ROWS_KEY: "text" if is_text_dataset(train_data) else "conversations", QUANTIZATION_KEY: loaded.quantization}
 metrics = finish(trainer, loaded, settings, run_folder, "reward", measured={**report, **rows} if main else None)
 print(f"adapter: {run_folder}")
 if report and main:

@@ -319,6 +319,15 @@ def test_reward_py_qlora_on_a_cpu_trains_fp32_lora_and_score_head(tiny_cache, tm
     inputs = [[*p, {"role": "assistant", "content": a}] for p, a in zip(pairs["prompt"], answers)]
     over_full_base = score(full.model, full.tokenizer, inputs, 8, None)
     assert not torch.allclose(torch.tensor(over_full_base), torch.tensor(trained), rtol=1e-2, atol=1e-7)
+    # A copy without the run's settings (what a push uploads: metrics.json, not alignkit_config.json) too.
+    import shutil
+
+    from alignkit.feedback.rewards import over_nf4_base, reward_loader_settings
+
+    copy = tmp_path / "pushed"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("checkpoint-*", "alignkit_config.json"))
+    assert json.loads((copy / "metrics.json").read_text())["trained_quantization"] == "4bit"
+    assert over_nf4_base(str(copy), reward_loader_settings(str(copy), ModelSettings()))
     # label.py's reward-model verdicts key on it: one cached over the full-precision base is never reused.
     from alignkit.core.config import LabelSettings
     from alignkit.feedback.judge import RMJudge

@@ -31,6 +31,24 @@ from alignkit.modeling.template_rows import refusing
 
 PREFIX = "rm:"
 ROWS_KEY = "reward_rows"  # metrics.json: "text" (TRL's standard rows) or "conversations"
+QUANTIZATION_KEY = "trained_quantization"  # metrics.json: how its base was loaded ("4bit": QLoRA)
+
+
+def _record(folder: str) -> dict:
+    """The reward model's metrics.json (reward.py writes it; merge.py carries it; a push uploads it): its own, or
+    for a Hub repo (owner/repo) as the loader sees it; {} when there is none (or offline and not cached)."""
+    import json
+
+    from alignkit.core.journal import read_json
+
+    if not Path(folder).is_dir() and folder.count("/") == 1:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return json.loads(Path(hf_hub_download(folder, "metrics.json")).read_text())
+        except Exception:  # noqa: BLE001 - none uploaded, or offline and not cached: no record
+            return {}
+    return read_json(Path(folder, "metrics.json"))
 
 
 def trained_on_text(folder: str) -> bool:
@@ -39,21 +57,9 @@ def trained_on_text(folder: str) -> bool:
     alignkit_config.json (`data_rows`, written when training starts): a run stopped before the end, a checkpoint-N
     inside it, a merge of one. A model without a record (one not trained by reward.py, an older run) counts as
     conversational."""
-    import json
-
-    from alignkit.core.journal import read_json
-
-    if not Path(folder).is_dir() and folder.count("/") == 1:  # owner/repo: its metrics.json, as the loader sees it
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(folder, "metrics.json"))
-            return json.loads(path.read_text()).get(ROWS_KEY) == "text"
-        except Exception:  # noqa: BLE001 - none uploaded, or offline and not cached: no record
-            return False
     from alignkit.core.run_records import run_config
 
-    if (recorded := read_json(Path(folder, "metrics.json")).get(ROWS_KEY)) is not None:
+    if (recorded := _record(folder).get(ROWS_KEY)) is not None:
         return recorded == "text"
     return run_config(folder).get("data_rows") == "text"  # a checkpoint-N's: its run's
 
@@ -112,14 +118,23 @@ def reward_loader_settings(folder: str, settings=None):
 
 def over_nf4_base(folder: str, loader) -> bool:
     """Whether the reward model in `folder` scores over its base rounded to 4-bit NF4 and dequantized: when its
-    run trained it with QLoRA (its base loaded in 4-bit; alignkit.core.run_records.trained_quantization) and the
+    run trained it with QLoRA (its base loaded in 4-bit: alignkit.core.run_records.trained_quantization, or
+    metrics.json's trained_quantization for a copy without the run's settings, a Hub push) and the
     caller loads in full precision (--quantization auto or none, as inference does). Its adapter and score head
     were trained over those weights, not the full-precision base's. --quantization 4bit loads the same NF4 weights
     quantized; 8bit is the caller's choice. A merged reward model holds its weights already."""
     from alignkit.core.run_records import trained_quantization
 
-    return (loader.quantization in ("auto", "none") and Path(folder, "adapter_config.json").is_file()
-            and trained_quantization(folder) == "4bit")
+    if loader.quantization not in ("auto", "none"):
+        return False
+    if Path(folder).is_dir():  # its run's record (a checkpoint-N's: its run's), else its metrics.json (a copy)
+        return Path(folder, "adapter_config.json").is_file() and \
+            (trained_quantization(folder) or _record(folder).get(QUANTIZATION_KEY)) == "4bit"
+    if folder.count("/") == 1 and _record(folder).get(QUANTIZATION_KEY) == "4bit":  # a pushed adapter on the Hub
+        from alignkit.modeling.chain import resolve
+
+        return bool(resolve(folder, None).adapters)
+    return False
 
 
 class RewardModel:

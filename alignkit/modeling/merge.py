@@ -57,9 +57,10 @@ def _check_inputs(tokenizer, device):
 def keep_checkpoint_metrics(adapter_dir, out, config: dict | None = None) -> None:
     """A checkpoint-N (or its merge), which has no metrics.json of its own, gets one: its figures at its step
     (alignkit.core.run_records.checkpoint_metrics; the run's metrics.json is the finished run's) and, for a reward
-    model, its run's rows' format (`reward_rows`, from the run's data_rows), the record a push uploads so that a
-    Hub copy is judged as it trained (alignkit.feedback.rewards.trained_on_text). Nothing when `out` has one."""
-    from alignkit.core.run_records import checkpoint_metrics, run_config
+    model, its run's rows' format (`reward_rows`, from the run's data_rows) and how its base was loaded
+    (`trained_quantization`), the record a push uploads so that a Hub copy is judged as it trained
+    (alignkit.feedback.rewards). Nothing when `out` has one."""
+    from alignkit.core.run_records import checkpoint_metrics, run_config, trained_quantization
     from alignkit.modeling.reward_models import REWARD, model_kind
 
     if (Path(out) / "metrics.json").exists():
@@ -67,9 +68,11 @@ def keep_checkpoint_metrics(adapter_dir, out, config: dict | None = None) -> Non
     metrics = checkpoint_metrics(adapter_dir)
     rows = (run_config(adapter_dir) if config is None else config).get("data_rows")
     if rows and model_kind(str(adapter_dir)) == REWARD:
-        from alignkit.feedback.rewards import ROWS_KEY
+        from alignkit.feedback.rewards import QUANTIZATION_KEY, ROWS_KEY
 
         metrics[ROWS_KEY] = rows
+        if quantization := trained_quantization(adapter_dir):  # a Hub copy scores over the base it trained over
+            metrics[QUANTIZATION_KEY] = quantization
     if metrics:
         write_atomic(Path(out) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
