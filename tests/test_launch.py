@@ -19,7 +19,7 @@ from alignkit.core.errors import UserError
 from alignkit.modeling import presets
 from alignkit.train import run_folder, training
 
-from conftest import in_two_ranks
+from conftest import ROOT, in_two_ranks
 from test_gpu_paths import _meta_llama, fake_gpus, load_kwargs  # noqa: F401 - load_kwargs is a fixture
 
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_CPU_RAM_EFFICIENT_LOADING",
@@ -578,6 +578,12 @@ def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_plac
     assert run_folder._changed(folder, s) == []
     assert run_folder._changed(folder, dataclasses.replace(s, learning_rate=0.5)) == ["learning_rate"]
     (folder / training.CONFIG_FILE).write_text(json.dumps(saved))
+    assert run_folder._changed(folder, dataclasses.replace(s, num_threads="2")) == []  # speed, not results
+    # A settings file cut short (a full disk, a copy stopped halfway): another run, not a traceback.
+    (folder / training.CONFIG_FILE).write_text(json.dumps(saved)[:100])
+    assert run_folder._changed(folder, s) == ["alignkit_config.json unreadable"]
+    assert training.prepare_run(s, "sft")[1] is None
+    (folder / training.CONFIG_FILE).write_text(json.dumps(saved))
     (base / "model.safetensors").write_bytes(b"weighs2")
     saved = json.loads((folder / training.CONFIG_FILE).read_text())
     del saved["inputs"]
@@ -678,3 +684,25 @@ def test_under_a_launch_info_lines_come_from_the_main_process_only(monkeypatch, 
     monkeypatch.setenv("RANK", "0")
     logger.info("from the main process")
     assert alignkit_log.messages == ["a warning", "this process's own", "from the main process"]
+
+
+def test_a_second_training_of_one_run_folder_is_refused_in_one_line(tmp_path):
+    """Two dpo.py runs of one folder both trained: the second resumed from the first's checkpoints, or moved the live
+    run aside while it went on writing into the new folder. The run holds a lock beside its folder from
+    prepare_run until its training ends; a second process is refused in one line, and after the end it may start."""
+    import subprocess
+    import sys
+
+    s = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path / "runs"), run_name="run")
+    second = ("import sys; from alignkit.core.config import SFTSettings; from alignkit.train import training\n"
+              f"s = SFTSettings(model_id='tiny', dataset_id='org/chats', output_dir={str(tmp_path / 'runs')!r}, "
+              "run_name='run')\n"
+              "try:\n    training.prepare_run(s, 'sft')\nexcept Exception as e:\n    print(e); sys.exit(3)\n")
+    folder, _ = training.prepare_run(s, "sft")
+    with run_folder.start_run(s, folder, None):
+        done = subprocess.run([sys.executable, "-c", second], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 3, done.stderr[-2000:]
+        assert done.stdout.strip() == (f"{folder} is in use by another training run; let it finish first, or pass "
+                                       "another --run_name")
+    done = subprocess.run([sys.executable, "-c", second], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]  # the training ended: the folder is free

@@ -57,6 +57,13 @@ def hold(path: str | os.PathLike, owner: str, fix: str, what=None):
     return file
 
 
+def let_go(path: str | os.PathLike) -> None:
+    """Release a `hold` on `path` taken in this process (none taken: nothing)."""
+    held = _held.pop(str(Path(path).resolve()), None)
+    if held is not None:
+        held.close()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Append-only logs
 

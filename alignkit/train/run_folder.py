@@ -30,7 +30,7 @@ from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, redact
 from alignkit.core.errors import UserError
-from alignkit.core.journal import free_name, write_atomic
+from alignkit.core.journal import InUse, free_name, hold, let_go, write_atomic
 from alignkit.core.launch import every_process, world_size
 from alignkit.core.run_records import LOADED_AS, loaded_as
 
@@ -54,6 +54,7 @@ NOT_TRAINING = {
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size", "output_dir",
     "run_type",  # recorded beside the settings (save_run_config); the run folder's name already holds the stage
     "prefix_sharing",  # the same log-probs either way (alignkit.train.prefix), only faster
+    "num_threads",  # CPU threads change speed, not results (alignkit.modeling.identity.INERT)
     "inputs",  # recorded beside the settings (save_run_config) and compared by content (_changed)
     "trained_over",  # recorded beside the settings (save_run_config), for the loader (check_trained_over)
     DATA_ROWS,  # recorded beside the settings (save_run_config); the rows themselves are compared by content
@@ -94,7 +95,8 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     datasets the run trains and evaluates on, as alignkit read them (None for no held-out set): a checkpoint
     resumes only over the same rows.
 
-    Writes nothing: `start_run` claims the folder once the new run is sure to start. Under a multi-process launch
+    Writes nothing but a lock beside the folder, held until the training ends (a second run of the same folder is
+    refused in one line): `start_run` claims the folder once the new run is sure to start. Under a multi-process launch
     every rank decides from its own view of the folder, then they compare: a folder that is not shared by every
     machine (one rank would resume, another start over, and the first collective would wait forever) stops all of
     them at once with one line.
@@ -114,9 +116,17 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
                             "a local file that is not the same everywhere). Give every machine the same data: one shared "
                             "file or folder, or the same HF_HOME cache")
         _ROWS[folder.resolve()] = rows
-    if _first_process():
-        _restore_stranded(folder)
-    every_process(None)  # the others look once the main process has put an earlier run back
+    busy = None
+    if _first_process():  # one training at a time in a run folder: a second would resume or move aside a live run
+        try:
+            hold(_lock_file(folder), "training", "let it finish first, or pass another --run_name", what=folder)
+        except InUse as error:
+            busy = str(error)
+        else:
+            _restore_stranded(folder)
+    # The others look once the main process holds the folder and has put an earlier run back; all stop if it is busy.
+    if busy := every_process(busy)[0]:
+        raise UserError(busy)
     checkpoints = _checkpoints(folder) if folder.is_dir() else []
     resume = s.resume == "true" or (s.resume == "auto" and checkpoints and not _changed(folder, s))
     if s.resume == "true" and checkpoints:
@@ -133,6 +143,11 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     return folder, str(folder / checkpoint) if checkpoint else None
 
 
+def _lock_file(folder: Path) -> Path:
+    """Beside the run folder, not in it: the folder itself may be moved aside while the run holds it."""
+    return folder.parent / f".{folder.name}.training.lock"
+
+
 def _first_process() -> bool:
     import torch.distributed as dist
 
@@ -146,7 +161,12 @@ def _changed(folder: Path, s) -> list[str]:
     whose content differs (the model's chain and local data retrained or edited in place), and "data rows" when
     the rows prepare_run was given differ from the rows the run trained on."""
     saved_file = folder / CONFIG_FILE
-    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    try:
+        saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    except (OSError, ValueError):  # cut short or damaged: what the run was cannot be told, so it is another run
+        return [f"{CONFIG_FILE} unreadable"]
+    if not isinstance(saved, dict):
+        return [f"{CONFIG_FILE} unreadable"]
     old, new = _training_view(saved), _training_view(config_to_dict(s))
     # A setting added since the run was saved (absent from its file) is left at its default by the run's command:
     # the same command, not other settings (rl.py's runs restarted when chat_template_kwargs became a setting).
@@ -256,6 +276,10 @@ def start_run(s, folder: Path, resume_from: str | None):
         if write:
             _release(folder, aside, error)
         raise
+    finally:  # prepare_run's hold: the next run in this folder may start (and output_dir keeps no lock file)
+        if write or world_size() == 1:
+            _lock_file(folder).unlink(missing_ok=True)
+        let_go(_lock_file(folder))
 
 
 def check_trained(folder: Path) -> None:
