@@ -584,6 +584,18 @@ def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_plac
     assert run_folder._changed(folder, s) == ["alignkit_config.json unreadable"]
     assert training.prepare_run(s, "sft")[1] is None
     (folder / training.CONFIG_FILE).write_text(json.dumps(saved))
+    # A later checkpoint whose weights were cut short: skipped (it failed every rerun with a traceback).
+    import torch
+    from safetensors.torch import save_file
+
+    later = folder / "checkpoint-3"
+    later.mkdir()
+    (later / "trainer_state.json").write_text("{}")
+    save_file({"w": torch.zeros(64, 64)}, later / "adapter_model.safetensors")
+    assert training.prepare_run(s, "sft")[1] == str(later)
+    data = (later / "adapter_model.safetensors").read_bytes()
+    (later / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    assert training.prepare_run(s, "sft")[1] == str(folder / "checkpoint-2")
     (base / "model.safetensors").write_bytes(b"weighs2")
     saved = json.loads((folder / training.CONFIG_FILE).read_text())
     del saved["inputs"]

@@ -73,12 +73,24 @@ def run_dir(s, stage: str) -> Path:
 
 
 def _complete(checkpoint: Path) -> bool:
-    """transformers writes trainer_state.json last: a checkpoint cut off by a crash has none, or a torn one."""
+    """transformers writes trainer_state.json last: a checkpoint cut off by a crash has none, or a torn one. Its
+    weights must open too (a file cut short by a full disk or a copy stopped halfway): such a checkpoint is skipped,
+    in one line, and the run resumes from the one before."""
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
-        return True
     except (OSError, ValueError):
         return False
+    from safetensors import safe_open
+
+    for weights in checkpoint.rglob("*.safetensors"):
+        try:
+            with safe_open(str(weights), "pt") as opened:
+                opened.keys()
+        except Exception as error:  # noqa: BLE001 - safetensors' own error types: any unreadable header
+            logger.warning(f"{weights} is damaged ({' '.join(str(error).split())[:80]}): {checkpoint.name} is "
+                           "skipped; the run resumes from the checkpoint before it, if any")
+            return False
+    return True
 
 
 def _checkpoints(folder: Path) -> list[Path]:
