@@ -107,8 +107,8 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     datasets the run trains and evaluates on, as alignkit read them (None for no held-out set): a checkpoint
     resumes only over the same rows.
 
-    Writes nothing but a lock beside the folder, held until the training ends (a second run of the same folder is
-    refused in one line): `start_run` claims the folder once the new run is sure to start. Under a multi-process launch
+    Writes nothing but a lock in the cache folder, held until the training ends (a second run of the same folder
+    is refused in one line): `start_run` claims the folder once the new run is sure to start. Under a multi-process launch
     every rank decides from its own view of the folder, then they compare: a folder that is not shared by every
     machine (one rank would resume, another start over, and the first collective would wait forever) stops all of
     them at once with one line.
@@ -156,8 +156,12 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
 
 
 def _lock_file(folder: Path) -> Path:
-    """Beside the run folder, not in it: the folder itself may be moved aside while the run holds it."""
-    return folder.parent / f".{folder.name}.training.lock"
+    """The run folder's lock, in the cache folder (not in the run folder, which may be moved aside while the run
+    holds it; nor beside it, where a run that failed before training would leave it in --output_dir)."""
+    from alignkit.core.digests import digest
+    from alignkit.core.paths import cache_dir
+
+    return cache_dir() / "run-locks" / f"{digest(str(folder.resolve()), 16)}.lock"
 
 
 def _first_process() -> bool:
@@ -288,10 +292,8 @@ def start_run(s, folder: Path, resume_from: str | None):
         if write:
             _release(folder, aside, error)
         raise
-    finally:  # prepare_run's hold: the next run in this folder may start (and output_dir keeps no lock file)
-        if write or world_size() == 1:
-            _lock_file(folder).unlink(missing_ok=True)
-        let_go(_lock_file(folder))
+    finally:
+        let_go(_lock_file(folder))  # prepare_run's hold: the next run in this folder may start
 
 
 def check_trained(folder: Path) -> None:
