@@ -534,7 +534,7 @@ def test_every_rank_resumes_from_the_same_checkpoint_or_all_stop_in_one_line(sha
             "every machine shares.")} for rank in (0, 1)]
 
 
-def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_place(tmp_path):
+def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_place(tmp_path, alignkit_log):
     """`--resume auto` compares what the settings name by path by content: a base retrained in place or a data file
     edited since the checkpoint is another run (it would otherwise continue an adapter trained on the old ones). A
     run folder saved before alignkit recorded its inputs compares by settings alone."""
@@ -596,6 +596,17 @@ def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_plac
     data = (later / "adapter_model.safetensors").read_bytes()
     (later / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     assert training.prepare_run(s, "sft")[1] == str(folder / "checkpoint-2")
+    assert f"{later / 'adapter_model.safetensors'} is damaged" in alignkit_log.text
+    # Its trainer_state.json cut short, or not written yet (killed while it saved): skipped in one line too.
+    (later / "adapter_model.safetensors").write_bytes(data)
+    (later / "trainer_state.json").write_text('{"global_st')
+    alignkit_log.clear()
+    assert training.prepare_run(s, "sft")[1] == str(folder / "checkpoint-2")
+    assert f"{later} has a damaged trainer_state.json" in alignkit_log.text
+    (later / "trainer_state.json").unlink()
+    alignkit_log.clear()
+    assert training.prepare_run(s, "sft")[1] == str(folder / "checkpoint-2")
+    assert f"{later} has no trainer_state.json" in alignkit_log.text
     (base / "model.safetensors").write_bytes(b"weighs2")
     saved = json.loads((folder / training.CONFIG_FILE).read_text())
     del saved["inputs"]

@@ -154,6 +154,8 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(tiny_cache, tmp_
     # Same trajectory up to float noise (CPU kernels may sum in another order from one process to the next).
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
         assert resumed["metrics"][key] == pytest.approx(straight["metrics"][key], rel=2e-2, abs=1e-3), key
+    # train_loss is the whole run's mean (transformers' summary is the mean over the resumed steps only).
+    assert resumed["metrics"]["train_loss"] == pytest.approx(straight["metrics"]["train_loss"], rel=2e-2)
 
 
 def test_a_run_with_other_settings_does_not_resume_from_this_one(tiny_cache, tmp_path):
@@ -174,6 +176,12 @@ def test_a_run_with_other_settings_does_not_resume_from_this_one(tiny_cache, tmp
     # the model is the same model to every cache and to rlaif.py's rounds over it.
     assert (run / "metrics.json").read_text() == metrics and json.loads(metrics)["train_loss"] > 0
     assert chain_identity(str(run)) == identity
+    # Killed after its last checkpoint, before it wrote metrics.json: the rerun trains no step and writes the
+    # run's own figures (TRL's summary of no step says train_loss 0.0).
+    (run / "metrics.json").unlink()
+    run_script("dpo.py", *common)
+    assert json.loads((run / "metrics.json").read_text())["train_loss"] == pytest.approx(
+        json.loads(metrics)["train_loss"], rel=1e-3)
     changed = run_script("dpo.py", *common, "--dpo_beta", "0.3")
     assert changed["resume_from"] is None
     assert list(tmp_path.glob("same-name.previous-*"))  # the earlier run was moved aside, not lost

@@ -78,7 +78,10 @@ def _complete(checkpoint: Path) -> bool:
     in one line, and the run resumes from the one before."""
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as error:
+        why = "has no trainer_state.json" if isinstance(error, FileNotFoundError) else "has a damaged trainer_state.json"
+        logger.warning(f"{checkpoint} {why} (cut off while it was saved): it is skipped; the run resumes from the "
+                       "checkpoint before it, if any")
         return False
     from safetensors import safe_open
 

@@ -276,6 +276,10 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
         logger.info(f"{stage}: no step left to train; the finished run's metrics stay in {earlier}")
     else:
         metrics = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
+        if "train_loss" in metrics:
+            metrics["train_loss"] = whole_run_train_loss(trainer.state.log_history,
+                                                         getattr(trainer, "steps_at_start", None) or 0,
+                                                         trainer.state.global_step, metrics["train_loss"])
         if trainer.eval_dataset is not None:
             metrics.update(trainer.evaluate())
         metrics["global_step"] = trainer.state.global_step
@@ -293,6 +297,29 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
 
         report(trainer, stage, folder, metrics, merged=merged, hub_url=hub_url)
     return metrics
+
+
+def whole_run_train_loss(log_history: list[dict], steps_at_start: int, global_step: int, call_loss: float) -> float:
+    """The run's mean training loss over all its steps. transformers' summary `train_loss` is the mean over the steps
+    trained in this call: after a resume at step 40 of 60, over the last 20 only, and 0.0 where the run was resumed
+    at its last step (killed after its last checkpoint, before it wrote metrics.json). The steps before the resume
+    count at the mean of the losses logged for them (each a mean over its logging interval, weighted by its length):
+        (mean_logged_before * steps_at_start + call_loss * (global_step - steps_at_start)) / global_step
+    Exact where the resumed checkpoint's step is a logging step (the presets' save_steps are multiples of
+    logging_steps); where nothing was logged before the resume, the call's own mean."""
+    trained = global_step - steps_at_start
+    if steps_at_start <= 0 or global_step <= 0:
+        return call_loss
+    previous, weighted, covered = 0, 0.0, 0
+    for entry in log_history:
+        step = entry.get("step", 0)
+        if "loss" in entry and previous < step <= steps_at_start:
+            weighted += entry["loss"] * (step - previous)
+            covered += step - previous
+            previous = step
+    if not covered:
+        return call_loss
+    return (weighted / covered * steps_at_start + call_loss * trained) / global_step
 
 
 def gathered_state_dict(trainer) -> dict | None:
