@@ -859,9 +859,10 @@ def test_a_prompt_s_tools_and_template_arguments_reach_an_endpoint_and_its_outpu
         # --chat_template_kwargs goes to every prompt, the row's own on top, and counts in the cache: all again.
         run_script("label.py", *args, "--generation_base_url", server.base_url, "--chat_template_kwargs",
                    '{"enable_thinking": true, "style": "terse"}', cwd=tmp_path)
-        assert server.count == 7 and [b.get("chat_template_kwargs") for b in server.requests[-3:]] == [
-            {"enable_thinking": False, "style": "terse"}, {"enable_thinking": True, "style": "terse"},
-            {"enable_thinking": True, "style": "terse"}]
+        assert server.count == 7  # the prompts are sent side by side: matched by their tools, not their order
+        assert {len(b.get("tools") or []): b.get("chat_template_kwargs") for b in server.requests[-3:]} == {
+            1: {"enable_thinking": False, "style": "terse"}, 2: {"enable_thinking": True, "style": "terse"},
+            0: {"enable_thinking": True, "style": "terse"}}
     # A responses file without template columns (evaluate.py's, or label.py's before them) pairs by the turns; one
     # whose rows name other tools is named as such.
     write_jsonl(tmp_path / "plain.jsonl", [{"prompt": ask, "response": "plain"}])
@@ -879,7 +880,8 @@ def test_a_prompt_s_tools_and_template_arguments_reach_an_endpoint_and_its_outpu
     assert len(sft) == 3 and "get_weather" in json.dumps(sft[0]["tools"])
     # A bad column is one line naming the row and the field.
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi"}, {"prompt": "yo", "tools": "[{not json"}])
-    with pytest.raises(DataError, match=r"^bad.jsonl: row 2: field 'tools' is not valid JSON .*leave it out$"):
+    with pytest.raises(DataError, match=r"^bad.jsonl: row 2: field 'tools': expected a list of tool schemas, or "
+                                        r"that list as JSON text, got .*leave the column out$"):
         run_script("label.py", *args[:3], "bad.jsonl", *args[4:], "--generation_base_url", "http://127.0.0.1:9",
                    cwd=tmp_path)
 

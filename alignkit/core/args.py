@@ -64,6 +64,14 @@ def setting(default=_MISSING, help: str = "", choices=None, default_factory=_MIS
 
 
 # ---------------------------------------------------------------- types and conversion
+def field_defaults(cls) -> dict:
+    """Each init field's default (a default_factory called): what a setting is when no layer sets it. Used by the
+    parser and by --resume auto (a setting added since a run was saved, left at its default, is no change)."""
+    return {f.name: f.default if f.default is not _MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)
+            if f.init and (f.default is not _MISSING or f.default_factory is not _MISSING)}
+
+
 def _unwrap_optional(tp):
     """(X, True) for ``X | None`` / ``Optional[X]``, else (tp, False)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -380,8 +388,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
         meta = fields[n].metadata
         return _convert(raw, types_[n], label, meta.get("choices"), n in whole, meta.get("synonyms"))
 
-    defaults = {n: f.default if f.default is not _MISSING else f.default_factory()
-                for n, f in fields.items() if f.default is not _MISSING or f.default_factory is not _MISSING}
+    defaults = field_defaults(cls)
     if presets is not None and "preset" in fields:
         # The preset name itself may come from any layer; the highest one wins like any other field.
         name = defaults.get("preset")

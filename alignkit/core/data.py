@@ -407,6 +407,17 @@ def _template_column(value, column):
     return {} if value is None and column == "chat_template_kwargs" else value  # TRL unpacks it: never None
 
 
+def template_arguments(row: dict, where: str) -> dict:
+    """A prompt row's `tools` and `chat_template_kwargs` checked as training rows' are, in the form the chat template
+    takes them ({"tools": [...], **kwargs}; no tools left out). A bad one is one line naming `where` (file and row)
+    and the field."""
+    try:
+        tools, kwargs = (_template_column(row.get(c), c) for c in ("tools", "chat_template_kwargs"))
+    except _RowError as e:
+        raise DataError(f"{where}: field '{e.field}': {e.problem}. Fix the row, or leave the column out") from None
+    return {**({"tools": tools} if tools else {}), **kwargs}
+
+
 def load_preferences(source, format="auto", split="train", skip_invalid=False, config_name=None) -> datasets.Dataset:
     """Preference pairs: `prompt` (the turns before the answer), `chosen` and `rejected` ([assistant turn]); or
     the three as texts, for TRL's standard format."""

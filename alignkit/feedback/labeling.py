@@ -14,7 +14,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError, redact, save_config
-from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt
+from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt, template_arguments
 from alignkit.core.row_checks import kept_message
 from alignkit.core.errors import EndpointRefused
 from alignkit.core.groups import loader_settings
@@ -192,7 +192,7 @@ def load_prompts(run: Run) -> list[Prompt]:
     prompts, seen = [], set()
     for i, row in enumerate(rows):
         prompt = Prompt(_as_messages(row.get(column), f"{place(i)}: field '{column}'"), place=place(i),
-                        row=row if getattr(s, "keep_rows", False) else None, template=_row_template(row, place(i)))
+                        row=row if getattr(s, "keep_rows", False) else None, template=template_arguments(row, place(i)))
         if prompt.key in seen and not getattr(s, "keep_rows", False):
             run.stats["duplicate prompts"] += 1
             continue
@@ -207,24 +207,6 @@ def load_prompts(run: Run) -> list[Prompt]:
     dropped = run.stats["duplicate prompts"]
     logger.info(f"{len(prompts)} prompts from {label}" + (f" ({dropped} repeated ones dropped)" if dropped else ""))
     return prompts
-
-
-def _row_template(row: dict, where: str) -> dict:
-    """A prompt row's tools and chat_template_kwargs columns (template_rows.row_template), bad ones in one line."""
-    from alignkit.modeling.template_rows import row_template
-
-    kwargs = row.get("chat_template_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise DataError(f"{where}: field 'chat_template_kwargs' is {type(kwargs).__name__}, not a mapping: write it "
-                        'as an object, e.g. {"enable_thinking": false}, or leave it out')
-    try:
-        template = row_template(row)
-    except ValueError as e:
-        raise DataError(f"{where}: field 'tools' is not valid JSON ({e}): write the tool schemas as a list, or "
-                        "leave it out") from None
-    if not isinstance(template.get("tools", []), list):
-        raise DataError(f"{where}: field 'tools' is not a list of tool schemas: write them as a list, or leave it out")
-    return template
 
 
 def read_prompts(source, split="train", config=None, field="prompt", max_prompts=None, keep_rows=False) -> list[Prompt]:
@@ -275,7 +257,7 @@ def response_rows(path: str, s) -> tuple[str, list[tuple[Prompt, str | None]]]:
     for i, row in enumerate(rows):
         where = f"{place(i)}: field"
         prompt = Prompt(_as_messages(row.get(prompt_column), f"{where} '{prompt_column}'"), place=place(i),
-                        template=_row_template(row, place(i)))  # matched to the prompts with their tools
+                        template=template_arguments(row, place(i)))  # matched to the prompts with their tools
         out.append((prompt, _response_text(row.get(response_column), f"{where} '{response_column}'")))
     return prompt_column, out
 

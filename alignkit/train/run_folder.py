@@ -28,7 +28,7 @@ import torch
 
 from alignkit import logger
 from alignkit.core import progress
-from alignkit.core.args import ConfigError, config_to_dict, redact
+from alignkit.core.args import ConfigError, config_to_dict, field_defaults, redact
 from alignkit.core.errors import UserError
 from alignkit.core.journal import InUse, free_name, hold, let_go, write_atomic
 from alignkit.core.launch import every_process, world_size
@@ -208,13 +208,7 @@ def _changed(folder: Path, s) -> list[str]:
 
 def _defaults(cls) -> dict:
     """Each setting's default, in the JSON form a saved run's settings take."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return json.loads(json.dumps(out, default=str))
+    return json.loads(json.dumps(field_defaults(cls), default=str))
 
 
 def _quantization_now(s) -> str:
