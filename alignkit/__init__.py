@@ -153,7 +153,17 @@ class _DeepSpeedCpuNote(logging.Filter):
         return "Setting accelerator to CPU" not in record.getMessage()
 
 
+class _CheckpointMtimeNote(logging.Filter):
+    """Drops transformers' "mtime may not be reliable on this filesystem, falling back to numerical ordering",
+    logged when a run's checkpoints were all written within a second (any short run that saves often, the tiny
+    preset's): it then orders them by step number, which is how alignkit orders them too (--resume auto)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "mtime may not be reliable" not in record.getMessage()
+
+
 # Installed before anything imports bitsandbytes or DeepSpeed: their notes are logged at import time.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_BitsandbytesCpuKernelNote())
 logging.getLogger("kernels._internals.hf_hub").addFilter(_KernelsOfflineNote())
 logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuNote())
+logging.getLogger("transformers.trainer_utils").addFilter(_CheckpointMtimeNote())
