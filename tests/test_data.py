@@ -756,9 +756,40 @@ def test_tool_calls_and_reasoning_are_kept_as_written_and_no_other_message_gets_
     calls = [{"role": "assistant", "content": "", "tool_calls": c} for c in (call, other)]
     pair = load_preferences([{"prompt": [u("Weather?")], "chosen": calls[:1], "rejected": calls[1:]}]).to_list()
     assert pair == [{"prompt": [u("Weather?")], "chosen": calls[:1], "rejected": calls[1:]}]
-    with pytest.raises(DataError, match="expected the same turns before the final answer as 'chosen'"):
-        load_preferences([{"chosen": [u("Weather?"), calls[0], {"role": "tool", "content": "sun"}, a("Sunny.")],
-                           "rejected": [u("Weather?"), calls[1], {"role": "tool", "content": "sun"}, a("Up.")]}])
+    # Tool-calling trajectories as the answers (TRL's completions: every turn after the prompt). Two whole
+    # conversations that part at the call are split where they part, as trl.extract_prompt splits them (they
+    # were refused: only the last assistant turn could be an answer).
+    sun = {"role": "tool", "content": "sun"}
+    trajectories = [calls[0], sun, a("Sunny.")], [calls[1], sun, a("Up.")]
+    implicit = load_preferences([{"chosen": [u("Weather?"), *trajectories[0]],
+                                  "rejected": [u("Weather?"), *trajectories[1]]}]).to_list()
+    assert implicit == [{"prompt": [u("Weather?")], "chosen": trajectories[0], "rejected": trajectories[1]}]
+    explicit = load_preferences([{"prompt": [u("Weather?")], "chosen": trajectories[0],
+                                  "rejected": trajectories[1]}]).to_list()
+    assert explicit == implicit
+    assert load_preferences([{"prompt": "Weather?", "chosen": trajectories[0], "rejected": "Sunny."}]).to_list() == [
+        {"prompt": [u("Weather?")], "chosen": trajectories[0], "rejected": [a("Sunny.")]}]
+    # The same call, other tool results: the prompt is cut back to end at the user turn, never at the call.
+    other_result = load_preferences([{"chosen": [u("Weather?"), calls[0], sun, a("Sunny.")],
+                                      "rejected": [u("Weather?"), calls[0], {"role": "tool", "content": "rain"},
+                                                   a("Rainy.")]}]).to_list()[0]
+    assert other_result["prompt"] == [u("Weather?")] and len(other_result["chosen"]) == 3
+    # The same trajectory up to the final answer: the answers are those (unchanged).
+    same_call = load_preferences([{"chosen": [u("Weather?"), calls[0], sun, a("Sunny.")],
+                                   "rejected": [u("Weather?"), calls[0], sun, a("Up.")]}]).to_list()[0]
+    assert same_call == {"prompt": [u("Weather?"), calls[0], sun], "chosen": [a("Sunny.")], "rejected": [a("Up.")]}
+    # Answers may not differ in what the user said; an answer opens with the assistant; two equal ones are refused.
+    with pytest.raises(DataError, match=r"field 'rejected': expected the same turns before the final answer as "
+                                        r"'chosen', got different ones \(answers may differ in assistant and tool"):
+        load_preferences([{"chosen": [u("Weather?"), a("Sun."), u("And tomorrow?"), a("Rain.")],
+                           "rejected": [u("Weather?"), a("Hm."), u("Tomorrow?"), a("Snow.")]}])
+    with pytest.raises(DataError, match=r"field 'chosen': expected an answer that opens with an assistant turn"):
+        load_preferences([{"prompt": "Weather?", "chosen": [sun, a("Sunny.")], "rejected": "Up."}])
+    with pytest.raises(DataError, match=r"field 'rejected': expected an answer different from 'chosen'"):
+        load_preferences([{"prompt": "Weather?", "chosen": trajectories[0], "rejected": trajectories[0]}])
+    # SFT's and KTO's completions too.
+    assert load_sft([{"prompt": "Weather?", "completion": trajectories[0]}]).to_list() == [
+        {"prompt": [u("Weather?")], "completion": trajectories[0]}]
     # Tool schemas differ from row to row: each kept as written, no other row's keys as None.
     schemas = [[{"type": "function", "function": {"name": "f", "parameters": {"city": "str"}}}],
                [{"type": "function", "function": {"name": "g", "parameters": {"n": "int"}}}]]

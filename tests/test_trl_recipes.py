@@ -736,6 +736,37 @@ def test_the_help_names_each_trl_field_where_it_really_goes():
     assert "Refused: " in kto and "hub_token" in kto.split("Refused: ")[1]
 
 
+TOOL_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if 'tool_calls' in m %}{% for c in m['tool_calls'] %}"
+    "[call {{ c['function']['name'] }} {{ c['function']['arguments'] | tojson }}]{% endfor %}{% endif %}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_dpo_prefers_one_tool_calling_trajectory_to_another(tiny_cache, tmp_path):
+    """A preference between trajectories (call, tool turn, answer), as TRL takes them: the answers are every turn
+    after the prompt, rendered with their calls, and the loss counts the whole trajectory (it was refused: only
+    the last assistant turn could be an answer)."""
+    from alignkit.modeling import presets
+
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE)
+    rows = [json.loads(line) for line in Path(presets.paths()["preferences"]).read_text().splitlines()[:16]]
+    call = [{"type": "function", "function": {"name": "atlas", "arguments": {"n": 3}}}]
+    rows[0]["chosen"] = [{"role": "assistant", "content": None, "tool_calls": call},
+                         {"role": "tool", "name": "atlas", "content": "fiji"}, *rows[0]["chosen"]]
+    data = tmp_path / "trajectories.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = run_script("dpo.py", "--preset", "tiny", "--dataset_id", str(data), "--max_steps", "1", "--eval_split", "0",
+                     "--chat_template", str(template), "--output_dir", str(tmp_path / "runs"), "--run_name", "tools")
+    tok = run["loaded"].tokenizer
+    (first,) = [r for r in run["trainer"].train_dataset if "atlas" in tok.decode(r["chosen_ids"])]
+    prompt = rows[0]["prompt"][0]["content"]
+    assert tok.decode(first["prompt_ids"]).endswith(f"<|user|>{prompt}<|end|><|assistant|>")
+    assert tok.decode(first["chosen_ids"]).startswith(
+        f"[call atlas {{\"n\": 3}}]<|end|><|tool|>fiji<|end|><|assistant|>{rows[0]['chosen'][2]['content']}")
+    assert run["trainer"].state.global_step == 1
+
+
 def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_template(tiny_cache, tmp_path):
     """TRL hands whole messages to the chat template. The tool call and the tool turn's name were dropped, so the
     model trained on the text around a call, never the call; and a template testing `'tool_calls' in message` (as

@@ -15,7 +15,8 @@ import datasets
 
 from alignkit.core.data_files import FILE_TYPES, DataError, Rows, load_rows, read_rows
 from alignkit.core.message_columns import TEMPLATE_COLUMNS, as_dataset
-from alignkit.core.row_checks import _answer, _bad, _check_prompt, _messages, _pair, _RowError, _same, _text, _turn
+from alignkit.core.row_checks import (_answer, _bad, _check_prompt, _messages, _pair, _RowError, _same, _text, _turn,
+                                      split_where_they_part)
 
 __all__ = ["DataError", "FILE_TYPES", "PREFERENCE_FORMATS", "SFT_FORMATS", "Rows", "load_rows", "read_rows",
            "load_preferences", "load_sft", "load_unpaired", "detect_format", "is_hh_prompt", "hh_prompt_messages"]
@@ -42,8 +43,8 @@ def _explicit(row, names=("prompt", "chosen", "rejected"), standard=True):
     prompt = _messages(row.get(names[0]), names[0], "user")
     context_c, chosen = _answer(row.get(names[1]), names[1], prompt)
     context_r, rejected = _answer(row.get(names[2]), names[2], prompt)
-    if context_c and context_r and not _same(context_c, context_r):
-        raise _RowError(names[2], f"expected the same turns before the answer as '{names[1]}', got different ones")
+    if context_c and context_r and not _same(context_c, context_r):  # whole conversations that part earlier
+        context_c, chosen, rejected = split_where_they_part(context_c + chosen, context_r + rejected, names[1:])
     return _pair(context_c or context_r or prompt, chosen, rejected, names[1:], names[0])
 
 
@@ -53,8 +54,8 @@ def _ultrafeedback(row):
             raise _bad(field, "a list of messages (the whole conversation)", row.get(field))
     context_c, chosen = _answer(row["chosen"], "chosen")
     context_r, rejected = _answer(row["rejected"], "rejected")
-    if not _same(context_c, context_r):
-        raise _RowError("rejected", "expected the same turns before the final answer as 'chosen', got different ones")
+    if not _same(context_c, context_r):  # TRL's implicit prompt: the turns they share (a trajectory may differ)
+        context_c, chosen, rejected = split_where_they_part(context_c + chosen, context_r + rejected)
     return _pair(context_c, chosen, rejected, prompt_field="chosen")
 
 

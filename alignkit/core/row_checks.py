@@ -87,12 +87,23 @@ def _said(message: dict) -> tuple:
                                                                      if k not in ("role", "content")}, sort_keys=True)
 
 
+_ANSWER_ROLES = ("assistant", "tool")  # an answer's turns: the model's, and the tools' it called
+
+
 def _answer(value, field, prompt=None):
-    """Split a string or a conversation into (the turns before the answer, [the final assistant turn])."""
+    """Split a string or a conversation into (the turns before the answer, the answer). Beside a prompt, turns of
+    the assistant and its tools alone are the answer as written (TRL's completion: a tool-calling trajectory, call,
+    tool turn, answer, is one); a whole conversation's answer is its final assistant turn (pairs whose earlier
+    turns differ are split where they part: `split_where_they_part`)."""
     conv = _messages(value, field, "assistant")
     if conv[-1]["role"] != "assistant":
         raise _RowError(field, f"expected a conversation ending with an assistant turn, got a last turn with role "
                                f"{conv[-1]['role']!r}")
+    if len(conv) > 1 and prompt and all(m["role"] in _ANSWER_ROLES for m in conv):
+        if conv[0]["role"] != "assistant":
+            raise _RowError(field, "expected an answer that opens with an assistant turn, got one opening with a "
+                                   f"{conv[0]['role']!r} turn")
+        return [], conv
     if len(conv) > 1 and prompt:
         # A whole conversation may open with a system turn that its prompt column leaves out (the handbook's rows).
         skip = 0 if prompt[0]["role"] == "system" else next(i for i, m in enumerate(conv) if m["role"] != "system")
@@ -100,6 +111,22 @@ def _answer(value, field, prompt=None):
             raise _RowError(field, "expected a conversation that starts with the prompt turns, got one starting with "
                                    + _show(conv[0]["content"]))
     return conv[:-1], conv[-1:]
+
+
+def split_where_they_part(chosen: list[dict], rejected: list[dict], names=("chosen", "rejected")):
+    """Two whole conversations whose turns before their final answers differ, as TRL's extract_prompt splits them:
+    the prompt is the turns they share (cut back to end at a user or tool turn), each answer the turns after it,
+    which may hold tool calls and tool turns (a trajectory) but no user turn: (prompt, chosen, rejected)."""
+    shared = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if _said(c) != _said(r)),
+                  min(len(chosen), len(rejected)))
+    while shared and chosen[shared - 1]["role"] not in ("user", "tool"):
+        shared -= 1
+    answers = chosen[shared:], rejected[shared:]
+    if not shared or any(m["role"] not in _ANSWER_ROLES for answer in answers for m in answer):
+        raise _RowError(names[1], f"expected the same turns before the final answer as '{names[0]}', got different "
+                                  "ones (answers may differ in assistant and tool turns, a tool-calling trajectory, "
+                                  "but not in user turns)")
+    return chosen[:shared], *answers
 
 
 def _check_prompt(prompt, field):
@@ -113,7 +140,7 @@ def _pair(prompt, chosen, rejected, names=("chosen", "rejected"), prompt_field="
     """A checked pair: conversational (message lists), or TRL's standard format (texts, used as they are)."""
     if not isinstance(prompt, str):
         _check_prompt(prompt, prompt_field)
-    said = [answer.strip() if isinstance(answer, str) else _said(answer[0]) for answer in (chosen, rejected)]
+    said = [answer.strip() if isinstance(answer, str) else [_said(m) for m in answer] for answer in (chosen, rejected)]
     if said[0] == said[1]:
         raise _RowError(names[1], f"expected an answer different from '{names[0]}', got the same text "
                                   "(identical answers carry no preference signal)")
