@@ -913,6 +913,19 @@ def test_a_local_generator_renders_tools_and_chat_template_kwargs(tiny_cache, tm
     by_prompt = {t.split("user: ")[1].split("\n")[0]: t for t in rendered}
     assert by_prompt["weather?"].startswith("TOOLS: get_weather") and "THINK=row" in by_prompt["weather?"]
     assert by_prompt["hello?"].startswith("THINK=all") and "TOOLS" not in by_prompt["hello?"]  # the row's own on top
+    # The output rows say how each prompt was rendered, so dpo.py/sft.py render it the same way (TRL reads a row's
+    # chat_template_kwargs; the answers were generated with --chat_template_kwargs, which the rows did not carry).
+    out = {r["prompt"][0]["content"]: r for r in rows(tmp_path / "t.jsonl")}
+    assert out["weather?"]["chat_template_kwargs"] == {"think": "row"} and out["weather?"]["tools"] == [WEATHER]
+    assert out["hello?"]["chat_template_kwargs"] == {"think": "all"} and "tools" not in out["hello?"]
+    from alignkit.core.data import load_sft
+
+    assert load_sft(str(tmp_path / "t.jsonl"))["chat_template_kwargs"] == [{"think": "row"}, {"think": "all"}]
+    # Read back as responses by a run with the same --chat_template_kwargs: both prompts pair with their answers.
+    judged = run_script("label.py", "--prompts", "prompts.jsonl", "--responses_a", "t.jsonl", "--responses_b",
+                        "t.jsonl", "--judge", "python:alignkit.modeling.presets:rule_judge", "--chat_template_kwargs",
+                        '{"think": "all"}', "--output", "pairs.jsonl", cwd=tmp_path)
+    assert all(r is not None for r in judged["responses"][0])
     rendered.clear()
     run_script("label.py", *args, "--chat_template_kwargs", '{"think": "other"}', cwd=tmp_path)
     assert len(rendered) == 2  # another --chat_template_kwargs: generated again, not taken from the cache

@@ -100,11 +100,18 @@ class Prompt:
         """The key of its turns alone: what a responses file without template columns pairs with (it says no tools)."""
         return digest(self.messages)
 
-    def columns(self) -> dict:
-        """Its template columns, as a row of label.py's output carries them (TRL's trainers read them so)."""
-        out = {"tools": self.template["tools"]} if "tools" in self.template else {}
-        kwargs = {k: v for k, v in self.template.items() if k != "tools"}
+    def columns(self, generated_with: dict | None = None) -> dict:
+        """Its template columns, as a row of label.py's output carries them (TRL's trainers read them so):
+        `generated_with` (--chat_template_kwargs) under its own, so that dpo.py and sft.py render the prompt as the
+        answers were generated (Qwen3's {"enable_thinking": false} writes an empty think block before the answer)."""
+        template = {**(generated_with or {}), **self.template}
+        out = {"tools": template["tools"]} if "tools" in template else {}
+        kwargs = {k: v for k, v in template.items() if k != "tools"}
         return {**out, **({"chat_template_kwargs": kwargs} if kwargs else {})}
+
+    def generated_as(self, generated_with: dict | None) -> "Prompt":
+        """This prompt with --chat_template_kwargs under its own template: what label.py's output row of it says."""
+        return Prompt(self.messages, place=self.place, template={**(generated_with or {}), **self.template})
 
 
 @dataclass
@@ -141,6 +148,7 @@ def _assistant(text: str) -> list[dict]:
 
 def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> dict:
     """Write the output rows (rebuilt from the cache) and the summary; return the summary."""
+    kwargs = getattr(run.settings, "chat_template_kwargs", None)  # the answers' template arguments, in every row
     if run.judge is None:
         rows = []
         for si, source in enumerate(run.sources):
@@ -151,7 +159,7 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                 elif not text.strip():
                     run.stats["empty completion"] += 1
                 else:
-                    rows.append({"prompt": prompt.messages, "completion": _assistant(text), **prompt.columns(),
+                    rows.append({"prompt": prompt.messages, "completion": _assistant(text), **prompt.columns(kwargs),
                                  "generator": source.name})
         write_jsonl(run.output, rows)  # readers see the old file or the new one, never half of one
         summary = _completion_summary(run, prompts, rows)
@@ -174,7 +182,7 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                     for order, v in found.items()))
                 rows.append({
                     "prompt": pair.prompt.messages, "chosen": _assistant(chosen), "rejected": _assistant(rejected),
-                    **pair.prompt.columns(), "chosen_source": sources[0], "rejected_source": sources[1], "judge": run.judge.name,
+                    **pair.prompt.columns(kwargs), "chosen_source": sources[0], "rejected_source": sources[1], "judge": run.judge.name,
                     "judge_template": run.judge.template.name if run.judge.template else None, "verdicts": named,
                     **_label_fields(run, pair, outcome),
                 })

@@ -351,8 +351,11 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
             found = by_prompt(column, rows)
             # A row without tools or chat_template_kwargs pairs with the prompt's turns (its file says none); a row
             # with them, with the prompt that has the same.
-            table[si] = [found[p.key] if p.key in found else found.get(p.turns_key) for p in prompts]
-            if rows and prompts and not any(p.key in found or p.turns_key in found for p in prompts):
+            # label.py's own output says --chat_template_kwargs under a row's own: the prompt generated so.
+            kwargs = getattr(run.settings, "chat_template_kwargs", None)
+            keys = [(p.key, p.generated_as(kwargs).key, p.turns_key) for p in prompts]
+            table[si] = [next((found[k] for k in three if k in found), None) for three in keys]
+            if rows and prompts and not any(k in found for three in keys for k in three):
                 raise DataError(_no_match(source.spec, column, rows, prompts))
             missing = sum(t is None for t in table[si])
             if missing:

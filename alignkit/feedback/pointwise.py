@@ -162,7 +162,7 @@ def grade(run, grader: Grader, prompts, table) -> dict:
             label = value >= grader.threshold
             outcomes["desirable" if label else "undesirable"] += 1
             rows.append({"prompt": prompt.messages, "completion": [{"role": "assistant", "content": text}],
-                         **prompt.columns(),
+                         **prompt.columns(getattr(run.settings, "chat_template_kwargs", None)),
                          "label": label, "grade": value, "grader": grader.spec, "generator": source.name})
     finally:
         grades.close()
