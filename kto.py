@@ -102,7 +102,7 @@ from alignkit.train.training import start_run, trl_config
 
 args = trl_config(KTOConfig, settings, run_folder, loaded.dtype, model, beta=settings.beta,
                   desirable_weight=settings.desirable_weight, undesirable_weight=settings.undesirable_weight)
-with start_run(settings, run_folder, resume_from):
+with start_run(settings, run_folder, resume_from, model, (train_data, eval_data)):
     trainer = AlignKTOTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=loaded.tokenizer,
         frozen_adapters=loaded.frozen, reference_adapters=settings.reference_adapters,

@@ -112,7 +112,7 @@ from alignkit.train.training import start_run, trl_config
 
 args = trl_config(RewardConfig, settings, run_folder, loaded.dtype, model)
 # The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
-with start_run(settings, run_folder, resume_from):
+with start_run(settings, run_folder, resume_from, model, (train_data, eval_data)):
     trainer = AlignRewardTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=loaded.tokenizer,
         loss=settings.loss, lm_loss_coef=settings.lm_loss_coef, lm_head=lm_head,

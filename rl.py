@@ -110,7 +110,7 @@ from alignkit.train.training import start_run
 
 args = trl_args(settings, run_folder, loaded.dtype, model)
 # The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
-with start_run(settings, run_folder, resume_from):
+with start_run(settings, run_folder, resume_from, model, (prompts,)):
     trainer = trainer_class(settings.algo)(
         model=model, reward_funcs=rewards, args=args, train_dataset=train_prompts, processing_class=loaded.tokenizer,
         frozen_adapters=loaded.frozen,

@@ -107,7 +107,7 @@ def make_trainer(args):
 
 
 # The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
-with start_run(settings, run_folder, resume_from):
+with start_run(settings, run_folder, resume_from, model, (train_data, eval_data)):
     if settings.adapter == "lota":  # calibrate and mask, unless --lota_mask (or this run's resumed mask) gives it
         lota_mask.calibrate(model, settings, run_folder, make_trainer, args)
     trainer = make_trainer(args)

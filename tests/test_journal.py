@@ -398,18 +398,98 @@ def test_the_save_cell_after_an_interrupted_training_cell_saves_nothing(tmp_path
     from alignkit.train import run_folder
     from alignkit.train.training import finish
 
-    s = SFTSettings(output_dir=str(tmp_path), run_name="run")
+    s = SFTSettings(output_dir=str(tmp_path), run_name="run", resume="false")
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "metrics.json").write_text('{"earlier": 1}')
+    assert run_folder.prepare_run(s, "sft") == (folder, None)
     with pytest.raises(KeyboardInterrupt):
         with run_folder.start_run(s, folder, None):
             raise KeyboardInterrupt  # the training cell, stopped before its first checkpoint
     assert (folder / "metrics.json").read_text() == '{"earlier": 1}'  # the earlier run is back
     with pytest.raises(UserError, match=rf"^the training of {re.escape(str(folder))} stopped \(KeyboardInterrupt\) "
-                                        r"and did not finish: nothing saved\. Run the training cell again"):
+                                        r"and did not finish: nothing saved\. Run the cells from 'Run folder' on "):
         finish(None, None, s, folder, "sft")  # refused before it touches the trainer
-    assert (folder / "metrics.json").read_text() == '{"earlier": 1}'
+    from alignkit.train.reward import held_out_report
+
+    with pytest.raises(UserError, match="stopped"):  # reward.py's last cell: its report went into the earlier run
+        held_out_report(None, None, None, folder)
+    assert (folder / "metrics.json").read_text() == '{"earlier": 1}' and sorted(os.listdir(folder)) == ["metrics.json"]
+    run_folder.prepare_run(s, "sft")
     with run_folder.start_run(s, folder, None):
-        pass  # the training cell run again, to its end
+        pass  # the cells run again, training to its end
     run_folder.check_trained(folder)
+
+
+def test_a_notebook_s_training_cell_trains_what_its_run_folder_cell_decided_once(tmp_path, monkeypatch):
+    """Run again on its own, a notebook's training cell trained the model in memory again as a fresh run (the
+    checkpoint variable from the earlier 'Run folder' cell, the finished run moved aside, the folder unlocked); after
+    the settings cell alone changed, the folder recorded settings its model was not trained with (lora_r 4 over an
+    r=16 adapter, which every later --resume failed on). Each is refused in one line naming the cells to run; an idle
+    kernel holding the folder is named as such."""
+    import subprocess
+    import sys
+
+    from datasets import Dataset
+
+    from alignkit.core import errors
+    from alignkit.core.config import SFTSettings
+    from alignkit.train import run_folder
+
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    s = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="run")
+    folder, resume_from = run_folder.prepare_run(s, "sft", rows, None)
+    model = torch_module()
+    with run_folder.start_run(s, folder, resume_from, model, (rows, None)):
+        (folder / "checkpoint-2").mkdir()
+        (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    again = r"run the cells from 'Run folder' on again \(Run folder, Model, Train\)"
+    with pytest.raises(UserError, match=rf"^{re.escape(str(folder))} was already trained in this session: {again}"):
+        with run_folder.start_run(s, folder, resume_from, model, (rows, None)):
+            pass
+    assert not list(tmp_path.glob("run.previous-*"))  # nothing moved aside
+    # Run folder again: it resumes, and the trained model in memory may go on from the checkpoint.
+    folder, resume_from = run_folder.prepare_run(s, "sft", rows, None)
+    assert resume_from == str(folder / "checkpoint-2")
+    with run_folder.start_run(s, folder, resume_from, model, (rows, None)):
+        pass
+    # The settings cell alone run again with another setting; then the data cell alone.
+    run_folder.prepare_run(s, "sft", rows, None)
+    changed = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="run", lora_r=4)
+    with pytest.raises(UserError, match=r"^the settings changed since the 'Run folder' cell ran \(lora_r\): run the "
+                                        r"cells from 'Data' on again, then train$"):
+        with run_folder.start_run(changed, folder, resume_from, model, (rows, None)):
+            pass
+    run_folder.prepare_run(s, "sft", rows, None)
+    other_rows = Dataset.from_list(rows.to_list())
+    with pytest.raises(UserError, match=rf"^the data or the checkpoint to resume from is not what the 'Run folder' "
+                                        rf"cell decided for run: {again}$"):
+        with run_folder.start_run(s, folder, resume_from, model, (other_rows, None)):
+            pass
+    # Where the run starts over, a model an earlier training cell trained is not a fresh adapter.
+    fresh = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="run",
+                        resume="false")
+    folder, resume_from = run_folder.prepare_run(fresh, "sft", rows, None)
+    with pytest.raises(UserError, match=r"^this model was trained by an earlier training cell \(run\) and there is "
+                                        r"no checkpoint to resume: run the 'Model' cell again"):
+        with run_folder.start_run(fresh, folder, None, model, (rows, None)):
+            pass
+    # A refusal lets the folder go; a kernel that ran its 'Run folder' cell holds it, and is named as a notebook.
+    monkeypatch.setattr(errors, "is_notebook", lambda: True)
+    run_folder.prepare_run(s, "sft", rows, None)
+    second = ("import sys; from alignkit.core.config import SFTSettings; from alignkit.train import training\n"
+              f"s = SFTSettings(model_id='tiny', dataset_id='org/chats', output_dir={str(tmp_path)!r}, run_name='run')\n"
+              "try:\n    training.prepare_run(s, 'sft')\nexcept Exception as e:\n    print(e); sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", second], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert re.fullmatch(rf"{re.escape(str(folder))} is in use by another training run \(process {os.getpid()}, a "
+                        r"notebook kernel, since \d\d:\d\d: its training cell is running or still to run; restart "
+                        r"that kernel to free the folder\); let it finish first, or pass another --run_name",
+                        done.stdout.strip()), done.stdout
+
+
+def torch_module():
+    import torch
+
+    return torch.nn.Linear(2, 2)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-
+import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -725,7 +726,8 @@ def test_a_second_training_of_one_run_folder_is_refused_in_one_line(tmp_path):
     with run_folder.start_run(s, folder, None):
         done = subprocess.run([sys.executable, "-c", second], capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 3, done.stderr[-2000:]
-        assert done.stdout.strip() == (f"{folder} is in use by another training run; let it finish first, or pass "
-                                       "another --run_name")
+        holder = rf"\(process {os.getpid()}, {re.escape(Path(sys.argv[0]).name)}, since \d\d:\d\d\)"
+        assert re.fullmatch(rf"{re.escape(str(folder))} is in use by another training run {holder}; let it finish "
+                            r"first, or pass another --run_name", done.stdout.strip()), done.stdout
     done = subprocess.run([sys.executable, "-c", second], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]  # the training ended: the folder is free

@@ -331,3 +331,35 @@ def test_reward_notebook_reports_held_out_pairs_and_draws_them(pipeline):
     (accuracy,) = re.findall(r"held-out accuracy: ([0-9.]+)", out)
     assert 0 <= float(accuracy) <= 1, out[-2000:]
     shows(pipeline, "reward", "runs/tiny-reward/training.png", "runs/tiny-reward/rewards_histogram.png")
+
+
+def test_a_training_cell_run_again_is_refused_and_the_cells_from_run_folder_resume(kernel_specs, tiny_cache, tmp_path):
+    """What a notebook user does: run the training cell a second time. It trained the model in memory again as a
+    fresh run (the finished run moved aside, 4 more steps on the trained adapter, metrics saying 4). Now it is one
+    error line naming the cells to run; running them resumes at the last step and trains nothing more."""
+    nb = nbformat.read(ROOT / "notebooks" / "sft.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    run_folder_cell = next(c for c in code if "prepare_run(" in c.source)
+    train_cell = next(c for c in code if "start_run(" in c.source)
+    save_cell = next(c for c in code if "finish(" in c.source)
+    cells = [*nb.cells, nbformat.v4.new_code_cell(train_cell.source),  # the training cell again
+             nbformat.v4.new_code_cell("print('alive')"),
+             nbformat.v4.new_code_cell(run_folder_cell.source + "\nprint('resume_from', resume_from)"),
+             nbformat.v4.new_code_cell(train_cell.source), nbformat.v4.new_code_cell(save_cell.source)]
+    nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": build.KERNELSPEC})
+    km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)
+    env = kernel_env(tiny_cache, PRESET="tiny", ALIGNKIT_MAX_STEPS="4", ALIGNKIT_SAVE_STEPS="2")
+    NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120, allow_errors=True).execute(
+        env=env, cwd=str(tmp_path), cleanup_kc=True)
+    again, alive, run_folder_again, train_again, save_again = nb.cells[-5:]
+    said = [line for o in again.outputs if o.get("name") == "stderr" for line in o.text.splitlines()]
+    assert [o.output_type for o in again.outputs if o.output_type == "error"] == []  # no traceback
+    assert [line for line in said if line.startswith("error:")] == [
+        "error: runs/tiny-sft was already trained in this session: run the cells from 'Run folder' on again (Run "
+        "folder, Model, Train); it resumes from the last checkpoint, or starts over where the settings changed"], said
+    assert alive.outputs[-1].text.strip() == "alive"
+    assert not list((tmp_path / "runs").glob("tiny-sft.previous-*"))  # the finished run stayed where it was
+    assert "resume_from runs/tiny-sft/checkpoint-4" in text_of(nbformat.v4.new_notebook(cells=[run_folder_again]))
+    for cell in (train_again, save_again):
+        assert [o for o in cell.outputs if o.output_type == "error"] == [], cell.outputs
+    assert json.loads((tmp_path / "runs/tiny-sft/metrics.json").read_text())["global_step"] == 4

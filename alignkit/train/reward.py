@@ -240,7 +240,9 @@ def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16,
     rank must call this with the trained, wrapped model (`trainer.model`), and only the main process writes.
     """
     from alignkit.feedback.rewards import score
+    from alignkit.train.run_folder import check_trained
 
+    check_trained(folder)  # a training stopped in this process: its half-trained model is no report of the folder's
     model.eval()
     chosen = score(model, tokenizer, [p + c for p, c in zip(pairs["prompt"], pairs["chosen"])], batch_size, max_length)
     rejected = score(model, tokenizer, [p + r for p, r in zip(pairs["prompt"], pairs["rejected"])], batch_size,

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +46,10 @@ _STOPPED: dict[Path, str] = {}
 # Run folders with the rows prepare_run was given, for start_run to record beside the settings: their digest
 # (alignkit.core.digests.rows_digest), the rows a run trained on as alignkit read them, and their format.
 _ROWS: dict[Path, dict] = {}
+# Run folders prepare_run decided in this process, each with what it decided for (_Prepared): start_run trains only
+# on that, once. A notebook's training cell run again, or after the settings, the data or the model changed without
+# the cells before it, would otherwise train a model in memory as a run it is not.
+_PREPARED: dict[Path, "_Prepared"] = {}
 # alignkit_config.json: "text" (TRL's standard rows) or "conversations", the format of the rows the run trains on,
 # recorded when training starts (a reward model's checkpoint-N is scored as it trained: alignkit.feedback.rewards).
 DATA_ROWS = "data_rows"
@@ -134,10 +139,12 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     busy = None
     if _first_process():  # one training at a time in a run folder: a second would resume or move aside a live run
         try:
-            hold(_lock_file(folder), "training", "let it finish first, or pass another --run_name", what=folder)
-        except InUse as error:
-            busy = str(error)
+            held = hold(_lock_file(folder), "training", "let it finish first, or pass another --run_name", what=folder)
+        except InUse:
+            busy = (f"{folder} is in use by another training run{_holder(folder)}; let it finish first, or pass "
+                    "another --run_name")
         else:
+            _say_holder(held)
             _restore_stranded(folder)
     # The others look once the main process holds the folder and has put an earlier run back; all stop if it is busy.
     if busy := every_process(busy)[0]:
@@ -155,7 +162,44 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
                         f"rank {rank} sees {said[rank]}. Give --output_dir a folder every machine shares.")
     if s.resume == "true" and not checkpoint:
         raise ConfigError(f"--resume true, but {folder} holds no checkpoint-N folder to resume from")
-    return folder, str(folder / checkpoint) if checkpoint else None
+    resume_from = str(folder / checkpoint) if checkpoint else None
+    _PREPARED[folder.resolve()] = _Prepared(config_to_dict(s), resume_from, _fingerprints(data))
+    return folder, resume_from
+
+
+@dataclasses.dataclass
+class _Prepared:
+    settings: dict  # config_to_dict of the settings prepare_run decided with
+    resume_from: str | None
+    data: tuple  # each dataset's fingerprint (or identity), in prepare_run's order
+    used: bool = False  # a training started from this decision
+
+
+def _fingerprints(data) -> tuple:
+    return tuple(None if d is None else (getattr(d, "_fingerprint", None), id(d)) for d in data)
+
+
+def _check_prepared(s, folder: Path, resume_from: str | None, model, data) -> None:
+    """Refuse, in one line naming the cells to run again, a training that is not the one prepare_run decided: the
+    training cell run a second time (it trained the model in memory again as a fresh run, unlocked), settings or
+    data changed since (the folder recorded settings its model was not trained with), or a model trained by an
+    earlier training cell started over (with no checkpoint to resume, the trained adapter went on training)."""
+    prepared = _PREPARED.get(folder.resolve())
+    again = "run the cells from 'Run folder' on again (Run folder, Model, Train)"
+    if prepared is None or prepared.used:
+        why = "already trained in this session" if prepared else "not prepared for training (prepare_run)"
+        raise UserError(f"{folder} was {why}: {again}; it resumes from the last checkpoint, or starts over where "
+                        "the settings changed")
+    now = config_to_dict(s)
+    if changed := sorted(k for k in prepared.settings.keys() | now.keys() if prepared.settings.get(k) != now.get(k)):
+        raise UserError(f"the settings changed since the 'Run folder' cell ran ({', '.join(changed)}): run the "
+                        "cells from 'Data' on again, then train")
+    if data and _fingerprints(data) != prepared.data or resume_from != prepared.resume_from:
+        raise UserError(f"the data or the checkpoint to resume from is not what the 'Run folder' cell decided for "
+                        f"{folder.name}: {again}")
+    if resume_from is None and getattr(model, "_alignkit_trained_in", None) is not None:
+        raise UserError(f"this model was trained by an earlier training cell ({model._alignkit_trained_in}) and "
+                        "there is no checkpoint to resume: run the 'Model' cell again for a fresh adapter, then train")
 
 
 def _lock_file(folder: Path) -> Path:
@@ -165,6 +209,30 @@ def _lock_file(folder: Path) -> Path:
     from alignkit.core.paths import cache_dir
 
     return cache_dir() / "run-locks" / f"{digest(str(folder.resolve()), 16)}.lock"
+
+
+def _say_holder(held) -> None:
+    """Write who holds the lock into it (process, program, since when), for the refusal of a second run."""
+    from alignkit.core.errors import is_notebook
+
+    program = "a notebook kernel" if is_notebook() else Path(sys.argv[0]).name if sys.argv else "python"
+    held.seek(0)
+    held.truncate()
+    held.write(json.dumps({"pid": os.getpid(), "program": program, "since": time.strftime("%H:%M")}).encode())
+    held.flush()
+
+
+def _holder(folder: Path) -> str:
+    """' (process N, PROGRAM, since HH:MM)' from the lock's holder, or "" where it says nothing readable. A notebook
+    kernel holds it from its 'Run folder' cell until its training ends: an idle one must train or restart."""
+    try:
+        said = json.loads(_lock_file(folder).read_text())
+        who = f" (process {said['pid']}, {said['program']}, since {said['since']}"
+    except (OSError, ValueError, TypeError, KeyError):
+        return ""
+    if said["program"] == "a notebook kernel":
+        who += ": its training cell is running or still to run; restart that kernel to free the folder"
+    return who + ")"
 
 
 def _first_process() -> bool:
@@ -264,11 +332,22 @@ def _holds_work(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def start_run(s, folder: Path, resume_from: str | None):
-    """Claim the run folder for the training inside the `with` block (see the module docstring).
+def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
+    """Claim the run folder for the training inside the `with` block (see the module docstring): the training
+    prepare_run decided, once, with the same settings, `data` and checkpoint, of a `model` no earlier training cell
+    trained unless it resumes (_check_prepared; refused in one line naming the notebook cells to run again).
 
     Under a multi-process launch the main process moves and writes; the others wait for it, then train.
     """
+    try:
+        _check_prepared(s, folder, resume_from, model, data)
+    except UserError:
+        let_go(_lock_file(folder))  # the cells run again take it again
+        _PREPARED.pop(folder.resolve(), None)
+        raise
+    _PREPARED[folder.resolve()].used = True
+    if model is not None:
+        model._alignkit_trained_in = folder.name  # a later training cell of this model must resume, or reload it
     if world_size() == 1:
         write, order = True, contextlib.nullcontext()
     else:
@@ -299,7 +378,7 @@ def check_trained(folder: Path) -> None:
     resume from."""
     if stopped := _STOPPED.get(folder.resolve()):
         raise UserError(f"the training of {folder} stopped ({stopped}) and did not finish: nothing saved. Run the "
-                        "training cell again (it resumes from the last checkpoint, if any), then this one")
+                        "cells from 'Run folder' on again (it resumes from the last checkpoint, if any), then this one")
 
 
 def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
