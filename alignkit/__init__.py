@@ -76,8 +76,14 @@ the rest of the library noise is alignkit.core.progress.quiet_library_noise. It 
 import time, so no module's import cycles back here.
 """
 import logging
+import warnings
 
 __version__ = "0.1.0"
+
+# tqdm.auto in a notebook kernel without ipywidgets (VS Code's and Jupyter's, unless installed) warns "IProgress not
+# found. Please update jupyter and ipywidgets" when datasets or transformers first import it, then draws text bars,
+# which work: the first cell of every notebook showed it. Widget bars: `pip install ipywidgets`.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 # One named logger for the whole toolkit, so users can silence or raise it in one place.
 logger = logging.getLogger("alignkit")

@@ -262,6 +262,8 @@ def test_training_in_a_notebook_shows_a_live_bar_and_its_picture(pipeline):
     png = (pipeline.cwd / "runs/tiny-sft/training.png").read_bytes()
     assert len(pictures) == 1 and base64.b64decode(pictures[0]) == png
     assert re.search(r"^  picture +runs/tiny-sft/training\.png$", pipeline.outputs["sft"], re.M)
+    # Without ipywidgets (as here), no tqdm "IProgress not found" warning under the first cell: text bars work.
+    assert "IProgress not found" not in pipeline.outputs["sft"]
 
 
 def test_label_notebook(pipeline):
