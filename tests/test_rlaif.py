@@ -6,6 +6,8 @@ a small prompt subset keeps it to about a minute.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 from pathlib import Path
@@ -225,7 +227,8 @@ def test_the_policy_samples_trains_and_is_judged_as_loaded_the_same_way(tmp_path
     monkeypatch.setattr(rlaif, "_run", lambda script, args, log: (calls.append((script, args)), fake(script, args, log)))
     s = RLAIFSettings(model_id="org/model", revision="v1", dataset_id=str(prompts), judge="python:my_judge:judge",
                       eval_judge_model="rule", rounds=2, output_dir=str(tmp_path), dtype="bf16",
-                      chat_template=str(template), attn_implementation="eager", trust_remote_code=True)
+                      chat_template=str(template), attn_implementation="eager", trust_remote_code=True,
+                      chat_template_kwargs={"enable_thinking": False})
     rlaif.run(s, tmp_path / "run")
     parsed = []
     for script, args in calls:
@@ -243,7 +246,14 @@ def test_the_policy_samples_trains_and_is_judged_as_loaded_the_same_way(tmp_path
                                                       (str(tmp_path / "run" / "round-1" / "dpo"), None)), script
         assert (loaded.dtype, loaded.chat_template, loaded.attn_implementation, loaded.trust_remote_code) == \
             ("bf16", str(template), "eager", True), script
+        if script != "dpo.py":  # --chat_template_kwargs: the policy samples and answers so (label.py's rows carry it)
+            assert parsed[-1].chat_template_kwargs == {"enable_thinking": False}, script
     assert [script for script, _ in calls] == ["label.py", "dpo.py", "evaluate.py"] * 2
+    calls.clear()
+    rlaif.run(dataclasses.replace(s, chat_template_kwargs={"enable_thinking": True}), tmp_path / "run")
+    assert [script for script, _ in calls] == ["label.py", "dpo.py", "evaluate.py"] * 2  # every step redone
+    calls.clear()
+    rlaif.run(s, tmp_path / "run")  # back as it was: its steps are redone from these inputs
 
     calls.clear()
     template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}")

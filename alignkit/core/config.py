@@ -22,6 +22,7 @@ from alignkit.core.groups import (
     JudgeEndpointSettings,
     LoTASettings,
     ModelSettings,
+    TemplateArgumentsSettings,
     TrainSettings,
     loader_settings,
 )
@@ -46,7 +47,8 @@ from alignkit.core.train_settings import (
 
 __all__ = [
     "ModelSettings", "loader_settings", "HubPushSettings", "JudgeEndpointSettings", "JudgeAnswerSettings",
-    "TrainSettings", "LoTASettings", "BatchingSettings", "GenerationSettings",
+    "TrainSettings", "LoTASettings", "BatchingSettings", "TemplateArgumentsSettings",
+    "GenerationSettings",
     "SFTSettings", "DPOSettings", "RewardSettings", "RLSettings", "RLAIFSettings",
     "LabelSettings", "EvalSettings", "VibesSettings", "MTBenchSettings", "PairwiseSettings", "AlpacaEvalSettings",
     "MergeSettings", "KTOSettings", "LMEvalSettings",

@@ -409,7 +409,19 @@ class BatchingSettings:
 
 
 @dataclass
-class GenerationSettings(ModelSettings):
+class TemplateArgumentsSettings:
+    """The chat template's arguments for every prompt a script generates from (label.py, evaluate.py, rl.py, and
+    rlaif.py, which passes them to its label.py and evaluate.py steps)."""
+
+    chat_template_kwargs: dict[str, Any] = setting(
+        {}, "extra arguments of the chat template as a JSON object, e.g. '{\"enable_thinking\": false}' (Qwen3, "
+        "SmolLM3), as GRPOConfig and vLLM name them; a prompt row's own chat_template_kwargs and tools columns go "
+        "on top"
+    )
+
+
+@dataclass
+class GenerationSettings(TemplateArgumentsSettings, ModelSettings):
     """The loader settings, and the engine that answers with a local model (label.py, evaluate.py)."""
 
     backend: str = setting(
@@ -424,9 +436,3 @@ class GenerationSettings(ModelSettings):
         None, "vLLM: share of the GPU's memory one engine may take; default: 90% of what is free when it starts, "
         "so a second engine (generator B, a judge) fits beside the first"
     )
-    chat_template_kwargs: dict[str, Any] = setting(
-        {}, "extra arguments of the chat template as a JSON object, e.g. '{\"enable_thinking\": false}' (Qwen3, "
-        "SmolLM3), as GRPOConfig and vLLM name them; a prompt row's own chat_template_kwargs and tools columns go "
-        "on top"
-    )
-

@@ -13,6 +13,7 @@ from alignkit.core.groups import (
     JudgeAnswerSettings,
     JudgeEndpointSettings,
     LoTASettings,
+    TemplateArgumentsSettings,
     TrainSettings,
 )
 
@@ -219,7 +220,7 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
 
 # ---------------------------------------------------------------- rlaif.py
 @dataclass
-class RLAIFSettings(JudgeEndpointSettings, DPOSettings):
+class RLAIFSettings(TemplateArgumentsSettings, JudgeEndpointSettings, DPOSettings):
     """rlaif.py: rounds of sample (label.py) -> judge (label.py) -> DPO (dpo.py) -> evaluate (evaluate.py pairwise).
 
     The DPO settings apply to every round's dpo.py run; the loader settings (--dtype, --chat_template,

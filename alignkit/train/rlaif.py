@@ -141,16 +141,20 @@ def revision_of(s, policy: str) -> str | None:
 
 def loader_values(s) -> dict:
     """The policy's loader settings (alignkit.core.groups.ModelSettings) that differ from their defaults, but
-    the model itself: label.py and evaluate.py compose the same group, so every one passes through as it is."""
+    the model itself: label.py and evaluate.py compose the same group, so every one passes through as it is; and
+    --chat_template_kwargs where set (the policy samples and is judged so, and label.py's rows carry it to dpo.py)."""
     from alignkit.core.groups import ModelSettings
 
-    return {f.name: getattr(s, f.name) for f in fields(ModelSettings)
-            if f.name not in _PER_ROUND and getattr(s, f.name) != f.default}
+    values = {f.name: getattr(s, f.name) for f in fields(ModelSettings)
+              if f.name not in _PER_ROUND and getattr(s, f.name) != f.default}
+    return {**values, **({"chat_template_kwargs": s.chat_template_kwargs} if s.chat_template_kwargs else {})}
 
 
 def loader_flags(s) -> list[str]:
-    return [f"--{name}={str(value).lower() if isinstance(value, bool) else value}"
-            for name, value in loader_values(s).items()]
+    def flag(value) -> str:
+        return json.dumps(value) if isinstance(value, dict) else str(value).lower() if isinstance(value, bool) else value
+
+    return [f"--{name}={flag(value)}" for name, value in loader_values(s).items()]
 
 
 def endpoint_flags(s, skip: set[str] = frozenset()) -> list[str]:
