@@ -159,6 +159,7 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
     sft = next(c for c in nbformat.read(ROOT / "notebooks" / "sft.ipynb", as_version=4).cells if c.cell_type == "code")
     cells.append(nbformat.v4.new_code_cell(sft.source.replace("overrides: dict = {}",
                                                               "overrides: dict = {'preset': 'tiny', 'lora_rr': 4}")))
+    cells.append(nbformat.v4.new_code_cell("raise KeyboardInterrupt  # the stop button"))
     cells.append(nbformat.v4.new_code_cell("print('alive')"))
     nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": build.KERNELSPEC})
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)
@@ -166,9 +167,12 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
     env.pop("PRESET", None)
     NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120, allow_errors=True).execute(
         env=env, cwd=str(tmp_path), cleanup_kc=True)
-    printed = [c.outputs[-1].text.strip() for c in nb.cells[1:-2:2]]
+    printed = [c.outputs[-1].text.strip() for c in nb.cells[1:-3:2]]
     assert printed == [f"{name} tiny {next(iter(edit.values()))!r}" for name, edit in edits.items()]
-    bad, alive = nb.cells[-2:]
+    bad, stopped, alive = nb.cells[-3:]
+    from alignkit.core.errors import INTERRUPTED_IN_CELL  # one line, not a traceback into TRL
+
+    assert [o.text.strip() for o in stopped.outputs] == [INTERRUPTED_IN_CELL], stopped.outputs
     said = [line for o in bad.outputs if o.get("name") == "stderr" for line in o.text.splitlines()]
     assert [o.output_type for o in bad.outputs if o.output_type == "error"] == []  # no traceback
     assert [line for line in said if line.startswith("error:")] == [

@@ -250,6 +250,38 @@ def test_debug_from_the_environment_and_unexpected_errors_keep_their_traceback(t
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError: 'bug'" in proc.stderr
 
 
+def test_ctrl_c_is_one_line_on_the_command_line_and_under_a_notebook_cell(tmp_path, capsys):
+    """A Ctrl-C (a kernel's stop button) printed a traceback 30-50 lines deep into TRL: now one line saying what is
+    kept and how to go on, status 130 as a shell reports SIGINT; --debug / ALIGNKIT_DEBUG=1 keep the traceback."""
+    import signal
+
+    from alignkit.core import errors
+
+    slow = tmp_path / "slow.py"
+    slow.write_text("import sys, time\nfrom alignkit.core.errors import report_user_errors\nreport_user_errors()\n"
+                    "print('ready', flush=True)\ntime.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("ALIGNKIT_DEBUG", None)
+    for debug, code, said in ((False, 130, [errors.INTERRUPTED]), (True, -signal.SIGINT, None)):
+        proc = subprocess.Popen([sys.executable, str(slow), *(["--debug"] if debug else [])], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err
+        if said:
+            assert err.strip().splitlines() == said
+        else:
+            assert "Traceback" in err and "KeyboardInterrupt" in err
+
+    class Shell:  # IPython's shell, as far as the handler uses it
+        def _showtraceback(self, *args):
+            raise AssertionError("a traceback")
+
+    errors._show_in_cell(Shell(), KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert capsys.readouterr().err.strip() == errors.INTERRUPTED_IN_CELL
+
+
 # ---------------------------------------------------------------- 10. model cards name the real base
 def test_model_cards_name_the_real_base_never_a_local_path(sft_run, dpo_run, tmp_path):
     tiny_model = presets.paths()["model"]

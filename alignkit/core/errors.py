@@ -39,7 +39,16 @@ def debugging() -> bool:
     return "--debug" in sys.argv[1:] or os.environ.get("ALIGNKIT_DEBUG", "").lower() in ("1", "true", "yes", "on")
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+INTERRUPTED = "interrupted: what was done is kept (answers, labels, checkpoints); the same command goes on from there"
+INTERRUPTED_IN_CELL = ("interrupted: what was done is kept; run the cell again to go on (a training: the cells from "
+                       "'Run folder' on)")
+
+
 def _report(kind, error, tb) -> None:
+    if issubclass(kind, KeyboardInterrupt) and not debugging():  # Ctrl-C: one line, not a traceback into a library
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     if issubclass(kind, UserError) and not debugging():
         from alignkit.core.secrets import redact
 
@@ -91,14 +100,17 @@ def report_user_errors() -> None:
         return
     shell = getattr(builtins, "get_ipython", lambda: None)()
     if shell is not None and hasattr(shell, "set_custom_exc"):
-        shell.set_custom_exc((UserError,), _show_in_cell)
+        shell.set_custom_exc((UserError, KeyboardInterrupt), _show_in_cell)
 
 
 def _show_in_cell(shell, kind, error, tb, tb_offset=None):
-    """IPython's handler for a UserError raised by a cell (InteractiveShell.set_custom_exc)."""
+    """IPython's handler for a UserError or an interrupt raised by a cell (InteractiveShell.set_custom_exc)."""
     if debugging():
         lines = shell.InteractiveTB.structured_traceback(kind, error, tb, tb_offset=tb_offset)
         shell._showtraceback(kind, error, lines)
+        return None
+    if issubclass(kind, KeyboardInterrupt):  # the kernel's stop button: 30-50 lines deep inside TRL, before
+        print(INTERRUPTED_IN_CELL, file=sys.stderr)
         return None
     from alignkit.core.secrets import redact
 
