@@ -254,3 +254,14 @@ def test_pairs_trl_drops_for_max_length_are_counted_in_one_line(bad_files, tmp_p
     assert "10 of 40 training pairs dropped: the prompt alone is at least that many tokens (--max_length 48); " \
            "raise --max_length to keep them" in alignkit_log.text
 
+
+
+def test_packed_sft_rows_are_not_counted_as_dropped(bad_files, tmp_path, alignkit_log):
+    """Packing joins rows into fewer sequences of --max_length: the row count after it said "43 of 60 training rows
+    dropped" (and the SmolLM3 recipe's half) where none was. A row whose prompt fills --max_length still is, unpacked."""
+    from alignkit.modeling import presets
+
+    run = run_script("sft.py", "--preset", "tiny", "--output_dir", str(tmp_path / "runs"), "--packing", "true",
+                     "--max_length", "64", "--max_steps", "1", cwd=bad_files)
+    assert len(run["trainer"].train_dataset) < sum(1 for _ in open(presets.paths()["sft"]))  # packed: fewer rows
+    assert "dropped" not in alignkit_log.text

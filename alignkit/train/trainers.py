@@ -164,7 +164,13 @@ class _LengthGrouped:
 class AlignSFTTrainer(_LengthGrouped, _StackedAdapters, EndsAtMaxSteps, SFTTrainer):
     def __init__(self, *args, frozen_adapters=(), **kwargs):
         self.frozen_adapters = list(frozen_adapters)
-        given = (row_count(kwargs.get("train_dataset")), row_count(kwargs.get("eval_dataset")))
+        config = kwargs.get("args") if "args" in kwargs else args[1] if len(args) > 1 else None
+        packing = bool(getattr(config, "packing", False))
+        eval_packing = getattr(config, "eval_packing", None)
+        # Packed rows are joined into fewer sequences: their count says nothing of rows dropped (it warned that
+        # half the rows were dropped where they were only packed).
+        given = (None if packing else row_count(kwargs.get("train_dataset")),
+                 None if (packing if eval_packing is None else eval_packing) else row_count(kwargs.get("eval_dataset")))
         super().__init__(*args, **kwargs)
         # TRL drops the rows whose loss mask is empty after truncation (a prompt that fills --max_length)
         check_kept(self, given, "the prompt leaves no token of the answer to learn", "rows")
