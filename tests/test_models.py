@@ -27,6 +27,26 @@ def test_auto_choices_on_a_cpu_say_what_and_why(alignkit_log):
     assert launch.resolve_dtype("bf16") == torch.bfloat16 and launch.resolve_quantization("4bit") == "4bit"
 
 
+def test_liger_asked_for_where_it_cannot_run_goes_on_without_it_in_one_line(alignkit_log, monkeypatch):
+    """The SmolLM3 recipes' use_liger_kernel: true failed with ModuleNotFoundError after the model loaded, on a CPU
+    or a GPU without liger-kernel. Like flash_attention_2 asked for there, the run goes on without it, in one line."""
+    import importlib.util
+
+    alignkit_log.clear()
+    assert kernels.resolve_liger("true") is False and kernels.resolve_liger("false") is False
+    assert alignkit_log.messages == ["liger: off (no CUDA device: Liger's Triton kernels need one (use_liger true was "
+                                     "asked for))"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU without liger-kernel
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    alignkit_log.clear()
+    assert kernels.resolve_liger("true") is False
+    assert alignkit_log.messages == ["liger: off (liger-kernel is not installed: pip install 'alignkit[gpu]' (use_liger "
+                                     "true was asked for))"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else real(name, *a))
+    assert kernels.resolve_liger("true") is True and kernels.resolve_liger("auto") is True
+
+
 def test_gpu_defaults_follow_the_seed():
     s = DPOSettings()
     assert s.model_id == "mistralai/Mistral-7B-Instruct-v0.2"

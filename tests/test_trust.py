@@ -337,6 +337,28 @@ def test_stage_settings_map_into_trls_config_and_bad_overrides_are_a_config_erro
         0.3, 0.1, ["sigmoid"], [1.0], True)
     with pytest.raises(ConfigError, match="--trainer_overrides is not valid JSON"):
         trl_config(DPOConfig, DPOSettings(report_to="none", trainer_overrides="{optim: x}"), tmp_path, torch.float32)
+    # transformers edits TRL's fsdp_config in place (a string layer class made a list, its own keys added): the
+    # settings' own dict changed, saved so in alignkit_config.json.
+    import copy
+
+    from alignkit.core.args import config_to_dict, parse_config
+
+    s = parse_config(DPOSettings, ["--fsdp", "full_shard auto_wrap", "--fsdp_config",
+                                   '{"transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}', "--report_to", "none"],
+                     env_file=None)
+    before = copy.deepcopy(config_to_dict(s))
+    trl_config(DPOConfig, s, tmp_path, torch.float32)
+    assert config_to_dict(s) == before
+
+
+def test_a_reward_run_keeps_its_lora_modules_to_save_as_given(tiny_cache, tmp_path):
+    """PEFT adds its head ("classifier", "score") to LoraConfig's modules_to_save in place: the settings' own list
+    grew, so start_run refused the run as changed since prepare_run, and alignkit_config.json recorded the grown
+    list (another run to --resume auto)."""
+    run = run_script("reward.py", "--preset", "tiny", "--max_steps", "1", "--eval_split", "0", "--lora_modules_to_save",
+                     "score", "--output_dir", str(tmp_path), "--run_name", "rm")
+    assert run["settings"].lora_modules_to_save == ["score"]
+    assert json.loads((tmp_path / "rm" / "alignkit_config.json").read_text())["lora_modules_to_save"] == ["score"]
 
 
 def test_train_on_completions_without_generation_markers_is_a_config_error():

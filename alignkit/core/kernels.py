@@ -126,12 +126,21 @@ def _flex_on_this_gpu(packed_config, dtype: torch.dtype) -> tuple[bool, str]:
 
 
 def resolve_liger(requested: str) -> bool:
-    if requested != "auto":
-        return requested == "true"
-    if not torch.cuda.is_available():
-        return False  # Liger's Triton kernels need CUDA; the CPU path needs no log line beyond attention's
-    if importlib.util.find_spec("liger_kernel") is None:
-        _log_choice("liger", "off", "liger-kernel is not installed: pip install 'alignkit[gpu]'")
+    """Liger's kernels where asked for (true, a recipe's use_liger_kernel) or `auto` on CUDA with liger-kernel
+    installed. Asked for where they cannot run (no CUDA: its Triton kernels need one; not installed), the run goes
+    on without them in one log line, as a recipe written for a GPU runs here (it failed with ModuleNotFoundError
+    once the model had loaded)."""
+    if requested == "false":
         return False
+    asked = " (use_liger true was asked for)" if requested == "true" else ""
+    if not torch.cuda.is_available():
+        if asked:
+            _log_choice("liger", "off", f"no CUDA device: Liger's Triton kernels need one{asked}")
+        return False  # auto: the CPU path needs no log line beyond attention's
+    if importlib.util.find_spec("liger_kernel") is None:
+        _log_choice("liger", "off", f"liger-kernel is not installed: pip install 'alignkit[gpu]'{asked}")
+        return False
+    if asked:
+        return True
     _log_choice("liger", "on", "CUDA and liger-kernel installed")
     return True

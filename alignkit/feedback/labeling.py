@@ -308,7 +308,8 @@ def _no_match(path: str, column: str, rows, prompts: list[Prompt]) -> str:
     source = ours.place.rpartition(": ")[0]
     if theirs.messages == ours.messages:  # the same turns: the template columns differ
         why = " (the same turns with other tools or chat_template_kwargs columns)"
-        fix = f"Give its rows the same tools and chat_template_kwargs as {source}, or leave those columns out"
+        fix = (f"Give its rows the same tools and chat_template_kwargs as {source}, or leave those columns out "
+               "(label.py's own output: pass the --chat_template_kwargs it was made with)")
     elif stripped(theirs) == stripped(ours):
         why = " (they differ only in leading or trailing whitespace)"
         fix = "Strip the stray whitespace so the prompts are the same text"
@@ -353,7 +354,7 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
             # with them, with the prompt that has the same.
             # label.py's own output says --chat_template_kwargs under a row's own: the prompt generated so.
             kwargs = getattr(run.settings, "chat_template_kwargs", None)
-            keys = [(p.key, p.generated_as(kwargs).key, p.turns_key) for p in prompts]
+            keys = [(p.generated_as(kwargs).key, p.key, p.turns_key) for p in prompts]  # made as now, first
             table[si] = [next((found[k] for k in three if k in found), None) for three in keys]
             if rows and prompts and not any(k in found for three in keys for k in three):
                 raise DataError(_no_match(source.spec, column, rows, prompts))

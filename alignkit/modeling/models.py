@@ -351,9 +351,11 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
     _check_targets(loaded.model, targets, s.model_id)
     config = LoraConfig(
         r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, task_type=task_type, bias="none",
-        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        # Copies: PEFT adds its head ("score", "classifier") to modules_to_save in place, which changed the
+        # settings themselves (saved so in alignkit_config.json, and another run to --resume auto).
+        target_modules=targets[0] if targets == ["all-linear"] else list(targets),
         use_rslora=getattr(s, "use_rslora", False), use_dora=getattr(s, "use_dora", False),
-        modules_to_save=getattr(s, "lora_modules_to_save", None),
+        modules_to_save=list(saved) if (saved := getattr(s, "lora_modules_to_save", None)) is not None else None,
         revision=loaded.base_revision,  # a checkpoint's adapter_config.json names the base, at this revision
     )
     model = loaded.model

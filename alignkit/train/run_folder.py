@@ -77,17 +77,19 @@ def run_dir(s, stage: str) -> Path:
     return Path(s.output_dir) / name
 
 
-def _complete(checkpoint: Path) -> bool:
-    """transformers writes trainer_state.json last: a checkpoint cut off by a crash has none, or a torn one. Its
-    weights must open too (a file cut short by a full disk or a copy stopped halfway): such a checkpoint is skipped,
-    in one line, and the run resumes from the one before."""
+def _incomplete(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None. transformers writes trainer_state.json last: a checkpoint
+    cut off by a crash has none, or a torn one. Its weights must open too (a file cut short by a full disk or a copy
+    stopped halfway): such a checkpoint is skipped (prepare_run says so in one line), and the run resumes from the
+    one before."""
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError) as error:
-        why = "has no trainer_state.json" if isinstance(error, FileNotFoundError) else "has a damaged trainer_state.json"
-        logger.warning(f"{checkpoint} {why} (cut off while it was saved): it is skipped; the run resumes from the "
-                       "checkpoint before it, if any")
-        return False
+    except FileNotFoundError:
+        return f"{checkpoint} has no trainer_state.json (cut off while it was saved)"
+    except OSError as error:
+        return f"{checkpoint}/trainer_state.json cannot be read ({error.strerror or type(error).__name__})"
+    except ValueError:
+        return f"{checkpoint} has a damaged trainer_state.json (cut off while it was saved)"
     from safetensors import safe_open
 
     for weights in checkpoint.rglob("*.safetensors"):
@@ -95,14 +97,19 @@ def _complete(checkpoint: Path) -> bool:
             with safe_open(str(weights), "pt") as opened:
                 opened.keys()
         except Exception as error:  # noqa: BLE001 - safetensors' own error types: any unreadable header
-            logger.warning(f"{weights} is damaged ({' '.join(str(error).split())[:80]}): {checkpoint.name} is "
-                           "skipped; the run resumes from the checkpoint before it, if any")
-            return False
-    return True
+            return f"{weights} is damaged ({' '.join(str(error).split())[:80]})"
+    return None
 
 
-def _checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _complete(p)]
+def _checkpoints(folder: Path, say: bool = False) -> list[Path]:
+    """The folder's complete checkpoint-N folders, by step; `say`: each one skipped in a log line."""
+    found = []
+    for path in folder.glob("checkpoint-*"):
+        if path.name.split("-")[-1].isdigit():
+            if (why := _incomplete(path)) is None:
+                found.append(path)
+            elif say:
+                logger.warning(f"{why}: {path.name} is skipped")
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
@@ -149,7 +156,7 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     # The others look once the main process holds the folder and has put an earlier run back; all stop if it is busy.
     if busy := every_process(busy)[0]:
         raise UserError(busy)
-    checkpoints = _checkpoints(folder) if folder.is_dir() else []
+    checkpoints = _checkpoints(folder, say=_first_process()) if folder.is_dir() else []
     resume = s.resume == "true" or (s.resume == "auto" and checkpoints and not _changed(folder, s))
     if s.resume == "true" and checkpoints:
         _check_below(folder, s)
@@ -163,13 +170,14 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     if s.resume == "true" and not checkpoint:
         raise ConfigError(f"--resume true, but {folder} holds no checkpoint-N folder to resume from")
     resume_from = str(folder / checkpoint) if checkpoint else None
-    _PREPARED[folder.resolve()] = _Prepared(config_to_dict(s), resume_from, _fingerprints(data))
+    _PREPARED[folder.resolve()] = _Prepared(config_to_dict(s), s, resume_from, _fingerprints(data))
     return folder, resume_from
 
 
 @dataclasses.dataclass
 class _Prepared:
     settings: dict  # config_to_dict of the settings prepare_run decided with
+    given: object  # those settings themselves: a notebook's settings cell run again makes another object
     resume_from: str | None
     data: tuple  # each dataset's fingerprint (or identity), in prepare_run's order
     used: bool = False  # a training started from this decision
@@ -190,7 +198,9 @@ def _check_prepared(s, folder: Path, resume_from: str | None, model, data) -> No
         why = "already trained in this session" if prepared else "not prepared for training (prepare_run)"
         raise UserError(f"{folder} was {why}: {again}; it resumes from the last checkpoint, or starts over where "
                         "the settings changed")
-    now = config_to_dict(s)
+    # Other settings: another object (the settings cell run again) with other values. The same object is the same
+    # settings, whatever a library did to the containers it was handed since.
+    now = config_to_dict(s) if s is not prepared.given else prepared.settings
     if changed := sorted(k for k in prepared.settings.keys() | now.keys() if prepared.settings.get(k) != now.get(k)):
         raise UserError(f"the settings changed since the 'Run folder' cell ran ({', '.join(changed)}): run the "
                         "cells from 'Data' on again, then train")

@@ -5,6 +5,7 @@ alignkit.train.run_folder; its entry points are importable from here, as the scr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -213,7 +214,9 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
                           "--dataset_test_split test, or eval_strategy no")
     kwargs.update(extra)
     try:
-        args = config_cls(**kwargs)
+        # A copy: transformers edits fsdp_config in place (and TRL may edit other lists), which changed the
+        # settings themselves (trainer_overrides saved so, and refused by start_run as changed since prepare_run).
+        args = config_cls(**copy.deepcopy(kwargs))
     except (ValueError, TypeError) as e:  # what TRL or transformers checks across fields, in their words
         text = " ".join(str(e).split())
         raise ConfigError(f"TRL's {config_cls.__name__} refuses these settings: {text}") from None
