@@ -79,6 +79,15 @@ def _keep_accelerate_state():
 
 
 @pytest.fixture
+def hub_answers(monkeypatch):
+    """A Hub to push to, for tests whose pushes go to a fake HfApi: these tests run offline (HF_HUB_OFFLINE=1),
+    where a real push is refused before any work (alignkit.core.hub.require_token)."""
+    from alignkit.core import sources
+
+    monkeypatch.setattr(sources, "push_unreachable", lambda: None)
+
+
+@pytest.fixture
 def alignkit_log(caplog):
     """caplog for the toolkit's own log lines: its logger does not propagate to the root, so attach to it."""
     import logging

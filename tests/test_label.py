@@ -543,6 +543,14 @@ def test_push_to_hub_is_private_by_default_and_needs_a_token(tmp_path, monkeypat
             label(tmp_path, server, "--push_to_hub", "--hub_repo_id", "me/prefs")
         assert server.count == 0  # no token: stopped before judging anything
         monkeypatch.setenv("HF_TOKEN", "hf_fake_token_0123456789")
+        # A token, but no Hub to push to (offline, as here): stopped before judging too, not at the push.
+        with pytest.raises(UserError, match=r"^pushing to the Hub needs the Hub, and HF_HUB_OFFLINE=1 is set: run "
+                                            r"where it answers"):
+            label(tmp_path, server, "--push_to_hub", "--hub_repo_id", "me/prefs")
+        assert server.count == 0
+        from alignkit.core import sources
+
+        monkeypatch.setattr(sources, "push_unreachable", lambda: None)  # a Hub that answers (its push faked)
         label(tmp_path, server, "--push_to_hub", "--hub_repo_id", "me/prefs")
     assert pushed["repo_id"] == "me/prefs" and pushed["private"] is True
     assert pushed["rows"] == rows(tmp_path / "prefs.jsonl") and len(pushed["rows"]) == 5

@@ -24,7 +24,7 @@ def logits(model) -> torch.Tensor:
 
 
 @pytest.fixture
-def fake_hub(monkeypatch):
+def fake_hub(monkeypatch, hub_answers):
     """HfApi at its boundary: record create_repo and upload_folder, with the files as they are at upload time."""
     import huggingface_hub
 

@@ -141,7 +141,8 @@ def test_a_copied_adapter_chain_loads_and_merges_without_the_originals(tiny_cach
         adapter_chain(str(elsewhere / "dpo"))
 
 
-def test_pushing_an_adapter_on_a_local_adapter_is_refused_before_any_upload(dpo_run, tmp_path, monkeypatch):
+def test_pushing_an_adapter_on_a_local_adapter_is_refused_before_any_upload(dpo_run, tmp_path, monkeypatch,
+                                                                             hub_answers):
     import huggingface_hub
 
     uploads = []

@@ -37,11 +37,19 @@ REPLACED = ["*.safetensors", "*.bin", "*.gguf", "adapter_config.json", "config.j
 
 
 def require_token() -> str:
+    """A token to push with, and a Hub to push to: checked in seconds before the work whose result is pushed (a
+    token alone let a run train, merge and check for hours, then fail in a traceback from create_repo)."""
     from huggingface_hub import get_token
+
+    from alignkit.core.sources import push_unreachable
 
     token = get_token()  # HF_TOKEN, then the token file of a `huggingface-cli login`; never prompts
     if not token:
         raise UserError("pushing to the Hub needs a token: set HF_TOKEN in the environment or in .env")
+    if why := push_unreachable():
+        raise HubUnreachable(f"pushing to the Hub needs the Hub, and {why}: run where it answers (HF_HUB_OFFLINE "
+                             "unset), or leave out --push_to_hub and push later (merge.py --adapter_dir RUN_FOLDER "
+                             "--push_to_hub)")
     return token
 
 

@@ -57,6 +57,27 @@ def _probe(endpoint: str) -> str | None:
         return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set, now or when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+
+
+def push_unreachable() -> str | None:
+    """Why nothing can be pushed to the Hub now (HF_HUB_OFFLINE set, or the Hub does not answer), else None."""
+    if hub_offline():
+        return "HF_HUB_OFFLINE=1 is set"
+    why = _probe(hub_endpoint())
+    return f"the Hub at {hub_endpoint()} does not answer ({why})" if why else None
+
+
 def require_reachable(*sources) -> None:
     """Fail within seconds, with the way out, when a source is a Hub id and the Hub does not answer.
 
@@ -65,10 +86,9 @@ def require_reachable(*sources) -> None:
     from huggingface_hub import constants
 
     ids = [str(s) for s in sources if is_hub_id(s)]
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if not ids or offline:
+    if not ids or hub_offline():
         return
-    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+    endpoint = hub_endpoint()
     why = _probe(endpoint)
     if why:
         raise HubUnreachable(
