@@ -83,8 +83,6 @@ def require_reachable(*sources) -> None:
 
     Offline mode (HF_HUB_OFFLINE=1) asks nothing: the libraries then read their cache alone.
     """
-    from huggingface_hub import constants
-
     ids = [str(s) for s in sources if is_hub_id(s)]
     if not ids or hub_offline():
         return
