@@ -27,6 +27,9 @@ CASES = [
      "unknown setting: --dpo_betta (on the command line; did you mean --dpo_beta?)", None),
     ("dpo.py", [*TRAIN, "--dpo_beta", "-1"], "dpo_beta must be > 0", None),
     ("merge.py", ["--adapter_dir", "x", "--push_to_hub", "--hub_repo_id", "me/x"], "HF_TOKEN", None),
+    # The other algorithm's TRL field: refused with the settings (it was, once the model had loaded).
+    ("rl.py", [*TRAIN, "--algo", "rloo", "--importance_sampling_level", "sequence"],
+     "importance_sampling_level: not field(s) of TRL's RLOOConfig, which --algo rloo uses", None),
     # A token but no Hub (offline, as the tests run): refused before training, not in create_repo's traceback after.
     ("dpo.py", [*TRAIN, "--push_to_hub", "--merge_adaptors"], "pushing to the Hub needs the Hub, and HF_HUB_OFFLINE=1 "
      "is set", {"HF_TOKEN": "hf_fake_token_0123456789"}),

@@ -65,6 +65,11 @@ def check_trl_values(s) -> None:
     names = tuple(getattr(s, "trl_configs", ("SFTConfig",)))
     types = trl_fields(names)
     overrides = s.trainer_overrides if isinstance(s.trainer_overrides, dict) else {}
+    if len(names) > 1 and getattr(s, "algo", None):  # rl.py: the algorithm's config alone takes them
+        name = {"grpo": "GRPOConfig", "rloo": "RLOOConfig"}[s.algo]
+        if foreign := sorted(set(overrides) - set(trl_fields((name,)))):
+            raise ConfigError(f"{', '.join(foreign)}: not field(s) of TRL's {name}, which --algo {s.algo} uses; drop "
+                              "them, or pick the other --algo")
     for name, value in {"lr_scheduler_type": s.lr_scheduler_type, **overrides}.items():
         if name in types:  # a name TRL's config lacks is trl_config's one line, with the same data
             flag = f"--{name}" if name == "lr_scheduler_type" else f"--trainer_overrides {name}"
