@@ -38,6 +38,7 @@ CASES = [
     ("sft.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
     ("sft.py", [*TRAIN, "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1", None),
     ("sft.py", [*TRAIN, "--dataset_id", "missing.jsonl"], "missing.jsonl: file not found", None),
+    ("dpo.py", [*TRAIN, "--dataset_config", "en"], "--dataset_config en: ", None),  # the preset's single file
     ("sft.py", [*TRAIN, "--dataset_id", "empty.jsonl"], "empty.jsonl: no usable rows", None),
     ("sft.py", [*TRAIN, "--model_id", "some-folder"], "some-folder is not a model folder", None),
     ("sft.py", [*TRAIN, "--config", "missing.yaml"], "config file not found: missing.yaml", None),

@@ -872,3 +872,22 @@ def test_a_mixture_keeps_each_row_s_template_arguments(tmp_path):
                         dataset_format="auto", skip_invalid=False, max_samples=None, eval_split=0.0, seed=0)
     train, _ = load_train_eval("sft", s)
     assert sorted(map(str, train["chat_template_kwargs"])) == sorted(["{'enable_thinking': False}"] * 2 + ["{}"] * 4)
+
+
+def test_a_dataset_beside_a_mixture_is_named_as_unused_and_a_file_takes_no_configuration(tmp_path, alignkit_log):
+    """TRL audit: --dataset_name beside a recipe's dataset_mixture was silently unused (TRL's scripts warn), and
+    --dataset_config on a single file was accepted with no effect (load_dataset refuses it)."""
+    from alignkit.core.args import ConfigError
+    from alignkit.core.config import DPOSettings
+    from alignkit.core.mixture import load_train_eval
+
+    pairs = write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 4, "jsonl", name="pairs")
+    mine = write(tmp_path, [{"prompt": "q2", "chosen": "c", "rejected": "d"}] * 4, "jsonl", name="mine")
+    s = DPOSettings(dataset_id=str(mine), dataset_mixture={"datasets": [{"id": str(pairs)}]}, eval_split=0.0)
+    train, _ = load_train_eval("preference", s)
+    assert train[0]["prompt"] == "q"
+    assert f"--dataset_id {mine} is not used: the dataset_mixture is. To train on {mine}, pass --dataset_mixture " \
+           "none" in alignkit_log.text
+    with pytest.raises(ConfigError, match=rf"^--dataset_config en: {re.escape(str(mine))} is a single file, which has "
+                                          r"no configurations\. Drop --dataset_config"):
+        load_train_eval("preference", DPOSettings(dataset_id=str(mine), dataset_config="en", eval_split=0.0))

@@ -124,6 +124,12 @@ def load_train_eval(kind: str, s):
     """(train, eval or None) for sft.py ("sft"), dpo.py ("preference") or kto.py ("unpaired"), from settings `s`."""
     load = _loader(kind, s)
     if s.dataset_mixture:
+        default = next((f.default for f in dataclasses.fields(s) if f.name == "dataset_id"), None) \
+            if dataclasses.is_dataclass(s) else None
+        dataset_id = getattr(s, "dataset_id", None)
+        if dataset_id and default is not None and dataset_id != default:  # as TRL's scripts say it
+            logger.warning(f"--dataset_id {s.dataset_id} is not used: the dataset_mixture is. To train on "
+                           f"{s.dataset_id}, pass --dataset_mixture none")
         return _mixture(kind, s)
     check_file_splits(s)
     data = load(s.dataset_id, s.dataset_format, s.dataset_split, s.skip_invalid, s.dataset_config)
@@ -139,8 +145,8 @@ def load_train_eval(kind: str, s):
 
 def check_file_splits(s) -> None:
     """A single local file has no splits: refuse --dataset_test_split (its "test split" would be the training rows
-    themselves) and a --dataset_split other than train (it would be read as the whole file), rather than ignore
-    them."""
+    themselves), a --dataset_split other than train (it would be read as the whole file) and a --dataset_config
+    (it has no configurations), rather than ignore them."""
     from alignkit.core.data_files import single_file
 
     if not single_file(s.dataset_id):
@@ -150,6 +156,9 @@ def check_file_splits(s) -> None:
                           "no splits, so the held-out rows would be the training rows. Hold out a share with "
                           "--eval_split 0.05, or put the rows in a folder as train.jsonl and test.jsonl (or use a Hub "
                           "dataset with a test split)")
+    if getattr(s, "dataset_config", None):  # TRL hands it to load_dataset, which refuses it for a file
+        raise ConfigError(f"--dataset_config {s.dataset_config}: {s.dataset_id} is a single file, which has no "
+                          "configurations. Drop --dataset_config, or pass the Hub dataset that has it")
     defaults = {f.name: f.default for f in dataclasses.fields(s)} if dataclasses.is_dataclass(s) else {}
     if s.dataset_split not in ("train", defaults.get("dataset_split")):  # a default names its Hub dataset's split
         raise ConfigError(f"--dataset_split {s.dataset_split}: {s.dataset_id} is a single file, which has no splits "
