@@ -120,6 +120,12 @@ def test_handbook_recipe_resolves_to_a_trl_config_with_its_values(local, stage, 
     assert len(warnings) == 1
     for key in ({"max_prompt_length"} if stage == "dpo" else {"hub_strategy", "overwrite_output_dir"}):
         assert f"{key}: " in warnings[0]
+    # So is a --output_dir over it: it meant the parent (the run in a folder named after model and data), and the
+    # run's own folder once a TRL-only name (--model_name_or_path) joined it on the line.
+    for extra in ([], ["--model_name_or_path", local["model"]]):
+        over, over_args = resolve(cls, config_cls, stage, ["--config", str(recipe), "--output_dir", "mine/run", *extra],
+                                  report_to=["none"])
+        assert Path(over_args.output_dir) == Path("mine/run") and over.run_name == "run", extra
 
 
 def test_recipe_report_to_tensorboard_is_checked_before_any_work(local, monkeypatch):

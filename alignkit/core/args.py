@@ -418,7 +418,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
                 value = {**values[n], **value}
             values[n], given[n] = value, kind
     if vocab is not None:
-        vocab.finish(values, given, recipe_given=bool(config_path))
+        vocab.finish(values, given, recipe_keys=set(recipe))
     for n in (n for n in fields if n not in values):
         raise ConfigError(f"missing required option --{n} (or env var {ENV_PREFIX}{n.upper()}, or key {n} in the "
                           "--config file)")

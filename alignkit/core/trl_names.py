@@ -395,11 +395,13 @@ class Vocabulary:
                 notes.append(f"{key}: alignkit computes in one dtype, and torch_dtype {model_dtype} names it; pass "
                              f"--dtype {key} to load and train in {key}")
 
-    def finish(self, values: dict, given: dict, recipe_given: bool) -> None:
+    def finish(self, values: dict, given: dict, recipe_keys: set) -> None:
         """What TRL's names mean together, once every layer is read.
 
         - A recipe's (or a TRL command line's) output_dir is the run's own folder, as in TRL, unless a run_name
-          says otherwise: it becomes alignkit's output_dir (the parent) and run_name (the folder's name).
+          says otherwise: it becomes alignkit's output_dir (the parent) and run_name (the folder's name). So is a
+          --output_dir that overrides a recipe's (it meant the parent, then the run's folder once a TRL-only
+          name joined it on the line).
         - `eval_strategy: no` (or `do_eval: false` alone) asks for no evaluation: no --eval_split share is held out
           of the training rows unless --eval_split itself is given (TRL and the handbook train on them all).
         - TRL's `dataset_name` without a split trains on TRL's default split, `train`.
@@ -412,7 +414,8 @@ class Vocabulary:
         if self.trl_dataset and "dataset_split" in values and "dataset_split" not in given:
             values["dataset_split"] = "train"  # TRL's dataset_train_split default, not alignkit's train_sft
         source = given.get("output_dir")
-        if "run_name" in given or not (source == "recipe" or (source == "cli" and self.trl_style)):
+        trl_meaning = source == "recipe" or (source == "cli" and (self.trl_style or "output_dir" in recipe_keys))
+        if "run_name" in given or not trl_meaning:
             return
         folder = Path(values["output_dir"])
         if folder.name:
