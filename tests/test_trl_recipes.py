@@ -807,3 +807,21 @@ def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_templ
     with pytest.raises(UserError, match="chat template does not render tool calls, and this data has them"):
         run_script("sft.py", *common, "--run_name", "tools-dropped")
     assert run["trainer"].state.global_step == 1
+
+
+def test_a_flag_fixes_a_recipe_s_bad_value(tmp_path):
+    """Flags beat the recipe, bad values included (TRL audit: the SmolLM3 recipe's packing_strategy ffd, which TRL
+    1.x dropped, was refused even with --packing_strategy bfd on the line): a value is refused only where no
+    later layer sets it again."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("packing: true\npacking_strategy: ffd\nlearning_rate: fast\n")
+    with pytest.raises(ConfigError, match=r"key learning_rate"):
+        parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), "--packing_strategy", "bfd"])
+    with pytest.raises(ConfigError, match=r"key packing_strategy: 'ffd' is not one of"):
+        parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), "--learning_rate", "1e-4"])
+    s = parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), "--packing_strategy", "bfd",
+                                                       "--learning_rate", "1e-4"])
+    assert s.trainer_overrides["packing_strategy"] == "bfd" and s.learning_rate == 1e-4
+    with pytest.raises(ConfigError, match=r"--packing_strategy: 'nope' is not one of"):  # a bad flag stays bad
+        parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), "--packing_strategy", "nope",
+                                                       "--learning_rate", "1e-4"])

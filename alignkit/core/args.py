@@ -373,6 +373,8 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
                     f"{_why_not(vocab, k, fields) or _suggest(k, [*fields, *cli_types], dashes, cls)})" for k in bad]
         notes += said
         translated.append(fields_layer)
+    if vocab is not None and vocab.deferred:  # a TRL field's bad value that no later layer set again
+        raise next(iter(vocab.deferred.values()))
     unknown += [f"--{k} (on the command line{_suggest(k, [*cli_types, 'config'], '--', cls)})" for k in unknown_flags]
     unknown += stray_variables(env_names, env_from_file, env_file)
     if unknown:
@@ -410,13 +412,20 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
         _print_help(cls, fields, types_, defaults, prog, description, vocab, presets)
         raise SystemExit(0)
 
-    values, given = dict(defaults), {}
+    values, given, bad = dict(defaults), {}, {}
     for (layer, label), kind in zip(layers, ("env", "recipe", "cli", "overrides")):
         for n, raw in layer.items():
-            value = convert(n, raw, label(n))
+            try:
+                value = convert(n, raw, label(n))
+            except ConfigError as error:  # a later layer may set it again: a flag fixes a recipe's bad value
+                bad[n] = error
+                continue
+            bad.pop(n, None)
             if isinstance(value, dict) and isinstance(values.get(n), dict):  # mappings merge key by key
                 value = {**values[n], **value}
             values[n], given[n] = value, kind
+    if bad:
+        raise next(iter(bad.values()))
     if vocab is not None:
         vocab.finish(values, given, recipe_keys=set(recipe))
     for n in (n for n in fields if n not in values):

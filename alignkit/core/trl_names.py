@@ -267,6 +267,9 @@ class Vocabulary:
         self.passthrough = {n: t for n, t in trl_fields(self.config_names).items()}
         self.model_and_script = trl_fields(_MODEL_AND_SCRIPT)
         self.trl_style = False  # a TRL-only name (model_name_or_path, dataset_name) was given on the command line
+        # A TRL field's bad value, by name, until a later layer sets it again (a flag fixes a recipe's value):
+        # parse_config raises what is left once every layer is read.
+        self.deferred: dict[str, ConfigError] = {}
         self.trl_dataset = False  # TRL's dataset_name was given, in any layer
 
     def default_note(self, field: str, ours: str) -> str:
@@ -365,20 +368,28 @@ class Vocabulary:
             elif key in self.passthrough:
                 if key in _BOOL_WORDS and str(raw).strip().lower() in _TRUE | _FALSE:  # TRL's bool spelling
                     raw = _BOOL_WORDS[key][str(raw).strip().lower() in _TRUE]
-                extra[key] = trl_value(raw, self.passthrough[key], label(key))
-                allowed = trl_choices(self.config_names).get(key)
-                if allowed and isinstance(extra[key], str) and extra[key] not in allowed:  # TRL checks it only later
-                    raise ConfigError(f"invalid value for {label(key)}: {extra[key]!r} is not one of "
-                                      f"{', '.join(map(str, allowed))}")
-                if key in _MAPPINGS and isinstance(extra[key], str):  # typed dict | str, but a str fails in TRL
-                    raise ConfigError(f"invalid value for {label(key)}: {raw!r} is not a mapping; write a JSON object "
-                                      f"or a YAML mapping, e.g. {_MAPPINGS[key]}")
+                try:
+                    extra[key] = self._passthrough_value(key, raw, label)
+                    self.deferred.pop(key, None)
+                except ConfigError as error:
+                    self.deferred[key] = error
             else:
                 unknown.append(key)
         self._one_dtype(layer, out, notes, label)
         if extra:
             out["trainer_overrides"] = {**extra, **(out.get("trainer_overrides") or {})}
         return out, unknown, notes
+
+    def _passthrough_value(self, key: str, raw, label):
+        value = trl_value(raw, self.passthrough[key], label(key))
+        allowed = trl_choices(self.config_names).get(key)
+        if allowed and isinstance(value, str) and value not in allowed:  # TRL checks it only later
+            raise ConfigError(f"invalid value for {label(key)}: {value!r} is not one of "
+                              f"{', '.join(map(str, allowed))}")
+        if key in _MAPPINGS and isinstance(value, str):  # typed dict | str, but a str fails in TRL
+            raise ConfigError(f"invalid value for {label(key)}: {raw!r} is not a mapping; write a JSON object "
+                              f"or a YAML mapping, e.g. {_MAPPINGS[key]}")
+        return value
 
     @staticmethod
     def _one_dtype(layer: Mapping, out: dict, notes: list[str], label) -> None:
