@@ -825,3 +825,16 @@ def test_a_flag_fixes_a_recipe_s_bad_value(tmp_path):
     with pytest.raises(ConfigError, match=r"--packing_strategy: 'nope' is not one of"):  # a bad flag stays bad
         parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), "--packing_strategy", "nope",
                                                        "--learning_rate", "1e-4"])
+
+
+def test_a_recipe_s_model_revision_over_a_local_copy_is_named_as_unused(tmp_path, alignkit_log):
+    """A handbook recipe's model_revision (it-SFT) beside a local model_name_or_path was recorded as --revision and
+    read nowhere, without a word."""
+    from alignkit.train.training import preflight
+
+    (tmp_path / "base").mkdir()
+    preflight(SFTSettings(model_id=str(tmp_path / "base"), revision="it-SFT", report_to="none"))
+    assert f"--revision it-SFT is not used: {tmp_path / 'base'} is a local folder, read as it is" in alignkit_log.text
+    alignkit_log.clear()
+    preflight(SFTSettings(model_id=str(tmp_path / "base"), report_to="none"))
+    assert "is not used" not in alignkit_log.text

@@ -52,6 +52,8 @@ def preflight(s) -> None:
                 f"--push_to_hub pushes the adapter alone, and its base {s.model_id} is local: nobody else could "
                 "load it. Add --merge_adaptors to push the merged model, or train on a base from the Hub."
             )
+    if getattr(s, "revision", None) and not is_hub_id(s.model_id):  # a recipe's model_revision over a local copy
+        logger.warning(f"--revision {s.revision} is not used: {s.model_id} is a local folder, read as it is")
     resolve_report_to(s)
     check_trl_values(s)
     require_reachable(s.model_id, s.dataset_id)
