@@ -838,3 +838,20 @@ def test_a_recipe_s_model_revision_over_a_local_copy_is_named_as_unused(tmp_path
     alignkit_log.clear()
     preflight(SFTSettings(model_id=str(tmp_path / "base"), report_to="none"))
     assert "is not used" not in alignkit_log.text
+
+
+def test_a_trl_recipe_that_names_no_evaluation_holds_no_rows_out(tmp_path):
+    """TRL's eval_strategy default is "no": a handbook recipe without it trains on every row (the zephyr-141b ORPO
+    recipe lost 4 of its 64 rows to alignkit's --eval_split share). A recipe that evaluates, an alignkit recipe (it
+    names run_name), or --eval_split itself keep the share."""
+    default = SFTSettings().eval_split
+    assert default > 0
+    trl = tmp_path / "trl.yaml"
+    trl.write_text("output_dir: data/zephyr-orpo\nlearning_rate: 5.0e-6\n")
+    assert parse_config(SFTSettings, env_file=None, args=["--config", str(trl)]).eval_split == 0
+    assert parse_config(SFTSettings, env_file=None, args=["--config", str(trl), "--eval_split", "0.1"]).eval_split == 0.1
+    assert parse_config(SFTSettings, env_file=None, args=["--config", str(trl), "--eval_strategy", "steps",
+                                                          "--eval_steps", "10"]).eval_split == default
+    ours = tmp_path / "ours.yaml"
+    ours.write_text("output_dir: runs\nrun_name: mine\n")
+    assert parse_config(SFTSettings, env_file=None, args=["--config", str(ours)]).eval_split == default
