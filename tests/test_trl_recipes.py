@@ -578,6 +578,14 @@ def test_help_is_grouped_and_offers_only_the_scripts_presets(tiny_cache, capsys)
     preset = " ".join(out[out.index("--preset"):out.index("--model_id")].split())
     assert "smol" not in preset and "tiny" in preset
     assert "--model_name_or_path (--model_id)" in " ".join(out.split()) and "adam_beta2" in out
+    # Where a TRL command line that leaves a setting out trains differently, --help says so, for the settings TRL
+    # names otherwise too (TRL audit: warmup_ratio, eval_split and group_by_length said nothing).
+    flat = " ".join(out.split())
+    for flag, theirs in (("--learning_rate", "TRL's default: 2e-05"),
+                         ("--warmup_ratio", "TRL's default: 0 (warmup_steps"),
+                         ("--eval_split", "TRL's default: 0 (no rows held out)"),
+                         ("--group_by_length", "TRL's default: false")):
+        assert theirs in flat[flat.index(f"{flag} "):][:400], flag
     with pytest.raises(SystemExit):
         run_script("dpo.py", "--help")
     out = " ".join(capsys.readouterr().out.split())

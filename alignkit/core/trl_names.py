@@ -259,6 +259,15 @@ def trl_choices(names: tuple[str, ...]) -> dict:
 
 
 # ---------------------------------------------------------------- the vocabulary
+# TRL's behaviour for alignkit settings that have no field of the same name there, for --help (a TRL command line
+# that leaves them out trains differently).
+_TRL_DEFAULTS_UNDER_OTHER_NAMES = {
+    "warmup_ratio": "0 (warmup_steps 0)",
+    "eval_split": "0 (no rows held out)",
+    "group_by_length": "false (train_sampling_strategy random)",
+}
+
+
 class Vocabulary:
     """alignkit.core.args' second vocabulary for a settings class with `trl_configs`."""
 
@@ -286,7 +295,8 @@ class Vocabulary:
                     return ""
                 theirs = str(theirs).lower() if isinstance(theirs, bool) else str(theirs)
                 return f"; TRL's default: {theirs}" if theirs != ours else ""
-        return ""
+        theirs = _TRL_DEFAULTS_UNDER_OTHER_NAMES.get(field)
+        return f"; TRL's default: {theirs}" if theirs and theirs != ours else ""
 
     def aliases_of(self, field: str) -> list[str]:
         return [a for a, alias in ALIASES.items() if alias.target == field]
