@@ -150,11 +150,8 @@ def loader_values(s) -> dict:
     return {**values, **({"chat_template_kwargs": s.chat_template_kwargs} if s.chat_template_kwargs else {})}
 
 
-def loader_flags(s) -> list[str]:
-    def flag(value) -> str:
-        return json.dumps(value) if isinstance(value, dict) else str(value).lower() if isinstance(value, bool) else value
-
-    return [f"--{name}={flag(value)}" for name, value in loader_values(s).items()]
+def loader_flags(s) -> list[str]:  # a bool as true/false, a mapping as JSON
+    return [f"--{name}={json.dumps(v) if isinstance(v, (bool, dict)) else v}" for name, v in loader_values(s).items()]
 
 
 def endpoint_flags(s, skip: set[str] = frozenset()) -> list[str]:
