@@ -49,9 +49,9 @@ establish_launch(settings, "merge.py")  # the process's device, the process grou
 if settings.push_to_hub:
     from alignkit.core.hub import check_pushable, require_token
 
-    require_token()
     if settings.push == "adapter":
         check_pushable(settings.adapter_dir)  # an adapter on a local base loads nowhere else: refused now
+    require_token()  # a token, and a Hub that answers
 output_dir = Path(settings.output_dir or Path(settings.adapter_dir) / "merged")
 
 # %% [markdown]

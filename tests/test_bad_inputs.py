@@ -30,6 +30,8 @@ CASES = [
     # The other algorithm's TRL field: refused with the settings (it was, once the model had loaded).
     ("rl.py", [*TRAIN, "--algo", "rloo", "--importance_sampling_level", "sequence"],
      "importance_sampling_level: not field(s) of TRL's RLOOConfig, which --algo rloo uses", None),
+    # A local base without --merge_adaptors: that refusal first (going online would not help).
+    ("dpo.py", [*TRAIN, "--push_to_hub"], "is local: nobody else could load it", {"HF_TOKEN": "hf_fake_token_0123"}),
     # A token but no Hub (offline, as the tests run): refused before training, not in create_repo's traceback after.
     ("dpo.py", [*TRAIN, "--push_to_hub", "--merge_adaptors"], "pushing to the Hub needs the Hub, and HF_HUB_OFFLINE=1 "
      "is set", {"HF_TOKEN": "hf_fake_token_0123456789"}),

@@ -883,11 +883,18 @@ def test_a_dataset_beside_a_mixture_is_named_as_unused_and_a_file_takes_no_confi
 
     pairs = write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 4, "jsonl", name="pairs")
     mine = write(tmp_path, [{"prompt": "q2", "chosen": "c", "rejected": "d"}] * 4, "jsonl", name="mine")
-    s = DPOSettings(dataset_id=str(mine), dataset_mixture={"datasets": [{"id": str(pairs)}]}, eval_split=0.0)
+    from alignkit.core.args import parse_config
+
+    mixture = json.dumps({"datasets": [{"id": str(pairs)}]})
+    s = parse_config(DPOSettings, env_file=None, args=["--dataset_id", str(mine), "--dataset_mixture", mixture,
+                                                       "--eval_split", "0"])
     train, _ = load_train_eval("preference", s)
     assert train[0]["prompt"] == "q"
-    assert f"--dataset_id {mine} is not used: the dataset_mixture is. To train on {mine}, pass --dataset_mixture " \
+    assert f"--dataset_id {mine} is not used: the dataset_mixture is. To train on it, pass --dataset_mixture " \
            "none" in alignkit_log.text
+    alignkit_log.clear()  # a mixture alone (a preset's or the default dataset_id beside it) says nothing
+    parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture])
+    assert "is not used" not in alignkit_log.text
     with pytest.raises(ConfigError, match=rf"^--dataset_config en: {re.escape(str(mine))} is a single file, which has "
                                           r"no configurations\. Drop --dataset_config"):
         load_train_eval("preference", DPOSettings(dataset_id=str(mine), dataset_config="en", eval_split=0.0))

@@ -460,6 +460,13 @@ def test_a_notebook_s_training_cell_trains_what_its_run_folder_cell_decided_once
                                         r"cells from 'Data' on again, then train$"):
         with run_folder.start_run(changed, folder, resume_from, model, (rows, None)):
             pass
+    # A cell that edits the settings in place (settings.lora_r = 4) is a change too.
+    edited = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="run")
+    run_folder.prepare_run(edited, "sft", rows, None)
+    edited.lora_r = 4
+    with pytest.raises(UserError, match=r"^the settings changed since the 'Run folder' cell ran \(lora_r\)"):
+        with run_folder.start_run(edited, folder, resume_from, model, (rows, None)):
+            pass
     run_folder.prepare_run(s, "sft", rows, None)
     other_rows = Dataset.from_list(rows.to_list())
     with pytest.raises(UserError, match=rf"^the data or the checkpoint to resume from is not what the 'Run folder' "

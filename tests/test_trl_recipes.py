@@ -126,6 +126,9 @@ def test_handbook_recipe_resolves_to_a_trl_config_with_its_values(local, stage, 
         over, over_args = resolve(cls, config_cls, stage, ["--config", str(recipe), "--output_dir", "mine/run", *extra],
                                   report_to=["none"])
         assert Path(over_args.output_dir) == Path("mine/run") and over.run_name == "run", extra
+    over, over_args = resolve(cls, config_cls, stage, ["--config", str(recipe)], report_to=["none"],
+                              output_dir="mine/run")  # a notebook's overrides: the layer above the line
+    assert Path(over_args.output_dir) == Path("mine/run") and over.run_name == "run"
 
 
 def test_recipe_report_to_tensorboard_is_checked_before_any_work(local, monkeypatch):
@@ -854,12 +857,19 @@ def test_a_trl_recipe_that_names_no_evaluation_holds_no_rows_out(tmp_path):
     names run_name), or --eval_split itself keep the share."""
     default = SFTSettings().eval_split
     assert default > 0
-    trl = tmp_path / "trl.yaml"
-    trl.write_text("output_dir: data/zephyr-orpo\nlearning_rate: 5.0e-6\n")
-    assert parse_config(SFTSettings, env_file=None, args=["--config", str(trl)]).eval_split == 0
-    assert parse_config(SFTSettings, env_file=None, args=["--config", str(trl), "--eval_split", "0.1"]).eval_split == 0.1
-    assert parse_config(SFTSettings, env_file=None, args=["--config", str(trl), "--eval_strategy", "steps",
-                                                          "--eval_steps", "10"]).eval_split == default
-    ours = tmp_path / "ours.yaml"
-    ours.write_text("output_dir: runs\nrun_name: mine\n")
-    assert parse_config(SFTSettings, env_file=None, args=["--config", str(ours)]).eval_split == default
+
+    def eval_split(recipe_text, *args, **kw):
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(recipe_text)
+        return parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), *args], **kw).eval_split
+
+    trl = "model_name_or_path: org/model\ndataset_name: org/data\noutput_dir: data/zephyr-orpo\n"
+    assert eval_split(trl) == 0
+    assert eval_split(trl, "--run_name", "mine") == 0  # the recipe's meaning, whatever the line adds
+    assert eval_split(trl, "--eval_split", "0.1") == 0.1
+    assert eval_split(trl, "--eval_strategy", "steps", "--eval_steps", "10") == default
+    assert eval_split(trl + "eval_steps: 100\n") == default  # evaluation named: eval_steps alone (it was refused)
+    assert eval_split(trl, "--preset", "p", presets={"p": {"eval_split": 0.1}}) == 0.1  # the preset's share stays
+    # alignkit's own recipes (run_name, or alignkit's names) keep the share.
+    assert eval_split("output_dir: runs\nrun_name: mine\n") == default
+    assert eval_split("model_id: org/model\ndataset_id: org/data\noutput_dir: runs\n") == default

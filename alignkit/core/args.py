@@ -356,6 +356,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
     if config_path is None and os.environ.get(f"{ENV_PREFIX}CONFIG"):
         config_path, config_source = os.environ[f"{ENV_PREFIX}CONFIG"], f"env var {ENV_PREFIX}CONFIG"
     recipe = _load_yaml(config_path, config_source) if config_path else {}
+    raw_recipe = dict(recipe)  # in its own names (TRL's, the handbook's, or alignkit's)
     overrides = dict(overrides or {})
 
     # Every layer in field names; every key that is no setting, from every layer, in one message.
@@ -391,6 +392,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
         return _convert(raw, types_[n], label, meta.get("choices"), n in whole, meta.get("synonyms"))
 
     defaults = field_defaults(cls)
+    preset_keys: set = set()  # what the preset set: the user's choice, as much as a flag (Vocabulary.finish)
     if presets is not None and "preset" in fields:
         # The preset name itself may come from any layer; the highest one wins like any other field.
         name = defaults.get("preset")
@@ -405,7 +407,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
                 if key not in fields:
                     raise ConfigError(f"preset {name!r} sets unknown field {key!r}{_suggest(key, fields)}")
                 defaults[key] = convert(key, value, f"preset {name!r}: key {key}")
-            defaults["preset"] = name
+            defaults["preset"], preset_keys = name, set(presets[name])
 
     if wants_help:
         prog = prog or (cls.__name__ if is_notebook() or not sys.argv else os.path.basename(sys.argv[0]))
@@ -427,7 +429,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
     if bad:
         raise next(iter(bad.values()))
     if vocab is not None:
-        vocab.finish(values, given, recipe_keys=set(recipe))
+        vocab.finish(values, given, recipe_keys=set(recipe), raw_recipe_keys=set(raw_recipe), preset_keys=preset_keys)
     for n in (n for n in fields if n not in values):
         raise ConfigError(f"missing required option --{n} (or env var {ENV_PREFIX}{n.upper()}, or key {n} in the "
                           "--config file)")

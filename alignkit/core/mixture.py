@@ -123,13 +123,7 @@ def _loader(kind, s):
 def load_train_eval(kind: str, s):
     """(train, eval or None) for sft.py ("sft"), dpo.py ("preference") or kto.py ("unpaired"), from settings `s`."""
     load = _loader(kind, s)
-    if s.dataset_mixture:
-        default = next((f.default for f in dataclasses.fields(s) if f.name == "dataset_id"), None) \
-            if dataclasses.is_dataclass(s) else None
-        dataset_id = getattr(s, "dataset_id", None)
-        if dataset_id and default is not None and dataset_id != default:  # as TRL's scripts say it
-            logger.warning(f"--dataset_id {s.dataset_id} is not used: the dataset_mixture is. To train on "
-                           f"{s.dataset_id}, pass --dataset_mixture none")
+    if s.dataset_mixture:  # a --dataset_id given beside it is named as unused where the settings are read
         return _mixture(kind, s)
     check_file_splits(s)
     data = load(s.dataset_id, s.dataset_format, s.dataset_split, s.skip_invalid, s.dataset_config)

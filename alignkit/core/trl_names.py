@@ -25,6 +25,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 
+from alignkit import logger
 from alignkit.core.args import _FALSE, _TRUE, ConfigError
 from alignkit.core.mixture_formats import mixture_from_mixer, mixture_from_trl
 
@@ -99,6 +100,8 @@ ALIASES = {
 }
 # Names that mean TRL's vocabulary on a command line: with them, --output_dir is the run's own folder, as in TRL.
 _TRL_ONLY = {"model_name_or_path", "dataset_name"}
+# A recipe in TRL's or the handbook's names: they name the model and the data so (alignkit's own say model_id).
+_TRL_RECIPE_NAMES = _TRL_ONLY | {"dataset_mixer", "datasets"}
 
 _ANY = object()
 # key: (the value that is alignkit's behaviour anyway, or _ANY: never applied; the reason and what to use instead)
@@ -261,10 +264,10 @@ def trl_choices(names: tuple[str, ...]) -> dict:
 # ---------------------------------------------------------------- the vocabulary
 # TRL's behaviour for alignkit settings that have no field of the same name there, for --help (a TRL command line
 # that leaves them out trains differently).
-_TRL_DEFAULTS_UNDER_OTHER_NAMES = {
-    "warmup_ratio": "0 (warmup_steps 0)",
-    "eval_split": "0 (no rows held out)",
-    "group_by_length": "false (train_sampling_strategy random)",
+_TRL_DEFAULTS_UNDER_OTHER_NAMES = {  # field: (TRL's value, as --help says it)
+    "warmup_ratio": (0.0, "0 (warmup_steps 0)"),
+    "eval_split": (0.0, "0 (no rows held out)"),
+    "group_by_length": ("false", "false (train_sampling_strategy random)"),
 }
 
 
@@ -295,8 +298,12 @@ class Vocabulary:
                     return ""
                 theirs = str(theirs).lower() if isinstance(theirs, bool) else str(theirs)
                 return f"; TRL's default: {theirs}" if theirs != ours else ""
-        theirs = _TRL_DEFAULTS_UNDER_OTHER_NAMES.get(field)
-        return f"; TRL's default: {theirs}" if theirs and theirs != ours else ""
+        value, said = _TRL_DEFAULTS_UNDER_OTHER_NAMES.get(field, (None, ""))
+        try:
+            same = float(ours) == value if isinstance(value, float) else ours == value
+        except ValueError:
+            same = False
+        return f"; TRL's default: {said}" if said and not same else ""
 
     def aliases_of(self, field: str) -> list[str]:
         return [a for a, alias in ALIASES.items() if alias.target == field]
@@ -416,31 +423,43 @@ class Vocabulary:
                 notes.append(f"{key}: alignkit computes in one dtype, and torch_dtype {model_dtype} names it; pass "
                              f"--dtype {key} to load and train in {key}")
 
-    def finish(self, values: dict, given: dict, recipe_keys: set) -> None:
+    def finish(self, values: dict, given: dict, recipe_keys: set, raw_recipe_keys: set = frozenset(),
+               preset_keys: set = frozenset()) -> None:
         """What TRL's names mean together, once every layer is read.
 
         - A recipe's (or a TRL command line's) output_dir is the run's own folder, as in TRL, unless a run_name
           says otherwise: it becomes alignkit's output_dir (the parent) and run_name (the folder's name). So is a
           --output_dir that overrides a recipe's (it meant the parent, then the run's folder once a TRL-only
           name joined it on the line).
-        - `eval_strategy: no` (or `do_eval: false` alone, or a TRL/handbook recipe naming neither: TRL's default is
-          no) asks for no evaluation: no --eval_split share is held out of the training rows unless --eval_split
-          itself is given (TRL and the handbook train on them all).
+        - `eval_strategy: no` (or `do_eval: false` alone, or a TRL/handbook recipe naming neither nor eval_steps:
+          TRL's default is no) asks for no evaluation: no --eval_split share is held out of the training rows
+          unless --eval_split itself (or the preset) gives one (TRL and the handbook train on them all).
         - TRL's `dataset_name` without a split trains on TRL's default split, `train`.
+        - A --dataset_id beside a dataset_mixture is named as unused, as TRL's scripts name dataset_name beside
+          datasets.
         """
         overrides = values.get("trainer_overrides") or {}
         strategy = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
         no_eval = strategy == "no" or (str(overrides.get("do_eval")).lower() == "false" and strategy == "none")
-        # A TRL or handbook recipe (its output_dir the run's folder, no run_name) that names no evaluation asks for
-        # none: TRL's eval_strategy default is "no" (the zephyr-141b ORPO recipe lost 4 of its 64 rows to a share).
-        trl_recipe = "output_dir" in recipe_keys and "run_name" not in given
-        no_eval |= trl_recipe and strategy == "none" and "do_eval" not in overrides
-        if no_eval and "eval_split" in values and "eval_split" not in given:
+        # A TRL or handbook recipe (in TRL's names, no run_name of its own) that names no evaluation asks for none:
+        # TRL's eval_strategy default is "no" (the zephyr-141b ORPO recipe lost 4 of its 64 rows to a share).
+        trl_recipe = bool(raw_recipe_keys & _TRL_RECIPE_NAMES) and "run_name" not in raw_recipe_keys
+        implicit = (trl_recipe and strategy == "none" and not {"do_eval", "eval_steps"} & set(overrides)
+                    and "eval_steps" not in given)
+        kept = "eval_split" in given or "eval_split" in preset_keys
+        if (no_eval or implicit) and "eval_split" in values and not kept:
+            if implicit and values["eval_split"]:
+                logger.info("eval_split 0: the recipe names no evaluation (TRL's eval_strategy default is no), so "
+                            "every row trains; --eval_split 0.05 holds a share out")
             values["eval_split"] = 0
+        if values.get("dataset_mixture") and "dataset_id" in given:  # as TRL's scripts say it
+            logger.warning(f"--dataset_id {values['dataset_id']} is not used: the dataset_mixture is. To train on "
+                           f"it, pass --dataset_mixture none")
         if self.trl_dataset and "dataset_split" in values and "dataset_split" not in given:
             values["dataset_split"] = "train"  # TRL's dataset_train_split default, not alignkit's train_sft
         source = given.get("output_dir")
-        trl_meaning = source == "recipe" or (source == "cli" and (self.trl_style or "output_dir" in recipe_keys))
+        trl_meaning = source == "recipe" or (source in ("cli", "overrides")
+                                             and (self.trl_style or "output_dir" in recipe_keys))
         if "run_name" in given or not trl_meaning:
             return
         folder = Path(values["output_dir"])

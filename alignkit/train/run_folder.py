@@ -16,6 +16,7 @@ fails later keeps its checkpoints, marked by `alignkit_failed.txt`, for `--resum
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -170,14 +171,13 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     if s.resume == "true" and not checkpoint:
         raise ConfigError(f"--resume true, but {folder} holds no checkpoint-N folder to resume from")
     resume_from = str(folder / checkpoint) if checkpoint else None
-    _PREPARED[folder.resolve()] = _Prepared(config_to_dict(s), s, resume_from, _fingerprints(data))
+    _PREPARED[folder.resolve()] = _Prepared(copy.deepcopy(config_to_dict(s)), resume_from, _fingerprints(data))
     return folder, resume_from
 
 
 @dataclasses.dataclass
 class _Prepared:
-    settings: dict  # config_to_dict of the settings prepare_run decided with
-    given: object  # those settings themselves: a notebook's settings cell run again makes another object
+    settings: dict  # config_to_dict of the settings prepare_run decided with (a copy: edits in place count)
     resume_from: str | None
     data: tuple  # each dataset's fingerprint (or identity), in prepare_run's order
     used: bool = False  # a training started from this decision
@@ -198,9 +198,7 @@ def _check_prepared(s, folder: Path, resume_from: str | None, model, data) -> No
         why = "already trained in this session" if prepared else "not prepared for training (prepare_run)"
         raise UserError(f"{folder} was {why}: {again}; it resumes from the last checkpoint, or starts over where "
                         "the settings changed")
-    # Other settings: another object (the settings cell run again) with other values. The same object is the same
-    # settings, whatever a library did to the containers it was handed since.
-    now = config_to_dict(s) if s is not prepared.given else prepared.settings
+    now = config_to_dict(s)  # alignkit hands PEFT and TRL copies: a change here is the user's
     if changed := sorted(k for k in prepared.settings.keys() | now.keys() if prepared.settings.get(k) != now.get(k)):
         raise UserError(f"the settings changed since the 'Run folder' cell ran ({', '.join(changed)}): run the "
                         "cells from 'Data' on again, then train")

@@ -46,12 +46,12 @@ def preflight(s) -> None:
     from alignkit.core.sources import is_hub_id
 
     if s.push_to_hub:
-        require_token()  # now, not after hours of training
         if not s.merge_adaptors and not is_hub_id(s.model_id):
             raise ConfigError(
                 f"--push_to_hub pushes the adapter alone, and its base {s.model_id} is local: nobody else could "
                 "load it. Add --merge_adaptors to push the merged model, or train on a base from the Hub."
             )
+        require_token()  # a token and a Hub that answers: now, not after hours of training
     if getattr(s, "revision", None) and not is_hub_id(s.model_id):  # a recipe's model_revision over a local copy
         logger.warning(f"--revision {s.revision} is not used: {s.model_id} is a local folder, read as it is")
     resolve_report_to(s)
@@ -70,8 +70,9 @@ def check_trl_values(s) -> None:
     if len(names) > 1 and getattr(s, "algo", None):  # rl.py: the algorithm's config alone takes them
         name = {"grpo": "GRPOConfig", "rloo": "RLOOConfig"}[s.algo]
         if foreign := sorted(set(overrides) - set(trl_fields((name,)))):
+            other = "" if set(foreign) - set(types) else ", or pick the other --algo"  # types: both configs'
             raise ConfigError(f"{', '.join(foreign)}: not field(s) of TRL's {name}, which --algo {s.algo} uses; drop "
-                              "them, or pick the other --algo")
+                              f"them{other}")
     for name, value in {"lr_scheduler_type": s.lr_scheduler_type, **overrides}.items():
         if name in types:  # a name TRL's config lacks is trl_config's one line, with the same data
             flag = f"--{name}" if name == "lr_scheduler_type" else f"--trainer_overrides {name}"
