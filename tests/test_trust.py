@@ -397,3 +397,16 @@ def test_a_run_without_4bit_weights_prints_none_of_the_libraries_notes(tiny_cach
     assert "Setting accelerator to CPU" not in out + err
     # Nor transformers' "mtime may not be reliable" when checkpoints come within a second (3 in a tiny run).
     assert "mtime may not be reliable" not in out + err
+
+
+def test_the_trainer_s_note_on_resuming_stacked_adapters_is_dropped(capfd):
+    """Every resume of a run over an SFT adapter logged "Multiple active adapters detected will only consider the
+    first adapter": the Trainer reloads the trained adapter, and alignkit turns the frozen ones back on after it."""
+    import alignkit  # noqa: F401 - installs the filters
+    from transformers.utils import logging as transformers_logging
+
+    trainer_log = transformers_logging.get_logger("transformers.trainer")
+    trainer_log.warning("Multiple active adapters detected will only consider the first adapter")
+    trainer_log.warning("another trainer warning stays")
+    err = capfd.readouterr().err
+    assert "Multiple active adapters" not in err and "another trainer warning stays" in err

@@ -40,9 +40,9 @@ def debugging() -> bool:
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
-INTERRUPTED = "interrupted: what was done is kept (answers, labels, checkpoints); the same command goes on from there"
-INTERRUPTED_IN_CELL = ("interrupted: what was done is kept; run the cell again to go on (a training: the cells from "
-                       "'Run folder' on)")
+INTERRUPTED = "interrupted: what was finished is kept; the same command goes on from there"
+INTERRUPTED_IN_CELL = ("interrupted: what was finished is kept; run the cell again to go on (a training: the cells "
+                       "from 'Run folder' on)")
 
 
 def _report(kind, error, tb) -> None:

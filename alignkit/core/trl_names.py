@@ -100,6 +100,7 @@ ALIASES = {
 }
 # Names that mean TRL's vocabulary on a command line: with them, --output_dir is the run's own folder, as in TRL.
 _TRL_ONLY = {"model_name_or_path", "dataset_name"}
+_RENAMED = {"preprocessing_num_workers": "dataset_num_proc"}  # the handbook's DataArguments name, before TRL's
 # A recipe in TRL's or the handbook's names: they name the model and the data so (alignkit's own say model_id).
 _TRL_RECIPE_NAMES = _TRL_ONLY | {"dataset_mixer", "datasets"}
 
@@ -339,6 +340,9 @@ class Vocabulary:
         """(the layer in alignkit's field names, its unknown keys, notes on keys not applied); `label(key)`
         names a value of this layer in an error."""
         out, unknown, notes, extra, chosen = {}, [], [], {}, set()
+        # The older handbook recipes' names for what TRL names otherwise now (zephyr-7b-beta's dpo/config_qlora.yaml)
+        layer = {(_RENAMED[k] if k in _RENAMED and _RENAMED[k] in self.passthrough and _RENAMED[k] not in layer
+                  else k): v for k, v in layer.items()}
         self.trl_dataset |= "dataset_name" in layer
         if "dataset_mixer" in layer or "dataset_splits" in layer:
             if "dataset_mixer" not in layer:

