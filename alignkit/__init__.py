@@ -127,59 +127,38 @@ if not any(isinstance(f, _MainProcessInfo) for f in logger.filters):
     logger.addFilter(_MainProcessInfo())
 
 
-class _BitsandbytesCpuKernelNote(logging.Filter):
-    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning.
+class _DropLine(logging.Filter):
+    """Drops a library's log record whose message holds `text`: a note with nothing for the user to act on."""
 
-    bitsandbytes logs it on import on any CPU with AVX512-BF16, and PEFT and transformers import bitsandbytes in
-    every run, so it appeared in runs that hold no 4-bit weights at all. It says that the `kernels` package's
-    faster kernel for bitsandbytes' repacked CPU layout is missing; alignkit keeps 4-bit weights out of that
-    layout anyway (alignkit.modeling.models.keep_4bit_layout: the repacking changes the weights).
-    """
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "gemm_4bit_forward" not in str(record.msg)
-
-
-class _KernelsOfflineNote(logging.Filter):
-    """Drops the `kernels` package's "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'
-    because Hugging Face Hub is in offline mode", logged when bitsandbytes looks for that same CPU kernel on import
-    (transformers >= 5.25 installs `kernels`): the same note as above, in other words."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "quantization-bitsandbytes" not in record.getMessage()
-
-
-class _DeepSpeedCpuNote(logging.Filter):
-    """Drops DeepSpeed's "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect
-    it.", logged at import wherever torch sees no GPU (transformers and accelerate import DeepSpeed in every run
-    where it is installed, ZeRO or not): on a CPU machine it says nothing to act on, and alignkit's own launch line
-    names the device. Only that line: every other DeepSpeed warning stays."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Setting accelerator to CPU" not in record.getMessage()
-
-
-class _CheckpointMtimeNote(logging.Filter):
-    """Drops transformers' "mtime may not be reliable on this filesystem, falling back to numerical ordering",
-    logged when a run's checkpoints were all written within a second (any short run that saves often, the tiny
-    preset's): it then orders them by step number, which is how alignkit orders them too (--resume auto)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "mtime may not be reliable" not in record.getMessage()
-
-
-class _ResumedStackNote(logging.Filter):
-    """Drops the Trainer's "Multiple active adapters detected will only consider the first adapter", logged on
-    every resume of a run stacked on earlier adapters: it reloads the trained adapter from the checkpoint, and
-    alignkit turns the frozen ones back on after it (alignkit.train.trainers._StackedAdapters)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Multiple active adapters detected will only consider" not in record.getMessage()
+        return self.text not in str(record.msg) and self.text not in record.getMessage()
 
 
 # Installed before anything imports bitsandbytes or DeepSpeed: their notes are logged at import time.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_BitsandbytesCpuKernelNote())
-logging.getLogger("kernels._internals.hf_hub").addFilter(_KernelsOfflineNote())
-logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuNote())
-logging.getLogger("transformers.trainer_utils").addFilter(_CheckpointMtimeNote())
-logging.getLogger("transformers.trainer").addFilter(_ResumedStackNote())
+# Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning. bitsandbytes logs it on
+# import on any CPU with AVX512-BF16, and PEFT and transformers import bitsandbytes in every run, so it appeared in
+# runs that hold no 4-bit weights at all. It says that the `kernels` package's faster kernel for bitsandbytes'
+# repacked CPU layout is missing; alignkit keeps 4-bit weights out of that layout anyway
+# (alignkit.modeling.models.keep_4bit_layout: the repacking changes the weights).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropLine("gemm_4bit_forward"))
+# Drops the `kernels` package's "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'
+# because Hugging Face Hub is in offline mode", logged when bitsandbytes looks for that same CPU kernel on import
+# (transformers >= 5.25 installs `kernels`): the same note as above, in other words.
+logging.getLogger("kernels._internals.hf_hub").addFilter(_DropLine("quantization-bitsandbytes"))
+# Drops DeepSpeed's "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
+# logged at import wherever torch sees no GPU (transformers and accelerate import DeepSpeed in every run where it is
+# installed, ZeRO or not): on a CPU machine it says nothing to act on, and alignkit's own launch line names the
+# device. Only that line: every other DeepSpeed warning stays.
+logging.getLogger("DeepSpeed").addFilter(_DropLine("Setting accelerator to CPU"))
+# Drops transformers' "mtime may not be reliable on this filesystem, falling back to numerical ordering", logged when
+# a run's checkpoints were all written within a second (any short run that saves often, the tiny preset's): it then
+# orders them by step number, which is how alignkit orders them too (--resume auto).
+logging.getLogger("transformers.trainer_utils").addFilter(_DropLine("mtime may not be reliable"))
+# Drops the Trainer's "Multiple active adapters detected will only consider the first adapter", logged on every resume
+# of a run stacked on earlier adapters: it reloads the trained adapter from the checkpoint, and alignkit turns the
+# frozen ones back on after it (alignkit.train.trainers._StackedAdapters).
+logging.getLogger("transformers.trainer").addFilter(_DropLine("Multiple active adapters detected will only consider"))

@@ -139,14 +139,16 @@ def tokenizer_source(chain: Chain, base: str, base_revision: str | None) -> tupl
 def _hub_file(repo: str, name: str, revision: str | None) -> bool | None:
     """Whether Hub repo `repo` holds `name` at `revision` (fetched once, then from the cache); None when offline
     and the cache has no record of it either way."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
+
+    from alignkit.core.sources import hub_offline
 
     cached = try_to_load_from_cache(repo, name, revision=revision)
     if isinstance(cached, str):
         return True
     if cached is not None:  # the Hub's 404, as the cache recorded it
         return False
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return None
     try:
         from huggingface_hub import hf_hub_download
