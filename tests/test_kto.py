@@ -97,3 +97,26 @@ def test_kto_takes_a_test_split_and_a_handbook_mixture_as_dpo_does(tmp_path):
     mixture = {"datasets": [{"id": str(folder / "train.jsonl"), "weight": 0.5}], "seed": 0}
     train, held_out = load_train_eval("unpaired", KTOSettings(dataset_mixture=mixture))
     assert len(train) + (len(held_out) if held_out else 0) == 6  # half of the file's 12 labelled answers
+
+
+def test_kto_holds_out_whole_prompts_so_no_held_out_answer_has_its_pair_partner_in_training(tmp_path):
+    """A pair becomes two answers; the held-out share was drawn over answers, so a held-out rejected answer's chosen
+    partner (same prompt) trained: the held-out figures measured answers to prompts the model had learned."""
+    import json
+
+    from alignkit.core.mixture import load_train_eval
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n"
+                             for i in range(20)))
+    for settings in (KTOSettings(dataset_id=str(pairs), eval_split=0.25),
+                     KTOSettings(dataset_mixture={"datasets": [{"id": str(pairs), "weight": 1.0}], "seed": 3,
+                                                  "test_split_size": 5})):
+        train, held_out = load_train_eval("unpaired", settings)
+        train_prompts, held_prompts = set(train["prompt"]), set(held_out["prompt"])
+        assert not train_prompts & held_prompts
+        assert len(held_out) >= (10 if settings.eval_split == 0.25 else 5) and len(train) + len(held_out) == 40
+        assert all(sorted(held_out.filter(lambda r, p=p: r["prompt"] == p)["label"]) == [False, True]
+                   for p in held_prompts)
+    with pytest.raises(UserError, match="leaves no training rows"):
+        load_train_eval("unpaired", KTOSettings(dataset_id=str(pairs), eval_split=39))

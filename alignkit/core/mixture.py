@@ -82,18 +82,21 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def split(dataset, s):
-    """(train, eval or None): a seeded shuffle, --max_samples, then the held-out share."""
+def split(dataset, s, kind=None):
+    """(train, eval or None): a seeded shuffle, --max_samples, then the held-out share (for KTO's "unpaired" kind,
+    whole prompts: see _hold_out)."""
     dataset = dataset.shuffle(seed=s.seed)
     if s.max_samples:
         dataset = dataset.select(range(min(s.max_samples, len(dataset))))
     if s.eval_split <= 0:
         return dataset, None
-    return _hold_out(dataset, s.eval_split, s.seed, "eval_split")
+    return _hold_out(dataset, s.eval_split, s.seed, "eval_split", kind)
 
 
-def _hold_out(dataset, size, seed, name):
-    """(train, held out): `size` rows (>= 1) or a share (< 1), counted as datasets' train_test_split counts them."""
+def _hold_out(dataset, size, seed, name, kind=None):
+    """(train, held out): `size` rows (>= 1) or a share (< 1), counted as datasets' train_test_split counts them.
+    KTO's unpaired answers are held out by whole prompts (at least that many rows): a pair read as two answers
+    otherwise trains its chosen half while its rejected half is scored as unseen."""
     n = len(dataset)
     if not (_number(size) and size > 0):
         raise ConfigError(f"{name} {size!r} must be a share (< 1) or a row count (>= 1)")
@@ -106,8 +109,33 @@ def _hold_out(dataset, size, seed, name):
     if held >= n:
         raise ConfigError(f"{name} {size} leaves no training rows: it holds out {min(held, n)} of the {n} rows. "
                           f"Hold out fewer (a smaller share, or fewer than {n} rows), or {other}")
+    if kind == "unpaired":
+        return _hold_out_prompts(dataset, held, name, other)
     parts = dataset.train_test_split(test_size=size, seed=seed, shuffle=False)
     return parts["train"], parts["test"]
+
+
+def _hold_out_prompts(dataset, held, name, other):
+    """The last prompts of the (shuffled) rows, every answer to each, until `held` rows are held out."""
+    import json
+
+    from collections import Counter
+
+    keys = [json.dumps(prompt, sort_keys=True, default=str) for prompt in dataset["prompt"]]
+    answers, chosen, count = Counter(keys), set(), 0
+    order = list(dict.fromkeys(reversed(keys)))  # prompts, the one whose last row is last first
+    for key in order:
+        if count >= held:
+            break
+        chosen.add(key)
+        count += answers[key]
+    if len(chosen) == len(order):
+        raise ConfigError(f"{name}: the {len(dataset)} answers have {len(order)} prompt(s); holding out {held} "
+                          "answers, every answer to a held-out prompt with it, leaves no training rows. Hold out "
+                          f"fewer, add prompts, or {other}")
+    train = [i for i, key in enumerate(keys) if key not in chosen]
+    test = [i for i, key in enumerate(keys) if key in chosen]
+    return dataset.select(train), dataset.select(test)
 
 
 def _loader(kind, s):
@@ -128,7 +156,7 @@ def load_train_eval(kind: str, s):
     check_file_splits(s)
     data = load(s.dataset_id, s.dataset_format, s.dataset_split, s.skip_invalid, s.dataset_config)
     if not s.dataset_test_split:
-        return split(data, s)
+        return split(data, s, kind)
     train = data.shuffle(seed=s.seed)
     if s.max_samples:
         train = train.select(range(min(s.max_samples, len(train))))
@@ -229,12 +257,12 @@ def _mixture(kind, s):
     except ValueError as e:  # different normalised features: an SFT text dataset beside a messages one
         raise DataError(f"dataset_mixture: the datasets do not fit together ({e}); mix datasets of one format") from e
     if m.get("test_split_size"):
-        train, carved = _hold_out(train, m["test_split_size"], seed, "dataset_mixture test_split_size")
+        train, carved = _hold_out(train, m["test_split_size"], seed, "dataset_mixture test_split_size", kind)
         held_out = carved if held_out is None else datasets.concatenate_datasets([held_out, carved])
     if s.max_samples:
         train = train.select(range(min(s.max_samples, len(train))))
     if held_out is None and s.eval_split > 0:
-        train, held_out = _hold_out(train, s.eval_split, s.seed, "eval_split")
+        train, held_out = _hold_out(train, s.eval_split, s.seed, "eval_split", kind)
     logger.info(f"dataset mixture: {len(train)} training rows from {len(train_parts)} dataset(s), "
                 f"{len(held_out) if held_out is not None else 0} held out")
     return train, held_out
