@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from alignkit.core import kernels, launch, threads
-from alignkit.core.config import DPOSettings, ModelSettings
+from alignkit.core.config import DPOSettings, ModelSettings, SFTSettings
 from alignkit.modeling import models, presets
 from alignkit.train import flex_check, training
 
@@ -657,6 +657,9 @@ def test_loading_sets_the_threads_and_says_so_once(tiny_cache, monkeypatch, alig
         models.load_model(ModelSettings(model_id=presets.paths()["model"]))
         assert alignkit_log.text.count("threads: 1") == 1
         assert "parameters on a CPU" in alignkit_log.text
+        threads._threads_logged = None  # a preset's num_threads is named as the preset's (it said "set by --num_threads")
+        models.load_model(SFTSettings(model_id=presets.paths()["model"], num_threads="1", preset="tiny"))
+        assert "threads: 1 (set by --num_threads or --preset tiny)" in alignkit_log.text
     finally:
         torch.set_num_threads(before)
     for stage in ("sft", "dpo", "label", "evaluate"):

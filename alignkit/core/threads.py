@@ -46,14 +46,16 @@ def resolve_num_threads(requested: str, num_parameters: int) -> int:
 _threads_logged: int | None = None
 
 
-def apply_num_threads(requested: str, model) -> int:
-    """Set torch's CPU threads for `model` (see resolve_num_threads); logs the choice once per value."""
+def apply_num_threads(requested: str, model, preset: str | None = None) -> int:
+    """Set torch's CPU threads for `model` (see resolve_num_threads); logs the choice once per value, naming the
+    preset beside --num_threads where one is in use (the presets set it)."""
     global _threads_logged
     count = sum(p.numel() for p in model.parameters())
     threads = resolve_num_threads(requested, count)
     torch.set_num_threads(threads)
     if _threads_logged != threads:
-        why = "set by --num_threads" if requested != "auto" else "OMP_NUM_THREADS" if os.environ.get(
+        given = f"set by --num_threads or --preset {preset}" if preset else "set by --num_threads"
+        why = given if requested != "auto" else "OMP_NUM_THREADS" if os.environ.get(
             "OMP_NUM_THREADS", "").isdigit() else (
             f"model of {count / 1e6:.1f}M parameters on a CPU: one thread is fastest, and robust on a busy machine"
             if threads == 1 and not torch.cuda.is_available() else "the physical cores")

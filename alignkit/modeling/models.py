@@ -290,7 +290,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
             model = load_reward_base(weights, kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
-    apply_num_threads(getattr(s, "num_threads", "auto"), model)
+    apply_num_threads(getattr(s, "num_threads", "auto"), model, getattr(s, "preset", None))
     if quantization == "4bit" and keep_4bit_layout(model) and not torch.cuda.is_available():  # a GPU run never repacks
         logger.info("4-bit on the CPU: the weights stay in bitsandbytes' standard NF4 layout (its AVX512-BF16 "
                     "repacking rounds their block scales to bf16 at the first pass without gradients, changing "
