@@ -158,7 +158,7 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(tiny_cache, tmp_
     assert resumed["metrics"]["train_loss"] == pytest.approx(straight["metrics"]["train_loss"], rel=2e-2)
 
 
-def test_a_run_with_other_settings_does_not_resume_from_this_one(tiny_cache, tmp_path):
+def test_a_run_with_other_settings_does_not_resume_from_this_one(tiny_cache, tmp_path, capfd):
     common = ["--preset", "tiny", "--max_steps", "10", "--save_steps", "5", "--output_dir", str(tmp_path),
               "--run_name", "same-name"]
     from alignkit.modeling.identity import chain_identity
@@ -168,8 +168,10 @@ def test_a_run_with_other_settings_does_not_resume_from_this_one(tiny_cache, tmp
     adapter, metrics = (run / "adapter_model.safetensors").read_bytes(), (run / "metrics.json").read_text()
     identity = chain_identity(str(run))
     # The same command again: it resumes at step 10 of 10 (mid-epoch), where transformers trained one more step.
+    capfd.readouterr()
     again = run_script("dpo.py", *common)
     assert again["resume_from"].endswith("checkpoint-10") and again["trainer"].state.global_step == 10
+    assert "train_runtime" not in "".join(capfd.readouterr())  # TRL's summary of no step (train_loss 0.0) not shown
     assert (run / "adapter_model.safetensors").read_bytes() == adapter
     assert again["metrics"]["global_step"] == 10
     # Its metrics stay the finished run's (rewritten, they said train_loss 0.0 from TRL's summary of no step), so

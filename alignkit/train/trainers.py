@@ -108,6 +108,18 @@ class EndsAtMaxSteps:
             return num_train_epochs, 0
         return epochs, steps
 
+    def log(self, logs, *args, **kwargs):
+        """The summary of a call that trained no step is kept in the state's history (finish reads it where the
+        finished run's metrics.json is gone) but not shown: printed, it read as a run's figures (train_loss 0.0)."""
+        if "train_runtime" not in logs or self.steps_at_start != self.state.global_step:
+            return super().log(logs, *args, **kwargs)
+        handler = self.callback_handler
+        handler.on_log = lambda args, state, control, logs: control
+        try:
+            return super().log(logs, *args, **kwargs)
+        finally:
+            del handler.on_log  # the class's own again
+
 
 class _StackedAdapters:
     frozen_adapters: list[str] = []
