@@ -500,3 +500,28 @@ def torch_module():
     import torch
 
     return torch.nn.Linear(2, 2)
+
+
+def test_a_notebook_s_cd_between_run_folder_and_training_is_refused_saying_why(tmp_path, monkeypatch):
+    """A %cd between the cells made the relative run folder another folder: refused as 'not prepared for
+    training', which the user had just done. The refusal names the working folder change and the way back."""
+    from alignkit.core.config import SFTSettings
+    from alignkit.train import run_folder
+
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    s = SFTSettings(output_dir="runs", run_name="run")
+    folder, resume_from = run_folder.prepare_run(s, "sft")
+    assert folder == Path("runs/run")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    project = str(tmp_path / "project")
+    with pytest.raises(UserError, match=rf"^the working folder changed since the 'Run folder' cell ran "
+                                        rf"\({re.escape(project)}, now {re.escape(str(tmp_path / 'elsewhere'))}\), "
+                                        rf"so runs/run names another folder: change back \(%cd {re.escape(project)}\)"):
+        with run_folder.start_run(s, folder, resume_from):
+            pass
+    assert not (tmp_path / "elsewhere" / "runs").exists()
+    monkeypatch.chdir(tmp_path / "project")
+    with run_folder.start_run(s, folder, resume_from):  # back where it was prepared, it trains
+        pass

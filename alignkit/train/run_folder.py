@@ -171,7 +171,8 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     if s.resume == "true" and not checkpoint:
         raise ConfigError(f"--resume true, but {folder} holds no checkpoint-N folder to resume from")
     resume_from = str(folder / checkpoint) if checkpoint else None
-    _PREPARED[folder.resolve()] = _Prepared(copy.deepcopy(config_to_dict(s)), resume_from, _fingerprints(data))
+    _PREPARED[folder.resolve()] = _Prepared(copy.deepcopy(config_to_dict(s)), resume_from, _fingerprints(data),
+                                            str(folder), os.getcwd())
     return folder, resume_from
 
 
@@ -180,6 +181,8 @@ class _Prepared:
     settings: dict  # config_to_dict of the settings prepare_run decided with (a copy: edits in place count)
     resume_from: str | None
     data: tuple  # each dataset's fingerprint (or identity), in prepare_run's order
+    given: str = ""  # the folder as the settings named it, and the working folder then (a relative path
+    cwd: str = ""  # names another folder after a notebook's %cd)
     used: bool = False  # a training started from this decision
 
 
@@ -194,6 +197,11 @@ def _check_prepared(s, folder: Path, resume_from: str | None, model, data) -> No
     earlier training cell started over (with no checkpoint to resume, the trained adapter went on training)."""
     prepared = _PREPARED.get(folder.resolve())
     again = "run the cells from 'Run folder' on again (Run folder, Model, Train)"
+    moved = [p for p in _PREPARED.values() if prepared is None and p.given == str(folder) and p.cwd != os.getcwd()]
+    if moved:
+        raise UserError(f"the working folder changed since the 'Run folder' cell ran ({moved[-1].cwd}, now "
+                        f"{os.getcwd()}), so {folder} names another folder: change back (%cd {moved[-1].cwd}), or "
+                        f"{again}")
     if prepared is None or prepared.used:
         why = "already trained in this session" if prepared else "not prepared for training (prepare_run)"
         raise UserError(f"{folder} was {why}: {again}; it resumes from the last checkpoint, or starts over where "
