@@ -836,6 +836,16 @@ def test_a_flag_fixes_a_recipe_s_bad_value(tmp_path):
     with pytest.raises(ConfigError, match=r"--packing_strategy: 'nope' is not one of"):  # a bad flag stays bad
         parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), "--packing_strategy", "nope",
                                                        "--learning_rate", "1e-4"])
+    # --trainer_overrides sets a TRL field again as much as its flag does; an alias that converts (TRL's
+    # use_liger_kernel) waits for a later layer as every other value does, and alignkit's own name sets it too.
+    s = parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), "--learning_rate", "1e-4",
+                                                       "--trainer_overrides", '{"packing_strategy": "bfd"}'])
+    assert s.trainer_overrides["packing_strategy"] == "bfd"
+    recipe.write_text("use_liger_kernel: maybe\n")
+    with pytest.raises(ConfigError, match=r"key use_liger_kernel"):
+        parse_config(SFTSettings, env_file=None, args=["--config", str(recipe)])
+    for fix in (["--use_liger_kernel", "false"], ["--use_liger", "false"]):
+        assert parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), *fix]).use_liger == "false"
 
 
 def test_a_recipe_s_model_revision_over_a_local_copy_is_named_as_unused(tmp_path, alignkit_log):

@@ -272,6 +272,19 @@ _TRL_DEFAULTS_UNDER_OTHER_NAMES = {  # field: (TRL's value, as --help says it)
 }
 
 
+def _mapping_keys(value) -> list:
+    """The keys of a --trainer_overrides value as a layer holds it (a mapping, or its JSON/YAML text); none where
+    it is no mapping (the setting's own conversion names that)."""
+    import yaml
+
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return []
+    return list(value) if isinstance(value, Mapping) else []
+
+
 class Vocabulary:
     """alignkit.core.args' second vocabulary for a settings class with `trl_configs`."""
 
@@ -371,9 +384,16 @@ class Vocabulary:
                 continue
             if key in fields:
                 out[key] = raw
+                for alias in (a for a in list(self.deferred) if a in ALIASES and ALIASES[a].target == key):
+                    self.deferred.pop(alias)  # alignkit's own name set again: the alias's bad value goes unused
             elif key in ALIASES and self._applies(key, fields):
                 alias = ALIASES[key]
-                value = alias.convert(raw, label(key)) if alias.convert else raw
+                try:
+                    value = alias.convert(raw, label(key)) if alias.convert else raw
+                    self.deferred.pop(key, None)
+                except ConfigError as error:  # a later layer may set it again (use_liger_kernel: maybe in a recipe)
+                    self.deferred[key] = error
+                    continue
                 weak = isinstance(value, _Weak)
                 if value is not SKIP and alias.target not in layer and not (weak and alias.target in chosen):
                     out[alias.target] = value.value if weak else value  # alignkit's own name wins in one layer
@@ -396,6 +416,8 @@ class Vocabulary:
                     self.deferred[key] = error
             else:
                 unknown.append(key)
+        for key in _mapping_keys(layer.get("trainer_overrides")):  # set there: an earlier bad value goes unused
+            self.deferred.pop(key, None)
         self._one_dtype(layer, out, notes, label)
         if extra:
             out["trainer_overrides"] = {**extra, **(out.get("trainer_overrides") or {})}
