@@ -635,6 +635,14 @@ def test_resume_auto_starts_over_when_the_same_files_and_settings_became_other_r
         (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
     same = concatenate_datasets([Dataset.from_list(rows[:700]), Dataset.from_list(rows[700:1500])])
     assert training.prepare_run(s, "sft", same.select(range(1400)), held_out)[1] == str(folder / "checkpoint-2")
+    # The same rows in Arrow's large types (a file polars or pandas wrote): they resume too (they started over).
+    import pyarrow as pa
+
+    fields = train.data.table.schema.field("messages").type.value_type  # role, content: as read
+    large = pa.large_list(pa.struct([(f.name, pa.large_string()) for f in fields]))
+    as_large = Dataset(train.data.table.cast(pa.schema([("messages", large)])))
+    assert as_large.features != train.features
+    assert training.prepare_run(s, "sft", as_large, held_out)[1] == str(folder / "checkpoint-2")
     # The same rows, a message read differently (as a newer reader might): another run.
     other = rows[:1400]
     other[5] = {"messages": [{"role": "user", "content": "q5"}, {"role": "assistant", "content": "a5 "}]}

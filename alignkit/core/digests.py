@@ -21,9 +21,11 @@ def digest(value, length: int | None = None, ensure_ascii: bool = False) -> str:
 def rows_digest(*datasets) -> str:
     """Hex SHA-256 of datasets' rows (their features, then every row in order; None for a missing one). The same
     rows read the same way give the same digest whether they are one Arrow table or the concatenation of several,
-    a selection or shuffle of a larger one (an indices mapping) or a copy; other Arrow types for the same values
-    (large_string, another column order) give another digest, so at worst a run starts over. Each 1,000 rows are
-    copied out and written as an Arrow IPC stream into the hash, never all at once."""
+    a selection or shuffle of a larger one (an indices mapping) or a copy, and whether strings, binaries and lists
+    are Arrow's large types (polars and pandas write large_string) or not; another column order gives another digest,
+    so at worst a run starts over. Each 1,000 rows are copied out and written as an Arrow IPC stream into the hash,
+    never all at once."""
+    import datasets as hf_datasets
     import pyarrow as pa
 
     hasher = hashlib.sha256()
@@ -45,10 +47,30 @@ def rows_digest(*datasets) -> str:
         hasher.update(b"\0dataset")
         if dataset is None:
             continue
-        hasher.update(json.dumps(dataset.features.to_dict(), sort_keys=True, default=str).encode())
+        schema = dataset.features.arrow_schema
+        plain = pa.schema([field.with_type(_plain_type(field.type)) for field in schema])
+        features = hf_datasets.Features.from_arrow_schema(plain) if plain != schema else dataset.features
+        hasher.update(json.dumps(features.to_dict(), sort_keys=True, default=str).encode())
         for batch in dataset.with_format("arrow").iter(batch_size=1000):
             # take() copies the rows into fresh buffers: a slice of a larger table would write its whole buffers.
             batch = batch.take(pa.array(range(batch.num_rows))).combine_chunks().replace_schema_metadata(None)
+            if plain != schema:
+                batch = batch.cast(plain.remove_metadata())
             with pa.ipc.new_stream(pa.PythonFile(Sink(), mode="w"), batch.schema) as writer:
                 writer.write_table(batch)
     return hasher.hexdigest()
+
+
+def _plain_type(kind):
+    """An Arrow type with its large strings, binaries and lists as the plain ones (the same values)."""
+    import pyarrow as pa
+
+    if pa.types.is_large_string(kind):
+        return pa.string()
+    if pa.types.is_large_binary(kind):
+        return pa.binary()
+    if pa.types.is_large_list(kind) or pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_plain_type(kind.value_type)))
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(_plain_type(field.type)) for field in kind])
+    return kind
