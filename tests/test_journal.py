@@ -525,3 +525,34 @@ def test_a_notebook_s_cd_between_run_folder_and_training_is_refused_saying_why(t
     monkeypatch.chdir(tmp_path / "project")
     with run_folder.start_run(s, folder, resume_from):  # back where it was prepared, it trains
         pass
+
+
+def test_a_run_folder_s_lock_file_goes_with_its_run_and_a_lock_never_lands_on_a_removed_file(tmp_path, monkeypatch):
+    """$ALIGNKIT_CACHE/run-locks/ kept one file per run folder ever trained. A run now removes its lock file as it
+    lets go, still holding it; a process that opened the file before it went and locks it after takes the file now
+    at the path instead (else two processes would hold 'the' lock: one on the removed file, one on a new one)."""
+    from alignkit.core import journal
+    from alignkit.core.config import SFTSettings
+    from alignkit.train import run_folder
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    s = SFTSettings(output_dir=str(tmp_path), run_name="run")
+    folder, _ = run_folder.prepare_run(s, "sft")
+    assert run_folder._lock_file(folder).is_file()
+    with run_folder.start_run(s, folder, None):
+        pass
+    assert list((tmp_path / "cache" / "run-locks").iterdir()) == []
+    lock = tmp_path / "lock"
+    real_flock, removed = journal.fcntl.flock, []
+
+    def flock_after_the_holder_removed_it(fd, operation):  # the holder let go (remove=True) between open and lock
+        if not removed:
+            removed.append(os.fstat(fd).st_ino)
+            lock.unlink()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(journal.fcntl, "flock", flock_after_the_holder_removed_it)
+    held = journal.hold(lock, "test", "wait")
+    assert os.fstat(held.fileno()).st_ino == os.stat(lock).st_ino  # the file at the path, not the removed one
+    journal.let_go(lock, remove=True)
+    assert not lock.exists()

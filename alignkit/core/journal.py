@@ -46,21 +46,32 @@ def hold(path: str | os.PathLike, owner: str, fix: str, what=None):
     stale = _held.pop(str(path.resolve()), None)
     if stale is not None:
         stale.close()
-    file = open(path, "a+b")
-    if fcntl is not None:
+    while True:
+        file = open(path, "a+b")
+        if fcntl is None:
+            break
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             file.close()
             raise InUse(f"{what or path.parent} is in use by another {owner} run; {fix}") from None
+        try:  # locked the file still at `path`, not one its holder removed as it let go (let_go(remove=True))
+            if os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        file.close()
     _held[str(path.resolve())] = file
     return file
 
 
-def let_go(path: str | os.PathLike) -> None:
-    """Release a `hold` on `path` taken in this process (none taken: nothing)."""
+def let_go(path: str | os.PathLike, remove: bool = False) -> None:
+    """Release a `hold` on `path` taken in this process (none taken: nothing); `remove`: delete the file first, still
+    holding it (a lock file of no content: a run folder's; `hold` takes only the file at the path)."""
     held = _held.pop(str(Path(path).resolve()), None)
     if held is not None:
+        if remove and fcntl is not None:
+            Path(path).unlink(missing_ok=True)
         held.close()
 
 

@@ -358,7 +358,7 @@ def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
     try:
         _check_prepared(s, folder, resume_from, model, data)
     except UserError:
-        let_go(_lock_file(folder))  # the cells run again take it again
+        let_go(_lock_file(folder), remove=True)  # the cells run again take it again
         _PREPARED.pop(folder.resolve(), None)
         raise
     _PREPARED[folder.resolve()].used = True
@@ -385,7 +385,7 @@ def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
             _release(folder, aside, error)
         raise
     finally:
-        let_go(_lock_file(folder))  # prepare_run's hold: the next run in this folder may start
+        let_go(_lock_file(folder), remove=True)  # prepare_run's hold: the next run in this folder may start
 
 
 def check_trained(folder: Path) -> None:
