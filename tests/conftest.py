@@ -134,13 +134,14 @@ def run_script(name: str, *args: str, cwd: Path | None = None) -> dict:
         os.chdir(old_cwd)
 
 
-def in_two_ranks(target, folder: Path, *args) -> list[int]:
+def in_two_ranks(target, folder: Path, *args, start: str = "fork") -> list[int]:
     """`target(rank, *args)` in two forked processes, ranks 0 and 1 of a gloo process group as under a launch on
     this CPU (the group's rendezvous file in `folder`); their exit codes. Forked, so `target` may be any function
-    of the test module and see what the test patched."""
+    of the test module and see what the test patched; `start="spawn"` for a target that computes with torch (a
+    forked child of a process whose OpenMP threads ran may wait forever on their lock)."""
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context(start)
     ranks = [ctx.Process(target=_as_rank, args=(target, rank, folder, args)) for rank in (0, 1)]
     for process in ranks:
         process.start()

@@ -265,6 +265,9 @@ def test_the_tiny_preset_and_gguf_conversions_wait_for_the_process_that_builds_t
     assert asking.is_alive() and not built  # it waits rather than building beside the other rank
     target.mkdir()
     (target / done).write_text(json.dumps({"recipe": presets._recipe()}))  # the other rank's build lands
+    if what == "gguf":  # a conversion whole: its config and weights beside the done file
+        (target / "config.json").write_text("{}")
+        (target / "model.safetensors").write_bytes(b"weights")
     other.release()
     asking.join(30)
     assert not asking.is_alive() and not built

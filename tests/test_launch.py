@@ -739,3 +739,40 @@ def test_a_second_training_of_one_run_folder_is_refused_in_one_line(tmp_path):
                             r"first, or pass another --run_name", done.stdout.strip()), done.stdout
     done = subprocess.run([sys.executable, "-c", second], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]  # the training ended: the folder is free
+
+
+def _rank_converts(rank, path, folder):
+    """Rank 1 alone converts (it took the build lock); rank 0 waits at a barrier, as under a launch."""
+    import torch.distributed as dist
+    import transformers
+
+    from alignkit.modeling import gguf
+
+    if rank == 1:  # the tiny preset's model and tokenizer stand in for a GGUF file's (transformers' reader)
+        torch.set_num_threads(1)
+        model_folder = presets.paths()["model"]
+        load_model, load_tokenizer = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
+        transformers.AutoModelForCausalLM.from_pretrained = lambda *a, **k: load_model(model_folder)
+        transformers.AutoTokenizer.from_pretrained = lambda *a, **k: load_tokenizer(model_folder)
+        work = folder / "work"
+        work.mkdir()
+        try:
+            gguf._convert_into(path, "llama", work)
+        except Exception as error:  # the old code wrote no model here; the new one says so if it ever does not
+            (folder / "error.txt").write_text(str(error))
+    dist.barrier()
+
+
+def test_a_gguf_file_converted_by_a_rank_other_than_0_is_written_whole(tiny_cache, tmp_path):
+    """Under a launch the GGUF conversion is built by whichever process takes the lock (one per machine), but
+    transformers writes a model only on global rank 0 once the process group is up: rank 1's build wrote the
+    tokenizer and the done file alone, and every later run failed on the folder ('Unrecognized model'). A converted
+    folder without its config or weights is built again."""
+    from alignkit.modeling import gguf
+
+    file = tmp_path / "m.gguf"
+    file.write_bytes(b"GGUF")
+    assert in_two_ranks(_rank_converts, tmp_path, file, tmp_path, start="spawn") == [0, 0]
+    assert not (tmp_path / "error.txt").exists()
+    assert (tmp_path / "work" / "config.json").is_file() and (tmp_path / "work" / "model.safetensors").is_file()
+    assert not gguf._whole(tmp_path) and gguf._whole(tmp_path / "work")  # a tokenizer and done file alone: rebuilt

@@ -109,7 +109,7 @@ def converted_folder(path: Path) -> Path:
 def convert(path: Path) -> Path:
     """The plain model folder for the GGUF file `path`: converted on first use, the cached one afterwards."""
     target = converted_folder(path)
-    if (target / DONE).is_file():
+    if (target / DONE).is_file() and _whole(target):
         return target
     import transformers
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
@@ -125,7 +125,13 @@ def convert(path: Path) -> Path:
                 "instead, or pass its Hub id"
             ) from None
         raise
-    return build_once(target, DONE, lambda work: _convert_into(path, arch, work))
+    return build_once(target, DONE, lambda work: _convert_into(path, arch, work), current=lambda _: _whole(target))
+
+
+def _whole(folder: Path) -> bool:
+    """A converted folder holds its config and weights (a launch's rank other than 0 once wrote a done file over
+    the tokenizer alone: transformers saved no model there)."""
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
 def _convert_into(path: Path, arch: str, work: Path) -> str:
@@ -138,9 +144,13 @@ def _convert_into(path: Path, arch: str, work: Path) -> str:
 
     from alignkit.core.progress import bars_by_rule
 
+    from alignkit.core.launch import outside_zero3
+
     logger.info(f"converting {path} ({arch}) into {work.parent} (once; cached for every later run)")
     # transformers' conversion bar is tqdm's own: alignkit's rule decides it (drawn in a terminal or a notebook).
-    with bars_by_rule(gguf_utils):
+    # Under a ZeRO-3 launch this process alone builds the whole model: not under zero.Init, which would wait for
+    # the ranks waiting for this build.
+    with bars_by_rule(gguf_utils), outside_zero3():
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild it from its config without
@@ -148,7 +158,8 @@ def _convert_into(path: Path, arch: str, work: Path) -> str:
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with outside_zero3():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
@@ -158,8 +169,13 @@ def _convert_into(path: Path, arch: str, work: Path) -> str:
     if tok.eos_token_id is not None:
         model.generation_config.eos_token_id = tok.eos_token_id
     del gguf_model
+    # The builder is whichever process took the lock (one per machine): transformers writes nothing on a rank other
+    # than 0 once a process group is up, so this process says it writes.
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(work)
     tok.save_pretrained(work)
+    if not _whole(work):
+        raise RuntimeError(f"converting {path} wrote no model into {work} (transformers saved nothing)")
     logger.info(f"converted {path.name}: {sum(p.numel() for p in model.parameters()):,} parameters")
     return json.dumps({"source": str(path.resolve()), "content": content_hash(path), "architecture": arch,
                        "transformers": transformers.__version__, "converter": CONVERTER}, indent=2)
