@@ -776,3 +776,40 @@ def test_a_gguf_file_converted_by_a_rank_other_than_0_is_written_whole(tiny_cach
     assert not (tmp_path / "error.txt").exists()
     assert (tmp_path / "work" / "config.json").is_file() and (tmp_path / "work" / "model.safetensors").is_file()
     assert not gguf._whole(tmp_path) and gguf._whole(tmp_path / "work")  # a tokenizer and done file alone: rebuilt
+
+
+def test_resume_true_over_changed_settings_refuses_other_weights_and_records_the_rest(tmp_path, alignkit_log):
+    """--resume true resumed over any change without a word: a changed --lora_r loaded the checkpoint into an
+    adapter of another shape (a traceback, after the finished run's record had been rewritten and it was marked
+    failed), and a changed --num_generations trained the later steps with other settings than the first ones while
+    alignkit_config.json recorded the new ones for the whole run."""
+    import json
+
+    s = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="run")
+    folder = tmp_path / "run"
+    training.prepare_run(s, "sft")
+    with run_folder.start_run(s, folder, None):
+        (folder / "checkpoint-2").mkdir()
+        (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    record = (folder / training.CONFIG_FILE).read_text()
+    other_shape = dataclasses.replace(s, lora_r=4, resume="true")
+    with pytest.raises(UserError, match=rf"^--resume true: {re.escape(str(folder))}'s checkpoints hold other "
+                                          r"weights than these settings make \(lora_r 16 -> 4\)\. Resume with the "
+                                          r"run's own values, or --resume false to start over$"):
+        training.prepare_run(other_shape, "sft")
+    assert (folder / training.CONFIG_FILE).read_text() == record and not (folder / run_folder.FAILED_FILE).exists()
+    slower = dataclasses.replace(s, learning_rate=1e-5, resume="true")
+    assert training.prepare_run(slower, "sft") == (folder, str(folder / "checkpoint-2"))
+    assert "--resume true over changed settings (learning_rate): the steps to checkpoint-2 trained with the " \
+           "run's earlier values, the later ones with these" in alignkit_log.text
+    with run_folder.start_run(slower, folder, str(folder / "checkpoint-2")):
+        pass
+    saved = json.loads((folder / training.CONFIG_FILE).read_text())
+    assert saved["learning_rate"] == 1e-5
+    assert saved["resumed_over"] == [{"step": 2, "changed": {"learning_rate": [s.learning_rate, 1e-5]}}]
+    # Resumed again with the same settings: the record of the change stays.
+    again = dataclasses.replace(slower, resume="auto")
+    assert training.prepare_run(again, "sft")[1] == str(folder / "checkpoint-2")
+    with run_folder.start_run(again, folder, str(folder / "checkpoint-2")):
+        pass
+    assert json.loads((folder / training.CONFIG_FILE).read_text())["resumed_over"] == saved["resumed_over"]

@@ -65,6 +65,7 @@ NOT_TRAINING = {
     "trained_over",  # recorded beside the settings (save_run_config), for the loader (check_trained_over)
     DATA_ROWS,  # recorded beside the settings (save_run_config); the rows themselves are compared by content
     LOADED_AS,  # recorded beside the settings (save_run_config): the loader's decisions, known once it loaded
+    "resumed_over",  # recorded beside the settings (save_run_config): --resume true over changed settings
 }
 
 
@@ -161,6 +162,7 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     resume = s.resume == "true" or (s.resume == "auto" and checkpoints and not _changed(folder, s))
     if s.resume == "true" and checkpoints:
         _check_below(folder, s)
+        _resume_over_changes(folder, s, checkpoints[-1].name)
     checkpoint = checkpoints[-1].name if resume and checkpoints else None
     views = every_process(checkpoint)
     if differing := [rank for rank, other in enumerate(views) if other != views[0]]:
@@ -318,6 +320,32 @@ def _check_below(folder: Path, s) -> None:
                           "--resume false starts over")
 
 
+# What the checkpoints' weights are: changed, they cannot be resumed (PEFT refuses the state dict, or the
+# optimizer's state is another model's).
+_WEIGHTS = ("model_id", "gguf_file", "adapter", "lora_r", "lora_target_modules", "lora_modules_to_save", "use_dora",
+            "lota_target_modules", "lota_sparsity", "lota_mask_scope", "model files")
+_RESUMED_OVER: dict[Path, dict] = {}  # folder -> {"step", "changed": {setting: [run's, now]}}, for save_run_config
+
+
+def _resume_over_changes(folder: Path, s, checkpoint: str) -> None:
+    """--resume true over settings other than the run's: refused before the model loads where they change what the
+    checkpoints' weights are; else named in one line and recorded (alignkit_config.json's `resumed_over`: from
+    which step which settings changed), since the run's settings then hold for the later steps only."""
+    _RESUMED_OVER.pop(folder.resolve(), None)
+    if not (changed := _changed(folder, s)):
+        return
+    saved, now = json.loads((folder / CONFIG_FILE).read_text()), config_to_dict(s)
+    if weights := [k for k in changed if k in _WEIGHTS]:
+        shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" if k in now else k for k in weights)
+        raise ConfigError(f"--resume true: {folder}'s checkpoints hold other weights than these settings make "
+                          f"({shown}). Resume with the run's own values, or --resume false to start over")
+    if _first_process():
+        logger.warning(f"--resume true over changed settings ({', '.join(changed)}): the steps to {checkpoint} trained "
+                       f"with the run's earlier values, the later ones with these; {CONFIG_FILE} records both")
+    _RESUMED_OVER[folder.resolve()] = {"step": int(checkpoint.rsplit("-", 1)[1]), "changed": {
+        k: [saved.get(k), now.get(k)] for k in changed if k in now or k in saved}}
+
+
 def _same_place(a, b) -> bool:
     return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists() and \
         Path(a).resolve() == Path(b).resolve()
@@ -454,6 +482,13 @@ def save_run_config(s, path: Path) -> None:
         data[DATA_ROWS] = rows["format"]
     if loaded := loaded_as(s.model_id):  # "auto" as the loader resolved it: 4bit is QLoRA (alignkit.core.run_records)
         data[LOADED_AS] = loaded
+    try:  # --resume true over changed settings, this time and before (a resumed run's file is rewritten)
+        earlier = json.loads(path.read_text()).get("resumed_over", []) if path.is_file() else []
+    except (OSError, ValueError, AttributeError):
+        earlier = []
+    resumed = _RESUMED_OVER.pop(path.parent.resolve(), None)
+    if changes := [*earlier, *([resumed] if resumed else [])]:
+        data["resumed_over"] = changes
     write_atomic(path, json.dumps(data, indent=2) + "\n")  # a torn file would stop the next --resume auto
 
 
