@@ -964,3 +964,52 @@ def test_vllm_gets_each_prompt_s_tools_and_template_arguments_in_one_call_per_se
              for c in fake.chats}
     assert calls == {json.dumps([[WEATHER], {"think": "all"}]): ["q0", "q2"], json.dumps([None, {"think": "all"}]): ["q1"],
                      json.dumps([None, {"think": "row"}]): ["q3"]}
+
+
+def test_a_judge_that_fails_every_request_stops_early_and_an_empty_output_is_a_failed_run(tmp_path):
+    """A server that is down: every request failed after its retries, the run wrote an empty file and ended with
+    status 0 and 'train on it: python dpo.py ...'. The first 5 requests failing with none answered stop the run in
+    one line naming --judge_base_url; fewer requests, all failed, end in one line too, and nothing done is lost."""
+    prompts = marker_pairs(tmp_path, n=12)
+    down = [True]
+
+    def responder(body):
+        return Fault(503) if down[0] else marker_judge(body)
+
+    with FakeOpenAI(responder) as server:
+        with pytest.raises(UserError, match=r"^the first 5 judge requests all failed \(InternalServerError: .*\): "
+                                            r"stopped before the other \d+\. Check that the server at "
+                                            r"--judge_base_url is up"):
+            label(tmp_path, server, "--max_retries", "0", "--parallel", "1")
+        assert 5 <= server.count <= 7  # not the 22 judgments (one or two may be under way as it stops)
+        (tmp_path / "a.jsonl").write_text("".join(line + "\n" for line in (tmp_path / "a.jsonl").read_text()
+                                                  .splitlines()[:2]))
+        with pytest.raises(UserError, match=r"^no row was labeled: 4 judge requests failed \(see above\), so the "
+                                            r"output is empty\. Check that the server"):
+            label(tmp_path, server, "--max_retries", "0", "--parallel", "1")
+        down[0] = False
+        assert label(tmp_path, server, "--parallel", "1")["labeled"] == 2
+    assert len(prompts) == 12
+
+
+def test_a_python_judge_that_breaks_its_contract_is_named_in_one_line(tmp_path, alignkit_log):
+    """A rule returning None (or 1) was a 'parse failure' with no word of what it returned; lowercase verdicts
+    were parse failures too. None stops the run in one line naming the function and what it returned; 'a'/'b' are
+    verdicts; a text with no verdict stays a parse failure (a function may wrap an LLM), said once."""
+    marker_pairs(tmp_path)
+    (tmp_path / "rules.py").write_text(
+        "def nothing(prompt, a, b):\n    return None\n\n"
+        "def lower(prompt, a, b):\n    return 'a' if 'MARKER' in a else 'b' if 'MARKER' in b else 'tie'\n\n"
+        "def unsure(prompt, a, b):\n    return 'maybe'\n")
+
+    def run(rule):
+        run_script("label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge",
+                   f"python:rules.py:{rule}", "--output", f"{rule}.jsonl", cwd=tmp_path)
+        return json.loads((tmp_path / f"{rule}.summary.json").read_text())
+
+    with pytest.raises(UserError, match=r"^--judge python:rules.py:nothing: returned None for the prompt "
+                                        r"'question \d: say something useful.'; it must return 'A', 'B' or 'tie'"):
+        run("nothing")
+    assert run("lower")["labeled"] == 5
+    assert run("unsure")["parse_failures"] == 5  # every pair
+    assert alignkit_log.text.count("python:rules.py:unsure: returned 'maybe', which holds no verdict") == 1

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.errors import UserError
 from alignkit.core.digests import digest
@@ -188,9 +189,25 @@ class PythonJudge(Judge):
     def identity(self) -> dict:
         return {**super().identity(), "code": rule_fingerprint(self.function)}  # edit the rule: old verdicts go
 
+    said_no_verdict = False
+
     def judge(self, request: Request) -> str:
         verdict = self.function(request.question, request.answer_a, request.answer_b)
-        return TOKENS.get(verdict, TOKENS["tie"] if verdict == "C" else str(verdict))
+        contract = "it must return 'A', 'B' or 'tie' (or text holding [[A]], [[B]] or [[C]])"
+        if not isinstance(verdict, str):  # a rule's bug, the same for every pair: one line, before the rest
+            raise UserError(f"--judge {self.name}: returned {verdict!r} for the prompt "
+                            f"{request.question[:60]!r}; {contract}")
+        exact = {"a": "A", "b": "B", "tie": "tie", "c": "tie"}.get(verdict.strip().lower())
+        if exact:
+            return TOKENS[exact]
+        if parse_verdict(verdict) is None and not self.said_no_verdict:  # counted as a parse failure, said once
+            self.said_no_verdict = True
+            logger.warning(f"--judge {self.name}: returned {verdict[:80]!r}, which holds no verdict (a parse "
+                           f"failure); {contract}")
+        return verdict
+
+    def fatal(self, error: Exception) -> bool:
+        return isinstance(error, UserError)  # the contract broken (above); the function's own errors are counted
 
 
 def import_function(spec: str, flag: str = "--judge", contract: str = "") -> object:

@@ -26,6 +26,7 @@ from alignkit import logger
 from alignkit.core import journal
 from alignkit.core.args import redact
 from alignkit.core.digests import digest
+from alignkit.core.errors import UserError
 from alignkit.core.journal import write_json, write_jsonl
 from alignkit.feedback.judge import Judge, combine, parse_verdict, winner
 
@@ -138,6 +139,36 @@ def report_failure(error: Exception, what: str, count: int) -> None:
         logger.warning(f"more {what}s failed; counting them in the summary")
 
 
+FIRST_FAILURES = 5  # this many requests failing before any succeeds stop the run (a dead server, a broken rule)
+
+
+def judge_fix(spec: str) -> str:
+    """What to check when a judge (`--judge` as given) fails every request."""
+    if spec.startswith("python:"):
+        return f"fix {spec.removeprefix('python:')}"
+    if spec.startswith("rm:") or spec == "hf":
+        return "check the judge model (--judge, --judge_model)"
+    return "check that the server at --judge_base_url is up (the URL usually ends in /v1), and --judge_model"
+
+
+def stop_if_all_failing(succeeded: int, failures: list[Exception], what: str, spec: str, left: int) -> None:
+    """Stop, in one line, a run whose first FIRST_FAILURES requests all failed: with --max_retries each, a server
+    that is down (or a rule that raises) would otherwise be asked every request, and the run end with nothing."""
+    if succeeded or len(failures) != FIRST_FAILURES or left <= 0:
+        return
+    first = failures[0]
+    raise UserError(f"the first {FIRST_FAILURES} {what}s all failed ({type(first).__name__}: "
+                    f"{redact(str(first))[:200]}): stopped before the other {left}. {judge_fix(spec).capitalize()}, "
+                    "then run the same command again (what is done is kept)")
+
+
+def refuse_empty(rows: int, errors: int, what: str, spec: str) -> None:
+    """An output of no row because requests failed is a failed run (status 1), not a result to train on."""
+    if rows == 0 and errors:
+        raise UserError(f"no row was labeled: {errors} {what}s failed (see above), so the output is empty. "
+                        f"{judge_fix(spec).capitalize()}, then run the same command again (it retries only those)")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Output and summary
 
@@ -188,10 +219,12 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                 })
         write_jsonl(run.output, rows)
         summary = _pair_summary(run, prompts, pairs, outcomes, verdicts, rows)
-        if pairs and not rows:
+        if pairs and not rows and not run.errors:
             logger.warning("no pair was labeled: the summary shows why (ties, disagreements between the orders, "
-                           "answers without a verdict, errors)")
+                           "answers without a verdict)")
     write_json(run.summary_path, summary)
+    if run.judge is not None and pairs:
+        refuse_empty(len(rows), len(run.errors), "judge request", run.judge.name)
     return summary
 
 
