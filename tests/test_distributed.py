@@ -59,11 +59,18 @@ def test_accelerate_config_loads_and_its_command_names_real_files(config):
 
 
 def test_8bit_is_refused_under_fsdp(monkeypatch):
+    """Refused by every training script before anything loads (the launch check), and by the loader itself."""
+    from alignkit.core import launch
     from alignkit.core.config import ModelSettings
     from alignkit.modeling.models import load_model
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
+    for script, settings in (("sft.py", SFTSettings), ("dpo.py", DPOSettings)):
+        assert launch.refusal(settings(quantization="8bit"), script) == (
+            "--quantization 8bit cannot be sharded by FSDP: bitsandbytes supports that for 4-bit only. Use "
+            "--quantization 4bit, or a DDP launch (recipes/accelerate/ddp.yaml).")
+        assert launch.refusal(settings(quantization="4bit"), script) is None
     with pytest.raises(ValueError, match="8bit cannot be sharded by FSDP"):
         load_model(ModelSettings(model_id="unused/model", quantization="8bit"))
 

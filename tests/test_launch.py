@@ -224,6 +224,32 @@ def test_a_launch_whose_mixed_precision_is_not_the_run_s_dtype_is_refused(monkey
     assert launch.establish_launch(SFTSettings(), "sft.py").world_size == 2  # the run's own dtype: nothing asked
 
 
+def test_a_deepspeed_json_that_enables_another_precision_is_refused_before_loading(monkeypatch, tmp_path):
+    """A DeepSpeed JSON's "bf16": {"enabled": true} (the launch's --mixed_precision then "no") passed the check
+    above, and every rank stopped at DeepSpeed's config check after the data and model had loaded (a traceback per
+    rank). "auto" takes the run's precision and passes."""
+    import json
+
+    monkeypatch.setattr(launch, "_start_process_group", lambda: None)
+    monkeypatch.setattr(launch, "register_zero3_init", lambda: None)
+    config = tmp_path / "ds_z2_bf16.json"
+    launched(monkeypatch, "zero2")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    with pytest.raises(UserError, match=rf"^the DeepSpeed config {re.escape(str(config))} enables bf16, but this run "
+                                        r"computes in fp32 \(--dtype fp32\): set \"bf16\": \{\"enabled\": "
+                                        r"\"auto\"\} in .*, or pass --dtype bf16$"):
+        launch.establish_launch(SFTSettings(dtype="fp32"), "sft.py")
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}))
+    assert launch.establish_launch(SFTSettings(), "sft.py").world_size == 2
+    fake_gpus(monkeypatch, gpu="A100")
+    launched(monkeypatch, "zero2")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    assert launch.establish_launch(SFTSettings(), "sft.py").world_size == 2  # bf16 both
+
+
 @pytest.mark.parametrize("script,reader", [("dpo.py", "load_preferences"), ("kto.py", "load_unpaired")])
 def test_precompute_under_fsdp_is_refused_before_reading_data_or_model(script, reader, monkeypatch, tiny_cache):
     """kto.py establishes the launch like dpo.py: TRL's KTO reference pass has the same FSDP problem."""

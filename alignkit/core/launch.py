@@ -89,6 +89,20 @@ def zero_stage() -> str:
         return ""
 
 
+def _deepspeed_json_precision() -> tuple[str, str] | None:
+    """("bf16" or "fp16", the file) where the launch's DeepSpeed JSON enables one outright (true, not "auto")."""
+    file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if _flag("ACCELERATE_USE_DEEPSPEED") else None
+    try:
+        config = json.loads(Path(file).read_text()) if file else {}
+    except (OSError, ValueError):
+        return None
+    for precision in ("bf16", "fp16"):
+        section = config.get(precision) if isinstance(config, dict) else None
+        if isinstance(section, dict) and section.get("enabled") is True:
+            return precision, file
+    return None
+
+
 def fsdp_version() -> int:
     """The FSDP version accelerate launched with (FSDP_VERSION; its plugin reads 1 when unset). Only FSDP2
     (torch's fully_shard) is supported: the tests launch it, and FSDP1's full-state-dict save is not proven."""
@@ -308,12 +322,22 @@ def _mixed_precision_conflict(s) -> str | None:
     or --mixed_precision) other than the dtype this run computes in. transformers takes the launch's value where
     the run asks for neither bf16 nor fp16, so an fp32 run would autocast in bf16 behind its own log line, and
     DeepSpeed stops at its first step on any difference ("DeepSpeed config values that mismatch")."""
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    launched, json_file = os.environ.get("ACCELERATE_MIXED_PRECISION", "no"), _deepspeed_json_precision()
+    if launched not in ("bf16", "fp16") and json_file:  # a DeepSpeed JSON's own "bf16": {"enabled": true}
+        launched, json_file = json_file
+    else:
+        json_file = None
     if launched not in ("bf16", "fp16") or not hasattr(s, "dtype"):
         return None
     ours, why = dtype_choice(s.dtype)
     if ours == launched:
         return None
+    if json_file:
+        fix = (f'set "{launched}": {{"enabled": "auto"}} in {json_file} (DeepSpeed then takes the run\'s '
+               "precision)")
+        if s.dtype != "auto":
+            fix += f", or pass --dtype {launched}"
+        return f"the DeepSpeed config {json_file} enables {launched}, but this run computes in {ours} ({why}): {fix}"
     fix = f"launch with --mixed_precision {'no' if ours == 'fp32' else ours} (or set it in the accelerate config)"
     if s.dtype != "auto":
         fix += f", or pass --dtype {launched}"
