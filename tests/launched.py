@@ -58,6 +58,9 @@ def _fsdp_on_cpu() -> None:
             self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     AcceleratorState.__init__ = init_with_fsdp_on_cpu
+    from alignkit.core import launch
+
+    launch.fsdp_shards_here = lambda: True  # so alignkit does not say this launch trains as DDP
 
 
 def _no_deepspeed_cpu_shm_op() -> None:

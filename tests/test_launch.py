@@ -839,3 +839,18 @@ def test_resume_true_over_changed_settings_refuses_other_weights_and_records_the
     with run_folder.start_run(again, folder, str(folder / "checkpoint-2")):
         pass
     assert json.loads((folder / training.CONFIG_FILE).read_text())["resumed_over"] == saved["resumed_over"]
+
+
+def test_an_fsdp_launch_without_cuda_says_it_trains_as_ddp(monkeypatch, alignkit_log):
+    """accelerate turns FSDP on for GPU launches only: `accelerate launch --use_fsdp` on a CPU logged "launch: FSDP"
+    and trained as DDP (checkpoints of whole adapters) without a word."""
+    monkeypatch.setattr(launch, "_start_process_group", lambda: None)
+    launched(monkeypatch, "fsdp", rank=0)
+    assert launch.establish_launch(SFTSettings(), "sft.py").mode == "FSDP"
+    assert "FSDP on a machine without CUDA: accelerate shards on GPUs only, so this launch trains as DDP" in \
+        alignkit_log.text
+    alignkit_log.clear()
+    fake_gpus(monkeypatch, gpu="A100")
+    launched(monkeypatch, "fsdp", rank=0)
+    launch.establish_launch(SFTSettings(), "sft.py")
+    assert "trains as DDP" not in alignkit_log.text

@@ -235,9 +235,18 @@ def establish_launch(s=None, script: str = "") -> Launch:
         logger.info(f"launch: {launch.mode}, {launch.world_size} processes; this one is local rank {launch.local_rank} "
                     f"on {launch.device}", extra={"every_rank": True})
         _quiet_other_ranks(rank)
+        if launch.mode == FSDP and not fsdp_shards_here():
+            logger.info("FSDP on a machine without CUDA: accelerate shards on GPUs only, so this launch trains as "
+                           "DDP, each process holding the whole model (FSDP's refusals still apply)")
     if launch.mode == "ZeRO-3" and script not in ONE_PROCESS:
         register_zero3_init()
     return launch
+
+
+def fsdp_shards_here() -> bool:
+    """Whether accelerate turns FSDP on for this launch: on GPU launches only (accelerate/state.py's FSDP branch
+    leaves MULTI_CPU out); tests/launched.py --fsdp-on-cpu lifts that check, and this with it."""
+    return torch.cuda.is_available()
 
 
 def _quiet_other_ranks(rank: int) -> None:
