@@ -176,6 +176,23 @@ def test_what_cannot_work_is_refused_in_one_line_before_loading(mode, script, s,
     with pytest.raises(UserError, match=line) as refused:
         launch.establish_launch(s, script)
     assert "\n" not in str(refused.value)
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # every rank refuses; one line says it (it was said per rank)
+        assert refused.value.said_by_rank_0
+        launched(monkeypatch, mode, rank=0)
+        with pytest.raises(UserError, match=line) as said:
+            launch.establish_launch(s, script)
+        assert not said.value.said_by_rank_0
+
+
+def test_a_refusal_said_by_rank_0_is_not_said_again_by_the_others(capsys):
+    from alignkit.core import errors
+
+    quiet = UserError("refused")
+    quiet.said_by_rank_0 = True
+    for error, said in ((quiet, ""), (UserError("refused"), "error: refused\n")):
+        with pytest.raises(SystemExit) as exited:
+            errors._report(type(error), error, None)
+        assert exited.value.code == errors.EXIT_USER_ERROR and capsys.readouterr().err == said
 
 
 @pytest.mark.parametrize("mode, script, s", [

@@ -52,7 +52,8 @@ def _report(kind, error, tb) -> None:
     if issubclass(kind, UserError) and not debugging():
         from alignkit.core.secrets import redact
 
-        print(f"error: {redact(str(error))}", file=sys.stderr)
+        if not getattr(error, "said_by_rank_0", False):  # a launch's refusal: every rank has it, rank 0 says it
+            print(f"error: {redact(str(error))}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)  # honoured from an excepthook: the interpreter exits with this status
     sys.__excepthook__(kind, error, tb)
     if issubclass(kind, UserError):
