@@ -447,6 +447,16 @@ def test_trl_s_dataset_text_field_names_the_text_column(tmp_path):
                                                        "--dataset_text_field", "body"])
     with pytest.raises(DataError, match="--dataset_text_field body: no such column .columns found: content, id"):
         load_train_eval("sft", s)
+    # Conversational rows are conversations whatever dataset_text_field says, as TRL reads them (it was refused:
+    # a handbook recipe sets it beside chat data).
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                             for i in range(6)))
+    s = parse_config(SFTSettings, env_file=None, args=["--dataset_id", str(chats), "--dataset_text_field", "body",
+                                                       "--eval_split", "0"])
+    train, _ = load_train_eval("sft", s)
+    assert len(train) == 6 and "messages" in train.column_names
 
 
 def test_step_settings_take_a_share_of_the_run_as_transformers_does(tmp_path):

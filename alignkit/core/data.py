@@ -328,7 +328,12 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
     columns.update({k: v for k, v in features.items() if columns.get(k) is None})
     if not columns:  # no row is an object: say so of the first, not "no format has these columns"
         read.dicts()
-    if text_field != "text":  # TRL's dataset_text_field: that column is each row's text
+    if text_field != "text" and text_field not in columns and {"messages", "prompt"} & set(columns):
+        # TRL reads conversational rows as conversations whatever dataset_text_field says (a handbook recipe sets
+        # it beside chat data): so does alignkit.
+        logger.info(f"{label}: --dataset_text_field {text_field} is no column of these rows: they are read as "
+                    "conversations, as TRL reads them")
+    elif text_field != "text":  # TRL's dataset_text_field: that column is each row's text
         if text_field not in columns:
             raise DataError(f"{label}: --dataset_text_field {text_field}: no such column (columns found: "
                             f"{', '.join(map(str, columns))})")
