@@ -918,3 +918,21 @@ def test_the_smol_preset_s_missing_pieces_are_user_errors(monkeypatch):
     monkeypatch.setattr(smol, "paths", lambda: {"preferences": "/nowhere/preferences.jsonl"})
     with pytest.raises(UserError, match=r"^/nowhere/preferences\.jsonl not found: label SmolLM2's answers first"):
         smol.ensure(SimpleNamespace(preset="smol", dataset_id="/nowhere/preferences.jsonl"))
+
+
+def test_a_loss_mask_field_in_trl_s_name_wins_over_train_on_and_says_so(tmp_path, alignkit_log):
+    """An explicit assistant_only_loss (a recipe's, or --trainer_overrides) overrode --train_on without a word."""
+    import torch
+    from trl import SFTConfig
+
+    from alignkit.train.training import trl_config
+
+    s = parse_config(SFTSettings, env_file=None, args=["--assistant_only_loss", "false", "--train_on", "completions"])
+    args = trl_config(SFTConfig, s, tmp_path, torch.float32, assistant_only_loss=True)
+    assert args.assistant_only_loss is False
+    assert "assistant_only_loss: False as given in TRL's name, over True (--train_on completions made it that)" in \
+        alignkit_log.text
+    alignkit_log.clear()
+    trl_config(SFTConfig, parse_config(SFTSettings, env_file=None, args=[]), tmp_path, torch.float32,
+               assistant_only_loss=True)
+    assert "as given in TRL's name" not in alignkit_log.text

@@ -220,6 +220,10 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
     if extra.get("eval_strategy") not in (None, "no") and not has_eval:
         raise ConfigError(f"eval_strategy {extra['eval_strategy']} but no held-out data: pass --eval_split 0.05 or "
                           "--dataset_test_split test, or eval_strategy no")
+    for key in (k for k in stage_kwargs if k in extra and extra[k] != stage_kwargs[k]):  # the user's TRL name wins
+        made = f"--train_on {s.train_on} made it" if key.endswith("only_loss") and hasattr(s, "train_on") else \
+            "alignkit chose"
+        logger.info(f"{key}: {extra[key]} as given in TRL's name, over {stage_kwargs[key]} ({made} that)")
     kwargs.update(extra)
     try:
         # A copy: transformers edits fsdp_config in place (and TRL may edit other lists), which changed the
