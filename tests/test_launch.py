@@ -856,6 +856,12 @@ def test_resume_true_over_changed_settings_refuses_other_weights_and_records_the
     with run_folder.start_run(again, folder, str(folder / "checkpoint-2")):
         pass
     assert json.loads((folder / training.CONFIG_FILE).read_text())["resumed_over"] == saved["resumed_over"]
+    # Under auto a change starts over; where --resume true could have gone on, the line says so.
+    longer = dataclasses.replace(again, max_steps=50)
+    assert training.prepare_run(longer, "sft")[1] is None
+    with run_folder.start_run(longer, folder, None):
+        pass
+    assert "(--resume true would have gone on from its last checkpoint with these settings)" in alignkit_log.text
 
 
 def test_an_fsdp_launch_without_cuda_says_it_trains_as_ddp(monkeypatch, alignkit_log):

@@ -433,7 +433,9 @@ def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
         aside = free_name(folder.parent, f"{folder.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
         changed = _changed(folder, s)
         why = f"trained with other settings or inputs ({', '.join(changed)})" if changed else f"--resume {s.resume}"
-        logger.info(f"{folder} holds an earlier run ({why}): moved it to {aside}")
+        resumable = changed and _checkpoints(folder) and not set(changed) & {*_WEIGHTS, "data rows", "data files"}
+        logger.info(f"{folder} holds an earlier run ({why}): moved it to {aside}" + (
+            " (--resume true would have gone on from its last checkpoint with these settings)" if resumable else ""))
     try:  # a Ctrl-C anywhere in here gives the folder back too (start_run's `except` only covers training)
         if aside:
             shutil.move(str(folder), aside)
