@@ -155,6 +155,8 @@ def _rows(source, split="train", config=None):
     from alignkit.core.data import read_rows
 
     read = read_rows(source, split, config)
+    if len(read.rows) == 0:  # not "no column 'prompt' (columns: )"
+        raise DataError(f"{read.label}: no rows: the file is empty. Point it at a file with rows.")
     return read.columns(), read.dicts(), read.label, read.place
 
 
