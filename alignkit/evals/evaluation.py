@@ -204,16 +204,19 @@ class Pairwise:
         s = self.settings
         keys = {name: mtbench.answers_key(loader_settings(s, source), s, backend)
                 for name, source in self.models.items()}
+        parts = {name: mtbench.answers_settings(loader_settings(s, source), s, backend)
+                 for name, source in self.models.items()}
         for name, source in self.models.items():
             path = mtbench.answer_path(self.output_dir, name)
-            if not mtbench.unanswered(self.questions, mtbench.read_answers(path, source, key=keys[name])):
+            if not mtbench.unanswered(self.questions, mtbench.read_answers(path, source, key=keys[name],
+                                                                           settings=parts[name])):
                 print(f"{name}: all {len(self.questions)} questions already answered in {path}")
                 continue
             from alignkit.modeling.presets import check_run_exists
 
             check_run_exists(s, source)
             with load_generator(loader_settings(s, source), backend) as generator:
-                mtbench.generate_answers(generator, self.questions, name, source, path, s, keys[name])
+                mtbench.generate_answers(generator, self.questions, name, source, path, s, keys[name], parts[name])
         self.answers = {name: mtbench.read_answers(mtbench.answer_path(self.output_dir, name), source, key=keys[name])
                         for name, source in self.models.items()}
 
