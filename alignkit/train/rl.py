@@ -8,7 +8,9 @@ Algorithms (TRL 1.16). For each prompt x the policy samples G completions y_1..y
   the weighted sum normalised over the batch. The loss is TRL's clipped policy-gradient surrogate plus
   beta * KL(pi || pi_ref), KL estimated per token as exp(q - p) - (q - p) - 1 with p = log pi, q = log pi_ref.
 - rloo: A_i = r_i - (1 / (G - 1)) sum_{j != i} r_j, the leave-one-out baseline (Ahmadian et al. 2024), then
-  normalised over the batch when RLOOConfig's normalize_advantages is set.
+  normalised over the batch when RLOOConfig's normalize_advantages is set. beta enters through the reward, not the
+  loss: r_i <- r_i - beta * sum_t (p_t - q_t) over the completion's tokens (the first-order log ratio, summed per
+  sequence; it may be negative), before the baseline.
 An unscored completion (NaN throughout) is left out of the means and stds and gets A_i = 0.
 
 The reference pi_ref is the policy with the trained adapter off: the base, or base + the frozen SFT adapter the
