@@ -541,7 +541,9 @@ def test_a_run_folder_s_lock_file_goes_with_its_run_and_a_lock_never_lands_on_a_
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
     s = SFTSettings(output_dir=str(tmp_path), run_name="run")
     folder, _ = run_folder.prepare_run(s, "sft")
-    assert run_folder._lock_file(folder).is_file()
+    from alignkit.train import run_locks
+
+    assert run_locks.lock_file(folder).is_file()
     with run_folder.start_run(s, folder, None):
         pass
     assert list((tmp_path / "cache" / "run-locks").iterdir()) == []

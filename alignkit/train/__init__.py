@@ -1,7 +1,8 @@
 """Training and its algorithms: what sft.py, dpo.py, kto.py, reward.py, rl.py and rlaif.py run.
 
 - training: checks before any work, TRL configs, finish.
-- run_folder: a run's folder: whether it resumes, claiming it, giving an earlier run back.
+- run_folder: a run's folder: whether it resumes, claiming it, giving an earlier run back; run_locks: one training
+  at a time in it.
 - sampling: --group_by_length's batches of similar length.
 - report: training.png and the closing summary of a run.
 - trainers: alignkit's TRL trainers (stacked adapters, the explicit reference pass).

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -32,9 +31,10 @@ from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, field_defaults, redact
 from alignkit.core.errors import UserError
-from alignkit.core.journal import InUse, free_name, hold, let_go, write_atomic
+from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
 from alignkit.core.run_records import LOADED_AS, loaded_as
+from alignkit.train import run_locks
 
 CONFIG_FILE = "alignkit_config.json"
 FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
@@ -146,15 +146,8 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
                             "file or folder, or the same HF_HOME cache")
         _ROWS[folder.resolve()] = rows
     busy = None
-    if _first_process():  # one training at a time in a run folder: a second would resume or move aside a live run
-        try:
-            held = hold(_lock_file(folder), "training", "let it finish first, or pass another --run_name", what=folder)
-        except InUse:
-            busy = (f"{folder} is in use by another training run{_holder(folder)}; let it finish first, or pass "
-                    "another --run_name")
-        else:
-            _say_holder(held)
-            _restore_stranded(folder)
+    if _first_process() and not (busy := run_locks.take(folder)):  # a second run would resume or move aside a live one
+        _restore_stranded(folder)
     # The others look once the main process holds the folder and has put an earlier run back; all stop if it is busy.
     if busy := every_process(busy)[0]:
         raise UserError(busy)
@@ -218,39 +211,6 @@ def _check_prepared(s, folder: Path, resume_from: str | None, model, data) -> No
     if resume_from is None and getattr(model, "_alignkit_trained_in", None) is not None:
         raise UserError(f"this model was trained by an earlier training cell ({model._alignkit_trained_in}) and "
                         "there is no checkpoint to resume: run the 'Model' cell again for a fresh adapter, then train")
-
-
-def _lock_file(folder: Path) -> Path:
-    """The run folder's lock, in the cache folder (not in the run folder, which may be moved aside while the run
-    holds it; nor beside it, where a run that failed before training would leave it in --output_dir)."""
-    from alignkit.core.digests import digest
-    from alignkit.core.paths import cache_dir
-
-    return cache_dir() / "run-locks" / f"{digest(str(folder.resolve()), 16)}.lock"
-
-
-def _say_holder(held) -> None:
-    """Write who holds the lock into it (process, program, since when), for the refusal of a second run."""
-    from alignkit.core.errors import is_notebook
-
-    program = "a notebook kernel" if is_notebook() else Path(sys.argv[0]).name if sys.argv else "python"
-    held.seek(0)
-    held.truncate()
-    held.write(json.dumps({"pid": os.getpid(), "program": program, "since": time.strftime("%H:%M")}).encode())
-    held.flush()
-
-
-def _holder(folder: Path) -> str:
-    """' (process N, PROGRAM, since HH:MM)' from the lock's holder, or "" where it says nothing readable. A notebook
-    kernel holds it from its 'Run folder' cell until its training ends: an idle one must train or restart."""
-    try:
-        said = json.loads(_lock_file(folder).read_text())
-        who = f" (process {said['pid']}, {said['program']}, since {said['since']}"
-    except (OSError, ValueError, TypeError, KeyError):
-        return ""
-    if said["program"] == "a notebook kernel":
-        who += ": its training cell is running or still to run; restart that kernel to free the folder"
-    return who + ")"
 
 
 def _first_process() -> bool:
@@ -386,7 +346,7 @@ def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
     try:
         _check_prepared(s, folder, resume_from, model, data)
     except UserError:
-        let_go(_lock_file(folder), remove=True)  # the cells run again take it again
+        run_locks.release(folder)  # the cells run again take it again
         _PREPARED.pop(folder.resolve(), None)
         raise
     _PREPARED[folder.resolve()].used = True
@@ -413,7 +373,7 @@ def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
             _release(folder, aside, error)
         raise
     finally:
-        let_go(_lock_file(folder), remove=True)  # prepare_run's hold: the next run in this folder may start
+        run_locks.release(folder)  # prepare_run's hold: the next run in this folder may start
 
 
 def check_trained(folder: Path) -> None:
