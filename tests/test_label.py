@@ -644,8 +644,9 @@ def test_tiny_preset_labels_offline_and_dpo_learns_from_the_labels(tiny_cache, t
     assert dpo["metrics"]["eval_rewards/accuracies"] > 0.7
 
 
-def test_a_local_model_can_judge(tiny_cache, tmp_path):
-    """--judge hf runs batched through a local model; the tiny one writes no verdicts, which are counted."""
+def test_a_local_model_can_judge(tiny_cache, tmp_path, alignkit_log):
+    """--judge hf runs batched through a local model; the tiny one writes no verdicts, which are counted. Its
+    context (128 tokens) is shorter than the judge prompts: said once, in alignkit's words."""
     from alignkit.modeling import presets
 
     run_script("label.py", "--preset", "tiny", "--num_samples", "2", "--max_prompts", "3", "--judge", "hf",
@@ -654,6 +655,8 @@ def test_a_local_model_can_judge(tiny_cache, tmp_path):
     assert summary["judge"].startswith("hf:") and summary["errors"] == 0
     assert summary["pairs_judged"] == summary["parse_failures"] + summary["ties"] + summary["disagreements"] \
         + summary["labeled"] > 0
+    assert alignkit_log.text.count("judge prompts (up to") == 1
+    assert "with --judge_max_tokens 8 exceed" in alignkit_log.text and "context of 128 tokens" in alignkit_log.text
 
 
 # ------------------------------------------------------------------------------------------- generation backends

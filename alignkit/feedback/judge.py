@@ -173,8 +173,27 @@ class HFJudge(Judge):
             if self._fold and messages[0]["role"] == "system":
                 messages = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
             conversations.append(messages)
+        self._check_context(conversations)
         return generate(self.loaded.model, self.loaded.tokenizer, conversations, max_new_tokens=self.max_tokens,
                         temperature=self.temperature, batch_size=self.batch_size)
+
+    _said_context = False
+
+    def _check_context(self, conversations) -> None:
+        """Say once when judge prompts (and --judge_max_tokens) exceed the judge model's context: transformers only
+        warns of a length, and the judge's answers past it hold no verdict (counted as parse failures)."""
+        context = getattr(self.loaded.model.config, "max_position_embeddings", None)
+        if self._said_context or not context:
+            return
+        tokenizer = self.loaded.tokenizer
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        if over := sum(n + self.max_tokens > context for n in lengths):
+            self._said_context = True
+            logger.warning(f"--judge hf: {over} of {len(lengths)} judge prompts (up to {max(lengths)} tokens) with "
+                           f"--judge_max_tokens {self.max_tokens} exceed {self.settings.model_id}'s context of "
+                           f"{context} tokens: their verdicts will likely be missing (parse failures). Use a judge "
+                           "model with a longer context, or a smaller --judge_max_tokens")
 
 
 class PythonJudge(Judge):
