@@ -849,13 +849,24 @@ def test_resume_true_over_changed_settings_refuses_other_weights_and_records_the
         pass
     saved = json.loads((folder / training.CONFIG_FILE).read_text())
     assert saved["learning_rate"] == 1e-5
-    assert saved["resumed_over"] == [{"step": 2, "changed": {"learning_rate": [s.learning_rate, 1e-5]}}]
+    assert saved["resumed_over"] == [{"step": 2, "changed": {"learning_rate": [s.learning_rate, 1e-5]},
+                                      "inputs": []}]
     # Resumed again with the same settings: the record of the change stays.
     again = dataclasses.replace(slower, resume="auto")
     assert training.prepare_run(again, "sft")[1] == str(folder / "checkpoint-2")
     with run_folder.start_run(again, folder, str(folder / "checkpoint-2")):
         pass
     assert json.loads((folder / training.CONFIG_FILE).read_text())["resumed_over"] == saved["resumed_over"]
+    # A record cut short (or gone): what changed cannot be told, and --resume true resumes as asked (it crashed).
+    record = (folder / training.CONFIG_FILE).read_text()
+    for damaged in (record[:20], None, "[]"):
+        if damaged is None:
+            (folder / training.CONFIG_FILE).unlink()
+        else:
+            (folder / training.CONFIG_FILE).write_text(damaged)
+        assert training.prepare_run(slower, "sft")[1] == str(folder / "checkpoint-2")
+        assert "is missing or unreadable, so what changed since its checkpoints cannot be told" in alignkit_log.text
+    (folder / training.CONFIG_FILE).write_text(record)
     # Under auto a change starts over; where --resume true could have gone on, the line says so.
     longer = dataclasses.replace(again, max_steps=50)
     assert training.prepare_run(longer, "sft")[1] is None

@@ -68,7 +68,7 @@ def _not_weights(name: str) -> bool:
 def _record(folder) -> list[dict]:
     try:
         record = json.loads(Path(folder, RUN_CONFIG).read_text()).get(TRAINED_OVER)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # AttributeError: a record that is no JSON object
         return []  # a Hub adapter, or a run saved before alignkit kept this record
     return record if isinstance(record, list) else []
 

@@ -280,22 +280,35 @@ def _check_below(folder: Path, s) -> None:
                           "--resume false starts over")
 
 
-# What the checkpoints' weights are: changed, they cannot be resumed (PEFT refuses the state dict, or the
-# optimizer's state is another model's).
-_WEIGHTS = ("model_id", "gguf_file", "adapter", "lora_r", "lora_target_modules", "lora_modules_to_save", "use_dora",
-            "lota_target_modules", "lota_sparsity", "lota_mask_scope", "model files")
+# What the checkpoints' weights are, or how they act: changed, they cannot be resumed (PEFT refuses the state dict,
+# the adapter's scaling differs, or the optimizer's state is another model's). A LoTA run resumes its own mask.
+_WEIGHTS = ("model_id", "gguf_file", "adapter", "lora_r", "lora_alpha", "use_rslora", "lora_target_modules",
+            "lora_modules_to_save", "use_dora", "lota_target_modules", "lota_mask", "lota_exclude_mask", "model files")
 _RESUMED_OVER: dict[Path, dict] = {}  # folder -> {"step", "changed": {setting: [run's, now]}}, for save_run_config
 
 
 def _resume_over_changes(folder: Path, s, checkpoint: str) -> None:
     """--resume true over settings other than the run's: refused before the model loads where they change what the
     checkpoints' weights are; else named in one line and recorded (alignkit_config.json's `resumed_over`: from
-    which step which settings changed), since the run's settings then hold for the later steps only."""
+    which step which settings or inputs changed), since the run's settings then hold for the later steps only. A
+    record that cannot be read resumes as asked, saying so."""
     _RESUMED_OVER.pop(folder.resolve(), None)
+    try:
+        saved = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        logger.info(f"--resume true: {folder}'s {CONFIG_FILE} is missing or unreadable, so what changed since its "
+                    "checkpoints cannot be told; resuming as asked")
+        return
     if not (changed := _changed(folder, s)):
         return
-    saved, now = json.loads((folder / CONFIG_FILE).read_text()), config_to_dict(s)
+    now = config_to_dict(s)
     if weights := [k for k in changed if k in _WEIGHTS]:
+        if weights == ["model files"]:
+            raise ConfigError(f"--resume true: the model's files changed since {folder}'s checkpoints were trained "
+                              f"over them (a new Hub commit of {s.model_id}?): pass --revision with the commit the "
+                              "run trained on, or --resume false to start over")
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" if k in now else k for k in weights)
         raise ConfigError(f"--resume true: {folder}'s checkpoints hold other weights than these settings make "
                           f"({shown}). Resume with the run's own values, or --resume false to start over")
@@ -303,7 +316,8 @@ def _resume_over_changes(folder: Path, s, checkpoint: str) -> None:
         logger.warning(f"--resume true over changed settings ({', '.join(changed)}): the steps to {checkpoint} trained "
                        f"with the run's earlier values, the later ones with these; {CONFIG_FILE} records both")
     _RESUMED_OVER[folder.resolve()] = {"step": int(checkpoint.rsplit("-", 1)[1]), "changed": {
-        k: [saved.get(k), now.get(k)] for k in changed if k in now or k in saved}}
+        k: [saved.get(k), now.get(k)] for k in changed if k in now or k in saved},
+        "inputs": [k for k in changed if k not in now and k not in saved]}  # data rows, quantization as loaded, ...
 
 
 def _same_place(a, b) -> bool:
@@ -393,7 +407,8 @@ def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
         aside = free_name(folder.parent, f"{folder.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
         changed = _changed(folder, s)
         why = f"trained with other settings or inputs ({', '.join(changed)})" if changed else f"--resume {s.resume}"
-        resumable = changed and _checkpoints(folder) and not set(changed) & {*_WEIGHTS, "data rows", "data files"}
+        resumable = changed and _checkpoints(folder) and not set(changed) & {*_WEIGHTS, "data rows", "data files",
+                                                                              f"{CONFIG_FILE} unreadable"}
         logger.info(f"{folder} holds an earlier run ({why}): moved it to {aside}" + (
             " (--resume true would have gone on from its last checkpoint with these settings)" if resumable else ""))
     try:  # a Ctrl-C anywhere in here gives the folder back too (start_run's `except` only covers training)
