@@ -14,7 +14,7 @@ from alignkit.core.journal import batched, threaded
 from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, orders_for, parse_verdict, question_text
 from alignkit.core.digests import digest
-from alignkit.feedback.label_records import Pair, Prompt, Run, report_failure, stop_if_all_failing
+from alignkit.feedback.label_records import Pair, Prompt, Run, judge_fix, report_failure, stop_if_all_failing
 
 
 def make_pairs(run: Run, prompts: list[Prompt], table) -> list[Pair]:
@@ -91,7 +91,7 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
                                        "--judge_base_url (it usually ends in /v1) and --judge_model.") from None
                 run.errors[request.key] = result
                 report_failure(result, "judge request", len(run.errors))
-                stop_if_all_failing(answered, list(run.errors.values()), "judge request", judge.name,
+                stop_if_all_failing(answered, list(run.errors.values()), "judge request", judge_fix(judge.name),
                                     len(needed) - answered - len(run.errors))
             else:
                 answered += 1

@@ -145,28 +145,37 @@ FIRST_FAILURES = 5  # this many requests failing before any succeeds stop the ru
 def judge_fix(spec: str) -> str:
     """What to check when a judge (`--judge` as given) fails every request."""
     if spec.startswith("python:"):
-        return f"fix {spec.removeprefix('python:')}"
-    if spec.startswith("rm:") or spec == "hf":
-        return "check the judge model (--judge, --judge_model)"
-    return "check that the server at --judge_base_url is up (the URL usually ends in /v1), and --judge_model"
+        return f"Fix {spec.removeprefix('python:')}"
+    if spec.startswith("rm:") or spec.startswith("hf:") or spec == "hf":
+        return "Check the judge model (--judge, --judge_model)"
+    return "Check that the server at --judge_base_url is up (the URL usually ends in /v1), and --judge_model"
 
 
-def stop_if_all_failing(succeeded: int, failures: list[Exception], what: str, spec: str, left: int) -> None:
+def generator_fix(spec: str) -> str:
+    """What to check when a generator (--model_a/--model_b/--models as given) fails every request."""
+    if spec.startswith("openai:") or ", openai:" in spec:
+        return f"Check that the server at --generation_base_url is up (the URL usually ends in /v1), and {spec}"
+    return f"Check the model {spec}"
+
+
+def stop_if_all_failing(succeeded: int, failures: list[Exception], what: str, fix: str, left: int) -> None:
     """Stop, in one line, a run whose first FIRST_FAILURES requests all failed: with --max_retries each, a server
-    that is down (or a rule that raises) would otherwise be asked every request, and the run end with nothing."""
+    that is down (or a rule that raises) would otherwise be asked every request, and the run end with nothing.
+    `fix`: judge_fix's or generator_fix's line."""
     if succeeded or len(failures) != FIRST_FAILURES or left <= 0:
         return
     first = failures[0]
     raise UserError(f"the first {FIRST_FAILURES} {what}s all failed ({type(first).__name__}: "
-                    f"{redact(str(first))[:200]}): stopped before the other {left}. {judge_fix(spec).capitalize()}, "
-                    "then run the same command again (what is done is kept)")
+                    f"{redact(str(first))[:200]}): stopped before the other {left}. {fix}, then run the same "
+                    "command again (what is done is kept)")
 
 
-def refuse_empty(rows: int, errors: int, what: str, spec: str) -> None:
-    """An output of no row because requests failed is a failed run (status 1), not a result to train on."""
+def refuse_empty(rows: int, errors: int, fix: str) -> None:
+    """An output of no row because requests failed is a failed run (status 2, a user error), not a result to
+    train on."""
     if rows == 0 and errors:
-        raise UserError(f"no row was labeled: {errors} {what}s failed (see above), so the output is empty. "
-                        f"{judge_fix(spec).capitalize()}, then run the same command again (it retries only those)")
+        raise UserError(f"no row was labeled: {errors} requests failed (see above), so the output is empty. {fix}, "
+                        "then run the same command again (it retries only those)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,8 +232,9 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
             logger.warning("no pair was labeled: the summary shows why (ties, disagreements between the orders, "
                            "answers without a verdict)")
     write_json(run.summary_path, summary)
-    if run.judge is not None and pairs:
-        refuse_empty(len(rows), len(run.errors), "judge request", run.judge.name)
+    generation = run.stats["generation errors"]
+    refuse_empty(len(rows), len(run.errors) + generation, judge_fix(run.judge.name) if run.errors else
+                 generator_fix(", ".join(s.spec for s in run.sources if s.kind != "file")))
     return summary
 
 

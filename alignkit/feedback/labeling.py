@@ -22,7 +22,8 @@ from alignkit.core.journal import threaded
 from alignkit.core.progress import Progress
 from alignkit.feedback.judge import endpoint_identity, is_fatal, make_judge
 from alignkit.core.digests import digest
-from alignkit.feedback.label_records import AppendLog, Prompt, Run, Source, report_failure
+from alignkit.feedback.label_records import (AppendLog, Prompt, Run, Source, generator_fix, report_failure,
+                                             stop_if_all_failing)
 
 RESPONSE_FIELDS = ("response", "completion", "output", "answer")
 
@@ -379,12 +380,17 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
         progress = Progress(f"generating with {spec}", len(cells), unit="response")
         stream = (_generate_local(run, generator, cells, prompts) if generator is not None
                   else _generate_endpoint(run, spec, cells, prompts))
+        failures, made = [], 0
         try:
             for (si, pi, key), text in stream:
                 if isinstance(text, Exception):
                     run.stats["generation errors"] += 1
+                    failures.append(text)
                     report_failure(text, "generation request", run.stats["generation errors"])
+                    stop_if_all_failing(made, failures, "generation request", generator_fix(spec),
+                                        len(cells) - made - len(failures))
                 else:
+                    made += 1
                     run.responses.append({"key": key, "source": run.sources[si].name, "text": text})
                     table[si][pi] = text
                 progress.update(1, run.stats["generation errors"])

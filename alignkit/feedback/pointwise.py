@@ -27,7 +27,7 @@ from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, import_function, question_text, rule_fingerprint
 from alignkit.feedback.judge_templates import Template
 from alignkit.core.digests import digest
-from alignkit.feedback.label_records import AppendLog, refuse_empty, stop_if_all_failing
+from alignkit.feedback.label_records import AppendLog, judge_fix, refuse_empty, stop_if_all_failing
 from alignkit.feedback.ratings import SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM, parse_rating
 
 # FastChat's "single-v1" judge prompt (alignkit.feedback.ratings), in this module's Template form.
@@ -146,7 +146,7 @@ def grade(run, grader: Grader, prompts, table) -> dict:
                     errors += 1
                     failures.append(result)
                     logger.warning(f"grading failed ({errors} so far; the next run retries): {result}")
-                    stop_if_all_failing(graded, failures, "grading request", grader.spec,
+                    stop_if_all_failing(graded, failures, "grading request", judge_fix(grader.spec),
                                         len(needed) - graded - errors)
                 else:
                     graded += 1
@@ -176,5 +176,6 @@ def grade(run, grader: Grader, prompts, table) -> dict:
                "undesirable": outcomes["undesirable"], "parse_failures": outcomes["parse failure"],
                "errors": outcomes["error"]}
     write_json(run.summary_path, summary)
-    refuse_empty(len(rows), outcomes["error"], "grading request", grader.spec)
+    refuse_empty(len(rows), outcomes["error"] + run.stats["generation errors"], judge_fix(grader.spec)
+                 if outcomes["error"] else "Check the generators (see above)")
     return summary
