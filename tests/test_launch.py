@@ -176,23 +176,29 @@ def test_what_cannot_work_is_refused_in_one_line_before_loading(mode, script, s,
     with pytest.raises(UserError, match=line) as refused:
         launch.establish_launch(s, script)
     assert "\n" not in str(refused.value)
-    if os.environ.get("WORLD_SIZE", "1") != "1":  # every rank refuses; one line says it (it was said per rank)
-        assert refused.value.said_by_rank_0
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # every rank refuses; one line per machine says it (each did)
+        assert refused.value.said_by_local_rank_0
         launched(monkeypatch, mode, rank=0)
         with pytest.raises(UserError, match=line) as said:
             launch.establish_launch(s, script)
-        assert not said.value.said_by_rank_0
+        assert not said.value.said_by_local_rank_0
 
 
-def test_a_refusal_said_by_rank_0_is_not_said_again_by_the_others(capsys):
+def test_a_refusal_local_rank_0_says_is_said_by_the_others_only_if_the_launcher_lets_them_wait(capsys, monkeypatch):
+    """The others wait (the launcher stops them once local rank 0 has said it and exited); one still running
+    after the wait says it too, so a refusal is never said by no process."""
     from alignkit.core import errors
 
+    waited = []
+    monkeypatch.setattr("time.sleep", lambda seconds: waited.append(seconds))
     quiet = UserError("refused")
-    quiet.said_by_rank_0 = True
-    for error, said in ((quiet, ""), (UserError("refused"), "error: refused\n")):
+    quiet.said_by_local_rank_0 = True
+    for error, wait in ((quiet, [errors.OTHER_RANKS_WAIT]), (UserError("refused"), [])):
+        waited.clear()
         with pytest.raises(SystemExit) as exited:
             errors._report(type(error), error, None)
-        assert exited.value.code == errors.EXIT_USER_ERROR and capsys.readouterr().err == said
+        assert exited.value.code == errors.EXIT_USER_ERROR and capsys.readouterr().err == "error: refused\n"
+        assert waited == wait
 
 
 @pytest.mark.parametrize("mode, script, s", [

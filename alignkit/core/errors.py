@@ -39,6 +39,7 @@ def debugging() -> bool:
     return "--debug" in sys.argv[1:] or os.environ.get("ALIGNKIT_DEBUG", "").lower() in ("1", "true", "yes", "on")
 
 
+OTHER_RANKS_WAIT = 10.0  # seconds a launch's other processes wait before saying a refusal local rank 0 says
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 INTERRUPTED = "interrupted: what was finished is kept; the same command goes on from there"
 INTERRUPTED_IN_CELL = ("interrupted: what was finished is kept; run the cell again to go on (a training: the cells "
@@ -52,8 +53,11 @@ def _report(kind, error, tb) -> None:
     if issubclass(kind, UserError) and not debugging():
         from alignkit.core.secrets import redact
 
-        if not getattr(error, "said_by_rank_0", False):  # a launch's refusal: every rank has it, rank 0 says it
-            print(f"error: {redact(str(error))}", file=sys.stderr)
+        if getattr(error, "said_by_local_rank_0", False):  # a launch's refusal: every process has it; this
+            import time  # machine's first says it, and the launcher stops the others while they wait. One that is
+
+            time.sleep(OTHER_RANKS_WAIT)  # still here says it too (its reason may be its own).
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)  # honoured from an excepthook: the interpreter exits with this status
     sys.__excepthook__(kind, error, tb)
     if issubclass(kind, UserError):

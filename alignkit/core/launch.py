@@ -221,8 +221,8 @@ def establish_launch(s=None, script: str = "") -> Launch:
     why = refusal(s, script) if s is not None else None
     if why:
         error = UserError(why)
-        # Before any process group: every process of the launch refuses alike, and one line says it.
-        error.said_by_rank_0 = world_size() > 1 and os.environ.get("RANK", "0") != "0"
+        # Before any process group: every process of the launch refuses alike, and one line per machine says it.
+        error.said_by_local_rank_0 = world_size() > 1 and os.environ.get("LOCAL_RANK", "0") != "0"
         raise error
     launch = Launch(launch_mode(), world_size(), local_gpu(), training_device())
     if not torch.cuda.is_available() and (other := other_accelerator()):
