@@ -120,3 +120,9 @@ def test_kto_holds_out_whole_prompts_so_no_held_out_answer_has_its_pair_partner_
                    for p in held_prompts)
     with pytest.raises(UserError, match="leaves no training rows"):
         load_train_eval("unpaired", KTOSettings(dataset_id=str(pairs), eval_split=39))
+    # Every answer to one prompt (a shared template): held out one by one, as there is no other way.
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"prompt": "q", "completion": f"answer {i}", "label": i % 2 == 0}) + "\n"
+                           for i in range(20)))
+    train, held_out = load_train_eval("unpaired", KTOSettings(dataset_id=str(one), eval_split=0.1))
+    assert (len(train), len(held_out)) == (18, 2)

@@ -124,6 +124,10 @@ def _hold_out_prompts(dataset, held, name, other):
     keys = [json.dumps(prompt, sort_keys=True, default=str) for prompt in dataset["prompt"]]
     answers, chosen, count = Counter(keys), set(), 0
     order = list(dict.fromkeys(reversed(keys)))  # prompts, the one whose last row is last first
+    if len(order) == 1:  # one prompt for every answer: there is no other way to hold any out
+        logger.info(f"{name}: every answer has the same prompt, so {held} answers are held out one by one")
+        parts = dataset.train_test_split(test_size=held, shuffle=False)
+        return parts["train"], parts["test"]
     for key in order:
         if count >= held:
             break
@@ -135,6 +139,8 @@ def _hold_out_prompts(dataset, held, name, other):
                           f"fewer, add prompts, or {other}")
     train = [i for i, key in enumerate(keys) if key not in chosen]
     test = [i for i, key in enumerate(keys) if key in chosen]
+    logger.info(f"{name}: {len(test)} of {len(dataset)} answers held out, every answer to {len(chosen)} of the "
+                f"{len(order)} prompts")
     return dataset.select(train), dataset.select(test)
 
 
