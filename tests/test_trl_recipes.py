@@ -856,6 +856,13 @@ def test_a_flag_fixes_a_recipe_s_bad_value(tmp_path):
         parse_config(SFTSettings, env_file=None, args=["--config", str(recipe)])
     for fix in (["--use_liger_kernel", "false"], ["--use_liger", "false"]):
         assert parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), *fix]).use_liger == "false"
+    for text in ("use_liger_kernel: maybe\nuse_liger: 'false'\n", "use_liger: 'false'\nuse_liger_kernel: maybe\n"):
+        recipe.write_text(text)  # alignkit's own name wins in its layer, whichever key comes first
+        assert parse_config(SFTSettings, env_file=None, args=["--config", str(recipe)]).use_liger == "false"
+    recipe.write_text("use_liger_kernel: maybe\n")
+    with pytest.raises(ConfigError, match=r"key use_liger_kernel"):  # an alias in --trainer_overrides fixes nothing
+        parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), "--trainer_overrides",
+                                                       '{"use_liger_kernel": true}'])
 
 
 def test_a_recipe_s_model_revision_over_a_local_copy_is_named_as_unused(tmp_path, alignkit_log):

@@ -384,8 +384,6 @@ class Vocabulary:
                 continue
             if key in fields:
                 out[key] = raw
-                for alias in (a for a in list(self.deferred) if a in ALIASES and ALIASES[a].target == key):
-                    self.deferred.pop(alias)  # alignkit's own name set again: the alias's bad value goes unused
             elif key in ALIASES and self._applies(key, fields):
                 alias = ALIASES[key]
                 try:
@@ -417,7 +415,10 @@ class Vocabulary:
             else:
                 unknown.append(key)
         for key in _mapping_keys(layer.get("trainer_overrides")):  # set there: an earlier bad value goes unused
-            self.deferred.pop(key, None)
+            if key not in ALIASES:  # an alias there bypasses its conversion: its bad value stays refused
+                self.deferred.pop(key, None)
+        for alias in [a for a in self.deferred if a in ALIASES and ALIASES[a].target in layer]:
+            self.deferred.pop(alias)  # alignkit's own name in this layer wins, before or after the alias
         self._one_dtype(layer, out, notes, label)
         if extra:
             out["trainer_overrides"] = {**extra, **(out.get("trainer_overrides") or {})}
