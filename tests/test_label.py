@@ -993,6 +993,13 @@ def test_a_judge_that_fails_every_request_stops_early_and_an_empty_output_is_a_f
         down[0] = False
         assert label(tmp_path, server, "--parallel", "1")["labeled"] == 2
     assert len(prompts) == 12
+    # A judge URL that serves a web page (status 200, no JSON): a failed request like any other (a traceback).
+    marker_pairs(tmp_path, n=12)
+    page = Fault(200, body="<html><body>Sign in</body></html>", headers={"Content-Type": "text/html"})
+    with FakeOpenAI(lambda body: page) as server:
+        with pytest.raises(UserError, match=r"^the first 5 judge requests all failed \(NotACompletion: .* answered "
+                                            r"without a chat completion \(got '<html><body>Sign in</body></html>'\)"):
+            label(tmp_path, server, "--max_retries", "0", "--parallel", "1", out="page.jsonl")
     # A generator that is down: the same, naming --generation_base_url (it asked every prompt, then wrote an empty
     # file with status 0 and pointed at dpo.py).
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"what is {i} + {i}?"} for i in range(12)])

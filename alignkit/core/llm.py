@@ -75,8 +75,17 @@ class ChatClient:
             temperature=kwargs.pop("temperature", self.temperature),
             max_tokens=kwargs.pop("max_tokens", self.max_tokens), **kwargs,
         )
+        choices = getattr(response, "choices", None)
+        if not choices or getattr(choices[0], "message", None) is None:  # a web page, a proxy's error, no JSON
+            shown = " ".join(str(response).split())[:120]
+            raise NotACompletion(f"{self.client.base_url} answered without a chat completion (got {shown!r}): its "
+                                 "URL should be the API's, usually ending in /v1")
         self.usage.add(getattr(response, "usage", None))
-        return response.choices[0].message.content or ""
+        return choices[0].message.content or ""
+
+
+class NotACompletion(RuntimeError):
+    """A 200 answer that holds no chat completion: counted as a failed request, as any other failure."""
 
 
 def openai_messages(messages: list[dict]) -> list[dict]:
