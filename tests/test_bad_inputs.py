@@ -93,6 +93,9 @@ CASES = [
      "--gguf_file nosuch.gguf: no such file in gguf-folder", None),
     ("merge.py", ["--adapter_dir", "./no-such-folder"], "model not found", None),
     ("merge.py", ["--adapter_dir", "some-folder"], "some-folder is not a model folder", None),
+    ("merge.py", ["--adapter_dir", "torn-adapter"], "torn-adapter/adapter_config.json is not valid JSON", None),
+    ("evaluate.py", ["vibes", "--model_id", "torn-adapter", "--prompts", "hi"], "adapter_config.json is not valid JSON",
+     None),
     ("merge.py", ["--adapter_dir", "truncated"], "truncated/model.safetensors is damaged", None),
     ("merge.py", ["--adapter_dir", "truncated", "--nosuch", "1"], "unknown setting: --nosuch", None),
     ("reward.py", [*TRAIN, "--dataset_id", "empty.jsonl"], "empty.jsonl: no usable rows", None),
@@ -187,6 +190,8 @@ def bad_files(tiny_cache, tmp_path_factory):
     (here / "gguf-folder" / "model-Q4_0.gguf").write_bytes(b"GGUF")
     (here / "some-folder").mkdir()
     (here / "some-folder" / "notes.txt").write_text("not a model")
+    (here / "torn-adapter").mkdir()
+    (here / "torn-adapter" / "adapter_config.json").write_text("{")
     shutil.copytree(presets.paths()["model"], here / "custom-code")
     config = json.loads((here / "custom-code" / "config.json").read_text())
     config.update(model_type="alignkit_custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",

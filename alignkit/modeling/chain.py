@@ -28,7 +28,16 @@ def adapter_config(source: str, revision: str | None = None) -> dict | None:
     path = Path(source)
     if path.is_dir():
         file = path / "adapter_config.json"
-        return json.loads(file.read_text()) if file.is_file() else None
+        if not file.is_file():
+            return None
+        try:
+            config = json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError) as e:  # cut short, or edited by hand
+            raise UserError(f"{file} is not valid JSON ({e}): fix it, or copy it again from where the adapter "
+                            "was trained") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{file} is no JSON object: fix it, or copy it again from where the adapter was trained")
+        return config
     if path.exists() or source.count("/") != 1:
         return None
     # A Hub id: ask the Hub whether it holds an adapter; offline, let from_pretrained report the problem. A Hub that
