@@ -4,6 +4,7 @@ refused before its weights load; the same weights again, files added since and a
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 from pathlib import Path
@@ -68,6 +69,21 @@ def test_an_adapter_over_a_part_retrained_in_place_is_refused_before_its_weights
                          report_to="none")
     with pytest.raises(ConfigError, match=r"--resume true: .*checkpoints were trained over .*adapter_model"):
         prepare_run(resume, "dpo")
+
+
+def test_evaluations_refuse_a_changed_chain_before_any_model_runs(sft_run, dpo_run, tmp_path, monkeypatch):
+    """evaluate.py pairwise, alpaca_eval and lm_eval refused the DPO adapter over a retrained SFT only when they
+    came to load it, after the SFT model had answered every prompt (hours on a 7B)."""
+    from alignkit.modeling import generation
+
+    sft, dpo = _copy_chain(sft_run, dpo_run, tmp_path)
+    retrain(sft / "adapter_model.safetensors", b"x" * (sft / "adapter_model.safetensors").stat().st_size)
+    monkeypatch.setattr(generation, "load_generator", lambda *a, **k: pytest.fail("a model ran before the check"))
+    for command in (["pairwise", "--preset", "tiny", "--models", f"sft={sft}", f"dpo={dpo}"],
+                    ["alpaca_eval", "--preset", "tiny", "--reference_model", str(sft), "--model_id", str(dpo)]):
+        with pytest.raises(UserError, match=rf"^{re.escape(str(dpo))} was trained over {re.escape(str(sft))}"):
+            run_script("evaluate.py", *command, "--output_dir", str(tmp_path / command[0]))
+        assert not list((tmp_path / command[0]).rglob("*.jsonl"))
 
 
 def test_the_same_adapter_trained_twice_saves_the_same_config(sft_run, dpo_run):

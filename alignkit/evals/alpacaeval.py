@@ -137,6 +137,10 @@ def run(s, backend: str) -> dict:
     save_config(s, output_dir / "alpaca_eval_config.json")  # secrets redacted
 
     # The eval set and both sides' outputs
+    from alignkit.modeling.lineage import check_models
+
+    check_models(s, [s.model_id, None if s.reference_outputs else s.reference_model],  # both, before either runs
+                 "--model_id / --reference_model")
     rows, hub_references = load_eval_set(s.eval_set, s.max_instances)
     name = check_name(s.model_name or default_name(s.model_id), "--model_name")
     if s.reference_outputs:

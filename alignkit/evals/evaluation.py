@@ -202,6 +202,9 @@ class Pairwise:
         from alignkit.modeling.generation import load_generator
 
         s = self.settings
+        from alignkit.modeling.lineage import check_models
+
+        check_models(s, self.models.values())  # all of them before the first answers
         keys = {name: mtbench.answers_key(loader_settings(s, source), s, backend)
                 for name, source in self.models.items()}
         parts = {name: mtbench.answers_settings(loader_settings(s, source), s, backend)
@@ -212,9 +215,6 @@ class Pairwise:
                                                                            settings=parts[name])):
                 print(f"{name}: all {len(self.questions)} questions already answered in {path}")
                 continue
-            from alignkit.modeling.presets import check_run_exists
-
-            check_run_exists(s, source)
             with load_generator(loader_settings(s, source), backend) as generator:
                 mtbench.generate_answers(generator, self.questions, name, source, path, s, keys[name], parts[name])
         self.answers = {name: mtbench.read_answers(mtbench.answer_path(self.output_dir, name), source, key=keys[name])

@@ -194,13 +194,11 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
     lm_eval = require()
     from lm_eval.tasks import TaskManager
 
-    from alignkit.modeling.presets import check_run_exists
-
     from alignkit.evals.named_models import parse_models
+    from alignkit.modeling.lineage import check_models
 
     models = parse_models(s.models)
-    for source in models.values():
-        check_run_exists(s, source)
+    check_models(s, models.values())  # all of them before the first is evaluated
     if s.preset == "tiny" and s.include_path:
         tiny_task(s.include_path)
     task_manager = TaskManager(include_path=s.include_path) if s.include_path else TaskManager()

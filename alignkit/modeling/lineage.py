@@ -106,6 +106,19 @@ def check_trained_over(chain, base_model: str | None = None) -> None:
             )
 
 
+def check_models(s, sources, flag: str = "--models NAME=PATH ...") -> None:
+    """Before any model of an evaluation runs: each is there (a preset's runs, trained first) and none is an adapter
+    over a part retrained in place (else it was refused at its own load, after the models before it had run)."""
+    from alignkit.modeling.chain import resolve
+    from alignkit.modeling.presets import check_run_exists
+
+    for source in sources:
+        if source:
+            check_run_exists(s, source, flag)
+            if Path(source).exists():
+                check_trained_over(resolve(source, getattr(s, "revision", None)))
+
+
 def _earlier(folder: Path, files: dict[str, str]) -> Path | None:
     """Where the run folder moved aside when `folder` was trained again (NAME.previous-TIME, alignkit.train.
     run_folder) holds `files`, newest first: `folder`'s own, or its run's (a checkpoint-N inside it)."""

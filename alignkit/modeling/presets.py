@@ -318,11 +318,11 @@ def judge(preset: str | None):
     return smol.rule_judge if preset == "smol" else rule_judge
 
 
-def check_run_exists(s, source: str) -> None:
+def check_run_exists(s, source: str, flag: str = "--models NAME=PATH ...") -> None:
     """A preset's models are runs the user trains first: say how, rather than failing to load a missing folder."""
     if getattr(s, "preset", None) == "tiny" and not Path(source).exists():
         raise UserError(f"{source} not found: train the tiny runs first (python sft.py --preset tiny; python "
-                          "dpo.py --preset tiny --model_id runs/tiny-sft), or pass --models NAME=PATH ...")
+                          f"dpo.py --preset tiny --model_id runs/tiny-sft), or pass {flag}")
     if getattr(s, "preset", None) == "smol" and not Path(source).exists():
         raise UserError(f"{source} not found: train it first (python label.py --preset smol; python dpo.py "
-                          "--preset smol), or pass --models NAME=PATH ...")
+                          f"--preset smol), or pass {flag}")
