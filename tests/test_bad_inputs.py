@@ -82,7 +82,7 @@ CASES = [
     ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl", "--model_id", "some-folder"],
      "some-folder is not a model folder", None),
     ("label.py", ["--responses_a", "empty.jsonl", "--responses_b", "empty.jsonl", "--judge", "python:alignkit.modeling.presets:rule_judge",
-                  "--output", "OUT/x.jsonl"], "empty.jsonl: no rows: the file is empty", None),
+                  "--output", "OUT/x.jsonl"], "empty.jsonl: no rows: it is empty", None),
     ("evaluate.py", ["nosuch"], "unknown command 'nosuch'", None),
     ("evaluate.py", ["vibes", "--model_id", "some-folder", "--prompts", "hi"], "some-folder is not a model folder", None),
     ("evaluate.py", ["vibes", "--model_id", "truncated", "--prompts", "hi"], "model.safetensors is damaged", None),

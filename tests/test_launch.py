@@ -885,6 +885,7 @@ def test_an_fsdp_launch_without_cuda_says_it_trains_as_ddp(monkeypatch, alignkit
     """accelerate turns FSDP on for GPU launches only: `accelerate launch --use_fsdp` on a CPU logged "launch: FSDP"
     and trained as DDP (checkpoints of whole adapters) without a word."""
     monkeypatch.setattr(launch, "_start_process_group", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU (a GPU machine runs it too)
     launched(monkeypatch, "fsdp", rank=0)
     assert launch.establish_launch(SFTSettings(), "sft.py").mode == "FSDP"
     assert "FSDP on a machine without CUDA: accelerate shards on GPUs only, so this launch trains as DDP" in \

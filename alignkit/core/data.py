@@ -331,8 +331,8 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
     if text_field != "text" and text_field not in columns and {"messages", "prompt"} & set(columns):
         # TRL reads conversational rows as conversations whatever dataset_text_field says (a handbook recipe sets
         # it beside chat data): so does alignkit.
-        logger.info(f"{label}: --dataset_text_field {text_field} is no column of these rows: they are read as "
-                    "conversations, as TRL reads them")
+        logger.info(f"{label}: --dataset_text_field {text_field} is no column of these rows: they are read by their "
+                    "own columns (messages, or prompt and completion), as TRL reads them")
     elif text_field != "text":  # TRL's dataset_text_field: that column is each row's text
         if text_field not in columns:
             raise DataError(f"{label}: --dataset_text_field {text_field}: no such column (columns found: "

@@ -46,7 +46,7 @@ def hold(path: str | os.PathLike, owner: str, fix: str, what=None):
     stale = _held.pop(str(path.resolve()), None)
     if stale is not None:
         stale.close()
-    while True:
+    for _ in range(100):  # a holder removing the file as it lets go: take the next one (never 100 in a row)
         file = open(path, "a+b")
         if fcntl is None:
             break
@@ -56,11 +56,14 @@ def hold(path: str | os.PathLike, owner: str, fix: str, what=None):
             file.close()
             raise InUse(f"{what or path.parent} is in use by another {owner} run; {fix}") from None
         try:  # locked the file still at `path`, not one its holder removed as it let go (let_go(remove=True))
-            if os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+            at, held = os.stat(path), os.fstat(file.fileno())
+            if (at.st_dev, at.st_ino) == (held.st_dev, held.st_ino):
                 break
         except FileNotFoundError:
             pass
         file.close()
+    else:
+        raise InUse(f"{what or path.parent}: its lock file {path} keeps being replaced by other runs; {fix}")
     _held[str(path.resolve())] = file
     return file
 

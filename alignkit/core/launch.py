@@ -96,8 +96,8 @@ def _deepspeed_json_precision() -> tuple[str, str] | None:
         config = json.loads(Path(file).read_text()) if file else {}
     except (OSError, ValueError):
         return None
-    for precision in ("bf16", "fp16"):
-        section = config.get(precision) if isinstance(config, dict) else None
+    for precision, key in (("bf16", "bf16"), ("bf16", "bfloat16"), ("fp16", "fp16")):  # bfloat16: DeepSpeed's older name
+        section = config.get(key) if isinstance(config, dict) else None
         if isinstance(section, dict) and section.get("enabled") is True:
             return precision, file
     return None
@@ -240,7 +240,7 @@ def establish_launch(s=None, script: str = "") -> Launch:
         _quiet_other_ranks(rank)
         if launch.mode == FSDP and not fsdp_shards_here():
             logger.info("FSDP on a machine without CUDA: accelerate shards on GPUs only, so this launch trains as "
-                           "DDP, each process holding the whole model (FSDP's refusals still apply)")
+                        "DDP, each process holding the whole model (FSDP's refusals still apply)")
     if launch.mode == "ZeRO-3" and script not in ONE_PROCESS:
         register_zero3_init()
     return launch

@@ -157,7 +157,7 @@ def _rows(source, split="train", config=None):
 
     read = read_rows(source, split, config)
     if len(read.rows) == 0:  # not "no column 'prompt' (columns: )"
-        raise DataError(f"{read.label}: no rows: the file is empty. Point it at a file with rows.")
+        raise DataError(f"{read.label}: no rows: it is empty. Point it at data with rows.")
     return read.columns(), read.dicts(), read.label, read.place
 
 
