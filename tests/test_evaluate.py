@@ -23,6 +23,7 @@ from conftest import SHARED, run_script
 from openai_server import FakeOpenAI, Fault
 
 from alignkit.core.args import ConfigError
+from alignkit.core.errors import UserError
 from alignkit.evals import fastchat_compat, judgments, mtbench, results
 from alignkit.evals.named_models import parse_models
 from alignkit.modeling import presets
@@ -341,6 +342,17 @@ def test_judge_errors_are_counted_as_errors_never_ties_and_retried_on_rerun(mt_d
         assert (overall(rerun)["win"], overall(rerun)["error"]) == (7, 1)  # the unparsable verdict stays an error
     for file in tmp_path.rglob("*"):
         assert file.is_dir() or b"sk-test-secret" not in file.read_bytes(), file
+
+
+def test_a_judge_that_fails_every_request_is_a_failed_run_not_a_table_of_errors(mt_data, tmp_path):
+    """Every request failing (a server that is down) printed a table of errors and ended with status 0."""
+    write_answers(tmp_path, "alpha", QIDS, "ALPHA")
+    write_answers(tmp_path, "omega", QIDS, "OMEGA")
+    with FakeOpenAI(lambda body: Fault(status=503)) as server:
+        with pytest.raises(UserError, match=r"^all 16 judge requests failed \(InternalServerError: .*\): check that "
+                                            r"the server at --judge_base_url is up"):
+            mt_bench(server, tmp_path)
+        assert not (tmp_path / "results.json").exists()
 
 
 def test_judgments_key_on_the_endpoint_and_max_tokens_and_parse_failures_retry_on_request(mt_data, tmp_path):

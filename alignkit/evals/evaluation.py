@@ -20,6 +20,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError, config_to_dict, parse_config, redact, save_config
+from alignkit.core.errors import UserError
 from alignkit.core.journal import hold
 from alignkit.core.progress import Progress
 from alignkit.core.config import (
@@ -271,6 +272,12 @@ class Pairwise:
         elif todo:
             with fastchat_compat.judging_with(self.client, on_error=on_error):
                 judgments.judge_matches(todo, fastchat_compat.play, self.judgment_file, self.identity, s.parallel)
+        if self.failures and len(self.failures) >= 2 * len(todo):  # every request: no result, not an empty table
+            first = self.failures[0]
+            raise UserError(f"all {len(self.failures)} judge requests failed ({type(first).__name__}: "
+                            f"{redact(str(first))[:200]}): check that the server at --judge_base_url is up (the URL "
+                            "usually ends in /v1) and --judge_model, then run the same command again (the answers "
+                            "are kept)")
         if self.failures:
             print(f"{len(self.failures)} judge requests failed; a rerun sends their matches again")
         return todo, self.failures
