@@ -26,7 +26,7 @@ CASES = [
     ("dpo.py", [*TRAIN, "--dpo_betta", "0.1"],
      "unknown setting: --dpo_betta (on the command line; did you mean --dpo_beta?)", None),
     ("dpo.py", [*TRAIN, "--dpo_beta", "-1"], "dpo_beta must be > 0", None),
-    ("merge.py", ["--adapter_dir", "x", "--push_to_hub", "--hub_repo_id", "me/x"], "HF_TOKEN", None),
+    ("merge.py", ["--adapter_dir", "x", "--push_to_hub", "--hub_repo_id", "me/x"], "HF_HUB_OFFLINE=1 is set", None),
     # The other algorithm's TRL field: refused with the settings (it was, once the model had loaded).
     ("rl.py", [*TRAIN, "--algo", "rloo", "--importance_sampling_level", "sequence"],
      "importance_sampling_level: not field(s) of TRL's RLOOConfig, which --algo rloo uses", None),

@@ -539,9 +539,14 @@ def test_push_to_hub_is_private_by_default_and_needs_a_token(tmp_path, monkeypat
     monkeypatch.setattr(datasets.Dataset, "push_to_hub",
                         lambda self, repo_id, **kw: pushed.update(repo_id=repo_id, rows=self.to_list(), **kw))
     with FakeOpenAI(marker_judge) as server:
-        with pytest.raises(ValueError, match="HF_TOKEN"):
-            label(tmp_path, server, "--push_to_hub", "--hub_repo_id", "me/prefs")
+        with monkeypatch.context() as online:  # offline, that is said first (a token would not help)
+            online.delenv("HF_HUB_OFFLINE")
+            online.setattr(constants, "HF_HUB_OFFLINE", False)
+            with pytest.raises(ValueError, match="HF_TOKEN"):
+                label(tmp_path, server, "--push_to_hub", "--hub_repo_id", "me/prefs")
         assert server.count == 0  # no token: stopped before judging anything
+        with pytest.raises(UserError, match="HF_HUB_OFFLINE=1 is set"):
+            label(tmp_path, server, "--push_to_hub", "--hub_repo_id", "me/prefs")
         monkeypatch.setenv("HF_TOKEN", "hf_fake_token_0123456789")
         # A token, but no Hub to push to (offline, as here): stopped before judging too, not at the push.
         with pytest.raises(UserError, match=r"^pushing to the Hub needs the Hub, and HF_HUB_OFFLINE=1 is set: run "

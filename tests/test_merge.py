@@ -224,11 +224,19 @@ def test_public_push_and_adapter_push(sft_run, dpo_run, tmp_path, fake_hub):
 
 
 def test_missing_token_fails_before_merging(dpo_run, tmp_path, monkeypatch):
+    """Offline, that is said first (a token would not help; it asked for one); online, the missing token."""
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    args = ["--adapter_dir", str(dpo_run["run_folder"]), "--output_dir", str(tmp_path / "m"), "--push_to_hub",
+            "--hub_repo_id", "me/x"]
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE=1 is set"):
+        run_script("merge.py", *args)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(ValueError, match="HF_TOKEN"):
-        run_script("merge.py", "--adapter_dir", str(dpo_run["run_folder"]), "--output_dir", str(tmp_path / "m"),
-                   "--push_to_hub", "--hub_repo_id", "me/x")
+        run_script("merge.py", *args)
     assert not (tmp_path / "m").exists()
 
 

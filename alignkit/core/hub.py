@@ -41,10 +41,10 @@ def require_token() -> str:
     token alone let a run train, merge and check for hours, then fail in a traceback from create_repo)."""
     from huggingface_hub import get_token
 
-    from alignkit.core.sources import push_unreachable
+    from alignkit.core.sources import hub_offline, push_unreachable
 
     token = get_token()  # HF_TOKEN, then the token file of a `huggingface-cli login`; never prompts
-    if not token:
+    if not token and not hub_offline():  # offline, a token would not help: that is said first
         raise UserError("pushing to the Hub needs a token: set HF_TOKEN in the environment or in .env")
     if why := push_unreachable():
         raise HubUnreachable(f"pushing to the Hub needs the Hub, and {why}: run where it answers (HF_HUB_OFFLINE "
