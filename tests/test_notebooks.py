@@ -172,7 +172,7 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
     bad, stopped, alive = nb.cells[-3:]
     from alignkit.core.errors import INTERRUPTED_IN_CELL  # one line, not a traceback into TRL
 
-    assert [o.text.strip() for o in stopped.outputs] == [INTERRUPTED_IN_CELL], stopped.outputs
+    assert "".join(o.text for o in stopped.outputs).strip() == INTERRUPTED_IN_CELL, stopped.outputs
     said = [line for o in bad.outputs if o.get("name") == "stderr" for line in o.text.splitlines()]
     assert [o.output_type for o in bad.outputs if o.output_type == "error"] == []  # no traceback
     assert [line for line in said if line.startswith("error:")] == [

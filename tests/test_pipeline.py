@@ -271,7 +271,11 @@ def test_wandb_without_a_key_fails_fast_instead_of_prompting(tiny_cache, tmp_pat
 
 
 def test_push_without_a_token_fails_before_any_work(tiny_cache, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no cached login token
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online (offline, that is said first: a token would not help)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(ValueError, match="HF_TOKEN"):
         run_script("dpo.py", "--preset", "tiny", "--push_to_hub", "--merge_adaptors", "--hub_repo_id", "me/x",
                    "--output_dir", str(tmp_path))  # merged: the local base is no refusal of its own

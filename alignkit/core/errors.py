@@ -115,7 +115,7 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
         shell._showtraceback(kind, error, lines)
         return None
     if issubclass(kind, KeyboardInterrupt):  # the kernel's stop button: 30-50 lines deep inside TRL, before
-        print(INTERRUPTED_IN_CELL, file=sys.stderr)
+        sys.stderr.write(INTERRUPTED_IN_CELL + "\n")  # one write: one stream message under the cell
         return None
     from alignkit.core.secrets import redact
 
