@@ -37,7 +37,9 @@ def accelerate_launch(args: list[str], cache: Path, extra_env: dict | None = Non
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     output = done.stdout + done.stderr
-    assert done.returncode == status, output[-4000:]
+    # Each rank's error lines first: the tail alone is rank 0's traceback when another rank failed first.
+    errors = [line for line in output.splitlines() if re.search(r"\w(Error|Exception)\b|^error:|exitcode", line)]
+    assert done.returncode == status, "\n".join(errors[-30:]) + "\n...\n" + output[-3000:]
     return output
 
 
