@@ -14,6 +14,7 @@ import builtins
 import io
 import os
 import sys
+import time
 
 EXIT_USER_ERROR = 2  # the status argparse and most Unix tools use for bad usage
 
@@ -53,10 +54,10 @@ def _report(kind, error, tb) -> None:
     if issubclass(kind, UserError) and not debugging():
         from alignkit.core.secrets import redact
 
-        if getattr(error, "said_by_local_rank_0", False):  # a launch's refusal: every process has it; this
-            import time  # machine's first says it, and the launcher stops the others while they wait. One that is
-
-            time.sleep(OTHER_RANKS_WAIT)  # still here says it too (its reason may be its own).
+        # A launch's refusal: every process has it, this machine's first says it, and the launcher stops the others
+        # while they wait; one still here after the wait says it too (its reason may be its own).
+        if getattr(error, "said_by_local_rank_0", False):
+            time.sleep(OTHER_RANKS_WAIT)
         print(f"error: {redact(str(error))}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)  # honoured from an excepthook: the interpreter exits with this status
     sys.__excepthook__(kind, error, tb)

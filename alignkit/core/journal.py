@@ -70,7 +70,7 @@ def hold(path: str | os.PathLike, owner: str, fix: str, what=None):
 
 def let_go(path: str | os.PathLike, remove: bool = False) -> None:
     """Release a `hold` on `path` taken in this process (none taken: nothing); `remove`: delete the file first, still
-    holding it (a lock file of no content: a run folder's; `hold` takes only the file at the path)."""
+    holding it (a lock file whose content is not kept: a run folder's; `hold` takes only the file at the path)."""
     held = _held.pop(str(Path(path).resolve()), None)
     if held is not None:
         if remove and fcntl is not None:

@@ -96,7 +96,8 @@ def _deepspeed_json_precision() -> tuple[str, str] | None:
         config = json.loads(Path(file).read_text()) if file else {}
     except (OSError, ValueError):
         return None
-    for precision, key in (("bf16", "bf16"), ("bf16", "bfloat16"), ("fp16", "fp16")):  # bfloat16: DeepSpeed's older name
+    # bfloat16: DeepSpeed's older name for bf16
+    for precision, key in (("bf16", "bf16"), ("bf16", "bfloat16"), ("fp16", "fp16")):
         section = config.get(key) if isinstance(config, dict) else None
         if isinstance(section, dict) and section.get("enabled") is True:
             return precision, file
@@ -334,26 +335,21 @@ def _mixed_precision_conflict(s) -> str | None:
     or --mixed_precision) other than the dtype this run computes in. transformers takes the launch's value where
     the run asks for neither bf16 nor fp16, so an fp32 run would autocast in bf16 behind its own log line, and
     DeepSpeed stops at its first step on any difference ("DeepSpeed config values that mismatch")."""
-    launched, json_file = os.environ.get("ACCELERATE_MIXED_PRECISION", "no"), _deepspeed_json_precision()
-    if launched not in ("bf16", "fp16") and json_file:  # a DeepSpeed JSON's own "bf16": {"enabled": true}
-        launched, json_file = json_file
-    else:
-        json_file = None
+    launched, json_file = os.environ.get("ACCELERATE_MIXED_PRECISION", "no"), None
+    if launched not in ("bf16", "fp16") and (found := _deepspeed_json_precision()):  # "bf16": {"enabled": true}
+        launched, json_file = found
     if launched not in ("bf16", "fp16") or not hasattr(s, "dtype"):
         return None
     ours, why = dtype_choice(s.dtype)
     if ours == launched:
         return None
+    or_dtype = f", or pass --dtype {launched}" if s.dtype != "auto" else ""
     if json_file:
-        fix = (f'set "{launched}": {{"enabled": "auto"}} in {json_file} (DeepSpeed then takes the run\'s '
-               "precision)")
-        if s.dtype != "auto":
-            fix += f", or pass --dtype {launched}"
-        return f"the DeepSpeed config {json_file} enables {launched}, but this run computes in {ours} ({why}): {fix}"
-    fix = f"launch with --mixed_precision {'no' if ours == 'fp32' else ours} (or set it in the accelerate config)"
-    if s.dtype != "auto":
-        fix += f", or pass --dtype {launched}"
-    return f"accelerate launch asks for mixed_precision {launched}, but this run computes in {ours} ({why}): {fix}"
+        return (f"the DeepSpeed config {json_file} enables {launched}, but this run computes in {ours} ({why}): set "
+                f'"{launched}": {{"enabled": "auto"}} in {json_file} (DeepSpeed then takes the run\'s precision)'
+                f"{or_dtype}")
+    return (f"accelerate launch asks for mixed_precision {launched}, but this run computes in {ours} ({why}): launch "
+            f"with --mixed_precision {'no' if ours == 'fp32' else ours} (or set it in the accelerate config){or_dtype}")
 
 
 def resolve_quantization(requested: str, for_training: bool = True, log: bool = True) -> str:

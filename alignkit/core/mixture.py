@@ -118,7 +118,6 @@ def _hold_out(dataset, size, seed, name, kind=None):
 def _hold_out_prompts(dataset, held, name, other):
     """The last prompts of the (shuffled) rows, every answer to each, until `held` rows are held out."""
     import json
-
     from collections import Counter
 
     keys = [json.dumps(prompt, sort_keys=True, default=str) for prompt in dataset["prompt"]]

@@ -201,15 +201,13 @@ class Pairwise:
         """Each model's answers, generated where missing; a model with nothing left to answer is not loaded."""
         from alignkit.evals import mtbench
         from alignkit.modeling.generation import load_generator
-
-        s = self.settings
         from alignkit.modeling.lineage import check_models
 
+        s = self.settings
         check_models(s, self.models.values())  # all of them before the first answers
-        keys = {name: mtbench.answers_key(loader_settings(s, source), s, backend)
-                for name, source in self.models.items()}
-        parts = {name: mtbench.answers_settings(loader_settings(s, source), s, backend)
-                 for name, source in self.models.items()}
+        keys, parts = {}, {}
+        for name, source in self.models.items():
+            keys[name], parts[name] = mtbench.answers_key_and_settings(loader_settings(s, source), s, backend)
         for name, source in self.models.items():
             path = mtbench.answer_path(self.output_dir, name)
             if not mtbench.unanswered(self.questions, mtbench.read_answers(path, source, key=keys[name],

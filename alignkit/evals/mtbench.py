@@ -253,21 +253,20 @@ def answers_key(loader, s, backend: str) -> str:
     (alignkit.modeling.identity.model_identity of the loader settings, with the engine), and the sampling settings.
     Recorded with every answer as `settings_key`, so a rerun under other settings never takes old answers for
     new ones."""
+    return answers_key_and_settings(loader, s, backend)[0]
+
+
+def answers_key_and_settings(loader, s, backend: str) -> tuple[str, dict]:
+    """(answers_key, its parts each readable: the model as loaded by its digest), the model's identity computed
+    once. The parts are recorded beside the key, so that answers made under other settings are refused naming the
+    ones that changed."""
     from alignkit.modeling.identity import model_identity
 
-    identity = {"loaded": model_identity(loader, backend), "temperature": s.temperature,
-                "top_p": s.top_p, "num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens, "seed": s.seed}
-    return digest(identity, 16, ensure_ascii=True)
-
-
-def answers_settings(loader, s, backend: str) -> dict:
-    """answers_key's parts, each readable (the model as loaded by its digest): recorded beside the key, so that
-    answers made under other settings are refused naming the ones that changed."""
-    from alignkit.modeling.identity import model_identity
-
-    return {"model as loaded": digest(model_identity(loader, backend), 16, ensure_ascii=True),
-            "--temperature": s.temperature, "--top_p": s.top_p, "--num_beams": s.num_beams,
-            "--max_new_tokens": s.max_new_tokens, "--seed": s.seed}
+    loaded = model_identity(loader, backend)
+    sampling = {"temperature": s.temperature, "top_p": s.top_p, "num_beams": s.num_beams,
+                "max_new_tokens": s.max_new_tokens, "seed": s.seed}
+    key = digest({"loaded": loaded, **sampling}, 16, ensure_ascii=True)
+    return key, {"model as loaded": digest(loaded, 16, ensure_ascii=True), **{f"--{k}": v for k, v in sampling.items()}}
 
 
 def read_answers(path, source: str | None = None, fix: str | None = None, repair_tail: bool = True,
@@ -276,7 +275,7 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
 
     source: the model these answers must come from; answers recorded from another one are an error.
     key: the `answers_key` they must have been made under; answers recorded under other settings are an error
-        (answer files made elsewhere, without a key, are taken as they are); `settings` (answers_settings) names
+        (answer files made elsewhere, without a key, are taken as they are); `settings` (answers_key_and_settings) names
         which changed, where the answer recorded its own.
     """
     fix = fix or "delete the file (or the line) to answer again"

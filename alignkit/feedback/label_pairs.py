@@ -14,7 +14,7 @@ from alignkit.core.journal import batched, threaded
 from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, orders_for, parse_verdict, question_text
 from alignkit.core.digests import digest
-from alignkit.feedback.label_records import Pair, Prompt, Run, judge_fix, report_failure, stop_if_all_failing
+from alignkit.feedback.label_records import FirstFailures, Pair, Prompt, Run, judge_fix, report_failure
 
 
 def make_pairs(run: Run, prompts: list[Prompt], table) -> list[Pair]:
@@ -78,7 +78,7 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
     run.stats["judgments needed"] = len(keys)
     run.stats["judgments sent"] = len(needed)
     progress = Progress("judging", len(pairs), done=sum(k == 0 for k in open_keys))
-    answered = 0
+    watch = FirstFailures("judge request", judge_fix(judge.name), len(needed))
     stream = batched(judge.judge_batch, needed.values(), s.generation_batch_size) if judge.batched else \
         threaded(judge.judge, needed.values(), s.parallel)
     try:
@@ -91,10 +91,9 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
                                        "--judge_base_url (it usually ends in /v1) and --judge_model.") from None
                 run.errors[request.key] = result
                 report_failure(result, "judge request", len(run.errors))
-                stop_if_all_failing(answered, list(run.errors.values()), "judge request", judge_fix(judge.name),
-                                    len(needed) - answered - len(run.errors))
+                watch.failed(result)
             else:
-                answered += 1
+                watch.ok()
                 run.judgments.append({"key": request.key, "judge": judge.name, "verdict": parse_verdict(result),
                                       "text": result})
             finished = 0

@@ -158,16 +158,27 @@ def generator_fix(spec: str) -> str:
     return f"Check the model {spec}"
 
 
-def stop_if_all_failing(succeeded: int, failures: list[Exception], what: str, fix: str, left: int) -> None:
-    """Stop, in one line, a run whose first FIRST_FAILURES requests all failed: with --max_retries each, a server
-    that is down (or a rule that raises) would otherwise be asked every request, and the run end with nothing.
-    `fix`: judge_fix's or generator_fix's line."""
-    if succeeded or len(failures) != FIRST_FAILURES or left <= 0:
-        return
-    first = failures[0]
-    raise UserError(f"the first {FIRST_FAILURES} {what}s all failed ({type(first).__name__}: "
-                    f"{redact(str(first))[:200]}): stopped before the other {left}. {fix}, then run the same "
-                    "command again (what is done is kept)")
+class FirstFailures:
+    """`total` requests as they come back: stops, in one line, a run whose first FIRST_FAILURES all failed (with
+    --max_retries each, a server that is down, or a rule that raises, would otherwise be asked every request, and
+    the run end with nothing). `what`: "judge request", ...; `fix`: judge_fix's or generator_fix's line."""
+
+    def __init__(self, what: str, fix: str, total: int):
+        self.what, self.fix, self.total = what, fix, total
+        self.succeeded, self.failures = 0, []
+
+    def ok(self) -> None:
+        self.succeeded += 1
+
+    def failed(self, error: Exception) -> None:
+        self.failures.append(error)
+        left = self.total - self.succeeded - len(self.failures)
+        if self.succeeded or len(self.failures) != FIRST_FAILURES or left <= 0:
+            return
+        first = self.failures[0]
+        raise UserError(f"the first {FIRST_FAILURES} {self.what}s all failed ({type(first).__name__}: "
+                        f"{redact(str(first))[:200]}): stopped before the other {left}. {self.fix}, then run the "
+                        "same command again (what is done is kept)")
 
 
 def refuse_empty(rows: int, errors: int, fix: str) -> None:

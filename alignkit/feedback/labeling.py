@@ -22,8 +22,8 @@ from alignkit.core.journal import threaded
 from alignkit.core.progress import Progress
 from alignkit.feedback.judge import endpoint_identity, is_fatal, make_judge
 from alignkit.core.digests import digest
-from alignkit.feedback.label_records import (AppendLog, Prompt, Run, Source, generator_fix, report_failure,
-                                             stop_if_all_failing)
+from alignkit.feedback.label_records import (AppendLog, FirstFailures, Prompt, Run, Source, generator_fix,
+                                             report_failure)
 
 RESPONSE_FIELDS = ("response", "completion", "output", "answer")
 
@@ -380,17 +380,15 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
         progress = Progress(f"generating with {spec}", len(cells), unit="response")
         stream = (_generate_local(run, generator, cells, prompts) if generator is not None
                   else _generate_endpoint(run, spec, cells, prompts))
-        failures, made = [], 0
+        watch = FirstFailures("generation request", generator_fix(spec), len(cells))
         try:
             for (si, pi, key), text in stream:
                 if isinstance(text, Exception):
                     run.stats["generation errors"] += 1
-                    failures.append(text)
                     report_failure(text, "generation request", run.stats["generation errors"])
-                    stop_if_all_failing(made, failures, "generation request", generator_fix(spec),
-                                        len(cells) - made - len(failures))
+                    watch.failed(text)
                 else:
-                    made += 1
+                    watch.ok()
                     run.responses.append({"key": key, "source": run.sources[si].name, "text": text})
                     table[si][pi] = text
                 progress.update(1, run.stats["generation errors"])

@@ -27,7 +27,7 @@ from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, import_function, question_text, rule_fingerprint
 from alignkit.feedback.judge_templates import Template
 from alignkit.core.digests import digest
-from alignkit.feedback.label_records import AppendLog, judge_fix, refuse_empty, stop_if_all_failing
+from alignkit.feedback.label_records import AppendLog, FirstFailures, judge_fix, refuse_empty
 from alignkit.feedback.ratings import SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM, parse_rating
 
 # FastChat's "single-v1" judge prompt (alignkit.feedback.ratings), in this module's Template form.
@@ -136,22 +136,20 @@ def grade(run, grader: Grader, prompts, table) -> dict:
                 cells.append((source, prompt, text, key))
                 if key not in grades and key not in needed:
                     needed[key] = Item(key, prompt.messages, text)
-        errors, failures, graded = 0, [], 0
+        watch = FirstFailures("grading request", judge_fix(grader.spec), len(needed))
         progress = Progress("grading", len(needed), unit="answer")
         stream = batched(grader.grade_batch, needed.values(), s.generation_batch_size) if grader.batched else \
             threaded(grader.grade, needed.values(), s.parallel)
         try:
             for item, result in stream:
                 if isinstance(result, Exception):
-                    errors += 1
-                    failures.append(result)
-                    logger.warning(f"grading failed ({errors} so far; the next run retries): {result}")
-                    stop_if_all_failing(graded, failures, "grading request", judge_fix(grader.spec),
-                                        len(needed) - graded - errors)
+                    logger.warning(f"grading failed ({len(watch.failures) + 1} so far; the next run retries): "
+                                   f"{result}")
+                    watch.failed(result)
                 else:
-                    graded += 1
+                    watch.ok()
                     grades.append({"key": item.key, "grade": None if result is None else float(result)})
-                progress.update(1, errors)
+                progress.update(1, len(watch.failures))
         finally:
             progress.close()
         rows, outcomes = [], Counter()

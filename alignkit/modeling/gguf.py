@@ -142,23 +142,22 @@ def _convert_into(path: Path, arch: str, work: Path) -> str:
 
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
+    from alignkit.core.launch import outside_zero3
     from alignkit.core.progress import bars_by_rule
 
-    from alignkit.core.launch import outside_zero3
-
     logger.info(f"converting {path} ({arch}) into {work.parent} (once; cached for every later run)")
-    # transformers' conversion bar is tqdm's own: alignkit's rule decides it (drawn in a terminal or a notebook).
     # Under a ZeRO-3 launch this process alone builds the whole model: not under zero.Init, which would wait for
     # the ranks waiting for this build.
-    with bars_by_rule(gguf_utils), outside_zero3():
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild it from its config without
-    # the quantization marker, with the already dequantized weights.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
     with outside_zero3():
+        # transformers' conversion bar is tqdm's own: alignkit's rule decides it (drawn in a terminal or a notebook).
+        with bars_by_rule(gguf_utils):
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild it from its config without
+        # the quantization marker, with the already dequantized weights.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]

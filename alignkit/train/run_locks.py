@@ -30,7 +30,8 @@ def take(folder: Path) -> str | None:
     try:
         held = hold(lock_file(folder), "training", "let it finish first, or pass another --run_name", what=folder)
     except InUse:
-        return f"{folder} is in use by another training run{_holder(folder)}; let it finish first, or pass another --run_name"
+        return (f"{folder} is in use by another training run{_holder(folder)}; let it finish first, or pass "
+                "another --run_name")
     from alignkit.core.errors import is_notebook
 
     program = "a notebook kernel" if is_notebook() else Path(sys.argv[0]).name if sys.argv else "python"
