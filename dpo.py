@@ -56,7 +56,7 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 # %% [markdown]
 # ## Data
 # Any supported preference format becomes prompt / chosen / rejected (messages, or TRL's standard texts); a
-# seeded share is held out to measure reward accuracy on pairs the model never trained on.
+# seeded share of prompts (every pair of each) is held out to measure reward accuracy on prompts never trained on.
 
 # %%
 from alignkit.core.mixture import load_train_eval

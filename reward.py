@@ -51,7 +51,8 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 # %% [markdown]
 # ## Data
 # Any supported preference format becomes prompt / chosen / rejected (messages, or TRL's standard texts); with
-# `--use_margin` each pair also gets its margin. A seeded share is held out to measure pairwise accuracy on unseen pairs.
+# `--use_margin` each pair also gets its margin. A seeded share of prompts is held out (every pair of each) to measure
+# pairwise accuracy on unseen prompts.
 
 # %%
 from alignkit.core.data import load_preferences
@@ -64,7 +65,7 @@ preferences = load_preferences(
     settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
 )
 preferences = with_margins(preferences, settings)
-train_data, eval_data = split(preferences, settings)
+train_data, eval_data = split(preferences, settings, "preference")  # every pair of a held-out prompt held out
 print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]

@@ -898,3 +898,29 @@ def test_a_dataset_beside_a_mixture_is_named_as_unused_and_a_file_takes_no_confi
     with pytest.raises(ConfigError, match=rf"^--dataset_config en: {re.escape(str(mine))} is a single file, which has "
                                           r"no configurations\. Drop --dataset_config"):
         load_train_eval("preference", DPOSettings(dataset_id=str(mine), dataset_config="en", eval_split=0.0))
+
+
+def test_preference_pairs_are_held_out_by_whole_prompts_for_dpo_and_reward(tmp_path):
+    """label.py --num_samples 4 writes several pairs per prompt; held out row by row, a prompt's other pairs trained,
+    so DPO's and the reward model's held-out accuracy measured prompts the model had learned. With one pair per
+    prompt the split is the plain one it always was (a run's rows, and so `--resume auto`, are unchanged)."""
+    from alignkit.core.mixture import load_train_eval, split
+    from alignkit.core.train_settings import DPOSettings
+
+    many = write(tmp_path, [{"prompt": f"q{i // 4}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+                            for i in range(40)], "jsonl", "many")
+    for settings in (DPOSettings(dataset_id=str(many), eval_split=0.1),
+                     DPOSettings(dataset_mixture={"datasets": [{"id": str(many), "weight": 1.0}], "seed": 3,
+                                                  "test_split_size": 3})):
+        train, held_out = load_train_eval("preference", settings)
+        assert not set(train["prompt"]) & set(held_out["prompt"])
+        assert len(held_out) == 4 and len(train) == 36  # one whole prompt: its 4 pairs
+    train, held_out = split(load_preferences(str(many)), DPOSettings(dataset_id=str(many), eval_split=0.2),
+                            "preference")  # reward.py's call
+    assert not set(train["prompt"]) & set(held_out["prompt"]) and len(held_out) == 8
+    unique = write(tmp_path, [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+                              for i in range(40)], "jsonl", "unique")
+    settings = DPOSettings(dataset_id=str(unique), eval_split=0.1)
+    plain = load_preferences(str(unique)).shuffle(seed=settings.seed).train_test_split(test_size=0.1, shuffle=False)
+    train, held_out = load_train_eval("preference", settings)
+    assert held_out["prompt"] == plain["test"]["prompt"] and train["prompt"] == plain["train"]["prompt"]

@@ -83,8 +83,8 @@ def _number(value) -> bool:
 
 
 def split(dataset, s, kind=None):
-    """(train, eval or None): a seeded shuffle, --max_samples, then the held-out share (for KTO's "unpaired" kind,
-    whole prompts: see _hold_out)."""
+    """(train, eval or None): a seeded shuffle, --max_samples, then the held-out share (for preference pairs and KTO's
+    unpaired answers, whole prompts: see _hold_out)."""
     dataset = dataset.shuffle(seed=s.seed)
     if s.max_samples:
         dataset = dataset.select(range(min(s.max_samples, len(dataset))))
@@ -95,8 +95,10 @@ def split(dataset, s, kind=None):
 
 def _hold_out(dataset, size, seed, name, kind=None):
     """(train, held out): `size` rows (>= 1) or a share (< 1), counted as datasets' train_test_split counts them.
-    KTO's unpaired answers are held out by whole prompts (at least that many rows): a pair read as two answers
-    otherwise trains its chosen half while its rejected half is scored as unseen."""
+    Preference pairs ("preference") and KTO's unpaired answers ("unpaired") are held out by whole prompts (at least
+    that many rows): several pairs sampled for one prompt (label.py --num_samples) otherwise put the prompt on both
+    sides, and a pair read as two answers trains its chosen half while its rejected half is scored as unseen. Where
+    every prompt has one row this is the plain split."""
     n = len(dataset)
     if not (_number(size) and size > 0):
         raise ConfigError(f"{name} {size!r} must be a share (< 1) or a row count (>= 1)")
@@ -109,22 +111,22 @@ def _hold_out(dataset, size, seed, name, kind=None):
     if held >= n:
         raise ConfigError(f"{name} {size} leaves no training rows: it holds out {min(held, n)} of the {n} rows. "
                           f"Hold out fewer (a smaller share, or fewer than {n} rows), or {other}")
-    if kind == "unpaired":
-        return _hold_out_prompts(dataset, held, name, other)
+    if kind in ("unpaired", "preference"):
+        return _hold_out_prompts(dataset, held, name, other, "answers" if kind == "unpaired" else "pairs")
     parts = dataset.train_test_split(test_size=size, seed=seed, shuffle=False)
     return parts["train"], parts["test"]
 
 
-def _hold_out_prompts(dataset, held, name, other):
-    """The last prompts of the (shuffled) rows, every answer to each, until `held` rows are held out."""
+def _hold_out_prompts(dataset, held, name, other, rows="answers"):
+    """The last prompts of the (shuffled) rows, every row (answer or pair) to each, until `held` rows are held out."""
     import json
     from collections import Counter
 
     keys = [json.dumps(prompt, sort_keys=True, default=str) for prompt in dataset["prompt"]]
     answers, chosen, count = Counter(keys), set(), 0
     order = list(dict.fromkeys(reversed(keys)))  # prompts, the one whose last row is last first
-    if len(order) == 1:  # one prompt for every answer: there is no other way to hold any out
-        logger.info(f"{name}: every answer has the same prompt, so {held} answers are held out one by one")
+    if len(order) == 1:  # one prompt for every row: there is no other way to hold any out
+        logger.info(f"{name}: every one of the {rows} has the same prompt, so {held} {rows} are held out one by one")
         parts = dataset.train_test_split(test_size=held, shuffle=False)
         return parts["train"], parts["test"]
     for key in order:
@@ -133,13 +135,14 @@ def _hold_out_prompts(dataset, held, name, other):
         chosen.add(key)
         count += answers[key]
     if len(chosen) == len(order):
-        raise ConfigError(f"{name}: the {len(dataset)} answers have {len(order)} prompt(s); holding out {held} "
-                          "answers, every answer to a held-out prompt with it, leaves no training rows. Hold out "
+        raise ConfigError(f"{name}: the {len(dataset)} {rows} have {len(order)} prompt(s); holding out {held} "
+                          f"{rows}, every one to a held-out prompt with it, leaves no training rows. Hold out "
                           f"fewer, add prompts, or {other}")
     train = [i for i, key in enumerate(keys) if key not in chosen]
     test = [i for i, key in enumerate(keys) if key in chosen]
-    logger.info(f"{name}: {len(test)} of {len(dataset)} answers held out, every answer to {len(chosen)} of the "
-                f"{len(order)} prompts")
+    if len(order) < len(keys):  # some prompt has several rows (one row per prompt: the plain split, said as ever)
+        logger.info(f"{name}: {len(test)} of {len(dataset)} {rows} held out, every one to {len(chosen)} of the "
+                    f"{len(order)} prompts")
     return dataset.select(train), dataset.select(test)
 
 
