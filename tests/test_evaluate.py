@@ -345,14 +345,79 @@ def test_judge_errors_are_counted_as_errors_never_ties_and_retried_on_rerun(mt_d
 
 
 def test_a_judge_that_fails_every_request_is_a_failed_run_not_a_table_of_errors(mt_data, tmp_path):
-    """Every request failing (a server that is down) printed a table of errors and ended with status 0."""
+    """Every request failing (a server that is down) printed a table of errors and ended with status 0; and it was
+    asked every request (with --max_retries each) before saying so: the first 5 failing now stop the run."""
     write_answers(tmp_path, "alpha", QIDS, "ALPHA")
     write_answers(tmp_path, "omega", QIDS, "OMEGA")
     with FakeOpenAI(lambda body: Fault(status=503)) as server:
-        with pytest.raises(UserError, match=r"^all 16 judge requests failed \(InternalServerError: .*\): check that "
-                                            r"the server at --judge_base_url is up"):
+        with pytest.raises(UserError, match=r"^the first 5 judge requests all failed \(InternalServerError: .*\): "
+                                            r"stopped before the other 11\. Check that the server at --judge_base_url "
+                                            r"is up .* then run the same command again"):
             mt_bench(server, tmp_path)
+        assert server.count == 5 and not (tmp_path / "results.json").exists()
+        judged = judgments.read_judgments(judgments.judgment_path(tmp_path, "judge-x"))
+        assert len(judged) == 2  # the matches played before the stop are kept (their failed requests retry)
+        with pytest.raises(UserError, match=r"^all 4 judge requests failed \(InternalServerError: .*\)\. Check that "
+                                            r"the server at --judge_base_url is up"):
+            run_script(  # fewer requests than the first-failures stop: all of them fail, said at the end
+                "evaluate.py", "mt_bench", "--models", "alpha=/nowhere/alpha", "omega=/nowhere/omega", "--baseline",
+                "omega", "--judge_model", "judge-x", "--judge_base_url", server.base_url, "--mt_bench_data",
+                str(MT_DATA), "--question_ids", "81", "--output_dir", str(tmp_path), "--max_retries", "0")
         assert not (tmp_path / "results.json").exists()
+
+
+def test_a_judge_whose_verdicts_never_parse_is_a_failed_run_with_an_example(mt_data, tmp_path, capsys):
+    """A judge that never writes [[A]]/[[B]]/[[C]] gave a table of errors without saying what it wrote; one that
+    sometimes does not is counted, with an example."""
+    write_answers(tmp_path, "alpha", QIDS, "ALPHA")
+    write_answers(tmp_path, "omega", QIDS, "OMEGA")
+    good, vague = prefers("ALPHA", "OMEGA"), [True]
+
+    def judge(body):
+        prompt = body["messages"][-1]["content"]
+        return "Both answers are fine; I prefer neither." if vague[0] or "travel blog" in prompt else good(body)
+
+    with FakeOpenAI(judge) as server:
+        with pytest.raises(UserError, match=r"^the judge gave no verdict FastChat can parse in any of its 16 answers "
+                                            r"\(the last ended 'Both answers are fine; I prefer neither\.'\): use a "
+                                            r"judge model .* rerun with --retry_parse_failures true"):
+            mt_bench(server, tmp_path)
+        vague[0] = False
+        capsys.readouterr()
+        run = mt_bench(server, tmp_path, "--retry_parse_failures", "true")
+        assert overall(run)["error"] == 2 and overall(run)["win"] == 6
+        assert ("4 of 16 judge answers had no verdict FastChat can parse (counted as errors), e.g. one ending 'Both "
+                "answers are fine; I prefer neither.'") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    (("pair-v2", "prompt_template", "[Question]\n{question}\n{answer_a} {answer_b} {reference}"),
+     r"line 1 \(pair-v2\): field 'prompt_template' has the placeholder\(s\) reference, which FastChat does not "
+     r"fill; it fills answer_a, answer_b, question"),
+    (("pair-math-v1", "prompt_template", "{question} {answer_a} {answer_b} {ref_answer_1} {json: 1}"),
+     r"\(pair-math-v1\): field 'prompt_template' has the placeholder\(s\) json"),
+    (("pair-v2-multi-turn", "prompt_template", "{question_1} a lone } brace"),
+     r"\(pair-v2-multi-turn\): field 'prompt_template' is not a format string FastChat can fill .*write a literal "
+     r"brace as {{ or }}"),
+    (("pair-v2", "output_format", "[[1]]"),
+     r"\(pair-v2\): field 'output_format' is '\[\[1\]\]'; FastChat parses a pairwise verdict only as"),
+], ids=["unknown-placeholder", "json-braces", "lone-brace", "output-format"])
+def test_judge_prompt_templates_are_checked_before_any_model_answers(mt_data, tmp_path, change, message):
+    """A placeholder FastChat does not fill (or a lone brace) was a KeyError traceback at the first match, after
+    every model had answered every question."""
+    data = tmp_path / "data"
+    shutil.copytree(MT_DATA, data)
+    name, field, value = change
+    rows = [json.loads(line) for line in (data / mtbench.JUDGE_PROMPTS).read_text().splitlines()]
+    for row in rows:
+        if row["name"] == name:
+            row[field] = value
+    (data / mtbench.JUDGE_PROMPTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=message):
+        run_script("evaluate.py", "mt_bench", "--models", "alpha=/nowhere/alpha", "omega=/nowhere/omega",
+                   "--judge_model", "judge-x", "--judge_base_url", "http://127.0.0.1:9/v1", "--mt_bench_data",
+                   str(data), "--question_ids", *QIDS, "--output_dir", str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "model_answer").exists()
 
 
 def test_judgments_key_on_the_endpoint_and_max_tokens_and_parse_failures_retry_on_request(mt_data, tmp_path):
@@ -367,9 +432,12 @@ def test_judgments_key_on_the_endpoint_and_max_tokens_and_parse_failures_retry_o
         return good(body) if body["max_tokens"] >= 100 and decided[0] else "Assistant A's answer is more"
 
     with FakeOpenAI(cut_short) as server, FakeOpenAI(good) as other:
-        short = mt_bench(server, tmp_path, "--judge_max_tokens", "20")
-        assert server.count == 16 and overall(short)["error"] == 8
-        mt_bench(server, tmp_path, "--judge_max_tokens", "20")
+        no_verdict = r"^the judge gave no verdict FastChat can parse in any of its 16 answers .*--judge_max_tokens"
+        with pytest.raises(UserError, match=no_verdict):  # every answer cut off: no table of errors
+            mt_bench(server, tmp_path, "--judge_max_tokens", "20")
+        assert server.count == 16
+        with pytest.raises(UserError, match=no_verdict):
+            mt_bench(server, tmp_path, "--judge_max_tokens", "20")
         assert server.count == 16  # the paid answers are kept under the same settings
         full = mt_bench(server, tmp_path)  # FastChat's 2048: judged again
         assert server.count == 32 and {r["max_tokens"] for r in server.requests[16:]} == {2048}
@@ -380,10 +448,12 @@ def test_judgments_key_on_the_endpoint_and_max_tokens_and_parse_failures_retry_o
         assert server.count == 32
 
         decided[0] = False
-        undecided = mt_bench(server, tmp_path, "--judge_max_tokens", "100")
-        assert server.count == 48 and overall(undecided)["error"] == 8
+        with pytest.raises(UserError, match=no_verdict):
+            mt_bench(server, tmp_path, "--judge_max_tokens", "100")
+        assert server.count == 48
         decided[0] = True
-        mt_bench(server, tmp_path, "--judge_max_tokens", "100")
+        with pytest.raises(UserError, match=no_verdict):
+            mt_bench(server, tmp_path, "--judge_max_tokens", "100")
         assert server.count == 48  # unparsable, but paid for: not asked again without being told
         retried = mt_bench(server, tmp_path, "--judge_max_tokens", "100", "--retry_parse_failures")
         assert server.count == 64 and (overall(retried)["win"], overall(retried)["error"]) == (8, 0)

@@ -11,7 +11,8 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from alignkit.core.args import ConfigError
+from alignkit.core.args import ConfigError, redact
+from alignkit.core.errors import UserError
 from alignkit.core.secrets import name_secret_variables
 
 
@@ -132,3 +133,33 @@ def judge_client(s, default_model: str | None = None, what: str = "the judge") -
         raise ConfigError(f"{what}: pass --judge_model NAME (a model served by the OpenAI-compatible endpoint)")
     return ChatClient(model, s.judge_base_url, s.judge_api_key_env, s.max_retries, s.request_timeout,
                       getattr(s, "judge_temperature", 0.0), getattr(s, "judge_max_tokens", 1024), what)
+
+
+FIRST_FAILURES = 5  # this many requests failing before any succeeds stop the run (a dead server, a broken rule)
+
+
+class FirstFailures:
+    """`total` requests as they come back: stops, in one line, a run whose first FIRST_FAILURES all failed (with
+    --max_retries each, a server that is down, or a rule that raises, would otherwise be asked every request, and
+    the run end with nothing). `what`: "judge request", ...; `fix`: the line saying what to check (label_records'
+    judge_fix, ...)."""
+
+    def __init__(self, what: str, fix: str, total: int):
+        self.what, self.fix, self.total = what, fix, total
+        self.succeeded, self.failures = 0, []
+        self._lock = threading.Lock()  # requests may come back on worker threads
+
+    def ok(self) -> None:
+        with self._lock:
+            self.succeeded += 1
+
+    def failed(self, error: Exception) -> None:
+        with self._lock:
+            self.failures.append(error)
+            left = self.total - self.succeeded - len(self.failures)
+            if self.succeeded or len(self.failures) != FIRST_FAILURES or left <= 0:
+                return
+        first = self.failures[0]
+        raise UserError(f"the first {FIRST_FAILURES} {self.what}s all failed ({type(first).__name__}: "
+                        f"{redact(str(first))[:200]}): stopped before the other {left}. {self.fix}, then run the "
+                        "same command again (what is done is kept)")

@@ -21,12 +21,13 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import ConfigError, config_to_dict, parse_config, redact, save_config
 from alignkit.core.errors import UserError
-from alignkit.core.journal import hold
-from alignkit.core.progress import Progress
 from alignkit.core.config import (
     AlpacaEvalSettings, LMEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings,
 )
 from alignkit.core.groups import loader_settings
+from alignkit.core.journal import hold
+from alignkit.core.llm import FirstFailures
+from alignkit.core.progress import Progress
 from alignkit.evals.named_models import parse_models
 
 COMMANDS = {
@@ -260,22 +261,25 @@ class Pairwise:
         print(f"{len(self.matches)} matches, {len(self.matches) - len(todo)} judged before, {len(todo)} to judge "
               f"({'rule judge' if self.use_rule else f'{2 * len(todo)} requests to {s.judge_model}'})")
 
+        fix = "Check that the server at --judge_base_url is up (the URL usually ends in /v1), and --judge_model"
+        watch = FirstFailures("judge request", fix, 2 * len(todo))  # a dead server stops the run at its 5th failure
+
         def on_error(error):
             self.failures.append(error)
             logger.warning(f"judge request failed after {s.max_retries} retries: {type(error).__name__}: "
                            f"{redact(str(error))}")
+            watch.failed(error)
 
         if self.use_rule:
             judgments.judge_matches(todo, judgments.rule_player(rule_fn), self.judgment_file, self.identity, s.parallel)
         elif todo:
-            with fastchat_compat.judging_with(self.client, on_error=on_error):
+            with fastchat_compat.judging_with(self.client, on_error=on_error, on_success=watch.ok):
                 judgments.judge_matches(todo, fastchat_compat.play, self.judgment_file, self.identity, s.parallel)
         if self.failures and len(self.failures) >= 2 * len(todo):  # every request: no result, not an empty table
             first = self.failures[0]
             raise UserError(f"all {len(self.failures)} judge requests failed ({type(first).__name__}: "
-                            f"{redact(str(first))[:200]}): check that the server at --judge_base_url is up (the URL "
-                            "usually ends in /v1) and --judge_model, then run the same command again (the answers "
-                            "are kept)")
+                            f"{redact(str(first))[:200]}). {fix}, then run the same command again (the answers are "
+                            "kept)")
         if self.failures:
             print(f"{len(self.failures)} judge requests failed; a rerun sends their matches again")
         return todo, self.failures
@@ -291,6 +295,7 @@ class Pairwise:
         if moved:
             print(f"{moved} earlier verdicts of matches judged again moved to "
                   f"{self.judgment_file.with_name(self.judgment_file.stem + '.replaced.jsonl')}")
+        self.say_unparsed(records)
         categories = {q["question_id"]: q["category"] for q in self.questions}
         pairs = results.pair_results(records, categories, s.bootstrap_rounds, s.seed)
         print(results.format_table(pairs))
@@ -306,6 +311,26 @@ class Pairwise:
         )
         self.record(pairs, totals)
         return pairs, results_file, results.plot(pairs, self.output_dir / "results.png")
+
+    def say_unparsed(self, records: list[dict]) -> None:
+        """Verdicts the judge wrote but FastChat could not parse (no [[A]], [[B]] or [[C]]): counted as errors in the
+        table; one example is shown, and a judge that never gave one is a failed run, not a table of errors."""
+        from alignkit.evals import fastchat_compat
+
+        error_output = fastchat_compat.load()[0].API_ERROR_OUTPUT
+        answers = [(r.get(f"{g}_winner"), r.get(f"{g}_judgment")) for r in records for g in ("g1", "g2")]
+        unparsed = [text for winner, text in answers if winner == "error" and text != error_output]
+        if not unparsed or self.use_rule:
+            return
+        example = " ".join(str(unparsed[-1]).split())
+        example = repr(example if len(example) <= 160 else f"...{example[-160:]}")  # the verdict ends the answer
+        fix = ("use a judge model that ends its answer with [[A]], [[B]] or [[C]] as FastChat's prompt asks (or a "
+               "larger --judge_max_tokens if answers were cut off), then rerun with --retry_parse_failures true")
+        if len(unparsed) == len(answers):
+            raise UserError(f"the judge gave no verdict FastChat can parse in any of its {len(answers)} answers "
+                            f"(the last ended {example}): {fix}")
+        print(f"{len(unparsed)} of {len(answers)} judge answers had no verdict FastChat can parse (counted as "
+              f"errors), e.g. one ending {example}; --retry_parse_failures true asks again")
 
     def record(self, pairs: list[dict], totals: list[dict] | None = None) -> None:
         """Each evaluated local model folder keeps its win rates, for its model card (alignkit.core.card); in

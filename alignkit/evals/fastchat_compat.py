@@ -145,10 +145,11 @@ class _EveryName(tuple):
 
 
 @contextlib.contextmanager
-def judging_with(client, on_error=None):
+def judging_with(client, on_error=None, on_success=None):
     """While open, FastChat sends every judge request through `client` (an alignkit.core.llm.ChatClient).
 
-    on_error(exception) is called for each request that failed after the client's own retries.
+    on_error(exception) is called for each request that failed after the client's own retries (it may raise to stop
+    the judging), on_success() for each that came back.
     """
     import openai
 
@@ -158,11 +159,14 @@ def judging_with(client, on_error=None):
         # Temperature and answer length are the client's (--judge_temperature, --judge_max_tokens), whose defaults
         # are FastChat's (0 and 2048), since FastChat hard-codes them.
         try:
-            return client.complete(conv.to_openai_api_messages())
+            text = client.complete(conv.to_openai_api_messages())
         except (openai.APIError, ValueError, LookupError) as e:  # also a 200 whose body is not JSON, or no choices
             if on_error is not None:
                 on_error(e)
             return common.API_ERROR_OUTPUT
+        if on_success is not None:
+            on_success()
+        return text
 
     with _judging:
         saved = common.chat_completion_openai, common.OPENAI_MODEL_LIST

@@ -44,6 +44,14 @@ CHECKSUMS = {
 BASE_URL = "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/"
 DOWNLOAD_TIMEOUT = 30.0  # seconds per connection attempt: a closed network fails fast instead of hanging
 PAIR_PROMPTS = ["pair-v2", "pair-v2-multi-turn", "pair-math-v1", "pair-math-v1-multi-turn"]
+# The placeholders FastChat's run_judge_pair fills in each pairwise prompt's template (str.format): the question
+# and both answers (each turn, in the multi-turn prompts), and the reference answer's turns in the math prompts.
+_ONE_TURN, _TWO_TURNS = {"question", "answer_a", "answer_b"}, {"question_1", "question_2", "answer_a_1", "answer_b_1",
+                                                               "answer_a_2", "answer_b_2"}
+PLACEHOLDERS = {"pair-v2": _ONE_TURN, "pair-v2-multi-turn": _TWO_TURNS,
+                "pair-math-v1": _ONE_TURN | {"ref_answer_1"},
+                "pair-math-v1-multi-turn": _TWO_TURNS | {"ref_answer_1", "ref_answer_2"}}
+VERDICT_FORMATS = ("[[A]]", "[[rating_a,rating_b]]")  # the output formats FastChat parses a pairwise verdict from
 _FIX_DATA = "point --mt_bench_data at FastChat's fastchat/llm_judge/data folder, or fix the file"
 
 
@@ -160,16 +168,39 @@ def select(questions, question_ids=None, max_questions=None, source="the questio
 
 
 def load_judge_prompts(path) -> dict:
-    """FastChat's judge prompts by name; the four pairwise ones must be there."""
-    prompts = {}
+    """FastChat's judge prompts by name; the four pairwise ones must be there, each template filling only the
+    placeholders FastChat gives it and asking for a verdict format FastChat parses. Checked before any model
+    answers: FastChat would otherwise fail on the first match, after every answer was generated."""
+    prompts, lines = {}, {}
     for line, row in read_jsonl(path, _FIX_DATA):
         for name in ("name", "type", "system_prompt", "prompt_template", "output_format"):
             _field(path, line, row, name, str, _FIX_DATA)
-        prompts[row["name"]] = row
+        prompts[row["name"]], lines[row["name"]] = row, line
     missing = [p for p in PAIR_PROMPTS if p not in prompts]
     if missing:
         raise ConfigError(f"{path} lacks the judge prompt(s) {', '.join(missing)}; {_FIX_DATA}")
+    for name in PAIR_PROMPTS:
+        _check_template(path, lines[name], prompts[name], PLACEHOLDERS[name])
     return prompts
+
+
+def _check_template(path, line, row, allowed: set) -> None:
+    import string
+
+    where = f"{path}, line {line} ({row['name']})"
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(row["prompt_template"]) if f is not None]
+    except ValueError as e:  # a single { or }: FastChat's str.format fails on it
+        raise ConfigError(f"{where}: field 'prompt_template' is not a format string FastChat can fill ({e}); write "
+                          "a literal brace as {{ or }}") from None
+    unknown = sorted({f.split(".")[0].split("[")[0] for f in fields} - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: field 'prompt_template' has the placeholder(s) {', '.join(unknown)}, which "
+                          f"FastChat does not fill; it fills {', '.join(sorted(allowed))} (a literal brace is "
+                          "written {{ or }})")
+    if row["output_format"] not in VERDICT_FORMATS:
+        raise ConfigError(f"{where}: field 'output_format' is {row['output_format']!r}; FastChat parses a pairwise "
+                          f"verdict only as {' or '.join(VERDICT_FORMATS)}")
 
 
 def load_reference_answers(path) -> dict[int, dict]:

@@ -12,9 +12,10 @@ from alignkit.core.args import redact
 from alignkit.core.errors import EndpointRefused, UserError
 from alignkit.core.journal import batched, threaded
 from alignkit.core.progress import Progress
-from alignkit.feedback.judge import Request, orders_for, parse_verdict, question_text
 from alignkit.core.digests import digest
-from alignkit.feedback.label_records import FirstFailures, Pair, Prompt, Run, judge_fix, report_failure
+from alignkit.core.llm import FirstFailures
+from alignkit.feedback.judge import Request, orders_for, parse_verdict, question_text
+from alignkit.feedback.label_records import Pair, Prompt, Run, judge_fix, report_failure
 
 
 def make_pairs(run: Run, prompts: list[Prompt], table) -> list[Pair]:

@@ -139,9 +139,6 @@ def report_failure(error: Exception, what: str, count: int) -> None:
         logger.warning(f"more {what}s failed; counting them in the summary")
 
 
-FIRST_FAILURES = 5  # this many requests failing before any succeeds stop the run (a dead server, a broken rule)
-
-
 def judge_fix(spec: str) -> str:
     """What to check when a judge (`--judge` as given) fails every request."""
     if spec.startswith("python:"):
@@ -156,29 +153,6 @@ def generator_fix(spec: str) -> str:
     if spec.startswith("openai:") or ", openai:" in spec:
         return f"Check that the server at --generation_base_url is up (the URL usually ends in /v1), and {spec}"
     return f"Check the model {spec}"
-
-
-class FirstFailures:
-    """`total` requests as they come back: stops, in one line, a run whose first FIRST_FAILURES all failed (with
-    --max_retries each, a server that is down, or a rule that raises, would otherwise be asked every request, and
-    the run end with nothing). `what`: "judge request", ...; `fix`: judge_fix's or generator_fix's line."""
-
-    def __init__(self, what: str, fix: str, total: int):
-        self.what, self.fix, self.total = what, fix, total
-        self.succeeded, self.failures = 0, []
-
-    def ok(self) -> None:
-        self.succeeded += 1
-
-    def failed(self, error: Exception) -> None:
-        self.failures.append(error)
-        left = self.total - self.succeeded - len(self.failures)
-        if self.succeeded or len(self.failures) != FIRST_FAILURES or left <= 0:
-            return
-        first = self.failures[0]
-        raise UserError(f"the first {FIRST_FAILURES} {self.what}s all failed ({type(first).__name__}: "
-                        f"{redact(str(first))[:200]}): stopped before the other {left}. {self.fix}, then run the "
-                        "same command again (what is done is kept)")
 
 
 def refuse_empty(rows: int, errors: int, fix: str) -> None:

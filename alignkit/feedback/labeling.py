@@ -20,10 +20,10 @@ from alignkit.core.errors import EndpointRefused
 from alignkit.core.groups import loader_settings
 from alignkit.core.journal import threaded
 from alignkit.core.progress import Progress
-from alignkit.feedback.judge import endpoint_identity, is_fatal, make_judge
 from alignkit.core.digests import digest
-from alignkit.feedback.label_records import (AppendLog, FirstFailures, Prompt, Run, Source, generator_fix,
-                                             report_failure)
+from alignkit.core.llm import FirstFailures
+from alignkit.feedback.judge import endpoint_identity, is_fatal, make_judge
+from alignkit.feedback.label_records import AppendLog, Prompt, Run, Source, generator_fix, report_failure
 
 RESPONSE_FIELDS = ("response", "completion", "output", "answer")
 

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.core.digests import digest
 from alignkit.core.journal import batched, threaded, write_json, write_jsonl
+from alignkit.core.llm import FirstFailures
 from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, import_function, question_text, rule_fingerprint
 from alignkit.feedback.judge_templates import Template
-from alignkit.core.digests import digest
-from alignkit.feedback.label_records import AppendLog, FirstFailures, judge_fix, refuse_empty
+from alignkit.feedback.label_records import AppendLog, judge_fix, refuse_empty
 from alignkit.feedback.ratings import SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM, parse_rating
 
 # FastChat's "single-v1" judge prompt (alignkit.feedback.ratings), in this module's Template form.
