@@ -137,3 +137,39 @@ def test_merge_add_delta_refuses_a_delta_over_a_part_retrained_in_place(tmp_path
     with pytest.raises(UserError, match=f"{deltas[0]} was trained over {base}, which has changed since"):
         run_script("merge.py", "--adapter_dir", str(deltas[0]), "--add_delta", str(deltas[1]),
                    "--output_dir", str(tmp_path / "sum"))
+
+
+def test_merge_base_model_takes_a_moved_base_checked_by_content(sft_run, dpo_run, tmp_path):
+    """merge.py --base_model is for a base that moved; the chain was refused before the flag was read ("not there
+    ... merge.py: --base_model"), and a base of other weights would have merged without a word. It is checked
+    against the runs' record of the base they trained over; an adapter gone from the middle of the chain is
+    refused, not left out."""
+    sft, dpo = _copy_chain(sft_run, dpo_run, tmp_path / "runs")
+    base = Path(presets.paths()["model"]).resolve()
+    moved = tmp_path / "moved-base"
+    shutil.copytree(base, moved)
+    config = json.loads((sft / "adapter_config.json").read_text())
+    (sft / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(UserError, match=r"names its base .*gone.*which is not there.*merge\.py: --base_model"):
+        run_script("merge.py", "--adapter_dir", str(dpo), "--output_dir", str(tmp_path / "no"))
+    run = run_script("merge.py", "--adapter_dir", str(dpo), "--base_model", str(moved), "--output_dir",
+                     str(tmp_path / "merged"))
+    assert json.loads((tmp_path / "merged" / "merge.json").read_text())["base_model"] == str(moved)
+    assert json.loads((tmp_path / "merged" / "merge.json").read_text())["adapters"] == [str(sft), str(dpo)], run
+
+    other = tmp_path / "other-base"
+    shutil.copytree(base, other)
+    retrain(other / "model.safetensors", b"y" * (other / "model.safetensors").stat().st_size)
+    with pytest.raises(UserError) as refused:
+        run_script("merge.py", "--adapter_dir", str(dpo), "--base_model", str(other), "--output_dir",
+                   str(tmp_path / "other"))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"--base_model {other} is not the base ") and \
+        f"({base}: model.safetensors differs)" in message and "base_model_name_or_path in" in message
+    assert not (tmp_path / "other").exists()
+
+    shutil.rmtree(sft)  # the SFT adapter gone: --base_model must not quietly merge DPO alone onto the base
+    with pytest.raises(UserError, match=rf"{re.escape(str(dpo))} was trained over {re.escape(str(sft))}, an adapter, "
+                                        r"which is gone: --base_model .* would leave it out of the model"):
+        run_script("merge.py", "--adapter_dir", str(dpo), "--base_model", str(moved), "--output_dir",
+                   str(tmp_path / "alone"))

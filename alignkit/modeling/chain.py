@@ -66,8 +66,10 @@ def _recorded_base(adapter: str, base: str) -> str:
     return base
 
 
-def _adapters(source: str, revision: str | None) -> tuple[str, str | None, list[tuple[str, str | None]]]:
-    """(base, the base's revision, [(adapter, its revision)] from `source` down), through LoRA adapters only."""
+def _adapters(source: str, revision: str | None,
+              base_model: str | None = None) -> tuple[str, str | None, list[tuple[str, str | None]]]:
+    """(base, the base's revision, [(adapter, its revision)] from `source` down), through LoRA adapters only.
+    base_model (merge.py --base_model): where a recorded local base that is gone now is (moved or renamed)."""
     steps: list[tuple[str, str | None]] = []
     while (config := adapter_config(source, revision)) is not None:
         steps.append((source, revision))
@@ -80,6 +82,8 @@ def _adapters(source: str, revision: str | None) -> tuple[str, str | None, list[
         if len(steps) > 8:
             raise UserError(f"adapter chain from {source} is longer than 8: does an adapter name itself as its base?")
         if _looks_local(base) and not Path(base).exists():
+            if base_model:  # moved: --base_model says where (alignkit.modeling.lineage checks it by content)
+                return base_model, None, steps
             raise UserError(
                 f"{source}/adapter_config.json names its base {recorded!r}, which is not there "
                 f"({'relative paths count from the adapter folder; ' if base != recorded else ''}was it moved or "
@@ -179,12 +183,12 @@ def _say_unknown(repo: str, revision: str | None) -> None:
                    "once without HF_HUB_OFFLINE to fetch it")
 
 
-def resolve(source: str, revision: str | None = None) -> Chain:
+def resolve(source: str, revision: str | None = None, base_model: str | None = None) -> Chain:
     """`source`'s whole chain, through LoRA adapters and LoTA delta folders alike, each part at its revision.
 
     Every part adds to the weights (LoRA as B A x beside W, a delta into W), so the deltas can go on the base in
-    any order before the adapters and give the same model."""
-    base, revision, steps = _adapters(source, revision)
+    any order before the adapters and give the same model. base_model: see _adapters."""
+    base, revision, steps = _adapters(source, revision, base_model)
     adapters, deltas = [part for part, _ in steps], []
     revisions = dict(steps)
     while is_delta_folder(base):
@@ -195,7 +199,7 @@ def resolve(source: str, revision: str | None = None) -> Chain:
         config = json.loads(Path(base, LOTA_CONFIG_FILE).read_text())
         if not config.get("base_model_name_or_path"):
             raise UserError(f"{base}/{LOTA_CONFIG_FILE} has no base_model_name_or_path")
-        base, revision, steps = _adapters(config["base_model_name_or_path"], config.get("revision"))
+        base, revision, steps = _adapters(config["base_model_name_or_path"], config.get("revision"), base_model)
         adapters += [part for part, _ in steps]
         revisions.update(steps)
     revisions[base] = revision

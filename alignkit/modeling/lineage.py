@@ -15,7 +15,9 @@ NAME.previous-TIME), the adapter above would load over the new one without a wor
   loads, file by file. A recorded file that differs or is gone refuses the load in one line naming the files
   and, when found, where the earlier run was moved. Files added since (a merge, an evaluation) and what no
   loader reads (a run's settings, metrics, optimizer and trainer state, a merge's record) do not count: a part
-  trained again to the same weights is the same part.
+  trained again to the same weights is the same part. An adapter's config counts less its base's path: pointing
+  base_model_name_or_path at a base that moved is not a new adapter.
+- merge.py `--base_model` (a base that moved) is compared with the base the runs recorded, file by file.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import json
 import os
 from pathlib import Path
 
+from alignkit.core.digests import digest
 from alignkit.core.errors import UserError
 from alignkit.core.hub import RUN_RECORDS, TRAINER_STATE
 from alignkit.core.run_records import RUN_CONFIG
+from alignkit.modeling.chain import LOTA_CONFIG_FILE
 from alignkit.modeling.identity import folder_files
 
 # Its record of what a run trained over, in its settings file (alignkit.core.run_records.RUN_CONFIG).
@@ -36,6 +40,29 @@ TRAINED_OVER = "trained_over"
 _NOT_WEIGHTS = [*TRAINER_STATE, *RUN_RECORDS, "metrics.json"]
 # {absolute folder: its files by content} as the loader last loaded it for training in this process.
 _LOADED: dict[Path, dict[str, str]] = {}
+# An adapter's config by content less the path of its base, recorded beside the file's own hash: pointing
+# base_model_name_or_path at a base that moved (as a missing base's error says to) is not a retrained adapter.
+_CONFIG = "adapter_config.json"
+_CONFIG_BUT_BASE = "adapter_config.json, base_model_name_or_path aside"
+
+
+def _contents(folder: Path) -> dict[str, str]:
+    """folder_files, and an adapter's config without its base's path (_CONFIG_BUT_BASE)."""
+    files = folder_files(folder)
+    if _CONFIG in files:
+        try:
+            config = json.loads(Path(folder, _CONFIG).read_text())
+            files[_CONFIG_BUT_BASE] = digest({k: v for k, v in config.items() if k != "base_model_name_or_path"})
+        except (OSError, ValueError, AttributeError):  # unreadable, or no JSON object: the file's hash decides
+            pass
+    return files
+
+
+def _changed(recorded: dict[str, str], now: dict[str, str]) -> list[str]:
+    """The files of a recorded folder that a loader reads and that differ now (an adapter's config by its content
+    less its base's path, where the record has that)."""
+    return [name for name, content in recorded.items() if not _not_weights(name) and now.get(name) != content
+            and not (name == _CONFIG and _CONFIG_BUT_BASE in recorded)]
 
 
 def folders(chain, gguf_file: str | None = None) -> list[Path]:
@@ -48,7 +75,7 @@ def folders(chain, gguf_file: str | None = None) -> list[Path]:
 def remember_loaded(chain, gguf_file: str | None = None) -> None:
     """Take the chain's local folders by content as they are loaded for training (see the module docstring)."""
     for folder in folders(chain, gguf_file):
-        _LOADED[folder] = folder_files(folder)
+        _LOADED[folder] = _contents(folder)
 
 
 def trained_over(source: str, revision: str | None, gguf_file: str | None, folder: Path) -> list[dict]:
@@ -58,7 +85,7 @@ def trained_over(source: str, revision: str | None, gguf_file: str | None, folde
 
     here = Path(folder).resolve()
     return [{"path": os.path.relpath(part, here), "absolute": str(part), "files": _LOADED.get(part) or
-             folder_files(part)} for part in folders(resolve(source, revision), gguf_file)]
+             _contents(part)} for part in folders(resolve(source, revision), gguf_file)]
 
 
 def _not_weights(name: str) -> bool:
@@ -82,9 +109,7 @@ def changed_below(folder, loaded: set[Path]) -> tuple[Path, list[str], dict] | N
         below = next((p for p in places if p in loaded and p != here), None)
         if below is None:
             continue  # not a part of this chain: the adapters' own paths decide what loads
-        now = folder_files(below)
-        changed = [name for name, content in entry["files"].items()
-                   if not _not_weights(name) and now.get(name) != content]
+        changed = _changed(entry["files"], _contents(below))
         if changed:
             return below, changed, entry["files"]
     return None
@@ -92,7 +117,8 @@ def changed_below(folder, loaded: set[Path]) -> tuple[Path, list[str], dict] | N
 
 def check_trained_over(chain, base_model: str | None = None) -> None:
     """Refuse a chain with a part changed in place after a run trained over it (see the module docstring).
-    `base_model` (merge.py --base_model) replaces the recorded base: that one is the user's to vouch for."""
+    `base_model` (merge.py --base_model: a base moved or renamed) replaces the recorded base: a local one must have
+    the weights of the base the runs recorded (a Hub id, or a run without the record, is the user's to vouch for)."""
     parts = [*chain.adapters, *chain.deltas]
     loaded = {Path(part).resolve(): part for part in parts + ([] if base_model else [chain.base])}
     for part in parts:
@@ -104,6 +130,31 @@ def check_trained_over(chain, base_model: str | None = None) -> None:
                 "retrained in place?); together they are a model nobody trained. Train it again over the new one, "
                 "or put the one it was trained over back" + (f" (it is in {earlier})" if earlier else "")
             )
+    if base_model and Path(base_model).is_dir():
+        _check_base_model(parts, set(loaded), base_model)
+
+
+def _check_base_model(parts, loaded: set[Path], base_model: str) -> None:
+    """--base_model against each run's record of the base it trained over (the recorded folder that is no part of
+    the chain loaded): an adapter in its place, or other weights, would make a model nobody trained."""
+    now = _contents(Path(base_model).resolve())
+    for part in parts:
+        here = Path(part).resolve()
+        for entry in _record(part):
+            places = [Path(os.path.normpath(here / entry["path"])), Path(entry["absolute"])]
+            if any(p in loaded or p == here for p in places):
+                continue
+            if any(name in entry["files"] for name in (_CONFIG, LOTA_CONFIG_FILE)):
+                raise UserError(f"{part} was trained over {places[0]}, an adapter, which is gone: "
+                                f"--base_model {base_model} would leave it out of the model. Put it back")
+            changed = _changed(entry["files"], now)
+            if changed:
+                raise UserError(
+                    f"--base_model {base_model} is not the base {part} was trained over ({entry['absolute']}: "
+                    f"{', '.join(changed[:3])} differ{'s' if len(changed) == 1 else ''}); merged, they would be a "
+                    "model nobody trained. Pass the base it was trained over (its files' hashes are in "
+                    f"{Path(part, RUN_CONFIG)}), or, to merge onto another base on purpose, point "
+                    f"base_model_name_or_path in {Path(part, 'adapter_config.json')} at it")
 
 
 def check_models(s, sources, flag: str = "--models NAME=PATH ...") -> None:
@@ -125,7 +176,6 @@ def _earlier(folder: Path, files: dict[str, str]) -> Path | None:
     for moved, inside in ((folder, ""), (folder.parent, folder.name)):
         for candidate in sorted(moved.parent.glob(f"{moved.name}.previous-*"), reverse=True):
             candidate = candidate / inside if inside else candidate
-            if candidate.is_dir() and all(folder_files(candidate).get(n) == h for n, h in files.items()
-                                          if not _not_weights(n)):
+            if candidate.is_dir() and not _changed(files, _contents(candidate)):
                 return candidate
     return None

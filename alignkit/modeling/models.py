@@ -248,7 +248,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     if getattr(s, "chat_template", None):
         chat_template_text(s.chat_template)  # a missing or broken template: one line now, not after the weights
     # The chain down to the base, each part at its revision; LoTA deltas in it go into the weights (lota_delta).
-    resolved = resolve(s.model_id, s.revision)
+    resolved = resolve(s.model_id, s.revision, base_model)
     check_trained_over(resolved, base_model)  # a part below retrained in place: refused, before the weights load
     if for_training:  # what this run trains over, as loaded: its record (alignkit.modeling.lineage)
         remember_loaded(resolved, getattr(s, "gguf_file", None))
