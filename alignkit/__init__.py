@@ -43,8 +43,8 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   smol (SmolLM2-135M).
 - train (training and its algorithms):
   training (checks, TRL configs, finish), run_folder (a run's folder: resume, claim, give back),
-  run_locks (one training per folder), sampling (--group_by_length's batches),
-  report (training.png and the closing summary of a run),
+  run_locks (one training per folder), named_files (the other files settings name, by content),
+  sampling (--group_by_length's batches), report (training.png and the closing summary of a run),
   trainers (alignkit's TRL trainers),
   losses (preference losses TRL lacks: the DPO paper's, SimPO, ORPO),
   kto (kto.py's trainer: TRL's KTOTrainer with alignkit's adapters and reference),

@@ -584,6 +584,58 @@ def test_every_rank_resumes_from_the_same_checkpoint_or_all_stop_in_one_line(sha
             "every machine shares.")} for rank in (0, 1)]
 
 
+def test_resume_auto_starts_over_when_another_file_the_settings_name_changed_in_place(tmp_path, monkeypatch):
+    """A chat template file, a reward's code or a reward model edited or trained again in place was compared by its
+    path: the rerun said "nothing left to train" and handed back the adapter trained under the old one. A LoTA mask
+    changed under --resume true is refused (the checkpoints' delta is the old mask's)."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"weights")
+    template, code, rm = tmp_path / "t.jinja", tmp_path / "my_reward.py", tmp_path / "rm"
+    template.write_text("{{ messages }}")
+    code.write_text("def reward(prompts, completions, **kw):\n    return [1.0 for _ in completions]\n")
+    rm.mkdir()
+    (rm / "config.json").write_text("{}")
+    (rm / "model.safetensors").write_bytes(b"scores")
+    folder = tmp_path / "runs" / "run"
+    s = RLSettings(model_id=str(base), output_dir=str(tmp_path / "runs"), run_name="run", chat_template=str(template),
+                   reward=["rule", f"python:{code}:reward", f"rm:{rm}"])
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    training.save_run_config(s, folder / training.CONFIG_FILE)
+    assert run_folder._changed(folder, s) == []
+    template.write_text("{{ messages }} ")
+    assert run_folder._changed(folder, s) == ["chat_template content"]
+    template.write_text("{{ messages }}")
+    code.write_text("def reward(prompts, completions, **kw):\n    return [-1.0 for _ in completions]\n")
+    assert run_folder._changed(folder, s) == ["reward content"]
+    code.write_text("def reward(prompts, completions, **kw):\n    return [1.0 for _ in completions]\n")
+    (rm / "model.safetensors").write_bytes(b"scorez")
+    assert run_folder._changed(folder, s) == ["reward content"] and training.prepare_run(s, "rl")[1] is None
+    # A module on the path (python:MODULE:FUNCTION) counts by its file too.
+    (rm / "model.safetensors").write_bytes(b"scores")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    by_module = dataclasses.replace(s, reward=["python:my_reward:reward"])
+    training.save_run_config(by_module, folder / training.CONFIG_FILE)
+    code.write_text("def reward(prompts, completions, **kw):\n    return [2.0 for _ in completions]\n")
+    assert run_folder._changed(folder, by_module) == ["reward content"]
+    # A run saved before the record compares these settings by value alone (it does not start over once).
+    saved = json.loads((folder / training.CONFIG_FILE).read_text())
+    del saved["inputs"][run_folder.NAMED]
+    (folder / training.CONFIG_FILE).write_text(json.dumps(saved))
+    assert run_folder._changed(folder, by_module) == []
+    # A LoTA mask edited in place: --resume true refuses, as it does a changed --lota_mask.
+    mask = tmp_path / "lota_mask.safetensors"
+    mask.write_bytes(b"mask")
+    lota = SFTSettings(model_id=str(base), output_dir=str(tmp_path / "runs"), run_name="run", adapter="lota",
+                       lota_mask=str(mask), quantization="none")
+    training.save_run_config(lota, folder / training.CONFIG_FILE)
+    mask.write_bytes(b"mas2")
+    with pytest.raises(UserError, match=r"--resume true: .*checkpoints hold other weights .*lota_mask content"):
+        training.prepare_run(dataclasses.replace(lota, resume="true"), "sft")
+
+
 def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_place(tmp_path, alignkit_log):
     """`--resume auto` compares what the settings name by path by content: a base retrained in place or a data file
     edited since the checkpoint is another run (it would otherwise continue an adapter trained on the old ones). A

@@ -17,6 +17,22 @@ import pytest
 from conftest import run_script
 
 FAST = ["--max_prompts", "12", "--num_samples", "4"]
+JUDGE = 'def {name}(prompt, a, b):\n    return "A" if len(a) >= len(b) else "B"\n'
+
+
+@pytest.fixture(autouse=True)
+def judge_modules(tmp_path, monkeypatch):
+    """The python: judges the rounds below name (my_judge:judge, other_judge:judge, j:f), importable: a round's
+    label step keys on their code."""
+    import sys
+
+    code = tmp_path / "judges"
+    code.mkdir()
+    for module, name in (("my_judge", "judge"), ("other_judge", "judge"), ("j", "f")):
+        (code / f"{module}.py").write_text(JUDGE.format(name=name))
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.syspath_prepend(str(code))
+    return code
 
 
 def test_rounds_write_adapters_and_evaluations_and_resume_at_the_next_round(sft_run, tmp_path):
@@ -105,7 +121,7 @@ def _fake_steps(calls: list):
 
 
 def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_earlier_results(
-        tmp_path, monkeypatch, alignkit_log):
+        tmp_path, monkeypatch, alignkit_log, judge_modules):
     """A round is reused because it was made from the same inputs, not because its files exist: a new --dpo_beta
     retrains round 1's adapter (its labels stand), which changes round 1's evaluation and round 2's policy, so
     round 2 is redone whole; a new --judge relabels. The earlier results move aside, and one line says why."""
@@ -159,6 +175,14 @@ def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_ear
     (folder / "round-2" / "eval" / "results.json").write_text('{"pairs": [{"mod')  # torn by a kill mid-write
     run(dpo_beta=0.3, judge="python:other_judge:judge")
     assert calls == [("evaluate.py", f"{folder}/round-2/eval")]  # redone, not read (nor skipped)
+
+    # The judge's code edited in place (same module name): its verdicts would differ, so the labels are redone;
+    # they were reused by name, and the adapter trained on the old verdicts kept.
+    alignkit_log.clear()
+    (judge_modules / "other_judge.py").write_text(JUDGE.format(name="judge").replace(">=", "<"))
+    run(dpo_beta=0.3, judge="python:other_judge:judge")
+    assert calls == [("label.py", f"{folder}/round-{r}/preferences.jsonl") for r in (1, 2)]  # (the fake's labels
+    assert "round 1: label redone: judge changed" in alignkit_log.text  # are the same: the adapters stand)
     assert set(first[0]["steps"]) == {"label", "dpo", "eval"}  # round.json: the digest of each step's inputs
 
 

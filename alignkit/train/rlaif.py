@@ -189,14 +189,20 @@ def _data(source: str):
     return data_identity(source) or source
 
 
-def _judge(spec: str):
-    """label.py --judge, with the reward model (rm:FOLDER) or the code file (python:FILE.py:function) by content."""
-    kind, _, rest = spec.partition(":")
-    if kind == "rm" and Path(rest).exists():
-        return [spec, _model(rest)]
-    if kind == "python" and Path(rest.rpartition(":")[0]).is_file():
-        return [spec, _data(rest.rpartition(":")[0])]
-    return spec
+def _judge(spec: str | None):
+    """label.py's --judge or evaluate.py's --judge_model, with what it names by content: a reward model (rm:FOLDER),
+    code (python:MODULE:FUNCTION or python:FILE.py:FUNCTION, as label.py keys it), the rule judge evaluate.py runs
+    (given no --preset: the tiny one's)."""
+    from alignkit.feedback.judge import rule_fingerprint
+    from alignkit.modeling.presets import judge
+    from alignkit.train.named_files import spec_identity
+
+    if spec == "rule":
+        return [spec, rule_fingerprint(judge(None))]
+    if spec and spec.startswith("rm:") and Path(spec[3:]).exists():
+        return [spec, _model(spec[3:])]
+    found = spec_identity(spec, "--judge") if spec else None
+    return [spec, found] if found is not None else spec
 
 
 def _endpoint(s, skip: set[str] = frozenset()) -> dict:
@@ -252,7 +258,7 @@ def _dpo_inputs(s, policy: str, revision: str | None, preferences: Path, referen
 
 def _eval_inputs(s, policy: str, revision: str | None, dpo: Path, judge: str | None, prompts: str) -> dict:
     return {"policy": _model(policy, revision), "adapter": _model(str(dpo)), **_loader(s), "prompts": _data(prompts),
-            "judge_model": judge, "max_new_tokens": s.max_new_tokens, "temperature": s.sample_temperature,
+            "judge_model": _judge(judge), "max_new_tokens": s.max_new_tokens, "temperature": s.sample_temperature,
             "quantization": s.quantization, "seed": s.seed,
             **({} if judge == "rule" else _endpoint(s, skip={"judge_model"})), "evaluate_args": redact(s.evaluate_args)}
 

@@ -244,7 +244,10 @@ def _changed(folder: Path, s) -> list[str]:
     changed = [k for k in changed if k not in respelled]
     if "inputs" in saved:  # a run saved before alignkit recorded them compares by settings alone
         now = run_inputs(dataclasses.replace(s, **respelled) if respelled else s, folder)
-        changed += [k for k in now if saved["inputs"].get(k) != now[k]]
+        changed += [k for k in now if k != NAMED and saved["inputs"].get(k) != now[k]]
+        if isinstance(then := saved["inputs"].get(NAMED), dict):  # recorded since: other files the settings name
+            changed += [f"{k} content" for k in then.keys() | now[NAMED].keys()
+                        if k not in changed and then.get(k) != now[NAMED].get(k)]
     # `auto` is 4-bit on CUDA and none on a CPU: the checkpoints' adapter trained over the NF4-rounded base would go
     # on over the full-precision one (a run folder carried to another machine).
     if (then := (saved.get(LOADED_AS) or {}).get("quantization")) and then != _quantization_now(s):
@@ -283,7 +286,8 @@ def _check_below(folder: Path, s) -> None:
 # What the checkpoints' weights are, or how they act: changed, they cannot be resumed (PEFT refuses the state dict,
 # the adapter's scaling differs, or the optimizer's state is another model's). A LoTA run resumes its own mask.
 _WEIGHTS = ("model_id", "gguf_file", "adapter", "lora_r", "lora_alpha", "use_rslora", "lora_target_modules",
-            "lora_modules_to_save", "use_dora", "lota_target_modules", "lota_mask", "lota_exclude_mask", "model files")
+            "lora_modules_to_save", "use_dora", "lota_target_modules", "lota_mask", "lota_exclude_mask", "model files",
+            "lota_mask content", "lota_exclude_mask content")
 _RESUMED_OVER: dict[Path, dict] = {}  # folder -> {"step", "changed": {setting: [run's, now]}}, for save_run_config
 
 
@@ -320,23 +324,29 @@ def _resume_over_changes(folder: Path, s, checkpoint: str) -> None:
         "inputs": [k for k in changed if k not in now and k not in saved]}  # data rows, quantization as loaded, ...
 
 
+NAMED = "named files"  # run_inputs' record of the other files the settings name, by setting and value
+
+
 def _same_place(a, b) -> bool:
     return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists() and \
         Path(a).resolve() == Path(b).resolve()
 
 
 def run_inputs(s, folder: Path | None = None) -> dict:
-    """What the settings name by path, by content: the model's whole chain (alignkit.modeling.identity) and each
-    local data file or folder. A Hub model counts by its commit; a Hub dataset by its id and split (settings) and
-    by its rows: the digest of the rows prepare_run was given for `folder` ("data rows"), which also tells a file
-    read into other rows (another alignkit, another --dataset_format) from the rows a checkpoint trained on."""
+    """What the settings name by path, by content: the model's whole chain (alignkit.modeling.identity), each
+    local data file or folder, and the other files they name (NAMED: a chat template, a reward's code or model, a
+    judge prompt, a LoTA mask; alignkit.train.named_files). A Hub model counts by its commit; a Hub dataset by its
+    id and split (settings) and by its rows: the digest of the rows prepare_run was given for `folder` ("data
+    rows"), which also tells a file read into other rows (another alignkit, another --dataset_format) from the rows
+    a checkpoint trained on."""
     from alignkit.core.digests import digest
     from alignkit.modeling.identity import chain_identity, data_identity
+    from alignkit.train.named_files import named_files
 
     sources = [s.dataset_id, *(entry["id"] for entry in (s.dataset_mixture or {}).get("datasets", []))]
     data = {source: found for source in sources if (found := data_identity(source)) is not None}
     model = chain_identity(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None))
-    found = {"model files": digest(model), "data files": digest(data)}
+    found = {"model files": digest(model), "data files": digest(data), NAMED: named_files(s)}
     if folder is not None and (rows := _ROWS.get(folder.resolve())):
         found["data rows"] = rows["digest"]
     return found
