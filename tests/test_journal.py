@@ -561,3 +561,38 @@ def test_a_run_folder_s_lock_file_goes_with_its_run_and_a_lock_never_lands_on_a_
     assert os.fstat(held.fileno()).st_ino == os.stat(lock).st_ino  # the file at the path, not the removed one
     journal.let_go(lock, remove=True)
     assert not lock.exists()
+
+
+def test_data_read_under_other_settings_is_refused_at_the_run_folder_cell(tmp_path, tiny_cache):
+    """A notebook's settings changed (a new --dataset_id) and its Data cell failed on them (a typo in the path):
+    the earlier data was still in place, and the Run folder cell trained on it while the run recorded, and its card
+    named, the new dataset. Data is marked with the settings it was read under; every script's loader marks it."""
+    import dataclasses
+
+    from alignkit.core.config import KTOSettings, RLSettings, SFTSettings
+    from alignkit.core.data import load_preferences
+    from alignkit.core.mixture import load_train_eval, split
+    from alignkit.modeling import presets
+    from alignkit.train import run_folder
+    from alignkit.train.rl import load_prompt_dataset
+
+    paths = presets.paths()
+    s = SFTSettings(model_id="tiny", dataset_id=paths["sft"], output_dir=str(tmp_path), run_name="run", max_samples=8)
+    train, held_out = load_train_eval("sft", s)
+    typo = dataclasses.replace(s, dataset_id=str(tmp_path / "mydata.jsonl"))
+    with pytest.raises(UserError, match=r"^the data was read under other settings than these \(dataset_id changed "
+                                        r"since\): run the 'Data' cell again, then the cells after it$"):
+        run_folder.prepare_run(typo, "sft", train, held_out)
+    assert run_folder.prepare_run(s, "sft", train, held_out)[1] is None  # the same settings: as before
+    kto = KTOSettings(model_id="tiny", dataset_id=paths["preferences"], output_dir=str(tmp_path), run_name="k")
+    data = load_train_eval("unpaired", kto)
+    with pytest.raises(UserError, match=r"\(seed changed since\)"):
+        run_folder.prepare_run(dataclasses.replace(kto, seed=7), "kto", *data)
+    pairs = split(load_preferences(paths["preferences"]), kto, "preference")  # reward.py's split
+    with pytest.raises(UserError, match=r"\(eval_split changed since\)"):
+        run_folder.prepare_run(dataclasses.replace(kto, eval_split=0.2), "kto", *pairs)
+    rl = RLSettings(model_id="tiny", dataset_id=paths["prompts"], output_dir=str(tmp_path), run_name="r",
+                    reward=["rule"], max_prompts=4)
+    prompts = load_prompt_dataset(rl)
+    with pytest.raises(UserError, match=r"\(max_prompts changed since\)"):
+        run_folder.prepare_run(dataclasses.replace(rl, max_prompts=5), "rl", prompts)

@@ -82,6 +82,24 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# A dataset's attribute: the settings it was read under, which prepare_run compares with its own (a notebook's Data
+# cell that failed after the settings changed leaves the data read under the earlier ones in place).
+READ_UNDER = "_alignkit_read_under"
+
+
+def read_under(s, *data) -> tuple:
+    """`data`, each dataset marked with the settings `s` it was read under (see READ_UNDER)."""
+    import copy
+
+    from alignkit.core.args import config_to_dict
+
+    settings = copy.deepcopy(config_to_dict(s))
+    for d in data:
+        if d is not None:
+            setattr(d, READ_UNDER, settings)
+    return data
+
+
 def split(dataset, s, kind=None):
     """(train, eval or None): a seeded shuffle, --max_samples, then the held-out share (for preference pairs and KTO's
     unpaired answers, whole prompts: see _hold_out)."""
@@ -89,8 +107,8 @@ def split(dataset, s, kind=None):
     if s.max_samples:
         dataset = dataset.select(range(min(s.max_samples, len(dataset))))
     if s.eval_split <= 0:
-        return dataset, None
-    return _hold_out(dataset, s.eval_split, s.seed, "eval_split", kind)
+        return read_under(s, dataset, None)
+    return read_under(s, *_hold_out(dataset, s.eval_split, s.seed, "eval_split", kind))
 
 
 def _hold_out(dataset, size, seed, name, kind=None):
@@ -158,6 +176,10 @@ def _loader(kind, s):
 
 def load_train_eval(kind: str, s):
     """(train, eval or None) for sft.py ("sft"), dpo.py ("preference") or kto.py ("unpaired"), from settings `s`."""
+    return read_under(s, *_load_train_eval(kind, s))
+
+
+def _load_train_eval(kind: str, s):
     load = _loader(kind, s)
     if s.dataset_mixture:  # a --dataset_id given beside it is named as unused where the settings are read
         return _mixture(kind, s)

@@ -2,7 +2,8 @@
 
 - training: checks before any work, TRL configs, finish.
 - run_folder: a run's folder: whether it resumes, claiming it, giving an earlier run back; run_locks: one training
-  at a time in it; named_files: the files its settings name beside the model and data, by content.
+  at a time in it; named_files: the files its settings name beside the model and data, by content; cell_checks:
+  a notebook's cells run out of order (each training the one its Run folder cell decided, on its Data cell's data).
 - sampling: --group_by_length's batches of similar length.
 - report: training.png and the closing summary of a run.
 - trainers: alignkit's TRL trainers (stacked adapters, the explicit reference pass).

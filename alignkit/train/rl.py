@@ -37,6 +37,7 @@ import torch
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.core.mixture import read_under
 from alignkit.train import rl_rewards
 
 
@@ -66,7 +67,7 @@ def load_prompt_dataset(s):
              rl_rewards.TEXT_PROMPT: isinstance(p.row.get(s.prompt_field), str) and len(p.messages) == 1}
             for p in prompts]
     try:
-        return as_dataset(rows)  # a prompt's tool calls as JSON (alignkit.core.message_columns)
+        return read_under(s, as_dataset(rows))[0]  # a prompt's tool calls as JSON (alignkit.core.message_columns)
     except (ValueError, TypeError) as e:  # pyarrow's ArrowInvalid / ArrowTypeError are these
         raise DataError(f"{s.dataset_id}: the columns beside the prompt, which go to the rewards as keyword "
                         f"arguments, do not make one table ({' '.join(str(e).split())[:200]}): keep one type per "

@@ -16,7 +16,6 @@ fails later keeps its checkpoints, marked by `alignkit_failed.txt`, for `--resum
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import os
@@ -34,7 +33,7 @@ from alignkit.core.errors import UserError
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
 from alignkit.core.run_records import LOADED_AS, loaded_as
-from alignkit.train import run_locks
+from alignkit.train import cell_checks, run_locks
 
 CONFIG_FILE = "alignkit_config.json"
 FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
@@ -47,10 +46,6 @@ _STOPPED: dict[Path, str] = {}
 # Run folders with the rows prepare_run was given, for start_run to record beside the settings: their digest
 # (alignkit.core.digests.rows_digest), the rows a run trained on as alignkit read them, and their format.
 _ROWS: dict[Path, dict] = {}
-# Run folders prepare_run decided in this process, each with what it decided for (_Prepared): start_run trains only
-# on that, once. A notebook's training cell run again, or after the settings, the data or the model changed without
-# the cells before it, would otherwise train a model in memory as a run it is not.
-_PREPARED: dict[Path, "_Prepared"] = {}
 # alignkit_config.json: "text" (TRL's standard rows) or "conversations", the format of the rows the run trains on,
 # recorded when training starts (a reward model's checkpoint-N is scored as it trained: alignkit.feedback.rewards).
 DATA_ROWS = "data_rows"
@@ -131,6 +126,7 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     them at once with one line.
     """
     progress.quiet_library_noise()
+    cell_checks.check_read_under(s, data)
     folder = run_dir(s, stage)
     _ROWS.pop(folder.resolve(), None)  # an earlier call's rows (a notebook's earlier data) are not this run's
     if data:
@@ -166,51 +162,8 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     if s.resume == "true" and not checkpoint:
         raise ConfigError(f"--resume true, but {folder} holds no checkpoint-N folder to resume from")
     resume_from = str(folder / checkpoint) if checkpoint else None
-    _PREPARED[folder.resolve()] = _Prepared(copy.deepcopy(config_to_dict(s)), resume_from, _fingerprints(data),
-                                            str(folder), os.getcwd())
+    cell_checks.remember(s, folder, resume_from, data)
     return folder, resume_from
-
-
-@dataclasses.dataclass
-class _Prepared:
-    settings: dict  # config_to_dict of the settings prepare_run decided with (a copy: edits in place count)
-    resume_from: str | None
-    data: tuple  # each dataset's fingerprint (or identity), in prepare_run's order
-    given: str = ""  # the folder as the settings named it, and the working folder then (a relative path
-    cwd: str = ""  # names another folder after a notebook's %cd)
-    used: bool = False  # a training started from this decision
-
-
-def _fingerprints(data) -> tuple:
-    return tuple(None if d is None else (getattr(d, "_fingerprint", None), id(d)) for d in data)
-
-
-def _check_prepared(s, folder: Path, resume_from: str | None, model, data) -> None:
-    """Refuse, in one line naming the cells to run again, a training that is not the one prepare_run decided: the
-    training cell run a second time (it trained the model in memory again as a fresh run, unlocked), settings or
-    data changed since (the folder recorded settings its model was not trained with), or a model trained by an
-    earlier training cell started over (with no checkpoint to resume, the trained adapter went on training)."""
-    prepared = _PREPARED.get(folder.resolve())
-    again = "run the cells from 'Run folder' on again (Run folder, Model, Train)"
-    moved = [p for p in _PREPARED.values() if prepared is None and p.given == str(folder) and p.cwd != os.getcwd()]
-    if moved:
-        raise UserError(f"the working folder changed since the 'Run folder' cell ran ({moved[-1].cwd}, now "
-                        f"{os.getcwd()}), so {folder} names another folder: change back (%cd {moved[-1].cwd}), or "
-                        f"{again}")
-    if prepared is None or prepared.used:
-        why = "already trained in this session" if prepared else "not prepared for training (prepare_run)"
-        raise UserError(f"{folder} was {why}: {again}; it resumes from the last checkpoint, or starts over where "
-                        "the settings changed")
-    now = config_to_dict(s)  # alignkit hands PEFT and TRL copies: a change here is the user's
-    if changed := sorted(k for k in prepared.settings.keys() | now.keys() if prepared.settings.get(k) != now.get(k)):
-        raise UserError(f"the settings changed since the 'Run folder' cell ran ({', '.join(changed)}): run the "
-                        "cells from 'Data' on again, then train")
-    if data and _fingerprints(data) != prepared.data or resume_from != prepared.resume_from:
-        raise UserError(f"the data or the checkpoint to resume from is not what the 'Run folder' cell decided for "
-                        f"{folder.name}: {again}")
-    if resume_from is None and getattr(model, "_alignkit_trained_in", None) is not None:
-        raise UserError(f"this model was trained by an earlier training cell ({model._alignkit_trained_in}) and "
-                        "there is no checkpoint to resume: run the 'Model' cell again for a fresh adapter, then train")
 
 
 def _first_process() -> bool:
@@ -363,17 +316,18 @@ def _holds_work(folder: Path) -> bool:
 def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
     """Claim the run folder for the training inside the `with` block (see the module docstring): the training
     prepare_run decided, once, with the same settings, `data` and checkpoint, of a `model` no earlier training cell
-    trained unless it resumes (_check_prepared; refused in one line naming the notebook cells to run again).
+    trained unless it resumes (cell_checks.check_prepared; refused in one line naming the notebook cells to run
+    again).
 
     Under a multi-process launch the main process moves and writes; the others wait for it, then train.
     """
     try:
-        _check_prepared(s, folder, resume_from, model, data)
+        cell_checks.check_prepared(s, folder, resume_from, model, data)
     except UserError:
         run_locks.release(folder)  # the cells run again take it again
-        _PREPARED.pop(folder.resolve(), None)
+        cell_checks.forget(folder)
         raise
-    _PREPARED[folder.resolve()].used = True
+    cell_checks.used(folder)
     if model is not None:
         model._alignkit_trained_in = folder.name  # a later training cell of this model must resume, or reload it
     if world_size() == 1:

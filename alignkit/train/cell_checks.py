@@ -1,0 +1,91 @@
+"""A notebook's cells run out of order: each training is the one its 'Run folder' cell decided (alignkit.train.
+run_folder's prepare_run and start_run call these), on the data its 'Data' cell read under these settings.
+
+A notebook keeps every variable of a cell that ran before: a Data cell that failed leaves the earlier data, a training
+cell run again trains the model in memory again, a settings cell run alone changes what the folder records. Each
+such training is refused in one line naming the cells to run again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from pathlib import Path
+
+from alignkit.core.args import config_to_dict
+from alignkit.core.errors import UserError
+
+# Run folders prepare_run decided in this process, each with what it decided for (Prepared): start_run trains only
+# on that, once. A notebook's training cell run again, or after the settings, the data or the model changed without
+# the cells before it, would otherwise train a model in memory as a run it is not.
+PREPARED: dict[Path, "Prepared"] = {}
+
+
+def check_read_under(s, data) -> None:
+    """Data read under other settings than these (a notebook's Data cell that failed after the settings changed
+    leaves the earlier data in place: the run trained on it and recorded the new dataset): refused in one line."""
+    from alignkit.core.mixture import READ_UNDER
+
+    now = config_to_dict(s)
+    for then in (getattr(d, READ_UNDER, None) for d in data if d is not None):
+        if then is not None and then != now:
+            changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+            raise UserError(f"the data was read under other settings than these ({', '.join(changed)} changed "
+                            "since): run the 'Data' cell again, then the cells after it")
+
+
+@dataclasses.dataclass
+class Prepared:
+    settings: dict  # config_to_dict of the settings prepare_run decided with (a copy: edits in place count)
+    resume_from: str | None
+    data: tuple  # each dataset's fingerprint (or identity), in prepare_run's order
+    given: str = ""  # the folder as the settings named it, and the working folder then (a relative path
+    cwd: str = ""  # names another folder after a notebook's %cd)
+    used: bool = False  # a training started from this decision
+
+
+def fingerprints(data) -> tuple:
+    return tuple(None if d is None else (getattr(d, "_fingerprint", None), id(d)) for d in data)
+
+
+def check_prepared(s, folder: Path, resume_from: str | None, model, data) -> None:
+    """Refuse, in one line naming the cells to run again, a training that is not the one prepare_run decided: the
+    training cell run a second time (it trained the model in memory again as a fresh run, unlocked), settings or
+    data changed since (the folder recorded settings its model was not trained with), or a model trained by an
+    earlier training cell started over (with no checkpoint to resume, the trained adapter went on training)."""
+    prepared = PREPARED.get(folder.resolve())
+    again = "run the cells from 'Run folder' on again (Run folder, Model, Train)"
+    moved = [p for p in PREPARED.values() if prepared is None and p.given == str(folder) and p.cwd != os.getcwd()]
+    if moved:
+        raise UserError(f"the working folder changed since the 'Run folder' cell ran ({moved[-1].cwd}, now "
+                        f"{os.getcwd()}), so {folder} names another folder: change back (%cd {moved[-1].cwd}), or "
+                        f"{again}")
+    if prepared is None or prepared.used:
+        why = "already trained in this session" if prepared else "not prepared for training (prepare_run)"
+        raise UserError(f"{folder} was {why}: {again}; it resumes from the last checkpoint, or starts over where "
+                        "the settings changed")
+    now = config_to_dict(s)  # alignkit hands PEFT and TRL copies: a change here is the user's
+    if changed := sorted(k for k in prepared.settings.keys() | now.keys() if prepared.settings.get(k) != now.get(k)):
+        raise UserError(f"the settings changed since the 'Run folder' cell ran ({', '.join(changed)}): run the "
+                        "cells from 'Data' on again, then train")
+    if data and fingerprints(data) != prepared.data or resume_from != prepared.resume_from:
+        raise UserError(f"the data or the checkpoint to resume from is not what the 'Run folder' cell decided for "
+                        f"{folder.name}: {again}")
+    if resume_from is None and getattr(model, "_alignkit_trained_in", None) is not None:
+        raise UserError(f"this model was trained by an earlier training cell ({model._alignkit_trained_in}) and "
+                        "there is no checkpoint to resume: run the 'Model' cell again for a fresh adapter, then train")
+
+
+def remember(s, folder: Path, resume_from: str | None, data) -> None:
+    """What prepare_run decided for `folder`, for start_run's check."""
+    PREPARED[folder.resolve()] = Prepared(copy.deepcopy(config_to_dict(s)), resume_from, fingerprints(data),
+                                          str(folder), os.getcwd())
+
+
+def forget(folder: Path) -> None:
+    PREPARED.pop(folder.resolve(), None)
+
+
+def used(folder: Path) -> None:
+    PREPARED[folder.resolve()].used = True
