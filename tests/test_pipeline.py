@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import re
 import subprocess
 import sys
 import time
@@ -166,12 +167,19 @@ def test_a_run_with_other_settings_does_not_resume_from_this_one(tiny_cache, tmp
     run_script("dpo.py", *common)
     run = tmp_path / "same-name"
     adapter, metrics = (run / "adapter_model.safetensors").read_bytes(), (run / "metrics.json").read_text()
+    picture = (run / "training.png").read_bytes()
     identity = chain_identity(str(run))
     # The same command again: it resumes at step 10 of 10 (mid-epoch), where transformers trained one more step.
     capfd.readouterr()
     again = run_script("dpo.py", *common)
     assert again["resume_from"].endswith("checkpoint-10") and again["trainer"].state.global_step == 10
-    assert "train_runtime" not in "".join(capfd.readouterr())  # TRL's summary of no step (train_loss 0.0) not shown
+    said = "".join(capfd.readouterr())
+    assert "train_runtime" not in said  # TRL's summary of no step (train_loss 0.0) not shown
+    # The finished run's picture stays (redrawn from the checkpoint's history, it lost the final held-out points),
+    # and the summary gives the run's own wall time (it said 0m 00s).
+    runtime = json.loads(metrics)["train_runtime"]
+    assert (run / "training.png").read_bytes() == picture
+    assert re.search(rf"steps\s+10 in {int(round(runtime)) // 60}m {int(round(runtime)) % 60:02d}s", said), said
     assert (run / "adapter_model.safetensors").read_bytes() == adapter
     assert again["metrics"]["global_step"] == 10
     # Its metrics stay the finished run's (rewritten, they said train_loss 0.0 from TRL's summary of no step), so

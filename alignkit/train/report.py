@@ -111,9 +111,11 @@ def _duration(seconds: float) -> str:
 
 
 def summary(stage: str, folder, metrics: dict, log_history: list[dict], picture: Path | None,
-            merged: Path | None = None, hub_url: str | None = None) -> str:
-    """The closing block: what the run did and where everything went, one fact a line."""
-    runtime = next((e["train_runtime"] for e in reversed(log_history) if "train_runtime" in e), None)
+            merged: Path | None = None, hub_url: str | None = None, finished_before: bool = False) -> str:
+    """The closing block: what the run did and where everything went, one fact a line (a run finished before: its
+    own wall time, from its metrics)."""
+    runtime = metrics.get("train_runtime") if finished_before else \
+        next((e["train_runtime"] for e in reversed(log_history) if "train_runtime" in e), None)
     rows = [("steps", f"{metrics.get('global_step', '?')}" + (f" in {_duration(runtime)}" if runtime else ""))]
     rows.append(("adapter", str(folder)))
     if merged:
@@ -135,9 +137,11 @@ def summary(stage: str, folder, metrics: dict, log_history: list[dict], picture:
     return "\n".join([head + "─" * max(0, 60 - len(head))] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["─" * 60])
 
 
-def report(trainer, stage: str, folder, metrics: dict, merged: Path | None = None, hub_url: str | None = None) -> None:
+def report(trainer, stage: str, folder, metrics: dict, merged: Path | None = None, hub_url: str | None = None,
+           finished_before: bool = False) -> None:
     """Refresh the run folder's model card with the final metrics, draw training.png from the trainer's log
-    history and print the summary block (main process only)."""
+    history and print the summary block (main process only). A run that finished before (the same command again,
+    no step trained) keeps its picture: the history resumed from its last checkpoint lacks the final evaluation."""
     folder = Path(folder)
     pushed_here = hub_url is not None and merged is None  # push() just wrote this folder's card, for its repo
     if (folder / "README.md").is_file() and not pushed_here:  # the card saved with the adapter, now with metrics
@@ -145,8 +149,10 @@ def report(trainer, stage: str, folder, metrics: dict, merged: Path | None = Non
 
         (folder / "README.md").write_text(model_card(folder), encoding="utf-8")
     history = list(trainer.state.log_history)
-    picture = plot_training(history, folder / PICTURE, title=f"{stage}: {folder.name}")
-    print(summary(stage, folder, metrics, history, picture, merged=merged, hub_url=hub_url), flush=True)
+    kept = folder / PICTURE if finished_before and (folder / PICTURE).is_file() else None
+    picture = kept or plot_training(history, folder / PICTURE, title=f"{stage}: {folder.name}")
+    print(summary(stage, folder, metrics, history, picture, merged=merged, hub_url=hub_url,
+                  finished_before=finished_before), flush=True)
 
 
 def show(*pictures) -> None:

@@ -283,7 +283,8 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
         save_adapter(trainer.accelerator.unwrap_model(trainer.model), loaded.tokenizer, folder, base,
                      state_dict=state_dict, revision=getattr(s, "revision", None))
     earlier = folder / "metrics.json"
-    if getattr(trainer, "steps_at_start", None) == trainer.state.global_step and earlier.is_file():
+    finished_before = getattr(trainer, "steps_at_start", None) == trainer.state.global_step and earlier.is_file()
+    if finished_before:
         # The same command again after the run finished: no step trained, the same weights. Its metrics stay the
         # finished run's (TRL's summary of no step says train_loss 0.0), and so does the model's content (later
         # runs over it, rlaif.py's rounds, are not redone for a changed metrics.json).
@@ -310,7 +311,7 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
     if trainer.accelerator.is_main_process:  # training.png and the closing summary (alignkit.train.report)
         from alignkit.train.report import report
 
-        report(trainer, stage, folder, metrics, merged=merged, hub_url=hub_url)
+        report(trainer, stage, folder, metrics, merged=merged, hub_url=hub_url, finished_before=finished_before)
     return metrics
 
 
