@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Evaluate: vibes, MT-Bench pairwise judging through FastChat, AlpacaEval through alpaca_eval
 #
-# Four commands, each with its own settings (`python evaluate.py COMMAND --help`):
+# Five commands, each with its own settings (`python evaluate.py COMMAND --help`):
 # - `vibes`: ask one model (Hub id, local folder, adapter or merged folder) a few prompts, or two models side
 #   by side; the answers are printed and written as JSONL.
 # - `mt_bench`: the 80 two-turn MT-Bench questions answered by each model, then judged pairwise by any

@@ -60,8 +60,8 @@ print(f"{len(prompts)} prompts")
 
 # %% [markdown]
 # ## Run folder
-# Everything goes to `output_dir/run_name`; the resolved settings are saved there first (secrets redacted).
-# A rerun with the same settings continues from the last checkpoint.
+# Everything goes to `output_dir/run_name`. A rerun with the same settings continues from the last checkpoint.
+# Nothing is written yet: the folder is claimed when training starts, its settings saved then (secrets redacted).
 
 # %%
 from alignkit.train.training import prepare_run
