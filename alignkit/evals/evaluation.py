@@ -58,7 +58,9 @@ def parse_command(argv: list[str], command: str | None = None, overrides: dict |
 
         close = difflib.get_close_matches(command or "", list(COMMANDS), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"{'unknown command ' + repr(command) + hint if command else 'missing command'}\n{USAGE}")
+        raise ConfigError(f"{'unknown command ' + repr(command) + hint if command else 'missing command'}: "
+                          f"evaluate.py takes one of {', '.join(COMMANDS)} first (python evaluate.py --help says what "
+                          "each does)")
     settings_class, description = COMMANDS[command]
     fields = {f.name for f in dataclasses.fields(settings_class) if f.init}
     named = {name: {k: v for k, v in d.items() if k in fields}  # each preset's share for this command
