@@ -304,8 +304,8 @@ def test_a_step_stops_when_rlaif_is_killed(tmp_path):
                                       "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\ntime.sleep(60)\n")
     pid_file = tmp_path / "step.pid"
     parent = subprocess.Popen([sys.executable, "-c", (
-        "import pathlib, sys\nfrom alignkit.train import rlaif\n"
-        f"rlaif.ROOT = pathlib.Path({str(tmp_path)!r})\n"
+        "import pathlib, sys\nfrom alignkit.train import rlaif, step_process\n"
+        f"step_process.ROOT = pathlib.Path({str(tmp_path)!r})\n"
         f"rlaif._run('step.py', [{str(pid_file)!r}], pathlib.Path({str(tmp_path / 'log.txt')!r}))\n")])
     for _ in range(300):
         if pid_file.is_file() and pid_file.read_text():
@@ -323,6 +323,47 @@ def test_a_step_stops_when_rlaif_is_killed(tmp_path):
     else:
         os.kill(step, signal.SIGKILL)
         raise AssertionError("the step outlived rlaif.py")
+
+
+def test_a_step_s_output_and_bars_are_shown_as_they_come_and_logged_as_lines(tmp_path, monkeypatch, capsys):
+    """rlaif.py's steps wrote only to their log: a notebook cell (or terminal) watched hours of rounds with one
+    command line per step. Where a person watches, the step draws its bars and they are shown as they come; the log
+    keeps each line's last state. An interrupt stops the step before it is raised."""
+    import os
+    import time
+
+    from alignkit.train import step_process
+
+    (tmp_path / "step.py").write_text(
+        "import os, sys, time\n"
+        "print('bars', os.environ.get('ALIGNKIT_PROGRESS'), flush=True)\n"
+        "for i in range(3):\n    sys.stderr.write(f'\\rjudging {i}/2'); sys.stderr.flush(); time.sleep(0.05)\n"
+        "sys.stderr.write('\\n'); print('done', flush=True)\n")
+    monkeypatch.setattr(step_process, "ROOT", tmp_path)
+    monkeypatch.setattr(step_process, "live", lambda: True)
+    log = tmp_path / "log.txt"
+    step_process.run_step("step.py", [], log)
+    shown = capsys.readouterr().err
+    assert "bars 1" in shown and "\rjudging 0/2\rjudging 1/2\rjudging 2/2\n" in shown and "done" in shown
+    assert log.read_text().splitlines() == ["bars 1", "judging 2/2", "done"]
+    monkeypatch.setattr(step_process, "live", lambda: False)  # a batch job: the log only, no bars drawn
+    step_process.run_step("step.py", [], log)
+    assert capsys.readouterr().err == "" and log.read_text().splitlines()[3:] == ["bars None", "judging 2/2", "done"]
+
+    (tmp_path / "slow.py").write_text("import os, pathlib, sys, time\n"
+                                      "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\ntime.sleep(60)\n")
+    pid_file = tmp_path / "slow.pid"
+
+    def interrupted(stream, log, screen):
+        while not (pid_file.is_file() and pid_file.read_text()):
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(step_process, "_relay", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        step_process.run_step("slow.py", [str(pid_file)], log)
+    with pytest.raises(ProcessLookupError):  # stopped and reaped before the interrupt went on
+        os.kill(int(pid_file.read_text()), 0)
 
 
 def _capture_steps(monkeypatch):

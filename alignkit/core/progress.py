@@ -10,6 +10,9 @@ loading weights, map). A bar is drawn
 - when a person started the command and pipes its output (`python dpo.py 2>&1 | tee log`): stdin is still
   their terminal,
 
+- in a step of a longer run that a person watches (rlaif.py's label, dpo and evaluate: alignkit.train.step_process
+  sets FORCE_LIVE and shows the step's output as it comes),
+
 and never when `CI` is set (every CI service sets it; a bar redrawn by the line is thousands of lines of log
 noise), nor when no stream is interactive and no notebook runs (a batch job): there `Progress` logs a line every
 30 seconds instead.
@@ -28,6 +31,7 @@ import time
 from alignkit import logger
 
 _FALSE = ("", "0", "false", "no", "off")
+FORCE_LIVE = "ALIGNKIT_PROGRESS"  # "1": bars drawn, as where a person watches (see the module docstring)
 
 
 def _isatty(stream) -> bool:
@@ -43,7 +47,7 @@ def live() -> bool:
 
     if os.environ.get("CI", "").strip().lower() not in _FALSE:
         return False
-    return is_notebook() or _isatty(sys.stderr) or _isatty(sys.stdin)
+    return os.environ.get(FORCE_LIVE) == "1" or is_notebook() or _isatty(sys.stderr) or _isatty(sys.stdin)
 
 
 def bar(iterable=None, main_process: bool = True, **kwargs):

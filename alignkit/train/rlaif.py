@@ -39,8 +39,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -48,10 +46,10 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import config_to_dict, redact
 from alignkit.core.digests import digest
-from alignkit.core.errors import EXIT_USER_ERROR, UserError
+from alignkit.core.errors import UserError
 from alignkit.core.journal import free_name, read_json, write_atomic, write_json
+from alignkit.train.step_process import run_step
 
-ROOT = Path(__file__).resolve().parents[2]  # the scripts live at the repository's top level, above alignkit/train/
 ROUND_FILE = "round.json"
 # RLAIFSettings' own fields and the run folder: everything else is a DPO setting handed to every dpo.py run.
 # --revision and --gguf_file name the starting model only: round 1 gets it as one model_id (start_model) and
@@ -67,6 +65,11 @@ _NOT_ANSWERS = {"parallel", "max_retries", "request_timeout", "judge_api_key_env
 STEPS = ("label", "dpo", "eval")
 
 
+def _run(script: str, args: list[str], log: Path) -> None:
+    """One step in its own process (alignkit.train.step_process): its output in `log`, and shown live."""
+    run_step(script, args, log, again="run the same rlaif.py command again: it resumes at this round")
+
+
 def round_dir(folder: Path, r: int) -> Path:
     return folder / f"round-{r}"
 
@@ -74,40 +77,6 @@ def round_dir(folder: Path, r: int) -> Path:
 def finished(folder: Path, r: int) -> dict | None:
     """Round r's record, or None while it is unfinished (round.json missing or torn)."""
     return read_json(round_dir(folder, r) / ROUND_FILE) or None
-
-
-def _run(script: str, args: list[str], log: Path) -> None:
-    """One script in its own process, its output appended to `log`; a failure stops the loop, naming the log."""
-    command = [sys.executable, str(ROOT / script), *args]
-    logger.info(f"{script} {' '.join(shlex.quote(a) for a in args)}")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    with open(log, "a", encoding="utf-8") as out:  # Ctrl-C: subprocess.run stops the step before it re-raises
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
-                              preexec_fn=_stop_with_parent(os.getpid()) if sys.platform == "linux" else None)
-    if done.returncode == EXIT_USER_ERROR:  # the step named a bad input in one `error:` line: pass that line on
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-        said = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), "see the log")
-        raise UserError(f"{script} stopped: {said} (its log: {log}). Fix that and run the same rlaif.py command "
-                        "again: it resumes at this round")
-    if done.returncode != 0:
-        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
-        raise RuntimeError(f"{script} failed (exit {done.returncode}); its log: {log}\n{tail}\nFix the cause and run "
-                           "the same rlaif.py command again: it resumes at this round")
-
-
-def _stop_with_parent(parent: int):
-    """In the step's process, before it starts: a SIGTERM when rlaif.py dies (SIGKILL, SIGTERM: no `except` runs),
-    so a step is never left training on while a rerun starts a second one in the same folder (Linux's
-    PR_SET_PDEATHSIG; the step's run folder is then claimed and restored as after any kill)."""
-    def arm() -> None:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # rlaif.py died before this was armed
-            os._exit(143)
-
-    return arm
 
 
 def _dpo_config(s, path: Path) -> None:
@@ -457,6 +426,7 @@ def eval_prompts(s, folder: Path) -> str:
 def run(s, folder: Path) -> list[dict]:
     """Every round, each reused where it was made from the same inputs; then the table and the chart."""
     from alignkit.core.mixture import check_file_splits
+    from alignkit.train.report import show
 
     check_file_splits(s)  # a --dataset_split on a single prompts file, refused here, not by dpo.py in round 1
     prompts = eval_prompts(s, folder)
@@ -464,6 +434,7 @@ def run(s, folder: Path) -> list[dict]:
     for r in range(1, s.rounds + 1):
         logger.info(f"round {r}: from {policy}")
         record = run_round(s, folder, r, policy, prompts)
+        show(round_dir(folder, r) / "dpo" / "training.png")  # in a notebook: each round's training below the cell
         records.append(record)
         policy = record["policy"]
     write_table(records, folder / "rlaif.md")

@@ -1,0 +1,86 @@
+"""One of alignkit's scripts as a step of a longer run (rlaif.py's label, dpo and evaluate), in its own process.
+
+Its output is appended to the step's log, line by line, as it comes; where the person running the whole thing
+watches (a terminal or a notebook: alignkit.core.progress.live), it is shown as well, progress bars included (the
+step draws them, as it would run alone: ALIGNKIT_PROGRESS), so a round of hours is not a silent cell. The log keeps
+each bar's last state only. A step whose parent dies is stopped with it (Linux); Ctrl-C or a notebook's interrupt
+stops the step before it is raised.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from alignkit import logger
+from alignkit.core.errors import EXIT_USER_ERROR, UserError
+from alignkit.core.progress import FORCE_LIVE, live
+
+ROOT = Path(__file__).resolve().parents[2]  # the scripts live at the repository's top level, above alignkit/train/
+
+
+def run_step(script: str, args: list[str], log: Path, again: str = "run the same command again") -> None:
+    """`script` with `args`, its output appended to `log` (and shown where a person watches); a failure raises,
+    naming the log: a bad input's one `error:` line as a UserError, anything else with the log's last lines.
+    `again`: how the user resumes after fixing the cause."""
+    command = [sys.executable, str(ROOT / script), *args]
+    logger.info(f"{script} {' '.join(shlex.quote(a) for a in args)}")
+    shown = live()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           **({FORCE_LIVE: "1"} if shown else {})}
+    with open(log, "a", encoding="utf-8") as out:
+        step = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                preexec_fn=_stop_with_parent(os.getpid()) if sys.platform == "linux" else None)
+        try:
+            _relay(step.stdout, out, sys.stderr if shown else None)
+            code = step.wait()
+        except BaseException:  # Ctrl-C, a notebook's interrupt: the step stops before this is raised
+            step.terminate()
+            try:
+                step.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                step.kill()
+                step.wait()
+            raise
+    if code == EXIT_USER_ERROR:  # the step named a bad input in one `error:` line: pass that line on
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        said = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), "see the log")
+        raise UserError(f"{script} stopped: {said} (its log: {log}). Fix that and {again}")
+    if code != 0:
+        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
+        raise RuntimeError(f"{script} failed (exit {code}); its log: {log}\n{tail}\nFix the cause and {again}")
+
+
+def _relay(stream, log, screen) -> None:
+    """Each chunk of the step's output to `screen` as it comes (bars redraw with \\r), each whole line to `log` as
+    its last redraw (the text after the line's last \\r)."""
+    pending = b""
+    while chunk := os.read(stream.fileno(), 65536):
+        if screen is not None:
+            screen.write(chunk.decode("utf-8", errors="replace"))
+            screen.flush()
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            log.write(line.rsplit(b"\r", 1)[-1].decode("utf-8", errors="replace") + "\n")
+        log.flush()
+    if pending:
+        log.write(pending.rsplit(b"\r", 1)[-1].decode("utf-8", errors="replace") + "\n")
+
+
+def _stop_with_parent(parent: int):
+    """In the step's process, before it starts: a SIGTERM when the parent dies (SIGKILL, SIGTERM: no `except` runs),
+    so a step is never left training on while a rerun starts a second one in the same folder (Linux's
+    PR_SET_PDEATHSIG; the step's run folder is then claimed and restored as after any kill)."""
+    def arm() -> None:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before this was armed
+            os._exit(143)
+
+    return arm
