@@ -366,6 +366,30 @@ def test_source_errors(tmp_path):
         load_rows(42)
 
 
+def test_a_folder_without_the_split_says_how_to_name_one_that_the_library_reads(tmp_path):
+    """A folder of train_prefs.jsonl and test_prefs.jsonl, asked for train_prefs, was told to "name a file after
+    the split (e.g. train_prefs.jsonl)": the file it has, which the datasets library reads as the split train."""
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}]
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    for name in ("train_prefs", "test_prefs"):
+        write(folder, rows, "jsonl", name)
+    with pytest.raises(DataError) as refused:
+        load_preferences(str(folder), split="train_prefs")
+    assert str(refused.value) == (
+        f"{folder}: no split 'train_prefs'; the folder's files make the split(s) train, test. train_prefs.jsonl is "
+        "the split 'train': a file name that starts with train, test or validation makes that split. Pass one of "
+        "them, or name the file data/train_prefs-00000-of-00001.jsonl (how the datasets library names any other "
+        "split).")
+    (folder / "data").mkdir()
+    for name in ("train_prefs", "test_prefs"):  # as the line says: now the splits the handbook names
+        (folder / f"{name}.jsonl").rename(folder / "data" / f"{name}-00000-of-00001.jsonl")
+    assert len(load_preferences(str(folder), split="train_prefs")) == 1
+    with pytest.raises(DataError, match=r"no split 'validation'.* Pass one of them, or name a file after the split "
+                                        r"\(e.g. validation.jsonl\)\.$"):
+        load_preferences(str(folder), split="validation")
+
+
 def test_missing_file(tmp_path, monkeypatch):
     monkeypatch.setattr(D.datasets, "load_dataset", lambda *a, **k: pytest.fail("must not query the Hub"))
     for missing in [str(tmp_path / "nope.jsonl"), "data/prefs.jsonl", "prefs.csv"]:

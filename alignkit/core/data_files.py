@@ -193,6 +193,20 @@ def _splits(path, files) -> dict[str, list[str]]:
     return {name: found for name, found in splits.items() if found} or {"train": files}
 
 
+def _split_hint(path, files, splits, split) -> str:
+    """How to make `split` a split of the folder, as load_dataset reads file names: train, test and validation
+    from a name's start (train_prefs.jsonl is train), any other name only as data/NAME-00000-of-00001.EXT."""
+    ext = os.path.splitext(files[0])[1]
+    if split in ("train", "test", "validation"):
+        return f"Pass one of them, or name a file after the split (e.g. {split}{ext})."
+    named = next((f for f in files if os.path.splitext(os.path.basename(f))[0] == split), None)
+    read_as = next((name for name, found in splits.items() if named in found), None) if named else None
+    said = f"{os.path.relpath(named, path)} is the split {read_as!r}: a file name that starts with train, test or " \
+           "validation makes that split. " if read_as else ""
+    return (f"{said}Pass one of them, or name the file data/{split}-00000-of-00001{ext} (how the datasets library "
+            "names any other split).")
+
+
 def _read_folder(path, label, split) -> Rows:
     files = _data_files(path)
     if not files:
@@ -203,7 +217,7 @@ def _read_folder(path, label, split) -> Rows:
     splits = _splits(path, files)
     if split not in splits:
         raise DataError(f"{label}: no split {split!r}; the folder's files make the split(s) {', '.join(splits)}. "
-                        f"Pass one of them, or name a file after the split (e.g. {split}.jsonl).")
+                        f"{_split_hint(path, files, splits, split)}")
     rows, places, columns = [], [], {}
     for file in splits[split]:
         name = os.path.join(label, os.path.relpath(file, path))
