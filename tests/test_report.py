@@ -29,8 +29,12 @@ def test_each_run_type_gets_its_own_panels():
     reward = [{"step": 1, "loss": 0.7, "accuracy": 0.5, "learning_rate": 1e-4}, {"step": 1, "eval_accuracy": 0.9}]
     assert titles(reward) == {"loss": ["train"], "pairwise accuracy": ["held-out", "train"], "learning rate": ["train"]}
     rl = [{"step": s, "loss": 0.0, "reward": 0.1 * s, "kl": 0.01 * s, "learning_rate": 1e-5} for s in (1, 2)]
-    assert titles(rl) == {"loss": ["train"], "reward": ["train"], "KL to the reference": ["train"],
+    assert titles(rl) == {"loss: 0 at every step": ["train"], "reward": ["train"], "KL to the reference": ["train"],
                           "learning rate": ["train"]}
+    # KTO's KL panel was a flat line at 0 with no word why (TRL clamps its estimate at 0).
+    kto = [{"step": s, "loss": 0.5, "kl": 0.0, "eval_kl": 0.0} for s in (1, 2)]
+    assert titles(kto) == {"loss": ["train"], "KL to the reference: 0 at every step\n(KTO: TRL clamps its batch "
+                                              "estimate at 0)": ["held-out", "train"]}
     # A NaN reward (every completion unscored) is left out, not drawn as a gap that hides the line.
     steps, values = report.curves([{"step": 1, "reward": float("nan")}, {"step": 2, "reward": 0.5}])[0][1]["train"]
     assert (steps, values) == ([2], [0.5])

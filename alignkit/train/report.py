@@ -52,12 +52,18 @@ def _series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
+# A panel whose every value is 0 says why, where the reason is known (a flat line at 0 otherwise reads as a bug).
+ZERO = {"kl": "KTO: TRL clamps its batch estimate at 0"}
+
+
 def curves(log_history: list[dict]) -> list[tuple[str, dict[str, tuple[list[int], list[float]]]]]:
     """[(panel title, {"train" / "held-out": (steps, values)})] for every panel the run has data for."""
     panels = []
     for key, title in PANELS:
         lines = {name: _series(log_history, k) for name, k in (("train", key), ("held-out", f"eval_{key}"))}
         lines = {name: line for name, line in lines.items() if line[0]}
+        if lines and all(v == 0 for _, values in lines.values() for v in values):
+            title = f"{title}: 0 at every step" + (f"\n({ZERO[key]})" if key in ZERO else "")
         if lines:
             panels.append((title, lines))
     return panels
