@@ -36,7 +36,8 @@ class FakeLLM:
         self.recorder.calls += 1
         if self.recorder.calls == self.recorder.fail_on_call:
             raise RuntimeError("fake vLLM engine died")
-        self.chats.append({"messages": copy.deepcopy(messages), "params": sampling_params.kwargs,
+        params = [p.kwargs for p in sampling_params] if isinstance(sampling_params, list) else sampling_params.kwargs
+        self.chats.append({"messages": copy.deepcopy(messages), "params": params,
                            "lora": lora_request, "chat_template": chat_template, "tools": tools,
                            "chat_template_kwargs": chat_template_kwargs})
         return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"  vllm says: {m[-1]['content']}\n")])

@@ -709,9 +709,12 @@ def test_mt_bench_answers_on_vllm_in_the_transformers_format(mt_data, sft_run, t
     assert Path(sft_llm.kwargs["model"]).resolve() == Path(presets.paths()["model"]).resolve()
     assert {c["lora"] for c in base_llm.chats} == {None} and {c["lora"].lora_path for c in sft_llm.chats} == {adapter}
     for llm in fake.llms:  # per temperature (writing 0.7, math 0.0), both turns; turn 2 sees the first answer
-        assert [(c["params"]["temperature"], len(c["messages"][0])) for c in llm.chats] == \
-            [(0.7, 1), (0.7, 3), (0.0, 1), (0.0, 3)]
-        assert all(c["params"]["max_tokens"] == 6 and c["params"]["seed"] == 42 for c in llm.chats)
+        assert [({p["temperature"] for p in c["params"]}, len(c["messages"][0])) for c in llm.chats] == \
+            [({0.7}, 1), ({0.7}, 3), ({0.0}, 1), ({0.0}, 3)]
+        assert all(p["max_tokens"] == 6 for c in llm.chats for p in c["params"])
+        # Each question and turn its own seed (one request each), the same the transformers backend samples with.
+        seeds = [[p["seed"] for p in c["params"]] for c in llm.chats]
+        assert all(len(set(row)) == len(row) for row in seeds) and len({s for row in seeds for s in row}) == 4
         first, second = llm.chats[0]["messages"][0], llm.chats[1]["messages"][0]
         assert second[:2] == [first[0], {"role": "assistant", "content": f"vllm says: {first[0]['content']}"}]
 

@@ -724,10 +724,11 @@ def test_vllm_backend_writes_what_transformers_writes_and_resumes_after_a_crash(
     first_run, second_run = fake.llms
     assert [len(c["messages"]) for c in second_run.chats] == [2, 1]  # only the three prompts still missing
     chats = first_run.chats + second_run.chats
-    # The same chunks and per-chunk seeds as transformers got, and the sampling flags.
-    assert [(c["messages"], c["params"]["seed"]) for c in chats] == [(c, kw["seed"]) for c, kw in transformers_calls]
-    assert all(c["params"] == {"temperature": 0.7, "top_p": 0.9, "max_tokens": 4, "seed": c["params"]["seed"]}
-               for c in chats)
+    # The same chunks and per-prompt seeds as transformers got, and the sampling flags.
+    assert [(c["messages"], [p["seed"] for p in c["params"]]) for c in chats] == \
+        [(c, kw["seeds"]) for c, kw in transformers_calls]
+    assert all(p == {"temperature": 0.7, "top_p": 0.9, "max_tokens": 4, "seed": p["seed"]}
+               for c in chats for p in c["params"])
     base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert Path(base).resolve() == Path(presets.paths()["model"]).resolve()
     for llm in fake.llms:

@@ -128,6 +128,40 @@ def test_ragged_prefill_answers_as_the_padded_batch_does(tiny_cache, monkeypatch
     assert len(set(one_by_one)) == 3 and ragged == padded == one_by_one
 
 
+def test_a_sampled_answer_depends_on_its_own_seed_not_on_its_batch(tiny_cache, monkeypatch):
+    """Sampling drew every row from torch's one stream, seeded per call: an answer changed with the other rows of
+    its batch and with --batch_size, so a rerun asking fewer questions, or a resumed label.py run, mixed answers from
+    other streams under one settings key. With a seed per row each answer is its own, in any batch; the draws
+    follow temperature and top_p as transformers' sampling does."""
+    loaded = models.load_model(ModelSettings(model_id=presets.paths()["model"], quantization="none"))
+    prompts = ["name three fruits.", "three tools?", "which three animals would you name?", "name three sports."]
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    seeds = [11, 22, 33, 44]
+
+    def sample(rows, batch_size, temperature=1.5, top_p=0.95, **kw):
+        return generation.generate(loaded.model, loaded.tokenizer, [conversations[i] for i in rows],
+                                   max_new_tokens=16, temperature=temperature, top_p=top_p, batch_size=batch_size,
+                                   seeds=[seeds[i] for i in rows], **kw)
+
+    together = sample([0, 1, 2, 3], 4)
+    assert sample([3, 1], 2) == [together[3], together[1]]  # other company, another batch size
+    assert [sample([i], 1)[0] for i in range(4)] == together
+    assert sample([0, 1, 2, 3], 4, seed=5) == together  # the call's seed does not enter a row's stream
+    again = [11, 22, 33, 44]
+    seeds[:] = [12, 23, 34, 45]
+    assert sample([0, 1, 2, 3], 4) != together  # another seed, other samples (at temperature 1.5)
+    seeds[:] = again
+    greedy = generation.generate(loaded.model, loaded.tokenizer, conversations, max_new_tokens=16)
+    assert sample([0, 1, 2, 3], 4, temperature=0.0) == greedy  # temperature 0: greedy, seeds or not
+
+    # Sampling is transformers' own (its warpers: temperature, its default top_k 50, top_p), only each row's draw is
+    # its own: one row alone with its seed samples exactly what transformers samples from torch seeded alike.
+    for i in range(4):
+        plain = generation.generate(loaded.model, loaded.tokenizer, [conversations[i]], max_new_tokens=16,
+                                    temperature=1.5, top_p=0.95, seed=seeds[i] % 2**63)
+        assert [plain] == [sample([i], 1)], i
+
+
 def test_generation_backend_falls_back_with_a_reason(alignkit_log, monkeypatch):
     import importlib.util
 

@@ -74,3 +74,9 @@ def _plain_type(kind):
     if pa.types.is_struct(kind):
         return pa.struct([field.with_type(_plain_type(field.type)) for field in kind])
     return kind
+
+
+def sample_seed(*parts) -> int:
+    """One sampled answer's seed, from what names it (the run's --seed, a sample number, the prompt's key, a turn):
+    alignkit.modeling.generation samples each answer from its own stream with it, whatever its batch."""
+    return int(digest(list(parts))[:15], 16)

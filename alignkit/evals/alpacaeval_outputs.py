@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from alignkit.core.args import ConfigError
+from alignkit.core.digests import sample_seed
 from alignkit.core.journal import append_jsonl, write_json
 from alignkit.core.progress import Progress
 from alignkit.core.groups import loader_settings
@@ -184,7 +185,8 @@ def generate_outputs(generator, rows: list[dict], name: str, source: str, path, 
         batch = todo[start : start + s.batch_size]
         outs = generator([[{"role": "user", "content": r["instruction"]}] for r in batch],
                          max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                         num_beams=s.num_beams, batch_size=len(batch), seed=s.seed)
+                         num_beams=s.num_beams, batch_size=len(batch),
+                         seeds=[sample_seed(s.seed, row["instruction"]) for row in batch])  # the same in any batch
         append_jsonl(path, [{"instruction": row["instruction"], "output": out, "generator": name,
                              "dataset": row["dataset"], "source": source, "generation": generation,
                              "identity": identity}

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError, config_to_dict, parse_config, redact, save_config
-from alignkit.core.errors import UserError
 from alignkit.core.config import (
     AlpacaEvalSettings, LMEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings,
 )
+from alignkit.core.digests import sample_seed
+from alignkit.core.errors import UserError
 from alignkit.core.groups import loader_settings
 from alignkit.core.journal import hold
 from alignkit.core.llm import FirstFailures
@@ -100,8 +101,8 @@ def vibes(s, backend: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
         with load_generator(loader_settings(s, source), backend) as generator, \
                 Progress(f"{source}: answering", len(conversations), unit="prompt", errors=False) as progress:
             answers[source] = generator(conversations, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                        top_p=s.top_p, num_beams=s.num_beams, batch_size=s.batch_size, seed=s.seed,
-                                        progress=progress)
+                                        top_p=s.top_p, num_beams=s.num_beams, batch_size=s.batch_size,
+                                        seeds=[sample_seed(s.seed, p) for p in prompts], progress=progress)
     return prompts, sources, answers
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
-from alignkit.core.digests import digest
+from alignkit.core.digests import digest, sample_seed
 from alignkit.core.journal import append_jsonl, read_jsonl, write_atomic
 from alignkit.core.progress import Progress
 from alignkit.evals.named_models import same_source
@@ -404,10 +404,10 @@ def generate_answers(generator, questions, name: str, source: str, path, s, key:
                 active = [i for i, q in enumerate(batch) if turn < len(q["turns"])]
                 for i in active:
                     histories[i].append({"role": "user", "content": batch[i]["turns"][turn]})
-                outs = generator(
+                outs = generator(  # each question and turn its own seed: its answer is the same in any batch
                     [histories[i] for i in active], max_new_tokens=s.max_new_tokens,
                     temperature=temperature, top_p=s.top_p, num_beams=s.num_beams, batch_size=len(active),
-                    seed=s.seed,
+                    seeds=[sample_seed(s.seed, question_key(batch[i]), turn) for i in active],
                 )
                 for i, out in zip(active, outs):
                     histories[i].append({"role": "assistant", "content": out})

@@ -20,7 +20,7 @@ from alignkit.core.errors import EndpointRefused
 from alignkit.core.groups import loader_settings
 from alignkit.core.journal import threaded
 from alignkit.core.progress import Progress
-from alignkit.core.digests import digest
+from alignkit.core.digests import digest, sample_seed
 from alignkit.core.llm import FirstFailures
 from alignkit.feedback.judge import endpoint_identity, is_fatal, make_judge
 from alignkit.feedback.label_records import AppendLog, Prompt, Run, Source, generator_fix, report_failure
@@ -416,13 +416,14 @@ def _generate_local(run: Run, generator, cells, prompts):
         group.sort(key=lambda cell: -sum(len(m["content"]) for m in prompts[cell[1]].messages))
         for start in range(0, len(group), s.generation_batch_size):
             chunk = group[start:start + s.generation_batch_size]
-            # Seeded per chunk (by its first prompt, not by the cache key, which names the engine too), so a
-            # resumed run samples the same way whatever it already had, on either backend.
-            seed = int(digest([s.seed, run.sources[si].index, prompts[chunk[0][1]].key])[:8], 16)
+            # Seeded per prompt and sample (not by the cache key, which names the engine too): an answer is the
+            # same whichever prompts share its batch, so a resumed run, another --generation_batch_size or
+            # --max_prompts samples it alike, on either backend.
+            seeds = [sample_seed(s.seed, run.sources[si].index, prompts[pi].key) for _, pi, _ in chunk]
             # One call per chunk on either backend: its answers are cached before the next chunk starts.
             texts = generator([prompts[pi].messages for _, pi, _ in chunk], max_new_tokens=s.max_new_tokens,
-                              temperature=s.temperature, top_p=s.top_p, batch_size=s.generation_batch_size, seed=seed,
-                              templates=[prompts[pi].template for _, pi, _ in chunk])
+                              temperature=s.temperature, top_p=s.top_p, batch_size=s.generation_batch_size,
+                              seeds=seeds, templates=[prompts[pi].template for _, pi, _ in chunk])
             yield from zip(chunk, texts)
 
 

@@ -14,6 +14,7 @@ row without it (`ragged_prefill`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -35,15 +36,21 @@ def generate(
     seed: int | None = None,
     progress=None,
     templates: list[dict] | None = None,
+    seeds: list[int] | None = None,
 ) -> list[str]:
     """One answer per conversation (a list of role/content messages ending with a user turn).
 
     temperature 0 means greedy decoding; above 0, sampling with top_p. `progress` (alignkit.core.progress.Progress)
     counts the answers batch by batch. `templates`: each conversation's arguments of the chat template (tools,
-    enable_thinking, ...), or None.
+    enable_thinking, ...), or None. `seeds`: one per conversation: each samples from its own random stream
+    (rows_sampled), so its answer does not depend on which others share its batch, nor on --batch_size; else `seed`
+    seeds torch once for the call.
     """
     if seed is not None:
         torch.manual_seed(seed)
+    if seeds is not None and len(seeds) != len(conversations):
+        raise ValueError(f"{len(seeds)} seeds for {len(conversations)} conversations")
+    per_row = seeds is not None and temperature > 0 and num_beams == 1
     templates = templates or [None] * len(conversations)
     texts = [render(tokenizer, c, t) for c, t in zip(conversations, templates, strict=True)]  # a refusal: one line
     # The template already wrote any bos token; adding special tokens again would double it.
@@ -65,11 +72,15 @@ def generate(
             batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(model.device)
             sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-            out = model.generate(
-                **batch, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                **(ragged_prefill(model, batch) if num_beams == 1 else {}), **sampling,
-            )
+            with rows_sampled([seeds[i] for i in rows], model.device) if per_row else contextlib.nullcontext() as draws:
+                out = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    **(ragged_prefill(model, batch) if num_beams == 1 else {}), **sampling,
+                )
+            if per_row and not draws[0]:
+                raise RuntimeError("transformers sampled without torch.multinomial over the batch: alignkit's "
+                                   "per-answer seeding (generation.rows_sampled) needs updating for this version")
             new_tokens = out[:, batch["input_ids"].shape[1] :]
             for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
                 answers[i] = text.strip()
@@ -80,6 +91,32 @@ def generate(
         for config in routers:
             config.output_router_logits = True
     return answers
+
+
+@contextlib.contextmanager
+def rows_sampled(seeds: list[int], device):
+    """While open, transformers' sampling draws each row of a batch from its own torch.Generator (seeded per row):
+    the row's t-th token uses its generator's t-th draw, whatever else is in the batch. transformers samples every
+    row from torch's one global stream (torch.multinomial over the batch), so a sampled answer changed with its
+    batch's other rows and the batch size. Everything else of sampling is transformers' own (temperature, top_k,
+    top_p and the model's generation config). Yields a count of the batch draws, which the caller checks: a
+    transformers that no longer samples this way fails loudly instead of seeding per call."""
+    real = torch.multinomial
+    generators = [torch.Generator(device=device).manual_seed(int(seed) % 2**63) for seed in seeds]
+    draws = [0]
+
+    def multinomial(probs, num_samples, replacement=False, *, generator=None, out=None):
+        if generator is None and out is None and probs.dim() == 2 and probs.shape[0] == len(generators):
+            draws[0] += 1
+            return torch.cat([real(probs[i : i + 1], num_samples, replacement, generator=g)
+                              for i, g in enumerate(generators)])
+        return real(probs, num_samples, replacement, generator=generator, out=out)
+
+    torch.multinomial = multinomial
+    try:
+        yield draws
+    finally:
+        torch.multinomial = real
 
 
 RAGGED_PREFILL_PADDING = 0.25  # share of a batch's prompt positions that are padding, from which it pays
@@ -185,7 +222,7 @@ def load_generator(s, backend: str = "auto") -> Generator:
 
 
 class Generator:
-    """generator(conversations, max_new_tokens=, temperature=, top_p=, num_beams=, batch_size=, seed=,
+    """generator(conversations, max_new_tokens=, temperature=, top_p=, num_beams=, batch_size=, seed=, seeds=,
     templates=) -> one answer per conversation, in order, as `generate` gives them; leaving a `with` block frees
     the model. Each conversation renders with --chat_template_kwargs, its own `templates` entry (a prompt row's
     tools and chat_template_kwargs) on top."""
@@ -316,14 +353,18 @@ class VLLMGenerator(Generator):
         self.lora = LoRARequest("adapter", 1, adapter) if chain else None
 
     def __call__(self, conversations, max_new_tokens=256, temperature=0.0, top_p=1.0, num_beams=1,
-                 batch_size=16, seed=None, progress=None, templates=None):
+                 batch_size=16, seed=None, progress=None, templates=None, seeds=None):
         from vllm import SamplingParams
 
         if num_beams > 1:
             raise ValueError("--num_beams > 1 (beam search) runs on --backend transformers only")
-        # batch_size is not passed on: vLLM schedules its own batches (continuous batching) within a call.
-        params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                max_tokens=max_new_tokens, seed=seed)
+        # batch_size is not passed on: vLLM schedules its own batches (continuous batching) within a call. `seeds`:
+        # one request's own seed each (vLLM samples a seeded request from its own generator).
+        def sampling(row_seed):
+            return SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                  max_tokens=max_new_tokens, seed=row_seed)
+
+        params = [sampling(row_seed) for row_seed in seeds] if seeds is not None else sampling(seed)
         templates = self.templates(conversations, templates)
         for conversation, template in zip(conversations, templates):  # vLLM renders with the same template: a
             render(self.tokenizer, conversation, template)           # refusal is one line first
@@ -338,8 +379,9 @@ class VLLMGenerator(Generator):
             extra = {"tools": tools} if tools else {}
             if template:
                 extra["chat_template_kwargs"] = template
-            outputs = self.llm.chat([conversations[i] for i in rows], params, lora_request=self.lora,
-                                    chat_template=self.template, use_tqdm=False, **extra)
+            outputs = self.llm.chat([conversations[i] for i in rows],
+                                    [params[i] for i in rows] if isinstance(params, list) else params,
+                                    lora_request=self.lora, chat_template=self.template, use_tqdm=False, **extra)
             for i, o in zip(rows, outputs, strict=True):
                 answers[i] = o.outputs[0].text.strip()
         if progress is not None:  # scheduled by vLLM: counted when the calls return
