@@ -94,6 +94,12 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
         assert identity.model_identity(dataclasses.replace(base, **{name: value}), "transformers") == \
             identity.model_identity(base, "transformers"), name
     assert set(identity.ENGINE_ONLY) == {"backend", "max_model_len"}
+    # --dtype naming what auto resolves to on this hardware (part of the identity) loads the same model: the same
+    # answers (evaluate.py answered again, and label.py generated again, for `--dtype fp32` on a CPU).
+    from alignkit.core.launch import dtype_choice
+
+    same_as_auto = dataclasses.replace(base, dtype=dtype_choice("auto")[0])
+    assert identity.model_identity(same_as_auto) == identity.model_identity(dataclasses.replace(base, dtype="auto"))
     # A chat template counts by its text: the same file rewritten is another model.
     with_template = dataclasses.replace(base, chat_template=str(template))
     before = identity.model_identity(with_template)

@@ -218,6 +218,11 @@ def loader_fields(s) -> dict:
         from alignkit.core.groups import chat_template_text
 
         out["chat_template"] = chat_template_text(out["chat_template"])  # a file by its text, or inline Jinja
+    if out.get("dtype") not in (None, "auto"):
+        from alignkit.core.launch import dtype_choice
+
+        if out["dtype"] == dtype_choice("auto")[0]:  # what auto is on this hardware (part of the identity): the
+            out["dtype"] = "auto"                     # same model, so --dtype fp32 on a CPU finds auto's answers
     return out
 
 
