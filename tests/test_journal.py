@@ -563,6 +563,35 @@ def test_a_run_folder_s_lock_file_goes_with_its_run_and_a_lock_never_lands_on_a_
     assert not lock.exists()
 
 
+def test_a_run_that_fails_before_training_and_a_notebook_s_abandoned_folder_leave_no_lock(tmp_path, monkeypatch):
+    """A run that failed between prepare_run and training (a model that did not load) left its lock file in the
+    cache; a notebook that prepared a folder and then another (a new run_name, a %cd) held the first until the kernel
+    restarted: another command training it was refused, naming the idle kernel."""
+    import subprocess
+    import sys
+
+    from alignkit.core.config import SFTSettings
+    from alignkit.train import cell_checks, run_folder, run_locks
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    code = ("from alignkit.core.config import SFTSettings\nfrom alignkit.train import run_folder\n"
+            f"run_folder.prepare_run(SFTSettings(output_dir={str(tmp_path)!r}, run_name='run'), 'sft')\n"
+            "raise SystemExit('the model did not load')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1 and "did not load" in done.stderr
+    assert list((tmp_path / "cache" / "run-locks").iterdir()) == []
+
+    monkeypatch.setattr(run_folder, "is_notebook", lambda: True)
+    first, _ = run_folder.prepare_run(SFTSettings(output_dir=str(tmp_path), run_name="first"), "sft")
+    assert run_locks.lock_file(first).is_file() and first.resolve() in run_locks.held()
+    second, _ = run_folder.prepare_run(SFTSettings(output_dir=str(tmp_path), run_name="second"), "sft")
+    assert not run_locks.lock_file(first).exists() and run_locks.held() == {second.resolve()}
+    assert first.resolve() not in cell_checks.PREPARED  # its Train cell now says to run the cells again
+    assert run_folder.prepare_run(SFTSettings(output_dir=str(tmp_path), run_name="second"), "sft")[0] == second
+    run_locks.release(second)
+    cell_checks.forget(second)
+
+
 def test_data_read_under_other_settings_is_refused_at_the_run_folder_cell(tmp_path, tiny_cache):
     """A notebook's settings changed (a new --dataset_id) and its Data cell failed on them (a typo in the path):
     the earlier data was still in place, and the Run folder cell trained on it while the run recorded, and its card

@@ -29,7 +29,7 @@ import torch
 from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, field_defaults, redact
-from alignkit.core.errors import UserError
+from alignkit.core.errors import UserError, is_notebook
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
 from alignkit.core.run_records import LOADED_AS, loaded_as
@@ -141,6 +141,10 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
                             "a local file that is not the same everywhere). Give every machine the same data: one shared "
                             "file or folder, or the same HF_HOME cache")
         _ROWS[folder.resolve()] = rows
+    if is_notebook():  # a folder this kernel prepared and never trained (a new run_name, a %cd since): let go
+        for other in run_locks.held() - {folder.resolve()}:
+            run_locks.release(other)
+            cell_checks.forget(other)
     busy = None
     if _first_process() and not (busy := run_locks.take(folder)):  # a second run would resume or move aside a live one
         _restore_stranded(folder)

@@ -8,6 +8,7 @@ training would leave it in --output_dir), and goes with its run (alignkit.core.j
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -15,6 +16,9 @@ import time
 from pathlib import Path
 
 from alignkit.core.journal import InUse, hold, let_go
+
+_TAKEN: set[Path] = set()  # the run folders whose lock this process holds: let go at exit (a run that failed after
+# prepare_run and before training, a model that did not load, left its lock file in the cache otherwise)
 
 
 def lock_file(folder: Path) -> Path:
@@ -39,12 +43,27 @@ def take(folder: Path) -> str | None:
     held.truncate()
     held.write(json.dumps({"pid": os.getpid(), "program": program, "since": time.strftime("%H:%M")}).encode())
     held.flush()
+    if not _TAKEN:
+        atexit.register(release_all)
+    _TAKEN.add(folder.resolve())
     return None
 
 
 def release(folder: Path) -> None:
     """Let go of `folder`'s lock taken in this process (none: nothing), its file removed."""
     let_go(lock_file(folder), remove=True)
+    _TAKEN.discard(folder.resolve())
+
+
+def release_all(but: Path | None = None) -> None:
+    """Let go of every run folder's lock this process holds (but `but`'s)."""
+    for folder in list(_TAKEN):
+        if but is None or folder != but.resolve():
+            release(folder)
+
+
+def held() -> set[Path]:
+    return set(_TAKEN)
 
 
 def _holder(folder: Path) -> str:
