@@ -1,0 +1,142 @@
+"""The tables of TRL's and the alignment-handbook's names that alignkit.core.trl_names reads settings with.
+
+- ALIASES: TRL's name for a setting alignkit has under its own, with the conversion of its value;
+- NOT_APPLIED: keys that cannot apply, each with the value that is alignkit's behaviour anyway and the reason;
+- REFUSED: TRL fields that cannot act because alignkit loads the model itself, refused when the settings are read;
+- the names that mark a TRL command line or a TRL/handbook recipe, and TRL field types alignkit reads specially.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from alignkit.core.args import _FALSE, _TRUE, ConfigError
+
+DTYPE_SYNONYMS = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}  # TRL's
+SKIP = object()  # an alias's value that leaves alignkit's setting as it is
+
+
+def _bool(value, where) -> bool:
+    text = str(value).strip().lower()
+    if text not in _TRUE | _FALSE:
+        raise ConfigError(f"invalid value for {where}: {value!r} is not a boolean (true/false)")
+    return text in _TRUE
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """TRL's `name` for alignkit's `target`; `convert(value, where)` gives the target's value (or SKIP)."""
+
+    target: str
+    convert: typing.Callable | None = None
+    kind: type = str  # how a command line reads it: bool flags need no value
+    note: str = ""
+    everywhere: bool = False  # read by every training script, with the target or without (use_peft: always true)
+
+
+def _on(value_if_true, value_if_false):
+    """A TRL boolean that picks one of alignkit's choices. Its false value never replaces what another key of the
+    same layer chose (`load_in_4bit: false` beside `load_in_8bit: true` is 8-bit)."""
+    return lambda v, where: value_if_true if _bool(v, where) else _Weak(value_if_false)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weak:
+    value: str
+
+
+def _model_dtype(value):
+    """TRL's torch_dtype: null (the recipes' `torch_dtype: null`) leaves --dtype alone, auto gives way to bf16/fp16,
+    a dtype is the model's and wins over them (`translate`) in either order."""
+    if value is None or str(value).strip().lower() in ("", "none", "null"):
+        return SKIP
+    return _Weak("auto") if str(value).strip().lower() == "auto" else value
+
+
+def _use_peft(value, where):
+    if not _bool(value, where):
+        raise ConfigError(f"{where} false asks for full fine-tuning; alignkit trains adapters only. "
+                          "Keep use_peft true (LoRA), pass --adapter lota to sft.py or dpo.py for a sparse full-rank "
+                          "delta, or use TRL's own trainers for full fine-tuning")
+    return SKIP
+
+
+ALIASES = {
+    "model_name_or_path": Alias("model_id"),
+    "model_revision": Alias("revision"),
+    "torch_dtype": Alias("dtype", lambda v, w: _model_dtype(v), note="null and auto: --dtype auto"),
+    "dataset_name": Alias("dataset_id"),
+    "dataset_train_split": Alias("dataset_split"),
+    "hub_model_id": Alias("hub_repo_id"),
+    "hub_private_repo": Alias("hub_public", lambda v, w: not _bool(v, w), bool),
+    "beta": Alias("dpo_beta"),
+    "max_seq_length": Alias("max_length", note="TRL < 0.20's SFTConfig name"),
+    "load_in_4bit": Alias("quantization", _on("4bit", "none"), bool, "true: --quantization 4bit; false: none"),
+    "load_in_8bit": Alias("quantization", _on("8bit", "none"), bool, "true: --quantization 8bit; false: none"),
+    "bf16": Alias("dtype", _on("bf16", "fp32"), bool, "true: --dtype bf16; false: fp32"),
+    "fp16": Alias("dtype", _on("fp16", "fp32"), bool, "true: --dtype fp16; false: fp32"),
+    "use_liger_kernel": Alias("use_liger", lambda v, w: "true" if _bool(v, w) else "false", bool,
+                              "alignkit's loader applies the kernels"),
+    "use_peft": Alias("adapter", _use_peft, bool, "alignkit always trains an adapter; false is refused", True),
+    # GRPOConfig/RLOOConfig's switch, passed through, overrode rl.py's backend choice: a traceback without vLLM.
+    "use_vllm": Alias("backend", _on("vllm", "transformers"), bool, "true: --backend vllm; false: transformers"),
+}
+# Names that mean TRL's vocabulary on a command line: with them, --output_dir is the run's own folder, as in TRL.
+_TRL_ONLY = {"model_name_or_path", "dataset_name"}
+_RENAMED = {"preprocessing_num_workers": "dataset_num_proc"}  # the handbook's DataArguments name, before TRL's
+# A recipe in TRL's or the handbook's names: they name the model and the data so (alignkit's own say model_id).
+_TRL_RECIPE_NAMES = _TRL_ONLY | {"dataset_mixer", "datasets"}
+
+_ANY = object()
+# key: (the value that is alignkit's behaviour anyway, or _ANY: never applied; the reason and what to use instead)
+NOT_APPLIED = {
+    "max_prompt_length": (_ANY, "TRL 1.x dropped it: max_length bounds prompt and answer together (sft.py, dpo.py, "
+                                "kto.py, reward.py); GRPO and RLOO keep the prompt whole and stop the answer at "
+                                "max_completion_length"),
+    "overwrite_output_dir": (_ANY, "a run never overwrites: an earlier run in the folder is moved aside to "
+                                   "NAME.previous-TIME, and --resume false starts over"),
+    "hub_strategy": (_ANY, "alignkit pushes once, at the end, with a model card and without secrets: "
+                           "--push_to_hub"),
+    "hub_model_revision": ("main", "the handbook's branch to push to; alignkit pushes to the repo's main branch"),
+    "resume_from_checkpoint": (_ANY, "use --resume true|auto|false"),
+    "dataset_streaming": (False, "alignkit reads and checks every row before training; use --max_samples"),
+    "ignore_bias_buffers": (False, "not needed: LoRA runs have no buffers to sync"),
+    "lora_task_type": (_ANY, "set by the script: CAUSAL_LM, or SEQ_CLS in reward.py"),
+    "lora_target_parameters": (None, "not supported; use --lora_target_modules"),
+    "bnb_4bit_quant_type": ("nf4", "alignkit's 4-bit is QLoRA's NF4"),
+    "use_bnb_nested_quant": (True, "alignkit's 4-bit always uses QLoRA's double quantization"),
+    "bnb_4bit_quant_storage": (_ANY, "chosen by the loader: the compute dtype under FSDP"),
+    "use_liger_loss": (False, "TRL 1.x dropped GRPO's fused Liger loss; --use_liger is Liger's layer kernels (auto: "
+                              "on CUDA when installed)"),
+    "liger_kernel_config": (_ANY, "the loader applies Liger's layer kernels itself (--use_liger), with its fused "
+                                  "cross-entropy off: TRL's loss replaces it"),
+}
+# TRL fields that cannot act because alignkit loads the model itself: refused when the settings are read, in every
+# script, rather than taken into a TRL config that never reads them (sft.py, reward.py) or refused after the load.
+REFUSED = {"reward_model_name_or_path": "rl.py takes a reward.py model as --reward rm:FOLDER",
+           "reward_funcs": "rl.py takes rewards as --reward, comma separated: rule, judge, rm:FOLDER or "
+                           "python:module:function (python:trl.rewards.accuracy_reward works)",
+           "model_init_kwargs": "alignkit loads the model itself; use --dtype, --quantization, --attn_implementation, "
+                                "--revision",
+           # GRPOTrainer's own arguments for agent training: not supported, named rather than "unknown setting"
+           "tools": "rl.py runs no tools while it samples (TRL's GRPOTrainer(tools=...)); tool calls already in the "
+                    "data are kept and rendered by the chat template",
+           "environment_factory": "rl.py runs no environments (TRL's GRPOTrainer(environment_factory=...)); score "
+                                  "completions with --reward python:module:function",
+           # TrainingArguments keeps it in every checkpoint's training_args.bin, and wandb records the command line
+           "hub_token": "a token in a flag or a recipe is saved in every checkpoint (training_args.bin); set HF_TOKEN "
+                        "(or log in with `hf auth login`): alignkit pushes with that"}
+_MODEL_AND_SCRIPT = ("ModelConfig", "ScriptArguments")
+# TRL str fields that also take a bool, which TRL's __post_init__ turns into a word (GRPOConfig: "True or group",
+# "False or none"); the type hint alone says str, and "false" reached TRL as a word it refuses.
+_BOOL_WORDS = {"scale_rewards": {True: "group", False: "none"}}
+# TrainingArguments' `dict | str` fields whose str is only JSON text (fsdp_config's and deepspeed's name a file).
+_MAPPINGS = {"gradient_checkpointing_kwargs": '{"use_reentrant": false}', "lr_scheduler_kwargs": '{"min_lr": 1e-6}'}
+# TRL's behaviour for alignkit settings that have no field of the same name there, for --help (a TRL command line
+# that leaves them out trains differently).
+_TRL_DEFAULTS_UNDER_OTHER_NAMES = {  # field: (TRL's value, as --help says it)
+    "warmup_ratio": (0.0, "0 (warmup_steps 0)"),
+    "eval_split": (0.0, "0 (no rows held out)"),
+    "group_by_length": ("false", "false (train_sampling_strategy random)"),
+}
