@@ -21,7 +21,7 @@
 # python dpo.py --preset tiny --adapter lota --lota_sparsity 0.9  # LoTA: a sparse delta instead of LoRA
 # python dpo.py --dataset_id prefs.jsonl --merge_adaptors --push_to_hub --hub_repo_id you/model-dpo
 # python dpo.py --config alignment-handbook/recipes/zephyr-7b-beta/dpo/config_qlora.yaml  # its recipe, as it is
-# python dpo.py --model_name_or_path Qwen/Qwen2-0.5B-Instruct --beta 0.1  # TRL's names work too
+# python dpo.py --model_name_or_path Qwen/Qwen2-0.5B-Instruct --use_peft --beta 0.1  # TRL's names work too
 # python dpo.py --help                                         # every setting, its default and env var
 # ```
 

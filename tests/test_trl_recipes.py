@@ -388,10 +388,10 @@ def test_trl_s_dataset_name_trains_on_trl_s_default_split_and_use_vllm_picks_the
     use_vllm, passed through, overrode rl.py's backend choice (a traceback without vLLM)."""
     from alignkit.core.config import RLSettings
 
-    assert parse_config(SFTSettings, env_file=None, args=["--dataset_name", "d"]).dataset_split == "train"
+    assert parse_config(SFTSettings, env_file=None, args=["--dataset_name", "d", "--use_peft"]).dataset_split == "train"
     assert parse_config(SFTSettings, env_file=None, args=[]).dataset_split == "train_sft"
     assert parse_config(SFTSettings, env_file=None, args=["--dataset_name", "d", "--dataset_train_split",
-                                                          "train_sft"]).dataset_split == "train_sft"
+                                                          "train_sft", "--use_peft"]).dataset_split == "train_sft"
     rl = parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--use_vllm"])
     assert rl.backend == "vllm" and "use_vllm" not in (rl.trainer_overrides or {})
     assert parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--use_vllm", "false"]).backend == "transformers"
@@ -408,7 +408,7 @@ def test_trl_s_own_dataset_mixture_is_read_as_trl_reads_it(local, tmp_path):
     recipe.write_text(yaml.safe_dump({
         "datasets": [{"path": data, "split": "train_prefs", "fraction": 0.75, "columns": ["prompt", "chosen", "rejected"]},
                      {"path": data, "split": "test_prefs", "fraction": 0.25, "columns": ["prompt", "chosen", "rejected"]}],
-        "test_split_size": 0.1, "streaming": False}))
+        "test_split_size": 0.1, "streaming": False, "use_peft": True}))
     s = parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
     assert s.dataset_mixture["datasets"][0] == {"id": data, "split": "train_prefs", "fraction": 0.75,
                                                "columns": ["prompt", "chosen", "rejected"]}
@@ -678,6 +678,60 @@ def test_use_peft_works_for_every_training_script_and_an_alias_of_another_s_sett
         parse_config(SFTSettings, env_file=None, args=["--beta", "0.1"])
 
 
+@pytest.mark.parametrize("script", ["sft", "dpo", "kto", "reward", "rl"])
+def test_trl_s_names_without_use_peft_are_refused_before_loading(script, tmp_path):
+    """TRL's use_peft defaults to false: a TRL command line or handbook recipe without it asks TRL for full
+    fine-tuning, and alignkit trained a LoRA adapter instead, silently. Refused while the settings are read, with
+    the fix; use_peft (or alignkit's own --adapter) in any layer, or alignkit's own names, train as before."""
+    from alignkit.core.config import RLSettings
+
+    cls = {"sft": SFTSettings, "dpo": DPOSettings, "kto": KTOSettings, "reward": RewardSettings,
+           "rl": RLSettings}[script]
+    base = ["--reward", "rule"] if script == "rl" else []
+    recipe = tmp_path / "trl.yaml"
+    recipe.write_text("model_name_or_path: org/model\ndataset_name: org/data\noutput_dir: data/run\n")
+    mixer = tmp_path / "mixer.yaml"
+    mixer.write_text("model_id: org/model\ndataset_mixer:\n  org/data: 1.0\ndataset_splits: [train]\n")
+    mixtures = [] if script in ("reward", "rl") else [["--config", str(mixer)]]  # they read one split
+    for line in (["--model_name_or_path", "org/model"], ["--dataset_name", "org/data"], ["--config", str(recipe)],
+                 *mixtures):
+        with pytest.raises(ConfigError) as error:
+            parse_config(cls, env_file=None, args=[*base, *line])
+        message = str(error.value)
+        assert "\n" not in message and "use_peft is not set" in message and "fine-tune every weight" in message
+        assert "LoRA/QLoRA adapters only" in message and "--use_peft" in message
+        assert ("--adapter lota" in message) == (script in ("sft", "dpo"))
+        assert parse_config(cls, env_file=None, args=[*base, *line, "--use_peft"]).model_id  # the fix works
+    assert parse_config(cls, env_file=None, args=[*base, "--model_id", "org/model"]).model_id == "org/model"
+    if script in ("sft", "dpo"):  # alignkit's own --adapter says which adapter, as use_peft does
+        assert parse_config(cls, env_file=None, args=["--model_name_or_path", "m", "--adapter", "lota"]).adapter == "lota"
+
+
+def test_trl_s_names_load_the_model_unquantized_as_trl_does(monkeypatch, tmp_path):
+    """TRL loads the model unquantized unless load_in_4bit/load_in_8bit says otherwise; alignkit's --quantization
+    auto picks 4-bit on CUDA, so a TRL line with use_peft trained QLoRA where TRL trains LoRA on a bf16 model."""
+    from alignkit.core import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine: auto would be 4bit
+
+    def quantization(*args, **kw):
+        s = parse_config(DPOSettings, env_file=None, args=list(args), **kw)
+        return launch.resolve_quantization(s.quantization, for_training=True, log=False)
+
+    assert quantization("--model_id", "m") == "4bit"  # alignkit's own names: its QLoRA default
+    assert quantization("--model_name_or_path", "m", "--use_peft") == "none"  # TRL's default
+    assert quantization("--model_name_or_path", "m", "--use_peft", "--load_in_4bit") == "4bit"
+    assert quantization("--model_name_or_path", "m", "--use_peft", "--load_in_8bit") == "8bit"
+    assert quantization("--model_name_or_path", "m", "--use_peft", "--quantization", "auto") == "4bit"
+    assert quantization("--model_name_or_path", "m", "--use_peft", "--preset", "p",
+                        presets={"p": {"quantization": "4bit"}}) == "4bit"  # the preset's choice stays
+    recipe = tmp_path / "trl.yaml"
+    recipe.write_text("model_name_or_path: org/model\nuse_peft: true\n")
+    assert quantization("--config", str(recipe)) == "none"
+    recipe.write_text("model_name_or_path: org/model\nuse_peft: true\nload_in_4bit: true\n")
+    assert quantization("--config", str(recipe)) == "4bit"
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--gradient_checkpointing"], "true"), (["--no_gradient_checkpointing"], "false"),
     (["--gradient_checkpointing", "false"], "false"), (["--gradient_checkpointing", "auto"], "auto"),
@@ -890,7 +944,7 @@ def test_a_trl_recipe_that_names_no_evaluation_holds_no_rows_out(tmp_path):
         recipe.write_text(recipe_text)
         return parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), *args], **kw).eval_split
 
-    trl = "model_name_or_path: org/model\ndataset_name: org/data\noutput_dir: data/zephyr-orpo\n"
+    trl = "model_name_or_path: org/model\ndataset_name: org/data\noutput_dir: data/zephyr-orpo\nuse_peft: true\n"
     assert eval_split(trl) == 0
     assert eval_split(trl, "--run_name", "mine") == 0  # the recipe's meaning, whatever the line adds
     assert eval_split(trl, "--eval_split", "0.1") == 0.1
@@ -906,7 +960,8 @@ def test_an_older_handbook_recipe_s_preprocessing_num_workers_is_trl_s_dataset_n
     """The handbook's zephyr-7b-beta dpo/config_qlora.yaml (before TRL named it dataset_num_proc) was refused as an
     unknown setting, with no hint of the new name."""
     recipe = tmp_path / "old.yaml"
-    recipe.write_text("model_name_or_path: org/model\npreprocessing_num_workers: 12\noutput_dir: data/old\n")
+    recipe.write_text("model_name_or_path: org/model\npreprocessing_num_workers: 12\noutput_dir: data/old\n"
+                      "use_peft: true\n")
     s = parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
     assert s.trainer_overrides["dataset_num_proc"] == 12
 

@@ -175,6 +175,7 @@ class Vocabulary:
         # parse_config raises what is left once every layer is read.
         self.deferred: dict[str, ConfigError] = {}
         self.trl_dataset = False  # TRL's dataset_name was given, in any layer
+        self.use_peft = False  # TRL's use_peft was given, in any layer
 
     def default_note(self, field: str, ours: str) -> str:
         """"; TRL's default: X" for --help when TRL's default for `field` (under its name or a same-meaning alias)
@@ -235,6 +236,7 @@ class Vocabulary:
         layer = {(_RENAMED[k] if k in _RENAMED and _RENAMED[k] in self.passthrough and _RENAMED[k] not in layer
                   else k): v for k, v in layer.items()}
         self.trl_dataset |= "dataset_name" in layer
+        self.use_peft |= "use_peft" in layer
         if "dataset_mixer" in layer or "dataset_splits" in layer:
             if "dataset_mixer" not in layer:
                 unknown.append("dataset_splits")  # splits of nothing
@@ -339,16 +341,20 @@ class Vocabulary:
         - `eval_strategy: no` (or `do_eval: false` alone, or a TRL/handbook recipe naming neither nor eval_steps:
           TRL's default is no) asks for no evaluation: no --eval_split share is held out of the training rows
           unless --eval_split itself (or the preset) gives one (TRL and the handbook train on them all).
+        - Settings in TRL's names (a TRL command line, a TRL or handbook recipe) without use_peft are refused (TRL
+          would fine-tune every weight), and without load_in_4bit/load_in_8bit load the model unquantized, as TRL.
         - TRL's `dataset_name` without a split trains on TRL's default split, `train`.
         - A --dataset_id beside a dataset_mixture is named as unused, as TRL's scripts name dataset_name beside
           datasets.
         """
-        overrides = values.get("trainer_overrides") or {}
-        strategy = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
-        no_eval = strategy == "no" or (str(overrides.get("do_eval")).lower() == "false" and strategy == "none")
         # A TRL or handbook recipe (in TRL's names, no run_name of its own) that names no evaluation asks for none:
         # TRL's eval_strategy default is "no" (the zephyr-141b ORPO recipe lost 4 of its 64 rows to a share).
         trl_recipe = bool(raw_recipe_keys & _TRL_RECIPE_NAMES) and "run_name" not in raw_recipe_keys
+        if self.trl_style or raw_recipe_keys & _TRL_RECIPE_NAMES:
+            self._trl_defaults(values, given, preset_keys)
+        overrides = values.get("trainer_overrides") or {}
+        strategy = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
+        no_eval = strategy == "no" or (str(overrides.get("do_eval")).lower() == "false" and strategy == "none")
         implicit = (trl_recipe and strategy == "none" and not {"do_eval", "eval_steps"} & set(overrides)
                     and "eval_steps" not in given)
         kept = "eval_split" in given or "eval_split" in preset_keys
@@ -370,6 +376,18 @@ class Vocabulary:
         folder = Path(values["output_dir"])
         if folder.name:
             values["output_dir"], values["run_name"] = str(folder.parent), folder.name
+
+    def _trl_defaults(self, values: dict, given: dict, preset_keys) -> None:
+        """Settings in TRL's names mean what TRL makes of them: without use_peft TRL fine-tunes every weight, which
+        alignkit does not do (refused, rather than training an adapter nobody asked for); without load_in_4bit or
+        load_in_8bit TRL loads the model unquantized (alignkit's --quantization auto would pick 4-bit on CUDA)."""
+        if not self.use_peft and "adapter" not in given:
+            lota = ", or --adapter lota for a sparse full-rank delta" if "adapter" in values else ""
+            raise ConfigError("use_peft is not set: with TRL's names (model_name_or_path, dataset_name, a handbook "
+                              "recipe) TRL would fine-tune every weight, and alignkit trains LoRA/QLoRA adapters only; "
+                              f"add --use_peft (use_peft: true in a recipe) to train a LoRA adapter{lota}")
+        if "quantization" in values and "quantization" not in given and "quantization" not in preset_keys:
+            values["quantization"] = "none"  # TRL's default; load_in_4bit: true (or --quantization 4bit) is QLoRA
 
     def help_text(self, fields=()) -> str:
         names = ", ".join(sorted(set(self.passthrough) - set(ALIASES) - set(fields) - set(REFUSED) - set(NOT_APPLIED)))

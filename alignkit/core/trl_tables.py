@@ -78,7 +78,8 @@ ALIASES = {
     "fp16": Alias("dtype", _on("fp16", "fp32"), bool, "true: --dtype fp16; false: fp32"),
     "use_liger_kernel": Alias("use_liger", lambda v, w: "true" if _bool(v, w) else "false", bool,
                               "alignkit's loader applies the kernels"),
-    "use_peft": Alias("adapter", _use_peft, bool, "alignkit always trains an adapter; false is refused", True),
+    "use_peft": Alias("adapter", _use_peft, bool,
+                      "alignkit always trains an adapter; required with TRL's names, false is refused", True),
     # GRPOConfig/RLOOConfig's switch, passed through, overrode rl.py's backend choice: a traceback without vLLM.
     "use_vllm": Alias("backend", _on("vllm", "transformers"), bool, "true: --backend vllm; false: transformers"),
 }
