@@ -956,6 +956,22 @@ def test_a_trl_recipe_that_names_no_evaluation_holds_no_rows_out(tmp_path):
     assert eval_split("model_id: org/model\ndataset_id: org/data\noutput_dir: runs\n") == default
 
 
+def test_a_trl_command_line_that_names_no_evaluation_holds_no_rows_out():
+    """The same fields on a TRL command line held 5% of the rows out (alignkit's --eval_split default), where the
+    recipe trained on every row: TRL's eval_strategy default is "no" on the line too."""
+    default = SFTSettings().eval_split
+
+    def eval_split(*args):
+        return parse_config(SFTSettings, env_file=None, args=["--use_peft", *args]).eval_split
+
+    assert eval_split("--model_name_or_path", "org/model", "--dataset_name", "org/data") == 0
+    assert eval_split("--dataset_name", "org/data") == 0
+    assert eval_split("--model_name_or_path", "org/model", "--eval_split", "0.1") == 0.1
+    assert eval_split("--model_name_or_path", "org/model", "--eval_strategy", "steps", "--eval_steps", "10") == default
+    assert eval_split("--model_name_or_path", "org/model", "--eval_steps", "10") == default
+    assert eval_split("--model_id", "org/model") == default  # alignkit's own names keep the share
+
+
 def test_an_older_handbook_recipe_s_preprocessing_num_workers_is_trl_s_dataset_num_proc(tmp_path):
     """The handbook's zephyr-7b-beta dpo/config_qlora.yaml (before TRL named it dataset_num_proc) was refused as an
     unknown setting, with no hint of the new name."""

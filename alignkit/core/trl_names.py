@@ -338,8 +338,8 @@ class Vocabulary:
           says otherwise: it becomes alignkit's output_dir (the parent) and run_name (the folder's name). So is a
           --output_dir that overrides a recipe's (it meant the parent, then the run's folder once a TRL-only
           name joined it on the line).
-        - `eval_strategy: no` (or `do_eval: false` alone, or a TRL/handbook recipe naming neither nor eval_steps:
-          TRL's default is no) asks for no evaluation: no --eval_split share is held out of the training rows
+        - `eval_strategy: no` (or `do_eval: false` alone, or a TRL command line or TRL/handbook recipe naming
+          neither nor eval_steps: TRL's default is no) asks for no evaluation: no --eval_split share is held out of the training rows
           unless --eval_split itself (or the preset) gives one (TRL and the handbook train on them all).
         - Settings in TRL's names (a TRL command line, a TRL or handbook recipe) without use_peft are refused (TRL
           would fine-tune every weight), and without load_in_4bit/load_in_8bit load the model unquantized, as TRL.
@@ -347,21 +347,22 @@ class Vocabulary:
         - A --dataset_id beside a dataset_mixture is named as unused, as TRL's scripts name dataset_name beside
           datasets.
         """
-        # A TRL or handbook recipe (in TRL's names, no run_name of its own) that names no evaluation asks for none:
-        # TRL's eval_strategy default is "no" (the zephyr-141b ORPO recipe lost 4 of its 64 rows to a share).
+        # A TRL command line, or a TRL or handbook recipe (in TRL's names, no run_name of its own), that names no
+        # evaluation asks for none: TRL's eval_strategy default is "no" (the zephyr-141b ORPO recipe lost 4 of its 64
+        # rows to a share; `--model_name_or_path M --dataset_name D` lost 5% of them).
         trl_recipe = bool(raw_recipe_keys & _TRL_RECIPE_NAMES) and "run_name" not in raw_recipe_keys
         if self.trl_style or raw_recipe_keys & _TRL_RECIPE_NAMES:
             self._trl_defaults(values, given, preset_keys)
         overrides = values.get("trainer_overrides") or {}
         strategy = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
         no_eval = strategy == "no" or (str(overrides.get("do_eval")).lower() == "false" and strategy == "none")
-        implicit = (trl_recipe and strategy == "none" and not {"do_eval", "eval_steps"} & set(overrides)
+        implicit = ((trl_recipe or self.trl_style) and strategy == "none" and not {"do_eval", "eval_steps"} & set(overrides)
                     and "eval_steps" not in given)
         kept = "eval_split" in given or "eval_split" in preset_keys
         if (no_eval or implicit) and "eval_split" in values and not kept:
             if implicit and values["eval_split"]:
-                logger.info("eval_split 0: the recipe names no evaluation (TRL's eval_strategy default is no), so "
-                            "every row trains; --eval_split 0.05 holds a share out")
+                logger.info("eval_split 0: the settings in TRL's names name no evaluation (TRL's eval_strategy "
+                            "default is no), so every row trains; --eval_split 0.05 holds a share out")
             values["eval_split"] = 0
         if values.get("dataset_mixture") and "dataset_id" in given:  # as TRL's scripts say it
             logger.warning(f"--dataset_id {values['dataset_id']} is not used: the dataset_mixture is. To train on "
