@@ -494,6 +494,27 @@ def test_a_row_s_chat_template_kwargs_reach_the_template(tiny_cache, tmp_path):
                                     for t in marked)
 
 
+def test_trl_s_chat_template_path_is_the_chat_template_file(tiny_cache, tmp_path):
+    """SFTConfig's --chat_template_path was passed through to TRL: a traceback after the model loaded, with the row
+    checks and --train_on auto reading the model's own template. It is --chat_template's file now."""
+    rows = [{"messages": [{"role": "user", "content": f"name three fruits {i}."},
+                          {"role": "assistant", "content": "apple, pear, plum"}]} for i in range(8)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = ("{% for m in messages %}<|{{ m.role }}|>MARK {{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (tmp_path / "t.jinja").write_text(template)
+    s = parse_config(RewardSettings, env_file=None, args=["--chat_template_path", str(tmp_path / "t.jinja")])
+    assert s.chat_template == str(tmp_path / "t.jinja") and "chat_template_path" not in (s.trainer_overrides or {})
+    with pytest.raises(ConfigError, match=r"--chat_template_path: '.*nowhere' is no Jinja template file.*"
+                                          r"--chat_template FILE"):
+        parse_config(SFTSettings, env_file=None, args=["--chat_template_path", str(tmp_path / "nowhere")])
+    g = run_script("sft.py", "--preset", "tiny", "--dataset_id", str(tmp_path / "sft.jsonl"), "--chat_template_path",
+                   str(tmp_path / "t.jinja"), "--eval_split", "0", "--max_steps", "1", "--output_dir", str(tmp_path))
+    assert g["loaded"].tokenizer.chat_template == template
+    texts = [g["loaded"].tokenizer.decode(row["input_ids"]) for row in g["trainer"].train_dataset]
+    assert texts and all("<|assistant|>MARK apple" in t for t in texts)
+
+
 @pytest.mark.parametrize("args, pattern", [
     (["--optim", "adam_nope"], r"--optim.*'adam_nope' is not one of .*adamw_torch"),
     (["--eval_strategy", "sometimes"], r"'sometimes' is not one of no, steps, epoch"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 
 from alignkit.core.args import _FALSE, _TRUE, ConfigError
 
@@ -62,6 +63,15 @@ def _use_peft(value, where):
     return SKIP
 
 
+def _template_file(value, where):
+    """TRL's chat_template_path: a Jinja file is --chat_template's; a tokenizer's folder or Hub id TRL also takes."""
+    text = str(value)
+    if "{{" in text or "{%" in text or Path(text).is_file():
+        return text
+    raise ConfigError(f"invalid value for {where}: {text!r} is no Jinja template file; alignkit sets the template "
+                      "from a file (--chat_template FILE): for a tokenizer's, pass its chat_template.jinja")
+
+
 ALIASES = {
     "model_name_or_path": Alias("model_id"),
     "model_revision": Alias("revision"),
@@ -78,6 +88,9 @@ ALIASES = {
     "fp16": Alias("dtype", _on("fp16", "fp32"), bool, "true: --dtype fp16; false: fp32"),
     "use_liger_kernel": Alias("use_liger", lambda v, w: "true" if _bool(v, w) else "false", bool,
                               "alignkit's loader applies the kernels"),
+    # SFTConfig/RewardConfig's template, passed through, reached TRL beside alignkit's tokenizer: a traceback after
+    # the model loaded, and the row checks and --train_on auto read another template than the one trained on.
+    "chat_template_path": Alias("chat_template", _template_file, note="a Jinja template file"),
     "use_peft": Alias("adapter", _use_peft, bool,
                       "alignkit always trains an adapter; required with TRL's names, false is refused", True),
     # GRPOConfig/RLOOConfig's switch, passed through, overrode rl.py's backend choice: a traceback without vLLM.
