@@ -763,6 +763,28 @@ def test_an_auto_true_false_setting_takes_trl_s_bare_flag_and_its_no_form(args, 
     assert parse_config(DPOSettings, env_file=None, args=args).gradient_checkpointing == expected
 
 
+@pytest.mark.parametrize("cls", [DPOSettings, KTOSettings])
+def test_tr_dpo_s_settings_are_refused_while_the_settings_are_read(cls, tmp_path, capsys):
+    """--sync_ref_model and the two settings that tune it were refused only after the model and the data loaded (a
+    "trainer override" of dpo.py; kto.py never named the two); TRL's defaults pass as before."""
+    for args, name in ((["--sync_ref_model"], "--sync_ref_model true"), (["--ref_model_mixup_alpha", "0.9"],
+                       "--ref_model_mixup_alpha 0.9"), (["--ref_model_sync_steps", "64"], "--ref_model_sync_steps 64"),
+                       (["--trainer_overrides", '{"sync_ref_model": true}'], "--trainer_overrides sync_ref_model")):
+        with pytest.raises(ConfigError) as error:
+            parse_config(cls, env_file=None, args=args)
+        assert str(error.value).startswith(f"{name} has no effect in alignkit: ")
+        assert "TR-DPO moves the reference, which TRL does not support with a PEFT adapter; drop it" in str(error.value)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sync_ref_model: true\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: key sync_ref_model True has no effect in alignkit: TR-DPO"):
+        parse_config(cls, env_file=None, args=["--config", str(recipe)])
+    s = parse_config(cls, env_file=None, args=["--sync_ref_model", "false", "--ref_model_sync_steps", "512"])
+    assert s.trainer_overrides == {"sync_ref_model": False, "ref_model_sync_steps": 512}  # TRL's defaults
+    with pytest.raises(SystemExit):
+        parse_config(cls, env_file=None, args=["--help"])
+    assert "ref_model_mixup_alpha, ref_model_sync_steps" in capsys.readouterr().out.split("Refused: ")[1]
+
+
 def test_every_alias_names_a_training_setting():
     from alignkit.core.trl_names import ALIASES
 

@@ -304,11 +304,12 @@ class TrainSettings(HubPushSettings, ModelSettings):
             raise ValueError(f"--eval_split must be a share below 1, a row count, or 0 (none held out); got "
                              f"{self.eval_split}")
         check_seed(self.seed)
-        from alignkit.core.trl_names import REFUSED  # a flag's refusal holds inside --trainer_overrides too
+        from alignkit.core.trl_tables import refusal  # a flag's refusal holds inside --trainer_overrides too
 
-        if isinstance(self.trainer_overrides, dict) and (refused := sorted(set(self.trainer_overrides) & set(REFUSED))):
-            raise ValueError(f"--trainer_overrides {refused[0]} has no effect in alignkit: {REFUSED[refused[0]]}; "
-                             "drop it")
+        overrides = self.trainer_overrides if isinstance(self.trainer_overrides, dict) else {}
+        if refused := sorted(n for n, v in overrides.items() if refusal(n, v, type(self).trl_configs)):
+            raise ValueError(f"--trainer_overrides {refused[0]} has no effect in alignkit: "
+                             f"{refusal(refused[0], overrides[refused[0]], type(self).trl_configs)}; drop it")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"--max_samples must be at least 1 (or none: all rows), got {self.max_samples}")
         # Values TRL would take silently (a negative learning rate ascends the loss) or fail on after the model loads.

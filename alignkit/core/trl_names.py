@@ -32,7 +32,8 @@ from alignkit.core.args import _FALSE, _TRUE, ConfigError
 from alignkit.core.mixture_formats import mixture_from_mixer, mixture_from_trl
 from alignkit.core.trl_tables import (_ANY, _BOOL_WORDS, _MAPPINGS, _MODEL_AND_SCRIPT, _RENAMED,
                                       _TRL_DEFAULTS_UNDER_OTHER_NAMES, _TRL_ONLY, _TRL_RECIPE_NAMES, ALIASES,
-                                      DTYPE_SYNONYMS, NOT_APPLIED, REFUSED, SKIP, _bool, _model_dtype, _Weak)
+                                      DTYPE_SYNONYMS, NOT_APPLIED, REFUSED, REFUSED_IN, SKIP, _bool, _model_dtype,
+                                      _Weak, refusal)
 
 __all__ = ["ALIASES", "DTYPE_SYNONYMS", "NOT_APPLIED", "REFUSED", "Vocabulary", "cli_kind", "trl_choices",
            "trl_fields", "trl_value"]
@@ -292,6 +293,9 @@ class Vocabulary:
                     self.deferred.pop(key, None)
                 except ConfigError as error:
                     self.deferred[key] = error
+                    continue
+                if why := refusal(key, extra[key], self.config_names):  # sync_ref_model: TRL fails after the load
+                    raise ConfigError(f"{label(key)} {raw} has no effect in alignkit: {why}; drop it")
             else:
                 unknown.append(key)
         for key in _mapping_keys(layer.get("trainer_overrides")):  # set there: an earlier bad value goes unused
@@ -391,8 +395,9 @@ class Vocabulary:
             values["quantization"] = "none"  # TRL's default; load_in_4bit: true (or --quantization 4bit) is QLoRA
 
     def help_text(self, fields=()) -> str:
-        names = ", ".join(sorted(set(self.passthrough) - set(ALIASES) - set(fields) - set(REFUSED) - set(NOT_APPLIED)))
-        refused = ", ".join(sorted(REFUSED))
+        refused = {*REFUSED, *(n for n in REFUSED_IN if refusal(n, object(), self.config_names))}  # at any value
+        names = ", ".join(sorted(set(self.passthrough) - set(ALIASES) - set(fields) - refused - set(NOT_APPLIED)))
+        refused = ", ".join(sorted(refused))
         aliases = ", ".join(f"--{a} (--{x.target}{': ' + x.note if x.note else ''})" for a, x in ALIASES.items()
                             if a not in fields and self._applies(a, fields))  # kto.py's beta is its own
         ignored = ", ".join(f"{k} ({reason})" for k, (_, reason) in NOT_APPLIED.items())

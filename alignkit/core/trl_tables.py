@@ -3,6 +3,7 @@
 - ALIASES: TRL's name for a setting alignkit has under its own, with the conversion of its value;
 - NOT_APPLIED: keys that cannot apply, each with the value that is alignkit's behaviour anyway and the reason;
 - REFUSED: TRL fields that cannot act because alignkit loads the model itself, refused when the settings are read;
+  REFUSED_IN: those of some TRL configs only (TR-DPO's in dpo.py and kto.py); `refusal` says why for either;
 - the names that mark a TRL command line or a TRL/handbook recipe, and TRL field types alignkit reads specially.
 """
 
@@ -141,6 +142,23 @@ REFUSED = {"reward_model_name_or_path": "rl.py takes a reward.py model as --rewa
            # TrainingArguments keeps it in every checkpoint's training_args.bin, and wandb records the command line
            "hub_token": "a token in a flag or a recipe is saved in every checkpoint (training_args.bin); set HF_TOKEN "
                         "(or log in with `hf auth login`): alignkit pushes with that"}
+_TR_DPO = "TR-DPO moves the reference, which TRL does not support with a PEFT adapter"
+# Fields of some TRL configs that cannot act in the scripts running them: (those configs, TRL's default, why), refused
+# when the settings are read at any other value, rather than after the model and data load (dpo.py, kto.py). rl.py
+# (GRPOConfig, RLOOConfig) refuses its own with its reason (alignkit.core.train_settings).
+REFUSED_IN = {"sync_ref_model": (("DPOConfig", "KTOConfig"), False, _TR_DPO),
+              "ref_model_mixup_alpha": (("DPOConfig", "KTOConfig"), 0.6, f"it tunes sync_ref_model: {_TR_DPO}"),
+              "ref_model_sync_steps": (("DPOConfig", "KTOConfig"), 512, f"it tunes sync_ref_model: {_TR_DPO}")}
+
+
+def refusal(name: str, value, config_names) -> str | None:
+    """Why TRL's field `name` at `value` (as TRL types it) is refused in a script running `config_names`, or None."""
+    if name in REFUSED:
+        return REFUSED[name]
+    configs, default, why = REFUSED_IN.get(name, ((), None, ""))
+    return why if set(configs) & set(config_names) and value != default else None
+
+
 _MODEL_AND_SCRIPT = ("ModelConfig", "ScriptArguments")
 # TRL str fields that also take a bool, which TRL's __post_init__ turns into a word (GRPOConfig: "True or group",
 # "False or none"); the type hint alone says str, and "false" reached TRL as a word it refuses.
