@@ -1025,6 +1025,50 @@ def test_an_older_handbook_recipe_s_preprocessing_num_workers_is_trl_s_dataset_n
     assert s.trainer_overrides["dataset_num_proc"] == 12
 
 
+def test_the_older_handbook_s_model_and_data_keys_each_have_their_handling(tmp_path, alignkit_log):
+    """The handbook's older ModelArguments/DataArguments keys (and its configs' wandb fields) were refused as unknown,
+    with a wrong "did you mean" (tokenizer_name_or_path: model_name_or_path; text_column: length_column_name)."""
+    def parse(cls, *args):
+        return parse_config(cls, env_file=None, args=list(args))
+
+    # aliases
+    assert parse(SFTSettings, "--text_column", "content").dataset_text_field == "content"
+    assert parse(DPOSettings, "--use_flash_attention_2").attn_implementation == "flash_attention_2"
+    assert parse(SFTSettings, "--use_flash_attention_2", "false").attn_implementation == "sdpa"
+    recipe = tmp_path / "old.yaml"  # zephyr-7b-beta's older recipes
+    recipe.write_text("use_flash_attention_2: true\nattn_implementation: eager\ndataset_mixer:\n  org/a: 0.5\n"
+                      "  org/b: 1.0\ndataset_configs: [one, null]\ndataset_splits: [train_prefs, test_prefs]\nuse_peft: true\n")
+    s = parse(DPOSettings, "--config", str(recipe))
+    assert s.attn_implementation == "eager"  # alignkit's own name wins in one layer, as for every alias
+    assert s.dataset_mixture["datasets"] == [
+        {"id": "org/a", "config": "one", "split": "train_prefs", "weight": 0.5},
+        {"id": "org/a", "config": "one", "split": "test_prefs", "test": True},
+        {"id": "org/b", "split": "train_prefs", "weight": 1.0}, {"id": "org/b", "split": "test_prefs", "test": True}]
+    with pytest.raises(ConfigError, match=r"dataset_configs \['one'\] must list one configuration per dataset of "
+                                          r"dataset_mixer \(2, in its order\)"):
+        parse(DPOSettings, "--dataset_mixer", '{"org/a": 0.5, "org/b": 1.0}', "--dataset_configs", "one", "--use_peft")
+    with pytest.raises(ConfigError, match="--dataset_configs lists the configurations of dataset_mixer's datasets, "
+                                          "and there is no dataset_mixer: add it, or use --dataset_config"):
+        parse(DPOSettings, "--dataset_configs", "one")
+    # refused, with the alternative
+    with pytest.raises(ConfigError, match=r"^--tokenizer_name_or_path has no effect in alignkit: alignkit loads the "
+                                          r"tokenizer saved with the model \(--model_id\).*--chat_template FILE"):
+        parse(SFTSettings, "--tokenizer_name_or_path", "philschmid/gemma-tokenizer-chatml")
+    # not applied, each named with what to use instead; alignkit's behaviour anyway is said nothing of
+    for cls, key, value, reason in (
+            (DPOSettings, "text_column", "content", "sft.py: --dataset_text_field"),
+            (SFTSettings, "auto_insert_empty_system_msg", "true", "add the system turn to the data"),
+            (SFTSettings, "truncation_side", "left", "TRL's deprecated --truncation_mode keep_end"),
+            (SFTSettings, "wandb_entity", "me", "set WANDB_ENTITY in the environment or .env"),
+            (DPOSettings, "wandb_run_group", "g", "set WANDB_RUN_GROUP in the environment or .env")):
+        alignkit_log.clear()
+        parse(cls, f"--{key}", value)
+        assert f"not applied, and why: {key}: " in alignkit_log.text and reason in alignkit_log.text, key
+    alignkit_log.clear()
+    parse(DPOSettings, "--text_column", "text", "--auto_insert_empty_system_msg", "false", "--truncation_side", "right")
+    assert "not applied" not in alignkit_log.text
+
+
 def test_the_smol_preset_s_missing_pieces_are_user_errors(monkeypatch):
     """They were bare SystemExit lines, exit status 1, not the `error:` line and status 2 of every fixable problem."""
     from types import SimpleNamespace

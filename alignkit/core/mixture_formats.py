@@ -16,14 +16,19 @@ from collections.abc import Mapping
 from alignkit.core.args import ConfigError
 
 
-def mixture_from_mixer(mixer, splits, where, splits_where=None) -> dict:
-    """The handbook's older `dataset_mixer` ({id: fraction}) and `dataset_splits` as its current
-    `dataset_mixture`: the fraction of each train split (splits named "train..."), every test split held out
-    whole (`test: true`), shuffled with the handbook's seed 42, as its get_datasets did. `where` and
-    `splits_where` name the two values in an error."""
+def mixture_from_mixer(mixer, splits, where, splits_where=None, configs=None, configs_where=None) -> dict:
+    """The handbook's older `dataset_mixer` ({id: fraction}), `dataset_splits` and `dataset_configs` (each
+    dataset's configuration, in the mixer's order) as its current `dataset_mixture`: the fraction of each train
+    split (splits named "train..."), every test split held out whole (`test: true`), shuffled with the handbook's
+    seed 42, as its get_datasets did. `where`, `splits_where` and `configs_where` name the values in an error."""
     if not isinstance(mixer, Mapping) or not mixer:
         raise ConfigError(f"{where}: dataset_mixer must map dataset ids to fractions, e.g. "
                           "{HuggingFaceH4/ultrafeedback_binarized: 1.0}")
+    if isinstance(configs, str):  # several as a command line joins them
+        configs = [p.strip() for p in configs.split(",") if p.strip()]
+    if configs is not None and (not isinstance(configs, (list, tuple)) or len(configs) != len(mixer)):
+        raise ConfigError(f"{configs_where or where}: dataset_configs {configs!r} must list one configuration per "
+                          f"dataset of dataset_mixer ({len(mixer)}, in its order), as the handbook reads it")
     given = splits
     if isinstance(splits, str):  # one name, or several as a command line joins them: train_prefs,test_prefs
         splits = [p.strip() for p in splits.split(",") if p.strip()]
@@ -32,16 +37,17 @@ def mixture_from_mixer(mixer, splits, where, splits_where=None) -> dict:
         raise ConfigError(f"{splits_where or where}: dataset_splits {given!r} must be a split name or a list of "
                           "them, e.g. [train_prefs, test_prefs]")
     entries = []
-    for dataset_id, fraction in mixer.items():
+    for i, (dataset_id, fraction) in enumerate(mixer.items()):
+        config = {"config": str(configs[i])} if configs is not None and configs[i] is not None else {}
         weight = _fraction(fraction)
         if weight is None:
             raise ConfigError(f"{where}: the fraction of {dataset_id} is {fraction!r}; dataset_mixer maps each "
                               f"dataset id to a fraction in (0, 1] of its train split, e.g. {{{dataset_id}: 0.5}}")
         for split in splits:
             if "train" in split:
-                entries.append({"id": dataset_id, "split": split, "weight": weight})
+                entries.append({"id": dataset_id, **config, "split": split, "weight": weight})
             elif "test" in split:
-                entries.append({"id": dataset_id, "split": split, "test": True})
+                entries.append({"id": dataset_id, **config, "split": split, "test": True})
             else:
                 raise ConfigError(f"{where}: dataset_splits entry {split!r} names neither a train nor a test split "
                                   "(the handbook tells them apart by 'train'/'test' in the name)")

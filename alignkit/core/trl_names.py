@@ -207,10 +207,12 @@ class Vocabulary:
         out.update({n: bool if t is bool or bool in _members(t) else str for n, t in self.model_and_script.items()})
         out.update({n: a.kind for n, a in ALIASES.items()})
         for n in NOT_APPLIED:  # typed as TRL types them where it still has them (or had them: TRL 0.x, transformers 4)
-            out.setdefault(n, bool if n in ("overwrite_output_dir", "use_liger_loss") else str)
+            out.setdefault(n, bool if n in ("overwrite_output_dir", "use_liger_loss", "auto_insert_empty_system_msg")
+                           else str)
         for n in REFUSED:  # TRL scripts' own arguments (reward_funcs) too: named, not "unknown"
             out.setdefault(n, list[str] if n == "reward_funcs" else str)
-        out.update(dataset_mixer=dict, dataset_splits=list[str], datasets=str, test_split_size=float, streaming=bool)
+        out.update(dataset_mixer=dict, dataset_splits=list[str], dataset_configs=list[str], datasets=str,
+                   test_split_size=float, streaming=bool)
         return out
 
     def env_names(self, fields) -> list[str]:
@@ -238,7 +240,10 @@ class Vocabulary:
                   else k): v for k, v in layer.items()}
         self.trl_dataset |= "dataset_name" in layer
         self.use_peft |= "use_peft" in layer
-        if "dataset_mixer" in layer or "dataset_splits" in layer:
+        if "dataset_mixer" in layer or "dataset_splits" in layer or "dataset_configs" in layer:
+            if "dataset_mixer" not in layer and "dataset_configs" in layer:  # configurations of nothing
+                raise ConfigError(f"{label('dataset_configs')} lists the configurations of dataset_mixer's datasets, "
+                                  "and there is no dataset_mixer: add it, or use --dataset_config with --dataset_id")
             if "dataset_mixer" not in layer:
                 unknown.append("dataset_splits")  # splits of nothing
             else:
@@ -253,14 +258,15 @@ class Vocabulary:
                 elif isinstance(mixer, str):
                     mixer = {mixer: 1.0}
                 out["dataset_mixture"] = mixture_from_mixer(mixer, layer.get("dataset_splits"), label("dataset_mixer"),
-                                                            label("dataset_splits"))
+                                                            label("dataset_splits"), layer.get("dataset_configs"),
+                                                            label("dataset_configs"))
         if "datasets" in layer:  # TRL's own mixture, as DatasetMixtureConfig reads it from a YAML config
             out["dataset_mixture"] = mixture_from_trl(layer["datasets"], layer.get("test_split_size"),
                                                       label("datasets"))
             if str(layer.get("streaming", False)).lower() not in ("false", "none"):
                 notes.append(f"streaming: {NOT_APPLIED['dataset_streaming'][1]}")
         for key, raw in layer.items():
-            if key in ("dataset_mixer", "dataset_splits") or (key in ("datasets", "test_split_size", "streaming")
+            if key in ("dataset_mixer", "dataset_splits", "dataset_configs") or (key in ("datasets", "test_split_size", "streaming")
                                                                 and "datasets" in layer):
                 continue
             if key in fields:
@@ -283,7 +289,8 @@ class Vocabulary:
                 raise ConfigError(f"{label(key)} has no effect in alignkit: {REFUSED[key]}; drop it")
             elif key in NOT_APPLIED:
                 same, reason = NOT_APPLIED[key]
-                if same is _ANY or str(raw).lower() != str(same).lower():
+                if same is _ANY or str(raw).lower() not in {str(v).lower() for v in
+                                                            (same if isinstance(same, tuple) else (same,))}:
                     notes.append(f"{key}: {reason}")
             elif key in self.passthrough:
                 if key in _BOOL_WORDS and str(raw).strip().lower() in _TRUE | _FALSE:  # TRL's bool spelling
@@ -400,12 +407,13 @@ class Vocabulary:
         refused = ", ".join(sorted(refused))
         aliases = ", ".join(f"--{a} (--{x.target}{': ' + x.note if x.note else ''})" for a, x in ALIASES.items()
                             if a not in fields and self._applies(a, fields))  # kto.py's beta is its own
-        ignored = ", ".join(f"{k} ({reason})" for k, (_, reason) in NOT_APPLIED.items())
+        ignored = ", ".join(f"{k} ({reason})" for k, (_, reason) in NOT_APPLIED.items()
+                            if k not in ALIASES or not self._applies(k, fields))
         return ("alignkit's defaults are for QLoRA on one GPU, as the seed project's; where TRL's differ, a flag "
                 f"shows TRL's.\n\nTRL's names: {aliases}.\n\nEvery other field of TRL's {'/'.join(self.config_names)} is accepted "
                 f"under its TRL name and type and handed to TRL as it is (collected in --trainer_overrides): "
                 f"{names}.\n\nalignment-handbook recipes: dataset_mixture (id, config, split, columns, weight; "
-                "test_split_size, seed), the older dataset_mixer + dataset_splits, and TRL's own datasets (path, name, "
+                "test_split_size, seed), the older dataset_mixer + dataset_splits (+ dataset_configs), and TRL's own datasets (path, name, "
                 "split, columns, fraction) + test_split_size; a recipe's output_dir is the "
                 f"run's own folder; an inline chat_template works. Named but not applied: {ignored}. Refused: "
                 f"{refused}.")

@@ -92,6 +92,10 @@ ALIASES = {
     # SFTConfig/RewardConfig's template, passed through, reached TRL beside alignkit's tokenizer: a traceback after
     # the model loaded, and the row checks and --train_on auto read another template than the one trained on.
     "chat_template_path": Alias("chat_template", _template_file, note="a Jinja template file"),
+    # The handbook's older ModelArguments/DataArguments names
+    "use_flash_attention_2": Alias("attn_implementation", _on("flash_attention_2", "sdpa"), bool,
+                                   "the handbook's: true: --attn_implementation flash_attention_2; false: sdpa"),
+    "text_column": Alias("dataset_text_field", note="the handbook's name"),  # other scripts: NOT_APPLIED
     "use_peft": Alias("adapter", _use_peft, bool,
                       "alignkit always trains an adapter; required with TRL's names, false is refused", True),
     # GRPOConfig/RLOOConfig's switch, passed through, overrode rl.py's backend choice: a traceback without vLLM.
@@ -104,7 +108,8 @@ _RENAMED = {"preprocessing_num_workers": "dataset_num_proc"}  # the handbook's D
 _TRL_RECIPE_NAMES = _TRL_ONLY | {"dataset_mixer", "datasets"}
 
 _ANY = object()
-# key: (the value that is alignkit's behaviour anyway, or _ANY: never applied; the reason and what to use instead)
+# key: (the value, or a tuple of values, that is alignkit's behaviour anyway, or _ANY: never applied; the reason and
+# what to use instead)
 NOT_APPLIED = {
     "max_prompt_length": (_ANY, "TRL 1.x dropped it: max_length bounds prompt and answer together (sft.py, dpo.py, "
                                 "kto.py, reward.py); GRPO and RLOO keep the prompt whole and stop the answer at "
@@ -124,6 +129,18 @@ NOT_APPLIED = {
     "bnb_4bit_quant_storage": (_ANY, "chosen by the loader: the compute dtype under FSDP"),
     "use_liger_loss": (False, "TRL 1.x dropped GRPO's fused Liger loss; --use_liger is Liger's layer kernels (auto: "
                               "on CUDA when installed)"),
+    # The handbook's older DataArguments and its configs' wandb fields
+    "text_column": ("text", "the handbook's text column for continued pretraining; this script reads no text "
+                            "column (sft.py: --dataset_text_field)"),
+    "auto_insert_empty_system_msg": (False, "the handbook's empty system turn: alignkit renders each row's messages "
+                                            "as they are; add the system turn to the data where the template needs "
+                                            "one"),
+    "truncation_side": ((None, "right"), "TRL 1.x cuts a sequence longer than max_length by its truncation_mode, "
+                                         "not the tokenizer's side: keep_start, its default, cuts the end (right); "
+                                         "left is TRL's deprecated --truncation_mode keep_end (sft.py, dpo.py)"),
+    "wandb_entity": (None, "set WANDB_ENTITY in the environment or .env (wandb reads it; --wandb_project names the "
+                           "project)"),
+    "wandb_run_group": (None, "set WANDB_RUN_GROUP in the environment or .env (wandb reads it)"),
     "liger_kernel_config": (_ANY, "the loader applies Liger's layer kernels itself (--use_liger), with its fused "
                                   "cross-entropy off: TRL's loss replaces it"),
 }
@@ -139,6 +156,9 @@ REFUSED = {"reward_model_name_or_path": "rl.py takes a reward.py model as --rewa
                     "data are kept and rendered by the chat template",
            "environment_factory": "rl.py runs no environments (TRL's GRPOTrainer(environment_factory=...)); score "
                                   "completions with --reward python:module:function",
+           # the handbook's: TRL's scripts have none (a tokenizer with other tokens trains another model)
+           "tokenizer_name_or_path": "alignkit loads the tokenizer saved with the model (--model_id): save the "
+                                     "tokenizer into the model's folder, or pass its template as --chat_template FILE",
            # TrainingArguments keeps it in every checkpoint's training_args.bin, and wandb records the command line
            "hub_token": "a token in a flag or a recipe is saved in every checkpoint (training_args.bin); set HF_TOKEN "
                         "(or log in with `hf auth login`): alignkit pushes with that"}
