@@ -266,8 +266,8 @@ class Vocabulary:
             if str(layer.get("streaming", False)).lower() not in ("false", "none"):
                 notes.append(f"streaming: {NOT_APPLIED['dataset_streaming'][1]}")
         for key, raw in layer.items():
-            if key in ("dataset_mixer", "dataset_splits", "dataset_configs") or (key in ("datasets", "test_split_size", "streaming")
-                                                                and "datasets" in layer):
+            if key in ("dataset_mixer", "dataset_splits", "dataset_configs") or (
+                    key in ("datasets", "test_split_size", "streaming") and "datasets" in layer):
                 continue
             if key in fields:
                 out[key] = raw
@@ -350,8 +350,9 @@ class Vocabulary:
           --output_dir that overrides a recipe's (it meant the parent, then the run's folder once a TRL-only
           name joined it on the line).
         - `eval_strategy: no` (or `do_eval: false` alone, or a TRL command line or TRL/handbook recipe naming
-          neither nor eval_steps: TRL's default is no) asks for no evaluation: no --eval_split share is held out of the training rows
-          unless --eval_split itself (or the preset) gives one (TRL and the handbook train on them all).
+          neither nor eval_steps: TRL's default is no) asks for no evaluation: no --eval_split share is held out of
+          the training rows unless --eval_split itself (or the preset) gives one (TRL and the handbook train on them
+          all).
         - Settings in TRL's names (a TRL command line, a TRL or handbook recipe) without use_peft are refused (TRL
           would fine-tune every weight), and without load_in_4bit/load_in_8bit load the model unquantized, as TRL.
         - TRL's `dataset_name` without a split trains on TRL's default split, `train`.
@@ -367,8 +368,8 @@ class Vocabulary:
         overrides = values.get("trainer_overrides") or {}
         strategy = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
         no_eval = strategy == "no" or (str(overrides.get("do_eval")).lower() == "false" and strategy == "none")
-        implicit = ((trl_recipe or self.trl_style) and strategy == "none" and not {"do_eval", "eval_steps"} & set(overrides)
-                    and "eval_steps" not in given)
+        implicit = ((trl_recipe or self.trl_style) and strategy == "none"
+                    and not {"do_eval", "eval_steps"} & set(overrides) and "eval_steps" not in given)
         kept = "eval_split" in given or "eval_split" in preset_keys
         if (no_eval or implicit) and "eval_split" in values and not kept:
             if implicit and values["eval_split"]:

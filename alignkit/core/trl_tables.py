@@ -101,7 +101,8 @@ ALIASES = {
     # GRPOConfig/RLOOConfig's switch, passed through, overrode rl.py's backend choice: a traceback without vLLM.
     "use_vllm": Alias("backend", _on("vllm", "transformers"), bool, "true: --backend vllm; false: transformers"),
 }
-# Names that mean TRL's vocabulary on a command line: with them, --output_dir is the run's own folder, as in TRL.
+# Names that mean TRL's vocabulary on a command line: with them, --output_dir is the run's own folder, use_peft is
+# needed, the model loads unquantized and no share is held out unless asked, as in TRL (trl_names.Vocabulary.finish).
 _TRL_ONLY = {"model_name_or_path", "dataset_name"}
 _RENAMED = {"preprocessing_num_workers": "dataset_num_proc"}  # the handbook's DataArguments name, before TRL's
 # A recipe in TRL's or the handbook's names: they name the model and the data so (alignkit's own say model_id).
