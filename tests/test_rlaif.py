@@ -31,7 +31,8 @@ def judge_modules(tmp_path, monkeypatch):
     for module, name in (("my_judge", "judge"), ("other_judge", "judge"), ("j", "f")):
         (code / f"{module}.py").write_text(JUDGE.format(name=name))
         monkeypatch.delitem(sys.modules, module, raising=False)
-    monkeypatch.syspath_prepend(str(code))
+    # Not syspath_prepend: it calls pkg_resources, which alignkit's alpaca_eval stand-in may be by now.
+    monkeypatch.setattr(sys, "path", [str(code), *sys.path])
     return code
 
 
@@ -344,22 +345,43 @@ def test_a_step_s_output_and_bars_are_shown_as_they_come_and_logged_as_lines(tmp
     log = tmp_path / "log.txt"
     step_process.run_step("step.py", [], log)
     shown = capsys.readouterr().err
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import SFTSettings
+
+    monkeypatch.setenv("ALIGNKIT_PROGRESS", "1")  # what a step gets: no unknown setting to the scripts (it was)
+    parse_config(SFTSettings, env_file=None, args=[])
+    monkeypatch.delenv("ALIGNKIT_PROGRESS")
     assert "bars 1" in shown and "\rjudging 0/2\rjudging 1/2\rjudging 2/2\n" in shown and "done" in shown
     assert log.read_text().splitlines() == ["bars 1", "judging 2/2", "done"]
     monkeypatch.setattr(step_process, "live", lambda: False)  # a batch job: the log only, no bars drawn
     step_process.run_step("step.py", [], log)
-    assert capsys.readouterr().err == "" and log.read_text().splitlines()[3:] == ["bars None", "judging 2/2", "done"]
+    assert "bars" not in capsys.readouterr().err and log.read_text().splitlines()[3:] == ["bars None", "judging 2/2",
+                                                                                          "done"]
+    # A step that exits leaving a process holding its output (wandb's service, a server) ends the step there; a
+    # Windows line end is a line end.
+    (tmp_path / "leaves.py").write_text("import subprocess, sys\nsys.stdout.write('left\\r\\n'); sys.stdout.flush()\n"
+                                        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n")
+    monkeypatch.setattr(step_process, "RELAY_GRACE_S", 0.5)
+    started = time.monotonic()
+    step_process.run_step("leaves.py", [], log)
+    assert time.monotonic() - started < 15 and log.read_text().splitlines()[6:] == ["left"]
 
     (tmp_path / "slow.py").write_text("import os, pathlib, sys, time\n"
                                       "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\ntime.sleep(60)\n")
     pid_file = tmp_path / "slow.pid"
 
-    def interrupted(stream, log, screen):
-        while not (pid_file.is_file() and pid_file.read_text()):
-            time.sleep(0.05)
-        raise KeyboardInterrupt
+    import subprocess
 
-    monkeypatch.setattr(step_process, "_relay", interrupted)
+    class Interrupted(subprocess.Popen):  # Ctrl-C (a notebook's interrupt) while the step runs
+        def wait(self, timeout=None):
+            if timeout is None and not getattr(self, "interrupted", False):
+                self.interrupted = True
+                while not (pid_file.is_file() and pid_file.read_text()):
+                    time.sleep(0.05)
+                raise KeyboardInterrupt
+            return super().wait(timeout)
+
+    monkeypatch.setattr(subprocess, "Popen", Interrupted)
     with pytest.raises(KeyboardInterrupt):
         step_process.run_step("slow.py", [str(pid_file)], log)
     with pytest.raises(ProcessLookupError):  # stopped and reaped before the interrupt went on

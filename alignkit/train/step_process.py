@@ -13,6 +13,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from alignkit import logger
@@ -20,6 +21,7 @@ from alignkit.core.errors import EXIT_USER_ERROR, UserError
 from alignkit.core.progress import FORCE_LIVE, live
 
 ROOT = Path(__file__).resolve().parents[2]  # the scripts live at the repository's top level, above alignkit/train/
+RELAY_GRACE_S = 5.0  # after the step exits, how long its last output may take to arrive
 
 
 def run_step(script: str, args: list[str], log: Path, again: str = "run the same command again") -> None:
@@ -34,8 +36,11 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
     with open(log, "a", encoding="utf-8") as out:
         step = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
                                 preexec_fn=_stop_with_parent(os.getpid()) if sys.platform == "linux" else None)
+        # Relayed on a thread, and waited for by the step's exit: a process the step left behind holding its output
+        # (wandb's service, a server a reward started) would otherwise hold the round until it ends.
+        relay = threading.Thread(target=_relay, args=(step.stdout, out, sys.stderr if shown else None), daemon=True)
+        relay.start()
         try:
-            _relay(step.stdout, out, sys.stderr if shown else None)
             code = step.wait()
         except BaseException:  # Ctrl-C, a notebook's interrupt: the step stops before this is raised
             step.terminate()
@@ -45,6 +50,11 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
                 step.kill()
                 step.wait()
             raise
+        finally:
+            relay.join(timeout=RELAY_GRACE_S)  # the step's last lines
+        if relay.is_alive():
+            logger.info(f"{script} exited, and a process it started still writes to its output; that output is not "
+                        f"in {log}")
     if code == EXIT_USER_ERROR:  # the step named a bad input in one `error:` line: pass that line on
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
         said = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), "see the log")
@@ -56,19 +66,26 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
 
 def _relay(stream, log, screen) -> None:
     """Each chunk of the step's output to `screen` as it comes (bars redraw with \\r), each whole line to `log` as
-    its last redraw (the text after the line's last \\r)."""
-    pending = b""
+    its last redraw (the text after the line's last \\r; a \\r\\n ending is a plain line end)."""
+    import codecs
+
+    decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
     while chunk := os.read(stream.fileno(), 65536):
+        text = decoder.decode(chunk)  # a character split between two reads is whole
         if screen is not None:
-            screen.write(chunk.decode("utf-8", errors="replace"))
+            screen.write(text)
             screen.flush()
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
+        *lines, pending = (pending + text).split("\n")
+        body = pending.rstrip("\r")
+        if "\r" in body:  # a bar redrawn with no line end yet: only its last state is kept (the buffer stays small)
+            pending = body.rsplit("\r", 1)[-1] + pending[len(body):]
         for line in lines:
-            log.write(line.rsplit(b"\r", 1)[-1].decode("utf-8", errors="replace") + "\n")
+            log.write(line.rstrip("\r").rsplit("\r", 1)[-1] + "\n")
         log.flush()
-    if pending:
-        log.write(pending.rsplit(b"\r", 1)[-1].decode("utf-8", errors="replace") + "\n")
+    pending += decoder.decode(b"", final=True)
+    if pending.strip("\r"):
+        log.write(pending.rstrip("\r").rsplit("\r", 1)[-1] + "\n")
+        log.flush()
 
 
 def _stop_with_parent(parent: int):
