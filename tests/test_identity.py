@@ -100,6 +100,8 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
 
     same_as_auto = dataclasses.replace(base, dtype=dtype_choice("auto")[0])
     assert identity.model_identity(same_as_auto) == identity.model_identity(dataclasses.replace(base, dtype="auto"))
+    assert identity.model_identity(same_as_auto, "vllm") != identity.model_identity(  # vLLM's auto: the checkpoint's
+        dataclasses.replace(base, dtype="auto"), "vllm")
     # A chat template counts by its text: the same file rewritten is another model.
     with_template = dataclasses.replace(base, chat_template=str(template))
     before = identity.model_identity(with_template)

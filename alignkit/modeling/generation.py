@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.core.digests import sample_seed
 from alignkit.modeling.template_rows import render
 
 
@@ -72,6 +73,8 @@ def generate(
             batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(model.device)
             sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+            if seeds is not None and not per_row and temperature > 0:  # beam sampling: seeded per batch, by its rows
+                torch.manual_seed(sample_seed(*(seeds[i] for i in rows)) % 2**63)
             with rows_sampled([seeds[i] for i in rows], model.device) if per_row else contextlib.nullcontext() as draws:
                 out = model.generate(
                     **batch, max_new_tokens=max_new_tokens, num_beams=num_beams,

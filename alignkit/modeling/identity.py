@@ -218,11 +218,6 @@ def loader_fields(s) -> dict:
         from alignkit.core.groups import chat_template_text
 
         out["chat_template"] = chat_template_text(out["chat_template"])  # a file by its text, or inline Jinja
-    if out.get("dtype") not in (None, "auto"):
-        from alignkit.core.launch import dtype_choice
-
-        if out["dtype"] == dtype_choice("auto")[0]:  # what auto is on this hardware (part of the identity): the
-            out["dtype"] = "auto"                     # same model, so --dtype fp32 on a CPU finds auto's answers
     return out
 
 
@@ -233,6 +228,12 @@ def model_identity(s, backend: str | None = None) -> dict:
     loader.pop("backend", None)  # ENGINE_ONLY
     if backend != "vllm":
         loader.pop("max_model_len", None)
+        from alignkit.core.launch import dtype_choice
+
+        # What auto is on this hardware (part of the identity) is the same model: --dtype fp32 on a CPU finds auto's
+        # answers. Not under vLLM, whose auto is the checkpoint's own dtype.
+        if loader.get("dtype") not in (None, "auto") and loader["dtype"] == dtype_choice("auto")[0]:
+            loader["dtype"] = "auto"
     return {"loader": loader, "chain": chain_identity(s.model_id, s.revision, s.gguf_file),
             "backend": backend, "hardware": hardware()}
 
