@@ -613,6 +613,7 @@ def test_data_read_under_other_settings_is_refused_at_the_run_folder_cell(tmp_pa
                                         r"since\): run the 'Data' cell again, then the cells after it$"):
         run_folder.prepare_run(typo, "sft", train, held_out)
     assert run_folder.prepare_run(s, "sft", train, held_out)[1] is None  # the same settings: as before
+    run_folder.prepare_run(dataclasses.replace(s, learning_rate=1e-3), "sft", train, held_out)  # rows unchanged
     kto = KTOSettings(model_id="tiny", dataset_id=paths["preferences"], output_dir=str(tmp_path), run_name="k")
     data = load_train_eval("unpaired", kto)
     with pytest.raises(UserError, match=r"\(seed changed since\)"):

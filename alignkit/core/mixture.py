@@ -82,18 +82,28 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# A dataset's attribute: the settings it was read under, which prepare_run compares with its own (a notebook's Data
-# cell that failed after the settings changed leaves the data read under the earlier ones in place).
+# A dataset's attribute: the settings that shape its rows as it was read, which prepare_run compares with its own (a
+# notebook's Data cell that failed after the settings changed leaves the data read under the earlier ones in place).
 READ_UNDER = "_alignkit_read_under"
+# The settings the loaders read (the data group, the split's seed, rl.py's prompts, reward.py's margins): another
+# learning rate set between the Data and Run folder cells leaves the rows as they are.
+DATA_SETTINGS = ("dataset_id", "dataset_config", "dataset_split", "dataset_test_split", "eval_split", "max_samples",
+                 "dataset_format", "dataset_text_field", "dataset_mixture", "skip_invalid", "seed", "max_prompts",
+                 "prompt_field", "use_margin")
+
+
+def data_settings(s) -> dict:
+    """The DATA_SETTINGS of `s` (those it has), as config_to_dict writes them."""
+    from alignkit.core.args import config_to_dict
+
+    return {k: v for k, v in config_to_dict(s).items() if k in DATA_SETTINGS}
 
 
 def read_under(s, *data) -> tuple:
-    """`data`, each dataset marked with the settings `s` it was read under (see READ_UNDER)."""
+    """`data`, each dataset marked with the settings of `s` that shaped its rows (see READ_UNDER)."""
     import copy
 
-    from alignkit.core.args import config_to_dict
-
-    settings = copy.deepcopy(config_to_dict(s))
+    settings = copy.deepcopy(data_settings(s))
     for d in data:
         if d is not None:
             setattr(d, READ_UNDER, settings)

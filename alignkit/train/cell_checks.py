@@ -25,9 +25,9 @@ PREPARED: dict[Path, "Prepared"] = {}
 def check_read_under(s, data) -> None:
     """Data read under other settings than these (a notebook's Data cell that failed after the settings changed
     leaves the earlier data in place: the run trained on it and recorded the new dataset): refused in one line."""
-    from alignkit.core.mixture import READ_UNDER
+    from alignkit.core.mixture import READ_UNDER, data_settings
 
-    now = config_to_dict(s)
+    now = data_settings(s)
     for then in (getattr(d, READ_UNDER, None) for d in data if d is not None):
         if then is not None and then != now:
             changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
