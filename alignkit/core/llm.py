@@ -161,5 +161,5 @@ class FirstFailures:
                 return
         first = self.failures[0]
         raise UserError(f"the first {FIRST_FAILURES} {self.what}s all failed ({type(first).__name__}: "
-                        f"{redact(str(first))[:200]}): stopped before the other {left}. {self.fix}, then run the "
-                        "same command again (what is done is kept)")
+                        f"{' '.join(redact(str(first)).split())[:200]}): stopped before the other {left}. "
+                        f"{self.fix}, then run the same command again (what is done is kept)")

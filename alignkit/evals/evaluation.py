@@ -281,8 +281,8 @@ class Pairwise:
         if self.failures and len(self.failures) >= 2 * len(todo):  # every request: no result, not an empty table
             first = self.failures[0]
             raise UserError(f"all {len(self.failures)} judge requests failed ({type(first).__name__}: "
-                            f"{redact(str(first))[:200]}). {fix}, then run the same command again (the answers are "
-                            "kept)")
+                            f"{' '.join(redact(str(first)).split())[:200]}). {fix}, then run the same command again "
+                            "(the answers are kept)")
         if self.failures:
             print(f"{len(self.failures)} judge requests failed; a rerun sends their matches again")
         return todo, self.failures
