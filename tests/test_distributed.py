@@ -108,7 +108,14 @@ def test_two_processes_train_together_over_gloo(script, flags, tiny_cache, tmp_p
 
 
 def metrics_rows(run: Path) -> int:
-    """Training rows of the tiny run: its data minus the held-out share."""
-    settings = json.loads((run / "alignkit_config.json").read_text())
-    rows = sum(1 for _ in open(settings["dataset_id"]))
-    return rows - round(settings["eval_split"] * rows)
+    """Training rows of the tiny run, read as the run read them: its data less the held-out share (preference pairs
+    held out by whole prompts)."""
+    import dataclasses
+
+    from alignkit.core.config import DPOSettings, SFTSettings
+    from alignkit.core.mixture import DATA_SETTINGS, load_train_eval
+
+    saved = json.loads((run / "alignkit_config.json").read_text())
+    cls, kind = (SFTSettings, "sft") if saved["run_type"] == "sft" else (DPOSettings, "preference")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return len(load_train_eval(kind, cls(**{k: v for k, v in saved.items() if k in names and k in DATA_SETTINGS}))[0])

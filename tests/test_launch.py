@@ -615,7 +615,10 @@ def test_resume_auto_starts_over_when_another_file_the_settings_name_changed_in_
     assert run_folder._changed(folder, s) == ["reward content"] and training.prepare_run(s, "rl")[1] is None
     # A module on the path (python:MODULE:FUNCTION) counts by its file too.
     (rm / "model.safetensors").write_bytes(b"scores")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    import sys
+
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])  # (syspath_prepend calls pkg_resources)
+    monkeypatch.delitem(sys.modules, "my_reward", raising=False)
     by_module = dataclasses.replace(s, reward=["python:my_reward:reward"])
     training.save_run_config(by_module, folder / training.CONFIG_FILE)
     code.write_text("def reward(prompts, completions, **kw):\n    return [2.0 for _ in completions]\n")

@@ -168,6 +168,17 @@ def test_merge_base_model_takes_a_moved_base_checked_by_content(sft_run, dpo_run
         f"({base}: model.safetensors differs)" in message and "base_model_name_or_path in" in message
     assert not (tmp_path / "other").exists()
 
+    # The SFT adapter moved too, and DPO's base_model_name_or_path pointed at it: the chain is whole, by content.
+    dpo_config = (dpo / "adapter_config.json").read_text()
+    moved_sft = tmp_path / "elsewhere" / "sft"
+    shutil.move(str(sft), str(moved_sft))
+    (dpo / "adapter_config.json").write_text(json.dumps({**json.loads(dpo_config),
+                                                         "base_model_name_or_path": str(moved_sft)}))
+    run_script("merge.py", "--adapter_dir", str(dpo), "--base_model", str(moved), "--output_dir",
+               str(tmp_path / "merged-again"))
+    shutil.move(str(moved_sft), str(sft))
+    (dpo / "adapter_config.json").write_text(dpo_config)
+
     shutil.rmtree(sft)  # the SFT adapter gone: --base_model must not quietly merge DPO alone onto the base
     with pytest.raises(UserError, match=rf"{re.escape(str(dpo))} was trained over {re.escape(str(sft))}, an adapter, "
                                         r"which is gone: --base_model .* would leave it out of the model"):

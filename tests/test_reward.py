@@ -117,18 +117,19 @@ def test_a_reward_run_records_its_settings_so_a_rerun_resumes_and_its_card_repor
     s = reward_run["settings"]
     rows = with_margins(load_preferences(s.dataset_id, s.dataset_format, s.dataset_split, s.skip_invalid,
                                          s.dataset_config), s)
-    assert prepare_run(s, "reward", *split(rows, s)) == (folder, str(last))
+    assert prepare_run(s, "reward", *split(rows, s, "preference")) == (folder, str(last))
     card = (folder / "README.md").read_text()
     accuracy = json.loads((folder / "metrics.json").read_text())["held_out_accuracy"]
-    # The exact share of the 120 pairs, as the summary prints it (the card showed TRL's per-batch mean instead).
+    # The exact share of the held-out pairs, as the summary prints it (the card showed TRL's per-batch mean instead).
     assert "model-index" in card and f"value: {round(accuracy, 4)}" in card, card[:1500]
     assert accuracy == json.loads((folder / "held_out_rewards.json").read_text())["held_out_accuracy"]
 
 
 def test_tiny_reward_model_ranks_held_out_pairs(reward_run):
     metrics = json.loads((reward_run["run_folder"] / "metrics.json").read_text())
-    assert metrics["held_out_pairs"] == 120
-    assert metrics["held_out_accuracy"] >= 0.9, metrics
+    # 10% of the 1200 pairs, rounded up to whole prompts (the tiny preset has several pairs for a prompt)
+    assert 120 <= metrics["held_out_pairs"] < 200
+    assert metrics["held_out_accuracy"] >= 0.85, metrics  # prompts it never trained on (README: 0.899)
     assert metrics["chosen_mean"] > metrics["rejected_mean"]
     assert metrics["margin_std"] > 0 and metrics["chosen_std"] > 0 and metrics["rejected_std"] > 0
     assert Path(metrics["histogram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -862,6 +862,33 @@ def test_the_help_names_each_trl_field_where_it_really_goes():
     assert "Refused: " in kto and "hub_token" in kto.split("Refused: ")[1]
 
 
+def test_resume_from_checkpoint_is_resume_true_and_a_checkpoint_path_is_refused(tmp_path):
+    """TrainingArguments' resume_from_checkpoint was listed as not applied: `--resume_from_checkpoint true` went on
+    with --resume auto's choice (a run with other settings started over instead of resuming)."""
+    s = parse_config(DPOSettings, env_file=None, args=["--resume_from_checkpoint", "true"])
+    assert s.resume == "true"
+    assert parse_config(DPOSettings, env_file=None, args=["--resume_from_checkpoint", "false"]).resume == "auto"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"resume_from_checkpoint": True, "use_peft": True}))
+    assert parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)]).resume == "true"
+    with pytest.raises(ConfigError, match=r"^invalid value for --resume_from_checkpoint: 'runs/x/checkpoint-20': "
+                                          r"alignkit resumes a run from its folder's last checkpoint .*--resume true"):
+        parse_config(DPOSettings, env_file=None, args=["--resume_from_checkpoint", "runs/x/checkpoint-20"])
+
+
+def test_a_trl_command_line_is_told_which_of_alignkit_s_defaults_differ_from_trl_s(alignkit_log):
+    """alignkit's defaults (for LoRA) stood in silently where a TRL command line left a field out: its learning
+    rate, epochs, batch and scheduler were not TRL's, and only --help said so."""
+    parse_config(DPOSettings, env_file=None, args=["--model_name_or_path", "m", "--dataset_name", "d", "--use_peft",
+                                                   "--num_train_epochs", "3"])
+    (line,) = [r for r in alignkit_log.text.splitlines() if "TRL's differ" in r]
+    assert "learning_rate 5e-05 (TRL: 1e-06)" in line and "lr_scheduler_type cosine (TRL: linear)" in line
+    assert "num_train_epochs" not in line and "revision" not in line  # given; the same meaning
+    alignkit_log.clear()
+    parse_config(DPOSettings, env_file=None, args=["--model_id", "m", "--dataset_id", "d"])  # alignkit's own names
+    assert "TRL's differ" not in alignkit_log.text
+
+
 TOOL_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if 'tool_calls' in m %}{% for c in m['tool_calls'] %}"
     "[call {{ c['function']['name'] }} {{ c['function']['arguments'] | tojson }}]{% endfor %}{% endif %}<|end|>"

@@ -28,9 +28,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from alignkit import logger
-from alignkit.core.args import _FALSE, _TRUE, ConfigError
+from alignkit.core.args import _FALSE, _TRUE, ConfigError, _show
 from alignkit.core.mixture_formats import mixture_from_mixer, mixture_from_trl
-from alignkit.core.trl_tables import (_ANY, _BOOL_WORDS, _MAPPINGS, _MODEL_AND_SCRIPT, _RENAMED,
+from alignkit.core.trl_tables import (_ANY, _BOOL_WORDS, _MAPPINGS, _MODEL_AND_SCRIPT, _RENAMED, _SAME_MEANING,
                                       _TRL_DEFAULTS_UNDER_OTHER_NAMES, _TRL_ONLY, _TRL_RECIPE_NAMES, ALIASES,
                                       DTYPE_SYNONYMS, NOT_APPLIED, REFUSED, REFUSED_IN, SKIP, _bool, _model_dtype,
                                       _Weak, refusal)
@@ -401,6 +401,13 @@ class Vocabulary:
                               f"add --use_peft (use_peft: true in a recipe) to train a LoRA adapter{lota}")
         if "quantization" in values and "quantization" not in given and "quantization" not in preset_keys:
             values["quantization"] = "none"  # TRL's default; load_in_4bit: true (or --quantization 4bit) is QLoRA
+        # alignkit's own defaults stand where the settings leave a field out (they are for LoRA, not TRL's full
+        # fine-tuning): one line names each that differs from TRL's, so a TRL user sees what changed.
+        differ = [f"{k} {_show(values[k])} (TRL: {note.removeprefix('; TRL' + chr(39) + 's default: ')})"
+                  for k in sorted(values) if k not in given and k not in preset_keys and k not in _SAME_MEANING
+                  and (note := self.default_note(k, _show(values[k])))]
+        if differ:
+            logger.info(f"alignkit's defaults where the settings leave them out and TRL's differ: {', '.join(differ)}")
 
     def help_text(self, fields=()) -> str:
         refused = {*REFUSED, *(n for n in REFUSED_IN if refusal(n, object(), self.config_names))}  # at any value

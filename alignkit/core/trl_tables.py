@@ -67,10 +67,25 @@ def _use_peft(value, where):
 def _template_file(value, where):
     """TRL's chat_template_path: a Jinja file is --chat_template's; a tokenizer's folder or Hub id TRL also takes."""
     text = str(value)
+    if value is None or text.strip().lower() in ("", "none", "null"):  # a TRL config dump's null: no template
+        return SKIP
     if "{{" in text or "{%" in text or Path(text).is_file():
         return text
     raise ConfigError(f"invalid value for {where}: {text!r} is no Jinja template file; alignkit sets the template "
                       "from a file (--chat_template FILE): for a tokenizer's, pass its chat_template.jinja")
+
+
+def _resume(value, where):
+    """TrainingArguments' resume_from_checkpoint: true is --resume true (the run folder's last checkpoint); a path
+    names one checkpoint, which alignkit does not pick: refused, naming the way."""
+    text = str(value).strip()
+    if text.lower() in _TRUE:
+        return "true"
+    if text.lower() in _FALSE | {"", "none", "null"}:
+        return SKIP
+    raise ConfigError(f"invalid value for {where}: {text!r}: alignkit resumes a run from its folder's last checkpoint "
+                      "(--resume true, as resume_from_checkpoint true): point --output_dir/--run_name at that run "
+                      "and pass --resume true (an earlier checkpoint: delete the later ones first)")
 
 
 ALIASES = {
@@ -100,6 +115,8 @@ ALIASES = {
                       "alignkit always trains an adapter; required with TRL's names, false is refused", True),
     # GRPOConfig/RLOOConfig's switch, passed through, overrode rl.py's backend choice: a traceback without vLLM.
     "use_vllm": Alias("backend", _on("vllm", "transformers"), bool, "true: --backend vllm; false: transformers"),
+    # Listed as not applied, a `--resume_from_checkpoint true` line went on with --resume auto's choice.
+    "resume_from_checkpoint": Alias("resume", _resume, note="true: --resume true; a checkpoint's path is refused"),
 }
 # Names that mean TRL's vocabulary on a command line: with them, --output_dir is the run's own folder, use_peft is
 # needed, the model loads unquantized and no share is held out unless asked, as in TRL (trl_names.Vocabulary.finish).
@@ -120,7 +137,6 @@ NOT_APPLIED = {
     "hub_strategy": (_ANY, "alignkit pushes once, at the end, with a model card and without secrets: "
                            "--push_to_hub"),
     "hub_model_revision": ("main", "the handbook's branch to push to; alignkit pushes to the repo's main branch"),
-    "resume_from_checkpoint": (_ANY, "use --resume true|auto|false"),
     "dataset_streaming": (False, "alignkit reads and checks every row before training; use --max_samples"),
     "ignore_bias_buffers": (False, "not needed: LoRA runs have no buffers to sync"),
     "lora_task_type": (_ANY, "set by the script: CAUSAL_LM, or SEQ_CLS in reward.py"),
@@ -188,6 +204,9 @@ _BOOL_WORDS = {"scale_rewards": {True: "group", False: "none"}}
 _MAPPINGS = {"gradient_checkpointing_kwargs": '{"use_reentrant": false}', "lr_scheduler_kwargs": '{"min_lr": 1e-6}'}
 # TRL's behaviour for alignkit settings that have no field of the same name there, for --help (a TRL command line
 # that leaves them out trains differently).
+# Defaults that read differently from TRL's but mean the same where alignkit uses them (revision none is the main
+# branch; no test split is read unless asked; the held-out share is settled by trl_names.Vocabulary.finish).
+_SAME_MEANING = {"revision", "dataset_test_split", "eval_split"}
 _TRL_DEFAULTS_UNDER_OTHER_NAMES = {  # field: (TRL's value, as --help says it)
     "warmup_ratio": (0.0, "0 (warmup_steps 0)"),
     "eval_split": (0.0, "0 (no rows held out)"),

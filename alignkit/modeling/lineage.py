@@ -138,11 +138,12 @@ def _check_base_model(parts, loaded: set[Path], base_model: str) -> None:
     """--base_model against each run's record of the base it trained over (the recorded folder that is no part of
     the chain loaded): an adapter in its place, or other weights, would make a model nobody trained."""
     now = _contents(Path(base_model).resolve())
+    chain = [_contents(p) for p in loaded]  # a part of the chain that moved is still found, by its content
     for part in parts:
         here = Path(part).resolve()
         for entry in _record(part):
             places = [Path(os.path.normpath(here / entry["path"])), Path(entry["absolute"])]
-            if any(p in loaded or p == here for p in places):
+            if any(p in loaded or p == here for p in places) or any(not _changed(entry["files"], c) for c in chain):
                 continue
             if any(name in entry["files"] for name in (_CONFIG, LOTA_CONFIG_FILE)):
                 raise UserError(f"{part} was trained over {places[0]}, an adapter, which is gone: "
