@@ -75,7 +75,7 @@ def generate(
             sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
             if seeds is not None and not per_row and temperature > 0:  # beam sampling: seeded per batch, by its rows
                 torch.manual_seed(sample_seed(*(seeds[i] for i in rows)) % 2**63)
-            with rows_sampled([seeds[i] for i in rows], model.device) if per_row else contextlib.nullcontext() as draws:
+            with rows_sampled([seeds[i] for i in rows]) if per_row else contextlib.nullcontext() as draws:
                 out = model.generate(
                     **batch, max_new_tokens=max_new_tokens, num_beams=num_beams,
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -97,7 +97,7 @@ def generate(
 
 
 @contextlib.contextmanager
-def rows_sampled(seeds: list[int], device):
+def rows_sampled(seeds: list[int]):
     """While open, transformers' sampling draws each row of a batch from its own torch.Generator (seeded per row):
     the row's t-th token uses its generator's t-th draw, whatever else is in the batch. transformers samples every
     row from torch's one global stream (torch.multinomial over the batch), so a sampled answer changed with its
@@ -105,11 +105,14 @@ def rows_sampled(seeds: list[int], device):
     top_p and the model's generation config). Yields a count of the batch draws, which the caller checks: a
     transformers that no longer samples this way fails loudly instead of seeding per call."""
     real = torch.multinomial
-    generators = [torch.Generator(device=device).manual_seed(int(seed) % 2**63) for seed in seeds]
+    generators: list = []  # made on the device the probabilities are on (a model split over devices ends elsewhere)
     draws = [0]
 
     def multinomial(probs, num_samples, replacement=False, *, generator=None, out=None):
-        if generator is None and out is None and probs.dim() == 2 and probs.shape[0] == len(generators):
+        if generator is None and out is None and probs.dim() == 2 and probs.shape[0] == len(seeds):
+            if not generators:
+                generators.extend(torch.Generator(device=probs.device).manual_seed(int(seed) % 2**63)
+                                  for seed in seeds)
             draws[0] += 1
             return torch.cat([real(probs[i : i + 1], num_samples, replacement, generator=g)
                               for i, g in enumerate(generators)])
