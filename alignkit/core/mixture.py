@@ -93,10 +93,8 @@ DATA_SETTINGS = ("dataset_id", "dataset_config", "dataset_split", "dataset_test_
 
 
 def data_settings(s) -> dict:
-    """The DATA_SETTINGS of `s` (those it has), as config_to_dict writes them."""
-    from alignkit.core.args import config_to_dict
-
-    return {k: v for k, v in config_to_dict(s).items() if k in DATA_SETTINGS}
+    """The DATA_SETTINGS of `s` (those it has: a settings class, or any object with such attributes)."""
+    return {k: getattr(s, k) for k in DATA_SETTINGS if hasattr(s, k)}
 
 
 def read_under(s, *data) -> tuple:
