@@ -168,7 +168,7 @@ def _judge(spec: str | None):
 
     if spec == "rule":
         return [spec, rule_fingerprint(judge(None))]
-    if spec and spec.startswith("rm:") and Path(spec[3:]).exists():
+    if spec and spec.startswith("rm:") and Path(spec[3:]).exists():  # the form rounds recorded before: they stand
         return [spec, _model(spec[3:])]
     found = spec_identity(spec, "--judge") if spec else None
     return [spec, found] if found is not None else spec

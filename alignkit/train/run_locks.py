@@ -55,11 +55,10 @@ def release(folder: Path) -> None:
     _TAKEN.discard(folder.resolve())
 
 
-def release_all(but: Path | None = None) -> None:
-    """Let go of every run folder's lock this process holds (but `but`'s)."""
+def release_all() -> None:
+    """Let go of every run folder's lock this process holds (at exit)."""
     for folder in list(_TAKEN):
-        if but is None or folder != but.resolve():
-            release(folder)
+        release(folder)
 
 
 def held() -> set[Path]:
