@@ -4,14 +4,15 @@
 # Loads the base in full precision (merging into 4-bit weights would round the adapter's update away),
 # applies the adapter chain (an SFT adapter, then a DPO adapter on top, merge in order), merges, and checks
 # on a few prompts that the merged model's logits equal base + adapters before saving anything. For a QLoRA
-# adapter, `--dequantize` merges into the dequantized NF4 base instead: exactly the model that was trained.
+# adapter, `--dequantize` merges into the dequantized 4-bit base instead (NF4, or the run's fp4): exactly the model
+# that was trained.
 # A LoTA run folder (a sparse delta, alignkit.train.lota) merges the same way; `--add_delta` instead adds two LoTA
 # deltas of one base into a single delta (a task merge) and reports how many entries they share.
 #
 # ```bash
 # python merge.py --preset tiny                                    # merges runs/tiny-dpo (SFT -> DPO chain)
 # python merge.py --adapter_dir runs/my-dpo --output_dir my-model --dtype bf16
-# python merge.py --adapter_dir runs/my-qlora-dpo --dequantize     # match the NF4 base it was trained on
+# python merge.py --adapter_dir runs/my-qlora-dpo --dequantize     # match the 4-bit base it was trained on
 # python merge.py --adapter_dir runs/my-dpo --push_to_hub --hub_repo_id you/my-model         # private
 # python merge.py --adapter_dir runs/my-dpo --push_to_hub --push adapter --hub_repo_id you/my-adapter
 # python merge.py --adapter_dir runs/lota-a --add_delta runs/lota-b --output_dir runs/lota-ab   # LoTA task merge

@@ -146,6 +146,8 @@ from alignkit.core.data import is_text_dataset
 from alignkit.feedback.rewards import QUANTIZATION_KEY, ROWS_KEY
 
 rows = {ROWS_KEY: "text" if is_text_dataset(train_data) else "conversations", QUANTIZATION_KEY: loaded.quantization}
+if loaded.quantization == "4bit":  # the 4-bit format its base was rounded to
+    rows |= {"bnb_4bit_quant_type": settings.bnb_4bit_quant_type, "use_bnb_nested_quant": settings.use_bnb_nested_quant}
 metrics = finish(trainer, loaded, settings, run_folder, "reward", measured={**report, **rows} if main else None)
 print(f"adapter: {run_folder}")
 if report and main:

@@ -74,7 +74,8 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
                       "chat_template": str(template), "quantization": "4bit", "dtype": "fp16",
                       "attn_implementation": "eager", "use_liger": "true", "num_threads": "3", "backend": "vllm",
                       "max_model_len": 128, "gpu_memory_utilization": 0.5,
-                      "chat_template_kwargs": {"enable_thinking": False}}
+                      "chat_template_kwargs": {"enable_thinking": False}, "bnb_4bit_quant_type": "fp4",
+                      "use_bnb_nested_quant": False}
     base = GenerationSettings(model_id=model)
     names = [f.name for f in dataclasses.fields(GenerationSettings)]
     assert set(names) <= set(changed_values), f"give the new loader field a changed value here: {set(names) - set(changed_values)}"
@@ -102,6 +103,13 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
     assert identity.model_identity(same_as_auto) == identity.model_identity(dataclasses.replace(base, dtype="auto"))
     assert identity.model_identity(same_as_auto, "vllm") != identity.model_identity(  # vLLM's auto: the checkpoint's
         dataclasses.replace(base, dtype="auto"), "vllm")
+    # The 4-bit format counts where the model may load in 4-bit (4bit, or auto: 4-bit to train on CUDA), not where
+    # it loads in full precision or 8-bit.
+    for quantization, counts in (("4bit", True), ("auto", True), ("none", False), ("8bit", False)):
+        nf4 = dataclasses.replace(base, quantization=quantization)
+        for change in ({"bnb_4bit_quant_type": "fp4"}, {"use_bnb_nested_quant": False}):
+            fp4 = dataclasses.replace(nf4, **change)
+            assert (identity.model_identity(fp4) != identity.model_identity(nf4)) == counts, (quantization, change)
     # A chat template counts by its text: the same file rewritten is another model.
     with_template = dataclasses.replace(base, chat_template=str(template))
     before = identity.model_identity(with_template)

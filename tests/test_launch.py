@@ -372,16 +372,34 @@ def test_reward_py_qlora_on_a_cpu_trains_fp32_lora_and_score_head(tiny_cache, tm
     # A copy without the run's settings (what a push uploads: metrics.json, not alignkit_config.json) too.
     import shutil
 
-    from alignkit.feedback.rewards import over_nf4_base, reward_loader_settings
+    from alignkit.feedback.rewards import over_4bit_base, reward_loader_settings
 
     copy = tmp_path / "pushed"
     shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("checkpoint-*", "alignkit_config.json"))
-    assert json.loads((copy / "metrics.json").read_text())["trained_quantization"] == "4bit"
-    assert over_nf4_base(str(copy), reward_loader_settings(str(copy), ModelSettings()))
-    # label.py's reward-model verdicts key on it: one cached over the full-precision base is never reused.
+    recorded = json.loads((copy / "metrics.json").read_text())
+    assert recorded["trained_quantization"] == "4bit" and recorded["bnb_4bit_quant_type"] == "nf4"
+    assert over_4bit_base(str(copy), reward_loader_settings(str(copy), ModelSettings())) == {
+        "bnb_4bit_quant_type": "nf4", "use_bnb_nested_quant": True}
+    # One trained over FP4 without double quantization (--bnb_4bit_quant_type fp4 --use_bnb_nested_quant false)
+    # scores over its base rounded to FP4, as it trained (it was scored over an NF4-rounded base, another model), and
+    # its verdicts key on the format.
+    fp4 = tmp_path / "fp4"
+    shutil.copytree(folder, fp4, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((fp4 / "alignkit_config.json").read_text())
+    (fp4 / "alignkit_config.json").write_text(json.dumps({**config, "bnb_4bit_quant_type": "fp4",
+                                                           "use_bnb_nested_quant": False}))
+    as_trained = RewardModel(str(fp4), settings=ModelSettings(model_id=str(fp4), quantization="4bit",
+                                                              bnb_4bit_quant_type="fp4", use_bnb_nested_quant=False))
+    over_fp4 = RewardModel(str(fp4), settings=ModelSettings(model_id=str(fp4)))(list(pairs["prompt"]), answers)
+    assert torch.allclose(torch.tensor(over_fp4), torch.tensor(as_trained(list(pairs["prompt"]), answers)),
+                          rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(torch.tensor(over_fp4), torch.tensor(trained), rtol=1e-3, atol=1e-6)
     from alignkit.core.config import LabelSettings
     from alignkit.feedback.judge import RMJudge
 
+    assert RMJudge(f"rm:{fp4}", LabelSettings()).identity()["over_4bit_base"] == {
+        "bnb_4bit_quant_type": "fp4", "use_bnb_nested_quant": False}
+    # label.py's reward-model verdicts key on it: one cached over the full-precision base is never reused.
     assert RMJudge(f"rm:{folder}", LabelSettings()).identity()["over_nf4_base"] is True
     # The generators' chat template arguments are not the reward model's: its verdicts keep their key.
     thinking = LabelSettings(chat_template_kwargs={"enable_thinking": False})

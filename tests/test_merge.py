@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,30 @@ def test_qlora_adapter_merges_both_ways(tiny_cache, tmp_path):
     # here); the full-precision merge is the original base + update, which is further from it (~1.6 here).
     assert (got_dequantized - want).abs().max() < 0.2
     assert (got_full - want).abs().max() > 10 * (got_dequantized - want).abs().max()
+    assert json.loads((tmp_path / "dequantized" / "merge.json").read_text())["dequantized_from"] == \
+        "4-bit NF4 with double quantization"
+
+    # A run that trained over FP4 without double quantization (--bnb_4bit_quant_type fp4 --use_bnb_nested_quant
+    # false, TRL's names) merges into its base rounded to FP4: --dequantize always rounded to NF4, another model.
+    fp4_run = tmp_path / "fp4"
+    shutil.copytree(adapter, fp4_run)
+    config = json.loads((fp4_run / "alignkit_config.json").read_text())
+    config.update(bnb_4bit_quant_type="fp4", use_bnb_nested_quant=False)
+    (fp4_run / "alignkit_config.json").write_text(json.dumps(config))
+    fp4_trained = logits(load_model(ModelSettings(model_id=str(fp4_run), quantization="4bit", bnb_4bit_quant_type="fp4",
+                                                  use_bnb_nested_quant=False)).model)
+    import bitsandbytes as bnb
+
+    fp4_merged = merge_module.merge_adapters(str(fp4_run), tmp_path / "fp4-merged", dequantize=True)
+    got_fp4 = logits(AutoModelForCausalLM.from_pretrained(fp4_merged))
+    assert (got_fp4 - fp4_trained).abs().max() < 0.2
+    assert (got_fp4 - want).abs().max() > 3 * (got_fp4 - fp4_trained).abs().max()  # NF4 is another base
+    assert json.loads((fp4_merged / "merge.json").read_text())["dequantized_from"] == "4-bit FP4"
+    assert "dequantized from 4-bit FP4" in (fp4_merged / "README.md").read_text()
+    layers = [m for m in load_model(ModelSettings(model_id=str(fp4_run), quantization="4bit", bnb_4bit_quant_type="fp4",
+                                                  use_bnb_nested_quant=False)).model.modules()
+              if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_state.quant_type == "fp4" and not m.weight.quant_state.nested for m in layers)
 
 
 def test_a_failed_check_saves_nothing_and_says_by_how_much(dpo_run, tmp_path, monkeypatch):
@@ -300,7 +325,7 @@ def test_output_dir_naming_an_adapter_or_a_model_is_refused_not_replaced(dpo_run
     shutil.copytree(Path(plain, base) if not Path(base).is_absolute() else base, model)
     with pytest.raises(UserError, match="holds other things than a merged model"):
         merge_module.merge_adapters(str(plain), model)
-    with pytest.raises(UserError, match=r"^--dequantize merges into the base rounded to 4-bit NF4, .* was trained with "
+    with pytest.raises(UserError, match=r"^--dequantize merges into the base rounded to 4-bit, .* was trained with "
                                         r"--quantization none: drop --dequantize$"):
         merge_module.merge_adapters(str(dpo_run["run_folder"]), tmp_path / "deq", dequantize=True)
     # --quantization auto, recorded as given, is what the loader made of it (`loaded_as`): full precision here.

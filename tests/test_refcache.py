@@ -98,7 +98,7 @@ def test_a_4bit_model_on_the_cpu_is_the_same_model_after_a_pass_without_gradient
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
     model = models.load_model(ModelSettings(model_id=presets.paths()["model"], quantization="4bit"),
                               for_training=True).model
-    assert "the weights stay in bitsandbytes' standard NF4 layout" in alignkit_log.text
+    assert "the weights stay in bitsandbytes' standard 4-bit layout" in alignkit_log.text
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     before, logits = refcache.model_fingerprint(model), model(ids).logits.detach()
     model.eval()

@@ -546,6 +546,25 @@ def test_keys_that_cannot_apply_are_named_once_with_the_alternative(alignkit_log
     assert "--resume false" in warnings[0] and "max_length" in warnings[0]
 
 
+def test_trl_4bit_format_settings_load_that_format(alignkit_log):
+    """TRL's bnb_4bit_quant_type and use_bnb_nested_quant were only noted (alignkit's 4-bit was always NF4 with
+    double quantization): a recipe asking for FP4 trained over NF4. Now they are the loader's own settings."""
+    from alignkit.core.launch import FourBit, quantization_config
+
+    s = parse_config(DPOSettings, env_file=None, args=[
+        "--model_name_or_path", "m", "--dataset_name", "d", "--use_peft", "--load_in_4bit",
+        "--bnb_4bit_quant_type", "fp4", "--use_bnb_nested_quant", "false"])
+    assert (s.quantization, s.bnb_4bit_quant_type, s.use_bnb_nested_quant) == ("4bit", "fp4", False)
+    config = quantization_config(s.quantization, torch.float32, FourBit.of(s))
+    assert config.bnb_4bit_quant_type == "fp4" and config.bnb_4bit_use_double_quant is False
+    assert not [r for r in alignkit_log.records if "not applied" in r.getMessage()]
+    # Left out under TRL's names, alignkit's double quantization stands, and the defaults line says TRL's differs.
+    parse_config(DPOSettings, env_file=None, args=["--model_name_or_path", "m", "--dataset_name", "d", "--use_peft"])
+    assert "use_bnb_nested_quant true (TRL: false)" in alignkit_log.text
+    with pytest.raises(ConfigError, match="bnb_4bit_quant_type"):
+        parse_config(DPOSettings, env_file=None, args=["--bnb_4bit_quant_type", "int4"])
+
+
 def test_liger_settings_alignkit_does_not_apply_are_named_with_what_does(alignkit_log):
     """GRPOConfig's use_liger_loss (TRL 0.x; gone in 1.x) got "did you mean --use_liger?", which names Liger's layer
     kernels, not the loss; liger_kernel_config reached TrainingArguments, which never read it (alignkit applies the

@@ -172,6 +172,11 @@ def eval_results(folder, run_type: str | None, metrics: dict, dataset: str, data
     return results
 
 
+def _4bit(merge: dict) -> str:
+    """The 4-bit format merge.json records the base dequantized from (NF4 in a merge made before it did)."""
+    return merge.get("dequantized_from") or "4-bit NF4"
+
+
 def methods(settings: dict, run_type: str | None, folder: Path) -> list[str]:
     """The methods the card cites, from the recorded settings and evaluations."""
     used = ["LoTA"] if settings.get("adapter") == "lota" or (folder / "lota_config.json").is_file() else ["LoRA"]
@@ -305,7 +310,7 @@ def model_card(folder, repo_id: str | None = None) -> str:
     if merge:
         parts = [*(f"the LoTA delta `{_shown(d)}`" for d in deltas), *(f"`{_shown(a)}`" for a in adapters)]
         lines += ["", f"Merged into the base: {' -> '.join(parts)}"
-                      f"{' (into the dequantized NF4 base)' if merge.get('dequantize') else ''}; merged logits "
+                      f"{f' (into the base dequantized from {_4bit(merge)})' if merge.get('dequantize') else ''}; merged logits "
                       f"match base + adapters within {merge.get('max_logit_difference', 0):.1e}."]
     if data.eval_results:
         lines += ["", "## Evaluation", "", "| task | dataset | metric | value |", "| --- | --- | --- | --- |"]

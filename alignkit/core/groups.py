@@ -36,6 +36,9 @@ class ModelSettings:
         "auto", "auto: 4bit for training on CUDA, none for inference and on a CPU; 4bit is NF4 with double quant (QLoRA)",
         choices=["auto", "4bit", "8bit", "none"],
     )
+    bnb_4bit_quant_type: str = setting("nf4", "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4", choices=["nf4", "fp4"])
+    use_bnb_nested_quant: bool = setting(True, "4-bit double quantization: the block scales quantized too (QLoRA; "
+                                               "about 0.4 bits per weight less)")
     dtype: str = setting(
         "auto", "compute dtype; auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older ones, fp32 on CPU",
         choices=["auto", "bf16", "fp16", "fp32"], synonyms=DTYPE_SYNONYMS,
@@ -193,7 +196,8 @@ class JudgeAnswerSettings(JudgeEndpointSettings):
 # --help shows a training script's settings in these groups, most used first (alignkit.core.args).
 TRAIN_HELP_GROUPS = [
     ("model", ["preset", "model_id", "quantization", "dtype", "attn_implementation", "revision", "chat_template",
-               "gguf_file", "trust_remote_code", "use_liger", "num_threads"]),
+               "gguf_file", "trust_remote_code", "use_liger", "num_threads", "bnb_4bit_quant_type",
+               "use_bnb_nested_quant"]),
     ("data", ["dataset_id", "dataset_config", "dataset_split", "dataset_test_split", "eval_split", "max_samples",
               "dataset_format", "dataset_text_field", "dataset_mixture", "skip_invalid"]),
     ("LoRA", ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora",

@@ -367,8 +367,26 @@ def resolve_quantization(requested: str, for_training: bool = True, log: bool = 
     return "none"
 
 
-def quantization_config(quantization: str, dtype: torch.dtype):
-    """bitsandbytes' config for `quantization` ("4bit", "8bit"), or None."""
+@dataclass(frozen=True)
+class FourBit:
+    """bitsandbytes' 4-bit format: QLoRA's NF4 with double quantization (its block scales quantized too) unless the
+    settings say otherwise (--bnb_4bit_quant_type fp4, --use_bnb_nested_quant false, TRL's names). A QLoRA adapter
+    trained over one format is another model over the other: merge.py --dequantize and a QLoRA reward model read
+    their run's (`trained_four_bit`)."""
+    quant_type: str = "nf4"
+    nested: bool = True
+
+    @classmethod
+    def of(cls, s) -> FourBit:
+        """The format loader settings `s` ask for (ModelSettings' bnb_4bit_quant_type, use_bnb_nested_quant)."""
+        return cls(getattr(s, "bnb_4bit_quant_type", "nf4"), bool(getattr(s, "use_bnb_nested_quant", True)))
+
+    def __str__(self) -> str:
+        return f"4-bit {self.quant_type.upper()}{' with double quantization' if self.nested else ''}"
+
+
+def quantization_config(quantization: str, dtype: torch.dtype, four_bit: FourBit = FourBit()):
+    """bitsandbytes' config for `quantization` ("4bit", "8bit"), or None; a 4-bit one in the format `four_bit`."""
     from transformers import BitsAndBytesConfig
 
     sharded = sharded_launch()
@@ -376,7 +394,8 @@ def quantization_config(quantization: str, dtype: torch.dtype):
         raise UserError(_no_8bit(sharded))
     if quantization == "4bit":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+            load_in_4bit=True, bnb_4bit_quant_type=four_bit.quant_type, bnb_4bit_use_double_quant=four_bit.nested,
+            bnb_4bit_compute_dtype=dtype,
             # FSDP and ZeRO-3 flatten parameters of one dtype: store the 4-bit weights in the compute dtype.
             bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
         )

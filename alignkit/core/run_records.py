@@ -43,6 +43,17 @@ def trained_quantization(folder) -> str | None:
     return recorded or (config.get("quantization") if config.get("quantization") != "auto" else None)
 
 
+FOUR_BIT_FIELDS = {"bnb_4bit_quant_type": "nf4", "use_bnb_nested_quant": True}  # each with its value before it existed
+
+
+def trained_four_bit(folder, record: dict | None = None) -> dict:
+    """The 4-bit format the model in `folder` trained over, as loader settings ({"bnb_4bit_quant_type": "nf4",
+    "use_bnb_nested_quant": True}): its run's settings, else `record` (a Hub copy's metrics.json); a run saved
+    before the settings existed trained over NF4 with double quantization."""
+    source = run_config(folder) or record or {}
+    return {k: source.get(k, default) for k, default in FOUR_BIT_FIELDS.items()}
+
+
 def run_config(folder) -> dict:
     """The settings a model folder was trained with (its alignkit_config.json): a run folder's or a merge's own, or
     for a checkpoint-N, its run's, one folder up (a checkpoint holds none); {} when there are none."""

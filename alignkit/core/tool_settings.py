@@ -271,7 +271,8 @@ class MergeSettings(HubPushSettings):
     dtype: str = setting("auto", "weights of the merged model; auto: bf16 on CUDA, fp32 on CPU",
                          choices=["auto", "bf16", "fp16", "fp32"])
     dequantize: bool = setting(
-        False, "merge into the NF4-quantized base, dequantized: the exact model a QLoRA adapter was trained on"
+        False, "merge into the base rounded to the 4-bit format its QLoRA run trained over (NF4 unless it chose "
+        "fp4), dequantized: the exact model the adapter was trained on"
     )
     max_shard_size: str = setting("5GB", "largest safetensors shard")
     trust_remote_code: bool = setting(False, "run custom model code shipped with the checkpoint; off unless asked")

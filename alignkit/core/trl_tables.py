@@ -141,8 +141,6 @@ NOT_APPLIED = {
     "ignore_bias_buffers": (False, "not needed: LoRA runs have no buffers to sync"),
     "lora_task_type": (_ANY, "set by the script: CAUSAL_LM, or SEQ_CLS in reward.py"),
     "lora_target_parameters": (None, "not supported; use --lora_target_modules"),
-    "bnb_4bit_quant_type": ("nf4", "alignkit's 4-bit is QLoRA's NF4"),
-    "use_bnb_nested_quant": (True, "alignkit's 4-bit always uses QLoRA's double quantization"),
     "bnb_4bit_quant_storage": (_ANY, "chosen by the loader: the compute dtype under FSDP"),
     "use_liger_loss": (False, "TRL 1.x dropped GRPO's fused Liger loss; --use_liger is Liger's layer kernels (auto: "
                               "on CUDA when installed)"),

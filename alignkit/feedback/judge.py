@@ -341,12 +341,15 @@ class RMJudge(Judge):
     def identity(self) -> dict:
         # The reward model as loaded: its files down to the base, and how it is loaded (dtype, quantization, the
         # hardware), since verdicts near the tie margin flip with the numerics.
-        from alignkit.feedback.rewards import over_nf4_base, reward_loader_settings
+        from alignkit.core.run_records import FOUR_BIT_FIELDS
+        from alignkit.feedback.rewards import over_4bit_base, reward_loader_settings
         from alignkit.modeling.identity import model_identity
 
         loader = reward_loader_settings(self.folder, self.settings)
-        over_nf4 = {"over_nf4_base": True} if over_nf4_base(self.folder, loader) else {}  # scored as it trained
-        return {**super().identity(), "model": model_identity(loader), **over_nf4, "tie_margin": self.tie_margin}
+        four_bit = over_4bit_base(self.folder, loader)  # scored as it trained: NF4 keeps its key from before
+        over = {} if four_bit is None else {"over_nf4_base": True} if four_bit == FOUR_BIT_FIELDS else \
+            {"over_4bit_base": four_bit}
+        return {**super().identity(), "model": model_identity(loader), **over, "tie_margin": self.tie_margin}
 
     def judge_batch(self, requests: list[Request]) -> list[str]:
         from alignkit.feedback.rewards import RewardModel

@@ -15,8 +15,9 @@ carried into merged folders), and every run in its alignkit_config.json when tra
 checkpoint-N or a run that stopped early): one trained on conversations scores a conversation through the chat template; one
 trained on TRL's standard rows (texts) scores the prompt's text followed by the answer, with no template, even
 when the tokenizer has one (through the template it would score inputs it never saw). One trained with QLoRA
-(its run records its base loaded in 4-bit, `loaded_as`) scores over that base rounded to NF4 and dequantized, the
-weights its adapter and score head trained over, wherever the caller loads in full precision (`over_nf4_base`).
+(its run records its base loaded in 4-bit, `loaded_as`) scores over that base rounded to its 4-bit format (NF4 with
+double quantization unless the run asked otherwise) and dequantized, the weights its adapter and score head trained
+over, wherever the caller loads in full precision (`over_4bit_base`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from alignkit.modeling.template_rows import refusing
 
 PREFIX = "rm:"
 ROWS_KEY = "reward_rows"  # metrics.json: "text" (TRL's standard rows) or "conversations"
-QUANTIZATION_KEY = "trained_quantization"  # metrics.json: how its base was loaded ("4bit": QLoRA)
+QUANTIZATION_KEY = "trained_quantization"  # metrics.json: how its base was loaded ("4bit": QLoRA, in the format
+# its bnb_4bit_quant_type and use_bnb_nested_quant keys say, alignkit.core.run_records.FOUR_BIT_FIELDS)
 
 
 def _record(folder: str) -> dict:
@@ -116,25 +118,30 @@ def reward_loader_settings(folder: str, settings=None):
     return loader_settings(settings, folder, chat_template=None, use_liger="false", **own)
 
 
-def over_nf4_base(folder: str, loader) -> bool:
-    """Whether the reward model in `folder` scores over its base rounded to 4-bit NF4 and dequantized: when its
-    run trained it with QLoRA (its base loaded in 4-bit: alignkit.core.run_records.trained_quantization, or
-    metrics.json's trained_quantization for a copy without the run's settings, a Hub push) and the
-    caller loads in full precision (--quantization auto or none, as inference does). Its adapter and score head
-    were trained over those weights, not the full-precision base's. --quantization 4bit loads the same NF4 weights
-    quantized; 8bit is the caller's choice. A merged reward model holds its weights already."""
-    from alignkit.core.run_records import trained_quantization
+def over_4bit_base(folder: str, loader) -> dict | None:
+    """The 4-bit format (alignkit.core.run_records.trained_four_bit: NF4 with double quantization, unless its run
+    asked for another) of the base the reward model in `folder` scores over, rounded to it and dequantized; None
+    when it scores over the base as the caller loads it. A format when its run trained it with QLoRA (its base
+    loaded in 4-bit: alignkit.core.run_records.trained_quantization, or metrics.json's trained_quantization for a
+    copy without the run's settings, a Hub push) and the caller loads in full precision (--quantization auto or
+    none, as inference does): its adapter and score head were trained over those weights, not the full-precision
+    base's. --quantization 4bit loads 4-bit weights as the caller's format says; 8bit is the caller's choice. A merged
+    reward model holds its weights already."""
+    from alignkit.core.run_records import trained_four_bit, trained_quantization
 
     if loader.quantization not in ("auto", "none"):
-        return False
+        return None
+    record = _record(folder)
     if Path(folder).is_dir():  # its run's record (a checkpoint-N's: its run's), else its metrics.json (a copy)
-        return Path(folder, "adapter_config.json").is_file() and \
-            (trained_quantization(folder) or _record(folder).get(QUANTIZATION_KEY)) == "4bit"
-    if folder.count("/") == 1 and _record(folder).get(QUANTIZATION_KEY) == "4bit":  # a pushed adapter on the Hub
+        over = Path(folder, "adapter_config.json").is_file() and \
+            (trained_quantization(folder) or record.get(QUANTIZATION_KEY)) == "4bit"
+    elif folder.count("/") == 1 and record.get(QUANTIZATION_KEY) == "4bit":  # a pushed adapter on the Hub
         from alignkit.modeling.chain import resolve
 
-        return bool(resolve(folder, None).adapters)
-    return False
+        over = bool(resolve(folder, None).adapters)
+    else:
+        over = False
+    return trained_four_bit(folder, record) if over else None
 
 
 class RewardModel:
@@ -149,13 +156,18 @@ class RewardModel:
         self.folder, self.batch_size, self.max_length = folder, batch_size, max_length
         self.text = trained_on_text(folder)
         loader = reward_loader_settings(folder, settings)
-        # Scored as it trained: a QLoRA reward model over its NF4-rounded base, in the compute dtype.
-        if dequantize := over_nf4_base(folder, loader):
-            from alignkit import logger
+        # Scored as it trained: a QLoRA reward model over its base rounded to its 4-bit format, in the compute dtype.
+        if (four_bit := over_4bit_base(folder, loader)) is not None:
+            import dataclasses
 
-            logger.info(f"{PREFIX}{folder} was trained with QLoRA: it scores over its base rounded to 4-bit NF4 "
-                        "and dequantized, the weights it trained over (--quantization 4bit keeps them in 4-bit)")
-        self.loaded = load_model(loader, reward=True, dequantize=dequantize)
+            from alignkit import logger
+            from alignkit.core.launch import FourBit
+
+            loader = dataclasses.replace(loader, **four_bit)
+            logger.info(f"{PREFIX}{folder} was trained with QLoRA: it scores over its base rounded to "
+                        f"{FourBit.of(loader)} and dequantized, the weights it trained over (--quantization 4bit "
+                        "keeps them in 4-bit)")
+        self.loaded = load_model(loader, reward=True, dequantize=four_bit is not None)
         if not self.text and not getattr(self.loaded.tokenizer, "chat_template", None):  # score() would fail
             raise ConfigError(f"{PREFIX}{folder} has no chat template, and its run does not record text rows "
                               f"(metrics.json {ROWS_KEY}, or data_rows in its run's alignkit_config.json). Retrain it "

@@ -39,7 +39,11 @@ INERT = {
 # out, so the caches made before it (the same model, loaded the same way) stay valid; set otherwise, it counts.
 ADDED = {
     "chat_template_kwargs": {},  # the chat template's extra arguments (enable_thinking, ...): none before
+    "bnb_4bit_quant_type": "nf4",  # the 4-bit format: QLoRA's NF4 with double quantization before (FOUR_BIT)
+    "use_bnb_nested_quant": True,
 }
+# The 4-bit format counts only where the model may load in 4-bit (--quantization 4bit, or auto: 4-bit to train on CUDA).
+FOUR_BIT = ("bnb_4bit_quant_type", "use_bnb_nested_quant")
 
 # Engine settings that count only through the engine that runs (model_identity's `backend`), each with the reason.
 ENGINE_ONLY = {
@@ -213,7 +217,8 @@ def loader_fields(s) -> dict:
     # spelled (relative, absolute, ./) and wherever the folder moved; a Hub id by repo and commit.
     names = [f.name for group in groups for f in fields(group) if f.name not in INERT and f.name != "model_id"]
     out = {name: getattr(s, name) for name in dict.fromkeys(names)
-           if not (name in ADDED and getattr(s, name) == ADDED[name])}
+           if not (name in ADDED and getattr(s, name) == ADDED[name])
+           and not (name in FOUR_BIT and getattr(s, "quantization", "none") not in ("4bit", "auto"))}
     if out.get("chat_template"):
         from alignkit.core.groups import chat_template_text
 

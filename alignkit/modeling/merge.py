@@ -4,7 +4,8 @@ Two ways to merge a QLoRA adapter (see peft#2105, qlora#254):
 - default: into the base in full precision. The standard; the result is the original base plus the LoRA
   update. The adapter was trained against the NF4-rounded base, so this model differs slightly from the one
   that was trained. Never merge into the 4-bit weights themselves: re-quantizing rounds the small update away.
-- `dequantize=True`: into the NF4 base turned back into plain weights, so the merged model is exactly the one
+- `dequantize=True`: into the base rounded to the 4-bit format its run trained over (NF4 with double quantization
+  unless it chose fp4 or none) and turned back into plain weights, so the merged model is exactly the one
   that was trained, rounding of the base included. Use it for a QLoRA adapter whose quality you measured
   in training and want to keep bit for bit.
 
@@ -60,7 +61,7 @@ def keep_checkpoint_metrics(adapter_dir, out, config: dict | None = None) -> Non
     model, its run's rows' format (`reward_rows`, from the run's data_rows) and how its base was loaded
     (`trained_quantization`), the record a push uploads so that a Hub copy is judged as it trained
     (alignkit.feedback.rewards). Nothing when `out` has one."""
-    from alignkit.core.run_records import checkpoint_metrics, run_config, trained_quantization
+    from alignkit.core.run_records import checkpoint_metrics, run_config, trained_four_bit, trained_quantization
     from alignkit.modeling.reward_models import REWARD, model_kind
 
     if (Path(out) / "metrics.json").exists():
@@ -73,6 +74,7 @@ def keep_checkpoint_metrics(adapter_dir, out, config: dict | None = None) -> Non
         metrics[ROWS_KEY] = rows
         if quantization := trained_quantization(adapter_dir):  # a Hub copy scores over the base it trained over
             metrics[QUANTIZATION_KEY] = quantization
+            metrics |= trained_four_bit(adapter_dir) if quantization == "4bit" else {}
     if metrics:
         write_atomic(Path(out) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
@@ -80,7 +82,7 @@ def keep_checkpoint_metrics(adapter_dir, out, config: dict | None = None) -> Non
 def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str | None = None,
                    dequantize: bool = False, max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
     """Merge the adapter chain ending at `adapter_dir` into its base; returns the output folder."""
-    from alignkit.core.launch import resolve_dtype
+    from alignkit.core.launch import FourBit, resolve_dtype
     from alignkit.modeling.models import load_model
     from alignkit.modeling.reward_models import REWARD, model_kind
 
@@ -88,17 +90,19 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     if final.exists() and not _a_merged_model(final):
         raise UserError(f"--output_dir {output_dir} holds other things than a merged model: the merge replaces the "
                         "folder whole; pass a new folder (or an earlier merge's)")
-    from alignkit.core.run_records import run_config, trained_quantization
+    from alignkit.core.run_records import run_config, trained_four_bit, trained_quantization
 
     config = run_config(adapter_dir)  # a checkpoint-N's: its run's
     trained_on = trained_quantization(adapter_dir)  # as loaded: `auto` on CUDA trained over 4-bit
-    if dequantize and trained_on in ("none", "8bit"):  # the NF4-rounded base is another model than the one trained
-        raise UserError(f"--dequantize merges into the base rounded to 4-bit NF4, as QLoRA trains on it, but "
+    if dequantize and trained_on in ("none", "8bit"):  # the 4-bit-rounded base is another model than the one trained
+        raise UserError(f"--dequantize merges into the base rounded to 4-bit, as QLoRA trains on it, but "
                         f"{adapter_dir} was trained with --quantization {trained_on}: drop --dequantize")
     reward = model_kind(str(adapter_dir)) == REWARD
     target = resolve_dtype(dtype)  # what is saved; the merge itself is done and checked in fp32
+    # --dequantize rounds the base to the 4-bit format its run trained over (NF4 with double quantization unless the
+    # run asked for fp4 or no double quantization).
     settings = ModelSettings(model_id=str(adapter_dir), dtype="fp32", trust_remote_code=trust_remote_code,
-                             attn_implementation="eager", use_liger="false")
+                             attn_implementation="eager", use_liger="false", **trained_four_bit(adapter_dir))
     loaded = load_model(settings, full_precision=True, dequantize=dequantize, base_model=base_model, on_cpu=True,
                         reward=reward)
     if not loaded.adapters and not loaded.deltas:
@@ -149,7 +153,7 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     (out / "merge.json").write_text(json.dumps({
         "base_model": loaded.base_id, "base_revision": loaded.base_revision, "adapters": loaded.adapters,
         "lota_deltas": loaded.deltas,
-        "dequantize": dequantize, "dtype": str(target).removeprefix("torch."), "check_dtype": "float32",
+        "dequantize": dequantize, **({"dequantized_from": str(FourBit.of(settings))} if dequantize else {}), "dtype": str(target).removeprefix("torch."), "check_dtype": "float32",
         "max_logit_difference": diff, "tolerance": tolerance,
         "kind": "reward model" if reward else "causal language model",
     }, indent=2))

@@ -39,7 +39,7 @@ from alignkit.modeling.chain import (  # noqa: F401 - importable from here too
 # that read them.
 from alignkit.core.kernels import packs_pairs, resolve_attention, resolve_liger
 from alignkit.core.launch import (  # noqa: F401 - local_gpu is re-exported
-    ZERO3, device_placement, local_gpu, quantization_config, resolve_dtype, resolve_quantization,
+    ZERO3, FourBit, device_placement, local_gpu, quantization_config, resolve_dtype, resolve_quantization,
     sharded_launch as _sharded_launch,
 )
 from alignkit.core.threads import apply_num_threads
@@ -234,8 +234,9 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     """Load `s.model_id` (settings from alignkit.core.config.ModelSettings) and any adapter chain under it.
 
     full_precision: never quantize (merging adapters must happen in full precision).
-    dequantize: load the base in 4-bit NF4, then turn it back into plain weights before the adapters go on:
-        the exact model a QLoRA adapter was trained against, in a form adapters can merge into.
+    dequantize: load the base in 4-bit (in `s`'s format: NF4 with double quantization unless it says otherwise),
+        then turn it back into plain weights before the adapters go on: the exact model a QLoRA adapter was
+        trained against, in a form adapters can merge into.
     base_model: use this base instead of the one the adapter chain records (a moved or renamed base).
     on_cpu: keep the model in CPU RAM even on a GPU machine (merging in fp32: a 7B model takes 28 GB).
     reward: load a reward model (sequence classification, one output; see "Reward models" below) instead of a
@@ -265,7 +266,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         remember_loaded_as(s.model_id, quantization, dtype)
     kwargs: dict = dict(revision=base_revision, trust_remote_code=s.trust_remote_code, dtype=dtype)
     lota_delta.check_launch(s, _sharded_launch(), deltas)  # LoTA under FSDP/ZeRO-3, a delta under ZeRO-3: refused
-    config = quantization_config(quantization, dtype)  # 8-bit under FSDP/ZeRO-3 is refused here
+    config = quantization_config(quantization, dtype, FourBit.of(s))  # 8-bit under FSDP/ZeRO-3 is refused here
     if config is not None:
         kwargs["quantization_config"] = config
     kwargs.update(device_placement(quantization, on_cpu=on_cpu))
@@ -292,11 +293,11 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
             model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     apply_num_threads(getattr(s, "num_threads", "auto"), model, getattr(s, "preset", None))
     if quantization == "4bit" and keep_4bit_layout(model) and not torch.cuda.is_available():  # a GPU run never repacks
-        logger.info("4-bit on the CPU: the weights stay in bitsandbytes' standard NF4 layout (its AVX512-BF16 "
+        logger.info("4-bit on the CPU: the weights stay in bitsandbytes' standard 4-bit layout (its AVX512-BF16 "
                     "repacking rounds their block scales to bf16 at the first pass without gradients, changing "
                     "the model mid-run)")
     if dequantize:
-        model = model.dequantize()  # bitsandbytes' own NF4 -> float, weight by weight
+        model = model.dequantize()  # bitsandbytes' own 4-bit -> float, weight by weight
         model.to(dtype)
         quantization = "none"
     if resolve_liger(s.use_liger):
