@@ -139,7 +139,7 @@ def test_merge_add_delta_refuses_a_delta_over_a_part_retrained_in_place(tmp_path
                    "--output_dir", str(tmp_path / "sum"))
 
 
-def test_merge_base_model_takes_a_moved_base_checked_by_content(sft_run, dpo_run, tmp_path):
+def test_merge_base_model_takes_a_moved_base_checked_by_content(sft_run, dpo_run, tmp_path, alignkit_log):
     """merge.py --base_model is for a base that moved; the chain was refused before the flag was read ("not there
     ... merge.py: --base_model"), and a base of other weights would have merged without a word. It is checked
     against the runs' record of the base they trained over; an adapter gone from the middle of the chain is
@@ -184,3 +184,13 @@ def test_merge_base_model_takes_a_moved_base_checked_by_content(sft_run, dpo_run
                                         r"which is gone: --base_model .* would leave it out of the model"):
         run_script("merge.py", "--adapter_dir", str(dpo), "--base_model", str(moved), "--output_dir",
                    str(tmp_path / "alone"))
+    # Without the record (a plain PEFT adapter, or a run saved before alignkit kept it) nothing tells whether the
+    # folder its config names was the base or an adapter: the merge goes on as asked, and the log says what it did.
+    settings = json.loads((dpo / "alignkit_config.json").read_text())
+    (dpo / "alignkit_config.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "trained_over"}))
+    alignkit_log.clear()
+    run_script("merge.py", "--adapter_dir", str(dpo), "--base_model", str(moved), "--output_dir",
+               str(tmp_path / "alone"))
+    (line,) = [r.getMessage() for r in alignkit_log.records if "stands in for it unchecked" in r.getMessage()]
+    assert line.startswith(f"{dpo} names {str(sft)!r} as its base and records no model it was trained over") and \
+        line.endswith("if that was an adapter (a chain), it is left out of the model")

@@ -132,6 +132,24 @@ def check_trained_over(chain, base_model: str | None = None) -> None:
             )
     if base_model and Path(base_model).is_dir():
         _check_base_model(parts, set(loaded), base_model)
+    if base_model and parts and not _record(lowest := (chain.deltas or chain.adapters)[0]):
+        _unchecked_base(lowest, base_model)
+
+
+def _unchecked_base(part: str, base_model: str) -> None:
+    """--base_model under a part with no record of what it trained over (a plain PEFT adapter, or a run saved before
+    alignkit kept the record): nothing tells whether the folder it names was the base or an adapter below it, so
+    the log says what stands in for what."""
+    from alignkit import logger
+
+    names = [json.loads(f.read_text()).get("base_model_name_or_path") for f in
+             (Path(part, _CONFIG), Path(part, LOTA_CONFIG_FILE)) if f.is_file()] if Path(part).is_dir() else []
+    from alignkit.modeling.chain import _recorded_base
+
+    named = f" names {_recorded_base(part, names[0])!r} as its base and" if names and names[0] else ""
+    logger.warning(f"{part}{named} records no model it was trained over (a plain PEFT adapter, or a run saved before "
+                   f"alignkit kept the record): --base_model {base_model} stands in for it unchecked; if that was "
+                   "an adapter (a chain), it is left out of the model")
 
 
 def _check_base_model(parts, loaded: set[Path], base_model: str) -> None:
