@@ -404,6 +404,36 @@ def _capture_steps(monkeypatch):
     return calls
 
 
+def test_a_step_s_prints_come_in_order_and_a_late_writer_breaks_nothing(tmp_path, monkeypatch):
+    """Into a pipe, a step's stdout was block-buffered where PYTHONUNBUFFERED is not set (a user's shell; the test
+    environment sets it): its print()s came at its exit, after all its log lines, on screen and in the log. And a
+    process the step left behind writing after the grace hit the closed log: the relay thread died with a traceback
+    under the next step's output (found by an audit)."""
+    import threading
+    import time
+
+    from alignkit.train import step_process
+
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    monkeypatch.setattr(step_process, "ROOT", tmp_path)
+    monkeypatch.setattr(step_process, "live", lambda: False)
+    (tmp_path / "step.py").write_text("import sys\nprint('1 stdout')\nsys.stderr.write('2 stderr\\n')\n"
+                                      "print('3 stdout')\nsys.stderr.write('4 stderr\\n')\n")
+    log = tmp_path / "step.log"
+    step_process.run_step("step.py", [], log)
+    assert log.read_text().splitlines() == ["1 stdout", "2 stderr", "3 stdout", "4 stderr"]
+
+    monkeypatch.setattr(step_process, "RELAY_GRACE_S", 0.5)
+    (tmp_path / "leaves.py").write_text(
+        "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1.5); "
+        "print(\"late\", flush=True); time.sleep(0.5); print(\"later\", flush=True)'])\nprint('done', flush=True)\n")
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    step_process.run_step("leaves.py", [], log)
+    time.sleep(3)
+    assert not errors and log.read_text().splitlines()[4:] == ["done"]
+
+
 def test_a_hub_style_dataset_is_labelled_from_its_split_and_judged_on_its_held_out_prompts(tmp_path, monkeypatch):
     """label.py read a dataset with splits from "train" (ultrafeedback_binarized, the default, has none: round 1
     failed), and a Hub dataset, a CSV or rows of messages as the evaluation prompts were refused before round 1.

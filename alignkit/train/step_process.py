@@ -31,14 +31,18 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
     command = [sys.executable, str(ROOT / script), *args]
     logger.info(f"{script} {' '.join(shlex.quote(a) for a in args)}")
     shown = live()
+    # Unbuffered: into a pipe, the step's print()s would otherwise come at its exit, after all its log lines.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           **({FORCE_LIVE: "1"} if shown else {})}
+           "PYTHONUNBUFFERED": "1", **({FORCE_LIVE: "1"} if shown else {})}
     with open(log, "a", encoding="utf-8") as out:
         step = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
                                 preexec_fn=_stop_with_parent(os.getpid()) if sys.platform == "linux" else None)
         # Relayed on a thread, and waited for by the step's exit: a process the step left behind holding its output
         # (wandb's service, a server a reward started) would otherwise hold the round until it ends.
-        relay = threading.Thread(target=_relay, args=(step.stdout, out, sys.stderr if shown else None), daemon=True)
+        # Past the grace, it keeps reading (a writer to a pipe nobody reads would block or break) but writes nowhere.
+        done = _Done()
+        relay = threading.Thread(target=_relay, args=(step.stdout, out, sys.stderr if shown else None, done),
+                                 daemon=True)
         relay.start()
         try:
             code = step.wait()
@@ -52,6 +56,8 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
             raise
         finally:
             relay.join(timeout=RELAY_GRACE_S)  # the step's last lines
+            with done.lock:  # no write of the relay's is under way as the log closes
+                done.set = True
         if relay.is_alive():
             logger.info(f"{script} exited, and a process it started still writes to its output; that output is not "
                         f"in {log}")
@@ -64,28 +70,40 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
         raise RuntimeError(f"{script} failed (exit {code}); its log: {log}\n{tail}\nFix the cause and {again}")
 
 
-def _relay(stream, log, screen) -> None:
+class _Done:
+    """run_step's word to its relay that the log is closed (`set`), under `lock`."""
+
+    def __init__(self):
+        self.lock, self.set = threading.Lock(), False
+
+
+def _relay(stream, log, screen, done: _Done) -> None:
     """Each chunk of the step's output to `screen` as it comes (bars redraw with \\r), each whole line to `log` as
-    its last redraw (the text after the line's last \\r; a \\r\\n ending is a plain line end)."""
+    its last redraw (the text after the line's last \\r; a \\r\\n ending is a plain line end); once `done`, the
+    rest is read and dropped (a process the step left behind: the next step's output is on the screen then)."""
     import codecs
 
     decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
     while chunk := os.read(stream.fileno(), 65536):
         text = decoder.decode(chunk)  # a character split between two reads is whole
-        if screen is not None:
-            screen.write(text)
-            screen.flush()
         *lines, pending = (pending + text).split("\n")
         body = pending.rstrip("\r")
         if "\r" in body:  # a bar redrawn with no line end yet: only its last state is kept (the buffer stays small)
             pending = body.rsplit("\r", 1)[-1] + pending[len(body):]
-        for line in lines:
-            log.write(line.rstrip("\r").rsplit("\r", 1)[-1] + "\n")
-        log.flush()
+        with done.lock:
+            if done.set:
+                continue
+            if screen is not None:
+                screen.write(text)
+                screen.flush()
+            for line in lines:
+                log.write(line.rstrip("\r").rsplit("\r", 1)[-1] + "\n")
+            log.flush()
     pending += decoder.decode(b"", final=True)
-    if pending.strip("\r"):
-        log.write(pending.rstrip("\r").rsplit("\r", 1)[-1] + "\n")
-        log.flush()
+    with done.lock:
+        if pending.strip("\r") and not done.set:
+            log.write(pending.rstrip("\r").rsplit("\r", 1)[-1] + "\n")
+            log.flush()
 
 
 def _stop_with_parent(parent: int):
