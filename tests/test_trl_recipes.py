@@ -903,6 +903,12 @@ def test_a_trl_command_line_is_told_which_of_alignkit_s_defaults_differ_from_trl
     (line,) = [r for r in alignkit_log.text.splitlines() if "TRL's differ" in r]
     assert "learning_rate 5e-05 (TRL: 1e-06)" in line and "lr_scheduler_type cosine (TRL: linear)" in line
     assert "num_train_epochs" not in line and "revision" not in line  # given; the same meaning
+    # dataset_name reads TRL's split, train: sft.py's line said "dataset_split train_sft (TRL: train)"
+    alignkit_log.clear()
+    s = parse_config(SFTSettings, env_file=None, args=["--model_name_or_path", "m", "--dataset_name", "d",
+                                                       "--use_peft"])
+    (line,) = [r for r in alignkit_log.text.splitlines() if "TRL's differ" in r]
+    assert s.dataset_split == "train" and "dataset_split" not in line and "learning_rate" in line
     alignkit_log.clear()
     parse_config(DPOSettings, env_file=None, args=["--model_id", "m", "--dataset_id", "d"])  # alignkit's own names
     assert "TRL's differ" not in alignkit_log.text

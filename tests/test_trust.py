@@ -353,6 +353,16 @@ def test_stage_settings_map_into_trls_config_and_bad_overrides_are_a_config_erro
     before = copy.deepcopy(config_to_dict(s))
     trl_config(DPOConfig, s, tmp_path, torch.float32)
     assert config_to_dict(s) == before
+    # A JSON string where TRL's field is a bool or a number goes to TRL as its type, as a flag's does: "false" reached
+    # TRL as the string, which is true (found by an audit: '{"sync_ref_model": "false"}' was refused as TR-DPO).
+    s = parse_config(DPOSettings, ["--report_to", "none", "--trainer_overrides",
+                                   '{"logging_first_step": "false", "sync_ref_model": "false", "save_steps": "7"}'],
+                     env_file=None)
+    args = trl_config(DPOConfig, s, tmp_path, torch.float32)
+    assert (args.logging_first_step, args.sync_ref_model, args.save_steps) == (False, False, 7)
+    with pytest.raises(ConfigError, match=r"^invalid value for --trainer_overrides logging_first_step: 'maybe' is not "
+                                          r"bool$"):
+        parse_config(DPOSettings, ["--trainer_overrides", '{"logging_first_step": "maybe"}'], env_file=None)
 
 
 def test_a_reward_run_keeps_its_lora_modules_to_save_as_given(tiny_cache, tmp_path):

@@ -311,6 +311,10 @@ class TrainSettings(HubPushSettings, ModelSettings):
         from alignkit.core.trl_tables import refusal  # a flag's refusal holds inside --trainer_overrides too
 
         overrides = self.trainer_overrides if isinstance(self.trainer_overrides, dict) else {}
+        if any(isinstance(v, str) for v in overrides.values()):  # JSON's "false" as TRL takes it, as a flag's is
+            from alignkit.core.trl_names import typed_overrides
+
+            self.trainer_overrides = overrides = typed_overrides(overrides, type(self).trl_configs)
         if refused := sorted(n for n, v in overrides.items() if refusal(n, v, type(self).trl_configs)):
             raise ValueError(f"--trainer_overrides {refused[0]} has no effect in alignkit: "
                              f"{refusal(refused[0], overrides[refused[0]], type(self).trl_configs)}; drop it")

@@ -137,6 +137,14 @@ def trl_fields(names: tuple[str, ...]) -> dict:
     return out
 
 
+def typed_overrides(overrides: dict, names: tuple[str, ...]) -> dict:
+    """--trainer_overrides with each string value as TRL's field takes it ('{"sync_ref_model": "false"}': False; a
+    flag's value is converted so too): the string reached TRL as it was, where "false" is true."""
+    types = trl_fields(tuple(names))
+    return {k: trl_value(v, types[k], f"--trainer_overrides {k}") if isinstance(v, str) and k in types else v
+            for k, v in overrides.items()}
+
+
 @functools.cache
 def trl_choices(names: tuple[str, ...]) -> dict:
     """{field name: the values it takes} where TRL's dataclasses `names` list them (field metadata "choices")."""
@@ -363,6 +371,8 @@ class Vocabulary:
         # evaluation asks for none: TRL's eval_strategy default is "no" (the zephyr-141b ORPO recipe lost 4 of its 64
         # rows to a share; `--model_name_or_path M --dataset_name D` lost 5% of them).
         trl_recipe = bool(raw_recipe_keys & _TRL_RECIPE_NAMES) and "run_name" not in raw_recipe_keys
+        if self.trl_dataset and "dataset_split" in values and "dataset_split" not in given:
+            values["dataset_split"] = "train"  # TRL's dataset_train_split default (so not among the defaults named)
         if self.trl_style or raw_recipe_keys & _TRL_RECIPE_NAMES:
             self._trl_defaults(values, given, preset_keys)
         overrides = values.get("trainer_overrides") or {}
@@ -379,8 +389,6 @@ class Vocabulary:
         if values.get("dataset_mixture") and "dataset_id" in given:  # as TRL's scripts say it
             logger.warning(f"--dataset_id {values['dataset_id']} is not used: the dataset_mixture is. To train on "
                            f"it, pass --dataset_mixture none")
-        if self.trl_dataset and "dataset_split" in values and "dataset_split" not in given:
-            values["dataset_split"] = "train"  # TRL's dataset_train_split default, not alignkit's train_sft
         source = given.get("output_dir")
         trl_meaning = source == "recipe" or (source in ("cli", "overrides")
                                              and (self.trl_style or "output_dir" in recipe_keys))
