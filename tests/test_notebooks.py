@@ -160,6 +160,10 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
     cells.append(nbformat.v4.new_code_cell(sft.source.replace("overrides: dict = {}",
                                                               "overrides: dict = {'preset': 'tiny', 'lora_rr': 4}")))
     cells.append(nbformat.v4.new_code_cell("raise KeyboardInterrupt  # the stop button"))
+    # A cell run after a failed one, using what the failed cell would have set: one line saying so, not a traceback
+    # pointing at this cell. A NameError inside a function is a bug: its traceback stays.
+    cells.append(nbformat.v4.new_code_cell("trainer.train()"))
+    cells.append(nbformat.v4.new_code_cell("def f():\n    return missing_name\nf()"))
     cells.append(nbformat.v4.new_code_cell("print('alive')"))
     nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": build.KERNELSPEC})
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)
@@ -167,9 +171,13 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
     env.pop("PRESET", None)
     NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120, allow_errors=True).execute(
         env=env, cwd=str(tmp_path), cleanup_kc=True)
-    printed = [c.outputs[-1].text.strip() for c in nb.cells[1:-3:2]]
+    printed = [c.outputs[-1].text.strip() for c in nb.cells[1:-5:2]]
     assert printed == [f"{name} tiny {next(iter(edit.values()))!r}" for name, edit in edits.items()]
-    bad, stopped, alive = nb.cells[-3:]
+    bad, stopped, unset, bug, alive = nb.cells[-5:]
+    assert [o.output_type for o in unset.outputs] == ["stream"] and unset.outputs[0].text.strip() == (
+        "error: name 'trainer' is not defined: the cell above that sets it has not run, or stopped with an error; "
+        "fix that and run the cells from there down (Run All Above, then this one)")
+    assert [o.ename for o in bug.outputs if o.output_type == "error"] == ["NameError"]
     from alignkit.core.errors import INTERRUPTED_IN_CELL  # one line, not a traceback into TRL
 
     assert "".join(o.text for o in stopped.outputs).strip() == INTERRUPTED_IN_CELL, stopped.outputs

@@ -106,7 +106,7 @@ def report_user_errors() -> None:
         return
     shell = getattr(builtins, "get_ipython", lambda: None)()
     if shell is not None and hasattr(shell, "set_custom_exc"):
-        shell.set_custom_exc((UserError, KeyboardInterrupt), _show_in_cell)
+        shell.set_custom_exc((UserError, KeyboardInterrupt, NameError), _show_in_cell)
 
 
 def _show_in_cell(shell, kind, error, tb, tb_offset=None):
@@ -114,6 +114,19 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
     if debugging():
         lines = shell.InteractiveTB.structured_traceback(kind, error, tb, tb_offset=tb_offset)
         shell._showtraceback(kind, error, lines)
+        return None
+    if issubclass(kind, NameError):
+        last = tb
+        while last is not None and last.tb_next is not None:
+            last = last.tb_next
+        if last is None or last.tb_frame.f_code.co_name != "<module>":  # inside a function: a bug, shown whole
+            lines = shell.InteractiveTB.structured_traceback(kind, error, tb, tb_offset=tb_offset)
+            shell._showtraceback(kind, error, lines)
+            return None
+        # In the cell's own code: a name an earlier cell sets, which has not run or stopped with an error (the
+        # usual way here is a cell run after a failed one), not a traceback pointing at this cell's line.
+        print(f"error: {error}: the cell above that sets it has not run, or stopped with an error; fix that and "
+              "run the cells from there down (Run All Above, then this one)", file=sys.stderr)
         return None
     if issubclass(kind, KeyboardInterrupt):  # the kernel's stop button: 30-50 lines deep inside TRL, before
         sys.stderr.write(INTERRUPTED_IN_CELL + "\n")  # one write: one stream message under the cell
