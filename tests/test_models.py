@@ -162,6 +162,36 @@ def test_a_sampled_answer_depends_on_its_own_seed_not_on_its_batch(tiny_cache, m
         assert [plain] == [sample([i], 1)], i
 
 
+def test_per_row_sampling_is_the_sampling_thread_s_alone():
+    """rows_sampled replaced torch.multinomial for the whole process while open: another thread's draw over as many
+    rows (a second generator, a data loader) took the per-row streams, and two threads' contexts restored each
+    other's patch. Now only the thread that opened it samples row by row."""
+    import threading
+
+    probs = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    opened, release = threading.Event(), threading.Event()
+
+    def holds_it_open():
+        with generation.rows_sampled([1, 2]) as draws:
+            opened.set()
+            release.wait(30)
+            torch.multinomial(probs, 4, True)
+        assert draws == [1]
+
+    worker = threading.Thread(target=holds_it_open)
+    worker.start()
+    assert opened.wait(30)
+    try:
+        torch.manual_seed(0)
+        here = torch.multinomial(probs, 64, True)
+        torch.manual_seed(0)
+        assert torch.equal(here, generation._REAL_MULTINOMIAL(probs, 64, True))  # torch's own stream here
+    finally:
+        release.set()
+        worker.join(30)
+    assert torch.multinomial is generation._REAL_MULTINOMIAL  # put back once no thread has it open
+
+
 def test_generation_backend_falls_back_with_a_reason(alignkit_log, monkeypatch):
     import importlib.util
 

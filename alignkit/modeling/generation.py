@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -96,33 +97,47 @@ def generate(
     return answers
 
 
+_REAL_MULTINOMIAL = torch.multinomial
+_ROWS = threading.local()  # this thread's open rows_sampled: (its seeds, their generators, its draw count)
+_INSTALLED = {"threads": 0, "lock": threading.Lock()}
+
+
+def _multinomial(probs, num_samples, replacement=False, *, generator=None, out=None):
+    """torch.multinomial while some thread has rows_sampled open: that thread's batch draws row by row; every other
+    call, and every other thread's, is torch's own."""
+    rows = getattr(_ROWS, "open", None)
+    if rows is not None and generator is None and out is None and probs.dim() == 2 and probs.shape[0] == len(rows[0]):
+        seeds, generators, draws = rows
+        if not generators:  # made on the device the probabilities are on (a model split over devices ends elsewhere)
+            generators.extend(torch.Generator(device=probs.device).manual_seed(int(seed) % 2**63) for seed in seeds)
+        draws[0] += 1
+        return torch.cat([_REAL_MULTINOMIAL(probs[i : i + 1], num_samples, replacement, generator=g)
+                          for i, g in enumerate(generators)])
+    return _REAL_MULTINOMIAL(probs, num_samples, replacement, generator=generator, out=out)
+
+
 @contextlib.contextmanager
 def rows_sampled(seeds: list[int]):
-    """While open, transformers' sampling draws each row of a batch from its own torch.Generator (seeded per row):
-    the row's t-th token uses its generator's t-th draw, whatever else is in the batch. transformers samples every
-    row from torch's one global stream (torch.multinomial over the batch), so a sampled answer changed with its
-    batch's other rows and the batch size. Everything else of sampling is transformers' own (temperature, top_k,
-    top_p and the model's generation config). Yields a count of the batch draws, which the caller checks: a
-    transformers that no longer samples this way fails loudly instead of seeding per call."""
-    real = torch.multinomial
-    generators: list = []  # made on the device the probabilities are on (a model split over devices ends elsewhere)
+    """While open, transformers' sampling in this thread draws each row of a batch from its own torch.Generator
+    (seeded per row): the row's t-th token uses its generator's t-th draw, whatever else is in the batch.
+    transformers samples every row from torch's one global stream (torch.multinomial over the batch), so a sampled
+    answer changed with its batch's other rows and the batch size. Everything else of sampling is transformers' own
+    (temperature, top_k, top_p and the model's generation config); other threads sample as torch does. Yields a
+    count of the batch draws, which the caller checks: a transformers that no longer samples this way fails loudly
+    instead of seeding per call."""
     draws = [0]
-
-    def multinomial(probs, num_samples, replacement=False, *, generator=None, out=None):
-        if generator is None and out is None and probs.dim() == 2 and probs.shape[0] == len(seeds):
-            if not generators:
-                generators.extend(torch.Generator(device=probs.device).manual_seed(int(seed) % 2**63)
-                                  for seed in seeds)
-            draws[0] += 1
-            return torch.cat([real(probs[i : i + 1], num_samples, replacement, generator=g)
-                              for i, g in enumerate(generators)])
-        return real(probs, num_samples, replacement, generator=generator, out=out)
-
-    torch.multinomial = multinomial
+    outer, _ROWS.open = getattr(_ROWS, "open", None), (list(seeds), [], draws)
+    with _INSTALLED["lock"]:
+        _INSTALLED["threads"] += 1
+        torch.multinomial = _multinomial
     try:
         yield draws
     finally:
-        torch.multinomial = real
+        _ROWS.open = outer
+        with _INSTALLED["lock"]:
+            _INSTALLED["threads"] -= 1
+            if not _INSTALLED["threads"]:
+                torch.multinomial = _REAL_MULTINOMIAL
 
 
 RAGGED_PREFILL_PADDING = 0.25  # share of a batch's prompt positions that are padding, from which it pays
