@@ -273,6 +273,11 @@ def qlora(smoke: Smoke, steps: int) -> None:
     if smoke.check("tiny QLoRA DPO runs", log):
         smoke.check("QLoRA trainable weights in fp32", "trainable weights: fp32" in log,
                     _line(log, "trainable weights"))
+    log = smoke.run("tiny-qlora-fp4", "dpo.py", "--preset", "tiny", "--quantization", "4bit", "--bnb_4bit_quant_type",
+                    "fp4", "--use_bnb_nested_quant", "false", "--max_steps", str(steps), "--output_dir", out,
+                    "--run_name", "tiny-qlora-fp4", "--report_to", "none", "--eval_split", "0")
+    smoke.check("QLoRA in FP4 without double quantization runs and says so", log and "4-bit weights: 4-bit FP4 (" in log,
+                _line(log, "4-bit weights"))
 
 
 def several_gpus(smoke: Smoke) -> None:

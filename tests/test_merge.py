@@ -135,7 +135,7 @@ def test_a_merge_replaces_its_output_whole_and_a_killed_one_leaves_the_earlier_m
         merge_module.merge_adapters(str(dpo_run["run_folder"]), tmp_path)
 
 
-def test_qlora_adapter_merges_both_ways(tiny_cache, tmp_path):
+def test_qlora_adapter_merges_both_ways(tiny_cache, tmp_path, alignkit_log):
     run = run_script("dpo.py", "--preset", "tiny", "--quantization", "4bit", "--max_steps", "15",
                      "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", "qlora")
     adapter = str(run["run_folder"])
@@ -173,6 +173,7 @@ def test_qlora_adapter_merges_both_ways(tiny_cache, tmp_path):
                                                   use_bnb_nested_quant=False)).model.modules()
               if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.quant_state.quant_type == "fp4" and not m.weight.quant_state.nested for m in layers)
+    assert "4-bit weights: 4-bit FP4 (--bnb_4bit_quant_type, --use_bnb_nested_quant)" in alignkit_log.text
 
 
 def test_a_failed_check_saves_nothing_and_says_by_how_much(dpo_run, tmp_path, monkeypatch):

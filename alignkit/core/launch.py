@@ -361,7 +361,7 @@ def resolve_quantization(requested: str, for_training: bool = True, log: bool = 
         say("quantization", "none", "inference loads the model as saved; --quantization 4bit to save memory")
         return "none"
     if torch.cuda.is_available():
-        say("quantization", "4bit", "QLoRA NF4 by default on CUDA; --quantization none to train in full precision")
+        say("quantization", "4bit", "QLoRA by default on CUDA; --quantization none to train in full precision")
         return "4bit"
     say("quantization", "none", "no CUDA device; --quantization 4bit still runs QLoRA on the CPU, slowly")
     return "none"

@@ -267,6 +267,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     kwargs: dict = dict(revision=base_revision, trust_remote_code=s.trust_remote_code, dtype=dtype)
     lota_delta.check_launch(s, _sharded_launch(), deltas)  # LoTA under FSDP/ZeRO-3, a delta under ZeRO-3: refused
     config = quantization_config(quantization, dtype, FourBit.of(s))  # 8-bit under FSDP/ZeRO-3 is refused here
+    if quantization == "4bit" and FourBit.of(s) != FourBit():  # QLoRA's NF4 with double quantization goes unsaid
+        logger.info(f"4-bit weights: {FourBit.of(s)} (--bnb_4bit_quant_type, --use_bnb_nested_quant)")
     if config is not None:
         kwargs["quantization_config"] = config
     kwargs.update(device_placement(quantization, on_cpu=on_cpu))
