@@ -418,10 +418,24 @@ def test_the_save_cell_after_an_interrupted_training_cell_saves_nothing(tmp_path
     with pytest.raises(UserError, match="stopped"):  # reward.py's last cell: its report went into the earlier run
         held_out_report(None, None, None, folder)
     assert (folder / "metrics.json").read_text() == '{"earlier": 1}' and sorted(os.listdir(folder)) == ["metrics.json"]
+    # The training cell run again on its own says what happened to it: stopped, not "already trained".
+    with pytest.raises(UserError, match=rf"^{re.escape(str(folder))} was trained in this session, and stopped "
+                                        r"\(KeyboardInterrupt\): run the cells from 'Run folder' on again"):
+        with run_folder.start_run(s, folder, None):
+            pass
     run_folder.prepare_run(s, "sft")
     with run_folder.start_run(s, folder, None):
         pass  # the cells run again, training to its end
-    run_folder.check_trained(folder)
+    run_folder.check_trained(folder, s)
+    # Saved only under the settings it trained with, and only what trained here (the saving cell alone, after the
+    # settings cell ran with others: the adapter recorded the new model_id as its base).
+    with pytest.raises(UserError, match=r"^the settings changed since run trained \(model_id\): saving would record "
+                                        r"them for a model trained with others\. Set them back"):
+        finish(None, None, SFTSettings(output_dir=str(tmp_path), run_name="run", resume="false", model_id="other"),
+               folder, "sft")
+    with pytest.raises(UserError, match=r"^nothing was trained into .*other in this session: run the cells from "
+                                        r"'Run folder' on"):
+        finish(None, None, s, tmp_path / "other", "sft")
 
 
 def test_a_notebook_s_training_cell_trains_what_its_run_folder_cell_decided_once(tmp_path, monkeypatch):

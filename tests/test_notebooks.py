@@ -356,7 +356,16 @@ def test_a_training_cell_run_again_is_refused_and_the_cells_from_run_folder_resu
     run_folder_cell = next(c for c in code if "prepare_run(" in c.source)
     train_cell = next(c for c in code if "start_run(" in c.source)
     save_cell = next(c for c in code if "finish(" in c.source)
+    first = code[0]
+    assert first.source.count("overrides: dict = {}") == 1
     cells = [*nb.cells, nbformat.v4.new_code_cell(train_cell.source),  # the training cell again
+             # Saving then saves the run the cell trained (TRL's config, built by the refused cell, reset accelerate's
+             # state under the trained model: an AttributeError traceback from accelerate).
+             nbformat.v4.new_code_cell(save_cell.source),
+             # The settings cell run with other settings, then the saving cell alone: refused (it recorded the new
+             # model_id as the adapter's base, and the new settings for a model trained with others).
+             nbformat.v4.new_code_cell(first.source.replace("overrides: dict = {}", "overrides: dict = {'lora_r': 4}")),
+             nbformat.v4.new_code_cell(save_cell.source), nbformat.v4.new_code_cell(first.source),
              nbformat.v4.new_code_cell("print('alive')"),
              nbformat.v4.new_code_cell(run_folder_cell.source + "\nprint('resume_from', resume_from)"),
              nbformat.v4.new_code_cell(train_cell.source), nbformat.v4.new_code_cell(save_cell.source)]
@@ -365,7 +374,15 @@ def test_a_training_cell_run_again_is_refused_and_the_cells_from_run_folder_resu
     env = kernel_env(tiny_cache, PRESET="tiny", ALIGNKIT_MAX_STEPS="4", ALIGNKIT_SAVE_STEPS="2")
     NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120, allow_errors=True).execute(
         env=env, cwd=str(tmp_path), cleanup_kc=True)
-    again, alive, run_folder_again, train_again, save_again = nb.cells[-5:]
+    again, saved, _, refused, _, alive, run_folder_again, train_again, save_again = nb.cells[-9:]
+    assert [o for o in saved.outputs if o.output_type == "error"] == [] and "adapter saved to runs/tiny-sft" in \
+        text_of(nbformat.v4.new_notebook(cells=[saved])), saved.outputs
+    said = [line for o in refused.outputs if o.get("name") == "stderr" for line in o.text.splitlines()]
+    assert [line for line in said if line.startswith("error:")] == [
+        "error: the settings changed since tiny-sft trained (lora_r): saving would record them for a model trained "
+        "with others. Set them back and run this cell again, or run the cells from 'Data' on again (Data, Run folder, "
+        "Model, Train), then this one"], refused.outputs
+    assert json.loads((tmp_path / "runs/tiny-sft/adapter_config.json").read_text())["r"] != 4
     said = [line for o in again.outputs if o.get("name") == "stderr" for line in o.text.splitlines()]
     assert [o.output_type for o in again.outputs if o.output_type == "error"] == []  # no traceback
     assert [line for line in said if line.startswith("error:")] == [

@@ -20,6 +20,9 @@ from alignkit.core.errors import UserError
 # on that, once. A notebook's training cell run again, or after the settings, the data or the model changed without
 # the cells before it, would otherwise train a model in memory as a run it is not.
 PREPARED: dict[Path, "Prepared"] = {}
+# Run folders whose training finished in this process, each with the settings it trained with: the cell that saves it
+# (alignkit.train.training.finish) saves that training only, under those settings.
+TRAINED: dict[Path, dict] = {}
 
 
 def check_read_under(s, data) -> None:
@@ -49,7 +52,7 @@ def fingerprints(data) -> tuple:
     return tuple(None if d is None else (getattr(d, "_fingerprint", None), id(d)) for d in data)
 
 
-def check_prepared(s, folder: Path, resume_from: str | None, model, data) -> None:
+def check_prepared(s, folder: Path, resume_from: str | None, model, data, stopped: str | None = None) -> None:
     """Refuse, in one line naming the cells to run again, a training that is not the one prepare_run decided: the
     training cell run a second time (it trained the model in memory again as a fresh run, unlocked), settings or
     data changed since (the folder recorded settings its model was not trained with), or a model trained by an
@@ -62,11 +65,11 @@ def check_prepared(s, folder: Path, resume_from: str | None, model, data) -> Non
                         f"{os.getcwd()}), so {folder} names another folder: change back (%cd {moved[-1].cwd}), or "
                         f"{again}")
     if prepared is None or prepared.used:
-        why = "already trained in this session" if prepared else "not prepared for training (prepare_run)"
+        why = (f"trained in this session, and stopped ({stopped})" if stopped else "already trained in this session") \
+            if prepared else "not prepared for training (prepare_run)"
         raise UserError(f"{folder} was {why}: {again}; it resumes from the last checkpoint, or starts over where "
                         "the settings changed")
-    now = config_to_dict(s)  # alignkit hands PEFT and TRL copies: a change here is the user's
-    if changed := sorted(k for k in prepared.settings.keys() | now.keys() if prepared.settings.get(k) != now.get(k)):
+    if changed := _changed(prepared.settings, s):
         raise UserError(f"the settings changed since the 'Run folder' cell ran ({', '.join(changed)}): run the "
                         "cells from 'Data' on again, then train")
     if data and fingerprints(data) != prepared.data or resume_from != prepared.resume_from:
@@ -75,6 +78,38 @@ def check_prepared(s, folder: Path, resume_from: str | None, model, data) -> Non
     if resume_from is None and getattr(model, "_alignkit_trained_in", None) is not None:
         raise UserError(f"this model was trained by an earlier training cell ({model._alignkit_trained_in}) and "
                         "there is no checkpoint to resume: run the 'Model' cell again for a fresh adapter, then train")
+
+
+def _changed(then: dict, s) -> list[str]:
+    now = config_to_dict(s)  # alignkit hands PEFT and TRL copies: a change here is the user's
+    return sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+
+
+def check_before_config(s, folder: Path, stopped: str | None = None) -> None:
+    """A training cell's first step (TRL's config, which resets accelerate's state that the model trained in memory
+    still uses) refused, as start_run would refuse it, where prepare_run's decision was used or the settings
+    changed since; nothing is checked for a folder prepare_run did not decide (a config built on its own)."""
+    prepared = PREPARED.get(folder.resolve())
+    if prepared is not None and (prepared.used or _changed(prepared.settings, s)):
+        check_prepared(s, folder, prepared.resume_from, None, (), stopped)
+
+
+def trained(s, folder: Path) -> None:
+    TRAINED[folder.resolve()] = copy.deepcopy(config_to_dict(s))
+
+
+def check_saved(s, folder: Path) -> None:
+    """Refuse, in one line, to save a training under other settings than it trained with (a notebook's settings cell
+    run again, then the saving cell: the new model_id would be recorded as the adapter's base) or one that never
+    trained in this process."""
+    then = TRAINED.get(folder.resolve())
+    if then is None:
+        raise UserError(f"nothing was trained into {folder} in this session: run the cells from 'Run folder' on "
+                        "(Run folder, Model, Train), then this one")
+    if changed := _changed(then, s):
+        raise UserError(f"the settings changed since {folder.name} trained ({', '.join(changed)}): saving would "
+                        "record them for a model trained with others. Set them back and run this cell again, or run "
+                        "the cells from 'Data' on again (Data, Run folder, Model, Train), then this one")
 
 
 def remember(s, folder: Path, resume_from: str | None, data) -> None:

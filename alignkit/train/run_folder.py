@@ -325,12 +325,8 @@ def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
 
     Under a multi-process launch the main process moves and writes; the others wait for it, then train.
     """
-    try:
-        cell_checks.check_prepared(s, folder, resume_from, model, data)
-    except UserError:
-        run_locks.release(folder)  # the cells run again take it again
-        cell_checks.forget(folder)
-        raise
+    check_training_cell(s, folder, lambda: cell_checks.check_prepared(s, folder, resume_from, model, data,
+                                                                      _STOPPED.get(folder.resolve())))
     cell_checks.used(folder)
     if model is not None:
         model._alignkit_trained_in = folder.name  # a later training cell of this model must resume, or reload it
@@ -344,6 +340,7 @@ def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
         write, order = state.is_main_process, state.main_process_first()
     aside = None
     _STOPPED.pop(folder.resolve(), None)
+    cell_checks.TRAINED.pop(folder.resolve(), None)
     with order:
         if write:
             aside = _claim(s, folder, resume_from)
@@ -354,17 +351,33 @@ def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
         if write:
             _release(folder, aside, error)
         raise
+    else:
+        cell_checks.trained(s, folder)  # what the cell that saves it checks its settings against
     finally:
         run_locks.release(folder)  # prepare_run's hold: the next run in this folder may start
 
 
-def check_trained(folder: Path) -> None:
+def check_training_cell(s, folder: Path, check=None) -> None:
+    """A training cell refused (cell_checks: by `check`, else before TRL's config is built) gives up prepare_run's
+    hold and decision: the cells run again take them again."""
+    try:
+        check() if check else cell_checks.check_before_config(s, folder, _STOPPED.get(folder.resolve()))
+    except UserError:
+        run_locks.release(folder)
+        cell_checks.forget(folder)
+        raise
+
+
+def check_trained(folder: Path, s=None) -> None:
     """Refuse to save a run whose training stopped in this process (a notebook's interrupted training cell, then
     the next cell): its model is half-trained, and the folder holds the earlier run again, or the checkpoints to
-    resume from."""
+    resume from. With `s`: one that did not train in this process, or trained with other settings
+    (cell_checks.check_saved)."""
     if stopped := _STOPPED.get(folder.resolve()):
         raise UserError(f"the training of {folder} stopped ({stopped}) and did not finish: nothing saved. Run the "
                         "cells from 'Run folder' on again (it resumes from the last checkpoint, if any), then this one")
+    if s is not None:
+        cell_checks.check_saved(s, folder)
 
 
 def _claim(s, folder: Path, resume_from: str | None) -> Path | None:

@@ -25,8 +25,8 @@ from alignkit.core.launch import agreed_minimum, free_memory, training_device, w
 from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scripts import it from here)
 # The run folder (alignkit.train.run_folder): the scripts import these from here.
 from alignkit.train.run_folder import (  # noqa: F401
-    CLAIM_FILE, CONFIG_FILE, FAILED_FILE, NOT_TRAINING, check_trained, prepare_run, run_dir, run_inputs,
-    save_run_config, start_run,
+    CLAIM_FILE, CONFIG_FILE, FAILED_FILE, NOT_TRAINING, check_trained, check_training_cell, prepare_run, run_dir,
+    run_inputs, save_run_config, start_run,
 )
 
 # A stage's settings that are TRL config fields (alignkit name -> TRL name): passed wherever both the settings and
@@ -166,7 +166,9 @@ def resolve_gradient_checkpointing(s, model, dtype: torch.dtype) -> bool:
 def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **stage_kwargs):
     """TRL's SFTConfig/DPOConfig from alignkit's settings; --trainer_overrides (every TRL field given under its
     TRL name, alignkit.core.trl_names) goes on top. `model` (the loaded model) sizes --gradient_checkpointing
-    auto; without it, checkpointing stays on."""
+    auto; without it, checkpointing stays on. A notebook's training cell run again is refused here, first: building
+    TRL's config resets accelerate's state, which the model trained by the cell's earlier run still uses."""
+    check_training_cell(s, folder)
     has_eval = s.has_eval_data() if hasattr(s, "has_eval_data") else s.eval_split > 0
     kwargs = dict(
         output_dir=str(folder), run_name=folder.name, seed=s.seed, data_seed=s.seed,
@@ -269,7 +271,7 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
     from alignkit.modeling.gguf import source_id
     from alignkit.modeling.models import save_adapter
 
-    check_trained(folder)
+    check_trained(folder, s)  # stopped, not trained here, or the settings changed since: refused before saving
     base = source_id(s.model_id, getattr(s, "gguf_file", None))  # a GGUF in a folder or repo: recorded whole
     if trainer.accelerator.is_main_process:
         (folder / CLAIM_FILE).unlink(missing_ok=True)  # trained: the earlier run aside is history now
