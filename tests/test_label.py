@@ -1046,3 +1046,52 @@ def test_a_python_judge_that_breaks_its_contract_is_named_in_one_line(tmp_path, 
     assert run("lower")["labeled"] == 5
     assert run("unsure")["parse_failures"] == 5  # every pair
     assert alignkit_log.text.count("python:rules.py:unsure: returned 'maybe', which holds no verdict") == 1
+
+
+def test_a_notebook_s_label_cells_take_only_what_this_run_made(tmp_path, monkeypatch):
+    """label.ipynb's settings cell run again (--max_prompts 1), then only the output cell: the earlier prompts,
+    responses and pairs were written under the new settings, with a summary saying 0 pairs beside 2 rows (an
+    audit found it). Each step now takes only what this run's own steps made, and says which cells to run."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import LabelSettings
+    from alignkit.feedback.label_pairs import judge_pairs, make_pairs
+    from alignkit.feedback.label_records import write_output
+    from alignkit.feedback.labeling import collect_responses, load_prompts, prepare
+
+    monkeypatch.chdir(tmp_path)
+    prompts_text = ["name three fruits.", "name three tools."]
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": p, "response": "apple, pear, plum"} for p in prompts_text])
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": p, "response": "no"} for p in prompts_text])
+
+    def settings_cell(*extra):
+        s = parse_config(LabelSettings, env_file=None, args=[
+            "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge",
+            "python:alignkit.modeling.presets:rule_judge", "--output", "p.jsonl", *extra])
+        return prepare(s)
+
+    run = settings_cell()
+    prompts = load_prompts(run)
+    responses = collect_responses(run, prompts)
+    pairs = make_pairs(run, prompts, responses)
+    judge_pairs(run, pairs)
+    assert write_output(run, prompts, responses, pairs)["pairs"] == 2
+    run.close()
+
+    run = settings_cell("--max_prompts", "1")
+    with pytest.raises(UserError, match=rf"^the prompts were not made by this run's 'Prompts' cell .*run the cells "
+                                        rf"from 'Prompts' on again \(Prompts, Responses, Judge, Output\)$"):
+        write_output(run, prompts, responses, pairs)
+    with pytest.raises(UserError, match="the prompts were not made"):
+        collect_responses(run, prompts)
+    prompts = load_prompts(run)  # the Prompts cell alone
+    with pytest.raises(UserError, match=r"^the responses were not made by this run's 'Responses' cell .*from "
+                                        r"'Responses' on again \(Responses, Judge, Output\)$"):
+        make_pairs(run, prompts, responses)
+    responses = collect_responses(run, prompts)
+    with pytest.raises(UserError, match=r"^the pairs were not made by this run's 'Judge' cell .*\(Judge, Output\)$"):
+        judge_pairs(run, pairs)
+    pairs = make_pairs(run, prompts, responses)
+    judge_pairs(run, pairs)
+    summary = write_output(run, prompts, responses, pairs)
+    run.close()
+    assert summary["pairs"] == 1 and len((tmp_path / "p.jsonl").read_text().splitlines()) == 1

@@ -15,13 +15,14 @@ from alignkit.core.progress import Progress
 from alignkit.core.digests import digest
 from alignkit.core.llm import FirstFailures
 from alignkit.feedback.judge import Request, orders_for, parse_verdict, question_text
-from alignkit.feedback.label_records import Pair, Prompt, Run, judge_fix, report_failure
+from alignkit.feedback.label_records import Pair, Prompt, Run, check_made, judge_fix, made, report_failure
 
 
 def make_pairs(run: Run, prompts: list[Prompt], table) -> list[Pair]:
     """The pairs to judge, in prompt order. Missing, empty, identical and repeated pairs never reach the judge."""
+    check_made(run, prompts=prompts, responses=table)
     if run.judge is None:
-        return []
+        return made(run, "pairs", [], of=table)
     s, pairs, seen = run.settings, [], set()
     identity = run.judge.identity()
     for pi, prompt in enumerate(prompts):
@@ -47,11 +48,12 @@ def make_pairs(run: Run, prompts: list[Prompt], table) -> list[Pair]:
                 pairs.append(pair)
     skipped = run.stats["pairs"] - len(pairs)
     logger.info(f"{len(pairs)} pairs to judge" + (f" ({skipped} skipped: see the summary)" if skipped else ""))
-    return pairs
+    return made(run, "pairs", pairs, of=table)
 
 
 def judge_pairs(run: Run, pairs: list[Pair]) -> None:
     """Ask the judge for every judgment not in the cache, `--parallel` at a time, caching each as it arrives."""
+    check_made(run, pairs=pairs)
     if not pairs:
         return
     judge, s = run.judge, run.settings

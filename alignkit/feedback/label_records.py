@@ -69,6 +69,7 @@ class Run:
     stats: Counter = field(default_factory=Counter)
     errors: dict = field(default_factory=dict)  # judgment key -> the exception of a request that failed
     backend: str | None = None  # "vllm" or "transformers" for local generators; None when there are none
+    made: dict = field(default_factory=dict, repr=False)  # what this run's steps made (`made`, `check_made`)
 
     @property
     def summary_path(self) -> Path:
@@ -78,6 +79,45 @@ class Run:
         self.responses.close()
         if self.judgments is not None:
             self.judgments.close()
+
+
+# A notebook's cells run out of order: a step takes only what this run's earlier steps made. Its settings cell run
+# again makes a new run, and the prompts, responses or pairs still in the notebook's variables were made under the
+# earlier settings (the output was written from them under the new ones, with a summary contradicting it).
+STEPS = (("prompts", "Prompts"), ("responses", "Responses"), ("pairs", "Judge"))  # what each step makes: its cell
+
+
+def made(run, kind: str, result, *, of=None):
+    """Record `result` as what this run's `kind` step (STEPS) made, `of` the step's input (the prompts answered, the
+    responses paired); returns it."""
+    if isinstance(run, Run):
+        run.made[kind] = {p.key for p in result} if kind == "prompts" else (id(result), _of(kind, of))
+    return result
+
+
+def _of(kind: str, value):
+    return tuple(p.key for p in value) if kind == "responses" else id(value)  # pairs: of the responses table
+
+
+def check_made(run, **inputs) -> None:
+    """Refuse, in one line naming the cells to run again, inputs this run's own steps did not make, or made of other
+    inputs than these (a subset of the prompts it read is fine to answer)."""
+    if not isinstance(run, Run):
+        return
+    given = {"responses": inputs.get("prompts"), "pairs": inputs.get("responses")}
+    for kind, cell in STEPS:
+        if kind not in inputs:
+            continue
+        value, then = inputs[kind], run.made.get(kind)
+        if kind == "prompts":
+            ok = then is not None and {p.key for p in value} <= then
+        else:
+            ok = then is not None and then[0] == id(value) and (given[kind] is None or then[1] == _of(kind, given[kind]))
+        if not ok:
+            later = [c for _, c in STEPS[[k for k, _ in STEPS].index(kind):]]
+            raise UserError(f"the {kind} were not made by this run's '{cell}' cell from these inputs (the settings "
+                            f"cell ran again since, or they come from elsewhere): run the cells from '{cell}' on again "
+                            f"({', '.join([*later, 'Output'])})")
 
 
 @dataclass
@@ -173,6 +213,7 @@ def _assistant(text: str) -> list[dict]:
 
 def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> dict:
     """Write the output rows (rebuilt from the cache) and the summary; return the summary."""
+    check_made(run, prompts=prompts, responses=table, pairs=pairs)
     kwargs = getattr(run.settings, "chat_template_kwargs", None)  # the answers' template arguments, in every row
     if run.judge is None:
         rows = []

@@ -23,7 +23,8 @@ from alignkit.core.progress import Progress
 from alignkit.core.digests import digest, sample_seed
 from alignkit.core.llm import FirstFailures
 from alignkit.feedback.judge import endpoint_identity, is_fatal, make_judge
-from alignkit.feedback.label_records import AppendLog, Prompt, Run, Source, generator_fix, report_failure
+from alignkit.feedback.label_records import (AppendLog, Prompt, Run, Source, check_made, generator_fix, made,
+                                              report_failure)
 
 RESPONSE_FIELDS = ("response", "completion", "output", "answer")
 
@@ -209,7 +210,7 @@ def load_prompts(run: Run) -> list[Prompt]:
         judge.check_prompts(prompts)
     dropped = run.stats["duplicate prompts"]
     logger.info(f"{len(prompts)} prompts from {label}" + (f" ({dropped} repeated ones dropped)" if dropped else ""))
-    return prompts
+    return made(run, "prompts", prompts)
 
 
 def read_prompts(source, split="train", config=None, field="prompt", max_prompts=None, keep_rows=False) -> list[Prompt]:
@@ -347,6 +348,7 @@ def _generator_identity(run: Run, source: Source) -> dict:
 def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]:
     """responses[source][prompt]: read from a file, found in the cache, or generated now (and cached at once);
     None when a file lacks the prompt or generation failed."""
+    check_made(run, prompts=prompts)
     table: list[list[str | None]] = [[None] * len(prompts) for _ in run.sources]
     todo = defaultdict(list)  # (kind, model) -> [(source number, prompt number, cache key)]
     for si, source in enumerate(run.sources):
@@ -397,7 +399,7 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
             if generator is not None:
                 del stream
                 generator.close()  # the judge (or the next generator) may need the memory
-    return table
+    return made(run, "responses", table, of=prompts)
 
 
 def _load_generator(run: Run, spec: str):

@@ -28,7 +28,7 @@ from alignkit.core.llm import FirstFailures
 from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, import_function, question_text, rule_fingerprint
 from alignkit.feedback.judge_templates import Template
-from alignkit.feedback.label_records import AppendLog, judge_fix, refuse_empty
+from alignkit.feedback.label_records import AppendLog, check_made, judge_fix, refuse_empty
 from alignkit.feedback.ratings import SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM, parse_rating
 
 # FastChat's "single-v1" judge prompt (alignkit.feedback.ratings), in this module's Template form.
@@ -123,6 +123,7 @@ class Grader:
 
 def grade(run, grader: Grader, prompts, table) -> dict:
     """Grade every collected response not yet in the cache; then write the KTO rows and the summary."""
+    check_made(run, prompts=prompts, responses=table)
     s = run.settings
     identity = grader.identity()
     grades = AppendLog(run.cache_dir / "grades.jsonl")
