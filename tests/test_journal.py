@@ -433,9 +433,11 @@ def test_the_save_cell_after_an_interrupted_training_cell_saves_nothing(tmp_path
                                         r"them for a model trained with others\. Set them back"):
         finish(None, None, SFTSettings(output_dir=str(tmp_path), run_name="run", resume="false", model_id="other"),
                folder, "sft")
+    other = SFTSettings(output_dir=str(tmp_path), run_name="other", resume="false")
+    run_folder.prepare_run(other, "sft")  # the Run folder cell, then the saving cell before the training cell
     with pytest.raises(UserError, match=r"^nothing was trained into .*other in this session: run the cells from "
                                         r"'Run folder' on"):
-        finish(None, None, s, tmp_path / "other", "sft")
+        finish(None, None, other, tmp_path / "other", "sft")
 
 
 def test_a_notebook_s_training_cell_trains_what_its_run_folder_cell_decided_once(tmp_path, monkeypatch):
@@ -640,3 +642,5 @@ def test_data_read_under_other_settings_is_refused_at_the_run_folder_cell(tmp_pa
     prompts = load_prompt_dataset(rl)
     with pytest.raises(UserError, match=r"\(max_prompts changed since\)"):
         run_folder.prepare_run(dataclasses.replace(rl, max_prompts=5), "rl", prompts)
+    # rl.py's prompts are every row read, in order: another seed reads the same rows (it was refused).
+    run_folder.prepare_run(dataclasses.replace(rl, seed=7), "rl", prompts)

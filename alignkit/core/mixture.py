@@ -97,11 +97,12 @@ def data_settings(s) -> dict:
     return {k: getattr(s, k) for k in DATA_SETTINGS if hasattr(s, k)}
 
 
-def read_under(s, *data) -> tuple:
-    """`data`, each dataset marked with the settings of `s` that shaped its rows (see READ_UNDER)."""
+def read_under(s, *data, keys=DATA_SETTINGS) -> tuple:
+    """`data`, each dataset marked with the settings of `s` that shaped its rows (see READ_UNDER): `keys`, those of
+    DATA_SETTINGS a reader's rows depend on (rl.py's prompts: not the seed nor a held-out share)."""
     import copy
 
-    settings = copy.deepcopy(data_settings(s))
+    settings = copy.deepcopy({k: v for k, v in data_settings(s).items() if k in keys})
     for d in data:
         if d is not None:
             setattr(d, READ_UNDER, settings)

@@ -32,8 +32,8 @@ def check_read_under(s, data) -> None:
 
     now = data_settings(s)
     for then in (getattr(d, READ_UNDER, None) for d in data if d is not None):
-        if then is not None and then != now:
-            changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+        changed = sorted(k for k in then or {} if then[k] != now.get(k))  # of those its rows depend on
+        if changed:
             raise UserError(f"the data was read under other settings than these ({', '.join(changed)} changed "
                             "since): run the 'Data' cell again, then the cells after it")
 
@@ -100,9 +100,11 @@ def trained(s, folder: Path) -> None:
 
 def check_saved(s, folder: Path) -> None:
     """Refuse, in one line, to save a training under other settings than it trained with (a notebook's settings cell
-    run again, then the saving cell: the new model_id would be recorded as the adapter's base) or one that never
-    trained in this process."""
+    run again, then the saving cell: the new model_id would be recorded as the adapter's base) or one that prepare_run
+    decided and that never trained in this process (a saving cell run before the training cell)."""
     then = TRAINED.get(folder.resolve())
+    if then is None and folder.resolve() not in PREPARED:
+        return  # a trainer built and trained without prepare_run (a library's own use): nothing to compare with
     if then is None:
         raise UserError(f"nothing was trained into {folder} in this session: run the cells from 'Run folder' on "
                         "(Run folder, Model, Train), then this one")

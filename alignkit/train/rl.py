@@ -38,6 +38,9 @@ import torch
 from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.mixture import read_under
+
+# What rl.py's prompt rows depend on (load_prompt_dataset): the seed and the held-out share do not shape them.
+PROMPT_SETTINGS = ("dataset_id", "dataset_config", "dataset_split", "prompt_field", "max_prompts")
 from alignkit.train import rl_rewards
 
 
@@ -67,7 +70,8 @@ def load_prompt_dataset(s):
              rl_rewards.TEXT_PROMPT: isinstance(p.row.get(s.prompt_field), str) and len(p.messages) == 1}
             for p in prompts]
     try:
-        return read_under(s, as_dataset(rows))[0]  # a prompt's tool calls as JSON (alignkit.core.message_columns)
+        # A prompt's tool calls as JSON (alignkit.core.message_columns); the rows are every prompt read, in order.
+        return read_under(s, as_dataset(rows), keys=PROMPT_SETTINGS)[0]
     except (ValueError, TypeError) as e:  # pyarrow's ArrowInvalid / ArrowTypeError are these
         raise DataError(f"{s.dataset_id}: the columns beside the prompt, which go to the rewards as keyword "
                         f"arguments, do not make one table ({' '.join(str(e).split())[:200]}): keep one type per "
