@@ -1079,6 +1079,24 @@ def test_an_older_handbook_recipe_s_preprocessing_num_workers_is_trl_s_dataset_n
     assert s.trainer_overrides["dataset_num_proc"] == 12
 
 
+def test_a_handbook_recipe_runs_as_the_first_argument_and_older_ones_keep_evaluation_strategy(tmp_path):
+    """The handbook runs `run_sft.py recipe.yaml [--flag value ...]`: that was "unexpected argument". And its older
+    recipes (zephyr-7b-beta) say evaluation_strategy, transformers' name before eval_strategy: "unknown setting"
+    (both found by an audit)."""
+    recipe = tmp_path / "config_qlora.yaml"
+    recipe.write_text("model_name_or_path: org/model\ndataset_mixer:\n  org/data: 1.0\ndataset_splits: [train_sft, "
+                      "test_sft]\nuse_peft: true\nevaluation_strategy: epoch\nlearning_rate: 2.0e-4\n"
+                      "output_dir: data/zephyr\n")
+    as_config = parse_config(SFTSettings, env_file=None, args=["--config", str(recipe)])
+    assert parse_config(SFTSettings, env_file=None, args=[str(recipe)]) == as_config
+    assert as_config.trainer_overrides["eval_strategy"] == "epoch" and as_config.learning_rate == 2e-4
+    assert parse_config(SFTSettings, env_file=None, args=[str(recipe), "--learning_rate", "1e-5"]).learning_rate == 1e-5
+    with pytest.raises(ConfigError, match=r"^two recipes: .*config_qlora\.yaml and --config other\.yaml; give one$"):
+        parse_config(SFTSettings, env_file=None, args=[str(recipe), "--config", "other.yaml"])
+    with pytest.raises(ConfigError, match=r"^--learning_rate expects one value, got 2: 1e-5 recipe\.yaml$"):
+        parse_config(SFTSettings, env_file=None, args=["--learning_rate", "1e-5", "recipe.yaml"])  # first place only
+
+
 def test_the_older_handbook_s_model_and_data_keys_each_have_their_handling(tmp_path, alignkit_log):
     """The handbook's older ModelArguments/DataArguments keys (and its configs' wandb fields) were refused as unknown,
     with a wrong "did you mean" (tokenizer_name_or_path: model_name_or_path; text_column: length_column_name)."""

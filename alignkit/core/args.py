@@ -192,6 +192,9 @@ def _parse_cli(argv, types_, whole=frozenset(), flags=frozenset(), switches=froz
             continue
         if tok == "--debug":  # read by alignkit.core.errors: show the traceback of a user error; not a setting
             continue
+        if i == 1 and tok.lower().endswith((".yaml", ".yml")) and not tok.startswith("-"):
+            config = tok  # the alignment-handbook's way: `run_sft.py recipe.yaml [--flag value ...]`, as --config
+            continue
         if not tok.startswith("--") or tok == "--":
             kind = "option" if tok.startswith("-") else "argument"
             raise ConfigError(f"unexpected {kind} {tok!r}: options are written --name VALUE (see --help)")
@@ -205,6 +208,8 @@ def _parse_cli(argv, types_, whole=frozenset(), flags=frozenset(), switches=froz
         if name == "config":
             if len(vals) != 1:
                 raise ConfigError("--config expects one value: the path of a YAML file")
+            if config is not None:
+                raise ConfigError(f"two recipes: {config} and --config {vals[0]}; give one")
             config = vals[0]
             continue
         switch = lambda n: _unwrap_optional(types_.get(n))[0] is bool or n in switches  # noqa: E731

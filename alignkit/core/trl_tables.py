@@ -121,7 +121,8 @@ ALIASES = {
 # Names that mean TRL's vocabulary on a command line: with them, --output_dir is the run's own folder, use_peft is
 # needed, the model loads unquantized and no share is held out unless asked, as in TRL (trl_names.Vocabulary.finish).
 _TRL_ONLY = {"model_name_or_path", "dataset_name"}
-_RENAMED = {"preprocessing_num_workers": "dataset_num_proc"}  # the handbook's DataArguments name, before TRL's
+# The handbook's DataArguments name before TRL's; transformers' name for eval_strategy before 4.46 (older recipes).
+_RENAMED = {"preprocessing_num_workers": "dataset_num_proc", "evaluation_strategy": "eval_strategy"}
 # A recipe in TRL's or the handbook's names: they name the model and the data so (alignkit's own say model_id).
 _TRL_RECIPE_NAMES = _TRL_ONLY | {"dataset_mixer", "datasets"}
 
