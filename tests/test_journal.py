@@ -362,6 +362,14 @@ def test_a_run_killed_before_its_first_checkpoint_gives_the_earlier_run_back_at_
     (folder / "adapter_model.safetensors").write_text("the finished run")
     aside = run_folder._claim(s, folder, None)  # ... and killed here
     assert not (folder / "adapter_model.safetensors").exists() and (aside / "adapter_model.safetensors").exists()
+    # Another command meanwhile (evaluate.py, merge.py, a run over it) says where the model is, not "not a model
+    # folder" (found by an audit): the training may still be running, so it moves nothing.
+    from alignkit.modeling.models import check_model_source
+
+    with pytest.raises(UserError, match=rf"^{re.escape(str(folder))} holds no model now: a training run in it has "
+                                        rf"saved no checkpoint yet \(it is running, or it was killed\), and the "
+                                        rf"earlier run in it is in {re.escape(str(aside))} meanwhile\. Point at "):
+        check_model_source(str(folder))
     folder_seen, resume = training.prepare_run(s, "sft")  # the next command, whatever its settings
     assert (folder / "adapter_model.safetensors").read_text() == "the finished run" and not aside.exists()
     assert resume is None  # other settings than the earlier run's: it will be moved aside again, properly

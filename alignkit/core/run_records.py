@@ -18,6 +18,9 @@ from pathlib import Path
 
 # A run's settings file in its folder (alignkit.train.run_folder.CONFIG_FILE).
 RUN_CONFIG = "alignkit_config.json"
+# A run folder claimed by a training that has saved no checkpoint yet (alignkit.train.run_folder): where the earlier run
+# in it went meanwhile.
+CLAIM_FILE = "alignkit_claim.json"
 LOADED_AS = "loaded_as"  # its record there of how the model trained over was loaded (quantization, dtype)
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 # {model_id: {"quantization": ..., "dtype": ...}} as the loader last loaded it for training in this process.
@@ -52,6 +55,16 @@ def trained_four_bit(folder, record: dict | None = None) -> dict:
     before the settings existed trained over NF4 with double quantization."""
     source = run_config(folder) or record or {}
     return {k: source.get(k, default) for k, default in FOUR_BIT_FIELDS.items()}
+
+
+def earlier_run_aside(folder) -> Path | None:
+    """Where the earlier run of `folder` is while a training claims it before its first checkpoint (it is running,
+    or it was killed, and a rerun of it puts the earlier run back); None when no claim says so."""
+    try:
+        earlier = Path(json.loads((Path(folder) / CLAIM_FILE).read_text())["earlier_run"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return earlier if earlier.is_dir() else None
 
 
 def run_config(folder) -> dict:

@@ -149,6 +149,13 @@ def _check_model_folder(folder: Path) -> None:
     markers = ("config.json", "adapter_config.json", "lota_config.json")
     gguf = any(folder.glob("*.gguf")) or any(folder.glob("*/*.gguf"))  # --gguf_file may name a subfolder's file
     if not any((folder / name).is_file() for name in markers) and not gguf:
+        from alignkit.core.run_records import earlier_run_aside
+
+        if earlier := earlier_run_aside(folder):  # a training killed before its first checkpoint, or running
+            raise UserError(f"{folder} holds no model now: a training run in it has saved no checkpoint yet (it is "
+                            f"running, or it was killed), and the earlier run in it is in {earlier} meanwhile. Point "
+                            f"at {earlier}, or run that training command again (it puts the earlier run back "
+                            "first, or goes on)")
         raise UserError(f"{folder} is not a model folder: it holds no config.json (nor adapter_config.json or a "
                         ".gguf file); point at the folder a model or adapter was saved to, or at a Hub id")
     for path in sorted(folder.glob("*.safetensors")):

@@ -32,14 +32,13 @@ from alignkit.core.args import ConfigError, config_to_dict, field_defaults, reda
 from alignkit.core.errors import UserError, is_notebook
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
-from alignkit.core.run_records import LOADED_AS, loaded_as
+# CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
+# killed before its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
+from alignkit.core.run_records import CLAIM_FILE, LOADED_AS, loaded_as
 from alignkit.train import cell_checks, run_locks
 
 CONFIG_FILE = "alignkit_config.json"
 FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
-# In a claimed run folder until training finishes: where the earlier run went, for when this one is killed before
-# its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
-CLAIM_FILE = "alignkit_claim.json"
 # Run folders whose training (start_run's block) raised in this process, with what stopped it: a notebook's next
 # cell (finish) would otherwise save the half-trained model over the earlier run just put back (check_trained).
 _STOPPED: dict[Path, str] = {}
