@@ -433,3 +433,36 @@ def test_the_trainer_s_note_on_resuming_stacked_adapters_is_dropped():
         trainer_log.removeHandler(handler)
         trainer_log.setLevel(level)
     assert said == ["another trainer warning stays"]
+
+
+def test_a_ctrl_c_dropped_inside_a_finalizer_stops_the_training_at_its_next_step(monkeypatch):
+    """A Ctrl-C in the first second of training landed in the garbage collection the Trainer runs (a dataset's
+    __del__), where Python drops exceptions ("Exception ignored in ..."): the run trained to its end with exit
+    status 0 (found by an audit). The training remembers it and stops at its next step."""
+    import signal
+
+    from alignkit.core.errors import keep_interrupts
+    from alignkit.train.trainers import EndsAtMaxSteps
+
+    class Trainer:
+        def training_step(self, *args, **kwargs):
+            return "trained"
+
+    class Aligned(EndsAtMaxSteps, Trainer):
+        pass
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):  # the handler runs here, inside __del__, and its exception is dropped
+                pass
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+    with keep_interrupts():
+        Finalized()
+        assert dropped == [KeyboardInterrupt]  # Python's "Exception ignored in ...": nothing raised here
+        with pytest.raises(KeyboardInterrupt):
+            Aligned().training_step()
+        assert Aligned().training_step() == "trained"  # once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -11,6 +11,7 @@ foresaw, and keeps its full traceback.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import io
 import os
 import sys
@@ -135,3 +136,41 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
 
     print(f"error: {redact(str(error))}", file=sys.stderr)
     return None
+
+
+# ---------------------------------------------------------------- a Ctrl-C that nothing may swallow
+_PENDING: list[int] = []  # SIGINTs received inside keep_interrupts() and not yet acted on
+
+
+@contextlib.contextmanager
+def keep_interrupts():
+    """While open (a training: alignkit.train.run_folder.start_run), a Ctrl-C is remembered as well as raised.
+    Python drops an exception raised inside `__del__`: a Ctrl-C landing in the garbage collection the Trainer runs as
+    it starts (a dataset's finalizer) was lost, and the run trained to its end with exit status 0. The trainers
+    raise a remembered one at their next step (`raise_pending_interrupt`). Only in the main thread, over Python's
+    own handler (a kernel's, which raises the same KeyboardInterrupt, included)."""
+    import signal
+    import threading
+
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def remember(signum, frame):
+        _PENDING.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, remember) if ours else None
+    _PENDING.clear()
+    try:
+        yield
+    finally:
+        _PENDING.clear()
+        if ours:
+            signal.signal(signal.SIGINT, previous)
+
+
+def raise_pending_interrupt() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C that keep_interrupts() remembered (once)."""
+    if _PENDING:
+        _PENDING.clear()
+        raise KeyboardInterrupt

@@ -29,7 +29,7 @@ import torch
 from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, field_defaults, redact
-from alignkit.core.errors import UserError, is_notebook
+from alignkit.core.errors import UserError, is_notebook, keep_interrupts
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
 # CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
@@ -344,7 +344,8 @@ def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
         if write:
             aside = _claim(s, folder, resume_from)
     try:
-        yield
+        with keep_interrupts():  # a Ctrl-C swallowed where Python drops exceptions (a finalizer) stops it all the same
+            yield
     except BaseException as error:  # Ctrl-C too: a run stopped before its first checkpoint gives the folder back
         _STOPPED[folder.resolve()] = type(error).__name__
         if write:

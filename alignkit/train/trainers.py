@@ -44,6 +44,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.core.errors import raise_pending_interrupt
 from alignkit.core.journal import write_atomic
 from alignkit.modeling import template_rows
 from alignkit.modeling.chain import checkpoint_frozen
@@ -95,9 +96,14 @@ class EndsAtMaxSteps:
     middle of an epoch trained one more, and each rerun another (20, 21, 22, ...; the adapter changing each time).
     Every epoch is reported as trained instead; a run finished at an epoch's end was already left alone.
     `steps_at_start`: the step training started from in this process (a resumed checkpoint's), so that saving a
-    run that trained no step keeps the finished run's metrics (alignkit.train.training.finish)."""
+    run that trained no step keeps the finished run's metrics (alignkit.train.training.finish). And each step first
+    raises a Ctrl-C that Python dropped inside a finalizer (alignkit.core.errors.keep_interrupts)."""
 
     steps_at_start: int | None = None
+
+    def training_step(self, *args, **kwargs):
+        raise_pending_interrupt()  # a Ctrl-C Python dropped inside a finalizer (alignkit.core.errors.keep_interrupts)
+        return super().training_step(*args, **kwargs)
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
         epochs, steps = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
