@@ -370,6 +370,15 @@ def test_a_run_killed_before_its_first_checkpoint_gives_the_earlier_run_back_at_
                                         rf"saved no checkpoint yet \(it is running, or it was killed\), and the "
                                         rf"earlier run in it is in {re.escape(str(aside))} meanwhile\. Point at "):
         check_model_source(str(folder))
+    import shutil
+
+    (folder / "checkpoint-50").mkdir()  # ... and it got as far as a checkpoint before it stopped
+    (folder / "checkpoint-50" / "trainer_state.json").write_text("{}")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(folder))} holds no finished model: its training has not "
+                                        rf"finished \(it is running, or it stopped or was killed after checkpoint-50\)\. "
+                                        rf"Point at {re.escape(str(folder / 'checkpoint-50'))} "):
+        check_model_source(str(folder))
+    shutil.rmtree(folder / "checkpoint-50")
     folder_seen, resume = training.prepare_run(s, "sft")  # the next command, whatever its settings
     assert (folder / "adapter_model.safetensors").read_text() == "the finished run" and not aside.exists()
     assert resume is None  # other settings than the earlier run's: it will be moved aside again, properly
@@ -435,6 +444,9 @@ def test_the_save_cell_after_an_interrupted_training_cell_saves_nothing(tmp_path
     with run_folder.start_run(s, folder, None):
         pass  # the cells run again, training to its end
     run_folder.check_trained(folder, s)
+    import dataclasses  # what saving itself may change: merge it, push it (found by an audit: it was refused)
+
+    run_folder.check_trained(folder, dataclasses.replace(s, merge_adaptors=True, push_to_hub=True, hub_repo_id="me/x"))
     # Saved only under the settings it trained with, and only what trained here (the saving cell alone, after the
     # settings cell ran with others: the adapter recorded the new model_id as its base).
     with pytest.raises(UserError, match=r"^the settings changed since run trained \(model_id\): saving would record "

@@ -194,3 +194,12 @@ def test_merge_base_model_takes_a_moved_base_checked_by_content(sft_run, dpo_run
     (line,) = [r.getMessage() for r in alignkit_log.records if "stands in for it unchecked" in r.getMessage()]
     assert line.startswith(f"{dpo} names {str(sft)!r} as its base and records no model it was trained over") and \
         line.endswith("if that was an adapter (a chain), it is left out of the model")
+    # A run over a Hub base records nothing local (trained_over: []): it is a record, and no warning (the main use of
+    # --base_model: a local copy of the Hub base).
+    from alignkit.modeling.chain import Chain
+    from alignkit.modeling.lineage import check_trained_over
+
+    (dpo / "alignkit_config.json").write_text(json.dumps({**settings, "trained_over": []}))
+    alignkit_log.clear()
+    check_trained_over(Chain("org/base", None, [str(dpo)], [], {}), base_model=str(moved))
+    assert "unchecked" not in alignkit_log.text

@@ -164,6 +164,7 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
     # pointing at this cell. A NameError inside a function is a bug: its traceback stays.
     cells.append(nbformat.v4.new_code_cell("trainer.train()"))
     cells.append(nbformat.v4.new_code_cell("def f():\n    return missing_name\nf()"))
+    cells.append(nbformat.v4.new_code_cell("print(setings)"))  # a typo of a name the kernel has: Python's hint
     cells.append(nbformat.v4.new_code_cell("print('alive')"))
     nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": build.KERNELSPEC})
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)
@@ -171,9 +172,10 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
     env.pop("PRESET", None)
     NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120, allow_errors=True).execute(
         env=env, cwd=str(tmp_path), cleanup_kc=True)
-    printed = [c.outputs[-1].text.strip() for c in nb.cells[1:-5:2]]
+    printed = [c.outputs[-1].text.strip() for c in nb.cells[1:-6:2]]
     assert printed == [f"{name} tiny {next(iter(edit.values()))!r}" for name, edit in edits.items()]
-    bad, stopped, unset, bug, alive = nb.cells[-5:]
+    bad, stopped, unset, bug, typo, alive = nb.cells[-6:]
+    assert [o.ename for o in typo.outputs if o.output_type == "error"] == ["NameError"]
     assert [o.output_type for o in unset.outputs] == ["stream"] and unset.outputs[0].text.strip() == (
         "error: name 'trainer' is not defined: the cell above that sets it has not run, or stopped with an error; "
         "fix that and run the cells from there down (Run All Above, then this one)")

@@ -360,6 +360,12 @@ def test_stage_settings_map_into_trls_config_and_bad_overrides_are_a_config_erro
                      env_file=None)
     args = trl_config(DPOConfig, s, tmp_path, torch.float32)
     assert (args.logging_first_step, args.sync_ref_model, args.save_steps) == (False, False, 7)
+    # A field that takes strings keeps its string: report_to's "none" is its word, not JSON's null (it became None,
+    # and transformers refused [None] once the model had loaded).
+    s = parse_config(DPOSettings, ["--trainer_overrides", '{"report_to": "none", "optim": "adamw_torch"}'],
+                     env_file=None)
+    assert s.trainer_overrides == {"report_to": "none", "optim": "adamw_torch"}
+    assert trl_config(DPOConfig, s, tmp_path, torch.float32).report_to == []
     with pytest.raises(ConfigError, match=r"^invalid value for --trainer_overrides logging_first_step: 'maybe' is not "
                                           r"bool$"):
         parse_config(DPOSettings, ["--trainer_overrides", '{"logging_first_step": "maybe"}'], env_file=None)

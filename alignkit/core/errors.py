@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import difflib
 import io
 import os
 import sys
@@ -120,7 +121,13 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
         last = tb
         while last is not None and last.tb_next is not None:
             last = last.tb_next
-        if last is None or last.tb_frame.f_code.co_name != "<module>":  # inside a function: a bug, shown whole
+        names = list(getattr(shell, "user_ns", {}))
+        typo = difflib.get_close_matches(getattr(error, "name", None) or "", names, n=1) if names else []
+        # Only the cell's own code (not a module it imports, nor a function: a bug, shown whole), and not a typo of a
+        # name the kernel has (Python's traceback says "Did you mean ...?").
+        cell = last is not None and last.tb_frame.f_code.co_name == "<module>" and \
+            last.tb_frame.f_globals is getattr(shell, "user_ns", None)
+        if not cell or typo:
             lines = shell.InteractiveTB.structured_traceback(kind, error, tb, tb_offset=tb_offset)
             shell._showtraceback(kind, error, lines)
             return None

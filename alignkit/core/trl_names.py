@@ -138,11 +138,18 @@ def trl_fields(names: tuple[str, ...]) -> dict:
 
 
 def typed_overrides(overrides: dict, names: tuple[str, ...]) -> dict:
-    """--trainer_overrides with each string value as TRL's field takes it ('{"sync_ref_model": "false"}': False; a
-    flag's value is converted so too): the string reached TRL as it was, where "false" is true."""
+    """--trainer_overrides with each string value of a field that takes no string as TRL's field takes it
+    ('{"sync_ref_model": "false"}': False, '"7"': 7; a flag's value is converted so too): the string reached TRL as
+    it was, where "false" is true. A field that takes strings gets the string ("none" is report_to's word, not
+    JSON's null)."""
     types = trl_fields(tuple(names))
-    return {k: trl_value(v, types[k], f"--trainer_overrides {k}") if isinstance(v, str) and k in types else v
-            for k, v in overrides.items()}
+
+    def typed(k, v):
+        if not isinstance(v, str) or k not in types or str in _members(types[k]):
+            return v
+        return trl_value(v, types[k], f"--trainer_overrides {k}")
+
+    return {k: typed(k, v) for k, v in overrides.items()}
 
 
 @functools.cache

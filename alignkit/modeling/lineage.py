@@ -132,8 +132,15 @@ def check_trained_over(chain, base_model: str | None = None) -> None:
             )
     if base_model and Path(base_model).is_dir():
         _check_base_model(parts, set(loaded), base_model)
-    if base_model and parts and not _record(lowest := (chain.deltas or chain.adapters)[0]):
+    if base_model and parts and not _recorded(lowest := (chain.deltas or chain.adapters)[0]):
         _unchecked_base(lowest, base_model)
+
+
+def _recorded(folder) -> bool:
+    """Whether the run in `folder` kept its record of what it trained over (empty over a Hub base: nothing local)."""
+    from alignkit.core.run_records import run_config
+
+    return TRAINED_OVER in run_config(folder)  # a checkpoint-N's: its run's
 
 
 def _unchecked_base(part: str, base_model: str) -> None:

@@ -151,7 +151,14 @@ def _check_model_folder(folder: Path) -> None:
     if not any((folder / name).is_file() for name in markers) and not gguf:
         from alignkit.core.run_records import earlier_run_aside
 
-        if earlier := earlier_run_aside(folder):  # a training killed before its first checkpoint, or running
+        if earlier := earlier_run_aside(folder):  # a training that has not finished: running, killed or failed
+            steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
+                           if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file())
+            if steps:
+                raise UserError(f"{folder} holds no finished model: its training has not finished (it is running, "
+                                f"or it stopped or was killed after {steps[-1][1].name}). Point at {steps[-1][1]} "
+                                f"(a model too), or at the earlier run in {earlier}, or run that training command "
+                                "again to go on")
             raise UserError(f"{folder} holds no model now: a training run in it has saved no checkpoint yet (it is "
                             f"running, or it was killed), and the earlier run in it is in {earlier} meanwhile. Point "
                             f"at {earlier}, or run that training command again (it puts the earlier run back "

@@ -80,9 +80,9 @@ def check_prepared(s, folder: Path, resume_from: str | None, model, data, stoppe
                         "there is no checkpoint to resume: run the 'Model' cell again for a fresh adapter, then train")
 
 
-def _changed(then: dict, s) -> list[str]:
+def _changed(then: dict, s, ignore=()) -> list[str]:
     now = config_to_dict(s)  # alignkit hands PEFT and TRL copies: a change here is the user's
-    return sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+    return sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k) and k not in ignore)
 
 
 def check_before_config(s, folder: Path, stopped: str | None = None) -> None:
@@ -98,7 +98,7 @@ def trained(s, folder: Path) -> None:
     TRAINED[folder.resolve()] = copy.deepcopy(config_to_dict(s))
 
 
-def check_saved(s, folder: Path) -> None:
+def check_saved(s, folder: Path, ignore=()) -> None:
     """Refuse, in one line, to save a training under other settings than it trained with (a notebook's settings cell
     run again, then the saving cell: the new model_id would be recorded as the adapter's base) or one that prepare_run
     decided and that never trained in this process (a saving cell run before the training cell)."""
@@ -108,7 +108,7 @@ def check_saved(s, folder: Path) -> None:
     if then is None:
         raise UserError(f"nothing was trained into {folder} in this session: run the cells from 'Run folder' on "
                         "(Run folder, Model, Train), then this one")
-    if changed := _changed(then, s):
+    if changed := _changed(then, s, ignore):  # `ignore`: what saving may change (--merge_adaptors, --push_to_hub, ...)
         raise UserError(f"the settings changed since {folder.name} trained ({', '.join(changed)}): saving would "
                         "record them for a model trained with others. Set them back and run this cell again, or run "
                         "the cells from 'Data' on again (Data, Run folder, Model, Train), then this one")

@@ -377,7 +377,7 @@ def check_trained(folder: Path, s=None) -> None:
         raise UserError(f"the training of {folder} stopped ({stopped}) and did not finish: nothing saved. Run the "
                         "cells from 'Run folder' on again (it resumes from the last checkpoint, if any), then this one")
     if s is not None:
-        cell_checks.check_saved(s, folder)
+        cell_checks.check_saved(s, folder, NOT_TRAINING)
 
 
 def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
