@@ -8,6 +8,8 @@
 - `checkpoint_metrics(folder)`: a checkpoint-N's own figures, from the Trainer's trainer_state.json in it: the
   last logged value of each training and evaluation metric up to its step. A run's metrics.json holds the
   finished run's, which are not the checkpoint's; a merge or a model card of the checkpoint shows these instead.
+- `checkpoints(folder)`: a run folder's complete checkpoint-N folders, by step (a resume, and a claimed folder's
+  description, alignkit.modeling.models, read them alike).
 """
 
 from __future__ import annotations
@@ -65,6 +67,44 @@ def earlier_run_aside(folder) -> Path | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return earlier if earlier.is_dir() else None
+
+
+def incomplete_checkpoint(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None. transformers writes trainer_state.json last: a checkpoint
+    cut off by a crash has none, or a torn one. Its weights must open too (a file cut short by a full disk or a copy
+    stopped halfway): such a checkpoint is skipped (prepare_run says so in one line), and the run resumes from the
+    one before."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return f"{checkpoint} has no trainer_state.json (cut off while it was saved)"
+    except OSError as error:
+        return f"{checkpoint}/trainer_state.json cannot be read ({error.strerror or type(error).__name__})"
+    except ValueError:
+        return f"{checkpoint} has a damaged trainer_state.json (cut off while it was saved)"
+    from safetensors import safe_open
+
+    for weights in checkpoint.rglob("*.safetensors"):
+        try:
+            with safe_open(str(weights), "pt") as opened:
+                opened.keys()
+        except Exception as error:  # noqa: BLE001 - safetensors' own error types: any unreadable header
+            return f"{weights} is damaged ({' '.join(str(error).split())[:80]})"
+    return None
+
+
+def checkpoints(folder: Path, say: bool = False) -> list[Path]:
+    """The folder's complete checkpoint-N folders, by step; `say`: each one skipped in a log line."""
+    found = []
+    for path in folder.glob("checkpoint-*"):
+        if path.name.split("-")[-1].isdigit():
+            if (why := incomplete_checkpoint(path)) is None:
+                found.append(path)
+            elif say:
+                from alignkit import logger
+
+                logger.warning(f"{why}: {path.name} is skipped")
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def run_config(folder) -> dict:

@@ -104,8 +104,8 @@ def check_made(run, **inputs) -> None:
     inputs than these (a subset of the prompts it read is fine to answer)."""
     if not isinstance(run, Run):
         return
-    given = {"responses": inputs.get("prompts"), "pairs": inputs.get("responses")}
-    for kind, cell in STEPS:
+    given = {"responses": inputs.get("prompts"), "pairs": inputs.get("responses")}  # what each was made of
+    for i, (kind, cell) in enumerate(STEPS):
         if kind not in inputs:
             continue
         value, then = inputs[kind], run.made.get(kind)
@@ -114,7 +114,7 @@ def check_made(run, **inputs) -> None:
         else:
             ok = then is not None and then[0] == id(value) and (given[kind] is None or then[1] == _of(kind, given[kind]))
         if not ok:
-            later = [c for _, c in STEPS[[k for k, _ in STEPS].index(kind):]]
+            later = [c for _, c in STEPS[i:]]
             raise UserError(f"the {kind} were not made by this run's '{cell}' cell from these inputs (the settings "
                             f"cell ran again since, or they come from elsewhere): run the cells from '{cell}' on again "
                             f"({', '.join([*later, 'Output'])})")

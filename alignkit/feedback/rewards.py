@@ -131,11 +131,11 @@ def over_4bit_base(folder: str, loader) -> dict | None:
 
     if loader.quantization not in ("auto", "none"):
         return None
-    record = _record(folder)
+    record = {}  # its metrics.json, read where its run's settings do not tell
     if Path(folder).is_dir():  # its run's record (a checkpoint-N's: its run's), else its metrics.json (a copy)
         over = Path(folder, "adapter_config.json").is_file() and \
-            (trained_quantization(folder) or record.get(QUANTIZATION_KEY)) == "4bit"
-    elif folder.count("/") == 1 and record.get(QUANTIZATION_KEY) == "4bit":  # a pushed adapter on the Hub
+            (trained_quantization(folder) or (record := _record(folder)).get(QUANTIZATION_KEY)) == "4bit"
+    elif folder.count("/") == 1 and (record := _record(folder)).get(QUANTIZATION_KEY) == "4bit":  # a Hub adapter
         from alignkit.modeling.chain import resolve
 
         over = bool(resolve(folder, None).adapters)

@@ -99,7 +99,8 @@ def generate(
 
 _REAL_MULTINOMIAL = torch.multinomial
 _ROWS = threading.local()  # this thread's open rows_sampled: (its seeds, their generators, its draw count)
-_INSTALLED = {"threads": 0, "lock": threading.Lock()}
+_INSTALL = threading.Lock()  # guards _open_in, the threads with rows_sampled open: torch.multinomial is ours while any
+_open_in = 0
 
 
 def _multinomial(probs, num_samples, replacement=False, *, generator=None, out=None):
@@ -127,16 +128,17 @@ def rows_sampled(seeds: list[int]):
     instead of seeding per call."""
     draws = [0]
     outer, _ROWS.open = getattr(_ROWS, "open", None), (list(seeds), [], draws)
-    with _INSTALLED["lock"]:
-        _INSTALLED["threads"] += 1
+    global _open_in
+    with _INSTALL:
+        _open_in += 1
         torch.multinomial = _multinomial
     try:
         yield draws
     finally:
         _ROWS.open = outer
-        with _INSTALLED["lock"]:
-            _INSTALLED["threads"] -= 1
-            if not _INSTALLED["threads"]:
+        with _INSTALL:
+            _open_in -= 1
+            if not _open_in:
                 torch.multinomial = _REAL_MULTINOMIAL
 
 

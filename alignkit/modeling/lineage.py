@@ -148,12 +148,12 @@ def _unchecked_base(part: str, base_model: str) -> None:
     alignkit kept the record): nothing tells whether the folder it names was the base or an adapter below it, so
     the log says what stands in for what."""
     from alignkit import logger
+    from alignkit.modeling.chain import _recorded_base, adapter_config
 
-    names = [json.loads(f.read_text()).get("base_model_name_or_path") for f in
-             (Path(part, _CONFIG), Path(part, LOTA_CONFIG_FILE)) if f.is_file()] if Path(part).is_dir() else []
-    from alignkit.modeling.chain import _recorded_base
-
-    named = f" names {_recorded_base(part, names[0])!r} as its base and" if names and names[0] else ""
+    lota = Path(part, LOTA_CONFIG_FILE)
+    config = adapter_config(part) or (json.loads(lota.read_text()) if lota.is_file() else {})
+    recorded = config.get("base_model_name_or_path")
+    named = f" names {_recorded_base(part, recorded)!r} as its base and" if recorded else ""
     logger.warning(f"{part}{named} records no model it was trained over (a plain PEFT adapter, or a run saved before "
                    f"alignkit kept the record): --base_model {base_model} stands in for it unchecked; if that was "
                    "an adapter (a chain), it is left out of the model")

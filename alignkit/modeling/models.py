@@ -149,14 +149,12 @@ def _check_model_folder(folder: Path) -> None:
     markers = ("config.json", "adapter_config.json", "lota_config.json")
     gguf = any(folder.glob("*.gguf")) or any(folder.glob("*/*.gguf"))  # --gguf_file may name a subfolder's file
     if not any((folder / name).is_file() for name in markers) and not gguf:
-        from alignkit.core.run_records import earlier_run_aside
+        from alignkit.core.run_records import checkpoints, earlier_run_aside
 
         if earlier := earlier_run_aside(folder):  # a training that has not finished: running, killed or failed
-            steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
-                           if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file())
-            if steps:
+            if steps := checkpoints(folder):
                 raise UserError(f"{folder} holds no finished model: its training has not finished (it is running, "
-                                f"or it stopped or was killed after {steps[-1][1].name}). Point at {steps[-1][1]} "
+                                f"or it stopped or was killed after {steps[-1].name}). Point at {steps[-1]} "
                                 f"(a model too), or at the earlier run in {earlier}, or run that training command "
                                 "again to go on")
             raise UserError(f"{folder} holds no model now: a training run in it has saved no checkpoint yet (it is "
@@ -280,9 +278,10 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         remember_loaded_as(s.model_id, quantization, dtype)
     kwargs: dict = dict(revision=base_revision, trust_remote_code=s.trust_remote_code, dtype=dtype)
     lota_delta.check_launch(s, _sharded_launch(), deltas)  # LoTA under FSDP/ZeRO-3, a delta under ZeRO-3: refused
-    config = quantization_config(quantization, dtype, FourBit.of(s))  # 8-bit under FSDP/ZeRO-3 is refused here
-    if quantization == "4bit" and FourBit.of(s) != FourBit():  # QLoRA's NF4 with double quantization goes unsaid
-        logger.info(f"4-bit weights: {FourBit.of(s)} (--bnb_4bit_quant_type, --use_bnb_nested_quant)")
+    four_bit = FourBit.of(s)
+    config = quantization_config(quantization, dtype, four_bit)  # 8-bit under FSDP/ZeRO-3 is refused here
+    if quantization == "4bit" and four_bit != FourBit():  # QLoRA's NF4 with double quantization goes unsaid
+        logger.info(f"4-bit weights: {four_bit} (--bnb_4bit_quant_type, --use_bnb_nested_quant)")
     if config is not None:
         kwargs["quantization_config"] = config
     kwargs.update(device_placement(quantization, on_cpu=on_cpu))

@@ -34,7 +34,7 @@ from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
 # CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
 # killed before its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
-from alignkit.core.run_records import CLAIM_FILE, LOADED_AS, loaded_as
+from alignkit.core.run_records import CLAIM_FILE, LOADED_AS, checkpoints, loaded_as
 from alignkit.train import cell_checks, run_locks
 
 CONFIG_FILE = "alignkit_config.json"
@@ -71,42 +71,6 @@ def _slug(text: str) -> str:
 def run_dir(s, stage: str) -> Path:
     name = s.run_name or f"{stage}-{_slug(s.model_id)}-{_slug(s.dataset_id)}"
     return Path(s.output_dir) / name
-
-
-def _incomplete(checkpoint: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from, or None. transformers writes trainer_state.json last: a checkpoint
-    cut off by a crash has none, or a torn one. Its weights must open too (a file cut short by a full disk or a copy
-    stopped halfway): such a checkpoint is skipped (prepare_run says so in one line), and the run resumes from the
-    one before."""
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except FileNotFoundError:
-        return f"{checkpoint} has no trainer_state.json (cut off while it was saved)"
-    except OSError as error:
-        return f"{checkpoint}/trainer_state.json cannot be read ({error.strerror or type(error).__name__})"
-    except ValueError:
-        return f"{checkpoint} has a damaged trainer_state.json (cut off while it was saved)"
-    from safetensors import safe_open
-
-    for weights in checkpoint.rglob("*.safetensors"):
-        try:
-            with safe_open(str(weights), "pt") as opened:
-                opened.keys()
-        except Exception as error:  # noqa: BLE001 - safetensors' own error types: any unreadable header
-            return f"{weights} is damaged ({' '.join(str(error).split())[:80]})"
-    return None
-
-
-def _checkpoints(folder: Path, say: bool = False) -> list[Path]:
-    """The folder's complete checkpoint-N folders, by step; `say`: each one skipped in a log line."""
-    found = []
-    for path in folder.glob("checkpoint-*"):
-        if path.name.split("-")[-1].isdigit():
-            if (why := _incomplete(path)) is None:
-                found.append(path)
-            elif say:
-                logger.warning(f"{why}: {path.name} is skipped")
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def _training_view(settings: dict) -> dict:
@@ -150,12 +114,12 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     # The others look once the main process holds the folder and has put an earlier run back; all stop if it is busy.
     if busy := every_process(busy)[0]:
         raise UserError(busy)
-    checkpoints = _checkpoints(folder, say=_first_process()) if folder.is_dir() else []
-    resume = s.resume == "true" or (s.resume == "auto" and checkpoints and not _changed(folder, s))
-    if s.resume == "true" and checkpoints:
+    found = checkpoints(folder, say=_first_process()) if folder.is_dir() else []
+    resume = s.resume == "true" or (s.resume == "auto" and found and not _changed(folder, s))
+    if s.resume == "true" and found:
         _check_below(folder, s)
-        _resume_over_changes(folder, s, checkpoints[-1].name)
-    checkpoint = checkpoints[-1].name if resume and checkpoints else None
+        _resume_over_changes(folder, s, found[-1].name)
+    checkpoint = found[-1].name if resume and found else None
     views = every_process(checkpoint)
     if differing := [rank for rank, other in enumerate(views) if other != views[0]]:
         said = [f"{view} to resume from" if view else "no checkpoint to resume from" for view in views]
@@ -324,8 +288,8 @@ def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
 
     Under a multi-process launch the main process moves and writes; the others wait for it, then train.
     """
-    check_training_cell(s, folder, lambda: cell_checks.check_prepared(s, folder, resume_from, model, data,
-                                                                      _STOPPED.get(folder.resolve())))
+    with _given_back_if_refused(folder):
+        cell_checks.check_prepared(s, folder, resume_from, model, data, _STOPPED.get(folder.resolve()))
     cell_checks.used(folder)
     if model is not None:
         model._alignkit_trained_in = folder.name  # a later training cell of this model must resume, or reload it
@@ -357,11 +321,18 @@ def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
         run_locks.release(folder)  # prepare_run's hold: the next run in this folder may start
 
 
-def check_training_cell(s, folder: Path, check=None) -> None:
-    """A training cell refused (cell_checks: by `check`, else before TRL's config is built) gives up prepare_run's
-    hold and decision: the cells run again take them again."""
+def check_training_cell(s, folder: Path) -> None:
+    """A training cell refused before TRL's config is built (cell_checks.check_before_config)."""
+    with _given_back_if_refused(folder):
+        cell_checks.check_before_config(s, folder, _STOPPED.get(folder.resolve()))
+
+
+@contextlib.contextmanager
+def _given_back_if_refused(folder: Path):
+    """A training cell refused (cell_checks) gives up prepare_run's hold and decision: the cells run again take them
+    again."""
     try:
-        check() if check else cell_checks.check_before_config(s, folder, _STOPPED.get(folder.resolve()))
+        yield
     except UserError:
         run_locks.release(folder)
         cell_checks.forget(folder)
@@ -388,7 +359,7 @@ def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
         aside = free_name(folder.parent, f"{folder.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
         changed = _changed(folder, s)
         why = f"trained with other settings or inputs ({', '.join(changed)})" if changed else f"--resume {s.resume}"
-        resumable = changed and _checkpoints(folder) and not set(changed) & {*_WEIGHTS, "data rows", "data files",
+        resumable = changed and checkpoints(folder) and not set(changed) & {*_WEIGHTS, "data rows", "data files",
                                                                               f"{CONFIG_FILE} unreadable"}
         logger.info(f"{folder} holds an earlier run ({why}): moved it to {aside}" + (
             " (--resume true would have gone on from its last checkpoint with these settings)" if resumable else ""))
@@ -453,7 +424,7 @@ def save_run_config(s, path: Path) -> None:
 def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
     """After a failed (or interrupted) run: keep what it saved, or give the folder back to the run that was there."""
     ended = "was interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-    if _checkpoints(folder):
+    if checkpoints(folder):
         (folder / FAILED_FILE).write_text(redact(f"{type(error).__name__}: {error}\n"))
         logger.info(f"the run {ended}; its checkpoints stay in {folder} (see {FAILED_FILE}): the same command resumes"
                     + (f"; the earlier run is in {aside}" if aside else ""))
