@@ -66,6 +66,7 @@ loaded = load_model(settings, for_training=True)
 require_chat_template(loaded.tokenizer, settings.model_id, train_data)  # conversational data only
 model = add_trainable_adapter(loaded, settings)
 model.print_trainable_parameters()
+tiny = before = None  # measured on this model by the next cell (the tiny preset), not by an earlier model
 
 # %% [markdown]
 # ## Rule-following before training (the tiny preset)
@@ -111,6 +112,10 @@ with start_run(settings, run_folder, resume_from, model, (train_data, eval_data)
 
 # %% [markdown]
 # ## Save, evaluate, merge, push
+# The adapter and tokenizer go to the run folder; `--merge_adaptors` also writes a checked, merged model.
+# `training.png` in the run folder draws the logged curves (loss, rewards of desirable and undesirable answers,
+# KL) and the learning rate; a summary block ends the run. With the tiny preset, the rule-following share is
+# measured again on the trained model, beside the share the cell before training measured.
 
 # %%
 from alignkit.train.training import finish
@@ -120,6 +125,8 @@ print(f"adapter: {run_folder}")
 if tiny:
     after = rule_following(model, loaded.tokenizer, prompts)
     print(f"rule-following after KTO: {after:.3f} (before: {before:.3f})")
+elif tiny is None and settings.preset == "tiny":
+    print("rule-following: not measured (the 'Rule-following before training' cell did not run on this model)")
 
 from alignkit.train.report import show
 

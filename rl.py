@@ -86,31 +86,31 @@ print(f"rewards: {', '.join(r.__name__ for r in rewards)}", flush=True)  # whole
 # %% [markdown]
 # ## Model
 # One loader for every script; a fresh LoRA adapter goes on top, anything the model was loaded with stays frozen.
-# Conversations go through the chat template, and so does text when the model has one; a model without one gets
-# text prompts as they are (TRL's standard format).
 
 # %%
 from alignkit.modeling.models import add_trainable_adapter, load_model
-from alignkit.train.rl import as_trl_prompts
 
 loaded = load_model(settings, for_training=True)
-train_prompts = as_trl_prompts(prompts, loaded.tokenizer, settings.model_id)  # `prompts` stays as read
 model = add_trainable_adapter(loaded, settings)
 model.print_trainable_parameters()
 
 # %% [markdown]
 # ## Train
-# Generation runs on vLLM on a GPU (`--backend vllm`, colocated by default), else on transformers. The logs show
+# The prompts go through the model's chat template (text too, where it has one; a model without one gets text
+# prompts as they are, TRL's standard format). Generation runs on vLLM on a GPU (`--backend vllm`, colocated by
+# default), else on transformers. The logs show
 # the reward's mean and std, the KL to the reference, completion lengths, and the share of each step spent
 # generating, judging and training (`time/*_share`).
 
 # %%
-from alignkit.train.rl import trainer_class, trl_args
+from alignkit.train.rl import as_trl_prompts, trainer_class, trl_args
 from alignkit.train.training import start_run
 
 args = trl_args(settings, run_folder, loaded.dtype, model)
+train_prompts = as_trl_prompts(prompts, loaded.tokenizer, settings.model_id)  # `prompts` stays as read
 # The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
-with start_run(settings, run_folder, resume_from, model, (prompts,)):
+# The model and the rewards must have been built under these settings (the Model and Rewards cells run after them).
+with start_run(settings, run_folder, resume_from, model, (prompts,), built=[(rewards, "Rewards")]):
     trainer = trainer_class(settings.algo)(
         model=model, reward_funcs=rewards, args=args, train_dataset=train_prompts, processing_class=loaded.tokenizer,
         frozen_adapters=loaded.frozen,

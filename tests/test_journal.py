@@ -541,6 +541,54 @@ def torch_module():
     return torch.nn.Linear(2, 2)
 
 
+def test_a_model_or_rewards_built_under_other_settings_are_refused_in_one_line(tiny_cache, tmp_path):
+    """A notebook's settings cell run again (another lora_r, model_id, reward or dataset), then the Run folder cell,
+    with the Model cell (or rl.py's Rewards cell) skipped: the training cell trained the model in memory, built under
+    the old settings, while the folder recorded the new ones (an r=16 adapter saved as r=4; a policy over the SFT
+    adapter saved as over the bare base; the rule reward logged where rm: was recorded). Refused in one line naming
+    the cell to run; built under these settings, both train."""
+    from datasets import Dataset
+
+    from alignkit.core.config import RLSettings, SFTSettings
+    from alignkit.core.errors import UserError
+    from alignkit.modeling import presets
+    from alignkit.modeling.models import add_trainable_adapter, load_model
+    from alignkit.train import run_folder
+    from alignkit.train.rl_rewards import build_rewards
+
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    tiny = presets.paths()["model"]
+    s = SFTSettings(model_id=tiny, quantization="none", dataset_id="org/chats", output_dir=str(tmp_path),
+                    run_name="run")
+    model = add_trainable_adapter(load_model(s, for_training=True), s)
+    r4 = SFTSettings(model_id=tiny, quantization="none", dataset_id="org/chats", output_dir=str(tmp_path),
+                     run_name="run", lora_r=4)
+    folder, resume_from = run_folder.prepare_run(r4, "sft", rows, None)
+    with pytest.raises(UserError, match=r"^the model in memory was built under other settings than these \(lora_r "
+                                        r"changed since\): run the 'Model' cell again, then train$"):
+        with run_folder.start_run(r4, folder, resume_from, model, (rows, None)):
+            pass
+    assert not (folder / "alignkit_config.json").exists()  # nothing claimed or recorded
+    folder, resume_from = run_folder.prepare_run(s, "sft", rows, None)
+    with run_folder.start_run(s, folder, resume_from, model, (rows, None)):  # built under these: it trains
+        pass
+    # rl.py: the Rewards cell skipped after --reward changed (the Model cell run again).
+    rule = RLSettings(model_id=tiny, quantization="none", reward=["rule"], output_dir=str(tmp_path), run_name="rl")
+    rewards = build_rewards(rule, tmp_path)
+    other = RLSettings(model_id=tiny, quantization="none", reward=["rule", "rule"], reward_weights=[1.0, 1.0],
+                       output_dir=str(tmp_path), run_name="rl")
+    model = add_trainable_adapter(load_model(other, for_training=True), other)
+    folder, resume_from = run_folder.prepare_run(other, "rl", rows)
+    with pytest.raises(UserError, match=r"^the rewards in memory were built under other settings than these "
+                                        r"\(reward, reward_weights changed since\): run the 'Rewards' cell again"):
+        with run_folder.start_run(other, folder, resume_from, model, (rows,), built=[(rewards, "Rewards")]):
+            pass
+    folder, resume_from = run_folder.prepare_run(other, "rl", rows)
+    with run_folder.start_run(other, folder, resume_from, model, (rows,), built=[(build_rewards(other, tmp_path),
+                                                                                  "Rewards")]):
+        pass
+
+
 def test_a_notebook_s_cd_between_run_folder_and_training_is_refused_saying_why(tmp_path, monkeypatch):
     """A %cd between the cells made the relative run folder another folder: refused as 'not prepared for
     training', which the user had just done. The refusal names the working folder change and the way back."""

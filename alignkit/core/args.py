@@ -15,6 +15,7 @@ translates every layer's keys into fields, and every key that is neither is repo
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import json
@@ -474,6 +475,13 @@ def _jsonable(value):
 def config_to_dict(cfg) -> dict:
     """JSON-safe dict of all fields of dataclass instance ``cfg``, with secrets replaced by ``***``."""
     return _jsonable(cfg)
+
+
+def mark_built(obj, cfg):
+    """Mark `obj` (a model, rl.py's rewards) as built under settings `cfg`: a notebook's training cell trains only
+    what was built under the settings its Run folder cell decided (alignkit.train.cell_checks)."""
+    obj._alignkit_built_under = copy.deepcopy(config_to_dict(cfg))  # a copy: later edits in place count
+    return obj
 
 
 def save_config(cfg, path) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from alignkit import logger
+from alignkit.core.args import mark_built
 from alignkit.core.errors import UserError
 from alignkit.core.groups import chat_template_text
 from alignkit.core.progress import quiet_library_noise
@@ -393,7 +394,7 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
     if loaded.deltas:  # what its checkpoints name as their base (alignkit.train.trainers.CheckpointBase)
         model.alignkit_checkpoint_base = (s.model_id, getattr(s, "revision", None))
     loaded.model = model
-    return model
+    return mark_built(model, s)  # a notebook's training cell refuses a model built under other settings
 
 
 def _check_targets(model, targets: list[str], source: str) -> None:

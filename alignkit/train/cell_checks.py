@@ -52,11 +52,14 @@ def fingerprints(data) -> tuple:
     return tuple(None if d is None else (getattr(d, "_fingerprint", None), id(d)) for d in data)
 
 
-def check_prepared(s, folder: Path, resume_from: str | None, model, data, stopped: str | None = None) -> None:
+def check_prepared(s, folder: Path, resume_from: str | None, model, data, stopped: str | None = None,
+                   built=()) -> None:
     """Refuse, in one line naming the cells to run again, a training that is not the one prepare_run decided: the
     training cell run a second time (it trained the model in memory again as a fresh run, unlocked), settings or
-    data changed since (the folder recorded settings its model was not trained with), or a model trained by an
-    earlier training cell started over (with no checkpoint to resume, the trained adapter went on training)."""
+    data changed since (the folder recorded settings its model was not trained with), a model (or each of `built`,
+    (thing, its cell) pairs such as rl.py's rewards) built under other settings (a settings change with the Model
+    cell skipped trained the old model under the new settings' records), or a model trained by an earlier training
+    cell started over (with no checkpoint to resume, the trained adapter went on training)."""
     prepared = PREPARED.get(folder.resolve())
     again = "run the cells from 'Run folder' on again (Run folder, Model, Train)"
     moved = [p for p in PREPARED.values() if prepared is None and p.given == str(folder) and p.cwd != os.getcwd()]
@@ -72,6 +75,12 @@ def check_prepared(s, folder: Path, resume_from: str | None, model, data, stoppe
     if changed := _changed(prepared.settings, s):
         raise UserError(f"the settings changed since the 'Run folder' cell ran ({', '.join(changed)}): run the "
                         "cells from 'Data' on again, then train")
+    for thing, cell in ((model, "Model"), *built):  # the model, rl.py's rewards: built under these settings
+        if (under := getattr(thing, "_alignkit_built_under", None)) is not None and (changed := _changed(under, s)):
+            raise UserError(f"the {cell.lower()} in memory {'were' if cell.endswith('s') else 'was'} built under "
+                            "other settings than these "
+                            f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} changed since): run the "
+                            f"'{cell}' cell again, then train")
     if data and fingerprints(data) != prepared.data or resume_from != prepared.resume_from:
         raise UserError(f"the data or the checkpoint to resume from is not what the 'Run folder' cell decided for "
                         f"{folder.name}: {again}")

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from alignkit import logger
-from alignkit.core.args import ConfigError, redact
+from alignkit.core.args import ConfigError, mark_built, redact
 from alignkit.core.errors import EndpointRefused
 from alignkit.feedback.ratings import SINGLE_V1_NAME, SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM
 from alignkit.feedback.ratings import parse_rating as fastchat_rating
@@ -325,9 +325,13 @@ def check_rewards_take(rewards: list, prompts) -> None:
                 reward.model.text_of(prompt)
 
 
+class Rewards(list):
+    """build_rewards' list: marked with the settings it was built under (a notebook's training cell checks them)."""
+
+
 def build_rewards(s, run_folder: Path) -> list:
     """One TRL reward function per `--reward` entry, each with a __name__ for the logs."""
-    funcs = []
+    funcs = Rewards()
     for spec in s.reward:
         if spec == "rule":
             funcs.append(rule_reward)
@@ -346,4 +350,4 @@ def build_rewards(s, run_folder: Path) -> list:
             n += 1
             func.__name__ = f"{name}_{n}"
         taken.add(func.__name__)
-    return funcs
+    return mark_built(funcs, s)

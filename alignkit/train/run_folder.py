@@ -280,16 +280,17 @@ def _holds_work(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def start_run(s, folder: Path, resume_from: str | None, model=None, data=()):
+def start_run(s, folder: Path, resume_from: str | None, model=None, data=(), built=()):
     """Claim the run folder for the training inside the `with` block (see the module docstring): the training
-    prepare_run decided, once, with the same settings, `data` and checkpoint, of a `model` no earlier training cell
-    trained unless it resumes (cell_checks.check_prepared; refused in one line naming the notebook cells to run
+    prepare_run decided, once, with the same settings, `data` and checkpoint, of a `model` built under those settings
+    (and each of `built`: (thing, the cell that builds it) pairs, such as rl.py's rewards) that no earlier training
+    cell trained unless it resumes (cell_checks.check_prepared; refused in one line naming the notebook cells to run
     again).
 
     Under a multi-process launch the main process moves and writes; the others wait for it, then train.
     """
     with _given_back_if_refused(folder):
-        cell_checks.check_prepared(s, folder, resume_from, model, data, _STOPPED.get(folder.resolve()))
+        cell_checks.check_prepared(s, folder, resume_from, model, data, _STOPPED.get(folder.resolve()), built)
     cell_checks.used(folder)
     if model is not None:
         model._alignkit_trained_in = folder.name  # a later training cell of this model must resume, or reload it
