@@ -128,7 +128,7 @@ def test_an_edited_question_is_judged_again_even_on_answers_made_elsewhere(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Rule judges: keyed on their module's file and its imports, one level
+# Rule judges: keyed on their module's file and the code it imports, all the way down
 
 
 RULE = '''
@@ -179,6 +179,12 @@ def test_a_constant_the_rule_reads_changes_its_identity(tmp_path, monkeypatch):
 
 def edit_as_read(monkeypatch, module, old: bytes, new: bytes) -> None:
     """`module`'s file as every key reads it (Path.read_bytes) with `old` replaced by `new`; the file stays."""
+    import functools
+
+    from alignkit.core import code_digest
+
+    # Its memo keys on the file's stat, which an edit as read leaves alone: a fresh memo for this test only.
+    monkeypatch.setattr(code_digest, "_parsed", functools.lru_cache(maxsize=None)(code_digest._parsed.__wrapped__))
     real, target = Path.read_bytes, Path(module.__file__).resolve()
     monkeypatch.setattr(Path, "read_bytes", lambda self: real(self).replace(old, new) if self.resolve() == target
                         else real(self))
@@ -195,9 +201,66 @@ def test_a_rule_is_keyed_on_the_alignkit_modules_it_imports(monkeypatch):
     before = keys()
     assert keys() == before
     edit_as_read(monkeypatch, smol, b"TIE_MARGIN = 0.05", b"TIE_MARGIN = 0.5")  # rule_judge's lines unchanged
-    # smol's own rule, and the tiny rule of presets.py, which imports smol (inside a function): one level.
+    # smol's own rule, and the tiny rule of presets.py, which imports smol (inside a function).
     assert all(a != b for a, b in zip(keys(), before))
-    assert judge.rule_fingerprint(len) is None  # no source at all
+
+
+def test_a_rule_is_keyed_on_all_the_user_code_it_reads_down_to_installed_libraries(tmp_path, monkeypatch):
+    """A package's module imported by its package name (`from mypkg.prefs import PREFER`, beside the rule's folder on
+    sys.path, not in it), what that imports in turn, a functools.partial binding a constant, a callable object: each
+    edit in place changes the key (they were all left out, or keyed on nothing: verdicts from the old code reused).
+    Installed libraries and the standard library are not followed; code with no source is reused by no other
+    process."""
+    import functools
+    import importlib
+    import subprocess
+
+    from alignkit.core.code_digest import code_fingerprint
+    from alignkit.feedback.judge import import_function
+
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "prefs.py").write_text("from mypkg.words import WORD\nPREFER = WORD\n")
+    (package / "words.py").write_text("import json, torch\nWORD = 'apple'\n")
+    (package / "rules.py").write_text(
+        "import functools\nfrom mypkg.prefs import PREFER\n\n\n"
+        "def judge(prompt, a, b, prefer=PREFER):\n    return 'A' if prefer in a else 'B'\n\n\n"
+        "bound = functools.partial(judge, prefer='pear')\n\n\n"
+        "class Judge:\n    def __init__(self, prefer):\n        self.prefer = prefer\n\n"
+        "    def __call__(self, prompt, a, b):\n        return judge(prompt, a, b, self.prefer)\n\n\n"
+        "as_object = Judge('plum')\n")
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+        monkeypatch.delitem(sys.modules, name)
+    importlib.invalidate_caches()
+    specs = ["python:mypkg.rules:judge", "python:mypkg.rules:bound", "python:mypkg.rules:as_object"]
+
+    def keys():
+        return [code_fingerprint(import_function(spec)) for spec in specs]
+
+    before = keys()
+    assert keys() == before and len(set(before)) == 3
+    for edited, old, new in [(package / "words.py", "'apple'", "'banana'"),  # two imports down, by package name
+                             (package / "rules.py", "prefer='pear'", "prefer='fig'")]:
+        edited.write_text(edited.read_text().replace(old, new))
+        after = keys()
+        assert all(a != b for a, b in zip(after, before)), edited
+        before = after
+    assert code_fingerprint(Judge := import_function(specs[2]).__class__)  # noqa: N806 - the class itself
+    other = import_function(specs[2]).__class__("fig")
+    assert code_fingerprint(other) != code_fingerprint(import_function(specs[2]))  # the object's own data
+    # A builtin is keyed by its name; bound data that is not plain JSON, in this process only.
+    assert code_fingerprint(len) == code_fingerprint(len)
+    unreadable = functools.partial(import_function(specs[0]), prefer=object())
+    assert code_fingerprint(unreadable) == code_fingerprint(unreadable)
+    script = ("import functools, sys; sys.path.insert(0, sys.argv[1]); from alignkit.core.code_digest import "
+              "code_fingerprint; from mypkg.rules import judge; print(code_fingerprint(judge), "
+              "code_fingerprint(functools.partial(judge, prefer=object())))")
+    runs = [subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                           check=True).stdout.split() for _ in range(2)]
+    assert runs[0][0] == runs[1][0] == code_fingerprint(import_function(specs[0]))  # another process: the same key
+    assert runs[0][1] != runs[1][1]  # unreadable: never another process's
 
 
 def test_the_alpaca_eval_rule_annotations_key_on_the_rule(tmp_path, monkeypatch):

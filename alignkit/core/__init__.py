@@ -16,6 +16,7 @@
 - threads: torch's CPU threads for a loaded model (--num_threads).
 - journal: append-only logs, atomic writes, the concurrent map every crash-safe loop uses.
 - digests: the one digest (SHA-256 of canonical JSON) every cache key and record is made of.
+- code_digest: the identity of a user's Python code (a `python:` judge, reward or verifier) and all it imports.
 - sources: a Hub id or a local path, a Hub id at a revision written ID@REVISION, and whether the Hub answers.
 - environment: the settings' environment layer (ALIGNKIT_<NAME>; a variable no script reads is reported).
 - progress: the one progress-bar rule (a bar in a terminal and a notebook, none in CI logs).

@@ -204,12 +204,12 @@ def annotation_store(output_dir: Path, config_name: str, annotators: dict, clien
                      parallel: int) -> tuple[Path, object]:
     """(alpaca_eval's annotation cache file, the decoder it annotates with) for this run: a judge endpoint's
     logged decoder (client None: the rule judge, keyed on its code and on rule_completions', which reads the
-    prompt: alignkit.feedback.judge.rule_fingerprint). Rows the cache holds as failed are dropped first."""
+    prompt: alignkit.core.code_digest). Rows the cache holds as failed are dropped first."""
     if client is None:  # edit the rule, a constant or helper it uses, or the prompt's reader: annotated again
-        from alignkit.feedback.judge import rule_fingerprint
+        from alignkit.core.code_digest import code_fingerprint
         from alignkit.modeling.presets import rule_judge
 
-        judge = {"rule": rule_fingerprint(rule_judge), "reader": rule_fingerprint(rule_completions)}
+        judge = {"rule": code_fingerprint(rule_judge), "reader": code_fingerprint(rule_completions)}
     else:
         judge = client["openai_api_base"]
     key = _canonical_hash({"annotators": annotators, "templates": {a: Path(c["prompt_template"]).read_text()

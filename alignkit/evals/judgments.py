@@ -37,13 +37,15 @@ def judge_key(match, judge_identity: dict) -> str:
 
 def judge_identity(client=None, rule=None) -> dict:
     """Who judges: an endpoint (an alignkit.core.llm.ChatClient) with the settings it sends, or a rule function,
-    by its code (alignkit.feedback.judge.rule_fingerprint: edit the rule, or a constant or helper it uses, and its
+    by its code (alignkit.core.code_digest: edit the rule, or a constant or helper it uses, and its
     old verdicts no longer apply)."""
-    from alignkit.feedback.judge import endpoint_identity, rule_fingerprint
+    from alignkit.core.code_digest import code_fingerprint
+    from alignkit.feedback.judge import endpoint_identity
 
     if client is not None:
         return endpoint_identity(client)
-    return {"rule": f"{rule.__module__}.{rule.__qualname__}", "code": rule_fingerprint(rule)}
+    name = getattr(rule, "__qualname__", type(rule).__qualname__)  # a partial or a callable object has none
+    return {"rule": f"{getattr(rule, '__module__', '')}.{name}", "code": code_fingerprint(rule)}
 
 
 def match_key(match, judge_identity: dict) -> tuple:

@@ -20,8 +20,6 @@ Kinds (`--judge`):
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -32,6 +30,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.core.code_digest import code_fingerprint
 from alignkit.core.errors import UserError
 from alignkit.core.digests import digest
 from alignkit.feedback.judge_templates import Template, load_template
@@ -206,7 +205,7 @@ class PythonJudge(Judge):
         self.function = _import_function(spec)
 
     def identity(self) -> dict:
-        return {**super().identity(), "code": rule_fingerprint(self.function)}  # edit the rule: old verdicts go
+        return {**super().identity(), "code": code_fingerprint(self.function)}  # edit the rule: old verdicts go
 
     said_no_verdict = False
 
@@ -417,36 +416,6 @@ def combine(verdicts: dict[str, str | None]) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # Fingerprints
-
-
-def rule_fingerprint(function) -> str | None:
-    """A rule's code, for every key of its verdicts: the whole source file of its module (the helpers and
-    constants it uses, not just its own lines), plus the files of the modules that file imports (anywhere in it)
-    from alignkit or from beside it. One level only: what those modules import in turn is not followed."""
-    try:
-        path = Path(inspect.getsourcefile(function) or "")
-    except TypeError:
-        path = Path()
-    if not path.is_file():  # no file (a builtin, a function typed in): its own text, if any
-        try:
-            return digest(inspect.getsource(function), 16)
-        except (OSError, TypeError):
-            return None
-    source, root = path.read_bytes(), Path(__file__).resolve().parents[2]  # root: the folder holding alignkit/
-    files = {}
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            for alias in node.names:
-                parts = [p for p in ((getattr(node, "module", None) or "").split(".") + alias.name.split(".")) if p]
-                level = getattr(node, "level", 0)
-                base = path.parents[min(level, len(path.parents)) - 1] if level else \
-                    root if parts[0] == "alignkit" else path.parent
-                found = next((f for n in range(len(parts), 0, -1)  # a.b.NAME: a/b/NAME.py, else a/b.py, ...
-                              for f in (base.joinpath(*parts[:n - 1], parts[n - 1] + ".py"),
-                                        base.joinpath(*parts[:n], "__init__.py")) if f.is_file()), None)
-                if found and found.resolve() != path.resolve():
-                    files[found.relative_to(base).as_posix()] = hashlib.sha256(found.read_bytes()).hexdigest()
-    return digest({"module": hashlib.sha256(source).hexdigest(), "imports": files}, 16)
 
 
 def endpoint_identity(client) -> dict:

@@ -26,7 +26,8 @@ from alignkit.core.digests import digest
 from alignkit.core.journal import batched, threaded, write_json, write_jsonl
 from alignkit.core.llm import FirstFailures
 from alignkit.core.progress import Progress
-from alignkit.feedback.judge import Request, import_function, question_text, rule_fingerprint
+from alignkit.core.code_digest import code_fingerprint
+from alignkit.feedback.judge import Request, import_function, question_text
 from alignkit.feedback.judge_templates import Template
 from alignkit.feedback.label_records import AppendLog, check_made, judge_fix, refuse_empty
 from alignkit.feedback.ratings import SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM, parse_rating
@@ -102,7 +103,7 @@ class Grader:
 
     def identity(self) -> dict:
         if self.kind == "python":  # its module's file and what it imports: edit a constant, old grades go
-            return {"grader": self.spec, "code": rule_fingerprint(self.function)}
+            return {"grader": self.spec, "code": code_fingerprint(self.function)}
         return {"grader": self.spec, **(self.rm.identity() if self.kind == "rm" else self.llm.identity())}
 
     def grade_batch(self, items: list[Item]) -> list[float | None]:

@@ -24,9 +24,10 @@ def spec_identity(spec: str, flag: str):
 
     kind, _, rest = spec.partition(":")
     if kind == "python":
-        from alignkit.feedback.judge import import_function, rule_fingerprint
+        from alignkit.core.code_digest import code_fingerprint
+        from alignkit.feedback.judge import import_function
 
-        return {"code": rule_fingerprint(import_function(spec, flag))}
+        return {"code": code_fingerprint(import_function(spec, flag))}
     if kind == "rm" and Path(rest).exists():
         return {"model": chain_identity(rest)}
     path = Path(spec.partition("#")[0])

@@ -162,12 +162,12 @@ def _judge(spec: str | None):
     """label.py's --judge or evaluate.py's --judge_model, with what it names by content: a reward model (rm:FOLDER),
     code (python:MODULE:FUNCTION or python:FILE.py:FUNCTION, as label.py keys it), the rule judge evaluate.py runs
     (given no --preset: the tiny one's)."""
-    from alignkit.feedback.judge import rule_fingerprint
+    from alignkit.core.code_digest import code_fingerprint
     from alignkit.modeling.presets import judge
     from alignkit.train.named_files import spec_identity
 
     if spec == "rule":
-        return [spec, rule_fingerprint(judge(None))]
+        return [spec, code_fingerprint(judge(None))]
     if spec and spec.startswith("rm:") and Path(spec[3:]).exists():  # the form rounds recorded before: they stand
         return [spec, _model(spec[3:])]
     found = spec_identity(spec, "--judge") if spec else None
