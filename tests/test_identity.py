@@ -77,6 +77,7 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
                       "chat_template_kwargs": {"enable_thinking": False}, "bnb_4bit_quant_type": "fp4",
                       "use_bnb_nested_quant": False}
     base = GenerationSettings(model_id=model)
+    in_four_bit = dataclasses.replace(base, quantization="4bit")  # where the 4-bit format counts
     names = [f.name for f in dataclasses.fields(GenerationSettings)]
     assert set(names) <= set(changed_values), f"give the new loader field a changed value here: {set(names) - set(changed_values)}"
     for name in names:
@@ -84,6 +85,8 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
         if name == "gguf_file":
             settings = dataclasses.replace(settings, model_id=str(tmp_path))
             base_for = dataclasses.replace(base, model_id=str(tmp_path))
+        elif name in identity.FOUR_BIT:
+            settings, base_for = dataclasses.replace(in_four_bit, **{name: changed_values[name]}), in_four_bit
         else:
             base_for = base
         engine = "vllm" if name == "max_model_len" else None  # it sizes vLLM's context: it counts there
@@ -103,9 +106,10 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
     assert identity.model_identity(same_as_auto) == identity.model_identity(dataclasses.replace(base, dtype="auto"))
     assert identity.model_identity(same_as_auto, "vllm") != identity.model_identity(  # vLLM's auto: the checkpoint's
         dataclasses.replace(base, dtype="auto"), "vllm")
-    # The 4-bit format counts where the model may load in 4-bit (4bit, or auto: 4-bit to train on CUDA), not where
-    # it loads in full precision or 8-bit.
-    for quantization, counts in (("4bit", True), ("auto", True), ("none", False), ("8bit", False)):
+    # The 4-bit format counts where the model loads in 4-bit, not where it loads as saved (auto: every load keyed
+    # here is for inference) or in 8-bit; and --quantization none is auto's model (label.py generated all again).
+    assert identity.model_identity(dataclasses.replace(base, quantization="none")) == identity.model_identity(base)
+    for quantization, counts in (("4bit", True), ("auto", False), ("none", False), ("8bit", False)):
         nf4 = dataclasses.replace(base, quantization=quantization)
         for change in ({"bnb_4bit_quant_type": "fp4"}, {"use_bnb_nested_quant": False}):
             fp4 = dataclasses.replace(nf4, **change)
@@ -145,6 +149,16 @@ def test_a_model_retrained_in_place_anywhere_down_the_chain_is_another_model(tin
     (models["dpo"] / "alignkit_evals.json").write_text("{}")  # evaluate.py records results for the card
     third = keys(dpo)
     assert third == keys(dpo)
+    # A named chat template transformers' tokenizer reads from the subfolder (tool_use, rendered for prompts with
+    # tools) is part of the model, in the base and in an adapter: an edit in place is another model.
+    for folder in (models["base"], models["sft"]):
+        (folder / "additional_chat_templates").mkdir()
+        (folder / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+        added = keys(dpo)
+        assert differ(third, added) == []
+        (folder / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages[0] }}")
+        assert differ(added, keys(dpo)) == []
+        third = keys(dpo)
     # The file hashes are remembered: a second look reads no file.
     calls = []
     real = identity.hashlib.sha256

@@ -42,7 +42,8 @@ ADDED = {
     "bnb_4bit_quant_type": "nf4",  # the 4-bit format: QLoRA's NF4 with double quantization before (FOUR_BIT)
     "use_bnb_nested_quant": True,
 }
-# The 4-bit format counts only where the model may load in 4-bit (--quantization 4bit, or auto: 4-bit to train on CUDA).
+# The 4-bit format counts only where the model loads in 4-bit (--quantization 4bit: model_identity keys inference,
+# where auto loads the model as saved).
 FOUR_BIT = ("bnb_4bit_quant_type", "use_bnb_nested_quant")
 
 # Engine settings that count only through the engine that runs (model_identity's `backend`), each with the reason.
@@ -112,11 +113,21 @@ def file_hash(path: Path) -> str:
     return file_hashes([Path(path)])[Path(path)]
 
 
+# Subfolders a loader reads as part of the model: transformers' tokenizer takes every additional_chat_templates/*.jinja
+# as a named template (tool_use, rag, ...), rendered for prompts that ask for it (transformers.utils.hub).
+READ_SUBFOLDERS = ("additional_chat_templates",)
+
+
 def folder_files(folder: Path) -> dict[str, str]:
     """{file name: content hash} of the files a loader can read in `folder`: its top-level files, less images,
-    logs, the model card and the evaluation results recorded for it (alignkit.core.card.EVALS_FILE). Subfolders (checkpoint-N, merged/) are models or states of their own."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not _NOT_READ.search(p.name))
-    return {p.name: h for p, h in file_hashes(files).items()}
+    logs, the model card and the evaluation results recorded for it (alignkit.core.card.EVALS_FILE), and the files
+    of the subfolders it reads (READ_SUBFOLDERS, as `additional_chat_templates/tool_use.jinja`). Other subfolders
+    (checkpoint-N, merged/) are models or states of their own."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not _NOT_READ.search(p.name))
+    files += sorted(p for sub in READ_SUBFOLDERS if (folder / sub).is_dir() for p in (folder / sub).rglob("*")
+                    if p.is_file())
+    return {p.relative_to(folder).as_posix(): h for p, h in file_hashes(files).items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,7 +229,7 @@ def loader_fields(s) -> dict:
     names = [f.name for group in groups for f in fields(group) if f.name not in INERT and f.name != "model_id"]
     out = {name: getattr(s, name) for name in dict.fromkeys(names)
            if not (name in ADDED and getattr(s, name) == ADDED[name])
-           and not (name in FOUR_BIT and getattr(s, "quantization", "none") not in ("4bit", "auto"))}
+           and not (name in FOUR_BIT and getattr(s, "quantization", "none") != "4bit")}
     if out.get("chat_template"):
         from alignkit.core.groups import chat_template_text
 
@@ -231,6 +242,13 @@ def model_identity(s, backend: str | None = None) -> dict:
     backend: the resolved generation engine, for a cache of generated text; None where no engine is involved."""
     loader = loader_fields(s)
     loader.pop("backend", None)  # ENGINE_ONLY
+    # Every load keyed here is for inference, where auto loads the model as saved: --quantization none is the same
+    # model as auto (label.py generated everything again for it), and the 4-bit format counts under 4bit only.
+    if loader.get("quantization") == "none":
+        loader["quantization"] = "auto"
+    if loader.get("quantization") != "4bit":
+        for name in FOUR_BIT:
+            loader.pop(name, None)
     if backend != "vllm":
         loader.pop("max_model_len", None)
         from alignkit.core.launch import dtype_choice
