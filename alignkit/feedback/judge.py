@@ -32,7 +32,6 @@ from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.code_digest import code_fingerprint
 from alignkit.core.errors import UserError
-from alignkit.core.digests import digest
 from alignkit.feedback.judge_templates import Template, load_template
 
 TOKENS = {"A": "[[A]]", "B": "[[B]]", "tie": "[[C]]"}
