@@ -754,3 +754,49 @@ def test_a_second_pairwise_run_into_the_same_folder_is_refused(tmp_path):
         with pytest.raises(InUse, match=f"^{out} is in use by another evaluate.py run; let it finish, or pass "
                                         "another --output_dir$"):
             Pairwise.start("pairwise", s)
+
+
+def test_a_pairwise_run_s_steps_run_in_order_under_the_settings_it_started_with(tiny_cache, tmp_path):
+    """evaluate.py's pairwise cells in a notebook: the settings cell run again (max_questions 4) with the later cells
+    run alone answered and judged all 64 questions under the old settings and wrote them as the new run's results; a
+    cell before the one it needs gave a FastChat KeyError or a pathlib TypeError; the Judging and Results cells after
+    the judge cell alone overwrote a good results.json with an empty table. Each is one line naming the cell."""
+    from alignkit.core.errors import UserError
+    from alignkit.evals.evaluation import Pairwise, parse_command
+    from alignkit.modeling import presets
+
+    model = presets.paths()["model"]
+    argv = ["pairwise", "--models", f"a={model}", f"b={model}", "--judge_model", "rule", "--prompts_file",
+            presets.paths()["prompts"], "--max_questions", "3", "--max_new_tokens", "4", "--quantization", "none",
+            "--output_dir", str(tmp_path / "pw")]
+    command, s = parse_command(argv)
+    run = Pairwise.start(command, s)
+    with pytest.raises(UserError, match=r"^run the 'Questions' cell first: the cells from 'The judge' on run in "
+                                        r"order$"):
+        run.make_matches()
+    run.load_questions()
+    run.answer("transformers")
+    with pytest.raises(UserError, match=r"^run the 'Matches' cell first"):
+        run.judge()
+    run.make_matches()
+    run.judge()
+    pairs, results_file, _ = run.report()
+    good = results_file.read_text()
+    assert json.loads(good)["pairs"] and len(json.loads(good)["questions"]) == 3
+    run.load_questions()  # the questions again: the later steps go again too
+    with pytest.raises(UserError, match=r"^run the 'Answers' cell first"):
+        run.report()
+    assert results_file.read_text() == good
+    # The settings cell again, with another setting: the run started before refuses its next step.
+    parse_command([*argv[:-2], "--max_questions", "2", *argv[-2:]])
+    with pytest.raises(UserError, match=r"^the settings changed since 'The judge' cell started this pairwise run: "
+                                        r"run the cells from 'The judge' on again$"):
+        run.answer("transformers")
+    # Edited in place, the same.
+    command, s = parse_command(argv)
+    run = Pairwise.start(command, s)
+    s.max_questions = 2
+    with pytest.raises(UserError, match=r"^the settings changed since 'The judge' cell started this pairwise run "
+                                        r"\(max_questions\)"):
+        run.load_questions()
+    assert results_file.read_text() == good

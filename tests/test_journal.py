@@ -453,6 +453,10 @@ def test_the_save_cell_after_an_interrupted_training_cell_saves_nothing(tmp_path
                                         r"them for a model trained with others\. Set them back"):
         finish(None, None, SFTSettings(output_dir=str(tmp_path), run_name="run", resume="false", model_id="other"),
                folder, "sft")
+    with pytest.raises(UserError, match=r"^the settings changed since run trained \(model_id\)"):  # reward.py's report
+        held_out_report(None, None, None, folder, settings=SFTSettings(output_dir=str(tmp_path), run_name="run",
+                                                                       resume="false", model_id="other"))
+    assert not (folder / "rewards_histogram.png").exists()
     other = SFTSettings(output_dir=str(tmp_path), run_name="other", resume="false")
     run_folder.prepare_run(other, "sft")  # the Run folder cell, then the saving cell before the training cell
     with pytest.raises(UserError, match=r"^nothing was trained into .*other in this session: run the cells from "

@@ -163,6 +163,8 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
     # A cell run after a failed one, using what the failed cell would have set: one line saying so, not a traceback
     # pointing at this cell. A NameError inside a function is a bug: its traceback stays.
     cells.append(nbformat.v4.new_code_cell("trainer.train()"))
+    # The kernel has load_model (imported by the cell that sets `loaded`): not a typo of it, as Python judges.
+    cells.append(nbformat.v4.new_code_cell("from alignkit.modeling.models import load_model\nloaded.tokenizer"))
     cells.append(nbformat.v4.new_code_cell("def f():\n    return missing_name\nf()"))
     cells.append(nbformat.v4.new_code_cell("print(setings)"))  # a typo of a name the kernel has: Python's hint
     cells.append(nbformat.v4.new_code_cell("print('alive')"))
@@ -172,9 +174,11 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
     env.pop("PRESET", None)
     NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120, allow_errors=True).execute(
         env=env, cwd=str(tmp_path), cleanup_kc=True)
-    printed = [c.outputs[-1].text.strip() for c in nb.cells[1:-6:2]]
+    printed = [c.outputs[-1].text.strip() for c in nb.cells[1:-7:2]]
     assert printed == [f"{name} tiny {next(iter(edit.values()))!r}" for name, edit in edits.items()]
-    bad, stopped, unset, bug, typo, alive = nb.cells[-6:]
+    bad, stopped, unset, unloaded, bug, typo, alive = nb.cells[-7:]
+    assert [o.output_type for o in unloaded.outputs] == ["stream"] and unloaded.outputs[0].text.startswith(
+        "error: name 'loaded' is not defined: the cell above that sets it has not run"), unloaded.outputs
     assert [o.ename for o in typo.outputs if o.output_type == "error"] == ["NameError"]
     assert [o.output_type for o in unset.outputs] == ["stream"] and unset.outputs[0].text.strip() == (
         "error: name 'trainer' is not defined: the cell above that sets it has not run, or stopped with an error; "

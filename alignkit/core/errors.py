@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import difflib
 import io
 import os
 import sys
@@ -121,10 +120,12 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
         last = tb
         while last is not None and last.tb_next is not None:
             last = last.tb_next
-        names = list(getattr(shell, "user_ns", {}))
-        typo = difflib.get_close_matches(getattr(error, "name", None) or "", names, n=1) if names else []
-        # Only the cell's own code (not a module it imports, nor a function: a bug, shown whole), and not a typo of a
-        # name the kernel has (Python's traceback says "Did you mean ...?").
+        # A typo of a name the kernel has, as Python itself judges one (a looser match took a cell's imports,
+        # load_model for `loaded`, for typos).
+        import builtins
+
+        typo = _close_name(getattr(error, "name", None) or "", [*getattr(shell, "user_ns", {}), *vars(builtins)])
+        # Only the cell's own code (not a module it imports, nor a function: a bug, shown whole), and not a typo.
         cell = last is not None and last.tb_frame.f_code.co_name == "<module>" and \
             last.tb_frame.f_globals is getattr(shell, "user_ns", None)
         if not cell or typo:
@@ -143,6 +144,33 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
 
     print(f"error: {redact(str(error))}", file=sys.stderr)
     return None
+
+
+def _close_name(name: str, candidates: list[str]) -> str | None:
+    """The name Python's NameError would suggest ("Did you mean: ...?"), by its own rule (CPython's
+    Python/suggestions.c): the closest candidate within (len(a) + len(b) + 3) // 3 edits, an insertion, deletion or
+    substitution costing 2 and a change of case 1; none among more than 750 candidates."""
+    candidates = list(dict.fromkeys(candidates))
+    if not name or len(candidates) > 750:
+        return None
+    best, best_cost = None, None
+    for other in candidates:
+        if other == name:
+            continue
+        limit = (len(name) + len(other) + 3) * 2 // 6
+        if best_cost is not None:
+            limit = min(limit, best_cost - 1)
+        if abs(len(name) - len(other)) * 2 > limit:
+            continue
+        row = [2 * j for j in range(len(other) + 1)]
+        for i, a in enumerate(name, 1):
+            previous, row[0] = row[0], 2 * i
+            for j, b in enumerate(other, 1):
+                change = 0 if a == b else 1 if a.lower() == b.lower() else 2
+                previous, row[j] = row[j], min(row[j] + 2, row[j - 1] + 2, previous + change)
+        if row[-1] <= limit:
+            best, best_cost = other, row[-1]
+    return best
 
 
 # ---------------------------------------------------------------- a Ctrl-C that nothing may swallow

@@ -180,19 +180,19 @@ def generate_outputs(generator, rows: list[dict], name: str, source: str, path, 
     generation = _generation(s)
     todo = [r for r in rows if r["instruction"] not in read_outputs(path, source, generation, identity)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    progress = Progress(f"{name}: generating", len(todo), unit="output", errors=False)
-    for start in range(0, len(todo), s.batch_size):
-        batch = todo[start : start + s.batch_size]
-        outs = generator([[{"role": "user", "content": r["instruction"]}] for r in batch],
-                         max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                         num_beams=s.num_beams, batch_size=len(batch),
-                         seeds=[sample_seed(s.seed, row["instruction"]) for row in batch])  # the same in any batch
-        append_jsonl(path, [{"instruction": row["instruction"], "output": out, "generator": name,
-                             "dataset": row["dataset"], "source": source, "generation": generation,
-                             "identity": identity}
-                            for row, out in zip(batch, outs, strict=True)])
-        progress.update(len(batch))
-    progress.close()
+    # A bar left open by an interrupt broke every later bar in a notebook's kernel: closed however this ends.
+    with Progress(f"{name}: generating", len(todo), unit="output", errors=False) as progress:
+        for start in range(0, len(todo), s.batch_size):
+            batch = todo[start : start + s.batch_size]
+            outs = generator([[{"role": "user", "content": r["instruction"]}] for r in batch],
+                             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                             num_beams=s.num_beams, batch_size=len(batch),
+                             seeds=[sample_seed(s.seed, row["instruction"]) for row in batch])  # the same in any batch
+            append_jsonl(path, [{"instruction": row["instruction"], "output": out, "generator": name,
+                                 "dataset": row["dataset"], "source": source, "generation": generation,
+                                 "identity": identity}
+                                for row, out in zip(batch, outs, strict=True)])
+            progress.update(len(batch))
     return len(todo)
 
 

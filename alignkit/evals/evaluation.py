@@ -10,6 +10,7 @@ again); `report` (win / loss / tie and adjusted win rate with bootstrap CIs, as 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -77,7 +78,12 @@ def parse_command(argv: list[str], command: str | None = None, overrides: dict |
     settings = parse_config(settings_class, args=argv, presets=named if "preset" in fields else None,
                             overrides=overrides, prog=f"evaluate.py {command}", description=description)
     presets.ensure(settings)
+    global _PARSED
+    _PARSED = settings  # a notebook's settings cell run again: a pairwise run started earlier refuses its next step
     return command, settings
+
+
+_PARSED = None  # the settings parse_command returned last (Pairwise's notebook checks)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,6 +163,33 @@ class Pairwise:
     identity: dict = field(default_factory=dict)
     judgment_file: Path | None = None
     failures: list = field(default_factory=list)
+    # A notebook runs the steps as cells, in any order and again: each step needs the ones before it (STEPS), done in
+    # this run, under the settings it started with; a step run again undoes the later ones.
+    done: list = field(default_factory=list)
+    started_under: dict = field(default_factory=dict)
+    from_settings_cell: bool = False  # started with the settings parse_command (the settings cell) returned last
+
+    STEPS = {"questions": "Questions", "answers": "Answers", "matches": "Matches", "judged": "Judging",
+             "report": "Results"}
+
+    def _step(self, step: str) -> None:
+        """Refuse, in one line naming the cells to run, a step whose earlier steps have not run in this run, or
+        run under other settings than it started with (the settings cell run again, or edited in place)."""
+        now = config_to_dict(self.settings)
+        changed = sorted(k for k in now.keys() | self.started_under.keys() if now.get(k) != self.started_under.get(k))
+        if self.from_settings_cell and _PARSED is not self.settings or changed:
+            what = f" ({', '.join(changed)})" if changed else ""
+            raise UserError(f"the settings changed since 'The judge' cell started this {self.command} run{what}: run "
+                            "the cells from 'The judge' on again")
+        steps = list(self.STEPS)
+        missing = [s for s in steps[:steps.index(step)] if s not in self.done]
+        if missing:
+            raise UserError(f"run the '{self.STEPS[missing[0]]}' cell first: the cells from 'The judge' on run in "
+                            "order")
+        self.done = steps[:steps.index(step)]
+
+    def _did(self, step: str) -> None:
+        self.done.append(step)
 
     @classmethod
     def start(cls, command: str, s) -> "Pairwise":
@@ -177,7 +210,8 @@ class Pairwise:
         # One run per folder: a second would generate the same answers and pay the judge for the same matches again.
         hold(output_dir / ".evaluate.lock", "evaluate.py", "let it finish, or pass another --output_dir")
         save_config(s, output_dir / "evaluate_config.json")  # secrets redacted
-        return cls(command, s, models, baseline, use_rule, client, output_dir)
+        return cls(command, s, models, baseline, use_rule, client, output_dir,
+                   started_under=copy.deepcopy(config_to_dict(s)), from_settings_cell=_PARSED is s)
 
     @property
     def judge_name(self) -> str:
@@ -187,6 +221,7 @@ class Pairwise:
         """MT-Bench's questions, judge prompts and reference answers (checked), or the prompts file's."""
         from alignkit.evals import fastchat_compat, mtbench
 
+        self._step("questions")
         s = self.settings
         common, _ = fastchat_compat.load()
         fastchat_compat.log_version()
@@ -200,6 +235,7 @@ class Pairwise:
                                             s.prompts_file)
             data = None if self.use_rule else mtbench.data_dir(s.mt_bench_data)  # for FastChat's pair-v2 prompt
         self.judge_prompts = None if self.use_rule else mtbench.load_judge_prompts(data / mtbench.JUDGE_PROMPTS)
+        self._did("questions")
 
     def answer(self, backend: str) -> None:
         """Each model's answers, generated where missing; a model with nothing left to answer is not loaded."""
@@ -207,6 +243,7 @@ class Pairwise:
         from alignkit.modeling.generation import load_generator
         from alignkit.modeling.lineage import check_models
 
+        self._step("answers")
         s = self.settings
         check_models(s, self.models.values())  # all of them before the first answers
         keys, parts = {}, {}
@@ -222,18 +259,21 @@ class Pairwise:
                 mtbench.generate_answers(generator, self.questions, name, source, path, s, keys[name], parts[name])
         self.answers = {name: mtbench.read_answers(mtbench.answer_path(self.output_dir, name), source, key=keys[name])
                         for name, source in self.models.items()}
+        self._did("answers")
 
     def make_matches(self) -> None:
         """FastChat's matches: every model against the baseline, or every pair; math, reasoning and coding
         questions of MT-Bench with the reference answers; first and second turns."""
         from alignkit.evals import fastchat_compat
 
+        self._step("matches")
         s, names = self.settings, list(self.models)
         common, _ = fastchat_compat.load()
         if self.use_rule:
             rule_judge = common.Judge("rule", {"name": "rule", "type": "pairwise", "output_format": "[[A]]"})
             self.matches = fastchat_compat.make_matches(self.questions, names, self.answers, rule_judge, s.mode,
                                                         self.baseline)
+            self._did("matches")
             return
         judges = fastchat_compat.judges(s.judge_model, self.judge_prompts)
         refs = fastchat_compat.reference_answers_for(s.judge_model, self.references)
@@ -245,6 +285,7 @@ class Pairwise:
                                               (plain, "default-mt", None, True), (with_ref, "math-mt", refs, True)]:
             self.matches += fastchat_compat.make_matches(group, names, self.answers, judges[judge], s.mode,
                                                          self.baseline, ref_answers=ref, multi_turn=multi_turn)
+        self._did("matches")
 
     def judge(self) -> tuple[list, list]:
         """Every match not settled before, in both answer orders; a failed request counts as a judge error.
@@ -252,6 +293,7 @@ class Pairwise:
         from alignkit.evals import fastchat_compat, judgments
         from alignkit.modeling import presets
 
+        self._step("judged")
         s = self.settings
         common, _ = fastchat_compat.load()
         rule_fn = presets.judge(s.preset) if self.use_rule else None  # the preset's rule (tiny's when none)
@@ -285,15 +327,20 @@ class Pairwise:
                             "(the answers are kept)")
         if self.failures:
             print(f"{len(self.failures)} judge requests failed; a rerun sends their matches again")
+        self._did("judged")
         return todo, self.failures
 
     def report(self) -> tuple[list[dict], Path, Path]:
         """Print the results table; write results.json and results.png. Returns (per pair results, their paths)."""
         from alignkit.evals import judgments, results
 
+        self._step("report")
         s = self.settings
         judged = judgments.read_judgments(self.judgment_file)
         records = [judged[key] for key in (judgments.match_key(m, self.identity) for m in self.matches) if key in judged]
+        if not records:  # results.json and results.png keep the last run's table
+            raise UserError(f"no verdicts of this run's {len(self.matches)} matches in {self.judgment_file}: run the "
+                            "'Judging' cell (a failed run leaves the earlier results as they were)")
         moved = judgments.retire_replaced(self.judgment_file, records)  # the file FastChat reads: one verdict a match
         if moved:
             print(f"{moved} earlier verdicts of matches judged again moved to "

@@ -395,31 +395,31 @@ def generate_answers(generator, questions, name: str, source: str, path, s, key:
     for q in todo:
         by_temperature.setdefault(temperature_for(q, s.temperature), []).append(q)
     answered = 0
-    progress = Progress(f"{name}: answering", len(todo), unit="question", errors=False)
-    for temperature, group in by_temperature.items():
-        for start in range(0, len(group), s.batch_size):
-            batch = group[start : start + s.batch_size]
-            histories: list[list[dict]] = [[] for _ in batch]
-            for turn in range(max(len(q["turns"]) for q in batch)):
-                active = [i for i, q in enumerate(batch) if turn < len(q["turns"])]
-                for i in active:
-                    histories[i].append({"role": "user", "content": batch[i]["turns"][turn]})
-                outs = generator(  # each question and turn its own seed: its answer is the same in any batch
-                    [histories[i] for i in active], max_new_tokens=s.max_new_tokens,
-                    temperature=temperature, top_p=s.top_p, num_beams=s.num_beams, batch_size=len(active),
-                    seeds=[sample_seed(s.seed, question_key(batch[i]), turn) for i in active],
-                )
-                for i, out in zip(active, outs):
-                    histories[i].append({"role": "assistant", "content": out})
-            append_jsonl(path, [{  # each batch journaled as it finishes: a crash keeps every batch before it
-                "question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name,
-                "choices": [{"index": 0, "turns": [m["content"] for m in history if m["role"] == "assistant"]}],
-                "tstamp": time.time(), "source": source, "question_key": question_key(q),
-                "generation": {"temperature": temperature, "top_p": s.top_p, "num_beams": s.num_beams,
-                               "max_new_tokens": s.max_new_tokens},
-                **({"settings_key": key} if key else {}), **({"settings": settings} if settings else {}),
-            } for q, history in zip(batch, histories)])
-            answered += len(batch)
-            progress.update(len(batch))
-    progress.close()
+    # A bar left open by an interrupt broke every later bar in a notebook's kernel: closed however this ends.
+    with Progress(f"{name}: answering", len(todo), unit="question", errors=False) as progress:
+        for temperature, group in by_temperature.items():
+            for start in range(0, len(group), s.batch_size):
+                batch = group[start : start + s.batch_size]
+                histories: list[list[dict]] = [[] for _ in batch]
+                for turn in range(max(len(q["turns"]) for q in batch)):
+                    active = [i for i, q in enumerate(batch) if turn < len(q["turns"])]
+                    for i in active:
+                        histories[i].append({"role": "user", "content": batch[i]["turns"][turn]})
+                    outs = generator(  # each question and turn its own seed: its answer is the same in any batch
+                        [histories[i] for i in active], max_new_tokens=s.max_new_tokens,
+                        temperature=temperature, top_p=s.top_p, num_beams=s.num_beams, batch_size=len(active),
+                        seeds=[sample_seed(s.seed, question_key(batch[i]), turn) for i in active],
+                    )
+                    for i, out in zip(active, outs):
+                        histories[i].append({"role": "assistant", "content": out})
+                append_jsonl(path, [{  # each batch journaled as it finishes: a crash keeps every batch before it
+                    "question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name,
+                    "choices": [{"index": 0, "turns": [m["content"] for m in history if m["role"] == "assistant"]}],
+                    "tstamp": time.time(), "source": source, "question_key": question_key(q),
+                    "generation": {"temperature": temperature, "top_p": s.top_p, "num_beams": s.num_beams,
+                                   "max_new_tokens": s.max_new_tokens},
+                    **({"settings_key": key} if key else {}), **({"settings": settings} if settings else {}),
+                } for q, history in zip(batch, histories)])
+                answered += len(batch)
+                progress.update(len(batch))
     return answered
