@@ -333,7 +333,7 @@ def test_rl_with_vllm_refuses_qlora_and_caps_vllm_s_context(monkeypatch, tmp_pat
 # 5. reward.py: QLoRA trains fp32 weights (and runs on a CPU); a fresh head is zeroed in every ZeRO-3 partition
 
 
-def test_reward_py_qlora_on_a_cpu_trains_fp32_lora_and_score_head(tiny_cache, tmp_path):
+def test_reward_py_qlora_on_a_cpu_trains_fp32_lora_and_score_head(tiny_cache, tmp_path, alignkit_log):
     """It stopped with "expected m1 and m2 to have the same dtype": TRL cast the trainable weights to bf16."""
     from conftest import run_script
 
@@ -405,6 +405,18 @@ def test_reward_py_qlora_on_a_cpu_trains_fp32_lora_and_score_head(tiny_cache, tm
     thinking = LabelSettings(chat_template_kwargs={"enable_thinking": False})
     assert RMJudge(f"rm:{folder}", thinking).identity() == RMJudge(f"rm:{folder}", LabelSettings()).identity()
     assert "over_nf4_base" not in RMJudge(f"rm:{folder}", LabelSettings(quantization="4bit")).identity()
+    # Loaded in 4-bit in another format than it trained over (a run over the FP4 adapter without the flags): a line
+    # saying so and how to load its own (it loaded NF4 under it without a word); in its own format, none.
+    alignkit_log.clear()
+    load_model(ModelSettings(model_id=str(fp4), quantization="4bit"), reward=True)
+    said = [r.getMessage() for r in alignkit_log.records if "trained over its base in" in r.getMessage()]
+    assert said == [f"{fp4} trained over its base in 4-bit FP4; this load rounds the base to 4-bit NF4 with double "
+                    "quantization, another model under the adapter: pass --bnb_4bit_quant_type fp4 "
+                    "--use_bnb_nested_quant false to load the base it trained over"], said
+    alignkit_log.clear()
+    load_model(ModelSettings(model_id=str(fp4), quantization="4bit", bnb_4bit_quant_type="fp4",
+                             use_bnb_nested_quant=False), reward=True)
+    assert not [r for r in alignkit_log.records if "trained over its base in" in r.getMessage()]
 
 
 class _Partitioned:

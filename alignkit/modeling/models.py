@@ -283,6 +283,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     config = quantization_config(quantization, dtype, four_bit)  # 8-bit under FSDP/ZeRO-3 is refused here
     if quantization == "4bit" and four_bit != FourBit():  # QLoRA's NF4 with double quantization goes unsaid
         logger.info(f"4-bit weights: {four_bit} (--bnb_4bit_quant_type, --use_bnb_nested_quant)")
+    if quantization == "4bit" and not dequantize:
+        _say_other_format(chain, four_bit)
     if config is not None:
         kwargs["quantization_config"] = config
     kwargs.update(device_placement(quantization, on_cpu=on_cpu))
@@ -351,6 +353,22 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     if not for_training:
         model.eval()
     return Loaded(model, tok, base_id, chain, frozen, dtype, quantization, deltas, base_revision)
+
+
+def _say_other_format(chain: list[str], four_bit: FourBit) -> None:
+    """One line where a QLoRA adapter of the chain trained over its base in another 4-bit format than this load's:
+    the base it sits on now is not the one it learned on (run_records.trained_four_bit)."""
+    from alignkit.core.run_records import trained_four_bit, trained_quantization
+
+    for part in chain:
+        if Path(part).is_dir() and trained_quantization(part) == "4bit":
+            then = trained_four_bit(part)
+            trained = FourBit(then["bnb_4bit_quant_type"], bool(then["use_bnb_nested_quant"]))
+            if trained != four_bit:
+                logger.warning(f"{part} trained over its base in {trained}; this load rounds the base to {four_bit}, "
+                               f"another model under the adapter: pass --bnb_4bit_quant_type {trained.quant_type} "
+                               f"--use_bnb_nested_quant {str(trained.nested).lower()} to load the base it trained over")
+                return
 
 
 def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
