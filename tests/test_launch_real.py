@@ -186,7 +186,9 @@ def test_an_adapter_over_a_part_retrained_in_place_is_refused_by_each_process(dp
 
 REWARDS = {  # reward.py's launches: plain LoRA with its LM term on (the LM head whole on each rank), and QLoRA
     "lora-logexpwithlm": ["--quantization", "none", "--loss", "logexpwithlm"],
-    "qlora": QLORA,
+    # TRL's 4-bit format flags (FP4 without double quantization): trained so on both processes, and scored so by
+    # rl.py's rm: reward on both (the NF4 default: every other QLoRA launch here)
+    "qlora-fp4": [*QLORA, "--bnb_4bit_quant_type", "fp4", "--use_bnb_nested_quant", "false"],
 }
 
 
@@ -217,6 +219,9 @@ def test_reward_with_its_held_out_report_on_two_processes(kind, reward_run):
     metrics = finished(run)
     held_out = json.loads((run / "held_out_rewards.json").read_text())
     assert metrics["held_out_pairs"] == held_out["held_out_pairs"] == len(held_out["chosen"]) > 0
+    if kind == "qlora-fp4":  # what a judge or rl.py scores it over: recorded by the run (and in its Hub copy)
+        assert {k: metrics[k] for k in ("trained_quantization", "bnb_4bit_quant_type", "use_bnb_nested_quant")} == \
+            {"trained_quantization": "4bit", "bnb_4bit_quant_type": "fp4", "use_bnb_nested_quant": False}, metrics
     assert (run / "rewards_histogram.png").is_file()
 
 
@@ -260,8 +265,9 @@ def test_kto_with_precompute_on_two_processes(sft_adapter, cache, runs):
 @pytest.mark.parametrize("reward", ["rule", "rm", "judge"])
 def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     """GRPO with the transformers backend: the rule as the reward, or a reward.py model (`rm:FOLDER`, QLoRA) that
-    each process holds whole beside the policy, over its NF4-rounded base as it trained. With the rule, what TRL would load into a colocated vLLM engine is
-    the merged policy (vLLM itself needs CUDA). With the rule and a judge that fails each prompt's first
+    each process holds whole beside the policy, over its base rounded to the 4-bit format it trained over (FP4 without
+    double quantization). With the rule (and a `python:` reward from a file, called on each process's completions),
+    what TRL would load into a colocated vLLM engine is the merged policy (vLLM itself needs CUDA). With the rule and a judge that fails each prompt's first
     judgment: each process judges its own rows into its own judgments file, marks the rows whose judgment
     failed, and the marks are gathered as TRL gathers the rewards (a failed row would otherwise keep the rule
     alone); the logged judge counts are the whole launch's (they were the main process's)."""
@@ -269,8 +275,12 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
 
     from openai_server import Fault, FakeOpenAI
 
-    rm = reward_run("qlora") if reward == "rm" else None
+    rm = reward_run("qlora-fp4") if reward == "rm" else None
     flags = ["--reward", f"rm:{rm}", "--logging_steps", "1"] if rm else []
+    if reward == "rule":
+        (runs / "short_reward.py").write_text(
+            "def short(prompts, completions, **kwargs):\n    return [-len(str(c)) / 100 for c in completions]\n")
+        flags = ["--reward", f"rule,python:{runs / 'short_reward.py'}:short", "--logging_steps", "1"]
 
     # The rule run also walks TRL's weight sync for a colocated vLLM engine (tests/launched.py --vllm-sync).
     synced = runs / "rl-vllm-sync.safetensors"
@@ -305,8 +315,12 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
         assert files.keys() == {"judgments.jsonl", "judgments.rank1.jsonl"} and all(files.values()), files
     elif rm:
         assert_each_rank_scored_with(output, f"rm:{rm.name}", rm)
-        assert output.count("was trained with QLoRA: it scores over its base rounded to 4-bit NF4") == 1, output[-3000:]
+        assert output.count("was trained with QLoRA: it scores over its base rounded to 4-bit FP4") == 1, output[-3000:]
     else:
+        assert output.count("rewards: rule_reward, short") == 2, output[-3000:]  # built on each process
+        logged, = [e for e in json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())["log_history"]
+                   if "loss" in e]
+        assert logged["rewards/short/mean"] < 0, logged  # its scores, over both processes' completions
         assert_vllm_would_get_the_merged_policy(run, synced)
 
 
