@@ -116,6 +116,24 @@ def test_old_answers_without_a_question_key(echo, tmp_path):
     assert echo == []
 
 
+def test_answers_made_elsewhere_without_ids_are_judged_again_when_edited(tmp_path):
+    """An answers file without answer_id (written by hand or another tool), edited in place, kept its verdicts."""
+    question = {"question_id": 1, "category": "prompts", "turns": ["name three fruits."]}
+    judge = types.SimpleNamespace(prompt_template={"name": "rule"}, model_name="rule")
+
+    def match(turn):
+        return types.SimpleNamespace(question=question, judge=judge, ref_answer=None, model_1="a", model_2="b",
+                                     multi_turn=False, answer_1={"choices": [{"index": 0, "turns": [turn]}]},
+                                     answer_2={"choices": [{"index": 0, "turns": ["pear,plum,fig."]}]})
+
+    identity = {"rule": "r", "code": "c"}
+    path = tmp_path / "rule_pair.jsonl"
+    judgments.judge_matches([match("apple,pear,fig.")], judgments.rule_player(lambda q, a, b: "A"), path, identity, 1)
+    records = judgments.read_judgments(path)
+    assert judgments.settled(match("apple,pear,fig."), records, "$ERROR$", identity) is not None
+    assert judgments.settled(match("car,bus,train."), records, "$ERROR$", identity) is None
+
+
 def test_an_edited_question_is_judged_again_even_on_answers_made_elsewhere(tmp_path):
     question = {"question_id": 1, "category": "prompts", "turns": ["name three fruits."]}
     judge = types.SimpleNamespace(prompt_template={"name": "rule"})

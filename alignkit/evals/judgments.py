@@ -72,7 +72,10 @@ def read_judgments(path) -> dict[tuple, dict]:
 
 
 def _answer_ids(match) -> list:
-    return [match.answer_1.get("answer_id"), match.answer_2.get("answer_id")]
+    """Each answer's answer_id (alignkit's and FastChat's answers have one, new for every answer), else its turns by
+    content: a file made elsewhere without ids, edited in place, kept its old verdicts."""
+    return [answer.get("answer_id") or f"turns:{digest(answer.get('choices'), 16)}"
+            for answer in (match.answer_1, match.answer_2)]
 
 
 def settled(match, judgments: dict, error_output: str, judge_identity: dict,
