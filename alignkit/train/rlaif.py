@@ -207,19 +207,38 @@ def _prompt_source(s) -> dict:
     return {**out, **({"prompt_field": s.prompt_field} if s.prompt_field != "prompt" else {})}
 
 
+def _named_in(args: str | None, flag: str) -> dict:
+    """{"FLAG_files": {token: its content}} for the tokens of an extra-arguments string (--label_args, ...) naming a
+    local file, code (python:) or a reward model (rm:): a judge template passed there, edited in place, is another
+    step; nothing where they name none, so a round recorded before keeps its inputs."""
+    from alignkit.train.named_files import spec_identity
+
+    named = {}
+    for token in shlex.split(args or ""):
+        if token.startswith(("python:", "rm:")) or Path(token).is_file():
+            if (found := spec_identity(token, flag)) is not None:
+                named[token] = found
+    return {f"{flag.lstrip('-')}_files": named} if named else {}
+
+
 def _label_inputs(s, r: int, policy: str, revision: str | None) -> dict:
     return {"policy": _model(policy, revision), "prompts": _data(s.dataset_id), **_prompt_source(s), **_loader(s),
             "num_samples": s.num_samples, "sample_temperature": s.sample_temperature, "max_prompts": s.max_prompts,
             "max_new_tokens": s.max_new_tokens, "judge": _judge(s.judge), "seed": s.seed + r,
-            "quantization": s.quantization, **_endpoint(s), "label_args": redact(s.label_args)}
+            "quantization": s.quantization, **_endpoint(s), "label_args": redact(s.label_args),
+            **_named_in(s.label_args, "--label_args")}
 
 
 def _dpo_inputs(s, policy: str, revision: str | None, preferences: Path, reference: list[str]) -> dict:
     from alignkit.modeling.identity import INERT
+    from alignkit.train.named_files import spec_identity
     from alignkit.train.run_folder import NOT_TRAINING  # the settings that do not change what is trained
 
     values = {k: v for k, v in _dpo_values(s).items() if k not in NOT_TRAINING and k not in INERT}
     values.update(_loader(s).get("loader", {}))  # --chat_template by its text
+    for name in ("lota_mask", "lota_exclude_mask"):  # a mask by its content (one file, or a run folder's files)
+        if values.get(name) and (found := spec_identity(values[name], f"--{name}")) is not None:
+            values[f"{name}_content"] = found
     return {**values, "policy": _model(policy, revision),
             "preferences": _data(str(preferences)), "reference": s.reference, "reference_adapters": reference,
             "eval_split": s.eval_split}
@@ -229,7 +248,8 @@ def _eval_inputs(s, policy: str, revision: str | None, dpo: Path, judge: str | N
     return {"policy": _model(policy, revision), "adapter": _model(str(dpo)), **_loader(s), "prompts": _data(prompts),
             "judge_model": _judge(judge), "max_new_tokens": s.max_new_tokens, "temperature": s.sample_temperature,
             "quantization": s.quantization, "seed": s.seed,
-            **({} if judge == "rule" else _endpoint(s, skip={"judge_model"})), "evaluate_args": redact(s.evaluate_args)}
+            **({} if judge == "rule" else _endpoint(s, skip={"judge_model"})), "evaluate_args": redact(s.evaluate_args),
+            **_named_in(s.evaluate_args, "--evaluate_args")}
 
 
 # ---------------------------------------------------------------------------------------------------------
