@@ -57,7 +57,9 @@ output_dir = Path(settings.output_dir or Path(settings.adapter_dir) / "merged")
 
 # %% [markdown]
 # ## Merge and check
-# Fails loudly, saving nothing, when the merged logits differ from base + adapters beyond the tolerance.
+# Fails loudly, saving nothing, when the merged logits differ from base + adapters beyond the tolerance. With
+# `--add_delta`, two LoTA deltas over one base are added into one (a task merge; the entries both touch are
+# counted) instead.
 
 # %%
 from alignkit.modeling.merge import merge_adapters
