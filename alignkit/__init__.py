@@ -19,6 +19,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   threads (torch's CPU threads for a loaded model),
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
   digests (the one digest, SHA-256 of canonical JSON, every cache key is made of),
+  code_digest (a user's Python code, a python: judge or reward, by its source and all the code it imports),
   sources (a Hub id or a local path, a Hub id at a revision written ID@REVISION, and whether the Hub answers),
   environment (the settings' environment layer: ALIGNKIT_<NAME>, and every other ALIGNKIT_ variable accounted for),
   data (the one data normaliser), row_checks (one row's messages, answers and pairs checked),

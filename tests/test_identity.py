@@ -61,7 +61,7 @@ def differ(a: dict, b: dict) -> list[str]:
     return [name for name in a if a[name] == b[name]]
 
 
-def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cache, tmp_path):
+def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cache, tmp_path, monkeypatch):
     """Walks every field of the loader groups: a field added tomorrow counts unless it is declared in INERT."""
     model = presets.paths()["model"]
     other = tmp_path / "other"
@@ -72,11 +72,13 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
     (tmp_path / "a.gguf").write_bytes(b"gguf a")
     changed_values = {"model_id": str(other), "revision": "v2", "gguf_file": "a.gguf", "trust_remote_code": True,
                       "chat_template": str(template), "quantization": "4bit", "dtype": "fp16",
-                      "attn_implementation": "eager", "use_liger": "true", "num_threads": "3", "backend": "vllm",
+                      "attn_implementation": "eager", "use_liger": "false", "num_threads": "3", "backend": "vllm",
                       "max_model_len": 128, "gpu_memory_utilization": 0.5,
                       "chat_template_kwargs": {"enable_thinking": False}, "bnb_4bit_quant_type": "fp4",
                       "use_bnb_nested_quant": False}
     base = GenerationSettings(model_id=model)
+    liger_runs = identity._liger_runs()
+    monkeypatch.setattr(identity, "_liger_runs", lambda: True)  # where it runs, turning it off is another model
     in_four_bit = dataclasses.replace(base, quantization="4bit")  # where the 4-bit format counts
     names = [f.name for f in dataclasses.fields(GenerationSettings)]
     assert set(names) <= set(changed_values), f"give the new loader field a changed value here: {set(names) - set(changed_values)}"
@@ -92,6 +94,18 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
         engine = "vllm" if name == "max_model_len" else None  # it sizes vLLM's context: it counts there
         same = identity.model_identity(settings, engine) == identity.model_identity(base_for, engine)
         assert same == (name in identity.INERT or name == "backend"), f"{name}: {'inert' if same else 'counts'}"
+    # What loads auto's model on this hardware is auto: on a CPU every attention but eager (sdpa), and Liger on or off
+    # where it cannot run (label.py generated everything again for --attn_implementation sdpa).
+    monkeypatch.setattr(identity, "_liger_runs", lambda: liger_runs)
+    monkeypatch.setattr(identity, "_cuda", lambda: False)
+    for name, value, counts in (("attn_implementation", "sdpa", False), ("attn_implementation", "flash_attention_2",
+                                False), ("attn_implementation", "eager", True), ("use_liger", "true", False)):
+        other = identity.model_identity(dataclasses.replace(base, **{name: value}))
+        assert (other != identity.model_identity(base)) == counts, (name, value)
+    monkeypatch.setattr(identity, "_cuda", lambda: True)  # a GPU: sdpa is not auto's pick there (flash-attn)
+    assert identity.model_identity(dataclasses.replace(base, attn_implementation="sdpa")) != \
+        identity.model_identity(base)
+    monkeypatch.undo()
     # The engine settings count only through the engine that runs: --backend auto and the engine it resolved to are
     # one model, and vLLM's context size does not touch a transformers run.
     for name, value in (("backend", "transformers"), ("max_model_len", 128)):

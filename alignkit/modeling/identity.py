@@ -202,6 +202,19 @@ def data_identity(source: str) -> dict | None:
 # The identity
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _liger_runs() -> bool:
+    """Whether `--use_liger auto` loads Liger's kernels here (alignkit.core.kernels.resolve_liger), as `true` does."""
+    import importlib.util
+
+    return _cuda() and importlib.util.find_spec("liger_kernel") is not None
+
+
 def hardware() -> str:
     """The device class and the optional kernels installed: the inputs of alignkit's "auto" choices."""
     import importlib.util
@@ -257,6 +270,12 @@ def model_identity(s, backend: str | None = None) -> dict:
         # answers. Not under vLLM, whose auto is the checkpoint's own dtype.
         if loader.get("dtype") not in (None, "auto") and loader["dtype"] == dtype_choice("auto")[0]:
             loader["dtype"] = "auto"
+        # Likewise the kernels: without CUDA every attention but eager loads what auto loads (sdpa; eager for a class
+        # without it, where an explicit sdpa is refused), and Liger runs only where auto runs it too.
+        if not _cuda() and loader.get("attn_implementation") in ("sdpa", "flash_attention_2", "flex_attention"):
+            loader["attn_implementation"] = "auto"
+        if loader.get("use_liger") == "true" or loader.get("use_liger") == "false" and not _liger_runs():
+            loader["use_liger"] = "auto"
     return {"loader": loader, "chain": chain_identity(s.model_id, s.revision, s.gguf_file),
             "backend": backend, "hardware": hardware()}
 
