@@ -267,8 +267,52 @@ def test_a_rule_is_keyed_on_all_the_user_code_it_reads_down_to_installed_librari
         before = after
     other = import_function(specs[2]).__class__("fig")
     assert code_fingerprint(other) != code_fingerprint(import_function(specs[2]))  # the object's own data
-    # A builtin is keyed by its name; bound data that is not plain JSON, in this process only.
-    assert code_fingerprint(len) == code_fingerprint(len)
+    # Builtins by their names and what they are bound to; C objects by how they pickle; a slotted object's state.
+    import operator
+    import re as regex
+
+    assert code_fingerprint(len) == code_fingerprint(len) != code_fingerprint(abs)
+    assert code_fingerprint(str.lower) != code_fingerprint(str.upper)
+    assert code_fingerprint("A".startswith) != code_fingerprint("B".startswith)
+    assert code_fingerprint(operator.itemgetter(1)) != code_fingerprint(operator.itemgetter(2))
+    judge = import_function(specs[0])
+    assert code_fingerprint(functools.partial(judge, prefer={"a", "b"})) == \
+        code_fingerprint(functools.partial(judge, prefer={"b", "a"}))  # a set by content: the same in every process
+    assert code_fingerprint(functools.partial(judge, prefer=regex.compile("a"))) != \
+        code_fingerprint(functools.partial(judge, prefer=regex.compile("b")))
+    (package / "slotted.py").write_text("class Prefer:\n    __slots__ = ('word',)\n\n    def __init__(self, word):\n"
+                                        "        self.word = word\n\n    def __call__(self, p, a, b):\n"
+                                        "        return 'A' if self.word in a else 'B'\n")
+    from mypkg.slotted import Prefer
+
+    assert code_fingerprint(Prefer("x")) != code_fingerprint(Prefer("y"))
+    # Found by reading files, never by importing: a package that fails on import (needs a GPU) is not run.
+    (tmp_path / "gpu_only").mkdir()
+    (tmp_path / "gpu_only" / "__init__.py").write_text("raise RuntimeError('needs a GPU')\n")
+    (tmp_path / "gpu_only" / "kernels.py").write_text("K = 1\n")
+    (package / "rules.py").write_text((package / "rules.py").read_text() + "\nif False:\n    from gpu_only.kernels "
+                                      "import K\n")
+    before = code_fingerprint(import_function(specs[0]))
+    (tmp_path / "gpu_only" / "kernels.py").write_text("K = 2\n")
+    assert code_fingerprint(import_function(specs[0])) != before  # followed, by reading
+    # The standard library and installed packages are not followed (json's files are not in the key).
+    from alignkit.core import code_digest
+
+    walked: dict = {}
+    code_digest._walk(package / "words.py", walked)
+    assert set(walked) == {(package / "words.py").resolve()}  # it imports json and torch: neither is followed
+    # A function typed into a notebook: its text and the plain globals it reads, set in another cell.
+    import linecache
+
+    cell = "def typed(prompt, a, b):\n    return 'A' if PREFER in a else 'B'\n"
+    linecache.cache["<cell-1>"] = (len(cell), None, cell.splitlines(True), "<cell-1>")
+    namespace = {"PREFER": "apple", "__name__": "__main__"}
+    exec(compile(cell, "<cell-1>", "exec"), namespace)
+    first = code_fingerprint(namespace["typed"])
+    assert code_fingerprint(namespace["typed"]) == first
+    namespace["PREFER"] = "banana"
+    assert code_fingerprint(namespace["typed"]) != first
+    # Bound data that is not plain: this process only.
     unreadable = functools.partial(import_function(specs[0]), prefer=object())
     assert code_fingerprint(unreadable) == code_fingerprint(unreadable)
     script = ("import functools, sys; sys.path.insert(0, sys.argv[1]); from alignkit.core.code_digest import "

@@ -6,12 +6,16 @@ the keys of what it computed: edit the code, or anything it reads, and its earli
   every file of code that file imports, anywhere in it, all the way down: modules beside it, in its package
   (relative imports), in a package found on sys.path (`from mypkg.prefs import PREFER`), and alignkit's own.
   Installed libraries (the standard library, site-packages) are not followed: their files change with their
-  versions;
+  versions. Imports are found by reading the files, never by importing anything;
+- a function typed into a notebook or a console: its text, and the plain values of the globals it reads (a constant
+  set in another cell);
 - what is behind a callable that is not a plain function: `functools.partial`'s function and its bound arguments,
-  a decorated function's `__wrapped__`, a callable object's class and its attributes, a bound method's function and
-  its object's attributes.
-Code with no source to read (a builtin, a C extension's function, bound data that is not plain JSON) gets a
-token of this process: its results are reused within this process only, never by another run.
+  a decorated function's `__wrapped__`, a callable object's class and its state (`__dict__`, `__slots__`, or how it
+  pickles: `operator.itemgetter(1)`), a bound method's function and its object's state; a builtin by its qualified
+  name (and a bound one's object).
+Plain data is JSON, and sets, tuples, paths, bytes and compiled regexes by their content. Code or data alignkit
+cannot read gets a token of this process, said once in a warning: its results are reused within this process
+only, never by another run (nor does such a run resume).
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import importlib.util
+import importlib.machinery
 import inspect
 import json
 import os
+import re
+import sys
 import sysconfig
 import uuid
 from pathlib import Path
@@ -32,6 +38,7 @@ from alignkit.core.digests import digest
 _THIS_PROCESS = uuid.uuid4().hex  # stands for code alignkit cannot read: no other process reuses what it computed
 _ALIGNKIT = Path(__file__).resolve().parents[1]  # the alignkit package folder
 _MAX_FILES = 2000  # a walk that finds more has gone somewhere it should not: say so in the key, reuse nothing
+_WARNED: set = set()
 
 
 def _installed_roots() -> tuple[Path, ...]:
@@ -49,31 +56,45 @@ class _Unreadable(Exception):
 def code_fingerprint(function) -> str:
     """A 16-character digest of `function`'s code and everything it reads (see the module docstring)."""
     data: list = []
+    files, texts = {}, []
     try:
-        codes = list(_code_objects(function, data))
-        files, texts = {}, []
-        for code in codes:
+        for code in list(_code_objects(function, data)):
             source = _source_file(code)
-            if source is not None:
+            if isinstance(code, str):  # a builtin, by its name
+                texts.append(code)
+            elif source is not None:
                 _walk(source, files)
-            elif inspect.isbuiltin(code) or isinstance(code, type) and code.__module__ == "builtins":
-                texts.append(f"builtin {getattr(code, '__module__', '')}.{getattr(code, '__qualname__', code)}")
-            else:  # typed into a notebook or a console: its own text, where Python kept it
+            else:  # typed into a notebook or a console: its own text, where Python kept it, and what it reads
                 try:
                     texts.append(inspect.getsource(code))
                 except (OSError, TypeError):
                     raise _Unreadable from None
+                data.append(_globals_read(code))
+        if len(files) > _MAX_FILES:
+            raise _Unreadable
     except _Unreadable:
+        name = getattr(function, "__qualname__", type(function).__qualname__)
+        if name not in _WARNED:
+            _WARNED.add(name)
+            from alignkit import logger
+
+            logger.warning(f"{name}: alignkit cannot read all of its code or the data bound into it, so what it "
+                           "computes is reused within this process only (not by a rerun, nor to resume)")
         return digest({"unreadable": _THIS_PROCESS, "object": id(function)}, 16)
-    if len(files) > _MAX_FILES:
-        return digest({"unreadable": _THIS_PROCESS, "object": id(function)}, 16)
-    anchor = next(iter(files), None)  # files named from the function's own folder: a moved project keeps its keys
-    named = {os.path.relpath(path, anchor.parent) if anchor else str(path): sha for path, sha in files.items()}
-    return digest({"files": named, "texts": texts, "data": data}, 16)
+    return digest({"files": {_name(path, files): sha for path, sha in files.items()}, "texts": texts, "data": data},
+                  16)
+
+
+def _name(path: Path, files: dict) -> str:
+    """alignkit's files as alignkit/...; the others from the function's own folder (a moved project keeps its keys)."""
+    if path.is_relative_to(_ALIGNKIT):
+        return path.relative_to(_ALIGNKIT.parent).as_posix()
+    return os.path.relpath(path, next(iter(files)).parent)
 
 
 def _code_objects(obj, data: list, depth: int = 0):
-    """The functions and classes whose source makes up `obj`, and (into `data`) the plain data bound into it."""
+    """The functions and classes whose source makes up `obj` (a builtin: its name), and (into `data`) the plain data
+    bound into it."""
     if depth > 20:
         raise _Unreadable
     obj = inspect.unwrap(obj) if callable(obj) else obj
@@ -81,24 +102,94 @@ def _code_objects(obj, data: list, depth: int = 0):
         data.append(_plain([list(obj.args), obj.keywords]))
         yield from _code_objects(obj.func, data, depth + 1)
     elif inspect.ismethod(obj):
-        data.append(_plain(getattr(obj.__self__, "__dict__", None)) if not isinstance(obj.__self__, type) else
-                    obj.__self__.__qualname__)
+        owner = obj.__self__
+        data.append(owner.__qualname__ if isinstance(owner, type) else _state(owner))
         yield from _code_objects(obj.__func__, data, depth + 1)
-    elif inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj):
+    elif inspect.isbuiltin(obj) or inspect.ismethoddescriptor(obj) or type(obj).__name__ == "method-wrapper":
+        owner = getattr(obj, "__self__", None)
+        if owner is not None and not inspect.ismodule(owner):  # "A".startswith: its string counts
+            data.append(owner.__qualname__ if isinstance(owner, type) else _plain(owner))
+        name = getattr(obj, "__qualname__", None)
+        if not name:
+            raise _Unreadable
+        yield f"builtin {getattr(obj, '__module__', None) or getattr(owner, '__name__', '')}.{name}"
+    elif inspect.isfunction(obj) or inspect.isclass(obj):
         yield obj
     else:  # a callable object: its class's code, and what it holds
-        data.append(_plain(getattr(obj, "__dict__", None)))
-        yield type(obj)
+        data.append(_state(obj))
+        if type(obj).__module__ == "builtins":
+            yield f"builtin {type(obj).__qualname__}"
+        else:
+            yield type(obj)
+
+
+def _state(obj):
+    """An object's state as plain data: its __dict__ and __slots__, else how it pickles (a C class's arguments)."""
+    state, found = {}, False
+    if isinstance(getattr(obj, "__dict__", None), dict):
+        state.update(vars(obj))
+        found = True
+    for cls in type(obj).__mro__:
+        for slot in [cls.__dict__.get("__slots__")] if isinstance(cls.__dict__.get("__slots__"), str) else \
+                cls.__dict__.get("__slots__", ()):
+            if slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
+                state[f"slot {slot}"] = getattr(obj, slot)
+                found = True
+    if not found:
+        try:
+            reduced = obj.__reduce_ex__(4)
+        except Exception:  # noqa: BLE001 - an object that will not pickle: nothing to read
+            raise _Unreadable from None
+        if not isinstance(reduced, tuple) or len(reduced) < 2:
+            raise _Unreadable
+        state["reduced"] = list(reduced[1:3])
+    return _plain(state)
 
 
 def _plain(value):
-    try:
-        return json.loads(json.dumps(value, sort_keys=True))
-    except (TypeError, ValueError):
-        raise _Unreadable from None
+    """`value` as JSON-able data, read by content; _Unreadable where it holds anything else."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return {"set": sorted((_plain(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))}
+    if isinstance(value, os.PathLike):
+        return {"path": os.fspath(value)}
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": hashlib.sha256(value).hexdigest()}
+    if isinstance(value, re.Pattern):
+        return {"regex": _plain(value.pattern), "flags": value.flags}
+    raise _Unreadable
+
+
+def _globals_read(function) -> dict:
+    """The plain values of the globals a function typed into a notebook reads (its code's names, nested ones too);
+    another kind of value by its type's name."""
+    if not inspect.isfunction(function):
+        return {}
+    names, stack = set(), [function.__code__]
+    while stack:
+        code = stack.pop()
+        names |= set(code.co_names)
+        stack += [c for c in code.co_consts if inspect.iscode(c)]
+    out = {}
+    for name in sorted(names & function.__globals__.keys()):
+        value = function.__globals__[name]
+        if inspect.ismodule(value) or callable(value):
+            continue
+        try:
+            out[name] = _plain(value)
+        except _Unreadable:
+            out[name] = f"a {type(value).__qualname__}"
+    return out
 
 
 def _source_file(code) -> Path | None:
+    if isinstance(code, str):
+        return None
     try:
         path = inspect.getsourcefile(code)
     except TypeError:
@@ -122,7 +213,9 @@ def _walk(start: Path, files: dict) -> None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _parsed(path: Path, mtime_ns: int, size: int, inode: int) -> tuple[str, tuple]:
+def _parsed(path: Path, mtime_ns: int, ctime_ns: int, size: int, inode: int) -> tuple[str, tuple]:
+    """The file's SHA-256 and imports, read once per state of the file (a write changes its ctime, which no copy
+    that keeps times can set back)."""
     source = path.read_bytes()
     imports = []
     try:
@@ -138,7 +231,7 @@ def _parsed(path: Path, mtime_ns: int, size: int, inode: int) -> tuple[str, tupl
 
 
 def _read(path: Path, stat) -> tuple[str, tuple]:
-    return _parsed(path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    return _parsed(path, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino)
 
 
 def _resolve(path: Path, module: str, name: str, level: int) -> Path | None:
@@ -154,20 +247,18 @@ def _resolve(path: Path, module: str, name: str, level: int) -> Path | None:
     beside = _in_folder(path.parent, parts)  # a module beside the file (a script's folder is on sys.path)
     if beside is not None:
         return beside
-    try:
-        top = importlib.util.find_spec(parts[0])
-    except (ImportError, ValueError, AttributeError):
+    try:  # on sys.path, found without importing anything (importlib.util.find_spec imports the parents)
+        top = importlib.machinery.PathFinder.find_spec(parts[0], sys.path)
+    except Exception:  # noqa: BLE001 - a broken path entry: not followed
         return None
-    if top is None or not top.origin or not Path(top.origin).is_file() or _installed(Path(top.origin)):
-        return None  # a builtin, a namespace package, or an installed library
-    for n in range(len(parts), 0, -1):  # a.b.NAME: the module a.b.NAME, else a.b (NAME is a name in it), ...
-        try:
-            spec = importlib.util.find_spec(".".join(parts[:n]))
-        except (ImportError, ValueError, AttributeError):
-            continue
-        if spec is not None and spec.origin and Path(spec.origin).is_file():
-            return Path(spec.origin).resolve()
-    return None
+    if top is None:
+        return None  # a builtin, or not importable from here
+    if top.submodule_search_locations:  # a package: the rest of the name inside its folder
+        folder = Path(next(iter(top.submodule_search_locations)))
+        found = _in_folder(folder.parent, parts)
+    else:
+        found = Path(top.origin).resolve() if top.origin and Path(top.origin).is_file() else None
+    return None if found is None or _installed(found) else found
 
 
 def _in_folder(base: Path, parts: list[str]) -> Path | None:
