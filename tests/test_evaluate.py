@@ -787,6 +787,16 @@ def test_a_pairwise_run_s_steps_run_in_order_under_the_settings_it_started_with(
     with pytest.raises(UserError, match=r"^run the 'Answers' cell first"):
         run.report()
     assert results_file.read_text() == good
+    # Verdicts gone (a judgment file moved away): no empty table over the good one.
+    run.load_questions()
+    run.answer("transformers")
+    run.make_matches()
+    run.judge()
+    run.judgment_file.rename(run.judgment_file.with_suffix(".moved"))
+    with pytest.raises(UserError, match=r"^no verdicts of this run's \d+ matches in .*, so no table: results.json "
+                                        r"and results.png are left as they were"):
+        run.report()
+    assert results_file.read_text() == good
     # The settings cell again, with another setting: the run started before refuses its next step.
     parse_command([*argv[:-2], "--max_questions", "2", *argv[-2:]])
     with pytest.raises(UserError, match=r"^the settings changed since 'The judge' cell started this pairwise run: "

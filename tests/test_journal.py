@@ -576,6 +576,12 @@ def test_a_model_or_rewards_built_under_other_settings_are_refused_in_one_line(t
     folder, resume_from = run_folder.prepare_run(s, "sft", rows, None)
     with run_folder.start_run(s, folder, resume_from, model, (rows, None)):  # built under these: it trains
         pass
+    # What no model is built from (a lower learning rate to resume with, another run folder) needs no reload.
+    slower = SFTSettings(model_id=tiny, quantization="none", dataset_id="org/chats", output_dir=str(tmp_path),
+                         run_name="run2", learning_rate=1e-5, save_steps=7)
+    folder, resume_from = run_folder.prepare_run(slower, "sft", rows, None)
+    with run_folder.start_run(slower, folder, resume_from, add_trainable_adapter(load_model(s), s), (rows, None)):
+        pass
     # rl.py: the Rewards cell skipped after --reward changed (the Model cell run again).
     rule = RLSettings(model_id=tiny, quantization="none", reward=["rule"], output_dir=str(tmp_path), run_name="rl")
     rewards = build_rewards(rule, tmp_path)

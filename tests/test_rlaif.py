@@ -197,6 +197,13 @@ def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_ear
     run(**more)
     assert calls == [("label.py", f"{folder}/round-{r}/preferences.jsonl") for r in (1, 2)]
     assert "round 1: label redone: label_args_files changed" in alignkit_log.text
+    more["label_args"] = f"--judge_template={template}"  # the flag=value form: the same file, by content
+    run(**more)
+    template.write_text("Which answer names three? [[A]] or [[B]]")
+    alignkit_log.clear()
+    run(**more)
+    assert calls == [("label.py", f"{folder}/round-{r}/preferences.jsonl") for r in (1, 2)]
+    assert "round 1: label redone: label_args_files changed" in alignkit_log.text
 
 
 def test_a_redo_that_fails_keeps_the_earlier_round_aside_and_the_same_command_resumes_it(tmp_path, monkeypatch):

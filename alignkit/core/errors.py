@@ -124,7 +124,8 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
         # load_model for `loaded`, for typos).
         import builtins
 
-        typo = _close_name(getattr(error, "name", None) or "", [*getattr(shell, "user_ns", {}), *vars(builtins)])
+        name = getattr(error, "name", None) or ""
+        typo = _close_name(name, list(getattr(shell, "user_ns", {}))) or _close_name(name, list(vars(builtins)))
         # Only the cell's own code (not a module it imports, nor a function: a bug, shown whole), and not a typo.
         cell = last is not None and last.tb_frame.f_code.co_name == "<module>" and \
             last.tb_frame.f_globals is getattr(shell, "user_ns", None)
@@ -147,9 +148,10 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
 
 
 def _close_name(name: str, candidates: list[str]) -> str | None:
-    """The name Python's NameError would suggest ("Did you mean: ...?"), by its own rule (CPython's
-    Python/suggestions.c): the closest candidate within (len(a) + len(b) + 3) // 3 edits, an insertion, deletion or
-    substitution costing 2 and a change of case 1; none among more than 750 candidates."""
+    """The name Python's NameError would suggest ("Did you mean: ...?") among one list of names (Python tries the
+    frame's names, then the builtins), by its own rule (CPython's Python/suggestions.c): the closest candidate within
+    (len(a) + len(b) + 3) // 3 edits, an insertion, deletion or substitution costing 2 and a change of case 1; none
+    among more than 750 candidates."""
     candidates = list(dict.fromkeys(candidates))
     if not name or len(candidates) > 750:
         return None

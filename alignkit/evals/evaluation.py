@@ -339,8 +339,9 @@ class Pairwise:
         judged = judgments.read_judgments(self.judgment_file)
         records = [judged[key] for key in (judgments.match_key(m, self.identity) for m in self.matches) if key in judged]
         if not records:  # results.json and results.png keep the last run's table
-            raise UserError(f"no verdicts of this run's {len(self.matches)} matches in {self.judgment_file}: run the "
-                            "'Judging' cell (a failed run leaves the earlier results as they were)")
+            raise UserError(f"no verdicts of this run's {len(self.matches)} matches in {self.judgment_file}, so no "
+                            "table: results.json and results.png are left as they were (in a notebook, run the "
+                            "'Judging' cell first)")
         moved = judgments.retire_replaced(self.judgment_file, records)  # the file FastChat reads: one verdict a match
         if moved:
             print(f"{moved} earlier verdicts of matches judged again moved to "

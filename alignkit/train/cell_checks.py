@@ -76,7 +76,8 @@ def check_prepared(s, folder: Path, resume_from: str | None, model, data, stoppe
         raise UserError(f"the settings changed since the 'Run folder' cell ran ({', '.join(changed)}): run the "
                         "cells from 'Data' on again, then train")
     for thing, cell in ((model, "Model"), *built):  # the model, rl.py's rewards: built under these settings
-        if (under := getattr(thing, "_alignkit_built_under", None)) is not None and (changed := _changed(under, s)):
+        under = getattr(thing, "_alignkit_built_under", None)
+        if under is not None and (changed := _changed(under, s, _not_built_from())):
             raise UserError(f"the {cell.lower()} in memory {'were' if cell.endswith('s') else 'was'} built under "
                             "other settings than these "
                             f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} changed since): run the "
@@ -87,6 +88,17 @@ def check_prepared(s, folder: Path, resume_from: str | None, model, data, stoppe
     if resume_from is None and getattr(model, "_alignkit_trained_in", None) is not None:
         raise UserError(f"this model was trained by an earlier training cell ({model._alignkit_trained_in}) and "
                         "there is no checkpoint to resume: run the 'Model' cell again for a fresh adapter, then train")
+
+
+def _not_built_from() -> set[str]:
+    """Settings nothing built before the training reads (the training loop's, the run folder's and logging's, the
+    Hub's, the data's, which its own cell reads and prepare_run checks): changed, a model in memory still stands (a
+    lower learning rate to resume with needs no reload). Any other change, one a model may be built from, needs it."""
+    from alignkit.core.groups import TRAIN_HELP_GROUPS
+
+    groups = dict(TRAIN_HELP_GROUPS)
+    return {*groups["training"], *groups["run folder, logging and checkpoints"], *groups["Hub and merging"],
+            *groups["data"]} - {"seed"}  # the seed draws a fresh adapter's first weights
 
 
 def _changed(then: dict, s, ignore=()) -> list[str]:

@@ -215,7 +215,8 @@ def _named_in(args: str | None, flag: str) -> dict:
 
     named = {}
     for token in shlex.split(args or ""):
-        if token.startswith(("python:", "rm:")) or Path(token).is_file():
+        token = token.partition("=")[2] if token.startswith("--") else token  # --judge_template=FILE
+        if token.startswith(("python:", "rm:")) or token and Path(token).is_file():
             if (found := spec_identity(token, flag)) is not None:
                 named[token] = found
     return {f"{flag.lstrip('-')}_files": named} if named else {}
