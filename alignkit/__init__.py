@@ -31,7 +31,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   progress (the one progress-bar rule),
   llm (the chat-client factory for OpenAI-compatible endpoints).
 - modeling (load, generate, merge models; the presets):
-  models (the one loader),
+  models (the one loader), model_folders (a model source checked before it loads),
   reward_models (reward models told from causal LMs; the score-head base and the LM head beside it),
   template_rows (a row or prompt the chat template refuses, named in one line),
   chain (a model's adapter chain down to its base, a checkpoint's frozen adapters included),

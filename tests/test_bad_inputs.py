@@ -122,6 +122,17 @@ CASES = [
     ("sft.py", [*TRAIN, "--lora_target_modules", "query_key_value"],
      "has no module named query_key_value; its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, "
      "up_proj, v_proj (or pass all-linear)", None),
+    # Over an adapter, the base's layers by their own names (it listed "base_layer", PEFT's wrapper).
+    ("dpo.py", [*TRAIN, "--model_id", "lora-adapter", "--lora_target_modules", "query_key_value"],
+     "has no module named query_key_value; its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, "
+     "up_proj, v_proj (or pass all-linear)", None),
+    # A copy that left the weights out: transformers' OSError, PEFT's "Repo id must be in the form" for a local path.
+    ("sft.py", [*TRAIN, "--model_id", "config-only"], "config-only holds a model's config.json but no weights", None),
+    ("dpo.py", [*TRAIN, "--model_id", "adapter-without-weights"],
+     "adapter-without-weights holds adapter_config.json but not the adapter's weights", None),
+    # Runs go under --output_dir: a file there failed with a traceback as the run folder was claimed, after loading.
+    ("sft.py", [*TRAIN[:2], "--output_dir", "bad-json.jsonl"],
+     "--output_dir bad-json.jsonl: ", None),
     # One misspelt name beside a good one trained a tenth of the adapter, without a word.
     ("dpo.py", [*TRAIN, "--lora_target_modules", "q_proj,nosuch"], "has no module named nosuch;", None),
     # TRL drops what does not fit --max_length while it tokenizes: all of it was an IndexError when training began.
@@ -197,6 +208,14 @@ def bad_files(tiny_cache, tmp_path_factory):
     config.update(model_type="alignkit_custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
                                                           "AutoModelForCausalLM": "modeling_custom.CustomModel"})
     (here / "custom-code" / "config.json").write_text(json.dumps(config))
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(presets.paths()["model"])
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(here / "lora-adapter")
+    shutil.copytree(here / "lora-adapter", here / "adapter-without-weights")
+    (here / "adapter-without-weights" / "adapter_model.safetensors").unlink()
+    shutil.copytree(presets.paths()["model"], here / "config-only", ignore=shutil.ignore_patterns("*.safetensors"))
     shutil.copytree(presets.paths()["model"], here / "truncated")
     weights = here / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

@@ -530,6 +530,9 @@ def test_trl_s_chat_template_path_is_the_chat_template_file(tiny_cache, tmp_path
     (["--lr_scheduler_kwargs", "min_lr"], r"--lr_scheduler_kwargs: 'min_lr' is not a mapping"),
     # sft.py and reward.py took it into a TRL config that never reads it (alignkit loads the model).
     (["--model_init_kwargs", '{"dtype": "bfloat16"}'], r"--model_init_kwargs has no effect in alignkit: .*--dtype"),
+    # Both true, as TRL refuses them: the last one won without a word (fp16 training where bf16 was meant).
+    (["--bf16", "--fp16"], r"^--bf16 .*and --fp16 .*are both true: pass one"),
+    (["--load_in_4bit", "--load_in_8bit", "true"], r"^--load_in_4bit .*and --load_in_8bit .*are both true"),
 ])
 def test_bad_trl_values_are_one_line_errors(args, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -1022,6 +1025,8 @@ def test_a_recipe_s_model_revision_over_a_local_copy_is_named_as_unused(tmp_path
     from alignkit.train.training import preflight
 
     (tmp_path / "base").mkdir()
+    for name in ("config.json", "pytorch_model.bin"):  # a model folder, as the loader's first check wants it
+        (tmp_path / "base" / name).write_text("{}")
     preflight(SFTSettings(model_id=str(tmp_path / "base"), revision="it-SFT", report_to="none"))
     assert f"--revision it-SFT is not used: {tmp_path / 'base'} is a local folder, read as it is" in alignkit_log.text
     alignkit_log.clear()

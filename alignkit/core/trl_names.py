@@ -280,6 +280,10 @@ class Vocabulary:
                                                       label("datasets"))
             if str(layer.get("streaming", False)).lower() not in ("false", "none"):
                 notes.append(f"streaming: {NOT_APPLIED['dataset_streaming'][1]}")
+        for pair in (("bf16", "fp16"), ("load_in_4bit", "load_in_8bit")):  # TRL refuses both: so does alignkit
+            if all(str(layer.get(key)).strip().lower() in _TRUE for key in pair):
+                raise ConfigError(f"{label(pair[0])} and {label(pair[1])} are both true: pass one (the last one "
+                                  "silently won)")
         for key, raw in layer.items():
             if key in ("dataset_mixer", "dataset_splits", "dataset_configs") or (
                     key in ("datasets", "test_split_size", "streaming") and "datasets" in layer):

@@ -1,6 +1,7 @@
 """Models: loading, generating, merging, and the presets that build a model offline.
 
 - models: the one loader (base, adapter chains; its hardware decisions: alignkit.core.launch).
+- model_folders: a model source checked before it loads (a whole local model, adapter or delta, or a Hub id).
 - reward_models: a reward model (score head) told from a causal LM, its base loaded, the LM head beside it.
 - template_rows: a row or prompt the chat template refuses (`raise_exception`), named in one line.
 - chain: where a model comes from (a Hub id or a local path) and its adapter chain down to the base.

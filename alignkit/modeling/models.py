@@ -29,6 +29,7 @@ from alignkit.core.progress import quiet_library_noise
 from alignkit.core.run_records import remember_loaded_as
 from alignkit.modeling import lota_delta
 from alignkit.modeling.lineage import check_trained_over, remember_loaded
+from alignkit.modeling.model_folders import check_model_source  # noqa: F401 - importable from here too
 from alignkit.modeling.reward_models import check_model_kind, load_reward_base
 # Where a model comes from (alignkit.modeling.chain): importable from here too, as before.
 from alignkit.modeling.chain import (  # noqa: F401 - importable from here too
@@ -111,66 +112,6 @@ def keep_trainable_fp32(model) -> int:
         logger.info(f"trainable weights: fp32 ({moved} tensors back from TRL's bf16 cast, so updates too small for "
                     "bf16 still land; the forward still computes in the compute dtype)")
     return moved
-
-
-def check_model_source(source: str, cache: bool = True, revision: str | None = None) -> None:
-    """Fail early and in one line when a model is neither a local folder nor to be had from the Hub.
-
-    cache: offline (HF_HUB_OFFLINE=1), also require a copy of `revision` in the Hugging Face cache.
-    """
-    from alignkit.core.hub import require_reachable
-
-    if Path(source).is_dir():
-        _check_model_folder(Path(source))
-    elif Path(source).is_file() and not source.lower().endswith(".gguf"):  # adapter_config.json, a data file, ...
-        raise UserError(f"{source} is a file, not a model: pass the folder that holds it ({Path(source).parent}), a "
-                        ".gguf file, or a Hub id")
-    if Path(source).exists():
-        return
-    if _looks_local(source):
-        raise UserError(f"model not found: {source} is no local folder (and not a Hub id); check the path")
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if cache and constants.HF_HUB_OFFLINE and not any(
-        isinstance(try_to_load_from_cache(source, name, revision=revision), str)
-        for name in ("config.json", "adapter_config.json")
-    ):
-        at = f" at revision {revision}" if revision else ""
-        raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
-                        f"cache holds no copy of it{at}; check the path, or unset HF_HUB_OFFLINE to download it")
-    require_reachable(source)
-
-
-def _check_model_folder(folder: Path) -> None:
-    """A local folder must hold a model (config.json), an adapter or LoTA delta, or GGUF files, and its safetensors
-    files must be whole: checked in one line here, before a library fails on it with a traceback. Reading a
-    safetensors header maps the file and checks that it covers every tensor, without reading the weights."""
-    from safetensors import safe_open
-
-    markers = ("config.json", "adapter_config.json", "lota_config.json")
-    gguf = any(folder.glob("*.gguf")) or any(folder.glob("*/*.gguf"))  # --gguf_file may name a subfolder's file
-    if not any((folder / name).is_file() for name in markers) and not gguf:
-        from alignkit.core.run_records import checkpoints, earlier_run_aside
-
-        if earlier := earlier_run_aside(folder):  # a training that has not finished: running, killed or failed
-            if steps := checkpoints(folder):
-                raise UserError(f"{folder} holds no finished model: its training has not finished (it is running, "
-                                f"or it stopped or was killed after {steps[-1].name}). Point at {steps[-1]} "
-                                f"(a model too), or at the earlier run in {earlier}, or run that training command "
-                                "again to go on")
-            raise UserError(f"{folder} holds no model now: a training run in it has saved no checkpoint yet (it is "
-                            f"running, or it was killed), and the earlier run in it is in {earlier} meanwhile. Point "
-                            f"at {earlier}, or run that training command again (it puts the earlier run back "
-                            "first, or goes on)")
-        raise UserError(f"{folder} is not a model folder: it holds no config.json (nor adapter_config.json or a "
-                        ".gguf file); point at the folder a model or adapter was saved to, or at a Hub id")
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt"):
-                pass
-        except Exception as e:  # safetensors raises its own SafetensorError (and OSError for unreadable files)
-            raise UserError(f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}): a download "
-                            "or copy was cut short? Copy or download it again") from None
 
 
 @contextlib.contextmanager
@@ -423,8 +364,9 @@ def _check_targets(model, targets: list[str], source: str) -> None:
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                         and "lora_" not in n} - {"lm_head", "score"})
+        # A layer PEFT wrapped (training over an adapter) is NAME.base_layer: named as NAME.
+        linear = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and "lora_" not in n} - {"lm_head", "score"})
         raise UserError(f"--lora_target_modules: {source} has no module named {', '.join(missing)}; its linear "
                         f"layers are {', '.join(linear)} (or pass all-linear)")
 

@@ -1,0 +1,96 @@
+"""What a model source is before anything loads it: a local folder that holds a whole model, adapter or LoTA delta
+(its weights there, its safetensors files whole, a training in it finished), a .gguf file, or a Hub id that the Hub
+or, offline, the Hugging Face cache has. Each failure is one line naming the fix, checked before the libraries fail
+on it with a traceback (or retry an unreachable Hub for a minute).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alignkit.core.errors import UserError
+from alignkit.modeling.chain import _looks_local
+
+
+def check_model_source(source: str, cache: bool = True, revision: str | None = None) -> None:
+    """Fail early and in one line when a model is neither a local folder nor to be had from the Hub.
+
+    cache: offline (HF_HUB_OFFLINE=1), also require a copy of `revision` in the Hugging Face cache.
+    """
+    from alignkit.core.hub import require_reachable
+
+    if Path(source).is_dir():
+        _check_model_folder(Path(source))
+    elif Path(source).is_file() and not source.lower().endswith(".gguf"):  # adapter_config.json, a data file, ...
+        raise UserError(f"{source} is a file, not a model: pass the folder that holds it ({Path(source).parent}), a "
+                        ".gguf file, or a Hub id")
+    if Path(source).exists():
+        return
+    if _looks_local(source):
+        raise UserError(f"model not found: {source} is no local folder (and not a Hub id); check the path")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if cache and constants.HF_HUB_OFFLINE and not any(
+        isinstance(try_to_load_from_cache(source, name, revision=revision), str)
+        for name in ("config.json", "adapter_config.json")
+    ):
+        at = f" at revision {revision}" if revision else ""
+        raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
+                        f"cache holds no copy of it{at}; check the path, or unset HF_HUB_OFFLINE to download it")
+    require_reachable(source)
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A local folder must hold a model (config.json), an adapter or LoTA delta, or GGUF files, and its safetensors
+    files must be whole: checked in one line here, before a library fails on it with a traceback. Reading a
+    safetensors header maps the file and checks that it covers every tensor, without reading the weights."""
+    from safetensors import safe_open
+
+    markers = ("config.json", "adapter_config.json", "lota_config.json")
+    gguf = any(folder.glob("*.gguf")) or any(folder.glob("*/*.gguf"))  # --gguf_file may name a subfolder's file
+    if not any((folder / name).is_file() for name in markers) and not gguf:
+        from alignkit.core.run_records import checkpoints, earlier_run_aside
+
+        if earlier := earlier_run_aside(folder):  # a training that has not finished: running, killed or failed
+            if steps := checkpoints(folder):
+                raise UserError(f"{folder} holds no finished model: its training has not finished (it is running, "
+                                f"or it stopped or was killed after {steps[-1].name}). Point at {steps[-1]} "
+                                f"(a model too), or at the earlier run in {earlier}, or run that training command "
+                                "again to go on")
+            raise UserError(f"{folder} holds no model now: a training run in it has saved no checkpoint yet (it is "
+                            f"running, or it was killed), and the earlier run in it is in {earlier} meanwhile. Point "
+                            f"at {earlier}, or run that training command again (it puts the earlier run back "
+                            "first, or goes on)")
+        raise UserError(f"{folder} is not a model folder: it holds no config.json (nor adapter_config.json or a "
+                        ".gguf file); point at the folder a model or adapter was saved to, or at a Hub id")
+    _check_weights_there(folder, gguf)
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError for unreadable files)
+            raise UserError(f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}): a download "
+                            "or copy was cut short? Copy or download it again") from None
+
+
+def _check_weights_there(folder: Path, gguf: bool) -> None:
+    """A model's or an adapter's config without its weights (a copy or download that left them out): one line, not
+    transformers' OSError or PEFT's "Repo id must be in the form ..." for a local path."""
+    names = {p.name for p in folder.iterdir()}
+    if (folder / "adapter_config.json").is_file():
+        try:
+            json.loads((folder / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            return  # a torn config: the chain's reader names it
+        if not names & {"adapter_model.safetensors", "adapter_model.bin"}:
+            raise UserError(f"{folder} holds adapter_config.json but not the adapter's weights "
+                            "(adapter_model.safetensors): a copy or download that left them out? Copy them too, or "
+                            "point at the folder that holds them")
+    elif (folder / "config.json").is_file() and not gguf and not (folder / "lota_config.json").is_file():
+        weights = [n for n in names if n.endswith((".safetensors", ".bin", ".index.json", ".h5", ".msgpack", ".pt",
+                                                     ".pth", ".ckpt"))]
+        if not weights:
+            raise UserError(f"{folder} holds a model's config.json but no weights (model.safetensors, or "
+                            "pytorch_model.bin): a copy or download that left them out? Copy them too, or point at "
+                            "the folder that holds them")
