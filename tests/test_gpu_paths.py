@@ -186,12 +186,13 @@ def test_the_loader_passes_the_attention_its_dtype_allows(monkeypatch, load_kwar
 
 
 def _moe_folder(folder: Path) -> str:
-    """A tiny Mixtral's config.json (all the loader reads before from_pretrained): a model flex_attention runs, on
-    which prefix sharing is off (its load-balancing loss)."""
+    """A tiny Mixtral's config.json (all the loader reads before from_pretrained; a stand-in weights file for the
+    folder check): a model flex_attention runs, on which prefix sharing is off (its load-balancing loss)."""
     from transformers import MixtralConfig
 
     MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=1, vocab_size=64, architectures=["MixtralForCausalLM"]).save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"")
     return str(folder)
 
 

@@ -898,7 +898,7 @@ def test_resume_from_checkpoint_is_resume_true_and_a_checkpoint_path_is_refused(
         parse_config(DPOSettings, env_file=None, args=["--resume_from_checkpoint", "runs/x/checkpoint-20"])
 
 
-def test_a_trl_command_line_is_told_which_of_alignkit_s_defaults_differ_from_trl_s(alignkit_log):
+def test_a_trl_command_line_is_told_which_of_alignkit_s_defaults_differ_from_trl_s(alignkit_log, tmp_path):
     """alignkit's defaults (for LoRA) stood in silently where a TRL command line left a field out: its learning
     rate, epochs, batch and scheduler were not TRL's, and only --help said so."""
     parse_config(DPOSettings, env_file=None, args=["--model_name_or_path", "m", "--dataset_name", "d", "--use_peft",
@@ -912,6 +912,14 @@ def test_a_trl_command_line_is_told_which_of_alignkit_s_defaults_differ_from_trl
                                                        "--use_peft"])
     (line,) = [r for r in alignkit_log.text.splitlines() if "TRL's differ" in r]
     assert s.dataset_split == "train" and "dataset_split" not in line and "learning_rate" in line
+    # A mixture names its own splits: the single dataset's split is not a default that stands (it was named).
+    alignkit_log.clear()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model_name_or_path: m\nuse_peft: true\ndataset_mixer:\n  d: 1.0\ndataset_splits:\n"
+                      "- train_sft\n- test_sft\n")
+    parse_config(SFTSettings, env_file=None, args=["--config", str(recipe)])
+    (line,) = [r for r in alignkit_log.text.splitlines() if "TRL's differ" in r]
+    assert "dataset_split" not in line and "learning_rate" in line
     alignkit_log.clear()
     parse_config(DPOSettings, env_file=None, args=["--model_id", "m", "--dataset_id", "d"])  # alignkit's own names
     assert "TRL's differ" not in alignkit_log.text

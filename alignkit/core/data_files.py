@@ -269,17 +269,18 @@ def decode_text(raw: bytes, label) -> str:
 
 def _read_csv(text, label) -> Rows:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows = []
+    rows, places = [], []  # each row by its line, as an editor and a spreadsheet number it (the header is line 1)
     try:
-        for number, row in enumerate(reader, 1):
+        for row in reader:
             if None in row:  # more values than the header names: the columns would be shifted
-                raise DataError(f"{label}: row {number}: {len(reader.fieldnames) + len(row[None])} values, but the "
-                                f"header names {len(reader.fieldnames)} columns. Fix the row (quote a value that "
-                                "holds a comma).")
+                raise DataError(f"{label}: row {reader.line_num}: {len(reader.fieldnames) + len(row[None])} values, "
+                                f"but the header names {len(reader.fieldnames)} columns. Fix the row (quote a value "
+                                "that holds a comma).")
             rows.append(row)
+            places.append(reader.line_num)
     except csv.Error as e:
         raise DataError(f"{label}: line {reader.line_num}: cannot read the CSV ({e}). Fix the line.") from e
-    return Rows(rows, label)
+    return Rows(rows, label, places)
 
 
 def _parses(text) -> bool:

@@ -30,8 +30,8 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import _FALSE, _TRUE, ConfigError, _show
 from alignkit.core.mixture_formats import mixture_from_mixer, mixture_from_trl
-from alignkit.core.trl_tables import (_ANY, _BOOL_WORDS, _MAPPINGS, _MODEL_AND_SCRIPT, _RENAMED, _SAME_MEANING,
-                                      _TRL_DEFAULTS_UNDER_OTHER_NAMES, _TRL_ONLY, _TRL_RECIPE_NAMES, ALIASES,
+from alignkit.core.trl_tables import (_ANY, _BOOL_WORDS, _MAPPINGS, _MIXTURE_HAS_ITS_OWN, _MODEL_AND_SCRIPT,
+                                      _RENAMED, _SAME_MEANING, _TRL_DEFAULTS_UNDER_OTHER_NAMES, _TRL_ONLY, _TRL_RECIPE_NAMES, ALIASES,
                                       DTYPE_SYNONYMS, NOT_APPLIED, REFUSED, REFUSED_IN, SKIP, _bool, _model_dtype,
                                       _Weak, refusal)
 
@@ -424,6 +424,7 @@ class Vocabulary:
         # fine-tuning): one line names each that differs from TRL's, so a TRL user sees what changed.
         differ = [f"{k} {_show(values[k])} (TRL: {note.removeprefix('; TRL' + chr(39) + 's default: ')})"
                   for k in sorted(values) if k not in given and k not in preset_keys and k not in _SAME_MEANING
+                  and not (values.get("dataset_mixture") and k in _MIXTURE_HAS_ITS_OWN)
                   and (note := self.default_note(k, _show(values[k])))]
         if differ:
             logger.info(f"alignkit's defaults where the settings leave them out and TRL's differ: {', '.join(differ)}")

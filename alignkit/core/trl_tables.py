@@ -206,6 +206,9 @@ _MAPPINGS = {"gradient_checkpointing_kwargs": '{"use_reentrant": false}', "lr_sc
 # Defaults that read differently from TRL's but mean the same where alignkit uses them (revision none is the main
 # branch; no test split is read unless asked; the held-out share is settled by trl_names.Vocabulary.finish).
 _SAME_MEANING = {"revision", "dataset_test_split", "eval_split"}
+# What a dataset mixture names itself, per dataset (its splits, configurations): a single dataset's defaults do not
+# apply beside one, and the defaults line leaves them out.
+_MIXTURE_HAS_ITS_OWN = {"dataset_split", "dataset_config", "dataset_test_split"}
 _TRL_DEFAULTS_UNDER_OTHER_NAMES = {  # field: (TRL's value, as --help says it)
     "warmup_ratio": (0.0, "0 (warmup_steps 0)"),
     "eval_split": (0.0, "0 (no rows held out)"),
