@@ -57,7 +57,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   lota and lota_mask (Lottery Ticket Adaptation: training, and its calibration and mask),
   reward (reward.py's losses and trainer),
   rl (rl.py's prompts and GRPO/RLOO trainers), rl_rewards (its rewards: rule, judge, reward model, code),
-  rlaif (rlaif.py's rounds).
+  rlaif (rlaif.py's rounds), rlaif_inputs (what each round's scripts are given, and each step's inputs by content).
 - feedback (AI feedback):
   judge (label.py's judges), judge_templates (their prompts),
   labeling, label_pairs and label_records (label.py's pipeline; its pairs and judging; its cache and output),

@@ -151,6 +151,14 @@ def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_ear
     stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("round-*/**/*") if p.is_file()}
     assert run() == first and calls == []  # the same inputs: nothing redone, nothing rewritten
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # A notebook's settings cell run again with another run_name, then the Rounds cell alone: the old folder's rounds
+    # were redone under the new settings, its record kept the old ones.
+    from alignkit.core.errors import UserError
+
+    with pytest.raises(UserError, match=r"^these settings name another run folder than .*run \(run_name changed "
+                                        r"since the 'Run folder' cell ran\): run the cells from 'Run folder' on again"):
+        run(run_name="elsewhere")
+    assert calls == [] and json.loads((folder / "rlaif_config.json").read_text())["dpo_beta"] == 0.1
 
     alignkit_log.clear()
     run(dpo_beta=0.3)
@@ -167,6 +175,7 @@ def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_ear
     earlier = next((folder / "round-1").glob("dpo.previous-*"))  # beside dpo/: its relative base path still holds
     assert (earlier / "adapter_model.safetensors").read_text().endswith("beta 0.1")
     assert json.loads((folder / "round-1" / "dpo.step.json").read_text())["inputs"]["dpo_beta"] == 0.3
+    assert json.loads((folder / "rlaif_config.json").read_text())["dpo_beta"] == 0.3  # what the rounds ran under
 
     calls.clear()
     run(dpo_beta=0.3, judge="python:other_judge:judge")
@@ -261,7 +270,7 @@ def test_the_policy_samples_trains_and_is_judged_as_loaded_the_same_way(tmp_path
     from alignkit.core.config import DPOSettings, LabelSettings, PairwiseSettings, RLAIFSettings
     from alignkit.core.groups import loader_settings
     from alignkit.evals.named_models import parse_models
-    from alignkit.train import rlaif
+    from alignkit.train import rlaif, rlaif_inputs
 
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
     prompts, template = tmp_path / "prompts.jsonl", tmp_path / "chat.jinja"
@@ -308,7 +317,7 @@ def test_the_policy_samples_trains_and_is_judged_as_loaded_the_same_way(tmp_path
     gguf.mkdir()
     s = RLAIFSettings(model_id=str(gguf), gguf_file="model.Q4_0.gguf", dataset_id=str(prompts))
     assert rlaif.start_model(s) == str(gguf / "model.Q4_0.gguf")  # one name every script loads without the flag
-    assert "gguf_file" not in rlaif._dpo_values(s) and rlaif.revision_of(s, rlaif.start_model(s)) is None
+    assert "gguf_file" not in rlaif_inputs._dpo_values(s) and rlaif.revision_of(s, rlaif.start_model(s)) is None
 
 
 def test_a_step_stops_when_rlaif_is_killed(tmp_path):

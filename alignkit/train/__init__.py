@@ -16,6 +16,6 @@
   and mask (the delta itself: alignkit.modeling.lota_delta).
 - reward: reward.py's losses and trainer.
 - rl: rl.py's prompts and GRPO/RLOO trainers; rl_rewards: its rewards (rule, judge, reward model, code).
-- rlaif: rlaif.py's rounds; step_process: each of a round's scripts in its own process, its output logged and
-  shown live.
+- rlaif: rlaif.py's rounds; rlaif_inputs: what each round's scripts are given, and each step's inputs by content;
+  step_process: each of a round's scripts in its own process, its output logged and shown live.
 """
