@@ -496,6 +496,12 @@ def test_a_notebook_s_training_cell_trains_what_its_run_folder_cell_decided_once
     assert resume_from == str(folder / "checkpoint-2")
     with run_folder.start_run(s, folder, resume_from, model, (rows, None)):
         pass
+    # Trained, then the settings changed (a Run folder cell refused for it since): the cells to run start at Data.
+    other_data = SFTSettings(model_id="tiny", dataset_id="org/other", output_dir=str(tmp_path), run_name="run")
+    with pytest.raises(UserError, match=r"^the settings changed since the 'Run folder' cell ran \(dataset_id\): run "
+                                        r"the cells from 'Data' on again"):
+        with run_folder.start_run(other_data, folder, resume_from, model, (rows, None)):
+            pass
     # The settings cell alone run again with another setting; then the data cell alone.
     run_folder.prepare_run(s, "sft", rows, None)
     changed = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="run", lora_r=4)

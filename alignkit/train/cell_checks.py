@@ -67,14 +67,16 @@ def check_prepared(s, folder: Path, resume_from: str | None, model, data, stoppe
         raise UserError(f"the working folder changed since the 'Run folder' cell ran ({moved[-1].cwd}, now "
                         f"{os.getcwd()}), so {folder} names another folder: change back (%cd {moved[-1].cwd}), or "
                         f"{again}")
+    # Settings changed first: the cells to run start at 'Data' (after a refused Run folder cell, the earlier decision
+    # is still here, used: "run the cells from 'Run folder'" led back to that cell's refusal).
+    if prepared is not None and (changed := _changed(prepared.settings, s)):
+        raise UserError(f"the settings changed since the 'Run folder' cell ran ({', '.join(changed)}): run the "
+                        "cells from 'Data' on again, then train")
     if prepared is None or prepared.used:
         why = (f"trained in this session, and stopped ({stopped})" if stopped else "already trained in this session") \
             if prepared else "not prepared for training (prepare_run)"
         raise UserError(f"{folder} was {why}: {again}; it resumes from the last checkpoint, or starts over where "
                         "the settings changed")
-    if changed := _changed(prepared.settings, s):
-        raise UserError(f"the settings changed since the 'Run folder' cell ran ({', '.join(changed)}): run the "
-                        "cells from 'Data' on again, then train")
     for thing, cell in ((model, "Model"), *built):  # the model, rl.py's rewards: built under these settings
         under = getattr(thing, "_alignkit_built_under", None)
         if under is not None and (changed := _changed(under, s, _not_built_from())):
