@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -540,3 +541,19 @@ def test_evaluation_prompts_are_read_in_any_format_and_refused_before_round_1_wh
         with pytest.raises(UserError, match=message):
             rlaif.run(s, tmp_path / "run4")
     assert calls == []  # refused before round 1's labelling
+
+
+def test_a_step_interrupted_leaves_the_saying_to_rlaif(tmp_path):
+    """A round's script interrupted printed the command line's advice ("the same command goes on") beside rlaif's own
+    line, in a notebook too: as a step, it stops with the same exit status and says nothing."""
+    import subprocess
+    import sys
+
+    from alignkit.core.errors import EXIT_INTERRUPTED, INTERRUPTED, STEP_OF
+
+    script = "from alignkit.core.errors import report_user_errors\nreport_user_errors()\nraise KeyboardInterrupt\n"
+    env = {k: v for k, v in os.environ.items() if k != STEP_OF}
+    alone = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    step = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**env, STEP_OF: "1"})
+    assert alone.returncode == step.returncode == EXIT_INTERRUPTED
+    assert alone.stderr.strip() == INTERRUPTED and step.stderr.strip() == ""

@@ -44,13 +44,17 @@ def debugging() -> bool:
 OTHER_RANKS_WAIT = 10.0  # seconds a launch's other processes wait before saying a refusal local rank 0 says
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 INTERRUPTED = "interrupted: what was finished is kept; the same command goes on from there"
-INTERRUPTED_IN_CELL = ("interrupted: what was finished is kept; run the cell again to go on (a training: the cells "
-                       "from 'Run folder' on)")
+INTERRUPTED_IN_CELL = ("interrupted: what was finished is kept; run the cell again to go on (a training cell: the "
+                       "cells from 'Run folder' on)")
+# Set in a script run as a step of another (rlaif.py's rounds, alignkit.train.step_process): that script says what an
+# interrupt left and how to go on, once, in its own words.
+STEP_OF = "ALIGNKIT_STEP"
 
 
 def _report(kind, error, tb) -> None:
     if issubclass(kind, KeyboardInterrupt) and not debugging():  # Ctrl-C: one line, not a traceback into a library
-        print(INTERRUPTED, file=sys.stderr)
+        if not os.environ.get(STEP_OF):
+            print(INTERRUPTED, file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     if issubclass(kind, UserError) and not debugging():
         from alignkit.core.secrets import redact
