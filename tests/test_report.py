@@ -61,6 +61,9 @@ def test_summary_names_steps_time_folder_picture_figures_wandb_and_hub(tmp_path,
     assert body["wandb"] == "https://wandb.ai/x/y/runs/z" and body["hub"] == "https://huggingface.co/you/m"
     monkeypatch.delitem(sys.modules, "wandb")
     assert "wandb" not in report.summary("sft", tmp_path, {"global_step": 1}, [], None)
+    # Resumed: the time is this session's, said so (600 steps "in 0m 01s" after 550 trained before an interrupt).
+    resumed = report.summary("sft", tmp_path, {"global_step": 600}, [{"train_runtime": 1.2}], None, resumed_at=550)
+    assert "600 (50 of them in this session in 0m 01s, resumed from step 550)" in resumed.splitlines()[1]
 
 
 def test_show_displays_the_picture_in_a_notebook_only(tmp_path, monkeypatch):

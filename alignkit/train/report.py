@@ -117,12 +117,18 @@ def _duration(seconds: float) -> str:
 
 
 def summary(stage: str, folder, metrics: dict, log_history: list[dict], picture: Path | None,
-            merged: Path | None = None, hub_url: str | None = None, finished_before: bool = False) -> str:
+            merged: Path | None = None, hub_url: str | None = None, finished_before: bool = False,
+            resumed_at: int | None = None) -> str:
     """The closing block: what the run did and where everything went, one fact a line (a run finished before: its
-    own wall time, from its metrics)."""
+    own wall time, from its metrics; a resumed run: the steps and time of this session, the earlier ones' time is
+    not known here)."""
     runtime = metrics.get("train_runtime") if finished_before else \
         next((e["train_runtime"] for e in reversed(log_history) if "train_runtime" in e), None)
-    rows = [("steps", f"{metrics.get('global_step', '?')}" + (f" in {_duration(runtime)}" if runtime else ""))]
+    steps = metrics.get("global_step", "?")
+    took = f" in {_duration(runtime)}" if runtime else ""
+    if resumed_at and not finished_before and isinstance(steps, int) and steps > resumed_at:
+        took = f" ({steps - resumed_at} of them in this session{took}, resumed from step {resumed_at})"
+    rows = [("steps", f"{steps}{took}")]
     rows.append(("adapter", str(folder)))
     if merged:
         rows.append(("merged model", str(merged)))
@@ -158,7 +164,7 @@ def report(trainer, stage: str, folder, metrics: dict, merged: Path | None = Non
     kept = folder / PICTURE if finished_before and (folder / PICTURE).is_file() else None
     picture = kept or plot_training(history, folder / PICTURE, title=f"{stage}: {folder.name}")
     print(summary(stage, folder, metrics, history, picture, merged=merged, hub_url=hub_url,
-                  finished_before=finished_before), flush=True)
+                  finished_before=finished_before, resumed_at=getattr(trainer, "steps_at_start", None)), flush=True)
 
 
 def show(*pictures) -> None:
