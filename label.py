@@ -39,7 +39,7 @@
 
 # %% [markdown]
 # ## Settings
-# Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags. Everything that can fail
+# Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags < `overrides`. Everything that can fail
 # before any work fails here: the sources, the judge and its template, a missing API key (naming the
 # variable), a Hub token for `--push_to_hub`. The settings are saved next to the output, secrets redacted.
 

@@ -1095,3 +1095,17 @@ def test_a_notebook_s_label_cells_take_only_what_this_run_made(tmp_path, monkeyp
     summary = write_output(run, prompts, responses, pairs)
     run.close()
     assert summary["pairs"] == 1 and len((tmp_path / "p.jsonl").read_text().splitlines()) == 1
+
+
+def test_an_output_replaced_by_one_of_another_size_is_said(tmp_path, alignkit_log):
+    """label.py run again with another --max_prompts replaced 320 rows by 86 without a word."""
+    from alignkit.feedback.label_records import replace_output
+
+    path = tmp_path / "preferences.jsonl"
+    replace_output(path, [{"a": 1}] * 3)
+    assert "replaced" not in alignkit_log.text  # a new file
+    replace_output(path, [{"a": 1}] * 3)
+    assert "replaced" not in alignkit_log.text  # the same rows again
+    replace_output(path, [{"a": 1}])
+    assert f"replaced {path}: 3 rows before, 1 now" in alignkit_log.text
+    assert path.read_text().count("\n") == 1

@@ -211,6 +211,19 @@ def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
+def replace_output(path: Path, rows: list[dict]) -> None:
+    """Write the output rows whole (readers see the old file or the new one, never half of one); where that replaces
+    a file of another number of rows (the settings changed: another --max_prompts), one line says so."""
+    try:
+        before = sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    except OSError:
+        before = None
+    write_jsonl(path, rows)
+    if before is not None and before != len(rows):
+        logger.info(f"replaced {path}: {before} rows before, {len(rows)} now (under these settings; the earlier "
+                    "ones are rebuilt from the cache by the settings that made them)")
+
+
 def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> dict:
     """Write the output rows (rebuilt from the cache) and the summary; return the summary."""
     check_made(run, prompts=prompts, responses=table, pairs=pairs)
@@ -227,7 +240,7 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                 else:
                     rows.append({"prompt": prompt.messages, "completion": _assistant(text), **prompt.columns(kwargs),
                                  "generator": source.name})
-        write_jsonl(run.output, rows)  # readers see the old file or the new one, never half of one
+        replace_output(run.output, rows)
         summary = _completion_summary(run, prompts, rows)
     else:
         rows, outcomes, verdicts = [], Counter(), []
@@ -252,7 +265,7 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                     "judge_template": run.judge.template.name if run.judge.template else None, "verdicts": named,
                     **_label_fields(run, pair, outcome),
                 })
-        write_jsonl(run.output, rows)
+        replace_output(run.output, rows)
         summary = _pair_summary(run, prompts, pairs, outcomes, verdicts, rows)
         if pairs and not rows and not run.errors:
             logger.warning("no pair was labeled: the summary shows why (ties, disagreements between the orders, "

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.core.code_digest import code_fingerprint
 from alignkit.core.digests import digest
-from alignkit.core.journal import batched, threaded, write_json, write_jsonl
+from alignkit.core.journal import batched, threaded, write_json
 from alignkit.core.llm import FirstFailures
 from alignkit.core.progress import Progress
-from alignkit.core.code_digest import code_fingerprint
 from alignkit.feedback.judge import Request, import_function, question_text
 from alignkit.feedback.judge_templates import Template
-from alignkit.feedback.label_records import AppendLog, check_made, judge_fix, refuse_empty
+from alignkit.feedback.label_records import AppendLog, check_made, judge_fix, refuse_empty, replace_output
 from alignkit.feedback.ratings import SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM, parse_rating
 
 # FastChat's "single-v1" judge prompt (alignkit.feedback.ratings), in this module's Template form.
@@ -171,7 +171,7 @@ def grade(run, grader: Grader, prompts, table) -> dict:
                          "label": label, "grade": value, "grader": grader.spec, "generator": source.name})
     finally:
         grades.close()
-    write_jsonl(run.output, rows)
+    replace_output(run.output, rows)
     summary = {"output": str(run.output), "mode": "pointwise", "prompts": len(prompts), "answers": len(cells),
                "threshold": f">= {grader.threshold:g}", "desirable": outcomes["desirable"],
                "undesirable": outcomes["undesirable"], "parse_failures": outcomes["parse failure"],
