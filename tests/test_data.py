@@ -543,7 +543,7 @@ def test_all_rows_invalid(tmp_path):
     path = write(tmp_path, [{"chosen": "a", "rejected": "b"}, {"chosen": "c", "rejected": "d"}], "csv")
     with pytest.raises(DataError, match="no usable rows: all 2 rows are invalid") as err:
         load_preferences(path, skip_invalid=True)
-    assert str(path) in str(err.value) and "row 1" in str(err.value)
+    assert str(path) in str(err.value) and "row 2" in str(err.value)  # a CSV's first row is on line 2
 
 
 @pytest.mark.parametrize("content", ["", "\n", "[]", "id,prompt,chosen,rejected\n"])

@@ -227,7 +227,9 @@ def test_byte_order_mark_is_dropped(tmp_path):
      "row 2: 4 values, but the header names 3 columns. Fix the row (quote a value that holds a comma)."),
     ("p.csv", b"prompt,chosen,rejected\nq,a,b\nq,,b\n",  # an empty field: missing, in the row an editor shows
      "row 3: field 'chosen': expected non-empty text"),
-], ids=["not utf-8", "csv not utf-8", "csv row longer than its header", "csv row by its line"])
+    ("p.csv", b"prompt,chosen,rejected\nq,\"a\nb\",c\n\nq,,b\n",  # a row on lines 2-3, a blank line: by its first line
+     "row 5: field 'chosen': expected non-empty text"),
+], ids=["not utf-8", "csv not utf-8", "csv row longer than its header", "csv row by its line", "csv rows by first line"])
 def test_a_file_that_cannot_be_read_names_its_line_and_the_fix(tmp_path, name, content, says):
     path = tmp_path / name
     path.write_bytes(content)

@@ -86,9 +86,9 @@ def test_csv_margins_parse_and_text_that_is_no_number_is_refused(tmp_path):
     bad = write_csv(tmp_path / "bad.csv", ["1.5", "high"])
     with pytest.raises(DataError) as err:
         margins(bad)
-    assert str(err.value) == (f"{bad}: row 2: field 'margin': expected a number (--use_margin reads it), got 'high'. "
-                              "Fix the row, or drop --use_margin")
-    with pytest.raises(DataError, match=r"bad.csv: row 1: field 'margin': expected a number .* got 'nan'"):
+    assert str(err.value) == (f"{bad}: row 3: field 'margin': expected a number (--use_margin reads it), got 'high'. "
+                              "Fix the row, or drop --use_margin")  # a CSV row by its line (the header's is 1)
+    with pytest.raises(DataError, match=r"bad.csv: row 2: field 'margin': expected a number .* got 'nan'"):
         margins(write_csv(tmp_path / "bad.csv", ["nan"]))
 
 

@@ -159,7 +159,10 @@ def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_ear
     with pytest.raises(UserError, match=r"^these settings name another run folder than .*run \(run_name changed "
                                         r"since the 'Run folder' cell ran\): run the cells from 'Run folder' on again"):
         run(run_name="elsewhere")
+    with pytest.raises(UserError, match=r"\(model_id changed since"):  # no run_name: the folder is named by it
+        run(model_id=str(tmp_path / "other-base"))
     assert calls == [] and json.loads((folder / "rlaif_config.json").read_text())["dpo_beta"] == 0.1
+    assert run(output_dir=f"{tmp_path}/./") == first and calls == []  # the same folder, however it is spelled
 
     alignkit_log.clear()
     run(dpo_beta=0.3)

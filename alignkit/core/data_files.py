@@ -269,18 +269,29 @@ def decode_text(raw: bytes, label) -> str:
 
 def _read_csv(text, label) -> Rows:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows, places = [], []  # each row by its line, as an editor and a spreadsheet number it (the header is line 1)
+    rows, places = [], []  # each row by its first line, as an editor numbers it (the header is line 1)
     try:
+        ended, lines = (1 if text.strip() else 0), text.split("\n")  # the header's last line
         for row in reader:
+            start = ended + 1 + _blank_lines_before(lines, ended)
+            ended = reader.line_num
             if None in row:  # more values than the header names: the columns would be shifted
-                raise DataError(f"{label}: row {reader.line_num}: {len(reader.fieldnames) + len(row[None])} values, "
-                                f"but the header names {len(reader.fieldnames)} columns. Fix the row (quote a value "
-                                "that holds a comma).")
+                raise DataError(f"{label}: row {start}: {len(reader.fieldnames) + len(row[None])} values, but the "
+                                f"header names {len(reader.fieldnames)} columns. Fix the row (quote a value that "
+                                "holds a comma).")
             rows.append(row)
-            places.append(reader.line_num)
+            places.append(start)
     except csv.Error as e:
         raise DataError(f"{label}: line {reader.line_num}: cannot read the CSV ({e}). Fix the line.") from e
     return Rows(rows, label, places)
+
+
+def _blank_lines_before(lines: list[str], after: int) -> int:
+    """The blank lines right after line `after` (csv skips them before a row)."""
+    n = 0
+    while after + n < len(lines) and not lines[after + n].strip("\r"):
+        n += 1
+    return n
 
 
 def _parses(text) -> bool:

@@ -47,8 +47,14 @@ INTERRUPTED = "interrupted: what was finished is kept; the same command goes on 
 INTERRUPTED_IN_CELL = ("interrupted: what was finished is kept; run the cell again to go on (a training cell: the "
                        "cells from 'Run folder' on)")
 # Set in a script run as a step of another (rlaif.py's rounds, alignkit.train.step_process): that script says what an
-# interrupt left and how to go on, once, in its own words.
+# interrupt left and how to go on, once, in its own words. Its value: "cell" where that script runs in a notebook.
 STEP_OF = "ALIGNKIT_STEP"
+
+
+def run_again() -> str:
+    """How to go on after a stop, in the words of where the run was started: a notebook's cell, or a command."""
+    return "run the cell again" if is_notebook() or os.environ.get(STEP_OF) == "cell" else \
+        "run the same command again"
 
 
 def _report(kind, error, tb) -> None:

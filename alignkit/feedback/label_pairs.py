@@ -9,7 +9,7 @@ from collections import defaultdict
 
 from alignkit import logger
 from alignkit.core.args import redact
-from alignkit.core.errors import EndpointRefused, UserError
+from alignkit.core.errors import EndpointRefused, UserError, run_again
 from alignkit.core.journal import batched, threaded
 from alignkit.core.progress import Progress
 from alignkit.core.digests import digest
@@ -105,8 +105,8 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
                 finished += open_keys[n] == 0
             progress.update(finished, len(run.errors))
     except KeyboardInterrupt:
-        logger.warning(f"interrupted: {len(run.judgments)} judgments are safe in {run.judgments.path}; run the same "
-                       "command again to resume")
+        logger.warning(f"interrupted: {len(run.judgments)} judgments are safe in {run.judgments.path}; {run_again()} "
+                       "to resume")
         raise
     finally:
         progress.close()

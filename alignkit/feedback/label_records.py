@@ -215,7 +215,8 @@ def replace_output(path: Path, rows: list[dict]) -> None:
     """Write the output rows whole (readers see the old file or the new one, never half of one); where that replaces
     a file of another number of rows (the settings changed: another --max_prompts), one line says so."""
     try:
-        before = sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+        with open(path, "rb") as f:  # counted, not decoded: an old file in another encoding is replaced all the same
+            before = sum(1 for line in f if line.strip())
     except OSError:
         before = None
     write_jsonl(path, rows)

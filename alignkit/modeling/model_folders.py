@@ -90,7 +90,7 @@ def _check_weights_there(folder: Path, gguf: bool) -> None:
     elif (folder / "config.json").is_file() and not gguf and not (folder / "lota_config.json").is_file():
         weights = [n for n in names if n.endswith((".safetensors", ".bin", ".index.json", ".h5", ".msgpack", ".pt",
                                                      ".pth", ".ckpt"))]
-        if not weights:
+        if not weights and not any(folder.rglob("*.gguf")):  # --gguf_file may name a file deeper down
             raise UserError(f"{folder} holds a model's config.json but no weights (model.safetensors, or "
-                            "pytorch_model.bin): a copy or download that left them out? Copy them too, or point at "
-                            "the folder that holds them")
+                            "pytorch_model.bin): a copy or download that left them out, or a checkpoint saved "
+                            "without them? Copy them too, or point at the folder that holds them")

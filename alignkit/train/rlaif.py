@@ -285,11 +285,18 @@ def _check_folder(s, folder: Path) -> None:
     under (another --dpo_beta with the Run folder cell skipped was recorded as the old one)."""
     from alignkit.core.args import save_config
 
+    from types import SimpleNamespace
+
+    from alignkit.train.run_folder import run_dir
+
     recorded = read_json(Path(folder) / "rlaif_config.json")
-    changed = [k for k in ("output_dir", "run_name") if k in recorded and recorded[k] != getattr(s, k)]
-    if changed:
-        raise UserError(f"these settings name another run folder than {folder} ({', '.join(changed)} changed since "
-                        "the 'Run folder' cell ran): run the cells from 'Run folder' on again")
+    keys = ("output_dir", "run_name", "model_id", "dataset_id")  # what names the folder (run_dir)
+    if all(k in recorded for k in keys):
+        then = run_dir(SimpleNamespace(**{k: recorded[k] for k in keys}), "rlaif")
+        if then.resolve() != run_dir(s, "rlaif").resolve():
+            changed = [k for k in keys if recorded[k] != getattr(s, k)]
+            raise UserError(f"these settings name another run folder than {folder} ({', '.join(changed)} changed "
+                            "since the 'Run folder' cell ran): run the cells from 'Run folder' on again")
     save_config(s, Path(folder) / "rlaif_config.json")  # secrets redacted
 
 

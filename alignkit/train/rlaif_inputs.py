@@ -28,6 +28,7 @@ _PER_ROUND = {"model_id", "revision", "gguf_file", "quantization"}
 # Judge endpoint settings that change how fast or with which key a judge is asked, not what it answers.
 _NOT_ANSWERS = {"parallel", "max_retries", "request_timeout", "judge_api_key_env"}
 
+
 def _dpo_config(s, path: Path) -> None:
     """The DPO settings of this run as a dpo.py --config YAML (None values left to dpo.py's defaults)."""
     import yaml

@@ -29,7 +29,7 @@ import torch
 from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, field_defaults, redact
-from alignkit.core.errors import UserError, is_notebook, keep_interrupts
+from alignkit.core.errors import UserError, is_notebook, keep_interrupts, run_again
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
 # CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
@@ -427,7 +427,8 @@ def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
     ended = "was interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
     if checkpoints(folder):
         (folder / FAILED_FILE).write_text(redact(f"{type(error).__name__}: {error}\n"))
-        logger.info(f"the run {ended}; its checkpoints stay in {folder} (see {FAILED_FILE}): the same command resumes"
+        again = "run the cells from 'Run folder' on again" if is_notebook() else run_again()
+        logger.info(f"the run {ended}; its checkpoints stay in {folder} (see {FAILED_FILE}): {again} to resume"
                     + (f"; the earlier run is in {aside}" if aside else ""))
         return
     shutil.rmtree(folder, ignore_errors=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.errors import EXIT_USER_ERROR, UserError
-from alignkit.core.errors import STEP_OF
+from alignkit.core.errors import STEP_OF, is_notebook
 from alignkit.core.progress import FORCE_LIVE, live
 
 ROOT = Path(__file__).resolve().parents[2]  # the scripts live at the repository's top level, above alignkit/train/
@@ -34,7 +34,7 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
     shown = live()
     # Unbuffered: into a pipe, the step's print()s would otherwise come at its exit, after all its log lines.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1", **({FORCE_LIVE: "1"} if shown else {}), STEP_OF: "1"}  # its Ctrl-C: ours to say
+           "PYTHONUNBUFFERED": "1", **({FORCE_LIVE: "1"} if shown else {}), STEP_OF: "cell" if is_notebook() else "command"}  # its Ctrl-C: ours to say
     with open(log, "a", encoding="utf-8") as out:
         step = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
                                 preexec_fn=_stop_with_parent(os.getpid()) if sys.platform == "linux" else None)

@@ -69,12 +69,20 @@ def check_writable(folder, flag: str) -> None:
     file there, or a folder without write permission or on a read-only file system, failed as the run folder was
     claimed, with a traceback, after the data and the model had loaded."""
     path = Path(folder).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"{flag} {folder}: {existing} is a file, not a folder; pass a folder (runs go under it)")
+    try:
+        existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+        if existing.is_symlink() and not existing.exists():  # an unmounted disk's link, say
+            raise ConfigError(f"{flag} {folder}: {existing} is a link to {os.readlink(existing)}, which is not there; "
+                              "mount it, or pass another folder")
+        if not existing.is_dir():
+            raise ConfigError(f"{flag} {folder}: {existing} is a file, not a folder; pass a folder (runs go under it)")
+    except PermissionError:  # a folder above that this user may not even look into
+        raise ConfigError(f"{flag} {folder}: cannot be looked into (no permission on a folder above it); pass a "
+                          "folder you can write to") from None
     if not os.access(existing, os.W_OK | os.X_OK):
+        statvfs = getattr(os, "statvfs", None)  # not on Windows
         try:
-            read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+            read_only = bool(statvfs and statvfs(existing).f_flag & os.ST_RDONLY)
         except OSError:
             read_only = False
         why = "a read-only file system" if read_only else "no write permission"
