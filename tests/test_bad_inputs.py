@@ -133,6 +133,10 @@ CASES = [
     # Runs go under --output_dir: a file there failed with a traceback as the run folder was claimed, after loading.
     ("sft.py", [*TRAIN[:2], "--output_dir", "bad-json.jsonl"],
      "--output_dir bad-json.jsonl: ", None),
+    ("evaluate.py", ["pairwise", "--preset", "tiny", "--models", "sft=custom-code", "b=truncated", "--output_dir",
+                     "bad-json.jsonl"], "--output_dir bad-json.jsonl: ", None),  # FileExistsError from its lock
+    ("evaluate.py", ["vibes", "--preset", "tiny", "--prompts", "hi", "--output_file", "some-folder"],
+     "--output_file some-folder is a folder: name a file", None),  # IsADirectoryError after every answer
     # One misspelt name beside a good one trained a tenth of the adapter, without a word.
     ("dpo.py", [*TRAIN, "--lora_target_modules", "q_proj,nosuch"], "has no module named nosuch;", None),
     # TRL drops what does not fit --max_length while it tokenizes: all of it was an IndexError when training began.

@@ -509,3 +509,28 @@ def test_the_text_prompt_mark_goes_to_python_rewards_not_among_the_columns_trl_p
     rewards = trainer._calculate_rewards([row, row], [row["prompt"]] * 2, said, None)
     assert rewards.tolist() == [[1.0], [1.0]]
     assert trainer.columns == [["category", "prompt"]] * 2 and row[rl_rewards.TEXT_PROMPT] is True  # put back
+
+
+def test_what_would_train_nothing_or_fail_after_the_load_is_refused_first(tiny_cache, tmp_path):
+    """Fewer prompts than one step samples trained 0 steps and saved an untrained adapter (exit status 0); a batch
+    that is no multiple of --num_generations, and temperature 0, failed after the model loaded, naming TRL's
+    generation_batch_size or transformers' check."""
+    from alignkit.core.args import ConfigError, parse_config
+    from alignkit.core.config import RLSettings
+    from alignkit.modeling import presets
+    from alignkit.train.rl import load_prompt_dataset
+
+    def settings(*args):
+        return parse_config(RLSettings, env_file=None, presets={"tiny": presets.defaults("rl")},
+                            args=["--preset", "tiny", "--output_dir", str(tmp_path), *args])
+
+    with pytest.raises(ConfigError, match=r"prompts.jsonl: 2 prompts, but each step samples 4 distinct ones "
+                                          r"\(--per_device_train_batch_size 32 x --gradient_accumulation_steps 1 x 1 "
+                                          r"processes / --num_generations 8\): give more prompts"):
+        load_prompt_dataset(settings("--max_prompts", "2"))
+    assert len(load_prompt_dataset(settings("--max_prompts", "4"))) == 4
+    with pytest.raises(ConfigError, match=r"per_device_train_batch_size x gradient_accumulation_steps x processes "
+                                          r"\(3\) must be a multiple of num_generations \(4\)"):
+        settings("--per_device_train_batch_size", "3", "--num_generations", "4")
+    with pytest.raises(ConfigError, match=r"temperature must be > 0"):
+        settings("--temperature", "0")

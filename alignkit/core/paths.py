@@ -1,5 +1,6 @@
 """Where alignkit keeps what it builds or downloads once: $ALIGNKIT_CACHE, default ~/.cache/alignkit, and how a
-folder there is built once by one process while the others (ranks of one launch, parallel runs) wait for it.
+folder there is built once by one process while the others (ranks of one launch, parallel runs) wait for it; and
+whether a folder a run writes its results into can be written (check_writable).
 
 A neutral module, so the MT-Bench data, the reference log-prob cache and converted GGUF models find their
 folder without importing a preset.
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from alignkit import logger
+from alignkit.core.errors import UserError
 
 
 def cache_dir() -> Path:
@@ -67,3 +69,28 @@ def build_once(target: Path, done: str, build: Callable[[Path], str], force: boo
     finally:
         lock.release()
     return target
+
+
+def check_writable(folder, flag: str) -> None:
+    """A folder the run can write its results into (created where missing), refused in one line before any work: a
+    file there, or a folder without write permission or on a read-only file system, failed as the run folder was
+    claimed, with a traceback, after the data and the model had loaded."""
+    path = Path(folder).absolute()
+    try:
+        existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+        if existing.is_symlink() and not existing.exists():  # an unmounted disk's link, say
+            raise UserError(f"{flag} {folder}: {existing} is a link to {os.readlink(existing)}, which is not there; "
+                              "mount it, or pass another folder")
+        if not existing.is_dir():
+            raise UserError(f"{flag} {folder}: {existing} is a file, not a folder; pass a folder (runs go under it)")
+    except PermissionError:  # a folder above that this user may not even look into
+        raise UserError(f"{flag} {folder}: cannot be looked into (no permission on a folder above it); pass a "
+                          "folder you can write to") from None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        statvfs = getattr(os, "statvfs", None)  # not on Windows
+        try:
+            read_only = bool(statvfs and statvfs(existing).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "a read-only file system" if read_only else "no write permission"
+        raise UserError(f"{flag} {folder}: {existing} cannot be written ({why}); pass a folder you can write to")

@@ -211,6 +211,16 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
                              f"{self.num_generations}")
         if self.beta < 0 or self.max_completion_length < 1:
             raise ValueError("beta must be >= 0 and max_completion_length >= 1")
+        if self.temperature <= 0:  # TRL samples every rollout: transformers refused 0 after the model loaded
+            raise ValueError(f"temperature must be > 0 (each prompt's completions are sampled; their differences are "
+                             f"what GRPO/RLOO learn from), got {self.temperature}")
+        from alignkit.core.launch import world_size
+
+        per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size()
+        if per_step % self.num_generations:  # TRL's line named its generation_batch_size, after the model loaded
+            raise ValueError(f"per_device_train_batch_size x gradient_accumulation_steps x processes ({per_step}) must "
+                             f"be a multiple of num_generations ({self.num_generations}): each step samples whole "
+                             "groups of one prompt's completions; change either")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward)} rewards "
                              f"{self.reward}")

@@ -28,6 +28,7 @@ from alignkit.core.digests import sample_seed
 from alignkit.core.errors import UserError
 from alignkit.core.groups import loader_settings
 from alignkit.core.journal import hold
+from alignkit.core.paths import check_writable
 from alignkit.core.llm import FirstFailures
 from alignkit.core.progress import Progress
 from alignkit.evals.named_models import parse_models
@@ -96,6 +97,10 @@ def vibes(s, backend: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
     from alignkit.evals.mtbench import prompt_questions
     from alignkit.modeling.generation import load_generator
 
+    if s.output_file:  # checked before any answer: a folder there failed as the answers were saved, after generating
+        if Path(s.output_file).is_dir():
+            raise ConfigError(f"--output_file {s.output_file} is a folder: name a file (a .jsonl) for the answers")
+        check_writable(Path(s.output_file).absolute().parent, "--output_file")
     prompts = list(s.prompts) + ([q["turns"][0] for q in prompt_questions(s.prompts_file)] if s.prompts_file else [])
     if not prompts:
         raise ConfigError('vibes needs prompts: --prompts "first prompt" "second prompt", or --prompts_file FILE')
@@ -207,6 +212,7 @@ class Pairwise:
             raise ConfigError("pairwise judging needs at least two --models, e.g. base=ID dpo=PATH")
         client = None if use_rule else judge_client(s, what="the judge (--judge_api_key_env names the key's variable)")
         output_dir = Path(s.output_dir)
+        check_writable(output_dir, "--output_dir")  # a file there: FileExistsError from the lock, a traceback
         # One run per folder: a second would generate the same answers and pay the judge for the same matches again.
         hold(output_dir / ".evaluate.lock", "evaluate.py", "let it finish, or pass another --output_dir")
         save_config(s, output_dir / "evaluate_config.json")  # secrets redacted

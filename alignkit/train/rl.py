@@ -48,6 +48,21 @@ from alignkit.train import rl_rewards
 # Prompts
 
 
+def check_enough_prompts(s, n: int) -> None:
+    """As many prompts as one step samples: TRL's sampler takes whole batches of distinct prompts (each repeated
+    --num_generations times) and drops a short one, so fewer prompts trained 0 steps and saved an untrained adapter
+    with exit status 0."""
+    from alignkit.core.launch import world_size
+
+    needed = s.per_device_train_batch_size * s.gradient_accumulation_steps * world_size() // s.num_generations
+    if n < needed:
+        raise ConfigError(f"{s.dataset_id}: {n} prompt{'s' if n != 1 else ''}, but each step samples {needed} distinct "
+                          f"ones (--per_device_train_batch_size {s.per_device_train_batch_size} x "
+                          f"--gradient_accumulation_steps {s.gradient_accumulation_steps} x {world_size()} processes "
+                          f"/ --num_generations {s.num_generations}): give more prompts (--max_prompts), or lower "
+                          "--per_device_train_batch_size")
+
+
 def load_prompt_dataset(s):
     """A Dataset with a conversational "prompt" column and the rows' other columns (for the rewards), read by
     label.py's prompt loader from --dataset_id.
@@ -69,6 +84,7 @@ def load_prompt_dataset(s):
     rows = [{**{k: v for k, v in p.row.items() if k != s.prompt_field}, "prompt": p.messages,
              rl_rewards.TEXT_PROMPT: isinstance(p.row.get(s.prompt_field), str) and len(p.messages) == 1}
             for p in prompts]
+    check_enough_prompts(s, len(rows))
     try:
         # A prompt's tool calls as JSON (alignkit.core.message_columns); the rows are every prompt read, in order.
         return read_under(s, as_dataset(rows), keys=PROMPT_SETTINGS)[0]

@@ -56,37 +56,14 @@ def preflight(s) -> None:
         logger.warning(f"--revision {s.revision} is not used: {s.model_id} is a local folder, read as it is")
     resolve_report_to(s)
     check_trl_values(s)
+    from alignkit.core.paths import check_writable
+
     check_writable(s.output_dir, "--output_dir")
     if Path(s.model_id).exists():  # a local folder without weights, a run still training: now, not after the data
         from alignkit.modeling.model_folders import check_model_source
 
         check_model_source(s.model_id, cache=False)
     require_reachable(s.model_id, s.dataset_id)
-
-
-def check_writable(folder, flag: str) -> None:
-    """A folder the run can write its results into (created where missing), refused in one line before any work: a
-    file there, or a folder without write permission or on a read-only file system, failed as the run folder was
-    claimed, with a traceback, after the data and the model had loaded."""
-    path = Path(folder).absolute()
-    try:
-        existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
-        if existing.is_symlink() and not existing.exists():  # an unmounted disk's link, say
-            raise ConfigError(f"{flag} {folder}: {existing} is a link to {os.readlink(existing)}, which is not there; "
-                              "mount it, or pass another folder")
-        if not existing.is_dir():
-            raise ConfigError(f"{flag} {folder}: {existing} is a file, not a folder; pass a folder (runs go under it)")
-    except PermissionError:  # a folder above that this user may not even look into
-        raise ConfigError(f"{flag} {folder}: cannot be looked into (no permission on a folder above it); pass a "
-                          "folder you can write to") from None
-    if not os.access(existing, os.W_OK | os.X_OK):
-        statvfs = getattr(os, "statvfs", None)  # not on Windows
-        try:
-            read_only = bool(statvfs and statvfs(existing).f_flag & os.ST_RDONLY)
-        except OSError:
-            read_only = False
-        why = "a read-only file system" if read_only else "no write permission"
-        raise ConfigError(f"{flag} {folder}: {existing} cannot be written ({why}); pass a folder you can write to")
 
 
 def check_trl_values(s) -> None:
