@@ -159,7 +159,8 @@ CASES = [
                 "--dataset_num_proc", "2"],
      "the chat template refuses a row of the training data (the one whose first user turn is 'name three "
      "vegetables.'), prompt: System role not", None),
-    ("rl.py", [*TRAIN, "--dataset_id", "system.jsonl", "--chat_template", "no-system.jinja"],
+    ("rl.py", [*TRAIN, "--dataset_id", "system.jsonl", "--chat_template", "no-system.jinja",  # 2 prompts, 2 a step
+               "--per_device_train_batch_size", "8", "--num_generations", "4"],
      "the chat template refuses a row of the prompts (the one whose first user turn is 'name three vegetables.')", None),
     # ... and generating for such a prompt (label.py, evaluate.py) was transformers' traceback too.
     ("label.py", ["--preset", "tiny", "--prompts", "system.jsonl", "--chat_template", "no-system.jinja", "--output",

@@ -1109,3 +1109,16 @@ def test_an_output_replaced_by_one_of_another_size_is_said(tmp_path, alignkit_lo
     replace_output(path, [{"a": 1}])
     assert f"replaced {path}: 3 rows before, 1 now" in alignkit_log.text
     assert path.read_text().count("\n") == 1
+
+
+def test_a_prompt_ending_with_an_answer_is_said_to_lose_it(tmp_path, alignkit_log):
+    """rl.py (as TRL would not: it continues a final assistant turn) and label.py answer the turn before it: said
+    in one line, not silently."""
+    from alignkit.feedback.labeling import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    conversation = [{"role": "user", "content": "name three fruits."}, {"role": "assistant", "content": "apple,"}]
+    path.write_text(json.dumps({"prompt": conversation}) + "\n" + json.dumps({"prompt": "name three tools."}) + "\n")
+    prompts = read_prompts(str(path), keep_rows=True)
+    assert [p.messages[-1]["role"] for p in prompts] == ["user", "user"]
+    assert "1 prompts end with an assistant turn: the model answers the turn before it anew" in alignkit_log.text

@@ -197,6 +197,9 @@ def load_prompts(run: Run) -> list[Prompt]:
     for i, row in enumerate(rows):
         prompt = Prompt(_as_messages(row.get(column), f"{place(i)}: field '{column}'"), place=place(i),
                         row=row if getattr(s, "keep_rows", False) else None, template=template_arguments(row, place(i)))
+        value = row.get(column)
+        if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+            run.stats["prompts ending with an answer"] += 1
         if prompt.key in seen and not getattr(s, "keep_rows", False):
             run.stats["duplicate prompts"] += 1
             continue
@@ -210,6 +213,9 @@ def load_prompts(run: Run) -> list[Prompt]:
         judge.check_prompts(prompts)
     dropped = run.stats["duplicate prompts"]
     logger.info(f"{len(prompts)} prompts from {label}" + (f" ({dropped} repeated ones dropped)" if dropped else ""))
+    if ended := run.stats["prompts ending with an answer"]:  # TRL would continue that answer instead: said, not silent
+        logger.info(f"{ended} prompts end with an assistant turn: the model answers the turn before it anew (the "
+                    "final answer is left out, not continued)")
     return made(run, "prompts", prompts)
 
 
