@@ -130,8 +130,8 @@ def _state(obj):
         state.update(vars(obj))
         found = True
     for cls in type(obj).__mro__:
-        for slot in [cls.__dict__.get("__slots__")] if isinstance(cls.__dict__.get("__slots__"), str) else \
-                cls.__dict__.get("__slots__", ()):
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in [slots] if isinstance(slots, str) else slots:  # __slots__ = "word" names one
             if slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
                 state[f"slot {slot}"] = getattr(obj, slot)
                 found = True

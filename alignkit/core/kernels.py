@@ -125,6 +125,11 @@ def _flex_on_this_gpu(packed_config, dtype: torch.dtype) -> tuple[bool, str]:
     return passed, f"{why}; {how}" if passed else how
 
 
+def liger_runs() -> bool:
+    """Whether Liger's kernels can run here: CUDA, and liger-kernel installed (what `auto` and `true` load)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
 def resolve_liger(requested: str) -> bool:
     """Liger's kernels where asked for (true, a recipe's use_liger_kernel) or `auto` on CUDA with liger-kernel
     installed. Asked for where they cannot run (no CUDA: its Triton kernels need one; not installed), the run goes

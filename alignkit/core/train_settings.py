@@ -214,9 +214,7 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
         if self.temperature <= 0:  # TRL samples every rollout: transformers refused 0 after the model loaded
             raise ValueError(f"temperature must be > 0 (each prompt's completions are sampled; their differences are "
                              f"what GRPO/RLOO learn from), got {self.temperature}")
-        from alignkit.core.launch import world_size
-
-        per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size()
+        per_step = self.completions_per_step()
         if per_step % self.num_generations:  # TRL's line named its generation_batch_size, after the model loaded
             raise ValueError(f"per_device_train_batch_size x gradient_accumulation_steps x processes ({per_step}) must "
                              f"be a multiple of num_generations ({self.num_generations}): each step samples whole "
@@ -226,6 +224,12 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
                              f"{self.reward}")
         if "judge" in self.reward and self.judge_mode == "pairwise" and not self.reference_completions:
             raise ValueError("--judge_mode pairwise needs --reference_completions FILE (prompt + response rows)")
+
+    def completions_per_step(self) -> int:
+        """The completions one step samples over every process (TRL's generation_batch_size)."""
+        from alignkit.core.launch import world_size
+
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size()
 
 
 # ---------------------------------------------------------------- rlaif.py

@@ -209,10 +209,10 @@ def _cuda() -> bool:
 
 
 def _liger_runs() -> bool:
-    """Whether `--use_liger auto` loads Liger's kernels here (alignkit.core.kernels.resolve_liger), as `true` does."""
-    import importlib.util
+    """Whether `--use_liger auto` loads Liger's kernels here, as `true` does."""
+    from alignkit.core.kernels import liger_runs
 
-    return _cuda() and importlib.util.find_spec("liger_kernel") is not None
+    return liger_runs()
 
 
 def hardware() -> str:

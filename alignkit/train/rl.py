@@ -54,7 +54,7 @@ def check_enough_prompts(s, n: int) -> None:
     with exit status 0."""
     from alignkit.core.launch import world_size
 
-    needed = s.per_device_train_batch_size * s.gradient_accumulation_steps * world_size() // s.num_generations
+    needed = s.completions_per_step() // s.num_generations
     if n < needed:
         raise ConfigError(f"{s.dataset_id}: {n} prompt{'s' if n != 1 else ''}, but each step samples {needed} distinct "
                           f"ones (--per_device_train_batch_size {s.per_device_train_batch_size} x "
