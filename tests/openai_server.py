@@ -114,3 +114,38 @@ class FakeOpenAI:
     def count(self) -> int:
         with self._lock:
             return len(self.requests)
+
+
+class SilentServer:
+    """A server that accepts connections and never answers (a proxy forwarding nowhere, a model still loading):
+    `connections` counts what the client opened."""
+
+    def __init__(self):
+        import socket
+
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(64)
+        self._held: list = []
+        self.base_url = f"http://127.0.0.1:{self._socket.getsockname()[1]}/v1"
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:  # closed
+                return
+            self._held.append(connection)
+
+    def __enter__(self):
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._socket.close()
+        for connection in self._held:
+            connection.close()
+
+    @property
+    def connections(self) -> int:
+        return len(self._held)

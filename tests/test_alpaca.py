@@ -19,7 +19,7 @@ import pytest
 from conftest import run_script
 
 sys.path.insert(0, str(Path(__file__).parent))
-from openai_server import FakeOpenAI, Fault, Reply, top_logprobs  # noqa: E402
+from openai_server import FakeOpenAI, Fault, Reply, SilentServer, top_logprobs  # noqa: E402
 
 from alignkit.core.args import ConfigError  # noqa: E402
 from alignkit.modeling import presets  # noqa: E402
@@ -221,6 +221,23 @@ def test_a_kill_during_annotation_resumes_without_a_repeated_request(tiny_set, t
         assert not set(answered[4:]) & set(first) and len(set(answered)) == 10
         run_script(*args, "--judge_base_url", server.base_url)  # all cached by alpaca_eval now
         assert server.count - before == 6
+
+
+def test_a_judge_that_never_answers_stops_alpaca_eval_at_its_first_timeout(tiny_set, tmp_path, monkeypatch):
+    """alpaca_eval's client retried a silent judge --max_retries times per request at --request_timeout each (and
+    alpaca_eval printed its traceback): the first timeout now stops the run in one line."""
+    from alignkit.core.errors import UserError
+
+    model, _, refs = tiny_set
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with SilentServer() as server:
+        with pytest.raises(UserError, match=r"^the judge at http://127\.0\.0\.1:\d+/v1 accepted the connection but "
+                                            r"sent no answer in 1 s \(--request_timeout\)"):
+            run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", model, "--model_name", "tiny",
+                       "--reference_outputs", str(refs), "--output_dir", str(tmp_path / "out"), "--max_instances",
+                       "4", "--parallel", "2", "--judge_model", "judge-x", "--judge_base_url", server.base_url,
+                       "--request_timeout", "1", "--max_retries", "3")
+        assert server.connections <= 2
 
 
 def test_a_kill_during_generation_resumes_with_the_finished_batches(tiny_set, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED, run_script
-from openai_server import FakeOpenAI, Fault
+from openai_server import FakeOpenAI, Fault, SilentServer
 
 from alignkit.core.args import ConfigError
 from alignkit.core.errors import UserError
@@ -366,6 +366,18 @@ def test_a_judge_that_fails_every_request_is_a_failed_run_not_a_table_of_errors(
                 "omega", "--judge_model", "judge-x", "--judge_base_url", server.base_url, "--mt_bench_data",
                 str(MT_DATA), "--question_ids", "81", "--output_dir", str(tmp_path), "--max_retries", "0")
         assert not (tmp_path / "results.json").exists()
+
+
+def test_a_judge_that_never_answers_stops_mt_bench_at_its_first_timeout(mt_data, tmp_path):
+    """A judge server holding connections open without answering was retried --max_retries times per request, at
+    --request_timeout each, before a failure counted: its first timeout now stops the run in one line."""
+    write_answers(tmp_path, "alpha", QIDS, "ALPHA")
+    write_answers(tmp_path, "omega", QIDS, "OMEGA")
+    with SilentServer() as server:
+        with pytest.raises(UserError, match=r"^the judge at http://127\.0\.0\.1:\d+/v1 accepted the connection but "
+                                            r"sent no answer in 1 s \(--request_timeout\)"):
+            mt_bench(server, tmp_path, "--request_timeout", "1", "--max_retries", "4", "--parallel", "2")
+        assert server.connections <= 2 and not (tmp_path / "results.json").exists()
 
 
 def test_a_judge_whose_verdicts_never_parse_is_a_failed_run_with_an_example(mt_data, tmp_path, capsys):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_script
-from openai_server import FakeOpenAI, Fault
+from openai_server import FakeOpenAI, Fault, SilentServer
 
 from alignkit.core.args import ConfigError
 from alignkit.core.data import DataError, load_preferences, load_sft
@@ -1024,6 +1024,28 @@ def test_a_judge_that_fails_every_request_stops_early_and_an_empty_output_is_a_f
         with pytest.raises(UserError, match=r"^no row was labeled: 4 requests failed \(see above\), so the output "
                                             r"is empty\. Check that the server at --generation_base_url"):
             run(2)
+
+
+def test_an_endpoint_that_accepts_and_never_answers_stops_the_run_at_its_first_timeout(tmp_path):
+    """A judge or generator server that holds connections open and never answers (a proxy forwarding nowhere, a
+    model still loading) had each request retried --max_retries times, --request_timeout each, before the first
+    failure counted: about 12 minutes a request at the defaults, an hour at --parallel 1 before the run stopped. Until
+    an endpoint has answered, its first timeout now stops the run in one line, and no request waits on it again."""
+    marker_pairs(tmp_path, n=12)
+    with SilentServer() as server:
+        with pytest.raises(UserError, match=r"^--judge openai at http://127\.0\.0\.1:\d+/v1 accepted the connection but "
+                                            r"sent no answer in 1 s \(--request_timeout\), and has answered no request "
+                                            r"yet: check that its server is up"):
+            label(tmp_path, server, "--request_timeout", "1", "--max_retries", "3", "--parallel", "2")
+        assert server.connections <= 2  # the two requests under way: none retried, no other sent
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"what is {i} + {i}?"} for i in range(6)])
+    with SilentServer() as server:
+        with pytest.raises(UserError, match=r"^generator openai:m at http://127\.0\.0\.1:\d+/v1 accepted the connection but sent "
+                                            r"no answer in 1 s"):
+            run_script("label.py", "--prompts", "prompts.jsonl", "--model_a", "openai:m", "--model_b", "openai:n",
+                       "--generation_base_url", server.base_url, "--request_timeout", "1", "--parallel", "1",
+                       "--judge", "python:alignkit.modeling.presets:rule_judge", "--output", "gen.jsonl", cwd=tmp_path)
+        assert server.connections == 1
 
 
 def test_a_python_judge_that_breaks_its_contract_is_named_in_one_line(tmp_path, alignkit_log):

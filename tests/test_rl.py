@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_script
-from openai_server import Fault, FakeOpenAI
+from openai_server import Fault, FakeOpenAI, SilentServer
 
 
 def _rates(model_id: str) -> tuple[float, float]:
@@ -102,8 +102,8 @@ def test_reference_pass_keeps_the_sft_adapter(rl_run):
 def _judge_settings(server, tmp_path, **extra):
     from alignkit.core.config import RLSettings
 
-    return RLSettings(reward=["judge"], judge_base_url=server.base_url, judge_model="judge", max_retries=1,
-                      request_timeout=5, parallel=4, judge_cache=str(tmp_path / "cache"), **extra)
+    return RLSettings(**{"reward": ["judge"], "judge_base_url": server.base_url, "judge_model": "judge", "max_retries": 1,
+                         "request_timeout": 5, "parallel": 4, "judge_cache": str(tmp_path / "cache"), **extra})
 
 
 def _faulty(body):
@@ -141,6 +141,23 @@ def test_judge_reward_counts_failures_and_never_scores_them(tmp_path):
         reward.close()
     records = [json.loads(line) for line in (tmp_path / "cache" / "judgments.jsonl").read_text().splitlines()]
     assert len(records) == 3 and sum(r["verdict"] is None for r in records) == 1
+
+
+def test_a_judge_that_never_answers_stops_training_in_one_line(tmp_path):
+    """A silent judge left every completion unscored after --max_retries timeouts per request, every step: its first
+    timeout now stops the run, naming --request_timeout."""
+    from alignkit.core.errors import UserError
+    from alignkit.train.rl_rewards import JudgeReward
+
+    prompts = [[{"role": "user", "content": "name three fruits."}]] * 4
+    completions = [[{"role": "assistant", "content": a}] for a in ("apple.", "pear.", "plum.", "mango.")]
+    with SilentServer() as server:
+        reward = JudgeReward(_judge_settings(server, tmp_path, request_timeout=1, max_retries=3, parallel=2),
+                             tmp_path / "cache")
+        with pytest.raises(UserError, match=r"accepted the connection but sent no answer in 1 s \(--request_timeout\)"):
+            reward(prompts, completions)
+        assert server.connections <= 2
+        reward.close()
 
 
 def test_each_process_of_a_launch_keeps_its_own_judgments_and_reads_all_of_them(tmp_path, monkeypatch):

@@ -166,7 +166,7 @@ class JudgeEndpointSettings:
     judge_api_key_env: str = setting("OPENAI_API_KEY", "NAME of the variable holding the judge's API key")
     parallel: int = setting(8, "concurrent requests to the judge (and to label.py's generator endpoints)")
     max_retries: int = setting(5, "retries of a request on 429, 5xx, timeouts (the client's exponential backoff, "
-                                  "Retry-After)")
+                                  "Retry-After); a timeout before the endpoint's first answer stops the run")
     request_timeout: float = setting(120.0, "seconds before one request attempt times out")
 
     def __post_init__(self):

@@ -2,7 +2,11 @@
 
 The official `openai` client (>= 1) already retries 429s, 5xx answers, connection errors and timeouts with
 exponential backoff, honouring Retry-After; `max_retries` bounds it. What this adds: the key from a named
-variable, checked before any work starts; no key needed for a local server; and usage counted per call.
+variable, checked before any work starts; no key needed for a local server; usage counted per call; and an
+endpoint that never answers is found at its first timeout: until the endpoint has sent any answer, a timeout is
+not retried, and the run stops in one line (`EndpointSilent`). Retrying a silent server (a proxy that accepts
+and forwards nowhere, a server still loading, a wrong port that holds connections open) cost --request_timeout
+times (--max_retries + 1) per request, about 12 minutes at the defaults, before the first failure was even counted.
 """
 
 from __future__ import annotations
@@ -57,6 +61,58 @@ def endpoint_key(api_key_env: str = "OPENAI_API_KEY", base_url: str | None = Non
     return api_key, base_url
 
 
+class EndpointSilent(UserError):
+    """The endpoint has not answered any request, and one timed out: every request would wait as long, so the run
+    stops (nothing done is lost) rather than retry each."""
+
+
+def watched_http_client(what: str, where: str, timeout: float):
+    """The openai client's HTTP client (httpx, or httpx2 for openai >= 3), whose transport knows whether the endpoint
+    has answered at all. Before its first answer a timeout raises at once, and so does every later attempt (the
+    client's own retries included), so no request waits again on a server known silent. After any answer, even an
+    error status, the server is alive: a timeout then is retried as the client always did."""
+    import sys
+
+    import openai
+
+    client_class = openai.DefaultHttpxClient
+    httpx = sys.modules[next(c for c in client_class.__mro__ if c.__name__ == "Client").__module__.split(".")[0]]
+    state = {"answered": False, "silent": None}
+
+    class Silent(openai.OpenAIError):  # an OpenAIError: the client passes it on without retrying (openai >= 2)
+        pass
+
+    class Transport(httpx.HTTPTransport):
+        def handle_request(self, request):
+            if state["silent"] and not state["answered"]:
+                raise Silent(state["silent"])
+            try:
+                response = super().handle_request(request)
+            except httpx.TimeoutException as error:
+                if state["answered"]:
+                    raise
+                how = "accepted no connection" if isinstance(error, httpx.ConnectTimeout) else \
+                    "accepted the connection but sent no answer"
+                state["silent"] = (f"{what} at {where} {how} in {timeout:g} s "
+                                   "(--request_timeout), and has answered no request yet")
+                raise Silent(state["silent"]) from None
+            state["answered"] = True
+            return response
+
+    return client_class(transport=Transport()), Silent
+
+
+def endpoint_silent(error: Exception, silent: type) -> EndpointSilent | None:
+    """The one line for `error` if it is watched_http_client's `silent` (older openai clients wrap it in an
+    APIConnectionError, after instant retries), else None."""
+    found = next((e for e in (error, error.__cause__) if isinstance(e, silent)), None)
+    if found is None:
+        return None
+    return EndpointSilent(f"{found}: check that its server is up and serving (its log shows each request; a model "
+                          "may still be loading), its URL and port, or raise --request_timeout for a slow model; then "
+                          "run the same command again (what is done is kept)")
+
+
 class ChatClient:
     """`complete(messages)` -> the answer's text, through `openai.OpenAI(...).chat.completions.create`."""
 
@@ -67,15 +123,24 @@ class ChatClient:
 
         api_key, base_url = endpoint_key(api_key_env, base_url, what)
         self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
-        self.client = OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout)
+        named = what.split(" (--")[0]  # "generator openai:m (--generation_api_key_env)": the key is not the point
+        http_client, self._silent = watched_http_client(named, base_url or "https://api.openai.com/v1", timeout)
+        self.client = OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout,
+                             http_client=http_client)
         self.usage = Usage()
 
     def complete(self, messages: list[dict], **kwargs) -> str:
-        response = self.client.chat.completions.create(
-            model=self.model, messages=openai_messages(messages),
-            temperature=kwargs.pop("temperature", self.temperature),
-            max_tokens=kwargs.pop("max_tokens", self.max_tokens), **kwargs,
-        )
+        try:
+            response = self.client.chat.completions.create(
+                model=self.model, messages=openai_messages(messages),
+                temperature=kwargs.pop("temperature", self.temperature),
+                max_tokens=kwargs.pop("max_tokens", self.max_tokens), **kwargs,
+            )
+        except Exception as error:
+            said = endpoint_silent(error, self._silent)
+            if said is None:
+                raise
+            raise said from None
         choices = getattr(response, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:  # a web page, a proxy's error, no JSON
             shown = " ".join(str(response).split())[:120]
@@ -154,6 +219,8 @@ class FirstFailures:
             self.succeeded += 1
 
     def failed(self, error: Exception) -> None:
+        if isinstance(error, EndpointSilent):  # already its own line: no request would be answered
+            raise error
         with self._lock:
             self.failures.append(error)
             left = self.total - self.succeeded - len(self.failures)

@@ -153,6 +153,7 @@ class LoggedCompletions:
 
     def __init__(self, path, client: dict, parallel: int = 1, fn=None):
         from alignkit.core.journal import read_jsonl
+        from alignkit.core.llm import watched_http_client
 
         if fn is None:
             load_package()
@@ -162,13 +163,27 @@ class LoggedCompletions:
                                                                  repair_tail=True) if "key" in row}
         self.sent = self.reused = self.failed = 0
         self._lock = threading.Lock()
+        # A judge that never answers stops the run at its first timeout (alignkit.core.llm), not after
+        # --max_retries timeouts per request; the HTTP client is shared by alpaca_eval's client for every call.
+        kwargs = client.get("client_kwargs", {})
+        self._http, self._silent = watched_http_client("the judge", client["openai_api_base"],
+                                                       kwargs.get("timeout", 120.0))
 
     def key(self, prompt: str, kwargs: dict) -> str:
         decoding = {k: v for k, v in kwargs.items() if k not in ("num_procs",)}  # concurrency changes no answer
         return _canonical_hash({"prompt": prompt, "base_url": self.client["openai_api_base"], "decoding": decoding})
 
     def _ask(self, prompt: str, key: str, kwargs: dict) -> dict:
-        out = self.fn([prompt], **{**kwargs, "num_procs": 1}, **self.client)
+        from alignkit.core.llm import endpoint_silent
+
+        client = {**self.client, "client_kwargs": {**self.client.get("client_kwargs", {}), "http_client": self._http}}
+        try:
+            out = self.fn([prompt], **{**kwargs, "num_procs": 1}, **client)
+        except Exception as error:
+            said = endpoint_silent(error, self._silent)
+            if said is None:
+                raise
+            raise said from None
         record = {"key": key, **{k: v[0] for k, v in out.items()}, "tstamp": time.time()}
         with self._lock:
             if record.get("completions") == _FAILED:

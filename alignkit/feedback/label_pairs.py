@@ -92,9 +92,9 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
                 if judge.fatal(result):
                     raise EndpointRefused(f"the judge refused the request: {redact(str(result))}. Check the API key, "
                                        "--judge_base_url (it usually ends in /v1) and --judge_model.") from None
+                watch.failed(result)  # may stop the run, in its own line
                 run.errors[request.key] = result
                 report_failure(result, "judge request", len(run.errors))
-                watch.failed(result)
             else:
                 watch.ok()
                 run.judgments.append({"key": request.key, "judge": judge.name, "verdict": parse_verdict(result),

@@ -392,9 +392,9 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
         try:
             for (si, pi, key), text in stream:
                 if isinstance(text, Exception):
+                    watch.failed(text)  # may stop the run, in its own line
                     run.stats["generation errors"] += 1
                     report_failure(text, "generation request", run.stats["generation errors"])
-                    watch.failed(text)
                 else:
                     watch.ok()
                     run.responses.append({"key": key, "source": run.sources[si].name, "text": text})

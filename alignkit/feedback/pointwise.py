@@ -146,9 +146,8 @@ def grade(run, grader: Grader, prompts, table) -> dict:
         try:
             for item, result in stream:
                 if isinstance(result, Exception):
-                    logger.warning(f"grading failed ({len(watch.failures) + 1} so far; the next run retries): "
-                                   f"{result}")
-                    watch.failed(result)
+                    watch.failed(result)  # may stop the run, in its own line
+                    logger.warning(f"grading failed ({len(watch.failures)} so far; the next run retries): {result}")
                 else:
                     watch.ok()
                     grades.append({"key": item.key, "grade": None if result is None else float(result)})

@@ -271,6 +271,7 @@ class JudgeReward:
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
         from alignkit.core.journal import threaded
+        from alignkit.core.llm import EndpointSilent
         from alignkit.feedback.judge import is_fatal
 
         per_row, needed = [], {}
@@ -287,6 +288,8 @@ class JudgeReward:
         self.stats["cached"] += sum(len(k) for k in per_row) - len(needed)
         for (key, _), result in threaded(self._ask, needed.values(), self.s.parallel):
             if isinstance(result, Exception):
+                if isinstance(result, EndpointSilent):  # its own line: no request would be answered
+                    raise result
                 if is_fatal(result):
                     raise EndpointRefused(f"the judge refused the request: {redact(str(result))}. Check the API key, "
                                        "--judge_base_url (it usually ends in /v1) and --judge_model.") from None
