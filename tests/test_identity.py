@@ -135,6 +135,22 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
     assert identity.model_identity(with_template) != before
 
 
+def test_an_upgrade_of_a_library_that_computes_the_outputs_is_another_model_in_every_cache(tiny_cache, monkeypatch):
+    """Answers made under transformers X were reused under transformers Y (a fixed attention mask, another sampling
+    default change an answer): the versions of the libraries that compute the outputs count, the engine's own where
+    it runs, and a library that computes nothing here (vLLM under transformers) does not."""
+    base = GenerationSettings(model_id=presets.paths()["model"])
+    installed = dict(identity._installed())
+    assert {"torch", "transformers", "peft"} <= set(installed)
+    before, under_vllm = keys(base), identity.model_identity(base, "vllm")
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "gguf"):
+        monkeypatch.setattr(identity, "_installed", lambda: {**installed, name: "99.0"})
+        assert differ(before, keys(base)) == [], name  # every cache answers again
+    monkeypatch.setattr(identity, "_installed", lambda: {**installed, "vllm": "99.0"})
+    assert keys(base) == before  # vLLM computes nothing under transformers
+    assert identity.model_identity(base, "vllm") != under_vllm
+
+
 def test_two_gguf_files_of_one_folder_are_two_models_in_every_cache(tiny_cache, tmp_path):
     (tmp_path / "model-Q2_K.gguf").write_bytes(b"q2 weights")
     (tmp_path / "model-Q8_0.gguf").write_bytes(b"q8 weights")

@@ -16,10 +16,14 @@ it plus its own inputs (prompt, sampling, template) and never lists loader field
 - `backend`: the generation engine (vLLM and transformers sample differently), when the caller has one.
 - `hardware`: the device class and the optional kernels installed, the inputs of every `auto` choice (dtype,
   attention, quantization, Liger): a cache made on a CPU in fp32 is not reused on a GPU in 4-bit.
+- `libraries`: the installed versions of the libraries that compute the outputs (`LIBRARIES`, and the engine's
+  own, `ENGINE_LIBRARIES`): an upgrade can change an answer (a fixed attention mask or rotary scaling, another
+  sampling default, a new kernel), so an answer made under other versions is made again.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -51,6 +55,12 @@ ENGINE_ONLY = {
     "backend": "the engine that runs counts instead: auto and the engine it resolves to are one",
     "max_model_len": "it sizes vLLM's context: it counts under vLLM only",
 }
+
+# The libraries whose versions count (distribution names; one not installed is left out): the ones that compute a
+# model's outputs on every engine (torch's kernels, the model classes, the adapters, 4-bit layers, the optional
+# kernels, the GGUF reader that dequantizes a .gguf file), and the engine's own where it runs.
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "flash-attn", "liger-kernel", "gguf")
+ENGINE_LIBRARIES = {"vllm": ("vllm",)}
 
 # Files in a model folder that no loader reads: a change to them is not a new model.
 _NOT_READ = re.compile(r"(\.png|\.log|\.lock)$|^(README\.md|FAILED|alignkit_evals\.json|\.)", re.IGNORECASE)
@@ -231,6 +241,26 @@ def hardware() -> str:
     return "+".join([device, *kernels])
 
 
+@functools.cache
+def _installed() -> dict[str, str]:
+    """{distribution: version} of LIBRARIES and every ENGINE_LIBRARIES entry that is installed (read once)."""
+    from importlib import metadata
+
+    out = {}
+    for name in (*LIBRARIES, *(n for names in ENGINE_LIBRARIES.values() for n in names)):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def libraries(backend: str | None) -> dict[str, str]:
+    """The versions that count for a model run by `backend` (see LIBRARIES)."""
+    names = (*LIBRARIES, *ENGINE_LIBRARIES.get(backend or "", ()))
+    return {name: version for name, version in _installed().items() if name in names}
+
+
 def loader_fields(s) -> dict:
     """The loader settings of `s` that can change its outputs: every field of the loader groups it carries
     (ModelSettings, GenerationSettings) but the INERT ones; the chat template by its text."""
@@ -277,7 +307,7 @@ def model_identity(s, backend: str | None = None) -> dict:
         if loader.get("use_liger") == "true" or loader.get("use_liger") == "false" and not _liger_runs():
             loader["use_liger"] = "auto"
     return {"loader": loader, "chain": chain_identity(s.model_id, s.revision, s.gguf_file),
-            "backend": backend, "hardware": hardware()}
+            "backend": backend, "hardware": hardware(), "libraries": libraries(backend)}
 
 
 def identity_key(s, backend: str | None = None) -> str:
