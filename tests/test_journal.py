@@ -347,6 +347,48 @@ def test_a_run_moved_aside_twice_in_one_second_lands_beside_the_first_not_inside
     assert free_name(tmp_path, "leaderboard-k", ".csv") == tmp_path / "leaderboard-k-2.csv"
 
 
+def test_settings_set_back_resume_their_run_moved_aside_instead_of_training_it_again(tmp_path, alignkit_log):
+    """Run A, then B in the same folder (A moved to NAME.previous-TIME), then A's command again: A was trained again
+    from scratch beside its finished copy. It is moved back in place (B aside in turn) and resumes from its last
+    checkpoint; other rows, --resume false or a run aside without a checkpoint train anew."""
+    from datasets import Dataset
+
+    from alignkit.core.config import SFTSettings
+    from alignkit.train import run_folder
+
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    other_rows = Dataset.from_list([{"messages": [{"role": "user", "content": "q"},
+                                                  {"role": "assistant", "content": "b"}]}])
+    common = dict(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="run")
+    a, b = SFTSettings(**common, learning_rate=1e-3), SFTSettings(**common, learning_rate=2e-3)
+
+    def train(s, data, made: str):
+        folder, resume_from = run_folder.prepare_run(s, "sft", data, None)
+        with run_folder.start_run(s, folder, resume_from, None, (data, None)):
+            if resume_from is None:  # what TRL and the script would write
+                (folder / "checkpoint-2").mkdir()
+                (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
+                (folder / "adapter_model.safetensors").write_text(made)
+        return folder, resume_from
+
+    folder, _ = train(a, rows, "A")
+    assert train(b, rows, "B")[1] is None  # other settings: A goes aside
+    assert (folder / "adapter_model.safetensors").read_text() == "B"
+    _, resumed = train(a, rows, "A again")  # A's settings back: A itself, not a second A
+    assert resumed == str(folder / "checkpoint-2")
+    assert (folder / "adapter_model.safetensors").read_text() == "A"
+    aside = sorted(tmp_path.glob("run.previous-*"))
+    assert [(p / "adapter_model.safetensors").read_text() for p in aside] == ["B"]  # nothing lost, nothing doubled
+    assert re.search(r"run\.previous-\S+ holds a run with these settings and inputs \(moved aside by a run with "
+                     r"others\): moved it back to .*run, resuming from checkpoint-2; the run that was there is in ",
+                     alignkit_log.text)
+    assert run_folder.prepare_run(b, "sft", rows, None)[1] == str(folder / "checkpoint-2")  # and B back the same way
+    run_folder.run_locks.release(folder)
+    run_folder.cell_checks.forget(folder)
+    assert train(a, other_rows, "A on other rows")[1] is None  # the rows differ: another run, trained anew
+    assert train(SFTSettings(**common, learning_rate=1e-3, resume="false"), rows, "A anew")[1] is None
+
+
 def test_a_run_killed_before_its_first_checkpoint_gives_the_earlier_run_back_at_the_next_command(tmp_path,
                                                                                                   alignkit_log):
     """A SIGKILL (the host's OOM killer) between the claim and the first checkpoint runs no `except`: the new

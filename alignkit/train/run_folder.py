@@ -11,6 +11,11 @@ after the settings, the data, the model and the trainer have all been checked. A
 moved aside then (`NAME.previous-TIME`); if the new run fails before its first checkpoint, its folder is removed
 and the earlier run goes back in place (after a kill, at the next command: `alignkit_claim.json`). A run that
 fails later keeps its checkpoints, marked by `alignkit_failed.txt`, for `--resume auto` to continue.
+
+Settings set back find their run: under `--resume auto`, a run moved aside whose settings, inputs and rows match
+this one's (the newest such `NAME.previous-TIME` with a checkpoint) is moved back in place when the run starts,
+the run there going aside in turn, and resumes from its last checkpoint (a finished run trains no further step),
+rather than train the same run again. Not for LoTA (its mask is read from the folder before the run starts).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import re
 import shutil
 import time
+from glob import escape as glob_escape
 from pathlib import Path
 
 import torch
@@ -116,11 +122,15 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
         raise UserError(busy)
     found = checkpoints(folder, say=_first_process()) if folder.is_dir() else []
     resume = s.resume == "true" or (s.resume == "auto" and found and not _changed(folder, s))
+    _RESTORE.pop(folder.resolve(), None)
+    if not resume and s.resume == "auto" and (earlier := _same_run_aside(folder, s)):  # start_run moves it back
+        _RESTORE[folder.resolve()], found, resume = earlier, checkpoints(earlier), True
     if s.resume == "true" and found:
         _check_below(folder, s)
         _resume_over_changes(folder, s, found[-1].name)
     checkpoint = found[-1].name if resume and found else None
-    views = every_process(checkpoint)
+    views = every_process(f"{_RESTORE[folder.resolve()].name}/{checkpoint}" if folder.resolve() in _RESTORE
+                          else checkpoint)
     if differing := [rank for rank, other in enumerate(views) if other != views[0]]:
         said = [f"{view} to resume from" if view else "no checkpoint to resume from" for view in views]
         rank = differing[0]
@@ -131,6 +141,28 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     resume_from = str(folder / checkpoint) if checkpoint else None
     cell_checks.remember(s, folder, resume_from, data)
     return folder, resume_from
+
+
+_RESTORE: dict[Path, Path] = {}  # folder -> the run moved aside that this run resumes, moved back by start_run
+
+
+def _same_run_aside(folder: Path, s) -> Path | None:
+    """The newest run moved aside from `folder` (NAME.previous-TIME) that holds a checkpoint and was trained with
+    these settings, inputs and rows: the run these settings would resume, had it stayed in place."""
+    if getattr(s, "adapter", "lora") == "lota":
+        return None
+    rows = _ROWS.get(folder.resolve())
+    for earlier in sorted(folder.parent.glob(f"{glob_escape(folder.name)}.previous-*"), reverse=True):
+        if not earlier.is_dir() or not checkpoints(earlier):
+            continue
+        if rows is not None:  # compared as the folder's own: _changed reads the rows by folder
+            _ROWS[earlier.resolve()] = rows
+        try:
+            if not _changed(earlier, s):
+                return earlier
+        finally:
+            _ROWS.pop(earlier.resolve(), None)
+    return None
 
 
 def _first_process() -> bool:
@@ -354,6 +386,8 @@ def check_trained(folder: Path, s=None) -> None:
 
 def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
     aside = None
+    if earlier := _RESTORE.pop(folder.resolve(), None):
+        return _move_back(s, folder, earlier, resume_from)
     if resume_from:
         logger.info(f"resuming from {resume_from}")
     elif _holds_work(folder):
@@ -376,6 +410,25 @@ def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
         if aside and Path(aside).exists():
             _release(folder, aside, error)
         raise
+    return aside
+
+
+def _move_back(s, folder: Path, earlier: Path, resume_from: str) -> Path | None:
+    """Settings set back: the run moved aside that they trained (prepare_run's `_same_run_aside`) goes back in place,
+    and what is in the folder now goes aside (an empty folder is removed). Returns where that went."""
+    aside = None
+    if folder.exists() and (_holds_work(folder) or any(folder.iterdir())):
+        aside = free_name(folder.parent, f"{folder.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(folder), aside)
+    elif folder.exists():
+        folder.rmdir()
+    shutil.move(str(earlier), folder)
+    logger.info(f"{earlier} holds a run with these settings and inputs (moved aside by a run with others): moved "
+                f"it back to {folder}, resuming from {Path(resume_from).name}" + (
+                    f"; the run that was there is in {aside}" if aside else "") + " (--resume false trains anew)")
+    for stale in (FAILED_FILE, CLAIM_FILE):  # how it ended then, and where its own earlier run went: history now
+        (folder / stale).unlink(missing_ok=True)
+    save_run_config(s, folder / CONFIG_FILE)
     return aside
 
 
