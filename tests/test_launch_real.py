@@ -116,6 +116,19 @@ def test_sft_on_two_processes(sft_adapter):
     assert (sft_adapter / "adapter_model.safetensors").is_file()
 
 
+def test_sft_in_8bit_on_two_processes(cache, runs):
+    """--quantization 8bit under DDP (the support matrix said "not proven at 2 processes"): LLM.int8 layers on
+    each rank, the run finished on both, and bitsandbytes' cast notice once per process, not on every forward (18
+    lines for two tiny steps)."""
+    output = accelerate_launch(["sft.py", *TINY, "--quantization", "8bit", "--output_dir", str(runs), "--run_name",
+                                "sft-8bit"], cache)
+    assert output.count("launch: DDP, 2 processes") == 2
+    finished(runs / "sft-8bit")
+    assert json.loads((runs / "sft-8bit" / "alignkit_config.json").read_text())["loaded_as"]["quantization"] == "8bit"
+    assert (runs / "sft-8bit" / "adapter_model.safetensors").is_file()
+    assert output.count("MatMul8bitLt: inputs will be cast") == 2, output.count("MatMul8bitLt")
+
+
 @pytest.fixture(scope="module")
 def dpo_run(sft_adapter, cache, runs):
     """dpo.py (QLoRA) over the SFT adapter on two processes, once, with its default loss (sigmoid: alignkit's own;

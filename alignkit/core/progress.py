@@ -24,6 +24,7 @@ bars and drops a transformers warning TRL triggers on every step.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -97,7 +98,25 @@ def quiet_library_noise() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
+    # bitsandbytes logs this on every forward of every 8-bit layer (18 lines for two tiny steps): once is the news.
+    said_once = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Once) for f in said_once.filters):
+        said_once.addFilter(_Once("MatMul8bitLt: inputs will be cast"))
     apply_to_libraries()  # datasets'/transformers' bars: on in a terminal or a notebook, off in CI logs
+
+
+class _Once(logging.Filter):
+    """Lets a log record starting with `prefix` through once per process."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.said = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        said, self.said = self.said, True
+        return not said
 
 
 class Progress:
