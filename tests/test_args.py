@@ -158,6 +158,24 @@ def test_preset_is_only_a_default(tmp_path):
     assert parse(["--preset", "small"], overrides={"preset": "big"}, presets=PRESETS).max_steps == 1000
 
 
+def test_a_preset_s_step_count_yields_to_the_epochs_the_user_gave(tmp_path):
+    """rl.py's tiny preset sets max_steps 60, which the Trainer counts over epochs: `--num_train_epochs 1` trained
+    60 steps (about 4 epochs) without a word (found by an audit). The user's epochs win, from any layer; their own
+    --max_steps still wins over their epochs, as in the Trainer."""
+    from alignkit.core.config import RLSettings
+    from alignkit.modeling import presets
+
+    def rl(*args, **kw):
+        return parse_config(RLSettings, env_file=None, presets={"tiny": presets.defaults("rl")},
+                            args=["--preset", "tiny", *args], **kw)
+
+    assert rl().max_steps == 60
+    assert (rl("--num_train_epochs", "1").max_steps, rl("--num_train_epochs", "1").num_train_epochs) == (-1, 1.0)
+    assert rl("--config", write(tmp_path / "r.yaml", "num_train_epochs: 2\n")).max_steps == -1
+    assert rl(overrides={"num_train_epochs": 2}).max_steps == -1
+    assert rl("--num_train_epochs", "1", "--max_steps", "5").max_steps == 5
+
+
 # ---------------------------------------------------------------- value forms
 @pytest.mark.parametrize("args, expected", [
     (["--bf16"], True), (["--bf16", "false"], False), (["--bf16", "YES"], True), (["--bf16", "0"], False),

@@ -541,13 +541,31 @@ def test_what_would_train_nothing_or_fail_after_the_load_is_refused_first(tiny_c
         return parse_config(RLSettings, env_file=None, presets={"tiny": presets.defaults("rl")},
                             args=["--preset", "tiny", "--output_dir", str(tmp_path), *args])
 
-    with pytest.raises(ConfigError, match=r"prompts.jsonl: 2 prompts, but each step samples 4 distinct ones "
-                                          r"\(--per_device_train_batch_size 32 x --gradient_accumulation_steps 1 x 1 "
-                                          r"processes / --num_generations 8\): give more prompts"):
+    with pytest.raises(ConfigError, match=r"prompts.jsonl: 2 prompts, but each generation samples 4 distinct ones "
+                                          r"\(TRL's generation_batch_size 32 = per_device_train_batch_size 32 x 1 "
+                                          r"process x gradient_accumulation_steps 1, / --num_generations 8\): give more "
+                                          r"prompts"):
         load_prompt_dataset(settings("--max_prompts", "2"))
     assert len(load_prompt_dataset(settings("--max_prompts", "4"))) == 4
-    with pytest.raises(ConfigError, match=r"per_device_train_batch_size x gradient_accumulation_steps x processes "
-                                          r"\(3\) must be a multiple of num_generations \(4\)"):
+    with pytest.raises(ConfigError, match=r"TRL's generation_batch_size \(3 = per_device_train_batch_size 3 x 1 "
+                                          r"process x gradient_accumulation_steps 1\) must be a multiple of "
+                                          r"num_generations \(4\)"):
         settings("--per_device_train_batch_size", "3", "--num_generations", "4")
+    # TRL's own ways to a larger generation (found by an audit): --steps_per_generation 20 made one generation of 80
+    # prompts from 64, and trained 0 steps with exit status 0 and an untrained adapter; a batch of 4 with 2 steps per
+    # generation is a group of 8, which TRL takes (it was refused); --generation_batch_size 12 over a batch of 8 was
+    # refused by TRL after the model loaded.
+    with pytest.raises(ConfigError, match=r"prompts.jsonl: 64 prompts, but each generation samples 80 distinct ones "
+                                          r"\(TRL's generation_batch_size 640 = per_device_train_batch_size 32 x 1 "
+                                          r"process x steps_per_generation 20, / --num_generations 8\)"):
+        load_prompt_dataset(settings("--steps_per_generation", "20"))
+    grouped = settings("--per_device_train_batch_size", "4", "--num_generations", "8", "--steps_per_generation", "2")
+    assert grouped.generation_batch()[0] == 8
+    assert settings("--generation_batch_size", "64").generation_batch() == (64, "--generation_batch_size")
+    with pytest.raises(ConfigError, match=r"^generation_batch_size \(12\) must be a multiple of "
+                                          r"per_device_train_batch_size x processes \(8\)"):
+        settings("--per_device_train_batch_size", "8", "--generation_batch_size", "12")
+    with pytest.raises(ConfigError, match=r"^generation_batch_size and steps_per_generation cannot both be set"):
+        settings("--generation_batch_size", "64", "--steps_per_generation", "2")
     with pytest.raises(ConfigError, match=r"temperature must be > 0"):
         settings("--temperature", "0")

@@ -326,6 +326,11 @@ def _translate(vocab, layer, where, fields, label):
 _FROM_DOTENV: dict[str, str] = {}
 
 
+# A preset's setting that would override another one the user gave: it yields (back to its own default). The
+# Trainer counts --max_steps over --num_train_epochs, so the tiny rl preset's 60 steps overrode `--num_train_epochs 1`.
+PRESET_YIELDS = {"max_steps": "num_train_epochs"}
+
+
 def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, prog=None, description=None):
     """Build an instance of dataclass ``cls`` from all layers (see module docstring)."""
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
@@ -434,6 +439,9 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
             values[n], given[n] = value, kind
     if bad:
         raise next(iter(bad.values()))
+    for ours, theirs in PRESET_YIELDS.items():  # a preset only sets defaults, these included
+        if ours in preset_keys and ours not in given and theirs in given and ours in fields:
+            values[ours] = field_defaults(cls)[ours]
     if vocab is not None:
         vocab.finish(values, given, recipe_keys=set(recipe), raw_recipe_keys=set(raw_recipe), preset_keys=preset_keys)
     for n in (n for n in fields if n not in values):

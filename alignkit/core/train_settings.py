@@ -214,22 +214,42 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
         if self.temperature <= 0:  # TRL samples every rollout: transformers refused 0 after the model loaded
             raise ValueError(f"temperature must be > 0 (each prompt's completions are sampled; their differences are "
                              f"what GRPO/RLOO learn from), got {self.temperature}")
-        per_step = self.completions_per_step()
-        if per_step % self.num_generations:  # TRL's line named its generation_batch_size, after the model loaded
-            raise ValueError(f"per_device_train_batch_size x gradient_accumulation_steps x processes ({per_step}) must "
-                             f"be a multiple of num_generations ({self.num_generations}): each step samples whole "
-                             "groups of one prompt's completions; change either")
+        per_generation, how = self.generation_batch()
+        if per_generation % self.num_generations:  # TRL's line came after the model loaded
+            raise ValueError(f"TRL's generation_batch_size ({per_generation} = {how}) must be a multiple of "
+                             f"num_generations ({self.num_generations}): each generation samples whole groups of one "
+                             "prompt's completions; change --num_generations, or the batch (--per_device_train_batch_"
+                             "size, --steps_per_generation or --generation_batch_size)")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward)} rewards "
                              f"{self.reward}")
         if "judge" in self.reward and self.judge_mode == "pairwise" and not self.reference_completions:
             raise ValueError("--judge_mode pairwise needs --reference_completions FILE (prompt + response rows)")
 
-    def completions_per_step(self) -> int:
-        """The completions one step samples over every process (TRL's generation_batch_size)."""
+    def generation_batch(self) -> tuple[int, str]:
+        """(TRL's generation_batch_size, how it comes about): the completions one generation samples over every
+        process, as GRPOConfig and RLOOConfig derive it (their __post_init__): --generation_batch_size as given, a
+        multiple of the global batch; else per_device_train_batch_size x processes x steps_per_generation, which is
+        gradient_accumulation_steps unless given. Refuses what TRL would refuse after the model loaded."""
         from alignkit.core.launch import world_size
 
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size()
+        overrides = self.trainer_overrides if isinstance(self.trainer_overrides, dict) else {}
+        given, steps = overrides.get("generation_batch_size"), overrides.get("steps_per_generation")
+        processes = world_size()
+        global_batch = self.per_device_train_batch_size * processes
+        if given is not None and steps is not None:
+            raise ValueError("generation_batch_size and steps_per_generation cannot both be set (TRL derives each from "
+                             "the other): drop one")
+        if given is not None:
+            if int(given) % global_batch:
+                raise ValueError(f"generation_batch_size ({given}) must be a multiple of per_device_train_batch_size x "
+                                 f"processes ({global_batch}): TRL trains each generation in whole batches; change "
+                                 "either, or give --steps_per_generation instead")
+            return int(given), "--generation_batch_size"
+        named = "steps_per_generation" if steps is not None else "gradient_accumulation_steps"
+        steps = int(steps) if steps is not None else self.gradient_accumulation_steps
+        return global_batch * steps, (f"per_device_train_batch_size {self.per_device_train_batch_size} x {processes} "
+                                      f"process{'es' if processes != 1 else ''} x {named} {steps}")
 
 
 # ---------------------------------------------------------------- rlaif.py

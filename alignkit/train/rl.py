@@ -52,15 +52,13 @@ def check_enough_prompts(s, n: int) -> None:
     """As many prompts as one step samples: TRL's sampler takes whole batches of distinct prompts (each repeated
     --num_generations times) and drops a short one, so fewer prompts trained 0 steps and saved an untrained adapter
     with exit status 0."""
-    from alignkit.core.launch import world_size
-
-    needed = s.completions_per_step() // s.num_generations
+    per_generation, how = s.generation_batch()
+    needed = per_generation // s.num_generations
     if n < needed:
-        raise ConfigError(f"{s.dataset_id}: {n} prompt{'s' if n != 1 else ''}, but each step samples {needed} distinct "
-                          f"ones (--per_device_train_batch_size {s.per_device_train_batch_size} x "
-                          f"--gradient_accumulation_steps {s.gradient_accumulation_steps} x {world_size()} processes "
-                          f"/ --num_generations {s.num_generations}): give more prompts (--max_prompts), or lower "
-                          "--per_device_train_batch_size")
+        raise ConfigError(f"{s.dataset_id}: {n} prompt{'s' if n != 1 else ''}, but each generation samples {needed} "
+                          f"distinct ones (TRL's generation_batch_size {per_generation} = {how}, / --num_generations "
+                          f"{s.num_generations}): give more prompts (--max_prompts), or a smaller batch "
+                          "(--per_device_train_batch_size, --steps_per_generation, --generation_batch_size)")
 
 
 def load_prompt_dataset(s):
