@@ -240,6 +240,21 @@ def test_a_judge_that_never_answers_stops_alpaca_eval_at_its_first_timeout(tiny_
         assert server.connections <= 2
 
 
+def test_a_missing_model_is_refused_before_the_reference_model_generates(tiny_set, tmp_path, monkeypatch):
+    """--reference_model generated every output before --model_id was found missing (found by an audit of
+    evaluate.py's MT-Bench, which had the same gap): both are checked first."""
+    from alignkit.core.errors import UserError
+
+    model, eval_set, _ = tiny_set
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"^model not found: /nowhere/m is no local folder"):
+        run_script("evaluate.py", "alpaca_eval", "--model_id", "/nowhere/m", "--reference_model", model,
+                   "--eval_set", str(eval_set), "--max_instances", "4", "--judge_model", "judge-x",
+                   "--judge_base_url", "http://127.0.0.1:9/v1", "--max_new_tokens", "8", "--output_dir", str(out))
+    assert not list(out.glob("model_outputs/*.jsonl"))  # the reference generated nothing
+
+
 def test_a_kill_during_generation_resumes_with_the_finished_batches(tiny_set, tmp_path, monkeypatch):
     import alignkit.modeling.generation as generation
 

@@ -517,6 +517,49 @@ def test_pairwise_on_own_prompts_with_an_llm_judge(mt_data, tmp_path):
     assert list(run["pairs"][0]["by_category"]) == ["writing", "math", "prompts"]
 
 
+def test_a_missing_model_is_refused_before_the_first_model_answers(sft_run, tmp_path):
+    """A model path that is not there was found at its turn, after the models before it had answered every
+    question (minutes of a 7B model on a GPU; found by an audit). Every model that will answer is checked first; one
+    whose answers are all there need not be (its folder may be gone)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("name three fruits.", "Hi!")))
+    write_answers(tmp_path, "alpha", ["1", "2"], "ALPHA")
+    with pytest.raises(UserError, match=r"^model not found: /nowhere/beta is no local folder"):
+        run_script("evaluate.py", "pairwise", "--prompts_file", str(prompts), "--models", "alpha=/a",
+                   f"sft={sft_run['run_folder']}", "beta=/nowhere/beta", "--judge_model", "rule", "--max_new_tokens",
+                   "8", "--output_dir", str(tmp_path))
+    assert not (tmp_path / "model_answer" / "sft.jsonl").exists()  # nothing answered before the refusal
+
+
+def test_pairwise_takes_label_py_s_python_judges(mt_data, tmp_path):
+    """--judge_model python:FILE:FUNCTION was taken for a model name at the OpenAI endpoint (found by an audit):
+    label.py's python: judges judge pairwise too, their returns read as label.py reads them, keyed on their code;
+    MT-Bench refuses them in one line (it is an LLM's benchmark)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("one?", "two?", "three?")))
+    write_answers(tmp_path, "alpha", ["1", "2", "3"], "ALPHA")
+    write_answers(tmp_path, "omega", ["1", "2", "3"], "OMEGA")
+    rules = tmp_path / "prefs.py"
+    rules.write_text("def judge(prompt, a, b):\n    return 'a' if 'ALPHA' in a else '[[B]]' if 'ALPHA' in b else 'tie'\n")
+
+    def pairwise():
+        return run_script("evaluate.py", "pairwise", "--prompts_file", str(prompts), "--models", "omega=/o",
+                          "alpha=/a", "--judge_model", f"python:{rules}:judge", "--output_dir", str(tmp_path))
+
+    run = pairwise()
+    stats = overall(run)
+    assert (stats["win"], stats["loss"], stats["n"], stats["adjusted_win_rate"]) == (3, 0, 3, 1.0)
+    rules.write_text("def judge(prompt, a, b):\n    return 'B' if 'ALPHA' in a else 'A' if 'ALPHA' in b else 'tie'\n")
+    assert overall(pairwise())["loss"] == 3  # the edited rule judges again: no verdict of the old one is kept
+    with pytest.raises(ConfigError, match=r"^--judge_model 'python:.*': .*has no function 'nope'"):
+        run_script("evaluate.py", "pairwise", "--prompts_file", str(prompts), "--models", "omega=/o", "alpha=/a",
+                   "--judge_model", f"python:{rules}:nope", "--output_dir", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^--judge_model python:\S+ judges `evaluate.py pairwise` only: MT-Bench is "
+                                          r"judged by an LLM"):
+        mt_bench(types.SimpleNamespace(base_url="http://127.0.0.1:9/v1"), tmp_path, "--judge_model",
+                 f"python:{rules}:judge")
+
+
 def test_a_missing_judge_key_fails_before_any_work(mt_data, tmp_path):
     for extra, variable in [((), "OPENAI_API_KEY"), (("--judge_api_key_env", "MY_JUDGE_KEY"), "MY_JUDGE_KEY")]:
         with pytest.raises(ConfigError, match=f"{variable} is not set"):

@@ -150,6 +150,12 @@ def run(s, backend: str) -> dict:
         if ref_name == name:
             raise ConfigError(f"the model and the reference are both named {name!r}: pass --model_name or "
                               "--reference_name")
+        from alignkit.evals.alpacaeval_outputs import outputs_missing
+        from alignkit.modeling.model_folders import check_model_sources
+
+        # Both are there before the reference generates (the model was found missing only after it had).
+        check_model_sources(s, [source for source, named in ((s.reference_model, ref_name), (s.model_id, name))
+                                if outputs_missing(source, named, rows, s, backend)])
         references = model_outputs(s.reference_model, ref_name, rows, s, backend)
     elif hub_references is not None:
         references = hub_references

@@ -196,6 +196,12 @@ def generate_outputs(generator, rows: list[dict], name: str, source: str, path, 
     return len(todo)
 
 
+def outputs_missing(source: str, name: str, rows: list[dict], s, backend: str) -> bool:
+    """Whether model_outputs would load `source` to generate some of its outputs."""
+    done = read_outputs(outputs_path(s.output_dir, name), source, _generation(s), outputs_key(s, source, backend))
+    return any(r["instruction"] not in done for r in rows)
+
+
 def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> list[dict]:
     """The outputs of model `source` on `rows` in AlpacaEval's format, generated where missing."""
     from alignkit.modeling.generation import load_generator

@@ -157,7 +157,7 @@ class Pairwise:
     settings: object  # alignkit.core.config.MTBenchSettings or PairwiseSettings
     models: dict  # name -> model
     baseline: str
-    use_rule: bool  # --judge_model rule: the preset's rule judge, no endpoint
+    use_rule: bool  # --judge_model rule (the preset's rule judge) or python:...: no endpoint
     client: object  # alignkit.core.llm.ChatClient, or None for the rule judge
     output_dir: Path
     questions: list = field(default_factory=list)
@@ -201,9 +201,16 @@ class Pairwise:
         """The judge first, so a missing API key stops the run before any model is loaded; then the models."""
         from alignkit.core.llm import judge_client
 
-        use_rule = s.judge_model == "rule"
+        python = str(s.judge_model or "").startswith("python:")
+        use_rule = s.judge_model == "rule" or python
         if use_rule and command == "mt_bench":
-            raise ConfigError("--judge_model rule is the tiny preset's rule judge, for `evaluate.py pairwise` only")
+            raise ConfigError(f"--judge_model {s.judge_model} judges `evaluate.py pairwise` only: MT-Bench is judged "
+                              "by an LLM with FastChat's prompts and reference answers (--judge_model NAME at "
+                              "--judge_base_url)")
+        if python:  # imported now: a missing file or function is one line before any model loads
+            from alignkit.feedback.judge import PythonJudge
+
+            PythonJudge(s.judge_model, "--judge_model")
         models = parse_models(s.models)
         baseline = s.baseline or next(iter(models))
         if baseline not in models:
@@ -221,7 +228,8 @@ class Pairwise:
 
     @property
     def judge_name(self) -> str:
-        return "rule" if self.use_rule else self.settings.judge_model
+        judge = self.settings.judge_model
+        return judge if judge and judge.startswith("python:") else "rule" if self.use_rule else judge
 
     def load_questions(self) -> None:
         """MT-Bench's questions, judge prompts and reference answers (checked), or the prompts file's."""
@@ -248,17 +256,21 @@ class Pairwise:
         from alignkit.evals import mtbench
         from alignkit.modeling.generation import load_generator
         from alignkit.modeling.lineage import check_models
+        from alignkit.modeling.model_folders import check_model_sources
 
         self._step("answers")
         s = self.settings
         check_models(s, self.models.values())  # all of them before the first answers
-        keys, parts = {}, {}
+        keys, parts, to_answer = {}, {}, []
         for name, source in self.models.items():
             keys[name], parts[name] = mtbench.answers_key_and_settings(loader_settings(s, source), s, backend)
+            if mtbench.unanswered(self.questions, mtbench.read_answers(mtbench.answer_path(self.output_dir, name),
+                                                                       source, key=keys[name], settings=parts[name])):
+                to_answer.append(name)
+        check_model_sources(s, [self.models[name] for name in to_answer])  # each one to load is there, first
         for name, source in self.models.items():
             path = mtbench.answer_path(self.output_dir, name)
-            if not mtbench.unanswered(self.questions, mtbench.read_answers(path, source, key=keys[name],
-                                                                           settings=parts[name])):
+            if name not in to_answer:
                 print(f"{name}: all {len(self.questions)} questions already answered in {path}")
                 continue
             with load_generator(loader_settings(s, source), backend) as generator:
@@ -302,7 +314,13 @@ class Pairwise:
         self._step("judged")
         s = self.settings
         common, _ = fastchat_compat.load()
-        rule_fn = presets.judge(s.preset) if self.use_rule else None  # the preset's rule (tiny's when none)
+        rule_fn = None
+        if str(s.judge_model).startswith("python:"):  # label.py's python: judges, their returns read as label.py does
+            from alignkit.feedback.judge import PythonJudge
+
+            rule_fn = PythonJudge(s.judge_model, "--judge_model").function
+        elif self.use_rule:
+            rule_fn = presets.judge(s.preset)  # the preset's rule (tiny's when none)
         # Who judges under which settings (endpoint, max_tokens, ...): a match judged under others is judged again.
         self.identity = judgments.judge_identity(rule=rule_fn) if self.use_rule else judgments.judge_identity(self.client)
         self.judgment_file = judgments.judgment_path(self.output_dir, self.judge_name)
@@ -322,7 +340,8 @@ class Pairwise:
             watch.failed(error)
 
         if self.use_rule:
-            judgments.judge_matches(todo, judgments.rule_player(rule_fn), self.judgment_file, self.identity, s.parallel)
+            judgments.judge_matches(todo, judgments.rule_player(_verdicts(rule_fn)), self.judgment_file, self.identity,
+                                    s.parallel)
         elif todo:
             with fastchat_compat.judging_with(self.client, on_error=on_error, on_success=watch.ok):
                 judgments.judge_matches(todo, fastchat_compat.play, self.judgment_file, self.identity, s.parallel)
@@ -407,3 +426,16 @@ class Pairwise:
                 record_evaluation(self.models[pair["model"]], f"{self.command} vs {pair['opponent']}", {
                     "benchmark": benchmark, "dataset": dataset, "metric": "win_rate", "value": rate,
                     "metric_name": f"adjusted win rate vs {pair['opponent']} (judge {pair['judge']})"})
+
+
+def _verdicts(rule):
+    """A rule's returns as rule_player reads them ("A", "B", "tie"): label.py's python: judge forms too (any case,
+    "c" for a tie, or text ending in FastChat's [[A]]/[[B]]/[[C]]); anything else stays as it is (a judge error)."""
+    from alignkit.feedback.judge import parse_verdict
+
+    def read(prompt, answer_a, answer_b):
+        said = rule(prompt, answer_a, answer_b)
+        text = said.strip() if isinstance(said, str) else ""
+        return {"a": "A", "b": "B", "tie": "tie", "c": "tie"}.get(text.lower()) or parse_verdict(text) or said
+
+    return read

@@ -199,9 +199,9 @@ class PythonJudge(Judge):
 
     kind = "python"
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, flag: str = "--judge"):
         super().__init__(spec, None)
-        self.function = _import_function(spec)
+        self.function = _import_function(spec, flag)
 
     def identity(self) -> dict:
         return {**super().identity(), "code": code_fingerprint(self.function)}  # edit the rule: old verdicts go
@@ -251,13 +251,13 @@ def import_function(spec: str, flag: str = "--judge", contract: str = "") -> obj
     return function
 
 
-def _import_function(spec: str):
-    function = import_function(spec)
+def _import_function(spec: str, flag: str = "--judge"):
+    function = import_function(spec, flag)
     try:
         inspect.signature(function).bind("prompt", "answer_a", "answer_b")
     except TypeError:
         name = spec.rpartition(":")[2]
-        raise ConfigError(f"--judge {spec!r}: {name} must accept (prompt, answer_a, answer_b)") from None
+        raise ConfigError(f"{flag} {spec!r}: {name} must accept (prompt, answer_a, answer_b)") from None
     except ValueError:  # builtins without a signature: trust them
         pass
     return function

@@ -41,6 +41,27 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
     require_reachable(source)
 
 
+def check_model_sources(s, sources) -> None:
+    """Each model an evaluation will load is there, checked as its load will check it (check_model_source, on the
+    model and on the base its chain ends at), before the first one runs: a missing path or, offline, an uncached Hub
+    id was found only when its turn came, after the models before it had answered everything. `sources` as
+    --models gives them (ID@REVISION included); GGUF sources check themselves at their conversion."""
+    from alignkit.core.sources import split_revision
+    from alignkit.modeling.chain import resolve
+
+    gguf = bool(getattr(s, "gguf_file", None))
+    for source in filter(None, sources):
+        model, revision = split_revision(source)
+        revision = revision or getattr(s, "revision", None)
+        if gguf or model.lower().endswith(".gguf"):
+            continue
+        check_model_source(model, revision=revision)
+        if Path(model).is_dir():
+            chain = resolve(model, revision)
+            if not str(chain.base).lower().endswith(".gguf"):
+                check_model_source(chain.base, revision=chain.revision)
+
+
 def _check_model_folder(folder: Path) -> None:
     """A local folder must hold a model (config.json), an adapter or LoTA delta, or GGUF files, and its safetensors
     files must be whole: checked in one line here, before a library fails on it with a traceback. Reading a
