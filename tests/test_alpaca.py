@@ -255,6 +255,18 @@ def test_a_missing_model_is_refused_before_the_reference_model_generates(tiny_se
     assert not list(out.glob("model_outputs/*.jsonl"))  # the reference generated nothing
 
 
+def test_a_model_against_itself_reports_the_plain_win_rate_not_a_traceback(tiny_set, tmp_path, alignkit_log):
+    """The same model as --reference_model: every output as long as its reference, and alpaca_eval's length term
+    (delta length over its spread) made NaNs that sklearn stopped on with a traceback. The plain win rate, said."""
+    model, _, _ = tiny_set
+    out = tmp_path / "out"
+    run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", model, "--model_name", "a",
+               "--reference_model", model, "--reference_name", "b", "--output_dir", str(out), "--max_instances", "6")
+    summary = results(out, "weighted_alpaca_eval_gpt4_turbo", "b")[0]
+    assert summary["win_rate"] == pytest.approx(50.0) and summary["length_controlled_winrate"] is None
+    assert "every output is as long as its reference" in alignkit_log.text
+
+
 def test_a_kill_during_generation_resumes_with_the_finished_batches(tiny_set, tmp_path, monkeypatch):
     import alignkit.modeling.generation as generation
 

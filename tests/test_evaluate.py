@@ -531,6 +531,19 @@ def test_a_missing_model_is_refused_before_the_first_model_answers(sft_run, tmp_
     assert not (tmp_path / "model_answer" / "sft.jsonl").exists()  # nothing answered before the refusal
 
 
+def test_one_model_under_two_names_is_said_once(sft_run, tmp_path, alignkit_log):
+    """`--models sft=runs/tiny-sft sft2=runs/tiny-sft` answered twice and judged every tie without a word (found
+    by an audit): a copy-paste slip that costs generation time and judge money. Said in one line."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("name three fruits.", "Hi!")))
+    folder = str(sft_run["run_folder"])
+    run_script("evaluate.py", "pairwise", "--prompts_file", str(prompts), "--models", f"sft={folder}",
+               f"sft2={folder}/", "--judge_model", "rule", "--max_new_tokens", "8", "--output_dir", str(tmp_path))
+    said = [r.getMessage() for r in alignkit_log.records if "are the same model as loaded" in r.getMessage()]
+    assert said == ["sft and sft2 are the same model as loaded, sampled alike: their answers are the same, so their "
+                    "matches measure only the judge's position bias; pass each model once unless that is the point"]
+
+
 def test_pairwise_takes_label_py_s_python_judges(mt_data, tmp_path):
     """--judge_model python:FILE:FUNCTION was taken for a model name at the OpenAI endpoint (found by an audit):
     label.py's python: judges judge pairwise too, their returns read as label.py reads them, keyed on their code;

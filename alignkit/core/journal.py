@@ -14,6 +14,7 @@ outputs and annotations, rl.py's judge, rlaif.py's rounds) writes through, so no
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import queue
@@ -34,6 +35,16 @@ class InUse(UserError, RuntimeError):
 
 
 _held: dict[str, object] = {}
+
+
+def _let_go_all() -> None:
+    """At exit: close every hold (the OS lets go of the locks anyway; an open file left to the interpreter's
+    teardown printed "ResourceWarning: unclosed file .../.evaluate.lock" where a library turns those warnings on)."""
+    while _held:
+        _held.popitem()[1].close()
+
+
+atexit.register(_let_go_all)
 
 
 def hold(path: str | os.PathLike, owner: str, fix: str, what=None):

@@ -58,6 +58,13 @@ def metric(positions: dict, glm: str, table, weights_dir):
 
         df = pd.DataFrame(list(annotations))
         df["index"] = df["instruction"].map(positions)
+        lengths = df["output_2"].str.len() - df["output_1"].str.len()
+        if len(df) and lengths.std() == 0:  # alpaca_eval scales by this spread: NaNs, then sklearn's traceback
+            logger.warning("every output is as long as its reference (the same model as the reference?): the "
+                           "length-controlled win rate is undefined, so only the plain win rate is reported")
+            return {**{k: float(v) if hasattr(v, "__float__") else v
+                       for k, v in glm_winrate.get_winrate(df).items()},
+                    "length_controlled_winrate": float("nan"), "lc_standard_error": float("nan")}
         with _glm_data(table):
             out = glm_winrate.get_length_controlled_winrate(df, glm_name=glm, save_weights_dir=weights_dir)
         return {k: float(v) if hasattr(v, "__float__") else v for k, v in out.items()}

@@ -268,6 +268,13 @@ class Pairwise:
                                                                        source, key=keys[name], settings=parts[name])):
                 to_answer.append(name)
         check_model_sources(s, [self.models[name] for name in to_answer])  # each one to load is there, first
+        same = {}
+        for name, key in keys.items():  # a copy-paste slip: generation time and judge money for all ties
+            same.setdefault(key, []).append(name)
+        for names in (names for names in same.values() if len(names) > 1):
+            logger.warning(f"{' and '.join(names)} are the same model as loaded, sampled alike: their answers are the "
+                           "same, so their matches measure only the judge's position bias; pass each model once "
+                           "unless that is the point")
         for name, source in self.models.items():
             path = mtbench.answer_path(self.output_dir, name)
             if name not in to_answer:

@@ -255,19 +255,24 @@ def prompt_questions(path) -> list[dict]:
     else:
         _prompts_format(path, path.read_bytes())
         rows = read_jsonl(path, _PROMPTS_FORMATS)
-    questions = []
+    questions, seen = [], {}
     fix = _PROMPTS_FIXES
     for n, (line, row) in enumerate(rows, 1):
         prompt = _field(path, line, row, "prompt", str, fix["prompt"])
         if not prompt.strip():
             raise ConfigError(f"{path}, line {line}: field 'prompt' is empty; {fix['prompt']}")
         qid = _field(path, line, row, "question_id", int, fix["question_id"]) if "question_id" in row else n
+        numbered = " (its row number: rows without one are numbered)"
+        if qid in seen:
+            then, then_numbered = seen[qid]
+            raise ConfigError(f"{path}, line {line}: question_id {qid}{'' if 'question_id' in row else numbered} "
+                              f"repeats line {then}{numbered if then_numbered else ''}; give every row its own "
+                              "question_id, or none")
+        seen[qid] = (line, "question_id" not in row)
         category = _field(path, line, row, "category", str, fix["category"]) if "category" in row else "prompts"
         questions.append({"question_id": qid, "category": category, "turns": [prompt]})
     if not questions:
         raise ConfigError(f"{path} holds no prompts; {fix['prompt']}")
-    if len({q["question_id"] for q in questions}) != len(questions):
-        raise ConfigError(f"{path}: question_id values repeat; give every row its own, or none")
     return questions
 
 
