@@ -59,6 +59,10 @@ def test_unpaired_rows_and_pairs_load_as_labelled_answers():
     assert rows[0]["completion"] == [{"role": "assistant", "content": "apple,pear,plum."}]
     pairs = load_unpaired([{"prompt": "q", "chosen": "good", "rejected": "bad"}])
     assert [(r["completion"], r["label"]) for r in pairs] == [("good", True), ("bad", False)]  # texts stay texts
+    # A pair among labelled rows was "field 'label': expected true or false, got nothing": it says the two mix not.
+    with pytest.raises(DataError, match=re.escape("row 2: field 'label': a preference pair (chosen, rejected) among "
+                                                  "labelled rows (prompt, completion, label): a file is one or the other")):
+        load_unpaired([{"prompt": "q", "completion": "a", "label": True}, {"prompt": "q", "chosen": "x", "rejected": "y"}])
 
 
 @pytest.mark.parametrize("row, message", [

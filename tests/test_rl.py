@@ -567,5 +567,10 @@ def test_what_would_train_nothing_or_fail_after_the_load_is_refused_first(tiny_c
         settings("--per_device_train_batch_size", "8", "--generation_batch_size", "12")
     with pytest.raises(ConfigError, match=r"^generation_batch_size and steps_per_generation cannot both be set"):
         settings("--generation_batch_size", "64", "--steps_per_generation", "2")
+    # TRL takes any text as scale_rewards and raises "Invalid value" at its first step, after the load and a generation.
+    with pytest.raises(ConfigError, match=r"^scale_rewards must be group, batch or none \(true is group, false is "
+                                          r"none\), got 'maybe'"):
+        settings("--scale_rewards", "maybe")
+    assert settings("--scale_rewards", "false").trainer_overrides["scale_rewards"] == "none"
     with pytest.raises(ConfigError, match=r"temperature must be > 0"):
         settings("--temperature", "0")

@@ -249,6 +249,10 @@ def _unpaired(row):
         label = label.strip().lower() in ("true", "1")
     if type(label) is int and label in (0, 1):  # TRL casts the label to bool: 1 desirable, 0 undesirable
         label = bool(label)
+    if label is None and row.get("chosen") is not None and row.get("rejected") is not None:
+        raise _RowError("label", "a preference pair (chosen, rejected) among labelled rows (prompt, completion, "
+                                 "label): a file is one or the other (each pair becomes two labelled rows); move the "
+                                 "pairs to a file of their own and train on both (a dataset_mixture), or label this row")
     if not isinstance(label, bool):
         raise _bad("label", "true or false (or 1 or 0)", label)
     return {**_sft_prompt_completion(row), "label": label}

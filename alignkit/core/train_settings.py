@@ -193,6 +193,11 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
             from alignkit.train.losses import check_grpo_loss_type
 
             check_grpo_loss_type(overrides["loss_type"])  # TRL would say so at the first step
+        if "scale_rewards" in overrides:  # GRPOTrainer raises "Invalid value" at its first step, after the load
+            scale = overrides["scale_rewards"]
+            if {True: "group", False: "none"}.get(scale, scale) not in ("group", "batch", "none", "true", "false"):
+                raise ValueError(f"scale_rewards must be group, batch or none (true is group, false is none), got "
+                                 f"{scale!r}")
         if synced := [k for k in ("sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha") if k in overrides]:
             raise ValueError(f"{', '.join(synced)} has no effect in rl.py: TRL does not support syncing the reference "
                              "with a PEFT adapter (the reference is the policy with its adapter off); drop it")
