@@ -96,6 +96,21 @@ def test_an_unknown_task_is_refused_before_any_model_loads(tiny_cache, tmp_path,
         harness.run(s)
 
 
+def test_a_missing_model_is_refused_before_the_first_model_is_evaluated(tiny_cache, tmp_path, monkeypatch):
+    """The first model was evaluated whole before the second was found missing (as evaluate.py's MT-Bench, found by
+    an audit); one whose kept results are reused need not be there."""
+    from alignkit.core.errors import UserError
+    from alignkit.evals.evaluation import parse_command
+    from alignkit.modeling import presets
+
+    monkeypatch.setattr(harness, "evaluate_model", lambda *a: pytest.fail("a model was evaluated"))
+    _, s = parse_command(["lm_eval", "--models", f"base={presets.paths()['model']}", "gone=/nowhere/gone", "--tasks",
+                          "tiny_rule", "--include_path", str(harness.tiny_task(tmp_path / "tasks", n=4)),
+                          "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(UserError, match=r"^model not found: /nowhere/gone is no local folder"):
+        harness.run(s)
+
+
 def test_kept_results_key_on_the_model_as_loaded_and_the_task_files(tiny_cache, tmp_path):
     """A model retrained in place, or a local task edited, is evaluated again; nothing else changes the key."""
     import json

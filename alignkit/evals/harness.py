@@ -196,6 +196,7 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
 
     from alignkit.evals.named_models import parse_models
     from alignkit.modeling.lineage import check_models
+    from alignkit.modeling.model_folders import check_model_sources
 
     models = parse_models(s.models)
     check_models(s, models.values())  # all of them before the first is evaluated
@@ -208,11 +209,16 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
                           "(lm_eval ls tasks), or put their YAML configs in --include_path")
     out = Path(s.output_dir)
     (out / "models").mkdir(parents=True, exist_ok=True)
+    keys = {name: _key(s, source) for name, source in models.items()}
+    kept_results = {name: read_json(out / "models" / f"{name}.json") for name in models}  # {}: missing or torn
+    fresh = {name: earlier for name, earlier in kept_results.items()
+             if earlier.get("key") == keys[name] and isinstance(earlier.get("results"), dict)}
+    check_model_sources(s, [source for name, source in models.items() if name not in fresh])  # before the first runs
     results = {}
     for name, source in models.items():
-        kept, key = out / "models" / f"{name}.json", _key(s, source)
-        earlier = read_json(kept)  # {} when missing or torn (a kill mid-write in an older version): evaluated again
-        if earlier.get("key") == key and isinstance(earlier.get("results"), dict):
+        kept, key = out / "models" / f"{name}.json", keys[name]
+        if name in fresh:
+            earlier = fresh[name]
             results[name] = earlier["results"]
             logger.info(f"lm_eval: {name} ({source}): kept results reused ({kept})")
             continue
