@@ -154,6 +154,11 @@ def test_a_sampled_answer_depends_on_its_own_seed_not_on_its_batch(tiny_cache, m
     greedy = generation.generate(loaded.model, loaded.tokenizer, conversations, max_new_tokens=16)
     assert sample([0, 1, 2, 3], 4, temperature=0.0) == greedy  # temperature 0: greedy, seeds or not
 
+    # Beam sampling (--num_beams > 1 at a temperature) was seeded per batch, by its rows: an answer changed with the
+    # company it kept. Each goes alone now, seeded by its own seed.
+    beams = sample([0, 1, 2, 3], 4, num_beams=2)
+    assert sample([3, 1], 2, num_beams=2) == [beams[3], beams[1]]
+
     # Sampling is transformers' own (its warpers: temperature, its default top_k 50, top_p), only each row's draw is
     # its own: one row alone with its seed samples exactly what transformers samples from torch seeded alike.
     for i in range(4):

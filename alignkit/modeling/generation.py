@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from alignkit.core.digests import sample_seed
 from alignkit.modeling.template_rows import render
 
 
@@ -68,14 +67,18 @@ def generate(
                if getattr(c, "output_router_logits", False)]
     for config in routers:
         config.output_router_logits = False
+    # Beam sampling draws for beams, not rows: no per-row stream fits it, so each conversation goes alone, seeded by
+    # its own seed (its answer then depends on nothing else in the call, as the caches that omit the batch assume).
+    beam_sampled = seeds is not None and temperature > 0 and num_beams > 1
+    step = 1 if beam_sampled else batch_size
     try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for start in range(0, len(order), step):
+            rows = order[start : start + step]
             batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(model.device)
             sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-            if seeds is not None and not per_row and temperature > 0:  # beam sampling: seeded per batch, by its rows
-                torch.manual_seed(sample_seed(*(seeds[i] for i in rows)) % 2**63)
+            if beam_sampled:
+                torch.manual_seed(seeds[rows[0]] % 2**63)
             with rows_sampled([seeds[i] for i in rows]) if per_row else contextlib.nullcontext() as draws:
                 out = model.generate(
                     **batch, max_new_tokens=max_new_tokens, num_beams=num_beams,
