@@ -1048,6 +1048,19 @@ def test_an_endpoint_that_accepts_and_never_answers_stops_the_run_at_its_first_t
         assert server.connections == 1
 
 
+def test_the_watched_client_still_goes_through_the_proxy_the_environment_names(monkeypatch):
+    """The silent-endpoint watch first replaced httpx's transport, which makes httpx ignore HTTP(S)_PROXY: behind a
+    corporate proxy every request would fail. The proxy the environment names still carries the request."""
+    from alignkit.core.llm import ChatClient
+
+    with FakeOpenAI(lambda body: "via the proxy") as proxy:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.base_url.removesuffix("/v1"))
+        client = ChatClient("m", "http://judge.invalid/v1", timeout=5, max_retries=0)
+        assert client.complete([{"role": "user", "content": "hi"}]) == "via the proxy" and proxy.count == 1
+
+
 def test_a_python_judge_that_breaks_its_contract_is_named_in_one_line(tmp_path, alignkit_log):
     """A rule returning None (or 'maybe') was a 'parse failure' with no word of what it returned; lowercase verdicts
     were parse failures too. What it returned is named once (a rule may abstain: still a parse failure); 'a'/'b'

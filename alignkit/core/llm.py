@@ -67,39 +67,40 @@ class EndpointSilent(UserError):
 
 
 def watched_http_client(what: str, where: str, timeout: float):
-    """The openai client's HTTP client (httpx, or httpx2 for openai >= 3), whose transport knows whether the endpoint
-    has answered at all. Before its first answer a timeout raises at once, and so does every later attempt (the
-    client's own retries included), so no request waits again on a server known silent. After any answer, even an
-    error status, the server is alive: a timeout then is retried as the client always did."""
+    """(the openai client's HTTP client, the exception it raises for a silent endpoint): openai's own default client
+    (httpx, or httpx2 for openai >= 3: its limits, timeouts and the proxies the environment names) whose `send` knows
+    whether the endpoint has answered at all. Before its first answer a timeout raises at once, and so does every later
+    attempt (the client's own retries included), so no request waits again on a server known silent. After any
+    answer, even an error status, the server is alive: a timeout then is retried as the client always did."""
     import sys
 
     import openai
 
-    client_class = openai.DefaultHttpxClient
-    httpx = sys.modules[next(c for c in client_class.__mro__ if c.__name__ == "Client").__module__.split(".")[0]]
-    state = {"answered": False, "silent": None}
+    base = openai.DefaultHttpxClient
+    httpx = sys.modules[next(c for c in base.__mro__ if c.__name__ == "Client").__module__.split(".")[0]]
+    state = {"answered": False, "silent": None}  # plain assignments: safe across the request threads
 
     class Silent(openai.OpenAIError):  # an OpenAIError: the client passes it on without retrying (openai >= 2)
         pass
 
-    class Transport(httpx.HTTPTransport):
-        def handle_request(self, request):
+    class Watched(base):
+        def send(self, request, **kwargs):
             if state["silent"] and not state["answered"]:
                 raise Silent(state["silent"])
             try:
-                response = super().handle_request(request)
+                response = super().send(request, **kwargs)
             except httpx.TimeoutException as error:
                 if state["answered"]:
                     raise
                 how = "accepted no connection" if isinstance(error, httpx.ConnectTimeout) else \
                     "accepted the connection but sent no answer"
-                state["silent"] = (f"{what} at {where} {how} in {timeout:g} s "
-                                   "(--request_timeout), and has answered no request yet")
+                state["silent"] = f"{what} at {where} {how} in {timeout:g} s (--request_timeout), and has answered " \
+                                  "no request yet"
                 raise Silent(state["silent"]) from None
             state["answered"] = True
             return response
 
-    return client_class(transport=Transport()), Silent
+    return Watched(), Silent
 
 
 def endpoint_silent(error: Exception, silent: type) -> EndpointSilent | None:
