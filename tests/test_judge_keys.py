@@ -42,6 +42,9 @@ def echo(monkeypatch):
         yield generate
 
     monkeypatch.setattr(generation, "load_generator", load_generator)
+    from alignkit.modeling import model_folders
+
+    monkeypatch.setattr(model_folders, "check_model_sources", lambda s, sources: None)  # the models are this stand-in
     return asked
 
 

@@ -142,7 +142,7 @@ def test_sft_on_a_gguf_base_on_two_processes(cache, runs):
     assert output.count("launch: DDP, 2 processes") == 2
     finished(runs / "sft-gguf")
     adapter = json.loads((runs / "sft-gguf" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == gguf
+    assert Path(adapter["base_model_name_or_path"]).resolve() == Path(gguf).resolve()
 
 
 @pytest.fixture(scope="module")
