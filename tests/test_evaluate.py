@@ -368,7 +368,7 @@ def test_a_judge_that_fails_every_request_is_a_failed_run_not_a_table_of_errors(
         assert not (tmp_path / "results.json").exists()
 
 
-def test_a_judge_that_never_answers_stops_mt_bench_at_its_first_timeout(mt_data, tmp_path):
+def test_a_judge_that_never_answers_stops_mt_bench_at_its_first_timeout(mt_data, tmp_path, alignkit_log):
     """A judge server holding connections open without answering was retried --max_retries times per request, at
     --request_timeout each, before a failure counted: its first timeout now stops the run in one line."""
     write_answers(tmp_path, "alpha", QIDS, "ALPHA")
@@ -378,6 +378,7 @@ def test_a_judge_that_never_answers_stops_mt_bench_at_its_first_timeout(mt_data,
                                             r"sent no answer in 1 s \(--request_timeout\)"):
             mt_bench(server, tmp_path, "--request_timeout", "1", "--max_retries", "4", "--parallel", "2")
         assert server.connections <= 2 and not (tmp_path / "results.json").exists()
+    assert "failed after" not in alignkit_log.text  # no retry happened, and its line is the error itself
 
 
 def test_a_judge_whose_verdicts_never_parse_is_a_failed_run_with_an_example(mt_data, tmp_path, capsys):
@@ -636,6 +637,16 @@ def test_mt_bench_answers_both_turns_with_history_and_resumes(mt_data, sft_run, 
         with pytest.raises(ConfigError, match=rf"line 1: this answer was made under {named}"):
             run_script("evaluate.py", "mt_bench", *args[:6], *changed, *args[8:],
                        "--judge_base_url", "http://127.0.0.1:9/v1")
+    # An upgraded library: named with its versions (its refusal named two digests of the model as loaded).
+    from alignkit.modeling import identity
+
+    installed = dict(identity._installed())
+    monkeypatch.setattr(identity, "_installed", lambda: {**installed, "transformers": "99.0"})
+    with pytest.raises(ConfigError, match=rf"line 1: this answer was made under another library versions \(library "
+                                          rf"versions .*transformers {installed['transformers']} then, .*transformers "
+                                          rf"99\.0 now\)"):
+        run_script("evaluate.py", "mt_bench", *args, "--judge_base_url", "http://127.0.0.1:9/v1")
+    monkeypatch.setattr(identity, "_installed", lambda: installed)
     # Answers recorded before their settings were: the refusal names every possible cause.
     for made in path.parent.glob("*.jsonl"):
         made.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "settings"}) + "\n"

@@ -387,6 +387,19 @@ def test_settings_set_back_resume_their_run_moved_aside_instead_of_training_it_a
     run_folder.cell_checks.forget(folder)
     assert train(a, other_rows, "A on other rows")[1] is None  # the rows differ: another run, trained anew
     assert train(SFTSettings(**common, learning_rate=1e-3, resume="false"), rows, "A anew")[1] is None
+    # A run with these settings in place stays, even without a checkpoint (deleted after it finished): no older copy
+    # of it comes back over it (found by a review).
+    import shutil
+
+    shutil.rmtree(folder / "checkpoint-2")
+    assert run_folder.prepare_run(a, "sft", rows, None)[1] is None and not run_folder._RESTORE
+    run_folder.run_locks.release(folder)
+    run_folder.cell_checks.forget(folder)
+    # --resume true over a folder without checkpoints names the run aside that these settings would resume.
+    shutil.rmtree(folder)
+    with pytest.raises(ConfigError, match=r"holds no checkpoint-N folder to resume from; .*run\.previous-\S+ holds this "
+                                          r"run \(moved aside by a run with other settings\): --resume auto moves it"):
+        run_folder.prepare_run(SFTSettings(**common, learning_rate=1e-3, resume="true"), "sft", rows, None)
 
 
 def test_a_run_killed_before_its_first_checkpoint_gives_the_earlier_run_back_at_the_next_command(tmp_path,

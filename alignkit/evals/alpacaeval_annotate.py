@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import re
@@ -168,6 +169,16 @@ class LoggedCompletions:
         kwargs = client.get("client_kwargs", {})
         self._http, self._silent = watched_http_client("the judge", client["openai_api_base"],
                                                        kwargs.get("timeout", 120.0))
+        # alpaca_eval logs any OpenAIError it does not know with its traceback (logging.exception "Unknown error:")
+        # before raising it: for a silent judge, whose one line follows, that is 50 lines of noise per request.
+        silent = self._silent
+
+        def not_silent(record) -> bool:
+            error = record.exc_info[1] if record.exc_info else None
+            return not isinstance(error, silent) and not (record.getMessage().startswith("OpenAIError:") and
+                                                          "has answered no request yet" in record.getMessage())
+
+        self._quiet = not_silent  # on the root logger while this annotates (__call__)
 
     def key(self, prompt: str, kwargs: dict) -> str:
         decoding = {k: v for k, v in kwargs.items() if k not in ("num_procs",)}  # concurrency changes no answer
@@ -200,13 +211,18 @@ class LoggedCompletions:
         self.reused += sum(r is not None for r in records)
         todo = [i for i, r in enumerate(records) if r is None]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with Progress("annotating", len(todo), unit="pair", errors=False) as progress:
-            for i, record in threaded(lambda i: self._ask(prompts[i], keys[i], kwargs), todo, self.parallel,
-                                      stop_on_error=True):
-                if isinstance(record, BaseException):
-                    raise record  # what alpaca_eval's own call would raise; the answers so far are journaled
-                records[i] = record
-                progress.update()
+        root = logging.getLogger()
+        root.addFilter(self._quiet)
+        try:
+            with Progress("annotating", len(todo), unit="pair", errors=False) as progress:
+                for i, record in threaded(lambda i: self._ask(prompts[i], keys[i], kwargs), todo, self.parallel,
+                                          stop_on_error=True):
+                    if isinstance(record, BaseException):
+                        raise record  # what alpaca_eval's own call would raise; the answers so far are journaled
+                    records[i] = record
+                    progress.update()
+        finally:
+            root.removeFilter(self._quiet)
         names = [k for k in records[0] if k not in ("key", "tstamp")] if records else []
         return {name: [r.get(name) for r in records] for name in names}
 

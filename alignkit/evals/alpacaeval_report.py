@@ -59,9 +59,10 @@ def metric(positions: dict, glm: str, table, weights_dir):
         df = pd.DataFrame(list(annotations))
         df["index"] = df["instruction"].map(positions)
         lengths = df["output_2"].str.len() - df["output_1"].str.len()
-        if len(df) and lengths.std() == 0:  # alpaca_eval scales by this spread: NaNs, then sklearn's traceback
-            logger.warning("every output is as long as its reference (the same model as the reference?): the "
-                           "length-controlled win rate is undefined, so only the plain win rate is reported")
+        if lengths.nunique() <= 1:  # alpaca_eval scales by their spread: NaNs, then sklearn's traceback
+            logger.warning("every output's length differs from its reference's by the same amount (the same model as "
+                           "the reference? a single instruction?): the length-controlled win rate is undefined, so only "
+                           "the plain win rate is reported")
             return {**{k: float(v) if hasattr(v, "__float__") else v
                        for k, v in glm_winrate.get_winrate(df).items()},
                     "length_controlled_winrate": float("nan"), "lc_standard_error": float("nan")}

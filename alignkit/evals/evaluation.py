@@ -29,7 +29,7 @@ from alignkit.core.errors import UserError
 from alignkit.core.groups import loader_settings
 from alignkit.core.journal import hold
 from alignkit.core.paths import check_writable
-from alignkit.core.llm import FirstFailures
+from alignkit.core.llm import EndpointSilent, FirstFailures
 from alignkit.core.progress import Progress
 from alignkit.evals.named_models import parse_models
 
@@ -341,6 +341,8 @@ class Pairwise:
         watch = FirstFailures("judge request", fix, 2 * len(todo))  # a dead server stops the run at its 5th failure
 
         def on_error(error):
+            if isinstance(error, EndpointSilent):  # its own line, raised: no "failed after retries" before it
+                raise error
             self.failures.append(error)
             logger.warning(f"judge request failed after {s.max_retries} retries: {type(error).__name__}: "
                            f"{redact(str(error))}")

@@ -49,11 +49,11 @@ def check_model_sources(s, sources) -> None:
     from alignkit.core.sources import split_revision
     from alignkit.modeling.chain import resolve
 
-    gguf = bool(getattr(s, "gguf_file", None))
     for source in filter(None, sources):
-        model, revision = split_revision(source)
-        revision = revision or getattr(s, "revision", None)
-        if gguf or model.lower().endswith(".gguf"):
+        model, named = split_revision(source)
+        own = source == getattr(s, "model_id", None)  # --revision and --gguf_file are --model_id's (loader_settings)
+        revision = named or (getattr(s, "revision", None) if own else None)
+        if model.lower().endswith(".gguf") or own and getattr(s, "gguf_file", None):
             continue
         check_model_source(model, revision=revision)
         if Path(model).is_dir():

@@ -123,7 +123,10 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     found = checkpoints(folder, say=_first_process()) if folder.is_dir() else []
     resume = s.resume == "true" or (s.resume == "auto" and found and not _changed(folder, s))
     _RESTORE.pop(folder.resolve(), None)
-    if not resume and s.resume == "auto" and (earlier := _same_run_aside(folder, s)):  # start_run moves it back
+    # Settings set back: the folder holds another run (or none) and one moved aside is this one; start_run moves it
+    # back. Not over a run with these settings in place (a finished run whose checkpoints were deleted, say).
+    set_back = not resume and s.resume == "auto" and not (_holds_work(folder) and not _changed(folder, s))
+    if set_back and (earlier := _same_run_aside(folder, s)):
         _RESTORE[folder.resolve()], found, resume = earlier, checkpoints(earlier), True
     if s.resume == "true" and found:
         _check_below(folder, s)
@@ -137,7 +140,10 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
         raise UserError(f"{folder} is not the same folder for every process of this launch: rank 0 sees {said[0]}, "
                         f"rank {rank} sees {said[rank]}. Give --output_dir a folder every machine shares.")
     if s.resume == "true" and not checkpoint:
-        raise ConfigError(f"--resume true, but {folder} holds no checkpoint-N folder to resume from")
+        aside = _same_run_aside(folder, s)
+        raise ConfigError(f"--resume true, but {folder} holds no checkpoint-N folder to resume from" + (
+            f"; {aside} holds this run (moved aside by a run with other settings): --resume auto moves it back and "
+            "resumes it" if aside else ""))
     resume_from = str(folder / checkpoint) if checkpoint else None
     cell_checks.remember(s, folder, resume_from, data)
     return folder, resume_from
