@@ -134,6 +134,23 @@ def test_offline_a_base_pinned_to_a_revision_needs_that_revision_cached_not_main
         models.check_model_source("org/base")
 
 
+def test_the_check_before_evaluating_applies_revision_to_the_model_id_only(hub):
+    """evaluate.py's check of every model before the first answers applied --revision to the reference model too
+    (found by a review): offline, with the reference's main cached and the model's v1, a run that loads was refused."""
+    from types import SimpleNamespace
+
+    from alignkit.core.errors import UserError
+    from alignkit.modeling.model_folders import check_model_sources
+
+    shutil.copytree(hub, hub.parent / "models--org--ref")
+    shutil.rmtree(hub.parent / "models--org--ref" / "snapshots" / V1)
+    (hub.parent / "models--org--ref" / "refs" / "v1").unlink()
+    s = SimpleNamespace(model_id="org/base", revision="v1", gguf_file=None)
+    check_model_sources(s, ["org/base", "org/ref"])  # org/base at v1, org/ref at main: both cached
+    with pytest.raises(UserError, match="org/ref is no local folder.* holds no copy of it at revision v1"):
+        check_model_sources(s, ["org/ref@v1"])  # a revision named with the model is its own
+
+
 def test_the_second_model_of_vibes_and_alpaca_eval_takes_a_revision_too(hub):
     from alignkit.evals.alpacaeval_outputs import outputs_key
     from alignkit.evals.evaluation import parse_command
