@@ -249,6 +249,21 @@ def test_wrong_kind_of_model_is_an_error_that_says_what_to_pass(reward_run, tiny
         load_generator(ModelSettings(model_id=str(reward_run["run_folder"]), quantization="none"), "transformers")
 
 
+
+def test_a_judge_rm_folder_that_is_no_reward_model_is_one_line_before_any_generation(tiny_cache, tmp_path):
+    """label.py --judge rm:FOLDER: a folder holding no model was found after every response was generated (at the
+    first judging batch); a causal LM's folder stopped with a ValueError traceback (found by an audit)."""
+    from alignkit.core.config import LabelSettings
+    from alignkit.core.errors import ConfigError
+    from alignkit.feedback.judge import RMJudge
+
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ConfigError, match=r"^--judge rm:\S+notes: \S+notes is not a model folder"):
+        RMJudge(f"rm:{tmp_path / 'notes'}", LabelSettings(quantization="none"))
+    with pytest.raises(ConfigError, match=r"is a causal language model \(no reward score head\)"):
+        RMJudge(f"rm:{presets.paths()['model']}", LabelSettings(quantization="none"))
+
+
 def test_logexpwithlm_adds_the_chosen_sequences_lm_loss(tiny_cache, tmp_path):
     """The trainer's logexpwithlm loss = mean softplus(r_r - r_c) + coef x the base LM's own loss on chosen."""
     from transformers import AutoModelForCausalLM

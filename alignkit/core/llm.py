@@ -66,6 +66,9 @@ class EndpointSilent(UserError):
     stops (nothing done is lost) rather than retry each."""
 
 
+SILENT_MARK = "has answered no request yet"  # in every silent endpoint's line (a log filter looks for it)
+
+
 def watched_http_client(what: str, where: str, timeout: float):
     """(the openai client's HTTP client, the exception it raises for a silent endpoint): openai's own default client
     (httpx, or httpx2 for openai >= 3: its limits, timeouts and the proxies the environment names) whose `send` knows
@@ -94,8 +97,7 @@ def watched_http_client(what: str, where: str, timeout: float):
                     raise
                 how = "accepted no connection" if isinstance(error, httpx.ConnectTimeout) else \
                     "accepted the connection but sent no answer"
-                state["silent"] = f"{what} at {where} {how} in {timeout:g} s (--request_timeout), and has answered " \
-                                  "no request yet"
+                state["silent"] = f"{what} at {where} {how} in {timeout:g} s (--request_timeout), and {SILENT_MARK}"
                 raise Silent(state["silent"]) from None
             state["answered"] = True
             return response

@@ -30,6 +30,7 @@ from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.digests import digest
 from alignkit.core.journal import append_jsonl, threaded, write_json
+from alignkit.core.llm import SILENT_MARK
 from alignkit.core.progress import Progress
 
 _FAILED = ""  # alpaca_eval's text for a request that failed after its retries
@@ -147,6 +148,13 @@ def endpoint(s) -> dict:
             "client_kwargs": {"max_retries": s.max_retries, "timeout": s.request_timeout}}
 
 
+def _not_about_a_silent_judge(record) -> bool:
+    """A logging filter: False for alpaca_eval's records of a silent judge's error (alignkit.core.llm), which
+    alignkit says in one line of its own."""
+    error = record.exc_info[1] if record.exc_info else None
+    return SILENT_MARK not in f"{record.getMessage()} {error or ''}"
+
+
 class LoggedCompletions:
     """`fn_completions` for alpaca_eval's annotators: its own `openai_completions`, one prompt per call,
     `parallel` at a time, each answer appended to a JSONL log as it arrives and reused by any later call with the
@@ -170,15 +178,11 @@ class LoggedCompletions:
         self._http, self._silent = watched_http_client("the judge", client["openai_api_base"],
                                                        kwargs.get("timeout", 120.0))
         # alpaca_eval logs any OpenAIError it does not know with its traceback (logging.exception "Unknown error:")
-        # before raising it: for a silent judge, whose one line follows, that is 50 lines of noise per request.
-        silent = self._silent
-
-        def not_silent(record) -> bool:
-            error = record.exc_info[1] if record.exc_info else None
-            return not isinstance(error, silent) and not (record.getMessage().startswith("OpenAIError:") and
-                                                          "has answered no request yet" in record.getMessage())
-
-        self._quiet = not_silent  # on the root logger while this annotates (__call__)
+        # before raising it: for a silent judge, whose one line follows, that is 50 lines of noise per request. On
+        # the root logger for good: a request still under way logs after the call that raised has returned.
+        root = logging.getLogger()
+        if _not_about_a_silent_judge not in root.filters:
+            root.addFilter(_not_about_a_silent_judge)
 
     def key(self, prompt: str, kwargs: dict) -> str:
         decoding = {k: v for k, v in kwargs.items() if k not in ("num_procs",)}  # concurrency changes no answer
@@ -211,18 +215,13 @@ class LoggedCompletions:
         self.reused += sum(r is not None for r in records)
         todo = [i for i, r in enumerate(records) if r is None]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        root = logging.getLogger()
-        root.addFilter(self._quiet)
-        try:
-            with Progress("annotating", len(todo), unit="pair", errors=False) as progress:
-                for i, record in threaded(lambda i: self._ask(prompts[i], keys[i], kwargs), todo, self.parallel,
-                                          stop_on_error=True):
-                    if isinstance(record, BaseException):
-                        raise record  # what alpaca_eval's own call would raise; the answers so far are journaled
-                    records[i] = record
-                    progress.update()
-        finally:
-            root.removeFilter(self._quiet)
+        with Progress("annotating", len(todo), unit="pair", errors=False) as progress:
+            for i, record in threaded(lambda i: self._ask(prompts[i], keys[i], kwargs), todo, self.parallel,
+                                      stop_on_error=True):
+                if isinstance(record, BaseException):
+                    raise record  # what alpaca_eval's own call would raise; the answers so far are journaled
+                records[i] = record
+                progress.update()
         names = [k for k in records[0] if k not in ("key", "tstamp")] if records else []
         return {name: [r.get(name) for r in records] for name in names}
 

@@ -310,6 +310,13 @@ class RMJudge(Judge):
             raise ConfigError(f"--judge {spec!r}: expected rm:RUN_FOLDER, a reward.py run folder")
         from alignkit.modeling.reward_models import REWARD, model_kind
 
+        if Path(self.folder).exists():
+            from alignkit.modeling.model_folders import check_model_source
+
+            try:  # a folder that holds no model was found when the first batch loaded it, after every generation
+                check_model_source(self.folder)
+            except UserError as e:
+                raise ConfigError(f"--judge {spec}: {e}") from None
         kind = model_kind(self.folder)
         if kind != REWARD:  # fail before any generation, with the loader's message for a causal LM
             from alignkit.modeling.reward_models import check_model_kind

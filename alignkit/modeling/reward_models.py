@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.core.errors import ConfigError
 from alignkit.modeling.chain import adapter_config
 
 REWARD, CAUSAL = "reward model", "causal language model"
@@ -44,13 +45,13 @@ def check_model_kind(source: str, revision: str | None, reward: bool, for_traini
     """A reward model where a causal LM is needed (or the reverse) fails here, saying what to pass instead."""
     kind = model_kind(source, revision)
     if reward and kind == CAUSAL and not for_training:
-        raise ValueError(
+        raise ConfigError(
             f"{source} is a causal language model (no reward score head), not a reward model. Pass a reward.py run "
             "folder (or its merged/ folder) as rm:FOLDER; to judge with this model's text verdicts use --judge hf "
             f"--judge_model {source}; to get a reward model from it, train one: python reward.py --model_id {source}"
         )
     if not reward and kind == REWARD:
-        raise ValueError(
+        raise ConfigError(
             f"{source} is a reward model (a score head, no language-model head): it scores answers but cannot "
             "generate or be fine-tuned as a policy. Pass it as a judge, --judge rm:" + source + " (or "
             "alignkit.feedback.rewards.load('rm:" + source + "')), and pass a causal language model (an SFT/DPO run "
@@ -58,7 +59,7 @@ def check_model_kind(source: str, revision: str | None, reward: bool, for_traini
         )
     if reward and for_training and adapter_config(source, revision) is not None:
         what = "a reward model's adapter" if kind == REWARD else "a LoRA adapter"
-        raise ValueError(
+        raise ConfigError(
             f"{source} is {what}: reward.py trains a fresh adapter and score head on a full model. Merge it first "
             f"(python merge.py --adapter_dir {source}) and pass --model_id {Path(source, 'merged')}"
         )
