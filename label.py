@@ -128,7 +128,11 @@ print(format_summary(summary))
 print(f"\nwrote {run.output} (summary: {run.summary_path})")
 next_step = {"pairs": "dpo.py", "completions": "sft.py", "pointwise": "kto.py"}[settings.mode]
 preset = f" --preset {settings.preset}" if settings.preset else ""
-print(f"train on it: python {next_step}{preset} --dataset_id {run.output}")
+written = {"pairs": "labeled", "completions": "completions"}.get(settings.mode)
+if (summary.get(written) if written else summary.get("desirable", 0) + summary.get("undesirable", 0)):
+    print(f"train on it: python {next_step}{preset} --dataset_id {run.output}")
+else:  # an empty file is nothing to train on (the line above says why)
+    print(f"nothing to train on: {run.output} is empty")
 
 # %% [markdown]
 # ## Push

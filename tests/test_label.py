@@ -246,13 +246,22 @@ def test_one_order_per_pair_when_asked(tmp_path):
     assert all("MARKER" in r["chosen"][0]["content"] for r in rows(tmp_path / "prefs.jsonl"))
 
 
-def test_a_judge_that_always_says_A_yields_no_labels(tmp_path):
+def test_a_judge_that_always_says_A_yields_no_labels(tmp_path, alignkit_log, capsys):
+    """An empty output said "train on it: python dpo.py ..."; every pair identical was said nowhere (found by an
+    audit). Each says why in one line, and that there is nothing to train on."""
     marker_pairs(tmp_path)
     with FakeOpenAI(lambda body: "Both are fine, but I pick [[A]]") as server:
         summary = label(tmp_path, server)
     assert rows(tmp_path / "prefs.jsonl") == []
     assert summary["labeled"] == 0 and summary["disagreements"] == 5
     assert summary["slot_a_wins"] == 1.0 and summary["agreement"] == 0.0
+    assert "no pair was labeled: 5 disagreements between the two orders (see " in alignkit_log.text
+    assert "nothing to train on: prefs.jsonl is empty" in capsys.readouterr().out
+    (tmp_path / "b.jsonl").write_text((tmp_path / "a.jsonl").read_text())  # the two sides answered alike
+    with FakeOpenAI(lambda body: "[[A]]") as server:
+        assert label(tmp_path, server, out="same.jsonl")["labeled"] == 0 and server.count == 0
+    assert "no pair to label: every prompt's pair was skipped (6 identical; see " in alignkit_log.text
+    assert "train on it" not in capsys.readouterr().out
 
 
 def test_rate_limits_and_server_errors_are_retried(tmp_path):

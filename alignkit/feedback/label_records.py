@@ -268,14 +268,26 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                 })
         replace_output(run.output, rows)
         summary = _pair_summary(run, prompts, pairs, outcomes, verdicts, rows)
-        if pairs and not rows and not run.errors:
-            logger.warning("no pair was labeled: the summary shows why (ties, disagreements between the orders, "
-                           "answers without a verdict)")
     write_json(run.summary_path, summary)
     generation = run.stats["generation errors"]
     refuse_empty(len(rows), len(run.errors) + generation, judge_fix(run.judge.name) if run.errors else
                  generator_fix(", ".join(s.spec for s in run.sources if s.kind != "file")))
+    if run.judge is not None and not rows:  # said with its reasons (every pair identical was said nowhere)
+        logger.warning(nothing_labeled(summary, run.summary_path))
     return summary
+
+
+def nothing_labeled(summary: dict, where: Path) -> str:
+    """Why no preference pair came out, though no request failed: one line with the fix."""
+    skipped = summary.get("skipped") or {}
+    if not summary.get("pairs_judged"):
+        why = ", ".join(f"{n} {k}" for k, n in skipped.items() if n) or "no prompt had two responses"
+        return (f"no pair to label: every prompt's pair was skipped ({why}; see {where}): where the two responses "
+                "are identical, sample them apart (--temperature above 0, --num_samples) or compare other models")
+    why = ", ".join(f"{summary.get(k, 0)} {name}" for k, name in (("ties", "ties"), ("disagreements", "disagreements "
+                    "between the two orders"), ("parse_failures", "answers without a verdict")) if summary.get(k))
+    return (f"no pair was labeled: {why} (see {where}); check what the judge answers (a python: judge returns A, B "
+            "or tie; an LLM judge [[A]], [[B]] or [[C]]), or let one order decide (--both_orders false)")
 
 
 def _label_fields(run: Run, pair: Pair, outcome: str) -> dict:
