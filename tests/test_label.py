@@ -264,6 +264,19 @@ def test_a_judge_that_always_says_A_yields_no_labels(tmp_path, alignkit_log, cap
     assert "train on it" not in capsys.readouterr().out
 
 
+def test_a_principle_the_judge_template_does_not_read_is_refused(tmp_path):
+    """--principle with the default template was ignored without a word (found by an audit): the README's example
+    pairs it with self_reference, the one template that reads it."""
+    from alignkit.core.config import LabelSettings
+    from alignkit.feedback.judge import make_judge
+
+    with pytest.raises(ConfigError, match=r"^--principle is read only by a judge template that names \{principle\} "
+                                          r"\(--judge_template self_reference, or your own\); default does not"):
+        make_judge(LabelSettings(principle="Be brief", judge_base_url="http://127.0.0.1:9/v1"))
+    assert make_judge(LabelSettings(principle="Be brief", judge_template="self_reference",
+                                    judge_base_url="http://127.0.0.1:9/v1")).template.principle == "Be brief"
+
+
 def test_rate_limits_and_server_errors_are_retried(tmp_path):
     marker_pairs(tmp_path)
     attempts, times, lock = Counter(), {}, threading.Lock()

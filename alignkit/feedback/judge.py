@@ -32,7 +32,7 @@ from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.code_digest import code_fingerprint
 from alignkit.core.errors import UserError
-from alignkit.feedback.judge_templates import Template, load_template
+from alignkit.feedback.judge_templates import Template, check_principle, load_template
 
 TOKENS = {"A": "[[A]]", "B": "[[B]]", "tie": "[[C]]"}
 _VERDICT = re.compile(r"\[\[([ABC])\]\]")
@@ -270,6 +270,7 @@ def make_judge(s) -> Judge:
     if s.judge.startswith("rm:"):  # a reward model scores each answer (alignkit.feedback.rewards)
         return RMJudge(s.judge, s, s.rm_tie_margin, s.generation_batch_size)
     template = load_template(s.judge_template, s.principle)
+    check_principle(template, s)
     if s.judge == "openai":
         from alignkit.core.llm import judge_client
 

@@ -68,6 +68,18 @@ def _placeholders(text: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
 
 
+def check_principle(template: Template, s) -> None:
+    """A --principle the user set is read only by a template that names {principle}: with another (the default
+    one), it was ignored without a word."""
+    if not dataclasses.is_dataclass(s):  # rl.py's view of its settings: it checks its own (rl_rewards)
+        return
+    default = next((f.default for f in dataclasses.fields(s) if f.name == "principle"), s.principle)
+    if s.principle != default and "{principle}" not in template.system + template.prompt:
+        raise ConfigError(f"--principle is read only by a judge template that names {{principle}} (--judge_template "
+                          f"self_reference, or your own); {template.name} does not: pass --judge_template "
+                          "self_reference, or drop --principle")
+
+
 def load_template(spec: str, principle: str = "") -> Template:
     """`default`, `self_reference`, or a FastChat judge_prompts.jsonl file (`FILE#NAME` picks one entry)."""
     if spec in ("default", "self_reference"):

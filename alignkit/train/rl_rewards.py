@@ -153,6 +153,9 @@ class JudgeReward:
             judge_settings = SimpleNamespace(judge="openai", judge_template=s.judge_template, principle=s.principle,
                                              **endpoint)
             self.judge = make_judge(judge_settings)
+            from alignkit.feedback.judge_templates import check_principle
+
+            check_principle(self.judge.template, s)
             self.identity = self.judge.identity()
             self.references = self._references(s)
         else:
