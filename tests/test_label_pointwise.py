@@ -93,6 +93,24 @@ def test_an_llm_grades_each_answer_once_with_the_pointwise_template(tmp_path):
         assert server.count == 12 and rows(tmp_path / "labels.jsonl") == out
 
 
+def test_a_python_grader_s_none_or_nan_is_no_grade(tmp_path, alignkit_log):
+    """A grader returning None failed every request ("float() argument must be ... NoneType"), retried by every run;
+    NaN counted as a low grade and inf as a high one, written as invalid JSON (found by an audit). Each is no grade:
+    a parse failure, said once, as an LLM's answer without a rating."""
+    _answers(tmp_path)
+    (tmp_path / "graders.py").write_text(
+        "import math\n\ndef odd(prompt, answer):\n"
+        "    return None if 'answer 1' in answer else math.nan if 'answer 3' in answer else math.inf if 'answer 5' "
+        "in answer else 8.0\n")
+    run_script("label.py", "--mode", "pointwise", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge",
+               f"python:{tmp_path / 'graders.py'}:odd", "--output", "labels.jsonl", cwd=tmp_path)
+    summary = json.loads((tmp_path / "labels.summary.json").read_text())
+    graded = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]  # strict JSON
+    assert (summary["errors"], summary["parse_failures"], len(graded)) == (0, 6, 6)
+    assert all(r["grade"] == 8.0 for r in graded)
+    assert alignkit_log.text.count("which is no grade (counted as a parse failure)") == 1
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--judge", "python:alignkit.modeling.presets:rule_judge"], "must accept \\(prompt, answer\\)"),
     (["--judge", "openai", "--judge_template", "self_reference"], "drop --judge_template self_reference"),

@@ -17,6 +17,7 @@ never labelled, and a failed request is counted and retried by the next run.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -108,7 +109,7 @@ class Grader:
 
     def grade_batch(self, items: list[Item]) -> list[float | None]:
         if self.kind == "python":
-            return [float(self.function(question_text(i.messages), i.answer)) for i in items]
+            return [self._number(self.function(question_text(i.messages), i.answer)) for i in items]
         if self.kind == "rm":
             from alignkit.feedback.rewards import RewardModel
 
@@ -120,6 +121,25 @@ class Grader:
 
     def grade(self, item: Item) -> float | None:
         return self.grade_batch([item])[0]
+
+    said_no_grade = False
+
+    def _number(self, value) -> float | None:
+        """A python: grader's return as a grade: a finite number; None (it abstains) or NaN/inf is no grade, a parse
+        failure as an LLM's answer without a rating (said once), not an error retried by every run, nor a NaN
+        counted as a low grade and written as invalid JSON."""
+        grade = None if value is None or isinstance(value, bool) else value
+        try:
+            grade = None if grade is None else float(grade)
+        except (TypeError, ValueError):
+            grade = None
+        if grade is not None and math.isfinite(grade):
+            return grade
+        if not self.said_no_grade:
+            self.said_no_grade = True
+            logger.warning(f"--judge {self.spec}: returned {value!r}, which is no grade (counted as a parse failure); "
+                           "it must return a finite number")
+        return None
 
 
 def grade(run, grader: Grader, prompts, table) -> dict:
