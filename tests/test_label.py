@@ -264,6 +264,18 @@ def test_a_judge_that_always_says_A_yields_no_labels(tmp_path, alignkit_log, cap
     assert "train on it" not in capsys.readouterr().out
 
 
+def test_a_missing_prompts_file_leaves_nothing_behind(tmp_path):
+    """A --prompts file that is not there was refused after the cache folder and the settings file were written
+    beside the output (found by an audit)."""
+    from alignkit.core.data import DataError
+
+    marker_pairs(tmp_path)
+    with pytest.raises(DataError, match=r"nope.jsonl: file not found"):
+        run_script("label.py", "--prompts", "nope.jsonl", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl",
+                   "--judge", "python:alignkit.modeling.presets:rule_judge", "--output", "out/p.jsonl", cwd=tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_principle_the_judge_template_does_not_read_is_refused(tmp_path):
     """--principle with the default template was ignored without a word (found by an audit): the README's example
     pairs it with self_reference, the one template that reads it."""

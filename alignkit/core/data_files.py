@@ -146,15 +146,22 @@ def read_rows(source, split="train", config_name=None) -> Rows:
             raise
         except Exception as e:
             raise DataError(f"{label}: cannot load the folder written by save_to_disk: {e}") from e
-    if not _HUB_ID.match(label) or label.lower().endswith(FILE_TYPES):
-        raise DataError(f"{label}: file not found. Pass an existing {', '.join(FILE_TYPES)} file, a dataset "
-                        "folder, or a Hub dataset id such as 'owner/name'.")
+    check_exists(label)
     label += f" (config {config_name}, split {split})" if config_name else f" (split {split})"
     try:
         return Rows(datasets.load_dataset(os.fspath(source), config_name, split=split), label)
     except Exception as e:
         raise DataError(f"{label}: no such local file or folder, and loading it as a Hugging Face Hub dataset "
                         f"failed: {e}") from e
+
+
+def check_exists(source: str) -> None:
+    """A data source that names a local file or folder (by its form) must be there: one line, before any work."""
+    label = os.fspath(source)
+    path = os.path.expanduser(label)
+    if not os.path.exists(path) and (not _HUB_ID.match(label) or label.lower().endswith(FILE_TYPES)):
+        raise DataError(f"{label}: file not found. Pass an existing {', '.join(FILE_TYPES)} file, a dataset "
+                        "folder, or a Hub dataset id such as 'owner/name'.")
 
 
 def single_file(source) -> bool:

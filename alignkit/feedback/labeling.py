@@ -94,6 +94,11 @@ def prepare(s) -> Run:
     if not prompt_source:
         raise ConfigError("pass --prompts: a .jsonl/.json/.csv/.parquet file or a Hub dataset id, with the prompt "
                           f"in column {s.prompt_field!r} (see --prompt_field)")
+    from alignkit.core.data_files import check_exists
+
+    for given in (s.prompts, s.responses_a, s.responses_b):  # before the cache and the config are written
+        if given:
+            check_exists(given)
     kind = {"pairs": "preferences", "completions": "completions", "pointwise": "labels"}[s.mode]
     output = Path(s.output or f"runs/label-{_slug(prompt_source)}/{kind}.jsonl")
     if output.suffix != ".jsonl":
