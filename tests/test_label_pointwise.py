@@ -93,6 +93,31 @@ def test_an_llm_grades_each_answer_once_with_the_pointwise_template(tmp_path):
         assert server.count == 12 and rows(tmp_path / "labels.jsonl") == out
 
 
+def test_a_pointwise_run_after_a_pairs_run_reuses_its_responses(tmp_path):
+    """The README's order, label.py then label.py --mode pointwise: the second generated (with openai: generators,
+    paid for) every answer again, its cache being labels.cache beside preferences.cache (found by an audit). The
+    responses beside it are read: the same generator and prompt are the same key in every mode."""
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"what is {i} + {i}?"}) + "\n"
+                                                    for i in range(4)))
+    (tmp_path / "graders.py").write_text("def length(prompt, answer):\n    return len(answer)\n")
+    with FakeOpenAI(lambda body: f"{body['model']} says {body['messages'][-1]['content']}") as server:
+        common = ["--prompts", "prompts.jsonl", "--model_a", "openai:m", "--model_b", "openai:n",
+                  "--generation_base_url", server.base_url]
+        run_script("label.py", *common, "--judge", "python:alignkit.modeling.presets:rule_judge", "--output",
+                   "out/preferences.jsonl", cwd=tmp_path)
+        assert server.count == 8
+        run_script("label.py", *common, "--mode", "pointwise", "--judge", f"python:{tmp_path / 'graders.py'}:length",
+                   "--output", "out/labels.jsonl", cwd=tmp_path)
+        assert server.count == 8  # nothing asked again
+    assert len(rows(tmp_path / "out" / "labels.jsonl")) == 8
+    # One source is enough to grade (each answer alone): it was refused with a message about pairs.
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps({"prompt": f"what is {i} + {i}?", "response": str(2 * i)})
+                                                    + "\n" for i in range(4)))
+    run_script("label.py", "--mode", "pointwise", "--responses_a", "answers.jsonl", "--judge",
+               f"python:{tmp_path / 'graders.py'}:length", "--output", "one/labels.jsonl", cwd=tmp_path)
+    assert len(rows(tmp_path / "one" / "labels.jsonl")) == 4
+
+
 def test_a_python_grader_s_none_or_nan_is_no_grade(tmp_path, alignkit_log):
     """A grader returning None failed every request ("float() argument must be ... NoneType"), retried by every run;
     NaN counted as a low grade and inf as a high one, written as invalid JSON (found by an audit). Each is no grade:

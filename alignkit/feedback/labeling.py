@@ -58,13 +58,18 @@ def plan_sources(s) -> tuple[list[Source], list[tuple[int, int]]]:
     for index, (slot, model, file) in enumerate((("a", s.model_a, s.responses_a), ("b", s.model_b, s.responses_b))):
         if model and file:
             raise ConfigError(f"pass --model_{slot} or --responses_{slot}, not both")
+        if not (model or file) and s.mode == "pointwise" and slot == "b" and sources:
+            break  # each answer is graded alone: one source will do
+        if not (model or file) and s.mode == "pointwise":
+            raise ConfigError("--mode pointwise grades the answers of --model_a or --responses_a (and of --model_b or "
+                              "--responses_b, if given); or --num_samples N samples them from --model_id")
         if not (model or file):
             raise ConfigError("pairs need two sources: --model_a or --responses_a, and --model_b or --responses_b; "
                               "or --num_samples N (N >= 2) to sample the pairs from --model_id")
         if file and not Path(file).is_file():
             raise ConfigError(f"--responses_{slot} {file}: no such file")
         sources.append(Source(file, file, "file", index) if file else _model_source(model, model, index))
-    return sources, [(0, 1)]
+    return sources, [(0, 1)] if len(sources) == 2 else []
 
 
 def _endpoint(spec: str, s):
@@ -117,6 +122,12 @@ def prepare(s) -> Run:
     run = Run(s, output, cache_dir, sources, pairing, judge, endpoints, AppendLog(cache_dir / "responses.jsonl"),
               judgments, backend=backend)
     save_config(s, output.with_suffix(".config.json"))
+    # The responses beside it, of the other modes (preferences.cache, labels.cache, ...): their keys are the
+    # generator's whole identity and the prompt, whatever the mode, so a pointwise run after a pairs run reused
+    # nothing and generated (or paid for) every answer again. Read only; new ones go to this run's own cache.
+    for other in sorted(output.parent.glob("*.cache/responses.jsonl")):
+        if other.parent.resolve() != cache_dir.resolve():
+            run.responses.read_also(other)
     what = f"judge {judge.name}" + (f" with template {judge.template.name}" if judge.template else "") if judge else \
         f"{s.judge} grades each answer (--mode pointwise)" if s.mode == "pointwise" else "teacher completions"
     logger.info(f"label: {what}; responses from {', '.join(sorted({src.spec for src in sources}))}; cache "

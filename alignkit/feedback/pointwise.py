@@ -128,9 +128,8 @@ class Grader:
         """A python: grader's return as a grade: a finite number; None (it abstains) or NaN/inf is no grade, a parse
         failure as an LLM's answer without a rating (said once), not an error retried by every run, nor a NaN
         counted as a low grade and written as invalid JSON."""
-        grade = None if value is None or isinstance(value, bool) else value
-        try:
-            grade = None if grade is None else float(grade)
+        try:  # a bool counts as 1 or 0
+            grade = None if value is None else float(value)
         except (TypeError, ValueError):
             grade = None
         if grade is not None and math.isfinite(grade):
