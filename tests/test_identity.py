@@ -315,12 +315,15 @@ def test_the_reward_model_judge_keys_on_how_the_reward_model_is_loaded(tiny_cach
     folder = tmp_path / "rm"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"], "num_labels": 1}))
-    (folder / "model.safetensors").write_bytes(b"rm weights")
+    import torch
+    from safetensors.torch import save
+
+    (folder / "model.safetensors").write_bytes(save({"score.weight": torch.zeros(1)}))  # whole: the judge checks it
     spec = f"rm:{folder}"
     fp32 = RMJudge(spec, LabelSettings(dtype="fp32", quantization="none")).identity()
     assert RMJudge(spec, LabelSettings(dtype="fp32", quantization="none")).identity() == fp32
     assert RMJudge(spec, LabelSettings(dtype="bf16", quantization="4bit")).identity() != fp32
-    retrain(folder / "model.safetensors", b"rm weighs2")
+    retrain(folder / "model.safetensors", save({"score.weight": torch.ones(1)}))  # same size, other weights
     assert RMJudge(spec, LabelSettings(dtype="fp32", quantization="none")).identity() != fp32
 
 
