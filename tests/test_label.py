@@ -739,10 +739,11 @@ def test_vllm_backend_writes_what_transformers_writes_and_resumes_after_a_crash(
 
     monkeypatch.setattr(generation, "generate", spy)
     run_script("label.py", *args, "--backend", "transformers", "--output", "hf.jsonl", cwd=tmp_path)
-    run_script("label.py", *args, "--output", "auto.jsonl", cwd=tmp_path)  # auto: no vLLM here, so transformers
+    # auto: no vLLM here, so transformers (in a folder of its own: label.py reads the responses cached beside it)
+    run_script("label.py", *args, "--output", "auto/auto.jsonl", cwd=tmp_path)
     assert [c for c, _ in calls[:3]] == [c for c, _ in calls[3:]]  # both runs asked the same
     hf, hf_summary = rows(tmp_path / "hf.jsonl"), json.loads((tmp_path / "hf.summary.json").read_text())
-    assert rows(tmp_path / "auto.jsonl") == hf and len(hf) == 5
+    assert rows(tmp_path / "auto" / "auto.jsonl") == hf and len(hf) == 5
     transformers_calls = calls[:3]
 
     fake = install(monkeypatch, cuda=True)  # auto now finds vLLM and a GPU
