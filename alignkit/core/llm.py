@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from alignkit.core.args import ConfigError, redact
@@ -105,15 +106,19 @@ def watched_http_client(what: str, where: str, timeout: float):
     return Watched(), Silent
 
 
-def endpoint_silent(error: Exception, silent: type) -> EndpointSilent | None:
-    """The one line for `error` if it is watched_http_client's `silent` (older openai clients wrap it in an
-    APIConnectionError, after instant retries), else None."""
-    found = next((e for e in (error, error.__cause__) if isinstance(e, silent)), None)
-    if found is None:
-        return None
-    return EndpointSilent(f"{found}: check that its server is up and serving (its log shows each request; a model "
-                          "may still be loading), its URL and port, or raise --request_timeout for a slow model; then "
-                          "run the same command again (what is done is kept)")
+@contextmanager
+def silence_said(silent: type):
+    """Within it, watched_http_client's `silent` exception (older openai clients wrap it in an APIConnectionError,
+    after instant retries) comes out as its one line, EndpointSilent; any other error as it is."""
+    try:
+        yield
+    except Exception as error:
+        found = next((e for e in (error, error.__cause__) if isinstance(e, silent)), None)
+        if found is None:
+            raise
+        raise EndpointSilent(f"{found}: check that its server is up and serving (its log shows each request; a "
+                             "model may still be loading), its URL and port, or raise --request_timeout for a slow "
+                             "model; then run the same command again (what is done is kept)") from None
 
 
 class ChatClient:
@@ -133,17 +138,12 @@ class ChatClient:
         self.usage = Usage()
 
     def complete(self, messages: list[dict], **kwargs) -> str:
-        try:
+        with silence_said(self._silent):
             response = self.client.chat.completions.create(
                 model=self.model, messages=openai_messages(messages),
                 temperature=kwargs.pop("temperature", self.temperature),
                 max_tokens=kwargs.pop("max_tokens", self.max_tokens), **kwargs,
             )
-        except Exception as error:
-            said = endpoint_silent(error, self._silent)
-            if said is None:
-                raise
-            raise said from None
         choices = getattr(response, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:  # a web page, a proxy's error, no JSON
             shown = " ".join(str(response).split())[:120]

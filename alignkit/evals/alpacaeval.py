@@ -143,6 +143,7 @@ def run(s, backend: str) -> dict:
                  "--model_id / --reference_model")
     rows, hub_references = load_eval_set(s.eval_set, s.max_instances)
     name = check_name(s.model_name or default_name(s.model_id), "--model_name")
+    done = {}  # name: what outputs_done said, where asked before any generation
     if s.reference_outputs:
         references = load_reference_outputs(s.reference_outputs, rows, s.reference_name)
     elif s.reference_model:
@@ -150,13 +151,15 @@ def run(s, backend: str) -> dict:
         if ref_name == name:
             raise ConfigError(f"the model and the reference are both named {name!r}: pass --model_name or "
                               "--reference_name")
-        from alignkit.evals.alpacaeval_outputs import outputs_missing
+        from alignkit.evals.alpacaeval_outputs import outputs_done
         from alignkit.modeling.model_folders import check_model_sources
 
         # Both are there before the reference generates (the model was found missing only after it had).
+        done = {named: outputs_done(source, named, s, backend) for source, named in ((s.reference_model, ref_name),
+                                                                                     (s.model_id, name))}
         check_model_sources(s, [source for source, named in ((s.reference_model, ref_name), (s.model_id, name))
-                                if outputs_missing(source, named, rows, s, backend)])
-        references = model_outputs(s.reference_model, ref_name, rows, s, backend)
+                                if any(r["instruction"] not in done[named][1] for r in rows)])
+        references = model_outputs(s.reference_model, ref_name, rows, s, backend, done[ref_name])
     elif hub_references is not None:
         references = hub_references
     else:
@@ -167,7 +170,7 @@ def run(s, backend: str) -> dict:
         r["generator"] = ref_name
     if ref_name == name:
         raise ConfigError(f"the model and the reference are both named {name!r}: pass --model_name or --reference_name")
-    outputs = model_outputs(s.model_id, name, rows, s, backend)
+    outputs = model_outputs(s.model_id, name, rows, s, backend, done.get(name))
 
     # Annotations and metrics by alpaca_eval
     judge = "rule" if use_rule else next(iter(annotators.values()))["completions_kwargs"].get("model_name")

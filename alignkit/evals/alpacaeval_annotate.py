@@ -189,16 +189,11 @@ class LoggedCompletions:
         return _canonical_hash({"prompt": prompt, "base_url": self.client["openai_api_base"], "decoding": decoding})
 
     def _ask(self, prompt: str, key: str, kwargs: dict) -> dict:
-        from alignkit.core.llm import endpoint_silent
+        from alignkit.core.llm import silence_said
 
         client = {**self.client, "client_kwargs": {**self.client.get("client_kwargs", {}), "http_client": self._http}}
-        try:
+        with silence_said(self._silent):
             out = self.fn([prompt], **{**kwargs, "num_procs": 1}, **client)
-        except Exception as error:
-            said = endpoint_silent(error, self._silent)
-            if said is None:
-                raise
-            raise said from None
         record = {"key": key, **{k: v[0] for k, v in out.items()}, "tstamp": time.time()}
         with self._lock:
             if record.get("completions") == _FAILED:

@@ -197,14 +197,16 @@ def generate_outputs(generator, rows: list[dict], name: str, source: str, path, 
     return len(todo)
 
 
-def outputs_missing(source: str, name: str, rows: list[dict], s, backend: str) -> bool:
-    """Whether model_outputs would load `source` to generate some of its outputs."""
-    done = read_outputs(outputs_path(s.output_dir, name), source, _generation(s), outputs_key(s, source, backend))
-    return any(r["instruction"] not in done for r in rows)
+def outputs_done(source: str, name: str, s, backend: str) -> tuple[str, dict[str, dict]]:
+    """(`source`'s identity as loaded, {instruction: record} of the outputs its log holds from that model)."""
+    identity = outputs_key(s, source, backend)
+    return identity, read_outputs(outputs_path(s.output_dir, name), source, _generation(s), identity)
 
 
-def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> list[dict]:
-    """The outputs of model `source` on `rows` in AlpacaEval's format, generated where missing."""
+def model_outputs(source: str, name: str, rows: list[dict], s, backend: str,
+                  done: tuple[str, dict] | None = None) -> list[dict]:
+    """The outputs of model `source` on `rows` in AlpacaEval's format, generated where missing. `done`: what
+    outputs_done said of it, if asked already."""
     from alignkit.modeling.generation import load_generator
 
     path = outputs_path(s.output_dir, name)
@@ -212,8 +214,7 @@ def model_outputs(source: str, name: str, rows: list[dict], s, backend: str) -> 
     if getattr(s, "preset", None) == "tiny" and not Path(source).exists():
         raise ConfigError(f"{source} not found: train the tiny runs first (python sft.py --preset tiny; python "
                           "dpo.py --preset tiny --model_id runs/tiny-sft), or pass --model_id / --reference_model")
-    identity = outputs_key(s, source, backend)
-    done = read_outputs(path, source, generation, identity)
+    identity, done = done or outputs_done(source, name, s, backend)
     missing = [r for r in rows if r["instruction"] not in done]
     if missing:
         print(f"{name}: {len(rows) - len(missing)} outputs from before, generating {len(missing)} with {source}")
