@@ -143,12 +143,50 @@ def test_an_upgrade_of_a_library_that_computes_the_outputs_is_another_model_in_e
     installed = dict(identity._installed())
     assert {"torch", "transformers", "peft"} <= set(installed)
     before, under_vllm = keys(base), identity.model_identity(base, "vllm")
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "gguf"):
+    for name in ("torch", "transformers", "peft"):
         monkeypatch.setattr(identity, "_installed", lambda: {**installed, name: "99.0"})
         assert differ(before, keys(base)) == [], name  # every cache answers again
     monkeypatch.setattr(identity, "_installed", lambda: {**installed, "vllm": "99.0"})
     assert keys(base) == before  # vLLM computes nothing under transformers
     assert identity.model_identity(base, "vllm") != under_vllm
+
+
+def test_an_optional_library_counts_only_where_it_computes_this_models_outputs(tiny_cache, tmp_path, monkeypatch):
+    """`pip install gguf` (or bitsandbytes, flash-attn, Liger) for another model made every answers file of a plain
+    model another model's, and evaluate.py refused them all: each counts where this model runs through it."""
+    model = presets.paths()["model"]
+    (tmp_path / "a.gguf").write_bytes(b"gguf a")
+    saved_4bit = tmp_path / "saved-4bit"
+    shutil.copytree(model, saved_4bit)
+    config = json.loads((saved_4bit / "config.json").read_text())
+    (saved_4bit / "config.json").write_text(json.dumps({**config, "quantization_config": {
+        "quant_method": "bitsandbytes", "load_in_4bit": True}}))
+    plain, four_bit = GenerationSettings(model_id=model), GenerationSettings(model_id=model, quantization="4bit")
+    eight_bit, gguf = dataclasses.replace(four_bit, quantization="8bit"), GenerationSettings(
+        model_id=str(tmp_path), gguf_file="a.gguf")
+    gguf_named = GenerationSettings(model_id=str(tmp_path / "a.gguf"))
+    as_saved = GenerationSettings(model_id=str(saved_4bit))
+    cases = {"bitsandbytes": (four_bit, eight_bit, as_saved), "gguf": (gguf, gguf_named),
+             "flash-attn": (), "liger-kernel": ()}  # no CUDA here: their kernels never run
+    installed = dict(identity._installed())
+    every = (plain, four_bit, eight_bit, gguf, gguf_named, as_saved)
+    for cuda in (False, True):
+        monkeypatch.setattr(identity, "_cuda", lambda: cuda)
+        monkeypatch.setattr(identity, "_installed", lambda: installed)
+        before = [identity.identity_key(s) for s in every]
+        for name, counting in cases.items():
+            monkeypatch.setattr(identity, "_installed", lambda: {**installed, name: "99.0"})
+            after = [identity.identity_key(s) for s in every]
+            changed = [s for s, b, a in zip(every, before, after) if a != b]
+            assert changed == (list(every) if cuda and name in ("flash-attn", "liger-kernel") else list(counting)), \
+                (name, cuda)
+    # Nor is a kernel installed where it cannot run another machine (the hardware class names it on CUDA only).
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in (
+        "flash_attn", "liger_kernel") else find_spec(name, *a))
+    assert identity.hardware() == "cpu"
 
 
 def test_two_gguf_files_of_one_folder_are_two_models_in_every_cache(tiny_cache, tmp_path):

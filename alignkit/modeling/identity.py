@@ -16,9 +16,10 @@ it plus its own inputs (prompt, sampling, template) and never lists loader field
 - `backend`: the generation engine (vLLM and transformers sample differently), when the caller has one.
 - `hardware`: the device class and the optional kernels installed, the inputs of every `auto` choice (dtype,
   attention, quantization, Liger): a cache made on a CPU in fp32 is not reused on a GPU in 4-bit.
-- `libraries`: the installed versions of the libraries that compute the outputs (`LIBRARIES`, and the engine's
-  own, `ENGINE_LIBRARIES`): an upgrade can change an answer (a fixed attention mask or rotary scaling, another
-  sampling default, a new kernel), so an answer made under other versions is made again.
+- `libraries`: the installed versions of the libraries that compute the outputs (`LIBRARIES`; bitsandbytes, gguf,
+  flash-attn and Liger where they compute this model's, `OPTIONAL_LIBRARIES`; the engine's own, `ENGINE_LIBRARIES`):
+  an upgrade can change an answer (a fixed attention mask or rotary scaling, another sampling default, a new
+  kernel), so an answer made under other versions is made again.
 """
 
 from __future__ import annotations
@@ -57,9 +58,17 @@ ENGINE_ONLY = {
 }
 
 # The libraries whose versions count (distribution names; one not installed is left out): the ones that compute a
-# model's outputs on every engine (torch's kernels, the model classes, the adapters, 4-bit layers, the optional
-# kernels, the GGUF reader that dequantizes a .gguf file), and the engine's own where it runs.
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "flash-attn", "liger-kernel", "gguf")
+# model's outputs on every engine (torch's kernels, the model classes, the adapters), each optional one where it
+# computes this model's outputs (OPTIONAL_LIBRARIES, `_used`), and the engine's own where it runs. An optional library
+# installed or upgraded for another model is not another model here: evaluate.py refused every answers file after a
+# `pip install gguf`.
+LIBRARIES = ("torch", "transformers", "peft")
+OPTIONAL_LIBRARIES = {
+    "bitsandbytes": "the 4-bit and 8-bit layers: where the model loads quantized (asked for, or saved so)",
+    "gguf": "the reader that dequantizes a .gguf file: where the chain holds one",
+    "flash-attn": "its kernels run on CUDA only",
+    "liger-kernel": "its kernels run on CUDA only",
+}
 ENGINE_LIBRARIES = {"vllm": ("vllm",)}
 
 # Files in a model folder that no loader reads: a change to them is not a new model.
@@ -226,17 +235,18 @@ def _liger_runs() -> bool:
 
 
 def hardware() -> str:
-    """The device class and the optional kernels installed: the inputs of alignkit's "auto" choices."""
+    """The device class and, on CUDA, the optional kernels installed: the inputs of alignkit's "auto" choices
+    (without CUDA neither kernel runs and no choice reads them: installing one there is not another machine)."""
     import importlib.util
 
     import torch
 
-    device = "cpu"
-    if torch.cuda.is_available():
-        try:
-            device = f"cuda:{torch.cuda.get_device_name(0)}"
-        except (RuntimeError, AssertionError):  # a CUDA that reports itself but cannot name the device
-            device = "cuda"
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        device = f"cuda:{torch.cuda.get_device_name(0)}"
+    except (RuntimeError, AssertionError):  # a CUDA that reports itself but cannot name the device
+        device = "cuda"
     kernels = [k for k in ("flash_attn", "liger_kernel") if importlib.util.find_spec(k) is not None]
     return "+".join([device, *kernels])
 
@@ -247,7 +257,7 @@ def _installed() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for name in (*LIBRARIES, *(n for names in ENGINE_LIBRARIES.values() for n in names)):
+    for name in (*LIBRARIES, *OPTIONAL_LIBRARIES, *(n for names in ENGINE_LIBRARIES.values() for n in names)):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -255,10 +265,55 @@ def _installed() -> dict[str, str]:
     return out
 
 
-def libraries(backend: str | None) -> dict[str, str]:
-    """The versions that count for a model run by `backend` (see LIBRARIES)."""
-    names = (*LIBRARIES, *ENGINE_LIBRARIES.get(backend or "", ()))
+def libraries(backend: str | None, used: tuple[str, ...] = ()) -> dict[str, str]:
+    """The versions that count for a model run by `backend` that computes with the optional libraries `used` (see
+    LIBRARIES, `_used`)."""
+    names = (*LIBRARIES, *used, *ENGINE_LIBRARIES.get(backend or "", ()))
     return {name: version for name, version in _installed().items() if name in names}
+
+
+def _used(s, quantization: str | None, chain: list[dict]) -> tuple[str, ...]:
+    """The OPTIONAL_LIBRARIES that compute the outputs of the model `s` loads, `quantization` as model_identity keys
+    it and `chain` its chain_identity. Where it cannot be known (a Hub base whose config is not cached here), a
+    library counts."""
+    used = []
+    if quantization in ("4bit", "8bit") or _saved_quantized(s):
+        used.append("bitsandbytes")
+    if any("gguf" in part or str(part.get("file") or "").lower().endswith(".gguf") for part in chain):
+        used.append("gguf")
+    if _cuda():
+        used += ["flash-attn", "liger-kernel"]
+    return tuple(used)
+
+
+def _saved_quantized(s) -> bool:
+    """Whether the base of `s`'s chain is saved quantized by bitsandbytes (its config.json's quantization_config),
+    so that loading it as saved runs bitsandbytes' layers; True where its config is not at hand."""
+    from alignkit.modeling.chain import resolve
+
+    try:
+        chain = resolve(s.model_id, s.revision)
+    except Exception:  # noqa: BLE001 - a chain the loader cannot walk: it says so when it loads
+        return True
+    if getattr(s, "gguf_file", None) or chain.base.lower().endswith(".gguf"):
+        return False
+    config = Path(chain.base) / "config.json"
+    if not Path(chain.base).exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(chain.base, "config.json", revision=chain.revision)
+        except Exception:  # noqa: BLE001 - not a repo id (a local path that is not there): the loader says so
+            return True
+        if not isinstance(found, str):
+            return True
+        config = Path(found)
+    try:
+        quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return True
+    return not isinstance(quantization, dict) or quantization.get("quant_method") == "bitsandbytes" or \
+        any(quantization.get(k) for k in ("load_in_4bit", "load_in_8bit"))
 
 
 def loader_fields(s) -> dict:
@@ -306,8 +361,9 @@ def model_identity(s, backend: str | None = None) -> dict:
             loader["attn_implementation"] = "auto"
         if loader.get("use_liger") == "true" or loader.get("use_liger") == "false" and not _liger_runs():
             loader["use_liger"] = "auto"
-    return {"loader": loader, "chain": chain_identity(s.model_id, s.revision, s.gguf_file),
-            "backend": backend, "hardware": hardware(), "libraries": libraries(backend)}
+    chain = chain_identity(s.model_id, s.revision, s.gguf_file)
+    return {"loader": loader, "chain": chain, "backend": backend, "hardware": hardware(),
+            "libraries": libraries(backend, _used(s, loader.get("quantization"), chain))}
 
 
 def identity_key(s, backend: str | None = None) -> str:
