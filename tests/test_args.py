@@ -623,3 +623,11 @@ def test_whole_list_values_keep_their_commas_from_every_layer(monkeypatch):
 
     command, settings = parse_command(["vibes", "--model_id", "m", "--prompts", "Hello, who are you?", "Hi"])
     assert command == "vibes" and settings.prompts == ["Hello, who are you?", "Hi"]
+
+
+def test_a_value_refused_under_trls_name_names_it_too():
+    """`--beta -1` said "dpo_beta must be > 0": a name the user never typed."""
+    from alignkit.core.config import DPOSettings
+
+    with pytest.raises(ConfigError, match=r"^dpo_beta must be > 0, got -1.0 \(dpo_beta is TRL's beta\)$"):
+        parse_config(DPOSettings, ["--beta", "-1"], env_file=None)

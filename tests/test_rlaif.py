@@ -29,7 +29,7 @@ def judge_modules(tmp_path, monkeypatch):
 
     code = tmp_path / "judges"
     code.mkdir()
-    for module, name in (("my_judge", "judge"), ("other_judge", "judge"), ("j", "f")):
+    for module, name in (("my_judge", "judge"), ("other_judge", "judge"), ("j", "f"), ("unparsed_judge", "judge")):
         (code / f"{module}.py").write_text(JUDGE.format(name=name))
         monkeypatch.delitem(sys.modules, module, raising=False)
     # Not syspath_prepend: it calls pkg_resources, which alignkit's alpaca_eval stand-in may be by now.
@@ -97,7 +97,11 @@ def _fake_steps(calls: list):
         if script == "label.py":
             out = Path(flag["--output"])
             out.write_text(json.dumps({"judge": flag["--judge"], "policy": flag["--model_id"]}) + "\n")
-            out.with_suffix(".summary.json").write_text(json.dumps({"pairs": 1}))
+            unparsed = "unparsed" in flag["--judge"]  # a judge whose every verdict fails to parse labels nothing
+            out.write_text("" if unparsed else out.read_text())
+            out.with_suffix(".summary.json").write_text(json.dumps(
+                {"pairs_judged": 3, "labeled": 0, "parse_failures": 3} if unparsed else {"pairs_judged": 1,
+                                                                                     "labeled": 1}))
         elif script == "dpo.py":
             dpo = Path(flag["--output_dir"]) / flag["--run_name"]
             dpo.mkdir(exist_ok=True)
@@ -217,6 +221,40 @@ def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_ear
     run(**more)
     assert calls == [("label.py", f"{folder}/round-{r}/preferences.jsonl") for r in (1, 2)]
     assert "round 1: label redone: label_args_files changed" in alignkit_log.text
+
+
+def test_a_round_that_labels_nothing_stops_at_its_judge_and_a_missing_prompts_file_before_round_1(
+        tmp_path, monkeypatch, judge_modules):
+    """A judge whose verdicts never parsed let label.py end well with an empty file; rlaif.py counted the step done
+    and dpo.py stopped on "preferences.jsonl: no usable rows ... Point it at a file with data rows", a file rlaif.py
+    writes, and so did every rerun. And a --dataset_id that is not there was found by round 1's label.py, after the
+    policy had loaded."""
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.core.data_files import DataError
+    from alignkit.core.errors import UserError
+    from alignkit.train import rlaif
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    base, prompts = tmp_path / "base", tmp_path / "prompts.jsonl"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    prompts.write_text('{"prompt": "hi"}\n')
+    calls = []
+    monkeypatch.setattr(rlaif, "_run", _fake_steps(calls))
+    s = RLAIFSettings(model_id=str(base), dataset_id=str(prompts), judge="python:unparsed_judge:judge",
+                      eval_judge_model="rule", rounds=1, output_dir=str(tmp_path))
+    for _ in range(2):  # the rerun asks label.py again (a fixed judge is another judge): not counted done
+        calls.clear()
+        with pytest.raises(UserError, match=r"^round 1: no pair was labeled: 3 answers without a verdict \(see "
+                                            r".*round-1/preferences.summary.json\); check what the judge answers.*; "
+                                            r"then run the same rlaif.py command again"):
+            rlaif.run(s, tmp_path / "run")
+        assert [script for script, _ in calls] == ["label.py"]
+    calls.clear()
+    missing = dataclasses.replace(s, dataset_id=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match=r"nope.jsonl: file not found"):
+        rlaif.run(missing, tmp_path / "run-missing")
+    assert calls == []
 
 
 def test_a_redo_that_fails_keeps_the_earlier_round_aside_and_the_same_command_resumes_it(tmp_path, monkeypatch):

@@ -452,7 +452,8 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:  # __post_init__ validation is a user-facing config problem too
-        raise ConfigError(str(e)) from e
+        trl = {n: vocab.aliases_of(n) for n in fields if vocab and re.search(rf"\b{n}\b", str(e))}  # --beta typed
+        raise ConfigError(str(e) + "".join(f" ({n} is TRL's {' / '.join(a)})" for n, a in trl.items() if a)) from e
 
 
 # ---------------------------------------------------------------- saving and secrets

@@ -152,6 +152,12 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
         args += [item for k, v in _prompt_source(s).items() if v is not None for item in (f"--{k}", str(v))]
         args += at_revision + loader_flags(s) + endpoint_flags(s)
         _run("label.py", args + shlex.split(s.label_args), log)
+    if not read_json(summary_file).get("labeled"):  # label.py ends well with none: DPO would blame its own file
+        from alignkit.feedback.label_records import nothing_labeled
+
+        raise UserError(f"round {r}: {nothing_labeled(read_json(summary_file), summary_file)}; then run the same "
+                        "rlaif.py command again (what is done is kept)")
+    if plan[0]:
         _done(here, "label", inputs["label"])
     dpo = here / "dpo"
     reference = []
@@ -261,9 +267,11 @@ def eval_prompts(s, folder: Path) -> str:
 
 def run(s, folder: Path) -> list[dict]:
     """Every round, each reused where it was made from the same inputs; then the table and the chart."""
+    from alignkit.core.data_files import check_exists
     from alignkit.core.mixture import check_file_splits
     from alignkit.train.report import show
 
+    check_exists(s.dataset_id)  # a prompts file that is not there: here, not in round 1's label.py after a load
     check_file_splits(s)  # a --dataset_split on a single prompts file, refused here, not by dpo.py in round 1
     _check_folder(s, folder)
     prompts = eval_prompts(s, folder)
@@ -301,7 +309,7 @@ def _check_folder(s, folder: Path) -> None:
 
 
 def format_table(records: list[dict]) -> str:
-    lines = ["| round | adjusted win rate vs previous (ties count half) | 95% CI | win / loss / tie | DPO pairs |",
+    lines = ["| round | adjusted win rate vs previous (ties count half) | 95% CI | win / loss / tie | labeled pairs |",
              "|---|---|---|---|---|"]
     for rec in records:
         lines.append(f"| {rec['round']} | {rec['win_rate']:.3f} | {rec['ci95'][0]:.3f}-{rec['ci95'][1]:.3f} | "
