@@ -119,3 +119,29 @@ def metrics_rows(run: Path) -> int:
     cls, kind = (SFTSettings, "sft") if saved["run_type"] == "sft" else (DPOSettings, "preference")
     names = {f.name for f in dataclasses.fields(cls)}
     return len(load_train_eval(kind, cls(**{k: v for k, v in saved.items() if k in names and k in DATA_SETTINGS}))[0])
+
+
+def test_each_process_of_a_launch_ends_its_process_group_at_exit(tmp_path):
+    """Left to the interpreter's teardown, the process group's threads were destroyed still running: a rank that had
+    saved everything died of SIGABRT ("terminate called without an active exception") and failed an FSDP launch
+    (seen in the fresh-clone CI). The launch's group now ends at exit, in each process."""
+    import socket
+
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import torch.distributed as dist\n"
+        "from alignkit.core import launch\n"
+        "launch._start_process_group()\n"
+        "real = dist.destroy_process_group\n"
+        "def spy(*a, **k):\n"
+        "    print(f'rank {dist.get_rank()}: process group ended', flush=True)\n"
+        "    real(*a, **k)\n"
+        "dist.destroy_process_group = spy\n")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), str(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(done.stdout.split("\n")[:-1]) == ["rank 0: process group ended", "rank 1: process group ended"]

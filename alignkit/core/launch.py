@@ -211,9 +211,28 @@ def _start_process_group():
 
     The Trainer's TrainingArguments later find the same state (it is a singleton) and use it.
     """
+    import atexit
+
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if _end_process_group not in _AT_EXIT:
+        _AT_EXIT.append(_end_process_group)
+        atexit.register(_end_process_group)
+    return state
+
+
+_AT_EXIT: list = []
+
+
+def _end_process_group() -> None:
+    """At exit, the process group ended by this process: left to the interpreter's teardown, its gloo or NCCL
+    threads were destroyed still running, and a process that had saved everything died of SIGABRT ("terminate
+    called without an active exception"), failing the launch. Local to this process: no collective, no waiting."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def establish_launch(s=None, script: str = "") -> Launch:
