@@ -167,3 +167,20 @@ def test_a_checkpoint_card_shows_its_runs_settings_and_its_own_figures(tmp_path,
     assert "0.4 |" not in figures and "train_loss" not in card and "Final metrics" not in card
     # `auto` on CUDA trained QLoRA: cited by how the loader loaded the base (the setting alone said nothing).
     assert "QLoRA" in card.split("Methods used:")[1] and "qlora" in card.split("---")[1]
+
+
+def test_a_merge_saved_in_another_precision_and_a_gguf_base_are_described_as_they_are(merged_dpo, tmp_path):
+    """A bf16 merge's card said its logits "match base + adapters within 1e-06", a figure measured in fp32 before the
+    cast (the saved weights differ by 0.1 on the tiny model); a merge over a GGUF file called it a folder."""
+    text = model_card(merged_dpo)
+    assert ("match base + adapters within 1.0e-06 (checked in float32, before the weights were cast to bfloat16 to "
+            "be saved: bfloat16 rounds them further).") in text
+    merge = json.loads((merged_dpo / "merge.json").read_text())
+    (merged_dpo / "merge.json").write_text(json.dumps({**merge, "dtype": "float32", "check_dtype": "float32"}))
+    assert "within 1.0e-06." in model_card(merged_dpo)
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    (merged_dpo / "merge.json").write_text(json.dumps({**merge, "base_model": str(gguf)}))
+    text = model_card(merged_dpo)
+    assert "a local GGUF file (`SmolLM2-135M-Instruct.Q4_1.gguf`, its quantized weights dequantized to load)" in text
+    assert "folder `SmolLM2" not in text and str(tmp_path) not in text

@@ -188,7 +188,10 @@ def test_a_failed_check_saves_nothing_and_says_by_how_much(dpo_run, tmp_path, mo
         return model
 
     monkeypatch.setattr(LoraModel, "merge_and_unload", lossy_merge)
-    with pytest.raises(RuntimeError, match=r"differ from base \+ adapters by up to [0-9.e-]+"):
+    # One line (a UserError: it was a RuntimeError's traceback), with what to do meanwhile.
+    with pytest.raises(merge_module.UserError, match=r"^merge check failed: merged logits differ from base \+ "
+                                                     r"adapters by up to [0-9.e-]+ \(tolerance [0-9.e-]+, in fp32\); "
+                                                     r"nothing was saved. The adapter works unmerged"):
         merge_module.merge_adapters(str(dpo_run["run_folder"]), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
@@ -326,6 +329,25 @@ def test_output_dir_naming_an_adapter_or_a_model_is_refused_not_replaced(dpo_run
     shutil.copytree(Path(plain, base) if not Path(base).is_absolute() else base, model)
     with pytest.raises(UserError, match="holds other things than a merged model"):
         merge_module.merge_adapters(str(plain), model)
+    # A folder of data or notes (every file .json, .md or .txt) was taken for a merge cut short, and deleted.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for name, text in (("train.json", '{"a": 1}'), ("NOTES.md", "mine"), ("todo.txt", "x")):
+        (notes / name).write_text(text)
+    with pytest.raises(UserError, match="holds other things than a merged model"):
+        merge_module.merge_adapters(str(plain), notes)
+    assert sorted(p.name for p in notes.iterdir()) == ["NOTES.md", "todo.txt", "train.json"]
+    # An earlier merge that is the base of the chain being merged was replaced by its own adapter's merge.
+    merged = merge_module.merge_adapters(str(plain), tmp_path / "merged-base")
+    weights = (merged / "model.safetensors").read_bytes()
+    over = tmp_path / "over"
+    shutil.copytree(plain, over)
+    adapter = json.loads((over / "adapter_config.json").read_text())
+    (over / "adapter_config.json").write_text(json.dumps({**adapter, "base_model_name_or_path": str(merged)}))
+    with pytest.raises(UserError, match=r"^--output_dir .*merged-base is the base of the model being merged "
+                                        r"\(.*over sits on it\): the merge would replace it; pass another"):
+        merge_module.merge_adapters(str(over), merged)
+    assert (merged / "model.safetensors").read_bytes() == weights
     with pytest.raises(UserError, match=r"^--dequantize merges into the base rounded to 4-bit, .* was trained with "
                                         r"--quantization none: drop --dequantize$"):
         merge_module.merge_adapters(str(dpo_run["run_folder"]), tmp_path / "deq", dequantize=True)

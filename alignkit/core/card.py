@@ -112,7 +112,17 @@ def describe_base(folder) -> tuple[str | None, str, list[str]]:
     kind = ", ".join(x for x in [(config.get("architectures") or [None])[0], config.get("model_type")] if x)
     if not base:
         return None, "a base model this folder does not record", under
+    if base.lower().endswith(".gguf"):  # a file: its quantized weights, dequantized as they loaded
+        return None, f"a local GGUF file (`{Path(base).name}`, its quantized weights dequantized to load)", under
     return None, f"a local model ({kind + '; ' if kind else ''}folder `{Path(base).name}`)", under
+
+
+def _before_cast(merge: dict) -> str:
+    """Where the merged weights are saved in another precision than the check ran in: the check's figure is not theirs."""
+    check, saved = merge.get("check_dtype", "float32"), merge.get("dtype")
+    if not saved or saved == check:
+        return ""
+    return f" (checked in {check}, before the weights were cast to {saved} to be saved: {saved} rounds them further)"
 
 
 def base_license(base: str) -> dict:
@@ -311,7 +321,8 @@ def model_card(folder, repo_id: str | None = None) -> str:
         parts = [*(f"the LoTA delta `{_shown(d)}`" for d in deltas), *(f"`{_shown(a)}`" for a in adapters)]
         lines += ["", f"Merged into the base: {' -> '.join(parts)}"
                       f"{f' (into the base dequantized from {_4bit(merge)})' if merge.get('dequantize') else ''}; merged logits "
-                      f"match base + adapters within {merge.get('max_logit_difference', 0):.1e}."]
+                      f"match base + adapters within {merge.get('max_logit_difference', 0):.1e}"
+                      f"{_before_cast(merge)}."]
     if data.eval_results:
         lines += ["", "## Evaluation", "", "| task | dataset | metric | value |", "| --- | --- | --- | --- |"]
         lines += [f"| {r.task_type} | {r.dataset_name} | {r.metric_name or r.metric_type} | {r.metric_value} |"

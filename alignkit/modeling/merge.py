@@ -90,6 +90,7 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     if final.exists() and not _a_merged_model(final):
         raise UserError(f"--output_dir {output_dir} holds other things than a merged model: the merge replaces the "
                         "folder whole; pass a new folder (or an earlier merge's)")
+    _check_not_in_chain(final, adapter_dir, base_model)
     from alignkit.core.run_records import run_config, trained_four_bit, trained_quantization
 
     config = run_config(adapter_dir)  # a checkpoint-N's: its run's
@@ -123,10 +124,10 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     diff = ((expected - got).abs() if reward else (expected - got).abs()[mask]).max().item()
     tolerance = TOLERANCE * max(1.0, (expected if reward else expected[mask]).abs().max().item())
     if not diff <= tolerance:  # also catches NaN
-        raise RuntimeError(
-            f"merge check failed: merged logits differ from base + adapters by up to {diff:.3g} "
-            f"(tolerance {tolerance:.3g}, in fp32); nothing was saved"
-        )
+        raise UserError(f"merge check failed: merged {'rewards' if reward else 'logits'} differ from base + adapters "
+                        f"by up to {diff:.3g} (tolerance {tolerance:.3g}, in fp32); nothing was saved. The adapter "
+                        "works unmerged (every alignkit script loads it as it is); please report the model family "
+                        "and the peft version")
     logger.info(f"merge check: max |logit difference| {diff:.2e} <= {tolerance:.2e} (fp32) over "
                 f"{len(CHECK_PROMPTS)} prompts")
     merged.to(target)
@@ -166,17 +167,33 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
 
 
 def _a_merged_model(folder: Path) -> bool:
-    """What a merge (or one cut short) leaves: model, tokenizer and record files, no subfolder, and no adapter or
-    delta (`--output_dir` naming an adapter folder replaced it with its own merge). Anything else (a runs/ folder,
-    the project's root, a base model that no merge wrote) is not replaced."""
+    """An empty folder, or what a merge leaves: its merge.json beside model, tokenizer and record files, no
+    subfolder, and no adapter or delta (`--output_dir` naming an adapter folder replaced it with its own merge).
+    Anything else (a runs/ folder, the project's root, a base model that no merge wrote, a folder of data or notes:
+    a merge cut short leaves its files beside the output, never in it) is not replaced."""
     if not folder.is_dir():
         return False
     files = list(folder.iterdir())
     suffixes = {p.suffix for p in files}
-    return (all(p.is_file() for p in files) and suffixes <= {".json", ".safetensors", ".jinja", ".md", ".txt",
-                                                              ".model", ".bin"}
-            and not {"adapter_config.json", "lota_config.json"} & {p.name for p in files}
-            and (not {".safetensors", ".bin"} & suffixes or (folder / "merge.json").is_file()))
+    return not files or ((folder / "merge.json").is_file() and all(p.is_file() for p in files)
+                         and suffixes <= {".json", ".safetensors", ".jinja", ".md", ".txt", ".model", ".bin"}
+                         and not {"adapter_config.json", "lota_config.json"} & {p.name for p in files})
+
+
+def _check_not_in_chain(final: Path, adapter_dir, base_model: str | None) -> None:
+    """`--output_dir` must not be a model the merge reads: an earlier merge that became the base of this chain was
+    replaced by its own adapter's merge, and the adapter left over a base it never trained on."""
+    from alignkit.modeling.chain import resolve
+
+    try:
+        chain = resolve(str(adapter_dir), None, base_model)
+    except (UserError, OSError, ValueError):  # the loader says what is wrong with the chain, in its own words
+        return
+    for part in (base_model or chain.base, *chain.deltas, *chain.adapters):
+        if Path(part).exists() and Path(part).resolve() == final.resolve():
+            raise UserError(f"--output_dir {final} is {'the base' if part == (base_model or chain.base) else 'a part'}"
+                            f" of the model being merged ({adapter_dir} sits on it): the merge would replace it; "
+                            "pass another --output_dir")
 
 
 def _put_in_place(new: Path, final: Path) -> None:
