@@ -118,7 +118,7 @@ def describe_base(folder) -> tuple[str | None, str, list[str]]:
 
 
 def _before_cast(merge: dict) -> str:
-    """Where the merged weights are saved in another precision than the check ran in: the check's figure is not theirs."""
+    """Where the merged weights are saved in another precision than the check ran in: its figure is not theirs."""
     check, saved = merge.get("check_dtype", "float32"), merge.get("dtype")
     if not saved or saved == check:
         return ""
