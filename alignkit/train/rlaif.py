@@ -155,8 +155,9 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
     if not read_json(summary_file).get("labeled"):  # label.py ends well with none: DPO would blame its own file
         from alignkit.feedback.label_records import nothing_labeled
 
-        raise UserError(f"round {r}: {nothing_labeled(read_json(summary_file), summary_file)}; then run the same "
-                        "rlaif.py command again (what is done is kept)")
+        raise UserError(f"round {r}: {nothing_labeled(read_json(summary_file), summary_file)} (label.py's flags go "
+                        "in --label_args; its --temperature is --sample_temperature here); then run the same rlaif.py "
+                        "command again (what is done is kept)")
     if plan[0]:
         _done(here, "label", inputs["label"])
     dpo = here / "dpo"
