@@ -126,12 +126,8 @@ def _fake_steps(calls: list):
     return run
 
 
-def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_earlier_results(
-        tmp_path, monkeypatch, alignkit_log, judge_modules):
-    """A round is reused because it was made from the same inputs, not because its files exist: a new --dpo_beta
-    retrains round 1's adapter (its labels stand), which changes round 1's evaluation and round 2's policy, so
-    round 2 is redone whole; a new --judge relabels. The earlier results move aside, and one line says why."""
-    from alignkit.core.config import RLAIFSettings
+def _faked_rounds(tmp_path, monkeypatch):
+    """(a base folder, a prompts file, the steps' calls) for rounds whose three scripts are faked (_fake_steps)."""
     from alignkit.train import rlaif
 
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
@@ -141,6 +137,18 @@ def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_ear
     prompts.write_text('{"prompt": "hi"}\n')
     calls = []
     monkeypatch.setattr(rlaif, "_run", _fake_steps(calls))
+    return base, prompts, calls
+
+
+def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_earlier_results(
+        tmp_path, monkeypatch, alignkit_log, judge_modules):
+    """A round is reused because it was made from the same inputs, not because its files exist: a new --dpo_beta
+    retrains round 1's adapter (its labels stand), which changes round 1's evaluation and round 2's policy, so
+    round 2 is redone whole; a new --judge relabels. The earlier results move aside, and one line says why."""
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.train import rlaif
+
+    base, prompts, calls = _faked_rounds(tmp_path, monkeypatch)
     folder = tmp_path / "run"
 
     def run(**changes):
@@ -234,13 +242,7 @@ def test_a_round_that_labels_nothing_stops_at_its_judge_and_a_missing_prompts_fi
     from alignkit.core.errors import UserError
     from alignkit.train import rlaif
 
-    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
-    base, prompts = tmp_path / "base", tmp_path / "prompts.jsonl"
-    base.mkdir()
-    (base / "config.json").write_text("{}")
-    prompts.write_text('{"prompt": "hi"}\n')
-    calls = []
-    monkeypatch.setattr(rlaif, "_run", _fake_steps(calls))
+    base, prompts, calls = _faked_rounds(tmp_path, monkeypatch)
     s = RLAIFSettings(model_id=str(base), dataset_id=str(prompts), judge="python:unparsed_judge:judge",
                       eval_judge_model="rule", rounds=1, output_dir=str(tmp_path))
     for _ in range(2):  # the rerun asks label.py again (a fixed judge is another judge): not counted done
