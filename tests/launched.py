@@ -5,11 +5,13 @@
 Used by tests/test_launch_sharded.py and by bench/gpu_smoke.py (one process). Each process prints, after the
 script ends,
 
-    launched: rank R of W under TYPE; packed batches N; own loss calls M
+    launched: rank R of W under TYPE; packed batches N; own loss calls M; 4-bit layers Q; reference saves S
 
 TYPE is accelerate's `distributed_type` as the Trainer saw it (not what the launch asked for), N the forwards
 that ran on packed pairs (`alignkit.train.prefix.pack_pairs`: prefix sharing really on), M the calls of
-alignkit's own losses (`alignkit.train.trainers.preference_loss`, and `reference_free_loss` for simpo and orpo).
+alignkit's own losses (`alignkit.train.trainers.preference_loss`, and `reference_free_loss` for simpo and orpo),
+Q the bitsandbytes 4-bit layers in the model this process trained (QLoRA really on, in this process), S the
+reference log-prob cache entries this process wrote (`alignkit.train.refcache.save`).
 
 `--fsdp-on-cpu`: accelerate 1.16 turns FSDP on only for GPU-type launches (accelerate/state.py: its FSDP branch
 lists MULTI_GPU, MULTI_NPU, ... but not MULTI_CPU), so `accelerate launch --use_fsdp` on a CPU trains under
@@ -30,7 +32,7 @@ import os
 import runpy
 import sys
 
-counts = {"packed": 0, "own": 0}
+counts = {"packed": 0, "own": 0, "ref_saves": 0}
 seen = {"type": None}
 
 
@@ -103,6 +105,17 @@ def _vllm_sync(trainer, out: str) -> None:
         save_file(weights, out)
 
 
+def _four_bit_layers(trainer) -> int:
+    """bitsandbytes' 4-bit linear layers in the model `trainer` trained (under FSDP and DeepSpeed too)."""
+    if trainer is None:
+        return 0
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    return sum(isinstance(m, Linear4bit) for m in trainer.model.modules())
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--fsdp-on-cpu":
         argv = argv[1:]
@@ -114,8 +127,9 @@ def main(argv: list[str]) -> None:
 
     if launch_mode().startswith("ZeRO"):
         _no_deepspeed_cpu_shm_op()
-    from alignkit.train import prefix, trainers
+    from alignkit.train import prefix, refcache, trainers
 
+    _count(refcache, "save", "ref_saves")
     _count(prefix, "pack_pairs", "packed")
     _count(trainers, "preference_loss", "own")
     _count(trainers, "reference_free_loss", "own")
@@ -128,7 +142,8 @@ def main(argv: list[str]) -> None:
     # other rank's line can land between them on the shared pipe ("... own loss calls 0launched: rank 1 ...").
     rank, world = os.environ.get("RANK", 0), os.environ.get("WORLD_SIZE", 1)
     line = (f"\nlaunched: rank {rank} of {world} under {seen['type']}; packed batches {counts['packed']}; "
-            f"own loss calls {counts['own']}\n")
+            f"own loss calls {counts['own']}; 4-bit layers {_four_bit_layers(ran.get('trainer'))}; reference saves "
+            f"{counts['ref_saves']}\n")
     sys.stdout.flush()
     os.write(1, line.encode())  # the process's own stdout: alignkit.core.launch quiets sys.stdout on ranks above 0
 

@@ -60,13 +60,16 @@ TINY = ["--preset", "tiny", "--max_steps", "2", "--save_steps", "100", "--loggin
 
 
 QLORA = ["--quantization", "4bit"]  # bitsandbytes' CPU kernels: QLoRA under DDP (plain LoRA: test_distributed.py)
+SHIM = str(ROOT / "tests" / "launched.py")  # each process reports its launch type, 4-bit layers, ...
 
 
 @pytest.fixture(scope="module")
 def sft_adapter(cache, runs):
     """sft.py (QLoRA) on two processes, once: the adapter dpo.py, LoTA and rl.py train on below."""
-    output = accelerate_launch(["sft.py", *TINY, *QLORA, "--output_dir", str(runs), "--run_name", "sft"], cache)
+    output = accelerate_launch([SHIM, "sft.py", *TINY, *QLORA, "--output_dir", str(runs), "--run_name", "sft"], cache)
     assert output.count("launch: DDP, 2 processes") == 2  # each process established its launch
+    assert_qlora_on_each_rank(output)
+    assert json.loads((runs / "sft" / "alignkit_config.json").read_text())["loaded_as"]["quantization"] == "4bit"
     return runs / "sft"
 
 
@@ -150,20 +153,26 @@ def dpo_run(sft_adapter, cache, runs):
     """dpo.py (QLoRA) over the SFT adapter on two processes, once, with its default loss (sigmoid: alignkit's own;
     the preset adds TRL's sft term), --precompute_ref_log_probs and --merge_adaptors: returns (its run folder, the
     launch's output)."""
-    shim = str(ROOT / "tests" / "launched.py")  # each process reports its launch type, packed batches, loss calls
-    output = accelerate_launch([shim, "dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--loss_type",
+    output = accelerate_launch([SHIM, "dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--loss_type",
                                 "sigmoid", "--precompute_ref_log_probs", "true", "--merge_adaptors", "--output_dir",
                                 str(runs), "--run_name", "dpo"], cache)
     return runs / "dpo", output
 
 
-def launched_reports(output: str) -> list[tuple[str, str, int, int]]:
-    """(rank, distributed type, packed batches, own loss calls) as each process of a launch through
-    tests/launched.py reported them."""
-    found = re.findall(r"^launched: rank (\d) of 2 under (\w+); packed batches (\d+); own loss calls (\d+)$",
-                       output, re.M)
+def launched_reports(output: str) -> list[tuple[str, str, int, int, int, int]]:
+    """(rank, distributed type, packed batches, own loss calls, 4-bit layers, reference saves) as each process of
+    a launch through tests/launched.py reported them."""
+    found = re.findall(r"^launched: rank (\d) of 2 under (\w+); packed batches (\d+); own loss calls (\d+); "
+                       r"4-bit layers (\d+); reference saves (\d+)$", output, re.M)
     assert sorted(r[0] for r in found) == ["0", "1"], output[-3000:]
-    return [(rank, kind, int(packed), int(own)) for rank, kind, packed, own in found]
+    return [(rank, kind, *map(int, numbers)) for rank, kind, *numbers in found]
+
+
+def assert_qlora_on_each_rank(output: str) -> None:
+    """Each process trained over 4-bit layers (a launch that quietly loaded the base in full precision, in one
+    process or all, passed every check of its adapter and steps)."""
+    reports = launched_reports(output)
+    assert all(r[4] > 0 for r in reports), reports
 
 
 def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(dpo_run, sft_adapter, cache, runs):
@@ -174,8 +183,10 @@ def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(dpo_run
     _, first = dpo_run
     finished(runs / "dpo")
     # Under DDP both processes packed their pairs (prefix sharing on sdpa) and trained on alignkit's own loss.
-    for _, kind, packed, own in launched_reports(first):
-        assert kind == "MULTI_CPU" and packed > 0 and own > 0, launched_reports(first)
+    for _, kind, packed, own, four_bit, _saves in launched_reports(first):
+        assert kind == "MULTI_CPU" and packed > 0 and own > 0 and four_bit > 0, launched_reports(first)
+    # The main process alone wrote the reference entries (both write the same files: their count cannot tell).
+    assert sorted((r[0], r[5]) for r in launched_reports(first)) == [("0", 2), ("1", 0)], launched_reports(first)
     # The script's own lines once per launch (alignkit.core.launch keeps stdout on rank 0 only).
     assert first.count("training pairs, ") == 1 and first.count("adapter: ") == 1, first[-3000:]
     entries = sorted((cache / "ref_logps").glob("*.safetensors"))
@@ -227,8 +238,10 @@ def reward_run(cache, runs):
 
     @functools.cache
     def run(kind: str) -> Path:
-        accelerate_launch(["reward.py", *TINY, *REWARDS[kind], "--output_dir", str(runs), "--run_name",
-                           f"reward-{kind}"], cache)
+        output = accelerate_launch([SHIM, "reward.py", *TINY, *REWARDS[kind], "--output_dir", str(runs),
+                                    "--run_name", f"reward-{kind}"], cache)
+        if "4bit" in REWARDS[kind]:
+            assert_qlora_on_each_rank(output)
         return runs / f"reward-{kind}"
 
     return run
@@ -283,10 +296,11 @@ def test_kto_with_precompute_on_two_processes(sft_adapter, cache, runs):
     """kto.py with QLoRA and --precompute_ref_log_probs: the main process writes the reference log-probs, every
     process reads the same file (TRL named it at random per process for an in-memory dataset: the others found
     nothing)."""
-    output = accelerate_launch(["kto.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
+    output = accelerate_launch([SHIM, "kto.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
                                 "true", "--output_dir", str(runs), "--run_name", "kto"], cache)
     finished(runs / "kto")
-    assert json.loads((runs / "kto" / "alignkit_config.json").read_text())["quantization"] == "4bit"
+    assert json.loads((runs / "kto" / "alignkit_config.json").read_text())["loaded_as"]["quantization"] == "4bit"
+    assert_qlora_on_each_rank(output)
     assert "rule-following after KTO" in output  # DDP: the model is whole on each process, so it samples
     assert len(list((runs / "kto" / "kto_reference").glob("cache-*.arrow"))) == 2  # train and held-out rows
 

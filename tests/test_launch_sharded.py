@@ -52,10 +52,12 @@ def launch(mode: str, script: str, run: Path, *flags: str, cache: Path, vllm_syn
                                 run.name], cache, env, multi_gpu=False)
     reports = launched_reports(output)
     assert {r[1] for r in reports} == {TYPE[mode]}, reports  # the Trainer ran under the launch asked for
+    if "4bit" in flags:  # QLoRA on each process: one that loaded the base in full precision passed every other check
+        assert all(r[4] > 0 for r in reports), reports
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
     return {"output": output, "packed": min(r[2] for r in reports), "own": min(r[3] for r in reports),
-            "metrics": metrics}
+            "metrics": metrics, "reference_saves": dict(sorted((r[0], r[5]) for r in reports))}
 
 
 def whole_adapter(run: Path) -> dict:
@@ -126,8 +128,8 @@ def test_dpo_packs_its_batches_precomputes_and_merges(sft, cache, runs):
     done = launch(mode, "dpo.py", run, *TINY, *QLORA, "--model_id", str(sft_run), "--loss_type", "sigmoid",
                   "--merge_adaptors", *precompute, cache=cache)
     assert done["packed"] > 0 and done["own"] > 0
-    if precompute:
-        assert "pairs cached in" in done["output"]
+    if precompute:  # the main process alone writes the reference entries (train and held-out rows)
+        assert "pairs cached in" in done["output"] and done["reference_saves"] == {"0": 2, "1": 0}, done
     whole_adapter(run)
     merge = json.loads((run / "merged" / "merge.json").read_text())
     assert merge["max_logit_difference"] <= merge["tolerance"]
