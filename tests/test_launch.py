@@ -20,7 +20,7 @@ from alignkit.core.errors import UserError
 from alignkit.modeling import presets
 from alignkit.train import run_folder, training
 
-from conftest import ROOT, in_two_ranks
+from conftest import ROOT, in_two_ranks, run_script
 from test_gpu_paths import _meta_llama, fake_gpus, load_kwargs  # noqa: F401 - load_kwargs is a fixture
 
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_CPU_RAM_EFFICIENT_LOADING",
@@ -278,7 +278,6 @@ def test_precompute_under_fsdp_is_refused_before_reading_data_or_model(script, r
     """kto.py establishes the launch like dpo.py: TRL's KTO reference pass has the same FSDP problem."""
     from transformers import AutoModelForCausalLM
 
-    from conftest import run_script
 
     launched(monkeypatch, "fsdp")
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -980,3 +979,22 @@ def test_an_fsdp_launch_without_cuda_says_it_trains_as_ddp(monkeypatch, alignkit
     launched(monkeypatch, "fsdp", rank=0)
     launch.establish_launch(SFTSettings(), "sft.py")
     assert "trains as DDP" not in alignkit_log.text
+
+
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "kto.py", "reward.py", "rl.py"])
+def test_each_training_script_refuses_before_its_data_or_model_loads(script, tiny_cache, monkeypatch, tmp_path):
+    """The refusals above are launch.refusal's; that they come before anything loads rests on each script calling
+    establish_launch first. Each script, run under an FSDP launch with --quantization 8bit, refuses in its one line
+    with the process group, the data and the model untouched."""
+    from alignkit.modeling import models
+
+    def loaded(*args, **kwargs):
+        pytest.fail(f"{script} loaded before it refused")
+
+    launched(monkeypatch, "fsdp")
+    monkeypatch.setattr(launch, "_start_process_group", loaded)
+    monkeypatch.setattr(models, "load_model", loaded)
+    monkeypatch.setattr("alignkit.core.mixture.load_train_eval", loaded)
+    with pytest.raises(UserError, match=r"^--quantization 8bit cannot be sharded by FSDP: bitsandbytes supports "
+                                        r"that for 4-bit only"):
+        run_script(script, "--preset", "tiny", "--quantization", "8bit", "--output_dir", str(tmp_path))
