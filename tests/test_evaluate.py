@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import shutil
 import socket
 import threading
@@ -530,6 +531,12 @@ def test_a_missing_model_is_refused_before_the_first_model_answers(sft_run, tmp_
                    f"sft={sft_run['run_folder']}", "beta=/nowhere/beta", "--judge_model", "rule", "--max_new_tokens",
                    "8", "--output_dir", str(tmp_path))
     assert not (tmp_path / "model_answer" / "sft.jsonl").exists()  # nothing answered before the refusal
+    # A typo that is no Hub id either (runs/tiny--sft, runs/tiny-sft!) was huggingface_hub's traceback, in vibes too.
+    for typo, why in (("runs/tiny--sft", "Cannot have -- or .. in repo_id"), ("runs/tiny-sft!",
+                                                                              "Repo id must use alphanumeric chars")):
+        with pytest.raises(UserError, match=rf"^model not found: {re.escape(typo)} is no local folder, and not a Hub id "
+                                            rf"\({why}.*\); check the path$"):
+            run_script("evaluate.py", "vibes", "--model_id", typo, "--prompts", "Hi")
 
 
 def test_one_model_under_two_names_is_said_once(sft_run, tmp_path, alignkit_log):

@@ -30,6 +30,13 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
     if _looks_local(source):
         raise UserError(f"model not found: {source} is no local folder (and not a Hub id); check the path")
     from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:  # a typo such as runs/tiny--sft or a folder@REV: huggingface_hub's traceback, after the work before it
+        validate_repo_id(source)
+    except HFValidationError as e:
+        raise UserError(f"model not found: {source} is no local folder, and not a Hub id ({str(e).rstrip('.')}); "
+                        "check the path") from None
 
     if cache and constants.HF_HUB_OFFLINE and not any(
         isinstance(try_to_load_from_cache(source, name, revision=revision), str)
