@@ -184,3 +184,20 @@ def test_a_merge_saved_in_another_precision_and_a_gguf_base_are_described_as_the
     text = model_card(merged_dpo)
     assert "a local GGUF file (`SmolLM2-135M-Instruct.Q4_1.gguf`, its quantized weights dequantized to load)" in text
     assert "folder `SmolLM2" not in text and str(tmp_path) not in text
+
+
+def test_a_pairwise_result_is_kept_by_both_models_with_what_it_rests_on(tmp_path):
+    """Only the first model of a pair kept its win rate: a later run that compared the pair the other way round left
+    the older figure on the card, contradicted, and a --max_questions 3 run replaced a 64-question one unsaid."""
+    evaluation = __import__("alignkit.evals.evaluation", fromlist=["Pairwise"])
+    sft = write(tmp_path / "sft", adapter_config__json={})
+    dpo = write(tmp_path / "dpo", adapter_config__json={})
+    record = types.SimpleNamespace(command="pairwise", models={"sft": str(sft), "dpo": str(dpo)})
+    pairs = [{"model": "dpo", "opponent": "sft", "judge": "rule",
+              "overall": {"adjusted_win_rate": 0.75, "n": 64}}]
+    evaluation.Pairwise.record(record, pairs)
+    evaluation.Pairwise.record(record, [{**pairs[0], "model": "sft", "opponent": "dpo",  # the other way round
+                                         "overall": {"adjusted_win_rate": 0.5, "n": 3}}])
+    kept = {name: json.loads((folder / EVALS_FILE).read_text()) for name, folder in (("sft", sft), ("dpo", dpo))}
+    assert kept["dpo"]["pairwise vs sft"]["value"] == kept["sft"]["pairwise vs dpo"]["value"] == 0.5
+    assert kept["dpo"]["pairwise vs sft"]["metric_name"] == "adjusted win rate vs sft over 3 prompts (judge rule)"

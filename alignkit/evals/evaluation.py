@@ -423,6 +423,7 @@ class Pairwise:
         from alignkit.core.card import record_evaluation
 
         benchmark, dataset = ("MT-Bench", "mt_bench") if self.command == "mt_bench" else ("pairwise prompts", "custom")
+        unit = "questions" if self.command == "mt_bench" else "prompts"
         for total in totals or []:
             if total["model"] in self.models:
                 record_evaluation(self.models[total["model"]], f"{self.command} vs all", {
@@ -430,11 +431,18 @@ class Pairwise:
                     "value": total["adjusted_win_rate"],
                     "metric_name": f"adjusted win rate over all {len(self.models)} models (judge {self.judge_name})"})
         for pair in pairs:
-            rate = pair["overall"]["adjusted_win_rate"]
-            if rate is not None and pair["model"] in self.models:
-                record_evaluation(self.models[pair["model"]], f"{self.command} vs {pair['opponent']}", {
-                    "benchmark": benchmark, "dataset": dataset, "metric": "win_rate", "value": rate,
-                    "metric_name": f"adjusted win rate vs {pair['opponent']} (judge {pair['judge']})"})
+            rate, n = pair["overall"]["adjusted_win_rate"], pair["overall"].get("n")
+            if rate is None:
+                continue
+            # Both sides (ties count half: the opponent's rate is the rest), so a later comparison of a pair leaves
+            # no side's older figure standing; how many it rests on, so a --max_questions 3 run says so.
+            for model, opponent, value in ((pair["model"], pair["opponent"], rate),
+                                           (pair["opponent"], pair["model"], 1 - rate)):
+                if model in self.models:
+                    record_evaluation(self.models[model], f"{self.command} vs {opponent}", {
+                        "benchmark": benchmark, "dataset": dataset, "metric": "win_rate", "value": value,
+                        "metric_name": f"adjusted win rate vs {opponent}{f' over {n} {unit}' if n else ''} "
+                                       f"(judge {pair['judge']})"})
 
 
 def _verdicts(rule):
