@@ -166,6 +166,37 @@ def test_a_torn_kept_result_is_evaluated_again_and_results_are_written_whole(tin
     kept.write_text('{"key": "the-key", "results": {"tiny_ru')
     results = harness.run(s)[0]
     assert calls == [presets.paths()["model"]] and results == {"base": scores}
-    assert json.loads(kept.read_text())["key"] == "the-key"
+    assert json.loads(kept.read_text())["the-key"]["key"] == "the-key"
     assert harness.run(s)[0] == {"base": scores} and len(calls) == 1  # whole now: reused
     assert not [p for p in (tmp_path / "out").rglob(".*tmp*")]
+
+
+def test_a_limited_run_keeps_the_full_results_and_says_what_it_was_made_under(tiny_cache, tmp_path, monkeypatch):
+    """A --limit 5 run replaced a model's kept full results (the next full run evaluated it again), and results.md
+    said nothing of --limit, few-shot or the chat template: 5 examples a task read as the model's scores."""
+    from alignkit.evals.evaluation import parse_command
+    from alignkit.modeling import presets
+
+    calls = []
+    monkeypatch.setattr(harness, "_key", lambda s, source: f"limit-{s.limit}")
+    monkeypatch.setattr(harness, "evaluate_model", lambda s, source, *a: calls.append(s.limit) or {
+        "results": {"tiny_rule": {"acc,none": 0.5 if s.limit else 0.75}}})
+    tasks = str(harness.tiny_task(tmp_path / "tasks", n=4))
+    out = tmp_path / "out"
+
+    def run(*flags):
+        _, s = parse_command(["lm_eval", "--models", f"base={presets.paths()['model']}", "--tasks", "tiny_rule",
+                              "--include_path", tasks, "--output_dir", str(out), *flags])
+        return harness.run(s)[0]["base"]["tiny_rule"]["acc,none"]
+
+    assert run() == 0.75 and "--limit" not in (out / "results.md").read_text()
+    assert run("--limit", "5") == 0.5
+    said = (out / "results.md").read_text().splitlines()[0]
+    assert said.startswith("lm_eval ") and "--limit 5: the first examples of each task only, a quick look, not " \
+        "comparable to full results; few-shot: each task's default; chat template: applied; seed 42" in said
+    assert json.loads((out / "results.json").read_text())["settings"]["limit"] == 5
+    assert run() == 0.75 and calls == [None, 5]  # the full results were kept beside the limited ones
+    # A kept file written before (one entry, its key at the top) is read as that entry.
+    kept = out / "models" / "base.json"
+    kept.write_text(json.dumps({"key": "limit-None", "results": {"tiny_rule": {"acc,none": 0.25}}}))
+    assert run() == 0.25 and calls == [None, 5]

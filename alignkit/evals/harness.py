@@ -6,8 +6,10 @@ loaded once by alignkit's loader, as every other script loads it, and handed to 
 `--tasks`), plus any YAML task configs in `--include_path` (e.g. a task over local files). Nothing of lm_eval is
 copied here. The numbers land side by side: `results.md` (a table: a row per task and metric, a column per
 model, with lm_eval's standard errors), `results.json` (lm_eval's results of each model, as it gives them) and
-`results.png` (a grouped bar chart). Each model's results are kept in `<output_dir>/models/NAME.json` under a key
-of its source, loader settings and the harness settings, so a rerun evaluates only what changed.
+`results.png` (a grouped bar chart), the first two saying what they were made under (`--limit`, few-shot, chat
+template, seed, lm_eval's version). Each model's results are kept in `<output_dir>/models/NAME.json` under a key of
+its source, loader settings and the harness settings, one entry per key, so a rerun evaluates only what changed and
+a quick `--limit` run leaves the full results standing.
 
 The tiny preset defines its own local tasks (`tiny_task`): `tiny_rule` (does the model prefer the rule-following
 answer: the preference) and `tiny_text` (the perplexity of held-out text of the base's own distribution: the tax).
@@ -210,11 +212,10 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
     out = Path(s.output_dir)
     (out / "models").mkdir(parents=True, exist_ok=True)
     keys = {name: _key(s, source) for name, source in models.items()}
-    kept_results = {name: read_json(out / "models" / f"{name}.json") for name in models}  # {}: missing or torn
-    fresh = {name: earlier for name, earlier in kept_results.items()
-             if earlier.get("key") == keys[name] and isinstance(earlier.get("results"), dict)}
+    kept_results = {name: _kept(out / "models" / f"{name}.json") for name in models}  # {}: missing or torn
+    fresh = {name: kept_results[name][keys[name]] for name in models if keys[name] in kept_results[name]}
     check_model_sources(s, [source for name, source in models.items() if name not in fresh])  # before the first runs
-    results = {}
+    results, settings = {}, harness_settings(s)
     for name, source in models.items():
         kept, key = out / "models" / f"{name}.json", keys[name]
         if name in fresh:
@@ -224,13 +225,45 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
             continue
         logger.info(f"lm_eval: {name} ({source}) on {', '.join(s.tasks)}")
         evaluated = evaluate_model(s, source, lm_eval, task_manager)
-        write_atomic(kept, json.dumps({"key": key, "source": source, **evaluated}, indent=2, default=str) + "\n")
+        # Beside the results of other settings (a --limit run replaced the full one, evaluated again after it).
+        entries = {**kept_results[name], key: {"key": key, "source": source, "settings": settings, **evaluated}}
+        write_atomic(kept, json.dumps(entries, indent=2, default=str) + "\n")
         results[name] = evaluated["results"]
     table = format_table(results)
-    write_atomic(out / "results.md", table + "\n")
-    write_atomic(out / "results.json", json.dumps({"models": models, "results": results}, indent=2, default=str) + "\n")
+    write_atomic(out / "results.md", f"{describe(settings)}\n\n{table}\n")
+    write_atomic(out / "results.json", json.dumps({"models": models, "settings": settings, "results": results},
+                                                  indent=2, default=str) + "\n")
     chart = plot(results, out / "results.png")
     return results, out / "results.md", out / "results.json", chart
+
+
+def _kept(path: Path) -> dict[str, dict]:
+    """{key: results} a model's kept file holds, one entry per settings it was evaluated under (a file of one entry,
+    as written before, read as such)."""
+    data = read_json(path)
+    entries = {data["key"]: data} if "key" in data else data
+    return {k: e for k, e in entries.items() if isinstance(e, dict) and isinstance(e.get("results"), dict)}
+
+
+def harness_settings(s) -> dict:
+    """The settings the numbers were made under, beside them in results.md and results.json."""
+    from importlib.metadata import version
+
+    return {"tasks": list(s.tasks), "num_fewshot": s.num_fewshot, "limit": s.limit,
+            "apply_chat_template": s.apply_chat_template, "seed": s.seed, "lm_eval": version("lm_eval")}
+
+
+def describe(settings: dict) -> str:
+    """results.md's first line: what the table was made under (a --limit run is no full result)."""
+    limit = settings["limit"]
+    shots = "each task's default" if settings["num_fewshot"] is None else settings["num_fewshot"]
+    said = [f"lm_eval {settings['lm_eval']}", f"few-shot: {shots}",
+            f"chat template: {'applied' if settings['apply_chat_template'] else 'not applied'}",
+            f"seed {settings['seed']}"]
+    if limit is not None:
+        said.insert(1, f"--limit {limit:g}: {'a share' if limit < 1 else 'the first examples'} of each task only, a "
+                       "quick look, not comparable to full results")
+    return "; ".join(said)
 
 
 # ---------------------------------------------------------------------------------------------------------
