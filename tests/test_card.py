@@ -201,3 +201,18 @@ def test_a_pairwise_result_is_kept_by_both_models_with_what_it_rests_on(tmp_path
     kept = {name: json.loads((folder / EVALS_FILE).read_text()) for name, folder in (("sft", sft), ("dpo", dpo))}
     assert kept["dpo"]["pairwise vs sft"]["value"] == kept["sft"]["pairwise vs dpo"]["value"] == 0.5
     assert kept["dpo"]["pairwise vs sft"]["metric_name"] == "adjusted win rate vs sft over 3 prompts (judge rule)"
+
+
+def test_an_evaluation_shows_on_the_folders_card_at_once_and_a_card_of_ones_own_stays(tmp_path):
+    """evaluate.py kept a win rate in the folder's alignkit_evals.json, but its README.md card showed it only after
+    the next merge or push."""
+    folder = write(tmp_path / "dpo", adapter_config__json={}, alignkit_config__json={"run_type": "dpo",
+                                                                                      "model_id": "org/base"})
+    (folder / "README.md").write_text(model_card(folder))
+    record_evaluation(folder, "mt_bench vs sft", {"benchmark": "MT-Bench", "dataset": "mt_bench", "metric": "win_rate",
+                                                   "value": 0.625, "metric_name": "adjusted win rate vs sft"})
+    assert "| text-generation | MT-Bench | adjusted win rate vs sft | 0.625 |" in (folder / "README.md").read_text()
+    (folder / "README.md").write_text("# my own notes\n")
+    record_evaluation(folder, "mt_bench vs base", {"benchmark": "MT-Bench", "dataset": "mt_bench",
+                                                    "metric": "win_rate", "value": 0.5, "metric_name": "vs base"})
+    assert (folder / "README.md").read_text() == "# my own notes\n"

@@ -47,8 +47,10 @@ def test_rounds_write_adapters_and_evaluations_and_resume_at_the_next_round(sft_
 
     second = run_script("rlaif.py", *args, "--rounds", "2")
     evals = round_1 / "dpo" / "alignkit_evals.json"  # round 2's evaluation adds round 1's side of their match
-    assert {p: p.stat().st_mtime_ns for p in round_1.rglob("*") if p.is_file() and p != evals} == \
-        {p: stamp for p, stamp in stamps.items() if p != evals}  # round 1 not redone
+    shown = (evals, round_1 / "dpo" / "README.md")  # kept, and shown on round 1's card
+    assert {p: p.stat().st_mtime_ns for p in round_1.rglob("*") if p.is_file() and p not in shown} == \
+        {p: stamp for p, stamp in stamps.items() if p not in shown}  # round 1 not redone
+    assert "pairwise vs round-2" in json.dumps(evals.read_text()) and "vs round-2" in shown[1].read_text()
     assert set(json.loads(evals.read_text())) == {"pairwise vs previous", "pairwise vs round-2"}
     records = second["records"]
     assert [r["round"] for r in records] == [1, 2]

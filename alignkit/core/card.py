@@ -157,6 +157,19 @@ def record_evaluation(source, name: str, entry: dict) -> None:
     results = _read_json(folder / EVALS_FILE)
     results[name] = entry
     write_json(folder / EVALS_FILE, results)
+    from huggingface_hub import ModelCard
+
+    from alignkit import logger
+    from alignkit.core.journal import write_atomic
+
+    card = folder / "README.md"
+    try:  # the folder's card shows it now, not at the next merge or push; a card alignkit did not write stays
+        if card.is_file() and "alignkit" in (ModelCard(card.read_text(encoding="utf-8"),
+                                                       ignore_metadata_errors=True).data.tags or []):
+            write_atomic(card, model_card(folder))
+    except Exception as error:  # noqa: BLE001 - the result is kept (EVALS_FILE); the card shows it at the next write
+        logger.warning(f"{card}: not updated with {name} ({type(error).__name__}: {error}); the result is kept in "
+                       f"{folder / EVALS_FILE}")
 
 
 def eval_results(folder, run_type: str | None, metrics: dict, dataset: str, dataset_name: str) -> list:
