@@ -631,3 +631,5 @@ def test_a_value_refused_under_trls_name_names_it_too():
 
     with pytest.raises(ConfigError, match=r"^dpo_beta must be > 0, got -1.0 \(dpo_beta is TRL's beta\)$"):
         parse_config(DPOSettings, ["--beta", "-1"], env_file=None)
+    with pytest.raises(ConfigError, match=r"^dpo_beta must be > 0, got -1.0$"):  # typed as alignkit names it
+        parse_config(DPOSettings, ["--dpo_beta", "-1"], env_file=None)

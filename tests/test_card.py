@@ -200,7 +200,8 @@ def test_a_pairwise_result_is_kept_by_both_models_with_what_it_rests_on(tmp_path
                                          "overall": {"adjusted_win_rate": 0.5, "n": 3}}])
     kept = {name: json.loads((folder / EVALS_FILE).read_text()) for name, folder in (("sft", sft), ("dpo", dpo))}
     assert kept["dpo"]["pairwise vs sft"]["value"] == kept["sft"]["pairwise vs dpo"]["value"] == 0.5
-    assert kept["dpo"]["pairwise vs sft"]["metric_name"] == "adjusted win rate vs sft over 3 prompts (judge rule)"
+    assert kept["dpo"]["pairwise vs sft"]["metric_name"] == \
+        "adjusted win rate vs sft over 3 judged matches (judge rule)"
 
 
 def test_an_evaluation_shows_on_the_folders_card_at_once_and_a_card_of_ones_own_stays(tmp_path):

@@ -166,10 +166,15 @@ def test_an_optional_library_counts_only_where_it_computes_this_models_outputs(t
         model_id=str(tmp_path), gguf_file="a.gguf")
     gguf_named = GenerationSettings(model_id=str(tmp_path / "a.gguf"))
     as_saved = GenerationSettings(model_id=str(saved_4bit))
-    cases = {"bitsandbytes": (four_bit, eight_bit, as_saved), "gguf": (gguf, gguf_named),
+    qlora = tmp_path / "qlora-adapter"  # an adapter trained over the base in 4-bit: a reward model judges over it so
+    qlora.mkdir()
+    (qlora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": model, "peft_type": "LORA"}))
+    (qlora / "alignkit_config.json").write_text(json.dumps({"model_id": model, "loaded_as": {"quantization": "4bit"}}))
+    over_4bit = GenerationSettings(model_id=str(qlora))
+    cases = {"bitsandbytes": (four_bit, eight_bit, as_saved, over_4bit), "gguf": (gguf, gguf_named),
              "flash-attn": (), "liger-kernel": ()}  # no CUDA here: their kernels never run
     installed = dict(identity._installed())
-    every = (plain, four_bit, eight_bit, gguf, gguf_named, as_saved)
+    every = (plain, four_bit, eight_bit, gguf, gguf_named, as_saved, over_4bit)
     for cuda in (False, True):
         monkeypatch.setattr(identity, "_cuda", lambda: cuda)
         monkeypatch.setattr(identity, "_installed", lambda: installed)
@@ -187,6 +192,33 @@ def test_an_optional_library_counts_only_where_it_computes_this_models_outputs(t
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in (
         "flash_attn", "liger_kernel") else find_spec(name, *a))
     assert identity.hardware() == "cpu"
+
+
+def test_a_hub_base_counts_bitsandbytes_alike_before_and_after_its_config_is_downloaded(tmp_path, monkeypatch):
+    """A Hub base whose config.json was not cached yet counted bitsandbytes (not known: counted), and not once the
+    first load had downloaded it: every later run keyed the model otherwise, and AlpacaEval refused its own outputs.
+    The config is read from the cache, else fetched as the load fetches it; not at hand at all, not quantized."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--org--model" / "snapshots" / ("a" * 40)
+    (tmp_path / "hub" / "models--org--model" / "refs").mkdir(parents=True)
+    (tmp_path / "hub" / "models--org--model" / "refs" / "main").write_text("a" * 40)
+    snapshot.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    s = GenerationSettings(model_id="org/model")
+    assert identity._saved_quantized(s) is False  # offline and not cached: the load fails anyway
+    fetched = tmp_path / "fetched.json"
+    fetched.write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda repo, name, revision=None: str(fetched))
+    from types import SimpleNamespace
+
+    monkeypatch.setattr("alignkit.modeling.chain.resolve", lambda source, revision=None: SimpleNamespace(
+        base=source, revision=revision, adapters=[], deltas=[]))  # a base (no Hub here to ask for adapter files)
+    assert identity._saved_quantized(s) is True  # online: fetched before the load, as the load would
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert identity._saved_quantized(s) is False  # the cached config, plain
 
 
 def test_two_gguf_files_of_one_folder_are_two_models_in_every_cache(tiny_cache, tmp_path):

@@ -496,7 +496,8 @@ def test_a_killed_run_resumes_without_repeating_a_request(tmp_path):
         with lock:
             phase[0] = 2
         summary = label(tmp_path, server, "--parallel", "2")
-        run2 = [request_id(b) for b in server.requests[seen_in_run1:]]
+        # Not a request the killed run left half-sent (its connection reaches the server late, with no body).
+        run2 = [request_id(b) for b in server.requests[seen_in_run1:] if "messages" in b]
         answered_in_run1 = {rid for p, rid in answered if p == 1}
         assert len(answered_in_run1) == 6 and not answered_in_run1 & set(run2)  # nothing answered is asked again
         all_answered = [rid for _, rid in answered]

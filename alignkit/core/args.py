@@ -394,6 +394,7 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
                           "every setting" + (", TRL's names included" if vocab else ""))
     if notes:
         _log().warning("not applied, and why: " + " | ".join(dict.fromkeys(notes)))
+    typed = {k for layer in (env, recipe, cli, overrides) for k in layer}  # the names the user gave, before translation
     env, recipe, cli, overrides = translated
 
     layers = list(zip((env, recipe, cli, overrides), labels))
@@ -452,7 +453,8 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:  # __post_init__ validation is a user-facing config problem too
-        trl = {n: vocab.aliases_of(n) for n in fields if vocab and re.search(rf"\b{n}\b", str(e))}  # --beta typed
+        trl = {n: [a for a in vocab.aliases_of(n) if a in typed] for n in fields  # --beta typed, dpo_beta said
+               if vocab and re.search(rf"\b{n}\b", str(e))}
         raise ConfigError(str(e) + "".join(f" ({n} is TRL's {' / '.join(a)})" for n, a in trl.items() if a)) from e
 
 

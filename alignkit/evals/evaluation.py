@@ -423,7 +423,7 @@ class Pairwise:
         from alignkit.core.card import record_evaluation
 
         benchmark, dataset = ("MT-Bench", "mt_bench") if self.command == "mt_bench" else ("pairwise prompts", "custom")
-        unit = "questions" if self.command == "mt_bench" else "prompts"
+        unit = "judged matches"  # MT-Bench: a question's every turn; an error is not counted
         for total in totals or []:
             if total["model"] in self.models:
                 record_evaluation(self.models[total["model"]], f"{self.command} vs all", {

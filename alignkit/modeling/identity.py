@@ -274,10 +274,9 @@ def libraries(backend: str | None, used: tuple[str, ...] = ()) -> dict[str, str]
 
 def _used(s, quantization: str | None, chain: list[dict]) -> tuple[str, ...]:
     """The OPTIONAL_LIBRARIES that compute the outputs of the model `s` loads, `quantization` as model_identity keys
-    it and `chain` its chain_identity. Where it cannot be known (a Hub base whose config is not cached here), a
-    library counts."""
+    it and `chain` its chain_identity."""
     used = []
-    if quantization in ("4bit", "8bit") or _saved_quantized(s):
+    if quantization in ("4bit", "8bit") or _saved_quantized(s) or _trained_quantized(s):
         used.append("bitsandbytes")
     if any("gguf" in part or str(part.get("file") or "").lower().endswith(".gguf") for part in chain):
         used.append("gguf")
@@ -286,32 +285,49 @@ def _used(s, quantization: str | None, chain: list[dict]) -> tuple[str, ...]:
     return tuple(used)
 
 
-def _saved_quantized(s) -> bool:
-    """Whether the base of `s`'s chain is saved quantized by bitsandbytes (its config.json's quantization_config),
-    so that loading it as saved runs bitsandbytes' layers; True where its config is not at hand."""
+def _trained_quantized(s) -> bool:
+    """Whether an adapter of `s`'s chain trained over a base bitsandbytes quantized (its run's record): a reward model
+    judges over its base rounded so (alignkit.feedback.rewards.over_4bit_base), merge --dequantize merges into it."""
+    from alignkit.core.run_records import trained_quantization
     from alignkit.modeling.chain import resolve
 
     try:
         chain = resolve(s.model_id, s.revision)
     except Exception:  # noqa: BLE001 - a chain the loader cannot walk: it says so when it loads
-        return True
+        return False
+    return any(Path(part).is_dir() and trained_quantization(part) in ("4bit", "8bit") for part in chain.adapters)
+
+
+def _saved_quantized(s) -> bool:
+    """Whether the base of `s`'s chain is saved quantized by bitsandbytes (its config.json's quantization_config),
+    so that loading it as saved runs bitsandbytes' layers. A Hub base's config is read from the Hugging Face cache,
+    else fetched (the load fetches it anyway: a key made before the first download is the key made after it); not
+    at hand at all (offline, uncached: the load fails too), it is taken as not quantized, as almost every model is."""
+    from alignkit.modeling.chain import resolve
+
+    try:
+        chain = resolve(s.model_id, s.revision)
+    except Exception:  # noqa: BLE001 - a chain the loader cannot walk: it says so when it loads
+        return False
     if getattr(s, "gguf_file", None) or chain.base.lower().endswith(".gguf"):
         return False
     config = Path(chain.base) / "config.json"
     if not Path(chain.base).exists():
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
         try:
             found = try_to_load_from_cache(chain.base, "config.json", revision=chain.revision)
-        except Exception:  # noqa: BLE001 - not a repo id (a local path that is not there): the loader says so
-            return True
+            if not isinstance(found, str) and not constants.HF_HUB_OFFLINE:
+                found = hf_hub_download(chain.base, "config.json", revision=chain.revision)
+        except Exception:  # noqa: BLE001 - no such repo, no network, a local path that is not there: the load says
+            return False
         if not isinstance(found, str):
-            return True
+            return False
         config = Path(found)
     try:
         quantization = json.loads(config.read_text()).get("quantization_config") or {}
     except (OSError, ValueError, AttributeError):
-        return True
+        return False
     return not isinstance(quantization, dict) or quantization.get("quant_method") == "bitsandbytes" or \
         any(quantization.get(k) for k in ("load_in_4bit", "load_in_8bit"))
 
