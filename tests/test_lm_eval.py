@@ -200,3 +200,6 @@ def test_a_limited_run_keeps_the_full_results_and_says_what_it_was_made_under(ti
     kept = out / "models" / "base.json"
     kept.write_text(json.dumps({"key": "limit-None", "results": {"tiny_rule": {"acc,none": 0.25}}}))
     assert run() == 0.25 and calls == [None, 5]
+    for limit in range(1, harness.KEPT_PER_MODEL + 2):  # kept without end, the file would grow with every retraining
+        run("--limit", str(limit))
+    assert list(json.loads(kept.read_text())) == [f"limit-{float(n)}" for n in range(2, harness.KEPT_PER_MODEL + 2)]

@@ -28,6 +28,7 @@ from alignkit.core.journal import read_json, write_atomic
 
 INSTALL = "pip install 'alignkit[lm_eval]' (or pip install 'lm_eval>=0.4.13,<0.5')"
 TINY_TASKS = ("tiny_rule", "tiny_text")
+KEPT_PER_MODEL = 8  # results kept per model name, one per settings key, the oldest dropped first
 
 
 def require():
@@ -227,6 +228,7 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
         evaluated = evaluate_model(s, source, lm_eval, task_manager)
         # Beside the results of other settings (a --limit run replaced the full one, evaluated again after it).
         entries = {**kept_results[name], key: {"key": key, "source": source, "settings": settings, **evaluated}}
+        entries = dict(list(entries.items())[-KEPT_PER_MODEL:])  # the latest: a model retrained 50 times keeps 8
         write_atomic(kept, json.dumps(entries, indent=2, default=str) + "\n")
         results[name] = evaluated["results"]
     table = format_table(results)
