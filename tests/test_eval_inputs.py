@@ -119,13 +119,16 @@ def test_a_json_array_or_a_table_as_prompts_file_names_the_formats_it_takes(tmp_
      "line 1: field 'category' must be a string, got 5; make \"category\" a string, or leave it out (the row then "
      "counts under \"prompts\")"),
     (b'{"text": "hi"}\n',
-     "line 1: field 'prompt' must be a string, got None; each row needs \"prompt\": a non-empty string"),
+     "line 1: no field 'prompt'; its fields: text; each row needs \"prompt\": a non-empty string"),
+    (b'{"promt": "hi"}\n',  # said "must be a string, got None"
+     "line 1: no field 'prompt' (is 'promt' a misspelling of it?); its fields: promt; each row needs \"prompt\": a "
+     "non-empty string"),
     (b'{"prompt": "a", "question_id": 1}\n{"prompt": "b", "question_id": 1}\n',  # said without row or id before
      "line 2: question_id 1 repeats line 1; give every row its own question_id, or none"),
     (b'{"prompt": "a"}\n{"prompt": "b", "question_id": 1}\n',
      "line 2: question_id 1 repeats line 1 (its row number: rows without one are numbered); give every row its own "
      "question_id, or none"),
-], ids=["question_id", "category", "prompt", "repeated id", "repeated row number"])
+], ids=["question_id", "category", "prompt", "misspelt prompt", "repeated id", "repeated row number"])
 def test_a_bad_question_id_or_category_names_that_field_and_its_fix(tmp_path, rows, says):
     path = write(tmp_path / "prompts.jsonl", rows)
     with pytest.raises(ConfigError, match=exactly(f"{path}, {says}")):

@@ -205,7 +205,7 @@ def test_bad_data_and_flags_give_errors_naming_file_row_and_field(mt_data, tmp_p
         run_script("evaluate.py", "mt_bench", "--models", "a=x", "b=y")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')
-    with pytest.raises(ConfigError, match=r"prompts\.jsonl, line 2: field 'prompt' must be a string"):
+    with pytest.raises(ConfigError, match=r"prompts\.jsonl, line 2: no field 'prompt'; its fields: text"):
         mtbench.prompt_questions(prompts)
 
 
