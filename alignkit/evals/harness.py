@@ -117,17 +117,13 @@ def _key(s, source: str) -> str:
     """What a model's kept results depend on: the model as loaded (alignkit.modeling.identity: every loader setting,
     every file down its adapter chain, the GGUF file, the hardware), the tasks with the content of every file of
     --include_path, lm_eval's version and the evaluation settings. A model retrained in place is evaluated again."""
-    from importlib.metadata import version
-
     from alignkit.core.groups import loader_settings
     from alignkit.modeling.identity import file_hashes, model_identity
 
     task_files = sorted(p for p in Path(s.include_path).rglob("*") if p.is_file()) if s.include_path else []
     task_files += [p for p in task_data(task_files) if p not in task_files]  # rows a task reads from elsewhere
-    parts = {"model": model_identity(loader_settings(s, source), "transformers"), "tasks": s.tasks,
-             "task_files": {str(p): h for p, h in file_hashes(task_files).items()}, "lm_eval": version("lm_eval"),
-             "num_fewshot": s.num_fewshot, "limit": s.limit, "apply_chat_template": s.apply_chat_template,
-             "seed": s.seed}
+    parts = {"model": model_identity(loader_settings(s, source), "transformers"),
+             "task_files": {str(p): h for p, h in file_hashes(task_files).items()}, **harness_settings(s)}
     return digest(parts, 16, ensure_ascii=True)
 
 

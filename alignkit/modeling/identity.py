@@ -194,12 +194,13 @@ def _one(source: str, revision: str | None, gguf_file: str | None) -> dict:
     return {"hub": source, "file": gguf_file, "revision": revision, "commit": hub_commit(source, revision, gguf_file)}
 
 
-def chain_identity(source: str, revision: str | None = None, gguf_file: str | None = None) -> list[dict]:
+def chain_identity(source: str, revision: str | None = None, gguf_file: str | None = None, chain=None) -> list[dict]:
     """Every model along `source`'s chain by content, from `source` down to its base: the chain the loader walks
-    (alignkit.modeling.models.load_model), LoRA adapters and LoTA deltas alike, so the base under a delta counts."""
+    (alignkit.modeling.models.load_model), LoRA adapters and LoTA deltas alike, so the base under a delta counts.
+    chain: `source`'s chain already resolved (alignkit.modeling.chain.resolve), else resolved here."""
     from alignkit.modeling.chain import resolve
 
-    chain = resolve(source, revision)  # each part at the revision it loads at: a Hub base as its adapter recorded
+    chain = resolve(source, revision) if chain is None else chain  # each part at the revision it loads at
     parts = [*reversed(chain.adapters), *reversed(chain.deltas)]
     out = [_one(part, chain.revisions[part], None) for part in parts]
     return out + [_one(chain.base, chain.revision, gguf_file if chain.base == source else None)]
@@ -272,11 +273,11 @@ def libraries(backend: str | None, used: tuple[str, ...] = ()) -> dict[str, str]
     return {name: version for name, version in _installed().items() if name in names}
 
 
-def _used(s, quantization: str | None, chain: list[dict]) -> tuple[str, ...]:
+def _used(s, quantization: str | None, chain: list[dict], resolved) -> tuple[str, ...]:
     """The OPTIONAL_LIBRARIES that compute the outputs of the model `s` loads, `quantization` as model_identity keys
-    it and `chain` its chain_identity."""
+    it, `chain` its chain_identity and `resolved` its resolved chain."""
     used = []
-    if quantization in ("4bit", "8bit") or _saved_quantized(s) or _trained_quantized(s):
+    if quantization in ("4bit", "8bit") or _saved_quantized(s, resolved) or _trained_quantized(s, resolved):
         used.append("bitsandbytes")
     if any("gguf" in part or str(part.get("file") or "").lower().endswith(".gguf") for part in chain):
         used.append("gguf")
@@ -285,29 +286,37 @@ def _used(s, quantization: str | None, chain: list[dict]) -> tuple[str, ...]:
     return tuple(used)
 
 
-def _trained_quantized(s) -> bool:
+def _resolved(s, chain):
+    """`s`'s chain as the loader resolves it (`chain` where already resolved); None where the loader cannot walk it
+    (it says so when it loads)."""
+    from alignkit.modeling.chain import resolve
+
+    if chain is not None:
+        return chain
+    try:
+        return resolve(s.model_id, s.revision)
+    except Exception:  # noqa: BLE001 - a chain the loader cannot walk: it says so when it loads
+        return None
+
+
+def _trained_quantized(s, chain=None) -> bool:
     """Whether an adapter of `s`'s chain trained over a base bitsandbytes quantized (its run's record): a reward model
     judges over its base rounded so (alignkit.feedback.rewards.over_4bit_base), merge --dequantize merges into it."""
     from alignkit.core.run_records import trained_quantization
-    from alignkit.modeling.chain import resolve
 
-    try:
-        chain = resolve(s.model_id, s.revision)
-    except Exception:  # noqa: BLE001 - a chain the loader cannot walk: it says so when it loads
+    chain = _resolved(s, chain)
+    if chain is None:
         return False
     return any(Path(part).is_dir() and trained_quantization(part) in ("4bit", "8bit") for part in chain.adapters)
 
 
-def _saved_quantized(s) -> bool:
+def _saved_quantized(s, chain=None) -> bool:
     """Whether the base of `s`'s chain is saved quantized by bitsandbytes (its config.json's quantization_config),
     so that loading it as saved runs bitsandbytes' layers. A Hub base's config is read from the Hugging Face cache,
     else fetched (the load fetches it anyway: a key made before the first download is the key made after it); not
     at hand at all (offline, uncached: the load fails too), it is taken as not quantized, as almost every model is."""
-    from alignkit.modeling.chain import resolve
-
-    try:
-        chain = resolve(s.model_id, s.revision)
-    except Exception:  # noqa: BLE001 - a chain the loader cannot walk: it says so when it loads
+    chain = _resolved(s, chain)
+    if chain is None:
         return False
     if getattr(s, "gguf_file", None) or chain.base.lower().endswith(".gguf"):
         return False
@@ -377,9 +386,12 @@ def model_identity(s, backend: str | None = None) -> dict:
             loader["attn_implementation"] = "auto"
         if loader.get("use_liger") == "true" or loader.get("use_liger") == "false" and not _liger_runs():
             loader["use_liger"] = "auto"
-    chain = chain_identity(s.model_id, s.revision, s.gguf_file)
+    from alignkit.modeling.chain import resolve
+
+    resolved = resolve(s.model_id, s.revision)  # once: the chain's content and the libraries that compute it
+    chain = chain_identity(s.model_id, s.revision, s.gguf_file, resolved)
     return {"loader": loader, "chain": chain, "backend": backend, "hardware": hardware(),
-            "libraries": libraries(backend, _used(s, loader.get("quantization"), chain))}
+            "libraries": libraries(backend, _used(s, loader.get("quantization"), chain, resolved))}
 
 
 def identity_key(s, backend: str | None = None) -> str:

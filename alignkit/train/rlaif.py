@@ -152,10 +152,11 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
         args += [item for k, v in _prompt_source(s).items() if v is not None for item in (f"--{k}", str(v))]
         args += at_revision + loader_flags(s) + endpoint_flags(s)
         _run("label.py", args + shlex.split(s.label_args), log)
-    if not read_json(summary_file).get("labeled"):  # label.py ends well with none: DPO would blame its own file
+    summary = read_json(summary_file)
+    if not summary.get("labeled"):  # label.py ends well with none: DPO would blame its own file
         from alignkit.feedback.label_records import nothing_labeled
 
-        raise UserError(f"round {r}: {nothing_labeled(read_json(summary_file), summary_file)} (label.py's flags go "
+        raise UserError(f"round {r}: {nothing_labeled(summary, summary_file)} (label.py's flags go "
                         "in --label_args; its --temperature is --sample_temperature here); then run the same rlaif.py "
                         "command again (what is done is kept)")
     if plan[0]:
@@ -213,7 +214,7 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
         pairs = sum(1 for _ in f)
     record = {"round": r, "policy": str(dpo), "started_from": policy, "win_rate": rate, "ci95": ci,
               "win": overall["win"], "loss": overall["loss"], "tie": overall["tie"], "pairs": pairs,
-              "label_summary": read_json(summary_file), "steps": steps}
+              "label_summary": summary, "steps": steps}
     write_atomic(here / ROUND_FILE, json.dumps(record, indent=2))  # the round is done only once this file is whole
     return record
 
