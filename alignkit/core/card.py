@@ -25,7 +25,7 @@ from alignkit.core.args import redact
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
 from alignkit.core.run_records import LOADED_AS, checkpoint_metrics, run_config
-from alignkit.core.sources import is_hub_id
+from alignkit.core.sources import hub_gguf, is_hub_id
 
 EVALS_FILE = "alignkit_evals.json"  # evaluation results evaluate.py recorded for a local model folder
 RUN_TYPES = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model"}  # rl: GRPO or RLOO, from its --algo
@@ -108,6 +108,10 @@ def describe_base(folder) -> tuple[str | None, str, list[str]]:
         return base, f"[{base}](https://huggingface.co/{base}/tree/{revision}) at revision `{revision}`", under
     if is_hub_id(base):
         return base, f"[{base}](https://huggingface.co/{base})", under
+    if hub_gguf(base):  # a Hub repo's GGUF file: the repo is the base's id, the file which of its weights
+        repo, name = hub_gguf(base)
+        return repo, (f"[{repo}](https://huggingface.co/{repo}), its GGUF file `{name}` (quantized weights dequantized"
+                      " to load)"), under
     config = _read_json(Path(base, "config.json")) if base else {}
     kind = ", ".join(x for x in [(config.get("architectures") or [None])[0], config.get("model_type")] if x)
     if not base:

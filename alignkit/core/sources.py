@@ -29,6 +29,15 @@ def is_hub_id(source) -> bool:
     return bool(_HUB_ID.match(source))
 
 
+def hub_gguf(source) -> tuple[str, str] | None:
+    """(repo, NAME.gguf) for a GGUF file of a Hub repo written as one id, `owner/repo/NAME.gguf`; None for anything
+    else (a local path, existing or path-shaped, included)."""
+    repo, _, name = str(source or "").rpartition("/")
+    if not name.lower().endswith(".gguf") or Path(str(source)).exists() or not is_hub_id(repo) or "/" not in repo:
+        return None
+    return repo, name
+
+
 def split_revision(source: str) -> tuple[str, str | None]:
     """(model, revision) of a model named as ID@REVISION where a flag names a second model (evaluate.py --models,
     --compare_to, label.py --model_a); (source, None) for anything else, a local path with an @ in it included."""
@@ -83,7 +92,7 @@ def require_reachable(*sources) -> None:
 
     Offline mode (HF_HUB_OFFLINE=1) asks nothing: the libraries then read their cache alone.
     """
-    ids = [str(s) for s in sources if is_hub_id(s)]
+    ids = [str(s) for s in sources if is_hub_id(s) or hub_gguf(s)]
     if not ids or hub_offline():
         return
     endpoint = hub_endpoint()

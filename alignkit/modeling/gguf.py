@@ -27,6 +27,7 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.errors import UserError
 from alignkit.core.paths import build_once
+from alignkit.core.sources import hub_gguf
 
 CONVERTER = "v1"  # bump when the conversion below changes what it writes
 DONE = "gguf_source.json"  # written last into a converted folder: its presence means the folder is whole
@@ -68,10 +69,9 @@ def locate(source: str, gguf_file: str | None = None, revision: str | None = Non
         return path
     if path.exists():
         raise UserError(f"{source} is not a file: pass a .gguf file, or a folder with --gguf_file NAME")
-    repo, _, name = str(source).rpartition("/")
-    if repo.count("/") != 1 or str(source).startswith(("/", ".", "~")):
+    if not hub_gguf(source):
         raise UserError(f"{source}: no such GGUF file (a Hub file is written owner/repo/NAME.gguf)")
-    return _download(repo, name, revision)
+    return _download(*hub_gguf(source), revision)
 
 
 def _download(repo: str, name: str, revision: str | None) -> Path:

@@ -32,6 +32,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from alignkit.core.digests import digest
+from alignkit.core.sources import hub_gguf
 
 # Loader settings that cannot change a model's outputs, each with the reason. Every other field counts.
 INERT = {
@@ -186,11 +187,10 @@ def _one(source: str, revision: str | None, gguf_file: str | None) -> dict:
         return {"gguf" if is_gguf else "file": file_hash(path)}
     if path.is_dir():
         return {"files": folder_files(path)}
-    if source.startswith(("/", ".", "~")) or source.count("/") > 1 and not is_gguf:
+    if hub_gguf(source) and not gguf_file:  # owner/repo/NAME.gguf
+        source, gguf_file = hub_gguf(source)
+    elif source.startswith(("/", ".", "~")) or source.count("/") > 1:
         return {"missing": source}  # a local path that is not there: the loader says so when it is needed
-    if is_gguf and not gguf_file:  # owner/repo/NAME.gguf
-        repo, _, gguf_file = source.rpartition("/")
-        source = repo
     return {"hub": source, "file": gguf_file, "revision": revision, "commit": hub_commit(source, revision, gguf_file)}
 
 

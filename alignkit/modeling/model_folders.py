@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from alignkit.core.errors import UserError
+from alignkit.core.sources import hub_gguf
 from alignkit.modeling.chain import _looks_local
 
 
@@ -25,7 +26,7 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
     elif Path(source).is_file() and not source.lower().endswith(".gguf"):  # adapter_config.json, a data file, ...
         raise UserError(f"{source} is a file, not a model: pass the folder that holds it ({Path(source).parent}), a "
                         ".gguf file, or a Hub id")
-    if Path(source).exists():
+    if Path(source).exists() or hub_gguf(source):  # a Hub GGUF file checks itself as it downloads (gguf.locate)
         return
     if _looks_local(source):
         raise UserError(f"model not found: {source} is no local folder (and not a Hub id); check the path")
