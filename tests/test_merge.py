@@ -337,6 +337,17 @@ def test_output_dir_naming_an_adapter_or_a_model_is_refused_not_replaced(dpo_run
     with pytest.raises(UserError, match="holds other things than a merged model"):
         merge_module.merge_adapters(str(plain), notes)
     assert sorted(p.name for p in notes.iterdir()) == ["NOTES.md", "todo.txt", "train.json"]
+    # What save_pretrained writes beside a merge for some families (a tokenizer's named templates in a subfolder, a
+    # tiktoken vocabulary, trust_remote_code's modeling file) made the same merge command refuse its own output.
+    again = merge_module.merge_adapters(str(plain), tmp_path / "again")
+    (again / "additional_chat_templates").mkdir()
+    (again / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    (again / "qwen.tiktoken").write_text("x")
+    (again / "modeling_custom.py").write_text("# remote code")
+    assert merge_module.merge_adapters(str(plain), again) == again and (again / "merge.json").is_file()
+    (again / "runs").mkdir()  # any other subfolder is not a merge's
+    with pytest.raises(UserError, match="holds other things than a merged model"):
+        merge_module.merge_adapters(str(plain), again)
     # An earlier merge that is the base of the chain being merged was replaced by its own adapter's merge.
     merged = merge_module.merge_adapters(str(plain), tmp_path / "merged-base")
     weights = (merged / "model.safetensors").read_bytes()

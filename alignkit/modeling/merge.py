@@ -166,17 +166,26 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     return final
 
 
+# What save_pretrained writes for a model and its tokenizer: weights, configs, chat templates, vocabularies
+# (SentencePiece .model, tiktoken, BPE .txt/.vocab), a trust_remote_code model's .py files, and the card.
+MERGE_SUFFIXES = {".json", ".safetensors", ".jinja", ".md", ".txt", ".model", ".bin", ".tiktoken", ".vocab", ".py"}
+
+
 def _a_merged_model(folder: Path) -> bool:
-    """An empty folder, or what a merge leaves: its merge.json beside model, tokenizer and record files, no
-    subfolder, and no adapter or delta (`--output_dir` naming an adapter folder replaced it with its own merge).
-    Anything else (a runs/ folder, the project's root, a base model that no merge wrote, a folder of data or notes:
-    a merge cut short leaves its files beside the output, never in it) is not replaced."""
+    """An empty folder, or what a merge leaves: its merge.json beside model, tokenizer and record files
+    (MERGE_SUFFIXES), no subfolder but a tokenizer's additional_chat_templates/, and no adapter or delta
+    (`--output_dir` naming an adapter folder replaced it with its own merge). Anything else (a runs/ folder, the
+    project's root, a base model that no merge wrote, a folder of data or notes: a merge cut short leaves its files
+    beside the output, never in it) is not replaced."""
+    from alignkit.modeling.identity import READ_SUBFOLDERS
+
     if not folder.is_dir():
         return False
-    files = list(folder.iterdir())
+    files = [p for p in folder.iterdir() if p.name not in READ_SUBFOLDERS or not p.is_dir()]
+    files += [p for sub in READ_SUBFOLDERS if (folder / sub).is_dir() for p in (folder / sub).iterdir()]
     suffixes = {p.suffix for p in files}
     return not files or ((folder / "merge.json").is_file() and all(p.is_file() for p in files)
-                         and suffixes <= {".json", ".safetensors", ".jinja", ".md", ".txt", ".model", ".bin"}
+                         and suffixes <= MERGE_SUFFIXES
                          and not {"adapter_config.json", "lota_config.json"} & {p.name for p in files})
 
 
