@@ -114,6 +114,32 @@ def test_evaluations_are_recorded_only_in_local_model_folders(tmp_path):
     assert set(json.loads((model / EVALS_FILE).read_text())) == {"alpaca_eval win_rate vs gpt4", "mt_bench vs base"}
 
 
+def test_evaluations_recorded_at_once_in_one_folder_are_all_kept(tmp_path, monkeypatch):
+    """Two evaluate.py runs recording into one model folder at the same time each read the results, added theirs and
+    wrote: the later write dropped the other's result. The read is slowed here so that the two always overlap."""
+    import threading
+    import time
+
+    from alignkit.core import card
+
+    model = write(tmp_path / "m", config__json={})
+    read = card._read_json
+
+    def slow_read(path):
+        found = read(path)
+        time.sleep(0.3)
+        return found
+
+    monkeypatch.setattr(card, "_read_json", slow_read)
+    threads = [threading.Thread(target=record_evaluation, args=(model, f"eval {i}", {"value": float(i)}))
+               for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert json.loads((model / EVALS_FILE).read_text()) == {"eval 0": {"value": 0.0}, "eval 1": {"value": 1.0}}
+
+
 def test_eval_result_needs_what_the_hub_requires():
     # The Hub's validation refuses an EvalResult without a dataset or metric: the card never writes one.
     with pytest.raises(TypeError):

@@ -152,15 +152,30 @@ def base_license(base: str) -> dict:
 def record_evaluation(source, name: str, entry: dict) -> None:
     """Keep an evaluation result (a win rate, ...) in a local model folder's EVALS_FILE, under `name`, for its
     card. A Hub id or a file (a GGUF) is not a folder alignkit wrote: nothing is recorded there."""
+    from filelock import FileLock
+
     from alignkit.core.journal import write_json
 
     folder = Path(str(source))
     if not folder.is_dir() or not any((folder / f).is_file() for f in ("config.json", "adapter_config.json",
                                                                        "alignkit_config.json", "merge.json")):
         return
-    results = _read_json(folder / EVALS_FILE)
-    results[name] = entry
-    write_json(folder / EVALS_FILE, results)
+    # Two evaluations of one model at once (MT-Bench beside AlpacaEval) each read, add and write: one at a time, or
+    # the later write drops the other's result. The lock lies in alignkit's cache, not in the model's folder.
+    from alignkit.core.digests import digest
+    from alignkit.core.paths import cache_dir
+
+    locks = cache_dir() / "eval-locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{digest(str(folder.resolve()), 16)}.lock")):
+        results = _read_json(folder / EVALS_FILE)
+        results[name] = entry
+        write_json(folder / EVALS_FILE, results)
+        _refresh_card(folder, name)
+
+
+def _refresh_card(folder: Path, name: str) -> None:
+    """The folder's card, rewritten to show the result `name` just recorded, where alignkit wrote that card."""
     from huggingface_hub import ModelCard
 
     from alignkit import logger
