@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
+from alignkit.core.errors import UserError
 from conftest import run_script
 
 ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
@@ -305,3 +307,13 @@ def test_packed_sft_rows_are_not_counted_as_dropped(bad_files, tmp_path, alignki
                      "--max_length", "64", "--max_steps", "1", cwd=bad_files)
     assert len(run["trainer"].train_dataset) < sum(1 for _ in open(presets.paths()["sft"]))  # packed: fewer rows
     assert "dropped" not in alignkit_log.text
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="/proc is Linux's")
+def test_an_output_dir_where_no_folder_can_be_made_is_refused_in_one_line():
+    """Permissions alone passed --output_dir /proc/x for root (a notebook audit): the data and the model loaded, then
+    the run folder failed with an 81-line FileNotFoundError. A folder is made there and removed, before any work."""
+    from alignkit.core.paths import check_writable
+
+    with pytest.raises(UserError, match=r"^--output_dir /proc/alignkit-x: "):
+        check_writable("/proc/alignkit-x", "--output_dir")

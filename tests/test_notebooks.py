@@ -136,14 +136,21 @@ def execute(name: str, cwd: Path, env: dict, specs: KernelSpecManager):
     return nb
 
 
-def test_kernel_runs_this_python(kernel_specs, tmp_path):
+def test_kernel_runs_this_python_and_a_later_cell_run_first_fails_in_one_line(kernel_specs, tmp_path):
+    """A cell of a script's notebook run before its first cell (after a kernel restart, or picked from the middle)
+    showed Python's traceback for a name the first cell sets: one line from the first import of alignkit on."""
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "import sys; from alignkit.core.args import is_notebook; print(sys.executable, is_notebook())")])
+        "import sys; from alignkit.core.args import is_notebook; print(sys.executable, is_notebook())"),
+        nbformat.v4.new_code_cell("settings.model_id"),
+        nbformat.v4.new_code_cell("from alignkit.core.errors import UserError\nraise UserError('no such file')")])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)
-    NotebookClient(nb, km=km, timeout=120, startup_timeout=120).execute(
+    NotebookClient(nb, km=km, timeout=120, startup_timeout=120, allow_errors=True).execute(
         env=kernel_env(tmp_path), cwd=str(tmp_path), cleanup_kc=True)
     assert streamed(nb.cells[0]).split() == [sys.executable, "True"]
+    for cell, said in zip(nb.cells[1:], ("error: name 'settings' is not defined: the cell above that sets it has "
+                                         "not run", "error: no such file")):
+        assert [o.output_type for o in cell.outputs] == ["stream"] and streamed(cell).startswith(said), cell.outputs
 
 
 def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, tmp_path):

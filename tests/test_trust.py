@@ -282,8 +282,23 @@ def test_ctrl_c_is_one_line_on_the_command_line_and_under_a_notebook_cell(tmp_pa
         def _showtraceback(self, *args):
             raise AssertionError("a traceback")
 
+    torch.set_grad_enabled(False)  # as a stop inside torch.no_grad()'s entry leaves the kernel
     errors._show_in_cell(Shell(), KeyboardInterrupt, KeyboardInterrupt(), None)
     assert capsys.readouterr().err.strip() == errors.INTERRUPTED_IN_CELL
+    assert torch.is_grad_enabled()  # the next training cell trains (it failed: "does not require grad")
+    # A stop while a library imported (a cold first cell takes seconds to import TRL) leaves it half-imported: run
+    # again, the cell failed inside it with a 400-line traceback. The way out is a restart, said in one line.
+    (tmp_path / "slow_library.py").write_text("raise KeyboardInterrupt\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import importlib
+
+        importlib.import_module("slow_library")
+    except KeyboardInterrupt as error:
+        errors._show_in_cell(Shell(), KeyboardInterrupt, error, error.__traceback__)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert capsys.readouterr().err.strip() == errors.INTERRUPTED_IMPORT
 
 
 # ---------------------------------------------------------------- 10. model cards name the real base

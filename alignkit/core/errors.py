@@ -5,7 +5,8 @@ data row or a missing data file (`DataError`), a missing token, an unreachable H
 model folder. Its message names what is wrong and the fix. Run as a script (`python dpo.py ...`), such an error
 prints `error: <message>` and exits with status 2, without a traceback (in a notebook: the same line under the
 cell); `--debug` or `ALIGNKIT_DEBUG=1` shows the traceback too. Anything else is a bug or a failure nobody
-foresaw, and keeps its full traceback.
+foresaw, and keeps its full traceback. In a notebook kernel the one-line report holds from this module's first
+import on, not only from the first cell's report_user_errors().
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 INTERRUPTED = "interrupted: what was finished is kept; the same command goes on from there"
 INTERRUPTED_IN_CELL = ("interrupted: what was finished is kept; run the cell again to go on (a training cell: the "
                        "cells from 'Run folder' on)")
+INTERRUPTED_IMPORT = ("interrupted while Python imported a library, which stays half-imported in this kernel (a "
+                      "second run fails inside it): restart the kernel, then run the cells from the first one")
 # Set in a script run as a step of another (rlaif.py's rounds, alignkit.train.step_process): that script says what an
 # interrupt left and how to go on, once, in its own words. Its value: "cell" where that script runs in a notebook.
 STEP_OF = "ALIGNKIT_STEP"
@@ -149,12 +152,25 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
               "run the cells from there down (Run All Above, then this one)", file=sys.stderr)
         return None
     if issubclass(kind, KeyboardInterrupt):  # the kernel's stop button: 30-50 lines deep inside TRL, before
-        sys.stderr.write(INTERRUPTED_IN_CELL + "\n")  # one write: one stream message under the cell
+        torch = sys.modules.get("torch")
+        if torch is not None:  # a stop inside torch.no_grad()'s own entry or exit left gradients off in the kernel:
+            torch.set_grad_enabled(True)  # every later training failed ("element 0 of tensors does not require grad")
+        said = INTERRUPTED_IMPORT if _in_an_import(tb) else INTERRUPTED_IN_CELL
+        sys.stderr.write(said + "\n")  # one write: one stream message under the cell
         return None
     from alignkit.core.secrets import redact
 
     print(f"error: {redact(str(error))}", file=sys.stderr)
     return None
+
+
+def _in_an_import(tb) -> bool:
+    """Whether the traceback `tb` passes through Python's import machinery: a module left half-initialised."""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _close_name(name: str, candidates: list[str]) -> str | None:
@@ -221,3 +237,16 @@ def raise_pending_interrupt() -> None:
     if _PENDING:
         _PENDING.clear()
         raise KeyboardInterrupt
+
+
+def _one_line_errors_in_a_kernel() -> None:
+    """In a notebook kernel, the first cell's report_user_errors from the first import of this module on (every
+    module that can refuse imports it): a later cell run first (after a kernel restart, or picked from the middle)
+    showed Python's traceback for a name an earlier cell sets, and for a refusal. A handler the user installed
+    (IPython's set_custom_exc) stays."""
+    shell = getattr(builtins, "get_ipython", lambda: None)()
+    if shell is not None and hasattr(shell, "set_custom_exc") and not getattr(shell, "custom_exceptions", ()):
+        report_user_errors()
+
+
+_one_line_errors_in_a_kernel()

@@ -94,3 +94,8 @@ def check_writable(folder, flag: str) -> None:
             read_only = False
         why = "a read-only file system" if read_only else "no write permission"
         raise UserError(f"{flag} {folder}: {existing} cannot be written ({why}); pass a folder you can write to")
+    try:  # what permissions do not tell: a pseudo or full file system, a mount that refuses folders (/proc for root)
+        os.rmdir(tempfile.mkdtemp(prefix=".alignkit-probe-", dir=existing))
+    except OSError as error:
+        raise UserError(f"{flag} {folder}: cannot make a folder in {existing} ({error.strerror}); pass a folder you "
+                        "can write to") from None
