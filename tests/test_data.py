@@ -731,9 +731,11 @@ def test_a_handbook_row_with_a_system_turn_and_a_prompt_string_is_read(tmp_path)
     assert data["prompt"] == [s("Be brief."), u("What color is the sky?")] and data["chosen"] == [a("Blue.")]
 
 
-@pytest.mark.parametrize("label, desirable", [(1, True), (0, False), ("1", True), ("0", False), (True, True)])
+@pytest.mark.parametrize("label, desirable", [(1, True), (0, False), ("1", True), ("0", False), (True, True),
+                                             (1.0, True), (0.0, False), ("0.0", False)])
 def test_kto_labels_as_trl_casts_them(label, desirable):
-    """TRL's KTOTrainer casts the label to bool: 1 and 0 (ints, or a CSV's strings) were refused."""
+    """TRL's KTOTrainer casts the label to bool: 1 and 0 (ints, or a CSV's strings) were refused, and so were 1.0
+    and 0.0, as a CSV or parquet export with a missing label elsewhere stores them."""
     from alignkit.core.data import load_unpaired
 
     (row,) = load_unpaired([{"prompt": "q", "completion": "c", "label": label}]).to_list()

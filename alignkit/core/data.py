@@ -245,9 +245,10 @@ def _sft_prompt_completion(row):
 def _unpaired(row):
     """One labelled answer (KTO): prompt, completion, label true (desirable) or false (undesirable)."""
     label = row.get("label")
-    if isinstance(label, str) and label.strip().lower() in ("true", "false", "1", "0"):
-        label = label.strip().lower() in ("true", "1")
-    if type(label) is int and label in (0, 1):  # TRL casts the label to bool: 1 desirable, 0 undesirable
+    if isinstance(label, str) and label.strip().lower() in ("true", "false", "1", "0", "1.0", "0.0"):
+        label = label.strip().lower() in ("true", "1", "1.0")
+    # TRL casts the label to bool: 1 desirable, 0 undesirable; a CSV or parquet export often stores them as 1.0, 0.0
+    if type(label) in (int, float) and label in (0, 1):
         label = bool(label)
     if label is None and row.get("chosen") is not None and row.get("rejected") is not None:
         raise _RowError("label", "a preference pair (chosen, rejected) among labelled rows (prompt, completion, "
