@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
+from alignkit.core.errors import ConfigError
 from conftest import run_script
 from openai_server import Fault, FakeOpenAI, SilentServer
 
@@ -279,15 +281,21 @@ def test_a_python_reward_gets_the_rows_as_trl_hands_them(tmp_path):
     assert rows["solution"] == ["2", "4", "two"]
     assert rows["prompt"][2] == rows["prompt"][0]
     assert len(rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(data), max_prompts=2))) == 2
-    (tmp_path / "acc.py").write_text("def accuracy(prompts, completions, solution, **kwargs):\n"
-                                     "    return [(p, c, s) for p, c, s in zip(prompts, completions, solution)]\n")
+    seen = tmp_path / "seen.jsonl"  # what reached the function, one line per completion
+    (tmp_path / "acc.py").write_text("import json\n"
+                                     "def accuracy(prompts, completions, solution, **kwargs):\n"
+                                     f"    with open({str(seen)!r}, 'a') as f:\n"
+                                     "        for p, c, s in zip(prompts, completions, solution):\n"
+                                     "            f.write(json.dumps([p, c, s]) + '\\n')\n"
+                                     "    return [1.0 for _ in completions]\n")
     reward = rl_rewards.import_reward(f"python:{tmp_path / 'acc.py'}:accuracy")
     assert reward.__name__ == "accuracy"
     said = [{"role": "assistant", "content": "2"}]
     # As TRL hands them: the row's columns, alignkit's mark among them, which the function does not get.
-    for row, expected in ((rows[0], [("1+1?", "2", "2")]), (rows[1], [(chat, said, "4")])):  # text, as written
+    for row in (rows[0], rows[1]):
         columns = {k: [v] for k, v in row.items() if k != "prompt"}
-        assert reward(prompts=[row["prompt"]], completions=[said], **columns) == expected
+        assert reward(prompts=[row["prompt"]], completions=[said], **columns) == [1.0]
+    assert [json.loads(line) for line in seen.read_text().splitlines()] == [["1+1?", "2", "2"], [chat, said, "4"]]
 
 
 def test_an_async_reward_is_awaited_and_its_none_leaves_the_other_rewards_summed(sft_run, tmp_path):
@@ -403,13 +411,19 @@ def test_a_prompt_written_as_text_is_told_by_its_row_and_rewards_are_named_and_a
     both.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"prompt": hello}) + "\n")
     rows = rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(both)))
     assert rows["prompt"] == [hello, hello] and rows[rl_rewards.TEXT_PROMPT] == [True, False]
-    (tmp_path / "echo.py").write_text("def echo(prompts, completions, **kwargs):\n"
-                                      "    return [(p, c, sorted(kwargs)) for p, c in zip(prompts, completions)]\n")
+    seen = tmp_path / "seen.jsonl"  # what reached the function, one line per completion
+    (tmp_path / "echo.py").write_text("import json\n"
+                                      "def echo(prompts, completions, **kwargs):\n"
+                                      f"    with open({str(seen)!r}, 'a') as f:\n"
+                                      "        for p, c in zip(prompts, completions):\n"
+                                      "            f.write(json.dumps([p, c, sorted(kwargs)]) + '\\n')\n"
+                                      "    return [0.0 for _ in completions]\n")
     echo = rl_rewards.import_reward(f"python:{tmp_path / 'echo.py'}:echo")
     said = [{"role": "assistant", "content": "hi"}]
-    for row, expected in ((rows[0], ("hello", "hi", [])), (rows[1], (hello, said, []))):
+    for row in rows:
         assert echo(prompts=[row["prompt"]], completions=[said], **{k: [v] for k, v in row.items() if k != "prompt"}) \
-            == [expected]
+            == [0.0]
+    assert [json.loads(line) for line in seen.read_text().splitlines()] == [["hello", "hi", []], [hello, said, []]]
     (tmp_path / "scorers.py").write_text(
         "import functools\n"
         "class Length:\n"
@@ -421,6 +435,32 @@ def test_a_prompt_written_as_text_is_told_by_its_row_and_rewards_are_named_and_a
         reward = rl_rewards.import_reward(f"python:{tmp_path / 'scorers.py'}:{name}")
         assert reward.__name__ == "Length" and is_async_callable(reward)
         assert asyncio.run(reward(prompts=["q"], completions=["ab"])) == expected
+
+
+def test_a_python_reward_that_returns_no_float_per_completion_or_misses_a_column_says_so_in_one_line(tmp_path):
+    """Found by an rl.py audit: a reward returning strings failed inside TRL's trainer ("too many dimensions 'str'"),
+    one returning too few values with TRL's traceback, one reading a column the dataset lacks with a bare KeyError;
+    none named the reward. Each is now one line (a ConfigError: `error: ...`, status 2) naming it."""
+    from alignkit.train import rl_rewards
+
+    (tmp_path / "bad.py").write_text(
+        "def words(prompts, completions, **kw):\n    return ['high' for c in completions]\n"
+        "def one(prompts, completions, **kw):\n    return [1.0]\n"
+        "def column(prompts, completions, **kw):\n    return [float(s == c) for s, c in zip(kw['solution'], completions)]\n"
+        "async def later(prompts, completions, **kw):\n    return 0.5\n"
+        "def fine(prompts, completions, **kw):\n    return [1, None, True]\n")
+    call = dict(prompts=["q", "q", "q"], completions=["a", "b", "c"], answer=["x", "y", "z"])
+    spec = f"python:{tmp_path / 'bad.py'}"
+    for name, said in (("words", "returned str ('high') for completion 1: it must return one float (or None) per "
+                                 "completion, a list of 3 here"),
+                       ("one", "returned 1 values for 3 completions"),
+                       ("column", "raised KeyError 'solution': a row's columns reach it as keyword arguments, and this "
+                                  "dataset's are: answer")):
+        with pytest.raises(ConfigError, match=re.escape(f"--reward {spec}:{name} {said}")):
+            rl_rewards.import_reward(f"{spec}:{name}")(**call)
+    with pytest.raises(ConfigError, match=re.escape(f"--reward {spec}:later returned float")):
+        asyncio.run(rl_rewards.import_reward(f"{spec}:later")(**call))
+    assert rl_rewards.import_reward(f"{spec}:fine")(**call) == [1, None, True]
 
 
 def test_a_reward_model_trained_on_texts_refuses_conversations_before_the_policy_loads(monkeypatch, tmp_path):

@@ -112,18 +112,53 @@ def import_reward(spec: str):
             prompts, completions = [p[-1]["content"] for p in prompts], [completion_text(c) for c in completions]
         return {"prompts": prompts, "completions": completions, **kwargs}
 
+    def missing(kwargs, error) -> ConfigError:
+        """A KeyError names the reward and the columns a row passes (a column the dataset lacks is the usual one)."""
+        columns = ", ".join(sorted(k for k in kwargs if k != TEXT_PROMPT)) or "none"
+        return ConfigError(f"--reward {spec} raised KeyError {error}: a row's columns reach it as keyword arguments, "
+                           f"and this dataset's are: {columns} (--debug shows where)")
+
     if is_async_callable(function):
         # An async reward (an API call) stays async, so TRL awaits it on its event loop beside the others.
         async def reward(prompts, completions, **kwargs):
-            return await function(**as_written(prompts, completions, kwargs))
+            try:
+                return checked_rewards(spec, await function(**as_written(prompts, completions, kwargs)), completions)
+            except KeyError as error:
+                raise missing(kwargs, error) from error
     else:
         def reward(prompts, completions, **kwargs):
-            return function(**as_written(prompts, completions, kwargs))
+            try:
+                return checked_rewards(spec, function(**as_written(prompts, completions, kwargs)), completions)
+            except KeyError as error:
+                raise missing(kwargs, error) from error
 
     reward.__name__ = reward.__qualname__ = get_callable_name(function)  # TRL's name for it in the logs
     reward.text_marks = None  # this batch's prompts written as text (alignkit.train.rl, _calculate_rewards)
     reward.__doc__ = getattr(function, "__doc__", None)
     return reward
+
+
+def checked_rewards(spec: str, rewards, completions):
+    """`rewards` as a `python:` reward returned them, when they are one float (or None) per completion; else one line
+    naming the reward and what it returned (TRL failed later, inside its trainer: "too many dimensions 'str'")."""
+    import numbers
+
+    n = len(completions)
+    fix = f"it must return one float (or None) per completion, a list of {n} here"
+    shape = getattr(rewards, "shape", None)
+    if shape is not None:  # a tensor or an array
+        if len(shape) != 1 or shape[0] != n:
+            raise ConfigError(f"--reward {spec} returned an array of shape {tuple(shape)}: {fix}")
+        return rewards
+    if not isinstance(rewards, (list, tuple)):
+        raise ConfigError(f"--reward {spec} returned {type(rewards).__name__}: {fix}")
+    if len(rewards) != n:
+        raise ConfigError(f"--reward {spec} returned {len(rewards)} values for {n} completions: {fix}")
+    for i, value in enumerate(rewards):
+        if value is not None and not isinstance(value, numbers.Real):
+            raise ConfigError(f"--reward {spec} returned {type(value).__name__} ({value!r:.40}) for completion "
+                              f"{i + 1}: {fix}")
+    return rewards
 
 
 class JudgeReward:
