@@ -126,6 +126,21 @@ def test_an_override_that_acts_is_accepted():
     check_dpo_config(dpo_config(ld_alpha=0.5, use_weighting=True, router_aux_loss_coef=0.0))
 
 
+def test_wpo_weighting_of_a_loss_trl_cannot_weight_is_refused_before_the_model_loads():
+    """--use_weighting with the tiny preset's sigmoid,sft (or hinge) failed at the first step inside TRL's DPOTrainer,
+    which scales the per-pair loss in place (found by a dpo.py audit): refused as the settings are read."""
+    from alignkit.core.config import DPOSettings
+
+    for loss_type in (["sigmoid", "sft"], ["hinge"]):
+        name = ",".join(loss_type)
+        with pytest.raises(ConfigError, match=f"^--use_weighting with --loss_type {name}: TRL's DPOTrainer fails"):
+            DPOSettings(model_id="m", dataset_id="d", loss_type=loss_type, trainer_overrides={"use_weighting": True})
+        with pytest.raises(ConfigError, match=f"^--use_weighting with --loss_type {name}"):
+            check_dpo_config(dpo_config(loss_type=loss_type, use_weighting=True))
+        DPOSettings(model_id="m", dataset_id="d", loss_type=loss_type)  # unweighted, it trains
+    DPOSettings(model_id="m", dataset_id="d", loss_type=["sigmoid"], trainer_overrides={"use_weighting": True})
+
+
 def test_dpo_refuses_an_override_before_training(tiny_cache, tmp_path):
     with pytest.raises(ConfigError, match="ref_model_sync_steps"):
         first_step(tmp_path, "refused", *OWN, overrides={"ref_model_sync_steps": 64})

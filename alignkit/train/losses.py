@@ -63,6 +63,21 @@ def is_reference_free(loss_types) -> bool:
     return any(t in REFERENCE_FREE for t in loss_types)
 
 
+# TRL's loss types whose per-pair loss TRL's DPOTrainer cannot scale in place by the WPO weights (use_weighting):
+# sft's is one value expanded to the batch ("more than one element of the written-to tensor refers to a single memory
+# location"), hinge's a ReLU's output that its backward reads ("modified by an inplace operation"). TRL 1.x.
+TRL_UNWEIGHTABLE = ("sft", "hinge")
+
+
+def check_weighting(use_weighting: bool, loss_types) -> None:
+    """use_weighting (WPO) with a loss computed by TRL that fails mid-step under it (TRL_UNWEIGHTABLE): refused."""
+    broken = [t for t in loss_types if t in TRL_UNWEIGHTABLE]
+    if use_weighting and broken and not is_own_loss(loss_types):
+        raise ConfigError(f"--use_weighting with --loss_type {','.join(loss_types)}: TRL's DPOTrainer fails to weight "
+                          f"{' and '.join(broken)} (it scales the loss in place; the step fails); use --loss_type "
+                          "sigmoid (alignkit's loss, which weights it), or drop --use_weighting")
+
+
 def check_loss_types(loss_types) -> None:
     """Every loss type is one alignkit or TRL computes (TRL would only say so mid-training); a reference-free loss
     runs alone: combined with a reference-based one, the reference pass would be back."""

@@ -51,7 +51,8 @@ from alignkit.modeling.chain import checkpoint_frozen
 from alignkit.modeling.models import TRAINABLE, keep_trainable_fp32, reference_mode
 from alignkit.train import prefix, refcache
 from alignkit.train.losses import (
-    answer_logps, check_label_smoothing, check_loss_types, is_own_loss, is_reference_free, mean_answer_logps,
+    answer_logps, check_label_smoothing, check_loss_types, check_weighting, is_own_loss, is_reference_free,
+    mean_answer_logps,
     preference_loss, reference_free_loss,
 )
 
@@ -230,6 +231,7 @@ def check_dpo_config(args) -> None:
             raise ConfigError(f"trainer override {name}={getattr(args, name)!r} has no effect: {why}; drop it")
     check_label_smoothing(args.label_smoothing, args.loss_type)  # again: --trainer_overrides may set either
     check_loss_types(args.loss_type)
+    check_weighting(args.use_weighting, args.loss_type)
     if is_reference_free(args.loss_type):
         name = ",".join(args.loss_type)
         for field, value, default in (("precompute_ref_log_probs", args.precompute_ref_log_probs, False),
