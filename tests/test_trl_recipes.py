@@ -1186,3 +1186,18 @@ def test_a_loss_mask_field_in_trl_s_name_wins_over_train_on_and_says_so(tmp_path
     trl_config(SFTConfig, parse_config(SFTSettings, env_file=None, args=[]), tmp_path, torch.float32,
                assistant_only_loss=True)
     assert "as given in TRL's name" not in alignkit_log.text
+
+
+def test_save_strategy_no_keeps_the_last_step_so_the_same_command_again_trains_nothing(tiny_cache, tmp_path):
+    """TRL's save_strategy "no" (a common recipe field) left a finished run without a checkpoint, so the same command
+    run again moved it aside and trained it all again (found by an sft.py audit). The last step is saved as the one
+    checkpoint; a rerun resumes there and trains no step."""
+    args = ["--preset", "tiny", "--max_steps", "4", "--save_strategy", "no", "--eval_split", "0",
+            "--output_dir", str(tmp_path), "--run_name", "no-saves"]
+    first = run_script("sft.py", *args)
+    folder = Path(first["run_folder"])
+    assert first["trainer"].args.save_strategy == "steps" and first["trainer"].state.global_step == 4
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-4"]
+    again = run_script("sft.py", *args)
+    assert again["resume_from"] == str(folder / "checkpoint-4") and again["trainer"].state.global_step == 4
+    assert not [p for p in os.listdir(tmp_path) if ".previous-" in p]  # nothing moved aside, nothing retrained

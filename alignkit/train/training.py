@@ -170,6 +170,11 @@ def resolve_gradient_checkpointing(s, model, dtype: torch.dtype) -> bool:
     return on
 
 
+# save_steps for TRL's save_strategy "no": a step no run reaches, so transformers saves only the last step (its
+# DefaultFlowCallback saves there under the steps strategy).
+LAST_STEP_ONLY = 2**31 - 1
+
+
 def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **stage_kwargs):
     """TRL's SFTConfig/DPOConfig from alignkit's settings; --trainer_overrides (every TRL field given under its
     TRL name, alignkit.core.trl_names) goes on top. `model` (the loaded model) sizes --gradient_checkpointing
@@ -233,6 +238,10 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
         made = f"--train_on {s.train_on} made it" if key.endswith("only_loss") and hasattr(s, "train_on") else \
             "alignkit chose"
         logger.info(f"{key}: {extra[key]} as given in TRL's name, over {stage_kwargs[key]} ({made} that)")
+    if extra.get("save_strategy") == "no":  # a finished run without a checkpoint: its same command trained it again
+        logger.info("save_strategy no: no checkpoint until the last step, which is saved as one, so that the same "
+                    "command run again trains nothing (--resume auto) and a crash after it loses nothing")
+        extra = {**extra, "save_strategy": "steps", "save_steps": LAST_STEP_ONLY}
     kwargs.update(extra)
     try:
         # A copy: transformers edits fsdp_config in place (and TRL may edit other lists), which changed the
