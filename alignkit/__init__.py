@@ -57,6 +57,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   lota and lota_mask (Lottery Ticket Adaptation: training, and its calibration and mask),
   reward (reward.py's losses and trainer),
   rl (rl.py's prompts and GRPO/RLOO trainers), rl_rewards (its rewards: rule, judge, reward model, code),
+  kept_judgments (the judgments a run paid for, kept when its folder goes),
   rlaif (rlaif.py's rounds), rlaif_inputs (what each round's scripts are given, and each step's inputs by content).
 - feedback (AI feedback):
   judge (label.py's judges), judge_templates (their prompts),

@@ -614,3 +614,48 @@ def test_what_would_train_nothing_or_fail_after_the_load_is_refused_first(tiny_c
     assert settings("--scale_rewards", "false").trainer_overrides["scale_rewards"] == "none"
     with pytest.raises(ConfigError, match=r"temperature must be > 0"):
         settings("--temperature", "0")
+
+
+def test_a_run_given_back_before_its_first_checkpoint_keeps_the_judgments_it_paid_for(tmp_path, monkeypatch):
+    """rl.py --reward judge caches its judgments in the run folder; a run stopped before its first checkpoint (Ctrl-C,
+    a crash) had its folder removed, and every request made until then, paid for at an API, with it (found by an
+    rl.py audit: 320 judgments lost). They stay in the folder's judge.cache, beside the files of a run put back there,
+    and the next run's judge reads them all; so after a kill, where the next command puts the earlier run back."""
+    from alignkit.train import run_folder
+    from alignkit.train.rl_rewards import JudgeReward
+
+    def judged(folder, *names):
+        (folder / "judge.cache").mkdir(parents=True)
+        for name in names:
+            (folder / "judge.cache" / name).write_text(json.dumps({"key": f"{folder.name}/{name}"}) + "\n")
+
+    def lines(folder):
+        cache = JudgeReward._open_cache(folder / "judge.cache")
+        try:
+            return sorted(json.loads(line)["key"] for path in sorted((folder / "judge.cache").glob("judgments*.jsonl"))
+                          for line in path.read_text().splitlines())
+        finally:
+            cache.close()
+
+    run, earlier = tmp_path / "rl", tmp_path / "rl.previous-1"
+    judged(run, "judgments.jsonl", "judgments.rank1.jsonl")
+    judged(earlier, "judgments.jsonl")
+    (earlier / "adapter_model.safetensors").write_text("the earlier run")
+    run_folder._release(run, earlier, KeyboardInterrupt())
+    assert (run / "adapter_model.safetensors").read_text() == "the earlier run" and not earlier.exists()
+    assert lines(run) == ["rl.previous-1/judgments.jsonl", "rl/judgments.jsonl", "rl/judgments.rank1.jsonl"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left beside the folder
+
+    alone = tmp_path / "alone"
+    judged(alone, "judgments.jsonl")
+    (alone / "alignkit_config.json").write_text("{}")
+    run_folder._release(alone, None, RuntimeError("out of memory"))
+    assert sorted(p.name for p in alone.iterdir()) == ["judge.cache"] and lines(alone) == ["alone/judgments.jsonl"]
+
+    killed, kept = tmp_path / "killed", tmp_path / "killed.previous-1"  # SIGKILL: no except ran; the next command
+    judged(killed, "judgments.jsonl")
+    (kept / "metrics.json").parent.mkdir()
+    (kept / "metrics.json").write_text("{}")
+    (killed / "alignkit_claim.json").write_text(json.dumps({"earlier_run": str(kept)}))
+    run_folder._restore_stranded(killed)
+    assert (killed / "metrics.json").is_file() and lines(killed) == ["killed/judgments.jsonl"]

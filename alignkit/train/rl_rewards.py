@@ -377,7 +377,9 @@ def build_rewards(s, run_folder: Path) -> list:
         if spec == "rule":
             funcs.append(rule_reward)
         elif spec == "judge":
-            funcs.append(JudgeReward(s, Path(s.judge_cache) if s.judge_cache else run_folder / "judge.cache"))
+            from alignkit.train.kept_judgments import JUDGMENTS
+
+            funcs.append(JudgeReward(s, Path(s.judge_cache) if s.judge_cache else run_folder / JUDGMENTS))
         elif spec.startswith("rm:"):
             funcs.append(RewardModelReward(spec, s))
         elif spec.startswith("python:"):

@@ -42,6 +42,7 @@ from alignkit.core.launch import every_process, world_size
 # killed before its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
 from alignkit.core.run_records import CLAIM_FILE, LOADED_AS, checkpoints, loaded_as
 from alignkit.train import cell_checks, run_locks
+from alignkit.train.kept_judgments import judgments_back, remove_keeping_judgments
 
 CONFIG_FILE = "alignkit_config.json"
 FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
@@ -449,10 +450,10 @@ def _restore_stranded(folder: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         return
     if earlier.is_dir():
-        shutil.rmtree(folder)
+        paid = remove_keeping_judgments(folder)
         shutil.move(str(earlier), folder)
         logger.info(f"the run in {folder} stopped before its first checkpoint: the earlier run is back in place "
-                    f"(from {earlier})")
+                    f"(from {earlier}){judgments_back(paid, folder)}")
 
 
 def save_run_config(s, path: Path) -> None:
@@ -490,9 +491,12 @@ def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
         logger.info(f"the run {ended}; its checkpoints stay in {folder} (see {FAILED_FILE}): {again} to resume"
                     + (f"; the earlier run is in {aside}" if aside else ""))
         return
-    shutil.rmtree(folder, ignore_errors=True)
+    paid = remove_keeping_judgments(folder)
     if aside:
         shutil.move(str(aside), folder)
-        logger.info(f"the run {ended} before its first checkpoint: removed it; the earlier run is back in {folder}")
+    kept = judgments_back(paid, folder)
+    if aside:
+        logger.info(f"the run {ended} before its first checkpoint: removed it{kept}; the earlier run is back in {folder}")
     else:
-        logger.info(f"the run {ended} before its first checkpoint: removed {folder}")
+        logger.info(f"the run {ended} before its first checkpoint: removed {folder}{kept}")
+

@@ -1,0 +1,45 @@
+"""The judgments a run paid for, kept when its folder goes.
+
+rl.py's `--reward judge` caches every judgment in the run folder (`judge.cache`, alignkit.train.rl_rewards). A run
+that stops before its first checkpoint gives its folder back (alignkit.train.run_folder: removed, the earlier run put
+back), and the requests made until then, paid for at an API, went with it. They are kept here instead: in the
+folder's judge.cache again, under names of their own, where the next run's judge reads them (it reads every
+judgments*.jsonl there; a judgment is keyed by the judge and what it judged, so it is right for any run).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from alignkit.core.journal import free_name
+
+JUDGMENTS = "judge.cache"  # rl.py --reward judge's default cache in the run folder (alignkit.train.rl_rewards)
+
+
+def remove_keeping_judgments(folder: Path) -> Path | None:
+    """Remove a run folder that holds no checkpoint, but for the judgments its judge reward paid for: moved beside
+    it (returned) for judgments_back. A removed judge.cache lost every request made before the first checkpoint."""
+    judged = folder / JUDGMENTS
+    paid = None
+    if judged.is_dir() and any(judged.glob("judgments*.jsonl")):
+        paid = free_name(folder.parent, f".{folder.name}.{JUDGMENTS}-kept")
+        shutil.move(str(judged), paid)
+    shutil.rmtree(folder, ignore_errors=True)
+    return paid
+
+
+def judgments_back(paid: Path | None, folder: Path) -> str:
+    """The judgments `remove_keeping_judgments` kept, in `folder`'s judge.cache again (beside the files of the run
+    put back there, under names of their own: the judge reads every judgments*.jsonl there); what the log says."""
+    if paid is None:
+        return ""
+    judged = folder / JUDGMENTS
+    judged.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for file in sorted(paid.glob("judgments*.jsonl")):
+        stem = file.name.removesuffix(".jsonl").replace("judgments", f"judgments.kept-{stamp}", 1)
+        shutil.move(str(file), free_name(judged, stem, ".jsonl"))
+    shutil.rmtree(paid, ignore_errors=True)
+    return f" (its paid judgments kept in {judged}, for the next run)"
