@@ -15,7 +15,8 @@
 - lota: Lottery Ticket Adaptation (sparse deltas instead of LoRA): the training glue; lota_mask: its calibration
   and mask (the delta itself: alignkit.modeling.lota_delta).
 - reward: reward.py's losses and trainer.
-- rl: rl.py's prompts and GRPO/RLOO trainers; rl_rewards: its rewards (rule, judge, reward model, code).
+- rl: rl.py's prompts and GRPO/RLOO trainers; rl_rewards: its rewards (rule, judge, reward model, code);
+  kept_judgments: the judgments a judge reward paid for, kept when a run folder is given back.
 - rlaif: rlaif.py's rounds; rlaif_inputs: what each round's scripts are given, and each step's inputs by content;
   step_process: each of a round's scripts in its own process, its output logged and shown live.
 """
