@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -533,10 +534,64 @@ def test_trl_s_chat_template_path_is_the_chat_template_file(tiny_cache, tmp_path
     # Both true, as TRL refuses them: the last one won without a word (fp16 training where bf16 was meant).
     (["--bf16", "--fp16"], r"^--bf16 .*and --fp16 .*are both true: pass one"),
     (["--load_in_4bit", "--load_in_8bit", "true"], r"^--load_in_4bit .*and --load_in_8bit .*are both true"),
+    # TRL's name and alignkit's for one setting, with two values: alignkit's won without a word, whichever came last
+    # (found by a dpo.py audit).
+    (["--beta", "0.1", "--dpo_beta", "0.3"], r"^--beta and --dpo_beta name one setting \(beta is TRL's name for "
+                                             r"dpo_beta\) with two values: pass one"),
+    (["--dpo_beta", "0.3", "--torch_dtype", "bfloat16", "--dtype", "fp16"], r"^--torch_dtype and --dtype name one"),
 ])
 def test_bad_trl_values_are_one_line_errors(args, pattern):
     with pytest.raises(ConfigError, match=pattern):
         parse_config(DPOSettings, env_file=None, args=args)
+
+
+def test_fields_an_older_trl_had_are_named_with_what_replaced_them(alignkit_log):
+    """rpo_alpha, reference_free, max_completion_length (dpo.py), ... stopped the run as "unknown setting" with a
+    wrong near name ("did you mean --cpo_alpha?", a SimPO knob; found by a dpo.py audit). One that changes what
+    trains is refused with its replacement; the others are named as not applied. GRPO keeps max_completion_length."""
+    from alignkit.core.config import RLSettings
+
+    with pytest.raises(ConfigError, match=re.escape("--rpo_alpha 0.5: TRL 1.x dropped it: RPO is DPO plus an NLL term "
+                                                    "on the chosen answers, use --loss_type sigmoid,sft --loss_weights "
+                                                    "1,0.5")):
+        parse_config(DPOSettings, env_file=None, args=["--rpo_alpha", "0.5"])
+    with pytest.raises(ConfigError, match=r"^--reference_free true: .*--loss_type simpo or orpo"):
+        parse_config(DPOSettings, env_file=None, args=["--reference_free", "true"])
+    s = parse_config(DPOSettings, env_file=None, args=["--max_completion_length", "128", "--generate_during_eval",
+                                                       "--reference_free", "false"])
+    assert s == parse_config(DPOSettings, env_file=None, args=[])
+    assert "max_completion_length: TRL 1.x dropped it for this trainer: max_length bounds" in alignkit_log.text
+    assert "generate_during_eval: TRL 1.x dropped it" in alignkit_log.text
+    rl = parse_config(RLSettings, env_file=None, args=["--reward", "rule", "--max_completion_length", "64"])
+    assert rl.max_completion_length == 64
+
+
+def test_trl_s_name_beside_alignkit_s_with_the_same_value_is_one_setting(tmp_path):
+    s = parse_config(DPOSettings, env_file=None, args=["--beta", "0.3", "--dpo_beta", "0.3", "--torch_dtype",
+                                                       "bfloat16", "--dtype", "bf16"])
+    assert (s.dpo_beta, s.dtype) == (0.3, "bf16")
+    recipe = tmp_path / "recipe.yaml"  # in a recipe as on the command line
+    recipe.write_text("beta: 0.1\ndpo_beta: 0.3\n")
+    with pytest.raises(ConfigError, match=r"beta.* and .*dpo_beta.* name one setting"):
+        parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
+    # Another layer is no conflict: the command line overrides the recipe.
+    recipe.write_text("beta: 0.1\n")
+    assert parse_config(DPOSettings, env_file=None, args=["--config", str(recipe), "--dpo_beta", "0.3"]).dpo_beta == 0.3
+
+
+def test_a_tuple_field_takes_its_values_on_the_command_line_as_a_recipe_gives_them():
+    """RLOO's reward_clip_range (tuple[float, float]) worked from a recipe's list but no command-line form was taken
+    ("'-0.5,0.5' is not tuple or none"; found by an rl.py audit)."""
+    from alignkit.core.config import RLSettings
+
+    base = ["--algo", "rloo", "--reward", "rule"]
+    for written in ("-0.5,0.5", "[-0.5, 0.5]", "(-0.5,0.5)"):
+        s = parse_config(RLSettings, env_file=None, args=[*base, "--reward_clip_range", written])
+        assert s.trainer_overrides["reward_clip_range"] == [-0.5, 0.5]
+    for written, said in (("0.5", "expected 2 values separated by commas, e.g. -1.0,1.0"),
+                          ("low,high", "expected float and float values")):
+        with pytest.raises(ConfigError, match=re.escape(f"--reward_clip_range: {written!r}: {said}")):
+            parse_config(RLSettings, env_file=None, args=[*base, "--reward_clip_range", written])
 
 
 def test_keys_that_cannot_apply_are_named_once_with_the_alternative(alignkit_log):
@@ -1121,10 +1176,13 @@ def test_the_older_handbook_s_model_and_data_keys_each_have_their_handling(tmp_p
     assert parse(DPOSettings, "--use_flash_attention_2").attn_implementation == "flash_attention_2"
     assert parse(SFTSettings, "--use_flash_attention_2", "false").attn_implementation == "sdpa"
     recipe = tmp_path / "old.yaml"  # zephyr-7b-beta's older recipes
-    recipe.write_text("use_flash_attention_2: true\nattn_implementation: eager\ndataset_mixer:\n  org/a: 0.5\n"
+    recipe.write_text("use_flash_attention_2: true\nattn_implementation: eager\nuse_peft: true\n")
+    with pytest.raises(ConfigError, match=r"key use_flash_attention_2 and .* name one setting .* with two values"):
+        parse(DPOSettings, "--config", str(recipe))  # alignkit's own name won without a word
+    recipe.write_text("use_flash_attention_2: true\nattn_implementation: flash_attention_2\ndataset_mixer:\n  org/a: 0.5\n"
                       "  org/b: 1.0\ndataset_configs: [one, null]\ndataset_splits: [train_prefs, test_prefs]\nuse_peft: true\n")
     s = parse(DPOSettings, "--config", str(recipe))
-    assert s.attn_implementation == "eager"  # alignkit's own name wins in one layer, as for every alias
+    assert s.attn_implementation == "flash_attention_2"  # both names, one value
     assert s.dataset_mixture["datasets"] == [
         {"id": "org/a", "config": "one", "split": "train_prefs", "weight": 0.5},
         {"id": "org/a", "config": "one", "split": "test_prefs", "test": True},

@@ -32,7 +32,7 @@ from alignkit.core.args import _FALSE, _TRUE, ConfigError, _show
 from alignkit.core.mixture_formats import mixture_from_mixer, mixture_from_trl
 from alignkit.core.trl_tables import (_ANY, _BOOL_WORDS, _MAPPINGS, _MIXTURE_HAS_ITS_OWN, _MODEL_AND_SCRIPT,
                                       _RENAMED, _SAME_MEANING, _TRL_DEFAULTS_UNDER_OTHER_NAMES, _TRL_ONLY, _TRL_RECIPE_NAMES, ALIASES,
-                                      DTYPE_SYNONYMS, NOT_APPLIED, REFUSED, REFUSED_IN, SKIP, _bool, _model_dtype,
+                                      DROPPED, DTYPE_SYNONYMS, NOT_APPLIED, REFUSED, REFUSED_IN, SKIP, _bool, _model_dtype,
                                       _Weak, refusal)
 
 __all__ = ["ALIASES", "DTYPE_SYNONYMS", "NOT_APPLIED", "REFUSED", "Vocabulary", "cli_kind", "trl_choices",
@@ -82,6 +82,8 @@ def trl_value(raw, tp, where):
         if any(m is list or typing.get_origin(m) is list for m in members) and (
                 str not in members or "," in text):
             return [p.strip() for p in text.split(",") if p.strip()]
+        if (pair := next((m for m in members if typing.get_origin(m) is tuple), None)) and str not in members:
+            return _tuple_value(text, pair, where)  # RLOO's reward_clip_range: -0.5,0.5 (YAML's list as it is)
         if str not in members and not enums and not literals:
             raise ConfigError(f"invalid value for {where}: {raw!r} is not {' or '.join(map(_name, members))}")
     elif not _fits(raw, members):  # a YAML or JSON value of another type (optim: 5): TRL fails on it after loading
@@ -93,6 +95,42 @@ def trl_value(raw, tp, where):
     if literals and value not in literals and not (str in members and isinstance(value, str)):
         raise ConfigError(f"invalid value for {where}: {value!r} is not one of {', '.join(map(str, literals))}")
     return value
+
+
+def _same(alias, value, other) -> bool:
+    """Whether alignkit's own setting, given as `other`, says what the TRL alias's converted `value` says: the same
+    text or number, or the same once converted as the alias converts (torch_dtype bfloat16 and dtype bf16)."""
+    def norm(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            text = str(v).strip().lower()
+            return DTYPE_SYNONYMS.get(text, text)
+
+    if norm(value) == norm(other):
+        return True
+    try:
+        converted = alias.convert(other, "") if alias.convert else other
+    except (ConfigError, ValueError, TypeError):
+        return False
+    return not isinstance(converted, _Weak) and converted is not SKIP and norm(converted) == norm(value)
+
+
+def _tuple_value(text: str, tp, where) -> list:
+    """A fixed-length tuple field written A,B (or [A, B], (A, B)), as the list TRL takes from a YAML recipe."""
+    kinds = typing.get_args(tp)
+    parts = [p.strip() for p in text.strip("[]()").split(",") if p.strip()]
+    example = ",".join({float: ("-1.0", "1.0"), int: ("-1", "1")}.get(k, ("a", "b"))[i % 2] for i, k in enumerate(kinds))
+    if Ellipsis in kinds:  # tuple[float, ...]: any number of them
+        kinds = kinds[:1] * max(len(parts), 1)
+    if len(parts) != len(kinds):
+        raise ConfigError(f"invalid value for {where}: {text!r}: expected {len(kinds)} values separated by commas, "
+                          f"e.g. {example}")
+    try:
+        return [kind(part) for kind, part in zip(kinds, parts)]
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid value for {where}: {text!r}: expected {' and '.join(map(_name, kinds))} values "
+                          f"separated by commas, e.g. {example}") from None
 
 
 def _fits(value, members) -> bool:
@@ -226,6 +264,9 @@ class Vocabulary:
                            else str)
         for n in REFUSED:  # TRL scripts' own arguments (reward_funcs) too: named, not "unknown"
             out.setdefault(n, list[str] if n == "reward_funcs" else str)
+        for n in DROPPED:  # an older TRL's fields, where this script's config lacks them
+            out.setdefault(n, bool if n in ("reference_free", "generate_during_eval", "force_use_ref_model",
+                                            "use_logits_to_keep") else str)
         out.update(dataset_mixer=dict, dataset_splits=list[str], dataset_configs=list[str], datasets=str,
                    test_split_size=float, streaming=bool)
         return out
@@ -299,6 +340,10 @@ class Vocabulary:
                     self.deferred[key] = error
                     continue
                 weak = isinstance(value, _Weak)
+                if value is not SKIP and not weak and alias.target in layer and not _same(alias, value,
+                                                                                          layer[alias.target]):
+                    raise ConfigError(f"{label(key)} and {label(alias.target)} name one setting ({key} is TRL's name "
+                                      f"for {alias.target}) with two values: pass one")
                 if value is not SKIP and alias.target not in layer and not (weak and alias.target in chosen):
                     out[alias.target] = value.value if weak else value  # alignkit's own name wins in one layer
                     if not weak:
@@ -322,6 +367,13 @@ class Vocabulary:
                     continue
                 if why := refusal(key, extra[key], self.config_names):  # sync_ref_model: TRL fails after the load
                     raise ConfigError(f"{label(key)} {raw} has no effect in alignkit: {why}; drop it")
+            elif key in DROPPED:  # an older TRL's field: said as such, not "unknown setting" with a wrong near name
+                refused, why = DROPPED[key]
+                unset = str(raw).strip().lower() in ("none", "null", "false", "0", "0.0", "")
+                if refused and not unset:
+                    raise ConfigError(f"{label(key)} {raw}: {why.replace('ALPHA', str(raw))}")
+                if not refused:
+                    notes.append(f"{key}: {why}")
             else:
                 unknown.append(key)
         for key in _mapping_keys(layer.get("trainer_overrides")):  # set there: an earlier bad value goes unused
@@ -435,8 +487,10 @@ class Vocabulary:
         refused = ", ".join(sorted(refused))
         aliases = ", ".join(f"--{a} (--{x.target}{': ' + x.note if x.note else ''})" for a, x in ALIASES.items()
                             if a not in fields and self._applies(a, fields))  # kto.py's beta is its own
-        ignored = ", ".join(f"{k} ({reason})" for k, (_, reason) in NOT_APPLIED.items()
-                            if k not in ALIASES or not self._applies(k, fields))
+        ignored = ", ".join([f"{k} ({reason})" for k, (_, reason) in NOT_APPLIED.items()
+                             if k not in ALIASES or not self._applies(k, fields)]
+                            + [f"{k} ({reason})" for k, (_, reason) in DROPPED.items()
+                               if k not in self.passthrough and k not in fields])
         return ("alignkit's defaults are for QLoRA on one GPU, as the seed project's; where TRL's differ, a flag "
                 f"shows TRL's.\n\nTRL's names: {aliases}.\n\nEvery other field of TRL's {'/'.join(self.config_names)} is accepted "
                 f"under its TRL name and type and handed to TRL as it is (collected in --trainer_overrides): "

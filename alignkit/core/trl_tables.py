@@ -160,6 +160,21 @@ NOT_APPLIED = {
     "liger_kernel_config": (_ANY, "the loader applies Liger's layer kernels itself (--use_liger), with its fused "
                                   "cross-entropy off: TRL's loss replaces it"),
 }
+# Fields of older TRL configs that TRL 1.x dropped, where a script's TRL config has no field of that name (GRPO and
+# RLOO keep max_completion_length): (refused, why). Refused where dropping it changes what trains; named otherwise.
+DROPPED = {
+    "rpo_alpha": (True, "TRL 1.x dropped it: RPO is DPO plus an NLL term on the chosen answers, "
+                        "use --loss_type sigmoid,sft --loss_weights 1,ALPHA"),
+    "reference_free": (True, "TRL 1.x dropped it; the reference-free losses are --loss_type simpo or orpo"),
+    "max_completion_length": (False, "TRL 1.x dropped it for this trainer: max_length bounds prompt and answer "
+                                     "together (--truncation_mode says which end is cut)"),
+    "generate_during_eval": (False, "TRL 1.x dropped it; evaluate.py vibes shows a model's answers"),
+    "force_use_ref_model": (False, "alignkit's reference is the model with the trained adapter off: no second model "
+                                   "is loaded"),
+    "ref_model_init_kwargs": (False, "no reference model is loaded: the reference is the model with the trained "
+                                     "adapter off"),
+    "use_logits_to_keep": (False, "TRL 1.x dropped it"),
+}
 # TRL fields that cannot act because alignkit loads the model itself: refused when the settings are read, in every
 # script, rather than taken into a TRL config that never reads them (sft.py, reward.py) or refused after the load.
 REFUSED = {"reward_model_name_or_path": "rl.py takes a reward.py model as --reward rm:FOLDER",
