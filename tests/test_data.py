@@ -950,3 +950,15 @@ def test_preference_pairs_are_held_out_by_whole_prompts_for_dpo_and_reward(tmp_p
     plain = load_preferences(str(unique)).shuffle(seed=settings.seed).train_test_split(test_size=0.1, shuffle=False)
     train, held_out = load_train_eval("preference", settings)
     assert held_out["prompt"] == plain["test"]["prompt"] and train["prompt"] == plain["train"]["prompt"]
+
+
+def test_an_unknown_sft_column_of_text_names_trl_s_dataset_text_field(tmp_path):
+    """Text under another column name stopped with "rename the columns, or --dataset_format ..." and not TRL's own
+    way, which works: --dataset_text_field (found by an sft.py audit)."""
+    from alignkit.core.data import load_sft
+
+    path = tmp_path / "body.jsonl"
+    path.write_text('{"id": 1, "body": "hello there"}\n{"id": 2, "body": "general kenobi"}\n')
+    with pytest.raises(DataError, match=r"For plain text in one column, --dataset_text_field body\.$"):
+        load_sft(str(path))
+    assert load_sft(str(path), text_field="body")["text"] == ["hello there", "general kenobi"]

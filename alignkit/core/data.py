@@ -312,8 +312,16 @@ def detect_format(columns, kind, source=None) -> str:
     typos = [f"{name} (did you mean {close[0]}?)" for name in map(str, names) if name not in known
              and (close := difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8))]
     hint = f"Rename {', '.join(typos)}, or" if typos else "Rename the columns, or"
+    # Plain text under another name is TRL's dataset_text_field (sft.py reads that column as the text).
+    def is_text(name):
+        sample = columns.get(name) if isinstance(columns, Mapping) else None
+        return isinstance(sample, str) or getattr(sample, "dtype", None) in ("string", "large_string")
+
+    texts = [name for name in map(str, names) if is_text(name)]
+    text = f" For plain text in one column, --dataset_text_field {texts[0] if texts else 'COLUMN'}." if \
+        kind == "sft" else ""
     raise DataError(f"{where}cannot tell the {kind} format from the columns [{', '.join(map(str, names))}]. "
-                    f"{hint} pass --dataset_format with one of: {_choices(kind)}.")
+                    f"{hint} pass --dataset_format with one of: {_choices(kind)}.{text}")
 
 
 def _load(kind, source, format, split, skip_invalid, config_name, text_field="text"):
