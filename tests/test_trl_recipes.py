@@ -1259,3 +1259,19 @@ def test_save_strategy_no_keeps_the_last_step_so_the_same_command_again_trains_n
     again = run_script("sft.py", *args)
     assert again["resume_from"] == str(folder / "checkpoint-4") and again["trainer"].state.global_step == 4
     assert not [p for p in os.listdir(tmp_path) if ".previous-" in p]  # nothing moved aside, nothing retrained
+
+
+def test_a_recipe_s_run_name_beside_its_output_dir_says_where_the_run_goes(tmp_path, alignkit_log):
+    """TRL's run_name names the tracker's run; alignkit's names the run folder under output_dir. A TRL recipe with both
+    saved to output_dir/run_name without a word, and the next recipe reading output_dir found no model there (found
+    by an sft.py audit): the line says so as the settings are read."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_dir: out/zephyr-dpo-qlora\nrun_name: my-wandb-run\nuse_peft: true\n")
+    s = parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
+    assert (Path(s.output_dir), s.run_name) == (Path("out/zephyr-dpo-qlora"), "my-wandb-run")
+    assert (f"run_name my-wandb-run: the run goes to {Path('out/zephyr-dpo-qlora/my-wandb-run')} (alignkit's run "
+            "folder), not to output_dir out/zephyr-dpo-qlora itself as in TRL") in alignkit_log.text
+    recipe.write_text("run_name: mine\n")  # alignkit's own recipes: run_name under the default --output_dir, no line
+    alignkit_log.clear()
+    parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
+    assert "the run goes to" not in alignkit_log.text

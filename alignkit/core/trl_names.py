@@ -455,6 +455,10 @@ class Vocabulary:
         source = given.get("output_dir")
         trl_meaning = source == "recipe" or (source in ("cli", "overrides")
                                              and (self.trl_style or "output_dir" in recipe_keys))
+        if "run_name" in given and trl_meaning:  # TRL's run_name names the tracker's run, not the folder
+            logger.info(f"run_name {values['run_name']}: the run goes to {Path(values['output_dir'], values['run_name'])}"
+                        f" (alignkit's run folder), not to output_dir {values['output_dir']} itself as in TRL; "
+                        "leave run_name out for that")
         if "run_name" in given or not trl_meaning:
             return
         folder = Path(values["output_dir"])
