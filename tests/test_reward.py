@@ -154,6 +154,21 @@ def test_reward_callable_loads_the_run_folder_and_scores_as_trained(reward_run):
     assert sum(c > r for c, r in zip(chosen, rejected)) >= 6
 
 
+def test_a_full_precision_reward_model_loaded_in_4_bit_for_a_qlora_policy_says_so(reward_run, alignkit_log):
+    """rl.py --quantization 4bit loads its rm: reward too in 4-bit (to fit beside the policy): a reward model trained
+    in full precision then scored up to 0.6 off its training's scores without a word (found by an rl.py audit)."""
+    from alignkit.core.config import RLSettings
+    from alignkit.feedback.rewards import load
+
+    folder = reward_run["run_folder"]
+    load(f"rm:{folder}", settings=RLSettings(reward=["rule"], quantization="4bit"))
+    assert (f"rm:{folder}: loaded in 4-bit, as --quantization 4bit asks (to fit beside the policy), though it trained "
+            "in full precision") in alignkit_log.text
+    alignkit_log.clear()
+    load(f"rm:{folder}", settings=RLSettings(reward=["rule"]))  # auto: as it trained
+    assert "loaded in 4-bit" not in alignkit_log.text
+
+
 def test_the_rm_judge_labels_fresh_tiny_pairs_as_the_rule_does(reward_run):
     """label.py's `--judge rm:` judge (alignkit.feedback.judge.RMJudge, the object label.py calls) on 300 tiny
     pairs it never trained on (the preset's recipe with another seed), each in a random slot order: at least 90%

@@ -144,6 +144,18 @@ def over_4bit_base(folder: str, loader) -> dict | None:
     return trained_four_bit(folder, record) if over else None
 
 
+def _trained_quantized(folder: str, quantization: str) -> bool:
+    """Whether the reward model in `folder` trained over a base loaded in `quantization` (its run's record, else its
+    metrics.json); True where neither tells (a Hub model: nothing to say)."""
+    from alignkit.core.run_records import trained_quantization
+
+    if Path(folder, "merge.json").is_file():  # merged: its weights as saved, whatever its run loaded
+        return False
+    said = trained_quantization(folder) if Path(folder).is_dir() else None
+    said = said or _record(folder).get(QUANTIZATION_KEY)
+    return said is None or said == quantization
+
+
 class RewardModel:
     """A loaded reward model as a callable: reward(prompts, answers) -> one float per answer."""
 
@@ -167,6 +179,12 @@ class RewardModel:
             logger.info(f"{PREFIX}{folder} was trained with QLoRA: it scores over its base rounded to "
                         f"{FourBit.of(loader)} and dequantized, the weights it trained over (--quantization 4bit "
                         "keeps them in 4-bit)")
+        elif loader.quantization in ("4bit", "8bit") and not _trained_quantized(folder, loader.quantization):
+            from alignkit import logger
+
+            logger.info(f"{PREFIX}{folder}: loaded in {loader.quantization[0]}-bit, as --quantization "
+                        f"{loader.quantization} asks (to fit beside the policy), though it trained in full precision: "
+                        "its scores differ from its training's a little; --quantization auto scores it as it trained")
         self.loaded = load_model(loader, reward=True, dequantize=four_bit is not None)
         if not self.text and not getattr(self.loaded.tokenizer, "chat_template", None):  # score() would fail
             raise ConfigError(f"{PREFIX}{folder} has no chat template, and its run does not record text rows "
