@@ -1275,3 +1275,15 @@ def test_a_recipe_s_run_name_beside_its_output_dir_says_where_the_run_goes(tmp_p
     alignkit_log.clear()
     parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
     assert "the run goes to" not in alignkit_log.text
+
+
+def test_skip_prepare_dataset_is_refused_before_the_model_loads():
+    """TRL's dataset_kwargs {"skip_prepare_dataset": true} (pre-tokenized rows) failed after the load with TRL's
+    "No columns in the dataset match the model's forward method signature" (found by an sft.py audit)."""
+    from alignkit.core.config import SFTSettings
+    from alignkit.train.training import check_trl_values
+
+    s = parse_config(SFTSettings, env_file=None, args=["--dataset_kwargs", '{"skip_prepare_dataset": true}'])
+    with pytest.raises(ConfigError, match=r"^--dataset_kwargs skip_prepare_dataset: .*drop it$"):
+        check_trl_values(s)
+    check_trl_values(parse_config(SFTSettings, env_file=None, args=["--dataset_kwargs", '{"add_special_tokens": false}']))

@@ -84,6 +84,11 @@ def check_trl_values(s) -> None:
         if name in types:  # a name TRL's config lacks is trl_config's one line, with the same data
             flag = f"--{name}" if name == "lr_scheduler_type" else f"--trainer_overrides {name}"
             trl_value(value, types[name], flag)
+    kwargs = overrides.get("dataset_kwargs")
+    if isinstance(kwargs, dict) and str(kwargs.get("skip_prepare_dataset")).lower() in ("true", "1"):
+        # TRL then hands the rows to the model untokenized: "No columns in the dataset match", after the load
+        raise ConfigError("--dataset_kwargs skip_prepare_dataset: alignkit reads and checks every row and TRL "
+                          "tokenizes it; already tokenized rows are not taken: drop it")
 
 
 def resolve_report_to(s) -> str | list[str]:
