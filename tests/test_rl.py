@@ -261,6 +261,19 @@ def test_rloo_with_the_rule_raises_rule_following(sft_run, tmp_path):
     assert after - before >= 0.1 or after >= 0.95, (before, after)
 
 
+def recording_reward(folder: Path, name: str, signature: str, records: str):
+    """A python: reward `name(signature)` that writes each of `records` (an expression over its arguments) as one JSON
+    line and scores 0.0 per completion: (the reward as rl.py builds it, the file of what reached it)."""
+    from alignkit.train import rl_rewards
+
+    seen = folder / f"{name}.seen.jsonl"
+    (folder / f"{name}.py").write_text(f"import json\ndef {name}({signature}):\n    with open({str(seen)!r}, 'a') as f:\n"
+                                       f"        for record in {records}:\n"
+                                       "            f.write(json.dumps(list(record)) + '\\n')\n"
+                                       "    return [0.0 for _ in completions]\n")
+    return rl_rewards.import_reward(f"python:{folder / name}.py:{name}"), seen
+
+
 def test_a_python_reward_gets_the_rows_as_trl_hands_them(tmp_path):
     """TRL calls a reward function with every other column of the row as a keyword argument, and with text for
     a prompt written as text (messages for a conversation). rl.py dropped the columns (a `solution` argument was a
@@ -281,20 +294,14 @@ def test_a_python_reward_gets_the_rows_as_trl_hands_them(tmp_path):
     assert rows["solution"] == ["2", "4", "two"]
     assert rows["prompt"][2] == rows["prompt"][0]
     assert len(rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(data), max_prompts=2))) == 2
-    seen = tmp_path / "seen.jsonl"  # what reached the function, one line per completion
-    (tmp_path / "acc.py").write_text("import json\n"
-                                     "def accuracy(prompts, completions, solution, **kwargs):\n"
-                                     f"    with open({str(seen)!r}, 'a') as f:\n"
-                                     "        for p, c, s in zip(prompts, completions, solution):\n"
-                                     "            f.write(json.dumps([p, c, s]) + '\\n')\n"
-                                     "    return [1.0 for _ in completions]\n")
-    reward = rl_rewards.import_reward(f"python:{tmp_path / 'acc.py'}:accuracy")
+    reward, seen = recording_reward(tmp_path, "accuracy", "prompts, completions, solution, **kwargs",
+                                    "zip(prompts, completions, solution)")
     assert reward.__name__ == "accuracy"
     said = [{"role": "assistant", "content": "2"}]
     # As TRL hands them: the row's columns, alignkit's mark among them, which the function does not get.
     for row in (rows[0], rows[1]):
         columns = {k: [v] for k, v in row.items() if k != "prompt"}
-        assert reward(prompts=[row["prompt"]], completions=[said], **columns) == [1.0]
+        assert reward(prompts=[row["prompt"]], completions=[said], **columns) == [0.0]
     assert [json.loads(line) for line in seen.read_text().splitlines()] == [["1+1?", "2", "2"], [chat, said, "4"]]
 
 
@@ -411,14 +418,8 @@ def test_a_prompt_written_as_text_is_told_by_its_row_and_rewards_are_named_and_a
     both.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"prompt": hello}) + "\n")
     rows = rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(both)))
     assert rows["prompt"] == [hello, hello] and rows[rl_rewards.TEXT_PROMPT] == [True, False]
-    seen = tmp_path / "seen.jsonl"  # what reached the function, one line per completion
-    (tmp_path / "echo.py").write_text("import json\n"
-                                      "def echo(prompts, completions, **kwargs):\n"
-                                      f"    with open({str(seen)!r}, 'a') as f:\n"
-                                      "        for p, c in zip(prompts, completions):\n"
-                                      "            f.write(json.dumps([p, c, sorted(kwargs)]) + '\\n')\n"
-                                      "    return [0.0 for _ in completions]\n")
-    echo = rl_rewards.import_reward(f"python:{tmp_path / 'echo.py'}:echo")
+    echo, seen = recording_reward(tmp_path, "echo", "prompts, completions, **kwargs",
+                                  "((p, c, sorted(kwargs)) for p, c in zip(prompts, completions))")
     said = [{"role": "assistant", "content": "hi"}]
     for row in rows:
         assert echo(prompts=[row["prompt"]], completions=[said], **{k: [v] for k, v in row.items() if k != "prompt"}) \
