@@ -574,6 +574,13 @@ def test_trl_s_name_beside_alignkit_s_with_the_same_value_is_one_setting(tmp_pat
     recipe.write_text("beta: 0.1\ndpo_beta: 0.3\n")
     with pytest.raises(ConfigError, match=r"beta.* and .*dpo_beta.* name one setting"):
         parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
+    # Agreement however written (a negated alias, a null a config dump writes, numbers, TRL's bf16 beside dtype, two
+    # of TRL's settings); a negated alias that disagrees is refused (it pushed public without a word).
+    for agree in (["--hub_private_repo", "true", "--hub_public", "false"], ["--max_seq_length", "null", "--max_length",
+                  "128"], ["--beta", "1e-1", "--dpo_beta", "0.1"], ["--bf16", "--dtype", "auto"]):
+        parse_config(DPOSettings, env_file=None, args=agree)
+    with pytest.raises(ConfigError, match=r"^--hub_private_repo and --hub_public name one setting"):
+        parse_config(DPOSettings, env_file=None, args=["--hub_private_repo", "true", "--hub_public", "true"])
     # Another layer is no conflict: the command line overrides the recipe.
     recipe.write_text("beta: 0.1\n")
     assert parse_config(DPOSettings, env_file=None, args=["--config", str(recipe), "--dpo_beta", "0.3"]).dpo_beta == 0.3
@@ -1275,6 +1282,18 @@ def test_a_recipe_s_run_name_beside_its_output_dir_says_where_the_run_goes(tmp_p
     alignkit_log.clear()
     parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
     assert "the run goes to" not in alignkit_log.text
+
+
+def test_save_strategy_no_with_load_best_model_at_end_stays_as_given():
+    """The last-step checkpoint of save_strategy no is not made under load_best_model_at_end, which transformers checks
+    against the strategies as given (a run without evaluation was refused for save strategy steps)."""
+    from trl import SFTConfig
+
+    from alignkit.core.config import SFTSettings
+    from alignkit.train.training import trl_config
+
+    s = parse_config(SFTSettings, env_file=None, args=["--save_strategy", "no", "--load_best_model_at_end", "true"])
+    assert trl_config(SFTConfig, s, Path("runs/x"), torch.float32).save_strategy == "no"
 
 
 def test_skip_prepare_dataset_is_refused_before_the_model_loads():

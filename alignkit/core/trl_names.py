@@ -97,23 +97,28 @@ def trl_value(raw, tp, where):
     return value
 
 
-def _same(alias, value, other) -> bool:
+def _same(value, other) -> bool:
     """Whether alignkit's own setting, given as `other`, says what the TRL alias's converted `value` says: the same
-    text or number, or the same once converted as the alias converts (torch_dtype bfloat16 and dtype bf16)."""
-    def norm(v):
+    words, numbers, truth values or lists, however written (bf16 and bfloat16, 1e-5 and 0.00001, true and True)."""
+    def atom(v):
+        if isinstance(v, bool):
+            return v
+        text = str(v).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
         try:
-            return float(v)
-        except (TypeError, ValueError):
-            text = str(v).strip().lower()
+            return float(text)
+        except ValueError:
             return DTYPE_SYNONYMS.get(text, text)
 
-    if norm(value) == norm(other):
-        return True
-    try:
-        converted = alias.convert(other, "") if alias.convert else other
-    except (ConfigError, ValueError, TypeError):
-        return False
-    return not isinstance(converted, _Weak) and converted is not SKIP and norm(converted) == norm(value)
+    def norm(v):
+        return tuple(map(atom, v if isinstance(v, (list, tuple)) else str(v).strip("[]()").split(",")))
+
+    return norm(value) == norm(other)
+
+
+def _unset(v) -> bool:
+    return v is None or str(v).strip().lower() in ("none", "null")
 
 
 def _tuple_value(text: str, tp, where) -> list:
@@ -340,8 +345,9 @@ class Vocabulary:
                     self.deferred[key] = error
                     continue
                 weak = isinstance(value, _Weak)
-                if value is not SKIP and not weak and alias.target in layer and not _same(alias, value,
-                                                                                          layer[alias.target]):
+                # TRL's bf16/fp16 beside a ModelConfig dtype are two of TRL's settings (_one_dtype says which wins)
+                if value is not SKIP and not weak and alias.target in layer and key not in ("bf16", "fp16") and not (
+                        _unset(raw) or _unset(layer[alias.target]) or _same(value, layer[alias.target])):
                     raise ConfigError(f"{label(key)} and {label(alias.target)} name one setting ({key} is TRL's name "
                                       f"for {alias.target}) with two values: pass one")
                 if value is not SKIP and alias.target not in layer and not (weak and alias.target in chosen):

@@ -243,7 +243,9 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
         made = f"--train_on {s.train_on} made it" if key.endswith("only_loss") and hasattr(s, "train_on") else \
             "alignkit chose"
         logger.info(f"{key}: {extra[key]} as given in TRL's name, over {stage_kwargs[key]} ({made} that)")
-    if extra.get("save_strategy") == "no":  # a finished run without a checkpoint: its same command trained it again
+    # A finished run without a checkpoint: its same command trained it again. Not under load_best_model_at_end, which
+    # transformers checks against the strategies as given.
+    if extra.get("save_strategy") == "no" and str(extra.get("load_best_model_at_end")).lower() not in ("true", "1"):
         logger.info("save_strategy no: no checkpoint until the last step, which is saved as one, so that the same "
                     "command run again trains nothing (--resume auto) and a crash after it loses nothing")
         extra = {**extra, "save_strategy": "steps", "save_steps": LAST_STEP_ONLY}
