@@ -282,23 +282,50 @@ def test_ctrl_c_is_one_line_on_the_command_line_and_under_a_notebook_cell(tmp_pa
         def _showtraceback(self, *args):
             raise AssertionError("a traceback")
 
-    torch.set_grad_enabled(False)  # as a stop inside torch.no_grad()'s entry leaves the kernel
     errors._show_in_cell(Shell(), KeyboardInterrupt, KeyboardInterrupt(), None)
     assert capsys.readouterr().err.strip() == errors.INTERRUPTED_IN_CELL
-    assert torch.is_grad_enabled()  # the next training cell trains (it failed: "does not require grad")
+    # A stop inside torch.no_grad()'s own entry (after it turned gradients off) left them off for the kernel: every
+    # later training failed ("does not require grad"). The stop is made to land there; the handler turns them on.
+    real = torch.set_grad_enabled
+
+    def stopped_after(mode):
+        real(mode)
+        raise KeyboardInterrupt
+
+    torch.set_grad_enabled = stopped_after
+    try:
+        with torch.no_grad():
+            pass
+    except KeyboardInterrupt as error:
+        stop = error
+    finally:
+        torch.set_grad_enabled = real
+    assert not torch.is_grad_enabled()
+    errors._show_in_cell(Shell(), KeyboardInterrupt, stop, stop.__traceback__)
+    assert torch.is_grad_enabled() and capsys.readouterr().err.strip() == errors.INTERRUPTED_IN_CELL
+    torch.set_grad_enabled(False)  # a notebook's own choice: a stop elsewhere leaves it as it is
+    errors._show_in_cell(Shell(), KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert not torch.is_grad_enabled() and capsys.readouterr().err.strip() == errors.INTERRUPTED_IN_CELL
+    torch.set_grad_enabled(True)
     # A stop while a library imported (a cold first cell takes seconds to import TRL) leaves it half-imported: run
-    # again, the cell failed inside it with a 400-line traceback. The way out is a restart, said in one line.
+    # again, the cell failed inside it with a 400-line traceback. The way out is a restart, said in one line; for an
+    # import statement (its traceback has no importlib frames) as for importlib.import_module.
     (tmp_path / "slow_library.py").write_text("raise KeyboardInterrupt\n")
     sys.path.insert(0, str(tmp_path))
     try:
-        import importlib
+        for how in ("statement", "import_module"):
+            try:
+                if how == "statement":
+                    import slow_library  # noqa: F401
+                else:
+                    import importlib
 
-        importlib.import_module("slow_library")
-    except KeyboardInterrupt as error:
-        errors._show_in_cell(Shell(), KeyboardInterrupt, error, error.__traceback__)
+                    importlib.import_module("slow_library")
+            except KeyboardInterrupt as error:
+                errors._show_in_cell(Shell(), KeyboardInterrupt, error, error.__traceback__)
+            assert capsys.readouterr().err.strip() == errors.INTERRUPTED_IMPORT, how
     finally:
         sys.path.remove(str(tmp_path))
-    assert capsys.readouterr().err.strip() == errors.INTERRUPTED_IMPORT
 
 
 # ---------------------------------------------------------------- 10. model cards name the real base

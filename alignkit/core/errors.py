@@ -113,7 +113,8 @@ def report_user_errors() -> None:
 
     In a notebook (Jupyter, VS Code's Interactive Window) a UserError is shown as the same one line under the
     cell, which still counts as failed (Run All stops there), and the kernel lives on; `ALIGNKIT_DEBUG=1` shows the
-    traceback. Code that imports alignkit as a library handles its exceptions itself.
+    traceback. In a kernel this holds from alignkit's first import on (`_one_line_errors_in_a_kernel`), unless the
+    notebook installed its own handler first; a script that imports alignkit as a library keeps Python's hook.
     """
     if not is_notebook():
         sys.excepthook = _report
@@ -153,8 +154,10 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
         return None
     if issubclass(kind, KeyboardInterrupt):  # the kernel's stop button: 30-50 lines deep inside TRL, before
         torch = sys.modules.get("torch")
-        if torch is not None:  # a stop inside torch.no_grad()'s own entry or exit left gradients off in the kernel:
-            torch.set_grad_enabled(True)  # every later training failed ("element 0 of tensors does not require grad")
+        # A stop inside torch.no_grad()'s own entry or exit left gradients off in the kernel: every later training
+        # failed ("element 0 of tensors does not require grad"). Only then: a notebook may turn them off itself.
+        if torch is not None and _through(tb, ("torch/autograd/grad_mode.py", "torch/utils/_contextlib.py")):
+            torch.set_grad_enabled(True)
         said = INTERRUPTED_IMPORT if _in_an_import(tb) else INTERRUPTED_IN_CELL
         sys.stderr.write(said + "\n")  # one write: one stream message under the cell
         return None
@@ -164,12 +167,28 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
     return None
 
 
-def _in_an_import(tb) -> bool:
-    """Whether the traceback `tb` passes through Python's import machinery: a module left half-initialised."""
+def _frames(tb):
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
+        yield tb.tb_frame
         tb = tb.tb_next
+
+
+def _through(tb, files: tuple[str, ...]) -> bool:
+    """Whether the traceback `tb` passes through one of `files` (path endings)."""
+    return any(frame.f_code.co_filename.replace("\\", "/").endswith(files) for frame in _frames(tb))
+
+
+def _in_an_import(tb) -> bool:
+    """Whether the traceback `tb` passes through a module's import: importlib's frames (import_module), or, for an
+    import statement (whose traceback leaves them out), a module's top level that the failed import took back out of
+    sys.modules. Such a module, and those importing it, are left half-initialised."""
+    for frame in _frames(tb):
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        spec, name = frame.f_globals.get("__spec__"), frame.f_globals.get("__name__")
+        if frame.f_code.co_name == "<module>" and spec is not None and name and \
+                getattr(sys.modules.get(name), "__dict__", None) is not frame.f_globals:
+            return True
     return False
 
 
