@@ -449,8 +449,13 @@ def test_a_python_reward_that_returns_no_float_per_completion_or_misses_a_column
         "def one(prompts, completions, **kw):\n    return [1.0]\n"
         "def column(prompts, completions, **kw):\n    return [float(s == c) for s, c in zip(kw['solution'], completions)]\n"
         "async def later(prompts, completions, **kw):\n    return 0.5\n"
-        "def fine(prompts, completions, **kw):\n    return [1, None, True]\n")
-    call = dict(prompts=["q", "q", "q"], completions=["a", "b", "c"], answer=["x", "y", "z"])
+        "def fine(prompts, completions, **kw):\n    return [1, None, True]\n"
+        "import numpy, torch\n"  # what TRL takes too: NumPy and tensor numbers, an array, a generator
+        "def numbers(prompts, completions, **kw):\n    return [numpy.bool_(True), torch.tensor(0.5), numpy.float32(2)]\n"
+        "def array(prompts, completions, **kw):\n    return numpy.zeros(len(completions))\n"
+        "def lazily(prompts, completions, **kw):\n    return (0.0 for _ in completions)\n")
+    call = dict(prompts=["q", "q", "q"], completions=["a", "b", "c"], answer=["x", "y", "z"], trainer_state=None,
+                completion_ids=[[1], [2], [3]])  # TRL's own arguments: not the dataset's columns
     spec = f"python:{tmp_path / 'bad.py'}"
     for name, said in (("words", "returned str ('high') for completion 1: it must return one float (or None) per "
                                  "completion, a list of 3 here"),
@@ -462,6 +467,8 @@ def test_a_python_reward_that_returns_no_float_per_completion_or_misses_a_column
     with pytest.raises(ConfigError, match=re.escape(f"--reward {spec}:later returned float")):
         asyncio.run(rl_rewards.import_reward(f"{spec}:later")(**call))
     assert rl_rewards.import_reward(f"{spec}:fine")(**call) == [1, None, True]
+    for name in ("numbers", "array", "lazily"):
+        assert len(rl_rewards.import_reward(f"{spec}:{name}")(**call)) == 3
 
 
 def test_a_reward_model_trained_on_texts_refuses_conversations_before_the_policy_loads(monkeypatch, tmp_path):

@@ -114,7 +114,7 @@ def import_reward(spec: str):
 
     def missing(kwargs, error) -> ConfigError:
         """A KeyError names the reward and the columns a row passes (a column the dataset lacks is the usual one)."""
-        columns = ", ".join(sorted(k for k in kwargs if k != TEXT_PROMPT)) or "none"
+        columns = ", ".join(sorted(k for k in kwargs if k not in TRL_REWARD_ARGUMENTS)) or "none"
         return ConfigError(f"--reward {spec} raised KeyError {error}: a row's columns reach it as keyword arguments, "
                            f"and this dataset's are: {columns} (--debug shows where)")
 
@@ -138,24 +138,30 @@ def import_reward(spec: str):
     return reward
 
 
-def checked_rewards(spec: str, rewards, completions):
-    """`rewards` as a `python:` reward returned them, when they are one float (or None) per completion; else one line
-    naming the reward and what it returned (TRL failed later, inside its trainer: "too many dimensions 'str'")."""
-    import numbers
+# What TRL's GRPO/RLOO trainers pass a reward function beside the row's columns (and alignkit's mark).
+TRL_REWARD_ARGUMENTS = {"completion_ids", "trainer_state", "log_extra", "log_metric", "environments", TEXT_PROMPT}
 
+
+def checked_rewards(spec: str, rewards, completions):
+    """`rewards` as a `python:` reward returned them, when they are one number (or None) per completion, as TRL takes
+    them (a list, a tuple, an array, a tensor; Python, NumPy or 0-d tensor numbers, bools); else one line naming the
+    reward and what it returned (TRL failed later, inside its trainer: "too many dimensions 'str'")."""
     n = len(completions)
     fix = f"it must return one float (or None) per completion, a list of {n} here"
     shape = getattr(rewards, "shape", None)
-    if shape is not None:  # a tensor or an array
-        if len(shape) != 1 or shape[0] != n:
-            raise ConfigError(f"--reward {spec} returned an array of shape {tuple(shape)}: {fix}")
-        return rewards
-    if not isinstance(rewards, (list, tuple)):
+    if shape is not None and len(shape) != 1:  # a tensor or an array of another shape than one value each
+        raise ConfigError(f"--reward {spec} returned an array of shape {tuple(shape)}: {fix}")
+    if isinstance(rewards, (str, bytes, dict)) or not hasattr(rewards, "__iter__"):
         raise ConfigError(f"--reward {spec} returned {type(rewards).__name__}: {fix}")
+    rewards = rewards if shape is not None or isinstance(rewards, (list, tuple)) else list(rewards)  # a generator
     if len(rewards) != n:
         raise ConfigError(f"--reward {spec} returned {len(rewards)} values for {n} completions: {fix}")
-    for i, value in enumerate(rewards):
-        if value is not None and not isinstance(value, numbers.Real):
+    for i, value in enumerate(rewards if shape is None else ()):
+        try:
+            number = value is None or not isinstance(value, (str, bytes)) and float(value) is not None
+        except (TypeError, ValueError):
+            number = False
+        if not number:
             raise ConfigError(f"--reward {spec} returned {type(value).__name__} ({value!r:.40}) for completion "
                               f"{i + 1}: {fix}")
     return rewards
