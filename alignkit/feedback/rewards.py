@@ -144,16 +144,16 @@ def over_4bit_base(folder: str, loader) -> dict | None:
     return trained_four_bit(folder, record) if over else None
 
 
-def _trained_quantized(folder: str, quantization: str) -> bool:
-    """Whether the reward model in `folder` trained over a base loaded in `quantization` (its run's record, else its
-    metrics.json); True where neither tells (a Hub model: nothing to say)."""
+def _trained_as(folder: str) -> str | None:
+    """How the reward model in `folder` was trained, as its scores hold: "none" (full precision: a merged model's
+    saved weights too, whatever its run loaded), "4bit" or "8bit" (its run's record, else its metrics.json); None
+    where neither tells (a Hub model without a record: nothing to say)."""
     from alignkit.core.run_records import trained_quantization
 
-    if Path(folder, "merge.json").is_file():  # merged: its weights as saved, whatever its run loaded
-        return False
+    if Path(folder, "merge.json").is_file():
+        return "none"
     said = trained_quantization(folder) if Path(folder).is_dir() else None
-    said = said or _record(folder).get(QUANTIZATION_KEY)
-    return said is None or said == quantization
+    return said or _record(folder).get(QUANTIZATION_KEY)
 
 
 class RewardModel:
@@ -179,12 +179,14 @@ class RewardModel:
             logger.info(f"{PREFIX}{folder} was trained with QLoRA: it scores over its base rounded to "
                         f"{FourBit.of(loader)} and dequantized, the weights it trained over (--quantization 4bit "
                         "keeps them in 4-bit)")
-        elif loader.quantization in ("4bit", "8bit") and not _trained_quantized(folder, loader.quantization):
+        elif loader.quantization in ("4bit", "8bit") and (trained := _trained_as(folder)) not in (
+                None, loader.quantization):
             from alignkit import logger
 
+            over = "in full precision" if trained == "none" else f"over a {trained[0]}-bit base"
             logger.info(f"{PREFIX}{folder}: loaded in {loader.quantization[0]}-bit, as --quantization "
-                        f"{loader.quantization} asks (to fit beside the policy), though it trained in full precision: "
-                        "its scores differ from its training's a little; --quantization auto scores it as it trained")
+                        f"{loader.quantization} asks (to fit beside the policy), though it trained {over}: its scores "
+                        "differ from its training's a little; --quantization auto scores it as it trained")
         self.loaded = load_model(loader, reward=True, dequantize=four_bit is not None)
         if not self.text and not getattr(self.loaded.tokenizer, "chat_template", None):  # score() would fail
             raise ConfigError(f"{PREFIX}{folder} has no chat template, and its run does not record text rows "

@@ -18,15 +18,16 @@ from alignkit.core.journal import free_name
 JUDGMENTS = "judge.cache"  # rl.py --reward judge's default cache in the run folder (alignkit.train.rl_rewards)
 
 
-def remove_keeping_judgments(folder: Path) -> Path | None:
+def remove_keeping_judgments(folder: Path, ignore_errors: bool = False) -> Path | None:
     """Remove a run folder that holds no checkpoint, but for the judgments its judge reward paid for: moved beside
-    it (returned) for judgments_back. A removed judge.cache lost every request made before the first checkpoint."""
+    it (returned) for judgments_back. A removed judge.cache lost every request made before the first checkpoint.
+    ignore_errors: as shutil.rmtree's (a run's own failure path, which must not fail in turn)."""
     judged = folder / JUDGMENTS
     paid = None
     if judged.is_dir() and any(judged.glob("judgments*.jsonl")):
         paid = free_name(folder.parent, f".{folder.name}.{JUDGMENTS}-kept")
         shutil.move(str(judged), paid)
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=ignore_errors)
     return paid
 
 

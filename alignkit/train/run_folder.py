@@ -491,7 +491,7 @@ def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
         logger.info(f"the run {ended}; its checkpoints stay in {folder} (see {FAILED_FILE}): {again} to resume"
                     + (f"; the earlier run is in {aside}" if aside else ""))
         return
-    paid = remove_keeping_judgments(folder)
+    paid = remove_keeping_judgments(folder, ignore_errors=True)
     if aside:
         shutil.move(str(aside), folder)
     kept = judgments_back(paid, folder)
