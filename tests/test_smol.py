@@ -229,6 +229,13 @@ def test_a_hub_gguf_file_named_owner_repo_name_loads_is_keyed_and_carded_as_the_
         {"base_model_name_or_path": "owner/repo/model.gguf", "peft_type": "LORA"}))
     base, said, _ = describe_base(tmp_path / "adapter")
     assert base == "owner/repo" and "`model.gguf`" in said and "local" not in said
+    # A local path mistyped, beside the folder it starts with, stays a local path: "check the path", not the Hub.
+    from alignkit.modeling.model_folders import check_model_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(UserError, match="model not found: models/q4/model.gguf is no local folder"):
+        check_model_source("models/q4/model.gguf")
 
 
 def test_the_conversion_bar_follows_alignkit_s_progress_rule(tmp_path, monkeypatch):

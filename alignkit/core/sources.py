@@ -35,6 +35,8 @@ def hub_gguf(source) -> tuple[str, str] | None:
     repo, _, name = str(source or "").rpartition("/")
     if not name.lower().endswith(".gguf") or Path(str(source)).exists() or not is_hub_id(repo) or "/" not in repo:
         return None
+    if Path(repo.split("/")[0]).is_dir():  # models/q4/x.gguf beside a models/ folder: a local path mistyped
+        return None
     return repo, name
 
 

@@ -80,7 +80,8 @@ def _download(repo: str, name: str, revision: str | None) -> Path:
     try:
         return Path(hf_hub_download(repo, name, revision=revision))
     except Exception as e:  # noqa: BLE001 - offline, no such repo or file: say which file was wanted
-        raise UserError(f"could not get {name} from the Hub repo {repo}: {type(e).__name__}: {e}") from None
+        raise UserError(f"could not get {name} from the Hub repo {repo} (no local file {repo}/{name} is there "
+                        f"either): {type(e).__name__}: {e}") from None
 
 
 def content_hash(path: Path) -> str:
