@@ -624,7 +624,7 @@ def test_what_would_train_nothing_or_fail_after_the_load_is_refused_first(tiny_c
         settings("--temperature", "0")
 
 
-def test_a_run_given_back_before_its_first_checkpoint_keeps_the_judgments_it_paid_for(tmp_path, monkeypatch):
+def test_a_run_given_back_before_its_first_checkpoint_keeps_the_judgments_it_paid_for(tmp_path, alignkit_log):
     """rl.py --reward judge caches its judgments in the run folder; a run stopped before its first checkpoint (Ctrl-C,
     a crash) had its folder removed, and every request made until then, paid for at an API, with it (found by an
     rl.py audit: 320 judgments lost). They stay in the folder's judge.cache, beside the files of a run put back there,
@@ -653,6 +653,9 @@ def test_a_run_given_back_before_its_first_checkpoint_keeps_the_judgments_it_pai
     assert (run / "adapter_model.safetensors").read_text() == "the earlier run" and not earlier.exists()
     assert lines(run) == ["rl.previous-1/judgments.jsonl", "rl/judgments.jsonl", "rl/judgments.rank1.jsonl"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left beside the folder
+    assert (f"the run was interrupted before its first checkpoint, with nothing of it to keep: removed it (its paid "
+            f"judgments kept in {run / 'judge.cache'}, for the next run); the earlier run is back in {run}") \
+        in alignkit_log.text
 
     alone = tmp_path / "alone"
     judged(alone, "judgments.jsonl")

@@ -495,8 +495,9 @@ def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
     if aside:
         shutil.move(str(aside), folder)
     kept = judgments_back(paid, folder)
-    if aside:
-        logger.info(f"the run {ended} before its first checkpoint: removed it{kept}; the earlier run is back in {folder}")
+    if aside:  # "what was finished is kept" follows: the earlier run, and the judgments paid for
+        logger.info(f"the run {ended} before its first checkpoint, with nothing of it to keep: removed it{kept}; the "
+                    f"earlier run is back in {folder}")
     else:
-        logger.info(f"the run {ended} before its first checkpoint: removed {folder}{kept}")
+        logger.info(f"the run {ended} before its first checkpoint, with nothing of it to keep: removed {folder}{kept}")
 
