@@ -108,8 +108,8 @@ def describe_base(folder) -> tuple[str | None, str, list[str]]:
         return base, f"[{base}](https://huggingface.co/{base}/tree/{revision}) at revision `{revision}`", under
     if is_hub_id(base):
         return base, f"[{base}](https://huggingface.co/{base})", under
-    if hub_gguf(base):  # a Hub repo's GGUF file: the repo is the base's id, the file which of its weights
-        repo, name = hub_gguf(base)
+    if found := hub_gguf(base):  # a Hub repo's GGUF file: the repo is the base's id, the file which of its weights
+        repo, name = found
         return repo, (f"[{repo}](https://huggingface.co/{repo}), its GGUF file `{name}` (quantized weights dequantized"
                       " to load)"), under
     config = _read_json(Path(base, "config.json")) if base else {}

@@ -375,8 +375,7 @@ class Vocabulary:
                     raise ConfigError(f"{label(key)} {raw} has no effect in alignkit: {why}; drop it")
             elif key in DROPPED:  # an older TRL's field: said as such, not "unknown setting" with a wrong near name
                 refused, why = DROPPED[key]
-                unset = str(raw).strip().lower() in ("none", "null", "false", "0", "0.0", "")
-                if refused and not unset:
+                if refused and not (_unset(raw) or str(raw).strip().lower() in _FALSE | {"0.0", ""}):
                     raise ConfigError(f"{label(key)} {raw}: {why.replace('ALPHA', str(raw))}")
                 if not refused:
                     notes.append(f"{key}: {why}")

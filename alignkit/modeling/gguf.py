@@ -69,9 +69,9 @@ def locate(source: str, gguf_file: str | None = None, revision: str | None = Non
         return path
     if path.exists():
         raise UserError(f"{source} is not a file: pass a .gguf file, or a folder with --gguf_file NAME")
-    if not hub_gguf(source):
+    if not (found := hub_gguf(source)):
         raise UserError(f"{source}: no such GGUF file (a Hub file is written owner/repo/NAME.gguf)")
-    return _download(*hub_gguf(source), revision)
+    return _download(*found, revision)
 
 
 def _download(repo: str, name: str, revision: str | None) -> Path:

@@ -187,8 +187,8 @@ def _one(source: str, revision: str | None, gguf_file: str | None) -> dict:
         return {"gguf" if is_gguf else "file": file_hash(path)}
     if path.is_dir():
         return {"files": folder_files(path)}
-    if hub_gguf(source) and not gguf_file:  # owner/repo/NAME.gguf
-        source, gguf_file = hub_gguf(source)
+    if not gguf_file and (found := hub_gguf(source)):  # owner/repo/NAME.gguf
+        source, gguf_file = found
     elif source.startswith(("/", ".", "~")) or source.count("/") > 1:
         return {"missing": source}  # a local path that is not there: the loader says so when it is needed
     return {"hub": source, "file": gguf_file, "revision": revision, "commit": hub_commit(source, revision, gguf_file)}

@@ -157,14 +157,23 @@ def checked_rewards(spec: str, rewards, completions):
     if len(rewards) != n:
         raise ConfigError(f"--reward {spec} returned {len(rewards)} values for {n} completions: {fix}")
     for i, value in enumerate(rewards if shape is None else ()):
-        try:
-            number = value is None or not isinstance(value, (str, bytes)) and float(value) is not None
-        except (TypeError, ValueError):
-            number = False
-        if not number:
+        if not _a_number(value):
             raise ConfigError(f"--reward {spec} returned {type(value).__name__} ({value!r:.40}) for completion "
                               f"{i + 1}: {fix}")
     return rewards
+
+
+def _a_number(value) -> bool:
+    """None (no score), or anything TRL's torch.tensor takes as a number (not text)."""
+    if value is None:
+        return True
+    if isinstance(value, (str, bytes)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class JudgeReward:
