@@ -62,6 +62,46 @@ def test_an_rl_run_records_its_settings_so_a_rerun_resumes_and_its_card_says_grp
     assert "GRPO of" in card and "merged" not in card.split("---")[1]  # the stage, and not a merge's tags
 
 
+def test_a_run_resumed_past_its_first_epoch_trains_on_the_straight_run_s_prompts(sft_run, rl_run, tmp_path):
+    """The tiny run takes 16 steps an epoch; resumed from its checkpoint-30 (epoch 1.9) it logs the rewards the
+    straight run logged. TRL's sampler drew every epoch's order from one generator seeded once, so the resumed run
+    started again at the first epoch's order while transformers skipped batches as if in the second: other prompts
+    from the first step after the resume on (and a judge paid again for them)."""
+    import shutil
+
+    straight = json.loads((rl_run["run_folder"] / "checkpoint-60" / "trainer_state.json").read_text())["log_history"]
+    copy = tmp_path / rl_run["run_folder"].name
+    shutil.copytree(rl_run["run_folder"], copy)
+    shutil.rmtree(copy / "checkpoint-60")
+    resumed = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]),
+                         "--output_dir", str(tmp_path))
+    assert resumed["trainer"].state.global_step == 60
+    after = [e for e in resumed["trainer"].state.log_history if "reward" in e and e["step"] > 30]
+    expected = {e["step"]: e["reward"] for e in straight if "reward" in e and e["step"] > 30}
+    assert [e["step"] for e in after] == sorted(expected), "the run did not resume from checkpoint-30"
+    assert {e["step"]: e["reward"] for e in after} == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_resumable_sampler_keeps_trl_s_order_for_a_straight_run_and_starts_at_any_epoch():
+    from trl.trainer.utils import RepeatSampler
+
+    from alignkit.train.rl import _OnlineMixin
+
+    def trl_sampler():
+        return RepeatSampler(list(range(10)), mini_repeat_count=2, batch_size=3, repeat_count=2, seed=7)
+
+    trl = type("TRLTrainer", (), {"_get_train_sampler": lambda self, dataset=None: trl_sampler()})
+    trainer = type("Trainer", (_OnlineMixin, trl), {})()
+    straight = trl_sampler()
+    epochs = [list(straight) for _ in range(3)]  # TRL's straight run: three epochs from one generator
+    ours = trainer._get_train_sampler()
+    assert [list(ours) for _ in range(3)] == epochs  # nothing calls set_epoch: TRL's orders
+    for epoch in (2, 0, 1):  # a run resumed in epoch k starts at epoch k's order
+        resumed = trainer._get_train_sampler()
+        resumed.set_epoch(epoch)
+        assert list(resumed) == epochs[epoch]
+
+
 def test_grpo_with_the_rule_raises_rule_following(sft_run, rl_run):
     before, before_greedy = _rates(str(sft_run["run_folder"]))
     after, after_greedy = _rates(str(rl_run["run_folder"]))

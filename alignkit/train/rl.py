@@ -119,6 +119,32 @@ class _Reference(torch.nn.Module):
     """Marks TRL's reference forward pass; `_get_per_token_logps_and_entropies` runs the policy in reference_mode."""
 
 
+class _EpochRepeat:
+    """TRL's RepeatSampler with `set_epoch`, which transformers calls before each epoch: epoch k's order is the
+    (k+1)-th permutation of the sampler's seeded generator, however many epochs this process iterated before.
+
+    TRL's draws each epoch's permutation from one generator seeded once and has no set_epoch, so a run resumed past
+    its first epoch started again at the first epoch's order while transformers skipped batches as if in a later
+    one: the resumed run trained on other prompts than the straight run (and paid a judge again for them). A straight
+    run's order is TRL's. `_OnlineMixin._get_train_sampler` gives TRL's sampler, as built, this class's methods."""
+
+    def start(self):
+        self.epoch = 0
+        self._seeded = self.generator.get_state() if self.shuffle else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        epoch = self.epoch
+        if self.shuffle:  # the permutations of the epochs before this one, drawn again from the seeded state
+            self.generator.set_state(self._seeded)
+            for _ in range(epoch):
+                torch.randperm(self.num_samples, generator=self.generator)
+        yield from super().__iter__()
+        self.epoch = epoch + 1  # the next epoch's order when nothing calls set_epoch
+
+
 class _OnlineMixin:
     """What alignkit adds to TRL's GRPOTrainer and RLOOTrainer (see the module docstring). trainer_class puts
     alignkit.train.trainers' stacked adapters under it (frozen ones back on after a resume, QLoRA's trainable weights in
@@ -145,6 +171,17 @@ class _OnlineMixin:
                 func.cache  # noqa: B018 - this one now, not after the model sampled
         self._times = Counter()
         self._unscored = Counter()
+
+    def _get_train_sampler(self, dataset=None):
+        from trl.trainer.utils import RepeatSampler
+
+        sampler = built = super()._get_train_sampler(dataset)
+        if type(built) is RepeatSampler:  # TRL's own made resumable; a subclass of it or another sampler is kept
+            resumable = type("EpochRepeatSampler", (_EpochRepeat, RepeatSampler), {})
+            sampler = resumable.__new__(resumable)  # TRL's sampler as built, its seeded generator included
+            sampler.__dict__.update(built.__dict__)
+            sampler.start()
+        return sampler
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         if not isinstance(model, _Reference):
