@@ -9,6 +9,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   train_settings and tool_settings (the training scripts' and the other scripts' settings),
   trl_names (TRL's and the alignment-handbook's names for the training settings),
   trl_tables (its tables: TRL's aliases, the keys not applied or refused, the names that mark TRL's style),
+  trl_types (TRL's own field types: a flag's or a recipe's value as a TRL config field takes it),
   mixture (a run's training and held-out data: a share, a test split, a handbook dataset mixture),
   mixture_formats (the handbook's dataset_mixer and TRL's datasets as a dataset_mixture),
   errors (UserError and how a script reports it),

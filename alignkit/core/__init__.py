@@ -6,6 +6,7 @@
   rlaif.py) and tool_settings (label.py, evaluate.py, merge.py).
 - trl_names: TRL's and the alignment-handbook's names for the training settings (aliases, pass-through).
 - trl_tables: trl_names' tables (TRL's aliases, the keys not applied or refused, the names that mark TRL's style).
+- trl_types: TRL's own field types: a flag's or a recipe's value as a TRL config field takes it, checked early.
 - mixture: a run's training and held-out data (a share, a test split, a handbook dataset mixture).
 - mixture_formats: the handbook's dataset_mixer and TRL's datasets as a dataset_mixture.
 - errors: UserError and how a script reports it.

@@ -312,7 +312,7 @@ class TrainSettings(HubPushSettings, ModelSettings):
 
         overrides = self.trainer_overrides if isinstance(self.trainer_overrides, dict) else {}
         if any(isinstance(v, str) for v in overrides.values()):  # JSON's "false" as TRL takes it, as a flag's is
-            from alignkit.core.trl_names import typed_overrides
+            from alignkit.core.trl_types import typed_overrides
 
             self.trainer_overrides = overrides = typed_overrides(overrides, type(self).trl_configs)
         if refused := sorted(n for n, v in overrides.items() if refusal(n, v, type(self).trl_configs)):

@@ -69,7 +69,7 @@ def preflight(s) -> None:
 def check_trl_values(s) -> None:
     """--lr_scheduler_type and every --trainer_overrides entry as TRL's config takes them (an enum's values, a
     field's type), now: TRL itself would refuse them when its config is built, after the data and model loaded."""
-    from alignkit.core.trl_names import trl_fields, trl_value
+    from alignkit.core.trl_types import trl_fields, trl_value
 
     names = tuple(getattr(s, "trl_configs", ("SFTConfig",)))
     types = trl_fields(names)
