@@ -140,6 +140,21 @@ def test_evaluations_recorded_at_once_in_one_folder_are_all_kept(tmp_path, monke
     assert json.loads((model / EVALS_FILE).read_text()) == {"eval 0": {"value": 0.0}, "eval 1": {"value": 1.0}}
 
 
+def test_a_result_recorded_after_a_push_keeps_the_repo_id_in_the_folder_s_card(tmp_path):
+    """The card a push writes loads the model from its Hub repo; evaluate.py recording a result rewrote it to load
+    from "path/to/NAME", and the folder pushed again later would have carried that card."""
+    from alignkit.core.card import model_card
+
+    model = write(tmp_path / "m", config__json={})
+    (model / "README.md").write_text(model_card(model, "someone/m-dpo"))
+    record_evaluation(model, "mt-bench", {"value": 7.5})
+    text = (model / "README.md").read_text()
+    assert "someone/m-dpo" in text and "path/to/" not in text and "7.5" in text
+    (model / "README.md").write_text(model_card(model))  # a folder never pushed keeps its own card's words
+    record_evaluation(model, "alpacaeval", {"value": 0.5})
+    assert "path/to/m" in (model / "README.md").read_text()
+
+
 def test_eval_result_needs_what_the_hub_requires():
     # The Hub's validation refuses an EvalResult without a dataset or metric: the card never writes one.
     with pytest.raises(TypeError):

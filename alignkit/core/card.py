@@ -183,12 +183,21 @@ def _refresh_card(folder: Path, name: str) -> None:
 
     card = folder / "README.md"
     try:  # the folder's card shows it now, not at the next merge or push; a card alignkit did not write stays
-        if card.is_file() and "alignkit" in (ModelCard(card.read_text(encoding="utf-8"),
-                                                       ignore_metadata_errors=True).data.tags or []):
-            write_atomic(card, model_card(folder))
+        text = card.read_text(encoding="utf-8") if card.is_file() else ""
+        if text and "alignkit" in (ModelCard(text, ignore_metadata_errors=True).data.tags or []):
+            write_atomic(card, model_card(folder, _pushed_to(text)))
     except Exception as error:  # noqa: BLE001 - the result is kept (EVALS_FILE); the card shows it at the next write
         logger.warning(f"{card}: not updated with {name} ({type(error).__name__}: {error}); the result is kept in "
                        f"{folder / EVALS_FILE}")
+
+
+def _pushed_to(card_text: str) -> str | None:
+    """The Hub repo a card written at a push loads from (hub.push writes the repo id into its snippet); None for a
+    folder's own card (path/to/NAME): a result recorded after a push keeps the card's repo id."""
+    import re
+
+    found = re.search(r'(?:model_id=|from_pretrained\()"([^"]+)"', card_text)
+    return found.group(1) if found and not found.group(1).startswith("path/to/") else None
 
 
 def eval_results(folder, run_type: str | None, metrics: dict, dataset: str, dataset_name: str) -> list:
