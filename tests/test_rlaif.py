@@ -74,7 +74,7 @@ def test_the_judge_endpoint_group_reaches_label_and_evaluate_whole():
     which compose the same group: a round's judge calls run with the settings given to rlaif.py."""
     from alignkit.core.args import parse_config
     from alignkit.core.config import LabelSettings, PairwiseSettings, RLAIFSettings
-    from alignkit.train.rlaif import endpoint_flags
+    from alignkit.train.rlaif import endpoint_flags, label_judge_flags
 
     s = RLAIFSettings(judge_model="judge-x", judge_base_url="http://127.0.0.1:9/v1", parallel=3, max_retries=1,
                       request_timeout=7.0, judge_api_key_env="MY_KEY")
@@ -85,6 +85,12 @@ def test_the_judge_endpoint_group_reaches_label_and_evaluate_whole():
         assert (parsed.judge_base_url, parsed.parallel, parsed.max_retries, parsed.request_timeout,
                 parsed.judge_api_key_env) == ("http://127.0.0.1:9/v1", 3, 1, 7.0, "MY_KEY")
     assert label.judge_model == "judge-x" and pairwise.judge_model == "eval-judge"  # --eval_judge_model's place
+    # A judge that asks no endpoint is given its threads only (the logged label.py command named an API key).
+    for judge in ("python:alignkit.modeling.presets:score", "rm:runs/tiny-reward"):
+        s.judge = judge
+        assert label_judge_flags(s) == ["--parallel", "3"]
+    s.judge = "hf"
+    assert label_judge_flags(s) == endpoint_flags(s)
 
 
 def _fake_steps(calls: list):

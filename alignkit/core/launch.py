@@ -346,7 +346,7 @@ def dtype_choice(requested: str) -> tuple[str, str]:
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bf16", "CUDA with native bf16"
         return "fp16", "this GPU has no native bf16 (compute capability < 8.0)"
-    return "fp32", "no CUDA device: bf16/fp16 training needs a GPU, so the CPU computes in fp32"
+    return "fp32", "no CUDA device: bf16/fp16 compute needs a GPU, so the CPU computes in fp32"
 
 
 def _mixed_precision_conflict(s) -> str | None:

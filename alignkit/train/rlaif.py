@@ -45,8 +45,8 @@ from alignkit import logger
 from alignkit.core.errors import UserError
 from alignkit.core.journal import free_name, read_json, write_atomic, write_json
 from alignkit.train.rlaif_inputs import (  # noqa: F401 - start_model, revision_of: importable from here too
-    _digest, _dpo_config, _dpo_inputs, _eval_inputs, _label_inputs, _prompt_source, endpoint_flags, loader_flags,
-    revision_of, start_model,
+    _digest, _dpo_config, _dpo_inputs, _eval_inputs, _label_inputs, _prompt_source, endpoint_flags, label_judge_flags,
+    loader_flags, revision_of, start_model,
 )
 from alignkit.train.step_process import run_step
 
@@ -150,7 +150,7 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
         if s.max_prompts is not None:
             args += ["--max_prompts", str(s.max_prompts)]
         args += [item for k, v in _prompt_source(s).items() if v is not None for item in (f"--{k}", str(v))]
-        args += at_revision + loader_flags(s) + endpoint_flags(s)
+        args += at_revision + loader_flags(s) + label_judge_flags(s)
         _run("label.py", args + shlex.split(s.label_args), log)
     summary = read_json(summary_file)
     if not summary.get("labeled"):  # label.py ends well with none: DPO would blame its own file

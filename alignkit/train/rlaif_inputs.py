@@ -86,6 +86,14 @@ def endpoint_flags(s, skip: set[str] = frozenset()) -> list[str]:
     return flags
 
 
+def label_judge_flags(s) -> list[str]:
+    """endpoint_flags for label.py's --judge: a `python:` or `rm:` judge asks no endpoint, so only --parallel (its
+    threads) applies; the logged command named an API key variable and retries that nothing used."""
+    if s.judge.startswith(("python:", "rm:")):
+        return ["--parallel", str(s.parallel)]
+    return endpoint_flags(s)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # What each step reads
 
