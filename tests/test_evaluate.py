@@ -519,7 +519,7 @@ def test_pairwise_on_own_prompts_with_an_llm_judge(mt_data, tmp_path):
     assert list(run["pairs"][0]["by_category"]) == ["writing", "math", "prompts"]
 
 
-def test_a_missing_model_is_refused_before_the_first_model_answers(sft_run, tmp_path):
+def test_a_missing_model_is_refused_before_the_first_model_answers(sft_run, tmp_path, monkeypatch):
     """A model path that is not there was found at its turn, after the models before it had answered every
     question (minutes of a 7B model on a GPU; found by an audit). Every model that will answer is checked first; one
     whose answers are all there need not be (its folder may be gone)."""
@@ -537,6 +537,15 @@ def test_a_missing_model_is_refused_before_the_first_model_answers(sft_run, tmp_
         with pytest.raises(UserError, match=rf"^model not found: {re.escape(typo)} is no local folder, and not a Hub id "
                                             rf"\({why}.*\); check the path$"):
             run_script("evaluate.py", "vibes", "--model_id", typo, "--prompts", "Hi")
+    # vibes' second model is checked before the first one loads (a mistyped --compare_to came after its answers).
+    from alignkit.modeling import generation
+
+    loaded = []
+    monkeypatch.setattr(generation, "load_generator", lambda *a, **k: loaded.append(a) or pytest.fail("loaded"))
+    with pytest.raises(UserError, match=r"^model not found: /nowhere/beta is no local folder"):
+        run_script("evaluate.py", "vibes", "--model_id", str(sft_run["run_folder"]), "--compare_to", "/nowhere/beta",
+                   "--prompts", "Hi", "--max_new_tokens", "4")
+    assert not loaded
 
 
 def test_one_model_under_two_names_is_said_once(sft_run, tmp_path, alignkit_log):
