@@ -5,7 +5,7 @@
 # applies the adapter chain (an SFT adapter, then a DPO adapter on top, merge in order), merges, and checks
 # on a few prompts that the merged model's logits equal base + adapters before saving anything. For a QLoRA
 # adapter, `--dequantize` merges into the dequantized 4-bit base instead (NF4, or the run's fp4): exactly the model
-# that was trained.
+# that was trained; a reward model trained with QLoRA merges so by default (its scores are the product).
 # A LoTA run folder (a sparse delta, alignkit.train.lota) merges the same way; `--add_delta` instead adds two LoTA
 # deltas of one base into a single delta (a task merge) and reports how many entries they share.
 #
@@ -75,7 +75,8 @@ if settings.add_delta:
 elif settings.push != "adapter" or not settings.push_to_hub:
     merged_dir = merge_adapters(
         settings.adapter_dir, output_dir, dtype=settings.dtype, base_model=settings.base_model,
-        dequantize=settings.dequantize, max_shard_size=settings.max_shard_size,
+        dequantize={"auto": None, "true": True, "false": False}[settings.dequantize],
+        max_shard_size=settings.max_shard_size,
         trust_remote_code=settings.trust_remote_code,
     )
     print(f"merged model: {merged_dir}")

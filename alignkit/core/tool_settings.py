@@ -270,9 +270,11 @@ class MergeSettings(HubPushSettings):
     output_dir: str | None = setting(None, "where the merged model goes; default: <adapter_dir>/merged")
     dtype: str = setting("auto", "weights of the merged model; auto: bf16 on CUDA, fp32 on CPU",
                          choices=["auto", "bf16", "fp16", "fp32"])
-    dequantize: bool = setting(
-        False, "merge into the base rounded to the 4-bit format its QLoRA run trained over (NF4 unless it chose "
-        "fp4), dequantized: the exact model the adapter was trained on"
+    dequantize: str = setting(
+        "auto", "true: merge into the base rounded to the 4-bit format its QLoRA run trained over (NF4 unless it "
+        "chose fp4), dequantized: the exact model the adapter was trained on; false: into the full-precision base; "
+        "auto: true for a reward model trained with QLoRA (its scores are the product), else false",
+        choices=["auto", "true", "false"],
     )
     max_shard_size: str = setting("5GB", "largest safetensors shard")
     trust_remote_code: bool = setting(False, "run custom model code shipped with the checkpoint; off unless asked")
