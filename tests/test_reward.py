@@ -152,6 +152,13 @@ def test_reward_callable_loads_the_run_folder_and_scores_as_trained(reward_run):
     assert max(abs(a - b) for a, b in zip(chosen, held_out["chosen"][:8])) < 1e-4
     assert max(abs(a - b) for a, b in zip(rejected, held_out["rejected"][:8])) < 1e-4
     assert sum(c > r for c, r in zip(chosen, rejected)) >= 6
+    # A prompt written as text is one user turn (it was read letter by letter as messages: a transformers traceback).
+    single = [p for p in pairs["prompt"] if len(p) == 1 and p[0]["role"] == "user"]
+    texts = [p[0]["content"] for p in single]
+    answers = [c[0]["content"] for p, c in zip(pairs["prompt"], pairs["chosen"]) if p in single]
+    assert texts and reward(texts, answers) == pytest.approx(reward(single, answers), abs=1e-6)
+    with pytest.raises(ValueError, match="pass lists"):
+        reward(texts[0], answers[0])
 
 
 def test_a_full_precision_reward_model_loaded_in_4_bit_for_a_qlora_policy_says_so(reward_run, alignkit_log):

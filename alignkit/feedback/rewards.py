@@ -194,9 +194,15 @@ class RewardModel:
                               "with this reward.py (which records them), on "
                               "conversational rows, or on a model with a chat template")
 
-    def __call__(self, prompts: list[list[dict]], answers: list[str], template_kwargs: dict | None = None) -> list[float]:
+    def __call__(self, prompts: list[list[dict]] | list[str], answers: list[str],
+                 template_kwargs: dict | None = None) -> list[float]:
+        """One reward per answer to its prompt: a conversation (role/content messages), or a text, one user turn
+        (as label.py and rl.py send a prompt written as text; it was read letter by letter as messages)."""
+        if isinstance(prompts, str) or isinstance(answers, str):
+            raise ValueError("pass lists: reward(prompts, answers), one prompt (a text or a conversation) per answer")
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts for {len(answers)} answers: pass one prompt per answer")
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
         if self.text:  # as TRL's RewardTrainer joined its standard rows: the prompt's text, then the answer
             inputs = [self.text_of(p) + a for p, a in zip(prompts, answers)]
         else:
