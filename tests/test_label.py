@@ -630,6 +630,15 @@ def test_bad_rows_name_the_file_row_and_field(tmp_path):
                    "--prompt_field", "text", cwd=tmp_path)
     with pytest.raises(DataError, match=r"b.jsonl: no response column .*columns: prompt, reply.*--response_field"):
         run_script("label.py", *common, "--responses_b", "b.jsonl", cwd=tmp_path)
+    # A row without the field (a misspelt key) is named, not read as an empty cell: its pair was skipped silently,
+    # the prompt's said "got None".
+    write_jsonl(tmp_path / "typo.jsonl", [{"prompt": "fine", "response": "y"}, {"prompt": "z", "respones": "w"}])
+    with pytest.raises(DataError, match=r"^.*typo.jsonl: row 2: no field 'response' \(is 'respones' a misspelling of "
+                                        r"it\?\); its fields: prompt, respones. Fix the row.$"):
+        run_script("label.py", *common, "--responses_b", "typo.jsonl", cwd=tmp_path)
+    write_jsonl(tmp_path / "promt.jsonl", [{"prompt": "fine"}, {"promt": "z"}])
+    with pytest.raises(DataError, match=r"promt.jsonl: row 2: no field 'prompt' \(is 'promt' a misspelling of it\?\)"):
+        run_script("label.py", *common, "--responses_b", "a.jsonl", "--prompts", "promt.jsonl", cwd=tmp_path)
 
 
 def test_hh_prompts_are_labeled_as_their_turns(tmp_path):

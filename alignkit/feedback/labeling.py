@@ -145,6 +145,19 @@ def _show(value) -> str:
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
+def _cell(row, column: str, place: str):
+    """`row`'s value of `column`; a row without the field (a misspelt key) is one line naming it, where it read as
+    an empty cell: "expected non-empty text ... got None" for a prompt, a response silently skipped."""
+    if isinstance(row, dict) and column not in row:
+        import difflib
+
+        close = difflib.get_close_matches(column, [str(k) for k in row], n=1)
+        named = f" (is '{close[0]}' a misspelling of it?)" if close else ""
+        raise DataError(f"{place}: no field '{column}'{named}; its fields: {', '.join(map(str, row)) or 'none'}. "
+                        "Fix the row.")
+    return row.get(column)
+
+
 def _as_messages(value, where: str) -> list[dict]:
     """A prompt cell as role/content messages ending with a user turn. `where` is 'FILE: row N: field F'."""
     if is_hh_prompt(value):  # an HH prompt (split HH data): its turns, not one message holding the markers
@@ -211,7 +224,7 @@ def load_prompts(run: Run) -> list[Prompt]:
     column = _column(columns, s.prompt_field, label, "--prompt_field", () if s.prompts else ("prompt",))
     prompts, seen = [], set()
     for i, row in enumerate(rows):
-        prompt = Prompt(_as_messages(row.get(column), f"{place(i)}: field '{column}'"), place=place(i),
+        prompt = Prompt(_as_messages(_cell(row, column, place(i)), f"{place(i)}: field '{column}'"), place=place(i),
                         row=row if getattr(s, "keep_rows", False) else None, template=template_arguments(row, place(i)))
         value = row.get(column)
         if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
@@ -282,9 +295,9 @@ def response_rows(path: str, s) -> tuple[str, list[tuple[Prompt, str | None]]]:
     out = []
     for i, row in enumerate(rows):
         where = f"{place(i)}: field"
-        prompt = Prompt(_as_messages(row.get(prompt_column), f"{where} '{prompt_column}'"), place=place(i),
+        prompt = Prompt(_as_messages(_cell(row, prompt_column, place(i)), f"{where} '{prompt_column}'"), place=place(i),
                         template=template_arguments(row, place(i)))  # matched to the prompts with their tools
-        out.append((prompt, _response_text(row.get(response_column), f"{where} '{response_column}'")))
+        out.append((prompt, _response_text(_cell(row, response_column, place(i)), f"{where} '{response_column}'")))
     return prompt_column, out
 
 
