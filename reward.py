@@ -61,10 +61,12 @@ from alignkit.train.reward import with_margins
 from alignkit.train.training import split
 
 check_file_splits(settings)  # a single file has no splits: --dataset_split is refused there, not ignored
+kept = []  # each pair's row in the file: its margin's (--skip_invalid may skip rows)
 preferences = load_preferences(
-    settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config
+    settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config,
+    kept=kept,
 )
-preferences = with_margins(preferences, settings)
+preferences = with_margins(preferences, settings, kept)
 train_data, eval_data = split(preferences, settings, "preference")  # every pair of a held-out prompt held out
 print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} held out")
 

@@ -160,3 +160,18 @@ def test_a_prompt_with_two_responses_is_refused_naming_both_rows(tmp_path):
     assert str(err.value) == (
         f"{path}: row 6: field 'prompt': the same prompt as row 4 but a different response, so which one to pair is "
         "ambiguous. Keep one row per prompt (delete or merge the other)")
+
+
+def test_margins_stay_with_their_rows_where_skip_invalid_skips_one(tiny_cache, tmp_path):
+    """--skip_invalid with --use_margin was refused ("their margins no longer line up"): the margins were read by
+    position apart from the pairs. Each pair now keeps its own row's margin."""
+    from alignkit.modeling import presets
+    from conftest import run_script
+
+    rows = [json.loads(line) for line in open(presets.paths()["preferences"])][:40]
+    rows = [{**row, "margin": float(i)} for i, row in enumerate(rows)]
+    rows[3]["chosen"] = 5  # invalid: skipped
+    data = jsonl(tmp_path / "pairs.jsonl", rows, blank_after=None)
+    run = run_script("reward.py", "--preset", "tiny", "--dataset_id", data, "--skip_invalid", "--use_margin",
+                     "--max_steps", "1", "--output_dir", str(tmp_path / "runs"))
+    assert run["preferences"]["margin"] == [float(i) for i in range(40) if i != 3]

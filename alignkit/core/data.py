@@ -324,7 +324,7 @@ def detect_format(columns, kind, source=None) -> str:
                     f"{hint} pass --dataset_format with one of: {_choices(kind)}.{text}")
 
 
-def _load(kind, source, format, split, skip_invalid, config_name, text_field="text"):
+def _load(kind, source, format, split, skip_invalid, config_name, text_field="text", kept=None):
     if format != "auto" and format not in _TABLES[kind]:
         raise DataError(f"unknown {kind} data format {format!r}; choose auto or one of: {_choices(kind)}")
     read = read_rows(source, split, config_name)
@@ -367,6 +367,8 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
             if not isinstance(row, dict):
                 raise _bad(None, "an object with named fields", row)
             out.append({**normalise(row), **{c: _template_column(row.get(c), c) for c in carried}})
+            if kept is not None:
+                kept.append(i)
         except _RowError as e:
             field = f"field '{e.field}': " if e.field else ""
             reason = f"{read.place(i)}: {field}{e.problem}."
@@ -437,10 +439,12 @@ def template_arguments(row: dict, where: str) -> dict:
     return {**({"tools": tools} if tools else {}), **kwargs}
 
 
-def load_preferences(source, format="auto", split="train", skip_invalid=False, config_name=None) -> datasets.Dataset:
+def load_preferences(source, format="auto", split="train", skip_invalid=False, config_name=None,
+                     kept: list | None = None) -> datasets.Dataset:
     """Preference pairs: `prompt` (the turns before the answer), `chosen` and `rejected` ([assistant turn]); or
-    the three as texts, for TRL's standard format."""
-    return _load("preference", source, format, split, skip_invalid, config_name)
+    the three as texts, for TRL's standard format. `kept`, a list, gets the source row number of each pair (the
+    rows --skip_invalid kept: reward.py's margins are read by them)."""
+    return _load("preference", source, format, split, skip_invalid, config_name, kept=kept)
 
 
 def load_sft(source, format="auto", split="train", skip_invalid=False, config_name=None,

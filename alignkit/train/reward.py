@@ -79,20 +79,22 @@ def _number(row: dict, column: str, where: str) -> float:
                     "Fix the row, or drop --use_margin")
 
 
-def margins(source, split="train", config_name=None) -> list[float]:
-    """Each row's margin, in the data's row order: the `margin` column, else a score difference (see above). A bad
-    cell is named by the row's place as alignkit.core.data_files keeps it (a JSON-lines file's line, past blank
-    ones), as every other data error is."""
+def margins(source, split="train", config_name=None, rows_kept: list[int] | None = None) -> list[float]:
+    """Each row's margin, in the data's row order: the `margin` column, else a score difference (see above); only
+    of `rows_kept` (the row numbers of the pairs --skip_invalid kept) when given. A bad cell is named by the row's
+    place as alignkit.core.data_files keeps it (a JSON-lines file's line, past blank ones), as every other data
+    error is."""
     from alignkit.core.data import read_rows
 
     read = read_rows(source, split, config_name)
     rows, columns = read.dicts(), set(read.columns())
+    numbers = range(len(rows)) if rows_kept is None else rows_kept
     if "margin" in columns:
-        return [_number(row, "margin", read.place(i)) for i, row in enumerate(rows)]
+        return [_number(rows[i], "margin", read.place(i)) for i in numbers]
     for chosen, rejected in SCORE_COLUMNS:
         if {chosen, rejected} <= columns:
-            return [_number(row, chosen, read.place(i)) - _number(row, rejected, read.place(i))
-                    for i, row in enumerate(rows)]
+            return [_number(rows[i], chosen, read.place(i)) - _number(rows[i], rejected, read.place(i))
+                    for i in numbers]
     raise DataError(
         f"{read.label}: --use_margin needs a 'margin' column, or scores of both answers ("
         + " or ".join(f"{c}/{r}" for c, r in SCORE_COLUMNS) + f"); the columns are {', '.join(sorted(columns))}. "
@@ -100,15 +102,16 @@ def margins(source, split="train", config_name=None) -> list[float]:
     )
 
 
-def with_margins(preferences, s):
-    """The normalised pairs with a `margin` column when --use_margin is on (TRL's collator passes it on)."""
+def with_margins(preferences, s, kept: list[int] | None = None):
+    """The normalised pairs with a `margin` column when --use_margin is on (TRL's collator passes it on). `kept`:
+    each pair's source row (alignkit.core.data.load_preferences' `kept`), so that a pair keeps its own row's margin
+    where --skip_invalid skipped rows before it (the two were refused together)."""
     if not s.use_margin:
         return preferences
-    values = margins(s.dataset_id, s.dataset_split, s.dataset_config)
-    if len(values) != len(preferences):
+    values = margins(s.dataset_id, s.dataset_split, s.dataset_config, kept)
+    if len(values) != len(preferences):  # a caller that kept no row numbers, after rows were skipped
         raise DataError(f"{s.dataset_id}: {len(values) - len(preferences)} rows were skipped as invalid "
-                         "(--skip_invalid), so their margins no longer line up with the pairs; fix those rows, or "
-                         "drop --use_margin")
+                        "(--skip_invalid) without their row numbers, so their margins do not line up with the pairs")
     return preferences.add_column("margin", values)
 
 
