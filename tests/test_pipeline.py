@@ -157,6 +157,13 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(tiny_cache, tmp_
         assert resumed["metrics"][key] == pytest.approx(straight["metrics"][key], rel=2e-2, abs=1e-3), key
     # train_loss is the whole run's mean (transformers' summary is the mean over the resumed steps only).
     assert resumed["metrics"]["train_loss"] == pytest.approx(straight["metrics"]["train_loss"], rel=2e-2)
+    # TRL's count of the tokens trained goes on from the checkpoint's (it started again at 0: the card and
+    # metrics.json reported the resumed steps' tokens only).
+    def tokens(run):
+        return [e["num_tokens"] for e in run["trainer"].state.log_history if "num_tokens" in e][-1]
+
+    assert tokens(resumed) == tokens(straight) > 0
+    assert resumed["metrics"]["eval_num_tokens"] == straight["metrics"]["eval_num_tokens"]
 
 
 def test_a_run_with_other_settings_does_not_resume_from_this_one(tiny_cache, tmp_path, capfd):

@@ -490,7 +490,7 @@ def test_a_ctrl_c_dropped_inside_a_finalizer_stops_the_training_at_its_next_step
     import signal
 
     from alignkit.core.errors import keep_interrupts
-    from alignkit.train.trainers import EndsAtMaxSteps
+    from alignkit.train.resuming import EndsAtMaxSteps
 
     class Trainer:
         def training_step(self, *args, **kwargs):

@@ -6,7 +6,8 @@
   a notebook's cells run out of order (each training the one its Run folder cell decided, on its Data cell's data).
 - sampling: --group_by_length's batches of similar length.
 - report: training.png and the closing summary of a run.
-- trainers: alignkit's TRL trainers (stacked adapters, the explicit reference pass).
+- trainers: alignkit's TRL trainers (stacked adapters, the explicit reference pass); resuming: what every trainer
+  carries over a resume (the last step trains nothing more, TRL's token count goes on).
 - losses: preference losses TRL lacks (the DPO paper's sigmoid and IPO; SimPO and ORPO, reference-free).
 - kto: kto.py's trainer (TRL's KTOTrainer with stacked adapters and alignkit's reference).
 - prefix: DPO prefix sharing (a pair's prompt computed once); flex_check: whether FlexAttention's kernel trains

@@ -26,7 +26,8 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from alignkit.core.args import ConfigError
 from alignkit.modeling.models import TRAINABLE, reference_mode
-from alignkit.train.trainers import EndsAtMaxSteps, _StackedAdapters, keep_lora_dropout
+from alignkit.train.resuming import EndsAtMaxSteps
+from alignkit.train.trainers import _StackedAdapters, keep_lora_dropout
 
 # KTOConfig fields that cannot act here (alignkit loads the model and computes the reference itself).
 _REFUSED = {

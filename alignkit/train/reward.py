@@ -32,7 +32,7 @@ from trl import RewardTrainer
 
 from alignkit import logger
 from alignkit.core.data import DataError
-from alignkit.train.trainers import EndsAtMaxSteps
+from alignkit.train.resuming import EndsAtMaxSteps
 
 LOSSES = ("bradley_terry", "logexp", "logexpwithlm")
 SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("chosen_score", "rejected_score"))

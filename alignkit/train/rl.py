@@ -262,7 +262,8 @@ class _OnlineMixin:
 def trainer_class(algo: str):
     from trl import GRPOTrainer, RLOOTrainer
 
-    from alignkit.train.trainers import EndsAtMaxSteps, _StackedAdapters
+    from alignkit.train.resuming import EndsAtMaxSteps
+    from alignkit.train.trainers import _StackedAdapters
 
     base = GRPOTrainer if algo == "grpo" else RLOOTrainer
 

@@ -44,12 +44,12 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
-from alignkit.core.errors import raise_pending_interrupt
 from alignkit.core.journal import write_atomic
 from alignkit.modeling import template_rows
 from alignkit.modeling.chain import checkpoint_frozen
 from alignkit.modeling.models import TRAINABLE, keep_trainable_fp32, reference_mode
 from alignkit.train import prefix, refcache
+from alignkit.train.resuming import EndsAtMaxSteps
 from alignkit.train.losses import (
     answer_logps, check_label_smoothing, check_loss_types, check_weighting, is_own_loss, is_reference_free,
     mean_answer_logps,
@@ -89,43 +89,6 @@ class CheckpointBase(TrainerCallback):
             write_atomic(file, json.dumps(config, indent=2))  # a kill here leaves the old config, never half
             for frozen in checkpoint_frozen(str(folder)):  # the chain of --model_id holds them already
                 shutil.rmtree(frozen)
-
-
-class EndsAtMaxSteps:
-    """A run resumed at its last step (the same command run again after it finished at --max_steps) trains no
-    further step. transformers checks the stop only after a step, so a resume at global_step == max_steps in the
-    middle of an epoch trained one more, and each rerun another (20, 21, 22, ...; the adapter changing each time).
-    Every epoch is reported as trained instead; a run finished at an epoch's end was already left alone.
-    `steps_at_start`: the step training started from in this process (a resumed checkpoint's), so that saving a
-    run that trained no step keeps the finished run's metrics (alignkit.train.training.finish). And each step first
-    raises a Ctrl-C that Python dropped inside a finalizer (alignkit.core.errors.keep_interrupts)."""
-
-    steps_at_start: int | None = None
-
-    def training_step(self, *args, **kwargs):
-        raise_pending_interrupt()  # a Ctrl-C Python dropped inside a finalizer (alignkit.core.errors.keep_interrupts)
-        return super().training_step(*args, **kwargs)
-
-    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
-        epochs, steps = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
-                                                     *args, **kwargs)
-        self.steps_at_start = self.state.global_step
-        if 0 < max_steps <= self.state.global_step:
-            logger.info(f"resumed at step {self.state.global_step} of {max_steps}: nothing left to train")
-            return num_train_epochs, 0
-        return epochs, steps
-
-    def log(self, logs, *args, **kwargs):
-        """The summary of a call that trained no step is kept in the state's history (finish reads it where the
-        finished run's metrics.json is gone) but not shown: printed, it read as a run's figures (train_loss 0.0)."""
-        if "train_runtime" not in logs or self.steps_at_start != self.state.global_step:
-            return super().log(logs, *args, **kwargs)
-        handler = self.callback_handler
-        handler.on_log = lambda args, state, control, logs: control
-        try:
-            return super().log(logs, *args, **kwargs)
-        finally:
-            del handler.on_log  # the class's own again
 
 
 class _StackedAdapters:

@@ -1,0 +1,81 @@
+"""A resumed run goes on as the straight run would have: the training scripts' trainers stand on EndsAtMaxSteps.
+
+- A run resumed at its last step trains nothing more (transformers trained one step past --max_steps each time).
+- TRL's count of the tokens trained (`num_tokens`) is kept with each checkpoint and goes on from it.
+- Each step first raises a Ctrl-C that Python dropped inside a finalizer.
+(rl.py's sampler, which draws each epoch's prompts, resumes in alignkit.train.rl.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from alignkit import logger
+from alignkit.core.errors import raise_pending_interrupt
+from alignkit.core.journal import write_atomic
+
+
+TOKENS_FILE = "num_tokens.json"  # in a checkpoint-N: TRL's count of the tokens trained until then
+
+
+def _tokens_trained(checkpoint: Path, state) -> int:
+    """The tokens trained until `checkpoint` (TRL's `num_tokens`): its TOKENS_FILE, else the last count its logs
+    hold (a checkpoint saved before the file existed; the steps after that log are not counted)."""
+    try:
+        return int(json.loads((checkpoint / TOKENS_FILE).read_text())["num_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        logged = [e.get("num_tokens", e.get("eval_num_tokens")) for e in state.log_history]
+        return int(max((n for n in logged if isinstance(n, (int, float))), default=0))
+
+
+class EndsAtMaxSteps:
+    """A run resumed at its last step (the same command run again after it finished at --max_steps) trains no
+    further step. transformers checks the stop only after a step, so a resume at global_step == max_steps in the
+    middle of an epoch trained one more, and each rerun another (20, 21, 22, ...; the adapter changing each time).
+    Every epoch is reported as trained instead; a run finished at an epoch's end was already left alone.
+    `steps_at_start`: the step training started from in this process (a resumed checkpoint's), so that saving a
+    run that trained no step keeps the finished run's metrics (alignkit.train.training.finish). And each step first
+    raises a Ctrl-C that Python dropped inside a finalizer (alignkit.core.errors.keep_interrupts)."""
+
+    steps_at_start: int | None = None
+
+    def training_step(self, *args, **kwargs):
+        raise_pending_interrupt()  # a Ctrl-C Python dropped inside a finalizer (alignkit.core.errors.keep_interrupts)
+        return super().training_step(*args, **kwargs)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
+        epochs, steps = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                                     *args, **kwargs)
+        self.steps_at_start = self.state.global_step
+        resumed = args[0] if args else kwargs.get("resume_from_checkpoint")
+        if resumed and hasattr(self, "_total_train_tokens"):
+            self._total_train_tokens = _tokens_trained(Path(resumed), self.state)
+        if 0 < max_steps <= self.state.global_step:
+            logger.info(f"resumed at step {self.state.global_step} of {max_steps}: nothing left to train")
+            return num_train_epochs, 0
+        return epochs, steps
+
+    def _save_checkpoint(self, model, trial):
+        """TRL's count of the tokens trained (`num_tokens` in the logs, the card and metrics.json), kept with the
+        checkpoint: TRL's SFT, DPO, KTO and reward trainers count it in the trainer and start again at 0 on resume
+        (a resumed reward run reported 577,960 tokens where the straight run reported 934,860)."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and hasattr(self, "_total_train_tokens"):
+            folder = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if folder.is_dir():
+                write_atomic(folder / TOKENS_FILE, json.dumps({"num_tokens": self._total_train_tokens}))
+
+    def log(self, logs, *args, **kwargs):
+        """The summary of a call that trained no step is kept in the state's history (finish reads it where the
+        finished run's metrics.json is gone) but not shown: printed, it read as a run's figures (train_loss 0.0)."""
+        if "train_runtime" not in logs or self.steps_at_start != self.state.global_step:
+            return super().log(logs, *args, **kwargs)
+        handler = self.callback_handler
+        handler.on_log = lambda args, state, control, logs: control
+        try:
+            return super().log(logs, *args, **kwargs)
+        finally:
+            del handler.on_log  # the class's own again
