@@ -56,9 +56,14 @@ def fake_hub(monkeypatch, hub_answers):
     return calls
 
 
-def test_merged_chain_reloads_from_disk_with_the_same_logits(dpo_run, tmp_path):
+def test_merged_chain_reloads_from_disk_with_the_same_logits(dpo_run, sft_run, tmp_path):
     out = tmp_path / "merged"
-    run_script("merge.py", "--adapter_dir", str(dpo_run["run_folder"]), "--output_dir", str(out))
+    import os
+
+    # A relative --adapter_dir, from another folder: merge.json records where each part is, and the card names
+    # each local part alike (it showed the top one as given, `../../runs/tiny-dpo`, the one below as `.../tiny-sft`).
+    relative = os.path.relpath(dpo_run["run_folder"], tmp_path)
+    run_script("merge.py", "--adapter_dir", relative, "--output_dir", "merged", cwd=tmp_path)
     merged = AutoModelForCausalLM.from_pretrained(out)
     stacked = load_model(ModelSettings(model_id=str(dpo_run["run_folder"]), quantization="none")).model
     assert torch.allclose(logits(merged), logits(stacked), atol=1e-4)
@@ -66,10 +71,13 @@ def test_merged_chain_reloads_from_disk_with_the_same_logits(dpo_run, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(json.loads((out / "merge.json").read_text())["base_model"])
     assert not torch.allclose(logits(merged), logits(base), atol=1e-3)
     # Both adapters of the chain, in order.
-    assert json.loads((out / "merge.json").read_text())["adapters"][-1] == str(dpo_run["run_folder"])
+    assert json.loads((out / "merge.json").read_text())["adapters"] == [str(Path(sft_run["run_folder"]).resolve()),
+                                                                         str(Path(dpo_run["run_folder"]).resolve())]
     # A merged model has its card without a push too (it had none): what it was merged from, with the run's stage.
     card = (out / "README.md").read_text()
     assert "Merged into the base:" in card and "DPO" in card and str(out) not in card
+    assert (f"Merged into the base: `.../{Path(sft_run['run_folder']).name}` -> "
+            f"`.../{Path(dpo_run['run_folder']).name}`") in card and "../" not in card.replace(".../", "")
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template and tok.pad_token != tok.eos_token
     generation = json.loads((out / "generation_config.json").read_text())

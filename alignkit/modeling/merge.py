@@ -83,6 +83,10 @@ def keep_checkpoint_metrics(adapter_dir, out, config: dict | None = None) -> Non
         write_atomic(Path(out) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
+def _where(part: str) -> str:
+    return str(Path(part).resolve()) if Path(part).is_dir() else part
+
+
 def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str | None = None,
                    dequantize: bool | None = None, max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
     """Merge the adapter chain ending at `adapter_dir` into its base; returns the output folder."""
@@ -162,8 +166,9 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         write_atomic(out / RUN_FILES[0], json.dumps(config, indent=2) + "\n")
     keep_checkpoint_metrics(adapter_dir, out, config)
     (out / "merge.json").write_text(json.dumps({
-        "base_model": loaded.base_id, "base_revision": loaded.base_revision, "adapters": loaded.adapters,
-        "lota_deltas": loaded.deltas,
+        "base_model": loaded.base_id, "base_revision": loaded.base_revision,
+        # A local part by where it is (given relative to another folder, it named nothing from the next one).
+        "adapters": [_where(part) for part in loaded.adapters], "lota_deltas": [_where(part) for part in loaded.deltas],
         "dequantize": dequantize, **({"dequantized_from": str(FourBit.of(settings))} if dequantize else {}), "dtype": str(target).removeprefix("torch."), "check_dtype": "float32",
         "max_logit_difference": diff, "tolerance": tolerance,
         "kind": "reward model" if reward else "causal language model",
