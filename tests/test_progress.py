@@ -156,3 +156,26 @@ def test_vibes_answers_show_a_bar_counted_batch_by_batch(where, monkeypatch, tin
     (bar,) = bars
     assert bar.bar is not None and bar.total == len(prompts) == len(answers[sources[0]])  # the preset's prompts too
     assert sum(bar.updates) == len(prompts) and set(bar.updates[:-1]) == {2}  # a batch at a time
+
+
+def test_trl_s_implicit_prompt_warning_is_said_once_whatever_prompt_it_names(capsys):
+    """TRL's "This warning is shown once" keys on its text, which ends with each prompt's left-out end: a dataset
+    whose template renders the prompt apart got a line per distinct ending."""
+    import logging
+
+    from alignkit.core.progress import quiet_library_noise
+
+    quiet_library_noise()
+    quiet_library_noise()  # a second call adds no second filter
+    trl_logger = logging.getLogger("trl.trainer.dpo_trainer")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    trl_logger.addHandler(handler)
+    try:
+        for end in ("<|assistant|>", "\n", "<|end|>"):
+            trl_logger.warning("The tokenized prompt is not a prefix of the tokenized prompt+completion, ...: %r", end)
+        trl_logger.warning("another warning")
+    finally:
+        trl_logger.removeHandler(handler)
+    assert [r.getMessage()[:30] for r in records] == ["The tokenized prompt is not a ", "another warning"]

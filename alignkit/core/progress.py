@@ -99,9 +99,13 @@ def quiet_library_noise() -> None:
 
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
     # bitsandbytes logs this on every forward of every 8-bit layer (18 lines for two tiny steps): once is the news.
-    said_once = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _Once) for f in said_once.filters):
-        said_once.addFilter(_Once("MatMul8bitLt: inputs will be cast"))
+    # And TRL's implicit-prompt warning, "shown once" by its text, which ends with the prompt's left-out end: it came
+    # again for every distinct ending (a line per prompt of a dataset whose template renders the prompt apart).
+    for name, prefix in (("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast"),
+                         ("trl.trainer.dpo_trainer", "The tokenized prompt is not a prefix of the tokenized")):
+        said_once = logging.getLogger(name)
+        if not any(isinstance(f, _Once) and f.prefix == prefix for f in said_once.filters):
+            said_once.addFilter(_Once(prefix))
     apply_to_libraries()  # datasets'/transformers' bars: on in a terminal or a notebook, off in CI logs
 
 
