@@ -18,6 +18,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   launch (the launch mode, this process's device and process group, the loader's hardware decisions, refusals),
   kernels (the attention implementation and Liger a load uses),
   threads (torch's CPU threads for a loaded model),
+  parent_death (a launch's rank or rlaif's step stops when its parent is killed),
   journal (append-only logs, atomic writes, the concurrent map every crash-safe loop uses),
   digests (the one digest, SHA-256 of canonical JSON, every cache key is made of),
   code_digest (a user's Python code, a python: judge or reward, by its source and all the code it imports),

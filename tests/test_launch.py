@@ -1009,3 +1009,53 @@ def test_each_training_script_refuses_before_its_data_or_model_loads(script, tin
     with pytest.raises(UserError, match=r"^--quantization 8bit cannot be sharded by FSDP: bitsandbytes supports "
                                         r"that for 4-bit only"):
         run_script(script, "--preset", "tiny", "--quantization", "8bit", "--output_dir", str(tmp_path))
+
+
+def test_a_rank_stops_when_its_launcher_is_killed_hard(tmp_path, monkeypatch):
+    """A launcher killed with SIGKILL (a scheduler's hard kill) left both ranks training on unattended, holding the
+    run folder's lock (found by a launch audit): each rank arms alignkit.core.parent_death as its launch starts."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from alignkit.core import launch
+
+    armed = []
+    monkeypatch.setattr("alignkit.core.parent_death.stop_with_parent", armed.append)
+    monkeypatch.setattr(launch, "_start_process_group", lambda: None)
+    monkeypatch.setattr(launch, "report_on_rank", lambda hook, rank: None)
+    monkeypatch.setattr(launch, "_quiet_other_ranks", lambda rank: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    launch.establish_launch()
+    assert armed == [os.getppid()]
+    # The helper itself, in a real child of a parent killed with SIGKILL: the child gets SIGTERM.
+    pid_file = tmp_path / "child.pid"
+    child = (f"import os, pathlib, time\nfrom alignkit.core.parent_death import stop_with_parent\n"
+             f"stop_with_parent(os.getppid())\npathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
+             "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
+                               f"subprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(60)\n"])
+    for _ in range(300):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        try:  # a zombie of init's until reaped: gone for our purpose once it is no longer running
+            if open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+                break
+        except OSError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the child trained on after its parent was killed")

@@ -15,6 +15,7 @@
 - launch: the launch mode, this process's device and process group, the loader's hardware decisions, refusals.
 - kernels: the attention implementation and Liger a load uses.
 - threads: torch's CPU threads for a loaded model (--num_threads).
+- parent_death: a child process (a launch's rank, rlaif's step) stops when its parent is killed.
 - journal: append-only logs, atomic writes, the concurrent map every crash-safe loop uses.
 - digests: the one digest (SHA-256 of canonical JSON) every cache key and record is made of.
 - code_digest: the identity of a user's Python code (a `python:` judge, reward or verifier) and all it imports.

@@ -249,6 +249,9 @@ def establish_launch(s=None, script: str = "") -> Launch:
         logger.info(f"device: cpu ({other} found: alignkit runs on CUDA GPUs or the CPU, and its 4-bit, attention "
                     f"and memory decisions are not made for {other})")
     if launch.world_size > 1:
+        from alignkit.core.parent_death import stop_with_parent
+
+        stop_with_parent(os.getppid())  # a launcher killed hard takes its ranks with it (they trained on alone)
         if torch.cuda.is_available():
             torch.cuda.set_device(launch.local_rank)  # before loading: bitsandbytes places on the current device
         hook = sys.excepthook

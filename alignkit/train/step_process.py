@@ -19,6 +19,7 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.errors import EXIT_USER_ERROR, UserError
 from alignkit.core.errors import STEP_OF, is_notebook
+from alignkit.core.parent_death import stop_with_parent
 from alignkit.core.progress import FORCE_LIVE, live
 
 ROOT = Path(__file__).resolve().parents[2]  # the scripts live at the repository's top level, above alignkit/train/
@@ -108,15 +109,9 @@ def _relay(stream, log, screen, done: _Done) -> None:
 
 
 def _stop_with_parent(parent: int):
-    """In the step's process, before it starts: a SIGTERM when the parent dies (SIGKILL, SIGTERM: no `except` runs),
-    so a step is never left training on while a rerun starts a second one in the same folder (Linux's
-    PR_SET_PDEATHSIG; the step's run folder is then claimed and restored as after any kill)."""
+    """In the step's process, before it starts: a SIGTERM when the parent dies (alignkit.core.parent_death), so a
+    step is never left training on while a rerun starts a second one in the same folder."""
     def arm() -> None:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before this was armed
-            os._exit(143)
+        stop_with_parent(parent)
 
     return arm
