@@ -479,3 +479,29 @@ def test_a_calibration_that_moved_nothing_is_refused(tiny_cache, tmp_path):
     with pytest.raises(UserError, match=r"LoTA's 1 calibration steps moved no weight .* Raise --lota_calibration_steps"):
         run_script("sft.py", "--preset", "tiny", "--adapter", "lota", "--lota_calibration_steps", "1", "--max_steps",
                    "1", "--output_dir", str(tmp_path))
+
+
+def test_what_a_chain_makes_impossible_is_refused_before_the_model_loads(lota_sft, sft_run, tmp_path, monkeypatch):
+    """Found by a dpo.py audit: --reference_adapters 0 over a LoTA SFT run trained against the SFT model (the delta
+    is in the weights), and --lora_modules_to_save over an SFT adapter stopped after the load with PEFT's traceback."""
+    from alignkit.core.args import ConfigError
+    from alignkit.train.training import preflight
+
+    def loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loading)
+    folder = str(lota_sft["run_folder"])
+    out = str(tmp_path / "runs")
+    with pytest.raises(ConfigError, match=rf"^--reference_adapters 0 asks for the bare base as the reference, but "
+                                          rf"{re.escape(folder)}'s chain holds the LoTA delta"):
+        preflight(DPOSettings(model_id=folder, reference_adapters=0, output_dir=out))
+    preflight(DPOSettings(model_id=folder, output_dir=out))  # the model it starts from: taken
+    sft = str(sft_run["run_folder"])
+    with pytest.raises(ConfigError, match=rf"^--lora_modules_to_save lm_head over the adapter {re.escape(sft)}: PEFT "
+                                          r"cannot .* Merge it first \(python merge.py"):
+        preflight(DPOSettings(model_id=sft, lora_modules_to_save=["lm_head"], output_dir=out))
+    preflight(DPOSettings(model_id=sft, reference_adapters=0, output_dir=out))  # LoRA under it: the bare base
+    from alignkit.core.config import SFTSettings
+
+    preflight(SFTSettings(model_id=sft, lora_modules_to_save=["lm_head"], output_dir=out))  # sft.py trains it

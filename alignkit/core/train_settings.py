@@ -61,7 +61,8 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
     precompute_ref_log_probs: bool = setting(False, "compute reference log-probs up front; identical reruns reuse them")
     reference_adapters: int | None = setting(
         None, "how many of the adapters the model was loaded with, from the base up, the reference keeps on; "
-        "default: all (the model you start from); 0: the bare base")
+        "default: all (the model you start from); 0: the bare base (refused over a LoTA delta, which the "
+        "weights hold)")
     prefix_sharing: bool = setting(
         True, "compute each pair's prompt once (chosen and rejected in one row, block attention mask); off by itself "
         "with flash_attention_2 or a mixture-of-experts model"
@@ -336,7 +337,8 @@ class KTOSettings(TrainSettings):
     precompute_ref_log_probs: bool = setting(False, "compute reference log-probs up front")
     reference_adapters: int | None = setting(
         None, "how many of the adapters the model was loaded with, from the base up, the reference keeps on; "
-        "default: all (the model you start from); 0: the bare base")
+        "default: all (the model you start from); 0: the bare base (refused over a LoTA delta, which the "
+        "weights hold)")
 
     def __post_init__(self):
         super().__post_init__()

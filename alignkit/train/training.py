@@ -63,7 +63,30 @@ def preflight(s) -> None:
         from alignkit.modeling.model_folders import check_model_source
 
         check_model_source(s.model_id, cache=False)
+        check_stack(s)
     require_reachable(s.model_id, s.dataset_id)
+
+
+def check_stack(s) -> None:
+    """What a local model's chain (alignkit.modeling.chain) makes impossible, refused before it loads (found by a
+    dpo.py audit: one stopped after the load with PEFT's traceback, one trained against another reference)."""
+    from alignkit.modeling.chain import resolve
+
+    chain = resolve(s.model_id, getattr(s, "revision", None))
+    # DPO and KTO: TRL copies the adapter for its reference, and PEFT cannot take that copy off again where a module
+    # is saved whole under several active adapters (sft.py trains the same stack).
+    if getattr(s, "lora_modules_to_save", None) and chain.adapters and getattr(s, "adapter", "lora") == "lora" and \
+            hasattr(s, "reference_adapters"):
+        raise ConfigError(
+            f"--lora_modules_to_save {' '.join(s.lora_modules_to_save)} over the adapter {s.model_id}: PEFT cannot "
+            "train a module's own copy beside the frozen adapters under it here (it stopped after the load: "
+            "\"Attempted to set multiple adapters at once for ModulesToSaveWrapper\"). Merge it first (python "
+            f"merge.py --adapter_dir {s.model_id}) and train on the merged model, or drop --lora_modules_to_save")
+    if getattr(s, "reference_adapters", None) == 0 and chain.deltas:
+        raise ConfigError(
+            f"--reference_adapters 0 asks for the bare base as the reference, but {s.model_id}'s chain holds the "
+            f"LoTA delta {chain.deltas[-1]}, which is added into the weights as it loads: every reference keeps it. "
+            "Drop --reference_adapters (the reference is the model you start from), or start from the bare base")
 
 
 def check_trl_values(s) -> None:
