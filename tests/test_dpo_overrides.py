@@ -141,6 +141,27 @@ def test_wpo_weighting_of_a_loss_trl_cannot_weight_is_refused_before_the_model_l
     DPOSettings(model_id="m", dataset_id="d", loss_type=["sigmoid"], trainer_overrides={"use_weighting": True})
 
 
+def test_what_trl_refuses_after_the_load_is_refused_as_the_settings_are_read():
+    """TRL's DPOTrainer refuses these in its __init__, once the model has loaded (dpo.py audit): aot with WPO
+    weighting, exo_pair without label smoothing, an f-divergence with a loss it does not apply to."""
+    import re
+
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import DPOSettings
+
+    def parse(*args):
+        return parse_config(DPOSettings, args=["--model_id", "m", "--dataset_id", "d", *args], env_file=None)
+
+    for args, message in ((["--loss_type", "aot", "--use_weighting"], "--use_weighting with --loss_type aot: aot sorts"),
+                          (["--loss_type", "exo_pair"], "--loss_type exo_pair: exo_pair needs --label_smoothing above 0"),
+                          (["--loss_type", "bco_pair", "--f_divergence_type", "js_divergence"],
+                           "--f_divergence_type js_divergence with --loss_type bco_pair: f-DPO applies to ")):
+        with pytest.raises(ConfigError, match="^" + re.escape(message)):
+            parse(*args)
+    parse("--loss_type", "exo_pair", "--label_smoothing", "0.001")
+    parse("--loss_type", "sigmoid", "--f_divergence_type", "js_divergence")
+
+
 def test_dpo_refuses_an_override_before_training(tiny_cache, tmp_path):
     with pytest.raises(ConfigError, match="ref_model_sync_steps"):
         first_step(tmp_path, "refused", *OWN, overrides={"ref_model_sync_steps": 64})

@@ -73,12 +73,14 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
         if self.dpo_beta <= 0:
             raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
         # the loss module owns the bounds and which losses read it
-        from alignkit.train.losses import check_label_smoothing, check_loss_types, check_weighting, is_reference_free
+        from alignkit.train.losses import (check_label_smoothing, check_loss_types, check_trl_refusals, check_weighting,
+                                           is_reference_free)
 
         check_label_smoothing(self.label_smoothing, self.loss_type)  # e.g. ipo would silently drop it
         check_loss_types(self.loss_type)  # simpo and orpo run alone
         overrides = self.trainer_overrides if isinstance(self.trainer_overrides, dict) else {}
         check_weighting(overrides.get("use_weighting") is True, self.loss_type)  # before the model loads
+        check_trl_refusals(self.loss_type, self.label_smoothing, overrides)
         for name, default in (("simpo_gamma", 0.5), ("cpo_alpha", 0.0)):
             if getattr(self, name) != default and self.loss_type != ["simpo"]:
                 raise ConfigError(f"--{name} applies to --loss_type simpo only, not {','.join(self.loss_type)}; drop it")

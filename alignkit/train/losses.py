@@ -78,6 +78,28 @@ def check_weighting(use_weighting: bool, loss_types) -> None:
                           "sigmoid (alignkit's loss, which weights it), or drop --use_weighting")
 
 
+# TRL's DPOTrainer refuses these in its __init__, after the model loaded (f-DPO's log Z term cancels only in the
+# chosen-rejected difference of these losses; aot sorts the pairs, so a pair's weight would go to another).
+F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+
+
+def check_trl_refusals(loss_types, label_smoothing: float, overrides: dict) -> None:
+    """What TRL's DPOTrainer refuses only once the model is loaded (minutes of a 7B QLoRA load), said as the
+    settings are read, with the fix."""
+    names = ",".join(loss_types)
+    if overrides.get("use_weighting") is True and {"aot", "aot_unpaired"} & set(loss_types):
+        raise ConfigError(f"--use_weighting with --loss_type {names}: aot sorts the pairs, so WPO's per-pair weights "
+                          "would land on other pairs (TRL refuses it); drop --use_weighting, or use another loss type")
+    if "exo_pair" in loss_types and not label_smoothing:
+        raise ConfigError(f"--loss_type {names}: exo_pair needs --label_smoothing above 0 (the EXO paper recommends "
+                          "1e-3)")
+    divergence = overrides.get("f_divergence_type")
+    if divergence not in (None, "reverse_kl") and not set(loss_types) <= F_DIVERGENCE_LOSSES:
+        raise ConfigError(f"--f_divergence_type {divergence} with --loss_type {names}: f-DPO applies to "
+                          f"{', '.join(sorted(F_DIVERGENCE_LOSSES))} only; drop --f_divergence_type (reverse_kl, "
+                          "DPO's own), or use one of those loss types")
+
+
 def check_loss_types(loss_types) -> None:
     """Every loss type is one alignkit or TRL computes (TRL would only say so mid-training); a reference-free loss
     runs alone: combined with a reference-based one, the reference pass would be back."""
