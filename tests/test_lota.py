@@ -505,3 +505,14 @@ def test_what_a_chain_makes_impossible_is_refused_before_the_model_loads(lota_sf
     from alignkit.core.config import SFTSettings
 
     preflight(SFTSettings(model_id=sft, lora_modules_to_save=["lm_head"], output_dir=out))  # sft.py trains it
+
+
+def test_lora_settings_beside_adapter_lota_are_named_as_not_applied(alignkit_log):
+    """--lora_r, --use_dora, --lora_modules_to_save with --adapter lota trained the same delta without a word."""
+    DPOSettings(adapter="lota", lora_r=8, use_dora=True, lora_modules_to_save=["lm_head"])
+    assert ("--lora_r, --use_dora, --lora_modules_to_save not applied: --adapter lota trains a sparse delta, not LoRA "
+            "(its own settings are --lota_*)") in alignkit_log.text
+    alignkit_log.clear()
+    DPOSettings(adapter="lota")
+    DPOSettings(lora_r=8)
+    assert "not applied" not in alignkit_log.text

@@ -406,6 +406,13 @@ class LoTASettings:
             )
         if not self.lota_mask and self.lota_calibration_steps < 1:
             raise ValueError("lota_calibration_steps must be >= 1 unless --lota_mask gives the mask")
+        defaults = {f.name: f.default for f in fields(self) if f.name.startswith(("lora_", "use_rslora", "use_dora"))}
+        if unused := [f"--{name}" for name, default in defaults.items() if getattr(self, name) != default
+                      and name not in ("lora_target_modules", "lora_dropout")]:
+            from alignkit import logger  # LoRA's settings set beside --adapter lota trained the same delta silently
+
+            logger.warning(f"{', '.join(unused)} not applied: --adapter lota trains a sparse delta, not LoRA (its own "
+                           "settings are --lota_*)")
 
 
 @dataclass
