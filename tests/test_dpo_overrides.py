@@ -162,6 +162,20 @@ def test_what_trl_refuses_after_the_load_is_refused_as_the_settings_are_read():
     parse("--loss_type", "sigmoid", "--f_divergence_type", "js_divergence")
 
 
+
+def test_settings_that_would_do_nothing_are_said(alignkit_log):
+    """dpo.py audit: --loss_weights 0 trained nothing (loss and gradient 0 every step) and finished; a
+    --precompute_ref_batch_size without --precompute_ref_log_probs was taken without a word."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import DPOSettings
+
+    with pytest.raises(ConfigError, match=r"^--loss_weights 0.0: every weight is 0, so the loss and its gradient"):
+        parse_config(DPOSettings, args=["--loss_type", "sigmoid", "--loss_weights", "0"], env_file=None)
+    parse_config(DPOSettings, args=["--loss_type", "sigmoid,sft", "--loss_weights", "0,1"], env_file=None)
+    parse_config(DPOSettings, args=["--precompute_ref_batch_size", "4"], env_file=None)
+    assert "--precompute_ref_batch_size not applied: it sizes the up-front reference pass" in alignkit_log.text
+
+
 def test_dpo_refuses_an_override_before_training(tiny_cache, tmp_path):
     with pytest.raises(ConfigError, match="ref_model_sync_steps"):
         first_step(tmp_path, "refused", *OWN, overrides={"ref_model_sync_steps": 64})

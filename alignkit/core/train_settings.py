@@ -92,6 +92,14 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
             raise ValueError(
                 f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types {self.loss_type}"
             )
+        if self.loss_weights is not None and not any(self.loss_weights):  # loss 0, gradient 0: a run that learns nothing
+            raise ConfigError(f"--loss_weights {','.join(map(str, self.loss_weights))}: every weight is 0, so the loss "
+                              "and its gradient are 0 and nothing trains; give a loss type a weight above 0")
+        if overrides.get("precompute_ref_batch_size") is not None and not self.precompute_ref_log_probs:
+            from alignkit import logger
+
+            logger.warning("--precompute_ref_batch_size not applied: it sizes the up-front reference pass of "
+                           "--precompute_ref_log_probs true")
 
 
 @dataclass
