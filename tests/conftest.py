@@ -134,6 +134,31 @@ def run_script(name: str, *args: str, cwd: Path | None = None) -> dict:
         os.chdir(old_cwd)
 
 
+def outlives_its_parent(parent, pid_file: Path) -> bool:
+    """Once the child of `parent` (a Popen) has written its pid to `pid_file`: `parent` killed with SIGKILL (no
+    `except` runs), then whether the child still ran 10 s later (it is killed then)."""
+    import signal
+    import time
+
+    for _ in range(300):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+            if open(f"/proc/{pid}/stat").read().split()[2] == "Z":  # init's zombie until reaped: not running
+                return False
+        except (ProcessLookupError, OSError):
+            return False
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
 def in_two_ranks(target, folder: Path, *args, start: str = "fork") -> list[int]:
     """`target(rank, *args)` in two forked processes, ranks 0 and 1 of a gloo process group as under a launch on
     this CPU (the group's rendezvous file in `folder`); their exit codes. Forked, so `target` may be any function

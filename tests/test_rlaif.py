@@ -378,11 +378,10 @@ def test_the_policy_samples_trains_and_is_judged_as_loaded_the_same_way(tmp_path
 def test_a_step_stops_when_rlaif_is_killed(tmp_path):
     """rlaif.py killed (SIGKILL, SIGTERM) left its dpo.py running: a rerun then started a second dpo.py in the
     same run folder, both writing checkpoints. A step now gets a SIGTERM when rlaif.py dies."""
-    import os
-    import signal
     import subprocess
     import sys
-    import time
+
+    from conftest import outlives_its_parent
 
     (tmp_path / "step.py").write_text("import os, pathlib, sys, time\n"
                                       "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\ntime.sleep(60)\n")
@@ -391,22 +390,7 @@ def test_a_step_stops_when_rlaif_is_killed(tmp_path):
         "import pathlib, sys\nfrom alignkit.train import rlaif, step_process\n"
         f"step_process.ROOT = pathlib.Path({str(tmp_path)!r})\n"
         f"rlaif._run('step.py', [{str(pid_file)!r}], pathlib.Path({str(tmp_path / 'log.txt')!r}))\n")])
-    for _ in range(300):
-        if pid_file.is_file() and pid_file.read_text():
-            break
-        time.sleep(0.1)
-    step = int(pid_file.read_text())
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
-    for _ in range(100):
-        try:
-            os.kill(step, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(step, signal.SIGKILL)
-        raise AssertionError("the step outlived rlaif.py")
+    assert not outlives_its_parent(parent, pid_file), "the step outlived rlaif.py"
 
 
 def test_a_step_s_output_and_bars_are_shown_as_they_come_and_logged_as_lines(tmp_path, monkeypatch, capsys):
