@@ -101,6 +101,29 @@ def test_the_resumable_sampler_keeps_trl_s_order_for_a_straight_run_and_starts_a
         resumed.set_epoch(epoch)
         assert list(resumed) == epochs[epoch]
 
+    # Under a launch (2 processes: accelerate's BatchSamplerShard, and a SkipBatchSampler on resume) transformers'
+    # set_epoch never reached the sampler, so a resumed rank drew the first epoch's order again: the trainer sets it.
+    import torch
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+
+    def rank_0(sampler):
+        loader = torch.utils.data.DataLoader(list(range(10)), batch_size=4, sampler=sampler)
+        return prepare_data_loader(loader, num_processes=2, process_index=0, put_on_device=False)
+
+    straight = rank_0(trl_sampler())
+    by_epoch = [[b.tolist() for b in straight] for _ in range(3)]
+    drawn = []
+
+    def run_epoch(self, *args, epoch, train_dataloader, **kwargs):
+        drawn.extend(b.tolist() for b in train_dataloader)
+
+    launched = type("Trainer", (_OnlineMixin, type("TRLTrainer", (), {
+        "_get_train_sampler": lambda self, dataset=None: trl_sampler(), "_run_epoch": run_epoch})), {})()
+    loader = skip_first_batches(rank_0(launched._get_train_sampler()), 1)
+    loader.set_epoch(2)  # what transformers calls: it stops short of the sampler
+    launched._run_epoch(epoch=2, train_dataloader=loader)
+    assert drawn == by_epoch[2][1:]
+
 
 def test_grpo_with_the_rule_raises_rule_following(sft_run, rl_run):
     before, before_greedy = _rates(str(sft_run["run_folder"]))

@@ -181,7 +181,15 @@ class _OnlineMixin:
             sampler = resumable.__new__(resumable)  # TRL's sampler as built, its seeded generator included
             sampler.__dict__.update(built.__dict__)
             sampler.start()
+            self._epoch_sampler = sampler
         return sampler
+
+    def _run_epoch(self, *args, **kwargs):
+        # transformers' set_epoch reaches the sampler in one process only: under a launch accelerate wraps it in a
+        # BatchSamplerShard (and a SkipBatchSampler on resume), past where DataLoaderShard.set_epoch looks.
+        if (sampler := getattr(self, "_epoch_sampler", None)) is not None and "epoch" in kwargs:
+            sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         if not isinstance(model, _Reference):
