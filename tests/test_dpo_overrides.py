@@ -160,6 +160,10 @@ def test_what_trl_refuses_after_the_load_is_refused_as_the_settings_are_read():
             parse(*args)
     parse("--loss_type", "exo_pair", "--label_smoothing", "0.001")
     parse("--loss_type", "sigmoid", "--f_divergence_type", "js_divergence")
+    # TRL's names through --trainer_overrides win over alignkit's (trl_config): read so here too (review).
+    parse("--loss_type", "exo_pair", "--trainer_overrides", '{"label_smoothing": 0.001}')
+    with pytest.raises(ConfigError, match="^--use_weighting with --loss_type aot"):
+        parse("--trainer_overrides", '{"loss_type": ["aot"], "use_weighting": true}')
 
 
 
@@ -172,6 +176,9 @@ def test_settings_that_would_do_nothing_are_said(alignkit_log):
     with pytest.raises(ConfigError, match=r"^--loss_weights 0.0: every weight is 0, so the loss and its gradient"):
         parse_config(DPOSettings, args=["--loss_type", "sigmoid", "--loss_weights", "0"], env_file=None)
     parse_config(DPOSettings, args=["--loss_type", "sigmoid,sft", "--loss_weights", "0,1"], env_file=None)
+    parse_config(DPOSettings, args=["--trainer_overrides", '{"precompute_ref_log_probs": true, '
+                                    '"precompute_ref_batch_size": 8}'], env_file=None)  # a recipe's: applied
+    assert "not applied" not in alignkit_log.text
     parse_config(DPOSettings, args=["--precompute_ref_batch_size", "4"], env_file=None)
     assert "--precompute_ref_batch_size not applied: it sizes the up-front reference pass" in alignkit_log.text
 

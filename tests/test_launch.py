@@ -332,7 +332,7 @@ def test_rl_with_vllm_refuses_qlora_and_caps_vllm_s_context(monkeypatch, tmp_pat
 # 5. reward.py: QLoRA trains fp32 weights (and runs on a CPU); a fresh head is zeroed in every ZeRO-3 partition
 
 
-def test_reward_py_qlora_on_a_cpu_trains_fp32_lora_and_score_head(tiny_cache, tmp_path, alignkit_log):
+def test_reward_py_qlora_on_a_cpu_trains_fp32_lora_and_score_head(tiny_cache, tmp_path, alignkit_log, monkeypatch):
     """It stopped with "expected m1 and m2 to have the same dtype": TRL cast the trainable weights to bf16."""
     from conftest import run_script
 
@@ -427,6 +427,15 @@ def test_reward_py_qlora_on_a_cpu_trains_fp32_lora_and_score_head(tiny_cache, tm
     full_merge = merge_adapters(str(folder), tmp_path / "full", dequantize=False)
     assert torch.allclose(torch.tensor(RewardModel(str(full_merge))(list(pairs["prompt"]), answers)),
                           torch.tensor(over_full_base), rtol=1e-4, atol=1e-5)
+    # Without bitsandbytes (no rounding to 4-bit), the default merges into the full-precision base and says so.
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
+                        find_spec(name, *a))
+    plain = merge_adapters(str(folder), tmp_path / "no-bnb")
+    assert json.loads((plain / "merge.json").read_text())["dequantize"] is False
+    assert "merges into the full-precision base, since bitsandbytes is not installed" in alignkit_log.text
 
 
 class _Partitioned:
@@ -1027,6 +1036,9 @@ def test_a_rank_stops_when_its_launcher_is_killed_hard(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    launch.establish_launch()
+    assert armed == []  # a launcher alignkit does not know may start ranks from a thread that ends early
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's (accelerate launch's) agent started this rank
     launch.establish_launch()
     assert armed == [os.getppid()]
     # The helper itself, in a real child of a parent killed with SIGKILL: the child gets SIGTERM.

@@ -167,15 +167,16 @@ def test_trl_s_implicit_prompt_warning_is_said_once_whatever_prompt_it_names(cap
 
     quiet_library_noise()
     quiet_library_noise()  # a second call adds no second filter
-    trl_logger = logging.getLogger("trl.trainer.dpo_trainer")
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    trl_logger.addHandler(handler)
-    try:
-        for end in ("<|assistant|>", "\n", "<|end|>"):
-            trl_logger.warning("The tokenized prompt is not a prefix of the tokenized prompt+completion, ...: %r", end)
-        trl_logger.warning("another warning")
-    finally:
-        trl_logger.removeHandler(handler)
-    assert [r.getMessage()[:30] for r in records] == ["The tokenized prompt is not a ", "another warning"]
+    for trainer in ("dpo_trainer", "sft_trainer", "kto_trainer"):  # TRL says it alike in the three
+        trl_logger = logging.getLogger(f"trl.trainer.{trainer}")
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        trl_logger.addHandler(handler)
+        try:
+            for end in ("<|assistant|>", "\n", "<|end|>"):
+                trl_logger.warning("The tokenized prompt is not a prefix of the tokenized prompt+completion: %r", end)
+            trl_logger.warning("another warning")
+        finally:
+            trl_logger.removeHandler(handler)
+        assert [r.getMessage()[:30] for r in records] == ["The tokenized prompt is not a ", "another warning"]

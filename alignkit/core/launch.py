@@ -251,7 +251,8 @@ def establish_launch(s=None, script: str = "") -> Launch:
     if launch.world_size > 1:
         from alignkit.core.parent_death import stop_with_parent
 
-        stop_with_parent(os.getppid())  # a launcher killed hard takes its ranks with it (they trained on alone)
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun's (accelerate launch's) ranks, started by its agent
+            stop_with_parent(os.getppid())  # a launcher killed hard takes its ranks with it (they trained on alone)
         if torch.cuda.is_available():
             torch.cuda.set_device(launch.local_rank)  # before loading: bitsandbytes places on the current device
         hook = sys.excepthook

@@ -101,8 +101,10 @@ def quiet_library_noise() -> None:
     # bitsandbytes logs this on every forward of every 8-bit layer (18 lines for two tiny steps): once is the news.
     # And TRL's implicit-prompt warning, "shown once" by its text, which ends with the prompt's left-out end: it came
     # again for every distinct ending (a line per prompt of a dataset whose template renders the prompt apart).
+    implicit = "The tokenized prompt is not a prefix of the tokenized"
     for name, prefix in (("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast"),
-                         ("trl.trainer.dpo_trainer", "The tokenized prompt is not a prefix of the tokenized")):
+                         *((f"trl.trainer.{trainer}", implicit) for trainer in ("dpo_trainer", "sft_trainer",
+                                                                                  "kto_trainer"))):
         said_once = logging.getLogger(name)
         if not any(isinstance(f, _Once) and f.prefix == prefix for f in said_once.filters):
             said_once.addFilter(_Once(prefix))

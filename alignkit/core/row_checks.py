@@ -145,3 +145,14 @@ def _pair(prompt, chosen, rejected, names=("chosen", "rejected"), prompt_field="
         raise _RowError(names[1], f"expected an answer different from '{names[0]}', got the same text "
                                   "(identical answers carry no preference signal)")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def no_field(row: dict, name: str) -> str:
+    """"no field 'NAME' (is 'NAEM' a misspelling of it?); its fields: ..." for a row without the field: a misspelt
+    key read as an empty cell said "got None", or skipped the row without a word."""
+    import difflib
+
+    close = difflib.get_close_matches(name, [str(k) for k in row], n=1)
+    named = f" (is '{close[0]}' a misspelling of it?)" if close else ""
+    return f"no field {name!r}{named}; its fields: {', '.join(map(str, row)) or 'none'}"
+

@@ -80,7 +80,9 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
         check_loss_types(self.loss_type)  # simpo and orpo run alone
         overrides = self.trainer_overrides if isinstance(self.trainer_overrides, dict) else {}
         check_weighting(overrides.get("use_weighting") is True, self.loss_type)  # before the model loads
-        check_trl_refusals(self.loss_type, self.label_smoothing, overrides)
+        effective = overrides.get("loss_type", self.loss_type)  # a --trainer_overrides TRL name wins (trl_config)
+        check_trl_refusals([effective] if isinstance(effective, str) else list(effective),
+                           overrides.get("label_smoothing", self.label_smoothing), overrides)
         for name, default in (("simpo_gamma", 0.5), ("cpo_alpha", 0.0)):
             if getattr(self, name) != default and self.loss_type != ["simpo"]:
                 raise ConfigError(f"--{name} applies to --loss_type simpo only, not {','.join(self.loss_type)}; drop it")
@@ -92,10 +94,12 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
             raise ValueError(
                 f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types {self.loss_type}"
             )
-        if self.loss_weights is not None and not any(self.loss_weights):  # loss 0, gradient 0: a run that learns nothing
-            raise ConfigError(f"--loss_weights {','.join(map(str, self.loss_weights))}: every weight is 0, so the loss "
+        weights = overrides.get("loss_weights", self.loss_weights)
+        if isinstance(weights, list) and weights and not any(weights):  # loss 0, gradient 0: nothing learned
+            raise ConfigError(f"--loss_weights {','.join(map(str, weights))}: every weight is 0, so the loss "
                               "and its gradient are 0 and nothing trains; give a loss type a weight above 0")
-        if overrides.get("precompute_ref_batch_size") is not None and not self.precompute_ref_log_probs:
+        if overrides.get("precompute_ref_batch_size") is not None and not overrides.get(
+                "precompute_ref_log_probs", self.precompute_ref_log_probs):
             from alignkit import logger
 
             logger.warning("--precompute_ref_batch_size not applied: it sizes the up-front reference pass of "

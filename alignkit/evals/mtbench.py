@@ -129,12 +129,9 @@ def data_dir(mt_bench_data: str | None) -> Path:
 
 def _field(path, line, row, name, kind, fix):
     if name not in row:  # a misspelt key said "must be a string, got None"
-        import difflib
+        from alignkit.core.row_checks import no_field
 
-        close = difflib.get_close_matches(name, [str(k) for k in row], n=1)
-        named = f" (is '{close[0]}' a misspelling of it?)" if close else ""
-        raise ConfigError(f"{path}, line {line}: no field {name!r}{named}; its fields: "
-                          f"{', '.join(map(str, row)) or 'none'}; {fix}")
+        raise ConfigError(f"{path}, line {line}: {no_field(row, name)}; {fix}")
     value = row.get(name)
     ok = isinstance(value, kind) and not isinstance(value, bool)
     if kind is list:

@@ -149,12 +149,9 @@ def _cell(row, column: str, place: str):
     """`row`'s value of `column`; a row without the field (a misspelt key) is one line naming it, where it read as
     an empty cell: "expected non-empty text ... got None" for a prompt, a response silently skipped."""
     if isinstance(row, dict) and column not in row:
-        import difflib
+        from alignkit.core.row_checks import no_field
 
-        close = difflib.get_close_matches(column, [str(k) for k in row], n=1)
-        named = f" (is '{close[0]}' a misspelling of it?)" if close else ""
-        raise DataError(f"{place}: no field '{column}'{named}; its fields: {', '.join(map(str, row)) or 'none'}. "
-                        "Fix the row.")
+        raise DataError(f"{place}: {no_field(row, column)}. Fix the row.")
     return row.get(column)
 
 

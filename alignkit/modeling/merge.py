@@ -109,6 +109,13 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     reward = model_kind(str(adapter_dir)) == REWARD
     if dequantize is None:
         dequantize = reward and trained_on == "4bit"
+        import importlib.util
+
+        if dequantize and importlib.util.find_spec("bitsandbytes") is None:  # rounding to 4-bit needs it
+            dequantize = False
+            logger.warning(f"merge: {adapter_dir}'s reward model trained with QLoRA merges into the full-precision "
+                           "base, since bitsandbytes is not installed (rounding the base to 4-bit needs it): its scores "
+                           "will differ from the trained model's; install bitsandbytes and merge again to keep them")
         if dequantize:
             logger.info(f"merge: into the base rounded to 4-bit and dequantized, as {adapter_dir}'s reward model "
                         "trained with QLoRA (its scores and held-out accuracy are that model's); --dequantize false "

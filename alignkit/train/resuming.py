@@ -41,6 +41,9 @@ class EndsAtMaxSteps:
     raises a Ctrl-C that Python dropped inside a finalizer (alignkit.core.errors.keep_interrupts)."""
 
     steps_at_start: int | None = None
+    # TRL's SFT, DPO, KTO and reward trainers count the tokens trained in `_total_train_tokens`; GRPO and RLOO count
+    # in the state's num_input_tokens_seen, which the checkpoint keeps (alignkit.train.rl sets this False).
+    counts_own_tokens = True
 
     def training_step(self, *args, **kwargs):
         raise_pending_interrupt()  # a Ctrl-C Python dropped inside a finalizer (alignkit.core.errors.keep_interrupts)
@@ -51,7 +54,7 @@ class EndsAtMaxSteps:
                                                      *args, **kwargs)
         self.steps_at_start = self.state.global_step
         resumed = args[0] if args else kwargs.get("resume_from_checkpoint")
-        if resumed and hasattr(self, "_total_train_tokens"):
+        if resumed and self.counts_own_tokens and hasattr(self, "_total_train_tokens"):
             self._total_train_tokens = _tokens_trained(Path(resumed), self.state)
         if 0 < max_steps <= self.state.global_step:
             logger.info(f"resumed at step {self.state.global_step} of {max_steps}: nothing left to train")
@@ -63,7 +66,7 @@ class EndsAtMaxSteps:
         checkpoint: TRL's SFT, DPO, KTO and reward trainers count it in the trainer and start again at 0 on resume
         (a resumed reward run reported 577,960 tokens where the straight run reported 934,860)."""
         super()._save_checkpoint(model, trial)
-        if self.args.should_save and hasattr(self, "_total_train_tokens"):
+        if self.args.should_save and self.counts_own_tokens and hasattr(self, "_total_train_tokens"):
             folder = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             if folder.is_dir():
                 write_atomic(folder / TOKENS_FILE, json.dumps({"num_tokens": self._total_train_tokens}))

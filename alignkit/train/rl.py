@@ -151,6 +151,7 @@ class _OnlineMixin:
     fp32), as in sft.py and dpo.py."""
 
     frozen_adapters: list[str] = []
+    counts_own_tokens = False  # TRL's GRPO/RLOO count in state.num_input_tokens_seen (alignkit.train.resuming)
 
     def _setup(self, frozen_adapters):
         from alignkit.modeling.models import TRAINABLE
