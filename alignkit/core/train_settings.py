@@ -79,10 +79,10 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
         check_label_smoothing(self.label_smoothing, self.loss_type)  # e.g. ipo would silently drop it
         check_loss_types(self.loss_type)  # simpo and orpo run alone
         overrides = self.trainer_overrides if isinstance(self.trainer_overrides, dict) else {}
-        check_weighting(overrides.get("use_weighting") is True, self.loss_type)  # before the model loads
         effective = overrides.get("loss_type", self.loss_type)  # a --trainer_overrides TRL name wins (trl_config)
-        check_trl_refusals([effective] if isinstance(effective, str) else list(effective),
-                           overrides.get("label_smoothing", self.label_smoothing), overrides)
+        effective = [effective] if isinstance(effective, str) else list(effective)
+        check_weighting(overrides.get("use_weighting") is True, effective)  # before the model loads
+        check_trl_refusals(effective, overrides.get("label_smoothing", self.label_smoothing), overrides)
         for name, default in (("simpo_gamma", 0.5), ("cpo_alpha", 0.0)):
             if getattr(self, name) != default and self.loss_type != ["simpo"]:
                 raise ConfigError(f"--{name} applies to --loss_type simpo only, not {','.join(self.loss_type)}; drop it")

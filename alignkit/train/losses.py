@@ -70,7 +70,12 @@ TRL_UNWEIGHTABLE = ("sft", "hinge")
 
 
 def check_weighting(use_weighting: bool, loss_types) -> None:
-    """use_weighting (WPO) with a loss computed by TRL that fails mid-step under it (TRL_UNWEIGHTABLE): refused."""
+    """use_weighting (WPO) with a loss computed by TRL that fails mid-step under it (TRL_UNWEIGHTABLE), or that TRL
+    refuses to weight once the model has loaded (aot sorts the pairs, so a pair's weight would go to another): refused."""
+    if use_weighting and {"aot", "aot_unpaired"} & set(loss_types):
+        raise ConfigError(f"--use_weighting with --loss_type {','.join(loss_types)}: aot sorts the pairs, so WPO's "
+                          "per-pair weights would land on other pairs (TRL refuses it); drop --use_weighting, or use "
+                          "another loss type")
     broken = [t for t in loss_types if t in TRL_UNWEIGHTABLE]
     if use_weighting and broken and not is_own_loss(loss_types):
         raise ConfigError(f"--use_weighting with --loss_type {','.join(loss_types)}: TRL's DPOTrainer fails to weight "
@@ -78,8 +83,8 @@ def check_weighting(use_weighting: bool, loss_types) -> None:
                           "sigmoid (alignkit's loss, which weights it), or drop --use_weighting")
 
 
-# TRL's DPOTrainer refuses these in its __init__, after the model loaded (f-DPO's log Z term cancels only in the
-# chosen-rejected difference of these losses; aot sorts the pairs, so a pair's weight would go to another).
+# TRL's DPOTrainer refuses an f-divergence with other losses in its __init__, after the model loaded (f-DPO's
+# log Z term cancels only in the chosen-rejected difference of these losses).
 F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
 
 
@@ -87,9 +92,6 @@ def check_trl_refusals(loss_types, label_smoothing: float, overrides: dict) -> N
     """What TRL's DPOTrainer refuses only once the model is loaded (minutes of a 7B QLoRA load), said as the
     settings are read, with the fix."""
     names = ",".join(loss_types)
-    if overrides.get("use_weighting") is True and {"aot", "aot_unpaired"} & set(loss_types):
-        raise ConfigError(f"--use_weighting with --loss_type {names}: aot sorts the pairs, so WPO's per-pair weights "
-                          "would land on other pairs (TRL refuses it); drop --use_weighting, or use another loss type")
     if "exo_pair" in loss_types and not label_smoothing:
         raise ConfigError(f"--loss_type {names}: exo_pair needs --label_smoothing above 0 (the EXO paper recommends "
                           "1e-3)")

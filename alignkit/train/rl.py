@@ -28,6 +28,7 @@ standard format: a base model on text prompts needs no template).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import time
 from collections import Counter
@@ -145,6 +146,12 @@ class _EpochRepeat:
         self.epoch = epoch + 1  # the next epoch's order when nothing calls set_epoch
 
 
+@functools.cache
+def _resumable(repeat_sampler: type) -> type:
+    """TRL's RepeatSampler class with _EpochRepeat's methods (one class, made where trl is imported)."""
+    return type("EpochRepeatSampler", (_EpochRepeat, repeat_sampler), {})
+
+
 class _OnlineMixin:
     """What alignkit adds to TRL's GRPOTrainer and RLOOTrainer (see the module docstring). trainer_class puts
     alignkit.train.trainers' stacked adapters under it (frozen ones back on after a resume, QLoRA's trainable weights in
@@ -178,7 +185,7 @@ class _OnlineMixin:
 
         sampler = built = super()._get_train_sampler(dataset)
         if type(built) is RepeatSampler:  # TRL's own made resumable; a subclass of it or another sampler is kept
-            resumable = type("EpochRepeatSampler", (_EpochRepeat, RepeatSampler), {})
+            resumable = _resumable(RepeatSampler)
             sampler = resumable.__new__(resumable)  # TRL's sampler as built, its seeded generator included
             sampler.__dict__.update(built.__dict__)
             sampler.start()
