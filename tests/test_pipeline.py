@@ -134,22 +134,37 @@ def test_qlora_4bit_dpo_trains_on_the_cpu(tiny_cache, tmp_path):
 
 
 def test_resume_after_a_killed_run_matches_an_uninterrupted_one(tiny_cache, tmp_path):
-    args = ["--preset", "tiny", "--max_steps", "60", "--save_steps", "10", "--output_dir", str(tmp_path)]
+    """Stopped by a SIGTERM (a scheduler's stop) just after its checkpoint at step 20, the run saves the step under
+    way as a checkpoint and says so (it died where it stood, leaving steps 21- to train again); the same command
+    resumes from that step and ends where the straight run does."""
+    from alignkit.core.errors import EXIT_TERMINATED, INTERRUPTED
+
+    args = ["--preset", "tiny", "--max_steps", "60", "--save_steps", "20", "--output_dir", str(tmp_path)]
     env = {**os.environ, "ALIGNKIT_CACHE": str(tiny_cache)}
-    proc = subprocess.Popen([sys.executable, "dpo.py", *args, "--run_name", "killed"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.pop("WORLD_SIZE", None)
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: a pipe nobody reads until the end could fill and block it
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "dpo.py", *args, "--run_name", "killed"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr,
+                                preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     run = tmp_path / "killed"
     deadline = time.time() + 300
     while not (run / "checkpoint-20" / "trainer_state.json").is_file():
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "adapter_model.safetensors").is_file()  # it really died before the end
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    err = log.read_text()
+    assert proc.returncode == EXIT_TERMINATED, err
+    assert not (run / "adapter_model.safetensors").is_file()  # it really stopped before the end
+    saved = max(int(c.name.rsplit("-", 1)[1]) for c in run.glob("checkpoint-*"))
+    assert 20 < saved < 40 and f"SIGTERM: saving step {saved} as a checkpoint" in err, err
+    assert (run / "alignkit_failed.txt").read_text().startswith(f"Terminated: SIGTERM at step {saved}")
+    assert err.strip().splitlines()[-1] == INTERRUPTED
 
     resumed = run_script("dpo.py", *args, "--run_name", "killed")
-    assert resumed["resume_from"] is not None and int(resumed["resume_from"].rsplit("-", 1)[1]) >= 20
+    assert resumed["resume_from"].endswith(f"checkpoint-{saved}")
     straight = run_script("dpo.py", *args, "--run_name", "straight")
     assert resumed["trainer"].state.global_step == straight["trainer"].state.global_step == 60
     # Same trajectory up to float noise (CPU kernels may sum in another order from one process to the next).

@@ -483,6 +483,59 @@ def test_the_trainer_s_note_on_resuming_stacked_adapters_is_dropped():
     assert said == ["another trainer warning stays"]
 
 
+def test_sigterm_takes_ctrl_c_s_path_and_a_training_ends_its_step_first(tmp_path):
+    """A SIGTERM (a scheduler's stop, `timeout`, `docker stop`) killed a script where it stood: no "interrupted"
+    line, no alignkit_failed.txt, label.py's finished work unsaved since its last write. It now takes Ctrl-C's path
+    with status 143; during a training the first one waits for the step's end (the trainer saves it), the second
+    stops at once. A process forked from the script (a DataLoader's worker) is stopped by it as before, silently."""
+    import signal
+
+    from alignkit.core import errors
+
+    slow = tmp_path / "slow.py"
+    slow.write_text(
+        "import os, sys, time\nfrom alignkit.core import errors\nerrors.report_user_errors()\n"
+        "if sys.argv[1] == 'fork':\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+        "    print('ready', flush=True)\n    os.kill(child, 15)\n    print(os.waitpid(child, 0)[1], flush=True)\n"
+        "    sys.exit(0)\n"
+        "with errors.keep_interrupts():\n"
+        "    print('ready', flush=True)\n"
+        "    for step in range(600):\n"
+        "        if errors.sigterm_asked():\n            print('asked at its step end', flush=True)\n"
+        "        time.sleep(0.1)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("ALIGNKIT_DEBUG", None)
+    env.pop("WORLD_SIZE", None)
+
+    def start(how):
+        proc = subprocess.Popen([sys.executable, str(slow), how], cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    proc = start("train")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline().strip() == "asked at its step end"  # the first: the step goes on to its end
+    proc.send_signal(signal.SIGTERM)  # the second: at once, Ctrl-C's one line, 143
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == errors.EXIT_TERMINATED == 143, err
+    assert err.strip().splitlines() == [errors.INTERRUPTED]
+    proc = start("fork")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.split() == [str(signal.SIGTERM)] and not err, (out, err)  # killed by it
+    # Under a launch's ranks, each stops where it stands, as before (torchrun stops the others with it).
+    proc = subprocess.Popen([sys.executable, str(slow), "train"], cwd=tmp_path, env={**env, "WORLD_SIZE": "2"},
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM and not err
+
+
 def test_a_ctrl_c_dropped_inside_a_finalizer_stops_the_training_at_its_next_step(monkeypatch):
     """A Ctrl-C in the first second of training landed in the garbage collection the Trainer runs (a dataset's
     __del__), where Python drops exceptions ("Exception ignored in ..."): the run trained to its end with exit

@@ -32,6 +32,12 @@ class ConfigError(UserError):
     """A user-facing configuration problem; the message names the source of the bad value and the fix."""
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a scheduler's stop, `timeout`, `docker stop`, `kill`) in a script: Ctrl-C's path (what was finished
+    is kept, the same command goes on from there), exit status 143. A training first ends its step and saves it as a
+    checkpoint (`stop_on_sigterm`)."""
+
+
 class EndpointRefused(UserError, RuntimeError):
     """An endpoint refused a request outright (a bad key, base URL or model name): every further request would be
     refused too, so the run stops, and the user fixes the setting. A RuntimeError too, as it was before."""
@@ -44,6 +50,7 @@ def debugging() -> bool:
 
 OTHER_RANKS_WAIT = 10.0  # seconds a launch's other processes wait before saying a refusal local rank 0 says
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process stopped by it
 INTERRUPTED = "interrupted: what was finished is kept; the same command goes on from there"
 INTERRUPTED_IN_CELL = ("interrupted: what was finished is kept; run the cell again to go on (a training cell: the "
                        "cells from 'Run folder' on)")
@@ -64,7 +71,7 @@ def _report(kind, error, tb) -> None:
     if issubclass(kind, KeyboardInterrupt) and not debugging():  # Ctrl-C: one line, not a traceback into a library
         if not os.environ.get(STEP_OF):
             print(INTERRUPTED, file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(EXIT_TERMINATED if issubclass(kind, Terminated) else EXIT_INTERRUPTED)
     if issubclass(kind, UserError) and not debugging():
         from alignkit.core.secrets import redact
 
@@ -118,6 +125,7 @@ def report_user_errors() -> None:
     """
     if not is_notebook():
         sys.excepthook = _report
+        stop_on_sigterm()
         return
     shell = getattr(builtins, "get_ipython", lambda: None)()
     if shell is not None and hasattr(shell, "set_custom_exc"):
@@ -230,7 +238,8 @@ def keep_interrupts():
     Python drops an exception raised inside `__del__`: a Ctrl-C landing in the garbage collection the Trainer runs as
     it starts (a dataset's finalizer) was lost, and the run trained to its end with exit status 0. The trainers
     raise a remembered one at their next step (`raise_pending_interrupt`). Only in the main thread, over Python's
-    own handler (a kernel's, which raises the same KeyboardInterrupt, included)."""
+    own handler (a kernel's, which raises the same KeyboardInterrupt, included). A SIGTERM meanwhile waits for the
+    step under way (`sigterm_asked`); one still waiting as the training ends is raised here."""
     import signal
     import threading
 
@@ -243,19 +252,70 @@ def keep_interrupts():
 
     previous = signal.signal(signal.SIGINT, remember) if ours else None
     _PENDING.clear()
+    _SIGTERM.update(training=True, asked=False)
     try:
         yield
+        if _SIGTERM["asked"]:  # it came after the last step's end (the final evaluation)
+            raise Terminated("SIGTERM as the training ended")
     finally:
         _PENDING.clear()
+        _SIGTERM.update(training=False, asked=False)
         if ours:
             signal.signal(signal.SIGINT, previous)
 
 
 def raise_pending_interrupt() -> None:
-    """Raise the KeyboardInterrupt of a Ctrl-C that keep_interrupts() remembered (once)."""
+    """Raise the KeyboardInterrupt of a Ctrl-C (or SIGTERM) that Python dropped inside a finalizer (once)."""
     if _PENDING:
+        import signal
+
+        term = _PENDING[-1] == signal.SIGTERM
         _PENDING.clear()
-        raise KeyboardInterrupt
+        raise Terminated("SIGTERM") if term else KeyboardInterrupt
+
+
+# ---------------------------------------------------------------- a SIGTERM: Ctrl-C's path, after the step under way
+_SIGTERM = {"pid": None, "training": False, "asked": False}
+
+
+def stop_on_sigterm() -> None:
+    """A script's SIGTERM (a scheduler's or `timeout`'s stop, `docker stop`) takes Ctrl-C's path: alignkit's
+    "interrupted" line, alignkit_failed.txt beside a run's checkpoints, label.py's and evaluate.py's finished work
+    kept; exit status 143. It killed the process where it stood, without a word. During a training the step under
+    way ends first and is saved as a checkpoint, which the same command resumes from (alignkit.train.resuming);
+    a second SIGTERM stops at once, a third as Python would. Not in a notebook's kernel, and not in a launch's ranks
+    (WORLD_SIZE > 1): there the launcher stops the others with SIGTERM when one fails, and a rank waiting in a
+    collective for a dead peer would hold them until its SIGKILL; each stops where it stands, as before. A process
+    forked from this one (a DataLoader's or datasets' worker) keeps the default."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL or int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        return
+    _SIGTERM["pid"] = os.getpid()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame) -> None:
+    import signal
+
+    if os.getpid() != _SIGTERM["pid"]:  # a forked worker: stopped by it, as before
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if _SIGTERM["training"] and not _SIGTERM["asked"]:  # the trainer ends its step and saves it
+        _SIGTERM["asked"] = True
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a third stops as Python would
+    if _SIGTERM["training"]:
+        _PENDING.append(signum)  # raised at the next step if a finalizer drops it
+    raise Terminated("SIGTERM")
+
+
+def sigterm_asked() -> bool:
+    """Whether a SIGTERM came during this training and waits for its step's end (the trainer saves and stops)."""
+    return _SIGTERM["asked"]
 
 
 def _one_line_errors_in_a_kernel() -> None:

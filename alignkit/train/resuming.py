@@ -3,6 +3,8 @@
 - A run resumed at its last step trains nothing more (transformers trained one step past --max_steps each time).
 - TRL's count of the tokens trained (`num_tokens`) is kept with each checkpoint and goes on from it.
 - Each step first raises a Ctrl-C that Python dropped inside a finalizer.
+- A SIGTERM (a scheduler's stop) lets the step under way end, saves it as a checkpoint, then stops as Ctrl-C does
+  (alignkit.core.errors.stop_on_sigterm): the same command resumes from that step, not the last scheduled save.
 (rl.py's sampler, which draws each epoch's prompts, resumes in alignkit.train.rl.)
 """
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alignkit import logger
-from alignkit.core.errors import raise_pending_interrupt
+from alignkit.core.errors import Terminated, raise_pending_interrupt, sigterm_asked
 from alignkit.core.journal import write_atomic
 
 
@@ -60,6 +62,20 @@ class EndsAtMaxSteps:
             logger.info(f"resumed at step {self.state.global_step} of {max_steps}: nothing left to train")
             return num_train_epochs, 0
         return epochs, steps
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        """After each step (and epoch): a SIGTERM that came meanwhile saves this step as a checkpoint (after the
+        logging and evaluation the step has anyway, so that the resumed run's history is the straight run's), then
+        stops the training as Ctrl-C does."""
+        stop = sigterm_asked()
+        if stop:
+            self.control.should_save = self.control.should_training_stop = True
+            logger.info(f"SIGTERM: saving step {self.state.global_step} as a checkpoint, then stopping (a second "
+                        "SIGTERM stops at once)")
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+        if stop:
+            raise Terminated(f"SIGTERM at step {self.state.global_step}, saved as "
+                             f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
 
     def _save_checkpoint(self, model, trial):
         """TRL's count of the tokens trained (`num_tokens` in the logs, the card and metrics.json), kept with the

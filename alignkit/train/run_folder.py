@@ -35,7 +35,7 @@ import torch
 from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, field_defaults, redact
-from alignkit.core.errors import UserError, is_notebook, keep_interrupts, run_again
+from alignkit.core.errors import Terminated, UserError, is_notebook, keep_interrupts, run_again
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
 # CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
@@ -484,7 +484,8 @@ def save_run_config(s, path: Path) -> None:
 
 def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
     """After a failed (or interrupted) run: keep what it saved, or give the folder back to the run that was there."""
-    ended = "was interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+    ended = "was stopped (SIGTERM)" if isinstance(error, Terminated) else \
+        "was interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
     if checkpoints(folder):
         (folder / FAILED_FILE).write_text(redact(f"{type(error).__name__}: {error}\n"))
         again = "run the cells from 'Run folder' on again" if is_notebook() else run_again()

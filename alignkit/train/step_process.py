@@ -24,6 +24,7 @@ from alignkit.core.progress import FORCE_LIVE, live
 
 ROOT = Path(__file__).resolve().parents[2]  # the scripts live at the repository's top level, above alignkit/train/
 RELAY_GRACE_S = 5.0  # after the step exits, how long its last output may take to arrive
+STOP_GRACE_S = 60.0  # a step told to stop (SIGTERM) ends its training step and saves it first: how long it may take
 
 
 def run_step(script: str, args: list[str], log: Path, again: str = "run the same command again") -> None:
@@ -48,10 +49,10 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
         relay.start()
         try:
             code = step.wait()
-        except BaseException:  # Ctrl-C, a notebook's interrupt: the step stops before this is raised
-            step.terminate()
+        except BaseException:  # Ctrl-C, a SIGTERM, a notebook's interrupt: the step stops before this is raised
+            step.terminate()  # a training step saves the step under way, then stops (alignkit.core.errors)
             try:
-                step.wait(timeout=10)
+                step.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 step.kill()
                 step.wait()
