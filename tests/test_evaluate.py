@@ -638,8 +638,20 @@ def test_mt_bench_answers_both_turns_with_history_and_resumes(mt_data, sft_run, 
         calls.clear()
         before = server.count
         run_script("evaluate.py", "mt_bench", *args, "--judge_base_url", server.base_url)
+        assert len(calls) == 2 and all(len(conversations) == 1 for conversations, _ in calls)  # sft, question 111
         assert server.count - before == 4  # the regenerated answer's matches are judged again, the others are not
-    assert len(calls) == 2 and all(len(conversations) == 1 for conversations, _ in calls)  # sft, question 111
+        # Another folder, the same models under other NAMEs (rlaif.py's next round): --answers_from takes their
+        # answers from this one by key, and loads no model; under other sampling nothing is taken.
+        calls.clear()
+        renamed = [f"{name}2={source}" for name, source in (m.split("=", 1) for m in models)]
+        run_script("evaluate.py", "mt_bench", "--models", *renamed, *args[3:-1], str(tmp_path / "next"),
+                   "--answers_from", str(tmp_path), "--judge_base_url", server.base_url)
+        assert not calls
+        assert {q: a["choices"] for q, a in mtbench.read_answers(mtbench.answer_path(tmp_path / "next", "sft2")).items()} \
+            == {q: a["choices"] for q, a in mtbench.read_answers(path).items()}
+        run_script("evaluate.py", "mt_bench", "--models", *renamed, *args[3:6], "--max_new_tokens", "5", *args[8:-1],
+                   str(tmp_path / "shorter"), "--answers_from", str(tmp_path), "--judge_base_url", server.base_url)
+        assert len(calls) == 8
     assert len(mtbench.read_answers(path)) == 2
     with pytest.raises(ConfigError, match="holds answers by"):
         run_script("evaluate.py", "mt_bench", "--models", "base=elsewhere/model", models[1], *args[3:],

@@ -64,6 +64,14 @@ def test_rounds_write_adapters_and_evaluations_and_resume_at_the_next_round(sft_
         assert {results["pairs"][0]["model"], results["pairs"][0]["opponent"]} == {f"round-{r}", "previous"}
         assert 0 <= record["win_rate"] <= 1 and record["win"] + record["loss"] + record["tie"] > 0
         assert record["pairs"] > 0
+    # Round 2's previous policy is round 1's new one: its answers are round 1's, not generated again.
+    def turns(path):
+        return {row["question_id"]: row["choices"][0]["turns"] for row in map(json.loads, path.open())}
+
+    made = folder / "round-1" / "eval" / "model_answer" / "round-1.jsonl"
+    reused = folder / "round-2" / "eval" / "model_answer" / "previous.jsonl"
+    assert turns(reused) == turns(made) and turns(made)
+    assert {json.loads(line)["reused_from"] for line in reused.open()} == {str(made)}
     table = (folder / "rlaif.md").read_text()
     assert "| 1 |" in table and "| 2 |" in table
     assert (folder / "win_rate.png").read_bytes()[:4] == b"\x89PNG"

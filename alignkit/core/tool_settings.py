@@ -179,6 +179,9 @@ class MTBenchSettings(JudgeAnswerSettings, EvalSettings):
     max_questions: int | None = setting(None, "judge only the first N questions; for quick runs")
     bootstrap_rounds: int = setting(1000, "bootstrap resamples (of questions) for the 95% confidence intervals")
     output_dir: str = setting("outputs/mt_bench", "answers, judgments and results go here; a rerun resumes from them")
+    answers_from: list[str] = setting(
+        [], "other evaluation folders (their --output_dir) whose answers are reused where the same model as loaded, "
+            "sampled alike, answered the same question (rlaif.py passes the round before)")
 
     def __post_init__(self):
         super().__post_init__()  # the judge endpoint's checks, then the generation settings'

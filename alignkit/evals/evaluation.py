@@ -267,6 +267,9 @@ class Pairwise:
         keys, parts, to_answer = {}, {}, []
         for name, source in self.models.items():
             keys[name], parts[name] = mtbench.answers_key_and_settings(loader_settings(s, source), s, backend)
+            if s.answers_from:  # the same model's answers, made elsewhere under the same key
+                mtbench.reuse_answers(mtbench.answer_path(self.output_dir, name), s.answers_from, self.questions,
+                                      name, source, keys[name])
             if mtbench.unanswered(self.questions, mtbench.read_answers(mtbench.answer_path(self.output_dir, name),
                                                                        source, key=keys[name], settings=parts[name])):
                 to_answer.append(name)

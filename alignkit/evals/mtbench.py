@@ -379,6 +379,51 @@ def unanswered(questions, answers: dict) -> list[dict]:
             or len(a["choices"][0]["turns"]) < len(q["turns"]) or not current(a, q)]
 
 
+def reuse_answers(path, folders, questions, name: str, source: str, key: str) -> int:
+    """Append to `path` the answers that other evaluation folders (`folders`, their model_answer/*.jsonl) hold for
+    questions `path` has not answered: those of the same model as loaded under the same sampling (`settings_key`
+    equal to `key`: model_identity, by content down the adapter chain, and the sampling settings with the seed) to
+    the same question as it now reads (`question_key`), under any NAME. Each question and turn is sampled from its
+    own seed, so such an answer is the one generating it here would give. Returns how many were reused.
+    rlaif.py's rounds pass the round before: its new policy is this round's previous one."""
+    wanted = {q["question_id"]: question_key(q) for q in unanswered(questions, _answers_or_none(path))}
+    found = {}
+    for folder in folders:
+        for other in sorted((Path(folder) / "model_answer").glob("*.jsonl")):
+            if other.resolve() == Path(path).resolve():
+                continue
+            for row in _rows_or_none(other):
+                qid = row.get("question_id")
+                if qid in wanted and qid not in found and row.get("settings_key") == key and \
+                        row.get("question_key") == wanted[qid] and isinstance(row.get("choices"), list):
+                    found[qid] = {**row, "model_id": name, "source": source, "reused_from": str(other)}
+    if found:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        append_jsonl(path, list(found.values()))
+        logger.info(f"{name}: {len(found)} answers reused from {', '.join(str(f) for f in folders)} (the same model "
+                    "as loaded, sampled alike)")
+    return len(found)
+
+
+def _answers_or_none(path) -> dict:
+    return read_answers(path) if Path(path).is_file() else {}
+
+
+def _rows_or_none(path) -> list[dict]:
+    """A file's JSON rows, a line that does not read skipped (another folder's: not this run's to refuse)."""
+    import json
+
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def temperature_for(question: dict, temperature: float | None) -> float:
     """The given temperature, or FastChat's MT-Bench temperature for the question's category."""
     if temperature is not None:

@@ -8,7 +8,8 @@ Round r (policy pi_{r-1}: the starting model for r = 1, else round-(r-1)/dpo):
    is pi_{r-1} (`--reference previous`): each round is a KL-regularised step away from the last policy; or the
    starting model pi_0 (`--reference start`): the adapters of rounds 1..r-1 are off in the reference pass;
 3. evaluate.py pairwise judges pi_r against pi_{r-1} on the evaluation prompts (eval_prompts: a dataset's
-   held-out split by default): adjusted win rate (win + 0.5 tie) / n with a bootstrap 95% CI.
+   held-out split by default): adjusted win rate (win + 0.5 tie) / n with a bootstrap 95% CI. pi_{r-1}'s answers
+   are round r-1's (evaluate.py --answers_from: reused where made by the same model as loaded, sampled alike).
 
 The prompts are --dataset_id's --dataset_split (train_prefs of ultrafeedback_binarized by default), read by
 label.py; dpo.py reads each round's preferences file, so --dataset_split never reaches it.
@@ -194,6 +195,8 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
                 "--prompts_file", prompts, "--output_dir", str(evaluation),
                 "--max_new_tokens", str(s.max_new_tokens), "--temperature", str(s.sample_temperature),
                 "--quantization", s.quantization, "--seed", str(s.seed)]
+        if r > 1:  # the previous policy answered these prompts in the round before, as its new one: reused by key
+            args += ["--answers_from", str(round_dir(folder, r - 1) / "eval")]
         endpoint = [] if judge == "rule" else endpoint_flags(s, skip={"judge_model"})
         if judge:
             args += ["--judge_model", judge]
