@@ -9,7 +9,8 @@
 #
 # Losses (`--loss`, formulas in alignkit.train.reward): `bradley_terry` (TRL's, with `--center_rewards_coefficient`),
 # `logexp` (OpenRLHF's LogExpLoss), `logexpwithlm` (the self-reference code's: logexp with the row's margin,
-# plus `--lm_loss_coef` times the chosen sequence's LM loss). `--use_margin` reads a margin from the data.
+# plus `--lm_loss_coef` times the chosen sequence's LM loss). A 'margin' column is subtracted as TRL does;
+# `--use_margin true` takes the scores' difference where there is none, `--use_margin false` none.
 #
 # ```bash
 # python reward.py --preset tiny                                   # offline CPU demo, about a minute
@@ -51,7 +52,7 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 # %% [markdown]
 # ## Data
 # Any supported preference format becomes prompt / chosen / rejected (messages, or TRL's standard texts); with
-# `--use_margin` each pair also gets its margin. A seeded share of prompts is held out (every pair of each) to measure
+# a `margin` column (or `--use_margin true`) each pair also gets its margin. A seeded share of prompts is held out (every pair of each) to measure
 # pairwise accuracy on unseen prompts.
 
 # %%

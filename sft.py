@@ -48,9 +48,11 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 
 # %%
 from alignkit.core.mixture import load_train_eval
+from alignkit.train.trainers import check_loss_mask
 
 # --dataset_id with an --eval_split share or its --dataset_test_split, or an alignment-handbook dataset_mixture
 train_data, eval_data = load_train_eval("sft", settings)
+check_loss_mask(settings, train_data)  # --train_on and TRL's loss masks against these rows, before the model loads
 print(f"{len(train_data)} training examples, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]

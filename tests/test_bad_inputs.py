@@ -1,4 +1,4 @@
-"""Bad input to any of the eight scripts: one `error:` line that names it and the fix, exit status 2, no traceback.
+"""Bad input to any of the nine scripts: one `error:` line that names it and the fix, exit status 2, no traceback.
 
 Each case runs the script in this process (conftest.run_script) and, when it raises, hands the exception to
 `sys.excepthook` as the interpreter does at the top level: a script that never called `report_user_errors()`,
@@ -78,6 +78,25 @@ CASES = [
     ("reward.py", [*TRAIN, "--dataset_id", "margin-null.jsonl", "--use_margin"],
      "margin-null.jsonl: row 2: field 'margin': expected a number (--use_margin reads it), got None", None),
     ("dpo.py", [*TRAIN, "--adapter", "lota"], "--adapter lota under DeepSpeed ZeRO-3 is not supported", ZERO3),
+    # A loss mask the rows cannot have, before the model loads: it trained every token without a word (plain text),
+    # or stopped in TRL's traceback once the model had loaded (assistant_only_loss, padding_free).
+    ("sft.py", [*TRAIN, "--dataset_id", "text.jsonl", "--train_on", "completions"],
+     "--train_on completions: text.jsonl holds plain text, with no completion apart from its prompt", None),
+    ("sft.py", [*TRAIN, "--dataset_id", "text.jsonl", "--completion_only_loss", "true"],
+     "--completion_only_loss true: text.jsonl holds plain text", None),
+    ("sft.py", [*TRAIN, "--dataset_id", "pc.jsonl", "--assistant_only_loss", "true"],
+     "--assistant_only_loss true needs conversations (messages): pc.jsonl holds prompt/completion text", None),
+    ("sft.py", [*TRAIN, "--padding_free", "true"], "--padding_free true without --packing: TRL cannot cut rows to "
+     "--max_length then", None),
+    # TRL's implicit prompt (two texts sharing their start): the answer that is missing, named (it said 'chosen'
+    # was empty text where the two were the same).
+    ("dpo.py", [*TRAIN, "--dataset_id", "implicit-same.jsonl"],
+     "implicit-same.jsonl: row 2: field 'rejected': expected an answer different from 'chosen', got the same text", None),
+    ("reward.py", [*TRAIN, "--dataset_id", "implicit-prefix.jsonl"],
+     "implicit-prefix.jsonl: row 2: field 'rejected': expected an answer after the prompt both texts begin with", None),
+    # Every row dropped by TRL for --max_length: kto.py trained no step and saved an untrained adapter, status 0.
+    ("kto.py", [*TRAIN, "--dataset_id", "kto-long.jsonl", "--max_length", "48", "--eval_split", "0"],
+     "--max_length 48: the prompt alone is at least that many tokens in every one of the 8 training rows", None),
     ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl", "--judge", "nosuch"], "--judge 'nosuch'", None),
     ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl", "--prompts", "missing.jsonl"],
      "missing.jsonl: file not found", None),
@@ -191,6 +210,17 @@ def bad_files(tiny_cache, tmp_path_factory):
     (here / "bad-json.jsonl").write_text(json.dumps(good) + "\n{not json\n")
     (here / "bad-row.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": ""}) + "\n")
     margin = [{**good, "margin": 1.5}, {**good, "margin": None}]
+    (here / "text.jsonl").write_text("".join(json.dumps({"text": f"row {i}: apple, pear, plum"}) + "\n" for i in range(8)))
+    (here / "pc.jsonl").write_text("".join(json.dumps({"prompt": "name three fruits.", "completion": " apple"}) + "\n"
+                                           for _ in range(8)))
+    implicit = {"chosen": "name three fruits. apple, pear", "rejected": "name three fruits. red, blue"}
+    (here / "implicit-same.jsonl").write_text(json.dumps(implicit) + "\n" + json.dumps(
+        {**implicit, "rejected": implicit["chosen"]}) + "\n")
+    (here / "implicit-prefix.jsonl").write_text(json.dumps(implicit) + "\n" + json.dumps(
+        {**implicit, "rejected": "name three fruits."}) + "\n")
+    (here / "kto-long.jsonl").write_text("".join(json.dumps(
+        {"prompt": "name three fruits." + " please" * 40, "completion": "apple", "label": i % 2 == 0}) + "\n"
+        for i in range(8)))
     (here / "margin-null.jsonl").write_text("".join(json.dumps(row) + "\n" for row in margin))
     (here / "latin1.yaml").write_bytes("learning_rate: 1e-4\nrun_name: caf\u00e9\n".encode("latin-1"))
     (here / "tab.yaml").write_text("learning_rate: 1e-4\nrun_name:\tx\n")
@@ -262,8 +292,8 @@ def test_bad_input_is_one_error_line_with_exit_2(bad_files, tmp_path, monkeypatc
 
 def test_the_table_covers_every_script_with_at_least_30_cases():
     assert len(CASES) >= 30
-    assert {c[0] for c in CASES} == {"sft.py", "label.py", "dpo.py", "evaluate.py", "merge.py", "reward.py", "rl.py",
-                                     "rlaif.py"}
+    assert {c[0] for c in CASES} == {"sft.py", "label.py", "dpo.py", "kto.py", "evaluate.py", "merge.py", "reward.py",
+                                     "rl.py", "rlaif.py"}
 
 
 def test_what_trl_refuses_across_fields_is_one_line_naming_its_config(tmp_path):

@@ -309,6 +309,14 @@ def test_detect_format_sft_and_names():
     # A misspelt column is named with the one it was meant to be (it said only that no format fits).
     with pytest.raises(DataError, match=r"\[prompt, chosen, rejekted\]\. Rename rejekted \(did you mean rejected\?\), or"):
         detect_format(["prompt", "chosen", "rejekted"], "preference")
+    # Rows of another script's kind: that script named (the near-name hint said to rename KTO's 'label' to SHP's
+    # 'labels', or to train on the pairs' prompts as plain text).
+    for columns, kind, says in ((["prompt", "completion", "label"], "preference", "kto.py trains on them"),
+                                (["prompt", "chosen", "rejected"], "sft", "dpo.py, reward.py"),
+                                (["prompt", "completions", "labels"], "sft", "stepwise supervision")):
+        with pytest.raises(DataError, match=f"^d.jsonl: .*{says}") as err:
+            detect_format(columns, kind, "d.jsonl")
+        assert "did you mean" not in str(err.value) and "dataset_text_field" not in str(err.value)
 
 
 def test_in_memory_sources(tmp_path):

@@ -87,7 +87,7 @@ def test_csv_margins_parse_and_text_that_is_no_number_is_refused(tmp_path):
     with pytest.raises(DataError) as err:
         margins(bad)
     assert str(err.value) == (f"{bad}: row 3: field 'margin': expected a number (--use_margin reads it), got 'high'. "
-                              "Fix the row, or drop --use_margin")  # a CSV row by its line (the header's is 1)
+                              "Fix the row, or pass --use_margin false")  # a CSV row by its line (the header's is 1)
     with pytest.raises(DataError, match=r"bad.csv: row 2: field 'margin': expected a number .* got 'nan'"):
         margins(write_csv(tmp_path / "bad.csv", ["nan"]))
 
@@ -101,7 +101,7 @@ def test_margin_error_names_the_line_past_a_blank_one(tmp_path):
     with pytest.raises(DataError) as err:
         margins(path)
     assert str(err.value) == (f"{path}: row 3: field 'score_chosen': expected a number (--use_margin reads it), got "
-                              "None. Fix the row, or drop --use_margin")
+                              "None. Fix the row, or pass --use_margin false")
     assert margins(jsonl(tmp_path / "ok.jsonl", rows[:1], blank_after=0)) == [2.0]
 
 
@@ -172,6 +172,20 @@ def test_margins_stay_with_their_rows_where_skip_invalid_skips_one(tiny_cache, t
     rows = [{**row, "margin": float(i)} for i, row in enumerate(rows)]
     rows[3]["chosen"] = 5  # invalid: skipped
     data = jsonl(tmp_path / "pairs.jsonl", rows, blank_after=None)
-    run = run_script("reward.py", "--preset", "tiny", "--dataset_id", data, "--skip_invalid", "--use_margin",
+    # No --use_margin: a 'margin' column is read as TRL's RewardTrainer reads it (it was left out without a word)
+    run = run_script("reward.py", "--preset", "tiny", "--dataset_id", data, "--skip_invalid",
                      "--max_steps", "1", "--output_dir", str(tmp_path / "runs"))
     assert run["preferences"]["margin"] == [float(i) for i in range(40) if i != 3]
+    # --use_margin false: none; auto over scores alone: none (their difference is a margin only when asked)
+    from types import SimpleNamespace
+
+    from alignkit.core.data import load_preferences
+    from alignkit.train.reward import with_margins
+
+    scored = jsonl(tmp_path / "scored.jsonl", [{**{k: v for k, v in row.items() if k != "margin"}, "score_chosen": 2,
+                                                "score_rejected": 1} for row in rows[:3]], blank_after=None)
+    for source, use, expected in ((data, "false", None), (scored, "auto", None), (scored, "true", [1.0, 1.0, 1.0])):
+        s = SimpleNamespace(dataset_id=source, dataset_split="train", dataset_config=None, use_margin=use)
+        pairs = load_preferences(scored)
+        got = with_margins(pairs, s)
+        assert (got["margin"] if "margin" in got.column_names else None) == expected, (source, use)

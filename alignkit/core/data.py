@@ -134,14 +134,21 @@ def _implicit_text(row):
     """TRL's standard preference row with an implicit prompt: two texts whose common beginning is the prompt, split
     as trl.extract_prompt splits it (a space before the answers goes with them)."""
     chosen, rejected = _text(row.get("chosen"), "chosen"), _text(row.get("rejected"), "rejected")
+    if chosen.strip() == rejected.strip():  # the split below left no answer: it said 'chosen' was empty
+        raise _RowError("rejected", "expected an answer different from 'chosen', got the same text (identical "
+                                    "answers carry no preference signal)")
     end = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
     end -= end > 0 and chosen[end - 1] == " "
     if not chosen[:end].strip():
         raise _RowError("rejected", "expected the same prompt at the start of 'chosen' and 'rejected' (TRL's implicit "
                                     "prompt), got texts that differ from the start: put the prompt in a 'prompt' "
                                     "column")
-    return _pair(chosen[:end], _text(chosen[end:], "chosen"), _text(rejected[end:], "rejected"),
-                 prompt_field="chosen")
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text[end:].strip():
+            raise _RowError(name, f"expected an answer after the prompt both texts begin with (TRL's implicit "
+                                  f"prompt), got none: '{name}' is only the start of the other; put the prompt in "
+                                  "a 'prompt' column and the answers in 'chosen' and 'rejected'")
+    return _pair(chosen[:end], chosen[end:], rejected[end:], prompt_field="chosen")
 
 
 def _shp(row):
@@ -306,6 +313,8 @@ def detect_format(columns, kind, source=None) -> str:
                     return "implicit"  # plain text, no Human:/Assistant: turns: TRL's standard implicit prompt
                 return "hh" if is_text else "ultrafeedback"
     where = f"{source}: " if source else ""
+    if other := _another_scripts_rows(set(map(str, names)), kind):  # its fix is another script, not a rename
+        raise DataError(f"{where}{other}")
     import difflib
 
     known = {column for _, required in _TABLES[kind].values() for column in required}
@@ -322,6 +331,20 @@ def detect_format(columns, kind, source=None) -> str:
         kind == "sft" else ""
     raise DataError(f"{where}cannot tell the {kind} format from the columns [{', '.join(map(str, names))}]. "
                     f"{hint} pass --dataset_format with one of: {_choices(kind)}.{text}")
+
+
+def _another_scripts_rows(names: set, kind: str) -> str | None:
+    """TRL's rows of a kind another script trains on (or none does), said as such: the near-name hint that the
+    columns got otherwise led astray (KTO's 'label' renamed to SHP's 'labels'; pairs trained as their prompts)."""
+    if {"prompt", "completions", "labels"} <= names:
+        return ("TRL's stepwise supervision rows (prompt, completions, labels: a process reward model's data), which "
+                "no alignkit script trains on")
+    if {"prompt", "completion", "label"} <= names and kind == "preference":
+        return "TRL's unpaired preference rows (prompt, completion, label): kto.py trains on them"
+    if {"chosen", "rejected"} <= names and kind == "sft":
+        return ("preference pairs (chosen, rejected): dpo.py, reward.py (and kto.py, which unpairs them) train on "
+                "them; sft.py needs messages, prompt/completion or text rows")
+    return None
 
 
 def _load(kind, source, format, split, skip_invalid, config_name, text_field="text", kept=None):

@@ -39,6 +39,12 @@ class SFTSettings(LoTASettings, BatchingSettings, TrainSettings):
         if self.packing and self.max_length is None:  # TRL's packer raises this once the model has loaded
             raise ValueError("--packing true packs examples into rows of --max_length tokens: give --max_length a "
                              "number, or pass --packing false to keep every example whole")
+        overrides = self.trainer_overrides if isinstance(self.trainer_overrides, dict) else {}
+        if overrides.get("padding_free") is True and not overrides.get("packing", self.packing) and \
+                overrides.get("max_length", self.max_length) is not None:  # TRL's refusal, once the model has loaded
+            raise ValueError("--padding_free true without --packing: TRL cannot cut rows to --max_length then, and "
+                             "refuses; add --packing true (rows packed to --max_length tokens), or pass --max_length "
+                             "none (every row kept whole)")
 
 
 @dataclass
@@ -123,8 +129,10 @@ class RewardSettings(TrainSettings):
     center_rewards_coefficient: float | None = setting(
         None, "add coef x mean((r_c + r_r)^2), pulling rewards towards 0 (TRL's; e.g. 0.01)"
     )
-    use_margin: bool = setting(
-        False, "subtract each pair's margin: a 'margin' column, else the difference of its chosen/rejected scores"
+    use_margin: str = setting(
+        "auto", "subtract each pair's margin. auto: a 'margin' column where the data has one (TRL's RewardTrainer "
+                "reads it); true: that column, else the difference of its chosen/rejected scores; false: none",
+        choices=["auto", "true", "false"],
     )
     lm_loss_coef: float = setting(1e-6, "logexpwithlm: weight of the chosen sequence's LM cross-entropy (0: none)")
 

@@ -1,7 +1,8 @@
 """reward.py's logic: the reward losses, margins from the data, TRL's RewardTrainer with them, held-out reports.
 
 A reward model maps a conversation to one number, r = r(x, y), read by a one-output score head on the last
-token. On a pair (chosen y_c, rejected y_r) with rewards r_c, r_r and a margin m (0 unless --use_margin):
+token. On a pair (chosen y_c, rejected y_r) with rewards r_c, r_r and a margin m (`uses_margin`: the data's
+'margin' column, as TRL reads it, or with --use_margin true its scores' difference; else 0):
 
 - `bradley_terry` (TRL's RewardTrainer loss, the same expression):  L = mean(−log σ(r_c − r_r − m))
 - `logexp` (OpenRLHF's LogExpLoss):                                 L = mean(log(1 + exp(r_r − r_c + m)))
@@ -76,7 +77,7 @@ def _number(row: dict, column: str, where: str) -> float:
     elif not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value):
         return float(value)
     raise DataError(f"{where}: field '{column}': expected a number (--use_margin reads it), got {value!r}. "
-                    "Fix the row, or drop --use_margin")
+                    "Fix the row, or pass --use_margin false")
 
 
 def margins(source, split="train", config_name=None, rows_kept: list[int] | None = None) -> list[float]:
@@ -98,15 +99,29 @@ def margins(source, split="train", config_name=None, rows_kept: list[int] | None
     raise DataError(
         f"{read.label}: --use_margin needs a 'margin' column, or scores of both answers ("
         + " or ".join(f"{c}/{r}" for c, r in SCORE_COLUMNS) + f"); the columns are {', '.join(sorted(columns))}. "
-        "Add one, or drop --use_margin"
+        "Add one, or pass --use_margin false"
     )
+
+
+def uses_margin(s) -> bool:
+    """--use_margin true, or auto over data with a 'margin' column (TRL's RewardTrainer subtracts it where the data
+    has one: its rows trained without it here, without a word)."""
+    if str(s.use_margin).lower() != "auto":
+        return str(s.use_margin).lower() == "true"
+    from alignkit.core.data import read_rows
+
+    if "margin" not in read_rows(s.dataset_id, s.dataset_split, s.dataset_config).columns():
+        return False
+    logger.info(f"{s.dataset_id}: each pair's 'margin' column is subtracted from its reward difference, as TRL's "
+                "RewardTrainer does (--use_margin false: trained without it)")
+    return True
 
 
 def with_margins(preferences, s, kept: list[int] | None = None):
     """The normalised pairs with a `margin` column when --use_margin is on (TRL's collator passes it on). `kept`:
     each pair's source row (alignkit.core.data.load_preferences' `kept`), so that a pair keeps its own row's margin
     where --skip_invalid skipped rows before it (the two were refused together)."""
-    if not s.use_margin:
+    if not uses_margin(s):
         return preferences
     values = margins(s.dataset_id, s.dataset_split, s.dataset_config, kept)
     if len(values) != len(preferences):  # a caller that kept no row numbers, after rows were skipped

@@ -430,6 +430,26 @@ class _SharedCall:
         return outputs
 
 
+def check_loss_mask(s, dataset) -> None:
+    """A loss mask the rows cannot have, refused as the data is read (before the model loads): --train_on
+    completions and TRL's completion_only_loss on plain text (every token was trained, without a word), TRL's
+    assistant_only_loss on rows that are no conversation (TRL's traceback once the model had loaded)."""
+    from trl.data_utils import is_conversational
+
+    if dataset is None or not len(dataset):
+        return
+    overrides = s.trainer_overrides if isinstance(s.trainer_overrides, dict) else {}
+    columns = set(dataset.column_names)
+    rows = "plain text" if "text" in columns else "prompt/completion text" if "completion" in columns else "rows"
+    if "text" in columns and (s.train_on == "completions" or overrides.get("completion_only_loss") is True):
+        given = "--train_on completions" if s.train_on == "completions" else "--completion_only_loss true"
+        raise ConfigError(f"{given}: {s.dataset_id} holds plain text, with no completion apart from its prompt; give "
+                          "prompt/completion rows or messages, or pass --train_on all")
+    if overrides.get("assistant_only_loss") is True and not is_conversational(dataset[0]):
+        raise ConfigError(f"--assistant_only_loss true needs conversations (messages): {s.dataset_id} holds {rows}; "
+                          "leave it out (--train_on auto puts the loss on a completion where the rows have one)")
+
+
 def loss_mask_settings(train_on: str, dataset, tokenizer) -> dict:
     """SFTConfig flags that put the loss on completions or assistant turns where the data allows."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
