@@ -68,6 +68,15 @@ def test_a_mixture_of_experts_with_router_logits_generates_padded_batches(mixtra
     assert len(answers) == 2 and loaded.model.config.output_router_logits is True  # restored for training
 
 
+def test_rl_rollouts_on_a_mixture_of_experts_with_router_logits(mixtral, tmp_path):
+    """rl.py's rollouts go through TRL's generate, not alignkit's: the same crash at the first step (found by an
+    audit), while the MoE's router loss stays on for the training forward."""
+    run = run_script("rl.py", "--preset", "tiny", "--model_id", mixtral, "--max_steps", "1", "--output_dir",
+                     str(tmp_path))
+    model = run["trainer"].accelerator.unwrap_model(run["trainer"].model)
+    assert run["trainer"].state.global_step == 1 and model.config.output_router_logits is True
+
+
 def test_lota_on_a_mixture_of_experts_is_refused_before_the_weights_load(mixtral, tmp_path, monkeypatch):
     """LoTA's deltas go on linear layers; transformers 5 keeps experts in 3D tensors, so all-linear adapted the
     attention alone (7.7% of a tiny Mixtral's weights) without a word."""

@@ -60,13 +60,7 @@ def generate(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers: list[str] = [""] * len(texts)
-    # A mixture of experts configured to return its router logits (for the training loss) computes that loss from
-    # the 2D padding mask at every step, which the cached decoding's shorter inputs do not fit: a crash on any
-    # padded batch. Generation needs no router loss.
-    routers = [c for c in {id(c): c for c in (model.config, model.config.get_text_config())}.values()
-               if getattr(c, "output_router_logits", False)]
-    for config in routers:
-        config.output_router_logits = False
+    routers = _router_logits_off(model)
     # Beam sampling draws for beams, not rows: no per-row stream fits it, so each conversation goes alone, seeded by
     # its own seed (its answer then depends on nothing else in the call, as the caches that omit the batch assume).
     beam_sampled = seeds is not None and temperature > 0 and num_beams > 1
@@ -98,6 +92,29 @@ def generate(
         for config in routers:
             config.output_router_logits = True
     return answers
+
+
+def _router_logits_off(model) -> list:
+    """A mixture of experts configured to return its router logits (for the training loss) computes that loss from
+    the 2D padding mask at every step, which the cached decoding's shorter inputs do not fit: a crash on any padded
+    batch. Generation needs no router loss: turned off in the model's configs (returned, to turn on again)."""
+    config = model.config
+    routers = [c for c in {id(c): c for c in (config, config.get_text_config())}.values()
+               if getattr(c, "output_router_logits", False)]
+    for c in routers:
+        c.output_router_logits = False
+    return routers
+
+
+@contextlib.contextmanager
+def no_router_logits(model):
+    """While generating (rl.py's rollouts through TRL's generate as evaluate.py's): see `_router_logits_off`."""
+    routers = _router_logits_off(model)
+    try:
+        yield
+    finally:
+        for c in routers:
+            c.output_router_logits = True
 
 
 _REAL_MULTINOMIAL = torch.multinomial

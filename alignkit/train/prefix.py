@@ -153,7 +153,7 @@ def sharing_path(config, attn_implementation: str | None = None, model_class=Non
     dict of masks per layer type."""
     impl = attn_implementation or getattr(config, "_attn_implementation", None)
     text = _text_config(config)
-    if getattr(text, "output_router_logits", False) or getattr(text, "num_experts_per_tok", None):
+    if getattr(text, "output_router_logits", False) or _experts(text):
         return SharingPath(OFF, "a mixture-of-experts model: its load-balancing loss reads a 2D padding mask and "
                                 "counts the prompt twice")
     if impl in MASK_ATTENTION:
@@ -175,6 +175,15 @@ def sharing_path(config, attn_implementation: str | None = None, model_class=Non
     elif windows and next(iter(windows.values())):
         why += f"; sliding window {next(iter(windows.values()))}"
     return SharingPath(kind, why)
+
+
+def _experts(config) -> bool:
+    """Whether the config is a mixture of experts's: its experts per token at the top (Mixtral, Qwen-MoE, DeepSeek,
+    GPT-OSS), or in DBRX's ffn_config (`moe_top_k`), or a count of experts above one."""
+    ffn = getattr(config, "ffn_config", None)
+    counts = [getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts")]
+    return bool(getattr(config, "num_experts_per_tok", None) or getattr(ffn, "moe_top_k", None)
+                or any(isinstance(n, int) and n > 1 for n in counts))
 
 
 def flex_length(length: int) -> int:

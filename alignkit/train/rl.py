@@ -208,9 +208,12 @@ class _OnlineMixin:
             return super()._get_per_token_logps_and_entropies(self.model, *args, **kwargs)
 
     def _generate(self, prompts):
+        from alignkit.modeling.generation import no_router_logits
+
         start = time.perf_counter()
-        try:
-            return super()._generate(prompts)
+        try:  # a mixture of experts returning its router logits crashed on the rollouts' padded batches
+            with no_router_logits(self.accelerator.unwrap_model(self.model)):
+                return super()._generate(prompts)
         finally:
             self._times["generating"] += time.perf_counter() - start
 
