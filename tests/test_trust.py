@@ -536,6 +536,39 @@ def test_sigterm_takes_ctrl_c_s_path_and_a_training_ends_its_step_first(tmp_path
     assert proc.returncode == -signal.SIGTERM and not err
 
 
+def test_a_sigterm_saves_the_step_under_way_unless_no_run_resumes_the_trainer(monkeypatch):
+    """At a step's end after a SIGTERM, the trainer saves the step as a checkpoint and stops (Ctrl-C's path);
+    LoTA's calibration, which a rerun starts again, stops without saving."""
+    from types import SimpleNamespace
+
+    from alignkit.core import errors
+    from alignkit.train.resuming import EndsAtMaxSteps
+
+    class Trainer:
+        def __init__(self):
+            self.state, self.saved = SimpleNamespace(global_step=7), []
+            self.control = SimpleNamespace(should_save=False, should_training_stop=False)
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            self.saved.append(self.control.should_save and self.control.should_training_stop)
+
+    class Aligned(EndsAtMaxSteps, Trainer):
+        pass
+
+    trainer = Aligned()
+    trainer._maybe_log_save_evaluate()
+    assert trainer.saved == [False]  # no SIGTERM: the schedule's own
+    monkeypatch.setitem(errors._SIGTERM, "asked", True)
+    with pytest.raises(errors.Terminated, match="SIGTERM at step 7, saved as checkpoint-7"):
+        trainer._maybe_log_save_evaluate()
+    assert trainer.saved == [False, True]
+    calibration = Aligned()
+    calibration.saves_on_sigterm = False
+    with pytest.raises(errors.Terminated):
+        calibration._maybe_log_save_evaluate()
+    assert calibration.saved == []
+
+
 def test_a_ctrl_c_dropped_inside_a_finalizer_stops_the_training_at_its_next_step(monkeypatch):
     """A Ctrl-C in the first second of training landed in the garbage collection the Trainer runs (a dataset's
     __del__), where Python drops exceptions ("Exception ignored in ..."): the run trained to its end with exit

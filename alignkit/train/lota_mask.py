@@ -47,6 +47,7 @@ def calibrate(model, s, run_folder: Path, make_trainer, args) -> dict[str, torch
     )
     logger.info(f"LoTA calibration: {s.lota_calibration_steps} dense steps to find the mask")
     calibration = make_trainer(cal_args)
+    calibration.saves_on_sigterm = False  # a stop calibrates again from its start (README)
     calibration.train()
     main = calibration.accelerator.is_main_process  # read before the state is reset
     _let_the_next_trainer_start(calibration)

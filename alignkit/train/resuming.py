@@ -46,6 +46,8 @@ class EndsAtMaxSteps:
     # TRL's SFT, DPO, KTO and reward trainers count the tokens trained in `_total_train_tokens`; GRPO and RLOO count
     # in the state's num_input_tokens_seen, which the checkpoint keeps (alignkit.train.rl sets this False).
     counts_own_tokens = True
+    # A trainer whose steps no run resumes (LoTA's calibration, which starts again): a SIGTERM stops it unsaved.
+    saves_on_sigterm = True
 
     def training_step(self, *args, **kwargs):
         raise_pending_interrupt()  # a Ctrl-C Python dropped inside a finalizer (alignkit.core.errors.keep_interrupts)
@@ -68,6 +70,8 @@ class EndsAtMaxSteps:
         logging and evaluation the step has anyway, so that the resumed run's history is the straight run's), then
         stops the training as Ctrl-C does."""
         stop = sigterm_asked()
+        if stop and not self.saves_on_sigterm:
+            raise Terminated(f"SIGTERM at step {self.state.global_step}")
         if stop:
             self.control.should_save = self.control.should_training_stop = True
             logger.info(f"SIGTERM: saving step {self.state.global_step} as a checkpoint, then stopping (a second "
