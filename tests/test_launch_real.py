@@ -114,6 +114,43 @@ def test_a_bad_input_found_after_the_launch_started_is_one_line_from_each_proces
     assert "]: Traceback" not in output  # no process's traceback (the launcher still reports its failed child)
 
 
+def test_a_sigterm_to_the_launcher_saves_one_step_on_every_process_and_the_same_command_resumes_it(cache,
+                                                                                                  tmp_path):
+    """A scheduler's stop (SIGTERM to the launcher, which forwards it to each rank, each in another point of its
+    step): every rank ended its step, and they stopped together at the same one, saved as a checkpoint (each rank
+    stopped where it stood before, and the rerun trained again from the last scheduled save). The same command
+    resumes from that step and finishes."""
+    import signal
+    import time
+
+    args = ["dpo.py", "--preset", "tiny", "--max_steps", "40", "--save_steps", "10", "--logging_steps", "1",
+            "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", "stopped"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               *args]
+    env = {**os.environ, "ALIGNKIT_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run, log = tmp_path / "stopped", tmp_path / "launch.log"
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + TIMEOUT
+        while not (run / "checkpoint-10" / "trainer_state.json").is_file():
+            assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=TIMEOUT)
+    said = log.read_text()
+    saved = sorted(int(c.name.rsplit("-", 1)[1]) for c in run.glob("checkpoint-*"))
+    assert len(saved) == 2 and 10 < saved[1] < 40, said[-3000:]
+    state = json.loads((run / f"checkpoint-{saved[1]}" / "trainer_state.json").read_text())
+    assert state["global_step"] == saved[1]
+    assert (run / "alignkit_failed.txt").read_text().startswith(f"Terminated: SIGTERM at step {saved[1]}"), said[-3000:]
+    assert not (run / "adapter_model.safetensors").exists()
+    output = accelerate_launch(args, cache)
+    assert f"resuming from {run / f'checkpoint-{saved[1]}'}" in output
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 40
+
+
 def test_sft_on_two_processes(sft_adapter):
     finished(sft_adapter)
     assert (sft_adapter / "adapter_model.safetensors").is_file()

@@ -254,12 +254,10 @@ def keep_interrupts():
     _PENDING.clear()
     _SIGTERM.update(training=True, asked=False)
     try:
-        yield
-        if _SIGTERM["asked"]:  # it came after the last step's end (the final evaluation)
-            raise Terminated("SIGTERM as the training ended")
+        yield  # a SIGTERM after the last step's end stays asked: the finished run is saved, then it stops (finish)
     finally:
         _PENDING.clear()
-        _SIGTERM.update(training=False, asked=False)
+        _SIGTERM["training"] = False
         if ours:
             signal.signal(signal.SIGINT, previous)
 
@@ -275,23 +273,22 @@ def raise_pending_interrupt() -> None:
 
 
 # ---------------------------------------------------------------- a SIGTERM: Ctrl-C's path, after the step under way
-_SIGTERM = {"pid": None, "training": False, "asked": False}
+_SIGTERM = {"pid": None, "training": False, "asked": False, "at": 0.0, "stopping": False}
+SAME_STOP_S = 5.0  # SIGTERMs this close to the first are the same stop (a scheduler's, and torchrun's forward of it)
 
 
 def stop_on_sigterm() -> None:
     """A script's SIGTERM (a scheduler's or `timeout`'s stop, `docker stop`) takes Ctrl-C's path: alignkit's
     "interrupted" line, alignkit_failed.txt beside a run's checkpoints, label.py's and evaluate.py's finished work
     kept; exit status 143. It killed the process where it stood, without a word. During a training the step under
-    way ends first and is saved as a checkpoint, which the same command resumes from (alignkit.train.resuming);
-    a second SIGTERM stops at once, a third as Python would. Not in a notebook's kernel, and not in a launch's ranks
-    (WORLD_SIZE > 1): there the launcher stops the others with SIGTERM when one fails, and a rank waiting in a
-    collective for a dead peer would hold them until its SIGKILL; each stops where it stands, as before. A process
-    forked from this one (a DataLoader's or datasets' worker) keeps the default."""
+    way ends first and is saved as a checkpoint, which the same command resumes from (alignkit.train.resuming; under
+    a launch every process stops at the same step); a second SIGTERM, seconds later, stops at once. Not in a
+    notebook's kernel. A process forked from this one (a DataLoader's or datasets' worker) keeps the default."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL or int(os.environ.get("WORLD_SIZE") or 1) > 1:
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return
     _SIGTERM["pid"] = os.getpid()
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -304,8 +301,13 @@ def _on_sigterm(signum, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return
+    if _SIGTERM["stopping"]:  # the step is saved and the process on its way out: its cleanup runs to the end
+        return
+    now = time.monotonic()
     if _SIGTERM["training"] and not _SIGTERM["asked"]:  # the trainer ends its step and saves it
-        _SIGTERM["asked"] = True
+        _SIGTERM.update(asked=True, at=now)
+        return
+    if _SIGTERM["asked"] and now - _SIGTERM["at"] < SAME_STOP_S:
         return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a third stops as Python would
     if _SIGTERM["training"]:
@@ -316,6 +318,13 @@ def _on_sigterm(signum, frame) -> None:
 def sigterm_asked() -> bool:
     """Whether a SIGTERM came during this training and waits for its step's end (the trainer saves and stops)."""
     return _SIGTERM["asked"]
+
+
+def stop_for_sigterm(why: str) -> None:
+    """Raise the Terminated of a SIGTERM that waited (the trainer saved its step, or the finished run is saved);
+    later SIGTERMs are let be, so that the run folder's cleanup runs whole."""
+    _SIGTERM["stopping"] = True
+    raise Terminated(why)
 
 
 def _one_line_errors_in_a_kernel() -> None:

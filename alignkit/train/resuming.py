@@ -5,6 +5,7 @@
 - Each step first raises a Ctrl-C that Python dropped inside a finalizer.
 - A SIGTERM (a scheduler's stop) lets the step under way end, saves it as a checkpoint, then stops as Ctrl-C does
   (alignkit.core.errors.stop_on_sigterm): the same command resumes from that step, not the last scheduled save.
+  Under a launch the processes vote at each step and all stop at the same one.
 (rl.py's sampler, which draws each epoch's prompts, resumes in alignkit.train.rl.)
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alignkit import logger
-from alignkit.core.errors import Terminated, raise_pending_interrupt, sigterm_asked
+from alignkit.core.errors import raise_pending_interrupt, sigterm_asked, stop_for_sigterm
 from alignkit.core.journal import write_atomic
 
 
@@ -68,18 +69,53 @@ class EndsAtMaxSteps:
     def _maybe_log_save_evaluate(self, *args, **kwargs):
         """After each step (and epoch): a SIGTERM that came meanwhile saves this step as a checkpoint (after the
         logging and evaluation the step has anyway, so that the resumed run's history is the straight run's), then
-        stops the training as Ctrl-C does."""
-        stop = sigterm_asked()
+        stops the training as Ctrl-C does. Under a launch every process stops at the same step (`_stop_voted`)."""
+        stop = self._stop_voted(sigterm_asked())
         if stop and not self.saves_on_sigterm:
-            raise Terminated(f"SIGTERM at step {self.state.global_step}")
+            stop_for_sigterm(f"SIGTERM at step {self.state.global_step}")
         if stop:
             self.control.should_save = self.control.should_training_stop = True
             logger.info(f"SIGTERM: saving step {self.state.global_step} as a checkpoint, then stopping (a second "
-                        "SIGTERM stops at once)")
+                        "SIGTERM, seconds later, stops at once)")
         super()._maybe_log_save_evaluate(*args, **kwargs)
         if stop:
-            raise Terminated(f"SIGTERM at step {self.state.global_step}, saved as "
+            stop_for_sigterm(f"SIGTERM at step {self.state.global_step}, saved as "
                              f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
+    _stop_vote = None  # the vote posted at the last step: (its collective, its flag, where the flag lands on the CPU)
+
+    def _stop_voted(self, asked: bool) -> bool:
+        """Whether to stop for a SIGTERM at this step: at once in one process; under a launch, where any process
+        had one by the previous step. Each process's SIGTERM lands at its own point of a step (a scheduler's and the
+        launcher's signals come apart): a process stopping alone would leave the others waiting in the next step's
+        collective. The vote is a MAX all-reduce posted at each step and read one step later, by when it is done:
+        no step waits for it (on a GPU the flag comes back through pinned memory after an event)."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return asked
+        stop = False
+        if self._stop_vote is not None:
+            work, flag, landed = self._stop_vote
+            work.wait()
+            if landed is not None:
+                landed[1].synchronize()
+                flag = landed[0]
+            stop = bool(flag.item())
+        device = self.accelerator.device
+        flag = torch.tensor([int(asked)], dtype=torch.int32, device=device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        landed = None
+        if device.type == "cuda":
+            work.wait()  # the stream waits for the collective, not this thread
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            landed = (host, event)
+        self._stop_vote = (work, flag, landed)
+        return stop
 
     def _save_checkpoint(self, model, trial):
         """TRL's count of the tokens trained (`num_tokens` in the logs, the card and metrics.json), kept with the

@@ -18,7 +18,7 @@ from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError
 from alignkit.core.secrets import redact
-from alignkit.core.errors import UserError
+from alignkit.core.errors import UserError, sigterm_asked, stop_for_sigterm
 from alignkit.core.extras import require_tracker
 from alignkit.core.journal import write_atomic
 from alignkit.core.launch import agreed_minimum, free_memory, training_device, world_size
@@ -353,6 +353,9 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
             write_atomic(earlier, json.dumps(metrics, indent=2))
     if trainer.accelerator.is_main_process:
         logger.info(f"{stage} adapter saved to {folder}")
+    if sigterm_asked():  # it came after the last step's end (the final evaluation): the finished run is saved first
+        stop_for_sigterm(f"SIGTERM as the training ended: the run is saved in {folder}; the same command merges, "
+                         "pushes and reports it")
     merged = hub_url = None
     if trainer.accelerator.is_main_process and (s.merge_adaptors or s.push_to_hub):
         merged, hub_url = publish_run(folder, s)
