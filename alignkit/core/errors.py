@@ -239,7 +239,8 @@ def keep_interrupts():
     it starts (a dataset's finalizer) was lost, and the run trained to its end with exit status 0. The trainers
     raise a remembered one at their next step (`raise_pending_interrupt`). Only in the main thread, over Python's
     own handler (a kernel's, which raises the same KeyboardInterrupt, included). A SIGTERM meanwhile waits for the
-    step under way (`sigterm_asked`); one still waiting as the training ends is raised here."""
+    step under way (`sigterm_asked`); one still waiting as the training ends is raised once the finished run is saved
+    (alignkit.train.training.finish)."""
     import signal
     import threading
 
