@@ -105,6 +105,9 @@ CASES = [
     ("label.py", ["--responses_a", "empty.jsonl", "--responses_b", "empty.jsonl", "--judge", "python:alignkit.modeling.presets:rule_judge",
                   "--output", "OUT/x.jsonl"], "empty.jsonl: no rows: it is empty", None),
     ("evaluate.py", ["nosuch"], "unknown command 'nosuch'", None),
+    # A mistyped folder to reuse answers from reused nothing, without a word (audit).
+    ("evaluate.py", ["pairwise", "--preset", "tiny", "--answers_from", "nowhere"],
+     "--answers_from nowhere: no such folder; pass an earlier evaluation's --output_dir", None),
     ("evaluate.py", ["vibes", "--model_id", "some-folder", "--prompts", "hi"], "some-folder is not a model folder", None),
     ("evaluate.py", ["vibes", "--model_id", "truncated", "--prompts", "hi"], "model.safetensors is damaged", None),
     ("evaluate.py", ["vibes", "--model_id", "./no-such-folder", "--prompts", "hi"], "model not found", None),

@@ -84,6 +84,19 @@ def test_evaluations_refuse_a_changed_chain_before_any_model_runs(sft_run, dpo_r
         with pytest.raises(UserError, match=rf"^{re.escape(str(dpo))} was trained over {re.escape(str(sft))}"):
             run_script("evaluate.py", *command, "--output_dir", str(tmp_path / command[0]))
         assert not list((tmp_path / command[0]).rglob("*.jsonl"))
+    # vibes (the first model answered, then the second was refused) and label.py's two generators (found by an
+    # audit): over an SFT retrained for real (other weights, a whole file), which loads
+    from safetensors.torch import load_file, save_file
+
+    sft, dpo = _copy_chain(sft_run, dpo_run, tmp_path / "real")
+    weights = load_file(sft / "adapter_model.safetensors")
+    save_file({k: v + 1 for k, v in weights.items()}, sft / "adapter_model.safetensors")
+    for script, command in (("evaluate.py", ["vibes", "--model_id", str(sft), "--compare_to", str(dpo), "--prompts",
+                                             "Hi"]),
+                            ("label.py", ["--preset", "tiny", "--num_samples", "0", "--model_a", str(sft),
+                                          "--model_b", str(dpo), "--output", str(tmp_path / "label" / "pairs.jsonl")])):
+        with pytest.raises(UserError, match=rf"^{re.escape(str(dpo))} was trained over {re.escape(str(sft))}"):
+            run_script(script, *command)
 
 
 def test_the_same_adapter_trained_twice_saves_the_same_config(sft_run, dpo_run):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from dataclasses import field as _field  # init=False: a field that is not a flag
+from pathlib import Path
 from typing import ClassVar
 
 from alignkit.core.args import ConfigError, setting
@@ -193,6 +194,10 @@ class MTBenchSettings(JudgeAnswerSettings, EvalSettings):
             raise ValueError("pass the models to compare: --models NAME=ID_OR_PATH NAME=ID_OR_PATH ...")
         if not self.judge_model:
             raise ValueError("pass the judge: --judge_model NAME (a model served by an OpenAI-compatible endpoint)")
+        for folder in self.answers_from:  # a mistyped folder reused nothing, without a word
+            if not Path(folder).is_dir():
+                raise ValueError(f"--answers_from {folder}: no such folder; pass an earlier evaluation's --output_dir "
+                                 "(it holds model_answer/)")
 
 
 @dataclass

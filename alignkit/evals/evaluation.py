@@ -107,9 +107,11 @@ def vibes(s, backend: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
     system = [{"role": "system", "content": s.system_prompt}] if s.system_prompt else []
     conversations = [system + [{"role": "user", "content": p}] for p in prompts]
     sources = [s.model_id] + ([s.compare_to] if s.compare_to else [])
+    from alignkit.modeling.lineage import check_models
     from alignkit.modeling.model_folders import check_model_sources
 
     check_model_sources(s, sources)  # both there before the first answers (a mistyped --compare_to came after them)
+    check_models(s, sources, "--model_id / --compare_to")  # and neither over a part retrained in place
     answers = {}
     for source in sources:
         with load_generator(loader_settings(s, source), backend) as generator, \

@@ -387,7 +387,7 @@ def reuse_answers(path, folders, questions, name: str, source: str, key: str) ->
     own seed, so such an answer is the one generating it here would give. Returns how many were reused.
     rlaif.py's rounds pass the round before: its new policy is this round's previous one."""
     wanted = {q["question_id"]: question_key(q) for q in unanswered(questions, _answers_or_none(path))}
-    found = {}
+    found, supplied = {}, []
     for folder in folders:
         for other in sorted((Path(folder) / "model_answer").glob("*.jsonl")):
             if other.resolve() == Path(path).resolve():
@@ -397,11 +397,12 @@ def reuse_answers(path, folders, questions, name: str, source: str, key: str) ->
                 if qid in wanted and qid not in found and row.get("settings_key") == key and \
                         row.get("question_key") == wanted[qid] and isinstance(row.get("choices"), list):
                     found[qid] = {**row, "model_id": name, "source": source, "reused_from": str(other)}
+                    supplied += [] if str(other) in supplied else [str(other)]
     if found:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         append_jsonl(path, list(found.values()))
-        logger.info(f"{name}: {len(found)} answers reused from {', '.join(str(f) for f in folders)} (the same model "
-                    "as loaded, sampled alike)")
+        logger.info(f"{name}: {len(found)} answers reused from {', '.join(supplied)} (the same model as loaded, "
+                    "sampled alike)")
     return len(found)
 
 

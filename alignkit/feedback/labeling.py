@@ -380,7 +380,12 @@ def _generator_identity(run: Run, source: Source) -> dict:
 def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]:
     """responses[source][prompt]: read from a file, found in the cache, or generated now (and cached at once);
     None when a file lacks the prompt or generation failed."""
+    from alignkit.modeling.lineage import check_models
+
     check_made(run, prompts=prompts)
+    # Every local model, before the first generates: one over a part retrained in place was refused at its own
+    # load, after the models before it had generated.
+    check_models(run.settings, [src.spec for src in run.sources if src.kind == "local"], "--model_a / --model_b")
     table: list[list[str | None]] = [[None] * len(prompts) for _ in run.sources]
     todo = defaultdict(list)  # (kind, model) -> [(source number, prompt number, cache key)]
     for si, source in enumerate(run.sources):
