@@ -518,7 +518,11 @@ def test_a_python_reward_that_returns_no_float_per_completion_or_misses_a_column
         "import numpy, torch\n"  # what TRL takes too: NumPy and tensor numbers, an array, a generator
         "def numbers(prompts, completions, **kw):\n    return [numpy.bool_(True), torch.tensor(0.5), numpy.float32(2)]\n"
         "def array(prompts, completions, **kw):\n    return numpy.zeros(len(completions))\n"
-        "def lazily(prompts, completions, **kw):\n    return (0.0 for _ in completions)\n")
+        "def lazily(prompts, completions, **kw):\n    return (0.0 for _ in completions)\n"
+        "def infinite(prompts, completions, **kw):\n    return [0.5, float('inf'), 0.5]\n"
+        "def infinite_array(prompts, completions, **kw):\n    return -numpy.inf * numpy.ones(3)\n"
+        "def needs(prompts, completions, solution, **kw):\n    return [0.0] * len(completions)\n"
+        "def closed(prompts, completions):\n    return [0.0] * len(completions)\n")
     call = dict(prompts=["q", "q", "q"], completions=["a", "b", "c"], answer=["x", "y", "z"], trainer_state=None,
                 completion_ids=[[1], [2], [3]])  # TRL's own arguments: not the dataset's columns
     spec = f"python:{tmp_path / 'bad.py'}"
@@ -534,6 +538,22 @@ def test_a_python_reward_that_returns_no_float_per_completion_or_misses_a_column
     assert rl_rewards.import_reward(f"{spec}:fine")(**call) == [1, None, True]
     for name in ("numbers", "array", "lazily"):
         assert len(rl_rewards.import_reward(f"{spec}:{name}")(**call)) == 3
+    # An infinity made the step's loss and gradients 0, with exit status 0 (found by an audit).
+    for name, said in (("infinite", "returned inf for completion 2"), ("infinite_array", "returned -inf for "
+                                                                                         "completion 1")):
+        with pytest.raises(ConfigError, match=re.escape(f"--reward {spec}:{name} {said}: a reward must be finite")):
+            rl_rewards.import_reward(f"{spec}:{name}")(**call)
+    # A column named as a parameter (TRL's style) that the rows lack, or no **kwargs: TRL's TypeError at the first
+    # step, after the policy had loaded and generated. Refused with the prompts, before the policy loads.
+    import datasets
+
+    prompts = datasets.Dataset.from_dict({"prompt": ["q"], "answer": ["x"]})
+    rl_rewards.check_rewards_take([rl_rewards.import_reward(f"{spec}:column")], prompts)
+    for name, said in (("needs", "takes 'solution', which no row gives: a row's columns reach it as keyword "
+                                 "arguments, and this dataset's are: answer"),
+                       ("closed", "takes no **kwargs: TRL passes it every column of the row (answer)")):
+        with pytest.raises(ConfigError, match=re.escape(f"--reward {spec}:{name} {said}")):
+            rl_rewards.check_rewards_take([rl_rewards.import_reward(f"{spec}:{name}")], prompts)
 
 
 def test_a_reward_model_trained_on_texts_refuses_conversations_before_the_policy_loads(monkeypatch, tmp_path):

@@ -61,6 +61,15 @@ INTERRUPTED_IMPORT = ("interrupted while Python imported a library, which stays 
 STEP_OF = "ALIGNKIT_STEP"
 
 
+_SAID_HOW_TO_GO_ON: list[bool] = []  # a stop whose own line said what is kept and how to go on (said_how_to_go_on)
+
+
+def said_how_to_go_on() -> None:
+    """The line just logged for an interrupt says what is kept and how to go on (a run folder's checkpoints,
+    label.py's judgments): the script's generic "interrupted" line would say it a second time."""
+    _SAID_HOW_TO_GO_ON.append(True)
+
+
 def run_again() -> str:
     """How to go on after a stop, in the words of where the run was started: a notebook's cell, or a command."""
     return "run the cell again" if is_notebook() or os.environ.get(STEP_OF) == "cell" else \
@@ -69,7 +78,7 @@ def run_again() -> str:
 
 def _report(kind, error, tb) -> None:
     if issubclass(kind, KeyboardInterrupt) and not debugging():  # Ctrl-C: one line, not a traceback into a library
-        if not os.environ.get(STEP_OF):
+        if not os.environ.get(STEP_OF) and not _SAID_HOW_TO_GO_ON:
             print(INTERRUPTED, file=sys.stderr)
         sys.exit(EXIT_TERMINATED if issubclass(kind, Terminated) else EXIT_INTERRUPTED)
     if issubclass(kind, UserError) and not debugging():

@@ -312,7 +312,8 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False):
     """Yield (item, fn(item) or the exception it raised) as results arrive, `parallel` calls at a time.
 
     Daemon threads: Ctrl-C ends the process at once rather than waiting for requests in flight. Their answers
-    are lost, which costs nothing but resending them on the next run: nothing was journaled for them.
+    are lost, and the next run sends them again (nothing was journaled for them): up to `parallel` requests a paid
+    API bills twice.
     stop_on_error: the first exception starts no further calls (for callers that raise it), as a caller that
     stops iterating does.
     """

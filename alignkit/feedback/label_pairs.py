@@ -9,7 +9,7 @@ from collections import defaultdict
 
 from alignkit import logger
 from alignkit.core.args import redact
-from alignkit.core.errors import EndpointRefused, UserError, run_again
+from alignkit.core.errors import EndpointRefused, UserError, run_again, said_how_to_go_on
 from alignkit.core.journal import batched, threaded
 from alignkit.core.progress import Progress
 from alignkit.core.digests import digest
@@ -107,6 +107,7 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
     except KeyboardInterrupt:
         logger.warning(f"interrupted: {len(run.judgments)} judgments are safe in {run.judgments.path}; {run_again()} "
                        "to resume")
+        said_how_to_go_on()
         raise
     finally:
         progress.close()

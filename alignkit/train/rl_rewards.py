@@ -26,6 +26,7 @@ largest unscored share).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -132,6 +133,7 @@ def import_reward(spec: str):
             except KeyError as error:
                 raise missing(kwargs, error) from error
 
+    reward.function, reward.spec = function, spec  # check_rewards_take reads its parameters
     reward.__name__ = reward.__qualname__ = get_callable_name(function)  # TRL's name for it in the logs
     reward.text_marks = None  # this batch's prompts written as text (alignkit.train.rl, _calculate_rewards)
     reward.__doc__ = getattr(function, "__doc__", None)
@@ -160,6 +162,11 @@ def checked_rewards(spec: str, rewards, completions):
         if not _a_number(value):
             raise ConfigError(f"--reward {spec} returned {type(value).__name__} ({value!r:.40}) for completion "
                               f"{i + 1}: {fix}")
+    values = rewards.tolist() if shape is not None else rewards
+    for i, value in enumerate(values):  # an infinity made the step's loss and gradients 0, without a word
+        if value is not None and math.isinf(float(value)):
+            raise ConfigError(f"--reward {spec} returned {float(value)} for completion {i + 1}: a reward must be "
+                              "finite (None or NaN leave a completion unscored)")
     return rewards
 
 
@@ -374,7 +381,27 @@ class JudgeReward:
 
 def check_rewards_take(rewards: list, prompts) -> None:
     """Refuse, before the policy loads, prompts a reward cannot score: a reward model trained on texts scores a
-    prompt written as text (one user turn), not a conversation (alignkit.feedback.rewards)."""
+    prompt written as text (one user turn), not a conversation (alignkit.feedback.rewards); a `python:` reward that
+    names a column the rows lack, or takes no **kwargs (TRL's TypeError at the first step, after generating)."""
+    import inspect
+
+    columns = sorted(c for c in (getattr(prompts, "column_names", None) or list(prompts)) if c != "prompt")
+    for reward in rewards:
+        function = getattr(reward, "function", None)
+        try:
+            parameters = inspect.signature(function).parameters.values() if function is not None else ()
+        except (TypeError, ValueError):  # a builtin or C function: TRL finds out
+            parameters = ()
+        kinds = {p.kind for p in parameters}
+        given = {"prompts", "completions", *TRL_REWARD_ARGUMENTS, *columns}
+        lacking = [p.name for p in parameters if p.default is p.empty and p.name not in given
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if lacking:
+            raise ConfigError(f"--reward {reward.spec} takes '{lacking[0]}', which no row gives: a row's columns reach "
+                              f"it as keyword arguments, and this dataset's are: {', '.join(columns) or 'none'}")
+        if parameters and inspect.Parameter.VAR_KEYWORD not in kinds:
+            raise ConfigError(f"--reward {reward.spec} takes no **kwargs: TRL passes it every column of the row "
+                              f"({', '.join(columns) or 'none'}) and its own (trainer_state, ...); add **kwargs")
     for reward in rewards:
         if isinstance(reward, RewardModelReward) and reward.model.text:
             for prompt in prompts["prompt"]:

@@ -35,7 +35,7 @@ import torch
 from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError, config_to_dict, field_defaults, redact
-from alignkit.core.errors import Terminated, UserError, is_notebook, keep_interrupts, run_again
+from alignkit.core.errors import Terminated, UserError, is_notebook, keep_interrupts, run_again, said_how_to_go_on
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
 # CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
@@ -491,6 +491,8 @@ def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
         again = "run the cells from 'Run folder' on again" if is_notebook() else run_again()
         logger.info(f"the run {ended}; its checkpoints stay in {folder} (see {FAILED_FILE}): {again} to resume"
                     + (f"; the earlier run is in {aside}" if aside else ""))
+        if isinstance(error, KeyboardInterrupt):
+            said_how_to_go_on()
         return
     paid = remove_keeping_judgments(folder, ignore_errors=True)
     if aside:
