@@ -293,6 +293,8 @@ def test_sharing_path_names_the_kernel_or_says_why_not():
     # DBRX keeps its experts per token in ffn_config (moe_top_k), and its router logits off by default: it was
     # shared, and TRL's --router_aux_loss_coef then read a 2D mask beside the packed 4D one.
     assert "mixture-of-experts" in prefix.sharing_path(AutoConfig.for_model("dbrx"), "sdpa").reason
+    assert prefix._experts(SimpleNamespace(ffn_config={"moe_top_k": 2}))  # as a dict, read from JSON
+    assert not prefix._experts(SimpleNamespace(num_experts=1, ffn_config=None))  # one expert: dense
     # Layer types the layout does not know (MiniMax's linear attention) are off, not guessed at.
     minimax = AutoConfig.for_model("minimax", **TINY, sliding_window=WINDOW)
     assert "linear_attention" in prefix.layer_windows(minimax)

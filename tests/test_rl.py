@@ -522,7 +522,12 @@ def test_a_python_reward_that_returns_no_float_per_completion_or_misses_a_column
         "def infinite(prompts, completions, **kw):\n    return [0.5, float('inf'), 0.5]\n"
         "def infinite_array(prompts, completions, **kw):\n    return -numpy.inf * numpy.ones(3)\n"
         "def needs(prompts, completions, solution, **kw):\n    return [0.0] * len(completions)\n"
-        "def closed(prompts, completions):\n    return [0.0] * len(completions)\n")
+        "def closed(prompts, completions):\n    return [0.0] * len(completions)\n"
+        "import functools\n"  # a decorator adapting a reward that names what it reads: its wrapper takes it all
+        "def adapted(f):\n    @functools.wraps(f)\n    def wrapper(*args, **kwargs):\n"
+        "        return f(completions=kwargs['completions'], answer=kwargs['answer'])\n    return wrapper\n"
+        "@adapted\ndef wrapped(completions, answer):\n    return [0.0] * len(completions)\n"
+        "def named(prompts, completions, answer, completion_ids, trainer_state):\n    return [0.0] * len(completions)\n")
     call = dict(prompts=["q", "q", "q"], completions=["a", "b", "c"], answer=["x", "y", "z"], trainer_state=None,
                 completion_ids=[[1], [2], [3]])  # TRL's own arguments: not the dataset's columns
     spec = f"python:{tmp_path / 'bad.py'}"
@@ -548,10 +553,11 @@ def test_a_python_reward_that_returns_no_float_per_completion_or_misses_a_column
     import datasets
 
     prompts = datasets.Dataset.from_dict({"prompt": ["q"], "answer": ["x"]})
-    rl_rewards.check_rewards_take([rl_rewards.import_reward(f"{spec}:column")], prompts)
+    for name in ("column", "wrapped", "named"):
+        rl_rewards.check_rewards_take([rl_rewards.import_reward(f"{spec}:{name}")], prompts)
     for name, said in (("needs", "takes 'solution', which no row gives: a row's columns reach it as keyword "
                                  "arguments, and this dataset's are: answer"),
-                       ("closed", "takes no **kwargs: TRL passes it every column of the row (answer)")):
+                       ("closed", "takes no **kwargs, nor 'answer', which TRL passes it (every column of the row: answer")):
         with pytest.raises(ConfigError, match=re.escape(f"--reward {spec}:{name} {said}")):
             rl_rewards.check_rewards_take([rl_rewards.import_reward(f"{spec}:{name}")], prompts)
 

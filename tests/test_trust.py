@@ -497,12 +497,15 @@ def test_sigterm_takes_ctrl_c_s_path_and_a_training_ends_its_step_first(tmp_path
     slow.write_text(
         "import os, sys, time\nfrom alignkit.core import errors\nerrors.report_user_errors()\n"
         "errors.SAME_STOP_S = 0.5\n"
-        "if sys.argv[1] == 'fork':\n"
-        "    child = os.fork()\n"
-        "    if child == 0:\n        time.sleep(60)\n        os._exit(0)\n"
-        "    print('ready', flush=True)\n    os.kill(child, 15)\n    print(os.waitpid(child, 0)[1], flush=True)\n"
+        "if sys.argv[1] == 'fork':\n"  # the child says it runs first: a signal before Python's after-fork is lost
+        "    r, w = os.pipe()\n    child = os.fork()\n"
+        "    if child == 0:\n        os.write(w, b'x')\n        time.sleep(60)\n        os._exit(0)\n"
+        "    os.read(r, 1)\n    print('ready', flush=True)\n    os.kill(child, 15)\n    print(os.waitpid(child, 0)[1], flush=True)\n"
         "    sys.exit(0)\n"
+        "if sys.argv[1] == 'prep':\n"  # in a training's preparation (TRL tokenizing): no step to wait for
+        "    with errors.keep_interrupts():\n        print('ready', flush=True)\n        time.sleep(60)\n"
         "with errors.keep_interrupts():\n"
+        "    errors.training_steps()\n"  # the trainer's loop has begun (before it, a SIGTERM stops at once)
         "    print('ready', flush=True)\n"
         "    for step in range(600):\n"
         "        if errors.sigterm_asked():\n            print('asked at its step end', flush=True)\n"
@@ -528,6 +531,10 @@ def test_sigterm_takes_ctrl_c_s_path_and_a_training_ends_its_step_first(tmp_path
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == errors.EXIT_TERMINATED == 143, err
     assert err.strip().splitlines() == [errors.INTERRUPTED]
+    proc = start("prep")  # before the trainer's loop, a SIGTERM stops at once (it waited for the first step's end)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and err.strip().splitlines() == [errors.INTERRUPTED]
     proc = start("fork")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.split() == [str(signal.SIGTERM)] and not err, (out, err)  # killed by it

@@ -262,7 +262,7 @@ def keep_interrupts():
 
     previous = signal.signal(signal.SIGINT, remember) if ours else None
     _PENDING.clear()
-    _SIGTERM.update(training=True, asked=False)
+    _SIGTERM.update(training=False, asked=False)  # the trainer's loop sets training (deferring a SIGTERM)
     try:
         yield  # a SIGTERM after the last step's end stays asked: the finished run is saved, then it stops (finish)
     finally:
@@ -285,6 +285,13 @@ def raise_pending_interrupt() -> None:
 # ---------------------------------------------------------------- a SIGTERM: Ctrl-C's path, after the step under way
 _SIGTERM = {"pid": None, "training": False, "asked": False, "at": 0.0, "stopping": False}
 SAME_STOP_S = 5.0  # SIGTERMs this close to the first are the same stop (a scheduler's, and torchrun's forward of it)
+STOPPING_S = 30.0  # once the step is saved, SIGTERMs this soon after are let be while the process cleans up
+
+
+def training_steps() -> None:
+    """The trainer's loop has begun (alignkit.train.resuming): from here a SIGTERM waits for the step's end. Before
+    it (TRL tokenizing the data, the dataloaders), a SIGTERM stops at once."""
+    _SIGTERM["training"] = True
 
 
 def stop_on_sigterm() -> None:
@@ -300,8 +307,22 @@ def stop_on_sigterm() -> None:
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return
+    if _SIGTERM["pid"] is None and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_default_in_a_child)
     _SIGTERM["pid"] = os.getpid()
     signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _default_in_a_child() -> None:
+    """A process forked from the script (a DataLoader's or datasets' worker) stops at a SIGTERM as before: the
+    default again, at once after the fork (the pid check in _on_sigterm covers a fork this could not reach)."""
+    import signal
+
+    try:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the child's main thread
+        pass
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -311,9 +332,9 @@ def _on_sigterm(signum, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return
-    if _SIGTERM["stopping"]:  # the step is saved and the process on its way out: its cleanup runs to the end
-        return
     now = time.monotonic()
+    if _SIGTERM["stopping"] and now - _SIGTERM["at"] < STOPPING_S:  # the step is saved: its cleanup runs to the end
+        return
     if _SIGTERM["training"] and not _SIGTERM["asked"]:  # the trainer ends its step and saves it
         _SIGTERM.update(asked=True, at=now)
         return
@@ -332,8 +353,8 @@ def sigterm_asked() -> bool:
 
 def stop_for_sigterm(why: str) -> None:
     """Raise the Terminated of a SIGTERM that waited (the trainer saved its step, or the finished run is saved);
-    later SIGTERMs are let be, so that the run folder's cleanup runs whole."""
-    _SIGTERM["stopping"] = True
+    SIGTERMs in the next STOPPING_S are let be, so that the run folder's cleanup runs whole."""
+    _SIGTERM.update(stopping=True, at=time.monotonic())
     raise Terminated(why)
 
 

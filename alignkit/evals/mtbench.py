@@ -394,16 +394,25 @@ def reuse_answers(path, folders, questions, name: str, source: str, key: str) ->
                 continue
             for row in _rows_or_none(other):
                 qid = row.get("question_id")
-                if qid in wanted and qid not in found and row.get("settings_key") == key and \
-                        row.get("question_key") == wanted[qid] and isinstance(row.get("choices"), list):
+                if qid in wanted and row.get("settings_key") == key and row.get("question_key") == wanted[qid] \
+                        and _whole_answer(row):  # the last one of a question wins, as read_answers reads a file
                     found[qid] = {**row, "model_id": name, "source": source, "reused_from": str(other)}
-                    supplied += [] if str(other) in supplied else [str(other)]
+    for row in found.values():
+        supplied += [] if row["reused_from"] in supplied else [row["reused_from"]]
     if found:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         append_jsonl(path, list(found.values()))
         logger.info(f"{name}: {len(found)} answers reused from {', '.join(supplied)} (the same model as loaded, "
                     "sampled alike)")
     return len(found)
+
+
+def _whole_answer(row: dict) -> bool:
+    """An answer record read_answers takes: its turns a list of texts (another folder's rows are not this run's to
+    refuse, nor to copy in and have refused)."""
+    choices = row.get("choices")
+    turns = choices[0].get("turns") if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
+    return isinstance(turns, list) and bool(turns) and all(isinstance(t, str) for t in turns)
 
 
 def _answers_or_none(path) -> dict:

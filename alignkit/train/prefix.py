@@ -66,6 +66,7 @@ import functools
 import inspect
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -181,6 +182,7 @@ def _experts(config) -> bool:
     """Whether the config is a mixture of experts's: its experts per token at the top (Mixtral, Qwen-MoE, DeepSeek,
     GPT-OSS), or in DBRX's ffn_config (`moe_top_k`), or a count of experts above one."""
     ffn = getattr(config, "ffn_config", None)
+    ffn = SimpleNamespace(**ffn) if isinstance(ffn, dict) else ffn  # a config read from JSON may keep it a dict
     counts = [getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts")]
     return bool(getattr(config, "num_experts_per_tok", None) or getattr(ffn, "moe_top_k", None)
                 or any(isinstance(n, int) and n > 1 for n in counts))

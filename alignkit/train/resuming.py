@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alignkit import logger
-from alignkit.core.errors import raise_pending_interrupt, sigterm_asked, stop_for_sigterm
+from alignkit.core.errors import raise_pending_interrupt, sigterm_asked, stop_for_sigterm, training_steps
 from alignkit.core.journal import write_atomic
 
 
@@ -58,6 +58,7 @@ class EndsAtMaxSteps:
         epochs, steps = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
                                                      *args, **kwargs)
         self.steps_at_start = self.state.global_step
+        training_steps()  # a SIGTERM from here waits for the step's end (alignkit.core.errors.stop_on_sigterm)
         resumed = args[0] if args else kwargs.get("resume_from_checkpoint")
         if resumed and self.counts_own_tokens and hasattr(self, "_total_train_tokens"):
             self._total_train_tokens = _tokens_trained(Path(resumed), self.state)
@@ -73,8 +74,9 @@ class EndsAtMaxSteps:
         stop = self._stop_voted(sigterm_asked())
         if stop and not self.saves_on_sigterm:
             stop_for_sigterm(f"SIGTERM at step {self.state.global_step}")
-        if stop:
+        if stop:  # saved first: the grace a scheduler gives (often 30 s) is not spent on an evaluation
             self.control.should_save = self.control.should_training_stop = True
+            self.control.should_evaluate = False
             logger.info(f"SIGTERM: saving step {self.state.global_step} as a checkpoint, then stopping (a second "
                         "SIGTERM, seconds later, stops at once)")
         super()._maybe_log_save_evaluate(*args, **kwargs)
@@ -104,7 +106,9 @@ class EndsAtMaxSteps:
                 flag = landed[0]
             stop = bool(flag.item())
         device = self.accelerator.device
-        flag = torch.tensor([int(asked)], dtype=torch.int32, device=device)
+        flag = torch.tensor([int(asked)], dtype=torch.int32)
+        if device.type == "cuda":  # from pinned memory, without waiting: a plain copy to the GPU syncs the stream
+            flag = flag.pin_memory().to(device, non_blocking=True)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
         landed = None
         if device.type == "cuda":
@@ -116,6 +120,18 @@ class EndsAtMaxSteps:
             landed = (host, event)
         self._stop_vote = (work, flag, landed)
         return stop
+
+    def sigterm_everywhere(self) -> bool:
+        """After the last step (finish): whether any process had a SIGTERM, one blocking vote that every process
+        reaches at the same point, so that all stop there or none does."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return sigterm_asked()
+        flag = torch.tensor([int(sigterm_asked())], dtype=torch.int32, device=self.accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _save_checkpoint(self, model, trial):
         """TRL's count of the tokens trained (`num_tokens` in the logs, the card and metrics.json), kept with the

@@ -388,20 +388,23 @@ def check_rewards_take(rewards: list, prompts) -> None:
     columns = sorted(c for c in (getattr(prompts, "column_names", None) or list(prompts)) if c != "prompt")
     for reward in rewards:
         function = getattr(reward, "function", None)
-        try:
-            parameters = inspect.signature(function).parameters.values() if function is not None else ()
+        try:  # its own signature: a decorator's (*args, **kwargs) wrapper takes what it is given
+            parameters = list(inspect.signature(function, follow_wrapped=False).parameters.values()) \
+                if function is not None else []
         except (TypeError, ValueError):  # a builtin or C function: TRL finds out
-            parameters = ()
-        kinds = {p.kind for p in parameters}
+            parameters = []
+        names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         given = {"prompts", "completions", *TRL_REWARD_ARGUMENTS, *columns}
         lacking = [p.name for p in parameters if p.default is p.empty and p.name not in given
                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         if lacking:
             raise ConfigError(f"--reward {reward.spec} takes '{lacking[0]}', which no row gives: a row's columns reach "
                               f"it as keyword arguments, and this dataset's are: {', '.join(columns) or 'none'}")
-        if parameters and inspect.Parameter.VAR_KEYWORD not in kinds:
-            raise ConfigError(f"--reward {reward.spec} takes no **kwargs: TRL passes it every column of the row "
-                              f"({', '.join(columns) or 'none'}) and its own (trainer_state, ...); add **kwargs")
+        passed = [*columns, "completion_ids", "trainer_state"]  # what every TRL version here passes it, at least
+        refused = [n for n in passed if n not in names]
+        if parameters and not any(p.kind == p.VAR_KEYWORD for p in parameters) and refused:
+            raise ConfigError(f"--reward {reward.spec} takes no **kwargs, nor '{refused[0]}', which TRL passes it (every "
+                              f"column of the row: {', '.join(columns) or 'none'}, and its own); add **kwargs")
     for reward in rewards:
         if isinstance(reward, RewardModelReward) and reward.model.text:
             for prompt in prompts["prompt"]:

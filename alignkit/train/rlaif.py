@@ -195,8 +195,9 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
                 "--prompts_file", prompts, "--output_dir", str(evaluation),
                 "--max_new_tokens", str(s.max_new_tokens), "--temperature", str(s.sample_temperature),
                 "--quantization", s.quantization, "--seed", str(s.seed)]
-        if r > 1:  # the previous policy answered these prompts in the round before, as its new one: reused by key
-            args += ["--answers_from", str(round_dir(folder, r - 1) / "eval")]
+        before = round_dir(folder, r - 1) / "eval"
+        if r > 1 and before.is_dir():  # the previous policy answered these prompts there, as its new one: by key
+            args += ["--answers_from", str(before)]
         endpoint = [] if judge == "rule" else endpoint_flags(s, skip={"judge_model"})
         if judge:
             args += ["--judge_model", judge]

@@ -353,7 +353,8 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
             write_atomic(earlier, json.dumps(metrics, indent=2))
     if trainer.accelerator.is_main_process:
         logger.info(f"{stage} adapter saved to {folder}")
-    if sigterm_asked():  # it came after the last step's end (the final evaluation): the finished run is saved first
+    voted = getattr(trainer, "sigterm_everywhere", sigterm_asked)
+    if voted():  # it came after the last step's end (the final evaluation): the finished run is saved first
         stop_for_sigterm(f"SIGTERM as the training ended: the run is saved in {folder}; the same command merges, "
                          "pushes and reports it")
     merged = hub_url = None
