@@ -500,7 +500,8 @@ def test_sigterm_takes_ctrl_c_s_path_and_a_training_ends_its_step_first(tmp_path
         "if sys.argv[1] == 'fork':\n"  # the child says it runs first: a signal before Python's after-fork is lost
         "    r, w = os.pipe()\n    child = os.fork()\n"
         "    if child == 0:\n        os.write(w, b'x')\n        time.sleep(60)\n        os._exit(0)\n"
-        "    os.read(r, 1)\n    print('ready', flush=True)\n    os.kill(child, 15)\n    print(os.waitpid(child, 0)[1], flush=True)\n"
+        "    os.read(r, 1)\n    print('ready', flush=True)\n    os.kill(child, 15)\n"
+        "    print(os.waitpid(child, 0)[1], flush=True)\n"
         "    sys.exit(0)\n"
         "if sys.argv[1] == 'prep':\n"  # in a training's preparation (TRL tokenizing): no step to wait for
         "    with errors.keep_interrupts():\n        print('ready', flush=True)\n        time.sleep(60)\n"

@@ -403,8 +403,8 @@ def check_rewards_take(rewards: list, prompts) -> None:
         passed = [*columns, "completion_ids", "trainer_state"]  # what every TRL version here passes it, at least
         refused = [n for n in passed if n not in names]
         if parameters and not any(p.kind == p.VAR_KEYWORD for p in parameters) and refused:
-            raise ConfigError(f"--reward {reward.spec} takes no **kwargs, nor '{refused[0]}', which TRL passes it (every "
-                              f"column of the row: {', '.join(columns) or 'none'}, and its own); add **kwargs")
+            raise ConfigError(f"--reward {reward.spec} takes no **kwargs, nor '{refused[0]}', which TRL passes it "
+                              f"(every column of the row: {', '.join(columns) or 'none'}, and its own); add **kwargs")
     for reward in rewards:
         if isinstance(reward, RewardModelReward) and reward.model.text:
             for prompt in prompts["prompt"]:
