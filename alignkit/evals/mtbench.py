@@ -386,7 +386,7 @@ def reuse_answers(path, folders, questions, name: str, source: str, key: str) ->
     the same question as it now reads (`question_key`), under any NAME. Each question and turn is sampled from its
     own seed, so such an answer is the one generating it here would give. Returns how many were reused.
     rlaif.py's rounds pass the round before: its new policy is this round's previous one."""
-    wanted = {q["question_id"]: question_key(q) for q in unanswered(questions, _answers_or_none(path))}
+    wanted = {q["question_id"]: question_key(q) for q in unanswered(questions, read_answers(path))}
     found, supplied = {}, []
     for folder in folders:
         for other in sorted((Path(folder) / "model_answer").glob("*.jsonl")):
@@ -413,10 +413,6 @@ def _whole_answer(row: dict) -> bool:
     choices = row.get("choices")
     turns = choices[0].get("turns") if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
     return isinstance(turns, list) and bool(turns) and all(isinstance(t, str) for t in turns)
-
-
-def _answers_or_none(path) -> dict:
-    return read_answers(path) if Path(path).is_file() else {}
 
 
 def _rows_or_none(path) -> list[dict]:

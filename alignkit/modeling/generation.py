@@ -57,15 +57,12 @@ def generate(
     # The template already wrote any bos token; adding special tokens again would double it.
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: out-of-memory shows at once
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     answers: list[str] = [""] * len(texts)
-    routers = _router_logits_off(model)
     # Beam sampling draws for beams, not rows: no per-row stream fits it, so each conversation goes alone, seeded by
     # its own seed (its answer then depends on nothing else in the call, as the caches that omit the batch assume).
     beam_sampled = seeds is not None and temperature > 0 and num_beams > 1
     step = 1 if beam_sampled else batch_size
-    try:
+    with no_router_logits(model), _padded_on(tokenizer, "left"):
         for start in range(0, len(order), step):
             rows = order[start : start + step]
             batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True,
@@ -87,11 +84,17 @@ def generate(
                 answers[i] = text.strip()
             if progress is not None:
                 progress.update(len(rows))
-    finally:
-        tokenizer.padding_side = side
-        for config in routers:
-            config.output_router_logits = True
     return answers
+
+
+@contextlib.contextmanager
+def _padded_on(tokenizer, side: str):
+    """The tokenizer pads on `side` inside, as it did after."""
+    before, tokenizer.padding_side = tokenizer.padding_side, side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = before
 
 
 def _router_logits_off(model) -> list:
@@ -108,7 +111,7 @@ def _router_logits_off(model) -> list:
 
 @contextlib.contextmanager
 def no_router_logits(model):
-    """While generating (rl.py's rollouts through TRL's generate as evaluate.py's): see `_router_logits_off`."""
+    """While generating (`generate`, and rl.py's rollouts through TRL's generate): see `_router_logits_off`."""
     routers = _router_logits_off(model)
     try:
         yield

@@ -34,6 +34,13 @@ def _tokens_trained(checkpoint: Path, state) -> int:
         return int(max((n for n in logged if isinstance(n, (int, float))), default=0))
 
 
+def _launched() -> bool:
+    """Whether this process is one of a launch's (a process group of more than one)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class EndsAtMaxSteps:
     """A run resumed at its last step (the same command run again after it finished at --max_steps) trains no
     further step. transformers checks the stop only after a step, so a resume at global_step == max_steps in the
@@ -95,7 +102,7 @@ class EndsAtMaxSteps:
         import torch
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not _launched():
             return asked
         stop = False
         if self._stop_vote is not None:
@@ -127,7 +134,7 @@ class EndsAtMaxSteps:
         import torch
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not _launched():
             return sigterm_asked()
         flag = torch.tensor([int(sigterm_asked())], dtype=torch.int32, device=self.accelerator.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -1,7 +1,7 @@
 """reward.py's logic: the reward losses, margins from the data, TRL's RewardTrainer with them, held-out reports.
 
 A reward model maps a conversation to one number, r = r(x, y), read by a one-output score head on the last
-token. On a pair (chosen y_c, rejected y_r) with rewards r_c, r_r and a margin m (`uses_margin`: the data's
+token. On a pair (chosen y_c, rejected y_r) with rewards r_c, r_r and a margin m (`with_margins`: the data's
 'margin' column, as TRL reads it, or with --use_margin true its scores' difference; else 0):
 
 - `bradley_terry` (TRL's RewardTrainer loss, the same expression):  L = mean(−log σ(r_c − r_r − m))
@@ -87,7 +87,11 @@ def margins(source, split="train", config_name=None, rows_kept: list[int] | None
     error is."""
     from alignkit.core.data import read_rows
 
-    read = read_rows(source, split, config_name)
+    return _margins(read_rows(source, split, config_name), rows_kept)
+
+
+def _margins(read, rows_kept: list[int] | None = None) -> list[float]:
+    """margins() of rows already read (alignkit.core.data.read_rows)."""
     rows, columns = read.dicts(), set(read.columns())
     numbers = range(len(rows)) if rows_kept is None else rows_kept
     if "margin" in columns:
@@ -103,27 +107,23 @@ def margins(source, split="train", config_name=None, rows_kept: list[int] | None
     )
 
 
-def uses_margin(s) -> bool:
-    """--use_margin true, or auto over data with a 'margin' column (TRL's RewardTrainer subtracts it where the data
-    has one: its rows trained without it here, without a word)."""
-    if str(s.use_margin).lower() != "auto":
-        return str(s.use_margin).lower() == "true"
-    from alignkit.core.data import read_rows
-
-    if "margin" not in read_rows(s.dataset_id, s.dataset_split, s.dataset_config).columns():
-        return False
-    logger.info(f"{s.dataset_id}: each pair's 'margin' column is subtracted from its reward difference, as TRL's "
-                "RewardTrainer does (--use_margin false: trained without it)")
-    return True
-
-
 def with_margins(preferences, s, kept: list[int] | None = None):
-    """The normalised pairs with a `margin` column when --use_margin is on (TRL's collator passes it on). `kept`:
+    """The normalised pairs with a `margin` column (TRL's collator passes it on): the data's own under --use_margin
+    auto, else with true a score difference where there is none (`margins`). `kept`:
     each pair's source row (alignkit.core.data.load_preferences' `kept`), so that a pair keeps its own row's margin
     where --skip_invalid skipped rows before it (the two were refused together)."""
-    if not uses_margin(s):
+    from alignkit.core.data import read_rows
+
+    use = str(s.use_margin).lower()  # auto: a 'margin' column where the data has one, as TRL's RewardTrainer reads it
+    if use == "false":
         return preferences
-    values = margins(s.dataset_id, s.dataset_split, s.dataset_config, kept)
+    read = read_rows(s.dataset_id, s.dataset_split, s.dataset_config)  # once, for the columns and the margins
+    if use == "auto" and "margin" not in read.columns():
+        return preferences
+    if use == "auto":
+        logger.info(f"{s.dataset_id}: each pair's 'margin' column is subtracted from its reward difference, as TRL's "
+                    "RewardTrainer does (--use_margin false: trained without it)")
+    values = _margins(read, kept)
     if len(values) != len(preferences):  # a caller that kept no row numbers, after rows were skipped
         raise DataError(f"{s.dataset_id}: {len(values) - len(preferences)} rows were skipped as invalid "
                         "(--skip_invalid) without their row numbers, so their margins do not line up with the pairs")
