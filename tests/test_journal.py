@@ -646,12 +646,12 @@ def test_a_model_or_rewards_built_under_other_settings_are_refused_in_one_line(t
     # rl.py: the Rewards cell skipped after --reward changed (the Model cell run again).
     rule = RLSettings(model_id=tiny, quantization="none", reward=["rule"], output_dir=str(tmp_path), run_name="rl")
     rewards = build_rewards(rule, tmp_path)
-    other = RLSettings(model_id=tiny, quantization="none", reward=["rule", "rule"], reward_weights=[1.0, 1.0],
+    other = RLSettings(model_id=tiny, quantization="none", reward=["rule"], reward_weights=[0.5],
                        output_dir=str(tmp_path), run_name="rl")
     model = add_trainable_adapter(load_model(other, for_training=True), other)
     folder, resume_from = run_folder.prepare_run(other, "rl", rows)
     with pytest.raises(UserError, match=r"^the rewards in memory were built under other settings than these "
-                                        r"\(reward, reward_weights changed since\): run the 'Rewards' cell again"):
+                                        r"\(reward_weights changed since\): run the 'Rewards' cell again"):
         with run_folder.start_run(other, folder, resume_from, model, (rows,), built=[(rewards, "Rewards")]):
             pass
     folder, resume_from = run_folder.prepare_run(other, "rl", rows)

@@ -205,3 +205,26 @@ def test_a_limited_run_keeps_the_full_results_and_says_what_it_was_made_under(ti
     for limit in range(1, harness.KEPT_PER_MODEL + 2):  # kept without end, the file would grow with every retraining
         run("--limit", str(limit))
     assert list(json.loads(kept.read_text())) == [f"limit-{float(n)}" for n in range(2, harness.KEPT_PER_MODEL + 2)]
+
+
+def test_lm_eval_s_task_index_is_built_once_a_process_and_again_when_a_task_file_changes(tmp_path, monkeypatch):
+    """lm_eval's TaskManager reads every task's YAML on each build (7 s and more): an evaluate cell run again, or
+    each model of a run, built it anew. It is kept for the --include_path as its files are, and an edited task
+    file is read anew."""
+    import os
+
+    builds = []
+
+    class Manager:
+        def __init__(self, include_path=None):
+            builds.append(include_path)
+
+    monkeypatch.setattr(harness, "_TASK_MANAGERS", {})
+    tasks = harness.tiny_task(tmp_path / "tasks", n=4)
+    first = harness._task_manager(Manager, str(tasks))
+    assert harness._task_manager(Manager, str(tasks)) is first and builds == [str(tasks)]
+    yaml = next(tasks.rglob("*.yaml"))
+    yaml.write_text(yaml.read_text() + "\n# edited\n")
+    os.utime(yaml, ns=(1, 1))  # the same second as before on a coarse clock: the size tells it
+    assert harness._task_manager(Manager, str(tasks)) is not first and len(builds) == 2
+    assert harness._task_manager(Manager, None) is not None and builds[-1] is None

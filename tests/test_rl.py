@@ -639,6 +639,17 @@ def test_reward_models_are_logged_under_their_folder_s_name(monkeypatch, tmp_pat
     assert [f.model for f in funcs[1:]] == specs[1:]  # each loads the folder it names
 
 
+def test_a_reward_listed_twice_is_refused_before_the_model_loads():
+    """--reward rule,rule gave two functions of one name: TRL logs one rewards/<name> column for both, and the
+    weights said nothing a single weight could not. Refused with the way to weigh one reward."""
+    from alignkit.core.config import RLSettings
+
+    with pytest.raises(ValueError, match=r"^--reward lists rule twice: give each reward once and weigh it with "
+                                         r"--reward_weights$"):
+        RLSettings(reward=["rule", "rm:runs/rm", "rule"])
+    RLSettings(reward=["rule", "rm:runs/a/merged", "rm:runs/b/merged"])  # two folders alike in name: logged apart
+
+
 def test_the_text_prompt_mark_goes_to_python_rewards_not_among_the_columns_trl_prints(tmp_path):
     """TRL hands every reward the row's columns and prints them in its "All reward functions returned None"
     warning: alignkit's mark of a prompt written as text was among them. The trainer takes it out of the rows for

@@ -250,6 +250,9 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
                              f"num_generations ({self.num_generations}): each generation samples whole groups of one "
                              "prompt's completions; change --num_generations, or the batch (--per_device_train_batch_"
                              "size, --steps_per_generation or --generation_batch_size)")
+        if twice := sorted({r for r in self.reward if self.reward.count(r) > 1}):  # one name: TRL logs one column
+            raise ValueError(f"--reward lists {twice[0]} twice: give each reward once and weigh it with "
+                             "--reward_weights")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward)} rewards "
                              f"{self.reward}")

@@ -192,6 +192,24 @@ def evaluate_model(s, source: str, lm_eval, task_manager) -> dict:
     return {"results": out["results"], "versions": out.get("versions", {}), "n-shot": out.get("n-shot", {})}
 
 
+_TASK_MANAGERS: dict = {}  # (include_path, its files as they are) -> lm_eval's TaskManager, built once a process
+
+
+def _task_manager(TaskManager, include_path):
+    """lm_eval's TaskManager, which reads every task's YAML (7 s and more) on each build: one per process for an
+    --include_path as its files are (name, size, time of change), so that an evaluate cell run again, or rlaif's
+    next round, does not read them all again, and an edited task file is read anew."""
+    files = ()
+    if include_path:
+        root = Path(include_path)
+        files = tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*") if f.is_file()))
+    key = (str(Path(include_path).resolve()) if include_path else None, files)
+    if key not in _TASK_MANAGERS:
+        _TASK_MANAGERS.clear()  # one kept: the folder as it is now
+        _TASK_MANAGERS[key] = TaskManager(include_path=include_path) if include_path else TaskManager()
+    return _TASK_MANAGERS[key]
+
+
 def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
     """Evaluate every model (or reuse its kept results), then write the table, JSON and chart."""
     lm_eval = require()
@@ -205,7 +223,7 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
     check_models(s, models.values())  # all of them before the first is evaluated
     if s.preset == "tiny" and s.include_path:
         tiny_task(s.include_path)
-    task_manager = TaskManager(include_path=s.include_path) if s.include_path else TaskManager()
+    task_manager = _task_manager(TaskManager, s.include_path)
     unknown = [t for t in s.tasks if t not in task_manager.all_tasks]
     if unknown:
         raise ConfigError(f"lm_eval has no task {', '.join(map(repr, unknown))}: name tasks as lm_eval lists them "
