@@ -407,6 +407,30 @@ def test_post_init_errors_become_config_errors():
     assert parse_config(Checked, args=["--lr", "2"], env_file=None).lr == 2.0
 
 
+def test_a_checked_value_is_named_where_it_was_set(tmp_path, monkeypatch):
+    """A notebook's overrides={"learning_rate": -1} was refused as "--learning_rate must be >= 0": a flag the
+    notebook has not. The message names the value where it was set: an overrides key, a recipe's key, a variable,
+    a flag; other flags the message names stay flags."""
+    @dataclass
+    class Checked:
+        lr: float = 1e-5
+        steps: int = 1
+
+        def __post_init__(self):
+            if self.lr <= 0:
+                raise ValueError(f"--lr must be > 0, got {self.lr} (--steps {self.steps} is fine)")
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: -2\n")
+    for how, said in (({"overrides": {"lr": -1}}, "overrides key 'lr'"), ({"args": ["--lr", "-1"]}, "--lr"),
+                      ({"args": ["--config", str(recipe)]}, f"{recipe}: key lr")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(said)} must be > 0, got -\d\.0 \(--steps 1 is fine\)$"):
+            parse_config(Checked, env_file=None, **{"args": [], **how})
+    monkeypatch.setenv("ALIGNKIT_LR", "-3")
+    with pytest.raises(ConfigError, match=r"^env var ALIGNKIT_LR must be > 0, got -3.0"):
+        parse_config(Checked, args=[], env_file=None)
+
+
 def test_required_field_missing():
     @dataclass
     class Req:

@@ -284,6 +284,13 @@ def test_ctrl_c_is_one_line_on_the_command_line_and_under_a_notebook_cell(tmp_pa
 
     errors._show_in_cell(Shell(), KeyboardInterrupt, KeyboardInterrupt(), None)
     assert capsys.readouterr().err.strip() == errors.INTERRUPTED_IN_CELL
+    # A run folder's own line said what is kept and the cells to run: the generic line (run the cell again) said
+    # a second, other way on. Once: the kernel's next stop says its own.
+    errors.said_how_to_go_on()
+    errors._show_in_cell(Shell(), KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert capsys.readouterr().err == ""
+    errors._show_in_cell(Shell(), KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert capsys.readouterr().err.strip() == errors.INTERRUPTED_IN_CELL
     # A stop inside torch.no_grad()'s own entry (after it turned gradients off) left them off for the kernel: every
     # later training failed ("does not require grad"). The stop is made to land there; the handler turns them on.
     real = torch.set_grad_enabled

@@ -31,7 +31,7 @@ import yaml
 from dotenv import load_dotenv
 
 from alignkit.core.environment import BARE_ENV_NAMES, ENV_PREFIX, read_environment, stray_variables
-from alignkit.core.errors import ConfigError, is_notebook  # noqa: F401 - ConfigError is re-exported
+from alignkit.core.errors import ConfigError, forget_failed_settings, is_notebook  # noqa: F401 - ConfigError is re-exported
 from alignkit.core.journal import write_atomic
 from alignkit.core.secrets import name_secret_variables, redact
 
@@ -332,7 +332,16 @@ PRESET_YIELDS = {"max_steps": "num_train_epochs"}
 
 
 def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, prog=None, description=None):
-    """Build an instance of dataclass ``cls`` from all layers (see module docstring)."""
+    """Build an instance of dataclass ``cls`` from all layers (see module docstring). In a notebook, settings that
+    fail take the earlier ones of this class out of the kernel (`forget_failed_settings`)."""
+    try:
+        return _parse_config(cls, args, overrides, env_file, presets, prog, description)
+    except ConfigError:
+        forget_failed_settings(cls)
+        raise
+
+
+def _parse_config(cls, args, overrides, env_file, presets, prog, description):
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"parse_config expects a dataclass type, got {cls!r}")
     hints = typing.get_type_hints(cls)  # resolves string annotations from `from __future__ import annotations`
@@ -455,7 +464,9 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
     except (ValueError, TypeError) as e:  # __post_init__ validation is a user-facing config problem too
         trl = {n: [a for a in vocab.aliases_of(n) if a in typed] for n in fields  # --beta typed, dpo_beta said
                if vocab and re.search(rf"\b{n}\b", str(e))}
-        raise ConfigError(str(e) + "".join(f" ({n} is TRL's {' / '.join(a)})" for n, a in trl.items() if a)) from e
+        said = re.sub(r"^--(\w+)\b", lambda m: (  # the value's own place: an overrides key, a recipe key, a variable
+            labels[("env", "recipe", "cli", "overrides").index(given[m[1]])](m[1]) if m[1] in given else m[0]), str(e))
+        raise ConfigError(said + "".join(f" ({n} is TRL's {' / '.join(a)})" for n, a in trl.items() if a)) from e
 
 
 # ---------------------------------------------------------------- saving and secrets

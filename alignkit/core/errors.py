@@ -141,6 +141,21 @@ def report_user_errors() -> None:
         shell.set_custom_exc((UserError, KeyboardInterrupt, NameError), _show_in_cell)
 
 
+def forget_failed_settings(cls) -> None:
+    """A notebook's settings cell failed: the kernel's settings of this class, from its last good run, go, so that
+    the cells below fail in one line ("run the cell above that sets it") instead of quietly running on the old
+    ones (a typo in `overrides` trained and saved the previous run again)."""
+    shell = getattr(builtins, "get_ipython", lambda: None)() if is_notebook() else None
+    names = getattr(shell, "user_ns", None)
+    if isinstance(names, dict):
+        for name in [n for n, value in names.items() if not n.startswith("_") and isinstance(value, cls)]:
+            del names[name]
+            _FORGOTTEN.add(name)
+
+
+_FORGOTTEN: set[str] = set()  # names of settings a failed settings cell took out of the kernel
+
+
 def _show_in_cell(shell, kind, error, tb, tb_offset=None):
     """IPython's handler for a UserError or an interrupt raised by a cell (InteractiveShell.set_custom_exc)."""
     if debugging():
@@ -156,6 +171,10 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
         import builtins
 
         name = getattr(error, "name", None) or ""
+        if name in _FORGOTTEN:  # not a typo of SFTSettings, which Python's rule would take it for
+            print(f"error: {name}: the settings cell stopped with an error (see its line), so its earlier settings "
+                  "are gone from the kernel: fix it and run it, then the cells from there down", file=sys.stderr)
+            return None
         typo = _close_name(name, list(getattr(shell, "user_ns", {}))) or _close_name(name, list(vars(builtins)))
         # Only the cell's own code (not a module it imports, nor a function: a bug, shown whole), and not a typo.
         cell = last is not None and last.tb_frame.f_code.co_name == "<module>" and \
@@ -175,8 +194,10 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
         # failed ("element 0 of tensors does not require grad"). Only then: a notebook may turn them off itself.
         if torch is not None and _through(tb, ("torch/autograd/grad_mode.py", "torch/utils/_contextlib.py")):
             torch.set_grad_enabled(True)
-        said = INTERRUPTED_IMPORT if _in_an_import(tb) else INTERRUPTED_IN_CELL
-        sys.stderr.write(said + "\n")  # one write: one stream message under the cell
+        said = INTERRUPTED_IMPORT if _in_an_import(tb) else None if _SAID_HOW_TO_GO_ON else INTERRUPTED_IN_CELL
+        _SAID_HOW_TO_GO_ON.clear()  # the kernel lives on: the next stop says its own
+        if said:  # not after a run folder's own line (its checkpoints, the cells to run): two ways to go on
+            sys.stderr.write(said + "\n")  # one write: one stream message under the cell
         return None
     from alignkit.core.secrets import redact
 
