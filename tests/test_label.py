@@ -264,6 +264,49 @@ def test_a_judge_that_always_says_A_yields_no_labels(tmp_path, alignkit_log, cap
     assert "train on it" not in capsys.readouterr().out
 
 
+def test_a_judge_that_never_gives_a_verdict_is_a_failed_run_and_its_answers_are_kept(tmp_path):
+    """A judge that never ended with a verdict (another format, a model that does not follow the template): label.py
+    wrote an empty file and ended with status 0, and `label.py && dpo.py` went on. It fails in one line naming
+    where its answers are and the fix; they are kept (a rerun asks nothing), and --retry_parse_failures asks again."""
+    marker_pairs(tmp_path)
+    with FakeOpenAI(lambda body: "Both are fine, but I won't say.") as server:
+        with pytest.raises(UserError, match=r"^no pair was labeled: the judge gave no verdict in any of its 10 "
+                                            r"answers \(they are in prefs\.cache/judgments\.jsonl\): an LLM judge "
+                                            r"ends with \[\[A\]\], \[\[B\]\] or \[\[C\]\], as its template asks; fix "
+                                            r"--judge_model or --judge_template, then run again with "
+                                            r"--retry_parse_failures true"):
+            label(tmp_path, server)
+        sent = server.count
+        with pytest.raises(UserError, match="^no pair was labeled: the judge gave no verdict"):
+            label(tmp_path, server)
+        assert server.count == sent  # its answers were paid for and kept
+    with FakeOpenAI(marker_judge) as server:
+        assert label(tmp_path, server, "--retry_parse_failures", "true")["labeled"] == 5 and server.count == sent
+
+
+def test_a_stop_while_judging_counts_this_run_s_judgments_not_the_cache_s(tmp_path, monkeypatch, alignkit_log):
+    """Ctrl-C while judging said "N judgments are safe" with N every record of the shared cache (earlier runs',
+    another judge's): a stop after 4 of 10 said 14. It says this run's count of what its pairs need, and the rest."""
+    from alignkit.feedback import label_pairs
+
+    marker_pairs(tmp_path)
+    with FakeOpenAI(marker_judge) as server:
+        label(tmp_path, server, "--judge_model", "other-judge")  # 10 judgments of another judge in the same cache
+        real = label_pairs.threaded
+
+        def stopped_after_4(fn, items, parallel):
+            for n, result in enumerate(real(fn, items, 1)):
+                if n == 4:
+                    raise KeyboardInterrupt
+                yield result
+
+        monkeypatch.setattr(label_pairs, "threaded", stopped_after_4)
+        with pytest.raises(KeyboardInterrupt):
+            label(tmp_path, server)
+    assert "interrupted: 4 of the 10 judgments these pairs need are safe in prefs.cache/judgments.jsonl; run the " \
+        "same command again to ask for the other 6" in alignkit_log.text
+
+
 def test_a_missing_prompts_file_leaves_nothing_behind(tmp_path):
     """A --prompts file that is not there was refused after the cache folder and the settings file were written
     beside the output (found by an audit)."""

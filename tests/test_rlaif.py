@@ -29,7 +29,8 @@ def judge_modules(tmp_path, monkeypatch):
 
     code = tmp_path / "judges"
     code.mkdir()
-    for module, name in (("my_judge", "judge"), ("other_judge", "judge"), ("j", "f"), ("unparsed_judge", "judge")):
+    for module, name in (("my_judge", "judge"), ("other_judge", "judge"), ("j", "f"), ("unparsed_judge", "judge"),
+                         ("flaky_judge", "judge")):
         (code / f"{module}.py").write_text(JUDGE.format(name=name))
         monkeypatch.delitem(sys.modules, module, raising=False)
     # Not syspath_prepend: it calls pkg_resources, which alignkit's alpaca_eval stand-in may be by now.
@@ -118,9 +119,14 @@ def _fake_steps(calls: list):
             out.write_text(json.dumps({"judge": flag["--judge"], "policy": flag["--model_id"]}) + "\n")
             unparsed = "unparsed" in flag["--judge"]  # a judge whose every verdict fails to parse labels nothing
             out.write_text("" if unparsed else out.read_text())
+            # A flaky judge: 2 requests failed after their retries in its first run, none in the next.
+            once = out.parent.parent / "flaky-judge-failed"
+            failed = 2 if "flaky" in flag["--judge"] and not once.exists() else 0
+            once.touch()
             out.with_suffix(".summary.json").write_text(json.dumps(
                 {"pairs_judged": 3, "labeled": 0, "parse_failures": 3} if unparsed else {"pairs_judged": 1,
-                                                                                     "labeled": 1}))
+                                                                                     "labeled": 1,
+                                                                                     "judgments": {"failed": failed}}))
         elif script == "dpo.py":
             dpo = Path(flag["--output_dir"]) / flag["--run_name"]
             dpo.mkdir(exist_ok=True)
@@ -276,6 +282,28 @@ def test_a_round_that_labels_nothing_stops_at_its_judge_and_a_missing_prompts_fi
     with pytest.raises(DataError, match=r"nope.jsonl: file not found"):
         rlaif.run(missing, tmp_path / "run-missing")
     assert calls == []
+
+
+def test_a_round_whose_judge_requests_failed_stops_and_the_rerun_asks_for_them_before_dpo(
+        tmp_path, monkeypatch, judge_modules):
+    """Judge requests that failed after their retries (429s, 500s): the round trained DPO on the pairs that made it
+    and counted its label step done, so no rerun asked for the rest (the README says a rerun does). The round stops
+    before DPO in one line; the same command runs label.py again (asking only those: its cache), then goes on."""
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.core.errors import UserError
+    from alignkit.train import rlaif
+
+    base, prompts, calls = _faked_rounds(tmp_path, monkeypatch)
+    s = RLAIFSettings(model_id=str(base), dataset_id=str(prompts), judge="python:flaky_judge:judge",
+                      eval_judge_model="rule", rounds=1, output_dir=str(tmp_path))
+    with pytest.raises(UserError, match=r"^round 1: 2 requests failed after their retries \(see .*\), so "
+                                        r"preferences.jsonl lacks their pairs: run the same rlaif.py command again, "
+                                        r"which asks only for those"):
+        rlaif.run(s, tmp_path / "run")
+    assert [script for script, _ in calls] == ["label.py"]
+    calls.clear()
+    rlaif.run(s, tmp_path / "run")
+    assert [script for script, _ in calls] == ["label.py", "dpo.py", "evaluate.py"]
 
 
 def test_a_redo_that_fails_keeps_the_earlier_round_aside_and_the_same_command_resumes_it(tmp_path, monkeypatch):

@@ -104,9 +104,11 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
                 open_keys[n] -= 1
                 finished += open_keys[n] == 0
             progress.update(finished, len(run.errors))
-    except KeyboardInterrupt:
-        logger.warning(f"interrupted: {len(run.judgments)} judgments are safe in {run.judgments.path}; {run_again()} "
-                       "to resume")
+    except KeyboardInterrupt:  # this run's judgments, not the cache's (earlier runs', other judges')
+        left = sum(key not in run.judgments or key in retry and parse_verdict(run.judgments.get(key)["text"]) is None
+                   for key in needed)
+        logger.warning(f"interrupted: {len(keys) - left} of the {len(keys)} judgments these pairs need are safe in "
+                       f"{run.judgments.path}; {run_again()} to ask for the other {left}")
         said_how_to_go_on()
         raise
     finally:

@@ -273,6 +273,12 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
     refuse_empty(len(rows), len(run.errors) + generation, judge_fix(run.judge.name) if run.errors else
                  generator_fix(", ".join(s.spec for s in run.sources if s.kind != "file")))
     if run.judge is not None and not rows:  # said with its reasons (every pair identical was said nowhere)
+        if verdicts and not any(v is not None for found in verdicts for v in found.values()):
+            raise UserError(  # not one verdict: a judge to fix, not a result to train on
+                f"no pair was labeled: the judge gave no verdict in any of its {sum(map(len, verdicts))} answers (they "
+                f"are in {run.judgments.path}): an LLM judge ends with [[A]], [[B]] or [[C]], as its template asks; "
+                "fix --judge_model or --judge_template, then run again with --retry_parse_failures true (these "
+                "answers are kept and reused otherwise)")
         logger.warning(nothing_labeled(summary, run.summary_path))
     return summary
 

@@ -160,6 +160,12 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
         raise UserError(f"round {r}: {nothing_labeled(summary, summary_file)} (label.py's flags go "
                         "in --label_args; its --temperature is --sample_temperature here); then run the same rlaif.py "
                         "command again (what is done is kept)")
+    skipped, judgments = summary.get("skipped") or {}, summary.get("judgments") or {}
+    failed = judgments.get("failed", 0) + skipped.get("generation_errors", 0)
+    if failed:  # DPO on the pairs that made it, marked done, and no rerun asked for the rest again
+        raise UserError(f"round {r}: {failed} requests failed after their retries (see {log}), so {preferences.name} "
+                        "lacks their pairs: run the same rlaif.py command again, which asks only for those (what is "
+                        "done is kept)")
     if plan[0]:
         _done(here, "label", inputs["label"])
     dpo = here / "dpo"
