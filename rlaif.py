@@ -46,7 +46,7 @@ launch = establish_launch(settings, "rlaif.py")  # the process's device, the pro
 # inputs and redoes the rest, naming what changed (alignkit.train.rlaif); earlier results move to `previous-TIME/`.
 
 # %%
-from alignkit.core.args import save_config
+from alignkit.core.saved_settings import save_config
 from alignkit.train.training import run_dir
 
 folder = run_dir(settings, "rlaif")

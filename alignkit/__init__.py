@@ -29,6 +29,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   data_files (reading files, folders and Hub datasets into rows that keep their place),
   hub (Hub pushes),
   secrets (what is kept out of logs, configs, cards and wandb),
+  saved_settings (settings as a run saves them, secrets as ***),
   card (model cards through huggingface_hub's ModelCard), run_records (a run's settings, a checkpoint's own figures),
   progress (the one progress-bar rule),
   llm (the chat-client factory for OpenAI-compatible endpoints).

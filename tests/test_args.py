@@ -9,15 +9,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from alignkit.core.args import (
-    ConfigError,
-    config_to_dict,
-    is_notebook,
-    parse_config,
-    redact,
-    save_config,
-    setting,
-)
+from alignkit.core.args import ConfigError, is_notebook, parse_config, redact, setting
+from alignkit.core.saved_settings import config_to_dict, save_config
 
 
 @dataclass

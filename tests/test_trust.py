@@ -394,7 +394,8 @@ def test_stage_settings_map_into_trls_config_and_bad_overrides_are_a_config_erro
     # settings' own dict changed, saved so in alignkit_config.json.
     import copy
 
-    from alignkit.core.args import config_to_dict, parse_config
+    from alignkit.core.args import parse_config
+    from alignkit.core.saved_settings import config_to_dict
 
     s = parse_config(DPOSettings, ["--fsdp", "full_shard auto_wrap", "--fsdp_config",
                                    '{"transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}', "--report_to", "none"],

@@ -28,6 +28,7 @@
 - data_files: reading a file, folder or Hub dataset into rows that keep their file and line.
 - hub: Hub pushes.
 - secrets: what is kept out of logs, error lines, saved configs, model cards and wandb.
+- saved_settings: settings as a run saves them (alignkit_config.json, what a model was built under), secrets as ***.
 - card: model cards through huggingface_hub's ModelCard (license, model-index, citations).
 - run_records: a run's settings and a checkpoint's own figures, read back from its folder (a checkpoint-N's run
   settings are one folder up).

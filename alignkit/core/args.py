@@ -15,7 +15,6 @@ translates every layer's keys into fields, and every key that is neither is repo
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import difflib
 import json
@@ -32,17 +31,13 @@ from dotenv import load_dotenv
 
 from alignkit.core.environment import BARE_ENV_NAMES, ENV_PREFIX, read_environment, stray_variables
 from alignkit.core.errors import ConfigError, forget_failed_settings, is_notebook  # noqa: F401 - ConfigError is re-exported
-from alignkit.core.journal import write_atomic
+from alignkit.core.saved_settings import is_secret_field, is_set
 from alignkit.core.secrets import name_secret_variables, redact
 
-__all__ = ["ConfigError", "setting", "parse_config", "config_to_dict", "save_config", "redact", "is_notebook",
-           "BARE_ENV_NAMES", "ENV_PREFIX"]
+__all__ = ["ConfigError", "setting", "parse_config", "redact", "is_notebook", "BARE_ENV_NAMES", "ENV_PREFIX"]
 
 _MISSING = dataclasses.MISSING
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-_SECRET_WORDS = ("token", "api_key", "secret", "password")
-# Tokenizer special tokens ("<pad>", "</s>") are settings, not credentials: hiding them would only lose information.
-_SPECIAL_TOKENS = {f"{p}_token" for p in ("pad", "eos", "bos", "unk", "sep", "cls", "mask")}
 
 
 def setting(default=_MISSING, help: str = "", choices=None, default_factory=_MISSING, whole: bool = False,
@@ -294,7 +289,7 @@ def _print_help(cls, fields, types_, defaults, prog, description, vocab, presets
             inner, _ = _unwrap_optional(types_[name])
             metavar = "{%s}" % ",".join(map(str, choices)) if choices else (
                 "[BOOL]" if inner is bool else "A,B,..." if _list_item(inner) else _type_name(inner).upper())
-            default = "required" if name not in defaults else "***" if _is_secret_field(name) and _is_set(
+            default = "required" if name not in defaults else "***" if is_secret_field(name) and is_set(
                 defaults[name]) else redact(_show(defaults[name]))
             env = f"{ENV_PREFIX}{name.upper()}" + (f" or {name.upper()}" if name.upper() in BARE_ENV_NAMES else "")
             also = vocab.aliases_of(name) if vocab else []
@@ -467,46 +462,3 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
         said = re.sub(r"^--(\w+)\b", lambda m: (  # the value's own place: an overrides key, a recipe key, a variable
             labels[("env", "recipe", "cli", "overrides").index(given[m[1]])](m[1]) if m[1] in given else m[0]), str(e))
         raise ConfigError(said + "".join(f" ({n} is TRL's {' / '.join(a)})" for n, a in trl.items() if a)) from e
-
-
-# ---------------------------------------------------------------- saving and secrets
-
-def _is_secret_field(name) -> bool:
-    # "tokenizer_name" and "max_new_tokens" are not credentials; "*_env" fields hold a variable's NAME.
-    n = re.sub("tokenizer|tokens", "", str(name).lower())
-    return not n.endswith("_env") and n not in _SPECIAL_TOKENS and any(w in n for w in _SECRET_WORDS)
-
-
-def _is_set(value) -> bool:
-    # Numbers are never credentials (`token_budget: int` must survive); empty values reveal nothing.
-    return bool(value) and not isinstance(value, (int, float))
-
-
-def _jsonable(value):
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): "***" if _is_secret_field(k) and _is_set(v) else _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    return redact(str(value))  # str, Path, Enum...: their text form is what a reader wants
-
-
-def config_to_dict(cfg) -> dict:
-    """JSON-safe dict of all fields of dataclass instance ``cfg``, with secrets replaced by ``***``."""
-    return _jsonable(cfg)
-
-
-def mark_built(obj, cfg):
-    """Mark `obj` (a model, rl.py's rewards) as built under settings `cfg`: a notebook's training cell trains only
-    what was built under the settings its Run folder cell decided (alignkit.train.cell_checks)."""
-    obj._alignkit_built_under = copy.deepcopy(config_to_dict(cfg))  # a copy: later edits in place count
-    return obj
-
-
-def save_config(cfg, path) -> None:
-    """Write ``config_to_dict(cfg)`` as indented JSON, creating parent directories; atomically, so a crash leaves
-    the earlier config or this one (a resume reads it to decide what it continues)."""
-    write_atomic(path, json.dumps(config_to_dict(cfg), indent=2) + "\n")

@@ -58,7 +58,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignkit.core.args import ConfigError, config_to_dict
+from alignkit.core.args import ConfigError
+from alignkit.core.saved_settings import config_to_dict
 from alignkit.core.journal import free_name, write_json
 from alignkit.evals.alpacaeval_annotate import (
     LoggedCompletions, annotation_store, annotator_config, check_rule_config, check_tiktoken, endpoint, load_package,
@@ -116,7 +117,7 @@ def run(s, backend: str) -> dict:
     """evaluate.py alpaca_eval, start to end; returns the summary (also written to summary.json)."""
     import pandas as pd
 
-    from alignkit.core.args import save_config
+    from alignkit.core.saved_settings import save_config
 
     use_rule = s.judge_model == "rule"
     # Absolute: alpaca_eval resolves a relative annotator config path against its own package folder.

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit import logger
-from alignkit.core.args import ConfigError, config_to_dict, parse_config, redact, save_config
+from alignkit.core.args import ConfigError, parse_config, redact
+from alignkit.core.saved_settings import config_to_dict, save_config
 from alignkit.core.config import (
     AlpacaEvalSettings, LMEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings,
 )

@@ -13,7 +13,8 @@ from itertools import combinations
 from pathlib import Path
 
 from alignkit import logger
-from alignkit.core.args import ConfigError, redact, save_config
+from alignkit.core.args import ConfigError, redact
+from alignkit.core.saved_settings import save_config
 from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt, template_arguments
 from alignkit.core.row_checks import kept_message
 from alignkit.core.errors import EndpointRefused

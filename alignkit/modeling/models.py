@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from alignkit import logger
-from alignkit.core.args import mark_built
+from alignkit.core.saved_settings import mark_built
 from alignkit.core.errors import UserError
 from alignkit.core.groups import chat_template_text
 from alignkit.core.progress import quiet_library_noise

@@ -13,7 +13,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from alignkit.core.args import config_to_dict
+from alignkit.core.saved_settings import config_to_dict
 from alignkit.core.errors import UserError
 
 # Run folders prepare_run decided in this process, each with what it decided for (Prepared): start_run trains only

@@ -32,7 +32,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from alignkit import logger
-from alignkit.core.args import ConfigError, mark_built, redact
+from alignkit.core.args import ConfigError, redact
+from alignkit.core.saved_settings import mark_built
 from alignkit.core.errors import EndpointRefused
 from alignkit.feedback.ratings import SINGLE_V1_NAME, SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM
 from alignkit.feedback.ratings import parse_rating as fastchat_rating

@@ -303,7 +303,7 @@ def _check_folder(s, folder: Path) -> None:
     """The folder these settings name (a notebook's settings cell run again with another run_name, then the Rounds
     cell alone, redid the old folder's rounds and kept its old record); then its record says what the rounds ran
     under (another --dpo_beta with the Run folder cell skipped was recorded as the old one)."""
-    from alignkit.core.args import save_config
+    from alignkit.core.saved_settings import save_config
 
     from types import SimpleNamespace
 

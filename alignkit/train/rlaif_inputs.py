@@ -12,7 +12,8 @@ import shlex
 from dataclasses import fields
 from pathlib import Path
 
-from alignkit.core.args import config_to_dict, redact
+from alignkit.core.args import redact
+from alignkit.core.saved_settings import config_to_dict
 from alignkit.core.digests import digest
 from alignkit.core.journal import write_atomic
 

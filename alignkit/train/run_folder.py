@@ -34,7 +34,8 @@ import torch
 
 from alignkit import logger
 from alignkit.core import progress
-from alignkit.core.args import ConfigError, config_to_dict, field_defaults, redact
+from alignkit.core.args import ConfigError, field_defaults, redact
+from alignkit.core.saved_settings import config_to_dict
 from alignkit.core.errors import Terminated, UserError, is_notebook, keep_interrupts, run_again, said_how_to_go_on
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size

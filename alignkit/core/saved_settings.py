@@ -1,0 +1,59 @@
+"""Settings as they are saved: a run's alignkit_config.json, the settings a model or rewards were built under.
+Secret fields ("token", "api_key", "secret", "password" in the name, tokenizer special tokens aside) are written as
+`***`, and every text value passes through redact, so no key reaches a saved file."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+
+from alignkit.core.journal import write_atomic
+from alignkit.core.secrets import redact
+
+_SECRET_WORDS = ("token", "api_key", "secret", "password")
+# Tokenizer special tokens ("<pad>", "</s>") are settings, not credentials: hiding them would only lose information.
+_SPECIAL_TOKENS = {f"{p}_token" for p in ("pad", "eos", "bos", "unk", "sep", "cls", "mask")}
+
+
+def is_secret_field(name) -> bool:
+    # "tokenizer_name" and "max_new_tokens" are not credentials; "*_env" fields hold a variable's NAME.
+    n = re.sub("tokenizer|tokens", "", str(name).lower())
+    return not n.endswith("_env") and n not in _SPECIAL_TOKENS and any(w in n for w in _SECRET_WORDS)
+
+
+def is_set(value) -> bool:
+    # Numbers are never credentials (`token_budget: int` must survive); empty values reveal nothing.
+    return bool(value) and not isinstance(value, (int, float))
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): "***" if is_secret_field(k) and is_set(v) else _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return redact(str(value))  # str, Path, Enum...: their text form is what a reader wants
+
+
+def config_to_dict(cfg) -> dict:
+    """JSON-safe dict of all fields of dataclass instance ``cfg``, with secrets replaced by ``***``."""
+    return _jsonable(cfg)
+
+
+def mark_built(obj, cfg):
+    """Mark `obj` (a model, rl.py's rewards) as built under settings `cfg`: a notebook's training cell trains only
+    what was built under the settings its Run folder cell decided (alignkit.train.cell_checks)."""
+    obj._alignkit_built_under = copy.deepcopy(config_to_dict(cfg))  # a copy: later edits in place count
+    return obj
+
+
+def save_config(cfg, path) -> None:
+    """Write ``config_to_dict(cfg)`` as indented JSON, creating parent directories; atomically, so a crash leaves
+    the earlier config or this one (a resume reads it to decide what it continues)."""
+    write_atomic(path, json.dumps(config_to_dict(cfg), indent=2) + "\n")
