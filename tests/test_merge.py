@@ -118,12 +118,31 @@ def test_a_merge_replaces_its_output_whole_and_a_killed_one_leaves_the_earlier_m
         sft_run, dpo_run, tmp_path, monkeypatch):
     """merge_adapters wrote straight into --output_dir: a kill mid-write left the new weights under the earlier
     merge.json and card (a folder that loads as another model than it says). It now writes beside the folder and
-    puts the result in place whole; a folder holding anything else is never replaced."""
+    puts the result in place whole; a folder holding anything else is never replaced: a merge into a merged
+    folder removed the user's notes there, and the evaluations recorded for the model there since (by suffix, any
+    .txt or .json was a merge's)."""
+    from alignkit.core.card import record_evaluation
+
     out = tmp_path / "m1"
     merge_module.merge_adapters(str(sft_run["run_folder"]), out)
-    (out / "stale-shard.safetensors").write_text("from an earlier merge")
+    record = json.loads((out / "merge.json").read_text())
+    assert "model.safetensors" in record["files"] and "README.md" in record["files"]
+    (out / "model-00002-of-00002.safetensors").write_text("a shard an earlier merge wrote, which this one did not")
+    (out / "merge.json").write_text(json.dumps({**record, "files": [*record["files"],
+                                                                    "model-00002-of-00002.safetensors"]}))
     merge_module.merge_adapters(str(sft_run["run_folder"]), out)
-    assert not (out / "stale-shard.safetensors").exists()
+    assert not (out / "model-00002-of-00002.safetensors").exists()
+    (out / "my_notes.txt").write_text("mine")
+    record_evaluation(out, "mt_bench", {"score": 7.5})
+    with pytest.raises(merge_module.UserError, match=r"^--output_dir .*m1 holds my_notes.txt, alignkit_evals.json "
+                                                     r"\(evaluations recorded since the merge\), which its merge did "
+                                                     r"not write, and the merge replaces the folder whole: move them "
+                                                     r"out, or pass another --output_dir$"):
+        merge_module.merge_adapters(str(sft_run["run_folder"]), out)
+    assert (out / "my_notes.txt").read_text() == "mine"
+    (out / "my_notes.txt").unlink()
+    (out / "alignkit_evals.json").unlink()
+    merge_module.merge_adapters(str(sft_run["run_folder"]), out)
     weights = (out / "model.safetensors").read_bytes()
 
     def killed(*args, **kwargs):
@@ -352,6 +371,9 @@ def test_output_dir_naming_an_adapter_or_a_model_is_refused_not_replaced(dpo_run
     (again / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
     (again / "qwen.tiktoken").write_text("x")
     (again / "modeling_custom.py").write_text("# remote code")
+    record = json.loads((again / "merge.json").read_text())  # as a merge of those families records them
+    (again / "merge.json").write_text(json.dumps({**record, "files": [
+        *record["files"], "additional_chat_templates/tool_use.jinja", "qwen.tiktoken", "modeling_custom.py"]}))
     assert merge_module.merge_adapters(str(plain), again) == again and (again / "merge.json").is_file()
     (again / "runs").mkdir()  # any other subfolder is not a merge's
     with pytest.raises(UserError, match="holds other things than a merged model"):

@@ -36,7 +36,8 @@ from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.config import ModelSettings, loader_settings
 from alignkit.core.errors import UserError
-from alignkit.core.journal import write_atomic
+from alignkit.core.digests import digest
+from alignkit.core.journal import read_json, write_atomic
 
 # Max |logit difference| accepted between the merged and the unmerged model, relative to the largest |logit|
 # (at least 1). Both run in fp32 and merging only reorders the same arithmetic, so the bound is fp32 noise
@@ -98,6 +99,9 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     if final.exists() and not _a_merged_model(final):
         raise UserError(f"--output_dir {output_dir} holds other things than a merged model: the merge replaces the "
                         "folder whole; pass a new folder (or an earlier merge's)")
+    if added := _added_since_the_merge(final):  # a user's notes, the evaluations of the model there: not lost
+        raise UserError(f"--output_dir {output_dir} holds {', '.join(added)}, which its merge did not write, and the "
+                        "merge replaces the folder whole: move them out, or pass another --output_dir")
     _check_not_in_chain(final, adapter_dir, base_model)
     from alignkit.core.run_records import run_config, trained_four_bit, trained_quantization
 
@@ -172,6 +176,7 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     if config and not (out / RUN_FILES[0]).exists():
         write_atomic(out / RUN_FILES[0], json.dumps(config, indent=2) + "\n")
     keep_checkpoint_metrics(adapter_dir, out, config)
+    written = sorted({p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} | {"merge.json", "README.md"})
     (out / "merge.json").write_text(json.dumps({
         "base_model": loaded.base_id, "base_revision": loaded.base_revision,
         # A local part by where it is (given relative to another folder, it named nothing from the next one).
@@ -179,6 +184,8 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         "dequantize": dequantize, **({"dequantized_from": str(FourBit.of(settings))} if dequantize else {}), "dtype": str(target).removeprefix("torch."), "check_dtype": "float32",
         "max_logit_difference": diff, "tolerance": tolerance,
         "kind": "reward model" if reward else "causal language model",
+        # What the next merge into this folder may replace: these files, the evaluations as they were copied.
+        "files": written, "evaluations": _evaluations(out),
     }, indent=2))
     _put_in_place(out, final)
     from alignkit.core.card import model_card
@@ -209,6 +216,28 @@ def _a_merged_model(folder: Path) -> bool:
     return not files or ((folder / "merge.json").is_file() and all(p.is_file() for p in files)
                          and suffixes <= MERGE_SUFFIXES
                          and not {"adapter_config.json", "lota_config.json"} & {p.name for p in files})
+
+
+def _evaluations(folder: Path) -> str | None:
+    """The digest of a folder's recorded evaluations (EVALS_FILE), None where it has none."""
+    from alignkit.core.card import EVALS_FILE
+
+    return digest((folder / EVALS_FILE).read_text()) if (folder / EVALS_FILE).is_file() else None
+
+
+def _added_since_the_merge(folder: Path) -> list[str]:
+    """What a merged folder holds that its merge did not write (merge.json's `files`): a user's notes, and the
+    evaluations evaluate.py recorded for the model there since. Nothing for a merge that recorded no list."""
+    from alignkit.core.card import EVALS_FILE
+
+    record = read_json(folder / "merge.json") if folder.is_dir() else {}
+    if not isinstance(record.get("files"), list):
+        return []
+    added = sorted(name for name in (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+                   if name not in record["files"] and name != EVALS_FILE)
+    if _evaluations(folder) not in (None, record.get("evaluations")):
+        added.append(f"{EVALS_FILE} (evaluations recorded since the merge)")
+    return added
 
 
 def _check_not_in_chain(final: Path, adapter_dir, base_model: str | None) -> None:
