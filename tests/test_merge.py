@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.core.config import ModelSettings
+from alignkit.core.errors import UserError
 from alignkit.modeling import merge as merge_module
 from alignkit.modeling.models import load_model
 
@@ -326,6 +327,14 @@ def test_a_pushed_checkpoint_keeps_its_trainer_state_and_local_records_home(sft_
     (checkpoint / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "me/tiny-base"}))
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"):
         (checkpoint / name).write_text("trainer state")
+    # A merge written inside it (--output_dir .../final), one cut short (.merged.partial/): whole models of their
+    # own, with records naming local paths, were uploaded beside the adapter (the patterns matched the top only).
+    for sub in ("final", ".merged.partial"):
+        (checkpoint / sub).mkdir()
+        for name in ("model.safetensors", "config.json", "merge.json", "alignkit_config.json"):
+            (checkpoint / sub / name).write_text("a merged model's")
+    (checkpoint / "notes").mkdir()
+    (checkpoint / "notes" / "trainer_state.json").write_text("trainer state")
     fake_hub["existing_private"] = True  # the repo is there already, private
     run_script("merge.py", "--adapter_dir", str(checkpoint), "--push_to_hub", "--push", "adapter", "--hub_repo_id",
                "me/ck", "--hub_public")
@@ -333,8 +342,22 @@ def test_a_pushed_checkpoint_keeps_its_trainer_state_and_local_records_home(sft_
     assert "adapter_model.safetensors" in upload["files"] and "README.md" in upload["files"]
     assert not {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin",
                 "alignkit_config.json", "merge.json"} & set(upload["files"])
+    assert not [f for f in upload["files"] if "/" in f], upload["files"]
     assert {"config.json", "*.safetensors", "adapter_config.json"} <= set(upload["delete_patterns"])
     assert "pushed" in alignkit_log.text and "(private)" in alignkit_log.text
+    # A checkpoint of a run on top of an adapter names the bare base and keeps the one below in frozen_0: pushed as
+    # an adapter, the Hub copy loaded as base + this adapter alone. And a mistyped folder made an empty repo, then
+    # a FileNotFoundError traceback.
+    shutil.copytree(sft_run["run_folder"], checkpoint / "frozen_0", ignore=shutil.ignore_patterns("checkpoint-*"))
+    fake_hub.clear()
+    with pytest.raises(UserError, match=r"^.*checkpoint-5 is a checkpoint of a run on top of 1 adapter\(s\) \(its "
+                                        r"frozen_0\): pushed as an adapter it would load without them"):
+        run_script("merge.py", "--adapter_dir", str(checkpoint), "--push_to_hub", "--push", "adapter",
+                   "--hub_repo_id", "me/ck")
+    with pytest.raises(UserError, match=r"^.*checkpoint-6 is not there: name a run folder"):
+        run_script("merge.py", "--adapter_dir", str(tmp_path / "run" / "checkpoint-6"), "--push_to_hub", "--push",
+                   "adapter", "--hub_repo_id", "me/ck")
+    assert fake_hub == {}  # no repo made
 
 
 def test_output_dir_naming_an_adapter_or_a_model_is_refused_not_replaced(dpo_run, sft_run, tmp_path):

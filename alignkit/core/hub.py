@@ -28,8 +28,11 @@ TRAINER_STATE = ["optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", 
 RUN_RECORDS = ["alignkit_config.json", "merge.json", "alignkit_failed.txt", "alignkit_claim.json"]
 # Never uploaded: intermediate state, anything that could hold credentials, and the files above (pushed from a
 # checkpoint-N folder itself too; the card tells what the records hold, without them).
-IGNORE = ["checkpoint-*", "*.previous-*", ".env", "*.env", "wandb/*", "runs/*", "merged/*", *TRAINER_STATE,
-          "pytorch_model_fsdp_*", "optimizer_*", "global_step*/*", *RUN_RECORDS]
+# In any subfolder too (the Hub matches a pattern against the whole path): a merge's records in a folder of its own,
+# a merge cut short (.merged.partial/), a replaced one (.merged.replaced/).
+IGNORE = ["checkpoint-*", "*.previous-*", ".env", "*.env", "wandb/*", "runs/*", "merged/*", ".*.partial/*",
+          ".*.replaced/*", "pytorch_model_fsdp_*", "optimizer_*", "global_step*/*",
+          *(f"{where}{name}" for name in (*TRAINER_STATE, *RUN_RECORDS) for where in ("", "*/"))]
 # Model files a push replaces: an earlier push of the other kind (an adapter, then the merged model) left its files
 # in the repo, which then loaded as base + the old adapter.
 REPLACED = ["*.safetensors", "*.bin", "*.gguf", "adapter_config.json", "config.json", "lota_config.json",
@@ -53,8 +56,19 @@ def require_token() -> str:
 
 
 def check_pushable(folder) -> None:
-    """Refuse an adapter whose recorded base is a local path (or a local adapter): nobody else could load it."""
+    """Refuse an adapter whose recorded base is a local path (or a local adapter), or a checkpoint of a run on top
+    of adapters (it names the bare base, and keeps those below in frozen_* folders no Hub loader reads): nobody
+    else could load it as trained. And a folder that is not there, before the Hub is asked for a repo."""
+    from alignkit.modeling.chain import checkpoint_frozen
+
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not there: name a run folder, one of its checkpoint-N folders or a merged model")
+    if below := checkpoint_frozen(str(folder)):
+        raise UserError(f"{folder} is a checkpoint of a run on top of {len(below)} adapter(s) (its "
+                        f"{', '.join(p.name for p in below)}): pushed as an adapter it would load without them, as a "
+                        f"model nobody trained; push the merged model instead (merge.py --adapter_dir {folder} "
+                        "--push_to_hub --hub_repo_id you/name)")
     base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path", "")
     if not base or is_hub_id(base):
         return
@@ -120,7 +134,9 @@ def push(folder, repo_id: str | None, private: bool = True, name: str | None = N
                           repo_type="model")
     repo_id = url.repo_id
     (folder / "README.md").write_text(model_card(folder, repo_id), encoding="utf-8")
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", ignore_patterns=IGNORE,
+    # A merge written into the folder (--output_dir runs/x/final): its own model, not part of this one.
+    merges = [f"{p.name}/*" for p in folder.iterdir() if p.is_dir() and (p / "merge.json").is_file()]
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", ignore_patterns=IGNORE + merges,
                       delete_patterns=REPLACED, commit_message="Upload with alignkit")
     # create_repo leaves an existing repo's visibility as it was: say what it is, not what was asked
     private = getattr(api.repo_info(repo_id, repo_type="model"), "private", private)
