@@ -258,3 +258,36 @@ def test_an_evaluation_shows_on_the_folders_card_at_once_and_a_card_of_ones_own_
     record_evaluation(folder, "mt_bench vs base", {"benchmark": "MT-Bench", "dataset": "mt_bench",
                                                     "metric": "win_rate", "value": 0.5, "metric_name": "vs base"})
     assert (folder / "README.md").read_text() == "# my own notes\n"
+
+
+def test_a_card_names_and_cites_the_method_each_run_used(tmp_path, monkeypatch):
+    """Found by the merge audit: a KTO run's card said "Fine-tuning of ...", tagged fine-tuning and cited no KTO
+    paper; dpo.py --loss_type simpo or orpo said "DPO of ...", tagged and cited DPO; and a merged chain cited QLoRA
+    from the top run only (an SFT run with QLoRA under a DPO run without it got no QLoRA)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def card_of(folder, **settings):
+        folder.mkdir()
+        (folder / "alignkit_config.json").write_text(json.dumps(settings))
+        card = model_card(folder)
+        meta = yaml.safe_load(card.split("---")[1])
+        return card, meta["tags"]
+
+    for name, settings, stage, cited, not_cited in (
+            ("kto", {"run_type": "kto"}, "KTO", "ethayarajh2024kto", "rafailov2023direct"),
+            ("simpo", {"run_type": "dpo", "loss_type": ["simpo"]}, "SimPO", "meng2024simpo", "rafailov2023direct"),
+            ("orpo", {"run_type": "dpo", "loss_type": ["orpo"]}, "ORPO", "hong2024orpo", "rafailov2023direct"),
+            ("dpo", {"run_type": "dpo", "loss_type": ["sigmoid", "ipo"]}, "DPO", "azar2023general", "meng2024simpo")):
+        card, tags = card_of(tmp_path / name, model_id="org/base", **settings)
+        assert f"\n{stage} of " in card and cited in card and not_cited not in card, name
+        assert stage.lower() in tags and "fine-tuning" not in tags and ("dpo" in tags) == (stage == "DPO"), tags
+    sft, dpo, merged = tmp_path / "sft", tmp_path / "dpo2", tmp_path / "merged"
+    card_of(sft, run_type="sft", quantization="4bit")
+    _, tags = card_of(dpo, run_type="dpo", quantization="none")
+    assert "qlora" not in tags
+    merged.mkdir()
+    (merged / "alignkit_config.json").write_text((dpo / "alignkit_config.json").read_text())
+    (merged / "merge.json").write_text(json.dumps({"base_model": "org/base", "adapters": [str(sft), str(dpo)],
+                                                   "lota_deltas": [], "max_logit_difference": 1e-5}))
+    card = model_card(merged)
+    assert "qlora" in yaml.safe_load(card.split("---")[1])["tags"] and "dettmers2023qlora" in card

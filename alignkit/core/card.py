@@ -28,7 +28,8 @@ from alignkit.core.run_records import LOADED_AS, checkpoint_metrics, run_config
 from alignkit.core.sources import hub_gguf, is_hub_id
 
 EVALS_FILE = "alignkit_evals.json"  # evaluation results evaluate.py recorded for a local model folder
-RUN_TYPES = {"sft": "SFT", "dpo": "DPO", "reward": "Reward model"}  # rl: GRPO or RLOO, from its --algo
+RUN_TYPES = {"sft": "SFT", "dpo": "DPO", "kto": "KTO", "reward": "Reward model"}  # rl: GRPO/RLOO (--algo)
+REFERENCE_FREE = {"simpo": "SimPO", "orpo": "ORPO"}  # dpo.py's losses that are methods of their own (they run alone)
 FRAMEWORKS = ("alignkit", "transformers", "trl", "peft", "torch", "datasets", "tokenizers", "accelerate",
               "bitsandbytes")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -47,6 +48,13 @@ CITATIONS = {
     "IPO": ("azar2023general", "A General Theoretical Paradigm to Understand Learning from Human Preferences",
             "Mohammad Gheshlaghi Azar and Mark Rowland and Bilal Piot and Daniel Guo and Daniele Calandriello and "
             "Michal Valko and Rémi Munos", 2023, "2310.12036"),
+    "KTO": ("ethayarajh2024kto", "KTO: Model Alignment as Prospect Theoretic Optimization",
+            "Kawin Ethayarajh and Winnie Xu and Niklas Muennighoff and Dan Jurafsky and Douwe Kiela", 2024,
+            "2402.01306"),
+    "SimPO": ("meng2024simpo", "SimPO: Simple Preference Optimization with a Reference-Free Reward",
+              "Yu Meng and Mengzhou Xia and Danqi Chen", 2024, "2405.14734"),
+    "ORPO": ("hong2024orpo", "ORPO: Monolithic Preference Optimization without Reference Model",
+             "Jiwoo Hong and Noah Lee and James Thorne", 2024, "2403.07691"),
     "LoTA": ("panda2024lottery", "Lottery Ticket Adaptation: Mitigating Destructive Interference in LLMs",
              "Ashwinee Panda and Berivan Isik and Xiangyu Qi and Sanmi Koyejo and Tsachy Weissman and Prateek Mittal",
              2024, "2406.16797"),
@@ -228,15 +236,20 @@ def _4bit(merge: dict) -> str:
     return merge.get("dequantized_from") or "4-bit NF4"
 
 
-def methods(settings: dict, run_type: str | None, folder: Path) -> list[str]:
-    """The methods the card cites, from the recorded settings and evaluations."""
+def methods(settings: dict, run_type: str | None, folder: Path, below: list[dict] = ()) -> list[str]:
+    """The methods the card cites, from the recorded settings (and those of the runs `below` it in a merged chain:
+    an SFT run with QLoRA under a DPO run without) and evaluations."""
     used = ["LoTA"] if settings.get("adapter") == "lota" or (folder / "lota_config.json").is_file() else ["LoRA"]
     # As the loader loaded it (`auto` is 4-bit QLoRA on CUDA), else as asked (a run saved before the record).
-    if (settings.get(LOADED_AS) or {}).get("quantization", settings.get("quantization")) == "4bit":
+    if any((run.get(LOADED_AS) or {}).get("quantization", run.get("quantization")) == "4bit"
+           for run in (settings, *below)):
         used.append("QLoRA")
+    if run_type == "kto":
+        used.append("KTO")
     if run_type == "dpo":
         losses = settings.get("loss_type") or ["sigmoid"]
-        if any(loss != "ipo" for loss in losses):
+        used += [REFERENCE_FREE[loss] for loss in losses if loss in REFERENCE_FREE]
+        if any(loss not in ("ipo", *REFERENCE_FREE) for loss in losses):
             used.append("DPO")
         if settings.get("label_smoothing"):
             used.append("cDPO")
@@ -330,12 +343,15 @@ def model_card(folder, repo_id: str | None = None) -> str:
         stage = "merged adapters"
     elif run_type == "rl":
         stage = (settings.get("algo") or run_type).upper()
+    elif run_type == "dpo" and len(losses := settings.get("loss_type") or []) == 1 and losses[0] in REFERENCE_FREE:
+        stage = REFERENCE_FREE[losses[0]]
     else:
         stage = RUN_TYPES.get(run_type, "Fine-tuning")
-    cited = methods(settings, run_type, folder)
+    below = [_read_json(Path(run) / "alignkit_config.json") for run in runs[:-1]] if settings else []
+    cited = methods(settings, run_type, folder, below)
     license_ = base_license(base)
     tags = ["alignkit", "trl", "lota" if "LoTA" in cited else "lora", stage.split()[0].lower()]
-    tags += [m.lower() for m in cited if m in ("cDPO", "IPO", "QLoRA")]
+    tags += [m.lower() for m in cited if m in ("cDPO", "IPO", "QLoRA", "KTO", "SimPO", "ORPO") and m != stage]
     data = ModelCardData(
         base_model=hub_base, datasets=hub_datasets or None,
         library_name="peft" if is_adapter else "transformers",
