@@ -288,7 +288,8 @@ def test_missing_token_fails_before_merging(dpo_run, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     args = ["--adapter_dir", str(dpo_run["run_folder"]), "--output_dir", str(tmp_path / "m"), "--push_to_hub",
             "--hub_repo_id", "me/x"]
-    with pytest.raises(ValueError, match="HF_HUB_OFFLINE=1 is set"):
+    with pytest.raises(ValueError, match=r"HF_HUB_OFFLINE=1 is set.*\(HF_HUB_OFFLINE unset, with a token: HF_TOKEN "
+                                         r"in the environment or in \.env\)"):  # both fixes at once, not one a run
         run_script("merge.py", *args)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

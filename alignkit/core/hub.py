@@ -51,7 +51,8 @@ def require_token() -> str:
         raise UserError("pushing to the Hub needs a token: set HF_TOKEN in the environment or in .env")
     if why := push_unreachable():
         raise HubUnreachable(f"pushing to the Hub needs the Hub, and {why}: run where it answers (HF_HUB_OFFLINE "
-                             "unset), or leave out --push_to_hub and push the result once it does")
+                             "unset" + ("" if token else ", with a token: HF_TOKEN in the environment or in .env")
+                             + "), or leave out --push_to_hub and push the result once it does")
     return token
 
 
