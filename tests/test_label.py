@@ -272,9 +272,10 @@ def test_a_judge_that_never_gives_a_verdict_is_a_failed_run_and_its_answers_are_
     with FakeOpenAI(lambda body: "Both are fine, but I won't say.") as server:
         with pytest.raises(UserError, match=r"^no pair was labeled: the judge gave no verdict in any of its 10 "
                                             r"answers \(they are in prefs\.cache/judgments\.jsonl\): an LLM judge "
-                                            r"ends with \[\[A\]\], \[\[B\]\] or \[\[C\]\], as its template asks; fix "
-                                            r"--judge_model or --judge_template, then run again with "
-                                            r"--retry_parse_failures true"):
+                                            r"ends with \[\[A\]\], \[\[B\]\] or \[\[C\]\], as its template asks "
+                                            r"\(an answer cut short by --judge_max_tokens has none\); fix "
+                                            r"--judge_model, --judge_template or --judge_max_tokens, then run again "
+                                            r"with --retry_parse_failures true"):
             label(tmp_path, server)
         sent = server.count
         with pytest.raises(UserError, match="^no pair was labeled: the judge gave no verdict"):
@@ -390,10 +391,15 @@ def test_the_judgment_cache_keys_on_every_judge_setting(tmp_path):
     def cut_short(body):  # what a real endpoint returns when max_tokens ends the answer before the verdict
         return "Response A is more detailed and" if body["max_tokens"] < 100 else marker_judge(body)
 
+    def no_verdict(*flags):  # a failed run (status 2), its summary written
+        with pytest.raises(UserError, match="^no pair was labeled: the judge gave no verdict"):
+            label(tmp_path, server, *flags)
+        return json.loads((tmp_path / "prefs.summary.json").read_text())
+
     with FakeOpenAI(cut_short) as server, FakeOpenAI(marker_judge) as other:
-        short = label(tmp_path, server, "--judge_max_tokens", "20")
+        short = no_verdict("--judge_max_tokens", "20")
         assert server.count == 10 and short["parse_failures"] == 5 and short["labeled"] == 0
-        again = label(tmp_path, server, "--judge_max_tokens", "20")
+        again = no_verdict("--judge_max_tokens", "20")
         assert server.count == 10 and again["parse_failures"] == 5  # paid answers are kept, not bought again
 
         full = label(tmp_path, server)  # the default 2048: another setting, so every judgment is asked again
@@ -741,8 +747,12 @@ def test_a_local_model_can_judge(tiny_cache, tmp_path, alignkit_log):
     context (128 tokens) is shorter than the judge prompts: said once, in alignkit's words."""
     from alignkit.modeling import presets
 
-    run_script("label.py", "--preset", "tiny", "--num_samples", "2", "--max_prompts", "3", "--judge", "hf",
-               "--judge_model", presets.paths()["model"], "--judge_max_tokens", "8", "--output", "hf.jsonl", cwd=tmp_path)
+    try:  # without one verdict, a failed run (its summary written)
+        run_script("label.py", "--preset", "tiny", "--num_samples", "2", "--max_prompts", "3", "--judge", "hf",
+                   "--judge_model", presets.paths()["model"], "--judge_max_tokens", "8", "--output", "hf.jsonl",
+                   cwd=tmp_path)
+    except UserError as error:
+        assert str(error).startswith("no pair was labeled: the judge gave no verdict"), error
     summary = json.loads((tmp_path / "hf.summary.json").read_text())
     assert summary["judge"].startswith("hf:") and summary["errors"] == 0
     assert summary["pairs_judged"] == summary["parse_failures"] + summary["ties"] + summary["disagreements"] \
@@ -1094,6 +1104,12 @@ def test_a_judge_that_fails_every_request_stops_early_and_an_empty_output_is_a_f
         with pytest.raises(UserError, match=r"^the first 5 judge requests all failed \(NotACompletion: .* answered "
                                             r"without a chat completion \(got '<html><body>Sign in</body></html>'\)"):
             label(tmp_path, server, "--max_retries", "0", "--parallel", "1", out="page.jsonl")
+    # The same page said to be JSON: openai's bare JSONDecodeError ("Expecting value: line 1 column 1").
+    page = Fault(200, body="<html>hello</html>", headers={"Content-Type": "application/json"})
+    with FakeOpenAI(lambda body: page) as server:
+        with pytest.raises(UserError, match=r"^the first 5 judge requests all failed \(NotACompletion: .* answered "
+                                            r"without a chat completion \(a body that is not JSON: Expecting value"):
+            label(tmp_path, server, "--max_retries", "0", "--parallel", "1", out="page.jsonl")
     # A generator that is down: the same, naming --generation_base_url (it asked every prompt, then wrote an empty
     # file with status 0 and pointed at dpo.py).
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"what is {i} + {i}?"} for i in range(12)])
@@ -1160,8 +1176,13 @@ def test_a_python_judge_that_breaks_its_contract_is_named_in_one_line(tmp_path, 
         "def unsure(prompt, a, b):\n    return 'maybe'\n")
 
     def run(rule):
-        run_script("label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge",
-                   f"python:rules.py:{rule}", "--output", f"{rule}.jsonl", cwd=tmp_path)
+        try:
+            run_script("label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge",
+                       f"python:rules.py:{rule}", "--output", f"{rule}.jsonl", cwd=tmp_path)
+        except UserError as error:  # not one verdict: a failed run, its summary written
+            assert str(error).startswith("no pair was labeled: the judge gave no verdict in any of its 10 answers ("
+                                         f"they are in {rule}.cache/judgments.jsonl): a python: judge returns A, B or "
+                                         f"tie; fix python:rules.py:{rule}, then run again"), error
         return json.loads((tmp_path / f"{rule}.summary.json").read_text())
 
     assert run("nothing")["parse_failures"] == 5

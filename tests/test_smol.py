@@ -134,6 +134,22 @@ def test_an_unsupported_architecture_names_the_file_and_the_architecture(tiny_ca
         model_source(str(tmp_path), "missing.gguf")
 
 
+def test_a_damaged_gguf_file_is_one_line_with_the_fix(tiny_cache, tmp_path):
+    """Found by the smol audit: another kind of file named .gguf ("GGUF magic invalid") and a download cut short
+    ("cannot reshape array of size 214336 ...") ended in a traceback from the gguf reader or transformers."""
+    from alignkit.modeling import smol
+    from alignkit.modeling.gguf import model_source
+
+    junk, short = tmp_path / "junk.gguf", tmp_path / "short.gguf"
+    junk.write_text("<html>not found</html>")
+    with open(smol.gguf_path(), "rb") as whole:
+        short.write_bytes(whole.read(2_000_000))
+    for path in (junk, short):
+        with pytest.raises(UserError, match=rf"^{path} is not a whole GGUF file \(\w+: .*\): a download or copy cut "
+                                            r"short, or another kind of file; download or copy it again$"):
+            model_source(str(path))
+
+
 def test_smol_rule_prefers_short_on_topic_answers():
     from alignkit.modeling import smol
 

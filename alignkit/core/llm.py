@@ -138,12 +138,19 @@ class ChatClient:
         self.usage = Usage()
 
     def complete(self, messages: list[dict], **kwargs) -> str:
+        import json
+
         with silence_said(self._silent):
-            response = self.client.chat.completions.create(
-                model=self.model, messages=openai_messages(messages),
-                temperature=kwargs.pop("temperature", self.temperature),
-                max_tokens=kwargs.pop("max_tokens", self.max_tokens), **kwargs,
-            )
+            try:
+                response = self.client.chat.completions.create(
+                    model=self.model, messages=openai_messages(messages),
+                    temperature=kwargs.pop("temperature", self.temperature),
+                    max_tokens=kwargs.pop("max_tokens", self.max_tokens), **kwargs,
+                )
+            except json.JSONDecodeError as error:  # a page served as JSON (a proxy's, a login's): openai's bare error
+                raise NotACompletion(f"{self.client.base_url} answered without a chat completion (a body that is "
+                                     f"not JSON: {error}): its URL should be the API's, usually ending in "
+                                     "/v1") from None
         choices = getattr(response, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:  # a web page, a proxy's error, no JSON
             shown = " ".join(str(response).split())[:120]

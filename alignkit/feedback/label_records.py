@@ -274,11 +274,13 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                  generator_fix(", ".join(s.spec for s in run.sources if s.kind != "file")))
     if run.judge is not None and not rows:  # said with its reasons (every pair identical was said nowhere)
         if verdicts and not any(v is not None for found in verdicts for v in found.values()):
+            how = (f"a python: judge returns A, B or tie; fix {run.judge.name}" if run.judge.name.startswith("python:")
+                   else "an LLM judge ends with [[A]], [[B]] or [[C]], as its template asks (an answer cut short by "
+                   "--judge_max_tokens has none); fix --judge_model, --judge_template or --judge_max_tokens")
             raise UserError(  # not one verdict: a judge to fix, not a result to train on
                 f"no pair was labeled: the judge gave no verdict in any of its {sum(map(len, verdicts))} answers (they "
-                f"are in {run.judgments.path}): an LLM judge ends with [[A]], [[B]] or [[C]], as its template asks; "
-                "fix --judge_model or --judge_template, then run again with --retry_parse_failures true (these "
-                "answers are kept and reused otherwise)")
+                f"are in {run.judgments.path}): {how}, then run again with --retry_parse_failures true (these answers "
+                "are kept and reused otherwise)")
         logger.warning(nothing_labeled(summary, run.summary_path))
     return summary
 

@@ -95,16 +95,27 @@ def architecture(path: Path) -> str:
     """The `general.architecture` the GGUF file declares (llama, qwen2, mamba, ...)."""
     from gguf import GGUFReader
 
-    field = GGUFReader(path).fields.get("general.architecture")
+    try:
+        field = GGUFReader(path).fields.get("general.architecture")
+    except (ValueError, OSError, IndexError, KeyError) as error:  # "GGUF magic invalid", a header cut short
+        raise _damaged(path, error) from None
     if field is None:
         return "(none declared)"
     return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
 
 
+def _damaged(path: Path, error: BaseException) -> UserError:
+    return UserError(f"{path} is not a whole GGUF file ({type(error).__name__}: {str(error)[:120]}): a download or "
+                     "copy cut short, or another kind of file; download or copy it again")
+
+
 def converted_folder(path: Path) -> Path:
+    """Keyed on the file's content and on what reads it: transformers, and the gguf package that dequantizes it."""
+    from importlib.metadata import version
+
     import transformers
 
-    return cache_root() / f"{content_hash(path)[:32]}-tf{transformers.__version__}-{CONVERTER}"
+    return cache_root() / f"{content_hash(path)[:32]}-tf{transformers.__version__}-gguf{version('gguf')}-{CONVERTER}"
 
 
 def convert(path: Path) -> Path:
@@ -125,7 +136,7 @@ def convert(path: Path) -> Path:
                 f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); convert the original checkpoint "
                 "instead, or pass its Hub id"
             ) from None
-        raise
+        raise _damaged(path, e) from None
     return build_once(target, DONE, lambda work: _convert_into(path, arch, work), current=lambda _: _whole(target))
 
 
@@ -152,8 +163,12 @@ def _convert_into(path: Path, arch: str, work: Path) -> str:
     with outside_zero3():
         # transformers' conversion bar is tqdm's own: alignkit's rule decides it (drawn in a terminal or a notebook).
         with bars_by_rule(gguf_utils):
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            try:  # the tensors themselves: a file cut short fails here ("cannot reshape array of size ...")
+                tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  dtype=torch.float32)
+            except (ValueError, OSError, IndexError) as error:
+                raise _damaged(path, error) from None
         # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild it from its config without
         # the quantization marker, with the already dequantized weights.
         config = gguf_model.config
