@@ -129,7 +129,7 @@ def test_tiny_reward_model_ranks_held_out_pairs(reward_run):
     metrics = json.loads((reward_run["run_folder"] / "metrics.json").read_text())
     # 10% of the 1200 pairs, rounded up to whole prompts (the tiny preset has several pairs for a prompt)
     assert 120 <= metrics["held_out_pairs"] < 200
-    # Prompts it never trained on (README: 0.912; 0.86-0.91 over seeds, and the CPU's arithmetic moves it too)
+    # Prompts it never trained on (README: 0.83-0.91 by seed and machine; the CPU's arithmetic moves it)
     assert metrics["held_out_accuracy"] >= 0.8, metrics
     assert metrics["chosen_mean"] > metrics["rejected_mean"]
     assert metrics["margin_std"] > 0 and metrics["chosen_std"] > 0 and metrics["rejected_std"] > 0

@@ -92,8 +92,8 @@ def defaults(stage: str) -> dict:
         # A reward model on the base model (a fresh score head + LoRA) learns the rule from the pairs alone. It
         # must compare each answer word with the prompt's category at the last token, which this small model
         # learns slowly: 30 epochs of small batches (about 40 s) reach held-out accuracy 0.86-0.91 over seeds 1, 2,
-        # 3 and 42 at 1e-3, on prompts held out whole; at 5e-4 they spread over 0.75-0.94 (one CPU to another moved
-        # seed 42 from 0.90 to 0.75), and 2 epochs stay near 0.68.
+        # 3 and 42 at 1e-3, on prompts held out whole (0.83 for seed 42 on another CPU); at 5e-4 they spread over
+        # 0.75-0.94 (one CPU to another moved seed 42 from 0.90 to 0.75), and 2 epochs stay near 0.68.
         return {**common, "dataset_id": p["preferences"], "dataset_split": "train", "learning_rate": 1e-3,
                 "per_device_train_batch_size": 8, "num_train_epochs": 30.0, "save_steps": 1000,
                 "run_name": "tiny-reward"}
