@@ -161,6 +161,20 @@ def test_reward_callable_loads_the_run_folder_and_scores_as_trained(reward_run):
         reward(texts[0], answers[0])
 
 
+def test_a_reward_model_scores_an_answer_given_as_its_message_as_its_text(reward_run):
+    """An answer as a preference row holds it ([{"role": "assistant", "content": ...}]) was scored as that dict
+    inside the assistant turn: numbers, no error, accuracy 0.35 on held-out pairs. It is its text; anything else
+    is refused."""
+    from alignkit.feedback.rewards import load
+
+    reward = load(f"rm:{reward_run['run_folder']}")
+    prompts, answers = ["name three fruits."] * 2, ["apple, pear, plum.", "rock, sand, dust."]
+    as_text = reward(prompts, answers)
+    assert reward(prompts, [[{"role": "assistant", "content": a}] for a in answers]) == as_text
+    with pytest.raises(ValueError, match=r"^an answer must be its text, or one assistant message; got dict"):
+        reward(prompts[:1], [{"role": "assistant", "content": answers[0]}])
+
+
 def test_a_full_precision_reward_model_loaded_in_4_bit_for_a_qlora_policy_says_so(reward_run, alignkit_log):
     """rl.py --quantization 4bit loads its rm: reward too in 4-bit (to fit beside the policy): a reward model trained
     in full precision then scored up to 0.6 off its training's scores without a word (found by an rl.py audit)."""

@@ -203,6 +203,7 @@ class RewardModel:
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts for {len(answers)} answers: pass one prompt per answer")
         prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+        answers = [_answer_text(a) for a in answers]  # one assistant message (a preference row's form) as its text
         if self.text:  # as TRL's RewardTrainer joined its standard rows: the prompt's text, then the answer
             inputs = [self.text_of(p) + a for p, a in zip(prompts, answers)]
         else:
@@ -212,6 +213,18 @@ class RewardModel:
 
     def text_of(self, prompt: list[dict]) -> str:
         return text_of(self.folder, prompt)
+
+
+def _answer_text(answer) -> str:
+    """An answer's text: as given, or the content of the one assistant message a preference row holds (scored as
+    the dict it was, inside the assistant turn, it got a number and no error)."""
+    if isinstance(answer, str):
+        return answer
+    if isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], dict) and \
+            answer[0].get("role") == "assistant" and isinstance(answer[0].get("content"), str):
+        return answer[0]["content"]
+    raise ValueError(f"an answer must be its text, or one assistant message; got {type(answer).__name__} "
+                     f"({answer!r:.60})")
 
 
 def text_of(folder: str, prompt: list[dict]) -> str:
