@@ -650,3 +650,21 @@ def test_a_value_refused_under_trls_name_names_it_too():
         parse_config(DPOSettings, ["--beta", "-1"], env_file=None)
     with pytest.raises(ConfigError, match=r"^dpo_beta must be > 0, got -1.0$"):  # typed as alignkit names it
         parse_config(DPOSettings, ["--dpo_beta", "-1"], env_file=None)
+
+
+def test_settings_that_fail_their_preflight_in_a_notebook_leave_the_kernel(tmp_path, monkeypatch, capsys):
+    """A settings cell whose parse passed and whose preflight failed (--push_to_hub over a local base, a missing
+    token) left the new settings in the kernel: the cells below trained on them, and the push failed at the end.
+    They go as a failed parse's do, and the next cell says so in one line."""
+    from alignkit.core import errors
+    from alignkit.core.config import SFTSettings
+    from alignkit.train.training import preflight
+
+    s = SFTSettings(model_id=str(tmp_path), dataset_id="d.jsonl", push_to_hub=True, output_dir=str(tmp_path))
+    kernel = type("Shell", (), {"user_ns": {"settings": s, "other": 1}})()
+    monkeypatch.setattr(builtins, "get_ipython", lambda: kernel, raising=False)
+    with pytest.raises(ConfigError, match="^--push_to_hub pushes the adapter alone"):
+        preflight(s)
+    assert kernel.user_ns == {"other": 1}
+    errors._show_in_cell(kernel, NameError, NameError("name 'settings' is not defined", name="settings"), None)
+    assert capsys.readouterr().err.startswith("error: settings: the settings cell stopped with an error")
