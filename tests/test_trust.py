@@ -282,6 +282,7 @@ def test_ctrl_c_is_one_line_on_the_command_line_and_under_a_notebook_cell(tmp_pa
         def _showtraceback(self, *args):
             raise AssertionError("a traceback")
 
+    errors._SAID_HOW_TO_GO_ON.clear()  # an earlier in-process run's stop, which no kernel handler consumed
     errors._show_in_cell(Shell(), KeyboardInterrupt, KeyboardInterrupt(), None)
     assert capsys.readouterr().err.strip() == errors.INTERRUPTED_IN_CELL
     # A run folder's own line said what is kept and the cells to run: the generic line (run the cell again) said
