@@ -165,6 +165,15 @@ def _faked_rounds(tmp_path, monkeypatch):
     return base, prompts, calls
 
 
+def _one_faked_round(tmp_path, monkeypatch, judge: str):
+    """(settings of one rlaif round judged by `judge`, the steps' calls), its three scripts faked (_fake_steps)."""
+    from alignkit.core.config import RLAIFSettings
+
+    base, prompts, calls = _faked_rounds(tmp_path, monkeypatch)
+    return RLAIFSettings(model_id=str(base), dataset_id=str(prompts), judge=judge, eval_judge_model="rule",
+                         rounds=1, output_dir=str(tmp_path)), calls
+
+
 def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_earlier_results(
         tmp_path, monkeypatch, alignkit_log, judge_modules):
     """A round is reused because it was made from the same inputs, not because its files exist: a new --dpo_beta
@@ -262,14 +271,11 @@ def test_a_round_that_labels_nothing_stops_at_its_judge_and_a_missing_prompts_fi
     and dpo.py stopped on "preferences.jsonl: no usable rows ... Point it at a file with data rows", a file rlaif.py
     writes, and so did every rerun. And a --dataset_id that is not there was found by round 1's label.py, after the
     policy had loaded."""
-    from alignkit.core.config import RLAIFSettings
     from alignkit.core.data_files import DataError
     from alignkit.core.errors import UserError
     from alignkit.train import rlaif
 
-    base, prompts, calls = _faked_rounds(tmp_path, monkeypatch)
-    s = RLAIFSettings(model_id=str(base), dataset_id=str(prompts), judge="python:unparsed_judge:judge",
-                      eval_judge_model="rule", rounds=1, output_dir=str(tmp_path))
+    s, calls = _one_faked_round(tmp_path, monkeypatch, "python:unparsed_judge:judge")
     for _ in range(2):  # the rerun asks label.py again (a fixed judge is another judge): not counted done
         calls.clear()
         with pytest.raises(UserError, match=r"^round 1: no pair was labeled: 3 answers without a verdict \(see "
@@ -289,13 +295,10 @@ def test_a_round_whose_judge_requests_failed_stops_and_the_rerun_asks_for_them_b
     """Judge requests that failed after their retries (429s, 500s): the round trained DPO on the pairs that made it
     and counted its label step done, so no rerun asked for the rest (the README says a rerun does). The round stops
     before DPO in one line; the same command runs label.py again (asking only those: its cache), then goes on."""
-    from alignkit.core.config import RLAIFSettings
     from alignkit.core.errors import UserError
     from alignkit.train import rlaif
 
-    base, prompts, calls = _faked_rounds(tmp_path, monkeypatch)
-    s = RLAIFSettings(model_id=str(base), dataset_id=str(prompts), judge="python:flaky_judge:judge",
-                      eval_judge_model="rule", rounds=1, output_dir=str(tmp_path))
+    s, calls = _one_faked_round(tmp_path, monkeypatch, "python:flaky_judge:judge")
     with pytest.raises(UserError, match=r"^round 1: 2 requests failed after their retries \(see .*\), so "
                                         r"preferences.jsonl lacks their pairs: run the same rlaif.py command again, "
                                         r"which asks only for those"):

@@ -402,6 +402,7 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
     env, recipe, cli, overrides = translated
 
     layers = list(zip((env, recipe, cli, overrides), labels))
+    kinds = ("env", "recipe", "cli", "overrides")  # what `given` records of each layer
 
     def convert(n, raw, label):
         meta = fields[n].metadata
@@ -431,7 +432,7 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
         raise SystemExit(0)
 
     values, given, bad = dict(defaults), {}, {}
-    for (layer, label), kind in zip(layers, ("env", "recipe", "cli", "overrides")):
+    for (layer, label), kind in zip(layers, kinds):
         for n, raw in layer.items():
             try:
                 value = convert(n, raw, label(n))
@@ -460,5 +461,5 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
         trl = {n: [a for a in vocab.aliases_of(n) if a in typed] for n in fields  # --beta typed, dpo_beta said
                if vocab and re.search(rf"\b{n}\b", str(e))}
         said = re.sub(r"^--(\w+)\b", lambda m: (  # the value's own place: an overrides key, a recipe key, a variable
-            labels[("env", "recipe", "cli", "overrides").index(given[m[1]])](m[1]) if m[1] in given else m[0]), str(e))
+            labels[kinds.index(given[m[1]])](m[1]) if m[1] in given else m[0]), str(e))
         raise ConfigError(said + "".join(f" ({n} is TRL's {' / '.join(a)})" for n, a in trl.items() if a)) from e

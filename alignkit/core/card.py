@@ -335,7 +335,8 @@ def model_card(folder, repo_id: str | None = None) -> str:
     hub_dataset = _hub_dataset(dataset)
     # Every run of the chain trained on its own data (an SFT run under a DPO run): their Hub datasets, in order.
     runs = [*merge.get("lota_deltas", []), *merge.get("adapters", [])] if merge else []
-    trained_on = [_read_json(Path(run) / "alignkit_config.json").get("dataset_id") or "" for run in runs]
+    recorded = [_read_json(Path(run) / "alignkit_config.json") for run in runs]  # each run's settings, read once
+    trained_on = [run.get("dataset_id") or "" for run in recorded]
     hub_datasets = list(dict.fromkeys(d for d in [*map(_hub_dataset, trained_on), hub_dataset] if d))
     run_type = settings.get("run_type")  # what training recorded (alignkit.train.training.save_run_config)
     reward = run_type == "reward" or merge.get("kind") == "reward model" or adapter.get("task_type") == "SEQ_CLS"
@@ -347,7 +348,7 @@ def model_card(folder, repo_id: str | None = None) -> str:
         stage = REFERENCE_FREE[losses[0]]
     else:
         stage = RUN_TYPES.get(run_type, "Fine-tuning")
-    below = [_read_json(Path(run) / "alignkit_config.json") for run in runs[:-1]] if settings else []
+    below = recorded[:-1] if settings else []
     cited = methods(settings, run_type, folder, below)
     license_ = base_license(base)
     tags = ["alignkit", "trl", "lota" if "LoTA" in cited else "lora", stage.split()[0].lower()]
