@@ -291,3 +291,34 @@ def test_a_card_names_and_cites_the_method_each_run_used(tmp_path, monkeypatch):
                                                    "lota_deltas": [], "max_logit_difference": 1e-5}))
     card = model_card(merged)
     assert "qlora" in yaml.safe_load(card.split("---")[1])["tags"] and "dettmers2023qlora" in card
+
+
+def test_a_card_made_from_another_folder_lists_the_hub_datasets_the_run_trained_on(tmp_path, monkeypatch):
+    """Left from session 27: the card took a run's --dataset_id for a Hub dataset when it looked like one from the
+    folder the card was made in: `data/prefs` (a local folder, relative to where the run ran) read from another
+    folder was listed as the Hub dataset `data/prefs`. The run records which datasets it names are the Hub's where
+    it runs; a mixture's Hub datasets are listed too."""
+    from alignkit.core.config import DPOSettings
+    from alignkit.train import training
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    project = tmp_path / "project"
+    (project / "data" / "prefs").mkdir(parents=True)
+    (project / "data" / "prefs" / "train.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    base = write(project / "base", config__json={"architectures": ["LlamaForCausalLM"]})
+    monkeypatch.chdir(project)
+    s = DPOSettings(model_id=str(base), output_dir=str(project / "runs"), run_name="dpo", dataset_id="data/prefs",
+                    dataset_mixture={"datasets": [{"id": "data/prefs"}, {"id": "HuggingFaceH4/ultrafeedback_binarized"}]})
+    run = project / "runs" / "dpo"
+    run.mkdir(parents=True)
+    training.save_run_config(s, run / training.CONFIG_FILE)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    meta = yaml.safe_load(model_card(run).split("---")[1])
+    assert meta["datasets"] == ["HuggingFaceH4/ultrafeedback_binarized"]
+    # A run saved before the record: its --dataset_id as it reads from here (a Hub id where no such folder is).
+    config = json.loads((run / training.CONFIG_FILE).read_text())
+    del config["hub_datasets"]
+    (run / training.CONFIG_FILE).write_text(json.dumps(config))
+    assert yaml.safe_load(model_card(run).split("---")[1])["datasets"] == ["data/prefs"]

@@ -24,7 +24,7 @@ from pathlib import Path
 from alignkit.core.args import redact
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
-from alignkit.core.run_records import LOADED_AS, checkpoint_metrics, run_config
+from alignkit.core.run_records import HUB_DATASETS, LOADED_AS, checkpoint_metrics, recorded_hub_datasets, run_config
 from alignkit.core.sources import hub_gguf, is_hub_id
 
 EVALS_FILE = "alignkit_evals.json"  # evaluation results evaluate.py recorded for a local model folder
@@ -297,15 +297,10 @@ def _load_snippet(where: str, is_adapter: bool, under: list[str], reward: bool, 
                    f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
 
 
-def _hub_dataset(dataset: str) -> str | None:
-    """`dataset` (a run's --dataset_id) when it names a Hub dataset, else None."""
-    return dataset if dataset.count("/") == 1 and is_hub_id(dataset) and not Path(dataset).exists() else None
-
-
 # What a run records beside its settings in alignkit_config.json (alignkit.train.run_folder.save_run_config): the
 # content digests of its inputs, the local folders it trained over, by path, and its rows' format. None is a
 # setting, and the second names local paths: left out of the card.
-RECORDED_BESIDE = ("inputs", "trained_over", "data_rows")
+RECORDED_BESIDE = ("inputs", "trained_over", "data_rows", HUB_DATASETS)
 
 
 def _chat_template(folder: Path) -> bool:
@@ -331,13 +326,13 @@ def model_card(folder, repo_id: str | None = None) -> str:
     base, _, _ = base_source(folder)
     hub_base, base_text, under = describe_base(folder)
     where = repo_id or f"path/to/{folder.name}"
-    dataset = settings.get("dataset_id", "") or ""
-    hub_dataset = _hub_dataset(dataset)
     # Every run of the chain trained on its own data (an SFT run under a DPO run): their Hub datasets, in order.
     runs = [*merge.get("lota_deltas", []), *merge.get("adapters", [])] if merge else []
     recorded = [_read_json(Path(run) / "alignkit_config.json") for run in runs]  # each run's settings, read once
-    trained_on = [run.get("dataset_id") or "" for run in recorded]
-    hub_datasets = list(dict.fromkeys(d for d in [*map(_hub_dataset, trained_on), hub_dataset] if d))
+    dataset = settings.get("dataset_id", "") or ""
+    hub_dataset = dataset if dataset in recorded_hub_datasets(settings) else None
+    # As each run recorded them where it ran: a relative local path read from here could look like a Hub id.
+    hub_datasets = list(dict.fromkeys(d for run in [*recorded, settings] for d in recorded_hub_datasets(run)))
     run_type = settings.get("run_type")  # what training recorded (alignkit.train.training.save_run_config)
     reward = run_type == "reward" or merge.get("kind") == "reward model" or adapter.get("task_type") == "SEQ_CLS"
     if not settings:

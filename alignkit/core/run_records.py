@@ -8,6 +8,9 @@
 - `checkpoint_metrics(folder)`: a checkpoint-N's own figures, from the Trainer's trainer_state.json in it: the
   last logged value of each training and evaluation metric up to its step. A run's metrics.json holds the
   finished run's, which are not the checkpoint's; a merge or a model card of the checkpoint shows these instead.
+- `hub_datasets(s)`: the Hub datasets a run trains on (its `--dataset_id` and mixture's), decided where it runs:
+  recorded in its settings as `hub_datasets`, since a relative local path read from another folder looks like a
+  Hub id (a model card of a merge made elsewhere).
 - `checkpoints(folder)`: a run folder's complete checkpoint-N folders, by step (a resume, and a claimed folder's
   description, alignkit.modeling.models, read them alike).
 """
@@ -18,11 +21,14 @@ import json
 import re
 from pathlib import Path
 
+from alignkit.core.sources import is_hub_id
+
 # A run's settings file in its folder (alignkit.train.run_folder.CONFIG_FILE).
 RUN_CONFIG = "alignkit_config.json"
 # A run folder claimed by a training that has saved no checkpoint yet (alignkit.train.run_folder): where the earlier run
 # in it went meanwhile.
 CLAIM_FILE = "alignkit_claim.json"
+HUB_DATASETS = "hub_datasets"  # its record there of the Hub datasets it trained on (hub_datasets)
 LOADED_AS = "loaded_as"  # its record there of how the model trained over was loaded (quantization, dtype)
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 # {model_id: {"quantization": ..., "dtype": ...}} as the loader last loaded it for training in this process.
@@ -38,6 +44,26 @@ def loaded_as(model_id: str) -> dict:
     """{"quantization": "4bit" | "8bit" | "none", "dtype": "bfloat16" | ...} of `model_id` as last loaded for
     training in this process; {} when it was not."""
     return dict(_LOADED_AS.get(str(model_id), {}))
+
+
+def hub_dataset(dataset: str) -> str | None:
+    """`dataset` (a --dataset_id or a mixture's id) when it names a Hub dataset from this folder, else None."""
+    return dataset if dataset.count("/") == 1 and is_hub_id(dataset) and not Path(dataset).exists() else None
+
+
+def hub_datasets(s) -> list[str]:
+    """The Hub datasets settings `s` train on, in order: `--dataset_id` and each of `--dataset_mixture`'s."""
+    ids = [getattr(s, "dataset_id", None) or "", *(entry.get("id") or "" for entry in (getattr(s, "dataset_mixture", None) or {})
+                                  .get("datasets", []))]
+    return list(dict.fromkeys(d for d in map(hub_dataset, ids) if d))
+
+
+def recorded_hub_datasets(config: dict) -> list[str]:
+    """The Hub datasets a run's saved settings trained on: as recorded where it ran, else (a run saved before the
+    record) its --dataset_id when that names a Hub dataset from this folder."""
+    if HUB_DATASETS in config:
+        return list(config[HUB_DATASETS] or [])
+    return [d for d in [hub_dataset(config.get("dataset_id") or "")] if d]
 
 
 def trained_quantization(folder) -> str | None:

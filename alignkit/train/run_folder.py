@@ -41,7 +41,7 @@ from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
 # CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
 # killed before its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
-from alignkit.core.run_records import CLAIM_FILE, LOADED_AS, checkpoints, loaded_as
+from alignkit.core.run_records import CLAIM_FILE, HUB_DATASETS, LOADED_AS, checkpoints, hub_datasets, loaded_as
 from alignkit.train import cell_checks, run_locks
 from alignkit.train.kept_judgments import judgments_back, remove_keeping_judgments
 
@@ -67,6 +67,7 @@ NOT_TRAINING = {
     "trained_over",  # recorded beside the settings (save_run_config), for the loader (check_trained_over)
     DATA_ROWS,  # recorded beside the settings (save_run_config); the rows themselves are compared by content
     LOADED_AS,  # recorded beside the settings (save_run_config): the loader's decisions, known once it loaded
+    HUB_DATASETS,  # recorded beside the settings (save_run_config): which datasets named are the Hub's
     "resumed_over",  # recorded beside the settings (save_run_config): --resume true over changed settings
 }
 
@@ -463,12 +464,12 @@ def save_run_config(s, path: Path) -> None:
     of what the settings name by path (`run_inputs`), which `--resume auto` compares, and the local model folders
     this run trains over by content, as it loaded them, which the loader compares (alignkit.modeling.lineage), and
     the format of the rows it trains on (`data_rows`), and how the model was loaded (`loaded_as`: quantization and
-    dtype after every `auto`)."""
+    dtype after every `auto`), and which of the datasets it names are the Hub's (`hub_datasets`, for its card)."""
     from alignkit.modeling.lineage import TRAINED_OVER, trained_over
 
     below = trained_over(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None), path.parent)
     data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None), "inputs": run_inputs(s, path.parent),
-            TRAINED_OVER: below}
+            TRAINED_OVER: below, HUB_DATASETS: hub_datasets(s)}
     if rows := _ROWS.get(path.parent.resolve()):
         data[DATA_ROWS] = rows["format"]
     if loaded := loaded_as(s.model_id):  # "auto" as the loader resolved it: 4bit is QLoRA (alignkit.core.run_records)
