@@ -652,19 +652,45 @@ def test_a_value_refused_under_trls_name_names_it_too():
         parse_config(DPOSettings, ["--dpo_beta", "-1"], env_file=None)
 
 
-def test_settings_that_fail_their_preflight_in_a_notebook_leave_the_kernel(tmp_path, monkeypatch, capsys):
+def test_a_settings_cell_that_fails_anywhere_in_a_notebook_leaves_the_kernel_without_settings(tmp_path, monkeypatch,
+                                                                                                capsys):
     """A settings cell whose parse passed and whose preflight failed (--push_to_hub over a local base, a missing
     token) left the new settings in the kernel: the cells below trained on them, and the push failed at the end.
-    They go as a failed parse's do, and the next cell says so in one line."""
+    Session 27 guarded the parse and preflight; a failure in the cell's other lines (presets.ensure, the launch's
+    refusal, evaluate.py's backend) still left them. Any error in a cell that calls parse_config (or parse_command)
+    takes its settings out, earlier ones of the same class with them; a cell that does not leaves them, and so
+    does a settings cell that ran through."""
     from alignkit.core import errors
-    from alignkit.core.config import SFTSettings
-    from alignkit.train.training import preflight
+    from alignkit.core.config import DPOSettings, SFTSettings
+    from alignkit.core.launch import establish_launch
 
-    s = SFTSettings(model_id=str(tmp_path), dataset_id="d.jsonl", push_to_hub=True, output_dir=str(tmp_path))
-    kernel = type("Shell", (), {"user_ns": {"settings": s, "other": 1}})()
-    monkeypatch.setattr(builtins, "get_ipython", lambda: kernel, raising=False)
-    with pytest.raises(ConfigError, match="^--push_to_hub pushes the adapter alone"):
-        preflight(s)
-    assert kernel.user_ns == {"other": 1}
+    earlier = SFTSettings(model_id="old", dataset_id="d.jsonl", output_dir=str(tmp_path))
+    kernel = type("Shell", (), {"user_ns": {}})()
+    names = kernel.user_ns
+    names.update(settings=earlier, kept=earlier, other=1, dpo=DPOSettings(model_id="m"), establish_launch=establish_launch,
+                 parse_config=lambda cls, **kw: cls(model_id="new", dataset_id="d.jsonl", output_dir=str(tmp_path)),
+                 SFTSettings=SFTSettings)
+    monkeypatch.setattr(builtins, "get_ipython", lambda: kernel, raising=False)  # inside a cell
+    monkeypatch.setattr("IPython.get_ipython", lambda: kernel)  # after it: IPython takes it out of builtins then
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # a launch config's: refused for an fp32 run
+
+    def run_cell(source):
+        result = type("Result", (), {"error_in_exec": None, "info": type("Info", (), {"raw_cell": source})})()
+        try:
+            exec(compile(source, "<cell>", "exec"), names)
+        except Exception as error:  # as IPython's run_code keeps it
+            result.error_in_exec = error
+        errors._settings_cell_failed(result)  # IPython's post_run_cell event
+        return result.error_in_exec
+
+    assert "mixed_precision bf16" in str(run_cell("x = other"
+                                                  "\nestablish_launch(kept, 'sft.py')"))  # no settings cell
+    assert names["settings"] is earlier and names["kept"] is earlier
+    failed = run_cell("settings = parse_config(SFTSettings, overrides={})\nestablish_launch(settings, 'sft.py')")
+    assert "accelerate launch asks for mixed_precision bf16" in str(failed)
+    assert {"settings", "kept"}.isdisjoint(names) and names["other"] == 1 and "dpo" in names
     errors._show_in_cell(kernel, NameError, NameError("name 'settings' is not defined", name="settings"), None)
     assert capsys.readouterr().err.startswith("error: settings: the settings cell stopped with an error")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert run_cell("settings = parse_config(SFTSettings, overrides={})\nestablish_launch(settings, 'sft.py')") is None
+    assert names["settings"].model_id == "new"

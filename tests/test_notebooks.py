@@ -393,18 +393,28 @@ def test_a_training_cell_run_again_is_refused_and_the_cells_from_run_folder_resu
              # and the Run folder cell after it resumed and saved the earlier run again.
              nbformat.v4.new_code_cell(first.source.replace("overrides: dict = {}",
                                                             "overrides: dict = {'max_steps': '5x'}")),
-             nbformat.v4.new_code_cell(next(c for c in code if "load_train_eval(" in c.source).source)]
+             nbformat.v4.new_code_cell(next(c for c in code if "load_train_eval(" in c.source).source),
+             # Settings that parse but are refused further down the cell (a launch config's bf16 for an fp32 run):
+             # they stayed in the kernel, and the Data cell ran on them.
+             nbformat.v4.new_code_cell("import os\nos.environ['ACCELERATE_MIXED_PRECISION'] = 'bf16'\n"
+                                       + first.source),
+             nbformat.v4.new_code_cell("os.environ.pop('ACCELERATE_MIXED_PRECISION')\n"
+                                       + next(c for c in code if "load_train_eval(" in c.source).source)]
     nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": build.KERNELSPEC})
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)
     env = kernel_env(tiny_cache, PRESET="tiny", ALIGNKIT_MAX_STEPS="4", ALIGNKIT_SAVE_STEPS="2")
     NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120, allow_errors=True).execute(
         env=env, cwd=str(tmp_path), cleanup_kc=True)
-    again, saved, _, refused, _, alive, run_folder_again, train_again, save_again, typo, data = nb.cells[-11:]
+    again, saved, _, refused, _, alive, run_folder_again, train_again, save_again, typo, data, launch, data_again = \
+        nb.cells[-13:]
+    stopped = ("error: settings: the settings cell stopped with an error (see its line), so its earlier settings are "
+               "gone from the kernel: fix it and run it, then the cells from there down")
     said = [line for cell in (typo, data) for line in streamed(cell).splitlines() if line.startswith("error:")]
-    assert said == ["error: invalid value for overrides key 'max_steps': '5x' is not an int",
-                    "error: settings: the settings cell stopped with an error (see its line), so its earlier "
-                    "settings are gone from the kernel: fix it and run it, then the cells from there down"], said
-    assert [o.output_type for cell in (typo, data) for o in cell.outputs if o.output_type == "error"] == []
+    assert said == ["error: invalid value for overrides key 'max_steps': '5x' is not an int", stopped], said
+    said = [line for cell in (launch, data_again) for line in streamed(cell).splitlines() if line.startswith("error:")]
+    assert len(said) == 2 and "accelerate launch asks for mixed_precision bf16" in said[0] and said[1] == stopped, said
+    assert [o.output_type for cell in (typo, data, launch, data_again) for o in cell.outputs
+            if o.output_type == "error"] == []
     assert [o for o in saved.outputs if o.output_type == "error"] == [] and "adapter saved to runs/tiny-sft" in \
         text_of(nbformat.v4.new_notebook(cells=[saved])), saved.outputs
     said = "".join(o.text for o in refused.outputs if o.get("name") == "stderr").splitlines()

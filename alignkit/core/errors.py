@@ -139,18 +139,50 @@ def report_user_errors() -> None:
     shell = getattr(builtins, "get_ipython", lambda: None)()
     if shell is not None and hasattr(shell, "set_custom_exc"):
         shell.set_custom_exc((UserError, KeyboardInterrupt, NameError), _show_in_cell)
+    if shell is not None and hasattr(shell, "events"):
+        if _settings_cell_failed not in shell.events.callbacks.get("post_run_cell", []):
+            shell.events.register("post_run_cell", _settings_cell_failed)
 
 
-def forget_failed_settings(cls) -> None:
-    """A notebook's settings cell failed: the kernel's settings of this class, from its last good run, go, so that
-    the cells below fail in one line ("run the cell above that sets it") instead of quietly running on the old
-    ones (a typo in `overrides` trained and saved the previous run again)."""
-    shell = getattr(builtins, "get_ipython", lambda: None)() if is_notebook() else None
+# What a notebook's settings cell calls (and no other cell does): alignkit.core.args.parse_config, and evaluate.py's
+# alignkit.evals.evaluation.parse_command over it.
+SETTINGS_CELL_CALLS = frozenset({"parse_config", "parse_command"})
+
+
+def _settings_cell_failed(result) -> None:
+    """IPython's post_run_cell event. A settings cell that failed anywhere (its parse, presets.ensure, the launch's
+    refusal, preflight, a check of its own) takes the kernel's settings it names, and every other of their
+    classes, out: the cells below fail in one line ("the settings cell stopped with an error") instead of running
+    on the earlier settings (a typo in `overrides` trained and saved the previous run again) or on new ones that
+    were refused (a push over a local base, trained for hours, failed at the push)."""
+    import ast
+
+    from IPython import get_ipython  # not builtins': IPython takes it out of them once the cell has run
+
+    shell = get_ipython()
     names = getattr(shell, "user_ns", None)
-    if isinstance(names, dict):
-        for name in [n for n, value in names.items() if not n.startswith("_") and isinstance(value, cls)]:
-            del names[name]
-            _FORGOTTEN.add(name)
+    if getattr(result, "error_in_exec", None) is None or not isinstance(names, dict):
+        return
+    try:  # the cell's source as Python (IPython runs it a statement at a time: no frame holds it whole)
+        source = getattr(shell, "transform_cell", str)(getattr(getattr(result, "info", None), "raw_cell", "") or "")
+        nodes = list(ast.walk(ast.parse(source)))
+    except (SyntaxError, ValueError):
+        return
+    named = {n.id for n in nodes if isinstance(n, ast.Name)} | {n.attr for n in nodes if isinstance(n, ast.Attribute)}
+    if not SETTINGS_CELL_CALLS & named:
+        return
+    kinds = {type(names[n]) for n in named if _is_settings(names.get(n))}
+    for name in [n for n, value in names.items() if not n.startswith("_") and type(value) in kinds]:
+        del names[name]
+        _FORGOTTEN.add(name)
+
+
+def _is_settings(value) -> bool:
+    """An instance of one of alignkit's settings dataclasses."""
+    import dataclasses
+
+    return dataclasses.is_dataclass(value) and not isinstance(value, type) and \
+        type(value).__module__.startswith("alignkit.")
 
 
 _FORGOTTEN: set[str] = set()  # names of settings a failed settings cell took out of the kernel

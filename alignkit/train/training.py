@@ -42,18 +42,7 @@ STAGE_FIELDS = {
 
 def preflight(s) -> None:
     """What can fail before any work, checked in seconds: a push's token and base, wandb's key, the Hub. In a
-    notebook, settings that fail here leave the kernel as a failed parse does (forget_failed_settings): the cells
-    below would train on them, unchecked, and fail at the push hours later."""
-    from alignkit.core.errors import UserError, forget_failed_settings
-
-    try:
-        _preflight(s)
-    except UserError:
-        forget_failed_settings(type(s))
-        raise
-
-
-def _preflight(s) -> None:
+    notebook, settings that fail here leave the kernel as a failed parse does (alignkit.core.errors)."""
     from alignkit.core.hub import require_reachable, require_token
     from alignkit.core.sources import is_hub_id
 
