@@ -307,7 +307,7 @@ def test_a_card_made_from_another_folder_lists_the_hub_datasets_the_run_trained_
     (project / "data" / "prefs" / "train.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     base = write(project / "base", config__json={"architectures": ["LlamaForCausalLM"]})
     monkeypatch.chdir(project)
-    s = DPOSettings(model_id=str(base), output_dir=str(project / "runs"), run_name="dpo", dataset_id="data/prefs",
+    s = DPOSettings(model_id=str(base), output_dir=str(project / "runs"), run_name="dpo",
                     dataset_mixture={"datasets": [{"id": "data/prefs"}, {"id": "HuggingFaceH4/ultrafeedback_binarized"}]})
     run = project / "runs" / "dpo"
     run.mkdir(parents=True)
@@ -315,10 +315,20 @@ def test_a_card_made_from_another_folder_lists_the_hub_datasets_the_run_trained_
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    meta = yaml.safe_load(model_card(run).split("---")[1])
-    assert meta["datasets"] == ["HuggingFaceH4/ultrafeedback_binarized"]
+    card = model_card(run)
+    assert yaml.safe_load(card.split("---")[1])["datasets"] == ["HuggingFaceH4/ultrafeedback_binarized"]
+    # A mixture takes --dataset_id's place: the script's default (a Hub dataset it never read) is neither listed
+    # nor shown among the settings (the sft/dpo audit of session 28: a handbook recipe's local mixture was carded
+    # as argilla/ultrafeedback-binarized-preferences-cleaned, published with --push_to_hub).
+    assert "| dataset_id |" not in card and "| dataset_mixture |" in card
+    mixed = DPOSettings(model_id=str(base), output_dir=str(project / "runs"), run_name="local",
+                        dataset_mixture={"datasets": [{"id": str(project / "data" / "prefs")}]})
+    (project / "runs" / "local").mkdir()
+    training.save_run_config(mixed, project / "runs" / "local" / training.CONFIG_FILE)
+    assert mixed.dataset_id == "argilla/ultrafeedback-binarized-preferences-cleaned"  # the default, unread
+    assert "datasets" not in yaml.safe_load(model_card(project / "runs" / "local").split("---")[1])
     # A run saved before the record: its --dataset_id as it reads from here (a Hub id where no such folder is).
     config = json.loads((run / training.CONFIG_FILE).read_text())
     del config["hub_datasets"]
-    (run / training.CONFIG_FILE).write_text(json.dumps(config))
+    (run / training.CONFIG_FILE).write_text(json.dumps({**config, "dataset_mixture": None, "dataset_id": "data/prefs"}))
     assert yaml.safe_load(model_card(run).split("---")[1])["datasets"] == ["data/prefs"]

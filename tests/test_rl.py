@@ -281,8 +281,11 @@ def test_pairwise_judge_reward_uses_label_keys(tmp_path):
         reward.close()
 
 
-def test_rl_with_a_failing_judge_trains_without_turning_failures_into_rewards(sft_run, tmp_path):
-    """Rule + judge, the judge always failing: no crash; every completion unscored (not rule + 0), all counted."""
+def test_rl_with_a_failing_judge_trains_without_turning_failures_into_rewards(sft_run, tmp_path, capsys):
+    """Rule + judge, the judge always failing: no crash; every completion unscored (not rule + 0), all counted. Each
+    log counts its own step's judgments (the rl.py audit of session 28: they ran on from the start of the process,
+    and from 0 again at a resume; rewards/unscored_frac too, so a late judge outage read as a small share), and the
+    summary line sums them."""
     with FakeOpenAI(lambda body: Fault(500)) as server:
         g = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir",
                        str(tmp_path), "--reward", "rule,judge", "--judge_base_url", server.base_url,
@@ -292,7 +295,11 @@ def test_rl_with_a_failing_judge_trains_without_turning_failures_into_rewards(sf
     # No reward was made up from the rule term alone: the logged reward is NaN (transformers logs it as None).
     assert all(e["reward"] is None or math.isnan(e["reward"]) for e in logs)
     assert all(e["grad_norm"] == 0 for e in logs)  # advantage 0 everywhere and KL 0 at the start: no update
-    assert logs[-1]["judge/failed"] >= 32 and (g["run_folder"] / "adapter_config.json").is_file()
+    assert (g["run_folder"] / "adapter_config.json").is_file() and len(logs) == 2
+    per_step = logs[0]["judge/requests"]  # the completions of one step, each judged once and failed
+    assert per_step >= 16 and all(e["judge/requests"] == e["judge/failed"] == per_step for e in logs), logs
+    assert f"judge: {2 * per_step} requests, 0 of them from the cache, {2 * per_step} failed, 0 without a rating" \
+        in capsys.readouterr().out
 
 
 def test_python_and_reward_model_rewards_combine_with_weights(sft_run, tiny_cache, tmp_path):
@@ -772,3 +779,40 @@ def test_a_run_given_back_before_its_first_checkpoint_keeps_the_judgments_it_pai
     (killed / "alignkit_claim.json").write_text(json.dumps({"earlier_run": str(kept)}))
     run_folder._restore_stranded(killed)
     assert (killed / "metrics.json").is_file() and lines(killed) == ["killed/judgments.jsonl"]
+
+
+def test_a_run_that_moves_an_earlier_one_aside_starts_with_the_judgments_it_paid_for(tmp_path, alignkit_log):
+    """Found by the rl.py audit of session 28: the judgments a stopped run kept went into the folder of the run put
+    back, and the next command (its settings differ from that run's, or it would have resumed it) moved that run
+    aside again, judge.cache and all: the same command paid for the same 595 judgments twice, and any rerun with
+    changed settings judged from nothing. A run that moves an earlier one aside starts with its judgments; given
+    back, it keeps only its own new ones, carried once."""
+    from alignkit.core.config import RLSettings
+    from alignkit.train import run_folder
+    from alignkit.train.rl_rewards import JudgeReward
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    run = tmp_path / "runs" / "rl"
+    (run / "judge.cache").mkdir(parents=True)
+    (run / "judge.cache" / "judgments.jsonl").write_text('{"key": "earlier"}\n')
+    (run / "metrics.json").write_text("{}")  # a finished run, with other settings
+    s = RLSettings(model_id=str(base), output_dir=str(run.parent), run_name="rl", reward=["judge"], max_steps=7)
+
+    def keys(folder):
+        cache = JudgeReward._open_cache(folder / "judge.cache")  # the judge reads every judgments*.jsonl there
+        try:
+            return sorted(json.loads(line)["key"] for path in (folder / "judge.cache").glob("judgments*.jsonl")
+                          for line in path.read_text().splitlines())
+        finally:
+            cache.close()
+
+    aside = run_folder._claim(s, run, None)
+    assert aside is not None and keys(run) == ["earlier"] and keys(Path(aside)) == ["earlier"]
+    with (run / "judge.cache" / "judgments.jsonl").open("a") as new:  # what this run's judge pays for
+        new.write('{"key": "new"}\n')
+    run_folder._release(run, Path(aside), KeyboardInterrupt())  # Ctrl-C before the first checkpoint
+    assert (run / "metrics.json").is_file() and keys(run) == ["earlier", "new"]  # each once
+    again = run_folder._claim(s, run, None)  # the same command again: the run put back goes aside again
+    assert keys(run) == ["earlier", "new"] and keys(Path(again)) == ["earlier", "new"]

@@ -215,6 +215,17 @@ def test_trl_aliases_and_pass_through_fields():
     assert parse_config(DPOSettings, env_file=None, args=["--dpo_beta", "0.3"]).dpo_beta == 0.3  # alignkit's name
 
 
+def test_save_total_limit_null_keeps_every_checkpoint_as_in_trl(tmp_path):
+    """TrainingArguments' save_total_limit is Optional[int], None (every checkpoint kept) by default: a recipe that
+    wrote it out was refused ("None is not allowed, expected int"; the sft/dpo audit of session 28)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("save_total_limit: null\n")
+    s = parse_config(SFTSettings, env_file=None, args=["--config", str(recipe)])
+    assert s.save_total_limit is None  # handed to TRL's config as it is (alignkit.train.training.trl_config)
+    assert parse_config(SFTSettings, env_file=None, args=["--save_total_limit", "none"]).save_total_limit is None
+    assert parse_config(SFTSettings, env_file=None, args=[]).save_total_limit == 2  # alignkit's default
+
+
 @pytest.mark.parametrize("args, quantization, dtype", [
     (["--load_in_4bit", "false"], "none", "auto"),  # TRL's meaning: no 4-bit (alignkit's auto would be 4-bit)
     (["--load_in_4bit", "false", "--load_in_8bit"], "8bit", "auto"),  # a false never undoes the other key

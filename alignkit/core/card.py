@@ -301,6 +301,8 @@ def _load_snippet(where: str, is_adapter: bool, under: list[str], reward: bool, 
 # content digests of its inputs, the local folders it trained over, by path, and its rows' format. None is a
 # setting, and the second names local paths: left out of the card.
 RECORDED_BESIDE = ("inputs", "trained_over", "data_rows", HUB_DATASETS)
+# The settings a --dataset_mixture takes the place of (alignkit.core.mixture): a run with one never read them.
+MIXED_OVER = ("dataset_id", "dataset_config", "dataset_split")
 
 
 def _chat_template(folder: Path) -> bool:
@@ -382,8 +384,9 @@ def model_card(folder, repo_id: str | None = None) -> str:
                   for r in data.eval_results]
     if settings:
         lines += ["", "## Training settings", "", "| setting | value |", "| --- | --- |"]
+        unread = MIXED_OVER if settings.get("dataset_mixture") else ()  # the script's defaults, not what it read
         lines += [f"| {k} | `{json.dumps(_shown(v))}` |" for k, v in settings.items()
-                  if v not in (None, "", [], False) and k not in RECORDED_BESIDE]
+                  if v not in (None, "", [], False) and k not in RECORDED_BESIDE and k not in unread]
     if metrics:
         heading = f"Metrics at {metrics['checkpoint']}" if metrics.get("checkpoint") else "Final metrics"
         lines += ["", f"## {heading}", "", "| metric | value |", "| --- | --- |"]

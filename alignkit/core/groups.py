@@ -289,7 +289,7 @@ class TrainSettings(HubPushSettings, ModelSettings):
     logging_steps: float = setting(10, "log loss and rewards every N steps")
     eval_steps: float | None = setting(None, "evaluate every N steps; default: at the end only")
     save_steps: float = setting(100, "write a checkpoint every N steps (a rerun resumes from the last one)")
-    save_total_limit: int = setting(2, "keep at most this many checkpoints")
+    save_total_limit: int | None = setting(2, "keep at most this many checkpoints; none: every one (TRL's default)")
     report_to: list[str] = setting(
         default_factory=lambda: ["auto"], help="trackers, comma separated; auto: wandb when WANDB_API_KEY or "
         "wandb_project is set, else none", choices=["auto", "none", "wandb", "tensorboard"],

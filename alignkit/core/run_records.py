@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from alignkit.core.sources import is_hub_id
 
@@ -52,9 +53,10 @@ def hub_dataset(dataset: str) -> str | None:
 
 
 def hub_datasets(s) -> list[str]:
-    """The Hub datasets settings `s` train on, in order: `--dataset_id` and each of `--dataset_mixture`'s."""
-    ids = [getattr(s, "dataset_id", None) or "", *(entry.get("id") or "" for entry in (getattr(s, "dataset_mixture", None) or {})
-                                  .get("datasets", []))]
+    """The Hub datasets settings `s` train on, in order: each of `--dataset_mixture`'s where one is given (its
+    `--dataset_id` is then the script's default, unread), else `--dataset_id`."""
+    mixture = (getattr(s, "dataset_mixture", None) or {}).get("datasets", [])
+    ids = [entry.get("id") or "" for entry in mixture] if mixture else [getattr(s, "dataset_id", None) or ""]
     return list(dict.fromkeys(d for d in map(hub_dataset, ids) if d))
 
 
@@ -63,7 +65,7 @@ def recorded_hub_datasets(config: dict) -> list[str]:
     record) its --dataset_id when that names a Hub dataset from this folder."""
     if HUB_DATASETS in config:
         return list(config[HUB_DATASETS] or [])
-    return [d for d in [hub_dataset(config.get("dataset_id") or "")] if d]
+    return hub_datasets(SimpleNamespace(dataset_id=config.get("dataset_id"), dataset_mixture=config.get("dataset_mixture")))
 
 
 def trained_quantization(folder) -> str | None:

@@ -5,10 +5,17 @@ that stops before its first checkpoint gives its folder back (alignkit.train.run
 back), and the requests made until then, paid for at an API, went with it. They are kept here instead: in the
 folder's judge.cache again, under names of their own, where the next run's judge reads them (it reads every
 judgments*.jsonl there; a judgment is keyed by the judge and what it judged, so it is right for any run).
+
+A run that moves an earlier one aside (other settings: alignkit.train.run_folder) starts with the earlier run's
+judgments in its own judge.cache (`carry_judgments`, hard links where the disk allows): the next command after a
+stopped run moved the run put back aside again, its judge.cache with it, and paid for every judgment once more.
+Copies already there by content are not carried twice.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import time
 from pathlib import Path
@@ -39,8 +46,42 @@ def judgments_back(paid: Path | None, folder: Path) -> str:
     judged = folder / JUDGMENTS
     judged.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    there = _contents(judged)
     for file in sorted(paid.glob("judgments*.jsonl")):
+        if _content(file) in there:  # carried from the run put back (carry_judgments): it has them
+            continue
         stem = file.name.removesuffix(".jsonl").replace("judgments", f"judgments.kept-{stamp}", 1)
         shutil.move(str(file), free_name(judged, stem, ".jsonl"))
     shutil.rmtree(paid, ignore_errors=True)
     return f" (its paid judgments kept in {judged}, for the next run)"
+
+
+def carry_judgments(earlier: Path, folder: Path) -> int:
+    """The judgments of the run in `earlier` (moved aside), in `folder`'s judge.cache too, under names of their
+    own, but for those there already by content; how many files were carried."""
+    files = sorted((earlier / JUDGMENTS).glob("judgments*.jsonl"))
+    if not files:
+        return 0
+    judged = folder / JUDGMENTS
+    judged.mkdir(parents=True, exist_ok=True)
+    there, carried = _contents(judged), 0
+    for file in files:
+        if (content := _content(file)) in there:
+            continue
+        stem = file.name.removesuffix(".jsonl").replace("judgments", f"judgments.from-{earlier.name}", 1)
+        target = free_name(judged, stem, ".jsonl")
+        try:
+            os.link(file, target)  # the same bytes, no copy: neither run writes to another's files
+        except OSError:
+            shutil.copy2(file, target)
+        there.add(content)
+        carried += 1
+    return carried
+
+
+def _content(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def _contents(judged: Path) -> set[str]:
+    return {_content(f) for f in judged.glob("judgments*.jsonl")}

@@ -179,6 +179,13 @@ class _OnlineMixin:
                 func.cache  # noqa: B018 - this one now, not after the model sampled
         self._times = Counter()
         self._unscored = Counter()
+        # The judges' counts at the last log: each log counts what happened since (a judge outlives a notebook's
+        # trainer, and a resumed run's process counts from 0), so the logs summed are the run's totals.
+        self._counted = self._judge_counts()
+
+    def _judge_counts(self) -> list[tuple[str, int]]:
+        return [(f"judge/{name.replace(' ', '_')}", func.stats[name]) for func in self.reward_funcs
+                for name in getattr(func, "STATS", ())]
 
     def _get_train_sampler(self, dataset=None):
         from trl.trainer.utils import RepeatSampler
@@ -266,15 +273,16 @@ class _OnlineMixin:
             logs["time/training_share"] = round(max(step - gen - judge, 0.0) / step, 4)
             logs["time/seconds"] = round(step, 3)
             self._times.clear()
-            if self._unscored["rows"]:
+            if self._unscored["rows"]:  # this log's share, as the summary reads it ("up to X% of a log")
                 logs["rewards/unscored_frac"] = self._unscored["unscored"] / self._unscored["rows"]
+            self._unscored.clear()
             # Each process judges its own completions: the counts are summed over the launch (every process logs).
-            counts = [(f"judge/{name.replace(' ', '_')}", func.stats[name]) for func in self.reward_funcs
-                      for name in getattr(func, "STATS", ())]
-            if counts:
-                total = self.accelerator.reduce(torch.tensor([float(v) for _, v in counts],
+            now, then = self._judge_counts(), dict(self._counted)
+            self._counted = now
+            if now:
+                total = self.accelerator.reduce(torch.tensor([float(v - then.get(name, 0)) for name, v in now],
                                                              device=self.accelerator.device), reduction="sum")
-                logs.update({name: int(value) for (name, _), value in zip(counts, total.tolist())})
+                logs.update({name: int(value) for (name, _), value in zip(now, total.tolist())})
         return super().log(logs, start_time)
 
 

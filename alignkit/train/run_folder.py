@@ -43,7 +43,7 @@ from alignkit.core.launch import every_process, world_size
 # killed before its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
 from alignkit.core.run_records import CLAIM_FILE, HUB_DATASETS, LOADED_AS, checkpoints, hub_datasets, loaded_as
 from alignkit.train import cell_checks, run_locks
-from alignkit.train.kept_judgments import judgments_back, remove_keeping_judgments
+from alignkit.train.kept_judgments import carry_judgments, judgments_back, remove_keeping_judgments
 
 CONFIG_FILE = "alignkit_config.json"
 FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
@@ -413,6 +413,7 @@ def _claim(s, folder: Path, resume_from: str | None) -> Path | None:
         folder.mkdir(parents=True, exist_ok=True)
         if aside:
             write_atomic(folder / CLAIM_FILE, json.dumps({"earlier_run": str(aside)}) + "\n")
+            carry_judgments(aside, folder)  # what its judge reward paid for serves this run too
         (folder / FAILED_FILE).unlink(missing_ok=True)
         save_run_config(s, folder / CONFIG_FILE)
     except BaseException as error:
@@ -432,6 +433,8 @@ def _move_back(s, folder: Path, earlier: Path, resume_from: str) -> Path | None:
     elif folder.exists():
         folder.rmdir()
     shutil.move(str(earlier), folder)
+    if aside:
+        carry_judgments(aside, folder)
     logger.info(f"{earlier} holds a run with these settings and inputs (moved aside by a run with others): moved "
                 f"it back to {folder}, resuming from {Path(resume_from).name}" + (
                     f"; the run that was there is in {aside}" if aside else "") + " (--resume false trains anew)")
