@@ -166,6 +166,9 @@ REFUSED = [
      r"they would do nothing; drop them, or pass --backend vllm"),
     ("zero3", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.1),
      r"reward.py --loss logexpwithlm under DeepSpeed ZeRO-3: .* use a DDP launch, or --lm_loss_coef 0"),
+    # --backend vllm without a GPU: refused after the model loaded (minutes for a 7B; the rl.py audit of session 28).
+    ("ddp", "rl.py", RLSettings(reward=["rule"], backend="vllm"),
+     r"^--backend vllm: no CUDA GPU; pass --backend transformers \(or auto\) to generate with transformers$"),
 ]
 
 

@@ -816,3 +816,19 @@ def test_a_run_that_moves_an_earlier_one_aside_starts_with_the_judgments_it_paid
     assert (run / "metrics.json").is_file() and keys(run) == ["earlier", "new"]  # each once
     again = run_folder._claim(s, run, None)  # the same command again: the run put back goes aside again
     assert keys(run) == ["earlier", "new"] and keys(Path(again)) == ["earlier", "new"]
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_a_judge_reward_without_its_api_key_names_rl_s_own_flag(mode, tmp_path, monkeypatch):
+    """The pairwise judge's missing key said `--judge openai: OPENAI_API_KEY is not set` (label.py's flag: rl.py
+    has no --judge; the rl.py audit of session 28); the pointwise one said `--reward judge:`. Both do now."""
+    from alignkit.core.config import RLSettings
+    from alignkit.train.rl_rewards import JudgeReward
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    s = RLSettings(reward=["judge"], judge_mode=mode, reference_completions=str(refs) if mode == "pairwise" else None)
+    with pytest.raises(ConfigError, match=r"^--reward judge: OPENAI_API_KEY is not set"):
+        JudgeReward(s, tmp_path / "cache")

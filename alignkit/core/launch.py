@@ -176,11 +176,20 @@ def refusal(s, script: str) -> str | None:
             return (f"rl.py {', '.join(asked)}: generation runs on transformers here (--backend {s.backend}; vLLM "
                     "needs a CUDA GPU and the vllm package), so they would do nothing; drop them, or pass "
                     "--backend vllm on a machine with both")
+        if getattr(s, "backend", "") == "vllm" and (lacking := vllm_lacking()):  # rl.resolve_backend's, sooner
+            return f"--backend vllm: {lacking}; pass --backend transformers (or auto) to generate with transformers"
         if wants_vllm(s) and resolve_quantization(quantization, for_training=True, log=False) == "4bit":
             return ("rl.py with vLLM and QLoRA (--quantization 4bit): TRL syncs packed 4-bit weights vLLM cannot load, "
                     "and each sync re-quantizes the frozen base (TRL issue #4973); use --backend transformers, or "
                     "--quantization none with vLLM")
     return None
+
+
+def vllm_lacking() -> str | None:
+    """What this machine lacks for vLLM generation, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return None if importlib.util.find_spec("vllm") is not None else "vllm is not installed"
 
 
 def wants_vllm(s) -> bool:

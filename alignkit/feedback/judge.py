@@ -263,8 +263,9 @@ def _import_function(spec: str, flag: str = "--judge"):
     return function
 
 
-def make_judge(s) -> Judge:
-    """The judge named by settings `s` (alignkit.core.config.LabelSettings); checks what it can before any work."""
+def make_judge(s, flag: str = "--judge openai") -> Judge:
+    """The judge named by settings `s` (alignkit.core.config.LabelSettings); checks what it can before any work.
+    flag: what its errors name an OpenAI judge by (rl.py's is `--reward judge`)."""
     if s.judge.startswith("python:"):
         return PythonJudge(s.judge)
     if s.judge.startswith("rm:"):  # a reward model scores each answer (alignkit.feedback.rewards)
@@ -274,7 +275,7 @@ def make_judge(s) -> Judge:
     if s.judge == "openai":
         from alignkit.core.llm import judge_client
 
-        return OpenAIJudge(template, judge_client(s, "gpt-4o-mini", "--judge openai"))
+        return OpenAIJudge(template, judge_client(s, "gpt-4o-mini", flag))
     if s.judge == "hf":
         if not s.judge_model:
             raise ConfigError("--judge hf needs --judge_model: a Hub id or a local model folder")

@@ -29,7 +29,6 @@ standard format: a base model on text prompts needs no template).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import time
 from collections import Counter
 from pathlib import Path
@@ -311,13 +310,12 @@ def trainer_class(algo: str):
 def resolve_backend(s) -> bool:
     """True to generate with vLLM. auto: vLLM when installed and a CUDA GPU is there; one line when falling back.
     (alignkit.core.launch.wants_vllm makes the same decision before loading, for what a launch refuses.)"""
-    has_vllm = importlib.util.find_spec("vllm") is not None
-    cuda = torch.cuda.is_available()
+    from alignkit.core.launch import vllm_lacking
+
     if s.backend == "transformers":
         return False
-    if has_vllm and cuda:
+    if not (why := vllm_lacking()):
         return True
-    why = "no CUDA GPU" if not cuda else "vllm is not installed"
     if s.backend == "vllm":
         raise ConfigError(f"--backend vllm: {why}; pass --backend transformers (or auto) to generate with transformers")
     logger.info(f"generation: transformers ({why}; vLLM needs both)")

@@ -210,7 +210,7 @@ class JudgeReward:
             endpoint = {f.name: getattr(s, f.name) for f in dataclasses.fields(JudgeAnswerSettings)}
             judge_settings = SimpleNamespace(judge="openai", judge_template=s.judge_template, principle=s.principle,
                                              **endpoint)
-            self.judge = make_judge(judge_settings)
+            self.judge = make_judge(judge_settings, "--reward judge")
             from alignkit.feedback.judge_templates import check_principle
 
             check_principle(self.judge.template, s)
