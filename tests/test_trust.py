@@ -263,17 +263,20 @@ def test_ctrl_c_is_one_line_on_the_command_line_and_under_a_notebook_cell(tmp_pa
                     "print('ready', flush=True)\ntime.sleep(60)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("ALIGNKIT_DEBUG", None)
-    for debug, code, said in ((False, 130, [errors.INTERRUPTED]), (True, -signal.SIGINT, None)):
+    # A launch's other ranks (RANK 1) stop without the line: rank 0 says it for the launch (each rank said it).
+    for debug, code, said, rank in ((False, 130, [errors.INTERRUPTED], "0"), (True, -signal.SIGINT, None, "0"),
+                                    (False, 130, [], "1")):
         # SIGINT at its default in the child: a test worker (xdist) ignores it, and a child that starts with it
         # ignored never gets Python's KeyboardInterrupt handler.
-        proc = subprocess.Popen([sys.executable, str(slow), *(["--debug"] if debug else [])], cwd=tmp_path, env=env,
+        proc = subprocess.Popen([sys.executable, str(slow), *(["--debug"] if debug else [])], cwd=tmp_path,
+                                env={**env, "RANK": rank},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == code, err
-        if said:
+        if said is not None:
             assert err.strip().splitlines() == said
         else:
             assert "Traceback" in err and "KeyboardInterrupt" in err

@@ -78,7 +78,8 @@ def run_again() -> str:
 
 def _report(kind, error, tb) -> None:
     if issubclass(kind, KeyboardInterrupt) and not debugging():  # Ctrl-C: one line, not a traceback into a library
-        if not os.environ.get(STEP_OF) and not _SAID_HOW_TO_GO_ON:
+        # Rank 0 speaks for a launch (its run folder's line, or this one): each other rank said it again.
+        if not os.environ.get(STEP_OF) and not _SAID_HOW_TO_GO_ON and os.environ.get("RANK", "0") == "0":
             print(INTERRUPTED, file=sys.stderr)
         sys.exit(EXIT_TERMINATED if issubclass(kind, Terminated) else EXIT_INTERRUPTED)
     if issubclass(kind, UserError) and not debugging():
