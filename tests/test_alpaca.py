@@ -377,3 +377,28 @@ def test_bad_input_and_missing_things_fail_with_one_clear_line(tiny_set, tmp_pat
         from alignkit.evals.alpacaeval_report import glm_setup
 
         glm_setup(AlpacaEvalSettings(lc_glm="length_controlled_v1"), [{}], tmp_path)
+
+
+def test_too_few_instructions_or_no_readable_preference_is_one_line_not_a_traceback(alignkit_log):
+    """Found by the evaluate.py audit of session 28: --max_instances 3 stopped in sklearn ("Cannot have number of
+    splits n_splits=5 greater than the number of groups: 3") after the judge was paid, and a judge whose every
+    answer alpaca_eval could not read (a weighted_* annotator against an endpoint without logprobs) stopped in
+    get_winrate ("type NoneType doesn't define __round__"). The plain win rate with a line saying why; one error
+    line naming the fix."""
+    from alignkit.core.errors import UserError
+    from alignkit.evals.alpacaeval_annotate import load_package
+    from alignkit.evals.alpacaeval_report import metric
+
+    load_package()  # as evaluate.py alpaca_eval imports it
+    rows = [{"instruction": f"q{i}", "output_1": "ref" * (i + 1), "output_2": "model answer" * (2 * i + 1),
+             "generator_1": "reference", "generator_2": "model", "annotator": "weighted_alpaca_eval_gpt4_turbo",
+             "preference": 2.0 if i else 1.0} for i in range(3)]
+    fn = metric({r["instruction"]: i for i, r in enumerate(rows)}, "length_controlled_v1", None, None)
+    out = fn(rows)
+    assert out["win_rate"] == pytest.approx(100 * 2 / 3) and out["length_controlled_winrate"] != \
+        out["length_controlled_winrate"]  # NaN: undefined, and said
+    assert "it is fitted over 5 folds of instructions, and 3 were judged (--max_instances 5 or more)" in \
+        alignkit_log.text
+    with pytest.raises(UserError, match=r"^none of the judge's 3 answers held a preference alpaca_eval could read: "
+                                        r".*--annotators_config alpaca_eval_gpt4"):
+        fn([{**r, "preference": None} for r in rows])

@@ -917,3 +917,27 @@ def test_a_pairwise_run_s_steps_run_in_order_under_the_settings_it_started_with(
                                         r"\(max_questions\)"):
         run.load_questions()
     assert results_file.read_text() == good
+
+
+def test_kept_answers_of_the_same_model_named_from_another_folder_are_taken(tmp_path, monkeypatch):
+    """Found by the evaluate.py audit of session 28: answers and outputs record their model's path as typed
+    (`runs/tiny-sft`), and a rerun from another folder (`h20/runs/tiny-sft`, the same folder) was refused as another
+    model's ("holds answers by runs/tiny-sft, not h20/runs/tiny-sft"), though the model as loaded, by content, was
+    the same. Where an answer holds its key, the key decides; a path check is left for answers without one."""
+    from alignkit.evals import mtbench
+    from alignkit.evals.alpacaeval_outputs import read_outputs
+
+    project = tmp_path / "project"
+    (project / "runs" / "sft").mkdir(parents=True)
+    answers, outputs = tmp_path / "answers.jsonl", tmp_path / "outputs.jsonl"
+    answers.write_text(json.dumps({"question_id": 1, "choices": [{"index": 0, "turns": ["hi"]}], "source": "runs/sft",
+                                   "settings_key": "K"}) + "\n")
+    outputs.write_text(json.dumps({"instruction": "i", "output": "o", "source": "runs/sft", "generation": {"t": 1},
+                                   "identity": "I"}) + "\n")
+    monkeypatch.chdir(tmp_path)  # the project's parent: the same folder is project/runs/sft from here
+    assert list(mtbench.read_answers(answers, "project/runs/sft", key="K")) == [1]
+    assert list(read_outputs(outputs, "project/runs/sft", {"t": 1}, identity="I")) == ["i"]
+    with pytest.raises(ConfigError, match="holds answers by runs/sft, not project/runs/sft"):  # another model
+        mtbench.read_answers(answers, "project/runs/sft", key="other")
+    with pytest.raises(ConfigError, match="holds outputs by runs/sft, not project/runs/sft"):
+        read_outputs(outputs, "project/runs/sft", {"t": 1}, identity="other")

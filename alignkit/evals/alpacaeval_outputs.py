@@ -160,7 +160,8 @@ def read_outputs(path, source: str, generation: dict, identity: str | None = Non
         _text(where, row, "instruction", fix)
         if not isinstance(row.get("output"), str):
             raise ConfigError(f"{where}: field 'output' must be a string; {fix}")
-        if row.get("source") is not None and same_source(row["source"]) != same_source(source):
+        same_model = identity is not None and row.get("identity") == identity  # by content, however the path reads
+        if row.get("source") is not None and not same_model and same_source(row["source"]) != same_source(source):
             raise ConfigError(f"{path} holds outputs by {row['source']}, not {source}: give this model another "
                               "--model_name / --reference_name, use another --output_dir, or delete the file")
         if row.get("generation") not in (None, generation):

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from alignkit import logger
+from alignkit.core.errors import UserError
 from alignkit.evals.alpacaeval_outputs import hub_file
 
 GLM_FILE = "df_gamed.csv"
@@ -48,6 +49,9 @@ def glm_setup(s, rows: list[dict], work_dir) -> tuple[str, Path]:
     return glm, table
 
 
+LC_FOLDS = 5  # alpaca_eval's length-controlled fit: a GroupKFold over the instructions, 5 splits
+
+
 def metric(positions: dict, glm: str, table, weights_dir):
     """alpaca_eval's get_length_controlled_winrate over the annotations, each row's `index` its position in the
     eval set (what the instruction difficulties are indexed by)."""
@@ -57,18 +61,29 @@ def metric(positions: dict, glm: str, table, weights_dir):
         from alpaca_eval.metrics import glm_winrate
 
         df = pd.DataFrame(list(annotations))
+        if not len(df) or pd.to_numeric(df.get("preference"), errors="coerce").isna().all():
+            raise UserError(f"none of the judge's {len(df)} answers held a preference alpaca_eval could read: the "
+                            "weighted_* annotators read the answer's logprobs (an endpoint that returns none gives "
+                            "none), the others its text; use --annotators_config alpaca_eval_gpt4 for a text judge, or "
+                            "check the judge's answers; a rerun asks again for the failed ones")
         df["index"] = df["instruction"].map(positions)
         lengths = df["output_2"].str.len() - df["output_1"].str.len()
         if lengths.nunique() <= 1:  # alpaca_eval scales by their spread: NaNs, then sklearn's traceback
-            logger.warning("every output's length differs from its reference's by the same amount (the same model as "
-                           "the reference? a single instruction?): the length-controlled win rate is undefined, so only "
-                           "the plain win rate is reported")
-            return {**{k: float(v) if hasattr(v, "__float__") else v
-                       for k, v in glm_winrate.get_winrate(df).items()},
-                    "length_controlled_winrate": float("nan"), "lc_standard_error": float("nan")}
+            return plain(df, "every output's length differs from its reference's by the same amount (the same model as "
+                             "the reference? a single instruction?)")
+        if (groups := df["instruction"].nunique()) < LC_FOLDS:  # its fit cross-validates by instruction, 5 folds
+            return plain(df, f"it is fitted over {LC_FOLDS} folds of instructions, and {groups} were judged "
+                             f"(--max_instances {LC_FOLDS} or more)")
         with _glm_data(table):
             out = glm_winrate.get_length_controlled_winrate(df, glm_name=glm, save_weights_dir=weights_dir)
         return {k: float(v) if hasattr(v, "__float__") else v for k, v in out.items()}
+
+    def plain(df, why: str) -> dict:
+        from alpaca_eval.metrics import glm_winrate
+
+        logger.warning(f"the length-controlled win rate is undefined here: {why}; only the plain win rate is reported")
+        return {**{k: float(v) if hasattr(v, "__float__") else v for k, v in glm_winrate.get_winrate(df).items()},
+                "length_controlled_winrate": float("nan"), "lc_standard_error": float("nan")}
 
     return fn
 

@@ -330,7 +330,10 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
             raise ConfigError(f"{path}, line {line}: field 'choices' must be a list of {{index, turns}}; {fix}")
         _field(path, line, choices[0], "turns", list, fix)
         recorded = row.get("source")
-        if source is not None and recorded is not None and same_source(recorded) != same_source(source):
+        # By the model as loaded where the answer has its key (a path as typed, read from another folder, is another
+        # path: the same model, refused), by its path where not.
+        same_model = key is not None and row.get("settings_key") == key
+        if source is not None and recorded is not None and not same_model and same_source(recorded) != same_source(source):
             raise ConfigError(
                 f"{path} holds answers by {recorded}, not {source}: give this model another NAME in --models, use "
                 "another --output_dir, or delete the file to answer again"
