@@ -356,9 +356,13 @@ def test_bad_input_and_missing_things_fail_with_one_clear_line(tiny_set, tmp_pat
     model, eval_set, refs = tiny_set
     base = ("evaluate.py", "alpaca_eval", "--model_id", model, "--output_dir", str(tmp_path / "out"))
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "name three fruits."}\n{"prompt": "no instruction"}\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl, line 2: field 'instruction' must be a non-empty string"):
-        run_script(*base, "--eval_set", str(bad), "--judge_model", "rule", "--reference_outputs", str(refs))
+    # A misspelt key named as a prompts file's is (it said "must be a non-empty string, got None"), an empty one too.
+    for second, said in (('{"instrution": "x"}', r"line 2: no field 'instruction' \(is 'instrution' a misspelling "
+                                                  r"of it\?\); its fields: instrution"),
+                         ('{"instruction": " "}', "line 2: field 'instruction' must be a non-empty string")):
+        bad.write_text('{"instruction": "name three fruits."}\n' + second + "\n")
+        with pytest.raises(ConfigError, match=rf"bad.jsonl, {said}"):
+            run_script(*base, "--eval_set", str(bad), "--judge_model", "rule", "--reference_outputs", str(refs))
     # The default eval set comes from the Hub; offline and not cached, the error says what to provide.
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     with pytest.raises(ConfigError, match=r"alpaca_eval_gpt4_baseline.json of the Hub dataset tatsu-lab/alpaca_eval.*"

@@ -96,6 +96,13 @@ def test_an_unknown_task_is_refused_before_any_model_loads(tiny_cache, tmp_path,
                           "--include_path", str(harness.tiny_task(tmp_path, n=4)), "--output_dir", str(tmp_path)])
     with pytest.raises(ConfigError, match="lm_eval has no task 'no_such_task'"):
         harness.run(s)
+    # A misspelt task is offered lm_eval's closest; a missing --include_path is named as such (it said "no task").
+    s.tasks = ["tiny_rul"]
+    with pytest.raises(ConfigError, match=r"^lm_eval has no task 'tiny_rul' \(did you mean 'tiny_rule'\?\)"):
+        harness.run(s)
+    s.include_path = str(tmp_path / "no_such_folder")
+    with pytest.raises(ConfigError, match=r"^--include_path .*no_such_folder: no such folder; pass the folder"):
+        harness.run(s)
 
 
 def test_a_missing_model_is_refused_before_the_first_model_is_evaluated(tiny_cache, tmp_path, monkeypatch):

@@ -73,6 +73,10 @@ def read_rows(path, flag: str) -> list[tuple[str, dict]]:
 
 def _text(where, row, field, fix) -> str:
     value = row.get(field)
+    if field not in row:  # a misspelt key: named, with the row's own (a prompts file's rows say it alike)
+        from alignkit.core.row_checks import no_field
+
+        raise ConfigError(f"{where}: {no_field(row, field)}; {fix}")
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{where}: field {field!r} must be a non-empty string, got {value!r:.80}; {fix}")
     return value

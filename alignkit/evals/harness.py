@@ -223,11 +223,17 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
     check_models(s, models.values())  # all of them before the first is evaluated
     if s.preset == "tiny" and s.include_path:
         tiny_task(s.include_path)
+    if s.include_path and not Path(s.include_path).is_dir():
+        raise ConfigError(f"--include_path {s.include_path}: no such folder; pass the folder that holds your lm_eval "
+                          "task YAML configs")
     task_manager = _task_manager(TaskManager, s.include_path)
-    unknown = [t for t in s.tasks if t not in task_manager.all_tasks]
-    if unknown:
-        raise ConfigError(f"lm_eval has no task {', '.join(map(repr, unknown))}: name tasks as lm_eval lists them "
-                          "(lm_eval ls tasks), or put their YAML configs in --include_path")
+    if unknown := [t for t in s.tasks if t not in task_manager.all_tasks]:
+        import difflib
+
+        close = [c for t in unknown for c in difflib.get_close_matches(t, task_manager.all_tasks, n=1)]
+        meant = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"lm_eval has no task {', '.join(map(repr, unknown))}{meant}: name tasks as lm_eval lists "
+                          "them (lm_eval ls tasks), or put their YAML configs in --include_path")
     out = Path(s.output_dir)
     (out / "models").mkdir(parents=True, exist_ok=True)
     keys = {name: _key(s, source) for name, source in models.items()}
