@@ -639,7 +639,13 @@ def test_mt_bench_answers_both_turns_with_history_and_resumes(mt_data, sft_run, 
         before = server.count
         run_script("evaluate.py", "mt_bench", *args, "--judge_base_url", server.base_url)
         assert len(calls) == 2 and all(len(conversations) == 1 for conversations, _ in calls)  # sft, question 111
-        assert server.count - before == 4  # the regenerated answer's matches are judged again, the others are not
+        # The regenerated answer's matches are judged again, the others are not; at temperature 0 it is the same
+        # text, so its requests are the ones already paid for: their kept answers give the verdicts.
+        assert server.count - before == 0
+        again = [r for r in judgments.read_judgments(judgments.judgment_path(tmp_path, "j")).values()
+                 if r["question_id"] == 111 and "sft" in (r["model_1"], r["model_2"])]
+        assert again and all(r["answer_ids"][[r["model_1"], r["model_2"]].index("sft")] ==
+                             mtbench.read_answers(path)[111]["answer_id"] for r in again)
         # Another folder, the same models under other NAMEs (rlaif.py's next round): --answers_from takes their
         # answers from this one by key, and loads no model; under other sampling nothing is taken.
         calls.clear()
@@ -941,3 +947,42 @@ def test_kept_answers_of_the_same_model_named_from_another_folder_are_taken(tmp_
         mtbench.read_answers(answers, "project/runs/sft", key="other")
     with pytest.raises(ConfigError, match="holds outputs by runs/sft, not project/runs/sft"):
         read_outputs(outputs, "project/runs/sft", {"t": 1}, identity="other")
+
+
+def test_a_judge_answer_paid_for_before_its_match_s_verdict_is_kept(tmp_path):
+    """Found by the evaluate.py audit of session 28: a match is asked in both orders and its verdict written once
+    both came back, so a Ctrl-C between them lost the first paid answer (14 requests sent, 12 kept) and the rerun
+    asked for it again. Each answer is kept as it arrives, keyed by its request and endpoint; --retry_parse_failures
+    asks again."""
+    import types
+
+    from alignkit.evals import fastchat_compat
+
+    asked = []
+
+    class Client:  # alignkit.core.llm.ChatClient, as far as judging uses it
+        model, temperature, max_tokens = "judge", 0.0, 16
+        client = types.SimpleNamespace(base_url="http://judge.test/v1/")
+
+        def complete(self, messages):
+            asked.append(messages[-1]["content"])
+            return f"[[A]] for {messages[-1]['content']}"
+
+    def conv(text):
+        return types.SimpleNamespace(to_openai_api_messages=lambda: [{"role": "user", "content": text}])
+
+    kept = tmp_path / "judge_pair.answers.jsonl"
+    with fastchat_compat.judging_with(Client(), kept=kept) as common:
+        assert common.chat_completion_openai("judge", conv("A then B"), 0, 16) == "[[A]] for A then B"
+        # Ctrl-C here: the match's second order never came back, and no verdict was written
+    with fastchat_compat.judging_with(Client(), kept=kept) as common:  # the rerun
+        assert common.chat_completion_openai("judge", conv("A then B"), 0, 16) == "[[A]] for A then B"
+        assert common.chat_completion_openai("judge", conv("B then A"), 0, 16) == "[[A]] for B then A"
+    assert asked == ["A then B", "B then A"]
+    other = Client()
+    other.model = "another-judge"  # another endpoint's answer is its own
+    with fastchat_compat.judging_with(other, kept=kept) as common:
+        common.chat_completion_openai("judge", conv("A then B"), 0, 16)
+    with fastchat_compat.judging_with(Client(), kept=kept, reuse=False) as common:  # --retry_parse_failures
+        common.chat_completion_openai("judge", conv("A then B"), 0, 16)
+    assert asked == ["A then B", "B then A", "A then B", "A then B"]

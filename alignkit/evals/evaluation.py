@@ -361,7 +361,9 @@ class Pairwise:
             judgments.judge_matches(todo, judgments.rule_player(_verdicts(rule_fn)), self.judgment_file, self.identity,
                                     s.parallel)
         elif todo:
-            with fastchat_compat.judging_with(self.client, on_error=on_error, on_success=watch.ok):
+            kept = judgments.answers_path(self.judgment_file)  # each paid answer, before its match's verdict
+            with fastchat_compat.judging_with(self.client, on_error=on_error, on_success=watch.ok, kept=kept,
+                                              reuse=not s.retry_parse_failures):
                 judgments.judge_matches(todo, fastchat_compat.play, self.judgment_file, self.identity, s.parallel)
         if self.failures and len(self.failures) >= 2 * len(todo):  # every request: no result, not an empty table
             first = self.failures[0]

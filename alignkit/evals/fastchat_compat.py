@@ -145,25 +145,42 @@ class _EveryName(tuple):
 
 
 @contextlib.contextmanager
-def judging_with(client, on_error=None, on_success=None):
+def judging_with(client, on_error=None, on_success=None, kept=None, reuse: bool = True):
     """While open, FastChat sends every judge request through `client` (an alignkit.core.llm.ChatClient).
 
     on_error(exception) is called for each request that failed after the client's own retries (it may raise to stop
     the judging), on_success() for each that came back.
+    kept: a JSONL file that keeps every answer as it arrives, keyed by its request (the messages and the endpoint:
+    alignkit.feedback.judge.endpoint_identity). A match is asked in both orders and its verdict written once both
+    came back: a Ctrl-C between them lost the paid first, and its rerun asked for it again. reuse: False asks again
+    (--retry_parse_failures: a kept answer without a verdict would be read the same way).
     """
     import openai
 
+    from alignkit.core.digests import digest
+    from alignkit.core.journal import append_jsonl, read_jsonl
+    from alignkit.feedback.judge import endpoint_identity
+
     common, _ = load()
+    endpoint = endpoint_identity(client)
+    answers = {row.get("key"): row["text"] for _, row in read_jsonl(kept, "delete the line", repair_tail=True)
+               if isinstance(row.get("text"), str)} if kept is not None and reuse else {}
 
     def chat_completion_openai(model, conv, temperature, max_tokens, api_dict=None):  # point 2
         # Temperature and answer length are the client's (--judge_temperature, --judge_max_tokens), whose defaults
         # are FastChat's (0 and 2048), since FastChat hard-codes them.
+        messages = conv.to_openai_api_messages()
+        key = digest({"messages": messages, **endpoint}, 16)
+        if key in answers:  # paid for by a run that stopped before the match's verdict
+            return answers[key]
         try:
-            text = client.complete(conv.to_openai_api_messages())
+            text = client.complete(messages)
         except (openai.APIError, ValueError, LookupError) as e:  # also a 200 whose body is not JSON, or no choices
             if on_error is not None:
                 on_error(e)
             return common.API_ERROR_OUTPUT
+        if kept is not None:
+            append_jsonl(kept, [{"key": key, "text": text}])
         if on_success is not None:
             on_success()
         return text

@@ -149,6 +149,13 @@ def archive_path(path) -> Path:
     return path.with_name(f"{path.stem}.replaced.jsonl")
 
 
+def answers_path(path) -> Path:
+    """Where each judge answer is kept as it arrives (`<judge>_pair.answers.jsonl`, fastchat_compat.judging_with),
+    before its match has both and its verdict goes to `path`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.answers.jsonl")
+
+
 def retire_replaced(path, current: list[dict]) -> int:
     """Leave in `path` exactly one verdict per match of `current` (the records this run's results read), and every
     verdict of other matches; move the others of those matches (other settings, other answers, a failed attempt)
