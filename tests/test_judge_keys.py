@@ -339,3 +339,53 @@ def test_the_alpaca_eval_rule_annotations_key_on_the_rule(tmp_path, monkeypatch)
     assert alpacaeval_annotate.annotation_store(tmp_path, "cfg", annotators, None, 1)[0] == cache
     edit_as_read(monkeypatch, presets, b"WORDS = ", b"WORDS  = ")  # the tiny rule's module, as if edited
     assert alpacaeval_annotate.annotation_store(tmp_path, "cfg", annotators, None, 1)[0] != cache
+
+
+def test_a_rule_s_key_follows_its_data_file_the_module_it_runs_and_not_its_path(tmp_path, monkeypatch):
+    """Found by the cache audit of session 28, each a stale hit or a miss:
+    - a python: judge reading its preference from a file beside it (`Path(__file__).parent / "pref.json"`): the file
+      edited, its old verdicts were reused ("slot A wins 100%" from a judge now saying B);
+    - a python:FILE.py judge importing `helper`, with a helper.py beside it and another on PYTHONPATH: the key read
+      the one beside it, the run imported the other (its folder was not on sys.path), and an edit of the one that
+      ran was not seen;
+    - one judge (or local model) named by two spellings of its path was judged (generated) again from nothing."""
+    import types
+
+    from alignkit.core.code_digest import code_fingerprint
+    from alignkit.core.config import LabelSettings
+    from alignkit.feedback.judge import PythonJudge, import_function
+    from alignkit.feedback.label_records import Source
+    from alignkit.feedback.labeling import _generator_identity
+
+    judges, elsewhere = tmp_path / "j", tmp_path / "pp"
+    judges.mkdir()
+    elsewhere.mkdir()
+    (judges / "reads.py").write_text("import json, pathlib\n\n\ndef judge(prompt, a, b):\n    return json.loads("
+                                     "(pathlib.Path(__file__).parent / 'pref.json').read_text())['prefer']\n")
+    (judges / "pref.json").write_text('{"prefer": "A"}')
+    (judges / "rule.py").write_text("from helper import PREFER\n\n\ndef judge(prompt, a, b):\n    return PREFER\n")
+    (judges / "helper.py").write_text("PREFER = 'A'\n")
+    (elsewhere / "helper.py").write_text("PREFER = 'B'\n")
+    monkeypatch.setattr(sys, "path", [str(elsewhere), *sys.path])
+    monkeypatch.delitem(sys.modules, "helper", raising=False)
+    monkeypatch.delitem(sys.modules, "reads", raising=False)
+    monkeypatch.delitem(sys.modules, "rule", raising=False)
+
+    reads = import_function(f"python:{judges / 'reads.py'}:judge")
+    before = code_fingerprint(reads)
+    (judges / "pref.json").write_text('{"prefer": "B"}')
+    assert reads("p", "a", "b") == "B" and code_fingerprint(reads) != before
+
+    rule = import_function(f"python:{judges / 'rule.py'}:judge")
+    assert rule("p", "a", "b") == "A"  # the helper beside it, the one its key reads
+    monkeypatch.chdir(tmp_path)
+    spelled = [PythonJudge(f"python:{where}:judge").identity() for where in
+               (judges / "rule.py", "j/rule.py", "./j/../j/rule.py")]
+    assert spelled[0] == spelled[1] == spelled[2]
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    run = types.SimpleNamespace(settings=LabelSettings(model_id="model"), backend="transformers")
+    keys = {json.dumps(_generator_identity(run, Source(spec, spec, "local", 0)), sort_keys=True)
+            for spec in ("model", "./model", str(tmp_path / "model"))}
+    assert len(keys) == 1

@@ -1,5 +1,5 @@
 """The identity of a user's Python code (a `python:` judge, grader, reward or verifier, the presets' rule judges), for
-the keys of what it computed: edit the code, or anything it reads, and its earlier results are not reused.
+the keys of what it computed: edit the code, or a data file it names, and its earlier results are not reused.
 
 `code_fingerprint(function)` digests:
 - the whole source file of the function (so the constants and helpers it uses count, not only its own lines), and
@@ -7,6 +7,9 @@ the keys of what it computed: edit the code, or anything it reads, and its earli
   (relative imports), in a package found on sys.path (`from mypkg.prefs import PREFER`), and alignkit's own.
   Installed libraries (the standard library, site-packages) are not followed: their files change with their
   versions. Imports are found by reading the files, never by importing anything;
+- the data files a user's file of code names in a string (`Path(__file__).parent / "prefs.json"`, `open("rules.yaml")`
+  beside it, an absolute path), by content: a rule that reads its preferences from a file changes with it. A file
+  found any other way (a name built from parts, an environment variable, a folder listed) is not seen;
 - a function typed into a notebook or a console: its text, and the plain values of the globals it reads (a constant
   set in another cell);
 - what is behind a callable that is not a plain function: `functools.partial`'s function and its bound arguments,
@@ -38,6 +41,7 @@ from alignkit.core.digests import digest
 _THIS_PROCESS = uuid.uuid4().hex  # stands for code alignkit cannot read: no other process reuses what it computed
 _ALIGNKIT = Path(__file__).resolve().parents[1]  # the alignkit package folder
 _MAX_FILES = 2000  # a walk that finds more has gone somewhere it should not: say so in the key, reuse nothing
+_MAX_DATA = 64 * 2**20  # a data file named in code over this size counts by its size and time of change
 _WARNED: set = set()
 
 
@@ -198,26 +202,40 @@ def _source_file(code) -> Path | None:
 
 
 def _walk(start: Path, files: dict) -> None:
-    """Every file of code reachable by imports from `start` (itself included), with its SHA-256, into `files`."""
+    """Every file of code reachable by imports from `start` (itself included), with its SHA-256, into `files`, and
+    the data files a user's file names (not alignkit's own: its strings name files of the runs it makes)."""
     queue = [start]
     while queue and len(files) <= _MAX_FILES:
         path = queue.pop()
         if path in files:
             continue
-        sha, imports = _read(path, path.stat())
+        sha, imports, named = _read(path, path.stat())
         files[path] = sha
         for node_module, name, level in imports:
             found = _resolve(path, node_module, name, level)
             if found is not None and found not in files:
                 queue.append(found)
+        for name in named if not path.is_relative_to(_ALIGNKIT) else ():
+            data = Path(name) if os.path.isabs(name) else path.parent / name
+            if data.is_file() and data.suffix != ".py" and (data := data.resolve()) not in files:
+                files[data] = _data_sha(data)
+
+
+def _data_sha(path: Path) -> str:
+    """A named data file's SHA-256; one over _MAX_DATA by its size and time of change (read whole, it would slow every
+    key of the rule that names it)."""
+    stat = path.stat()
+    if stat.st_size > _MAX_DATA:
+        return f"size {stat.st_size}, changed {stat.st_mtime_ns} {stat.st_ctime_ns}"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @functools.lru_cache(maxsize=4096)
-def _parsed(path: Path, mtime_ns: int, ctime_ns: int, size: int, inode: int) -> tuple[str, tuple]:
-    """The file's SHA-256 and imports, read once per state of the file (a write changes its ctime, which no copy
-    that keeps times can set back)."""
+def _parsed(path: Path, mtime_ns: int, ctime_ns: int, size: int, inode: int) -> tuple[str, tuple, tuple]:
+    """The file's SHA-256, imports and the strings in it that could name a file ("prefs.json", "data/rules.yaml"),
+    read once per state of the file (a write changes its ctime, which no copy that keeps times can set back)."""
     source = path.read_bytes()
-    imports = []
+    imports, named = [], set()
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
@@ -227,10 +245,13 @@ def _parsed(path: Path, mtime_ns: int, ctime_ns: int, size: int, inode: int) -> 
             imports += [("", alias.name, 0) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             imports += [(node.module or "", alias.name, node.level) for alias in node.names]
-    return hashlib.sha256(source).hexdigest(), tuple(imports)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and 0 < len(node.value) < 256 \
+                and "\n" not in node.value and "." in node.value.rsplit("/", 1)[-1].strip("."):
+            named.add(node.value)
+    return hashlib.sha256(source).hexdigest(), tuple(imports), tuple(sorted(named))
 
 
-def _read(path: Path, stat) -> tuple[str, tuple]:
+def _read(path: Path, stat) -> tuple[str, tuple, tuple]:
     return _parsed(path, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino)
 
 

@@ -25,6 +25,7 @@ import importlib.util
 import inspect
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,11 @@ class Judge:
     def identity(self) -> dict:
         """Everything but the request that can change this judge's answer: the one description every judgment
         key derives from (label.py's cache). A subclass adds what it owns (endpoint, sampling, weights)."""
-        return {"judge": self.name, "template": self.template.fingerprint() if self.template else None}
+        return {"judge": self.key_name(), "template": self.template.fingerprint() if self.template else None}
+
+    def key_name(self) -> str:
+        """The judge in its keys: its name, where no identity of its own says more (an endpoint's model name)."""
+        return self.name
 
     def judge(self, request: Request) -> str:
         raise NotImplementedError
@@ -152,6 +157,9 @@ class HFJudge(Judge):
         return {**super().identity(), "model": model_identity(self.settings, "transformers"),
                 "max_tokens": self.max_tokens, "temperature": self.temperature}
 
+    def key_name(self) -> str:
+        return "hf"  # the model by its identity, not its path: one folder however it is spelled, or moved
+
     def judge_batch(self, requests: list[Request]) -> list[str]:
         from alignkit.modeling.generation import generate
 
@@ -206,6 +214,9 @@ class PythonJudge(Judge):
     def identity(self) -> dict:
         return {**super().identity(), "code": code_fingerprint(self.function)}  # edit the rule: old verdicts go
 
+    def key_name(self) -> str:  # by what it is, not the path it was named by (its code is in the key)
+        return f"python:{getattr(self.function, '__module__', '')}:{getattr(self.function, '__qualname__', '')}"
+
     said_no_verdict = False
 
     def judge(self, request: Request) -> str:
@@ -238,6 +249,10 @@ def import_function(spec: str, flag: str = "--judge", contract: str = "") -> obj
             file_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
             if file_spec is None or not Path(module_name).is_file():
                 raise ImportError(f"no such file: {module_name}")
+            # Its folder first on sys.path, as Python puts a script's: a module beside it is the one it imports
+            # (and the one its key reads: alignkit.core.code_digest), not another of that name on the path.
+            if (folder := str(Path(module_name).resolve().parent)) not in sys.path:
+                sys.path.insert(0, folder)
             module = importlib.util.module_from_spec(file_spec)
             file_spec.loader.exec_module(module)
         else:
@@ -357,6 +372,9 @@ class RMJudge(Judge):
         over = {} if four_bit is None else {"over_nf4_base": True} if four_bit == FOUR_BIT_FIELDS else \
             {"over_4bit_base": four_bit}
         return {**super().identity(), "model": model_identity(loader), **over, "tie_margin": self.tie_margin}
+
+    def key_name(self) -> str:
+        return "rm"  # the reward model by its identity, not its path
 
     def judge_batch(self, requests: list[Request]) -> list[str]:
         from alignkit.feedback.rewards import RewardModel

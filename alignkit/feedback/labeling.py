@@ -374,7 +374,9 @@ def _generator_identity(run: Run, source: Source) -> dict:
         where = endpoint_identity(run.endpoints[source.spec])
         if s.chat_template_kwargs:  # sent along (extra_body); left out when unset, so earlier answers still count
             where = {**where, "chat_template_kwargs": s.chat_template_kwargs}
-    return {**where, "model": source.spec, "temperature": s.temperature, "top_p": s.top_p,
+    # A local model by its identity alone (one folder however its path is spelled, or moved), an endpoint's by name.
+    return {**where, "model": "local" if source.kind == "local" else source.spec, "temperature": s.temperature,
+            "top_p": s.top_p,
             "max_new_tokens": s.max_new_tokens, "seed": s.seed, "index": source.index}
 
 
