@@ -141,9 +141,10 @@ def test_an_upgrade_of_a_library_that_computes_the_outputs_is_another_model_in_e
     it runs, and a library that computes nothing here (vLLM under transformers) does not."""
     base = GenerationSettings(model_id=presets.paths()["model"])
     installed = dict(identity._installed())
-    assert {"torch", "transformers", "peft"} <= set(installed)
+    assert {"torch", "transformers", "peft", "tokenizers", "jinja2"} <= set(installed)
     before, under_vllm = keys(base), identity.model_identity(base, "vllm")
-    for name in ("torch", "transformers", "peft"):
+    # tokenizers and jinja2 make the prompt (the cache audit of session 28: an upgrade of either kept the answers).
+    for name in ("torch", "transformers", "peft", "tokenizers", "jinja2"):
         monkeypatch.setattr(identity, "_installed", lambda: {**installed, name: "99.0"})
         assert differ(before, keys(base)) == [], name  # every cache answers again
     monkeypatch.setattr(identity, "_installed", lambda: {**installed, "vllm": "99.0"})

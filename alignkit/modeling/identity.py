@@ -63,7 +63,8 @@ ENGINE_ONLY = {
 # computes this model's outputs (OPTIONAL_LIBRARIES, `_used`), and the engine's own where it runs. An optional library
 # installed or upgraded for another model is not another model here: evaluate.py refused every answers file after a
 # `pip install gguf`.
-LIBRARIES = ("torch", "transformers", "peft")
+# tokenizers and jinja2 make the prompt every engine sees: the tokens, and the chat template rendered to text.
+LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "jinja2")
 OPTIONAL_LIBRARIES = {
     "bitsandbytes": "the 4-bit and 8-bit layers: where the model loads quantized (asked for, or saved so)",
     "gguf": "the reader that dequantizes a .gguf file: where the chain holds one",
