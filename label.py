@@ -61,10 +61,10 @@ settings = parse_config(
     LabelSettings, overrides=overrides, presets=presets.named("label"), prog="label.py",
     description="Label prompt/response pairs with an LLM judge into DPO preference data (or teacher SFT data).",
 )
-presets.ensure(settings)
 from alignkit.core.launch import establish_launch
 
 establish_launch(settings, "label.py")  # the process's device, the process group, what this launch refuses
+presets.ensure(settings)  # after the launch's refusal: label.py runs as one process, refused before the preset builds
 if settings.mode == "pointwise":  # each answer graded alone (alignkit.feedback.pointwise); its grader checked now
     from alignkit.feedback import pointwise
 

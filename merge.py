@@ -43,10 +43,10 @@ settings = parse_config(
     presets={"tiny": {"adapter_dir": "runs/tiny-dpo"}, "smol": {"adapter_dir": "runs/smol-dpo"}},
     description="Merge LoRA adapters into their base model, check, save and push.",
 )
-presets.ensure(settings)
 from alignkit.core.launch import establish_launch
 
 establish_launch(settings, "merge.py")  # the process's device, the process group, what this launch refuses
+presets.ensure(settings)  # after the launch's refusal: merge.py runs as one process, refused before the preset builds
 if settings.push_to_hub:
     from alignkit.core.hub import check_pushable, require_token
 

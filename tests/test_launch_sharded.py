@@ -118,38 +118,49 @@ def test_sft_saves_a_whole_adapter(sft):
     whole_adapter(sft[1])
 
 
+# Under ZeRO-3 dpo.py and kto.py run twice: with the default reference (the adapter switched off at each step, on the
+# partitioned engine) and with --precompute_ref_log_probs; FSDP and ZeRO-2 run the default (precompute is refused
+# under FSDP: tests/test_launch.py). The support matrix audit of session 28 found the ZeRO cells' default path unrun.
+REFERENCES = {"zero3": (False, True), "fsdp": (False,), "zero2": (False,)}
+
+
 def test_dpo_packs_its_batches_precomputes_and_merges(sft, cache, runs):
     """dpo.py's defaults (prefix sharing, alignkit's own sigmoid loss) on the sharded QLoRA model, with
-    --merge_adaptors (the main process merges after the others are done); under ZeRO-3 and ZeRO-2 also
-    --precompute_ref_log_probs (refused under FSDP: tests/test_launch.py)."""
+    --merge_adaptors (the main process merges after the others are done); under ZeRO-3 also
+    --precompute_ref_log_probs."""
     mode, sft_run = sft
-    run = runs / f"dpo-{mode}"
-    precompute = ["--precompute_ref_log_probs", "true"] if mode != "fsdp" else []
-    done = launch(mode, "dpo.py", run, *TINY, *QLORA, "--model_id", str(sft_run), "--loss_type", "sigmoid",
-                  "--merge_adaptors", *precompute, cache=cache)
-    assert done["packed"] > 0 and done["own"] > 0
-    if precompute:  # the main process alone writes the reference entries (train and held-out rows)
-        assert "pairs cached in" in done["output"] and done["reference_saves"] == {"0": 2, "1": 0}, done
-    whole_adapter(run)
-    merge = json.loads((run / "merged" / "merge.json").read_text())
-    assert merge["max_logit_difference"] <= merge["tolerance"]
+    for precomputed in REFERENCES[mode]:
+        run = runs / f"dpo-{mode}{'-precomputed' if precomputed else ''}"
+        precompute = ["--precompute_ref_log_probs", "true"] if precomputed else []
+        done = launch(mode, "dpo.py", run, *TINY, *QLORA, "--model_id", str(sft_run), "--loss_type", "sigmoid",
+                      "--merge_adaptors", *precompute, cache=cache)
+        assert done["packed"] > 0 and done["own"] > 0
+        if precompute:  # the main process alone writes the reference entries (train and held-out rows)
+            assert "pairs cached in" in done["output"] and done["reference_saves"] == {"0": 2, "1": 0}, done
+        else:
+            assert "pairs cached in" not in done["output"] and not any(done["reference_saves"].values()), done
+        whole_adapter(run)
+        merge = json.loads((run / "merged" / "merge.json").read_text())
+        assert merge["max_logit_difference"] <= merge["tolerance"]
 
 
 def test_kto(sft, cache, runs):
-    """kto.py; under ZeRO-3 and ZeRO-2 with --precompute_ref_log_probs, whose cache file every process reads (TRL
-    named it at random per process for an in-memory dataset). Under a sharded model (FSDP, ZeRO-3) the tiny preset's
-    rule check is skipped with its line; under ZeRO-2 the model is whole on each rank, so it samples."""
+    """kto.py; under ZeRO-3 also with --precompute_ref_log_probs, whose cache file every process reads (TRL named it
+    at random per process for an in-memory dataset). Under a sharded model (FSDP, ZeRO-3) the tiny preset's rule
+    check is skipped with its line; under ZeRO-2 the model is whole on each rank, so it samples."""
     mode, sft_run = sft
-    run = runs / f"kto-{mode}"
-    precompute = ["--precompute_ref_log_probs", "true"] if mode != "fsdp" else []
-    done = launch(mode, "kto.py", run, *TINY, "--model_id", str(sft_run), *precompute, cache=cache)
-    assert done["metrics"]["global_step"] == 2
-    if precompute:
-        assert len(list((run / "kto_reference").glob("cache-*.arrow"))) == 2  # train and held-out rows, one file
-    sampled = "rule-following after KTO" in done["output"]
-    assert sampled == (mode == "zero2"), done["output"][-2000:]
-    assert sampled or "rule-following is not measured under" in done["output"]
-    whole_adapter(run)
+    for precomputed in REFERENCES[mode]:
+        run = runs / f"kto-{mode}{'-precomputed' if precomputed else ''}"
+        precompute = ["--precompute_ref_log_probs", "true"] if precomputed else []
+        done = launch(mode, "kto.py", run, *TINY, "--model_id", str(sft_run), *precompute, cache=cache)
+        assert done["metrics"]["global_step"] == 2
+        assert (run / "kto_reference").is_dir() == precomputed  # train and held-out rows, one file each, if asked
+        if precompute:
+            assert len(list((run / "kto_reference").glob("cache-*.arrow"))) == 2
+        sampled = "rule-following after KTO" in done["output"]
+        assert sampled == (mode == "zero2"), done["output"][-2000:]
+        assert sampled or "rule-following is not measured under" in done["output"]
+        whole_adapter(run)
 
 
 def test_rl(sft, request, cache, runs):

@@ -102,6 +102,10 @@ def test_readme_command_runs_as_written(command, project):
         done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *command[2:]], cwd=project,
                               env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
+        # Two processes under DDP, each saying so (a launch that fell back to one process would pass silently).
+        processes = command[command.index("--num_processes") + 1]
+        said = done.stdout + done.stderr
+        assert said.count(f"launch: DDP, {processes} processes") == int(processes), said[-3000:]
         return
     try:
         run_script(command[1], *command[2:], cwd=project)
