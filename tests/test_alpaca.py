@@ -397,12 +397,19 @@ def test_too_few_instructions_or_no_readable_preference_is_one_line_not_a_traceb
     rows = [{"instruction": f"q{i}", "output_1": "ref" * (i + 1), "output_2": "model answer" * (2 * i + 1),
              "generator_1": "reference", "generator_2": "model", "annotator": "weighted_alpaca_eval_gpt4_turbo",
              "preference": 2.0 if i else 1.0} for i in range(3)]
-    fn = metric({r["instruction"]: i for i, r in enumerate(rows)}, "length_controlled_v1", None, None)
+    fn = metric({r["instruction"]: i for i, r in enumerate(rows)}, "length_controlled_minimal", None, None)
     out = fn(rows)
     assert out["win_rate"] == pytest.approx(100 * 2 / 3) and out["length_controlled_winrate"] != \
         out["length_controlled_winrate"]  # NaN: undefined, and said
-    assert "it is fitted over 5 folds of instructions, and 3 were judged (--max_instances 5 or more)" in \
-        alignkit_log.text
+    assert "length_controlled_minimal is fitted with 5-fold cross-validation over the judged rows, and 3 had a " \
+           "preference (--max_instances 5 or more)" in alignkit_log.text
+    # Six rows, two unreadable: four to fit on (alpaca_eval drops the unreadable ones first: its traceback again).
+    six = [{**rows[i % 3], "instruction": f"r{i}", "preference": None if i > 3 else 2.0 - (i % 2)} for i in range(6)]
+    alignkit_log.clear()
+    metric({r["instruction"]: i for i, r in enumerate(six)}, "length_controlled_minimal", None, None)(six)
+    assert "and 4 had a preference" in alignkit_log.text
     with pytest.raises(UserError, match=r"^none of the judge's 3 answers held a preference alpaca_eval could read: "
                                         r".*--annotators_config alpaca_eval_gpt4"):
         fn([{**r, "preference": None} for r in rows])
+    with pytest.raises(UserError, match=r"^none of the judge's 3 answers"):  # no preference column at all
+        fn([{k: v for k, v in r.items() if k != "preference"} for r in rows])

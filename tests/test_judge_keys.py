@@ -376,12 +376,27 @@ def test_a_rule_s_key_follows_its_data_file_the_module_it_runs_and_not_its_path(
     (judges / "pref.json").write_text('{"prefer": "B"}')
     assert reads("p", "a", "b") == "B" and code_fingerprint(reads) != before
 
+    # A string too long for a file name (a prompt in Chinese: over 255 bytes) stopped the key in an OSError; a log
+    # the rule writes, named in its code, would change its key at every run: neither counts (the review of session 28).
+    (judges / "talks.py").write_text('PROMPT = "' + "请回答" * 40 + ' (e.g. A or B)"\n\n\ndef judge(prompt, a, b):\n'
+                                     '    open(__file__[:-3] + ".log", "a").write("judged")\n    return "A"\n'
+                                     'LOG = "talks.log"\n')
+    talks = import_function(f"python:{judges / 'talks.py'}:judge")
+    first = code_fingerprint(talks)
+    assert talks("p", "a", "b") == "A" and (judges / "talks.log").is_file() and code_fingerprint(talks) == first
+
     rule = import_function(f"python:{judges / 'rule.py'}:judge")
     assert rule("p", "a", "b") == "A"  # the helper beside it, the one its key reads
     monkeypatch.chdir(tmp_path)
     spelled = [PythonJudge(f"python:{where}:judge").identity() for where in
                (judges / "rule.py", "j/rule.py", "./j/../j/rule.py")]
     assert spelled[0] == spelled[1] == spelled[2]
+    from alignkit.feedback.pointwise import Grader  # label.py --mode pointwise's graders alike
+
+    (judges / "grade.py").write_text("def grade(prompt, answer):\n    return 1.0\n")
+    graded = [Grader(LabelSettings(mode="pointwise", judge=f"python:{where}:grade")).identity() for where in
+              (judges / "grade.py", "j/grade.py", "./j/../j/grade.py")]
+    assert graded[0] == graded[1] == graded[2]
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")

@@ -281,11 +281,15 @@ def test_pairwise_judge_reward_uses_label_keys(tmp_path):
         reward.close()
 
 
-def test_rl_with_a_failing_judge_trains_without_turning_failures_into_rewards(sft_run, tmp_path, capsys):
+def test_rl_with_a_failing_judge_trains_without_turning_failures_into_rewards(sft_run, tmp_path, capsys, caplog,
+                                                                              alignkit_log, monkeypatch):
     """Rule + judge, the judge always failing: no crash; every completion unscored (not rule + 0), all counted. Each
     log counts its own step's judgments (the rl.py audit of session 28: they ran on from the start of the process,
     and from 0 again at a resume; rewards/unscored_frac too, so a late judge outage read as a small share), and the
     summary line sums them."""
+    from alignkit.train import rl
+
+    monkeypatch.setattr(rl._UnscoredRows, "said", False)  # said once a process: an earlier test may have said it
     with FakeOpenAI(lambda body: Fault(500)) as server:
         g = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir",
                        str(tmp_path), "--reward", "rule,judge", "--judge_base_url", server.base_url,
@@ -300,6 +304,10 @@ def test_rl_with_a_failing_judge_trains_without_turning_failures_into_rewards(sf
     assert per_step >= 16 and all(e["judge/requests"] == e["judge/failed"] == per_step for e in logs), logs
     assert f"judge: {2 * per_step} requests, 0 of them from the cache, {2 * per_step} failed, 0 without a rating" \
         in capsys.readouterr().out
+    # TRL's warning for each unscored completion printed its whole row, every step (the rl.py audit of session 28):
+    # one line instead.
+    assert "All reward functions returned None" not in caplog.text
+    assert alignkit_log.text.count("a completion no reward scored") == 1
 
 
 def test_python_and_reward_model_rewards_combine_with_weights(sft_run, tiny_cache, tmp_path):

@@ -30,7 +30,7 @@ import yaml
 from dotenv import load_dotenv
 
 from alignkit.core.environment import BARE_ENV_NAMES, ENV_PREFIX, read_environment, stray_variables
-from alignkit.core.errors import ConfigError, is_notebook  # noqa: F401 - ConfigError is re-exported
+from alignkit.core.errors import ConfigError, forget_failed_settings, is_notebook  # noqa: F401 - ConfigError is re-exported
 from alignkit.core.saved_settings import is_secret_field, is_set
 from alignkit.core.secrets import name_secret_variables, redact
 
@@ -327,8 +327,18 @@ PRESET_YIELDS = {"max_steps": "num_train_epochs"}
 
 
 def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, prog=None, description=None):
-    """Build an instance of dataclass ``cls`` from all layers (see module docstring). In a notebook, a settings cell
-    that fails takes the kernel's earlier settings out (alignkit.core.errors._settings_cell_failed)."""
+    """Build an instance of dataclass ``cls`` from all layers (see module docstring). In a notebook, settings that
+    fail take the earlier ones of this class out of the kernel here (a `%%time` cell keeps the error from IPython,
+    a helper function hides the call from the cell's text), and a settings cell that fails further down does the
+    same (alignkit.core.errors._settings_cell_failed)."""
+    try:
+        return _parse_config(cls, args, overrides, env_file, presets, prog, description)
+    except ConfigError:
+        forget_failed_settings(cls)
+        raise
+
+
+def _parse_config(cls, args, overrides, env_file, presets, prog, description):
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"parse_config expects a dataclass type, got {cls!r}")
     hints = typing.get_type_hints(cls)  # resolves string annotations from `from __future__ import annotations`

@@ -357,7 +357,8 @@ def model_card(folder, repo_id: str | None = None) -> str:
         license=license_.get("license") or "unknown", license_name=license_.get("license_name"),
         license_link=license_.get("license_link"),
     )
-    results = eval_results(folder, run_type, metrics, hub_dataset or "custom", Path(dataset).name or "custom")
+    named = "dataset mixture" if settings.get("dataset_mixture") else Path(dataset).name or "custom"  # its id unread
+    results = eval_results(folder, run_type, metrics, hub_dataset or "custom", named)
     if results:  # model-index entries, under the model's name (which the metadata holds only there)
         data.eval_results, data.model_name = results, where.split("/")[-1]
     on_top = f", on top of the adapter{'s' if len(under) > 1 else ''} {', '.join(f'`{a}`' for a in under)}" if under else ""

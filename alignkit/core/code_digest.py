@@ -8,8 +8,9 @@ the keys of what it computed: edit the code, or a data file it names, and its ea
   Installed libraries (the standard library, site-packages) are not followed: their files change with their
   versions. Imports are found by reading the files, never by importing anything;
 - the data files a user's file of code names in a string (`Path(__file__).parent / "prefs.json"`, `open("rules.yaml")`
-  beside it, an absolute path), by content: a rule that reads its preferences from a file changes with it. A file
-  found any other way (a name built from parts, an environment variable, a folder listed) is not seen;
+  beside it, an absolute path), by content, each as the code names it: a rule that reads its preferences from a file
+  changes with it. Only files of data count (DATA_SUFFIXES: not a log the rule writes, which would change its key at
+  every run); a file found any other way (a name built from parts, an environment variable, a folder listed) is not;
 - a function typed into a notebook or a console: its text, and the plain values of the globals it reads (a constant
   set in another cell);
 - what is behind a callable that is not a plain function: `functools.partial`'s function and its bound arguments,
@@ -89,8 +90,12 @@ def code_fingerprint(function) -> str:
                   16)
 
 
-def _name(path: Path, files: dict) -> str:
-    """alignkit's files as alignkit/...; the others from the function's own folder (a moved project keeps its keys)."""
+def _name(path, files: dict) -> str:
+    """alignkit's files as alignkit/...; the others from the function's own folder (a moved project keeps its keys);
+    a data file as its file of code names it."""
+    if isinstance(path, tuple):
+        code, named = path
+        return f"{_name(code, files)}: {named}"
     if path.is_relative_to(_ALIGNKIT):
         return path.relative_to(_ALIGNKIT.parent).as_posix()
     return os.path.relpath(path, next(iter(files)).parent)
@@ -217,8 +222,17 @@ def _walk(start: Path, files: dict) -> None:
                 queue.append(found)
         for name in named if not path.is_relative_to(_ALIGNKIT) else ():
             data = Path(name) if os.path.isabs(name) else path.parent / name
-            if data.is_file() and data.suffix != ".py" and (data := data.resolve()) not in files:
-                files[data] = _data_sha(data)
+            try:  # a string too long for a file name (a prompt in Chinese), a folder it may not read: no file
+                if data.is_file() and data.suffix.lower() in DATA_SUFFIXES:
+                    files[(path, name)] = _data_sha(data)  # as the code names it: a moved project keeps its key
+            except (OSError, ValueError):
+                continue
+
+
+# The files a rule's strings may name as its data, by suffix: what a rule reads, not what it writes (a log named in
+# its code would change its key at every run).
+DATA_SUFFIXES = frozenset({".json", ".jsonl", ".yaml", ".yml", ".toml", ".txt", ".csv", ".tsv", ".parquet",
+                           ".pkl", ".pickle", ".npy", ".npz", ".pt", ".safetensors", ".jinja", ".md"})
 
 
 def _data_sha(path: Path) -> str:

@@ -162,7 +162,10 @@ def _settings_cell_failed(result) -> None:
 
     shell = get_ipython()
     names = getattr(shell, "user_ns", None)
-    if getattr(result, "error_in_exec", None) is None or not isinstance(names, dict):
+    if not isinstance(names, dict):
+        return
+    _FORGOTTEN.difference_update([n for n in _FORGOTTEN if n in names])  # set again since: a NameError is its own
+    if getattr(result, "error_in_exec", None) is None:
         return
     try:  # the cell's source as Python (IPython runs it a statement at a time: no frame holds it whole)
         source = getattr(shell, "transform_cell", str)(getattr(getattr(result, "info", None), "raw_cell", "") or "")
@@ -172,14 +175,26 @@ def _settings_cell_failed(result) -> None:
     named = {n.id for n in nodes if isinstance(n, ast.Name)} | {n.attr for n in nodes if isinstance(n, ast.Attribute)}
     if not SETTINGS_CELL_CALLS & named:
         return
-    kinds = {type(names[n]) for n in named if _is_settings(names.get(n))}
+    _forget(names, {type(names[n]) for n in named if _is_settings(names.get(n))})
+
+
+def forget_failed_settings(cls) -> None:
+    """Settings of `cls` that failed their parse (alignkit.core.args.parse_config) take the kernel's of that class out,
+    as a failed settings cell does (_settings_cell_failed)."""
+    shell = getattr(builtins, "get_ipython", lambda: None)() if is_notebook() else None
+    if isinstance(names := getattr(shell, "user_ns", None), dict):
+        _forget(names, {cls})
+
+
+def _forget(names: dict, kinds: set) -> None:
     for name in [n for n, value in names.items() if not n.startswith("_") and type(value) in kinds]:
         del names[name]
         _FORGOTTEN.add(name)
 
 
 def _is_settings(value) -> bool:
-    """An instance of one of alignkit's settings dataclasses."""
+    """An instance of one of alignkit's dataclasses: the settings, and what a settings cell builds from them (label.py's
+    `run` and `grader`), which go with them."""
     import dataclasses
 
     return dataclasses.is_dataclass(value) and not isinstance(value, type) and \

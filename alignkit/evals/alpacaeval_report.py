@@ -49,7 +49,7 @@ def glm_setup(s, rows: list[dict], work_dir) -> tuple[str, Path]:
     return glm, table
 
 
-LC_FOLDS = 5  # alpaca_eval's length-controlled fit: a GroupKFold over the instructions, 5 splits
+LC_FOLDS = 5  # alpaca_eval's length-controlled fit: a 5-fold GroupKFold, each training row its own group
 
 
 def metric(positions: dict, glm: str, table, weights_dir):
@@ -61,7 +61,8 @@ def metric(positions: dict, glm: str, table, weights_dir):
         from alpaca_eval.metrics import glm_winrate
 
         df = pd.DataFrame(list(annotations))
-        if not len(df) or pd.to_numeric(df.get("preference"), errors="coerce").isna().all():
+        preference = pd.to_numeric(df["preference"], errors="coerce") if "preference" in df else pd.Series(dtype=float)
+        if not preference.notna().any():
             raise UserError(f"none of the judge's {len(df)} answers held a preference alpaca_eval could read: the "
                             "weighted_* annotators read the answer's logprobs (an endpoint that returns none gives "
                             "none), the others its text; use --annotators_config alpaca_eval_gpt4 for a text judge, or "
@@ -71,9 +72,12 @@ def metric(positions: dict, glm: str, table, weights_dir):
         if lengths.nunique() <= 1:  # alpaca_eval scales by their spread: NaNs, then sklearn's traceback
             return plain(df, "every output's length differs from its reference's by the same amount (the same model as "
                              "the reference? a single instruction?)")
-        if (groups := df["instruction"].nunique()) < LC_FOLDS:  # its fit cross-validates by instruction, 5 folds
-            return plain(df, f"it is fitted over {LC_FOLDS} folds of instructions, and {groups} were judged "
-                             f"(--max_instances {LC_FOLDS} or more)")
+        # The fit cross-validates over its rows in 5 folds: the readable ones, and under a GLM regularized to
+        # AlpacaEval's baselines (length_controlled_v1) their annotations too, which are plenty.
+        readable = int(preference.notna().sum())
+        if not glm_winrate.GLM_INFO[glm].get("regularize_to_baseline_lambda") and readable < LC_FOLDS:
+            return plain(df, f"{glm} is fitted with {LC_FOLDS}-fold cross-validation over the judged rows, and "
+                             f"{readable} had a preference (--max_instances {LC_FOLDS} or more)")
         with _glm_data(table):
             out = glm_winrate.get_length_controlled_winrate(df, glm_name=glm, save_weights_dir=weights_dir)
         return {k: float(v) if hasattr(v, "__float__") else v for k, v in out.items()}

@@ -155,11 +155,6 @@ def save_vibes(s, prompts: list[str], sources: list[str], answers: dict[str, lis
 # mt_bench and pairwise
 
 
-def _file_of(error) -> str:
-    """The answer file a read_answers refusal names (its message starts with it)."""
-    return str(error).split(",", 1)[0].split(" holds ", 1)[0]
-
-
 @dataclass
 class Pairwise:
     """One pairwise run (evaluate.py mt_bench or pairwise), filled in step by step."""
@@ -282,14 +277,14 @@ class Pairwise:
                 answers = mtbench.read_answers(mtbench.answer_path(self.output_dir, name), source, key=keys[name],
                                                settings=parts[name])
             except ConfigError as error:  # every model's kept answers checked: one rerun, not one per stale file
-                refused.append(error)
+                refused.append((mtbench.answer_path(self.output_dir, name), error))
                 continue
             if mtbench.unanswered(self.questions, answers):
                 to_answer.append(name)
         if refused:
-            also = f" (refused too, each for its own reason: {', '.join(_file_of(e) for e in refused[1:])})" \
+            also = f" (refused too, each for its own reason: {', '.join(str(path) for path, _ in refused[1:])})" \
                 if len(refused) > 1 else ""
-            raise ConfigError(f"{refused[0]}{also}")
+            raise ConfigError(f"{refused[0][1]}{also}")
         check_model_sources(s, [self.models[name] for name in to_answer])  # each one to load is there, first
         same = {}
         for name, key in keys.items():  # a copy-paste slip: generation time and judge money for all ties

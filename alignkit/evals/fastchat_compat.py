@@ -172,6 +172,8 @@ def judging_with(client, on_error=None, on_success=None, kept=None, reuse: bool 
         messages = conv.to_openai_api_messages()
         key = digest({"messages": messages, **endpoint}, 16)
         if key in answers:  # paid for by a run that stopped before the match's verdict
+            if on_success is not None:
+                on_success()
             return answers[key]
         try:
             text = client.complete(messages)

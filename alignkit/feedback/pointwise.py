@@ -103,9 +103,13 @@ class Grader:
             self.rm.check_prompts(prompts)
 
     def identity(self) -> dict:
+        # A local grader by what it is, not the path that names it (alignkit.feedback.judge.Judge.key_name).
         if self.kind == "python":  # its module's file and what it imports: edit a constant, old grades go
-            return {"grader": self.spec, "code": code_fingerprint(self.function)}
-        return {"grader": self.spec, **(self.rm.identity() if self.kind == "rm" else self.llm.identity())}
+            named = f"python:{getattr(self.function, '__module__', '')}:{getattr(self.function, '__qualname__', '')}"
+            return {"grader": named, "code": code_fingerprint(self.function)}
+        if self.kind == "rm":
+            return {"grader": "rm", **self.rm.identity()}
+        return {"grader": self.spec, **self.llm.identity()}
 
     def grade_batch(self, items: list[Item]) -> list[float | None]:
         if self.kind == "python":

@@ -64,19 +64,28 @@ def carry_judgments(earlier: Path, folder: Path) -> int:
         return 0
     judged = folder / JUDGMENTS
     judged.mkdir(parents=True, exist_ok=True)
-    there, carried = _contents(judged), 0
+    linked = {_inode(f) for f in judged.glob("judgments*.jsonl")}
+    there, carried = None, 0
     for file in files:
+        if _inode(file) in linked:  # carried before, as a link: no need to read it
+            continue
+        there = _contents(judged) if there is None else there
         if (content := _content(file)) in there:
             continue
         stem = file.name.removesuffix(".jsonl").replace("judgments", f"judgments.from-{earlier.name}", 1)
         target = free_name(judged, stem, ".jsonl")
-        try:
-            os.link(file, target)  # the same bytes, no copy: neither run writes to another's files
+        try:  # the same file, no copy. This run never writes to it; the earlier run, moved back and resumed, appends
+            os.link(file, target)  # to its own, and this folder's grows with it: more judgments, each a valid one
         except OSError:
             shutil.copy2(file, target)
         there.add(content)
         carried += 1
     return carried
+
+
+def _inode(file: Path) -> tuple[int, int]:
+    stat = file.stat()
+    return stat.st_dev, stat.st_ino
 
 
 def _content(file: Path) -> str:

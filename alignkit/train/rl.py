@@ -29,6 +29,7 @@ standard format: a base model on text prompts needs no template).
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -178,6 +179,9 @@ class _OnlineMixin:
                 func.cache  # noqa: B018 - this one now, not after the model sampled
         self._times = Counter()
         self._unscored = Counter()
+        for name in ("trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer"):  # once per process, not per trainer
+            if not any(isinstance(f, _UnscoredRows) for f in logging.getLogger(name).filters):
+                logging.getLogger(name).addFilter(_UnscoredRows())
         # The judges' counts at the last log: each log counts what happened since (a judge outlives a notebook's
         # trainer, and a resumed run's process counts from 0), so the logs summed are the run's totals.
         self._counted = self._judge_counts()
@@ -283,6 +287,22 @@ class _OnlineMixin:
                                                              device=self.accelerator.device), reduction="sum")
                 logs.update({name: int(value) for (name, _), value in zip(now, total.tolist())})
         return super().log(logs, start_time)
+
+
+class _UnscoredRows(logging.Filter):
+    """TRL's warning for each unscored completion ("All reward functions returned None for the following kwargs:"
+    and the whole row, every column of it, a step at a time) as one line, once: the logs count them."""
+
+    said = False
+
+    def filter(self, record) -> bool:
+        if not str(record.msg).startswith("All reward functions returned None"):
+            return True
+        if not _UnscoredRows.said:
+            _UnscoredRows.said = True
+            logger.warning("a completion no reward scored (a failed judgment, or None from every reward) is left out "
+                           "of its group's baseline with advantage 0; rewards/unscored_frac counts them in each log")
+        return False
 
 
 def trainer_class(algo: str):
