@@ -179,7 +179,8 @@ def test_overrides_in_the_first_cell_set_the_settings(kernel_specs, tiny_cache, 
     # The kernel has load_model (imported by the cell that sets `loaded`): not a typo of it, as Python judges.
     cells.append(nbformat.v4.new_code_cell("from alignkit.modeling.models import load_model\nloaded.tokenizer"))
     cells.append(nbformat.v4.new_code_cell("def f():\n    return missing_name\nf()"))
-    cells.append(nbformat.v4.new_code_cell("print(setings)"))  # a typo of a name the kernel has: Python's hint
+    # A typo of a name the kernel has: Python's hint (not `setings`: the failed settings cell took `settings` out).
+    cells.append(nbformat.v4.new_code_cell("print(overides)"))
     cells.append(nbformat.v4.new_code_cell("print('alive')"))
     nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": build.KERNELSPEC})
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)

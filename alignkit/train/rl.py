@@ -296,7 +296,7 @@ class _UnscoredRows(logging.Filter):
     said = False
 
     def filter(self, record) -> bool:
-        if not str(record.msg).startswith("All reward functions returned None"):
+        if "All reward functions returned None" not in str(record.msg):  # accelerate puts "[RANK 0] " first
             return True
         if not _UnscoredRows.said:
             _UnscoredRows.said = True
