@@ -366,7 +366,8 @@ def test_a_rule_s_key_follows_its_data_file_the_module_it_runs_and_not_its_path(
     (judges / "rule.py").write_text("from helper import PREFER\n\n\ndef judge(prompt, a, b):\n    return PREFER\n")
     (judges / "helper.py").write_text("PREFER = 'A'\n")
     (elsewhere / "helper.py").write_text("PREFER = 'B'\n")
-    monkeypatch.setattr(sys, "path", [str(elsewhere), *sys.path])
+    # The judges' folder on the path too, behind the other helper (the review of session 28): still the one beside it.
+    monkeypatch.setattr(sys, "path", [str(elsewhere), str(judges.resolve()), *sys.path])
     monkeypatch.delitem(sys.modules, "helper", raising=False)
     monkeypatch.delitem(sys.modules, "reads", raising=False)
     monkeypatch.delitem(sys.modules, "rule", raising=False)

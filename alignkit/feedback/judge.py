@@ -251,7 +251,9 @@ def import_function(spec: str, flag: str = "--judge", contract: str = "") -> obj
                 raise ImportError(f"no such file: {module_name}")
             # Its folder first on sys.path, as Python puts a script's: a module beside it is the one it imports
             # (and the one its key reads: alignkit.core.code_digest), not another of that name on the path.
-            if (folder := str(Path(module_name).resolve().parent)) not in sys.path:
+            if sys.path[:1] != [folder := str(Path(module_name).resolve().parent)]:
+                if folder in sys.path:  # further down, behind another module of the name: first
+                    sys.path.remove(folder)
                 sys.path.insert(0, folder)
             module = importlib.util.module_from_spec(file_spec)
             file_spec.loader.exec_module(module)

@@ -279,7 +279,10 @@ class _OnlineMixin:
             if self._unscored["rows"]:  # this log's share, as the summary reads it ("up to X% of a log")
                 logs["rewards/unscored_frac"] = self._unscored["unscored"] / self._unscored["rows"]
             self._unscored.clear()
-            # Each process judges its own completions: the counts are summed over the launch (every process logs).
+        # Each log counts the judgments since the last; the run's closing log (train_runtime) those after the last
+        # step logged, so that a run's logs sum to its totals. Every process logs both: the counts are summed over
+        # the launch, each process judging its own completions.
+        if "loss" in logs or "train_runtime" in logs:
             now, then = self._judge_counts(), dict(self._counted)
             self._counted = now
             if now:
