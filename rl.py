@@ -139,15 +139,15 @@ logged = [entry["reward"] for entry in trainer.state.log_history if entry.get("r
 if logged:
     print(f"reward: {logged[0]:.3f} at the first log, {logged[-1]:.3f} at the last")
 unscored = [entry["rewards/unscored_frac"] for entry in trainer.state.log_history if "rewards/unscored_frac" in entry]
+if unscored and max(unscored) > 0:
+    print(f"unscored completions (a failed judgment, or None from every reward; left out of the advantages): up "
+          f"to {max(unscored):.0%} of a log")
 judged = Counter()  # each log counts its own requests: summed, the run's (a resumed run's logs included)
 for entry in trainer.state.log_history:
     judged.update({k.removeprefix("judge/"): v for k, v in entry.items() if k.startswith("judge/")})
 if judged:
     print(f"judge: {judged['requests']} requests, {judged['cached']} of them from the cache, {judged['failed']} failed, "
           f"{judged['unparsed']} without a rating")
-if unscored and max(unscored) > 0:
-    print(f"unscored completions (a failed judgment, or None from every reward; left out of the advantages): up "
-          f"to {max(unscored):.0%} of a log")
 
 from alignkit.train.report import show
 

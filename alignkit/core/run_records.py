@@ -8,7 +8,7 @@
 - `checkpoint_metrics(folder)`: a checkpoint-N's own figures, from the Trainer's trainer_state.json in it: the
   last logged value of each training and evaluation metric up to its step. A run's metrics.json holds the
   finished run's, which are not the checkpoint's; a merge or a model card of the checkpoint shows these instead.
-- `hub_datasets(s)`: the Hub datasets a run trains on (its `--dataset_id` and mixture's), decided where it runs:
+- `hub_datasets(dataset_id, dataset_mixture)`: the Hub datasets a run trains on, decided where it runs:
   recorded in its settings as `hub_datasets`, since a relative local path read from another folder looks like a
   Hub id (a model card of a merge made elsewhere).
 - `checkpoints(folder)`: a run folder's complete checkpoint-N folders, by step (a resume, and a claimed folder's
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 from alignkit.core.sources import is_hub_id
 
@@ -52,11 +51,11 @@ def hub_dataset(dataset: str) -> str | None:
     return dataset if dataset.count("/") == 1 and is_hub_id(dataset) and not Path(dataset).exists() else None
 
 
-def hub_datasets(s) -> list[str]:
-    """The Hub datasets settings `s` train on, in order: each of `--dataset_mixture`'s where one is given (its
+def hub_datasets(dataset_id: str | None, dataset_mixture: dict | None) -> list[str]:
+    """The Hub datasets a run trains on, in order: each of `--dataset_mixture`'s where one is given (its
     `--dataset_id` is then the script's default, unread), else `--dataset_id`."""
-    mixture = (getattr(s, "dataset_mixture", None) or {}).get("datasets", [])
-    ids = [entry.get("id") or "" for entry in mixture] if mixture else [getattr(s, "dataset_id", None) or ""]
+    mixture = (dataset_mixture or {}).get("datasets", [])
+    ids = [entry.get("id") or "" for entry in mixture] if mixture else [dataset_id or ""]
     return list(dict.fromkeys(d for d in map(hub_dataset, ids) if d))
 
 
@@ -65,7 +64,7 @@ def recorded_hub_datasets(config: dict) -> list[str]:
     record) its --dataset_id when that names a Hub dataset from this folder."""
     if HUB_DATASETS in config:
         return list(config[HUB_DATASETS] or [])
-    return hub_datasets(SimpleNamespace(dataset_id=config.get("dataset_id"), dataset_mixture=config.get("dataset_mixture")))
+    return hub_datasets(config.get("dataset_id"), config.get("dataset_mixture"))
 
 
 def trained_quantization(folder) -> str | None:

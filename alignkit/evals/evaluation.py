@@ -270,14 +270,13 @@ class Pairwise:
         keys, parts, to_answer, refused = {}, {}, [], []
         for name, source in self.models.items():
             keys[name], parts[name] = mtbench.answers_key_and_settings(loader_settings(s, source), s, backend)
+            path = mtbench.answer_path(self.output_dir, name)
             if s.answers_from:  # the same model's answers, made elsewhere under the same key
-                mtbench.reuse_answers(mtbench.answer_path(self.output_dir, name), s.answers_from, self.questions,
-                                      name, source, keys[name])
+                mtbench.reuse_answers(path, s.answers_from, self.questions, name, source, keys[name])
             try:
-                answers = mtbench.read_answers(mtbench.answer_path(self.output_dir, name), source, key=keys[name],
-                                               settings=parts[name])
+                answers = mtbench.read_answers(path, source, key=keys[name], settings=parts[name])
             except ConfigError as error:  # every model's kept answers checked: one rerun, not one per stale file
-                refused.append((mtbench.answer_path(self.output_dir, name), error))
+                refused.append((path, error))
                 continue
             if mtbench.unanswered(self.questions, answers):
                 to_answer.append(name)

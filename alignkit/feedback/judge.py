@@ -214,8 +214,8 @@ class PythonJudge(Judge):
     def identity(self) -> dict:
         return {**super().identity(), "code": code_fingerprint(self.function)}  # edit the rule: old verdicts go
 
-    def key_name(self) -> str:  # by what it is, not the path it was named by (its code is in the key)
-        return f"python:{getattr(self.function, '__module__', '')}:{getattr(self.function, '__qualname__', '')}"
+    def key_name(self) -> str:
+        return function_key_name(self.function)
 
     said_no_verdict = False
 
@@ -231,6 +231,11 @@ class PythonJudge(Judge):
             logger.warning(f"--judge {self.name}: returned {shown}, which holds no verdict (counted as a parse "
                            "failure); it must return 'A', 'B' or 'tie' (or text holding [[A]], [[B]] or [[C]])")
         return text
+
+
+def function_key_name(function) -> str:
+    """A python: judge or grader in its keys: by what it is, not the path it was named by (its code is in the key)."""
+    return f"python:{getattr(function, '__module__', '')}:{getattr(function, '__qualname__', '')}"
 
 
 def import_function(spec: str, flag: str = "--judge", contract: str = "") -> object:

@@ -376,8 +376,7 @@ def _generator_identity(run: Run, source: Source) -> dict:
             where = {**where, "chat_template_kwargs": s.chat_template_kwargs}
     # A local model by its identity alone (one folder however its path is spelled, or moved), an endpoint's by name.
     return {**where, "model": "local" if source.kind == "local" else source.spec, "temperature": s.temperature,
-            "top_p": s.top_p,
-            "max_new_tokens": s.max_new_tokens, "seed": s.seed, "index": source.index}
+            "top_p": s.top_p, "max_new_tokens": s.max_new_tokens, "seed": s.seed, "index": source.index}
 
 
 def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]:

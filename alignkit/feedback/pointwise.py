@@ -105,8 +105,9 @@ class Grader:
     def identity(self) -> dict:
         # A local grader by what it is, not the path that names it (alignkit.feedback.judge.Judge.key_name).
         if self.kind == "python":  # its module's file and what it imports: edit a constant, old grades go
-            named = f"python:{getattr(self.function, '__module__', '')}:{getattr(self.function, '__qualname__', '')}"
-            return {"grader": named, "code": code_fingerprint(self.function)}
+            from alignkit.feedback.judge import function_key_name
+
+            return {"grader": function_key_name(self.function), "code": code_fingerprint(self.function)}
         if self.kind == "rm":
             return {"grader": "rm", **self.rm.identity()}
         return {"grader": self.spec, **self.llm.identity()}

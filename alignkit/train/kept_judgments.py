@@ -14,13 +14,13 @@ Copies already there by content are not carried twice.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
 from pathlib import Path
 
 from alignkit.core.journal import free_name
+from alignkit.modeling.identity import file_hash, file_hashes
 
 JUDGMENTS = "judge.cache"  # rl.py --reward judge's default cache in the run folder (alignkit.train.rl_rewards)
 
@@ -89,8 +89,8 @@ def _inode(file: Path) -> tuple[int, int]:
 
 
 def _content(file: Path) -> str:
-    return hashlib.sha256(file.read_bytes()).hexdigest()
+    return file_hash(file)  # remembered by path, inode, size and times: each file read once
 
 
 def _contents(judged: Path) -> set[str]:
-    return {_content(f) for f in judged.glob("judgments*.jsonl")}
+    return set(file_hashes(sorted(judged.glob("judgments*.jsonl"))).values())

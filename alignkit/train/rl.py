@@ -38,6 +38,7 @@ import torch
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.core.launch import vllm_lacking
 from alignkit.core.mixture import read_under
 
 # What rl.py's prompt rows depend on (load_prompt_dataset): the seed and the held-out share do not shape them.
@@ -333,8 +334,6 @@ def trainer_class(algo: str):
 def resolve_backend(s) -> bool:
     """True to generate with vLLM. auto: vLLM when installed and a CUDA GPU is there; one line when falling back.
     (alignkit.core.launch.wants_vllm makes the same decision before loading, for what a launch refuses.)"""
-    from alignkit.core.launch import vllm_lacking
-
     if s.backend == "transformers":
         return False
     if not (why := vllm_lacking()):

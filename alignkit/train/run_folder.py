@@ -472,7 +472,8 @@ def save_run_config(s, path: Path) -> None:
 
     below = trained_over(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None), path.parent)
     data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None), "inputs": run_inputs(s, path.parent),
-            TRAINED_OVER: below, HUB_DATASETS: hub_datasets(s)}
+            TRAINED_OVER: below,
+            HUB_DATASETS: hub_datasets(getattr(s, "dataset_id", None), getattr(s, "dataset_mixture", None))}
     if rows := _ROWS.get(path.parent.resolve()):
         data[DATA_ROWS] = rows["format"]
     if loaded := loaded_as(s.model_id):  # "auto" as the loader resolved it: 4bit is QLoRA (alignkit.core.run_records)
