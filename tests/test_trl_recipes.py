@@ -309,6 +309,13 @@ def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_templ
     tok, first = dpo["loaded"].tokenizer, dpo["trainer"].train_dataset[0]
     prompt = next(r["prompt"] for r in rows if tok(text=r["prompt"])["input_ids"] == first["prompt_ids"])
     assert first["prompt_ids"] == tok(text=prompt)["input_ids"]  # the text itself: no template around it
+    unpaired = tmp_path / "unpaired.jsonl"  # KTO's standard unpaired rows: prompt, completion, label
+    unpaired.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"})
+                                + "\n" for r in rows for side in ("chosen", "rejected")))
+    kto = run_script("kto.py", *common[:4], "--dataset_id", str(unpaired), *common[6:], "--run_name", "kto")
+    first = kto["trainer"].train_dataset[0]
+    assert kto["trainer"].state.global_step == 1 and first["prompt_ids"] == tok(text=first["prompt"])["input_ids"]
+    assert tok.decode(first["completion_ids"]).startswith(first["completion"])  # the answer's text, no turn markers
     reward = run_script("reward.py", *common, "--run_name", "reward", "--warmup_ratio", "0")  # a step that moves
     assert 0 <= reward["report"]["held_out_accuracy"] <= 1
     # The held-out report scores a pair as TRL tokenized it for training: the text, ending with the eos token.
