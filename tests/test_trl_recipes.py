@@ -1034,6 +1034,22 @@ def test_dpo_prefers_one_tool_calling_trajectory_to_another(tiny_cache, tmp_path
     assert tok.decode(first["chosen_ids"]).startswith(
         f"[call atlas {{\"n\": 3}}]<|end|><|tool|>fiji<|end|><|assistant|>{rows[0]['chosen'][2]['content']}")
     assert run["trainer"].state.global_step == 1
+    trajectory = f"<|assistant|>[call atlas {{\"n\": 3}}]<|end|><|tool|>fiji<|end|><|assistant|>{rows[0]['chosen'][2]['content']}"
+    common = ["--preset", "tiny", "--max_steps", "1", "--eval_split", "0", "--chat_template", str(template),
+              "--output_dir", str(tmp_path / "runs")]
+    # reward.py scores the whole conversation: the prompt, then the trajectory with its call and the tool's turn.
+    reward = run_script("reward.py", *common, "--dataset_id", str(data), "--run_name", "tools-reward")
+    (first,) = [r for r in reward["trainer"].train_dataset if "atlas" in tok.decode(r["chosen_ids"])]
+    assert f"<|user|>{prompt}<|end|>{trajectory}" in tok.decode(first["chosen_ids"])
+    # kto.py: the same trajectory as one unpaired completion (TRL's prompt/completion/label rows).
+    unpaired = tmp_path / "unpaired.jsonl"
+    unpaired.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"})
+                                + "\n" for r in rows for side in ("chosen", "rejected")))
+    kto = run_script("kto.py", *common, "--dataset_id", str(unpaired), "--run_name", "tools-kto")
+    (first,) = [r for r in kto["trainer"].train_dataset if "atlas" in tok.decode(r["completion_ids"])]
+    assert tok.decode(first["prompt_ids"]).endswith(f"<|user|>{prompt}<|end|><|assistant|>")
+    assert tok.decode(first["completion_ids"]) == trajectory.removeprefix("<|assistant|>") + "<|end|>"
+    assert reward["trainer"].state.global_step == kto["trainer"].state.global_step == 1
 
 
 def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_template(tiny_cache, tmp_path):
