@@ -142,7 +142,8 @@ main = trainer.accelerator.is_main_process
 report = {}
 if eval_data is not None and scores_held_out(main):  # FSDP/ZeRO-3: every rank takes part in each forward
     report = held_out_report(trainer.model, loaded.tokenizer, eval_data, run_folder,
-                             settings.per_device_eval_batch_size, settings.max_length, write=main, settings=settings)
+                             settings.per_device_eval_batch_size, settings.max_length, write=main, settings=settings,
+                             trainer=trainer)
 # How its rows were written and its base loaded: a judge (rm:FOLDER) scores the way it trained, a copy pushed to the
 # Hub too (alignkit.feedback.rewards).
 from alignkit.core.data import is_text_dataset

@@ -519,6 +519,47 @@ def test_the_save_cell_after_an_interrupted_training_cell_saves_nothing(tmp_path
         finish(None, None, other, tmp_path / "other", "sft")
 
 
+def test_a_refused_training_cell_for_a_new_run_folder_leaves_nothing_to_save_into_it(tmp_path):
+    """A notebook audit: after a run finished, the settings named a new run folder, the Run folder cell ran, the
+    training cell was refused (the Model cell skipped), then the saving cell saved the earlier run's trainer into the
+    new folder (its weights, a card naming the new run) and failed in transformers' evaluate with a traceback. The
+    saving cell now refuses it in one line and writes nothing; the refused training cell names the folder the
+    settings name, not only the one its Run folder cell last gave."""
+    import types
+
+    from datasets import Dataset
+
+    from alignkit.core.config import SFTSettings
+    from alignkit.train import run_folder
+    from alignkit.train.training import finish
+
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    first = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="first")
+    folder, resume_from = run_folder.prepare_run(first, "sft", rows, None)
+    with run_folder.start_run(first, folder, resume_from, None, (rows, None)):
+        pass
+    trainer = types.SimpleNamespace(args=types.SimpleNamespace(output_dir=str(folder)))  # the earlier run's
+    second = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="second")
+    new_folder, _ = run_folder.prepare_run(second, "sft", rows, None)
+    run_folder.cell_checks.forget(new_folder)  # what a refused training cell does (it gives the decision back)
+    with pytest.raises(UserError, match=rf"^the trainer in memory trained {re.escape(str(folder))}, not "
+                                        rf"{re.escape(str(new_folder))}: nothing saved\. Run the cells from 'Run folder' "
+                                        r"on \(Run folder, Model, Train\), then this one$"):
+        finish(trainer, None, second, new_folder, "sft")
+    from alignkit.train.reward import held_out_report
+
+    with pytest.raises(UserError, match=r"^the trainer in memory trained"):  # reward.py's report, before finish
+        held_out_report(None, None, None, new_folder, settings=second, trainer=trainer)
+    assert not new_folder.exists() or not os.listdir(new_folder)
+    # The settings name a third folder whose Run folder cell was refused: the training cell names both.
+    third = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="third")
+    with pytest.raises(UserError, match=rf"^the settings name the run folder {re.escape(str(tmp_path / 'third'))}, "
+                                        rf"but the 'Run folder' cell last gave {re.escape(str(new_folder))}: run the "
+                                        r"cells from 'Run folder' on again"):
+        with run_folder.start_run(third, new_folder, None, None, (rows, None)):
+            pass
+
+
 def test_a_notebook_s_training_cell_trains_what_its_run_folder_cell_decided_once(tmp_path, monkeypatch):
     """Run again on its own, a notebook's training cell trained the model in memory again as a fresh run (the
     checkpoint variable from the earlier 'Run folder' cell, the finished run moved aside, the folder unlocked); after

@@ -72,6 +72,10 @@ def check_prepared(s, folder: Path, resume_from: str | None, model, data, stoppe
     if prepared is not None and (changed := _changed(prepared.settings, s)):
         raise UserError(f"the settings changed since the 'Run folder' cell ran ({', '.join(changed)}): run the "
                         "cells from 'Data' on again, then train")
+    named = Path(s.output_dir) / s.run_name if getattr(s, "run_name", None) and hasattr(s, "output_dir") else None
+    if prepared is None and named is not None and named.resolve() != folder.resolve():
+        raise UserError(f"the settings name the run folder {named}, but the 'Run folder' cell last gave {folder}: "
+                        f"{again}")
     if prepared is None or prepared.used:
         why = (f"trained in this session, and stopped ({stopped})" if stopped else "already trained in this session") \
             if prepared else "not prepared for training (prepare_run)"
@@ -115,6 +119,16 @@ def check_before_config(s, folder: Path, stopped: str | None = None) -> None:
     prepared = PREPARED.get(folder.resolve())
     if prepared is not None and (prepared.used or _changed(prepared.settings, s)):
         check_prepared(s, folder, prepared.resume_from, None, (), stopped)
+
+
+def check_trainer_folder(trainer, folder: Path) -> None:
+    """Refuse to save a trainer that trained another folder (a notebook's training cell refused for a new run folder
+    leaves the earlier run's trainer in memory: saved, its weights went into the new folder, recorded as this run)."""
+    trained_into = getattr(getattr(trainer, "args", None), "output_dir", None)
+    if trained_into is not None and Path(trained_into) != Path(folder) and \
+            Path(trained_into).resolve() != Path(folder).resolve():
+        raise UserError(f"the trainer in memory trained {trained_into}, not {folder}: nothing saved. Run the cells "
+                        "from 'Run folder' on (Run folder, Model, Train), then this one")
 
 
 def trained(s, folder: Path) -> None:

@@ -250,17 +250,20 @@ def _reshard(model) -> None:
 
 
 def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16, max_length: int | None = None,
-                    write: bool = True, settings=None) -> dict:
+                    write: bool = True, settings=None, trainer=None) -> dict:
     """Score every held-out pair; accuracy, means and standard deviations, and (`write`) a histogram PNG and the
     scores in `folder`. `settings`: refused, as the saving would be, where the run trained with others (a notebook's
-    settings cell run again before the saving cell) before anything is written.
+    settings cell run again before the saving cell) before anything is written; `trainer`: refused where it trained
+    another folder (a notebook's earlier run's, left by a refused training cell).
 
     Under FSDP or ZeRO-3 a forward pass is a collective (each layer gathers its weights from every rank): every
     rank must call this with the trained, wrapped model (`trainer.model`), and only the main process writes.
     """
     from alignkit.feedback.rewards import score
+    from alignkit.train.cell_checks import check_trainer_folder
     from alignkit.train.run_folder import check_trained
 
+    check_trainer_folder(trainer, folder)
     check_trained(folder, settings)  # a training stopped in this process: its half-trained model is no report
     model.eval()
     chosen = score(model, tokenizer, [p + c for p, c in zip(pairs["prompt"], pairs["chosen"])], batch_size, max_length)

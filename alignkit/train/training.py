@@ -23,6 +23,7 @@ from alignkit.core.extras import require_tracker
 from alignkit.core.journal import write_atomic
 from alignkit.core.launch import agreed_minimum, free_memory, training_device, world_size
 from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scripts import it from here)
+from alignkit.train import cell_checks
 # The run folder (alignkit.train.run_folder): the scripts import these from here.
 from alignkit.train.run_folder import (  # noqa: F401
     CLAIM_FILE, CONFIG_FILE, FAILED_FILE, NOT_TRAINING, check_trained, check_training_cell, prepare_run, run_dir,
@@ -318,6 +319,7 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
     from alignkit.modeling.gguf import source_id
     from alignkit.modeling.models import save_adapter
 
+    cell_checks.check_trainer_folder(trainer, folder)  # a notebook's earlier run's trainer: not this run's
     check_trained(folder, s)  # stopped, not trained here, or the settings changed since: refused before saving
     base = source_id(s.model_id, getattr(s, "gguf_file", None))  # a GGUF in a folder or repo: recorded whole
     if trainer.accelerator.is_main_process:
