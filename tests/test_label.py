@@ -1097,6 +1097,32 @@ def test_a_judge_that_fails_every_request_stops_early_and_an_empty_output_is_a_f
         down[0] = False
         assert label(tmp_path, server, "--parallel", "1")["labeled"] == 2
     assert len(prompts) == 12
+    # A server that goes down mid-run (an audit: asked every request left, the run ended with status 0 and "train on
+    # it"): 20 failures in a row stop it in one line; a rerun asks only what is not done. A rate limit says so.
+    prompts = marker_pairs(tmp_path, n=40, identical=False)
+    answered, up = [], [True]
+
+    def falls_over(body):
+        if len(answered) >= 10 and not up[0]:
+            return Fault(500)
+        answered.append(1)
+        return marker_judge(body)
+
+    with FakeOpenAI(falls_over) as server:
+        up[0] = False
+        with pytest.raises(UserError, match=r"^the last 20 judge requests all failed, after 10 that succeeded, "
+                                            r"\(InternalServerError: .*\): stopped before the other \d+\. Check that "
+                                            r"the server at --judge_base_url is up"):
+            label(tmp_path, server, "--max_retries", "0", "--parallel", "1", out="fell.jsonl")
+        assert 30 <= server.count <= 31  # not the 80 judgments (one may be under way as it stops)
+        up[0] = True
+        summary = label(tmp_path, server, "--parallel", "1", out="fell.jsonl")
+        assert summary["labeled"] == 40 and summary["judgments"]["from_cache"] == 10  # the 10 answered are kept
+    with FakeOpenAI(lambda body: Fault(429)) as server:
+        with pytest.raises(UserError, match=r"^the first 5 judge requests all failed \(RateLimitError: .*\): stopped "
+                                            r"before the other \d+\. the server is limiting the rate of requests "
+                                            r"\(HTTP 429\): lower --parallel"):
+            label(tmp_path, server, "--max_retries", "0", "--parallel", "1", out="limited.jsonl")
     # A judge URL that serves a web page (status 200, no JSON): a failed request like any other (a traceback).
     marker_pairs(tmp_path, n=12)
     page = Fault(200, body="<html><body>Sign in</body></html>", headers={"Content-Type": "text/html"})

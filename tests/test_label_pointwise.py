@@ -71,13 +71,19 @@ def _answers(tmp_path: Path) -> None:
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({**r, "response": r["response"] + " too"}) + "\n" for r in lines))
 
 
-def test_an_llm_grades_each_answer_once_with_the_pointwise_template(tmp_path):
+def test_an_llm_grades_each_answer_once_with_the_pointwise_template(tmp_path, alignkit_log):
+    """Each answer graded once, cached with the judge's answer; one without a rating is kept (paid for) and shown,
+    and only --retry_parse_failures true asks for it again (an audit: the flag was ignored in pointwise mode, and
+    only the number was kept)."""
     _answers(tmp_path)
+    rated = [False]
 
     def grader(body):
         text = body["messages"][-1]["content"]
         assert "[The Start of Assistant's Answer]" in text and "[[rating]]" in text  # FastChat's single-v1
-        return "Fine. Rating: [[9]]" if "GOOD" in text else ("no rating here" if "answer 1 too" in text else "[[3]]")
+        if "answer 1 too" in text:
+            return "Rating: [[8]]" if rated[0] else "no rating here"
+        return "Fine. Rating: [[9]]" if "GOOD" in text else "[[3]]"
 
     with FakeOpenAI(grader) as server:
         args = ["label.py", "--mode", "pointwise", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl",
@@ -89,8 +95,16 @@ def test_an_llm_grades_each_answer_once_with_the_pointwise_template(tmp_path):
         assert all(r["label"] == ("GOOD" in r["completion"][0]["content"]) for r in out)
         summary = json.loads((tmp_path / "labels.summary.json").read_text())
         assert summary["parse_failures"] == 1 and summary["desirable"] == 6
-        run_script(*args, cwd=tmp_path)  # a rerun asks nothing again
+        assert "1 graded answers hold no [[rating]], e.g. 'no rating here'" in alignkit_log.text
+        cached = rows(tmp_path / "labels.cache" / "grades.jsonl")
+        assert sorted(r.get("text") for r in cached).count("no rating here") == 1
+        rated[0] = True  # the judge would answer now: a rerun still asks nothing again
+        run_script(*args, cwd=tmp_path)
         assert server.count == 12 and rows(tmp_path / "labels.jsonl") == out
+        assert "kept as parse failures (--retry_parse_failures true asks again" in alignkit_log.text
+        run_script(*args, "--retry_parse_failures", "true", cwd=tmp_path)  # asks for that one answer again
+        assert server.count == 13 and len(rows(tmp_path / "labels.jsonl")) == 12
+        assert json.loads((tmp_path / "labels.summary.json").read_text())["parse_failures"] == 0
 
 
 def test_a_pointwise_run_after_a_pairs_run_reuses_its_responses(tmp_path):

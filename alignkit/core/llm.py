@@ -211,32 +211,42 @@ def judge_client(s, default_model: str | None = None, what: str = "the judge") -
 
 
 FIRST_FAILURES = 5  # this many requests failing before any succeeds stop the run (a dead server, a broken rule)
+FAILURES_IN_A_ROW = 20  # this many failing one after another stop it later on (a server that went down mid-run)
 
 
 class FirstFailures:
     """`total` requests as they come back: stops, in one line, a run whose first FIRST_FAILURES all failed (with
     --max_retries each, a server that is down, or a rule that raises, would otherwise be asked every request, and
-    the run end with nothing). `what`: "judge request", ...; `fix`: the line saying what to check (label_records'
-    judge_fix, ...)."""
+    the run end with nothing), or whose last FAILURES_IN_A_ROW failed one after another (a server gone down mid-run
+    was asked every request left, and the run ended with "train on it"). `what`: "judge request", ...; `fix`: the
+    line saying what to check (label_records' judge_fix, ...); a rate limit (HTTP 429) says to lower --parallel."""
 
     def __init__(self, what: str, fix: str, total: int):
         self.what, self.fix, self.total = what, fix, total
-        self.succeeded, self.failures = 0, []
+        self.succeeded, self.failures, self.in_a_row = 0, [], 0
         self._lock = threading.Lock()  # requests may come back on worker threads
 
     def ok(self) -> None:
         with self._lock:
             self.succeeded += 1
+            self.in_a_row = 0
 
     def failed(self, error: Exception) -> None:
         if isinstance(error, EndpointSilent):  # already its own line: no request would be answered
             raise error
         with self._lock:
             self.failures.append(error)
+            self.in_a_row += 1
             left = self.total - self.succeeded - len(self.failures)
-            if self.succeeded or len(self.failures) != FIRST_FAILURES or left <= 0:
+            first_ones = not self.succeeded and len(self.failures) == FIRST_FAILURES
+            if left <= 0 or not (first_ones or self.in_a_row == FAILURES_IN_A_ROW):
                 return
-        first = self.failures[0]
-        raise UserError(f"the first {FIRST_FAILURES} {self.what}s all failed ({type(first).__name__}: "
-                        f"{' '.join(redact(str(first)).split())[:200]}): stopped before the other {left}. "
-                        f"{self.fix}, then run the same command again (what is done is kept)")
+        which = f"first {FIRST_FAILURES}" if first_ones else f"last {FAILURES_IN_A_ROW}"
+        after = "" if first_ones else f", after {self.succeeded} that succeeded,"
+        fix, error = self.fix, self.failures[0] if first_ones else error
+        if getattr(error, "status_code", None) == 429 or type(error).__name__ == "RateLimitError":
+            fix = ("the server is limiting the rate of requests (HTTP 429): lower --parallel, or wait for its limit to "
+                   "reset")
+        raise UserError(f"the {which} {self.what}s all failed{after} ({type(error).__name__}: "
+                        f"{' '.join(redact(str(error)).split())[:200]}): stopped before the other {left}. "
+                        f"{fix}, then run the same command again (what is done is kept)")

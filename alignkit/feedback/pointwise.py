@@ -5,14 +5,16 @@ on its own, no pair needed, and becomes a row (prompt, completion, label, grade)
 grade reaches --grade_threshold. The grader is `--judge`:
 
 - `openai` / `hf`: an LLM under the pointwise template below (FastChat's single-answer grading, "single-v1"):
-  a 1-10 rating written as [[rating]], the last one in the answer counting; default threshold 7;
+  a 1-10 rating written as [[rating]], read as FastChat reads it (the first [[x]], else the first [x]); default
+  threshold 7;
 - `rm:RUN_FOLDER`: a reward.py model's score (alignkit.feedback.rewards); default threshold 0;
 - `python:module:function`: `function(prompt, answer)` returns a number or a bool (True is 1); default
   threshold 1, e.g. the tiny preset's `alignkit.modeling.presets:score` (1 when the answer follows its rule).
 
 A grade is cached as it arrives under the grader's identity, the prompt and the answer (label.py's cache folder,
-`grades.jsonl`), so a rerun grades only what is new; an answer without a rating is kept as a parse failure and
-never labelled, and a failed request is counted and retried by the next run.
+`grades.jsonl`, an LLM's answer with it), so a rerun grades only what is new; an answer without a rating is kept
+(paid for) as a parse failure, never labelled, and asked again only under --retry_parse_failures true; a failed
+request is counted and retried by the next run.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def settle_output(s) -> None:
 
 
 class Grader:
-    """`grade_batch(items)` -> one grade (a number, or None: no rating) per item; `identity` keys the cache."""
+    """`grade_batch(items)` -> one (grade: a number, or None: no rating; an LLM's answer, else None) per item;
+    `identity` keys the cache."""
 
     def __init__(self, s):
         self.spec, self.batched, self.llm = s.judge, False, None
@@ -112,19 +115,19 @@ class Grader:
             return {"grader": "rm", **self.rm.identity()}
         return {"grader": self.spec, **self.llm.identity()}
 
-    def grade_batch(self, items: list[Item]) -> list[float | None]:
+    def grade_batch(self, items: list[Item]) -> list[tuple[float | None, str | None]]:
         if self.kind == "python":
-            return [self._number(self.function(question_text(i.messages), i.answer)) for i in items]
+            return [(self._number(self.function(question_text(i.messages), i.answer)), None) for i in items]
         if self.kind == "rm":
             from alignkit.feedback.rewards import RewardModel
 
             if self.rm.reward is None:
                 self.rm.reward = RewardModel(self.rm.folder, self.rm.batch_size, settings=self.rm.settings)
-            return self.rm.reward([i.messages for i in items], [i.answer for i in items])
+            return [(grade, None) for grade in self.rm.reward([i.messages for i in items], [i.answer for i in items])]
         requests = [Request(i.key, question_text(i.messages), i.answer, "") for i in items]
-        return [parse_rating(text) for text in self.llm.judge_batch(requests)]
+        return [(parse_rating(text), text) for text in self.llm.judge_batch(requests)]
 
-    def grade(self, item: Item) -> float | None:
+    def grade(self, item: Item) -> tuple[float | None, str | None]:
         return self.grade_batch([item])[0]
 
     said_no_grade = False
@@ -159,10 +162,17 @@ def grade(run, grader: Grader, prompts, table) -> dict:
                 text = table[si][pi]
                 if text is None or not text.strip():
                     continue
-                key = digest([identity, prompt.messages, text])
-                cells.append((source, prompt, text, key))
-                if key not in grades and key not in needed:
-                    needed[key] = Item(key, prompt.messages, text)
+                cells.append((source, prompt, text, digest([identity, prompt.messages, text])))
+        # A paid answer without a rating stays recorded and is reused; asking again is the user's choice, as in pairs.
+        unparsed = {key for *_, key in cells if key in grades and grades.get(key)["grade"] is None}
+        if unparsed:
+            logger.info(f"{len(unparsed)} cached grades hold no rating; " + (
+                "asking again (--retry_parse_failures)" if s.retry_parse_failures else
+                "kept as parse failures (--retry_parse_failures true asks again under the same settings)"))
+        retry = unparsed if s.retry_parse_failures else set()
+        for _, prompt, text, key in cells:
+            if (key not in grades or key in retry) and key not in needed:
+                needed[key] = Item(key, prompt.messages, text)
         watch = FirstFailures("grading request", judge_fix(grader.spec), len(needed))
         progress = Progress("grading", len(needed), unit="answer")
         stream = batched(grader.grade_batch, needed.values(), s.generation_batch_size) if grader.batched else \
@@ -174,11 +184,13 @@ def grade(run, grader: Grader, prompts, table) -> dict:
                     logger.warning(f"grading failed ({len(watch.failures)} so far; the next run retries): {result}")
                 else:
                     watch.ok()
-                    grades.append({"key": item.key, "grade": None if result is None else float(result)})
+                    value, answer = result
+                    grades.append({"key": item.key, "grade": None if value is None else float(value),
+                                   **({"text": answer} if answer is not None else {})})
                 progress.update(1, len(watch.failures))
         finally:
             progress.close()
-        rows, outcomes = [], Counter()
+        rows, outcomes, unrated = [], Counter(), None
         for source, prompt, text, key in cells:
             if key not in grades:
                 outcomes["error"] += 1
@@ -186,12 +198,17 @@ def grade(run, grader: Grader, prompts, table) -> dict:
             value = grades.get(key)["grade"]
             if value is None:
                 outcomes["parse failure"] += 1
+                unrated = unrated or grades.get(key).get("text")
                 continue
             label = value >= grader.threshold
             outcomes["desirable" if label else "undesirable"] += 1
             rows.append({"prompt": prompt.messages, "completion": [{"role": "assistant", "content": text}],
                          **prompt.columns(getattr(run.settings, "chat_template_kwargs", None)),
                          "label": label, "grade": value, "grader": grader.spec, "generator": source.name})
+        if outcomes["parse failure"] and unrated is not None:  # an LLM's answers: one shown, all kept
+            logger.warning(f"{outcomes['parse failure']} graded answers hold no [[rating]], e.g. "
+                           f"{' '.join(unrated.split())[:160]!r} (every answer is in {grades.path}): not labelled; "
+                           "check --judge_model or --judge_max_tokens, then --retry_parse_failures true asks again")
     finally:
         grades.close()
     replace_output(run.output, rows)
