@@ -264,7 +264,7 @@ def test_a_judge_that_always_says_A_yields_no_labels(tmp_path, alignkit_log, cap
     assert "train on it" not in capsys.readouterr().out
 
 
-def test_a_judge_that_never_gives_a_verdict_is_a_failed_run_and_its_answers_are_kept(tmp_path):
+def test_a_judge_that_never_gives_a_verdict_is_a_failed_run_and_its_answers_are_kept(tmp_path, monkeypatch):
     """A judge that never ended with a verdict (another format, a model that does not follow the template): label.py
     wrote an empty file and ended with status 0, and `label.py && dpo.py` went on. It fails in one line naming
     where its answers are and the fix; they are kept (a rerun asks nothing), and --retry_parse_failures asks again."""
@@ -281,6 +281,10 @@ def test_a_judge_that_never_gives_a_verdict_is_a_failed_run_and_its_answers_are_
         with pytest.raises(UserError, match="^no pair was labeled: the judge gave no verdict"):
             label(tmp_path, server)
         assert server.count == sent  # its answers were paid for and kept
+        monkeypatch.setenv("ALIGNKIT_STEP", "command")  # a step of rlaif.py, which passes label.py's flags on
+        with pytest.raises(UserError, match=r"then run again with --label_args '--retry_parse_failures true'"):
+            label(tmp_path, server)
+        monkeypatch.delenv("ALIGNKIT_STEP")
     with FakeOpenAI(marker_judge) as server:
         assert label(tmp_path, server, "--retry_parse_failures", "true")["labeled"] == 5 and server.count == sent
 
@@ -651,7 +655,13 @@ def test_push_to_hub_is_private_by_default_and_needs_a_token(tmp_path, monkeypat
     ([], ConfigError, r"OPENAI_API_KEY is not set"),
     (["--judge_base_url", "http://127.0.0.1:9/v1", "--judge_api_key_env", "MY_JUDGE_KEY"], ConfigError,
      r"MY_JUDGE_KEY is not set"),
-    (["--judge", "python:no_such_module:judge"], ConfigError, r"cannot import no_such_module"),
+    (["--judge", "python:no_such_module:judge"], ConfigError, r"cannot import no_such_module \(ModuleNotFoundError: "
+     r".*\); expected --judge python:MODULE:FUNCTION"),
+    # The form right, the code wrong: its error and the file to fix (it said the form was wrong too).
+    (["--judge", "python:broken.py:judge"], ConfigError, r"^--judge 'python:broken.py:judge': cannot import broken.py "
+     r"\(SyntaxError: .*\); fix broken.py, then run again$"),
+    (["--judge", "python:missing.py:judge"], ConfigError, r"^--judge 'python:missing.py:judge': no such file missing.py "
+     r"\(a relative path is read from "),
     (["--judge", "python:alignkit.modeling.presets:score"], ConfigError, r"must accept \(prompt, answer_a, answer_b\)"),
     (["--judge", "hf"], ConfigError, r"--judge hf needs --judge_model"),
     (["--judge_template", "mine.jsonl"], ConfigError, r"no such file"),
@@ -660,6 +670,7 @@ def test_push_to_hub_is_private_by_default_and_needs_a_token(tmp_path, monkeypat
 ])
 def test_bad_settings_fail_before_any_work(tmp_path, args, error, message):
     marker_pairs(tmp_path)
+    (tmp_path / "broken.py").write_text("def judge(prompt, a, b)\n    return 'A'\n")
     with pytest.raises(error, match=message):
         run_script("label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--output", "o/p.jsonl",
                    *args, cwd=tmp_path)
@@ -1209,6 +1220,7 @@ def test_a_python_judge_that_breaks_its_contract_is_named_in_one_line(tmp_path, 
             assert str(error).startswith("no pair was labeled: the judge gave no verdict in any of its 10 answers ("
                                          f"they are in {rule}.cache/judgments.jsonl): a python: judge returns A, B or "
                                          f"tie; fix python:rules.py:{rule}, then run again"), error
+            assert "--retry_parse_failures" not in str(error)  # its answers key on its code: a fixed rule judges anew
         return json.loads((tmp_path / f"{rule}.summary.json").read_text())
 
     assert run("nothing")["parse_failures"] == 5

@@ -263,6 +263,15 @@ def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_ear
     run(**more)
     assert calls == [("label.py", f"{folder}/round-{r}/preferences.jsonl") for r in (1, 2)]
     assert "round 1: label redone: label_args_files changed" in alignkit_log.text
+    # The judge's file named by another spelling of its path (./, an absolute path) is the same judge: nothing is
+    # redone (an audit: the whole round was labelled, trained and judged again for the judge's path as typed).
+    monkeypatch.chdir(judge_modules)
+    (judge_modules / "two.py").write_text(JUDGE.format(name="judge") + JUDGE.format(name="other"))
+    run(**{**more, "judge": "python:two.py:judge"})
+    for spelling in ("./two.py", f"{judge_modules}/two.py", f"{judge_modules}/../{judge_modules.name}/two.py"):
+        assert run(**{**more, "judge": f"python:{spelling}:judge"}) and calls == [], spelling
+    run(**{**more, "judge": "python:./two.py:other"})  # another function of that file: another judge
+    assert calls[0] == ("label.py", f"{folder}/round-1/preferences.jsonl")
 
 
 def test_a_round_that_labels_nothing_stops_at_its_judge_and_a_missing_prompts_file_before_round_1(
@@ -634,3 +643,22 @@ def test_a_step_interrupted_leaves_the_saying_to_rlaif(tmp_path):
     step = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**env, STEP_OF: "1"})
     assert alone.returncode == step.returncode == EXIT_INTERRUPTED
     assert alone.stderr.strip() == INTERRUPTED and step.stderr.strip() == ""
+
+
+def test_a_reward_model_judge_is_the_same_step_input_wherever_its_folder_is(tiny_cache, tmp_path):
+    """rm:FOLDER in a round's inputs by the model's content: a copied folder, or its path spelled another way, is the
+    same judge (the round was relabelled, retrained and judged again); retrained, it is another."""
+    import shutil
+
+    from alignkit.modeling import presets
+    from alignkit.train.rlaif_inputs import _judge, same_inputs
+
+    shutil.copytree(presets.paths()["model"], tmp_path / "rm")
+    shutil.copytree(tmp_path / "rm", tmp_path / "copy")
+    first = {"judge": _judge(f"rm:{tmp_path / 'rm'}"), "seed": 1}
+    assert first["judge"][0] == f"rm:{tmp_path / 'rm'}"  # the form rounds recorded: they stand
+    for spelling in (tmp_path / "copy", f"{tmp_path}/./rm"):
+        assert same_inputs(first, {"judge": _judge(f"rm:{spelling}"), "seed": 1}), spelling
+    assert not same_inputs(first, {"judge": _judge(f"rm:{tmp_path / 'copy'}"), "seed": 2})
+    (tmp_path / "copy" / "config.json").write_text((tmp_path / "copy" / "config.json").read_text() + " ")
+    assert not same_inputs(first, {"judge": _judge(f"rm:{tmp_path / 'copy'}"), "seed": 1})  # another model now

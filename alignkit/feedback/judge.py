@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -249,11 +250,13 @@ def import_function(spec: str, flag: str = "--judge", contract: str = "") -> obj
     usage = f"{flag} python:MODULE:FUNCTION (or python:path/to/file.py:FUNCTION)"
     if not module_name or not function_name:
         raise ConfigError(f"{flag} {spec!r}: expected {usage}")
+    if module_name.endswith(".py") and not Path(module_name).is_file():
+        raise ConfigError(f"{flag} {spec!r}: no such file {module_name} (a relative path is read from {os.getcwd()})")
     try:
         if module_name.endswith(".py"):
             file_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            if file_spec is None or not Path(module_name).is_file():
-                raise ImportError(f"no such file: {module_name}")
+            if file_spec is None:
+                raise ImportError(f"cannot load {module_name} as Python")
             # Its folder first on sys.path, as Python puts a script's: a module beside it is the one it imports
             # (and the one its key reads: alignkit.core.code_digest), not another of that name on the path.
             if sys.path[:1] != [folder := str(Path(module_name).resolve().parent)]:
@@ -265,8 +268,11 @@ def import_function(spec: str, flag: str = "--judge", contract: str = "") -> obj
         else:
             module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-        raise ConfigError(f"{flag} {spec!r}: cannot import {module_name} ({type(e).__name__}: {e}); expected "
-                          f"{usage}") from e
+        # The module not found: the spec's form may be wrong. Found, its code failed (a syntax error, an import
+        # inside it): that code is what to fix, the form was right.
+        missing = isinstance(e, ModuleNotFoundError) and (e.name or "") in module_name.split(".")[:1] + [module_name]
+        raise ConfigError(f"{flag} {spec!r}: cannot import {module_name} ({type(e).__name__}: {e}); " +
+                          (f"expected {usage}" if missing else f"fix {module_name}, then run again")) from e
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ConfigError(f"{flag} {spec!r}: {module_name} has no function {function_name!r}{contract}")

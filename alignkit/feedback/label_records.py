@@ -18,6 +18,7 @@ A run writes, next to `--output X.jsonl`:
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from alignkit import logger
 from alignkit.core import journal
 from alignkit.core.args import redact
 from alignkit.core.digests import digest
-from alignkit.core.errors import UserError
+from alignkit.core.errors import STEP_OF, UserError
 from alignkit.core.journal import write_json, write_jsonl
 from alignkit.feedback.judge import Judge, combine, parse_verdict, winner
 
@@ -274,13 +275,17 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
                  generator_fix(", ".join(s.spec for s in run.sources if s.kind != "file")))
     if run.judge is not None and not rows:  # said with its reasons (every pair identical was said nowhere)
         if verdicts and not any(v is not None for found in verdicts for v in found.values()):
-            how = (f"a python: judge returns A, B or tie; fix {run.judge.name}" if run.judge.name.startswith("python:")
-                   else "an LLM judge ends with [[A]], [[B]] or [[C]], as its template asks (an answer cut short by "
-                   "--judge_max_tokens has none); fix --judge_model, --judge_template or --judge_max_tokens")
+            if run.judge.name.startswith("python:"):  # its answers key on its code: fixed, it is asked again
+                how = f"a python: judge returns A, B or tie; fix {run.judge.name}, then run again"
+            else:  # rlaif.py runs label.py as a step: its own flag passes the setting on
+                retry = "--label_args '--retry_parse_failures true'" if os.environ.get(STEP_OF) else \
+                    "--retry_parse_failures true"
+                how = ("an LLM judge ends with [[A]], [[B]] or [[C]], as its template asks (an answer cut short by "
+                       "--judge_max_tokens has none); fix --judge_model, --judge_template or --judge_max_tokens, then "
+                       f"run again with {retry} (these answers are kept and reused otherwise)")
             raise UserError(  # not one verdict: a judge to fix, not a result to train on
                 f"no pair was labeled: the judge gave no verdict in any of its {sum(map(len, verdicts))} answers (they "
-                f"are in {run.judgments.path}): {how}, then run again with --retry_parse_failures true (these answers "
-                "are kept and reused otherwise)")
+                f"are in {run.judgments.path}): {how}")
         logger.warning(nothing_labeled(summary, run.summary_path))
     return summary
 

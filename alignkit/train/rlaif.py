@@ -47,7 +47,7 @@ from alignkit.core.errors import UserError
 from alignkit.core.journal import free_name, read_json, write_atomic, write_json
 from alignkit.train.rlaif_inputs import (  # noqa: F401 - start_model, revision_of: importable from here too
     _digest, _dpo_config, _dpo_inputs, _eval_inputs, _label_inputs, _prompt_source, endpoint_flags, label_judge_flags,
-    loader_flags, revision_of, start_model,
+    loader_flags, revision_of, same_inputs, start_model,
 )
 from alignkit.train.step_process import run_step
 
@@ -81,7 +81,7 @@ def _plan(here: Path, step: str, inputs: dict, whole: bool) -> tuple[str | None,
     """(None, ""): the step's result stands (made from these inputs, and whole); ("resume", ""): a run from these
     inputs was cut short (the step resumes by its own rules); ("redo", why): never run, or made from other inputs."""
     saved = read_json(_marker(here, step))
-    if saved.get("digest") == _digest(inputs):
+    if saved.get("digest") == _digest(inputs) or (saved and same_inputs(saved.get("inputs", {}), inputs)):
         return (None if saved.get("done") and whole else "resume"), ""
     if not (saved or whole):
         return "redo", ""

@@ -12,7 +12,7 @@ import shlex
 from dataclasses import fields
 from pathlib import Path
 
-from alignkit.core.args import redact
+from alignkit.core.args import ConfigError, redact
 from alignkit.core.saved_settings import config_to_dict
 from alignkit.core.digests import digest
 from alignkit.core.journal import write_atomic
@@ -131,6 +131,32 @@ def _judge(spec: str | None):
         return [spec, _model(spec[3:])]
     found = spec_identity(spec, "--judge") if spec else None
     return [spec, found] if found is not None else spec
+
+
+def same_inputs(before: dict, now: dict) -> bool:
+    """A step's recorded inputs are these, a local judge (python:, rm:) compared by what it is: the function by its
+    name and code, the reward model by its content; not by how its path was spelled (./judge.py, judge.py, an absolute
+    path, a copied folder), which relabelled, retrained and judged again a whole round."""
+    return _by_what_it_is(before) == _by_what_it_is(now)
+
+
+def _by_what_it_is(inputs: dict) -> dict:
+    out = dict(inputs)
+    for name in ("judge", "judge_model"):
+        value = out.get(name)
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[1] is not None):
+            continue
+        spec = value[0]
+        if spec.startswith("rm:"):
+            out[name] = ["rm", value[1]]
+        elif spec.startswith("python:"):
+            from alignkit.feedback.judge import function_key_name, import_function
+
+            try:
+                out[name] = [function_key_name(import_function(spec, f"--{name}")), value[1]]
+            except ConfigError:  # a file no longer there: only its spelling says what it was
+                pass
+    return out
 
 
 def _endpoint(s, skip: set[str] = frozenset()) -> dict:
