@@ -89,3 +89,55 @@ def test_lota_on_a_mixture_of_experts_is_refused_before_the_weights_load(mixtral
     with pytest.raises(UserError, match="--adapter lota on .*, a mixture of experts: .*Use LoRA"):
         run_script("dpo.py", "--preset", "tiny", "--model_id", mixtral, "--adapter", "lota", "--max_steps", "1",
                    "--output_dir", str(tmp_path))
+
+
+def test_a_4bit_mixture_of_experts_says_its_fused_experts_stay_in_full_precision(mixtral, alignkit_log):
+    """bitsandbytes quantizes linear layers; transformers keeps a mixture of experts' experts as fused 3-D tensors,
+    which a 4-bit load left in full precision without a word (an audit: 72% of OLMoE's weights)."""
+    loaded = load_model(ModelSettings(model_id=mixtral, quantization="4bit"))
+    fused = [p for p in loaded.model.parameters() if p.dim() >= 3]
+    assert fused and all(p.dtype == torch.float32 for p in fused)
+    assert "4-bit: the experts' fused weights, " in alignkit_log.text
+    assert "bitsandbytes quantizes linear layers only" in alignkit_log.text
+    alignkit_log.clear()
+    load_model(ModelSettings(model_id=presets.paths()["model"], quantization="4bit"))  # a dense model: nothing said
+    assert "experts' fused weights" not in alignkit_log.text
+
+
+def test_reward_py_on_a_family_without_a_classification_head_is_refused_in_one_line(tiny_cache, tmp_path):
+    """OLMoE has no AutoModelForSequenceClassification class in transformers 5: reward.py ended in a ValueError
+    listing ~150 classes. One line names the family and what to use instead, before the weights load."""
+    from alignkit.core.errors import ConfigError
+
+    olmoe = build(tmp_path / "olmoe", "olmoe", num_experts=4, num_experts_per_tok=2)
+    with pytest.raises(ConfigError, match=r"^a reward model needs a sequence-classification head, and transformers "
+                                          r"\S+ has none for olmoe models .*: train the reward model on another "
+                                          r"family, or reward with a judge instead"):
+        run_script("reward.py", "--preset", "tiny", "--model_id", olmoe, "--max_steps", "1", "--output_dir",
+                   str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.safetensors"))
+
+
+def test_reward_py_on_a_mixture_of_experts_adds_its_load_balancing_loss(mixtral, tmp_path):
+    """transformers' sequence-classification head drops the router logits: reward.py trained a mixture of experts'
+    router (LoRA targets it) with no load-balancing term, as sft/dpo/kto add it (an audit). The term is the one the
+    family's causal LM computes, weighted by its router_aux_loss_coef, and logged as aux_loss."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.train.reward import _router_balance
+
+    run = run_script("reward.py", "--preset", "tiny", "--model_id", mixtral, "--max_steps", "2", "--logging_steps",
+                     "1", "--output_dir", str(tmp_path))
+    logged = [entry for entry in run["trainer"].state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all(entry["aux_loss"] > 0 for entry in logged)
+    torch.manual_seed(0)
+    seq = AutoModelForSequenceClassification.from_pretrained(mixtral, num_labels=1)
+    lm = AutoModelForCausalLM.from_pretrained(mixtral)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 4, 4, 4]])
+    mask = (ids != 4).long()
+    balance = _router_balance(seq)
+    with torch.no_grad():
+        ours = balance(balance.backbone(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits,
+                       mask)
+        theirs = lm(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6) and balance.coef == lm.config.router_aux_loss_coef

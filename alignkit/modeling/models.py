@@ -247,10 +247,12 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     kwargs["attn_implementation"] = resolve_attention(s.attn_implementation, dtype, packed_config, model_config)
     with custom_code(s.model_id):
         if reward:
-            model = load_reward_base(weights, kwargs)
+            model = load_reward_base(weights, kwargs, model_config())
         else:
             model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     apply_num_threads(getattr(s, "num_threads", "auto"), model, getattr(s, "preset", None))
+    if quantization == "4bit":
+        _say_unquantized_experts(model)
     if quantization == "4bit" and keep_4bit_layout(model) and not torch.cuda.is_available():  # a GPU run never repacks
         logger.info("4-bit on the CPU: the weights stay in bitsandbytes' standard 4-bit layout (its AVX512-BF16 "
                     "repacking rounds their block scales to bf16 at the first pass without gradients, changing "
@@ -354,6 +356,21 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
         model.alignkit_checkpoint_base = (s.model_id, getattr(s, "revision", None))
     loaded.model = model
     return mark_built(model, s)  # a notebook's training cell refuses a model built under other settings
+
+
+def _say_unquantized_experts(model) -> None:
+    """One line where a 4-bit load left a mixture of experts' fused expert tensors (3-D parameters: transformers 5
+    keeps Mixtral's, Qwen-MoE's and OLMoE's experts so) in full precision: bitsandbytes quantizes linear layers only,
+    so QLoRA's memory saving misses most of such a model, which went unsaid."""
+    fused = sum(p.numel() for p in model.parameters() if p.dim() >= 3)
+    if not fused:
+        return
+    # A Params4bit packs two 4-bit values per byte: its count of stored values is half the weights it holds.
+    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
+    dtype = next(p.dtype for p in model.parameters() if p.dim() >= 3)
+    logger.info(f"4-bit: the experts' fused weights, {fused / total:.0%} of {type(model).__name__}'s, stay in "
+                f"{str(dtype).removeprefix('torch.')}: bitsandbytes quantizes linear layers only, so QLoRA saves "
+                "memory on the rest of this mixture of experts alone; budget the experts at full size")
 
 
 def _check_targets(model, targets: list[str], source: str) -> None:

@@ -65,10 +65,29 @@ def check_model_kind(source: str, revision: str | None, reward: bool, for_traini
         )
 
 
-def load_reward_base(base_id: str, kwargs: dict):
-    """The base as AutoModelForSequenceClassification with one output; the LM head's weights are not loaded."""
+def check_reward_family(config) -> None:
+    """A family transformers has no sequence-classification class for (OLMoE in transformers 5) cannot carry a score
+    head: refused in one line before the weights load (from_pretrained raised a ValueError listing ~150 classes)."""
+    from transformers import __version__
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES or \
+            "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {}):  # its own code's class
+        return
+    raise ConfigError(f"a reward model needs a sequence-classification head, and transformers {__version__} has none "
+                      f"for {config.model_type} models (no AutoModelForSequenceClassification class): train the reward "
+                      "model on another family, or reward with a judge instead (rl.py --reward judge or python:, "
+                      "label.py --judge hf or python:)")
+
+
+def load_reward_base(base_id: str, kwargs: dict, config=None):
+    """The base as AutoModelForSequenceClassification with one output; the LM head's weights are not loaded.
+    `config`: its config, checked first (check_reward_family)."""
     from transformers import AutoModelForSequenceClassification
     from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    if config is not None:
+        check_reward_family(config)
 
     # A causal LM's checkpoint has lm_head.weight and no score.weight: both expected, so not warned about.
     with suppress_seqcls_warning():

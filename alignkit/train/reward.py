@@ -23,6 +23,7 @@ reward-model labels have them).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -185,6 +186,9 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
             score = min(((n, m) for n, m in self.accelerator.unwrap_model(self.model).named_modules()
                          if n.split(".")[-1] == "score"), key=lambda nm: len(nm[0]))[1]
             score.register_forward_hook(self._catch_hidden)
+        self._balance, self._router_logits = _router_balance(self.accelerator.unwrap_model(self.model)), None
+        if self._balance is not None:  # the backbone's router logits, which the score head's output drops
+            self._balance.backbone.register_forward_hook(self._catch_router_logits)
 
     @property
     def uses_lm_term(self) -> bool:
@@ -193,10 +197,15 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
     def _catch_hidden(self, module, inputs, output):
         self._hidden = inputs[0]
 
+    def _catch_router_logits(self, module, inputs, output):
+        self._router_logits = getattr(output, "router_logits", None)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         margin = inputs.pop("margin", None)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        router = {"output_router_logits": True} if self._balance is not None else {}
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                        **router)
         chosen, rejected = outputs.logits.squeeze(-1).float().chunk(2)
         lm_loss = None
         if self.uses_lm_term:
@@ -208,6 +217,11 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
             lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         loss = reward_loss(chosen, rejected, self.loss, margin, lm_loss, self.lm_loss_coef,
                            self.args.center_rewards_coefficient)
+        aux_loss = None
+        if self._balance is not None and self._router_logits is not None:  # MoE: load balancing, as sft/dpo/kto add it
+            aux_loss = self._balance(self._router_logits, inputs["attention_mask"])
+            self._router_logits = None
+            loss = loss + self._balance.coef * aux_loss
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
@@ -223,7 +237,44 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
             metrics["mean_reward"].append(torch.cat([c, r]).mean().item())
             if lm_loss is not None:
                 metrics["lm_loss"].append(gather(lm_loss.detach()).mean().item())
+            if aux_loss is not None:
+                metrics["aux_loss"].append(gather(aux_loss.detach().float()).mean().item())
         return (loss, outputs) if return_outputs else loss
+
+
+@dataclasses.dataclass
+class _Balance:
+    """A mixture of experts' load-balancing loss (transformers' load_balancing_loss_func of its family), weighted by
+    its config's router_aux_loss_coef: what its causal LM adds to the loss, and TRL's SFT/DPO/KTO trainers with it."""
+    backbone: torch.nn.Module  # the model under the score head, whose output holds the router logits
+    function: object
+    num_experts: int
+    top_k: int
+    coef: float
+
+    def __call__(self, router_logits, attention_mask):
+        return self.function(router_logits, self.num_experts, self.top_k, attention_mask)
+
+
+def _router_balance(model) -> _Balance | None:
+    """The load-balancing loss of a reward model over a mixture of experts configured for it (output_router_logits,
+    a non-zero router_aux_loss_coef), else None. transformers' sequence-classification head drops the router
+    logits, so reward.py trained the router (LoRA targets it) with no balancing term, unsaid (found by an audit)."""
+    import sys
+
+    seq = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = seq.config.get_text_config() if hasattr(seq.config, "get_text_config") else seq.config
+    coef = getattr(config, "router_aux_loss_coef", 0.0) or 0.0
+    if not getattr(config, "output_router_logits", False) or not coef:
+        return None
+    function = getattr(sys.modules.get(type(seq).__module__), "load_balancing_loss_func", None)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    backbone = getattr(seq, getattr(seq, "base_model_prefix", ""), None)
+    if function is None or not experts or backbone is None:
+        logger.info(f"reward.py: {type(seq).__name__}'s load-balancing loss is not added (transformers has no "
+                    "load_balancing_loss_func for it here): its router trains on the reward loss alone")
+        return None
+    return _Balance(backbone, function, experts, getattr(config, "num_experts_per_tok", 2), float(coef))
 
 
 # ---------------------------------------------------------------------------------------------------------
