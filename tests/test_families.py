@@ -101,6 +101,10 @@ def test_a_4bit_mixture_of_experts_says_its_fused_experts_stay_in_full_precision
     assert "bitsandbytes quantizes linear layers only" in alignkit_log.text
     alignkit_log.clear()
     load_model(ModelSettings(model_id=presets.paths()["model"], quantization="4bit"))  # a dense model: nothing said
+    from alignkit.modeling.models import _say_unquantized_experts
+
+    vision = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 8))  # 4-D, but no experts (a review)
+    _say_unquantized_experts(vision)
     assert "experts' fused weights" not in alignkit_log.text
 
 
@@ -130,6 +134,17 @@ def test_reward_py_on_a_mixture_of_experts_adds_its_load_balancing_loss(mixtral,
                      "1", "--output_dir", str(tmp_path))
     logged = [entry for entry in run["trainer"].state.log_history if "loss" in entry]
     assert len(logged) == 2 and all(entry["aux_loss"] > 0 for entry in logged)
+    # The training loss holds the term: with it less without it is the coefficient times the term on that batch.
+    trainer = run["trainer"]
+    model, batch = trainer.model.eval(), next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        with_term = trainer.compute_loss(model, dict(batch))
+        balance, trainer._balance = trainer._balance, None
+        without = trainer.compute_loss(model, dict(batch))
+        trainer._balance = balance
+        term = balance(balance.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        output_router_logits=True).router_logits, batch["attention_mask"])
+    assert (with_term - without).item() == pytest.approx(balance.coef * term.item(), rel=1e-4) and term.item() > 0
     torch.manual_seed(0)
     seq = AutoModelForSequenceClassification.from_pretrained(mixtral, num_labels=1)
     lm = AutoModelForCausalLM.from_pretrained(mixtral)
@@ -141,3 +156,5 @@ def test_reward_py_on_a_mixture_of_experts_adds_its_load_balancing_loss(mixtral,
                        mask)
         theirs = lm(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-6) and balance.coef == lm.config.router_aux_loss_coef
+    seq.config.output_router_logits = False  # as public Mixtral configs say: the term is added all the same (as TRL's
+    assert _router_balance(seq) is not None  # DPOTrainer decides it), not only where the config asks for the logits

@@ -282,7 +282,9 @@ def test_a_judge_that_never_gives_a_verdict_is_a_failed_run_and_its_answers_are_
             label(tmp_path, server)
         assert server.count == sent  # its answers were paid for and kept
         monkeypatch.setenv("ALIGNKIT_STEP", "command")  # a step of rlaif.py, which passes label.py's flags on
-        with pytest.raises(UserError, match=r"then run again with --label_args '--retry_parse_failures true'"):
+        with pytest.raises(UserError, match=r"fix --judge_model, or give label.py's --judge_template or "
+                                            r"--judge_max_tokens with --retry_parse_failures true in one --label_args, "
+                                            r"e\.g\. --label_args '--judge_max_tokens 4096 --retry_parse_failures true'"):
             label(tmp_path, server)
         monkeypatch.delenv("ALIGNKIT_STEP")
     with FakeOpenAI(marker_judge) as server:
@@ -660,6 +662,11 @@ def test_push_to_hub_is_private_by_default_and_needs_a_token(tmp_path, monkeypat
     # The form right, the code wrong: its error and the file to fix (it said the form was wrong too).
     (["--judge", "python:broken.py:judge"], ConfigError, r"^--judge 'python:broken.py:judge': cannot import broken.py "
      r"\(SyntaxError: .*\); fix broken.py, then run again$"),
+    (["--judge", "python:needs.py:judge"], ConfigError, r"^--judge 'python:needs.py:judge': cannot import needs.py "
+     r"\(ModuleNotFoundError: No module named 'no_such_package'\); install no_such_package \(pip install \.\.\.\), or "
+     r"fix needs.py, then run again$"),
+    (["--judge", "python:alignkit.no_such_module:judge"], ConfigError, r"cannot import alignkit.no_such_module .*; "
+     r"expected --judge python:MODULE:FUNCTION"),
     (["--judge", "python:missing.py:judge"], ConfigError, r"^--judge 'python:missing.py:judge': no such file missing.py "
      r"\(a relative path is read from "),
     (["--judge", "python:alignkit.modeling.presets:score"], ConfigError, r"must accept \(prompt, answer_a, answer_b\)"),
@@ -671,6 +678,7 @@ def test_push_to_hub_is_private_by_default_and_needs_a_token(tmp_path, monkeypat
 def test_bad_settings_fail_before_any_work(tmp_path, args, error, message):
     marker_pairs(tmp_path)
     (tmp_path / "broken.py").write_text("def judge(prompt, a, b)\n    return 'A'\n")
+    (tmp_path / "needs.py").write_text("import no_such_package\n\ndef judge(prompt, a, b):\n    return 'A'\n")
     with pytest.raises(error, match=message):
         run_script("label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--output", "o/p.jsonl",
                    *args, cwd=tmp_path)
@@ -1129,6 +1137,18 @@ def test_a_judge_that_fails_every_request_stops_early_and_an_empty_output_is_a_f
         up[0] = True
         summary = label(tmp_path, server, "--parallel", "1", out="fell.jsonl")
         assert summary["labeled"] == 40 and summary["judgments"]["from_cache"] == 10  # the 10 answered are kept
+    # A request refused for itself (HTTP 400: a prompt too long for the judge) says nothing of the server: 25 of them
+    # in a row stop nothing, and the run labels the rest (a review: they stopped it, and then every rerun).
+    marker_pairs(tmp_path, n=40, identical=False)
+    too_long = Fault(400, body='{"error": {"message": "context length exceeded", "type": "invalid_request_error"}}')
+
+    def long_at_first(body):
+        number = int(re.search(r"question (\d+)", body["messages"][-1]["content"]).group(1))
+        return too_long if number < 25 else marker_judge(body)
+
+    with FakeOpenAI(long_at_first) as server:
+        summary = label(tmp_path, server, "--max_retries", "0", "--parallel", "1", out="long.jsonl")
+        assert summary["judgments"]["failed"] == 50 and summary["labeled"] == 15
     with FakeOpenAI(lambda body: Fault(429)) as server:
         with pytest.raises(UserError, match=r"^the first 5 judge requests all failed \(RateLimitError: .*\): stopped "
                                             r"before the other \d+\. the server is limiting the rate of requests "

@@ -557,6 +557,9 @@ def test_trl_s_chat_template_path_is_the_chat_template_file(tiny_cache, tmp_path
     (["--beta", "0.1", "--dpo_beta", "0.3"], r"^--beta and --dpo_beta name one setting \(beta is TRL's name for "
                                              r"dpo_beta\) with two values: pass one"),
     (["--dpo_beta", "0.3", "--torch_dtype", "bfloat16", "--dtype", "fp16"], r"^--torch_dtype and --dtype name one"),
+    # TRL's output_dir through --trainer_overrides sent the checkpoints past alignkit's run folder (found by a review).
+    (["--trainer_overrides", '{"output_dir": "/scratch/ckpt"}'], r"--trainer_overrides output_dir: the run goes to "
+                                                                 r"--output_dir/--run_name .*pass --output_dir"),
 ])
 def test_bad_trl_values_are_one_line_errors(args, pattern):
     with pytest.raises(ConfigError, match=pattern):

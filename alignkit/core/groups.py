@@ -315,6 +315,9 @@ class TrainSettings(HubPushSettings, ModelSettings):
             from alignkit.core.trl_types import typed_overrides
 
             self.trainer_overrides = overrides = typed_overrides(overrides, type(self).trl_configs)
+        if "output_dir" in overrides:  # the run folder is where alignkit resumes, keeps and saves a run
+            raise ValueError("--trainer_overrides output_dir: the run goes to --output_dir/--run_name (alignkit's run "
+                             "folder, where it resumes and saves); pass --output_dir (and --run_name) instead")
         if refused := sorted(n for n, v in overrides.items() if refusal(n, v, type(self).trl_configs)):
             raise ValueError(f"--trainer_overrides {refused[0]} has no effect in alignkit: "
                              f"{refusal(refused[0], overrides[refused[0]], type(self).trl_configs)}; drop it")

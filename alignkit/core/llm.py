@@ -214,11 +214,19 @@ FIRST_FAILURES = 5  # this many requests failing before any succeeds stop the ru
 FAILURES_IN_A_ROW = 20  # this many failing one after another stop it later on (a server that went down mid-run)
 
 
+def _this_request_only(error: Exception) -> bool:
+    """A refusal of this request alone (HTTP 4xx other than 429: a context length exceeded, a content filter), which
+    says nothing of the server: it neither counts toward stopping the run nor breaks a run of failures."""
+    status = getattr(error, "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status != 429
+
+
 class FirstFailures:
     """`total` requests as they come back: stops, in one line, a run whose first FIRST_FAILURES all failed (with
     --max_retries each, a server that is down, or a rule that raises, would otherwise be asked every request, and
     the run end with nothing), or whose last FAILURES_IN_A_ROW failed one after another (a server gone down mid-run
-    was asked every request left, and the run ended with "train on it"). `what`: "judge request", ...; `fix`: the
+    was asked every request left, and the run ended with "train on it"); a request refused for itself alone (HTTP
+    4xx but 429) counts for neither. `what`: "judge request", ...; `fix`: the
     line saying what to check (label_records' judge_fix, ...); a rate limit (HTTP 429) says to lower --parallel."""
 
     def __init__(self, what: str, fix: str, total: int):
@@ -236,14 +244,17 @@ class FirstFailures:
             raise error
         with self._lock:
             self.failures.append(error)
+            if _this_request_only(error):  # a prompt too long, a content filter: the server answers the others
+                return
             self.in_a_row += 1
             left = self.total - self.succeeded - len(self.failures)
-            first_ones = not self.succeeded and len(self.failures) == FIRST_FAILURES
+            first_ones = not self.succeeded and self.in_a_row == FIRST_FAILURES
             if left <= 0 or not (first_ones or self.in_a_row == FAILURES_IN_A_ROW):
                 return
         which = f"first {FIRST_FAILURES}" if first_ones else f"last {FAILURES_IN_A_ROW}"
         after = "" if first_ones else f", after {self.succeeded} that succeeded,"
-        fix, error = self.fix, self.failures[0] if first_ones else error
+        fix = self.fix
+        error = next(e for e in self.failures if not _this_request_only(e)) if first_ones else error
         if getattr(error, "status_code", None) == 429 or type(error).__name__ == "RateLimitError":
             fix = ("the server is limiting the rate of requests (HTTP 429): lower --parallel, or wait for its limit to "
                    "reset")

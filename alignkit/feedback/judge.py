@@ -270,9 +270,14 @@ def import_function(spec: str, flag: str = "--judge", contract: str = "") -> obj
     except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
         # The module not found: the spec's form may be wrong. Found, its code failed (a syntax error, an import
         # inside it): that code is what to fix, the form was right.
-        missing = isinstance(e, ModuleNotFoundError) and (e.name or "") in module_name.split(".")[:1] + [module_name]
-        raise ConfigError(f"{flag} {spec!r}: cannot import {module_name} ({type(e).__name__}: {e}); " +
-                          (f"expected {usage}" if missing else f"fix {module_name}, then run again")) from e
+        name = getattr(e, "name", None) or ""
+        if isinstance(e, ModuleNotFoundError) and name and (module_name + ".").startswith(name + "."):
+            fix = f"expected {usage}"  # the judge's own module (or a package above it) is not there
+        elif isinstance(e, ModuleNotFoundError) and name:
+            fix = f"install {name.split('.')[0]} (pip install ...), or fix {module_name}, then run again"
+        else:
+            fix = f"fix {module_name}, then run again"
+        raise ConfigError(f"{flag} {spec!r}: cannot import {module_name} ({type(e).__name__}: {e}); {fix}") from e
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ConfigError(f"{flag} {spec!r}: {module_name} has no function {function_name!r}{contract}")

@@ -277,12 +277,16 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
         if verdicts and not any(v is not None for found in verdicts for v in found.values()):
             if run.judge.name.startswith("python:"):  # its answers key on its code: fixed, it is asked again
                 how = f"a python: judge returns A, B or tie; fix {run.judge.name}, then run again"
-            else:  # rlaif.py runs label.py as a step: its own flag passes the setting on
-                retry = "--label_args '--retry_parse_failures true'" if os.environ.get(STEP_OF) else \
-                    "--retry_parse_failures true"
+            elif os.environ.get(STEP_OF):  # a step of rlaif.py: label.py's own flags go in its one --label_args
+                how = ("an LLM judge ends with [[A]], [[B]] or [[C]], as its template asks (an answer cut short by its "
+                       "token limit has none); fix --judge_model, or give label.py's --judge_template or "
+                       "--judge_max_tokens with --retry_parse_failures true in one --label_args, e.g. --label_args "
+                       "'--judge_max_tokens 4096 --retry_parse_failures true' (these answers are kept and reused "
+                       "otherwise)")
+            else:
                 how = ("an LLM judge ends with [[A]], [[B]] or [[C]], as its template asks (an answer cut short by "
                        "--judge_max_tokens has none); fix --judge_model, --judge_template or --judge_max_tokens, then "
-                       f"run again with {retry} (these answers are kept and reused otherwise)")
+                       "run again with --retry_parse_failures true (these answers are kept and reused otherwise)")
             raise UserError(  # not one verdict: a judge to fix, not a result to train on
                 f"no pair was labeled: the judge gave no verdict in any of its {sum(map(len, verdicts))} answers (they "
                 f"are in {run.judgments.path}): {how}")

@@ -362,12 +362,13 @@ def _say_unquantized_experts(model) -> None:
     """One line where a 4-bit load left a mixture of experts' fused expert tensors (3-D parameters: transformers 5
     keeps Mixtral's, Qwen-MoE's and OLMoE's experts so) in full precision: bitsandbytes quantizes linear layers only,
     so QLoRA's memory saving misses most of such a model, which went unsaid."""
-    fused = sum(p.numel() for p in model.parameters() if p.dim() >= 3)
+    experts = [p for name, p in model.named_parameters() if p.dim() >= 3 and "experts" in name.split(".")]
+    fused = sum(p.numel() for p in experts)  # not a vision tower's convolutions, nor a hybrid model's conv1d
     if not fused:
         return
     # A Params4bit packs two 4-bit values per byte: its count of stored values is half the weights it holds.
     total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
-    dtype = next(p.dtype for p in model.parameters() if p.dim() >= 3)
+    dtype = experts[0].dtype
     logger.info(f"4-bit: the experts' fused weights, {fused / total:.0%} of {type(model).__name__}'s, stay in "
                 f"{str(dtype).removeprefix('torch.')}: bitsandbytes quantizes linear layers only, so QLoRA saves "
                 "memory on the rest of this mixture of experts alone; budget the experts at full size")

@@ -187,8 +187,6 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
                          if n.split(".")[-1] == "score"), key=lambda nm: len(nm[0]))[1]
             score.register_forward_hook(self._catch_hidden)
         self._balance, self._router_logits = _router_balance(self.accelerator.unwrap_model(self.model)), None
-        if self._balance is not None:  # the backbone's router logits, which the score head's output drops
-            self._balance.backbone.register_forward_hook(self._catch_router_logits)
 
     @property
     def uses_lm_term(self) -> bool:
@@ -204,8 +202,14 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
         mode = "train" if self.model.training else "eval"
         margin = inputs.pop("margin", None)
         router = {"output_router_logits": True} if self._balance is not None else {}
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                        **router)
+        # The backbone's router logits, which the score head's output drops: caught for this forward only.
+        caught = self._balance.backbone.register_forward_hook(self._catch_router_logits) if router else None
+        try:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                            **router)
+        finally:
+            if caught is not None:
+                caught.remove()
         chosen, rejected = outputs.logits.squeeze(-1).float().chunk(2)
         lm_loss = None
         if self.uses_lm_term:
@@ -221,7 +225,7 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
         if self._balance is not None and self._router_logits is not None:  # MoE: load balancing, as sft/dpo/kto add it
             aux_loss = self._balance(self._router_logits, inputs["attention_mask"])
             self._router_logits = None
-            loss = loss + self._balance.coef * aux_loss
+            loss = loss + self._balance.coef * aux_loss.to(loss.device)
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
@@ -257,15 +261,16 @@ class _Balance:
 
 
 def _router_balance(model) -> _Balance | None:
-    """The load-balancing loss of a reward model over a mixture of experts configured for it (output_router_logits,
-    a non-zero router_aux_loss_coef), else None. transformers' sequence-classification head drops the router
-    logits, so reward.py trained the router (LoRA targets it) with no balancing term, unsaid (found by an audit)."""
+    """The load-balancing loss of a reward model over a mixture of experts, as TRL's DPOTrainer decides it (a config
+    with router logits to give, and a non-zero router_aux_loss_coef), else None. transformers' sequence-classification
+    head drops the router logits, so reward.py trained the router (LoRA targets it) with no balancing term, unsaid
+    (found by an audit)."""
     import sys
 
     seq = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = seq.config.get_text_config() if hasattr(seq.config, "get_text_config") else seq.config
     coef = getattr(config, "router_aux_loss_coef", 0.0) or 0.0
-    if not getattr(config, "output_router_logits", False) or not coef:
+    if not hasattr(config, "output_router_logits") or not coef:
         return None
     function = getattr(sys.modules.get(type(seq).__module__), "load_balancing_loss_func", None)
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
@@ -274,6 +279,8 @@ def _router_balance(model) -> _Balance | None:
         logger.info(f"reward.py: {type(seq).__name__}'s load-balancing loss is not added (transformers has no "
                     "load_balancing_loss_func for it here): its router trains on the reward loss alone")
         return None
+    logger.info(f"reward.py: {type(seq).__name__}'s load-balancing loss is added (router_aux_loss_coef {coef:g}, "
+                "as dpo.py adds it)")
     return _Balance(backbone, function, experts, getattr(config, "num_experts_per_tok", 2), float(coef))
 
 

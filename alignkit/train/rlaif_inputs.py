@@ -12,7 +12,7 @@ import shlex
 from dataclasses import fields
 from pathlib import Path
 
-from alignkit.core.args import ConfigError, redact
+from alignkit.core.args import redact
 from alignkit.core.saved_settings import config_to_dict
 from alignkit.core.digests import digest
 from alignkit.core.journal import write_atomic
@@ -135,8 +135,9 @@ def _judge(spec: str | None):
 
 def same_inputs(before: dict, now: dict) -> bool:
     """A step's recorded inputs are these, a local judge (python:, rm:) compared by what it is: the function by its
-    name and code, the reward model by its content; not by how its path was spelled (./judge.py, judge.py, an absolute
-    path, a copied folder), which relabelled, retrained and judged again a whole round."""
+    name and its code's fingerprint, the reward model by its content; not by how its path was spelled (./judge.py,
+    judge.py, an absolute path, a copied folder), which relabelled, retrained and judged again a whole round. Read
+    from the records alone: no judge's code is imported to compare."""
     return _by_what_it_is(before) == _by_what_it_is(now)
 
 
@@ -149,13 +150,12 @@ def _by_what_it_is(inputs: dict) -> dict:
         spec = value[0]
         if spec.startswith("rm:"):
             out[name] = ["rm", value[1]]
-        elif spec.startswith("python:"):
-            from alignkit.feedback.judge import function_key_name, import_function
-
-            try:
-                out[name] = [function_key_name(import_function(spec, f"--{name}")), value[1]]
-            except ConfigError:  # a file no longer there: only its spelling says what it was
-                pass
+        elif spec.startswith("python:"):  # its function's name, as import_function reads it; the code's by content
+            target = spec.removeprefix("python:")
+            module, _, function = target.rpartition(":")
+            if not module and not target.endswith(".py"):  # python:module.function
+                function = target.rpartition(".")[2]
+            out[name] = ["python", function, value[1]]
     return out
 
 
