@@ -133,6 +133,8 @@ if (summary.get(written) if written else summary.get("desirable", 0) + summary.g
     print(f"train on it: python {next_step}{preset} --dataset_id {run.output}")
 else:  # an empty file is nothing to train on (the line above says why)
     print(f"nothing to train on: {run.output} is empty")
+if summary.get("grade_pairs"):  # --grade_pairs: each prompt's best-graded answer over its worst
+    print(f"or on its pairs: python dpo.py{preset} --dataset_id {summary['grade_pairs_output']}")
 
 # %% [markdown]
 # ## Push

@@ -50,6 +50,30 @@ def test_kto_on_pointwise_labels_raises_rule_following(tiny_labels, tmp_path):
     assert run["after"] - run["before"] >= 0.05, (run["before"], run["after"])
 
 
+def test_grade_pairs_are_each_prompt_s_best_graded_answer_over_its_worst(tiny_labels, tmp_path):
+    """--grade_pairs: UltraFeedback's binarization of the grades, for dpo.py (a pointwise run gave KTO rows only)."""
+    out = tiny_labels.with_name("graded.jsonl")  # the responses beside it are read, not sampled again
+    run_script("label.py", "--preset", "tiny", "--mode", "pointwise", "--judge", "python:alignkit.modeling.presets:score",
+               "--output", str(out), "--grade_pairs", "true")
+    graded, pairs = rows(out), rows(out.with_suffix(".pairs.jsonl"))
+    grades: dict[str, dict[str, float]] = {}
+    for r in graded:
+        grades.setdefault(json.dumps(r["prompt"]), {})[r["completion"][0]["content"]] = r["grade"]
+    assert 0 < len(pairs) == sum(len(set(g.values())) > 1 for g in grades.values())  # a tie at every answer: none
+    for pair in pairs:
+        these = grades[json.dumps(pair["prompt"])]
+        assert these[pair["chosen"][0]["content"]] == pair["chosen_grade"] == max(these.values())
+        assert these[pair["rejected"][0]["content"]] == pair["rejected_grade"] == min(these.values())
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["grade_pairs"] == len(pairs)
+    assert summary["grade_pairs_output"] == str(out.with_suffix(".pairs.jsonl"))
+    dpo = run_script("dpo.py", "--preset", "tiny", "--dataset_id", str(out.with_suffix(".pairs.jsonl")), "--max_steps",
+                     "1", "--output_dir", str(tmp_path))
+    assert dpo["trainer"].state.global_step == 1
+    with pytest.raises(ConfigError, match=r"--grade_pairs makes pairs from --mode pointwise's grades"):
+        run_script("label.py", "--preset", "tiny", "--grade_pairs", "true", "--output", str(tmp_path / "p.jsonl"))
+
+
 def test_a_reward_model_grades_each_answer_by_its_score(tiny_cache, tmp_path):
     """rm:RUN_FOLDER: the grade is the reward model's score of (prompt, answer), the label score >= 0 (default)."""
     from alignkit.feedback.rewards import RewardModel

@@ -46,6 +46,9 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
     grade_threshold: float | None = setting(
         None, "--mode pointwise: an answer is desirable when its grade reaches this; default: 7 for an LLM's 1-10 "
         "rating, 0 for a reward model's score, 1 for a python grader (True counts 1)")
+    grade_pairs: bool = setting(
+        False, "--mode pointwise: also write preference pairs for dpo.py to OUTPUT.pairs.jsonl, each prompt's "
+        "best-graded answer over its worst (UltraFeedback's binarization; none where they tie)")
     # Prompts
     prompts: str | None = setting(
         None, "prompts: .jsonl/.json/.csv/.parquet file or Hub dataset id; default: the prompts of --responses_a"
@@ -107,6 +110,9 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.rm_tie_margin < 0:
             raise ValueError(f"rm_tie_margin must be >= 0, got {self.rm_tie_margin}")
+        if self.grade_pairs and self.mode != "pointwise":
+            raise ValueError(f"--grade_pairs makes pairs from --mode pointwise's grades; --mode {self.mode} does not "
+                             "grade: drop it, or pass --mode pointwise")
         check_seed(self.seed)
 
 

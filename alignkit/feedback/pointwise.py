@@ -19,9 +19,11 @@ request is counted and retried by the next run.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
@@ -66,8 +68,6 @@ def _grading_function(spec: str):
 def settle_output(s) -> None:
     """A pointwise run never overwrites a preference file: an --output named preferences.jsonl (the pairs mode's
     default name, and a preset's) becomes labels.jsonl beside it."""
-    from pathlib import Path
-
     if s.output and Path(s.output).name == "preferences.jsonl":
         s.output = str(Path(s.output).with_name("labels.jsonl"))
         logger.info(f"--mode pointwise writes {s.output} (KTO data), not a preference file")
@@ -216,7 +216,37 @@ def grade(run, grader: Grader, prompts, table) -> dict:
                "threshold": f">= {grader.threshold:g}", "desirable": outcomes["desirable"],
                "undesirable": outcomes["undesirable"], "parse_failures": outcomes["parse failure"],
                "errors": outcomes["error"]}
+    if s.grade_pairs:
+        pairs = best_over_worst(rows)
+        replace_output(pairs_path(run.output), pairs)
+        summary |= {"grade_pairs": len(pairs), "grade_pairs_output": str(pairs_path(run.output))}
     write_json(run.summary_path, summary)
     refuse_empty(len(rows), outcomes["error"] + run.stats["generation errors"], judge_fix(grader.spec)
                  if outcomes["error"] else "Check the generators (see above)")
     return summary
+
+
+def pairs_path(output) -> Path:
+    """Where --grade_pairs writes: OUTPUT.pairs.jsonl beside the KTO rows."""
+    return Path(output).with_suffix(".pairs.jsonl")
+
+
+def best_over_worst(rows: list[dict]) -> list[dict]:
+    """Preference pairs from graded rows (--grade_pairs): per prompt, in the prompt's first order, the best-graded
+    answer as chosen and the worst as rejected, UltraFeedback's binarization with the worst as the rejected one (as
+    iterative DPO recipes take it); a prompt whose answers all got one grade, or that has one answer, gives none. Of
+    answers graded alike, the first one graded counts (sources in order, then samples)."""
+    by_prompt: dict[str, list[dict]] = {}
+    for row in rows:
+        by_prompt.setdefault(json.dumps(row["prompt"], sort_keys=True), []).append(row)
+    pairs = []
+    for graded in by_prompt.values():
+        best = max(graded, key=lambda r: r["grade"])  # the first of the highest
+        worst = min(graded, key=lambda r: r["grade"])
+        if best["grade"] == worst["grade"]:
+            continue
+        columns = {k: v for k, v in best.items() if k not in ("completion", "label", "grade", "grader", "generator")}
+        pairs.append({**columns, "chosen": best["completion"], "rejected": worst["completion"],
+                      "chosen_grade": best["grade"], "rejected_grade": worst["grade"], "grader": best["grader"],
+                      "chosen_source": best["generator"], "rejected_source": worst["generator"]})
+    return pairs
