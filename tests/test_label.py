@@ -264,6 +264,21 @@ def test_a_judge_that_always_says_A_yields_no_labels(tmp_path, alignkit_log, cap
     assert "train on it" not in capsys.readouterr().out
 
 
+def test_another_output_beside_reuses_the_judgments_paid_for(tmp_path):
+    """Judgments keyed on the judge's whole identity and the pair were read from this output's own cache only: the
+    same pairs labelled into another --output beside it were paid for again (an audit). Read, not written."""
+    marker_pairs(tmp_path)
+    with FakeOpenAI(marker_judge) as server:
+        first = label(tmp_path, server, out="prefs.jsonl")
+        sent = server.count
+        assert sent == 10 and label(tmp_path, server, out="again.jsonl")["labeled"] == first["labeled"] == 5
+        assert server.count == sent  # nothing asked again
+        assert rows(tmp_path / "again.jsonl") == rows(tmp_path / "prefs.jsonl")
+        assert not (tmp_path / "again.cache" / "judgments.jsonl").read_text()  # the first run's file holds them
+        label(tmp_path, server, "--judge_max_tokens", "99", out="other.jsonl")  # another judge: asked
+        assert server.count == 2 * sent
+
+
 def test_a_judge_that_never_gives_a_verdict_is_a_failed_run_and_its_answers_are_kept(tmp_path, monkeypatch):
     """A judge that never ended with a verdict (another format, a model that does not follow the template): label.py
     wrote an empty file and ended with status 0, and `label.py && dpo.py` went on. It fails in one line naming

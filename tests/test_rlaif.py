@@ -213,6 +213,7 @@ def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_ear
     alignkit_log.clear()
     run(dpo_beta=0.3)
     assert calls == everything[1:]  # round 1's labels stand; everything after its adapter is redone
+    assert "round 1: label made earlier from the same inputs; reused" in alignkit_log.text  # said, not left unsaid
     assert "round 1: dpo redone: dpo_beta changed (the earlier results: " in alignkit_log.text
     assert "round 1: eval redone: adapter changed" in alignkit_log.text
     assert "round 2: label redone: policy changed" in alignkit_log.text

@@ -155,6 +155,9 @@ def grade(run, grader: Grader, prompts, table) -> dict:
     s = run.settings
     identity = grader.identity()
     grades = AppendLog(run.cache_dir / "grades.jsonl")
+    for other in sorted(run.output.parent.glob("*.cache/grades.jsonl")):  # beside it, as label.py's judgments are
+        if other.parent.resolve() != run.cache_dir.resolve():
+            grades.read_also(other)
     try:
         cells, needed = [], {}
         for si, source in enumerate(run.sources):

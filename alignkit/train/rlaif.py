@@ -90,6 +90,13 @@ def _plan(here: Path, step: str, inputs: dict, whole: bool) -> tuple[str | None,
     return "redo", f"{', '.join(changed)} changed" if saved else "no record of the inputs it was made from"
 
 
+def _say_reused(r: int, step: str, plan: tuple[str | None, str]) -> None:
+    """A step of an unfinished round made earlier from the same inputs is skipped: said, not left to be told by the
+    commands that did not run (found by an audit)."""
+    if plan[0] is None:
+        logger.info(f"round {r}: {step} made earlier from the same inputs; reused")
+
+
 def _start(here: Path, step: str, inputs: dict, plan: tuple[str | None, str], outputs: list[Path], aside: Path,
            r: int, beside: Path | None = None) -> None:
     """Before a redo, move the step's earlier outputs, its marker and round.json to `aside` (a model folder `beside`
@@ -140,6 +147,7 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
     at_revision = ["--revision", revision] if revision else []
     inputs = {"label": _json_inputs(_label_inputs(s, r, policy, revision))}
     plan = _plan(here, "label", inputs["label"], _whole(summary_file) and preferences.is_file())
+    _say_reused(r, "label", plan)
     ran = bool(plan[0])
     if plan[0]:
         outputs = [preferences, summary_file, preferences.with_suffix(".config.json")]
@@ -176,6 +184,7 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
         reference = ["--reference_adapters", str(len(adapter_chain(s.model_id, s.revision)[1]))]
     inputs["dpo"] = _json_inputs(_dpo_inputs(s, policy, revision, preferences, reference))
     plan = _plan(here, "dpo", inputs["dpo"], _whole(dpo / "metrics.json"))
+    _say_reused(r, "dpo", plan)
     ran |= bool(plan[0])
     if plan[0]:
         # A redo starts over, the earlier adapter moved to dpo.previous-TIME first: what dpo.py then finds in dpo/
@@ -192,6 +201,7 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
     judge = s.eval_judge_model or s.judge_model
     inputs["eval"] = _json_inputs(_eval_inputs(s, policy, revision, dpo, judge, prompts))
     plan = _plan(here, "eval", inputs["eval"], _whole(evaluation / "results.json"))
+    _say_reused(r, "eval", plan)
     ran |= bool(plan[0])
     if plan[0]:
         # The whole folder: the earlier policy's answers too, which evaluate.py would refuse as another model's.
