@@ -239,14 +239,21 @@ def function_key_name(function) -> str:
     return f"python:{getattr(function, '__module__', '')}:{getattr(function, '__qualname__', '')}"
 
 
+def split_spec(spec: str) -> tuple[str, str]:
+    """(module or file, function) of `python:MODULE:FUNCTION`, `python:path/to/file.py:FUNCTION` or TRL scripts'
+    dotted `python:MODULE.FUNCTION` (trl.rewards.accuracy_reward); either may be empty where the spec lacks it."""
+    target = spec.removeprefix("python:")
+    module_name, _, function_name = target.rpartition(":")
+    if not module_name and not target.endswith(".py"):
+        module_name, _, function_name = target.rpartition(".")
+    return module_name, function_name
+
+
 def import_function(spec: str, flag: str = "--judge", contract: str = "") -> object:
     """The function `python:MODULE:FUNCTION` (or `python:MODULE.FUNCTION`, or `python:path/to/file.py:FUNCTION`)
     names, for `flag`
     (--judge here, --reward in rl.py); `contract` says what it must take and return, for the error message."""
-    target = spec.removeprefix("python:")
-    module_name, _, function_name = target.rpartition(":")
-    if not module_name and not target.endswith(".py"):  # TRL scripts' dotted path: trl.rewards.accuracy_reward
-        module_name, _, function_name = target.rpartition(".")
+    module_name, function_name = split_spec(spec)
     usage = f"{flag} python:MODULE:FUNCTION (or python:path/to/file.py:FUNCTION)"
     if not module_name or not function_name:
         raise ConfigError(f"{flag} {spec!r}: expected {usage}")

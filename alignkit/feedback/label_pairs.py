@@ -15,7 +15,9 @@ from alignkit.core.progress import Progress
 from alignkit.core.digests import digest
 from alignkit.core.llm import FirstFailures
 from alignkit.feedback.judge import Request, orders_for, parse_verdict, question_text
-from alignkit.feedback.label_records import Pair, Prompt, Run, check_made, judge_fix, made, report_failure
+from alignkit.feedback.label_records import (
+    Pair, Prompt, Run, check_made, judge_fix, made, report_failure, to_ask_again,
+)
 
 
 def make_pairs(run: Run, prompts: list[Prompt], table) -> list[Pair]:
@@ -58,14 +60,8 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
         return
     judge, s = run.judge, run.settings
     keys = {key for pair in pairs for key in pair.keys.values()}
-    # A paid answer without a verdict stays recorded and is reused: asking again under the very same settings
-    # is a choice the user makes (--retry_parse_failures), not something a rerun does behind their back.
     unparsed = {key for key in keys if key in run.judgments and parse_verdict(run.judgments.get(key)["text"]) is None}
-    if unparsed:
-        logger.info(f"{len(unparsed)} cached judgments hold no verdict; " + (
-            "asking again (--retry_parse_failures)" if s.retry_parse_failures else
-            "kept as parse failures (--retry_parse_failures asks again under the same settings)"))
-    retry = unparsed if s.retry_parse_failures else set()
+    retry = to_ask_again(unparsed, s, "judgments hold no verdict")
     needed: dict[str, Request] = {}
     waiting = defaultdict(list)  # key -> pairs waiting for it
     open_keys = []

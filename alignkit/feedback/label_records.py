@@ -39,6 +39,25 @@ class AppendLog(journal.AppendLog):
                  fix: str = "let it finish, or give this run its own --output or --cache_dir"):
         super().__init__(path, owner, fix)
 
+    def read_beside(self, output: Path) -> None:
+        """The records of the same log in every other cache beside `output` (preferences.cache, labels.cache, ...):
+        their keys are a generator's or a judge's whole identity and what it was asked, whatever the mode or the
+        output, so another --output beside generated or paid for them again. Read only: new ones go to this log."""
+        for other in sorted(Path(output).parent.glob(f"*.cache/{self.path.name}")):
+            if other.parent.resolve() != self.path.parent.resolve():
+                self.read_also(other)
+
+
+def to_ask_again(unparsed: set, s, held: str) -> set:
+    """The cached answers without a verdict or rating (`unparsed`) to ask for again: a paid answer stays recorded and
+    is reused; asking again under the very same settings is a choice the user makes (--retry_parse_failures), not
+    something a rerun does behind their back. One line says which. `held`: "judgments hold no verdict", ..."""
+    if unparsed:
+        logger.info(f"{len(unparsed)} cached {held}; " + (
+            "asking again (--retry_parse_failures)" if s.retry_parse_failures else
+            "kept as parse failures (--retry_parse_failures true asks again under the same settings)"))
+    return unparsed if s.retry_parse_failures else set()
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The run and what it keys on

@@ -123,15 +123,11 @@ def prepare(s) -> Run:
     run = Run(s, output, cache_dir, sources, pairing, judge, endpoints, AppendLog(cache_dir / "responses.jsonl"),
               judgments, backend=backend)
     save_config(s, output.with_suffix(".config.json"))
-    # The responses beside it, of the other modes (preferences.cache, labels.cache, ...): their keys are the
-    # generator's whole identity and the prompt, whatever the mode, so a pointwise run after a pairs run reused
-    # nothing and generated (or paid for) every answer again. The judgments alike: their keys are the judge's whole
-    # identity and the pair in its slots (another --output beside paid for them again). Read only; new ones go to
-    # this run's own cache.
-    for log, name in ((run.responses, "responses.jsonl"), (judgments, "judgments.jsonl")):
-        for other in sorted(output.parent.glob(f"*.cache/{name}")) if log is not None else ():
-            if other.parent.resolve() != cache_dir.resolve():
-                log.read_also(other)
+    # The responses and judgments beside it, of the other modes and outputs: a pointwise run after a pairs run
+    # generated (or paid for) every answer again.
+    for log in (run.responses, judgments):
+        if log is not None:
+            log.read_beside(output)
     what = f"judge {judge.name}" + (f" with template {judge.template.name}" if judge.template else "") if judge else \
         f"{s.judge} grades each answer (--mode pointwise)" if s.mode == "pointwise" else "teacher completions"
     logger.info(f"label: {what}; responses from {', '.join(sorted({src.spec for src in sources}))}; cache "

@@ -34,7 +34,9 @@ from alignkit.core.llm import FirstFailures
 from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, import_function, question_text
 from alignkit.feedback.judge_templates import Template
-from alignkit.feedback.label_records import AppendLog, check_made, judge_fix, refuse_empty, replace_output
+from alignkit.feedback.label_records import (
+    AppendLog, check_made, judge_fix, refuse_empty, replace_output, to_ask_again,
+)
 from alignkit.feedback.ratings import SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM, parse_rating
 
 # FastChat's "single-v1" judge prompt (alignkit.feedback.ratings), in this module's Template form.
@@ -155,9 +157,7 @@ def grade(run, grader: Grader, prompts, table) -> dict:
     s = run.settings
     identity = grader.identity()
     grades = AppendLog(run.cache_dir / "grades.jsonl")
-    for other in sorted(run.output.parent.glob("*.cache/grades.jsonl")):  # beside it, as label.py's judgments are
-        if other.parent.resolve() != run.cache_dir.resolve():
-            grades.read_also(other)
+    grades.read_beside(run.output)
     try:
         cells, needed = [], {}
         for si, source in enumerate(run.sources):
@@ -166,13 +166,8 @@ def grade(run, grader: Grader, prompts, table) -> dict:
                 if text is None or not text.strip():
                     continue
                 cells.append((source, prompt, text, digest([identity, prompt.messages, text])))
-        # A paid answer without a rating stays recorded and is reused; asking again is the user's choice, as in pairs.
         unparsed = {key for *_, key in cells if key in grades and grades.get(key)["grade"] is None}
-        if unparsed:
-            logger.info(f"{len(unparsed)} cached grades hold no rating; " + (
-                "asking again (--retry_parse_failures)" if s.retry_parse_failures else
-                "kept as parse failures (--retry_parse_failures true asks again under the same settings)"))
-        retry = unparsed if s.retry_parse_failures else set()
+        retry = to_ask_again(unparsed, s, "grades hold no rating")
         for _, prompt, text, key in cells:
             if (key not in grades or key in retry) and key not in needed:
                 needed[key] = Item(key, prompt.messages, text)

@@ -151,11 +151,9 @@ def _by_what_it_is(inputs: dict) -> dict:
         if spec.startswith("rm:"):
             out[name] = ["rm", value[1]]
         elif spec.startswith("python:"):  # its function's name, as import_function reads it; the code's by content
-            target = spec.removeprefix("python:")
-            module, _, function = target.rpartition(":")
-            if not module and not target.endswith(".py"):  # python:module.function
-                function = target.rpartition(".")[2]
-            out[name] = ["python", function, value[1]]
+            from alignkit.feedback.judge import split_spec
+
+            out[name] = ["python", split_spec(spec)[1], value[1]]
     return out
 
 
