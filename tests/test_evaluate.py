@@ -952,6 +952,54 @@ def test_kept_answers_of_the_same_model_named_from_another_folder_are_taken(tmp_
         read_outputs(outputs, "project/runs/sft", {"t": 1}, identity="other")
 
 
+def test_greedy_answers_and_outputs_are_taken_under_another_seed_and_their_old_keys(tmp_path, monkeypatch):
+    """Greedy decoding (--temperature 0) reads neither the seed nor --top_p, but MT-Bench answers and AlpacaEval
+    outputs were keyed on both: another --seed refused them ("made under another --seed") and answered again. Keys
+    drop them there, and an answer recorded with them (before) compares as decoding reads it; sampled answers still
+    name the seed that changed."""
+    from alignkit.evals.alpacaeval_outputs import _generation, read_outputs
+    from alignkit.modeling import identity
+
+    monkeypatch.setattr(identity, "model_identity", lambda loader, backend: {"model": "m", "libraries": {"torch": "2"}})
+
+    def settings(**changes):
+        return types.SimpleNamespace(**{"temperature": 0.0, "top_p": 1.0, "num_beams": 1, "max_new_tokens": 8,
+                                        "seed": 1, **changes})
+
+    def key(**changes):
+        return mtbench.answers_key_and_settings(None, settings(**changes), "transformers")
+
+    (greedy, parts), (sampled, sampled_parts) = key(seed=2, top_p=0.5), key(temperature=0.7, seed=2)
+    assert greedy == key()[0] and sampled != key(temperature=0.7)[0]
+    question = {"question_id": 1, "turns": ["hi"], "category": "math"}
+
+    def answer(then: dict) -> dict:  # recorded before: its key held the seed and top_p, as its settings do
+        return {"question_id": 1, "choices": [{"index": 0, "turns": ["hello"]}], "source": "m", "settings_key": "old",
+                "settings": {**then, "--seed": 1, "--top_p": 1.0}, "question_key": mtbench.question_key(question)}
+
+    path = tmp_path / "answers.jsonl"
+    path.write_text(json.dumps(answer(parts)) + "\n")
+    assert list(mtbench.read_answers(path, "m", key=greedy, settings=parts)) == [1]
+    assert mtbench.reuse_answers(tmp_path / "next" / "m.jsonl", [tmp_path / "made"], [question], "m", "m", greedy,
+                                 parts) == 0  # nothing there yet
+    (tmp_path / "made" / "model_answer").mkdir(parents=True)
+    shutil.copy(path, tmp_path / "made" / "model_answer" / "m.jsonl")
+    assert mtbench.reuse_answers(tmp_path / "next" / "m.jsonl", [tmp_path / "made"], [question], "m", "m", greedy,
+                                 parts) == 1  # another folder's, under another seed
+    path.write_text(json.dumps(answer(sampled_parts)) + "\n")
+    with pytest.raises(ConfigError, match=r"made under another --seed \(--seed 1 then, 2 now\)"):
+        mtbench.read_answers(path, "m", key=sampled, settings=sampled_parts)
+    # AlpacaEval's outputs: compared by their sampling as decoding reads it.
+    outputs = tmp_path / "outputs.jsonl"
+    recorded = {"temperature": 0.0, "top_p": 1.0, "num_beams": 1, "max_new_tokens": 8, "seed": 1}
+    outputs.write_text(json.dumps({"instruction": "i", "output": "o", "source": "m", "generation": recorded}) + "\n")
+    assert list(read_outputs(outputs, "m", _generation(settings(seed=2, top_p=0.5)))) == ["i"]
+    outputs.write_text(json.dumps({"instruction": "i", "output": "o", "source": "m",
+                                   "generation": {**recorded, "temperature": 0.7}}) + "\n")
+    with pytest.raises(ConfigError, match="generated with .*'seed': 1.*, not .*'seed': 2"):
+        read_outputs(outputs, "m", _generation(settings(temperature=0.7, seed=2)))
+
+
 def test_a_judge_answer_paid_for_before_its_match_s_verdict_is_kept(tmp_path):
     """Found by the evaluate.py audit of session 28: a match is asked in both orders and its verdict written once
     both came back, so a Ctrl-C between them lost the first paid answer (14 requests sent, 12 kept) and the rerun

@@ -355,7 +355,7 @@ def test_a_rule_s_key_follows_its_data_file_the_module_it_runs_and_not_its_path(
     from alignkit.core.config import LabelSettings
     from alignkit.feedback.judge import PythonJudge, import_function
     from alignkit.feedback.label_records import Source
-    from alignkit.feedback.labeling import _generator_identity
+    from alignkit.feedback.labeling import _generator_identities
 
     judges, elsewhere = tmp_path / "j", tmp_path / "pp"
     judges.mkdir()
@@ -402,6 +402,6 @@ def test_a_rule_s_key_follows_its_data_file_the_module_it_runs_and_not_its_path(
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     run = types.SimpleNamespace(settings=LabelSettings(model_id="model"), backend="transformers")
-    keys = {json.dumps(_generator_identity(run, Source(spec, spec, "local", 0)), sort_keys=True)
+    keys = {json.dumps(_generator_identities(run, Source(spec, spec, "local", 0))[0], sort_keys=True)
             for spec in ("model", "./model", str(tmp_path / "model"))}
     assert len(keys) == 1

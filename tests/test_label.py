@@ -478,6 +478,32 @@ def test_response_cache_keys_on_the_endpoint_and_the_sampling(tmp_path):
         assert first.count == 6  # its own earlier answers
 
 
+def test_greedy_responses_are_found_under_another_seed_and_under_their_old_keys(tmp_path, monkeypatch):
+    """Greedy decoding (--temperature 0) reads neither the seed nor --top_p, but responses keyed on both, so another
+    --seed generated (and paid for) every greedy response again. Keys drop them there; a response cached under a key
+    that held them is found, and kept under the new key too, so the next seed finds it as well. Sampled responses still
+    key on the seed (another seed is another sample)."""
+    from alignkit.feedback import labeling
+
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"explain topic {i}"} for i in range(3)])
+    args = ["--mode", "completions", "--prompts", "prompts.jsonl", "--model_a", "openai:teacher", "--output", "t.jsonl"]
+    with FakeOpenAI(lambda body: "an answer") as server:
+        url = ["--generation_base_url", server.base_url]
+        with monkeypatch.context() as old:  # keyed as before: the seed and top_p in every key
+            old.setattr(labeling, "decisive_sampling", dict)
+            run_script("label.py", *args, *url, "--temperature", "0", "--seed", "1", cwd=tmp_path)
+        assert server.count == 3
+        run_script("label.py", *args, *url, "--temperature", "0", "--seed", "1", cwd=tmp_path)
+        assert server.count == 3  # found under the old keys
+        run_script("label.py", *args, *url, "--temperature", "0", "--seed", "2", "--top_p", "0.5", cwd=tmp_path)
+        assert server.count == 3  # and kept under the new ones
+        run_script("label.py", *args, *url, "--temperature", "0.7", "--seed", "1", cwd=tmp_path)
+        run_script("label.py", *args, *url, "--temperature", "0.7", "--seed", "2", cwd=tmp_path)
+        assert server.count == 9  # sampled: each seed its own answers
+        run_script("label.py", *args, *url, "--temperature", "0.7", "--seed", "1", cwd=tmp_path)
+        assert server.count == 9
+
+
 def test_local_generator_and_judge_identities_cover_the_loader_and_sampling():
     """The key of a local model's answer changes with each setting that changes the weights as loaded, the engine
     or the sampling; it does not change with settings that only change speed."""
@@ -486,13 +512,13 @@ def test_local_generator_and_judge_identities_cover_the_loader_and_sampling():
     from alignkit.core.config import LabelSettings, ModelSettings
     from alignkit.feedback.judge import HFJudge
     from alignkit.feedback.label_records import Source
-    from alignkit.feedback.labeling import _generator_identity
+    from alignkit.feedback.labeling import _generator_identities
 
     source = Source("some/model", "some/model", "local", 0)
 
     def generator_key(backend="transformers", **changes):
         run = types.SimpleNamespace(settings=LabelSettings(model_id="some/model", **changes), backend=backend)
-        return json.dumps(_generator_identity(run, source), sort_keys=True)
+        return json.dumps(_generator_identities(run, source)[0], sort_keys=True)
 
     base = generator_key()
     changed = [generator_key(dtype="bf16"), generator_key(quantization="4bit"), generator_key(backend="vllm"),
@@ -501,6 +527,8 @@ def test_local_generator_and_judge_identities_cover_the_loader_and_sampling():
                generator_key(chat_template_kwargs={"enable_thinking": False})]
     assert len({base, *changed}) == len(changed) + 1
     assert generator_key(generation_batch_size=3, parallel=2) == base
+    greedy = generator_key(temperature=0.0)  # reads neither the seed nor top_p
+    assert generator_key(temperature=0.0, seed=1, top_p=0.5) == greedy != base
     # Unset, the setting added later is left out: answers cached before it existed are still found.
     assert "chat_template_kwargs" not in json.loads(base)["loaded"]["loader"]
 

@@ -300,7 +300,7 @@ def test_label_generators_take_a_revision_too(monkeypatch):
     a, b = labeling._load_generator(run, "org/base@v1"), labeling._load_generator(run, "org/base")
     assert (a.model_id, a.revision, a.dtype) == ("org/base", "v1", "fp32") and b.revision == "v3"  # --revision: model_id's
     assert labeling._load_generator(run, "org/other").revision is None
-    keyed = labeling._generator_identity(run, SimpleNamespace(kind="local", spec="org/base@v1", index=0))
+    keyed = labeling._generator_identities(run, SimpleNamespace(kind="local", spec="org/base@v1", index=0))[0]
     assert keyed["loaded"] == ("org/base", "v1")
 
 

@@ -76,6 +76,15 @@ def _plain_type(kind):
     return kind
 
 
+def decisive_sampling(sampling: dict) -> dict:
+    """`sampling` ({temperature, top_p, seed, ...}) as an answer cache keys on it: temperature 0 decodes greedily (or
+    by beam search) and reads neither top_p nor the seed, so both are None there: another --seed finds the greedy
+    answers already made, and an answer recorded with its seed compares equal to one recorded without."""
+    if sampling.get("temperature") == 0:
+        return {**sampling, **{k: None for k in ("top_p", "seed") if k in sampling}}
+    return dict(sampling)
+
+
 def sample_seed(*parts) -> int:
     """One sampled answer's seed, from what names it (the run's --seed, a sample number, the prompt's key, a turn):
     alignkit.modeling.generation samples each answer from its own stream with it, whatever its batch."""

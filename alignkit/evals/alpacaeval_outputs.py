@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from alignkit.core.args import ConfigError
-from alignkit.core.digests import sample_seed
+from alignkit.core.digests import decisive_sampling, sample_seed
 from alignkit.core.journal import append_jsonl, write_json
 from alignkit.core.progress import Progress
 from alignkit.core.groups import loader_settings
@@ -141,7 +141,8 @@ def outputs_path(output_dir, name: str) -> Path:
 
 
 def _generation(s) -> dict:
-    return {k: getattr(s, k) for k in ("temperature", "top_p", "num_beams", "max_new_tokens", "seed")}
+    """The sampling an output records and is compared by (greedy outputs without their --seed and --top_p)."""
+    return decisive_sampling({k: getattr(s, k) for k in ("temperature", "top_p", "num_beams", "max_new_tokens", "seed")})
 
 
 def outputs_key(s, source: str, backend: str) -> str:
@@ -168,7 +169,9 @@ def read_outputs(path, source: str, generation: dict, identity: str | None = Non
         if row.get("source") is not None and not same_model and same_source(row["source"]) != same_source(source):
             raise ConfigError(f"{path} holds outputs by {row['source']}, not {source}: give this model another "
                               "--model_name / --reference_name, use another --output_dir, or delete the file")
-        if row.get("generation") not in (None, generation):
+        # Compared as decoding reads it: a greedy output recorded with its --seed is the one another seed makes.
+        recorded = row.get("generation")
+        if recorded is not None and (decisive_sampling(recorded) if isinstance(recorded, dict) else recorded) != generation:
             raise ConfigError(f"{where}: generated with {row['generation']}, not {generation}: use another "
                               "--output_dir, or delete the file to generate again with the new settings")
         if identity is not None and row.get("identity") != identity:

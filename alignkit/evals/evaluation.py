@@ -272,7 +272,7 @@ class Pairwise:
             keys[name], parts[name] = mtbench.answers_key_and_settings(loader_settings(s, source), s, backend)
             path = mtbench.answer_path(self.output_dir, name)
             if s.answers_from:  # the same model's answers, made elsewhere under the same key
-                mtbench.reuse_answers(path, s.answers_from, self.questions, name, source, keys[name])
+                mtbench.reuse_answers(path, s.answers_from, self.questions, name, source, keys[name], parts[name])
             try:
                 answers = mtbench.read_answers(path, source, key=keys[name], settings=parts[name])
             except ConfigError as error:  # every model's kept answers checked: one rerun, not one per stale file
@@ -299,8 +299,8 @@ class Pairwise:
                 continue
             with load_generator(loader_settings(s, source), backend) as generator:
                 mtbench.generate_answers(generator, self.questions, name, source, path, s, keys[name], parts[name])
-        self.answers = {name: mtbench.read_answers(mtbench.answer_path(self.output_dir, name), source, key=keys[name])
-                        for name, source in self.models.items()}
+        self.answers = {name: mtbench.read_answers(mtbench.answer_path(self.output_dir, name), source, key=keys[name],
+                                                  settings=parts[name]) for name, source in self.models.items()}
         self._did("answers")
 
     def make_matches(self) -> None:

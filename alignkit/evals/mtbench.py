@@ -27,7 +27,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
-from alignkit.core.digests import digest, sample_seed
+from alignkit.core.digests import decisive_sampling, digest, sample_seed
 from alignkit.core.journal import append_jsonl, read_jsonl, write_atomic
 from alignkit.core.progress import Progress
 from alignkit.evals.named_models import same_source
@@ -303,13 +303,28 @@ def answers_key_and_settings(loader, s, backend: str) -> tuple[str, dict]:
     from alignkit.modeling.identity import model_identity
 
     loaded = model_identity(loader, backend)
-    sampling = {"temperature": s.temperature, "top_p": s.top_p, "num_beams": s.num_beams,
-                "max_new_tokens": s.max_new_tokens, "seed": s.seed}
+    sampling = decisive_sampling({"temperature": s.temperature, "top_p": s.top_p, "num_beams": s.num_beams,
+                                  "max_new_tokens": s.max_new_tokens, "seed": s.seed})  # greedy: without the seed
     key = digest({"loaded": loaded, **sampling}, 16, ensure_ascii=True)
     model = {k: v for k, v in loaded.items() if k != "libraries"}  # the versions named apart, readable
     return key, {"model as loaded": digest(model, 16, ensure_ascii=True),
                  "library versions": ", ".join(f"{k} {v}" for k, v in sorted(loaded["libraries"].items())),
                  **{f"--{k}": v for k, v in sampling.items()}}
+
+
+def _decisive(settings: dict) -> dict:
+    """An answer's recorded settings (answers_key_and_settings) as decoding reads them (decisive_sampling)."""
+    flags = decisive_sampling({k[2:]: v for k, v in settings.items() if k.startswith("--")})
+    return {**settings, **{f"--{k}": v for k, v in flags.items()}}
+
+
+def made_under(row: dict, key: str, settings: dict | None) -> bool:
+    """Whether an answer was made under `key` (answers_key): its settings_key says so, or its recorded settings are
+    `settings` as decoding reads them (a greedy answer recorded with the --seed its key held before keys dropped it)."""
+    if row.get("settings_key") == key:
+        return True
+    then = row.get("settings")
+    return bool(settings) and isinstance(then, dict) and _decisive(then) == _decisive(settings)
 
 
 def read_answers(path, source: str | None = None, fix: str | None = None, repair_tail: bool = True,
@@ -332,19 +347,20 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
         recorded = row.get("source")
         # By the model as loaded where the answer has its key (a path as typed, read from another folder, is another
         # path: the same model, refused), by its path where not.
-        same_model = key is not None and row.get("settings_key") == key
+        same_model = key is not None and made_under(row, key, settings)
         if source is not None and recorded is not None and not same_model and same_source(recorded) != same_source(source):
             raise ConfigError(
                 f"{path} holds answers by {recorded}, not {source}: give this model another NAME in --models, use "
                 "another --output_dir, or delete the file to answer again"
             )
-        if key is not None and row.get("settings_key", key) != key:
+        if key is not None and "settings_key" in row and not same_model:
             then = row.get("settings")
-            if isinstance(then, dict) and settings and (changed := [k for k in settings if then.get(k) != settings[k]]):
+            now = _decisive(settings) if settings else {}
+            if isinstance(then, dict) and (changed := [k for k, v in now.items() if _decisive(then).get(k) != v]):
                 before = {k: then.get(k, "unrecorded") for k in changed}  # a part recorded since: library versions
                 raise ConfigError(
                     f"{path}, line {line}: this answer was made under another {', '.join(changed)} "
-                    f"({'; '.join(f'{k} {before[k]} then, {settings[k]} now' for k in changed)}); give "
+                    f"({'; '.join(f'{k} {before[k]} then, {now[k]} now' for k in changed)}); give "
                     "this model "
                     "another NAME in --models, use another --output_dir, or delete the file to answer again")
             raise ConfigError(
@@ -382,10 +398,10 @@ def unanswered(questions, answers: dict) -> list[dict]:
             or len(a["choices"][0]["turns"]) < len(q["turns"]) or not current(a, q)]
 
 
-def reuse_answers(path, folders, questions, name: str, source: str, key: str) -> int:
+def reuse_answers(path, folders, questions, name: str, source: str, key: str, settings: dict | None = None) -> int:
     """Append to `path` the answers that other evaluation folders (`folders`, their model_answer/*.jsonl) hold for
     questions `path` has not answered: those of the same model as loaded under the same sampling (`settings_key`
-    equal to `key`: model_identity, by content down the adapter chain, and the sampling settings with the seed) to
+    equal to `key`: model_identity, by content down the adapter chain, and the sampling settings with the seed where decoding reads it: made_under) to
     the same question as it now reads (`question_key`), under any NAME. Each question and turn is sampled from its
     own seed, so such an answer is the one generating it here would give. Returns how many were reused.
     rlaif.py's rounds pass the round before: its new policy is this round's previous one."""
@@ -397,7 +413,7 @@ def reuse_answers(path, folders, questions, name: str, source: str, key: str) ->
                 continue
             for row in _rows_or_none(other):
                 qid = row.get("question_id")
-                if qid in wanted and row.get("settings_key") == key and row.get("question_key") == wanted[qid] \
+                if qid in wanted and made_under(row, key, settings) and row.get("question_key") == wanted[qid] \
                         and _whole_answer(row):  # the last one of a question wins, as read_answers reads a file
                     found[qid] = {**row, "model_id": name, "source": source, "reused_from": str(other)}
     for row in found.values():

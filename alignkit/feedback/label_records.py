@@ -7,7 +7,7 @@ A run writes, next to `--output X.jsonl`:
   generated response or judge answer, flushed and fsync'd as it arrives. A judgment's key hashes what the judge
   saw (the prompt, the response in slot A, the one in slot B) and the judge's whole identity (Judge.identity:
   kind, model, template, endpoint, max tokens, temperature, or a local judge's weights and loader settings); a
-  response's key hashes the prompt and its generator's identity (labeling._generator_identity). A rerun after a
+  response's key hashes the prompt and its generator's identity (labeling._generator_identities). A rerun after a
   crash, Ctrl-C or SIGKILL finds every answer it already has and asks only for the rest; a changed setting simply
   misses the cache. Failed requests are not cached, so a rerun retries them. An answer without a verdict was
   paid for: it stays cached, and only --retry_parse_failures asks again under the same settings.

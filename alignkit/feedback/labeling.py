@@ -21,7 +21,7 @@ from alignkit.core.errors import EndpointRefused
 from alignkit.core.groups import loader_settings
 from alignkit.core.journal import threaded
 from alignkit.core.progress import Progress
-from alignkit.core.digests import digest, sample_seed
+from alignkit.core.digests import decisive_sampling, digest, sample_seed
 from alignkit.core.llm import FirstFailures
 from alignkit.feedback.judge import endpoint_identity, is_fatal, make_judge
 from alignkit.feedback.label_records import (AppendLog, Prompt, Run, Source, check_made, generator_fix, made,
@@ -356,13 +356,15 @@ def _no_match(path: str, column: str, rows, prompts: list[Prompt]) -> str:
             f"{theirs.place.rpartition(': ')[2]}, {_brief(theirs)}, and {ours.place}, {_brief(ours)}{why}. {fix}")
 
 
-def _generator_identity(run: Run, source: Source) -> dict:
+def _generator_identities(run: Run, source: Source) -> list[dict]:
     """Everything that decides a generated response, except the prompt: its cache key derives from this.
 
     A local model: the model as loaded and the engine (alignkit.modeling.identity.model_identity: every loader
     setting, every file down its adapter chain, the GGUF file, --backend, the hardware). An
     endpoint: the server, the model name and the sampling sent (alignkit.feedback.judge.endpoint_identity). Both: the
-    sampling settings, the seed and the sample number.
+    sampling settings, the seed and the sample number; greedy decoding (--temperature 0) reads neither the seed nor
+    --top_p (decisive_sampling). Returned first as keys hold it, then, where it differs, as keys held it before greedy
+    keys dropped them: a response cached then is found.
     """
     s = run.settings
     if source.kind == "local":
@@ -374,8 +376,10 @@ def _generator_identity(run: Run, source: Source) -> dict:
         if s.chat_template_kwargs:  # sent along (extra_body); left out when unset, so earlier answers still count
             where = {**where, "chat_template_kwargs": s.chat_template_kwargs}
     # A local model by its identity alone (one folder however its path is spelled, or moved), an endpoint's by name.
-    return {**where, "model": "local" if source.kind == "local" else source.spec, "temperature": s.temperature,
-            "top_p": s.top_p, "max_new_tokens": s.max_new_tokens, "seed": s.seed, "index": source.index}
+    made = {**where, "model": "local" if source.kind == "local" else source.spec, "index": source.index}
+    sampling = {"temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens, "seed": s.seed}
+    now = {**made, **decisive_sampling(sampling)}
+    return [now] + ([{**made, **sampling}] if decisive_sampling(sampling) != sampling else [])
 
 
 def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]:
@@ -406,13 +410,16 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
                 logger.warning(f"{source.spec}: no response for {missing} of {len(prompts)} prompts; their pairs "
                                "are skipped")
             continue
-        identity = _generator_identity(run, source)
+        identities = _generator_identities(run, source)
         for pi, prompt in enumerate(prompts):
             # A prompt's own template arguments (tools, chat_template_kwargs) change what is generated.
-            key = digest({"generator": identity, "prompt": prompt.messages,
-                          **({"template": prompt.template} if prompt.template else {})})
-            if key in run.responses:
-                table[si][pi] = run.responses.get(key)["text"]
+            key, *before = (digest({"generator": identity, "prompt": prompt.messages,
+                                    **({"template": prompt.template} if prompt.template else {})})
+                            for identity in identities)
+            if (cached := next((k for k in (key, *before) if k in run.responses), None)) is not None:
+                table[si][pi] = run.responses.get(cached)["text"]
+                if cached != key:  # kept under its key as now too: another --seed finds it
+                    run.responses.append({**run.responses.get(cached), "key": key})
             else:
                 todo[(source.kind, source.spec)].append((si, pi, key))
     for (kind, spec), cells in todo.items():
