@@ -160,6 +160,47 @@ def test_stop_on_error_starts_nothing_after_the_first_failure():
     assert started == [0, 1, 2]  # the caller raises this failure; no request went out after it
 
 
+@pytest.mark.parametrize("case", ["kept", "grace over", "second ctrl-c"])
+def test_ctrl_c_keeps_the_answers_of_the_requests_in_flight(case, alignkit_log):
+    """Ctrl-C ended the process with up to --parallel paid requests in flight: their answers were lost and the next
+    run sent them again. Now no further request starts, the ones in flight are yielded as they finish (the caller
+    journals them) for up to `grace` seconds, then KeyboardInterrupt; a second Ctrl-C leaves at once."""
+    import signal
+
+    release, started, got = threading.Event(), [], []
+
+    def work(i):
+        started.append(i)
+        if i >= 2:  # 2 and 3: in flight when Ctrl-C comes
+            release.wait(10)
+        return i
+
+    def ctrl_c(*_):
+        if case == "kept":
+            release.set()  # they answer after it
+        elif case == "second ctrl-c":
+            signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            threading.Timer(1.0, release.set).start()  # answered only after the second Ctrl-C
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGALRM, ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for item, result in threaded(work, range(6), 2, grace=0.5 if case == "grace over" else 30):
+                got.append(item)
+                if len(got) == 2:
+                    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        release.set()
+    time.sleep(0.1)
+    assert sorted(started) == [0, 1, 2, 3]  # nothing started after Ctrl-C
+    assert sorted(got) == ([0, 1, 2, 3] if case == "kept" else [0, 1])
+    assert "Ctrl-C: waiting up to" in alignkit_log.text and "for the 2 requests in flight" in alignkit_log.text
+
+
 # ---------------------------------------------------------------------------------------------------------
 # alignkit.core.paths.build_once: a cache folder built by one process while the others wait
 

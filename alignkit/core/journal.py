@@ -308,17 +308,19 @@ def write_jsonl(path, rows) -> Path:
 # Concurrency and progress
 
 
-def threaded(fn, items, parallel: int, stop_on_error: bool = False):
+def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float = 30.0):
     """Yield (item, fn(item) or the exception it raised) as results arrive, `parallel` calls at a time.
 
-    Daemon threads: Ctrl-C ends the process at once rather than waiting for requests in flight. Their answers
-    are lost, and the next run sends them again (nothing was journaled for them): up to `parallel` requests a paid
-    API bills twice.
+    Ctrl-C while waiting starts no further calls, and the calls in flight (up to `parallel` requests a paid API
+    bills) are still yielded as they finish, for up to `grace` seconds, so that the caller keeps what was paid for;
+    then KeyboardInterrupt. A second Ctrl-C leaves at once. Daemon threads: a call still running then dies with the
+    process (its answer is lost, and the next run sends it again).
     stop_on_error: the first exception starts no further calls (for callers that raise it), as a caller that
     stops iterating does.
     """
     items = list(items)
     todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    taken, lock = [0], threading.Lock()
     for item in items:
         todo.put(item)
 
@@ -328,6 +330,8 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False):
                 item = todo.get_nowait()
             except queue.Empty:
                 return
+            with lock:
+                taken[0] += 1
             try:
                 result = fn(item)
             except Exception as e:  # noqa: BLE001 - reported to the caller, which counts it
@@ -338,14 +342,39 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False):
 
     for _ in range(min(parallel, len(items))):
         threading.Thread(target=work, daemon=True).start()
+    given = 0
     try:
         for _ in items:
-            item, result = done.get()
+            try:
+                item, result = done.get()
+            except KeyboardInterrupt:
+                stop.set()
+                yield from _finish_in_flight(done, lambda: taken[0] - given, grace)
+                raise
+            given += 1
             yield item, result
             if stop_on_error and isinstance(result, Exception):
                 return  # nothing further was started; the caller raises this one
     finally:
         stop.set()  # a caller that stops early (a fatal error, Ctrl-C) starts no further requests
+
+
+def _finish_in_flight(done, in_flight, grace: float):
+    """threaded's Ctrl-C: the results of the calls already running, as they arrive, for up to `grace` seconds."""
+    import time
+
+    if in_flight() <= 0 or grace <= 0:
+        return
+    logger.warning(f"Ctrl-C: waiting up to {grace:.0f} s for the {in_flight()} requests in flight, to keep their "
+                   "answers (Ctrl-C again leaves now)")
+    deadline, got = time.monotonic() + grace, 0
+    while in_flight() - got > 0 and (left := deadline - time.monotonic()) > 0:
+        try:
+            item, result = done.get(timeout=left)
+        except queue.Empty:
+            return
+        got += 1
+        yield item, result
 
 
 def batched(fn, items, size: int):
