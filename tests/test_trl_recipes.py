@@ -892,6 +892,31 @@ def test_tr_dpo_s_settings_are_refused_while_the_settings_are_read(cls, tmp_path
     assert "ref_model_mixup_alpha, ref_model_sync_steps" in capsys.readouterr().out.split("Refused: ")[1]
 
 
+def test_trl_fields_their_trainers_turn_off_or_never_read_are_refused_before_the_load(tmp_path):
+    """Found by the sft/dpo audit of session 30: dpo.py took --padding_free true, TRL's DPOTrainer then turned it
+    off ("temporarily unavailable") and the saved config said it was on; --label_smoothing_factor 0.3 trained plain
+    DPO without a word (transformers' label smoother runs in Trainer.compute_loss, which TRL's trainers replace), easy
+    to take for cDPO's --label_smoothing. Both refused as the settings are read, with the alternative; sft.py, whose
+    trainer keeps them, takes both."""
+    from alignkit.core.config import RLSettings
+
+    for args, name, why in ((["--padding_free", "true"], "--padding_free true", "TRL's DPOTrainer turns it off"),
+                            (["--trainer_overrides", '{"padding_free": true}'], "--trainer_overrides padding_free",
+                             "TRL's DPOTrainer turns it off"),
+                            (["--label_smoothing_factor", "0.3"], "--label_smoothing_factor 0.3",
+                             "DPO's label smoothing (cDPO, robust) is --label_smoothing")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(name)} has no effect in alignkit: .*{re.escape(why)}"):
+            parse_config(DPOSettings, env_file=None, args=args)
+    for cls in (KTOSettings, RewardSettings, RLSettings):
+        with pytest.raises(ConfigError, match="label smoother never runs"):
+            parse_config(cls, env_file=None, args=["--label_smoothing_factor", "0.1"])
+    assert parse_config(DPOSettings, env_file=None, args=["--padding_free", "false"]).trainer_overrides == \
+        {"padding_free": False}  # TRL's default passes
+    s = parse_config(SFTSettings, env_file=None, args=["--packing", "true", "--padding_free", "true",
+                                                      "--label_smoothing_factor", "0.1"])
+    assert s.trainer_overrides == {"padding_free": True, "label_smoothing_factor": 0.1}
+
+
 def test_every_alias_names_a_training_setting():
     from alignkit.core.trl_names import ALIASES
 
@@ -1160,6 +1185,11 @@ def test_a_trl_recipe_that_names_no_evaluation_holds_no_rows_out(tmp_path):
     assert eval_split(trl, "--eval_strategy", "steps", "--eval_steps", "10") == default
     assert eval_split(trl + "eval_steps: 100\n") == default  # evaluation named: eval_steps alone (it was refused)
     assert eval_split(trl, "--preset", "p", presets={"p": {"eval_split": 0.1}}) == 0.1  # the preset's share stays
+    # ... unless evaluation is asked away in so many words (the sft/dpo audit of session 30: a recipe saying
+    # eval_strategy "no" run with --preset tiny held 10% out and evaluated at the end): a preset only sets defaults.
+    no = trl + "eval_strategy: 'no'\n"
+    assert eval_split(no, "--preset", "p", presets={"p": {"eval_split": 0.1}}) == 0
+    assert eval_split(no, "--preset", "p", "--eval_split", "0.2", presets={"p": {"eval_split": 0.1}}) == 0.2
     # alignkit's own recipes (run_name, or alignkit's names) keep the share.
     assert eval_split("output_dir: runs\nrun_name: mine\n") == default
     assert eval_split("model_id: org/model\ndataset_id: org/data\noutput_dir: runs\n") == default

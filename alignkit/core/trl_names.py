@@ -255,8 +255,8 @@ class Vocabulary:
           name joined it on the line).
         - `eval_strategy: no` (or `do_eval: false` alone, or a TRL command line or TRL/handbook recipe naming
           neither nor eval_steps: TRL's default is no) asks for no evaluation: no --eval_split share is held out of
-          the training rows unless --eval_split itself (or the preset) gives one (TRL and the handbook train on them
-          all).
+          the training rows unless --eval_split itself gives one (TRL and the handbook train on them all), or, where
+          TRL's default says no and no eval_strategy is named, the preset does.
         - Settings in TRL's names (a TRL command line, a TRL or handbook recipe) without use_peft are refused (TRL
           would fine-tune every weight), and without load_in_4bit/load_in_8bit load the model unquantized, as TRL.
         - TRL's `dataset_name` without a split trains on TRL's default split, `train`.
@@ -276,7 +276,8 @@ class Vocabulary:
         no_eval = strategy == "no" or (str(overrides.get("do_eval")).lower() == "false" and strategy == "none")
         implicit = ((trl_recipe or self.trl_style) and strategy == "none"
                     and not {"do_eval", "eval_steps"} & set(overrides) and "eval_steps" not in given)
-        kept = "eval_split" in given or "eval_split" in preset_keys
+        # A preset's share yields to an evaluation asked away in so many words, as any preset default to a setting.
+        kept = "eval_split" in given or ("eval_split" in preset_keys and not no_eval)
         if (no_eval or implicit) and "eval_split" in values and not kept:
             if implicit and values["eval_split"]:
                 logger.info("eval_split 0: the settings in TRL's names name no evaluation (TRL's eval_strategy "

@@ -199,7 +199,17 @@ _TR_DPO = "TR-DPO moves the reference, which TRL does not support with a PEFT ad
 # (GRPOConfig, RLOOConfig) refuses its own with its reason (alignkit.core.train_settings).
 REFUSED_IN = {"sync_ref_model": (("DPOConfig", "KTOConfig"), False, _TR_DPO),
               "ref_model_mixup_alpha": (("DPOConfig", "KTOConfig"), 0.6, f"it tunes sync_ref_model: {_TR_DPO}"),
-              "ref_model_sync_steps": (("DPOConfig", "KTOConfig"), 512, f"it tunes sync_ref_model: {_TR_DPO}")}
+              "ref_model_sync_steps": (("DPOConfig", "KTOConfig"), 512, f"it tunes sync_ref_model: {_TR_DPO}"),
+              # TRL's DPOTrainer turns it off itself after the load ("temporarily unavailable"); a saved config said
+              # it was on.
+              "padding_free": (("DPOConfig",), False, "TRL's DPOTrainer turns it off (\"temporarily unavailable\"): "
+                                                      "dpo.py pads each batch, and --prefix_sharing puts a pair's "
+                                                      "prompt in once"),
+              # transformers' label smoother runs in Trainer.compute_loss, which these trainers replace.
+              "label_smoothing_factor": (("DPOConfig", "KTOConfig", "RewardConfig", "GRPOConfig", "RLOOConfig"), 0.0,
+                                         "transformers' label smoother never runs in TRL's preference, reward and RL "
+                                         "trainers (their losses are their own); DPO's label smoothing (cDPO, robust) "
+                                         "is --label_smoothing")}
 
 
 def refusal(name: str, value, config_names) -> str | None:
