@@ -121,6 +121,9 @@ CASES = [
     ("evaluate.py", ["vibes", "--model_id", "torn-adapter", "--prompts", "hi"], "adapter_config.json is not valid JSON",
      None),
     ("merge.py", ["--adapter_dir", "truncated"], "truncated/model.safetensors is damaged", None),
+    # PEFT's size-mismatch error: a traceback of dozens of lines (the merge.py audit of session 30).
+    ("merge.py", ["--adapter_dir", "other-shape-adapter", "--output_dir", "OUT/m"],
+     "other-shape-adapter does not fit ", None),
     ("merge.py", ["--adapter_dir", "truncated", "--nosuch", "1"], "unknown setting: --nosuch", None),
     ("reward.py", [*TRAIN, "--dataset_id", "empty.jsonl"], "empty.jsonl: no usable rows", None),
     ("reward.py", [*TRAIN, "--loss", "nosuch"], "invalid value for --loss", None),
@@ -254,6 +257,19 @@ def bad_files(tiny_cache, tmp_path_factory):
     base = AutoModelForCausalLM.from_pretrained(presets.paths()["model"])
     get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(here / "lora-adapter")
     shutil.copytree(here / "lora-adapter", here / "adapter-without-weights")
+    # A plain PEFT adapter (no alignkit record of its base) naming a base of the family with other layer sizes.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    smaller = LlamaConfig(**{**base.config.to_dict(), "hidden_size": base.config.hidden_size // 2,
+                             "head_dim": None, "intermediate_size": base.config.intermediate_size // 2})
+    LlamaForCausalLM(smaller).save_pretrained(here / "other-shape")
+    shutil.copytree(here / "lora-adapter", here / "other-shape-adapter")
+    config = json.loads((here / "other-shape-adapter" / "adapter_config.json").read_text())
+    (here / "other-shape-adapter" / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": str(here / "other-shape")}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(presets.paths()["model"]) / name).is_file():
+            shutil.copy(Path(presets.paths()["model"]) / name, here / "other-shape")
     (here / "adapter-without-weights" / "adapter_model.safetensors").unlink()
     shutil.copytree(presets.paths()["model"], here / "config-only", ignore=shutil.ignore_patterns("*.safetensors"))
     shutil.copytree(presets.paths()["model"], here / "truncated")

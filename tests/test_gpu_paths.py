@@ -6,6 +6,7 @@ gloo, bitsandbytes 4-bit training), it does. bench/gpu_smoke.py runs the same pa
 
 from __future__ import annotations
 
+import re
 import functools
 import importlib.util
 import json
@@ -571,7 +572,7 @@ def test_zero3_init_is_registered_before_the_model_loads(monkeypatch, load_kwarg
 # Suspected: a vocabulary padded past the tokenizer, partitioned under zero.Init
 
 
-def test_a_partitioned_embedding_is_not_resized(tiny_cache):
+def test_a_partitioned_embedding_is_not_resized(tiny_cache, alignkit_log):
     from transformers import AutoModelForCausalLM
 
     base = presets.paths()["model"]
@@ -585,6 +586,9 @@ def test_a_partitioned_embedding_is_not_resized(tiny_cache):
     model = AutoModelForCausalLM.from_pretrained(base)
     models.fit_embeddings(model, tok)  # a tokenizer that outgrew the model still grows it
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    # ... and says so (the merge.py audit of session 30: a merged config's vocab_size grew without a word)
+    assert re.search(rf"embeddings: {len(tok) - 40} -> {len(tok)} rows, .*\(<extra_0>, <extra_1>, <extra_2> past",
+                     alignkit_log.text)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -71,6 +71,10 @@ def fit_embeddings(model, tok) -> None:
     embeddings = model.get_input_embeddings()
     rows = getattr(embeddings, "num_embeddings", None) or model.config.get_text_config().vocab_size
     if len(tok) > rows:
+        added = [t for t, i in tok.get_added_vocab().items() if i >= rows]
+        logger.info(f"embeddings: {rows} -> {len(tok)} rows, as the tokenizer has more tokens than the model "
+                    f"({', '.join(added[:3]) or 'tokens'} past its last row); PEFT saves the embeddings whole with "
+                    "the adapter then, and a merged model keeps the new size")
         model.resize_token_embeddings(len(tok))
 
 
@@ -183,6 +187,15 @@ def require_chat_template(tok, model_id: str, data=None) -> None:
                             "template), or drop the calls from the data")
 
 
+def _other_shapes(adapter: str, base: str, error: str) -> str:
+    """The line for an adapter whose weights do not fit the base it is loaded over (PEFT's size mismatch): an
+    adapter without alignkit's record of its base, or --base_model naming another model of the family."""
+    first = next((line.strip() for line in error.splitlines() if "size mismatch" in line), "")
+    return (f"{adapter} does not fit {base}: its LoRA weights have other shapes than this base's layers "
+            f"({first.removeprefix('size mismatch for ').rstrip('.')}); load it over the base it was trained on "
+            "(its adapter_config.json's base_model_name_or_path, or --base_model)")
+
+
 def load_model(s, *, for_training: bool = False, full_precision: bool = False, dequantize: bool = False,
                base_model: str | None = None, on_cpu: bool = False, reward: bool = False) -> Loaded:
     """Load `s.model_id` (settings from alignkit.core.config.ModelSettings) and any adapter chain under it.
@@ -285,10 +298,15 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
             name = f"frozen_{i}"
             # A Hub adapter's weights at the revision its config was read at (--revision, or what the one above records)
             at = {"revision": revisions[source]} if revisions[source] and not Path(source).exists() else {}
-            if i == 0:
-                model = PeftModel.from_pretrained(model, source, adapter_name=name, is_trainable=False, **at)
-            else:
-                model.load_adapter(source, adapter_name=name, is_trainable=False, **at)
+            try:
+                if i == 0:
+                    model = PeftModel.from_pretrained(model, source, adapter_name=name, is_trainable=False, **at)
+                else:
+                    model.load_adapter(source, adapter_name=name, is_trainable=False, **at)
+            except RuntimeError as error:  # PEFT's state_dict error: dozens of lines, one per weight
+                if "size mismatch" not in str(error):
+                    raise
+                raise UserError(_other_shapes(source, base_id, str(error))) from None
             frozen.append(name)
         model.base_model.set_adapter(frozen, inference_mode=True)
     if frozen and for_training:
