@@ -243,6 +243,33 @@ def test_a_judge_that_never_answers_stops_alpaca_eval_at_its_first_timeout(tiny_
     assert "Unknown error" not in said.out + said.err + caplog.text and "Traceback" not in said.out + said.err
 
 
+@pytest.mark.parametrize("fault", [Fault(status=500), Fault(status=429),
+                                   Fault(status=429, body='{"error": {"message": "Rate limit reached for requests"}}')])
+def test_a_failing_judge_stops_alpaca_eval_in_one_line_after_its_retries(tiny_set, tmp_path, monkeypatch, capfd,
+                                                                         caplog, fault):
+    """Found by the evaluate.py audit of session 30: a judge answering HTTP 500 ended alpaca_eval in a 60-line
+    traceback (alpaca_eval logs and re-raises an error it does not know); one answering 429 "Rate limit reached" was
+    asked 20 times a prompt (alpaca_eval's ten passes over the client's --max_retries) and the run ended blaming the
+    logprobs. Each stops at its first request that failed after --max_retries, in one line saying why."""
+    from alignkit.core.errors import UserError
+
+    model, _, refs = tiny_set
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    why = "the judge is limiting the rate of requests \\(HTTP 429\\)" if fault.status == 429 else \
+        "a judge request failed \\(InternalServerError: .*injected fault"
+    fix = "Lower --parallel" if fault.status == 429 else "Check that the server at --judge_base_url is up"
+    with FakeOpenAI(lambda body: fault) as server:
+        with pytest.raises(UserError, match=rf"^{why}.*, after --max_retries 1: stopped, the 0 judge answers so far "
+                                            rf"kept\. {fix}.*then run the same command again$"):
+            run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", model, "--model_name", "tiny",
+                       "--reference_outputs", str(refs), "--output_dir", str(tmp_path / "out"), "--max_instances",
+                       "4", "--parallel", "1", "--judge_model", "judge-x", "--judge_base_url", server.base_url,
+                       "--max_retries", "1")
+        assert server.count == 2  # the request and its one retry; nothing after it
+    said = capfd.readouterr()
+    assert "Traceback" not in said.out + said.err + caplog.text and "retrying" not in said.err + caplog.text
+
+
 def test_a_missing_model_is_refused_before_the_reference_model_generates(tiny_set, tmp_path, monkeypatch):
     """--reference_model generated every output before --model_id was found missing (found by an audit of
     evaluate.py's MT-Bench, which had the same gap): both are checked first."""

@@ -786,10 +786,14 @@ def test_help_shows_every_setting(capsys):
 
 
 # ------------------------------------------------------------------------------------------- tiny preset
-def test_tiny_preset_labels_offline_and_dpo_learns_from_the_labels(tiny_cache, tmp_path):
+def test_tiny_preset_labels_offline_and_dpo_learns_from_the_labels(tiny_cache, tmp_path, capsys):
     from alignkit.modeling import presets
 
     run_script("label.py", "--preset", "tiny", cwd=tmp_path)
+    # The hint names its own run folder: the preset's (runs/tiny-dpo) would move the user's earlier DPO run aside
+    # (the README walk of session 30).
+    assert "train on it: python dpo.py --preset tiny --dataset_id runs/label-tiny/preferences.jsonl --run_name " \
+        "tiny-dpo-on-preferences\n" in capsys.readouterr().out
     out = tmp_path / "runs" / "label-tiny" / "preferences.jsonl"
     summary = json.loads(out.with_suffix(".summary.json").read_text())
     labeled = rows(out)
@@ -1194,7 +1198,7 @@ def test_a_judge_that_fails_every_request_stops_early_and_an_empty_output_is_a_f
         assert summary["judgments"]["failed"] == 50 and summary["labeled"] == 15
     with FakeOpenAI(lambda body: Fault(429)) as server:
         with pytest.raises(UserError, match=r"^the first 5 judge requests all failed \(RateLimitError: .*\): stopped "
-                                            r"before the other \d+\. the server is limiting the rate of requests "
+                                            r"before the other \d+\. The server is limiting the rate of requests "
                                             r"\(HTTP 429\): lower --parallel"):
             label(tmp_path, server, "--max_retries", "0", "--parallel", "1", out="limited.jsonl")
     # A judge URL that serves a web page (status 200, no JSON): a failed request like any other (a traceback).

@@ -83,6 +83,7 @@ def watched_http_client(what: str, where: str, timeout: float):
     base = openai.DefaultHttpxClient
     httpx = sys.modules[next(c for c in base.__mro__ if c.__name__ == "Client").__module__.split(".")[0]]
     state = {"answered": False, "silent": None}  # plain assignments: safe across the request threads
+    last = threading.local()  # each request thread's last HTTP status (a caller that only sees "it failed")
 
     class Silent(openai.OpenAIError):  # an OpenAIError: the client passes it on without retrying (openai >= 2)
         pass
@@ -101,9 +102,12 @@ def watched_http_client(what: str, where: str, timeout: float):
                 state["silent"] = f"{what} at {where} {how} in {timeout:g} s (--request_timeout), and {SILENT_MARK}"
                 raise Silent(state["silent"]) from None
             state["answered"] = True
+            last.status = response.status_code
             return response
 
-    return Watched(), Silent
+    client = Watched()
+    client.last_status = lambda: getattr(last, "status", None)  # this thread's last answer's HTTP status
+    return client, Silent
 
 
 @contextmanager
@@ -256,7 +260,7 @@ class FirstFailures:
         fix = self.fix
         error = next(e for e in self.failures if not _this_request_only(e)) if first_ones else error
         if getattr(error, "status_code", None) == 429 or type(error).__name__ == "RateLimitError":
-            fix = ("the server is limiting the rate of requests (HTTP 429): lower --parallel, or wait for its limit to "
+            fix = ("The server is limiting the rate of requests (HTTP 429): lower --parallel, or wait for its limit to "
                    "reset")
         raise UserError(f"the {which} {self.what}s all failed{after} ({type(error).__name__}: "
                         f"{' '.join(redact(str(error)).split())[:200]}): stopped before the other {left}. "

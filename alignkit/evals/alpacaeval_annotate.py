@@ -27,13 +27,18 @@ import time
 from pathlib import Path
 
 from alignkit import logger
-from alignkit.core.args import ConfigError
+from alignkit.core.args import ConfigError, redact
+from alignkit.core.errors import UserError
 from alignkit.core.digests import digest
 from alignkit.core.journal import append_jsonl, threaded, write_json
 from alignkit.core.llm import SILENT_MARK
 from alignkit.core.progress import Progress
 
 _FAILED = ""  # alpaca_eval's text for a request that failed after its retries
+
+
+class JudgeFailed(UserError):
+    """A judge request that failed after its retries (an HTTP error, a rate limit): one line, the run stopped."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,11 +153,19 @@ def endpoint(s) -> dict:
             "client_kwargs": {"max_retries": s.max_retries, "timeout": s.request_timeout}}
 
 
+# alpaca_eval's log records of a failed request (decoders/openai.py): a traceback ("Unknown error:"), a retry it will
+# not make (alignkit asks for one pass), and its empty answer; JudgeFailed says each in one line.
+_SAID_BY_ALIGNKIT = ("Unknown error:", "Hit request rate limit; retrying", "Max retries reached", "Sleeping 0 before")
+
+
 def _not_about_a_silent_judge(record) -> bool:
     """A logging filter: False for alpaca_eval's records of a silent judge's error (alignkit.core.llm), which
     alignkit says in one line of its own."""
     error = record.exc_info[1] if record.exc_info else None
-    return SILENT_MARK not in f"{record.getMessage()} {error or ''}"
+    message = record.getMessage()
+    if message.startswith(_SAID_BY_ALIGNKIT) and record.name == "root":  # alpaca_eval's: alignkit says it in one line
+        return False
+    return SILENT_MARK not in f"{message} {error or ''}"
 
 
 class LoggedCompletions:
@@ -184,6 +197,19 @@ class LoggedCompletions:
         if _not_about_a_silent_judge not in root.filters:
             root.addFilter(_not_about_a_silent_judge)
 
+    def _failure_line(self, error: Exception | None) -> str:
+        """The one line for a judge request that failed after its retries (`error`; None: a rate limit alpaca_eval
+        turned into an empty answer)."""
+        retries = self.client.get("client_kwargs", {}).get("max_retries", 0)
+        if error is None or getattr(error, "status_code", None) == 429:
+            what, fix = ("the judge is limiting the rate of requests (HTTP 429)",
+                         "Lower --parallel, or wait for its limit to reset")
+        else:
+            what = f"a judge request failed ({type(error).__name__}: {' '.join(redact(str(error)).split())[:200]})"
+            fix = "Check that the server at --judge_base_url is up (the URL usually ends in /v1), --judge_model and the key"
+        return (f"{what}, after --max_retries {retries}: stopped, the {self.sent + self.reused} judge answers so far "
+                f"kept. {fix}, then run the same command again")
+
     def key(self, prompt: str, kwargs: dict) -> str:
         decoding = {k: v for k, v in kwargs.items() if k not in ("num_procs",)}  # concurrency changes no answer
         return _canonical_hash({"prompt": prompt, "base_url": self.client["openai_api_base"], "decoding": decoding})
@@ -193,11 +219,15 @@ class LoggedCompletions:
 
         client = {**self.client, "client_kwargs": {**self.client.get("client_kwargs", {}), "http_client": self._http}}
         with silence_said(self._silent):
-            out = self.fn([prompt], **{**kwargs, "num_procs": 1}, **client)
+            # One pass of alpaca_eval's own retry loop: the openai client already retried --max_retries times, and
+            # alpaca_eval's ten passes over a rate limit sent 20 requests a prompt, then an empty answer.
+            out = self.fn([prompt], **{**kwargs, "num_procs": 1}, n_retries=1, sleep_time=0, **client)
         record = {"key": key, **{k: v[0] for k, v in out.items()}, "tstamp": time.time()}
         with self._lock:
             if record.get("completions") == _FAILED:
                 self.failed += 1
+                if self._http.last_status() == 429:  # alpaca_eval answers a rate limit with an empty completion
+                    raise JudgeFailed(self._failure_line(None))
                 return record
             self.sent += 1
             append_jsonl(self.path, [record])
@@ -213,8 +243,10 @@ class LoggedCompletions:
         with Progress("annotating", len(todo), unit="pair", errors=False) as progress:
             for i, record in threaded(lambda i: self._ask(prompts[i], keys[i], kwargs), todo, self.parallel,
                                       stop_on_error=True):
-                if isinstance(record, BaseException):
-                    raise record  # what alpaca_eval's own call would raise; the answers so far are journaled
+                if isinstance(record, BaseException):  # the answers so far are journaled
+                    if type(record).__module__.split(".")[0] == "openai":  # what alpaca_eval passes on: its traceback
+                        raise JudgeFailed(self._failure_line(record)) from None
+                    raise record
                 records[i] = record
                 progress.update()
         names = [k for k in records[0] if k not in ("key", "tstamp")] if records else []
