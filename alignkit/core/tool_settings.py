@@ -95,7 +95,7 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
         False, "ask the judge again for cached answers without a verdict (otherwise a rerun keeps them, paid once)")
     both_orders: bool = setting(True, "judge every pair in both orders and label it only when they agree")
     # Output
-    output: str | None = setting(None, "output .jsonl; default: runs/label-<prompts>/<preferences|completions>.jsonl")
+    output: str | None = setting(None, "output .jsonl; default: runs/label-<prompts>/<preferences|completions|labels>.jsonl (by --mode)")
     cache_dir: str | None = setting(None, "cache of responses and judgments a rerun resumes from; default: OUTPUT.cache")
     seed: int = setting(42, "seed for sampling")
 

@@ -62,7 +62,7 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
     cpo_alpha: float = setting(0.0, "weight of an NLL term on the chosen answers under --loss_type simpo (CPO; TRL's name)")
     loss_weights: list[float] | None = setting(None, "weights for a comma list of loss types, e.g. 0.8,0.2")
     label_smoothing: float = setting(
-        0.0, "conservative DPO (cDPO): assumed share of flipped labels, in [0, 0.5); read by sigmoid, TRL's robust, exo_pair, aot"
+        0.0, "conservative DPO (cDPO): assumed share of flipped labels, in [0, 0.5); read by sigmoid, simpo, TRL's robust, exo_pair, aot, aot_unpaired"
     )
     precompute_ref_log_probs: bool = setting(False, "compute reference log-probs up front; identical reruns reuse them")
     reference_adapters: int | None = setting(

@@ -325,15 +325,16 @@ class Vocabulary:
         refused = ", ".join(sorted(refused))
         aliases = ", ".join(f"--{a} (--{x.target}{': ' + x.note if x.note else ''})" for a, x in ALIASES.items()
                             if a not in fields and self._applies(a, fields))  # kto.py's beta is its own
-        ignored = ", ".join([f"{k} ({reason})" for k, (_, reason) in NOT_APPLIED.items()
-                             if k not in ALIASES or not self._applies(k, fields)]
-                            + [f"{k} ({reason})" for k, (_, reason) in DROPPED.items()
-                               if k not in self.passthrough and k not in fields])
+        ignored = "\n".join([f"  {k}: {reason}" for k, (_, reason) in NOT_APPLIED.items()  # one a line: findable
+                              if k not in ALIASES or not self._applies(k, fields)]
+                             + [f"  {k}: {reason}{' (refused when set)' if refused_ else ''}"
+                                for k, (refused_, reason) in DROPPED.items()
+                                if k not in self.passthrough and k not in fields])
         return ("alignkit's defaults are for QLoRA on one GPU, as the seed project's; where TRL's differ, a flag "
                 f"shows TRL's.\n\nTRL's names: {aliases}.\n\nEvery other field of TRL's {'/'.join(self.config_names)} is accepted "
                 f"under its TRL name and type and handed to TRL as it is (collected in --trainer_overrides): "
                 f"{names}.\n\nalignment-handbook recipes: dataset_mixture (id, config, split, columns, weight; "
                 "test_split_size, seed), the older dataset_mixer + dataset_splits (+ dataset_configs), and TRL's own datasets (path, name, "
                 "split, columns, fraction) + test_split_size; a recipe's output_dir is the "
-                f"run's own folder; an inline chat_template works. Named but not applied: {ignored}. Refused: "
-                f"{refused}.")
+                f"run's own folder; an inline chat_template works.\n\nNamed but not applied (a run setting one says "
+                f"so in one line and goes on, unless refused):\n{ignored}\n\nRefused: {refused}.")
