@@ -674,6 +674,9 @@ def test_mt_bench_answers_both_turns_with_history_and_resumes(mt_data, sft_run, 
                                               rf"too, each for its own reason: \S+sft.jsonl\)$"):
             run_script("evaluate.py", "mt_bench", *args[:6], *changed, *args[8:],
                        "--judge_base_url", "http://127.0.0.1:9/v1")
+        # A refused run leaves the folder's settings record as the answers beside it were made (it wrote its own).
+        saved = json.loads((tmp_path / "evaluate_config.json").read_text())
+        assert saved["max_new_tokens"] == 6 and saved["top_p"] == 1.0 and saved["dtype"] != "bf16"
     # An upgraded library: named with its versions (its refusal named two digests of the model as loaded).
     from alignkit.modeling import identity
 
@@ -986,6 +989,9 @@ def test_greedy_answers_and_outputs_are_taken_under_another_seed_and_their_old_k
     shutil.copy(path, tmp_path / "made" / "model_answer" / "m.jsonl")
     assert mtbench.reuse_answers(tmp_path / "next" / "m.jsonl", [tmp_path / "made"], [question], "m", "m", greedy,
                                  parts) == 1  # another folder's, under another seed
+    path.write_text(json.dumps(answer(key(temperature=None)[1])) + "\n")  # FastChat's temperatures then
+    with pytest.raises(ConfigError, match=r"--temperature none \(FastChat's per-category temperatures\) then, 0\.0 now"):
+        mtbench.read_answers(path, "m", key=greedy, settings=parts)  # said as the user writes it, not Python's None
     path.write_text(json.dumps(answer(sampled_parts)) + "\n")
     with pytest.raises(ConfigError, match=r"made under another --seed \(--seed 1 then, 2 now\)"):
         mtbench.read_answers(path, "m", key=sampled, settings=sampled_parts)

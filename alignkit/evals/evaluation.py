@@ -228,7 +228,6 @@ class Pairwise:
         check_writable(output_dir, "--output_dir")  # a file there: FileExistsError from the lock, a traceback
         # One run per folder: a second would generate the same answers and pay the judge for the same matches again.
         hold(output_dir / ".evaluate.lock", "evaluate.py", "let it finish, or pass another --output_dir")
-        save_config(s, output_dir / "evaluate_config.json")  # secrets redacted
         return cls(command, s, models, baseline, use_rule, client, output_dir,
                    started_under=copy.deepcopy(config_to_dict(s)), from_settings_cell=_PARSED is s)
 
@@ -284,6 +283,9 @@ class Pairwise:
             also = f" (refused too, each for its own reason: {', '.join(str(path) for path, _ in refused[1:])})" \
                 if len(refused) > 1 else ""
             raise ConfigError(f"{refused[0][1]}{also}")
+        # The folder's settings record, once its kept answers are this run's: a refused run left its own settings
+        # beside answers and results made under others (the evaluate.py audit of session 30).
+        save_config(s, self.output_dir / "evaluate_config.json")  # secrets redacted
         check_model_sources(s, [self.models[name] for name in to_answer])  # each one to load is there, first
         same = {}
         for name, key in keys.items():  # a copy-paste slip: generation time and judge money for all ties

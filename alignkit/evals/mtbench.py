@@ -318,6 +318,13 @@ def _decisive(settings: dict) -> dict:
     return {**settings, **{f"--{k}": v for k, v in flags.items()}}
 
 
+def _said(flag: str, value) -> str:
+    """A recorded setting as the user would write it (None is Python's word)."""
+    if value is None:
+        return "none (FastChat's per-category temperatures)" if flag == "--temperature" else "none"
+    return str(value)
+
+
 def made_under(row: dict, key: str, settings: dict | None) -> bool:
     """Whether an answer was made under `key` (answers_key): its settings_key says so, or its recorded settings are
     `settings` as decoding reads them (a greedy answer recorded with the --seed its key held before keys dropped it)."""
@@ -360,7 +367,7 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
                 before = {k: then.get(k, "unrecorded") for k in changed}  # a part recorded since: library versions
                 raise ConfigError(
                     f"{path}, line {line}: this answer was made under another {', '.join(changed)} "
-                    f"({'; '.join(f'{k} {before[k]} then, {now[k]} now' for k in changed)}); give "
+                    f"({'; '.join(f'{k} {_said(k, before[k])} then, {_said(k, now[k])} now' for k in changed)}); give "
                     "this model "
                     "another NAME in --models, use another --output_dir, or delete the file to answer again")
             raise ConfigError(
