@@ -243,29 +243,38 @@ def test_a_judge_that_never_answers_stops_alpaca_eval_at_its_first_timeout(tiny_
     assert "Unknown error" not in said.out + said.err + caplog.text and "Traceback" not in said.out + said.err
 
 
-@pytest.mark.parametrize("fault", [Fault(status=500), Fault(status=429),
-                                   Fault(status=429, body='{"error": {"message": "Rate limit reached for requests"}}')])
-def test_a_failing_judge_stops_alpaca_eval_in_one_line_after_its_retries(tiny_set, tmp_path, monkeypatch, capfd,
-                                                                         caplog, fault):
+_QUOTA = '{"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}}'
+
+
+@pytest.mark.parametrize("fault,why,fix,sent", [
+    (Fault(status=500), r"a judge request failed \(InternalServerError: .*injected fault.*\), after --max_retries 1",
+     "Check that the server at --judge_base_url is up", 2),
+    (Fault(status=429), r"the judge is limiting the rate of requests \(HTTP 429\), after --max_retries 1",
+     "Lower --parallel", 2),
+    (Fault(status=429, body='{"error": {"message": "Rate limit reached for requests"}}'),
+     r"the judge is limiting the rate of requests \(HTTP 429\), after --max_retries 1", "Lower --parallel", 2),
+    (Fault(status=429, body=_QUOTA), r"the judge's account has no quota left \(RateLimitError: ", "Add credit", 2),
+    (Fault(status=401), r"the judge refused the request \(AuthenticationError: ", "Check the API key", 1),
+])
+def test_a_failing_judge_stops_alpaca_eval_in_one_line_saying_why(tiny_set, tmp_path, monkeypatch, capfd, caplog,
+                                                                   fault, why, fix, sent):
     """Found by the evaluate.py audit of session 30: a judge answering HTTP 500 ended alpaca_eval in a 60-line
     traceback (alpaca_eval logs and re-raises an error it does not know); one answering 429 "Rate limit reached" was
     asked 20 times a prompt (alpaca_eval's ten passes over the client's --max_retries) and the run ended blaming the
-    logprobs. Each stops at its first request that failed after --max_retries, in one line saying why."""
+    logprobs. Each stops at its first failed request, in one line saying why: a rate limit (lower --parallel), an
+    empty quota (not a rate: the review of session 30), a refusal (not retried), a server error after its retries."""
     from alignkit.core.errors import UserError
 
     model, _, refs = tiny_set
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    why = "the judge is limiting the rate of requests \\(HTTP 429\\)" if fault.status == 429 else \
-        "a judge request failed \\(InternalServerError: .*injected fault"
-    fix = "Lower --parallel" if fault.status == 429 else "Check that the server at --judge_base_url is up"
     with FakeOpenAI(lambda body: fault) as server:
-        with pytest.raises(UserError, match=rf"^{why}.*, after --max_retries 1: stopped, the 0 judge answers so far "
-                                            rf"kept\. {fix}.*then run the same command again$"):
+        with pytest.raises(UserError, match=rf"^{why}.*: stopped, the 0 judge answers so far kept\. {fix}.*then run "
+                                            rf"the same command again$"):
             run_script("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", model, "--model_name", "tiny",
                        "--reference_outputs", str(refs), "--output_dir", str(tmp_path / "out"), "--max_instances",
                        "4", "--parallel", "1", "--judge_model", "judge-x", "--judge_base_url", server.base_url,
                        "--max_retries", "1")
-        assert server.count == 2  # the request and its one retry; nothing after it
+        assert server.count == sent  # the request (and its one retry where the client retries); nothing after it
     said = capfd.readouterr()
     assert "Traceback" not in said.out + said.err + caplog.text and "retrying" not in said.err + caplog.text
 

@@ -366,3 +366,23 @@ def test_an_output_dir_where_no_folder_can_be_made_is_refused_in_one_line():
 
     with pytest.raises(UserError, match=r"^--output_dir /proc/alignkit-x: "):
         check_writable("/proc/alignkit-x", "--output_dir")
+
+
+def test_an_adapter_of_other_shapes_is_said_by_what_differs():
+    """PEFT's size-mismatch error, said in one line: LoRA weights of other shapes name the base; embeddings saved
+    whole (a vocabulary grown for the tokenizer) name the tokenizer (the review of session 30)."""
+    from alignkit.modeling.models import _other_shapes
+
+    def error(name):
+        return (f"Error(s) in loading state_dict for PeftModelForCausalLM:\n\tsize mismatch for {name}: copying a "
+                "param with shape torch.Size([562, 64]) from checkpoint, the shape in current model is "
+                "torch.Size([561, 64]).\n\tsize mismatch for another.weight: ...")
+
+    lora = _other_shapes("runs/a", "org/b", error("base_model.model.model.layers.0.self_attn.q_proj.lora_A.x.weight"))
+    assert lora.startswith("runs/a does not fit org/b: its LoRA weights have other shapes than this base's layers "
+                           "(base_model.model.model.layers.0.self_attn.q_proj.lora_A.x.weight: copying a param")
+    assert lora.endswith("load it over the base it was trained on (its adapter_config.json's base_model_name_or_path, "
+                         "or --base_model)") and "another.weight" not in lora
+    vocab = _other_shapes("runs/a", "org/b", error("base_model.model.model.embed_tokens.weight"))
+    assert "its saved embeddings hold another vocabulary size" in vocab and "load it with the tokenizer it was " \
+        "trained with" in vocab

@@ -11,7 +11,7 @@ import pytest
 from alignkit.core.data_files import DataError
 from alignkit.core.errors import ConfigError
 from alignkit.core.journal import read_jsonl
-from alignkit.evals import alpacaeval_outputs, mtbench
+from alignkit.evals import alpacaeval_outputs, mtbench, prompts_file
 
 LATIN1 = b'{"prompt": "caf\xe9"}\n'  # "café" saved as Latin-1 (Windows-1252): byte 0xe9 is not UTF-8 there
 BOM = b"\xef\xbb\xbf"  # what Notepad and Excel's "CSV UTF-8" put at the start of a UTF-8 file
@@ -37,10 +37,10 @@ def write(path, data: bytes):
 def test_a_prompts_file_that_is_not_utf8_names_the_line_byte_and_fix(tmp_path):
     jsonl = write(tmp_path / "ev_latin1.jsonl", b'{"prompt": "hi"}\n' + LATIN1)
     with pytest.raises(DataError, match=not_utf8(jsonl, 2, 0xE9, 16)):
-        mtbench.prompt_questions(jsonl)
+        prompts_file.prompt_questions(jsonl)
     txt = write(tmp_path / "ev_latin1.txt", b"hi\ncaf\xe9\n")
     with pytest.raises(DataError, match=not_utf8(txt, 2, 0xE9, 4)):
-        mtbench.prompt_questions(txt)
+        prompts_file.prompt_questions(txt)
 
 
 def test_an_eval_set_or_reference_file_that_is_not_utf8_names_the_line_byte_and_fix(tmp_path):
@@ -84,9 +84,9 @@ def test_a_log_cut_mid_character_is_still_repaired_but_a_whole_bad_line_is_an_er
 # ---------------------------------------------------------------- 2. a UTF-8 byte order mark is dropped
 def test_a_byte_order_mark_is_accepted_as_the_training_data_loader_accepts_it(tmp_path):
     prompts = write(tmp_path / "prompts.jsonl", BOM + b'{"prompt": "hi"}\n{"prompt": "caf\xc3\xa9"}\n')
-    assert [q["turns"] for q in mtbench.prompt_questions(prompts)] == [["hi"], ["café"]]
+    assert [q["turns"] for q in prompts_file.prompt_questions(prompts)] == [["hi"], ["café"]]
     txt = write(tmp_path / "prompts.txt", BOM + b"hi\n")
-    assert [q["turns"] for q in mtbench.prompt_questions(txt)] == [["hi"]]  # no "\ufeffhi"
+    assert [q["turns"] for q in prompts_file.prompt_questions(txt)] == [["hi"]]  # no "\ufeffhi"
     row = {"instruction": "hi", "output": "x"}
     array = write(tmp_path / "eval.json", BOM + b'[{"instruction": "hi", "output": "x"}]')
     assert alpacaeval_outputs.read_rows(array, "--eval_set") == [(f"{array}, row 1", row)]
@@ -101,13 +101,13 @@ def test_a_json_array_or_a_table_as_prompts_file_names_the_formats_it_takes(tmp_
         path = write(tmp_path / name, data)
         with pytest.raises(ConfigError, match=exactly(f"{path}: holds a JSON array; {FORMATS}: write each object "
                                                       "on a line of its own")):
-            mtbench.prompt_questions(path)
+            prompts_file.prompt_questions(path)
     table = write(tmp_path / "prompts.csv", b"prompt\nhi\n")
     with pytest.raises(ConfigError, match=exactly(f"{table}: a CSV file; {FORMATS}")):
-        mtbench.prompt_questions(table)
+        prompts_file.prompt_questions(table)
     other = write(tmp_path / "prompts.md", b"# my prompts\n")
     with pytest.raises(ConfigError, match=exactly(f"{other}, line 1: not valid JSON (Expecting value); {FORMATS}")):
-        mtbench.prompt_questions(other)
+        prompts_file.prompt_questions(other)
 
 
 # ---------------------------------------------------------------- 4. the fix names the field that is wrong
@@ -132,9 +132,9 @@ def test_a_json_array_or_a_table_as_prompts_file_names_the_formats_it_takes(tmp_
 def test_a_bad_question_id_or_category_names_that_field_and_its_fix(tmp_path, rows, says):
     path = write(tmp_path / "prompts.jsonl", rows)
     with pytest.raises(ConfigError, match=exactly(f"{path}, {says}")):
-        mtbench.prompt_questions(path)
+        prompts_file.prompt_questions(path)
 
 
 def test_an_integer_question_id_is_taken(tmp_path):
     path = write(tmp_path / "prompts.jsonl", b'{"prompt": "hi", "question_id": 7}\n{"prompt": "yo"}\n')
-    assert [q["question_id"] for q in mtbench.prompt_questions(path)] == [7, 2]  # an integer id is taken
+    assert [q["question_id"] for q in prompts_file.prompt_questions(path)] == [7, 2]  # an integer id is taken

@@ -25,7 +25,7 @@ from openai_server import FakeOpenAI, Fault, SilentServer
 
 from alignkit.core.args import ConfigError
 from alignkit.core.errors import UserError
-from alignkit.evals import fastchat_compat, judgments, mtbench, results
+from alignkit.evals import fastchat_compat, judgments, mtbench, prompts_file, results
 from alignkit.evals.named_models import parse_models
 from alignkit.modeling import presets
 
@@ -206,7 +206,7 @@ def test_bad_data_and_flags_give_errors_naming_file_row_and_field(mt_data, tmp_p
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')
     with pytest.raises(ConfigError, match=r"prompts\.jsonl, line 2: no field 'prompt'; its fields: text"):
-        mtbench.prompt_questions(prompts)
+        prompts_file.prompt_questions(prompts)
 
 
 def test_help_for_each_command_and_a_missing_command(capsys):
@@ -992,6 +992,9 @@ def test_greedy_answers_and_outputs_are_taken_under_another_seed_and_their_old_k
     path.write_text(json.dumps(answer(key(temperature=None)[1])) + "\n")  # FastChat's temperatures then
     with pytest.raises(ConfigError, match=r"--temperature none \(FastChat's per-category temperatures\) then, 0\.0 now"):
         mtbench.read_answers(path, "m", key=greedy, settings=parts)  # said as the user writes it, not Python's None
+    path.write_text(json.dumps(answer(key(temperature=0.7, seed=1, top_p=1.0)[1])) + "\n")  # only the temperature
+    with pytest.raises(ConfigError, match=r"made under another --temperature \(--temperature 0\.7 then, 0\.0 now\)"):
+        mtbench.read_answers(path, "m", key=key()[0], settings=key()[1])  # (it named --top_p and --seed too)
     path.write_text(json.dumps(answer(sampled_parts)) + "\n")
     with pytest.raises(ConfigError, match=r"made under another --seed \(--seed 1 then, 2 now\)"):
         mtbench.read_answers(path, "m", key=sampled, settings=sampled_parts)
@@ -1043,3 +1046,21 @@ def test_a_judge_answer_paid_for_before_its_match_s_verdict_is_kept(tmp_path):
     with fastchat_compat.judging_with(Client(), kept=kept, reuse=False) as common:  # --retry_parse_failures
         common.chat_completion_openai("judge", conv("A then B"), 0, 16)
     assert asked == ["A then B", "B then A", "A then B", "A then B"]
+    # Two equal answers make the same request in both orders: sent once a run (the evaluate.py audit of session 30
+    # saw each such match sent twice), the answer kept for both orders; with reuse off too, within the run.
+    for reuse in (True, False):
+        with fastchat_compat.judging_with(Client(), kept=kept, reuse=reuse) as common:
+            assert common.chat_completion_openai("judge", conv("same, same"), 0, 16) == \
+                common.chat_completion_openai("judge", conv("same, same"), 0, 16) == "[[A]] for same, same"
+    assert asked[4:] == ["same, same", "same, same"]  # once in each run: the second run asks again (reuse off)
+    # After a Ctrl-C (alignkit.core.journal.threaded), a match under way sends no second order: its first is kept.
+    from alignkit.core import journal
+
+    journal._STOPPING.set()
+    try:
+        with fastchat_compat.judging_with(Client(), kept=kept) as common:
+            assert common.chat_completion_openai("judge", conv("never sent"), 0, 16) == common.API_ERROR_OUTPUT
+            assert common.chat_completion_openai("judge", conv("A then B"), 0, 16) == "[[A]] for A then B"  # kept
+    finally:
+        journal._STOPPING.clear()
+    assert "never sent" not in asked

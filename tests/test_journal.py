@@ -160,14 +160,21 @@ def test_stop_on_error_starts_nothing_after_the_first_failure():
     assert started == [0, 1, 2]  # the caller raises this failure; no request went out after it
 
 
-@pytest.mark.parametrize("case", ["kept", "grace over", "second ctrl-c"])
+@pytest.mark.parametrize("case", ["kept", "in the caller", "grace over", "second ctrl-c", "sigterm"])
 def test_ctrl_c_keeps_the_answers_of_the_requests_in_flight(case, alignkit_log):
     """Ctrl-C ended the process with up to --parallel paid requests in flight: their answers were lost and the next
     run sent them again. Now no further request starts, the ones in flight are yielded as they finish (the caller
-    journals them) for up to `grace` seconds, then KeyboardInterrupt; a second Ctrl-C leaves at once."""
+    journals them) for up to `grace` seconds, then KeyboardInterrupt; a second Ctrl-C leaves at once. Found by the
+    review of session 30: a Ctrl-C landing in the caller's own code (journaling a result) skipped the wait, and a
+    SIGTERM (Terminated, a KeyboardInterrupt) waited 30 s where a scheduler kills sooner: it leaves at once."""
+    import os
     import signal
 
-    release, started, got = threading.Event(), [], []
+    from alignkit.core import journal
+    from alignkit.core.errors import Terminated
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a script (a test worker ignores it)
+    release, started, got, seen_stopping = threading.Event(), [], [], []
 
     def work(i):
         started.append(i)
@@ -175,30 +182,46 @@ def test_ctrl_c_keeps_the_answers_of_the_requests_in_flight(case, alignkit_log):
             release.wait(10)
         return i
 
-    def ctrl_c(*_):
-        if case == "kept":
-            release.set()  # they answer after it
-        elif case == "second ctrl-c":
-            signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-            signal.setitimer(signal.ITIMER_REAL, 0.2)
-            threading.Timer(1.0, release.set).start()  # answered only after the second Ctrl-C
-        raise KeyboardInterrupt
+    def press(delay: float, then=None):
+        def go():
+            time.sleep(delay)
+            if case == "sigterm":
+                signal.setitimer(signal.ITIMER_REAL, 0.001)  # the SIGALRM handler below raises Terminated
+            else:
+                os.kill(os.getpid(), signal.SIGINT)
+            if then:
+                time.sleep(0.2)  # the handler has run (the main thread takes signals between bytecodes)
+                then()
+        threading.Thread(target=go, daemon=True).start()
 
-    before = signal.signal(signal.SIGALRM, ctrl_c)
+    def on_alarm(*_):
+        raise Terminated
+
+    alarm = signal.signal(signal.SIGALRM, on_alarm)
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as raised:
             for item, result in threaded(work, range(6), 2, grace=0.5 if case == "grace over" else 30):
                 got.append(item)
-                if len(got) == 2:
-                    signal.setitimer(signal.ITIMER_REAL, 0.2)
+                if len(got) == 2 and case == "in the caller":
+                    press(0.0, release.set)
+                    time.sleep(0.5)  # the caller journaling: Ctrl-C lands here, not in the wait
+                    seen_stopping.append(journal.stopping())
+                elif len(got) == 2:
+                    release_after = {"kept": release.set, "second ctrl-c": lambda: press(0.2)}.get(case)
+                    press(0.2, release_after)
+                    if case == "second ctrl-c":
+                        threading.Timer(1.5, release.set).start()  # answered only after the second Ctrl-C
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, before)
+        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGALRM, alarm)
         release.set()
     time.sleep(0.1)
     assert sorted(started) == [0, 1, 2, 3]  # nothing started after Ctrl-C
-    assert sorted(got) == ([0, 1, 2, 3] if case == "kept" else [0, 1])
-    assert "Ctrl-C: waiting up to" in alignkit_log.text and "for the 2 requests in flight" in alignkit_log.text
+    assert sorted(got) == ([0, 1, 2, 3] if case in ("kept", "in the caller") else [0, 1])
+    waited = "Ctrl-C: waiting up to" in alignkit_log.text and "for the 2 calls in flight" in alignkit_log.text
+    assert waited == (case != "sigterm") and isinstance(raised.value, Terminated) == (case == "sigterm")
+    assert seen_stopping == ([True] if case == "in the caller" else []) and not journal.stopping()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1190,6 +1190,7 @@ def test_a_trl_recipe_that_names_no_evaluation_holds_no_rows_out(tmp_path):
     no = trl + "eval_strategy: 'no'\n"
     assert eval_split(no, "--preset", "p", presets={"p": {"eval_split": 0.1}}) == 0
     assert eval_split(no, "--preset", "p", "--eval_split", "0.2", presets={"p": {"eval_split": 0.1}}) == 0.2
+    assert eval_split(trl + "do_eval: false\n", "--preset", "p", presets={"p": {"eval_split": 0.1}}) == 0
     # alignkit's own recipes (run_name, or alignkit's names) keep the share.
     assert eval_split("output_dir: runs\nrun_name: mine\n") == default
     assert eval_split("model_id: org/model\ndataset_id: org/data\noutput_dir: runs\n") == default

@@ -18,11 +18,13 @@ import atexit
 import json
 import os
 import queue
+import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from alignkit import logger
-from alignkit.core.errors import ConfigError, UserError
+from alignkit.core.errors import ConfigError, Terminated, UserError
 
 try:
     import fcntl
@@ -308,13 +310,25 @@ def write_jsonl(path, rows) -> Path:
 # Concurrency and progress
 
 
+_CTRL_C = object()  # threaded's marker in its results queue: Ctrl-C was pressed
+_STOPPING = threading.Event()  # set from a Ctrl-C until the threaded() that saw it has finished
+
+
+def stopping() -> bool:
+    """Whether a Ctrl-C asked the calls under way to finish: one that would send another request (an MT-Bench
+    match's second order) sends none."""
+    return _STOPPING.is_set()
+
+
 def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float = 30.0):
     """Yield (item, fn(item) or the exception it raised) as results arrive, `parallel` calls at a time.
 
-    Ctrl-C while waiting starts no further calls, and the calls in flight (up to `parallel` requests a paid API
-    bills) are still yielded as they finish, for up to `grace` seconds, so that the caller keeps what was paid for;
-    then KeyboardInterrupt. A second Ctrl-C leaves at once. Daemon threads: a call still running then dies with the
-    process (its answer is lost, and the next run sends it again).
+    Ctrl-C (in the main thread, wherever it lands: waiting, or in the caller's own code between two results)
+    starts no further call, and the calls in flight (up to `parallel` requests a paid API bills) are still yielded
+    as they finish, for up to `grace` seconds, so that the caller keeps what was paid for; then KeyboardInterrupt.
+    A second Ctrl-C leaves at once. A SIGTERM (alignkit.core.errors.Terminated) leaves at once too: a scheduler
+    kills soon after it. Daemon threads: a call still running then dies with the process (its answer is lost, and
+    the next run sends it again).
     stop_on_error: the first exception starts no further calls (for callers that raise it), as a caller that
     stops iterating does.
     """
@@ -343,37 +357,73 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
     for _ in range(min(parallel, len(items))):
         threading.Thread(target=work, daemon=True).start()
     given = 0
+    with _first_ctrl_c_stops(stop, done) as pressed:
+        try:
+            for _ in items:
+                try:
+                    item, result = done.get()
+                except KeyboardInterrupt as interrupt:  # a SIGTERM, or a Ctrl-C outside the main thread
+                    stop.set()
+                    if not isinstance(interrupt, Terminated):
+                        yield from _finish_in_flight(done, taken[0] - given, grace)
+                    raise
+                if item is not _CTRL_C:
+                    given += 1
+                    yield item, result
+                if pressed:
+                    yield from _finish_in_flight(done, taken[0] - given, grace)
+                    raise KeyboardInterrupt
+                if stop_on_error and isinstance(result, Exception):
+                    return  # nothing further was started; the caller raises this one
+        finally:
+            stop.set()  # a caller that stops early (a fatal error, Ctrl-C) starts no further requests
+
+
+@contextmanager
+def _first_ctrl_c_stops(stop: threading.Event, done: queue.SimpleQueue):
+    """threaded's Ctrl-C in the main thread, where Python's own handler is on: the first one starts no further call
+    and wakes the loop (a marker in `done`) instead of raising wherever it lands; a second raises at once. Yields the
+    list that holds True once pressed. Elsewhere (another thread, a handler of the caller's own) nothing changes."""
+    pressed: list[bool] = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield pressed
+        return
+
+    def first_stops(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+        stop.set()
+        _STOPPING.set()
+        done.put((_CTRL_C, None))
+
+    signal.signal(signal.SIGINT, first_stops)
     try:
-        for _ in items:
-            try:
-                item, result = done.get()
-            except KeyboardInterrupt:
-                stop.set()
-                yield from _finish_in_flight(done, lambda: taken[0] - given, grace)
-                raise
-            given += 1
-            yield item, result
-            if stop_on_error and isinstance(result, Exception):
-                return  # nothing further was started; the caller raises this one
+        yield pressed
     finally:
-        stop.set()  # a caller that stops early (a fatal error, Ctrl-C) starts no further requests
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _STOPPING.clear()
 
 
-def _finish_in_flight(done, in_flight, grace: float):
-    """threaded's Ctrl-C: the results of the calls already running, as they arrive, for up to `grace` seconds."""
+def _finish_in_flight(done, in_flight: int, grace: float):
+    """threaded's Ctrl-C: the results of the `in_flight` calls already running, as they arrive, for up to `grace`
+    seconds."""
     import time
 
-    if in_flight() <= 0 or grace <= 0:
+    if in_flight <= 0 or grace <= 0:
         return
-    logger.warning(f"Ctrl-C: waiting up to {grace:.0f} s for the {in_flight()} requests in flight, to keep their "
-                   "answers (Ctrl-C again leaves now)")
-    deadline, got = time.monotonic() + grace, 0
-    while in_flight() - got > 0 and (left := deadline - time.monotonic()) > 0:
+    logger.warning(f"Ctrl-C: waiting up to {grace:.0f} s for the {in_flight} calls in flight (requests under way), "
+                   "to keep their answers (Ctrl-C again leaves now)")
+    deadline = time.monotonic() + grace
+    while in_flight > 0 and (left := deadline - time.monotonic()) > 0:
         try:
             item, result = done.get(timeout=left)
         except queue.Empty:
             return
-        got += 1
+        if item is _CTRL_C:
+            continue
+        in_flight -= 1
         yield item, result
 
 

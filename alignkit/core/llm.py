@@ -107,6 +107,7 @@ def watched_http_client(what: str, where: str, timeout: float):
 
     client = Watched()
     client.last_status = lambda: getattr(last, "status", None)  # this thread's last answer's HTTP status
+    client.forget_status = lambda: setattr(last, "status", None)
     return client, Silent
 
 

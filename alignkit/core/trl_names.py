@@ -256,7 +256,7 @@ class Vocabulary:
         - `eval_strategy: no` (or `do_eval: false` alone, or a TRL command line or TRL/handbook recipe naming
           neither nor eval_steps: TRL's default is no) asks for no evaluation: no --eval_split share is held out of
           the training rows unless --eval_split itself gives one (TRL and the handbook train on them all), or, where
-          TRL's default says no and no eval_strategy is named, the preset does.
+          only TRL's default says no (neither eval_strategy nor do_eval named), the preset does.
         - Settings in TRL's names (a TRL command line, a TRL or handbook recipe) without use_peft are refused (TRL
           would fine-tune every weight), and without load_in_4bit/load_in_8bit load the model unquantized, as TRL.
         - TRL's `dataset_name` without a split trains on TRL's default split, `train`.

@@ -197,18 +197,30 @@ class LoggedCompletions:
         if _not_about_a_silent_judge not in root.filters:
             root.addFilter(_not_about_a_silent_judge)
 
-    def _failure_line(self, error: Exception | None) -> str:
-        """The one line for a judge request that failed after its retries (`error`; None: a rate limit alpaca_eval
-        turned into an empty answer)."""
-        retries = self.client.get("client_kwargs", {}).get("max_retries", 0)
-        if error is None or getattr(error, "status_code", None) == 429:
-            what, fix = ("the judge is limiting the rate of requests (HTTP 429)",
-                         "Lower --parallel, or wait for its limit to reset")
+    def _failure_line(self, error: Exception | None, status: int | None = None) -> str:
+        """The one line for a judge request that failed (`error`, or None where alpaca_eval answered an HTTP `status`
+        with an empty completion), saying why by its status: a rate limit, an empty quota, a refusal (a key, URL or
+        model name: not retried), or a failure after --max_retries (a server error, a dropped connection)."""
+        status = getattr(error, "status_code", status)
+        said = f"HTTP {status}" if error is None else f"{type(error).__name__}: {' '.join(redact(str(error)).split())[:200]}"
+        retried = f", after --max_retries {self.client.get('client_kwargs', {}).get('max_retries', 0)}"
+        if getattr(error, "code", None) == "insufficient_quota":
+            what, fix = f"the judge's account has no quota left ({said})", "Add credit, or pass another key " \
+                "(--judge_api_key_env names its variable)"
+        elif status == 429:
+            what, fix = f"the judge is limiting the rate of requests (HTTP 429){retried}", "Lower --parallel, or " \
+                "wait for its limit to reset"
+        elif status in (401, 403, 404):
+            what, fix = f"the judge refused the request ({said})", "Check the API key (--judge_api_key_env), " \
+                "--judge_base_url (it usually ends in /v1) and --judge_model"
+        elif status is not None and 400 <= status < 500:
+            what, fix = f"the judge refused a request ({said})", "Check --judge_model and the annotators config's " \
+                "decoding arguments (--annotators_config)"
         else:
-            what = f"a judge request failed ({type(error).__name__}: {' '.join(redact(str(error)).split())[:200]})"
-            fix = "Check that the server at --judge_base_url is up (the URL usually ends in /v1), --judge_model and the key"
-        return (f"{what}, after --max_retries {retries}: stopped, the {self.sent + self.reused} judge answers so far "
-                f"kept. {fix}, then run the same command again")
+            what, fix = f"a judge request failed ({said}){retried}", "Check that the server at --judge_base_url is " \
+                "up (the URL usually ends in /v1)"
+        return f"{what}: stopped, the {self.sent + self.reused} judge answers so far kept. {fix}, then run the same " \
+               "command again"
 
     def key(self, prompt: str, kwargs: dict) -> str:
         decoding = {k: v for k, v in kwargs.items() if k not in ("num_procs",)}  # concurrency changes no answer
@@ -221,13 +233,15 @@ class LoggedCompletions:
         with silence_said(self._silent):
             # One pass of alpaca_eval's own retry loop: the openai client already retried --max_retries times, and
             # alpaca_eval's ten passes over a rate limit sent 20 requests a prompt, then an empty answer.
-            out = self.fn([prompt], **{**kwargs, "num_procs": 1}, n_retries=1, sleep_time=0, **client)
+            self._http.forget_status()  # this thread's last request may have been another prompt's
+            out = self.fn([prompt], **{**kwargs, "num_procs": 1, "n_retries": 1, "sleep_time": 0}, **client)
         record = {"key": key, **{k: v[0] for k, v in out.items()}, "tstamp": time.time()}
         with self._lock:
             if record.get("completions") == _FAILED:
                 self.failed += 1
-                if self._http.last_status() == 429:  # alpaca_eval answers a rate limit with an empty completion
-                    raise JudgeFailed(self._failure_line(None))
+                status = self._http.last_status()
+                if status is not None and status >= 400:  # alpaca_eval's empty answer to an error it took for a
+                    raise JudgeFailed(self._failure_line(None, status))  # rate limit ("rate " in its text)
                 return record
             self.sent += 1
             append_jsonl(self.path, [record])

@@ -95,7 +95,7 @@ _PARSED = None  # the settings parse_command returned last (Pairwise's notebook 
 def vibes(s, backend: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
     """(prompts, models, {model: answers}): every prompt asked of `s.model_id` and `s.compare_to`, one model in
     memory at a time."""
-    from alignkit.evals.mtbench import prompt_questions
+    from alignkit.evals.prompts_file import prompt_questions
     from alignkit.modeling.generation import load_generator
 
     if s.output_file:  # checked before any answer: a folder there failed as the answers were saved, after generating
@@ -239,6 +239,7 @@ class Pairwise:
     def load_questions(self) -> None:
         """MT-Bench's questions, judge prompts and reference answers (checked), or the prompts file's."""
         from alignkit.evals import fastchat_compat, mtbench
+        from alignkit.evals.prompts_file import prompt_questions
 
         self._step("questions")
         s = self.settings
@@ -250,7 +251,7 @@ class Pairwise:
             self.references = mtbench.load_reference_answers(data / mtbench.REFERENCES)
             mtbench.check_references(self.questions, self.references, common.NEED_REF_CATS, data / mtbench.REFERENCES)
         else:
-            self.questions = mtbench.select(mtbench.prompt_questions(s.prompts_file), s.question_ids, s.max_questions,
+            self.questions = mtbench.select(prompt_questions(s.prompts_file), s.question_ids, s.max_questions,
                                             s.prompts_file)
             data = None if self.use_rule else mtbench.data_dir(s.mt_bench_data)  # for FastChat's pair-v2 prompt
         self.judge_prompts = None if self.use_rule else mtbench.load_judge_prompts(data / mtbench.JUDGE_PROMPTS)

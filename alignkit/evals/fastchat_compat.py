@@ -153,12 +153,13 @@ def judging_with(client, on_error=None, on_success=None, kept=None, reuse: bool 
     kept: a JSONL file that keeps every answer as it arrives, keyed by its request (the messages and the endpoint:
     alignkit.feedback.judge.endpoint_identity). A match is asked in both orders and its verdict written once both
     came back: a Ctrl-C between them lost the paid first, and its rerun asked for it again. reuse: False asks again
-    (--retry_parse_failures: a kept answer without a verdict would be read the same way).
+    (--retry_parse_failures: a kept answer without a verdict would be read the same way). Within the run, a request
+    sent once is not sent again: two equal answers make the same request in both orders.
     """
     import openai
 
     from alignkit.core.digests import digest
-    from alignkit.core.journal import append_jsonl, read_jsonl
+    from alignkit.core.journal import append_jsonl, read_jsonl, stopping
     from alignkit.feedback.judge import endpoint_identity
 
     common, _ = load()
@@ -175,6 +176,8 @@ def judging_with(client, on_error=None, on_success=None, kept=None, reuse: bool 
             if on_success is not None:
                 on_success()
             return answers[key]
+        if stopping():  # Ctrl-C: a match under way sends no second order (its first is kept; a rerun asks this)
+            return common.API_ERROR_OUTPUT
         try:
             text = client.complete(messages)
         except (openai.APIError, ValueError, LookupError) as e:  # also a 200 whose body is not JSON, or no choices
@@ -183,6 +186,7 @@ def judging_with(client, on_error=None, on_success=None, kept=None, reuse: bool 
             return common.API_ERROR_OUTPUT
         if kept is not None:
             append_jsonl(kept, [{"key": key, "text": text}])
+        answers[key] = text  # the same request again in this run (a match of two equal answers, asked both ways)
         if on_success is not None:
             on_success()
         return text

@@ -17,7 +17,6 @@ ALIGNKIT_OFFLINE or HF_HUB_OFFLINE is set: then a clear error says to pass --mt_
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import os
 import time
@@ -127,7 +126,7 @@ def data_dir(mt_bench_data: str | None) -> Path:
     return folder
 
 
-def _field(path, line, row, name, kind, fix):
+def field_value(path, line, row, name, kind, fix):
     if name not in row:  # a misspelt key said "must be a string, got None"
         from alignkit.core.row_checks import no_field
 
@@ -146,9 +145,9 @@ def load_questions(path, question_ids=None, max_questions=None) -> list[dict]:
     """FastChat's question rows ({question_id, category, turns}), validated, optionally filtered."""
     questions, seen = [], set()
     for line, row in read_jsonl(path, _FIX_DATA):
-        qid = _field(path, line, row, "question_id", int, _FIX_DATA)
-        _field(path, line, row, "category", str, _FIX_DATA)
-        _field(path, line, row, "turns", list, _FIX_DATA)
+        qid = field_value(path, line, row, "question_id", int, _FIX_DATA)
+        field_value(path, line, row, "category", str, _FIX_DATA)
+        field_value(path, line, row, "turns", list, _FIX_DATA)
         if qid in seen:
             raise ConfigError(f"{path}, line {line}: question_id {qid} appears twice; {_FIX_DATA}")
         seen.add(qid)
@@ -178,7 +177,7 @@ def load_judge_prompts(path) -> dict:
     prompts, lines = {}, {}
     for line, row in read_jsonl(path, _FIX_DATA):
         for name in ("name", "type", "system_prompt", "prompt_template", "output_format"):
-            _field(path, line, row, name, str, _FIX_DATA)
+            field_value(path, line, row, name, str, _FIX_DATA)
         prompts[row["name"]], lines[row["name"]] = row, line
     missing = [p for p in PAIR_PROMPTS if p not in prompts]
     if missing:
@@ -225,61 +224,6 @@ def check_references(questions, references, need_ref_cats, path) -> None:
                 )
 
 
-_PROMPTS_FORMATS = ('--prompts_file takes JSONL (one {"prompt": ...} object a line) or a .txt file (one prompt a '
-                    'line)')
-_PROMPTS_FIXES = {
-    "prompt": 'each row needs "prompt": a non-empty string',
-    "question_id": 'give every row its own integer "question_id", or leave the field out (rows are then numbered '
-                   '1, 2, ...)',
-    "category": 'make "category" a string, or leave it out (the row then counts under "prompts")',
-}
-
-
-def _prompts_format(path, data: bytes) -> None:
-    """A JSON array or a table as --prompts_file: an error naming the formats it takes, not "not valid JSON"."""
-    if data.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"[":
-        raise ConfigError(f"{path}: holds a JSON array; {_PROMPTS_FORMATS}: write each object on a line of its own")
-    if path.suffix.lower() in (".csv", ".tsv", ".parquet"):
-        raise ConfigError(f"{path}: a {path.suffix.lower()[1:].upper()} file; {_PROMPTS_FORMATS}")
-
-
-def prompt_questions(path) -> list[dict]:
-    """Single-turn questions from a prompts file: JSONL rows {"prompt", optional "category" and "question_id" (an
-    integer: FastChat's answer files key on it)}, or a .txt file with one prompt a line. A row without a category
-    counts under "prompts"; rows without a question_id are numbered 1, 2, ... Either file is UTF-8 text (a byte
-    order mark is dropped); any other format is an error naming the two it takes."""
-    from alignkit.core.data_files import decode_text
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--prompts_file {path} not found; check the path")
-    if path.suffix == ".txt":
-        rows = [(i, {"prompt": line.strip()}) for i, line in enumerate(decode_text(path.read_bytes(), path).split("\n"), 1)
-                if line.strip()]
-    else:
-        _prompts_format(path, path.read_bytes())
-        rows = read_jsonl(path, _PROMPTS_FORMATS)
-    questions, seen = [], {}
-    fix = _PROMPTS_FIXES
-    for n, (line, row) in enumerate(rows, 1):
-        prompt = _field(path, line, row, "prompt", str, fix["prompt"])
-        if not prompt.strip():
-            raise ConfigError(f"{path}, line {line}: field 'prompt' is empty; {fix['prompt']}")
-        qid = _field(path, line, row, "question_id", int, fix["question_id"]) if "question_id" in row else n
-        numbered = " (its row number: rows without one are numbered)"
-        if qid in seen:
-            then, then_numbered = seen[qid]
-            raise ConfigError(f"{path}, line {line}: question_id {qid}{'' if 'question_id' in row else numbered} "
-                              f"repeats line {then}{numbered if then_numbered else ''}; give every row its own "
-                              "question_id, or none")
-        seen[qid] = (line, "question_id" not in row)
-        category = _field(path, line, row, "category", str, fix["category"]) if "category" in row else "prompts"
-        questions.append({"question_id": qid, "category": category, "turns": [prompt]})
-    if not questions:
-        raise ConfigError(f"{path} holds no prompts; {fix['prompt']}")
-    return questions
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Answers, in FastChat's model_answer format
 
@@ -303,9 +247,9 @@ def answers_key_and_settings(loader, s, backend: str) -> tuple[str, dict]:
     from alignkit.modeling.identity import model_identity
 
     loaded = model_identity(loader, backend)
-    sampling = decisive_sampling({"temperature": s.temperature, "top_p": s.top_p, "num_beams": s.num_beams,
-                                  "max_new_tokens": s.max_new_tokens, "seed": s.seed})  # greedy: without the seed
-    key = digest({"loaded": loaded, **sampling}, 16, ensure_ascii=True)
+    sampling = {"temperature": s.temperature, "top_p": s.top_p, "num_beams": s.num_beams,
+                "max_new_tokens": s.max_new_tokens, "seed": s.seed}  # recorded as given, keyed as decoding reads it
+    key = digest({"loaded": loaded, **decisive_sampling(sampling)}, 16, ensure_ascii=True)
     model = {k: v for k, v in loaded.items() if k != "libraries"}  # the versions named apart, readable
     return key, {"model as loaded": digest(model, 16, ensure_ascii=True),
                  "library versions": ", ".join(f"{k} {v}" for k, v in sorted(loaded["libraries"].items())),
@@ -327,7 +271,8 @@ def _said(flag: str, value) -> str:
 
 def made_under(row: dict, key: str, settings: dict | None) -> bool:
     """Whether an answer was made under `key` (answers_key): its settings_key says so, or its recorded settings are
-    `settings` as decoding reads them (a greedy answer recorded with the --seed its key held before keys dropped it)."""
+    `settings` as decoding reads them (a greedy answer made under another --seed, or recorded before keys dropped
+    it)."""
     if row.get("settings_key") == key:
         return True
     then = row.get("settings")
@@ -346,11 +291,11 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
     fix = fix or "delete the file (or the line) to answer again"
     answers = {}
     for line, row in read_jsonl(path, fix, repair_tail=repair_tail):
-        qid = _field(path, line, row, "question_id", int, fix)
+        qid = field_value(path, line, row, "question_id", int, fix)
         choices = row.get("choices")
         if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
             raise ConfigError(f"{path}, line {line}: field 'choices' must be a list of {{index, turns}}; {fix}")
-        _field(path, line, choices[0], "turns", list, fix)
+        field_value(path, line, choices[0], "turns", list, fix)
         recorded = row.get("source")
         # By the model as loaded where the answer has its key (a path as typed, read from another folder, is another
         # path: the same model, refused), by its path where not.
@@ -361,9 +306,9 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
                 "another --output_dir, or delete the file to answer again"
             )
         if key is not None and "settings_key" in row and not same_model:
-            then = row.get("settings")
-            now = _decisive(settings) if settings else {}
-            if isinstance(then, dict) and (changed := [k for k, v in now.items() if _decisive(then).get(k) != v]):
+            then, now = row.get("settings"), settings or {}
+            # Named as given (a greedy run's seed is not read, but a change to sampling is said as the user made it).
+            if isinstance(then, dict) and (changed := [k for k, v in now.items() if then.get(k) != v]):
                 before = {k: then.get(k, "unrecorded") for k in changed}  # a part recorded since: library versions
                 raise ConfigError(
                     f"{path}, line {line}: this answer was made under another {', '.join(changed)} "

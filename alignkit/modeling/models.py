@@ -191,6 +191,10 @@ def _other_shapes(adapter: str, base: str, error: str) -> str:
     """The line for an adapter whose weights do not fit the base it is loaded over (PEFT's size mismatch): an
     adapter without alignkit's record of its base, or --base_model naming another model of the family."""
     first = next((line.strip() for line in error.splitlines() if "size mismatch" in line), "")
+    if "embed_tokens" in first or "lm_head" in first or "embed_out" in first:  # saved whole after a vocabulary grew
+        return (f"{adapter} does not fit {base}: its saved embeddings hold another vocabulary size "
+                f"({first.removeprefix('size mismatch for ').rstrip('.')}); load it with the tokenizer it was trained "
+                "with (saved in its folder) over the base it was trained on")
     return (f"{adapter} does not fit {base}: its LoRA weights have other shapes than this base's layers "
             f"({first.removeprefix('size mismatch for ').rstrip('.')}); load it over the base it was trained on "
             "(its adapter_config.json's base_model_name_or_path, or --base_model)")

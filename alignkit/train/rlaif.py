@@ -253,7 +253,7 @@ def eval_prompts(s, folder: Path) -> str:
     --eval_max_prompts, into EVAL_PROMPTS in the run folder. evaluate.py pairwise judges one-turn prompts, so a
     prompt of several turns, or with a system turn, is refused naming its row."""
     from alignkit.core.data_files import DataError, single_file
-    from alignkit.evals.mtbench import prompt_questions
+    from alignkit.evals.prompts_file import prompt_questions
     from alignkit.feedback.labeling import read_prompts
 
     source = s.eval_prompts or s.dataset_id
