@@ -1005,7 +1005,7 @@ def test_greedy_answers_and_outputs_are_taken_under_another_seed_and_their_old_k
     assert list(read_outputs(outputs, "m", _generation(settings(seed=2, top_p=0.5)))) == ["i"]
     outputs.write_text(json.dumps({"instruction": "i", "output": "o", "source": "m",
                                    "generation": {**recorded, "temperature": 0.7}}) + "\n")
-    with pytest.raises(ConfigError, match="generated with .*'seed': 1.*, not .*'seed': 2"):
+    with pytest.raises(ConfigError, match=r"generated under other sampling \(--seed 1 then, 2 now\): use another"):
         read_outputs(outputs, "m", _generation(settings(temperature=0.7, seed=2)))
 
 
@@ -1064,3 +1064,36 @@ def test_a_judge_answer_paid_for_before_its_match_s_verdict_is_kept(tmp_path):
     finally:
         journal._STOPPING.clear()
     assert "never sent" not in asked
+
+
+def test_ctrl_c_at_parallel_1_keeps_the_match_under_way(tmp_path):
+    """Found by the Ctrl-C audit of session 30: evaluate.py's default --parallel 1 judged matches in the main thread,
+    so a Ctrl-C dropped the request under way (the judge answered into a broken pipe) and the rerun paid again. It goes
+    through threaded() too: the match under way finishes and is written, then KeyboardInterrupt."""
+    import os
+    import signal
+
+    def match(n):
+        answer = {"answer_id": f"a{n}", "choices": [{"turns": ["x"]}]}
+        return types.SimpleNamespace(question={"question_id": n, "turns": ["q"]}, answer_1=answer, answer_2=answer,
+                                     judge=types.SimpleNamespace(prompt_template={}), ref_answer=None)
+
+    release, played = threading.Event(), []
+
+    def play(m):
+        played.append(m.question["question_id"])
+        if len(played) == 2:  # Ctrl-C while the second match is under way
+            threading.Thread(target=lambda: (time.sleep(0.2), os.kill(os.getpid(), signal.SIGINT),
+                                             time.sleep(0.2), release.set()), daemon=True).start()
+            release.wait(10)
+        return {"question_id": m.question["question_id"], "g1_winner": "tie", "g2_winner": "tie"}
+
+    path = tmp_path / "judge_pair.jsonl"
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a script (a test worker ignores it)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            judgments.judge_matches([match(n) for n in range(1, 5)], play, path, {"judge": "j"}, parallel=1)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert played == [1, 2]  # nothing started after Ctrl-C
+    assert [json.loads(line)["question_id"] for line in path.read_text().splitlines()] == [1, 2]  # the second kept

@@ -108,11 +108,8 @@ def judge_matches(matches, play, path, judge_identity: dict, parallel: int = 1) 
 
     records = []
     with Progress("judging", len(matches), unit="match", errors=False) as progress:
-        if parallel == 1:
-            for m in matches:
-                records.append(run(m))
-                progress.update()
-            return records
+        # Through threaded at --parallel 1 too: a Ctrl-C keeps the answer of the request under way (the default
+        # sent it to the judge and dropped it).
         for _, result in threaded(run, matches, parallel, stop_on_error=True):  # no match starts after a failure
             if isinstance(result, BaseException):
                 raise result
