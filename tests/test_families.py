@@ -101,10 +101,10 @@ def test_a_4bit_mixture_of_experts_says_its_fused_experts_stay_in_full_precision
     assert "bitsandbytes quantizes linear layers only" in alignkit_log.text
     alignkit_log.clear()
     load_model(ModelSettings(model_id=presets.paths()["model"], quantization="4bit"))  # a dense model: nothing said
-    from alignkit.modeling.models import _say_unquantized_experts
+    from alignkit.modeling.experts import say_unquantized
 
     vision = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 8))  # 4-D, but no experts (a review)
-    _say_unquantized_experts(vision)
+    say_unquantized(vision)
     assert "experts' fused weights" not in alignkit_log.text
 
 
@@ -158,3 +158,28 @@ def test_reward_py_on_a_mixture_of_experts_adds_its_load_balancing_loss(mixtral,
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-6) and balance.coef == lm.config.router_aux_loss_coef
     seq.config.output_router_logits = False  # as public Mixtral configs say: the term is added all the same (as TRL's
     assert _router_balance(seq) is not None  # DPOTrainer decides it), not only where the config asks for the logits
+
+
+def test_lora_says_where_it_leaves_a_mixture_of_experts_routed_experts(mixtral, tmp_path, alignkit_log):
+    """PEFT targets the fused 3-D expert weights (target_parameters) for the families it knows: Mixtral's experts
+    train, Qwen2-MoE's did not, without a word (the reward audit of session 30: the attention and the shared expert
+    alone were adapted). One line says so where it happens, and only there."""
+    from alignkit.core.config import DPOSettings
+    from alignkit.modeling.models import add_trainable_adapter
+
+    qwen_moe = build(tmp_path / "qwen2moe", "qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    # alignkit's default --lora_dropout 0.05 on a family whose experts PEFT adapts ended in PEFT's ValueError after
+    # the weights loaded ("ParamWrapper does not work with lora_dropout != 0"): refused before, with the fix.
+    with pytest.raises(UserError, match=r"^--lora_dropout 0.05 on \S+ \(mixtral, a mixture of experts\): PEFT adapts "
+                                        r"its fused experts' 3-D weights, which take no LoRA dropout; pass --lora_dropout 0"):
+        load_model(DPOSettings(model_id=mixtral, quantization="none"), for_training=True)
+    s = DPOSettings(model_id=mixtral, quantization="none", lora_target_modules=["q_proj", "v_proj"])
+    add_trainable_adapter(load_model(s, for_training=True), s)  # the experts left out: dropout is fine
+    for model_id, said in ((mixtral, False), (qwen_moe, True)):
+        alignkit_log.clear()
+        s = DPOSettings(model_id=model_id, quantization="none", lora_dropout=0.0)
+        model = add_trainable_adapter(load_model(s, for_training=True), s)
+        trained = model.peft_config["default"] if "default" in model.peft_config else next(iter(model.peft_config.values()))
+        assert bool(trained.target_parameters) != said  # PEFT's own choice, as the line reports it
+        assert ("LoRA adapts none of the routed experts" in alignkit_log.text) == said

@@ -103,6 +103,9 @@ def test_margin_error_names_the_line_past_a_blank_one(tmp_path):
     assert str(err.value) == (f"{path}: row 3: field 'score_chosen': expected a number (--use_margin reads it), got "
                               "None. Fix the row, or pass --use_margin false")
     assert margins(jsonl(tmp_path / "ok.jsonl", rows[:1], blank_after=0)) == [2.0]
+    # label.py --grade_pairs' pairs carry their grades (the reward audit of session 30: --use_margin refused them)
+    graded = [{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_grade": 9, "rejected_grade": 3.5}]
+    assert margins(jsonl(tmp_path / "graded.jsonl", graded, blank_after=0)) == [5.5]
 
 
 # ---------------------------------------------------------------- responses files

@@ -241,6 +241,7 @@ def test_label_with_rm_judge_scores_each_answer_once_and_keeps_the_scores(reward
     # One pass per answer: one judgment per pair, no second order.
     assert summary["judgments"]["needed"] == summary["pairs_judged"]
     assert summary["both_orders"] is False and summary["agreement"] is None  # it said True, an order never judged
+    assert summary["slot_a_wins"] is None  # no position to be biased by (it showed one)
     decided = agree = 0
     for row in rows:
         prompt = row["prompt"][0]["content"]
@@ -269,7 +270,7 @@ def test_merge_round_trip_keeps_the_score_head(reward_run, tmp_path):
     assert len(set(round(x, 3) for x in after)) == 3  # really scores: not one constant
 
 
-def test_wrong_kind_of_model_is_an_error_that_says_what_to_pass(reward_run, tiny_cache):
+def test_wrong_kind_of_model_is_an_error_that_says_what_to_pass(reward_run, sft_run, tiny_cache):
     from alignkit.core.config import ModelSettings
     from alignkit.feedback.rewards import load
     from alignkit.modeling.models import load_model
@@ -277,13 +278,31 @@ def test_wrong_kind_of_model_is_an_error_that_says_what_to_pass(reward_run, tiny
     causal = presets.paths()["model"]
     with pytest.raises(ValueError, match=r"is a causal language model \(no reward score head\).*reward.py run folder"):
         load(f"rm:{causal}")
-    with pytest.raises(ValueError, match=r"is a reward model .*cannot generate.*--judge rm:"):
+    with pytest.raises(ValueError, match=r"is a reward model .*cannot generate.*Pass it as rm:\S+ \(label.py "
+                                         r"--judge, rl.py --reward"):  # rl.py has no --judge (the audit of session 30)
         load_model(ModelSettings(model_id=str(reward_run["run_folder"]), quantization="none"))
+    # An adapter's folder: reward.py trains on a whole model, so the way there is a merge first (it said to train
+    # one on the adapter, which reward.py refuses).
+    with pytest.raises(ValueError, match=r"train one: python merge.py --adapter_dir (\S+), then python reward.py "
+                                         r"--model_id \1/merged"):
+        load(f"rm:{sft_run['run_folder']}")
     from alignkit.modeling.generation import load_generator
 
     with pytest.raises(ValueError, match=r"is a reward model .*pass a causal language model"):
         load_generator(ModelSettings(model_id=str(reward_run["run_folder"]), quantization="none"), "transformers")
 
+
+
+def test_rm_tie_margin_without_a_reward_model_judge_is_refused():
+    """--rm_tie_margin with another judge was ignored without a word (the reward audit of session 30)."""
+    from alignkit.core.args import ConfigError, parse_config
+    from alignkit.core.config import LabelSettings
+
+    with pytest.raises(ConfigError, match=r"--rm_tie_margin 0.5 applies to a reward-model judge \(--judge "
+                                          r"rm:RUN_FOLDER\), not --judge openai: drop it"):
+        parse_config(LabelSettings, env_file=None, args=["--rm_tie_margin", "0.5"])
+    assert parse_config(LabelSettings, env_file=None, args=["--judge", "rm:runs/rm", "--rm_tie_margin", "0.5"]
+                        ).rm_tie_margin == 0.5
 
 
 def test_a_judge_rm_folder_that_is_no_reward_model_is_one_line_before_any_generation(tiny_cache, tmp_path):

@@ -363,7 +363,9 @@ def _pair_summary(run, prompts, pairs, outcomes, verdicts, rows) -> dict:
         "pairs_judged": len(pairs), "labeled": len(rows), "ties": outcomes["tie"],
         "disagreements": outcomes["disagree"], "parse_failures": outcomes["unparsed"], "errors": outcomes["error"],
         "agreement": _share(agree, len(both)) if both_orders else None,
-        "slot_a_wins": _share(parsed.count("A"), len(parsed)), "slot_b_wins": _share(parsed.count("B"), len(parsed)),
+        # A judge that scores each answer alone has no position to be biased by: n/a (the reward audit of session 30)
+        **({"slot_a_wins": None, "slot_b_wins": None} if getattr(run.judge, "one_pass", False) else
+           {"slot_a_wins": _share(parsed.count("A"), len(parsed)), "slot_b_wins": _share(parsed.count("B"), len(parsed))}),
         "tie_verdicts": _share(parsed.count("tie"), len(parsed)),
         "judgments": {"needed": st["judgments needed"], "sent_this_run": st["judgments sent"],
                       "from_cache": st["judgments needed"] - st["judgments sent"], "failed": len(run.errors)},

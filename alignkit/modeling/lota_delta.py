@@ -294,7 +294,8 @@ def check_launch(s, sharded: str | None, deltas: list[str] = ()) -> None:
 def check_experts(s, model_config) -> None:
     """Refuse `--adapter lota` on a mixture of experts before the weights load, unless --lota_target_modules names
     what to adapt: transformers 5 keeps the experts' weights in 3D tensors, not linear layers, so all-linear would
-    silently adapt the attention alone (a twelfth of a Mixtral's weights); LoRA targets the experts too."""
+    silently adapt the attention alone (a twelfth of a Mixtral's weights); LoRA targets the experts too where PEFT
+    knows the family (Mixtral's; elsewhere it says in one line that they are left: experts.say_unadapted)."""
     if getattr(s, "adapter", "lora") != "lota" or list(getattr(s, "lota_target_modules", [])) != ["all-linear"]:
         return
     try:
@@ -304,7 +305,7 @@ def check_experts(s, model_config) -> None:
     if getattr(config, "num_experts_per_tok", None) or getattr(config, "num_local_experts", None):
         raise ConfigError(f"--adapter lota on {s.model_id}, a mixture of experts: LoTA's deltas go on linear layers, "
                           "and its experts' weights are 3D tensors, so only the attention would be adapted. Use LoRA "
-                          "(--adapter lora targets the experts too), or pass --lota_target_modules to adapt the "
+                          "(--adapter lora targets the experts too where PEFT knows the family, as Mixtral's), or pass --lota_target_modules to adapt the "
                           "named linear layers only")
 
 

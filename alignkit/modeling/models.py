@@ -27,7 +27,7 @@ from alignkit.core.errors import UserError
 from alignkit.core.groups import chat_template_text
 from alignkit.core.progress import quiet_library_noise
 from alignkit.core.run_records import remember_loaded_as
-from alignkit.modeling import lota_delta
+from alignkit.modeling import experts, lota_delta
 from alignkit.modeling.lineage import check_trained_over, remember_loaded
 from alignkit.modeling.model_folders import check_model_source  # noqa: F401 - importable from here too
 from alignkit.modeling.reward_models import check_model_kind, load_reward_base
@@ -261,6 +261,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     packed_config = model_config if packs_pairs(s, for_training) else None
     if for_training:
         lota_delta.check_experts(s, model_config)  # LoTA on a mixture of experts: refused before the weights load
+        experts.check_dropout(s, model_config)
     kwargs["attn_implementation"] = resolve_attention(s.attn_implementation, dtype, packed_config, model_config)
     with custom_code(s.model_id):
         if reward:
@@ -269,7 +270,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
             model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     apply_num_threads(getattr(s, "num_threads", "auto"), model, getattr(s, "preset", None))
     if quantization == "4bit":
-        _say_unquantized_experts(model)
+        experts.say_unquantized(model)
     if quantization == "4bit" and keep_4bit_layout(model) and not torch.cuda.is_available():  # a GPU run never repacks
         logger.info("4-bit on the CPU: the weights stay in bitsandbytes' standard 4-bit layout (its AVX512-BF16 "
                     "repacking rounds their block scales to bf16 at the first pass without gradients, changing "
@@ -374,26 +375,11 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
     trained = model.peft_config[TRAINABLE]
     if isinstance(trained.target_modules, set):
         trained.target_modules = sorted(trained.target_modules)
+    experts.say_unadapted(model, trained)
     if loaded.deltas:  # what its checkpoints name as their base (alignkit.train.trainers.CheckpointBase)
         model.alignkit_checkpoint_base = (s.model_id, getattr(s, "revision", None))
     loaded.model = model
     return mark_built(model, s)  # a notebook's training cell refuses a model built under other settings
-
-
-def _say_unquantized_experts(model) -> None:
-    """One line where a 4-bit load left a mixture of experts' fused expert tensors (3-D parameters: transformers 5
-    keeps Mixtral's, Qwen-MoE's and OLMoE's experts so) in full precision: bitsandbytes quantizes linear layers only,
-    so QLoRA's memory saving misses most of such a model, which went unsaid."""
-    experts = [p for name, p in model.named_parameters() if p.dim() >= 3 and "experts" in name.split(".")]
-    fused = sum(p.numel() for p in experts)  # not a vision tower's convolutions, nor a hybrid model's conv1d
-    if not fused:
-        return
-    # A Params4bit packs two 4-bit values per byte: its count of stored values is half the weights it holds.
-    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
-    dtype = experts[0].dtype
-    logger.info(f"4-bit: the experts' fused weights, {fused / total:.0%} of {type(model).__name__}'s, stay in "
-                f"{str(dtype).removeprefix('torch.')}: bitsandbytes quantizes linear layers only, so QLoRA saves "
-                "memory on the rest of this mixture of experts alone; budget the experts at full size")
 
 
 def _check_targets(model, targets: list[str], source: str) -> None:

@@ -48,14 +48,17 @@ def check_model_kind(source: str, revision: str | None, reward: bool, for_traini
         raise ConfigError(
             f"{source} is a causal language model (no reward score head), not a reward model. Pass a reward.py run "
             "folder (or its merged/ folder) as rm:FOLDER; to judge with this model's text verdicts use --judge hf "
-            f"--judge_model {source}; to get a reward model from it, train one: python reward.py --model_id {source}"
+            f"--judge_model {source}; to get a reward model from it, train one: " + (
+                f"python merge.py --adapter_dir {source}, then python reward.py --model_id {source}/merged (reward.py "
+                "trains on a whole model)" if adapter_config(source, revision) is not None else
+                f"python reward.py --model_id {source}")
         )
     if not reward and kind == REWARD:
         raise ConfigError(
             f"{source} is a reward model (a score head, no language-model head): it scores answers but cannot "
-            "generate or be fine-tuned as a policy. Pass it as a judge, --judge rm:" + source + " (or "
-            "alignkit.feedback.rewards.load('rm:" + source + "')), and pass a causal language model (an SFT/DPO run "
-            "folder, a Hub id) as the generator or --model_id"
+            "generate or be fine-tuned as a policy. Pass it as rm:" + source + " (label.py --judge, rl.py --reward, "
+            "or alignkit.feedback.rewards.load('rm:" + source + "')), and pass a causal language model (an SFT/DPO "
+            "run folder, a Hub id) as the generator or --model_id"
         )
     if reward and for_training and adapter_config(source, revision) is not None:
         what = "a reward model's adapter" if kind == REWARD else "a LoRA adapter"

@@ -18,7 +18,7 @@ With --center_rewards_coefficient c (TRL's), any loss adds c · mean((r_c + r_r)
 
 The margin m of a row is its `margin` column, else the difference of the scores it carries for the two answers
 (`score_chosen − score_rejected` as UltraFeedback has them, `chosen_score − rejected_score` as label.py's
-reward-model labels have them).
+reward-model labels have them, `chosen_grade − rejected_grade` as its `--grade_pairs` pairs have them).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from alignkit.core.data import DataError
 from alignkit.train.resuming import EndsAtMaxSteps
 
 LOSSES = ("bradley_terry", "logexp", "logexpwithlm")
-SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("chosen_score", "rejected_score"))
+SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("chosen_score", "rejected_score"),
+                 ("chosen_grade", "rejected_grade"))  # UltraFeedback's; label.py's pairs; its --grade_pairs
 
 
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, loss: str, margin: torch.Tensor | None = None,
