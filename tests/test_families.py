@@ -176,10 +176,17 @@ def test_lora_says_where_it_leaves_a_mixture_of_experts_routed_experts(mixtral, 
         load_model(DPOSettings(model_id=mixtral, quantization="none"), for_training=True)
     s = DPOSettings(model_id=mixtral, quantization="none", lora_target_modules=["q_proj", "v_proj"])
     add_trainable_adapter(load_model(s, for_training=True), s)  # the experts left out: dropout is fine
+    import warnings
+
     for model_id, said in ((mixtral, False), (qwen_moe, True)):
         alignkit_log.clear()
         s = DPOSettings(model_id=model_id, quantization="none", lora_dropout=0.0)
-        model = add_trainable_adapter(load_model(s, for_training=True), s)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")  # the loader's own filters go in front of this one
+            model = add_trainable_adapter(load_model(s, for_training=True), s)
+        # PEFT said its own fused gate_up_proj patterns "did not match ... and were ignored", twice a load, though
+        # they apply (the reward audit of session 30): kept out of the log.
+        assert not [w for w in warned if "pattern keys did not match" in str(w.message)]
         trained = model.peft_config["default"] if "default" in model.peft_config else next(iter(model.peft_config.values()))
         assert bool(trained.target_parameters) != said  # PEFT's own choice, as the line reports it
         assert ("LoRA adapts none of the routed experts" in alignkit_log.text) == said

@@ -98,6 +98,10 @@ def quiet_library_noise() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
+    # PEFT's, on every load of a mixture of experts whose fused experts it adapts (Mixtral's): its own rank and alpha
+    # patterns for the fused gate_up_proj, applied all the same (4 experts x r), said "ignored" twice a load.
+    warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match any targeted "
+                            r"module and were ignored: \['\.\*\\+\.gate_up_proj'\]", category=RuntimeWarning)
     # bitsandbytes logs this on every forward of every 8-bit layer (18 lines for two tiny steps): once is the news.
     # And TRL's implicit-prompt warning, "shown once" by its text, which ends with the prompt's left-out end: it came
     # again for every distinct ending (a line per prompt of a dataset whose template renders the prompt apart).
