@@ -995,6 +995,9 @@ def test_greedy_answers_and_outputs_are_taken_under_another_seed_and_their_old_k
     path.write_text(json.dumps(answer(key(temperature=0.7, seed=1, top_p=1.0)[1])) + "\n")  # only the temperature
     with pytest.raises(ConfigError, match=r"made under another --temperature \(--temperature 0\.7 then, 0\.0 now\)"):
         mtbench.read_answers(path, "m", key=key()[0], settings=key()[1])  # (it named --top_p and --seed too)
+    path.write_text(json.dumps(answer(parts)) + "\n")  # greedy, seed 1 then; greedy, seed 3 and 9 tokens now
+    with pytest.raises(ConfigError, match=r"made under another --max_new_tokens \(--max_new_tokens 8 then, 9 now\);"):
+        mtbench.read_answers(path, "m", key=key(seed=3, max_new_tokens=9)[0], settings=key(seed=3, max_new_tokens=9)[1])
     path.write_text(json.dumps(answer(sampled_parts)) + "\n")
     with pytest.raises(ConfigError, match=r"made under another --seed \(--seed 1 then, 2 now\)"):
         mtbench.read_answers(path, "m", key=sampled, settings=sampled_parts)
@@ -1003,6 +1006,8 @@ def test_greedy_answers_and_outputs_are_taken_under_another_seed_and_their_old_k
     recorded = {"temperature": 0.0, "top_p": 1.0, "num_beams": 1, "max_new_tokens": 8, "seed": 1}
     outputs.write_text(json.dumps({"instruction": "i", "output": "o", "source": "m", "generation": recorded}) + "\n")
     assert list(read_outputs(outputs, "m", _generation(settings(seed=2, top_p=0.5)))) == ["i"]
+    with pytest.raises(ConfigError, match=r"generated under other sampling \(--max_new_tokens 8 then, 9 now\): use"):
+        read_outputs(outputs, "m", _generation(settings(seed=2, max_new_tokens=9)))  # not the seed: greedy reads none
     outputs.write_text(json.dumps({"instruction": "i", "output": "o", "source": "m",
                                    "generation": {**recorded, "temperature": 0.7}}) + "\n")
     with pytest.raises(ConfigError, match=r"generated under other sampling \(--seed 1 then, 2 now\): use another"):

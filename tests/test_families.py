@@ -171,11 +171,25 @@ def test_lora_says_where_it_leaves_a_mixture_of_experts_routed_experts(mixtral, 
                      moe_intermediate_size=16, shared_expert_intermediate_size=16)
     # alignkit's default --lora_dropout 0.05 on a family whose experts PEFT adapts ended in PEFT's ValueError after
     # the weights loaded ("ParamWrapper does not work with lora_dropout != 0"): refused before, with the fix.
-    with pytest.raises(UserError, match=r"^--lora_dropout 0.05 on \S+ \(mixtral, a mixture of experts\): PEFT adapts "
-                                        r"its fused experts' 3-D weights, which take no LoRA dropout; pass --lora_dropout 0"):
-        load_model(DPOSettings(model_id=mixtral, quantization="none"), for_training=True)
+    olmoe = build(tmp_path / "olmoe", "olmoe", num_experts=4, num_experts_per_tok=2)
+    import transformers
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    transformers.AutoModelForCausalLM.from_pretrained = None  # refused before the weights load: never reached
+    try:
+        for model_id, family in ((mixtral, "mixtral"), (olmoe, "olmoe")):
+            for given, said in (({}, "--lora_dropout 0.05"), ({"lora_dropout": 0.0, "use_dora": True}, "--use_dora true"),
+                                ({"lora_target_modules": ["mlp.gate"]}, "--lora_dropout 0.05")):
+                with pytest.raises(UserError, match=rf"^{said} on \S+ \({family}, a mixture of experts\): PEFT adapts "
+                                                    r"its fused experts and its router as parameters, which take no "
+                                                    r"LoRA dropout nor DoRA; (pass --lora_dropout 0|drop --use_dora)"):
+                    load_model(DPOSettings(model_id=model_id, quantization="none", **given), for_training=True)
+    finally:
+        transformers.AutoModelForCausalLM.from_pretrained = real
     s = DPOSettings(model_id=mixtral, quantization="none", lora_target_modules=["q_proj", "v_proj"])
     add_trainable_adapter(load_model(s, for_training=True), s)  # the experts left out: dropout is fine
+    assert "LoRA adapts none of the routed experts (" in alignkit_log.text  # ... and said, as the user's choice
+    assert "--lora_target_modules names none of their layers" in alignkit_log.text
     import warnings
 
     for model_id, said in ((mixtral, False), (qwen_moe, True)):
@@ -190,3 +204,6 @@ def test_lora_says_where_it_leaves_a_mixture_of_experts_routed_experts(mixtral, 
         trained = model.peft_config["default"] if "default" in model.peft_config else next(iter(model.peft_config.values()))
         assert bool(trained.target_parameters) != said  # PEFT's own choice, as the line reports it
         assert ("LoRA adapts none of the routed experts" in alignkit_log.text) == said
+        if said:
+            assert "PEFT does not adapt this family's fused 3-D expert weights" in alignkit_log.text
+        assert trained.target_parameters is None or isinstance(trained.target_parameters, list)  # saved in one order

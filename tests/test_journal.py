@@ -888,3 +888,18 @@ def test_data_read_under_other_settings_is_refused_at_the_run_folder_cell(tmp_pa
         run_folder.prepare_run(dataclasses.replace(rl, max_prompts=5), "rl", prompts)
     # rl.py's prompts are every row read, in order: another seed reads the same rows (it was refused).
     run_folder.prepare_run(dataclasses.replace(rl, seed=7), "rl", prompts)
+
+
+def test_a_call_that_exits_is_raised_not_waited_for():
+    """A python: judge calling sys.exit() killed its worker thread and the caller waited for its result forever
+    (evaluate.py's default --parallel 1 judges through threaded(): the review of session 30). It is raised."""
+    def work(i):
+        if i == 1:
+            raise SystemExit(3)
+        return i
+
+    got = []
+    with pytest.raises(SystemExit):
+        for item, _ in threaded(work, range(4), 1):
+            got.append(item)
+    assert got == [0]

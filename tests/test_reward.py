@@ -303,6 +303,9 @@ def test_rm_tie_margin_without_a_reward_model_judge_is_refused():
         parse_config(LabelSettings, env_file=None, args=["--rm_tie_margin", "0.5"])
     assert parse_config(LabelSettings, env_file=None, args=["--judge", "rm:runs/rm", "--rm_tie_margin", "0.5"]
                         ).rm_tie_margin == 0.5
+    with pytest.raises(ConfigError, match=r"--rm_tie_margin 0.5 applies to --mode pairs; --mode pointwise grades"):
+        parse_config(LabelSettings, env_file=None, args=["--judge", "rm:runs/rm", "--rm_tie_margin", "0.5", "--mode",
+                                                          "pointwise"])  # the grader dropped it (the review)
 
 
 def test_a_judge_rm_folder_that_is_no_reward_model_is_one_line_before_any_generation(tiny_cache, tmp_path):

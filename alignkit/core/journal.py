@@ -352,6 +352,10 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
                 result = e
                 if stop_on_error:
                     stop.set()
+            except BaseException as e:  # a sys.exit() in a python: judge: the caller raises it (a lost result hung)
+                stop.set()
+                done.put((item, e))
+                return
             done.put((item, result))
 
     for _ in range(min(parallel, len(items))):
@@ -367,6 +371,8 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
                     if not isinstance(interrupt, Terminated):
                         yield from _finish_in_flight(done, taken[0] - given, grace)
                     raise
+                if isinstance(result, BaseException) and not isinstance(result, Exception):
+                    raise result  # SystemExit and the like, from a call: as if raised here, never a result
                 if item is not _CTRL_C:
                     given += 1
                     yield item, result

@@ -113,6 +113,9 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
         if self.rm_tie_margin and not str(self.judge).startswith("rm:"):  # it was ignored without a word
             raise ValueError(f"--rm_tie_margin {self.rm_tie_margin} applies to a reward-model judge (--judge "
                              f"rm:RUN_FOLDER), not --judge {self.judge}: drop it")
+        if self.rm_tie_margin and self.mode == "pointwise":  # a grade against --grade_threshold has no tie
+            raise ValueError(f"--rm_tie_margin {self.rm_tie_margin} applies to --mode pairs; --mode pointwise grades "
+                             "each answer against --grade_threshold: drop it")
         if self.grade_pairs and self.mode != "pointwise":
             raise ValueError(f"--grade_pairs makes pairs from --mode pointwise's grades; --mode {self.mode} does not "
                              "grade: drop it, or pass --mode pointwise")

@@ -153,6 +153,10 @@ def outputs_key(s, source: str, backend: str) -> str:
     return identity_key(loader_settings(s, source), backend)
 
 
+def _said(value) -> str:
+    return "none" if value is None else str(value)
+
+
 def read_outputs(path, source: str, generation: dict, identity: str | None = None) -> dict[str, dict]:
     """{instruction: record} of an outputs log; records from another model, another model as loaded (`identity`,
     see outputs_key) or other sampling are an error: the old outputs are never scored as the new model's."""
@@ -174,8 +178,11 @@ def read_outputs(path, source: str, generation: dict, identity: str | None = Non
         if recorded is not None and not (isinstance(recorded, dict) and
                                          decisive_sampling(recorded) == decisive_sampling(generation)):
             then = recorded if isinstance(recorded, dict) else {}
-            changed = "; ".join(f"--{k} {then.get(k, 'unrecorded')} then, {v} now" for k, v in generation.items()
-                                if then.get(k) != v) or f"{recorded!r} then"
+            read = decisive_sampling(then), decisive_sampling(generation)  # a greedy run's seed is no change
+            keys = [k for k, v in generation.items() if then.get(k) != v and read[0].get(k) != read[1].get(k)] or \
+                [k for k, v in generation.items() if then.get(k) != v]
+            changed = "; ".join(f"--{k} {_said(then.get(k, 'unrecorded'))} then, {_said(generation[k])} now"
+                                for k in keys) if then else f"{recorded!r} then"
             raise ConfigError(f"{where}: generated under other sampling ({changed}): use another --output_dir, or "
                               "delete the file to generate again with the new settings")
         if identity is not None and row.get("identity") != identity:

@@ -307,8 +307,11 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
             )
         if key is not None and "settings_key" in row and not same_model:
             then, now = row.get("settings"), settings or {}
-            # Named as given (a greedy run's seed is not read, but a change to sampling is said as the user made it).
-            if isinstance(then, dict) and (changed := [k for k, v in now.items() if then.get(k) != v]):
+            # Named as given, where decoding reads them apart too (a greedy run's other seed is no change).
+            read = (_decisive(then), _decisive(now)) if isinstance(then, dict) else ({}, {})
+            if isinstance(then, dict) and (changed := [k for k, v in now.items() if then.get(k) != v
+                                                       and read[0].get(k) != read[1].get(k)]
+                                           or [k for k, v in now.items() if then.get(k) != v]):
                 before = {k: then.get(k, "unrecorded") for k in changed}  # a part recorded since: library versions
                 raise ConfigError(
                     f"{path}, line {line}: this answer was made under another {', '.join(changed)} "

@@ -305,7 +305,7 @@ def check_experts(s, model_config) -> None:
     if getattr(config, "num_experts_per_tok", None) or getattr(config, "num_local_experts", None):
         raise ConfigError(f"--adapter lota on {s.model_id}, a mixture of experts: LoTA's deltas go on linear layers, "
                           "and its experts' weights are 3D tensors, so only the attention would be adapted. Use LoRA "
-                          "(--adapter lora targets the experts too where PEFT knows the family, as Mixtral's), or pass --lota_target_modules to adapt the "
+                          "(--adapter lora targets the experts too where PEFT knows the family, as Mixtral's, with --lora_dropout 0), or pass --lota_target_modules to adapt the "
                           "named linear layers only")
 
 

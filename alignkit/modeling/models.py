@@ -30,7 +30,7 @@ from alignkit.core.run_records import remember_loaded_as
 from alignkit.modeling import experts, lota_delta
 from alignkit.modeling.lineage import check_trained_over, remember_loaded
 from alignkit.modeling.model_folders import check_model_source  # noqa: F401 - importable from here too
-from alignkit.modeling.reward_models import check_model_kind, load_reward_base
+from alignkit.modeling.reward_models import check_model_kind, check_reward_family, load_reward_base
 # Where a model comes from (alignkit.modeling.chain): importable from here too, as before.
 from alignkit.modeling.chain import (  # noqa: F401 - importable from here too
     _looks_local, _recorded_base, adapter_chain, adapter_config, resolve, tokenizer_source,
@@ -261,6 +261,13 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     packed_config = model_config if packs_pairs(s, for_training) else None
     if for_training:
         lota_delta.check_experts(s, model_config)  # LoTA on a mixture of experts: refused before the weights load
+        if reward:  # a family without a score head first: no --lora_dropout fixes that (load_reward_base checks too)
+            try:
+                config = model_config()
+            except Exception:  # noqa: BLE001 - one that cannot be read is left to the load, which says why
+                config = None
+            if config is not None:
+                check_reward_family(config)
         experts.check_dropout(s, model_config)
     kwargs["attn_implementation"] = resolve_attention(s.attn_implementation, dtype, packed_config, model_config)
     with custom_code(s.model_id):
@@ -375,6 +382,8 @@ def add_trainable_adapter(loaded: Loaded, s, task_type: str = "CAUSAL_LM") -> to
     trained = model.peft_config[TRAINABLE]
     if isinstance(trained.target_modules, set):
         trained.target_modules = sorted(trained.target_modules)
+    if isinstance(getattr(trained, "target_parameters", None), set):  # PEFT's MoE conversion makes a set too
+        trained.target_parameters = sorted(trained.target_parameters)
     experts.say_unadapted(model, trained)
     if loaded.deltas:  # what its checkpoints name as their base (alignkit.train.trainers.CheckpointBase)
         model.alignkit_checkpoint_base = (s.model_id, getattr(s, "revision", None))
