@@ -44,6 +44,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   generation (local answering engines: transformers, vLLM),
   merge (adapters into their base),
   lota_delta (a LoTA sparse delta: its files, and how the loader adds it),
+  experts (a mixture of experts' fused experts under LoRA and 4-bit: said, or refused before the load),
   presets (the offline `tiny` demo and its rule),
   smol (SmolLM2-135M).
 - train (training and its algorithms):
@@ -71,6 +72,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
 - evals (evaluation):
   evaluation (evaluate.py's commands, vibes and the pairwise flow),
   named_models (--models NAME=ID_OR_PATH[@REVISION]: the models mt_bench, pairwise and lm_eval compare),
+  prompts_file (--prompts_file read as single-turn questions, each bad row named),
   mtbench, judgments, fastchat_compat and results (the pairwise flow's answers, verdicts, FastChat judging and
   statistics),
   alpacaeval (evaluate.py alpaca_eval), with alpacaeval_outputs, alpacaeval_annotate and alpacaeval_report,

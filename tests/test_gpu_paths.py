@@ -225,7 +225,7 @@ def test_auto_loads_flex_attention_for_dpo_with_prefix_sharing_only(monkeypatch,
     for explicit in ("flash_attention_2", "sdpa"):  # the override: what bench/gpu_dpo.py compares it with
         assert attention(DPOSettings(model_id=tiny, attn_implementation=explicit)) == explicit
     alignkit_log.clear()
-    assert attention(DPOSettings(model_id=_moe_folder(tmp_path / "moe"))) == "flash_attention_2"
+    assert attention(DPOSettings(model_id=_moe_folder(tmp_path / "moe"), lora_dropout=0.0)) == "flash_attention_2"
     assert "not flex_attention for prefix sharing: prefix sharing is off on it anyway (a mixture-of-experts" in \
         alignkit_log.text
     fake_gpus(monkeypatch, gpu="A100", flash_attn=False)

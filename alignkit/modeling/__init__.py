@@ -12,6 +12,7 @@
 - generation: local answering engines (transformers, vLLM).
 - merge: adapters merged into their base and checked.
 - lota_delta: a LoTA sparse delta as a model part (its parametrization, files, and how every loader adds it).
+- experts: a mixture of experts' fused experts under LoRA and 4-bit (said, or refused before the weights load).
 - presets: the offline `tiny` demo and its rule.
 - smol: the `smol` preset, SmolLM2-135M-Instruct (its prompts: smol_prompts.jsonl).
 """
