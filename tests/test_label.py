@@ -327,6 +327,11 @@ def test_a_stop_while_judging_counts_this_run_s_judgments_not_the_cache_s(tmp_pa
             label(tmp_path, server)
     assert "interrupted: 4 of the 10 judgments these pairs need are safe in prefs.cache/judgments.jsonl; run the " \
         "same command again to ask for the other 6" in alignkit_log.text
+    # What is kept is the last line said, after the progress bar's own last line (the Ctrl-C audit of session 30)
+    lines = [r.getMessage() for r in alignkit_log.records]
+    said = next(i for i, line in enumerate(lines) if line.startswith("interrupted:"))
+    bars = [i for i, line in enumerate(lines) if line.startswith("judging:")]
+    assert bars and max(bars) < said
 
 
 def test_a_missing_prompts_file_leaves_nothing_behind(tmp_path):

@@ -137,7 +137,7 @@ class Progress:
         self._show_errors = errors
         self._start, self._start_done = time.monotonic(), done
         self._last = self._start
-        self.bar = None
+        self.bar, self._closed = None, False
         if total and live():
             from tqdm.auto import tqdm
 
@@ -163,6 +163,10 @@ class Progress:
         logger.info(f"{self.what}: {self.done}/{self.total} {units}, {rate:.1f}/s{errors}")
 
     def close(self) -> None:
+        """The bar closed (or its last line logged), once: a caller may close it early, before its own last line."""
+        if self._closed:
+            return
+        self._closed = True
         if self.bar is not None:
             self.bar.close()
         elif self.total:

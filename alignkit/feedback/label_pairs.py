@@ -101,6 +101,7 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
                 finished += open_keys[n] == 0
             progress.update(finished, len(run.errors))
     except KeyboardInterrupt:  # this run's judgments, not the cache's (earlier runs', other judges')
+        progress.close()  # its last line before the one saying what is kept (it came after it)
         left = sum(key not in run.judgments or key in retry and parse_verdict(run.judgments.get(key)["text"]) is None
                    for key in needed)
         logger.warning(f"interrupted: {len(keys) - left} of the {len(keys)} judgments these pairs need are safe in "
