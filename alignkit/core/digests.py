@@ -85,6 +85,14 @@ def decisive_sampling(sampling: dict) -> dict:
     return dict(sampling)
 
 
+def changed_settings(then: dict, now: dict, read=decisive_sampling) -> list[str]:
+    """The keys of `now` whose recorded value `then` differs, named as given: those that `read` (how decoding reads
+    them) tells apart too, a greedy run's other seed being no change; else every one that differs."""
+    read_then, read_now = read(then), read(now)
+    differ = [k for k, v in now.items() if then.get(k) != v]
+    return [k for k in differ if read_then.get(k) != read_now.get(k)] or differ
+
+
 def sample_seed(*parts) -> int:
     """One sampled answer's seed, from what names it (the run's --seed, a sample number, the prompt's key, a turn):
     alignkit.modeling.generation samples each answer from its own stream with it, whatever its batch."""

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from alignkit.core.args import ConfigError
-from alignkit.core.digests import decisive_sampling, sample_seed
+from alignkit.core.digests import changed_settings, decisive_sampling, sample_seed
 from alignkit.core.journal import append_jsonl, write_json
 from alignkit.core.progress import Progress
 from alignkit.core.groups import loader_settings
@@ -178,9 +178,7 @@ def read_outputs(path, source: str, generation: dict, identity: str | None = Non
         if recorded is not None and not (isinstance(recorded, dict) and
                                          decisive_sampling(recorded) == decisive_sampling(generation)):
             then = recorded if isinstance(recorded, dict) else {}
-            read = decisive_sampling(then), decisive_sampling(generation)  # a greedy run's seed is no change
-            keys = [k for k, v in generation.items() if then.get(k) != v and read[0].get(k) != read[1].get(k)] or \
-                [k for k, v in generation.items() if then.get(k) != v]
+            keys = changed_settings(then, generation)
             changed = "; ".join(f"--{k} {_said(then.get(k, 'unrecorded'))} then, {_said(generation[k])} now"
                                 for k in keys) if then else f"{recorded!r} then"
             raise ConfigError(f"{where}: generated under other sampling ({changed}): use another --output_dir, or "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
-from alignkit.core.digests import decisive_sampling, digest, sample_seed
+from alignkit.core.digests import changed_settings, decisive_sampling, digest, sample_seed
 from alignkit.core.journal import append_jsonl, read_jsonl, write_atomic
 from alignkit.core.progress import Progress
 from alignkit.evals.named_models import same_source
@@ -307,11 +307,7 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
             )
         if key is not None and "settings_key" in row and not same_model:
             then, now = row.get("settings"), settings or {}
-            # Named as given, where decoding reads them apart too (a greedy run's other seed is no change).
-            read = (_decisive(then), _decisive(now)) if isinstance(then, dict) else ({}, {})
-            if isinstance(then, dict) and (changed := [k for k, v in now.items() if then.get(k) != v
-                                                       and read[0].get(k) != read[1].get(k)]
-                                           or [k for k, v in now.items() if then.get(k) != v]):
+            if isinstance(then, dict) and (changed := changed_settings(then, now, _decisive)):
                 before = {k: then.get(k, "unrecorded") for k in changed}  # a part recorded since: library versions
                 raise ConfigError(
                     f"{path}, line {line}: this answer was made under another {', '.join(changed)} "
