@@ -663,3 +663,28 @@ def test_a_reward_model_judge_is_the_same_step_input_wherever_its_folder_is(tiny
     assert not same_inputs(first, {"judge": _judge(f"rm:{tmp_path / 'copy'}"), "seed": 2})
     (tmp_path / "copy" / "config.json").write_text((tmp_path / "copy" / "config.json").read_text() + " ")
     assert not same_inputs(first, {"judge": _judge(f"rm:{tmp_path / 'copy'}"), "seed": 1})  # another model now
+
+
+def test_what_dpo_refuses_on_a_mixture_of_experts_is_refused_before_round_1_samples(tmp_path, monkeypatch):
+    """An MoE policy with alignkit's default --lora_dropout 0.05 (PEFT takes no dropout on the fused experts it
+    adapts) sampled and labeled round 1, then its dpo.py step refused (the rlaif audit of session 30). Refused before
+    round 1, through an adapter over the model too; --lora_dropout 0 goes on."""
+    from transformers import AutoConfig
+
+    from alignkit.core.errors import UserError
+    from alignkit.train import rlaif
+
+    s, calls = _one_faked_round(tmp_path, monkeypatch, "python:unparsed_judge:judge")
+    AutoConfig.for_model("mixtral", num_local_experts=4, num_experts_per_tok=2).save_pretrained(s.model_id)
+    adapter = tmp_path / "sft-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": s.model_id,
+                                                             "peft_type": "LORA"}))
+    for policy in (s.model_id, str(adapter)):
+        with pytest.raises(UserError, match=r"^--lora_dropout 0.05 on \S+ \(mixtral, a mixture of experts\): .*pass "
+                                            r"--lora_dropout 0"):
+            rlaif.run(dataclasses.replace(s, model_id=policy), tmp_path / "run")
+        assert calls == []
+    with pytest.raises(UserError, match=r"^round 1: no pair was labeled"):  # past the check: round 1's label.py
+        rlaif.run(dataclasses.replace(s, lora_dropout=0.0), tmp_path / "run")
+    assert [script for script, _ in calls] == ["label.py"]

@@ -295,6 +295,7 @@ def run(s, folder: Path) -> list[dict]:
 
     check_exists(s.dataset_id)  # a prompts file that is not there: here, not in round 1's label.py after a load
     check_file_splits(s)  # a --dataset_split on a single prompts file, refused here, not by dpo.py in round 1
+    _check_dpo_loads(s)
     _check_folder(s, folder)
     prompts = eval_prompts(s, folder)
     records, policy = [], start_model(s)
@@ -307,6 +308,25 @@ def run(s, folder: Path) -> list[dict]:
     write_table(records, folder / "rlaif.md")
     plot(records, folder / "win_rate.png")
     return records
+
+
+def _check_dpo_loads(s) -> None:
+    """What every round's dpo.py refuses before its weights load, on the starting model's family: LoRA dropout or
+    DoRA on a mixture of experts whose fused experts PEFT adapts, LoTA on one. Refused here, not at round 1's DPO
+    step after its sampling and labeling (the rlaif audit of session 31). A config that cannot be read here (a GGUF
+    file, a Hub model offline) is left to the scripts, which load it and say why in their own line."""
+    import functools
+
+    from transformers import AutoConfig
+
+    from alignkit.modeling import experts, lota_delta
+    from alignkit.modeling.chain import resolve
+
+    base, revision, *_ = resolve(start_model(s), s.revision)
+    model_config = functools.cache(functools.partial(AutoConfig.from_pretrained, base, revision=revision,
+                                                     trust_remote_code=s.trust_remote_code))
+    lota_delta.check_experts(s, model_config)
+    experts.check_dropout(s, model_config)
 
 
 def _check_folder(s, folder: Path) -> None:
