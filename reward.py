@@ -147,9 +147,10 @@ if eval_data is not None and scores_held_out(main):  # FSDP/ZeRO-3: every rank t
 # How its rows were written and its base loaded: a judge (rm:FOLDER) scores the way it trained, a copy pushed to the
 # Hub too (alignkit.feedback.rewards).
 from alignkit.core.data import is_text_dataset
-from alignkit.feedback.rewards import QUANTIZATION_KEY, ROWS_KEY
+from alignkit.feedback.rewards import LENGTH_KEY, QUANTIZATION_KEY, ROWS_KEY
 
-rows = {ROWS_KEY: "text" if is_text_dataset(train_data) else "conversations", QUANTIZATION_KEY: loaded.quantization}
+rows = {ROWS_KEY: "text" if is_text_dataset(train_data) else "conversations", QUANTIZATION_KEY: loaded.quantization,
+        LENGTH_KEY: settings.max_length}
 if loaded.quantization == "4bit":  # the 4-bit format its base was rounded to
     rows |= {"bnb_4bit_quant_type": settings.bnb_4bit_quant_type, "use_bnb_nested_quant": settings.use_bnb_nested_quant}
 metrics = finish(trainer, loaded, settings, run_folder, "reward", measured={**report, **rows} if main else None)

@@ -175,6 +175,31 @@ def test_a_reward_model_scores_an_answer_given_as_its_message_as_its_text(reward
         reward(prompts[:1], [{"role": "assistant", "content": answers[0]}])
 
 
+def test_a_reward_model_says_once_where_it_scores_answers_longer_than_it_trained_on(reward_run, alignkit_log):
+    """TRL's RewardTrainer drops pairs longer than --max_length, so a reward model never saw longer sequences; a
+    judge or a reward function scored them whole without a word. Its length is recorded in metrics.json (a merge and
+    a push carry it) and one line says so the first time it happens; a RewardModel(max_length=N) that keeps the last
+    N tokens within it says nothing."""
+    from alignkit.feedback.rewards import LENGTH_KEY, RewardModel, load
+
+    folder = reward_run["run_folder"]
+    trained = json.loads((folder / "metrics.json").read_text())[LENGTH_KEY]
+    assert trained == reward_run["settings"].max_length
+    reward = load(f"rm:{folder}")
+    assert reward.trained_length == trained
+    reward(["name three fruits."], ["apple, pear, plum."])
+    assert "trained on sequences of up to" not in alignkit_log.text  # within its length: nothing said
+    long = " ".join(["apple"] * (trained + 8))
+    reward(["name three fruits."] * 2, [long, "pear."])
+    assert alignkit_log.text.count(f"rm:{folder} trained on sequences of up to {trained} tokens (--max_length); 1 of "
+                                   "2 scored here are longer (up to ") == 1
+    reward(["name three fruits."], [long])
+    assert alignkit_log.text.count("trained on sequences of up to") == 1  # said once
+    alignkit_log.clear()
+    RewardModel(str(folder), max_length=trained)(["name three fruits."], [long])  # truncated to what it knows
+    assert "trained on sequences of up to" not in alignkit_log.text
+
+
 def test_a_full_precision_reward_model_loaded_in_4_bit_for_a_qlora_policy_says_so(reward_run, alignkit_log):
     """rl.py --quantization 4bit loads its rm: reward too in 4-bit (to fit beside the policy): a reward model trained
     in full precision then scored up to 0.6 off its training's scores without a word (found by an rl.py audit)."""

@@ -32,6 +32,7 @@ from alignkit.modeling.template_rows import refusing
 
 PREFIX = "rm:"
 ROWS_KEY = "reward_rows"  # metrics.json: "text" (TRL's standard rows) or "conversations"
+LENGTH_KEY = "trained_max_length"  # metrics.json: its --max_length (TRL's RewardTrainer dropped longer pairs)
 QUANTIZATION_KEY = "trained_quantization"  # metrics.json: how its base was loaded ("4bit": QLoRA, in the format
 # its bnb_4bit_quant_type and use_bnb_nested_quant keys say, alignkit.core.run_records.FOUR_BIT_FIELDS)
 
@@ -67,13 +68,15 @@ def trained_on_text(folder: str) -> bool:
 
 
 def score(model, tokenizer, conversations: list[list[dict] | str], batch_size: int = 16,
-          max_length: int | None = None, template_kwargs: dict | None = None) -> list[float]:
+          max_length: int | None = None, template_kwargs: dict | None = None,
+          longer: Callable[[list[int]], None] | None = None) -> list[float]:
     """The reward of each whole conversation (prompt turns + the assistant's answer), in the caller's order.
 
     Tokenized exactly as TRL's RewardTrainer tokenizes training pairs (the chat template, tokenize=True; a text,
     TRL's standard format: the text itself, ending with the eos token), right padded; a conversation longer than
     max_length keeps its last max_length tokens (the score reads the end). `template_kwargs` go to the chat
     template (rl.py: GRPOConfig's chat_template_kwargs, as TRL renders a reward model's conversations).
+    `longer` gets the tokenized lengths, before any truncation (RewardModel says where they pass its training's).
     """
     ids = []
     for c in conversations:
@@ -84,6 +87,8 @@ def score(model, tokenizer, conversations: list[list[dict] | str], batch_size: i
         with refusing(c, "an answer to score"):  # a template's refusal names the conversation in one line
             ids.append(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True,
                                                      **(template_kwargs or {}))["input_ids"])
+    if longer is not None:
+        longer([len(i) for i in ids])
     if max_length:
         ids = [i[-max_length:] for i in ids]
     order = sorted(range(len(ids)), key=lambda n: -len(ids[n]))  # similar lengths share a batch: less padding
@@ -103,6 +108,17 @@ def score(model, tokenizer, conversations: list[list[dict] | str], batch_size: i
             for row, n in enumerate(chunk):
                 out[n] = float(logits[row, 0].float())
     return out
+
+
+def trained_length(folder: str) -> int | None:
+    """The --max_length a reward model trained at (its metrics.json, which a merge and a push carry; a run's
+    settings for runs before the record), None where unknown or unlimited."""
+    from alignkit.core.run_records import run_config
+
+    said = _record(folder).get(LENGTH_KEY)
+    if said is None and Path(folder).is_dir():
+        said = run_config(folder).get("max_length")
+    return said if isinstance(said, int) and not isinstance(said, bool) else None
 
 
 def reward_loader_settings(folder: str, settings=None):
@@ -167,6 +183,7 @@ class RewardModel:
                               "folder), e.g. rm:runs/tiny-reward")
         self.folder, self.batch_size, self.max_length = folder, batch_size, max_length
         self.text = trained_on_text(folder)
+        self.trained_length, self._said_longer = trained_length(folder), False
         loader = reward_loader_settings(folder, settings)
         # Scored as it trained: a QLoRA reward model over its base rounded to its 4-bit format, in the compute dtype.
         if (four_bit := over_4bit_base(folder, loader)) is not None:
@@ -209,7 +226,23 @@ class RewardModel:
         else:
             inputs = [[*p, {"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
         return score(self.loaded.model, self.loaded.tokenizer, inputs, self.batch_size, self.max_length,
-                     template_kwargs)
+                     template_kwargs, longer=self._say_longer)
+
+    def _say_longer(self, lengths: list[int]) -> None:
+        """One line, the first time answers pass the length the reward model trained at (TRL's RewardTrainer drops
+        longer pairs): scored whole all the same, at lengths it never saw (a RewardModel(max_length=N) keeps the
+        last N tokens instead)."""
+        scored = [min(n, self.max_length or n) for n in lengths]  # as score() truncates
+        if self._said_longer or not self.trained_length or not (over := [n for n in scored
+                                                                         if n > self.trained_length]):
+            return
+        from alignkit import logger
+
+        self._said_longer = True
+        logger.warning(f"{PREFIX}{self.folder} trained on sequences of up to {self.trained_length} tokens "
+                       f"(--max_length); {len(over)} of {len(lengths)} scored here are longer (up to {max(over)}), "
+                       "scored whole at lengths it never saw: retrain it with a larger --max_length to trust those "
+                       "scores (said once)")
 
     def text_of(self, prompt: list[dict]) -> str:
         return text_of(self.folder, prompt)

@@ -63,7 +63,8 @@ def _check_inputs(tokenizer, device):
 def keep_checkpoint_metrics(adapter_dir, out, config: dict | None = None) -> None:
     """A checkpoint-N (or its merge), which has no metrics.json of its own, gets one: its figures at its step
     (alignkit.core.run_records.checkpoint_metrics; the run's metrics.json is the finished run's) and, for a reward
-    model, its run's rows' format (`reward_rows`, from the run's data_rows) and how its base was loaded
+    model, its run's rows' format (`reward_rows`, from the run's data_rows), the length it trained at
+    (`trained_max_length`) and how its base was loaded
     (`trained_quantization`), the record a push uploads so that a Hub copy is judged as it trained
     (alignkit.feedback.rewards). Nothing when `out` has one."""
     from alignkit.core.run_records import checkpoint_metrics, run_config, trained_four_bit, trained_quantization
@@ -72,11 +73,13 @@ def keep_checkpoint_metrics(adapter_dir, out, config: dict | None = None) -> Non
     if (Path(out) / "metrics.json").exists():
         return
     metrics = checkpoint_metrics(adapter_dir)
-    rows = (run_config(adapter_dir) if config is None else config).get("data_rows")
-    if rows and model_kind(str(adapter_dir)) == REWARD:
-        from alignkit.feedback.rewards import QUANTIZATION_KEY, ROWS_KEY
+    config = run_config(adapter_dir) if config is None else config
+    if (rows := config.get("data_rows")) and model_kind(str(adapter_dir)) == REWARD:
+        from alignkit.feedback.rewards import LENGTH_KEY, QUANTIZATION_KEY, ROWS_KEY
 
         metrics[ROWS_KEY] = rows
+        if isinstance(config.get("max_length"), int):  # the length it trained at (longer pairs were dropped)
+            metrics[LENGTH_KEY] = config["max_length"]
         if quantization := trained_quantization(adapter_dir):  # a Hub copy scores over the base it trained over
             metrics[QUANTIZATION_KEY] = quantization
             metrics |= trained_four_bit(adapter_dir) if quantization == "4bit" else {}
