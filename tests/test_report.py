@@ -57,7 +57,10 @@ def test_summary_names_steps_time_folder_picture_figures_wandb_and_hub(tmp_path,
     body = {line.split("  ")[1].strip(): line.split("  ", 2)[-1].strip() for line in lines[1:-1]}
     assert body["steps"] == "2 in 1m 15s"
     assert body["adapter"] == str(tmp_path / "run") and body["merged model"] == str(tmp_path / "run" / "merged")
-    assert body["held-out reward accuracy"] == "0.7" and body["held-out loss"] == "0.62"
+    assert body["held-out reward accuracy"] == "0.700" and body["held-out loss"] == "0.62"
+    # An accuracy as reward.py's closing line prints it: "held-out accuracy: 1.000" came after a summary saying 1.
+    whole = report.summary("reward", tmp_path, {"global_step": 1, "held_out_accuracy": 1.0}, [], None)
+    assert "  held-out accuracy  1.000" in whole.splitlines()
     assert body["wandb"] == "https://wandb.ai/x/y/runs/z" and body["hub"] == "https://huggingface.co/you/m"
     monkeypatch.delitem(sys.modules, "wandb")
     assert "wandb" not in report.summary("sft", tmp_path, {"global_step": 1}, [], None)

@@ -137,7 +137,8 @@ def summary(stage: str, folder, metrics: dict, log_history: list[dict], picture:
     seen = set()
     for key, label in HELD_OUT:
         if key in metrics and label not in seen and isinstance(metrics[key], (int, float)):
-            rows.append((label, f"{metrics[key]:.4g}"))
+            # A share as the closing lines print it (1.000, not 1); a loss or margin to 4 significant digits.
+            rows.append((label, f"{metrics[key]:.3f}" if "accurac" in key else f"{metrics[key]:.4g}"))
             seen.add(label)
     url = wandb_url()
     if url:
