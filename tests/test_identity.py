@@ -192,7 +192,16 @@ def test_an_optional_library_counts_only_where_it_computes_this_models_outputs(t
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in (
         "flash_attn", "liger_kernel") else find_spec(name, *a))
-    assert identity.hardware() == "cpu"
+    import platform
+
+    import torch
+
+    assert identity.hardware() == f"cpu:{platform.machine()}:{torch.backends.cpu.get_cpu_capability()}"
+    # A CPU whose kernels round otherwise (another vector unit: AVX2 here, AVX512 there) is another machine; every
+    # CPU was "cpu", and answers made on one were reused on another.
+    on_this_cpu = identity.identity_key(plain)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "OTHER")
+    assert identity.hardware().endswith(":OTHER") and identity.identity_key(plain) != on_this_cpu
 
 
 def test_a_hub_base_counts_bitsandbytes_alike_before_and_after_its_config_is_downloaded(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ it plus its own inputs (prompt, sampling, template) and never lists loader field
   so a second look at a 14 GB folder costs a few stat calls.
 - `backend`: the generation engine (vLLM and transformers sample differently), when the caller has one.
 - `hardware`: the device class and the optional kernels installed, the inputs of every `auto` choice (dtype,
-  attention, quantization, Liger): a cache made on a CPU in fp32 is not reused on a GPU in 4-bit.
+  attention, quantization, Liger): a cache made on a CPU in fp32 is not reused on a GPU in 4-bit. A CPU is its
+  architecture and vector unit (AVX2 and AVX512 kernels round differently).
 - `libraries`: the installed versions of the libraries that compute the outputs (`LIBRARIES`; bitsandbytes, gguf,
   flash-attn and Liger where they compute this model's, `OPTIONAL_LIBRARIES`; the engine's own, `ENGINE_LIBRARIES`):
   an upgrade can change an answer (a fixed attention mask or rotary scaling, another sampling default, a new
@@ -238,13 +239,16 @@ def _liger_runs() -> bool:
 
 def hardware() -> str:
     """The device class and, on CUDA, the optional kernels installed: the inputs of alignkit's "auto" choices
-    (without CUDA neither kernel runs and no choice reads them: installing one there is not another machine)."""
+    (without CUDA neither kernel runs and no choice reads them: installing one there is not another machine). A CPU
+    is its architecture and the vector unit torch's kernels dispatch to (AVX2, AVX512...): they round differently,
+    enough to tip a greedy token or a reward near a tie (it was "cpu" for every CPU)."""
     import importlib.util
+    import platform
 
     import torch
 
     if not torch.cuda.is_available():
-        return "cpu"
+        return f"cpu:{platform.machine() or '?'}:{torch.backends.cpu.get_cpu_capability()}"
     try:
         device = f"cuda:{torch.cuda.get_device_name(0)}"
     except (RuntimeError, AssertionError):  # a CUDA that reports itself but cannot name the device
