@@ -135,6 +135,31 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
     assert identity.model_identity(with_template) != before
 
 
+def test_num_threads_is_declared_inert_because_the_outputs_are_the_same_bits_at_any_thread_count(tiny_cache):
+    """--num_threads is left out of every cache key (INERT): that holds only while torch's CPU kernels give the same
+    bits however many threads split the work (they split rows, not sums). Checked on the model itself, in fp32 and
+    bf16: logits and a greedy answer at 1 and at 2 threads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    assert "num_threads" in identity.INERT
+    model = AutoModelForCausalLM.from_pretrained(presets.paths()["model"]).eval()
+    ids = torch.randint(5, 200, (3, 48), generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            model.to(dtype)
+            outputs = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                with torch.no_grad():
+                    outputs.append((model(input_ids=ids).logits,
+                                    model.generate(ids[:1, :8], max_new_tokens=16, do_sample=False)))
+            assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1]), dtype
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_an_upgrade_of_a_library_that_computes_the_outputs_is_another_model_in_every_cache(tiny_cache, monkeypatch):
     """Answers made under transformers X were reused under transformers Y (a fixed attention mask, another sampling
     default change an answer): the versions of the libraries that compute the outputs count, the engine's own where
