@@ -16,6 +16,7 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   extras (the optional eval and tracking extras, and the line that installs a missing one),
   paths (the cache folder, and folders built there once by one process),
   launch (the launch mode, this process's device and process group, the loader's hardware decisions, refusals),
+  zero3 (DeepSpeed ZeRO-3's zero.Init registered before the weights load, set aside for a whole-model build),
   kernels (the attention implementation and Liger a load uses),
   threads (torch's CPU threads for a loaded model),
   parent_death (a launch's rank or rlaif's step stops when its parent is killed),

@@ -552,7 +552,9 @@ def test_zero3_init_is_registered_before_the_model_loads(monkeypatch, load_kwarg
 
     real = importlib.util.find_spec  # deepspeed "installed", as on the GPU machine this launch runs on
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
-    monkeypatch.setattr(launch, "_zero3_config", None)
+    from alignkit.core import zero3
+
+    monkeypatch.setattr(zero3, "_zero3_config", None)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true")

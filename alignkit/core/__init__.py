@@ -13,6 +13,7 @@
 - extras: the optional eval and tracking extras, and the one line that installs a missing one.
 - paths: the cache folder ($ALIGNKIT_CACHE).
 - launch: the launch mode, this process's device and process group, the loader's hardware decisions, refusals.
+- zero3: DeepSpeed ZeRO-3's zero.Init registered before the weights load, set aside for a whole-model build.
 - kernels: the attention implementation and Liger a load uses.
 - threads: torch's CPU threads for a loaded model (--num_threads).
 - parent_death: a child process (a launch's rank, rlaif's step) stops when its parent is killed.

@@ -9,7 +9,8 @@ Every script calls `establish_launch(settings, script)` first. Under `accelerate
 - creates the process group (accelerate's PartialState, the one the Trainer later finds): transformers' FSDP
   RAM-efficient loading (`fsdp_cpu_ram_efficient_loading`: only local rank 0 reads the weights) checks
   `torch.distributed.is_initialized()` while the model loads (transformers/distributed/fsdp.py is_fsdp_enabled);
-- under ZeRO-3, registers DeepSpeed's config so that from_pretrained builds the model partitioned;
+- under ZeRO-3, registers DeepSpeed's config so that from_pretrained builds the model partitioned
+  (alignkit.core.zero3);
 - keeps stdout on global rank 0 only, so a script's lines show once per launch (`--debug`: on every rank).
 
 The loader's hardware decisions live here too, each logged once with its reason: dtype, quantization (and its
@@ -23,7 +24,6 @@ Launch modes: "one process", "DDP", "FSDP", "ZeRO-2" (also ZeRO-0/1), "ZeRO-3".
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -35,6 +35,7 @@ import torch
 
 from alignkit import logger
 from alignkit.core.errors import UserError, debugging, report_on_rank
+from alignkit.core.zero3 import register_zero3_init
 
 FSDP, ZERO3 = "FSDP", "DeepSpeed ZeRO-3"  # the two launches that shard the model (`sharded_launch`)
 ONE_PROCESS = ("label.py", "evaluate.py", "merge.py", "rlaif.py")  # scripts that never run under a launcher
@@ -454,53 +455,3 @@ def device_placement(quantization: str = "none", on_cpu: bool = False) -> dict:
         return {}
     _log_choice("device", f"cuda:{local_gpu()}", "the whole model on this process's GPU")
     return {"device_map": {"": local_gpu()}}
-
-
-_zero3_config = None  # must stay alive: transformers keeps only a weakref to it
-
-
-def register_zero3_init() -> None:
-    """Under a ZeRO-3 launch with zero3_init_flag, make from_pretrained build the model partitioned (zero.Init).
-
-    from_pretrained partitions at load time only when a DeepSpeed config is registered
-    (transformers/modeling_utils.py: `needs_zero3_init = is_deepspeed_zero3_enabled() and not _is_quantized`);
-    the Trainer registers one only when its TrainingArguments are built (training_args.py, "12. DeepSpeed":
-    DeepSpeedPlugin().set_deepspeed_weakref()), which in the scripts comes after loading: every rank would load
-    the whole model into CPU RAM. This registers the same config, read from accelerate launch's environment,
-    before loading. (4-bit models are never built under zero.Init.)
-    """
-    global _zero3_config
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        return  # TRL's config (or an HfDeepSpeedConfig of the caller's) is already registered
-    import importlib.util
-
-    if importlib.util.find_spec("deepspeed") is None:
-        raise UserError("a DeepSpeed ZeRO-3 launch, but deepspeed is not installed: pip install deepspeed (on a CUDA "
-                        "machine), or launch with DDP/FSDP (recipes/accelerate/ddp.yaml, fsdp.yaml)")
-    from accelerate.utils import DeepSpeedPlugin
-
-    plugin = DeepSpeedPlugin()  # ACCELERATE_DEEPSPEED_* and the config file, as TrainingArguments reads them
-    if not plugin.zero3_init_flag:
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()  # the plugin registered its config on creation; zero.Init stays off as asked
-        return
-    plugin.set_deepspeed_weakref()
-    _zero3_config = plugin
-    _log_choice("ZeRO-3 init", "on", "each rank loads only its shard of the weights (zero3_init_flag)")
-
-
-@contextlib.contextmanager
-def outside_zero3():
-    """One process builds a whole model (a merge at the end of a ZeRO-3 run): DeepSpeed's registered config is set
-    aside, so from_pretrained does not build under zero.Init and wait for ranks that have left."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    kept = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = kept

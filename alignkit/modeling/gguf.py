@@ -154,7 +154,7 @@ def _convert_into(path: Path, arch: str, work: Path) -> str:
 
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    from alignkit.core.launch import outside_zero3
+    from alignkit.core.zero3 import outside_zero3
     from alignkit.core.progress import bars_by_rule
 
     logger.info(f"converting {path} ({arch}) into {work.parent} (once; cached for every later run)")

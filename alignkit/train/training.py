@@ -447,7 +447,7 @@ def publish_run(folder: Path, s) -> tuple[Path | None, str | None]:
 
     target, merged, url = folder, None, None
     if s.merge_adaptors:
-        from alignkit.core.launch import outside_zero3
+        from alignkit.core.zero3 import outside_zero3
 
         with outside_zero3():  # the main process alone builds the whole model: not under ZeRO-3's zero.Init
             target = merged = merge_adapters(str(folder), folder / "merged", dtype=s.dtype,
