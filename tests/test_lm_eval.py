@@ -105,6 +105,53 @@ def test_an_unknown_task_is_refused_before_any_model_loads(tiny_cache, tmp_path,
         harness.run(s)
 
 
+def test_a_task_whose_data_cannot_be_read_is_one_line_before_any_model_loads(tiny_cache, tmp_path, monkeypatch):
+    """A Hub task offline (hellaswag: datasets' ConnectionError) and a task YAML whose relative data_files lie beside
+    it (lm_eval reads them from the folder it runs in: FileNotFoundError) each ended in a 50-line traceback after the
+    first model had loaded (the evaluate audit of session 31): one line naming the task, the cause and the fix,
+    before any model loads. A task that reads is built once, and the first model's run takes it as built."""
+    from alignkit.core.args import ConfigError
+    from alignkit.evals.evaluation import parse_command
+    from alignkit.modeling import presets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr("alignkit.modeling.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    tasks = tmp_path / "tasks"
+    (tasks / "data").mkdir(parents=True)
+    (tasks / "data" / "rows.jsonl").write_text('{"q": "1+1?", "a": 0}\n')
+    body = "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_target: a\ndoc_to_choice: ['2', '3']\n"
+    (tasks / "relative.yaml").write_text("task: relative_rows\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                         "    test: data/rows.jsonl\ntest_split: test\n" + body)
+    (tasks / "hub.yaml").write_text("task: hub_rows\ndataset_path: no-such-org/no-such-dataset\ntest_split: test\n"
+                                    + body)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _, s = parse_command(["lm_eval", "--models", f"base={presets.paths()['model']}", "--tasks", "relative_rows",
+                          "--include_path", str(tasks), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ConfigError, match=rf"^lm_eval task 'relative_rows': its data did not load \(FileNotFoundError: "
+                                          rf".*\): lm_eval reads a task's data_files and dataset_path from the folder "
+                                          rf"it runs in \({elsewhere}\), not from the YAML's \(it is beside "
+                                          rf"{tasks / 'relative.yaml'}\); write them as absolute paths, or run from"):
+        harness.run(s)
+    s.tasks = ["hub_rows"]
+    with pytest.raises(ConfigError, match=r"^lm_eval task 'hub_rows': its data did not load \(.*\): its dataset is on "
+                                          r"the Hugging Face Hub, out of reach here \(offline, or HF_HUB_OFFLINE=1"):
+        harness.run(s)
+    monkeypatch.chdir(tasks)  # where the relative path is read from: the task is built, once, and handed on
+    s.tasks = ["relative_rows"]
+    handed = []
+    monkeypatch.setattr(harness, "evaluate_model", lambda s, source, lm_eval, manager, built: handed.append(built)
+                        or {"results": {}})
+    monkeypatch.setattr(harness, "format_table", lambda results: "")
+    monkeypatch.setattr(harness, "plot", lambda results, path: path)
+    harness.run(s)
+    (task,) = handed[0]
+    assert type(task).__name__ == "ConfigurableTask" and task.task_name == "relative_rows"
+    assert len(list(task.test_docs())) == 1
+
+
 def test_a_missing_model_is_refused_before_the_first_model_is_evaluated(tiny_cache, tmp_path, monkeypatch):
     """The first model was evaluated whole before the second was found missing (as evaluate.py's MT-Bench, found by
     an audit); one whose kept results are reused need not be there."""

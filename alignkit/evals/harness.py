@@ -133,27 +133,36 @@ def _key(s, source: str) -> str:
 
 def task_data(task_files: list[Path]) -> list[Path]:
     """The local files the task YAMLs among `task_files` read their rows from (`dataset_path`, and
-    `dataset_kwargs`' `data_files` or `data_dir`: a path as given, or beside the YAML), which may lie outside
-    --include_path. lm_eval's own tags (`!function`) are read as nothing."""
+    `dataset_kwargs`' `data_files` or `data_dir`), which may lie outside --include_path: a path as lm_eval reads it,
+    from the folder it runs in (a relative one is not looked for beside the YAML; load_tasks says so where it is
+    there)."""
+    found: list[Path] = []
+    for _, text in _data_paths(task_files):
+        if (path := Path(text).expanduser()).exists():
+            found += [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return found
+
+
+def _data_paths(task_files: list[Path]) -> list[tuple[Path, str]]:
+    """(YAML, path as written) for every data path of the task YAMLs among `task_files`. lm_eval's own tags
+    (`!function`) are read as nothing; a YAML that does not parse is lm_eval's to report."""
     import yaml
 
     class Loader(yaml.SafeLoader):
         pass
 
     Loader.add_multi_constructor("", lambda loader, suffix, node: None)
-    found: list[Path] = []
+    found = []
     for file in (f for f in task_files if f.suffix in (".yaml", ".yml")):
         try:
             config = yaml.load(file.read_text(encoding="utf-8"), Loader=Loader)
         except (yaml.YAMLError, UnicodeDecodeError):
-            continue  # lm_eval says what is wrong with it when it reads the task
+            continue
         if not isinstance(config, dict):
             continue
         kwargs = config.get("dataset_kwargs") if isinstance(config.get("dataset_kwargs"), dict) else {}
-        for text in _strings([config.get("dataset_path"), kwargs.get("data_files"), kwargs.get("data_dir")]):
-            path = next((p for p in (Path(text).expanduser(), file.parent / text) if p.exists()), None)
-            if path is not None:
-                found += [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        found += [(file, text) for text in _strings([config.get("dataset_path"), kwargs.get("data_files"),
+                                                     kwargs.get("data_dir")])]
     return found
 
 
@@ -165,8 +174,61 @@ def _strings(value) -> list[str]:
     return [text for item in value for text in _strings(item)] if isinstance(value, list) else []
 
 
-def evaluate_model(s, source: str, lm_eval, task_manager) -> dict:
-    """lm_eval's results (its `results` dict, per task: metric -> value) for one model."""
+def _beside_yaml(s, missing: str) -> Path | None:
+    """The task YAML beside which a data path lm_eval did not find lies (it reads one from the folder it runs in)."""
+    files = sorted(p for p in Path(s.include_path).rglob("*") if p.is_file()) if s.include_path else []
+    for file, text in _data_paths(files):
+        if Path(text).expanduser().resolve() == Path(missing).resolve() and (file.parent / text).exists():
+            return file
+    return None
+
+
+def load_tasks(s, task_manager) -> list:
+    """Each task of --tasks with its data, read before any model loads: a Hub dataset out of reach (offline) or a
+    task's data file that is not where lm_eval looks ended in lm_eval's traceback after the first model had loaded
+    (the evaluate audit of session 31). One line instead, naming the task, what failed and the fix. Returns what
+    simple_evaluate takes for --tasks: the Task or Group built here (the first model's run reads no data again), or
+    the name where it is a tag of several tasks."""
+    out = []
+    for name in s.tasks:
+        try:
+            loaded = task_manager.load([name])
+        except Exception as error:  # noqa: BLE001 - datasets' and lm_eval's errors of every kind: said in one line
+            raise ConfigError(_no_data(s, name, error)) from None
+        out.append(loaded["groups"].get(name) or loaded["tasks"].get(name) or name)
+    return out
+
+
+def _no_data(s, task: str, error: BaseException) -> str:
+    """Why lm_eval could not read a task's data, with the fix, in one line."""
+    chain, seen = [], error
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    said = next((str(e).strip().splitlines()[0] for e in chain if str(e).strip()), type(error).__name__)
+    names = {type(e).__name__ for e in chain}
+    head = f"lm_eval task {task!r}: its data did not load ({type(error).__name__}: {said[:240]})"
+    if names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError",
+                "HfHubHTTPError", "ConnectTimeout", "ReadTimeout", "MaxRetryError"}:
+        return (f"{head}: its dataset is on the Hugging Face Hub, out of reach here (offline, or HF_HUB_OFFLINE=1 / "
+                "HF_DATASETS_OFFLINE=1); load it once where the Hub is reachable into this machine's Hugging Face "
+                "cache (HF_HOME), or give the task local data: a YAML in --include_path with dataset_path: json and "
+                "data_files")
+    if isinstance(error, FileNotFoundError) or "FileNotFoundError" in names:
+        import re
+
+        missing = next(iter(re.findall(r"'([^']+)'", said)), "")
+        yaml_file = _beside_yaml(s, missing) if missing else None
+        where = f" (it is beside {yaml_file})" if yaml_file else ""
+        return (f"{head}: lm_eval reads a task's data_files and dataset_path from the folder it runs in "
+                f"({Path.cwd()}), not from the YAML's{where}; write them as absolute paths, or run from the folder "
+                "they are relative to")
+    return f"{head}: check the task's dataset_path and dataset_kwargs (lm_eval ls tasks lists the tasks it knows)"
+
+
+def evaluate_model(s, source: str, lm_eval, task_manager, tasks: list | None = None) -> dict:
+    """lm_eval's results (its `results` dict, per task: metric -> value) for one model; `tasks` as load_tasks built
+    them, or None to let lm_eval build them from their names."""
     from lm_eval.models.huggingface import HFLM
 
     from alignkit.core.groups import loader_settings
@@ -185,7 +247,7 @@ def evaluate_model(s, source: str, lm_eval, task_manager) -> dict:
     drawing = [import_module(f"lm_eval.{name}") for name in ("api.model", "api.task", "models.huggingface")]
     with bars_by_rule(*drawing):
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(s.tasks), task_manager=task_manager, num_fewshot=s.num_fewshot, limit=s.limit,
+            model=lm, tasks=tasks or list(s.tasks), task_manager=task_manager, num_fewshot=s.num_fewshot, limit=s.limit,
             apply_chat_template=s.apply_chat_template, log_samples=False, random_seed=s.seed,
             numpy_random_seed=s.seed, torch_random_seed=s.seed, fewshot_random_seed=s.seed,
         )
@@ -240,6 +302,9 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
     kept_results = {name: _kept(out / "models" / f"{name}.json") for name in models}  # {}: missing or torn
     fresh = {name: kept_results[name][keys[name]] for name in models if keys[name] in kept_results[name]}
     check_model_sources(s, [source for name, source in models.items() if name not in fresh])  # before the first runs
+    # The tasks' data, before any model loads; handed to the first model's run, the next ones build their own (a
+    # Task keeps state between runs: each model gets fresh ones, as lm_eval builds them).
+    built = load_tasks(s, task_manager) if len(fresh) < len(models) else None
     results, settings = {}, harness_settings(s)
     for name, source in models.items():
         kept, key = out / "models" / f"{name}.json", keys[name]
@@ -249,7 +314,8 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
             logger.info(f"lm_eval: {name} ({source}): kept results reused ({kept})")
             continue
         logger.info(f"lm_eval: {name} ({source}) on {', '.join(s.tasks)}")
-        evaluated = evaluate_model(s, source, lm_eval, task_manager)
+        evaluated = evaluate_model(s, source, lm_eval, task_manager, built)
+        built = None
         # Beside the results of other settings (a --limit run replaced the full one, evaluated again after it).
         entries = {**kept_results[name], key: {"key": key, "source": source, "settings": settings, **evaluated}}
         entries = dict(list(entries.items())[-KEPT_PER_MODEL:])  # the latest: a model retrained 50 times keeps 8
