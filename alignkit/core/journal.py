@@ -334,7 +334,7 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
     """
     items = list(items)
     todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
-    taken, lock = [0], threading.Lock()
+    taken, finished, lock = [0], [0], threading.Lock()  # calls started; calls whose result is in `done`
     for item in items:
         todo.put(item)
 
@@ -356,6 +356,8 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
                 stop.set()
                 done.put((item, e))
                 return
+            with lock:
+                finished[0] += 1
             done.put((item, result))
 
     for _ in range(min(parallel, len(items))):
@@ -369,7 +371,7 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
                 except KeyboardInterrupt as interrupt:  # a SIGTERM, or a Ctrl-C outside the main thread
                     stop.set()
                     if not isinstance(interrupt, Terminated):
-                        yield from _finish_in_flight(done, taken[0] - given, grace)
+                        yield from _finish_in_flight(done, taken[0] - given, taken[0] - finished[0], grace)
                     raise
                 if isinstance(result, BaseException) and not isinstance(result, Exception):
                     raise result  # SystemExit and the like, from a call: as if raised here, never a result
@@ -377,7 +379,7 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
                     given += 1
                     yield item, result
                 if pressed:
-                    yield from _finish_in_flight(done, taken[0] - given, grace)
+                    yield from _finish_in_flight(done, taken[0] - given, taken[0] - finished[0], grace)
                     raise KeyboardInterrupt
                 if stop_on_error and isinstance(result, Exception):
                     return  # nothing further was started; the caller raises this one
@@ -412,24 +414,31 @@ def _first_ctrl_c_stops(stop: threading.Event, done: queue.SimpleQueue):
         _STOPPING.clear()
 
 
-def _finish_in_flight(done, in_flight: int, grace: float):
-    """threaded's Ctrl-C: the results of the `in_flight` calls already running, as they arrive, for up to `grace`
-    seconds."""
+def _finish_in_flight(done, pending: int, running: int, grace: float):
+    """threaded's Ctrl-C: the `pending` results not yet given, those finished first (all of them, whatever the time:
+    a fast rule judge had thousands waiting, and they were counted "in flight" and dropped after 30 s), then those of
+    the `running` calls still under way as they arrive, for up to `grace` seconds."""
     import time
 
-    if in_flight <= 0 or grace <= 0:
+    if pending <= 0:
         return
-    logger.warning(f"Ctrl-C: waiting up to {grace:.0f} s for the {in_flight} calls in flight (requests under way), "
-                   "to keep their answers (Ctrl-C again leaves now)")
-    deadline = time.monotonic() + grace
-    while in_flight > 0 and (left := deadline - time.monotonic()) > 0:
+    if running > 0 and grace > 0:
+        logger.warning(f"Ctrl-C: waiting up to {grace:.0f} s for the {running} calls under way, to keep their answers "
+                       "(Ctrl-C again leaves now)")
+    deadline = time.monotonic() + max(grace, 0)
+    while pending > 0:
         try:
-            item, result = done.get(timeout=left)
+            item, result = done.get_nowait()
         except queue.Empty:
-            return
+            if (left := deadline - time.monotonic()) <= 0:
+                return
+            try:
+                item, result = done.get(timeout=left)
+            except queue.Empty:
+                return
         if item is _CTRL_C:
             continue
-        in_flight -= 1
+        pending -= 1
         yield item, result
 
 
