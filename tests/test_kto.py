@@ -104,7 +104,7 @@ def test_kto_takes_a_test_split_and_a_handbook_mixture_as_dpo_does(tmp_path):
     assert len(train) + (len(held_out) if held_out else 0) == 6  # half of the file's 12 labelled answers
 
 
-def test_kto_holds_out_whole_prompts_so_no_held_out_answer_has_its_pair_partner_in_training(tmp_path):
+def test_kto_holds_out_whole_prompts_so_no_held_out_answer_has_its_pair_partner_in_training(tmp_path, alignkit_log):
     """A pair becomes two answers; the held-out share was drawn over answers, so a held-out rejected answer's chosen
     partner (same prompt) trained: the held-out figures measured answers to prompts the model had learned."""
     import json
@@ -125,9 +125,13 @@ def test_kto_holds_out_whole_prompts_so_no_held_out_answer_has_its_pair_partner_
                    for p in held_prompts)
     with pytest.raises(UserError, match="leaves no training rows"):
         load_train_eval("unpaired", KTOSettings(dataset_id=str(pairs), eval_split=39))
-    # Every answer to one prompt (a shared template): held out one by one, as there is no other way.
+    # Every answer to one prompt (a shared template): held out as rows, as there is no other way.
     one = tmp_path / "one.jsonl"
     one.write_text("".join(json.dumps({"prompt": "q", "completion": f"answer {i}", "label": i % 2 == 0}) + "\n"
                            for i in range(20)))
     train, held_out = load_train_eval("unpaired", KTOSettings(dataset_id=str(one), eval_split=0.1))
     assert (len(train), len(held_out)) == (18, 2)
+    assert ("eval_split: all 20 answers share one prompt, so no prompt can be held out whole: 2 answers of it are "
+            "held out, and that prompt is in training too") in alignkit_log.text
+    load_train_eval("unpaired", KTOSettings(dataset_id=str(one), eval_split=1))
+    assert "whole: 1 answer of it is held out" in alignkit_log.text  # "1 pairs", it said

@@ -153,7 +153,10 @@ def _hold_out_prompts(dataset, held, name, other, rows="answers"):
     answers, chosen, count = Counter(keys), set(), 0
     order = list(dict.fromkeys(reversed(keys)))  # prompts, the one whose last row is last first
     if len(order) == 1:  # one prompt for every row: there is no other way to hold any out
-        logger.info(f"{name}: every one of the {rows} has the same prompt, so {held} {rows} are held out one by one")
+        # (It said "so 1 pairs are held out one by one": the count and the row kind agree now, and say what it means.)
+        some = f"{held} {rows if held != 1 else rows[:-1]}"
+        logger.info(f"{name}: all {len(dataset)} {rows} share one prompt, so no prompt can be held out whole: {some} "
+                    f"of it {'are' if held != 1 else 'is'} held out, and that prompt is in training too")
         parts = dataset.train_test_split(test_size=held, shuffle=False)
         return parts["train"], parts["test"]
     for key in order:
