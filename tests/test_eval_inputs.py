@@ -110,6 +110,26 @@ def test_a_json_array_or_a_table_as_prompts_file_names_the_formats_it_takes(tmp_
         prompts_file.prompt_questions(other)
 
 
+def test_vibes_prompts_replace_a_presets_and_a_txt_file_is_text_whatever_the_case_of_its_suffix(tmp_path):
+    """The evaluate audit of session 31: `vibes --preset tiny --prompts "What is 2+2?"` asked the preset's 64
+    prompts after the one given; P.TXT was read as JSONL ("not valid JSON"); `--num_beams 0` said "max_new_tokens,
+    num_beams and batch_size must be >= 1" without naming the one at fault."""
+    from alignkit.evals.evaluation import parse_command
+
+    _, s = parse_command(["vibes", "--preset", "tiny", "--prompts", "What is 2+2?"])
+    assert s.prompts == ["What is 2+2?"] and s.prompts_file is None
+    _, s = parse_command(["vibes", "--preset", "tiny"])
+    assert s.prompts == [] and s.prompts_file  # the preset's own prompts
+    mine = write(tmp_path / "mine.jsonl", b'{"prompt": "hi"}\n')
+    _, s = parse_command(["vibes", "--preset", "tiny", "--prompts", "a", "--prompts_file", str(mine)])
+    assert s.prompts == ["a"] and s.prompts_file == str(mine)  # both given: both asked
+    upper = write(tmp_path / "P.TXT", b"first prompt\nsecond prompt\n")
+    assert [q["turns"][0] for q in prompts_file.prompt_questions(upper)] == ["first prompt", "second prompt"]
+    for flag in ("num_beams", "batch_size", "max_new_tokens"):
+        with pytest.raises(ConfigError, match=rf"^{flag} must be >= 1, got 0"):
+            parse_command(["vibes", "--prompts", "hi", f"--{flag}", "0"])
+
+
 # ---------------------------------------------------------------- 4. the fix names the field that is wrong
 @pytest.mark.parametrize("rows, says", [
     (b'{"prompt": "hi"}\n{"prompt": "yo", "question_id": "q0"}\n',

@@ -717,14 +717,20 @@ def test_vibes_base_adapter_and_merged_side_by_side(tiny_cache, sft_run, tmp_pat
     explicit = tmp_path / "explicit.jsonl"
     run_script("evaluate.py", "vibes", "--model_id", adapter, "--prompts", *prompts, "--temperature", "0",
                "--max_new_tokens", "12", "--backend", "transformers", "--output_file", str(explicit))
-    assert [json.loads(line)["answers"] for line in explicit.read_text().splitlines()] == \
-        [row["answers"][:1] for row in rows]
+    assert [[a["answer"] for a in json.loads(line)["answers"]] for line in explicit.read_text().splitlines()] == \
+        [[row["answers"][0]["answer"]] for row in rows]
+    # The file says how each model was loaded and the system prompt (one made with it looked like one without).
+    assert rows[0]["answers"][0]["loaded_with"]["model_id"] == adapter and rows[0]["generation"]["system_prompt"] is None
+    assert json.loads(explicit.read_text().splitlines()[0])["answers"][0]["loaded_with"]["backend"] == "transformers"
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("name three animals.\n\nlist three sports.\n")
     run_script("evaluate.py", "vibes", "--model_id", presets.paths()["model"], "--prompts_file", str(prompts_file),
-               "--max_new_tokens", "8", "--output_file", str(out))
-    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["name three animals.",
-                                                                                     "list three sports."]
+               "--max_new_tokens", "8", "--output_file", str(out), "--system_prompt", "Answer briefly.",
+               "--chat_template_kwargs", '{"x": 1}')
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == ["name three animals.", "list three sports."]
+    assert rows[0]["generation"]["system_prompt"] == "Answer briefly."
+    assert rows[0]["answers"][0]["loaded_with"]["chat_template_kwargs"] == {"x": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -322,8 +322,9 @@ _FROM_DOTENV: dict[str, str] = {}
 
 
 # A preset's setting that would override another one the user gave: it yields (back to its own default). The
-# Trainer counts --max_steps over --num_train_epochs, so the tiny rl preset's 60 steps overrode `--num_train_epochs 1`.
-PRESET_YIELDS = {"max_steps": "num_train_epochs"}
+# Trainer counts --max_steps over --num_train_epochs, so the tiny rl preset's 60 steps overrode `--num_train_epochs 1`;
+# vibes asked the preset's 64 prompts after the one given with `--prompts` (the evaluate audit of session 31).
+PRESET_YIELDS = {"max_steps": "num_train_epochs", "prompts_file": "prompts"}
 
 
 def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, prog=None, description=None):

@@ -137,8 +137,9 @@ class EvalSettings(GenerationSettings):
     seed: int = setting(42, "sampling seed")
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.num_beams < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens, num_beams and batch_size must be >= 1")
+        for name in ("max_new_tokens", "num_beams", "batch_size"):  # the one at fault, as temperature's error says
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature is not None and self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -155,7 +156,8 @@ class VibesSettings(EvalSettings):
     )
     compare_to: str | None = setting(None, "second model (Hub id, folder, adapter or merged folder; a Hub id at a "
                                            "revision: ID@REVISION) shown beside the first")
-    prompts: list[str] = setting([], "prompts to ask, each one quoted: --prompts \"Hi!\" \"Name three fruits.\"",
+    prompts: list[str] = setting([], "prompts to ask, each one quoted: --prompts \"Hi!\" \"Name three fruits.\" "
+                                     "(instead of a preset's prompts; before --prompts_file's where both are given)",
                                  whole=True)
     prompts_file: str | None = setting(None, "JSONL of {\"prompt\": ...} rows, or a .txt file with one prompt a line")
     system_prompt: str | None = setting(None, "system message put before every prompt")

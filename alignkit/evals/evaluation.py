@@ -140,13 +140,17 @@ def show_vibes(prompts: list[str], sources: list[str], answers: dict[str, list[s
 
 
 def save_vibes(s, prompts: list[str], sources: list[str], answers: dict[str, list[str]]) -> Path:
-    """One JSON row per prompt (its answers, and the sampling settings) in --output_file."""
+    """One JSON row per prompt in --output_file: its answers, each with how its model was loaded (the loader
+    settings: dtype, quantization, chat template and its kwargs...), and the generation settings with the system
+    prompt (a file made with one could not be told from one made without: the evaluate audit of session 31)."""
     output_file = Path(s.output_file or f"outputs/vibes-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     output_file.parent.mkdir(parents=True, exist_ok=True)
-    sampling = {k: getattr(s, k) for k in ("temperature", "top_p", "num_beams", "max_new_tokens", "seed")}
+    sampling = {k: getattr(s, k) for k in ("temperature", "top_p", "num_beams", "max_new_tokens", "seed",
+                                           "system_prompt")}
+    loaded = {m: config_to_dict(loader_settings(s, m)) for m in sources}  # secrets as ***
     with open(output_file, "w", encoding="utf-8") as f:
         for i, prompt in enumerate(prompts):
-            answers_i = [{"model_id": m, "answer": answers[m][i]} for m in sources]
+            answers_i = [{"model_id": m, "answer": answers[m][i], "loaded_with": loaded[m]} for m in sources]
             f.write(json.dumps({"prompt": prompt, "answers": answers_i, "generation": sampling}) + "\n")
     return output_file
 

@@ -38,7 +38,7 @@ def prompt_questions(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--prompts_file {path} not found; check the path")
-    if path.suffix == ".txt":
+    if path.suffix.lower() == ".txt":  # P.TXT was read as JSONL ("not valid JSON"), where .CSV was refused as a table
         rows = [(i, {"prompt": line.strip()}) for i, line in enumerate(decode_text(path.read_bytes(), path).split("\n"), 1)
                 if line.strip()]
     else:
