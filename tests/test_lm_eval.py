@@ -35,6 +35,9 @@ def test_preset_reports_the_local_task_for_base_and_tuned_models(tuned, tmp_path
     # declares each metric's aggregation and direction (lm_eval warned of both for tiny_text, three lines a run).
     err = capfd.readouterr().err
     assert "Running loglikelihood requests" not in err and "is defined, but" not in err + caplog.text
+    # Nor lm_eval's noise the user cannot act on (the evaluate audit of session 31), run from no git repository:
+    # a warning against the model alignkit hands it, for every model, and git's "fatal: not a git repository".
+    assert "`pretrained` model kwarg is not of type" not in err + caplog.text and "fatal: not a git" not in err
     results = run["lm_results"]
     assert list(results) == ["base", "sft", "dpo"]
     accs = {name: r["tiny_rule"]["acc,none"] for name, r in results.items()}

@@ -18,6 +18,7 @@ answer: the preference) and `tiny_text` (the perplexity of held-out text of the 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from alignkit import logger
@@ -238,6 +239,7 @@ def evaluate_model(s, source: str, lm_eval, task_manager, tasks: list | None = N
     if s.apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
         raise ConfigError(f"{source} has no chat template: pass --chat_template FILE, or --apply_chat_template false "
                           "to give every model the plain prompts")
+    _quiet_lm_eval()
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=s.batch_size)
     from importlib import import_module
 
@@ -252,6 +254,40 @@ def evaluate_model(s, source: str, lm_eval, task_manager, tasks: list | None = N
             numpy_random_seed=s.seed, torch_random_seed=s.seed, fewshot_random_seed=s.seed,
         )
     return {"results": out["results"], "versions": out.get("versions", {}), "n-shot": out.get("n-shot", {})}
+
+
+class _HandedModel(logging.Filter):
+    """lm_eval warns, for every model, that a `pretrained` model not given by name may ignore other model arguments
+    and must not run under accelerate: alignkit hands it the model it loaded, by design, and evaluate.py refuses a
+    launcher before any model loads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("`pretrained` model kwarg is not of type `str`")
+
+
+def _quiet_lm_eval() -> None:
+    """lm_eval's noise that the user cannot act on: the warning above, and the `fatal: not a git repository` that
+    git prints when lm_eval records the commit of the folder it runs in and that is no repository (it records
+    none then, as before)."""
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+
+    handed = logging.getLogger("lm_eval.models.huggingface")
+    if not any(isinstance(f, _HandedModel) for f in handed.filters):
+        handed.addFilter(_HandedModel())
+    if not getattr(evaluator.get_git_commit_hash, "alignkit_quiet", False):
+        asked = evaluator.get_git_commit_hash
+
+        def quietly():
+            try:
+                subprocess.run(["git", "rev-parse", "--git-dir"], check=True, capture_output=True)
+            except (subprocess.CalledProcessError, OSError):
+                return None  # no repository here (or no git): nothing to record, nothing said
+            return asked()
+
+        quietly.alignkit_quiet = True
+        evaluator.get_git_commit_hash = quietly
 
 
 _TASK_MANAGERS: dict = {}  # (include_path, its files as they are) -> lm_eval's TaskManager, built once a process
