@@ -79,10 +79,22 @@ def test_reference_is_the_sft_model_not_the_base(sft_run, dpo_run):
 def test_reference_adapters_pick_an_earlier_model_of_the_chain_as_the_reference(sft_run, dpo_run, tmp_path):
     """DPO on top of base -> SFT -> DPO with --reference_adapters 1: the reference is base + SFT (rlaif.py's
     `--reference start`), while the policy carries the whole chain; 0 is the bare base."""
-    run = run_script("dpo.py", "--preset", "tiny", "--model_id", str(dpo_run["run_folder"]), "--max_steps", "2",
-                     "--reference_adapters", "1", "--output_dir", str(tmp_path), "--run_name", "ref1")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        run = run_script("dpo.py", "--preset", "tiny", "--model_id", str(dpo_run["run_folder"]), "--max_steps", "2",
+                         "--reference_adapters", "1", "--output_dir", str(tmp_path), "--run_name", "ref1")
     trainer = run["trainer"]
     assert trainer.frozen_adapters == ["frozen_0", "frozen_1"] and trainer.reference_adapters == ["frozen_0"]
+    # The DPO adapter records its base relative to itself (../tiny-sft); PEFT read that from the folder the run was in
+    # at every checkpoint save, for the base's vocabulary, and warned that it found no config there (the rlaif audit
+    # of session 31). In memory every frozen adapter names the base model, where it is.
+    configs = trainer.accelerator.unwrap_model(trainer.model).peft_config
+    assert {configs[f].base_model_name_or_path for f in ("frozen_0", "frozen_1")} == {
+        str(Path(presets.paths()["model"]).resolve())}
+    assert not [w for w in warned if "Could not find a config file" in str(w.message)]
+    assert list(tmp_path.glob("ref1/checkpoint-*/frozen_1"))  # a checkpoint saved them
     batch = next(iter(trainer.get_eval_dataloader()))
     sft = load_model(ModelSettings(model_id=str(sft_run["run_folder"]), quantization="none")).model
     ids = batch["input_ids"][:, :5]
