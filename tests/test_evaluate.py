@@ -1064,6 +1064,20 @@ def test_a_judge_answer_paid_for_before_its_match_s_verdict_is_kept(tmp_path):
             assert common.chat_completion_openai("judge", conv("same, same"), 0, 16) == \
                 common.chat_completion_openai("judge", conv("same, same"), 0, 16) == "[[A]] for same, same"
     assert asked[4:] == ["same, same", "same, same"]  # once in each run: the second run asks again (reuse off)
+    # In parallel (--parallel 2: two matches whose answers are equal), one thread sends it and the other waits for
+    # its answer: both were sent (the closing note of session 30).
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    slow, release = Client(), threading.Event()
+    slow.complete = lambda messages: (asked.append(messages[-1]["content"]), release.wait(5), "[[B]]")[-1]
+    with fastchat_compat.judging_with(slow, kept=kept) as common, ThreadPoolExecutor(2) as pool:
+        both = [pool.submit(common.chat_completion_openai, "judge", conv("twice at once"), 0, 16) for _ in range(2)]
+        time.sleep(0.3)  # both under way: one asking, one waiting
+        release.set()
+        assert [f.result() for f in both] == ["[[B]]", "[[B]]"]
+    assert asked.count("twice at once") == 1
     # After a Ctrl-C (alignkit.core.journal.threaded), a match under way sends no second order: its first is kept.
     from alignkit.core import journal
 

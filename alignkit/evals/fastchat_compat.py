@@ -154,8 +154,11 @@ def judging_with(client, on_error=None, on_success=None, kept=None, reuse: bool 
     alignkit.feedback.judge.endpoint_identity). A match is asked in both orders and its verdict written once both
     came back: a Ctrl-C between them lost the paid first, and its rerun asked for it again. reuse: False asks again
     (--retry_parse_failures: a kept answer without a verdict would be read the same way). Within the run, a request
-    sent once is not sent again: two equal answers make the same request in both orders.
+    sent once is not sent again: two equal answers make the same request in both orders; and one under way in
+    another thread (--parallel) is waited for, not sent beside it.
     """
+    import threading
+
     import openai
 
     from alignkit.core.digests import digest
@@ -166,27 +169,32 @@ def judging_with(client, on_error=None, on_success=None, kept=None, reuse: bool 
     endpoint = endpoint_identity(client)
     answers = {row.get("key"): row["text"] for _, row in read_jsonl(kept, "delete the line", repair_tail=True)
                if isinstance(row.get("text"), str)} if kept is not None and reuse else {}
+    in_flight: dict[str, threading.Lock] = {}  # a lock per request: one thread sends it, the others wait for it
+    guard = threading.Lock()
 
     def chat_completion_openai(model, conv, temperature, max_tokens, api_dict=None):  # point 2
         # Temperature and answer length are the client's (--judge_temperature, --judge_max_tokens), whose defaults
         # are FastChat's (0 and 2048), since FastChat hard-codes them.
         messages = conv.to_openai_api_messages()
         key = digest({"messages": messages, **endpoint}, 16)
-        if key in answers:  # paid for by a run that stopped before the match's verdict
-            if on_success is not None:
-                on_success()
-            return answers[key]
-        if stopping():  # Ctrl-C: a match under way sends no second order (its first is kept; a rerun asks this)
-            return common.API_ERROR_OUTPUT
-        try:
-            text = client.complete(messages)
-        except (openai.APIError, ValueError, LookupError) as e:  # also a 200 whose body is not JSON, or no choices
-            if on_error is not None:
-                on_error(e)
-            return common.API_ERROR_OUTPUT
-        if kept is not None:
-            append_jsonl(kept, [{"key": key, "text": text}])
-        answers[key] = text  # the same request again in this run (a match of two equal answers, asked both ways)
+        with guard:
+            flight = in_flight.setdefault(key, threading.Lock())
+        with flight:  # the same request under way in another thread: its answer, when it comes
+            if key in answers:  # paid for by a run that stopped before the match's verdict, or earlier in this one
+                if on_success is not None:
+                    on_success()
+                return answers[key]
+            if stopping():  # Ctrl-C: a match under way sends no second order (its first is kept; a rerun asks this)
+                return common.API_ERROR_OUTPUT
+            try:
+                text = client.complete(messages)
+            except (openai.APIError, ValueError, LookupError) as e:  # also a 200 whose body is not JSON, no choices
+                if on_error is not None:
+                    on_error(e)
+                return common.API_ERROR_OUTPUT
+            if kept is not None:
+                append_jsonl(kept, [{"key": key, "text": text}])
+            answers[key] = text  # the same request again in this run (a match of two equal answers, both ways)
         if on_success is not None:
             on_success()
         return text
