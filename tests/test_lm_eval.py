@@ -142,6 +142,53 @@ def test_a_task_whose_data_cannot_be_read_is_one_line_before_any_model_loads(tin
     with pytest.raises(ConfigError, match=r"^lm_eval task 'hub_rows': its data did not load \(.*\): its dataset is on "
                                           r"the Hugging Face Hub, out of reach here \(offline, or HF_HUB_OFFLINE=1"):
         harness.run(s)
+    # A folder beside the YAML as dataset_path is taken for a Hub id from elsewhere: said as the path it is.
+    (tasks / "folder.yaml").write_text("task: folder_rows\ndataset_path: data\ntest_split: test\n" + body)
+    s.tasks = ["folder_rows"]
+    with pytest.raises(ConfigError, match=rf"^lm_eval task 'folder_rows': its data did not load .*not from the YAML's "
+                                          rf"\(it is beside {tasks / 'folder.yaml'}\)"):
+        harness.run(s)
+    (tasks / "gone.yaml").write_text(f"task: gone_rows\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    "
+                                     f"test: {tmp_path / 'gone.jsonl'}\ntest_split: test\n" + body)
+    s.tasks = ["gone_rows"]  # an absolute path that is not there: no advice to write it as one
+    with pytest.raises(ConfigError, match=r"^lm_eval task 'gone_rows': its data did not load .*: check the task's "
+                                          r"data_files and dataset_path \(a relative path is read from"):
+        harness.run(s)
+    # A task's own code: a module it needs is one line with the install; its own bug keeps its traceback.
+    (tasks / "utils.py").write_text("import random\n\ndef broken(dataset):\n    raise ValueError('my bug')\n\n"
+                                    "def needs(dataset):\n    import no_such_module_xyz\n\n"
+                                    "def draws(dataset):\n    return dataset.map(lambda row: {'r': random.random()})\n")
+    for kind in ("broken", "needs", "draws"):
+        (tasks / f"{kind}.yaml").write_text(f"task: {kind}_rows\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                            f"    test: {tasks / 'data' / 'rows.jsonl'}\ntest_split: test\n"
+                                            f"process_docs: !function utils.{kind}\n" + body)
+    monkeypatch.setattr(harness, "_TASK_MANAGERS", {})  # the folder changed: indexed again
+    s.tasks = ["needs_rows"]
+    with pytest.raises(ConfigError, match=r"^lm_eval task 'needs_rows' needs the module no_such_module_xyz, not "
+                                          r"installed: pip install no_such_module_xyz"):
+        harness.run(s)
+    s.tasks = ["broken_rows"]
+    with pytest.raises(ValueError, match="my bug"):
+        harness.run(s)
+    # Built under --seed, as simple_evaluate builds them: a process_docs drawing from `random` (GPQA shuffles its
+    # choices so) drew whatever the global state was (the review of session 31).
+    import random
+
+    import datasets
+    from lm_eval.tasks import TaskManager
+
+    s.tasks = ["draws_rows"]
+    manager = TaskManager(include_path=str(tasks))
+    datasets.disable_caching()
+    try:
+        drawn = []
+        for state in (1, 2):
+            random.seed(state)
+            (task,) = harness.load_tasks(s, manager)
+            drawn.append([doc["r"] for doc in task.test_docs()])
+    finally:
+        datasets.enable_caching()
+    assert drawn[0] == drawn[1]
     monkeypatch.chdir(tasks)  # where the relative path is read from: the task is built, once, and handed on
     s.tasks = ["relative_rows"]
     handed = []

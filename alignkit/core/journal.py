@@ -334,7 +334,7 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
     """
     items = list(items)
     todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
-    taken, finished, lock = [0], [0], threading.Lock()  # calls started; calls whose result is in `done`
+    taken, finished, lock = [0], [0], threading.Lock()  # calls started; calls whose result went into `done`
     for item in items:
         todo.put(item)
 
@@ -356,9 +356,9 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
                 stop.set()
                 done.put((item, e))
                 return
+            done.put((item, result))
             with lock:
                 finished[0] += 1
-            done.put((item, result))
 
     for _ in range(min(parallel, len(items))):
         threading.Thread(target=work, daemon=True).start()

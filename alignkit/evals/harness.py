@@ -185,23 +185,37 @@ def _beside_yaml(s, missing: str) -> Path | None:
 
 
 def load_tasks(s, task_manager) -> list:
-    """Each task of --tasks with its data, read before any model loads: a Hub dataset out of reach (offline) or a
-    task's data file that is not where lm_eval looks ended in lm_eval's traceback after the first model had loaded
-    (the evaluate audit of session 31). One line instead, naming the task, what failed and the fix. Returns what
-    simple_evaluate takes for --tasks: the Task or Group built here (the first model's run reads no data again), or
-    the name where it is a tag of several tasks."""
+    """Each task of --tasks with its data, read before any model loads: a Hub dataset out of reach (offline, gated)
+    or a task's data file that is not where lm_eval looks ended in lm_eval's traceback after the first model had
+    loaded (the evaluate audit of session 31). One line instead, naming the task, what failed and the fix; an error
+    of another kind (a bug in a task's own code) keeps its traceback. The tasks are built under --seed, as
+    simple_evaluate seeds before it builds them (GPQA's process_docs shuffles the choices with `random`). Returns
+    what simple_evaluate takes for --tasks: the Task or Group built here (the first model's run reads no data
+    again), or the name where it is a tag of several tasks."""
+    import random
+
+    import numpy as np
+    import torch
+
     out = []
     for name in s.tasks:
+        random.seed(s.seed)  # as simple_evaluate seeds (random_seed, numpy_random_seed, torch_random_seed)
+        np.random.seed(s.seed)
+        torch.manual_seed(s.seed)
         try:
             loaded = task_manager.load([name])
-        except Exception as error:  # noqa: BLE001 - datasets' and lm_eval's errors of every kind: said in one line
-            raise ConfigError(_no_data(s, name, error)) from None
+        except Exception as error:
+            if (said := _no_data(s, name, error)) is None:
+                raise
+            raise ConfigError(said) from None
         out.append(loaded["groups"].get(name) or loaded["tasks"].get(name) or name)
     return out
 
 
-def _no_data(s, task: str, error: BaseException) -> str:
-    """Why lm_eval could not read a task's data, with the fix, in one line."""
+def _no_data(s, task: str, error: BaseException) -> str | None:
+    """Why lm_eval could not read a task's data, with the fix, in one line; None for an error of another kind."""
+    import re
+
     chain, seen = [], error
     while seen is not None and len(chain) < 8:
         chain.append(seen)
@@ -209,22 +223,35 @@ def _no_data(s, task: str, error: BaseException) -> str:
     said = next((str(e).strip().splitlines()[0] for e in chain if str(e).strip()), type(error).__name__)
     names = {type(e).__name__ for e in chain}
     head = f"lm_eval task {task!r}: its data did not load ({type(error).__name__}: {said[:240]})"
+    quoted = re.findall(r"'([^'\s]+)'", said)  # the path or id the error names ("Couldn't reach 'data' on ...")
+    yaml_file = next((found for text in quoted if (found := _beside_yaml(s, text))), None)
+
+    def relative(yaml_file: Path) -> str:
+        return (f"{head}: lm_eval reads a task's data_files and dataset_path from the folder it runs in "
+                f"({Path.cwd()}), not from the YAML's (it is beside {yaml_file}); write them as absolute paths, or "
+                "run from the folder they are relative to")
+
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        return (f"lm_eval task {task!r} needs the module {error.name}, not installed: pip install {error.name} (or "
+                "the lm_eval extra that names the task, e.g. pip install 'lm_eval[ifeval]')")
+    if "DatasetNotFoundError" in names and "gated" in said.lower():
+        return (f"{head}: a gated dataset: accept its terms on its Hub page, then log in (huggingface-cli login, or "
+                "HF_TOKEN)")
     if names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError",
                 "HfHubHTTPError", "ConnectTimeout", "ReadTimeout", "MaxRetryError"}:
+        if yaml_file:  # a folder beside the YAML, taken for a Hub id
+            return relative(yaml_file)
+        if "DatasetNotFoundError" in names and "OfflineModeIsEnabled" not in said:
+            return f"{head}: no such dataset on the Hub (or a private one): check the task's dataset_path"
         return (f"{head}: its dataset is on the Hugging Face Hub, out of reach here (offline, or HF_HUB_OFFLINE=1 / "
                 "HF_DATASETS_OFFLINE=1); load it once where the Hub is reachable into this machine's Hugging Face "
                 "cache (HF_HOME), or give the task local data: a YAML in --include_path with dataset_path: json and "
                 "data_files")
     if isinstance(error, FileNotFoundError) or "FileNotFoundError" in names:
-        import re
-
-        missing = next(iter(re.findall(r"'([^']+)'", said)), "")
-        yaml_file = _beside_yaml(s, missing) if missing else None
-        where = f" (it is beside {yaml_file})" if yaml_file else ""
-        return (f"{head}: lm_eval reads a task's data_files and dataset_path from the folder it runs in "
-                f"({Path.cwd()}), not from the YAML's{where}; write them as absolute paths, or run from the folder "
-                "they are relative to")
-    return f"{head}: check the task's dataset_path and dataset_kwargs (lm_eval ls tasks lists the tasks it knows)"
+        if yaml_file:
+            return relative(yaml_file)
+        return f"{head}: check the task's data_files and dataset_path (a relative path is read from {Path.cwd()})"
+    return None
 
 
 def evaluate_model(s, source: str, lm_eval, task_manager, tasks: list | None = None) -> dict:

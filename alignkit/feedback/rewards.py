@@ -237,12 +237,14 @@ class RewardModel:
                                                                          if n > self.trained_length]):
             return
         from alignkit import logger
+        from alignkit.core.launch import process_rank
 
         self._said_longer = True
-        logger.warning(f"{PREFIX}{self.folder} trained on sequences of up to {self.trained_length} tokens "
-                       f"(--max_length); {len(over)} of {len(lengths)} scored here are longer (up to {max(over)}), "
-                       "scored whole at lengths it never saw: retrain it with a larger --max_length to trust those "
-                       "scores (said once)")
+        if process_rank() == 0:  # a warning reaches the log from every rank: rl.py under DDP said it per process
+            logger.warning(f"{PREFIX}{self.folder} trained on sequences of up to {self.trained_length} tokens "
+                           f"(--max_length); {len(over)} of {len(lengths)} scored here are longer (up to "
+                           f"{max(over)}), scored at lengths it never saw: retrain it with a larger --max_length to "
+                           "trust those scores (said once)")
 
     def text_of(self, prompt: list[dict]) -> str:
         return text_of(self.folder, prompt)

@@ -322,8 +322,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
             # Its recorded base is the adapter below, relative to its own folder (save_adapter); PEFT read that from
             # the folder the run is in, for the base's vocabulary, at every checkpoint save ("Could not find a config
             # file in ../../tiny-sft"): in memory it names the base model whose vocabulary that is, where it is.
-            if Path(weights).is_dir():
-                model.peft_config[name].base_model_name_or_path = str(Path(weights).resolve())
+            model.peft_config[name].base_model_name_or_path = \
+                str(Path(weights).resolve()) if Path(weights).is_dir() else weights  # a Hub base: its id
             frozen.append(name)
         model.base_model.set_adapter(frozen, inference_mode=True)
     if frozen and for_training:
