@@ -332,3 +332,52 @@ def test_a_card_made_from_another_folder_lists_the_hub_datasets_the_run_trained_
     del config["hub_datasets"]
     (run / training.CONFIG_FILE).write_text(json.dumps({**config, "dataset_mixture": None, "dataset_id": "data/prefs"}))
     assert yaml.safe_load(model_card(run).split("---")[1])["datasets"] == ["data/prefs"]
+
+
+def test_a_run_folder_and_its_checkpoints_carry_alignkit_s_card_while_it_trains(tmp_path, monkeypatch):
+    """Found by a kto.py audit: a run stopped before its end (a crash, SIGTERM, SIGKILL) kept the card TRL's trainers
+    write into the run folder at each checkpoint ("a fine-tuned version of [None](https://huggingface.co/None)",
+    library transformers), and each checkpoint-N kept PEFT's (`base_model:` the local base's path). The folder has
+    alignkit's card from the run's start, rewritten after each checkpoint, and so has each checkpoint."""
+    from alignkit.core.config import KTOSettings
+    from alignkit.train import training
+    from alignkit.train.resuming import EndsAtMaxSteps
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = write(tmp_path / "base", config__json={"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    run = tmp_path / "runs" / "kto"
+    run.mkdir(parents=True)
+    s = KTOSettings(model_id=str(base), output_dir=str(tmp_path / "runs"), run_name="kto")
+    training.save_run_config(s, run / training.CONFIG_FILE)  # as the run claims its folder (start_run)
+    assert "This run has not finished" in (run / "README.md").read_text()
+    assert "no checkpoint is saved yet" in (run / "README.md").read_text()
+
+    class TRLTrainer:  # what TRL's trainers do at a checkpoint (trl/trainer/kto_trainer.py, _save_checkpoint)
+        def create_model_card(self, model_name=None):
+            (run / "README.md").write_text("---\nlibrary_name: transformers\n---\nA fine-tuned version of "
+                                           "[None](https://huggingface.co/None).\n")
+
+        def _get_output_dir(self, trial):
+            return str(run)
+
+        def _save_checkpoint(self, model, trial):
+            self.create_model_card(model_name=run.name)
+            write(run / "checkpoint-5", adapter_config__json={"base_model_name_or_path": str(base)},
+                  README__md=f"---\nbase_model: {base}\nlibrary_name: peft\n---\n# Model Card for Model ID\n",
+                  trainer_state__json={"global_step": 5, "log_history": [{"step": 5, "loss": 0.5}]})
+
+    class Trainer(EndsAtMaxSteps, TRLTrainer):
+        args = types.SimpleNamespace(should_save=True)
+        state = types.SimpleNamespace(global_step=5)
+
+    Trainer()._save_checkpoint(None, None)
+    for folder in (run, run / "checkpoint-5"):
+        card = (folder / "README.md").read_text()
+        meta = yaml.safe_load(card.split("---")[1])
+        assert "alignkit" in meta["tags"] and "kto" in meta["tags"] and meta["library_name"] == "peft", folder
+        assert "base_model" not in meta and str(tmp_path) not in card and "huggingface.co/None" not in card
+        assert "KTO of a local model (LlamaForCausalLM, llama; folder `base`)" in card
+    card = (run / "README.md").read_text()
+    assert "its latest checkpoint is `checkpoint-5`, which the same command resumes from" in card
+    assert "## Metrics at checkpoint-5" in card and "| loss | 0.5 |" in card
+    assert "has not finished" not in (run / "checkpoint-5" / "README.md").read_text()

@@ -24,7 +24,9 @@ from pathlib import Path
 from alignkit.core.args import redact
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
-from alignkit.core.run_records import HUB_DATASETS, LOADED_AS, checkpoint_metrics, recorded_hub_datasets, run_config
+from alignkit.core.run_records import (
+    HUB_DATASETS, LOADED_AS, RUN_CONFIG, checkpoint_metrics, checkpoints, recorded_hub_datasets, run_config,
+)
 from alignkit.core.sources import hub_gguf, is_hub_id
 
 EVALS_FILE = "alignkit_evals.json"  # evaluation results evaluate.py recorded for a local model folder
@@ -103,6 +105,13 @@ def base_source(folder) -> tuple[str, list[str], str | None]:
     else:
         settings = _read_json(folder / "alignkit_config.json")
         base, revision = settings.get("model_id") or "", settings.get("revision")
+        if base and Path(base, "adapter_config.json").is_file():  # a run still training on top of an adapter
+            try:
+                chain = resolve(base, revision)
+                base, revision = chain.base, chain.revision
+                under = [Path(a).name if not is_hub_id(a) else a for a in chain.adapters]
+            except (UserError, OSError, ValueError):  # named as the run recorded it
+                pass
     return base, under, revision
 
 
@@ -197,6 +206,21 @@ def _refresh_card(folder: Path, name: str) -> None:
     except Exception as error:  # noqa: BLE001 - the result is kept (EVALS_FILE); the card shows it at the next write
         logger.warning(f"{card}: not updated with {name} ({type(error).__name__}: {error}); the result is kept in "
                        f"{folder / EVALS_FILE}")
+
+
+def write_card(folder) -> None:
+    """alignkit's card as `folder`'s README.md, written whole (a kill leaves the card before it, never half of one):
+    a run folder's as the run starts and at each checkpoint, where TRL's trainers wrote their own (a local base
+    named "None"), and each checkpoint-N's over PEFT's (a local base by its path). A card that cannot be made is a
+    warning, never a stopped training: the run's end writes it again."""
+    from alignkit import logger
+    from alignkit.core.journal import write_atomic
+
+    card = Path(folder) / "README.md"
+    try:
+        write_atomic(card, model_card(folder))
+    except Exception as error:  # noqa: BLE001 - a card is no reason to lose a run
+        logger.warning(f"{card}: alignkit's model card was not written ({type(error).__name__}: {error})")
 
 
 def _pushed_to(card_text: str) -> str | None:
@@ -324,7 +348,13 @@ def model_card(folder, repo_id: str | None = None) -> str:
     metrics = _read_json(folder / "metrics.json") or checkpoint_metrics(folder)
     merge = _read_json(folder / "merge.json")
     adapter = _read_json(folder / "adapter_config.json")
-    is_adapter = bool(adapter) and not merge
+    # A run folder while it trains, or stopped before its end: no weights here yet; its checkpoints hold them.
+    training = bool(settings) and not (merge or adapter) and (folder / RUN_CONFIG).is_file() and \
+        not (folder / "lota_config.json").is_file()
+    saved = checkpoints(folder) if training else []
+    if saved and not metrics:
+        metrics = checkpoint_metrics(saved[-1])
+    is_adapter = (bool(adapter) and not merge) or (training and settings.get("adapter", "lora") != "lota")
     base, _, _ = base_source(folder)
     hub_base, base_text, under = describe_base(folder)
     where = repo_id or f"path/to/{folder.name}"
@@ -367,6 +397,11 @@ def model_card(folder, repo_id: str | None = None) -> str:
             if deltas or "LoTA" in cited else "LoRA adapters")
     lines = [f"# {where.split('/')[-1]}", "", f"{stage} of {base_text}{on_top} with {kind}, trained with alignkit on "
              "Hugging Face TRL."]
+    if training:
+        latest = f"its latest checkpoint is `{saved[-1].name}`, which the same command resumes from" if saved else \
+            "no checkpoint is saved yet"
+        lines += ["", f"This run has not finished (it is training, or it stopped): its weights are saved in this "
+                      f"folder when it ends; {latest}."]
     if license_:
         lines += ["", f"License: `{license_['license']}`, inherited from the base model's card: its terms apply to "
                       "this derivative too."]

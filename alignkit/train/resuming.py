@@ -6,6 +6,9 @@
 - A SIGTERM (a scheduler's stop) lets the step under way end, saves it as a checkpoint, then stops as Ctrl-C does
   (alignkit.core.errors.stop_on_sigterm): the same command resumes from that step, not the last scheduled save.
   Under a launch the processes vote at each step and all stop at the same one.
+- The run folder's README.md and each checkpoint-N's are alignkit's card (alignkit.core.card), written after each
+  checkpoint: TRL's trainers wrote their own into the run folder (a local base named "None"), PEFT its own into the
+  checkpoint (a local base by its path), and a run stopped or killed before its end kept them.
 (rl.py's sampler, which draws each epoch's prompts, resumes in alignkit.train.rl.)
 """
 
@@ -19,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from alignkit import logger
 from alignkit.core.errors import raise_pending_interrupt, sigterm_asked, stop_for_sigterm, training_steps
 from alignkit.core.journal import write_atomic
+from alignkit.core.run_records import RUN_CONFIG
 
 
 TOKENS_FILE = "num_tokens.json"  # in a checkpoint-N: TRL's count of the tokens trained until then
@@ -145,10 +149,22 @@ class EndsAtMaxSteps:
         checkpoint: TRL's SFT, DPO, KTO and reward trainers count it in the trainer and start again at 0 on resume
         (a resumed reward run reported 577,960 tokens where the straight run reported 934,860)."""
         super()._save_checkpoint(model, trial)
+        run = Path(self._get_output_dir(trial=trial))
+        folder = run / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save and self.counts_own_tokens and hasattr(self, "_total_train_tokens"):
-            folder = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             if folder.is_dir():
                 write_atomic(folder / TOKENS_FILE, json.dumps({"num_tokens": self._total_train_tokens}))
+        if self.args.should_save and (run / RUN_CONFIG).is_file():  # a run folder alignkit claimed (start_run)
+            from alignkit.core.card import write_card
+
+            if (folder / "adapter_config.json").is_file():
+                write_card(folder)  # over PEFT's card
+            write_card(run)  # the run in progress, at its latest checkpoint
+
+    def create_model_card(self, *args, **kwargs):
+        """TRL's trainers write TRL's card into the run folder as each checkpoint starts (`_save_checkpoint`): a
+        local base is "None" there, the library transformers. alignkit's is written after the checkpoint instead."""
+        return None
 
     def log(self, logs, *args, **kwargs):
         """The summary of a call that trained no step is kept in the state's history (finish reads it where the

@@ -467,7 +467,8 @@ def save_run_config(s, path: Path) -> None:
     of what the settings name by path (`run_inputs`), which `--resume auto` compares, and the local model folders
     this run trains over by content, as it loaded them, which the loader compares (alignkit.modeling.lineage), and
     the format of the rows it trains on (`data_rows`), and how the model was loaded (`loaded_as`: quantization and
-    dtype after every `auto`), and which of the datasets it names are the Hub's (`hub_datasets`, for its card)."""
+    dtype after every `auto`), and which of the datasets it names are the Hub's (`hub_datasets`, for its card).
+    The folder's README.md is alignkit's card from then on (alignkit.core.card.write_card)."""
     from alignkit.modeling.lineage import TRAINED_OVER, trained_over
 
     below = trained_over(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None), path.parent)
@@ -486,6 +487,9 @@ def save_run_config(s, path: Path) -> None:
     if changes := [*earlier, *([resumed] if resumed else [])]:
         data["resumed_over"] = changes
     write_atomic(path, json.dumps(data, indent=2) + "\n")  # a torn file would stop the next --resume auto
+    from alignkit.core.card import write_card
+
+    write_card(path.parent)  # the run in progress, until its end writes the finished run's
 
 
 def _release(folder: Path, aside: Path | None, error: BaseException) -> None:

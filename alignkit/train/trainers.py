@@ -89,6 +89,9 @@ class CheckpointBase(TrainerCallback):
             write_atomic(file, json.dumps(config, indent=2))  # a kill here leaves the old config, never half
             for frozen in checkpoint_frozen(str(folder)):  # the chain of --model_id holds them already
                 shutil.rmtree(frozen)
+            from alignkit.core.card import write_card
+
+            write_card(folder)  # the card written with the checkpoint named the bare base
 
 
 class _StackedAdapters:
