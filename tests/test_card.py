@@ -293,6 +293,24 @@ def test_a_card_names_and_cites_the_method_each_run_used(tmp_path, monkeypatch):
     assert "qlora" in yaml.safe_load(card.split("---")[1])["tags"] and "dettmers2023qlora" in card
 
 
+
+def test_a_kto_run_on_apo_s_loss_and_a_dpo_run_with_apo_are_carded_as_apo(tmp_path, monkeypatch):
+    """Found by a kto.py audit: --loss_type apo_zero_unpaired was carded "KTO of ...", tagged kto and cited the KTO
+    paper alone, though the loss is APO-zero's (D'Oosterlinck et al. 2024); dpo.py's apo_zero cited no APO either."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, settings in (("kto", {"run_type": "kto", "loss_type": "apo_zero_unpaired"}),
+                           ("dpo", {"run_type": "dpo", "loss_type": ["apo_zero"]})):
+        write(tmp_path / name, alignkit_config__json={"model_id": "org/base", **settings})
+        card = model_card(tmp_path / name)
+        tags = yaml.safe_load(card.split("---")[1])["tags"]
+        cited = card.split("Methods used: ")[1].split(".")[0].split(", ")
+        assert "apo" in tags and len(tags) == len(set(tags)) and "doosterlinck2024anchored" in card, (name, tags)
+        assert "APO" in cited and "arXiv:2408.06266" in card, cited
+    kto = model_card(tmp_path / "kto")
+    assert "\nAPO (zero, unpaired) of [org/base]" in kto and "ethayarajh2024kto" not in kto
+    assert "kto" not in yaml.safe_load(kto.split("---")[1])["tags"]
+    assert "\nDPO of " in model_card(tmp_path / "dpo")
+
 def test_a_card_made_from_another_folder_lists_the_hub_datasets_the_run_trained_on(tmp_path, monkeypatch):
     """Left from session 27: the card took a run's --dataset_id for a Hub dataset when it looked like one from the
     folder the card was made in: `data/prefs` (a local folder, relative to where the run ran) read from another

@@ -11,7 +11,8 @@ What a card says, from the files the run left in its folder (nothing is guessed,
   MT-Bench / pairwise / AlpacaEval win rates recorded by evaluate.py (`record_evaluation`, EVALS_FILE);
 - text: what was trained on what, the merge and its check, the training settings (already redacted when saved),
   the final metrics, the framework versions, a load snippet in the saved dtype with `device_map="auto"`, and
-  the citations of the methods used (LoRA, QLoRA, DPO, cDPO, IPO, LoTA, GRPO, RLOO, MT-Bench, AlpacaEval, TRL).
+  the citations of the methods used (LoRA, QLoRA, DPO, cDPO, IPO, APO, KTO, SimPO, ORPO, LoTA, GRPO, RLOO, MT-Bench,
+  AlpacaEval, TRL).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from alignkit.core.sources import hub_gguf, is_hub_id
 EVALS_FILE = "alignkit_evals.json"  # evaluation results evaluate.py recorded for a local model folder
 RUN_TYPES = {"sft": "SFT", "dpo": "DPO", "kto": "KTO", "reward": "Reward model"}  # rl: GRPO/RLOO (--algo)
 REFERENCE_FREE = {"simpo": "SimPO", "orpo": "ORPO"}  # dpo.py's losses that are methods of their own (they run alone)
+KTO_LOSSES = {"apo_zero_unpaired": "APO (zero, unpaired)"}  # kto.py's losses that are another paper's method
+APO_LOSSES = ("apo_zero", "apo_down")  # dpo.py's (TRL's) APO losses, beside DPO's
 FRAMEWORKS = ("alignkit", "transformers", "trl", "peft", "torch", "datasets", "tokenizers", "accelerate",
               "bitsandbytes")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -53,6 +56,10 @@ CITATIONS = {
     "KTO": ("ethayarajh2024kto", "KTO: Model Alignment as Prospect Theoretic Optimization",
             "Kawin Ethayarajh and Winnie Xu and Niklas Muennighoff and Dan Jurafsky and Douwe Kiela", 2024,
             "2402.01306"),
+    "APO": ("doosterlinck2024anchored", "Anchored Preference Optimization and Contrastive Revisions: Addressing "
+            "Underspecification in Alignment", "Karel D'Oosterlinck and Winnie Xu and Chris Develder and Thomas "
+            "Demeester and Amanpreet Singh and Christopher Potts and Douwe Kiela and Shikib Mehri", 2024,
+            "2408.06266"),
     "SimPO": ("meng2024simpo", "SimPO: Simple Preference Optimization with a Reference-Free Reward",
               "Yu Meng and Mengzhou Xia and Danqi Chen", 2024, "2405.14734"),
     "ORPO": ("hong2024orpo", "ORPO: Monolithic Preference Optimization without Reference Model",
@@ -268,8 +275,8 @@ def methods(settings: dict, run_type: str | None, folder: Path, below: list[dict
     if any((run.get(LOADED_AS) or {}).get("quantization", run.get("quantization")) == "4bit"
            for run in (settings, *below)):
         used.append("QLoRA")
-    if run_type == "kto":
-        used.append("KTO")
+    if run_type == "kto":  # TRL's KTOTrainer, with KTO's loss or APO-zero's unpaired variant
+        used.append("APO" if settings.get("loss_type") in KTO_LOSSES else "KTO")
     if run_type == "dpo":
         losses = settings.get("loss_type") or ["sigmoid"]
         used += [REFERENCE_FREE[loss] for loss in losses if loss in REFERENCE_FREE]
@@ -279,6 +286,8 @@ def methods(settings: dict, run_type: str | None, folder: Path, below: list[dict
             used.append("cDPO")
         if "ipo" in losses:
             used.append("IPO")
+        if any(loss in APO_LOSSES for loss in losses):
+            used.append("APO")
     elif run_type == "reward":
         used.append("Bradley-Terry reward model")
     elif run_type == "rl":
@@ -373,13 +382,16 @@ def model_card(folder, repo_id: str | None = None) -> str:
         stage = (settings.get("algo") or run_type).upper()
     elif run_type == "dpo" and len(losses := settings.get("loss_type") or []) == 1 and losses[0] in REFERENCE_FREE:
         stage = REFERENCE_FREE[losses[0]]
+    elif run_type == "kto" and settings.get("loss_type") in KTO_LOSSES:
+        stage = KTO_LOSSES[settings["loss_type"]]
     else:
         stage = RUN_TYPES.get(run_type, "Fine-tuning")
     below = recorded[:-1] if settings else []
     cited = methods(settings, run_type, folder, below)
     license_ = base_license(base)
     tags = ["alignkit", "trl", "lota" if "LoTA" in cited else "lora", stage.split()[0].lower()]
-    tags += [m.lower() for m in cited if m in ("cDPO", "IPO", "QLoRA", "KTO", "SimPO", "ORPO") and m != stage]
+    tags += [m.lower() for m in cited if m in ("cDPO", "IPO", "APO", "QLoRA", "KTO", "SimPO", "ORPO") and m != stage]
+    tags = list(dict.fromkeys(tags))  # apo: the stage's tag and the method's
     data = ModelCardData(
         base_model=hub_base, datasets=hub_datasets or None,
         library_name="peft" if is_adapter else "transformers",
