@@ -104,6 +104,24 @@ def test_kto_takes_a_test_split_and_a_handbook_mixture_as_dpo_does(tmp_path):
     assert len(train) + (len(held_out) if held_out else 0) == 6  # half of the file's 12 labelled answers
 
 
+def test_kto_refuses_training_answers_of_one_label_before_the_model_loads(tmp_path):
+    """Found by a kto.py audit: labels all desirable (a --grade_threshold every answer reached) or all undesirable
+    trained without a word, TRL's desirable_weight advice computed with the missing class counted as 1."""
+    import json
+
+    from alignkit.core.mixture import load_train_eval
+
+    for label, counts, fix in ((True, "8 desirable answers and no undesirable one", "Add answers labelled false "
+                                "(label.py --mode pointwise: a higher --grade_threshold)"),
+                               (False, "8 undesirable answers and no desirable one", "Add answers labelled true")):
+        labels = tmp_path / f"labels-{label}.jsonl"
+        labels.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a", "label": label}) + "\n"
+                                  for i in range(10)))
+        with pytest.raises(DataError, match=re.escape(f"{labels}: the training data holds {counts}: KTO learns from "
+                                                      f"the two against each other. {fix}")):
+            load_train_eval("unpaired", KTOSettings(dataset_id=str(labels), eval_split=0.2))
+
+
 def test_kto_holds_out_whole_prompts_so_no_held_out_answer_has_its_pair_partner_in_training(tmp_path, alignkit_log):
     """A pair becomes two answers; the held-out share was drawn over answers, so a held-out rejected answer's chosen
     partner (same prompt) trained: the held-out figures measured answers to prompts the model had learned."""

@@ -188,7 +188,27 @@ def _loader(kind, s):
 
 def load_train_eval(kind: str, s):
     """(train, eval or None) for sft.py ("sft"), dpo.py ("preference") or kto.py ("unpaired"), from settings `s`."""
-    return read_under(s, *_load_train_eval(kind, s))
+    train, held_out = _load_train_eval(kind, s)
+    if kind == "unpaired":
+        check_both_labels(train, s)
+    return read_under(s, train, held_out)
+
+
+def check_both_labels(train, s) -> None:
+    """KTO's training answers are of both labels. With one alone the loss has nothing to weigh it against (TRL's
+    advice on desirable_weight, computed with the missing class counted as 1, is then nonsense): refused in one
+    line, before the model loads, naming the counts and the fix."""
+    desirable = sum(train["label"])
+    undesirable = len(train) - desirable
+    if (desirable and undesirable) or not len(train):
+        return
+    data = "the dataset_mixture" if s.dataset_mixture else s.dataset_id
+    have, missing, label, threshold = (("desirable", "undesirable", "false", "higher") if desirable else
+                                       ("undesirable", "desirable", "true", "lower"))
+    raise DataError(f"{data}: the training data holds {max(desirable, undesirable)} {have} answers and no {missing} "
+                    f"one: KTO learns from the two against each other. Add answers labelled {label} (label.py "
+                    f"--mode pointwise: a {threshold} --grade_threshold), or pass preference pairs (each becomes one of "
+                    "each)" + (", or train on these answers with sft.py" if desirable else ""))
 
 
 def _load_train_eval(kind: str, s):
