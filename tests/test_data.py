@@ -748,7 +748,7 @@ def test_kto_labels_as_trl_casts_them(label, desirable):
 
     (row,) = load_unpaired([{"prompt": "q", "completion": "c", "label": label}]).to_list()
     assert row["label"] is desirable
-    with pytest.raises(DataError, match=r"field 'label': expected true or false \(or 1 or 0\), got int \(2\)"):
+    with pytest.raises(DataError, match=r"field 'label': expected true or false \(a boolean; 1 or 0, .* in any case\), got int \(2\)"):
         load_unpaired([{"prompt": "q", "completion": "c", "label": 2}])
 
 

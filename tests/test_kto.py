@@ -66,9 +66,11 @@ def test_unpaired_rows_and_pairs_load_as_labelled_answers():
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"prompt": "q", "completion": "a", "label": 2}, "row 1: field 'label': expected true or false (or 1 or 0), got int"),
-    ({"prompt": "q", "completion": "a", "label": "yes"}, "field 'label': expected true or false"),
-    ({"prompt": "q", "completion": "a", "label": 0.7}, "field 'label': expected true or false (or 1 or 0), got float"),
+    ({"prompt": "q", "completion": "a", "label": 2}, "row 1: field 'label': expected true or false (a boolean; 1 or 0"),
+    # It listed "true or false (or 1 or 0)", though "TRUE" and 1.0 are taken too: every form taken is named.
+    ({"prompt": "q", "completion": "a", "label": "yes"}, "field 'label': expected true or false (a boolean; 1 or 0, "
+     "1.0 or 0.0; or the text \"true\", \"false\", \"1\", \"0\", \"1.0\" or \"0.0\" in any case), got str ('yes')"),
+    ({"prompt": "q", "completion": "a", "label": 0.7}, "in any case), got float (0.7)"),
     ({"prompt": "q", "completion": "", "label": True}, "field 'completion'"),
 ])
 def test_bad_unpaired_rows_name_row_and_field(row, message):

@@ -249,6 +249,11 @@ def _sft_prompt_completion(row):
     return {"prompt": _check_prompt(context or prompt, "prompt"), "completion": completion}
 
 
+# What a KTO label may be (`_unpaired`), as its refusal lists it.
+LABELS = ('true or false (a boolean; 1 or 0, 1.0 or 0.0; or the text "true", "false", "1", "0", "1.0" or "0.0" in '
+          'any case)')
+
+
 def _unpaired(row):
     """One labelled answer (KTO): prompt, completion, label true (desirable) or false (undesirable)."""
     label = row.get("label")
@@ -262,7 +267,7 @@ def _unpaired(row):
                                  "label): a file is one or the other (each pair becomes two labelled rows); move the "
                                  "pairs to a file of their own and train on both (a dataset_mixture), or label this row")
     if not isinstance(label, bool):
-        raise _bad("label", "true or false (or 1 or 0)", label)
+        raise _bad("label", LABELS, label)
     return {**_sft_prompt_completion(row), "label": label}
 
 
