@@ -137,8 +137,12 @@ def own_run(script: str, output) -> str:  # a preset names one run folder per sc
 
 
 written = {"pairs": "labeled", "completions": "completions"}.get(settings.mode)
-if (summary.get(written) if written else summary.get("desirable", 0) + summary.get("undesirable", 0)):
-    print(f"train on it: python {next_step}{preset} --dataset_id {run.output}{own_run(next_step, run.output)}")
+# KTO's labels: --desirable_weight where the classes are unbalanced, as TRL advises; none at all with one class only
+flags, refused = pointwise.kto_next_step(summary["desirable"], summary["undesirable"]) if not written else ("", None)
+if refused:
+    print(f"not for kto.py yet: {refused}")
+elif (summary.get(written) if written else summary.get("desirable", 0) + summary.get("undesirable", 0)):
+    print(f"train on it: python {next_step}{preset} --dataset_id {run.output}{flags}{own_run(next_step, run.output)}")
 else:  # an empty file is nothing to train on (the line above says why)
     print(f"nothing to train on: {run.output} is empty")
 if summary.get("grade_pairs"):  # --grade_pairs: each prompt's best-graded answer over its worst

@@ -174,6 +174,30 @@ def test_a_python_grader_s_none_or_nan_is_no_grade(tmp_path, alignkit_log):
     assert alignkit_log.text.count("which is no grade (counted as a parse failure)") == 1
 
 
+
+def test_the_hint_to_train_on_unbalanced_labels_carries_the_desirable_weight_trl_advises(tmp_path, capsys):
+    """Found by a kto.py audit: the closing line said `train on it: python kto.py --dataset_id labels.jsonl` whatever
+    the balance, though TRL advises --desirable_weight W with W x desirable / undesirable in [1, 4/3]; labels of one
+    class alone, which kto.py refuses, were handed to it too."""
+    _answers(tmp_path)  # 12 answers, 6 of them GOOD
+    (tmp_path / "graders.py").write_text("def good(prompt, answer):\n    return 'GOOD' in answer and '0' in answer\n")
+    for name, grader in (("few.jsonl", "good"), ("all.jsonl", "alignkit.modeling.presets:score")):
+        where = f"python:{tmp_path / 'graders.py'}:good" if grader == "good" else f"python:{grader}"
+        run_script("label.py", "--mode", "pointwise", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl",
+                   "--judge", where, "--output", name, "--grade_threshold", "1" if grader == "good" else "-1",
+                   cwd=tmp_path)
+    out = capsys.readouterr().out
+    # 2 desirable, 10 undesirable: W = 5 puts the ratio at 1 (5 x 2 / 10), the least W in range.
+    assert "train on it: python kto.py --dataset_id few.jsonl --desirable_weight 5\n" in out
+    assert "not for kto.py yet: kto.py needs both labels, and all 12 answers are desirable: a higher " \
+           "--grade_threshold splits them" in out and "--dataset_id all.jsonl" not in out
+    from alignkit.feedback.pointwise import kto_next_step
+
+    assert kto_next_step(30, 144) == (" --desirable_weight 4.8", None)  # the tiny preset's labels: [4.8, 6.4]
+    assert kto_next_step(3, 7) == (" --desirable_weight 2.34", None)  # rounded up into the range, not to 2.33
+    assert kto_next_step(12, 10) == kto_next_step(10, 10) == ("", None)  # 1.2 is in range: no flag
+    assert kto_next_step(14, 10) == (" --desirable_weight 0.952", None)  # more desirable: W below 1, nearest 1
+
 @pytest.mark.parametrize("flags, message", [
     (["--judge", "python:alignkit.modeling.presets:rule_judge"], "must accept \\(prompt, answer\\)"),
     (["--judge", "openai", "--judge_template", "self_reference"], "drop --judge_template self_reference"),
