@@ -195,8 +195,8 @@ def resolve_gradient_checkpointing(s, model, dtype: torch.dtype) -> bool:
     on = needed > ACTIVATION_SHARE * free
     ranks = " (the least of all ranks)" if world_size() > 1 else ""
     logger.info(f"gradient checkpointing: {'on' if on else 'off'} (auto: a micro-batch's activations take up to "
-                f"{needed / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free on {device.type}{ranks}, "
-                f"{'more' if on else 'less'} than half; --gradient_checkpointing true|false to choose)")
+                f"{needed / 2**30:.1f} GiB, {'more' if on else 'no more'} than half of the {free / 2**30:.1f} GiB "
+                f"free on {device.type}{ranks}; --gradient_checkpointing true|false to choose)")
     return on
 
 
