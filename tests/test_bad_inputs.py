@@ -86,6 +86,8 @@ CASES = [
      "--completion_only_loss true: text.jsonl holds plain text", None),
     ("sft.py", [*TRAIN, "--dataset_id", "pc.jsonl", "--assistant_only_loss", "true"],
      "--assistant_only_loss true needs conversations (messages): pc.jsonl holds prompt/completion text", None),
+    # A negative NEFTune scale: torch's uniform_ refused it at the first training step.
+    ("sft.py", [*TRAIN, "--neftune_noise_alpha", "-3"], "--neftune_noise_alpha must be >= 0", None),
     ("sft.py", [*TRAIN, "--padding_free", "true"], "--padding_free true without --packing: TRL cannot cut rows to "
      "--max_length then", None),
     # TRL's implicit prompt (two texts sharing their start): the answer that is missing, named (it said 'chosen'

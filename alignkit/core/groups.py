@@ -330,6 +330,10 @@ class TrainSettings(HubPushSettings, ModelSettings):
                                       ("num_train_epochs", -math.inf, math.inf, "a number")):
             if not low <= getattr(self, name) <= high:
                 raise ValueError(f"--{name} must be {what}, got {getattr(self, name)}")
+        alpha = overrides.get("neftune_noise_alpha")  # TrainingArguments' field: a negative one failed mid-training
+        if isinstance(alpha, (int, float)) and not alpha >= 0:
+            raise ValueError(f"--neftune_noise_alpha must be >= 0 (NEFTune's noise scale, 5 in its paper; none: off), "
+                             f"got {alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora_dropout must be from 0 up to (not including) 1, got {self.lora_dropout}")
         if not self.lora_target_modules:
