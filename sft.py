@@ -48,11 +48,11 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 
 # %%
 from alignkit.core.mixture import load_train_eval
-from alignkit.train.trainers import check_loss_mask
+from alignkit.train.loss_mask import check_loss_mask
 
 # --dataset_id with an --eval_split share or its --dataset_test_split, or an alignment-handbook dataset_mixture
 train_data, eval_data = load_train_eval("sft", settings)
-check_loss_mask(settings, train_data)  # --train_on and TRL's loss masks against these rows, before the model loads
+check_loss_mask(settings, train_data)  # loss masks and TRL's end tokens against rows and template, before the load
 print(f"{len(train_data)} training examples, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]
@@ -91,7 +91,8 @@ else:
 # %%
 from trl import SFTConfig
 
-from alignkit.train.trainers import AlignSFTTrainer, loss_mask_settings
+from alignkit.train.loss_mask import loss_mask_settings
+from alignkit.train.trainers import AlignSFTTrainer
 from alignkit.train.training import start_run, trl_config
 
 args = trl_config(

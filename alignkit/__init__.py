@@ -53,7 +53,8 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   run_locks (one training per folder), named_files (the other files settings name, by content),
   cell_checks (a notebook's cells run out of order), step_process (a script as a step of rlaif.py's rounds),
   sampling (--group_by_length's batches), report (training.png and the closing summary of a run),
-  trainers (alignkit's TRL trainers), resuming (what every trainer carries over a resume),
+  trainers (alignkit's TRL trainers), loss_mask (sft.py's loss mask and TRL's end tokens, checked before the
+  model loads), resuming (what every trainer carries over a resume),
   losses (preference losses TRL lacks: the DPO paper's, SimPO, ORPO),
   kto (kto.py's trainer: TRL's KTOTrainer with alignkit's adapters and reference),
   prefix (DPO prefix sharing: a pair's prompt computed once), flex_check (FlexAttention checked on this GPU before

@@ -83,7 +83,18 @@ CASES = [
     ("sft.py", [*TRAIN, "--dataset_id", "text.jsonl", "--train_on", "completions"],
      "--train_on completions: text.jsonl holds plain text, with no completion apart from its prompt", None),
     ("sft.py", [*TRAIN, "--dataset_id", "text.jsonl", "--completion_only_loss", "true"],
-     "--completion_only_loss true: text.jsonl holds plain text", None),
+     "--completion_only_loss true: text.jsonl holds plain text, with no completion apart from its prompt; give "
+     "prompt/completion rows or messages, or drop --completion_only_loss true", None),  # not --train_on all's fix
+    # A chat template without {% generation %} markers (the handbook's zephyr template): TRL's "not
+    # training-compatible" traceback once the model had loaded.
+    ("sft.py", [*TRAIN, "--assistant_only_loss", "true", "--chat_template", "zephyr.jinja"],
+     "--assistant_only_loss true: the chat template --chat_template zephyr.jinja has no {% generation %} markers "
+     "around the assistant turns", None),
+    ("sft.py", [*TRAIN, "--train_on", "completions", "--chat_template", "zephyr.jinja"],
+     "--train_on completions: the chat template --chat_template zephyr.jinja has no {% generation %} markers", None),
+    # TRL's end tokens outside the vocabulary: its traceback once the model had loaded.
+    ("sft.py", [*TRAIN, "--eos_token", "<|im_end|>"], "--eos_token <|im_end|>: not a token of ", None),
+    ("sft.py", [*TRAIN, "--pad_token", "<|im_end|>"], "--pad_token <|im_end|>: not a token of ", None),
     ("sft.py", [*TRAIN, "--dataset_id", "pc.jsonl", "--assistant_only_loss", "true"],
      "--assistant_only_loss true needs conversations (messages): pc.jsonl holds prompt/completion text", None),
     # A negative NEFTune scale: torch's uniform_ refused it at the first training step.
@@ -241,6 +252,11 @@ def bad_files(tiny_cache, tmp_path_factory):
     (here / "no-system.jinja").write_text(
         "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
         "{% endif %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (here / "zephyr.jinja").write_text(  # the alignment-handbook's zephyr-7b-beta template: no generation markers
+        "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+        "eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + "
+        "eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}"
+        "\n{% endfor %}")
     (here / "latin1.jinja").write_bytes("caf\u00e9 {{ messages }}".encode("latin-1"))
     (here / "gguf-folder").mkdir()
     (here / "gguf-folder" / "model-Q4_0.gguf").write_bytes(b"GGUF")

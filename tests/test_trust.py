@@ -439,13 +439,36 @@ def test_train_on_completions_without_generation_markers_is_a_config_error():
     from types import SimpleNamespace
 
     from alignkit.core.args import ConfigError
-    from alignkit.train.trainers import loss_mask_settings
+    from alignkit.train.loss_mask import loss_mask_settings
 
     tokenizer = SimpleNamespace(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     conversations = SimpleNamespace(column_names=["messages"])
     with pytest.raises(ConfigError, match="--train_on completions needs a chat template with"):
         loss_mask_settings("completions", conversations, tokenizer)
     assert loss_mask_settings("auto", conversations, tokenizer) == {"assistant_only_loss": False}
+
+
+def test_trl_settings_conversations_leave_without_effect_are_said(tiny_cache, alignkit_log):
+    """--completion_only_loss on conversations, and --eos_token where the chat template ends each turn, trained the
+    same losses without a word (audit); on prompt/completion rows both act, and nothing is said."""
+    from datasets import Dataset
+
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import SFTSettings
+    from alignkit.modeling import presets
+    from alignkit.train.loss_mask import check_loss_mask
+
+    s = parse_config(SFTSettings, env_file=None, presets={"tiny": presets.defaults("sft")},
+                     args=["--preset", "tiny", "--completion_only_loss", "true", "--eos_token", "<|system|>"])
+    alignkit_log.clear()
+    turns = [{"role": "user", "content": "name three fruits."}, {"role": "assistant", "content": "apple,pear,plum."}]
+    check_loss_mask(s, Dataset.from_list([{"messages": turns}] * 2))
+    assert "--completion_only_loss true not applied: it masks prompt/completion rows" in alignkit_log.text
+    assert "--eos_token <|system|>: not added to" in alignkit_log.text
+    assert "it becomes the saved tokenizer's eos token" in alignkit_log.text
+    alignkit_log.clear()
+    check_loss_mask(s, Dataset.from_list([{"prompt": "name three fruits.", "completion": "apple,pear,plum."}] * 2))
+    assert "not applied" not in alignkit_log.text and "--eos_token" not in alignkit_log.text
 
 
 # ---------------------------------------------------------------- 11. no bitsandbytes kernel warning, no DeepSpeed CPU note

@@ -1,0 +1,144 @@
+"""sft.py's loss mask and TRL's end tokens, checked against the rows and the tokenizer before the model loads.
+
+- `check_loss_mask`: a loss mask the rows or the chat template cannot give (--train_on completions on plain text,
+  TRL's assistant_only_loss on rows that are no conversation or under a template without {% generation %}
+  markers), refused in one line; TRL's eos_token and pad_token outside the vocabulary, refused; a TRL setting these
+  rows leave without effect (completion_only_loss on conversations, eos_token where the template ends the turns),
+  said. Each of these was TRL's traceback after the model loaded, or nothing at all.
+- `loss_mask_settings`: the SFTConfig flags that put the loss on completions or assistant turns where the data
+  allows (--train_on).
+
+The tokenizer is read here only where a check needs it (a tokenizer is cheap; the model is not), as the loader
+reads it (alignkit.modeling.models.load_tokenizer, with --chat_template).
+"""
+
+from __future__ import annotations
+
+from alignkit import logger
+from alignkit.core.args import ConfigError
+
+
+def _data_name(s) -> str:
+    return "the dataset mixture" if getattr(s, "dataset_mixture", None) else s.dataset_id
+
+
+def _template_name(s) -> str:
+    """The chat template this run trains with, as the user gave it."""
+    given = getattr(s, "chat_template", None)
+    if not given:
+        return f"{s.model_id}'s chat template"
+    if "{{" in given or "{%" in given:
+        return "the chat template given inline (--chat_template, or a recipe's chat_template)"
+    return f"the chat template --chat_template {given}"
+
+
+def _tokenizer(s):
+    """The tokenizer the run trains with, read as the loader reads it; None where it cannot be read apart from the
+    model (a GGUF source, converted with the model) or fails to read: the model's load then says why."""
+    from alignkit.core.groups import chat_template_text
+    from alignkit.modeling.models import load_tokenizer, resolve, tokenizer_source
+
+    if getattr(s, "chat_template", None):
+        chat_template_text(s.chat_template)  # a missing or broken template: the loader's own line
+    if getattr(s, "gguf_file", None) or str(s.model_id).endswith(".gguf"):
+        return None
+    try:
+        chain = resolve(s.model_id, s.revision)
+        if str(chain.base).endswith(".gguf"):
+            return None
+        return load_tokenizer(*tokenizer_source(chain, chain.base, chain.revision), s.trust_remote_code,
+                              s.chat_template)
+    except Exception:  # noqa: BLE001 - a model not found, custom code: load_model refuses it in its own words
+        return None
+
+
+def marks_assistant_turns(tokenizer) -> bool:
+    """Whether TRL can keep the loss on the assistant's tokens under this tokenizer's chat template: it has
+    {% generation %} markers, or TRL knows a marked version of it (SFTTrainer swaps that in)."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(getattr(tokenizer, "chat_template", None) or ""):
+        return True
+    try:
+        return get_training_chat_template(tokenizer) is not None
+    except Exception:  # noqa: BLE001 - TRL raises for templates it has no training version of
+        return False
+
+
+def check_loss_mask(s, dataset) -> None:
+    """A loss mask the rows cannot have, refused as the data is read (before the model loads): --train_on
+    completions and TRL's completion_only_loss on plain text (every token was trained, without a word), TRL's
+    assistant_only_loss on rows that are no conversation or under a chat template without {% generation %}
+    markers, and TRL's eos_token or pad_token outside the vocabulary (TRL's tracebacks once the model had loaded).
+    completion_only_loss on conversations and eos_token where the chat template ends the turns are said: TRL
+    leaves them without effect on these rows."""
+    from trl.data_utils import is_conversational
+
+    if dataset is None or not len(dataset):
+        return
+    overrides = s.trainer_overrides if isinstance(s.trainer_overrides, dict) else {}
+    columns = set(dataset.column_names)
+    name = _data_name(s)
+    rows = "plain text" if "text" in columns else "prompt/completion text" if "completion" in columns else "rows"
+    if "text" in columns and s.train_on == "completions":
+        raise ConfigError(f"--train_on completions: {name} holds plain text, with no completion apart from its "
+                          "prompt; give prompt/completion rows or messages, or pass --train_on all")
+    if "text" in columns and overrides.get("completion_only_loss") is True:
+        raise ConfigError(f"--completion_only_loss true: {name} holds plain text, with no completion apart from its "
+                          "prompt; give prompt/completion rows or messages, or drop --completion_only_loss true")
+    conversations = is_conversational(dataset[0])
+    if overrides.get("assistant_only_loss") is True and not conversations:
+        raise ConfigError(f"--assistant_only_loss true needs conversations (messages): {name} holds {rows}; "
+                          "leave it out (--train_on auto puts the loss on a completion where the rows have one)")
+    if conversations and "prompt" not in columns and overrides.get("completion_only_loss") is not None:
+        # TRL masks by completion_mask, which only prompt/completion rows get: the same losses either way
+        logger.warning(f"--completion_only_loss {str(overrides['completion_only_loss']).lower()} not applied: it "
+                       f"masks prompt/completion rows, and {name} holds conversations (messages), whose loss mask is "
+                       "--train_on's (auto: the assistant turns, where the chat template marks them; all: every "
+                       "token) or --assistant_only_loss")
+    masked = conversations and (overrides.get("assistant_only_loss") is True or
+                                (s.train_on == "completions" and "completion" not in columns
+                                 and "assistant_only_loss" not in overrides))
+    tokens = {key: overrides[key] for key in ("eos_token", "pad_token") if overrides.get(key) is not None}
+    if not (masked or tokens) or (tokenizer := _tokenizer(s)) is None:
+        return
+    vocab = tokenizer.get_vocab()
+    for key, token in tokens.items():  # TRL's own check, once the model had loaded
+        if token not in vocab:
+            raise ConfigError(f"--{key} {token}: not a token of {s.model_id}'s tokenizer (TRL refuses it once the "
+                              f"model has loaded; its own {key} is {getattr(tokenizer, key)}); pass a token the "
+                              f"vocabulary has, or drop --{key}")
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if "eos_token" in tokens and conversations and "eos_token" not in str(template):
+        # TRL appends eos_token to text and completion rows only; a template that renders `eos_token` takes it
+        logger.warning(f"--eos_token {tokens['eos_token']}: not added to {name}'s rows, conversations whose turns "
+                       f"end as {_template_name(s)} writes them (TRL appends eos_token to plain text and "
+                       "completions only); it becomes the saved tokenizer's eos token, the one generation stops at")
+    if masked and template and not marks_assistant_turns(tokenizer):
+        given = "--assistant_only_loss true" if overrides.get("assistant_only_loss") is True else \
+            "--train_on completions"
+        drop = "drop --assistant_only_loss true" if given.startswith("--assistant") else "use --train_on all"
+        raise ConfigError(f"{given}: {_template_name(s)} has no {{% generation %}} markers around the assistant "
+                          "turns (nor is it one TRL has a marked version of), so the assistant's tokens cannot be "
+                          f"told apart; pass a template with them as --chat_template FILE, or {drop} (the loss then "
+                          "covers every token)")
+
+
+def loss_mask_settings(train_on: str, dataset, tokenizer) -> dict:
+    """SFTConfig flags that put the loss on completions or assistant turns where the data allows."""
+    columns = set(dataset.column_names)
+    if train_on == "all" or "text" in columns:
+        return dict(completion_only_loss=False, assistant_only_loss=False)
+    if "completion" in columns:
+        return dict(completion_only_loss=True)
+    # Conversations: TRL masks non-assistant tokens through {% generation %} markers in the chat template,
+    # and swaps in a marked copy of the templates it knows.
+    supported = marks_assistant_turns(tokenizer)
+    if not supported and train_on == "completions":
+        raise ConfigError(
+            "--train_on completions needs a chat template with {% generation %} markers around assistant turns; "
+            "pass one with --chat_template FILE, or use --train_on all"
+        )
+    if not supported:
+        logger.info("loss on every token: this chat template has no {% generation %} markers TRL can use")
+    return dict(assistant_only_loss=supported)
