@@ -27,6 +27,19 @@ def test_auto_choices_on_a_cpu_say_what_and_why(alignkit_log):
     assert launch.resolve_dtype("bf16") == torch.bfloat16 and launch.resolve_quantization("4bit") == "4bit"
 
 
+
+def test_a_training_load_says_the_dtype_it_was_given(tiny_cache, alignkit_log):
+    """A recipe's `torch_dtype: bfloat16` on the CPU trained in bf16 without a dtype line, where auto says its
+    choice (audit): a training run says its dtype in every case."""
+    from alignkit.core.config import SFTSettings
+    from alignkit.modeling import presets
+    from alignkit.modeling.models import load_model
+
+    loaded = load_model(SFTSettings(model_id=presets.paths()["model"], dtype="bf16", quantization="none"),
+                        for_training=True)
+    assert loaded.dtype == torch.bfloat16
+    assert "dtype: bf16 (as given: --dtype, or a recipe's torch_dtype" in alignkit_log.text
+
 def test_liger_asked_for_where_it_cannot_run_goes_on_without_it_in_one_line(alignkit_log, monkeypatch):
     """The SmolLM3 recipes' use_liger_kernel: true failed with ModuleNotFoundError after the model loaded, on a CPU
     or a GPU without liger-kernel. Like flash_attention_2 asked for there, the run goes on without it, in one line."""
