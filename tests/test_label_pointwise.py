@@ -187,16 +187,21 @@ def test_the_hint_to_train_on_unbalanced_labels_carries_the_desirable_weight_trl
                    "--judge", where, "--output", name, "--grade_threshold", "1" if grader == "good" else "-1",
                    cwd=tmp_path)
     out = capsys.readouterr().out
-    # 2 desirable, 10 undesirable: W = 5 puts the ratio at 1 (5 x 2 / 10), the least W in range.
-    assert "train on it: python kto.py --dataset_id few.jsonl --desirable_weight 5\n" in out
+    # 2 desirable, 10 undesirable: W = 5.8 puts the ratio mid-range (5.8 x 2 / 10 = 1.16, in [1, 4/3]).
+    assert "train on it: python kto.py --dataset_id few.jsonl --desirable_weight 5.8\n" in out
     assert "not for kto.py yet: kto.py needs both labels, and all 12 answers are desirable: a higher " \
            "--grade_threshold splits them" in out and "--dataset_id all.jsonl" not in out
     from alignkit.feedback.pointwise import kto_next_step
 
-    assert kto_next_step(30, 144) == (" --desirable_weight 4.8", None)  # the tiny preset's labels: [4.8, 6.4]
-    assert kto_next_step(3, 7) == (" --desirable_weight 2.34", None)  # rounded up into the range, not to 2.33
+    # The tiny preset's labels, 30:144 ([4.8, 6.4]): 5.6 keeps the 26:130 that train in range too (4.8 did not).
+    assert kto_next_step(30, 144) == (" --desirable_weight 5.6", None) and 1 <= 5.6 * 26 / 130 <= 4 / 3
+    assert kto_next_step(3, 7) == (" --desirable_weight 2.7", None)
     assert kto_next_step(12, 10) == kto_next_step(10, 10) == ("", None)  # 1.2 is in range: no flag
-    assert kto_next_step(14, 10) == (" --desirable_weight 0.952", None)  # more desirable: W below 1, nearest 1
+    assert kto_next_step(14, 10) == (" --desirable_weight 0.83", None)  # more desirable: W below 1
+    for desirable, undesirable in ((1, 999), (7, 3), (999, 1), (5, 11)):
+        weight = float(kto_next_step(desirable, undesirable)[0].split()[-1])
+        assert 1 <= weight * desirable / undesirable <= 4 / 3, (desirable, undesirable)
+
 
 @pytest.mark.parametrize("flags, message", [
     (["--judge", "python:alignkit.modeling.presets:rule_judge"], "must accept \\(prompt, answer\\)"),

@@ -253,18 +253,19 @@ def best_over_worst(rows: list[dict]) -> list[dict]:
 def kto_next_step(desirable: int, undesirable: int) -> tuple[str, str | None]:
     """(the flags kto.py needs on these labels, or why kto.py would refuse them). --desirable_weight W where the
     classes are unbalanced: TRL advises a ratio W x desirable / undesirable (undesirable_weight 1) in [1, 4/3] (the
-    README's kto section); W is the one nearest 1 in that range, to three significant digits, rounded into it. None
-    where 1 does already. kto.py refuses answers of one label alone (alignkit.core.mixture.check_both_labels)."""
+    README's kto section); W puts it mid-range (7/6), to two significant digits, so that the training share (kto.py
+    holds some answers out: 26 of the tiny preset's 30 desirable train) stays in range too; an edge did not (4.8
+    gave 0.96 there). None where 1 is in range already. kto.py refuses answers of one label alone
+    (alignkit.core.mixture.check_both_labels)."""
     if not desirable + undesirable:  # nothing written: nothing to train on
         return "", None
     if not desirable or not undesirable:
         have, threshold = ("desirable", "higher") if desirable else ("undesirable", "lower")
         return "", (f"kto.py needs both labels, and all {desirable + undesirable} answers are {have}: a {threshold} "
                     "--grade_threshold splits them")
-    low, high = undesirable / desirable, 4 * undesirable / (3 * desirable)
-    if low <= 1 <= high:
+    if undesirable / desirable <= 1 <= 4 * undesirable / (3 * desirable):
         return "", None
-    target = low if low > 1 else high
-    scale = 10 ** (2 - math.floor(math.log10(target)))
-    weight = (math.ceil(target * scale) if low > 1 else math.floor(target * scale)) / scale
+    target = 7 * undesirable / (6 * desirable)
+    scale = 10 ** (1 - math.floor(math.log10(target)))
+    weight = round(target * scale) / scale
     return f" --desirable_weight {weight:g}", None
