@@ -49,7 +49,8 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   presets (the offline `tiny` demo and its rule),
   smol (SmolLM2-135M).
 - train (training and its algorithms):
-  training (checks, TRL configs, finish), run_folder (a run's folder: resume, claim, give back),
+  training (checks, TRL configs, finish), run_folder (a run's folder: resume, claim),
+  run_release (a run that ends badly: its checkpoints kept, or the folder given back),
   run_locks (one training per folder), named_files (the other files settings name, by content),
   cell_checks (a notebook's cells run out of order), step_process (a script as a step of rlaif.py's rounds),
   sampling (--group_by_length's batches), report (training.png and the closing summary of a run),

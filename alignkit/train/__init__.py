@@ -1,7 +1,8 @@
 """Training and its algorithms: what sft.py, dpo.py, kto.py, reward.py, rl.py and rlaif.py run.
 
 - training: checks before any work, TRL configs, finish.
-- run_folder: a run's folder: whether it resumes, claiming it, giving an earlier run back; run_locks: one training
+- run_folder: a run's folder: whether it resumes, claiming it; run_release: a run that ends badly keeps its
+  checkpoints or gives the folder back to the earlier run; run_locks: one training
   at a time in it; named_files: the files its settings name beside the model and data, by content; cell_checks:
   a notebook's cells run out of order (each training the one its Run folder cell decided, on its Data cell's data).
 - sampling: --group_by_length's batches of similar length.

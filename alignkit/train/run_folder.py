@@ -34,19 +34,21 @@ import torch
 
 from alignkit import logger
 from alignkit.core import progress
-from alignkit.core.args import ConfigError, field_defaults, redact
+from alignkit.core.args import ConfigError, field_defaults
 from alignkit.core.saved_settings import config_to_dict
-from alignkit.core.errors import Terminated, UserError, is_notebook, keep_interrupts, run_again, said_how_to_go_on
+from alignkit.core.errors import UserError, is_notebook, keep_interrupts
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
 # CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
 # killed before its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
 from alignkit.core.run_records import CLAIM_FILE, HUB_DATASETS, LOADED_AS, checkpoints, hub_datasets, loaded_as
 from alignkit.train import cell_checks, run_locks
-from alignkit.train.kept_judgments import carry_judgments, judgments_back, remove_keeping_judgments
+from alignkit.train.kept_judgments import carry_judgments
+# How a run that ends badly leaves its folder: its checkpoints kept (FAILED_FILE), or the earlier run back.
+from alignkit.train.run_release import (  # noqa: F401 - FAILED_FILE, _release...: importable from here too
+    FAILED_FILE, _holds_work, _release, _restore_stranded)
 
 CONFIG_FILE = "alignkit_config.json"
-FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
 # Run folders whose training (start_run's block) raised in this process, with what stopped it: a notebook's next
 # cell (finish) would otherwise save the half-trained model over the earlier run just put back (check_trained).
 _STOPPED: dict[Path, str] = {}
@@ -313,13 +315,6 @@ def run_inputs(s, folder: Path | None = None) -> dict:
     return found
 
 
-def _holds_work(folder: Path) -> bool:
-    """A checkpoint, an adapter, metrics or a merged model: something a run took time to make."""
-    return folder.is_dir() and any(
-        any(folder.glob(pattern)) for pattern in ("checkpoint-*", "adapter_model.*", "metrics.json", "merged")
-    )
-
-
 @contextlib.contextmanager
 def start_run(s, folder: Path, resume_from: str | None, model=None, data=(), built=()):
     """Claim the run folder for the training inside the `with` block (see the module docstring): the training
@@ -444,23 +439,6 @@ def _move_back(s, folder: Path, earlier: Path, resume_from: str) -> Path | None:
     return aside
 
 
-def _restore_stranded(folder: Path) -> None:
-    """A run killed before its first checkpoint (SIGKILL, the host's OOM killer: no `except` ran) left its folder
-    claimed and empty, and the earlier run aside: put the earlier run back before anything looks at the folder."""
-    claim = folder / CLAIM_FILE
-    if not claim.is_file() or _holds_work(folder):
-        return
-    try:
-        earlier = Path(json.loads(claim.read_text())["earlier_run"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if earlier.is_dir():
-        paid = remove_keeping_judgments(folder)
-        shutil.move(str(earlier), folder)
-        logger.info(f"the run in {folder} stopped before its first checkpoint: the earlier run is back in place "
-                    f"(from {earlier}){judgments_back(paid, folder)}")
-
-
 def save_run_config(s, path: Path) -> None:
     """alignkit_config.json: the resolved settings (secrets redacted), the run type (`run_type` of the settings
     class: sft, dpo, reward, rl), so a model card states what the run was instead of guessing it, and the content
@@ -490,27 +468,3 @@ def save_run_config(s, path: Path) -> None:
     from alignkit.core.card import write_card
 
     write_card(path.parent)  # the run in progress, until its end writes the finished run's
-
-
-def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
-    """After a failed (or interrupted) run: keep what it saved, or give the folder back to the run that was there."""
-    ended = "was stopped (SIGTERM)" if isinstance(error, Terminated) else \
-        "was interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-    if checkpoints(folder):
-        (folder / FAILED_FILE).write_text(redact(f"{type(error).__name__}: {error}\n"))
-        again = "run the cells from 'Run folder' on again" if is_notebook() else run_again()
-        logger.info(f"the run {ended}; its checkpoints stay in {folder} (see {FAILED_FILE}): {again} to resume"
-                    + (f"; the earlier run is in {aside}" if aside else ""))
-        if isinstance(error, KeyboardInterrupt):
-            said_how_to_go_on()
-        return
-    paid = remove_keeping_judgments(folder, ignore_errors=True)
-    if aside:
-        shutil.move(str(aside), folder)
-    kept = judgments_back(paid, folder)
-    if aside:  # "what was finished is kept" follows: the earlier run, and the judgments paid for
-        logger.info(f"the run {ended} before its first checkpoint, with nothing of it to keep: removed it{kept}; the "
-                    f"earlier run is back in {folder}")
-    else:
-        logger.info(f"the run {ended} before its first checkpoint, with nothing of it to keep: removed {folder}{kept}")
-
