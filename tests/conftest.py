@@ -38,6 +38,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _secret in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
     os.environ.pop(_secret, None)  # a developer's real credentials must not leak into test runs
 
+# bitsandbytes imported on the real (CPU) torch, before any test fakes CUDA (test_gpu_paths.fake_gpus): its first
+# import under a faked CUDA loads its CUDA backend, which fails half-way (torch._C has no _cuda_getCurrentRawStream)
+# and left a broken module behind ("bitsandbytes has no attribute nn") for every later test of the process.
+try:
+    import bitsandbytes  # noqa: F401, E402
+except ImportError:
+    pass
+
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
