@@ -208,6 +208,13 @@ def test_a_checkpoint_card_shows_its_runs_settings_and_its_own_figures(tmp_path,
     assert "0.4 |" not in figures and "train_loss" not in card and "Final metrics" not in card
     # `auto` on CUDA trained QLoRA: cited by how the loader loaded the base (the setting alone said nothing).
     assert "QLoRA" in card.split("Methods used:")[1] and "qlora" in card.split("---")[1]
+    # A local path inside a setting's mapping or list is shown by its last part too (the review of session 31: a
+    # dataset_mixture's ids and resumed_over's changes printed /home/... whole, now in every checkpoint's card).
+    write(run, alignkit_config__json={"run_type": "dpo", "dataset_mixture": {"datasets": [
+        {"id": "/home/alice/secret-data/b.jsonl", "weight": 1.0}]}, "chat_template": "/home/alice/t.jinja",
+        "resumed_over": [{"step": 5, "changed": {"chat_template": ["/home/alice/old.jinja", "/home/alice/t.jinja"]}}]})
+    card = model_card(checkpoint, "me/ck")
+    assert "/home/alice" not in card and ".../b.jsonl" in card and ".../old.jinja" in card
 
 
 def test_a_merge_saved_in_another_precision_and_a_gguf_base_are_described_as_they_are(merged_dpo, tmp_path):

@@ -122,6 +122,16 @@ def test_kto_refuses_training_answers_of_one_label_before_the_model_loads(tmp_pa
         with pytest.raises(DataError, match=re.escape(f"{labels}: the training data holds {counts}: KTO learns from "
                                                       f"the two against each other. {fix}")):
             load_train_eval("unpaired", KTOSettings(dataset_id=str(labels), eval_split=0.2))
+    # The one desirable answer of the file held out: the fix is to hold out fewer, not to add what is there (the
+    # review of session 31).
+    one = tmp_path / "one-desirable.jsonl"
+    one.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a", "label": i == 0}) + "\n"
+                           for i in range(10)))
+    with pytest.raises(DataError, match=re.escape(f"{one}: the held-out share (--eval_split) took every desirable "
+                                                  "answer, leaving 8 undesirable answers and no desirable one to "
+                                                  "train on: KTO learns from the two against each other. Hold out "
+                                                  "fewer (a smaller --eval_split, or 0), or add answers labelled true")):
+        load_train_eval("unpaired", KTOSettings(dataset_id=str(one), eval_split=0.2, seed=9))  # seed 9: q0 held out
 
 
 def test_kto_holds_out_whole_prompts_so_no_held_out_answer_has_its_pair_partner_in_training(tmp_path, alignkit_log):

@@ -85,7 +85,12 @@ CITATIONS = {
 
 
 def _shown(value):
-    """A setting as a card shows it: a local absolute path by its last part only (it means nothing elsewhere)."""
+    """A setting as a card shows it: a local absolute path by its last part only (it means nothing elsewhere),
+    inside a mapping or a list too (a dataset_mixture's ids, resumed_over's changes printed them whole)."""
+    if isinstance(value, dict):
+        return {k: _shown(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shown(v) for v in value]
     if isinstance(value, str) and (value.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", value)):
         return f".../{Path(value).name}"
     return value

@@ -190,14 +190,15 @@ def load_train_eval(kind: str, s):
     """(train, eval or None) for sft.py ("sft"), dpo.py ("preference") or kto.py ("unpaired"), from settings `s`."""
     train, held_out = _load_train_eval(kind, s)
     if kind == "unpaired":
-        check_both_labels(train, s)
+        check_both_labels(train, s, held_out)
     return read_under(s, train, held_out)
 
 
-def check_both_labels(train, s) -> None:
+def check_both_labels(train, s, held_out=None) -> None:
     """KTO's training answers are of both labels. With one alone the loss has nothing to weigh it against (TRL's
     advice on desirable_weight, computed with the missing class counted as 1, is then nonsense): refused in one
-    line, before the model loads, naming the counts and the fix."""
+    line, before the model loads, naming the counts and the fix (the held-out share, where it took the other
+    label's answers: the data has both)."""
     desirable = sum(train["label"])
     undesirable = len(train) - desirable
     if (desirable and undesirable) or not len(train):
@@ -205,6 +206,12 @@ def check_both_labels(train, s) -> None:
     data = "the dataset_mixture" if s.dataset_mixture else s.dataset_id
     have, missing, label, threshold = (("desirable", "undesirable", "false", "higher") if desirable else
                                        ("undesirable", "desirable", "true", "lower"))
+    if held_out is not None and len(held_out) and (sum(held_out["label"]) if missing == "desirable" else
+                                                     len(held_out) - sum(held_out["label"])):
+        raise DataError(f"{data}: the held-out share (--eval_split) took every {missing} answer, leaving "
+                        f"{max(desirable, undesirable)} {have} answers and no {missing} one to train on: KTO learns "
+                        f"from the two against each other. Hold out fewer (a smaller --eval_split, or 0), or add "
+                        f"answers labelled {label}")
     raise DataError(f"{data}: the training data holds {max(desirable, undesirable)} {have} answers and no {missing} "
                     f"one: KTO learns from the two against each other. Add answers labelled {label} (label.py "
                     f"--mode pointwise: a {threshold} --grade_threshold), or pass preference pairs (each becomes one of "

@@ -111,9 +111,9 @@ def check_loss_mask(s, dataset) -> None:
     template = getattr(tokenizer, "chat_template", None) or ""
     if "eos_token" in tokens and conversations and "eos_token" not in str(template):
         # TRL appends eos_token to text and completion rows only; a template that renders `eos_token` takes it
-        logger.warning(f"--eos_token {tokens['eos_token']}: not added to {name}'s rows, conversations whose turns "
-                       f"end as {_template_name(s)} writes them (TRL appends eos_token to plain text and "
-                       "completions only); it becomes the saved tokenizer's eos token, the one generation stops at")
+        logger.info(f"--eos_token {tokens['eos_token']}: not added to {name}'s rows, conversations whose turns "
+                    f"end as {_template_name(s)} writes them (TRL appends eos_token to plain text and "
+                    "completions only); it becomes the saved tokenizer's eos token, the one generation stops at")
     if masked and template and not marks_assistant_turns(tokenizer):
         given = "--assistant_only_loss true" if overrides.get("assistant_only_loss") is True else \
             "--train_on completions"
