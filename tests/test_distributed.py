@@ -81,18 +81,10 @@ def test_8bit_is_refused_under_fsdp(monkeypatch):
                          ids=["dpo.py-simpo", "sft.py"])
 def test_two_processes_train_together_over_gloo(script, flags, tiny_cache, tmp_path):
     env = {**os.environ, "ALIGNKIT_CACHE": str(tiny_cache)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "0", script, "--preset", "tiny", "--max_steps", "20", "--logging_steps", "5",
-               "--output_dir", str(tmp_path), "--run_name", "ddp",
-               # Random batches: the first and last logged losses below compare only when batches are drawn alike
-               # (length grouping orders them longest first; its order across processes: test_length_grouping).
-               "--group_by_length", "false", *flags]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = tmp_path / "ddp"
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["num_processes"] == 2 and metrics["global_step"] == 20
+    # Random batches: the first and last logged losses below compare only when batches are drawn alike (length
+    # grouping orders them longest first; its order across processes: test_length_grouping).
+    done, run = two_processes(script, ["--preset", "tiny", "--max_steps", "20", "--logging_steps", "5",
+                                       "--group_by_length", "false", *flags], tmp_path, "ddp", env, steps=20)
     # Both processes took part: 20 steps of 2 x 16 rows cover twice the data one process would.
     state = json.loads((run / "checkpoint-20" / "trainer_state.json").read_text())
     assert state["epoch"] == pytest.approx(20 * 2 * 16 / metrics_rows(run), rel=0.02)
@@ -131,21 +123,29 @@ def test_a_mixture_of_experts_trains_dpo_with_lora_on_its_experts_at_two_process
         if Path(presets.paths()["model"], name).is_file():
             shutil.copy(Path(presets.paths()["model"], name), model)
     env = {**os.environ, "ALIGNKIT_CACHE": str(tiny_cache)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "0", "dpo.py", "--preset", "tiny", "--model_id", str(model), "--lora_dropout", "0", "--max_steps", "6",
-               "--logging_steps", "2", "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", "moe-ddp"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = tmp_path / "moe-ddp"
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["num_processes"] == 2 and metrics["global_step"] == 6
+    done, run = two_processes("dpo.py", ["--preset", "tiny", "--model_id", str(model), "--lora_dropout", "0",
+                                         "--max_steps", "6", "--logging_steps", "2", "--eval_split", "0"],
+                              tmp_path, "moe-ddp", env, steps=6)
     state = json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())
     assert any("aux_loss" in e for e in state["log_history"]), state["log_history"][:2]  # the router's balance term
     weights = load_file(run / "adapter_model.safetensors")
     experts = {k: v for k, v in weights.items() if "experts" in k}
     assert experts and any(v.abs().sum() > 0 for k, v in experts.items() if "lora_B" in k)  # trained, from zero
     assert done.stdout.count(f"adapter: {run}") == 1, done.stdout[-3000:]
+
+
+def two_processes(script: str, flags: list[str], output_dir: Path, run_name: str, env: dict, steps: int):
+    """`accelerate launch` of `script` on two processes over gloo, to its end: (the finished process, its run
+    folder), checked to have run `steps` steps on both."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "0", script, *flags, "--output_dir", str(output_dir), "--run_name", run_name]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = output_dir / run_name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["global_step"] == steps
+    return done, run
 
 
 def metrics_rows(run: Path) -> int:
