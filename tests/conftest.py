@@ -41,6 +41,7 @@ for _secret in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_A
 # bitsandbytes imported on the real (CPU) torch, before any test fakes CUDA (test_gpu_paths.fake_gpus): its first
 # import under a faked CUDA loads its CUDA backend, which fails half-way (torch._C has no _cuda_getCurrentRawStream)
 # and left a broken module behind ("bitsandbytes has no attribute nn") for every later test of the process.
+import alignkit  # noqa: F401, E402 - first: its log filters keep bitsandbytes' import warnings out, as in a script
 try:
     import bitsandbytes  # noqa: F401, E402
 except ImportError:

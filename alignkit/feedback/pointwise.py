@@ -262,7 +262,8 @@ def kto_next_step(desirable: int, undesirable: int) -> tuple[str, str | None]:
     if not desirable or not undesirable:
         have, threshold = ("desirable", "higher") if desirable else ("undesirable", "lower")
         return "", (f"kto.py needs both labels, and all {desirable + undesirable} answers are {have}: a {threshold} "
-                    "--grade_threshold splits them")
+                    "--grade_threshold splits them where their grades differ (a grader of true/false alone cannot "
+                    "be split: grade them otherwise)")
     if undesirable / desirable <= 1 <= 4 * undesirable / (3 * desirable):
         return "", None
     target = 7 * undesirable / (6 * desirable)
