@@ -406,3 +406,13 @@ def test_a_run_folder_and_its_checkpoints_carry_alignkit_s_card_while_it_trains(
     assert "its latest checkpoint is `checkpoint-5`, which the same command resumes from" in card
     assert "## Metrics at checkpoint-5" in card and "| loss | 0.5 |" in card
     assert "has not finished" not in (run / "checkpoint-5" / "README.md").read_text()
+    # A finished run trained further (--resume true, a higher --max_steps): its old adapter and metrics.json are still
+    # there, and its card read as finished, with the old final figures (the review of session 31).
+    write(run, adapter_config__json={"base_model_name_or_path": str(base)}, metrics__json={"train_loss": 9.9})
+    Trainer()._save_checkpoint(None, None)
+    card = (run / "README.md").read_text()
+    assert "This run has not finished" in card and "| loss | 0.5 |" in card
+    assert "Final metrics" not in card and "9.9" not in card
+    from alignkit.core.card import model_card as finished_card
+
+    assert "Final metrics" in finished_card(run) and "has not finished" not in finished_card(run)  # at its end

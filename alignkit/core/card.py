@@ -220,17 +220,17 @@ def _refresh_card(folder: Path, name: str) -> None:
                        f"{folder / EVALS_FILE}")
 
 
-def write_card(folder) -> None:
+def write_card(folder, in_progress: bool = False) -> None:
     """alignkit's card as `folder`'s README.md, written whole (a kill leaves the card before it, never half of one):
-    a run folder's as the run starts and at each checkpoint, where TRL's trainers wrote their own (a local base
-    named "None"), and each checkpoint-N's over PEFT's (a local base by its path). A card that cannot be made is a
-    warning, never a stopped training: the run's end writes it again."""
+    a run folder's as the run starts and at each checkpoint (`in_progress`), where TRL's trainers wrote their own (a
+    local base named "None"), and each checkpoint-N's over PEFT's (a local base by its path). A card that cannot be
+    made is a warning, never a stopped training: the run's end writes it again."""
     from alignkit import logger
     from alignkit.core.journal import write_atomic
 
     card = Path(folder) / "README.md"
     try:
-        write_atomic(card, model_card(folder))
+        write_atomic(card, model_card(folder, in_progress=in_progress))
     except Exception as error:  # noqa: BLE001 - a card is no reason to lose a run
         logger.warning(f"{card}: alignkit's model card was not written ({type(error).__name__}: {error})")
 
@@ -349,10 +349,12 @@ def _chat_template(folder: Path) -> bool:
     return not config or bool(config.get("chat_template")) or any(folder.glob("chat_template.*"))
 
 
-def model_card(folder, repo_id: str | None = None) -> str:
+def model_card(folder, repo_id: str | None = None, in_progress: bool = False) -> str:
     """README.md for a run folder, an adapter or a merged model, from the files the run left there.
 
     repo_id: the Hub repo it is pushed to; None for the card a run folder keeps for itself.
+    in_progress: a run folder whose run is training now: a finished run trained further (--resume true over changed
+    settings, a higher --max_steps) still holds its old adapter and metrics.json, which the card read as final.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -363,10 +365,12 @@ def model_card(folder, repo_id: str | None = None) -> str:
     merge = _read_json(folder / "merge.json")
     adapter = _read_json(folder / "adapter_config.json")
     # A run folder while it trains, or stopped before its end: no weights here yet; its checkpoints hold them.
-    training = bool(settings) and not (merge or adapter) and (folder / RUN_CONFIG).is_file() and \
+    training = bool(settings) and (in_progress or not (merge or adapter)) and (folder / RUN_CONFIG).is_file() and \
         not (folder / "lota_config.json").is_file()
     saved = checkpoints(folder) if training else []
-    if saved and not metrics:
+    if training and in_progress:  # the figures of this run so far, not an earlier end's metrics.json
+        metrics = checkpoint_metrics(saved[-1]) if saved else {}
+    elif saved and not metrics:
         metrics = checkpoint_metrics(saved[-1])
     is_adapter = (bool(adapter) and not merge) or (training and settings.get("adapter", "lora") != "lota")
     base, _, _ = base_source(folder)

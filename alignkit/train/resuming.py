@@ -159,7 +159,7 @@ class EndsAtMaxSteps:
 
             if (folder / "adapter_config.json").is_file():
                 write_card(folder)  # over PEFT's card
-            write_card(run)  # the run in progress, at its latest checkpoint
+            write_card(run, in_progress=True)  # the run in progress, at its latest checkpoint
 
     def create_model_card(self, *args, **kwargs):
         """TRL's trainers write TRL's card into the run folder as each checkpoint starts (`_save_checkpoint`): a

@@ -467,4 +467,4 @@ def save_run_config(s, path: Path) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")  # a torn file would stop the next --resume auto
     from alignkit.core.card import write_card
 
-    write_card(path.parent)  # the run in progress, until its end writes the finished run's
+    write_card(path.parent, in_progress=True)  # the run in progress, until its end writes the finished run's
