@@ -187,6 +187,15 @@ def require_chat_template(tok, model_id: str, data=None) -> None:
                             "template), or drop the calls from the data")
 
 
+def config_reader(source: str, revision: str | None, trust_remote_code: bool):
+    """The model's config as a function that reads it once, when first asked: the checks before the weights load
+    (and rlaif.py's, before round 1) read it only where they need it."""
+    from transformers import AutoConfig
+
+    return functools.cache(functools.partial(AutoConfig.from_pretrained, source, revision=revision,
+                                             trust_remote_code=trust_remote_code))
+
+
 def _other_shapes(adapter: str, base: str, error: str) -> str:
     """The line for an adapter whose weights do not fit the base it is loaded over (PEFT's size mismatch): an
     adapter without alignkit's record of its base, or --base_model naming another model of the family."""
@@ -213,7 +222,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     reward: load a reward model (sequence classification, one output; see "Reward models" below) instead of a
         causal LM. Either way, a model of the other kind is an error that says what to pass instead.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     quiet_library_noise()
     check_model_source(s.model_id, cache=False)  # before the libraries retry an unreachable Hub for a minute
@@ -258,8 +267,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
     kwargs["revision"] = revision
     # The model's config, read only if it has to be: DPO with prefix sharing may get flex_attention from it, and a
     # model class without sdpa (Gemma-2) gets eager where sdpa would be the choice.
-    model_config = functools.cache(functools.partial(AutoConfig.from_pretrained, weights, revision=revision,
-                                                     trust_remote_code=s.trust_remote_code))  # one read at most
+    model_config = config_reader(weights, revision, s.trust_remote_code)
     packed_config = model_config if packs_pairs(s, for_training) else None
     if for_training:
         lota_delta.check_experts(s, model_config)  # LoTA on a mixture of experts: refused before the weights load

@@ -315,16 +315,12 @@ def _check_dpo_loads(s) -> None:
     DoRA on a mixture of experts whose fused experts PEFT adapts, LoTA on one. Refused here, not at round 1's DPO
     step after its sampling and labeling (the rlaif audit of session 31). A config that cannot be read here (a GGUF
     file, a Hub model offline) is left to the scripts, which load it and say why in their own line."""
-    import functools
-
-    from transformers import AutoConfig
-
     from alignkit.modeling import experts, lota_delta
     from alignkit.modeling.chain import resolve
+    from alignkit.modeling.models import config_reader
 
     base, revision, *_ = resolve(start_model(s), s.revision)
-    model_config = functools.cache(functools.partial(AutoConfig.from_pretrained, base, revision=revision,
-                                                     trust_remote_code=s.trust_remote_code))
+    model_config = config_reader(base, revision, s.trust_remote_code)
     lota_delta.check_experts(s, model_config)
     experts.check_dropout(s, model_config)
 
