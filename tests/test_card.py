@@ -217,6 +217,40 @@ def test_a_checkpoint_card_shows_its_runs_settings_and_its_own_figures(tmp_path,
     assert "/home/alice" not in card and ".../b.jsonl" in card and ".../old.jinja" in card
 
 
+def test_a_run_s_cards_name_the_base_it_loaded_without_asking_the_hub(tmp_path, monkeypatch, dpo_run, sft_run):
+    """Left by session 31's review: a run on a Hub adapter had an in-progress card naming the adapter as "the base"
+    (and a run on a LoTA delta the delta), and each checkpoint's card walked the chain again, a Hub request per save.
+    A run records the chain as the loader loaded it (`loaded_chain`); its cards read that."""
+    import alignkit.modeling.chain as chain
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_hub(source, revision=None):
+        raise AssertionError(f"the card asked about {source}")
+
+    real = chain.adapter_config
+    monkeypatch.setattr(chain, "adapter_config", no_hub)
+    recorded = {"base": "org/base", "revision": "v1", "adapters": ["me/sft-adapter"]}
+    run = write(tmp_path / "run", alignkit_config__json={"run_type": "dpo", "model_id": "me/sft-adapter",
+                                                          "loaded_chain": recorded})
+    checkpoint = write(run / "checkpoint-2", adapter_config__json={"base_model_name_or_path": "me/sft-adapter"})
+    for card in (model_card(run, in_progress=True), model_card(checkpoint)):
+        assert "\nbase_model: org/base\n" in card and "at revision `v1`, on top of the adapter `me/sft-adapter`" in card
+        assert "loaded_chain" not in card  # a record beside the settings, not one of them
+    # An adapter re-pointed at another base by hand (a moved base, or its Hub id before a push): the file names it.
+    monkeypatch.setattr(chain, "adapter_config", real)
+    write(checkpoint, adapter_config__json={"base_model_name_or_path": "org/other-base"})
+    assert "\nbase_model: org/other-base\n" in model_card(checkpoint)
+    base = write(tmp_path / "base", config__json={"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    write(run, alignkit_config__json={"run_type": "dpo", "model_id": str(tmp_path / "delta"),
+                                      "loaded_chain": {"base": str(base), "revision": None, "adapters": []}})
+    assert "DPO of a local model (LlamaForCausalLM, llama; folder `base`) with" in model_card(run, in_progress=True)
+    # A real run records it: the tiny DPO run over the session's SFT adapter, each local part by its absolute path.
+    loaded = json.loads((dpo_run["run_folder"] / "alignkit_config.json").read_text())["loaded_chain"]
+    sft = json.loads((sft_run["run_folder"] / "alignkit_config.json").read_text())["loaded_chain"]
+    assert loaded == {**sft, "adapters": [str(sft_run["run_folder"].resolve())]} and sft["adapters"] == []
+
+
 def test_a_merge_saved_in_another_precision_and_a_gguf_base_are_described_as_they_are(merged_dpo, tmp_path):
     """A bf16 merge's card said its logits "match base + adapters within 1e-06", a figure measured in fp32 before the
     cast (the saved weights differ by 0.1 on the tiny model); a merge over a GGUF file called it a folder."""

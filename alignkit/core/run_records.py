@@ -5,6 +5,8 @@
 - `loaded_as(model_id)`: how the loader loaded a model for training in this process, after every `auto`
   (quantization: 4bit for QLoRA on CUDA by default; dtype): recorded in the run's settings as `loaded_as`, since
   the settings keep `auto` as given. A model card cites QLoRA by it, a reward model is scored as it trained by it.
+  `loaded_chain(model_id)`: the chain it loaded (base, revision, adapters), recorded as `loaded_chain`: a model
+  card names the base by it.
 - `checkpoint_metrics(folder)`: a checkpoint-N's own figures, from the Trainer's trainer_state.json in it: the
   last logged value of each training and evaluation metric up to its step. A run's metrics.json holds the
   finished run's, which are not the checkpoint's; a merge or a model card of the checkpoint shows these instead.
@@ -18,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -30,14 +33,30 @@ RUN_CONFIG = "alignkit_config.json"
 CLAIM_FILE = "alignkit_claim.json"
 HUB_DATASETS = "hub_datasets"  # its record there of the Hub datasets it trained on (hub_datasets)
 LOADED_AS = "loaded_as"  # its record there of how the model trained over was loaded (quantization, dtype)
+# Its record there of the chain the model trained over was loaded from: {"base", "revision", "adapters"}, each local
+# part by its absolute path. A card reads it (alignkit.core.card.base_source) without walking the chain again: at
+# every checkpoint, that asked the Hub about a Hub adapter, and a run still training named it, or a LoTA delta, as
+# the base.
+LOADED_CHAIN = "loaded_chain"
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 # {model_id: {"quantization": ..., "dtype": ...}} as the loader last loaded it for training in this process.
 _LOADED_AS: dict[str, dict] = {}
+_LOADED_CHAIN: dict[str, dict] = {}  # {model_id: LOADED_CHAIN's record} likewise
 
 
-def remember_loaded_as(model_id: str, quantization: str, dtype) -> None:
-    """The loader's decisions for a model loaded for training (alignkit.modeling.models.load_model)."""
+def remember_loaded_as(model_id: str, quantization: str, dtype, base: str | None = None,
+                       revision: str | None = None, adapters: list[str] = ()) -> None:
+    """The loader's decisions for a model loaded for training (alignkit.modeling.models.load_model), and the chain
+    it loaded: `base` at `revision`, the LoRA `adapters` on it from the base upwards."""
     _LOADED_AS[str(model_id)] = {"quantization": quantization, "dtype": str(dtype).removeprefix("torch.")}
+    if base:
+        where = [os.path.abspath(part) if Path(part).exists() else part for part in (base, *adapters)]
+        _LOADED_CHAIN[str(model_id)] = {"base": where[0], "revision": revision, "adapters": where[1:]}
+
+
+def loaded_chain(model_id: str) -> dict:
+    """LOADED_CHAIN's record of `model_id` as last loaded for training in this process; {} when it was not."""
+    return dict(_LOADED_CHAIN.get(str(model_id), {}))
 
 
 def loaded_as(model_id: str) -> dict:

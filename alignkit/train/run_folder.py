@@ -41,7 +41,9 @@ from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
 # CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
 # killed before its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
-from alignkit.core.run_records import CLAIM_FILE, HUB_DATASETS, LOADED_AS, checkpoints, hub_datasets, loaded_as
+from alignkit.core.run_records import (
+    CLAIM_FILE, HUB_DATASETS, LOADED_AS, LOADED_CHAIN, checkpoints, hub_datasets, loaded_as, loaded_chain,
+)
 from alignkit.train import cell_checks, run_locks
 from alignkit.train.kept_judgments import carry_judgments
 # How a run that ends badly leaves its folder: its checkpoints kept (FAILED_FILE), or the earlier run back.
@@ -69,6 +71,7 @@ NOT_TRAINING = {
     "trained_over",  # recorded beside the settings (save_run_config), for the loader (check_trained_over)
     DATA_ROWS,  # recorded beside the settings (save_run_config); the rows themselves are compared by content
     LOADED_AS,  # recorded beside the settings (save_run_config): the loader's decisions, known once it loaded
+    LOADED_CHAIN,  # recorded beside the settings (save_run_config): the chain the loader loaded, for the card
     HUB_DATASETS,  # recorded beside the settings (save_run_config): which datasets named are the Hub's
     "resumed_over",  # recorded beside the settings (save_run_config): --resume true over changed settings
 }
@@ -445,7 +448,8 @@ def save_run_config(s, path: Path) -> None:
     of what the settings name by path (`run_inputs`), which `--resume auto` compares, and the local model folders
     this run trains over by content, as it loaded them, which the loader compares (alignkit.modeling.lineage), and
     the format of the rows it trains on (`data_rows`), and how the model was loaded (`loaded_as`: quantization and
-    dtype after every `auto`), and which of the datasets it names are the Hub's (`hub_datasets`, for its card).
+    dtype after every `auto`; `loaded_chain`: the base and the adapters it loaded), and which of the datasets it
+    names are the Hub's (`hub_datasets`, for its card).
     The folder's README.md is alignkit's card from then on (alignkit.core.card.write_card)."""
     from alignkit.modeling.lineage import TRAINED_OVER, trained_over
 
@@ -457,6 +461,8 @@ def save_run_config(s, path: Path) -> None:
         data[DATA_ROWS] = rows["format"]
     if loaded := loaded_as(s.model_id):  # "auto" as the loader resolved it: 4bit is QLoRA (alignkit.core.run_records)
         data[LOADED_AS] = loaded
+    if chain := loaded_chain(s.model_id):  # the base and adapters under this run, for its card (alignkit.core.card)
+        data[LOADED_CHAIN] = chain
     try:  # --resume true over changed settings, this time and before (a resumed run's file is rewritten)
         earlier = json.loads(path.read_text()).get("resumed_over", []) if path.is_file() else []
     except (OSError, ValueError, AttributeError):
