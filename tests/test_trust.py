@@ -446,6 +446,10 @@ def test_train_on_completions_without_generation_markers_is_a_config_error():
     with pytest.raises(ConfigError, match="--train_on completions needs a chat template with"):
         loss_mask_settings("completions", conversations, tokenizer)
     assert loss_mask_settings("auto", conversations, tokenizer) == {"assistant_only_loss": False}
+    # --assistant_only_loss false as well (TRL's name wins, alignkit.train.training.trl_config): no template needed
+    # for it, and no refusal once the model had loaded (session 31's note).
+    assert loss_mask_settings("completions", conversations, tokenizer, {"assistant_only_loss": False}) == \
+        {"assistant_only_loss": False}
 
 
 def test_trl_settings_conversations_leave_without_effect_are_said(tiny_cache, alignkit_log):

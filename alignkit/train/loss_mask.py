@@ -124,9 +124,12 @@ def check_loss_mask(s, dataset) -> None:
                           "covers every token)")
 
 
-def loss_mask_settings(train_on: str, dataset, tokenizer) -> dict:
-    """SFTConfig flags that put the loss on completions or assistant turns where the data allows."""
+def loss_mask_settings(train_on: str, dataset, tokenizer, overrides: dict | None = None) -> dict:
+    """SFTConfig flags that put the loss on completions or assistant turns where the data allows. `overrides`: TRL's
+    fields as given (--trainer_overrides); an assistant_only_loss given there is TRL's to apply (check_loss_mask
+    checked it), and no template is needed for it."""
     columns = set(dataset.column_names)
+    given = (overrides if isinstance(overrides, dict) else {}).get("assistant_only_loss")
     if train_on == "all" or "text" in columns:
         return dict(completion_only_loss=False, assistant_only_loss=False)
     if "completion" in columns:
@@ -134,6 +137,10 @@ def loss_mask_settings(train_on: str, dataset, tokenizer) -> dict:
     # Conversations: TRL masks non-assistant tokens through {% generation %} markers in the chat template,
     # and swaps in a marked copy of the templates it knows.
     supported = marks_assistant_turns(tokenizer)
+    if not supported and given is False:  # the user's TRL name wins (alignkit.train.training.trl_config)
+        logger.info(f"--train_on {train_on}: loss on every token, as --assistant_only_loss false asks (this chat "
+                    "template has no {% generation %} markers TRL can use either)")
+        return dict(assistant_only_loss=False)
     if not supported and train_on == "completions":
         raise ConfigError(
             "--train_on completions needs a chat template with {% generation %} markers around assistant turns; "
