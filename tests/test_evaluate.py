@@ -722,6 +722,10 @@ def test_vibes_base_adapter_and_merged_side_by_side(tiny_cache, sft_run, tmp_pat
     # The file says how each model was loaded and the system prompt (one made with it looked like one without).
     assert rows[0]["answers"][0]["loaded_with"]["model_id"] == adapter and rows[0]["generation"]["system_prompt"] is None
     assert json.loads(explicit.read_text().splitlines()[0])["answers"][0]["loaded_with"]["backend"] == "transformers"
+    # `auto` as given, and what it became (session 31's note: on a GPU, auto is bf16 and 4-bit, unrecorded).
+    given = rows[0]["answers"][0]["loaded_with"]
+    assert (given["dtype"], given["quantization"]) == ("auto", "auto")
+    assert given["as_loaded"] == {"backend": "transformers", "dtype": "float32", "quantization": "none"}
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("name three animals.\n\nlist three sports.\n")
     run_script("evaluate.py", "vibes", "--model_id", presets.paths()["model"], "--prompts_file", str(prompts_file),

@@ -117,6 +117,7 @@ def vibes(s, backend: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
     for source in sources:
         with load_generator(loader_settings(s, source), backend) as generator, \
                 Progress(f"{source}: answering", len(conversations), unit="prompt", errors=False) as progress:
+            _AS_LOADED[source] = dict(generator.as_loaded)  # for save_vibes: `auto` as the loader resolved it
             answers[source] = generator(conversations, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                         top_p=s.top_p, num_beams=s.num_beams, batch_size=s.batch_size,
                                         seeds=[sample_seed(s.seed, p) for p in prompts], progress=progress)
@@ -139,15 +140,19 @@ def show_vibes(prompts: list[str], sources: list[str], answers: dict[str, list[s
             print(" | ".join(cell.ljust(column) for cell in row).rstrip())
 
 
+_AS_LOADED: dict[str, dict] = {}  # {model: how vibes last loaded it (backend, dtype, quantization)}
+
+
 def save_vibes(s, prompts: list[str], sources: list[str], answers: dict[str, list[str]]) -> Path:
     """One JSON row per prompt in --output_file: its answers, each with how its model was loaded (the loader
-    settings: dtype, quantization, chat template and its kwargs...), and the generation settings with the system
+    settings: dtype, quantization, chat template and its kwargs..., and `as_loaded`: what `auto` became), and the generation settings with the system
     prompt (a file made with one could not be told from one made without: the evaluate audit of session 31)."""
     output_file = Path(s.output_file or f"outputs/vibes-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     output_file.parent.mkdir(parents=True, exist_ok=True)
     sampling = {k: getattr(s, k) for k in ("temperature", "top_p", "num_beams", "max_new_tokens", "seed",
                                            "system_prompt")}
-    loaded = {m: config_to_dict(loader_settings(s, m)) for m in sources}  # secrets as ***
+    # As given (`auto` kept), and as the loader resolved it (`as_loaded`: on a GPU, auto is 4-bit and bf16)
+    loaded = {m: {**config_to_dict(loader_settings(s, m)), "as_loaded": _AS_LOADED.get(m, {})} for m in sources}
     with open(output_file, "w", encoding="utf-8") as f:
         for i, prompt in enumerate(prompts):
             answers_i = [{"model_id": m, "answer": answers[m][i], "loaded_with": loaded[m]} for m in sources]

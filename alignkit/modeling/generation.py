@@ -274,6 +274,7 @@ class Generator:
     tools and chat_template_kwargs) on top."""
 
     chat_template_kwargs: dict = {}
+    as_loaded: dict = {}  # how the model was loaded after every `auto`: backend, dtype, quantization
 
     def templates(self, conversations, templates) -> list[dict]:
         return [{**(self.chat_template_kwargs or {}), **(t or {})}
@@ -300,6 +301,8 @@ class TransformersGenerator(Generator):
 
         self.loaded = load_model(s)
         require_chat_template(self.loaded.tokenizer, s.model_id)
+        self.as_loaded = {"backend": "transformers", "dtype": str(self.loaded.dtype).removeprefix("torch."),
+                          "quantization": self.loaded.quantization}
         self.chat_template_kwargs = dict(getattr(s, "chat_template_kwargs", None) or {})
 
     def __call__(self, conversations, templates=None, **sampling):
@@ -397,6 +400,9 @@ class VLLMGenerator(Generator):
                        trust_remote_code=s.trust_remote_code, enable_lora=bool(chain),
                        max_lora_rank=max(8, 1 << (rank - 1).bit_length()), **vllm_memory(s, base, revision))
         self.lora = LoRARequest("adapter", 1, adapter) if chain else None
+        served = getattr(getattr(getattr(self.llm, "llm_engine", None), "model_config", None), "dtype", None)
+        self.as_loaded = {"backend": "vllm", "dtype": str(served or dtype).removeprefix("torch."),
+                          "quantization": "none"}
 
     def __call__(self, conversations, max_new_tokens=256, temperature=0.0, top_p=1.0, num_beams=1,
                  batch_size=16, seed=None, progress=None, templates=None, seeds=None):
