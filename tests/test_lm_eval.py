@@ -108,7 +108,8 @@ def test_an_unknown_task_is_refused_before_any_model_loads(tiny_cache, tmp_path,
         harness.run(s)
 
 
-def test_a_task_whose_data_cannot_be_read_is_one_line_before_any_model_loads(tiny_cache, tmp_path, monkeypatch):
+def test_a_task_whose_data_cannot_be_read_is_one_line_before_any_model_loads(tiny_cache, tmp_path, monkeypatch,
+                                                                             alignkit_log):
     """A Hub task offline (hellaswag: datasets' ConnectionError) and a task YAML whose relative data_files lie beside
     it (lm_eval reads them from the folder it runs in: FileNotFoundError) each ended in a 50-line traceback after the
     first model had loaded (the evaluate audit of session 31): one line naming the task, the cause and the fix,
@@ -142,6 +143,27 @@ def test_a_task_whose_data_cannot_be_read_is_one_line_before_any_model_loads(tin
     with pytest.raises(ConfigError, match=r"^lm_eval task 'hub_rows': its data did not load \(.*\): its dataset is on "
                                           r"the Hugging Face Hub, out of reach here \(offline, or HF_HUB_OFFLINE=1"):
         harness.run(s)
+    # Without HF_HUB_OFFLINE where the Hub does not answer, datasets retried it for ~90 s before that line (session
+    # 31's audit): the tasks read the cache alone now, as with HF_HUB_OFFLINE=1, and the setting is restored after.
+    import datasets.config
+    from huggingface_hub import constants
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("alignkit.core.sources._probe", lambda endpoint: "ConnectError: no route")
+    seen, load = [], TaskManager.load
+    monkeypatch.setattr(TaskManager, "load", lambda self, names: seen.append(
+        (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)) or load(self, names))
+    with pytest.raises(ConfigError, match=r"^lm_eval task 'hub_rows': its data did not load \(.*\): its dataset is on "
+                                          r"the Hugging Face Hub, out of reach here"):
+        harness.run(s)
+    assert seen == [(True, True)] and (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == (False, False)
+    assert ("does not answer (ConnectError: no route): lm_eval's tasks read their data from this machine's Hugging "
+            "Face cache alone (as with HF_HUB_OFFLINE=1)") in alignkit_log.text
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # A folder beside the YAML as dataset_path is taken for a Hub id from elsewhere: said as the path it is.
     (tasks / "folder.yaml").write_text("task: folder_rows\ndataset_path: data\ntest_split: test\n" + body)
     s.tasks = ["folder_rows"]

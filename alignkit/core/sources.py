@@ -85,6 +85,11 @@ def push_unreachable() -> str | None:
     """Why nothing can be pushed to the Hub now (HF_HUB_OFFLINE set, or the Hub does not answer), else None."""
     if hub_offline():
         return "HF_HUB_OFFLINE=1 is set"
+    return hub_silent()
+
+
+def hub_silent() -> str | None:
+    """"the Hub at ENDPOINT does not answer (why)" where it does not (asked within seconds), else None."""
     why = _probe(hub_endpoint())
     return f"the Hub at {hub_endpoint()} does not answer ({why})" if why else None
 
