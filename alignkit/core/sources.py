@@ -1,5 +1,6 @@
 """How a model is named: a Hub id or a local path, and a Hub id at a revision written ID@REVISION; and whether the
-Hub answers for a Hub id (`require_reachable`).
+Hub answers for a Hub id (`require_reachable`), or else reading the Hugging Face cache alone
+(`cache_alone_if_hub_silent`).
 
 A neutral core module (it imports nothing of alignkit's but errors), so the loader settings
 (alignkit.core.groups.loader_settings), the chain of adapters (alignkit.modeling.chain), the Hub upload and the
@@ -9,6 +10,7 @@ that, an unreachable Hub costs a minute of the libraries' retries and ends in a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -110,3 +112,27 @@ def require_reachable(*sources) -> None:
             "has that name). For models and datasets already in your Hugging Face cache, set HF_HUB_OFFLINE=1; "
             "for the offline demo, run with --preset tiny."
         )
+
+
+@contextlib.contextmanager
+def cache_alone_if_hub_silent(what: str):
+    """Where the Hub does not answer (and HF_HUB_OFFLINE is not set), what runs inside reads the Hugging Face cache
+    alone, as under HF_HUB_OFFLINE=1 (huggingface_hub's and datasets' switches, restored after): data in the cache
+    loads at once, and data not there fails at once. datasets retried a silent Hub for about 90 s first (lm_eval's
+    tasks, alignkit.evals.harness.load_tasks: the evaluate audit of session 31). `what`: said in the log line."""
+    import logging
+
+    import datasets.config
+    from huggingface_hub import constants
+
+    why = None if hub_offline() else hub_silent()
+    if why is None:
+        yield
+        return
+    logging.getLogger("alignkit").info(f"{why}: {what} from this machine's Hugging Face cache alone (as with HF_HUB_OFFLINE=1)")
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved

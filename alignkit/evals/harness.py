@@ -17,7 +17,6 @@ answer: the preference) and `tiny_text` (the perplexity of held-out text of the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -199,7 +198,9 @@ def load_tasks(s, task_manager) -> list:
     import torch
 
     out = []
-    with _cache_alone_if_hub_silent():
+    from alignkit.core.sources import cache_alone_if_hub_silent
+
+    with cache_alone_if_hub_silent("lm_eval's tasks read their data"):
         for name in s.tasks:
             random.seed(s.seed)  # as simple_evaluate seeds (random_seed, numpy_random_seed, torch_random_seed)
             np.random.seed(s.seed)
@@ -212,30 +213,6 @@ def load_tasks(s, task_manager) -> list:
                 raise ConfigError(said) from None
             out.append(loaded["groups"].get(name) or loaded["tasks"].get(name) or name)
     return out
-
-
-@contextlib.contextmanager
-def _cache_alone_if_hub_silent():
-    """Where the Hub does not answer (and HF_HUB_OFFLINE is not set), the tasks read their data from the Hugging
-    Face cache alone, as under HF_HUB_OFFLINE=1: data in the cache loads at once, and data not there is load_tasks's
-    line at once. datasets retried the silent Hub for about 90 s first (the evaluate audit of session 31)."""
-    import datasets.config
-    from huggingface_hub import constants
-
-    from alignkit.core.sources import hub_offline, hub_silent
-
-    why = None if hub_offline() else hub_silent()
-    if why is None:
-        yield
-        return
-    logger.info(f"{why}: lm_eval's tasks read their data from this machine's Hugging Face cache alone (as with "
-                "HF_HUB_OFFLINE=1)")
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def _no_data(s, task: str, error: BaseException) -> str | None:
