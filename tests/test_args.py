@@ -248,6 +248,16 @@ def test_notebook_detected_by_get_ipython(monkeypatch):
     assert is_notebook() and parse_config(Cfg, env_file=None) == Cfg()
 
 
+def test_ipython_s_run_of_a_script_reads_its_flags(monkeypatch):
+    """`%run sft.py --preset tiny` in a kernel and `ipython sft.py -- --preset tiny` hand the script its flags as
+    sys.argv: they were dropped without a word and the script ran on its defaults (the notebook audit)."""
+    monkeypatch.setattr(builtins, "get_ipython", lambda: None, raising=False)
+    monkeypatch.setattr(sys, "argv", ["/work/sft.py", "--seed", "5"])
+    assert is_notebook() and parse_config(Cfg, env_file=None).seed == 5
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/ipython"])  # cells typed into IPython: no script, no flags
+    assert parse_config(Cfg, env_file=None) == Cfg()
+
+
 def test_script_uses_sys_argv(monkeypatch):
     assert not is_notebook()
     monkeypatch.setattr(sys, "argv", ["train.py", "--seed", "11"])

@@ -339,6 +339,16 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
         raise
 
 
+def _command_line() -> list[str]:
+    """The flags on the command line: sys.argv[1:], but none in a kernel, whose argv (`-f kernel.json`) is its own.
+    IPython's `%run script.py FLAGS` and `ipython script.py -- FLAGS` hand the script its flags as sys.argv, with
+    the script as argv[0]: those are read (they were dropped without a word: the notebook audit of session 32)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if is_notebook() and not (argv0.endswith(".py") and not argv0.endswith("ipykernel_launcher.py")):
+        return []
+    return sys.argv[1:]
+
+
 def _parse_config(cls, args, overrides, env_file, presets, prog, description):
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"parse_config expects a dataclass type, got {cls!r}")
@@ -349,8 +359,8 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
         raise ConfigError(f"{cls.__name__}: field name 'config' is reserved for --config FILE; rename the field")
     vocab = cls.vocabulary() if hasattr(cls, "vocabulary") else None
 
-    if args is None:  # a kernel's argv (`-f kernel.json`) belongs to the kernel, not to us
-        args = [] if is_notebook() else sys.argv[1:]
+    if args is None:
+        args = _command_line()
     whole = frozenset(n for n, f in fields.items() if f.metadata.get("whole"))
     cli_types = {**(vocab.cli_types() if vocab else {}), **types_}
     flags = frozenset(n for n, f in fields.items() if f.metadata.get("flags"))
