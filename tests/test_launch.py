@@ -1054,3 +1054,22 @@ def test_a_rank_stops_when_its_launcher_is_killed_hard(tmp_path, monkeypatch):
     from conftest import outlives_its_parent
 
     assert not outlives_its_parent(parent, pid_file), "the child trained on after its parent was killed"
+
+
+def test_the_final_evaluation_is_the_one_the_schedule_made_at_the_last_step():
+    """An eval_strategy landing on the last step (epoch over one epoch, eval_steps dividing max_steps) logged its
+    figures, then finish_training evaluated the whole held-out set again (the README audit of session 32). Under
+    load_best_model_at_end the model is another step's: evaluated anew; a schedule that did not end on an
+    evaluation too."""
+    asked = []
+    log = [{"step": 2, "loss": 0.7}, {"step": 4, "loss": 0.6}, {"step": 4, "eval_loss": 0.5, "eval_runtime": 1.0},
+           {"step": 4, "train_loss": 0.65, "train_runtime": 3.0}]
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=4, log_history=log),
+                              args=SimpleNamespace(load_best_model_at_end=False),
+                              evaluate=lambda: asked.append(1) or {"eval_loss": 0.4})
+    assert training.final_evaluation(trainer) == {"eval_loss": 0.5, "eval_runtime": 1.0} and not asked
+    trainer.args.load_best_model_at_end = True
+    assert training.final_evaluation(trainer) == {"eval_loss": 0.4} and asked == [1]
+    trainer.args.load_best_model_at_end = False
+    trainer.state.log_history = [{"step": 2, "eval_loss": 0.5}, {"step": 4, "train_loss": 0.65}]
+    assert training.final_evaluation(trainer) == {"eval_loss": 0.4} and asked == [1, 1]

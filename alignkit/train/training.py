@@ -348,7 +348,7 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
                                                          getattr(trainer, "steps_at_start", None) or 0,
                                                          trainer.state.global_step, metrics["train_loss"])
         if trainer.eval_dataset is not None:
-            metrics.update(trainer.evaluate())
+            metrics.update(final_evaluation(trainer))
         metrics["global_step"] = trainer.state.global_step
         metrics["num_processes"] = trainer.accelerator.num_processes
         metrics.update(measured or {})
@@ -368,6 +368,21 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
 
         report(trainer, stage, folder, metrics, merged=merged, hub_url=hub_url, finished_before=finished_before)
     return metrics
+
+
+def final_evaluation(trainer) -> dict:
+    """The trained model's held-out figures: those the schedule logged at the last step where it evaluated there
+    (eval_strategy epoch over one epoch, eval_steps landing on max_steps: the whole held-out pass ran twice, the
+    README audit of session 32), else trainer.evaluate(). Every rank decides alike (each keeps the log), as the
+    evaluation is a collective. Under load_best_model_at_end the model is another step's: evaluated anew."""
+    step = trainer.state.global_step
+    logged: dict = {}
+    if not getattr(trainer.args, "load_best_model_at_end", False):
+        for entry in reversed(trainer.state.log_history):
+            if entry.get("step") != step:
+                break
+            logged.update({k: v for k, v in entry.items() if k.startswith("eval_") and k not in logged})
+    return logged if "eval_loss" in logged or any(k.endswith("_loss") for k in logged) else trainer.evaluate()
 
 
 def whole_run_train_loss(log_history: list[dict], steps_at_start: int, global_step: int, call_loss: float) -> float:
