@@ -934,3 +934,40 @@ def test_a_call_that_exits_is_raised_not_waited_for():
         for item, _ in threaded(work, range(4), 1):
             got.append(item)
     assert got == [0]
+
+
+def test_trainer_train_typed_after_the_run_finished_is_refused(tmp_path):
+    """`trainer.train()` typed into a notebook after the run finished (the README points at `trainer` in the
+    Variables view) trained it again from step 0, over its last checkpoints and card (the notebook audit of
+    session 32). Inside the training cell's block it trains; a trainer apart from alignkit's run folders too."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from alignkit.core.config import SFTSettings
+    from alignkit.train import run_folder
+    from alignkit.train.resuming import EndsAtMaxSteps
+
+    class Base:
+        def __init__(self, output_dir):
+            self.args, self.trained = SimpleNamespace(output_dir=output_dir), 0
+
+        def train(self, *args, **kwargs):
+            self.trained += 1
+
+    class Trainer(EndsAtMaxSteps, Base):
+        pass
+
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    s = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="typed")
+    folder, resume_from = run_folder.prepare_run(s, "sft", rows, None)
+    trainer = Trainer(str(folder))
+    with run_folder.start_run(s, folder, resume_from, torch_module(), (rows, None)):
+        trainer.train()
+    with pytest.raises(UserError, match=r"^trainer.train\(\) outside the training cell: typed trains inside its 'with "
+                                        r"start_run\(...\)' block, .* Run the cells from 'Run folder' on again"):
+        trainer.train()
+    assert trainer.trained == 1
+    apart = Trainer(str(tmp_path / "elsewhere"))
+    apart.train()
+    assert apart.trained == 1

@@ -23,6 +23,23 @@ PREPARED: dict[Path, "Prepared"] = {}
 # Run folders whose training finished in this process, each with the settings it trained with: the cell that saves it
 # (alignkit.train.training.finish) saves that training only, under those settings.
 TRAINED: dict[Path, dict] = {}
+# Run folders start_run claimed in this process (STARTED), and those whose `with start_run(...)` block runs now
+# (TRAINING): a trainer of one trains inside that block only (check_in_training_cell).
+STARTED: set[Path] = set()
+TRAINING: set[Path] = set()
+
+
+def check_in_training_cell(folder) -> None:
+    """A trainer's train() outside the training cell's `with start_run(...)` block, for a run folder start_run
+    claimed in this process, refused in one line: `trainer.train()` typed into a notebook after the run finished
+    trained it again from step 0, over its last checkpoints and its card (the notebook audit of session 32). A
+    trainer built apart from alignkit's run folders trains as it would."""
+    folder = Path(folder).resolve()
+    if folder in STARTED and folder not in TRAINING:
+        raise UserError(f"trainer.train() outside the training cell: {folder.name} trains inside its 'with "
+                        "start_run(...)' block, which checks the run first. Run the cells from 'Run folder' on "
+                        "again (Run folder, Model, Train): the run resumes from its last checkpoint, or trains "
+                        "nothing where it finished")
 
 
 def check_read_under(s, data) -> None:
@@ -78,7 +95,7 @@ def check_prepared(s, folder: Path, resume_from: str | None, model, data, stoppe
                         f"{again}")
     if prepared is None or prepared.used:
         why = (f"trained in this session, and stopped ({stopped})" if stopped else "already trained in this session") \
-            if prepared else "not prepared for training (prepare_run)"
+            if prepared else "not prepared for training (the 'Run folder' cell did not run for it)"
         raise UserError(f"{folder} was {why}: {again}; it resumes from the last checkpoint, or starts over where "
                         "the settings changed")
     for thing, cell in ((model, "Model"), *built):  # the model, rl.py's rewards: built under these settings

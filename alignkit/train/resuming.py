@@ -52,7 +52,9 @@ class EndsAtMaxSteps:
     Every epoch is reported as trained instead; a run finished at an epoch's end was already left alone.
     `steps_at_start`: the step training started from in this process (a resumed checkpoint's), so that saving a
     run that trained no step keeps the finished run's metrics (alignkit.train.training.finish). And each step first
-    raises a Ctrl-C that Python dropped inside a finalizer (alignkit.core.errors.keep_interrupts)."""
+    raises a Ctrl-C that Python dropped inside a finalizer (alignkit.core.errors.keep_interrupts). train() runs
+    inside the training cell's `with start_run(...)` only, for a run folder start_run claimed
+    (alignkit.train.cell_checks.check_in_training_cell)."""
 
     steps_at_start: int | None = None
     # TRL's SFT, DPO, KTO and reward trainers count the tokens trained in `_total_train_tokens`; GRPO and RLOO count
@@ -60,6 +62,12 @@ class EndsAtMaxSteps:
     counts_own_tokens = True
     # A trainer whose steps no run resumes (LoTA's calibration, which starts again): a SIGTERM stops it unsaved.
     saves_on_sigterm = True
+
+    def train(self, *args, **kwargs):
+        from alignkit.train.cell_checks import check_in_training_cell
+
+        check_in_training_cell(self.args.output_dir)  # not typed into a notebook after its run finished
+        return super().train(*args, **kwargs)
 
     def training_step(self, *args, **kwargs):
         raise_pending_interrupt()  # a Ctrl-C Python dropped inside a finalizer (alignkit.core.errors.keep_interrupts)

@@ -347,6 +347,8 @@ def start_run(s, folder: Path, resume_from: str | None, model=None, data=(), bui
     with order:
         if write:
             aside = _claim(s, folder, resume_from)
+    cell_checks.STARTED.add(folder.resolve())
+    cell_checks.TRAINING.add(folder.resolve())  # its trainers train in this block only (check_in_training_cell)
     try:
         with keep_interrupts():  # a Ctrl-C swallowed where Python drops exceptions (a finalizer) stops it all the same
             yield
@@ -358,6 +360,7 @@ def start_run(s, folder: Path, resume_from: str | None, model=None, data=(), bui
     else:
         cell_checks.trained(s, folder)  # what the cell that saves it checks its settings against
     finally:
+        cell_checks.TRAINING.discard(folder.resolve())
         run_locks.release(folder)  # prepare_run's hold: the next run in this folder may start
 
 
