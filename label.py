@@ -118,9 +118,7 @@ judge_pairs(run, pairs)
 # how often slot A wins (position bias: 50% is none), ties, parse failures, errors and tokens.
 
 # %%
-from pathlib import Path
-
-from alignkit.feedback.label_records import format_summary, write_output
+from alignkit.feedback.label_records import format_summary, train_command, write_output
 
 if settings.mode == "pointwise":  # rows of prompt, completion, label (grade >= --grade_threshold), grade
     summary = pointwise.grade(run, grader, prompts, responses)
@@ -129,25 +127,17 @@ else:
 print(format_summary(summary))
 print(f"\nwrote {run.output} (summary: {run.summary_path})")
 next_step = {"pairs": "dpo.py", "completions": "sft.py", "pointwise": "kto.py"}[settings.mode]
-preset = f" --preset {settings.preset}" if settings.preset else ""
-
-
-def own_run(script: str, output) -> str:  # a preset names one run folder per script: this run's own, not over it
-    return f" --run_name {settings.preset}-{script[:-3]}-on-{Path(output).stem.replace('.', '-')}" if preset else ""
-
-
 written = {"pairs": "labeled", "completions": "completions"}.get(settings.mode)
 # KTO's labels: --desirable_weight where the classes are unbalanced, as TRL advises; none at all with one class only
 flags, refused = pointwise.kto_next_step(summary["desirable"], summary["undesirable"]) if not written else ("", None)
 if refused:
     print(f"not for kto.py yet: {refused}")
 elif (summary.get(written) if written else summary.get("desirable", 0) + summary.get("undesirable", 0)):
-    print(f"train on it: python {next_step}{preset} --dataset_id {run.output}{flags}{own_run(next_step, run.output)}")
+    print(f"train on it: {train_command(next_step, settings.preset, run.output, flags)}")
 else:  # an empty file is nothing to train on (the line above says why)
     print(f"nothing to train on: {run.output} is empty")
 if summary.get("grade_pairs"):  # --grade_pairs: each prompt's best-graded answer over its worst
-    print(f"or on its pairs: python dpo.py{preset} --dataset_id {summary['grade_pairs_output']}"
-          f"{own_run('dpo.py', summary['grade_pairs_output'])}")
+    print(f"or on its pairs: {train_command('dpo.py', settings.preset, summary['grade_pairs_output'])}")
 
 # %% [markdown]
 # ## Push

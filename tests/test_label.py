@@ -1376,3 +1376,18 @@ def test_a_prompt_ending_with_an_answer_is_said_to_lose_it(tmp_path, alignkit_lo
     prompts = read_prompts(str(path), keep_rows=True)
     assert [p.messages[-1]["role"] for p in prompts] == ["user", "user"]
     assert "1 prompts end with an assistant turn: the model answers the turn before it anew" in alignkit_log.text
+
+
+def test_the_closing_command_goes_on_where_the_preset_s_own_run_reads_the_labels(tmp_path, monkeypatch):
+    """label.py --preset smol ended with `python dpo.py --preset smol --dataset_id runs/label-smol/preferences.jsonl
+    --run_name smol-dpo-on-preferences`: a folder the README's next commands (evaluate.py pairwise, merge.py
+    --preset smol, which read runs/smol-dpo) never read (the README audit of session 32). Where the preset's own run
+    reads the labels, its command is the preset's alone; elsewhere a run folder of its own, as before."""
+    from alignkit.feedback.label_records import train_command
+
+    monkeypatch.chdir(tmp_path)
+    assert train_command("dpo.py", "smol", "runs/label-smol/preferences.jsonl") == "python dpo.py --preset smol"
+    assert train_command("dpo.py", "smol", "mine.jsonl") == \
+        "python dpo.py --preset smol --dataset_id mine.jsonl --run_name smol-dpo-on-mine"
+    assert train_command("kto.py", None, "l.jsonl", " --desirable_weight 2.0") == \
+        "python kto.py --dataset_id l.jsonl --desirable_weight 2.0"

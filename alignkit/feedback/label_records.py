@@ -405,3 +405,18 @@ def format_summary(summary: dict) -> str:
         else:
             lines.append(f"{label:<32} {show(value)}")
     return "\n".join(lines)
+
+
+def train_command(script: str, preset: str | None, output, flags: str = "") -> str:
+    """The command that trains `script` (dpo.py, sft.py, kto.py) on a label.py output, as its closing line gives
+    it: under a preset, a run folder of its own (the preset's run would move the user's earlier one aside), except
+    where the preset's own run of `script` reads `output` already (smol's runs/label-smol/preferences.jsonl: the
+    README's loop goes on with `dpo.py --preset smol` into runs/smol-dpo, which the hint's own folder left out)."""
+    from alignkit.modeling import presets
+
+    given = f" --preset {preset}" if preset else ""
+    read = presets.named(script[:-3]).get(preset, {}).get("dataset_id") if preset else None
+    if read and Path(read).resolve() == Path(output).resolve():
+        return f"python {script}{given}{flags}"
+    run = f" --run_name {preset}-{script[:-3]}-on-{Path(output).stem.replace('.', '-')}" if preset else ""
+    return f"python {script}{given} --dataset_id {output}{flags}{run}"
