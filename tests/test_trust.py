@@ -580,6 +580,27 @@ def test_sigterm_takes_ctrl_c_s_path_and_a_training_ends_its_step_first(tmp_path
     assert proc.returncode == 0 and out.split() == [str(signal.SIGTERM)] and not err, (out, err)  # killed by it
 
 
+def test_a_sigterm_while_a_refusal_is_said_ends_the_process_without_a_second_report(tmp_path):
+    """A launch's rank refusing (it waits for local rank 0 to say it) while the launcher stops it: under FSDP and
+    ZeRO-3 the SIGTERM came into the excepthook as Terminated, and Python printed "Error in sys.excepthook" and the
+    refusal again (the reward/rl audit of session 32). It ends the process as Python would, without a word."""
+    import signal
+
+    script = tmp_path / "refused.py"
+    script.write_text("from alignkit.core import errors\nerrors.report_user_errors()\nerrors.OTHER_RANKS_WAIT = 20\n"
+                      "error = errors.UserError('refused here')\nerror.said_by_local_rank_0 = True\n"
+                      "print('ready', flush=True)\nraise error\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("ALIGNKIT_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(2)  # in the excepthook's wait
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM and not err.strip(), err
+
+
 def test_a_sigterm_saves_the_step_under_way_unless_no_run_resumes_the_trainer(monkeypatch):
     """At a step's end after a SIGTERM, the trainer saves the step as a checkpoint and stops (Ctrl-C's path);
     LoTA's calibration, which a rerun starts again, stops without saving."""

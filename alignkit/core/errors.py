@@ -85,6 +85,7 @@ def _report(kind, error, tb) -> None:
     if issubclass(kind, UserError) and not debugging():
         from alignkit.core.secrets import redact
 
+        _sigterm_ends_it()  # the launcher stopping the other ranks of a refused launch: no second report
         # A launch's refusal: every process has it, this machine's first says it, and the launcher stops the others
         # while they wait; one still here after the wait says it too (its reason may be its own).
         if getattr(error, "said_by_local_rank_0", False):
@@ -94,6 +95,17 @@ def _report(kind, error, tb) -> None:
     sys.__excepthook__(kind, error, tb)
     if issubclass(kind, UserError):
         sys.exit(EXIT_USER_ERROR)
+
+
+def _sigterm_ends_it() -> None:
+    """A SIGTERM while a refusal is being said ends the process as Python would (a launch's launcher stops every
+    rank once one has failed): under FSDP and ZeRO-3 it came into the excepthook as Terminated, and Python printed
+    "Error in sys.excepthook" and the refusal again as "Original exception was" (the reward/rl audit of session 32)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def report_on_rank(before, rank: int) -> None:
