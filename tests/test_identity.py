@@ -305,6 +305,26 @@ def test_a_model_retrained_in_place_anywhere_down_the_chain_is_another_model(tin
     assert calls == []
 
 
+def test_the_parts_of_a_model_as_loaded_name_what_changed(tiny_cache, tmp_path, monkeypatch):
+    """A kept answer refused for another model as loaded named two digests ("model as loaded 24811e97 then, 90f6f08d
+    now": the merge/evaluate audit of session 32). The parts recorded beside it name the one that changed: an
+    adapter of the chain retrained in place by its path from here, the loader settings, the hardware."""
+    models = chain(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    dpo = ModelSettings(model_id=str(models["dpo"]))
+    then = identity.identity_parts(dpo, identity.model_identity(dpo))
+    assert list(then) == ["loader settings", *(str(models[m]) for m in ("dpo", "sft", "base")), "hardware", "backend"]
+    retrain(models["sft"] / "adapter_model.safetensors", b"sft weighs2")
+    now = identity.identity_parts(dpo, identity.model_identity(dpo))
+    assert identity.changed_parts(then, now) == "sft: its files changed since"
+    bf16 = dataclasses.replace(dpo, dtype="bf16")
+    assert identity.changed_parts(now, identity.identity_parts(bf16, identity.model_identity(bf16))) == \
+        "its loader settings (--dtype, --quantization, the chat template, ...)"
+    assert identity.changed_parts({**now, "hardware": "cuda:H100"}, now) == \
+        f"hardware cuda:H100 then, {now['hardware']} now"
+    assert identity.changed_parts(None, now) is None  # answers kept before the parts were recorded
+
+
 def test_processes_hashing_at_once_keep_each_others_remembered_hashes(tmp_path, monkeypatch):
     """The ranks of a launch hash their files at once: each reads the memo, hashes, then writes. A write merges
     into the memo as it is by then, so a process that wrote meanwhile keeps its entries (before, the last writer's

@@ -399,6 +399,49 @@ def model_identity(s, backend: str | None = None) -> dict:
             "libraries": libraries(backend, _used(s, loader.get("quantization"), chain, resolved))}
 
 
+def identity_parts(s, identity: dict) -> dict[str, str]:
+    """The parts of `identity` (model_identity of `s`), each by a short digest, named as a user reads them: the
+    loader settings, each model of the chain by its absolute path or Hub id, the hardware and the engine. Recorded beside a cache's key, they name what changed where a kept output is refused (a digest of the
+    whole named nothing: the merge/evaluate audit of session 32)."""
+    import os
+
+    from alignkit.modeling.chain import resolve
+
+    chain = resolve(s.model_id, s.revision)
+    names = [*reversed(chain.adapters), *reversed(chain.deltas), chain.base]
+    parts = {"loader settings": digest(identity["loader"], 12, ensure_ascii=True)}
+    parts.update({os.path.abspath(n) if Path(n).exists() else n: digest(part, 12, ensure_ascii=True)
+                  for n, part in zip(names, identity["chain"])})
+    return {**parts, "hardware": str(identity["hardware"]), "backend": str(identity["backend"])}
+
+
+def changed_parts(then: dict, now: dict) -> str | None:
+    """What differs between two identity_parts records, in words, a local part by its path from here where under
+    it; None where either is missing (made before they were recorded)."""
+    import os
+
+    if not (isinstance(then, dict) and isinstance(now, dict)):
+        return None
+
+    def shown(name: str) -> str:
+        relative = os.path.relpath(name) if os.path.isabs(name) else name
+        return name if relative.startswith("..") else relative
+
+    said = []
+    for name in [*now, *(k for k in then if k not in now)]:
+        if then.get(name) == now.get(name):
+            continue
+        if name == "loader settings":
+            said.append("its loader settings (--dtype, --quantization, the chat template, ...)")
+        elif name in ("hardware", "backend"):
+            said.append(f"{name} {then.get(name)} then, {now.get(name)} now")
+        else:
+            how = "its files changed since" if name in then and name in now else "not in its chain " + (
+                "then" if name in now else "now")
+            said.append(f"{shown(name)}: {how}")
+    return "; ".join(said) or None
+
+
 def identity_key(s, backend: str | None = None) -> str:
     """model_identity as one short string, for a cache key or a record's `identity` field."""
     return digest(model_identity(s, backend), 16)
