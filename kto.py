@@ -30,7 +30,9 @@ from alignkit.core.launch import establish_launch
 from alignkit.modeling import presets
 from alignkit.train.training import preflight
 
-overrides: dict = {}  # in a notebook, e.g. {"preset": "tiny", "beta": 0.2}
+# In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "beta": 0.2};
+# environment variables (ALIGNKIT_<NAME>, e.g. ALIGNKIT_MAX_STEPS=20) work too. Flags on a command line apply as well.
+overrides: dict = {}
 
 settings = parse_config(
     KTOSettings, overrides=overrides, presets=presets.named("kto"), prog="kto.py", description="KTO with LoRA/QLoRA.",
