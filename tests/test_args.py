@@ -258,6 +258,23 @@ def test_ipython_s_run_of_a_script_reads_its_flags(monkeypatch):
     assert parse_config(Cfg, env_file=None) == Cfg()
 
 
+def test_a_refusal_under_ipython_s_run_is_one_line(tmp_path):
+    """`%run script.py` (and `ipython script.py`) shows a script's errors itself, with IPython's traceback: a user
+    error there is the one line a script says (the notebook audit of session 32), and the kernel lives on."""
+    import subprocess
+
+    from conftest import ROOT
+
+    (tmp_path / "script.py").write_text("from alignkit.core.errors import UserError\nraise UserError('bad thing: fix')\n")
+    (tmp_path / "cells.ipy").write_text("%run script.py --flag\nprint('lives on')\n")
+    env = {k: v for k, v in os.environ.items() if k != "ALIGNKIT_DEBUG"}
+    done = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--colors=nocolor", "cells.ipy"],
+                          cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=120)
+    shown = (done.stdout + done.stderr).strip().splitlines()
+    assert "error: bad thing: fix" in shown and "lives on" in shown and "Traceback" not in done.stdout + done.stderr
+
+
 def test_script_uses_sys_argv(monkeypatch):
     assert not is_notebook()
     monkeypatch.setattr(sys, "argv", ["train.py", "--seed", "11"])

@@ -27,6 +27,17 @@ class UserError(ValueError):
     A ValueError, so code that caught the ValueErrors alignkit raised before still catches these.
     """
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython's own display of an exception where no handler of alignkit's runs (`%run script.py` and `ipython
+        script.py` show a script's errors themselves): the one line a script says; ALIGNKIT_DEBUG=1 the traceback."""
+        import traceback
+
+        from alignkit.core.secrets import redact
+
+        if debugging():
+            return "".join(traceback.format_exception(type(self), self, self.__traceback__)).rstrip("\n").split("\n")
+        return [f"error: {redact(str(self))}"]
+
 
 class ConfigError(UserError):
     """A user-facing configuration problem; the message names the source of the bad value and the fix."""
