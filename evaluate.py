@@ -46,12 +46,11 @@
 
 # %%
 import os
-import sys
 
 from alignkit.core.errors import report_user_errors
 
 report_user_errors()  # a bad flag, file or data row: `error: ...`, exit status 2 (--debug shows the traceback)
-from alignkit.core.args import is_notebook
+from alignkit.core.args import command_line, is_notebook
 from alignkit.evals.evaluation import parse_command
 from alignkit.modeling.generation import resolve_backend
 from alignkit.train.report import show  # in a notebook, each chart below its cell
@@ -60,8 +59,8 @@ from alignkit.train.report import show  # in a notebook, each chart below its ce
 # overrides = {"preset": "tiny"}; environment variables (ALIGNKIT_<NAME>, COMMAND for the command) work too.
 NOTEBOOK_COMMAND: str = os.environ.get("COMMAND", "vibes")
 overrides: dict = {}
-command, settings = parse_command([] if is_notebook() else sys.argv[1:],
-                                  NOTEBOOK_COMMAND if is_notebook() else None, overrides)
+argv = command_line()  # the flags, where there is a command line (none in a kernel's cell; %run's are read)
+command, settings = parse_command(argv, NOTEBOOK_COMMAND if is_notebook() and not argv else None, overrides)
 from alignkit.core.launch import establish_launch
 
 establish_launch(settings, "evaluate.py")  # the process's device, the process group, what this launch refuses

@@ -248,14 +248,30 @@ def test_notebook_detected_by_get_ipython(monkeypatch):
     assert is_notebook() and parse_config(Cfg, env_file=None) == Cfg()
 
 
-def test_ipython_s_run_of_a_script_reads_its_flags(monkeypatch):
+def test_ipython_s_run_of_a_script_reads_its_flags(monkeypatch, tmp_path):
     """`%run sft.py --preset tiny` in a kernel and `ipython sft.py -- --preset tiny` hand the script its flags as
-    sys.argv: they were dropped without a word and the script ran on its defaults (the notebook audit)."""
+    sys.argv: they were dropped without a word and the script ran on its defaults (the notebook audit). A kernel
+    launched by another .py than ipykernel_launcher (python -m ipykernel, Spyder, PyCharm, Colab) or an IPython
+    console keeps its argv to itself: its cells are no file of argv[0]'s (the review of session 32)."""
+    import runpy
+
     monkeypatch.setattr(builtins, "get_ipython", lambda: None, raising=False)
-    monkeypatch.setattr(sys, "argv", ["/work/sft.py", "--seed", "5"])
-    assert is_notebook() and parse_config(Cfg, env_file=None).seed == 5
-    monkeypatch.setattr(sys, "argv", ["/usr/bin/ipython"])  # cells typed into IPython: no script, no flags
-    assert parse_config(Cfg, env_file=None) == Cfg()
+    script = tmp_path / "train.py"
+    script.write_text("from dataclasses import dataclass\nfrom alignkit.core.args import parse_config\n"
+                      "@dataclass\nclass Cfg:\n    seed: int = 1\nseed = parse_config(Cfg, env_file=None).seed\n")
+    monkeypatch.setattr(sys, "argv", [str(script), "--seed", "5"])
+    assert is_notebook() and runpy.run_path(str(script))["seed"] == 5
+    launcher = tmp_path / "ipykernel" / "__main__.py"
+    launcher.parent.mkdir()
+    launcher.write_text("")
+    for argv in ([str(launcher), "-f", "/tmp/kernel.json"], ["/usr/bin/ipython", "--no-banner"]):
+        monkeypatch.setattr(sys, "argv", argv)
+        cell = {}
+        exec(compile(script.read_text(), "/tmp/ipykernel_1/2750.py", "exec"), cell)  # a cell, as a kernel runs it
+        assert cell["seed"] == 1
+        other = {}
+        exec(compile(script.read_text(), str(script), "exec"), other)  # a script, not the one argv names
+        assert other["seed"] == 1
 
 
 def test_a_refusal_under_ipython_s_run_is_one_line(tmp_path):

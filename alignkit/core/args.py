@@ -34,7 +34,8 @@ from alignkit.core.errors import ConfigError, forget_failed_settings, is_noteboo
 from alignkit.core.saved_settings import is_secret_field, is_set
 from alignkit.core.secrets import name_secret_variables, redact
 
-__all__ = ["ConfigError", "setting", "parse_config", "redact", "is_notebook", "BARE_ENV_NAMES", "ENV_PREFIX"]
+__all__ = ["ConfigError", "setting", "parse_config", "redact", "is_notebook", "command_line", "BARE_ENV_NAMES",
+           "ENV_PREFIX"]
 
 _MISSING = dataclasses.MISSING
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -339,14 +340,22 @@ def parse_config(cls, args=None, overrides=None, env_file=".env", presets=None, 
         raise
 
 
-def _command_line() -> list[str]:
-    """The flags on the command line: sys.argv[1:], but none in a kernel, whose argv (`-f kernel.json`) is its own.
-    IPython's `%run script.py FLAGS` and `ipython script.py -- FLAGS` hand the script its flags as sys.argv, with
-    the script as argv[0]: those are read (they were dropped without a word: the notebook audit of session 32)."""
+def command_line() -> list[str]:
+    """The flags on the command line: sys.argv[1:], but none in a kernel or an IPython console, whose argv (`-f
+    kernel.json`, --no-banner, a launcher's own) is theirs. IPython's `%run script.py FLAGS` and `ipython script.py --
+    FLAGS` hand the script its flags as sys.argv, argv[0] the script: read where the code asking (the innermost
+    caller outside alignkit) is that script's (they were dropped without a word: the notebook audit of session 32).
+    A kernel's cell is no file of argv[0]'s, whatever launched the kernel (ipykernel, Spyder, PyCharm, Colab)."""
+    if not is_notebook():
+        return sys.argv[1:]
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # alignkit/
+    frame = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame = frame.f_back
+    caller = frame.f_code.co_filename if frame is not None else ""
     argv0 = sys.argv[0] if sys.argv else ""
-    if is_notebook() and not (argv0.endswith(".py") and not argv0.endswith("ipykernel_launcher.py")):
-        return []
-    return sys.argv[1:]
+    same = bool(argv0) and os.path.isfile(argv0) and os.path.isfile(caller) and os.path.samefile(argv0, caller)
+    return sys.argv[1:] if same else []
 
 
 def _parse_config(cls, args, overrides, env_file, presets, prog, description):
@@ -360,7 +369,7 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
     vocab = cls.vocabulary() if hasattr(cls, "vocabulary") else None
 
     if args is None:
-        args = _command_line()
+        args = command_line()
     whole = frozenset(n for n, f in fields.items() if f.metadata.get("whole"))
     cli_types = {**(vocab.cli_types() if vocab else {}), **types_}
     flags = frozenset(n for n, f in fields.items() if f.metadata.get("flags"))
