@@ -343,7 +343,8 @@ def test_a_judge_rm_folder_that_is_no_reward_model_is_one_line_before_any_genera
     (tmp_path / "notes").mkdir()
     with pytest.raises(ConfigError, match=r"^--judge rm:\S+notes: \S+notes is not a model folder"):
         RMJudge(f"rm:{tmp_path / 'notes'}", LabelSettings(quantization="none"))
-    with pytest.raises(ConfigError, match=r"is a causal language model \(no reward score head\)"):
+    with pytest.raises(ConfigError, match=r"is a causal language model \(no reward score head\).*; to judge with "
+                                          r"this model's text verdicts use --judge hf --judge_model \S+model; "):
         RMJudge(f"rm:{presets.paths()['model']}", LabelSettings(quantization="none"))
 
 

@@ -847,3 +847,19 @@ def test_a_judge_reward_without_its_api_key_names_rl_s_own_flag(mode, tmp_path, 
     s = RLSettings(reward=["judge"], judge_mode=mode, reference_completions=str(refs) if mode == "pairwise" else None)
     with pytest.raises(ConfigError, match=r"^--reward judge: OPENAI_API_KEY is not set"):
         JudgeReward(s, tmp_path / "cache")
+
+
+def test_a_causal_lm_as_rm_names_rl_s_own_judge_flags(sft_run, tiny_cache, tmp_path):
+    """--reward rm:CAUSAL_LM advised "use --judge hf --judge_model M" (label.py's flags: rl.py has no --judge; the
+    reward/rl audit of session 51). rl.py's advice is its own judge, served; label.py's stays its own."""
+    from alignkit.core.config import RLSettings
+    from alignkit.modeling import presets
+    from alignkit.train.rl_rewards import build_rewards
+
+    for causal in (presets.paths()["model"], str(sft_run["run_folder"])):  # a model, an adapter
+        with pytest.raises(ConfigError, match=r"is a causal language model .*; to reward with this model's text "
+                                              r"verdicts serve it at an OpenAI-compatible endpoint and use --reward "
+                                              r"judge --judge_base_url URL --judge_model NAME; to get a reward model") \
+                as e:
+            build_rewards(RLSettings(reward=[f"rm:{causal}"]), tmp_path)
+        assert "--judge hf" not in str(e.value)

@@ -41,14 +41,23 @@ def model_kind(source: str, revision: str | None = None) -> str | None:
     return CAUSAL if architectures else None
 
 
-def check_model_kind(source: str, revision: str | None, reward: bool, for_training: bool = False) -> None:
-    """A reward model where a causal LM is needed (or the reverse) fails here, saying what to pass instead."""
+# How to judge with a causal LM's text verdicts instead, by the script that asked for a reward model: label.py's
+# (and a library caller's) local judge, or rl.py's OpenAI-compatible one (rl.py has no --judge).
+JUDGE_ADVICE = {"label.py": "to judge with this model's text verdicts use --judge hf --judge_model {source}",
+                "rl.py": "to reward with this model's text verdicts serve it at an OpenAI-compatible endpoint and use "
+                         "--reward judge --judge_base_url URL --judge_model NAME"}
+
+
+def check_model_kind(source: str, revision: str | None, reward: bool, for_training: bool = False,
+                     script: str = "label.py") -> None:
+    """A reward model where a causal LM is needed (or the reverse) fails here, saying what to pass instead;
+    `script`: whose flags the advice names (JUDGE_ADVICE)."""
     kind = model_kind(source, revision)
     if reward and kind == CAUSAL and not for_training:
         raise ConfigError(
             f"{source} is a causal language model (no reward score head), not a reward model. Pass a reward.py run "
-            "folder (or its merged/ folder) as rm:FOLDER; to judge with this model's text verdicts use --judge hf "
-            f"--judge_model {source}; to get a reward model from it, train one: " + (
+            f"folder (or its merged/ folder) as rm:FOLDER; {JUDGE_ADVICE[script].format(source=source)}; to get a "
+            "reward model from it, train one: " + (
                 f"python merge.py --adapter_dir {source}, then python reward.py --model_id {source}/merged (reward.py "
                 "trains on a whole model)" if adapter_config(source, revision) is not None else
                 f"python reward.py --model_id {source}")

@@ -82,10 +82,13 @@ class RewardModelReward:
 
     def __init__(self, spec: str, s):
         from alignkit.feedback.rewards import load
+        from alignkit.modeling.reward_models import check_model_kind
 
         # Its logs' name, as TRL names a reward model: the last part of its path (rewards/rm:NAME/mean), not the
         # whole path, whose slashes split a dashboard's sections.
         self.__name__ = f"rm:{Path(spec[len('rm:'):].rstrip('/')).name or spec[len('rm:'):]}"
+        if spec[len("rm:"):]:  # a causal LM: its advice in rl.py's flags (load's names label.py's --judge)
+            check_model_kind(spec[len("rm:"):], None, reward=True, script="rl.py")
         self.model = load(spec, settings=s)
         self.template_kwargs: dict = {}
 
