@@ -136,8 +136,8 @@ with start_run(settings, run_folder, resume_from, model, (train_data, eval_data)
 from alignkit.train.reward import held_out_report, scores_held_out
 from alignkit.train.training import finish
 
-# The held-out report first, so that metrics.json, the model card and the summary carry its exact accuracy (TRL's
-# eval_accuracy averages per batch).
+# The held-out report first, so that metrics.json, the model card and the summary carry its accuracy: the share of
+# the held-out pairs ranked right (the logged eval_accuracy counts each pair once too, whatever the batches).
 main = trainer.accelerator.is_main_process
 report = {}
 if eval_data is not None and scores_held_out(main):  # FSDP/ZeRO-3: every rank takes part in each forward

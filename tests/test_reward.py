@@ -125,6 +125,31 @@ def test_a_reward_run_records_its_settings_so_a_rerun_resumes_and_its_card_repor
     assert accuracy == json.loads((folder / "held_out_rewards.json").read_text())["held_out_accuracy"]
 
 
+def test_eval_accuracy_is_the_share_of_held_out_pairs_whatever_the_batches():
+    """TRL's log averages each metric's entries, and one entry per batch made eval_accuracy a mean of batch means: 73
+    held-out pairs in batches of 8 said 0.5375 beside the summary's exact 36 of 73, 0.493 (the reward audit of
+    session 51). One entry per pair: the logged accuracy, margin and rewards are the pairs' own means."""
+    from collections import defaultdict
+
+    from alignkit.train.reward import AlignRewardTrainer
+
+    scores = {8: [1.0] * 3 + [0.0] * 5 + [0.5] * 3 + [2.0] * 5, 1: [1.0, 0.0]}  # 3 of 8 right, then 1 of 1
+    model = SimpleNamespace(training=False)
+    trainer = SimpleNamespace(model=model, loss="bradley_terry", lm_loss_coef=0.0, uses_lm_term=False, _balance=None,
+                              args=SimpleNamespace(center_rewards_coefficient=None), _total_train_tokens=0,
+                              accelerator=SimpleNamespace(gather_for_metrics=lambda t: t),
+                              _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
+    for n, logits in scores.items():
+        call = lambda **_: SimpleNamespace(logits=torch.tensor(logits).unsqueeze(-1))
+        inputs = {"input_ids": torch.ones(2 * n, 3, dtype=torch.long), "attention_mask": torch.ones(2 * n, 3)}
+        AlignRewardTrainer.compute_loss(trainer, call, inputs)
+    logged = {k: sum(v) / len(v) for k, v in trainer._metrics["eval"].items()}  # as TRL's log averages them
+    assert logged["accuracy"] == pytest.approx(4 / 9)  # not (3/8 + 1) / 2
+    assert logged["margin"] == pytest.approx((3 * 0.5 - 5 * 2.0 + 1) / 9)
+    assert logged["rewards/chosen"] == pytest.approx((3 + 1) / 9)
+    assert logged["mean_reward"] == pytest.approx((3 + 3 * 0.5 + 5 * 2.0 + 1) / 18)
+
+
 def test_tiny_reward_model_ranks_held_out_pairs(reward_run):
     metrics = json.loads((reward_run["run_folder"] / "metrics.json").read_text())
     # 10% of the 1200 pairs, rounded up to whole prompts (the tiny preset has several pairs for a prompt)

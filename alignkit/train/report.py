@@ -37,7 +37,7 @@ HELD_OUT = [
     ("eval_loss", "held-out loss"),
     ("eval_rewards/accuracies", "held-out reward accuracy"),
     ("eval_rewards/margins", "held-out reward margin"),
-    ("held_out_accuracy", "held-out accuracy"),  # reward.py's exact count over the pairs, before TRL's batch mean
+    ("held_out_accuracy", "held-out accuracy"),  # reward.py's share of the pairs, before eval_accuracy
     ("eval_accuracy", "held-out accuracy"),
 ]
 
