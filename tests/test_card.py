@@ -335,6 +335,23 @@ def test_a_card_names_and_cites_the_method_each_run_used(tmp_path, monkeypatch):
 
 
 
+def test_a_reward_run_on_the_self_reference_loss_cites_it(tmp_path, monkeypatch):
+    """reward.py --loss logexpwithlm --use_margin was carded "Methods used: LoRA, Bradley-Terry reward model, TRL.":
+    its loss (margins plus the chosen answer's LM term, the self-reference code's) went uncited (the reward audit of
+    session 51). bradley_terry and logexp cite no such paper."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for loss in ("logexpwithlm", "logexp", "bradley_terry"):
+        write(tmp_path / loss, alignkit_config__json={"model_id": "org/base", "run_type": "reward", "loss": loss,
+                                                      "use_margin": "true"})
+        card = model_card(tmp_path / loss)
+        cited = card.split("Methods used: ")[1].split(".")[0].split(", ")
+        if loss == "logexpwithlm":
+            assert cited == ["LoRA", "Bradley-Terry reward model", "self-reference reward loss", "TRL"], cited
+            assert "@article{bao2024aligning" in card and "arXiv:2406.11190" in card
+        else:
+            assert "self-reference reward loss" not in cited and "bao2024aligning" not in card, (loss, cited)
+
+
 def test_a_kto_run_on_apo_s_loss_and_a_dpo_run_with_apo_are_carded_as_apo(tmp_path, monkeypatch):
     """Found by a kto.py audit: --loss_type apo_zero_unpaired was carded "KTO of ...", tagged kto and cited the KTO
     paper alone, though the loss is APO-zero's (D'Oosterlinck et al. 2024); dpo.py's apo_zero cited no APO either."""

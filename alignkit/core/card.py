@@ -71,6 +71,10 @@ CITATIONS = {
     "Bradley-Terry reward model": ("ouyang2022training", "Training language models to follow instructions with "
                                    "human feedback", "Long Ouyang and Jeff Wu and Xu Jiang and others", 2022,
                                    "2203.02155"),
+    "self-reference reward loss": ("bao2024aligning", "Aligning Large Language Models from Self-Reference AI "
+                                   "Feedback with one General Principle", "Rong Bao and Rui Zheng and Shihan Dou and "
+                                   "Xiao Wang and Enyu Zhou and Bo Wang and Qi Zhang and Liang Ding and Dacheng Tao",
+                                   2024, "2406.11190"),
     "GRPO": ("shao2024deepseekmath", "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language "
              "Models", "Zhihong Shao and Peiyi Wang and Qihao Zhu and others", 2024, "2402.03300"),
     "RLOO": ("ahmadian2024back", "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human "
@@ -318,6 +322,8 @@ def methods(settings: dict, run_type: str | None, folder: Path, below: list[dict
             used.append("APO")
     elif run_type == "reward":
         used.append("Bradley-Terry reward model")
+        if settings.get("loss") == "logexpwithlm":  # the self-reference code's loss: margins plus the chosen's LM term
+            used.append("self-reference reward loss")
     elif run_type == "rl":
         used.append((settings.get("algo") or "grpo").upper())
     evaluated = " ".join(_read_json(folder / EVALS_FILE))
