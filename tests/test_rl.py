@@ -300,10 +300,12 @@ def test_rl_with_a_failing_judge_trains_without_turning_failures_into_rewards(sf
     assert all(e["reward"] is None or math.isnan(e["reward"]) for e in logs)
     assert all(e["grad_norm"] == 0 for e in logs)  # advantage 0 everywhere and KL 0 at the start: no update
     history = g["trainer"].state.log_history
-    assert (g["run_folder"] / "adapter_config.json").is_file() and [e["step"] for e in logs] == [2]
+    # The last step is logged too, off --logging_steps 2 (its figures were only averaged into the closing summary).
+    assert (g["run_folder"] / "adapter_config.json").is_file() and [e["step"] for e in logs] == [2, 3]
     per_step = logs[0]["judge/requests"] // 2  # the completions of one step, each judged once and failed
-    closing, = [e for e in history if "train_runtime" in e]  # step 3, after the last log: counted at the close
-    assert per_step >= 16 and logs[0]["judge/failed"] == 2 * per_step and closing["judge/requests"] == per_step
+    closing, = [e for e in history if "train_runtime" in e]  # after the last log: nothing left to count
+    assert per_step >= 16 and logs[0]["judge/failed"] == 2 * per_step and logs[1]["judge/requests"] == per_step
+    assert closing["judge/requests"] == 0
     assert f"judge: {3 * per_step} requests, 0 of them from the cache, {3 * per_step} failed, 0 without a rating" \
         in capsys.readouterr().out
     # TRL's warning for a completion every reward left None (a judge alone, failing) printed its whole row, every step
@@ -392,18 +394,25 @@ def test_a_python_reward_gets_the_rows_as_trl_hands_them(tmp_path):
     assert [json.loads(line) for line in seen.read_text().splitlines()] == [["1+1?", "2", "2"], [chat, said, "4"]]
 
 
-def test_an_async_reward_is_awaited_and_its_none_leaves_the_other_rewards_summed(sft_run, tmp_path):
+def test_an_async_reward_is_awaited_and_its_none_leaves_the_other_rewards_summed(sft_run, tmp_path, capsys):
     """TRL awaits an async reward function (an API call), and where a function returns None ("does not apply
     here") it sums the other rewards. rl.py's wrapper hid the coroutine from TRL, and a None unscored the whole
-    completion (advantage 0), so a reward that applies to some rows silenced the others on the rest."""
+    completion (advantage 0), so a reward that applies to some rows silenced the others on the rest.
+    A run shorter than --logging_steps (the preset's 5) logged no step: its summary said "reward: X at the first
+    log, X at the last" off TRL's closing summary, and metrics.json had no time shares nor unscored share (the rl
+    audit of session 51). Its last step is logged, and the summary says it is the one."""
     code = tmp_path / "maybe.py"
     code.write_text("async def maybe(prompts, completions, category, **kwargs):\n"
                     "    assert all(isinstance(x, str) for x in prompts + completions), (prompts, completions)\n"
                     "    return [None if i % 2 else 1.0 for i in range(len(completions))]\n")
     g = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir",
-                   str(tmp_path), "--reward", f"rule,python:{code}:maybe", "--max_steps", "1", "--logging_steps", "1")
+                   str(tmp_path), "--reward", f"rule,python:{code}:maybe", "--max_steps", "1")
     logs = [e for e in g["trainer"].state.log_history if "loss" in e]
-    assert logs
+    assert [e["step"] for e in logs] == [1]
+    assert re.search(r"^reward: [0-9.]+ at step 1, the one step logged$", capsys.readouterr().out, re.M)
+    metrics = json.loads((g["run_folder"] / "metrics.json").read_text())
+    assert metrics["rewards/unscored_frac"] == 0.0 and metrics["reward"] == logs[0]["reward"]
+    assert {"time/generating_share", "time/judging_share", "time/training_share"} <= set(metrics)
     for entry in logs:
         assert entry["rewards/unscored_frac"] == 0.0 and entry["rewards/maybe/mean"] == 1.0
         # Half the completions get the rule plus 1, the other half the rule alone.

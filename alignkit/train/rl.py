@@ -160,6 +160,7 @@ class _OnlineMixin:
 
     frozen_adapters: list[str] = []
     counts_own_tokens = False  # TRL's GRPO/RLOO count in state.num_input_tokens_seen (alignkit.train.resuming)
+    logs_last_step = True  # _log_last_step: metrics.json takes that log's figures (alignkit.train.training.finish)
 
     def _setup(self, frozen_adapters):
         from alignkit.modeling.models import TRAINABLE
@@ -180,6 +181,8 @@ class _OnlineMixin:
                 func.cache  # noqa: B018 - this one now, not after the model sampled
         self._times = Counter()
         self._unscored = Counter()
+        if self.args.logging_strategy == "steps":  # the last step logged too: its figures reach metrics.json
+            self.add_callback(_log_last_step())
         for name in ("trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer"):  # once per process, not per trainer
             if not any(isinstance(f, _UnscoredRows) for f in logging.getLogger(name).filters):
                 logging.getLogger(name).addFilter(_UnscoredRows())
@@ -291,6 +294,21 @@ class _OnlineMixin:
                                                              device=self.accelerator.device), reduction="sum")
                 logs.update({name: int(value) for (name, _), value in zip(now, total.tolist())})
         return super().log(logs, start_time)
+
+
+def _log_last_step():
+    """A TrainerCallback that logs the run's last step whatever --logging_steps says: a run shorter than it (or
+    ending between two logs) logged no step, so its reward, KL, time shares and unscored share were only averaged
+    into TRL's closing summary, and rl.py's summary read that one entry as a first and a last log."""
+    from transformers import TrainerCallback
+
+    class LogLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    return LogLastStep()
 
 
 class _UnscoredRows(logging.Filter):

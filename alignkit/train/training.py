@@ -342,7 +342,11 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
         metrics = json.loads(earlier.read_text())
         logger.info(f"{stage}: no step left to train; the finished run's metrics stay in {earlier}")
     else:
-        metrics = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
+        history = trainer.state.log_history
+        metrics = {k: v for k, v in history[-1].items()} if history else {}
+        if getattr(trainer, "logs_last_step", False):  # rl: the last step's log (reward, KL, time shares) beside
+            last = [e for e in history[:-1] if e.get("step") == trainer.state.global_step and "loss" in e]
+            metrics = {**(last[-1] if last else {}), **metrics}  # TRL's closing summary, which holds none of them
         if "train_loss" in metrics:
             metrics["train_loss"] = whole_run_train_loss(trainer.state.log_history,
                                                          getattr(trainer, "steps_at_start", None) or 0,
