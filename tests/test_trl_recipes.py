@@ -1212,6 +1212,45 @@ def test_a_trl_command_line_that_names_no_evaluation_holds_no_rows_out():
     assert eval_split("--model_id", "org/model") == default  # alignkit's own names keep the share
 
 
+def test_a_trl_line_that_evaluates_does_so_on_the_dataset_s_test_split_as_trl_does(tiny_cache, tmp_path,
+                                                                                     alignkit_log):
+    """TRL's scripts train on all of dataset_name's train split and evaluate on its test split (ScriptArguments'
+    dataset_test_split default): `--dataset_name D --eval_strategy steps` held 71 of D's 1100 train rows out and
+    never read its test split (README audit). An --eval_split or --dataset_test_split of the user's, a dataset
+    without a test split, alignkit's own names and reward.py keep the share."""
+    from alignkit.core.mixture import load_train_eval
+    from alignkit.modeling import presets
+
+    rows = Path(presets.paths()["preferences"]).read_text().splitlines()
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(rows[:1100]) + "\n")
+    (folder / "test.jsonl").write_text("\n".join(rows[1100:1150]) + "\n")
+    line = ["--model_name_or_path", "org/model", "--use_peft", "--eval_strategy", "steps", "--eval_steps", "50"]
+
+    def settings(cls=DPOSettings, *args, data=folder):
+        return parse_config(cls, env_file=None, args=[*line, "--dataset_name", str(data), *args])
+
+    s = settings()
+    assert s.dataset_test_split == "auto"
+    train, held_out = load_train_eval("preference", s)
+    assert (len(train), len(held_out)) == (1100, 50)  # every train row trains; test is held out
+    assert any("the dataset's test split, as TRL's scripts evaluate" in r.getMessage() for r in alignkit_log.records)
+    assert settings(DPOSettings, "--eval_split", "0.1").dataset_test_split is None  # the user's share
+    assert settings(DPOSettings, "--dataset_test_split", "test").dataset_test_split == "test"
+    assert settings(SFTSettings).dataset_test_split == settings(KTOSettings).dataset_test_split == "auto"
+    assert settings(RewardSettings).dataset_test_split is None  # reward.py reads one split
+    assert parse_config(DPOSettings, env_file=None, args=[*line, "--dataset_id", str(folder)]).dataset_test_split \
+        is None  # alignkit's own names: alignkit's documented share
+    no_eval = parse_config(DPOSettings, env_file=None, args=[*line[:3], "--dataset_name", str(folder)])
+    assert (no_eval.dataset_test_split, no_eval.eval_split) == (None, 0)  # TRL: no evaluation, every row trains
+    # A dataset without a test split (a single file) falls back to the share, said in one line.
+    alignkit_log.clear()
+    train, held_out = load_train_eval("preference", settings(data=folder / "train.jsonl"))
+    assert len(train) + len(held_out) == 1100 and len(held_out) > 0
+    assert any("has no test split besides it" in r.getMessage() for r in alignkit_log.records)
+
+
 def test_an_older_handbook_recipe_s_preprocessing_num_workers_is_trl_s_dataset_num_proc(tmp_path):
     """The handbook's zephyr-7b-beta dpo/config_qlora.yaml (before TRL named it dataset_num_proc) was refused as an
     unknown setting, with no hint of the new name."""

@@ -17,7 +17,7 @@ import datasets
 
 from alignkit.core.errors import UserError
 
-__all__ = ["DataError", "FILE_TYPES", "Rows", "load_rows", "read_rows", "single_file"]
+__all__ = ["DataError", "FILE_TYPES", "Rows", "load_rows", "read_rows", "single_file", "split_names"]
 
 FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -167,6 +167,30 @@ def check_exists(source: str) -> None:
 def single_file(source) -> bool:
     """Whether `source` names one local file: it has no splits, whatever split is asked for."""
     return isinstance(source, (str, os.PathLike)) and os.path.isfile(os.path.expanduser(os.fspath(source)))
+
+
+def split_names(source, config_name=None) -> list[str]:
+    """The splits `source` has, as read_rows reads them (a single file, a Dataset or a list: train alone)."""
+    if isinstance(source, datasets.DatasetDict):
+        return list(source)
+    if not isinstance(source, (str, os.PathLike)):
+        return ["train"]
+    label = os.fspath(source)
+    path = os.path.expanduser(label)
+    if os.path.isfile(path):
+        return ["train"]
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_dict.json")):  # save_to_disk's DatasetDict
+            with open(os.path.join(path, "dataset_dict.json"), encoding="utf-8") as f:
+                return list(json.load(f).get("splits", []))
+        if os.path.exists(os.path.join(path, "state.json")):  # save_to_disk's Dataset: every split is it
+            return ["train"]
+        return list(_splits(path, _data_files(path)))
+    check_exists(label)
+    try:
+        return list(datasets.get_dataset_split_names(label, config_name))
+    except Exception as e:
+        raise DataError(f"{label}: cannot list its splits as a Hugging Face Hub dataset: {e}") from e
 
 
 def _pick_split(data, split, label):

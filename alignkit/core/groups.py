@@ -219,6 +219,9 @@ class TrainSettings(HubPushSettings, ModelSettings):
     """What every training script shares. TRL's names for these are accepted too (alignkit.core.trl_names)."""
 
     trl_configs: ClassVar[tuple[str, ...]] = ("SFTConfig",)  # the TRL config(s) whose fields pass through
+    # Whether the script evaluates on a dataset's own test split: TRL's dataset_name then means --dataset_test_split
+    # auto where evaluation is asked for (alignkit.core.trl_names.Vocabulary.finish); reward.py and rl.py read one.
+    reads_test_split: ClassVar[bool] = True
     help_groups: ClassVar[list] = TRAIN_HELP_GROUPS
     help_rest_at: ClassVar[int] = 4  # the script's own settings (DPO, reward, ...) right after training
 
@@ -242,7 +245,8 @@ class TrainSettings(HubPushSettings, ModelSettings):
     eval_split: float = setting(0.05, "held-out share of the data (< 1), or a row count (>= 1); 0 disables eval")
     dataset_test_split: str | None = setting(
         None, "held-out data: this split of the dataset (e.g. test_prefs) instead of an --eval_split share of the "
-        "training split (TRL's default 'test' is not assumed: most local files have none)")
+        "training split; auto: its test split where it has one, else the share (the default of a line in TRL's "
+        "names with dataset_name that asks for evaluation, as TRL's scripts evaluate on test)")
     dataset_mixture: dict[str, Any] | None = setting(
         None, "alignment-handbook mixture: {datasets: [{id, config, split, columns, weight}], seed, test_split_size}; "
         "replaces --dataset_id (alignkit.core.mixture)")

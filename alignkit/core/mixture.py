@@ -223,15 +223,37 @@ def _load_train_eval(kind: str, s):
     if s.dataset_mixture:  # a --dataset_id given beside it is named as unused where the settings are read
         return _mixture(kind, s)
     check_file_splits(s)
+    test_split = _test_split(s) if s.dataset_test_split == "auto" else s.dataset_test_split
     data = load(s.dataset_id, s.dataset_format, s.dataset_split, s.skip_invalid, s.dataset_config)
-    if not s.dataset_test_split:
+    if not test_split:
         return split(data, s, kind)
     train = data.shuffle(seed=s.seed)
     if s.max_samples:
         train = train.select(range(min(s.max_samples, len(train))))
-    held_out = load(s.dataset_id, s.dataset_format, s.dataset_test_split, s.skip_invalid, s.dataset_config)
+    held_out = load(s.dataset_id, s.dataset_format, test_split, s.skip_invalid, s.dataset_config)
     (train,), (held_out,) = _one_kind([train, held_out], 1)  # both splits read alike: texts, or conversations
     return train, held_out
+
+
+def _test_split(s) -> str | None:
+    """--dataset_test_split auto (a line in TRL's names with dataset_name that asks for evaluation): the dataset's
+    `test` split, which TRL's scripts evaluate on, where it has one; else None, the --eval_split share. Said in one
+    line either way."""
+    from alignkit.core.data_files import single_file, split_names
+
+    if s.dataset_split != "test" and "test" in split_names(s.dataset_id, s.dataset_config):
+        logger.info(f"held-out data: the dataset's test split, as TRL's scripts evaluate (dataset_test_split test); "
+                    f"--eval_split {s.eval_split or 0.05} holds a share of {s.dataset_split} out instead")
+        return "test"
+    if s.eval_split <= 0:
+        raise ConfigError(f"--dataset_test_split auto: {s.dataset_id} has no test split to evaluate on besides "
+                          f"{s.dataset_split}, and --eval_split 0 holds nothing out. Pass --dataset_test_split with "
+                          "a split it has, or --eval_split 0.05")
+    other = ("rows in a folder as train.jsonl and test.jsonl evaluate on the test rows" if single_file(s.dataset_id)
+             else "--dataset_test_split NAME evaluates on a split it has")
+    logger.info(f"held-out data: an eval_split {s.eval_split} share of {s.dataset_split}, as {s.dataset_id} has no "
+                f"test split besides it (TRL's scripts would evaluate on test); {other}")
+    return None
 
 
 def check_file_splits(s) -> None:
@@ -242,7 +264,7 @@ def check_file_splits(s) -> None:
 
     if not single_file(s.dataset_id):
         return
-    if getattr(s, "dataset_test_split", None):
+    if getattr(s, "dataset_test_split", None) not in (None, "auto"):  # auto: the --eval_split share
         raise ConfigError(f"--dataset_test_split {s.dataset_test_split}: {s.dataset_id} is a single file, which has "
                           "no splits, so the held-out rows would be the training rows. Hold out a share with "
                           "--eval_split 0.05, or put the rows in a folder as train.jsonl and test.jsonl (or use a Hub "

@@ -117,6 +117,7 @@ class RewardSettings(TrainSettings):
     """reward.py: a reward model (one-output score head + LoRA) trained on preference pairs."""
 
     run_type: ClassVar[str] = "reward"
+    reads_test_split: ClassVar[bool] = False  # one split (refused: dataset_test_split)
     trl_configs: ClassVar[tuple[str, ...]] = ("RewardConfig",)
     help_title: ClassVar[str] = "reward model"
 
@@ -157,6 +158,7 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
     """
 
     run_type: ClassVar[str] = "rl"
+    reads_test_split: ClassVar[bool] = False  # one split (refused: dataset_test_split)
     trl_configs: ClassVar[tuple[str, ...]] = ("GRPOConfig", "RLOOConfig")
     help_title: ClassVar[str] = "RL: algorithm, rewards, rollouts, judge"
 
@@ -298,6 +300,7 @@ class RLAIFSettings(TemplateArgumentsSettings, JudgeEndpointSettings, DPOSetting
     """
 
     help_title: ClassVar[str] = "rounds (and DPO)"
+    reads_test_split: ClassVar[bool] = False  # each round's labelled pairs, with an --eval_split share
 
     dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
                                                                        "or Hub dataset id (label.py --prompts)")

@@ -63,6 +63,7 @@ class Vocabulary:
         self.deferred: dict[str, ConfigError] = {}
         self.trl_dataset = False  # TRL's dataset_name was given, in any layer
         self.use_peft = False  # TRL's use_peft was given, in any layer
+        self.reads_test_split = getattr(settings_cls, "reads_test_split", False)
 
     def default_note(self, field: str, ours: str) -> str:
         """"; TRL's default: X" for --help when TRL's default for `field` (under its name or a same-meaning alias)
@@ -259,7 +260,9 @@ class Vocabulary:
           only TRL's default says no (neither eval_strategy nor do_eval named), the preset does.
         - Settings in TRL's names (a TRL command line, a TRL or handbook recipe) without use_peft are refused (TRL
           would fine-tune every weight), and without load_in_4bit/load_in_8bit load the model unquantized, as TRL.
-        - TRL's `dataset_name` without a split trains on TRL's default split, `train`.
+        - TRL's `dataset_name` without a split trains on TRL's default split, `train`; where evaluation is asked for
+          and neither --eval_split nor --dataset_test_split is set (nor a dataset_mixture), it evaluates on the
+          dataset's `test` split where it has one (--dataset_test_split auto), as TRL's scripts do.
         - A --dataset_id beside a dataset_mixture is named as unused, as TRL's scripts name dataset_name beside
           datasets.
         """
@@ -283,6 +286,12 @@ class Vocabulary:
                 logger.info("eval_split 0: the settings in TRL's names name no evaluation (TRL's eval_strategy "
                             "default is no), so every row trains; --eval_split 0.05 holds a share out")
             values["eval_split"] = 0
+        # TRL's scripts train on all of dataset_name's train split and evaluate on its `test` split
+        # (ScriptArguments.dataset_test_split): a share of train held out instead evaluated on other rows.
+        chosen = set(given) | set(preset_keys)
+        if (self.trl_dataset and self.reads_test_split and values.get("eval_split") and not values.get("dataset_mixture")
+                and "dataset_test_split" in values and not {"dataset_test_split", "eval_split"} & chosen):
+            values["dataset_test_split"] = "auto"  # the data loader says which it found (alignkit.core.mixture)
         if values.get("dataset_mixture") and "dataset_id" in given:  # as TRL's scripts say it
             logger.warning(f"--dataset_id {values['dataset_id']} is not used: the dataset_mixture is. To train on "
                            f"it, pass --dataset_mixture none")
