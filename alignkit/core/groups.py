@@ -244,9 +244,8 @@ class TrainSettings(HubPushSettings, ModelSettings):
     max_samples: int | None = setting(None, "use at most this many rows (after shuffling with seed); for quick runs")
     eval_split: float = setting(0.05, "held-out share of the data (< 1), or a row count (>= 1); 0 disables eval")
     dataset_test_split: str | None = setting(
-        None, "held-out data: this split of the dataset (e.g. test_prefs) instead of an --eval_split share of the "
-        "training split; auto: its test split where it has one, else the share (the default of a line in TRL's "
-        "names with dataset_name that asks for evaluation, as TRL's scripts evaluate on test)")
+        None, "held-out data: this split of the dataset (e.g. test_prefs) instead of a share of the training split; "
+        "auto: its test split where it has one (TRL's, for dataset_name with evaluation), else the --eval_split share")
     dataset_mixture: dict[str, Any] | None = setting(
         None, "alignment-handbook mixture: {datasets: [{id, config, split, columns, weight}], seed, test_split_size}; "
         "replaces --dataset_id (alignkit.core.mixture)")
