@@ -1279,6 +1279,26 @@ def test_a_handbook_recipe_runs_as_the_first_argument_and_older_ones_keep_evalua
         parse_config(SFTSettings, env_file=None, args=["--learning_rate", "1e-5", "recipe.yaml"])  # first place only
 
 
+def test_the_older_evaluation_strategy_is_eval_strategy_on_the_command_line_as_in_a_recipe(tmp_path, alignkit_log,
+                                                                                          capsys):
+    """A recipe's evaluation_strategy was renamed silently and the same name on the command line was "unknown
+    setting: --evaluation_strategy" (README audit): both are read as eval_strategy, said in one line, and --help
+    lists it among TRL's names."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("evaluation_strategy: epoch\n")
+    for args, said in ((["--evaluation_strategy", "steps", "--eval_steps", "5"], "--evaluation_strategy"),
+                       (["--config", str(recipe)], "r.yaml: key evaluation_strategy")):
+        alignkit_log.clear()
+        s = parse_config(DPOSettings, env_file=None, args=args)
+        assert s.trainer_overrides["eval_strategy"] == ("steps" if args[0] != "--config" else "epoch")
+        assert f"{said} is read as eval_strategy" in alignkit_log.text
+    with pytest.raises(ConfigError, match=r"--evaluation_strategy and --eval_strategy name one setting"):
+        parse_config(DPOSettings, env_file=None, args=["--evaluation_strategy", "no", "--eval_strategy", "no"])
+    with pytest.raises(SystemExit):
+        parse_config(DPOSettings, env_file=None, args=["--help"])
+    assert "--evaluation_strategy (--eval_strategy" in " ".join(capsys.readouterr().out.split())
+
+
 def test_the_older_handbook_s_model_and_data_keys_each_have_their_handling(tmp_path, alignkit_log):
     """The handbook's older ModelArguments/DataArguments keys (and its configs' wandb fields) were refused as unknown,
     with a wrong "did you mean" (tokenizer_name_or_path: model_name_or_path; text_column: length_column_name)."""

@@ -93,6 +93,7 @@ class Vocabulary:
         out = {n: cli_kind(t) for n, t in self.passthrough.items()}
         out.update({n: bool if t is bool or bool in _members(t) else str for n, t in self.model_and_script.items()})
         out.update({n: a.kind for n, a in ALIASES.items()})
+        out.update({old: out[new] for old, new in _RENAMED.items() if new in self.passthrough})
         for n in NOT_APPLIED:  # typed as TRL types them where it still has them (or had them: TRL 0.x, transformers 4)
             out.setdefault(n, bool if n in ("overwrite_output_dir", "use_liger_loss", "auto_insert_empty_system_msg")
                            else str)
@@ -125,9 +126,15 @@ class Vocabulary:
         """(the layer in alignkit's field names, its unknown keys, notes on keys not applied); `label(key)`
         names a value of this layer in an error."""
         out, unknown, notes, extra, chosen = {}, [], [], {}, set()
-        # The older handbook recipes' names for what TRL names otherwise now (zephyr-7b-beta's dpo/config_qlora.yaml)
-        layer = {(_RENAMED[k] if k in _RENAMED and _RENAMED[k] in self.passthrough and _RENAMED[k] not in layer
-                  else k): v for k, v in layer.items()}
+        # The older handbook recipes' names for what TRL names otherwise now (zephyr-7b-beta's dpo/config_qlora.yaml),
+        # in a recipe, on the command line or in the environment alike
+        renamed = [k for k in layer if k in _RENAMED and _RENAMED[k] in self.passthrough]
+        for key in renamed:
+            if _RENAMED[key] in layer:
+                raise ConfigError(f"{label(key)} and {label(_RENAMED[key])} name one setting ({key} is the older "
+                                  f"name of {_RENAMED[key]}): pass one")
+            logger.info(f"{label(key)} is read as {_RENAMED[key]}, its name in TRL now")
+        layer = {(_RENAMED[k] if k in renamed else k): v for k, v in layer.items()}
         self.trl_dataset |= "dataset_name" in layer
         self.use_peft |= "use_peft" in layer
         if "dataset_mixer" in layer or "dataset_splits" in layer or "dataset_configs" in layer:
@@ -334,6 +341,8 @@ class Vocabulary:
         refused = ", ".join(sorted(refused))
         aliases = ", ".join(f"--{a} (--{x.target}{': ' + x.note if x.note else ''})" for a, x in ALIASES.items()
                             if a not in fields and self._applies(a, fields))  # kto.py's beta is its own
+        aliases += "".join(f", --{old} (--{new}: its older name)" for old, new in _RENAMED.items()
+                           if new in self.passthrough)
         ignored = "\n".join([f"  {k}: {reason}" for k, (_, reason) in NOT_APPLIED.items()  # one a line: findable
                               if k not in ALIASES or not self._applies(k, fields)]
                              + [f"  {k}: {reason}{' (refused when set)' if refused_ else ''}"
