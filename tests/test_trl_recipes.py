@@ -756,6 +756,23 @@ def test_bare_generic_env_names_change_nothing_and_prefixed_ones_are_logged(monk
     assert len(logged) == 1 and all(n in logged[0] for n in ("ALIGNKIT_SEED", "DPO_BETA", "ALIGNKIT_OPTIM"))
 
 
+def test_the_environment_line_names_only_the_values_that_took_effect(monkeypatch, tmp_path, alignkit_log):
+    """`ALIGNKIT_DPO_BETA=0.2 ALIGNKIT_MAX_STEPS=2 python dpo.py --config r.yaml` (the recipe sets both) logged
+    both as settings from the environment, though the recipe's values won (README audit): those set again are
+    named with the layer whose value is used."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dpo_beta: 0.05\nmax_steps: 1\n")
+    for name, value in {"ALIGNKIT_DPO_BETA": "0.2", "ALIGNKIT_MAX_STEPS": "2", "ALIGNKIT_SEED": "3",
+                        "ALIGNKIT_OPTIM": "adamw_torch"}.items():
+        monkeypatch.setenv(name, value)
+    s = parse_config(DPOSettings, args=["--config", str(recipe), "--optim", "sgd"], env_file=None)
+    assert (s.dpo_beta, s.max_steps, s.seed, s.trainer_overrides["optim"]) == (0.05, 1, 3, "sgd")
+    logged = [r.getMessage() for r in alignkit_log.records if "from the environment" in r.getMessage()]
+    assert logged == [f"settings from the environment: seed (ALIGNKIT_SEED); set again by {recipe}, whose value is "
+                      "used: max_steps (ALIGNKIT_MAX_STEPS), dpo_beta (ALIGNKIT_DPO_BETA); set again by the "
+                      "command line, whose value is used: optim (ALIGNKIT_OPTIM)"]
+
+
 def test_env_example_copied_to_dotenv_changes_nothing(tiny_cache, monkeypatch, tmp_path):
     from alignkit.modeling import presets
     from alignkit.train.training import resolve_report_to

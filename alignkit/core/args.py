@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 from dotenv import load_dotenv
 
-from alignkit.core.environment import BARE_ENV_NAMES, ENV_PREFIX, read_environment, stray_variables
+from alignkit.core.environment import BARE_ENV_NAMES, ENV_PREFIX, log_environment, read_environment, stray_variables
 from alignkit.core.errors import ConfigError, forget_failed_settings, is_notebook  # noqa: F401 - ConfigError is re-exported
 from alignkit.core.saved_settings import is_secret_field, is_set
 from alignkit.core.secrets import name_secret_variables, redact
@@ -388,6 +388,7 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
         _FROM_DOTENV.update((name, os.environ[name]) for name in env_from_file)
     env_names = [*fields, *(vocab.env_names(fields) if vocab else [])]
     env, env_labels = read_environment(env_names, env_from_file, env_file)
+    found_in_env = dict(env)
 
     config_source = "--config"
     if config_path is None and os.environ.get(f"{ENV_PREFIX}CONFIG"):
@@ -470,6 +471,9 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
     for ours, theirs in PRESET_YIELDS.items():  # a preset only sets defaults, these included
         if ours in preset_keys and ours not in given and theirs in given and ours in fields:
             values[ours] = field_defaults(cls)[ours]
+    log_environment(found_in_env, env_labels, lambda n: (n, None) if n in fields else
+                    vocab.field_of(n, fields) if vocab else (None, None),
+                    list(zip((recipe, cli, overrides), (str(config_path), "the command line", "overrides"))))
     if vocab is not None:
         vocab.finish(values, given, recipe_keys=set(recipe), raw_recipe_keys=set(raw_recipe), preset_keys=preset_keys)
     for n in (n for n in fields if n not in values):

@@ -27,7 +27,8 @@ BARE_ENV_NAMES = frozenset({"PRESET", "MODEL_ID", "DATASET_ID", "DPO_BETA", "MAX
 
 def read_environment(names, env_from_file, env_file):
     """{name: raw value} from ALIGNKIT_<NAME> (any setting) or a bare <NAME> (BARE_ENV_NAMES only), with a label
-    for each; one log line names them. A bare name from .env that is not read gets a warning: it was meant."""
+    for each (log_environment names them once the layers above are read). A bare name from .env that is not read
+    gets a warning: it was meant."""
     found, labels, ignored = {}, {}, []
     # ALIGNKIT_DEBUG is the traceback switch, never TRL's `debug` field (a DebugOption: "1" failed the run).
     for n in (n for n in dict.fromkeys(names) if n.upper() not in ENV_NOT_SETTINGS):
@@ -38,13 +39,29 @@ def read_environment(names, env_from_file, env_file):
                 break
             if var == n.upper() and var in env_from_file:
                 ignored.append(var)
-    if found:
-        logger.info("settings from the environment: " + ", ".join(
-            f"{n} ({labels[n].removeprefix('env var ')})" for n in found))
     if ignored:
         logger.warning(f"{env_file}: not read: {', '.join(ignored)} (bare names are read only for "
                        f"{', '.join(sorted(BARE_ENV_NAMES))}); write {ENV_PREFIX}{ignored[0]} instead")
     return found, labels
+
+
+def log_environment(found, labels, target, above) -> None:
+    """One line naming the settings taken from the environment: those that took effect, and those a layer above
+    (a recipe, a flag, overrides) set again, by that layer. `target(name)` is (the field the name sets, its
+    --trainer_overrides key or None); `above` is [(translated layer, where)], lowest first."""
+    def keys(value):
+        return set(value) if isinstance(value, dict) else set()
+
+    used, again = [], {}
+    for n in found:
+        field, key = target(n)
+        named = f"{n} ({labels[n].removeprefix('env var ')})"
+        by = [w for layer, w in above if field in layer and (key is None or key in keys(layer[field]))]
+        (again.setdefault(by[-1], []) if by else used).append(named)
+    if found:
+        logger.info("settings from the environment: " + "; ".join(
+            [", ".join(used) or "none used"] + [f"set again by {w}, whose value is used: {', '.join(names)}"
+                                                for w, names in again.items()]))
 
 
 def stray_variables(names, env_from_file, env_file) -> list[str]:

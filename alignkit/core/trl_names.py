@@ -115,6 +115,14 @@ class Vocabulary:
     def _applies(name: str, fields) -> bool:
         return ALIASES[name].target in fields or ALIASES[name].everywhere
 
+    def field_of(self, name: str, fields) -> tuple[str | None, str | None]:
+        """(the setting TRL's `name` sets, its --trainer_overrides key or None); (None, None) for a key that sets
+        none alone (a mixture's, one not applied)."""
+        if name in ALIASES and self._applies(name, fields):
+            return ALIASES[name].target, None
+        name = _RENAMED.get(name, name)
+        return ("trainer_overrides", name) if name in self.passthrough else (None, None)
+
     def why_not(self, name: str, fields) -> str | None:
         """Why TRL's `name` is no setting of this script: it names one the script does not have (`beta` in
         sft.py), said so instead of suggesting the very name back."""
