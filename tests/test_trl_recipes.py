@@ -195,6 +195,16 @@ def test_handbook_sft_recipe_runs_to_completion(local, tmp_path):
     assert "<|assistant|>" in g["loaded"].tokenizer.chat_template
 
 
+def test_the_zephyr_dpo_recipe_evaluates_on_the_split_the_handbook_s_recipe_does(local):
+    """recipes/zephyr-dpo.yaml says it follows the handbook's zephyr-7b-beta QLoRA recipe, which trains on all of
+    train_prefs and evaluates on test_prefs; it held an eval_split 0.01 share of train_prefs out instead."""
+    ours = parse_config(DPOSettings, env_file=None, args=["--config", str(ROOT / "recipes" / "zephyr-dpo.yaml")])
+    theirs = parse_config(DPOSettings, env_file=None, args=["--config", str(local["recipes"]["dpo"])])
+    assert [d["split"] for d in theirs.dataset_mixture["datasets"] if d.get("test")] == ["test_prefs"]
+    assert (ours.dataset_split, ours.dataset_test_split) == ("train_prefs", "test_prefs")
+    assert ours.dpo_beta == theirs.dpo_beta == 0.01
+
+
 # ---------------------------------------------------------------- TRL's names, one by one
 def test_trl_aliases_and_pass_through_fields():
     s = parse_config(DPOSettings, env_file=None, args=[
