@@ -89,7 +89,8 @@ def test_handbook_recipe_resolves_to_a_trl_config_with_its_values(local, stage, 
     recipe = local["recipes"][stage]
     want = yaml.safe_load(recipe.read_text())
     cls, config_cls = (SFTSettings, SFTConfig) if stage == "sft" else (DPOSettings, DPOConfig)
-    # tensorboard is not installed here (an extra): the recipe's report_to is checked apart, below
+    # The recipe's report_to (tensorboard, the `tracking` extra that requirements-dev.txt installs) is checked apart,
+    # with the package and without it (test_recipe_report_to_tensorboard_is_checked_before_any_work): none here.
     s, args = resolve(cls, config_cls, stage, ["--config", str(recipe)], report_to=["none"])
 
     assert Path(args.output_dir) == Path(want["output_dir"])  # the recipe's output_dir is the run folder itself
