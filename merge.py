@@ -47,6 +47,11 @@ from alignkit.core.launch import establish_launch
 
 establish_launch(settings, "merge.py")  # the process's device, the process group, what this launch refuses
 presets.ensure(settings)  # after the launch's refusal: merge.py runs as one process, refused before the preset builds
+from alignkit.modeling.model_folders import check_run_finished
+
+for flag, folder in (("--adapter_dir", settings.adapter_dir), ("--add_delta", settings.add_delta)):
+    if folder and Path(folder).is_dir():  # a run not finished, a checkpoint cut off: said now, naming the one to use
+        check_run_finished(folder, flag)
 if settings.push_to_hub:
     from alignkit.core.hub import check_pushable, require_token
 

@@ -422,3 +422,43 @@ def test_output_dir_naming_an_adapter_or_a_model_is_refused_not_replaced(dpo_run
     (plain / "alignkit_config.json").write_text(json.dumps({**config, "quantization": "auto"}))
     with pytest.raises(UserError, match=r"was trained with --quantization none: drop --dequantize$"):
         merge_module.merge_adapters(str(plain), tmp_path / "deq", dequantize=True)
+
+
+def test_an_unfinished_run_and_a_checkpoint_cut_off_are_said_to_be_so(tmp_path):
+    """Found by the merge audit: a DPO run killed after checkpoint-50 (alignkit's card, its settings, its
+    checkpoints, one cut off while it was saved) was "not a model folder: it holds no config.json", and its
+    checkpoint-60 the same: nothing said the run had not finished, nor which checkpoint to use. Said before any model
+    loads, by merge.py and evaluate.py alike, each naming its own flag."""
+    import re
+
+    run = tmp_path / "tiny-dpo-killed"
+    run.mkdir()
+    (run / "alignkit_config.json").write_text(json.dumps({"run_type": "dpo", "model_id": "runs/tiny-sft"}))
+    (run / "README.md").write_text("# tiny-dpo-killed\n")
+    for step in (40, 50):
+        (run / f"checkpoint-{step}").mkdir()
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (run / "checkpoint-60").mkdir()  # killed while it was saved: its config written, not yet its weights nor state
+    (run / "checkpoint-60" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
+    latest = re.escape(str(run / "checkpoint-50"))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(run))} holds no finished model: its training has not "
+                                        rf"finished \(it is running, or it stopped or was killed after checkpoint-50\)\. "
+                                        rf"Pass --adapter_dir {latest}, its latest complete checkpoint \(a model too: "
+                                        r"the run at that step\), or run that training command again to resume it "
+                                        r"and finish$"):
+        run_script("merge.py", "--adapter_dir", str(run))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(run / 'checkpoint-60'))} has no trainer_state\.json \(cut "
+                                        rf"off while it was saved\): pass --adapter_dir {latest} instead, its run's "
+                                        r"latest complete checkpoint"):
+        run_script("merge.py", "--adapter_dir", str(run / "checkpoint-60"))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(run))} holds no finished model: .*Pass --model_id {latest}"):
+        run_script("evaluate.py", "vibes", "--model_id", str(run), "--prompts", "hi")
+    for step in (40, 50):
+        shutil.rmtree(run / f"checkpoint-{step}")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(run))} holds no model yet: its training has not finished "
+                                        r"and has saved no complete checkpoint"):
+        run_script("merge.py", "--adapter_dir", str(run))
+    with pytest.raises(UserError, match=r"has no trainer_state\.json \(cut off while it was saved\): its run .* has no "
+                                        r"complete checkpoint; run that training command again"):
+        run_script("merge.py", "--adapter_dir", str(run / "checkpoint-60"))
+    assert not any(p.name.startswith("merged") for p in run.rglob("*"))

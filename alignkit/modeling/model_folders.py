@@ -14,15 +14,16 @@ from alignkit.core.sources import hub_gguf
 from alignkit.modeling.chain import _looks_local
 
 
-def check_model_source(source: str, cache: bool = True, revision: str | None = None) -> None:
+def check_model_source(source: str, cache: bool = True, revision: str | None = None, flag: str | None = None) -> None:
     """Fail early and in one line when a model is neither a local folder nor to be had from the Hub.
 
     cache: offline (HF_HUB_OFFLINE=1), also require a copy of `revision` in the Hugging Face cache.
+    flag: the setting that names `source` (`--adapter_dir`): a refusal that names another folder to use says it so.
     """
     from alignkit.core.hub import require_reachable
 
     if Path(source).is_dir():
-        _check_model_folder(Path(source))
+        _check_model_folder(Path(source), flag)
     elif Path(source).is_file() and not source.lower().endswith(".gguf"):  # adapter_config.json, a data file, ...
         raise UserError(f"{source} is a file, not a model: pass the folder that holds it ({Path(source).parent}), a "
                         ".gguf file, or a Hub id")
@@ -63,36 +64,65 @@ def check_model_sources(s, sources) -> None:
         revision = named or (getattr(s, "revision", None) if own else None)
         if model.lower().endswith(".gguf") or own and getattr(s, "gguf_file", None):
             continue
-        check_model_source(model, revision=revision)
+        check_model_source(model, revision=revision, flag="--model_id" if own else None)
         if Path(model).is_dir():
             chain = resolve(model, revision)
             if not str(chain.base).lower().endswith(".gguf"):
                 check_model_source(chain.base, revision=chain.revision)
 
 
-def _check_model_folder(folder: Path) -> None:
+def check_run_finished(folder, flag: str | None = None) -> None:
+    """A run folder whose training has not finished (it holds no weights of its own yet: it is training, or it
+    stopped), or a checkpoint of it cut off while it was saved: one line saying so, naming the run's latest complete
+    checkpoint to use instead (`flag`: the setting to pass it with); nothing for any other folder."""
+    from alignkit.core.run_records import RUN_CONFIG, checkpoints, earlier_run_aside
+
+    folder = Path(folder)
+    _check_checkpoint_whole(folder, flag)
+    if _holds_model(folder):
+        return
+    point = f"Pass {flag}" if flag else "Point at"
+    if earlier := earlier_run_aside(folder):  # a training that has not finished: running, killed or failed
+        if steps := checkpoints(folder):
+            raise UserError(f"{folder} holds no finished model: its training has not finished (it is running, "
+                            f"or it stopped or was killed after {steps[-1].name}). Point at {steps[-1]} "
+                            f"(a model too), or at the earlier run in {earlier}, or run that training command "
+                            "again to go on")
+        raise UserError(f"{folder} holds no model now: a training run in it has saved no checkpoint yet (it is "
+                        f"running, or it was killed), and the earlier run in it is in {earlier} meanwhile. Point "
+                        f"at {earlier}, or run that training command again (it puts the earlier run back "
+                        "first, or goes on)")
+    if (folder / RUN_CONFIG).is_file() or _checkpoint_folders(folder):  # a run's folder, its weights not saved
+        if steps := checkpoints(folder):
+            raise UserError(f"{folder} holds no finished model: its training has not finished (it is running, "
+                            f"or it stopped or was killed after {steps[-1].name}). {point} {steps[-1]}, its latest "
+                            "complete checkpoint (a model too: the run at that step), or run that training command "
+                            "again to resume it and finish")
+        raise UserError(f"{folder} holds no model yet: its training has not finished and has saved no complete "
+                        "checkpoint (it is running, or it stopped or was killed before its first one). Let it "
+                        "reach a checkpoint-N and point at that, or run that training command again")
+
+
+def _holds_model(folder: Path) -> bool:
+    """A model's, an adapter's or a LoTA delta's config, or GGUF files (--gguf_file may name a subfolder's)."""
+    markers = ("config.json", "adapter_config.json", "lota_config.json")
+    return any((folder / name).is_file() for name in markers) or any(folder.glob("*.gguf")) or \
+        any(folder.glob("*/*.gguf"))
+
+
+def _check_model_folder(folder: Path, flag: str | None = None) -> None:
     """A local folder must hold a model (config.json), an adapter or LoTA delta, or GGUF files, and its safetensors
     files must be whole: checked in one line here, before a library fails on it with a traceback. Reading a
-    safetensors header maps the file and checks that it covers every tensor, without reading the weights."""
+    safetensors header maps the file and checks that it covers every tensor, without reading the weights. A run
+    folder whose training has not finished, or a checkpoint of it cut off while it was saved, is said to be one
+    (check_run_finished)."""
     from safetensors import safe_open
 
-    markers = ("config.json", "adapter_config.json", "lota_config.json")
-    gguf = any(folder.glob("*.gguf")) or any(folder.glob("*/*.gguf"))  # --gguf_file may name a subfolder's file
-    if not any((folder / name).is_file() for name in markers) and not gguf:
-        from alignkit.core.run_records import checkpoints, earlier_run_aside
-
-        if earlier := earlier_run_aside(folder):  # a training that has not finished: running, killed or failed
-            if steps := checkpoints(folder):
-                raise UserError(f"{folder} holds no finished model: its training has not finished (it is running, "
-                                f"or it stopped or was killed after {steps[-1].name}). Point at {steps[-1]} "
-                                f"(a model too), or at the earlier run in {earlier}, or run that training command "
-                                "again to go on")
-            raise UserError(f"{folder} holds no model now: a training run in it has saved no checkpoint yet (it is "
-                            f"running, or it was killed), and the earlier run in it is in {earlier} meanwhile. Point "
-                            f"at {earlier}, or run that training command again (it puts the earlier run back "
-                            "first, or goes on)")
+    check_run_finished(folder, flag)
+    if not _holds_model(folder):
         raise UserError(f"{folder} is not a model folder: it holds no config.json (nor adapter_config.json or a "
                         ".gguf file); point at the folder a model or adapter was saved to, or at a Hub id")
+    gguf = any(folder.glob("*.gguf")) or any(folder.glob("*/*.gguf"))
     _check_weights_there(folder, gguf)
     for path in sorted(folder.glob("*.safetensors")):
         try:
@@ -101,6 +131,26 @@ def _check_model_folder(folder: Path) -> None:
         except Exception as e:  # safetensors raises its own SafetensorError (and OSError for unreadable files)
             raise UserError(f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}): a download "
                             "or copy was cut short? Copy or download it again") from None
+
+
+def _checkpoint_folders(folder: Path) -> list[Path]:
+    return [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+
+
+def _check_checkpoint_whole(folder: Path, flag: str | None) -> None:
+    """A run's checkpoint-N cut off while it was saved (a run killed then: no trainer_state.json, which transformers
+    writes last, or weights cut short) is refused as a resume skips it, naming the run's latest complete one; not a
+    checkpoint-N copied out of its run (no run settings beside it), which is read as any folder."""
+    from alignkit.core.run_records import RUN_CONFIG, checkpoints, incomplete_checkpoint
+
+    if not (folder.name.startswith("checkpoint-") and folder.name.split("-")[-1].isdigit()):
+        return
+    if not (folder.parent / RUN_CONFIG).is_file() or not (why := incomplete_checkpoint(folder)):
+        return
+    if steps := checkpoints(folder.parent):
+        raise UserError(f"{why}: {'pass ' + flag if flag else 'point at'} {steps[-1]} instead, its run's latest "
+                        "complete checkpoint (as a resume of the run skips this one)")
+    raise UserError(f"{why}: its run {folder.parent} has no complete checkpoint; run that training command again")
 
 
 def _check_weights_there(folder: Path, gguf: bool) -> None:

@@ -64,7 +64,7 @@ def preflight(s) -> None:
     if Path(s.model_id).exists():  # a local folder without weights, a run still training: now, not after the data
         from alignkit.modeling.model_folders import check_model_source
 
-        check_model_source(s.model_id, cache=False)
+        check_model_source(s.model_id, cache=False, flag="--model_id")
         check_stack(s)
     require_reachable(s.model_id, s.dataset_id)
 
