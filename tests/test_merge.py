@@ -295,6 +295,17 @@ def test_missing_token_fails_before_merging(dpo_run, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(ValueError, match="HF_TOKEN"):
         run_script("merge.py", *args)
+    # A token, HF_HUB_OFFLINE not set, and no Hub that answers: the way out said "(HF_HUB_OFFLINE unset)", which it
+    # was (found by the merge audit). Only what applies.
+    from alignkit.core import sources
+
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    monkeypatch.setattr(sources, "hub_silent", lambda: "the Hub at https://hub.test does not answer (timed out)")
+    with pytest.raises(ValueError, match=r"^pushing to the Hub needs the Hub, and the Hub at https://hub\.test does "
+                                         r"not answer \(timed out\): run where it answers, or leave out --push_to_hub "
+                                         r"and push the result once it does$") as refused:
+        run_script("merge.py", *args)
+    assert "HF_HUB_OFFLINE" not in str(refused.value)
     assert not (tmp_path / "m").exists()
 
 

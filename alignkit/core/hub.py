@@ -50,9 +50,12 @@ def require_token() -> str:
     if not token and not hub_offline():  # offline, a token would not help: that is said first
         raise UserError("pushing to the Hub needs a token: set HF_TOKEN in the environment or in .env")
     if why := push_unreachable():
-        raise HubUnreachable(f"pushing to the Hub needs the Hub, and {why}: run where it answers (HF_HUB_OFFLINE "
-                             "unset" + ("" if token else ", with a token: HF_TOKEN in the environment or in .env")
-                             + "), or leave out --push_to_hub and push the result once it does")
+        # Only what applies: with HF_HUB_OFFLINE not set, "HF_HUB_OFFLINE unset" sent one looking for it.
+        needs = [*(["HF_HUB_OFFLINE unset"] if hub_offline() else []),
+                 *([] if token else ["with a token: HF_TOKEN in the environment or in .env"])]
+        raise HubUnreachable(f"pushing to the Hub needs the Hub, and {why}: run where it answers"
+                             + (f" ({', '.join(needs)})" if needs else "")
+                             + ", or leave out --push_to_hub and push the result once it does")
     return token
 
 
