@@ -11,6 +11,7 @@
 #
 # ```bash
 # python merge.py --preset tiny                                    # merges runs/tiny-dpo (SFT -> DPO chain)
+# python merge.py --adapter_dir runs/tiny-dpo/checkpoint-20        # into runs/tiny-dpo/merged-checkpoint-20
 # python merge.py --adapter_dir runs/my-dpo --output_dir my-model --dtype bf16
 # python merge.py --adapter_dir runs/my-qlora-dpo --dequantize     # match the 4-bit base it was trained on
 # python merge.py --adapter_dir runs/my-dpo --push_to_hub --hub_repo_id you/my-model         # private
@@ -58,7 +59,10 @@ if settings.push_to_hub:
     if settings.push == "adapter":
         check_pushable(settings.adapter_dir)  # an adapter on a local base loads nowhere else: refused now
     require_token()  # a token, and a Hub that answers
-output_dir = Path(settings.output_dir or Path(settings.adapter_dir) / "merged")
+from alignkit.core.run_records import merge_folder
+
+# Its merged/, or for a checkpoint-N the run folder's merged-checkpoint-N/: a resumed run deletes old checkpoints whole.
+output_dir = Path(settings.output_dir or merge_folder(settings.adapter_dir))
 
 # %% [markdown]
 # ## Merge and check

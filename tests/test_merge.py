@@ -473,3 +473,17 @@ def test_an_unfinished_run_and_a_checkpoint_cut_off_are_said_to_be_so(tmp_path):
                                         r"complete checkpoint; run that training command again"):
         run_script("merge.py", "--adapter_dir", str(run / "checkpoint-60"))
     assert not any(p.name.startswith("merged") for p in run.rglob("*"))
+
+
+def test_a_checkpoint_merges_beside_it(dpo_run, sft_run):
+    """Found by the merge audit: `merge.py --adapter_dir RUN/checkpoint-N` wrote RUN/checkpoint-N/merged, which a
+    resumed run deletes with the checkpoint without a word."""
+    run, sft = Path(dpo_run["run_folder"]), Path(sft_run["run_folder"])
+    last = max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert (last / "frozen_0").is_dir()
+    out = run / f"merged-{last.name}"
+    try:
+        said = run_script("merge.py", "--adapter_dir", str(last))
+        assert said["merged_dir"] == out and out.is_dir() and not (last / "merged").exists()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # the session's run folder, as the other tests find it

@@ -15,6 +15,8 @@
   Hub id (a model card of a merge made elsewhere).
 - `checkpoints(folder)`: a run folder's complete checkpoint-N folders, by step (a resume, and a claimed folder's
   description, alignkit.modeling.models, read them alike).
+- `merge_folder(adapter_dir)`: where merge.py saves a merge by default: `merged/` inside a run folder, and beside a
+  checkpoint-N (`merged-checkpoint-N/` in its run folder), since a resumed run deletes its old checkpoints whole.
 """
 
 from __future__ import annotations
@@ -151,6 +153,15 @@ def checkpoints(folder: Path, say: bool = False) -> list[Path]:
 
                 logger.warning(f"{why}: {path.name} is skipped")
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def merge_folder(adapter_dir) -> Path:
+    """merge.py's default --output_dir for `adapter_dir`: its `merged/`, or for a checkpoint-N the run folder's
+    `merged-checkpoint-N/` (inside the checkpoint, the run's checkpoint rotation deleted it with the checkpoint)."""
+    adapter = Path(adapter_dir)
+    if _CHECKPOINT.fullmatch(adapter.name):
+        return adapter.parent / f"merged-{adapter.name}"
+    return adapter / "merged"
 
 
 def run_config(folder) -> dict:
