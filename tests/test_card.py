@@ -73,6 +73,21 @@ def test_card_parses_with_license_model_index_and_metadata(merged_dpo):
     assert "inherited from the base model's card" in text
 
 
+def test_a_run_s_merge_is_named_after_its_run_not_its_folder(merged_dpo, tmp_path):
+    """Found by the merge audit: the merge in a run's merged/ folder (merge.py's default) had the title and
+    model-index name `merged`, every run's merge the same. Its run's name now; a pushed repo's id, and a merge
+    written anywhere else, keep their own."""
+    card = model_card(merged_dpo)
+    assert card.split("---\n", 2)[2].lstrip().startswith("# run-merged\n")
+    name, _ = model_index_to_eval_results(ModelCard(card).data.to_dict()["model-index"])
+    assert name == "run-merged" and 'from_pretrained("path/to/run-merged"' in card
+    assert ModelCard(model_card(merged_dpo, "me/llama-dpo")).data.to_dict()["model-index"][0]["name"] == "llama-dpo"
+    import shutil
+
+    elsewhere = shutil.copytree(merged_dpo, tmp_path / "my-model")  # --output_dir my-model: named as given
+    assert model_card(elsewhere).split("---\n", 2)[2].lstrip().startswith("# my-model\n")
+
+
 def test_license_from_the_hub_cache_and_unknown_without_a_card(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

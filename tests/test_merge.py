@@ -485,5 +485,7 @@ def test_a_checkpoint_merges_beside_it(dpo_run, sft_run):
     try:
         said = run_script("merge.py", "--adapter_dir", str(last))
         assert said["merged_dir"] == out and out.is_dir() and not (last / "merged").exists()
+        card = (out / "README.md").read_text()  # named after its run and step, not `merged-checkpoint-N`
+        assert card.split("---\n", 2)[2].lstrip().startswith(f"# {run.name}-merged-{last.name}\n")
     finally:
         shutil.rmtree(out, ignore_errors=True)  # the session's run folder, as the other tests find it

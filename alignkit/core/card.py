@@ -26,8 +26,8 @@ from alignkit.core.args import redact
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
 from alignkit.core.run_records import (
-    HUB_DATASETS, LOADED_AS, LOADED_CHAIN, RUN_CONFIG, checkpoint_metrics, checkpoints, recorded_hub_datasets,
-    run_config,
+    HUB_DATASETS, LOADED_AS, LOADED_CHAIN, RUN_CONFIG, checkpoint_metrics, checkpoints, merge_name,
+    recorded_hub_datasets, run_config,
 )
 from alignkit.core.sources import hub_gguf, is_hub_id
 
@@ -404,7 +404,7 @@ def model_card(folder, repo_id: str | None = None, in_progress: bool = False) ->
     is_adapter = (bool(adapter) and not merge) or (training and settings.get("adapter", "lora") != "lota")
     base, _, _ = base_source(folder)
     hub_base, base_text, under = describe_base(folder)
-    where = repo_id or f"path/to/{folder.name}"
+    where = repo_id or f"path/to/{merge_name(folder)}"  # a merge in its run's merged/: the run's name, not `merged`
     # Every run of the chain trained on its own data (an SFT run under a DPO run): their Hub datasets, in order.
     runs = [*merge.get("lota_deltas", []), *merge.get("adapters", [])] if merge else []
     recorded = [_read_json(Path(run) / "alignkit_config.json") for run in runs]  # each run's settings, read once

@@ -17,6 +17,7 @@
   description, alignkit.modeling.models, read them alike).
 - `merge_folder(adapter_dir)`: where merge.py saves a merge by default: `merged/` inside a run folder, and beside a
   checkpoint-N (`merged-checkpoint-N/` in its run folder), since a resumed run deletes its old checkpoints whole.
+  `merge_name(folder)`: the name a card gives such a merge, its run's (`tiny-dpo-merged`).
 """
 
 from __future__ import annotations
@@ -162,6 +163,21 @@ def merge_folder(adapter_dir) -> Path:
     if _CHECKPOINT.fullmatch(adapter.name):
         return adapter.parent / f"merged-{adapter.name}"
     return adapter / "merged"
+
+
+def merge_name(folder) -> str:
+    """The name of the model in `folder`: a merge saved where merge_folder puts it for the top of its chain (its
+    merge.json) takes its run's name (`tiny-dpo-merged`, `tiny-dpo-merged-checkpoint-20`), not the bare `merged`
+    every run's merge is called; any other folder its own name."""
+    here = Path(folder).resolve()
+    try:
+        merge = json.loads((here / "merge.json").read_text())
+    except (OSError, ValueError):
+        merge = {}
+    top = [*(merge.get("lota_deltas") or []), *(merge.get("adapters") or [])][-1:] if isinstance(merge, dict) else []
+    if top and isinstance(top[0], str) and merge_folder(Path(top[0]).resolve()) == here:
+        return f"{here.parent.name}-{here.name}"
+    return here.name
 
 
 def run_config(folder) -> dict:
