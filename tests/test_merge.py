@@ -475,9 +475,10 @@ def test_an_unfinished_run_and_a_checkpoint_cut_off_are_said_to_be_so(tmp_path):
     assert not any(p.name.startswith("merged") for p in run.rglob("*"))
 
 
-def test_a_checkpoint_merges_beside_it(dpo_run, sft_run):
+def test_a_checkpoint_merges_beside_it_its_card_naming_the_adapter_below(dpo_run, sft_run):
     """Found by the merge audit: `merge.py --adapter_dir RUN/checkpoint-N` wrote RUN/checkpoint-N/merged, which a
-    resumed run deletes with the checkpoint without a word."""
+    resumed run deletes with the checkpoint without a word; and its card (from merge.json) said "Merged into the
+    base: `.../frozen_0` -> `.../checkpoint-N`", frozen_0 being the checkpoint's own copy of the SFT adapter."""
     run, sft = Path(dpo_run["run_folder"]), Path(sft_run["run_folder"])
     last = max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert (last / "frozen_0").is_dir()
@@ -487,5 +488,7 @@ def test_a_checkpoint_merges_beside_it(dpo_run, sft_run):
         assert said["merged_dir"] == out and out.is_dir() and not (last / "merged").exists()
         card = (out / "README.md").read_text()  # named after its run and step, not `merged-checkpoint-N`
         assert card.split("---\n", 2)[2].lstrip().startswith(f"# {run.name}-merged-{last.name}\n")
+        assert json.loads((out / "merge.json").read_text())["adapters"] == [str(sft.resolve()), str(last.resolve())]
+        assert f"Merged into the base: `.../{sft.name}` -> `.../{last.name}`" in card and "frozen_0" not in card
     finally:
         shutil.rmtree(out, ignore_errors=True)  # the session's run folder, as the other tests find it

@@ -91,6 +91,23 @@ def _where(part: str) -> str:
     return str(Path(part).resolve()) if Path(part).is_dir() else part
 
 
+def _recorded_part(part: str) -> str:
+    """How merge.json names a part of the chain: where it is, or for a checkpoint's frozen_N (its copy of an adapter
+    below its run's, alignkit.modeling.chain.checkpoint_frozen) the adapter it stands for, as its run recorded
+    loading it (the card named `.../frozen_0`, no model anyone trained, and read no settings of the SFT run there)."""
+    from alignkit.core.run_records import LOADED_CHAIN, run_config
+    from alignkit.modeling.chain import checkpoint_frozen
+
+    path = Path(part)
+    if not (path.is_dir() and path.name.startswith("frozen_") and path.parent.name.startswith("checkpoint-")):
+        return _where(part)
+    below = (run_config(path.parent).get(LOADED_CHAIN) or {}).get("adapters") or []
+    copies = [p.name for p in checkpoint_frozen(str(path.parent))]
+    if path.name in copies and len(copies) == len(below):
+        return _where(below[copies.index(path.name)])
+    return _where(part)
+
+
 def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str | None = None,
                    dequantize: bool | None = None, max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
     """Merge the adapter chain ending at `adapter_dir` into its base; returns the output folder."""
@@ -182,8 +199,10 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
     written = sorted({p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} | {"merge.json", "README.md"})
     (out / "merge.json").write_text(json.dumps({
         "base_model": loaded.base_id, "base_revision": loaded.base_revision,
-        # A local part by where it is (given relative to another folder, it named nothing from the next one).
-        "adapters": [_where(part) for part in loaded.adapters], "lota_deltas": [_where(part) for part in loaded.deltas],
+        # A local part by where it is (given relative to another folder, it named nothing from the next one); a
+        # checkpoint's frozen_N copy by the adapter it stands for.
+        "adapters": [_recorded_part(part) for part in loaded.adapters],
+        "lota_deltas": [_where(part) for part in loaded.deltas],
         "dequantize": dequantize, **({"dequantized_from": str(FourBit.of(settings))} if dequantize else {}), "dtype": str(target).removeprefix("torch."), "check_dtype": "float32",
         "max_logit_difference": diff, "tolerance": tolerance,
         "kind": "reward model" if reward else "causal language model",
