@@ -257,13 +257,19 @@ def test_a_run_s_cards_name_the_base_it_loaded_without_asking_the_hub(tmp_path, 
     write(checkpoint, adapter_config__json={"base_model_name_or_path": "org/other-base"})
     assert "\nbase_model: org/other-base\n" in model_card(checkpoint)
     base = write(tmp_path / "base", config__json={"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
-    write(run, alignkit_config__json={"run_type": "dpo", "model_id": str(tmp_path / "delta"),
-                                      "loaded_chain": {"base": str(base), "revision": None, "adapters": []}})
-    assert "DPO of a local model (LlamaForCausalLM, llama; folder `base`) with" in model_card(run, in_progress=True)
+    write(run, alignkit_config__json={"run_type": "dpo", "model_id": str(tmp_path / "delta"), "loaded_chain": {
+        "base": str(base), "revision": None, "deltas": [str(tmp_path / "delta")], "adapters": []}})
+    assert "DPO of a local model (LlamaForCausalLM, llama; folder `base`), on top of the adapter `delta` with" in \
+        model_card(run, in_progress=True)
     # A real run records it: the tiny DPO run over the session's SFT adapter, each local part by its absolute path.
     loaded = json.loads((dpo_run["run_folder"] / "alignkit_config.json").read_text())["loaded_chain"]
     sft = json.loads((sft_run["run_folder"] / "alignkit_config.json").read_text())["loaded_chain"]
     assert loaded == {**sft, "adapters": [str(sft_run["run_folder"].resolve())]} and sft["adapters"] == []
+    # Its checkpoints (PEFT names the bare base there, the SFT adapter a frozen_N copy beside it): read alike, the
+    # chain not walked again (the review of session 32: they were, and named `frozen_0` as the adapter under).
+    monkeypatch.setattr(chain, "adapter_config", no_hub)
+    card = model_card(sorted(dpo_run["run_folder"].glob("checkpoint-*"))[-1])
+    assert f"on top of the adapter `{sft_run['run_folder'].name}` with" in card and "frozen_" not in card
 
 
 def test_a_merge_saved_in_another_precision_and_a_gguf_base_are_described_as_they_are(merged_dpo, tmp_path):

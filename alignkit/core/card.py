@@ -26,7 +26,7 @@ from alignkit.core.args import redact
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
 from alignkit.core.run_records import (
-    HUB_DATASETS, LOADED_AS, LOADED_CHAIN, RUN_CONFIG, checkpoint_metrics, checkpoints, merge_name,
+    HUB_DATASETS, LOADED_AS, LOADED_CHAIN, RUN_CONFIG, checkpoint_metrics, checkpoints, merge_name, recorded_chain,
     recorded_hub_datasets, run_config,
 )
 from alignkit.core.sources import hub_gguf, is_hub_id
@@ -101,24 +101,6 @@ def _shown(value):
     return value
 
 
-def _loaded_chain(folder: Path) -> dict | None:
-    """The chain a run folder's (or a checkpoint-N's) run loaded (LOADED_CHAIN), where it still holds: the adapter
-    saved here names the top of it as its base (an adapter re-pointed by hand at its base's Hub id, or at a moved
-    base, is read from its adapter_config.json instead). None where there is no such record."""
-    from alignkit.modeling.chain import _recorded_base
-
-    loaded = run_config(folder).get(LOADED_CHAIN)
-    if not isinstance(loaded, dict) or not loaded.get("base"):
-        return None
-    if (folder / "adapter_config.json").is_file():
-        named = _read_json(folder / "adapter_config.json").get("base_model_name_or_path") or ""
-        top = (loaded.get("adapters") or [loaded["base"]])[-1]  # what this run trained over
-        here = _recorded_base(str(folder), named)
-        if here != top and not (Path(here).exists() and Path(top).exists() and Path(here).samefile(top)):
-            return None
-    return loaded
-
-
 def base_source(folder) -> tuple[str, list[str], str | None]:
     """(the base model as recorded: Hub id or local path, or ""; names of the local adapters under this one; the
     Hub revision the base loads at, None for the default branch)."""
@@ -128,17 +110,18 @@ def base_source(folder) -> tuple[str, list[str], str | None]:
     merge = _read_json(folder / "merge.json")
     under: list[str] = []
     revision = None
-    loaded = _loaded_chain(folder) if not merge else None
+    loaded = recorded_chain(folder) if not merge else None
     if merge:
         base, revision = merge.get("base_model") or "", merge.get("base_revision")
     elif loaded:  # as the run loaded it: no Hub request at every save
         base, revision = loaded["base"], loaded.get("revision")
-        under = [Path(a).name if not is_hub_id(a) else a for a in loaded.get("adapters") or []]
+        under = [Path(a).name if not is_hub_id(a) else a for a in [*loaded.get("deltas", []),
+                                                                  *loaded.get("adapters", [])]]
     elif (folder / "adapter_config.json").is_file():
         try:
             chain = resolve(str(folder))
             base, revision = chain.base, chain.revision
-            under = [Path(a).name if not is_hub_id(a) else a for a in chain.adapters[:-1]]
+            under = [Path(a).name if not is_hub_id(a) else a for a in [*chain.deltas, *chain.adapters[:-1]]]
         except (UserError, OSError, ValueError):  # a broken chain still gets a card naming what it records
             base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path") or ""
     else:
@@ -148,7 +131,7 @@ def base_source(folder) -> tuple[str, list[str], str | None]:
             try:
                 chain = resolve(base, revision)
                 base, revision = chain.base, chain.revision
-                under = [Path(a).name if not is_hub_id(a) else a for a in chain.adapters]
+                under = [Path(a).name if not is_hub_id(a) else a for a in [*chain.deltas, *chain.adapters]]
             except (UserError, OSError, ValueError):  # named as the run recorded it
                 pass
     return base, under, revision

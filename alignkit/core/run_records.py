@@ -5,8 +5,8 @@
 - `loaded_as(model_id)`: how the loader loaded a model for training in this process, after every `auto`
   (quantization: 4bit for QLoRA on CUDA by default; dtype): recorded in the run's settings as `loaded_as`, since
   the settings keep `auto` as given. A model card cites QLoRA by it, a reward model is scored as it trained by it.
-  `loaded_chain(model_id)`: the chain it loaded (base, revision, adapters), recorded as `loaded_chain`: a model
-  card names the base by it.
+  `loaded_chain(model_id)`: the chain it loaded (base, revision, deltas, adapters), recorded as `loaded_chain`, and
+  read back by `recorded_chain(folder)`: a model card names the base by it.
 - `checkpoint_metrics(folder)`: a checkpoint-N's own figures, from the Trainer's trainer_state.json in it: the
   last logged value of each training and evaluation metric up to its step. A run's metrics.json holds the
   finished run's, which are not the checkpoint's; a merge or a model card of the checkpoint shows these instead.
@@ -48,13 +48,43 @@ _LOADED_CHAIN: dict[str, dict] = {}  # {model_id: LOADED_CHAIN's record} likewis
 
 
 def remember_loaded_as(model_id: str, quantization: str, dtype, base: str | None = None,
-                       revision: str | None = None, adapters: list[str] = ()) -> None:
+                       revision: str | None = None, adapters: list[str] = (), deltas: list[str] = ()) -> None:
     """The loader's decisions for a model loaded for training (alignkit.modeling.models.load_model), and the chain
-    it loaded: `base` at `revision`, the LoRA `adapters` on it from the base upwards."""
+    it loaded: `base` at `revision`, the LoTA `deltas` added into it, the LoRA `adapters` on it, from the base up."""
     _LOADED_AS[str(model_id)] = {"quantization": quantization, "dtype": str(dtype).removeprefix("torch.")}
     if base:
-        where = [os.path.abspath(part) if Path(part).exists() else part for part in (base, *adapters)]
-        _LOADED_CHAIN[str(model_id)] = {"base": where[0], "revision": revision, "adapters": where[1:]}
+        def where(part: str) -> str:
+            return os.path.abspath(part) if Path(part).exists() else part
+
+        _LOADED_CHAIN[str(model_id)] = {"base": where(base), "revision": revision,
+                                        "deltas": [where(d) for d in deltas], "adapters": [where(a) for a in adapters]}
+
+
+def recorded_chain(folder) -> dict | None:
+    """The chain a run folder's (or a checkpoint-N's) run loaded (LOADED_CHAIN), where the model saved here still
+    stands on it: its adapter_config.json names the top of that chain as its base (a run's adapter; a LoTA delta's
+    checkpoint, re-pointed at it: alignkit.train.trainers.CheckpointBase), or, in a checkpoint-N, the bare base PEFT
+    writes there. An adapter re-pointed by hand at another base (its Hub id before a push, a moved base) is read from
+    its file instead. None where there is no such record."""
+    from alignkit.modeling.chain import _recorded_base
+
+    folder = Path(folder)
+    loaded = run_config(folder).get(LOADED_CHAIN)
+    if not isinstance(loaded, dict) or not loaded.get("base"):
+        return None
+    if not (folder / "adapter_config.json").is_file():
+        return loaded
+    try:
+        named = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    except (OSError, ValueError, AttributeError):
+        return None
+    here = _recorded_base(str(folder), named)
+    stands_on = [([*loaded.get("deltas", []), *loaded.get("adapters", [])] or [loaded["base"]])[-1]]
+    if _CHECKPOINT.fullmatch(folder.resolve().name):
+        stands_on.append(loaded["base"])
+    same = any(here == part or Path(here).exists() and Path(part).exists() and Path(here).samefile(part)
+               for part in stands_on)
+    return loaded if same else None
 
 
 def loaded_chain(model_id: str) -> dict:

@@ -245,7 +245,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
                     else resolve_quantization(s.quantization, for_training))
     quantization = lota_delta.full_precision(s, quantization, deltas)
     if for_training:  # recorded in the run's settings: "auto" on CUDA trains QLoRA (alignkit.core.run_records)
-        remember_loaded_as(s.model_id, quantization, dtype, base_id, base_revision, chain)
+        remember_loaded_as(s.model_id, quantization, dtype, base_id, base_revision, chain, deltas)
     kwargs: dict = dict(revision=base_revision, trust_remote_code=s.trust_remote_code, dtype=dtype)
     lota_delta.check_launch(s, _sharded_launch(), deltas)  # LoTA under FSDP/ZeRO-3, a delta under ZeRO-3: refused
     four_bit = FourBit.of(s)
