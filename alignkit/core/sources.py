@@ -129,7 +129,8 @@ def cache_alone_if_hub_silent(what: str):
     if why is None:
         yield
         return
-    logging.getLogger("alignkit").info(f"{why}: {what} from this machine's Hugging Face cache alone (as with HF_HUB_OFFLINE=1)")
+    logging.getLogger("alignkit").info(f"{why}: {what} from this machine's Hugging Face cache alone (as with "
+                                       "HF_HUB_OFFLINE=1)")
     saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
     try:

@@ -145,13 +145,14 @@ _AS_LOADED: dict[str, dict] = {}  # {model: how vibes last loaded it (backend, d
 
 def save_vibes(s, prompts: list[str], sources: list[str], answers: dict[str, list[str]]) -> Path:
     """One JSON row per prompt in --output_file: its answers, each with how its model was loaded (the loader
-    settings: dtype, quantization, chat template and its kwargs..., and `as_loaded`: what `auto` became), and the generation settings with the system
-    prompt (a file made with one could not be told from one made without: the evaluate audit of session 31)."""
+    settings: dtype, quantization, chat template and its kwargs..., and `as_loaded`: what `auto` became), and the
+    generation settings with the system prompt (a file made with one could not be told from one made without: the
+    evaluate audit of session 31)."""
     output_file = Path(s.output_file or f"outputs/vibes-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     output_file.parent.mkdir(parents=True, exist_ok=True)
     sampling = {k: getattr(s, k) for k in ("temperature", "top_p", "num_beams", "max_new_tokens", "seed",
                                            "system_prompt")}
-    # As given (`auto` kept), and as the loader resolved it (`as_loaded`: on a GPU, auto is 4-bit and bf16)
+    # As given (`auto` kept), and as the loader resolved it (`as_loaded`: auto's dtype is bf16 on a GPU, float32 here)
     loaded = {m: {**config_to_dict(loader_settings(s, m)), "as_loaded": _AS_LOADED.get(m, {})} for m in sources}
     with open(output_file, "w", encoding="utf-8") as f:
         for i, prompt in enumerate(prompts):

@@ -244,9 +244,11 @@ def answers_key_and_settings(loader, s, backend: str) -> tuple[str, dict]:
     """(answers_key, its parts each readable: the model as loaded by its digest), the model's identity computed
     once. The parts are recorded beside the key, so that answers made under other settings are refused naming the
     ones that changed."""
+    from alignkit.modeling.chain import resolve
     from alignkit.modeling.identity import identity_parts, model_identity
 
-    loaded = model_identity(loader, backend)
+    resolved = resolve(loader.model_id, loader.revision)  # once, for both (a Hub adapter's is a request)
+    loaded = model_identity(loader, backend, resolved)
     sampling = {"temperature": s.temperature, "top_p": s.top_p, "num_beams": s.num_beams,
                 "max_new_tokens": s.max_new_tokens, "seed": s.seed}  # recorded as given, keyed as decoding reads it
     key = digest({"loaded": loaded, **decisive_sampling(sampling)}, 16, ensure_ascii=True)
@@ -254,7 +256,7 @@ def answers_key_and_settings(loader, s, backend: str) -> tuple[str, dict]:
     return key, {"model as loaded": digest(model, 16, ensure_ascii=True),
                  "library versions": ", ".join(f"{k} {v}" for k, v in sorted(loaded["libraries"].items())),
                  **{f"--{k}": v for k, v in sampling.items()},
-                 PARTS: identity_parts(loader, loaded)}  # its parts, named: what changed is said by name
+                 PARTS: identity_parts(loader, loaded, resolved)}  # its parts, named: what changed is said by name
 
 
 PARTS = "model parts"  # beside "model as loaded": its parts (alignkit.modeling.identity.identity_parts), said apart

@@ -400,9 +400,9 @@ class VLLMGenerator(Generator):
                        trust_remote_code=s.trust_remote_code, enable_lora=bool(chain),
                        max_lora_rank=max(8, 1 << (rank - 1).bit_length()), **vllm_memory(s, base, revision))
         self.lora = LoRARequest("adapter", 1, adapter) if chain else None
-        served = getattr(getattr(getattr(self.llm, "llm_engine", None), "model_config", None), "dtype", None)
-        self.as_loaded = {"backend": "vllm", "dtype": str(served or dtype).removeprefix("torch."),
-                          "quantization": "none"}
+        config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)  # as vLLM serves it
+        self.as_loaded = {"backend": "vllm", "dtype": str(getattr(config, "dtype", None) or dtype).removeprefix(
+            "torch."), "quantization": str(getattr(config, "quantization", None) or "none")}  # AWQ, GPTQ, FP8 served so
 
     def __call__(self, conversations, max_new_tokens=256, temperature=0.0, top_p=1.0, num_beams=1,
                  batch_size=16, seed=None, progress=None, templates=None, seeds=None):

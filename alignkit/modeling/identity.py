@@ -365,9 +365,10 @@ def loader_fields(s) -> dict:
     return out
 
 
-def model_identity(s, backend: str | None = None) -> dict:
+def model_identity(s, backend: str | None = None, resolved=None) -> dict:
     """The model that settings `s` (ModelSettings or a subclass) load, completely: see the module docstring.
-    backend: the resolved generation engine, for a cache of generated text; None where no engine is involved."""
+    backend: the resolved generation engine, for a cache of generated text; None where no engine is involved.
+    resolved: `s`'s chain already resolved (alignkit.modeling.chain.resolve), else resolved here."""
     loader = loader_fields(s)
     loader.pop("backend", None)  # ENGINE_ONLY
     # Every load keyed here is for inference, where auto loads the model as saved: --quantization none is the same
@@ -393,21 +394,23 @@ def model_identity(s, backend: str | None = None) -> dict:
             loader["use_liger"] = "auto"
     from alignkit.modeling.chain import resolve
 
-    resolved = resolve(s.model_id, s.revision)  # once: the chain's content and the libraries that compute it
+    if resolved is None:  # once: the chain's content and the libraries that compute it
+        resolved = resolve(s.model_id, s.revision)
     chain = chain_identity(s.model_id, s.revision, s.gguf_file, resolved)
     return {"loader": loader, "chain": chain, "backend": backend, "hardware": hardware(),
             "libraries": libraries(backend, _used(s, loader.get("quantization"), chain, resolved))}
 
 
-def identity_parts(s, identity: dict) -> dict[str, str]:
-    """The parts of `identity` (model_identity of `s`), each by a short digest, named as a user reads them: the
-    loader settings, each model of the chain by its absolute path or Hub id, the hardware and the engine. Recorded beside a cache's key, they name what changed where a kept output is refused (a digest of the
-    whole named nothing: the merge/evaluate audit of session 32)."""
+def identity_parts(s, identity: dict, chain=None) -> dict[str, str]:
+    """The parts of `identity` (model_identity of `s`, over `chain`: its resolved chain, else resolved here), each by
+    a short digest, named as a user reads them: the loader settings, each model of the chain by its absolute path or
+    Hub id, the hardware and the engine. Recorded beside a cache's key, they name what changed where a kept output is
+    refused (a digest of the whole named nothing: the merge/evaluate audit of session 32)."""
     import os
 
     from alignkit.modeling.chain import resolve
 
-    chain = resolve(s.model_id, s.revision)
+    chain = resolve(s.model_id, s.revision) if chain is None else chain
     names = [*reversed(chain.adapters), *reversed(chain.deltas), chain.base]
     parts = {"loader settings": digest(identity["loader"], 12, ensure_ascii=True)}
     parts.update({os.path.abspath(n) if Path(n).exists() else n: digest(part, 12, ensure_ascii=True)
