@@ -782,6 +782,16 @@ def test_the_environment_line_names_only_the_values_that_took_effect(monkeypatch
     assert logged == [f"settings from the environment: seed (ALIGNKIT_SEED); set again by {recipe}, whose value is "
                       "used: max_steps (ALIGNKIT_MAX_STEPS), dpo_beta (ALIGNKIT_DPO_BETA); set again by the "
                       "command line, whose value is used: optim (ALIGNKIT_OPTIM)"]
+    # A mapping is merged key by key (the review of session 32: the whole of it was said to be set again).
+    alignkit_log.clear()
+    for name in ("ALIGNKIT_DPO_BETA", "ALIGNKIT_MAX_STEPS", "ALIGNKIT_SEED", "ALIGNKIT_OPTIM"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ALIGNKIT_TRAINER_OVERRIDES", '{"optim": "adamw_torch"}')
+    recipe.write_text("trainer_overrides:\n  adam_beta1: 0.8\n")
+    s = parse_config(DPOSettings, args=["--config", str(recipe)], env_file=None)
+    assert (s.trainer_overrides["optim"], s.trainer_overrides["adam_beta1"]) == ("adamw_torch", 0.8)
+    assert [r.getMessage() for r in alignkit_log.records if "from the environment" in r.getMessage()] == [
+        f"settings from the environment: trainer_overrides (ALIGNKIT_TRAINER_OVERRIDES, merged with {recipe}'s keys)"]
 
 
 def test_env_example_copied_to_dotenv_changes_nothing(tiny_cache, monkeypatch, tmp_path):
@@ -1272,6 +1282,20 @@ def test_a_trl_line_that_evaluates_does_so_on_the_dataset_s_test_split_as_trl_do
         is None  # alignkit's own names: alignkit's documented share
     no_eval = parse_config(DPOSettings, env_file=None, args=[*line[:3], "--dataset_name", str(folder)])
     assert (no_eval.dataset_test_split, no_eval.eval_split) == (None, 0)  # TRL: no evaluation, every row trains
+    # Only where eval_strategy asks for evaluation, as TRL evaluates (the review of session 32: eval_steps alone,
+    # which TRL does not evaluate under, or dataset_name from the environment took the test split too).
+    assert parse_config(DPOSettings, env_file=None, args=[*line[:3], "--dataset_name", str(folder), "--eval_steps",
+                                                          "10"]).dataset_test_split is None
+    # A run saved before `auto` existed (none then) is the same run: the rows held out decide (--resume auto).
+    import dataclasses
+
+    from alignkit.core.saved_settings import config_to_dict
+    from alignkit.train import run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / run_folder.CONFIG_FILE).write_text(json.dumps(config_to_dict(dataclasses.replace(s, dataset_test_split=None))))
+    assert "dataset_test_split" not in run_folder._changed(run, s)
     # A dataset without a test split (a single file) falls back to the share, said in one line.
     alignkit_log.clear()
     train, held_out = load_train_eval("preference", settings(data=folder / "train.jsonl"))

@@ -57,6 +57,10 @@ def log_environment(found, labels, target, above) -> None:
         field, key = target(n)
         named = f"{n} ({labels[n].removeprefix('env var ')})"
         by = [w for layer, w in above if field in layer and (key is None or key in keys(layer[field]))]
+        if key is None and by and all(isinstance(layer[field], dict) for layer, w in above if w in by):
+            # a mapping (trainer_overrides, dataset_mixture) is merged key by key: its keys set above alone yield
+            used.append(f"{named[:-1]}, merged with {by[-1]}'s keys)")
+            continue
         (again.setdefault(by[-1], []) if by else used).append(named)
     if found:
         logger.info("settings from the environment: " + "; ".join(

@@ -241,7 +241,8 @@ def _test_split(s) -> str | None:
     line either way."""
     from alignkit.core.data_files import single_file, split_names
 
-    if s.dataset_split != "test" and "test" in split_names(s.dataset_id, s.dataset_config):
+    names = split_names(s.dataset_id, s.dataset_config)
+    if s.dataset_split != "test" and "test" in names:
         logger.info(f"held-out data: the dataset's test split, as TRL's scripts evaluate (dataset_test_split test); "
                     f"--eval_split {s.eval_split or 0.05} holds a share of {s.dataset_split} out instead")
         return "test"
@@ -249,7 +250,9 @@ def _test_split(s) -> str | None:
         raise ConfigError(f"--dataset_test_split auto: {s.dataset_id} has no test split to evaluate on besides "
                           f"{s.dataset_split}, and --eval_split 0 holds nothing out. Pass --dataset_test_split with "
                           "a split it has, or --eval_split 0.05")
+    others = [n for n in names if n != s.dataset_split]
     other = ("rows in a folder as train.jsonl and test.jsonl evaluate on the test rows" if single_file(s.dataset_id)
+             else f"--dataset_test_split NAME evaluates on a split it has ({', '.join(others)})" if others
              else "--dataset_test_split NAME evaluates on a split it has")
     logger.info(f"held-out data: an eval_split {s.eval_split} share of {s.dataset_split}, as {s.dataset_id} has no "
                 f"test split besides it (TRL's scripts would evaluate on test); {other}")

@@ -304,8 +304,11 @@ class Vocabulary:
         # TRL's scripts train on all of dataset_name's train split and evaluate on its `test` split
         # (ScriptArguments.dataset_test_split): a share of train held out instead evaluated on other rows.
         chosen = set(given) | set(preset_keys)
+        # Only where evaluation is asked for by eval_strategy, as TRL evaluates (eval_strategy != "no"): a
+        # dataset_name read from the environment or alongside eval_steps alone keeps the share (the review of s32).
         if (self.trl_dataset and self.reads_test_split and values.get("eval_split") and "dataset_test_split" in values
-                and not values.get("dataset_mixture") and not {"dataset_test_split", "eval_split"} & chosen):
+                and strategy not in ("none", "no") and not values.get("dataset_mixture")
+                and not {"dataset_test_split", "eval_split"} & chosen):
             values["dataset_test_split"] = "auto"  # the data loader says which it found (alignkit.core.mixture)
         if values.get("dataset_mixture") and "dataset_id" in given:  # as TRL's scripts say it
             logger.warning(f"--dataset_id {values['dataset_id']} is not used: the dataset_mixture is. To train on "

@@ -204,6 +204,10 @@ def _changed(folder: Path, s) -> list[str]:
     defaults = _defaults(type(s)) if saved else {}
     changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
                and not (k not in old and k in defaults and new.get(k) == defaults[k])]
+    # A TRL line's --dataset_test_split auto (the dataset's test split where it has one) was none before it existed:
+    # the rows held out decide, compared below ("data rows"), not the spelling (the review of session 32).
+    if old.get("dataset_test_split") is None and new.get("dataset_test_split") == "auto":
+        changed = [k for k in changed if k != "dataset_test_split"]
     # One folder or file spelled two ways (runs/sft, ./runs/sft/, its absolute path) is the same input: its content
     # is compared below, under the spelling the run recorded (the data digest is keyed by it).
     respelled = {k: old[k] for k in changed if _same_place(old.get(k), new.get(k))}
