@@ -306,6 +306,10 @@ def test_rl_with_a_failing_judge_trains_without_turning_failures_into_rewards(sf
     closing, = [e for e in history if "train_runtime" in e]  # after the last log: nothing left to count
     assert per_step >= 16 and logs[0]["judge/failed"] == 2 * per_step and logs[1]["judge/requests"] == per_step
     assert closing["judge/requests"] == 0
+    # metrics.json holds the run's totals (it read the closing log's 0 beside the last step's reward: the review of
+    # session 32).
+    metrics = json.loads((g["run_folder"] / "metrics.json").read_text())
+    assert (metrics["judge/requests"], metrics["judge/failed"]) == (3 * per_step, 3 * per_step)
     assert f"judge: {3 * per_step} requests, 0 of them from the cache, {3 * per_step} failed, 0 without a rating" \
         in capsys.readouterr().out
     # TRL's warning for a completion every reward left None (a judge alone, failing) printed its whole row, every step

@@ -347,6 +347,10 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
         if getattr(trainer, "logs_last_step", False):  # rl: the last step's log (reward, KL, time shares) beside
             last = [e for e in history[:-1] if e.get("step") == trainer.state.global_step and "loss" in e]
             metrics = {**(last[-1] if last else {}), **metrics}  # TRL's closing summary, which holds none of them
+            # Each log counts the judge's requests since the last (alignkit.train.rl): the run's totals here, where
+            # the closing log's own (none since the last step, now always logged) read 0 (the review of session 32).
+            counted = {k for entry in history for k in entry if k.startswith("judge/")}
+            metrics.update({k: sum(entry.get(k, 0) for entry in history) for k in sorted(counted)})
         if "train_loss" in metrics:
             metrics["train_loss"] = whole_run_train_loss(trainer.state.log_history,
                                                          getattr(trainer, "steps_at_start", None) or 0,
