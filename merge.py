@@ -97,6 +97,7 @@ elif settings.push != "adapter" or not settings.push_to_hub:
 
 # %%
 from alignkit.core.hub import push
+from alignkit.core.run_records import repo_name
 
 if settings.push_to_hub:
     folder = output_dir if settings.push == "merged" else Path(settings.adapter_dir)
@@ -104,6 +105,6 @@ if settings.push_to_hub:
         from alignkit.modeling.merge import keep_checkpoint_metrics
 
         keep_checkpoint_metrics(folder, folder)
-    name = Path(settings.adapter_dir).resolve().name  # without --hub_repo_id, the repo is named after the run
+    name = repo_name(settings.adapter_dir)  # without --hub_repo_id, the repo is named after the run (and step)
     url = push(folder, settings.hub_repo_id, private=not settings.hub_public, name=name)
     print(f"pushed: {url}")

@@ -254,6 +254,10 @@ def test_a_bare_repo_name_or_none_lands_in_the_token_s_namespace(dpo_run, tmp_pa
     name = Path(dpo_run["run_folder"]).name
     assert fake_hub["upload_folder"]["repo_id"] == f"me/{name}"
     assert f"no --hub_repo_id: pushing to {name} in your account" in alignkit_log.text
+    from alignkit.core.run_records import repo_name  # a checkpoint's: its run's name and step, not checkpoint-N
+
+    assert repo_name(tmp_path / "tiny-dpo" / "checkpoint-20") == "tiny-dpo-checkpoint-20"
+    assert repo_name(tmp_path / "tiny-dpo") == "tiny-dpo"
 
 
 def test_public_push_and_adapter_push(sft_run, dpo_run, tmp_path, fake_hub):

@@ -195,6 +195,14 @@ def merge_folder(adapter_dir) -> Path:
     return adapter / "merged"
 
 
+def repo_name(adapter_dir) -> str:
+    """The Hub repo a push without --hub_repo_id makes for `adapter_dir`: its run's name, and for a checkpoint-N its
+    run's name and step (`checkpoint-20` of two runs went to one repo, the second push replacing the first's files:
+    the review of session 32)."""
+    here = Path(adapter_dir).resolve()
+    return f"{here.parent.name}-{here.name}" if _CHECKPOINT.fullmatch(here.name) else here.name
+
+
 def merge_name(folder) -> str:
     """The name of the model in `folder`: a merge saved where merge_folder puts it for the top of its chain (its
     merge.json) takes its run's name (`tiny-dpo-merged`, `tiny-dpo-merged-checkpoint-20`), not the bare `merged`

@@ -289,7 +289,8 @@ class MergeSettings(HubPushSettings):
     add_delta: str | None = setting(
         None, "LoTA task merge: a second delta folder; adapter_dir's delta + this one go to output_dir as one delta"
     )
-    output_dir: str | None = setting(None, "where the merged model goes; default: <adapter_dir>/merged")
+    output_dir: str | None = setting(None, "where the merged model goes; default: <adapter_dir>/merged (for a "
+                                           "checkpoint-N, merged-checkpoint-N beside it)")
     dtype: str = setting("auto", "weights of the merged model; auto: bf16 on CUDA, fp32 on CPU",
                          choices=["auto", "bf16", "fp16", "fp32"])
     dequantize: str = setting(
