@@ -973,14 +973,18 @@ def test_greedy_answers_and_outputs_are_taken_under_another_seed_and_their_old_k
     from alignkit.evals.alpacaeval_outputs import _generation, read_outputs
     from alignkit.modeling import identity
 
-    monkeypatch.setattr(identity, "model_identity", lambda loader, backend: {"model": "m", "libraries": {"torch": "2"}})
+    monkeypatch.setattr(identity, "model_identity", lambda loader, backend, resolved=None: {
+        "model": "m", "libraries": {"torch": "2"}})
+    monkeypatch.setattr("alignkit.modeling.chain.resolve", lambda *a: None)  # no model: its parts are not asked of
+    monkeypatch.setattr(identity, "identity_parts", lambda *a: {})
 
     def settings(**changes):
         return types.SimpleNamespace(**{"temperature": 0.0, "top_p": 1.0, "num_beams": 1, "max_new_tokens": 8,
                                         "seed": 1, **changes})
 
     def key(**changes):
-        return mtbench.answers_key_and_settings(None, settings(**changes), "transformers")
+        return mtbench.answers_key_and_settings(types.SimpleNamespace(model_id="m", revision=None), settings(**changes),
+                                                "transformers")
 
     (greedy, parts), (sampled, sampled_parts) = key(seed=2, top_p=0.5), key(temperature=0.7, seed=2)
     assert greedy == key()[0] and sampled != key(temperature=0.7)[0]

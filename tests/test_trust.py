@@ -576,7 +576,10 @@ def test_sigterm_takes_ctrl_c_s_path_and_a_training_ends_its_step_first(tmp_path
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 143 and err.strip().splitlines() == [errors.INTERRUPTED]
     proc = start("fork")
-    out, err = proc.communicate(timeout=60)
+    # Read through the same reader as start(): its "ready" line may have brought the next one into its buffer, which
+    # communicate() (reading the pipes themselves) never sees (this failed once under a loaded CI).
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.wait(timeout=60)
     assert proc.returncode == 0 and out.split() == [str(signal.SIGTERM)] and not err, (out, err)  # killed by it
 
 
