@@ -310,3 +310,23 @@ def test_rlaif_refuses_a_reference_for_a_reference_free_loss():
 
 def test_simpo_reads_label_smoothing():
     assert DPOSettings(loss_type=["simpo"], label_smoothing=0.1).label_smoothing == 0.1
+
+
+def test_dpo_s_held_out_reward_accuracy_is_the_share_of_pairs_whatever_the_batches():
+    """TRL's log averages each metric's entries: one per batch made the held-out reward accuracy a mean of batch
+    means (9 pairs in batches of 8 and 1, 3 of 8 then 1 of 1 right, said (3/8 + 1) / 2; the review of session 32,
+    as reward.py's eval_accuracy). One entry per pair: the pairs' own means."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from alignkit.train.trainers import AlignDPOTrainer
+
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(gather_for_metrics=lambda t: t),
+                              _metrics={"eval": defaultdict(list)})
+    for chosen, rejected in (([1.0] * 3 + [0.0] * 5, [0.0] * 3 + [1.0] * 5), ([2.0], [0.0])):
+        c, r = torch.tensor(chosen), torch.tensor(rejected)
+        AlignDPOTrainer._log_rewards(trainer, "eval", c, r, c - 5, r - 5)
+    logged = {k: sum(v) / len(v) for k, v in trainer._metrics["eval"].items()}
+    assert logged["rewards/accuracies"] == pytest.approx(4 / 9)
+    assert logged["rewards/margins"] == pytest.approx((3 - 5 + 2) / 9)
+    assert logged["logps/chosen"] == pytest.approx((3 + 2) / 9 - 5)

@@ -128,7 +128,7 @@ def test_a_reward_run_records_its_settings_so_a_rerun_resumes_and_its_card_repor
 def test_eval_accuracy_is_the_share_of_held_out_pairs_whatever_the_batches():
     """TRL's log averages each metric's entries, and one entry per batch made eval_accuracy a mean of batch means: 73
     held-out pairs in batches of 8 said 0.5375 beside the summary's exact 36 of 73, 0.493 (the reward audit of
-    session 51). One entry per pair: the logged accuracy, margin and rewards are the pairs' own means."""
+    session 32). One entry per pair: the logged accuracy, margin and rewards are the pairs' own means."""
     from collections import defaultdict
 
     from alignkit.train.reward import AlignRewardTrainer

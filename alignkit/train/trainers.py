@@ -405,15 +405,16 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, EndsAtMaxSteps, DPOTrain
         return w_chosen * w_rejected
 
     def _log_rewards(self, mode, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
-        # The same metric names as TRL's, so dashboards and the held-out accuracy read the same either way.
-        gather = self.accelerator.gather
+        # The same metric names as TRL's, so dashboards and the held-out accuracy read the same either way. One entry
+        # per pair, not per batch: TRL's log averages the entries, and a mean of batch means counted a short last
+        # batch's pairs over (the held-out reward accuracy; as reward.py's, the review of session 32).
+        gather = self.accelerator.gather_for_metrics  # the last batch's padding repeats under a launch: dropped
         metrics = self._metrics[mode]
-        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
-        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
-        metrics["logps/chosen"].append(gather(chosen_logps).mean().item())
-        metrics["logps/rejected"].append(gather(rejected_logps).mean().item())
+        for name, values in (("rewards/chosen", chosen_rewards), ("rewards/rejected", rejected_rewards),
+                             ("rewards/accuracies", (chosen_rewards > rejected_rewards).float()),
+                             ("rewards/margins", chosen_rewards - rejected_rewards), ("logps/chosen", chosen_logps),
+                             ("logps/rejected", rejected_logps)):
+            metrics[name].extend(gather(values.detach().float()).tolist())
 
 
 class _SharedCall:
