@@ -101,6 +101,11 @@ def _shown(value):
     return value
 
 
+def _names(parts: list[str]) -> list[str]:
+    """Parts of a chain as a card names them: a Hub id whole, a local folder by its name (never its path)."""
+    return [part if is_hub_id(part) else Path(part).name for part in parts]
+
+
 def base_source(folder) -> tuple[str, list[str], str | None]:
     """(the base model as recorded: Hub id or local path, or ""; names of the local adapters under this one; the
     Hub revision the base loads at, None for the default branch)."""
@@ -115,13 +120,12 @@ def base_source(folder) -> tuple[str, list[str], str | None]:
         base, revision = merge.get("base_model") or "", merge.get("base_revision")
     elif loaded:  # as the run loaded it: no Hub request at every save
         base, revision = loaded["base"], loaded.get("revision")
-        under = [Path(a).name if not is_hub_id(a) else a for a in [*loaded.get("deltas", []),
-                                                                  *loaded.get("adapters", [])]]
+        under = _names([*loaded.get("deltas", []), *loaded.get("adapters", [])])
     elif (folder / "adapter_config.json").is_file():
         try:
             chain = resolve(str(folder))
             base, revision = chain.base, chain.revision
-            under = [Path(a).name if not is_hub_id(a) else a for a in [*chain.deltas, *chain.adapters[:-1]]]
+            under = _names([*chain.deltas, *chain.adapters[:-1]])
         except (UserError, OSError, ValueError):  # a broken chain still gets a card naming what it records
             base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path") or ""
     else:
@@ -131,7 +135,7 @@ def base_source(folder) -> tuple[str, list[str], str | None]:
             try:
                 chain = resolve(base, revision)
                 base, revision = chain.base, chain.revision
-                under = [Path(a).name if not is_hub_id(a) else a for a in [*chain.deltas, *chain.adapters]]
+                under = _names([*chain.deltas, *chain.adapters])
             except (UserError, OSError, ValueError):  # named as the run recorded it
                 pass
     return base, under, revision

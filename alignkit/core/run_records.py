@@ -80,7 +80,7 @@ def recorded_chain(folder) -> dict | None:
         return None
     here = _recorded_base(str(folder), named)
     stands_on = [([*loaded.get("deltas", []), *loaded.get("adapters", [])] or [loaded["base"]])[-1]]
-    if _CHECKPOINT.fullmatch(folder.resolve().name):
+    if is_checkpoint(folder.resolve()):
         stands_on.append(loaded["base"])
     same = any(here == part or Path(here).exists() and Path(part).exists() and Path(here).samefile(part)
                for part in stands_on)
@@ -186,11 +186,16 @@ def checkpoints(folder: Path, say: bool = False) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def is_checkpoint(folder) -> bool:
+    """Whether `folder` is named as a Trainer's checkpoint-N."""
+    return bool(_CHECKPOINT.fullmatch(Path(folder).name))
+
+
 def merge_folder(adapter_dir) -> Path:
     """merge.py's default --output_dir for `adapter_dir`: its `merged/`, or for a checkpoint-N the run folder's
     `merged-checkpoint-N/` (inside the checkpoint, the run's checkpoint rotation deleted it with the checkpoint)."""
     adapter = Path(adapter_dir)
-    if _CHECKPOINT.fullmatch(adapter.name):
+    if is_checkpoint(adapter):
         return adapter.parent / f"merged-{adapter.name}"
     return adapter / "merged"
 
@@ -200,7 +205,7 @@ def repo_name(adapter_dir) -> str:
     run's name and step (`checkpoint-20` of two runs went to one repo, the second push replacing the first's files:
     the review of session 32)."""
     here = Path(adapter_dir).resolve()
-    return f"{here.parent.name}-{here.name}" if _CHECKPOINT.fullmatch(here.name) else here.name
+    return f"{here.parent.name}-{here.name}" if is_checkpoint(here) else here.name
 
 
 def merge_name(folder) -> str:
@@ -222,7 +227,7 @@ def run_config(folder) -> dict:
     """The settings a model folder was trained with (its alignkit_config.json): a run folder's or a merge's own, or
     for a checkpoint-N, its run's, one folder up (a checkpoint holds none); {} when there are none."""
     here = Path(folder).resolve()
-    for candidate in (here, *([here.parent] if _CHECKPOINT.fullmatch(here.name) else [])):
+    for candidate in (here, *([here.parent] if is_checkpoint(here) else [])):
         try:
             found = json.loads((candidate / RUN_CONFIG).read_text())
         except (OSError, ValueError):

@@ -203,9 +203,14 @@ def chain_identity(source: str, revision: str | None = None, gguf_file: str | No
     from alignkit.modeling.chain import resolve
 
     chain = resolve(source, revision) if chain is None else chain  # each part at the revision it loads at
-    parts = [*reversed(chain.adapters), *reversed(chain.deltas)]
+    *parts, base = chain_parts(chain)
     out = [_one(part, chain.revisions[part], None) for part in parts]
-    return out + [_one(chain.base, chain.revision, gguf_file if chain.base == source else None)]
+    return out + [_one(base, chain.revision, gguf_file if base == source else None)]
+
+
+def chain_parts(chain) -> list[str]:
+    """A resolved chain's models from the top down: its adapters, its LoTA deltas, its base (chain_identity's order)."""
+    return [*reversed(chain.adapters), *reversed(chain.deltas), chain.base]
 
 
 def data_identity(source: str) -> dict | None:
@@ -411,7 +416,7 @@ def identity_parts(s, identity: dict, chain=None) -> dict[str, str]:
     from alignkit.modeling.chain import resolve
 
     chain = resolve(s.model_id, s.revision) if chain is None else chain
-    names = [*reversed(chain.adapters), *reversed(chain.deltas), chain.base]
+    names = chain_parts(chain)
     parts = {"loader settings": digest(identity["loader"], 12, ensure_ascii=True)}
     parts.update({os.path.abspath(n) if Path(n).exists() else n: digest(part, 12, ensure_ascii=True)
                   for n, part in zip(names, identity["chain"])})

@@ -95,13 +95,13 @@ def _recorded_part(part: str) -> str:
     """How merge.json names a part of the chain: where it is, or for a checkpoint's frozen_N (its copy of an adapter
     below its run's, alignkit.modeling.chain.checkpoint_frozen) the adapter it stands for, as its run recorded
     loading it (the card named `.../frozen_0`, no model anyone trained, and read no settings of the SFT run there)."""
-    from alignkit.core.run_records import LOADED_CHAIN, run_config
+    from alignkit.core.run_records import is_checkpoint, recorded_chain
     from alignkit.modeling.chain import checkpoint_frozen
 
     path = Path(part)
-    if not (path.is_dir() and path.name.startswith("frozen_") and path.parent.name.startswith("checkpoint-")):
+    if not (path.is_dir() and path.name.startswith("frozen_") and is_checkpoint(path.parent)):
         return _where(part)
-    below = (run_config(path.parent).get(LOADED_CHAIN) or {}).get("adapters") or []
+    below = (recorded_chain(path.parent) or {}).get("adapters") or []
     copies = [p.name for p in checkpoint_frozen(str(path.parent))]
     if path.name in copies and len(copies) == len(below):
         return _where(below[copies.index(path.name)])

@@ -134,16 +134,18 @@ def _check_model_folder(folder: Path, flag: str | None = None) -> None:
 
 
 def _checkpoint_folders(folder: Path) -> list[Path]:
-    return [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    from alignkit.core.run_records import is_checkpoint
+
+    return [p for p in folder.glob("checkpoint-*") if p.is_dir() and is_checkpoint(p)]
 
 
 def _check_checkpoint_whole(folder: Path, flag: str | None) -> None:
     """A run's checkpoint-N cut off while it was saved (a run killed then: no trainer_state.json, which transformers
     writes last, or weights cut short) is refused as a resume skips it, naming the run's latest complete one; not a
     checkpoint-N copied out of its run (no run settings beside it), which is read as any folder."""
-    from alignkit.core.run_records import RUN_CONFIG, checkpoints, incomplete_checkpoint
+    from alignkit.core.run_records import RUN_CONFIG, checkpoints, incomplete_checkpoint, is_checkpoint
 
-    if not (folder.name.startswith("checkpoint-") and folder.name.split("-")[-1].isdigit()):
+    if not is_checkpoint(folder):
         return
     if not (folder.parent / RUN_CONFIG).is_file() or not (why := incomplete_checkpoint(folder)):
         return
