@@ -934,6 +934,58 @@ def test_a_dataset_beside_a_mixture_is_named_as_unused_and_a_file_takes_no_confi
         load_train_eval("preference", DPOSettings(dataset_id=str(mine), dataset_config="en", eval_split=0.0))
 
 
+def test_max_samples_caps_a_held_out_split_of_its_own_too(tmp_path, alignkit_log):
+    """--max_samples ("for quick runs") capped the training rows only: a --dataset_test_split, or a mixture's test
+    entries, were evaluated in full (every row of UltraFeedback's 2,000-row test_prefs at each evaluation)."""
+    from alignkit.core.config import DPOSettings
+    from alignkit.core.mixture import load_train_eval
+
+    alignkit_log.set_level(logging.INFO, logger="alignkit")
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    write(folder, [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(10)], "jsonl", name="train")
+    write(folder, [{"prompt": f"t{i}", "chosen": "a", "rejected": "b"} for i in range(8)], "jsonl", name="test")
+    s = DPOSettings(dataset_id=str(folder), dataset_test_split="test", max_samples=3, report_to="none")
+    train, held_out = load_train_eval("preference", s)
+    assert (len(train), len(held_out)) == (3, 3) and set(held_out["prompt"]) < {f"t{i}" for i in range(8)}
+    assert "--max_samples 3: evaluating on 3 of the 8 held-out rows (split test)" in alignkit_log.text
+    again = load_train_eval("preference", s)[1]  # seeded: the same rows each time (a resumed run's)
+    assert again["prompt"] == held_out["prompt"]
+    mixture = {"datasets": [{"id": str(folder / "train.jsonl")}, {"id": str(folder / "test.jsonl"), "test": True}]}
+    train, held_out = load_train_eval("preference", DPOSettings(dataset_mixture=mixture, max_samples=4,
+                                                                report_to="none"))
+    assert (len(train), len(held_out)) == (4, 4)
+    s = DPOSettings(dataset_id=str(folder), dataset_test_split="test", max_samples=20, report_to="none")
+    assert [len(d) for d in load_train_eval("preference", s)] == [10, 8]  # fewer rows than the cap: all of them
+
+
+def test_a_split_beside_a_mixture_is_refused_not_ignored(tmp_path):
+    """--dataset_test_split NAME (or --dataset_split NAME) beside a dataset_mixture was unused without a word: the
+    mixture's own test entries (or an --eval_split share) were evaluated on. TRL's scripts read the mixture's
+    "train" and "test" rows, so those two names keep their meaning."""
+    from alignkit.core.args import ConfigError, parse_config
+    from alignkit.core.config import DPOSettings
+
+    pairs = write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 4, "jsonl", name="pairs")
+    mixture = json.dumps({"datasets": [{"id": str(pairs)}], "test_split_size": 1})
+    with pytest.raises(ConfigError, match=r"--dataset_test_split test_prefs beside a dataset_mixture: the mixture "
+                                          r"names its own held-out rows.*split: test_prefs and test: true"):
+        parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture,
+                                                       "--dataset_test_split", "test_prefs"])
+    with pytest.raises(ConfigError, match=r"--dataset_split train_prefs beside a dataset_mixture: .*Set split: "
+                                          r"train_prefs on its entries, and drop --dataset_split"):
+        parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture, "--dataset_split",
+                                                       "train_prefs"])
+    s = parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture, "--dataset_test_split", "test",
+                                                       "--dataset_split", "train"])
+    assert s.dataset_test_split == "test"
+    # The eval_steps check no longer counts a test split the mixture does not read as held-out data.
+    with pytest.raises(ConfigError, match="eval_steps 5 but no held-out data"):
+        parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", json.dumps({"datasets": [{"id": str(pairs)}]}),
+                                                       "--dataset_test_split", "test", "--eval_split", "0",
+                                                       "--eval_steps", "5"])
+
+
 def test_preference_pairs_are_held_out_by_whole_prompts_for_dpo_and_reward(tmp_path):
     """label.py --num_samples 4 writes several pairs per prompt; held out row by row, a prompt's other pairs trained,
     so DPO's and the reward model's held-out accuracy measured prompts the model had learned. With one pair per

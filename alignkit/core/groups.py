@@ -241,7 +241,8 @@ class TrainSettings(HubPushSettings, ModelSettings):
     dataset_split: str = setting("train", "split to train on")
     dataset_format: str = setting("auto", "row format; auto detects it from the columns (see alignkit.core.data)")
     skip_invalid: bool = setting(False, "skip rows that fail validation (and report how many) instead of stopping")
-    max_samples: int | None = setting(None, "use at most this many rows (after shuffling with seed); for quick runs")
+    max_samples: int | None = setting(None, "use at most this many rows (after shuffling with seed) to train, and to evaluate "
+                                        "where the held-out rows are a split of their own; for quick runs")
     eval_split: float = setting(0.05, "held-out share of the data (< 1), or a row count (>= 1); 0 disables eval")
     dataset_test_split: str | None = setting(
         None, "held-out data: this split of the dataset (e.g. test_prefs) instead of a share of the training split; "
@@ -362,6 +363,11 @@ class TrainSettings(HubPushSettings, ModelSettings):
             from alignkit.core.mixture import check_mixture
 
             check_mixture(self.dataset_mixture)
+            if self.dataset_test_split not in (None, "test"):  # TRL's scripts read the mixture's "test" rows alone
+                raise ValueError(f"--dataset_test_split {self.dataset_test_split} beside a dataset_mixture: the "
+                                 "mixture names its own held-out rows, as TRL's scripts read it. Add the split to its "
+                                 f"datasets as an entry with split: {self.dataset_test_split} and test: true (or hold "
+                                 "out a share with test_split_size), and drop --dataset_test_split")
         if self.eval_steps and not self.has_eval_data():
             raise ValueError(f"eval_steps {self.eval_steps} but no held-out data (eval_split 0, no "
                              "dataset_test_split or test split in the mixture): nothing would be evaluated. Pass "
@@ -370,7 +376,7 @@ class TrainSettings(HubPushSettings, ModelSettings):
     def has_eval_data(self) -> bool:
         """Whether the run holds data out: a share, a test split, or a mixture's test part."""
         mixture = self.dataset_mixture or {}
-        return bool(self.eval_split > 0 or self.dataset_test_split or mixture.get("test_split_size")
+        return bool(self.eval_split > 0 or (self.dataset_test_split and not mixture) or mixture.get("test_split_size")
                     or any(d.get("test") for d in mixture.get("datasets", [])))
 
 

@@ -232,7 +232,17 @@ def _load_train_eval(kind: str, s):
         train = train.select(range(min(s.max_samples, len(train))))
     held_out = load(s.dataset_id, s.dataset_format, test_split, s.skip_invalid, s.dataset_config)
     (train,), (held_out,) = _one_kind([train, held_out], 1)  # both splits read alike: texts, or conversations
-    return train, held_out
+    return train, _capped(held_out, s, f"split {test_split}")
+
+
+def _capped(held_out, s, what: str):
+    """A held-out split of its own (a test split, a mixture's test entries) under --max_samples: at most that many of
+    its rows too, seeded as the training rows are (a quick run evaluated every row of a 2,000-row test split)."""
+    if not s.max_samples or held_out is None or len(held_out) <= s.max_samples:
+        return held_out
+    logger.info(f"--max_samples {s.max_samples}: evaluating on {s.max_samples} of the {len(held_out)} held-out rows "
+                f"({what})")
+    return held_out.shuffle(seed=s.seed).select(range(s.max_samples))
 
 
 def _test_split(s) -> str | None:
@@ -355,6 +365,7 @@ def _mixture(kind, s):
         held_out = carved if held_out is None else datasets.concatenate_datasets([held_out, carved])
     if s.max_samples:
         train = train.select(range(min(s.max_samples, len(train))))
+        held_out = _capped(held_out, s, "the dataset_mixture's test rows")
     if held_out is None and s.eval_split > 0:
         train, held_out = _hold_out(train, s.eval_split, s.seed, "eval_split", kind)
     logger.info(f"dataset mixture: {len(train)} training rows from {len(train_parts)} dataset(s), "

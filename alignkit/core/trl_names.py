@@ -313,6 +313,12 @@ class Vocabulary:
         if values.get("dataset_mixture") and "dataset_id" in given:  # as TRL's scripts say it
             logger.warning(f"--dataset_id {values['dataset_id']} is not used: the dataset_mixture is. To train on "
                            f"it, pass --dataset_mixture none")
+        if values.get("dataset_mixture") and "dataset_split" in given and values.get("dataset_split") != "train":
+            # TRL's scripts read the mixture's "train" rows; any other dataset_train_split is a KeyError there, and
+            # was unused here without a word.
+            raise ConfigError(f"--dataset_split {values['dataset_split']} beside a dataset_mixture: the mixture "
+                              "names the split of each of its datasets. Set split: "
+                              f"{values['dataset_split']} on its entries, and drop --dataset_split")
         source = given.get("output_dir")
         trl_meaning = source == "recipe" or (source in ("cli", "overrides")
                                              and (self.trl_style or "output_dir" in recipe_keys))
