@@ -296,3 +296,13 @@ def test_handbook_mixer_on_the_command_line():
                      env_file=None)
     assert s.dataset_mixture["datasets"] == [{"id": "foo/bar", "split": "train_prefs", "weight": 1.0},
                                              {"id": "foo/bar", "split": "test_prefs", "test": True}]
+
+
+def test_a_mistyped_dataset_under_dataset_test_split_auto_says_it_is_no_local_folder(tmp_path, monkeypatch):
+    """A TRL line's dataset_test_split auto lists the dataset's splits before reading it: a typo'd local folder
+    (data/pairz, shaped like a Hub id) said only "cannot list its splits as a Hugging Face Hub dataset"."""
+    monkeypatch.chdir(tmp_path)
+    s = DPOSettings(dataset_id="data/pairz", dataset_test_split="auto", report_to="none")
+    with pytest.raises(DataError, match=r"^data/pairz: no such local file or folder, and listing its splits as a "
+                                        r"Hugging Face Hub dataset failed: "):
+        load_train_eval("preference", s)

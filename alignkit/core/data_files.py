@@ -190,7 +190,8 @@ def split_names(source, config_name=None) -> list[str]:
     try:
         return list(datasets.get_dataset_split_names(label, config_name))
     except Exception as e:
-        raise DataError(f"{label}: cannot list its splits as a Hugging Face Hub dataset: {e}") from e
+        raise DataError(f"{label}: no such local file or folder, and listing its splits as a Hugging Face Hub "
+                        f"dataset failed: {e}") from e
 
 
 def _pick_split(data, split, label):
