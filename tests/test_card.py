@@ -41,6 +41,22 @@ def merged_dpo(tmp_path, monkeypatch):
     return folder
 
 
+def test_the_card_names_the_split_the_held_out_accuracy_was_measured_on(merged_dpo):
+    """A run that evaluated on a split of its own (a TRL line's dataset_test_split auto resolved to test_prefs) named
+    its model-index split "held-out", and its settings table said only `auto`."""
+    config = merged_dpo / "alignkit_config.json"
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps({**settings, "dataset_test_split": "auto",
+                                  "held_out": {"split": "test_prefs", "rows": 200}}))
+    text = model_card(merged_dpo, "me/llama-dpo")
+    _, results = model_index_to_eval_results(ModelCard(text).data.to_dict()["model-index"])
+    assert [(r.dataset_split, r.metric_value) for r in results] == [("test_prefs", 0.875)]
+    assert "| held-out rows | 200 (split test_prefs) |" in text
+    config.write_text(json.dumps(settings))  # a run recorded before held_out: as ever
+    _, results = model_index_to_eval_results(ModelCard(model_card(merged_dpo)).data.to_dict()["model-index"])
+    assert [r.dataset_split for r in results] == ["held-out"]
+
+
 def test_card_parses_with_license_model_index_and_metadata(merged_dpo):
     evaluation = __import__("alignkit.evals.evaluation", fromlist=["Pairwise"])
     pairs = [{"model": "dpo", "opponent": "sft", "judge": "gpt-4",

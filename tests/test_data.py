@@ -951,10 +951,15 @@ def test_max_samples_caps_a_held_out_split_of_its_own_too(tmp_path, alignkit_log
     assert "--max_samples 3: evaluating on 3 of the 8 held-out rows (split test)" in alignkit_log.text
     again = load_train_eval("preference", s)[1]  # seeded: the same rows each time (a resumed run's)
     assert again["prompt"] == held_out["prompt"]
+    from alignkit.core.mixture import HELD_OUT  # where they come from, for the run's record and card
+
+    assert getattr(held_out, HELD_OUT) == {"split": "test"}
+    auto = DPOSettings(dataset_id=str(folder), dataset_test_split="auto", report_to="none")
+    assert getattr(load_train_eval("preference", auto)[1], HELD_OUT) == {"split": "test"}
     mixture = {"datasets": [{"id": str(folder / "train.jsonl")}, {"id": str(folder / "test.jsonl"), "test": True}]}
     train, held_out = load_train_eval("preference", DPOSettings(dataset_mixture=mixture, max_samples=4,
                                                                 report_to="none"))
-    assert (len(train), len(held_out)) == (4, 4)
+    assert (len(train), len(held_out)) == (4, 4) and getattr(held_out, HELD_OUT) == {"mixture": "test rows"}
     s = DPOSettings(dataset_id=str(folder), dataset_test_split="test", max_samples=20, report_to="none")
     assert [len(d) for d in load_train_eval("preference", s)] == [10, 8]  # fewer rows than the cap: all of them
 

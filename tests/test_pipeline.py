@@ -46,6 +46,12 @@ def test_sft_learns_the_data_and_saves_an_adapter(sft_run):
     assert sft_run["metrics"]["eval_loss"] < base_loss - 0.005
     saved = json.loads((folder / "alignkit_config.json").read_text())
     assert saved["preset"] == "tiny" and saved["model_id"] == presets.paths()["model"]
+    # Where the held-out rows came from, and how many: the card names it (a TRL line's dataset_test_split auto
+    # was recorded as "auto", whichever it resolved to).
+    held = len(sft_run["eval_data"])
+    assert saved["held_out"] == {"share": saved["eval_split"], "of": saved["dataset_split"], "rows": held}
+    assert f"| held-out rows | {held} (a {saved['eval_split']} share of {saved['dataset_split']}) |" in \
+        (folder / "README.md").read_text()
 
 
 def test_dpo_from_the_sft_adapter_trains_a_new_adapter_on_top(sft_run, dpo_run):

@@ -258,9 +258,14 @@ def _pushed_to(card_text: str) -> str | None:
     return found.group(1) if found and not found.group(1).startswith("path/to/") else None
 
 
-def eval_results(folder, run_type: str | None, metrics: dict, dataset: str, dataset_name: str) -> list:
-    """huggingface_hub EvalResults: the held-out reward accuracy, and what evaluate.py recorded."""
+def eval_results(folder, run_type: str | None, metrics: dict, dataset: str, dataset_name: str,
+                 held_out: dict | None = None) -> list:
+    """huggingface_hub EvalResults: the held-out reward accuracy (on the split it was measured on, where the run
+    recorded one: `held_out` in alignkit_config.json), and what evaluate.py recorded."""
     from huggingface_hub import EvalResult
+
+    split = (held_out or {}).get("split")
+    split = split if isinstance(split, str) and split else "held-out"  # a share of the training split: no split
 
     results = []
     task = "text-classification" if run_type == "reward" else "text-generation"
@@ -269,7 +274,7 @@ def eval_results(folder, run_type: str | None, metrics: dict, dataset: str, data
     if isinstance(accuracy, (int, float)):
         results.append(EvalResult(
             task_type=task, dataset_type=dataset, dataset_name=f"{dataset_name} (held-out pairs)",
-            dataset_split="held-out", metric_type="accuracy", metric_value=round(float(accuracy), 4),
+            dataset_split=split, metric_type="accuracy", metric_value=round(float(accuracy), 4),
             metric_name="held-out reward accuracy" if run_type != "reward" else "held-out pairwise accuracy"))
     for name, entry in sorted(_read_json(Path(folder) / EVALS_FILE).items()):
         if not isinstance(entry, dict) or not isinstance(entry.get("value"), (int, float)):
@@ -279,6 +284,15 @@ def eval_results(folder, run_type: str | None, metrics: dict, dataset: str, data
                 "benchmark", name), metric_type=entry.get("metric", "win_rate"),
             metric_value=round(float(entry["value"]), 4), metric_name=entry.get("metric_name")))
     return results
+
+
+def _held_out(held: dict | None) -> str | None:
+    """Where a run's held-out rows came from, as alignkit_config.json records it (alignkit.core.mixture.HELD_OUT)."""
+    if not isinstance(held, dict) or not isinstance(held.get("rows"), int):
+        return None
+    where = (f"split {held['split']}" if held.get("split") else "the dataset_mixture's test rows"
+             if held.get("share") is None else f"a {held['share']} share of {held.get('of') or 'the training rows'}")
+    return f"{held['rows']} ({where})"
 
 
 def _4bit(merge: dict) -> str:
@@ -354,7 +368,7 @@ def _load_snippet(where: str, is_adapter: bool, under: list[str], reward: bool, 
 # What a run records beside its settings in alignkit_config.json (alignkit.train.run_folder.save_run_config): the
 # content digests of its inputs, the local folders it trained over, by path, and its rows' format. None is a
 # setting, and the second names local paths: left out of the card.
-RECORDED_BESIDE = ("inputs", "trained_over", "data_rows", HUB_DATASETS, LOADED_CHAIN)
+RECORDED_BESIDE = ("inputs", "trained_over", "data_rows", "held_out", HUB_DATASETS, LOADED_CHAIN)
 # The settings a --dataset_mixture takes the place of (alignkit.core.mixture): a run with one never read them.
 MIXED_OVER = ("dataset_id", "dataset_config", "dataset_split")
 
@@ -425,7 +439,7 @@ def model_card(folder, repo_id: str | None = None, in_progress: bool = False) ->
         license_link=license_.get("license_link"),
     )
     named = "dataset mixture" if settings.get("dataset_mixture") else Path(dataset).name or "custom"  # its id unread
-    results = eval_results(folder, run_type, metrics, hub_dataset or "custom", named)
+    results = eval_results(folder, run_type, metrics, hub_dataset or "custom", named, settings.get("held_out"))
     if results:  # model-index entries, under the model's name (which the metadata holds only there)
         data.eval_results, data.model_name = results, where.split("/")[-1]
     on_top = f", on top of the adapter{'s' if len(under) > 1 else ''} {', '.join(f'`{a}`' for a in under)}" if under else ""
@@ -460,6 +474,8 @@ def model_card(folder, repo_id: str | None = None, in_progress: bool = False) ->
         unread = MIXED_OVER if settings.get("dataset_mixture") else ()  # the script's defaults, not what it read
         lines += [f"| {k} | `{json.dumps(_shown(v))}` |" for k, v in settings.items()
                   if v not in (None, "", [], False) and k not in RECORDED_BESIDE and k not in unread]
+        if held := _held_out(settings.get("held_out")):  # dataset_test_split auto, as it resolved
+            lines.append(f"| held-out rows | {held} |")
     if metrics:
         heading = f"Metrics at {metrics['checkpoint']}" if metrics.get("checkpoint") else "Final metrics"
         lines += ["", f"## {heading}", "", "| metric | value |", "| --- | --- |"]

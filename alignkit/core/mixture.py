@@ -92,6 +92,19 @@ DATA_SETTINGS = ("dataset_id", "dataset_config", "dataset_split", "dataset_test_
                  "prompt_field", "use_margin")
 
 
+# A held-out dataset's attribute: where its rows come from, which a run records (alignkit_config.json's held_out,
+# with their count) and its card names: {"split": NAME} (a split of its own: --dataset_test_split, auto resolved),
+# {"share": EVAL_SPLIT, "of": SPLIT} (held out of the training split), or {"mixture": "test rows"}.
+HELD_OUT = "_alignkit_held_out"
+
+
+def held_out_from(dataset, **source):
+    """`dataset` (a held-out set, or None), marked with where its rows come from (see HELD_OUT)."""
+    if dataset is not None:
+        setattr(dataset, HELD_OUT, source)
+    return dataset
+
+
 def data_settings(s) -> dict:
     """The DATA_SETTINGS of `s` (those it has: a settings class, or any object with such attributes)."""
     return {k: getattr(s, k) for k in DATA_SETTINGS if hasattr(s, k)}
@@ -117,7 +130,8 @@ def split(dataset, s, kind=None):
         dataset = dataset.select(range(min(s.max_samples, len(dataset))))
     if s.eval_split <= 0:
         return read_under(s, dataset, None)
-    return read_under(s, *_hold_out(dataset, s.eval_split, s.seed, "eval_split", kind))
+    train, held_out = _hold_out(dataset, s.eval_split, s.seed, "eval_split", kind)
+    return read_under(s, train, held_out_from(held_out, share=s.eval_split, of=s.dataset_split))
 
 
 def _hold_out(dataset, size, seed, name, kind=None):
@@ -232,7 +246,7 @@ def _load_train_eval(kind: str, s):
         train = train.select(range(min(s.max_samples, len(train))))
     held_out = load(s.dataset_id, s.dataset_format, test_split, s.skip_invalid, s.dataset_config)
     (train,), (held_out,) = _one_kind([train, held_out], 1)  # both splits read alike: texts, or conversations
-    return train, _capped(held_out, s, f"split {test_split}")
+    return train, held_out_from(_capped(held_out, s, f"split {test_split}"), split=test_split)
 
 
 def _capped(held_out, s, what: str):
@@ -366,8 +380,10 @@ def _mixture(kind, s):
     if s.max_samples:
         train = train.select(range(min(s.max_samples, len(train))))
         held_out = _capped(held_out, s, "the dataset_mixture's test rows")
+    held_out_from(held_out, mixture="test rows")
     if held_out is None and s.eval_split > 0:
         train, held_out = _hold_out(train, s.eval_split, s.seed, "eval_split", kind)
+        held_out_from(held_out, share=s.eval_split, of="the dataset_mixture")
     logger.info(f"dataset mixture: {len(train)} training rows from {len(train_parts)} dataset(s), "
                 f"{len(held_out) if held_out is not None else 0} held out")
     return train, held_out

@@ -39,6 +39,7 @@ from alignkit.core.saved_settings import config_to_dict
 from alignkit.core.errors import UserError, is_notebook, keep_interrupts
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
+from alignkit.core.mixture import HELD_OUT
 # CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
 # killed before its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
 from alignkit.core.run_records import (
@@ -60,6 +61,9 @@ _ROWS: dict[Path, dict] = {}
 # alignkit_config.json: "text" (TRL's standard rows) or "conversations", the format of the rows the run trains on,
 # recorded when training starts (a reward model's checkpoint-N is scored as it trained: alignkit.feedback.rewards).
 DATA_ROWS = "data_rows"
+# alignkit_config.json: where the held-out rows come from and how many there are (alignkit.core.mixture.HELD_OUT):
+# a --dataset_test_split auto is recorded as the split it resolved to, for the card's evaluation results.
+HELD_OUT_RECORD = "held_out"
 # Settings that do not change what is trained: a run that differs only in these still resumes.
 NOT_TRAINING = {
     "resume", "merge_adaptors", "push_to_hub", "hub_repo_id", "hub_public", "report_to", "wandb_project",
@@ -70,6 +74,7 @@ NOT_TRAINING = {
     "inputs",  # recorded beside the settings (save_run_config) and compared by content (_changed)
     "trained_over",  # recorded beside the settings (save_run_config), for the loader (check_trained_over)
     DATA_ROWS,  # recorded beside the settings (save_run_config); the rows themselves are compared by content
+    HELD_OUT_RECORD,  # recorded beside the settings (save_run_config); the rows themselves are compared by content
     LOADED_AS,  # recorded beside the settings (save_run_config): the loader's decisions, known once it loaded
     LOADED_CHAIN,  # recorded beside the settings (save_run_config): the chain the loader loaded, for the card
     HUB_DATASETS,  # recorded beside the settings (save_run_config): which datasets named are the Hub's
@@ -111,6 +116,8 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
         from alignkit.core.digests import rows_digest
 
         rows = {"digest": rows_digest(*data), "format": "text" if is_text_dataset(data[0]) else "conversations"}
+        if len(data) > 1 and data[1] is not None and (source := getattr(data[1], HELD_OUT, None)):
+            rows[HELD_OUT_RECORD] = {**source, "rows": len(data[1])}  # where the held-out rows come from: the card
         digests = every_process(rows["digest"])
         if differing := [rank for rank, other in enumerate(digests) if other != digests[0]]:
             raise UserError(f"the processes of this launch read other rows from the same data settings: rank 0 and "
@@ -466,6 +473,8 @@ def save_run_config(s, path: Path) -> None:
             HUB_DATASETS: hub_datasets(getattr(s, "dataset_id", None), getattr(s, "dataset_mixture", None))}
     if rows := _ROWS.get(path.parent.resolve()):
         data[DATA_ROWS] = rows["format"]
+        if HELD_OUT_RECORD in rows:
+            data[HELD_OUT_RECORD] = rows[HELD_OUT_RECORD]
     if loaded := loaded_as(s.model_id):  # "auto" as the loader resolved it: 4bit is QLoRA (alignkit.core.run_records)
         data[LOADED_AS] = loaded
     if chain := loaded_chain(s.model_id):  # the base and adapters under this run, for its card (alignkit.core.card)
