@@ -218,7 +218,13 @@ def _linear_4bit():
 
 
 def worker(spec: dict) -> dict:
-    """Train `spec["steps"] + 1` steps of one configuration in this process; its figures."""
+    """Train `spec["steps"] + 1` steps of one configuration in this process; its figures. The trainer's output folder
+    is a temporary one, removed after (each CPU smoke run of CI left an empty gpu-dpo-* folder in /tmp)."""
+    with tempfile.TemporaryDirectory(prefix="gpu-dpo-") as out:
+        return _worker(spec, Path(out))
+
+
+def _worker(spec: dict, out: Path) -> dict:
     import torch
 
     from alignkit.core.progress import quiet_library_noise
@@ -234,7 +240,7 @@ def worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     started = time.perf_counter()
-    trainer = _build(spec, Path(tempfile.mkdtemp(prefix="gpu-dpo-")))
+    trainer = _build(spec, out)
     setup_s = time.perf_counter() - started
     model = trainer.accelerator.unwrap_model(trainer.model)
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config

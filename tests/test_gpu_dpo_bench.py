@@ -8,6 +8,7 @@ faked out-of-memory limit."""
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 
@@ -16,8 +17,11 @@ def test_cpu_smoke_runs_every_scenario_and_writes_the_result_keys(tmp_path, monk
     from bench import gpu_dpo
 
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the workers' output folders go
 
     gpu_dpo.main(["--cpu-smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    assert not list((tmp_path / "tmp").glob("gpu-dpo-*"))  # each run left an empty folder in /tmp
     result = json.loads((tmp_path / "gpu_dpo_smoke.json").read_text())
     assert result["cpu_smoke"] and result["machine"]["versions"]["trl"]
     for name in ("qlora_7b_1024", "qlora_7b_2048", "dense_1b"):
