@@ -369,11 +369,28 @@ def test_under_zero3_the_new_adapter_takes_the_base_dtype(sft_adapter, monkeypat
     """ZeRO-3 gathers into buffers of one dtype (trl/trainer/dpo_trainer.py); DeepSpeed keeps fp32 masters itself."""
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    monkeypatch.setattr(launch, "register_zero3_init", lambda: None)  # no DeepSpeed on this machine
+    monkeypatch.setattr(launch, "register_zero3_init", lambda *quantized: None)  # no DeepSpeed on this machine
     s = DPOSettings(model_id=sft_adapter, dtype="bf16", quantization="none", lora_r=4, lora_alpha=8)
     model = models.add_trainable_adapter(models.load_model(s, for_training=True), s)
     assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.bfloat16}
     assert models.keep_trainable_fp32(model) == 0  # and the QLoRA upcast leaves ZeRO-3 alone
+    assert models.keep_trainable_fp32(model, types.SimpleNamespace(bf16=True, fp16=False)) == 0  # DeepSpeed's bf16 engine
+
+
+def test_under_zero3_in_fp32_trl_s_bf16_cast_of_qlora_adapters_is_undone(sft_adapter, monkeypatch):
+    """A ZeRO-3 QLoRA run in fp32 (mixed_precision no) kept TRL's bf16 cast of its trainable weights: it saved bf16
+    adapters, and reward.py's bf16 score head met fp32 hidden states ("expected m1 and m2 to have the same
+    dtype", the launch audit of session 33). Its engine's dtype is fp32: the adapters go back to fp32."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setattr(launch, "register_zero3_init", lambda *quantized: None)
+    s = DPOSettings(model_id=sft_adapter, dtype="fp32", quantization="none", lora_r=4, lora_alpha=8)
+    model = models.add_trainable_adapter(models.load_model(s, for_training=True), s)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:  # as TRL leaves a 4-bit model's
+        param.data = param.data.bfloat16()
+    assert models.keep_trainable_fp32(model, types.SimpleNamespace(bf16=False, fp16=False)) == len(trainable)
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}  # one dtype
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -523,7 +540,7 @@ def test_ddp_is_told_every_parameter_is_used(monkeypatch, tmp_path):
 # 9. ZeRO-3 partitions the model while it loads
 
 
-def test_zero3_init_is_registered_before_the_model_loads(monkeypatch, load_kwargs):
+def test_zero3_init_is_registered_before_the_model_loads(monkeypatch, load_kwargs, alignkit_log):
     """Without it every rank loads the whole model into CPU RAM: from_pretrained builds it under zero.Init only
     when a DeepSpeed config is registered (transformers/modeling_utils.py `needs_zero3_init`)."""
     import accelerate.utils
@@ -562,6 +579,12 @@ def test_zero3_init_is_registered_before_the_model_loads(monkeypatch, load_kwarg
     try:
         launch.establish_launch(s, "dpo.py")  # as every script starts
         assert load_kwargs(s, for_training=True)["zero3_at_load"] is True
+        assert "ZeRO-3 init: on (each rank loads only its shard" in alignkit_log.text
+        hf_deepspeed.unset_hf_deepspeed_config()
+        # A 4-bit model is never built partitioned: the line said "on" for QLoRA too (the launch audit of s33).
+        alignkit_log.clear()
+        launch.establish_launch(ModelSettings(model_id=s.model_id, quantization="4bit"), "dpo.py")
+        assert "ZeRO-3 init: off for a quantized model" in alignkit_log.text and "init: on" not in alignkit_log.text
         hf_deepspeed.unset_hf_deepspeed_config()
         monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false")  # turned off in the accelerate config
         launch.establish_launch(s, "dpo.py")

@@ -54,7 +54,7 @@ def gpus(monkeypatch, count: int) -> list:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     started = []
     monkeypatch.setattr(launch, "_start_process_group", lambda: started.append(torch.cuda.current_device()))
-    monkeypatch.setattr(launch, "register_zero3_init", lambda: None)  # DeepSpeed is not installed here
+    monkeypatch.setattr(launch, "register_zero3_init", lambda *quantized: None)  # DeepSpeed is not installed here
     return started
 
 
@@ -90,7 +90,7 @@ def test_ddp_and_zero2_ranks_load_the_whole_model_onto_their_own_gpu(mode, monke
     weights stored as bitsandbytes packs them, and ZeRO-3's load-time partitioning stays off."""
     gpu_devices = gpus(monkeypatch, 2)
     registered = []
-    monkeypatch.setattr(launch, "register_zero3_init", lambda: registered.append(True))
+    monkeypatch.setattr(launch, "register_zero3_init", lambda *quantized: registered.append(True))
     launched(monkeypatch, mode, rank=1)
     s = DPOSettings(model_id=presets.paths()["model"])
     assert launch.establish_launch(s, "dpo.py").mode == {"ddp": "DDP", "zero2": "ZeRO-2"}[mode]
@@ -213,7 +213,7 @@ def test_a_refusal_local_rank_0_says_is_said_by_the_others_only_if_the_launcher_
 def test_what_works_is_not_refused(mode, script, s, monkeypatch):
     launched(monkeypatch, mode)
     monkeypatch.setattr(launch, "_start_process_group", lambda: None)
-    monkeypatch.setattr(launch, "register_zero3_init", lambda: None)
+    monkeypatch.setattr(launch, "register_zero3_init", lambda *quantized: None)
     assert launch.establish_launch(s, script).world_size == 2
 
 
@@ -227,7 +227,7 @@ def test_a_launch_whose_mixed_precision_is_not_the_run_s_dtype_is_refused(monkey
         return launch.establish_launch(s, script)
 
     monkeypatch.setattr(launch, "_start_process_group", lambda: None)
-    monkeypatch.setattr(launch, "register_zero3_init", lambda: None)
+    monkeypatch.setattr(launch, "register_zero3_init", lambda *quantized: None)
     refused = [
         (SFTSettings(), r"^accelerate launch asks for mixed_precision bf16, but this run computes in fp32 \(no CUDA "
                         r"device: .*\): launch with --mixed_precision no \(or set it in the accelerate config\)$"),
@@ -257,7 +257,7 @@ def test_a_deepspeed_json_that_enables_another_precision_is_refused_before_loadi
     import json
 
     monkeypatch.setattr(launch, "_start_process_group", lambda: None)
-    monkeypatch.setattr(launch, "register_zero3_init", lambda: None)
+    monkeypatch.setattr(launch, "register_zero3_init", lambda *quantized: None)
     config = tmp_path / "ds_z2_bf16.json"
     launched(monkeypatch, "zero2")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")

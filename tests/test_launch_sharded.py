@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -115,7 +116,10 @@ def reward_zero2(cache, runs):
 
 
 def test_sft_saves_a_whole_adapter(sft):
-    whole_adapter(sft[1])
+    weights = whole_adapter(sft[1])
+    # In fp32 (these configs' mixed_precision no) the QLoRA adapter is saved fp32 under every launch: under ZeRO-3
+    # it kept TRL's bf16 cast (the launch audit of session 33).
+    assert {t.dtype for t in weights.values()} == {torch.float32}
 
 
 # Under ZeRO-3 dpo.py and kto.py run twice: with the default reference (the adapter switched off at each step, on the
@@ -203,17 +207,21 @@ def test_rl(sft, request, cache, runs):
         assert "was trained with QLoRA: it scores over its base rounded to 4-bit NF4" in done["output"]
 
 
-@pytest.mark.parametrize("mode", ["zero3", "fsdp"])
-def test_reward_with_its_held_out_report(mode, cache, runs):
+@pytest.mark.parametrize("mode, flags", [("zero3", ()), pytest.param("zero3", QLORA, id="zero3-qlora"), ("fsdp", ())],
+                         ids=["zero3", "zero3-qlora", "fsdp"])
+def test_reward_with_its_held_out_report(mode, flags, cache, runs):
     """The whole reward.py under a sharded model: the fresh score head zeroed (under ZeRO-3 in its partition), the
     held-out report on every rank (a sharded forward is a collective), its scores and picture written once.
-    reward.py's pieces checked against the unsharded model under FSDP: test_launch_real.py."""
-    run = runs / f"reward-{mode}"
-    done = launch(mode, "reward.py", run, *TINY, cache=cache)
+    reward.py's pieces checked against the unsharded model under FSDP: test_launch_real.py. With QLoRA under ZeRO-3
+    (the model built whole, partitioned once training starts) its first step failed: TRL's bf16 score head met the
+    fp32 run's hidden states ("expected m1 and m2 to have the same dtype")."""
+    run = runs / f"reward-{mode}{'-qlora' if flags else ''}"
+    done = launch(mode, "reward.py", run, *TINY, *flags, cache=cache)
     held_out = json.loads((run / "held_out_rewards.json").read_text())
     assert done["metrics"]["held_out_pairs"] == len(held_out["chosen"]) > 0
     assert (run / "rewards_histogram.png").is_file()
-    whole_adapter(run)
+    weights = whole_adapter(run)
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # LoRA and the score head, fp32 as the run
 
 
 def test_reward_logexpwithlm_with_qlora_under_zero2(reward_zero2):

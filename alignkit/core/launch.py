@@ -276,7 +276,8 @@ def establish_launch(s=None, script: str = "") -> Launch:
             logger.info("FSDP on a machine without CUDA: accelerate shards on GPUs only, so this launch trains as "
                         "DDP, each process holding the whole model (FSDP's refusals still apply)")
     if launch.mode == "ZeRO-3" and script not in ONE_PROCESS:
-        register_zero3_init()
+        requested = getattr(s, "quantization", "none") if s is not None else "none"
+        register_zero3_init(resolve_quantization(requested, log=False) in ("4bit", "8bit"))
     return launch
 
 

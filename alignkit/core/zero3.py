@@ -12,7 +12,7 @@ from alignkit.core.errors import UserError
 _zero3_config = None  # must stay alive: transformers keeps only a weakref to it
 
 
-def register_zero3_init() -> None:
+def register_zero3_init(quantized: bool = False) -> None:
     """Under a ZeRO-3 launch with zero3_init_flag, make from_pretrained build the model partitioned (zero.Init).
 
     from_pretrained partitions at load time only when a DeepSpeed config is registered
@@ -20,7 +20,7 @@ def register_zero3_init() -> None:
     the Trainer registers one only when its TrainingArguments are built (training_args.py, "12. DeepSpeed":
     DeepSpeedPlugin().set_deepspeed_weakref()), which in the scripts comes after loading: every rank would load
     the whole model into CPU RAM. This registers the same config, read from accelerate launch's environment,
-    before loading. (4-bit models are never built under zero.Init.)
+    before loading. (4-bit models are never built under zero.Init: `quantized`, the run's model is one, says so.)
     """
     global _zero3_config
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -42,7 +42,11 @@ def register_zero3_init() -> None:
         return
     plugin.set_deepspeed_weakref()
     _zero3_config = plugin
-    logger.info("ZeRO-3 init: on (each rank loads only its shard of the weights (zero3_init_flag))")
+    if quantized:  # transformers: needs_zero3_init = is_deepspeed_zero3_enabled() and not _is_quantized
+        logger.info("ZeRO-3 init: off for a quantized model (transformers builds none partitioned): every rank loads "
+                    "the whole 4-bit base, and ZeRO-3 partitions the rest once training starts")
+    else:
+        logger.info("ZeRO-3 init: on (each rank loads only its shard of the weights (zero3_init_flag))")
 
 
 @contextlib.contextmanager

@@ -95,20 +95,24 @@ def cast_adapters(model, names: list[str], dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def keep_trainable_fp32(model) -> int:
+def keep_trainable_fp32(model, args=None) -> int:
     """QLoRA: store the trainable LoRA weights in fp32 (autocast still computes in bf16/fp16); returns how many moved.
 
     TRL casts every trainable parameter of a quantized model to bf16 (trl/trainer/dpo_trainer.py and
     sft_trainer.py, "When using QLoRA, the PEFT adapter weights are converted to bf16"). With plain AdamW at a
     DPO learning rate most updates are below bf16's resolution and round away (a 3-step tiny 4-bit DPO moved 10
     of 1024 lora_A entries), and on an fp16 GPU the grad scaler refuses non-fp32 parameters. QLoRA itself keeps
-    the adapters in fp32. Under ZeRO-3 they stay as they are: DeepSpeed keeps fp32 master weights itself and
-    needs one dtype across its partitions.
+    the adapters in fp32. Under ZeRO-3 with bf16 or fp16 (`args`, the trainer's) they stay as they are: DeepSpeed
+    keeps fp32 master weights itself and needs one dtype across its partitions, the engine's. A ZeRO-3 run in fp32
+    (mixed_precision no) moves them too: its engine's dtype is fp32, and TRL's bf16 cast left it bf16 adapters (a
+    reward model's bf16 score head met fp32 hidden states: "expected m1 and m2 to have the same dtype").
     """
-    if _sharded_launch() == ZERO3:
+    if _sharded_launch() == ZERO3 and (args is None or args.bf16 or args.fp16):
         return 0
     moved = 0
     for param in model.parameters():
+        if hasattr(param, "ds_id"):  # a ZeRO-3 partition (the model built under zero.Init): DeepSpeed's to cast
+            continue
         if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
             param.data = param.data.float()
             moved += 1

@@ -179,7 +179,7 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
             super().__init__(*args, **kwargs)
         check_kept(self, given, "prompt + an answer is longer than that")
         # TRL casts a 4-bit model's trainable weights (LoRA and the score head) to bf16; back to fp32, as for sft/dpo.
-        keep_trainable_fp32(self.model)
+        keep_trainable_fp32(self.model, self.args)
         CheckpointBase.attach(self)
         self.loss, self.lm_loss_coef, self.lm_head = loss, lm_loss_coef, lm_head
         self._hidden = None

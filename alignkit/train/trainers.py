@@ -101,7 +101,7 @@ class _StackedAdapters:
         data = {"the training data": kwargs.get("train_dataset"), "the held-out data": kwargs.get("eval_dataset")}
         with template_rows.refused(kwargs.get("processing_class"), data):
             super().__init__(*args, **kwargs)
-        keep_trainable_fp32(self.model)  # TRL casts QLoRA's trainable weights to bf16; see alignkit.modeling.models
+        keep_trainable_fp32(self.model, self.args)  # TRL casts QLoRA adapters to bf16: alignkit.modeling.models
         CheckpointBase.attach(self)
 
     def _choose_reference(self, frozen_adapters, reference_adapters: int | None) -> None:
