@@ -118,6 +118,9 @@ judge_pairs(run, pairs)
 # how often slot A wins (position bias: 50% is none), ties, parse failures, errors and tokens.
 
 # %%
+import os
+
+from alignkit.core.errors import STEP_OF
 from alignkit.feedback.label_records import format_summary, train_command, write_output
 
 if settings.mode == "pointwise":  # rows of prompt, completion, label (grade >= --grade_threshold), grade
@@ -130,13 +133,16 @@ next_step = {"pairs": "dpo.py", "completions": "sft.py", "pointwise": "kto.py"}[
 written = {"pairs": "labeled", "completions": "completions"}.get(settings.mode)
 # KTO's labels: --desirable_weight where the classes are unbalanced, as TRL advises; none at all with one class only
 flags, refused = pointwise.kto_next_step(summary["desirable"], summary["undesirable"]) if not written else ("", None)
-if refused:
+as_step = os.environ.get(STEP_OF)  # a round of rlaif.py, which trains on it next itself: no command to suggest
+if as_step:
+    pass
+elif refused:
     print(f"not for kto.py yet: {refused}")
 elif (summary.get(written) if written else summary.get("desirable", 0) + summary.get("undesirable", 0)):
     print(f"train on it: {train_command(next_step, settings.preset, run.output, flags)}")
 else:  # an empty file is nothing to train on (the line above says why)
     print(f"nothing to train on: {run.output} is empty")
-if summary.get("grade_pairs"):  # --grade_pairs: each prompt's best-graded answer over its worst
+if summary.get("grade_pairs") and not as_step:  # --grade_pairs: each prompt's best-graded answer over its worst
     print(f"or on its pairs: {train_command('dpo.py', settings.preset, summary['grade_pairs_output'])}")
 
 # %% [markdown]

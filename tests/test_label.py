@@ -346,6 +346,23 @@ def test_a_missing_prompts_file_leaves_nothing_behind(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_as_a_step_of_rlaif_no_command_to_train_on_the_output_is_suggested(tmp_path, monkeypatch, capsys):
+    """Inside rlaif.py, label.py closed with `train on it: python dpo.py --dataset_id runs/.../preferences.jsonl`,
+    noise there: rlaif trains on it next (the rlaif notebook audit of session 58). Alone, it still says it."""
+    from alignkit.core.errors import STEP_OF
+
+    (tmp_path / "longer.py").write_text('def judge(prompt, a, b):\n    return "A" if len(a) >= len(b) else "B"\n')
+    marker_pairs(tmp_path, identical=False)
+    args = ("--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge", f"python:{tmp_path / 'longer.py'}:judge")
+    monkeypatch.delenv(STEP_OF, raising=False)
+    run_script("label.py", *args, "--output", "alone.jsonl", cwd=tmp_path)
+    assert "train on it: python dpo.py --dataset_id alone.jsonl" in capsys.readouterr().out
+    monkeypatch.setenv(STEP_OF, "command")  # what alignkit.train.step_process gives rlaif's steps
+    run_script("label.py", *args, "--output", "step.jsonl", cwd=tmp_path)
+    out = capsys.readouterr().out
+    assert "wrote step.jsonl" in out and "train on it" not in out and "nothing to train on" not in out
+
+
 def test_a_principle_the_judge_template_does_not_read_is_refused(tmp_path):
     """--principle with the default template was ignored without a word (found by an audit): the README's example
     pairs it with self_reference, the one template that reads it."""
