@@ -3,13 +3,15 @@
 Its output is appended to the step's log, line by line, as it comes; where the person running the whole thing
 watches (a terminal or a notebook: alignkit.core.progress.live), it is shown as well, progress bars included (the
 step draws them, as it would run alone: ALIGNKIT_PROGRESS), so a round of hours is not a silent cell. The log keeps
-each bar's last state only. A step whose parent dies is stopped with it (Linux); Ctrl-C or a notebook's interrupt
+each bar's last state only; the step's `error:` line is not shown, as the one line run_step raises says it. A
+step whose parent dies is stopped with it (Linux); Ctrl-C or a notebook's interrupt
 stops the step before it is raised.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -44,8 +46,8 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
         # (wandb's service, a server a reward started) would otherwise hold the round until it ends.
         # Past the grace, it keeps reading (a writer to a pipe nobody reads would block or break) but writes nowhere.
         done = _Done()
-        relay = threading.Thread(target=_relay, args=(step.stdout, out, sys.stderr if shown else None, done),
-                                 daemon=True)
+        relay = threading.Thread(target=_relay, args=(step.stdout, out, _Screen(sys.stderr) if shown else None,
+                                                      done), daemon=True)
         relay.start()
         try:
             code = step.wait()
@@ -80,6 +82,49 @@ class _Done:
         self.lock, self.set = threading.Lock(), False
 
 
+class _Screen:
+    """Where a step's output is shown, less its `error: ` line (the log keeps it): the one line run_step raises
+    once the step has stopped says it, with the log and how to go on; shown too, it was said twice (the rlaif
+    notebook audit of session 58). A line is held back only while it could still turn out to be one."""
+
+    MARK = "error: "
+
+    def __init__(self, stream):
+        self.stream, self.head, self.hiding = stream, "", False
+        self.at_start = True  # after a line end or a bar's \r
+
+    def write(self, text: str) -> None:
+        out = []
+        for piece in re.split(r"([\r\n])", text):
+            if piece in ("\r", "\n"):
+                if not self.hiding:
+                    out.append(self.head + piece)
+                self.head, self.hiding, self.at_start = "", False, True
+            elif self.hiding or not piece:
+                continue
+            elif self.at_start:
+                self.head += piece
+                if self.head.startswith(self.MARK):
+                    self.head, self.hiding, self.at_start = "", True, False
+                elif not self.MARK.startswith(self.head):
+                    out.append(self.head)
+                    self.head, self.at_start = "", False
+            else:
+                out.append(piece)
+        if out:
+            self.stream.write("".join(out))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        """The end of the output: a line held back that never became an `error: ` line is shown."""
+        if self.head and not self.hiding:
+            self.stream.write(self.head)
+            self.stream.flush()
+        self.head = ""
+
+
 def _relay(stream, log, screen, done: _Done) -> None:
     """Each chunk of the step's output to `screen` as it comes (bars redraw with \\r), each whole line to `log` as
     its last redraw (the text after the line's last \\r; a \\r\\n ending is a plain line end); once `done`, the
@@ -104,6 +149,8 @@ def _relay(stream, log, screen, done: _Done) -> None:
             log.flush()
     pending += decoder.decode(b"", final=True)
     with done.lock:
+        if screen is not None and not done.set:
+            screen.close()
         if pending.strip("\r") and not done.set:
             log.write(pending.rstrip("\r").rsplit("\r", 1)[-1] + "\n")
             log.flush()
