@@ -17,7 +17,8 @@
 # %% [markdown]
 # ## Settings
 # Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags < `overrides`. The DPO settings
-# apply to every round's dpo.py run; `--label_args` and `--evaluate_args` pass anything else on.
+# apply to every round's dpo.py run; `--label_args` and `--evaluate_args` pass anything else on. What round 1's
+# label.py, dpo.py and evaluate.py would refuse is refused here: their flags, the model, the prompts, the judge.
 
 # %%
 from alignkit.core.errors import report_user_errors
@@ -39,6 +40,10 @@ settings = parse_config(
 launch = establish_launch(settings, "rlaif.py")  # the process's device, the process group, what this launch refuses
 presets.ensure(settings)  # after the launch's refusal: rlaif.py runs as one process, refused before the preset builds
 
+from alignkit.train.rlaif import check
+
+check(settings)  # round 1's steps' flags, the model, the prompts' column, the judge: refused now, before any folder
+
 # %% [markdown]
 # ## Run folder
 # `output_dir/run_name/round-N/` per round: preferences (+ label cache), the DPO adapter in `dpo/`, the
@@ -56,7 +61,7 @@ save_config(settings, folder / "rlaif_config.json")  # secrets redacted
 # %% [markdown]
 # ## Rounds
 # Each step is a script in its own process and resumes by its own rules; a failed step stops the loop with
-# its log, and the same command resumes at that round.
+# its log, and running it again resumes at that round.
 
 # %%
 from alignkit.train.rlaif import run

@@ -688,3 +688,75 @@ def test_what_dpo_refuses_on_a_mixture_of_experts_is_refused_before_round_1_samp
     with pytest.raises(UserError, match=r"^round 1: no pair was labeled"):  # past the check: round 1's label.py
         rlaif.run(dataclasses.replace(s, lora_dropout=0.0), tmp_path / "run")
     assert [script for script, _ in calls] == ["label.py"]
+
+
+def test_what_round_1_s_steps_would_refuse_is_refused_by_the_settings_before_any_folder(tiny_cache, tmp_path):
+    """A typo in --evaluate_args was found by round 1's evaluate.py after its labelling and DPO (hours on a real
+    model); a bad --label_args, a mistyped --model_id, a --prompt_field the prompts lack and a bad --judge by round
+    1's label.py; and each refused try left a run folder behind (the rlaif notebook audit of session 58). Each
+    step's command line as the round builds it is parsed by the step's own settings in the settings cell, which
+    refuses in one line before anything is written."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.core.errors import UserError
+    from alignkit.modeling import presets
+    from alignkit.train import rlaif
+
+    model = str(presets.paths()["model"])
+    s = parse_config(RLAIFSettings, ["--preset", "tiny", "--model_id", model, "--max_prompts", "8", "--num_samples",
+                                     "4", "--rounds", "1"], presets={"tiny": presets.defaults("rlaif")}, env_file=None)
+    rlaif.check(s)  # the tiny round as it runs
+    columns = tmp_path / "questions.jsonl"
+    columns.write_text('{"question": "hi"}\n')
+    for change, message in [
+            ({"evaluate_args": "--judge_modell rule"}, r"^round 1's evaluate.py would refuse its settings: unknown "
+             r"setting: --judge_modell \(in --evaluate_args; did you mean --judge_model\?\)\. python evaluate.py "
+             r"pairwise --help lists every setting"),
+            ({"label_args": "--bogus_flag 3"}, r"^round 1's label.py would refuse its settings: unknown setting: "
+             r"--bogus_flag \(in --label_args\)"),
+            ({"label_args": "--num_samples many"}, r"^round 1's label.py would refuse its settings: .*num_samples"),
+            ({"model_id": "runs/tiny-sftt"}, r"^model not found: runs/tiny-sftt is no local folder"),
+            ({"prompt_field": "question"}, r"prompts.jsonl: no column 'question' \(columns: prompt, category\)\. Pass "
+             r"--prompt_field"),
+            ({"dataset_id": str(columns)}, r"questions.jsonl: no column 'prompt' \(columns: question\)"),
+            ({"judge": "nonsense"}, r"^--judge 'nonsense': expected openai, hf, rm:RUN_FOLDER, or python:"),
+            ({"eval_prompts": str(tmp_path / "nothere.jsonl")}, r"nothere.jsonl: file not found")]:
+        with pytest.raises(UserError, match=message):
+            rlaif.check(dataclasses.replace(s, **change))
+
+    # The script: refused in its settings cell, no run folder left behind.
+    runs = tmp_path / "runs"
+    for flags in (["--evaluate_args", "--judge_modell rule"], ["--model_id", "runs/tiny-sftt"]):
+        with pytest.raises(UserError):
+            run_script("rlaif.py", "--preset", "tiny", "--model_id", model, "--output_dir", str(runs), *flags,
+                       cwd=tmp_path)
+        assert not runs.exists()
+
+
+def test_a_step_s_refusal_is_said_once_with_how_to_go_on_where_rlaif_runs(tmp_path, monkeypatch, capsys):
+    """A failing step's `error:` line was shown, then rlaif's own line said it again with its log; and in a
+    notebook that line said to run "the same rlaif.py command" (there is none): one line, in the words of where
+    rlaif runs (the rlaif notebook audit of session 58)."""
+    from alignkit.core import errors
+    from alignkit.core.errors import UserError
+    from alignkit.train import rlaif, step_process
+
+    (tmp_path / "step.py").write_text("import sys\nprint('working', flush=True)\nsys.stderr.write('error: bad flag')\n"
+                                      "sys.stderr.flush()\nsys.stderr.write('\\n')\nsys.exit(2)\n")
+    monkeypatch.setattr(step_process, "ROOT", tmp_path)
+    monkeypatch.setattr(step_process, "live", lambda: True)
+    log = tmp_path / "log.txt"
+    for notebook, again in ((False, "run the same rlaif.py command again"),
+                            (True, "run the cells from the settings cell on again")):
+        monkeypatch.setattr(errors, "is_notebook", lambda: notebook)
+        with pytest.raises(UserError, match=rf"^step.py stopped: bad flag \(its log: .*\)\. Fix that and {again}: it "
+                                            r"resumes at this round$"):
+            rlaif._run("step.py", [], log)
+        shown = capsys.readouterr().err
+        assert "working" in shown and "bad flag" not in shown  # the raised line says it
+    assert log.read_text().count("error: bad flag\n") == 2  # the log keeps it
+    screen = step_process._Screen(__import__("io").StringIO())  # a line held back only while it could be one
+    for piece in ("err", "ands\n", "\rerror: x", "\n", "e"):
+        screen.write(piece)
+    screen.close()
+    assert screen.stream.getvalue() == "errands\n\re"

@@ -37,17 +37,16 @@ A round made by a version that kept no markers is redone (nothing says what it w
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 import time
 from pathlib import Path
 
 from alignkit import logger
-from alignkit.core.errors import UserError
+from alignkit.core.errors import ConfigError, UserError
 from alignkit.core.journal import free_name, read_json, write_atomic, write_json
-from alignkit.train.rlaif_inputs import (  # noqa: F401 - start_model, revision_of: importable from here too
-    _digest, _dpo_config, _dpo_inputs, _eval_inputs, _label_inputs, _prompt_source, endpoint_flags, label_judge_flags,
-    loader_flags, revision_of, same_inputs, start_model,
+from alignkit.train.rlaif_inputs import (  # noqa: F401 - start_model, revision_of, ...: importable from here too
+    _digest, _dpo_config, _dpo_inputs, _eval_inputs, _label_inputs, _prompt_source, dpo_command, endpoint_flags,
+    eval_command, label_command, label_judge_flags, loader_flags, revision_of, same_inputs, start_model,
 )
 from alignkit.train.step_process import run_step
 
@@ -55,9 +54,25 @@ ROUND_FILE = "round.json"
 STEPS = ("label", "dpo", "eval")
 
 
+def _again() -> str:
+    """How to go on after a stop, where rlaif runs: a notebook has no rlaif.py command to run again."""
+    from alignkit.core.errors import is_notebook
+
+    return "run the cells from the settings cell on again" if is_notebook() else "run the same rlaif.py command again"
+
+
 def _run(script: str, args: list[str], log: Path) -> None:
     """One step in its own process (alignkit.train.step_process): its output in `log`, and shown live."""
-    run_step(script, args, log, again="run the same rlaif.py command again: it resumes at this round")
+    run_step(script, args, log, again=f"{_again()}: it resumes at this round")
+
+
+def _reference(s) -> list[str]:
+    """dpo.py's --reference_adapters of every round: with --reference start, the starting model's own adapters."""
+    if s.reference != "start":
+        return []
+    from alignkit.modeling.chain import adapter_chain
+
+    return ["--reference_adapters", str(len(adapter_chain(s.model_id, s.revision)[1]))]
 
 
 def round_dir(folder: Path, r: int) -> Path:
@@ -144,7 +159,6 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
     preferences = here / "preferences.jsonl"
     summary_file = preferences.with_suffix(".summary.json")
     revision = revision_of(s, policy)  # the policy's: round 1's --revision, none for a run folder
-    at_revision = ["--revision", revision] if revision else []
     inputs = {"label": _json_inputs(_label_inputs(s, r, policy, revision))}
     plan = _plan(here, "label", inputs["label"], _whole(summary_file) and preferences.is_file())
     _say_reused(r, "label", plan)
@@ -152,36 +166,23 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
     if plan[0]:
         outputs = [preferences, summary_file, preferences.with_suffix(".config.json")]
         _start(here, "label", inputs["label"], plan, outputs, aside, r)
-        args = ["--model_id", policy, "--prompts", s.dataset_id, "--num_samples", str(s.num_samples),
-                "--temperature", str(s.sample_temperature), "--max_new_tokens", str(s.max_new_tokens),
-                "--judge", s.judge, "--output", str(preferences), "--seed", str(s.seed + r),
-                "--quantization", s.quantization]
-        if s.max_prompts is not None:
-            args += ["--max_prompts", str(s.max_prompts)]
-        args += [item for k, v in _prompt_source(s).items() if v is not None for item in (f"--{k}", str(v))]
-        args += at_revision + loader_flags(s) + label_judge_flags(s)
-        _run("label.py", args + shlex.split(s.label_args), log)
+        _run("label.py", label_command(s, r, policy, revision, preferences), log)
     summary = read_json(summary_file)
     if not summary.get("labeled"):  # label.py ends well with none: DPO would blame its own file
         from alignkit.feedback.label_records import nothing_labeled
 
         raise UserError(f"round {r}: {nothing_labeled(summary, summary_file)} (label.py's flags go "
-                        "in --label_args; its --temperature is --sample_temperature here); then run the same rlaif.py "
-                        "command again (what is done is kept)")
+                        f"in --label_args; its --temperature is --sample_temperature here); then {_again()} (what is "
+                        "done is kept)")
     skipped, judgments = summary.get("skipped") or {}, summary.get("judgments") or {}
     failed = judgments.get("failed", 0) + skipped.get("generation_errors", 0)
     if failed:  # DPO on the pairs that made it, marked done, and no rerun asked for the rest again
         raise UserError(f"round {r}: {failed} requests failed after their retries (see {log}), so {preferences.name} "
-                        "lacks their pairs: run the same rlaif.py command again, which asks only for those (what is "
-                        "done is kept)")
+                        f"lacks their pairs: {_again()}, which asks only for those (what is done is kept)")
     if plan[0]:
         _done(here, "label", inputs["label"])
     dpo = here / "dpo"
-    reference = []
-    if s.reference == "start":  # the reference keeps only the starting model's own adapters on
-        from alignkit.modeling.chain import adapter_chain
-
-        reference = ["--reference_adapters", str(len(adapter_chain(s.model_id, s.revision)[1]))]
+    reference = _reference(s)
     inputs["dpo"] = _json_inputs(_dpo_inputs(s, policy, revision, preferences, reference))
     plan = _plan(here, "dpo", inputs["dpo"], _whole(dpo / "metrics.json"))
     _say_reused(r, "dpo", plan)
@@ -192,10 +193,7 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
         _start(here, "dpo", inputs["dpo"], plan, [here / "dpo_config.yaml"], aside, r, beside=dpo)
         _dpo_config(s, here / "dpo_config.yaml")
         restart = ["--resume", "false"] if plan[0] == "redo" else []
-        _run("dpo.py", ["--config", str(here / "dpo_config.yaml"), "--model_id", policy, *at_revision,
-                        "--dataset_id",
-                        str(preferences), "--output_dir", str(here), "--run_name", "dpo",
-                        "--eval_split", str(s.eval_split), *reference, *restart], log)
+        _run("dpo.py", dpo_command(s, here, policy, revision, preferences, reference, restart), log)
         _done(here, "dpo", inputs["dpo"])
     evaluation = here / "eval"
     judge = s.eval_judge_model or s.judge_model
@@ -206,18 +204,9 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
     if plan[0]:
         # The whole folder: the earlier policy's answers too, which evaluate.py would refuse as another model's.
         _start(here, "eval", inputs["eval"], plan, [evaluation], aside, r)
-        previous = f"{policy}@{revision}" if revision else policy  # ID@REVISION: alignkit.core.sources
-        args = ["pairwise", "--models", f"previous={previous}", f"round-{r}={dpo}", "--baseline", "previous",
-                "--prompts_file", prompts, "--output_dir", str(evaluation),
-                "--max_new_tokens", str(s.max_new_tokens), "--temperature", str(s.sample_temperature),
-                "--quantization", s.quantization, "--seed", str(s.seed)]
         before = round_dir(folder, r - 1) / "eval"
-        if r > 1 and before.is_dir():  # the previous policy answered these prompts there, as its new one: by key
-            args += ["--answers_from", str(before)]
-        endpoint = [] if judge == "rule" else endpoint_flags(s, skip={"judge_model"})
-        if judge:
-            args += ["--judge_model", judge]
-        _run("evaluate.py", args + loader_flags(s) + endpoint + shlex.split(s.evaluate_args), log)
+        answers_from = before if r > 1 and before.is_dir() else None  # the previous policy's answers, by key
+        _run("evaluate.py", eval_command(s, r, policy, revision, dpo, evaluation, prompts, judge, answers_from), log)
         _done(here, "eval", inputs["eval"])
     steps = {step: _digest(inputs[step]) for step in STEPS}
     record = finished(folder, r)
@@ -242,7 +231,7 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
 EVAL_PROMPTS = "eval_prompts.jsonl"  # in the run folder: the evaluation prompts, when read from a dataset
 
 
-def eval_prompts(s, folder: Path) -> str:
+def eval_prompts(s, folder: Path | None) -> str | None:
     """The prompts file each round is judged on, ready before round 1 (a prompt that cannot be judged is found
     before hours of labelling and training, not after).
 
@@ -251,7 +240,8 @@ def eval_prompts(s, folder: Path) -> str:
     Parquet file, rows of messages) is read as --dataset_id is read, from --eval_prompts_split (default: the
     --dataset_split with "train" read as "test": a Hub dataset's held-out prompts), its distinct prompts, at most
     --eval_max_prompts, into EVAL_PROMPTS in the run folder. evaluate.py pairwise judges one-turn prompts, so a
-    prompt of several turns, or with a system turn, is refused naming its row."""
+    prompt of several turns, or with a system turn, is refused naming its row. `folder` None: read and checked
+    only, nothing written (check)."""
     from alignkit.core.data_files import DataError, single_file
     from alignkit.evals.prompts_file import prompt_questions
     from alignkit.feedback.labeling import read_prompts
@@ -279,6 +269,8 @@ def eval_prompts(s, folder: Path) -> str:
                             f"({', '.join(m['role'] for m in prompt.messages)}); each round's evaluation (evaluate.py "
                             "pairwise) judges one-turn prompts. Pass --eval_prompts with one-turn prompts")
         rows.append({"question_id": len(rows) + 1, "prompt": prompt.messages[0]["content"]})
+    if folder is None:
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / EVAL_PROMPTS
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
@@ -289,13 +281,9 @@ def eval_prompts(s, folder: Path) -> str:
 
 def run(s, folder: Path) -> list[dict]:
     """Every round, each reused where it was made from the same inputs; then the table and the chart."""
-    from alignkit.core.data_files import check_exists
-    from alignkit.core.mixture import check_file_splits
     from alignkit.train.report import show
 
-    check_exists(s.dataset_id)  # a prompts file that is not there: here, not in round 1's label.py after a load
-    check_file_splits(s)  # a --dataset_split on a single prompts file, refused here, not by dpo.py in round 1
-    _check_dpo_loads(s)
+    _check_sources(s)
     _check_folder(s, folder)
     prompts = eval_prompts(s, folder)
     records, policy = [], start_model(s)
@@ -308,6 +296,85 @@ def run(s, folder: Path) -> list[dict]:
     write_table(records, folder / "rlaif.md")
     plot(records, folder / "win_rate.png")
     return records
+
+
+def _check_sources(s) -> None:
+    """A prompts file that is not there (here, not in round 1's label.py after a load), a --dataset_split on a single
+    prompts file (not by dpo.py in round 1), an --eval_prompts that is not there, what dpo.py refuses on the model."""
+    from alignkit.core.data_files import check_exists
+    from alignkit.core.mixture import check_file_splits
+
+    for source in (s.dataset_id, s.eval_prompts):
+        if source:
+            check_exists(source)
+    check_file_splits(s)
+    _check_dpo_loads(s)
+
+
+STEP_FLAGS = {"label.py": "--label_args", "evaluate.py": "--evaluate_args"}  # each step's own flags, passed on
+
+
+def check(s) -> None:
+    """What round 1's steps would refuse after their work (hours of it on a real model), refused by the settings
+    cell, before the 'Run folder' cell writes anything (the notebook audit of session 58: a typo in --evaluate_args
+    was found by round 1's evaluate.py after its labelling and training; a mistyped --model_id, a --prompt_field
+    the prompts lack, a bad --judge or --label_args by its label.py). Each step's whole command line as round 1
+    runs it (label_command, dpo_command, eval_command: one source) parsed by that step's own settings, environment
+    and .env included; the starting model found as label.py would look for it; the prompts read as label.py reads
+    them (their column); label.py's judge built (a python: judge imported, an endpoint's API key); the evaluation
+    prompts read and checked; and what run() checks before round 1 (_check_sources)."""
+    import tempfile
+
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import DPOSettings, LabelSettings
+    from alignkit.evals import evaluation
+    from alignkit.feedback.judge import make_judge
+    from alignkit.feedback.labeling import read_prompts
+    from alignkit.modeling import presets
+    from alignkit.modeling.model_folders import check_model_sources
+
+    policy = start_model(s)
+    revision = revision_of(s, policy)
+    with tempfile.TemporaryDirectory() as tmp:  # the round's files named, none written where the run goes
+        here = Path(tmp) / "round-1"
+        here.mkdir()
+        _dpo_config(s, here / "dpo_config.yaml")
+        judge = s.eval_judge_model or s.judge_model
+        prompts = s.eval_prompts or s.dataset_id  # the file eval_prompts() makes of it is made in the run folder
+        parsed = evaluation._PARSED  # parse_command keeps what it parsed: a notebook's evaluate cells read it
+        try:
+            label = _parse_step("label.py", lambda: parse_config(
+                LabelSettings, label_command(s, 1, policy, revision, here / "preferences.jsonl"),
+                presets=presets.named("label"), prog="label.py"))
+            _parse_step("dpo.py", lambda: parse_config(
+                DPOSettings, dpo_command(s, here, policy, revision, here / "preferences.jsonl", [], []),
+                presets=presets.named("dpo"), prog="dpo.py"))
+            _parse_step("evaluate.py", lambda: evaluation.parse_command(
+                eval_command(s, 1, policy, revision, here / "dpo", here / "eval", prompts, judge, None)))
+        finally:
+            evaluation._PARSED = parsed
+    check_model_sources(label, [label.model_id])  # a mistyped path: here, not after label.py's start
+    _check_sources(s)
+    _reference(s)  # --reference start reads the starting model's adapters
+    judge = make_judge(label) if label.mode == "pairs" else None
+    prompts = read_prompts(label.prompts, label.prompts_split, label.prompts_config, label.prompt_field,
+                           label.max_prompts)
+    if hasattr(judge, "check_prompts"):  # a prompt a reward model judge cannot score, as label.py refuses it
+        judge.check_prompts(prompts)
+    eval_prompts(s, None)  # the evaluation prompts, read and checked; written by run() into the run folder
+
+
+def _parse_step(script: str, parse):
+    """`parse()`, a refusal named as round 1's `script`'s, its flags as the setting rlaif.py passes them on by."""
+    try:
+        return parse()
+    except UserError as e:
+        said, flags = str(e), STEP_FLAGS.get(script)
+        if flags:  # rlaif.py's --help does not list them
+            command = "evaluate.py pairwise" if script == "evaluate.py" else script
+            said = said.replace("(on the command line", f"(in {flags}").replace(
+                "--help lists every setting", f"python {command} --help lists every setting")
+        raise ConfigError(f"round 1's {script} would refuse its settings: {said}") from None
 
 
 def _check_dpo_loads(s) -> None:

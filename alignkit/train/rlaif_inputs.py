@@ -1,4 +1,5 @@
-"""What rlaif.py hands each round's scripts, and what each step reads (alignkit.train.rlaif): the policy's loader
+"""What rlaif.py hands each round's scripts, and what each step reads (alignkit.train.rlaif): each step's command
+line (built once, for the round and for the check before round 1), the policy's loader
 settings and the judge endpoint as label.py / evaluate.py flags, the DPO settings as a dpo.py --config, and each
 step's inputs by content (the model down its adapter chain, the prompts and preferences files, the judges' code or
 model, files named in --label_args / --evaluate_args), whose digest decides whether a step is reused.
@@ -93,6 +94,48 @@ def label_judge_flags(s) -> list[str]:
     if s.judge.startswith(("python:", "rm:")):
         return ["--parallel", str(s.parallel)]
     return endpoint_flags(s)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Each step's command line: what a round runs, and what the settings check before round 1 parses (one source)
+
+
+def label_command(s, r: int, policy: str, revision: str | None, preferences: Path) -> list[str]:
+    """label.py's arguments in round r: sample from `policy`, judge every pair into `preferences`."""
+    args = ["--model_id", policy, "--prompts", s.dataset_id, "--num_samples", str(s.num_samples),
+            "--temperature", str(s.sample_temperature), "--max_new_tokens", str(s.max_new_tokens),
+            "--judge", s.judge, "--output", str(preferences), "--seed", str(s.seed + r),
+            "--quantization", s.quantization]
+    if s.max_prompts is not None:
+        args += ["--max_prompts", str(s.max_prompts)]
+    args += [item for k, v in _prompt_source(s).items() if v is not None for item in (f"--{k}", str(v))]
+    at_revision = ["--revision", revision] if revision else []
+    return args + at_revision + loader_flags(s) + label_judge_flags(s) + shlex.split(s.label_args)
+
+
+def dpo_command(s, here: Path, policy: str, revision: str | None, preferences: Path, reference: list[str],
+                restart: list[str]) -> list[str]:
+    """dpo.py's arguments in the round folder `here`: its settings in here/dpo_config.yaml (_dpo_config), the
+    adapter into here/dpo."""
+    return ["--config", str(here / "dpo_config.yaml"), "--model_id", policy,
+            *(["--revision", revision] if revision else []), "--dataset_id", str(preferences), "--output_dir",
+            str(here), "--run_name", "dpo", "--eval_split", str(s.eval_split), *reference, *restart]
+
+
+def eval_command(s, r: int, policy: str, revision: str | None, dpo: Path, evaluation: Path, prompts: str,
+                 judge: str | None, answers_from: Path | None) -> list[str]:
+    """evaluate.py's arguments in round r: pairwise, the new policy `dpo` against `policy` on `prompts`."""
+    previous = f"{policy}@{revision}" if revision else policy  # ID@REVISION: alignkit.core.sources
+    args = ["pairwise", "--models", f"previous={previous}", f"round-{r}={dpo}", "--baseline", "previous",
+            "--prompts_file", prompts, "--output_dir", str(evaluation),
+            "--max_new_tokens", str(s.max_new_tokens), "--temperature", str(s.sample_temperature),
+            "--quantization", s.quantization, "--seed", str(s.seed)]
+    if answers_from is not None:  # the previous policy answered these prompts there, as its new one: by key
+        args += ["--answers_from", str(answers_from)]
+    endpoint = [] if judge == "rule" else endpoint_flags(s, skip={"judge_model"})
+    if judge:
+        args += ["--judge_model", judge]
+    return args + loader_flags(s) + endpoint + shlex.split(s.evaluate_args)
 
 
 # ---------------------------------------------------------------------------------------------------------
