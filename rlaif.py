@@ -30,7 +30,8 @@ from alignkit.core.config import RLAIFSettings
 from alignkit.core.launch import establish_launch
 from alignkit.modeling import presets
 
-# In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "rounds": 2}.
+# In a notebook, set things here instead of on a command line, e.g.
+# overrides = {"preset": "tiny", "model_id": "runs/tiny-sft", "rounds": 2} (after sft.py's tiny run, as on the README).
 overrides: dict = {}
 
 settings = parse_config(

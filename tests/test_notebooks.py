@@ -435,3 +435,16 @@ def test_a_training_cell_run_again_is_refused_and_the_cells_from_run_folder_resu
     for cell in (train_again, save_again):
         assert [o for o in cell.outputs if o.output_type == "error"] == [], cell.outputs
     assert json.loads((tmp_path / "runs/tiny-sft/metrics.json").read_text())["global_step"] == 4
+
+
+def test_the_rlaif_settings_example_starts_where_the_readme_says():
+    """rlaif's settings cell's example left out model_id: a notebook user following it started from the bare base,
+    while notebooks/README.md says rlaif starts from runs/tiny-sft (the rlaif notebook audit of session 58)."""
+    import ast
+
+    assert "rl and rlaif also start from `runs/tiny-sft`" in " ".join((ROOT / "notebooks" / "README.md").read_text().split())
+    nb = nbformat.read(ROOT / "notebooks" / "rlaif.ipynb", as_version=4)
+    settings = next(c for c in nb.cells if c.cell_type == "code").source
+    example = ast.literal_eval(re.search(r"^#\s*overrides = (\{.*\})", settings, re.M).group(1))
+    assert example["preset"] == "tiny" and example["model_id"] == "runs/tiny-sft"
+    assert "python rlaif.py --preset tiny --model_id runs/tiny-sft" in (ROOT / "README.md").read_text()
