@@ -442,7 +442,8 @@ def test_the_rlaif_settings_example_starts_where_the_readme_says():
     while notebooks/README.md says rlaif starts from runs/tiny-sft (the rlaif notebook audit of session 58)."""
     import ast
 
-    assert "rl and rlaif also start from `runs/tiny-sft`" in " ".join((ROOT / "notebooks" / "README.md").read_text().split())
+    readme = " ".join((ROOT / "notebooks" / "README.md").read_text().split())
+    assert "rl and rlaif also start from `runs/tiny-sft`" in readme
     nb = nbformat.read(ROOT / "notebooks" / "rlaif.ipynb", as_version=4)
     settings = next(c for c in nb.cells if c.cell_type == "code").source
     example = ast.literal_eval(re.search(r"^#\s*overrides = (\{.*\})", settings, re.M).group(1))

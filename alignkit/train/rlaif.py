@@ -32,6 +32,9 @@ earlier outputs, marker and round.json move to round-r/previous-TIME/, and the e
 round-r/dpo.previous-TIME (beside dpo/, as alignkit.train.training moves a run folder, so a relative base path
 still resolves). A redo that fails resumes on the next run, as any step does.
 A round made by a version that kept no markers is redone (nothing says what it was made from).
+
+Before any round, check() (rlaif.py's settings cell) refuses what round 1's steps would refuse after their work:
+each step's command line as the rounds build it (alignkit.train.rlaif_inputs), parsed by the step's own settings.
 """
 
 from __future__ import annotations
