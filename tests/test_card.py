@@ -52,6 +52,11 @@ def test_the_card_names_the_split_the_held_out_accuracy_was_measured_on(merged_d
     _, results = model_index_to_eval_results(ModelCard(text).data.to_dict()["model-index"])
     assert [(r.dataset_split, r.metric_value) for r in results] == [("test_prefs", 0.875)]
     assert "| held-out rows | 200 (split test_prefs) |" in text
+    config.write_text(json.dumps({**settings, "eval_split": 0.1, "dataset_test_split": "test_prefs",
+                                  "held_out": {"split": "test_prefs", "rows": 200}}))
+    assert "| eval_split |" not in model_card(merged_dpo)  # the share it did not hold out (the own-data audit)
+    config.write_text(json.dumps({**settings, "eval_split": 0.1, "held_out": {"share": 0.1, "of": "train", "rows": 9}}))
+    assert "| eval_split | `0.1` |" in (text := model_card(merged_dpo)) and "9 (a 0.1 share of train)" in text
     config.write_text(json.dumps(settings))  # a run recorded before held_out: as ever
     _, results = model_index_to_eval_results(ModelCard(model_card(merged_dpo)).data.to_dict()["model-index"])
     assert [r.dataset_split for r in results] == ["held-out"]
