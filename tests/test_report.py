@@ -47,6 +47,17 @@ def test_picture_is_a_png_and_nothing_is_drawn_without_logs(tmp_path, alignkit_l
     assert not (tmp_path / "none.png").exists() and "--logging_steps" in alignkit_log.text
 
 
+def test_step_axes_tick_at_whole_steps_only():
+    """A short run's training.png (rl.py's 4 steps) ticked its step axes at 1.5, 2.5, ...: steps are whole."""
+    rl = [{"step": s, "loss": 0.1 * s, "reward": 0.1 * s, "kl": 0.01 * s, "learning_rate": 1e-5} for s in (1, 2, 3, 4)]
+    for history in (rl, DPO_HISTORY, rl[:1]):
+        figure = report.draw(history, title="rl")
+        for axes in figure.axes:
+            low, high = axes.get_xlim()
+            ticks = [t for t in axes.get_xticks() if low <= t <= high]
+            assert ticks and all(float(t).is_integer() for t in ticks), (axes.get_title(), ticks)
+
+
 def test_summary_names_steps_time_folder_picture_figures_wandb_and_hub(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(run=types.SimpleNamespace(url="https://wandb.ai/x/y/runs/z")))
     metrics = {"global_step": 2, "eval_rewards/accuracies": 0.7, "eval_loss": 0.62}

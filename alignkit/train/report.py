@@ -71,12 +71,24 @@ def curves(log_history: list[dict]) -> list[tuple[str, dict[str, tuple[list[int]
 
 def plot_training(log_history: list[dict], path, title: str = "") -> Path | None:
     """Write the training picture to `path`; None (and nothing written) when the run logged nothing to draw."""
+    figure = draw(log_history, title)
+    if figure is None:
+        logger.info(f"no logged steps to draw: {path} not written (lower --logging_steps to log more often)")
+        return None
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def draw(log_history: list[dict], title: str = ""):
+    """The training picture (a matplotlib Figure on the Agg canvas), or None when there is nothing to draw. Steps
+    are whole: their axes tick at integers only (a 4-step run's ticked at 1.5, 2.5, ...)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     panels = curves(log_history)
     if not panels:
-        logger.info(f"no logged steps to draw: {path} not written (lower --logging_steps to log more often)")
         return None
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
@@ -89,15 +101,14 @@ def plot_training(log_history: list[dict], path, title: str = "") -> Path | None
             axes.plot(steps, values, label=label, linestyle="-" if label == "train" else "--", **style)
         axes.set_title(name, fontsize=10)
         axes.set_xlabel("step", fontsize=8)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one step: 1
         axes.tick_params(labelsize=8)
         axes.grid(alpha=0.3)
         if len(lines) > 1:
             axes.legend(fontsize=8)
     if title:
         figure.suptitle(title, fontsize=11)
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    return path
+    return figure
 
 
 def wandb_url() -> str | None:
