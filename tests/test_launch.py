@@ -162,8 +162,12 @@ REFUSED = [
      r"it runs as one process"),
     # vLLM settings where generation falls back to transformers (no CUDA here): they would do nothing.
     ("ddp", "rl.py", RLSettings(reward=["rule"], vllm_mode="server", trainer_overrides={"vllm_server_port": 8001}),
-     r"^rl.py vllm_server_port, vllm_mode server: generation runs on transformers here \(--backend auto; .*\), so "
-     r"they would do nothing; drop them, or pass --backend vllm"),
+     r"^rl.py --vllm_server_port, --vllm_mode server: generation runs on transformers here \(--backend auto; .*\), "
+     r"so they would do nothing; drop them, or pass --backend vllm"),
+    # One setting is "it" (the rl.py audit of session 56 read "they would do nothing; drop them" for one).
+    ("ddp", "rl.py", RLSettings(reward=["rule"], vllm_mode="server"),
+     r"^rl.py --vllm_mode server: generation runs on transformers here \(--backend auto; .*\), so it would do "
+     r"nothing; drop it, or pass --backend vllm on a machine with both$"),
     ("zero3", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.1),
      r"reward.py --loss logexpwithlm under DeepSpeed ZeRO-3: .* use a DDP launch, or --lm_loss_coef 0"),
     # --backend vllm without a GPU: refused after the model loaded (minutes for a 7B; the rl.py audit of session 28).

@@ -171,11 +171,13 @@ def refusal(s, script: str) -> str | None:
             return (f"rl.py --reward rm:FOLDER under {sharded}: the reward model would be sharded like the policy and "
                     "score nothing; use a DDP launch (each GPU holds the policy and the reward model), or serve it "
                     "and use --reward judge")
-        asked = [k for k in (getattr(s, "trainer_overrides", None) or {}) if k.startswith("vllm_")]
-        asked += ["vllm_mode server"] if getattr(s, "vllm_mode", "colocate") == "server" else []
+        # As flags (TRL's vllm_* fields are flags too, going to trainer_overrides), one or several.
+        asked = [f"--{k}" for k in (getattr(s, "trainer_overrides", None) or {}) if k.startswith("vllm_")]
+        asked += ["--vllm_mode server"] if getattr(s, "vllm_mode", "colocate") == "server" else []
         if asked and not wants_vllm(s):  # auto fell back to transformers: the vLLM settings would do nothing
+            they, them = ("it", "it") if len(asked) == 1 else ("they", "them")
             return (f"rl.py {', '.join(asked)}: generation runs on transformers here (--backend {s.backend}; vLLM "
-                    "needs a CUDA GPU and the vllm package), so they would do nothing; drop them, or pass "
+                    f"needs a CUDA GPU and the vllm package), so {they} would do nothing; drop {them}, or pass "
                     "--backend vllm on a machine with both")
         if getattr(s, "backend", "") == "vllm" and (lacking := vllm_lacking()):  # rl.resolve_backend's, sooner
             return f"--backend vllm: {lacking}; pass --backend transformers (or auto) to generate with transformers"
