@@ -110,7 +110,7 @@ args = trl_args(settings, run_folder, loaded.dtype, model)
 train_prompts = as_trl_prompts(prompts, loaded.tokenizer, settings.model_id)  # `prompts` stays as read
 # The folder is claimed here: an earlier run in it is moved aside, and back if this fails before a checkpoint.
 # The model and the rewards must have been built under these settings (the Model and Rewards cells run after them).
-with start_run(settings, run_folder, resume_from, model, (prompts,), built=[(rewards, "Rewards")]):
+with start_run(settings, run_folder, resume_from, model, (prompts,), built=[(rewards, "rewards")]):
     trainer = trainer_class(settings.algo)(
         model=model, reward_funcs=rewards, args=args, train_dataset=train_prompts, processing_class=loaded.tokenizer,
         frozen_adapters=loaded.frozen,

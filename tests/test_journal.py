@@ -587,7 +587,8 @@ def test_the_save_cell_after_an_interrupted_training_cell_saves_nothing(tmp_path
     assert (folder / "metrics.json").read_text() == '{"earlier": 1}' and sorted(os.listdir(folder)) == ["metrics.json"]
     # The training cell run again on its own says what happened to it: stopped, not "already trained".
     with pytest.raises(UserError, match=rf"^{re.escape(str(folder))} was trained in this session, and stopped "
-                                        r"\(KeyboardInterrupt\): run the cells from 'Run folder' on again"):
+                                        r"\(KeyboardInterrupt\): run the cells from 'Run folder' on again \(Run "
+                                        r"folder, Model, Train\)"):
         with run_folder.start_run(s, folder, None):
             pass
     run_folder.prepare_run(s, "sft")
@@ -650,7 +651,7 @@ def test_a_refused_training_cell_for_a_new_run_folder_leaves_nothing_to_save_int
     third = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="third")
     with pytest.raises(UserError, match=rf"^the settings name the run folder {re.escape(str(tmp_path / 'third'))}, "
                                         rf"but the 'Run folder' cell last gave {re.escape(str(new_folder))}: run the "
-                                        r"cells from 'Run folder' on again"):
+                                        r"cells from 'Run folder' on again \(Run folder, Model, Train\)"):
         with run_folder.start_run(third, new_folder, None, None, (rows, None)):
             pass
 
@@ -687,17 +688,18 @@ def test_a_notebook_s_training_cell_trains_what_its_run_folder_cell_decided_once
     assert resume_from == str(folder / "checkpoint-2")
     with run_folder.start_run(s, folder, resume_from, model, (rows, None)):
         pass
-    # Trained, then the settings changed (a Run folder cell refused for it since): the cells to run start at Data.
+    # Trained, then the data settings changed (a Run folder cell refused for it since): the cells to run start at
+    # Data; the trained model needs its Model cell (a fresh adapter).
     other_data = SFTSettings(model_id="tiny", dataset_id="org/other", output_dir=str(tmp_path), run_name="run")
     with pytest.raises(UserError, match=r"^the settings changed since the 'Run folder' cell ran \(dataset_id\): run "
-                                        r"the cells from 'Data' on again"):
+                                        r"the 'Data', 'Run folder' and 'Model' cells again, then train$"):
         with run_folder.start_run(other_data, folder, resume_from, model, (rows, None)):
             pass
     # The settings cell alone run again with another setting; then the data cell alone.
     run_folder.prepare_run(s, "sft", rows, None)
     changed = SFTSettings(model_id="tiny", dataset_id="org/chats", output_dir=str(tmp_path), run_name="run", lora_r=4)
     with pytest.raises(UserError, match=r"^the settings changed since the 'Run folder' cell ran \(lora_r\): run the "
-                                        r"cells from 'Data' on again, then train$"):
+                                        r"'Run folder' and 'Model' cells again, then train$"):  # not the Data cell
         with run_folder.start_run(changed, folder, resume_from, model, (rows, None)):
             pass
     # A cell that edits the settings in place (settings.lora_r = 4) is a change too.
@@ -718,7 +720,7 @@ def test_a_notebook_s_training_cell_trains_what_its_run_folder_cell_decided_once
                         resume="false")
     folder, resume_from = run_folder.prepare_run(fresh, "sft", rows, None)
     with pytest.raises(UserError, match=r"^this model was trained by an earlier training cell \(run\) and there is "
-                                        r"no checkpoint to resume: run the 'Model' cell again"):
+                                        r"no checkpoint to resume: run the 'Run folder' and 'Model' cells again"):
         with run_folder.start_run(fresh, folder, None, model, (rows, None)):
             pass
     # A refusal lets the folder go; a kernel that ran its 'Run folder' cell holds it, and is named as a notebook.
@@ -766,7 +768,7 @@ def test_a_model_or_rewards_built_under_other_settings_are_refused_in_one_line(t
                      run_name="run", lora_r=4)
     folder, resume_from = run_folder.prepare_run(r4, "sft", rows, None)
     with pytest.raises(UserError, match=r"^the model in memory was built under other settings than these \(lora_r "
-                                        r"changed since\): run the 'Model' cell again, then train$"):
+                                        r"changed since\): run the 'Run folder' and 'Model' cells again, then train$"):
         with run_folder.start_run(r4, folder, resume_from, model, (rows, None)):
             pass
     assert not (folder / "alignkit_config.json").exists()  # nothing claimed or recorded
@@ -787,13 +789,77 @@ def test_a_model_or_rewards_built_under_other_settings_are_refused_in_one_line(t
     model = add_trainable_adapter(load_model(other, for_training=True), other)
     folder, resume_from = run_folder.prepare_run(other, "rl", rows)
     with pytest.raises(UserError, match=r"^the rewards in memory were built under other settings than these "
-                                        r"\(reward_weights changed since\): run the 'Rewards' cell again"):
-        with run_folder.start_run(other, folder, resume_from, model, (rows,), built=[(rewards, "Rewards")]):
+                                        r"\(reward_weights changed since\): run the 'Run folder' and 'Rewards' cells "
+                                        r"again, then train$"):
+        with run_folder.start_run(other, folder, resume_from, model, (rows,), built=[(rewards, "rewards")]):
             pass
     folder, resume_from = run_folder.prepare_run(other, "rl", rows)
     with run_folder.start_run(other, folder, resume_from, model, (rows,), built=[(build_rewards(other, tmp_path),
-                                                                                  "Rewards")]):
+                                                                                  "rewards")]):
         pass
+
+
+def test_rl_s_refusals_name_its_own_cells_and_only_those_a_change_needs(tiny_cache, tmp_path):
+    """A notebook audit of rl.ipynb: another beta (which no reward reads) was refused as "run the cells from 'Data'
+    on again" (rl.ipynb has a Prompts cell, no Data cell); following it, the Rewards cell, named nowhere, was asked
+    for next. Each refusal names rl.ipynb's own cells, and only those that read what changed: beta, the Run folder
+    cell (then the model and rewards in memory train); the reward's weights, the Rewards cell too; the prompts, the
+    Prompts cell first."""
+    from datasets import Dataset
+
+    from alignkit.core.config import RLSettings
+    from alignkit.core.errors import UserError
+    from alignkit.modeling import presets
+    from alignkit.modeling.models import add_trainable_adapter, load_model
+    from alignkit.train import cell_checks, run_folder
+    from alignkit.train.rl_rewards import build_rewards
+
+    rows = Dataset.from_list([{"prompt": "q"}])
+    tiny = presets.paths()["model"]
+
+    def rl(**changed):
+        return RLSettings(**{"model_id": tiny, "quantization": "none", "reward": ["rule"], "output_dir": str(tmp_path),
+                             "run_name": "rl", **changed})
+
+    s = rl()
+    rewards, model = build_rewards(s, tmp_path), add_trainable_adapter(load_model(s, for_training=True), s)
+    folder, resume_from = run_folder.prepare_run(s, "rl", rows)
+    beta = rl(beta=0.02)
+    with pytest.raises(UserError, match=r"^the settings changed since the 'Run folder' cell ran \(beta\): run the "
+                                        r"'Run folder' cell again, then train$"):
+        with run_folder.start_run(beta, folder, resume_from, model, (rows,), built=[(rewards, "rewards")]):
+            pass
+    folder, resume_from = run_folder.prepare_run(beta, "rl", rows)  # the Run folder cell only: the rest stands
+    with run_folder.start_run(beta, folder, resume_from, model, (rows,), built=[(rewards, "rewards")]):
+        pass
+    # Trained, then the weights changed: the Rewards cell, and a fresh adapter from the Model cell.
+    weighted = rl(beta=0.02, reward_weights=[0.5])
+    with pytest.raises(UserError, match=r"^the settings changed since the 'Run folder' cell ran \(reward_weights\): "
+                                        r"run the 'Run folder', 'Rewards' and 'Model' cells again, then train$"):
+        with run_folder.start_run(weighted, folder, resume_from, model, (rows,), built=[(rewards, "rewards")]):
+            pass
+    # The Run folder cell run for them, the Rewards cell skipped: the rewards, and the model trained since, named
+    # at once (each refusal gives the Run folder cell's decision back, so it is named too).
+    elsewhere = rl(beta=0.02, reward_weights=[0.5], run_name="rl2")
+    folder2, resume2 = run_folder.prepare_run(elsewhere, "rl", rows)
+    with pytest.raises(UserError, match=r"^the rewards in memory were built under other settings than these "
+                                        r"\(reward_weights, run_name changed since\): run the 'Run folder', 'Rewards' "
+                                        r"and 'Model' cells again, then train$"):
+        with run_folder.start_run(elsewhere, folder2, resume2, model, (rows,), built=[(rewards, "rewards")]):
+            pass
+    assert cell_checks.to_run_again(rl(max_prompts=1), ["max_prompts"], trained=False) == \
+        ["Prompts", "Run folder", "Rewards", "Train"]  # the rewards were checked against the prompts
+    # The saving cell after the settings changed names them too.
+    with pytest.raises(UserError, match=r"^the settings changed since rl trained \(beta\): saving would record them "
+                                        r"for a model trained with others\. Set them back and run this cell again, or "
+                                        r"run the 'Run folder', 'Model' and 'Train' cells again, then this one$"):
+        run_folder.check_trained(folder, rl())
+    # The training cell run again (after a refusal, which let the folder go): from rl.ipynb's Run folder cell on.
+    with pytest.raises(UserError, match=r"was not prepared for training \(the 'Run folder' cell did not run for it\): "
+                                        r"run the cells from 'Run folder' on again \(Run folder, Rewards, Model, "
+                                        r"Train\);"):
+        with run_folder.start_run(beta, folder, resume_from, model, (rows,), built=[(rewards, "rewards")]):
+            pass
 
 
 def test_a_notebook_s_cd_between_run_folder_and_training_is_refused_saying_why(tmp_path, monkeypatch):

@@ -77,6 +77,29 @@ def test_notebooks_are_clean_python3_notebooks_with_settings_first():
         assert re.search(r"^overrides: dict = \{\}", code[0].source, re.M), f"{name}.ipynb: no overrides dict"
 
 
+def test_the_cells_a_refusal_names_are_the_notebook_s_own_headings():
+    """A training notebook's refusals name its cells by its settings class's notebook_cells (alignkit.train.
+    cell_checks): rl.ipynb's are Prompts, Run folder, Rewards, Model, where its refusals named a 'Data' cell it does
+    not have and left its Rewards cell out. The titles are the notebook's own `## ` headings, in order, and the cells
+    a script's start_run names as built (rl.py's rewards) are among them."""
+    from alignkit.core import config
+
+    trained = [name for name in build.SCRIPTS if "prepare_run(settings" in (ROOT / f"{name}.py").read_text()]
+    assert {"sft", "dpo", "kto", "reward", "rl"} <= set(trained), trained
+    for name in trained:
+        script = (ROOT / f"{name}.py").read_text()
+        cls = getattr(config, re.search(r"parse_config\(\s*(\w+)", script).group(1))
+        nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+        headings = [line[3:].strip() for c in nb.cells if c.cell_type == "markdown"
+                    for line in c.source.splitlines() if line.startswith("## ")]
+        assert list(dict.fromkeys(cls.notebook_cells.values())) == headings, f"{name}.py: {cls.__name__}"
+        assert {"data", "run folder", "model", "train"} <= set(cls.notebook_cells), name
+        for role in re.findall(r"built=\[[^\]]*?\(\w+, \"([^\"]+)\"\)", script):
+            assert role in cls.notebook_cells and role in cls.not_read_by, f"{name}.py names a cell {role!r}"
+    assert config.RLSettings.notebook_cells["data"] == "Prompts" and "rewards" in config.RLSettings.notebook_cells
+
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Executed in a real kernel
 
@@ -421,8 +444,8 @@ def test_a_training_cell_run_again_is_refused_and_the_cells_from_run_folder_resu
     said = "".join(o.text for o in refused.outputs if o.get("name") == "stderr").splitlines()
     assert [line for line in said if line.startswith("error:")] == [
         "error: the settings changed since tiny-sft trained (lora_r): saving would record them for a model trained "
-        "with others. Set them back and run this cell again, or run the cells from 'Data' on again (Data, Run folder, "
-        "Model, Train), then this one"], refused.outputs
+        "with others. Set them back and run this cell again, or run the 'Run folder', 'Model' and 'Train' cells again, "
+        "then this one"], refused.outputs
     assert json.loads((tmp_path / "runs/tiny-sft/adapter_config.json").read_text())["r"] != 4
     said = "".join(o.text for o in again.outputs if o.get("name") == "stderr").splitlines()
     assert [o.output_type for o in again.outputs if o.output_type == "error"] == []  # no traceback

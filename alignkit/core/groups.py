@@ -224,6 +224,17 @@ class TrainSettings(HubPushSettings, ModelSettings):
     reads_test_split: ClassVar[bool] = True
     help_groups: ClassVar[list] = TRAIN_HELP_GROUPS
     help_rest_at: ClassVar[int] = 4  # the script's own settings (DPO, reward, ...) right after training
+    # The script's notebook cells (their `## ` headings, in order; notebooks/build.py makes them from its `# %%` cells,
+    # tests/test_notebooks.py checks them) by what each does: a notebook's refusals name the cells to run again
+    # (alignkit.train.cell_checks). "data", "model" and any of `not_read_by`'s cells are run again only where a
+    # setting they read changed; "settings" and "save" never; every other one (the run folder, training) always.
+    notebook_cells: ClassVar[dict[str, str]] = {
+        "settings": "Settings", "data": "Data", "run folder": "Run folder", "model": "Model", "train": "Train",
+        "save": "Save, evaluate, merge, push"}
+    # Settings that a cell's work does not read, by the cell, beyond those alignkit.train.cell_checks knows every
+    # script's "data" and "model" cells leave alone: changed, what the cell built stands (rl.py's rewards). Any other
+    # change needs the cell again; a setting not known to be left alone is read.
+    not_read_by: ClassVar[dict[str, frozenset[str]]] = {}
 
     @classmethod
     def vocabulary(cls):

@@ -13,6 +13,7 @@ from alignkit.core.groups import (
     JudgeAnswerSettings,
     JudgeEndpointSettings,
     LoTASettings,
+    TRAIN_HELP_GROUPS,
     TemplateArgumentsSettings,
     TrainSettings,
 )
@@ -149,6 +150,17 @@ class RewardSettings(TrainSettings):
 
 
 # ---------------------------------------------------------------- rl.py
+_GROUPS = {name: frozenset(keys) for name, keys in TRAIN_HELP_GROUPS}
+# rl.py's rollouts: read by its Train cell's TRL config only.
+_ROLLOUTS = frozenset({"algo", "beta", "num_generations", "max_completion_length", "temperature", "vllm_mode",
+                       "vllm_gpu_memory_utilization"})
+# Its rewards' specs, weights and judge: read by its Rewards cell (alignkit.train.rl_rewards.build_rewards) and the
+# Train cell's config (the weights), not by the Prompts or Model cells.
+_REWARDS = frozenset({"reward", "reward_weights", "judge_mode", "judge_model", "judge_base_url", "judge_api_key_env",
+                      "parallel", "max_retries", "request_timeout", "judge_temperature", "judge_max_tokens",
+                      "judge_template", "principle", "reference_completions", "response_field", "judge_cache"})
+
+
 @dataclass
 class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
     """rl.py: online GRPO/RLOO on a LoRA policy, rewarded by a rule, a judge, a reward model or a function.
@@ -161,6 +173,19 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
     reads_test_split: ClassVar[bool] = False  # one split (refused: dataset_test_split)
     trl_configs: ClassVar[tuple[str, ...]] = ("GRPOConfig", "RLOOConfig")
     help_title: ClassVar[str] = "RL: algorithm, rewards, rollouts, judge"
+    notebook_cells: ClassVar[dict[str, str]] = {
+        "settings": "Settings", "data": "Prompts", "run folder": "Run folder", "rewards": "Rewards", "model": "Model",
+        "train": "Train", "save": "Save, merge, push"}
+    # The rewards are built from the reward specs, the judge's settings, the model loader's (rm:FOLDER), the run
+    # folder (the judgments' default cache), the prompts (checked against them) and trainer_overrides (a reward
+    # model's chat_template_kwargs): another beta, learning rate or LoRA rank leaves them standing.
+    not_read_by: ClassVar[dict[str, frozenset[str]]] = {
+        "data": _ROLLOUTS | _REWARDS,
+        "model": _ROLLOUTS | _REWARDS | {"prompt_field", "max_prompts"},
+        "rewards": (_GROUPS["training"] - {"seed", "max_length", "trainer_overrides"}) | _GROUPS["LoRA"]
+        | _GROUPS["LoTA (--adapter lota)"] | _GROUPS["Hub and merging"] | _ROLLOUTS
+        | (_GROUPS["run folder, logging and checkpoints"] - {"output_dir", "run_name"}),
+    }
 
     dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
                                                                        "or Hub dataset id (read like label.py --prompts)")
@@ -354,6 +379,10 @@ class KTOSettings(TrainSettings):
 
     run_type: ClassVar[str] = "kto"
     help_title: ClassVar[str] = "KTO"
+    notebook_cells: ClassVar[dict[str, str]] = {
+        "settings": "Settings", "data": "Data", "run folder": "Run folder and model", "model": "Run folder and model",
+        "rule-following": "Rule-following before training (the tiny preset)", "train": "Train",
+        "save": "Save, evaluate, merge, push"}
     trl_configs: ClassVar[tuple[str, ...]] = ("KTOConfig",)
     dataset_id: str = setting(
         "trl-lib/kto-mix-14k", "labelled answers (prompt, completion, label) or preference pairs (each becomes a "

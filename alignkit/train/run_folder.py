@@ -333,9 +333,9 @@ def run_inputs(s, folder: Path | None = None) -> dict:
 def start_run(s, folder: Path, resume_from: str | None, model=None, data=(), built=()):
     """Claim the run folder for the training inside the `with` block (see the module docstring): the training
     prepare_run decided, once, with the same settings, `data` and checkpoint, of a `model` built under those settings
-    (and each of `built`: (thing, the cell that builds it) pairs, such as rl.py's rewards) that no earlier training
-    cell trained unless it resumes (cell_checks.check_prepared; refused in one line naming the notebook cells to run
-    again).
+    (and each of `built`: (thing, its cell by what it does: TrainSettings.notebook_cells) pairs, such as rl.py's
+    (rewards, "rewards")) that no earlier training cell trained unless it resumes (cell_checks.check_prepared;
+    refused in one line naming the notebook cells to run again).
 
     Under a multi-process launch the main process moves and writes; the others wait for it, then train.
     """
@@ -399,8 +399,9 @@ def check_trained(folder: Path, s=None) -> None:
     resume from. With `s`: one that did not train in this process, or trained with other settings
     (cell_checks.check_saved)."""
     if stopped := _STOPPED.get(folder.resolve()):
-        raise UserError(f"the training of {folder} stopped ({stopped}) and did not finish: nothing saved. Run the "
-                        "cells from 'Run folder' on again (it resumes from the last checkpoint, if any), then this one")
+        again = cell_checks.cells_from(cell_checks.notebook_cells(s, folder), again=True)
+        raise UserError(f"the training of {folder} stopped ({stopped}) and did not finish: nothing saved. Run {again}, "
+                        "then this one: it resumes from the last checkpoint, if any")
     if s is not None:
         cell_checks.check_saved(s, folder, NOT_TRAINING)
 

@@ -14,6 +14,7 @@ from alignkit import logger
 from alignkit.core.args import redact
 from alignkit.core.errors import Terminated, is_notebook, run_again, said_how_to_go_on
 from alignkit.core.run_records import CLAIM_FILE, checkpoints
+from alignkit.train.cell_checks import cells_from, notebook_cells
 from alignkit.train.kept_judgments import judgments_back, remove_keeping_judgments
 
 FAILED_FILE = "alignkit_failed.txt"  # in a run folder whose training raised after its first checkpoint
@@ -49,7 +50,7 @@ def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
         "was interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
     if checkpoints(folder):
         (folder / FAILED_FILE).write_text(redact(f"{type(error).__name__}: {error}\n"))
-        again = "run the cells from 'Run folder' on again" if is_notebook() else run_again()
+        again = f"run {cells_from(notebook_cells(folder=folder), again=True)}" if is_notebook() else run_again()
         logger.info(f"the run {ended}; its checkpoints stay in {folder} (see {FAILED_FILE}): {again} to resume"
                     + (f"; the earlier run is in {aside}" if aside else ""))
         if isinstance(error, KeyboardInterrupt):
