@@ -99,6 +99,20 @@ def test_the_cells_a_refusal_names_are_the_notebook_s_own_headings():
     assert config.RLSettings.notebook_cells["data"] == "Prompts" and "rewards" in config.RLSettings.notebook_cells
 
 
+def test_rl_s_settings_cell_example_starts_from_the_sft_run_the_readme_names():
+    """rl.ipynb's example overrides left model_id out, so a notebook user following it trained on the bare base
+    where notebooks/README.md starts rl from runs/tiny-sft; the README's command lines say the same."""
+    example = re.search(r"^#.*?overrides = (\{[^}]*\})", (ROOT / "rl.py").read_text(), re.M)
+    assert example, "rl.py: no example overrides"
+    named = json.loads(example.group(1))
+    readme = (ROOT / "notebooks" / "README.md").read_text()
+    said = re.search(r"rl and rlaif also start from `([^`]+)`\s*\(`overrides = (\{[^`]*\})`\)", readme)
+    assert said and named.get("model_id") == said.group(1) == json.loads(said.group(2))["model_id"], named
+    assert named["preset"] == "tiny"
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("python rl.py --preset tiny")]
+    assert lines and all(f"--model_id {named['model_id']}" in line for line in lines), lines
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Executed in a real kernel
