@@ -41,8 +41,9 @@ from alignkit.core.launch import establish_launch
 from alignkit.modeling import presets
 from alignkit.train.training import preflight
 
-# In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "dpo_beta": 0.2};
-# environment variables (ALIGNKIT_<NAME>, e.g. ALIGNKIT_MAX_STEPS=20) work too. Flags on a command line apply as well.
+# In a notebook, set things here instead of on a command line, e.g. overrides = {"preset": "tiny", "model_id":
+# "runs/tiny-sft", "dpo_beta": 0.2} (on top of sft.py's tiny run, as on the README); environment variables
+# (ALIGNKIT_<NAME>, e.g. ALIGNKIT_MAX_STEPS=20) work too. Flags on a command line apply as well.
 overrides: dict = {}
 
 settings = parse_config(
