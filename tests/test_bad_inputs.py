@@ -211,8 +211,9 @@ CASES = [
      "custom-code ships its own model code, which runs only with --trust_remote_code", None),
     # A token in a flag or recipe is kept in every checkpoint's training_args.bin.
     ("sft.py", [*TRAIN, "--hub_token", "hf_FlagSecretToken9876543"], "--hub_token has no effect in alignkit", None),
-    # A bad input found by a round's own step (label.py here, in its own process) is passed on as one line too.
-    ("rlaif.py", [*TRAIN, "--judge", "nosuch"], "label.py stopped: --judge 'nosuch'", None),
+    # What a round's own step would refuse (label.py's judge, in its own process) is refused before round 1 by
+    # rlaif's settings check (a step's refusal said once: test_rlaif.py).
+    ("rlaif.py", [*TRAIN, "--judge", "nosuch"], "--judge 'nosuch': expected openai, hf, rm:RUN_FOLDER", None),
 ]
 
 
