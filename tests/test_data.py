@@ -14,6 +14,7 @@ from trl.data_utils import is_conversational
 
 from alignkit.core import data as D
 from alignkit.core.data import DataError, detect_format, load_preferences, load_rows, load_sft
+from conftest import ROOT
 
 
 def u(text):
@@ -924,8 +925,8 @@ def test_a_dataset_beside_a_mixture_is_named_as_unused_and_a_file_takes_no_confi
                                                        "--eval_split", "0"])
     train, _ = load_train_eval("preference", s)
     assert train[0]["prompt"] == "q"
-    assert f"--dataset_id {mine} is not used: the dataset_mixture is. To train on it, pass --dataset_mixture " \
-           "none" in alignkit_log.text
+    assert f"--dataset_id {mine} is not used: the dataset_mixture is, and names each dataset's split and " \
+           "configuration. To train on --dataset_id, pass --dataset_mixture none" in alignkit_log.text
     alignkit_log.clear()  # a mixture alone (a preset's or the default dataset_id beside it) says nothing
     parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture])
     assert "is not used" not in alignkit_log.text
@@ -953,7 +954,7 @@ def test_max_samples_caps_a_held_out_split_of_its_own_too(tmp_path, alignkit_log
     assert again["prompt"] == held_out["prompt"]
     from alignkit.core.mixture import HELD_OUT  # where they come from, for the run's record and card
 
-    assert getattr(held_out, HELD_OUT) == {"split": "test"}
+    assert getattr(held_out, HELD_OUT) == {"split": "test", "of_rows": 8}  # 3 of its 8 rows: the card says so
     auto = DPOSettings(dataset_id=str(folder), dataset_test_split="auto", report_to="none")
     assert getattr(load_train_eval("preference", auto)[1], HELD_OUT) == {"split": "test"}
     mixture = {"datasets": [{"id": str(folder / "train.jsonl")}, {"id": str(folder / "test.jsonl"), "test": True}]}
@@ -964,28 +965,43 @@ def test_max_samples_caps_a_held_out_split_of_its_own_too(tmp_path, alignkit_log
     assert [len(d) for d in load_train_eval("preference", s)] == [10, 8]  # fewer rows than the cap: all of them
 
 
-def test_a_split_beside_a_mixture_is_refused_not_ignored(tmp_path):
-    """--dataset_test_split NAME (or --dataset_split NAME) beside a dataset_mixture was unused without a word: the
-    mixture's own test entries (or an --eval_split share) were evaluated on. TRL's scripts read the mixture's
-    "train" and "test" rows, so those two names keep their meaning."""
+def test_a_split_beside_a_mixture_is_refused_not_ignored(tmp_path, monkeypatch, alignkit_log):
+    """--dataset_test_split NAME, --dataset_split NAME or --dataset_config NAME beside a dataset_mixture were unused
+    without a word: the mixture's own test entries (or an --eval_split share) were evaluated on. TRL's scripts read
+    the mixture's "train" and "test" rows, so those two names keep their meaning. A recipe's single-dataset
+    settings under a --dataset_mixture on the command line go with its dataset_id, named as unused (the review of
+    session 33: the project's own recipes were refused beside a --dataset_mixture)."""
     from alignkit.core.args import ConfigError, parse_config
-    from alignkit.core.config import DPOSettings
+    from alignkit.core.config import DPOSettings, SFTSettings
 
     pairs = write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 4, "jsonl", name="pairs")
     mixture = json.dumps({"datasets": [{"id": str(pairs)}], "test_split_size": 1})
-    with pytest.raises(ConfigError, match=r"--dataset_test_split test_prefs beside a dataset_mixture: the mixture "
+    with pytest.raises(ConfigError, match=r"^--dataset_test_split test_prefs beside a dataset_mixture: the mixture "
                                           r"names its own held-out rows.*split: test_prefs and test: true"):
         parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture,
                                                        "--dataset_test_split", "test_prefs"])
-    with pytest.raises(ConfigError, match=r"--dataset_split train_prefs beside a dataset_mixture: .*Set split: "
-                                          r"train_prefs on its entries, and drop --dataset_split"):
-        parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture, "--dataset_split",
+    with pytest.raises(ConfigError, match=r"^--dataset_split train_prefs beside a dataset_mixture: .*drop "
+                                          r"--dataset_split \(dataset_split is TRL's dataset_train_split\)"):
+        parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture, "--dataset_train_split",
                                                        "train_prefs"])
-    s = parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture, "--dataset_test_split", "test",
-                                                       "--dataset_split", "train"])
-    assert s.dataset_test_split == "test"
-    # The eval_steps check no longer counts a test split the mixture does not read as held-out data.
-    with pytest.raises(ConfigError, match="eval_steps 5 but no held-out data"):
+    with pytest.raises(ConfigError, match=r"^--dataset_config en beside a dataset_mixture: .*config: on an entry"):
+        parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture, "--dataset_config", "en"])
+    for split in ("test", "auto"):  # the mixture's test rows, as TRL's scripts read them
+        s = parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture, "--dataset_test_split", split,
+                                                           "--dataset_split", "train"])
+        assert s.dataset_test_split == split
+    # The project's own recipes, their dataset under a mixture given on the command line: named, not refused.
+    monkeypatch.chdir(ROOT)
+    s = parse_config(DPOSettings, env_file=None, args=["--config", "recipes/zephyr-dpo.yaml", "--dataset_mixture",
+                                                       mixture])
+    assert (s.dataset_split, s.dataset_test_split, s.dataset_mixture["test_split_size"]) == ("train", None, 1)
+    said = [r.getMessage() for r in alignkit_log.records if "not used: the dataset_mixture is" in r.getMessage()]
+    assert said and "dataset_split train_prefs, dataset_test_split test_prefs are not used" in said[0]
+    s = parse_config(SFTSettings, env_file=None, args=["--config", "recipes/mistral-7b-qlora-sft.yaml",
+                                                       "--dataset_mixture", mixture])
+    assert s.dataset_split == "train" and s.dataset_mixture
+    # The eval_steps check no longer counts a test split the mixture does not read as held-out data, and says what does.
+    with pytest.raises(ConfigError, match="eval_steps 5 but no held-out data.*or an entry with test: true"):
         parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", json.dumps({"datasets": [{"id": str(pairs)}]}),
                                                        "--dataset_test_split", "test", "--eval_split", "0",
                                                        "--eval_steps", "5"])

@@ -264,8 +264,8 @@ def eval_results(folder, run_type: str | None, metrics: dict, dataset: str, data
     recorded one: `held_out` in alignkit_config.json), and what evaluate.py recorded."""
     from huggingface_hub import EvalResult
 
-    split = (held_out or {}).get("split")
-    split = split if isinstance(split, str) and split else "held-out"  # a share of the training split: no split
+    split = (held_out or {}).get("split")  # a share of the training rows, or some rows of a split: none to name
+    split = split if isinstance(split, str) and split and not held_out.get("of_rows") else "held-out"
 
     results = []
     task = "text-classification" if run_type == "reward" else "text-generation"
@@ -290,8 +290,10 @@ def _held_out(held: dict | None) -> str | None:
     """Where a run's held-out rows came from, as alignkit_config.json records it (alignkit.core.mixture.HELD_OUT)."""
     if not isinstance(held, dict) or not isinstance(held.get("rows"), int):
         return None
-    where = (f"split {held['split']}" if held.get("split") else "the dataset_mixture's test rows"
-             if held.get("share") is None else f"a {held['share']} share of {held.get('of') or 'the training rows'}")
+    share, of = held.get("share"), held.get("of") or "the training rows"
+    where = (f"{'of the ' + str(held['of_rows']) + ' rows of ' if held.get('of_rows') else ''}split {held['split']}"
+             if held.get("split") else "the dataset_mixture's test rows" if share is None
+             else f"a {share} share of {of}" if share < 1 else f"rows held out of {of}")
     return f"{held['rows']} ({where})"
 
 

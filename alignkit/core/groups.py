@@ -253,7 +253,8 @@ class TrainSettings(HubPushSettings, ModelSettings):
     dataset_format: str = setting("auto", "row format; auto detects it from the columns (see alignkit.core.data)")
     skip_invalid: bool = setting(False, "skip rows that fail validation (and report how many) instead of stopping")
     max_samples: int | None = setting(None, "use at most this many rows (after shuffling with seed) to train, and to evaluate "
-                                        "where the held-out rows are a split of their own; for quick runs")
+                                        "where the held-out rows are a split of their own (or a mixture's test rows, "
+                                        "test_split_size's too); for quick runs")
     eval_split: float = setting(0.05, "held-out share of the data (< 1), or a row count (>= 1); 0 disables eval")
     dataset_test_split: str | None = setting(
         None, "held-out data: this split of the dataset (e.g. test_prefs) instead of a share of the training split; "
@@ -374,15 +375,33 @@ class TrainSettings(HubPushSettings, ModelSettings):
             from alignkit.core.mixture import check_mixture
 
             check_mixture(self.dataset_mixture)
-            if self.dataset_test_split not in (None, "test"):  # TRL's scripts read the mixture's "test" rows alone
-                raise ValueError(f"--dataset_test_split {self.dataset_test_split} beside a dataset_mixture: the "
-                                 "mixture names its own held-out rows, as TRL's scripts read it. Add the split to its "
-                                 f"datasets as an entry with split: {self.dataset_test_split} and test: true (or hold "
-                                 "out a share with test_split_size), and drop --dataset_test_split")
+            self._check_beside_mixture()
         if self.eval_steps and not self.has_eval_data():
             raise ValueError(f"eval_steps {self.eval_steps} but no held-out data (eval_split 0, no "
                              "dataset_test_split or test split in the mixture): nothing would be evaluated. Pass "
-                             "--eval_split 0.05 or --dataset_test_split test, or drop eval_steps")
+                             f"--eval_split 0.05 or {self.test_split_advice()}, or drop eval_steps")
+
+    def _check_beside_mixture(self) -> None:
+        """One dataset's split or configuration beside a dataset_mixture (set in its layer or a later one; from an
+        earlier layer they went with the dataset it replaced: alignkit.core.trl_names): TRL's scripts read the
+        mixture's train and test rows (a KeyError for any other split name); they were unused here without a word."""
+        default = {f.name: f.default for f in fields(self)}
+        if self.dataset_test_split not in (None, "test", "auto"):
+            raise ValueError(f"--dataset_test_split {self.dataset_test_split} beside a dataset_mixture: the mixture "
+                             "names its own held-out rows (entries with test: true, or test_split_size). Give its "
+                             f"held-out dataset an entry with split: {self.dataset_test_split} and test: true, and drop "
+                             "--dataset_test_split")
+        if self.dataset_split not in ("train", default["dataset_split"]):
+            raise ValueError(f"--dataset_split {self.dataset_split} beside a dataset_mixture: the mixture names the "
+                             "split of each of its datasets (split: on an entry); drop --dataset_split")
+        if self.dataset_config is not None:
+            raise ValueError(f"--dataset_config {self.dataset_config} beside a dataset_mixture: the mixture names the "
+                             "configuration of each of its datasets (config: on an entry); drop --dataset_config")
+
+    def test_split_advice(self) -> str:
+        """How to name held-out rows of their own: a mixture's test entry, else --dataset_test_split."""
+        return ("an entry with test: true (or test_split_size) in the dataset_mixture" if self.dataset_mixture
+                else "--dataset_test_split test")
 
     def has_eval_data(self) -> bool:
         """Whether the run holds data out: a share, a test split, or a mixture's test part."""

@@ -93,8 +93,9 @@ DATA_SETTINGS = ("dataset_id", "dataset_config", "dataset_split", "dataset_test_
 
 
 # A held-out dataset's attribute: where its rows come from, which a run records (alignkit_config.json's held_out,
-# with their count) and its card names: {"split": NAME} (a split of its own: --dataset_test_split, auto resolved),
-# {"share": EVAL_SPLIT, "of": SPLIT} (held out of the training split), or {"mixture": "test rows"}.
+# with their count) and its card names: {"split": NAME} (a split of its own: --dataset_test_split, auto resolved;
+# with "of_rows", its row count, where --max_samples took fewer), {"share": EVAL_SPLIT, "of": SPLIT or None} (held
+# out of the training rows: a share below 1, a row count from 1), or {"mixture": "test rows"}.
 HELD_OUT = "_alignkit_held_out"
 
 
@@ -131,7 +132,10 @@ def split(dataset, s, kind=None):
     if s.eval_split <= 0:
         return read_under(s, dataset, None)
     train, held_out = _hold_out(dataset, s.eval_split, s.seed, "eval_split", kind)
-    return read_under(s, train, held_out_from(held_out, share=s.eval_split, of=s.dataset_split))
+    from alignkit.core.data_files import single_file  # a file has no splits to name
+
+    of = None if single_file(getattr(s, "dataset_id", None)) else getattr(s, "dataset_split", None)
+    return read_under(s, train, held_out_from(held_out, share=s.eval_split, of=of))
 
 
 def _hold_out(dataset, size, seed, name, kind=None):
@@ -246,7 +250,8 @@ def _load_train_eval(kind: str, s):
         train = train.select(range(min(s.max_samples, len(train))))
     held_out = load(s.dataset_id, s.dataset_format, test_split, s.skip_invalid, s.dataset_config)
     (train,), (held_out,) = _one_kind([train, held_out], 1)  # both splits read alike: texts, or conversations
-    return train, held_out_from(_capped(held_out, s, f"split {test_split}"), split=test_split)
+    capped = _capped(held_out, s, f"split {test_split}")
+    return train, held_out_from(capped, split=test_split, **({"of_rows": len(held_out)} if capped is not held_out else {}))
 
 
 def _capped(held_out, s, what: str):
@@ -379,7 +384,7 @@ def _mixture(kind, s):
         held_out = carved if held_out is None else datasets.concatenate_datasets([held_out, carved])
     if s.max_samples:
         train = train.select(range(min(s.max_samples, len(train))))
-        held_out = _capped(held_out, s, "the dataset_mixture's test rows")
+        held_out = _capped(held_out, s, "the dataset_mixture's test rows")  # marked below, as it is
     held_out_from(held_out, mixture="test rows")
     if held_out is None and s.eval_split > 0:
         train, held_out = _hold_out(train, s.eval_split, s.seed, "eval_split", kind)

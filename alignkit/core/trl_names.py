@@ -279,7 +279,7 @@ class Vocabulary:
           and neither --eval_split nor --dataset_test_split is set (nor a dataset_mixture), it evaluates on the
           dataset's `test` split where it has one (--dataset_test_split auto), as TRL's scripts do.
         - A --dataset_id beside a dataset_mixture is named as unused, as TRL's scripts name dataset_name beside
-          datasets.
+          datasets, and so are a split and configuration it replaces (_mixed_over).
         """
         # A TRL command line, or a TRL or handbook recipe (in TRL's names, no run_name of its own), that names no
         # evaluation asks for none: TRL's eval_strategy default is "no" (the zephyr-141b ORPO recipe lost 4 of its 64
@@ -310,15 +310,8 @@ class Vocabulary:
                 and strategy not in ("none", "no") and not values.get("dataset_mixture")
                 and not {"dataset_test_split", "eval_split"} & chosen):
             values["dataset_test_split"] = "auto"  # the data loader says which it found (alignkit.core.mixture)
-        if values.get("dataset_mixture") and "dataset_id" in given:  # as TRL's scripts say it
-            logger.warning(f"--dataset_id {values['dataset_id']} is not used: the dataset_mixture is. To train on "
-                           f"it, pass --dataset_mixture none")
-        if values.get("dataset_mixture") and "dataset_split" in given and values.get("dataset_split") != "train":
-            # TRL's scripts read the mixture's "train" rows; any other dataset_train_split is a KeyError there, and
-            # was unused here without a word.
-            raise ConfigError(f"--dataset_split {values['dataset_split']} beside a dataset_mixture: the mixture "
-                              "names the split of each of its datasets. Set split: "
-                              f"{values['dataset_split']} on its entries, and drop --dataset_split")
+        if values.get("dataset_mixture"):
+            self._mixed_over(values, given)
         source = given.get("output_dir")
         trl_meaning = source == "recipe" or (source in ("cli", "overrides")
                                              and (self.trl_style or "output_dir" in recipe_keys))
@@ -331,6 +324,29 @@ class Vocabulary:
         folder = Path(values["output_dir"])
         if folder.name:
             values["output_dir"], values["run_name"] = str(folder.parent), folder.name
+
+    @staticmethod
+    def _mixed_over(values: dict, given: dict) -> None:
+        """A dataset_mixture beside one dataset's settings. A --dataset_id is named as unused, as TRL's scripts name
+        dataset_name beside datasets. Its split and configuration settings from an earlier layer (a recipe's
+        dataset_split under a --dataset_mixture on the command line) go with it, named too; from
+        the mixture's own layer or a later one they are refused in one line by the settings (TrainSettings: TRL's
+        scripts read the mixture's train and test rows, a KeyError for any other split name)."""
+        layers = ("env", "recipe", "cli", "overrides")
+        by = given.get("dataset_mixture")
+        unused = [f"--dataset_id {values['dataset_id']}"] if "dataset_id" in given else []
+        for key, plain in (("dataset_split", "train"), ("dataset_config", None), ("dataset_test_split", None)):
+            source = given.get(key)  # a default or a preset's stays (a run recorded it: --resume auto compares it)
+            if key not in values or not (source and by and layers.index(source) < layers.index(by)):
+                continue
+            if values[key] not in (plain, "test", "auto"):
+                unused.append(f"{key} {values[key]}")
+            values[key] = plain
+            del given[key]
+        if unused:
+            logger.warning(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: the "
+                           "dataset_mixture is, and names each dataset's split and configuration. To train on "
+                           "--dataset_id, pass --dataset_mixture none")
 
     def _trl_defaults(self, values: dict, given: dict, preset_keys) -> None:
         """Settings in TRL's names mean what TRL makes of them: without use_peft TRL fine-tunes every weight, which
