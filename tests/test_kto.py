@@ -165,3 +165,45 @@ def test_kto_holds_out_whole_prompts_so_no_held_out_answer_has_its_pair_partner_
             "held out, and that prompt is in training too") in alignkit_log.text
     load_train_eval("unpaired", KTOSettings(dataset_id=str(one), eval_split=1))
     assert "whole: 1 answer of it is held out" in alignkit_log.text  # "1 pairs", it said
+
+
+def test_kto_s_held_out_rewards_are_the_answers_means_whatever_the_batches(monkeypatch):
+    """TRL's KTO appends each batch's mean over its desirable (undesirable) answers and its log averages the entries:
+    a batch with 1 desirable answer weighed as much as one with 7, so eval_rewards/* were means of batch means. One
+    entry per answer (as DPO's `_log_rewards`): the answers' own means, and the margin their difference."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    import transformers
+    from trl import KTOTrainer
+
+    from alignkit.train.kto import AlignKTOTrainer
+
+    def trl_metrics(self, model, inputs, return_outputs):  # KTOTrainer._compute_loss's metrics, on given rewards
+        metrics, labels, rewards = self._metrics["eval"], inputs["label"], inputs["rewards"]
+        chosen, rejected = rewards[labels], rewards[~labels]
+        for name, values in (("chosen", chosen), ("rejected", rejected)):
+            if len(values):
+                metrics[f"rewards/{name}"].append(values.sum().item() / len(values))
+                metrics[f"logps/{name}"].append((values - 5).sum().item() / len(values))
+        if len(chosen) and len(rejected):
+            metrics["rewards/margins"].append(metrics["rewards/chosen"][-1] - metrics["rewards/rejected"][-1])
+        return torch.tensor(0.0)
+
+    logged = {}
+    monkeypatch.setattr(KTOTrainer, "_compute_loss", trl_metrics)
+    monkeypatch.setattr(transformers.Trainer, "log", lambda self, logs, start_time=None: logged.update(logs))
+    trainer = object.__new__(AlignKTOTrainer)
+    trainer.model = SimpleNamespace(training=False)
+    trainer.accelerator = SimpleNamespace(gather_for_metrics=lambda t: t, device="cpu")
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    # 1 desirable answer (reward 1) and 7 undesirable (-1); then 7 desirable (3) and 1 undesirable (-2).
+    for labels, chosen, rejected in (([True] + [False] * 7, 1.0, -1.0), ([True] * 7 + [False], 3.0, -2.0)):
+        labels = torch.tensor(labels)
+        rewards = torch.where(labels, torch.tensor(chosen), torch.tensor(rejected))
+        trainer.compute_loss(None, {"label": labels, "rewards": rewards, "ref_logps": rewards})
+    trainer.log({})
+    assert logged["eval_rewards/chosen"] == pytest.approx((1 + 7 * 3) / 8)  # the mean of batch means said 2
+    assert logged["eval_rewards/rejected"] == pytest.approx((-7 - 2) / 8)
+    assert logged["eval_logps/chosen"] == pytest.approx((1 + 7 * 3) / 8 - 5)
+    assert logged["eval_rewards/margins"] == pytest.approx((1 + 7 * 3) / 8 + 9 / 8)  # not (2 + 5) / 2

@@ -35,6 +35,8 @@ _REFUSED = {
     "trust_remote_code": "alignkit loads the model itself; use --trust_remote_code",
     "sync_ref_model": "TR-DPO moves the reference, which TRL does not support with a PEFT adapter",
 }
+# TRL's per-batch means of one label's answers: True for the desirable ones, False for the undesirable ones.
+_PER_ANSWER = {"rewards/chosen": True, "logps/chosen": True, "rewards/rejected": False, "logps/rejected": False}
 
 
 class AlignKTOTrainer(_StackedAdapters, EndsAtMaxSteps, KTOTrainer):
@@ -99,7 +101,38 @@ class AlignKTOTrainer(_StackedAdapters, EndsAtMaxSteps, KTOTrainer):
             inputs = {**inputs, "ref_logps": ref_logps}
             if ref_kl_logps is not None:
                 inputs["ref_KL_logps"] = ref_kl_logps
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        logged = {name: len(metrics.get(name, ())) for name in _PER_ANSWER}
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._per_answer(metrics, logged, inputs["label"])
+        return result
+
+    def _per_answer(self, metrics, logged, labels):
+        """One entry per answer, not per batch, for the rewards and log-probs of each label. TRL appends each batch's
+        mean over that label's answers and its log averages the entries, so a batch with 1 desirable answer weighed as
+        much as one with 7 and the held-out eval_rewards/* were no answer's mean (as alignkit's DPO trainer,
+        alignkit.train.trainers `_log_rewards`): the batch's mean now stands once for each of its answers, counted as
+        TRL gathers them (gather_for_metrics: a launch's padded last batch is not counted twice)."""
+        labels = torch.as_tensor(labels, device=self.accelerator.device).long().reshape(-1)
+        labels = self.accelerator.gather_for_metrics(labels)
+        desirable = int(labels.sum())
+        counts = {True: desirable, False: labels.numel() - desirable}
+        for name, label in _PER_ANSWER.items():
+            entries = metrics.get(name, [])
+            if len(entries) > logged[name]:
+                entries[logged[name] :] = entries[logged[name] :] * counts[label]
+                if not entries:  # TRL's log divides by the number of entries
+                    del metrics[name]
+
+    def log(self, logs, start_time=None):
+        """rewards/margins as the mean reward of the desirable answers less that of the undesirable ones, over every
+        answer since the last log: TRL's is the mean of its batches' differences (`_per_answer`)."""
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics.pop("rewards/margins", None)
+        chosen, rejected = metrics.get("rewards/chosen"), metrics.get("rewards/rejected")
+        if chosen and rejected:
+            metrics["rewards/margins"] = [sum(chosen) / len(chosen) - sum(rejected) / len(rejected)]
+        super().log(logs, start_time)
 
 
 def rule_following(model, tokenizer, prompts: list[str], samples: int = 4, seed: int = 0) -> float:
