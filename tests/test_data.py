@@ -548,6 +548,26 @@ def test_skip_invalid_sft_and_no_warning_when_clean(tmp_path, alignkit_log):
     assert not alignkit_log.records
 
 
+
+def test_sft_conversations_ending_without_an_answer_are_said_once_by_file_and_row(tmp_path, alignkit_log):
+    """[assistant, user] or [user, assistant, user] trained without a word (TRL takes them; dpo.py refuses such a
+    chosen): one line per dataset, naming how many, the first by file and row (rows --skip_invalid skipped counted
+    in its place), what the trailing turns do and the fix."""
+    ok = {"messages": [u("hi"), a("hello")]}
+    rows = [ok, ok, {"messages": [u("no answer")]}, ok, {"messages": [a("hello"), u("bye")]}, ok,
+            {"messages": [u("hi"), a("hello"), u("and?")]}, ok]
+    path = write(tmp_path, rows, "jsonl", name="chats")
+    assert len(load_sft(path, skip_invalid=True)) == 7  # kept, as TRL keeps them
+    said = [r.getMessage() for r in alignkit_log.records if "not the assistant's" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{path}: 2 of 7 conversations end with a turn that is not the assistant's (the first: "
+                              f"{path}: row 5, a user turn last)")
+    assert "teach nothing under --train_on auto's assistant-only loss" in said[0]
+    assert "End each conversation with the assistant's answer, or drop the trailing turns" in said[0]
+    alignkit_log.clear()
+    load_sft(write(tmp_path, [ok, {"messages": [s("be brief"), u("hi"), a("hello")]}], "jsonl", name="well"))
+    assert not alignkit_log.records
+
 def test_all_rows_invalid(tmp_path):
     path = write(tmp_path, [{"chosen": "a", "rejected": "b"}, {"chosen": "c", "rejected": "d"}], "csv")
     with pytest.raises(DataError, match="no usable rows: all 2 rows are invalid") as err:

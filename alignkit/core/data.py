@@ -16,7 +16,7 @@ import datasets
 from alignkit.core.data_files import FILE_TYPES, DataError, Rows, load_rows, read_rows
 from alignkit.core.message_columns import TEMPLATE_COLUMNS, as_dataset
 from alignkit.core.row_checks import (_answer, _bad, _check_prompt, _messages, _pair, _RowError, _same, _text, _turn,
-                                      split_where_they_part)
+                                      ends_without_answer, split_where_they_part)
 
 __all__ = ["DataError", "FILE_TYPES", "PREFERENCE_FORMATS", "SFT_FORMATS", "Rows", "load_rows", "read_rows",
            "load_preferences", "load_sft", "load_unpaired", "detect_format", "is_hh_prompt", "hh_prompt_messages"]
@@ -388,15 +388,14 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
         if column not in columns:
             raise DataError(f"{label}: format {format!r} needs column {column!r}, which is missing (columns found: "
                             f"{', '.join(map(str, columns))}). Rename it, or pick the right --dataset_format.")
-    out, skipped = [], []
+    out, skipped, rows_at = [], [], []  # rows_at: each kept row's number in `data`
     carried = [c for c in _TEMPLATE_COLUMNS if c in columns]
     for i, row in enumerate(data):
         try:
             if not isinstance(row, dict):
                 raise _bad(None, "an object with named fields", row)
             out.append({**normalise(row), **{c: _template_column(row.get(c), c) for c in carried}})
-            if kept is not None:
-                kept.append(i)
+            rows_at.append(i)
         except _RowError as e:
             field = f"field '{e.field}': " if e.field else ""
             reason = f"{read.place(i)}: {field}{e.problem}."
@@ -409,6 +408,10 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
     if skipped:
         logger.warning("%s: skipped %d of %d rows as invalid (--skip_invalid). First problem: %s",
                        label, len(skipped), len(data), skipped[0])
+    if kind == "sft" and (notice := ends_without_answer(out, lambda j: read.place(rows_at[j]))):
+        logger.warning(f"{label}: {notice}")  # TRL trains such rows as they are: so does alignkit, saying so
+    if kept is not None:
+        kept.extend(rows_at)
     return as_dataset(out)
 
 

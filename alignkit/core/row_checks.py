@@ -156,3 +156,18 @@ def no_field(row: dict, name: str) -> str:
     named = f" (is '{close[0]}' a misspelling of it?)" if close else ""
     return f"no field {name!r}{named}; its fields: {', '.join(map(str, row)) or 'none'}"
 
+
+
+def ends_without_answer(rows: list[dict], place) -> str | None:
+    """The notice for SFT conversations whose last turn is not the assistant's ([assistant, user], a transcript cut
+    after a user turn): TRL trains them as they are, and the turns after the last answer teach nothing, or the wrong
+    thing. `place(j)`: row j's place ("FILE: row N"). None where every conversation ends with an answer."""
+    ends = [j for j, row in enumerate(rows) if row.get("messages") and row["messages"][-1]["role"] != "assistant"]
+    if not ends:
+        return None
+    return (f"{len(ends)} of {len(rows)} conversations end with a turn that is not the assistant's (the first: "
+            f"{place(ends[0])}, a {rows[ends[0]]['messages'][-1]['role']} turn last). The turns after the last "
+            "assistant turn teach nothing under --train_on auto's assistant-only loss (a chat template with "
+            "{% generation %} markers), and are trained as text otherwise (--train_on all, or a template without the "
+            "markers: the model learns to write them). End each conversation with the assistant's answer, or drop "
+            "the trailing turns")
