@@ -849,6 +849,20 @@ def test_rl_s_refusals_name_its_own_cells_and_only_those_a_change_needs(tiny_cac
             pass
     assert cell_checks.to_run_again(rl(max_prompts=1), ["max_prompts"], trained=False) == \
         ["Prompts", "Run folder", "Rewards", "Train"]  # the rewards were checked against the prompts
+    # The Prompts cell checks the prompts fill a generation batch: another num_generations or batch names it (named
+    # as not read by it, following the refusal trained 0 steps and saved: the review of session 33) ...
+    for changed in ({"num_generations": 4}, {"per_device_train_batch_size": 8}, {"gradient_accumulation_steps": 2}):
+        assert cell_checks.to_run_again(rl(**changed), list(changed), trained=False)[0] == "Prompts", changed
+    # ... and the prompts read under the earlier batch are refused by the Run folder cell, the Prompts cell named.
+    from alignkit.train.rl import load_prompt_dataset
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "q{i}"}}\n' for i in range(8)))
+    read = load_prompt_dataset(rl(dataset_id=str(prompts), num_generations=2, per_device_train_batch_size=2))
+    with pytest.raises(UserError, match=r"^the data was read under other settings than these \(num_generations "
+                                        r"changed since\): run the 'Prompts' cell again"):
+        run_folder.prepare_run(rl(dataset_id=str(prompts), num_generations=4, per_device_train_batch_size=2), "rl",
+                               read)
     # The saving cell after the settings changed names them too.
     with pytest.raises(UserError, match=r"^the settings changed since rl trained \(beta\): saving would record them "
                                         r"for a model trained with others\. Set them back and run this cell again, or "

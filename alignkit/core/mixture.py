@@ -112,11 +112,12 @@ def data_settings(s) -> dict:
 
 
 def read_under(s, *data, keys=DATA_SETTINGS) -> tuple:
-    """`data`, each dataset marked with the settings of `s` that shaped its rows (see READ_UNDER): `keys`, those of
-    DATA_SETTINGS a reader's rows depend on (rl.py's prompts: not the seed nor a held-out share)."""
+    """`data`, each dataset marked with the settings of `s` that shaped its rows (see READ_UNDER): `keys`, those a
+    reader's rows depend on or were checked against (rl.py's prompts: not the seed nor a held-out share, but the
+    generation batch its prompts must fill)."""
     import copy
 
-    settings = copy.deepcopy({k: v for k, v in data_settings(s).items() if k in keys})
+    settings = copy.deepcopy({k: getattr(s, k) for k in keys if hasattr(s, k)})
     for d in data:
         if d is not None:
             setattr(d, READ_UNDER, settings)

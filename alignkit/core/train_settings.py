@@ -180,12 +180,15 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
     # folder (the judgments' default cache), the prompts (checked against them) and trainer_overrides (a reward
     # model's chat_template_kwargs): another beta, learning rate or LoRA rank leaves them standing.
     not_read_by: ClassVar[dict[str, frozenset[str]]] = {
-        "data": _ROLLOUTS | _REWARDS,
+        "data": (_ROLLOUTS - {"num_generations"}) | _REWARDS,
         "model": _ROLLOUTS | _REWARDS | {"prompt_field", "max_prompts"},
         "rewards": (_GROUPS["training"] - {"seed", "max_length", "trainer_overrides"}) | _GROUPS["LoRA"]
         | _GROUPS["LoTA (--adapter lota)"] | _GROUPS["Hub and merging"] | _ROLLOUTS
         | (_GROUPS["run folder, logging and checkpoints"] - {"output_dir", "run_name"}),
     }
+    # The Prompts cell checks the prompts fill a generation batch (alignkit.train.rl.check_enough_prompts).
+    read_by: ClassVar[dict[str, frozenset[str]]] = {
+        "data": frozenset({"num_generations", "per_device_train_batch_size", "gradient_accumulation_steps"})}
 
     dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
                                                                        "or Hub dataset id (read like label.py --prompts)")

@@ -69,11 +69,12 @@ def not_read_by(s, role: str) -> set[str]:
     """Settings the notebook's `role` cell does not read (its settings class's not_read_by, and for every script's
     Data and Model cells the training loop's, the run folder's and the Hub's): changed, what it built stands."""
     own = set(getattr(type(s), "not_read_by", {}).get(role, ()))
+    read = set(getattr(type(s), "read_by", {}).get(role, ()))  # what the class says its cell reads after all
     if role == "model":
-        return own | _not_built_from()
+        return (own | _not_built_from()) - read
     if role == "data":
-        return own | _not_read_by_data()
-    return own
+        return (own | _not_read_by_data()) - read
+    return own - read
 
 
 def to_run_again(s, changed, trained: bool) -> list[str]:
@@ -109,11 +110,10 @@ def check_in_training_cell(folder) -> None:
 def check_read_under(s, data) -> None:
     """Data read under other settings than these (a notebook's Data cell that failed after the settings changed
     leaves the earlier data in place: the run trained on it and recorded the new dataset): refused in one line."""
-    from alignkit.core.mixture import READ_UNDER, data_settings
+    from alignkit.core.mixture import READ_UNDER
 
-    now = data_settings(s)
     for then in (getattr(d, READ_UNDER, None) for d in data if d is not None):
-        changed = sorted(k for k in then or {} if then[k] != now.get(k))  # of those its rows depend on
+        changed = sorted(k for k in then or {} if then[k] != getattr(s, k, None))  # of those its rows depend on
         if changed:
             raise UserError(f"the data was read under other settings than these ({', '.join(changed)} changed "
                             f"since): run the '{notebook_cells(s)['data']}' cell again, then the cells after it")

@@ -41,8 +41,12 @@ from alignkit.core.args import ConfigError
 from alignkit.core.launch import vllm_lacking
 from alignkit.core.mixture import read_under
 
-# What rl.py's prompt rows depend on (load_prompt_dataset): the seed and the held-out share do not shape them.
+# What rl.py's prompt rows depend on (load_prompt_dataset): the seed and the held-out share do not shape them. The
+# generation batch they were checked to fill (check_enough_prompts) counts too: changed, the Prompts cell checks again
+# (following a refusal that named only the Run folder cell trained 0 steps and saved: the review of session 33).
 PROMPT_SETTINGS = ("dataset_id", "dataset_config", "dataset_split", "prompt_field", "max_prompts")
+PROMPTS_CHECKED = ("num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
+                   "trainer_overrides")
 from alignkit.train import rl_rewards
 
 
@@ -87,7 +91,7 @@ def load_prompt_dataset(s):
     check_enough_prompts(s, len(rows))
     try:
         # A prompt's tool calls as JSON (alignkit.core.message_columns); the rows are every prompt read, in order.
-        return read_under(s, as_dataset(rows), keys=PROMPT_SETTINGS)[0]
+        return read_under(s, as_dataset(rows), keys=PROMPT_SETTINGS + PROMPTS_CHECKED)[0]
     except (ValueError, TypeError) as e:  # pyarrow's ArrowInvalid / ArrowTypeError are these
         raise DataError(f"{s.dataset_id}: the columns beside the prompt, which go to the rewards as keyword "
                         f"arguments, do not make one table ({' '.join(str(e).split())[:200]}): keep one type per "
