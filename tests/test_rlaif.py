@@ -755,6 +755,16 @@ def test_a_step_s_refusal_is_said_once_with_how_to_go_on_where_rlaif_runs(tmp_pa
         shown = capsys.readouterr().err
         assert "working" in shown and "bad flag" not in shown  # the raised line says it
     assert log.read_text().count("error: bad flag\n") == 2  # the log keeps it
+    # A step whose error: line is followed by a crash (exit 1, a long traceback at shutdown) still says it, hidden
+    # from the screen as it is; and a retry that exits 2 without one does not pass on an earlier try's (the review of
+    # session 33: the whole appended log was searched).
+    (tmp_path / "step.py").write_text("import sys\nsys.stderr.write('error: the real reason\\n')\n"
+                                      "print('\\n'.join(f'teardown {i}' for i in range(40)))\nsys.exit(1)\n")
+    with pytest.raises(RuntimeError, match=r"^step.py failed \(exit 1\): the real reason; its log: "):
+        rlaif._run("step.py", [], log)
+    (tmp_path / "step.py").write_text("import sys\nprint('usage: step.py [-h]')\nsys.exit(2)\n")
+    with pytest.raises(UserError, match=r"^step.py stopped: see the log \(its log"):
+        rlaif._run("step.py", [], log)
     screen = step_process._Screen(__import__("io").StringIO())  # a line held back only while it could be one
     for piece in ("err", "ands\n", "\rerror: x", "\n", "e"):
         screen.write(piece)

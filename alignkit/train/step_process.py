@@ -40,6 +40,7 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1", **({FORCE_LIVE: "1"} if shown else {}), STEP_OF: "cell" if is_notebook() else "command"}  # its Ctrl-C: ours to say
     with open(log, "a", encoding="utf-8") as out:
+        start = out.tell()  # this run's part of the log: an earlier try's error: line is not this one's
         step = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
                                 preexec_fn=_stop_with_parent(os.getpid()) if sys.platform == "linux" else None)
         # Relayed on a thread, and waited for by the step's exit: a process the step left behind holding its output
@@ -66,13 +67,16 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
         if relay.is_alive():
             logger.info(f"{script} exited, and a process it started still writes to its output; that output is not "
                         f"in {log}")
+    with open(log, "rb") as f:
+        f.seek(start)
+        lines = f.read().decode("utf-8", errors="replace").splitlines(True)
+    said = next((line[len("error: "):].rstrip("\n") for line in reversed(lines) if line.startswith("error: ")), None)
     if code == EXIT_USER_ERROR:  # the step named a bad input in one `error:` line: pass that line on
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-        said = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), "see the log")
-        raise UserError(f"{script} stopped: {said} (its log: {log}). Fix that and {again}")
-    if code != 0:
-        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
-        raise RuntimeError(f"{script} failed (exit {code}); its log: {log}\n{tail}\nFix the cause and {again}")
+        raise UserError(f"{script} stopped: {said or 'see the log'} (its log: {log}). Fix that and {again}")
+    if code != 0:  # its error: line (hidden from the screen) too, where a crash after it pushed it off the tail
+        first = f": {said}" if said else ""
+        raise RuntimeError(f"{script} failed (exit {code}){first}; its log: {log}\n{''.join(lines[-15:])}\n"
+                           f"Fix the cause and {again}")
 
 
 class _Done:
