@@ -57,6 +57,14 @@ def test_the_card_names_the_split_the_held_out_accuracy_was_measured_on(merged_d
     assert "| eval_split |" not in model_card(merged_dpo)  # the share it did not hold out (the own-data audit)
     config.write_text(json.dumps({**settings, "eval_split": 0.1, "held_out": {"share": 0.1, "of": "train", "rows": 9}}))
     assert "| eval_split | `0.1` |" in (text := model_card(merged_dpo)) and "9 (a 0.1 share of train)" in text
+    for held, said in (({"share": 200, "of": None, "rows": 200}, "200 (rows held out of the training rows)"),
+                       ({"mixture": "test rows", "rows": 3, "of_rows": 8}, "3 (of the 8 dataset_mixture's test rows)"),
+                       ({"split": "test", "rows": 3, "of_rows": 8}, "3 (of the 8 rows of split test)")):
+        config.write_text(json.dumps({**settings, "held_out": held}))
+        text = model_card(merged_dpo)
+        assert f"| held-out rows | {said} |" in text, held
+        _, results = model_index_to_eval_results(ModelCard(text).data.to_dict()["model-index"])
+        assert [r.dataset_split for r in results] == ["held-out"]  # some rows of a split are not the split
     config.write_text(json.dumps(settings))  # a run recorded before held_out: as ever
     _, results = model_index_to_eval_results(ModelCard(model_card(merged_dpo)).data.to_dict()["model-index"])
     assert [r.dataset_split for r in results] == ["held-out"]

@@ -980,7 +980,7 @@ def test_max_samples_caps_a_held_out_split_of_its_own_too(tmp_path, alignkit_log
     mixture = {"datasets": [{"id": str(folder / "train.jsonl")}, {"id": str(folder / "test.jsonl"), "test": True}]}
     train, held_out = load_train_eval("preference", DPOSettings(dataset_mixture=mixture, max_samples=4,
                                                                 report_to="none"))
-    assert (len(train), len(held_out)) == (4, 4) and getattr(held_out, HELD_OUT) == {"mixture": "test rows"}
+    assert (len(train), len(held_out)) == (4, 4) and getattr(held_out, HELD_OUT) == {"mixture": "test rows", "of_rows": 8}
     s = DPOSettings(dataset_id=str(folder), dataset_test_split="test", max_samples=20, report_to="none")
     assert [len(d) for d in load_train_eval("preference", s)] == [10, 8]  # fewer rows than the cap: all of them
 
@@ -1000,8 +1000,8 @@ def test_a_split_beside_a_mixture_is_refused_not_ignored(tmp_path, monkeypatch, 
                                           r"names its own held-out rows.*split: test_prefs and test: true"):
         parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture,
                                                        "--dataset_test_split", "test_prefs"])
-    with pytest.raises(ConfigError, match=r"^--dataset_split train_prefs beside a dataset_mixture: .*drop "
-                                          r"--dataset_split \(dataset_split is TRL's dataset_train_split\)"):
+    with pytest.raises(ConfigError, match=r"^--dataset_split train_prefs beside a dataset_mixture: .*remove this "
+                                          r"setting \(dataset_split is TRL's dataset_train_split\)"):
         parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture, "--dataset_train_split",
                                                        "train_prefs"])
     with pytest.raises(ConfigError, match=r"^--dataset_config en beside a dataset_mixture: .*config: on an entry"):
@@ -1020,6 +1020,21 @@ def test_a_split_beside_a_mixture_is_refused_not_ignored(tmp_path, monkeypatch, 
     s = parse_config(SFTSettings, env_file=None, args=["--config", "recipes/mistral-7b-qlora-sft.yaml",
                                                        "--dataset_mixture", mixture])
     assert s.dataset_split == "train" and s.dataset_mixture
+    alignkit_log.clear()  # a recipe's split named test, or a configuration named auto: named too (the review)
+    recipe = tmp_path / "single.yaml"
+    recipe.write_text("dataset_id: foo/bar\ndataset_split: test\ndataset_config: auto\n")
+    parse_config(DPOSettings, env_file=None, args=["--config", str(recipe), "--dataset_mixture", mixture])
+    assert "dataset_split test, dataset_config auto are not used" in alignkit_log.text
+    # reward.py, rl.py and rlaif.py read one split: the mixture itself is refused first, nothing named as unused.
+    from alignkit.core.config import RLSettings
+
+    alignkit_log.clear()
+    recipe.write_text("dataset_config: en\n")
+    for args in (["--dataset_mixture", mixture, "--dataset_split", "foo"],
+                 ["--config", str(recipe), "--dataset_mixture", mixture]):
+        with pytest.raises(ConfigError, match="drop dataset_mixture"):
+            parse_config(RLSettings, env_file=None, args=args)
+    assert "not used" not in alignkit_log.text
     # The eval_steps check no longer counts a test split the mixture does not read as held-out data, and says what does.
     with pytest.raises(ConfigError, match="eval_steps 5 but no held-out data.*or an entry with test: true"):
         parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", json.dumps({"datasets": [{"id": str(pairs)}]}),

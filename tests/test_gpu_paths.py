@@ -391,6 +391,12 @@ def test_under_zero3_in_fp32_trl_s_bf16_cast_of_qlora_adapters_is_undone(sft_ada
         param.data = param.data.bfloat16()
     assert models.keep_trainable_fp32(model, types.SimpleNamespace(bf16=False, fp16=False)) == len(trainable)
     assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}  # one dtype
+    # Under ZeRO-2 with bf16 DeepSpeed's engine casts every parameter to bf16 itself: moving them said "fp32" in vain.
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    for param in trainable:
+        param.data = param.data.bfloat16()
+    assert models.keep_trainable_fp32(model, types.SimpleNamespace(bf16=True, fp16=False)) == 0
+    assert models.keep_trainable_fp32(model, types.SimpleNamespace(bf16=False, fp16=False)) == len(trainable)
 
 
 # ---------------------------------------------------------------------------------------------------------

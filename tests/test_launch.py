@@ -1077,3 +1077,34 @@ def test_the_final_evaluation_is_the_one_the_schedule_made_at_the_last_step():
     trainer.args.load_best_model_at_end = False
     trainer.state.log_history = [{"step": 2, "eval_loss": 0.5}, {"step": 4, "train_loss": 0.65}]
     assert training.final_evaluation(trainer) == {"eval_loss": 0.4} and asked == [1, 1]
+
+
+def test_a_mixture_run_saved_with_a_recipe_s_split_still_resumes(tmp_path):
+    """A recipe's dataset_config (or dataset_test_split) under a --dataset_mixture on the command line was saved by
+    runs made before it went with the recipe's dataset_id; compared as a setting, it made such a run start over
+    (the review of session 33). Under a mixture on both sides nothing reads them: the rows decide."""
+    import dataclasses
+    import json
+
+    from alignkit.core.config import DPOSettings
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"weights")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    folder = tmp_path / "runs" / "run"
+    s = DPOSettings(model_id=str(base), output_dir=str(tmp_path / "runs"), run_name="run",
+                    dataset_mixture={"datasets": [{"id": str(pairs)}]})
+    (folder / "checkpoint-2").mkdir(parents=True)
+    training.save_run_config(s, folder / training.CONFIG_FILE)
+    saved = json.loads((folder / training.CONFIG_FILE).read_text())
+    (folder / training.CONFIG_FILE).write_text(json.dumps({**saved, "dataset_config": "en",
+                                                           "dataset_test_split": "test"}))
+    assert run_folder._changed(folder, s) == []
+    # Without a mixture they are what the run read.
+    single = dataclasses.replace(s, dataset_mixture=None, dataset_id=str(pairs))
+    (folder / training.CONFIG_FILE).write_text(json.dumps({**saved, "dataset_mixture": None, "dataset_id": str(pairs),
+                                                           "dataset_config": "en"}))
+    assert run_folder._changed(folder, single) == ["dataset_config"]

@@ -291,8 +291,9 @@ def _held_out(held: dict | None) -> str | None:
     if not isinstance(held, dict) or not isinstance(held.get("rows"), int):
         return None
     share, of = held.get("share"), held.get("of") or "the training rows"
-    where = (f"{'of the ' + str(held['of_rows']) + ' rows of ' if held.get('of_rows') else ''}split {held['split']}"
-             if held.get("split") else "the dataset_mixture's test rows" if share is None
+    whole = f"of the {held['of_rows']} " if held.get("of_rows") else ""
+    where = (f"{whole + 'rows of ' if whole else ''}split {held['split']}" if held.get("split")
+             else f"{whole or 'the '}dataset_mixture's test rows" if share is None
              else f"a {share} share of {of}" if share < 1 else f"rows held out of {of}")
     return f"{held['rows']} ({where})"
 

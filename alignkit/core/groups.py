@@ -222,6 +222,7 @@ class TrainSettings(HubPushSettings, ModelSettings):
     # Whether the script evaluates on a dataset's own test split: TRL's dataset_name then means --dataset_test_split
     # auto where evaluation is asked for (alignkit.core.trl_names.Vocabulary.finish); reward.py and rl.py read one.
     reads_test_split: ClassVar[bool] = True
+    takes_mixture: ClassVar[bool] = True  # reward.py, rl.py, rlaif.py read one split (a mixture refused)
     help_groups: ClassVar[list] = TRAIN_HELP_GROUPS
     help_rest_at: ClassVar[int] = 4  # the script's own settings (DPO, reward, ...) right after training
     # The script's notebook cells (their `## ` headings, in order; notebooks/build.py makes them from its `# %%` cells,
@@ -375,7 +376,8 @@ class TrainSettings(HubPushSettings, ModelSettings):
             from alignkit.core.mixture import check_mixture
 
             check_mixture(self.dataset_mixture)
-            self._check_beside_mixture()
+            if type(self).takes_mixture:  # the others refuse the mixture itself, in one line
+                self._check_beside_mixture()
         if self.eval_steps and not self.has_eval_data():
             raise ValueError(f"eval_steps {self.eval_steps} but no held-out data (eval_split 0, no "
                              "dataset_test_split or test split in the mixture): nothing would be evaluated. Pass "
@@ -389,14 +391,14 @@ class TrainSettings(HubPushSettings, ModelSettings):
         if self.dataset_test_split not in (None, "test", "auto"):
             raise ValueError(f"--dataset_test_split {self.dataset_test_split} beside a dataset_mixture: the mixture "
                              "names its own held-out rows (entries with test: true, or test_split_size). Give its "
-                             f"held-out dataset an entry with split: {self.dataset_test_split} and test: true, and drop "
-                             "--dataset_test_split")
+                             f"held-out dataset an entry with split: {self.dataset_test_split} and test: true, and "
+                             "remove this setting")
         if self.dataset_split not in ("train", default["dataset_split"]):
             raise ValueError(f"--dataset_split {self.dataset_split} beside a dataset_mixture: the mixture names the "
-                             "split of each of its datasets (split: on an entry); drop --dataset_split")
+                             "split of each of its datasets (split: on an entry); remove this setting")
         if self.dataset_config is not None:
             raise ValueError(f"--dataset_config {self.dataset_config} beside a dataset_mixture: the mixture names the "
-                             "configuration of each of its datasets (config: on an entry); drop --dataset_config")
+                             "configuration of each of its datasets (config: on an entry); remove this setting")
 
     def test_split_advice(self) -> str:
         """How to name held-out rows of their own: a mixture's test entry, else --dataset_test_split."""

@@ -133,7 +133,7 @@ def split(dataset, s, kind=None):
     if s.eval_split <= 0:
         return read_under(s, dataset, None)
     train, held_out = _hold_out(dataset, s.eval_split, s.seed, "eval_split", kind)
-    from alignkit.core.data_files import single_file  # a file has no splits to name
+    from alignkit.core.data_files import single_file  # a file has no splits to name (imported where it is used)
 
     of = None if single_file(getattr(s, "dataset_id", None)) else getattr(s, "dataset_split", None)
     return read_under(s, train, held_out_from(held_out, share=s.eval_split, of=of))
@@ -252,7 +252,8 @@ def _load_train_eval(kind: str, s):
     held_out = load(s.dataset_id, s.dataset_format, test_split, s.skip_invalid, s.dataset_config)
     (train,), (held_out,) = _one_kind([train, held_out], 1)  # both splits read alike: texts, or conversations
     capped = _capped(held_out, s, f"split {test_split}")
-    return train, held_out_from(capped, split=test_split, **({"of_rows": len(held_out)} if capped is not held_out else {}))
+    capped_from = {"of_rows": len(held_out)} if capped is not held_out else {}
+    return train, held_out_from(capped, split=test_split, **capped_from)
 
 
 def _capped(held_out, s, what: str):
@@ -383,10 +384,12 @@ def _mixture(kind, s):
     if m.get("test_split_size"):
         train, carved = _hold_out(train, m["test_split_size"], seed, "dataset_mixture test_split_size", kind)
         held_out = carved if held_out is None else datasets.concatenate_datasets([held_out, carved])
+    whole = len(held_out) if held_out is not None else 0
     if s.max_samples:
         train = train.select(range(min(s.max_samples, len(train))))
-        held_out = _capped(held_out, s, "the dataset_mixture's test rows")  # marked below, as it is
-    held_out_from(held_out, mixture="test rows")
+        held_out = _capped(held_out, s, "the dataset_mixture's test rows")
+    held_out_from(held_out, mixture="test rows", **({"of_rows": whole} if held_out is not None and len(held_out) < whole
+                                                    else {}))
     if held_out is None and s.eval_split > 0:
         train, held_out = _hold_out(train, s.eval_split, s.seed, "eval_split", kind)
         held_out_from(held_out, share=s.eval_split, of="the dataset_mixture")

@@ -119,6 +119,7 @@ class RewardSettings(TrainSettings):
 
     run_type: ClassVar[str] = "reward"
     reads_test_split: ClassVar[bool] = False  # one split (refused: dataset_test_split)
+    takes_mixture: ClassVar[bool] = False  # refused in one line (__post_init__)
     trl_configs: ClassVar[tuple[str, ...]] = ("RewardConfig",)
     help_title: ClassVar[str] = "reward model"
 
@@ -171,6 +172,7 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
 
     run_type: ClassVar[str] = "rl"
     reads_test_split: ClassVar[bool] = False  # one split (refused: dataset_test_split)
+    takes_mixture: ClassVar[bool] = False  # refused in one line (__post_init__)
     trl_configs: ClassVar[tuple[str, ...]] = ("GRPOConfig", "RLOOConfig")
     help_title: ClassVar[str] = "RL: algorithm, rewards, rollouts, judge"
     notebook_cells: ClassVar[dict[str, str]] = {
@@ -329,6 +331,7 @@ class RLAIFSettings(TemplateArgumentsSettings, JudgeEndpointSettings, DPOSetting
 
     help_title: ClassVar[str] = "rounds (and DPO)"
     reads_test_split: ClassVar[bool] = False  # each round's labelled pairs, with an --eval_split share
+    takes_mixture: ClassVar[bool] = False  # refused in one line (__post_init__)
 
     dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
                                                                        "or Hub dataset id (label.py --prompts)")

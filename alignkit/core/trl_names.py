@@ -55,6 +55,7 @@ class Vocabulary:
 
     def __init__(self, settings_cls):
         self.config_names = tuple(settings_cls.trl_configs)
+        self.takes_mixture = getattr(settings_cls, "takes_mixture", True)  # reward.py, rl.py, rlaif.py: one split
         self.passthrough = {n: t for n, t in trl_fields(self.config_names).items()}
         self.model_and_script = trl_fields(_MODEL_AND_SCRIPT)
         self.trl_style = False  # a TRL-only name (model_name_or_path, dataset_name) was given on the command line
@@ -310,7 +311,7 @@ class Vocabulary:
                 and strategy not in ("none", "no") and not values.get("dataset_mixture")
                 and not {"dataset_test_split", "eval_split"} & chosen):
             values["dataset_test_split"] = "auto"  # the data loader says which it found (alignkit.core.mixture)
-        if values.get("dataset_mixture"):
+        if values.get("dataset_mixture") and self.takes_mixture:  # the others refuse a mixture (train_settings)
             self._mixed_over(values, given)
         source = given.get("output_dir")
         trl_meaning = source == "recipe" or (source in ("cli", "overrides")
@@ -339,7 +340,7 @@ class Vocabulary:
             source = given.get(key)  # a default or a preset's stays (a run recorded it: --resume auto compares it)
             if key not in values or not (source and by and layers.index(source) < layers.index(by)):
                 continue
-            if values[key] not in (plain, "test", "auto"):
+            if values[key] not in ((plain, "test", "auto") if key == "dataset_test_split" else (plain,)):
                 unused.append(f"{key} {values[key]}")
             values[key] = plain
             del given[key]

@@ -112,7 +112,8 @@ class AlignKTOTrainer(_StackedAdapters, EndsAtMaxSteps, KTOTrainer):
         mean over that label's answers and its log averages the entries, so a batch with 1 desirable answer weighed as
         much as one with 7 and the held-out eval_rewards/* were no answer's mean (as alignkit's DPO trainer,
         alignkit.train.trainers `_log_rewards`): the batch's mean now stands once for each of its answers, counted as
-        TRL gathers them (gather_for_metrics: a launch's padded last batch is not counted twice)."""
+        TRL gathers them (gather_for_metrics: a launch's padded last batch is not counted twice in the weights; the
+        batch's mean itself is TRL's, over its processes' sums, padding included)."""
         labels = torch.as_tensor(labels, device=self.accelerator.device).long().reshape(-1)
         labels = self.accelerator.gather_for_metrics(labels)
         desirable = int(labels.sum())

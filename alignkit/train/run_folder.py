@@ -215,6 +215,10 @@ def _changed(folder: Path, s) -> list[str]:
     # the rows held out decide, compared below ("data rows"), not the spelling (the review of session 32).
     if old.get("dataset_test_split") is None and new.get("dataset_test_split") == "auto":
         changed = [k for k in changed if k != "dataset_test_split"]
+    # Under a dataset_mixture, one dataset's split, configuration and test split are read by nothing (a recipe's,
+    # saved by a run made before they went with its dataset_id): the rows decide, compared below.
+    if old.get("dataset_mixture") and new.get("dataset_mixture"):
+        changed = [k for k in changed if k not in ("dataset_split", "dataset_config", "dataset_test_split")]
     # One folder or file spelled two ways (runs/sft, ./runs/sft/, its absolute path) is the same input: its content
     # is compared below, under the spelling the run recorded (the data digest is keyed by it).
     respelled = {k: old[k] for k in changed if _same_place(old.get(k), new.get(k))}

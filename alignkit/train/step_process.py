@@ -67,16 +67,17 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
         if relay.is_alive():
             logger.info(f"{script} exited, and a process it started still writes to its output; that output is not "
                         f"in {log}")
-    with open(log, "rb") as f:
+    if code == 0:
+        return
+    with open(log, "rb") as f:  # this run's part only
         f.seek(start)
         lines = f.read().decode("utf-8", errors="replace").splitlines(True)
     said = next((line[len("error: "):].rstrip("\n") for line in reversed(lines) if line.startswith("error: ")), None)
     if code == EXIT_USER_ERROR:  # the step named a bad input in one `error:` line: pass that line on
         raise UserError(f"{script} stopped: {said or 'see the log'} (its log: {log}). Fix that and {again}")
-    if code != 0:  # its error: line (hidden from the screen) too, where a crash after it pushed it off the tail
-        first = f": {said}" if said else ""
-        raise RuntimeError(f"{script} failed (exit {code}){first}; its log: {log}\n{''.join(lines[-15:])}\n"
-                           f"Fix the cause and {again}")
+    first = f": {said}" if said else ""  # its error: line (hidden from the screen), where a crash pushed it off the tail
+    raise RuntimeError(f"{script} failed (exit {code}){first}; its log: {log}\n{''.join(lines[-15:])}\n"
+                       f"Fix the cause and {again}")
 
 
 class _Done:
