@@ -25,6 +25,7 @@ from pathlib import Path
 from alignkit.core.args import redact
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
+from alignkit.core.mixture import said_held_out
 from alignkit.core.run_records import (
     HUB_DATASETS, LOADED_AS, LOADED_CHAIN, RUN_CONFIG, checkpoint_metrics, checkpoints, merge_name, recorded_chain,
     recorded_hub_datasets, run_config,
@@ -286,18 +287,6 @@ def eval_results(folder, run_type: str | None, metrics: dict, dataset: str, data
     return results
 
 
-def _held_out(held: dict | None) -> str | None:
-    """Where a run's held-out rows came from, as alignkit_config.json records it (alignkit.core.mixture.HELD_OUT)."""
-    if not isinstance(held, dict) or not isinstance(held.get("rows"), int):
-        return None
-    share, of = held.get("share"), held.get("of") or "the training rows"
-    whole = f"of the {held['of_rows']} " if held.get("of_rows") else ""
-    where = (f"{whole + 'rows of ' if whole else ''}split {held['split']}" if held.get("split")
-             else f"{whole or 'the '}dataset_mixture's test rows" if share is None
-             else f"a {share} share of {of}" if share < 1 else f"rows held out of {of}")
-    return f"{held['rows']} ({where})"
-
-
 def _4bit(merge: dict) -> str:
     """The 4-bit format merge.json records the base dequantized from (NF4 in a merge made before it did)."""
     return merge.get("dequantized_from") or "4-bit NF4"
@@ -479,7 +468,7 @@ def model_card(folder, repo_id: str | None = None, in_progress: bool = False) ->
             unread += ("eval_split",)  # a split of its own was held out, not an --eval_split share of the rows
         lines += [f"| {k} | `{json.dumps(_shown(v))}` |" for k, v in settings.items()
                   if v not in (None, "", [], False) and k not in RECORDED_BESIDE and k not in unread]
-        if held := _held_out(settings.get("held_out")):  # dataset_test_split auto, as it resolved
+        if held := said_held_out(settings.get("held_out")):  # dataset_test_split auto, as it resolved
             lines.append(f"| held-out rows | {held} |")
     if metrics:
         heading = f"Metrics at {metrics['checkpoint']}" if metrics.get("checkpoint") else "Final metrics"

@@ -373,32 +373,15 @@ class TrainSettings(HubPushSettings, ModelSettings):
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             raise ValueError(f"--num_train_epochs must be above 0 (or set --max_steps), got {self.num_train_epochs}")
         if self.dataset_mixture is not None:
-            from alignkit.core.mixture import check_mixture
+            from alignkit.core.mixture import check_beside_mixture, check_mixture
 
             check_mixture(self.dataset_mixture)
             if type(self).takes_mixture:  # the others refuse the mixture itself, in one line
-                self._check_beside_mixture()
+                check_beside_mixture(self)
         if self.eval_steps and not self.has_eval_data():
             raise ValueError(f"eval_steps {self.eval_steps} but no held-out data (eval_split 0, no "
                              "dataset_test_split or test split in the mixture): nothing would be evaluated. Pass "
                              f"--eval_split 0.05 or {self.test_split_advice()}, or drop eval_steps")
-
-    def _check_beside_mixture(self) -> None:
-        """One dataset's split or configuration beside a dataset_mixture (set in its layer or a later one; from an
-        earlier layer they went with the dataset it replaced: alignkit.core.trl_names): TRL's scripts read the
-        mixture's train and test rows (a KeyError for any other split name); they were unused here without a word."""
-        default = {f.name: f.default for f in fields(self)}
-        if self.dataset_test_split not in (None, "test", "auto"):
-            raise ValueError(f"--dataset_test_split {self.dataset_test_split} beside a dataset_mixture: the mixture "
-                             "names its own held-out rows (entries with test: true, or test_split_size). Give its "
-                             f"held-out dataset an entry with split: {self.dataset_test_split} and test: true, and "
-                             "remove this setting")
-        if self.dataset_split not in ("train", default["dataset_split"]):
-            raise ValueError(f"--dataset_split {self.dataset_split} beside a dataset_mixture: the mixture names the "
-                             "split of each of its datasets (split: on an entry); remove this setting")
-        if self.dataset_config is not None:
-            raise ValueError(f"--dataset_config {self.dataset_config} beside a dataset_mixture: the mixture names the "
-                             "configuration of each of its datasets (config: on an entry); remove this setting")
 
     def test_split_advice(self) -> str:
         """How to name held-out rows of their own: a mixture's test entry, else --dataset_test_split."""

@@ -106,6 +106,18 @@ def held_out_from(dataset, **source):
     return dataset
 
 
+def said_held_out(held: dict | None) -> str | None:
+    """Where a run's held-out rows came from, in words, as alignkit_config.json records it (HELD_OUT): for its card."""
+    if not isinstance(held, dict) or not isinstance(held.get("rows"), int):
+        return None
+    share, of = held.get("share"), held.get("of") or "the training rows"
+    whole = f"of the {held['of_rows']} " if held.get("of_rows") else ""
+    where = (f"{whole + 'rows of ' if whole else ''}split {held['split']}" if held.get("split")
+             else f"{whole or 'the '}dataset_mixture's test rows" if share is None
+             else f"a {share} share of {of}" if share < 1 else f"rows held out of {of}")
+    return f"{held['rows']} ({where})"
+
+
 def data_settings(s) -> dict:
     """The DATA_SETTINGS of `s` (those it has: a settings class, or any object with such attributes)."""
     return {k: getattr(s, k) for k in DATA_SETTINGS if hasattr(s, k)}
@@ -288,6 +300,25 @@ def _test_split(s) -> str | None:
     logger.info(f"held-out data: an eval_split {s.eval_split} share of {s.dataset_split}, as {s.dataset_id} has no "
                 f"test split besides it (TRL's scripts would evaluate on test); {other}")
     return None
+
+
+def check_beside_mixture(s) -> None:
+    """TrainSettings `s`: one dataset's split or configuration beside a dataset_mixture (set in its layer or a later
+    one; from an earlier layer they went with the dataset it replaced: alignkit.core.trl_names), refused: TRL's
+    scripts read the mixture's train and test rows (a KeyError for any other split name); they were unused here
+    without a word."""
+    default = {f.name: f.default for f in dataclasses.fields(s)}
+    if s.dataset_test_split not in (None, "test", "auto"):
+        raise ValueError(f"--dataset_test_split {s.dataset_test_split} beside a dataset_mixture: the mixture "
+                         "names its own held-out rows (entries with test: true, or test_split_size). Give its "
+                         f"held-out dataset an entry with split: {s.dataset_test_split} and test: true, and "
+                         "remove this setting")
+    if s.dataset_split not in ("train", default["dataset_split"]):
+        raise ValueError(f"--dataset_split {s.dataset_split} beside a dataset_mixture: the mixture names the "
+                         "split of each of its datasets (split: on an entry); remove this setting")
+    if s.dataset_config is not None:
+        raise ValueError(f"--dataset_config {s.dataset_config} beside a dataset_mixture: the mixture names the "
+                         "configuration of each of its datasets (config: on an entry); remove this setting")
 
 
 def check_file_splits(s) -> None:

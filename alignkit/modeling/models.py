@@ -102,12 +102,9 @@ def keep_trainable_fp32(model, args=None) -> int:
     sft_trainer.py, "When using QLoRA, the PEFT adapter weights are converted to bf16"). With plain AdamW at a
     DPO learning rate most updates are below bf16's resolution and round away (a 3-step tiny 4-bit DPO moved 10
     of 1024 lora_A entries), and on an fp16 GPU the grad scaler refuses non-fp32 parameters. QLoRA itself keeps
-    the adapters in fp32. Under DeepSpeed with bf16 or fp16 (`args`, the trainer's) they stay as they are: its
-    engine casts every parameter to its dtype (at any ZeRO stage) and keeps fp32 master weights itself; ZeRO-3 needs
-    one dtype across its partitions. A DeepSpeed run in fp32 (mixed_precision no) moves them too: its engine's dtype
-    is fp32, and TRL's bf16 cast left it bf16 adapters (under ZeRO-3 a reward model's bf16 score head met fp32 hidden
-    states: "expected m1 and m2 to have the same dtype").
-    """
+    the adapters in fp32. Under DeepSpeed with bf16 or fp16 (`args`, the trainer's) they stay: its engine casts every
+    parameter to its dtype at any ZeRO stage and keeps fp32 masters itself. In fp32 (mixed_precision no) they move
+    too: TRL's cast left bf16 adapters, and under ZeRO-3 a reward model's bf16 score head met fp32 hidden states."""
     from alignkit.core.launch import launch_mode
 
     if args is None and _sharded_launch() == ZERO3:
