@@ -29,6 +29,11 @@ CASES = [
      "unknown setting: --dpo_betta (on the command line; did you mean --dpo_beta?)", None),
     ("dpo.py", [*TRAIN, "--dpo_beta", "-1"], "dpo_beta must be > 0", None),
     ("merge.py", ["--adapter_dir", "x", "--push_to_hub", "--hub_repo_id", "me/x"], "HF_HUB_OFFLINE=1 is set", None),
+    # A --trainer_overrides key no TRL config has: refused before the data and model load (it was after), naming
+    # alignkit's own flag where it is one.
+    ("dpo.py", [*TRAIN, "--trainer_overrides", '{"eval_split": 0.2}'],
+     "--trainer_overrides eval_split: not field(s) of TRL's DPOConfig, which this run uses; drop them (--eval_split "
+     "is alignkit's own setting: pass it as a flag)", None),
     # The other algorithm's TRL field: refused with the settings (it was, once the model had loaded).
     ("rl.py", [*TRAIN, "--algo", "rloo", "--importance_sampling_level", "sequence"],
      "importance_sampling_level: not field(s) of TRL's RLOOConfig, which --algo rloo uses", None),

@@ -945,8 +945,9 @@ def test_a_dataset_beside_a_mixture_is_named_as_unused_and_a_file_takes_no_confi
                                                        "--eval_split", "0"])
     train, _ = load_train_eval("preference", s)
     assert train[0]["prompt"] == "q"
-    assert f"--dataset_id {mine} is not used: the dataset_mixture is, and names each dataset's split and " \
-           "configuration. To train on --dataset_id, pass --dataset_mixture none" in alignkit_log.text
+    assert f"dataset_id {mine} (on the command line) is not used: the dataset_mixture is, and names each " \
+           "dataset's split, configuration and held-out rows. To train on that dataset, pass --dataset_mixture " \
+           "none" in alignkit_log.text
     alignkit_log.clear()  # a mixture alone (a preset's or the default dataset_id beside it) says nothing
     parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture])
     assert "is not used" not in alignkit_log.text
@@ -1016,7 +1017,8 @@ def test_a_split_beside_a_mixture_is_refused_not_ignored(tmp_path, monkeypatch, 
                                                        mixture])
     assert (s.dataset_split, s.dataset_test_split, s.dataset_mixture["test_split_size"]) == ("train", None, 1)
     said = [r.getMessage() for r in alignkit_log.records if "not used: the dataset_mixture is" in r.getMessage()]
-    assert said and "dataset_split train_prefs, dataset_test_split test_prefs are not used" in said[0]
+    assert said and ("dataset_id HuggingFaceH4/ultrafeedback_binarized (in the recipe), dataset_split train_prefs "
+                     "(in the recipe), dataset_test_split test_prefs (in the recipe) are not used") in said[0]
     s = parse_config(SFTSettings, env_file=None, args=["--config", "recipes/mistral-7b-qlora-sft.yaml",
                                                        "--dataset_mixture", mixture])
     assert s.dataset_split == "train" and s.dataset_mixture
@@ -1024,7 +1026,12 @@ def test_a_split_beside_a_mixture_is_refused_not_ignored(tmp_path, monkeypatch, 
     recipe = tmp_path / "single.yaml"
     recipe.write_text("dataset_id: foo/bar\ndataset_split: test\ndataset_config: auto\n")
     parse_config(DPOSettings, env_file=None, args=["--config", str(recipe), "--dataset_mixture", mixture])
-    assert "dataset_split test, dataset_config auto are not used" in alignkit_log.text
+    assert "dataset_split test (in the recipe), dataset_config auto (in the recipe) are not used" in alignkit_log.text
+    alignkit_log.clear()  # an eval_split beside a mixture that holds test rows out: named, no dataset to go back to
+    recipe.write_text("eval_split: 0.2\n")
+    parse_config(DPOSettings, env_file=None, args=["--config", str(recipe), "--dataset_mixture", mixture])
+    assert "eval_split 0.2 (in the recipe) is not used: the dataset_mixture is, and names each dataset's split, " \
+           "configuration and held-out rows\n" in alignkit_log.text + "\n"
     # reward.py, rl.py and rlaif.py read one split: the mixture itself is refused first, nothing named as unused.
     from alignkit.core.config import RLSettings
 

@@ -306,3 +306,12 @@ def test_a_mistyped_dataset_under_dataset_test_split_auto_says_it_is_no_local_fo
     with pytest.raises(DataError, match=r"^data/pairz: no such local file or folder, and listing its splits as a "
                                         r"Hugging Face Hub dataset failed: "):
         load_train_eval("preference", s)
+
+
+def test_a_mixture_that_is_not_json_gets_a_mixture_s_example():
+    """--dataset_mixture '{bad' was answered with the example of --trainer_overrides ('{"optim": ...}')."""
+    with pytest.raises(ConfigError, match=r"^invalid value for --dataset_mixture: not valid JSON .*; pass a JSON "
+                                          r"object, e\.g\. '\{\"datasets\": \[\{\"id\": "):
+        parse_config(DPOSettings, args=["--dataset_mixture", "{bad"], env_file=None)
+    with pytest.raises(ConfigError, match=r"e\.g\. '\{\"optim\": \"paged_adamw_8bit\"\}'"):
+        parse_config(DPOSettings, args=["--trainer_overrides", "{bad"], env_file=None)

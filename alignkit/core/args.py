@@ -120,8 +120,10 @@ def _mapping(raw, where) -> dict:
         try:
             raw = json.loads(raw) if raw.strip() else {}
         except json.JSONDecodeError as e:
+            example = ('{"datasets": [{"id": "data/pairs.jsonl"}], "test_split_size": 0.05}' if "mixture" in str(where)
+                       else '{"optim": "paged_adamw_8bit"}')  # the setting's own kind of object
             raise ConfigError(f"invalid value for {where}: not valid JSON ({e}); pass a JSON object, e.g. "
-                              "'{\"optim\": \"paged_adamw_8bit\"}'") from None
+                              f"'{example}'") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"invalid value for {where}: {raw!r} is not a mapping (a JSON object or YAML mapping)")
     return dict(raw)

@@ -328,26 +328,34 @@ class Vocabulary:
 
     @staticmethod
     def _mixed_over(values: dict, given: dict) -> None:
-        """A dataset_mixture beside one dataset's settings. A --dataset_id is named as unused, as TRL's scripts name
-        dataset_name beside datasets. Its split and configuration settings from an earlier layer (a recipe's
-        dataset_split under a --dataset_mixture on the command line) go with it, named too; from
-        the mixture's own layer or a later one they are refused in one line by the settings (TrainSettings: TRL's
-        scripts read the mixture's train and test rows, a KeyError for any other split name)."""
+        """A dataset_mixture beside one dataset's settings. A dataset_id is named as unused (where it was set), as
+        TRL's scripts name dataset_name beside datasets, and an eval_split beside a mixture with test rows. Its split
+        and configuration settings from an earlier layer (a recipe's dataset_split under a --dataset_mixture on the
+        command line) go with it, named too; from the mixture's own layer or a later one they are refused in one
+        line by the settings (alignkit.core.mixture.check_beside_mixture)."""
         layers = ("env", "recipe", "cli", "overrides")
+        places = {"env": "from the environment", "recipe": "in the recipe", "cli": "on the command line",
+                  "overrides": "in overrides"}
         by = given.get("dataset_mixture")
-        unused = [f"--dataset_id {values['dataset_id']}"] if "dataset_id" in given else []
+        unused = [f"dataset_id {values['dataset_id']} ({places[given['dataset_id']]})"] if "dataset_id" in given else []
         for key, plain in (("dataset_split", "train"), ("dataset_config", None), ("dataset_test_split", None)):
             source = given.get(key)  # a default or a preset's stays (a run recorded it: --resume auto compares it)
             if key not in values or not (source and by and layers.index(source) < layers.index(by)):
                 continue
             if values[key] not in ((plain, "test", "auto") if key == "dataset_test_split" else (plain,)):
-                unused.append(f"{key} {values[key]}")
+                unused.append(f"{key} {values[key]} ({places[source]})")
             values[key] = plain
             del given[key]
+        mixture = values["dataset_mixture"] if isinstance(values["dataset_mixture"], dict) else {}
+        tested = mixture.get("test_split_size") or any(isinstance(d, dict) and d.get("test")
+                                                        for d in mixture.get("datasets") or [])
+        if tested and "eval_split" in given and values.get("eval_split"):  # the mixture's test rows are held out
+            unused.append(f"eval_split {values['eval_split']} ({places[given['eval_split']]})")
         if unused:
+            instead = ". To train on that dataset, pass --dataset_mixture none" if "dataset_id" in given else ""
             logger.warning(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: the "
-                           "dataset_mixture is, and names each dataset's split and configuration. To train on "
-                           "--dataset_id, pass --dataset_mixture none")
+                           f"dataset_mixture is, and names each dataset's split, configuration and held-out rows"
+                           f"{instead}")
 
     def _trl_defaults(self, values: dict, given: dict, preset_keys) -> None:
         """Settings in TRL's names mean what TRL makes of them: without use_peft TRL fine-tunes every weight, which

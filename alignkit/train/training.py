@@ -105,6 +105,11 @@ def check_trl_values(s) -> None:
             other = "" if set(foreign) - set(types) else ", or pick the other --algo"  # types: both configs'
             raise ConfigError(f"{', '.join(foreign)}: not field(s) of TRL's {name}, which --algo {s.algo} uses; drop "
                               f"them{other}")
+    if foreign := sorted(set(overrides) - set(types)):  # refused by trl_config too, once the data and model loaded
+        own = [n for n in foreign if n in {f.name for f in dataclasses.fields(s)}] if dataclasses.is_dataclass(s) else []
+        flag = f" (--{own[0]} is alignkit's own setting: pass it as a flag)" if own else ""
+        raise ConfigError(f"--trainer_overrides {', '.join(foreign)}: not field(s) of TRL's {' or '.join(names)}, "
+                          f"which this run uses; drop them{flag}")
     for name, value in {"lr_scheduler_type": s.lr_scheduler_type, **overrides}.items():
         if name in types:  # a name TRL's config lacks is trl_config's one line, with the same data
             flag = f"--{name}" if name == "lr_scheduler_type" else f"--trainer_overrides {name}"
