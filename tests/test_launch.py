@@ -640,14 +640,20 @@ def test_every_rank_resumes_from_the_same_checkpoint_or_all_stop_in_one_line(sha
             "every machine shares.")} for rank in (0, 1)]
 
 
-def test_resume_auto_starts_over_when_another_file_the_settings_name_changed_in_place(tmp_path, monkeypatch):
-    """A chat template file, a reward's code or a reward model edited or trained again in place was compared by its
-    path: the rerun said "nothing left to train" and handed back the adapter trained under the old one. A LoTA mask
-    changed under --resume true is refused (the checkpoints' delta is the old mask's)."""
+def fake_base(tmp_path):
+    """A model folder as the run folder's content checks read it (a config and weights), never loaded."""
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text("{}")
     (base / "model.safetensors").write_bytes(b"weights")
+    return base
+
+
+def test_resume_auto_starts_over_when_another_file_the_settings_name_changed_in_place(tmp_path, monkeypatch):
+    """A chat template file, a reward's code or a reward model edited or trained again in place was compared by its
+    path: the rerun said "nothing left to train" and handed back the adapter trained under the old one. A LoTA mask
+    changed under --resume true is refused (the checkpoints' delta is the old mask's)."""
+    base = fake_base(tmp_path)
     template, code, rm = tmp_path / "t.jinja", tmp_path / "my_reward.py", tmp_path / "rm"
     template.write_text("{{ messages }}")
     code.write_text("def reward(prompts, completions, **kw):\n    return [1.0 for _ in completions]\n")
@@ -701,10 +707,7 @@ def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_plac
     run folder saved before alignkit recorded its inputs compares by settings alone."""
     import json
 
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text("{}")
-    (base / "model.safetensors").write_bytes(b"weights")
+    base = fake_base(tmp_path)
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     s = SFTSettings(model_id=str(base), dataset_id=str(data), output_dir=str(tmp_path / "runs"), run_name="run")
@@ -1088,10 +1091,7 @@ def test_a_mixture_run_saved_with_a_recipe_s_split_still_resumes(tmp_path):
 
     from alignkit.core.config import DPOSettings
 
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text("{}")
-    (base / "model.safetensors").write_bytes(b"weights")
+    base = fake_base(tmp_path)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
     folder = tmp_path / "runs" / "run"
