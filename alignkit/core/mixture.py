@@ -263,19 +263,21 @@ def _load_train_eval(kind: str, s):
         train = train.select(range(min(s.max_samples, len(train))))
     held_out = load(s.dataset_id, s.dataset_format, test_split, s.skip_invalid, s.dataset_config)
     (train,), (held_out,) = _one_kind([train, held_out], 1)  # both splits read alike: texts, or conversations
-    capped = _capped(held_out, s, f"split {test_split}")
-    capped_from = {"of_rows": len(held_out)} if capped is not held_out else {}
-    return train, held_out_from(capped, split=test_split, **capped_from)
+    return train, _capped(held_out, s, f"split {test_split}", split=test_split)
 
 
-def _capped(held_out, s, what: str):
+def _capped(held_out, s, what: str, **source):
     """A held-out split of its own (a test split, a mixture's test entries) under --max_samples: at most that many of
-    its rows too, seeded as the training rows are (a quick run evaluated every row of a 2,000-row test split)."""
-    if not s.max_samples or held_out is None or len(held_out) <= s.max_samples:
-        return held_out
-    logger.info(f"--max_samples {s.max_samples}: evaluating on {s.max_samples} of the {len(held_out)} held-out rows "
-                f"({what})")
-    return held_out.shuffle(seed=s.seed).select(range(s.max_samples))
+    its rows too, seeded as the training rows are (a quick run evaluated every row of a 2,000-row test split);
+    marked with where its rows come from (`source`, see HELD_OUT), and their whole count where fewer were kept."""
+    if held_out is None:
+        return None
+    if s.max_samples and len(held_out) > s.max_samples:
+        logger.info(f"--max_samples {s.max_samples}: evaluating on {s.max_samples} of the {len(held_out)} held-out "
+                    f"rows ({what})")
+        source["of_rows"] = len(held_out)
+        held_out = held_out.shuffle(seed=s.seed).select(range(s.max_samples))
+    return held_out_from(held_out, **source)
 
 
 def _test_split(s) -> str | None:
@@ -307,16 +309,18 @@ def check_beside_mixture(s) -> None:
     one; from an earlier layer they went with the dataset it replaced: alignkit.core.trl_names), refused: TRL's
     scripts read the mixture's train and test rows (a KeyError for any other split name); they were unused here
     without a word."""
+    from alignkit.core.trl_tables import BESIDE_MIXTURE
+
     default = {f.name: f.default for f in dataclasses.fields(s)}
-    if s.dataset_test_split not in (None, "test", "auto"):
+    if s.dataset_test_split not in BESIDE_MIXTURE["dataset_test_split"]:
         raise ValueError(f"--dataset_test_split {s.dataset_test_split} beside a dataset_mixture: the mixture "
                          "names its own held-out rows (entries with test: true, or test_split_size). Give its "
                          f"held-out dataset an entry with split: {s.dataset_test_split} and test: true, and "
                          "remove this setting")
-    if s.dataset_split not in ("train", default["dataset_split"]):
+    if s.dataset_split not in (*BESIDE_MIXTURE["dataset_split"], default["dataset_split"]):
         raise ValueError(f"--dataset_split {s.dataset_split} beside a dataset_mixture: the mixture names the "
                          "split of each of its datasets (split: on an entry); remove this setting")
-    if s.dataset_config is not None:
+    if s.dataset_config not in BESIDE_MIXTURE["dataset_config"]:
         raise ValueError(f"--dataset_config {s.dataset_config} beside a dataset_mixture: the mixture names the "
                          "configuration of each of its datasets (config: on an entry); remove this setting")
 
@@ -415,12 +419,9 @@ def _mixture(kind, s):
     if m.get("test_split_size"):
         train, carved = _hold_out(train, m["test_split_size"], seed, "dataset_mixture test_split_size", kind)
         held_out = carved if held_out is None else datasets.concatenate_datasets([held_out, carved])
-    whole = len(held_out) if held_out is not None else 0
     if s.max_samples:
         train = train.select(range(min(s.max_samples, len(train))))
-        held_out = _capped(held_out, s, "the dataset_mixture's test rows")
-    held_out_from(held_out, mixture="test rows", **({"of_rows": whole} if held_out is not None and len(held_out) < whole
-                                                    else {}))
+    held_out = _capped(held_out, s, "the dataset_mixture's test rows", mixture="test rows")
     if held_out is None and s.eval_split > 0:
         train, held_out = _hold_out(train, s.eval_split, s.seed, "eval_split", kind)
         held_out_from(held_out, share=s.eval_split, of="the dataset_mixture")

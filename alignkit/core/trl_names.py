@@ -27,10 +27,10 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import _FALSE, _TRUE, ConfigError, _show
 from alignkit.core.mixture_formats import mixture_from_mixer, mixture_from_trl
-from alignkit.core.trl_tables import (_ANY, _BOOL_WORDS, _MAPPINGS, _MIXTURE_HAS_ITS_OWN, _MODEL_AND_SCRIPT,
-                                      _RENAMED, _SAME_MEANING, _TRL_DEFAULTS_UNDER_OTHER_NAMES, _TRL_ONLY, _TRL_RECIPE_NAMES, ALIASES,
-                                      DROPPED, DTYPE_SYNONYMS, NOT_APPLIED, REFUSED, REFUSED_IN, SKIP, _bool, _model_dtype,
-                                      _Weak, refusal)
+from alignkit.core.trl_tables import (BESIDE_MIXTURE, _ANY, _BOOL_WORDS, _MAPPINGS, _MIXTURE_HAS_ITS_OWN,
+                                      _MODEL_AND_SCRIPT, _RENAMED, _SAME_MEANING, _TRL_DEFAULTS_UNDER_OTHER_NAMES,
+                                      _TRL_ONLY, _TRL_RECIPE_NAMES, ALIASES, DROPPED, DTYPE_SYNONYMS, NOT_APPLIED,
+                                      REFUSED, REFUSED_IN, SKIP, _bool, _model_dtype, _Weak, refusal)
 from alignkit.core.trl_types import _members, cli_kind, same_meaning, trl_choices, trl_fields, trl_value, unset
 
 __all__ = ["ALIASES", "DTYPE_SYNONYMS", "NOT_APPLIED", "REFUSED", "Vocabulary"]
@@ -338,13 +338,13 @@ class Vocabulary:
                   "overrides": "in overrides"}
         by = given.get("dataset_mixture")
         unused = [f"dataset_id {values['dataset_id']} ({places[given['dataset_id']]})"] if "dataset_id" in given else []
-        for key, plain in (("dataset_split", "train"), ("dataset_config", None), ("dataset_test_split", None)):
+        for key, meant in BESIDE_MIXTURE.items():
             source = given.get(key)  # a default or a preset's stays (a run recorded it: --resume auto compares it)
             if key not in values or not (source and by and layers.index(source) < layers.index(by)):
                 continue
-            if values[key] not in ((plain, "test", "auto") if key == "dataset_test_split" else (plain,)):
+            if values[key] not in meant:
                 unused.append(f"{key} {values[key]} ({places[source]})")
-            values[key] = plain
+            values[key] = meant[0]
             del given[key]
         mixture = values["dataset_mixture"] if isinstance(values["dataset_mixture"], dict) else {}
         tested = mixture.get("test_split_size") or any(isinstance(d, dict) and d.get("test")

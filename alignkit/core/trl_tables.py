@@ -231,9 +231,13 @@ _MAPPINGS = {"gradient_checkpointing_kwargs": '{"use_reentrant": false}', "lr_sc
 # Defaults that read differently from TRL's but mean the same where alignkit uses them (revision none is the main
 # branch; no test split is read unless asked; the held-out share is settled by trl_names.Vocabulary.finish).
 _SAME_MEANING = {"revision", "dataset_test_split", "eval_split"}
+# One dataset's settings that a dataset_mixture names for each of its datasets, and the values that still mean
+# something beside it (TRL's scripts read the mixture's "train" and "test" rows): the first, what it goes back to
+# when an earlier layer's dataset goes (trl_names), any other refused (alignkit.core.mixture.check_beside_mixture).
+BESIDE_MIXTURE = {"dataset_split": ("train",), "dataset_config": (None,), "dataset_test_split": (None, "test", "auto")}
 # What a dataset mixture names itself, per dataset (its splits, configurations): a single dataset's defaults do not
 # apply beside one, and the defaults line leaves them out.
-_MIXTURE_HAS_ITS_OWN = {"dataset_split", "dataset_config", "dataset_test_split"}
+_MIXTURE_HAS_ITS_OWN = set(BESIDE_MIXTURE)
 _TRL_DEFAULTS_UNDER_OTHER_NAMES = {  # field: (TRL's value, as --help says it)
     "warmup_ratio": (0.0, "0 (warmup_steps 0)"),
     "eval_split": (0.0, "0 (no rows held out)"),

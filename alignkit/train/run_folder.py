@@ -40,6 +40,7 @@ from alignkit.core.errors import UserError, is_notebook, keep_interrupts
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
 from alignkit.core.mixture import HELD_OUT
+from alignkit.core.trl_tables import BESIDE_MIXTURE
 # CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
 # killed before its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
 from alignkit.core.run_records import (
@@ -218,7 +219,7 @@ def _changed(folder: Path, s) -> list[str]:
     # Under a dataset_mixture, one dataset's split, configuration and test split are read by nothing (a recipe's,
     # saved by a run made before they went with its dataset_id): the rows decide, compared below.
     if old.get("dataset_mixture") and new.get("dataset_mixture"):
-        changed = [k for k in changed if k not in ("dataset_split", "dataset_config", "dataset_test_split")]
+        changed = [k for k in changed if k not in BESIDE_MIXTURE]
     # One folder or file spelled two ways (runs/sft, ./runs/sft/, its absolute path) is the same input: its content
     # is compared below, under the spelling the run recorded (the data digest is keyed by it).
     respelled = {k: old[k] for k in changed if _same_place(old.get(k), new.get(k))}
