@@ -998,14 +998,16 @@ def test_a_split_beside_a_mixture_is_refused_not_ignored(tmp_path, monkeypatch, 
     pairs = write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 4, "jsonl", name="pairs")
     mixture = json.dumps({"datasets": [{"id": str(pairs)}], "test_split_size": 1})
     with pytest.raises(ConfigError, match=r"^--dataset_test_split test_prefs beside a dataset_mixture: the mixture "
-                                          r"names its own held-out rows.*split: test_prefs and test: true"):
+                                          r"names its own held-out rows.*split: test_prefs and test: true \(with the "
+                                          r"handbook's dataset_mixer: add test_prefs to dataset_splits\)"):
         parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture,
                                                        "--dataset_test_split", "test_prefs"])
     with pytest.raises(ConfigError, match=r"^--dataset_split train_prefs beside a dataset_mixture: .*remove this "
                                           r"setting \(dataset_split is TRL's dataset_train_split\)"):
         parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture, "--dataset_train_split",
                                                        "train_prefs"])
-    with pytest.raises(ConfigError, match=r"^--dataset_config en beside a dataset_mixture: .*config: on an entry"):
+    with pytest.raises(ConfigError, match=r"^--dataset_config en beside a dataset_mixture: .*config: on an entry; "
+                                          r"with the handbook's dataset_mixer, dataset_configs\)"):
         parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture, "--dataset_config", "en"])
     for split in ("test", "auto"):  # the mixture's test rows, as TRL's scripts read them
         s = parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture, "--dataset_test_split", split,

@@ -315,14 +315,17 @@ def check_beside_mixture(s) -> None:
     if s.dataset_test_split not in BESIDE_MIXTURE["dataset_test_split"]:
         raise ValueError(f"--dataset_test_split {s.dataset_test_split} beside a dataset_mixture: the mixture "
                          "names its own held-out rows (entries with test: true, or test_split_size). Give its "
-                         f"held-out dataset an entry with split: {s.dataset_test_split} and test: true, and "
-                         "remove this setting")
+                         f"held-out dataset an entry with split: {s.dataset_test_split} and test: true (with the "
+                         f"handbook's dataset_mixer: add {s.dataset_test_split} to dataset_splits), and remove this "
+                         "setting")
     if s.dataset_split not in (*BESIDE_MIXTURE["dataset_split"], default["dataset_split"]):
         raise ValueError(f"--dataset_split {s.dataset_split} beside a dataset_mixture: the mixture names the "
-                         "split of each of its datasets (split: on an entry); remove this setting")
+                         "split of each of its datasets (split: on an entry; with the handbook's dataset_mixer, "
+                         "dataset_splits); remove this setting")
     if s.dataset_config not in BESIDE_MIXTURE["dataset_config"]:
         raise ValueError(f"--dataset_config {s.dataset_config} beside a dataset_mixture: the mixture names the "
-                         "configuration of each of its datasets (config: on an entry); remove this setting")
+                         "configuration of each of its datasets (config: on an entry; with the handbook's "
+                         "dataset_mixer, dataset_configs); remove this setting")
 
 
 def check_file_splits(s) -> None:
