@@ -762,6 +762,15 @@ def test_a_step_s_refusal_is_said_once_with_how_to_go_on_where_rlaif_runs(tmp_pa
                                       "print('\\n'.join(f'teardown {i}' for i in range(40)))\nsys.exit(1)\n")
     with pytest.raises(RuntimeError, match=r"^step.py failed \(exit 1\): the real reason; its log: "):
         rlaif._run("step.py", [], log)
+    # A refusal that embeds another's text of several lines (an endpoint's body) is one error: line, passed on whole:
+    # its later lines were shown on the screen and cut from the raised line (the close of session 33).
+    (tmp_path / "step.py").write_text("from alignkit.core.errors import UserError, report_user_errors\n"
+                                      "report_user_errors()\nraise UserError('the judge failed (body: {\\n  \"detail\": "
+                                      "\"model not found\"\\n}): fix --judge_model')\n")
+    with pytest.raises(UserError, match=r'^step.py stopped: the judge failed \(body: \{ "detail": "model not found" '
+                                        r'\}\): fix --judge_model \(its log'):
+        rlaif._run("step.py", [], log)
+    assert "model not found" not in capsys.readouterr().err  # said once, by the raised line
     (tmp_path / "step.py").write_text("import sys\nprint('usage: step.py [-h]')\nsys.exit(2)\n")
     with pytest.raises(UserError, match=r"^step.py stopped: see the log \(its log"):
         rlaif._run("step.py", [], log)

@@ -32,11 +32,9 @@ class UserError(ValueError):
         script.py` show a script's errors themselves): the one line a script says; ALIGNKIT_DEBUG=1 the traceback."""
         import traceback
 
-        from alignkit.core.secrets import redact
-
         if debugging():
             return "".join(traceback.format_exception(type(self), self, self.__traceback__)).rstrip("\n").split("\n")
-        return [f"error: {redact(str(self))}"]
+        return [error_line(self)]
 
 
 class ConfigError(UserError):
@@ -52,6 +50,14 @@ class Terminated(KeyboardInterrupt):
 class EndpointRefused(UserError, RuntimeError):
     """An endpoint refused a request outright (a bad key, base URL or model name): every further request would be
     refused too, so the run stops, and the user fixes the setting. A RuntimeError too, as it was before."""
+
+
+def error_line(error: BaseException) -> str:
+    """`error: <message>`, secrets redacted, on one line: a message that embeds another's text of several lines (an
+    endpoint's body, a rule's exception) has its lines joined, so rlaif's steps and a log's reader see all of it."""
+    from alignkit.core.secrets import redact
+
+    return "error: " + " ".join(line.strip() for line in redact(str(error)).splitlines() if line.strip())
 
 
 def debugging() -> bool:
@@ -94,14 +100,12 @@ def _report(kind, error, tb) -> None:
             print(INTERRUPTED, file=sys.stderr)
         sys.exit(EXIT_TERMINATED if issubclass(kind, Terminated) else EXIT_INTERRUPTED)
     if issubclass(kind, UserError) and not debugging():
-        from alignkit.core.secrets import redact
-
         _sigterm_ends_it()  # the launcher stopping the other ranks of a refused launch: no second report
         # A launch's refusal: every process has it, this machine's first says it, and the launcher stops the others
         # while they wait; one still here after the wait says it too (its reason may be its own).
         if getattr(error, "said_by_local_rank_0", False):
             time.sleep(OTHER_RANKS_WAIT)
-        print(f"error: {redact(str(error))}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)  # honoured from an excepthook: the interpreter exits with this status
     sys.__excepthook__(kind, error, tb)
     if issubclass(kind, UserError):
@@ -270,9 +274,7 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
         if said:  # not after a run folder's own line (its checkpoints, the cells to run): two ways to go on
             sys.stderr.write(said + "\n")  # one write: one stream message under the cell
         return None
-    from alignkit.core.secrets import redact
-
-    print(f"error: {redact(str(error))}", file=sys.stderr)
+    print(error_line(error), file=sys.stderr)
     return None
 
 
