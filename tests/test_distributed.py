@@ -104,24 +104,9 @@ def test_a_mixture_of_experts_trains_dpo_with_lora_on_its_experts_at_two_process
     every step, and a router sends a micro-batch's tokens to some experts only. A tiny Mixtral (LoRA on the
     attention and on the fused experts, with the router's load-balancing loss) trains dpo.py at two processes over
     gloo, the adapter of the routed experts saved once and changed by training."""
-    import shutil
-
-    import torch
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from alignkit.modeling import presets
-
-    model = tmp_path / "mixtral"
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("mixtral", vocab_size=561, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                                  pad_token_id=4, eos_token_id=3, bos_token_id=None, num_local_experts=4,
-                                  num_experts_per_tok=2, output_router_logits=True)
-    AutoModelForCausalLM.from_config(config).save_pretrained(model)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if Path(presets.paths()["model"], name).is_file():
-            shutil.copy(Path(presets.paths()["model"], name), model)
+    model = tiny_mixtral(tmp_path / "mixtral")
     env = {**os.environ, "ALIGNKIT_CACHE": str(tiny_cache)}
     done, run = two_processes("dpo.py", ["--preset", "tiny", "--model_id", str(model), "--lora_dropout", "0",
                                          "--max_steps", "6", "--logging_steps", "2", "--eval_split", "0"],
@@ -132,6 +117,29 @@ def test_a_mixture_of_experts_trains_dpo_with_lora_on_its_experts_at_two_process
     experts = {k: v for k, v in weights.items() if "experts" in k}
     assert experts and any(v.abs().sum() > 0 for k, v in experts.items() if "lora_B" in k)  # trained, from zero
     assert done.stdout.count(f"adapter: {run}") == 1, done.stdout[-3000:]
+
+
+def tiny_mixtral(model: Path) -> Path:
+    """A tiny random Mixtral (4 experts, 2 a token, the router's logits on) saved at `model`, with the tiny
+    preset's tokenizer and chat template: the mixture of experts the launch tests train (the tiny preset must be
+    built)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignkit.modeling import presets
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mixtral", vocab_size=561, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                  pad_token_id=4, eos_token_id=3, bos_token_id=None, num_local_experts=4,
+                                  num_experts_per_tok=2, output_router_logits=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if Path(presets.paths()["model"], name).is_file():
+            shutil.copy(Path(presets.paths()["model"], name), model)
+    return model
 
 
 def two_processes(script: str, flags: list[str], output_dir: Path, run_name: str, env: dict, steps: int):
