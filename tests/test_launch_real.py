@@ -24,17 +24,24 @@ from conftest import ROOT
 TIMEOUT = 600  # seconds per launch; a hang (a collective only some ranks join) fails here instead of stalling CI
 
 
-def accelerate_launch(args: list[str], cache: Path, extra_env: dict | None = None, multi_gpu: bool = True,
-                      status: int = 0) -> str:
-    """Two processes over gloo; returns their output. Fails with the output's tail when the launch ends with
-    another exit status than `status`. multi_gpu False: the launch type comes from a --config_file in `args`
-    (DeepSpeed, FSDP)."""
+def launch_command(args: list[str], cache: Path, extra_env: dict | None = None,
+                   multi_gpu: bool = True) -> tuple[list[str], dict]:
+    """`accelerate launch` of `args` on two processes over gloo: its command line and environment."""
     command = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if multi_gpu else []),
                "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                "0", *args]
     env = {**os.environ, "ALIGNKIT_CACHE": str(cache), "OMP_NUM_THREADS": "1", **(extra_env or {}),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return command, env
+
+
+def accelerate_launch(args: list[str], cache: Path, extra_env: dict | None = None, multi_gpu: bool = True,
+                      status: int = 0) -> str:
+    """Two processes over gloo; returns their output. Fails with the output's tail when the launch ends with
+    another exit status than `status`. multi_gpu False: the launch type comes from a --config_file in `args`
+    (DeepSpeed, FSDP)."""
+    command, env = launch_command(args, cache, extra_env, multi_gpu)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     output = done.stdout + done.stderr
     # Each rank's error lines first: the tail alone is rank 0's traceback when another rank failed first.
@@ -114,23 +121,19 @@ def test_a_bad_input_found_after_the_launch_started_is_one_line_from_each_proces
     assert "]: Traceback" not in output  # no process's traceback (the launcher still reports its failed child)
 
 
-def test_a_sigterm_to_the_launcher_saves_one_step_on_every_process_and_the_same_command_resumes_it(cache,
-                                                                                                  tmp_path):
-    """A scheduler's stop (SIGTERM to the launcher, which forwards it to each rank, each in another point of its
-    step): every rank ended its step, and they stopped together at the same one, saved as a checkpoint (each rank
-    stopped where it stood before, and the rerun trained again from the last scheduled save). The same command
-    resumes from that step and finishes."""
+STOPPED = ["--max_steps", "40", "--save_steps", "10", "--logging_steps", "1", "--eval_split", "0"]
+
+
+def stopped_by_sigterm(args: list[str], run: Path, cache: Path, multi_gpu: bool = True) -> tuple[int, str]:
+    """Launches `args` (STOPPED's 40 steps, saved every 10, into `run`), sends the launcher a SIGTERM once
+    checkpoint-10 is saved, as a scheduler's stop does (the launcher forwards it to each rank, each in another point
+    of its step), and checks that every rank ended its step and they stopped together at the same one, saved as one
+    checkpoint, with Ctrl-C's line and status 143. Returns that step and the launch's output."""
     import signal
     import time
 
-    args = ["dpo.py", "--preset", "tiny", "--max_steps", "40", "--save_steps", "10", "--logging_steps", "1",
-            "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", "stopped"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               *args]
-    env = {**os.environ, "ALIGNKIT_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    run, log = tmp_path / "stopped", tmp_path / "launch.log"
+    command, env = launch_command(args, cache, multi_gpu=multi_gpu)
+    log = run.parent / f"{run.name}-launch.log"
     with open(log, "w") as out:
         launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + TIMEOUT
@@ -138,7 +141,7 @@ def test_a_sigterm_to_the_launcher_saves_one_step_on_every_process_and_the_same_
             assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         launcher.send_signal(signal.SIGTERM)
-        launcher.wait(timeout=TIMEOUT)
+        status = launcher.wait(timeout=TIMEOUT)
     said = log.read_text()
     saved = sorted(int(c.name.rsplit("-", 1)[1]) for c in run.glob("checkpoint-*"))
     assert len(saved) == 2 and 10 < saved[1] < 40, said[-3000:]
@@ -146,8 +149,21 @@ def test_a_sigterm_to_the_launcher_saves_one_step_on_every_process_and_the_same_
     assert state["global_step"] == saved[1]
     assert (run / "alignkit_failed.txt").read_text().startswith(f"Terminated: SIGTERM at step {saved[1]}"), said[-3000:]
     assert not (run / "adapter_model.safetensors").exists()
+    assert status == 143 and "the run was stopped (SIGTERM)" in said and "Traceback" not in said, said[-3000:]
+    return saved[1], said
+
+
+def test_a_sigterm_to_the_launcher_saves_one_step_on_every_process_and_the_same_command_resumes_it(cache,
+                                                                                                  tmp_path):
+    """A scheduler's stop (SIGTERM to the launcher): every rank ended its step, and they stopped together at the
+    same one, saved as a checkpoint (each rank stopped where it stood before, and the rerun trained again from the
+    last scheduled save). The same command resumes from that step and finishes. FSDP and ZeRO:
+    test_launch_sharded::test_a_sigterm_to_the_launcher_saves_each_rank_s_shard_of_one_step_and_resumes_it."""
+    args = ["dpo.py", "--preset", "tiny", *STOPPED, "--output_dir", str(tmp_path), "--run_name", "stopped"]
+    run = tmp_path / "stopped"
+    step, _ = stopped_by_sigterm(args, run, cache)
     output = accelerate_launch(args, cache)
-    assert f"resuming from {run / f'checkpoint-{saved[1]}'}" in output
+    assert f"resuming from {run / f'checkpoint-{step}'}" in output
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 40 and metrics["num_processes"] == 2
 
