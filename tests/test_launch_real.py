@@ -8,6 +8,7 @@ See also tests/test_distributed.py (longer DDP runs whose losses fall).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -121,27 +122,49 @@ def test_a_bad_input_found_after_the_launch_started_is_one_line_from_each_proces
     assert "]: Traceback" not in output  # no process's traceback (the launcher still reports its failed child)
 
 
+STOP_TIMEOUT = 120  # seconds from a SIGTERM to the launch's end: a step and its checkpoint (well under 5 s here)
 STOPPED = ["--max_steps", "40", "--save_steps", "10", "--logging_steps", "1", "--eval_split", "0"]
 
 
 def stopped_by_sigterm(args: list[str], run: Path, cache: Path, multi_gpu: bool = True) -> tuple[int, str]:
-    """Launches `args` (STOPPED's 40 steps, saved every 10, into `run`), sends the launcher a SIGTERM once
-    checkpoint-10 is saved, as a scheduler's stop does (the launcher forwards it to each rank, each in another point
-    of its step), and checks that every rank ended its step and they stopped together at the same one, saved as one
-    checkpoint, with Ctrl-C's line and status 143. Returns that step and the launch's output."""
+    """Launches `args` (STOPPED's 40 steps, saved every 10, into `run`) and, once checkpoint-10 is saved, stops it
+    as a scheduler that signals every process of the job does (Slurm's scancel), its signals apart: a SIGTERM to
+    rank 1 first, and to the launcher (which forwards it to each rank) only once a later checkpoint is being saved.
+    Checks that every rank ended its step and they stopped together at the same one (rank 1 stopping alone left
+    rank 0 in the next step's collective: the launch crashed), saved as one checkpoint, with Ctrl-C's line and the
+    launcher's status 143. Returns that step and the launch's output."""
     import signal
     import time
 
+    import psutil
+
     command, env = launch_command(args, cache, multi_gpu=multi_gpu)
     log = run.parent / f"{run.name}-launch.log"
+
+    def saving_after(step: int) -> bool:
+        return any(re.fullmatch(r"checkpoint-\d+", c.name) and int(c.name[11:]) > step for c in run.iterdir())
+
     with open(log, "w") as out:
         launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.time() + TIMEOUT
-        while not (run / "checkpoint-10" / "trainer_state.json").is_file():
-            assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        launcher.send_signal(signal.SIGTERM)
-        status = launcher.wait(timeout=TIMEOUT)
+        ranks = {}
+        try:
+            deadline = time.time() + TIMEOUT
+            while not (run / "checkpoint-10" / "trainer_state.json").is_file():
+                assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            ranks = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(launcher.pid).children()}
+            ranks[1].send_signal(signal.SIGTERM)
+            deadline = time.time() + STOP_TIMEOUT  # ranks stopping at different steps hang in their collectives
+            while not saving_after(10):
+                assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.01)
+            launcher.send_signal(signal.SIGTERM)
+            status = launcher.wait(timeout=STOP_TIMEOUT)
+        finally:  # nothing left running (a hung launch's ranks wait for each other for torch's 30 minutes)
+            for process in [*ranks.values(), launcher]:
+                with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                    process.kill()
+            launcher.wait()
     said = log.read_text()
     saved = sorted(int(c.name.rsplit("-", 1)[1]) for c in run.glob("checkpoint-*"))
     assert len(saved) == 2 and 10 < saved[1] < 40, said[-3000:]
@@ -155,9 +178,9 @@ def stopped_by_sigterm(args: list[str], run: Path, cache: Path, multi_gpu: bool 
 
 def test_a_sigterm_to_the_launcher_saves_one_step_on_every_process_and_the_same_command_resumes_it(cache,
                                                                                                   tmp_path):
-    """A scheduler's stop (SIGTERM to the launcher): every rank ended its step, and they stopped together at the
-    same one, saved as a checkpoint (each rank stopped where it stood before, and the rerun trained again from the
-    last scheduled save). The same command resumes from that step and finishes. FSDP and ZeRO:
+    """A scheduler's stop (SIGTERM to rank 1, then to the launcher): every rank ended its step, and they stopped
+    together at the same one, saved as a checkpoint (each rank stopped where it stood before, and the rerun trained
+    again from the last scheduled save). The same command resumes from that step and finishes. FSDP and ZeRO:
     test_launch_sharded::test_a_sigterm_to_the_launcher_saves_each_rank_s_shard_of_one_step_and_resumes_it."""
     args = ["dpo.py", "--preset", "tiny", *STOPPED, "--output_dir", str(tmp_path), "--run_name", "stopped"]
     run = tmp_path / "stopped"
