@@ -153,10 +153,11 @@ def test_sft_saves_a_whole_adapter(sft):
     assert {t.dtype for t in weights.values()} == {torch.float32}
 
 
-# Under ZeRO-3 dpo.py and kto.py run twice: with the default reference (the adapter switched off at each step, on the
-# partitioned engine) and with --precompute_ref_log_probs; FSDP and ZeRO-2 run the default (precompute is refused
-# under FSDP: tests/test_launch.py). The support matrix audit of session 28 found the ZeRO cells' default path unrun.
-REFERENCES = {"zero3": (False, True), "fsdp": (False,), "zero2": (False,)}
+# Under ZeRO-3 and ZeRO-2 dpo.py and kto.py run twice: with the default reference (the adapter switched off at each
+# step, on the partitioned engine under ZeRO-3) and with --precompute_ref_log_probs; FSDP runs the default (precompute
+# is refused under FSDP: tests/test_launch.py). The support matrix audit of session 28 found the ZeRO cells' default
+# path unrun; ZeRO-2's precompute cells said "not proven at 2 processes" until session 34.
+REFERENCES = {"zero3": (False, True), "fsdp": (False,), "zero2": (False, True)}
 
 
 def test_dpo_packs_its_batches_precomputes_and_merges(sft, cache, runs):
@@ -180,14 +181,15 @@ def test_dpo_packs_its_batches_precomputes_and_merges(sft, cache, runs):
 
 
 def test_kto(sft, cache, runs):
-    """kto.py; under ZeRO-3 also with --precompute_ref_log_probs, whose cache file every process reads (TRL named it
+    """kto.py with QLoRA (the support matrix said "QLoRA itself not proven" under FSDP and ZeRO); under ZeRO-3 also
+    with --precompute_ref_log_probs, whose cache file every process reads (TRL named it
     at random per process for an in-memory dataset). Under a sharded model (FSDP, ZeRO-3) the tiny preset's rule
     check is skipped with its line; under ZeRO-2 the model is whole on each rank, so it samples."""
     mode, sft_run = sft
     for precomputed in REFERENCES[mode]:
         run = runs / f"kto-{mode}{'-precomputed' if precomputed else ''}"
         precompute = ["--precompute_ref_log_probs", "true"] if precomputed else []
-        done = launch(mode, "kto.py", run, *TINY, "--model_id", str(sft_run), *precompute, cache=cache)
+        done = launch(mode, "kto.py", run, *TINY, *QLORA, "--model_id", str(sft_run), *precompute, cache=cache)
         assert done["metrics"]["global_step"] == 2
         assert (run / "kto_reference").is_dir() == precomputed  # train and held-out rows, one file each, if asked
         if precompute:
