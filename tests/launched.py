@@ -5,12 +5,13 @@
 Used by tests/test_launch_sharded.py and by bench/gpu_smoke.py (one process). Each process prints, after the
 script ends,
 
-    launched: rank R of W under TYPE; packed batches N; own loss calls M; 4-bit layers Q; reference saves S
+    launched: rank R of W under TYPE; packed batches N; own loss calls M; 4-bit layers Q (F); reference saves S
 
 TYPE is accelerate's `distributed_type` as the Trainer saw it (not what the launch asked for), N the forwards
 that ran on packed pairs (`alignkit.train.prefix.pack_pairs`: prefix sharing really on), M the calls of
 alignkit's own losses (`alignkit.train.trainers.preference_loss`, and `reference_free_loss` for simpo and orpo),
-Q the bitsandbytes 4-bit layers in the model this process trained (QLoRA really on, in this process), S the
+Q the bitsandbytes 4-bit layers in the model this process trained (QLoRA really on, in this process), F their
+formats as loaded (`nf4+nested`, `fp4`: --bnb_4bit_quant_type and --use_bnb_nested_quant really applied), S the
 reference log-prob cache entries this process wrote (`alignkit.train.refcache.save`).
 
 `--fsdp-on-cpu`: accelerate 1.16 turns FSDP on only for GPU-type launches (accelerate/state.py: its FSDP branch
@@ -105,15 +106,22 @@ def _vllm_sync(trainer, out: str) -> None:
         save_file(weights, out)
 
 
-def _four_bit_layers(trainer) -> int:
-    """bitsandbytes' 4-bit linear layers in the model `trainer` trained (under FSDP and DeepSpeed too)."""
-    if trainer is None:
-        return 0
+def _four_bit_layers(trainer) -> str:
+    """bitsandbytes' 4-bit linear layers in the model `trainer` trained (under FSDP and DeepSpeed too), and their
+    formats: "12 (fp4)", "12 (nf4+nested)"; "0 (none)" without any."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
-        return 0
-    return sum(isinstance(m, Linear4bit) for m in trainer.model.modules())
+        return "0 (none)"
+    layers = [m for m in trainer.model.modules() if isinstance(m, Linear4bit)] if trainer is not None else []
+    formats = set()
+    for layer in layers:
+        state = getattr(layer.weight, "quant_state", None) or getattr(layer, "quant_state", None)
+        kind = getattr(state, "quant_type", None) or getattr(layer.weight, "quant_type", None) or "unknown"
+        nested = getattr(state, "nested", None) if state is not None else None
+        nested = getattr(layer.weight, "compress_statistics", False) if nested is None else nested
+        formats.add(f"{kind}{'+nested' if nested else ''}")
+    return f"{len(layers)} ({','.join(sorted(formats)) or 'none'})"
 
 
 def main(argv: list[str]) -> None:

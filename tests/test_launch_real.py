@@ -240,13 +240,14 @@ def dpo_run(sft_adapter, cache, runs):
     return runs / "dpo", output
 
 
-def launched_reports(output: str) -> list[tuple[str, str, int, int, int, int]]:
-    """(rank, distributed type, packed batches, own loss calls, 4-bit layers, reference saves) as each process of
-    a launch through tests/launched.py reported them."""
+def launched_reports(output: str) -> list[tuple[str, str, int, int, int, int, str]]:
+    """(rank, distributed type, packed batches, own loss calls, 4-bit layers, reference saves, the 4-bit layers'
+    formats) as each process of a launch through tests/launched.py reported them."""
     found = re.findall(r"^launched: rank (\d) of 2 under (\w+); packed batches (\d+); own loss calls (\d+); "
-                       r"4-bit layers (\d+); reference saves (\d+)$", output, re.M)
+                       r"4-bit layers (\d+) \(([\w+,]+)\); reference saves (\d+)$", output, re.M)
     assert sorted(r[0] for r in found) == ["0", "1"], output[-3000:]
-    return [(rank, kind, *map(int, numbers)) for rank, kind, *numbers in found]
+    return [(rank, kind, int(packed), int(own), int(layers), int(saves), formats)
+            for rank, kind, packed, own, layers, formats, saves in found]
 
 
 def assert_qlora_on_each_rank(output: str) -> None:

@@ -44,6 +44,7 @@ CONFIGS = {"zero3": "deepspeed_zero3.yaml", "zero2": "deepspeed_zero2.yaml", "fs
 TYPE = {"zero3": "DEEPSPEED", "zero2": "DEEPSPEED", "fsdp": "FSDP", "ddp": "MULTI_CPU"}
 TINY = ["--preset", "tiny", "--max_steps", "2", "--save_steps", "100", "--logging_steps", "1"]
 QLORA = ["--quantization", "4bit"]
+FP4 = [*QLORA, "--bnb_4bit_quant_type", "fp4", "--use_bnb_nested_quant", "false"]  # TRL's names for the other format
 
 
 def launch_args(mode: str, script: str, run: Path, *flags: str, vllm_sync: Path | None = None) -> list[str]:
@@ -64,7 +65,10 @@ def launch(mode: str, script: str, run: Path, *flags: str, cache: Path, vllm_syn
     reports = launched_reports(output)
     assert {r[1] for r in reports} == {TYPE[mode]}, reports  # the Trainer ran under the launch asked for
     if "4bit" in flags:  # QLoRA on each process: one that loaded the base in full precision passed every other check
-        assert all(r[4] > 0 for r in reports), reports
+        value = lambda flag, default: flags[flags.index(flag) + 1] if flag in flags else default  # noqa: E731
+        nested = value("--use_bnb_nested_quant", "true") != "false"
+        loaded = value("--bnb_4bit_quant_type", "nf4") + ("+nested" if nested else "")  # the format asked for
+        assert all(r[4] > 0 and r[6] == loaded for r in reports), (loaded, reports)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
     return {"output": output, "packed": min(r[2] for r in reports), "own": min(r[3] for r in reports),
@@ -319,9 +323,10 @@ def mixtral(cache, runs):
 
 # The support matrix's MoE row said "not proven at 2 processes" for these cells (plain LoRA under DDP:
 # tests/test_distributed.py). QLoRA where the launch shards or replicates 4-bit layers (the fused experts stay in
-# full precision beside them), plain LoRA under ZeRO-2.
-MOE = [pytest.param("ddp", QLORA, id="ddp-qlora"), pytest.param("fsdp", QLORA, id="fsdp-qlora"),
-       pytest.param("zero2", (), id="zero2"), pytest.param("zero3", QLORA, id="zero3-qlora")]
+# full precision beside them), plain LoRA under ZeRO-2. Under FSDP2 and ZeRO-3 the 4-bit layers are TRL's other format
+# (FP4 without nested scales), checked as loaded on each rank: the 4-bit format row's cells.
+MOE = [pytest.param("ddp", QLORA, id="ddp-qlora"), pytest.param("fsdp", FP4, id="fsdp-qlora-fp4"),
+       pytest.param("zero2", (), id="zero2"), pytest.param("zero3", FP4, id="zero3-qlora-fp4")]
 
 
 @pytest.mark.parametrize("mode, flags", MOE)
