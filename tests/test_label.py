@@ -376,6 +376,43 @@ def test_a_principle_the_judge_template_does_not_read_is_refused(tmp_path):
                                     judge_base_url="http://127.0.0.1:9/v1")).template.principle == "Be brief"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--judge", "python:alignkit.modeling.presets:rule_judge", "--principle", "be short"],
+     r"^--principle is read only by --judge openai or hf, not by --judge python:alignkit.modeling.presets:rule_judge, "
+     r"a function of the prompt and the answers: drop it, or judge with an LLM \(--judge openai or hf\)$"),
+    (["--judge", "rm:runs/rm", "--judge_model", "gpt-4o", "--judge_template", "self_reference"],
+     r"^--judge_model, --judge_template are read only by --judge openai or hf, not by --judge rm:runs/rm, a reward "
+     r"model that scores each answer: drop them"),
+    (["--judge", "python:alignkit.modeling.presets:rule_judge", "--judge_temperature", "0.5"], r"^--judge_temperature "),
+    (["--judge", "hf", "--judge_model", "./judge", "--judge_base_url", "http://127.0.0.1:9/v1"],
+     r"^--judge_base_url is read only by --judge openai, not by --judge hf, a local model: drop it$"),
+    (["--judge_revision", "v2"], r"^--judge_revision is read only by --judge hf, not by --judge openai"),
+    (["--mode", "completions", "--model_a", "openai:m", "--judge_model", "gpt-4o"],
+     r"^--judge_model is read only by --judge openai or hf, not by --mode completions, which asks no judge"),
+])
+def test_a_judge_setting_the_judge_never_reads_is_refused(tmp_path, args, message):
+    """--principle, --judge_template, --judge_model, --judge_max_tokens ... under a python: or rm: judge were ignored
+    without a word (the label.py audit of session 68), as --principle under the default template was: refused in
+    one line before any work, naming the setting, the judge and the fix. Their defaults, and what a judge reads, pass."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import LabelSettings
+
+    marker_pairs(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        run_script("label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--output", "o/p.jsonl", *args,
+                   cwd=tmp_path)
+    assert not (tmp_path / "o").exists()
+    # The notebook's settings cell: the overrides key is named where the value was set.
+    with pytest.raises(ConfigError, match=r"^overrides key 'principle' is read only by --judge openai or hf, not by "
+                                          r"--judge python:x.py:judge"):
+        parse_config(LabelSettings, [], overrides={"judge": "python:x.py:judge", "principle": "be short"},
+                     env_file=None)
+    for fine in (["--judge", "python:x.py:judge", "--parallel", "3", "--judge_api_key_env", "OPENAI_API_KEY"],
+                 ["--judge", "hf", "--judge_model", "m", "--judge_revision", "v2", "--judge_max_tokens", "64"],
+                 ["--judge_model", "m", "--judge_template", "self_reference", "--principle", "be short"]):
+        parse_config(LabelSettings, fine, env_file=None)
+
+
 def test_rate_limits_and_server_errors_are_retried(tmp_path):
     marker_pairs(tmp_path)
     attempts, times, lock = Counter(), {}, threading.Lock()

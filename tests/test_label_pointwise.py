@@ -205,7 +205,16 @@ def test_the_hint_to_train_on_unbalanced_labels_carries_the_desirable_weight_trl
 
 @pytest.mark.parametrize("flags, message", [
     (["--judge", "python:alignkit.modeling.presets:rule_judge"], "must accept \\(prompt, answer\\)"),
-    (["--judge", "openai", "--judge_template", "self_reference"], "drop --judge_template self_reference"),
+    (["--judge", "openai", "--judge_template", "self_reference"], r"^--judge_template is read only in --mode pairs; "
+     r"--mode pointwise grades each answer with FastChat's single-answer template, which takes no other template and "
+     r"no principle: drop it$"),
+    # --principle under the pointwise template (it said to pass --judge_template self_reference, which it refuses), and
+    # an LLM's settings under a rule: ignored without a word (the label.py audit of session 68).
+    (["--judge", "openai", "--principle", "Be brief"], r"^--principle is read only in --mode pairs; "),
+    (["--judge", "python:alignkit.modeling.presets:score", "--judge_model", "gpt-4o", "--judge_max_tokens", "64"],
+     r"^--judge_model, --judge_max_tokens are read only by --judge openai or hf, not by --judge "
+     r"python:alignkit.modeling.presets:score, a function of the prompt and the answers: drop them, or judge with an "
+     r"LLM \(--judge openai or hf\)$"),
 ])
 def test_bad_graders_are_refused_before_any_work(tmp_path, flags, message):
     _answers(tmp_path)

@@ -3,7 +3,7 @@ shared groups of alignkit.core.groups (re-exported by alignkit.core.config)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from dataclasses import field as _field  # init=False: a field that is not a flag
 from pathlib import Path
 from typing import ClassVar
@@ -119,7 +119,48 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
         if self.grade_pairs and self.mode != "pointwise":
             raise ValueError(f"--grade_pairs makes pairs from --mode pointwise's grades; --mode {self.mode} does not "
                              "grade: drop it, or pass --mode pointwise")
+        self.check_judge_reads()
         check_seed(self.seed)
+
+    # The judge settings only some judges read, and which (`--judge` kinds): set for another, they were ignored
+    # without a word (--principle under a python: judge, --judge_model under rm:: the label.py audit of session 68).
+    JUDGE_READERS: ClassVar[dict[str, tuple[str, ...]]] = {
+        **dict.fromkeys(("judge_model", "judge_template", "principle", "judge_max_tokens", "judge_temperature"),
+                        ("openai", "hf")),
+        "judge_revision": ("hf",), "judge_base_url": ("openai",), "judge_api_key_env": ("openai",),
+    }
+
+    def check_judge_reads(self) -> None:
+        """Refuse, in one line naming them, the judge settings set away from their defaults that the chosen judge
+        never reads: an LLM judge's under a python: or rm: judge (or none, in --mode completions), an endpoint's
+        under --judge hf, a local model's under --judge openai; --principle and --judge_template under --mode
+        pointwise, whose LLM grader has FastChat's single-answer template (it reads no principle)."""
+        judge = str(self.judge)
+        kind = "python" if judge.startswith("python:") else "rm" if judge.startswith("rm:") else judge
+        if self.mode != "completions" and kind not in ("python", "rm", "openai", "hf"):
+            return  # an unknown --judge: make_judge names it
+        defaults = {f.name: f.default for f in fields(self) if f.name in self.JUDGE_READERS}
+        given = [name for name in self.JUDGE_READERS if getattr(self, name) != defaults[name]]
+        if self.mode == "completions":
+            unread, who = given, "--mode completions, which asks no judge (it writes a teacher's answers)"
+        elif self.mode == "pointwise" and kind in ("openai", "hf") and \
+                (unread := [n for n in given if n in ("principle", "judge_template")]):
+            flags = " and ".join(f"--{n}" for n in unread)
+            raise ValueError(f"{flags} {'is' if len(unread) == 1 else 'are'} read only in --mode pairs; --mode "
+                             "pointwise grades each answer with FastChat's single-answer template, which takes no "
+                             f"other template and no principle: drop {'it' if len(unread) == 1 else 'them'}")
+        else:
+            unread = [n for n in given if kind not in self.JUDGE_READERS[n]]
+            who = {"python": f"--judge {judge}, a function of the prompt and the answers",
+                   "rm": f"--judge {judge}, a reward model that scores each answer",
+                   "openai": "--judge openai, an endpoint", "hf": "--judge hf, a local model"}.get(kind)
+        if unread:
+            readers = " or ".join(dict.fromkeys(r for n in unread for r in self.JUDGE_READERS[n]))
+            flags = ", ".join(f"--{n}" for n in unread)
+            one = len(unread) == 1
+            raise ValueError(f"{flags} {'is' if one else 'are'} read only by --judge {readers}, not by {who}: drop "
+                             f"{'it' if one else 'them'}" + (", or judge with an LLM (--judge openai or hf)"
+                                                            if kind in ("python", "rm") else ""))
 
 
 
