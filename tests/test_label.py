@@ -256,7 +256,16 @@ def test_a_judge_that_always_says_A_yields_no_labels(tmp_path, alignkit_log, cap
     assert summary["labeled"] == 0 and summary["disagreements"] == 5
     assert summary["slot_a_wins"] == 1.0 and summary["agreement"] == 0.0
     assert "no pair was labeled: 5 disagreements between the two orders (see " in alignkit_log.text
+    assert "let one order decide (--both_orders false)" in alignkit_log.text
     assert "nothing to train on: prefs.jsonl is empty" in capsys.readouterr().out
+    # Every pair a tie: the hint said to let one order decide, which cannot help (a tie is one in either order).
+    alignkit_log.clear()
+    with FakeOpenAI(lambda body: "Equally good. [[C]]") as server:
+        assert label(tmp_path, server, out="ties.jsonl")["ties"] == 5
+    assert "no pair was labeled: 5 ties (see ties.summary.json); where the judge calls the answers equal, sample " \
+           "them further apart" in alignkit_log.text
+    assert "--both_orders" not in alignkit_log.text and "nothing to train on: ties.jsonl is empty" in \
+        capsys.readouterr().out
     (tmp_path / "b.jsonl").write_text((tmp_path / "a.jsonl").read_text())  # the two sides answered alike
     with FakeOpenAI(lambda body: "[[A]]") as server:
         assert label(tmp_path, server, out="same.jsonl")["labeled"] == 0 and server.count == 0

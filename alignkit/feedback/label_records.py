@@ -309,21 +309,34 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
             raise UserError(  # not one verdict: a judge to fix, not a result to train on
                 f"no pair was labeled: the judge gave no verdict in any of its {sum(map(len, verdicts))} answers (they "
                 f"are in {run.judgments.path}): {how}")
+        # Every pair a tie, a disagreement or skipped: the judge answered, and preferred nothing. Said in one line
+        # with the fix for what happened; the run ends well (rlaif.py refuses the round itself, in its own flags).
         logger.warning(nothing_labeled(summary, run.summary_path))
     return summary
 
 
 def nothing_labeled(summary: dict, where: Path) -> str:
-    """Why no preference pair came out, though no request failed: one line with the fix."""
+    """Why no preference pair came out, though no request failed: one line with the fix for what happened (letting
+    one order decide settles a disagreement, not a tie: a tie is one in either order)."""
     skipped = summary.get("skipped") or {}
     if not summary.get("pairs_judged"):
         why = ", ".join(f"{n} {k}" for k, n in skipped.items() if n) or "no prompt had two responses"
         return (f"no pair to label: every prompt's pair was skipped ({why}; see {where}): where the two responses "
                 "are identical, sample them apart (--temperature above 0, --num_samples) or compare other models")
-    why = ", ".join(f"{summary.get(k, 0)} {name}" for k, name in (("ties", "ties"), ("disagreements", "disagreements "
-                    "between the two orders"), ("parse_failures", "answers without a verdict")) if summary.get(k))
-    return (f"no pair was labeled: {why} (see {where}); check what the judge answers (a python: judge returns A, B "
-            "or tie; an LLM judge [[A]], [[B]] or [[C]]), or let one order decide (--both_orders false)")
+    why = ", ".join(f"{summary[k]} {name if summary[k] > 1 else one}" for k, name, one in (
+        ("ties", "ties", "tie"), ("disagreements", "disagreements between the two orders", "disagreement between the "
+         "two orders"), ("parse_failures", "answers without a verdict", "answer without a verdict")) if summary.get(k))
+    fixes = []
+    if summary.get("ties"):
+        fixes.append("where the judge calls the answers equal, sample them further apart (a higher --temperature, "
+                     "more --num_samples) or compare other models, or judge them by a rule that tells them apart")
+    if summary.get("disagreements"):
+        fixes.append("where the two orders disagree (the judge favours a slot), let one order decide (--both_orders "
+                     "false) or use a stronger judge")
+    if summary.get("parse_failures"):
+        fixes.append("check what the judge answers (a python: judge returns A, B or tie; an LLM judge [[A]], [[B]] "
+                     "or [[C]])")
+    return f"no pair was labeled: {why} (see {where}); " + "; ".join(fixes)
 
 
 def _label_fields(run: Run, pair: Pair, outcome: str) -> dict:
