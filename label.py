@@ -70,7 +70,7 @@ if settings.mode == "pointwise":  # each answer graded alone (alignkit.feedback.
 
     pointwise.settle_output(settings)
     grader = pointwise.Grader(settings)
-run = prepare(settings)
+run = prepare(settings, grader=grader if settings.mode == "pointwise" else None)
 
 # %% [markdown]
 # ## Prompts

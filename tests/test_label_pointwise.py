@@ -13,6 +13,7 @@ from openai_server import FakeOpenAI
 
 from alignkit.core.args import ConfigError
 from alignkit.core.data import load_unpaired
+from alignkit.core.errors import UserError
 from alignkit.feedback.pointwise import parse_rating
 
 
@@ -172,6 +173,39 @@ def test_a_python_grader_s_none_or_nan_is_no_grade(tmp_path, alignkit_log):
     assert (summary["errors"], summary["parse_failures"], len(graded)) == (0, 6, 6)
     assert all(r["grade"] == 8.0 for r in graded)
     assert alignkit_log.text.count("which is no grade (counted as a parse failure)") == 1
+
+
+def test_a_run_that_grades_no_answer_is_a_failed_run(tmp_path):
+    """Every grade a parse failure ended with status 0, an empty output and "nothing to train on", where pairs mode
+    fails in one line (the label.py audit of session 68): it fails as pairs mode does, naming the parse failures and
+    the fix, its answers kept."""
+    _answers(tmp_path)
+    (tmp_path / "graders.py").write_text("def never(prompt, answer):\n    return None\n")
+    args = ["label.py", "--mode", "pointwise", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl"]
+    with pytest.raises(UserError, match=r"^no answer was labelled: the grader gave no grade to any of its 12 answers "
+                                        r"\(they are in labels\.cache/grades\.jsonl\): a python: grader returns a "
+                                        r"finite number or a bool; fix .*graders\.py:never, then run again$"):
+        run_script(*args, "--judge", f"python:{tmp_path / 'graders.py'}:never", "--output", "labels.jsonl",
+                   cwd=tmp_path)
+    assert json.loads((tmp_path / "labels.summary.json").read_text())["parse_failures"] == 12
+    with FakeOpenAI(lambda body: "I would not rate this.") as server:  # an LLM's: its fix, and the model in its rows
+        with pytest.raises(UserError, match=r"^no answer was labelled: the grader gave no grade to any of its 12 "
+                                            r"answers .*: an LLM grader writes its 1-10 rating as \[\[rating\]\].* "
+                                            r"--retry_parse_failures true"):
+            run_script(*args, "--judge_base_url", server.base_url, "--judge_model", "fake", "--output", "llm.jsonl",
+                       cwd=tmp_path)
+        assert server.count == 12
+
+
+def test_an_llm_grader_s_rows_and_log_name_its_model(tmp_path, alignkit_log):
+    """Pointwise rows recorded "grader": "openai", without the model, where pairs mode's rows record "judge":
+    "openai:MODEL" (the label.py audit of session 68); its log line too."""
+    _answers(tmp_path)
+    with FakeOpenAI(lambda body: "Rating: [[8]]") as server:
+        run_script("label.py", "--mode", "pointwise", "--responses_a", "a.jsonl", "--judge_base_url", server.base_url,
+                   "--judge_model", "fake-grader", "--output", "labels.jsonl", cwd=tmp_path)
+    assert {r["grader"] for r in rows(tmp_path / "labels.jsonl")} == {"openai:fake-grader"}
+    assert "label: openai:fake-grader grades each answer (--mode pointwise)" in alignkit_log.text
 
 
 

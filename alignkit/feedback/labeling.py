@@ -88,9 +88,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", re.sub(r"\.(jsonl|json|csv|parquet)$", "", name))[:40]
 
 
-def prepare(s) -> Run:
+def prepare(s, grader=None) -> Run:
     """Check the settings, build the judge and endpoint clients (a missing key fails here, naming the variable),
-    save the settings, and open the cache. Nothing is generated or sent yet."""
+    save the settings, and open the cache. Nothing is generated or sent yet. `grader`: --mode pointwise's
+    (alignkit.feedback.pointwise.Grader), which its log line names."""
     from alignkit.modeling.generation import resolve_backend  # imports torch: not before a run needs it
 
     sources, pairing = plan_sources(s)
@@ -129,7 +130,7 @@ def prepare(s) -> Run:
         if log is not None:
             log.read_beside(output)
     what = f"judge {judge.name}" + (f" with template {judge.template.name}" if judge.template else "") if judge else \
-        f"{s.judge} grades each answer (--mode pointwise)" if s.mode == "pointwise" else "teacher completions"
+        f"{grader.name if grader else s.judge} grades each answer (--mode pointwise)" if s.mode == "pointwise" else "teacher completions"
     logger.info(f"label: {what}; responses from {', '.join(sorted({src.spec for src in sources}))}; cache "
                 f"{cache_dir} ({len(run.responses)} responses"
                 + (f", {len(judgments)} judgments" if judgments else "") + " cached)")

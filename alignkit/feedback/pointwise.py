@@ -27,6 +27,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.core.errors import UserError
 from alignkit.core.code_digest import code_fingerprint
 from alignkit.core.digests import digest
 from alignkit.core.journal import batched, threaded, write_json
@@ -100,6 +101,9 @@ class Grader:
             self.batched = self.llm.batched
         else:
             raise ConfigError(f"--judge {s.judge!r}: expected openai, hf, rm:RUN_FOLDER, or python:module:function")
+        # What its rows and log lines name it by: an LLM with its model (openai:MODEL, hf:MODEL), as pairs mode's
+        # rows name their judge; a rule or reward model by its spec.
+        self.name = self.llm.name if self.llm is not None else s.judge
         self.threshold = DEFAULT_THRESHOLDS[self.kind] if s.grade_threshold is None else s.grade_threshold
 
     def check_prompts(self, prompts) -> None:
@@ -202,7 +206,7 @@ def grade(run, grader: Grader, prompts, table) -> dict:
             outcomes["desirable" if label else "undesirable"] += 1
             rows.append({"prompt": prompt.messages, "completion": [{"role": "assistant", "content": text}],
                          **prompt.columns(getattr(run.settings, "chat_template_kwargs", None)),
-                         "label": label, "grade": value, "grader": grader.spec, "generator": source.name})
+                         "label": label, "grade": value, "grader": grader.name, "generator": source.name})
         if outcomes["parse failure"] and unrated is not None:  # an LLM's answers: one shown, all kept
             logger.warning(f"{outcomes['parse failure']} graded answers hold no [[rating]], e.g. "
                            f"{' '.join(unrated.split())[:160]!r} (every answer is in {grades.path}): not labelled; "
@@ -221,7 +225,24 @@ def grade(run, grader: Grader, prompts, table) -> dict:
     write_json(run.summary_path, summary)
     refuse_empty(len(rows), outcomes["error"] + run.stats["generation errors"], judge_fix(grader.spec)
                  if outcomes["error"] else "Check the generators (see above)")
+    if not rows:  # as pairs mode: an empty output is a failed run in one line, not "nothing to train on"
+        raise UserError(nothing_graded(grader, len(cells), grades.path, run.summary_path))
     return summary
+
+
+def nothing_graded(grader: Grader, answers: int, where: Path, summary: Path) -> str:
+    """Why no answer was labelled though no request failed: no answer to grade, or every grade unparsed."""
+    if not answers:
+        return (f"no answer was labelled: every response was empty or missing (see {summary}): check the generators "
+                "or the responses files")
+    if grader.kind == "python":
+        how = f"a python: grader returns a finite number or a bool; fix {grader.spec}, then run again"
+    else:
+        how = ("an LLM grader writes its 1-10 rating as [[rating]], as its template asks (an answer cut short by "
+               "--judge_max_tokens has none); fix --judge_model or --judge_max_tokens, then run again with "
+               "--retry_parse_failures true (these answers are kept and reused otherwise)")
+    return (f"no answer was labelled: the grader gave no grade to any of its {answers} answers (they are in "
+            f"{where}): {how}")
 
 
 def pairs_path(output) -> Path:
