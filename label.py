@@ -40,8 +40,9 @@
 # %% [markdown]
 # ## Settings
 # Defaults < `--preset` < `.env` < environment < `--config recipe.yaml` < flags < `overrides`. Everything that can fail
-# before any work fails here: the sources, the judge and its template, a missing API key (naming the
-# variable), a Hub token for `--push_to_hub`. The settings are saved next to the output, secrets redacted.
+# before any work fails here: the sources and the local files' rows, the judge and its template (a judge setting the
+# judge never reads), a missing API key (naming the variable), a Hub token for `--push_to_hub`. Only then are the
+# settings saved next to the output, secrets redacted.
 
 # %%
 from alignkit.core.errors import report_user_errors

@@ -353,6 +353,18 @@ def test_a_missing_prompts_file_leaves_nothing_behind(tmp_path):
         run_script("label.py", "--prompts", "nope.jsonl", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl",
                    "--judge", "python:alignkit.modeling.presets:rule_judge", "--output", "out/p.jsonl", cwd=tmp_path)
     assert not (tmp_path / "out").exists()
+    # A file that is there but cannot be read (invalid JSON, no rows, a bad row) left the settings file and an empty
+    # cache folder beside the output (the label.py audit of session 68): nothing is written until the inputs pass.
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "hi"\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    write_jsonl(tmp_path / "number.jsonl", [{"prompt": "hi", "response": "x"}, {"prompt": 7, "response": "y"}])
+    for flags, message in ((["--prompts", "bad.jsonl"], r"bad\.jsonl"), (["--prompts", "empty.jsonl"], r"empty"),
+                           (["--responses_b", "number.jsonl"], r"number\.jsonl: row 2: field 'prompt'")):
+        args = {"--responses_a": "a.jsonl", "--responses_b": "b.jsonl", **dict(zip(flags[::2], flags[1::2]))}
+        with pytest.raises(DataError, match=message):
+            run_script("label.py", *[x for kv in args.items() for x in kv], "--judge",
+                       "python:alignkit.modeling.presets:rule_judge", "--output", "out/p.jsonl", cwd=tmp_path)
+        assert not (tmp_path / "out").exists(), flags
 
 
 def test_as_a_step_of_rlaif_no_command_to_train_on_the_output_is_suggested(tmp_path, monkeypatch, capsys):

@@ -116,6 +116,7 @@ def prepare(s, grader=None) -> Run:
         from alignkit.core.hub import require_token
 
         require_token()  # fail now, not after hours of judging
+    check_inputs(s)  # a file that cannot be read stops the run before anything is written beside the output
     cache_dir = Path(s.cache_dir) if s.cache_dir else output.with_suffix(".cache")
     output.parent.mkdir(parents=True, exist_ok=True)
     # The caches first: they take the lock, so a second run into the same output is refused before it writes
@@ -214,6 +215,29 @@ def load_prompts(run: Run) -> list[Prompt]:
     """The distinct prompts of --prompts (or of --responses_a; every row, repeats too, with `keep_rows`), in file
     order, at most --max_prompts; each keeps its place ("FILE: row N"), so a message about it can name it."""
     s = run.settings
+    prompts, label = _read_prompts(s, run.stats)
+    if hasattr(judge := getattr(run, "judge", None), "check_prompts"):  # before any answer is generated
+        judge.check_prompts(prompts)
+    dropped = run.stats["duplicate prompts"]
+    logger.info(f"{len(prompts)} prompts from {label}" + (f" ({dropped} repeated ones dropped)" if dropped else ""))
+    if ended := run.stats["prompts ending with an answer"]:  # TRL would continue that answer instead: said, not silent
+        logger.info(f"{ended} prompts end with an assistant turn: the model answers the turn before it anew (the "
+                    "final answer is left out, not continued)")
+    return made(run, "prompts", prompts)
+
+
+def check_inputs(s) -> None:
+    """The local input files checked as the prompts and responses cells read them (invalid JSON, no rows, a bad row)
+    before anything is written beside the output (a run they stopped left its settings and an empty cache there)."""
+    if not s.prompts or Path(s.prompts).exists():
+        _read_prompts(s, Counter())
+    for path in (s.responses_a, s.responses_b):
+        if path:
+            response_rows(path, s)
+
+
+def _read_prompts(s, stats: Counter) -> tuple[list[Prompt], str]:
+    """load_prompts' reading and checks, counting what it drops in `stats`: (the prompts, the source's label)."""
     check_prompts_split(s)
     if s.prompts:
         columns, rows, label, place = _rows(s.prompts, s.prompts_split, s.prompts_config)
@@ -226,9 +250,9 @@ def load_prompts(run: Run) -> list[Prompt]:
                         row=row if getattr(s, "keep_rows", False) else None, template=template_arguments(row, place(i)))
         value = row.get(column)
         if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
-            run.stats["prompts ending with an answer"] += 1
+            stats["prompts ending with an answer"] += 1
         if prompt.key in seen and not getattr(s, "keep_rows", False):
-            run.stats["duplicate prompts"] += 1
+            stats["duplicate prompts"] += 1
             continue
         seen.add(prompt.key)
         prompts.append(prompt)
@@ -236,14 +260,7 @@ def load_prompts(run: Run) -> list[Prompt]:
             break
     if not prompts:
         raise DataError(f"{label}: no prompts: the dataset is empty")
-    if hasattr(judge := getattr(run, "judge", None), "check_prompts"):  # before any answer is generated
-        judge.check_prompts(prompts)
-    dropped = run.stats["duplicate prompts"]
-    logger.info(f"{len(prompts)} prompts from {label}" + (f" ({dropped} repeated ones dropped)" if dropped else ""))
-    if ended := run.stats["prompts ending with an answer"]:  # TRL would continue that answer instead: said, not silent
-        logger.info(f"{ended} prompts end with an assistant turn: the model answers the turn before it anew (the "
-                    "final answer is left out, not continued)")
-    return made(run, "prompts", prompts)
+    return prompts, label
 
 
 def read_prompts(source, split="train", config=None, field="prompt", max_prompts=None, keep_rows=False) -> list[Prompt]:
