@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import re
 
 import pytest
 import torch
@@ -106,6 +107,15 @@ def test_progress_logs_instead_of_drawing_in_ci(where, alignkit_log):
         assert p.bar is None
         p.update(4)
     assert "answering: 4/4 questions" in alignkit_log.text and "errors" not in alignkit_log.text
+    # All done before (a rerun that found every judgment in its cache): said so, not "87/87 pairs, 0.0/s" (the
+    # label.py audit of session 68); a rate counts this run's only.
+    alignkit_log.clear()
+    with progress.Progress("judging", 87, done=87):
+        pass
+    assert "judging: 87/87 pairs (87 done before), 0 errors" in alignkit_log.text and "/s" not in alignkit_log.text
+    with progress.Progress("judging", 87, done=80) as p:
+        p.update(7)
+    assert re.search(r"judging: 87/87 pairs \(80 done before\), [0-9.]+/s, 0 errors", alignkit_log.text)
 
 
 def test_mt_bench_answers_show_a_bar(where, monkeypatch, tmp_path):

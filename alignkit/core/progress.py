@@ -160,7 +160,10 @@ class Progress:
         rate = (self.done - self._start_done) / max(time.monotonic() - self._start, 1e-9)
         errors = f", {self.errors} errors" if self._show_errors else ""
         units = self.unit + ("es" if self.unit.endswith(("ch", "sh", "s", "x")) else "s")  # matches, not matchs
-        logger.info(f"{self.what}: {self.done}/{self.total} {units}, {rate:.1f}/s{errors}")
+        # What was done before (a cache's) is said as such: "87/87 pairs, 0.0/s" read as a stalled run.
+        before = f" ({self._start_done} done before)" if self._start_done else ""
+        speed = f", {rate:.1f}/s" if self.done > self._start_done else ""
+        logger.info(f"{self.what}: {self.done}/{self.total} {units}{before}{speed}{errors}")
 
     def close(self) -> None:
         """The bar closed (or its last line logged), once: a caller may close it early, before its own last line."""
