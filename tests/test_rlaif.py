@@ -98,7 +98,11 @@ def test_the_judge_endpoint_group_reaches_label_and_evaluate_whole():
     for judge in ("python:alignkit.modeling.presets:score", "rm:runs/tiny-reward"):
         s.judge = judge
         assert label_judge_flags(s) == ["--parallel", "3"]
-    s.judge = "hf"
+    s.judge = "hf"  # a local judge: no endpoint's URL or key, which label.py refuses for it (an evaluation judge's)
+    assert label_judge_flags(s) == endpoint_flags(s, skip={"judge_base_url", "judge_api_key_env"})
+    assert parse_config(LabelSettings, ["--prompts", "p.jsonl", "--judge", "hf", *label_judge_flags(s)],
+                        env_file=None).judge_base_url is None
+    s.judge = "openai"
     assert label_judge_flags(s) == endpoint_flags(s)
 
 

@@ -90,10 +90,12 @@ def endpoint_flags(s, skip: set[str] = frozenset()) -> list[str]:
 
 def label_judge_flags(s) -> list[str]:
     """endpoint_flags for label.py's --judge: a `python:` or `rm:` judge asks no endpoint, so only --parallel (its
-    threads) applies; the logged command named an API key variable and retries that nothing used."""
+    threads) applies; the logged command named an API key variable and retries that nothing used. A local `hf`
+    judge reads no endpoint's URL or key either, which label.py refuses (LabelSettings.check_judge_reads): an
+    evaluation judge's --judge_base_url stays evaluate.py's."""
     if s.judge.startswith(("python:", "rm:")):
         return ["--parallel", str(s.parallel)]
-    return endpoint_flags(s)
+    return endpoint_flags(s, skip={"judge_base_url", "judge_api_key_env"} if s.judge == "hf" else frozenset())
 
 
 # ---------------------------------------------------------------------------------------------------------
