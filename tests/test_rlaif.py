@@ -249,21 +249,21 @@ def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_ear
     assert calls == [("label.py", f"{folder}/round-{r}/preferences.jsonl") for r in (1, 2)]  # (the fake's labels
     assert "round 1: label redone: judge changed" in alignkit_log.text  # are the same: the adapters stand)
     assert set(first[0]["steps"]) == {"label", "dpo", "eval"}  # round.json: the digest of each step's inputs
-    # A file passed through --label_args (a judge prompt) counts by its content: edited in place, it relabels (it
-    # was keyed by the flags' text alone).
-    template = tmp_path / "judge_prompt.txt"
-    template.write_text("Which is better? [[A]] or [[B]]")
-    more = {"dpo_beta": 0.3, "judge": "python:other_judge:judge", "label_args": f"--judge_template {template}"}
+    # A file passed through --label_args (the answering model's chat template) counts by its content: edited in
+    # place, it relabels (it was keyed by the flags' text alone).
+    template = tmp_path / "chat_template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    more = {"dpo_beta": 0.3, "judge": "python:other_judge:judge", "label_args": f"--chat_template {template}"}
     run(**more)
     assert run(**more) and calls == []
-    template.write_text("Which follows the rule? [[A]] or [[B]]")
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}")
     alignkit_log.clear()
     run(**more)
     assert calls == [("label.py", f"{folder}/round-{r}/preferences.jsonl") for r in (1, 2)]
     assert "round 1: label redone: label_args_files changed" in alignkit_log.text
-    more["label_args"] = f"--judge_template={template}"  # the flag=value form: the same file, by content
+    more["label_args"] = f"--chat_template={template}"  # the flag=value form: the same file, by content
     run(**more)
-    template.write_text("Which answer names three? [[A]] or [[B]]")
+    template.write_text("{% for m in messages %}{{ m['role'] }}> {{ m['content'] }}{% endfor %}")
     alignkit_log.clear()
     run(**more)
     assert calls == [("label.py", f"{folder}/round-{r}/preferences.jsonl") for r in (1, 2)]
