@@ -745,3 +745,21 @@ def test_a_settings_cell_that_fails_anywhere_in_a_notebook_leaves_the_kernel_wit
     with pytest.raises(ConfigError, match="max_steps"):
         exec(compile("settings = setup()", "<cell>", "exec"), names)
     assert "settings" not in names
+
+
+def test_a_refusal_that_embeds_text_of_several_lines_is_said_on_one_line(monkeypatch, capsys):
+    """A message that quotes another's text of several lines (an endpoint's body, a rule's exception) is one
+    `error:` line wherever it is said: a script's exit, IPython's display, a notebook cell (rlaif's steps read the
+    last `error:` line, and cut the rest: the close of session 33)."""
+    from alignkit.core import errors
+    from alignkit.core.errors import UserError, error_line
+
+    error = UserError('the judge failed (body: {\n  "detail": "no such model"\n}\n): fix --judge_model\n')
+    assert error_line(error) == 'error: the judge failed (body: { "detail": "no such model" } ): fix --judge_model'
+    monkeypatch.delenv("ALIGNKIT_DEBUG", raising=False)
+    assert error._render_traceback_() == [error_line(error)]
+    with pytest.raises(SystemExit) as stop:
+        errors._report(UserError, error, None)
+    assert stop.value.code == errors.EXIT_USER_ERROR
+    assert capsys.readouterr().err == error_line(error) + "\n"
+    assert error_line(UserError(" \n ")) == "error: "

@@ -999,7 +999,7 @@ def test_a_split_beside_a_mixture_is_refused_not_ignored(tmp_path, monkeypatch, 
     mixture = json.dumps({"datasets": [{"id": str(pairs)}], "test_split_size": 1})
     with pytest.raises(ConfigError, match=r"^--dataset_test_split test_prefs beside a dataset_mixture: the mixture "
                                           r"names its own held-out rows.*split: test_prefs and test: true \(with the "
-                                          r"handbook's dataset_mixer: add test_prefs to dataset_splits\)"):
+                                          r"handbook's dataset_mixer: list it in dataset_splits beside the train split"):
         parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture,
                                                        "--dataset_test_split", "test_prefs"])
     with pytest.raises(ConfigError, match=r"^--dataset_split train_prefs beside a dataset_mixture: .*remove this "

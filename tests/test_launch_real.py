@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -145,8 +146,9 @@ def stopped_by_sigterm(args: list[str], run: Path, cache: Path, multi_gpu: bool 
         return any(re.fullmatch(r"checkpoint-\d+", c.name) and int(c.name[11:]) > step for c in run.iterdir())
 
     with open(log, "w") as out:
-        launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        ranks = {}
+        # A session of its own: the launcher and its ranks are one process group, all killed below on a failure.
+        launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         try:
             deadline = time.time() + TIMEOUT
             while not (run / "checkpoint-10" / "trainer_state.json").is_file():
@@ -158,12 +160,12 @@ def stopped_by_sigterm(args: list[str], run: Path, cache: Path, multi_gpu: bool 
             while not saving_after(10):
                 assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
                 time.sleep(0.01)
+            assert launcher.poll() is None, log.read_text()[-3000:]  # the ranks' stop is the launcher's to report
             launcher.send_signal(signal.SIGTERM)
             status = launcher.wait(timeout=STOP_TIMEOUT)
         finally:  # nothing left running (a hung launch's ranks wait for each other for torch's 30 minutes)
-            for process in [*ranks.values(), launcher]:
-                with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-                    process.kill()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
     said = log.read_text()
     saved = sorted(int(c.name.rsplit("-", 1)[1]) for c in run.glob("checkpoint-*"))
@@ -240,21 +242,40 @@ def dpo_run(sft_adapter, cache, runs):
     return runs / "dpo", output
 
 
-def launched_reports(output: str) -> list[tuple[str, str, int, int, int, int, str]]:
-    """(rank, distributed type, packed batches, own loss calls, 4-bit layers, reference saves, the 4-bit layers'
-    formats) as each process of a launch through tests/launched.py reported them."""
+class Report(NamedTuple):
+    """What one process of a launch through tests/launched.py reported."""
+
+    rank: str
+    kind: str  # accelerate's distributed type, as the Trainer saw it
+    packed: int  # forwards on packed pairs (prefix sharing)
+    own: int  # calls of alignkit's own losses
+    four_bit: int  # bitsandbytes 4-bit layers
+    saves: int  # reference log-prob entries written
+    formats: str  # the 4-bit layers' formats as loaded: "nf4+nested", "fp4", "none"
+
+
+def launched_reports(output: str) -> list[Report]:
+    """Each process's Report of a launch through tests/launched.py."""
     found = re.findall(r"^launched: rank (\d) of 2 under (\w+); packed batches (\d+); own loss calls (\d+); "
                        r"4-bit layers (\d+) \(([\w+,]+)\); reference saves (\d+)$", output, re.M)
     assert sorted(r[0] for r in found) == ["0", "1"], output[-3000:]
-    return [(rank, kind, int(packed), int(own), int(layers), int(saves), formats)
+    return [Report(rank, kind, int(packed), int(own), int(layers), int(saves), formats)
             for rank, kind, packed, own, layers, formats, saves in found]
 
 
-def assert_qlora_on_each_rank(output: str) -> None:
+def four_bit_format(flags) -> str:
+    """The 4-bit format a run's flags ask for, as tests/launched.py reports it (alignkit's default: NF4, nested)."""
+    flags = list(flags)
+    value = lambda flag, default: flags[flags.index(flag) + 1] if flag in flags else default  # noqa: E731
+    nested = value("--use_bnb_nested_quant", "true") != "false"
+    return value("--bnb_4bit_quant_type", "nf4") + ("+nested" if nested else "")
+
+
+def assert_qlora_on_each_rank(output: str, flags=QLORA) -> None:
     """Each process trained over 4-bit layers (a launch that quietly loaded the base in full precision, in one
     process or all, passed every check of its adapter and steps)."""
-    reports = launched_reports(output)
-    assert all(r[4] > 0 for r in reports), reports
+    reports, loaded = launched_reports(output), four_bit_format(flags)  # in the format the flags ask for
+    assert all(r.four_bit > 0 and r.formats == loaded for r in reports), (loaded, reports)
 
 
 def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(dpo_run, sft_adapter, cache, runs):
@@ -265,8 +286,8 @@ def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(dpo_run
     _, first = dpo_run
     finished(runs / "dpo")
     # Under DDP both processes packed their pairs (prefix sharing on sdpa) and trained on alignkit's own loss.
-    for _, kind, packed, own, four_bit, _saves in launched_reports(first):
-        assert kind == "MULTI_CPU" and packed > 0 and own > 0 and four_bit > 0, launched_reports(first)
+    for r in launched_reports(first):
+        assert r.kind == "MULTI_CPU" and r.packed > 0 and r.own > 0 and r.four_bit > 0, launched_reports(first)
     # The main process alone wrote the reference entries (both write the same files: their count cannot tell).
     assert sorted((r[0], r[5]) for r in launched_reports(first)) == [("0", 2), ("1", 0)], launched_reports(first)
     # The script's own lines once per launch (alignkit.core.launch keeps stdout on rank 0 only).
@@ -323,7 +344,7 @@ def reward_run(cache, runs):
         output = accelerate_launch([SHIM, "reward.py", *TINY, *REWARDS[kind], "--output_dir", str(runs),
                                     "--run_name", f"reward-{kind}"], cache)
         if "4bit" in REWARDS[kind]:
-            assert_qlora_on_each_rank(output)
+            assert_qlora_on_each_rank(output, REWARDS[kind])
         return runs / f"reward-{kind}"
 
     return run

@@ -34,7 +34,7 @@ from conftest import ROOT
 from openai_server import FakeOpenAI
 from test_distributed import tiny_mixtral
 from test_launch_real import accelerate_launch, assert_each_rank_scored_with, assert_vllm_would_get_the_merged_policy
-from test_launch_real import STOPPED, launched_reports, stopped_by_sigterm
+from test_launch_real import STOPPED, assert_qlora_on_each_rank, launched_reports, stopped_by_sigterm
 from test_launch_real import cache, runs  # noqa: F401 - its fixtures: a cache and runs folder of this module's own
 
 # Not importorskip: deepspeed is in the dev extra, and without it these tests must fail, not vanish.
@@ -65,10 +65,7 @@ def launch(mode: str, script: str, run: Path, *flags: str, cache: Path, vllm_syn
     reports = launched_reports(output)
     assert {r[1] for r in reports} == {TYPE[mode]}, reports  # the Trainer ran under the launch asked for
     if "4bit" in flags:  # QLoRA on each process: one that loaded the base in full precision passed every other check
-        value = lambda flag, default: flags[flags.index(flag) + 1] if flag in flags else default  # noqa: E731
-        nested = value("--use_bnb_nested_quant", "true") != "false"
-        loaded = value("--bnb_4bit_quant_type", "nf4") + ("+nested" if nested else "")  # the format asked for
-        assert all(r[4] > 0 and r[6] == loaded for r in reports), (loaded, reports)
+        assert_qlora_on_each_rank(output, flags)  # in the format asked for
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
     return {"output": output, "packed": min(r[2] for r in reports), "own": min(r[3] for r in reports),
@@ -170,7 +167,7 @@ REFERENCES = {"zero3": (False, True), "fsdp": (False,), "zero2": (False, True)}
 
 def test_dpo_packs_its_batches_precomputes_and_merges(sft, cache, runs):
     """dpo.py's defaults (prefix sharing, alignkit's own sigmoid loss) on the sharded QLoRA model, with
-    --merge_adaptors (the main process merges after the others are done); under ZeRO-3 also
+    --merge_adaptors (the main process merges after the others are done); under ZeRO-3 and ZeRO-2 also
     --precompute_ref_log_probs."""
     mode, sft_run = sft
     for precomputed in REFERENCES[mode]:
@@ -189,8 +186,8 @@ def test_dpo_packs_its_batches_precomputes_and_merges(sft, cache, runs):
 
 
 def test_kto(sft, cache, runs):
-    """kto.py with QLoRA (the support matrix said "QLoRA itself not proven" under FSDP and ZeRO); under ZeRO-3 also
-    with --precompute_ref_log_probs, whose cache file every process reads (TRL named it
+    """kto.py with QLoRA (the support matrix said "QLoRA itself not proven" under FSDP and ZeRO); under ZeRO-3 and
+    ZeRO-2 also with --precompute_ref_log_probs, whose cache file every process reads (TRL named it
     at random per process for an in-memory dataset). Under a sharded model (FSDP, ZeRO-3) the tiny preset's rule
     check is skipped with its line; under ZeRO-2 the model is whole on each rank, so it samples."""
     mode, sft_run = sft
@@ -366,9 +363,12 @@ def test_a_sigterm_to_the_launcher_saves_each_rank_s_shard_of_one_step_and_resum
     for rank in (0, 1):
         assert (run / f"checkpoint-{step}" / SHARDS[mode].format(rank=rank, step=step)).is_file(), \
             sorted(str(p.relative_to(run)) for p in (run / f"checkpoint-{step}").rglob("*"))
+    if mode != "fsdp":  # DeepSpeed's checkpoint holds the adapter, gathered whole (FSDP2's: its sharded state alone)
+        whole_adapter(run / f"checkpoint-{step}")
     done = launch(mode, "sft.py", run, *flags, cache=cache)
     assert f"resuming from {run / f'checkpoint-{step}'}" in done["output"]
     assert done["metrics"]["global_step"] == 40
+    whole_adapter(run)
 
 
 def test_a_gguf_base_converted_and_trained_under_zero3(cache, tmp_path, monkeypatch):

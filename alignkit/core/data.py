@@ -87,7 +87,7 @@ def hh_prompt_messages(text) -> list[dict]:
 
 def _hh_prompt(text, field):
     if not is_hh_prompt(text):
-        raise _bad(field, "an HH prompt '\n\nHuman: ...\n\nAssistant:' (the transcript through its last "
+        raise _bad(field, "an HH prompt '\\n\\nHuman: ...\\n\\nAssistant:' (the transcript through its last "
                           "'Assistant:')", text)
     parts = _HH_TURN.split("\n\n" + text.strip())  # ["", "Human", said, ..., "Human", said, "Assistant", ""]
     return [_turn("user" if who == "Human" else "assistant", _text(said.strip(), field, f"turn {i} ({who}): "))[0]

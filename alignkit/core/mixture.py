@@ -316,8 +316,8 @@ def check_beside_mixture(s) -> None:
         raise ValueError(f"--dataset_test_split {s.dataset_test_split} beside a dataset_mixture: the mixture "
                          "names its own held-out rows (entries with test: true, or test_split_size). Give its "
                          f"held-out dataset an entry with split: {s.dataset_test_split} and test: true (with the "
-                         f"handbook's dataset_mixer: add {s.dataset_test_split} to dataset_splits), and remove this "
-                         "setting")
+                         f"handbook's dataset_mixer: list it in dataset_splits beside the train split, which holds "
+                         "out a split whose name has 'test' in it), and remove this setting")
     if s.dataset_split not in (*BESIDE_MIXTURE["dataset_split"], default["dataset_split"]):
         raise ValueError(f"--dataset_split {s.dataset_split} beside a dataset_mixture: the mixture names the "
                          "split of each of its datasets (split: on an entry; with the handbook's dataset_mixer, "
