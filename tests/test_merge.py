@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from alignkit.core import errors
 from alignkit.core.config import ModelSettings
 from alignkit.core.errors import UserError
 from alignkit.modeling import merge as merge_module
@@ -116,7 +117,7 @@ def test_a_checkpoint_of_a_run_on_an_adapter_is_the_whole_chain(dpo_run, sft_run
 
 
 def test_a_merge_replaces_its_output_whole_and_a_killed_one_leaves_the_earlier_merge_as_it_was(
-        sft_run, dpo_run, tmp_path, monkeypatch):
+        sft_run, dpo_run, tmp_path, monkeypatch, alignkit_log):
     """merge_adapters wrote straight into --output_dir: a kill mid-write left the new weights under the earlier
     merge.json and card (a folder that loads as another model than it says). It now writes beside the folder and
     puts the result in place whole; a folder holding anything else is never replaced: a merge into a merged
@@ -153,6 +154,14 @@ def test_a_merge_replaces_its_output_whole_and_a_killed_one_leaves_the_earlier_m
     with pytest.raises(KeyboardInterrupt):
         merge_module.merge_adapters(str(dpo_run["run_folder"]), out)
     assert (out / "model.safetensors").read_bytes() == weights  # the earlier merge, whole
+    # The partial folder (a whole model's size) is removed on the way out, not left until the next merge; a merge
+    # never resumes, so its line says so instead of the generic "what was finished is kept; ... goes on from there".
+    assert [p.name for p in tmp_path.iterdir()] == ["m1"]
+    assert f"the merge was interrupted, and a merge does not resume: nothing of it is kept (its partial folder is " \
+           f"removed); the earlier merge in {out} is kept as it was; run the same command again to merge again" \
+           in alignkit_log.text
+    assert errors._SAID_HOW_TO_GO_ON  # the script's generic interrupted line is not said a second time
+    errors._SAID_HOW_TO_GO_ON.clear()
     assert json.loads((out / "merge.json").read_text())["adapters"] == [str(sft_run["run_folder"])]
     monkeypatch.undo()
     merge_module.merge_adapters(str(dpo_run["run_folder"]), out)  # the next merge clears what was cut short

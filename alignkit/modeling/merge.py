@@ -111,6 +111,15 @@ def _recorded_part(part: str) -> str:
 def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str | None = None,
                    dequantize: bool | None = None, max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
     """Merge the adapter chain ending at `adapter_dir` into its base; returns the output folder."""
+    try:
+        return _merge(adapter_dir, output_dir, dtype, base_model, dequantize, max_shard_size, trust_remote_code)
+    except KeyboardInterrupt as error:
+        _say_stopped(error, Path(output_dir))
+        raise
+
+
+def _merge(adapter_dir, output_dir, dtype: str, base_model: str | None, dequantize: bool | None,
+           max_shard_size: str, trust_remote_code: bool) -> Path:
     from alignkit.core.launch import FourBit, resolve_dtype
     from alignkit.modeling.models import load_model
     from alignkit.modeling.reward_models import REWARD, model_kind
@@ -177,9 +186,39 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
                 f"{len(CHECK_PROMPTS)} prompts")
     merged.to(target)
     # Written beside the output and put in its place whole: a kill mid-write leaves the earlier merged model as it
-    # was (not new weights under its old merge.json and card), and the next merge clears the partial folder.
+    # was (not new weights under its old merge.json and card), and the partial folder is removed on the way out.
     out = final.parent / f".{final.name}.partial"
     shutil.rmtree(out, ignore_errors=True)
+    try:
+        _save(merged, tok, out, final, adapter_dir, config, loaded, settings, reward, dequantize, target, diff,
+              tolerance, max_shard_size)
+    except BaseException:  # a Ctrl-C, a SIGTERM, a full disk: a model's size of files that nothing would use
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    from alignkit.core.card import model_card
+
+    # Its card (what it was merged from, the run's settings and evaluations), as every adapter folder has one.
+    write_atomic(final / "README.md", model_card(final))
+    return final
+
+
+def _say_stopped(error: KeyboardInterrupt, final: Path) -> None:
+    """A merge never resumes: an interrupt's line says what is kept (the earlier merge, as it was) and that the same
+    command merges again from the start, instead of the scripts' generic "goes on from there"."""
+    from alignkit.core.errors import Terminated, run_again, said_how_to_go_on
+
+    ended = "was stopped (SIGTERM)" if isinstance(error, Terminated) else "was interrupted"
+    kept = f"the earlier merge in {final} is kept as it was" if final.is_dir() else f"{final} was not written"
+    logger.info(f"the merge {ended}, and a merge does not resume: nothing of it is kept (its partial folder is "
+                f"removed); {kept}; {run_again()} to merge again")
+    said_how_to_go_on()
+
+
+def _save(merged, tok, out: Path, final: Path, adapter_dir, config, loaded, settings, reward: bool, dequantize,
+          target, diff: float, tolerance: float, max_shard_size: str) -> None:
+    """The merged model, its tokenizer and records into `out`, which then replaces `final` whole."""
+    from alignkit.core.launch import FourBit
+
     merged.save_pretrained(out, max_shard_size=max_shard_size)
     tok.save_pretrained(out)  # with its chat template
     # Generation stops at the tokenizer's eos (the chat template's end of turn) and pads with its own token.
@@ -210,11 +249,6 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
         "files": written, "evaluations": _evaluations(out),
     }, indent=2))
     _put_in_place(out, final)
-    from alignkit.core.card import model_card
-
-    # Its card (what it was merged from, the run's settings and evaluations), as every adapter folder has one.
-    write_atomic(final / "README.md", model_card(final))
-    return final
 
 
 # What save_pretrained writes for a model and its tokenizer: weights, configs, chat templates, vocabularies
@@ -284,7 +318,12 @@ def _put_in_place(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
-    new.rename(final)
+    try:
+        new.rename(final)
+    except BaseException:  # an interrupt between the two renames: the earlier one goes back in its place
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
