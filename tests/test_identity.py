@@ -313,12 +313,23 @@ def test_the_parts_of_a_model_as_loaded_name_what_changed(tiny_cache, tmp_path, 
     monkeypatch.chdir(tmp_path)
     dpo = ModelSettings(model_id=str(models["dpo"]))
     then = identity.identity_parts(dpo, identity.model_identity(dpo))
-    assert list(then) == ["loader settings", *(str(models[m]) for m in ("dpo", "sft", "base")), "hardware", "backend"]
+    assert list(then) == ["loader settings", *(str(models[m]) for m in ("dpo", "sft", "base")), "hardware", "backend",
+                          "loader fields"]
     retrain(models["sft"] / "adapter_model.safetensors", b"sft weighs2")
     now = identity.identity_parts(dpo, identity.model_identity(dpo))
     assert identity.changed_parts(then, now) == "sft: its files changed since"
     bf16 = dataclasses.replace(dpo, dtype="bf16")
+    # The loader setting that changed by its flag (it said "its loader settings (--dtype, --quantization, the chat
+    # template, ...)" of a rerun with --attn_implementation eager: the evaluate audit of session 67).
     assert identity.changed_parts(now, identity.identity_parts(bf16, identity.model_identity(bf16))) == \
+        f"its loader settings (--dtype {now['loader fields']['dtype']} then, bf16 now)"
+    eager = dataclasses.replace(dpo, attn_implementation="eager", chat_template="{{ messages[0]['content'] }}")
+    assert identity.changed_parts(now, identity.identity_parts(eager, identity.model_identity(eager))) == \
+        "its loader settings (--chat_template (the template's text) changed, --attn_implementation " \
+        f"{now['loader fields']['attn_implementation']} then, eager now)"
+    # Answers kept before the loader settings were recorded: the generic words.
+    old = {k: v for k, v in now.items() if k != "loader fields"}
+    assert identity.changed_parts(old, identity.identity_parts(bf16, identity.model_identity(bf16))) == \
         "its loader settings (--dtype, --quantization, the chat template, ...)"
     assert identity.changed_parts({**now, "hardware": "cuda:H100"}, now) == \
         f"hardware cuda:H100 then, {now['hardware']} now"

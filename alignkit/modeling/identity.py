@@ -420,7 +420,26 @@ def identity_parts(s, identity: dict, chain=None) -> dict[str, str]:
     parts = {"loader settings": digest(identity["loader"], 12, ensure_ascii=True)}
     parts.update({os.path.abspath(n) if Path(n).exists() else n: digest(part, 12, ensure_ascii=True)
                   for n, part in zip(names, identity["chain"])})
-    return {**parts, "hardware": str(identity["hardware"]), "backend": str(identity["backend"])}
+    # The loader settings themselves too, a chat template by its digest: a refusal names the one that changed.
+    fields = {k: digest(v, 12) if k == "chat_template" and v else v for k, v in identity["loader"].items()}
+    return {**parts, "hardware": str(identity["hardware"]), "backend": str(identity["backend"]), LOADER_FIELDS: fields}
+
+
+LOADER_FIELDS = "loader fields"  # identity_parts' record of the loader settings, said by flag where they changed
+
+
+def _loader_change(then, now) -> str | None:
+    """The loader settings that differ between two identity_parts' records of them, as flags; None where either was
+    not recorded (made before they were)."""
+    if not (isinstance(then, dict) and isinstance(now, dict)):
+        return None
+    def value(record: dict, k: str) -> str:
+        return "unrecorded" if k not in record else "none" if record[k] is None else str(record[k])
+
+    said = [f"--{k} (the template's text) changed" if k == "chat_template"
+            else f"--{k} {value(then, k)} then, {value(now, k)} now"
+            for k in [*now, *(k for k in then if k not in now)] if then.get(k) != now.get(k)]
+    return ", ".join(said) or None
 
 
 def changed_parts(then: dict, now: dict) -> str | None:
@@ -437,10 +456,11 @@ def changed_parts(then: dict, now: dict) -> str | None:
 
     said = []
     for name in [*now, *(k for k in then if k not in now)]:
-        if then.get(name) == now.get(name):
+        if then.get(name) == now.get(name) or name == LOADER_FIELDS:
             continue
         if name == "loader settings":
-            said.append("its loader settings (--dtype, --quantization, the chat template, ...)")
+            which = _loader_change(then.get(LOADER_FIELDS), now.get(LOADER_FIELDS))
+            said.append(f"its loader settings ({which or '--dtype, --quantization, the chat template, ...'})")
         elif name in ("hardware", "backend"):
             said.append(f"{name} {then.get(name)} then, {now.get(name)} now")
         else:
