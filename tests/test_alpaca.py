@@ -406,6 +406,13 @@ def test_bad_input_and_missing_things_fail_with_one_clear_line(tiny_set, tmp_pat
         run_script(*base, "--judge_model", "rule")
     with pytest.raises(ConfigError, match="MISSING_JUDGE_KEY is not set"):
         run_script(*base, "--eval_set", str(eval_set), "--judge_api_key_env", "MISSING_JUDGE_KEY")
+    # A missing file is said before a missing key: the first error the user can fix (it said the key, and only once
+    # it was set the file: the evaluate.py audit of session 67).
+    for flags, said in ((["--eval_set", "/nonexistent.jsonl"], "--eval_set /nonexistent.jsonl not found"),
+                        (["--eval_set", str(eval_set), "--reference_outputs", str(tmp_path / "no.json")],
+                         "--reference_outputs .*no.json not found")):
+        with pytest.raises(ConfigError, match=said):
+            run_script(*base, *flags, "--judge_api_key_env", "MISSING_JUDGE_KEY")
     with pytest.raises(ConfigError, match=r"no output for 28 of the eval set's 29 instructions"):
         one = tmp_path / "one.json"
         one.write_text(json.dumps([{"instruction": json.loads(eval_set.read_text())[0]["instruction"], "output": "x"}]))

@@ -65,7 +65,7 @@ from alignkit.evals.alpacaeval_annotate import (
     LoggedCompletions, annotation_store, annotator_config, check_rule_config, check_tiktoken, endpoint, load_package,
 )
 from alignkit.evals.alpacaeval_outputs import (
-    EVAL_FILE, HUB_REPO, check_name, default_name, load_eval_set, load_reference_outputs, model_outputs, outputs_path,
+    EVAL_FILE, HUB_REPO, check_file, check_name, default_name, load_eval_set, load_reference_outputs, model_outputs, outputs_path,
 )
 from alignkit.evals.alpacaeval_report import glm_setup, metric, plot, record_card_results
 
@@ -122,12 +122,17 @@ def run(s, backend: str) -> dict:
     use_rule = s.judge_model == "rule"
     # Absolute: alpaca_eval resolves a relative annotator config path against its own package folder.
     output_dir = Path(s.output_dir).resolve()
-    client = None if use_rule else endpoint(s)  # a missing key stops the run before any model is loaded
+    # The local files first (a fix here before the key), then a missing key stops the run before any model is loaded.
+    tiny_set = s.preset == "tiny" and s.eval_set == str(Path(tiny_defaults()["eval_set"]))  # written below
+    for flag, path in (("--eval_set", None if tiny_set else s.eval_set), ("--reference_outputs", s.reference_outputs)):
+        if path:
+            check_file(path, flag)
+    client = None if use_rule else endpoint(s)
     from alignkit.core.journal import hold
 
     # One run per folder: a second would generate the same outputs and pay the annotator again.
     hold(output_dir / ".evaluate.lock", "evaluate.py alpaca_eval", "let it finish, or pass another --output_dir")
-    if s.preset == "tiny" and s.eval_set == str(Path(tiny_defaults()["eval_set"])):
+    if tiny_set:
         tiny_eval_set()
     ae = load_package()
     config_path, config_name, annotators = annotator_config(s, output_dir)

@@ -42,6 +42,13 @@ def hub_file(filename: str, how: str) -> Path:
 # The eval set and output files
 
 
+def check_file(path, flag: str) -> None:
+    """A file a flag names is there: checked before the judge's key too, so a user meets the first error they can
+    fix (a run without the key said so, and only once it was set that --eval_set named no file)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{flag} {path} not found; check the path")
+
+
 def read_rows(path, flag: str) -> list[tuple[str, dict]]:
     """(where, row) of a JSON list or JSONL file; a bad file or row is an error naming the file and row.
 
@@ -51,8 +58,7 @@ def read_rows(path, flag: str) -> list[tuple[str, dict]]:
     from alignkit.core.journal import read_jsonl
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{flag} {path} not found; check the path")
+    check_file(path, flag)
     text = decode_text(path.read_bytes(), path)
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
