@@ -158,3 +158,14 @@ def test_a_bad_question_id_or_category_names_that_field_and_its_fix(tmp_path, ro
 def test_an_integer_question_id_is_taken(tmp_path):
     path = write(tmp_path / "prompts.jsonl", b'{"prompt": "hi", "question_id": 7}\n{"prompt": "yo"}\n')
     assert [q["question_id"] for q in prompts_file.prompt_questions(path)] == [7, 2]  # an integer id is taken
+
+
+def test_a_repeated_mt_bench_question_id_names_both_lines(tmp_path):
+    """It said "line 3: question_id 81 appears twice", leaving the user to find the other (the evaluate.py audit of
+    session 67); a prompts file's repeated id names both lines already."""
+    row = '{{"question_id": {}, "category": "writing", "turns": ["hi"]}}\n'
+    path = write(tmp_path / "question.jsonl", (row.format(81) + row.format(82) + row.format(81)).encode())
+    with pytest.raises(ConfigError, match=exactly(f"{path}, line 3: question_id 81 repeats line 1; point "
+                                                  "--mt_bench_data at FastChat's fastchat/llm_judge/data folder, or "
+                                                  "fix the file")):
+        mtbench.load_questions(path)

@@ -143,14 +143,14 @@ def field_value(path, line, row, name, kind, fix):
 
 def load_questions(path, question_ids=None, max_questions=None) -> list[dict]:
     """FastChat's question rows ({question_id, category, turns}), validated, optionally filtered."""
-    questions, seen = [], set()
+    questions, seen = [], {}  # question_id: its line
     for line, row in read_jsonl(path, _FIX_DATA):
         qid = field_value(path, line, row, "question_id", int, _FIX_DATA)
         field_value(path, line, row, "category", str, _FIX_DATA)
         field_value(path, line, row, "turns", list, _FIX_DATA)
-        if qid in seen:
-            raise ConfigError(f"{path}, line {line}: question_id {qid} appears twice; {_FIX_DATA}")
-        seen.add(qid)
+        if qid in seen:  # both lines named, as a prompts file's repeated id: the user keeps one of them
+            raise ConfigError(f"{path}, line {line}: question_id {qid} repeats line {seen[qid]}; {_FIX_DATA}")
+        seen[qid] = line
         questions.append(row)
     if not questions:
         raise ConfigError(f"{path} holds no questions; {_FIX_DATA}")
