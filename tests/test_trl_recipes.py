@@ -1485,3 +1485,32 @@ def test_skip_prepare_dataset_is_refused_before_the_model_loads():
     with pytest.raises(ConfigError, match=r"^--dataset_kwargs skip_prepare_dataset: .*drop it$"):
         check_trl_values(s)
     check_trl_values(parse_config(SFTSettings, env_file=None, args=["--dataset_kwargs", '{"add_special_tokens": false}']))
+
+
+def test_a_run_whose_every_step_is_inside_the_warmup_s_first_step_is_warned_before_training(tmp_path, alignkit_log):
+    """`dpo.py --max_steps 1` trained its one step at learning rate 0 (the warmup's first step) and ended with the
+    adapter unchanged, every held-out pair tied (the evaluate.py audit of session 67): one line says so before
+    training. It stands in EndsAtMaxSteps, which every training script's trainer stands on, and asks the run's own
+    scheduler, so a schedule without warmup, or a step past the warmup's first, is not warned of."""
+    from transformers import TrainingArguments
+
+    from alignkit.train import resuming
+    from alignkit.train.kto import AlignKTOTrainer
+    from alignkit.train.reward import AlignRewardTrainer
+    from alignkit.train.trainers import AlignDPOTrainer, AlignSFTTrainer
+
+    assert all(issubclass(t, resuming.EndsAtMaxSteps)
+               for t in (AlignSFTTrainer, AlignDPOTrainer, AlignKTOTrainer, AlignRewardTrainer))
+
+    def args(**kw):
+        return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **kw)
+
+    assert resuming.warn_if_no_step_learns(args(max_steps=1, warmup_steps=0.1, lr_scheduler_type="cosine"), 0, 1)
+    assert "every optimizer step of this run trains at learning rate 0, so the adapter will not change: its 1 step " \
+           "(--max_steps 1) lies inside the warmup's first step, where the rate is still 0 (--warmup_ratio / " \
+           "--warmup_steps 0.1: 1 warmup step); raise --max_steps, or pass --warmup_ratio 0" in alignkit_log.text
+    for kw, start, steps in ((dict(max_steps=2, warmup_steps=0.1), 0, 2),  # its second step is at the full rate
+                             (dict(max_steps=1, warmup_steps=0.0), 0, 1),
+                             (dict(max_steps=1, warmup_steps=0.1, lr_scheduler_type="constant"), 0, 1),
+                             (dict(max_steps=3, warmup_steps=0.5), 1, 3)):  # resumed past the warmup's first step
+        assert not resuming.warn_if_no_step_learns(args(**kw), start, steps), kw

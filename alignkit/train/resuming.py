@@ -45,6 +45,35 @@ def _launched() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def warn_if_no_step_learns(args, start: int, max_steps: int) -> bool:
+    """One line before training when every optimizer step left (`start` to `max_steps`) runs at learning rate 0:
+    the warmup's first step is at 0, so a `--max_steps 1` run with any warmup trained its one step at 0 and ended with
+    the adapter unchanged (dpo.py: every held-out pair tied, accuracy 0.000; the evaluate audit of session 67). The
+    run's own scheduler is asked (any --lr_scheduler_type); True where it warned."""
+    import torch
+    from transformers import get_scheduler
+
+    warmup = args.get_warmup_steps(max_steps)
+    if warmup < 1 or not start < max_steps <= start + warmup + 1 or args.learning_rate <= 0:
+        return False  # no warmup, a step past its end (at the full rate), or a rate of 0 the user asked for
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    except Exception:  # noqa: BLE001 - a scheduler transformers builds its own way: the training says what it says
+        return False
+    rates = getattr(scheduler, "lr_lambdas", None)
+    if not rates or any(rates[0](step) > 0 for step in range(start, max_steps)):
+        return False
+    steps = max_steps - start
+    given = f"--max_steps {max_steps}" if args.max_steps > 0 else f"{max_steps} from --num_train_epochs"
+    logger.warning(f"every optimizer step of this run trains at learning rate 0, so the adapter will not change: its "
+                   f"{steps} step{'' if steps == 1 else 's'} ({given}) lie{'s' if steps == 1 else ''} inside the warmup's first "
+                   f"step, where the rate is still 0 (--warmup_ratio / --warmup_steps {args.warmup_steps:g}: "
+                   f"{warmup} warmup step{'' if warmup == 1 else 's'}); raise --max_steps, or pass --warmup_ratio 0")
+    return True
+
+
 class EndsAtMaxSteps:
     """A run resumed at its last step (the same command run again after it finished at --max_steps) trains no
     further step. transformers checks the stop only after a step, so a resume at global_step == max_steps in the
@@ -84,6 +113,7 @@ class EndsAtMaxSteps:
         if 0 < max_steps <= self.state.global_step:
             logger.info(f"resumed at step {self.state.global_step} of {max_steps}: nothing left to train")
             return num_train_epochs, 0
+        warn_if_no_step_learns(self.args, self.state.global_step, max_steps)
         return epochs, steps
 
     def _maybe_log_save_evaluate(self, *args, **kwargs):
