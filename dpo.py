@@ -139,7 +139,9 @@ from alignkit.train.training import finish
 metrics = finish(trainer, loaded, settings, run_folder, "dpo")
 print(f"adapter: {run_folder}")
 if "eval_rewards/accuracies" in metrics:
-    print(f"held-out reward accuracy: {metrics['eval_rewards/accuracies']:.3f}")
+    from alignkit.train.report import reward_accuracy
+
+    print(f"held-out reward accuracy: {reward_accuracy(metrics)}")  # with the pairs tied, where any
 
 from alignkit.train.report import show
 

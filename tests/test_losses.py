@@ -330,3 +330,10 @@ def test_dpo_s_held_out_reward_accuracy_is_the_share_of_pairs_whatever_the_batch
     assert logged["rewards/accuracies"] == pytest.approx(4 / 9)
     assert logged["rewards/margins"] == pytest.approx((3 - 5 + 2) / 9)
     assert logged["logps/chosen"] == pytest.approx((3 + 2) / 9 - 5)
+    assert logged["rewards/ties"] == 0
+    # Ties counted apart: an adapter that never changed (a run all inside the warmup's first step) has every pair at
+    # reward 0, its accuracy 0.000 read as "always wrong" (the evaluate.py audit of session 67).
+    trainer._metrics["eval"].clear()
+    AlignDPOTrainer._log_rewards(trainer, "eval", torch.zeros(4), torch.tensor([0.0, 0.0, 0.0, -1.0]), torch.zeros(4),
+                                 torch.zeros(4))
+    assert sum(trainer._metrics["eval"]["rewards/ties"]) == 3

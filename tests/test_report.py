@@ -69,6 +69,16 @@ def test_summary_names_steps_time_folder_picture_figures_wandb_and_hub(tmp_path,
     assert body["steps"] == "2 in 1m 15s"
     assert body["adapter"] == str(tmp_path / "run") and body["merged model"] == str(tmp_path / "run" / "merged")
     assert body["held-out reward accuracy"] == "0.700" and body["held-out loss"] == "0.62"
+    # Tied pairs said beside the accuracy, which counts them as misses (a 0.000 of an adapter that never changed).
+    for ties, said in ((1.0, "0.000 (every pair tied: chosen and rejected rewards equal)"),
+                       (0.25, "0.000 (25.0% of the pairs tied, counted as misses)")):
+        tied = report.summary("dpo", tmp_path, {"global_step": 1, "eval_rewards/accuracies": 0.0,
+                                                "eval_rewards/ties": ties}, [], None)
+        assert f"  held-out reward accuracy  {said}" in tied.splitlines()
+    # TRL's own losses log no ties: an accuracy of 0 at a mean margin of 0 is every pair tied (dpo.py --max_steps 1).
+    trl = {"eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0}
+    assert report.reward_accuracy(trl) == "0.000 (every pair tied: chosen and rejected rewards equal)"
+    assert report.reward_accuracy({**trl, "eval_rewards/margins": -0.1}) == "0.000"
     # An accuracy as reward.py's closing line prints it: "held-out accuracy: 1.000" came after a summary saying 1.
     whole = report.summary("reward", tmp_path, {"global_step": 1, "held_out_accuracy": 1.0}, [], None)
     assert "  held-out accuracy  1.000" in whole.splitlines()

@@ -42,6 +42,20 @@ HELD_OUT = [
 ]
 
 
+def reward_accuracy(metrics: dict) -> str:
+    """The held-out reward accuracy as the closing lines say it, with the pairs tied (a tie counts as a miss: an
+    adapter that never moved, every pair at reward 0, read 0.000 as "always wrong"). The share tied where logged
+    (alignkit's own DPO losses log `rewards/ties`); where not (TRL's), an accuracy of 0 at a mean margin of 0 means
+    every pair tied (no margin above 0, and they average 0)."""
+    accuracy, tied = metrics["eval_rewards/accuracies"], metrics.get("eval_rewards/ties")
+    if tied is None and accuracy == 0 and metrics.get("eval_rewards/margins") == 0:
+        tied = 1.0
+    if not tied:
+        return f"{accuracy:.3f}"
+    return f"{accuracy:.3f} " + ("(every pair tied: chosen and rejected rewards equal)" if tied >= 1 else
+                                 f"({tied:.1%} of the pairs tied, counted as misses)")
+
+
 def _series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
     steps, values = [], []
     for entry in log_history:
@@ -149,7 +163,8 @@ def summary(stage: str, folder, metrics: dict, log_history: list[dict], picture:
     for key, label in HELD_OUT:
         if key in metrics and label not in seen and isinstance(metrics[key], (int, float)):
             # A share as the closing lines print it (1.000, not 1); a loss or margin to 4 significant digits.
-            rows.append((label, f"{metrics[key]:.3f}" if "accurac" in key else f"{metrics[key]:.4g}"))
+            rows.append((label, reward_accuracy(metrics) if key == "eval_rewards/accuracies" else
+                         f"{metrics[key]:.3f}" if "accurac" in key else f"{metrics[key]:.4g}"))
             seen.add(label)
     url = wandb_url()
     if url:

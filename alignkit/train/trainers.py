@@ -412,6 +412,8 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, EndsAtMaxSteps, DPOTrain
         metrics = self._metrics[mode]
         for name, values in (("rewards/chosen", chosen_rewards), ("rewards/rejected", rejected_rewards),
                              ("rewards/accuracies", (chosen_rewards > rejected_rewards).float()),
+                             # alignkit's own: the share of pairs whose rewards tie, which the accuracy counts as lost
+                             ("rewards/ties", (chosen_rewards == rejected_rewards).float()),
                              ("rewards/margins", chosen_rewards - rejected_rewards), ("logps/chosen", chosen_logps),
                              ("logps/rejected", rejected_logps)):
             metrics[name].extend(gather(values.detach().float()).tolist())
