@@ -68,7 +68,8 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   rlaif (rlaif.py's rounds), rlaif_inputs (what each round's scripts are given, and each step's inputs by content).
 - feedback (AI feedback):
   judge (label.py's judges), judge_templates (their prompts),
-  labeling, label_pairs and label_records (label.py's pipeline; its pairs and judging; its cache and output),
+  labeling, label_inputs, label_pairs and label_records (label.py's pipeline; its prompts and responses files read
+  and checked; its pairs and judging; its cache and output),
   pointwise (label.py --mode pointwise: one grade per answer, KTO data),
   ratings (FastChat's single-answer grading prompt and rating parser),
   rewards (reward models as one callable; judge's RMJudge scores with it).

@@ -85,7 +85,7 @@ def test_core_modules_import_without_the_extras():
     # sft/dpo/merge/label/reward/rl's modules import in a fresh process where no extra is installed.
     code = ("import sys; sys.modules.update(dict.fromkeys(['fastchat', 'alpaca_eval', 'wandb', 'tensorboard', "
             "'tensorboardX'])); import alignkit.train.training, alignkit.train.trainers, alignkit.modeling.merge, "
-            "alignkit.feedback.labeling, alignkit.feedback.label_pairs, alignkit.feedback.label_records, "
+            "alignkit.feedback.labeling, alignkit.feedback.label_inputs, alignkit.feedback.label_pairs, alignkit.feedback.label_records, "
             "alignkit.train.reward, alignkit.train.rl, alignkit.core.card, "
             "alignkit.train.report, alignkit.evals.evaluation, trl; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -841,7 +841,7 @@ def test_hh_prompts_are_labeled_as_their_turns(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": hh, "response": "Two days."}])
     run_script("label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge",
                "python:alignkit.modeling.presets:rule_judge", "--output", "p.jsonl", cwd=tmp_path)
-    from alignkit.feedback.labeling import _as_messages
+    from alignkit.feedback.label_inputs import _as_messages
 
     turns = [{"role": "user", "content": "How do I bake bread?"},
              {"role": "assistant", "content": "Mix flour and water."},

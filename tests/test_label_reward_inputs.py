@@ -152,7 +152,7 @@ def test_responses_matching_some_prompts_still_pair_those(tmp_path):
 
 
 def test_a_prompt_with_two_responses_is_refused_naming_both_rows(tmp_path):
-    from alignkit.feedback.labeling import read_responses
+    from alignkit.feedback.label_inputs import read_responses
 
     rows = [{"prompt": p, "response": "fig, kiwi, lime"} for p in PROMPTS]
     same = jsonl(tmp_path / "same.jsonl", rows + [rows[2]])  # the same response again: nothing is ambiguous

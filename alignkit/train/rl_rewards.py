@@ -276,7 +276,7 @@ class JudgeReward:
 
     @staticmethod
     def _references(s) -> dict[str, str]:
-        from alignkit.feedback.labeling import read_responses
+        from alignkit.feedback.label_inputs import read_responses
 
         shim = SimpleNamespace(prompt_field=s.prompt_field, response_field=s.response_field)
         found = read_responses(s.reference_completions, shim)
