@@ -140,6 +140,21 @@ def test_checkpoints_hold_the_sparse_values_not_the_model(lota_sft, tmp_path):
     assert all(torch.equal(delta[n][1], final[n][1]) for n in final)  # the last checkpoint holds the final values
 
 
+def test_only_the_writing_process_saves_the_delta(lota_sft, tmp_path):
+    """transformers calls a trainer's _save on every process under DeepSpeed and DDP (its own returns early where
+    args.should_save is false): LoTA's wrote on every rank, and under ZeRO-2 rank 1 crashed renaming the temporary
+    mask file rank 0 had just renamed into the checkpoint (a CI run of session 34)."""
+    from types import SimpleNamespace
+
+    trainer = lota_sft["trainer"]
+    save = type(trainer)._save  # the LoTA trainer's own
+    assert type(trainer).__name__.startswith("LoTA")
+    save(SimpleNamespace(args=SimpleNamespace(should_save=False)), str(tmp_path / "rank1"))
+    assert not (tmp_path / "rank1").exists()
+    save(trainer, str(tmp_path / "rank0"))
+    assert (tmp_path / "rank0" / lota_delta.DELTA_FILE).is_file() and (tmp_path / "rank0" / lota_delta.MASK_FILE).is_file()
+
+
 # ---------------------------------------------------------------- DPO on top of the SFT delta: LoTA vs LoRA
 
 

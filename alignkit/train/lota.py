@@ -138,6 +138,8 @@ def trainer_class(base):
             return stack
 
         def _save(self, output_dir=None, state_dict=None):
+            if not self.args.should_save:  # transformers calls it on every rank (DeepSpeed, DDP): the writer alone writes
+                return  # (rank 1 renamed the same temporary file rank 0 had just renamed: a crash, by timing)
             out = Path(output_dir or self.args.output_dir)
             save_delta(self.accelerator.unwrap_model(self.model), out)
             torch.save(self.args, out / "training_args.bin")
