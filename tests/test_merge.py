@@ -172,6 +172,94 @@ def test_a_merge_replaces_its_output_whole_and_a_killed_one_leaves_the_earlier_m
         merge_module.merge_adapters(str(dpo_run["run_folder"]), tmp_path)
 
 
+def test_an_interrupt_at_any_point_of_the_swap_leaves_one_whole_merge_and_says_which(
+        sft_run, dpo_run, tmp_path, monkeypatch, alignkit_log):
+    """The swap of a merge into its folder: a Ctrl-C landing between `final -> .final.replaced` and the `try` skipped
+    the return of the earlier merge (the folder missing, the next merge deleting the earlier one for good); the card
+    was written after the swap, so a Ctrl-C there left the new merge without it; and one after the swap was said to
+    have kept nothing of the new merge and the earlier one "as it was". Now the card is written before the swap,
+    the renames are one step, a leftover earlier merge goes back in its place, and the line says what is there."""
+    from alignkit.core import card
+
+    out = tmp_path / "m1"
+    merge_module.merge_adapters(str(sft_run["run_folder"]), out)
+    earlier, earlier_card = (out / "model.safetensors").read_bytes(), (out / "README.md").read_text()
+    rename, rmtree = Path.rename, shutil.rmtree
+
+    def stopped_line(kept: str) -> str:
+        return (f"the merge was interrupted, and a merge does not resume: nothing of it is kept (its partial folder is "
+                f"removed); {kept}; run the same command again to merge again")
+
+    def the_earlier_merge_whole():
+        assert (out / "model.safetensors").read_bytes() == earlier and (out / "README.md").read_text() == earlier_card
+        assert json.loads((out / "merge.json").read_text())["adapters"] == [str(sft_run["run_folder"])]
+        assert [p.name for p in tmp_path.iterdir()] == ["m1"]
+        assert stopped_line(f"the earlier merge in {out} is kept as it was") in alignkit_log.text
+        alignkit_log.clear()
+        errors._SAID_HOW_TO_GO_ON.clear()
+
+    def renamed_then_stopped(self, target):  # the Ctrl-C lands just after the earlier merge moved aside
+        moved = rename(self, target)
+        if self == out:
+            raise KeyboardInterrupt
+        return moved
+
+    def not_renamed(self, target):  # the new merge's rename into place
+        if Path(self).name == ".m1.partial":
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for where, stop in [(Path, ("rename", renamed_then_stopped)), (Path, ("rename", not_renamed)),
+                        (card, ("model_card", killed))]:
+        monkeypatch.setattr(where, *stop)
+        with pytest.raises(KeyboardInterrupt):
+            merge_module.merge_adapters(str(dpo_run["run_folder"]), out)
+        monkeypatch.undo()
+        the_earlier_merge_whole()
+
+    def earlier_removal_stopped(path, *args, **kwargs):  # the swap is done; the earlier merge's removal is cut short
+        if Path(path).name == ".m1.replaced" and Path(path).exists():
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(merge_module.shutil, "rmtree", earlier_removal_stopped)
+    with pytest.raises(KeyboardInterrupt):
+        merge_module.merge_adapters(str(dpo_run["run_folder"]), out)
+    monkeypatch.undo()
+    assert json.loads((out / "merge.json").read_text())["adapters"][-1] == str(dpo_run["run_folder"])
+    assert "DPO" in (out / "README.md").read_text()  # the new merge, with its own card
+    assert (tmp_path / ".m1.replaced" / "model.safetensors").read_bytes() == earlier
+    assert f"the merge was interrupted after it finished: the new merge is in {out}, whole, with its card; the " \
+           f"earlier merge left in {tmp_path / '.m1.replaced'} is removed by the next merge into it" in alignkit_log.text
+    assert "nothing of it is kept" not in alignkit_log.text
+    alignkit_log.clear()
+    errors._SAID_HOW_TO_GO_ON.clear()
+
+    # A merge killed hard (SIGKILL) inside the swap: the earlier merge beside the folder, the folder missing. The next
+    # merge puts it back first (it deleted it as a leftover), so that merge stopped in turn leaves it in its place.
+    rmtree(out)
+    monkeypatch.setattr(merge_module.shutil, "copy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        merge_module.merge_adapters(str(dpo_run["run_folder"]), out)
+    monkeypatch.undo()
+    assert "was missing and" in alignkit_log.text and "put back" in alignkit_log.text
+    the_earlier_merge_whole()
+
+    # An empty folder stopped into is said to be as it was, not to keep an earlier merge.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(merge_module.shutil, "copy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        merge_module.merge_adapters(str(dpo_run["run_folder"]), empty)
+    monkeypatch.undo()
+    assert stopped_line(f"{empty} is as it was (empty)") in alignkit_log.text
+    assert "earlier merge" not in alignkit_log.text and not any(empty.iterdir())
+    errors._SAID_HOW_TO_GO_ON.clear()
+
+
 def test_qlora_adapter_merges_both_ways(tiny_cache, tmp_path, alignkit_log):
     run = run_script("dpo.py", "--preset", "tiny", "--quantization", "4bit", "--max_steps", "15",
                      "--eval_split", "0", "--output_dir", str(tmp_path), "--run_name", "qlora")

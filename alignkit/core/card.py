@@ -371,12 +371,13 @@ def _chat_template(folder: Path) -> bool:
     return not config or bool(config.get("chat_template")) or any(folder.glob("chat_template.*"))
 
 
-def model_card(folder, repo_id: str | None = None, in_progress: bool = False) -> str:
+def model_card(folder, repo_id: str | None = None, in_progress: bool = False, at=None) -> str:
     """README.md for a run folder, an adapter or a merged model, from the files the run left there.
 
     repo_id: the Hub repo it is pushed to; None for the card a run folder keeps for itself.
     in_progress: a run folder whose run is training now: a finished run trained further (--resume true over changed
     settings, a higher --max_steps) still holds its old adapter and metrics.json, which the card read as final.
+    at: where `folder` is about to be moved (a merge written beside its place), which names the model.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -397,7 +398,7 @@ def model_card(folder, repo_id: str | None = None, in_progress: bool = False) ->
     is_adapter = (bool(adapter) and not merge) or (training and settings.get("adapter", "lora") != "lota")
     base, _, _ = base_source(folder)
     hub_base, base_text, under = describe_base(folder)
-    where = repo_id or f"path/to/{merge_name(folder)}"  # a merge in its run's merged/: the run's name, not `merged`
+    where = repo_id or f"path/to/{merge_name(folder, at)}"  # a merge in its run's merged/: the run's name, not `merged`
     # Every run of the chain trained on its own data (an SFT run under a DPO run): their Hub datasets, in order.
     runs = [*merge.get("lota_deltas", []), *merge.get("adapters", [])] if merge else []
     recorded = [_read_json(Path(run) / "alignkit_config.json") for run in runs]  # each run's settings, read once

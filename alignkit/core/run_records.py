@@ -208,13 +208,14 @@ def repo_name(adapter_dir) -> str:
     return f"{here.parent.name}-{here.name}" if is_checkpoint(here) else here.name
 
 
-def merge_name(folder) -> str:
+def merge_name(folder, at=None) -> str:
     """The name of the model in `folder`: a merge saved where merge_folder puts it for the top of its chain (its
     merge.json) takes its run's name (`tiny-dpo-merged`, `tiny-dpo-merged-checkpoint-20`), not the bare `merged`
-    every run's merge is called; any other folder its own name."""
-    here = Path(folder).resolve()
+    every run's merge is called; any other folder its own name. `at`: where `folder` is about to be moved (a merge
+    written beside its place, alignkit.modeling.merge), which names it."""
+    here = Path(at or folder).resolve()
     try:
-        merge = json.loads((here / "merge.json").read_text())
+        merge = json.loads((Path(folder) / "merge.json").read_text())
     except (OSError, ValueError):
         merge = {}
     top = [*(merge.get("lota_deltas") or []), *(merge.get("adapters") or [])][-1:] if isinstance(merge, dict) else []

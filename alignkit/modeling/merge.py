@@ -26,6 +26,7 @@ model loads with AutoModelForSequenceClassification.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -111,20 +112,23 @@ def _recorded_part(part: str) -> str:
 def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str | None = None,
                    dequantize: bool | None = None, max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
     """Merge the adapter chain ending at `adapter_dir` into its base; returns the output folder."""
+    placed: list[Path] = []  # the new merge, once it is in its place
     try:
-        return _merge(adapter_dir, output_dir, dtype, base_model, dequantize, max_shard_size, trust_remote_code)
+        return _merge(adapter_dir, output_dir, dtype, base_model, dequantize, max_shard_size, trust_remote_code,
+                      placed)
     except KeyboardInterrupt as error:
-        _say_stopped(error, Path(output_dir))
+        _say_stopped(error, Path(output_dir), bool(placed))
         raise
 
 
 def _merge(adapter_dir, output_dir, dtype: str, base_model: str | None, dequantize: bool | None,
-           max_shard_size: str, trust_remote_code: bool) -> Path:
+           max_shard_size: str, trust_remote_code: bool, placed: list[Path]) -> Path:
     from alignkit.core.launch import FourBit, resolve_dtype
     from alignkit.modeling.models import load_model
     from alignkit.modeling.reward_models import REWARD, model_kind
 
     final = Path(output_dir)
+    _restore_replaced(final)
     if final.exists() and not _a_merged_model(final):
         raise UserError(f"--output_dir {output_dir} holds other things than a merged model: the merge replaces the "
                         "folder whole; pass a new folder (or an earlier merge's)")
@@ -185,38 +189,50 @@ def _merge(adapter_dir, output_dir, dtype: str, base_model: str | None, dequanti
     logger.info(f"merge check: max |logit difference| {diff:.2e} <= {tolerance:.2e} (fp32) over "
                 f"{len(CHECK_PROMPTS)} prompts")
     merged.to(target)
-    # Written beside the output and put in its place whole: a kill mid-write leaves the earlier merged model as it
-    # was (not new weights under its old merge.json and card), and the partial folder is removed on the way out.
+    # Written beside the output, its card included, and put in its place whole as the last step: a kill mid-write
+    # leaves the earlier merged model as it was (not new weights under its old merge.json and card), and the
+    # partial folder is removed on the way out.
     out = final.parent / f".{final.name}.partial"
     shutil.rmtree(out, ignore_errors=True)
     try:
         _save(merged, tok, out, final, adapter_dir, config, loaded, settings, reward, dequantize, target, diff,
-              tolerance, max_shard_size)
+              tolerance, max_shard_size, placed)
     except BaseException:  # a Ctrl-C, a SIGTERM, a full disk: a model's size of files that nothing would use
         shutil.rmtree(out, ignore_errors=True)
         raise
-    from alignkit.core.card import model_card
-
-    # Its card (what it was merged from, the run's settings and evaluations), as every adapter folder has one.
-    write_atomic(final / "README.md", model_card(final))
     return final
 
 
-def _say_stopped(error: KeyboardInterrupt, final: Path) -> None:
-    """A merge never resumes: an interrupt's line says what is kept (the earlier merge, as it was) and that the same
-    command merges again from the start, instead of the scripts' generic "goes on from there"."""
+def _say_stopped(error: KeyboardInterrupt, final: Path, placed: bool) -> None:
+    """A merge never resumes: an interrupt's line says what is there (the new merge if it was already in its place,
+    else what the folder held, as it was) and that the same command merges again from the start, instead of the
+    scripts' generic "goes on from there"."""
     from alignkit.core.errors import Terminated, run_again, said_how_to_go_on
 
     ended = "was stopped (SIGTERM)" if isinstance(error, Terminated) else "was interrupted"
-    kept = f"the earlier merge in {final} is kept as it was" if final.is_dir() else f"{final} was not written"
+    old = _replaced(final)
+    if placed:  # only the earlier merge's removal was cut short
+        left = f"; the earlier merge left in {old} is removed by the next merge into it" if old.exists() else ""
+        logger.info(f"the merge {ended} after it finished: the new merge is in {final}, whole, with its card{left}")
+        said_how_to_go_on()
+        return
+    if _a_merged_model(final) and (final / "merge.json").is_file():
+        kept = f"the earlier merge in {final} is kept as it was"
+    elif final.is_dir():
+        kept = f"{final} is as it was{' (empty)' if not any(final.iterdir()) else ''}"
+    elif old.is_dir():  # the swap could not put it back (an error of the disk): the next merge does
+        kept = f"the earlier merge is in {old}, which the next merge puts back in {final}"
+    else:
+        kept = f"{final} was not written"
     logger.info(f"the merge {ended}, and a merge does not resume: nothing of it is kept (its partial folder is "
                 f"removed); {kept}; {run_again()} to merge again")
     said_how_to_go_on()
 
 
 def _save(merged, tok, out: Path, final: Path, adapter_dir, config, loaded, settings, reward: bool, dequantize,
-          target, diff: float, tolerance: float, max_shard_size: str) -> None:
-    """The merged model, its tokenizer and records into `out`, which then replaces `final` whole."""
+          target, diff: float, tolerance: float, max_shard_size: str, placed: list[Path]) -> None:
+    """The merged model, its tokenizer, records and card into `out`, which then replaces `final` whole."""
+    from alignkit.core.card import model_card
     from alignkit.core.launch import FourBit
 
     merged.save_pretrained(out, max_shard_size=max_shard_size)
@@ -248,7 +264,10 @@ def _save(merged, tok, out: Path, final: Path, adapter_dir, config, loaded, sett
         # What the next merge into this folder may replace: these files, the evaluations as they were copied.
         "files": written, "evaluations": _evaluations(out),
     }, indent=2))
-    _put_in_place(out, final)
+    # Its card (what it was merged from, the run's settings and evaluations), as every adapter folder has one; named
+    # after the folder it goes to.
+    write_atomic(out / "README.md", model_card(out, at=final))
+    _put_in_place(out, final, placed)
 
 
 # What save_pretrained writes for a model and its tokenizer: weights, configs, chat templates, vocabularies
@@ -312,19 +331,61 @@ def _check_not_in_chain(final: Path, adapter_dir, base_model: str | None) -> Non
                             "pass another --output_dir")
 
 
-def _put_in_place(new: Path, final: Path) -> None:
-    """`new` becomes `final`; an earlier `final` is removed only once the new one is in its place."""
-    old = final.parent / f".{final.name}.replaced"
+def _replaced(final: Path) -> Path:
+    """Where an earlier merge waits while the new one takes its place (_put_in_place)."""
+    return final.parent / f".{final.name}.replaced"
+
+
+def _restore_replaced(final: Path) -> None:
+    """An earlier merge that a merge killed hard (SIGKILL) inside its swap left beside its place goes back there, and
+    is replaced (or kept) as any earlier merge is; it was deleted as a leftover."""
+    old = _replaced(final)
+    if old.is_dir() and not final.exists():
+        old.rename(final)
+        logger.warning(f"merge: {final} was missing and {old} held the merge that was there, left by a merge stopped "
+                       "as it put its own in place: put back")
+
+
+def _put_in_place(new: Path, final: Path, placed: list[Path]) -> None:
+    """`new` becomes `final`; an earlier `final` is removed only once the new one is in its place. Ctrl-C and SIGTERM
+    wait for the two renames (and the earlier one's return, if the second failed), so that `final` is always whole:
+    one landing between them skipped the return, and the next merge deleted the earlier merge for good."""
+    old = _replaced(final)
+    _restore_replaced(final)
     shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
+    with _interrupts_held():
+        try:
+            if final.exists():
+                final.rename(old)
+            new.rename(final)
+        except BaseException:  # the earlier one goes back in its place
+            if old.exists() and not final.exists():
+                old.rename(final)
+            raise
+    placed.append(final)
+    shutil.rmtree(old, ignore_errors=True)  # cut short, the next merge's rmtree above ends it
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C and SIGTERM wait until the block is done, then are delivered to the handlers that were there (main
+    thread only; elsewhere no signal arrives)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: came.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not None}  # None: not Python's
     try:
-        new.rename(final)
-    except BaseException:  # an interrupt between the two renames: the earlier one goes back in its place
-        if old.exists() and not final.exists():
-            old.rename(final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(came):
+            signal.raise_signal(sig)
 
 
 def lota_expected_logits(loaded, batch, settings):
