@@ -233,7 +233,8 @@ def test_an_interrupt_at_any_point_of_the_swap_leaves_one_whole_merge_and_says_w
     assert "DPO" in (out / "README.md").read_text()  # the new merge, with its own card
     assert (tmp_path / ".m1.replaced" / "model.safetensors").read_bytes() == earlier
     assert f"the merge was interrupted after it finished: the new merge is in {out}, whole, with its card; the " \
-           f"earlier merge left in {tmp_path / '.m1.replaced'} is removed by the next merge into it" in alignkit_log.text
+           f"earlier merge left in {tmp_path / '.m1.replaced'} is removed by the next merge into it" \
+           in alignkit_log.text
     assert "nothing of it is kept" not in alignkit_log.text
     alignkit_log.clear()
     errors._SAID_HOW_TO_GO_ON.clear()
