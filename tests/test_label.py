@@ -401,9 +401,18 @@ def test_a_principle_the_judge_template_does_not_read_is_refused(tmp_path):
     (["--judge", "python:alignkit.modeling.presets:rule_judge", "--principle", "be short"],
      r"^--principle is read only by --judge openai or hf, not by --judge python:alignkit.modeling.presets:rule_judge, "
      r"a function of the prompt and the answers: drop it, or judge with an LLM \(--judge openai or hf\)$"),
+    # One setting at a time, with its own readers: --judge_base_url is the endpoint's alone.
     (["--judge", "rm:runs/rm", "--judge_model", "gpt-4o", "--judge_template", "self_reference"],
-     r"^--judge_model, --judge_template are read only by --judge openai or hf, not by --judge rm:runs/rm, a reward "
-     r"model that scores each answer: drop them"),
+     r"^--judge_model is read only by --judge openai or hf, not by --judge rm:runs/rm, a reward model that scores "
+     r"each answer: drop it, or judge with an LLM \(--judge openai or hf\)$"),
+    (["--judge", "rm:runs/rm", "--judge_base_url", "http://127.0.0.1:9/v1"],
+     r"^--judge_base_url is read only by --judge openai, not by --judge rm:runs/rm, a reward model that scores "
+     r"each answer: drop it, or judge with an LLM \(--judge openai\)$"),
+    # Under --mode pointwise no LLM reads a principle either: no LLM is suggested.
+    (["--mode", "pointwise", "--judge", "python:alignkit.modeling.presets:score", "--principle", "x"],
+     r"^--principle is read only by an LLM judge \(--judge openai or hf\) in --mode pairs, not by --judge "
+     r"python:alignkit.modeling.presets:score, a function of the prompt and the answers, in --mode pointwise: "
+     r"drop it$"),
     (["--judge", "python:alignkit.modeling.presets:rule_judge", "--judge_temperature", "0.5"], r"^--judge_temperature "),
     (["--judge", "hf", "--judge_model", "./judge", "--judge_base_url", "http://127.0.0.1:9/v1"],
      r"^--judge_base_url is read only by --judge openai, not by --judge hf, a local model: drop it$"),
@@ -428,10 +437,42 @@ def test_a_judge_setting_the_judge_never_reads_is_refused(tmp_path, args, messag
                                           r"--judge python:x.py:judge"):
         parse_config(LabelSettings, [], overrides={"judge": "python:x.py:judge", "principle": "be short"},
                      env_file=None)
+    # Each setting under its own source: the recipe's key, not a --flag never typed.
+    (tmp_path / "recipe.yaml").write_text("judge: rm:runs/rm\njudge_base_url: http://127.0.0.1:9/v1\n")
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{tmp_path / 'recipe.yaml'}: key judge_base_url is read only "
+                                                          "by --judge openai, not by ")):
+        parse_config(LabelSettings, ["--config", str(tmp_path / "recipe.yaml")], env_file=None)
+    with pytest.raises(ConfigError, match=r"^--judge_max_tokens is read only by --judge openai or hf, not by --judge "
+                                          r"rm:runs/rm, a reward model that scores each answer: drop it, or judge "
+                                          r"with an LLM \(--judge openai or hf\)$"):
+        parse_config(LabelSettings, ["--config", str(tmp_path / "recipe.yaml"), "--judge_max_tokens", "64"],
+                     env_file=None)
     for fine in (["--judge", "python:x.py:judge", "--parallel", "3", "--judge_api_key_env", "OPENAI_API_KEY"],
                  ["--judge", "hf", "--judge_model", "m", "--judge_revision", "v2", "--judge_max_tokens", "64"],
                  ["--judge_model", "m", "--judge_template", "self_reference", "--principle", "be short"]):
         parse_config(LabelSettings, fine, env_file=None)
+
+
+def test_a_judge_setting_from_the_environment_the_judge_never_reads_is_ignored(tmp_path, monkeypatch, alignkit_log):
+    """The environment and .env are every script's: evaluate.py reads its judge from ALIGNKIT_JUDGE_MODEL, and
+    rlaif.py's steps inherit it, so `label.py --preset tiny` (a rule judge) with it set was refused. A value from
+    there that this judge does not read is left at its default, in one info line; one given for this run is refused."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import LabelSettings
+    from alignkit.modeling import presets
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ALIGNKIT_JUDGE_MODEL", "gpt-4o-mini")
+    (tmp_path / ".env").write_text("ALIGNKIT_JUDGE_BASE_URL=http://127.0.0.1:9/v1\n")
+    s = parse_config(LabelSettings, ["--preset", "tiny"], presets=presets.named("label"))
+    assert s.judge.startswith("python:") and s.judge_model is None and s.judge_base_url is None
+    assert ("not read by --judge python:alignkit.modeling.presets:rule_judge, so left at the default: judge_model "
+            "'gpt-4o-mini' (env var ALIGNKIT_JUDGE_MODEL), judge_base_url 'http://127.0.0.1:9/v1' (env var "
+            "ALIGNKIT_JUDGE_BASE_URL (from .env))") in alignkit_log.text
+    # What an LLM judge reads from there is read as before; a flag the judge does not read is still refused.
+    assert parse_config(LabelSettings, ["--judge", "openai"], env_file=None).judge_model == "gpt-4o-mini"
+    with pytest.raises(ConfigError, match=r"^--principle is read only by --judge openai or hf, not by --judge rm:r"):
+        parse_config(LabelSettings, ["--judge", "rm:r", "--principle", "be short"], env_file=None)
 
 
 def test_rate_limits_and_server_errors_are_retried(tmp_path):

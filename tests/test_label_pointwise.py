@@ -246,8 +246,8 @@ def test_the_hint_to_train_on_unbalanced_labels_carries_the_desirable_weight_trl
     # an LLM's settings under a rule: ignored without a word (the label.py audit of session 68).
     (["--judge", "openai", "--principle", "Be brief"], r"^--principle is read only in --mode pairs; "),
     (["--judge", "python:alignkit.modeling.presets:score", "--judge_model", "gpt-4o", "--judge_max_tokens", "64"],
-     r"^--judge_model, --judge_max_tokens are read only by --judge openai or hf, not by --judge "
-     r"python:alignkit.modeling.presets:score, a function of the prompt and the answers: drop them, or judge with an "
+     r"^--judge_model is read only by --judge openai or hf, not by --judge "
+     r"python:alignkit.modeling.presets:score, a function of the prompt and the answers: drop it, or judge with an "
      r"LLM \(--judge openai or hf\)$"),
 ])
 def test_bad_graders_are_refused_before_any_work(tmp_path, flags, message):

@@ -29,7 +29,8 @@ from pathlib import Path
 import yaml
 from dotenv import load_dotenv
 
-from alignkit.core.environment import BARE_ENV_NAMES, ENV_PREFIX, log_environment, read_environment, stray_variables
+from alignkit.core.environment import (BARE_ENV_NAMES, ENV_PREFIX, SETTING_SOURCES, log_environment, read_environment,
+                                      stray_variables)
 from alignkit.core.errors import ConfigError, forget_failed_settings, is_notebook  # noqa: F401 - ConfigError is re-exported
 from alignkit.core.saved_settings import is_secret_field, is_set
 from alignkit.core.secrets import name_secret_variables, redact
@@ -483,6 +484,7 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
                           "--config file)")
     # A variable a setting names as holding a key (--judge_api_key_env MY_KEY) is a secret whatever it is called.
     name_secret_variables(*(values.get(n) for n in fields if n.endswith("_key_env") and isinstance(values.get(n), str)))
+    sources = SETTING_SOURCES.set({n: (kind, labels[kinds.index(kind)](n)) for n, kind in given.items()})
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:  # __post_init__ validation is a user-facing config problem too
@@ -491,3 +493,5 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
         said = re.sub(r"^--(\w+)\b", lambda m: (  # the value's own place: an overrides key, a recipe key, a variable
             labels[kinds.index(given[m[1]])](m[1]) if m[1] in given else m[0]), str(e))
         raise ConfigError(said + "".join(f" ({n} is TRL's {' / '.join(a)})" for n, a in trl.items() if a)) from e
+    finally:
+        SETTING_SOURCES.reset(sources)

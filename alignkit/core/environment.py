@@ -5,6 +5,7 @@ of another script is named in a log line, one that no script reads is an unknown
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import logging
@@ -23,6 +24,11 @@ SETTINGS_CLASSES: list[type] = []
 # `PRESET=tiny`): still read without the prefix. Every other setting needs ALIGNKIT_<NAME>.
 BARE_ENV_NAMES = frozenset({"PRESET", "MODEL_ID", "DATASET_ID", "DPO_BETA", "MAX_STEPS", "ROUNDS", "MAX_PROMPTS",
                             "NUM_SAMPLES"})
+# While parse_config builds a settings object, where each value given came from: {field: (kind, label)}, kind one of
+# "env" (the environment or .env), "recipe" (--config), "cli", "overrides"; a field absent has its default or the
+# preset's. None outside parse_config: a settings class built directly, whose every value is its caller's.
+SETTING_SOURCES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("alignkit_setting_sources",
+                                                                             default=None)
 
 
 def read_environment(names, env_from_file, env_file):

@@ -3,12 +3,14 @@ shared groups of alignkit.core.groups (re-exported by alignkit.core.config)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from dataclasses import field as _field  # init=False: a field that is not a flag
 from pathlib import Path
 from typing import ClassVar
 
 from alignkit.core.args import ConfigError, setting
+from alignkit.core.environment import SETTING_SOURCES
 from alignkit.core.groups import (
     GenerationSettings,
     HubPushSettings,
@@ -18,6 +20,8 @@ from alignkit.core.groups import (
     _chain_post_init,
     check_seed,
 )
+
+logger = logging.getLogger("alignkit")
 
 # evaluate.py mt_bench, pairwise and lm_eval name every model in --models: where its revision and GGUF file go.
 MODELS_NAME_THEIRS = {
@@ -131,37 +135,54 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
     }
 
     def check_judge_reads(self) -> None:
-        """Refuse, in one line naming them, the judge settings set away from their defaults that the chosen judge
-        never reads: an LLM judge's under a python: or rm: judge (or none, in --mode completions), an endpoint's
-        under --judge hf, a local model's under --judge openai; --principle and --judge_template under --mode
-        pointwise, whose LLM grader has FastChat's single-answer template (it reads no principle)."""
+        """Refuse, in one line naming the first, the judge settings given away from their defaults that the chosen
+        judge never reads: an LLM judge's under a python: or rm: judge (or none, in --mode completions), an
+        endpoint's under --judge hf, a local model's under --judge openai; --principle and --judge_template under
+        --mode pointwise, whose LLM grader has FastChat's single-answer template (it reads no principle). Only a
+        value given for this run is refused (a flag, a --config key, a notebook's overrides): the environment and
+        .env are every script's (evaluate.py reads its judge there, rlaif.py's steps inherit them), so a value from
+        there, or from the preset, that this judge does not read is put back to its default with one info line."""
         judge = str(self.judge)
         kind = "python" if judge.startswith("python:") else "rm" if judge.startswith("rm:") else judge
         if self.mode != "completions" and kind not in ("python", "rm", "openai", "hf"):
             return  # an unknown --judge: make_judge names it
         defaults = {f.name: f.default for f in fields(self) if f.name in self.JUDGE_READERS}
-        given = [name for name in self.JUDGE_READERS if getattr(self, name) != defaults[name]]
-        if self.mode == "completions":
-            unread, who = given, "--mode completions, which asks no judge (it writes a teacher's answers)"
-        elif self.mode == "pointwise" and kind in ("openai", "hf") and \
-                (unread := [n for n in given if n in ("principle", "judge_template")]):
-            flags = " and ".join(f"--{n}" for n in unread)
-            raise ValueError(f"{flags} {'is' if len(unread) == 1 else 'are'} read only in --mode pairs; --mode "
-                             "pointwise grades each answer with FastChat's single-answer template, which takes no "
-                             f"other template and no principle: drop {'it' if len(unread) == 1 else 'them'}")
-        else:
-            unread = [n for n in given if kind not in self.JUDGE_READERS[n]]
-            who = {"python": f"--judge {judge}, a function of the prompt and the answers",
-                   "rm": f"--judge {judge}, a reward model that scores each answer",
-                   "openai": "--judge openai, an endpoint", "hf": "--judge hf, a local model"}.get(kind)
-        if unread:
-            readers = " or ".join(dict.fromkeys(r for n in unread for r in self.JUDGE_READERS[n]))
-            flags = ", ".join(f"--{n}" for n in unread)
-            one = len(unread) == 1
-            raise ValueError(f"{flags} {'is' if one else 'are'} read only by --judge {readers}, not by {who}: drop "
-                             f"{'it' if one else 'them'}" + (", or judge with an LLM (--judge openai or hf)"
-                                                            if kind in ("python", "rm") else ""))
+        pairs_only = self.mode == "pointwise"  # no pointwise grader reads these two
 
+        def reads(n):
+            return self.mode != "completions" and kind in self.JUDGE_READERS[n] and not (
+                pairs_only and n in ("principle", "judge_template"))
+
+        unread = [n for n in self.JUDGE_READERS if getattr(self, n) != defaults[n] and not reads(n)]
+        sources = SETTING_SOURCES.get()  # None: built directly, every value the caller's
+        ignored = [n for n in unread if sources is not None and sources.get(n, ("preset",))[0] in ("env", "preset")]
+        if ignored:
+            logger.info(f"not read by {self._judge_named(kind, judge, short=True)}, so left at the default: "
+                        + ", ".join(f"{n} {getattr(self, n)!r} ("
+                                    f"{sources[n][1] if n in sources else f'preset {self.preset!r}'})" for n in ignored))
+            for n in ignored:
+                setattr(self, n, defaults[n])
+            unread = [n for n in unread if n not in ignored]
+        if not unread:
+            return
+        n = unread[0]
+        readers = " or ".join(self.JUDGE_READERS[n])
+        if self.mode == "pointwise" and n in ("principle", "judge_template") and kind in ("openai", "hf"):
+            raise ValueError(f"--{n} is read only in --mode pairs; --mode pointwise grades each answer with FastChat's "
+                             "single-answer template, which takes no other template and no principle: drop it")
+        if self.mode == "pointwise" and n in ("principle", "judge_template"):  # an LLM would not read it either
+            raise ValueError(f"--{n} is read only by an LLM judge (--judge openai or hf) in --mode pairs, not by "
+                             f"{self._judge_named(kind, judge)}, in --mode pointwise: drop it")
+        raise ValueError(f"--{n} is read only by --judge {readers}, not by {self._judge_named(kind, judge)}: drop it"
+                         + (f", or judge with an LLM (--judge {readers})"
+                            if self.mode != "completions" and kind in ("python", "rm") else ""))
+
+    def _judge_named(self, kind, judge, short=False) -> str:
+        if self.mode == "completions":
+            return "--mode completions" + ("" if short else ", which asks no judge (it writes a teacher's answers)")
+        return f"--judge {judge}" + ("" if short else {
+            "python": ", a function of the prompt and the answers", "rm": ", a reward model that scores each answer",
+            "openai": ", an endpoint", "hf": ", a local model"}[kind])
 
 
 @dataclass
