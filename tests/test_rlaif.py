@@ -106,6 +106,20 @@ def test_the_judge_endpoint_group_reaches_label_and_evaluate_whole():
     assert label_judge_flags(s) == endpoint_flags(s)
 
 
+def test_a_label_step_s_inputs_leave_out_the_endpoint_settings_its_judge_is_not_given(monkeypatch):
+    """The label step's inputs held every endpoint setting, though an hf or python: judge is not given them
+    (label_judge_flags): changing the evaluation judge's endpoint relabeled every round. An openai judge's still count."""
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.train import rlaif_inputs
+
+    monkeypatch.setattr(rlaif_inputs, "_model", lambda source, revision=None: source)
+    for judge, moves in (("python:alignkit.modeling.presets:score", False), ("hf", False), ("openai", True)):
+        s = RLAIFSettings(judge=judge, dataset_id="hub/prompts", judge_model="m", judge_base_url="http://127.0.0.1:9/v1")
+        before = rlaif_inputs._label_inputs(s, 0, "policy", None)
+        s.judge_base_url = "http://127.0.0.1:8/v1"  # the evaluation endpoint moves
+        assert (rlaif_inputs._label_inputs(s, 0, "policy", None) != before) is moves, judge
+
+
 def _fake_steps(calls: list):
     """rlaif's three scripts, faked: each writes what the real one leaves, and its output says what it was made
     from."""

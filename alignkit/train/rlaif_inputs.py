@@ -93,9 +93,17 @@ def label_judge_flags(s) -> list[str]:
     threads) applies; the logged command named an API key variable and retries that nothing used. A local `hf`
     judge reads no endpoint's URL or key either, which label.py refuses (LabelSettings.check_judge_reads): an
     evaluation judge's --judge_base_url stays evaluate.py's."""
+    return endpoint_flags(s, skip=_label_judge_skips(s))
+
+
+def _label_judge_skips(s) -> frozenset[str]:
+    """The judge endpoint settings label.py's --judge is not given (label_judge_flags), and so not among its inputs
+    (_label_inputs): an evaluation endpoint changed does not relabel a round whose judge never asked it."""
+    from alignkit.core.config import JudgeEndpointSettings
+
     if s.judge.startswith(("python:", "rm:")):
-        return ["--parallel", str(s.parallel)]
-    return endpoint_flags(s, skip={"judge_base_url", "judge_api_key_env"} if s.judge == "hf" else frozenset())
+        return frozenset(f.name for f in fields(JudgeEndpointSettings)) - {"parallel"}
+    return frozenset({"judge_base_url", "judge_api_key_env"} if s.judge == "hf" else ())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,7 +262,7 @@ def _label_inputs(s, r: int, policy: str, revision: str | None) -> dict:
     return {"policy": _model(policy, revision), "prompts": _data(s.dataset_id), **_prompt_source(s), **_loader(s),
             "num_samples": s.num_samples, "sample_temperature": s.sample_temperature, "max_prompts": s.max_prompts,
             "max_new_tokens": s.max_new_tokens, "judge": _judge(s.judge), "seed": s.seed + r,
-            "quantization": s.quantization, **_endpoint(s), "label_args": redact(s.label_args),
+            "quantization": s.quantization, **_endpoint(s, skip=_label_judge_skips(s)), "label_args": redact(s.label_args),
             **_named_in(s.label_args, "--label_args")}
 
 
