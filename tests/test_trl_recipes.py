@@ -1487,11 +1487,13 @@ def test_skip_prepare_dataset_is_refused_before_the_model_loads():
     check_trl_values(parse_config(SFTSettings, env_file=None, args=["--dataset_kwargs", '{"add_special_tokens": false}']))
 
 
-def test_a_run_whose_every_step_is_inside_the_warmup_s_first_step_is_warned_before_training(tmp_path, alignkit_log):
+def test_a_run_whose_every_step_is_inside_the_warmup_s_first_step_is_warned_before_training(tmp_path, alignkit_log,
+                                                                                            monkeypatch):
     """`dpo.py --max_steps 1` trained its one step at learning rate 0 (the warmup's first step) and ended with the
     adapter unchanged, every held-out pair tied (the evaluate.py audit of session 67): one line says so before
-    training. It stands in EndsAtMaxSteps, which every training script's trainer stands on, and asks the run's own
-    scheduler, so a schedule without warmup, or a step past the warmup's first, is not warned of."""
+    training, naming the flag the warmup and the step count came from, once per launch. It stands in EndsAtMaxSteps,
+    which every training script's trainer stands on, and asks the run's own scheduler, so a schedule without warmup,
+    or a step past the warmup's first, is not warned of."""
     from transformers import TrainingArguments
 
     from alignkit.train import resuming
@@ -1507,8 +1509,28 @@ def test_a_run_whose_every_step_is_inside_the_warmup_s_first_step_is_warned_befo
 
     assert resuming.warn_if_no_step_learns(args(max_steps=1, warmup_steps=0.1, lr_scheduler_type="cosine"), 0, 1)
     assert "every optimizer step of this run trains at learning rate 0, so the adapter will not change: its 1 step " \
-           "(--max_steps 1) lies inside the warmup's first step, where the rate is still 0 (--warmup_ratio / " \
-           "--warmup_steps 0.1: 1 warmup step); raise --max_steps, or pass --warmup_ratio 0" in alignkit_log.text
+           "(--max_steps 1) lies inside the warmup's first step, where the rate is still 0 (--warmup_ratio 0.1: 1 " \
+           "warmup step); raise --max_steps, or pass --warmup_ratio 0" in alignkit_log.text
+    # TRL's --warmup_steps (in --trainer_overrides) overrides --warmup_ratio: it is the one named, and set to 0.
+    from alignkit.core.config import SFTSettings
+    from alignkit.train.training import trl_config
+
+    overridden = trl_config(TrainingArguments, SFTSettings(preset=None, max_steps=1, trainer_overrides={
+        "warmup_steps": 5}), tmp_path, torch.float32)
+    assert overridden.alignkit_warmup_flag == "--warmup_steps"
+    assert resuming.warn_if_no_step_learns(overridden, 0, 1)
+    assert "(--max_steps 1) lies inside the warmup's first step, where the rate is still 0 (--warmup_steps 5: 5 " \
+           "warmup steps); raise --max_steps, or pass --warmup_steps 0" in alignkit_log.text
+    # A step count from --num_train_epochs: --max_steps is not what to raise.
+    assert resuming.warn_if_no_step_learns(args(num_train_epochs=1, warmup_steps=0.1), 0, 1)
+    assert "(1 from --num_train_epochs) lies inside the warmup's first step, where the rate is still 0 " \
+           "(--warmup_ratio 0.1: 1 warmup step); train more epochs (--num_train_epochs) or on more data, or take " \
+           "smaller batches (--per_device_train_batch_size, --gradient_accumulation_steps), or pass --warmup_ratio 0" \
+           in alignkit_log.text
+    # Once per launch: the main process says it.
+    monkeypatch.setenv("RANK", "1")
+    assert not resuming.warn_if_no_step_learns(args(max_steps=1, warmup_steps=0.1), 0, 1)
+    monkeypatch.delenv("RANK")
     for kw, start, steps in ((dict(max_steps=2, warmup_steps=0.1), 0, 2),  # its second step is at the full rate
                              (dict(max_steps=1, warmup_steps=0.0), 0, 1),
                              (dict(max_steps=1, warmup_steps=0.1, lr_scheduler_type="constant"), 0, 1),

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -65,12 +66,20 @@ def warn_if_no_step_learns(args, start: int, max_steps: int) -> bool:
     rates = getattr(scheduler, "lr_lambdas", None)
     if not rates or any(rates[0](step) > 0 for step in range(start, max_steps)):
         return False
+    if os.environ.get("RANK", "0") != "0":
+        return False  # once per launch: every process has the same schedule (alignkit._MainProcessInfo)
     steps = max_steps - start
-    given = f"--max_steps {max_steps}" if args.max_steps > 0 else f"{max_steps} from --num_train_epochs"
+    flag = getattr(args, "alignkit_warmup_flag", "--warmup_ratio")  # TRL's --warmup_steps overrides --warmup_ratio
+    if args.max_steps > 0:
+        given, fix = f"--max_steps {max_steps}", "raise --max_steps"
+    else:
+        given, fix = f"{max_steps} from --num_train_epochs", ("train more epochs (--num_train_epochs) or on more data, "
+                                                              "or take smaller batches (--per_device_train_batch_size, "
+                                                              "--gradient_accumulation_steps)")
     logger.warning(f"every optimizer step of this run trains at learning rate 0, so the adapter will not change: its "
-                   f"{steps} step{'' if steps == 1 else 's'} ({given}) lie{'s' if steps == 1 else ''} inside the warmup's first "
-                   f"step, where the rate is still 0 (--warmup_ratio / --warmup_steps {args.warmup_steps:g}: "
-                   f"{warmup} warmup step{'' if warmup == 1 else 's'}); raise --max_steps, or pass --warmup_ratio 0")
+                   f"{steps} step{'' if steps == 1 else 's'} ({given}) lie{'s' if steps == 1 else ''} inside the "
+                   f"warmup's first step, where the rate is still 0 ({flag} {args.warmup_steps:g}: {warmup} warmup "
+                   f"step{'' if warmup == 1 else 's'}); {fix}, or pass {flag} 0")
     return True
 
 

@@ -288,6 +288,8 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
     except (ValueError, TypeError) as e:  # what TRL or transformers checks across fields, in their words
         text = " ".join(str(e).split())
         raise ConfigError(f"TRL's {config_cls.__name__} refuses these settings: {text}") from None
+    # The flag the warmup came from, for the warning that no step learns (alignkit.train.resuming)
+    args.alignkit_warmup_flag = "--warmup_steps" if "warmup_steps" in extra else "--warmup_ratio"
     one_gpu_per_process(args, config_cls)
     return args
 
