@@ -71,7 +71,10 @@ def test_summary_names_steps_time_folder_picture_figures_wandb_and_hub(tmp_path,
     assert body["held-out reward accuracy"] == "0.700" and body["held-out loss"] == "0.62"
     # Tied pairs said beside the accuracy, which counts them as misses (a 0.000 of an adapter that never changed).
     for ties, said in ((1.0, "0.000 (every pair tied: chosen and rejected rewards equal)"),
-                       (0.25, "0.000 (25.0% of the pairs tied, counted as misses)")):
+                       (0.25, "0.000 (25.0% of the pairs tied, counted as misses)"),
+                       # 0.0% and 100.0% read as none and every pair: said only where exact
+                       (0.0001, "0.000 (under 0.1% of the pairs tied, counted as misses)"),
+                       (0.999999, "0.000 (over 99.9% of the pairs tied, counted as misses)")):
         tied = report.summary("dpo", tmp_path, {"global_step": 1, "eval_rewards/accuracies": 0.0,
                                                 "eval_rewards/ties": ties}, [], None)
         assert f"  held-out reward accuracy  {said}" in tied.splitlines()

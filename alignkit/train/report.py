@@ -52,8 +52,10 @@ def reward_accuracy(metrics: dict) -> str:
         tied = 1.0
     if not tied:
         return f"{accuracy:.3f}"
+    # 0.0% and 100.0% only where exact: a sliver tied, or all but one in a million, is said so.
+    share = {"0.0%": "under 0.1%", "100.0%": "over 99.9%"}.get(f"{tied:.1%}", f"{tied:.1%}")
     return f"{accuracy:.3f} " + ("(every pair tied: chosen and rejected rewards equal)" if tied >= 1 else
-                                 f"({tied:.1%} of the pairs tied, counted as misses)")
+                                 f"({share} of the pairs tied, counted as misses)")
 
 
 def _series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
