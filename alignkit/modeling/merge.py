@@ -123,7 +123,7 @@ def merge_adapters(adapter_dir, output_dir, dtype: str = "auto", base_model: str
 
 def _merge(adapter_dir, output_dir, dtype: str, base_model: str | None, dequantize: bool | None,
            max_shard_size: str, trust_remote_code: bool, placed: list[Path]) -> Path:
-    from alignkit.core.launch import FourBit, resolve_dtype
+    from alignkit.core.launch import resolve_dtype
     from alignkit.modeling.models import load_model
     from alignkit.modeling.reward_models import REWARD, model_kind
 
