@@ -386,8 +386,9 @@ def test_a_gguf_base_converted_and_trained_under_zero3(cache, tmp_path, monkeypa
     done = launch("zero3", "sft.py", run, "--preset", "tiny", "--model_id", file, "--max_steps", "1", "--max_length",
                   "64", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--eval_split", "0",
                   "--save_steps", "100", cache=own)
-    assert done["metrics"]["global_step"] == 1 and "converting " in done["output"]
-    assert [p.name for p in (own / "gguf").glob("*/model.safetensors")] == ["model.safetensors"]  # converted once
+    assert done["metrics"]["global_step"] == 1
+    # Converted in the launch, once (by whichever rank took the lock: only rank 0 prints, so no line is asserted).
+    assert [p.name for p in (own / "gguf").glob("*/model.safetensors")] == ["model.safetensors"]
     assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == file
     monkeypatch.setenv("ALIGNKIT_CACHE", str(own))  # whole_adapter reads the base's shapes from that conversion
     whole_adapter(run)
