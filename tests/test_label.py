@@ -1448,7 +1448,7 @@ def test_a_notebook_s_label_cells_take_only_what_this_run_made(tmp_path, monkeyp
     run.close()
 
     run = settings_cell("--max_prompts", "1")
-    with pytest.raises(UserError, match=rf"^the prompts were not made by this run's 'Prompts' cell .*run the cells "
+    with pytest.raises(UserError, match=r"^the prompts were not made by this run's 'Prompts' cell .*run the cells "
                                         r"from 'Prompts' on again \(Prompts, Responses, Judge, Output\)$"):
         write_output(run, prompts, responses, pairs)
     with pytest.raises(UserError, match="the prompts were not made"):
