@@ -598,6 +598,17 @@ def test_a_missing_judge_key_fails_before_any_work(mt_data, tmp_path):
     assert not (tmp_path / "model_answer").exists()
 
 
+def test_a_wrong_data_path_is_named_before_the_judge_s_key(tmp_path):
+    """Without a key, a wrong --mt_bench_data or --prompts_file was reported as the missing key; once the key was set,
+    the path in the next cell: the files are checked first."""
+    with pytest.raises(ConfigError, match=r"^--mt_bench_data \S+/nowhere lacks judge_prompts.jsonl"):
+        run_script("evaluate.py", "mt_bench", "--models", "a=/nowhere/a", "b=/nowhere/b", "--judge_model", "gpt-4o",
+                   "--mt_bench_data", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^--prompts_file \S+/missing.jsonl not found; check the path$"):
+        run_script("evaluate.py", "pairwise", "--models", "a=/nowhere/a", "b=/nowhere/b", "--judge_model", "gpt-4o",
+                   "--prompts_file", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Generation with the tiny models
 

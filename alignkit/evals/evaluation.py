@@ -214,7 +214,8 @@ class Pairwise:
 
     @classmethod
     def start(cls, command: str, s) -> "Pairwise":
-        """The judge first, so a missing API key stops the run before any model is loaded; then the models."""
+        """The files and the judge first, so a wrong path or a missing API key stops the run before any model is
+        loaded; then the models."""
         from alignkit.core.llm import judge_client
 
         python = str(s.judge_model or "").startswith("python:")
@@ -233,6 +234,13 @@ class Pairwise:
             raise ConfigError(f"--baseline {baseline} is not one of the --models names: {', '.join(models)}")
         if len(models) < 2:
             raise ConfigError("pairwise judging needs at least two --models, e.g. base=ID dpo=PATH")
+        # The files a later cell reads, before the judge's key: a wrong path was reported only once a key was set.
+        if command == "pairwise" and s.prompts_file and not Path(s.prompts_file).is_file():
+            raise ConfigError(f"--prompts_file {s.prompts_file} not found; check the path")
+        if s.mt_bench_data and not use_rule:
+            from alignkit.evals.mtbench import check_data_dir
+
+            check_data_dir(s.mt_bench_data)
         client = None if use_rule else judge_client(s, what="the judge (--judge_api_key_env names the key's variable)")
         output_dir = Path(s.output_dir)
         check_writable(output_dir, "--output_dir")  # a file there: FileExistsError from the lock, a traceback

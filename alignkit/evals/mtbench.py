@@ -109,17 +109,24 @@ def download(target) -> Path:
     return target
 
 
+def check_data_dir(mt_bench_data: str) -> Path:
+    """--mt_bench_data's folder, which must hold FastChat's three files (checked before the judge's key is asked for,
+    so a wrong path is one line whether or not the key is set)."""
+    folder = Path(mt_bench_data)
+    missing = [name for name in CHECKSUMS if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(f"--mt_bench_data {folder} lacks {', '.join(missing)}: it must be FastChat's data folder "
+                          "(judge_prompts.jsonl, mt_bench/question.jsonl, mt_bench/reference_answer/gpt-4.jsonl)")
+    return folder
+
+
 def data_dir(mt_bench_data: str | None) -> Path:
     """The FastChat data folder to use: the one given (checked for its files) or the checked download."""
     if mt_bench_data is None:
         from alignkit.core.paths import cache_dir
 
         return download(cache_dir() / "fastchat-llm-judge")
-    folder = Path(mt_bench_data)
-    missing = [name for name in CHECKSUMS if not (folder / name).is_file()]
-    if missing:
-        raise ConfigError(f"--mt_bench_data {folder} lacks {', '.join(missing)}: it must be FastChat's data folder "
-                          "(judge_prompts.jsonl, mt_bench/question.jsonl, mt_bench/reference_answer/gpt-4.jsonl)")
+    folder = check_data_dir(mt_bench_data)
     if changed := checksum_mismatches(folder):
         logger.info(f"{folder}: {', '.join(changed)} differ from FastChat's published files; results will not be "
                     "comparable with published MT-Bench numbers")
