@@ -747,6 +747,18 @@ def test_teacher_completions_from_an_endpoint_are_sft_data(tmp_path):
     assert sft[0]["completion"][0]["content"] == f"The teacher explains: {prompts[0]}"
 
 
+def test_a_teacher_whose_every_answer_is_empty_fails_in_one_line(tmp_path):
+    """It ended with status 0, an empty output and "nothing to train on"; as pairs and pointwise modes where the
+    judge or grader gave nothing usable, it is a failed run naming the teacher."""
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"explain topic {i}"} for i in range(3)])
+    args = ["--mode", "completions", "--prompts", "prompts.jsonl", "--model_a", "openai:teacher", "--output", "t.jsonl"]
+    with FakeOpenAI(lambda body: "  ") as server:
+        with pytest.raises(UserError, match=r"^no completion was written: all 3 of the teacher's answers were empty "
+                                            r"\(see t\.summary\.json\): check the teacher \(openai:teacher\)"):
+            run_script("label.py", *args, "--generation_base_url", server.base_url, cwd=tmp_path)
+    assert json.loads((tmp_path / "t.summary.json").read_text())["empty"] == 3
+
+
 def test_endpoint_generators_against_a_python_verifier(tmp_path):
     """Pairs from two openai:MODEL generators, judged by a function in a .py file."""
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"what is {i} + {i}?"} for i in range(4)])

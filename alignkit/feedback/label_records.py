@@ -292,6 +292,12 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
     generation = run.stats["generation errors"]
     refuse_empty(len(rows), len(run.errors) + generation, judge_fix(run.judge.name) if run.errors else
                  generator_fix(", ".join(s.spec for s in run.sources if s.kind != "file")))
+    if run.judge is None and not rows and run.stats["empty completion"]:  # a teacher that said nothing: not a result
+        raise UserError(
+            f"no completion was written: all {run.stats['empty completion']} of the teacher's answers were empty (see "
+            f"{run.summary_path}): check the teacher ({', '.join(s.spec for s in run.sources)}): a model that ends at "
+            "once (its chat template, --max_new_tokens) or a reasoning model whose whole answer is its think block "
+            "(--chat_template_kwargs); answers under other settings are generated anew")
     if run.judge is not None and not rows:  # said with its reasons (every pair identical was said nowhere)
         if verdicts and not any(v is not None for found in verdicts for v in found.values()):
             if run.judge.name.startswith("python:"):  # its answers key on its code: fixed, it is asked again
