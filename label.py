@@ -66,12 +66,12 @@ from alignkit.core.launch import establish_launch
 
 establish_launch(settings, "label.py")  # the process's device, the process group, what this launch refuses
 presets.ensure(settings)  # after the launch's refusal: label.py runs as one process, refused before the preset builds
-if settings.mode == "pointwise":  # each answer graded alone (alignkit.feedback.pointwise); its grader checked now
+if settings.mode == "pointwise":  # each answer graded alone (alignkit.feedback.pointwise)
     from alignkit.feedback import pointwise
 
     pointwise.settle_output(settings)
-    grader = pointwise.Grader(settings)
-run = prepare(settings, grader=grader if settings.mode == "pointwise" else None)
+run = prepare(settings)
+grader = run.grader  # --mode pointwise's, checked in prepare after the inputs (None in the other modes)
 
 # %% [markdown]
 # ## Prompts

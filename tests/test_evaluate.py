@@ -881,9 +881,10 @@ def test_a_second_pairwise_run_into_the_same_folder_is_refused(tmp_path):
     from alignkit.core.journal import InUse
     from alignkit.evals.evaluation import Pairwise, parse_command
 
-    out = tmp_path / "pw"
+    out, prompts = tmp_path / "pw", tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
     _, s = parse_command(["pairwise", "--models", "a=org/a", "b=org/b", "--judge_model", "rule", "--prompts_file",
-                          "p.jsonl", "--output_dir", str(out)])
+                          str(prompts), "--output_dir", str(out)])
     Pairwise.start("pairwise", s)
     Pairwise.start("pairwise", s)  # a notebook cell run again
     from alignkit.core import journal

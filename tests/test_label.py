@@ -365,6 +365,16 @@ def test_a_missing_prompts_file_leaves_nothing_behind(tmp_path):
             run_script("label.py", *[x for kv in args.items() for x in kv], "--judge",
                        "python:alignkit.modeling.presets:rule_judge", "--output", "out/p.jsonl", cwd=tmp_path)
         assert not (tmp_path / "out").exists(), flags
+    # Before the judge's key is asked for: a bad file was reported only once the key was set.
+    with pytest.raises(DataError, match=r"bad\.jsonl"):
+        run_script("label.py", "--prompts", "bad.jsonl", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl",
+                   "--judge", "openai", "--judge_model", "gpt-4o", "--judge_api_key_env", "ALIGNKIT_TEST_NO_KEY",
+                   "--output", "out/p.jsonl", cwd=tmp_path)
+    with pytest.raises(DataError, match=r"bad\.jsonl"):  # --mode pointwise's grader too
+        run_script("label.py", "--mode", "pointwise", "--prompts", "bad.jsonl", "--responses_a", "a.jsonl", "--judge",
+                   "openai", "--judge_model", "gpt-4o", "--judge_api_key_env", "ALIGNKIT_TEST_NO_KEY", "--output",
+                   "out/p.jsonl", cwd=tmp_path)
+    assert not (tmp_path / "out").exists()
 
 
 def test_as_a_step_of_rlaif_no_command_to_train_on_the_output_is_suggested(tmp_path, monkeypatch, capsys):

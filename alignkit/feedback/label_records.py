@@ -89,6 +89,7 @@ class Run:
     stats: Counter = field(default_factory=Counter)
     errors: dict = field(default_factory=dict)  # judgment key -> the exception of a request that failed
     backend: str | None = None  # "vllm" or "transformers" for local generators; None when there are none
+    grader: object = None  # --mode pointwise's (alignkit.feedback.pointwise.Grader); None in the other modes
     made: dict = field(default_factory=dict, repr=False)  # what this run's steps made (`made`, `check_made`)
 
     @property

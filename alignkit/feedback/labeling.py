@@ -86,10 +86,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", re.sub(r"\.(jsonl|json|csv|parquet)$", "", name))[:40]
 
 
-def prepare(s, grader=None) -> Run:
-    """Check the settings, build the judge and endpoint clients (a missing key fails here, naming the variable),
-    save the settings, and open the cache. Nothing is generated or sent yet. `grader`: --mode pointwise's
-    (alignkit.feedback.pointwise.Grader), which its log line names."""
+def prepare(s) -> Run:
+    """Check the settings and the input files, build the judge (--mode pointwise: the grader,
+    alignkit.feedback.pointwise.Grader) and endpoint clients (a missing key fails here, naming the variable), save
+    the settings, and open the cache. Nothing is generated or sent yet."""
     from alignkit.modeling.generation import resolve_backend  # imports torch: not before a run needs it
 
     sources, pairing = plan_sources(s)
@@ -108,20 +108,28 @@ def prepare(s, grader=None) -> Run:
     output = Path(s.output or f"runs/label-{_slug(prompt_source)}/{kind}.jsonl")
     if output.suffix != ".jsonl":
         raise ConfigError(f"--output {output}: name a .jsonl file (one JSON row a line, which dpo.py and sft.py read)")
+    # A file that cannot be read stops the run before anything is written beside the output (and before the
+    # judge's key is asked for: a bad file was reported only once the key was set)
+    check_inputs(s)
     judge = make_judge(s) if s.mode == "pairs" else None
+    if s.mode == "pointwise":
+        from alignkit.feedback.pointwise import Grader
+
+        grader = Grader(s)
+    else:
+        grader = None
     endpoints = {src.spec: _endpoint(src.spec, s) for src in sources if src.kind == "endpoint"}
     if s.push_to_hub:
         from alignkit.core.hub import require_token
 
         require_token()  # fail now, not after hours of judging
-    check_inputs(s)  # a file that cannot be read stops the run before anything is written beside the output
     cache_dir = Path(s.cache_dir) if s.cache_dir else output.with_suffix(".cache")
     output.parent.mkdir(parents=True, exist_ok=True)
     # The caches first: they take the lock, so a second run into the same output is refused before it writes
     # anything (it overwrote the running run's .config.json).
     judgments = AppendLog(cache_dir / "judgments.jsonl") if judge else None
     run = Run(s, output, cache_dir, sources, pairing, judge, endpoints, AppendLog(cache_dir / "responses.jsonl"),
-              judgments, backend=backend)
+              judgments, backend=backend, grader=grader)
     save_config(s, output.with_suffix(".config.json"))
     # The responses and judgments beside it, of the other modes and outputs: a pointwise run after a pairs run
     # generated (or paid for) every answer again.
