@@ -18,7 +18,6 @@ beside its sharded launches).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import re
@@ -207,40 +206,39 @@ def test_kto(sft, cache, runs):
 
 def test_rl(sft, request, cache, runs):
     """rl.py (GRPO, transformers backend): generation on the sharded model, every rank in step. The rule reward, a
-    python: reward and a judge (each process its own judgments file) under ZeRO-3 and FSDP (a reward model is refused there: tests/test_launch.py); under ZeRO-2
-    the rule and a reward.py model (`rm:FOLDER`), which each rank holds whole beside the policy."""
+    python: reward and a judge (each process its own judgments file); under ZeRO-2 also a reward.py model
+    (`rm:FOLDER`), which each rank holds whole beside the policy (refused under ZeRO-3 and FSDP:
+    tests/test_launch.py)."""
     mode, sft_run = sft
     run = runs / f"rl-{mode}"
     rm = request.getfixturevalue("reward_zero2")[0] if mode == "zero2" else None
-    rewards = ["--reward", f"rule,rm:{rm}", "--reward_weights", "1,0.5", "--logging_steps", "1"] if rm else []
-    server = contextlib.nullcontext()
-    if not rm:  # a python: reward and a judge beside the rule, each on each rank's own rows
-        (runs / "short.py").write_text("def short(prompts, completions, **kwargs):\n"
-                                       "    assert all(isinstance(c, str) for c in completions)\n"
-                                       "    return [1.0 / (1 + len(c)) for c in completions]\n")
-        server = FakeOpenAI(lambda body: "Good. Rating: [[8]]")
-        rewards = ["--reward", f"rule,python:{runs / 'short.py'}:short,judge", "--judge_model", "judge",
-                   "--max_retries", "0", "--logging_steps", "1"]
+    # A python: reward and a judge beside the rule, each on each rank's own rows (and under ZeRO-2 the reward model)
+    (runs / "short.py").write_text("def short(prompts, completions, **kwargs):\n"
+                                   "    assert all(isinstance(c, str) for c in completions)\n"
+                                   "    return [1.0 / (1 + len(c)) for c in completions]\n")
+    rewards = ["--reward", f"rule,python:{runs / 'short.py'}:short,judge{f',rm:{rm}' if rm else ''}",
+               *(["--reward_weights", "1,1,1,0.5"] if rm else []), "--judge_model", "judge", "--max_retries", "0",
+               "--logging_steps", "1"]
     synced = runs / f"rl-{mode}-vllm-sync.safetensors"
-    with server:
-        judge = ["--judge_base_url", server.base_url] if not rm else []
+    with FakeOpenAI(lambda body: "Good. Rating: [[8]]") as server:
         done = launch(mode, "rl.py", run, "--preset", "tiny", "--model_id", str(sft_run), "--max_steps", "1",
                       "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_prompts", "16",
-                      "--save_steps", "100", "--quantization", "none", "--warmup_ratio", "0", *rewards, *judge,
-                      cache=cache, vllm_sync=synced, env={"ALIGNKIT_DEBUG": "1"} if rm else None)  # every rank's stdout
+                      "--save_steps", "100", "--quantization", "none", "--warmup_ratio", "0", *rewards,
+                      "--judge_base_url", server.base_url, cache=cache, vllm_sync=synced,
+                      env={"ALIGNKIT_DEBUG": "1"} if rm else None)  # every rank's stdout
     assert done["metrics"]["global_step"] == 1
     whole_adapter(run)
     # What TRL's weight sync would load into a colocated vLLM engine on this launch: the merged policy, gathered
     # from the shards or partitions (vLLM itself needs CUDA).
     assert_vllm_would_get_the_merged_policy(run, synced)
-    if not rm:  # both processes judged their own rows into their own files, every completion rated 8 of 10
-        logged = done["output"]
-        assert "'rewards/short/mean'" in logged and "'rewards/judge_pointwise/mean': '0.8'" in logged, logged[-3000:]
-        assert "'judge/requests': 16" in logged  # both processes' 8 completions, summed
-        files = {p.name: p.read_text().count("\n") for p in (run / "judge.cache").iterdir()}
-        assert files.keys() == {"judgments.jsonl", "judgments.rank1.jsonl"} and all(files.values()), files
-    if rm:  # each rank built both reward functions, and the reward model scored the completions
-        assert_each_rank_scored_with(done["output"], f"rule_reward, rm:{rm.name}", rm)
+    # Both processes judged their own rows into their own files, every completion rated 8 of 10
+    logged = done["output"]
+    assert "'rewards/short/mean'" in logged and "'rewards/judge_pointwise/mean': '0.8'" in logged, logged[-3000:]
+    assert "'judge/requests': 16" in logged  # both processes' 8 completions, summed
+    files = {p.name: p.read_text().count("\n") for p in (run / "judge.cache").iterdir()}
+    assert files.keys() == {"judgments.jsonl", "judgments.rank1.jsonl"} and all(files.values()), files
+    if rm:  # each rank built every reward function, and the reward model scored the completions
+        assert_each_rank_scored_with(done["output"], f"rule_reward, short, judge_pointwise, rm:{rm.name}", rm)
         # Trained with QLoRA, it scores over its base rounded to NF4 and dequantized, as it trained.
         assert "was trained with QLoRA: it scores over its base rounded to 4-bit NF4" in done["output"]
 
