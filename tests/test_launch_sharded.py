@@ -243,16 +243,19 @@ def test_rl(sft, request, cache, runs):
         assert "was trained with QLoRA: it scores over its base rounded to 4-bit NF4" in done["output"]
 
 
-@pytest.mark.parametrize("mode, flags", [("zero3", ()), pytest.param("zero3", QLORA, id="zero3-qlora"), ("fsdp", ())],
-                         ids=["zero3", "zero3-qlora", "fsdp"])
+@pytest.mark.parametrize("mode, flags", [("zero3", ("--loss", "logexp")), ("zero3", QLORA), ("fsdp", ())],
+                         ids=["zero3-logexp", "zero3-qlora", "fsdp"])
 def test_reward_with_its_held_out_report(mode, flags, cache, runs):
     """The whole reward.py under a sharded model: the fresh score head zeroed (under ZeRO-3 in its partition), the
     held-out report on every rank (a sharded forward is a collective), its scores and picture written once.
     reward.py's pieces checked against the unsharded model under FSDP: test_launch_real.py. With QLoRA under ZeRO-3
     (the model built whole, partitioned once training starts) its first step failed: TRL's bf16 score head met the
-    fp32 run's hidden states ("expected m1 and m2 to have the same dtype")."""
-    run = runs / f"reward-{mode}{'-qlora' if flags else ''}"
+    fp32 run's hidden states ("expected m1 and m2 to have the same dtype"). Under ZeRO-3 plain LoRA trains with
+    --loss logexp (the QLoRA run keeps the default, bradley_terry)."""
+    run = runs / "-".join(["reward", mode, *(flag.lstrip("-") for flag in flags)])
     done = launch(mode, "reward.py", run, *TINY, *flags, cache=cache)
+    loss = "logexp" if "logexp" in flags else "bradley_terry"
+    assert json.loads((run / "alignkit_config.json").read_text())["loss"] == loss
     held_out = json.loads((run / "held_out_rewards.json").read_text())
     assert done["metrics"]["held_out_pairs"] == len(held_out["chosen"]) > 0
     assert (run / "rewards_histogram.png").is_file()
