@@ -12,7 +12,8 @@ that ran on packed pairs (`alignkit.train.prefix.pack_pairs`: prefix sharing rea
 alignkit's own losses (`alignkit.train.trainers.preference_loss`, and `reference_free_loss` for simpo and orpo),
 Q the bitsandbytes 4-bit layers in the model this process trained (QLoRA really on, in this process), F their
 formats as loaded (`nf4+nested`, `fp4`: --bnb_4bit_quant_type and --use_bnb_nested_quant really applied), S the
-reference log-prob cache entries this process wrote (`alignkit.train.refcache.save`).
+reference log-prob cache entries this process wrote (`alignkit.train.refcache.save`). A process that trained over
+bitsandbytes' 8-bit layers (--quantization 8bit) also prints `launched: rank R 8-bit layers E`.
 
 `--fsdp-on-cpu`: accelerate 1.16 turns FSDP on only for GPU-type launches (accelerate/state.py: its FSDP branch
 lists MULTI_GPU, MULTI_NPU, ... but not MULTI_CPU), so `accelerate launch --use_fsdp` on a CPU trains under
@@ -124,6 +125,15 @@ def _four_bit_layers(trainer) -> str:
     return f"{len(layers)} ({','.join(sorted(formats)) or 'none'})"
 
 
+def _eight_bit_layers(trainer) -> int:
+    """bitsandbytes' LLM.int8 linear layers in the model `trainer` trained (--quantization 8bit really on)."""
+    try:
+        from bitsandbytes.nn import Linear8bitLt
+    except ImportError:
+        return 0
+    return sum(isinstance(m, Linear8bitLt) for m in trainer.model.modules()) if trainer is not None else 0
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--fsdp-on-cpu":
         argv = argv[1:]
@@ -152,6 +162,8 @@ def main(argv: list[str]) -> None:
     line = (f"\nlaunched: rank {rank} of {world} under {seen['type']}; packed batches {counts['packed']}; "
             f"own loss calls {counts['own']}; 4-bit layers {_four_bit_layers(ran.get('trainer'))}; reference saves "
             f"{counts['ref_saves']}\n")
+    if eight_bit := _eight_bit_layers(ran.get("trainer")):  # a line of its own, only then (the line above unchanged)
+        line += f"launched: rank {rank} 8-bit layers {eight_bit}\n"
     sys.stdout.flush()
     os.write(1, line.encode())  # the process's own stdout: alignkit.core.launch quiets sys.stdout on ranks above 0
 
