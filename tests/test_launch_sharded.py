@@ -250,15 +250,17 @@ def test_rl(sft, request, cache, runs):
         assert "was trained with QLoRA: it scores over its base rounded to 4-bit NF4" in done["output"]
 
 
-@pytest.mark.parametrize("mode, flags", [("zero3", ("--loss", "logexp")), ("zero3", QLORA), ("fsdp", ())],
-                         ids=["zero3-logexp", "zero3-qlora", "fsdp"])
+@pytest.mark.parametrize("mode, flags", [("zero3", ("--loss", "logexp")), ("zero3", QLORA), ("fsdp", ()),
+                                         ("fsdp", ("--loss", "logexp")), ("zero2", ())],
+                         ids=["zero3-logexp", "zero3-qlora", "fsdp", "fsdp-logexp", "zero2"])
 def test_reward_with_its_held_out_report(mode, flags, cache, runs):
     """The whole reward.py under a sharded model: the fresh score head zeroed (under ZeRO-3 in its partition), the
     held-out report on every rank (a sharded forward is a collective), its scores and picture written once.
     reward.py's pieces checked against the unsharded model under FSDP: test_launch_real.py. With QLoRA under ZeRO-3
     (the model built whole, partitioned once training starts) its first step failed: TRL's bf16 score head met the
     fp32 run's hidden states ("expected m1 and m2 to have the same dtype"). Under ZeRO-3 plain LoRA trains with
-    --loss logexp (the QLoRA run keeps the default, bradley_terry)."""
+    --loss logexp (the QLoRA run keeps the default, bradley_terry); FSDP2 runs both losses; under ZeRO-2 (the model
+    whole on each rank) the default, beside reward_zero2's logexpwithlm."""
     run = runs / "-".join(["reward", mode, *(flag.lstrip("-") for flag in flags)])
     done = launch(mode, "reward.py", run, *TINY, *flags, cache=cache)
     loss = "logexp" if "logexp" in flags else "bradley_terry"
