@@ -13,7 +13,12 @@ alignkit's own losses (`alignkit.train.trainers.preference_loss`, and `reference
 Q the bitsandbytes 4-bit layers in the model this process trained (QLoRA really on, in this process), F their
 formats as loaded (`nf4+nested`, `fp4`: --bnb_4bit_quant_type and --use_bnb_nested_quant really applied), S the
 reference log-prob cache entries this process wrote (`alignkit.train.refcache.save`). A process that trained over
-bitsandbytes' 8-bit layers (--quantization 8bit) also prints `launched: rank R 8-bit layers E`.
+bitsandbytes' 8-bit layers (--quantization 8bit) also prints `launched: rank R 8-bit layers E`. Where a packed
+batch had a mask per layer type (a model with full and sliding-window layers), one more line,
+
+    launched windows: rank R; packed batches with the window in effect K
+
+K those whose sliding-window layers' mask differs from the full layers' (the window cut some token's past).
 
 `--fsdp-on-cpu`: accelerate 1.16 turns FSDP on only for GPU-type launches (accelerate/state.py: its FSDP branch
 lists MULTI_GPU, MULTI_NPU, ... but not MULTI_CPU), so `accelerate launch --use_fsdp` on a CPU trains under
@@ -34,7 +39,7 @@ import os
 import runpy
 import sys
 
-counts = {"packed": 0, "own": 0, "ref_saves": 0}
+counts = {"packed": 0, "own": 0, "ref_saves": 0, "per_layer_type": 0, "windowed": 0}
 seen = {"type": None}
 
 
@@ -46,6 +51,26 @@ def _count(module, name: str, key: str) -> None:
         return real(*args, **kwargs)
 
     setattr(module, name, counted)
+
+
+def _count_windows(prefix) -> None:
+    """Count the packed batches laid out with a mask per layer type, and those where the sliding layers' mask
+    differs from the full layers' (dense masks; a FlexAttention BlockMask is not compared)."""
+    real = prefix.pack_pairs
+
+    def counted(*args, **kwargs):
+        packed = real(*args, **kwargs)
+        masks = packed.attention_mask
+        if isinstance(masks, dict):
+            import torch
+
+            counts["per_layer_type"] += 1
+            full, sliding = masks.get("full_attention"), masks.get("sliding_attention")
+            if isinstance(full, torch.Tensor) and isinstance(sliding, torch.Tensor) and not torch.equal(full, sliding):
+                counts["windowed"] += 1
+        return packed
+
+    prefix.pack_pairs = counted
 
 
 def _fsdp_on_cpu() -> None:
@@ -148,6 +173,7 @@ def main(argv: list[str]) -> None:
     from alignkit.train import prefix, refcache, trainers
 
     _count(refcache, "save", "ref_saves")
+    _count_windows(prefix)
     _count(prefix, "pack_pairs", "packed")
     _count(trainers, "preference_loss", "own")
     _count(trainers, "reference_free_loss", "own")
@@ -164,6 +190,8 @@ def main(argv: list[str]) -> None:
             f"{counts['ref_saves']}\n")
     if eight_bit := _eight_bit_layers(ran.get("trainer")):  # a line of its own, only then (the line above unchanged)
         line += f"launched: rank {rank} 8-bit layers {eight_bit}\n"
+    if counts["per_layer_type"]:
+        line += f"launched windows: rank {rank}; packed batches with the window in effect {counts['windowed']}\n"
     sys.stdout.flush()
     os.write(1, line.encode())  # the process's own stdout: alignkit.core.launch quiets sys.stdout on ranks above 0
 
