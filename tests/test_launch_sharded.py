@@ -410,26 +410,3 @@ def test_a_sigterm_to_the_launcher_saves_each_rank_s_shard_of_one_step_and_resum
     assert f"resuming from {run / f'checkpoint-{step}'}" in done["output"]
     assert done["metrics"]["global_step"] == 40
     whole_adapter(run)
-
-
-def test_a_gguf_base_converted_and_trained_under_zero3(cache, tmp_path, monkeypatch):
-    """A GGUF base under ZeRO-3 (the support matrix said "not proven at 2 processes"): the conversion is built by
-    one process, outside DeepSpeed's zero.Init (built inside it, it waited forever for the ranks waiting for it),
-    and the model trains partitioned; the adapter records the .gguf file as its base and is saved whole. SmolLM2's
-    wheel (the tiny preset's data, a step of 2 rows at 64 tokens: about 50 s)."""
-    import shutil
-
-    from alignkit.modeling import smol
-
-    own = tmp_path / "cache"  # without the conversion another test of this worker made: it is built in the launch
-    shutil.copytree(cache, own, ignore=shutil.ignore_patterns("gguf", "ref_logps"))
-    run, file = tmp_path / "gguf-zero3", smol.gguf_path()
-    done = launch("zero3", "sft.py", run, "--preset", "tiny", "--model_id", file, "--max_steps", "1", "--max_length",
-                  "64", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--eval_split", "0",
-                  "--save_steps", "100", cache=own)
-    assert done["metrics"]["global_step"] == 1
-    # Converted in the launch, once (by whichever rank took the lock: only rank 0 prints, so no line is asserted).
-    assert [p.name for p in (own / "gguf").glob("*/model.safetensors")] == ["model.safetensors"]
-    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == file
-    monkeypatch.setenv("ALIGNKIT_CACHE", str(own))  # whole_adapter reads the base's shapes from that conversion
-    whole_adapter(run)
