@@ -745,6 +745,15 @@ def test_a_settings_cell_that_fails_anywhere_in_a_notebook_leaves_the_kernel_wit
     with pytest.raises(ConfigError, match="max_steps"):
         exec(compile("settings = setup()", "<cell>", "exec"), names)
     assert "settings" not in names
+    # A fresh kernel whose first settings cell fails: `settings` never was, so nothing was taken out, and the cells
+    # below showed a NameError traceback (Python's rule took it for a typo of the imported SFTSettings; the notebook
+    # audit of session 35).
+    names["parse_config"] = lambda cls, **kw: (_ for _ in ()).throw(ConfigError("unknown setting: 'max_step'"))
+    assert "max_step" in str(run_cell("overrides = {}\nsettings, other_name = parse_config(SFTSettings, overrides=overrides), 1"))
+    assert {"settings", "other_name"} <= errors._FORGOTTEN and "overrides" not in errors._FORGOTTEN
+    errors._show_in_cell(kernel, NameError, NameError("name 'settings' is not defined", name="settings"), None)
+    assert capsys.readouterr().err.startswith("error: settings: the settings cell stopped with an error")
+    assert run_cell("settings = 1") is None and "settings" not in errors._FORGOTTEN  # set since: its own again
 
 
 def test_a_refusal_that_embeds_text_of_several_lines_is_said_on_one_line(monkeypatch, capsys):

@@ -203,6 +203,11 @@ def _settings_cell_failed(result) -> None:
     if not SETTINGS_CELL_CALLS & named:
         return
     _forget(names, {type(names[n]) for n in named if _is_settings(names.get(n))})
+    # What it would have set and did not (a fresh kernel's first run: `settings` never was): the cells below say the
+    # settings cell stopped, not the traceback of a typo of the imported SFTSettings that Python's rule took it for.
+    targets = [t for n in nodes if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+               for t in (n.targets if isinstance(n, ast.Assign) else [n.target])]
+    _FORGOTTEN.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name) and n.id not in names)
 
 
 def forget_failed_settings(cls) -> None:
