@@ -2,7 +2,8 @@
 creates the process group, each script establishes its launch, trains 2 steps and finishes (no hang: each launch
 has a timeout); QLoRA through bitsandbytes' CPU kernels. One SFT run is shared by everything built on it, one reward
 run of each kind by its report and by rl.py. reward.py's own pieces under FSDP2 are checked here against the
-unsharded model (tests/fsdp_reward_worker.py); the whole scripts under FSDP2 and ZeRO: tests/test_launch_sharded.py.
+unsharded model (tests/fsdp_reward_worker.py); the whole scripts under FSDP2 and ZeRO: tests/test_launch_sharded.py
+(here, under them: the lineage check's refusal, which comes before any model loads).
 See also tests/test_distributed.py (longer DDP runs whose losses fall).
 """
 
@@ -307,24 +308,58 @@ def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(dpo_run
     assert sorted((cache / "ref_logps").glob("*.safetensors")) == entries
 
 
-def test_an_adapter_over_a_part_retrained_in_place_is_refused_by_each_process(dpo_run, sft_adapter, cache,
-                                                                              tmp_path):
-    """The lineage check (alignkit.modeling.lineage) under a launch: both processes refuse the DPO adapter whose SFT
-    was trained again in place, each in one line, before its weights load, and neither waits for the other."""
+def changed_chain(dpo_run, sft_adapter, into: Path) -> tuple[Path, Path]:
+    """The SFT -> DPO chain copied whole into `into` (the same places relative to each other), its SFT adapter then
+    trained again in place: (the SFT copy, the DPO copy over it)."""
     from test_identity import retrain
 
-    sft, dpo = tmp_path / "sft", tmp_path / "dpo"  # the chain copied whole, the same places relative to each other
+    sft, dpo = into / "sft", into / "dpo"
     shutil.copytree(sft_adapter, sft)
     shutil.copytree(dpo_run[0], dpo, ignore=shutil.ignore_patterns("merged", "checkpoint-*"))
     weights = sft / "adapter_model.safetensors"
     retrain(weights, b"x" * weights.stat().st_size)
-    output = accelerate_launch(["dpo.py", *TINY, "--model_id", str(dpo), "--output_dir", str(tmp_path / "runs"),
-                                "--run_name", "over-changed"], cache, status=1)
+    return sft, dpo
+
+
+def assert_refused_by_each_process(output: str, sft: Path, dpo: Path, run: Path) -> None:
+    """Each rank said the lineage check's one line, without a traceback, and no run folder was made."""
     said = [line for line in output.splitlines() if "error: " in line]
     assert len(said) == 2 and all(f"error: {dpo} was trained over {sft}" in line and "adapter_model.safetensors" in
                                   line for line in said), output[-3000:]
     assert sorted(line.split(":")[0] for line in said) == ["[rank0]", "[rank1]"]
-    assert "]: Traceback" not in output and not (tmp_path / "runs" / "over-changed").exists()
+    assert "]: Traceback" not in output and not run.exists()
+
+
+def test_an_adapter_over_a_part_retrained_in_place_is_refused_by_each_process(dpo_run, sft_adapter, cache,
+                                                                              tmp_path):
+    """The lineage check (alignkit.modeling.lineage) under a launch: both processes refuse the DPO adapter whose SFT
+    was trained again in place, each in one line, before its weights load, and neither waits for the other."""
+    sft, dpo = changed_chain(dpo_run, sft_adapter, tmp_path)
+    output = accelerate_launch(["dpo.py", *TINY, "--model_id", str(dpo), "--output_dir", str(tmp_path / "runs"),
+                                "--run_name", "over-changed"], cache, status=1)
+    assert_refused_by_each_process(output, sft, dpo, tmp_path / "runs" / "over-changed")
+
+
+SHARDED = {"fsdp": "fsdp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
+
+
+@pytest.mark.parametrize("mode", SHARDED)
+def test_an_adapter_over_a_part_retrained_in_place_is_refused_under_a_sharded_launch(mode, dpo_run, sft_adapter,
+                                                                                     cache, tmp_path):
+    """The same refusal under FSDP2, ZeRO-2 and ZeRO-3 (the project's accelerate configs, 2 processes): each rank
+    refuses in one line, with the script's status 2, before its weights load (ZeRO-3 would load them partitioned,
+    FSDP2 on rank 0 alone; the check comes first on every rank, so none waits for another in a collective)."""
+    sft, dpo = changed_chain(dpo_run, sft_adapter, tmp_path)
+    shim = [SHIM, *(["--fsdp-on-cpu"] if mode == "fsdp" else [])]
+    output = accelerate_launch(["--config_file", str(ROOT / "recipes" / "accelerate" / SHARDED[mode]), *shim,
+                                "dpo.py", *TINY, "--model_id", str(dpo), "--output_dir", str(tmp_path / "runs"),
+                                "--run_name", "over-changed"], cache, multi_gpu=False, status=1)
+    assert_refused_by_each_process(output, sft, dpo, tmp_path / "runs" / "over-changed")
+    assert len(re.findall(r"exitcode\s*: 2\b", output)) == 2, output[-3000:]  # each rank's own status: a user error
+    assert "launched: rank" not in output  # the script ended there, on both ranks
+    # Before the loader names the chain it loads (the line that comes before any weights), which a run over the
+    # unchanged chain says.
+    assert "is an adapter; base model" in dpo_run[1] and "is an adapter; base model" not in output
 
 
 REWARDS = {  # reward.py's launches: plain LoRA with its LM term on (the LM head whole on each rank), and QLoRA
