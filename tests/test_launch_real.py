@@ -522,12 +522,13 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     what TRL would load into a colocated vLLM engine is the merged policy (vLLM itself needs CUDA). With the rule and a judge that fails each prompt's first
     judgment: each process judges its own rows into its own judgments file, marks the rows whose judgment
     failed, and the marks are gathered as TRL gathers the rewards (a failed row would otherwise keep the rule
-    alone); the logged judge counts are the whole launch's (they were the main process's)."""
+    alone); the logged judge counts are the whole launch's (they were the main process's). Beside them, the
+    reward model kept in 4-bit with a 4-bit policy (--quantization 4bit), held so on each rank."""
     import contextlib
 
     from openai_server import Fault, FakeOpenAI
 
-    rm = reward_run("qlora-fp4") if reward == "rm" else None
+    rm = reward_run("qlora-fp4") if reward in ("rm", "judge") else None
     flags = ["--reward", f"rm:{rm}", "--logging_steps", "1"] if rm else []
     if reward == "rule":
         (runs / "short_reward.py").write_text(
@@ -549,11 +550,15 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
                 return Fault(500) if first else "Good. Rating: [[8]]"
 
             server = stack.enter_context(FakeOpenAI(half))
-            flags = ["--reward", "rule,judge", "--judge_base_url", server.base_url, "--judge_model", "judge",
+            # The reward model beside them, kept in 4-bit with the policy (--quantization 4bit, its NF4 default:
+            # the reward model trained over FP4 says so), where [rm] scores it over its base dequantized.
+            flags = ["--reward", f"rule,judge,rm:{rm}", "--judge_base_url", server.base_url, "--judge_model", "judge",
                      "--max_retries", "0", "--logging_steps", "1"]
+            shim = [SHIM, "--rows-with", "-"]  # each rank's reward models, as loaded
+        quantization = QLORA if reward == "judge" else ["--quantization", "none"]
         output = accelerate_launch([*shim, "rl.py", "--preset", "tiny", "--model_id", str(sft_adapter),
                                     "--max_steps", "1", "--per_device_train_batch_size", "8", "--num_generations",
-                                    "4", "--max_prompts", "16", "--save_steps", "100", "--quantization", "none",
+                                    "4", "--max_prompts", "16", "--save_steps", "100", *quantization,
                                     "--warmup_ratio", "0", *flags, "--output_dir", str(runs), "--run_name", run.name],
                                    cache, {"ALIGNKIT_DEBUG": "1"})  # every rank's stdout: which rewards it built
     metrics = json.loads((run / "metrics.json").read_text())
@@ -565,6 +570,14 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
         assert logged["rewards/unscored_frac"] == logged["judge/unscored"] / 16, logged
         files = {p.name: p.read_text().count("\n") for p in (run / "judge.cache").iterdir()}
         assert files.keys() == {"judgments.jsonl", "judgments.rank1.jsonl"} and all(files.values()), files
+        # Each rank held the reward model in 4-bit beside its 4-bit policy, and it scored the completions.
+        assert_qlora_on_each_rank(output)
+        held = set(re.findall(r"^launched rows: rank (\d): .*; reward models: rm:([\w-]+) (\d+) \(nf4\+nested\)$",
+                              output, re.M))
+        assert {(r, n) for r, n, layers in held if int(layers) > 0} == {("0", rm.name), ("1", rm.name)}, output[-3000:]
+        assert f"'rewards/rm:{rm.name}/mean'" in output and "scores over its base rounded" not in output, output[-3000:]
+        assert f"{rm.name} trained over its base in 4-bit FP4; this load rounds the base to 4-bit NF4" in output, \
+            output[-3000:]  # loaded in the run's format, as asked, and said
     elif rm:
         assert_each_rank_scored_with(output, f"rm:{rm.name}", rm)
         assert output.count("was trained with QLoRA: it scores over its base rounded to 4-bit FP4") == 1, output[-3000:]
