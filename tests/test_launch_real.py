@@ -397,7 +397,11 @@ def test_an_adapter_over_a_part_retrained_in_place_is_refused_under_a_sharded_la
                                 "dpo.py", *TINY, "--model_id", str(dpo), "--output_dir", str(tmp_path / "runs"),
                                 "--run_name", "over-changed"], cache, multi_gpu=False, status=1)
     assert_refused_by_each_process(output, sft, dpo, tmp_path / "runs" / "over-changed")
-    assert len(re.findall(r"exitcode\s*: 2\b", output)) == 2, output[-3000:]  # each rank's own status: a user error
+    # The launcher's summary of its failed ranks (its own status is 1): the first to end, with the script's status
+    # for a user error; the other with it too, or stopped by the launcher's SIGTERM once its line was said.
+    root = re.search(r"Root Cause.*?^\s*exitcode\s+: (-?\d+)", output, re.M | re.S)
+    codes = re.findall(r"^\s*exitcode\s+: (-?\d+)", output, re.M)
+    assert root and root[1] == "2" and set(codes) <= {"2", "-15"}, output[-3000:]
     assert "launched: rank" not in output  # the script ended there, on both ranks
     # Before the loader names the chain it loads (the line that comes before any weights), which a run over the
     # unchanged chain says.
