@@ -143,6 +143,22 @@ def run_script(name: str, *args: str, cwd: Path | None = None) -> dict:
         os.chdir(old_cwd)
 
 
+def base_without_a_template(into: Path) -> Path:
+    """The tiny preset's model copied into `into` as a base model: without a chat template (TRL's standard rows)."""
+    import json
+    import shutil
+
+    from alignkit.modeling import presets
+
+    shutil.copytree(presets.paths()["model"], into)
+    config = json.loads((into / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (into / "tokenizer_config.json").write_text(json.dumps(config))
+    for file in into.glob("chat_template*"):
+        file.unlink()
+    return into
+
+
 def outlives_its_parent(parent, pid_file: Path) -> bool:
     """Once the child of `parent` (a Popen) has written its pid to `pid_file`: `parent` killed with SIGKILL (no
     `except` runs), then whether the child still ran 10 s later (it is killed then)."""

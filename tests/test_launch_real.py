@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, base_without_a_template
 
 TIMEOUT = 600  # seconds per launch; a hang (a collective only some ranks join) fails here instead of stalling CI
 
@@ -423,13 +423,7 @@ def texts_without_a_template(into: Path) -> list[str]:
     (texts) beside it: reward.py's flags for them."""
     from alignkit.modeling import presets
 
-    base = into / "base-without-template"
-    shutil.copytree(presets.paths()["model"], base)
-    config = json.loads((base / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (base / "tokenizer_config.json").write_text(json.dumps(config))
-    for file in base.glob("chat_template*"):
-        file.unlink()
+    base = base_without_a_template(into / "base-without-template")
     pairs = [json.loads(line) for line in Path(presets.paths()["preferences"]).read_text().splitlines()]
     data = into / "text-pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q: {r['prompt'][-1]['content']}\nA:", "chosen":

@@ -23,7 +23,7 @@ import yaml
 from alignkit.core.args import ConfigError, parse_config
 from alignkit.core.config import DPOSettings, KTOSettings, RewardSettings, SFTSettings
 from alignkit.core.data import DataError
-from conftest import ROOT, run_script
+from conftest import ROOT, base_without_a_template, run_script
 
 HANDBOOK = Path(__file__).parent / "data" / "handbook"
 # trl/scripts/dpo.py's docstring (TRL 1.16), the PEFT example; only the model and dataset ids are swapped.
@@ -302,13 +302,7 @@ def test_trl_s_standard_rows_train_as_plain_text_on_a_model_without_a_chat_templ
     from alignkit.core.errors import UserError
     from alignkit.modeling import presets
 
-    base = tmp_path / "base"  # the tiny model as a base model: no chat template
-    shutil.copytree(presets.paths()["model"], base)
-    config = json.loads((base / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (base / "tokenizer_config.json").write_text(json.dumps(config))
-    for file in base.glob("chat_template*"):
-        file.unlink()
+    base = base_without_a_template(tmp_path / "base")  # the tiny model as a base model: no chat template
     pairs = [json.loads(line) for line in Path(presets.paths()["preferences"]).read_text().splitlines()[:48]]
     rows = [{"prompt": f"Q: {r['prompt'][-1]['content']}\nA:", "chosen": f" {r['chosen'][0]['content']}",
              "rejected": f" {r['rejected'][0]['content']}"} for r in pairs]
