@@ -953,6 +953,34 @@ def test_a_pairwise_run_s_steps_run_in_order_under_the_settings_it_started_with(
     assert results_file.read_text() == good
 
 
+def test_a_step_whose_cell_stopped_with_an_error_is_named_so_not_as_one_never_run(tiny_cache, tmp_path):
+    """Found by a notebook audit: with the Answers cell stopped with an error (a model folder not there, answers kept
+    under another max_new_tokens), the Matches, Judging and Results cells said "run the 'Answers' cell first", and
+    running it again as told failed the same way. A step that started and did not finish says its cell stopped
+    with an error, to fix and run again; one never run still says to run it first."""
+    from alignkit.core.errors import UserError
+    from alignkit.evals.evaluation import Pairwise, parse_command
+    from alignkit.modeling import presets
+
+    model = presets.paths()["model"]
+    argv = ["pairwise", "--models", f"a={model}", f"b={tmp_path / 'gone'}", "--judge_model", "rule",
+            "--prompts_file", presets.paths()["prompts"], "--max_questions", "2", "--max_new_tokens", "4",
+            "--quantization", "none", "--output_dir", str(tmp_path / "pw")]
+    command, s = parse_command(argv)
+    run = Pairwise.start(command, s)
+    run.load_questions()
+    with pytest.raises(UserError, match="model not found"):
+        run.answer("transformers")
+    stopped = (r"^the 'Answers' cell stopped with an error \(see its line\) or was interrupted: fix that and run it "
+               r"again, then the cells below it in order$")
+    for step in (run.make_matches, run.judge, run.report):
+        with pytest.raises(UserError, match=stopped):
+            step()
+    run.load_questions()  # the questions again: the Answers cell is one not run since, not one that failed
+    with pytest.raises(UserError, match=r"^run the 'Answers' cell first: the cells from 'The judge' on run in order$"):
+        run.make_matches()
+
+
 def test_kept_answers_of_the_same_model_named_from_another_folder_are_taken(tmp_path, monkeypatch):
     """Found by the evaluate.py audit of session 28: answers and outputs record their model's path as typed
     (`runs/tiny-sft`), and a rerun from another folder (`h20/runs/tiny-sft`, the same folder) was refused as another

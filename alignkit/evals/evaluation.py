@@ -185,8 +185,10 @@ class Pairwise:
     judgment_file: Path | None = None
     failures: list = field(default_factory=list)
     # A notebook runs the steps as cells, in any order and again: each step needs the ones before it (STEPS), done in
-    # this run, under the settings it started with; a step run again undoes the later ones.
+    # this run, under the settings it started with; a step run again undoes the later ones. `running`: the step
+    # started and not done, its cell stopped with an error (or interrupted), not a cell never run.
     done: list = field(default_factory=list)
+    running: str | None = None
     started_under: dict = field(default_factory=dict)
     from_settings_cell: bool = False  # started with the settings parse_command (the settings cell) returned last
 
@@ -204,13 +206,17 @@ class Pairwise:
                             "the cells from 'The judge' on again")
         steps = list(self.STEPS)
         missing = [s for s in steps[:steps.index(step)] if s not in self.done]
+        if missing and missing[0] == self.running:  # it ran and failed: "run it first" read as never run
+            raise UserError(f"the '{self.STEPS[missing[0]]}' cell stopped with an error (see its line) or was "
+                            "interrupted: fix that and run it again, then the cells below it in order")
         if missing:
             raise UserError(f"run the '{self.STEPS[missing[0]]}' cell first: the cells from 'The judge' on run in "
                             "order")
-        self.done = steps[:steps.index(step)]
+        self.done, self.running = steps[:steps.index(step)], step
 
     def _did(self, step: str) -> None:
         self.done.append(step)
+        self.running = None
 
     @classmethod
     def start(cls, command: str, s) -> "Pairwise":
@@ -387,8 +393,8 @@ class Pairwise:
             watch.failed(error)
 
         if self.use_rule:
-            judgments.judge_matches(todo, judgments.rule_player(_verdicts(rule_fn)), self.judgment_file, self.identity,
-                                    s.parallel)
+            play = judgments.rule_player(judgments.read_verdicts(rule_fn))
+            judgments.judge_matches(todo, play, self.judgment_file, self.identity, s.parallel)
         elif todo:
             kept = judgments.answers_path(self.judgment_file)  # each paid answer, before its match's verdict
             with fastchat_compat.judging_with(self.client, on_error=on_error, on_success=watch.ok, kept=kept,
@@ -483,16 +489,3 @@ class Pairwise:
                         "benchmark": benchmark, "dataset": dataset, "metric": "win_rate", "value": value,
                         "metric_name": f"adjusted win rate vs {opponent}{f' over {n} {unit}' if n else ''} "
                                        f"(judge {pair['judge']})"})
-
-
-def _verdicts(rule):
-    """A rule's returns as rule_player reads them ("A", "B", "tie"): label.py's python: judge forms too (any case,
-    "c" for a tie, or text ending in FastChat's [[A]]/[[B]]/[[C]]); anything else stays as it is (a judge error)."""
-    from alignkit.feedback.judge import parse_verdict
-
-    def read(prompt, answer_a, answer_b):
-        said = rule(prompt, answer_a, answer_b)
-        text = said.strip() if isinstance(said, str) else ""
-        return {"a": "A", "b": "B", "tie": "tie", "c": "tie"}.get(text.lower()) or parse_verdict(text) or said
-
-    return read

@@ -140,6 +140,19 @@ def rule_player(rule, judge_name: str = "rule"):
     return play
 
 
+def read_verdicts(rule):
+    """A rule's returns as rule_player reads them ("A", "B", "tie"): label.py's python: judge forms too (any case,
+    "c" for a tie, or text ending in FastChat's [[A]]/[[B]]/[[C]]); anything else stays as it is (a judge error)."""
+    from alignkit.feedback.judge import parse_verdict
+
+    def read(prompt, answer_a, answer_b):
+        said = rule(prompt, answer_a, answer_b)
+        text = said.strip() if isinstance(said, str) else ""
+        return {"a": "A", "b": "B", "tie": "tie", "c": "tie"}.get(text.lower()) or parse_verdict(text) or said
+
+    return read
+
+
 def archive_path(path) -> Path:
     """Where verdicts a later one replaced are kept (`<judge>_pair.replaced.jsonl`): FastChat never reads it."""
     path = Path(path)
