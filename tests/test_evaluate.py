@@ -534,8 +534,8 @@ def test_a_missing_model_is_refused_before_the_first_model_answers(sft_run, tmp_
     # A typo that is no Hub id either (runs/tiny--sft, runs/tiny-sft!) was huggingface_hub's traceback, in vibes too.
     for typo, why in (("runs/tiny--sft", "Cannot have -- or .. in repo_id"), ("runs/tiny-sft!",
                                                                               "Repo id must use alphanumeric chars")):
-        with pytest.raises(UserError, match=rf"^model not found: {re.escape(typo)} is no local folder, and not a Hub id "
-                                            rf"\({why}.*\); check the path$"):
+        with pytest.raises(UserError, match=rf"^model not found: {re.escape(typo)} is no local folder \(relative to "
+                                            rf"the working folder .*\), and not a Hub id \({why}.*\); check the path$"):
             run_script("evaluate.py", "vibes", "--model_id", typo, "--prompts", "Hi")
     # vibes' second model is checked before the first one loads (a mistyped --compare_to came after its answers).
     from alignkit.modeling import generation

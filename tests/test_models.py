@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -303,3 +304,37 @@ def test_backend_is_one_of_three():
         assert cls().backend == "auto"
         with pytest.raises(ConfigError, match=r"--backend: 'gpu' is not one of auto, vllm, transformers"):
             parse_config(cls, args=["--backend", "gpu"], env_file=None)
+
+
+def test_a_run_path_not_there_names_the_working_folder_and_the_folder_above_that_holds_it(tmp_path, monkeypatch):
+    """Found by a notebook audit: merge.ipynb (kto.ipynb alike) with `runs/tiny-dpo`, opened from notebooks/ (a
+    kernel's working folder) while the runs are in the project's runs/, said the Hugging Face cache holds no copy and
+    to unset HF_HUB_OFFLINE to download it. A path that names a local folder (alignkit's runs/, a first part that is
+    a folder here, or a path found above) says where it was looked for and where it is, in one line."""
+    from huggingface_hub import constants
+
+    from alignkit.core.errors import UserError
+    from alignkit.modeling.model_folders import check_model_source
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "runs" / "tiny-dpo").mkdir(parents=True)
+    (tmp_path / "notebooks" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "notebooks")
+    here = str(tmp_path / "notebooks")
+    for source in ("runs/tiny-dpo", "./runs/tiny-dpo"):
+        with pytest.raises(UserError) as refused:
+            check_model_source(source)
+        said = str(refused.value)
+        assert said.startswith(f"model not found: {source} is no local folder (relative to the working folder {here}: "
+                               "in a notebook, the notebook's folder)")
+        assert said.endswith("; found at ../runs/tiny-dpo: pass that path") and "HF_HUB_OFFLINE" not in said
+        assert "\n" not in said
+    for source in ("runs/nope-sft", "data/nope"):  # a run not trained; a folder here holding no such model
+        with pytest.raises(UserError, match=rf"^model not found: {source} is no local folder \(relative to the working "
+                                            rf"folder {re.escape(here)}: .*, nor a Hub id the Hugging Face cache holds; "
+                                            r"check the path \(a run: train it first\)$"):
+            check_model_source(source)
+    # A Hub id, no folder of its name anywhere: the cache's line, downloading named.
+    with pytest.raises(UserError, match=r"^model not found: org/model is no local folder, and HF_HUB_OFFLINE=1 .* "
+                                        r"unset HF_HUB_OFFLINE to download it$"):
+        check_model_source("org/model")

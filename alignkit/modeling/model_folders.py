@@ -7,6 +7,7 @@ on it with a traceback (or retry an unreachable Hub for a minute).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from alignkit.core.errors import UserError
@@ -30,24 +31,54 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
     if Path(source).exists() or hub_gguf(source):  # a Hub GGUF file checks itself as it downloads (gguf.locate)
         return
     if _looks_local(source):
-        raise UserError(f"model not found: {source} is no local folder (and not a Hub id); check the path")
+        raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}, and not a Hub id; "
+                        f"{_found_above(source) or 'check the path'}")
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:  # a typo such as runs/tiny--sft or a folder@REV: huggingface_hub's traceback, after the work before it
         validate_repo_id(source)
     except HFValidationError as e:
-        raise UserError(f"model not found: {source} is no local folder, and not a Hub id ({str(e).rstrip('.')}); "
-                        "check the path") from None
+        raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}, and not a Hub id "
+                        f"({str(e).rstrip('.')}); {_found_above(source) or 'check the path'}") from None
 
     if cache and constants.HF_HUB_OFFLINE and not any(
         isinstance(try_to_load_from_cache(source, name, revision=revision), str)
         for name in ("config.json", "adapter_config.json")
     ):
         at = f" at revision {revision}" if revision else ""
+        if _names_local_folder(source):  # runs/tiny-dpo from a notebook's folder: no Hub id to download
+            fix = _found_above(source) or "check the path (a run: train it first)"
+            raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}, nor a Hub id the "
+                            f"Hugging Face cache holds{at}; {fix}")
         raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
                         f"cache holds no copy of it{at}; check the path, or unset HF_HUB_OFFLINE to download it")
     require_reachable(source)
+
+
+def _looked_in(source: str) -> str:
+    """Where a relative path was looked for: the working folder, which in a notebook is the notebook's own folder
+    (notebooks/), not the project's root where the runs usually are."""
+    if Path(source).expanduser().is_absolute():
+        return ""
+    return f" (relative to the working folder {Path.cwd()}: in a notebook, the notebook's folder)"
+
+
+def _found_above(source: str) -> str | None:
+    """"found at ../runs/tiny-dpo: pass that path" where a folder above the working folder holds the relative path."""
+    if Path(source).expanduser().is_absolute():
+        return None
+    for up in list(Path.cwd().parents)[:3]:
+        if (up / source).exists():
+            return f"found at {os.path.relpath(up / source)}: pass that path"
+    return None
+
+
+def _names_local_folder(source: str) -> bool:
+    """An `owner/name` that names a local folder rather than a Hub model: alignkit's runs/ folder, a folder of its
+    first part here (runs/ there, runs/tiny-dpo not), or the path found above the working folder."""
+    first = source.split("/")[0]
+    return first == "runs" or Path(first).is_dir() or _found_above(source) is not None
 
 
 def check_model_sources(s, sources) -> None:
