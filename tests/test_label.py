@@ -763,10 +763,17 @@ def test_a_teacher_whose_every_answer_is_empty_fails_in_one_line(tmp_path):
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"explain topic {i}"} for i in range(3)])
     args = ["--mode", "completions", "--prompts", "prompts.jsonl", "--model_a", "openai:teacher", "--output", "t.jsonl"]
     with FakeOpenAI(lambda body: "  ") as server:
-        with pytest.raises(UserError, match=r"^no completion was written: all 3 of the teacher's answers were empty "
-                                            r"\(see t\.summary\.json\): check the teacher \(openai:teacher\)"):
-            run_script("label.py", *args, "--generation_base_url", server.base_url, cwd=tmp_path)
-    assert json.loads((tmp_path / "t.summary.json").read_text())["empty"] == 3
+        with pytest.raises(UserError, match=r"^no completion was written: all 6 of the teacher's answers were empty "
+                                            r"\(they are in t\.cache/responses\.jsonl\): check the teacher "
+                                            r"\(openai:teacher\): .* once t\.cache/responses\.jsonl is deleted"):
+            run_script("label.py", *args, "--num_samples", "2", "--generation_base_url", server.base_url,
+                       cwd=tmp_path)
+    assert json.loads((tmp_path / "t.summary.json").read_text())["empty"] == 6
+    (tmp_path / "t.cache" / "responses.jsonl").unlink()  # the served model fixed: the same command asks again
+    with FakeOpenAI(lambda body: "An answer.") as server:
+        run_script("label.py", *args, "--num_samples", "2", "--generation_base_url", server.base_url, cwd=tmp_path)
+        assert server.count == 6
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 6
 
 
 def test_endpoint_generators_against_a_python_verifier(tmp_path):

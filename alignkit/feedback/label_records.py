@@ -294,11 +294,13 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
     refuse_empty(len(rows), len(run.errors) + generation, judge_fix(run.judge.name) if run.errors else
                  generator_fix(", ".join(s.spec for s in run.sources if s.kind != "file")))
     if run.judge is None and not rows and run.stats["empty completion"]:  # a teacher that said nothing: not a result
+        teachers = ", ".join(dict.fromkeys(s.spec for s in run.sources))  # once, whatever --num_samples
         raise UserError(
-            f"no completion was written: all {run.stats['empty completion']} of the teacher's answers were empty (see "
-            f"{run.summary_path}): check the teacher ({', '.join(s.spec for s in run.sources)}): a model that ends at "
-            "once (its chat template, --max_new_tokens) or a reasoning model whose whole answer is its think block "
-            "(--chat_template_kwargs); answers under other settings are generated anew")
+            f"no completion was written: all {run.stats['empty completion']} of the teacher's answers were empty (they "
+            f"are in {run.responses.path}): check the teacher ({teachers}): a model that ends at once (its chat "
+            "template, --max_new_tokens) or a reasoning model whose whole answer is its think block "
+            "(--chat_template_kwargs); answers under other settings are generated anew, and the same settings ask "
+            f"again once {run.responses.path} is deleted (a served model fixed since)")
     if run.judge is not None and not rows:  # said with its reasons (every pair identical was said nowhere)
         if verdicts and not any(v is not None for found in verdicts for v in found.values()):
             if run.judge.name.startswith("python:"):  # its answers key on its code: fixed, it is asked again
