@@ -747,13 +747,20 @@ def test_a_settings_cell_that_fails_anywhere_in_a_notebook_leaves_the_kernel_wit
     assert "settings" not in names
     # A fresh kernel whose first settings cell fails: `settings` never was, so nothing was taken out, and the cells
     # below showed a NameError traceback (Python's rule took it for a typo of the imported SFTSettings; the notebook
-    # audit of session 35).
-    names["parse_config"] = lambda cls, **kw: (_ for _ in ()).throw(ConfigError("unknown setting: 'max_step'"))
-    assert "max_step" in str(run_cell("overrides = {}\nsettings, other_name = parse_config(SFTSettings, overrides=overrides), 1"))
-    assert {"settings", "other_name"} <= errors._FORGOTTEN and "overrides" not in errors._FORGOTTEN
+    # audit of session 35). Only what the cell's own code binds, not a name read in a target nor a function's local.
+    errors._FORGOTTEN.clear()
+    names.clear()
+    names.update(SFTSettings=SFTSettings, table={},
+                 parse_config=lambda cls, **kw: (_ for _ in ()).throw(ConfigError("unknown setting: 'max_step'")))
+    cell = ("overrides = {}\nsettings, other_name = parse_config(SFTSettings, overrides=overrides), 1\n"
+            "import os as system\ntable[key] = 1\ndef helper():\n    inner = 1\nfor step in []: pass")
+    assert "max_step" in str(run_cell(cell))
+    assert errors._NEVER_SET == {"settings", "other_name", "system", "helper", "step"} and not errors._FORGOTTEN
     errors._show_in_cell(kernel, NameError, NameError("name 'settings' is not defined", name="settings"), None)
-    assert capsys.readouterr().err.startswith("error: settings: the settings cell stopped with an error")
-    assert run_cell("settings = 1") is None and "settings" not in errors._FORGOTTEN  # set since: its own again
+    assert capsys.readouterr().err == ("error: settings: the settings cell stopped with an error (see its line) before "
+                                       "it set settings: fix it and run it, then the cells from there down\n")
+    assert run_cell("settings = 1") is None and "settings" not in errors._NEVER_SET  # set since: its own again
+    errors._NEVER_SET.clear()
 
 
 def test_a_refusal_that_embeds_text_of_several_lines_is_said_on_one_line(monkeypatch, capsys):

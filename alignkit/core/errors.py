@@ -191,23 +191,44 @@ def _settings_cell_failed(result) -> None:
     names = getattr(shell, "user_ns", None)
     if not isinstance(names, dict):
         return
-    _FORGOTTEN.difference_update([n for n in _FORGOTTEN if n in names])  # set again since: a NameError is its own
+    for gone in (_FORGOTTEN, _NEVER_SET):  # set again since: a NameError is its own
+        gone.difference_update([n for n in gone if n in names])
     if getattr(result, "error_in_exec", None) is None:
         return
     try:  # the cell's source as Python (IPython runs it a statement at a time: no frame holds it whole)
         source = getattr(shell, "transform_cell", str)(getattr(getattr(result, "info", None), "raw_cell", "") or "")
-        nodes = list(ast.walk(ast.parse(source)))
+        tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return
+    nodes = list(ast.walk(tree))
     named = {n.id for n in nodes if isinstance(n, ast.Name)} | {n.attr for n in nodes if isinstance(n, ast.Attribute)}
     if not SETTINGS_CELL_CALLS & named:
         return
     _forget(names, {type(names[n]) for n in named if _is_settings(names.get(n))})
     # What it would have set and did not (a fresh kernel's first run: `settings` never was): the cells below say the
     # settings cell stopped, not the traceback of a typo of the imported SFTSettings that Python's rule took it for.
-    targets = [t for n in nodes if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
-               for t in (n.targets if isinstance(n, ast.Assign) else [n.target])]
-    _FORGOTTEN.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name) and n.id not in names)
+    _NEVER_SET.update(n for n in _cell_sets(tree) if n not in names)
+
+
+def _cell_sets(tree) -> set[str]:
+    """The names a cell's own code binds in the kernel (assignments, imports, for/with targets, :=), not those inside
+    its functions and classes, nor names only read in a target (`d[key] = v`)."""
+    import ast
+
+    bound, todo = set(), list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+            continue
+        if isinstance(node, ast.Lambda):
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+        todo.extend(ast.iter_child_nodes(node))
+    return bound
 
 
 def forget_failed_settings(cls) -> None:
@@ -234,6 +255,7 @@ def _is_settings(value) -> bool:
 
 
 _FORGOTTEN: set[str] = set()  # names of settings a failed settings cell took out of the kernel
+_NEVER_SET: set[str] = set()  # names a failed settings cell would have set, never set (a fresh kernel's first run)
 
 
 def _show_in_cell(shell, kind, error, tb, tb_offset=None):
@@ -254,6 +276,10 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
         if name in _FORGOTTEN:  # not a typo of SFTSettings, which Python's rule would take it for
             print(f"error: {name}: the settings cell stopped with an error (see its line), so its earlier settings "
                   "are gone from the kernel: fix it and run it, then the cells from there down", file=sys.stderr)
+            return None
+        if name in _NEVER_SET:
+            print(f"error: {name}: the settings cell stopped with an error (see its line) before it set {name}: fix "
+                  "it and run it, then the cells from there down", file=sys.stderr)
             return None
         typo = _close_name(name, list(getattr(shell, "user_ns", {}))) or _close_name(name, list(vars(builtins)))
         # Only the cell's own code (not a module it imports, nor a function: a bug, shown whole), and not a typo.
