@@ -726,6 +726,8 @@ def test_what_round_1_s_steps_would_refuse_is_refused_by_the_settings_before_any
     rlaif.check(s)  # the tiny round as it runs
     columns = tmp_path / "questions.jsonl"
     columns.write_text('{"question": "hi"}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"\n')
     for change, message in [
             ({"evaluate_args": "--judge_modell rule"}, r"^round 1's evaluate.py would refuse its settings: unknown "
              r"setting: --judge_modell \(in --evaluate_args; did you mean --judge_model\?\)\. python evaluate.py "
@@ -738,7 +740,10 @@ def test_what_round_1_s_steps_would_refuse_is_refused_by_the_settings_before_any
              r"--prompt_field"),
             ({"dataset_id": str(columns)}, r"questions.jsonl: no column 'prompt' \(columns: question\)"),
             ({"judge": "nonsense"}, r"^--judge 'nonsense': expected openai, hf, rm:RUN_FOLDER, or python:"),
-            ({"eval_prompts": str(tmp_path / "nothere.jsonl")}, r"nothere.jsonl: file not found")]:
+            ({"eval_prompts": str(tmp_path / "nothere.jsonl")}, r"nothere.jsonl: file not found"),
+            # A file that cannot be read, before the judge's key is asked for (it was reported once the key was set)
+            ({"dataset_id": str(bad), "judge": "openai", "judge_model": "gpt-4o", "judge_api_key_env":
+              "ALIGNKIT_TEST_NO_KEY"}, r"bad\.jsonl: line 2: invalid JSON")]:
         with pytest.raises(UserError, match=message):
             rlaif.check(dataclasses.replace(s, **change))
 

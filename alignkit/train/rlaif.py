@@ -359,9 +359,10 @@ def check(s) -> None:
     check_model_sources(label, [label.model_id])  # a mistyped path: here, not after label.py's start
     _check_sources(s)
     _reference(s)  # --reference start reads the starting model's adapters
-    judge = make_judge(label) if label.mode == "pairs" else None
+    # The prompts before the judge, which asks for its key: a bad file was reported only once the key was set
     prompts = read_prompts(label.prompts, label.prompts_split, label.prompts_config, label.prompt_field,
                            label.max_prompts)
+    judge = make_judge(label) if label.mode == "pairs" else None
     if hasattr(judge, "check_prompts"):  # a prompt a reward model judge cannot score, as label.py refuses it
         judge.check_prompts(prompts)
     eval_prompts(s, None)  # the evaluation prompts, read and checked; written by run() into the run folder
