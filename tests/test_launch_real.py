@@ -210,6 +210,36 @@ TOOL_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
+TOOL_CALL = '[call plum {"n": 3}]<|end|><|tool|>fig<|end|>'  # a call and its tool turn, as TOOL_TEMPLATE renders them
+
+
+def tool_calling_chats(into: Path) -> tuple[list[str], int]:
+    """The tiny preset's conversations, the first 8 with a tool call (an assistant turn's `tool_calls`) and its tool
+    turn (`name`) before the answer, written into the folder `into` with TOOL_TEMPLATE beside them: sft.py's flags
+    for them, and how many rows."""
+    from alignkit.modeling import presets
+
+    call = [{"type": "function", "function": {"name": "plum", "arguments": {"n": 3}}}]
+    chats = [json.loads(line)["messages"] for line in Path(presets.paths()["sft"]).read_text().splitlines()]
+    rows = [[c[0], {"role": "assistant", "content": None, "tool_calls": call},
+             {"role": "tool", "name": "plum", "content": "fig"}, *c[1:]] if i < 8 else c for i, c in enumerate(chats)]
+    data, template = into / "tools.jsonl", into / "tools.jinja"
+    data.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    template.write_text(TOOL_TEMPLATE)
+    return ["--dataset_id", str(data), "--chat_template", str(template)], len(rows)
+
+
+def prompt_completion_texts(data: Path) -> int:
+    """The tiny preset's conversations written at `data` as TRL's standard rows (texts: prompt "Q: ...", completion):
+    how many rows."""
+    from alignkit.modeling import presets
+
+    pairs = [json.loads(line)["messages"] for line in Path(presets.paths()["sft"]).read_text().splitlines()]
+    data.write_text("".join(json.dumps({"prompt": f"Q: {m[0]['content']}\nA:", "completion": f" {m[1]['content']}"})
+                            + "\n" for m in pairs))
+    return len(pairs)
+
+
 def rows_each_rank_trained_on(output: str) -> list[tuple[int, int]]:
     """(rows holding the text, training rows) of each process of a launch through tests/launched.py --rows-with."""
     found = dict(re.findall(r"^launched rows: rank (\d): (\d+ of \d+) training rows hold", output, re.M))
@@ -223,22 +253,13 @@ def test_sft_in_8bit_on_two_processes(cache, runs, tmp_path):
     lines for two tiny steps). Its data: conversations with tool calls (an assistant turn's `tool_calls`, a tool
     turn's `name`) among plain ones, read before the model loads the same on each process, the calls rendered by
     the template in the rows each rank trains on."""
-    from alignkit.modeling import presets
-
-    call = [{"type": "function", "function": {"name": "plum", "arguments": {"n": 3}}}]
-    chats = [json.loads(line)["messages"] for line in Path(presets.paths()["sft"]).read_text().splitlines()]
-    rows = [[c[0], {"role": "assistant", "content": None, "tool_calls": call},
-             {"role": "tool", "name": "plum", "content": "fig"}, *c[1:]] if i < 8 else c for i, c in enumerate(chats)]
-    data, template = tmp_path / "tools.jsonl", tmp_path / "tools.jinja"
-    data.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
-    template.write_text(TOOL_TEMPLATE)
-    output = accelerate_launch([SHIM, "--rows-with", '[call plum {"n": 3}]<|end|><|tool|>fig<|end|>', "sft.py",
-                                *TINY, "--quantization", "8bit", "--dataset_id", str(data), "--chat_template",
-                                str(template), "--output_dir", str(runs), "--run_name", "sft-8bit"], cache)
+    flags, rows = tool_calling_chats(tmp_path)
+    output = accelerate_launch([SHIM, "--rows-with", TOOL_CALL, "sft.py", *TINY, "--quantization", "8bit", *flags,
+                                "--output_dir", str(runs), "--run_name", "sft-8bit"], cache)
     assert output.count("launch: DDP, 2 processes") == 2
     # Every process read the same rows (its training split of them), the calls rendered with their tool turns.
     (held, trained), other = rows_each_rank_trained_on(output)
-    assert other == (held, trained) and 0 < held <= 8 and trained < len(rows), output[-3000:]
+    assert other == (held, trained) and 0 < held <= 8 and trained < rows, output[-3000:]
     finished(runs / "sft-8bit")
     assert json.loads((runs / "sft-8bit" / "alignkit_config.json").read_text())["loaded_as"]["quantization"] == "8bit"
     assert (runs / "sft-8bit" / "adapter_model.safetensors").is_file()
@@ -255,17 +276,13 @@ def test_sft_on_a_gguf_base_on_two_processes(cache, runs):
     # From an empty conversion cache (the session's may hold the file converted by test_smol): this launch converts.
     shutil.rmtree(cache / "gguf", ignore_errors=True)
     # TRL's standard rows (texts, prompt and completion): joined as plain text on every process, no template.
-    from alignkit.modeling import presets
-
-    pairs = [json.loads(line)["messages"] for line in Path(presets.paths()["sft"]).read_text().splitlines()]
     data = runs / "sft-gguf-texts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q: {m[0]['content']}\nA:", "completion": f" {m[1]['content']}"})
-                            + "\n" for m in pairs))
+    texts = prompt_completion_texts(data)
     output = accelerate_launch([SHIM, "--rows-with", "Q: ", "sft.py", *TINY, "--model_id", gguf, "--max_length", "64",
                                 "--per_device_train_batch_size", "2", "--eval_split", "0", "--dataset_id", str(data),
                                 "--output_dir", str(runs), "--run_name", "sft-gguf"], cache)
     assert output.count("launch: DDP, 2 processes") == 2
-    assert rows_each_rank_trained_on(output) == [(len(pairs), len(pairs))] * 2  # each row, as its text
+    assert rows_each_rank_trained_on(output) == [(texts, texts)] * 2  # each row, as its text
     assert json.loads((runs / "sft-gguf" / "alignkit_config.json").read_text())["data_rows"] == "text"
     converted = [p for p in (cache / "gguf").iterdir() if not p.name.startswith(".")]  # beside them: lock files
     assert len(converted) == 1 and (converted[0] / "gguf_source.json").is_file()  # once, whole, for both processes
