@@ -35,6 +35,7 @@ from openai_server import FakeOpenAI
 from test_distributed import tiny_mixtral
 from test_launch_real import accelerate_launch, assert_each_rank_scored_with, assert_vllm_would_get_the_merged_policy
 from test_launch_real import STOPPED, assert_qlora_on_each_rank, launched_reports, stopped_by_sigterm
+from test_launch_real import TOOL_CALL, rows_each_rank_trained_on, tool_calling_chats
 from test_launch_real import cache, runs  # noqa: F401 - its fixtures: a cache and runs folder of this module's own
 
 # Not importorskip: deepspeed is in the dev extra, and without it these tests must fail, not vanish.
@@ -47,21 +48,25 @@ QLORA = ["--quantization", "4bit"]
 FP4 = [*QLORA, "--bnb_4bit_quant_type", "fp4", "--use_bnb_nested_quant", "false"]  # TRL's names for the other format
 
 
-def launch_args(mode: str, script: str, run: Path, *flags: str, vllm_sync: Path | None = None) -> list[str]:
-    """accelerate launch's arguments for `script` under `mode` through tests/launched.py, into the run folder `run`."""
+def launch_args(mode: str, script: str, run: Path, *flags: str, vllm_sync: Path | None = None,
+                rows_with: str | None = None) -> list[str]:
+    """accelerate launch's arguments for `script` under `mode` through tests/launched.py (with `rows_with`, each
+    process reports how many of its training rows hold that text), into the run folder `run`."""
     # 2 processes, fp32: below; "ddp" (beside the sharded modes for the mixture of experts) is --multi_gpu
     config = ["--config_file", str(ROOT / "recipes" / "accelerate" / CONFIGS[mode])] if CONFIGS[mode] else []
     shim = [str(ROOT / "tests" / "launched.py"), *(["--fsdp-on-cpu"] if mode == "fsdp" else []),
-            *(["--vllm-sync", str(vllm_sync)] if vllm_sync else [])]
+            *(["--vllm-sync", str(vllm_sync)] if vllm_sync else []),
+            *(["--rows-with", rows_with] if rows_with is not None else [])]
     return [*config, *shim, script, *flags, "--output_dir", str(run.parent), "--run_name", run.name]
 
 
 def launch(mode: str, script: str, run: Path, *flags: str, cache: Path, vllm_sync: Path | None = None,
-           env: dict | None = None) -> dict:
+           env: dict | None = None, rows_with: str | None = None) -> dict:
     """`script` under `mode` on two processes; returns what both processes reported (tests/launched.py), which
-    with `vllm_sync` also saves what TRL's weight sync would hand a colocated vLLM engine there."""
-    output = accelerate_launch(launch_args(mode, script, run, *flags, vllm_sync=vllm_sync), cache, env,
-                               multi_gpu=mode == "ddp")
+    with `vllm_sync` also saves what TRL's weight sync would hand a colocated vLLM engine there, and with
+    `rows_with` each rank's (training rows holding that text, training rows) under "rows"."""
+    output = accelerate_launch(launch_args(mode, script, run, *flags, vllm_sync=vllm_sync, rows_with=rows_with),
+                               cache, env, multi_gpu=mode == "ddp")
     reports = launched_reports(output)
     assert {r[1] for r in reports} == {TYPE[mode]}, reports  # the Trainer ran under the launch asked for
     if "4bit" in flags:  # QLoRA on each process: one that loaded the base in full precision passed every other check
@@ -69,7 +74,8 @@ def launch(mode: str, script: str, run: Path, *flags: str, cache: Path, vllm_syn
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
     return {"output": output, "packed": min(r[2] for r in reports), "own": min(r[3] for r in reports),
-            "metrics": metrics, "reference_saves": dict(sorted((r[0], r[5]) for r in reports))}
+            "metrics": metrics, "reference_saves": dict(sorted((r[0], r[5]) for r in reports)),
+            "rows": rows_each_rank_trained_on(output) if rows_with is not None else None}
 
 
 def whole_adapter(run: Path) -> dict:
@@ -397,16 +403,20 @@ def test_a_sigterm_to_the_launcher_saves_each_rank_s_shard_of_one_step_and_resum
     """A scheduler's stop under FSDP2, ZeRO-3 and ZeRO-2 (the support matrix said "not proven at 2 processes"): as
     under DDP (test_launch_real's test_a_sigterm_to_the_launcher_...) the ranks vote and stop at the same step, and
     the checkpoint, a collective every rank reaches there, holds each rank's shard of it; the same command resumes
-    from it and finishes."""
+    from it and finishes. Its data: conversations with tool calls among plain ones (the support matrix's tool-call
+    row said "not proven at 2 processes" under these launches), each call and its tool turn rendered by the
+    template in every rank's training rows."""
     run = tmp_path / "stopped"
-    flags = ["--preset", "tiny", *STOPPED]
+    chats, rows = tool_calling_chats(tmp_path)
+    flags = ["--preset", "tiny", *STOPPED, *chats]
     step, _ = stopped_by_sigterm(launch_args(mode, "sft.py", run, *flags), run, cache, multi_gpu=False)
     for rank in (0, 1):
         assert (run / f"checkpoint-{step}" / SHARDS[mode].format(rank=rank, step=step)).is_file(), \
             sorted(str(p.relative_to(run)) for p in (run / f"checkpoint-{step}").rglob("*"))
     if mode != "fsdp":  # DeepSpeed's checkpoint holds the adapter, gathered whole (FSDP2's: its sharded state alone)
         whole_adapter(run / f"checkpoint-{step}")
-    done = launch(mode, "sft.py", run, *flags, cache=cache)
+    done = launch(mode, "sft.py", run, *flags, cache=cache, rows_with=TOOL_CALL)
     assert f"resuming from {run / f'checkpoint-{step}'}" in done["output"]
     assert done["metrics"]["global_step"] == 40
+    assert done["rows"] == [(8, rows)] * 2, done["output"][-3000:]  # every row (--eval_split 0), 8 with the call
     whole_adapter(run)
