@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from test_launch_sharded import QLORA, TINY, launch, whole_adapter
+from test_launch_real import prompt_completion_texts
 from test_launch_real import cache, runs  # noqa: F401 - its fixtures: a cache and runs folder of this module's own
 
 WINDOW = 4  # positions; the tiny preset's prompts alone are 6 to 9 tokens
@@ -137,14 +138,19 @@ def test_a_gguf_base_converted_in_the_launch_and_trained(mode, gguf_file, cache,
     """sft.py on a GGUF base (the support matrix said "not proven at 2 processes" under FSDP2 and ZeRO-2), from a
     cache without its conversion: converted in the launch, once, by one process (under ZeRO-3 outside DeepSpeed's
     zero.Init: built inside it, it waited forever for the ranks waiting for it), and trained sharded, partitioned or
-    whole on each rank; the adapter records the .gguf file as its base and is saved whole."""
+    whole on each rank; the adapter records the .gguf file as its base and is saved whole. Its data: TRL's standard
+    rows (texts, prompt and completion; the support matrix's row said "not proven at 2 processes" under these
+    launches), trained as plain text though the base has a chat template: every rank's training rows all the texts."""
     own = tmp_path / "cache"  # without the conversion another launch made: it is built in this one
     shutil.copytree(cache, own, ignore=shutil.ignore_patterns("gguf", "ref_logps"))
-    run = tmp_path / f"gguf-{mode}"
+    run, data = tmp_path / f"gguf-{mode}", tmp_path / "texts.jsonl"
+    texts = prompt_completion_texts(data)
     done = launch(mode, "sft.py", run, "--preset", "tiny", "--model_id", str(gguf_file), "--max_steps", "1",
                   "--max_length", "64", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-                  "--eval_split", "0", "--save_steps", "100", cache=own)
+                  "--eval_split", "0", "--save_steps", "100", "--dataset_id", str(data), cache=own, rows_with="Q: ")
     assert done["metrics"]["global_step"] == 1
+    assert done["rows"] == [(texts, texts)] * 2, done["output"][-3000:]  # each row, as its text, on each rank
+    assert json.loads((run / "alignkit_config.json").read_text())["data_rows"] == "text"
     # Converted in the launch, once (by whichever rank took the lock: only rank 0 prints, so no line is asserted).
     assert [p.name for p in (own / "gguf").glob("*/model.safetensors")] == ["model.safetensors"]
     assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == str(gguf_file)
