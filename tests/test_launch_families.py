@@ -153,6 +153,9 @@ def test_a_gguf_base_converted_in_the_launch_and_trained(mode, gguf_file, cache,
     assert json.loads((run / "alignkit_config.json").read_text())["data_rows"] == "text"
     # Converted in the launch, once (by whichever rank took the lock: only rank 0 prints, so no line is asserted).
     assert [p.name for p in (own / "gguf").glob("*/model.safetensors")] == ["model.safetensors"]
+    built = [p for p in (own / "gguf").iterdir() if not p.name.startswith(".")]  # whole (its last file written)
+    assert len(built) == 1 and (built[0] / "gguf_source.json").is_file(), sorted((own / "gguf").iterdir())
+    assert all(p.name.endswith(".lock") for p in (own / "gguf").glob(".*")), sorted((own / "gguf").iterdir())
     assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == str(gguf_file)
     monkeypatch.setenv("ALIGNKIT_CACHE", str(own))  # whole_adapter reads the base's shapes from that conversion
     whole_adapter(run)
