@@ -133,11 +133,12 @@ with start_run(settings, run_folder, resume_from, model, (train_data, eval_data)
 # picture shows below this cell.
 
 # %%
-from alignkit.train.reward import held_out_report, scores_held_out
+from alignkit.train.reward import held_out_pairs, held_out_report, scores_held_out
 from alignkit.train.training import finish
 
 # The held-out report first, so that metrics.json, the model card and the summary carry its accuracy: the share of
-# the held-out pairs ranked right (the logged eval_accuracy counts each pair once too, whatever the batches).
+# the held-out pairs ranked right (the logged eval_accuracy counts each pair once too, whatever the batches), over
+# the pairs TRL kept (one longer than --max_length is left out, as TRL dropped it; the line says how many).
 main = trainer.accelerator.is_main_process
 report = {}
 if eval_data is not None and scores_held_out(main):  # FSDP/ZeRO-3: every rank takes part in each forward
@@ -156,7 +157,7 @@ if loaded.quantization == "4bit":  # the 4-bit format its base was rounded to
 metrics = finish(trainer, loaded, settings, run_folder, "reward", measured={**report, **rows} if main else None)
 print(f"adapter: {run_folder}")
 if report and main:
-    print(f"held-out accuracy: {report['held_out_accuracy']:.3f}")
+    print(f"held-out accuracy: {report['held_out_accuracy']:.3f} ({held_out_pairs(report, settings.max_length)})")
     print(f"chosen {report['chosen_mean']:.3f} ± {report['chosen_std']:.3f}, rejected {report['rejected_mean']:.3f} "
           f"± {report['rejected_std']:.3f}, margin {report['margin_mean']:.3f} ± {report['margin_std']:.3f}")
     print(f"histogram: {report['histogram']}")

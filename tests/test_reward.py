@@ -164,6 +164,48 @@ def test_tiny_reward_model_ranks_held_out_pairs(reward_run):
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
 
 
+def test_the_held_out_report_scores_the_pairs_trl_kept_and_says_how_many_it_left_out(reward_run, tmp_path):
+    """Under --max_length TRL's RewardTrainer drops a pair whose prompt + an answer is longer (its eval_accuracy is
+    over the rest), but the held-out report scored every pair, those cut to max_length: `--max_length 15` said
+    held-out accuracy 0.428 on 159 pairs beside eval_accuracy's 0.405 on 116. It scores the pairs TRL keeps, and
+    its line (and the summary's) says how many it left out and why."""
+    from trl import RewardTrainer
+
+    from alignkit.core.args import ConfigError
+    from alignkit.train.report import summary
+    from alignkit.train import reward
+    from alignkit.train.reward import held_out_report
+
+    trainer, tokenizer, pairs = reward_run["trainer"], reward_run["loaded"].tokenizer, reward_run["eval_data"]
+    tokenized = trainer.eval_dataset  # every held-out pair as TRL tokenized it: none dropped at the run's length
+    assert len(tokenized) == len(pairs)
+    longest = [max(len(c), len(r)) for c, r in zip(tokenized["chosen_ids"], tokenized["rejected_ids"])]
+    limit = sorted(longest)[len(longest) // 2]
+    kept = [n for n, length in enumerate(longest) if length <= limit]
+    assert 0 < len(kept) < len(pairs)
+    # What TRL's own filter keeps at that length.
+    args = SimpleNamespace(max_length=limit, dataset_num_proc=None)
+    assert len(RewardTrainer._prepare_dataset(trainer, pairs, tokenizer, args, "eval")) == len(kept)
+
+    report = held_out_report(trainer.model, tokenizer, pairs, tmp_path, max_length=limit)
+    left = len(pairs) - len(kept)
+    assert (report["held_out_pairs"], report.get("held_out_left_out")) == (len(kept), left)
+    written = json.loads((tmp_path / "held_out_rewards.json").read_text())
+    assert written["left_out"] == [n for n in range(len(pairs)) if n not in kept]
+    whole = json.loads((reward_run["run_folder"] / "held_out_rewards.json").read_text())  # every pair, uncut
+    assert written["chosen"] == pytest.approx([whole["chosen"][n] for n in kept], abs=1e-4)
+    assert written["rejected"] == pytest.approx([whole["rejected"][n] for n in kept], abs=1e-4)
+    said = f"{len(kept)} pairs; {left} of {len(pairs)} left out: prompt + an answer is longer than --max_length {limit}"
+    assert reward.held_out_pairs(report, limit) == f"{said}, and TRL's RewardTrainer dropped them"
+    block = summary("reward", tmp_path, {**report, "trained_max_length": limit}, [], None)
+    assert f"held-out accuracy  {report['held_out_accuracy']:.3f} ({len(kept)} of {len(pairs)} pairs: {left} longer " \
+           f"than --max_length {limit}, dropped by TRL, left out)" in block, block
+    assert reward.held_out_pairs(held_out_report(trainer.model, tokenizer, pairs, tmp_path, write=False), None) == \
+        f"{len(pairs)} pairs"  # without a length: every pair, and nothing said
+    with pytest.raises(ConfigError, match=r"^--max_length 1: prompt \+ an answer is longer than that in every one of"):
+        held_out_report(trainer.model, tokenizer, pairs, tmp_path, max_length=1)
+
+
 def test_reward_callable_loads_the_run_folder_and_scores_as_trained(reward_run):
     """alignkit.feedback.rewards.load("rm:FOLDER") rebuilds the model from the folder alone: the held-out rewards that
     reward.py computed with the model in memory come back, and the rule-following answers win."""

@@ -67,6 +67,22 @@ def trained_on_text(folder: str) -> bool:
     return run_config(folder).get("data_rows") == "text"  # a checkpoint-N's: its run's
 
 
+def token_ids(tokenizer, conversations: list[list[dict] | str],
+              template_kwargs: dict | None = None) -> list[list[int]]:
+    """Each conversation's tokens as TRL's RewardTrainer tokenizes a pair's answer (`score`'s docstring says how);
+    reward.py's held-out report leaves out the pairs whose tokens TRL's max_length filter dropped."""
+    ids = []
+    for c in conversations:
+        if isinstance(c, str):
+            eos = tokenizer.eos_token or ""
+            ids.append(tokenizer(text=c if c.endswith(eos) else c + eos)["input_ids"])
+            continue
+        with refusing(c, "an answer to score"):  # a template's refusal names the conversation in one line
+            ids.append(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True,
+                                                     **(template_kwargs or {}))["input_ids"])
+    return ids
+
+
 def score(model, tokenizer, conversations: list[list[dict] | str], batch_size: int = 16,
           max_length: int | None = None, template_kwargs: dict | None = None,
           longer: Callable[[list[int]], None] | None = None) -> list[float]:
@@ -78,15 +94,7 @@ def score(model, tokenizer, conversations: list[list[dict] | str], batch_size: i
     template (rl.py: GRPOConfig's chat_template_kwargs, as TRL renders a reward model's conversations).
     `longer` gets the tokenized lengths, before any truncation (RewardModel says where they pass its training's).
     """
-    ids = []
-    for c in conversations:
-        if isinstance(c, str):
-            eos = tokenizer.eos_token or ""
-            ids.append(tokenizer(text=c if c.endswith(eos) else c + eos)["input_ids"])
-            continue
-        with refusing(c, "an answer to score"):  # a template's refusal names the conversation in one line
-            ids.append(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True,
-                                                     **(template_kwargs or {}))["input_ids"])
+    ids = token_ids(tokenizer, conversations, template_kwargs)
     if longer is not None:
         longer([len(i) for i in ids])
     if max_length:

@@ -58,6 +58,16 @@ def reward_accuracy(metrics: dict) -> str:
                                  f"({share} of the pairs tied, counted as misses)")
 
 
+def _left_out(metrics: dict) -> str:
+    """After reward.py's held-out accuracy, the pairs it left out and why, where it left some out (as TRL's
+    RewardTrainer dropped them, so its eval_accuracy is over the same pairs)."""
+    left, kept = metrics.get("held_out_left_out"), metrics.get("held_out_pairs")
+    if not left or not isinstance(kept, int):
+        return ""
+    return (f" ({kept} of {kept + left} pairs: {left} longer than --max_length {metrics.get('trained_max_length')}, "
+            "dropped by TRL, left out)")
+
+
 def _series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
     steps, values = [], []
     for entry in log_history:
@@ -165,8 +175,9 @@ def summary(stage: str, folder, metrics: dict, log_history: list[dict], picture:
     for key, label in HELD_OUT:
         if key in metrics and label not in seen and isinstance(metrics[key], (int, float)):
             # A share as the closing lines print it (1.000, not 1); a loss or margin to 4 significant digits.
-            rows.append((label, reward_accuracy(metrics) if key == "eval_rewards/accuracies" else
-                         f"{metrics[key]:.3f}" if "accurac" in key else f"{metrics[key]:.4g}"))
+            rows.append((label, (reward_accuracy(metrics) if key == "eval_rewards/accuracies" else
+                                 f"{metrics[key]:.3f}" if "accurac" in key else f"{metrics[key]:.4g}")
+                         + (_left_out(metrics) if key == "held_out_accuracy" else "")))
             seen.add(label)
     url = wandb_url()
     if url:

@@ -312,28 +312,43 @@ def _reshard(model) -> None:
 
 def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16, max_length: int | None = None,
                     write: bool = True, settings=None, trainer=None) -> dict:
-    """Score every held-out pair; accuracy, means and standard deviations, and (`write`) a histogram PNG and the
-    scores in `folder`. `settings`: refused, as the saving would be, where the run trained with others (a notebook's
-    settings cell run again before the saving cell) before anything is written; `trainer`: refused where it trained
-    another folder (a notebook's earlier run's, left by a refused training cell).
+    """Score the held-out pairs TRL's RewardTrainer kept; accuracy, means and standard deviations, and (`write`) a
+    histogram PNG and the scores in `folder`. TRL drops a pair whose prompt + an answer is longer than `max_length`
+    (its eval_accuracy is over the rest): such a pair is left out here too, counted in `held_out_left_out` (its row
+    in `left_out` of held_out_rewards.json); it was scored cut to `max_length`, a report over other pairs than
+    eval_accuracy's (found by an audit). `settings`: refused, as the saving would be, where the run trained with
+    others (a notebook's settings cell run again before the saving cell) before anything is written; `trainer`:
+    refused where it trained another folder (a notebook's earlier run's, left by a refused training cell).
 
     Under FSDP or ZeRO-3 a forward pass is a collective (each layer gathers its weights from every rank): every
     rank must call this with the trained, wrapped model (`trainer.model`), and only the main process writes.
     """
-    from alignkit.feedback.rewards import score
+    from alignkit.core.args import ConfigError
+    from alignkit.feedback.rewards import score, token_ids
     from alignkit.train.cell_checks import check_trainer_folder
     from alignkit.train.run_folder import check_trained
 
     check_trainer_folder(trainer, folder)
     check_trained(folder, settings)  # a training stopped in this process: its half-trained model is no report
+    answers = {"chosen": [p + c for p, c in zip(pairs["prompt"], pairs["chosen"])],
+               "rejected": [p + r for p, r in zip(pairs["prompt"], pairs["rejected"])]}
+    left_out = []
+    if max_length:  # TRL's filter, over the tokens as TRL tokenized them (score() reads them the same way)
+        lengths = zip(*(map(len, token_ids(tokenizer, texts)) for texts in answers.values()))
+        left_out = [n for n, pair in enumerate(lengths) if max(pair) > max_length]
+        if len(left_out) == len(answers["chosen"]):
+            raise ConfigError(f"--max_length {max_length}: prompt + an answer is longer than that in every one of the "
+                              f"{len(left_out)} held-out pairs, so TRL drops them all; raise --max_length")
+        dropped = set(left_out)
+        answers = {k: [t for n, t in enumerate(texts) if n not in dropped] for k, texts in answers.items()}
     model.eval()
-    chosen = score(model, tokenizer, [p + c for p, c in zip(pairs["prompt"], pairs["chosen"])], batch_size, max_length)
-    rejected = score(model, tokenizer, [p + r for p, r in zip(pairs["prompt"], pairs["rejected"])], batch_size,
-                     max_length)
+    chosen = score(model, tokenizer, answers["chosen"], batch_size, max_length)
+    rejected = score(model, tokenizer, answers["rejected"], batch_size, max_length)
     _reshard(model)
     c, r = torch.tensor(chosen), torch.tensor(rejected)
     report = {
-        "held_out_pairs": len(chosen), "held_out_accuracy": (c > r).float().mean().item(),
+        "held_out_pairs": len(chosen), "held_out_left_out": len(left_out),
+        "held_out_accuracy": (c > r).float().mean().item(),
         "chosen_mean": c.mean().item(), "chosen_std": c.std().item() if len(c) > 1 else 0.0,
         "rejected_mean": r.mean().item(), "rejected_std": r.std().item() if len(r) > 1 else 0.0,
         "margin_mean": (c - r).mean().item(), "margin_std": (c - r).std().item() if len(c) > 1 else 0.0,
@@ -342,10 +357,19 @@ def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16,
     if not write:
         return report
     histogram(chosen, rejected, Path(report["histogram"]))
-    (Path(folder) / "held_out_rewards.json").write_text(json.dumps({**report, "chosen": chosen, "rejected": rejected}))
-    logger.info(f"held-out rewards: chosen {report['chosen_mean']:.3f} ± {report['chosen_std']:.3f}, rejected "
-                f"{report['rejected_mean']:.3f} ± {report['rejected_std']:.3f}, histogram {report['histogram']}")
+    (Path(folder) / "held_out_rewards.json").write_text(json.dumps({**report, "chosen": chosen, "rejected": rejected,
+                                                                    "left_out": left_out}))
+    logger.info(f"held-out rewards ({held_out_pairs(report, max_length)}): chosen {report['chosen_mean']:.3f} ± "
+                f"{report['chosen_std']:.3f}, rejected {report['rejected_mean']:.3f} ± {report['rejected_std']:.3f}, "
+                f"histogram {report['histogram']}")
     return report
+
+
+def held_out_pairs(report: dict, max_length: int | None) -> str:
+    """The pairs a held-out report scored, and those it left out and why: "116 pairs; 43 of 159 left out, ..."."""
+    kept, left = report["held_out_pairs"], report.get("held_out_left_out", 0)
+    return f"{kept} pairs" + (f"; {left} of {kept + left} left out: prompt + an answer is longer than --max_length "
+                              f"{max_length}, and TRL's RewardTrainer dropped them" if left else "")
 
 
 def histogram(chosen: list[float], rejected: list[float], path: Path) -> Path:
