@@ -519,6 +519,24 @@ def test_help_shows_preset_defaults(capsys):
     assert "default: 42" not in out
 
 
+def test_reward_py_s_help_says_it_drops_pairs_longer_than_max_length(capsys):
+    """--max_length's shared help said "longer ones are truncated" in reward.py's --help too, but TRL's RewardTrainer
+    drops a longer pair. reward.py's settings class says so (its help_texts), the other scripts' keep the field's."""
+    from alignkit.core.config import RewardSettings, SFTSettings
+
+    def said(cls):
+        with pytest.raises(SystemExit):
+            parse_config(cls, args=["--help"], env_file=None)
+        out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        return out[out.index("--max_length"):].split(" --", 1)[0]
+
+    reward = said(RewardSettings)
+    assert "truncated" not in reward and "TRL's RewardTrainer drops a longer pair" in reward, reward
+    assert "default: 1024; env: ALIGNKIT_MAX_LENGTH" in reward  # the field's type and default, as before
+    assert "longer ones are truncated" in said(SFTSettings)
+    assert "max_length" not in vars(RewardSettings)  # the shared field, not a copy
+
+
 # ---------------------------------------------------------------- saving and secrets
 def test_save_config_redacts_secrets(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", SECRET)

@@ -53,6 +53,8 @@ def setting(default=_MISSING, help: str = "", choices=None, default_factory=_MIS
     flags: a string of another script's flags (rlaif.py's --label_args): on a command line the next argument is
     its value even when it starts with --, so `--label_args "--parallel 32"` works as a shell user writes it.
     A ``dict`` setting takes a YAML mapping or a JSON object, and merges key by key across the layers.
+    A settings class's ``help_texts`` ({name: text}) replaces a shared field's help in its own --help, where that
+    script does otherwise than the field's text says (reward.py's --max_length), without copying the field.
     """
     if isinstance(default, (list, dict, set)):  # dataclasses rejects mutable defaults; copy per instance instead
         default, default_factory = _MISSING, (lambda d=default: type(d)(d))
@@ -300,7 +302,8 @@ def _print_help(cls, fields, types_, defaults, prog, description, vocab, presets
             also = f"; also --{', --'.join(also)}" if also else ""
             if vocab and name in defaults:
                 also += vocab.default_note(name, _show(defaults[name]))
-            text = f"{f.metadata.get('help', '')} [{_type_name(types_[name])}; default: {default}; env: {env}{also}]"
+            said = getattr(cls, "help_texts", {}).get(name, f.metadata.get("help", ""))  # the class's own, if any
+            text = f"{said} [{_type_name(types_[name])}; default: {default}; env: {env}{also}]"
             group.add_argument(f"--{name}", metavar=metavar, help=text.strip().replace("%", "%%"))
     print(parser.format_help())
 

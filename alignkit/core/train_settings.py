@@ -122,6 +122,11 @@ class RewardSettings(TrainSettings):
     takes_mixture: ClassVar[bool] = False  # refused in one line (__post_init__)
     trl_configs: ClassVar[tuple[str, ...]] = ("RewardConfig",)
     help_title: ClassVar[str] = "reward model"
+    # --help's text where reward.py does otherwise than the shared field says (the field stays in groups.py).
+    help_texts: ClassVar[dict[str, str]] = {
+        "max_length": "longest tokenized sequence (prompt + answer); TRL's RewardTrainer drops a longer pair (the run "
+                      "says how many) and the held-out report leaves it out; none: no limit (TRL's None)",
+    }
 
     learning_rate: float = setting(1e-5, "peak learning rate (AdamW)")
     loss: str = setting(
