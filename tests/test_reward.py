@@ -445,3 +445,27 @@ def test_logexpwithlm_adds_the_chosen_sequences_lm_loss(tiny_cache, tmp_path):
         lm = causal(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.item()
     assert lm > 0.1
     assert abs(got - (torch.nn.functional.softplus(rejected - chosen).mean().item() + 0.5 * lm)) < 1e-5
+
+
+def test_reward_training_keeps_the_lora_dropout_it_records(tiny_cache, tmp_path):
+    """TRL's RewardConfig.disable_dropout (on by default) zeroed LoRA's dropout too, while the run's config and card
+    recorded --lora_dropout; it stays on the trained adapter, as in dpo.py and kto.py."""
+    from trl import RewardConfig
+
+    from alignkit.core.config import RewardSettings
+    from alignkit.core.data import load_preferences
+    from alignkit.modeling.models import TRAINABLE, add_trainable_adapter, load_model
+    from alignkit.train.reward import AlignRewardTrainer
+
+    s = RewardSettings(**{**presets.defaults("reward"), "lora_dropout": 0.1})
+    loaded = load_model(s, for_training=True, reward=True)
+    model = add_trainable_adapter(loaded, s, task_type="SEQ_CLS")
+    trainer = AlignRewardTrainer(
+        model=model, args=RewardConfig(output_dir=str(tmp_path), report_to="none", max_length=64, bf16=False),
+        train_dataset=load_preferences(presets.paths()["preferences"]).select(range(4)),
+        processing_class=loaded.tokenizer,
+    )
+    assert trainer.args.disable_dropout  # TRL's default: the model's own dropout off
+    ps = {m.lora_dropout[TRAINABLE].p for m in trainer.model.modules()
+          if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict) and TRAINABLE in m.lora_dropout}
+    assert ps == {0.1}

@@ -292,8 +292,8 @@ class TrainSettings(HubPushSettings, ModelSettings):
     # LoRA
     lora_r: int = setting(16, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
-    lora_dropout: float = setting(0.05, "dropout on the LoRA input (kept in DPO and KTO, where TRL turns the "
-                                        "model's own dropout off)")
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input (kept in DPO, KTO and reward models, where "
+                                        "TRL turns the model's own dropout off)")
     use_rslora: bool = setting(False, "rank-stabilised LoRA: scale by alpha / sqrt(r)")
     use_dora: bool = setting(False, "DoRA: weight-decomposed LoRA (slower; not with 4-bit on every PEFT version)")
     lora_modules_to_save: list[str] | None = setting(

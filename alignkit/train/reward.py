@@ -169,7 +169,7 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
     def __init__(self, *args, loss: str = "bradley_terry", lm_loss_coef: float = 0.0, lm_head=None, **kwargs):
         from alignkit.modeling.models import keep_trainable_fp32
 
-        from alignkit.train.trainers import CheckpointBase, check_kept, row_count
+        from alignkit.train.trainers import CheckpointBase, check_kept, keep_lora_dropout, row_count
 
         from alignkit.modeling import template_rows
 
@@ -180,6 +180,8 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
         check_kept(self, given, "prompt + an answer is longer than that")
         # TRL casts a 4-bit model's trainable weights (LoRA and the score head) to bf16; back to fp32, as for sft/dpo.
         keep_trainable_fp32(self.model, self.args)
+        # TRL's disable_dropout (on by default) zeroed LoRA's dropout too, while the config and card said --lora_dropout
+        keep_lora_dropout(self.accelerator.unwrap_model(self.model))
         CheckpointBase.attach(self)
         self.loss, self.lm_loss_coef, self.lm_head = loss, lm_loss_coef, lm_head
         self._hidden = None
