@@ -100,6 +100,11 @@ CASES = [
     # TRL's end tokens outside the vocabulary: its traceback once the model had loaded.
     ("sft.py", [*TRAIN, "--eos_token", "<|im_end|>"], "--eos_token <|im_end|>: not a token of ", None),
     ("sft.py", [*TRAIN, "--pad_token", "<|im_end|>"], "--pad_token <|im_end|>: not a token of ", None),
+    # TRL's eos_token/pad_token in the other scripts that take them: TRL's ValueError once the model had loaded
+    ("reward.py", [*TRAIN, "--eos_token", "NOPE"], "--eos_token NOPE: not a token of ", None),
+    ("reward.py", [*TRAIN, "--pad_token", "NOPE"], "--pad_token NOPE: not a token of ", None),
+    ("dpo.py", [*TRAIN, "--pad_token", "NOPE"], "--pad_token NOPE: not a token of ", None),
+    ("rlaif.py", [*TRAIN, "--pad_token", "NOPE"], "--pad_token NOPE: not a token of ", None),
     ("sft.py", [*TRAIN, "--dataset_id", "pc.jsonl", "--assistant_only_loss", "true"],
      "--assistant_only_loss true needs conversations (messages): pc.jsonl holds prompt/completion text", None),
     # A negative NEFTune scale: torch's uniform_ refused it at the first training step.

@@ -10,7 +10,8 @@
 - trainers: alignkit's TRL trainers (stacked adapters, the explicit reference pass); resuming: what every trainer
   carries over a resume (the last step trains nothing more, TRL's token count goes on).
 - loss_mask: sft.py's loss mask (--train_on, TRL's completion_only_loss and assistant_only_loss) and TRL's
-  eos_token/pad_token, checked against the rows and the chat template before the model loads.
+  eos_token/pad_token (every script that takes them), checked against the rows and the chat template before the
+  model loads.
 - losses: preference losses TRL lacks (the DPO paper's sigmoid and IPO; SimPO and ORPO, reference-free).
 - kto: kto.py's trainer (TRL's KTOTrainer with stacked adapters and alignkit's reference).
 - prefix: DPO prefix sharing (a pair's prompt computed once); flex_check: whether FlexAttention's kernel trains

@@ -5,6 +5,8 @@
   markers), refused in one line; TRL's eos_token and pad_token outside the vocabulary, refused; a TRL setting these
   rows leave without effect (completion_only_loss on conversations, eos_token where the template ends the turns),
   said. Each of these was TRL's traceback after the model loaded, or nothing at all.
+- `check_end_tokens`: TRL's eos_token and pad_token outside the vocabulary, refused for every script that takes
+  them (alignkit.train.training.preflight; rlaif.py on its starting model), from the tokenizer alone.
 - `loss_mask_settings`: the SFTConfig flags that put the loss on completions or assistant turns where the data
   allows (--train_on).
 
@@ -32,7 +34,7 @@ def _template_name(s) -> str:
     return f"the chat template --chat_template {given}"
 
 
-def _tokenizer(s):
+def _tokenizer(s, model_id: str | None = None):
     """The tokenizer the run trains with, read as the loader reads it; None where it cannot be read apart from the
     model (a GGUF source, converted with the model) or fails to read: the model's load then says why."""
     from alignkit.core.groups import chat_template_text
@@ -43,13 +45,34 @@ def _tokenizer(s):
     if getattr(s, "gguf_file", None) or str(s.model_id).endswith(".gguf"):
         return None
     try:
-        chain = resolve(s.model_id, s.revision)
+        chain = resolve(model_id or s.model_id, s.revision)
         if str(chain.base).endswith(".gguf"):
             return None
         return load_tokenizer(*tokenizer_source(chain, chain.base, chain.revision), s.trust_remote_code,
                               s.chat_template)
     except Exception:  # noqa: BLE001 - a model not found, custom code: load_model refuses it in its own words
         return None
+
+
+def _end_tokens(s) -> dict:
+    overrides = s.trainer_overrides if isinstance(getattr(s, "trainer_overrides", None), dict) else {}
+    return {key: overrides[key] for key in ("eos_token", "pad_token") if overrides.get(key) is not None}
+
+
+def check_end_tokens(s, tokenizer=None, model_id: str | None = None) -> None:
+    """TRL's eos_token and pad_token (SFTConfig, DPOConfig, RewardConfig) outside the vocabulary, refused from the
+    tokenizer alone: TRL's traceback once the model had loaded. `model_id`: the model the run trains (rlaif.py's
+    starting model), else s.model_id; `tokenizer`: one already read, else read here where a token is given."""
+    tokens = _end_tokens(s)
+    model_id = model_id or s.model_id
+    if not tokens or (tokenizer := tokenizer or _tokenizer(s, model_id)) is None:
+        return
+    vocab = tokenizer.get_vocab()
+    for key, token in tokens.items():  # TRL's own check, once the model had loaded
+        if token not in vocab:
+            raise ConfigError(f"--{key} {token}: not a token of {model_id}'s tokenizer (TRL refuses it once the "
+                              f"model has loaded; its own {key} is {getattr(tokenizer, key)}); pass a token the "
+                              f"vocabulary has, or drop --{key}")
 
 
 def marks_assistant_turns(tokenizer) -> bool:
@@ -99,15 +122,10 @@ def check_loss_mask(s, dataset) -> None:
     masked = conversations and (overrides.get("assistant_only_loss") is True or
                                 (s.train_on == "completions" and "completion" not in columns
                                  and "assistant_only_loss" not in overrides))
-    tokens = {key: overrides[key] for key in ("eos_token", "pad_token") if overrides.get(key) is not None}
+    tokens = _end_tokens(s)
     if not (masked or tokens) or (tokenizer := _tokenizer(s)) is None:
         return
-    vocab = tokenizer.get_vocab()
-    for key, token in tokens.items():  # TRL's own check, once the model had loaded
-        if token not in vocab:
-            raise ConfigError(f"--{key} {token}: not a token of {s.model_id}'s tokenizer (TRL refuses it once the "
-                              f"model has loaded; its own {key} is {getattr(tokenizer, key)}); pass a token the "
-                              f"vocabulary has, or drop --{key}")
+    check_end_tokens(s, tokenizer)
     template = getattr(tokenizer, "chat_template", None) or ""
     if "eos_token" in tokens and conversations and "eos_token" not in str(template):
         # TRL appends eos_token to text and completion rows only; a template that renders `eos_token` takes it

@@ -394,6 +394,9 @@ def _check_dpo_loads(s) -> None:
     model_config = config_reader(base, revision, s.trust_remote_code)
     lota_delta.check_experts(s, model_config)
     experts.check_dropout(s, model_config)
+    from alignkit.train.loss_mask import check_end_tokens
+
+    check_end_tokens(s, model_id=start_model(s))  # --pad_token, passed on to dpo.py's DPOConfig
 
 
 def _check_folder(s, folder: Path) -> None:

@@ -67,6 +67,9 @@ def preflight(s) -> None:
         check_model_source(s.model_id, cache=False, flag="--model_id")
         check_stack(s)
     require_reachable(s.model_id, s.dataset_id)
+    from alignkit.train.loss_mask import check_end_tokens
+
+    check_end_tokens(s)  # TRL's eos_token/pad_token outside the vocabulary: its traceback once the model had loaded
 
 
 def check_stack(s) -> None:
