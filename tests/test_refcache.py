@@ -166,8 +166,13 @@ def test_two_processes_key_sharded_models_on_full_parameters(sft_adapters, tmp_p
                "0", str(ROOT / "tests" / "sharded_fingerprint.py"), str(tmp_path), *sft_adapters]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    written = [tmp_path / f"rank{r}.json" for r in (0, 1)]
+    # gloo's teardown can abort a process after its work ("terminate called without an active exception", seen once
+    # in CI on a busy machine, the group destroyed or not): only once both processes wrote their keys, which are
+    # what this test checks; an abort before that fails it.
+    torn_down = "terminate called without an active exception" in done.stderr and all(f.is_file() for f in written)
+    assert done.returncode == 0 or torn_down, done.stderr[-3000:]
+    ranks = [json.loads(f.read_text()) for f in written]
     assert ranks[0] == ranks[1]  # one key on every process
     keys = ranks[0]
     for adapter in sft_adapters:
