@@ -128,10 +128,15 @@ CASES = [
     ("label.py", ["--responses_a", "empty.jsonl", "--responses_b", "empty.jsonl", "--judge", "python:alignkit.modeling.presets:rule_judge",
                   "--output", "OUT/x.jsonl"], "empty.jsonl: no rows: it is empty", None),
     ("evaluate.py", ["nosuch"], "unknown command 'nosuch'", None),
-    # A reward model as evaluate.py's judge: taken for a model name at the endpoint ("OPENAI_API_KEY is not set")
-    ("evaluate.py", ["pairwise", "--preset", "tiny", "--judge_model", "rm:runs/tiny-reward"],
-     "--judge_model rm:runs/tiny-reward: evaluate.py's judges are an LLM at --judge_base_url (--judge_model NAME), "
-     "`rule` or `python:module:function` (pairwise); a reward model judges in label.py (--judge rm:FOLDER)", None),
+    # A reward model as an LLM judge: taken for a model name at the endpoint ("OPENAI_API_KEY is not set"), in
+    # every script with --judge_model (the judges' shared settings group refuses it).
+    *[(script, [*args, "--judge_model", "rm:runs/tiny-reward"],
+       "--judge_model rm:runs/tiny-reward: --judge_model names an LLM judge; a reward model judges in label.py "
+       "(--judge rm:FOLDER) and rewards in rl.py (--reward rm:FOLDER)", None)
+      for script, args in (("evaluate.py", ["pairwise", "--preset", "tiny"]),
+                           ("evaluate.py", ["alpaca_eval", "--preset", "tiny"]),
+                           ("rl.py", [*TRAIN, "--reward", "judge"]),
+                           ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl"]))],
     # A mistyped folder to reuse answers from reused nothing, without a word (audit).
     ("evaluate.py", ["pairwise", "--preset", "tiny", "--answers_from", "nowhere"],
      "--answers_from nowhere: no such folder; pass an earlier evaluation's --output_dir", None),

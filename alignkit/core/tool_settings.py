@@ -270,10 +270,6 @@ class MTBenchSettings(JudgeAnswerSettings, EvalSettings):
             raise ValueError("pass the models to compare: --models NAME=ID_OR_PATH NAME=ID_OR_PATH ...")
         if not self.judge_model:
             raise ValueError("pass the judge: --judge_model NAME (a model served by an OpenAI-compatible endpoint)")
-        if self.judge_model.startswith("rm:"):  # was taken for a name at the endpoint: "OPENAI_API_KEY is not set"
-            raise ValueError(f"--judge_model {self.judge_model}: evaluate.py's judges are an LLM at --judge_base_url "
-                             "(--judge_model NAME), `rule` or `python:module:function` (pairwise); a reward model "
-                             "judges in label.py (--judge rm:FOLDER)")
         for folder in self.answers_from:  # a mistyped folder reused nothing, without a word
             if not Path(folder).is_dir():
                 raise ValueError(f"--answers_from {folder}: no such folder; pass an earlier evaluation's --output_dir "
