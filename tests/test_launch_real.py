@@ -229,6 +229,35 @@ def tool_calling_chats(into: Path) -> tuple[list[str], int]:
     return ["--dataset_id", str(data), "--chat_template", str(template)], len(rows)
 
 
+def tool_calling_pairs(into: Path) -> tuple[list[str], int]:
+    """The tiny preset's preference pairs, the first 8 with a trajectory as the chosen answer (an assistant turn's
+    call, its tool turn, then the answer: TRL's preference rows over a tool-calling conversation), written into the
+    folder `into` with TOOL_TEMPLATE beside them: dpo.py's and reward.py's flags for them, and how many rows."""
+    from alignkit.modeling import presets
+
+    call = [{"type": "function", "function": {"name": "plum", "arguments": {"n": 3}}}]
+    pairs = [json.loads(line) for line in Path(presets.paths()["preferences"]).read_text().splitlines()]
+    for pair in pairs[:8]:
+        pair["chosen"] = [{"role": "assistant", "content": None, "tool_calls": call},
+                          {"role": "tool", "name": "plum", "content": "fig"}, *pair["chosen"]]
+    data, template = into / "tool-pairs.jsonl", into / "tools.jinja"
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    template.write_text(TOOL_TEMPLATE)
+    return ["--dataset_id", str(data), "--chat_template", str(template)], len(pairs)
+
+
+def pair_texts(data: Path) -> int:
+    """The tiny preset's pairs written at `data` as TRL's standard rows (texts: prompt "Q: ...", chosen, rejected):
+    how many rows."""
+    from alignkit.modeling import presets
+
+    pairs = [json.loads(line) for line in Path(presets.paths()["preferences"]).read_text().splitlines()]
+    data.write_text("".join(json.dumps({"prompt": f"Q: {r['prompt'][-1]['content']}\nA:", "chosen":
+                                        f" {r['chosen'][0]['content']}", "rejected": f" {r['rejected'][0]['content']}"})
+                            + "\n" for r in pairs))
+    return len(pairs)
+
+
 def prompt_completion_texts(data: Path) -> int:
     """The tiny preset's conversations written at `data` as TRL's standard rows (texts: prompt "Q: ...", completion):
     how many rows."""
@@ -432,6 +461,7 @@ def test_an_adapter_over_a_part_retrained_in_place_is_refused_under_a_sharded_la
 
 
 REWARDS = {  # reward.py's launches: plain LoRA with its LM term on (the LM head whole on each rank), and QLoRA
+    # on pairs some of whose chosen answers are tool-calling trajectories (TOOL_ROWS)
     "lora-logexpwithlm": ["--quantization", "none", "--loss", "logexpwithlm"],
     # TRL's 4-bit format flags (FP4 without double quantization): trained so on both processes, and scored so by
     # rl.py's rm: reward on both (the NF4 default: every other QLoRA launch here)
@@ -439,19 +469,14 @@ REWARDS = {  # reward.py's launches: plain LoRA with its LM term on (the LM head
     # logexp, on TRL's standard rows (texts: prompt, chosen, rejected) over a base without a chat template
     "lora-logexp-texts": ["--quantization", "none", "--loss", "logexp"],
 }
+TOOL_ROWS = {"lora-logexpwithlm"}  # on tool_calling_pairs (qlora-fp4 keeps the preset's rows: rl.py scores with it)
 
 
 def texts_without_a_template(into: Path) -> list[str]:
     """The tiny model copied as a base model without a chat template, and the preset's pairs as TRL's standard rows
     (texts) beside it: reward.py's flags for them."""
-    from alignkit.modeling import presets
-
-    base = base_without_a_template(into / "base-without-template")
-    pairs = [json.loads(line) for line in Path(presets.paths()["preferences"]).read_text().splitlines()]
-    data = into / "text-pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q: {r['prompt'][-1]['content']}\nA:", "chosen":
-                                        f" {r['chosen'][0]['content']}", "rejected": f" {r['rejected'][0]['content']}"})
-                            + "\n" for r in pairs))
+    base, data = base_without_a_template(into / "base-without-template"), into / "text-pairs.jsonl"
+    pair_texts(data)
     return ["--model_id", str(base), "--dataset_id", str(data)]
 
 
@@ -461,15 +486,22 @@ def reward_run(cache, runs):
 
     @functools.cache
     def run(kind: str) -> Path:
-        texts = kind.endswith("-texts")
-        output = accelerate_launch([SHIM, *(["--rows-with", "Q: "] if texts else []), "reward.py", *TINY,
-                                    *REWARDS[kind], *(texts_without_a_template(runs) if texts else []),
+        texts, tools = kind.endswith("-texts"), kind in TOOL_ROWS
+        data = texts_without_a_template(runs) if texts else []
+        if tools:
+            (runs / f"reward-{kind}-data").mkdir()
+            data, pairs = tool_calling_pairs(runs / f"reward-{kind}-data")
+        rows_with = ["--rows-with", "Q: " if texts else TOOL_CALL] if texts or tools else []
+        output = accelerate_launch([SHIM, *rows_with, "reward.py", *TINY, *REWARDS[kind], *data,
                                     "--output_dir", str(runs), "--run_name", f"reward-{kind}"], cache)
         if "4bit" in REWARDS[kind]:
             assert_qlora_on_each_rank(output, REWARDS[kind])
         if texts:  # every process read the same rows, each pair tokenized as its texts (TRL's, on each rank)
             (held, rows), other = rows_each_rank_trained_on(output)
             assert held == rows > 0 and other == (held, rows), output[-3000:]
+        if tools:  # the same rows on every process, each call and its tool turn rendered by the template
+            (held, rows), other = rows_each_rank_trained_on(output)
+            assert other == (held, rows) and 0 < held <= 8 and rows < pairs, output[-3000:]
         return runs / f"reward-{kind}"
 
     return run

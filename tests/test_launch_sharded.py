@@ -35,7 +35,8 @@ from openai_server import FakeOpenAI
 from test_distributed import tiny_mixtral
 from test_launch_real import accelerate_launch, assert_each_rank_scored_with, assert_vllm_would_get_the_merged_policy
 from test_launch_real import STOPPED, assert_qlora_on_each_rank, launched_reports, stopped_by_sigterm
-from test_launch_real import TOOL_CALL, rows_each_rank_trained_on, tool_calling_chats
+from test_launch_real import TOOL_CALL, rows_each_rank_trained_on, texts_without_a_template, tool_calling_chats
+from test_launch_real import tool_calling_pairs
 from test_launch_real import cache, runs  # noqa: F401 - its fixtures: a cache and runs folder of this module's own
 
 # Not importorskip: deepspeed is in the dev extra, and without it these tests must fail, not vanish.
@@ -256,19 +257,35 @@ def test_rl(sft, request, cache, runs):
         assert "was trained with QLoRA: it scores over its base rounded to 4-bit NF4" in done["output"]
 
 
-@pytest.mark.parametrize("mode, flags", [("zero3", ("--loss", "logexp")), ("zero3", QLORA), ("fsdp", ()),
-                                         ("fsdp", ("--loss", "logexp")), ("zero2", ())],
+# Each launch's rows: "tools", the preset's pairs some of whose chosen answers are tool-calling trajectories
+# (test_launch_real.tool_calling_pairs); "texts", TRL's standard rows over a base without a chat template (the
+# launch of the same mode on "tools" keeps conversational rows proven).
+@pytest.mark.parametrize("mode, flags, rows", [("zero3", ("--loss", "logexp"), "texts"), ("zero3", QLORA, "tools"),
+                                               ("fsdp", (), "tools"), ("fsdp", ("--loss", "logexp"), "texts"),
+                                               ("zero2", (), "tools")],
                          ids=["zero3-logexp", "zero3-qlora", "fsdp", "fsdp-logexp", "zero2"])
-def test_reward_with_its_held_out_report(mode, flags, cache, runs):
+def test_reward_with_its_held_out_report(mode, flags, rows, cache, runs):
     """The whole reward.py under a sharded model: the fresh score head zeroed (under ZeRO-3 in its partition), the
     held-out report on every rank (a sharded forward is a collective), its scores and picture written once.
     reward.py's pieces checked against the unsharded model under FSDP: test_launch_real.py. With QLoRA under ZeRO-3
     (the model built whole, partitioned once training starts) its first step failed: TRL's bf16 score head met the
     fp32 run's hidden states ("expected m1 and m2 to have the same dtype"). Under ZeRO-3 plain LoRA trains with
     --loss logexp (the QLoRA run keeps the default, bradley_terry); FSDP2 runs both losses; under ZeRO-2 (the model
-    whole on each rank) the default, beside reward_zero2's logexpwithlm."""
+    whole on each rank) the default, beside reward_zero2's logexpwithlm. Their rows (the support matrix's rows of
+    tool calls and of TRL's standard rows said "not proven at 2 processes" under these launches): read the same on
+    every process, each call and its tool turn rendered by the template, or each pair tokenized as its texts, in
+    every rank's training rows."""
     run = runs / "-".join(["reward", mode, *(flag.lstrip("-") for flag in flags)])
-    done = launch(mode, "reward.py", run, *TINY, *flags, cache=cache)
+    (into := runs / f"{run.name}-data").mkdir()
+    data, pairs = tool_calling_pairs(into) if rows == "tools" else (texts_without_a_template(into), None)
+    done = launch(mode, "reward.py", run, *TINY, *flags, *data, cache=cache,
+                  rows_with=TOOL_CALL if rows == "tools" else "Q: ")
+    (held, trained), other = done["rows"]
+    if rows == "tools":
+        assert other == (held, trained) and 0 < held <= 8 and trained < pairs, done["output"][-3000:]
+    else:  # trained on text rows, and recorded so (a judge scores it on texts)
+        assert held == trained > 0 and other == (held, trained), done["output"][-3000:]
+    assert done["metrics"]["reward_rows"] == ("text" if rows == "texts" else "conversations"), done["metrics"]
     loss = "logexp" if "logexp" in flags else "bradley_terry"
     assert json.loads((run / "alignkit_config.json").read_text())["loss"] == loss
     held_out = json.loads((run / "held_out_rewards.json").read_text())
