@@ -320,14 +320,23 @@ def test_sft_on_a_gguf_base_on_two_processes(cache, runs):
     assert Path(adapter["base_model_name_or_path"]).resolve() == Path(gguf).resolve()
 
 
+@functools.cache
+def dpo_tool_pairs(runs: Path) -> tuple[list[str], int]:
+    """tool_calling_pairs written once into `runs`/dpo-data (the rerun below reads the same files: the reference
+    entries are keyed by the dataset): their flags and how many rows."""
+    (runs / "dpo-data").mkdir()
+    return tool_calling_pairs(runs / "dpo-data")
+
+
 @pytest.fixture(scope="module")
 def dpo_run(sft_adapter, cache, runs):
     """dpo.py (QLoRA) over the SFT adapter on two processes, once, with its default loss (sigmoid: alignkit's own;
-    the preset adds TRL's sft term), --precompute_ref_log_probs and --merge_adaptors: returns (its run folder, the
-    launch's output)."""
-    output = accelerate_launch([SHIM, "dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--loss_type",
-                                "sigmoid", "--precompute_ref_log_probs", "true", "--merge_adaptors", "--output_dir",
-                                str(runs), "--run_name", "dpo"], cache)
+    the preset adds TRL's sft term), --precompute_ref_log_probs and --merge_adaptors, on the preset's pairs some of
+    whose chosen answers are tool-calling trajectories: returns (its run folder, the launch's output)."""
+    data, _ = dpo_tool_pairs(runs)
+    output = accelerate_launch([SHIM, "--rows-with", TOOL_CALL, "dpo.py", *TINY, *QLORA, "--model_id",
+                                str(sft_adapter), "--loss_type", "sigmoid", "--precompute_ref_log_probs", "true",
+                                "--merge_adaptors", *data, "--output_dir", str(runs), "--run_name", "dpo"], cache)
     return runs / "dpo", output
 
 
@@ -386,10 +395,15 @@ def test_dpo_with_precompute_and_merge_then_a_rerun_reuses_the_reference(dpo_run
     assert first.count("pairs cached in") == 2 and "reused from" not in first  # written by one process
     merge = json.loads((runs / "dpo" / "merged" / "merge.json").read_text())
     assert merge["adapters"][-1].endswith("dpo") and merge["max_logit_difference"] <= merge["tolerance"]
+    # Its rows: the same on every process, each trajectory's call and tool turn rendered by the template in the
+    # chosen answers each rank trains on.
+    data, pairs = dpo_tool_pairs(runs)
+    (held, trained), other = rows_each_rank_trained_on(first)
+    assert other == (held, trained) and 0 < held <= 8 and trained < pairs, first[-3000:]
 
     second = accelerate_launch(["dpo.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
-                                "true", "--loss_type", "ipo", "--output_dir", str(runs), "--run_name", "dpo-ipo"],
-                               cache)
+                                "true", "--loss_type", "ipo", *data, "--output_dir", str(runs), "--run_name",
+                                "dpo-ipo"], cache)
     finished(runs / "dpo-ipo")
     assert second.count("reused from") == 4  # each process, train and held-out rows
     assert "pairs cached in" not in second
@@ -558,10 +572,17 @@ def test_lota_dpo_on_two_processes(sft_adapter, cache, runs):
 def test_kto_with_precompute_on_two_processes(sft_adapter, cache, runs):
     """kto.py with QLoRA and --precompute_ref_log_probs: the main process writes the reference log-probs, every
     process reads the same file (TRL named it at random per process for an in-memory dataset: the others found
-    nothing)."""
-    output = accelerate_launch([SHIM, "kto.py", *TINY, *QLORA, "--model_id", str(sft_adapter), "--precompute_ref_log_probs",
-                                "true", "--output_dir", str(runs), "--run_name", "kto"], cache)
+    nothing). Its rows: the preset's pairs split in two, some chosen answers tool-calling trajectories, each call
+    and its tool turn rendered by the template in the completions each rank trains on."""
+    (runs / "kto-data").mkdir()
+    data, pairs = tool_calling_pairs(runs / "kto-data")
+    output = accelerate_launch([SHIM, "--rows-with", TOOL_CALL, "kto.py", *TINY, *QLORA, "--model_id", str(sft_adapter),
+                                "--precompute_ref_log_probs", "true", *data, "--output_dir", str(runs), "--run_name",
+                                "kto"], cache)
     finished(runs / "kto")
+    (held, trained), other = rows_each_rank_trained_on(output)
+    # 2 answers a pair; a trajectory in its own row's completion, and in another row's as TRL's mismatched KL one
+    assert other == (held, trained) and 0 < held <= 16 and trained < 2 * pairs, output[-3000:]
     assert json.loads((runs / "kto" / "alignkit_config.json").read_text())["loaded_as"]["quantization"] == "4bit"
     assert_qlora_on_each_rank(output)
     assert "rule-following after KTO" in output  # DDP: the model is whole on each process, so it samples

@@ -181,14 +181,20 @@ REFERENCES = {"zero3": (False, True), "fsdp": (False,), "zero2": (False, True)}
 def test_dpo_packs_its_batches_precomputes_and_merges(sft, cache, runs):
     """dpo.py's defaults (prefix sharing, alignkit's own sigmoid loss) on the sharded QLoRA model, with
     --merge_adaptors (the main process merges after the others are done); under ZeRO-3 and ZeRO-2 also
-    --precompute_ref_log_probs."""
+    --precompute_ref_log_probs. Its rows: the preset's pairs some of whose chosen answers are tool-calling
+    trajectories (the support matrix's row said "not proven at 2 processes"), read the same on every process, each
+    call and its tool turn rendered by the template in every rank's training rows."""
     mode, sft_run = sft
+    (runs / f"dpo-{mode}-data").mkdir()
+    data, pairs = tool_calling_pairs(runs / f"dpo-{mode}-data")
     for precomputed in REFERENCES[mode]:
         run = runs / f"dpo-{mode}{'-precomputed' if precomputed else ''}"
         precompute = ["--precompute_ref_log_probs", "true"] if precomputed else []
         done = launch(mode, "dpo.py", run, *TINY, *CHAIN[mode], "--model_id", str(sft_run), "--loss_type", "sigmoid",
-                      "--merge_adaptors", *precompute, cache=cache)
+                      "--merge_adaptors", *precompute, *data, cache=cache, rows_with=TOOL_CALL)
         assert done["packed"] > 0 and done["own"] > 0
+        (held, trained), other = done["rows"]
+        assert other == (held, trained) and 0 < held <= 8 and trained < pairs, done["output"][-3000:]
         if precompute:  # the main process alone writes the reference entries (train and held-out rows)
             assert "pairs cached in" in done["output"] and done["reference_saves"] == {"0": 2, "1": 0}, done
         else:
@@ -202,13 +208,21 @@ def test_kto(sft, cache, runs):
     """kto.py with QLoRA (the support matrix said "QLoRA itself not proven" under FSDP and ZeRO); under ZeRO-3 and
     ZeRO-2 also with --precompute_ref_log_probs, whose cache file every process reads (TRL named it
     at random per process for an in-memory dataset). Under a sharded model (FSDP, ZeRO-3) the tiny preset's rule
-    check is skipped with its line; under ZeRO-2 the model is whole on each rank, so it samples."""
+    check is skipped with its line; under ZeRO-2 the model is whole on each rank, so it samples. Its rows: the
+    preset's pairs split in two, some chosen answers tool-calling trajectories (the support matrix's row said "not
+    proven at 2 processes"), each call and its tool turn rendered by the template in every rank's training rows."""
     mode, sft_run = sft
+    (runs / f"kto-{mode}-data").mkdir()
+    data, pairs = tool_calling_pairs(runs / f"kto-{mode}-data")
     for precomputed in REFERENCES[mode]:
         run = runs / f"kto-{mode}{'-precomputed' if precomputed else ''}"
         precompute = ["--precompute_ref_log_probs", "true"] if precomputed else []
-        done = launch(mode, "kto.py", run, *TINY, *CHAIN[mode], "--model_id", str(sft_run), *precompute, cache=cache)
+        done = launch(mode, "kto.py", run, *TINY, *CHAIN[mode], "--model_id", str(sft_run), *precompute, *data,
+                      cache=cache, rows_with=TOOL_CALL)
         assert done["metrics"]["global_step"] == 2
+        (held, trained), other = done["rows"]
+        # a trajectory in its own row's completion, and in another row's as TRL's mismatched KL completion
+        assert other == (held, trained) and 0 < held <= 16 and trained < 2 * pairs, done["output"][-3000:]
         assert (run / "kto_reference").is_dir() == precomputed  # train and held-out rows, one file each, if asked
         if precompute:
             assert len(list((run / "kto_reference").glob("cache-*.arrow"))) == 2
