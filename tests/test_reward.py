@@ -206,6 +206,25 @@ def test_the_held_out_report_scores_the_pairs_trl_kept_and_says_how_many_it_left
         held_out_report(trainer.model, tokenizer, pairs, tmp_path, max_length=1)
 
 
+def test_the_held_out_report_takes_trls_own_kept_pairs_and_tokens(reward_run, monkeypatch):
+    """The report derived TRL's max_length filter again by tokenizing every held-out pair, then tokenized the kept ones
+    a second time to score them: it takes the pairs (and tokens) TRL's RewardTrainer kept, the trainer's held-out
+    data, and tokenizes nothing itself."""
+    from alignkit.feedback import rewards
+    from alignkit.train.reward import held_out_report
+
+    def tokenized_again(*a, **k):
+        raise AssertionError("the held-out pairs were tokenized again")
+
+    monkeypatch.setattr(rewards, "token_ids", tokenized_again)
+    trainer, folder = reward_run["trainer"], reward_run["run_folder"]
+    report = held_out_report(trainer.model, reward_run["loaded"].tokenizer, reward_run["eval_data"], folder,
+                             max_length=reward_run["settings"].max_length, write=False, trainer=trainer)
+    written = json.loads((folder / "held_out_rewards.json").read_text())
+    assert (report["held_out_pairs"], report["held_out_left_out"]) == (len(reward_run["eval_data"]), 0)
+    assert report["held_out_accuracy"] == pytest.approx(written["held_out_accuracy"])
+
+
 def test_reward_callable_loads_the_run_folder_and_scores_as_trained(reward_run):
     """alignkit.feedback.rewards.load("rm:FOLDER") rebuilds the model from the folder alone: the held-out rewards that
     reward.py computed with the model in memory come back, and the rule-following answers win."""

@@ -69,8 +69,7 @@ def trained_on_text(folder: str) -> bool:
 
 def token_ids(tokenizer, conversations: list[list[dict] | str],
               template_kwargs: dict | None = None) -> list[list[int]]:
-    """Each conversation's tokens as TRL's RewardTrainer tokenizes a pair's answer (`score`'s docstring says how);
-    reward.py's held-out report leaves out the pairs whose tokens TRL's max_length filter dropped."""
+    """Each conversation's tokens as TRL's RewardTrainer tokenizes a pair's answer (`score`'s docstring says how)."""
     ids = []
     for c in conversations:
         if isinstance(c, str):
@@ -97,12 +96,18 @@ def score(model, tokenizer, conversations: list[list[dict] | str], batch_size: i
     ids = token_ids(tokenizer, conversations, template_kwargs)
     if longer is not None:
         longer([len(i) for i in ids])
+    return score_ids(model, tokenizer.pad_token_id, ids, batch_size, max_length)
+
+
+def score_ids(model, pad: int, ids: list[list[int]], batch_size: int = 16,
+              max_length: int | None = None) -> list[float]:
+    """`score` of conversations already tokenized (reward.py's held-out report: TRL's RewardTrainer's own tokens of
+    the pairs it kept), `pad` the tokenizer's pad_token_id."""
     if max_length:
         ids = [i[-max_length:] for i in ids]
     order = sorted(range(len(ids)), key=lambda n: -len(ids[n]))  # similar lengths share a batch: less padding
     out = [0.0] * len(ids)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]

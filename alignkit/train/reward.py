@@ -37,6 +37,7 @@ from alignkit.core.data import DataError
 from alignkit.train.resuming import EndsAtMaxSteps
 
 LOSSES = ("bradley_terry", "logexp", "logexpwithlm")
+ROW = "alignkit_held_out_row"  # a held-out pair's row number, through TRL's preparation (held_out_report)
 SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("chosen_score", "rejected_score"),
                  ("chosen_grade", "rejected_grade"))  # UltraFeedback's; label.py's pairs; its --grade_pairs
 
@@ -173,6 +174,7 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
 
         from alignkit.modeling import template_rows
 
+        kwargs["eval_dataset"] = _numbered(kwargs.get("eval_dataset"))  # held_out_report finds the pairs TRL kept
         given = (row_count(kwargs.get("train_dataset")), row_count(kwargs.get("eval_dataset")))
         data = {"the training data": kwargs.get("train_dataset"), "the held-out data": kwargs.get("eval_dataset")}
         with template_rows.refused(kwargs.get("processing_class"), data):
@@ -312,40 +314,64 @@ def _reshard(model) -> None:
             module.reshard()
 
 
+def _numbered(dataset):
+    """`dataset` (held-out pairs) with each row's number in it, in ROW: TRL's RewardTrainer keeps the column through
+    its tokenizing and max_length filter (its collator reads only the ids and margins), so the rows it kept name
+    their pairs."""
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset) or ROW in dataset.column_names:
+        return dataset
+    return dataset.add_column(ROW, list(range(len(dataset))))
+
+
+def kept_by_trl(pairs, tokenizer, max_length: int | None, trainer=None):
+    """The held-out pairs TRL's RewardTrainer keeps at `max_length`, as it tokenized them (chosen_ids, rejected_ids)
+    with their row numbers in `pairs` (ROW): the trainer's own held-out data where it trained at that length, else
+    TRL's preparation of them run here. TRL's filter and tokenization are the only ones: the report's pairs and tokens
+    are TRL's (they were derived again here, every pair tokenized twice)."""
+    from types import SimpleNamespace
+
+    from trl import RewardTrainer
+
+    prepared = getattr(trainer, "eval_dataset", None)
+    if getattr(getattr(trainer, "args", None), "max_length", None) == max_length and \
+            ROW in (getattr(prepared, "column_names", None) or ()) and len(prepared) <= len(pairs):
+        return prepared
+    args = SimpleNamespace(max_length=max_length, dataset_num_proc=None)  # all that its preparation reads
+    return RewardTrainer._prepare_dataset(None, _numbered(pairs), tokenizer, args, "eval")
+
+
 def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16, max_length: int | None = None,
                     write: bool = True, settings=None, trainer=None) -> dict:
     """Score the held-out pairs TRL's RewardTrainer kept; accuracy, means and standard deviations, and (`write`) a
     histogram PNG and the scores in `folder`. TRL drops a pair whose prompt + an answer is longer than `max_length`
     (its eval_accuracy is over the rest): such a pair is left out here too, counted in `held_out_left_out` (its row
     in `left_out` of held_out_rewards.json); it was scored cut to `max_length`, a report over other pairs than
-    eval_accuracy's (found by an audit). `settings`: refused, as the saving would be, where the run trained with
-    others (a notebook's settings cell run again before the saving cell) before anything is written; `trainer`:
+    eval_accuracy's (found by an audit). The pairs and their tokens are TRL's (`kept_by_trl`: the trainer's held-out
+    data where `trainer` trained at `max_length`). `settings`: refused, as the saving would be, where the run trained
+    with others (a notebook's settings cell run again before the saving cell) before anything is written; `trainer`:
     refused where it trained another folder (a notebook's earlier run's, left by a refused training cell).
 
     Under FSDP or ZeRO-3 a forward pass is a collective (each layer gathers its weights from every rank): every
     rank must call this with the trained, wrapped model (`trainer.model`), and only the main process writes.
     """
     from alignkit.core.args import ConfigError
-    from alignkit.feedback.rewards import score, token_ids
+    from alignkit.feedback.rewards import score_ids
     from alignkit.train.cell_checks import check_trainer_folder
     from alignkit.train.run_folder import check_trained
 
     check_trainer_folder(trainer, folder)
     check_trained(folder, settings)  # a training stopped in this process: its half-trained model is no report
-    answers = {"chosen": [p + c for p, c in zip(pairs["prompt"], pairs["chosen"])],
-               "rejected": [p + r for p, r in zip(pairs["prompt"], pairs["rejected"])]}
-    left_out = []
-    if max_length:  # TRL's filter, over the tokens as TRL tokenized them (score() reads them the same way)
-        lengths = zip(*(map(len, token_ids(tokenizer, texts)) for texts in answers.values()))
-        left_out = [n for n, pair in enumerate(lengths) if max(pair) > max_length]
-        if len(left_out) == len(answers["chosen"]):
-            raise ConfigError(f"--max_length {max_length}: prompt + an answer is longer than that in every one of the "
-                              f"{len(left_out)} held-out pairs, so TRL drops them all; raise --max_length")
-        dropped = set(left_out)
-        answers = {k: [t for n, t in enumerate(texts) if n not in dropped] for k, texts in answers.items()}
+    kept = kept_by_trl(pairs, tokenizer, max_length, trainer)
+    rows = list(kept[ROW])
+    left_out = sorted(set(range(len(pairs))) - set(rows))
+    if not rows:
+        raise ConfigError(f"--max_length {max_length}: prompt + an answer is longer than that in every one of the "
+                          f"{len(left_out)} held-out pairs, so TRL drops them all; raise --max_length")
     model.eval()
-    chosen = score(model, tokenizer, answers["chosen"], batch_size, max_length)
-    rejected = score(model, tokenizer, answers["rejected"], batch_size, max_length)
+    chosen = score_ids(model, tokenizer.pad_token_id, list(kept["chosen_ids"]), batch_size)
+    rejected = score_ids(model, tokenizer.pad_token_id, list(kept["rejected_ids"]), batch_size)
     _reshard(model)
     c, r = torch.tensor(chosen), torch.tensor(rejected)
     report = {
