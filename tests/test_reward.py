@@ -225,6 +225,26 @@ def test_the_held_out_report_takes_trls_own_kept_pairs_and_tokens(reward_run, mo
     assert report["held_out_accuracy"] == pytest.approx(written["held_out_accuracy"])
 
 
+def test_held_out_rewards_name_each_scored_pair_by_its_row_and_id(reward_run, tmp_path):
+    """held_out_rewards.json had each pair's chosen and rejected rewards but nothing to say which pair they were: each
+    score names its pair's row in the held-out pairs (`rows`), and its id where the pairs have an `id` column."""
+    from alignkit.train.reward import held_out_report
+
+    trainer, tokenizer = reward_run["trainer"], reward_run["loaded"].tokenizer
+    pairs = reward_run["eval_data"]
+    pairs = pairs.add_column("id", [f"pair-{n}" for n in range(len(pairs))])
+    tokenized = trainer.eval_dataset  # every held-out pair as TRL tokenized it
+    longest = [max(len(c), len(r)) for c, r in zip(tokenized["chosen_ids"], tokenized["rejected_ids"])]
+    limit = sorted(longest)[len(longest) // 2]  # some pairs left out: the rows name those scored
+    held_out_report(trainer.model, tokenizer, pairs, tmp_path, max_length=limit)
+    written = json.loads((tmp_path / "held_out_rewards.json").read_text())
+    kept = [n for n, length in enumerate(longest) if length <= limit]
+    assert written["rows"] == kept and written["ids"] == [f"pair-{n}" for n in kept]
+    whole = json.loads((reward_run["run_folder"] / "held_out_rewards.json").read_text())  # the run's: every pair
+    assert whole["rows"] == list(range(len(pairs))) and "ids" not in whole
+    assert written["chosen"] == pytest.approx([whole["chosen"][n] for n in written["rows"]], abs=1e-4)
+
+
 def test_reward_callable_loads_the_run_folder_and_scores_as_trained(reward_run):
     """alignkit.feedback.rewards.load("rm:FOLDER") rebuilds the model from the folder alone: the held-out rewards that
     reward.py computed with the model in memory come back, and the rule-following answers win."""
