@@ -125,6 +125,21 @@ def test_a_reward_run_records_its_settings_so_a_rerun_resumes_and_its_card_repor
     assert accuracy == json.loads((folder / "held_out_rewards.json").read_text())["held_out_accuracy"]
 
 
+def test_a_reward_card_lists_lm_loss_coef_only_for_the_loss_that_reads_it(tmp_path, monkeypatch):
+    """The card's training settings listed --lm_loss_coef (its default 1e-6) for a bradley_terry or logexp run, where
+    it does nothing: only logexpwithlm's LM term reads it."""
+    from alignkit.core.card import model_card
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for loss in ("bradley_terry", "logexp", "logexpwithlm"):
+        (tmp_path / loss).mkdir()
+        (tmp_path / loss / "alignkit_config.json").write_text(json.dumps(
+            {"model_id": "org/base", "run_type": "reward", "loss": loss, "lm_loss_coef": 1e-6}))
+        settings = model_card(tmp_path / loss).split("## Training settings")[1]
+        assert ("| lm_loss_coef | `1e-06` |" in settings) == (loss == "logexpwithlm"), (loss, settings)
+        assert f"| loss | `\"{loss}\"` |" in settings
+
+
 def test_eval_accuracy_is_the_share_of_held_out_pairs_whatever_the_batches():
     """TRL's log averages each metric's entries, and one entry per batch made eval_accuracy a mean of batch means: 73
     held-out pairs in batches of 8 said 0.5375 beside the summary's exact 36 of 73, 0.493 (the reward audit of

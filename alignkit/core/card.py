@@ -467,6 +467,8 @@ def model_card(folder, repo_id: str | None = None, in_progress: bool = False, at
         unread = MIXED_OVER if settings.get("dataset_mixture") else ()  # the script's defaults, not what it read
         if isinstance(held := settings.get("held_out"), dict) and held.get("share") is None:
             unread += ("eval_split",)  # a split of its own was held out, not an --eval_split share of the rows
+        if run_type == "reward" and settings.get("loss") != "logexpwithlm":
+            unread += ("lm_loss_coef",)  # the weight of logexpwithlm's LM term: no other loss reads it
         lines += [f"| {k} | `{json.dumps(_shown(v))}` |" for k, v in settings.items()
                   if v not in (None, "", [], False) and k not in RECORDED_BESIDE and k not in unread]
         if held := said_held_out(settings.get("held_out")):  # dataset_test_split auto, as it resolved
