@@ -240,23 +240,30 @@ def test_the_held_out_report_takes_trls_own_kept_pairs_and_tokens(reward_run, mo
     assert report["held_out_accuracy"] == pytest.approx(written["held_out_accuracy"])
 
 
-def test_held_out_rewards_name_each_scored_pair_by_its_row_and_id(reward_run, tmp_path):
-    """held_out_rewards.json had each pair's chosen and rejected rewards but nothing to say which pair they were: each
-    score names its pair's row in the held-out pairs (`rows`), and its id where the pairs have an `id` column."""
+def test_held_out_rewards_name_each_scored_pair_by_its_row_and_the_pair(reward_run, tmp_path):
+    """held_out_rewards.json had each pair's chosen and rejected rewards but nothing to say which pair they were (the
+    held-out split is written nowhere else): each score names its pair's row in the held-out pairs (`rows`), and
+    held_out_pairs.jsonl holds each scored pair with its two rewards."""
     from alignkit.train.reward import held_out_report
 
     trainer, tokenizer = reward_run["trainer"], reward_run["loaded"].tokenizer
     pairs = reward_run["eval_data"]
-    pairs = pairs.add_column("id", [f"pair-{n}" for n in range(len(pairs))])
     tokenized = trainer.eval_dataset  # every held-out pair as TRL tokenized it
     longest = [max(len(c), len(r)) for c, r in zip(tokenized["chosen_ids"], tokenized["rejected_ids"])]
     limit = sorted(longest)[len(longest) // 2]  # some pairs left out: the rows name those scored
     held_out_report(trainer.model, tokenizer, pairs, tmp_path, max_length=limit)
     written = json.loads((tmp_path / "held_out_rewards.json").read_text())
     kept = [n for n, length in enumerate(longest) if length <= limit]
-    assert written["rows"] == kept and written["ids"] == [f"pair-{n}" for n in kept]
+    assert written["rows"] == kept
+    lines = [json.loads(line) for line in (tmp_path / "held_out_pairs.jsonl").read_text().splitlines()]
+    assert [line["row"] for line in lines] == kept
+    assert [line["chosen_reward"] for line in lines] == written["chosen"]
+    assert [line["rejected_reward"] for line in lines] == written["rejected"]
+    assert [line["chosen"] for line in lines] == [pairs[n]["chosen"] for n in kept]
+    assert [line["rejected"] for line in lines] == [pairs[n]["rejected"] for n in kept]
     whole = json.loads((reward_run["run_folder"] / "held_out_rewards.json").read_text())  # the run's: every pair
-    assert whole["rows"] == list(range(len(pairs))) and "ids" not in whole
+    assert whole["rows"] == list(range(len(pairs)))
+    assert len((reward_run["run_folder"] / "held_out_pairs.jsonl").read_text().splitlines()) == len(pairs)
     assert written["chosen"] == pytest.approx([whole["chosen"][n] for n in written["rows"]], abs=1e-4)
 
 

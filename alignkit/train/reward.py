@@ -347,8 +347,8 @@ def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16,
     """Score the held-out pairs TRL's RewardTrainer kept; accuracy, means and standard deviations, and (`write`) a
     histogram PNG and the scores in `folder`. TRL drops a pair whose prompt + an answer is longer than `max_length`
     (its eval_accuracy is over the rest): such a pair is left out here too, counted in `held_out_left_out` (its row
-    in `left_out` of held_out_rewards.json, whose `rows` name each scored pair's row, `ids` its id where the pairs have
-    an `id` column); it was scored cut to `max_length`, a report over other pairs than
+    in `left_out` of held_out_rewards.json, whose `rows` name each scored pair's row; each scored pair with its
+    rewards in held_out_pairs.jsonl); it was scored cut to `max_length`, a report over other pairs than
     eval_accuracy's (found by an audit). The pairs and their tokens are TRL's (`kept_by_trl`: the trainer's held-out
     data where `trainer` trained at `max_length`). `settings`: refused, as the saving would be, where the run trained
     with others (a notebook's settings cell run again before the saving cell) before anything is written; `trainer`:
@@ -386,11 +386,16 @@ def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16,
     if not write:
         return report
     histogram(chosen, rejected, Path(report["histogram"]))
-    # Each score's pair by its row in the held-out pairs (and its id, where they have one): they joined back to nothing.
-    ids = list(pairs["id"]) if "id" in pairs.column_names else None
-    which = {"rows": rows, **({"ids": [ids[n] for n in rows]} if ids is not None else {})}
+    # Each score's pair: its row in the held-out pairs, and the pair itself in held_out_pairs.jsonl (the held-out
+    # split is written nowhere else, so the scores joined back to nothing).
     (Path(folder) / "held_out_rewards.json").write_text(json.dumps({**report, "chosen": chosen, "rejected": rejected,
-                                                                    **which, "left_out": left_out}, default=str))
+                                                                    "rows": rows, "left_out": left_out}))
+    columns = [c for c in ("prompt", "chosen", "rejected") if c in pairs.column_names]
+    with open(Path(folder) / "held_out_pairs.jsonl", "w") as f:
+        for n, c_reward, r_reward in zip(rows, chosen, rejected):
+            pair = pairs[n]
+            f.write(json.dumps({"row": n, "chosen_reward": c_reward, "rejected_reward": r_reward,
+                                **{c: pair[c] for c in columns}}, default=str) + "\n")
     logger.info(f"held-out rewards ({held_out_pairs(report, max_length)}): chosen {report['chosen_mean']:.3f} ± "
                 f"{report['chosen_std']:.3f}, rejected {report['rejected_mean']:.3f} ± {report['rejected_std']:.3f}, "
                 f"histogram {report['histogram']}")
