@@ -750,11 +750,12 @@ def test_a_settings_cell_that_fails_anywhere_in_a_notebook_leaves_the_kernel_wit
     failed = run_cell("settings = parse_config(SFTSettings, overrides={})\nestablish_launch(settings, 'sft.py')")
     assert "accelerate launch asks for mixed_precision bf16" in str(failed)
     assert {"settings", "kept"}.isdisjoint(names) and names["other"] == 1 and "dpo" in names
+    assert errors._GONE["settings"] == errors.FORGOTTEN  # taken out: not "never set", though the cell sets it too
     errors._show_in_cell(kernel, NameError, NameError("name 'settings' is not defined", name="settings"), None)
     assert capsys.readouterr().err.startswith("error: settings: the settings cell stopped with an error")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     assert run_cell("settings = parse_config(SFTSettings, overrides={})\nestablish_launch(settings, 'sft.py')") is None
-    assert names["settings"].model_id == "new" and "settings" not in errors._FORGOTTEN  # a later NameError is its own
+    assert names["settings"].model_id == "new" and "settings" not in errors._GONE  # a later NameError is its own
     # A parse that fails where the cell's text does not show it (a helper of the user's; a `%%time` cell, whose magic
     # keeps the error from IPython): parse_config itself takes the settings out (the review of session 28).
     from alignkit.core.args import parse_config
@@ -766,19 +767,19 @@ def test_a_settings_cell_that_fails_anywhere_in_a_notebook_leaves_the_kernel_wit
     # A fresh kernel whose first settings cell fails: `settings` never was, so nothing was taken out, and the cells
     # below showed a NameError traceback (Python's rule took it for a typo of the imported SFTSettings; the notebook
     # audit of session 35). Only what the cell's own code binds, not a name read in a target nor a function's local.
-    errors._FORGOTTEN.clear()
+    errors._GONE.clear()
     names.clear()
     names.update(SFTSettings=SFTSettings, table={},
                  parse_config=lambda cls, **kw: (_ for _ in ()).throw(ConfigError("unknown setting: 'max_step'")))
     cell = ("overrides = {}\nsettings, other_name = parse_config(SFTSettings, overrides=overrides), 1\n"
             "import os as system\ntable[key] = 1\ndef helper():\n    inner = 1\nfor step in []: pass")
     assert "max_step" in str(run_cell(cell))
-    assert errors._NEVER_SET == {"settings", "other_name", "system", "helper", "step"} and not errors._FORGOTTEN
+    assert errors._GONE == dict.fromkeys(["settings", "other_name", "system", "helper", "step"], errors.NEVER_SET)
     errors._show_in_cell(kernel, NameError, NameError("name 'settings' is not defined", name="settings"), None)
     assert capsys.readouterr().err == ("error: settings: the settings cell stopped with an error (see its line) before "
                                        "it set settings: fix it and run it, then the cells from there down\n")
-    assert run_cell("settings = 1") is None and "settings" not in errors._NEVER_SET  # set since: its own again
-    errors._NEVER_SET.clear()
+    assert run_cell("settings = 1") is None and "settings" not in errors._GONE  # set since: its own again
+    errors._GONE.clear()
 
 
 def test_a_refusal_that_embeds_text_of_several_lines_is_said_on_one_line(monkeypatch, capsys):

@@ -191,8 +191,8 @@ def _settings_cell_failed(result) -> None:
     names = getattr(shell, "user_ns", None)
     if not isinstance(names, dict):
         return
-    for gone in (_FORGOTTEN, _NEVER_SET):  # set again since: a NameError is its own
-        gone.difference_update([n for n in gone if n in names])
+    for name in [n for n in _GONE if n in names]:  # set again since: a NameError is its own
+        del _GONE[name]
     if getattr(result, "error_in_exec", None) is None:
         return
     try:  # the cell's source as Python (IPython runs it a statement at a time: no frame holds it whole)
@@ -207,7 +207,7 @@ def _settings_cell_failed(result) -> None:
     _forget(names, {type(names[n]) for n in named if _is_settings(names.get(n))})
     # What it would have set and did not (a fresh kernel's first run: `settings` never was): the cells below say the
     # settings cell stopped, not the traceback of a typo of the imported SFTSettings that Python's rule took it for.
-    _NEVER_SET.update(n for n in _cell_sets(tree) if n not in names)
+    _GONE.update({n: _GONE.get(n, NEVER_SET) for n in _cell_sets(tree) if n not in names})  # not one it took out
 
 
 def _cell_sets(tree) -> set[str]:
@@ -242,7 +242,7 @@ def forget_failed_settings(cls) -> None:
 def _forget(names: dict, kinds: set) -> None:
     for name in [n for n, value in names.items() if not n.startswith("_") and type(value) in kinds]:
         del names[name]
-        _FORGOTTEN.add(name)
+        _GONE[name] = FORGOTTEN
 
 
 def _is_settings(value) -> bool:
@@ -254,8 +254,8 @@ def _is_settings(value) -> bool:
         type(value).__module__.startswith("alignkit.")
 
 
-_FORGOTTEN: set[str] = set()  # names of settings a failed settings cell took out of the kernel
-_NEVER_SET: set[str] = set()  # names a failed settings cell would have set, never set (a fresh kernel's first run)
+FORGOTTEN, NEVER_SET = "forgotten", "never set"  # why a failed settings cell left a name undefined (_GONE)
+_GONE: dict[str, str] = {}  # name -> why: its settings taken out (_forget), or never set (a fresh kernel's first run)
 
 
 def _show_in_cell(shell, kind, error, tb, tb_offset=None):
@@ -273,11 +273,11 @@ def _show_in_cell(shell, kind, error, tb, tb_offset=None):
         import builtins
 
         name = getattr(error, "name", None) or ""
-        if name in _FORGOTTEN:  # not a typo of SFTSettings, which Python's rule would take it for
+        if _GONE.get(name) == FORGOTTEN:  # not a typo of SFTSettings, which Python's rule would take it for
             print(f"error: {name}: the settings cell stopped with an error (see its line), so its earlier settings "
                   "are gone from the kernel: fix it and run it, then the cells from there down", file=sys.stderr)
             return None
-        if name in _NEVER_SET:
+        if _GONE.get(name) == NEVER_SET:
             print(f"error: {name}: the settings cell stopped with an error (see its line) before it set {name}: fix "
                   "it and run it, then the cells from there down", file=sys.stderr)
             return None
