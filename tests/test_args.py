@@ -772,9 +772,13 @@ def test_a_settings_cell_that_fails_anywhere_in_a_notebook_leaves_the_kernel_wit
     names.update(SFTSettings=SFTSettings, table={},
                  parse_config=lambda cls, **kw: (_ for _ in ()).throw(ConfigError("unknown setting: 'max_step'")))
     cell = ("overrides = {}\nsettings, other_name = parse_config(SFTSettings, overrides=overrides), 1\n"
-            "import os as system\ntable[key] = 1\ndef helper():\n    inner = 1\nfor step in []: pass")
+            "import os as system\ntable[key] = 1\ndef helper():\n    inner = 1\nfor step in []: pass\n"
+            "rows = [row for row in [1] if (kept := row)]\nsums = {k: v for k, v in {}.items()}")
     assert "max_step" in str(run_cell(cell))
-    assert errors._GONE == dict.fromkeys(["settings", "other_name", "system", "helper", "step"], errors.NEVER_SET)
+    # Not a comprehension's loop variables (its own in Python 3: `row`, `k`, `v` were never the cell's), but a :=
+    # in one binds the cell's (`kept`).
+    assert errors._GONE == dict.fromkeys(["settings", "other_name", "system", "helper", "step", "rows", "kept", "sums"],
+                                         errors.NEVER_SET)
     errors._show_in_cell(kernel, NameError, NameError("name 'settings' is not defined", name="settings"), None)
     assert capsys.readouterr().err == ("error: settings: the settings cell stopped with an error (see its line) before "
                                        "it set settings: fix it and run it, then the cells from there down\n")

@@ -212,7 +212,8 @@ def _settings_cell_failed(result) -> None:
 
 def _cell_sets(tree) -> set[str]:
     """The names a cell's own code binds in the kernel (assignments, imports, for/with targets, :=), not those inside
-    its functions and classes, nor names only read in a target (`d[key] = v`)."""
+    its functions and classes, nor a comprehension's loop variables (its own in Python 3), nor names only read in a
+    target (`d[key] = v`)."""
     import ast
 
     bound, todo = set(), list(tree.body)
@@ -227,7 +228,8 @@ def _cell_sets(tree) -> set[str]:
             bound.add(node.id)
         elif isinstance(node, ast.alias):
             bound.add((node.asname or node.name).split(".")[0])
-        todo.extend(ast.iter_child_nodes(node))
+        # A comprehension's target is its own; a := in its iterables or conditions binds the cell's.
+        todo.extend([node.iter, *node.ifs] if isinstance(node, ast.comprehension) else ast.iter_child_nodes(node))
     return bound
 
 
