@@ -30,9 +30,10 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
                         ".gguf file, or a Hub id")
     if Path(source).exists() or hub_gguf(source):  # a Hub GGUF file checks itself as it downloads (gguf.locate)
         return
+    above = _found_above(source)  # "found at ../runs/tiny-dpo: ..." for each refusal below
     if _looks_local(source):
         raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}, and not a Hub id; "
-                        f"{_found_above(source) or 'check the path'}")
+                        f"{above or 'check the path'}")
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -40,15 +41,15 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
         validate_repo_id(source)
     except HFValidationError as e:
         raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}, and not a Hub id "
-                        f"({str(e).rstrip('.')}); {_found_above(source) or 'check the path'}") from None
+                        f"({str(e).rstrip('.')}); {above or 'check the path'}") from None
 
     if cache and constants.HF_HUB_OFFLINE and not any(
         isinstance(try_to_load_from_cache(source, name, revision=revision), str)
         for name in ("config.json", "adapter_config.json")
     ):
         at = f" at revision {revision}" if revision else ""
-        if _names_local_folder(source):  # runs/tiny-dpo from a notebook's folder: no Hub id to download
-            fix = _found_above(source) or "check the path (a run: train it first)"
+        if _names_local_folder(source, above):  # runs/tiny-dpo from a notebook's folder: no Hub id to download
+            fix = above or "check the path (a run: train it first)"
             raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}, nor a Hub id the "
                             f"Hugging Face cache holds{at}; {fix}")
         raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
@@ -74,11 +75,12 @@ def _found_above(source: str) -> str | None:
     return None
 
 
-def _names_local_folder(source: str) -> bool:
+def _names_local_folder(source: str, above: str | None) -> bool:
     """An `owner/name` that names a local folder rather than a Hub model: alignkit's runs/ folder, a folder of its
-    first part here (runs/ there, runs/tiny-dpo not), or the path found above the working folder."""
+    first part here (runs/ there, runs/tiny-dpo not), or the path found above the working folder (`above`, what
+    _found_above said of it)."""
     first = source.split("/")[0]
-    return first == "runs" or Path(first).is_dir() or _found_above(source) is not None
+    return first == "runs" or Path(first).is_dir() or above is not None
 
 
 def check_model_sources(s, sources) -> None:
