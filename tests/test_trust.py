@@ -475,6 +475,29 @@ def test_trl_settings_conversations_leave_without_effect_are_said(tiny_cache, al
     assert "not applied" not in alignkit_log.text and "--eos_token" not in alignkit_log.text
 
 
+def test_sft_reads_the_tokenizer_once_for_its_end_tokens(tiny_cache, monkeypatch):
+    """sft.py checked --eos_token/--pad_token against the tokenizer in preflight (check_end_tokens) and again in
+    check_loss_mask, reading the tokenizer a second time (a re-read of the code): preflight's check is the one, and
+    check_loss_mask reads the tokenizer only where the chat template decides something (a loss mask, an eos_token on
+    conversations)."""
+    from datasets import Dataset
+
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import SFTSettings
+    from alignkit.train import loss_mask
+
+    s = parse_config(SFTSettings, env_file=None, presets={"tiny": presets.defaults("sft")}, args=["--preset", "tiny"])
+    s.trainer_overrides = {"pad_token": loss_mask._tokenizer(s).eos_token}  # one the vocabulary has
+    reads = []
+    real = loss_mask._tokenizer
+    monkeypatch.setattr(loss_mask, "_tokenizer", lambda *a, **kw: reads.append(a) or real(*a, **kw))
+    loss_mask.check_end_tokens(s)  # preflight's
+    turns = [{"role": "user", "content": "name three fruits."}, {"role": "assistant", "content": "apple,pear,plum."}]
+    for rows in ([{"messages": turns}] * 2, [{"prompt": "name three fruits.", "completion": "apple,pear,plum."}] * 2):
+        loss_mask.check_loss_mask(s, Dataset.from_list(rows))
+    assert len(reads) == 1
+
+
 # ---------------------------------------------------------------- 11. no bitsandbytes kernel warning, no DeepSpeed CPU note
 def test_a_run_without_4bit_weights_prints_none_of_the_libraries_notes(tiny_cache, tmp_path):
     """bitsandbytes' CPU-kernel warning (printed on import on a CPU with AVX512-BF16), DeepSpeed's CPU note and

@@ -2,9 +2,9 @@
 
 - `check_loss_mask`: a loss mask the rows or the chat template cannot give (--train_on completions on plain text,
   TRL's assistant_only_loss on rows that are no conversation or under a template without {% generation %}
-  markers), refused in one line; TRL's eos_token and pad_token outside the vocabulary, refused; a TRL setting these
-  rows leave without effect (completion_only_loss on conversations, eos_token where the template ends the turns),
-  said. Each of these was TRL's traceback after the model loaded, or nothing at all.
+  markers), refused in one line; a TRL setting these rows leave without effect (completion_only_loss on
+  conversations, eos_token where the template ends the turns), said. Each of these was TRL's traceback after the
+  model loaded, or nothing at all.
 - `check_end_tokens`: TRL's eos_token and pad_token outside the vocabulary, refused for every script that takes
   them (alignkit.train.training.preflight; rlaif.py on its starting model), from the tokenizer alone.
 - `loss_mask_settings`: the SFTConfig flags that put the loss on completions or assistant turns where the data
@@ -92,9 +92,10 @@ def check_loss_mask(s, dataset) -> None:
     """A loss mask the rows cannot have, refused as the data is read (before the model loads): --train_on
     completions and TRL's completion_only_loss on plain text (every token was trained, without a word), TRL's
     assistant_only_loss on rows that are no conversation or under a chat template without {% generation %}
-    markers, and TRL's eos_token or pad_token outside the vocabulary (TRL's tracebacks once the model had loaded).
-    completion_only_loss on conversations and eos_token where the chat template ends the turns are said: TRL
-    leaves them without effect on these rows."""
+    markers (TRL's tracebacks once the model had loaded). completion_only_loss on conversations and eos_token where
+    the chat template ends the turns are said: TRL leaves them without effect on these rows. TRL's eos_token and
+    pad_token outside the vocabulary are preflight's (check_end_tokens): the tokenizer is read here only for the
+    template."""
     from trl.data_utils import is_conversational
 
     if dataset is None or not len(dataset):
@@ -122,14 +123,13 @@ def check_loss_mask(s, dataset) -> None:
     masked = conversations and (overrides.get("assistant_only_loss") is True or
                                 (s.train_on == "completions" and "completion" not in columns
                                  and "assistant_only_loss" not in overrides))
-    tokens = _end_tokens(s)
-    if not (masked or tokens) or (tokenizer := _tokenizer(s)) is None:
+    eos_token = _end_tokens(s).get("eos_token") if conversations else None  # said below if the template ends turns
+    if not (masked or eos_token is not None) or (tokenizer := _tokenizer(s)) is None:
         return
-    check_end_tokens(s, tokenizer)
     template = getattr(tokenizer, "chat_template", None) or ""
-    if "eos_token" in tokens and conversations and "eos_token" not in str(template):
+    if eos_token is not None and "eos_token" not in str(template):
         # TRL appends eos_token to text and completion rows only; a template that renders `eos_token` takes it
-        logger.info(f"--eos_token {tokens['eos_token']}: not added to {name}'s rows, conversations whose turns "
+        logger.info(f"--eos_token {eos_token}: not added to {name}'s rows, conversations whose turns "
                     f"end as {_template_name(s)} writes them (TRL appends eos_token to plain text and "
                     "completions only); it becomes the saved tokenizer's eos token, the one generation stops at")
     if masked and template and not marks_assistant_turns(tokenizer):
