@@ -131,12 +131,17 @@ CASES = [
     # A reward model as an LLM judge: taken for a model name at the endpoint ("OPENAI_API_KEY is not set"), in
     # every script with --judge_model (the judges' shared settings group refuses it).
     *[(script, [*args, "--judge_model", "rm:runs/tiny-reward"],
-       "--judge_model rm:runs/tiny-reward: --judge_model names an LLM judge; a reward model judges in label.py "
-       "(--judge rm:FOLDER) and rewards in rl.py (--reward rm:FOLDER)", None)
+       "--judge_model rm:runs/tiny-reward: --judge_model names an LLM judge (evaluate.py pairwise also takes rule or "
+       "python:module:function); a reward model judges through --judge rm:FOLDER (label.py, rlaif.py) and rewards "
+       "through --reward rm:FOLDER (rl.py)", None)
       for script, args in (("evaluate.py", ["pairwise", "--preset", "tiny"]),
                            ("evaluate.py", ["alpaca_eval", "--preset", "tiny"]),
                            ("rl.py", [*TRAIN, "--reward", "judge"]),
-                           ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl"]))],
+                           ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl"]),
+                           ("rlaif.py", TRAIN))],
+    ("rlaif.py", [*TRAIN, "--eval_judge_model", "rm:runs/tiny-reward"],
+     "--eval_judge_model rm:runs/tiny-reward: evaluate.py pairwise judges by an LLM (--eval_judge_model NAME), rule or "
+     "python:module:function; a reward model judges the pairs through --judge rm:FOLDER", None),
     # A mistyped folder to reuse answers from reused nothing, without a word (audit).
     ("evaluate.py", ["pairwise", "--preset", "tiny", "--answers_from", "nowhere"],
      "--answers_from nowhere: no such folder; pass an earlier evaluation's --output_dir", None),

@@ -119,14 +119,14 @@ def test_a_sliding_window_model_trains_dpo_with_packed_pairs(mode, flags, window
     more than WINDOW positions on (every row is longer), and the adapter saved whole. Its rows: TRL's standard rows
     (texts: prompt, chosen, rejected; the support matrix's row said "not proven at 2 processes" for dpo.py under
     these launches), trained as plain text though the model has a chat template: every rank's training rows all
-    the texts (dpo.py on conversational rows under each launch: test_launch_real's dpo_run under DDP,
+    the texts, none of them rendered by the template (no `<|user|>`, its role marker) (dpo.py on conversational rows under each launch: test_launch_real's dpo_run under DDP,
     test_launch_sharded::test_dpo_packs_its_batches_precomputes_and_merges under the others)."""
     run, data = runs / f"dpo-windowed-{mode}", runs / f"dpo-windowed-{mode}-texts.jsonl"
     texts = pair_texts(data)
     done = launch(mode, "dpo.py", run, *TINY, *flags, "--model_id", str(windowed), "--loss_type", "sigmoid",
-                  "--eval_split", "0", "--dataset_id", str(data), cache=cache, rows_with="Q: ")
+                  "--eval_split", "0", "--dataset_id", str(data), cache=cache, rows_with="<|user|>")
     assert done["metrics"]["global_step"] == 2 and done["packed"] > 0 and done["own"] > 0, done
-    assert done["rows"] == [(texts, texts)] * 2, done["output"][-3000:]  # each pair, as its texts, on each rank
+    assert done["rows"] == [(0, texts)] * 2, done["output"][-3000:]  # each pair on each rank, none templated
     assert json.loads((run / "alignkit_config.json").read_text())["data_rows"] == "text"
     assert f"one mask per layer type: full_attention window None, sliding_attention window {WINDOW}" in done["output"]
     windows = re.findall(r"^launched windows: rank (\d); packed batches with the window in effect (\d+)$",

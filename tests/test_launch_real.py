@@ -535,6 +535,9 @@ def test_reward_with_its_held_out_report_on_two_processes(kind, reward_run):
     metrics = finished(run)
     held_out = json.loads((run / "held_out_rewards.json").read_text())
     assert metrics["held_out_pairs"] == held_out["held_out_pairs"] == len(held_out["chosen"]) > 0
+    scored = [json.loads(line) for line in (run / "held_out_pairs.jsonl").read_text().splitlines()]
+    assert [line["row"] for line in scored] == held_out["rows"] and [line["chosen_reward"] for line in scored] == \
+        held_out["chosen"]
     if kind == "lora-logexp-texts":  # trained on text rows, and recorded so (a judge scores it on texts)
         assert metrics["reward_rows"] == "text" and math.isfinite(metrics["train_loss"]), metrics
         assert json.loads((run / "alignkit_config.json").read_text())["loss"] == "logexp"

@@ -304,6 +304,9 @@ def test_reward_with_its_held_out_report(mode, flags, rows, cache, runs):
     assert json.loads((run / "alignkit_config.json").read_text())["loss"] == loss
     held_out = json.loads((run / "held_out_rewards.json").read_text())
     assert done["metrics"]["held_out_pairs"] == len(held_out["chosen"]) > 0
+    scored = [json.loads(line) for line in (run / "held_out_pairs.jsonl").read_text().splitlines()]
+    assert [line["row"] for line in scored] == held_out["rows"] and [line["chosen_reward"] for line in scored] == \
+        held_out["chosen"]  # each pair once, beside its rewards, whichever rank scored it
     assert (run / "rewards_histogram.png").is_file()
     weights = whole_adapter(run)
     assert {t.dtype for t in weights.values()} == {torch.float32}  # LoRA and the score head, fp32 as the run

@@ -224,20 +224,40 @@ def test_the_held_out_report_scores_the_pairs_trl_kept_and_says_how_many_it_left
 def test_the_held_out_report_takes_trls_own_kept_pairs_and_tokens(reward_run, monkeypatch):
     """The report derived TRL's max_length filter again by tokenizing every held-out pair, then tokenized the kept ones
     a second time to score them: it takes the pairs (and tokens) TRL's RewardTrainer kept, the trainer's held-out
-    data, and tokenizes nothing itself."""
+    data, and tokenizes nothing itself. Only for the pairs that trainer held out: other pairs (here the same ones
+    reversed) are TRL's preparation of them, each row's tokens its own pair's, and that preparation, whose barriers a
+    DDP launch's other ranks never reach, is refused under several processes."""
+    import accelerate
+    from trl import RewardTrainer
+
+    from alignkit.core.args import ConfigError
     from alignkit.feedback import rewards
-    from alignkit.train.reward import held_out_report
+    from alignkit.train.reward import ROW, held_out_report, kept_by_trl
 
     def tokenized_again(*a, **k):
         raise AssertionError("the held-out pairs were tokenized again")
 
+    trainer, folder, pairs = reward_run["trainer"], reward_run["run_folder"], reward_run["eval_data"]
+    tokenizer, length = reward_run["loaded"].tokenizer, reward_run["settings"].max_length
     monkeypatch.setattr(rewards, "token_ids", tokenized_again)
-    trainer, folder = reward_run["trainer"], reward_run["run_folder"]
-    report = held_out_report(trainer.model, reward_run["loaded"].tokenizer, reward_run["eval_data"], folder,
-                             max_length=reward_run["settings"].max_length, write=False, trainer=trainer)
+    with monkeypatch.context() as m:
+        m.setattr(RewardTrainer, "_prepare_dataset", tokenized_again)
+        assert kept_by_trl(pairs, tokenizer, length, trainer) is trainer.eval_dataset
+        report = held_out_report(trainer.model, tokenizer, pairs, folder, max_length=length, write=False,
+                                 trainer=trainer)
     written = json.loads((folder / "held_out_rewards.json").read_text())
-    assert (report["held_out_pairs"], report["held_out_left_out"]) == (len(reward_run["eval_data"]), 0)
+    assert (report["held_out_pairs"], report["held_out_left_out"]) == (len(pairs), 0)
     assert report["held_out_accuracy"] == pytest.approx(written["held_out_accuracy"])
+
+    reversed_pairs = pairs.select(list(reversed(range(len(pairs)))))
+    kept = kept_by_trl(reversed_pairs, tokenizer, length, trainer)  # not the trainer's: its row n is pair -1 - n
+    assert kept is not trainer.eval_dataset and list(kept[ROW]) == list(range(len(pairs)))
+    last = len(pairs) - 1
+    assert [kept["chosen_ids"][n] for n in range(len(pairs))] == \
+        [trainer.eval_dataset["chosen_ids"][last - n] for n in range(len(pairs))]
+    monkeypatch.setattr(accelerate, "PartialState", lambda: type("State", (), {"num_processes": 2})())
+    with pytest.raises(ConfigError, match="pass trainer= the RewardTrainer given these pairs"):
+        kept_by_trl(reversed_pairs, tokenizer, length, trainer)
 
 
 def test_held_out_rewards_name_each_scored_pair_by_its_row_and_the_pair(reward_run, tmp_path):

@@ -228,7 +228,7 @@ def _cell_sets(tree) -> set[str]:
             bound.add(node.id)
         elif isinstance(node, ast.alias):
             bound.add((node.asname or node.name).split(".")[0])
-        # A comprehension's target is its own; a := in its iterables or conditions binds the cell's.
+        # A comprehension's target is its own; a := in its conditions (or its element) binds the cell's.
         todo.extend([node.iter, *node.ifs] if isinstance(node, ast.comprehension) else ast.iter_child_nodes(node))
     return bound
 

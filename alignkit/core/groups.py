@@ -177,8 +177,9 @@ class JudgeEndpointSettings:
         if self.parallel < 1 or self.max_retries < 0 or self.request_timeout <= 0:
             raise ConfigError("parallel must be >= 1, max_retries >= 0 and request_timeout > 0")
         if (self.judge_model or "").startswith("rm:"):  # was taken for a name at the endpoint: "OPENAI_API_KEY..."
-            raise ConfigError(f"--judge_model {self.judge_model}: --judge_model names an LLM judge; a reward model "
-                              "judges in label.py (--judge rm:FOLDER) and rewards in rl.py (--reward rm:FOLDER)")
+            raise ConfigError(f"--judge_model {self.judge_model}: --judge_model names an LLM judge (evaluate.py "
+                              "pairwise also takes rule or python:module:function); a reward model judges through "
+                              "--judge rm:FOLDER (label.py, rlaif.py) and rewards through --reward rm:FOLDER (rl.py)")
 
 
 @dataclass

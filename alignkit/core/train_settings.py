@@ -368,6 +368,10 @@ class RLAIFSettings(TemplateArgumentsSettings, JudgeEndpointSettings, DPOSetting
         super().__post_init__()
         if self.rounds < 1 or self.num_samples < 2:
             raise ValueError(f"rounds must be >= 1 and num_samples >= 2, got {self.rounds} and {self.num_samples}")
+        if (self.eval_judge_model or "").startswith("rm:"):  # was refused by round 1's evaluate.py, as --judge_model
+            raise ValueError(f"--eval_judge_model {self.eval_judge_model}: evaluate.py pairwise judges by an LLM "
+                             "(--eval_judge_model NAME), rule or python:module:function; a reward model judges the "
+                             "pairs through --judge rm:FOLDER")
         if self.dataset_mixture or self.dataset_test_split:  # dpo.py trained on them instead of the round's labels
             raise ValueError("rlaif.py trains each round on the pairs it labels from --dataset_id's prompts: drop "
                              "dataset_mixture / dataset_test_split (held-out pairs: --eval_split; judged prompts: "

@@ -174,7 +174,9 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
 
         from alignkit.modeling import template_rows
 
-        kwargs["eval_dataset"] = _numbered(kwargs.get("eval_dataset"))  # held_out_report finds the pairs TRL kept
+        # held_out_report finds the pairs TRL kept, and takes them only for these very pairs (their fingerprint)
+        self.held_out_fingerprint = getattr(kwargs.get("eval_dataset"), "_fingerprint", None)
+        kwargs["eval_dataset"] = _numbered(kwargs.get("eval_dataset"))
         given = (row_count(kwargs.get("train_dataset")), row_count(kwargs.get("eval_dataset")))
         data = {"the training data": kwargs.get("train_dataset"), "the held-out data": kwargs.get("eval_dataset")}
         with template_rows.refused(kwargs.get("processing_class"), data):
@@ -327,17 +329,26 @@ def _numbered(dataset):
 
 def kept_by_trl(pairs, tokenizer, max_length: int | None, trainer=None):
     """The held-out pairs TRL's RewardTrainer keeps at `max_length`, as it tokenized them (chosen_ids, rejected_ids)
-    with their row numbers in `pairs` (ROW): the trainer's own held-out data where it trained at that length, else
-    TRL's preparation of them run here. TRL's filter and tokenization are the only ones: the report's pairs and tokens
-    are TRL's (they were derived again here, every pair tokenized twice)."""
+    with their row numbers in `pairs` (ROW): the trainer's own held-out data where it held out these very pairs
+    (the same dataset's fingerprint) and trained at that length, else TRL's preparation of them run here, in one
+    process only (TRL's preparation waits at barriers that a DDP launch's other ranks, which score nothing, never
+    reach). TRL's filter and tokenization are the only ones: the report's pairs and tokens are TRL's (they were
+    derived again here, every pair tokenized twice)."""
     from types import SimpleNamespace
 
-    from trl import RewardTrainer
+    from accelerate import PartialState
+
+    from alignkit.core.args import ConfigError
 
     prepared = getattr(trainer, "eval_dataset", None)
-    if getattr(getattr(trainer, "args", None), "max_length", None) == max_length and \
-            ROW in (getattr(prepared, "column_names", None) or ()) and len(prepared) <= len(pairs):
+    same = getattr(pairs, "_fingerprint", None) is not None and \
+        getattr(trainer, "held_out_fingerprint", None) == pairs._fingerprint
+    if same and getattr(getattr(trainer, "args", None), "max_length", None) == max_length and \
+            ROW in (getattr(prepared, "column_names", None) or ()):
         return prepared
+    if PartialState().num_processes > 1:
+        raise ConfigError("the held-out report under a launch of several processes scores the pairs its trainer held "
+                          "out, at the length it trained at: pass trainer= the RewardTrainer given these pairs")
     args = SimpleNamespace(max_length=max_length, dataset_num_proc=None)  # all that its preparation reads
     return RewardTrainer._prepare_dataset(None, _numbered(pairs), tokenizer, args, "eval")
 
