@@ -86,6 +86,27 @@ def test_kto_settings_refuse_what_cannot_work():
     assert KTOSettings(per_device_train_batch_size=1, loss_type="apo_zero_unpaired").loss_type == "apo_zero_unpaired"
 
 
+def test_kto_s_truncation_notes_name_what_kto_config_has(alignkit_log):
+    """--max_completion_length's note sent a kto.py user to --truncation_mode, which KTOConfig does not have:
+    kto.py refused it as unknown and suggested --truncation_side, itself named as not applied. Each note says how
+    TRL's KTOTrainer cuts, and a suggestion never names a setting the script names as not applied."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import DPOSettings
+
+    for flags in (["--max_completion_length", "64"], ["--truncation_mode", "keep_start"], ["--truncation_side", "left"]):
+        alignkit_log.clear()
+        assert parse_config(KTOSettings, env_file=None, args=flags) == parse_config(KTOSettings, env_file=None, args=[])
+        assert f"not applied, and why: {flags[0][2:]}: " in alignkit_log.text, flags
+        assert "KTOConfig has no truncation_mode: KTO always cuts the end" in alignkit_log.text, flags
+        assert "--truncation_mode says" not in alignkit_log.text and "(sft.py, dpo.py)" not in alignkit_log.text
+    alignkit_log.clear()
+    parse_config(DPOSettings, env_file=None, args=["--max_completion_length", "64"])  # DPOConfig has truncation_mode
+    assert "--truncation_mode says which end is cut" in alignkit_log.text
+    with pytest.raises(UserError) as error:  # not "did you mean --truncation_side?"
+        parse_config(KTOSettings, env_file=None, args=["--truncation_sid", "left"])
+    assert "truncation_side" not in str(error.value)
+
+
 def test_kto_takes_a_test_split_and_a_handbook_mixture_as_dpo_does(tmp_path):
     """kto.py read --dataset_id alone: a --dataset_test_split or a dataset_mixture was silently ignored."""
     import json

@@ -170,12 +170,13 @@ def _why_not(vocab, name, fields) -> str:
     return f"; {why}" if why else ""
 
 
-def _suggest(name, names, prefix="", cls=None):
+def _suggest(name, names, prefix="", cls=None, vocab=None, fields=()):
     """The way to say it: a setting the class names elsewhere (`elsewhere`: name -> where it goes instead), or the
-    closest setting name."""
+    closest setting name, of those a second vocabulary does not name as not applied or refused."""
     elsewhere = getattr(cls, "elsewhere", {}) or {}
     if str(name) in elsewhere:
         return f"; {elsewhere[str(name)]}"
+    names = vocab.suggestable(names, fields) if vocab is not None else names
     close = difflib.get_close_matches(str(name), list(names), n=1)
     return f"; did you mean {prefix}{close[0]}?" if close else ""
 
@@ -415,12 +416,13 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
         fields_layer, bad, said = _translate(vocab, layer, where, fields, label)
         dashes = "--" if layer is cli else ""
         unknown += [f"{show(k)} (in {where}"
-                    f"{_why_not(vocab, k, fields) or _suggest(k, [*fields, *cli_types], dashes, cls)})" for k in bad]
+                    f"{_why_not(vocab, k, fields) or _suggest(k, [*fields, *cli_types], dashes, cls, vocab, fields)})" for k in bad]
         notes += said
         translated.append(fields_layer)
     if vocab is not None and vocab.deferred:  # a TRL field's bad value that no later layer set again
         raise next(iter(vocab.deferred.values()))
-    unknown += [f"--{k} (on the command line{_suggest(k, [*cli_types, 'config'], '--', cls)})" for k in unknown_flags]
+    unknown += [f"--{k} (on the command line{_suggest(k, [*cli_types, 'config'], '--', cls, vocab, fields)})"
+                for k in unknown_flags]
     unknown += stray_variables(env_names, env_from_file, env_file)
     if unknown:
         raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}. --help lists "

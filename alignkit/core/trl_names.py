@@ -30,7 +30,7 @@ from alignkit.core.mixture_formats import mixture_from_mixer, mixture_from_trl
 from alignkit.core.trl_tables import (BESIDE_MIXTURE, _ANY, _BOOL_WORDS, _MAPPINGS, _MIXTURE_HAS_ITS_OWN,
                                       _MODEL_AND_SCRIPT, _RENAMED, _SAME_MEANING, _TRL_DEFAULTS_UNDER_OTHER_NAMES,
                                       _TRL_ONLY, _TRL_RECIPE_NAMES, ALIASES, DROPPED, DTYPE_SYNONYMS, NOT_APPLIED,
-                                      REFUSED, REFUSED_IN, SKIP, _bool, _model_dtype, _Weak, refusal)
+                                      REFUSED, REFUSED_IN, SKIP, _bool, _model_dtype, _Weak, for_configs, refusal)
 from alignkit.core.trl_types import _members, cli_kind, same_meaning, trl_choices, trl_fields, trl_value, unset
 
 __all__ = ["ALIASES", "DTYPE_SYNONYMS", "NOT_APPLIED", "REFUSED", "Vocabulary"]
@@ -131,6 +131,14 @@ class Vocabulary:
             return f"TRL's name for --{ALIASES[name].target}, which this script does not have"
         return None
 
+    def suggestable(self, names, fields) -> list[str]:
+        """`names` less those this script names as not applied or refuses at any value, or has no setting for (an
+        unknown setting's "did you mean" points to one it takes)."""
+        said = {*(n for n in NOT_APPLIED if n not in ALIASES or not self._applies(n, fields)), *REFUSED,
+                *(n for n in REFUSED_IN if refusal(n, object(), self.config_names)),
+                *(n for n in DROPPED if n not in self.passthrough), *(a for a in ALIASES if not self._applies(a, fields))}
+        return [n for n in names if n in fields or n not in said]
+
     def translate(self, layer: Mapping, where: str, fields, label) -> tuple[dict, list[str], list[str]]:
         """(the layer in alignkit's field names, its unknown keys, notes on keys not applied); `label(key)`
         names a value of this layer in an error."""
@@ -206,7 +214,7 @@ class Vocabulary:
                 same, reason = NOT_APPLIED[key]
                 if same is _ANY or str(raw).lower() not in {str(v).lower() for v in
                                                             (same if isinstance(same, tuple) else (same,))}:
-                    notes.append(f"{key}: {reason}")
+                    notes.append(f"{key}: {for_configs(reason, self.config_names)}")
             elif key in self.passthrough:
                 if key in _BOOL_WORDS and str(raw).strip().lower() in _TRUE | _FALSE:  # TRL's bool spelling
                     raw = _BOOL_WORDS[key][str(raw).strip().lower() in _TRUE]
@@ -219,7 +227,7 @@ class Vocabulary:
                 if why := refusal(key, extra[key], self.config_names):  # sync_ref_model: TRL fails after the load
                     raise ConfigError(f"{label(key)} {raw} has no effect in alignkit: {why}; drop it")
             elif key in DROPPED:  # an older TRL's field: said as such, not "unknown setting" with a wrong near name
-                refused, why = DROPPED[key]
+                refused, why = DROPPED[key][0], for_configs(DROPPED[key][1], self.config_names)
                 if refused and not (unset(raw) or str(raw).strip().lower() in _FALSE | {"0.0", ""}):
                     raise ConfigError(f"{label(key)} {raw}: {why.replace('ALPHA', str(raw))}")
                 if not refused:
@@ -385,9 +393,10 @@ class Vocabulary:
                             if a not in fields and self._applies(a, fields))  # kto.py's beta is its own
         aliases += "".join(f", --{old} (--{new}: its older name)" for old, new in _RENAMED.items()
                            if new in self.passthrough)
-        ignored = "\n".join([f"  {k}: {reason}" for k, (_, reason) in NOT_APPLIED.items()  # one a line: findable
+        said = lambda reason: for_configs(reason, self.config_names)  # noqa: E731  (how this trainer cuts)
+        ignored = "\n".join([f"  {k}: {said(reason)}" for k, (_, reason) in NOT_APPLIED.items()  # one a line: findable
                               if k not in ALIASES or not self._applies(k, fields)]
-                             + [f"  {k}: {reason}{' (refused when set)' if refused_ else ''}"
+                             + [f"  {k}: {said(reason)}{' (refused when set)' if refused_ else ''}"
                                 for k, (refused_, reason) in DROPPED.items()
                                 if k not in self.passthrough and k not in fields])
         return ("alignkit's defaults are for QLoRA on one GPU, as the seed project's; where TRL's differ, a flag "

@@ -2,6 +2,7 @@
 
 - ALIASES: TRL's name for a setting alignkit has under its own, with the conversion of its value;
 - NOT_APPLIED: keys that cannot apply, each with the value that is alignkit's behaviour anyway and the reason;
+  DROPPED: an older TRL's fields; CUTS: how each TRL config cuts a long sequence, said in their reasons;
 - REFUSED: TRL fields that cannot act because alignkit loads the model itself, refused when the settings are read;
   REFUSED_IN: those of some TRL configs only (TR-DPO's in dpo.py and kto.py); `refusal` says why for either;
 - the names that mark a TRL command line or a TRL/handbook recipe, and TRL field types alignkit reads specially.
@@ -151,9 +152,8 @@ NOT_APPLIED = {
     "auto_insert_empty_system_msg": (False, "the handbook's empty system turn: alignkit renders each row's messages "
                                             "as they are; add the system turn to the data where the template needs "
                                             "one"),
-    "truncation_side": ((None, "right"), "TRL 1.x cuts a sequence longer than max_length by its truncation_mode, "
-                                         "not the tokenizer's side: keep_start, its default, cuts the end (right); "
-                                         "left is TRL's deprecated --truncation_mode keep_end (sft.py, dpo.py)"),
+    "truncation_side": ((None, "right"), "TRL 1.x cuts a sequence longer than max_length by the trainer's own rule, "
+                                         "not the tokenizer's side: {cut}"),
     "wandb_entity": (None, "set WANDB_ENTITY in the environment or .env (wandb reads it; --wandb_project names the "
                            "project)"),
     "wandb_run_group": (None, "set WANDB_RUN_GROUP in the environment or .env (wandb reads it)"),
@@ -167,7 +167,8 @@ DROPPED = {
                         "use --loss_type sigmoid,sft --loss_weights 1,ALPHA"),
     "reference_free": (True, "TRL 1.x dropped it; the reference-free losses are --loss_type simpo or orpo"),
     "max_completion_length": (False, "TRL 1.x dropped it for this trainer: max_length bounds prompt and answer "
-                                     "together (--truncation_mode says which end is cut)"),
+                                     "together ({cut})"),
+    "truncation_mode": (False, "{cut}"),  # TRL 0.x's KTOConfig had it
     "generate_during_eval": (False, "TRL 1.x dropped it; evaluate.py vibes shows a model's answers"),
     "force_use_ref_model": (False, "alignkit's reference is the model with the trained adapter off: no second model "
                                    "is loaded"),
@@ -175,6 +176,28 @@ DROPPED = {
                                      "adapter off"),
     "use_logits_to_keep": (False, "TRL 1.x dropped it"),
 }
+# How each TRL config cuts a sequence longer than max_length (TRL 1.16: SFTConfig and DPOConfig have truncation_mode;
+# KTOTrainer's collator keeps the start and its data filter drops a row whose prompt alone fills max_length;
+# RewardTrainer drops a pair over max_length; GRPO and RLOO have no max_length), for "{cut}" in the reasons above.
+_TRUNCATION_MODE = ("--truncation_mode says which end is cut: keep_start, its default, cuts the end (right); TRL's "
+                    "deprecated --truncation_mode keep_end cuts the start (left)")
+CUTS = {"SFTConfig": _TRUNCATION_MODE, "DPOConfig": _TRUNCATION_MODE,
+        "KTOConfig": "KTOConfig has no truncation_mode: KTO always cuts the end (right), and drops a row whose prompt "
+                     "alone is max_length tokens or more",
+        "RewardConfig": "RewardConfig has no truncation_mode: a pair whose prompt + an answer is longer than "
+                        "max_length is dropped, not cut",
+        "GRPOConfig": "GRPOConfig and RLOOConfig have no max_length or truncation_mode: the prompt is kept whole and "
+                      "the answer stops at --max_completion_length"}
+CUTS["RLOOConfig"] = CUTS["GRPOConfig"]
+
+
+def for_configs(reason: str, config_names) -> str:
+    """A NOT_APPLIED or DROPPED reason as said in a script running `config_names`: "{cut}" is how its trainer
+    cuts a sequence."""
+    cut = next((CUTS[c] for c in config_names if c in CUTS), _TRUNCATION_MODE)
+    return reason.replace("{cut}", cut)
+
+
 # TRL fields that cannot act because alignkit loads the model itself: refused when the settings are read, in every
 # script, rather than taken into a TRL config that never reads them (sft.py, reward.py) or refused after the load.
 REFUSED = {"reward_model_name_or_path": "rl.py takes a reward.py model as --reward rm:FOLDER",
