@@ -107,6 +107,20 @@ def test_kto_s_truncation_notes_name_what_kto_config_has(alignkit_log):
     assert "truncation_side" not in str(error.value)
 
 
+def test_kto_s_beta_is_suggested_for_dpo_py_s_dpo_beta(tmp_path):
+    """kto.py --dpo_beta said "did you mean --do_eval?": KTO's own name for it is --beta (TRL's, an alias of
+    --dpo_beta in dpo.py and rlaif.py), in a flag or a recipe alike."""
+    from alignkit.core.args import parse_config
+
+    with pytest.raises(UserError, match=r"--dpo_beta \(on the command line; did you mean --beta\?\)"):
+        parse_config(KTOSettings, env_file=None, args=["--dpo_beta", "0.3"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("dpo_beta: 0.3\n")
+    with pytest.raises(UserError, match=r"dpo_beta \(in .*recipe.yaml; did you mean beta\?\)"):
+        parse_config(KTOSettings, env_file=None, args=["--config", str(recipe)])
+    assert parse_config(KTOSettings, env_file=None, args=["--beta", "0.3"]).beta == 0.3
+
+
 def test_kto_takes_a_test_split_and_a_handbook_mixture_as_dpo_does(tmp_path):
     """kto.py read --dataset_id alone: a --dataset_test_split or a dataset_mixture was silently ignored."""
     import json

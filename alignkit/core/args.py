@@ -176,7 +176,10 @@ def _suggest(name, names, prefix="", cls=None, vocab=None, fields=()):
     elsewhere = getattr(cls, "elsewhere", {}) or {}
     if str(name) in elsewhere:
         return f"; {elsewhere[str(name)]}"
-    names = vocab.suggestable(names, fields) if vocab is not None else names
+    if vocab is not None:
+        if own := vocab.own_name(str(name), fields):  # kto.py's --beta for dpo.py's --dpo_beta, not a near name
+            return f"; did you mean {prefix}{own}?"
+        names = vocab.suggestable(names, fields)
     close = difflib.get_close_matches(str(name), list(names), n=1)
     return f"; did you mean {prefix}{close[0]}?" if close else ""
 

@@ -131,6 +131,11 @@ class Vocabulary:
             return f"TRL's name for --{ALIASES[name].target}, which this script does not have"
         return None
 
+    def own_name(self, name: str, fields) -> str | None:
+        """This script's own setting that another script's `name` is (kto.py's and rl.py's beta for dpo.py's
+        dpo_beta: TRL's name, an alias there), or None."""
+        return next((a for a, alias in ALIASES.items() if alias.target == name and a in fields), None)
+
     def suggestable(self, names, fields) -> list[str]:
         """`names` less those this script names as not applied or refuses at any value, or has no setting for (an
         unknown setting's "did you mean" points to one it takes)."""
