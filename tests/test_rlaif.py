@@ -756,6 +756,35 @@ def test_what_round_1_s_steps_would_refuse_is_refused_by_the_settings_before_any
         assert not runs.exists()
 
 
+def test_the_steps_checks_say_nothing_of_the_environment_rlaif_py_named(tiny_cache, monkeypatch, alignkit_log):
+    """With the judge model in the environment alone, rlaif.py said "settings from the environment: judge_model",
+    then each step's check (the command lines rlaif.py builds pass it as --judge_model) "none used; set again by the
+    command line" twice and "not read by this script: ALIGNKIT_JUDGE_MODEL" (dpo.py's): the environment unused and
+    a command line nobody typed. rlaif.py's own line stays; a step's process still says its own, in its log."""
+    from pathlib import Path
+
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import LabelSettings, RLAIFSettings
+    from alignkit.modeling import presets
+    from alignkit.train import rlaif
+    from alignkit.train.rlaif_inputs import label_command
+
+    monkeypatch.setenv("ALIGNKIT_JUDGE_MODEL", "fake")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    s = parse_config(RLAIFSettings, ["--preset", "tiny", "--model_id", str(presets.paths()["model"]), "--rounds", "2",
+                                     "--judge", "openai", "--judge_base_url", "http://127.0.0.1:9/v1"],
+                     presets={"tiny": presets.defaults("rlaif")}, env_file=None)
+    rlaif.check(s)
+    said = alignkit_log.text
+    assert said.count("settings from the environment") == 1, said
+    assert "settings from the environment: judge_model (ALIGNKIT_JUDGE_MODEL)" in said
+    assert "set again by the command line" not in said and "not read by this script" not in said
+    alignkit_log.clear()  # label.py itself, as round 1 runs it: its own line, as before
+    parse_config(LabelSettings, label_command(s, 1, s.model_id, None, Path("preferences.jsonl")),
+                 presets=presets.named("label"), env_file=None)
+    assert "set again by the command line, whose value is used: judge_model (ALIGNKIT_JUDGE_MODEL)" in alignkit_log.text
+
+
 def test_a_step_s_refusal_is_said_once_with_how_to_go_on_where_rlaif_runs(tmp_path, monkeypatch, capsys):
     """A failing step's `error:` line was shown, then rlaif's own line said it again with its log; and in a
     notebook that line said to run "the same rlaif.py command" (there is none): one line, in the words of where

@@ -5,6 +5,7 @@ of another script is named in a log line, one that no script reads is an unknown
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import difflib
@@ -29,6 +30,20 @@ BARE_ENV_NAMES = frozenset({"PRESET", "MODEL_ID", "DATASET_ID", "DPO_BETA", "MAX
 # preset's. None outside parse_config: a settings class built directly, whose every value is its caller's.
 SETTING_SOURCES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("alignkit_setting_sources",
                                                                              default=None)
+# True while a script parses another's settings to check them (rlaif.py its steps' command lines, which pass the
+# environment's values on as flags): the environment's log lines are its own parse's, and each step's process says
+# its own in its log. The variables are read, and refused, as ever.
+ENV_UNSAID: contextvars.ContextVar[bool] = contextvars.ContextVar("alignkit_env_unsaid", default=False)
+
+
+@contextlib.contextmanager
+def environment_unsaid():
+    """parse_config within says nothing of the environment (ENV_UNSAID)."""
+    token = ENV_UNSAID.set(True)
+    try:
+        yield
+    finally:
+        ENV_UNSAID.reset(token)
 
 
 def read_environment(names, env_from_file, env_file):
@@ -45,7 +60,7 @@ def read_environment(names, env_from_file, env_file):
                 break
             if var == n.upper() and var in env_from_file:
                 ignored.append(var)
-    if ignored:
+    if ignored and not ENV_UNSAID.get():
         logger.warning(f"{env_file}: not read: {', '.join(ignored)} (bare names are read only for "
                        f"{', '.join(sorted(BARE_ENV_NAMES))}); write {ENV_PREFIX}{ignored[0]} instead")
     return found, labels
@@ -68,7 +83,7 @@ def log_environment(found, labels, target, above) -> None:
             used.append(f"{named[:-1]}, merged with {by[-1]}'s keys)")
             continue
         (again.setdefault(by[-1], []) if by else used).append(named)
-    if found:
+    if found and not ENV_UNSAID.get():
         logger.info("settings from the environment: " + "; ".join(
             [", ".join(used) or "none used"] + [f"set again by {w}, whose value is used: {', '.join(names)}"
                                                 for w, names in again.items()]))
@@ -87,7 +102,7 @@ def stray_variables(names, env_from_file, env_file) -> list[str]:
         if hasattr(cls, "vocabulary"):
             every.update(n.upper() for n in cls.vocabulary().cli_types())
     others = [v for v in strays if v[len(ENV_PREFIX):] in every]
-    if others:
+    if others and not ENV_UNSAID.get():
         logger.info(f"not read by this script (settings of other alignkit scripts): {', '.join(others)}")
     unknown = []
     for var in (v for v in strays if v not in others):

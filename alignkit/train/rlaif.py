@@ -330,6 +330,7 @@ def check(s) -> None:
 
     from alignkit.core.args import parse_config
     from alignkit.core.config import DPOSettings, LabelSettings
+    from alignkit.core.environment import environment_unsaid
     from alignkit.evals import evaluation
     from alignkit.feedback.judge import make_judge
     from alignkit.feedback.labeling import read_prompts
@@ -346,14 +347,17 @@ def check(s) -> None:
         prompts = s.eval_prompts or s.dataset_id  # the file eval_prompts() makes of it is made in the run folder
         parsed = evaluation._PARSED  # parse_command keeps what it parsed: a notebook's evaluate cells read it
         try:
-            label = _parse_step("label.py", lambda: parse_config(
-                LabelSettings, label_command(s, 1, policy, revision, here / "preferences.jsonl"),
-                presets=presets.named("label"), prog="label.py"))
-            _parse_step("dpo.py", lambda: parse_config(
-                DPOSettings, dpo_command(s, here, policy, revision, here / "preferences.jsonl", [], []),
-                presets=presets.named("dpo"), prog="dpo.py"))
-            _parse_step("evaluate.py", lambda: evaluation.parse_command(
-                eval_command(s, 1, policy, revision, here / "dpo", here / "eval", prompts, judge, None)))
+            # rlaif.py's own parse named the environment: a step's lines on it (its values passed on as flags, "set
+            # again by the command line") are for its own log, where its process says them
+            with environment_unsaid():
+                label = _parse_step("label.py", lambda: parse_config(
+                    LabelSettings, label_command(s, 1, policy, revision, here / "preferences.jsonl"),
+                    presets=presets.named("label"), prog="label.py"))
+                _parse_step("dpo.py", lambda: parse_config(
+                    DPOSettings, dpo_command(s, here, policy, revision, here / "preferences.jsonl", [], []),
+                    presets=presets.named("dpo"), prog="dpo.py"))
+                _parse_step("evaluate.py", lambda: evaluation.parse_command(
+                    eval_command(s, 1, policy, revision, here / "dpo", here / "eval", prompts, judge, None)))
         finally:
             evaluation._PARSED = parsed
     check_model_sources(label, [label.model_id])  # a mistyped path: here, not after label.py's start
