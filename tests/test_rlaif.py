@@ -785,6 +785,26 @@ def test_the_steps_checks_say_nothing_of_the_environment_rlaif_py_named(tiny_cac
     assert "set again by the command line, whose value is used: judge_model (ALIGNKIT_JUDGE_MODEL)" in alignkit_log.text
 
 
+def test_the_evaluation_prompts_are_said_once_though_read_by_the_check_and_the_run(tiny_cache, tmp_path,
+                                                                                    alignkit_log):
+    """Every rlaif run said "4 prompts from .../prompts.jsonl" for the evaluation prompts twice (check() reads them,
+    then run() again to write them) before "each round is judged on 4 prompts": that line says them, once; the
+    prompts round 1 labels are said once too."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.modeling import presets
+    from alignkit.train import rlaif
+
+    s = parse_config(RLAIFSettings, ["--preset", "tiny", "--model_id", str(presets.paths()["model"]), "--max_prompts",
+                                     "4", "--eval_max_prompts", "4"], presets={"tiny": presets.defaults("rlaif")},
+                     env_file=None)
+    rlaif.check(s)
+    rlaif.eval_prompts(s, tmp_path)
+    said = [r.getMessage() for r in alignkit_log.records]
+    assert len([m for m in said if m.startswith("4 prompts from ")]) == 1, said  # the labelled ones
+    assert len([m for m in said if m.startswith("each round is judged on 4 prompts from ")]) == 1, said
+
+
 def test_a_step_s_refusal_is_said_once_with_how_to_go_on_where_rlaif_runs(tmp_path, monkeypatch, capsys):
     """A failing step's `error:` line was shown, then rlaif's own line said it again with its log; and in a
     notebook that line said to run "the same rlaif.py command" (there is none): one line, in the words of where

@@ -156,23 +156,26 @@ def load_prompts(run: Run) -> list[Prompt]:
     if hasattr(judge := getattr(run, "judge", None), "check_prompts"):  # before any answer is generated
         judge.check_prompts(prompts)
     dropped = run.stats["duplicate prompts"]
-    logger.info(f"{len(prompts)} prompts from {label}" + (f" ({dropped} repeated ones dropped)" if dropped else ""))
+    if not getattr(run, "unsaid", False):
+        logger.info(f"{len(prompts)} prompts from {label}" + (f" ({dropped} repeated ones dropped)" if dropped else ""))
     if ended := run.stats["prompts ending with an answer"]:  # TRL would continue that answer instead: said, not silent
         logger.info(f"{ended} prompts end with an assistant turn: the model answers the turn before it anew (the "
                     "final answer is left out, not continued)")
     return made(run, "prompts", prompts)
 
 
-def read_prompts(source, split="train", config=None, field="prompt", max_prompts=None, keep_rows=False) -> list[Prompt]:
+def read_prompts(source, split="train", config=None, field="prompt", max_prompts=None, keep_rows=False,
+                 unsaid=False) -> list[Prompt]:
     """load_prompts for a source a script names itself (rl.py's and rlaif.py's --dataset_id, rlaif.py's
     --eval_prompts): the same reading, checks and messages. A single file is read whole: pass split "train".
     keep_rows: every row, repeats included, each Prompt with the whole row it came from (rl.py trains on every
-    row, as TRL does, and hands the other columns to the rewards)."""
+    row, as TRL does, and hands the other columns to the rewards). unsaid: no "N prompts from" line (the caller
+    says what it made of them)."""
     from types import SimpleNamespace
 
     settings = SimpleNamespace(prompts=source, prompts_split=split, prompts_config=config, prompt_field=field,
                                max_prompts=max_prompts, responses_a=None, responses_b=None, keep_rows=keep_rows)
-    return load_prompts(SimpleNamespace(settings=settings, stats=Counter()))
+    return load_prompts(SimpleNamespace(settings=settings, stats=Counter(), unsaid=unsaid))
 
 
 def _generator_identities(run: Run, source: Source) -> list[dict]:

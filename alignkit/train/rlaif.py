@@ -260,7 +260,8 @@ def eval_prompts(s, folder: Path | None) -> str | None:
     split = "train" if one_file else (s.eval_prompts_split or s.dataset_split.replace("train", "test"))
     config = s.dataset_config if source == s.dataset_id else None
     try:
-        prompts = read_prompts(source, split, config, s.prompt_field, s.eval_max_prompts)
+        # read by check() and again by run(): said once, by run()'s "each round is judged on" line
+        prompts = read_prompts(source, split, config, s.prompt_field, s.eval_max_prompts, unsaid=True)
     except DataError as e:  # a missing split: say which setting chose it
         if one_file or "no split" not in str(e):
             raise
