@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import re
 import sys
@@ -164,15 +165,12 @@ def _convert(raw, tp, where, choices=None, whole=False, synonyms=None):
     return value
 
 
-def _why_not(vocab, name, fields) -> str:
-    """"; why" when a second vocabulary knows `name` but not for this script (alignkit.core.trl_names), else ""."""
-    why = vocab.why_not(name, fields) if vocab is not None else None
-    return f"; {why}" if why else ""
-
-
-def _suggest(name, names, prefix="", cls=None, vocab=None, fields=()):
-    """The way to say it: a setting the class names elsewhere (`elsewhere`: name -> where it goes instead), or the
-    closest setting name, of those a second vocabulary does not name as not applied or refused."""
+def _suggest(name, names, prefix="", cls=None, vocab=None, fields=(), why_not=False):
+    """The way to say it: (`why_not`) why a second vocabulary (alignkit.core.trl_names) knows `name` but not for this
+    script, a setting the class names elsewhere (`elsewhere`: name -> where it goes instead), or the closest setting
+    name, of those the vocabulary does not name as not applied or refused."""
+    if why_not and vocab is not None and (why := vocab.why_not(name, fields)):
+        return f"; {why}"
     elsewhere = getattr(cls, "elsewhere", {}) or {}
     if str(name) in elsewhere:
         return f"; {elsewhere[str(name)]}"
@@ -313,12 +311,6 @@ def _print_help(cls, fields, types_, defaults, prog, description, vocab, presets
 
 
 # ---------------------------------------------------------------- layers in a second vocabulary
-def _log():
-    import logging
-
-    return logging.getLogger("alignkit")
-
-
 def _translate(vocab, layer, where, fields, label):
     """(layer in field names, unknown keys, notes): a second vocabulary's keys become fields; `where` names the
     layer, `label(key)` a value in it, in messages."""
@@ -419,7 +411,7 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
         fields_layer, bad, said = _translate(vocab, layer, where, fields, label)
         dashes = "--" if layer is cli else ""
         unknown += [f"{show(k)} (in {where}"
-                    f"{_why_not(vocab, k, fields) or _suggest(k, [*fields, *cli_types], dashes, cls, vocab, fields)})" for k in bad]
+                    f"{_suggest(k, [*fields, *cli_types], dashes, cls, vocab, fields, why_not=True)})" for k in bad]
         notes += said
         translated.append(fields_layer)
     if vocab is not None and vocab.deferred:  # a TRL field's bad value that no later layer set again
@@ -431,7 +423,7 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
         raise ConfigError(f"unknown setting{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}. --help lists "
                           "every setting" + (", TRL's names included" if vocab else ""))
     if notes:
-        _log().warning("not applied, and why: " + " | ".join(dict.fromkeys(notes)))
+        logging.getLogger("alignkit").warning("not applied, and why: " + " | ".join(dict.fromkeys(notes)))
     typed = {k for layer in (env, recipe, cli, overrides) for k in layer}  # the names the user gave, before translation
     env, recipe, cli, overrides = translated
 
