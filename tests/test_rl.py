@@ -227,6 +227,52 @@ def test_a_judge_that_never_answers_stops_training_in_one_line(tmp_path):
         reward.close()
 
 
+def test_a_judge_that_fails_its_first_requests_stops_the_run_in_one_line_and_one_that_recovers_does_not(tmp_path):
+    """An unreachable judge (connection refused) failed every request of every step, each left unscored, and the run
+    ended "judge: 32 requests ... 32 failed", exit 0 (the rl.py audit of session 93): label.py's FIRST_FAILURES and
+    FAILURES_IN_A_ROW now watch rl.py's judge too, over the whole run, step after step. A judge that fails a few
+    requests and recovers still scores them None and goes on."""
+    from types import SimpleNamespace
+
+    from alignkit.core.errors import UserError
+    from alignkit.train.rl_rewards import JudgeReward
+
+    def ask(n, start=0):
+        return [[{"role": "user", "content": "name three fruits."}]] * n, \
+            [[{"role": "assistant", "content": f"fig {i}."}] for i in range(start, start + n)]
+
+    dead = SimpleNamespace(base_url="http://127.0.0.1:9/v1")  # nothing listens on port 9 (discard)
+    reward = JudgeReward(_judge_settings(dead, tmp_path, max_retries=0), tmp_path / "cache")
+    with pytest.raises(UserError, match=r"^the first 5 judge requests all failed \(APIConnectionError: .*\): stopped "
+                                        r"the run\. Check that the judge at http://127\.0\.0\.1:9/v1 is up "
+                                        r"\(--judge_base_url.* --judge_model judge, then run the same command again"):
+        reward(*ask(8))
+    reward.close()
+    def recovering(failures):  # a judge whose first `failures` requests fail (500), the later ones answered
+        left = [failures]
+
+        def answer(body):
+            left[0] -= 1
+            return Fault(500) if left[0] >= 0 else "Rating: [[8]]"
+        return answer, left
+
+    answer, _ = recovering(7)
+    with FakeOpenAI(answer) as server:
+        reward = JudgeReward(_judge_settings(server, tmp_path, max_retries=0, parallel=1), tmp_path / "cache2")
+        assert reward(*ask(3)) == [None] * 3  # a step's few failures: unscored, the run goes on
+        with pytest.raises(UserError, match=r"^the first 5 judge requests all failed \(InternalServerError"):
+            reward(*ask(3, 3))  # the watch spans steps: the 5th failure of the run, in the next step
+        reward.close()
+    answer, failing = recovering(3)
+    with FakeOpenAI(answer) as server:  # another server: the stopped step's last request may still come
+        reward = JudgeReward(_judge_settings(server, tmp_path, max_retries=0, parallel=1), tmp_path / "cache3")
+        assert reward(*ask(4)) == [None] * 3 + [pytest.approx(0.8)]
+        failing[0] = 6  # after an answer, failures stop the run only FAILURES_IN_A_ROW in a row
+        assert reward(*ask(8, 4)) == [None] * 6 + [pytest.approx(0.8)] * 2
+        assert reward.stats["failed"] == 9
+        reward.close()
+
+
 def test_each_process_of_a_launch_keeps_its_own_judgments_and_reads_all_of_them(tmp_path, monkeypatch):
     """Under a 2-process launch both processes locked the one judgments.jsonl: the second stopped with "in use by
     another rl.py run", so `--reward judge` never ran under DDP/FSDP/ZeRO. Each process now appends to its own file
@@ -286,11 +332,12 @@ def test_rl_with_a_failing_judge_trains_without_turning_failures_into_rewards(sf
     """Rule + judge, the judge always failing: no crash; every completion unscored (not rule + 0), all counted. Each
     log counts its own step's judgments (the rl.py audit of session 28: they ran on from the start of the process,
     and from 0 again at a resume; rewards/unscored_frac too, so a late judge outage read as a small share), and the
-    summary line sums them."""
+    summary line sums them. The judge refuses each request for itself (HTTP 400, a content filter's): a server that
+    fails them all (500, no connection) stops the run at its 5th failure instead (the test above)."""
     from alignkit.train import rl
 
     monkeypatch.setattr(rl._UnscoredRows, "said", False)  # said once a process: an earlier test may have said it
-    with FakeOpenAI(lambda body: Fault(500)) as server:
+    with FakeOpenAI(lambda body: Fault(400)) as server:
         g = run_script("rl.py", "--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir",
                        str(tmp_path), "--reward", "rule,judge", "--judge_base_url", server.base_url,
                        "--judge_model", "judge", "--max_retries", "0", "--max_steps", "3", "--logging_steps", "2")

@@ -232,9 +232,11 @@ class FirstFailures:
     the run end with nothing), or whose last FAILURES_IN_A_ROW failed one after another (a server gone down mid-run
     was asked every request left, and the run ended with "train on it"); a request refused for itself alone (HTTP
     4xx but 429) counts for neither. `what`: "judge request", ...; `fix`: the
-    line saying what to check (label_records' judge_fix, ...); a rate limit (HTTP 429) says to lower --parallel."""
+    line saying what to check (label_records' judge_fix, ...); a rate limit (HTTP 429) says to lower --parallel.
+    `total` None: requests that come as a run goes on (rl.py's judge, step by step), not known ahead; one watch
+    sees them all, so a server down from the start stops it at its FIRST_FAILURES-th failure, in any step."""
 
-    def __init__(self, what: str, fix: str, total: int):
+    def __init__(self, what: str, fix: str, total: int | None):
         self.what, self.fix, self.total = what, fix, total
         self.succeeded, self.failures, self.in_a_row = 0, [], 0
         self._lock = threading.Lock()  # requests may come back on worker threads
@@ -243,6 +245,8 @@ class FirstFailures:
         with self._lock:
             self.succeeded += 1
             self.in_a_row = 0
+            if self.total is None:  # counted for no `left`: a long run keeps none of its passing failures
+                self.failures.clear()
 
     def failed(self, error: Exception) -> None:
         if isinstance(error, EndpointSilent):  # already its own line: no request would be answered
@@ -252,9 +256,9 @@ class FirstFailures:
             if _this_request_only(error):  # a prompt too long, a content filter: the server answers the others
                 return
             self.in_a_row += 1
-            left = self.total - self.succeeded - len(self.failures)
+            left = None if self.total is None else self.total - self.succeeded - len(self.failures)
             first_ones = not self.succeeded and self.in_a_row == FIRST_FAILURES
-            if left <= 0 or not (first_ones or self.in_a_row == FAILURES_IN_A_ROW):
+            if (left is not None and left <= 0) or not (first_ones or self.in_a_row == FAILURES_IN_A_ROW):
                 return
         which = f"first {FIRST_FAILURES}" if first_ones else f"last {FAILURES_IN_A_ROW}"
         after = "" if first_ones else f", after {self.succeeded} that succeeded,"
@@ -264,5 +268,6 @@ class FirstFailures:
             fix = ("The server is limiting the rate of requests (HTTP 429): lower --parallel, or wait for its limit to "
                    "reset")
         raise UserError(f"the {which} {self.what}s all failed{after} ({type(error).__name__}: "
-                        f"{' '.join(redact(str(error)).split())[:200]}): stopped before the other {left}. "
+                        f"{' '.join(redact(str(error)).split())[:200]}): "
+                        f"{'stopped the run' if left is None else f'stopped before the other {left}'}. "
                         f"{fix}, then run the same command again (what is done is kept)")

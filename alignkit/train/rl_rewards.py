@@ -20,7 +20,8 @@ reward left None is unscored. A pairwise judge's None for a prompt without a ref
 (`judge/no_reference` counts them): nothing was judged, so nothing failed. TRL leaves an unscored completion
 out of the group's baseline and gives it advantage 0, so it moves the policy only through the KL term. Both are
 counted (`judge/failed`, `judge/unparsed`, `rewards/unscored_frac` in the logs; rl.py's summary prints the
-largest unscored share).
+largest unscored share). A judge that fails its first 5 requests, or 20 in a row later (a server that is down or
+went down), stops the run in one line instead, as label.py's does (alignkit.core.llm.FirstFailures, over the run).
 """
 
 from __future__ import annotations
@@ -227,6 +228,13 @@ class JudgeReward:
             self.identity = {"judge": f"openai:{self.client.model}", "mode": "single",
                              "template": digest([self.template["system_prompt"], self.template["prompt_template"]], 16),
                              **endpoint_identity(self.client)}
+        # Every request of the run, step after step: a judge that fails its first FIRST_FAILURES requests (a server
+        # down, a wrong URL), or FAILURES_IN_A_ROW later, stops the run in one line; a few failures score None.
+        from alignkit.core.llm import FirstFailures
+
+        self.watch = FirstFailures("judge request", f"Check that the judge at {self.identity['base_url']} is up "
+                                   f"(--judge_base_url; the URL usually ends in /v1) and serves --judge_model "
+                                   f"{self.identity['model']}", None)
         # Opened once training has claimed the run folder (the trainer's setup reads `cache`): opened now, a rerun's
         # judgments would follow the earlier run where the claim moves it aside (run_folder.previous-TIME).
         self.cache_dir, self._cache = cache_dir, None
@@ -335,7 +343,6 @@ class JudgeReward:
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
         from alignkit.core.journal import threaded
-        from alignkit.core.llm import EndpointSilent
         from alignkit.feedback.judge import is_fatal
 
         per_row, needed = [], {}
@@ -352,16 +359,16 @@ class JudgeReward:
         self.stats["cached"] += sum(len(k) for k in per_row) - len(needed)
         for (key, _), result in threaded(self._ask, needed.values(), self.s.parallel):
             if isinstance(result, Exception):
-                if isinstance(result, EndpointSilent):  # its own line: no request would be answered
-                    raise result
                 if is_fatal(result):
                     raise EndpointRefused(f"the judge refused the request: {redact(str(result))}. Check the API key, "
                                        "--judge_base_url (it usually ends in /v1) and --judge_model.") from None
+                self.watch.failed(result)  # may stop the run, in its own line (a silent endpoint: at once)
                 self.stats["failed"] += 1
                 if self.stats["failed"] <= 3:
                     logger.warning(f"judge request failed ({type(result).__name__}: {redact(str(result))[:200]}); "
                                    "that completion is left unscored")
                 continue
+            self.watch.ok()
             parsed = parse_rating(result) if self.s.judge_mode == "pointwise" else None
             if self.s.judge_mode == "pairwise":
                 from alignkit.feedback.judge import parse_verdict
