@@ -609,7 +609,9 @@ def test_a_python_reward_that_returns_no_float_per_completion_or_misses_a_column
         "def adapted(f):\n    @functools.wraps(f)\n    def wrapper(*args, **kwargs):\n"
         "        return f(completions=kwargs['completions'], answer=kwargs['answer'])\n    return wrapper\n"
         "@adapted\ndef wrapped(completions, answer):\n    return [0.0] * len(completions)\n"
-        "def named(prompts, completions, answer, completion_ids, trainer_state):\n    return [0.0] * len(completions)\n")
+        "def named(prompts, completions, answer, completion_ids, trainer_state):\n    return [0.0] * len(completions)\n"
+        "def raises(prompts, completions, **kw):\n    raise ValueError('boom')\n"
+        "async def raises_later(prompts, completions, **kw):\n    return [1 / 0 for c in completions]\n")
     call = dict(prompts=["q", "q", "q"], completions=["a", "b", "c"], answer=["x", "y", "z"], trainer_state=None,
                 completion_ids=[[1], [2], [3]])  # TRL's own arguments: not the dataset's columns
     spec = f"python:{tmp_path / 'bad.py'}"
@@ -622,6 +624,15 @@ def test_a_python_reward_that_returns_no_float_per_completion_or_misses_a_column
             rl_rewards.import_reward(f"{spec}:{name}")(**call)
     with pytest.raises(ConfigError, match=re.escape(f"--reward {spec}:later returned float")):
         asyncio.run(rl_rewards.import_reward(f"{spec}:later")(**call))
+    # A reward that raises: TRL's traceback of ~50 lines, exit 1 (the rl.py audit of session 93). One line naming
+    # the reward, its error and the line of its file that raised; the traceback behind --debug.
+    bad = tmp_path / "bad.py"
+    with pytest.raises(ConfigError, match=re.escape(f"--reward {spec}:raises raised ValueError: boom ({bad} line 38); "
+                                                    "fix it, then run the same command again (--debug")):
+        rl_rewards.import_reward(f"{spec}:raises")(**call)
+    with pytest.raises(ConfigError, match=re.escape(f"--reward {spec}:raises_later raised ZeroDivisionError: division "
+                                                    f"by zero ({bad} line 40); ")):
+        asyncio.run(rl_rewards.import_reward(f"{spec}:raises_later")(**call))
     assert rl_rewards.import_reward(f"{spec}:fine")(**call) == [1, None, True]
     for name in ("numbers", "array", "lazily"):
         assert len(rl_rewards.import_reward(f"{spec}:{name}")(**call)) == 3

@@ -10,7 +10,8 @@ Rewards (`reward(prompts, completions, **kwargs) -> list[float | None]`, TRL's r
 - `rm:FOLDER`: a reward.py model (alignkit.feedback.rewards.load);
 - `python:module:function`: a function with TRL's reward signature, called as TRL calls it on the data as written
   (`import_reward`): text for a prompt written as text, messages for a conversation, the row's other columns
-  as keyword arguments.
+  as keyword arguments. What it returns wrong, or an exception it raises, stops the run in one line naming it
+  (`checked_rewards`, `reward_raised`: the line of its file that raised; --debug shows the traceback).
 
 A failed judgment never becomes a reward. A request that still fails after its retries, or an answer without a
 rating/verdict, scores None (NaN), and a completion whose judgment failed is unscored as a whole (its other
@@ -35,7 +36,7 @@ from types import SimpleNamespace
 from alignkit import logger
 from alignkit.core.args import ConfigError, redact
 from alignkit.core.saved_settings import mark_built
-from alignkit.core.errors import EndpointRefused
+from alignkit.core.errors import EndpointRefused, UserError
 from alignkit.feedback.ratings import SINGLE_V1_NAME, SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM
 from alignkit.feedback.ratings import parse_rating as fastchat_rating
 
@@ -131,18 +132,47 @@ def import_reward(spec: str):
                 return checked_rewards(spec, await function(**as_written(prompts, completions, kwargs)), completions)
             except KeyError as error:
                 raise missing(kwargs, error) from error
+            except UserError:  # checked_rewards' own line
+                raise
+            except Exception as error:  # noqa: BLE001 - the reward's code failed: its line, not TRL's traceback
+                raise reward_raised(spec, function, error) from error
     else:
         def reward(prompts, completions, **kwargs):
             try:
                 return checked_rewards(spec, function(**as_written(prompts, completions, kwargs)), completions)
             except KeyError as error:
                 raise missing(kwargs, error) from error
+            except UserError:  # checked_rewards' own line
+                raise
+            except Exception as error:  # noqa: BLE001 - the reward's code failed: its line, not TRL's traceback
+                raise reward_raised(spec, function, error) from error
 
     reward.function, reward.spec = function, spec  # check_rewards_take reads its parameters
     reward.__name__ = reward.__qualname__ = get_callable_name(function)  # TRL's name for it in the logs
     reward.text_marks = None  # this batch's prompts written as text (alignkit.train.rl, _calculate_rewards)
     reward.__doc__ = getattr(function, "__doc__", None)
     return reward
+
+
+def reward_raised(spec: str, function, error: Exception) -> ConfigError:
+    """A `python:` reward that raised, in one line: the error and the line of the reward's file it came from (its
+    last frame there; a library it called may have raised below it), where TRL gave a traceback through its
+    trainer. The traceback stays behind the line (--debug)."""
+    import os
+
+    file = getattr(getattr(function, "__code__", None), "co_filename", None)
+    tb, line = error.__traceback__, None
+    while tb is not None:
+        if file and tb.tb_frame.f_code.co_filename == file:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    where = ""
+    if line is not None:
+        shown = os.path.relpath(file) if Path(file).resolve().is_relative_to(Path.cwd().resolve()) else file
+        where = f" ({shown} line {line})"
+    said = " ".join(str(error).split())[:300]
+    return ConfigError(f"--reward {spec} raised {type(error).__name__}{': ' + said if said else ''}{where}; fix it, "
+                       "then run the same command again (--debug or ALIGNKIT_DEBUG=1 shows the traceback)")
 
 
 # What TRL's GRPO/RLOO trainers pass a reward function beside the row's columns (and alignkit's mark).
