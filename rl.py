@@ -128,6 +128,7 @@ with start_run(settings, run_folder, resume_from, model, (prompts,), built=[(rew
 # %%
 from collections import Counter
 
+from alignkit.train.rl import reward_summary
 from alignkit.train.training import finish
 
 metrics = finish(trainer, loaded, settings, run_folder, "rl")
@@ -135,13 +136,8 @@ for reward in rewards:
     if hasattr(reward, "close"):
         reward.close()
 print(f"adapter: {run_folder}")
-# A log whose every completion went unscored has no reward: NaN, which transformers logs as None. The step logs
-# only: TRL's closing summary averages the steps after the last log (none, as the last step is always logged).
-logged = [entry for entry in trainer.state.log_history if entry.get("reward") is not None and "loss" in entry]
-if len(logged) > 1:
-    print(f"reward: {logged[0]['reward']:.3f} at the first log, {logged[-1]['reward']:.3f} at the last")
-elif logged:
-    print(f"reward: {logged[0]['reward']:.3f} at step {logged[0]['step']}, the one step logged")
+if said := reward_summary(trainer.state.log_history):  # the logs that had a reward (a reused batch logs none)
+    print(said)
 unscored = [entry["rewards/unscored_frac"] for entry in trainer.state.log_history if "rewards/unscored_frac" in entry]
 if unscored and max(unscored) > 0:
     print(f"unscored completions (a failed judgment, or None from every reward; left out of the advantages): up "

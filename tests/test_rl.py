@@ -460,7 +460,8 @@ def test_an_async_reward_is_awaited_and_its_none_leaves_the_other_rewards_summed
                    str(tmp_path), "--reward", f"rule,python:{code}:maybe", "--max_steps", "1")
     logs = [e for e in g["trainer"].state.log_history if "loss" in e]
     assert [e["step"] for e in logs] == [1]
-    assert re.search(r"^reward: [0-9.]+ at step 1, the one step logged$", capsys.readouterr().out, re.M)
+    assert re.search(r"^reward: [0-9.]+ at step 1, the one step that logged a reward$", capsys.readouterr().out,
+                     re.M)
     metrics = json.loads((g["run_folder"] / "metrics.json").read_text())
     assert metrics["rewards/unscored_frac"] == 0.0 and metrics["reward"] == logs[0]["reward"]
     assert {"time/generating_share", "time/judging_share", "time/training_share"} <= set(metrics)
@@ -508,6 +509,22 @@ def test_a_failed_judgment_unscores_its_completion_and_a_python_none_does_not():
     trainer.raw = torch.tensor([[0.8, nan], [nan, nan]])
     out = trainer._calculate_rewards(None, [None] * 2, None, None)
     assert out[0, 0] == pytest.approx(0.8) and trainer._unscored == Counter(rows=7, unscored=3)
+
+
+def test_the_summary_counts_the_logs_that_had_a_reward():
+    """--steps_per_generation 2 made 2 steps, the second reusing the first's completions, so only the first logged a
+    reward: the summary said "reward: 0.844 at step 1, the one step logged" (the rl.py audit of session 93)."""
+    from alignkit.train.rl import reward_summary
+
+    loss = {"loss": 0.0}
+    two = [{**loss, "step": 1, "reward": 0.844}, {**loss, "step": 2}, {"step": 2, "train_runtime": 1.0}]
+    assert reward_summary(two) == "reward: 0.844 at step 1, the one step that logged a reward (of the 2 logs)"
+    assert reward_summary(two[:1]) == "reward: 0.844 at step 1, the one step that logged a reward"
+    four = [{**loss, "step": s, **({"reward": s / 10} if s % 2 else {})} for s in (1, 2, 3, 4)]
+    assert reward_summary(four) == ("reward: 0.100 at step 1, 0.300 at step 3, the first and last logs that had one "
+                                    "(2 of 4)")
+    assert reward_summary(four[::2]) == "reward: 0.100 at the first log, 0.300 at the last"
+    assert reward_summary([{**loss, "step": 1, "reward": None}]) is None  # every completion unscored
 
 
 def test_rl_needs_a_reward_outside_the_preset(tmp_path):

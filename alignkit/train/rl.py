@@ -315,6 +315,25 @@ def _log_last_step():
     return LogLastStep()
 
 
+def reward_summary(log_history: list[dict]) -> str | None:
+    """rl.py's summary line of the logged reward, from the trainer's log_history: the step logs only (TRL's closing
+    summary averages the steps after the last log: none, as the last step is always logged). Not every log has a
+    reward: a step that reuses its generation's completions (--steps_per_generation > 1) generated and scored nothing,
+    and a log whose every completion went unscored has NaN, which transformers logs as None. The line counts the
+    logs that had one ("the one step logged" read 1 of 2 steps as the run's only one)."""
+    logs = [entry for entry in log_history if "loss" in entry]
+    logged = [entry for entry in logs if entry.get("reward") is not None]
+    if len(logged) > 1 and len(logged) == len(logs):
+        return f"reward: {logged[0]['reward']:.3f} at the first log, {logged[-1]['reward']:.3f} at the last"
+    if len(logged) > 1:
+        return (f"reward: {logged[0]['reward']:.3f} at step {logged[0]['step']}, {logged[-1]['reward']:.3f} at step "
+                f"{logged[-1]['step']}, the first and last logs that had one ({len(logged)} of {len(logs)})")
+    if logged:
+        return (f"reward: {logged[0]['reward']:.3f} at step {logged[0]['step']}, the one step that logged a reward"
+                f"{f' (of the {len(logs)} logs)' if len(logs) > 1 else ''}")
+    return None
+
+
 class _UnscoredRows(logging.Filter):
     """TRL's warning for each unscored completion ("All reward functions returned None for the following kwargs:"
     and the whole row, every column of it, a step at a time) as one line, once: the logs count them."""
