@@ -474,6 +474,33 @@ def test_a_pushed_checkpoint_keeps_its_trainer_state_and_local_records_home(sft_
     assert fake_hub == {}  # no repo made
 
 
+def test_an_output_dir_that_is_a_file_or_holds_other_things_says_which(tmp_path):
+    """--output_dir naming a file was said to hold "other things than a merged model", and a folder of notes was
+    refused without naming them, where an earlier merge's refusal names what its merge did not write (the merge.py
+    audit of session 93). Checked before the adapter is read: any --adapter_dir does."""
+    import re
+
+    file = tmp_path / "model.bin"
+    file.write_text("x")
+    with pytest.raises(UserError, match=f"^--output_dir {re.escape(str(file))} is a file, not a folder: pass a folder "):
+        merge_module.merge_adapters(str(tmp_path / "run"), file)
+    notes = tmp_path / "new"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=re.escape(f"--output_dir {notes} holds other things than a merged model "
+                                                  "(notes.txt): the merge replaces")):
+        merge_module.merge_adapters(str(tmp_path / "run"), notes)
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (notes / name).write_text("")
+    (notes / "runs").mkdir()
+    with pytest.raises(UserError, match=re.escape("model (a.txt, b.txt, c.txt and 2 more): ")):
+        merge_module.merge_adapters(str(tmp_path / "run"), notes)
+    (notes / "merge.json").write_text("{}")  # an earlier merge's: only what a merge does not write
+    with pytest.raises(UserError, match=re.escape("model (runs/): ")):
+        merge_module.merge_adapters(str(tmp_path / "run"), notes)
+    assert file.read_text() == "x" and (notes / "notes.txt").read_text() == "mine"
+
+
 def test_output_dir_naming_an_adapter_or_a_model_is_refused_not_replaced(dpo_run, sft_run, tmp_path):
     """merge.py --adapter_dir X --output_dir X replaced the adapter folder with its own merge (only file suffixes
     were checked); so would a base model's folder. --dequantize on a run trained on full weights merged into the

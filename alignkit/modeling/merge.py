@@ -129,9 +129,13 @@ def _merge(adapter_dir, output_dir, dtype: str, base_model: str | None, dequanti
 
     final = Path(output_dir)
     _restore_replaced(final)
-    if final.exists() and not _a_merged_model(final):
-        raise UserError(f"--output_dir {output_dir} holds other things than a merged model: the merge replaces the "
-                        "folder whole; pass a new folder (or an earlier merge's)")
+    if final.exists() and not final.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file, not a folder: pass a folder for the merged model (a new "
+                        "one, or an earlier merge's)")
+    if final.exists() and (other := _not_a_merge(final)):
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise UserError(f"--output_dir {output_dir} holds other things than a merged model ({shown}): the merge "
+                        "replaces the folder whole; pass a new folder (or an earlier merge's)")
     if added := _added_since_the_merge(final):  # a user's notes, the evaluations of the model there: not lost
         raise UserError(f"--output_dir {output_dir} holds {', '.join(added)}, which its merge did not write, and the "
                         "merge replaces the folder whole: move them out, or pass another --output_dir")
@@ -281,16 +285,20 @@ def _a_merged_model(folder: Path) -> bool:
     (`--output_dir` naming an adapter folder replaced it with its own merge). Anything else (a runs/ folder, the
     project's root, a base model that no merge wrote, a folder of data or notes: a merge cut short leaves its files
     beside the output, never in it) is not replaced."""
+    return folder.is_dir() and not _not_a_merge(folder)
+
+
+def _not_a_merge(folder: Path) -> list[str]:
+    """What in a folder (a file's name, a subfolder's with a /) makes it no merged model (_a_merged_model): all it
+    holds where it has no merge.json, else what a merge does not write. The refusal names them."""
     from alignkit.modeling.identity import READ_SUBFOLDERS
 
-    if not folder.is_dir():
-        return False
     files = [p for p in folder.iterdir() if p.name not in READ_SUBFOLDERS or not p.is_dir()]
     files += [p for sub in READ_SUBFOLDERS if (folder / sub).is_dir() for p in (folder / sub).iterdir()]
-    suffixes = {p.suffix for p in files}
-    return not files or ((folder / "merge.json").is_file() and all(p.is_file() for p in files)
-                         and suffixes <= MERGE_SUFFIXES
-                         and not {"adapter_config.json", "lota_config.json"} & {p.name for p in files})
+    if (folder / "merge.json").is_file():
+        files = [p for p in files if not p.is_file() or p.suffix not in MERGE_SUFFIXES
+                 or p.name in ("adapter_config.json", "lota_config.json")]
+    return sorted(p.relative_to(folder).as_posix() + ("/" if p.is_dir() else "") for p in files)
 
 
 def _evaluations(folder: Path) -> str | None:
