@@ -171,6 +171,11 @@ CASES = [
     ("rl.py", [*TRAIN, "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1", None),
     ("rl.py", [*TRAIN, "--dataset_id", "missing.jsonl"], "missing.jsonl: file not found", None),
     ("rl.py", [*TRAIN, "--model_id", "some-folder"], "some-folder is not a model folder", None),
+    # TRL's counts of a generation's batches and passes at 0: no batch sampled, 0 steps trained, an untrained
+    # adapter saved with exit status 0.
+    ("rl.py", [*TRAIN, "--num_iterations", "0"], "num_iterations must be >= 1", None),
+    ("rl.py", [*TRAIN, "--steps_per_generation", "0"], "steps_per_generation must be >= 1", None),
+    ("rl.py", [*TRAIN, "--generation_batch_size", "0"], "generation_batch_size must be >= 1", None),
     ("rlaif.py", [*TRAIN, "--rounds", "0"], "rounds must be >= 1", None),
     ("rlaif.py", [*TRAIN, "--nosuch", "3"], "unknown setting: --nosuch", None),
     ("rlaif.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),

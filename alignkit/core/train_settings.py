@@ -278,6 +278,11 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
                              f"{self.num_generations}")
         if self.beta < 0 or self.max_completion_length < 1:
             raise ValueError("beta must be >= 0 and max_completion_length >= 1")
+        if isinstance(iterations := overrides.get("num_iterations"), int) and iterations < 1:
+            # TRL's sampler repeats each generation batch num_iterations times: 0 yielded no batch, so the run
+            # trained 0 steps and saved an untrained adapter with exit status 0.
+            raise ValueError(f"num_iterations must be >= 1 (the optimisation passes over each generation's "
+                             f"completions; 0 trains nothing), got {iterations}")
         if self.temperature <= 0:  # TRL samples every rollout: transformers refused 0 after the model loaded
             raise ValueError(f"temperature must be > 0 (each prompt's completions are sampled; their differences are "
                              f"what GRPO/RLOO learn from), got {self.temperature}")
@@ -310,6 +315,10 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
         if given is not None and steps is not None:
             raise ValueError("generation_batch_size and steps_per_generation cannot both be set (TRL derives each from "
                              "the other): drop one")
+        for name, value in (("generation_batch_size", given), ("steps_per_generation", steps)):
+            if value is not None and int(value) < 1:  # 0 sampled no prompt: 0 steps trained, an untrained adapter saved
+                raise ValueError(f"{name} must be >= 1 (each generation samples a batch of completions to train "
+                                 f"on; 0 trains nothing), got {value}")
         if given is not None:
             if int(given) % global_batch:
                 raise ValueError(f"generation_batch_size ({given}) must be a multiple of per_device_train_batch_size x "
