@@ -50,8 +50,8 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 # %% [markdown]
 # ## Prompts
 # A file or Hub dataset, read as label.py reads `--prompts` (`--prompt_field` holds text or messages); every row
-# trains, repeats included, as in TRL. Read first: a bad row fails at once, and a checkpoint resumes only over the
-# same rows.
+# trains, repeats included, as in TRL. Read first: a bad row fails at once (`--skip_invalid` skips such rows and says
+# how many), and a checkpoint resumes only over the same rows.
 
 # %%
 from alignkit.train.rl import load_prompt_dataset

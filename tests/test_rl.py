@@ -788,6 +788,27 @@ def test_the_text_prompt_mark_goes_to_python_rewards_not_among_the_columns_trl_p
     assert trainer.columns == [["category", "prompt"]] * 2 and row[rl_rewards.TEXT_PROMPT] is True  # put back
 
 
+def test_skip_invalid_skips_a_bad_prompt_row_and_says_how_many(tmp_path, alignkit_log):
+    """--skip_invalid was in rl.py's --help ("skip rows that fail validation (and report how many)") but its prompt
+    reading ignored it: a bad row stopped the run. Skipped and counted now, as sft.py's and dpo.py's loaders do."""
+    from alignkit.core.config import RLSettings
+    from alignkit.core.data_files import DataError
+    from alignkit.train import rl
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("1+1?", "", "2+2?", "3+3?")))
+    batch = dict(per_device_train_batch_size=2, gradient_accumulation_steps=1, num_generations=2)
+    with pytest.raises(DataError, match=r"prompts.jsonl: row 2: field 'prompt': expected non-empty text"):
+        rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(data), **batch))
+    rows = rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(data), skip_invalid=True, **batch))
+    assert [p[-1]["content"] for p in rows["prompt"]] == ["1+1?", "2+2?", "3+3?"]
+    assert "prompts.jsonl: skipped 1 of 4 rows as invalid (--skip_invalid). First problem: " \
+           f"{data}: row 2: field 'prompt': expected non-empty text" in alignkit_log.text
+    data.write_text(json.dumps({"prompt": ""}) + "\n")
+    with pytest.raises(DataError, match=r"no usable rows: all 1 rows are invalid. First problem: .*row 1"):
+        rl.load_prompt_dataset(RLSettings(reward=["rule"], dataset_id=str(data), skip_invalid=True, **batch))
+
+
 def test_what_would_train_nothing_or_fail_after_the_load_is_refused_first(tiny_cache, tmp_path):
     """Fewer prompts than one step samples trained 0 steps and saved an untrained adapter (exit status 0); a batch
     that is no multiple of --num_generations, and temperature 0, failed after the model loaded, naming TRL's

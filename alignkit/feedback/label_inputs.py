@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt, template_arguments
 from alignkit.core.digests import digest
@@ -107,10 +108,18 @@ def prompts_from(s, stats: Counter) -> tuple[list[Prompt], str]:
     else:
         columns, rows, label, place = _rows(s.responses_a or s.responses_b)
     column = _column(columns, s.prompt_field, label, "--prompt_field", () if s.prompts else ("prompt",))
-    prompts, seen = [], set()
+    prompts, seen, skipped, read = [], set(), [], 0
     for i, row in enumerate(rows):
-        prompt = Prompt(_as_messages(_cell(row, column, place(i)), f"{place(i)}: field '{column}'"), place=place(i),
-                        row=row if getattr(s, "keep_rows", False) else None, template=template_arguments(row, place(i)))
+        read = i + 1
+        try:
+            prompt = Prompt(_as_messages(_cell(row, column, place(i)), f"{place(i)}: field '{column}'"), place=place(i),
+                            row=row if getattr(s, "keep_rows", False) else None,
+                            template=template_arguments(row, place(i)))
+        except DataError as e:  # rl.py's --skip_invalid, as the training scripts' loaders skip (alignkit.core.data)
+            if not getattr(s, "skip_invalid", False):
+                raise
+            skipped.append(str(e).split(" Fix the row")[0])
+            continue
         value = row.get(column)
         if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
             stats["prompts ending with an answer"] += 1
@@ -121,8 +130,13 @@ def prompts_from(s, stats: Counter) -> tuple[list[Prompt], str]:
         prompts.append(prompt)
         if s.max_prompts and len(prompts) >= s.max_prompts:
             break
+    if not prompts and skipped:
+        raise DataError(f"{label}: no usable rows: all {read} rows are invalid. First problem: {skipped[0]}")
     if not prompts:
         raise DataError(f"{label}: no prompts: the dataset is empty")
+    if skipped:
+        logger.warning("%s: skipped %d of %d rows as invalid (--skip_invalid). First problem: %s",
+                       label, len(skipped), read, skipped[0])
     return prompts, label
 
 

@@ -165,16 +165,18 @@ def load_prompts(run: Run) -> list[Prompt]:
 
 
 def read_prompts(source, split="train", config=None, field="prompt", max_prompts=None, keep_rows=False,
-                 unsaid=False) -> list[Prompt]:
+                 unsaid=False, skip_invalid=False) -> list[Prompt]:
     """load_prompts for a source a script names itself (rl.py's and rlaif.py's --dataset_id, rlaif.py's
     --eval_prompts): the same reading, checks and messages. A single file is read whole: pass split "train".
     keep_rows: every row, repeats included, each Prompt with the whole row it came from (rl.py trains on every
     row, as TRL does, and hands the other columns to the rewards). unsaid: no "N prompts from" line (the caller
-    says what it made of them)."""
+    says what it made of them). skip_invalid: a row that fails its checks is skipped, and how many were is said in
+    one line (rl.py's --skip_invalid), instead of stopping at it."""
     from types import SimpleNamespace
 
     settings = SimpleNamespace(prompts=source, prompts_split=split, prompts_config=config, prompt_field=field,
-                               max_prompts=max_prompts, responses_a=None, responses_b=None, keep_rows=keep_rows)
+                               max_prompts=max_prompts, responses_a=None, responses_b=None, keep_rows=keep_rows,
+                               skip_invalid=skip_invalid)
     return load_prompts(SimpleNamespace(settings=settings, stats=Counter(), unsaid=unsaid))
 
 

@@ -44,7 +44,7 @@ from alignkit.core.mixture import read_under
 # What rl.py's prompt rows depend on (load_prompt_dataset): the seed and the held-out share do not shape them. The
 # generation batch they were checked to fill (check_enough_prompts) counts too: changed, the Prompts cell checks again
 # (following a refusal that named only the Run folder cell trained 0 steps and saved: the review of session 33).
-PROMPT_SETTINGS = ("dataset_id", "dataset_config", "dataset_split", "prompt_field", "max_prompts")
+PROMPT_SETTINGS = ("dataset_id", "dataset_config", "dataset_split", "prompt_field", "max_prompts", "skip_invalid")
 PROMPTS_CHECKED = ("num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
                    "trainer_overrides")
 from alignkit.train import rl_rewards
@@ -82,7 +82,8 @@ def load_prompt_dataset(s):
     check_file_splits(s)
     split = "train" if single_file(s.dataset_id) else s.dataset_split
     # Every row, repeats included (TRL trains on each; before, a repeated prompt and its columns were dropped).
-    prompts = read_prompts(s.dataset_id, split, s.dataset_config, s.prompt_field, s.max_prompts, keep_rows=True)
+    prompts = read_prompts(s.dataset_id, split, s.dataset_config, s.prompt_field, s.max_prompts, keep_rows=True,
+                           skip_invalid=s.skip_invalid)  # a bad row skipped and counted, as sft.py/dpo.py skip one
     # TRL hands a row's other columns to every reward function as keyword arguments (a math set's `solution`);
     # alignkit's mark of a prompt written as text is taken out again before a python reward sees them.
     rows = [{**{k: v for k, v in p.row.items() if k != s.prompt_field}, "prompt": p.messages,
