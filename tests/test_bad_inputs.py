@@ -176,6 +176,10 @@ CASES = [
     ("rl.py", [*TRAIN, "--num_iterations", "0"], "num_iterations must be >= 1", None),
     ("rl.py", [*TRAIN, "--steps_per_generation", "0"], "steps_per_generation must be >= 1", None),
     ("rl.py", [*TRAIN, "--generation_batch_size", "0"], "generation_batch_size must be >= 1", None),
+    # rl.py's own vLLM memory share on the transformers backend: dropped without a word, as its vllm_* siblings were not.
+    ("rl.py", [*TRAIN, "--vllm_gpu_memory_utilization", "0.5"], "rl.py --vllm_gpu_memory_utilization: generation "
+     "runs on transformers here (--backend auto; vLLM needs a CUDA GPU and the vllm package), so it would do nothing; "
+     "drop it", None),
     ("rlaif.py", [*TRAIN, "--rounds", "0"], "rounds must be >= 1", None),
     ("rlaif.py", [*TRAIN, "--nosuch", "3"], "unknown setting: --nosuch", None),
     ("rlaif.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),

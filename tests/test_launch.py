@@ -168,6 +168,10 @@ REFUSED = [
     ("ddp", "rl.py", RLSettings(reward=["rule"], vllm_mode="server"),
      r"^rl.py --vllm_mode server: generation runs on transformers here \(--backend auto; .*\), so it would do "
      r"nothing; drop it, or pass --backend vllm on a machine with both$"),
+    # rl.py's own vLLM memory share, set: dropped on transformers without a word (an audit).
+    ("ddp", "rl.py", RLSettings(reward=["rule"], vllm_gpu_memory_utilization=0.5),
+     r"^rl.py --vllm_gpu_memory_utilization: generation runs on transformers here \(--backend auto; .*\), so it "
+     r"would do nothing; drop it, or pass --backend vllm on a machine with both$"),
     ("zero3", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.1),
      r"reward.py --loss logexpwithlm under DeepSpeed ZeRO-3: .* use a DDP launch, or --lm_loss_coef 0"),
     # --backend vllm without a GPU: refused after the model loaded (minutes for a 7B; the rl.py audit of session 28).
@@ -333,6 +337,15 @@ def test_rl_with_vllm_refuses_qlora_and_caps_vllm_s_context(monkeypatch, tmp_pat
     assert rl.trl_args(s, tmp_path, torch.bfloat16, model)["vllm_max_model_length"] == context
     s.max_model_len = context // 2
     assert rl.trl_args(s, tmp_path, torch.bfloat16, model)["vllm_max_model_length"] == context // 2
+    # rl.py's own --vllm_gpu_memory_utilization reaches TRL's config in colocate mode; the server's is its own.
+    s.vllm_gpu_memory_utilization = 0.5
+    launch.establish_launch(s, "rl.py")
+    assert rl.trl_args(s, tmp_path, torch.bfloat16, model)["vllm_gpu_memory_utilization"] == 0.5
+    with pytest.raises(UserError, match=r"^rl.py --vllm_gpu_memory_utilization with --vllm_mode server: the server "
+                                        r"holds its own share .* drop it, or pass it to trl vllm-serve$"):
+        launch.establish_launch(RLSettings(reward=["rule"], quantization="none", vllm_mode="server",
+                                           vllm_gpu_memory_utilization=0.5), "rl.py")
+    launch.establish_launch(RLSettings(reward=["rule"], quantization="none", vllm_mode="server"), "rl.py")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -174,11 +174,21 @@ def refusal(s, script: str) -> str | None:
         # As flags (TRL's vllm_* fields are flags too, going to trainer_overrides), one or several.
         asked = [f"--{k}" for k in (getattr(s, "trainer_overrides", None) or {}) if k.startswith("vllm_")]
         asked += ["--vllm_mode server"] if getattr(s, "vllm_mode", "colocate") == "server" else []
+        # rl.py's own vllm_gpu_memory_utilization (set when it is not its default, TRL's 0.3): it went to GRPOConfig
+        # under --backend vllm only, so on transformers it was dropped without a word.
+        memory = getattr(s, "vllm_gpu_memory_utilization", None)
+        default = getattr(type(s), "__dataclass_fields__", {}).get("vllm_gpu_memory_utilization")
+        set_memory = default is not None and memory != default.default
+        asked += ["--vllm_gpu_memory_utilization"] if set_memory else []
         if asked and not wants_vllm(s):  # auto fell back to transformers: the vLLM settings would do nothing
             they, them = ("it", "it") if len(asked) == 1 else ("they", "them")
             return (f"rl.py {', '.join(asked)}: generation runs on transformers here (--backend {s.backend}; vLLM "
                     f"needs a CUDA GPU and the vllm package), so {they} would do nothing; drop {them}, or pass "
                     "--backend vllm on a machine with both")
+        if set_memory and getattr(s, "vllm_mode", "colocate") == "server":  # TRL reads it in colocate mode only
+            return ("rl.py --vllm_gpu_memory_utilization with --vllm_mode server: the server holds its own share of its "
+                    "GPUs (trl vllm-serve --gpu_memory_utilization), so it would do nothing; drop it, or pass it to "
+                    "trl vllm-serve")
         if getattr(s, "backend", "") == "vllm" and (lacking := vllm_lacking()):  # rl.resolve_backend's, sooner
             return f"--backend vllm: {lacking}; pass --backend transformers (or auto) to generate with transformers"
         if wants_vllm(s) and resolve_quantization(quantization, for_training=True, log=False) == "4bit":
