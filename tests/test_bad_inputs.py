@@ -177,6 +177,10 @@ CASES = [
     ("rl.py", [*TRAIN, "--steps_per_generation", "0"], "steps_per_generation must be >= 1", None),
     ("rl.py", [*TRAIN, "--generation_batch_size", "0"], "generation_batch_size must be >= 1", None),
     # rl.py's own vLLM memory share on the transformers backend: dropped without a word, as its vllm_* siblings were not.
+    # rl.py holds no data out: eval_steps said "Pass --eval_split 0.05 or --dataset_test_split test", both refused there.
+    ("rl.py", [*TRAIN, "--eval_strategy", "steps", "--eval_steps", "1"], "rl.py holds no data out: it measures the "
+     "reward on its own samples, logged every --logging_steps (training.png); drop eval_split / eval_strategy / "
+     "eval_steps", None),
     ("rl.py", [*TRAIN, "--vllm_gpu_memory_utilization", "0.5"], "rl.py --vllm_gpu_memory_utilization: generation "
      "runs on transformers here (--backend auto; vLLM needs a CUDA GPU and the vllm package), so it would do nothing; "
      "drop it", None),

@@ -227,6 +227,7 @@ class TrainSettings(HubPushSettings, ModelSettings):
     # auto where evaluation is asked for (alignkit.core.trl_names.Vocabulary.finish); reward.py and rl.py read one.
     reads_test_split: ClassVar[bool] = True
     takes_mixture: ClassVar[bool] = True  # reward.py, rl.py, rlaif.py read one split (a mixture refused)
+    holds_out: ClassVar[bool] = True  # rl.py holds no data out at all: it refuses evaluation in its own words
     help_groups: ClassVar[list] = TRAIN_HELP_GROUPS
     help_rest_at: ClassVar[int] = 4  # the script's own settings (DPO, reward, ...) right after training
     # The script's notebook cells (their `## ` headings, in order; notebooks/build.py makes them from its `# %%` cells,
@@ -382,7 +383,7 @@ class TrainSettings(HubPushSettings, ModelSettings):
             check_mixture(self.dataset_mixture)
             if type(self).takes_mixture:  # the others refuse the mixture itself, in one line
                 check_beside_mixture(self)
-        if self.eval_steps and not self.has_eval_data():
+        if self.eval_steps and type(self).holds_out and not self.has_eval_data():
             raise ValueError(f"eval_steps {self.eval_steps} but no held-out data (eval_split 0, no "
                              "dataset_test_split or test split in the mixture): nothing would be evaluated. Pass "
                              f"--eval_split 0.05 or {self.test_split_advice()}, or drop eval_steps")

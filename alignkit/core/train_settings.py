@@ -178,6 +178,7 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
     run_type: ClassVar[str] = "rl"
     reads_test_split: ClassVar[bool] = False  # one split (refused: dataset_test_split)
     takes_mixture: ClassVar[bool] = False  # refused in one line (__post_init__)
+    holds_out: ClassVar[bool] = False  # eval_steps too is refused in rl.py's words, not "pass --eval_split"
     trl_configs: ClassVar[tuple[str, ...]] = ("GRPOConfig", "RLOOConfig")
     help_title: ClassVar[str] = "RL: algorithm, rewards, rollouts, judge"
     notebook_cells: ClassVar[dict[str, str]] = {
@@ -244,9 +245,11 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
                              "dataset_mixture / dataset_test_split")
         overrides = self.trainer_overrides if isinstance(self.trainer_overrides, dict) else {}
         evaluation = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
-        if self.eval_split or evaluation not in ("none", "no") or overrides.get("num_generations_eval") is not None:
+        if (self.eval_split or evaluation not in ("none", "no") or self.eval_steps
+                or overrides.get("num_generations_eval") is not None):
             raise ValueError("rl.py holds no data out: it measures the reward on its own samples, logged every "
-                             "--logging_steps (training.png); drop eval_split / eval_strategy / num_generations_eval")
+                             "--logging_steps (training.png); drop eval_split / eval_strategy / eval_steps / "
+                             "num_generations_eval")
         if self.max_length is not None:
             raise ValueError(f"--max_length {self.max_length} has no effect in rl.py: TRL's GRPO/RLOO keep each "
                              "prompt whole and stop the answers at --max_completion_length; drop it, and keep long "
