@@ -177,6 +177,11 @@ CASES = [
     ("rl.py", [*TRAIN, "--steps_per_generation", "0"], "steps_per_generation must be >= 1", None),
     ("rl.py", [*TRAIN, "--generation_batch_size", "0"], "generation_batch_size must be >= 1", None),
     # rl.py's own vLLM memory share on the transformers backend: dropped without a word, as its vllm_* siblings were not.
+    # Greedy rollouts through TRL's generation_kwargs (over its own do_sample True): a group's completions all alike,
+    # every advantage 0, as --temperature 0 (refused) would make them; a negative clip: no gradient for one sign.
+    ("rl.py", [*TRAIN, "--generation_kwargs", '{"do_sample": false}'], "generation_kwargs do_sample false decodes "
+     "greedily: every completion of a prompt is the same, so every advantage is 0", None),
+    ("rl.py", [*TRAIN, "--epsilon_high", "-0.1"], "epsilon_high must be >= 0, got -0.1", None),
     # rl.py holds no data out: eval_steps said "Pass --eval_split 0.05 or --dataset_test_split test", both refused there.
     ("rl.py", [*TRAIN, "--eval_strategy", "steps", "--eval_steps", "1"], "rl.py holds no data out: it measures the "
      "reward on its own samples, logged every --logging_steps (training.png); drop eval_split / eval_strategy / "

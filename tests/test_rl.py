@@ -855,6 +855,13 @@ def test_what_would_train_nothing_or_fail_after_the_load_is_refused_first(tiny_c
     assert settings("--scale_rewards", "false").trainer_overrides["scale_rewards"] == "none"
     with pytest.raises(ConfigError, match=r"temperature must be > 0"):
         settings("--temperature", "0")
+    with pytest.raises(ConfigError, match=r"^generation_kwargs temperature 0 decodes greedily"):
+        settings("--generation_kwargs", '{"temperature": 0, "top_k": 5}')
+    assert settings("--generation_kwargs", '{"top_k": 5}').trainer_overrides["generation_kwargs"] == {"top_k": 5}
+    # An upper clip below the lower one is a narrower trust region, which TRL's clipped loss computes as asked.
+    assert settings("--epsilon", "0.2", "--epsilon_high", "0.1").trainer_overrides["epsilon_high"] == 0.1
+    with pytest.raises(ConfigError, match=r"^epsilon must be >= 0, got -0.2"):
+        settings("--epsilon", "-0.2")
 
 
 def test_a_run_given_back_before_its_first_checkpoint_keeps_the_judgments_it_paid_for(tmp_path, alignkit_log):

@@ -289,6 +289,17 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
         if self.temperature <= 0:  # TRL samples every rollout: transformers refused 0 after the model loaded
             raise ValueError(f"temperature must be > 0 (each prompt's completions are sampled; their differences are "
                              f"what GRPO/RLOO learn from), got {self.temperature}")
+        sampling = overrides.get("generation_kwargs") if isinstance(overrides.get("generation_kwargs"), dict) else {}
+        greedy = [f"{k} {str(v).lower()}" for k, v in sampling.items()
+                  if (k == "do_sample" and v is False) or (k == "temperature" and isinstance(v, (int, float)) and v <= 0)]
+        if greedy:  # TRL puts generation_kwargs over its own do_sample True and --temperature: greedy, without a word
+            raise ValueError(f"generation_kwargs {greedy[0]} decodes greedily: every completion of a prompt is the same, "
+                             "so every advantage is 0 (their differences are what GRPO/RLOO learn from); drop it "
+                             "(--temperature sets the sampling)")
+        for name in ("epsilon", "epsilon_high"):  # TRL clips the policy ratio to [1 - epsilon, 1 + epsilon_high]
+            if isinstance(clip := overrides.get(name), (int, float)) and clip < 0:
+                raise ValueError(f"{name} must be >= 0, got {clip}: below 0 the clip range leaves out the ratio 1 "
+                                 "each generation starts at, so the tokens of that advantage's sign get no gradient")
         per_generation, how = self.generation_batch()
         if per_generation % self.num_generations:  # TRL's line came after the model loaded
             raise ValueError(f"TRL's generation_batch_size ({per_generation} = {how}) must be a multiple of "
