@@ -903,6 +903,14 @@ def test_a_run_given_back_before_its_first_checkpoint_keeps_the_judgments_it_pai
     run_folder._release(alone, None, RuntimeError("out of memory"))
     assert sorted(p.name for p in alone.iterdir()) == ["judge.cache"] and lines(alone) == ["alone/judgments.jsonl"]
 
+    # A judge whose every request failed wrote empty judgments files: nothing paid for, nothing said kept.
+    unpaid = tmp_path / "unpaid"
+    (unpaid / "judge.cache").mkdir(parents=True)
+    (unpaid / "judge.cache" / "judgments.jsonl").write_text("")
+    alignkit_log.clear()
+    run_folder._release(unpaid, None, RuntimeError("the judge is down"))
+    assert not unpaid.exists() and "paid judgments kept" not in alignkit_log.text
+
     killed, kept = tmp_path / "killed", tmp_path / "killed.previous-1"  # SIGKILL: no except ran; the next command
     judged(killed, "judgments.jsonl")
     (kept / "metrics.json").parent.mkdir()

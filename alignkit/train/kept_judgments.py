@@ -28,10 +28,12 @@ JUDGMENTS = "judge.cache"  # rl.py --reward judge's default cache in the run fol
 def remove_keeping_judgments(folder: Path, ignore_errors: bool = False) -> Path | None:
     """Remove a run folder that holds no checkpoint, but for the judgments its judge reward paid for: moved beside
     it (returned) for judgments_back. A removed judge.cache lost every request made before the first checkpoint.
-    ignore_errors: as shutil.rmtree's (a run's own failure path, which must not fail in turn)."""
+    Only judgments files that hold a judgment count (a judge whose every request failed wrote none: nothing was
+    paid for, and the log said so). ignore_errors: as shutil.rmtree's (a run's own failure path, which must not
+    fail in turn)."""
     judged = folder / JUDGMENTS
     paid = None
-    if judged.is_dir() and any(judged.glob("judgments*.jsonl")):
+    if judged.is_dir() and any(f.stat().st_size for f in judged.glob("judgments*.jsonl")):
         paid = free_name(folder.parent, f".{folder.name}.{JUDGMENTS}-kept")
         shutil.move(str(judged), paid)
     shutil.rmtree(folder, ignore_errors=ignore_errors)
