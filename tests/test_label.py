@@ -343,6 +343,32 @@ def test_a_stop_while_judging_counts_this_run_s_judgments_not_the_cache_s(tmp_pa
     assert bars and max(bars) < said
 
 
+def test_skip_invalid_skips_a_bad_prompt_row_as_its_error_line_says(tmp_path, alignkit_log):
+    """label.py had no --skip_invalid, so rlaif.py's (its --help: "skip rows that fail validation") reached only its
+    dpo.py runs and a bad prompt row still stopped round 1's label.py: label.py skips the row and says how many, and
+    rlaif.py passes its own on to each round's label.py."""
+    from pathlib import Path
+
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.core.data import DataError
+    from alignkit.modeling import presets
+    from alignkit.train.rlaif_inputs import label_command
+
+    prompts = marker_pairs(tmp_path)
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": prompts[0]}, {"prompt": ""}, *({"prompt": p} for p in prompts[1:])])
+    flags = ["--prompts", "prompts.jsonl", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge",
+             "python:alignkit.modeling.presets:rule_judge", "--output", "out/p.jsonl"]
+    with pytest.raises(DataError, match=r"prompts.jsonl: row 2: field 'prompt'"):
+        run_script("label.py", *flags, cwd=tmp_path)
+    run_script("label.py", *flags, "--skip_invalid", "true", cwd=tmp_path)
+    assert "skipped 1 of 7 rows as invalid (--skip_invalid)" in alignkit_log.text
+    assert (tmp_path / "out" / "p.jsonl").is_file() and "6 prompts from" in alignkit_log.text  # the 6 good ones
+    s = parse_config(RLAIFSettings, ["--preset", "tiny", "--skip_invalid", "true"],
+                     presets={"tiny": presets.defaults("rlaif")}, env_file=None)
+    assert "--skip_invalid" in label_command(s, 1, s.model_id, None, Path("preferences.jsonl"))
+
+
 def test_a_missing_prompts_file_leaves_nothing_behind(tmp_path):
     """A --prompts file that is not there was refused after the cache folder and the settings file were written
     beside the output (found by an audit)."""

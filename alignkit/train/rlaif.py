@@ -366,7 +366,7 @@ def check(s) -> None:
     _reference(s)  # --reference start reads the starting model's adapters
     # The prompts before the judge, which asks for its key: a bad file was reported only once the key was set
     prompts = read_prompts(label.prompts, label.prompts_split, label.prompts_config, label.prompt_field,
-                           label.max_prompts)
+                           label.max_prompts, skip_invalid=label.skip_invalid)
     judge = make_judge(label) if label.mode == "pairs" else None
     if hasattr(judge, "check_prompts"):  # a prompt a reward model judge cannot score, as label.py refuses it
         judge.check_prompts(prompts)

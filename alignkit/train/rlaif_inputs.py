@@ -118,6 +118,8 @@ def label_command(s, r: int, policy: str, revision: str | None, preferences: Pat
             "--quantization", s.quantization]
     if s.max_prompts is not None:
         args += ["--max_prompts", str(s.max_prompts)]
+    if s.skip_invalid:  # its prompts' rows, as dpo.py skips its pairs'
+        args += ["--skip_invalid", "true"]
     args += [item for k, v in _prompt_source(s).items() if v is not None for item in (f"--{k}", str(v))]
     at_revision = ["--revision", revision] if revision else []
     return args + at_revision + loader_flags(s) + label_judge_flags(s) + shlex.split(s.label_args)
