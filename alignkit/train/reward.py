@@ -330,15 +330,16 @@ def _numbered(dataset):
 def kept_by_trl(pairs, tokenizer, max_length: int | None, trainer=None):
     """The held-out pairs TRL's RewardTrainer keeps at `max_length`, as it tokenized them (chosen_ids, rejected_ids)
     with their row numbers in `pairs` (ROW): the trainer's own held-out data where it held out these very pairs
-    (the same dataset's fingerprint) and trained at that length, else TRL's preparation of them run here, in one
-    process only (TRL's preparation waits at barriers that a DDP launch's other ranks, which score nothing, never
-    reach). TRL's filter and tokenization are the only ones: the report's pairs and tokens are TRL's (they were
-    derived again here, every pair tokenized twice)."""
+    (the same dataset's fingerprint) and trained at that length, else TRL's preparation of them run here, but not
+    under DDP (TRL's preparation waits at barriers that a DDP launch's other ranks, which score nothing, never reach;
+    under FSDP or ZeRO-3 every rank reports). TRL's filter and tokenization are the only ones: the report's pairs
+    and tokens are TRL's (they were derived again here, every pair tokenized twice)."""
     from types import SimpleNamespace
 
     from accelerate import PartialState
 
     from alignkit.core.args import ConfigError
+    from alignkit.core.launch import sharded_launch
 
     prepared = getattr(trainer, "eval_dataset", None)
     same = getattr(pairs, "_fingerprint", None) is not None and \
@@ -346,9 +347,9 @@ def kept_by_trl(pairs, tokenizer, max_length: int | None, trainer=None):
     if same and getattr(getattr(trainer, "args", None), "max_length", None) == max_length and \
             ROW in (getattr(prepared, "column_names", None) or ()):
         return prepared
-    if PartialState().num_processes > 1:
-        raise ConfigError("the held-out report under a launch of several processes scores the pairs its trainer held "
-                          "out, at the length it trained at: pass trainer= the RewardTrainer given these pairs")
+    if PartialState().num_processes > 1 and sharded_launch() is None:  # DDP: the main process alone scores
+        raise ConfigError("the held-out report under a DDP launch scores the pairs its trainer held out, at the "
+                          "length it trained at: pass trainer= the RewardTrainer given these pairs")
     args = SimpleNamespace(max_length=max_length, dataset_num_proc=None)  # all that its preparation reads
     return RewardTrainer._prepare_dataset(None, _numbered(pairs), tokenizer, args, "eval")
 
