@@ -748,7 +748,15 @@ def test_texts_among_conversations_are_read_as_conversations_in_a_dataset_and_a_
     chats_sft = write(tmp_path, [{"messages": [u("hi"), a("yo")]}] * 2, "jsonl", name="chats_sft")
     s = SimpleNamespace(dataset_mixture={"datasets": [{"id": str(lines)}, {"id": str(chats_sft)}]},
                         dataset_format="auto", skip_invalid=False, max_samples=None, eval_split=0.0, seed=0)
-    with pytest.raises(DataError, match="their rows have different columns"):
+    with pytest.raises(DataError, match=rf"their rows have different columns \({lines}: text; {chats_sft}: messages\)"):
+        load_train_eval("sft", s)
+    # Messages beside prompt/completion rows: each dataset named with its columns, and the way to write them alike
+    # (the error guessed "an SFT text dataset beside a messages one?" and named neither: an sft.py audit).
+    pairs_sft = write(tmp_path, [{"prompt": "hey", "completion": " yo"}] * 2, "jsonl", name="pairs_sft")
+    s.dataset_mixture = {"datasets": [{"id": str(chats_sft)}, {"id": str(pairs_sft), "test": True}]}
+    with pytest.raises(DataError, match=rf"\({chats_sft}: messages; {pairs_sft} \(test\): completion, prompt\); TRL "
+                                        r"trains one format per dataset: write them in one \(prompt/completion rows as "
+                                        r"messages: the prompt's turns, then the completion's\)"):
         load_train_eval("sft", s)
 
 

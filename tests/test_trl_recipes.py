@@ -400,6 +400,12 @@ def test_eval_strategy_no_holds_no_rows_out(local, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("eval_strategy: 'no'\n")
     assert parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)]).eval_split == 0
+    # YAML 1.1 reads a bare `no` as false: "False is not IntervalStrategy or str" (an sft.py audit; the README writes
+    # `eval_strategy: no`): taken as TRL's "no".
+    recipe.write_text("eval_strategy: no\nsave_strategy: no\n")
+    bare = parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
+    assert bare.eval_split == 0 and bare.trainer_overrides["eval_strategy"] == "no", bare.trainer_overrides
+    recipe.write_text("eval_strategy: 'no'\n")
     assert parse_config(DPOSettings, env_file=None, args=["--do_eval", "false"]).eval_split == 0
     assert parse_config(DPOSettings, env_file=None, args=["--config", str(recipe), "--eval_split", "0.1"]).eval_split == 0.1
     assert parse_config(DPOSettings, env_file=None, args=[]).eval_split == 0.05

@@ -262,7 +262,7 @@ def _load_train_eval(kind: str, s):
     if s.max_samples:
         train = train.select(range(min(s.max_samples, len(train))))
     held_out = load(s.dataset_id, s.dataset_format, test_split, s.skip_invalid, s.dataset_config)
-    (train,), (held_out,) = _one_kind([train, held_out], 1)  # both splits read alike: texts, or conversations
+    (train,), (held_out,) = _one_kind([train, held_out], 1, ["the training split", "the test split"])  # both splits read alike: texts, or conversations
     return train, _capped(held_out, s, f"split {test_split}", split=test_split)
 
 
@@ -378,16 +378,22 @@ def _entry(kind, s, entry, number, seed):
     return data
 
 
-def _one_kind(parts, trains: int):
+def _one_kind(parts, trains: int, names=None):
     """(train parts, test parts), all conversational where texts (TRL's standard format) and conversations mix:
-    TRL reads one kind per dataset, and the text datasets are read as one user and one assistant turn each."""
+    TRL reads one kind per dataset, and the text datasets are read as one user and one assistant turn each. Rows of
+    other columns (messages beside prompt/completion rows, a text column beside either) are refused, each part
+    (`names`: what to call them) named with its columns."""
     from alignkit.core.data import as_conversation, is_text_dataset
 
     kinds = [is_text_dataset(part) if len(part) else None for part in parts]  # an empty part says nothing
     rows = {"messages", "text", "prompt", "completion", "chosen", "rejected", "label"}  # a row's own columns
-    if len({frozenset(part.column_names) & rows for part in parts if len(part)}) > 1:
-        raise DataError("the datasets do not fit together: their rows have different columns (an SFT text dataset "
-                        "beside a messages one?); mix datasets of one format")
+    columns = [sorted(set(part.column_names) & rows) if len(part) else None for part in parts]
+    if len({tuple(c) for c in columns if c is not None}) > 1:
+        names = names or [f"dataset {n}" for n in range(1, len(parts) + 1)]
+        said = "; ".join(f"{name}: {', '.join(c)}" for name, c in zip(names, columns) if c is not None)
+        raise DataError(f"the datasets do not fit together: their rows have different columns ({said}); TRL trains "
+                        "one format per dataset: write them in one (prompt/completion rows as messages: the prompt's "
+                        "turns, then the completion's)")
     if True in kinds and False in kinds:
         logger.info("dataset_mixture: datasets of texts beside conversations: the texts are read as one user and one "
                     "assistant turn each (TRL's standard format needs every dataset as text)")
@@ -411,7 +417,10 @@ def _mixture(kind, s):
     from alignkit.core.message_columns import align_messages
 
     # Texts beside conversations become conversations; a tool-calling dataset's JSON messages make every part's JSON.
-    train_parts, test_parts = _one_kind(train_parts + test_parts, len(train_parts))
+    names = [f"{e['id']}{' (test)' if e.get('test') else ''}" for e in m["datasets"]]
+    names = [n for n, e in zip(names, m["datasets"]) if not e.get("test")] + \
+        [n for n, e in zip(names, m["datasets"]) if e.get("test")]  # in the order of the parts
+    train_parts, test_parts = _one_kind(train_parts + test_parts, len(train_parts), names)
     aligned = align_messages(train_parts + test_parts)
     train_parts, test_parts = aligned[:len(train_parts)], aligned[len(train_parts):]
     try:

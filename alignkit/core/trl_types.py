@@ -63,6 +63,8 @@ def trl_value(raw, tp, where):
             return _tuple_value(text, pair, where)  # RLOO's reward_clip_range: -0.5,0.5 (YAML's list as it is)
         if str not in members and not enums and not literals:
             raise ConfigError(f"invalid value for {where}: {raw!r} is not {' or '.join(map(_name, members))}")
+    elif raw is False and any("no" in {e.value for e in m} for m in enums):  # YAML 1.1's bare `no` (eval_strategy)
+        value = "no"
     elif not _fits(raw, members):  # a YAML or JSON value of another type (optim: 5): TRL fails on it after loading
         raise ConfigError(f"invalid value for {where}: {raw!r} is not {' or '.join(map(_name, members))}")
     if enums and isinstance(value, str):
