@@ -127,6 +127,13 @@ CASES = [
      "some-folder is not a model folder", None),
     ("label.py", ["--responses_a", "empty.jsonl", "--responses_b", "empty.jsonl", "--judge", "python:alignkit.modeling.presets:rule_judge",
                   "--output", "OUT/x.jsonl"], "empty.jsonl: no rows: it is empty", None),
+    # Settings --mode completions never reads: ignored without a word (a label.py audit).
+    ("label.py", ["--preset", "tiny", "--mode", "completions", "--output", "OUT/x.jsonl", "--judge", "rm:nowhere"],
+     "--judge rm:nowhere judges --mode pairs and grades --mode pointwise; --mode completions asks no judge: drop it",
+     None),
+    ("label.py", ["--preset", "tiny", "--mode", "completions", "--output", "OUT/x.jsonl", "--grade_threshold", "5"],
+     "--grade_threshold 5.0 applies to --mode pointwise's grades; --mode completions does not grade: drop it, or "
+     "pass --mode pointwise", None),
     ("evaluate.py", ["nosuch"], "unknown command 'nosuch'", None),
     # A reward model as an LLM judge: taken for a model name at the endpoint ("OPENAI_API_KEY is not set"), in
     # every script with --judge_model (the judges' shared settings group refuses it).

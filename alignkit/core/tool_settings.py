@@ -125,6 +125,15 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
         if self.grade_pairs and self.mode != "pointwise":
             raise ValueError(f"--grade_pairs makes pairs from --mode pointwise's grades; --mode {self.mode} does not "
                              "grade: drop it, or pass --mode pointwise")
+        if self.grade_threshold is not None and self.mode != "pointwise":  # it was ignored without a word
+            raise ValueError(f"--grade_threshold {self.grade_threshold} applies to --mode pointwise's grades; --mode "
+                             f"{self.mode} does not grade: drop it, or pass --mode pointwise")
+        sources = SETTING_SOURCES.get()  # the preset's judge (the tiny one's rule) is no judge given for this run
+        given = sources is None or sources.get("judge", ("preset",))[0] not in ("env", "preset")
+        default = next(f.default for f in fields(self) if f.name == "judge")
+        if self.mode == "completions" and given and self.judge != default:
+            raise ValueError(f"--judge {self.judge} judges --mode pairs and grades --mode pointwise; --mode completions "
+                             "asks no judge: drop it")
         self.check_judge_reads()
         check_seed(self.seed)
 
