@@ -71,6 +71,11 @@ def test_grade_pairs_are_each_prompt_s_best_graded_answer_over_its_worst(tiny_la
     dpo = run_script("dpo.py", "--preset", "tiny", "--dataset_id", str(out.with_suffix(".pairs.jsonl")), "--max_steps",
                      "1", "--output_dir", str(tmp_path))
     assert dpo["trainer"].state.global_step == 1
+    # The same output without --grade_pairs: the earlier run's pairs (from those grades) went, not left as these.
+    run_script("label.py", "--preset", "tiny", "--mode", "pointwise", "--judge", "python:alignkit.modeling.presets:score",
+               "--output", str(out))
+    assert not out.with_suffix(".pairs.jsonl").exists() and "grade_pairs" not in json.loads(
+        out.with_suffix(".summary.json").read_text())
     with pytest.raises(ConfigError, match=r"--grade_pairs makes pairs from --mode pointwise's grades"):
         run_script("label.py", "--preset", "tiny", "--grade_pairs", "true", "--output", str(tmp_path / "p.jsonl"))
 

@@ -222,6 +222,10 @@ def grade(run, grader: Grader, prompts, table) -> dict:
         pairs = best_over_worst(rows)
         replace_output(pairs_path(run.output), pairs)
         summary |= {"grade_pairs": len(pairs), "grade_pairs_output": str(pairs_path(run.output))}
+    elif pairs_path(run.output).is_file():  # an earlier run's pairs, from other grades, stayed beside these rows
+        pairs_path(run.output).unlink()
+        logger.info(f"removed {pairs_path(run.output)}: an earlier run's --grade_pairs, from its grades, not these "
+                    "(pass --grade_pairs true to write them from these; the grades stay in the cache)")
     write_json(run.summary_path, summary)
     refuse_empty(len(rows), outcomes["error"] + run.stats["generation errors"], judge_fix(grader.spec)
                  if outcomes["error"] else "Check the generators (see above)")
