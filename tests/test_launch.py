@@ -174,6 +174,10 @@ REFUSED = [
      r"would do nothing; drop it, or pass --backend vllm on a machine with both$"),
     ("zero3", "reward.py", RewardSettings(loss="logexpwithlm", lm_loss_coef=0.1),
      r"reward.py --loss logexpwithlm under DeepSpeed ZeRO-3: .* use a DDP launch, or --lm_loss_coef 0"),
+    # TRL's activation_offloading without a GPU: its traceback once the model had loaded (an sft.py audit).
+    ("ddp", "sft.py", SFTSettings(trainer_overrides={"activation_offloading": True}),
+     r"^activation_offloading on a CPU: TRL moves a GPU's activations to the CPU's memory, and with no GPU its hooks "
+     r"fail once the model has loaded; drop it \(it is for a CUDA GPU\)$"),
     # --backend vllm without a GPU: refused after the model loaded (minutes for a 7B; the rl.py audit of session 28).
     ("ddp", "rl.py", RLSettings(reward=["rule"], backend="vllm"),
      r"^--backend vllm: no CUDA GPU; pass --backend transformers \(or auto\) to generate with transformers$"),
@@ -193,6 +197,14 @@ def test_what_cannot_work_is_refused_in_one_line_before_loading(mode, script, s,
         with pytest.raises(UserError, match=line) as said:
             launch.establish_launch(s, script)
         assert not said.value.said_by_local_rank_0
+
+
+def test_activation_offloading_is_refused_on_a_cpu_only(monkeypatch):
+    """On a GPU (simulated) TRL's activation_offloading passes through as it is."""
+    s = SFTSettings(trainer_overrides={"activation_offloading": True})
+    assert launch.refusal(s, "sft.py").startswith("activation_offloading on a CPU")
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: True)
+    assert launch.refusal(s, "sft.py") is None
 
 
 def test_a_refusal_local_rank_0_says_is_said_by_the_others_only_if_the_launcher_lets_them_wait(capsys, monkeypatch):

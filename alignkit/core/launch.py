@@ -153,6 +153,9 @@ def refusal(s, script: str) -> str | None:
                 "pass --fsdp_version 2 to accelerate launch")
     if script not in ONE_PROCESS and (conflict := _mixed_precision_conflict(s)):  # the training scripts
         return conflict
+    if (getattr(s, "trainer_overrides", None) or {}).get("activation_offloading") and not torch.cuda.is_available():
+        return ("activation_offloading on a CPU: TRL moves a GPU's activations to the CPU's memory, and with no GPU "
+                "its hooks fail once the model has loaded; drop it (it is for a CUDA GPU)")
     quantization = getattr(s, "quantization", "none")
     if sharded and quantization == "8bit":
         return _no_8bit(sharded)
