@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import datasets
 
-from alignkit.core.data_files import FILE_TYPES, DataError, Rows, load_rows, read_rows
+from alignkit.core.data_files import FILE_TYPES, DataError, RowInvalid, Rows, load_rows, read_rows, skipped_rows
 from alignkit.core.message_columns import TEMPLATE_COLUMNS, as_dataset
 from alignkit.core.row_checks import (_answer, _bad, _check_prompt, _messages, _pair, _RowError, _same, _text, _turn,
                                       ends_without_answer, split_where_they_part)
@@ -400,14 +400,10 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
             field = f"field '{e.field}': " if e.field else ""
             reason = f"{read.place(i)}: {field}{e.problem}."
             if not skip_invalid:
-                raise DataError(f"{reason} {_FIX}") from None
+                raise RowInvalid(reason, _FIX) from None
             skipped.append(reason)
-    if not out:
-        raise DataError(f"{label}: no usable rows: all {len(data)} rows are invalid. First problem: {skipped[0]}")
+    skipped_rows(label, skipped, len(data), len(out))
     out = _one_kind(out, label)
-    if skipped:
-        logger.warning("%s: skipped %d of %d rows as invalid (--skip_invalid). First problem: %s",
-                       label, len(skipped), len(data), skipped[0])
     if kind == "sft" and (notice := ends_without_answer(out, lambda j: read.place(rows_at[j]))):
         logger.warning(f"{label}: {notice}")  # TRL trains such rows as they are: so does alignkit, saying so
     if kept is not None:
@@ -466,7 +462,7 @@ def template_arguments(row: dict, where: str) -> dict:
     try:
         tools, kwargs = (_template_column(row.get(c), c) for c in ("tools", "chat_template_kwargs"))
     except _RowError as e:
-        raise DataError(f"{where}: field '{e.field}': {e.problem}. Fix the row, or leave the column out") from None
+        raise RowInvalid(f"{where}: field '{e.field}': {e.problem}.", "Fix the row, or leave the column out") from None
     return {**({"tools": tools} if tools else {}), **kwargs}
 
 

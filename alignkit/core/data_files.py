@@ -9,6 +9,7 @@ import codecs
 import csv
 import io
 import json
+import logging
 import os
 import re
 from typing import NamedTuple
@@ -17,7 +18,10 @@ import datasets
 
 from alignkit.core.errors import UserError
 
-__all__ = ["DataError", "FILE_TYPES", "Rows", "load_rows", "read_rows", "single_file", "split_names"]
+__all__ = ["DataError", "FILE_TYPES", "RowInvalid", "Rows", "load_rows", "read_rows", "single_file", "split_names",
+           "skipped_rows"]
+
+logger = logging.getLogger("alignkit")
 
 FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -25,6 +29,25 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 class DataError(UserError):
     """A problem in the user's data or data arguments; the message says where it is and how to fix it."""
+
+
+class RowInvalid(DataError):
+    """One row's problem: the message is `reason` ("FILE: row N: field F: what is wrong.") then `fix`. A reader under
+    --skip_invalid keeps the reason alone (skipped_rows): a skipped row needs no fix."""
+
+    def __init__(self, reason: str, fix: str = "Fix the row."):
+        super().__init__(f"{reason} {fix}")
+        self.reason = reason
+
+
+def skipped_rows(label: str, skipped: list[str], read: int, kept: int) -> None:
+    """--skip_invalid's reckoning, the same for every reader of rows (the training loaders, label.py's and rl.py's
+    prompts): no row kept is one error naming the first problem; some rows skipped is one warning."""
+    if skipped and not kept:
+        raise DataError(f"{label}: no usable rows: all {read} rows are invalid. First problem: {skipped[0]}")
+    if skipped:
+        logger.warning("%s: skipped %d of %d rows as invalid (--skip_invalid). First problem: %s",
+                       label, len(skipped), read, skipped[0])
 
 
 def _show(value):

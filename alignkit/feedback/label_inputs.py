@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.data import DataError, hh_prompt_messages, is_hh_prompt, template_arguments
+from alignkit.core.data_files import RowInvalid, skipped_rows
 from alignkit.core.digests import digest
 from alignkit.core.row_checks import kept_message
 from alignkit.feedback.label_records import Prompt
@@ -32,7 +32,7 @@ def _cell(row, column: str, place: str):
     if isinstance(row, dict) and column not in row:
         from alignkit.core.row_checks import no_field
 
-        raise DataError(f"{place}: {no_field(row, column)}. Fix the row.")
+        raise RowInvalid(f"{place}: {no_field(row, column)}.")
     return row.get(column)
 
 
@@ -42,7 +42,7 @@ def _as_messages(value, where: str) -> list[dict]:
         try:
             return hh_prompt_messages(value)
         except DataError as e:
-            raise DataError(f"{where}: {e}. Fix the row.") from None
+            raise RowInvalid(f"{where}: {e}.") from None
     if isinstance(value, str) and value.strip():
         return [{"role": "user", "content": value}]
     # Messages keep their tool calls, tool turns and reasoning (alignkit.core.row_checks.kept_message): the template
@@ -54,8 +54,8 @@ def _as_messages(value, where: str) -> list[dict]:
         if messages and (messages[-1]["role"] == "tool" or
                          messages[-1]["role"] == "user" and messages[-1]["content"].strip()):
             return messages
-    raise DataError(f"{where}: expected non-empty text, or role/content messages ending with a user (or tool) turn, "
-                    f"got {_show(value)}. Fix the row, or point --prompt_field at the column holding the prompts.")
+    raise RowInvalid(f"{where}: expected non-empty text, or role/content messages ending with a user (or tool) turn, "
+                     f"got {_show(value)}.", "Fix the row, or point --prompt_field at the column holding the prompts.")
 
 
 def _rows(source, split="train", config=None):
@@ -115,10 +115,10 @@ def prompts_from(s, stats: Counter) -> tuple[list[Prompt], str]:
             prompt = Prompt(_as_messages(_cell(row, column, place(i)), f"{place(i)}: field '{column}'"), place=place(i),
                             row=row if getattr(s, "keep_rows", False) else None,
                             template=template_arguments(row, place(i)))
-        except DataError as e:  # rl.py's --skip_invalid, as the training scripts' loaders skip (alignkit.core.data)
+        except RowInvalid as e:  # rl.py's --skip_invalid, as the training scripts' loaders skip (alignkit.core.data)
             if not getattr(s, "skip_invalid", False):
                 raise
-            skipped.append(str(e).split(" Fix the row")[0])
+            skipped.append(e.reason)
             continue
         value = row.get(column)
         if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
@@ -130,13 +130,9 @@ def prompts_from(s, stats: Counter) -> tuple[list[Prompt], str]:
         prompts.append(prompt)
         if s.max_prompts and len(prompts) >= s.max_prompts:
             break
-    if not prompts and skipped:
-        raise DataError(f"{label}: no usable rows: all {read} rows are invalid. First problem: {skipped[0]}")
+    skipped_rows(label, skipped, read, len(prompts))
     if not prompts:
         raise DataError(f"{label}: no prompts: the dataset is empty")
-    if skipped:
-        logger.warning("%s: skipped %d of %d rows as invalid (--skip_invalid). First problem: %s",
-                       label, len(skipped), read, skipped[0])
     return prompts, label
 
 
