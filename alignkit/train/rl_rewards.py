@@ -27,6 +27,7 @@ went down), stops the run in one line instead, as label.py's does (alignkit.core
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections import Counter
@@ -119,33 +120,31 @@ def import_reward(spec: str):
             prompts, completions = [p[-1]["content"] for p in prompts], [completion_text(c) for c in completions]
         return {"prompts": prompts, "completions": completions, **kwargs}
 
-    def missing(kwargs, error) -> ConfigError:
-        """A KeyError names the reward and the columns a row passes (a column the dataset lacks is the usual one)."""
-        columns = ", ".join(sorted(k for k in kwargs if k not in TRL_REWARD_ARGUMENTS)) or "none"
-        return ConfigError(f"--reward {spec} raised KeyError {error}: a row's columns reach it as keyword arguments, "
-                           f"and this dataset's are: {columns} (--debug shows where)")
+    @contextlib.contextmanager
+    def in_one_line(kwargs):
+        """The reward's failure as one line, for the sync and the async reward alike: a KeyError names the reward and
+        the columns a row passes (a column the dataset lacks is the usual one); checked_rewards' own line stays; any
+        other error is the reward's code failing, said with its line (reward_raised), not TRL's traceback."""
+        try:
+            yield
+        except KeyError as error:
+            columns = ", ".join(sorted(k for k in kwargs if k not in TRL_REWARD_ARGUMENTS)) or "none"
+            raise ConfigError(f"--reward {spec} raised KeyError {error}: a row's columns reach it as keyword "
+                              f"arguments, and this dataset's are: {columns} (--debug shows where)") from error
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the reward's code failed: its line, not TRL's traceback
+            raise reward_raised(spec, function, error) from error
 
     if is_async_callable(function):
         # An async reward (an API call) stays async, so TRL awaits it on its event loop beside the others.
         async def reward(prompts, completions, **kwargs):
-            try:
+            with in_one_line(kwargs):
                 return checked_rewards(spec, await function(**as_written(prompts, completions, kwargs)), completions)
-            except KeyError as error:
-                raise missing(kwargs, error) from error
-            except UserError:  # checked_rewards' own line
-                raise
-            except Exception as error:  # noqa: BLE001 - the reward's code failed: its line, not TRL's traceback
-                raise reward_raised(spec, function, error) from error
     else:
         def reward(prompts, completions, **kwargs):
-            try:
+            with in_one_line(kwargs):
                 return checked_rewards(spec, function(**as_written(prompts, completions, kwargs)), completions)
-            except KeyError as error:
-                raise missing(kwargs, error) from error
-            except UserError:  # checked_rewards' own line
-                raise
-            except Exception as error:  # noqa: BLE001 - the reward's code failed: its line, not TRL's traceback
-                raise reward_raised(spec, function, error) from error
 
     reward.function, reward.spec = function, spec  # check_rewards_take reads its parameters
     reward.__name__ = reward.__qualname__ = get_callable_name(function)  # TRL's name for it in the logs
