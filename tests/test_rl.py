@@ -244,7 +244,7 @@ def test_a_judge_that_fails_its_first_requests_stops_the_run_in_one_line_and_one
     dead = SimpleNamespace(base_url="http://127.0.0.1:9/v1")  # nothing listens on port 9 (discard)
     reward = JudgeReward(_judge_settings(dead, tmp_path, max_retries=0), tmp_path / "cache")
     with pytest.raises(UserError, match=r"^the first 5 judge requests all failed \(APIConnectionError: .*\): stopped "
-                                        r"the run\. Check that the judge at http://127\.0\.0\.1:9/v1 is up "
+                                        r"the run\. Check that the server at http://127\.0\.0\.1:9/v1 is up "
                                         r"\(--judge_base_url.* --judge_model judge, then run the same command again"):
         reward(*ask(8))
     reward.close()

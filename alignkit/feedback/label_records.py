@@ -200,13 +200,15 @@ def report_failure(error: Exception, what: str, count: int) -> None:
         logger.warning(f"more {what}s failed; counting them in the summary")
 
 
-def judge_fix(spec: str) -> str:
-    """What to check when a judge (`--judge` as given) fails every request."""
+def judge_fix(spec: str, base_url: str | None = None, model: str | None = None) -> str:
+    """What to check when a judge (`--judge` as given) fails every request; an endpoint's URL and model are named
+    where the caller knows them (rl.py's judge reward)."""
     if spec.startswith("python:"):
         return f"Fix {spec.removeprefix('python:')}"
     if spec.startswith("rm:") or spec.startswith("hf:") or spec == "hf":
         return "Check the judge model (--judge, --judge_model)"
-    return "Check that the server at --judge_base_url is up (the URL usually ends in /v1), and --judge_model"
+    where = f"at {base_url} is up (--judge_base_url; " if base_url else "at --judge_base_url is up ("
+    return f"Check that the server {where}the URL usually ends in /v1), and --judge_model{f' {model}' if model else ''}"
 
 
 def generator_fix(spec: str) -> str:

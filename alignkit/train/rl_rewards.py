@@ -260,10 +260,10 @@ class JudgeReward:
         # Every request of the run, step after step: a judge that fails its first FIRST_FAILURES requests (a server
         # down, a wrong URL), or FAILURES_IN_A_ROW later, stops the run in one line; a few failures score None.
         from alignkit.core.llm import FirstFailures
+        from alignkit.feedback.label_records import judge_fix
 
-        self.watch = FirstFailures("judge request", f"Check that the judge at {self.identity['base_url']} is up "
-                                   f"(--judge_base_url; the URL usually ends in /v1) and serves --judge_model "
-                                   f"{self.identity['model']}", None)
+        self.watch = FirstFailures("judge request", judge_fix("openai", self.identity["base_url"],
+                                                              self.identity["model"]), None)
         # Opened once training has claimed the run folder (the trainer's setup reads `cache`): opened now, a rerun's
         # judgments would follow the earlier run where the claim moves it aside (run_folder.previous-TIME).
         self.cache_dir, self._cache = cache_dir, None
