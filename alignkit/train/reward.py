@@ -339,7 +339,6 @@ def kept_by_trl(pairs, tokenizer, max_length: int | None, trainer=None):
     from accelerate import PartialState
 
     from alignkit.core.args import ConfigError
-    from alignkit.core.launch import sharded_launch
 
     prepared = getattr(trainer, "eval_dataset", None)
     same = getattr(pairs, "_fingerprint", None) is not None and \
@@ -347,7 +346,8 @@ def kept_by_trl(pairs, tokenizer, max_length: int | None, trainer=None):
     if same and getattr(getattr(trainer, "args", None), "max_length", None) == max_length and \
             ROW in (getattr(prepared, "column_names", None) or ()):
         return prepared
-    if PartialState().num_processes > 1 and sharded_launch() is None:  # DDP: the main process alone scores
+    # TRL's preparation waits at barriers for every rank: refused where the other ranks do not score (DDP)
+    if PartialState().num_processes > 1 and not scores_held_out(is_main_process=False):
         raise ConfigError("the held-out report under a DDP launch scores the pairs its trainer held out, at the "
                           "length it trained at: pass trainer= the RewardTrainer given these pairs")
     args = SimpleNamespace(max_length=max_length, dataset_num_proc=None)  # all that its preparation reads
