@@ -420,6 +420,26 @@ def test_as_a_step_of_rlaif_no_command_to_train_on_the_output_is_suggested(tmp_p
     assert "wrote step.jsonl" in out and "train on it" not in out and "nothing to train on" not in out
 
 
+def test_a_python_judge_or_grader_that_raises_is_said_as_calls_not_requests(tmp_path, caplog):
+    """A `python:` judge that raised was "judge request failed" and "N requests failed", endpoint wording for a
+    function called in-process (the label.py audit of session 36); each line now says "call", and the fix names the
+    function's file."""
+    (tmp_path / "j.py").write_text('def judge(prompt, a, b):\n    raise ValueError("boom")\n'
+                                   'def score(prompt, answer):\n    raise ValueError("boom")\n')
+    marker_pairs(tmp_path, n=1, identical=False)
+    files = ("--responses_a", "a.jsonl", "--responses_b", "b.jsonl")
+    with pytest.raises(UserError, match=r"^no row was labeled: 2 judge calls failed \(see above\), so the output is "
+                                        r"empty\. Fix j\.py:judge, then"):
+        run_script("label.py", *files, "--judge", "python:j.py:judge", "--output", "o.jsonl", cwd=tmp_path)
+    assert "judge call failed: ValueError: boom" in caplog.text and "request" not in caplog.text.split("label:")[-1]
+    with pytest.raises(UserError, match=r"^no row was labeled: 2 grading calls failed \(see above\)"):
+        run_script("label.py", *files, "--mode", "pointwise", "--judge", "python:j.py:score", "--output", "p.jsonl",
+                   cwd=tmp_path)
+    marker_pairs(tmp_path, n=3, identical=False)
+    with pytest.raises(UserError, match=r"^the first 5 judge calls all failed \(ValueError: boom\)"):
+        run_script("label.py", *files, "--judge", "python:j.py:judge", "--output", "o3.jsonl", cwd=tmp_path)
+
+
 def test_a_principle_the_judge_template_does_not_read_is_refused(tmp_path):
     """--principle with the default template was ignored without a word (found by an audit): the README's example
     pairs it with self_reference, the one template that reads it."""
@@ -1333,7 +1353,7 @@ def test_a_judge_that_fails_every_request_stops_early_and_an_empty_output_is_a_f
         assert 5 <= server.count <= 7  # not the 22 judgments (one or two may be under way as it stops)
         (tmp_path / "a.jsonl").write_text("".join(line + "\n" for line in (tmp_path / "a.jsonl").read_text()
                                                   .splitlines()[:2]))
-        with pytest.raises(UserError, match=r"^no row was labeled: 4 requests failed \(see above\), so the "
+        with pytest.raises(UserError, match=r"^no row was labeled: 4 judge requests failed \(see above\), so the "
                                             r"output is empty\. Check that the server"):
             label(tmp_path, server, "--max_retries", "0", "--parallel", "1")
         down[0] = False

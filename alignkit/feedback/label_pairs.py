@@ -16,7 +16,7 @@ from alignkit.core.digests import digest
 from alignkit.core.llm import FirstFailures
 from alignkit.feedback.judge import Request, orders_for, parse_verdict, question_text
 from alignkit.feedback.label_records import (
-    Pair, Prompt, Run, check_made, judge_fix, made, report_failure, to_ask_again,
+    Pair, Prompt, Run, asked, check_made, judge_fix, made, report_failure, to_ask_again,
 )
 
 
@@ -77,7 +77,7 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
     run.stats["judgments needed"] = len(keys)
     run.stats["judgments sent"] = len(needed)
     progress = Progress("judging", len(pairs), done=sum(k == 0 for k in open_keys))
-    watch = FirstFailures("judge request", judge_fix(judge.name), len(needed))
+    watch = FirstFailures(asked(judge.name, "judge"), judge_fix(judge.name), len(needed))
     stream = batched(judge.judge_batch, needed.values(), s.generation_batch_size) if judge.batched else \
         threaded(judge.judge, needed.values(), s.parallel)
     try:
@@ -90,7 +90,7 @@ def judge_pairs(run: Run, pairs: list[Pair]) -> None:
                                        "--judge_base_url (it usually ends in /v1) and --judge_model.") from None
                 watch.failed(result)  # may stop the run, in its own line
                 run.errors[request.key] = result
-                report_failure(result, "judge request", len(run.errors))
+                report_failure(result, watch.what, len(run.errors))
             else:
                 watch.ok()
                 run.judgments.append({"key": request.key, "judge": judge.name, "verdict": parse_verdict(result),

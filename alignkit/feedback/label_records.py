@@ -200,6 +200,12 @@ def report_failure(error: Exception, what: str, count: int) -> None:
         logger.warning(f"more {what}s failed; counting them in the summary")
 
 
+def asked(spec: str, what: str) -> str:
+    """"judge request" for an endpoint or a model; "judge call" for a `python:` function, which is called, not asked
+    (its failures were "judge request failed", endpoint wording)."""
+    return f"{what} call" if spec.startswith("python:") else f"{what} request"
+
+
 def judge_fix(spec: str, base_url: str | None = None, model: str | None = None) -> str:
     """What to check when a judge (`--judge` as given) fails every request; an endpoint's URL and model are named
     where the caller knows them (rl.py's judge reward)."""
@@ -218,11 +224,11 @@ def generator_fix(spec: str) -> str:
     return f"Check the model {spec}"
 
 
-def refuse_empty(rows: int, errors: int, fix: str) -> None:
-    """An output of no row because requests failed is a failed run (status 2, a user error), not a result to
-    train on."""
+def refuse_empty(rows: int, errors: int, fix: str, what: str = "request") -> None:
+    """An output of no row because requests (`what`: asked's) failed is a failed run (status 2, a user error), not a
+    result to train on."""
     if rows == 0 and errors:
-        raise UserError(f"no row was labeled: {errors} requests failed (see above), so the output is empty. {fix}, "
+        raise UserError(f"no row was labeled: {errors} {what}s failed (see above), so the output is empty. {fix}, "
                         "then run the same command again (it retries only those)")
 
 
@@ -294,7 +300,8 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
     write_json(run.summary_path, summary)
     generation = run.stats["generation errors"]
     refuse_empty(len(rows), len(run.errors) + generation, judge_fix(run.judge.name) if run.errors else
-                 generator_fix(", ".join(s.spec for s in run.sources if s.kind != "file")))
+                 generator_fix(", ".join(s.spec for s in run.sources if s.kind != "file")),
+                 asked(run.judge.name, "judge") if run.errors else "request")
     if run.judge is None and not rows and run.stats["empty completion"]:  # a teacher that said nothing: not a result
         teachers = ", ".join(dict.fromkeys(s.spec for s in run.sources))  # once, whatever --num_samples
         raise UserError(
@@ -407,7 +414,7 @@ def _completion_summary(run, prompts, rows) -> dict:
 _LABELS = {
     "agreement": "agreement of the two orders", "slot_a_wins": "slot A wins (position bias)",
     "slot_b_wins": "slot B wins", "tie_verdicts": "tie verdicts", "parse_failures": "parse failures (no verdict)",
-    "pairs": "pairs (before skipping)", "tokens_this_run": "tokens used this run",
+    "pairs": "pairs (before skipping)", "tokens_this_run": "API tokens used this run",
 }
 
 

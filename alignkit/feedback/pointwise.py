@@ -36,7 +36,7 @@ from alignkit.core.progress import Progress
 from alignkit.feedback.judge import Request, import_function, question_text
 from alignkit.feedback.judge_templates import Template
 from alignkit.feedback.label_records import (
-    AppendLog, check_made, judge_fix, refuse_empty, replace_output, to_ask_again,
+    AppendLog, asked, check_made, judge_fix, refuse_empty, replace_output, to_ask_again,
 )
 from alignkit.feedback.ratings import SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM, parse_rating
 
@@ -175,7 +175,7 @@ def grade(run, grader: Grader, prompts, table) -> dict:
         for _, prompt, text, key in cells:
             if (key not in grades or key in retry) and key not in needed:
                 needed[key] = Item(key, prompt.messages, text)
-        watch = FirstFailures("grading request", judge_fix(grader.spec), len(needed))
+        watch = FirstFailures(asked(grader.spec, "grading"), judge_fix(grader.spec), len(needed))
         progress = Progress("grading", len(needed), unit="answer")
         stream = batched(grader.grade_batch, needed.values(), s.generation_batch_size) if grader.batched else \
             threaded(grader.grade, needed.values(), s.parallel)
@@ -228,7 +228,8 @@ def grade(run, grader: Grader, prompts, table) -> dict:
                     "(pass --grade_pairs true to write them from these; the grades stay in the cache)")
     write_json(run.summary_path, summary)
     refuse_empty(len(rows), outcomes["error"] + run.stats["generation errors"], judge_fix(grader.spec)
-                 if outcomes["error"] else "Check the generators (see above)")
+                 if outcomes["error"] else "Check the generators (see above)",
+                 asked(grader.spec, "grading") if outcomes["error"] else "request")
     if not rows:  # as pairs mode: an empty output is a failed run in one line, not "nothing to train on"
         raise UserError(nothing_graded(grader, len(cells), grades.path, run.summary_path))
     return summary
