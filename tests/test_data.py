@@ -1085,6 +1085,44 @@ def test_preference_pairs_are_held_out_by_whole_prompts_for_dpo_and_reward(tmp_p
     assert held_out["prompt"] == plain["test"]["prompt"] and train["prompt"] == plain["train"]["prompt"]
 
 
+def test_sft_rows_are_held_out_by_whole_prompts_deterministically(tmp_path, alignkit_log):
+    """label.py --mode completions --num_samples 4 writes several answers per prompt; held out row by row, a prompt's
+    other answers trained, so sft.py's held-out loss measured prompts the model had learned. A conversation's prompt
+    is its turns before the last assistant one. The split is the same for a seed, and with one row per prompt (or
+    plain text, which has no prompt) it is the plain split it always was."""
+    from alignkit.core.mixture import load_train_eval
+    from alignkit.core.train_settings import SFTSettings
+
+    alignkit_log.set_level(logging.INFO, logger="alignkit")
+
+    def prompts(data):  # each row's prompt, as the split groups it
+        return [json.dumps(row.get("prompt") or row["messages"][:-1], sort_keys=True) for row in data]
+
+    completions = write(tmp_path, [{"prompt": f"q{i // 4}", "completion": f"answer {i}"} for i in range(40)],
+                        "jsonl", "completions")
+    conversations = write(tmp_path, [{"messages": [u("hi"), a("hello"), u(f"q{i // 4}"), a(f"answer {i}")]}
+                                     for i in range(40)], "jsonl", "conversations")
+    for data in (completions, conversations):
+        for settings in (SFTSettings(dataset_id=str(data), eval_split=0.1),
+                         SFTSettings(dataset_id=str(data), eval_split=0.1, seed=7),
+                         SFTSettings(dataset_mixture={"datasets": [{"id": str(data), "weight": 1.0}], "seed": 3,
+                                                      "test_split_size": 3})):
+            alignkit_log.clear()
+            train, held_out = load_train_eval("sft", settings)
+            assert not set(prompts(train)) & set(prompts(held_out)), data
+            assert len(held_out) == 4 and len(train) == 36  # one whole prompt: its 4 answers
+            assert "4 of 40 rows held out, every one to 1 of the 10 prompts" in alignkit_log.text
+            again = load_train_eval("sft", settings)  # the same rows on each side, in the same order
+            assert (again[0][:], again[1][:]) == (train[:], held_out[:])
+    unique = write(tmp_path, [{"messages": [u(f"q{i}"), a(f"answer {i}")]} for i in range(40)], "jsonl", "unique")
+    texts = write(tmp_path, [{"text": f"text {i // 4}"} for i in range(40)], "jsonl", "texts")
+    for data in (unique, texts):
+        settings = SFTSettings(dataset_id=str(data), eval_split=0.1)
+        plain = load_sft(str(data)).shuffle(seed=settings.seed).train_test_split(test_size=0.1, shuffle=False)
+        train, held_out = load_train_eval("sft", settings)
+        assert held_out[:] == plain["test"][:] and train[:] == plain["train"][:]
+
+
 def test_an_unknown_sft_column_of_text_names_trl_s_dataset_text_field(tmp_path):
     """Text under another column name stopped with "rename the columns, or --dataset_format ..." and not TRL's own
     way, which works: --dataset_text_field (found by an sft.py audit)."""

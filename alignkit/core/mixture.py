@@ -137,8 +137,8 @@ def read_under(s, *data, keys=DATA_SETTINGS) -> tuple:
 
 
 def split(dataset, s, kind=None):
-    """(train, eval or None): a seeded shuffle, --max_samples, then the held-out share (for preference pairs and KTO's
-    unpaired answers, whole prompts: see _hold_out)."""
+    """(train, eval or None): a seeded shuffle, --max_samples, then the held-out share (for SFT rows with a prompt,
+    preference pairs and KTO's unpaired answers, whole prompts: see _hold_out)."""
     dataset = dataset.shuffle(seed=s.seed)
     if s.max_samples:
         dataset = dataset.select(range(min(s.max_samples, len(dataset))))
@@ -153,10 +153,12 @@ def split(dataset, s, kind=None):
 
 def _hold_out(dataset, size, seed, name, kind=None):
     """(train, held out): `size` rows (>= 1) or a share (< 1), counted as datasets' train_test_split counts them.
-    Preference pairs ("preference") and KTO's unpaired answers ("unpaired") are held out by whole prompts (at least
-    that many rows): several pairs sampled for one prompt (label.py --num_samples) otherwise put the prompt on both
-    sides, and a pair read as two answers trains its chosen half while its rejected half is scored as unseen. Where
-    every prompt has one row this is the plain split."""
+    SFT rows with a prompt ("sft": prompt/completion rows, conversations by their turns before the last assistant
+    one), preference pairs ("preference") and KTO's unpaired answers ("unpaired") are held out by whole prompts (at
+    least that many rows): several answers or pairs sampled for one prompt (label.py --num_samples) otherwise put the
+    prompt on both sides, its held-out loss measured on a prompt the model trained on, and a pair read as two answers
+    trains its chosen half while its rejected half is scored as unseen. Where every prompt has one row (and for plain
+    text rows, which have no prompt) this is the plain split."""
     n = len(dataset)
     if not (_number(size) and size > 0):
         raise ConfigError(f"{name} {size!r} must be a share (< 1) or a row count (>= 1)")
@@ -169,18 +171,39 @@ def _hold_out(dataset, size, seed, name, kind=None):
     if held >= n:
         raise ConfigError(f"{name} {size} leaves no training rows: it holds out {min(held, n)} of the {n} rows. "
                           f"Hold out fewer (a smaller share, or fewer than {n} rows), or {other}")
-    if kind in ("unpaired", "preference"):
-        return _hold_out_prompts(dataset, held, name, other, "answers" if kind == "unpaired" else "pairs")
+    keys = _prompt_keys(dataset) if kind in ("sft", "unpaired", "preference") else None
+    if keys is not None:
+        rows = {"unpaired": "answers", "preference": "pairs"}.get(kind, "rows")
+        return _hold_out_prompts(dataset, keys, held, name, other, rows)
     parts = dataset.train_test_split(test_size=size, seed=seed, shuffle=False)
     return parts["train"], parts["test"]
 
 
-def _hold_out_prompts(dataset, held, name, other, rows="answers"):
-    """The last prompts of the (shuffled) rows, every row (answer or pair) to each, until `held` rows are held out."""
+def _prompt_keys(dataset) -> list[str] | None:
+    """Each normalised row's prompt, as text to compare: its `prompt` column, or a conversation's turns before its
+    last assistant turn (an SFT `messages` row: with none, a key of its own); None for rows without a prompt (SFT's
+    plain text)."""
     import json
+
+    def key(prompt) -> str:  # a message's keys left None by Arrow (another row's tool_calls) are no part of it
+        if isinstance(prompt, list):
+            prompt = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in prompt]
+        return json.dumps(prompt, sort_keys=True, default=str)
+
+    if "prompt" in dataset.column_names:
+        return [key(prompt) for prompt in dataset["prompt"]]
+    if "messages" in dataset.column_names:  # a conversation that opens with its answer has no prompt to share
+        last = (lambda turns: max((i for i, m in enumerate(turns) if m.get("role") == "assistant"), default=0))
+        return [key(turns[:last(turns)]) if last(turns) else f"row {i}"
+                for i, turns in enumerate(dataset["messages"])]
+    return None
+
+
+def _hold_out_prompts(dataset, keys, held, name, other, rows="answers"):
+    """The last prompts of the (shuffled) rows (`keys`: each row's prompt), every row (answer, pair or SFT row) to
+    each, until `held` rows are held out."""
     from collections import Counter
 
-    keys = [json.dumps(prompt, sort_keys=True, default=str) for prompt in dataset["prompt"]]
     answers, chosen, count = Counter(keys), set(), 0
     order = list(dict.fromkeys(reversed(keys)))  # prompts, the one whose last row is last first
     if len(order) == 1:  # one prompt for every row: there is no other way to hold any out
