@@ -200,7 +200,7 @@ def test_a_task_whose_data_cannot_be_read_is_one_line_before_any_model_loads(tin
     from lm_eval.tasks import TaskManager
 
     s.tasks = ["draws_rows"]
-    manager = TaskManager(include_path=str(tasks))
+    manager = harness._task_manager(TaskManager, str(tasks), s.tasks)  # as run() indexes them
     datasets.disable_caching()
     try:
         drawn = []
@@ -336,21 +336,36 @@ def test_a_limited_run_keeps_the_full_results_and_says_what_it_was_made_under(ti
 def test_lm_eval_s_task_index_is_built_once_a_process_and_again_when_a_task_file_changes(tmp_path, monkeypatch):
     """lm_eval's TaskManager reads every task's YAML on each build (7 s and more): an evaluate cell run again, or
     each model of a run, built it anew. It is kept for the --include_path as its files are, and an edited task
-    file is read anew."""
+    file is read anew. Tasks of the folder alone are indexed from it alone: lm_eval's own 14,000 YAMLs were read
+    (4 to 7 s) to build a local task, or to refuse one whose data does not load."""
     import os
+    from types import SimpleNamespace
 
     builds = []
+    kinds = {"tiny_rule": "TASK", "tiny_text": "TASK", "tiny_tag": "TAG", "tiny_group": "GROUP"}
 
     class Manager:
-        def __init__(self, include_path=None):
-            builds.append(include_path)
+        def __init__(self, include_path=None, include_defaults=True):
+            builds.append((include_path, include_defaults))
+            self.task_index = {name: SimpleNamespace(kind=SimpleNamespace(name=kind)) for name, kind in kinds.items()}
 
     monkeypatch.setattr(harness, "_TASK_MANAGERS", {})
     tasks = harness.tiny_task(tmp_path / "tasks", n=4)
-    first = harness._task_manager(Manager, str(tasks))
-    assert harness._task_manager(Manager, str(tasks)) is first and builds == [str(tasks)]
+    first = harness._task_manager(Manager, str(tasks), ["tiny_rule"])
+    assert harness._task_manager(Manager, str(tasks), ["tiny_rule", "tiny_tag"]) is first
+    assert builds == [(str(tasks), False)]
+    # lm_eval's own task (or a name in neither) and a group (whose tasks may be lm_eval's): the whole index, kept too.
+    whole = harness._task_manager(Manager, str(tasks), ["tiny_rule", "hellaswag"])
+    assert whole is not first and builds[-1] == (str(tasks), True)
+    assert harness._task_manager(Manager, str(tasks), ["tiny_group"]) is whole
+    assert harness._task_manager(Manager, str(tasks), ["tiny_text"]) is first and len(builds) == 2
     yaml = next(tasks.rglob("*.yaml"))
     yaml.write_text(yaml.read_text() + "\n# edited\n")
     os.utime(yaml, ns=(1, 1))  # the same second as before on a coarse clock: the size tells it
-    assert harness._task_manager(Manager, str(tasks)) is not first and len(builds) == 2
-    assert harness._task_manager(Manager, None) is not None and builds[-1] is None
+    assert harness._task_manager(Manager, str(tasks), ["tiny_rule"]) is not first and len(builds) == 3
+    assert harness._task_manager(Manager, None, ["tiny_rule"]) is not None and builds[-1] == (None, True)
+    # lm_eval's own TaskManager, on the tiny tasks: the folder's two, none of lm_eval's.
+    from lm_eval.tasks import TaskManager
+
+    local = harness._task_manager(TaskManager, str(tasks), list(harness.TINY_TASKS))
+    assert local.all_tasks == list(harness.TINY_TASKS)

@@ -320,22 +320,35 @@ def _quiet_lm_eval() -> None:
         evaluator.get_git_commit_hash = quietly
 
 
-_TASK_MANAGERS: dict = {}  # (include_path, its files as they are) -> lm_eval's TaskManager, built once a process
+_TASK_MANAGERS: dict = {}  # ((include_path, its files as they are), whole index?) -> lm_eval's TaskManager
 
 
-def _task_manager(TaskManager, include_path):
-    """lm_eval's TaskManager, which reads every task's YAML (7 s and more) on each build: one per process for an
-    --include_path as its files are (name, size, time of change), so that an evaluate cell run again, or rlaif's
-    next round, does not read them all again, and an edited task file is read anew."""
+def _task_manager(TaskManager, include_path, tasks=()):
+    """lm_eval's TaskManager, which reads every task's YAML (its own 14,000 and more: 4 to 7 s) on each build: one
+    per process for an --include_path as its files are (name, size, time of change), so that an evaluate cell run
+    again, or rlaif's next round, does not read them all again, and an edited task file is read anew.
+
+    Where every name of `tasks` is a task (or a tag of tasks) of --include_path, the index is that folder's alone
+    (include_defaults=False): lm_eval builds such a task from its own YAML, as the whole index would (a folder's task
+    overrides lm_eval's of that name there too), and a local task, or a bad one refused before any model loads, no
+    longer waits on lm_eval's own. A group (whose tasks may be lm_eval's), or a name the folder lacks (lm_eval's own,
+    or none: the check of unknown tasks offers the closest of all), gets the whole index."""
     files = ()
     if include_path:
         root = Path(include_path)
         files = tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*") if f.is_file()))
-    key = (str(Path(include_path).resolve()) if include_path else None, files)
-    if key not in _TASK_MANAGERS:
-        _TASK_MANAGERS.clear()  # one kept: the folder as it is now
-        _TASK_MANAGERS[key] = TaskManager(include_path=include_path) if include_path else TaskManager()
-    return _TASK_MANAGERS[key]
+    folder = (str(Path(include_path).resolve()) if include_path else None, files)
+    if all(key[0] != folder for key in _TASK_MANAGERS):
+        _TASK_MANAGERS.clear()  # kept for the folder as it is now: its own index and the whole
+    if include_path:
+        if (folder, False) not in _TASK_MANAGERS:
+            _TASK_MANAGERS[folder, False] = TaskManager(include_path=include_path, include_defaults=False)
+        local = _TASK_MANAGERS[folder, False]
+        if all(name in local.task_index and local.task_index[name].kind.name != "GROUP" for name in tasks):
+            return local
+    if (folder, True) not in _TASK_MANAGERS:
+        _TASK_MANAGERS[folder, True] = TaskManager(include_path=include_path) if include_path else TaskManager()
+    return _TASK_MANAGERS[folder, True]
 
 
 def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
@@ -354,7 +367,7 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
     if s.include_path and not Path(s.include_path).is_dir():
         raise ConfigError(f"--include_path {s.include_path}: no such folder; pass the folder that holds your lm_eval "
                           "task YAML configs")
-    task_manager = _task_manager(TaskManager, s.include_path)
+    task_manager = _task_manager(TaskManager, s.include_path, s.tasks)
     if unknown := [t for t in s.tasks if t not in task_manager.all_tasks]:
         import difflib
 
