@@ -163,6 +163,8 @@ def test_a_task_whose_data_cannot_be_read_is_one_line_before_any_model_loads(tin
     assert seen == [(True, True)] and (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == (False, False)
     assert ("does not answer (ConnectError: no route): lm_eval's tasks read their data from this machine's Hugging "
             "Face cache alone (as with HF_HUB_OFFLINE=1)") in alignkit_log.text
+    # HF_HUB_OFFLINE=1 set after the libraries read it (a notebook's %env): theirs too while the tasks load (they
+    # asked the Hub all the same, retrying for 20 s and more before the line), restored after.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # A folder beside the YAML as dataset_path is taken for a Hub id from elsewhere: said as the path it is.
     (tasks / "folder.yaml").write_text("task: folder_rows\ndataset_path: data\ntest_split: test\n" + body)
@@ -170,6 +172,7 @@ def test_a_task_whose_data_cannot_be_read_is_one_line_before_any_model_loads(tin
     with pytest.raises(ConfigError, match=rf"^lm_eval task 'folder_rows': its data did not load .*not from the YAML's "
                                           rf"\(it is beside {tasks / 'folder.yaml'}\)"):
         harness.run(s)
+    assert seen[-1] == (True, True) and (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == (False, False)
     (tasks / "gone.yaml").write_text(f"task: gone_rows\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    "
                                      f"test: {tmp_path / 'gone.jsonl'}\ntest_split: test\n" + body)
     s.tasks = ["gone_rows"]  # an absolute path that is not there: no advice to write it as one

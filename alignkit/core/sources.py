@@ -119,18 +119,20 @@ def cache_alone_if_hub_silent(what: str):
     """Where the Hub does not answer (and HF_HUB_OFFLINE is not set), what runs inside reads the Hugging Face cache
     alone, as under HF_HUB_OFFLINE=1 (huggingface_hub's and datasets' switches, restored after): data in the cache
     loads at once, and data not there fails at once. datasets retried a silent Hub for about 90 s first (lm_eval's
-    tasks, alignkit.evals.harness.load_tasks: the evaluate audit of session 31). `what`: said in the log line."""
+    tasks, alignkit.evals.harness.load_tasks: the evaluate audit of session 31). `what`: said in the log line.
+    HF_HUB_OFFLINE=1 set after the libraries were imported (os.environ or %env in a notebook) is theirs too inside:
+    they read it once, at import, and asked the Hub all the same (datasets' retries, 20 s and more)."""
     import logging
 
     import datasets.config
     from huggingface_hub import constants
 
-    why = None if hub_offline() else hub_silent()
-    if why is None:
-        yield
-        return
-    logging.getLogger("alignkit").info(f"{why}: {what} from this machine's Hugging Face cache alone (as with "
-                                       "HF_HUB_OFFLINE=1)")
+    if not hub_offline():
+        if (why := hub_silent()) is None:
+            yield
+            return
+        logging.getLogger("alignkit").info(f"{why}: {what} from this machine's Hugging Face cache alone (as with "
+                                           "HF_HUB_OFFLINE=1)")
     saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
     try:
