@@ -56,6 +56,26 @@ def test_tracker_missing_and_present(monkeypatch, tracker):
     assert resolve_report_to(DPOSettings(report_to="none")) == "none"  # nothing asked, nothing needed
 
 
+def test_report_to_all_takes_the_installed_trackers_that_can_log_without_a_prompt(monkeypatch, tmp_path, caplog):
+    """TRL and transformers take `--report_to all` (every tracker installed), as handbook recipes may write it;
+    alignkit refused it as "not one of auto, none, wandb, tensorboard". It takes wandb and tensorboard where installed,
+    wandb only where it logs without a login prompt (a key, a login, or WANDB_MODE=offline), and says which."""
+    from alignkit.core.args import parse_config
+
+    assert parse_config(DPOSettings, ["--report_to", "all"]).report_to == ["all"]
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    hide(monkeypatch, "wandb", "tensorboard", "tensorboardX")
+    assert resolve_report_to(DPOSettings(report_to="all")) == "none"
+    assert "--report_to all: none" in caplog.text
+    for tracker in ("wandb", "tensorboard"):
+        monkeypatch.setitem(sys.modules, tracker, types.ModuleType(tracker))
+    assert resolve_report_to(DPOSettings(report_to="all")) == "tensorboard"  # wandb would ask for a login
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_report_to(DPOSettings(report_to=["all", "tensorboard"])) == ["tensorboard", "wandb"]
+
+
 def test_wandb_never_records_a_password_from_the_command_line(monkeypatch):
     """wandb stores the command line in its run metadata: rl.py's --judge_base_url with user:password went up
     with it (found in the offline .wandb file)."""

@@ -15,6 +15,7 @@ the pip command, raised before any model loads.
 from __future__ import annotations
 
 import importlib
+import os
 
 from alignkit.core.errors import UserError
 
@@ -48,3 +49,21 @@ def require_tracker(report_to: str) -> None:
             importlib.import_module("tensorboardX")  # transformers' TensorBoardCallback takes either package
         except ImportError:
             require("tensorboard", "tracking", "--report_to tensorboard", instead="--report_to none")
+
+
+def has_tracker(report_to: str) -> bool:
+    """Whether require_tracker would pass: `--report_to all` takes the trackers that are installed."""
+    try:
+        require_tracker(report_to)
+    except MissingExtra:
+        return False
+    return True
+
+
+def wandb_ready() -> bool:
+    """wandb can log without asking for a login nobody can answer: offline, a key, or a login in ~/.netrc."""
+    from pathlib import Path
+
+    offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
+    netrc = Path.home() / ".netrc"
+    return offline or bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())

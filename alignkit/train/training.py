@@ -19,7 +19,7 @@ from alignkit.core import progress
 from alignkit.core.args import ConfigError
 from alignkit.core.secrets import redact
 from alignkit.core.errors import UserError, sigterm_asked, stop_for_sigterm
-from alignkit.core.extras import require_tracker
+from alignkit.core.extras import has_tracker, require_tracker, wandb_ready
 from alignkit.core.journal import write_atomic
 from alignkit.core.launch import agreed_minimum, free_memory, training_device, world_size
 from alignkit.core.mixture import split  # noqa: F401  (the held-out share; scripts import it from here)
@@ -124,11 +124,18 @@ def check_trl_values(s) -> None:
                           "tokenizes it; already tokenized rows are not taken: drop it")
 
 
-def resolve_report_to(s) -> str | list[str]:
+def resolve_report_to(s, quiet: bool = False) -> str | list[str]:
     """wandb when asked for (or when a key is there), never with a login prompt that nobody can answer;
-    tensorboard only when it is installed. One tracker as its name, several as TRL's list."""
+    tensorboard only when it is installed; `all` (transformers' word): every one of them installed, wandb where it
+    can log without a prompt. One tracker as its name, several as TRL's list."""
     asked = [s.report_to] if isinstance(s.report_to, str) else list(s.report_to)
     asked = [c for c in asked if c != "none"] or ["none"]
+    if "all" in asked:
+        found = [t for t in ("wandb", "tensorboard") if has_tracker(t) and (t != "wandb" or wandb_ready())]
+        if not quiet:  # said once, by the check before the model loads
+            logger.info(f"--report_to all: {', '.join(found) or 'none'} (wandb and tensorboard, where installed; "
+                        "wandb with WANDB_API_KEY, a login or WANDB_MODE=offline)")
+        asked = list(dict.fromkeys(c for c in asked + found if c != "all")) or ["none"]
     if "auto" in asked:
         auto = "wandb" if (os.environ.get("WANDB_API_KEY") or s.wandb_project) else "none"
         asked = [c for c in asked if c != "auto"] + ([auto] if auto != "none" or len(asked) == 1 else [])
@@ -137,10 +144,7 @@ def resolve_report_to(s) -> str | list[str]:
     if "wandb" in asked:
         if s.wandb_project:
             os.environ["WANDB_PROJECT"] = s.wandb_project
-        offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
-        netrc = Path.home() / ".netrc"
-        logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text()
-        if not (offline or os.environ.get("WANDB_API_KEY") or logged_in):
+        if not wandb_ready():
             raise UserError(
                 "wandb logging is on, but WANDB_API_KEY is not set (env or .env) and there is no wandb login. "
                 "Set WANDB_API_KEY, or WANDB_MODE=offline to log locally, or --report_to none."
@@ -231,7 +235,7 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
         logging_steps=s.logging_steps, save_strategy="steps", save_steps=s.save_steps,
         save_total_limit=s.save_total_limit,
         eval_strategy="steps" if (has_eval and s.eval_steps) else "no", eval_steps=s.eval_steps,
-        report_to=resolve_report_to(s), bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        report_to=resolve_report_to(s, quiet=True), bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         prediction_loss_only=True,  # no logits are kept at eval: the metrics come from the loss pass
         dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps host-to-GPU copies
         disable_tqdm=not progress.live(),  # a bar in a terminal and a notebook; none in CI logs
