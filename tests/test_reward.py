@@ -538,14 +538,20 @@ def test_reward_training_keeps_the_lora_dropout_it_records(tiny_cache, tmp_path)
     from alignkit.modeling.models import TRAINABLE, add_trainable_adapter, load_model
     from alignkit.train.reward import AlignRewardTrainer
 
+    from alignkit.train.reward import ROW
+
     s = RewardSettings(**{**presets.defaults("reward"), "lora_dropout": 0.1})
     loaded = load_model(s, for_training=True, reward=True)
     model = add_trainable_adapter(loaded, s, task_type="SEQ_CLS")
+    pairs = load_preferences(presets.paths()["preferences"])
+    held_out = pairs.select(range(4, 6))
+    # TRL's arguments positionally, as RewardTrainer takes them: the 5th, eval_dataset, clashed with the one this
+    # class numbers ("got multiple values for argument 'eval_dataset'")
     trainer = AlignRewardTrainer(
-        model=model, args=RewardConfig(output_dir=str(tmp_path), report_to="none", max_length=64, bf16=False),
-        train_dataset=load_preferences(presets.paths()["preferences"]).select(range(4)),
-        processing_class=loaded.tokenizer,
+        model, RewardConfig(output_dir=str(tmp_path), report_to="none", max_length=64, bf16=False), None,
+        pairs.select(range(4)), held_out, loaded.tokenizer,
     )
+    assert trainer.held_out_fingerprint == held_out._fingerprint and ROW in trainer.eval_dataset.column_names
     assert trainer.args.disable_dropout  # TRL's default: the model's own dropout off
     ps = {m.lora_dropout[TRAINABLE].p for m in trainer.model.modules()
           if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict) and TRAINABLE in m.lora_dropout}

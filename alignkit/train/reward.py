@@ -174,6 +174,12 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
 
         from alignkit.modeling import template_rows
 
+        import inspect
+
+        # TRL's arguments by name, positional ones too (eval_dataset, the 5th, is replaced below)
+        kwargs = dict(inspect.signature(RewardTrainer.__init__).bind(self, *args, **kwargs).arguments)
+        kwargs.pop("self")
+        args = ()
         # held_out_report finds the pairs TRL kept, and takes them only for these very pairs (their fingerprint)
         self.held_out_fingerprint = getattr(kwargs.get("eval_dataset"), "_fingerprint", None)
         kwargs["eval_dataset"] = _numbered(kwargs.get("eval_dataset"))
