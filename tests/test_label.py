@@ -369,6 +369,51 @@ def test_skip_invalid_skips_a_bad_prompt_row_as_its_error_line_says(tmp_path, al
     assert "--skip_invalid" in label_command(s, 1, s.model_id, None, Path("preferences.jsonl"))
 
 
+def test_skip_invalid_skips_a_bad_response_row_and_the_pair_of_its_prompt(tmp_path, alignkit_log):
+    """--skip_invalid covered the prompts' rows, not a --responses_a/_b file's: a bad response row stopped the run all
+    the same. It is skipped and said in one line (file, count, first problem, without its fix); its prompt has no
+    answer from that side, so its pair is skipped as missing; all rows bad is the one "no usable rows" line."""
+    prompts = marker_pairs(tmp_path, identical=False)
+    b = [{"prompt": p, "response": f"answer {i} from B" + (" MARKER" if i % 2 else "")} for i, p in enumerate(prompts)]
+    b[1]["response"] = [{"role": "user", "content": "not an answer"}]  # last message not the assistant's
+    b[2] = {"prompt": prompts[2], "respones": "a misspelt key"}  # no response value
+    write_jsonl(tmp_path / "b.jsonl", b)
+    (tmp_path / "judge.py").write_text("def judge(prompt, a, b):\n    return 'A' if 'MARKER' in a else 'B'\n")
+    flags = ["--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge", "python:judge.py:judge",
+             "--output", "out/p.jsonl"]
+    with pytest.raises(DataError, match=r"^b.jsonl: row 2: field 'response': expected the last message to be the "
+                                        r"assistant's, got role 'user'. Fix the row.$"):
+        run_script("label.py", *flags, cwd=tmp_path)
+    assert not (tmp_path / "out").exists()
+    run_script("label.py", *flags, "--skip_invalid", "true", cwd=tmp_path)
+    said = [r.getMessage() for r in alignkit_log.records if "(--skip_invalid)" in r.getMessage()]
+    assert said == ["b.jsonl: skipped 2 of 6 rows as invalid (--skip_invalid). First problem: b.jsonl: row 2: field "
+                    "'response': expected the last message to be the assistant's, got role 'user'."]  # once
+    summary = json.loads((tmp_path / "out" / "p.summary.json").read_text())
+    assert summary["prompts"] == 6 and summary["skipped"]["missing"] == 2 and summary["labeled"] == 4
+    assert [r["prompt"][0]["content"] for r in rows(tmp_path / "out" / "p.jsonl")] == [prompts[0], *prompts[3:]]
+    # The prompts from a responses file: its bad rows (a bad prompt, a bad response) are one line, not one a reader.
+    a = [{"prompt": p, "response": "fine"} for p in prompts]
+    a[0]["prompt"], a[3]["response"] = "", 7
+    write_jsonl(tmp_path / "a.jsonl", a)
+    alignkit_log.clear()
+    run_script("label.py", *flags[:-1], "out/q.jsonl", "--skip_invalid", "true", cwd=tmp_path)
+    said = [r.getMessage() for r in alignkit_log.records if "(--skip_invalid)" in r.getMessage()]
+    assert [line.partition(". First")[0] for line in said] == ["a.jsonl: skipped 2 of 6 rows as invalid "
+                                                                "(--skip_invalid)", "b.jsonl: skipped 2 of 6 rows as "
+                                                                "invalid (--skip_invalid)"]
+    # Every row bad: the one line; a file without a response column is still refused whole.
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": p, "response": 7} for p in prompts])
+    with pytest.raises(DataError, match=r"^b.jsonl: no usable rows: all 6 rows are invalid. First problem: b.jsonl: "
+                                        r"row 1: field 'response': expected the response as text or an assistant "
+                                        r"message, got int 7.$"):
+        run_script("label.py", *flags[:-1], "out/r.jsonl", "--skip_invalid", "true", cwd=tmp_path)
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": p, "reply": "y"} for p in prompts])
+    with pytest.raises(DataError, match=r"b.jsonl: no response column"):
+        run_script("label.py", *flags[:-1], "out/r.jsonl", "--skip_invalid", "true", cwd=tmp_path)
+    assert not (tmp_path / "out" / "r.config.json").exists()
+
+
 def test_a_missing_prompts_file_leaves_nothing_behind(tmp_path):
     """A --prompts file that is not there was refused after the cache folder and the settings file were written
     beside the output (found by an audit)."""

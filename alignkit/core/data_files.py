@@ -40,12 +40,13 @@ class RowInvalid(DataError):
         self.reason = reason
 
 
-def skipped_rows(label: str, skipped: list[str], read: int, kept: int) -> None:
+def skipped_rows(label: str, skipped: list[str], read: int, kept: int, warn: bool = True) -> None:
     """--skip_invalid's reckoning, the same for every reader of rows (the training loaders, label.py's and rl.py's
-    prompts): no row kept is one error naming the first problem; some rows skipped is one warning."""
+    prompts and responses files): no row kept is one error naming the first problem; some rows skipped is one
+    warning (not `warn`: a check of rows read again later, which says it then)."""
     if skipped and not kept:
         raise DataError(f"{label}: no usable rows: all {read} rows are invalid. First problem: {skipped[0]}")
-    if skipped:
+    if skipped and warn:
         logger.warning("%s: skipped %d of %d rows as invalid (--skip_invalid). First problem: %s",
                        label, len(skipped), read, skipped[0])
 

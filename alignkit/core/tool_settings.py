@@ -61,8 +61,8 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
     prompts_split: str = setting("train", "split of a Hub prompt dataset")
     prompts_config: str | None = setting(None, "configuration name of a Hub prompt dataset")
     max_prompts: int | None = setting(None, "use only the first N distinct prompts")
-    skip_invalid: bool = setting(False, "skip prompt rows that fail validation (and report how many) instead of "
-                                        "stopping")
+    skip_invalid: bool = setting(False, "skip prompt and response rows that fail validation (and report how many) "
+                                        "instead of stopping; a prompt whose response row was skipped has no pair")
     # Where the responses come from
     model_a: str | None = setting(
         None, "generator A: Hub id (at a revision: ID@REVISION), local or adapter folder, or openai:MODEL for an "

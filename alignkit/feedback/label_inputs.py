@@ -92,16 +92,18 @@ def check_prompts_split(s) -> None:
 
 def check_inputs(s) -> None:
     """The local input files checked as the prompts and responses cells read them (invalid JSON, no rows, a bad row)
-    before anything is written beside the output (a run they stopped left its settings and an empty cache there)."""
+    before anything is written beside the output (a run they stopped left its settings and an empty cache there).
+    Rows --skip_invalid skips are said when the run reads them, not here too."""
     if not s.prompts or Path(s.prompts).exists():
-        prompts_from(s, Counter())
+        prompts_from(s, Counter(), quiet=True)
     for path in (s.responses_a, s.responses_b):
         if path:
-            response_rows(path, s)
+            response_rows(path, s, quiet=True)
 
 
-def prompts_from(s, stats: Counter) -> tuple[list[Prompt], str]:
-    """load_prompts' reading and checks, counting what it drops in `stats`: (the prompts, the source's label)."""
+def prompts_from(s, stats: Counter, quiet: bool = False) -> tuple[list[Prompt], str]:
+    """load_prompts' reading and checks, counting what it drops in `stats`: (the prompts, the source's label).
+    quiet: rows --skip_invalid skips are not said (check_inputs: the run reads them again)."""
     check_prompts_split(s)
     if s.prompts:
         columns, rows, label, place = _rows(s.prompts, s.prompts_split, s.prompts_config)
@@ -130,7 +132,9 @@ def prompts_from(s, stats: Counter) -> tuple[list[Prompt], str]:
         prompts.append(prompt)
         if s.max_prompts and len(prompts) >= s.max_prompts:
             break
-    skipped_rows(label, skipped, read, len(prompts))
+    # Without --prompts they are a responses file's, whose own read (response_rows) says the rows it skips, bad
+    # responses too, in one line.
+    skipped_rows(label, skipped, read, len(prompts), warn=not quiet and bool(s.prompts))
     if not prompts:
         raise DataError(f"{label}: no prompts: the dataset is empty")
     return prompts, label
@@ -146,18 +150,19 @@ def _response_text(value, where: str) -> str | None:
         value = [value]
     if isinstance(value, list) and value and isinstance(value[-1], dict):
         if value[-1].get("role") != "assistant":
-            raise DataError(f"{where}: expected the last message to be the assistant's, got role "
-                            f"{value[-1].get('role')!r}. Fix the row.")
+            raise RowInvalid(f"{where}: expected the last message to be the assistant's, got role "
+                             f"{value[-1].get('role')!r}.")
         value = value[-1].get("content")
     if value is None or isinstance(value, str):
         return value
-    raise DataError(f"{where}: expected the response as text or an assistant message, got {_show(value)}. "
-                    "Fix the row, or pass --response_field with the right column.")
+    raise RowInvalid(f"{where}: expected the response as text or an assistant message, got {_show(value)}.",
+                     "Fix the row, or pass --response_field with the right column.")
 
 
-def response_rows(path: str, s) -> tuple[str, list[tuple[Prompt, str | None]]]:
+def response_rows(path: str, s, quiet: bool = False) -> tuple[str, list[tuple[Prompt, str | None]]]:
     """A responses file's prompt column, and its rows as (prompt, response) in file order; each prompt keeps its
-    place."""
+    place. With --skip_invalid a bad row is skipped and counted (skipped_rows, as prompts_from's): its prompt has no
+    response from this file, and its pair is skipped as any prompt the file lacks. quiet: as prompts_from's."""
     columns, rows, label, place = _rows(path)
     prompt_column = _column(columns, s.prompt_field, label, "--prompt_field", ("prompt",))
     if s.response_field == "auto":
@@ -168,12 +173,20 @@ def response_rows(path: str, s) -> tuple[str, list[tuple[Prompt, str | None]]]:
         response_column = found[0]
     else:
         response_column = _column(columns, s.response_field, label, "--response_field")
-    out = []
+    out, skipped = [], []
     for i, row in enumerate(rows):
         where = f"{place(i)}: field"
-        prompt = Prompt(_as_messages(_cell(row, prompt_column, place(i)), f"{where} '{prompt_column}'"), place=place(i),
-                        template=template_arguments(row, place(i)))  # matched to the prompts with their tools
-        out.append((prompt, _response_text(_cell(row, response_column, place(i)), f"{where} '{response_column}'")))
+        try:
+            prompt = Prompt(_as_messages(_cell(row, prompt_column, place(i)), f"{where} '{prompt_column}'"),
+                            place=place(i), template=template_arguments(row, place(i)))  # matched with their tools
+            response = _response_text(_cell(row, response_column, place(i)), f"{where} '{response_column}'")
+        except RowInvalid as e:  # --skip_invalid: its prompt has no response from this file, as one it lacks
+            if not getattr(s, "skip_invalid", False):
+                raise
+            skipped.append(e.reason)
+            continue
+        out.append((prompt, response))
+    skipped_rows(label, skipped, len(rows), len(out), warn=not quiet)
     return prompt_column, out
 
 
