@@ -327,6 +327,26 @@ def test_pairwise_judge_reward_uses_label_keys(tmp_path):
         reward.close()
 
 
+def test_skip_invalid_skips_a_bad_reference_completion_row(tmp_path, alignkit_log):
+    """--reference_completions is read as label.py reads a responses file, whose bad rows --skip_invalid did not
+    skip: a bad row stopped rl.py all the same. Skipped and said in one line, its prompt has no reference."""
+    from alignkit.core.data import DataError
+    from alignkit.train.rl_rewards import JudgeReward
+
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text(json.dumps({"prompt": "name three fruits.", "response": "apple,pear,plum."}) + "\n"
+                    + json.dumps({"prompt": "name three tools.", "response": 7}) + "\n")
+    with FakeOpenAI(lambda body: "[[A]]") as server:
+        with pytest.raises(DataError, match=r"refs.jsonl: row 2: field 'response': expected the response as text"):
+            JudgeReward(_judge_settings(server, tmp_path, judge_mode="pairwise", reference_completions=str(refs)),
+                        tmp_path / "cache")
+        reward = JudgeReward(_judge_settings(server, tmp_path, judge_mode="pairwise", reference_completions=str(refs),
+                                             skip_invalid=True), tmp_path / "cache")
+        assert len(reward.references) == 1
+        assert "refs.jsonl: skipped 1 of 2 rows as invalid (--skip_invalid)" in alignkit_log.text
+        reward.close()
+
+
 def test_rl_with_a_failing_judge_trains_without_turning_failures_into_rewards(sft_run, tmp_path, capsys, caplog,
                                                                               alignkit_log, monkeypatch):
     """Rule + judge, the judge always failing: no crash; every completion unscored (not rule + 0), all counted. Each

@@ -315,7 +315,9 @@ class JudgeReward:
     def _references(s) -> dict[str, str]:
         from alignkit.feedback.label_inputs import read_responses
 
-        shim = SimpleNamespace(prompt_field=s.prompt_field, response_field=s.response_field)
+        # --skip_invalid skips a bad row of it too (its prompt then has no reference: counted as no reference)
+        shim = SimpleNamespace(prompt_field=s.prompt_field, response_field=s.response_field,
+                               skip_invalid=s.skip_invalid)
         found = read_responses(s.reference_completions, shim)
         return {key: text for key, text in found.items() if text}
 
