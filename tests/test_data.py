@@ -1123,6 +1123,29 @@ def test_sft_rows_are_held_out_by_whole_prompts_deterministically(tmp_path, alig
         assert held_out[:] == plain["test"][:] and train[:] == plain["train"][:]
 
 
+def test_a_held_out_prompt_is_not_answered_in_training_and_a_huge_prompt_does_not_take_the_share(tmp_path):
+    """Found by a review of the whole-prompt split: (1) a conversation cut into one row per turn ([q, x] beside
+    [q, x, f, y]) held [q, x] out while every training row taught x after q; (2) one prompt of 900 rows beside 100
+    of one row each held out 900 rows for --eval_split 0.05 (asked: 50)."""
+    from alignkit.core.mixture import _hold_out, load_train_eval
+    from alignkit.core.train_settings import SFTSettings
+
+    turns = write(tmp_path, [{"messages": [u("q"), a("x"), u(f"f{i}"), a(f"y{i}")]} for i in range(9)]
+                  + [{"messages": [u("q"), a("x")]}] + [{"messages": [u(f"p{i}"), a(f"z{i}")]} for i in range(10)],
+                  "jsonl", "turns")
+    data = load_sft(str(turns))
+    for seed in (1, 2, 3, 42):
+        train, held_out = _hold_out(data.shuffle(seed=seed), 1, seed, "eval_split", "sft")
+        sides = [{m["content"] for row in part for m in row["messages"]} for part in (train, held_out)]
+        assert "x" not in sides[0] or "x" not in sides[1], seed  # q's answer on one side only
+    skewed = write(tmp_path, [{"messages": [u("Summarize the text below."), a(f"summary {i}")]} for i in range(900)]
+                   + [{"messages": [u(f"question {i}"), a(f"answer {i}")]} for i in range(100)], "jsonl", "skewed")
+    for seed in (1, 2, 42):
+        train, held_out = load_train_eval("sft", SFTSettings(dataset_id=str(skewed), eval_split=0.05, seed=seed))
+        assert len(held_out) == 50 and len(train) == 950, seed
+        assert all(row["messages"][0]["content"] != "Summarize the text below." for row in held_out)
+
+
 def test_an_unknown_sft_column_of_text_names_trl_s_dataset_text_field(tmp_path):
     """Text under another column name stopped with "rename the columns, or --dataset_format ..." and not TRL's own
     way, which works: --dataset_text_field (found by an sft.py audit)."""

@@ -154,7 +154,7 @@ def split(dataset, s, kind=None):
 def _hold_out(dataset, size, seed, name, kind=None):
     """(train, held out): `size` rows (>= 1) or a share (< 1), counted as datasets' train_test_split counts them.
     SFT rows with a prompt ("sft": prompt/completion rows, conversations by their turns before the last assistant
-    one), preference pairs ("preference") and KTO's unpaired answers ("unpaired") are held out by whole prompts (at
+    one: _prompt_keys), preference pairs ("preference") and KTO's unpaired answers ("unpaired") are held out by whole prompts (at
     least that many rows): several answers or pairs sampled for one prompt (label.py --num_samples) otherwise put the
     prompt on both sides, its held-out loss measured on a prompt the model trained on, and a pair read as two answers
     trains its chosen half while its rejected half is scored as unseen. Where every prompt has one row (and for plain
@@ -180,28 +180,46 @@ def _hold_out(dataset, size, seed, name, kind=None):
 
 
 def _prompt_keys(dataset) -> list[str] | None:
-    """Each normalised row's prompt, as text to compare: its `prompt` column, or a conversation's turns before its
-    last assistant turn (an SFT `messages` row: with none, a key of its own); None for rows without a prompt (SFT's
-    plain text)."""
+    """Each normalised row's prompt, as text to compare: its `prompt` column, or an SFT `messages` row's turns
+    before its last assistant turn (with none, a key of its own); None for rows without a prompt (SFT's plain text).
+    A row whose turns answer another row's prompt on the way (a conversation cut into one row per turn: [q, a] and
+    [q, a, q2, a2]) shares that row's key: held out alone, its answer `a` would be trained on in the other."""
     import json
 
-    def key(prompt) -> str:  # a message's keys left None by Arrow (another row's tool_calls) are no part of it
-        if isinstance(prompt, list):
-            prompt = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in prompt]
-        return json.dumps(prompt, sort_keys=True, default=str)
+    def key(turns) -> str:  # a message's keys left None by Arrow (another row's tool_calls) are no part of it
+        if isinstance(turns, list):
+            turns = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in turns]
+        return json.dumps(turns, sort_keys=True, default=str)
+
+    def answered(turns) -> list[int]:  # where an assistant turn answers the turns before it
+        return [n for n, m in enumerate(turns) if isinstance(m, dict) and m.get("role") == "assistant"] \
+            if isinstance(turns, list) else []
 
     if "prompt" in dataset.column_names:
-        return [key(prompt) for prompt in dataset["prompt"]]
-    if "messages" in dataset.column_names:  # a conversation that opens with its answer has no prompt to share
-        last = (lambda turns: max((i for i, m in enumerate(turns) if m.get("role") == "assistant"), default=0))
-        return [key(turns[:last(turns)]) if last(turns) else f"row {i}"
-                for i, turns in enumerate(dataset["messages"])]
-    return None
+        prompts = list(dataset["prompt"])
+    elif "messages" in dataset.column_names:  # a conversation that opens with its answer has no prompt to share
+        prompts = [turns[:max(answered(turns), default=0)] or None for turns in dataset["messages"]]
+    else:
+        return None
+    keys = [key(p) if p is not None else f"row {i}" for i, p in enumerate(prompts)]
+    group = {k: k for k in keys}  # union-find over prompts: a row joins the prompts its turns answer on the way
+
+    def root(k):
+        while group[k] != k:
+            group[k] = k = group[group[k]]
+        return k
+
+    for k, turns in zip(keys, prompts):
+        for n in answered(turns) if turns is not None else ():
+            if (earlier := key(turns[:n])) in group:
+                group[root(earlier)] = root(k)
+    return [root(k) for k in keys]
 
 
 def _hold_out_prompts(dataset, keys, held, name, other, rows="answers"):
     """The last prompts of the (shuffled) rows (`keys`: each row's prompt), every row (answer, pair or SFT row) to
-    each, until `held` rows are held out."""
+    each, until `held` rows are held out. A prompt with more rows than `held` is passed over while another fits:
+    one prompt of 900 rows beside 100 of one row each held out 900 for an --eval_split of 50."""
     from collections import Counter
 
     answers, chosen, count = Counter(keys), set(), 0
@@ -213,7 +231,8 @@ def _hold_out_prompts(dataset, keys, held, name, other, rows="answers"):
                     f"of it {'are' if held != 1 else 'is'} held out, and that prompt is in training too")
         parts = dataset.train_test_split(test_size=held, shuffle=False)
         return parts["train"], parts["test"]
-    for key in order:
+    fitting = [key for key in order if answers[key] <= held] or order[:1]  # none fits: the first, as ever
+    for key in fitting:
         if count >= held:
             break
         chosen.add(key)
