@@ -377,6 +377,7 @@ def test_skip_invalid_skips_a_bad_response_row_and_the_pair_of_its_prompt(tmp_pa
     b = [{"prompt": p, "response": f"answer {i} from B" + (" MARKER" if i % 2 else "")} for i, p in enumerate(prompts)]
     b[1]["response"] = [{"role": "user", "content": "not an answer"}]  # last message not the assistant's
     b[2] = {"prompt": prompts[2], "respones": "a misspelt key"}  # no response value
+    b[4] = 7  # no object at all: it stopped the run under --skip_invalid (the session's review)
     write_jsonl(tmp_path / "b.jsonl", b)
     (tmp_path / "judge.py").write_text("def judge(prompt, a, b):\n    return 'A' if 'MARKER' in a else 'B'\n")
     flags = ["--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge", "python:judge.py:judge",
@@ -387,11 +388,12 @@ def test_skip_invalid_skips_a_bad_response_row_and_the_pair_of_its_prompt(tmp_pa
     assert not (tmp_path / "out").exists()
     run_script("label.py", *flags, "--skip_invalid", "true", cwd=tmp_path)
     said = [r.getMessage() for r in alignkit_log.records if "(--skip_invalid)" in r.getMessage()]
-    assert said == ["b.jsonl: skipped 2 of 6 rows as invalid (--skip_invalid). First problem: b.jsonl: row 2: field "
+    assert said == ["b.jsonl: skipped 3 of 6 rows as invalid (--skip_invalid). First problem: b.jsonl: row 2: field "
                     "'response': expected the last message to be the assistant's, got role 'user'."]  # once
     summary = json.loads((tmp_path / "out" / "p.summary.json").read_text())
-    assert summary["prompts"] == 6 and summary["skipped"]["missing"] == 2 and summary["labeled"] == 4
-    assert [r["prompt"][0]["content"] for r in rows(tmp_path / "out" / "p.jsonl")] == [prompts[0], *prompts[3:]]
+    assert summary["prompts"] == 6 and summary["skipped"]["missing"] == 3 and summary["labeled"] == 3
+    assert [r["prompt"][0]["content"] for r in rows(tmp_path / "out" / "p.jsonl")] == [prompts[0], prompts[3],
+                                                                                        prompts[5]]
     # The prompts from a responses file: its bad rows (a bad prompt, a bad response) are one line, not one a reader.
     a = [{"prompt": p, "response": "fine"} for p in prompts]
     a[0]["prompt"], a[3]["response"] = "", 7
@@ -400,7 +402,7 @@ def test_skip_invalid_skips_a_bad_response_row_and_the_pair_of_its_prompt(tmp_pa
     run_script("label.py", *flags[:-1], "out/q.jsonl", "--skip_invalid", "true", cwd=tmp_path)
     said = [r.getMessage() for r in alignkit_log.records if "(--skip_invalid)" in r.getMessage()]
     assert [line.partition(". First")[0] for line in said] == ["a.jsonl: skipped 2 of 6 rows as invalid "
-                                                                "(--skip_invalid)", "b.jsonl: skipped 2 of 6 rows as "
+                                                                "(--skip_invalid)", "b.jsonl: skipped 3 of 6 rows as "
                                                                 "invalid (--skip_invalid)"]
     # Every row bad: the one line; a file without a response column is still refused whole.
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": p, "response": 7} for p in prompts])

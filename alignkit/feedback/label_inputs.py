@@ -29,7 +29,9 @@ def _show(value) -> str:
 def _cell(row, column: str, place: str):
     """`row`'s value of `column`; a row without the field (a misspelt key) is one line naming it, where it read as
     an empty cell: "expected non-empty text ... got None" for a prompt, a response silently skipped."""
-    if isinstance(row, dict) and column not in row:
+    if not isinstance(row, dict):  # a row of a list (7, "text"): skipped as any bad row under --skip_invalid
+        raise RowInvalid(f"{place}: expected an object with named fields, got {_show(row)}.")
+    if column not in row:
         from alignkit.core.row_checks import no_field
 
         raise RowInvalid(f"{place}: {no_field(row, column)}.")
@@ -66,7 +68,8 @@ def _rows(source, split="train", config=None):
     read = read_rows(source, split, config)
     if len(read.rows) == 0:  # not "no column 'prompt' (columns: )"
         raise DataError(f"{read.label}: no rows: it is empty. Point it at data with rows.")
-    return read.columns(), read.dicts(), read.label, read.place
+    rows = read.rows.to_list() if hasattr(read.rows, "to_list") else read.rows  # each checked by _cell
+    return read.columns(), rows, read.label, read.place
 
 
 def _column(columns, wanted: str, label: str, flag: str, fallbacks=()) -> str:
