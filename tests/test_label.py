@@ -485,6 +485,11 @@ def test_a_python_judge_or_grader_that_raises_is_said_as_calls_not_requests(tmp_
     marker_pairs(tmp_path, n=3, identical=False)
     with pytest.raises(UserError, match=r"^the first 5 judge calls all failed \(ValueError: boom\)"):
         run_script("label.py", *files, "--judge", "python:j.py:judge", "--output", "o3.jsonl", cwd=tmp_path)
+    # Failed generations beside failed judge calls were all "judge calls" (the session's review): each kind counted.
+    from alignkit.feedback.label_records import refuse_empty
+
+    with pytest.raises(UserError, match=r"^no row was labeled: 2 generation requests and 1 judge call failed \(see "):
+        refuse_empty(0, {"generation request": 2, "judge call": 1}, "Fix j.py:judge")
 
 
 def test_a_principle_the_judge_template_does_not_read_is_refused(tmp_path):
@@ -1472,7 +1477,7 @@ def test_a_judge_that_fails_every_request_stops_early_and_an_empty_output_is_a_f
                                             r".*\): stopped before the other \d+\. Check that the server at "
                                             r"--generation_base_url is up \(the URL usually ends in /v1\), and openai:m"):
             run(12)
-        with pytest.raises(UserError, match=r"^no row was labeled: 4 requests failed \(see above\), so the output "
+        with pytest.raises(UserError, match=r"^no row was labeled: 4 generation requests failed \(see above\), so the output "
                                             r"is empty\. Check that the server at --generation_base_url"):
             run(2)
 

@@ -224,11 +224,12 @@ def generator_fix(spec: str) -> str:
     return f"Check the model {spec}"
 
 
-def refuse_empty(rows: int, errors: int, fix: str, what: str = "request") -> None:
-    """An output of no row because requests (`what`: asked's) failed is a failed run (status 2, a user error), not a
-    result to train on."""
-    if rows == 0 and errors:
-        raise UserError(f"no row was labeled: {errors} {what}s failed (see above), so the output is empty. {fix}, "
+def refuse_empty(rows: int, failed: dict[str, int], fix: str) -> None:
+    """An output of no row because requests failed is a failed run (status 2, a user error), not a result to train
+    on. `failed`: how many of each kind failed, by the kind's name (asked's: "generation request", "judge call")."""
+    said = " and ".join(f"{n} {what}{'s' if n != 1 else ''}" for what, n in failed.items() if n)
+    if rows == 0 and said:
+        raise UserError(f"no row was labeled: {said} failed (see above), so the output is empty. {fix}, "
                         "then run the same command again (it retries only those)")
 
 
@@ -299,9 +300,10 @@ def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> d
         summary = _pair_summary(run, prompts, pairs, outcomes, verdicts, rows)
     write_json(run.summary_path, summary)
     generation = run.stats["generation errors"]
-    refuse_empty(len(rows), len(run.errors) + generation, judge_fix(run.judge.name) if run.errors else
-                 generator_fix(", ".join(s.spec for s in run.sources if s.kind != "file")),
-                 asked(run.judge.name, "judge") if run.errors else "request")
+    refuse_empty(len(rows), {"generation request": generation,
+                             asked(run.judge.name, "judge") if run.judge else "judge request": len(run.errors)},
+                 judge_fix(run.judge.name) if run.errors else
+                 generator_fix(", ".join(s.spec for s in run.sources if s.kind != "file")))
     if run.judge is None and not rows and run.stats["empty completion"]:  # a teacher that said nothing: not a result
         teachers = ", ".join(dict.fromkeys(s.spec for s in run.sources))  # once, whatever --num_samples
         raise UserError(

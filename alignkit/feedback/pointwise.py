@@ -227,9 +227,9 @@ def grade(run, grader: Grader, prompts, table) -> dict:
         logger.info(f"removed {pairs_path(run.output)}: an earlier run's --grade_pairs, from its grades, not these "
                     "(pass --grade_pairs true to write them from these; the grades stay in the cache)")
     write_json(run.summary_path, summary)
-    refuse_empty(len(rows), outcomes["error"] + run.stats["generation errors"], judge_fix(grader.spec)
-                 if outcomes["error"] else "Check the generators (see above)",
-                 asked(grader.spec, "grading") if outcomes["error"] else "request")
+    refuse_empty(len(rows), {"generation request": run.stats["generation errors"],
+                             asked(grader.spec, "grading"): outcomes["error"]},
+                 judge_fix(grader.spec) if outcomes["error"] else "Check the generators (see above)")
     if not rows:  # as pairs mode: an empty output is a failed run in one line, not "nothing to train on"
         raise UserError(nothing_graded(grader, len(cells), grades.path, run.summary_path))
     return summary
