@@ -11,6 +11,7 @@ import types
 import pytest
 
 from alignkit.core.config import DPOSettings
+from alignkit.core.errors import UserError
 from alignkit.core.extras import MissingExtra
 from alignkit.train.training import resolve_report_to
 
@@ -74,6 +75,12 @@ def test_report_to_all_takes_the_installed_trackers_that_can_log_without_a_promp
     assert resolve_report_to(DPOSettings(report_to="all")) == "tensorboard"  # wandb would ask for a login
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert resolve_report_to(DPOSettings(report_to=["all", "tensorboard"])) == ["tensorboard", "wandb"]
+    # The session's review: WANDB_MODE=disabled took wandb; --wandb_project was dropped without the key's line.
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_report_to(DPOSettings(report_to="all")) == "tensorboard"
+    monkeypatch.delenv("WANDB_MODE")
+    with pytest.raises(UserError, match="wandb logging is on, but WANDB_API_KEY is not set"):
+        resolve_report_to(DPOSettings(report_to="all", wandb_project="myproj"))
 
 
 def test_wandb_never_records_a_password_from_the_command_line(monkeypatch):

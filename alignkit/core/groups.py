@@ -314,7 +314,7 @@ class TrainSettings(HubPushSettings, ModelSettings):
     save_total_limit: int | None = setting(2, "keep at most this many checkpoints; none: every one (TRL's default)")
     report_to: list[str] = setting(
         default_factory=lambda: ["auto"], help="trackers, comma separated; auto: wandb when WANDB_API_KEY or "
-        "wandb_project is set, else none; all: those installed", choices=["auto", "none", "all", "wandb", "tensorboard"],
+        "wandb_project is set, else none; all: wandb and tensorboard, where installed", choices=["auto", "none", "all", "wandb", "tensorboard"],
     )
     wandb_project: str | None = setting(None, "Weights & Biases project (also read from WANDB_PROJECT by wandb)")
     # After training

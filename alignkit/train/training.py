@@ -131,10 +131,13 @@ def resolve_report_to(s, quiet: bool = False) -> str | list[str]:
     asked = [s.report_to] if isinstance(s.report_to, str) else list(s.report_to)
     asked = [c for c in asked if c != "none"] or ["none"]
     if "all" in asked:
-        found = [t for t in ("wandb", "tensorboard") if has_tracker(t) and (t != "wandb" or wandb_ready())]
+        # wandb where it logs without a prompt, or where --wandb_project asks for it (then its key is checked below)
+        off = os.environ.get("WANDB_MODE", "").lower() == "disabled"
+        found = [t for t in ("wandb", "tensorboard") if has_tracker(t) and
+                 (t != "wandb" or not off and (wandb_ready() or s.wandb_project))]
         if not quiet:  # said once, by the check before the model loads
             logger.info(f"--report_to all: {', '.join(found) or 'none'} (wandb and tensorboard, where installed; "
-                        "wandb with WANDB_API_KEY, a login or WANDB_MODE=offline)")
+                        "wandb with WANDB_API_KEY, a login, --wandb_project or WANDB_MODE=offline)")
         asked = list(dict.fromkeys(c for c in asked + found if c != "all")) or ["none"]
     if "auto" in asked:
         auto = "wandb" if (os.environ.get("WANDB_API_KEY") or s.wandb_project) else "none"
