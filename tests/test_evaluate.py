@@ -1139,6 +1139,66 @@ def test_a_judge_answer_paid_for_before_its_match_s_verdict_is_kept(tmp_path):
     assert "never sent" not in asked
 
 
+def test_a_ctrl_c_delivered_twice_still_keeps_the_judge_answers_under_way(tmp_path):
+    """Found by the evaluate.py audit of session 98: `timeout -s INT` (as a launcher that forwards the terminal's
+    Ctrl-C to its child) delivers the SIGINT twice, to the process and to its process group. The second, a few
+    microseconds after the first, was taken for "Ctrl-C again": the 30 s wait for the calls under way ended at once,
+    their paid answers were neither kept nor judged, and the rerun sent them again. Both orders of each match go
+    through judging_with as FastChat's play_a_match_pair sends them; the judge answers only once the Ctrl-C is in."""
+    import os
+    import signal
+
+    from alignkit.core import journal
+
+    asked, interrupted = [], threading.Event()
+
+    class Client:  # alignkit.core.llm.ChatClient, as far as judging uses it
+        model, temperature, max_tokens = "judge", 0.0, 16
+        client = types.SimpleNamespace(base_url="http://judge.test/v1/")
+
+        def complete(self, messages):
+            asked.append(messages[-1]["content"])
+            if len(asked) == 3:  # the second match's first order: Ctrl-C while it is under way
+                def press_twice():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    while not journal.stopping():  # the first one's handler ran in the main thread
+                        time.sleep(0.001)
+                    os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, to the process group
+                    time.sleep(0.1)  # the second one's handler has run too (the main thread waits in a queue)
+                    interrupted.set()
+                threading.Thread(target=press_twice, daemon=True).start()
+                interrupted.wait(10)
+            return f"[[A]] for {messages[-1]['content']}"
+
+    def conv(text):
+        return types.SimpleNamespace(to_openai_api_messages=lambda: [{"role": "user", "content": text}])
+
+    def match(n):
+        answer = {"answer_id": f"a{n}", "choices": [{"turns": ["x"]}]}
+        return types.SimpleNamespace(question={"question_id": n, "turns": ["q"]}, answer_1=answer, answer_2=answer,
+                                     judge=types.SimpleNamespace(prompt_template={}), ref_answer=None)
+
+    path = tmp_path / "judge_pair.jsonl"
+    kept = judgments.answers_path(path)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a script (a test worker ignores it)
+    try:
+        with fastchat_compat.judging_with(Client(), kept=kept) as common, pytest.raises(KeyboardInterrupt):
+            def play(m):  # FastChat's two orders of one match
+                n = m.question["question_id"]
+                g1, g2 = (common.chat_completion_openai("judge", conv(f"{n}{o}"), 0, 16) for o in ("g1", "g2"))
+                return {"question_id": n, "g1_judgment": g1, "g2_judgment": g2}
+
+            judgments.judge_matches([match(n) for n in range(1, 5)], play, path, {"judge": "j"}, parallel=1)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert asked == ["1g1", "1g2", "2g1"]  # after Ctrl-C, the match under way sends no second order; none starts
+    assert [json.loads(line)["text"] for line in kept.read_text().splitlines()] == \
+        ["[[A]] for 1g1", "[[A]] for 1g2", "[[A]] for 2g1"]  # the answer under way kept: the rerun reuses it
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["question_id"], r["g1_judgment"], r["g2_judgment"]) for r in records] == \
+        [(1, "[[A]] for 1g1", "[[A]] for 1g2"), (2, "[[A]] for 2g1", common.API_ERROR_OUTPUT)]
+
+
 def test_ctrl_c_at_parallel_1_keeps_the_match_under_way(tmp_path):
     """Found by the Ctrl-C audit of session 30: evaluate.py's default --parallel 1 judged matches in the main thread,
     so a Ctrl-C dropped the request under way (the judge answered into a broken pipe) and the rerun paid again. It goes
