@@ -1005,6 +1005,37 @@ def test_kept_answers_of_the_same_model_named_from_another_folder_are_taken(tmp_
         read_outputs(outputs, "project/runs/sft", {"t": 1}, identity="other")
 
 
+def test_a_copied_model_changed_since_is_refused_for_its_content_not_its_path(tmp_path, monkeypatch):
+    """Found by the evaluate.py audit of session 98: answers made by runs/tiny-dpo were taken from a copy of runs/
+    (the same content), but once a byte of the copy's adapter changed they were refused as another model's ("holds
+    answers by runs/tiny-dpo, not /other/tiny-dpo: give this model another NAME"). The folders of its chain pair up
+    by name, so the refusal says what changed, as it does of a folder changed in place."""
+    from alignkit.modeling.identity import changed_parts
+
+    old, new = tmp_path / "project" / "runs", tmp_path / "other"
+    for folder in (old / "dpo", new / "dpo", new / "sft", tmp_path / "elsewhere" / "model"):
+        folder.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "project")
+
+    def settings(runs, dpo_digest):
+        return {"model as loaded": dpo_digest, "--max_new_tokens": 16, mtbench.PARTS: {
+            "loader settings": "L", str(runs / "dpo"): dpo_digest, str(runs / "sft"): "s1", "base/model": "b1",
+            "hardware": "cpu", "backend": "transformers"}}
+
+    answers = tmp_path / "dpo.jsonl"
+    answers.write_text(json.dumps({"question_id": 1, "choices": [{"index": 0, "turns": ["hi"]}], "source": "runs/dpo",
+                                   "settings_key": "K", "settings": settings(old, "d1")}) + "\n")
+    assert list(mtbench.read_answers(answers, str(new / "dpo"), key="K", settings=settings(new, "d1"))) == [1]
+    with pytest.raises(ConfigError, match=r"line 1: this answer was made under another model as loaded \("
+                       rf"{re.escape(str(new / 'dpo'))}: its files changed since \(then at runs/dpo\)\); give"):
+        mtbench.read_answers(answers, str(new / "dpo"), key="K2", settings=settings(new, "d2"))
+    # Another model under the same NAME is still refused by its path.
+    with pytest.raises(ConfigError, match="holds answers by runs/dpo, not"):
+        mtbench.read_answers(answers, str(tmp_path / "elsewhere" / "model"), key="K2",
+                             settings=settings(tmp_path / "elsewhere", "d2"))
+    assert changed_parts(settings(old, "d1")[mtbench.PARTS], settings(new, "d1")[mtbench.PARTS]) is None  # moved
+
+
 def test_greedy_answers_and_outputs_are_taken_under_another_seed_and_their_old_keys(tmp_path, monkeypatch):
     """Greedy decoding (--temperature 0) reads neither the seed nor --top_p, but MT-Bench answers and AlpacaEval
     outputs were keyed on both: another --seed refused them ("made under another --seed") and answered again. Keys

@@ -302,6 +302,20 @@ def made_under(row: dict, key: str, settings: dict | None) -> bool:
     return bool(settings) and isinstance(then, dict) and _decisive(then) == _decisive(settings)
 
 
+def _moved(row: dict, recorded: str, source: str, key: str | None, settings: dict | None) -> bool:
+    """Whether a keyed answer's model, recorded at another path, is the folder `source` moved or copied (its parts
+    pair up: alignkit.modeling.identity.moved_parts): its content, not its path, then decides, and a refusal says what
+    changed in it (it said "holds answers by runs/tiny-dpo, not /other/tiny-dpo" of a copy edited since)."""
+    from alignkit.modeling.identity import moved_parts
+
+    then = row.get("settings")
+    if key is None or "settings_key" not in row or not isinstance(then, dict) or not Path(source).exists():
+        return False
+    moved = moved_parts(then.get(PARTS), (settings or {}).get(PARTS))
+    was = moved.get(os.path.abspath(source))
+    return was is not None and Path(was).name == Path(recorded).name
+
+
 def read_answers(path, source: str | None = None, fix: str | None = None, repair_tail: bool = True,
                  key: str | None = None, settings: dict | None = None) -> dict[int, dict]:
     """{question_id: answer record} of a FastChat answer file (the last record of a question wins).
@@ -323,7 +337,8 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
         # By the model as loaded where the answer has its key (a path as typed, read from another folder, is another
         # path: the same model, refused), by its path where not.
         same_model = key is not None and made_under(row, key, settings)
-        if source is not None and recorded is not None and not same_model and same_source(recorded) != same_source(source):
+        if source is not None and recorded is not None and not same_model and \
+                same_source(recorded) != same_source(source) and not _moved(row, recorded, source, key, settings):
             raise ConfigError(
                 f"{path} holds answers by {recorded}, not {source}: give this model another NAME in --models, use "
                 "another --output_dir, or delete the file to answer again"

@@ -442,6 +442,24 @@ def _loader_change(then, now) -> str | None:
     return ", ".join(said) or None
 
 
+def moved_parts(then: dict, now: dict) -> dict[str, str]:
+    """{a local part's path now: its path then} between two identity_parts records, for the folders of the chain
+    found under another path (a copy of runs/, a moved project): a path of one record only, paired in chain order
+    with one of the other record only that has the same folder name. Empty where either record is missing."""
+    import os
+
+    if not (isinstance(then, dict) and isinstance(now, dict)):
+        return {}
+    gone = [name for name in then if os.path.isabs(name) and name not in now]
+    moved = {}
+    for name in (name for name in now if os.path.isabs(name) and name not in then):
+        match = next((old for old in gone if Path(old).name == Path(name).name), None)
+        if match is not None:
+            moved[name] = match
+            gone.remove(match)
+    return moved
+
+
 def changed_parts(then: dict, now: dict) -> str | None:
     """What differs between two identity_parts records, in words, a local part by its path from here where under
     it; None where either is missing (made before they were recorded)."""
@@ -454,8 +472,13 @@ def changed_parts(then: dict, now: dict) -> str | None:
         relative = os.path.relpath(name) if os.path.isabs(name) else name
         return name if relative.startswith("..") else relative
 
+    moved = moved_parts(then, now)
     said = []
-    for name in [*now, *(k for k in then if k not in now)]:
+    for name in [*now, *(k for k in then if k not in now and k not in moved.values())]:
+        if name in moved:  # a copy of the folder, or the folder moved: its content decides
+            if then[moved[name]] != now[name]:
+                said.append(f"{shown(name)}: its files changed since (then at {shown(moved[name])})")
+            continue
         if then.get(name) == now.get(name) or name == LOADER_FIELDS:
             continue
         if name == "loader settings":
