@@ -688,6 +688,12 @@ def test_mt_bench_answers_both_turns_with_history_and_resumes(mt_data, sft_run, 
         # A refused run leaves the folder's settings record as the answers beside it were made (it wrote its own).
         saved = json.loads((tmp_path / "evaluate_config.json").read_text())
         assert saved["max_new_tokens"] == 6 and saved["top_p"] == 1.0 and saved["dtype"] != "bf16"
+    # ... and so does one refused for a model that is not there (the evaluate.py audit of session 98: the settings
+    # record was written before the models to load were checked).
+    with pytest.raises(UserError, match="model not found: .*tiny-dpoo"):
+        run_script("evaluate.py", "mt_bench", *args[:3], f"typo={tmp_path / 'runs' / 'tiny-dpoo'}", *args[3:],
+                   "--judge_base_url", "http://127.0.0.1:9/v1")
+    assert json.loads((tmp_path / "evaluate_config.json").read_text())["models"] == list(models)
     # An upgraded library: named with its versions (its refusal named two digests of the model as loaded).
     from alignkit.modeling import identity
 

@@ -308,10 +308,11 @@ class Pairwise:
             also = f" (refused too, each for its own reason: {', '.join(str(path) for path, _ in refused[1:])})" \
                 if len(refused) > 1 else ""
             raise ConfigError(f"{refused[0][1]}{also}")
-        # The folder's settings record, once its kept answers are this run's: a refused run left its own settings
-        # beside answers and results made under others (the evaluate.py audit of session 30).
-        save_config(s, self.output_dir / "evaluate_config.json")  # secrets redacted
         check_model_sources(s, [self.models[name] for name in to_answer])  # each one to load is there, first
+        # The folder's settings record, once its kept answers are this run's and its models are there: a refused run
+        # left its own settings beside answers and results made under others (the evaluate.py audits of sessions 30
+        # and 98: a mistyped model's path was refused after the record was written).
+        save_config(s, self.output_dir / "evaluate_config.json")  # secrets redacted
         same = {}
         for name, key in keys.items():  # a copy-paste slip: generation time and judge money for all ties
             same.setdefault(key, []).append(name)
