@@ -475,7 +475,7 @@ def test_judgments_key_on_the_endpoint_and_max_tokens_and_parse_failures_retry_o
         assert server.count == 64 and (overall(retried)["win"], overall(retried)["error"]) == (8, 0)
 
 
-def test_the_judgment_file_fastchat_reads_holds_one_verdict_a_match(mt_data, tmp_path):
+def test_the_judgment_file_fastchat_reads_holds_one_verdict_a_match(mt_data, tmp_path, capsys):
     """A rerun under another judge endpoint appended its verdicts beside the earlier ones: alignkit reported the new
     verdicts, while FastChat's show_result on the same file counted both (a 0.5 win rate where alignkit said 0).
     The replaced verdicts move to <judge>_pair.replaced.jsonl, where a judge that comes back still finds them."""
@@ -492,11 +492,18 @@ def test_the_judgment_file_fastchat_reads_holds_one_verdict_a_match(mt_data, tmp
 
     with FakeOpenAI(prefers("ALPHA", "OMEGA")) as first, FakeOpenAI(prefers("OMEGA", "ALPHA")) as second:
         mt_bench(first, tmp_path)
+        capsys.readouterr()
         run = mt_bench(second, tmp_path)
         assert overall(run)["adjusted_win_rate"] == 0.0 and fastchat_win_rate(path) == (8, 0.0)
         assert len(archive.read_text().splitlines()) == 8  # the first judge's verdicts, kept
+        assert f"8 earlier verdicts of matches judged again moved to {archive}\n" in capsys.readouterr().out
         back = mt_bench(first, tmp_path)
         assert first.count == 16 and overall(back)["adjusted_win_rate"] == 1.0  # reused, not paid again
+        # Said as it happened: nothing was judged again (the evaluate.py audit of session 98: "8 earlier verdicts of
+        # matches judged again moved" after "8 judged before, 0 to judge").
+        said = capsys.readouterr().out
+        assert "judged again" not in said and f"8 verdicts made before under these judge settings taken back from " \
+            f"{archive}; the 8 they replace (other settings or answers) moved there\n" in said
         assert fastchat_win_rate(path) == (8, 1.0) and len(archive.read_text().splitlines()) == 16
 
 

@@ -423,10 +423,15 @@ class Pairwise:
             raise UserError(f"no verdicts of this run's {len(self.matches)} matches in {self.judgment_file}, so no "
                             "table: results.json and results.png are left as they were (in a notebook, run the "
                             "'Judging' cell first)")
-        moved = judgments.retire_replaced(self.judgment_file, records)  # the file FastChat reads: one verdict a match
-        if moved:
-            print(f"{moved} earlier verdicts of matches judged again moved to "
-                  f"{self.judgment_file.with_name(self.judgment_file.stem + '.replaced.jsonl')}")
+        # The file FastChat reads: one verdict a match. Verdicts of these settings made before come back from the
+        # archive: nothing was judged again (it said "12 earlier verdicts of matches judged again moved" of them).
+        moved, restored = judgments.retire_replaced(self.judgment_file, records)
+        archive = judgments.archive_path(self.judgment_file)
+        if restored:
+            print(f"{restored} verdicts made before under these judge settings taken back from {archive}"
+                  f"{f'; the {moved} they replace (other settings or answers) moved there' if moved else ''}")
+        elif moved:
+            print(f"{moved} earlier verdicts of matches judged again moved to {archive}")
         self.say_unparsed(records)
         categories = {q["question_id"]: q["category"] for q in self.questions}
         pairs = results.pair_results(records, categories, s.bootstrap_rounds, s.seed)

@@ -166,22 +166,24 @@ def answers_path(path) -> Path:
     return path.with_name(f"{path.stem}.answers.jsonl")
 
 
-def retire_replaced(path, current: list[dict]) -> int:
+def retire_replaced(path, current: list[dict]) -> tuple[int, int]:
     """Leave in `path` exactly one verdict per match of `current` (the records this run's results read), and every
     verdict of other matches; move the others of those matches (other settings, other answers, a failed attempt)
     to `archive_path`, where `read_judgments` still finds them: a judge that comes back reuses its verdicts. Returns
-    how many moved. Run under the output folder's hold (evaluate.py holds it), so nothing appends meanwhile."""
+    (how many moved, how many of `current` came back from the archive: a rerun under earlier settings judges
+    nothing again). Run under the output folder's hold (evaluate.py holds it), so nothing appends meanwhile."""
     path = Path(path)
     rows = [row for _, row in read_jsonl(path, "delete the line to judge the match again", repair_tail=True)]
     slot = lambda record: record_key(record)[:6]  # noqa: E731 - the match: question, turn, pair, judge, prompt
     chosen = {slot(r): r for r in current}
     moved = [row for row in rows if slot(row) in chosen and row != chosen[slot(row)]]
     present = [row for row in rows if slot(row) in chosen and row == chosen[slot(row)]]
-    if not moved and len(present) == len(chosen):
-        return 0
+    restored = len(chosen) - len(present)
+    if not moved and not restored:
+        return 0, 0
     archived = {json.dumps(row, sort_keys=True)
                 for _, row in read_jsonl(archive_path(path), "delete the line", repair_tail=True)}
     append_jsonl(archive_path(path), [row for row in moved if json.dumps(row, sort_keys=True) not in archived])
     kept = [row for row in rows if slot(row) not in chosen] + list(chosen.values())
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))  # after the archive: nothing is lost
-    return len(moved)
+    return len(moved), restored
