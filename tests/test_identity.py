@@ -327,6 +327,13 @@ def test_the_parts_of_a_model_as_loaded_name_what_changed(tiny_cache, tmp_path, 
     assert identity.changed_parts(now, identity.identity_parts(eager, identity.model_identity(eager))) == \
         "its loader settings (--chat_template (the template's text) changed, --attn_implementation " \
         f"{now['loader fields']['attn_implementation']} then, eager now)"
+    # A setting added since (ADDED) is left out at its default: its value then, not "unrecorded" (the evaluate.py
+    # audit of session 98: "--chat_template_kwargs unrecorded then, {'x': 1} now" of answers made with the default).
+    assert "chat_template_kwargs" not in now["loader fields"]  # evaluate.py's loader settings hold it, these not
+    kwargs = {**now, "loader settings": "other",
+              "loader fields": {**now["loader fields"], "chat_template_kwargs": {"x": 1}}}
+    assert identity.changed_parts(now, kwargs) == "its loader settings (--chat_template_kwargs {} then, {'x': 1} now)"
+    assert identity.changed_parts(kwargs, now) == "its loader settings (--chat_template_kwargs {'x': 1} then, {} now)"
     # Answers kept before the loader settings were recorded: the generic words.
     old = {k: v for k, v in now.items() if k != "loader fields"}
     assert identity.changed_parts(old, identity.identity_parts(bf16, identity.model_identity(bf16))) == \

@@ -433,7 +433,9 @@ def _loader_change(then, now) -> str | None:
     not recorded (made before they were)."""
     if not (isinstance(then, dict) and isinstance(now, dict)):
         return None
-    def value(record: dict, k: str) -> str:
+    def value(record: dict, k: str) -> str:  # a setting added since is left out at its value before (ADDED)
+        if k not in record and k in ADDED:
+            return str(ADDED[k])  # it said "--chat_template_kwargs unrecorded then" of answers made with the default
         return "unrecorded" if k not in record else "none" if record[k] is None else str(record[k])
 
     said = [f"--{k} (the template's text) changed" if k == "chat_template"
