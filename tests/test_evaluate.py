@@ -586,6 +586,13 @@ def test_pairwise_takes_label_py_s_python_judges(mt_data, tmp_path):
     run = pairwise()
     stats = overall(run)
     assert (stats["win"], stats["loss"], stats["n"], stats["adjusted_win_rate"]) == (3, 0, 3, 1.0)
+    # Named by its spec everywhere (the evaluate.py audit of session 98: the table and each record said "rule"), and
+    # a rerun takes its verdicts.
+    spec = f"python:{rules}:judge"
+    assert json.loads((tmp_path / "results.json").read_text())["judge"] == run["pairs"][0]["judge"] == spec
+    assert {json.loads(line)["judge"][0] for line in judgments.judgment_path(tmp_path, spec).read_text().splitlines()} \
+        == {spec}
+    assert overall(pairwise()) == stats and len(judgments.judgment_path(tmp_path, spec).read_text().splitlines()) == 3
     rules.write_text("def judge(prompt, a, b):\n    return 'B' if 'ALPHA' in a else 'A' if 'ALPHA' in b else 'tie'\n")
     assert overall(pairwise())["loss"] == 3  # the edited rule judges again: no verdict of the old one is kept
     with pytest.raises(ConfigError, match=r"^--judge_model 'python:.*': .*has no function 'nope'"):

@@ -340,7 +340,9 @@ class Pairwise:
         s, names = self.settings, list(self.models)
         common, _ = fastchat_compat.load()
         if self.use_rule:
-            rule_judge = common.Judge("rule", {"name": "rule", "type": "pairwise", "output_format": "[[A]]"})
+            # A python: judge by its spec, as results.json and the file name have it (the table and each record's
+            # "judge", which FastChat's show_result shows, said "rule": the evaluate.py audit of session 98).
+            rule_judge = common.Judge(self.judge_name, {"name": "rule", "type": "pairwise", "output_format": "[[A]]"})
             self.matches = fastchat_compat.make_matches(self.questions, names, self.answers, rule_judge, s.mode,
                                                         self.baseline)
             self._did("matches")
@@ -394,7 +396,7 @@ class Pairwise:
             watch.failed(error)
 
         if self.use_rule:
-            play = judgments.rule_player(judgments.read_verdicts(rule_fn))
+            play = judgments.rule_player(judgments.read_verdicts(rule_fn), self.judge_name)
             judgments.judge_matches(todo, play, self.judgment_file, self.identity, s.parallel)
         elif todo:
             kept = judgments.answers_path(self.judgment_file)  # each paid answer, before its match's verdict
