@@ -315,3 +315,17 @@ def test_a_mixture_that_is_not_json_gets_a_mixture_s_example():
         parse_config(DPOSettings, args=["--dataset_mixture", "{bad"], env_file=None)
     with pytest.raises(ConfigError, match=r"e\.g\. '\{\"optim\": \"paged_adamw_8bit\"\}'"):
         parse_config(DPOSettings, args=["--trainer_overrides", "{bad"], env_file=None)
+
+
+def test_a_row_error_survives_pickle_and_copy_as_made():
+    """RowInvalid keeps its reason apart from its fix (--skip_invalid reports the reason alone); pickled or copied it
+    ran its whole message through the constructor again ("... Fix it. Fix the row."), found by the session's review."""
+    import copy
+    import pickle
+
+    from alignkit.core.data_files import RowInvalid
+
+    error = RowInvalid("f.jsonl: row 1: field 'prompt': bad.", "Fix it.")
+    for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert (str(again), again.reason) == ("f.jsonl: row 1: field 'prompt': bad. Fix it.",
+                                              "f.jsonl: row 1: field 'prompt': bad.")

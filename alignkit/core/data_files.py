@@ -37,7 +37,10 @@ class RowInvalid(DataError):
 
     def __init__(self, reason: str, fix: str = "Fix the row."):
         super().__init__(f"{reason} {fix}")
-        self.reason = reason
+        self.reason, self.fix = reason, fix
+
+    def __reduce__(self):  # pickled or copied as made: its args are the whole message, not (reason, fix)
+        return type(self), (self.reason, self.fix)
 
 
 def skipped_rows(label: str, skipped: list[str], read: int, kept: int, warn: bool = True) -> None:
