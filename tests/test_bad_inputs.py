@@ -415,6 +415,25 @@ def test_pairs_trl_drops_for_max_length_are_counted_in_one_line(bad_files, tmp_p
 
 
 
+def test_the_trainers_read_trl_s_arguments_given_by_position_too():
+    """alignkit's SFT, DPO, KTO and reward trainers read the datasets from kwargs alone: given by position (TRL's
+    4th-6th arguments), the rows --max_length drops went uncounted and no bad row was named (the session's review).
+    Each now takes TRL's arguments by name, as TRL's signature binds them."""
+    from trl import DPOTrainer, KTOTrainer, RewardTrainer, SFTTrainer
+
+    from alignkit.train.trainers import trl_arguments
+
+    for trl_class in (DPOTrainer, KTOTrainer):
+        assert trl_arguments(trl_class, ("m", None, "cfg", None, "train", "held"), {"processing_class": "tok"}) == \
+            {"model": "m", "ref_model": None, "args": "cfg", "data_collator": None, "train_dataset": "train",
+             "eval_dataset": "held", "processing_class": "tok"}
+    for trl_class in (SFTTrainer, RewardTrainer):
+        assert trl_arguments(trl_class, ("m", "cfg", None, "train", "held"), {}) == \
+            {"model": "m", "args": "cfg", "data_collator": None, "train_dataset": "train", "eval_dataset": "held"}
+    with pytest.raises(TypeError):  # a clash is TRL's own TypeError, as before
+        trl_arguments(SFTTrainer, ("m", "cfg", None, "train"), {"train_dataset": "again"})
+
+
 def test_packed_sft_rows_are_not_counted_as_dropped(bad_files, tmp_path, alignkit_log):
     """Packing joins rows into fewer sequences of --max_length: the row count after it said "43 of 60 training rows
     dropped" (and the SmolLM3 recipe's half) where none was. A row whose prompt fills --max_length still is, unpacked."""

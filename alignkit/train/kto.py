@@ -27,7 +27,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from alignkit.core.args import ConfigError
 from alignkit.modeling.models import TRAINABLE, reference_mode
 from alignkit.train.resuming import EndsAtMaxSteps
-from alignkit.train.trainers import _StackedAdapters, check_kept, keep_lora_dropout, row_count
+from alignkit.train.trainers import _StackedAdapters, check_kept, keep_lora_dropout, row_count, trl_arguments
 
 # KTOConfig fields that cannot act here (alignkit loads the model and computes the reference itself).
 _REFUSED = {
@@ -47,8 +47,9 @@ class AlignKTOTrainer(_StackedAdapters, EndsAtMaxSteps, KTOTrainer):
             if args is not None and getattr(args, name):
                 raise ConfigError(f"trainer override {name}={getattr(args, name)!r} has no effect in alignkit: {why}; drop it")
         self._choose_reference(frozen_adapters, reference_adapters)
+        kwargs = trl_arguments(KTOTrainer, (model, None, args, *rest), kwargs)
         given = (row_count(kwargs.get("train_dataset")), row_count(kwargs.get("eval_dataset")))
-        super().__init__(model, None, args, *rest, **kwargs)
+        super().__init__(**kwargs)
         # TRL drops the rows whose prompt fills --max_length (KTOTrainer._prepare_dataset), without a word: all of
         # them trained no step and saved an untrained adapter, with exit status 0
         check_kept(self, given, "the prompt alone is at least that many tokens", "rows")

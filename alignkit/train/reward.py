@@ -170,23 +170,18 @@ class AlignRewardTrainer(EndsAtMaxSteps, RewardTrainer):
     def __init__(self, *args, loss: str = "bradley_terry", lm_loss_coef: float = 0.0, lm_head=None, **kwargs):
         from alignkit.modeling.models import keep_trainable_fp32
 
-        from alignkit.train.trainers import CheckpointBase, check_kept, keep_lora_dropout, row_count
+        from alignkit.train.trainers import CheckpointBase, check_kept, keep_lora_dropout, row_count, trl_arguments
 
         from alignkit.modeling import template_rows
 
-        import inspect
-
-        # TRL's arguments by name, positional ones too (eval_dataset, the 5th, is replaced below)
-        kwargs = dict(inspect.signature(RewardTrainer.__init__).bind(self, *args, **kwargs).arguments)
-        kwargs.pop("self")
-        args = ()
+        kwargs = trl_arguments(RewardTrainer, args, kwargs)  # positional ones too: eval_dataset is replaced below
         # held_out_report finds the pairs TRL kept, and takes them only for these very pairs (their fingerprint)
         self.held_out_fingerprint = getattr(kwargs.get("eval_dataset"), "_fingerprint", None)
         kwargs["eval_dataset"] = _numbered(kwargs.get("eval_dataset"))
         given = (row_count(kwargs.get("train_dataset")), row_count(kwargs.get("eval_dataset")))
         data = {"the training data": kwargs.get("train_dataset"), "the held-out data": kwargs.get("eval_dataset")}
         with template_rows.refused(kwargs.get("processing_class"), data):
-            super().__init__(*args, **kwargs)
+            super().__init__(**kwargs)
         check_kept(self, given, "prompt + an answer is longer than that")
         # TRL casts a 4-bit model's trainable weights (LoRA and the score head) to bf16; back to fp32, as for sft/dpo.
         keep_trainable_fp32(self.model, self.args)

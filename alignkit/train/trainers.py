@@ -149,14 +149,15 @@ class _LengthGrouped:
 class AlignSFTTrainer(_LengthGrouped, _StackedAdapters, EndsAtMaxSteps, SFTTrainer):
     def __init__(self, *args, frozen_adapters=(), **kwargs):
         self.frozen_adapters = list(frozen_adapters)
-        config = kwargs.get("args") if "args" in kwargs else args[1] if len(args) > 1 else None
+        kwargs = trl_arguments(SFTTrainer, args, kwargs)
+        config = kwargs.get("args")
         packing = bool(getattr(config, "packing", False))
         eval_packing = getattr(config, "eval_packing", None)
         # Packed rows are joined into fewer sequences: their count says nothing of rows dropped (it warned that
         # half the rows were dropped where they were only packed).
         given = (None if packing else row_count(kwargs.get("train_dataset")),
                  None if (packing if eval_packing is None else eval_packing) else row_count(kwargs.get("eval_dataset")))
-        super().__init__(*args, **kwargs)
+        super().__init__(**kwargs)
         # TRL drops the rows whose loss mask is empty after truncation (a prompt that fills --max_length)
         check_kept(self, given, "the prompt leaves no token of the answer to learn", "rows")
 
@@ -227,6 +228,22 @@ def keep_lora_dropout(model) -> None:
             dropout[TRAINABLE].p = p
 
 
+def trl_arguments(trl_class, args: tuple, kwargs: dict) -> dict:
+    """A TRL trainer's arguments all by name, those given by position too (train_dataset and eval_dataset are
+    several TRL trainers' 4th-6th): read from kwargs alone, positional data went unchecked (no count of the rows
+    --max_length drops, no bad row named) or clashed with the one passed on."""
+    import inspect
+
+    signature = inspect.signature(trl_class.__init__)
+    named = {}
+    for name, value in signature.bind(None, *args, **kwargs).arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif name != next(iter(signature.parameters)):  # self
+            named[name] = value
+    return named
+
+
 def row_count(dataset) -> int | None:
     """A dataset's rows, or None for one without a length (iterable) or a dict of several."""
     return len(dataset) if dataset is not None and hasattr(dataset, "__len__") and not isinstance(dataset, dict) \
@@ -256,12 +273,13 @@ class AlignDPOTrainer(_LengthGrouped, _StackedAdapters, EndsAtMaxSteps, DPOTrain
                  prefix_sharing=True, simpo_gamma=0.5, cpo_alpha=0.0, **kwargs):
         if ref_model is not None:
             raise ValueError("AlignDPOTrainer computes the reference from the model itself; pass no ref_model")
-        args = args or DPOConfig(output_dir="trainer_output")  # TRL's own default, made here to check it first
+        kwargs = trl_arguments(DPOTrainer, (model, None, args, *rest), kwargs)
+        args = kwargs["args"] = kwargs.get("args") or DPOConfig(output_dir="trainer_output")  # TRL's default, checked
         check_dpo_config(args)  # before TRL tokenizes the data
         self._choose_reference(frozen_adapters, reference_adapters)
         self.prefix_sharing = prefix_sharing and self._prefix_sharing_available(model)
         given = (row_count(kwargs.get("train_dataset")), row_count(kwargs.get("eval_dataset")))
-        super().__init__(model, None, args, *rest, **kwargs)
+        super().__init__(**kwargs)
         if args.truncation_mode == "keep_start":  # TRL's filter (keep_end truncates the prompt instead)
             check_kept(self, given, "the prompt alone is at least that many tokens")
         peft_model = self.accelerator.unwrap_model(self.model)
