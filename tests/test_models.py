@@ -41,6 +41,23 @@ def test_a_training_load_says_the_dtype_it_was_given(tiny_cache, alignkit_log):
     assert loaded.dtype == torch.bfloat16
     assert "dtype: bf16 (as given: --dtype, or a recipe's torch_dtype" in alignkit_log.text
 
+
+def test_a_training_load_records_the_attention_it_runs(tiny_cache, alignkit_log):
+    """A handbook recipe's `attn_implementation: flash_attention_2` on a CPU runs sdpa (said in the log), but the run's
+    alignkit_config.json and card said flash_attention_2 only: `loaded_as` (which both show) had no attention (the
+    dpo.py audit of session 33). It records the one the model runs, beside the resolved dtype and quantization."""
+    from alignkit.core.config import DPOSettings
+    from alignkit.core.run_records import loaded_as
+    from alignkit.modeling import presets
+    from alignkit.modeling.models import load_model
+
+    model_id = presets.paths()["model"]
+    load_model(DPOSettings(model_id=model_id, dtype="bf16", attn_implementation="flash_attention_2",
+                           quantization="none"), for_training=True)
+    assert "attention: sdpa (flash_attention_2 was asked for" in alignkit_log.text
+    assert loaded_as(model_id) == {"quantization": "none", "dtype": "bfloat16", "attention": "sdpa"}
+
+
 def test_liger_asked_for_where_it_cannot_run_goes_on_without_it_in_one_line(alignkit_log, monkeypatch):
     """The SmolLM3 recipes' use_liger_kernel: true failed with ModuleNotFoundError after the model loaded, on a CPU
     or a GPU without liger-kernel. Like flash_attention_2 asked for there, the run goes on without it, in one line."""

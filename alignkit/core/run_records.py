@@ -3,8 +3,9 @@
 - `run_config(folder)`: the settings the model in `folder` was trained with (alignkit_config.json): a run
   folder's or a merge's own, or for a checkpoint-N (which holds none) its run's, one folder up.
 - `loaded_as(model_id)`: how the loader loaded a model for training in this process, after every `auto`
-  (quantization: 4bit for QLoRA on CUDA by default; dtype): recorded in the run's settings as `loaded_as`, since
-  the settings keep `auto` as given. A model card cites QLoRA by it, a reward model is scored as it trained by it.
+  (quantization: 4bit for QLoRA on CUDA by default; dtype; attention: the implementation the model runs, sdpa where
+  a recipe's flash_attention_2 cannot run): recorded in the run's settings as `loaded_as`, since the settings keep
+  `auto` and the asked attention as given. A model card cites QLoRA by it, a reward model is scored as it trained by it.
   `loaded_chain(model_id)`: the chain it loaded (base, revision, deltas, adapters), recorded as `loaded_chain`, and
   read back by `recorded_chain(folder)`: a model card names the base by it.
 - `checkpoint_metrics(folder)`: a checkpoint-N's own figures, from the Trainer's trainer_state.json in it: the
@@ -35,14 +36,15 @@ RUN_CONFIG = "alignkit_config.json"
 # in it went meanwhile.
 CLAIM_FILE = "alignkit_claim.json"
 HUB_DATASETS = "hub_datasets"  # its record there of the Hub datasets it trained on (hub_datasets)
-LOADED_AS = "loaded_as"  # its record there of how the model trained over was loaded (quantization, dtype)
+LOADED_AS = "loaded_as"  # its record there of how the model trained over was loaded (quantization, dtype, attention)
 # Its record there of the chain the model trained over was loaded from: {"base", "revision", "adapters"}, each local
 # part by its absolute path. A card reads it (alignkit.core.card.base_source) without walking the chain again: at
 # every checkpoint, that asked the Hub about a Hub adapter, and a run still training named it, or a LoTA delta, as
 # the base.
 LOADED_CHAIN = "loaded_chain"
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
-# {model_id: {"quantization": ..., "dtype": ...}} as the loader last loaded it for training in this process.
+# {model_id: {"quantization": ..., "dtype": ..., "attention": ...}} as the loader last loaded it for training in this
+# process.
 _LOADED_AS: dict[str, dict] = {}
 _LOADED_CHAIN: dict[str, dict] = {}  # {model_id: LOADED_CHAIN's record} likewise
 
@@ -58,6 +60,13 @@ def remember_loaded_as(model_id: str, quantization: str, dtype, base: str | None
 
         _LOADED_CHAIN[str(model_id)] = {"base": where(base), "revision": revision,
                                         "deltas": [where(d) for d in deltas], "adapters": [where(a) for a in adapters]}
+
+
+def remember_attention(model_id: str, attention: str | None) -> None:
+    """The attention implementation a model loaded for training runs (its config's, once loaded), beside
+    remember_loaded_as's record: the asked one stays in the settings as given (flash_attention_2 on a CPU runs sdpa)."""
+    if attention and str(model_id) in _LOADED_AS:
+        _LOADED_AS[str(model_id)]["attention"] = str(attention)
 
 
 def recorded_chain(folder) -> dict | None:
@@ -93,8 +102,8 @@ def loaded_chain(model_id: str) -> dict:
 
 
 def loaded_as(model_id: str) -> dict:
-    """{"quantization": "4bit" | "8bit" | "none", "dtype": "bfloat16" | ...} of `model_id` as last loaded for
-    training in this process; {} when it was not."""
+    """{"quantization": "4bit" | "8bit" | "none", "dtype": "bfloat16" | ..., "attention": "sdpa" | ...} of
+    `model_id` as last loaded for training in this process; {} when it was not."""
     return dict(_LOADED_AS.get(str(model_id), {}))
 
 

@@ -26,7 +26,7 @@ from alignkit.core.saved_settings import mark_built
 from alignkit.core.errors import UserError
 from alignkit.core.groups import chat_template_text
 from alignkit.core.progress import quiet_library_noise
-from alignkit.core.run_records import remember_loaded_as
+from alignkit.core.run_records import remember_attention, remember_loaded_as
 from alignkit.modeling import experts, lota_delta
 from alignkit.modeling.lineage import check_trained_over, remember_loaded
 from alignkit.modeling.model_folders import check_model_source  # noqa: F401 - importable from here too
@@ -291,6 +291,8 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
             model = load_reward_base(weights, kwargs, model_config())
         else:
             model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
+    if for_training:  # the attention it runs, for the run's record: a recipe's flash_attention_2 runs sdpa on a CPU
+        remember_attention(s.model_id, model.config._attn_implementation or kwargs["attn_implementation"])
     apply_num_threads(getattr(s, "num_threads", "auto"), model, getattr(s, "preset", None))
     if quantization == "4bit":
         experts.say_unquantized(model)

@@ -467,8 +467,8 @@ def save_run_config(s, path: Path) -> None:
     class: sft, dpo, reward, rl), so a model card states what the run was instead of guessing it, and the content
     of what the settings name by path (`run_inputs`), which `--resume auto` compares, and the local model folders
     this run trains over by content, as it loaded them, which the loader compares (alignkit.modeling.lineage), and
-    the format of the rows it trains on (`data_rows`), and how the model was loaded (`loaded_as`: quantization and
-    dtype after every `auto`; `loaded_chain`: the base and the adapters it loaded), and which of the datasets it
+    the format of the rows it trains on (`data_rows`), and how the model was loaded (`loaded_as`: quantization,
+    dtype and attention after every `auto`, the attention as it ran; `loaded_chain`: the base and the adapters it loaded), and which of the datasets it
     names are the Hub's (`hub_datasets`, for its card).
     The folder's README.md is alignkit's card from then on (alignkit.core.card.write_card)."""
     from alignkit.modeling.lineage import TRAINED_OVER, trained_over
