@@ -460,6 +460,31 @@ def test_a_card_made_from_another_folder_lists_the_hub_datasets_the_run_trained_
     assert yaml.safe_load(model_card(run).split("---")[1])["datasets"] == ["data/prefs"]
 
 
+def test_a_run_records_and_cards_the_keys_it_did_not_apply(tmp_path, monkeypatch):
+    """A handbook recipe's `max_prompt_length: 32` (TRL 1.x dropped it) was named as not applied in the log only:
+    alignkit_config.json and the card left it out, so a reader of the card could not tell it was dropped (the dpo.py
+    audit of session 33). The run records each such key by its value and why, and the card names them."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import DPOSettings
+    from alignkit.train import training
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = write(tmp_path / "base", config__json={"architectures": ["LlamaForCausalLM"]})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model_id: {base}\noutput_dir: {tmp_path / 'runs'}\nrun_name: dpo\nmax_prompt_length: 32\n")
+    s = parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
+    run = tmp_path / "runs" / "dpo"
+    run.mkdir(parents=True)
+    training.save_run_config(s, run / training.CONFIG_FILE)
+    config = json.loads((run / training.CONFIG_FILE).read_text())
+    assert config["not_applied"] == {"max_prompt_length": {"value": 32, "why": "TRL 1.x dropped it"}}
+    card = model_card(run)
+    assert "Given but not applied: `max_prompt_length: 32` (TRL 1.x dropped it)" in card
+    assert "| not_applied |" not in card
+    # Not a setting: a rerun without the key still resumes the run (run_folder.NOT_TRAINING).
+    assert "not_applied" in training.NOT_TRAINING
+
+
 def test_a_run_folder_and_its_checkpoints_carry_alignkit_s_card_while_it_trains(tmp_path, monkeypatch):
     """Found by a kto.py audit: a run stopped before its end (a crash, SIGTERM, SIGKILL) kept the card TRL's trainers
     write into the run folder at each checkpoint ("a fine-tuned version of [None](https://huggingface.co/None)",

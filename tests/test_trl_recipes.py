@@ -23,6 +23,7 @@ import yaml
 from alignkit.core.args import ConfigError, parse_config
 from alignkit.core.config import DPOSettings, KTOSettings, RewardSettings, SFTSettings
 from alignkit.core.data import DataError
+from alignkit.core.saved_settings import not_applied
 from conftest import ROOT, base_without_a_template, run_script
 
 HANDBOOK = Path(__file__).parent / "data" / "handbook"
@@ -641,6 +642,13 @@ def test_keys_that_cannot_apply_are_named_once_with_the_alternative(alignkit_log
     assert len(warnings) == 1 and "bnb_4bit_quant_type" not in warnings[0]  # nf4 is what alignkit does anyway
     assert all(f"{k}: " in warnings[0] for k in ("overwrite_output_dir", "max_prompt_length", "hub_strategy"))
     assert "--resume false" in warnings[0] and "max_length" in warnings[0]
+    # ... and kept with the settings, each by its value and why, for the run's alignkit_config.json and card (the
+    # dpo.py audit of session 33: a handbook recipe's max_prompt_length: 32 left no trace there).
+    assert not_applied(s) == {"overwrite_output_dir": {"value": "true", "why": "a run never overwrites"},
+                              "max_prompt_length": {"value": "512", "why": "TRL 1.x dropped it"},
+                              "hub_strategy": {"value": "every_save", "why": "alignkit pushes once, at the end, with a "
+                                                                             "model card and without secrets"}}
+    assert not_applied(parse_config(DPOSettings, env_file=None, args=[])) == {}
 
 
 def test_trl_4bit_format_settings_load_that_format(alignkit_log):

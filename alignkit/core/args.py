@@ -33,7 +33,7 @@ from dotenv import load_dotenv
 from alignkit.core.environment import (BARE_ENV_NAMES, ENV_PREFIX, SETTING_SOURCES, log_environment, read_environment,
                                       stray_variables)
 from alignkit.core.errors import ConfigError, forget_failed_settings, is_notebook  # noqa: F401 - ConfigError is re-exported
-from alignkit.core.saved_settings import is_secret_field, is_set
+from alignkit.core.saved_settings import is_secret_field, is_set, keep_not_applied, not_applied_record
 from alignkit.core.secrets import name_secret_variables, redact
 
 __all__ = ["ConfigError", "setting", "parse_config", "redact", "is_notebook", "command_line", "BARE_ENV_NAMES",
@@ -400,7 +400,7 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
     overrides = dict(overrides or {})
 
     # Every layer in field names; every key that is no setting, from every layer, in one message.
-    unknown, notes = [], []
+    unknown, notes, dropped = [], [], {}  # dropped: the keys named as not applied, recorded with the settings
     translated = []
     labels = (lambda k: env_labels.get(k, f"env var {ENV_PREFIX}{k.upper()}"), lambda k: f"{config_path}: key {k}",
               lambda k: f"--{k}", lambda k: f"overrides key {k!r}")
@@ -413,6 +413,7 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
         unknown += [f"{show(k)} (in {where}"
                     f"{_suggest(k, [*fields, *cli_types], dashes, cls, vocab, fields, why_not=True)})" for k in bad]
         notes += said
+        dropped.update(not_applied_record(said, layer))
         translated.append(fields_layer)
     if vocab is not None and vocab.deferred:  # a TRL field's bad value that no later layer set again
         raise next(iter(vocab.deferred.values()))
@@ -486,7 +487,7 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
     name_secret_variables(*(values.get(n) for n in fields if n.endswith("_key_env") and isinstance(values.get(n), str)))
     sources = SETTING_SOURCES.set({n: (kind, labels[kinds.index(kind)](n)) for n, kind in given.items()})
     try:
-        return cls(**values)
+        return keep_not_applied(cls(**values), dropped)
     except (ValueError, TypeError) as e:  # __post_init__ validation is a user-facing config problem too
         trl = {n: [a for a in vocab.aliases_of(n) if a in typed] for n in fields  # --beta typed, dpo_beta said
                if vocab and re.search(rf"\b{n}\b", str(e))}

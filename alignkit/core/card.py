@@ -27,8 +27,8 @@ from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json as _read_json
 from alignkit.core.mixture import said_held_out
 from alignkit.core.run_records import (
-    HUB_DATASETS, LOADED_AS, LOADED_CHAIN, RUN_CONFIG, checkpoint_metrics, checkpoints, merge_name, recorded_chain,
-    recorded_hub_datasets, run_config,
+    HUB_DATASETS, LOADED_AS, LOADED_CHAIN, NOT_APPLIED_RECORD, RUN_CONFIG, checkpoint_metrics, checkpoints, merge_name,
+    recorded_chain, recorded_hub_datasets, run_config,
 )
 from alignkit.core.sources import hub_gguf, is_hub_id
 
@@ -360,7 +360,7 @@ def _load_snippet(where: str, is_adapter: bool, under: list[str], reward: bool, 
 # What a run records beside its settings in alignkit_config.json (alignkit.train.run_folder.save_run_config): the
 # content digests of its inputs, the local folders it trained over, by path, and its rows' format. None is a
 # setting, and the second names local paths: left out of the card.
-RECORDED_BESIDE = ("inputs", "trained_over", "data_rows", "held_out", HUB_DATASETS, LOADED_CHAIN)
+RECORDED_BESIDE = ("inputs", "trained_over", "data_rows", "held_out", HUB_DATASETS, LOADED_CHAIN, NOT_APPLIED_RECORD)
 # The settings a --dataset_mixture takes the place of (alignkit.core.mixture): a run with one never read them.
 MIXED_OVER = ("dataset_id", "dataset_config", "dataset_split")
 
@@ -473,6 +473,10 @@ def model_card(folder, repo_id: str | None = None, in_progress: bool = False, at
                   if v not in (None, "", [], False) and k not in RECORDED_BESIDE and k not in unread]
         if held := said_held_out(settings.get("held_out")):  # dataset_test_split auto, as it resolved
             lines.append(f"| held-out rows | {held} |")
+        if isinstance(dropped := settings.get(NOT_APPLIED_RECORD), dict) and dropped:  # a recipe's max_prompt_length
+            lines += ["", "Given but not applied: " + "; ".join(f"`{k}: {json.dumps(_shown(v.get('value')))}` "
+                                                                 f"({v.get('why')})" for k, v in dropped.items()
+                                                                 if isinstance(v, dict))]
     if metrics:
         heading = f"Metrics at {metrics['checkpoint']}" if metrics.get("checkpoint") else "Final metrics"
         lines += ["", f"## {heading}", "", "| metric | value |", "| --- | --- |"]

@@ -42,6 +42,9 @@ LOADED_AS = "loaded_as"  # its record there of how the model trained over was lo
 # every checkpoint, that asked the Hub about a Hub adapter, and a run still training named it, or a LoTA delta, as
 # the base.
 LOADED_CHAIN = "loaded_chain"
+# Its record there of the keys its recipe or flags named that alignkit does not apply ({key: {"value", "why"}}, the
+# "not applied, and why" log line: alignkit.core.saved_settings.not_applied), for its card.
+NOT_APPLIED_RECORD = "not_applied"
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 # {model_id: {"quantization": ..., "dtype": ..., "attention": ...}} as the loader last loaded it for training in this
 # process.

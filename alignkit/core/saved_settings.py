@@ -1,6 +1,9 @@
 """Settings as they are saved: a run's alignkit_config.json, the settings a model or rewards were built under.
 Secret fields ("token", "api_key", "secret", "password" in the name, tokenizer special tokens aside) are written as
-`***`, and every text value passes through redact, so no key reaches a saved file."""
+`***`, and every text value passes through redact, so no key reaches a saved file.
+
+Beside the fields, settings parsed from a recipe or flags keep the keys they named as not applied (parse_config's
+"not applied, and why" line: `not_applied(cfg)`), which a run records in its alignkit_config.json and card."""
 
 from __future__ import annotations
 
@@ -57,3 +60,24 @@ def save_config(cfg, path) -> None:
     """Write ``config_to_dict(cfg)`` as indented JSON, creating parent directories; atomically, so a crash leaves
     the earlier config or this one (a resume reads it to decide what it continues)."""
     write_atomic(path, json.dumps(config_to_dict(cfg), indent=2) + "\n")
+
+
+def not_applied_record(notes: list[str], layer: Mapping) -> dict:
+    """{key: {"value": its value in `layer`, "why": the first clause of its reason}} of parse_config's notes ("key:
+    reason", the "not applied, and why" line) on `layer`'s keys."""
+    record = {}
+    for note in notes:
+        key, _, why = note.partition(": ")
+        record[key] = {"value": layer.get(key), "why": re.split(r"[:;(]", why, maxsplit=1)[0].strip()}
+    return record
+
+
+def keep_not_applied(cfg, record: dict):
+    """`cfg` with `record` (not_applied_record's, every layer) beside its fields: no setting, never compared."""
+    object.__setattr__(cfg, "_alignkit_not_applied", dict(record))
+    return cfg
+
+
+def not_applied(cfg) -> dict:
+    """The keys the settings `cfg` were parsed from named as not applied (keep_not_applied), JSON-safe; {} if none."""
+    return _jsonable(getattr(cfg, "_alignkit_not_applied", None) or {})

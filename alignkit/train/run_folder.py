@@ -35,7 +35,7 @@ import torch
 from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError, field_defaults
-from alignkit.core.saved_settings import config_to_dict
+from alignkit.core.saved_settings import config_to_dict, not_applied
 from alignkit.core.errors import UserError, is_notebook, keep_interrupts
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
@@ -44,7 +44,8 @@ from alignkit.core.trl_tables import BESIDE_MIXTURE
 # CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
 # killed before its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
 from alignkit.core.run_records import (
-    CLAIM_FILE, HUB_DATASETS, LOADED_AS, LOADED_CHAIN, checkpoints, hub_datasets, loaded_as, loaded_chain,
+    CLAIM_FILE, HUB_DATASETS, LOADED_AS, LOADED_CHAIN, NOT_APPLIED_RECORD, checkpoints, hub_datasets, loaded_as,
+    loaded_chain,
 )
 from alignkit.train import cell_checks, run_locks
 from alignkit.train.kept_judgments import carry_judgments
@@ -78,6 +79,7 @@ NOT_TRAINING = {
     HELD_OUT_RECORD,  # recorded beside the settings (save_run_config); the rows themselves are compared by content
     LOADED_AS,  # recorded beside the settings (save_run_config): the loader's decisions, known once it loaded
     LOADED_CHAIN,  # recorded beside the settings (save_run_config): the chain the loader loaded, for the card
+    NOT_APPLIED_RECORD,  # recorded beside the settings (save_run_config): keys given that were not applied
     HUB_DATASETS,  # recorded beside the settings (save_run_config): which datasets named are the Hub's
     "resumed_over",  # recorded beside the settings (save_run_config): --resume true over changed settings
 }
@@ -468,8 +470,9 @@ def save_run_config(s, path: Path) -> None:
     of what the settings name by path (`run_inputs`), which `--resume auto` compares, and the local model folders
     this run trains over by content, as it loaded them, which the loader compares (alignkit.modeling.lineage), and
     the format of the rows it trains on (`data_rows`), and how the model was loaded (`loaded_as`: quantization,
-    dtype and attention after every `auto`, the attention as it ran; `loaded_chain`: the base and the adapters it loaded), and which of the datasets it
-    names are the Hub's (`hub_datasets`, for its card).
+    dtype and attention after every `auto`, the attention as it ran; `loaded_chain`: the base and the adapters it
+    loaded), and which of the datasets it names are the Hub's (`hub_datasets`, for its card), and the keys given
+    that alignkit does not apply (`not_applied`: value and why).
     The folder's README.md is alignkit's card from then on (alignkit.core.card.write_card)."""
     from alignkit.modeling.lineage import TRAINED_OVER, trained_over
 
@@ -485,6 +488,8 @@ def save_run_config(s, path: Path) -> None:
         data[LOADED_AS] = loaded
     if chain := loaded_chain(s.model_id):  # the base and adapters under this run, for its card (alignkit.core.card)
         data[LOADED_CHAIN] = chain
+    if dropped := not_applied(s):  # a recipe's keys named as not applied (max_prompt_length), for its card too
+        data[NOT_APPLIED_RECORD] = dropped
     try:  # --resume true over changed settings, this time and before (a resumed run's file is rewritten)
         earlier = json.loads(path.read_text()).get("resumed_over", []) if path.is_file() else []
     except (OSError, ValueError, AttributeError):
