@@ -651,6 +651,25 @@ def test_keys_that_cannot_apply_are_named_once_with_the_alternative(alignkit_log
     assert not_applied(parse_config(DPOSettings, env_file=None, args=[])) == {}
 
 
+def test_a_bad_value_under_trl_s_name_names_the_name_typed(tmp_path, monkeypatch):
+    """`dpo.py --beta abc` said "invalid value for --dpo_beta": a flag the user never typed (the dpo.py audit of session
+    33). Every alias, in every layer, is named as given: the flag, the recipe's key, the variable, the overrides key."""
+    for args, said in ((["--beta", "abc"], "--beta: 'abc' is not a float"),
+                       (["--max_seq_length", "q"], "--max_seq_length: 'q' is not an int"),
+                       (["--dpo_beta", "abc"], "--dpo_beta: 'abc' is not a float")):  # alignkit's own name, as typed
+        with pytest.raises(ConfigError, match=f"^invalid value for {re.escape(said)}$"):
+            parse_config(DPOSettings, env_file=None, args=args)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("beta: abc\n")
+    with pytest.raises(ConfigError, match=f"^invalid value for {re.escape(str(recipe))}: key beta: 'abc' is not"):
+        parse_config(DPOSettings, env_file=None, args=["--config", str(recipe)])
+    with pytest.raises(ConfigError, match="^invalid value for overrides key 'beta': 'q' is not a float"):
+        parse_config(DPOSettings, env_file=None, args=[], overrides={"beta": "q"})
+    monkeypatch.setenv("ALIGNKIT_BETA", "zz")
+    with pytest.raises(ConfigError, match="^invalid value for env var ALIGNKIT_BETA: 'zz' is not a float"):
+        parse_config(DPOSettings, env_file=None, args=[])
+
+
 def test_trl_4bit_format_settings_load_that_format(alignkit_log):
     """TRL's bnb_4bit_quant_type and use_bnb_nested_quant were only noted (alignkit's 4-bit was always NF4 with
     double quantization): a recipe asking for FP4 trained over NF4. Now they are the loader's own settings."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import os
@@ -402,12 +403,15 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
     # Every layer in field names; every key that is no setting, from every layer, in one message.
     unknown, notes, dropped = [], [], {}  # dropped: the keys named as not applied, recorded with the settings
     translated = []
-    labels = (lambda k: env_labels.get(k, f"env var {ENV_PREFIX}{k.upper()}"), lambda k: f"{config_path}: key {k}",
-              lambda k: f"--{k}", lambda k: f"overrides key {k!r}")
-    for (layer, where, show), label in zip(((env, "the environment", lambda k: f"{ENV_PREFIX}{k.upper()}"),
-                                            (recipe, str(config_path), str),
-                                            (cli, "the command line", lambda k: f"--{k}"),
-                                            (overrides, "overrides", repr)), labels):
+    places = ("the environment", str(config_path), "the command line", "overrides")  # each layer's, translate's `where`
+    as_typed = [functools.partial(vocab.spelled, where) if vocab else str for where in places]  # --beta, not --dpo_beta
+    labels = (lambda k: env_labels.get(as_typed[0](k), f"env var {ENV_PREFIX}{as_typed[0](k).upper()}"),
+              lambda k: f"{config_path}: key {as_typed[1](k)}", lambda k: f"--{as_typed[2](k)}",
+              lambda k: f"overrides key {as_typed[3](k)!r}")
+    for (layer, where, show), label in zip(((env, places[0], lambda k: f"{ENV_PREFIX}{k.upper()}"),
+                                            (recipe, places[1], str),
+                                            (cli, places[2], lambda k: f"--{k}"),
+                                            (overrides, places[3], repr)), labels):
         fields_layer, bad, said = _translate(vocab, layer, where, fields, label)
         dashes = "--" if layer is cli else ""
         unknown += [f"{show(k)} (in {where}"

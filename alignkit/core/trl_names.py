@@ -65,6 +65,12 @@ class Vocabulary:
         self.trl_dataset = False  # TRL's dataset_name was given, in any layer
         self.use_peft = False  # TRL's use_peft was given, in any layer
         self.reads_test_split = getattr(settings_cls, "reads_test_split", False)
+        self._spelled: dict[str, dict[str, str]] = {}  # {layer: {setting: the alias that set it}}, for `spelled`
+
+    def spelled(self, where: str, name: str) -> str:
+        """The name a setting was given by in the layer `where` (translate's): TRL's alias that set it there (`beta`
+        for dpo_beta), so a bad value names the flag or key typed, else `name`."""
+        return self._spelled.get(where, {}).get(name, name)
 
     def default_note(self, field: str, ours: str) -> str:
         """"; TRL's default: X" for --help when TRL's default for `field` (under its name or a same-meaning alias)
@@ -210,6 +216,7 @@ class Vocabulary:
                                       f"for {alias.target}) with two values: pass one")
                 if value is not SKIP and alias.target not in layer and not (weak and alias.target in chosen):
                     out[alias.target] = value.value if weak else value  # alignkit's own name wins in one layer
+                    self._spelled.setdefault(where, {})[alias.target] = key
                     if not weak:
                         chosen.add(alias.target)
                 self.trl_style |= key in _TRL_ONLY and where == "the command line"
