@@ -1,6 +1,7 @@
 """alignkit.train.losses.preference_loss against values computed by hand from the formulas."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -247,6 +248,21 @@ def test_an_unknown_loss_type_is_refused_at_settings_time_and_trl_s_own_are_all_
         DPOSettings(loss_type=["sigmod"])
     for loss_type in TRL_LOSS_TYPES:  # exo_pair needs label smoothing (TRL refuses it without)
         DPOSettings(loss_type=[loss_type], label_smoothing=0.001 if loss_type == "exo_pair" else 0.0)
+
+
+def test_a_well_known_loss_name_points_where_it_is():
+    """`dpo.py --loss_type dpo` said "did you mean ipo?" (the dpo.py audit of session 33): the nearest spelling, not TRL's
+    name for DPO's loss. A name users reach for says where its loss is, in one line, and is never a real loss type."""
+    from alignkit.train.losses import KNOWN_ELSEWHERE, REFERENCE_FREE, TRL_LOSS_TYPES
+
+    for given, said in (("dpo", "TRL names DPO's loss sigmoid: pass --loss_type sigmoid"), ("DPO", "--loss_type sigmoid"),
+                        ("kto", "use kto.py"), ("kto_pair", "use kto.py"), ("slic", "--loss_type hinge"),
+                        ("rpo", "--loss_type sigmoid,sft --loss_weights 1,ALPHA"), ("cpo", "--loss_type simpo"),
+                        ("grpo", "use rl.py --algo grpo")):
+        with pytest.raises(UserError, match=rf"^unknown --loss_type {given}: .*{re.escape(said)}") as error:
+            DPOSettings(loss_type=["sigmoid", given])
+        assert "did you mean" not in str(error.value) and "\n" not in str(error.value)
+    assert not set(KNOWN_ELSEWHERE) & {*TRL_LOSS_TYPES, *REFERENCE_FREE}
 
 
 def test_grpo_loss_types_are_read_from_the_installed_trl_and_a_typo_is_refused_before_the_first_step():

@@ -102,6 +102,22 @@ def check_trl_refusals(loss_types, label_smoothing: float, overrides: dict) -> N
                           "DPO's own), or use one of those loss types")
 
 
+# Loss names users reach for that TRL spells otherwise or trains elsewhere: each one's pointer, said instead of a near
+# spelling (`dpo` was "did you mean ipo?", not TRL's sigmoid).
+KNOWN_ELSEWHERE = {
+    "dpo": "TRL names DPO's loss sigmoid: pass --loss_type sigmoid",
+    "slic": "TRL names SLiC's loss hinge: pass --loss_type hinge",
+    "rpo": "RPO is DPO plus an NLL term on the chosen answers: --loss_type sigmoid,sft --loss_weights 1,ALPHA (RPO's "
+           "alpha)",
+    "cpo": "alignkit runs no CPOTrainer; the nearest is --loss_type simpo --simpo_gamma 0 --cpo_alpha 1 (CPO's loss "
+           "over length-normalised log-probs, reference-free)",
+    "kto": "KTO trains on unpaired thumbs-up/down rows: use kto.py",
+    "kto_pair": "TRL 1.x dropped kto_pair; KTO trains on unpaired thumbs-up/down rows: use kto.py",
+    "grpo": "GRPO trains on rewards of sampled answers, not preference pairs: use rl.py --algo grpo",
+    "rloo": "RLOO trains on rewards of sampled answers, not preference pairs: use rl.py --algo rloo",
+}
+
+
 def check_loss_types(loss_types) -> None:
     """Every loss type is one alignkit or TRL computes (TRL would only say so mid-training); a reference-free loss
     runs alone: combined with a reference-based one, the reference pass would be back."""
@@ -109,6 +125,8 @@ def check_loss_types(loss_types) -> None:
 
     known = (*TRL_LOSS_TYPES, *REFERENCE_FREE)
     for name in loss_types:
+        if name not in known and name.lower() in KNOWN_ELSEWHERE:
+            raise ConfigError(f"unknown --loss_type {name}: {KNOWN_ELSEWHERE[name.lower()]}")
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
