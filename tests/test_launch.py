@@ -803,6 +803,37 @@ def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_plac
     assert run_folder._changed(folder, s) == []
 
 
+def test_a_run_is_refused_inside_another_trained_run_s_folder_and_one_nested_before_still_resumes(tmp_path):
+    """`dpo.py --config recipe.yaml --run_name ov`, the recipe's output_dir holding a trained run, put the new run
+    inside it (output_dir/ov, beside its adapter and checkpoints): a push or merge of that run carried it (the dpo.py
+    audit of session 33). Refused in one line, before the model loads, with the alternatives; a run nested there
+    before still reruns and resumes, and the trained run itself reruns as before."""
+    base = fake_base(tmp_path)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    trained = tmp_path / "runs" / "hb"
+    (trained / "checkpoint-2").mkdir(parents=True)
+    (trained / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    s = SFTSettings(model_id=str(base), dataset_id=str(data), output_dir=str(trained), run_name="ov")
+    with pytest.raises(UserError, match=rf"^--output_dir {re.escape(str(trained))} holds a trained run \(checkpoint-2\), "
+                                        r"and this run would go inside it .*: pass another --output_dir \(e\.g\. "
+                                        rf"{re.escape(str(tmp_path / 'runs'))}, beside it\), or leave --run_name out"):
+        training.prepare_run(s, "sft")
+    (trained / "adapter_model.safetensors").write_bytes(b"adapter")
+    with pytest.raises(UserError, match=r"holds a trained run \(adapter_model\.safetensors\)"):
+        training.prepare_run(dataclasses.replace(s, run_name=None), "sft")  # the default name nests alike
+    assert not (trained / "ov").exists()
+    # A run nested there before this refusal: its same command resumes it.
+    nested = trained / "ov"
+    (nested / "checkpoint-1").mkdir(parents=True)
+    (nested / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    training.save_run_config(s, nested / training.CONFIG_FILE)
+    assert training.prepare_run(s, "sft")[1] == str(nested / "checkpoint-1")
+    outer = dataclasses.replace(s, output_dir=str(tmp_path / "runs"), run_name="hb")
+    training.save_run_config(outer, trained / training.CONFIG_FILE)
+    assert training.prepare_run(outer, "sft")[1] == str(trained / "checkpoint-2")
+
+
 def test_resume_auto_starts_over_when_the_same_files_and_settings_became_other_rows(tmp_path):
     """The files and settings a run names say nothing of the rows they became: a Hub dataset's new commit, or a
     file an upgraded alignkit reads into other rows (s12's standard rows as text, s14's tool calls kept), resumed a

@@ -14,6 +14,8 @@
 - `hub_datasets(dataset_id, dataset_mixture)`: the Hub datasets a run trains on, decided where it runs:
   recorded in its settings as `hub_datasets`, since a relative local path read from another folder looks like a
   Hub id (a model card of a merge made elsewhere).
+- `check_not_nested(folder, run_name)`: a new run inside another trained run's folder (a --run_name beside a
+  recipe's output_dir that holds one) refused, before the model loads (alignkit.train.run_folder.prepare_run).
 - `checkpoints(folder)`: a run folder's complete checkpoint-N folders, by step (a resume, and a claimed folder's
   description, alignkit.modeling.models, read them alike).
 - `merge_folder(adapter_dir)`: where merge.py saves a merge by default: `merged/` inside a run folder, and beside a
@@ -28,6 +30,7 @@ import os
 import re
 from pathlib import Path
 
+from alignkit.core.errors import UserError
 from alignkit.core.sources import is_hub_id
 
 # A run's settings file in its folder (alignkit.train.run_folder.CONFIG_FILE).
@@ -196,6 +199,25 @@ def checkpoints(folder: Path, say: bool = False) -> list[Path]:
 
                 logger.warning(f"{why}: {path.name} is skipped")
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def check_not_nested(folder, run_name: str | None) -> None:
+    """Refuse a new run in `folder` whose parent (the --output_dir it goes in) is a trained run of its own (its
+    adapter, a checkpoint-N): `--run_name ov` beside a recipe's output_dir that holds a run put the new one inside
+    it, where a push or a merge of that run carries it. Where `folder` already holds a run (nested there before),
+    its rerun or resume goes on."""
+    folder = Path(folder)
+    if (folder / RUN_CONFIG).is_file() or (folder / CLAIM_FILE).is_file():
+        return
+    parent = folder.parent
+    marks = [n for n in ("adapter_model.safetensors", "adapter_config.json", "lota_config.json")
+             if (parent / n).exists()]
+    marks += sorted(p.name for p in parent.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit())
+    if marks:
+        raise UserError(f"--output_dir {parent} holds a trained run ({marks[0]}), and this run would go inside it "
+                        f"({folder}), where a push or merge of that run carries it: pass another --output_dir (e.g. "
+                        f"{parent.parent}, beside it)" + (f", or leave --run_name out to train in {parent} itself (a "
+                                                         "recipe's output_dir)" if run_name else ""))
 
 
 def is_checkpoint(folder) -> bool:

@@ -45,7 +45,7 @@ from alignkit.core.trl_tables import BESIDE_MIXTURE
 # killed before its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
 from alignkit.core.run_records import (
     CLAIM_FILE, HUB_DATASETS, LOADED_AS, LOADED_CHAIN, NOT_APPLIED_RECORD, checkpoints, hub_datasets, loaded_as,
-    loaded_chain,
+    check_not_nested, loaded_chain,
 )
 from alignkit.train import cell_checks, run_locks
 from alignkit.train.kept_judgments import carry_judgments
@@ -113,6 +113,7 @@ def prepare_run(s, stage: str, *data) -> tuple[Path, str | None]:
     progress.quiet_library_noise()
     cell_checks.check_read_under(s, data)
     folder = run_dir(s, stage)
+    check_not_nested(folder, s.run_name)  # output_dir/ov inside a trained run: refused, a rerun of it aside
     _ROWS.pop(folder.resolve(), None)  # an earlier call's rows (a notebook's earlier data) are not this run's
     if data:
         from alignkit.core.data import is_text_dataset
