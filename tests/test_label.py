@@ -343,6 +343,43 @@ def test_a_stop_while_judging_counts_this_run_s_judgments_not_the_cache_s(tmp_pa
     assert bars and max(bars) < said
 
 
+def test_a_cell_run_again_counts_one_run_not_both(tmp_path, monkeypatch, alignkit_log):
+    """A notebook's Judge cell run twice added its counts to the first run's: "120 pairs to judge (120 skipped)"
+    while the summary said none skipped, "pairs (before skipping) 240" beside 120 judged (the notebook audit). Each
+    step counts afresh: the Prompts, Responses and Judge cells run again give the counts of one run."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import LabelSettings
+    from alignkit.feedback.label_pairs import judge_pairs, make_pairs
+    from alignkit.feedback.label_records import write_output
+    from alignkit.feedback.labeling import collect_responses, load_prompts, prepare
+
+    prompts = marker_pairs(tmp_path)
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in [*prompts, prompts[0]]])  # one repeated
+    (tmp_path / "judge.py").write_text("def judge(prompt, a, b):\n    return 'A' if 'MARKER' in a else 'B'\n")
+    monkeypatch.chdir(tmp_path)
+    run = prepare(parse_config(LabelSettings, args=[
+        "--prompts", "prompts.jsonl", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl",
+        "--judge", "python:judge.py:judge", "--output", "p.jsonl"]))
+    for _ in range(2):  # each cell twice, then all of them again
+        found = load_prompts(run)
+        found = load_prompts(run)
+        responses = collect_responses(run, found)
+        responses = collect_responses(run, found)
+        pairs = make_pairs(run, found, responses)
+        pairs = make_pairs(run, found, responses)
+        judge_pairs(run, pairs)
+        judge_pairs(run, pairs)
+        write_output(run, found, responses, pairs)
+    summary = write_output(run, found, responses, pairs)
+    said = [r.getMessage() for r in alignkit_log.records]
+    assert said.count("6 prompts from prompts.jsonl (1 repeated ones dropped)") == 4
+    assert said.count("5 pairs to judge (1 skipped: see the summary)") == 4
+    assert summary["pairs"] == 6 and summary["pairs_judged"] == 5 and summary["skipped"]["identical"] == 1
+    assert summary["judgments"] == {"needed": 10, "sent_this_run": 0, "from_cache": 10, "failed": 0}
+    assert json.loads((tmp_path / "p.summary.json").read_text()) == summary
+    run.close()
+
+
 def test_skip_invalid_skips_a_bad_prompt_row_as_its_error_line_says(tmp_path, alignkit_log):
     """label.py had no --skip_invalid, so rlaif.py's (its --help: "skip rows that fail validation") reached only its
     dpo.py runs and a bad prompt row still stopped round 1's label.py: label.py skips the row and says how many, and

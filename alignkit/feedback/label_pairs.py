@@ -16,13 +16,14 @@ from alignkit.core.digests import digest
 from alignkit.core.llm import FirstFailures
 from alignkit.feedback.judge import Request, orders_for, parse_verdict, question_text
 from alignkit.feedback.label_records import (
-    Pair, Prompt, Run, asked, check_made, judge_fix, made, report_failure, to_ask_again,
+    Pair, Prompt, Run, asked, check_made, judge_fix, made, recount, report_failure, to_ask_again,
 )
 
 
 def make_pairs(run: Run, prompts: list[Prompt], table) -> list[Pair]:
     """The pairs to judge, in prompt order. Missing, empty, identical and repeated pairs never reach the judge."""
     check_made(run, prompts=prompts, responses=table)
+    recount(run, "pairs")
     if run.judge is None:
         return made(run, "pairs", [], of=table)
     s, pairs, seen = run.settings, [], set()
@@ -56,6 +57,8 @@ def make_pairs(run: Run, prompts: list[Prompt], table) -> list[Pair]:
 def judge_pairs(run: Run, pairs: list[Pair]) -> None:
     """Ask the judge for every judgment not in the cache, `--parallel` at a time, caching each as it arrives."""
     check_made(run, pairs=pairs)
+    recount(run, "judgments")
+    run.errors.clear()  # this judging's failures: one an earlier run of the cell had, asked again now, may be answered
     if not pairs:
         return
     judge, s = run.judge, run.settings

@@ -141,6 +141,23 @@ def check_made(run, **inputs) -> None:
                             f"({', '.join([*later, 'Output'])})")
 
 
+# What each step counts in run.stats (the summary's): a step zeroes its own at its start, so a notebook's cell run
+# again counts that run's, not every run's added up (the Judge cell run twice said 240 pairs of 120: the audit).
+COUNTS = {
+    "prompts": ("duplicate prompts", "prompts ending with an answer"),
+    "responses": ("generation errors",),
+    "pairs": ("pairs", "missing response", "empty response", "identical", "repeated pair"),
+    "judgments": ("judgments needed", "judgments sent"),
+    "output": ("missing completion", "empty completion"),
+}
+
+
+def recount(run, step: str) -> None:
+    """Zero what `step` counts (COUNTS) before it counts it again."""
+    for name in COUNTS[step]:
+        run.stats.pop(name, None)
+
+
 @dataclass
 class Prompt:
     """A prompt as role/content turns; `key` (their digest) names it in every cache key, and `place` ("FILE: row
@@ -258,6 +275,7 @@ def replace_output(path: Path, rows: list[dict]) -> None:
 def write_output(run: Run, prompts: list[Prompt], table, pairs: list[Pair]) -> dict:
     """Write the output rows (rebuilt from the cache) and the summary; return the summary."""
     check_made(run, prompts=prompts, responses=table, pairs=pairs)
+    recount(run, "output")
     kwargs = getattr(run.settings, "chat_template_kwargs", None)  # the answers' template arguments, in every row
     if run.judge is None:
         rows = []

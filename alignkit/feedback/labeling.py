@@ -25,7 +25,7 @@ from alignkit.core.llm import FirstFailures
 from alignkit.feedback.judge import endpoint_identity, is_fatal, make_judge
 from alignkit.feedback.label_inputs import by_prompt, check_inputs, no_match, prompts_from, response_rows
 from alignkit.feedback.label_records import (AppendLog, Prompt, Run, Source, check_made, generator_fix, made,
-                                              report_failure)
+                                              recount, report_failure)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,6 +152,7 @@ def load_prompts(run: Run) -> list[Prompt]:
     """The distinct prompts of --prompts (or of --responses_a; every row, repeats too, with `keep_rows`), in file
     order, at most --max_prompts; each keeps its place ("FILE: row N"), so a message about it can name it."""
     s = run.settings
+    recount(run, "prompts")
     prompts, label = prompts_from(s, run.stats)
     if hasattr(judge := getattr(run, "judge", None), "check_prompts"):  # before any answer is generated
         judge.check_prompts(prompts)
@@ -212,6 +213,7 @@ def collect_responses(run: Run, prompts: list[Prompt]) -> list[list[str | None]]
     from alignkit.modeling.lineage import check_models
 
     check_made(run, prompts=prompts)
+    recount(run, "responses")
     # Every local model, before the first generates: one over a part retrained in place was refused at its own
     # load, after the models before it had generated.
     check_models(run.settings, [src.spec for src in run.sources if src.kind == "local"], "--model_a / --model_b")
