@@ -561,6 +561,43 @@ def test_ctrl_c_while_the_folder_is_claimed_puts_the_earlier_run_back(tmp_path, 
     assert not list(tmp_path.glob("run.previous-*"))
 
 
+def test_a_stop_before_the_first_checkpoint_says_how_to_go_on_in_its_one_line(tmp_path, monkeypatch, alignkit_log,
+                                                                              capsys):
+    """A run interrupted before its first checkpoint said "with nothing of it to keep: removed runs/tiny-sft", then
+    the generic "interrupted: what was finished is kept; run the cell again to go on": two lines contradicting each
+    other (the notebook audit). Its own line says how to start it anew, and the generic one is not said; a failure
+    (its error line follows) says no way on."""
+    from alignkit.core import errors
+    from alignkit.core.config import SFTSettings
+    from alignkit.train import run_folder
+
+    s = SFTSettings(output_dir=str(tmp_path), run_name="run", resume="false")
+    folder = tmp_path / "run"
+    errors._SAID_HOW_TO_GO_ON.clear()
+    run_folder.prepare_run(s, "sft")
+    with pytest.raises(KeyboardInterrupt):
+        with run_folder.start_run(s, folder, None):
+            raise KeyboardInterrupt
+    assert not folder.exists()
+    assert f"with nothing of it to keep: removed {folder}; run the same command again to start it anew" \
+        in alignkit_log.text
+    with pytest.raises(SystemExit):
+        errors._report(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert errors.INTERRUPTED not in capsys.readouterr().err  # said once, by the run's own line
+    from alignkit.train import run_release
+
+    monkeypatch.setattr(run_release, "is_notebook", lambda: True)
+    folder.mkdir()
+    run_release._release(folder, None, KeyboardInterrupt())
+    assert f"removed {folder}; run the cells from 'Run folder' on again (Run folder, Model, Train) to start it anew" \
+        in alignkit_log.text
+    errors._SAID_HOW_TO_GO_ON.clear()
+    folder.mkdir()
+    run_release._release(folder, None, RuntimeError("out of memory"))
+    assert alignkit_log.records[-1].getMessage().endswith(f"with nothing of it to keep: removed {folder}")
+    assert not errors._SAID_HOW_TO_GO_ON
+
+
 def test_the_save_cell_after_an_interrupted_training_cell_saves_nothing(tmp_path):
     """In a notebook, the cell after an interrupted training cell (finish) saved the half-trained model into the
     folder that had just been given back to the earlier run: its adapter and metrics replaced, its settings not."""

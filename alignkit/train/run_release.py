@@ -48,9 +48,9 @@ def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
     """After a failed (or interrupted) run: keep what it saved, or give the folder back to the run that was there."""
     ended = "was stopped (SIGTERM)" if isinstance(error, Terminated) else \
         "was interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+    again = f"run {cells_from(notebook_cells(folder=folder), again=True)}" if is_notebook() else run_again()
     if checkpoints(folder):
         (folder / FAILED_FILE).write_text(redact(f"{type(error).__name__}: {error}\n"))
-        again = f"run {cells_from(notebook_cells(folder=folder), again=True)}" if is_notebook() else run_again()
         logger.info(f"the run {ended}; its checkpoints stay in {folder} (see {FAILED_FILE}): {again} to resume"
                     + (f"; the earlier run is in {aside}" if aside else ""))
         if isinstance(error, KeyboardInterrupt):
@@ -60,8 +60,14 @@ def _release(folder: Path, aside: Path | None, error: BaseException) -> None:
     if aside:
         shutil.move(str(aside), folder)
     kept = judgments_back(paid, folder)
-    if aside:  # "what was finished is kept" follows: the earlier run, and the judgments paid for
+    # A stop says how to go on here, in this one line: the generic "what was finished is kept; run the cell again to
+    # go on" after "nothing of it to keep" contradicted it (the notebook audit). A failure's own error line follows.
+    anew = f"; {again} to start it anew" if isinstance(error, KeyboardInterrupt) else ""
+    if aside:
         logger.info(f"the run {ended} before its first checkpoint, with nothing of it to keep: removed it{kept}; the "
-                    f"earlier run is back in {folder}")
+                    f"earlier run is back in {folder}{anew}")
     else:
-        logger.info(f"the run {ended} before its first checkpoint, with nothing of it to keep: removed {folder}{kept}")
+        logger.info(f"the run {ended} before its first checkpoint, with nothing of it to keep: removed {folder}{kept}"
+                    f"{anew}")
+    if anew:
+        said_how_to_go_on()
