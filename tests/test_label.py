@@ -1671,3 +1671,16 @@ def test_the_closing_command_goes_on_where_the_preset_s_own_run_reads_the_labels
         "python dpo.py --preset smol --dataset_id mine.jsonl --run_name smol-dpo-on-mine"
     assert train_command("kto.py", None, "l.jsonl", " --desirable_weight 2.0") == \
         "python kto.py --dataset_id l.jsonl --desirable_weight 2.0"
+    # In a notebook a command works nowhere (dpo.py is in the repository's root, the path relative to the kernel's
+    # folder): the dpo notebook's overrides instead, which resolve the path as this notebook does (the notebook audit).
+    from alignkit.feedback import label_records
+
+    monkeypatch.setattr(label_records, "is_notebook", lambda: True)
+    assert train_command("dpo.py", "tiny", "runs/label-tiny/preferences.jsonl") == \
+        'dpo.ipynb with overrides = {"preset": "tiny", "dataset_id": "runs/label-tiny/preferences.jsonl", ' \
+        '"run_name": "tiny-dpo-on-preferences"}'
+    assert train_command("dpo.py", "smol", "runs/label-smol/preferences.jsonl") == \
+        'dpo.ipynb with overrides = {"preset": "smol"}'
+    assert train_command("kto.py", "tiny", "runs/label-tiny/labels.jsonl", " --desirable_weight 5.6") == \
+        'kto.ipynb with overrides = {"preset": "tiny", "dataset_id": "runs/label-tiny/labels.jsonl", "run_name": ' \
+        '"tiny-kto-on-labels", "desirable_weight": 5.6}'

@@ -18,6 +18,7 @@ A run writes, next to `--output X.jsonl`:
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from alignkit import logger
 from alignkit.core import journal
 from alignkit.core.args import redact
 from alignkit.core.digests import digest
-from alignkit.core.errors import STEP_OF, UserError
+from alignkit.core.errors import STEP_OF, UserError, is_notebook
 from alignkit.core.journal import write_json, write_jsonl
 from alignkit.feedback.judge import Judge, combine, parse_verdict, winner
 
@@ -462,12 +463,24 @@ def train_command(script: str, preset: str | None, output, flags: str = "") -> s
     """The command that trains `script` (dpo.py, sft.py, kto.py) on a label.py output, as its closing line gives
     it: under a preset, a run folder of its own (the preset's run would move the user's earlier one aside), except
     where the preset's own run of `script` reads `output` already (smol's runs/label-smol/preferences.jsonl: the
-    README's loop goes on with `dpo.py --preset smol` into runs/smol-dpo, which the hint's own folder left out)."""
+    README's loop goes on with `dpo.py --preset smol` into runs/smol-dpo, which the hint's own folder left out).
+    In a notebook, the same settings as that script's notebook's overrides: a command there works nowhere (the
+    script is in the repository's root, the path relative to the kernel's folder, as the other notebook's is too)."""
     from alignkit.modeling import presets
 
-    given = f" --preset {preset}" if preset else ""
-    read = presets.named(script[:-3]).get(preset, {}).get("dataset_id") if preset else None
-    if read and Path(read).resolve() == Path(output).resolve():
-        return f"python {script}{given}{flags}"
-    run = f" --run_name {preset}-{script[:-3]}-on-{Path(output).stem.replace('.', '-')}" if preset else ""
-    return f"python {script}{given} --dataset_id {output}{flags}{run}"
+    name = script[:-3]
+    given = {"preset": preset} if preset else {}
+    read = presets.named(name).get(preset, {}).get("dataset_id") if preset else None
+    if not (read and Path(read).resolve() == Path(output).resolve()):
+        given["dataset_id"] = str(output)
+        if preset:
+            given["run_name"] = f"{preset}-{name}-on-{Path(output).stem.replace('.', '-')}"
+    words = flags.split()  # " --desirable_weight 5.6"
+    extra = {flag[2:]: value for flag, value in zip(words[::2], words[1::2])}
+    if is_notebook():
+        values = {**given, **{k: float(v) if v.replace(".", "", 1).isdigit() else v for k, v in extra.items()}}
+        return f"{name}.ipynb with overrides = {json.dumps(values)}"
+    settings = dict(given)
+    run = settings.pop("run_name", None)
+    line = "".join(f" --{k} {v}" for k, v in {**settings, **extra}.items())
+    return f"python {script}{line}" + (f" --run_name {run}" if run else "")
