@@ -117,7 +117,8 @@ judge_pairs(run, pairs)
 # ## Output and summary
 # The output is rebuilt from the cache and replaced atomically: conversational prompt / chosen / rejected plus
 # the judge's metadata (or prompt / completion for sft.py). The summary shows agreement between the two orders,
-# how often slot A wins (position bias: 50% is none), ties, parse failures, errors and tokens.
+# how often slot A wins and slot B wins (position bias: none when they are equal; tie verdicts are the rest), ties,
+# parse failures, errors and tokens.
 
 # %%
 import os

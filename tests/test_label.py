@@ -236,6 +236,22 @@ def test_a_key_in_any_variable_and_a_password_in_the_judge_url_stay_out(tmp_path
         assert key not in text and password not in text and "QueryKeyABCDEF999" not in text
 
 
+def test_no_position_bias_is_slot_a_winning_as_often_as_slot_b_not_50_percent(tmp_path):
+    """The label notebook said "how often slot A wins (position bias: 50% is none)": with tie verdicts counted, a
+    judge without bias has slot A win as often as slot B, here 25% each (found by the notebook audit)."""
+    prompts = marker_pairs(tmp_path, n=5, identical=False)
+    (tmp_path / "judge.py").write_text(  # a fair judge: the marker wins wherever it sits; prompts 2 and 3 tie
+        "def judge(prompt, a, b):\n    if '2:' in prompt or '3:' in prompt:\n        return 'tie'\n"
+        "    return 'A' if 'MARKER' in a else 'B'\n")
+    run_script("label.py", "--responses_a", "a.jsonl", "--responses_b", "b.jsonl", "--judge", "python:judge.py:judge",
+               "--output", "p.jsonl", "--max_prompts", "4", cwd=tmp_path)
+    summary = json.loads((tmp_path / "p.summary.json").read_text())
+    assert summary["slot_a_wins"] == summary["slot_b_wins"] == 0.25 and summary["tie_verdicts"] == 0.5
+    text = (ROOT / "label.py").read_text()
+    assert "50% is none" not in text and "how often slot A wins and slot B wins (position bias: none when they are " \
+        "equal" in text
+
+
 def test_one_order_per_pair_when_asked(tmp_path):
     marker_pairs(tmp_path)
     with FakeOpenAI(marker_judge) as server:
