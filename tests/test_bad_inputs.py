@@ -62,8 +62,12 @@ CASES = [
     ("dpo.py", [*TRAIN, "--max_steps", "-5"], "--max_steps must be a number of steps", None),
     ("dpo.py", [*TRAIN, "--dataset_id", "bad-json.jsonl"], "bad-json.jsonl: line 2: invalid JSON", None),
     ("dpo.py", [*TRAIN, "--dataset_id", "bad-row.jsonl"], "bad-row.jsonl: row 2: field 'rejected'", None),
-    ("dpo.py", [*TRAIN, "--eval_split", "-1"], "--eval_split must be a share below 1, a row count, or 0", None),
-    ("dpo.py", [*TRAIN, "--eval_split", "nan"], "--eval_split must be a share below 1, a row count, or 0", None),
+    ("dpo.py", [*TRAIN, "--eval_split", "-1"], "--eval_split must be a share below 1, a whole number of rows, or 0",
+     None),
+    ("dpo.py", [*TRAIN, "--eval_split", "nan"], "--eval_split must be a share below 1, a whole number of rows, or 0",
+     None),
+    ("sft.py", [*TRAIN, "--eval_split", "1.5"], "--eval_split must be a share below 1, a whole number of rows, or 0 "
+     "(none held out); got 1.5", None),  # held out as 1 row without a word (the notebook audit)
     ("dpo.py", [*TRAIN, "--loss_type", "sigmod"], "unknown --loss_type sigmod: did you mean sigmoid?", None),
     ("sft.py", [*TRAIN, "--seed", "-1"], "--seed must be a whole number from 0 to 4294967295, got -1", None),
     ("sft.py", [*TRAIN, "--max_samples", "0"], "--max_samples must be at least 1", None),

@@ -99,10 +99,10 @@ def test_check_mixture_entry_values(keys, message):
 @pytest.mark.parametrize("keys, message", [
     ({"seed": -1}, "dataset_mixture: seed -1 must be a whole number >= 0, e.g. seed: 42"),
     ({"seed": "abc"}, "dataset_mixture: seed 'abc' must be a whole number >= 0, e.g. seed: 42"),
-    ({"test_split_size": float("nan")}, "dataset_mixture: test_split_size nan must be a share (< 1) or a row count "
-                                        "(>= 1), e.g. test_split_size: 0.1"),
-    ({"test_split_size": 1.5}, "dataset_mixture: test_split_size 1.5 must be a share (< 1) or a row count (>= 1), "
-                               "e.g. test_split_size: 0.1"),
+    ({"test_split_size": float("nan")}, "dataset_mixture: test_split_size nan must be a share below 1, or a whole "
+                                        "number of rows, e.g. test_split_size: 0.1"),
+    ({"test_split_size": 1.5}, "dataset_mixture: test_split_size 1.5 must be a share below 1, or a whole number of "
+                               "rows, e.g. test_split_size: 0.1"),
 ])
 def test_check_mixture_seed_and_test_split_size(keys, message):
     with pytest.raises(ConfigError) as err:

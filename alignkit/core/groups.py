@@ -261,7 +261,7 @@ class TrainSettings(HubPushSettings, ModelSettings):
     max_samples: int | None = setting(None, "use at most this many rows (after shuffling with seed) to train, and to evaluate "
                                         "where the held-out rows are a split of their own (or a mixture's test rows, "
                                         "test_split_size's too); for quick runs")
-    eval_split: float = setting(0.05, "held-out share of the data (< 1), or a row count (>= 1); 0 disables eval")
+    eval_split: float = setting(0.05, "held-out share of the data (< 1), or a whole number of rows; 0 disables eval")
     dataset_test_split: str | None = setting(
         None, "held-out data: this split of the dataset (e.g. test_prefs) instead of a share of the training split; "
         "auto: its test split where it has one (TRL's, for dataset_name with evaluation), else the --eval_split share")
@@ -326,9 +326,10 @@ class TrainSettings(HubPushSettings, ModelSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.eval_split < math.inf:  # NaN too
-            raise ValueError(f"--eval_split must be a share below 1, a row count, or 0 (none held out); got "
-                             f"{self.eval_split}")
+        # NaN too; 1.5 is neither a share nor a row count (it was held out as 1 row without a word)
+        if not 0 <= self.eval_split < math.inf or self.eval_split >= 1 and self.eval_split != int(self.eval_split):
+            raise ValueError(f"--eval_split must be a share below 1, a whole number of rows, or 0 (none held out); "
+                             f"got {self.eval_split}")
         check_seed(self.seed)
         from alignkit.core.trl_tables import refusal  # a flag's refusal holds inside --trainer_overrides too
 

@@ -74,8 +74,8 @@ def check_mixture(mixture) -> None:
         raise ConfigError(f"dataset_mixture: seed {seed!r} must be a whole number >= 0, e.g. seed: 42")
     size = mixture.get("test_split_size")
     if size is not None and not (_number(size) and size > 0 and (size < 1 or size == int(size))):
-        raise ConfigError(f"dataset_mixture: test_split_size {size!r} must be a share (< 1) or a row count (>= 1), "
-                          "e.g. test_split_size: 0.1")
+        raise ConfigError(f"dataset_mixture: test_split_size {size!r} must be a share below 1, or a whole number "
+                          "of rows, e.g. test_split_size: 0.1")
 
 
 def _number(value) -> bool:
@@ -160,8 +160,8 @@ def _hold_out(dataset, size, seed, name, kind=None):
     trains its chosen half while its rejected half is scored as unseen. Where every prompt has one row (and for plain
     text rows, which have no prompt) this is the plain split."""
     n = len(dataset)
-    if not (_number(size) and size > 0):
-        raise ConfigError(f"{name} {size!r} must be a share (< 1) or a row count (>= 1)")
+    if not (_number(size) and size > 0 and (size < 1 or size == int(size))):  # 1.5 was held out as 1 row
+        raise ConfigError(f"{name} {size!r} must be a share below 1, or a whole number of rows")
     size = size if size < 1 else int(size)
     held = math.ceil(size * n) if size < 1 else size
     other = "pass 0" if name == "eval_split" else "drop it"
