@@ -727,6 +727,39 @@ def test_mt_bench_answers_both_turns_with_history_and_resumes(mt_data, sft_run, 
                    "--judge_base_url", "http://127.0.0.1:9/v1")
 
 
+def test_vibes_asks_a_repeated_prompt_once_and_says_how_many_were(monkeypatch, alignkit_log):
+    """The tiny preset's vibes printed all 64 prompts, "name three animals." answered three times (the same seed:
+    the same answer); label.py drops repeats. So does vibes now, in one line (the notebook audit)."""
+    from alignkit.core.config import VibesSettings
+    from alignkit.evals import evaluation
+    from alignkit.modeling import generation, lineage, model_folders
+
+    asked = []
+
+    class Generator:
+        as_loaded = {}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __call__(self, conversations, **kw):
+            asked.extend(c[-1]["content"] for c in conversations)
+            return ["ok"] * len(conversations)
+
+    monkeypatch.setattr(generation, "load_generator", lambda *a: Generator())
+    monkeypatch.setattr(model_folders, "check_model_sources", lambda *a: None)
+    monkeypatch.setattr(lineage, "check_models", lambda *a: None)
+    s = VibesSettings(model_id="m", prompts=["name three animals.", "hi", "name three animals.", "hi", "bye",
+                                             "name three animals."])
+    prompts, _, answers = evaluation.vibes(s, "transformers")
+    assert prompts == asked == ["name three animals.", "hi", "bye"] and answers == {"m": ["ok"] * 3}
+    said = [r.getMessage() for r in alignkit_log.records if "prompts (" in r.getMessage()]
+    assert said == ["vibes: 3 prompts (3 repeated ones dropped)"]
+
+
 def test_vibes_base_adapter_and_merged_side_by_side(tiny_cache, sft_run, tmp_path, capsys):
     from alignkit.modeling.merge import merge_adapters
 

@@ -105,6 +105,9 @@ def vibes(s, backend: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
     prompts = list(s.prompts) + ([q["turns"][0] for q in prompt_questions(s.prompts_file)] if s.prompts_file else [])
     if not prompts:
         raise ConfigError('vibes needs prompts: --prompts "first prompt" "second prompt", or --prompts_file FILE')
+    if dropped := len(prompts) - len(set(prompts)):  # asked once (its seed is its text's: the same answer again)
+        prompts = list(dict.fromkeys(prompts))
+        logger.info(f"vibes: {len(prompts)} prompts ({dropped} repeated ones dropped)")
     system = [{"role": "system", "content": s.system_prompt}] if s.system_prompt else []
     conversations = [system + [{"role": "user", "content": p}] for p in prompts]
     sources = [s.model_id] + ([s.compare_to] if s.compare_to else [])
