@@ -52,23 +52,15 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 # %% [markdown]
 # ## Data
 # Any supported preference format becomes prompt / chosen / rejected (messages, or TRL's standard texts); with
-# a `margin` column (or `--use_margin true`) each pair also gets its margin. A seeded share of prompts is held out (every pair of each) to measure
-# pairwise accuracy on unseen prompts.
+# a `margin` column (or `--use_margin true`) each pair also gets its margin, from its own row. The held-out pairs are
+# `--dataset_test_split`'s (a TRL line that evaluates: the dataset's test split where it has one, as TRL's script),
+# else a seeded share of prompts (`--eval_split`, every pair of each), to measure pairwise accuracy on unseen prompts.
 
 # %%
-from alignkit.core.data import load_preferences
-from alignkit.core.mixture import check_file_splits
-from alignkit.train.reward import with_margins
-from alignkit.train.training import split
+from alignkit.core.mixture import load_train_eval
+from alignkit.train.reward import pairs_loader
 
-check_file_splits(settings)  # a single file has no splits: --dataset_split is refused there, not ignored
-kept = []  # each pair's row in the file: its margin's (--skip_invalid may skip rows)
-preferences = load_preferences(
-    settings.dataset_id, settings.dataset_format, settings.dataset_split, settings.skip_invalid, settings.dataset_config,
-    kept=kept,
-)
-preferences = with_margins(preferences, settings, kept)
-train_data, eval_data = split(preferences, settings, "preference")  # every pair of a held-out prompt held out
+train_data, eval_data = load_train_eval("preference", settings, load=pairs_loader(settings))
 print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]

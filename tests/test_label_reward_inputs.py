@@ -178,7 +178,12 @@ def test_margins_stay_with_their_rows_where_skip_invalid_skips_one(tiny_cache, t
     # No --use_margin: a 'margin' column is read as TRL's RewardTrainer reads it (it was left out without a word)
     run = run_script("reward.py", "--preset", "tiny", "--dataset_id", data, "--skip_invalid",
                      "--max_steps", "1", "--output_dir", str(tmp_path / "runs"))
-    assert run["preferences"]["margin"] == [float(i) for i in range(40) if i != 3]
+    def key(pair):
+        return tuple(m["content"] for m in pair["prompt"] + pair["chosen"] + pair["rejected"])
+
+    pairs = list(run["train_data"]) + (list(run["eval_data"]) if run["eval_data"] else [])
+    by_pair = {key(row): float(i) for i, row in enumerate(rows) if i != 3}
+    assert len(pairs) == 39 and all(pair["margin"] == by_pair[key(pair)] for pair in pairs)  # each its own row's
     # --use_margin false: none; auto over scores alone: none (their difference is a margin only when asked)
     from types import SimpleNamespace
 

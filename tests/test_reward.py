@@ -92,6 +92,49 @@ def test_margins_from_a_margin_column_or_score_difference(tmp_path):
         margins(str(bad))
 
 
+def _split_folder(tmp_path, margins=True):
+    """A dataset folder with train.jsonl (30 pairs) and test.jsonl (10 pairs), each row's margin its own number."""
+    rows = [json.loads(line) for line in open(presets.paths()["preferences"])][:40]
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for name, part, base in (("train", rows[:30], 0), ("test", rows[30:], 100)):
+        with open(folder / f"{name}.jsonl", "w") as f:
+            for i, row in enumerate(part):
+                f.write(json.dumps({**row, **({"margin": float(base + i)} if margins else {})}) + "\n")
+    return folder, rows
+
+
+def test_reward_takes_dataset_test_split_and_a_trl_line_evaluates_on_the_test_split(tiny_cache, tmp_path,
+                                                                                     alignkit_log):
+    """reward.py refused --dataset_test_split (even TRL's default `test`), and a TRL line that evaluates held 5% of
+    train out and never read test, while dpo.py/sft.py take the test split (the audit of session 101). Each split's
+    pairs carry their own rows' margins."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import RewardSettings
+    from alignkit.core.mixture import HELD_OUT, load_train_eval
+    from alignkit.train.reward import pairs_loader
+
+    folder, rows = _split_folder(tmp_path)
+    line = ["--model_name_or_path", "org/model", "--use_peft", "--eval_strategy", "steps", "--eval_steps", "1",
+            "--dataset_name", str(folder)]
+    for args, expected in ((line, "auto"), (["--dataset_id", str(folder), "--dataset_test_split", "test"], "test")):
+        s = parse_config(RewardSettings, env_file=None, args=args)
+        assert s.dataset_test_split == expected
+        train, held_out = load_train_eval("preference", s, load=pairs_loader(s))
+        assert (len(train), len(held_out)) == (30, 10)  # every train pair trains; test's are held out
+        assert getattr(held_out, HELD_OUT) == {"split": "test"}
+        # each pair with its own row's margin, in both splits, whatever the shuffle
+        assert sorted(train["margin"]) == [float(i) for i in range(30)]
+        def key(prompt, chosen, rejected):
+            return tuple(m["content"] for m in prompt + chosen + rejected)
+
+        by_pair = {key(r["prompt"], r["chosen"], r["rejected"]): 100.0 + i for i, r in enumerate(rows[30:])}
+        assert len(by_pair) == 10
+        assert [by_pair[key(*pair)] for pair in zip(held_out["prompt"], held_out["chosen"], held_out["rejected"])] \
+            == held_out["margin"]
+    assert any("the dataset's test split, as TRL's scripts evaluate" in r.getMessage() for r in alignkit_log.records)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The tiny reward model, trained once per session
 

@@ -716,8 +716,11 @@ def test_liger_settings_alignkit_does_not_apply_are_named_with_what_does(alignki
 
 
 def test_scripts_without_the_data_features_refuse_them():
-    with pytest.raises(ConfigError, match="reward.py reads one dataset split"):
-        parse_config(RewardSettings, env_file=None, args=["--dataset_test_split", "test"])
+    with pytest.raises(ConfigError, match="reward.py reads --dataset_id's split .* drop dataset_mixture"):
+        parse_config(RewardSettings, env_file=None, args=["--dataset_mixture", json.dumps({"datasets": [{"id": "x"}]})])
+    # its test split it reads, each split's margins from its own rows (it was refused with the mixture)
+    assert parse_config(RewardSettings, env_file=None, args=["--dataset_test_split", "test"]).dataset_test_split == \
+        "test"
 
 
 def test_lora_settings_reach_peft(tiny_cache):
@@ -1307,7 +1310,7 @@ def test_a_trl_line_that_evaluates_does_so_on_the_dataset_s_test_split_as_trl_do
     assert settings(DPOSettings, "--eval_split", "0.1").dataset_test_split is None  # the user's share
     assert settings(DPOSettings, "--dataset_test_split", "test").dataset_test_split == "test"
     assert settings(SFTSettings).dataset_test_split == settings(KTOSettings).dataset_test_split == "auto"
-    assert settings(RewardSettings).dataset_test_split is None  # reward.py reads one split
+    assert settings(RewardSettings).dataset_test_split == "auto"  # reward.py too (each split's own margins)
     assert parse_config(DPOSettings, env_file=None, args=[*line, "--dataset_id", str(folder)]).dataset_test_split \
         is None  # alignkit's own names: alignkit's documented share
     no_eval = parse_config(DPOSettings, env_file=None, args=[*line[:3], "--dataset_name", str(folder)])

@@ -259,9 +259,11 @@ def _loader(kind, s):
     return {"preference": load_preferences, "unpaired": load_unpaired}[kind]
 
 
-def load_train_eval(kind: str, s):
-    """(train, eval or None) for sft.py ("sft"), dpo.py ("preference") or kto.py ("unpaired"), from settings `s`."""
-    train, held_out = _load_train_eval(kind, s)
+def load_train_eval(kind: str, s, load=None):
+    """(train, eval or None) for sft.py ("sft"), dpo.py ("preference") or kto.py ("unpaired"), from settings `s`.
+    `load`: the loader of one split, load(source, format, split, skip_invalid, config_name), in place of the kind's
+    own (reward.py's adds each split's margins from its own rows: alignkit.train.reward.pairs_loader)."""
+    train, held_out = _load_train_eval(kind, s, load)
     if kind == "unpaired":
         check_both_labels(train, s, held_out)
     return read_under(s, train, held_out)
@@ -291,8 +293,8 @@ def check_both_labels(train, s, held_out=None) -> None:
                     "each)" + (", or train on these answers with sft.py" if desirable else ""))
 
 
-def _load_train_eval(kind: str, s):
-    load = _loader(kind, s)
+def _load_train_eval(kind: str, s, load=None):
+    load = load or _loader(kind, s)
     if s.dataset_mixture:  # a --dataset_id given beside it is named as unused where the settings are read
         return _mixture(kind, s)
     check_file_splits(s)

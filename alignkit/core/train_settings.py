@@ -118,7 +118,6 @@ class RewardSettings(TrainSettings):
     """reward.py: a reward model (one-output score head + LoRA) trained on preference pairs."""
 
     run_type: ClassVar[str] = "reward"
-    reads_test_split: ClassVar[bool] = False  # one split (refused: dataset_test_split)
     takes_mixture: ClassVar[bool] = False  # refused in one line (__post_init__)
     trl_configs: ClassVar[tuple[str, ...]] = ("RewardConfig",)
     help_title: ClassVar[str] = "reward model"
@@ -146,9 +145,9 @@ class RewardSettings(TrainSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.dataset_mixture or self.dataset_test_split:
-            raise ValueError("reward.py reads one dataset split (--use_margin lines its rows up with the file) and "
-                             "holds out --eval_split: drop dataset_mixture / dataset_test_split")
+        if self.dataset_mixture:  # each split's margins are read from its own rows (alignkit.train.reward)
+            raise ValueError("reward.py reads --dataset_id's split (and --dataset_test_split's, or an --eval_split "
+                             "share): drop dataset_mixture, or write its rows to one dataset")
         if self.lm_loss_coef < 0:
             raise ValueError(f"lm_loss_coef must be >= 0, got {self.lm_loss_coef}")
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:

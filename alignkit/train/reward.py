@@ -110,27 +110,44 @@ def _margins(read, rows_kept: list[int] | None = None) -> list[float]:
     )
 
 
-def with_margins(preferences, s, kept: list[int] | None = None):
+def with_margins(preferences, s, kept: list[int] | None = None, split: str | None = None):
     """The normalised pairs with a `margin` column (TRL's collator passes it on): the data's own under --use_margin
-    auto, else with true a score difference where there is none (`margins`). `kept`:
-    each pair's source row (alignkit.core.data.load_preferences' `kept`), so that a pair keeps its own row's margin
-    where --skip_invalid skipped rows before it (the two were refused together)."""
+    auto, else with true a score difference where there is none (`margins`), read from `split`'s rows (default
+    --dataset_split; a --dataset_test_split's pairs get their own rows' margins). `kept`: each pair's source row
+    (alignkit.core.data.load_preferences' `kept`), so that a pair keeps its own row's margin where --skip_invalid
+    skipped rows before it (the two were refused together)."""
     from alignkit.core.data import read_rows
 
     use = str(s.use_margin).lower()  # auto: a 'margin' column where the data has one, as TRL's RewardTrainer reads it
     if use == "false":
         return preferences
-    read = read_rows(s.dataset_id, s.dataset_split, s.dataset_config)  # once, for the columns and the margins
+    split = split or s.dataset_split
+    read = read_rows(s.dataset_id, split, s.dataset_config)  # once, for the columns and the margins
     if use == "auto" and "margin" not in read.columns():
         return preferences
+    of = "" if split == s.dataset_split else f" (split {split})"
     if use == "auto":
-        logger.info(f"{s.dataset_id}: each pair's 'margin' column is subtracted from its reward difference, as TRL's "
-                    "RewardTrainer does (--use_margin false: trained without it)")
+        logger.info(f"{s.dataset_id}{of}: each pair's 'margin' column is subtracted from its reward difference, as "
+                    "TRL's RewardTrainer does (--use_margin false: trained without it)")
     values = _margins(read, kept)
     if len(values) != len(preferences):  # a caller that kept no row numbers, after rows were skipped
         raise DataError(f"{s.dataset_id}: {len(values) - len(preferences)} rows were skipped as invalid "
                         "(--skip_invalid) without their row numbers, so their margins do not line up with the pairs")
     return preferences.add_column("margin", values)
+
+
+def pairs_loader(s):
+    """reward.py's loader of one split (alignkit.core.mixture.load_train_eval's `load`): its pairs, each with its
+    own row's margin (`with_margins`), so a --dataset_test_split's held-out pairs carry theirs as the training
+    pairs do."""
+    from alignkit.core.data import load_preferences
+
+    def load(source, format, split, skip_invalid, config_name):
+        kept = []  # each pair's row in the split: its margin's (--skip_invalid may skip rows)
+        pairs = load_preferences(source, format, split, skip_invalid, config_name, kept=kept)
+        return with_margins(pairs, s, kept, split)
+
+    return load
 
 
 def zero_fresh_score_head(model, model_id: str) -> None:
