@@ -581,6 +581,26 @@ def test_bad_trl_values_are_one_line_errors(args, pattern):
         parse_config(DPOSettings, env_file=None, args=args)
 
 
+def test_eval_steps_under_eval_strategy_no_is_not_used_as_trl_and_no_refusal_names_a_refused_flag(alignkit_log,
+                                                                                                   tmp_path):
+    """A recipe's eval_steps with an explicit --eval_strategy no was refused ("eval_steps 1 but no held-out data"),
+    where TRL ignores it; and rlaif.py's refusal advised --dataset_test_split test, which it refuses (the reward.py
+    audit of session 101)."""
+    from alignkit.core.config import RLAIFSettings
+
+    recipe = tmp_path / "trl.yaml"
+    recipe.write_text("model_name_or_path: org/model\nuse_peft: true\neval_strategy: steps\neval_steps: 1\n")
+    for cls in (DPOSettings, RewardSettings):
+        alignkit_log.clear()
+        s = parse_config(cls, env_file=None, args=["--config", str(recipe), "--eval_strategy", "no"])
+        assert s.eval_split == 0
+        assert alignkit_log.text.count("eval_steps 1 not used: eval_strategy no evaluates nothing during training "
+                                       "(TRL ignores it too)") == 1
+    with pytest.raises(ConfigError, match=r"^eval_steps 5 but no held-out data .*Pass --eval_split 0\.05, or drop "
+                                          r"eval_steps$"):
+        parse_config(RLAIFSettings, env_file=None, args=["--eval_split", "0", "--eval_steps", "5"])
+
+
 def test_fields_an_older_trl_had_are_named_with_what_replaced_them(alignkit_log):
     """rpo_alpha, reference_free, max_completion_length (dpo.py), ... stopped the run as "unknown setting" with a
     wrong near name ("did you mean --cpo_alpha?", a SimPO knob; found by a dpo.py audit). One that changes what

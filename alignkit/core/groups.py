@@ -384,15 +384,24 @@ class TrainSettings(HubPushSettings, ModelSettings):
             check_mixture(self.dataset_mixture)
             if type(self).takes_mixture:  # the others refuse the mixture itself, in one line
                 check_beside_mixture(self)
-        if self.eval_steps and type(self).holds_out and not self.has_eval_data():
+        strategy = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
+        if self.eval_steps and type(self).holds_out and strategy == "no":  # TRL ignores eval_steps under "no"
+            from alignkit import logger
+
+            logger.info(f"eval_steps {self.eval_steps} not used: eval_strategy no evaluates nothing during training "
+                        "(TRL ignores it too)")
+        elif self.eval_steps and type(self).holds_out and not self.has_eval_data():
+            advice = self.test_split_advice()
             raise ValueError(f"eval_steps {self.eval_steps} but no held-out data (eval_split 0, no "
                              "dataset_test_split or test split in the mixture): nothing would be evaluated. Pass "
-                             f"--eval_split 0.05 or {self.test_split_advice()}, or drop eval_steps")
+                             f"--eval_split 0.05{f' or {advice}' if advice else ''}, or drop eval_steps")
 
-    def test_split_advice(self) -> str:
-        """How to name held-out rows of their own: a mixture's test entry, else --dataset_test_split."""
-        return ("an entry with test: true (or test_split_size) in the dataset_mixture" if self.dataset_mixture
-                else "--dataset_test_split test")
+    def test_split_advice(self) -> str | None:
+        """How to name held-out rows of their own: a mixture's test entry, else --dataset_test_split; None where
+        the script takes neither (rlaif.py: an --eval_split share of each round's pairs)."""
+        if self.dataset_mixture and type(self).takes_mixture:
+            return "an entry with test: true (or test_split_size) in the dataset_mixture"
+        return "--dataset_test_split test" if type(self).reads_test_split else None
 
     def has_eval_data(self) -> bool:
         """Whether the run holds data out: a share, a test split, or a mixture's test part."""
