@@ -797,6 +797,26 @@ def test_help_is_grouped_and_offers_only_the_scripts_presets(tiny_cache, capsys)
     assert "DPO: --dpo_beta" in out and "also --beta" in out and "smol" in out[out.index("--preset"):][:300]
 
 
+def test_the_defaults_line_and_help_name_lora_target_modules_all_linear_against_peft_s_default(alignkit_log):
+    """TRL's ModelConfig.lora_target_modules None means PEFT's per-model default (q_proj,v_proj for Llama), while
+    alignkit targets all-linear: neither the defaults line nor --help said so (TRL's None hid it; the reward.py audit
+    of session 101)."""
+    from alignkit.core.config import RLAIFSettings, RLSettings
+
+    said = "lora_target_modules all-linear (TRL: PEFT's per-model default (q_proj,v_proj for Llama))"
+    for cls, extra in ((SFTSettings, []), (DPOSettings, []), (KTOSettings, []), (RewardSettings, []),
+                       (RLSettings, ["--reward", "rule"]), (RLAIFSettings, [])):
+        alignkit_log.clear()
+        parse_config(cls, env_file=None, args=["--model_name_or_path", "org/model", "--use_peft", *extra])
+        assert said in alignkit_log.text, cls.__name__
+        assert cls.vocabulary().default_note("lora_target_modules", "all-linear") == \
+            "; TRL's default: PEFT's per-model default (q_proj,v_proj for Llama)"  # --help's note
+    alignkit_log.clear()  # the user's own targets: nothing to say
+    parse_config(DPOSettings, env_file=None, args=["--model_name_or_path", "m", "--use_peft", "--lora_target_modules",
+                                                   "q_proj,v_proj"])
+    assert "lora_target_modules" not in alignkit_log.text
+
+
 # ---------------------------------------------------------------- environment (issue 28's rule)
 def test_bare_generic_env_names_change_nothing_and_prefixed_ones_are_logged(monkeypatch, tmp_path, alignkit_log):
     from alignkit.core.config import LabelSettings

@@ -29,8 +29,9 @@ from alignkit.core.args import _FALSE, _TRUE, ConfigError, _show
 from alignkit.core.mixture_formats import mixture_from_mixer, mixture_from_trl
 from alignkit.core.trl_tables import (BESIDE_MIXTURE, _ANY, _BOOL_WORDS, _MAPPINGS, _MIXTURE_HAS_ITS_OWN,
                                       _MODEL_AND_SCRIPT, _RENAMED, _SAME_MEANING, _TRL_DEFAULTS_UNDER_OTHER_NAMES,
-                                      _TRL_ONLY, _TRL_RECIPE_NAMES, ALIASES, DROPPED, DTYPE_SYNONYMS, NOT_APPLIED,
-                                      REFUSED, REFUSED_IN, SKIP, _bool, _model_dtype, _Weak, for_configs, refusal)
+                                      _TRL_NONE_DEFAULTS, _TRL_ONLY, _TRL_RECIPE_NAMES, ALIASES, DROPPED,
+                                      DTYPE_SYNONYMS, NOT_APPLIED, REFUSED, REFUSED_IN, SKIP, _bool, _model_dtype,
+                                      _Weak, for_configs, refusal)
 from alignkit.core.trl_types import _members, cli_kind, same_meaning, trl_choices, trl_fields, trl_value, unset
 
 __all__ = ["ALIASES", "DTYPE_SYNONYMS", "NOT_APPLIED", "REFUSED", "Vocabulary"]
@@ -77,6 +78,9 @@ class Vocabulary:
         differs from alignkit's, shown as `ours`; else ""."""
         import trl
 
+        if field in _TRL_NONE_DEFAULTS:  # TRL's None: a library's own choice, said in words
+            value, said = _TRL_NONE_DEFAULTS[field]
+            return f"; TRL's default: {said}" if ours != value else ""
         names = [field, *(a for a in self.aliases_of(field) if ALIASES[a].convert is None)]
         for config in (*self.config_names, *_MODEL_AND_SCRIPT):
             by_name = {f.name: f for f in dataclasses.fields(getattr(trl, config))}

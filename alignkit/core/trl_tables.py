@@ -266,3 +266,6 @@ _TRL_DEFAULTS_UNDER_OTHER_NAMES = {  # field: (TRL's value, as --help says it)
     "eval_split": (0.0, "0 (no rows held out)"),
     "group_by_length": ("false", "false (train_sampling_strategy random)"),
 }
+# TRL's defaults of None that mean a library's own choice, said in words (ModelConfig.lora_target_modules None: PEFT's
+# per-model default), where alignkit's differs: the defaults line and --help name them as the others.
+_TRL_NONE_DEFAULTS = {"lora_target_modules": ("none", "PEFT's per-model default (q_proj,v_proj for Llama)")}
