@@ -1469,6 +1469,13 @@ def test_the_older_handbook_s_model_and_data_keys_each_have_their_handling(tmp_p
     alignkit_log.clear()
     parse(DPOSettings, "--text_column", "text", "--auto_insert_empty_system_msg", "false", "--truncation_side", "right")
     assert "not applied" not in alignkit_log.text
+    # The script's own task type, as TRL's reward script sets it, is no news (reward.py: "not applied ... SEQ_CLS in
+    # reward.py" for the very value it uses; the reward.py audit of session 101); another one is.
+    for cls, value, said in ((RewardSettings, "SEQ_CLS", False), (DPOSettings, "causal_lm", False),
+                             (RewardSettings, "CAUSAL_LM", True), (DPOSettings, "SEQ_CLS", True)):
+        alignkit_log.clear()
+        parse(cls, "--lora_task_type", value)
+        assert ("not applied, and why: lora_task_type: set by the script" in alignkit_log.text) == said, (cls, value)
 
 
 def test_the_smol_preset_s_missing_pieces_are_user_errors(monkeypatch):

@@ -228,6 +228,7 @@ class Vocabulary:
                 raise ConfigError(f"{label(key)} has no effect in alignkit: {REFUSED[key]}; drop it")
             elif key in NOT_APPLIED:
                 same, reason = NOT_APPLIED[key]
+                same = same(self.config_names) if callable(same) else same  # the script's own (lora_task_type)
                 if same is _ANY or str(raw).lower() not in {str(v).lower() for v in
                                                             (same if isinstance(same, tuple) else (same,))}:
                     notes.append(f"{key}: {for_configs(reason, self.config_names)}")

@@ -128,8 +128,8 @@ _RENAMED = {"preprocessing_num_workers": "dataset_num_proc", "evaluation_strateg
 _TRL_RECIPE_NAMES = _TRL_ONLY | {"dataset_mixer", "datasets"}
 
 _ANY = object()
-# key: (the value, or a tuple of values, that is alignkit's behaviour anyway, or _ANY: never applied; the reason and
-# what to use instead)
+# key: (the value, or a tuple of values, that is alignkit's behaviour anyway, or _ANY: never applied, or a function of
+# the script's TRL config names giving the value; the reason and what to use instead)
 NOT_APPLIED = {
     "max_prompt_length": (_ANY, "TRL 1.x dropped it: max_length bounds prompt and answer together (sft.py, dpo.py, "
                                 "kto.py, reward.py); GRPO and RLOO keep the prompt whole and stop the answer at "
@@ -141,7 +141,9 @@ NOT_APPLIED = {
     "hub_model_revision": ("main", "the handbook's branch to push to; alignkit pushes to the repo's main branch"),
     "dataset_streaming": (False, "alignkit reads and checks every row before training; use --max_samples"),
     "ignore_bias_buffers": (False, "not needed: LoRA runs have no buffers to sync"),
-    "lora_task_type": (_ANY, "set by the script: CAUSAL_LM, or SEQ_CLS in reward.py"),
+    # The script's own task type given is no news (reward.py's SEQ_CLS, TRL's reward script's): said only otherwise
+    "lora_task_type": (lambda configs: "SEQ_CLS" if "RewardConfig" in configs else "CAUSAL_LM",
+                       "set by the script: CAUSAL_LM, or SEQ_CLS in reward.py"),
     "lora_target_parameters": (None, "not supported; use --lora_target_modules"),
     "bnb_4bit_quant_storage": (_ANY, "chosen by the loader: the compute dtype under FSDP"),
     "use_liger_loss": (False, "TRL 1.x dropped GRPO's fused Liger loss; --use_liger is Liger's layer kernels (auto: "
