@@ -135,6 +135,32 @@ def test_reward_takes_dataset_test_split_and_a_trl_line_evaluates_on_the_test_sp
     assert any("the dataset's test split, as TRL's scripts evaluate" in r.getMessage() for r in alignkit_log.records)
 
 
+def test_skip_invalid_skips_a_pair_whose_margin_is_no_number(tiny_cache, tmp_path, alignkit_log):
+    """--skip_invalid skipped every bad row but one whose margin was null, which stopped the run (the reward.py
+    audit of session 101): the pair goes with its margin, the others keep theirs."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import RewardSettings
+    from alignkit.core.mixture import load_train_eval
+    from alignkit.train.reward import pairs_loader
+
+    rows = [json.loads(line) for line in open(presets.paths()["preferences"])][:20]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({**row, "margin": None if i == 5 else float(i)}) + "\n"
+                            for i, row in enumerate(rows)))
+    s = parse_config(RewardSettings, env_file=None, args=["--dataset_id", str(path), "--skip_invalid",
+                                                          "--eval_split", "0"])
+    train, _ = load_train_eval("preference", s, load=pairs_loader(s))
+    assert sorted(train["margin"]) == [float(i) for i in range(20) if i != 5]
+
+    def key(pair):
+        return tuple(m["content"] for m in pair["prompt"] + pair["chosen"] + pair["rejected"])
+
+    margin_of = {key(row): float(i) for i, row in enumerate(rows)}
+    assert len(margin_of) == 20 and all(pair["margin"] == margin_of[key(pair)] for pair in train)  # its own row's
+    assert "skipped 1 of 20 rows as invalid (--skip_invalid). First problem: " in alignkit_log.text
+    assert "row 6: field 'margin'" in alignkit_log.text
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The tiny reward model, trained once per session
 

@@ -93,16 +93,40 @@ def margins(source, split="train", config_name=None, rows_kept: list[int] | None
     return _margins(read_rows(source, split, config_name), rows_kept)
 
 
-def _margins(read, rows_kept: list[int] | None = None) -> list[float]:
-    """margins() of rows already read (alignkit.core.data.read_rows)."""
+def _margins(read, rows_kept: list[int] | None = None, skipped: list[str] | None = None) -> list[float | None]:
+    """margins() of rows already read (alignkit.core.data.read_rows). `skipped`, a list (--skip_invalid): a row
+    whose margin is bad gets None in its place and its problem appended, instead of stopping the run."""
     rows, columns = read.dicts(), set(read.columns())
     numbers = range(len(rows)) if rows_kept is None else rows_kept
+    column = _margin_source(read)
+    if column == "margin":
+        def one(i):
+            return _number(rows[i], "margin", read.place(i))
+    else:
+        chosen, rejected = column
+
+        def one(i):
+            return _number(rows[i], chosen, read.place(i)) - _number(rows[i], rejected, read.place(i))
+    values = []
+    for i in numbers:
+        try:
+            values.append(one(i))
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+            values.append(None)
+    return values
+
+
+def _margin_source(read):
+    """Where the rows' margins come from: "margin" (the column), else the (chosen, rejected) score columns."""
+    columns = set(read.columns())
     if "margin" in columns:
-        return [_number(rows[i], "margin", read.place(i)) for i in numbers]
+        return "margin"
     for chosen, rejected in SCORE_COLUMNS:
         if {chosen, rejected} <= columns:
-            return [_number(rows[i], chosen, read.place(i)) - _number(rows[i], rejected, read.place(i))
-                    for i in numbers]
+            return chosen, rejected
     raise DataError(
         f"{read.label}: --use_margin needs a 'margin' column, or scores of both answers ("
         + " or ".join(f"{c}/{r}" for c, r in SCORE_COLUMNS) + f"); the columns are {', '.join(sorted(columns))}. "
@@ -115,8 +139,9 @@ def with_margins(preferences, s, kept: list[int] | None = None, split: str | Non
     auto, else with true a score difference where there is none (`margins`), read from `split`'s rows (default
     --dataset_split; a --dataset_test_split's pairs get their own rows' margins). `kept`: each pair's source row
     (alignkit.core.data.load_preferences' `kept`), so that a pair keeps its own row's margin where --skip_invalid
-    skipped rows before it (the two were refused together)."""
+    skipped rows before it; under --skip_invalid a pair whose margin is bad is skipped too, as any bad row is."""
     from alignkit.core.data import read_rows
+    from alignkit.core.data_files import skipped_rows
 
     use = str(s.use_margin).lower()  # auto: a 'margin' column where the data has one, as TRL's RewardTrainer reads it
     if use == "false":
@@ -129,11 +154,16 @@ def with_margins(preferences, s, kept: list[int] | None = None, split: str | Non
     if use == "auto":
         logger.info(f"{s.dataset_id}{of}: each pair's 'margin' column is subtracted from its reward difference, as "
                     "TRL's RewardTrainer does (--use_margin false: trained without it)")
-    values = _margins(read, kept)
+    skipped = [] if getattr(s, "skip_invalid", False) else None
+    values = _margins(read, kept, skipped)
     if len(values) != len(preferences):  # a caller that kept no row numbers, after rows were skipped
         raise DataError(f"{s.dataset_id}: {len(values) - len(preferences)} rows were skipped as invalid "
                         "(--skip_invalid) without their row numbers, so their margins do not line up with the pairs")
-    return preferences.add_column("margin", values)
+    if not skipped:
+        return preferences.add_column("margin", values)
+    good = [n for n, value in enumerate(values) if value is not None]  # a pair and its margin left out together
+    skipped_rows(read.label, skipped, len(values), len(good))
+    return preferences.add_column("margin", [0.0 if v is None else v for v in values]).select(good)
 
 
 def pairs_loader(s):
