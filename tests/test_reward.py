@@ -161,6 +161,25 @@ def test_skip_invalid_skips_a_pair_whose_margin_is_no_number(tiny_cache, tmp_pat
     assert "row 6: field 'margin'" in alignkit_log.text
 
 
+def test_use_margin_true_says_where_the_margins_come_from(tiny_cache, tmp_path, alignkit_log):
+    """--use_margin true said nothing of where its margins came from, while auto named the column (the reward.py
+    audit of session 101)."""
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import RewardSettings
+    from alignkit.core.mixture import load_train_eval
+    from alignkit.train.reward import pairs_loader
+
+    rows = [json.loads(line) for line in open(presets.paths()["preferences"])][:20]
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text("".join(json.dumps({**row, "score_chosen": 3, "score_rejected": 1}) + "\n" for row in rows))
+    s = parse_config(RewardSettings, env_file=None, args=["--dataset_id", str(scored), "--use_margin", "true",
+                                                          "--eval_split", "0"])
+    train, _ = load_train_eval("preference", s, load=pairs_loader(s))
+    assert train["margin"] == [2.0] * 20
+    assert f"{scored}: each pair's margin, score_chosen − score_rejected, its scores' difference, is subtracted " \
+           "from its reward difference, as TRL's RewardTrainer does (--use_margin true" in alignkit_log.text
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The tiny reward model, trained once per session
 

@@ -151,9 +151,10 @@ def with_margins(preferences, s, kept: list[int] | None = None, split: str | Non
     if use == "auto" and "margin" not in read.columns():
         return preferences
     of = "" if split == s.dataset_split else f" (split {split})"
-    if use == "auto":
-        logger.info(f"{s.dataset_id}{of}: each pair's 'margin' column is subtracted from its reward difference, as "
-                    "TRL's RewardTrainer does (--use_margin false: trained without it)")
+    source = _margin_source(read)
+    said = ("its 'margin' column" if source == "margin" else f"{source[0]} − {source[1]}, its scores' difference")
+    logger.info(f"{s.dataset_id}{of}: each pair's margin, {said}, is subtracted from its reward difference, as TRL's "
+                f"RewardTrainer does (--use_margin {use}; false: trained without it)")
     skipped = [] if getattr(s, "skip_invalid", False) else None
     values = _margins(read, kept, skipped)
     if len(values) != len(preferences):  # a caller that kept no row numbers, after rows were skipped
