@@ -119,7 +119,7 @@ with start_run(settings, run_folder, resume_from, model, (train_data, eval_data)
 # ## Save, evaluate, merge, push
 # The adapter (with its score head) and tokenizer go to the run folder. On the held-out pairs: pairwise accuracy
 # (chance is 0.5), chosen / rejected / margin means and standard deviations, `rewards_histogram.png`, and each
-# scored pair with its rewards in `held_out_pairs.jsonl`.
+# scored pair with its rewards (and its margin, where margins are used) in `held_out_pairs.jsonl`.
 # `--merge_adaptors` writes a merged model that loads with AutoModelForSequenceClassification.
 # `training.png` in the run folder draws the logged curves (loss, pairwise accuracy, train and held-out) and the
 # learning rate; a summary block (steps, wall time, where everything went) ends the run, and in a notebook the

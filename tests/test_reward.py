@@ -369,6 +369,13 @@ def test_held_out_rewards_name_each_scored_pair_by_its_row_and_the_pair(reward_r
     assert [line["rejected_reward"] for line in lines] == written["rejected"]
     assert [line["chosen"] for line in lines] == [pairs[n]["chosen"] for n in kept]
     assert [line["rejected"] for line in lines] == [pairs[n]["rejected"] for n in kept]
+    assert all("margin" not in line for line in lines)  # trained without margins
+    # With margins, each pair's margin goes with it (the reward.py audit of session 101: it was left out)
+    margined = pairs.add_column("margin", [float(n) for n in range(len(pairs))])
+    (tmp_path / "margined").mkdir()
+    held_out_report(trainer.model, tokenizer, margined, tmp_path / "margined", max_length=limit)
+    lines = [json.loads(line) for line in (tmp_path / "margined" / "held_out_pairs.jsonl").read_text().splitlines()]
+    assert [line["margin"] for line in lines] == [float(n) for n in kept]
     whole = json.loads((reward_run["run_folder"] / "held_out_rewards.json").read_text())  # the run's: every pair
     assert whole["rows"] == list(range(len(pairs)))
     assert len((reward_run["run_folder"] / "held_out_pairs.jsonl").read_text().splitlines()) == len(pairs)

@@ -451,7 +451,7 @@ def held_out_report(model, tokenizer, pairs, folder: Path, batch_size: int = 16,
     # split is written nowhere else, so the scores joined back to nothing).
     (Path(folder) / "held_out_rewards.json").write_text(json.dumps({**report, "chosen": chosen, "rejected": rejected,
                                                                     "rows": rows, "left_out": left_out}))
-    columns = [c for c in ("prompt", "chosen", "rejected") if c in pairs.column_names]
+    columns = [c for c in ("prompt", "chosen", "rejected", "margin") if c in pairs.column_names]
     with open(Path(folder) / "held_out_pairs.jsonl", "w") as f:
         for n, c_reward, r_reward in zip(rows, chosen, rejected):
             pair = pairs[n]
