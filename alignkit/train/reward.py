@@ -96,7 +96,7 @@ def margins(source, split="train", config_name=None, rows_kept: list[int] | None
 def _margins(read, rows_kept: list[int] | None = None, skipped: list[str] | None = None) -> list[float | None]:
     """margins() of rows already read (alignkit.core.data.read_rows). `skipped`, a list (--skip_invalid): a row
     whose margin is bad gets None in its place and its problem appended, instead of stopping the run."""
-    rows, columns = read.dicts(), set(read.columns())
+    rows = read.dicts()
     numbers = range(len(rows)) if rows_kept is None else rows_kept
     column = _margin_source(read)
     if column == "margin":
