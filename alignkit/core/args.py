@@ -408,10 +408,8 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
     labels = (lambda k: env_labels.get(as_typed[0](k), f"env var {ENV_PREFIX}{as_typed[0](k).upper()}"),
               lambda k: f"{config_path}: key {as_typed[1](k)}", lambda k: f"--{as_typed[2](k)}",
               lambda k: f"overrides key {as_typed[3](k)!r}")
-    for (layer, where, show), label in zip(((env, places[0], lambda k: f"{ENV_PREFIX}{k.upper()}"),
-                                            (recipe, places[1], str),
-                                            (cli, places[2], lambda k: f"--{k}"),
-                                            (overrides, places[3], repr)), labels):
+    for (layer, show), where, label in zip(((env, lambda k: f"{ENV_PREFIX}{k.upper()}"), (recipe, str),
+                                            (cli, lambda k: f"--{k}"), (overrides, repr)), places, labels):
         fields_layer, bad, said = _translate(vocab, layer, where, fields, label)
         dashes = "--" if layer is cli else ""
         unknown += [f"{show(k)} (in {where}"

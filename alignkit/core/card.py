@@ -12,8 +12,7 @@ What a card says, from the files the run left in its folder (nothing is guessed,
 - text: what was trained on what, the merge and its check, the training settings (already redacted when saved),
   the final metrics, the framework versions, a load snippet in the saved dtype with `device_map="auto"`, and
   the citations of the methods used (LoRA, QLoRA, DPO, cDPO, IPO, APO, KTO, SimPO, ORPO, LoTA, GRPO, RLOO, MT-Bench,
-  AlpacaEval, TRL).
-"""
+  AlpacaEval, TRL)."""
 
 from __future__ import annotations
 
@@ -357,9 +356,8 @@ def _load_snippet(where: str, is_adapter: bool, under: list[str], reward: bool, 
                    f'tokenizer = AutoTokenizer.from_pretrained("{where}")']
 
 
-# What a run records beside its settings in alignkit_config.json (alignkit.train.run_folder.save_run_config): the
-# content digests of its inputs, the local folders it trained over, by path, and its rows' format. None is a
-# setting, and the second names local paths: left out of the card.
+# What a run records beside its settings in alignkit_config.json (alignkit.train.run_folder.save_run_config), left
+# out of the card: none is a setting, and some name local paths (the folders it trained over).
 RECORDED_BESIDE = ("inputs", "trained_over", "data_rows", "held_out", HUB_DATASETS, LOADED_CHAIN, NOT_APPLIED_RECORD)
 # The settings a --dataset_mixture takes the place of (alignkit.core.mixture): a run with one never read them.
 MIXED_OVER = ("dataset_id", "dataset_config", "dataset_split")
@@ -474,9 +472,9 @@ def model_card(folder, repo_id: str | None = None, in_progress: bool = False, at
         if held := said_held_out(settings.get("held_out")):  # dataset_test_split auto, as it resolved
             lines.append(f"| held-out rows | {held} |")
         if isinstance(dropped := settings.get(NOT_APPLIED_RECORD), dict) and dropped:  # a recipe's max_prompt_length
-            lines += ["", "Given but not applied: " + "; ".join(f"`{k}: {json.dumps(_shown(v.get('value')))}` "
-                                                                 f"({v.get('why')})" for k, v in dropped.items()
-                                                                 if isinstance(v, dict))]
+            shown = [f"`{k}: {json.dumps(_shown(v.get('value')))}` ({v.get('why')})" for k, v in dropped.items()
+                     if isinstance(v, dict)]
+            lines += ["", "Given but not applied: " + "; ".join(shown)]
     if metrics:
         heading = f"Metrics at {metrics['checkpoint']}" if metrics.get("checkpoint") else "Final metrics"
         lines += ["", f"## {heading}", "", "| metric | value |", "| --- | --- |"]

@@ -313,8 +313,7 @@ class Pairwise:
             raise ConfigError(f"{refused[0][1]}{also}")
         check_model_sources(s, [self.models[name] for name in to_answer])  # each one to load is there, first
         # The folder's settings record, once its kept answers are this run's and its models are there: a refused run
-        # left its own settings beside answers and results made under others (the evaluate.py audits of sessions 30
-        # and 98: a mistyped model's path was refused after the record was written).
+        # left its settings beside answers made under others (audits of sessions 30 and 98: a mistyped model path).
         save_config(s, self.output_dir / "evaluate_config.json")  # secrets redacted
         same = {}
         for name, key in keys.items():  # a copy-paste slip: generation time and judge money for all ties
@@ -343,8 +342,7 @@ class Pairwise:
         s, names = self.settings, list(self.models)
         common, _ = fastchat_compat.load()
         if self.use_rule:
-            # A python: judge by its spec, as results.json and the file name have it (the table and each record's
-            # "judge", which FastChat's show_result shows, said "rule": the evaluate.py audit of session 98).
+            # A python: judge by its spec, as in results.json (the table and FastChat's records said "rule")
             rule_judge = common.Judge(self.judge_name, {"name": "rule", "type": "pairwise", "output_format": "[[A]]"})
             self.matches = fastchat_compat.make_matches(self.questions, names, self.answers, rule_judge, s.mode,
                                                         self.baseline)

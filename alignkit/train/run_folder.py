@@ -73,15 +73,10 @@ NOT_TRAINING = {
     "run_type",  # recorded beside the settings (save_run_config); the run folder's name already holds the stage
     "prefix_sharing",  # the same log-probs either way (alignkit.train.prefix), only faster
     "num_threads",  # CPU threads change speed, not results (alignkit.modeling.identity.INERT)
-    "inputs",  # recorded beside the settings (save_run_config) and compared by content (_changed)
-    "trained_over",  # recorded beside the settings (save_run_config), for the loader (check_trained_over)
-    DATA_ROWS,  # recorded beside the settings (save_run_config); the rows themselves are compared by content
-    HELD_OUT_RECORD,  # recorded beside the settings (save_run_config); the rows themselves are compared by content
-    LOADED_AS,  # recorded beside the settings (save_run_config): the loader's decisions, known once it loaded
-    LOADED_CHAIN,  # recorded beside the settings (save_run_config): the chain the loader loaded, for the card
-    NOT_APPLIED_RECORD,  # recorded beside the settings (save_run_config): keys given that were not applied
-    HUB_DATASETS,  # recorded beside the settings (save_run_config): which datasets named are the Hub's
-    "resumed_over",  # recorded beside the settings (save_run_config): --resume true over changed settings
+    # Recorded beside the settings (save_run_config), not settings: the inputs and rows (compared by content), the
+    # loader's decisions and chain, the keys not applied, the Hub's datasets, --resume true over changed settings.
+    "inputs", "trained_over", DATA_ROWS, HELD_OUT_RECORD, LOADED_AS, LOADED_CHAIN, NOT_APPLIED_RECORD, HUB_DATASETS,
+    "resumed_over",
 }
 
 
