@@ -1010,8 +1010,8 @@ def test_a_split_beside_a_mixture_is_refused_not_ignored(tmp_path, monkeypatch, 
                                           r"handbook's dataset_mixer: list it in dataset_splits beside the train split"):
         parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture,
                                                        "--dataset_test_split", "test_prefs"])
-    with pytest.raises(ConfigError, match=r"^--dataset_split train_prefs beside a dataset_mixture: .*remove this "
-                                          r"setting \(dataset_split is TRL's dataset_train_split\)"):
+    with pytest.raises(ConfigError, match=r"^--dataset_train_split train_prefs beside a dataset_mixture: .*remove "
+                                          r"this setting \(dataset_split is TRL's dataset_train_split\)"):
         parse_config(DPOSettings, env_file=None, args=["--dataset_mixture", mixture, "--dataset_train_split",
                                                        "train_prefs"])
     with pytest.raises(ConfigError, match=r"^--dataset_config en beside a dataset_mixture: .*config: on an entry; "
