@@ -102,9 +102,23 @@ def test_every_loader_field_changes_the_identity_unless_declared_inert(tiny_cach
                                 False), ("attn_implementation", "eager", True), ("use_liger", "true", False)):
         other = identity.model_identity(dataclasses.replace(base, **{name: value}))
         assert (other != identity.model_identity(base)) == counts, (name, value)
-    monkeypatch.setattr(identity, "_cuda", lambda: True)  # a GPU: sdpa is not auto's pick there (flash-attn)
-    assert identity.model_identity(dataclasses.replace(base, attn_implementation="sdpa")) != \
-        identity.model_identity(base)
+    # On a GPU, what auto picks: flash_attention_2 where flash-attn runs (half precision, compute capability >= 8.0),
+    # and sdpa elsewhere; an asked flash_attention_2 loads auto's either way (sdpa without flash-attn: the cache
+    # missed against an sdpa run, session 37's dpo audit), or is refused before it loads.
+    from alignkit.core import kernels, launch
+
+    monkeypatch.setattr(identity, "_cuda", lambda: True)
+    monkeypatch.setattr(launch, "dtype_choice", lambda requested: (requested.replace("auto", "bf16"), ""))
+    for flash, ampere, dtype, same in ((True, True, "auto", {"flash_attention_2"}),
+                                       (False, True, "auto", {"flash_attention_2", "sdpa"}),
+                                       (True, False, "auto", {"flash_attention_2", "sdpa"}),
+                                       (True, True, "fp32", {"flash_attention_2", "sdpa"})):
+        monkeypatch.setattr(kernels, "flash_attn_installed", lambda: flash)
+        monkeypatch.setattr(launch, "_ampere_or_newer", lambda: ampere)
+        auto = identity.model_identity(dataclasses.replace(base, dtype=dtype))
+        for attention in ("sdpa", "flash_attention_2", "flex_attention", "eager"):
+            other = identity.model_identity(dataclasses.replace(base, dtype=dtype, attn_implementation=attention))
+            assert (other == auto) == (attention in same), (flash, ampere, dtype, attention)
     monkeypatch.undo()
     # The engine settings count only through the engine that runs: --backend auto and the engine it resolved to are
     # one model, and vLLM's context size does not touch a transformers run.

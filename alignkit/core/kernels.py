@@ -73,7 +73,7 @@ def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_c
     if requested == "flex_attention" and not torch.cuda.is_available():
         return plain("flex_attention was asked for, but there is no CUDA device (torch's FlexAttention has no "
                      "backward on a CPU)")
-    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+    if requested == "flash_attention_2" and not flash_attn_installed():
         return plain("flash_attention_2 was asked for, but flash-attn is not installed: pip install flash-attn "
                      "--no-build-isolation")
     if requested != "auto":
@@ -93,10 +93,30 @@ def resolve_attention(requested: str, dtype: torch.dtype | None = None, packed_c
         return plain("flash-attn 2 needs compute capability >= 8.0" + note)
     if not half:
         return plain("flash-attn 2 needs bf16/fp16; this model computes in fp32" + note)
-    if importlib.util.find_spec("flash_attn") is None:
+    if not flash_attn_installed():
         return plain("flash-attn is not installed: pip install flash-attn --no-build-isolation" + note)
     _log_choice("attention", "flash_attention_2", "CUDA >= 8.0, half precision, flash-attn installed" + note)
     return "flash_attention_2"
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def loads_as_auto(requested: str, dtype: str | None, cuda: bool) -> bool:
+    """Whether an inference load asking for attention `requested` (not for DPO with prefix sharing) in `dtype` (a
+    DTYPES name; auto or None: launch.dtype_choice's) loads what `auto` loads here (`resolve_attention`), so that a
+    cache keys both as one model. Without CUDA (`cuda`), every one but eager: sdpa, or eager for a class without it,
+    where an explicit sdpa is refused. On CUDA, flash_attention_2 always (it loads auto's flash_attention_2, falls
+    back to auto's plain choice without flash-attn, or is refused before it loads), and sdpa where auto does not
+    pick flash-attn (not installed, compute capability < 8.0, or fp32)."""
+    if not cuda:
+        return requested in ("sdpa", "flash_attention_2", "flex_attention")
+    if requested == "flash_attention_2":
+        return True
+    half = (dtype if dtype not in (None, "auto") else launch.dtype_choice("auto")[0]) in ("bf16", "fp16")
+    flash = half and flash_attn_installed() and launch._ampere_or_newer()
+    return requested == "sdpa" and not flash
 
 
 def _flex_for_prefix_sharing(packed_config, dtype: torch.dtype) -> tuple[bool, str]:

@@ -385,15 +385,15 @@ def model_identity(s, backend: str | None = None, resolved=None) -> dict:
             loader.pop(name, None)
     if backend != "vllm":
         loader.pop("max_model_len", None)
+        from alignkit.core.kernels import loads_as_auto
         from alignkit.core.launch import dtype_choice
 
         # What auto is on this hardware (part of the identity) is the same model: --dtype fp32 on a CPU finds auto's
         # answers. Not under vLLM, whose auto is the checkpoint's own dtype.
         if loader.get("dtype") not in (None, "auto") and loader["dtype"] == dtype_choice("auto")[0]:
             loader["dtype"] = "auto"
-        # Likewise the kernels: without CUDA every attention but eager loads what auto loads (sdpa; eager for a class
-        # without it, where an explicit sdpa is refused), and Liger runs only where auto runs it too.
-        if not _cuda() and loader.get("attn_implementation") in ("sdpa", "flash_attention_2", "flex_attention"):
+        # Likewise the kernels: an attention that loads auto's (kernels.loads_as_auto), Liger as auto resolves it.
+        if loads_as_auto(loader.get("attn_implementation"), loader.get("dtype"), _cuda()):
             loader["attn_implementation"] = "auto"
         if loader.get("use_liger") == "true" or loader.get("use_liger") == "false" and not _liger_runs():
             loader["use_liger"] = "auto"
