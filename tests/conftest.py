@@ -213,6 +213,82 @@ def _as_rank(target, rank: int, folder: Path, args: tuple) -> None:
         dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------- README runs that other test files read
+# Some README commands train what a test file of their stage reads (the tiny reward model, the RLAIF rounds), so
+# they run once, as written, in one project root for the whole session (tests/test_readme.py runs every other
+# README command there too), and their files share a worker (pytest_xdist_make_scheduler below): a session fixture
+# is made once per xdist worker, and two workers would each train it.
+README_REWARD = ("python", "reward.py", "--preset", "tiny")
+README_RLAIF = ("python", "rlaif.py", "--preset", "tiny", "--model_id", "runs/tiny-sft", "--rounds", "3")
+README_SFT = ("python", "sft.py", "--preset", "tiny")  # what README_RLAIF starts from
+# A README command run by a fixture (the test of that command asks for it): the fixture's name.
+SHARED_README_RUNS = {README_REWARD: "reward_run", README_RLAIF: "rlaif_rounds"}
+# Test files that read one of those runs, scheduled as one unit (the first named keeps its place in the queue).
+SHARED_RUN_FILES = ("tests/test_readme.py", "tests/test_reward.py", "tests/test_rlaif.py")
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: nothing without xdist (-p no:xdist)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (pyproject), but SHARED_RUN_FILES go to one worker together."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunsTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SHARED_RUN_FILES[0] if scope in SHARED_RUN_FILES else scope
+
+    return SharedRunsTogether(config, log)
+
+
+@pytest.fixture(scope="session")
+def readme_project(tiny_cache, tmp_path_factory):
+    """A project root as a user has it: the scripts and recipes, and the runs/ the README's commands write."""
+    root = tmp_path_factory.mktemp("project")
+    for path in [*ROOT.glob("*.py"), ROOT / "recipes"]:
+        (root / path.name).symlink_to(path)
+    return root
+
+
+_README_RAN: dict[tuple, dict] = {}
+
+
+def run_readme_command(project: Path, command) -> dict:
+    """A README `python SCRIPT.py ...` command run as written in `project` (in this process), once per session
+    (a later call returns the first one's): its globals, run_folder / folder made absolute."""
+    command = tuple(command)
+    if command not in _README_RAN:
+        try:
+            ran = run_script(command[1], *command[2:], cwd=project)
+        except SystemExit as e:  # a script that ends with sys.exit(0) finished
+            assert e.code in (0, None), f"{' '.join(command)} exited with {e.code}"
+            ran = {}
+        _README_RAN[command] = {**ran, **{k: project / ran[k] for k in ("run_folder", "folder") if k in ran}}
+    return _README_RAN[command]
+
+
+@pytest.fixture(scope="session")
+def reward_run(readme_project):
+    """The README's `python reward.py --preset tiny`, once per session: the run's globals (run_folder, absolute;
+    trainer, eval_data, ...) and its project root."""
+    return {**run_readme_command(readme_project, README_REWARD), "project": readme_project}
+
+
+@pytest.fixture(scope="session")
+def rlaif_rounds(readme_project):
+    """The README's RLAIF command, after the same command with `--rounds 1` (a process that ends between round 1
+    and round 2): the first run's globals, round 1's files' mtimes then, and the README command's globals (it
+    resumes at round 2 and runs rounds 2 and 3). On the README's runs/tiny-sft."""
+    run_readme_command(readme_project, README_SFT)
+    first = run_script(*README_RLAIF[1:-1], "1", cwd=readme_project)
+    folder = readme_project / first["folder"]
+    stamps = {p: p.stat().st_mtime_ns for p in (folder / "round-1").rglob("*") if p.is_file()}
+    return {"project": readme_project, "folder": folder, "round_1_stamps": stamps,
+            "round_2_after_first": (folder / "round-2").exists(),
+            "second": run_readme_command(readme_project, README_RLAIF)}
+
+
 @pytest.fixture(scope="session")
 def sft_run(tiny_cache, tmp_path_factory):
     """`python sft.py --preset tiny`, once per session: the run's globals (run_folder, metrics, trainer, ...)."""

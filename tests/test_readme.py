@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from alignkit.core.args import BARE_ENV_NAMES
-from conftest import ROOT, run_script
+from conftest import README_SFT, ROOT, SHARED_README_RUNS, SHARED_RUN_FILES, run_readme_command
 
 # The order a reader would follow: what a command reads, an earlier stage wrote.
 STAGES = ["sft.py", "reward.py", "label.py", "dpo.py", "kto.py", "rl.py", "rlaif.py", "evaluate.py", "merge.py"]
@@ -84,19 +84,34 @@ def test_the_readme_has_its_offline_commands():
     assert ["python", "sft.py", "--preset", "tiny"] in COMMANDS
     assert ["python", "dpo.py", "--preset", "tiny", "--model_id", "runs/tiny-sft"] in COMMANDS
     assert {next(w for w in c if w.endswith(".py")) for c in COMMANDS} >= set(STAGES) - {"rlaif.py"}
+    # The runs other test files read are README commands (conftest: they run as written, once for both).
+    assert {README_SFT, *SHARED_README_RUNS} <= {tuple(c) for c in COMMANDS}
 
 
-@pytest.fixture(scope="module")
-def project(tiny_cache, tmp_path_factory):
-    """A project root as a user has it: the scripts and recipes, and the runs/ the commands write."""
-    root = tmp_path_factory.mktemp("project")
-    for path in [*ROOT.glob("*.py"), ROOT / "recipes"]:
-        (root / path.name).symlink_to(path)
-    return root
+def test_the_files_that_read_readme_runs_go_to_one_xdist_worker(pytestconfig, monkeypatch):
+    """A session fixture is made once per xdist worker: the files that read the README's reward and RLAIF runs
+    (SHARED_RUN_FILES) are one unit of `--dist loadfile`, so those runs train once in CI; other files stay apart."""
+    import conftest
+
+    monkeypatch.setattr(pytestconfig.option, "dist", "loadfile")
+    monkeypatch.setattr(pytestconfig.option, "tx", ["2*popen"], raising=False)
+    scheduler = conftest.pytest_xdist_make_scheduler(pytestconfig, None)
+    assert {scheduler._split_scope(f"{name}::test_x[a::b]") for name in SHARED_RUN_FILES} == {"tests/test_readme.py"}
+    assert scheduler._split_scope("tests/test_rl.py::test_x") == "tests/test_rl.py"
+    monkeypatch.setattr(pytestconfig.option, "dist", "load")
+    assert conftest.pytest_xdist_make_scheduler(pytestconfig, None) is None  # xdist's own for other modes
+
+
+@pytest.fixture
+def project(readme_project):
+    """The session's project root (conftest.readme_project): the runs/ of the commands that ran before."""
+    return readme_project
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c[1:]) for c in COMMANDS])
-def test_readme_command_runs_as_written(command, project):
+def test_readme_command_runs_as_written(command, project, request):
+    """Each command runs once a session (conftest.run_readme_command): one whose run another test file reads
+    (SHARED_README_RUNS: the reward model, the RLAIF rounds) is run by that file's fixture, as written here."""
     if command[0] == "accelerate":
         env = {**os.environ, "CI": "true"}
         done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *command[2:]], cwd=project,
@@ -107,10 +122,10 @@ def test_readme_command_runs_as_written(command, project):
         said = done.stdout + done.stderr
         assert said.count(f"launch: DDP, {processes} processes") == int(processes), said[-3000:]
         return
-    try:
-        run_script(command[1], *command[2:], cwd=project)
-    except SystemExit as e:  # a script that ends with sys.exit(0) finished
-        assert e.code in (0, None), f"{' '.join(command)} exited with {e.code}"
+    if tuple(command) in SHARED_README_RUNS:
+        request.getfixturevalue(SHARED_README_RUNS[tuple(command)])
+    else:
+        run_readme_command(project, command)  # exit 0 (or none) asserted there
     assert Path(project).is_dir()
 
 

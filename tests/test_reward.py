@@ -181,17 +181,12 @@ def test_use_margin_true_says_where_the_margins_come_from(tiny_cache, tmp_path, 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The tiny reward model, trained once per session
+# The tiny reward model, trained once per session: the README's `python reward.py --preset tiny` (conftest.reward_run,
+# its runs/tiny-reward in the project root tests/test_readme.py runs the README's commands in)
 
 
-@pytest.fixture(scope="session")
-def reward_run(tiny_cache, tmp_path_factory):
-    """`python reward.py --preset tiny`, once per session."""
-    out = tmp_path_factory.mktemp("runs")
-    return run_script("reward.py", "--preset", "tiny", "--output_dir", str(out), "--run_name", "reward")
-
-
-def test_a_reward_run_records_its_settings_so_a_rerun_resumes_and_its_card_reports_its_accuracy(reward_run):
+def test_a_reward_run_records_its_settings_so_a_rerun_resumes_and_its_card_reports_its_accuracy(reward_run,
+                                                                                               monkeypatch):
     """reward.py claimed its folder without start_run: no alignkit_config.json, so no resume, an earlier run
     overwritten in place, and a card with neither the stage nor the held-out accuracy."""
     from alignkit.core.data import load_preferences
@@ -205,7 +200,9 @@ def test_a_reward_run_records_its_settings_so_a_rerun_resumes_and_its_card_repor
     s = reward_run["settings"]
     rows = with_margins(load_preferences(s.dataset_id, s.dataset_format, s.dataset_split, s.skip_invalid,
                                          s.dataset_config), s)
-    assert prepare_run(s, "reward", *split(rows, s, "preference")) == (folder, str(last))
+    monkeypatch.chdir(reward_run["project"])  # where the command ran: its --output_dir (runs) is relative
+    resumed = prepare_run(s, "reward", *split(rows, s, "preference"))
+    assert (resumed[0].resolve(), Path(resumed[1]).resolve()) == (folder.resolve(), last.resolve())
     card = (folder / "README.md").read_text()
     accuracy = json.loads((folder / "metrics.json").read_text())["held_out_accuracy"]
     # The exact share of the held-out pairs, as the summary prints it (the card showed TRL's per-batch mean instead).
@@ -261,7 +258,7 @@ def test_tiny_reward_model_ranks_held_out_pairs(reward_run):
     assert metrics["held_out_accuracy"] >= 0.8, metrics
     assert metrics["chosen_mean"] > metrics["rejected_mean"]
     assert metrics["margin_std"] > 0 and metrics["chosen_std"] > 0 and metrics["rejected_std"] > 0
-    assert Path(metrics["histogram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (reward_run["project"] / metrics["histogram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The score head is saved with the adapter, so the run folder alone scores answers.
     adapter = json.loads((reward_run["run_folder"] / "adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
@@ -327,6 +324,7 @@ def test_the_held_out_report_takes_trls_own_kept_pairs_and_tokens(reward_run, mo
 
     trainer, folder, pairs = reward_run["trainer"], reward_run["run_folder"], reward_run["eval_data"]
     tokenizer, length = reward_run["loaded"].tokenizer, reward_run["settings"].max_length
+    monkeypatch.chdir(reward_run["project"])  # where the command ran: the trainer's output_dir (runs/...) is relative
     monkeypatch.setattr(rewards, "token_ids", tokenized_again)
     with monkeypatch.context() as m:
         m.setattr(RewardTrainer, "_prepare_dataset", tokenized_again)

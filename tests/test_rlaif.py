@@ -1,7 +1,7 @@
 """rlaif.py: every round writes preferences, an adapter and an evaluation; a stop between rounds resumes at the next.
 
-The rounds run label.py, dpo.py and evaluate.py as subprocesses on the tiny preset, rule-judged (offline);
-a small prompt subset keeps it to about a minute.
+The rounds run label.py, dpo.py and evaluate.py as subprocesses on the tiny preset, rule-judged (offline): the
+README's three rounds (conftest.rlaif_rounds, also its command's test in tests/test_readme.py), the rest faked.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import pytest
 
 from conftest import run_script
 
-FAST = ["--max_prompts", "12", "--num_samples", "4"]
 JUDGE = 'def {name}(prompt, a, b):\n    return "A" if len(a) >= len(b) else "B"\n'
 
 
@@ -38,15 +37,14 @@ def judge_modules(tmp_path, monkeypatch):
     return code
 
 
-def test_rounds_write_adapters_and_evaluations_and_resume_at_the_next_round(sft_run, tmp_path):
-    args = ["--preset", "tiny", "--model_id", str(sft_run["run_folder"]), "--output_dir", str(tmp_path), *FAST]
-    first = run_script("rlaif.py", *args, "--rounds", "1")  # the process ends between round 1 and round 2
-    folder = first["folder"]
+def test_rounds_write_adapters_and_evaluations_and_resume_at_the_next_round(rlaif_rounds):
+    """The README's `rlaif.py --preset tiny --model_id runs/tiny-sft --rounds 3` after the same command with
+    `--rounds 1` (conftest.rlaif_rounds: the README's rounds, trained once for tests/test_readme.py and here): the
+    first process ends between round 1 and round 2, the README's resumes at round 2 and runs rounds 2 and 3."""
+    folder, stamps, second = rlaif_rounds["folder"], rlaif_rounds["round_1_stamps"], rlaif_rounds["second"]
     round_1 = folder / "round-1"
-    stamps = {p: p.stat().st_mtime_ns for p in round_1.rglob("*") if p.is_file()}
-    assert (round_1 / "round.json").is_file() and not (folder / "round-2").exists()
+    assert (round_1 / "round.json").is_file() and not rlaif_rounds["round_2_after_first"]
 
-    second = run_script("rlaif.py", *args, "--rounds", "2")
     evals = round_1 / "dpo" / "alignkit_evals.json"  # round 2's evaluation adds round 1's side of their match
     shown = (evals, round_1 / "dpo" / "README.md")  # kept, and shown on round 1's card
     assert {p: p.stat().st_mtime_ns for p in round_1.rglob("*") if p.is_file() and p not in shown} == \
@@ -54,12 +52,12 @@ def test_rounds_write_adapters_and_evaluations_and_resume_at_the_next_round(sft_
     assert "pairwise vs round-2" in json.dumps(evals.read_text()) and "vs round-2" in shown[1].read_text()
     assert set(json.loads(evals.read_text())) == {"pairwise vs previous", "pairwise vs round-2"}
     records = second["records"]
-    assert [r["round"] for r in records] == [1, 2]
+    assert [r["round"] for r in records] == [1, 2, 3]
     for r, record in enumerate(records, 1):
         here = folder / f"round-{r}"
         adapter = json.loads((here / "dpo" / "adapter_config.json").read_text())
         # Each round trains on top of the previous round's policy.
-        started = sft_run["run_folder"] if r == 1 else folder / "round-1" / "dpo"
+        started = rlaif_rounds["project"] / "runs" / "tiny-sft" if r == 1 else folder / f"round-{r - 1}" / "dpo"
         assert (here / "dpo" / adapter["base_model_name_or_path"]).resolve() == started.resolve()  # relative, or absolute
         results = json.loads((here / "eval" / "results.json").read_text())
         assert {results["pairs"][0]["model"], results["pairs"][0]["opponent"]} == {f"round-{r}", "previous"}
@@ -72,9 +70,11 @@ def test_rounds_write_adapters_and_evaluations_and_resume_at_the_next_round(sft_
     made = folder / "round-1" / "eval" / "model_answer" / "round-1.jsonl"
     reused = folder / "round-2" / "eval" / "model_answer" / "previous.jsonl"
     assert turns(reused) == turns(made) and turns(made)
-    assert {json.loads(line)["reused_from"] for line in reused.open()} == {str(made)}
+    # (as written: under the README's relative --output_dir, from the project root it ran in)
+    assert {(rlaif_rounds["project"] / json.loads(line)["reused_from"]).resolve() for line in reused.open()} == \
+        {made.resolve()}
     table = (folder / "rlaif.md").read_text()
-    assert "| 1 |" in table and "| 2 |" in table
+    assert "| 1 |" in table and "| 2 |" in table and "| 3 |" in table
     assert (folder / "win_rate.png").read_bytes()[:4] == b"\x89PNG"
 
 
