@@ -313,8 +313,8 @@ def _print_help(cls, fields, types_, defaults, prog, description, vocab, presets
 
 # ---------------------------------------------------------------- layers in a second vocabulary
 def _translate(vocab, layer, where, fields, label):
-    """(layer in field names, unknown keys, notes): a second vocabulary's keys become fields; `where` names the
-    layer, `label(key)` a value in it, in messages."""
+    """(layer in field names, unknown keys, (key, why) not applied): a second vocabulary's keys become fields;
+    `where` names the layer, `label(key)` a value in it, in messages."""
     if vocab is None:
         return dict(layer), [k for k in layer if k not in fields], []
     return vocab.translate(layer, where, fields, label)
@@ -414,7 +414,7 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
         dashes = "--" if layer is cli else ""
         unknown += [f"{show(k)} (in {where}"
                     f"{_suggest(k, [*fields, *cli_types], dashes, cls, vocab, fields, why_not=True)})" for k in bad]
-        notes += said
+        notes += [f"{key}: {why}" for key, why in said]
         dropped.update(not_applied_record(said, layer))
         translated.append(fields_layer)
     if vocab is not None and vocab.deferred:  # a TRL field's bad value that no later layer set again

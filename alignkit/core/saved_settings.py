@@ -62,14 +62,10 @@ def save_config(cfg, path) -> None:
     write_atomic(path, json.dumps(config_to_dict(cfg), indent=2) + "\n")
 
 
-def not_applied_record(notes: list[str], layer: Mapping) -> dict:
-    """{key: {"value": its value in `layer`, "why": the first clause of its reason}} of parse_config's notes ("key:
-    reason", the "not applied, and why" line) on `layer`'s keys."""
-    record = {}
-    for note in notes:
-        key, _, why = note.partition(": ")
-        record[key] = {"value": layer.get(key), "why": re.split(r"[:;(]", why, maxsplit=1)[0].strip()}
-    return record
+def not_applied_record(said: list[tuple[str, str]], layer: Mapping) -> dict:
+    """{key: {"value": its value in `layer`, "why": the first clause of its reason}} of the (key, reason) pairs a
+    layer's translation named as not applied (parse_config's "not applied, and why" line says them) on its keys."""
+    return {key: {"value": layer.get(key), "why": re.split(r"[:;(]", why, maxsplit=1)[0].strip()} for key, why in said}
 
 
 def keep_not_applied(cfg, record: dict):

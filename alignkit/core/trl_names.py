@@ -154,8 +154,8 @@ class Vocabulary:
                 *(n for n in DROPPED if n not in self.passthrough), *(a for a in ALIASES if not self._applies(a, fields))}
         return [n for n in names if n in fields or n not in said]
 
-    def translate(self, layer: Mapping, where: str, fields, label) -> tuple[dict, list[str], list[str]]:
-        """(the layer in alignkit's field names, its unknown keys, notes on keys not applied); `label(key)`
+    def translate(self, layer: Mapping, where: str, fields, label) -> tuple[dict, list[str], list[tuple[str, str]]]:
+        """(the layer in alignkit's field names, its unknown keys, (key, why) of the keys not applied); `label(key)`
         names a value of this layer in an error."""
         out, unknown, notes, extra, chosen = {}, [], [], {}, set()
         # The older handbook recipes' names for what TRL names otherwise now (zephyr-7b-beta's dpo/config_qlora.yaml),
@@ -193,7 +193,7 @@ class Vocabulary:
             out["dataset_mixture"] = mixture_from_trl(layer["datasets"], layer.get("test_split_size"),
                                                       label("datasets"))
             if str(layer.get("streaming", False)).lower() not in ("false", "none"):
-                notes.append(f"streaming: {NOT_APPLIED['dataset_streaming'][1]}")
+                notes.append(("streaming", NOT_APPLIED["dataset_streaming"][1]))
         for pair in (("bf16", "fp16"), ("load_in_4bit", "load_in_8bit")):  # TRL refuses both: so does alignkit
             if all(str(layer.get(key)).strip().lower() in _TRUE for key in pair):
                 raise ConfigError(f"{label(pair[0])} and {label(pair[1])} are both true: pass one (the last one "
@@ -231,7 +231,7 @@ class Vocabulary:
                 same = same(self.config_names) if callable(same) else same  # the script's own (lora_task_type)
                 if same is _ANY or str(raw).lower() not in {str(v).lower() for v in
                                                             (same if isinstance(same, tuple) else (same,))}:
-                    notes.append(f"{key}: {for_configs(reason, self.config_names)}")
+                    notes.append((key, for_configs(reason, self.config_names)))
             elif key in self.passthrough:
                 if key in _BOOL_WORDS and str(raw).strip().lower() in _TRUE | _FALSE:  # TRL's bool spelling
                     raw = _BOOL_WORDS[key][str(raw).strip().lower() in _TRUE]
@@ -248,7 +248,7 @@ class Vocabulary:
                 if refused and not (unset(raw) or str(raw).strip().lower() in _FALSE | {"0.0", ""}):
                     raise ConfigError(f"{label(key)} {raw}: {why.replace('ALPHA', str(raw))}")
                 if not refused:
-                    notes.append(f"{key}: {why}")
+                    notes.append((key, why))
             else:
                 unknown.append(key)
         for key in _mapping_keys(layer.get("trainer_overrides")):  # set there: an earlier bad value goes unused
@@ -273,7 +273,7 @@ class Vocabulary:
         return value
 
     @staticmethod
-    def _one_dtype(layer: Mapping, out: dict, notes: list[str], label) -> None:
+    def _one_dtype(layer: Mapping, out: dict, notes: list[tuple[str, str]], label) -> None:
         """TRL loads the model in torch_dtype and trains under bf16/fp16 autocast; alignkit has one --dtype for both.
         A torch_dtype that names a dtype is it, whichever key comes first; a bf16/fp16 beside it that asks for
         another precision is named in a note."""
@@ -284,8 +284,8 @@ class Vocabulary:
         ours = DTYPE_SYNONYMS.get(str(model_dtype).lower(), str(model_dtype).lower())
         for key in ("bf16", "fp16"):
             if key in layer and _bool(layer[key], label(key)) and ours != key:
-                notes.append(f"{key}: alignkit computes in one dtype, and torch_dtype {model_dtype} names it; pass "
-                             f"--dtype {key} to load and train in {key}")
+                notes.append((key, f"alignkit computes in one dtype, and torch_dtype {model_dtype} names it; pass "
+                                   f"--dtype {key} to load and train in {key}"))
 
     def finish(self, values: dict, given: dict, recipe_keys: set, raw_recipe_keys: set = frozenset(),
                preset_keys: set = frozenset()) -> None:
