@@ -79,9 +79,13 @@ class Rows(NamedTuple):
             return list(self.rows.column_names)
         return list(dict.fromkeys(key for row in self.rows if isinstance(row, dict) for key in row))
 
+    def as_list(self) -> list:
+        """The rows as a list, each as read (a row that is no object too: its reader says so, by its place)."""
+        return self.rows.to_list() if isinstance(self.rows, datasets.Dataset) else self.rows
+
     def dicts(self) -> list[dict]:
         """The rows as dicts; a row that is no object is refused, by its place."""
-        rows = self.rows.to_list() if isinstance(self.rows, datasets.Dataset) else self.rows
+        rows = self.as_list()
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise DataError(f"{self.place(i)}: expected an object with named fields, got {_show(row)}. "

@@ -68,8 +68,7 @@ def _rows(source, split="train", config=None):
     read = read_rows(source, split, config)
     if len(read.rows) == 0:  # not "no column 'prompt' (columns: )"
         raise DataError(f"{read.label}: no rows: it is empty. Point it at data with rows.")
-    rows = read.rows.to_list() if hasattr(read.rows, "to_list") else read.rows  # each checked by _cell
-    return read.columns(), rows, read.label, read.place
+    return read.columns(), read.as_list(), read.label, read.place  # each row checked by _cell (--skip_invalid)
 
 
 def _column(columns, wanted: str, label: str, flag: str, fallbacks=()) -> str:
