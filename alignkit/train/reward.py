@@ -134,10 +134,11 @@ def _margin_source(read):
     )
 
 
-def with_margins(preferences, s, kept: list[int] | None = None, split: str | None = None):
+def with_margins(preferences, s, kept: list[int] | None = None, split: str | None = None, read=None):
     """The normalised pairs with a `margin` column (TRL's collator passes it on): the data's own under --use_margin
     auto, else with true a score difference where there is none (`margins`), read from `split`'s rows (default
-    --dataset_split; a --dataset_test_split's pairs get their own rows' margins). `kept`: each pair's source row
+    --dataset_split; a --dataset_test_split's pairs get their own rows' margins): `read`, those rows as the pairs
+    were read from them (alignkit.core.data.read_rows), else read here. `kept`: each pair's source row
     (alignkit.core.data.load_preferences' `kept`), so that a pair keeps its own row's margin where --skip_invalid
     skipped rows before it; under --skip_invalid a pair whose margin is bad is skipped too, as any bad row is."""
     from alignkit.core.data import read_rows
@@ -147,7 +148,7 @@ def with_margins(preferences, s, kept: list[int] | None = None, split: str | Non
     if use == "false":
         return preferences
     split = split or s.dataset_split
-    read = read_rows(s.dataset_id, split, s.dataset_config)  # once, for the columns and the margins
+    read = read or read_rows(s.dataset_id, split, s.dataset_config)  # once, for the columns and the margins
     if use == "auto" and "margin" not in read.columns():
         return preferences
     of = "" if split == s.dataset_split else f" (split {split})"
@@ -170,13 +171,14 @@ def with_margins(preferences, s, kept: list[int] | None = None, split: str | Non
 def pairs_loader(s):
     """reward.py's loader of one split (alignkit.core.mixture.load_train_eval's `load`): its pairs, each with its
     own row's margin (`with_margins`), so a --dataset_test_split's held-out pairs carry theirs as the training
-    pairs do."""
-    from alignkit.core.data import load_preferences
+    pairs do. The split's rows are read once, for the pairs and their margins."""
+    from alignkit.core.data import load_preferences, read_rows
 
     def load(source, format, split, skip_invalid, config_name):
+        read = read_rows(source, split, config_name)
         kept = []  # each pair's row in the split: its margin's (--skip_invalid may skip rows)
-        pairs = load_preferences(source, format, split, skip_invalid, config_name, kept=kept)
-        return with_margins(pairs, s, kept, split)
+        pairs = load_preferences(read, format, split, skip_invalid, config_name, kept=kept)
+        return with_margins(pairs, s, kept, split, read)
 
     return load
 
