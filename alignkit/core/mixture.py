@@ -197,8 +197,12 @@ def _prompt_keys(dataset) -> list[str] | None:
 
     if "prompt" in dataset.column_names:
         prompts = list(dataset["prompt"])
+        answers = [answered(turns) for turns in prompts]  # each prompt's assistant turns, found once
     elif "messages" in dataset.column_names:  # a conversation that opens with its answer has no prompt to share
-        prompts = [turns[:max(answered(turns), default=0)] or None for turns in dataset["messages"]]
+        conversations = list(dataset["messages"])
+        answers = [answered(turns) for turns in conversations]
+        prompts = [turns[:max(at, default=0)] or None for turns, at in zip(conversations, answers)]
+        answers = [at[:-1] for at in answers]  # the prompt's own: every one before the last, where it ends
     else:
         return None
     keys = [key(p) if p is not None else f"row {i}" for i, p in enumerate(prompts)]
@@ -209,8 +213,8 @@ def _prompt_keys(dataset) -> list[str] | None:
             group[k] = k = group[group[k]]
         return k
 
-    for k, turns in zip(keys, prompts):
-        for n in answered(turns) if turns is not None else ():
+    for k, turns, at in zip(keys, prompts, answers):
+        for n in at if turns is not None else ():
             if (earlier := key(turns[:n])) in group:
                 group[root(earlier)] = root(k)
     return [root(k) for k in keys]
