@@ -179,8 +179,12 @@ def test_settings_that_would_do_nothing_are_said(alignkit_log):
     parse_config(DPOSettings, args=["--trainer_overrides", '{"precompute_ref_log_probs": true, '
                                     '"precompute_ref_batch_size": 8}'], env_file=None)  # a recipe's: applied
     assert "not applied" not in alignkit_log.text
-    parse_config(DPOSettings, args=["--precompute_ref_batch_size", "4"], env_file=None)
+    s = parse_config(DPOSettings, args=["--precompute_ref_batch_size", "4"], env_file=None)
     assert "--precompute_ref_batch_size not applied: it sizes the up-front reference pass" in alignkit_log.text
+    from alignkit.core.saved_settings import not_applied  # recorded too, for the run's config and card
+
+    assert not_applied(s) == {"precompute_ref_batch_size": {
+        "value": 4, "why": "it sizes the up-front reference pass of --precompute_ref_log_probs true"}}
 
 
 def test_dpo_refuses_an_override_before_training(tiny_cache, tmp_path):

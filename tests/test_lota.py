@@ -524,9 +524,15 @@ def test_what_a_chain_makes_impossible_is_refused_before_the_model_loads(lota_sf
 
 def test_lora_settings_beside_adapter_lota_are_named_as_not_applied(alignkit_log):
     """--lora_r, --use_dora, --lora_modules_to_save with --adapter lota trained the same delta without a word."""
-    DPOSettings(adapter="lota", lora_r=8, use_dora=True, lora_modules_to_save=["lm_head"])
+    from alignkit.core.saved_settings import not_applied
+
+    s = DPOSettings(adapter="lota", lora_r=8, use_dora=True, lora_modules_to_save=["lm_head"])
     assert ("--lora_r, --use_dora, --lora_modules_to_save not applied: --adapter lota trains a sparse delta, not LoRA "
             "(its own settings are --lota_*)") in alignkit_log.text
+    # ... and recorded, for the run's alignkit_config.json and card, as a recipe's keys not applied are
+    why = "--adapter lota trains a sparse delta, not LoRA"
+    assert not_applied(s) == {"lora_r": {"value": 8, "why": why}, "use_dora": {"value": True, "why": why},
+                              "lora_modules_to_save": {"value": ["lm_head"], "why": why}}
     alignkit_log.clear()
     DPOSettings(adapter="lota")
     DPOSettings(lora_r=8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -468,6 +469,11 @@ def test_trl_settings_conversations_leave_without_effect_are_said(tiny_cache, al
     turns = [{"role": "user", "content": "name three fruits."}, {"role": "assistant", "content": "apple,pear,plum."}]
     check_loss_mask(s, Dataset.from_list([{"messages": turns}] * 2))
     assert "--completion_only_loss true not applied: it masks prompt/completion rows" in alignkit_log.text
+    from alignkit.core.saved_settings import not_applied  # recorded too, for the run's config and card
+
+    record = not_applied(s)["completion_only_loss"]
+    assert record["value"] is True and re.fullmatch(r"it masks prompt/completion rows, and \S+sft\.jsonl holds "
+                                                    "conversations", record["why"]), record
     assert "--eos_token <|system|>: not added to" in alignkit_log.text
     assert "it becomes the saved tokenizer's eos token" in alignkit_log.text
     alignkit_log.clear()

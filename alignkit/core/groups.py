@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from alignkit.core.args import ConfigError, setting
 from alignkit.core.errors import UserError
+from alignkit.core.saved_settings import note_not_applied
 from alignkit.core.sources import split_revision
 from alignkit.core.trl_names import DTYPE_SYNONYMS
 
@@ -453,12 +454,11 @@ class LoTASettings:
         if not self.lota_mask and self.lota_calibration_steps < 1:
             raise ValueError("lota_calibration_steps must be >= 1 unless --lota_mask gives the mask")
         defaults = {f.name: f.default for f in fields(self) if f.name.startswith(("lora_", "use_rslora", "use_dora"))}
-        if unused := [f"--{name}" for name, default in defaults.items() if getattr(self, name) != default
-                      and name not in ("lora_target_modules", "lora_dropout")]:
-            from alignkit import logger  # LoRA's settings set beside --adapter lota trained the same delta silently
-
-            logger.warning(f"{', '.join(unused)} not applied: --adapter lota trains a sparse delta, not LoRA (its own "
-                           "settings are --lota_*)")
+        if unused := {name: getattr(self, name) for name, default in defaults.items()
+                      if getattr(self, name) != default and name not in ("lora_target_modules", "lora_dropout")}:
+            # LoRA's settings set beside --adapter lota trained the same delta silently
+            note_not_applied(self, unused, f"{', '.join('--' + n for n in unused)} not applied: --adapter lota "
+                             "trains a sparse delta, not LoRA (its own settings are --lota_*)")
 
 
 @dataclass

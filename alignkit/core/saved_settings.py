@@ -3,7 +3,9 @@ Secret fields ("token", "api_key", "secret", "password" in the name, tokenizer s
 `***`, and every text value passes through redact, so no key reaches a saved file.
 
 Beside the fields, settings parsed from a recipe or flags keep the keys they named as not applied (parse_config's
-"not applied, and why" line: `not_applied(cfg)`), which a run records in its alignkit_config.json and card."""
+"not applied, and why" line: `not_applied(cfg)`) and those a setting's check named (`note_not_applied`:
+--precompute_ref_batch_size without the precompute, LoRA's settings under --adapter lota, ...), which a run records
+in its alignkit_config.json and card."""
 
 from __future__ import annotations
 
@@ -69,9 +71,21 @@ def not_applied_record(said: list[tuple[str, str]], layer: Mapping) -> dict:
 
 
 def keep_not_applied(cfg, record: dict):
-    """`cfg` with `record` (not_applied_record's, every layer) beside its fields: no setting, never compared."""
-    object.__setattr__(cfg, "_alignkit_not_applied", dict(record))
+    """`cfg` with `record` (not_applied_record's, every layer) beside its fields, after what its checks named
+    (`note_not_applied`): no setting, never compared."""
+    object.__setattr__(cfg, "_alignkit_not_applied", {**getattr(cfg, "_alignkit_not_applied", {}), **record})
     return cfg
+
+
+def note_not_applied(cfg, keys: Mapping, warning: str) -> None:
+    """A setting's check found `keys` ({key: value}) given but not applied: `warning` is the log line (it starts
+    with the flags and "not applied: " and the reason), and the keys join `cfg`'s record (their card and
+    alignkit_config.json say them, as a recipe's keys not applied)."""
+    from alignkit import logger
+
+    logger.warning(warning)
+    why = warning.split("not applied: ", 1)[-1]
+    keep_not_applied(cfg, not_applied_record([(key, why) for key in keys], keys))
 
 
 def not_applied(cfg) -> dict:

@@ -17,6 +17,7 @@ from alignkit.core.groups import (
     TemplateArgumentsSettings,
     TrainSettings,
 )
+from alignkit.core.saved_settings import note_not_applied
 
 
 @dataclass
@@ -107,10 +108,9 @@ class DPOSettings(LoTASettings, BatchingSettings, TrainSettings):
                               "and its gradient are 0 and nothing trains; give a loss type a weight above 0")
         if overrides.get("precompute_ref_batch_size") is not None and not overrides.get(
                 "precompute_ref_log_probs", self.precompute_ref_log_probs):
-            from alignkit import logger
-
-            logger.warning("--precompute_ref_batch_size not applied: it sizes the up-front reference pass of "
-                           "--precompute_ref_log_probs true")
+            note_not_applied(self, {"precompute_ref_batch_size": overrides["precompute_ref_batch_size"]},
+                             "--precompute_ref_batch_size not applied: it sizes the up-front reference pass of "
+                             "--precompute_ref_log_probs true")
 
 
 @dataclass

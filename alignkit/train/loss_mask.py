@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
+from alignkit.core.saved_settings import note_not_applied
 
 
 def _data_name(s) -> str:
@@ -116,10 +117,11 @@ def check_loss_mask(s, dataset) -> None:
                           "leave it out (--train_on auto puts the loss on a completion where the rows have one)")
     if conversations and "prompt" not in columns and overrides.get("completion_only_loss") is not None:
         # TRL masks by completion_mask, which only prompt/completion rows get: the same losses either way
-        logger.warning(f"--completion_only_loss {str(overrides['completion_only_loss']).lower()} not applied: it "
-                       f"masks prompt/completion rows, and {name} holds conversations (messages), whose loss mask is "
-                       "--train_on's (auto: the assistant turns, where the chat template marks them; all: every "
-                       "token) or --assistant_only_loss")
+        note_not_applied(s, {"completion_only_loss": overrides["completion_only_loss"]},
+                         f"--completion_only_loss {str(overrides['completion_only_loss']).lower()} not applied: it "
+                         f"masks prompt/completion rows, and {name} holds conversations (messages), whose loss mask "
+                         "is --train_on's (auto: the assistant turns, where the chat template marks them; all: every "
+                         "token) or --assistant_only_loss")
     masked = conversations and (overrides.get("assistant_only_loss") is True or
                                 (s.train_on == "completions" and "completion" not in columns
                                  and "assistant_only_loss" not in overrides))
