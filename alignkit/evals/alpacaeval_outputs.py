@@ -3,8 +3,8 @@
 The eval set (AlpacaEval's 805 instructions from the Hub file, or `--eval_set`), reference outputs from a file in
 AlpacaEval's format, and each model's outputs: generated with alignkit's own backends
 (alignkit.modeling.generation.load_generator) and appended to `model_outputs/<name>.jsonl` batch by batch, each
-record stamped with its source, its sampling and the model as loaded (`outputs_key`), so a rerun generates only
-what is missing and never scores another model's old outputs as this one's.
+record stamped with its source, its sampling and the model as loaded (`outputs_key`, its parts beside it), so a
+rerun generates only what is missing and never scores another model's old outputs as this one's.
 """
 
 from __future__ import annotations
@@ -154,19 +154,49 @@ def _generation(s) -> dict:
 def outputs_key(s, source: str, backend: str) -> str:
     """The model that makes `source`'s outputs, as loaded (alignkit.modeling.identity: every loader setting, every
     file down its adapter chain, the GGUF file, the backend, the hardware). Stamped on each output record."""
-    from alignkit.modeling.identity import identity_key
+    return outputs_identity(s, source, backend)[0]
 
-    return identity_key(loader_settings(s, source), backend)
+
+def outputs_identity(s, source: str, backend: str) -> tuple[str, dict]:
+    """(outputs_key, its parts each by a digest: alignkit.modeling.identity.identity_parts), the chain resolved once.
+    The parts are stamped beside the key, as MT-Bench answers record theirs: a refusal names what changed, and a
+    copied or moved model is told by its content, not its path."""
+    from alignkit.core.digests import digest
+    from alignkit.modeling.chain import resolve
+    from alignkit.modeling.identity import identity_parts, model_identity
+
+    loader = loader_settings(s, source)
+    resolved = resolve(loader.model_id, loader.revision)  # once, for both (a Hub adapter's is a request)
+    loaded = model_identity(loader, backend, resolved)
+    return digest(loaded, 16), identity_parts(loader, loaded, resolved)  # the key as identity_key has it
 
 
 def _said(value) -> str:
     return "none" if value is None else str(value)
 
 
-def read_outputs(path, source: str, generation: dict, identity: str | None = None) -> dict[str, dict]:
+def _moved(row: dict, source: str, parts: dict | None) -> bool:
+    """Whether an output's model, recorded at another path, is the folder `source` moved or copied (its recorded
+    parts pair up with `parts`: alignkit.modeling.identity.moved_parts): its content, not its path, then decides, as
+    for MT-Bench answers (alignkit.evals.mtbench._moved)."""
+    import os
+
+    from alignkit.modeling.identity import moved_parts
+
+    if not isinstance(row.get("parts"), dict) or not isinstance(parts, dict) or not Path(source).exists():
+        return False
+    was = moved_parts(row["parts"], parts).get(os.path.abspath(source))
+    return was is not None and Path(was).name == Path(row["source"]).name
+
+
+def read_outputs(path, source: str, generation: dict, identity: str | None = None,
+                 parts: dict | None = None) -> dict[str, dict]:
     """{instruction: record} of an outputs log; records from another model, another model as loaded (`identity`,
-    see outputs_key) or other sampling are an error: the old outputs are never scored as the new model's."""
+    see outputs_key) or other sampling are an error: the old outputs are never scored as the new model's. By
+    content first: outputs of the same model as loaded are taken from any path (a copy of runs/), and a model whose
+    files changed is refused naming what changed (`parts`, outputs_identity's), at its path or at a copy's."""
     from alignkit.core.journal import read_jsonl
+    from alignkit.modeling.identity import changed_parts
 
     fix = "delete the file (or the line) to generate again"
     out = {}
@@ -176,7 +206,8 @@ def read_outputs(path, source: str, generation: dict, identity: str | None = Non
         if not isinstance(row.get("output"), str):
             raise ConfigError(f"{where}: field 'output' must be a string; {fix}")
         same_model = identity is not None and row.get("identity") == identity  # by content, however the path reads
-        if row.get("source") is not None and not same_model and same_source(row["source"]) != same_source(source):
+        if row.get("source") is not None and not same_model and same_source(row["source"]) != same_source(source) \
+                and not _moved(row, source, parts):
             raise ConfigError(f"{path} holds outputs by {row['source']}, not {source}: give this model another "
                               "--model_name / --reference_name, use another --output_dir, or delete the file")
         # Compared as decoding reads it: a greedy output recorded with its --seed is the one another seed makes.
@@ -190,19 +221,21 @@ def read_outputs(path, source: str, generation: dict, identity: str | None = Non
             raise ConfigError(f"{where}: generated under other sampling ({changed}): use another --output_dir, or "
                               "delete the file to generate again with the new settings")
         if identity is not None and row.get("identity") != identity:
-            raise ConfigError(f"{where}: generated by another model as loaded than {source} now (its files, down its "
-                              "adapter chain, or its loading: dtype, quantization, chat template, GGUF file, backend, "
-                              "hardware, library versions such as transformers'): use another --output_dir, or delete "
-                              "the file to generate again")
+            why = changed_parts(row.get("parts"), parts) or (
+                "its files, down its adapter chain, or its loading: dtype, quantization, chat template, GGUF file, "
+                "backend, hardware, library versions such as transformers'")  # recorded before parts were
+            raise ConfigError(f"{where}: generated by another model as loaded than {source} now ({why}): use another "
+                              "--output_dir, or delete the file to generate again")
         out[row["instruction"]] = row
     return out
 
 
-def generate_outputs(generator, rows: list[dict], name: str, source: str, path, s, identity: str | None = None) -> int:
+def generate_outputs(generator, rows: list[dict], name: str, source: str, path, s, identity: str | None = None,
+                     parts: dict | None = None) -> int:
     """Generate the outputs `path` lacks, batch by batch, appending each batch's records as it finishes."""
     path = Path(path)
     generation = _generation(s)
-    todo = [r for r in rows if r["instruction"] not in read_outputs(path, source, generation, identity)]
+    todo = [r for r in rows if r["instruction"] not in read_outputs(path, source, generation, identity, parts)]
     path.parent.mkdir(parents=True, exist_ok=True)
     # A bar left open by an interrupt broke every later bar in a notebook's kernel: closed however this ends.
     with Progress(f"{name}: generating", len(todo), unit="output", errors=False) as progress:
@@ -214,16 +247,17 @@ def generate_outputs(generator, rows: list[dict], name: str, source: str, path, 
                              seeds=[sample_seed(s.seed, row["instruction"]) for row in batch])  # the same in any batch
             append_jsonl(path, [{"instruction": row["instruction"], "output": out, "generator": name,
                                  "dataset": row["dataset"], "source": source, "generation": generation,
-                                 "identity": identity}
+                                 "identity": identity, "parts": parts}
                                 for row, out in zip(batch, outs, strict=True)])
             progress.update(len(batch))
     return len(todo)
 
 
-def outputs_done(source: str, name: str, s, backend: str) -> tuple[str, dict[str, dict]]:
-    """(`source`'s identity as loaded, {instruction: record} of the outputs its log holds from that model)."""
-    identity = outputs_key(s, source, backend)
-    return identity, read_outputs(outputs_path(s.output_dir, name), source, _generation(s), identity)
+def outputs_done(source: str, name: str, s, backend: str) -> tuple[tuple[str, dict], dict[str, dict]]:
+    """(`source`'s identity as loaded and its parts (outputs_identity), {instruction: record} of the outputs its log
+    holds from that model)."""
+    identity = outputs_identity(s, source, backend)
+    return identity, read_outputs(outputs_path(s.output_dir, name), source, _generation(s), *identity)
 
 
 def model_outputs(source: str, name: str, rows: list[dict], s, backend: str,
@@ -237,13 +271,13 @@ def model_outputs(source: str, name: str, rows: list[dict], s, backend: str,
     if getattr(s, "preset", None) == "tiny" and not Path(source).exists():
         raise ConfigError(f"{source} not found: train the tiny runs first (python sft.py --preset tiny; python "
                           "dpo.py --preset tiny --model_id runs/tiny-sft), or pass --model_id / --reference_model")
-    identity, done = done or outputs_done(source, name, s, backend)
+    (identity, parts), done = done or outputs_done(source, name, s, backend)
     missing = [r for r in rows if r["instruction"] not in done]
     if missing:
         print(f"{name}: {len(rows) - len(missing)} outputs from before, generating {len(missing)} with {source}")
         with load_generator(loader_settings(s, source), backend) as generator:
-            generate_outputs(generator, missing, name, source, path, s, identity)
-        done = read_outputs(path, source, generation, identity)
+            generate_outputs(generator, missing, name, source, path, s, identity, parts)
+        done = read_outputs(path, source, generation, identity, parts)
     else:
         print(f"{name}: all {len(rows)} outputs generated before ({path})")
     outputs = [{k: (name if k == "generator" else done[r["instruction"]][k]) for k in OUTPUT_KEYS} for r in rows]
