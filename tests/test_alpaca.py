@@ -9,8 +9,10 @@ generation and during annotation resume without generating or paying for anythin
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -56,12 +58,23 @@ def expected_preference(row, p_winner: float, ties: bool = True) -> float:
                                                               ties), 1.5)
 
 
-def test_tiny_flow_end_to_end_offline(tiny_set, tmp_path, capsys):
+def test_tiny_flow_end_to_end_offline(tiny_set, tmp_path, capfd, caplog):
     model, _, refs = tiny_set
     out = tmp_path / "out"
     args = ("evaluate.py", "alpaca_eval", "--preset", "tiny", "--model_id", model, "--model_name", "tiny",
             "--reference_outputs", str(refs), "--output_dir", str(out))
-    run_script(*args)
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:  # pytest's own filters ignore every FutureWarning
+        warnings.simplefilter("always")
+        run_script(*args)
+    # alignkit's progress and table, not the noise of the libraries under it (the evaluate audit of session 112):
+    # alpaca_eval's INFO lines and its warning about the cache path alignkit passes, scikit-learn's FutureWarnings
+    # against alpaca_eval's arguments, liblinear's "WARNING: class label 0 specified in weight is not found" (C).
+    said = capfd.readouterr()
+    assert "annotating 29 pairs (tiny vs bad)" in said.out and "length_controlled_winrate" in said.out
+    assert "Evaluating the tiny outputs" not in caplog.text and "Saving all results" not in caplog.text
+    assert "Saving_path is given" not in caplog.text and "specified in weight" not in said.out + said.err
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning) and "sklearn" in w.filename] == []
     summary, board, annotations, folder = results(out, "weighted_alpaca_eval_gpt4_turbo")
     outputs = json.loads((out / "model_outputs" / "tiny.json").read_text())
     assert len(outputs) == len(annotations) == summary["instances"] == 29
@@ -80,9 +93,8 @@ def test_tiny_flow_end_to_end_offline(tiny_set, tmp_path, capsys):
     assert 0 <= board.loc["tiny", "length_controlled_winrate"] <= 100 and summary["standard_error"] > 0
     assert summary["glm"] == "length_controlled_minimal"
     assert (folder / "win_rates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    capsys.readouterr()
     run_script(*args)  # a rerun generates nothing and finds every annotation cached
-    assert "all 29 outputs generated before" in capsys.readouterr().out
+    assert "all 29 outputs generated before" in capfd.readouterr().out
     assert results(out, "weighted_alpaca_eval_gpt4_turbo")[0]["win_rate"] == pytest.approx(win_rate)
     assert list(folder.glob("leaderboard-*.csv")) == []  # the same comparison: the leaderboard stays
 
@@ -166,6 +178,22 @@ def test_a_real_annotator_config_against_the_loopback_server(tiny_set, tmp_path,
         assert not file.is_file() or b"sk-test-secret-value-123" not in file.read_bytes(), file
     captured = capsys.readouterr()
     assert "sk-test-secret-value-123" not in captured.out + captured.err + caplog.text
+
+
+def test_the_length_controlled_fit_keeps_liblinear_s_weight_warning_out_and_real_errors_in(capfd):
+    """liblinear, under alpaca_eval's fit, writes "WARNING: class label 0 specified in weight is not found" from C to
+    file descriptor 2 for each fold that lacks a label it weighs: ten lines of a tiny preset run (the evaluate audit
+    of session 112), as data-dependent as the folds. Those go; anything else written there comes back."""
+    import os
+
+    from alignkit.evals.alpacaeval_report import _quiet_fit
+
+    with _quiet_fit():
+        os.write(2, b"WARNING: class label 0 specified in weight is not found\nsomething went wrong\n")
+        os.write(2, b"WARNING: class label 1 specified in weight is not found\n")
+        print("said by Python", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "specified in weight" not in err and "something went wrong\n" in err and "said by Python" in err
 
 
 def test_max_instances_picks_the_instructions_alpaca_eval_picks(tmp_path):

@@ -66,7 +66,21 @@ def load_package():
         _pkg_resources_stand_in()
     from alignkit.core.extras import require
 
-    return require("alpaca_eval", "eval", "evaluate.py alpaca_eval")
+    package = require("alpaca_eval", "eval", "evaluate.py alpaca_eval")
+    root = logging.getLogger()  # where alpaca_eval logs (logging.info), at INFO from its import on
+    if _alpaca_eval_chatter not in root.filters:
+        root.addFilter(_alpaca_eval_chatter)
+    return package
+
+
+def _alpaca_eval_chatter(record) -> bool:
+    """A logging filter: False for alpaca_eval's INFO lines ("Evaluating the tiny outputs.", "Creating the annotator
+    from ...", "Saving all results to ...": six a run, over alignkit's progress and its table) and for its warning
+    that the annotation cache path alignkit passes is not 'auto' (annotation_store keys that file by the judge).
+    Its other warnings and its errors pass."""
+    if record.name != "root" or f"{os.sep}alpaca_eval{os.sep}" not in record.pathname:
+        return True
+    return record.levelno >= logging.WARNING and not record.getMessage().startswith("Saving_path is given but not")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ with the instruction difficulties from a file or the Hub, win_rates.png, and the
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,6 +50,44 @@ def glm_setup(s, rows: list[dict], work_dir) -> tuple[str, Path]:
     return glm, table
 
 
+_LIBLINEAR = re.compile(rb"WARNING: class label -?\d+ specified in weight is not found\r?\n?")
+
+
+@contextmanager
+def _quiet_fit():
+    """alpaca_eval's length-controlled fit without the noise of the scikit-learn it calls, which the user cannot
+    act on: its FutureWarnings against the arguments alpaca_eval passes (three a run), and liblinear's
+    "WARNING: class label 0 specified in weight is not found", written from C to file descriptor 2 for each
+    cross-validation fold that lacks one of the labels alpaca_eval weighs (ten lines a run of the tiny preset).
+    Anything else the fit writes there is written back once it ends."""
+    import os
+    import sys
+    import tempfile
+    import warnings
+
+    def flush():
+        if sys.stderr is not None:
+            sys.stderr.flush()
+
+    flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as held, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"sklearn\.")
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                flush()
+                os.dup2(saved, 2)
+                held.seek(0)
+                if rest := b"".join(line for line in held.read().splitlines(keepends=True)
+                                    if not _LIBLINEAR.fullmatch(line)):
+                    os.write(2, rest)
+    finally:
+        os.close(saved)
+
+
 LC_FOLDS = 5  # alpaca_eval's length-controlled fit: a 5-fold GroupKFold, each training row its own group
 
 
@@ -78,7 +117,7 @@ def metric(positions: dict, glm: str, table, weights_dir):
         if not glm_winrate.GLM_INFO[glm].get("regularize_to_baseline_lambda") and readable < LC_FOLDS:
             return plain(df, f"{glm} is fitted with {LC_FOLDS}-fold cross-validation over the judged rows, and "
                              f"{readable} had a preference (--max_instances {LC_FOLDS} or more)")
-        with _glm_data(table):
+        with _glm_data(table), _quiet_fit():
             out = glm_winrate.get_length_controlled_winrate(df, glm_name=glm, save_weights_dir=weights_dir)
         return {k: float(v) if hasattr(v, "__float__") else v for k, v in out.items()}
 

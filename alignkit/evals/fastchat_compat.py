@@ -18,6 +18,9 @@ FastChat do not fit, and are adapted here and nowhere else:
    OpenAI-compatible endpoint (vLLM, a local server, another provider) can judge.
 4. `make_match` looks reference answers up as `ref_answers[judge.model_name]`, but FastChat's reference
    answers are keyed by the model that wrote them ("gpt-4"). `reference_answers_for` keys them by the judge.
+5. `play_a_match_pair` prints a line per match judged ("question: 81, turn: 1, model_1: ..., g1_winner: ...":
+   160 a model pair on full MT-Bench), over alignkit's progress bar and its table. While judging, those lines go
+   to alignkit's logger at DEBUG (the judgment file holds each verdict); any other print of FastChat's still shows.
 
 `check()` verifies that the FastChat names and signatures these points rely on are still there; it runs
 before every use, and tests/test_evaluate.py runs it, so a FastChat release that renames them fails loudly.
@@ -202,10 +205,21 @@ def judging_with(client, on_error=None, on_success=None, kept=None, reuse: bool 
     with _judging:
         saved = common.chat_completion_openai, common.OPENAI_MODEL_LIST
         common.chat_completion_openai, common.OPENAI_MODEL_LIST = chat_completion_openai, _EveryName(saved[1])
+        common.print = _match_line  # point 5: found before the builtin by FastChat's functions, in no other module
         try:
             yield common
         finally:
             common.chat_completion_openai, common.OPENAI_MODEL_LIST = saved
+            del common.print
+
+
+def _match_line(*args, **kwargs) -> None:
+    """FastChat's print while judging (point 5): its line per match to the log at DEBUG, anything else printed."""
+    text = " ".join(map(str, args))
+    if text.startswith("question: ") and kwargs.get("file") is None:
+        logger.debug(f"fastchat: {text}")
+    else:
+        print(*args, **kwargs)
 
 
 def reference_answers_for(judge_model: str, reference_answers: dict) -> dict:
