@@ -264,7 +264,8 @@ def run_readme_command(project: Path, command) -> dict:
         except SystemExit as e:  # a script that ends with sys.exit(0) finished
             assert e.code in (0, None), f"{' '.join(command)} exited with {e.code}"
             ran = {}
-        _README_RAN[command] = {**ran, **{k: project / ran[k] for k in ("run_folder", "folder") if k in ran}}
+        _README_RAN[command] = {**ran, **{k: project / ran[k] for k in ("run_folder", "folder")
+                                                      if isinstance(ran.get(k), (str, Path))}}
     return _README_RAN[command]
 
 
