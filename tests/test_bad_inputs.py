@@ -187,6 +187,13 @@ CASES = [
     ("rl.py", [*TRAIN, "--num_iterations", "0"], "num_iterations must be >= 1", None),
     ("rl.py", [*TRAIN, "--steps_per_generation", "0"], "steps_per_generation must be >= 1", None),
     ("rl.py", [*TRAIN, "--generation_batch_size", "0"], "generation_batch_size must be >= 1", None),
+    # A limit of 0 read as "no limit" (`if s.max_prompts and ...`): every prompt, and max_prompts 0 in the record.
+    ("rl.py", [*TRAIN, "--max_prompts", "0"], "--max_prompts must be at least 1 (or none: all), got 0", None),
+    ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl", "--max_prompts", "0"],
+     "--max_prompts must be at least 1 (or none: all), got 0", None),
+    ("rlaif.py", [*TRAIN, "--max_prompts", "-1"], "--max_prompts must be at least 1 (or none: all), got -1", None),
+    ("rlaif.py", [*TRAIN, "--eval_max_prompts", "0"], "--eval_max_prompts must be at least 1 (or none: all), got 0",
+     None),
     # rl.py's own vLLM memory share on the transformers backend: dropped without a word, as its vllm_* siblings were not.
     # Greedy rollouts through TRL's generation_kwargs (over its own do_sample True): a group's completions all alike,
     # every advantage 0, as --temperature 0 (refused) would make them; a negative clip: no gradient for one sign.

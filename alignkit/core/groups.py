@@ -130,6 +130,13 @@ def check_seed(seed: int) -> None:
         raise ConfigError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {seed}")
 
 
+def check_limits(settings, *names: str) -> None:
+    """Limits where none means all (--max_prompts): 0 is refused, not taken as "no limit" as `if limit:` took it."""
+    for name in names:
+        if (limit := getattr(settings, name)) is not None and limit < 1:
+            raise ConfigError(f"--{name} must be at least 1 (or none: all), got {limit}")
+
+
 def _chain_post_init(self, cls) -> None:
     """Run the next __post_init__ in the MRO after `cls`'s: groups used by composition check in turn."""
     parent = getattr(super(cls, self), "__post_init__", None)
@@ -345,8 +352,7 @@ class TrainSettings(HubPushSettings, ModelSettings):
         if refused := sorted(n for n, v in overrides.items() if refusal(n, v, type(self).trl_configs)):
             raise ValueError(f"--trainer_overrides {refused[0]} has no effect in alignkit: "
                              f"{refusal(refused[0], overrides[refused[0]], type(self).trl_configs)}; drop it")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"--max_samples must be at least 1 (or none: all rows), got {self.max_samples}")
+        check_limits(self, "max_samples")
         # Values TRL would take silently (a negative learning rate ascends the loss) or fail on after the model loads.
         for name, low, high, what in (("learning_rate", 0, math.inf, ">= 0"), ("weight_decay", 0, math.inf, ">= 0"),
                                       ("max_grad_norm", 0, math.inf, ">= 0 (0: no clipping)"),

@@ -18,6 +18,7 @@ from alignkit.core.groups import (
     JudgeEndpointSettings,
     ModelSettings,
     _chain_post_init,
+    check_limits,
     check_seed,
 )
 
@@ -107,6 +108,7 @@ class LabelSettings(JudgeAnswerSettings, HubPushSettings, GenerationSettings):
 
     def __post_init__(self):
         super().__post_init__()  # the judge endpoint's and the Hub push's checks
+        check_limits(self, "max_prompts")
         if self.num_samples == 1 or self.num_samples < 0:
             raise ValueError(f"num_samples must be 0 (off) or >= 2, got {self.num_samples}")
         for name in ("generation_batch_size", "max_new_tokens"):

@@ -16,6 +16,7 @@ from alignkit.core.groups import (
     TRAIN_HELP_GROUPS,
     TemplateArgumentsSettings,
     TrainSettings,
+    check_limits,
 )
 from alignkit.core.saved_settings import note_not_applied
 
@@ -239,6 +240,7 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
 
     def __post_init__(self):
         super().__post_init__()
+        check_limits(self, "max_prompts")
         if self.dataset_mixture or self.dataset_test_split:
             raise ValueError("rl.py reads prompts from --dataset_id and measures the reward on its own samples: drop "
                              "dataset_mixture / dataset_test_split")
@@ -388,6 +390,7 @@ class RLAIFSettings(TemplateArgumentsSettings, JudgeEndpointSettings, DPOSetting
 
     def __post_init__(self):
         super().__post_init__()
+        check_limits(self, "max_prompts", "eval_max_prompts")
         if self.rounds < 1 or self.num_samples < 2:
             raise ValueError(f"rounds must be >= 1 and num_samples >= 2, got {self.rounds} and {self.num_samples}")
         if (self.eval_judge_model or "").startswith("rm:"):  # was refused by round 1's evaluate.py, as --judge_model
