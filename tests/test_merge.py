@@ -382,6 +382,35 @@ def test_public_push_and_adapter_push(sft_run, dpo_run, tmp_path, fake_hub):
                    "--hub_repo_id", "me/dpo-adapter")
 
 
+def test_the_push_advice_for_an_adapter_on_a_local_adapter_walks_the_chain(tmp_path, monkeypatch):
+    """An adapter on a local SFT adapter was told to push that adapter first (merge.py --adapter_dir SFT --push
+    adapter), which was refused in turn where the SFT adapter stood on a local base too (the merge.py audit)."""
+    from alignkit.core.hub import check_pushable
+
+    monkeypatch.chdir(tmp_path)
+
+    def adapter(name, base):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+        return tmp_path / name
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    adapter("sft", "../base")
+    with pytest.raises(UserError) as refused:
+        check_pushable(adapter("dpo", "../sft"))
+    said = str(refused.value)
+    assert f"a chain over the local model {tmp_path / 'base'}" in said and "--push merged" in said
+    assert "--push adapter" not in said and "push that base first" not in said
+    # Over a Hub base: the adapters below, from the one on the Hub base up, the first with its command.
+    first, middle = adapter("hub-sft", "org/base"), adapter("hub-mid", "../hub-sft")
+    with pytest.raises(UserError) as refused:
+        check_pushable(adapter("hub-dpo", "../hub-mid"))
+    said = str(refused.value)
+    assert f"from the base up ({first} then {middle}; the first is on org/base)" in said
+    assert f"merge.py --adapter_dir {first} --push_to_hub --push adapter --hub_repo_id you/base" in said
+
+
 def test_missing_token_fails_before_merging(dpo_run, tmp_path, monkeypatch):
     """Offline, that is said first (a token would not help; it asked for one); online, the missing token."""
     from huggingface_hub import constants

@@ -63,7 +63,7 @@ def check_pushable(folder) -> None:
     """Refuse an adapter whose recorded base is a local path (or a local adapter), or a checkpoint of a run on top
     of adapters (it names the bare base, and keeps those below in frozen_* folders no Hub loader reads): nobody
     else could load it as trained. And a folder that is not there, before the Hub is asked for a repo."""
-    from alignkit.modeling.chain import checkpoint_frozen
+    from alignkit.modeling.chain import adapter_chain, checkpoint_frozen
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -77,14 +77,25 @@ def check_pushable(folder) -> None:
     if not base or is_hub_id(base):
         return
     local = Path(os.path.normpath(Path(folder, base)))
-    first = (f"merge.py --adapter_dir {local} --push_to_hub --push adapter --hub_repo_id you/base"
-             if (local / "adapter_config.json").is_file() else f"huggingface-cli upload you/base {local}")
+    merged = (f"push the merged model instead (merge.py --adapter_dir {folder} --push_to_hub --push merged "
+              "--hub_repo_id you/name, or --merge_adaptors when training)")
+    if not (local / "adapter_config.json").is_file():
+        raise UserError(
+            f"{folder} is an adapter on the local folder {base}, which nobody else can load from the Hub: {merged}, "
+            f"or push that base first (huggingface-cli upload you/base {local}) and set base_model_name_or_path in "
+            f"{folder / 'adapter_config.json'} to its repo id")
+    # An adapter on a local adapter: the base below it is pushable only where the chain's root is on the Hub (the
+    # advice to push the adapter below was refused in turn when that adapter too stood on a local base).
+    root, parts = adapter_chain(str(folder))
+    if not is_hub_id(root):
+        raise UserError(f"{folder} is an adapter on the local adapter {base}, a chain over the local model {root}, "
+                        f"which nobody else can load from the Hub: {merged}")
+    below = [part for part in parts if not is_hub_id(part) and Path(part).resolve() != folder.resolve()]
     raise UserError(
-        f"{folder} is an adapter on the local folder {base}, which nobody else can load from the Hub: push the "
-        f"merged model instead (merge.py --adapter_dir {folder} --push_to_hub --hub_repo_id you/name, or "
-        f"--merge_adaptors when training), or push that base first ({first}) and set base_model_name_or_path in "
-        f"{folder / 'adapter_config.json'} to its repo id"
-    )
+        f"{folder} is an adapter on the local adapter {base}, which nobody else can load from the Hub: {merged}, or "
+        f"push the adapters below it first, from the base up ({' then '.join(below)}; the first is on {root}): "
+        f"merge.py --adapter_dir {below[0]} --push_to_hub --push adapter --hub_repo_id you/base, and set "
+        "base_model_name_or_path in each adapter_config.json above it to the repo id of the one below it")
 
 
 def _repo(repo_id: str | None, name: str) -> str:
