@@ -10,7 +10,8 @@
 # deltas of one base into a single delta (a task merge) and reports how many entries they share.
 #
 # ```bash
-# python merge.py --preset tiny                                    # merges runs/tiny-dpo (SFT -> DPO chain)
+# python merge.py --preset tiny                                    # merges runs/tiny-dpo: the SFT -> DPO chain
+# # of `dpo.py --preset tiny --model_id runs/tiny-sft` (after `dpo.py --preset tiny` alone: one adapter)
 # python merge.py --adapter_dir runs/tiny-dpo/checkpoint-20        # into runs/tiny-dpo/merged-checkpoint-20
 # python merge.py --adapter_dir runs/my-dpo --output_dir my-model --dtype bf16
 # python merge.py --adapter_dir runs/my-qlora-dpo --dequantize     # match the 4-bit base it was trained on

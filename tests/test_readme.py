@@ -88,6 +88,20 @@ def test_the_readme_has_its_offline_commands():
     assert {README_SFT, *SHARED_README_RUNS} <= {tuple(c) for c in COMMANDS}
 
 
+def test_the_merge_preset_s_chain_is_said_to_be_the_readme_s_dpo_run_on_the_sft_adapter():
+    """`merge.py --preset tiny  # merges runs/tiny-dpo (SFT -> DPO chain)` read as if the preset's dpo.py run made
+    the chain; `dpo.py --preset tiny` alone trains over the base. The comment (README and merge.py's header alike)
+    names the command that does, a README command that writes runs/tiny-dpo (the dpo preset's run name)."""
+    from alignkit.modeling import presets
+
+    dpo = ["python", "dpo.py", "--preset", "tiny", "--model_id", "runs/tiny-sft"]
+    assert dpo in COMMANDS and presets.defaults("dpo")["run_name"] == "tiny-dpo"
+    for text, lead in (((ROOT / "README.md").read_text(), ""), ((ROOT / "merge.py").read_text(), "# ")):
+        lines = text.splitlines()
+        at = lines.index(next(line for line in lines if line.startswith(f"{lead}python merge.py --preset tiny ")))
+        assert "SFT -> DPO chain" in lines[at] and f"`{' '.join(dpo[1:])}`" in lines[at + 1], lines[at:at + 2]
+
+
 def test_the_files_that_read_readme_runs_go_to_one_xdist_worker(pytestconfig, monkeypatch):
     """A session fixture is made once per xdist worker: the files that read the README's reward and RLAIF runs
     (SHARED_RUN_FILES) are one unit of `--dist loadfile`, so those runs train once in CI; other files stay apart."""
