@@ -537,6 +537,23 @@ def test_reward_py_s_help_says_it_drops_pairs_longer_than_max_length(capsys):
     assert "max_length" not in vars(RewardSettings)  # the shared field, not a copy
 
 
+def test_rl_and_rlaif_help_say_the_shared_settings_they_refuse(capsys):
+    """rl.py --help described --dataset_test_split, --dataset_mixture and --eval_steps as they work in sft.py and
+    dpo.py, and rl.py refuses all three (rlaif.py the first two): its help says so."""
+    from alignkit.core.config import RLAIFSettings, RLSettings
+
+    def said(cls, name):
+        with pytest.raises(SystemExit):
+            parse_config(cls, args=["--help"], env_file=None)
+        out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        return out[out.index(f"--{name} "):].split(" --", 1)[0]
+
+    for name in ("dataset_test_split", "dataset_mixture", "eval_steps"):
+        assert "refused by rl.py" in said(RLSettings, name), said(RLSettings, name)
+    for name in ("dataset_test_split", "dataset_mixture"):
+        assert "refused by rlaif.py" in said(RLAIFSettings, name), said(RLAIFSettings, name)
+
+
 # ---------------------------------------------------------------- saving and secrets
 def test_save_config_redacts_secrets(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", SECRET)

@@ -179,6 +179,12 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
     reads_test_split: ClassVar[bool] = False  # one split (refused: dataset_test_split)
     takes_mixture: ClassVar[bool] = False  # refused in one line (__post_init__)
     holds_out: ClassVar[bool] = False  # eval_steps too is refused in rl.py's words, not "pass --eval_split"
+    # The shared fields it refuses (__post_init__): their help says so, not what they do in sft.py and dpo.py.
+    help_texts: ClassVar[dict[str, str]] = {
+        "dataset_test_split": "refused by rl.py: it measures the reward on its own samples, and holds no data out",
+        "dataset_mixture": "refused by rl.py: it reads its prompts from --dataset_id",
+        "eval_steps": "refused by rl.py: it holds no data out; the reward on its own samples is logged every "
+                      "--logging_steps"}
     trl_configs: ClassVar[tuple[str, ...]] = ("GRPOConfig", "RLOOConfig")
     help_title: ClassVar[str] = "RL: algorithm, rewards, rollouts, judge"
     notebook_cells: ClassVar[dict[str, str]] = {
@@ -361,6 +367,9 @@ class RLAIFSettings(TemplateArgumentsSettings, JudgeEndpointSettings, DPOSetting
     help_title: ClassVar[str] = "rounds (and DPO)"
     reads_test_split: ClassVar[bool] = False  # each round's labelled pairs, with an --eval_split share
     takes_mixture: ClassVar[bool] = False  # refused in one line (__post_init__)
+    help_texts: ClassVar[dict[str, str]] = {  # the shared fields it refuses (__post_init__)
+        "dataset_test_split": "refused by rlaif.py: each round trains on the pairs it labels (held out: --eval_split)",
+        "dataset_mixture": "refused by rlaif.py: each round labels pairs on --dataset_id's prompts"}
 
     dataset_id: str = setting("HuggingFaceH4/ultrafeedback_binarized", "prompts: .jsonl/.json/.csv/.parquet file "
                                                                        "or Hub dataset id (label.py --prompts)")
