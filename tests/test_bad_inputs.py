@@ -187,6 +187,11 @@ CASES = [
     ("rl.py", [*TRAIN, "--num_iterations", "0"], "num_iterations must be >= 1", None),
     ("rl.py", [*TRAIN, "--steps_per_generation", "0"], "steps_per_generation must be >= 1", None),
     ("rl.py", [*TRAIN, "--generation_batch_size", "0"], "generation_batch_size must be >= 1", None),
+    # "beta must be >= 0 and max_completion_length >= 1": neither which one, nor the value given.
+    ("rl.py", [*TRAIN, "--beta", "-1"], "--beta must be >= 0 (the KL pull towards the reference; 0: none), got -1.0",
+     None),
+    ("rl.py", [*TRAIN, "--max_completion_length", "0"], "--max_completion_length must be at least 1 (tokens per "
+     "sampled completion), got 0", None),
     # A limit of 0 read as "no limit" (`if s.max_prompts and ...`): every prompt, and max_prompts 0 in the record.
     ("rl.py", [*TRAIN, "--max_prompts", "0"], "--max_prompts must be at least 1 (or none: all), got 0", None),
     ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl", "--max_prompts", "0"],

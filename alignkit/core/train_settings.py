@@ -286,8 +286,11 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (advantages compare completions of one prompt), got "
                              f"{self.num_generations}")
-        if self.beta < 0 or self.max_completion_length < 1:
-            raise ValueError("beta must be >= 0 and max_completion_length >= 1")
+        if self.beta < 0:
+            raise ValueError(f"--beta must be >= 0 (the KL pull towards the reference; 0: none), got {self.beta}")
+        if self.max_completion_length < 1:
+            raise ValueError(f"--max_completion_length must be at least 1 (tokens per sampled completion), got "
+                             f"{self.max_completion_length}")
         if isinstance(iterations := overrides.get("num_iterations"), int) and iterations < 1:
             # TRL's sampler repeats each generation batch num_iterations times: 0 yielded no batch, so the run
             # trained 0 steps and saved an untrained adapter with exit status 0.
