@@ -173,6 +173,12 @@ CASES = [
     ("merge.py", ["--adapter_dir", "other-shape-adapter", "--output_dir", "OUT/m"],
      "other-shape-adapter does not fit ", None),
     ("merge.py", ["--adapter_dir", "truncated", "--nosuch", "1"], "unknown setting: --nosuch", None),
+    # A token as a flag: "unknown setting" in the scripts without TRL's names, where the training scripts say why.
+    *((script, [*args, "--hub_token", "hf_x"], "--hub_token has no effect in alignkit: a token in a flag or a recipe "
+       "is saved in every checkpoint (training_args.bin); set HF_TOKEN", None)
+      for script, args in (("merge.py", ["--adapter_dir", "truncated"]), ("rl.py", TRAIN),
+                           ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl"]),
+                           ("evaluate.py", ["vibes", "--preset", "tiny"]))),
     ("reward.py", [*TRAIN, "--dataset_id", "empty.jsonl"], "empty.jsonl: no usable rows", None),
     ("reward.py", [*TRAIN, "--loss", "nosuch"], "invalid value for --loss", None),
     ("reward.py", [*TRAIN, "--model_id", "truncated"], "truncated/model.safetensors is damaged", None),

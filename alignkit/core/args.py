@@ -35,7 +35,7 @@ from alignkit.core.environment import (BARE_ENV_NAMES, ENV_PREFIX, SETTING_SOURC
                                       stray_variables)
 from alignkit.core.errors import ConfigError, forget_failed_settings, is_notebook  # noqa: F401 - ConfigError is re-exported
 from alignkit.core.saved_settings import is_secret_field, is_set, keep_not_applied, not_applied_record
-from alignkit.core.secrets import name_secret_variables, redact
+from alignkit.core.secrets import TOKEN_SETTINGS, name_secret_variables, redact
 
 __all__ = ["ConfigError", "setting", "parse_config", "redact", "is_notebook", "command_line", "BARE_ENV_NAMES",
            "ENV_PREFIX"]
@@ -315,7 +315,9 @@ def _print_help(cls, fields, types_, defaults, prog, description, vocab, presets
 def _translate(vocab, layer, where, fields, label):
     """(layer in field names, unknown keys, (key, why) not applied): a second vocabulary's keys become fields;
     `where` names the layer, `label(key)` a value in it, in messages."""
-    if vocab is None:
+    if vocab is None:  # a script without TRL's names (merge.py, label.py, evaluate.py) refuses a token as they do
+        if token := next((k for k in layer if k in TOKEN_SETTINGS and k not in fields), None):
+            raise ConfigError(f"{label(token)} has no effect in alignkit: {TOKEN_SETTINGS[token]}; drop it")
         return dict(layer), [k for k in layer if k not in fields], []
     return vocab.translate(layer, where, fields, label)
 
@@ -374,7 +376,7 @@ def _parse_config(cls, args, overrides, env_file, presets, prog, description):
     if args is None:
         args = command_line()
     whole = frozenset(n for n, f in fields.items() if f.metadata.get("whole"))
-    cli_types = {**(vocab.cli_types() if vocab else {}), **types_}
+    cli_types = {**(vocab.cli_types() if vocab else dict.fromkeys(TOKEN_SETTINGS, str)), **types_}
     flags = frozenset(n for n, f in fields.items() if f.metadata.get("flags"))
     switches = frozenset(n for n, f in fields.items() if {"true", "false"} <= set(f.metadata.get("choices") or ()))
     cli, config_path, wants_help, unknown_flags = _parse_cli(list(args), cli_types, whole, flags, switches)

@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 
 from alignkit.core.args import _FALSE, _TRUE, ConfigError
+from alignkit.core.secrets import TOKEN_SETTINGS
 
 DTYPE_SYNONYMS = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}  # TRL's
 SKIP = object()  # an alias's value that leaves alignkit's setting as it is
@@ -216,8 +217,7 @@ REFUSED = {"reward_model_name_or_path": "rl.py takes a reward.py model as --rewa
            "tokenizer_name_or_path": "alignkit loads the tokenizer saved with the model (--model_id): save the "
                                      "tokenizer into the model's folder, or pass its template as --chat_template FILE",
            # TrainingArguments keeps it in every checkpoint's training_args.bin, and wandb records the command line
-           "hub_token": "a token in a flag or a recipe is saved in every checkpoint (training_args.bin); set HF_TOKEN "
-                        "(or log in with `hf auth login`): alignkit pushes with that"}
+           **TOKEN_SETTINGS}
 _TR_DPO = "TR-DPO moves the reference, which TRL does not support with a PEFT adapter"
 # Fields of some TRL configs that cannot act in the scripts running them: (those configs, TRL's default, why), refused
 # when the settings are read at any other value, rather than after the model and data load (dpo.py, kto.py). rl.py
