@@ -198,6 +198,10 @@ CASES = [
      None),
     ("rl.py", [*TRAIN, "--max_completion_length", "0"], "--max_completion_length must be at least 1 (tokens per "
      "sampled completion), got 0", None),
+    # TRL's --use_vllm true on a CPU said "--backend vllm: no CUDA GPU", a flag never typed: named as given.
+    ("rl.py", [*TRAIN, "--use_vllm", "true"], "--use_vllm true: no CUDA GPU; drop it (or set it false) to generate "
+     "with transformers", None),
+    ("rl.py", TRAIN, "env var ALIGNKIT_USE_VLLM (--backend vllm): no CUDA GPU", {"ALIGNKIT_USE_VLLM": "true"}),
     # A limit of 0 read as "no limit" (`if s.max_prompts and ...`): every prompt, and max_prompts 0 in the record.
     ("rl.py", [*TRAIN, "--max_prompts", "0"], "--max_prompts must be at least 1 (or none: all), got 0", None),
     ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl", "--max_prompts", "0"],

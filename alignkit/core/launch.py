@@ -193,7 +193,7 @@ def refusal(s, script: str) -> str | None:
                     "GPUs (trl vllm-serve --gpu_memory_utilization), so it would do nothing; drop it, or pass it to "
                     "trl vllm-serve")
         if getattr(s, "backend", "") == "vllm" and (lacking := vllm_lacking()):  # rl.resolve_backend's, sooner
-            return f"--backend vllm: {lacking}; pass --backend transformers (or auto) to generate with transformers"
+            return vllm_refused(s, lacking)
         if wants_vllm(s) and resolve_quantization(quantization, for_training=True, log=False) == "4bit":
             return ("rl.py with vLLM and QLoRA (--quantization 4bit): TRL syncs packed 4-bit weights vLLM cannot load, "
                     "and each sync re-quantizes the frozen base (TRL issue #4973); use --backend transformers, or "
@@ -206,6 +206,16 @@ def vllm_lacking() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU"
     return None if importlib.util.find_spec("vllm") is not None else "vllm is not installed"
+
+
+def vllm_refused(s, why: str) -> str:
+    """rl.py's --backend vllm refused for `why`, named as given: TRL's use_vllm true as its flag, recipe key or
+    variable (RLSettings keeps that label), not a --backend vllm the user never typed."""
+    typed = getattr(s, "_vllm_as_given", None)
+    if not typed:
+        return f"--backend vllm: {why}; pass --backend transformers (or auto) to generate with transformers"
+    return (f"{typed} true" if typed.startswith("--") else f"{typed} (--backend vllm)") + (
+        f": {why}; drop it (or set it false) to generate with transformers")
 
 
 def wants_vllm(s) -> bool:

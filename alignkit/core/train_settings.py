@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from alignkit.core.args import ConfigError, setting
+from alignkit.core.environment import SETTING_SOURCES
 from alignkit.core.groups import (
     BatchingSettings,
     GenerationSettings,
@@ -247,6 +248,11 @@ class RLSettings(JudgeAnswerSettings, TrainSettings, GenerationSettings):
     def __post_init__(self):
         super().__post_init__()
         check_limits(self, "max_prompts")
+        # TRL's use_vllm true as given (--use_vllm, a recipe key, a variable): what refuses vLLM after the parse
+        # (alignkit.core.launch.vllm_refused) names it, not a --backend vllm never typed.
+        label = ((SETTING_SOURCES.get() or {}).get("backend") or ("", ""))[1]
+        if "use_vllm" in label.lower() and self.backend == "vllm":
+            object.__setattr__(self, "_vllm_as_given", label)
         if self.dataset_mixture or self.dataset_test_split:
             raise ValueError("rl.py reads prompts from --dataset_id and measures the reward on its own samples: drop "
                              "dataset_mixture / dataset_test_split")

@@ -38,7 +38,7 @@ import torch
 
 from alignkit import logger
 from alignkit.core.args import ConfigError
-from alignkit.core.launch import vllm_lacking
+from alignkit.core.launch import vllm_lacking, vllm_refused
 from alignkit.core.mixture import read_under
 
 # What rl.py's prompt rows depend on (load_prompt_dataset): the seed and the held-out share do not shape them. The
@@ -381,7 +381,7 @@ def resolve_backend(s) -> bool:
     if not (why := vllm_lacking()):
         return True
     if s.backend == "vllm":
-        raise ConfigError(f"--backend vllm: {why}; pass --backend transformers (or auto) to generate with transformers")
+        raise ConfigError(vllm_refused(s, why))
     logger.info(f"generation: transformers ({why}; vLLM needs both)")
     return False
 
