@@ -549,6 +549,38 @@ def test_skip_invalid_sft_and_no_warning_when_clean(tmp_path, alignkit_log):
 
 
 
+def test_skip_invalid_skips_a_line_of_invalid_json_too(tmp_path, alignkit_log):
+    """--skip_invalid stopped at "line 3: invalid JSON" (the reader raised before any row was checked): the line is
+    skipped and counted with the rows it skips; without it, the line still stops the run."""
+    path = tmp_path / "hh.jsonl"
+    path.write_text("\n".join([json.dumps(HH[0]), '{"chosen": "x", "rejected": 7}', '{"chosen": "a", oops',
+                                json.dumps(HH[1])]) + "\n", encoding="utf-8")
+    assert load_preferences(str(path), skip_invalid=True).to_list() == [HH_OUT[0], HH_OUT[1]]
+    text = alignkit_log.text
+    assert "skipped 2 of 4 rows as invalid (--skip_invalid)" in text and text.count("skipped") == 1, text
+    assert f"First problem: {path}: line 3: invalid JSON (" in text  # the lines no JSON, then the rows
+    with pytest.raises(DataError, match=rf"^{path}: line 3: invalid JSON"):
+        load_preferences(str(path))
+    path.write_text('chosen: oops\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"no usable rows: all 1 rows are invalid. First problem: .*line 1: invalid JSON"):
+        load_preferences(str(path), skip_invalid=True)
+
+
+def test_rl_and_label_prompts_skip_a_line_of_invalid_json_under_skip_invalid(tmp_path, alignkit_log):
+    """rl.py's and label.py's prompts (and responses) files: --skip_invalid skips a line that is no JSON, counted
+    in the one line of rows skipped."""
+    from alignkit.feedback.labeling import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "one"}\n{"prompt": oops\n{"prompt": "two"}\n', encoding="utf-8")
+    prompts = read_prompts(str(path), skip_invalid=True)
+    assert [p.messages[0]["content"] for p in prompts] == ["one", "two"]
+    assert f"skipped 1 of 3 rows as invalid (--skip_invalid). First problem: {path}: line 2: invalid JSON" in \
+        alignkit_log.text
+    with pytest.raises(DataError, match=rf"^{path}: line 2: invalid JSON"):
+        read_prompts(str(path))
+
+
 def test_sft_conversations_ending_without_an_answer_are_said_once_by_file_and_row(tmp_path, alignkit_log):
     """[assistant, user] or [user, assistant, user] trained without a word (TRL takes them; dpo.py refuses such a
     chosen): one line per dataset, naming how many, the first by file and row (rows --skip_invalid skipped counted

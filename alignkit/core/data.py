@@ -355,8 +355,9 @@ def _another_scripts_rows(names: set, kind: str) -> str | None:
 def _load(kind, source, format, split, skip_invalid, config_name, text_field="text", kept=None):
     if format != "auto" and format not in _TABLES[kind]:
         raise DataError(f"unknown {kind} data format {format!r}; choose auto or one of: {_choices(kind)}")
-    read = read_rows(source, split, config_name)
+    read = read_rows(source, split, config_name, skip_invalid)
     data, label = read.rows, read.label
+    skipped_rows(label, list(read.skipped), len(read.skipped), len(data), warn=False)  # each line invalid JSON
     if len(data) == 0:
         raise DataError(f"{label}: no usable rows: the dataset is empty. Point it at a file with data rows.")
     if isinstance(data, datasets.Dataset):
@@ -388,7 +389,7 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
         if column not in columns:
             raise DataError(f"{label}: format {format!r} needs column {column!r}, which is missing (columns found: "
                             f"{', '.join(map(str, columns))}). Rename it, or pick the right --dataset_format.")
-    out, skipped, rows_at = [], [], []  # rows_at: each kept row's number in `data`
+    out, skipped, rows_at = [], list(read.skipped), []  # rows_at: each kept row's number in `data`
     carried = [c for c in _TEMPLATE_COLUMNS if c in columns]
     for i, row in enumerate(data):
         try:
@@ -402,7 +403,7 @@ def _load(kind, source, format, split, skip_invalid, config_name, text_field="te
             if not skip_invalid:
                 raise RowInvalid(reason, _FIX) from None
             skipped.append(reason)
-    skipped_rows(label, skipped, len(data), len(out))
+    skipped_rows(label, skipped, len(data) + len(read.skipped), len(out))
     out = _one_kind(out, label)
     if kind == "sft" and (notice := ends_without_answer(out, lambda j: read.place(rows_at[j]))):
         logger.warning(f"{label}: {notice}")  # TRL trains such rows as they are: so does alignkit, saying so

@@ -67,6 +67,7 @@ class Rows(NamedTuple):
     rows: list | datasets.Dataset
     label: str
     places: list | None = None  # per row: its row (line) number in `label`, or (file, number); None: 1..n
+    skipped: tuple = ()  # read with skip_invalid: the JSON lines that did not parse, each as skipped_rows says it
 
     def place(self, i) -> str:
         """Row i's place as a message starts with it: "FILE: row N"."""
@@ -151,8 +152,9 @@ def _type_clash(read, rows, columns) -> str | None:
     return None
 
 
-def read_rows(source, split="train", config_name=None) -> Rows:
-    """The rows of `source` (see load_rows) with their places, without building a table."""
+def read_rows(source, split="train", config_name=None, skip_invalid=False) -> Rows:
+    """The rows of `source` (see load_rows) with their places, without building a table. skip_invalid: a JSON line
+    that does not parse is left out and named in the Rows' `skipped` (its reader counts it, --skip_invalid)."""
     if isinstance(source, Rows):
         return source
     if isinstance(source, datasets.DatasetDict):
@@ -167,7 +169,7 @@ def read_rows(source, split="train", config_name=None) -> Rows:
     label = os.fspath(source)
     path = os.path.expanduser(label)
     if os.path.isfile(path):
-        return _read_file(path, label)
+        return _read_file(path, label, skip_invalid)
     if os.path.isdir(path):
         if not any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
             return _read_folder(path, label, split)
@@ -299,7 +301,7 @@ def _read_folder(path, label, split) -> Rows:
 
 
 # ---------------------------------------------------------------- files
-def _read_file(path, label) -> Rows:
+def _read_file(path, label, skip_invalid=False) -> Rows:
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in FILE_TYPES:
         raise DataError(f"{label}: unsupported file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
@@ -312,7 +314,7 @@ def _read_file(path, label) -> Rows:
     except (OSError, ValueError) as e:
         raise DataError(f"{label}: cannot read the file: {e}") from e
     text = decode_text(raw, label)
-    return _read_csv(text, label) if suffix == ".csv" else _read_json(text, label)
+    return _read_csv(text, label) if suffix == ".csv" else _read_json(text, label, skip_invalid)
 
 
 def decode_text(raw: bytes, label) -> str:
@@ -365,7 +367,7 @@ def _parses(text) -> bool:
         return False
 
 
-def _read_json(text, label) -> Rows:
+def _read_json(text, label, skip_invalid=False) -> Rows:
     if not text.strip():
         return Rows([], label)
     try:  # a JSON array (or one object) ...
@@ -380,16 +382,19 @@ def _read_json(text, label) -> Rows:
         line, column, problem = _json_problem(text, whole)
         raise DataError(f"{label}: line {line}: invalid JSON ({problem} at column {column}). Fix it there: the "
                         "file must hold one JSON array of objects, or one JSON object per line.") from None
-    rows, numbers = [], []  # ... or JSON lines, numbered by line so that "row N" is line N
+    rows, numbers, skipped = [], [], []  # ... or JSON lines, numbered by line so that "row N" is line N
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"{label}: line {number}: invalid JSON ({_problem(e)} at column {e.colno}). "
-                                "Fix the line so that it holds one JSON object.") from e
+                reason = f"{label}: line {number}: invalid JSON ({_problem(e)} at column {e.colno})."
+                if not skip_invalid:
+                    raise DataError(f"{reason} Fix the line so that it holds one JSON object.") from e
+                skipped.append(reason)
+                continue
             numbers.append(number)
-    return Rows(rows, label, numbers)
+    return Rows(rows, label, numbers, tuple(skipped))
 
 
 def _json_problem(text, error) -> tuple[int, int, str]:

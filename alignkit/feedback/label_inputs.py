@@ -60,15 +60,17 @@ def _as_messages(value, where: str) -> list[dict]:
                      f"got {_show(value)}.", "Fix the row, or point --prompt_field at the column holding the prompts.")
 
 
-def _rows(source, split="train", config=None):
-    """(columns, rows, label, place(i) -> "FILE: row N"); no table is built, so a prompt column may hold text in
-    one row and messages in another."""
+def _rows(source, split="train", config=None, skip_invalid=False):
+    """(columns, rows, label, place(i) -> "FILE: row N", the lines skip_invalid skipped as invalid JSON); no table
+    is built, so a prompt column may hold text in one row and messages in another."""
     from alignkit.core.data import read_rows
 
-    read = read_rows(source, split, config)
+    read = read_rows(source, split, config, skip_invalid)
+    skipped_rows(read.label, list(read.skipped), len(read.skipped), len(read.rows), warn=False)  # every line invalid
     if len(read.rows) == 0:  # not "no column 'prompt' (columns: )"
         raise DataError(f"{read.label}: no rows: it is empty. Point it at data with rows.")
-    return read.columns(), read.as_list(), read.label, read.place  # each row checked by _cell (--skip_invalid)
+    # each row checked by _cell (--skip_invalid); the lines skipped are counted with the rows it skips
+    return read.columns(), read.as_list(), read.label, read.place, list(read.skipped)
 
 
 def _column(columns, wanted: str, label: str, flag: str, fallbacks=()) -> str:
@@ -107,12 +109,13 @@ def prompts_from(s, stats: Counter, quiet: bool = False) -> tuple[list[Prompt], 
     """load_prompts' reading and checks, counting what it drops in `stats`: (the prompts, the source's label).
     quiet: rows --skip_invalid skips are not said (check_inputs: the run reads them again)."""
     check_prompts_split(s)
+    skip = getattr(s, "skip_invalid", False)
     if s.prompts:
-        columns, rows, label, place = _rows(s.prompts, s.prompts_split, s.prompts_config)
+        columns, rows, label, place, bad = _rows(s.prompts, s.prompts_split, s.prompts_config, skip)
     else:
-        columns, rows, label, place = _rows(s.responses_a or s.responses_b)
+        columns, rows, label, place, bad = _rows(s.responses_a or s.responses_b, skip_invalid=skip)
     column = _column(columns, s.prompt_field, label, "--prompt_field", () if s.prompts else ("prompt",))
-    prompts, seen, skipped, read = [], set(), [], 0
+    prompts, seen, skipped, read = [], set(), bad, 0
     for i, row in enumerate(rows):
         read = i + 1
         try:
@@ -136,7 +139,7 @@ def prompts_from(s, stats: Counter, quiet: bool = False) -> tuple[list[Prompt], 
             break
     # Without --prompts they are a responses file's, whose own read (response_rows) says the rows it skips, bad
     # responses too, in one line.
-    skipped_rows(label, skipped, read, len(prompts), warn=not quiet and bool(s.prompts))
+    skipped_rows(label, skipped, read + len(bad), len(prompts), warn=not quiet and bool(s.prompts))
     if not prompts:
         raise DataError(f"{label}: no prompts: the dataset is empty")
     return prompts, label
@@ -165,7 +168,7 @@ def response_rows(path: str, s, quiet: bool = False) -> tuple[str, list[tuple[Pr
     """A responses file's prompt column, and its rows as (prompt, response) in file order; each prompt keeps its
     place. With --skip_invalid a bad row is skipped and counted (skipped_rows, as prompts_from's): its prompt has no
     response from this file, and its pair is skipped as any prompt the file lacks. quiet: as prompts_from's."""
-    columns, rows, label, place = _rows(path)
+    columns, rows, label, place, bad = _rows(path, skip_invalid=getattr(s, "skip_invalid", False))
     prompt_column = _column(columns, s.prompt_field, label, "--prompt_field", ("prompt",))
     if s.response_field == "auto":
         found = [c for c in RESPONSE_FIELDS if c in columns]
@@ -175,7 +178,7 @@ def response_rows(path: str, s, quiet: bool = False) -> tuple[str, list[tuple[Pr
         response_column = found[0]
     else:
         response_column = _column(columns, s.response_field, label, "--response_field")
-    out, skipped = [], []
+    out, skipped = [], bad
     for i, row in enumerate(rows):
         where = f"{place(i)}: field"
         try:
@@ -188,7 +191,7 @@ def response_rows(path: str, s, quiet: bool = False) -> tuple[str, list[tuple[Pr
             skipped.append(e.reason)
             continue
         out.append((prompt, response))
-    skipped_rows(label, skipped, len(rows), len(out), warn=not quiet)
+    skipped_rows(label, skipped, len(rows) + len(bad), len(out), warn=not quiet)
     return prompt_column, out
 
 

@@ -148,7 +148,7 @@ def with_margins(preferences, s, kept: list[int] | None = None, split: str | Non
     if use == "false":
         return preferences
     split = split or s.dataset_split
-    read = read or read_rows(s.dataset_id, split, s.dataset_config)  # once, for the columns and the margins
+    read = read or read_rows(s.dataset_id, split, s.dataset_config, getattr(s, "skip_invalid", False))  # once
     if use == "auto" and "margin" not in read.columns():
         return preferences
     of = "" if split == s.dataset_split else f" (split {split})"
@@ -175,7 +175,7 @@ def pairs_loader(s):
     from alignkit.core.data import load_preferences, read_rows
 
     def load(source, format, split, skip_invalid, config_name):
-        read = read_rows(source, split, config_name)
+        read = read_rows(source, split, config_name, skip_invalid)  # a line of invalid JSON skipped too
         kept = []  # each pair's row in the split: its margin's (--skip_invalid may skip rows)
         pairs = load_preferences(read, format, split, skip_invalid, config_name, kept=kept)
         return with_margins(pairs, s, kept, split, read)
