@@ -152,17 +152,15 @@ def _convert(raw, tp, where, choices=None, whole=False, synonyms=None):
         raw = "true" if str(raw).strip().lower() in _TRUE else "false"  # auto/true/false: YAML booleans too
     item = _list_item(inner)
     if item is None:
-        value = _scalar(raw, inner, where)
-        items = [value]
+        items = [value := _scalar(raw, inner, where)]
     else:
         if isinstance(raw, str):  # CLI tokens, env vars and YAML strings are comma separated, unless whole
             raw = [raw] if whole else [p.strip() for p in raw.split(",") if p.strip()]
         if not isinstance(raw, (list, tuple)):
             raise ConfigError(f"invalid value for {where}: {raw!r} is not a {_type_name(inner)}")
         value = items = [_scalar(x, item, where) for x in raw]
-    for v in items if choices else []:
-        if v not in choices:
-            raise ConfigError(f"invalid value for {where}: {v!r} is not one of {', '.join(map(str, choices))}")
+    if choices and (v := next((v for v in items if v not in choices), _MISSING)) is not _MISSING:
+        raise ConfigError(f"invalid value for {where}: {v!r} is not one of {', '.join(map(str, choices))}")
     return value
 
 

@@ -440,23 +440,17 @@ class LoTASettings:
     )
 
     def __post_init__(self):
-        parent = getattr(super(), "__post_init__", None)
-        if parent:
-            parent()
+        _chain_post_init(self, LoTASettings)
         if self.adapter != "lota":
             return
         if not 0.0 < self.lota_sparsity < 1.0:
             raise ValueError(f"lota_sparsity must lie strictly between 0 and 1 (the share kept frozen), got {self.lota_sparsity}")
         if getattr(self, "quantization", "none") in ("4bit", "8bit"):
-            raise ValueError(
-                f"--adapter lota needs full-precision weights (the delta is added to them), not --quantization "
-                f"{self.quantization}: pass --quantization none (or auto)"
-            )
+            raise ValueError(f"--adapter lota needs full-precision weights (the delta is added to them), not "
+                             f"--quantization {self.quantization}: pass --quantization none (or auto)")
         if getattr(self, "push_to_hub", False) and not getattr(self, "merge_adaptors", False):
-            raise ValueError(
-                "--push_to_hub with --adapter lota pushes the merged model: add --merge_adaptors (a sparse delta "
-                "loads only with alignkit)"
-            )
+            raise ValueError("--push_to_hub with --adapter lota pushes the merged model: add --merge_adaptors (a "
+                             "sparse delta loads only with alignkit)")
         if not self.lota_mask and self.lota_calibration_steps < 1:
             raise ValueError("lota_calibration_steps must be >= 1 unless --lota_mask gives the mask")
         defaults = {f.name: f.default for f in fields(self) if f.name.startswith(("lora_", "use_rslora", "use_dora"))}
