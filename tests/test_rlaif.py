@@ -649,6 +649,34 @@ def test_evaluation_prompts_are_read_in_any_format_and_refused_before_round_1_wh
     assert calls == []  # refused before round 1's labelling
 
 
+def test_each_round_judges_each_distinct_evaluation_prompt_once(tmp_path, monkeypatch, alignkit_log):
+    """The tiny preset's prompts file (64 rows, 29 distinct prompts) went to evaluate.py as it is: each round judged
+    "64 matches", a repeated prompt as often as it repeats, and the bootstrap CI counted the repeats as independent
+    questions (an audit). Each distinct prompt is judged once (its first row's id and category), and the line says
+    how many were dropped, as evaluate.py's vibes does; a file without repeats still goes as it is."""
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.train import rlaif
+
+    calls = _capture_steps(monkeypatch)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"prompt": "hi", "category": "greeting"}, {"prompt": "name a fruit."}, {"prompt": "hi", "category": "other"},
+        {"prompt": "name a fruit."}, {"prompt": "count to 3."}]))
+    rlaif.run(RLAIFSettings(model_id=str(tmp_path), dataset_id=str(prompts), judge="python:j:f", rounds=1,
+                            eval_judge_model="rule"), tmp_path / "run")
+    _, flags, seen = next(c for c in calls if c[0] == "evaluate.py")
+    assert flags["--prompts_file"] == str(tmp_path / "run" / "eval_prompts.jsonl")
+    assert [json.loads(line) for line in seen.splitlines()] == [
+        {"question_id": 1, "category": "greeting", "prompt": "hi"},
+        {"question_id": 2, "category": "prompts", "prompt": "name a fruit."},
+        {"question_id": 5, "category": "prompts", "prompt": "count to 3."}]
+    assert f"each round is judged on 3 prompts from {prompts} (2 repeated ones dropped), in " in alignkit_log.text
+    assert rlaif.eval_prompts(RLAIFSettings(dataset_id=str(prompts)), None) is None  # the check writes nothing
+    once = tmp_path / "once.txt"
+    once.write_text("hi\nname a fruit.\n")
+    assert rlaif.eval_prompts(RLAIFSettings(dataset_id=str(prompts), eval_prompts=str(once)), tmp_path) == str(once)
+
+
 def test_a_step_interrupted_leaves_the_saying_to_rlaif(tmp_path):
     """A round's script interrupted printed the command line's advice ("the same command goes on") beside rlaif's own
     line, in a notebook too: as a step, it stops with the same exit status and says nothing."""

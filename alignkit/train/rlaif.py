@@ -239,7 +239,8 @@ def eval_prompts(s, folder: Path | None) -> str | None:
     before hours of labelling and training, not after).
 
     The source is --eval_prompts, else --dataset_id. A JSONL of {"prompt": ...} rows or a .txt file is what
-    evaluate.py --prompts_file reads, and goes as it is. Any other source (a Hub dataset, a folder, a CSV or
+    evaluate.py --prompts_file reads, and goes as it is unless a prompt repeats (then its distinct prompts are
+    written, _distinct_questions). Any other source (a Hub dataset, a folder, a CSV or
     Parquet file, rows of messages) is read as --dataset_id is read, from --eval_prompts_split (default: the
     --dataset_split with "train" read as "test": a Hub dataset's held-out prompts), its distinct prompts, at most
     --eval_max_prompts, into EVAL_PROMPTS in the run folder. evaluate.py pairwise judges one-turn prompts, so a
@@ -253,10 +254,11 @@ def eval_prompts(s, folder: Path | None) -> str | None:
     one_file = single_file(source)
     if s.eval_max_prompts is None and one_file:
         try:
-            prompt_questions(source)
-            return source
+            questions = prompt_questions(source)
         except UserError:
-            pass  # another format: read as --dataset_id is read, below
+            questions = None  # another format: read as --dataset_id is read, below
+        if questions is not None:
+            return _distinct_questions(questions, source, folder)
     split = "train" if one_file else (s.eval_prompts_split or s.dataset_split.replace("train", "test"))
     config = s.dataset_config if source == s.dataset_id else None
     try:
@@ -280,6 +282,28 @@ def eval_prompts(s, folder: Path | None) -> str | None:
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
     logger.info(f"each round is judged on {len(rows)} prompts from {source}"
                 + ("" if one_file else f" (split {split})") + f", in {path}")
+    return str(path)
+
+
+def _distinct_questions(questions: list[dict], source: str, folder: Path | None) -> str | None:
+    """A prompts file evaluate.py reads, as it is where each prompt is there once; else its distinct prompts (each
+    with its first row's question_id and category) into EVAL_PROMPTS in the run folder, as evaluate.py's vibes asks
+    a repeated prompt once: each prompt of the tiny preset's 64 rows (29 distinct) was judged as often as it
+    repeats, and the bootstrap CI counted the repeats as independent questions (found by an audit)."""
+    first: dict[str, dict] = {}
+    for question in questions:
+        first.setdefault(question["turns"][0], question)
+    distinct = list(first.values())
+    if len(distinct) == len(questions):
+        return source
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / EVAL_PROMPTS
+    rows = [{"question_id": q["question_id"], "category": q["category"], "prompt": q["turns"][0]} for q in distinct]
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    logger.info(f"each round is judged on {len(rows)} prompts from {source} ({len(questions) - len(rows)} repeated "
+                f"ones dropped), in {path}")
     return str(path)
 
 
