@@ -693,6 +693,34 @@ def test_a_step_interrupted_leaves_the_saying_to_rlaif(tmp_path):
     assert alone.stderr.strip() == INTERRUPTED and step.stderr.strip() == ""
 
 
+def test_a_step_s_own_how_to_go_on_names_rlaif_s_command_not_the_step_s(tmp_path, monkeypatch):
+    """An interrupted round's dpo.py said "its checkpoints stay in ...: run the same command again to resume", where
+    the command rlaif.py had printed for it ended in --resume false: run again, it would start over. As a step, its
+    line names how to go on where rlaif runs (the rlaif.py command, or a notebook's cells)."""
+    from alignkit.core import errors
+    from alignkit.train import rlaif, step_process
+
+    (tmp_path / "step.py").write_text(
+        "import pathlib, sys\nfrom alignkit.train.run_release import _release\n"
+        "folder = pathlib.Path(sys.argv[1])\n(folder / 'checkpoint-75').mkdir(parents=True, exist_ok=True)\n"
+        "(folder / 'checkpoint-75' / 'trainer_state.json').write_text('{}')\n"
+        "_release(folder, None, KeyboardInterrupt())\n")
+    monkeypatch.setattr(step_process, "ROOT", tmp_path)
+    monkeypatch.setattr(step_process, "live", lambda: False)
+    log = tmp_path / "log.txt"
+    for notebook, again in ((False, "run the same rlaif.py command again"),
+                            (True, "run the cells from the settings cell on again")):
+        monkeypatch.setattr(errors, "is_notebook", lambda: notebook)
+        rlaif._run("step.py", [str(tmp_path / "dpo")], log)
+        said = log.read_text().splitlines()[-1]
+        assert said.endswith(f"its checkpoints stay in {tmp_path / 'dpo'} (see alignkit_failed.txt): {again} to "
+                             "resume"), said
+    monkeypatch.delenv(errors.STEP_AGAIN, raising=False)  # alone, a script's own command is the one to run again
+    monkeypatch.setenv(errors.STEP_OF, "command")
+    monkeypatch.setattr(errors, "is_notebook", lambda: False)
+    assert errors.run_again() == "run the same command again"
+
+
 def test_a_reward_model_judge_is_the_same_step_input_wherever_its_folder_is(tiny_cache, tmp_path):
     """rm:FOLDER in a round's inputs by the model's content: a copied folder, or its path spelled another way, is the
     same judge (the round was relabelled, retrained and judged again); retrained, it is another."""

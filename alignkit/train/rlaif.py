@@ -66,7 +66,7 @@ def _again() -> str:
 
 def _run(script: str, args: list[str], log: Path) -> None:
     """One step in its own process (alignkit.train.step_process): its output in `log`, and shown live."""
-    run_step(script, args, log, again=f"{_again()}: it resumes at this round")
+    run_step(script, args, log, again=f"{_again()}: it resumes at this round", go_on=_again())
 
 
 def _reference(s) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.errors import EXIT_USER_ERROR, UserError
-from alignkit.core.errors import STEP_OF, is_notebook
+from alignkit.core.errors import STEP_AGAIN, STEP_OF, is_notebook
 from alignkit.core.parent_death import stop_with_parent
 from alignkit.core.progress import FORCE_LIVE, live
 
@@ -29,16 +29,19 @@ RELAY_GRACE_S = 5.0  # after the step exits, how long its last output may take t
 STOP_GRACE_S = 60.0  # a step told to stop (SIGTERM) ends its training step and saves it first: how long it may take
 
 
-def run_step(script: str, args: list[str], log: Path, again: str = "run the same command again") -> None:
+def run_step(script: str, args: list[str], log: Path, again: str = "run the same command again",
+             go_on: str | None = None) -> None:
     """`script` with `args`, its output appended to `log` (and shown where a person watches); a failure raises,
     naming the log: a bad input's one `error:` line as a UserError, anything else with the log's last lines.
-    `again`: how the user resumes after fixing the cause."""
+    `again`: how the user resumes after fixing the cause; `go_on`: how the step's own lines say to go on after a
+    stop (STEP_AGAIN: "run the same rlaif.py command again", not the step's own command line)."""
     command = [sys.executable, str(ROOT / script), *args]
     logger.info(f"{script} {' '.join(shlex.quote(a) for a in args)}")
     shown = live()
     # Unbuffered: into a pipe, the step's print()s would otherwise come at its exit, after all its log lines.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1", **({FORCE_LIVE: "1"} if shown else {}), STEP_OF: "cell" if is_notebook() else "command"}  # its Ctrl-C: ours to say
+           "PYTHONUNBUFFERED": "1", **({FORCE_LIVE: "1"} if shown else {}), STEP_OF: "cell" if is_notebook() else "command",  # its Ctrl-C: ours to say
+           **({STEP_AGAIN: go_on} if go_on else {})}
     with open(log, "a", encoding="utf-8") as out:
         start = out.tell()  # this run's part of the log: an earlier try's error: line is not this one's
         step = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
