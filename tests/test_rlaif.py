@@ -294,6 +294,44 @@ def test_a_rerun_redoes_exactly_the_steps_whose_inputs_changed_and_keeps_the_ear
     assert calls[0] == ("label.py", f"{folder}/round-1/preferences.jsonl")
 
 
+def test_each_step_run_heads_its_part_of_the_log_and_a_redone_step_s_part_goes_aside_with_its_results(
+        tmp_path, monkeypatch):
+    """round-r/log.txt held the first run's label, dpo and eval output and, straight after, a rerun's redone DPO's,
+    with nothing to tell them apart; and the redo moved the earlier results to previous-TIME/ but not their log. Each
+    step run's part starts with a line naming its time, step and command; a redone step's earlier parts move with its
+    results (the steps reused keep theirs)."""
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.train import rlaif, step_process
+
+    real = rlaif._run
+    base, prompts, calls = _faked_rounds(tmp_path, monkeypatch)
+    fake = rlaif._run
+    for script in ("label.py", "dpo.py", "evaluate.py"):  # each prints a line, then the fake leaves its files
+        (tmp_path / script).write_text(f"import os\nprint('{script} output', os.getpid())\n")
+    monkeypatch.setattr(step_process, "ROOT", tmp_path)
+    monkeypatch.setattr(step_process, "live", lambda: False)
+    monkeypatch.setattr(rlaif, "_run", lambda script, args, log: (real(script, args, log), fake(script, args, log)))
+    folder = tmp_path / "run"
+
+    def run(**changes):
+        rlaif.run(RLAIFSettings(**{"model_id": str(base), "dataset_id": str(prompts), "judge": "python:j:f",
+                                   "eval_judge_model": "rule", "rounds": 1, **changes}), folder)
+        return (folder / "round-1" / "log.txt").read_text().splitlines()
+
+    first = run()
+    assert [line.split(": ", 1)[0][24:] for line in first if line.startswith("=== ")] == ["label", "dpo", "eval"]
+    header = next(line for line in first if line.startswith("=== ") and " dpo: " in line)
+    assert re.fullmatch(r"=== \d{4}-\d\d-\d\d \d\d:\d\d:\d\d dpo: dpo\.py --config \S+/round-1/dpo_config.yaml "
+                        r"--model_id .*", header), header
+    second = run(dpo_beta=0.3)
+    aside = next((folder / "round-1").glob("previous-*"))
+    label = first[:first.index(next(line for line in first if " dpo: " in line))]
+    assert second[:len(label)] == label  # the labels stand: their part stays
+    assert [line.split(": ", 1)[0][24:] for line in second if line.startswith("=== ")] == ["label", "dpo", "eval"]
+    assert "--resume false" in next(line for line in second if " dpo: " in line)
+    assert (aside / "log.txt").read_text().splitlines() == first[len(label):]  # the earlier dpo's and eval's, in order
+
+
 def test_a_round_that_labels_nothing_stops_at_its_judge_and_a_missing_prompts_file_before_round_1(
         tmp_path, monkeypatch, judge_modules):
     """A judge whose verdicts never parsed let label.py end well with an empty file; rlaif.py counted the step done
@@ -487,11 +525,11 @@ def test_a_step_s_output_and_bars_are_shown_as_they_come_and_logged_as_lines(tmp
     parse_config(SFTSettings, env_file=None, args=[])
     monkeypatch.delenv("ALIGNKIT_PROGRESS")
     assert "bars 1" in shown and "\rjudging 0/2\rjudging 1/2\rjudging 2/2\n" in shown and "done" in shown
-    assert log.read_text().splitlines() == ["bars 1", "judging 2/2", "done"]
+    assert re.fullmatch(r"=== \d{4}-\d\d-\d\d \d\d:\d\d:\d\d step: step\.py ", log.read_text().splitlines()[0])
+    assert _body(log) == ["bars 1", "judging 2/2", "done"]
     monkeypatch.setattr(step_process, "live", lambda: False)  # a batch job: the log only, no bars drawn
     step_process.run_step("step.py", [], log)
-    assert "bars" not in capsys.readouterr().err and log.read_text().splitlines()[3:] == ["bars None", "judging 2/2",
-                                                                                          "done"]
+    assert "bars" not in capsys.readouterr().err and _body(log)[3:] == ["bars None", "judging 2/2", "done"]
     # A step that exits leaving a process holding its output (wandb's service, a server) ends the step there; a
     # Windows line end is a line end.
     (tmp_path / "leaves.py").write_text("import subprocess, sys\nsys.stdout.write('left\\r\\n'); sys.stdout.flush()\n"
@@ -499,7 +537,7 @@ def test_a_step_s_output_and_bars_are_shown_as_they_come_and_logged_as_lines(tmp
     monkeypatch.setattr(step_process, "RELAY_GRACE_S", 0.5)
     started = time.monotonic()
     step_process.run_step("leaves.py", [], log)
-    assert time.monotonic() - started < 15 and log.read_text().splitlines()[6:] == ["left"]
+    assert time.monotonic() - started < 15 and _body(log)[6:] == ["left"]
 
     (tmp_path / "slow.py").write_text("import os, pathlib, sys, time\n"
                                       "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\ntime.sleep(60)\n")
@@ -521,6 +559,11 @@ def test_a_step_s_output_and_bars_are_shown_as_they_come_and_logged_as_lines(tmp
         step_process.run_step("slow.py", [str(pid_file)], log)
     with pytest.raises(ProcessLookupError):  # stopped and reaped before the interrupt went on
         os.kill(int(pid_file.read_text()), 0)
+
+
+def _body(log: Path) -> list[str]:
+    """A step log's lines but each run's header (step_process.HEADER)."""
+    return [line for line in log.read_text().splitlines() if not line.startswith("=== ")]
 
 
 def _capture_steps(monkeypatch):
@@ -556,7 +599,7 @@ def test_a_step_s_prints_come_in_order_and_a_late_writer_breaks_nothing(tmp_path
                                       "print('3 stdout')\nsys.stderr.write('4 stderr\\n')\n")
     log = tmp_path / "step.log"
     step_process.run_step("step.py", [], log)
-    assert log.read_text().splitlines() == ["1 stdout", "2 stderr", "3 stdout", "4 stderr"]
+    assert _body(log) == ["1 stdout", "2 stderr", "3 stdout", "4 stderr"]
 
     monkeypatch.setattr(step_process, "RELAY_GRACE_S", 0.5)
     (tmp_path / "leaves.py").write_text(
@@ -566,7 +609,7 @@ def test_a_step_s_prints_come_in_order_and_a_late_writer_breaks_nothing(tmp_path
     monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
     step_process.run_step("leaves.py", [], log)
     time.sleep(3)
-    assert not errors and log.read_text().splitlines()[4:] == ["done"]
+    assert not errors and _body(log)[4:] == ["done"]
 
 
 def test_a_hub_style_dataset_is_labelled_from_its_split_and_judged_on_its_held_out_prompts(tmp_path, monkeypatch):

@@ -28,7 +28,8 @@ travels by content: new preferences retrain the adapter, a new adapter is evalua
 round's new policy, so every later round is redone too; a step whose inputs still match, as the evaluation
 after a change of --dpo_beta does not, is reused. A redo reuses whatever of label.py's and evaluate.py's own
 caches still applies (they key on their inputs too). Nothing earlier is deleted: before a step is redone, its
-earlier outputs, marker and round.json move to round-r/previous-TIME/, and the earlier adapter to
+earlier outputs, marker, round.json and its runs' parts of round-r/log.txt (each step run's part starts with a line
+naming its time, step and command) move to round-r/previous-TIME/, and the earlier adapter to
 round-r/dpo.previous-TIME (beside dpo/, as alignkit.train.training moves a run folder, so a relative base path
 still resolves). A redo that fails resumes on the next run, as any step does.
 A round made by a version that kept no markers is redone (nothing says what it was made from).
@@ -51,10 +52,11 @@ from alignkit.train.rlaif_inputs import (  # noqa: F401 - start_model, revision_
     _digest, _dpo_config, _dpo_inputs, _eval_inputs, _label_inputs, _prompt_source, dpo_command, endpoint_flags,
     eval_command, label_command, label_judge_flags, loader_flags, revision_of, same_inputs, start_model,
 )
-from alignkit.train.step_process import run_step
+from alignkit.train.step_process import move_sections, run_step
 
 ROUND_FILE = "round.json"
 STEPS = ("label", "dpo", "eval")
+STEP_OF_SCRIPT = {"label.py": "label", "dpo.py": "dpo", "evaluate.py": "eval"}  # each run's header in log.txt
 
 
 def _again() -> str:
@@ -66,7 +68,8 @@ def _again() -> str:
 
 def _run(script: str, args: list[str], log: Path) -> None:
     """One step in its own process (alignkit.train.step_process): its output in `log`, and shown live."""
-    run_step(script, args, log, again=f"{_again()}: it resumes at this round", go_on=_again())
+    run_step(script, args, log, again=f"{_again()}: it resumes at this round", go_on=_again(),
+             name=STEP_OF_SCRIPT.get(script))
 
 
 def _reference(s) -> list[str]:
@@ -117,9 +120,10 @@ def _say_reused(r: int, step: str, plan: tuple[str | None, str]) -> None:
 
 def _start(here: Path, step: str, inputs: dict, plan: tuple[str | None, str], outputs: list[Path], aside: Path,
            r: int, beside: Path | None = None) -> None:
-    """Before a redo, move the step's earlier outputs, its marker and round.json to `aside` (a model folder `beside`
-    to NAME.previous-TIME next to it, where a relative base path in its adapter config still resolves); then mark
-    the step begun, so that a rerun after a failure resumes it rather than starting it over."""
+    """Before a redo, move the step's earlier outputs, its marker, round.json and its runs' parts of log.txt to
+    `aside` (a model folder `beside` to NAME.previous-TIME next to it, where a relative base path in its adapter
+    config still resolves); then mark the step begun, so that a rerun after a failure resumes it rather than
+    starting it over."""
     moved = False
     if plan[0] == "redo":
         if beside is not None and beside.exists():
@@ -130,6 +134,9 @@ def _start(here: Path, step: str, inputs: dict, plan: tuple[str | None, str], ou
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(path), target)
                 moved = True
+        # The step's part of log.txt with them (each run's part starts with a header: step_process.HEADER): the log
+        # held the earlier runs' lines and the redo's straight after, and none went aside (found by an audit).
+        moved |= move_sections(here / "log.txt", {step}, aside / "log.txt")
     if plan[1]:
         logger.info(f"round {r}: {step} redone: {plan[1]}" + (f" (the earlier results: {aside})" if moved else ""))
     write_json(_marker(here, step), {"digest": _digest(inputs), "inputs": inputs, "done": False})

@@ -16,11 +16,13 @@ import shlex
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from alignkit import logger
 from alignkit.core.errors import EXIT_USER_ERROR, UserError
 from alignkit.core.errors import STEP_AGAIN, STEP_OF, is_notebook
+from alignkit.core.journal import write_atomic
 from alignkit.core.parent_death import stop_with_parent
 from alignkit.core.progress import FORCE_LIVE, live
 
@@ -29,14 +31,20 @@ RELAY_GRACE_S = 5.0  # after the step exits, how long its last output may take t
 STOP_GRACE_S = 60.0  # a step told to stop (SIGTERM) ends its training step and saves it first: how long it may take
 
 
+HEADER = re.compile(r"^=== (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ([^:\s]+): ")  # a step run's first line in its log
+
+
 def run_step(script: str, args: list[str], log: Path, again: str = "run the same command again",
-             go_on: str | None = None) -> None:
+             go_on: str | None = None, name: str | None = None) -> None:
     """`script` with `args`, its output appended to `log` (and shown where a person watches); a failure raises,
     naming the log: a bad input's one `error:` line as a UserError, anything else with the log's last lines.
     `again`: how the user resumes after fixing the cause; `go_on`: how the step's own lines say to go on after a
-    stop (STEP_AGAIN: "run the same rlaif.py command again", not the step's own command line)."""
+    stop (STEP_AGAIN: "run the same rlaif.py command again", not the step's own command line). Each run's part of
+    the log starts with a HEADER line: its time, the step's `name` (default: the script's) and the command, so that
+    a rerun's lines are told from the run before's (move_sections takes a step's parts out)."""
     command = [sys.executable, str(ROOT / script), *args]
-    logger.info(f"{script} {' '.join(shlex.quote(a) for a in args)}")
+    said = f"{script} {' '.join(shlex.quote(a) for a in args)}"
+    logger.info(said)
     shown = live()
     # Unbuffered: into a pipe, the step's print()s would otherwise come at its exit, after all its log lines.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -44,6 +52,8 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
            **({STEP_AGAIN: go_on} if go_on else {})}
     with open(log, "a", encoding="utf-8") as out:
         start = out.tell()  # this run's part of the log: an earlier try's error: line is not this one's
+        out.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {name or Path(script).stem}: {said}\n")
+        out.flush()
         step = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
                                 preexec_fn=_stop_with_parent(os.getpid()) if sys.platform == "linux" else None)
         # Relayed on a thread, and waited for by the step's exit: a process the step left behind holding its output
@@ -81,6 +91,36 @@ def run_step(script: str, args: list[str], log: Path, again: str = "run the same
     first = f": {said}" if said else ""  # its error: line (hidden from the screen), where a crash pushed it off the tail
     raise RuntimeError(f"{script} failed (exit {code}){first}; its log: {log}\n{''.join(lines[-15:])}\n"
                        f"Fix the cause and {again}")
+
+
+def move_sections(log: Path, names: set[str], to: Path) -> bool:
+    """The parts of `log` (each from a HEADER line to the next) of the steps `names`, and any lines before its
+    first header (a log written before headers: what made them is unknown), appended to `to` in the order they
+    ran, `to`'s own parts included (the steps of one redo move one after another); True if any moved."""
+    if not log.is_file():
+        return False
+    kept, moved = [], []
+    for when, name, text in _sections(log.read_text(encoding="utf-8")):
+        (moved if name is None or name in names else kept).append((when, name, text))
+    if not moved:
+        return False
+    there = _sections(to.read_text(encoding="utf-8")) if to.is_file() else []
+    to.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(to, "".join(text for *_, text in sorted(there + moved, key=lambda part: part[0] or "")))
+    write_atomic(log, "".join(text for *_, text in kept))
+    return True
+
+
+def _sections(text: str) -> list[tuple[str | None, str | None, str]]:
+    """(time, step name, text) of each step run's part of a log; (None, None, text) for lines before any header."""
+    parts: list[list] = []
+    for line in text.splitlines(True):
+        found = HEADER.match(line)
+        if found or not parts:
+            parts.append([found and found[1], found and found[2], line])
+        else:
+            parts[-1][2] += line
+    return [tuple(part) for part in parts]
 
 
 class _Done:
