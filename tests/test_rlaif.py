@@ -422,6 +422,46 @@ def test_a_redo_that_fails_keeps_the_earlier_round_aside_and_the_same_command_re
     assert json.loads((aside / "round.json").read_text()) == first[0]
 
 
+def test_a_step_that_goes_on_says_so_as_a_reused_or_redone_one_does(tmp_path, monkeypatch, alignkit_log):
+    """A round's dpo.py interrupted after checkpoint-75 was resumed with only its bare command printed: "resuming
+    from checkpoint-75" was in log.txt alone. A step that goes on says how far it came; one that ran to its end but
+    was not recorded done (killed between the two) says it is finishing."""
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.train import rlaif
+
+    base, prompts, calls = _faked_rounds(tmp_path, monkeypatch)
+    fake, cut = rlaif._run, []
+
+    def run_step(script, args, log):
+        if script in cut:
+            checkpoint = Path(args[args.index("--output_dir") + 1]) / "dpo" / "checkpoint-75"
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            (checkpoint / "trainer_state.json").write_text("{}")
+            raise KeyboardInterrupt
+        fake(script, args, log)
+
+    monkeypatch.setattr(rlaif, "_run", run_step)
+    s = RLAIFSettings(model_id=str(base), dataset_id=str(prompts), judge="python:j:f", eval_judge_model="rule",
+                      rounds=1)
+    cut.append("dpo.py")
+    with pytest.raises(KeyboardInterrupt):
+        rlaif.run(s, tmp_path / "run")
+    cut.clear()
+    alignkit_log.clear()
+    rlaif.run(s, tmp_path / "run")
+    assert "round 1: dpo resumed (interrupted at step 75)" in alignkit_log.text
+    assert "round 1: label made earlier from the same inputs; reused" in alignkit_log.text
+    here = tmp_path / "run" / "round-1"
+    for step in ("dpo", "label"):  # killed after the step's end, before its marker said done
+        marker = here / f"{step}.step.json"
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "done": False}))
+    alignkit_log.clear()
+    rlaif.run(s, tmp_path / "run")
+    for step in ("label", "dpo"):
+        assert f"round 1: {step} finishing (its run ended before it was recorded as done: run again, it checks what " \
+               "it made)" in alignkit_log.text
+
+
 def test_the_policy_samples_trains_and_is_judged_as_loaded_the_same_way(tmp_path, monkeypatch):
     """The loader settings (--dtype, --chat_template, ...) reach label.py and evaluate.py as well as dpo.py, each
     parsed by the script's own settings; --revision and --gguf_file name the starting model in every round-1

@@ -111,11 +111,23 @@ def _plan(here: Path, step: str, inputs: dict, whole: bool) -> tuple[str | None,
     return "redo", f"{', '.join(changed)} changed" if saved else "no record of the inputs it was made from"
 
 
-def _say_reused(r: int, step: str, plan: tuple[str | None, str]) -> None:
+def _say_reused(r: int, step: str, plan: tuple[str | None, str], whole: bool = False, cut: str = "") -> None:
     """A step of an unfinished round made earlier from the same inputs is skipped: said, not left to be told by the
-    commands that did not run (found by an audit)."""
+    commands that did not run (found by an audit). So is a step that goes on: cut short (`cut`: how far it came; only
+    dpo.py's log said "resuming from checkpoint-75"), or run to its end (`whole`) but not recorded as done."""
     if plan[0] is None:
         logger.info(f"round {r}: {step} made earlier from the same inputs; reused")
+    elif plan[0] == "resume":
+        logger.info(f"round {r}: {step} finishing (its run ended before it was recorded as done: run again, it "
+                    "checks what it made)" if whole else f"round {r}: {step} resumed ({cut})")
+
+
+def _dpo_cut(dpo: Path) -> str:
+    from alignkit.core.run_records import checkpoints
+
+    found = checkpoints(dpo) if dpo.is_dir() else []
+    return f"interrupted at step {found[-1].name.split('-')[-1]}" if found else \
+        "interrupted before its first checkpoint: it starts over"
 
 
 def _start(here: Path, step: str, inputs: dict, plan: tuple[str | None, str], outputs: list[Path], aside: Path,
@@ -170,8 +182,9 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
     summary_file = preferences.with_suffix(".summary.json")
     revision = revision_of(s, policy)  # the policy's: round 1's --revision, none for a run folder
     inputs = {"label": _json_inputs(_label_inputs(s, r, policy, revision))}
-    plan = _plan(here, "label", inputs["label"], _whole(summary_file) and preferences.is_file())
-    _say_reused(r, "label", plan)
+    whole = _whole(summary_file) and preferences.is_file()
+    plan = _plan(here, "label", inputs["label"], whole)
+    _say_reused(r, "label", plan, whole, "interrupted: label.py's cache keeps what was judged")
     ran = bool(plan[0])
     if plan[0]:
         outputs = [preferences, summary_file, preferences.with_suffix(".config.json")]
@@ -194,8 +207,8 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
     dpo = here / "dpo"
     reference = _reference(s)
     inputs["dpo"] = _json_inputs(_dpo_inputs(s, policy, revision, preferences, reference))
-    plan = _plan(here, "dpo", inputs["dpo"], _whole(dpo / "metrics.json"))
-    _say_reused(r, "dpo", plan)
+    plan = _plan(here, "dpo", inputs["dpo"], whole := _whole(dpo / "metrics.json"))
+    _say_reused(r, "dpo", plan, whole, _dpo_cut(dpo) if plan[0] == "resume" else "")
     ran |= bool(plan[0])
     if plan[0]:
         # A redo starts over, the earlier adapter moved to dpo.previous-TIME first: what dpo.py then finds in dpo/
@@ -208,8 +221,8 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
     evaluation = here / "eval"
     judge = s.eval_judge_model or s.judge_model
     inputs["eval"] = _json_inputs(_eval_inputs(s, policy, revision, dpo, judge, prompts))
-    plan = _plan(here, "eval", inputs["eval"], _whole(evaluation / "results.json"))
-    _say_reused(r, "eval", plan)
+    plan = _plan(here, "eval", inputs["eval"], whole := _whole(evaluation / "results.json"))
+    _say_reused(r, "eval", plan, whole, "interrupted: evaluate.py keeps the answers and judgments made")
     ran |= bool(plan[0])
     if plan[0]:
         # The whole folder: the earlier policy's answers too, which evaluate.py would refuse as another model's.
