@@ -332,6 +332,29 @@ def test_each_step_run_heads_its_part_of_the_log_and_a_redone_step_s_part_goes_a
     assert (aside / "log.txt").read_text().splitlines() == first[len(label):]  # the earlier dpo's and eval's, in order
 
 
+def test_the_table_names_what_made_it_and_round_folders_of_an_earlier_longer_run(tmp_path, monkeypatch,
+                                                                                 alignkit_log):
+    """rlaif.md's rows said nothing of the settings that made them (only rlaif_config.json did); and after --rounds 1
+    over an earlier --rounds 2, it showed round 1 alone while round-2/ stayed with no word."""
+    from alignkit.core.config import RLAIFSettings
+    from alignkit.train import rlaif
+
+    base, prompts, calls = _faked_rounds(tmp_path, monkeypatch)
+
+    def run(rounds):
+        rlaif.run(RLAIFSettings(model_id=str(base), dataset_id=str(prompts), judge="python:j:f", rounds=rounds,
+                                eval_judge_model="rule", dpo_beta=0.2), tmp_path / "run")
+        return (tmp_path / "run" / "rlaif.md").read_text()
+
+    table = run(2)
+    assert f"Model {base}, judge python:j:f, evaluation judge rule, dpo_beta 0.2, reference previous, 2 rounds; every " \
+           "setting: rlaif_config.json." in table and "earlier run" not in table
+    table = run(1)
+    note = "round-2/ is from an earlier run with --rounds 2, not this one (--rounds 1): not in this table"
+    assert "| 1 |" in table and "| 2 |" not in table and ", 1 round;" in table
+    assert table.endswith(f"\n{note}.\n") and note in alignkit_log.text
+
+
 def test_a_round_that_labels_nothing_stops_at_its_judge_and_a_missing_prompts_file_before_round_1(
         tmp_path, monkeypatch, judge_modules):
     """A judge whose verdicts never parsed let label.py end well with an empty file; rlaif.py counted the step done

@@ -49,8 +49,9 @@ from alignkit import logger
 from alignkit.core.errors import ConfigError, UserError
 from alignkit.core.journal import free_name, read_json, write_atomic, write_json
 from alignkit.train.rlaif_inputs import (  # noqa: F401 - start_model, revision_of, ...: importable from here too
-    _digest, _dpo_config, _dpo_inputs, _eval_inputs, _label_inputs, _prompt_source, dpo_command, endpoint_flags,
-    eval_command, label_command, label_judge_flags, loader_flags, revision_of, same_inputs, start_model,
+    EVAL_PROMPTS, _digest, _dpo_config, _dpo_inputs, _eval_inputs, _label_inputs, _prompt_source, dpo_command,
+    endpoint_flags, eval_command, eval_prompts, label_command, label_judge_flags, loader_flags, revision_of,
+    same_inputs, start_model,
 )
 from alignkit.train.step_process import move_sections, run_step
 
@@ -251,82 +252,6 @@ def run_round(s, folder: Path, r: int, policy: str, prompts: str) -> dict:
     return record
 
 
-EVAL_PROMPTS = "eval_prompts.jsonl"  # in the run folder: the evaluation prompts, when read from a dataset
-
-
-def eval_prompts(s, folder: Path | None) -> str | None:
-    """The prompts file each round is judged on, ready before round 1 (a prompt that cannot be judged is found
-    before hours of labelling and training, not after).
-
-    The source is --eval_prompts, else --dataset_id. A JSONL of {"prompt": ...} rows or a .txt file is what
-    evaluate.py --prompts_file reads, and goes as it is unless a prompt repeats (then its distinct prompts are
-    written, _distinct_questions). Any other source (a Hub dataset, a folder, a CSV or
-    Parquet file, rows of messages) is read as --dataset_id is read, from --eval_prompts_split (default: the
-    --dataset_split with "train" read as "test": a Hub dataset's held-out prompts), its distinct prompts, at most
-    --eval_max_prompts, into EVAL_PROMPTS in the run folder. evaluate.py pairwise judges one-turn prompts, so a
-    prompt of several turns, or with a system turn, is refused naming its row. `folder` None: read and checked
-    only, nothing written (check)."""
-    from alignkit.core.data_files import DataError, single_file
-    from alignkit.evals.prompts_file import prompt_questions
-    from alignkit.feedback.labeling import read_prompts
-
-    source = s.eval_prompts or s.dataset_id
-    one_file = single_file(source)
-    if s.eval_max_prompts is None and one_file:
-        try:
-            questions = prompt_questions(source)
-        except UserError:
-            questions = None  # another format: read as --dataset_id is read, below
-        if questions is not None:
-            return _distinct_questions(questions, source, folder)
-    split = "train" if one_file else (s.eval_prompts_split or s.dataset_split.replace("train", "test"))
-    config = s.dataset_config if source == s.dataset_id else None
-    try:
-        # read by check() and again by run(): said once, by run()'s "each round is judged on" line
-        prompts = read_prompts(source, split, config, s.prompt_field, s.eval_max_prompts, unsaid=True)
-    except DataError as e:  # a missing split: say which setting chose it
-        if one_file or "no split" not in str(e):
-            raise
-        raise DataError(f"the evaluation prompts (--eval_prompts_split {split}): {e}") from None
-    rows = []
-    for prompt in prompts:
-        if len(prompt.messages) != 1:
-            raise DataError(f"{prompt.place}: a prompt of {len(prompt.messages)} turns "
-                            f"({', '.join(m['role'] for m in prompt.messages)}); each round's evaluation (evaluate.py "
-                            "pairwise) judges one-turn prompts. Pass --eval_prompts with one-turn prompts")
-        rows.append({"question_id": len(rows) + 1, "prompt": prompt.messages[0]["content"]})
-    if folder is None:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / EVAL_PROMPTS
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
-    logger.info(f"each round is judged on {len(rows)} prompts from {source}"
-                + ("" if one_file else f" (split {split})") + f", in {path}")
-    return str(path)
-
-
-def _distinct_questions(questions: list[dict], source: str, folder: Path | None) -> str | None:
-    """A prompts file evaluate.py reads, as it is where each prompt is there once; else its distinct prompts (each
-    with its first row's question_id and category) into EVAL_PROMPTS in the run folder, as evaluate.py's vibes asks
-    a repeated prompt once: each prompt of the tiny preset's 64 rows (29 distinct) was judged as often as it
-    repeats, and the bootstrap CI counted the repeats as independent questions (found by an audit)."""
-    first: dict[str, dict] = {}
-    for question in questions:
-        first.setdefault(question["turns"][0], question)
-    distinct = list(first.values())
-    if len(distinct) == len(questions):
-        return source
-    if folder is None:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / EVAL_PROMPTS
-    rows = [{"question_id": q["question_id"], "category": q["category"], "prompt": q["turns"][0]} for q in distinct]
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
-    logger.info(f"each round is judged on {len(rows)} prompts from {source} ({len(questions) - len(rows)} repeated "
-                f"ones dropped), in {path}")
-    return str(path)
-
-
 def run(s, folder: Path) -> list[dict]:
     """Every round, each reused where it was made from the same inputs; then the table and the chart."""
     from alignkit.train.report import show
@@ -341,7 +266,7 @@ def run(s, folder: Path) -> list[dict]:
         show(round_dir(folder, r) / "dpo" / "training.png")  # in a notebook: each round's training below the cell
         records.append(record)
         policy = record["policy"]
-    write_table(records, folder / "rlaif.md")
+    write_table(records, folder / "rlaif.md", s, _stale_rounds(folder, s.rounds))
     plot(records, folder / "win_rate.png")
     return records
 
@@ -478,8 +403,28 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_table(records: list[dict], path: Path) -> Path:
-    path.write_text("# RLAIF: each round's policy against the previous one\n\n" + format_table(records) + "\n")
+def _stale_rounds(folder: Path, rounds: int) -> str:
+    """A note on round folders past --rounds, from an earlier run with more rounds (--rounds 1 after --rounds 2 left
+    round-2/ there with no word; an audit), said in the log too; "" where there are none."""
+    numbers = (int(p.name[6:]) for p in folder.glob("round-*") if p.name[6:].isdigit())
+    past = sorted(r for r in numbers if r > rounds)
+    if not past:
+        return ""
+    note = (f"{', '.join(f'round-{r}/' for r in past)} {'is' if len(past) == 1 else 'are'} from an earlier run with "
+            f"--rounds {past[-1]}, not this one (--rounds {rounds}): not in this table")
+    logger.info(note)
+    return note
+
+
+def write_table(records: list[dict], path: Path, s=None, stale: str = "") -> Path:
+    """The table, under what made it (`s`: the model, judges, beta, rounds; every setting in rlaif_config.json)."""
+    head = "# RLAIF: each round's policy against the previous one\n\n"
+    if s is not None:  # the rows said nothing of the settings that made them (an audit)
+        head += (f"Model {s.model_id}, judge {s.judge}" + (f" ({s.judge_model})" if s.judge_model else "") +
+                 f", evaluation judge {s.eval_judge_model or s.judge_model}, dpo_beta {s.dpo_beta}, reference "
+                 f"{s.reference}, {s.rounds} round{'s' if s.rounds != 1 else ''}; every setting: "
+                 "rlaif_config.json.\n\n")
+    path.write_text(head + format_table(records) + "\n" + (f"\n{stale}.\n" if stale else ""))
     return path
 
 

@@ -2,7 +2,8 @@
 line (built once, for the round and for the check before round 1), the policy's loader
 settings and the judge endpoint as label.py / evaluate.py flags, the DPO settings as a dpo.py --config, and each
 step's inputs by content (the model down its adapter chain, the prompts and preferences files, the judges' code or
-model, files named in --label_args / --evaluate_args), whose digest decides whether a step is reused.
+model, files named in --label_args / --evaluate_args), whose digest decides whether a step is reused; and the
+evaluation prompts file every round is judged on (eval_prompts).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import shlex
 from dataclasses import fields
 from pathlib import Path
 
+from alignkit import logger
 from alignkit.core.args import redact
+from alignkit.core.errors import UserError
 from alignkit.core.saved_settings import config_to_dict
 from alignkit.core.digests import digest
 from alignkit.core.journal import write_atomic
@@ -289,3 +292,83 @@ def _eval_inputs(s, policy: str, revision: str | None, dpo: Path, judge: str | N
             "quantization": s.quantization, "seed": s.seed,
             **({} if judge == "rule" else _endpoint(s, skip={"judge_model"})), "evaluate_args": redact(s.evaluate_args),
             **_named_in(s.evaluate_args, "--evaluate_args")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The evaluation prompts, written once before round 1
+
+
+EVAL_PROMPTS = "eval_prompts.jsonl"  # in the run folder: the evaluation prompts, when read from a dataset
+
+
+def eval_prompts(s, folder: Path | None) -> str | None:
+    """The prompts file each round is judged on, ready before round 1 (a prompt that cannot be judged is found
+    before hours of labelling and training, not after).
+
+    The source is --eval_prompts, else --dataset_id. A JSONL of {"prompt": ...} rows or a .txt file is what
+    evaluate.py --prompts_file reads, and goes as it is unless a prompt repeats (then its distinct prompts are
+    written, _distinct_questions). Any other source (a Hub dataset, a folder, a CSV or
+    Parquet file, rows of messages) is read as --dataset_id is read, from --eval_prompts_split (default: the
+    --dataset_split with "train" read as "test": a Hub dataset's held-out prompts), its distinct prompts, at most
+    --eval_max_prompts, into EVAL_PROMPTS in the run folder. evaluate.py pairwise judges one-turn prompts, so a
+    prompt of several turns, or with a system turn, is refused naming its row. `folder` None: read and checked
+    only, nothing written (check)."""
+    from alignkit.core.data_files import DataError, single_file
+    from alignkit.evals.prompts_file import prompt_questions
+    from alignkit.feedback.labeling import read_prompts
+
+    source = s.eval_prompts or s.dataset_id
+    one_file = single_file(source)
+    if s.eval_max_prompts is None and one_file:
+        try:
+            questions = prompt_questions(source)
+        except UserError:
+            questions = None  # another format: read as --dataset_id is read, below
+        if questions is not None:
+            return _distinct_questions(questions, source, folder)
+    split = "train" if one_file else (s.eval_prompts_split or s.dataset_split.replace("train", "test"))
+    config = s.dataset_config if source == s.dataset_id else None
+    try:
+        # read by check() and again by run(): said once, by run()'s "each round is judged on" line
+        prompts = read_prompts(source, split, config, s.prompt_field, s.eval_max_prompts, unsaid=True)
+    except DataError as e:  # a missing split: say which setting chose it
+        if one_file or "no split" not in str(e):
+            raise
+        raise DataError(f"the evaluation prompts (--eval_prompts_split {split}): {e}") from None
+    rows = []
+    for prompt in prompts:
+        if len(prompt.messages) != 1:
+            raise DataError(f"{prompt.place}: a prompt of {len(prompt.messages)} turns "
+                            f"({', '.join(m['role'] for m in prompt.messages)}); each round's evaluation (evaluate.py "
+                            "pairwise) judges one-turn prompts. Pass --eval_prompts with one-turn prompts")
+        rows.append({"question_id": len(rows) + 1, "prompt": prompt.messages[0]["content"]})
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / EVAL_PROMPTS
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    logger.info(f"each round is judged on {len(rows)} prompts from {source}"
+                + ("" if one_file else f" (split {split})") + f", in {path}")
+    return str(path)
+
+
+def _distinct_questions(questions: list[dict], source: str, folder: Path | None) -> str | None:
+    """A prompts file evaluate.py reads, as it is where each prompt is there once; else its distinct prompts (each
+    with its first row's question_id and category) into EVAL_PROMPTS in the run folder, as evaluate.py's vibes asks
+    a repeated prompt once: each prompt of the tiny preset's 64 rows (29 distinct) was judged as often as it
+    repeats, and the bootstrap CI counted the repeats as independent questions (found by an audit)."""
+    first: dict[str, dict] = {}
+    for question in questions:
+        first.setdefault(question["turns"][0], question)
+    distinct = list(first.values())
+    if len(distinct) == len(questions):
+        return source
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / EVAL_PROMPTS
+    rows = [{"question_id": q["question_id"], "category": q["category"], "prompt": q["turns"][0]} for q in distinct]
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    logger.info(f"each round is judged on {len(rows)} prompts from {source} ({len(questions) - len(rows)} repeated "
+                f"ones dropped), in {path}")
+    return str(path)
