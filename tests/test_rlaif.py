@@ -825,6 +825,11 @@ def test_a_step_s_own_how_to_go_on_names_rlaif_s_command_not_the_step_s(tmp_path
     monkeypatch.setenv(errors.STEP_OF, "command")
     monkeypatch.setattr(errors, "is_notebook", lambda: False)
     assert errors.run_again() == "run the same command again"
+    # What rlaif sets for its steps is no setting: a step's settings did not take ALIGNKIT_STEP_AGAIN for a typo
+    from alignkit.core.environment import stray_variables
+
+    monkeypatch.setenv(errors.STEP_AGAIN, "run the same rlaif.py command again")
+    assert stray_variables([], set(), None) == []
 
 
 def test_a_reward_model_judge_is_the_same_step_input_wherever_its_folder_is(tiny_cache, tmp_path):

@@ -16,8 +16,9 @@ logger = logging.getLogger("alignkit")
 
 ENV_PREFIX = "ALIGNKIT_"
 # ALIGNKIT_ variables that are no setting: the cache folder, --debug, offline MT-Bench data, --config, the tests',
-# progress bars drawn where no terminal shows (alignkit.core.progress.FORCE_LIVE: rlaif.py's steps, a batch job).
-ENV_NOT_SETTINGS = frozenset({"CACHE", "DEBUG", "OFFLINE", "CONFIG", "TEST_CACHE", "PROGRESS", "STEP"})
+# progress bars drawn where no terminal shows (alignkit.core.progress.FORCE_LIVE: rlaif.py's steps, a batch job), a
+# step of rlaif.py and the words it goes on in (alignkit.core.errors STEP_OF, STEP_AGAIN).
+ENV_NOT_SETTINGS = frozenset({"CACHE", "DEBUG", "OFFLINE", "CONFIG", "TEST_CACHE", "PROGRESS", "STEP", "STEP_AGAIN"})
 # Every script's settings class (alignkit.core.config registers them): a variable set for another script (a shell
 # exporting ALIGNKIT_DPO_BETA for a whole pipeline) is not a mistake in this one.
 SETTINGS_CLASSES: list[type] = []
