@@ -76,11 +76,8 @@ INTERRUPTED_IMPORT = ("interrupted while Python imported a library, which stays 
 # Set in a script run as a step of another (rlaif.py's rounds, alignkit.train.step_process): that script says what an
 # interrupt left and how to go on, once, in its own words. Its value: "cell" where that script runs in a notebook.
 STEP_OF = "ALIGNKIT_STEP"
-# Set with STEP_OF: how to go on after a step stops, in the words of the run it is a step of (rlaif.py: "run the same
-# rlaif.py command again"). The step's own command line, which rlaif.py logged, is not it: it ends in --resume false
-# where the step was redone, so run again it would start over.
+# With it, how to go on after the step stops, in that run's words (the step's logged command may end in --resume false).
 STEP_AGAIN = "ALIGNKIT_STEP_AGAIN"
-
 
 _SAID_HOW_TO_GO_ON: list[bool] = []  # a stop whose own line said what is kept and how to go on (said_how_to_go_on)
 
@@ -92,12 +89,10 @@ def said_how_to_go_on() -> None:
 
 
 def run_again() -> str:
-    """How to go on after a stop, in the words of where the run was started: a notebook's cell, or a command; a
-    step of another run (STEP_OF), in that run's words (STEP_AGAIN)."""
-    if os.environ.get(STEP_AGAIN):
-        return os.environ[STEP_AGAIN]
-    return "run the cell again" if is_notebook() or os.environ.get(STEP_OF) == "cell" else \
-        "run the same command again"
+    """How to go on after a stop, in the words of where the run was started: a notebook's cell, a command, or the
+    run it is a step of (STEP_AGAIN)."""
+    cell = is_notebook() or os.environ.get(STEP_OF) == "cell"
+    return os.environ.get(STEP_AGAIN) or ("run the cell again" if cell else "run the same command again")
 
 
 def _report(kind, error, tb) -> None:
