@@ -175,7 +175,8 @@ CASES = [
     ("merge.py", ["--adapter_dir", "truncated", "--nosuch", "1"], "unknown setting: --nosuch", None),
     # A token as a flag: "unknown setting" in the scripts without TRL's names, where the training scripts say why.
     *((script, [*args, "--hub_token", "hf_x"], "--hub_token has no effect in alignkit: a token in a flag or a recipe "
-       "is saved in every checkpoint (training_args.bin); set HF_TOKEN", None)
+       "is kept where it should not be (a training run saves it in every checkpoint's training_args.bin, a shell in "
+       "its history); set HF_TOKEN", None)
       for script, args in (("merge.py", ["--adapter_dir", "truncated"]), ("rl.py", TRAIN),
                            ("label.py", ["--preset", "tiny", "--output", "OUT/x.jsonl"]),
                            ("evaluate.py", ["vibes", "--preset", "tiny"]))),

@@ -20,8 +20,9 @@ SECRET_ENV = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API
 SECRET_SUFFIXES = ("_TOKEN", "_API_KEY", "_SECRET", "_PASSWORD")
 # A token as a setting: refused in every script, in one line (alignkit.core.args; TRL's name in the training scripts,
 # alignkit.core.trl_tables.REFUSED). TrainingArguments keeps it in every checkpoint's training_args.bin.
-TOKEN_SETTINGS = {"hub_token": "a token in a flag or a recipe is saved in every checkpoint (training_args.bin); set "
-                               "HF_TOKEN (or log in with `hf auth login`): alignkit pushes with that"}
+TOKEN_SETTINGS = {"hub_token": "a token in a flag or a recipe is kept where it should not be (a training run saves it "
+                               "in every checkpoint's training_args.bin, a shell in its history); set HF_TOKEN (or log "
+                               "in with `hf auth login`): alignkit reaches the Hub with that"}
 _named: set[str] = set()  # variables a setting names as holding a key, whatever they are called
 
 # scheme://user:password@ or scheme://token@ (no scheme: "git@host" and e-mail addresses are no credentials)
