@@ -350,7 +350,7 @@ def test_the_table_names_what_made_it_and_round_folders_of_an_earlier_longer_run
     assert f"Model {base}, judge python:j:f, evaluation judge rule, dpo_beta 0.2, reference previous, 2 rounds; every " \
            "setting: rlaif_config.json." in table and "earlier run" not in table
     table = run(1)
-    note = "round-2/ is from an earlier run with --rounds 2, not this one (--rounds 1): not in this table"
+    note = "round-2/ is from an earlier run with more rounds, not this one (--rounds 1): not in this table"
     assert "| 1 |" in table and "| 2 |" not in table and ", 1 round;" in table
     assert table.endswith(f"\n{note}.\n") and note in alignkit_log.text
 
@@ -472,7 +472,7 @@ def test_a_step_that_goes_on_says_so_as_a_reused_or_redone_one_does(tmp_path, mo
     cut.clear()
     alignkit_log.clear()
     rlaif.run(s, tmp_path / "run")
-    assert "round 1: dpo resumed (interrupted at step 75)" in alignkit_log.text
+    assert "round 1: dpo resumed (from its checkpoint at step 75)" in alignkit_log.text
     assert "round 1: label made earlier from the same inputs; reused" in alignkit_log.text
     here = tmp_path / "run" / "round-1"
     for step in ("dpo", "label"):  # killed after the step's end, before its marker said done
@@ -481,8 +481,8 @@ def test_a_step_that_goes_on_says_so_as_a_reused_or_redone_one_does(tmp_path, mo
     alignkit_log.clear()
     rlaif.run(s, tmp_path / "run")
     for step in ("label", "dpo"):
-        assert f"round 1: {step} finishing (its run ended before it was recorded as done: run again, it checks what " \
-               "it made)" in alignkit_log.text
+        assert f"round 1: {step} run again to check what it made (its run ended before it was recorded as done)" \
+            in alignkit_log.text
 
 
 def test_the_policy_samples_trains_and_is_judged_as_loaded_the_same_way(tmp_path, monkeypatch):

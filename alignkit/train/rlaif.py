@@ -119,16 +119,16 @@ def _say_reused(r: int, step: str, plan: tuple[str | None, str], whole: bool = F
     if plan[0] is None:
         logger.info(f"round {r}: {step} made earlier from the same inputs; reused")
     elif plan[0] == "resume":
-        logger.info(f"round {r}: {step} finishing (its run ended before it was recorded as done: run again, it "
-                    "checks what it made)" if whole else f"round {r}: {step} resumed ({cut})")
+        logger.info(f"round {r}: {step} run again to check what it made (its run ended before it was recorded as "
+                    "done)" if whole else f"round {r}: {step} resumed ({cut})")
 
 
 def _dpo_cut(dpo: Path) -> str:
     from alignkit.core.run_records import checkpoints
 
     found = checkpoints(dpo) if dpo.is_dir() else []
-    return f"interrupted at step {found[-1].name.split('-')[-1]}" if found else \
-        "interrupted before its first checkpoint: it starts over"
+    return f"from its checkpoint at step {found[-1].name.split('-')[-1]}" if found else \
+        "no checkpoint was saved: it starts over"
 
 
 def _start(here: Path, step: str, inputs: dict, plan: tuple[str | None, str], outputs: list[Path], aside: Path,
@@ -411,7 +411,7 @@ def _stale_rounds(folder: Path, rounds: int) -> str:
     if not past:
         return ""
     note = (f"{', '.join(f'round-{r}/' for r in past)} {'is' if len(past) == 1 else 'are'} from an earlier run with "
-            f"--rounds {past[-1]}, not this one (--rounds {rounds}): not in this table")
+            f"more rounds, not this one (--rounds {rounds}): not in this table")
     logger.info(note)
     return note
 
