@@ -69,11 +69,11 @@ def test_tiny_flow_end_to_end_offline(tiny_set, tmp_path, capfd, caplog):
         run_script(*args)
     # alignkit's progress and table, not the noise of the libraries under it (the evaluate audit of session 112):
     # alpaca_eval's INFO lines and its warning about the cache path alignkit passes, scikit-learn's FutureWarnings
-    # against alpaca_eval's arguments, liblinear's "WARNING: class label 0 specified in weight is not found" (C).
+    # against alpaca_eval's arguments (liblinear's C-level line is not written on this data: the test below).
     said = capfd.readouterr()
     assert "annotating 29 pairs (tiny vs bad)" in said.out and "length_controlled_winrate" in said.out
     assert "Evaluating the tiny outputs" not in caplog.text and "Saving all results" not in caplog.text
-    assert "Saving_path is given" not in caplog.text and "specified in weight" not in said.out + said.err
+    assert "Saving_path is given" not in caplog.text
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning) and "sklearn" in w.filename] == []
     summary, board, annotations, folder = results(out, "weighted_alpaca_eval_gpt4_turbo")
     outputs = json.loads((out / "model_outputs" / "tiny.json").read_text())
