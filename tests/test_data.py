@@ -564,6 +564,13 @@ def test_skip_invalid_skips_a_line_of_invalid_json_too(tmp_path, alignkit_log):
     path.write_text('chosen: oops\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"no usable rows: all 1 rows are invalid. First problem: .*line 1: invalid JSON"):
         load_preferences(str(path), skip_invalid=True)
+    # A broken FIRST line of a JSON-lines file too (the reader took the file for one broken JSON document); a broken
+    # JSON document (most lines no object) still stops, flag or not.
+    path.write_text('{"chosen": "a", oops\n' + json.dumps(HH[0]) + "\n" + json.dumps(HH[1]) + "\n", encoding="utf-8")
+    assert load_preferences(str(path), skip_invalid=True).to_list() == [HH_OUT[0], HH_OUT[1]]
+    path.write_text('[\n  {"chosen": "a", "rejected": "b"},\n  {"chosen": "c", "rejected": "d"}\n,]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 4: invalid JSON \(a trailing comma .* one JSON array of objects"):
+        load_preferences(str(path), skip_invalid=True)
 
 
 def test_rl_and_label_prompts_skip_a_line_of_invalid_json_under_skip_invalid(tmp_path, alignkit_log):

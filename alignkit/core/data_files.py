@@ -377,8 +377,10 @@ def _read_json(text, label, skip_invalid=False) -> Rows:
         whole = None
     except json.JSONDecodeError as e:
         whole = e
-    first = next(line for line in text.splitlines() if line.strip())
-    if whole is not None and first.lstrip()[:1] in ("[", "{") and not _parses(first):  # not one object per line
+    lines = [line for line in text.splitlines() if line.strip()]
+    # Not one object per line, unless --skip_invalid and most lines are (a JSON-lines file whose first line is broken)
+    rows_file = skip_invalid and 2 * sum(line.lstrip().startswith("{") and _parses(line) for line in lines) > len(lines)
+    if whole is not None and lines[0].lstrip()[:1] in ("[", "{") and not _parses(lines[0]) and not rows_file:
         line, column, problem = _json_problem(text, whole)
         raise DataError(f"{label}: line {line}: invalid JSON ({problem} at column {column}). Fix it there: the "
                         "file must hold one JSON array of objects, or one JSON object per line.") from None
