@@ -958,6 +958,23 @@ def test_a_second_pairwise_run_into_the_same_folder_is_refused(tmp_path):
             Pairwise.start("pairwise", s)
 
 
+def test_pairwise_judges_a_repeated_prompt_once(tmp_path, alignkit_log):
+    """The README's pairwise command over the tiny prompts file (64 rows, 29 distinct prompts) judged each repeat,
+    and the bootstrap CI counted the repeats as independent questions (the review of session 38)."""
+    from alignkit.evals.evaluation import Pairwise, parse_command
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n"
+                               for p, c in (("hi", "a"), ("bye", "b"), ("hi", "c"), ("hi", "a"))))
+    command, s = parse_command(["pairwise", "--models", "a=x", "b=y", "--judge_model", "rule", "--prompts_file",
+                                str(prompts), "--output_dir", str(tmp_path / "pw")])
+    run = Pairwise.start(command, s)
+    run.load_questions()
+    assert [(q["question_id"], q["category"], q["turns"]) for q in run.questions] == [(1, "a", ["hi"]),
+                                                                                      (2, "b", ["bye"])]
+    assert f"{prompts}: 2 prompts (2 repeated ones dropped: each is judged once)" in alignkit_log.text
+
+
 def test_a_pairwise_run_s_steps_run_in_order_under_the_settings_it_started_with(tiny_cache, tmp_path):
     """evaluate.py's pairwise cells in a notebook: the settings cell run again (max_questions 4) with the later cells
     run alone answered and judged all 64 questions under the old settings and wrote them as the new run's results; a

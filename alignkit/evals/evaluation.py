@@ -278,7 +278,7 @@ class Pairwise:
             self.references = mtbench.load_reference_answers(data / mtbench.REFERENCES)
             mtbench.check_references(self.questions, self.references, common.NEED_REF_CATS, data / mtbench.REFERENCES)
         else:
-            self.questions = mtbench.select(prompt_questions(s.prompts_file), s.question_ids, s.max_questions,
+            self.questions = mtbench.select(prompt_questions(s.prompts_file, True), s.question_ids, s.max_questions,
                                             s.prompts_file)
             data = None if self.use_rule else mtbench.data_dir(s.mt_bench_data)  # for FastChat's pair-v2 prompt
         self.judge_prompts = None if self.use_rule else mtbench.load_judge_prompts(data / mtbench.JUDGE_PROMPTS)

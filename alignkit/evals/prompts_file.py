@@ -28,11 +28,22 @@ def _prompts_format(path, data: bytes) -> None:
         raise ConfigError(f"{path}: a {path.suffix.lower()[1:].upper()} file; {_PROMPTS_FORMATS}")
 
 
-def prompt_questions(path) -> list[dict]:
+def distinct_questions(questions: list[dict]) -> list[dict]:
+    """Each prompt once, as its first row (its question_id and category): a prompt judged as often as it repeats
+    counted its repeats as independent questions in the bootstrap CI (evaluate.py pairwise; rlaif.py's rounds; vibes
+    asks a repeated prompt once too)."""
+    first: dict[str, dict] = {}
+    for question in questions:
+        first.setdefault(question["turns"][0], question)
+    return list(first.values())
+
+
+def prompt_questions(path, distinct: bool = False) -> list[dict]:
     """Single-turn questions from a prompts file: JSONL rows {"prompt", optional "category" and "question_id" (an
     integer: FastChat's answer files key on it)}, or a .txt file with one prompt a line. A row without a category
     counts under "prompts"; rows without a question_id are numbered 1, 2, ... Either file is UTF-8 text (a byte
-    order mark is dropped); any other format is an error naming the two it takes."""
+    order mark is dropped); any other format is an error naming the two it takes. `distinct`: each prompt once
+    (distinct_questions), the repeats dropped said."""
     from alignkit.core.data_files import decode_text
 
     path = Path(path)
@@ -62,4 +73,10 @@ def prompt_questions(path) -> list[dict]:
         questions.append({"question_id": qid, "category": category, "turns": [prompt]})
     if not questions:
         raise ConfigError(f"{path} holds no prompts; {fix['prompt']}")
+    if distinct and len(kept := distinct_questions(questions)) < len(questions):
+        from alignkit import logger
+
+        logger.info(f"{path}: {len(kept)} prompts ({len(questions) - len(kept)} repeated ones dropped: each is "
+                    "judged once)")
+        return kept
     return questions

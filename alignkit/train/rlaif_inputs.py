@@ -357,11 +357,9 @@ def _distinct_questions(questions: list[dict], source: str, folder: Path | None)
     with its first row's question_id and category) into EVAL_PROMPTS in the run folder, as evaluate.py's vibes asks
     a repeated prompt once: each prompt of the tiny preset's 64 rows (29 distinct) was judged as often as it
     repeats, and the bootstrap CI counted the repeats as independent questions (found by an audit)."""
-    first: dict[str, dict] = {}
-    for question in questions:
-        first.setdefault(question["turns"][0], question)
-    distinct = list(first.values())
-    if len(distinct) == len(questions):
+    from alignkit.evals.prompts_file import distinct_questions
+
+    if len(distinct := distinct_questions(questions)) == len(questions):
         return source
     if folder is None:
         return None
