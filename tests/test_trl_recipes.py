@@ -601,6 +601,20 @@ def test_eval_steps_under_eval_strategy_no_is_not_used_as_trl_and_no_refusal_nam
         parse_config(RLAIFSettings, env_file=None, args=["--eval_split", "0", "--eval_steps", "5"])
 
 
+def test_eval_strategy_without_held_out_data_is_refused_before_the_model_loads(tiny_cache, monkeypatch):
+    """`sft.py --preset tiny --eval_strategy steps --eval_split 0` loaded the model (minutes for a 7B QLoRA) before
+    TRL's config refused it: the settings alone decide, for every script that holds data out (the sft.py audit)."""
+    from alignkit.modeling import models
+
+    for cls in (SFTSettings, DPOSettings, KTOSettings, RewardSettings):
+        with pytest.raises(ConfigError, match=r"^eval_strategy steps but no held-out data .*Pass --eval_split 0\.05 "
+                                              r"or --dataset_test_split test, or eval_strategy no$"):
+            parse_config(cls, env_file=None, args=["--eval_strategy", "steps", "--eval_split", "0"])
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: pytest.fail("the model loaded before the refusal"))
+    with pytest.raises(ConfigError, match=r"^eval_strategy epoch but no held-out data"):
+        run_script("sft.py", "--preset", "tiny", "--max_steps", "1", "--eval_strategy", "epoch", "--eval_split", "0")
+
+
 def test_fields_an_older_trl_had_are_named_with_what_replaced_them(alignkit_log):
     """rpo_alpha, reference_free, max_completion_length (dpo.py), ... stopped the run as "unknown setting" with a
     wrong near name ("did you mean --cpo_alpha?", a SimPO knob; found by a dpo.py audit). One that changes what

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from alignkit import logger
 from alignkit.core.args import ConfigError, setting
 from alignkit.core.errors import UserError
 from alignkit.core.saved_settings import note_not_applied
@@ -393,15 +394,14 @@ class TrainSettings(HubPushSettings, ModelSettings):
                 check_beside_mixture(self)
         strategy = str(getattr(overrides.get("eval_strategy"), "value", overrides.get("eval_strategy"))).lower()
         if self.eval_steps and type(self).holds_out and strategy == "no":  # TRL ignores eval_steps under "no"
-            from alignkit import logger
-
             logger.info(f"eval_steps {self.eval_steps} not used: eval_strategy no evaluates nothing during training "
                         "(TRL ignores it too)")
-        elif self.eval_steps and type(self).holds_out and not self.has_eval_data():
-            advice = self.test_split_advice()
-            raise ValueError(f"eval_steps {self.eval_steps} but no held-out data (eval_split 0, no "
+        elif (self.eval_steps or strategy not in ("none", "no")) and type(self).holds_out and not self.has_eval_data():
+            advice, asked = self.test_split_advice(), f"eval_steps {self.eval_steps}" if self.eval_steps else ""
+            raise ValueError(f"{asked or f'eval_strategy {strategy}'} but no held-out data (eval_split 0, no "
                              "dataset_test_split or test split in the mixture): nothing would be evaluated. Pass "
-                             f"--eval_split 0.05{f' or {advice}' if advice else ''}, or drop eval_steps")
+                             f"--eval_split 0.05{f' or {advice}' if advice else ''}, or "
+                             f"{'eval_strategy no' if strategy != 'none' else 'drop eval_steps'}")
 
     def test_split_advice(self) -> str | None:
         """How to name held-out rows of their own: a mixture's test entry, else --dataset_test_split; None where
