@@ -1205,10 +1205,12 @@ def test_dpo_prefers_one_tool_calling_trajectory_to_another(tiny_cache, tmp_path
     assert reward["trainer"].state.global_step == kto["trainer"].state.global_step == 1
 
 
-def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_template(tiny_cache, tmp_path):
+def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_template(tiny_cache, tmp_path,
+                                                                                     monkeypatch):
     """TRL hands whole messages to the chat template. The tool call and the tool turn's name were dropped, so the
     model trained on the text around a call, never the call; and a template testing `'tool_calls' in message` (as
-    Llama 3.1's does) must not meet a None on the messages that have none."""
+    Llama 3.1's does) must not meet a None on the messages that have none. A template that drops the calls is
+    refused before the model loads (the sft.py audit: after it, minutes for a 7B QLoRA), from the tokenizer."""
     from alignkit.modeling import presets
 
     template = tmp_path / "tools.jinja"
@@ -1235,7 +1237,9 @@ def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_templ
                              "<|tool|>fig<|end|>")
     # The tiny preset's own template renders content only: the call would vanish from training. Refused first.
     from alignkit.core.errors import UserError
+    from alignkit.modeling import models
 
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: pytest.fail("the model loaded before the refusal"))
     with pytest.raises(UserError, match="chat template does not render tool calls, and this data has them"):
         run_script("sft.py", *common, "--run_name", "tools-dropped")
     assert run["trainer"].state.global_step == 1

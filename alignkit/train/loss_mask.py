@@ -2,9 +2,9 @@
 
 - `check_loss_mask`: a loss mask the rows or the chat template cannot give (--train_on completions on plain text,
   TRL's assistant_only_loss on rows that are no conversation or under a template without {% generation %}
-  markers), refused in one line; a TRL setting these rows leave without effect (completion_only_loss on
-  conversations, eos_token where the template ends the turns), said. Each of these was TRL's traceback after the
-  model loaded, or nothing at all.
+  markers), and tool calls under a chat template that drops them, refused in one line; a TRL setting these rows
+  leave without effect (completion_only_loss on conversations, eos_token where the template ends the turns), said.
+  Each of these was TRL's traceback (or alignkit's refusal) after the model loaded, or nothing at all.
 - `check_end_tokens`: TRL's eos_token and pad_token outside the vocabulary, refused for every script that takes
   them (alignkit.train.training.preflight; rlaif.py on its starting model), from the tokenizer alone.
 - `loss_mask_settings`: the SFTConfig flags that put the loss on completions or assistant turns where the data
@@ -93,11 +93,15 @@ def check_loss_mask(s, dataset) -> None:
     """A loss mask the rows cannot have, refused as the data is read (before the model loads): --train_on
     completions and TRL's completion_only_loss on plain text (every token was trained, without a word), TRL's
     assistant_only_loss on rows that are no conversation or under a chat template without {% generation %}
-    markers (TRL's tracebacks once the model had loaded). completion_only_loss on conversations and eos_token where
+    markers (TRL's tracebacks once the model had loaded), tool calls under a chat template that does not render
+    them (alignkit.modeling.models.require_chat_template, after the load until then). completion_only_loss on conversations and eos_token where
     the chat template ends the turns are said: TRL leaves them without effect on these rows. TRL's eos_token and
     pad_token outside the vocabulary are preflight's (check_end_tokens): the tokenizer is read here only for the
     template."""
     from trl.data_utils import is_conversational
+
+    from alignkit.core.message_columns import has_tool_calls
+    from alignkit.modeling.models import require_chat_template
 
     if dataset is None or not len(dataset):
         return
@@ -126,8 +130,10 @@ def check_loss_mask(s, dataset) -> None:
                                 (s.train_on == "completions" and "completion" not in columns
                                  and "assistant_only_loss" not in overrides))
     eos_token = _end_tokens(s).get("eos_token") if conversations else None  # said below if the template ends turns
-    if not (masked or eos_token is not None) or (tokenizer := _tokenizer(s)) is None:
+    tools = conversations and has_tool_calls(dataset)  # a template that drops the calls: refused now, not after the load
+    if not (masked or eos_token is not None or tools) or (tokenizer := _tokenizer(s)) is None:
         return
+    require_chat_template(tokenizer, s.model_id, dataset)
     template = getattr(tokenizer, "chat_template", None) or ""
     if eos_token is not None and "eos_token" not in str(template):
         # TRL appends eos_token to text and completion rows only; a template that renders `eos_token` takes it
