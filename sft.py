@@ -97,7 +97,7 @@ from alignkit.train.training import start_run, trl_config
 
 args = trl_config(
     SFTConfig, settings, run_folder, loaded.dtype, model,
-    **loss_mask_settings(settings.train_on, train_data, loaded.tokenizer, settings.trainer_overrides),
+    **loss_mask_settings(settings, train_data, loaded.tokenizer),  # what the loss covers: recorded, for the card
 )
 trainer_class = lota.trainer_class(AlignSFTTrainer) if settings.adapter == "lota" else AlignSFTTrainer
 

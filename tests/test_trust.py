@@ -442,15 +442,43 @@ def test_train_on_completions_without_generation_markers_is_a_config_error():
     from alignkit.core.args import ConfigError
     from alignkit.train.loss_mask import loss_mask_settings
 
+    def run(train_on, trainer_overrides=None):
+        return SimpleNamespace(train_on=train_on, trainer_overrides=trainer_overrides or {})
+
     tokenizer = SimpleNamespace(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     conversations = SimpleNamespace(column_names=["messages"])
     with pytest.raises(ConfigError, match="--train_on completions needs a chat template with"):
-        loss_mask_settings("completions", conversations, tokenizer)
-    assert loss_mask_settings("auto", conversations, tokenizer) == {"assistant_only_loss": False}
+        loss_mask_settings(run("completions"), conversations, tokenizer)
+    assert loss_mask_settings(run("auto"), conversations, tokenizer) == {"assistant_only_loss": False}
     # --assistant_only_loss false as well (TRL's name wins, alignkit.train.training.trl_config): no template needed
     # for it, and no refusal once the model had loaded (session 31's note).
-    assert loss_mask_settings("completions", conversations, tokenizer, {"assistant_only_loss": False}) == \
+    assert loss_mask_settings(run("completions", {"assistant_only_loss": False}), conversations, tokenizer) == \
         {"assistant_only_loss": False}
+
+
+def test_a_run_records_and_cards_what_its_loss_covered(sft_run):
+    """Every sft.py card showed `train_on "auto"`, which covers the assistant turns, the completions or every token
+    by the rows and the chat template (the last said in the log only): the run records what it resolved to, for its
+    card (the sft.py audit). The decision is loss_mask_settings', TRL's names over --train_on included."""
+    from types import SimpleNamespace
+
+    from alignkit.core.card import model_card
+    from alignkit.train.loss_mask import loss_mask_settings, loss_on
+
+    config = json.loads((sft_run["run_folder"] / "alignkit_config.json").read_text())
+    assert config["train_on"] == "auto" and config["loss_on"] == "assistant turns"  # the tiny template marks them
+    assert '| loss_on | `"assistant turns"` |' in model_card(sft_run["run_folder"])
+    marked = sft_run["loaded"].tokenizer
+    plain = SimpleNamespace(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    for rows, tokenizer, train_on, given, covered in (
+            (["messages"], plain, "auto", {}, "every token"), (["messages"], marked, "all", {}, "every token"),
+            (["messages"], marked, "all", {"assistant_only_loss": True}, "assistant turns"),
+            (["prompt", "completion"], marked, "auto", {}, "completions"),
+            (["prompt", "completion"], marked, "auto", {"completion_only_loss": False}, "every token"),
+            (["text"], marked, "auto", {}, "every token")):
+        s = SimpleNamespace(train_on=train_on, trainer_overrides=given)
+        loss_mask_settings(s, SimpleNamespace(column_names=rows), tokenizer)
+        assert loss_on(s) == covered, (rows, train_on, given)
 
 
 def test_trl_settings_conversations_leave_without_effect_are_said(tiny_cache, alignkit_log):

@@ -48,6 +48,9 @@ LOADED_CHAIN = "loaded_chain"
 # Its record there of the keys its recipe or flags named that alignkit does not apply ({key: {"value", "why"}}, the
 # "not applied, and why" log line: alignkit.core.saved_settings.not_applied), for its card.
 NOT_APPLIED_RECORD = "not_applied"
+# Its record there of what sft.py's loss covered: "assistant turns", "completions" or "every token" (--train_on auto
+# as it resolved for these rows and this chat template: alignkit.train.loss_mask.loss_on), for its card.
+LOSS_ON = "loss_on"
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 # {model_id: {"quantization": ..., "dtype": ..., "attention": ...}} as the loader last loaded it for training in this
 # process.

@@ -8,7 +8,7 @@
 - `check_end_tokens`: TRL's eos_token and pad_token outside the vocabulary, refused for every script that takes
   them (alignkit.train.training.preflight; rlaif.py on its starting model), from the tokenizer alone.
 - `loss_mask_settings`: the SFTConfig flags that put the loss on completions or assistant turns where the data
-  allows (--train_on).
+  allows (--train_on); `loss_on`: what the loss then covers, which the run records (alignkit_config.json's loss_on).
 
 The tokenizer is read here only where a check needs it (a tokenizer is cheap; the model is not), as the loader
 reads it (alignkit.modeling.models.load_tokenizer, with --chat_template).
@@ -19,6 +19,8 @@ from __future__ import annotations
 from alignkit import logger
 from alignkit.core.args import ConfigError
 from alignkit.core.saved_settings import note_not_applied
+
+_COVERED = "_alignkit_loss_on"  # beside the settings' fields, as saved_settings keeps the keys not applied
 
 
 def _data_name(s) -> str:
@@ -150,12 +152,30 @@ def check_loss_mask(s, dataset) -> None:
                           "covers every token)")
 
 
-def loss_mask_settings(train_on: str, dataset, tokenizer, overrides: dict | None = None) -> dict:
-    """SFTConfig flags that put the loss on completions or assistant turns where the data allows. `overrides`: TRL's
-    fields as given (--trainer_overrides); an assistant_only_loss given there is TRL's to apply (check_loss_mask
-    checked it), and no template is needed for it."""
+def loss_mask_settings(s, dataset, tokenizer) -> dict:
+    """SFTConfig flags that put the loss on completions or assistant turns where the data allows (--train_on). An
+    assistant_only_loss given in TRL's name (--trainer_overrides) is TRL's to apply (check_loss_mask checked it), and
+    no template is needed for it. What the loss covers once TRL's names are applied over these flags is kept on `s`
+    (`loss_on`) for the run's alignkit_config.json and card: "--train_on auto" alone does not say."""
+    overrides = s.trainer_overrides if isinstance(s.trainer_overrides, dict) else {}
+    flags = _loss_mask_flags(s.train_on, dataset, tokenizer, overrides)
+    final = {**flags, **{k: v for k, v in overrides.items() if k in ("assistant_only_loss", "completion_only_loss")
+                         and v is not None}}  # the user's TRL name wins (alignkit.train.training.trl_config)
+    completions = "completion" in dataset.column_names and final.get("completion_only_loss") is not False
+    object.__setattr__(s, _COVERED, "completions" if completions else "assistant turns"
+                       if final.get("assistant_only_loss") else "every token")
+    return flags
+
+
+def loss_on(s) -> str | None:
+    """What the loss of the run `s` covers, as loss_mask_settings decided: "completions", "assistant turns" or "every
+    token"; None where it did not decide (another script's run)."""
+    return getattr(s, _COVERED, None)
+
+
+def _loss_mask_flags(train_on: str, dataset, tokenizer, overrides: dict) -> dict:
     columns = set(dataset.column_names)
-    given = (overrides if isinstance(overrides, dict) else {}).get("assistant_only_loss")
+    given = overrides.get("assistant_only_loss")
     if train_on == "all" or "text" in columns:
         return dict(completion_only_loss=False, assistant_only_loss=False)
     if "completion" in columns:

@@ -44,8 +44,8 @@ from alignkit.core.trl_tables import BESIDE_MIXTURE
 # CLAIM_FILE: in a claimed run folder until training finishes, where the earlier run went, for when this one is
 # killed before its first checkpoint (no `except` runs then) and the next command must put the earlier run back.
 from alignkit.core.run_records import (
-    CLAIM_FILE, HUB_DATASETS, LOADED_AS, LOADED_CHAIN, NOT_APPLIED_RECORD, checkpoints, hub_datasets, loaded_as,
-    check_not_nested, loaded_chain,
+    CLAIM_FILE, HUB_DATASETS, LOADED_AS, LOADED_CHAIN, LOSS_ON, NOT_APPLIED_RECORD, checkpoints, hub_datasets,
+    check_not_nested, loaded_as, loaded_chain,
 )
 from alignkit.train import cell_checks, run_locks
 from alignkit.train.kept_judgments import carry_judgments
@@ -76,7 +76,7 @@ NOT_TRAINING = {
     # Recorded beside the settings (save_run_config), not settings: the inputs and rows (compared by content), the
     # loader's decisions and chain, the keys not applied, the Hub's datasets, --resume true over changed settings.
     "inputs", "trained_over", DATA_ROWS, HELD_OUT_RECORD, LOADED_AS, LOADED_CHAIN, NOT_APPLIED_RECORD, HUB_DATASETS,
-    "resumed_over",
+    "resumed_over", LOSS_ON,
 }
 
 
@@ -465,12 +465,14 @@ def save_run_config(s, path: Path) -> None:
     class: sft, dpo, reward, rl), so a model card states what the run was instead of guessing it, and the content
     of what the settings name by path (`run_inputs`), which `--resume auto` compares, and the local model folders
     this run trains over by content, as it loaded them, which the loader compares (alignkit.modeling.lineage), and
-    the format of the rows it trains on (`data_rows`), and how the model was loaded (`loaded_as`: quantization,
-    dtype and attention after every `auto`, the attention as it ran; `loaded_chain`: the base and the adapters it
-    loaded), and which of the datasets it names are the Hub's (`hub_datasets`, for its card), and the keys given
-    that alignkit does not apply (`not_applied`: value and why).
+    the format of the rows it trains on (`data_rows`) and what the loss covered (`loss_on`: sft.py's --train_on as
+    it resolved), and how the model was loaded (`loaded_as`: quantization, dtype and attention after every `auto`,
+    the attention as it ran; `loaded_chain`: the base and the adapters it loaded), and which of the datasets it
+    names are the Hub's (`hub_datasets`, for its card), and the keys given that alignkit does not apply
+    (`not_applied`: value and why).
     The folder's README.md is alignkit's card from then on (alignkit.core.card.write_card)."""
     from alignkit.modeling.lineage import TRAINED_OVER, trained_over
+    from alignkit.train.loss_mask import loss_on
 
     below = trained_over(s.model_id, getattr(s, "revision", None), getattr(s, "gguf_file", None), path.parent)
     data = {**config_to_dict(s), "run_type": getattr(s, "run_type", None), "inputs": run_inputs(s, path.parent),
@@ -480,12 +482,11 @@ def save_run_config(s, path: Path) -> None:
         data[DATA_ROWS] = rows["format"]
         if HELD_OUT_RECORD in rows:
             data[HELD_OUT_RECORD] = rows[HELD_OUT_RECORD]
-    if loaded := loaded_as(s.model_id):  # "auto" as the loader resolved it: 4bit is QLoRA (alignkit.core.run_records)
-        data[LOADED_AS] = loaded
-    if chain := loaded_chain(s.model_id):  # the base and adapters under this run, for its card (alignkit.core.card)
-        data[LOADED_CHAIN] = chain
-    if dropped := not_applied(s):  # a recipe's keys named as not applied (max_prompt_length), for its card too
-        data[NOT_APPLIED_RECORD] = dropped
+    # "auto" as the loader resolved it (4bit is QLoRA), the chain under this run, a recipe's keys not applied
+    # (max_prompt_length), what the loss covered: for its card (alignkit.core.card)
+    records = ((LOADED_AS, loaded_as(s.model_id)), (LOADED_CHAIN, loaded_chain(s.model_id)),
+               (NOT_APPLIED_RECORD, not_applied(s)), (LOSS_ON, loss_on(s)))
+    data |= {key: record for key, record in records if record}
     try:  # --resume true over changed settings, this time and before (a resumed run's file is rewritten)
         earlier = json.loads(path.read_text()).get("resumed_over", []) if path.is_file() else []
     except (OSError, ValueError, AttributeError):
