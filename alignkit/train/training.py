@@ -276,10 +276,6 @@ def trl_config(config_cls, s, folder: Path, dtype: torch.dtype, model=None, **st
     if foreign:
         raise ConfigError(f"{', '.join(foreign)}: not field(s) of TRL's {config_cls.__name__}, which this run uses; "
                           "drop them")
-    if extra.get("eval_strategy") not in (None, "no") and not has_eval:
-        advice = s.test_split_advice() if hasattr(s, "test_split_advice") else "--dataset_test_split test"
-        raise ConfigError(f"eval_strategy {extra['eval_strategy']} but no held-out data: pass --eval_split 0.05"
-                          f"{f' or {advice}' if advice else ''}, or eval_strategy no")
     for key in (k for k in stage_kwargs if k in extra and extra[k] != stage_kwargs[k]):  # the user's TRL name wins
         made = f"--train_on {s.train_on} made it" if key.endswith("only_loss") and hasattr(s, "train_on") else \
             "alignkit chose"
