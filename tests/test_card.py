@@ -542,3 +542,38 @@ def test_a_run_folder_and_its_checkpoints_carry_alignkit_s_card_while_it_trains(
     from alignkit.core.card import model_card as finished_card
 
     assert "Final metrics" in finished_card(run) and "has not finished" not in finished_card(run)  # at its end
+
+
+def test_the_settings_table_shows_what_ran_and_leaves_out_what_had_no_effect(tiny_cache, tmp_path, monkeypatch):
+    """The table listed settings without effect as if they had one (the sft.py audit): a recipe's revision main over a
+    local model (the log said not used), hub_repo_id without a push, flash_attention_2 where sdpa ran (only the
+    loaded_as row further down said so). The revision is named as not applied, the Hub's settings show only with a
+    push, and each loader setting says what it loaded where that differs."""
+    import torch
+
+    from alignkit.core.args import parse_config
+    from alignkit.core.config import SFTSettings
+    from alignkit.core.run_records import remember_attention, remember_loaded_as
+    from alignkit.modeling import presets
+    from alignkit.train import training
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s = parse_config(SFTSettings, env_file=None, presets={"tiny": presets.defaults("sft")}, args=[
+        "--preset", "tiny", "--revision", "main", "--hub_repo_id", "me/tiny-sft", "--attn_implementation",
+        "flash_attention_2", "--quantization", "none", "--output_dir", str(tmp_path)])
+    training.preflight(s)
+    remember_loaded_as(s.model_id, "none", torch.float32)  # as the loader records a CPU load
+    remember_attention(s.model_id, "sdpa")
+    run = tmp_path / "sft"
+    run.mkdir()
+    training.save_run_config(s, run / training.CONFIG_FILE)
+    card = model_card(run)
+    assert '| attn_implementation | `"flash_attention_2"` asked; `sdpa` loaded |' in card
+    assert '| dtype | `"auto"` asked; `float32` loaded |' in card and '| quantization | `"none"` |' in card
+    assert "| loaded_as |" not in card  # its figures are in the rows above
+    assert "| revision |" not in card and 'Given but not applied: `revision: "main"` (model_id is a local folder, ' \
+        "read as it is)" in card
+    assert "hub_repo_id" not in card
+    config = json.loads((run / training.CONFIG_FILE).read_text())
+    write(run, alignkit_config__json={**config, "push_to_hub": True})
+    assert '| hub_repo_id | `"me/tiny-sft"` |' in model_card(run)

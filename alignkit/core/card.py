@@ -252,8 +252,6 @@ def write_card(folder, in_progress: bool = False) -> None:
 def _pushed_to(card_text: str) -> str | None:
     """The Hub repo a card written at a push loads from (hub.push writes the repo id into its snippet); None for a
     folder's own card (path/to/NAME): a result recorded after a push keeps the card's repo id."""
-    import re
-
     found = re.search(r'(?:model_id=|from_pretrained\()"([^"]+)"', card_text)
     return found.group(1) if found and not found.group(1).startswith("path/to/") else None
 
@@ -284,11 +282,6 @@ def eval_results(folder, run_type: str | None, metrics: dict, dataset: str, data
                 "benchmark", name), metric_type=entry.get("metric", "win_rate"),
             metric_value=round(float(entry["value"]), 4), metric_name=entry.get("metric_name")))
     return results
-
-
-def _4bit(merge: dict) -> str:
-    """The 4-bit format merge.json records the base dequantized from (NF4 in a merge made before it did)."""
-    return merge.get("dequantized_from") or "4-bit NF4"
 
 
 def methods(settings: dict, run_type: str | None, folder: Path, below: list[dict] = ()) -> list[str]:
@@ -358,7 +351,9 @@ def _load_snippet(where: str, is_adapter: bool, under: list[str], reward: bool, 
 
 # What a run records beside its settings in alignkit_config.json (alignkit.train.run_folder.save_run_config), left
 # out of the card: none is a setting, and some name local paths (the folders it trained over).
-RECORDED_BESIDE = ("inputs", "trained_over", "data_rows", "held_out", HUB_DATASETS, LOADED_CHAIN, NOT_APPLIED_RECORD)
+RECORDED_BESIDE = ("inputs", "trained_over", "data_rows", "held_out", HUB_DATASETS, LOADED_AS, LOADED_CHAIN,
+                   NOT_APPLIED_RECORD)
+LOADED_ROWS = {"quantization": "quantization", "dtype": "dtype", "attn_implementation": "attention"}  # LOADED_AS's
 # The settings a --dataset_mixture takes the place of (alignkit.core.mixture): a run with one never read them.
 MIXED_OVER = ("dataset_id", "dataset_config", "dataset_split")
 
@@ -389,10 +384,8 @@ def model_card(folder, repo_id: str | None = None, in_progress: bool = False, at
     training = bool(settings) and (in_progress or not (merge or adapter)) and (folder / RUN_CONFIG).is_file() and \
         not (folder / "lota_config.json").is_file()
     saved = checkpoints(folder) if training else []
-    if training and in_progress:  # the figures of this run so far, not an earlier end's metrics.json
+    if training and in_progress or saved and not metrics:  # in progress: this run's figures, not an earlier end's
         metrics = checkpoint_metrics(saved[-1]) if saved else {}
-    elif saved and not metrics:
-        metrics = checkpoint_metrics(saved[-1])
     is_adapter = (bool(adapter) and not merge) or (training and settings.get("adapter", "lora") != "lota")
     base, _, _ = base_source(folder)
     hub_base, base_text, under = describe_base(folder)
@@ -452,8 +445,9 @@ def model_card(folder, repo_id: str | None = None, in_progress: bool = False, at
                       "names none. Set `license:` above to the base model's license before publishing."]
     if merge:
         parts = [*(f"the LoTA delta `{_shown(d)}`" for d in deltas), *(f"`{_shown(a)}`" for a in adapters)]
+        four_bit = merge.get("dequantized_from") or "4-bit NF4"  # NF4 in a merge made before merge.json said
         lines += ["", f"Merged into the base: {' -> '.join(parts)}"
-                      f"{f' (into the base dequantized from {_4bit(merge)})' if merge.get('dequantize') else ''}; merged logits "
+                      f"{f' (into the base dequantized from {four_bit})' if merge.get('dequantize') else ''}; merged logits "
                       f"match base + adapters within {merge.get('max_logit_difference', 0):.1e}"
                       f"{_before_cast(merge)}."]
     if data.eval_results:
@@ -462,16 +456,21 @@ def model_card(folder, repo_id: str | None = None, in_progress: bool = False, at
                   for r in data.eval_results]
     if settings:
         lines += ["", "## Training settings", "", "| setting | value |", "| --- | --- |"]
-        unread = MIXED_OVER if settings.get("dataset_mixture") else ()  # the script's defaults, not what it read
-        if isinstance(held := settings.get("held_out"), dict) and held.get("share") is None:
-            unread += ("eval_split",)  # a split of its own was held out, not an --eval_split share of the rows
-        if run_type == "reward" and settings.get("loss") != "logexpwithlm":
-            unread += ("lm_loss_coef",)  # the weight of logexpwithlm's LM term: no other loss reads it
-        lines += [f"| {k} | `{json.dumps(_shown(v))}` |" for k, v in settings.items()
-                  if v not in (None, "", [], False) and k not in RECORDED_BESIDE and k not in unread]
-        if held := said_held_out(settings.get("held_out")):  # dataset_test_split auto, as it resolved
+        held, dropped = settings.get("held_out"), settings.get(NOT_APPLIED_RECORD) or {}
+        # Left out, having had no effect: the script's defaults under a mixture, --eval_split where a split was held
+        # out, logexpwithlm's LM weight under another loss, the Hub's without a push, the keys not applied (below)
+        unread = {*RECORDED_BESIDE, *dropped, *(MIXED_OVER if settings.get("dataset_mixture") else ()),
+                  *(("eval_split",) if isinstance(held, dict) and held.get("share") is None else ()),
+                  *(("lm_loss_coef",) if run_type == "reward" and settings.get("loss") != "logexpwithlm" else ()),
+                  *(() if settings.get("push_to_hub") else ("hub_repo_id", "hub_public"))}
+        loaded = settings.get(LOADED_AS) or {}  # in the rows of the settings it resolved: auto, or what could run
+        ran = {k: f" asked; `{loaded[r]}` loaded" for k, r in LOADED_ROWS.items()
+               if loaded.get(r) and loaded[r] != DTYPES.get(settings.get(k), settings.get(k))}
+        lines += [f"| {k} | `{json.dumps(_shown(v))}`{ran.get(k, '')} |" for k, v in settings.items()
+                  if v not in (None, "", [], False) and k not in unread]
+        if held := said_held_out(held):  # dataset_test_split auto, as it resolved
             lines.append(f"| held-out rows | {held} |")
-        if isinstance(dropped := settings.get(NOT_APPLIED_RECORD), dict) and dropped:  # a recipe's max_prompt_length
+        if isinstance(dropped, dict) and dropped:  # a recipe's max_prompt_length, a local model's revision
             shown = [f"`{k}: {json.dumps(_shown(v.get('value')))}` ({v.get('why')})" for k, v in dropped.items()
                      if isinstance(v, dict)]
             lines += ["", "Given but not applied: " + "; ".join(shown)]

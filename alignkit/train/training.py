@@ -45,6 +45,7 @@ def preflight(s) -> None:
     """What can fail before any work, checked in seconds: a push's token and base, wandb's key, the Hub. In a
     notebook, settings that fail here leave the kernel as a failed parse does (alignkit.core.errors)."""
     from alignkit.core.hub import require_reachable, require_token
+    from alignkit.core.saved_settings import keep_not_applied  # for the run's config and card, as a recipe's keys
     from alignkit.core.sources import is_hub_id
 
     if s.push_to_hub:
@@ -56,6 +57,7 @@ def preflight(s) -> None:
         require_token()  # a token and a Hub that answers: now, not after hours of training
     if getattr(s, "revision", None) and not is_hub_id(s.model_id):  # a recipe's model_revision over a local copy
         logger.warning(f"--revision {s.revision} is not used: {s.model_id} is a local folder, read as it is")
+        keep_not_applied(s, {"revision": {"value": s.revision, "why": "model_id is a local folder, read as it is"}})
     resolve_report_to(s)
     check_trl_values(s)
     from alignkit.core.paths import check_writable
