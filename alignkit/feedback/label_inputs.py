@@ -115,7 +115,7 @@ def prompts_from(s, stats: Counter, quiet: bool = False) -> tuple[list[Prompt], 
     else:
         columns, rows, label, place, bad = _rows(s.responses_a or s.responses_b, skip_invalid=skip)
     column = _column(columns, s.prompt_field, label, "--prompt_field", () if s.prompts else ("prompt",))
-    prompts, seen, skipped, read = [], set(), bad, 0
+    prompts, seen, skipped, read = [], set(), list(bad), 0
     for i, row in enumerate(rows):
         read = i + 1
         try:
@@ -178,7 +178,7 @@ def response_rows(path: str, s, quiet: bool = False) -> tuple[str, list[tuple[Pr
         response_column = found[0]
     else:
         response_column = _column(columns, s.response_field, label, "--response_field")
-    out, skipped = [], bad
+    out, skipped = [], list(bad)
     for i, row in enumerate(rows):
         where = f"{place(i)}: field"
         try:
