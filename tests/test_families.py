@@ -202,7 +202,11 @@ def test_lora_says_where_it_leaves_a_mixture_of_experts_routed_experts(mixtral, 
         # they apply (the reward audit of session 30): kept out of the log.
         assert not [w for w in warned if "pattern keys did not match" in str(w.message)]
         trained = model.peft_config["default"] if "default" in model.peft_config else next(iter(model.peft_config.values()))
-        assert bool(trained.target_parameters) != said  # PEFT's own choice, as the line reports it
+        # PEFT's own choice, as the line reports it. Qwen2-MoE's experts are not adapted in a fresh process, but
+        # PEFT's conversion table can learn the family from a load earlier in the same process (an xdist worker
+        # that ran other files first: CI of session 38): the line follows PEFT's choice either way.
+        said = said and not trained.target_parameters
+        assert bool(trained.target_parameters) != said
         assert ("LoRA adapts none of the routed experts" in alignkit_log.text) == said
         if said:
             assert "PEFT does not adapt this family's fused 3-D expert weights" in alignkit_log.text

@@ -150,7 +150,8 @@ def test_pushing_an_adapter_on_a_local_adapter_is_refused_before_any_upload(dpo_
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: uploads.append(kw))
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **kw: uploads.append(kw))
     monkeypatch.setenv("HF_TOKEN", "hf_FAKEtokenForTests123456")
-    with pytest.raises(UserError, match=r"local folder \.\./\S*sft(.|\n)*push the merged model(.|\n)*--push adapter"):
+    with pytest.raises(UserError, match=r"on the local adapter \.\./\S*sft, a chain over the local model \S+, which "
+                                        r"nobody else can load from the Hub: push the merged model instead"):
         run_script("merge.py", "--adapter_dir", str(dpo_run["run_folder"]), "--push_to_hub", "--push", "adapter",
                    "--hub_repo_id", "me/dpo-adapter")
     # sft.py/dpo.py --push_to_hub without --merge_adaptors would push such an adapter: refused before training.
