@@ -161,14 +161,13 @@ def outputs_identity(s, source: str, backend: str) -> tuple[str, dict]:
     """(outputs_key, its parts each by a digest: alignkit.modeling.identity.identity_parts), the chain resolved once.
     The parts are stamped beside the key, as MT-Bench answers record theirs: a refusal names what changed, and a
     copied or moved model is told by its content, not its path."""
-    from alignkit.core.digests import digest
     from alignkit.modeling.chain import resolve
-    from alignkit.modeling.identity import identity_parts, model_identity
+    from alignkit.modeling.identity import identity_key, identity_parts, model_identity
 
     loader = loader_settings(s, source)
     resolved = resolve(loader.model_id, loader.revision)  # once, for both (a Hub adapter's is a request)
     loaded = model_identity(loader, backend, resolved)
-    return digest(loaded, 16), identity_parts(loader, loaded, resolved)  # the key as identity_key has it
+    return identity_key(loader, backend, loaded), identity_parts(loader, loaded, resolved)
 
 
 def _said(value) -> str:

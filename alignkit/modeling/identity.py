@@ -495,6 +495,6 @@ def changed_parts(then: dict, now: dict) -> str | None:
     return "; ".join(said) or None
 
 
-def identity_key(s, backend: str | None = None) -> str:
-    """model_identity as one short string, for a cache key or a record's `identity` field."""
-    return digest(model_identity(s, backend), 16)
+def identity_key(s, backend: str | None = None, loaded: dict | None = None) -> str:
+    """model_identity (`loaded` where made already) as one short string, for a cache key or a record's `identity`."""
+    return digest(model_identity(s, backend) if loaded is None else loaded, 16)
