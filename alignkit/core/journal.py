@@ -330,6 +330,9 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
     A second Ctrl-C leaves at once. A SIGTERM (alignkit.core.errors.Terminated) leaves at once too: a scheduler
     kills soon after it. Daemon threads: a call still running then dies with the process (its answer is lost, and
     the next run sends it again).
+    A worker runs no further ahead of the caller than `parallel` results not yet taken: a caller that stops (a
+    server down, the sixth failure) has sent at most `parallel` requests past the one it stops on, however slowly it
+    took them (a busy machine let one worker send 3 more).
     stop_on_error: the first exception starts no further calls (for callers that raise it), as a caller that
     stops iterating does.
     """
@@ -339,8 +342,12 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
     for item in items:
         todo.put(item)
 
+    room = threading.Semaphore(parallel)  # results not yet taken by the caller: no worker runs further ahead
+
     def work():
         while not stop.is_set():
+            if not room.acquire(timeout=0.1):
+                continue
             try:
                 item = todo.get_nowait()
             except queue.Empty:
@@ -369,6 +376,8 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
             for _ in items:
                 try:
                     item, result = done.get()
+                    if item is not _CTRL_C:
+                        room.release()
                 except KeyboardInterrupt as interrupt:  # a SIGTERM, or a Ctrl-C outside the main thread
                     stop.set()
                     if not isinstance(interrupt, Terminated):
