@@ -128,6 +128,11 @@ def test_vibes_prompts_replace_a_presets_and_a_txt_file_is_text_whatever_the_cas
     for flag in ("num_beams", "batch_size", "max_new_tokens"):
         with pytest.raises(ConfigError, match=rf"^{flag} must be >= 1, got 0"):
             parse_command(["vibes", "--prompts", "hi", f"--{flag}", "0"])
+    # A limit where none means all says so, as --max_prompts does ("max_questions must be >= 1" before)
+    for argv in (["mt_bench", "--models", "a=x", "b=y", "--judge_model", "j", "--max_questions", "0"],
+                 ["alpaca_eval", "--model_id", "x", "--max_instances", "-1"]):
+        with pytest.raises(ConfigError, match=rf"^--{argv[-2][2:]} must be at least 1 \(or none: all\), got {argv[-1]}$"):
+            parse_command(argv)
 
 
 # ---------------------------------------------------------------- 4. the fix names the field that is wrong

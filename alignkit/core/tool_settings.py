@@ -277,8 +277,7 @@ class MTBenchSettings(JudgeAnswerSettings, EvalSettings):
         super().__post_init__()  # the judge endpoint's checks, then the generation settings'
         if self.bootstrap_rounds < 1:
             raise ValueError(f"bootstrap_rounds must be >= 1, got {self.bootstrap_rounds}")
-        if self.max_questions is not None and self.max_questions < 1:
-            raise ValueError(f"max_questions must be >= 1, got {self.max_questions}")
+        check_limits(self, "max_questions")
         if not self.models:
             raise ValueError("pass the models to compare: --models NAME=ID_OR_PATH NAME=ID_OR_PATH ...")
         if not self.judge_model:
@@ -350,8 +349,7 @@ class AlpacaEvalSettings(JudgeEndpointSettings, EvalSettings):
 
     def __post_init__(self):
         super().__post_init__()  # the judge endpoint's checks, then the generation settings'
-        if self.max_instances is not None and self.max_instances < 1:
-            raise ValueError(f"max_instances must be >= 1, got {self.max_instances}")
+        check_limits(self, "max_instances")
 
 
 @dataclass
