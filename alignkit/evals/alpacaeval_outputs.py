@@ -18,7 +18,7 @@ from alignkit.core.digests import changed_settings, decisive_sampling, sample_se
 from alignkit.core.journal import append_jsonl, write_json
 from alignkit.core.progress import Progress
 from alignkit.core.groups import loader_settings
-from alignkit.evals.named_models import NAME, same_source
+from alignkit.evals.named_models import NAME, copied_from, same_source
 
 HUB_REPO = "tatsu-lab/alpaca_eval"
 EVAL_FILE = "alpaca_eval_gpt4_baseline.json"  # the 805 instructions with AlpacaEval 2's reference outputs
@@ -174,20 +174,6 @@ def _said(value) -> str:
     return "none" if value is None else str(value)
 
 
-def _moved(row: dict, source: str, parts: dict | None) -> bool:
-    """Whether an output's model, recorded at another path, is the folder `source` moved or copied (its recorded
-    parts pair up with `parts`: alignkit.modeling.identity.moved_parts): its content, not its path, then decides, as
-    for MT-Bench answers (alignkit.evals.mtbench._moved)."""
-    import os
-
-    from alignkit.modeling.identity import moved_parts
-
-    if not isinstance(row.get("parts"), dict) or not isinstance(parts, dict) or not Path(source).exists():
-        return False
-    was = moved_parts(row["parts"], parts).get(os.path.abspath(source))
-    return was is not None and Path(was).name == Path(row["source"]).name
-
-
 def read_outputs(path, source: str, generation: dict, identity: str | None = None,
                  parts: dict | None = None) -> dict[str, dict]:
     """{instruction: record} of an outputs log; records from another model, another model as loaded (`identity`,
@@ -206,7 +192,7 @@ def read_outputs(path, source: str, generation: dict, identity: str | None = Non
             raise ConfigError(f"{where}: field 'output' must be a string; {fix}")
         same_model = identity is not None and row.get("identity") == identity  # by content, however the path reads
         if row.get("source") is not None and not same_model and same_source(row["source"]) != same_source(source) \
-                and not _moved(row, source, parts):
+                and not copied_from(row["source"], source, row.get("parts"), parts):
             raise ConfigError(f"{path} holds outputs by {row['source']}, not {source}: give this model another "
                               "--model_name / --reference_name, use another --output_dir, or delete the file")
         # Compared as decoding reads it: a greedy output recorded with its --seed is the one another seed makes.

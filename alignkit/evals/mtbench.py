@@ -29,7 +29,7 @@ from alignkit.core.args import ConfigError
 from alignkit.core.digests import changed_settings, decisive_sampling, digest, sample_seed
 from alignkit.core.journal import append_jsonl, read_jsonl, write_atomic
 from alignkit.core.progress import Progress
-from alignkit.evals.named_models import same_source
+from alignkit.evals.named_models import copied_from, same_source
 
 QUESTIONS = "mt_bench/question.jsonl"
 JUDGE_PROMPTS = "judge_prompts.jsonl"
@@ -302,20 +302,6 @@ def made_under(row: dict, key: str, settings: dict | None) -> bool:
     return bool(settings) and isinstance(then, dict) and _decisive(then) == _decisive(settings)
 
 
-def _moved(row: dict, recorded: str, source: str, key: str | None, settings: dict | None) -> bool:
-    """Whether a keyed answer's model, recorded at another path, is the folder `source` moved or copied (its parts
-    pair up: alignkit.modeling.identity.moved_parts): its content, not its path, then decides, and a refusal says what
-    changed in it (it said "holds answers by runs/tiny-dpo, not /other/tiny-dpo" of a copy edited since)."""
-    from alignkit.modeling.identity import moved_parts
-
-    then = row.get("settings")
-    if key is None or "settings_key" not in row or not isinstance(then, dict) or not Path(source).exists():
-        return False
-    moved = moved_parts(then.get(PARTS), (settings or {}).get(PARTS))
-    was = moved.get(os.path.abspath(source))
-    return was is not None and Path(was).name == Path(recorded).name
-
-
 def read_answers(path, source: str | None = None, fix: str | None = None, repair_tail: bool = True,
                  key: str | None = None, settings: dict | None = None) -> dict[int, dict]:
     """{question_id: answer record} of a FastChat answer file (the last record of a question wins).
@@ -337,8 +323,14 @@ def read_answers(path, source: str | None = None, fix: str | None = None, repair
         # By the model as loaded where the answer has its key (a path as typed, read from another folder, is another
         # path: the same model, refused), by its path where not.
         same_model = key is not None and made_under(row, key, settings)
+        # A keyed answer's model recorded at another path may be this folder moved or copied: its content then decides,
+        # and a refusal says what changed in it (it said "holds answers by runs/tiny-dpo, not /other/tiny-dpo" of a
+        # copy edited since).
+        then = row.get("settings") if key is not None and "settings_key" in row else None
         if source is not None and recorded is not None and not same_model and \
-                same_source(recorded) != same_source(source) and not _moved(row, recorded, source, key, settings):
+                same_source(recorded) != same_source(source) and not (
+                    isinstance(then, dict) and
+                    copied_from(recorded, source, then.get(PARTS), (settings or {}).get(PARTS))):
             raise ConfigError(
                 f"{path} holds answers by {recorded}, not {source}: give this model another NAME in --models, use "
                 "another --output_dir, or delete the file to answer again"
