@@ -58,6 +58,34 @@ def expected_preference(row, p_winner: float, ties: bool = True) -> float:
                                                               ties), 1.5)
 
 
+def alpaca_eval_record(message: str = "Evaluating the tiny outputs.", level: int = logging.INFO,
+                       file: str | None = None) -> logging.LogRecord:
+    """A record as alpaca_eval logs it: on the root logger (logging.info), from its own main.py."""
+    from alignkit.evals.alpacaeval_annotate import load_package
+
+    path = file or str(Path(load_package().__file__).parent / "main.py")
+    return logging.getLogger().makeRecord("root", level, path, 136, message, None, None)
+
+
+def test_alpaca_eval_chatter_is_hidden_only_while_it_runs(tmp_path):
+    """The filter that hides alpaca_eval's INFO lines stayed on the root logger for good: in a notebook, alpaca_eval's
+    lines after an evaluation stayed hidden. It is there while alpaca_eval runs, gone however the run ends, and it
+    takes alpaca_eval's own files only (any path with an alpaca_eval folder in it was taken)."""
+    from alignkit.evals.alpacaeval_annotate import alpaca_eval_quiet, load_package
+
+    root = logging.getLogger()
+    elsewhere = str(tmp_path / "alpaca_eval" / "mine.py")  # the user's own script, in a folder named so
+    with pytest.raises(KeyboardInterrupt):
+        with alpaca_eval_quiet(load_package()):
+            assert not root.filter(alpaca_eval_record())
+            assert not root.filter(alpaca_eval_record("Saving_path is given but not 'auto', make sure that it's "
+                                                      "different for different seeds.", logging.WARNING))
+            assert root.filter(alpaca_eval_record("precomputed_leaderboard = x not found", logging.WARNING))
+            assert root.filter(alpaca_eval_record(file=elsewhere))
+            raise KeyboardInterrupt  # a run stopped part way
+    assert root.filter(alpaca_eval_record())
+
+
 def test_tiny_flow_end_to_end_offline(tiny_set, tmp_path, capfd, caplog):
     model, _, refs = tiny_set
     out = tmp_path / "out"
@@ -74,6 +102,7 @@ def test_tiny_flow_end_to_end_offline(tiny_set, tmp_path, capfd, caplog):
     assert "annotating 29 pairs (tiny vs bad)" in said.out and "length_controlled_winrate" in said.out
     assert "Evaluating the tiny outputs" not in caplog.text and "Saving all results" not in caplog.text
     assert "Saving_path is given" not in caplog.text
+    assert logging.getLogger().filter(alpaca_eval_record())  # only while it ran: a notebook's next lines show
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning) and "sklearn" in w.filename] == []
     summary, board, annotations, folder = results(out, "weighted_alpaca_eval_gpt4_turbo")
     outputs = json.loads((out / "model_outputs" / "tiny.json").read_text())
@@ -303,6 +332,7 @@ def test_a_failing_judge_stops_alpaca_eval_in_one_line_saying_why(tiny_set, tmp_
                        "4", "--parallel", "1", "--judge_model", "judge-x", "--judge_base_url", server.base_url,
                        "--max_retries", "1")
         assert server.count == sent  # the request (and its one retry where the client retries); nothing after it
+    assert logging.getLogger().filter(alpaca_eval_record())  # its chatter is hidden no longer after the failed run
     said = capfd.readouterr()
     assert "Traceback" not in said.out + said.err + caplog.text and "retrying" not in said.err + caplog.text
 

@@ -62,7 +62,8 @@ from alignkit.core.args import ConfigError
 from alignkit.core.saved_settings import config_to_dict
 from alignkit.core.journal import free_name, write_json
 from alignkit.evals.alpacaeval_annotate import (
-    LoggedCompletions, annotation_store, annotator_config, check_rule_config, check_tiktoken, endpoint, load_package,
+    LoggedCompletions, alpaca_eval_quiet, annotation_store, annotator_config, check_rule_config, check_tiktoken,
+    endpoint, load_package,
 )
 from alignkit.evals.alpacaeval_outputs import (
     EVAL_FILE, HUB_REPO, check_file, check_name, default_name, load_eval_set, load_reference_outputs, model_outputs, outputs_path,
@@ -189,14 +190,15 @@ def run(s, backend: str) -> dict:
     keep_comparable(results_dir, {"judge": cache.name, "eval_set": [r["instruction"] for r in rows],
                                   "references": [(r["instruction"], r["output"]) for r in references]})
     print(f"annotating {len(rows)} pairs ({name} vs {ref_name}) with {config_name}, judge {judge}")
-    leaderboard, annotations = ae.evaluate(
-        model_outputs=pd.DataFrame(outputs), reference_outputs=pd.DataFrame(references),
-        annotators_config=str(config_path), name=name, output_path=str(results_dir),
-        precomputed_leaderboard=str(leaderboard_csv) if leaderboard_csv.exists() else None,
-        is_overwrite_leaderboard=True, is_return_instead_of_print=True, is_cache_leaderboard=False,
-        fn_metric=metric(positions, glm, table, results_dir / "glm_weights"), sort_by="length_controlled_winrate",
-        annotation_kwargs={"chunksize": CHUNKSIZE}, caching_path=str(cache), fn_completions=decoder,
-    )
+    with alpaca_eval_quiet(ae):
+        leaderboard, annotations = ae.evaluate(
+            model_outputs=pd.DataFrame(outputs), reference_outputs=pd.DataFrame(references),
+            annotators_config=str(config_path), name=name, output_path=str(results_dir),
+            precomputed_leaderboard=str(leaderboard_csv) if leaderboard_csv.exists() else None,
+            is_overwrite_leaderboard=True, is_return_instead_of_print=True, is_cache_leaderboard=False,
+            fn_metric=metric(positions, glm, table, results_dir / "glm_weights"), sort_by="length_controlled_winrate",
+            annotation_kwargs={"chunksize": CHUNKSIZE}, caching_path=str(cache), fn_completions=decoder,
+        )
     leaderboard.to_csv(leaderboard_csv)  # the same file alpaca_eval wrote, now sorted and with every model
     missing = int(pd.DataFrame(annotations)["preference"].isna().sum()) if annotations else 0
     row = leaderboard.loc[name]

@@ -2,7 +2,7 @@
 config pointed at the judge endpoint, and the two stores that make a rerun send no request twice.
 
 - `load_package`: `import alpaca_eval`, with a stand-in for the `pkg_resources` it imports (setuptools >= 81
-  no longer ships it).
+  no longer ships it); `alpaca_eval_quiet` hides its chatter while it runs.
 - `annotator_config`: a copy of the annotators config with absolute prompt templates, --judge_model, and no
   `fn_completions`, so `LoggedCompletions` can be passed in: alpaca_eval's own `openai_completions`, each answer
   appended to `annotations/requests-<config>-<key>.jsonl` the moment it arrives and reused by any later call
@@ -15,6 +15,7 @@ config pointed at the judge endpoint, and the two stores that make a rerun send 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -66,21 +67,32 @@ def load_package():
         _pkg_resources_stand_in()
     from alignkit.core.extras import require
 
-    package = require("alpaca_eval", "eval", "evaluate.py alpaca_eval")
-    root = logging.getLogger()  # where alpaca_eval logs (logging.info), at INFO from its import on
-    if _alpaca_eval_chatter not in root.filters:
-        root.addFilter(_alpaca_eval_chatter)
-    return package
+    return require("alpaca_eval", "eval", "evaluate.py alpaca_eval")
 
 
-def _alpaca_eval_chatter(record) -> bool:
-    """A logging filter: False for alpaca_eval's INFO lines ("Evaluating the tiny outputs.", "Creating the annotator
-    from ...", "Saving all results to ...": six a run, over alignkit's progress and its table) and for its warning
-    that the annotation cache path alignkit passes is not 'auto' (annotation_store keys that file by the judge).
-    Its other warnings and its errors pass."""
-    if record.name != "root" or f"{os.sep}alpaca_eval{os.sep}" not in record.pathname:
-        return True
-    return record.levelno >= logging.WARNING and not record.getMessage().startswith("Saving_path is given but not")
+@contextlib.contextmanager
+def alpaca_eval_quiet(package):
+    """While alpaca_eval (`package`, load_package's) runs: its INFO lines hidden ("Evaluating the tiny outputs.",
+    "Creating the annotator from ...", "Saving all results to ...": six a run, over alignkit's progress and its table)
+    and its warning that the annotation cache path alignkit passes is not 'auto' (annotation_store keys that file by
+    the judge). Its other warnings and its errors pass. The filter goes when the run ends, however it ends: it was
+    left on the root logger for good, and a notebook's later alpaca_eval lines stayed hidden.
+
+    alpaca_eval logs through the root logger itself (logging.info, no logger of its own), so a record is told its
+    by the file that logged it: one of the package's own (any path with an alpaca_eval folder in it was taken)."""
+    folder = os.path.join(os.path.dirname(package.__file__), "")
+
+    def chatter(record) -> bool:
+        if record.name != "root" or not record.pathname.startswith(folder):
+            return True
+        return record.levelno >= logging.WARNING and not record.getMessage().startswith("Saving_path is given but not")
+
+    root = logging.getLogger()  # where alpaca_eval logs, at INFO from its import on
+    root.addFilter(chatter)
+    try:
+        yield
+    finally:
+        root.removeFilter(chatter)
 
 
 # ---------------------------------------------------------------------------------------------------------
