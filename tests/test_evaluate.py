@@ -975,6 +975,34 @@ def test_pairwise_judges_a_repeated_prompt_once(tmp_path, alignkit_log):
     assert f"{prompts}: 2 prompts (2 repeated ones dropped: each is judged once)" in alignkit_log.text
 
 
+def test_pairwise_question_ids_of_a_repeated_prompt_s_later_row_select_the_prompt(tmp_path, alignkit_log):
+    """pairwise judges a repeated prompt once, its first row's id standing for it: --question_ids naming a later row
+    of it said "not in" the file, of a row that is there. It selects the prompt, said in one line."""
+    from alignkit.evals.evaluation import Pairwise, parse_command
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "question_id": i}) + "\n"
+                               for i, p in ((10, "hi"), (20, "bye"), (30, "hi"), (40, "so"), (50, "hi"))))
+
+    def selected(*ids: str) -> list[int]:
+        command, s = parse_command(["pairwise", "--models", "a=x", "b=y", "--judge_model", "rule", "--prompts_file",
+                                    str(prompts), "--question_ids", *ids, "--output_dir", str(tmp_path / "pw")])
+        run = Pairwise.start(command, s)
+        run.load_questions()
+        return [q["question_id"] for q in run.questions]
+
+    assert selected("30", "40") == [10, 40]
+    said = [r.getMessage() for r in alignkit_log.records if r.getMessage().startswith("--question_ids")]
+    assert said == ["--question_ids 30 repeats question 10's prompt, judged as 10"]
+    alignkit_log.clear()
+    assert selected("50", "30", "10") == [10]  # the prompt once, however many of its rows are named
+    said = [r.getMessage() for r in alignkit_log.records if r.getMessage().startswith("--question_ids")]
+    assert said == ["--question_ids 50 repeats question 10's prompt, judged as 10; 30 repeats question 10's prompt, "
+                    "judged as 10"]
+    with pytest.raises(ConfigError, match=r"--question_ids 60 not in .*prompts\.jsonl \(its ids run 10\.\.40\)"):
+        selected("60")
+
+
 def test_a_pairwise_run_s_steps_run_in_order_under_the_settings_it_started_with(tiny_cache, tmp_path):
     """evaluate.py's pairwise cells in a notebook: the settings cell run again (max_questions 4) with the later cells
     run alone answered and judged all 64 questions under the old settings and wrote them as the new run's results; a

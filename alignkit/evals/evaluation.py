@@ -266,7 +266,7 @@ class Pairwise:
     def load_questions(self) -> None:
         """MT-Bench's questions, judge prompts and reference answers (checked), or the prompts file's."""
         from alignkit.evals import fastchat_compat, mtbench
-        from alignkit.evals.prompts_file import prompt_questions
+        from alignkit.evals.prompts_file import selected_prompts
 
         self._step("questions")
         s = self.settings
@@ -278,8 +278,7 @@ class Pairwise:
             self.references = mtbench.load_reference_answers(data / mtbench.REFERENCES)
             mtbench.check_references(self.questions, self.references, common.NEED_REF_CATS, data / mtbench.REFERENCES)
         else:
-            self.questions = mtbench.select(prompt_questions(s.prompts_file, True), s.question_ids, s.max_questions,
-                                            s.prompts_file)
+            self.questions = selected_prompts(s.prompts_file, s.question_ids, s.max_questions)
             data = None if self.use_rule else mtbench.data_dir(s.mt_bench_data)  # for FastChat's pair-v2 prompt
         self.judge_prompts = None if self.use_rule else mtbench.load_judge_prompts(data / mtbench.JUDGE_PROMPTS)
         self._did("questions")

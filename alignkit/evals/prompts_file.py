@@ -38,12 +38,11 @@ def distinct_questions(questions: list[dict]) -> list[dict]:
     return list(first.values())
 
 
-def prompt_questions(path, distinct: bool = False) -> list[dict]:
+def prompt_questions(path) -> list[dict]:
     """Single-turn questions from a prompts file: JSONL rows {"prompt", optional "category" and "question_id" (an
     integer: FastChat's answer files key on it)}, or a .txt file with one prompt a line. A row without a category
     counts under "prompts"; rows without a question_id are numbered 1, 2, ... Either file is UTF-8 text (a byte
-    order mark is dropped); any other format is an error naming the two it takes. `distinct`: each prompt once
-    (distinct_questions), the repeats dropped said."""
+    order mark is dropped); any other format is an error naming the two it takes."""
     from alignkit.core.data_files import decode_text
 
     path = Path(path)
@@ -73,10 +72,25 @@ def prompt_questions(path, distinct: bool = False) -> list[dict]:
         questions.append({"question_id": qid, "category": category, "turns": [prompt]})
     if not questions:
         raise ConfigError(f"{path} holds no prompts; {fix['prompt']}")
-    if distinct and len(kept := distinct_questions(questions)) < len(questions):
-        from alignkit import logger
+    return questions
 
+
+def selected_prompts(path, question_ids: list[int] | None = None, max_questions: int | None = None) -> list[dict]:
+    """evaluate.py pairwise's questions: each prompt of the prompts file once (distinct_questions), those of
+    --question_ids, at most --max_questions (alignkit.evals.mtbench.select). A later row of a repeated prompt is that
+    prompt: its id selects it, the first row's id standing for it, said in one line (it was "not in" the file)."""
+    from alignkit import logger
+    from alignkit.evals.mtbench import select
+
+    questions = prompt_questions(path)
+    if len(kept := distinct_questions(questions)) < len(questions):
         logger.info(f"{path}: {len(kept)} prompts ({len(questions) - len(kept)} repeated ones dropped: each is "
                     "judged once)")
-        return kept
-    return questions
+    if question_ids:
+        first = {q["turns"][0]: q["question_id"] for q in kept}
+        stands_for = {q["question_id"]: first[q["turns"][0]] for q in questions}  # every row's id: its prompt's
+        if repeats := [i for i in dict.fromkeys(question_ids) if stands_for.get(i, i) != i]:
+            logger.info("--question_ids " + "; ".join(f"{i} repeats question {stands_for[i]}'s prompt, judged as "
+                                                      f"{stands_for[i]}" for i in repeats))
+        question_ids = [stands_for.get(i, i) for i in question_ids]
+    return select(kept, question_ids, max_questions, path)
