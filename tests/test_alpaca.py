@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -84,6 +85,15 @@ def test_alpaca_eval_chatter_is_hidden_only_while_it_runs(tmp_path):
             assert root.filter(alpaca_eval_record(file=elsewhere))
             raise KeyboardInterrupt  # a run stopped part way
     assert root.filter(alpaca_eval_record())
+
+
+def test_importing_alpaca_eval_leaves_the_root_logger_s_level_as_it_was():
+    """alpaca_eval's import sets the root logger to INFO for the process: after an evaluation, every library's INFO
+    lines showed (a notebook's later cells). load_package puts the level back. In a fresh process: an import is once."""
+    code = ("import logging; from alignkit.evals.alpacaeval_annotate import load_package; load_package(); "
+            "import sys; print(logging.getLogger().level, 'alpaca_eval.annotators.base' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == [str(logging.WARNING), "True"], done.stderr[-2000:]
 
 
 def test_tiny_flow_end_to_end_offline(tiny_set, tmp_path, capfd, caplog):

@@ -60,14 +60,20 @@ def _pkg_resources_stand_in() -> None:
 
 
 def load_package():
-    """`import alpaca_eval`, with the pkg_resources stand-in when needed."""
+    """`import alpaca_eval`, with the pkg_resources stand-in when needed. Its import sets the root logger to INFO
+    for the process (annotators/base.py): the level is put back, or every library's INFO lines showed from then on
+    (a notebook's later cells)."""
     try:
         import pkg_resources  # noqa: F401
     except ImportError:
         _pkg_resources_stand_in()
     from alignkit.core.extras import require
 
-    return require("alpaca_eval", "eval", "evaluate.py alpaca_eval")
+    level = logging.getLogger().level
+    try:
+        return require("alpaca_eval", "eval", "evaluate.py alpaca_eval")
+    finally:
+        logging.getLogger().setLevel(level)
 
 
 @contextlib.contextmanager
