@@ -61,9 +61,11 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 
 # %%
 from alignkit.core.mixture import load_train_eval
+from alignkit.train.loss_mask import check_chat_template
 
 # --dataset_id with an --eval_split share or its --dataset_test_split, or an alignment-handbook dataset_mixture
 train_data, eval_data = load_train_eval("preference", settings)
+check_chat_template(settings, train_data)  # tool calls under a template that drops them: refused before the load
 print(f"{len(train_data)} training pairs, {len(eval_data) if eval_data else 0} held out")
 
 # %% [markdown]

@@ -48,9 +48,11 @@ preflight(settings)
 
 # %%
 from alignkit.core.mixture import load_train_eval
+from alignkit.train.loss_mask import check_chat_template
 
 # --dataset_id with an --eval_split share or its --dataset_test_split, or an alignment-handbook dataset_mixture
 train_data, eval_data = load_train_eval("unpaired", settings)
+check_chat_template(settings, train_data)  # tool calls under a template that drops them: refused before the load
 desirable = sum(train_data["label"])
 print(f"{len(train_data)} training answers ({desirable} desirable), {len(eval_data) if eval_data else 0} held out")
 

@@ -1164,30 +1164,67 @@ TOOL_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
+def tool_call_data(tmp_path: Path, script: str) -> tuple[Path, dict]:
+    """The tiny preset's rows for `script`, the first with a tool call: the data file and that row. sft.py's
+    conversation calls `plum` before its answer; dpo.py's and reward.py's chosen answer is a trajectory (a call of
+    `atlas`, the tool's turn, the answer); kto.py's rows are those pairs split in two (the trajectory first)."""
+    from alignkit.modeling import presets
+
+    if script == "sft.py":
+        call = [{"type": "function", "function": {"name": "plum", "arguments": {"n": 3}}}]
+        chats = [json.loads(line)["messages"] for line in Path(presets.paths()["sft"]).read_text().splitlines()[:15]]
+        rows = [{"messages": [chats[0][0], {"role": "assistant", "content": None, "tool_calls": call},
+                              {"role": "tool", "name": "plum", "content": "fig"}, chats[0][1]]}]
+        rows += [{"messages": chat} for chat in chats[1:]]
+    else:
+        rows = [json.loads(line) for line in Path(presets.paths()["preferences"]).read_text().splitlines()[:16]]
+        call = [{"type": "function", "function": {"name": "atlas", "arguments": {"n": 3}}}]
+        rows[0]["chosen"] = [{"role": "assistant", "content": None, "tool_calls": call},
+                             {"role": "tool", "name": "atlas", "content": "fiji"}, *rows[0]["chosen"]]
+    if script == "kto.py":
+        rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                for r in rows for side in ("chosen", "rejected")]
+    data = tmp_path / f"tools-{script.removesuffix('.py')}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data, rows[0]
+
+
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "kto.py", "reward.py"])
+def test_tool_calls_under_a_template_that_drops_them_are_refused_before_the_model_loads(tiny_cache, tmp_path,
+                                                                                        monkeypatch, script):
+    """The tiny preset's own template renders content only: the calls would vanish from training. Each training
+    script refuses them in one line from the tokenizer, before the model loads (alignkit.train.loss_mask
+    .check_chat_template): after it, minutes for a 7B QLoRA, as sft.py did before its audit and dpo.py, kto.py and
+    reward.py did after it."""
+    from alignkit.core.errors import UserError
+    from alignkit.modeling import models
+
+    data, _ = tool_call_data(tmp_path, script)
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: pytest.fail("the model loaded before the refusal"))
+    with pytest.raises(UserError, match=r"'s chat template does not render tool calls, and this data has them: .*"
+                                        r"Pass --chat_template FILE") as refused:
+        run_script(script, "--preset", "tiny", "--dataset_id", str(data), "--max_steps", "1", "--eval_split", "0",
+                   "--output_dir", str(tmp_path / "runs"), "--run_name", "tools-dropped")
+    assert "\n" not in str(refused.value)
+
+
 def test_dpo_prefers_one_tool_calling_trajectory_to_another(tiny_cache, tmp_path):
     """A preference between trajectories (call, tool turn, answer), as TRL takes them: the answers are every turn
     after the prompt, rendered with their calls, and the loss counts the whole trajectory (it was refused: only
     the last assistant turn could be an answer)."""
-    from alignkit.modeling import presets
-
     template = tmp_path / "tools.jinja"
     template.write_text(TOOL_TEMPLATE)
-    rows = [json.loads(line) for line in Path(presets.paths()["preferences"]).read_text().splitlines()[:16]]
-    call = [{"type": "function", "function": {"name": "atlas", "arguments": {"n": 3}}}]
-    rows[0]["chosen"] = [{"role": "assistant", "content": None, "tool_calls": call},
-                         {"role": "tool", "name": "atlas", "content": "fiji"}, *rows[0]["chosen"]]
-    data = tmp_path / "trajectories.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data, row = tool_call_data(tmp_path, "dpo.py")
     run = run_script("dpo.py", "--preset", "tiny", "--dataset_id", str(data), "--max_steps", "1", "--eval_split", "0",
                      "--chat_template", str(template), "--output_dir", str(tmp_path / "runs"), "--run_name", "tools")
     tok = run["loaded"].tokenizer
     (first,) = [r for r in run["trainer"].train_dataset if "atlas" in tok.decode(r["chosen_ids"])]
-    prompt = rows[0]["prompt"][0]["content"]
+    prompt = row["prompt"][0]["content"]
     assert tok.decode(first["prompt_ids"]).endswith(f"<|user|>{prompt}<|end|><|assistant|>")
     assert tok.decode(first["chosen_ids"]).startswith(
-        f"[call atlas {{\"n\": 3}}]<|end|><|tool|>fiji<|end|><|assistant|>{rows[0]['chosen'][2]['content']}")
+        f"[call atlas {{\"n\": 3}}]<|end|><|tool|>fiji<|end|><|assistant|>{row['chosen'][2]['content']}")
     assert run["trainer"].state.global_step == 1
-    trajectory = f"<|assistant|>[call atlas {{\"n\": 3}}]<|end|><|tool|>fiji<|end|><|assistant|>{rows[0]['chosen'][2]['content']}"
+    trajectory = f"<|assistant|>[call atlas {{\"n\": 3}}]<|end|><|tool|>fiji<|end|><|assistant|>{row['chosen'][2]['content']}"
     common = ["--preset", "tiny", "--max_steps", "1", "--eval_split", "0", "--chat_template", str(template),
               "--output_dir", str(tmp_path / "runs")]
     # reward.py scores the whole conversation: the prompt, then the trajectory with its call and the tool's turn.
@@ -1195,9 +1232,7 @@ def test_dpo_prefers_one_tool_calling_trajectory_to_another(tiny_cache, tmp_path
     (first,) = [r for r in reward["trainer"].train_dataset if "atlas" in tok.decode(r["chosen_ids"])]
     assert f"<|user|>{prompt}<|end|>{trajectory}" in tok.decode(first["chosen_ids"])
     # kto.py: the same trajectory as one unpaired completion (TRL's prompt/completion/label rows).
-    unpaired = tmp_path / "unpaired.jsonl"
-    unpaired.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"})
-                                + "\n" for r in rows for side in ("chosen", "rejected")))
+    unpaired, _ = tool_call_data(tmp_path, "kto.py")
     kto = run_script("kto.py", *common, "--dataset_id", str(unpaired), "--run_name", "tools-kto")
     (first,) = [r for r in kto["trainer"].train_dataset if "atlas" in tok.decode(r["completion_ids"])]
     assert tok.decode(first["prompt_ids"]).endswith(f"<|user|>{prompt}<|end|><|assistant|>")
@@ -1205,14 +1240,11 @@ def test_dpo_prefers_one_tool_calling_trajectory_to_another(tiny_cache, tmp_path
     assert reward["trainer"].state.global_step == kto["trainer"].state.global_step == 1
 
 
-def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_template(tiny_cache, tmp_path,
-                                                                                     monkeypatch):
+def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_template(tiny_cache, tmp_path):
     """TRL hands whole messages to the chat template. The tool call and the tool turn's name were dropped, so the
     model trained on the text around a call, never the call; and a template testing `'tool_calls' in message` (as
-    Llama 3.1's does) must not meet a None on the messages that have none. A template that drops the calls is
-    refused before the model loads (the sft.py audit: after it, minutes for a 7B QLoRA), from the tokenizer."""
-    from alignkit.modeling import presets
-
+    Llama 3.1's does) must not meet a None on the messages that have none. (A template that drops the calls:
+    test_tool_calls_under_a_template_that_drops_them_are_refused_before_the_model_loads.)"""
     template = tmp_path / "tools.jinja"
     template.write_text(
         "{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
@@ -1220,28 +1252,14 @@ def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_templ
         "{{ c['function']['arguments'] | tojson }}]{% endfor %}"
         "{% endif %}<|end|>{% endgeneration %}{% else %}{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    call = [{"type": "function", "function": {"name": "plum", "arguments": {"n": 3}}}]
-    chats = [json.loads(line)["messages"] for line in Path(presets.paths()["sft"]).read_text().splitlines()[:15]]
-    rows = [{"messages": [chats[0][0], {"role": "assistant", "content": None, "tool_calls": call},
-                          {"role": "tool", "name": "plum", "content": "fig"}, chats[0][1]]}]
-    rows += [{"messages": chat} for chat in chats[1:]]
-    data = tmp_path / "tools.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["--preset", "tiny", "--dataset_id", str(data), "--max_steps", "1", "--eval_split", "0", "--output_dir",
-              str(tmp_path / "runs")]
-    run = run_script("sft.py", *common, "--chat_template", str(template), "--run_name", "tools")
+    data, chat = tool_call_data(tmp_path, "sft.py")
+    run = run_script("sft.py", "--preset", "tiny", "--dataset_id", str(data), "--max_steps", "1", "--eval_split", "0",
+                     "--output_dir", str(tmp_path / "runs"), "--chat_template", str(template), "--run_name", "tools")
     tok = run["loaded"].tokenizer
     texts = [tok.decode(row["input_ids"]) for row in run["trainer"].train_dataset]
     (called,) = [t for t in texts if "call" in t]
-    assert called.startswith(f"<|user|>{chats[0][0]['content']}<|end|><|assistant|>[call plum {{\"n\": 3}}]<|end|>"
-                             "<|tool|>fig<|end|>")
-    # The tiny preset's own template renders content only: the call would vanish from training. Refused first.
-    from alignkit.core.errors import UserError
-    from alignkit.modeling import models
-
-    monkeypatch.setattr(models, "load_model", lambda *a, **kw: pytest.fail("the model loaded before the refusal"))
-    with pytest.raises(UserError, match="chat template does not render tool calls, and this data has them"):
-        run_script("sft.py", *common, "--run_name", "tools-dropped")
+    assert called.startswith(f"<|user|>{chat['messages'][0]['content']}<|end|><|assistant|>[call plum "
+                             "{\"n\": 3}]<|end|><|tool|>fig<|end|>")
     assert run["trainer"].state.global_step == 1
 
 

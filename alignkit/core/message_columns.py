@@ -4,8 +4,8 @@ TRL hands whole messages to the chat template. Arrow stores a list of messages a
 every message without `tool_calls` (or `name`, `reasoning_content`, ...) would get it as None, and a template that
 tests `'tool_calls' in message` (Llama 3.1's) renders the None. datasets' Json feature keeps each message as written.
 alignkit.core.data builds every normalised dataset through `as_dataset`; alignkit.core.mixture aligns the parts of a
-mixture (`align_messages`); the training scripts refuse, before training, data with tool calls for a chat template
-that cannot render them (`has_tool_calls`, alignkit.modeling.models.require_chat_template).
+mixture (`align_messages`); the training scripts refuse, before the model loads, data with tool calls for a chat
+template that cannot render them (`has_tool_calls`, alignkit.train.loss_mask.check_chat_template).
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
-"""sft.py's loss mask and TRL's end tokens, checked against the rows and the tokenizer before the model loads.
+"""sft.py's loss mask, TRL's end tokens and the chat template, checked against the rows and the tokenizer before
+the model loads.
 
 - `check_loss_mask`: a loss mask the rows or the chat template cannot give (--train_on completions on plain text,
   TRL's assistant_only_loss on rows that are no conversation or under a template without {% generation %}
-  markers), and tool calls under a chat template that drops them, refused in one line; a TRL setting these rows
-  leave without effect (completion_only_loss on conversations, eos_token where the template ends the turns), said.
-  Each of these was TRL's traceback (or alignkit's refusal) after the model loaded, or nothing at all.
+  markers), refused in one line; a TRL setting these rows leave without effect (completion_only_loss on
+  conversations, eos_token where the template ends the turns), said. Each of these was TRL's traceback after the
+  model loaded, or nothing at all.
+- `check_chat_template`: tool calls under a chat template that drops them, refused in one line for every training
+  script (sft.py through check_loss_mask; dpo.py, kto.py and reward.py as their data is read): alignkit's
+  refusal came after the model loaded.
 - `check_end_tokens`: TRL's eos_token and pad_token outside the vocabulary, refused for every script that takes
   them (alignkit.train.training.preflight; rlaif.py on its starting model), from the tokenizer alone.
 - `loss_mask_settings`: the SFTConfig flags that put the loss on completions or assistant turns where the data
@@ -91,19 +95,36 @@ def marks_assistant_turns(tokenizer) -> bool:
         return False
 
 
-def check_loss_mask(s, dataset) -> None:
-    """A loss mask the rows cannot have, refused as the data is read (before the model loads): --train_on
-    completions and TRL's completion_only_loss on plain text (every token was trained, without a word), TRL's
-    assistant_only_loss on rows that are no conversation or under a chat template without {% generation %}
-    markers (TRL's tracebacks once the model had loaded), tool calls under a chat template that does not render
-    them (alignkit.modeling.models.require_chat_template, after the load until then). completion_only_loss on conversations and eos_token where
-    the chat template ends the turns are said: TRL leaves them without effect on these rows. TRL's eos_token and
-    pad_token outside the vocabulary are preflight's (check_end_tokens): the tokenizer is read here only for the
-    template."""
+def check_chat_template(s, dataset, needed: bool = False):
+    """The chat template the run trains with, checked against the rows before the model loads: tool calls under one
+    that does not render them refused (alignkit.modeling.models.require_chat_template, which also refuses
+    conversations under none), from the tokenizer alone. require_chat_template's check after the load stays, for a
+    tokenizer that cannot be read apart from the model; until this ran before it, a user waited for the weights
+    (minutes on a 7B QLoRA) to be told about the data. The tokenizer is read only where the rows have tool calls, or
+    where the caller needs it anyway (`needed`: sft.py's loss mask). Returns it, or None where it was not read or
+    cannot be read apart from the model (a GGUF source: the load then says)."""
     from trl.data_utils import is_conversational
 
     from alignkit.core.message_columns import has_tool_calls
     from alignkit.modeling.models import require_chat_template
+
+    tools = dataset is not None and len(dataset) and is_conversational(dataset[0]) and has_tool_calls(dataset)
+    if not (needed or tools) or (tokenizer := _tokenizer(s)) is None:
+        return None
+    require_chat_template(tokenizer, s.model_id, dataset)
+    return tokenizer
+
+
+def check_loss_mask(s, dataset) -> None:
+    """A loss mask the rows cannot have, refused as the data is read (before the model loads): --train_on
+    completions and TRL's completion_only_loss on plain text (every token was trained, without a word), TRL's
+    assistant_only_loss on rows that are no conversation or under a chat template without {% generation %}
+    markers (TRL's tracebacks once the model had loaded), and tool calls under a chat template that does not render
+    them (check_chat_template, as every training script checks them). completion_only_loss on conversations and
+    eos_token where the chat template ends the turns are said: TRL leaves them without effect on these rows. TRL's
+    eos_token and pad_token outside the vocabulary are preflight's (check_end_tokens): the tokenizer is read here
+    only for the template."""
+    from trl.data_utils import is_conversational
 
     if dataset is None or not len(dataset):
         return
@@ -132,10 +153,8 @@ def check_loss_mask(s, dataset) -> None:
                                 (s.train_on == "completions" and "completion" not in columns
                                  and "assistant_only_loss" not in overrides))
     eos_token = _end_tokens(s).get("eos_token") if conversations else None  # said below if the template ends turns
-    tools = conversations and has_tool_calls(dataset)  # a template that drops the calls: refused now, not after the load
-    if not (masked or eos_token is not None or tools) or (tokenizer := _tokenizer(s)) is None:
+    if (tokenizer := check_chat_template(s, dataset, needed=masked or eos_token is not None)) is None:
         return
-    require_chat_template(tokenizer, s.model_id, dataset)
     template = getattr(tokenizer, "chat_template", None) or ""
     if eos_token is not None and "eos_token" not in str(template):
         # TRL appends eos_token to text and completion rows only; a template that renders `eos_token` takes it
