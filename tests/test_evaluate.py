@@ -373,6 +373,23 @@ def test_a_judge_that_fails_every_request_is_a_failed_run_not_a_table_of_errors(
         assert not (tmp_path / "results.json").exists()
 
 
+def test_all_judge_requests_failed_names_rlaif_s_command_in_a_round(mt_data, tmp_path, monkeypatch):
+    """evaluate.py as a round's step: "all N judge requests failed ... then run the same command again" named the
+    step's own command (it ends in --resume false); it names how to go on where rlaif runs (STEP_AGAIN)."""
+    from alignkit.core import errors
+
+    write_answers(tmp_path, "alpha", QIDS, "ALPHA")
+    write_answers(tmp_path, "omega", QIDS, "OMEGA")
+    monkeypatch.setenv(errors.STEP_AGAIN, "run the same rlaif.py command again")
+    with FakeOpenAI(lambda body: Fault(status=503)) as server:
+        with pytest.raises(UserError, match=r"^all 4 judge requests failed \(InternalServerError: .*\)\. .*, then "
+                                            r"run the same rlaif\.py command again \(the answers are kept\)$"):
+            run_script(  # fewer requests than the first-failures stop: all of them fail, said at the end
+                "evaluate.py", "mt_bench", "--models", "alpha=/nowhere/alpha", "omega=/nowhere/omega", "--baseline",
+                "omega", "--judge_model", "judge-x", "--judge_base_url", server.base_url, "--mt_bench_data",
+                str(MT_DATA), "--question_ids", "81", "--output_dir", str(tmp_path), "--max_retries", "0")
+
+
 def test_a_judge_that_never_answers_stops_mt_bench_at_its_first_timeout(mt_data, tmp_path, alignkit_log):
     """A judge server holding connections open without answering was retried --max_retries times per request, at
     --request_timeout each, before a failure counted: its first timeout now stops the run in one line."""

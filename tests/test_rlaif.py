@@ -832,6 +832,45 @@ def test_a_step_s_own_how_to_go_on_names_rlaif_s_command_not_the_step_s(tmp_path
     assert stray_variables([], set(), None) == []
 
 
+def test_a_step_s_stop_lines_name_rlaif_s_command_not_the_same_command(monkeypatch):
+    """Inside a round, label.py's and evaluate.py's stops (a judge server down: its first failures, a silent
+    endpoint, an output of no row) said "then run the same command again", where the command rlaif.py had printed
+    for the step ends in --resume false. Under STEP_AGAIN they name how to go on where rlaif runs; alone, a
+    script's own command, as before."""
+    from alignkit.core import errors, llm
+    from alignkit.feedback.label_records import refuse_empty
+    from alignkit.train.rl_rewards import reward_raised
+
+    class Silent(Exception):
+        pass
+
+    def said() -> list[str]:
+        def silent():
+            with llm.silence_said(Silent):
+                raise Silent("no answer in 30s")
+
+        def first_failures():
+            watch = llm.FirstFailures("judge request", "Check the judge server", total=None)
+            for _ in range(llm.FIRST_FAILURES):
+                watch.failed(RuntimeError("connection refused"))
+
+        lines = []
+        for stop in (silent, first_failures, lambda: refuse_empty(0, {"judge call": 4}, "Check the judge server")):
+            with pytest.raises(errors.UserError) as stopped:
+                stop()
+            lines.append(str(stopped.value))
+        return lines + [str(reward_raised("python:r.py:f", len, ValueError("bad")))]
+
+    monkeypatch.setattr(errors, "is_notebook", lambda: False)
+    monkeypatch.setenv(errors.STEP_OF, "command")
+    monkeypatch.setenv(errors.STEP_AGAIN, "run the same rlaif.py command again")
+    for line in said():
+        assert "then run the same rlaif.py command again (" in line and "same command" not in line, line
+    monkeypatch.delenv(errors.STEP_AGAIN)
+    for line in said():
+        assert "then run the same command again (" in line, line
+
+
 def test_a_reward_model_judge_is_the_same_step_input_wherever_its_folder_is(tiny_cache, tmp_path):
     """rm:FOLDER in a round's inputs by the model's content: a copied folder, or its path spelled another way, is the
     same judge (the round was relabelled, retrained and judged again); retrained, it is another."""

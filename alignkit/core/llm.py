@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from alignkit.core.args import ConfigError, redact
-from alignkit.core.errors import UserError
+from alignkit.core.errors import UserError, run_again
 from alignkit.core.secrets import name_secret_variables
 
 
@@ -123,7 +123,7 @@ def silence_said(silent: type):
             raise
         raise EndpointSilent(f"{found}: check that its server is up and serving (its log shows each request; a "
                              "model may still be loading), its URL and port, or raise --request_timeout for a slow "
-                             "model; then run the same command again (what is done is kept)") from None
+                             f"model; then {run_again()} (what is done is kept)") from None
 
 
 class ChatClient:
@@ -270,4 +270,4 @@ class FirstFailures:
         raise UserError(f"the {which} {self.what}s all failed{after} ({type(error).__name__}: "
                         f"{' '.join(redact(str(error)).split())[:200]}): "
                         f"{'stopped the run' if left is None else f'stopped before the other {left}'}. "
-                        f"{fix}, then run the same command again (what is done is kept)")
+                        f"{fix}, then {run_again()} (what is done is kept)")

@@ -26,7 +26,7 @@ from alignkit.core.config import (
     AlpacaEvalSettings, LMEvalSettings, MTBenchSettings, PairwiseSettings, VibesSettings,
 )
 from alignkit.core.digests import sample_seed
-from alignkit.core.errors import UserError
+from alignkit.core.errors import UserError, run_again
 from alignkit.core.groups import loader_settings
 from alignkit.core.journal import hold
 from alignkit.core.paths import check_writable
@@ -406,7 +406,7 @@ class Pairwise:
         if self.failures and len(self.failures) >= 2 * len(todo):  # every request: no result, not an empty table
             first = self.failures[0]
             raise UserError(f"all {len(self.failures)} judge requests failed ({type(first).__name__}: "
-                            f"{' '.join(redact(str(first)).split())[:200]}). {fix}, then run the same command again "
+                            f"{' '.join(redact(str(first)).split())[:200]}). {fix}, then {run_again()} "
                             "(the answers are kept)")
         if self.failures:
             print(f"{len(self.failures)} judge requests failed; a rerun sends their matches again")

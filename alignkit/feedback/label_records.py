@@ -28,7 +28,7 @@ from alignkit import logger
 from alignkit.core import journal
 from alignkit.core.args import redact
 from alignkit.core.digests import digest
-from alignkit.core.errors import STEP_OF, UserError, is_notebook
+from alignkit.core.errors import STEP_OF, UserError, is_notebook, run_again
 from alignkit.core.journal import write_json, write_jsonl
 from alignkit.feedback.judge import Judge, combine, parse_verdict, winner
 
@@ -248,7 +248,7 @@ def refuse_empty(rows: int, failed: dict[str, int], fix: str) -> None:
     said = " and ".join(f"{n} {what}{'s' if n != 1 else ''}" for what, n in failed.items() if n)
     if rows == 0 and said:
         raise UserError(f"no row was labeled: {said} failed (see above), so the output is empty. {fix}, "
-                        "then run the same command again (it retries only those)")
+                        f"then {run_again()} (it retries only those)")
 
 
 # ---------------------------------------------------------------------------------------------------------

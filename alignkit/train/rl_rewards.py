@@ -37,7 +37,7 @@ from types import SimpleNamespace
 from alignkit import logger
 from alignkit.core.args import ConfigError, redact
 from alignkit.core.saved_settings import mark_built
-from alignkit.core.errors import EndpointRefused, UserError
+from alignkit.core.errors import EndpointRefused, UserError, run_again
 from alignkit.feedback.ratings import SINGLE_V1_NAME, SINGLE_V1_PROMPT, SINGLE_V1_SYSTEM
 from alignkit.feedback.ratings import parse_rating as fastchat_rating
 
@@ -171,7 +171,7 @@ def reward_raised(spec: str, function, error: Exception) -> ConfigError:
         where = f" ({shown} line {line})"
     said = " ".join(str(error).split())[:300]
     return ConfigError(f"--reward {spec} raised {type(error).__name__}{': ' + said if said else ''}{where}; fix it, "
-                       "then run the same command again (--debug or ALIGNKIT_DEBUG=1 shows the traceback)")
+                       f"then {run_again()} (--debug or ALIGNKIT_DEBUG=1 shows the traceback)")
 
 
 # What TRL's GRPO/RLOO trainers pass a reward function beside the row's columns (and alignkit's mark).

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from alignkit import logger
-from alignkit.core.errors import EXIT_USER_ERROR, UserError
+from alignkit.core.errors import EXIT_USER_ERROR, UserError, run_again
 from alignkit.core.errors import STEP_AGAIN, STEP_OF, is_notebook
 from alignkit.core.journal import write_atomic
 from alignkit.core.parent_death import stop_with_parent
@@ -34,14 +34,16 @@ STOP_GRACE_S = 60.0  # a step told to stop (SIGTERM) ends its training step and 
 HEADER = re.compile(r"^=== (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ([^:\s]+): ")  # a step run's first line in its log
 
 
-def run_step(script: str, args: list[str], log: Path, again: str = "run the same command again",
+def run_step(script: str, args: list[str], log: Path, again: str | None = None,
              go_on: str | None = None, name: str | None = None) -> None:
     """`script` with `args`, its output appended to `log` (and shown where a person watches); a failure raises,
     naming the log: a bad input's one `error:` line as a UserError, anything else with the log's last lines.
-    `again`: how the user resumes after fixing the cause; `go_on`: how the step's own lines say to go on after a
-    stop (STEP_AGAIN: "run the same rlaif.py command again", not the step's own command line). Each run's part of
-    the log starts with a HEADER line: its time, the step's `name` (default: the script's) and the command, so that
-    a rerun's lines are told from the run before's (move_sections takes a step's parts out)."""
+    `again`: how the user resumes after fixing the cause (default: run_again()'s words); `go_on`: how the step's own
+    lines say to go on after a stop (STEP_AGAIN: "run the same rlaif.py command again", not the step's own command
+    line). Each run's part of the log starts with a HEADER line: its time, the step's `name` (default: the script's)
+    and the command, so that a rerun's lines are told from the run before's (move_sections takes a step's parts
+    out)."""
+    again = again or run_again()
     command = [sys.executable, str(ROOT / script), *args]
     said = f"{script} {' '.join(shlex.quote(a) for a in args)}"
     logger.info(said)
