@@ -588,6 +588,27 @@ def test_rl_and_label_prompts_skip_a_line_of_invalid_json_under_skip_invalid(tmp
         read_prompts(str(path))
 
 
+def test_skip_invalid_under_max_prompts_counts_only_the_lines_read(tmp_path, alignkit_log):
+    """rl.py's and label.py's prompts with --max_prompts: the invalid JSON lines of the whole file were counted, so
+    the line of rows skipped named a line past the limit, which the run never read ("skipped 2 of 4 rows" for 3
+    lines read; "skipped 1 of 2 rows" for a first prompt read alone)."""
+    from alignkit.feedback.labeling import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "one"}\n{"prompt": oops\n{"prompt": "two"}\n{"prompt": "three"}\n{"prompt": bad\n',
+                    encoding="utf-8")
+    prompts = read_prompts(str(path), max_prompts=2, skip_invalid=True)
+    assert [p.messages[0]["content"] for p in prompts] == ["one", "two"]
+    said = [r.getMessage() for r in alignkit_log.records if "(--skip_invalid)" in r.getMessage()]
+    assert said == [f"{path}: skipped 1 of 3 rows as invalid (--skip_invalid). First problem: {path}: line 2: "
+                    "invalid JSON (Expecting value at column 12)."]
+    alignkit_log.clear()
+    assert [p.messages[0]["content"] for p in read_prompts(str(path), max_prompts=1, skip_invalid=True)] == ["one"]
+    assert "(--skip_invalid)" not in alignkit_log.text  # its only line read is valid
+    read_prompts(str(path), skip_invalid=True)  # the whole file read: both of its invalid lines
+    assert f"skipped 2 of 5 rows as invalid (--skip_invalid). First problem: {path}: line 2" in alignkit_log.text
+
+
 def test_sft_conversations_ending_without_an_answer_are_said_once_by_file_and_row(tmp_path, alignkit_log):
     """[assistant, user] or [user, assistant, user] trained without a word (TRL takes them; dpo.py refuses such a
     chosen): one line per dataset, naming how many, the first by file and row (rows --skip_invalid skipped counted

@@ -68,11 +68,20 @@ class Rows(NamedTuple):
     label: str
     places: list | None = None  # per row: its row (line) number in `label`, or (file, number); None: 1..n
     skipped: tuple = ()  # read with skip_invalid: the JSON lines that did not parse, each as skipped_rows says it
+    skipped_at: tuple = ()  # their line numbers, in the same order
 
     def place(self, i) -> str:
         """Row i's place as a message starts with it: "FILE: row N"."""
         where = self.places[i] if self.places else i + 1
         return f"{where[0]}: row {where[1]}" if isinstance(where, tuple) else f"{self.label}: row {where}"
+
+    def skipped_before(self, row: int | None = None) -> list[str]:
+        """The `skipped` lines before row `row` (by index), all of them for None: a reader that stops after a row
+        (--max_prompts) never read the lines past it, and a line it never read is not one it skipped."""
+        if row is None or not self.skipped_at:
+            return list(self.skipped)
+        line = self.places[row] if self.places else row + 1
+        return [said for said, at in zip(self.skipped, self.skipped_at) if at < line]
 
     def columns(self) -> list[str]:
         """Every row's columns, in order of appearance."""
@@ -384,7 +393,7 @@ def _read_json(text, label, skip_invalid=False) -> Rows:
         line, column, problem = _json_problem(text, whole)
         raise DataError(f"{label}: line {line}: invalid JSON ({problem} at column {column}). Fix it there: the "
                         "file must hold one JSON array of objects, or one JSON object per line.") from None
-    rows, numbers, skipped = [], [], []  # ... or JSON lines, numbered by line so that "row N" is line N
+    rows, numbers, skipped, skipped_at = [], [], [], []  # ... or JSON lines, numbered by line: "row N" is line N
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
@@ -394,9 +403,10 @@ def _read_json(text, label, skip_invalid=False) -> Rows:
                 if not skip_invalid:
                     raise DataError(f"{reason} Fix the line so that it holds one JSON object.") from e
                 skipped.append(reason)
+                skipped_at.append(number)
                 continue
             numbers.append(number)
-    return Rows(rows, label, numbers, tuple(skipped))
+    return Rows(rows, label, numbers, tuple(skipped), tuple(skipped_at))
 
 
 def _json_problem(text, error) -> tuple[int, int, str]:

@@ -61,8 +61,9 @@ def _as_messages(value, where: str) -> list[dict]:
 
 
 def _rows(source, split="train", config=None, skip_invalid=False):
-    """(columns, rows, label, place(i) -> "FILE: row N", the lines skip_invalid skipped as invalid JSON); no table
-    is built, so a prompt column may hold text in one row and messages in another."""
+    """(columns, rows, label, place(i) -> "FILE: row N", skipped_before(i) -> the lines skip_invalid skipped as
+    invalid JSON before row i, all of them for None); no table is built, so a prompt column may hold text in one
+    row and messages in another."""
     from alignkit.core.data import read_rows
 
     read = read_rows(source, split, config, skip_invalid)
@@ -70,7 +71,7 @@ def _rows(source, split="train", config=None, skip_invalid=False):
     if len(read.rows) == 0:  # not "no column 'prompt' (columns: )"
         raise DataError(f"{read.label}: no rows: it is empty. Point it at data with rows.")
     # each row checked by _cell (--skip_invalid); the lines skipped are counted with the rows it skips
-    return read.columns(), read.as_list(), read.label, read.place, list(read.skipped)
+    return read.columns(), read.as_list(), read.label, read.place, read.skipped_before
 
 
 def _column(columns, wanted: str, label: str, flag: str, fallbacks=()) -> str:
@@ -115,7 +116,7 @@ def prompts_from(s, stats: Counter, quiet: bool = False) -> tuple[list[Prompt], 
     else:
         columns, rows, label, place, bad = _rows(s.responses_a or s.responses_b, skip_invalid=skip)
     column = _column(columns, s.prompt_field, label, "--prompt_field", () if s.prompts else ("prompt",))
-    prompts, seen, skipped, read = [], set(), list(bad), 0
+    prompts, seen, skipped, read, stopped = [], set(), [], 0, None
     for i, row in enumerate(rows):
         read = i + 1
         try:
@@ -136,10 +137,14 @@ def prompts_from(s, stats: Counter, quiet: bool = False) -> tuple[list[Prompt], 
         seen.add(prompt.key)
         prompts.append(prompt)
         if s.max_prompts and len(prompts) >= s.max_prompts:
+            stopped = i
             break
+    # Only the invalid lines before the last row read: one past --max_prompts was never read ("skipped 1 of 3 rows"
+    # named a line the run had not reached).
+    bad = bad(stopped)
     # Without --prompts they are a responses file's, whose own read (response_rows) says the rows it skips, bad
     # responses too, in one line.
-    skipped_rows(label, skipped, read + len(bad), len(prompts), warn=not quiet and bool(s.prompts))
+    skipped_rows(label, bad + skipped, read + len(bad), len(prompts), warn=not quiet and bool(s.prompts))
     if not prompts:
         raise DataError(f"{label}: no prompts: the dataset is empty")
     return prompts, label
@@ -178,6 +183,7 @@ def response_rows(path: str, s, quiet: bool = False) -> tuple[str, list[tuple[Pr
         response_column = found[0]
     else:
         response_column = _column(columns, s.response_field, label, "--response_field")
+    bad = bad()  # the whole file is read
     out, skipped = [], list(bad)
     for i, row in enumerate(rows):
         where = f"{place(i)}: field"
