@@ -571,14 +571,11 @@ def test_a_step_s_output_and_bars_are_shown_as_they_come_and_logged_as_lines(tmp
 
     from alignkit.train import step_process
 
-    (tmp_path / "step.py").write_text(
+    log = _fake_step(tmp_path, monkeypatch, live=True, code=(
         "import os, sys, time\n"
         "print('bars', os.environ.get('ALIGNKIT_PROGRESS'), flush=True)\n"
         "for i in range(3):\n    sys.stderr.write(f'\\rjudging {i}/2'); sys.stderr.flush(); time.sleep(0.05)\n"
-        "sys.stderr.write('\\n'); print('done', flush=True)\n")
-    monkeypatch.setattr(step_process, "ROOT", tmp_path)
-    monkeypatch.setattr(step_process, "live", lambda: True)
-    log = tmp_path / "log.txt"
+        "sys.stderr.write('\\n'); print('done', flush=True)\n"))
     step_process.run_step("step.py", [], log)
     shown = capsys.readouterr().err
     from alignkit.core.args import parse_config
@@ -622,6 +619,17 @@ def test_a_step_s_output_and_bars_are_shown_as_they_come_and_logged_as_lines(tmp
         step_process.run_step("slow.py", [str(pid_file)], log)
     with pytest.raises(ProcessLookupError):  # stopped and reaped before the interrupt went on
         os.kill(int(pid_file.read_text()), 0)
+
+
+def _fake_step(tmp_path: Path, monkeypatch, live: bool, code: str) -> Path:
+    """A step of `code`, step.py in tmp_path, where run_step (and rlaif._run) finds its scripts (step_process.ROOT);
+    `live`: a person watches (its bars drawn and shown) or not. Returns the log for it to write, log.txt."""
+    from alignkit.train import step_process
+
+    (tmp_path / "step.py").write_text(code)
+    monkeypatch.setattr(step_process, "ROOT", tmp_path)
+    monkeypatch.setattr(step_process, "live", lambda: live)
+    return tmp_path / "log.txt"
 
 
 def _body(log: Path) -> list[str]:
@@ -804,16 +812,13 @@ def test_a_step_s_own_how_to_go_on_names_rlaif_s_command_not_the_step_s(tmp_path
     the command rlaif.py had printed for it ended in --resume false: run again, it would start over. As a step, its
     line names how to go on where rlaif runs (the rlaif.py command, or a notebook's cells)."""
     from alignkit.core import errors
-    from alignkit.train import rlaif, step_process
+    from alignkit.train import rlaif
 
-    (tmp_path / "step.py").write_text(
+    log = _fake_step(tmp_path, monkeypatch, live=False, code=(
         "import pathlib, sys\nfrom alignkit.train.run_release import _release\n"
         "folder = pathlib.Path(sys.argv[1])\n(folder / 'checkpoint-75').mkdir(parents=True, exist_ok=True)\n"
         "(folder / 'checkpoint-75' / 'trainer_state.json').write_text('{}')\n"
-        "_release(folder, None, KeyboardInterrupt())\n")
-    monkeypatch.setattr(step_process, "ROOT", tmp_path)
-    monkeypatch.setattr(step_process, "live", lambda: False)
-    log = tmp_path / "log.txt"
+        "_release(folder, None, KeyboardInterrupt())\n"))
     for notebook, again in ((False, "run the same rlaif.py command again"),
                             (True, "run the cells from the settings cell on again")):
         monkeypatch.setattr(errors, "is_notebook", lambda: notebook)
@@ -1020,11 +1025,9 @@ def test_a_step_s_refusal_is_said_once_with_how_to_go_on_where_rlaif_runs(tmp_pa
     from alignkit.core.errors import UserError
     from alignkit.train import rlaif, step_process
 
-    (tmp_path / "step.py").write_text("import sys\nprint('working', flush=True)\nsys.stderr.write('error: bad flag')\n"
-                                      "sys.stderr.flush()\nsys.stderr.write('\\n')\nsys.exit(2)\n")
-    monkeypatch.setattr(step_process, "ROOT", tmp_path)
-    monkeypatch.setattr(step_process, "live", lambda: True)
-    log = tmp_path / "log.txt"
+    log = _fake_step(tmp_path, monkeypatch, live=True, code=(
+        "import sys\nprint('working', flush=True)\nsys.stderr.write('error: bad flag')\n"
+        "sys.stderr.flush()\nsys.stderr.write('\\n')\nsys.exit(2)\n"))
     for notebook, again in ((False, "run the same rlaif.py command again"),
                             (True, "run the cells from the settings cell on again")):
         monkeypatch.setattr(errors, "is_notebook", lambda: notebook)
