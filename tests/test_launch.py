@@ -726,6 +726,34 @@ def test_resume_auto_starts_over_when_another_file_the_settings_name_changed_in_
         training.prepare_run(dataclasses.replace(lota, resume="true"), "sft")
 
 
+def test_a_path_spelled_another_way_is_compared_without_checking_the_settings_again(tmp_path, alignkit_log,
+                                                                                    monkeypatch):
+    """The resume check reads the inputs under the run's own spelling of a path (base for base/) on a copy of the
+    settings. dataclasses.replace made that copy by running the settings' checks again, outside the parse: their
+    warning came a second time (LoRA's settings under --adapter lota), and the copy lost what the parse keeps beside
+    the fields (rl.py's --use_vllm as typed, which its vLLM refusal names)."""
+    from alignkit.core.args import parse_config
+
+    base = fake_base(tmp_path)
+    folder = tmp_path / "runs" / "run"
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    given = dict(output_dir=str(tmp_path / "runs"), run_name="run", adapter="lota", quantization="none", lora_r=32)
+    training.save_run_config(SFTSettings(model_id=str(base), **given), folder / training.CONFIG_FILE)
+    s = SFTSettings(model_id=f"{base}/", **given)
+    alignkit_log.clear()
+    assert run_folder._changed(folder, s) == [] and "not applied" not in alignkit_log.text
+    # rl.py's settings as its parse makes them, the model typed base/ where the run saved base.
+    rl = parse_config(RLSettings, env_file=None, args=["--model_id", f"{base}/", "--reward", "rule", "--use_vllm",
+                                                       "--output_dir", str(tmp_path / "runs"), "--run_name", "rl"])
+    saved = RLSettings(model_id=str(base), reward=["rule"], backend="vllm", output_dir=rl.output_dir, run_name="rl")
+    training.save_run_config(saved, tmp_path / "runs" / "rl" / training.CONFIG_FILE)
+    read, real = [], run_folder.run_inputs
+    monkeypatch.setattr(run_folder, "run_inputs", lambda s, folder=None: read.append(s) or real(s, folder))
+    assert run_folder._changed(tmp_path / "runs" / "rl", rl) == [] and read[-1].model_id == str(base)
+    assert launch.vllm_refused(read[-1], "no CUDA GPU").startswith("--use_vllm true: no CUDA GPU")
+
+
 def test_resume_auto_starts_over_when_the_model_or_data_it_names_changed_in_place(tmp_path, alignkit_log):
     """`--resume auto` compares what the settings name by path by content: a base retrained in place or a data file
     edited since the checkpoint is another run (it would otherwise continue an adapter trained on the old ones). A

@@ -77,6 +77,18 @@ def keep_not_applied(cfg, record: dict):
     return cfg
 
 
+def with_values(cfg, **changes):
+    """A copy of `cfg` with `changes` to its fields, taken as they are: what the settings hold beside their fields
+    (the keys not applied, rl.py's vLLM setting as typed, what the loss covers) kept, and their checks not run again.
+    A dataclasses.replace runs __post_init__ again, outside the parse: it drops those, and says a check's warning a
+    second time. A shallow copy: read it, do not change its values in place."""
+    if unknown := changes.keys() - {f.name for f in dataclasses.fields(cfg)}:
+        raise TypeError(f"{type(cfg).__name__} has no field {', '.join(sorted(unknown))}")
+    new = copy.copy(cfg)
+    vars(new).update(changes)
+    return new
+
+
 def note_not_applied(cfg, keys: Mapping, warning: str) -> None:
     """A setting's check found `keys` ({key: value}) given but not applied: `warning` is the log line (it starts
     with the flags and "not applied: " and the reason), and the keys join `cfg`'s record (their card and

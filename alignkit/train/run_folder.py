@@ -21,7 +21,6 @@ rather than train the same run again. Not for LoTA (its mask is read from the fo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -35,7 +34,7 @@ import torch
 from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError, field_defaults
-from alignkit.core.saved_settings import config_to_dict, not_applied
+from alignkit.core.saved_settings import config_to_dict, not_applied, with_values
 from alignkit.core.errors import UserError, is_notebook, keep_interrupts
 from alignkit.core.journal import free_name, write_atomic
 from alignkit.core.launch import every_process, world_size
@@ -223,7 +222,7 @@ def _changed(folder: Path, s) -> list[str]:
     respelled = {k: old[k] for k in changed if _same_place(old.get(k), new.get(k))}
     changed = [k for k in changed if k not in respelled]
     if "inputs" in saved:  # a run saved before alignkit recorded them compares by settings alone
-        now = run_inputs(dataclasses.replace(s, **respelled) if respelled else s, folder)
+        now = run_inputs(with_values(s, **respelled), folder)  # the run's spelling, the settings as checked
         changed += [k for k in now if k != NAMED and saved["inputs"].get(k) != now[k]]
         if isinstance(then := saved["inputs"].get(NAMED), dict):  # recorded since: other files the settings name
             changed += [f"{k} content" for k in then.keys() | now[NAMED].keys()
