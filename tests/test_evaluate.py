@@ -366,11 +366,15 @@ def test_a_judge_that_fails_every_request_is_a_failed_run_not_a_table_of_errors(
         assert len(judged) == 2  # the matches played before the stop are kept (their failed requests retry)
         with pytest.raises(UserError, match=r"^all 4 judge requests failed \(InternalServerError: .*\)\. Check that "
                                             r"the server at --judge_base_url is up"):
-            run_script(  # fewer requests than the first-failures stop: all of them fail, said at the end
-                "evaluate.py", "mt_bench", "--models", "alpha=/nowhere/alpha", "omega=/nowhere/omega", "--baseline",
-                "omega", "--judge_model", "judge-x", "--judge_base_url", server.base_url, "--mt_bench_data",
-                str(MT_DATA), "--question_ids", "81", "--output_dir", str(tmp_path), "--max_retries", "0")
+            judge_one_question(server, tmp_path)  # fewer requests than the first-failures stop: all fail
         assert not (tmp_path / "results.json").exists()
+
+
+def judge_one_question(server, folder):
+    """evaluate.py mt_bench on question 81 alone (4 judge requests), answers already in `folder`, no retries."""
+    run_script("evaluate.py", "mt_bench", "--models", "alpha=/nowhere/alpha", "omega=/nowhere/omega", "--baseline",
+               "omega", "--judge_model", "judge-x", "--judge_base_url", server.base_url, "--mt_bench_data",
+               str(MT_DATA), "--question_ids", "81", "--output_dir", str(folder), "--max_retries", "0")
 
 
 def test_all_judge_requests_failed_names_rlaif_s_command_in_a_round(mt_data, tmp_path, monkeypatch):
@@ -384,10 +388,7 @@ def test_all_judge_requests_failed_names_rlaif_s_command_in_a_round(mt_data, tmp
     with FakeOpenAI(lambda body: Fault(status=503)) as server:
         with pytest.raises(UserError, match=r"^all 4 judge requests failed \(InternalServerError: .*\)\. .*, then "
                                             r"run the same rlaif\.py command again \(the answers are kept\)$"):
-            run_script(  # fewer requests than the first-failures stop: all of them fail, said at the end
-                "evaluate.py", "mt_bench", "--models", "alpha=/nowhere/alpha", "omega=/nowhere/omega", "--baseline",
-                "omega", "--judge_model", "judge-x", "--judge_base_url", server.base_url, "--mt_bench_data",
-                str(MT_DATA), "--question_ids", "81", "--output_dir", str(tmp_path), "--max_retries", "0")
+            judge_one_question(server, tmp_path)  # fewer requests than the first-failures stop: all fail
 
 
 def test_a_judge_that_never_answers_stops_mt_bench_at_its_first_timeout(mt_data, tmp_path, alignkit_log):
