@@ -14,11 +14,13 @@ Q the bitsandbytes 4-bit layers in the model this process trained (QLoRA really 
 formats as loaded (`nf4+nested`, `fp4`: --bnb_4bit_quant_type and --use_bnb_nested_quant really applied), S the
 reference log-prob cache entries this process wrote (`alignkit.train.refcache.save`). A process that trained over
 bitsandbytes' 8-bit layers (--quantization 8bit) also prints `launched: rank R 8-bit layers E`. Where a packed
-batch had a mask per layer type (a model with full and sliding-window layers), one more line,
+batch was laid out for a sliding window (a model with full and sliding-window layers: a mask per layer type; a
+window on every layer: one mask), one more line,
 
-    launched windows: rank R; packed batches with the window in effect K
+    launched windows: rank R; a mask per layer type|one mask; packed batches with the window in effect K
 
-K those whose sliding-window layers' mask differs from the full layers' (the window cut some token's past).
+K those where the window cut some token's past: the sliding-window layers' mask differs from the full layers', or
+the one mask from the batch's packed without the window.
 
 `--fsdp-on-cpu`: accelerate 1.16 turns FSDP on only for GPU-type launches (accelerate/state.py: its FSDP branch
 lists MULTI_GPU, MULTI_NPU, ... but not MULTI_CPU), so `accelerate launch --use_fsdp` on a CPU trains under
@@ -44,7 +46,7 @@ import os
 import runpy
 import sys
 
-counts = {"packed": 0, "own": 0, "ref_saves": 0, "per_layer_type": 0, "windowed": 0}
+counts = {"packed": 0, "own": 0, "ref_saves": 0, "per_layer_type": 0, "one_window": 0, "windowed": 0}
 seen = {"type": None}
 
 
@@ -59,19 +61,27 @@ def _count(module, name: str, key: str) -> None:
 
 
 def _count_windows(prefix) -> None:
-    """Count the packed batches laid out with a mask per layer type, and those where the sliding layers' mask
-    differs from the full layers' (dense masks; a FlexAttention BlockMask is not compared)."""
+    """Count the packed batches of a model with a sliding window: laid out with a mask per layer type (full and
+    sliding layers) or with one windowed mask (a window on every layer), and those where the window cut some
+    token's past: the sliding layers' mask differs from the full layers', or the one mask from the same batch's
+    packed without the window (dense masks; a FlexAttention BlockMask is not compared)."""
     real = prefix.pack_pairs
 
     def counted(*args, **kwargs):
+        import torch
+
         packed = real(*args, **kwargs)
         masks = packed.attention_mask
         if isinstance(masks, dict):
-            import torch
-
             counts["per_layer_type"] += 1
             full, sliding = masks.get("full_attention"), masks.get("sliding_attention")
             if isinstance(full, torch.Tensor) and isinstance(sliding, torch.Tensor) and not torch.equal(full, sliding):
+                counts["windowed"] += 1
+        elif kwargs.get("config") is not None and isinstance(windows := prefix.layer_windows(kwargs["config"]), dict) \
+                and set(windows.values()) != {None}:
+            counts["one_window"] += 1
+            unwindowed = real(*args, **{**kwargs, "config": None}).attention_mask  # every layer the whole past
+            if isinstance(masks, torch.Tensor) and not torch.equal(masks, unwindowed):
                 counts["windowed"] += 1
         return packed
 
@@ -211,8 +221,10 @@ def main(argv: list[str]) -> None:
             f"reference saves {counts['ref_saves']}\n")
     if eight_bit := _eight_bit_layers(trainer):  # a line of its own, only then (the line above unchanged)
         line += f"launched: rank {rank} 8-bit layers {eight_bit}\n"
-    if counts["per_layer_type"]:
-        line += f"launched windows: rank {rank}; packed batches with the window in effect {counts['windowed']}\n"
+    if counts["per_layer_type"] or counts["one_window"]:
+        masks = "a mask per layer type" if counts["per_layer_type"] else "one mask"
+        line += (f"launched windows: rank {rank}; {masks}; packed batches with the window in effect "
+                 f"{counts['windowed']}\n")
     if rows_with is not None:
         line += f"launched rows: rank {rank}: {_rows_with(trainer, rows_with)}\n"
     sys.stdout.flush()

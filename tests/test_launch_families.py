@@ -2,10 +2,12 @@
 `launch` and checks these reuse): each a tiny random model, so a launch costs what the tiny preset's does.
 
 - A sliding-window model: a Qwen2 whose second layer attends within a window of 4 positions, shorter than every
-  row of the tiny preset's pairs, and whose first attends to the whole past. dpo.py's prefix sharing lays out one
-  packed mask per layer type; tests/launched.py counts, on each rank, the packed batches whose sliding layers'
-  mask differs from the full layers' (the window in effect, not only configured). Packed and unshared log-probs
-  are equal on every sliding-window family: tests/test_prefix_sharing.py.
+  row of the tiny preset's pairs, and whose first attends to the whole past: dpo.py's prefix sharing lays out one
+  packed mask per layer type; under DDP a Mistral (v0.1's kind) with that window on every layer: one windowed
+  mask. tests/launched.py counts, on each rank, the packed batches whose sliding layers' mask differs from the full
+  layers', or whose one mask differs from the same batch's without the window (the window in effect, not only
+  configured). Packed and unshared log-probs are equal on every sliding-window family:
+  tests/test_prefix_sharing.py.
 - A GGUF base: a tiny random llama-architecture .gguf file with SmolLM2's tokenizer and chat template (copied from
   its GGUF file), converted in the launch (alignkit.modeling.gguf) and trained on.
 """
@@ -41,6 +43,27 @@ def tiny_windowed_qwen2(model: Path) -> Path:
                                   pad_token_id=4, eos_token_id=3, bos_token_id=None, use_sliding_window=True,
                                   sliding_window=WINDOW, max_window_layers=1, tie_word_embeddings=False)
     assert config.layer_types == ["full_attention", "sliding_attention"], config.layer_types
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if Path(presets.paths()["model"], name).is_file():
+            shutil.copy(Path(presets.paths()["model"], name), model)
+    return model
+
+
+def tiny_windowed_mistral(model: Path) -> Path:
+    """A tiny random Mistral saved at `model`, a window of WINDOW on every layer (Mistral-v0.1's `sliding_window`,
+    no `layer_types`: one mask for all layers), with the tiny preset's tokenizer and chat template."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignkit.modeling import presets
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mistral", vocab_size=561, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  pad_token_id=4, eos_token_id=3, bos_token_id=None, sliding_window=WINDOW,
+                                  tie_word_embeddings=False)
+    assert getattr(config, "layer_types", None) is None, config.layer_types
     AutoModelForCausalLM.from_config(config).save_pretrained(model)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if Path(presets.paths()["model"], name).is_file():
@@ -107,29 +130,43 @@ def windowed(cache, runs):
     return tiny_windowed_qwen2(runs / "qwen2-windowed")
 
 
+@pytest.fixture(scope="module")
+def windowed_everywhere(cache, runs):
+    return tiny_windowed_mistral(runs / "mistral-windowed")
+
+
 # QLoRA where the launch shards or replicates the 4-bit layers (FSDP2, ZeRO-3), plain LoRA under DDP and ZeRO-2.
-WINDOWED = [pytest.param("ddp", (), id="ddp"), pytest.param("fsdp", QLORA, id="fsdp-qlora"),
-            pytest.param("zero2", (), id="zero2"), pytest.param("zero3", QLORA, id="zero3-qlora")]
+# Under DDP the window on every layer (Mistral-v0.1's one mask; the support matrix said "not proven at 2
+# processes"), full and sliding layers mixed under the others (ZeRO-2 too holds the whole model on each rank).
+WINDOWED = [pytest.param("ddp", (), "windowed_everywhere", id="ddp"),
+            pytest.param("fsdp", QLORA, "windowed", id="fsdp-qlora"),
+            pytest.param("zero2", (), "windowed", id="zero2"), pytest.param("zero3", QLORA, "windowed", id="zero3-qlora")]
+MASKS = {"windowed": ("a mask per layer type",
+                      f"one mask per layer type: full_attention window None, sliding_attention window {WINDOW}"),
+         "windowed_everywhere": ("one mask", f"; sliding window {WINDOW}")}
 
 
-@pytest.mark.parametrize("mode, flags", WINDOWED)
-def test_a_sliding_window_model_trains_dpo_with_packed_pairs(mode, flags, windowed, cache, runs):
+@pytest.mark.parametrize("mode, flags, model", WINDOWED)
+def test_a_sliding_window_model_trains_dpo_with_packed_pairs(mode, flags, model, request, cache, runs):
     """dpo.py's defaults (prefix sharing, alignkit's own sigmoid loss) on a model with full and sliding-window
-    layers: each rank packed its batches with one mask per layer type, the window cutting the past of the tokens
-    more than WINDOW positions on (every row is longer), and the adapter saved whole. Its rows: TRL's standard rows
+    layers (under DDP: a window on every layer): each rank packed its batches with one mask per layer type (one
+    windowed mask), the window cutting the past of the tokens more than WINDOW positions on (every row is longer),
+    and the adapter saved whole. Its rows: TRL's standard rows
     (texts: prompt, chosen, rejected; the support matrix's row said "not proven at 2 processes" for dpo.py under
     these launches), trained as plain text though the model has a chat template: every rank's training rows all
     the texts, none of them rendered by the template (no `<|user|>`, its role marker) (dpo.py on conversational rows under each launch: test_launch_real's dpo_run under DDP,
     test_launch_sharded::test_dpo_packs_its_batches_precomputes_and_merges under the others)."""
     run, data = runs / f"dpo-windowed-{mode}", runs / f"dpo-windowed-{mode}-texts.jsonl"
     texts = pair_texts(data)
+    windowed = request.getfixturevalue(model)
     done = launch(mode, "dpo.py", run, *TINY, *flags, "--model_id", str(windowed), "--loss_type", "sigmoid",
                   "--eval_split", "0", "--dataset_id", str(data), cache=cache, rows_with="<|user|>")
     assert done["metrics"]["global_step"] == 2 and done["packed"] > 0 and done["own"] > 0, done
     assert done["rows"] == [(0, texts)] * 2, done["output"][-3000:]  # each pair on each rank, none templated
     assert json.loads((run / "alignkit_config.json").read_text())["data_rows"] == "text"
-    assert f"one mask per layer type: full_attention window None, sliding_attention window {WINDOW}" in done["output"]
-    windows = re.findall(r"^launched windows: rank (\d); packed batches with the window in effect (\d+)$",
+    masks, said = MASKS[model]
+    assert said in done["output"], done["output"][-3000:]  # the packed layout dpo.py says it takes
+    windows = re.findall(rf"^launched windows: rank (\d); {masks}; packed batches with the window in effect (\d+)$",
                          done["output"], re.M)
     assert sorted(rank for rank, _ in windows) == ["0", "1"] and all(int(n) > 0 for _, n in windows), windows
     whole_adapter(run)
