@@ -35,7 +35,8 @@ for saving), run as on GPUs.
 saves what it yields to FILE. vLLM itself needs CUDA; what it would be given, and under which names, does not.
 
 `--rows-with TEXT`: each process also prints what it trained on, as the trainer tokenized it (every `*_ids` column
-of its training rows, decoded), and, for rl.py, the 4-bit layers of each reward model it holds (`rm:FOLDER`):
+of its training rows, decoded; rl.py's prompts as they go to the policy: a text as it is, a conversation through
+the chat template), and, for rl.py, the 4-bit layers of each reward model it holds (`rm:FOLDER`):
 
     launched rows: rank R: N of M training rows hold TEXT; reward models: rm:NAME Q (F)
 """
@@ -180,7 +181,11 @@ def _rows_with(trainer, text: str) -> str:
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     rows = trainer.train_dataset
     columns = [c for c in rows.column_names if c.endswith("_ids")]
-    held = sum(text in "".join(tokenizer.decode(row[c]) for c in columns) for row in rows)
+    if columns:
+        held = sum(text in "".join(tokenizer.decode(row[c]) for c in columns) for row in rows)
+    else:  # rl.py's prompts, tokenized as they are sampled: a text as it is, a conversation through the template
+        held = sum(text in (p if isinstance(p, str) else tokenizer.apply_chat_template(
+            p, tokenize=False, add_generation_prompt=True)) for p in rows["prompt"])
     models = [f"{f.__name__} {_four_bit_layers(f.model.loaded.model)}" for f in getattr(trainer, "reward_funcs", [])
               if hasattr(getattr(f, "model", None), "loaded")]
     return f"{held} of {len(rows)} training rows hold {text}; reward models: {', '.join(models) or 'none'}"

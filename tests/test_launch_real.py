@@ -269,6 +269,16 @@ def prompt_completion_texts(data: Path) -> int:
     return len(pairs)
 
 
+def prompt_texts(data: Path) -> int:
+    """The tiny preset's prompts (texts, each with its category) written at `data` as TRL's standard prompt rows in
+    the pairs' form ("Q: ...\nA:"), rl.py's: how many rows."""
+    from alignkit.modeling import presets
+
+    rows = [json.loads(line) for line in Path(presets.paths()["prompts"]).read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "prompt": f"Q: {r['prompt']}\nA:"}) + "\n" for r in rows))
+    return len(rows)
+
+
 def rows_each_rank_trained_on(output: str) -> list[tuple[int, int]]:
     """(rows holding the text, training rows) of each process of a launch through tests/launched.py --rows-with."""
     found = dict(re.findall(r"^launched rows: rank (\d): (\d+ of \d+) training rows hold", output, re.M))
@@ -601,13 +611,22 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     judgment: each process judges its own rows into its own judgments file, marks the rows whose judgment
     failed, and the marks are gathered as TRL gathers the rewards (a failed row would otherwise keep the rule
     alone); the logged judge counts are the whole launch's (they were the main process's). Beside them, the
-    reward model kept in 4-bit with a 4-bit policy (--quantization 4bit), held so on each rank."""
+    reward model kept in 4-bit with a 4-bit policy (--quantization 4bit), held so on each rank. The reward model
+    alone ([rm]) rewards a policy without a chat template (the tiny base model) on TRL's standard prompt rows (texts;
+    the support matrix's row said "not proven at 2 processes" for rl.py's text prompts): each rank's prompts go to
+    the policy as their texts, and the reward model, which trained on conversations, scores each as a user turn
+    (conversational prompts: [rule] and [judge])."""
     import contextlib
 
     from openai_server import Fault, FakeOpenAI
 
     rm = reward_run("qlora-fp4") if reward in ("rm", "judge") else None
-    flags = ["--reward", f"rm:{rm}", "--logging_steps", "1"] if rm else []
+    policy, shim = sft_adapter, []
+    if reward == "rm":  # a policy without a chat template, on text prompts
+        policy, prompts = base_without_a_template(runs / "rl-base-without-template"), runs / "rl-text-prompts.jsonl"
+        prompt_texts(prompts)
+        flags = ["--reward", f"rm:{rm}", "--logging_steps", "1", "--dataset_id", str(prompts)]
+        shim = [SHIM, "--rows-with", "Q: "]  # each rank's prompts, as the trainer takes them
     if reward == "rule":
         (runs / "short_reward.py").write_text(
             "def short(prompts, completions, **kwargs):\n    return [-len(str(c)) / 100 for c in completions]\n")
@@ -615,7 +634,8 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
 
     # The rule run also walks TRL's weight sync for a colocated vLLM engine (tests/launched.py --vllm-sync).
     synced = runs / "rl-vllm-sync.safetensors"
-    shim = [str(ROOT / "tests" / "launched.py"), "--vllm-sync", str(synced)] if reward == "rule" else []
+    if reward == "rule":
+        shim = [str(ROOT / "tests" / "launched.py"), "--vllm-sync", str(synced)]
     run = runs / f"rl-{reward}"
     with contextlib.ExitStack() as stack:
         if reward == "judge":
@@ -634,7 +654,7 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
                      "--max_retries", "0", "--logging_steps", "1"]
             shim = [SHIM, "--rows-with", "-"]  # each rank's reward models, as loaded
         quantization = QLORA if reward == "judge" else ["--quantization", "none"]
-        output = accelerate_launch([*shim, "rl.py", "--preset", "tiny", "--model_id", str(sft_adapter),
+        output = accelerate_launch([*shim, "rl.py", "--preset", "tiny", "--model_id", str(policy),
                                     "--max_steps", "1", "--per_device_train_batch_size", "8", "--num_generations",
                                     "4", "--max_prompts", "16", "--save_steps", "100", *quantization,
                                     "--warmup_ratio", "0", *flags, "--output_dir", str(runs), "--run_name", run.name],
@@ -659,6 +679,10 @@ def test_rl_on_two_processes(reward, sft_adapter, reward_run, cache, runs):
     elif rm:
         assert_each_rank_scored_with(output, f"rm:{rm.name}", rm)
         assert output.count("was trained with QLoRA: it scores over its base rounded to 4-bit FP4") == 1, output[-3000:]
+        # Each rank's prompts went to the policy as their texts (TRL's standard format), every one of them (the
+        # line is the main process's).
+        assert "has no chat template: the prompts, written as text, go to it as they are" in output, output[-3000:]
+        assert rows_each_rank_trained_on(output) == [(16, 16)] * 2, output[-3000:]
     else:
         assert output.count("rewards: rule_reward, short") == 2, output[-3000:]  # built on each process
         logged, = [e for e in json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())["log_history"]
