@@ -269,6 +269,17 @@ def prompt_completion_texts(data: Path) -> int:
     return len(pairs)
 
 
+def unpaired_texts(data: Path) -> int:
+    """The tiny preset's pairs written at `data` as KTO's standard unpaired rows (texts: prompt "Q: ...", completion,
+    label; each pair's chosen answer labelled true, its rejected one false): how many rows."""
+    pairs = data.with_name(f"{data.stem}-pairs.jsonl")
+    pair_texts(pairs)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"})
+                            + "\n" for r in rows for side in ("chosen", "rejected")))
+    return 2 * len(rows)
+
+
 def prompt_texts(data: Path) -> int:
     """The tiny preset's prompts (texts, each with its category) written at `data` as TRL's standard prompt rows in
     the pairs' form ("Q: ...\nA:"), rl.py's: how many rows."""

@@ -36,7 +36,7 @@ from test_distributed import tiny_mixtral
 from test_launch_real import accelerate_launch, assert_each_rank_scored_with, assert_vllm_would_get_the_merged_policy
 from test_launch_real import STOPPED, assert_qlora_on_each_rank, launched_reports, stopped_by_sigterm
 from test_launch_real import TOOL_CALL, rows_each_rank_trained_on, texts_without_a_template, tool_calling_chats
-from test_launch_real import tool_calling_pairs
+from test_launch_real import tool_calling_pairs, unpaired_texts
 from test_launch_real import cache, runs  # noqa: F401 - its fixtures: a cache and runs folder of this module's own
 
 # Not importorskip: deepspeed is in the dev extra, and without it these tests must fail, not vanish.
@@ -416,10 +416,22 @@ def test_a_mixture_of_experts_trains_dpo_with_lora_on_its_experts(mode, flags, m
 def test_a_mixture_of_experts_trains_sft_and_kto_with_plain_lora_on_its_experts(mode, script, mixtral, cache, runs):
     """sft.py and kto.py (TRL's losses) on the Mixtral with plain LoRA where the model is sharded (the MoE row said
     "not proven at 2 processes"): the router's load-balancing loss logged, the routed experts' adapter saved whole
-    and changed by training."""
+    and changed by training. kto.py's rows: KTO's standard unpaired rows (texts: prompt, completion, label; the
+    support matrix's row of TRL's standard rows said "not proven at 2 processes" for kto.py under FSDP2), trained
+    as plain text though the Mixtral has a chat template: every rank's training rows all the texts, the run recorded
+    as trained on text (kto.py on conversational rows under FSDP2: test_kto[fsdp])."""
     run = runs / f"{script[:-3]}-moe-{mode}"
-    done = launch(mode, script, run, *TINY, "--model_id", str(mixtral), "--lora_dropout", "0", cache=cache)
+    texts = script == "kto.py"
+    data = ["--dataset_id", str(runs / f"{run.name}-texts.jsonl")] if texts else []
+    if texts:
+        unpaired_texts(Path(data[1]))
+    done = launch(mode, script, run, *TINY, "--model_id", str(mixtral), "--lora_dropout", "0", *data, cache=cache,
+                  rows_with="Q: " if texts else None)
     assert done["metrics"]["global_step"] == 2
+    if texts:  # each rank's training rows (prompt and completion, and TRL's mismatched KL completion) all texts
+        (held, trained), other = done["rows"]
+        assert held == trained > 0 and other == (held, trained), done["output"][-3000:]
+        assert json.loads((run / "alignkit_config.json").read_text())["data_rows"] == "text"
     state = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
     assert any("aux_loss" in e for e in state["log_history"]), state["log_history"][:2]
     experts = {k: t for k, t in whole_adapter(run).items() if ".experts." in k}
