@@ -210,19 +210,29 @@ def test_kto(sft, cache, runs):
     at random per process for an in-memory dataset). Under a sharded model (FSDP, ZeRO-3) the tiny preset's rule
     check is skipped with its line; under ZeRO-2 the model is whole on each rank, so it samples. Its rows: the
     preset's pairs split in two, some chosen answers tool-calling trajectories (the support matrix's row said "not
-    proven at 2 processes"), each call and its tool turn rendered by the template in every rank's training rows."""
+    proven at 2 processes"), each call and its tool turn rendered by the template in every rank's training rows.
+    The precomputed run (ZeRO-3, ZeRO-2) trains on KTO's standard unpaired rows instead (texts: prompt, completion,
+    label; the row of TRL's standard rows said "not proven at 2 processes" for kto.py under these launches), as plain
+    text though the SFT adapter has a chat template: every rank's training rows all the texts, the run recorded as
+    trained on text."""
     mode, sft_run = sft
     (runs / f"kto-{mode}-data").mkdir()
-    data, pairs = tool_calling_pairs(runs / f"kto-{mode}-data")
+    tools, pairs = tool_calling_pairs(runs / f"kto-{mode}-data")
+    unpaired_texts(texts := runs / f"kto-{mode}-data" / "texts.jsonl")
     for precomputed in REFERENCES[mode]:
         run = runs / f"kto-{mode}{'-precomputed' if precomputed else ''}"
         precompute = ["--precompute_ref_log_probs", "true"] if precomputed else []
+        data = ["--dataset_id", str(texts)] if precomputed else tools
         done = launch(mode, "kto.py", run, *TINY, *CHAIN[mode], "--model_id", str(sft_run), *precompute, *data,
-                      cache=cache, rows_with=TOOL_CALL)
+                      cache=cache, rows_with="Q: " if precomputed else TOOL_CALL)
         assert done["metrics"]["global_step"] == 2
         (held, trained), other = done["rows"]
-        # a trajectory in its own row's completion, and in another row's as TRL's mismatched KL completion
-        assert other == (held, trained) and 0 < held <= 16 and trained < 2 * pairs, done["output"][-3000:]
+        if precomputed:  # each row as its texts (prompt, completion and TRL's mismatched KL completion)
+            assert held == trained > 0 and other == (held, trained), done["output"][-3000:]
+        else:  # a trajectory in its own row's completion, and in another row's as TRL's mismatched KL completion
+            assert other == (held, trained) and 0 < held <= 16 and trained < 2 * pairs, done["output"][-3000:]
+        assert json.loads((run / "alignkit_config.json").read_text())["data_rows"] == \
+            ("text" if precomputed else "conversations")
         assert (run / "kto_reference").is_dir() == precomputed  # train and held-out rows, one file each, if asked
         if precompute:
             assert len(list((run / "kto_reference").glob("cache-*.arrow"))) == 2
