@@ -286,16 +286,17 @@ def test_rl(sft, request, cache, runs):
 # launch of the same mode on "tools" keeps conversational rows proven).
 @pytest.mark.parametrize("mode, flags, rows", [("zero3", ("--loss", "logexp"), "texts"), ("zero3", QLORA, "tools"),
                                                ("fsdp", (), "tools"), ("fsdp", ("--loss", "logexp"), "texts"),
-                                               ("zero2", (), "tools")],
-                         ids=["zero3-logexp", "zero3-qlora", "fsdp", "fsdp-logexp", "zero2"])
+                                               ("zero2", (), "tools"), ("zero2", ("--loss", "logexp"), "texts")],
+                         ids=["zero3-logexp", "zero3-qlora", "fsdp", "fsdp-logexp", "zero2", "zero2-logexp"])
 def test_reward_with_its_held_out_report(mode, flags, rows, cache, runs):
     """The whole reward.py under a sharded model: the fresh score head zeroed (under ZeRO-3 in its partition), the
     held-out report on every rank (a sharded forward is a collective), its scores and picture written once.
     reward.py's pieces checked against the unsharded model under FSDP: test_launch_real.py. With QLoRA under ZeRO-3
     (the model built whole, partitioned once training starts) its first step failed: TRL's bf16 score head met the
     fp32 run's hidden states ("expected m1 and m2 to have the same dtype"). Under ZeRO-3 plain LoRA trains with
-    --loss logexp (the QLoRA run keeps the default, bradley_terry); FSDP2 runs both losses; under ZeRO-2 (the model
-    whole on each rank) the default, beside reward_zero2's logexpwithlm. Their rows (the support matrix's rows of
+    --loss logexp (the QLoRA run keeps the default, bradley_terry); FSDP2 and ZeRO-2 (the model whole on each rank)
+    run both losses (ZeRO-2's logexp and its text rows: the support matrix said "not proven at 2 processes"), beside
+    reward_zero2's logexpwithlm. Their rows (the support matrix's rows of
     tool calls and of TRL's standard rows said "not proven at 2 processes" under these launches): read the same on
     every process, each call and its tool turn rendered by the template, or each pair tokenized as its texts, in
     every rank's training rows."""
