@@ -54,9 +54,11 @@ preflight(settings)  # a push's token and base, wandb's key, the Hub: checked no
 # how many), and a checkpoint resumes only over the same rows.
 
 # %%
+from alignkit.train.loss_mask import check_chat_template
 from alignkit.train.rl import load_prompt_dataset
 
 prompts = load_prompt_dataset(settings)  # a single file has no splits: --dataset_split is refused, not ignored
+check_chat_template(settings, prompts)  # tool calls under a template that drops them: refused before the load
 print(f"{len(prompts)} prompts")
 
 # %% [markdown]

@@ -1167,10 +1167,17 @@ TOOL_TEMPLATE = (
 def tool_call_data(tmp_path: Path, script: str) -> tuple[Path, dict]:
     """The tiny preset's rows for `script`, the first with a tool call: the data file and that row. sft.py's
     conversation calls `plum` before its answer; dpo.py's and reward.py's chosen answer is a trajectory (a call of
-    `atlas`, the tool's turn, the answer); kto.py's rows are those pairs split in two (the trajectory first)."""
+    `atlas`, the tool's turn, the answer); kto.py's rows are those pairs split in two (the trajectory first); rl.py's
+    first prompt is a conversation that called `cedar` and holds the tool's turn, the others written as text."""
     from alignkit.modeling import presets
 
-    if script == "sft.py":
+    if script == "rl.py":
+        rows = [json.loads(line) for line in Path(presets.paths()["prompts"]).read_text().splitlines()[:16]]
+        call = [{"type": "function", "function": {"name": "cedar", "arguments": {"n": 3}}}]
+        rows[0]["prompt"] = [{"role": "user", "content": rows[0]["prompt"]},
+                             {"role": "assistant", "content": None, "tool_calls": call},
+                             {"role": "tool", "name": "cedar", "content": "oak"}]
+    elif script == "sft.py":
         call = [{"type": "function", "function": {"name": "plum", "arguments": {"n": 3}}}]
         chats = [json.loads(line)["messages"] for line in Path(presets.paths()["sft"]).read_text().splitlines()[:15]]
         rows = [{"messages": [chats[0][0], {"role": "assistant", "content": None, "tool_calls": call},
@@ -1189,13 +1196,13 @@ def tool_call_data(tmp_path: Path, script: str) -> tuple[Path, dict]:
     return data, rows[0]
 
 
-@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "kto.py", "reward.py"])
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "kto.py", "reward.py", "rl.py"])
 def test_tool_calls_under_a_template_that_drops_them_are_refused_before_the_model_loads(tiny_cache, tmp_path,
                                                                                         monkeypatch, script):
     """The tiny preset's own template renders content only: the calls would vanish from training. Each training
     script refuses them in one line from the tokenizer, before the model loads (alignkit.train.loss_mask
-    .check_chat_template): after it, minutes for a 7B QLoRA, as sft.py did before its audit and dpo.py, kto.py and
-    reward.py did after it."""
+    .check_chat_template): after it, minutes for a 7B QLoRA, as sft.py did before its audit, dpo.py, kto.py and
+    reward.py did after it, and rl.py (its prompts) after that."""
     from alignkit.core.errors import UserError
     from alignkit.modeling import models
 

@@ -7,7 +7,7 @@ the model loads.
   conversations, eos_token where the template ends the turns), said. Each of these was TRL's traceback after the
   model loaded, or nothing at all.
 - `check_chat_template`: tool calls under a chat template that drops them, refused in one line for every training
-  script (sft.py through check_loss_mask; dpo.py, kto.py and reward.py as their data is read): alignkit's
+  script (sft.py through check_loss_mask; dpo.py, kto.py, reward.py and rl.py as their data is read): alignkit's
   refusal came after the model loaded.
 - `check_end_tokens`: TRL's eos_token and pad_token outside the vocabulary, refused for every script that takes
   them (alignkit.train.training.preflight; rlaif.py on its starting model), from the tokenizer alone.

@@ -103,7 +103,9 @@ def as_trl_prompts(dataset, tokenizer, model_id: str):
     """The prompts as the trainer takes them: as they are when the model has a chat template (one that renders tool
     calls, where a prompt holds them); without one, prompts written as text become text again (TRL's standard
     format, no template needed), and conversations are refused (alignkit.modeling.models.require_chat_template: one
-    line naming --chat_template)."""
+    line naming --chat_template). Tool calls under a template that drops them are refused before the model loads
+    (rl.py's Prompts cell, alignkit.train.loss_mask.check_chat_template); the check here stays for a tokenizer
+    that cannot be read apart from the model (a GGUF source)."""
     from datasets import Dataset
 
     from alignkit.modeling.models import require_chat_template
