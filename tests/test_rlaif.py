@@ -876,6 +876,42 @@ def test_a_step_s_stop_lines_name_rlaif_s_command_not_the_same_command(monkeypat
         assert "then run the same command again (" in line, line
 
 
+def test_a_sigterm_as_a_step_s_training_ended_names_rlaif_s_command_not_the_same_command(monkeypatch, tmp_path):
+    """A SIGTERM after the last step of a round's dpo.py: the finished run is saved, then it stops with a line that
+    said "the same command merges, pushes and reports it", where the step's command ends in --resume false. Under
+    STEP_AGAIN it names how to go on where rlaif runs (run_again()); alone, the script's own command, as before."""
+    import types
+
+    from alignkit.core import errors
+    from alignkit.core.config import DPOSettings
+    from alignkit.train import cell_checks, training
+
+    # finish() up to the stop, on a rank other than the main one (it writes nothing): the run trained here and
+    # finished (its metrics.json read back), its weights gathered.
+    monkeypatch.setattr(cell_checks, "check_trainer_folder", lambda trainer, folder: None)
+    monkeypatch.setattr(training, "check_trained", lambda folder, s: None)
+    monkeypatch.setattr(training, "gathered_state_dict", lambda trainer: None)
+    (tmp_path / "metrics.json").write_text("{}")
+    trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(is_main_process=False), steps_at_start=3,
+                                    state=types.SimpleNamespace(global_step=3), sigterm_everywhere=lambda: True)
+    s = DPOSettings(model_id="tiny", dataset_id="org/pairs", output_dir=str(tmp_path), run_name="dpo")
+
+    def said() -> str:
+        monkeypatch.setitem(errors._SIGTERM, "stopping", False)  # put back after: stop_for_sigterm sets it
+        with pytest.raises(errors.Terminated) as stopped:
+            training.finish(trainer, None, s, tmp_path, "dpo")
+        return str(stopped.value)
+
+    monkeypatch.setattr(errors, "is_notebook", lambda: False)
+    monkeypatch.setenv(errors.STEP_OF, "command")
+    monkeypatch.setenv(errors.STEP_AGAIN, "run the same rlaif.py command again")
+    assert said() == (f"SIGTERM as the training ended: the run is saved in {tmp_path}; run the same rlaif.py command "
+                      "again to go on from it")
+    monkeypatch.delenv(errors.STEP_AGAIN)
+    assert said() == (f"SIGTERM as the training ended: the run is saved in {tmp_path}; the same command merges, "
+                      "pushes and reports it")
+
+
 def test_a_reward_model_judge_is_the_same_step_input_wherever_its_folder_is(tiny_cache, tmp_path):
     """rm:FOLDER in a round's inputs by the model's content: a copied folder, or its path spelled another way, is the
     same judge (the round was relabelled, retrained and judged again); retrained, it is another."""

@@ -18,7 +18,7 @@ from alignkit import logger
 from alignkit.core import progress
 from alignkit.core.args import ConfigError
 from alignkit.core.secrets import redact
-from alignkit.core.errors import UserError, sigterm_asked, stop_for_sigterm
+from alignkit.core.errors import STEP_AGAIN, UserError, run_again, sigterm_asked, stop_for_sigterm
 from alignkit.core.extras import has_tracker, require_tracker, wandb_ready
 from alignkit.core.journal import write_atomic
 from alignkit.core.launch import agreed_minimum, free_memory, training_device, world_size
@@ -382,8 +382,10 @@ def finish(trainer, loaded, s, folder: Path, stage: str, measured: dict | None =
         logger.info(f"{stage} adapter saved to {folder}")
     voted = getattr(trainer, "sigterm_everywhere", sigterm_asked)
     if voted():  # it came after the last step's end (the final evaluation): the finished run is saved first
-        stop_for_sigterm(f"SIGTERM as the training ended: the run is saved in {folder}; the same command merges, "
-                         "pushes and reports it")
+        # In an rlaif round the step's own command ends in --resume false: how to go on is the round's (STEP_AGAIN).
+        then = (f"{run_again()} to go on from it" if os.environ.get(STEP_AGAIN)
+                else "the same command merges, pushes and reports it")
+        stop_for_sigterm(f"SIGTERM as the training ended: the run is saved in {folder}; {then}")
     merged = hub_url = None
     if trainer.accelerator.is_main_process and (s.merge_adaptors or s.push_to_hub):
         merged, hub_url = publish_run(folder, s)
