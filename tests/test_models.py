@@ -355,3 +355,56 @@ def test_a_run_path_not_there_names_the_working_folder_and_the_folder_above_that
     with pytest.raises(UserError, match=r"^model not found: org/model is no local folder, and HF_HUB_OFFLINE=1 .* "
                                         r"unset HF_HUB_OFFLINE to download it$"):
         check_model_source("org/model")
+
+
+def test_with_the_hub_answering_a_model_it_lacks_is_one_line_in_the_settings_cell(tmp_path, monkeypatch):
+    """Found by the notebook audit of session 125: dpo.ipynb with `model_id = "runs/tiny-sft"` opened from notebooks/
+    (the runs one folder up) on a machine online passed the settings and data cells, and its Model cell ended in
+    transformers' OSError traceback ("not a local folder and is not a valid model identifier"), 50 lines; a Hub id
+    the Hub lacks (a typo) alike. Now the settings cell (preflight) says it in one line, the path's with where it
+    was looked for and found; a gated model the Hub says exists is no refusal."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    from alignkit.core.args import parse_config
+    from alignkit.core.errors import UserError
+    from alignkit.modeling.model_folders import check_model_source
+    from alignkit.train.training import preflight
+
+    class Hub(http.server.BaseHTTPRequestHandler):  # answers; has no model but org/gated, behind an access request
+        def _answer(self):
+            gated = "/org/gated" in self.path
+            self.send_response(403 if gated else 401)
+            self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args):
+            pass
+
+    hub = http.server.HTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.server_port}")
+        (tmp_path / "runs" / "tiny-sft").mkdir(parents=True)
+        (tmp_path / "notebooks").mkdir()
+        monkeypatch.chdir(tmp_path / "notebooks")
+        here = str(tmp_path / "notebooks")
+        s = parse_config(DPOSettings, args=["--model_id", "runs/tiny-sft"], env_file=None)
+        with pytest.raises(UserError) as refused:
+            preflight(s)
+        assert str(refused.value) == (
+            f"model not found: runs/tiny-sft is no local folder (relative to the working folder {here}: in a notebook, "
+            "the notebook's folder), nor a model on the Hub; found at ../runs/tiny-sft: pass that path")
+        with pytest.raises(UserError, match=r"^model not found: org/typo is no local folder, and the Hub has no model "
+                                            r"of that name \(a private or gated one needs your token: .*check the name$"):
+            check_model_source("org/typo", cache=False)
+        check_model_source("org/gated", cache=False)  # there, if not to everyone: the load asks with the token
+    finally:
+        hub.shutdown()

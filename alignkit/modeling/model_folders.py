@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from alignkit.core.errors import UserError
-from alignkit.core.sources import hub_gguf
+from alignkit.core.sources import hub_gguf, hub_offline
 from alignkit.modeling.chain import _looks_local
 
 
@@ -55,6 +55,33 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
         raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
                         f"cache holds no copy of it{at}; check the path, or unset HF_HUB_OFFLINE to download it")
     require_reachable(source)
+    if not hub_offline() and _hub_lacks(source):
+        # transformers' OSError otherwise, a 50-line traceback when the model loads (a notebook's runs/tiny-sft from
+        # notebooks/, where the runs are one folder up): one line now, naming where the path was looked for.
+        if _names_local_folder(source, above):
+            raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}, nor a model on the Hub"
+                            f"; {above or 'check the path (a run: train it first)'}")
+        raise UserError(f"model not found: {source} is no local folder, and the Hub has no model of that name (a "
+                        "private or gated one needs your token: `hf auth login`, or HF_TOKEN); check the name")
+
+
+def _hub_lacks(source: str) -> bool:
+    """True where the Hub answers that it has no model `source` (nor one hidden from this token: private or gated
+    ones it says exist count as there); False where it has one, or the question failed (the load says why then)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from alignkit.core.sources import PROBE_TIMEOUT, hub_endpoint
+
+    try:
+        HfApi(endpoint=hub_endpoint()).model_info(source, timeout=PROBE_TIMEOUT * 2)
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: there, behind an access request
+        return False
+    except RepositoryNotFoundError:
+        return True
+    except Exception:  # noqa: BLE001 - a timeout, a 5xx, a proxy: not a sign that the model is missing
+        return False
+    return False
 
 
 def _looked_in(source: str) -> str:

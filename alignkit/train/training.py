@@ -63,12 +63,14 @@ def preflight(s) -> None:
     from alignkit.core.paths import check_writable
 
     check_writable(s.output_dir, "--output_dir")
-    if Path(s.model_id).exists():  # a local folder without weights, a run still training: now, not after the data
-        from alignkit.modeling.model_folders import check_model_source
+    from alignkit.modeling.model_folders import check_model_source
 
+    if local := Path(s.model_id).exists():  # a local folder without weights, a run still training: not after the data
         check_model_source(s.model_id, cache=False, flag="--model_id")
         check_stack(s)
     require_reachable(s.model_id, s.dataset_id)
+    if not local:  # a path not there (a notebook's folder), a Hub id the Hub lacks: one line, not the load's traceback
+        check_model_source(s.model_id, cache=False, flag="--model_id")
     from alignkit.train.loss_mask import check_end_tokens
 
     check_end_tokens(s)  # TRL's eos_token/pad_token outside the vocabulary: its traceback once the model had loaded
