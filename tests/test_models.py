@@ -39,7 +39,7 @@ def test_a_training_load_says_the_dtype_it_was_given(tiny_cache, alignkit_log):
     loaded = load_model(SFTSettings(model_id=presets.paths()["model"], dtype="bf16", quantization="none"),
                         for_training=True)
     assert loaded.dtype == torch.bfloat16
-    assert "dtype: bf16 (as given: --dtype, or a recipe's torch_dtype" in alignkit_log.text
+    assert "dtype: bf16 (as given: --dtype, or TRL's torch_dtype, bf16 or fp16" in alignkit_log.text
 
 
 def test_a_training_load_records_the_attention_it_runs(tiny_cache, alignkit_log):

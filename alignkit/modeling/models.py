@@ -246,7 +246,7 @@ def load_model(s, *, for_training: bool = False, full_precision: bool = False, d
         logger.info(f"{s.model_id} is an adapter; base model: {base_id}; adapters: {' -> '.join(chain)}")
     dtype = resolve_dtype(s.dtype)  # auto's choice is said there; a training run says the one it was given too
     if for_training and s.dtype != "auto":
-        logger.info(f"dtype: {s.dtype} (as given: --dtype, or a recipe's torch_dtype)")
+        logger.info(f"dtype: {s.dtype} (as given: --dtype, or TRL's torch_dtype, bf16 or fp16)")
     quantization = ("4bit" if dequantize else "none" if full_precision
                     else resolve_quantization(s.quantization, for_training))
     quantization = lota_delta.full_precision(s, quantization, deltas)
