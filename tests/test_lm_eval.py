@@ -79,6 +79,9 @@ def test_missing_lm_eval_is_one_line_naming_the_install(monkeypatch):
     (["--models", "a=./runs/dpo@v1", "--tasks", "tiny_rule"], "a local folder has no revision"),
     (["--models", "a=x", "a=y", "--tasks", "tiny_rule"], "'a' is given twice"),
     (["--models", "a=x"], "pass the tasks"),
+    # lm_eval ran a negative few-shot count zero-shot, and a limit of 2.5 as 2, under results that named what was asked.
+    (["--models", "a=x", "--tasks", "tiny_rule", "--num_fewshot", "-1"], r"^--num_fewshot must be >= 0 .*got -1$"),
+    (["--models", "a=x", "--tasks", "tiny_rule", "--limit", "2.5"], r"^--limit 2.5: give a whole number of examples"),
 ])
 def test_bad_models_and_tasks_are_one_line_errors(flags, message):
     from alignkit.core.args import ConfigError

@@ -418,4 +418,12 @@ class LMEvalSettings(ModelSettings):
             raise ConfigError("pass the tasks: --tasks NAME ... (lm_eval's names, e.g. ifeval gsm8k mmlu)")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"limit must be > 0, got {self.limit}")
+        if self.limit is not None and self.limit > 1 and self.limit != int(self.limit):
+            # lm_eval reads a limit of 1 or more as a count and drops the fraction: 2.5 ran 2 examples a task.
+            raise ConfigError(f"--limit {self.limit:g}: give a whole number of examples per task, or a share below 1 "
+                              "(0.1: a tenth of each task)")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            # lm_eval takes any int: a negative one ran every task zero-shot, under results.md's "few-shot: -1".
+            raise ConfigError(f"--num_fewshot must be >= 0 (examples per prompt; leave it unset for each task's own), "
+                              f"got {self.num_fewshot}")
         check_seed(self.seed)
