@@ -80,7 +80,8 @@ evaluate.py, merge.py) read like notebooks over it. Its modules, in one subpacka
   mtbench, judgments, fastchat_compat and results (the pairwise flow's answers, verdicts, FastChat judging and
   statistics),
   alpacaeval (evaluate.py alpaca_eval), with alpacaeval_outputs, alpacaeval_annotate and alpacaeval_report,
-  harness (evaluate.py lm_eval: EleutherAI's lm-evaluation-harness).
+  harness (evaluate.py lm_eval: EleutherAI's lm-evaluation-harness), with harness_report (its results.md, table
+  and chart).
 
 This module itself holds the `alignkit` logger every module imports (its filters keep secrets out of every line:
 alignkit.core.secrets, imported when a line is logged; and under a launch, info lines to the main process), and

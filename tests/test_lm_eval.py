@@ -375,3 +375,32 @@ def test_lm_eval_s_task_index_is_built_once_a_process_and_again_when_a_task_file
 
     local = harness._task_manager(TaskManager, str(tasks), list(harness.TINY_TASKS))
     assert local.all_tasks == list(harness.TINY_TASKS)
+
+
+def test_results_name_each_model_as_loaded(tiny_cache, tmp_path, monkeypatch):
+    """results.json and results.md named each model by its source alone: an evaluation in 4-bit and one in bf16
+    of the same model, or one under another --chat_template, could not be told apart. Each model's loader settings
+    and what `auto` became are said beside its numbers, kept results reused included."""
+    from alignkit.evals.evaluation import parse_command
+    from alignkit.modeling import presets
+
+    calls = []
+    monkeypatch.setattr(harness, "evaluate_model", lambda s, source, *a: calls.append(source) or {
+        "results": {"tiny_rule": {"acc,none": 0.5}}, "as_loaded": {"dtype": "float32", "quantization": "none"}})
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    base = presets.paths()["model"]
+    out = tmp_path / "out"
+    _, s = parse_command(["lm_eval", "--models", f"base={base}", "--tasks", "tiny_rule", "--include_path",
+                          str(harness.tiny_task(tmp_path / "tasks", n=4)), "--output_dir", str(out),
+                          "--dtype", "fp32", "--chat_template", str(template)])
+    for _ in range(2):  # evaluated, then its kept results reused
+        harness.run(s)
+        loaded = json.loads((out / "results.json").read_text())["loaded_with"]["base"]
+        assert loaded["model_id"] == base and loaded["dtype"] == "fp32" and loaded["chat_template"] == str(template)
+        assert loaded["as_loaded"] == {"dtype": "float32", "quantization": "none"}
+        said = (out / "results.md").read_text().splitlines()[2]
+        assert said == f"models: base: {base} (float32, quantization none; --chat_template given)"
+    assert calls == [base]
+    kept = json.loads((out / "models" / "base.json").read_text())
+    assert [e["loaded_with"]["dtype"] for e in kept.values()] == ["fp32"]

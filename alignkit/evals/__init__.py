@@ -9,5 +9,6 @@
   at the judge endpoint, the request log and annotation cache) and alpacaeval_report (metrics, chart, card results).
 - fastchat_compat: FastChat's judge code adapted to today's stack.
 - results: the pairwise flow's statistics, table and chart.
-- harness: evaluate.py lm_eval through EleutherAI's lm-evaluation-harness (the alignment tax).
+- harness: evaluate.py lm_eval through EleutherAI's lm-evaluation-harness (the alignment tax), with harness_report
+  (results.md's lines, the table and the chart).
 """

@@ -6,10 +6,11 @@ loaded once by alignkit's loader, as every other script loads it, and handed to 
 `--tasks`), plus any YAML task configs in `--include_path` (e.g. a task over local files). Nothing of lm_eval is
 copied here. The numbers land side by side: `results.md` (a table: a row per task and metric, a column per
 model, with lm_eval's standard errors), `results.json` (lm_eval's results of each model, as it gives them) and
-`results.png` (a grouped bar chart), the first two saying what they were made under (`--limit`, few-shot, chat
-template, seed, lm_eval's version). Each model's results are kept in `<output_dir>/models/NAME.json` under a key of
-its source, loader settings and the harness settings, one entry per key, so a rerun evaluates only what changed and
-a quick `--limit` run leaves the full results standing.
+`results.png` (a grouped bar chart; alignkit.evals.harness_report), the first two saying what they were made under
+(`--limit`, few-shot, chat template, seed, lm_eval's version) and by which models as loaded. Each model's results
+are kept in `<output_dir>/models/NAME.json` under a key of its source, loader settings and the harness settings,
+one entry per key, so a rerun evaluates only what changed and a quick `--limit` run leaves the full results
+standing.
 
 The tiny preset defines its own local tasks (`tiny_task`): `tiny_rule` (does the model prefer the rule-following
 answer: the preference) and `tiny_text` (the perplexity of held-out text of the base's own distribution: the tax).
@@ -26,6 +27,7 @@ from alignkit.core.args import ConfigError
 from alignkit.core.digests import digest
 from alignkit.core.errors import UserError
 from alignkit.core.journal import read_json, write_atomic
+from alignkit.evals.harness_report import describe, describe_models, format_table, plot
 
 INSTALL = "pip install 'alignkit[lm_eval]' (or pip install 'lm_eval>=0.4.13,<0.5')"
 TINY_TASKS = ("tiny_rule", "tiny_text")
@@ -283,7 +285,9 @@ def evaluate_model(s, source: str, lm_eval, task_manager, tasks: list | None = N
             apply_chat_template=s.apply_chat_template, log_samples=False, random_seed=s.seed,
             numpy_random_seed=s.seed, torch_random_seed=s.seed, fewshot_random_seed=s.seed,
         )
-    return {"results": out["results"], "versions": out.get("versions", {}), "n-shot": out.get("n-shot", {})}
+    as_loaded = {"dtype": str(loaded.dtype).removeprefix("torch."), "quantization": loaded.quantization}
+    return {"results": out["results"], "versions": out.get("versions", {}), "n-shot": out.get("n-shot", {}),
+            "as_loaded": as_loaded}
 
 
 class _HandedModel(logging.Filter):
@@ -384,26 +388,28 @@ def run(s) -> tuple[dict[str, dict], Path, Path, Path]:
     # The tasks' data, before any model loads; handed to the first model's run, the next ones build their own (a
     # Task keeps state between runs: each model gets fresh ones, as lm_eval builds them).
     built = load_tasks(s, task_manager) if len(fresh) < len(models) else None
-    results, settings = {}, harness_settings(s)
+    results, loaded, settings = {}, {}, harness_settings(s)
     for name, source in models.items():
         kept, key = out / "models" / f"{name}.json", keys[name]
         if name in fresh:
             earlier = fresh[name]
-            results[name] = earlier["results"]
+            results[name], loaded[name] = earlier["results"], earlier.get("loaded_with") or loaded_with(s, source)
             logger.info(f"lm_eval: {name} ({source}): kept results reused ({kept})")
             continue
         logger.info(f"lm_eval: {name} ({source}) on {', '.join(s.tasks)}")
         evaluated = evaluate_model(s, source, lm_eval, task_manager, built)
         built = None
         # Beside the results of other settings (a --limit run replaced the full one, evaluated again after it).
+        as_loaded = evaluated.pop("as_loaded", {})  # what `auto` became, beside the loader settings as given
+        evaluated["loaded_with"] = {**loaded_with(s, source), "as_loaded": as_loaded}
         entries = {**kept_results[name], key: {"key": key, "source": source, "settings": settings, **evaluated}}
         entries = dict(list(entries.items())[-KEPT_PER_MODEL:])  # the latest: a model retrained 50 times keeps 8
         write_atomic(kept, json.dumps(entries, indent=2, default=str) + "\n")
-        results[name] = evaluated["results"]
+        results[name], loaded[name] = evaluated["results"], evaluated["loaded_with"]
     table = format_table(results)
-    write_atomic(out / "results.md", f"{describe(settings)}\n\n{table}\n")
-    write_atomic(out / "results.json", json.dumps({"models": models, "settings": settings, "results": results},
-                                                  indent=2, default=str) + "\n")
+    write_atomic(out / "results.md", f"{describe(settings)}\n\n{describe_models(models, loaded)}\n\n{table}\n")
+    write_atomic(out / "results.json", json.dumps({"models": models, "loaded_with": loaded, "settings": settings,
+                                                   "results": results}, indent=2, default=str) + "\n")
     chart = plot(results, out / "results.png")
     return results, out / "results.md", out / "results.json", chart
 
@@ -424,71 +430,11 @@ def harness_settings(s) -> dict:
             "apply_chat_template": s.apply_chat_template, "seed": s.seed, "lm_eval": version("lm_eval")}
 
 
-def describe(settings: dict) -> str:
-    """results.md's first line: what the table was made under (a --limit run is no full result)."""
-    limit = settings["limit"]
-    shots = "each task's default" if settings["num_fewshot"] is None else settings["num_fewshot"]
-    said = [f"lm_eval {settings['lm_eval']}", f"few-shot: {shots}",
-            f"chat template: {'applied' if settings['apply_chat_template'] else 'not applied'}",
-            f"seed {settings['seed']}"]
-    if limit is not None:
-        said.insert(1, f"--limit {limit:g}: {'a share' if limit < 1 else 'the first examples'} of each task only, a "
-                       "quick look, not comparable to full results")
-    return "; ".join(said)
+def loaded_with(s, source: str) -> dict:
+    """How a model was loaded, beside its numbers: the loader settings as given (secrets masked), and where it was
+    evaluated, `as_loaded`: what `auto` became (dtype, quantization). results.json named each model by its source
+    alone: a 4-bit and a bf16 evaluation of one model could not be told apart."""
+    from alignkit.core.groups import loader_settings
+    from alignkit.core.saved_settings import config_to_dict
 
-
-# ---------------------------------------------------------------------------------------------------------
-# The table and the chart
-
-
-def metric_rows(results: dict[str, dict]) -> list[tuple[str, str, dict[str, tuple[float, float | None]]]]:
-    """(task, metric, {model: (value, stderr)}) in the order lm_eval reports them; lm_eval's keys are
-    "metric,filter" with a "metric_stderr,filter" beside each."""
-    rows: dict[tuple[str, str], dict] = {}
-    for model, by_task in results.items():
-        for task, metrics in by_task.items():
-            for key, value in metrics.items():
-                if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
-                    continue
-                metric, _, flt = key.partition(",")
-                stderr = metrics.get(f"{metric}_stderr,{flt}")
-                label = metric if flt == "none" else f"{metric} ({flt})"
-                rows.setdefault((task, label), {})[model] = (float(value), stderr if isinstance(stderr, (int, float)) else None)
-    return [(task, metric, values) for (task, metric), values in rows.items()]
-
-
-def format_table(results: dict[str, dict]) -> str:
-    models = list(results)
-    lines = ["| task | metric | " + " | ".join(models) + " |", "| --- | --- |" + " ---: |" * len(models)]
-    for task, metric, values in metric_rows(results):
-        cells = []
-        for model in models:
-            value, stderr = values.get(model, (None, None))
-            cells.append("" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr else ""))
-        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(results: dict[str, dict], path) -> Path:
-    """A PNG: one group of bars per task and metric, one bar per model, with lm_eval's standard errors."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows, models = metric_rows(results), list(results)
-    fig = Figure(figsize=(max(5.0, 1.2 + 0.9 * len(rows) * max(1, len(models)) * 0.6), 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    x, width = np.arange(len(rows)), 0.8 / max(1, len(models))
-    for i, model in enumerate(models):
-        values = [r[2].get(model, (np.nan, None)) for r in rows]
-        heights = [v for v, _ in values]
-        errors = [e or 0.0 for _, e in values]
-        bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, heights, width, yerr=errors, capsize=3, label=model)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
-    ax.set_xticks(x, [f"{task}\n{metric}" for task, metric, _ in rows], fontsize=8)
-    ax.set_title("lm-evaluation-harness, side by side (error bars: stderr)", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return config_to_dict(loader_settings(s, source))
