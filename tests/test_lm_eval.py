@@ -404,3 +404,21 @@ def test_results_name_each_model_as_loaded(tiny_cache, tmp_path, monkeypatch):
     assert calls == [base]
     kept = json.loads((out / "models" / "base.json").read_text())
     assert [e["loaded_with"]["dtype"] for e in kept.values()] == ["fp32"]
+
+
+def test_lm_eval_s_warnings_against_the_model_alignkit_hands_it_are_not_shown(tiny_cache, capfd, caplog):
+    """lm_eval's HF class warned twice for every model that alignkit hands it loaded: the second warning ("Passed an
+    already-initialized model through `pretrained`, assuming single-process call...") came through, one line a
+    model that the user cannot act on."""
+    from lm_eval.models.huggingface import HFLM
+
+    from alignkit.core.groups import ModelSettings
+    from alignkit.modeling import presets
+    from alignkit.modeling.models import load_model
+
+    loaded = load_model(ModelSettings(model_id=presets.paths()["model"], quantization="none", num_threads="1"))
+    harness._quiet_lm_eval()
+    with caplog.at_level("DEBUG"):
+        HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1)
+    said = capfd.readouterr().err + caplog.text
+    assert "`pretrained` model kwarg" not in said and "already-initialized model" not in said

@@ -291,12 +291,14 @@ def evaluate_model(s, source: str, lm_eval, task_manager, tasks: list | None = N
 
 
 class _HandedModel(logging.Filter):
-    """lm_eval warns, for every model, that a `pretrained` model not given by name may ignore other model arguments
-    and must not run under accelerate: alignkit hands it the model it loaded, by design, and evaluate.py refuses a
-    launcher before any model loads."""
+    """lm_eval warns twice, for every model, of a `pretrained` model not given by name: it may ignore other model
+    arguments and must not run under accelerate, and it is taken for a single process. alignkit hands it the
+    model it loaded, by design, and evaluate.py refuses a launcher before any model loads."""
+
+    SAID = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model through `pretrained`")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("`pretrained` model kwarg is not of type `str`")
+        return not record.getMessage().startswith(self.SAID)
 
 
 def _quiet_lm_eval() -> None:
