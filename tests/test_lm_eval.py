@@ -82,6 +82,9 @@ def test_missing_lm_eval_is_one_line_naming_the_install(monkeypatch):
     # lm_eval ran a negative few-shot count zero-shot, and a limit of 2.5 as 2, under results that named what was asked.
     (["--models", "a=x", "--tasks", "tiny_rule", "--num_fewshot", "-1"], r"^--num_fewshot must be >= 0 .*got -1$"),
     (["--models", "a=x", "--tasks", "tiny_rule", "--limit", "2.5"], r"^--limit 2.5: give a whole number of examples"),
+    # A limit of 0 was refused without the fix ("limit must be > 0, got 0.0").
+    (["--models", "a=x", "--tasks", "tiny_rule", "--limit", "0"], r"^--limit must be > 0 \(examples per task, or a "
+                                                                   r"share below 1; leave it unset for every example\)"),
 ])
 def test_bad_models_and_tasks_are_one_line_errors(flags, message):
     from alignkit.core.args import ConfigError

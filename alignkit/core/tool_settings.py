@@ -417,7 +417,8 @@ class LMEvalSettings(ModelSettings):
         if not self.tasks:
             raise ConfigError("pass the tasks: --tasks NAME ... (lm_eval's names, e.g. ifeval gsm8k mmlu)")
         if self.limit is not None and self.limit <= 0:
-            raise ConfigError(f"limit must be > 0, got {self.limit}")
+            raise ConfigError(f"--limit must be > 0 (examples per task, or a share below 1; leave it unset for every "
+                              f"example), got {self.limit:g}")
         if self.limit is not None and self.limit > 1 and self.limit != int(self.limit):
             # lm_eval reads a limit of 1 or more as a count and drops the fraction: 2.5 ran 2 examples a task.
             raise ConfigError(f"--limit {self.limit:g}: give a whole number of examples per task, or a share below 1 "
