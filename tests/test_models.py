@@ -408,3 +408,18 @@ def test_with_the_hub_answering_a_model_it_lacks_is_one_line_in_the_settings_cel
         check_model_source("org/gated", cache=False)  # there, if not to everyone: the load asks with the token
     finally:
         hub.shutdown()
+        hub.server_close()
+    # The Hub silent (its port closed): the path's line still, not "set HF_HUB_OFFLINE=1 ... --preset tiny", which
+    # fixes no path; a Hub id keeps the unreachable Hub's line.
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on (the probe's answer is kept per endpoint)
+        free.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free.getsockname()[1]}")
+    with pytest.raises(UserError) as refused:
+        check_model_source("runs/tiny-sft", cache=False)
+    assert str(refused.value) == (
+        f"model not found: runs/tiny-sft is no local folder (relative to the working folder {here}: in a notebook, "
+        "the notebook's folder); found at ../runs/tiny-sft: pass that path")
+    with pytest.raises(UserError, match=r"^cannot reach the Hugging Face Hub at .*org/typo"):
+        check_model_source("org/typo", cache=False)

@@ -54,7 +54,13 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
                             f"Hugging Face cache holds{at}; {fix}")
         raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
                         f"cache holds no copy of it{at}; check the path, or unset HF_HUB_OFFLINE to download it")
-    require_reachable(source)
+    try:
+        require_reachable(source)
+    except UserError:  # the Hub silent: runs/tiny-sft from a notebook's folder is a path, not a download to fix
+        if not _names_local_folder(source, above):
+            raise
+        raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}; "
+                        f"{above or 'check the path (a run: train it first)'}") from None
     if not hub_offline() and _hub_lacks(source):
         # transformers' OSError otherwise, a 50-line traceback when the model loads (a notebook's runs/tiny-sft from
         # notebooks/, where the runs are one folder up): one line now, naming where the path was looked for.
