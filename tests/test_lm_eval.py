@@ -85,14 +85,89 @@ def test_missing_lm_eval_is_one_line_naming_the_install(monkeypatch):
     # A limit of 0 was refused without the fix ("limit must be > 0, got 0.0").
     (["--models", "a=x", "--tasks", "tiny_rule", "--limit", "0"], r"^--limit must be > 0 \(examples per task, or a "
                                                                    r"share below 1; leave it unset for every example\)"),
+    # lm_eval's own flags that alignkit takes otherwise: refused as an "unknown setting" and no more, or as
+    # "'auto' is not an int" for a batch size lm_eval's HF class accepts; now the line names what to pass.
+    (["--models", "a=x", "--tasks", "t", "--model_args", "pretrained=x,dtype=bfloat16"], r"--model_args \(on the "
+     r"command line; alignkit loads each model and hands it to lm_eval: its loader flags \(--dtype, --quantization"),
+    (["--models", "a=x", "--tasks", "t", "--device", "cuda:1"], r"--device .*CUDA_VISIBLE_DEVICES=N\), else on the CPU"),
+    (["--models", "a=x", "--tasks", "t", "--log_samples"], r"--log_samples .*keeps each model's results \(OUTPUT_DIR/"
+                                                           r"models/NAME.json\), not lm_eval's per-example samples"),
+    (["--models", "a=x", "--tasks", "t", "--random_seed", "0"], r"--random_seed .*--seed sets lm_eval's four seeds"),
+    (["--models", "a=x", "--tasks", "t", "--batch_size", "0"], r"^--batch_size 0: give a number of 1 or more, auto "),
+    (["--models", "a=x", "--tasks", "t", "--batch_size", "auto:0"], r"^--batch_size auto:0: give a number of 1 or more"),
+    (["--models", "a=x", "--tasks", "t", "--bootstrap_iters", "-1"], r"^--bootstrap_iters must be >= 0 \(0: no "),
+    (["--models", "a=x", "--tasks", "t", "--fewshot_as_multiturn", "--apply_chat_template", "false"],
+     r"^--fewshot_as_multiturn true puts the few-shot examples in turns of the chat template: drop it, or pass "
+     r"--apply_chat_template true$"),
 ])
 def test_bad_models_and_tasks_are_one_line_errors(flags, message):
     from alignkit.core.args import ConfigError
     from alignkit.evals.evaluation import parse_command
 
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as e:
         _, s = parse_command(["lm_eval", *flags])
         parse_models(s.models)
+    assert "\n" not in str(e.value)
+
+
+def _lm_eval_flags(*flags):
+    from alignkit.evals.evaluation import parse_command
+
+    return parse_command(["lm_eval", "--models", "a=x", "--tasks", "tiny_rule", *flags])[1]
+
+
+def test_lm_eval_s_own_flags_reach_simple_evaluate_as_lm_eval_reads_them(monkeypatch):
+    """--batch_size auto (lm_eval's HF class finds the largest that fits), --fewshot_as_multiturn,
+    --system_instruction, --gen_kwargs (as lm_eval's CLI takes them) and --bootstrap_iters were refused; each now
+    goes to lm_eval under its own name and meaning."""
+    from types import SimpleNamespace
+
+    from alignkit.core.args import ConfigError
+
+    given = {}
+    loaded = SimpleNamespace(model=object(), tokenizer=SimpleNamespace(chat_template="{{ x }}"), dtype="torch.float32",
+                             quantization="none")
+    monkeypatch.setattr("alignkit.modeling.models.load_model", lambda settings: loaded)
+    monkeypatch.setattr("lm_eval.models.huggingface.HFLM", lambda **kwargs: given.update(hflm=kwargs))
+    lm_eval = SimpleNamespace(simple_evaluate=lambda **kwargs: given.update(kwargs) or {"results": {}})
+    s = _lm_eval_flags("--batch_size", "auto:4", "--fewshot_as_multiturn", "false", "--system_instruction",
+                       "Answer briefly.", "--gen_kwargs", "temperature=0,stop=['\\n\\n']", "max_gen_toks=64",
+                       "--bootstrap_iters", "0")
+    harness.evaluate_model(s, "x", lm_eval, None)
+    assert given["hflm"]["batch_size"] == "auto:4"
+    assert (given["fewshot_as_multiturn"], given["system_instruction"], given["bootstrap_iters"]) == (
+        False, "Answer briefly.", 0)
+    assert given["gen_kwargs"] == {"temperature": 0, "stop": ["\n\n"], "max_gen_toks": 64}
+    # Unset: lm_eval 0.4's own defaults (few-shot examples as turns under the chat template), a number a number.
+    harness.evaluate_model(_lm_eval_flags("--batch_size", "16"), "x", lm_eval, None)
+    assert given["hflm"]["batch_size"] == 16 and given["fewshot_as_multiturn"] is True
+    assert (given["gen_kwargs"], given["system_instruction"], given["bootstrap_iters"]) == (None, None, 100000)
+    # A --gen_kwargs lm_eval cannot read is one line before any model loads (lm_eval raised it after).
+    with pytest.raises(ConfigError, match=r"^--gen_kwargs 'temperature': expected `key=value`.*; write KEY=VALUE"):
+        harness.gen_kwargs(_lm_eval_flags("--gen_kwargs", "temperature"))
+
+
+def test_lm_eval_s_own_settings_key_the_kept_results_where_they_change_them(tiny_cache, tmp_path):
+    """A kept result is never reused for other settings: each of lm_eval's settings that changes the numbers enters
+    the key; given at lm_eval's default it leaves the key as results kept before it was a setting (reused)."""
+    from alignkit.evals.harness import _key
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+
+    def key(*flags):
+        return _key(_lm_eval_flags(*flags), str(base))
+
+    plain = key()
+    assert key("--fewshot_as_multiturn", "true", "--bootstrap_iters", "100000", "--batch_size", "auto") == plain
+    changed = [key("--fewshot_as_multiturn", "false"), key("--system_instruction", "Be brief."),
+               key("--gen_kwargs", "temperature=0"), key("--gen_kwargs", "temperature=0.5"),
+               key("--bootstrap_iters", "0")]
+    assert len({plain, *changed}) == 6
+    # Without the chat template there are no turns: --fewshot_as_multiturn false changes nothing there.
+    assert key("--apply_chat_template", "false", "--fewshot_as_multiturn", "false") == key("--apply_chat_template",
+                                                                                           "false")
 
 
 def test_an_unknown_task_is_refused_before_any_model_loads(tiny_cache, tmp_path, monkeypatch):
@@ -330,7 +405,8 @@ def test_a_limited_run_keeps_the_full_results_and_says_what_it_was_made_under(ti
     assert run("--limit", "5") == 0.5
     said = (out / "results.md").read_text().splitlines()[0]
     assert said.startswith("lm_eval ") and "--limit 5: the first examples of each task only, a quick look, not " \
-        "comparable to full results; few-shot: each task's default; chat template: applied; seed 42" in said
+        "comparable to full results; few-shot: each task's default; chat template: applied, few-shot examples as " \
+        "turns; seed 42" in said
     assert json.loads((out / "results.json").read_text())["settings"]["limit"] == 5
     assert run() == 0.75 and calls == [None, 5]  # the full results were kept beside the limited ones
     # A kept file written before (one entry, its key at the top) is read as that entry.
@@ -425,3 +501,39 @@ def test_lm_eval_s_warnings_against_the_model_alignkit_hands_it_are_not_shown(ti
         HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1)
     said = capfd.readouterr().err + caplog.text
     assert "`pretrained` model kwarg" not in said and "already-initialized model" not in said
+
+
+def test_results_say_lm_eval_s_own_settings_and_keep_each_apart(tiny_cache, tmp_path, monkeypatch):
+    """lm_eval 0.4 puts few-shot examples in turns of the chat template unless told otherwise, and results.md and
+    results.json did not say so; --system_instruction, --gen_kwargs and --bootstrap_iters are said beside the
+    numbers too, and a model evaluated under one is evaluated again under another (its kept results stay)."""
+    from alignkit.evals.evaluation import parse_command
+    from alignkit.modeling import presets
+
+    calls = []
+    monkeypatch.setattr(harness, "evaluate_model", lambda s, source, *a: calls.append(s.system_instruction) or {
+        "results": {"tiny_rule": {"acc,none": 0.5}}})
+    tasks, out = str(harness.tiny_task(tmp_path / "tasks", n=4)), tmp_path / "out"
+
+    def run(*flags):
+        _, s = parse_command(["lm_eval", "--models", f"base={presets.paths()['model']}", "--tasks", "tiny_rule",
+                              "--include_path", tasks, "--output_dir", str(out), *flags])
+        harness.run(s)
+        return (out / "results.md").read_text().splitlines()[0], json.loads((out / "results.json").read_text())
+
+    said, data = run()
+    assert "chat template: applied, few-shot examples as turns;" in said
+    assert {k: data["settings"][k] for k in ("fewshot_as_multiturn", "system_instruction", "gen_kwargs",
+                                             "bootstrap_iters")} == {"fewshot_as_multiturn": True,
+                                                                     "system_instruction": None, "gen_kwargs": None,
+                                                                     "bootstrap_iters": 100000}
+    said, data = run("--fewshot_as_multiturn", "false", "--system_instruction", "Be brief.", "--gen_kwargs",
+                     "temperature=0", "--bootstrap_iters", "0")
+    assert ("chat template: applied, few-shot examples in one user turn; system instruction: 'Be brief.'; "
+            "gen_kwargs: temperature=0; bootstrap_iters 0 (no standard errors); seed 42") in said
+    assert data["settings"]["gen_kwargs"] == {"temperature": 0} and data["settings"]["fewshot_as_multiturn"] is False
+    assert calls == [None, "Be brief."]
+    said, data = run("--apply_chat_template", "false")
+    assert "chat template: not applied;" in said and data["settings"]["fewshot_as_multiturn"] is None
+    run()
+    assert calls == [None, "Be brief.", None]  # the first settings' results, kept: reused

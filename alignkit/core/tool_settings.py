@@ -4,6 +4,7 @@ shared groups of alignkit.core.groups (re-exported by alignkit.core.config)."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, fields
 from dataclasses import field as _field  # init=False: a field that is not a flag
 from pathlib import Path
@@ -29,6 +30,22 @@ MODELS_NAME_THEIRS = {
     "revision": "each model takes its own revision in --models, as NAME=ID@REVISION",
     "gguf_file": "a GGUF model goes in --models, as NAME=FOLDER/FILE.gguf or NAME=OWNER/REPO/FILE.gguf",
     "model_id": "name the models in --models, as NAME=ID_OR_PATH",
+}
+
+
+# lm_eval's own flags that evaluate.py lm_eval takes otherwise: what to pass instead.
+LM_EVAL_FLAGS_THEIRS = {
+    **MODELS_NAME_THEIRS,
+    "model_args": "alignkit loads each model and hands it to lm_eval: its loader flags (--dtype, --quantization, "
+                  "--attn_implementation, --trust_remote_code, --chat_template) apply to every model, and a revision "
+                  "goes in --models, as NAME=ID@REVISION",
+    "device": "alignkit's loader puts each model on the first visible GPU (pick it with CUDA_VISIBLE_DEVICES=N), "
+              "else on the CPU (--num_threads)",
+    "log_samples": "evaluate.py lm_eval keeps each model's results (OUTPUT_DIR/models/NAME.json), not lm_eval's "
+                   "per-example samples; for those run lm_eval itself with --log_samples --output_path DIR on the "
+                   "model's folder (an adapter merged first by merge.py)",
+    **dict.fromkeys(("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"),
+                    "--seed sets lm_eval's four seeds at once (random, numpy, torch and few-shot)"),
 }
 
 
@@ -392,7 +409,7 @@ class LMEvalSettings(ModelSettings):
     model_id: str = _field(default="", init=False)
     revision: str | None = _field(default=None, init=False)
     gguf_file: str | None = _field(default=None, init=False)
-    elsewhere: ClassVar[dict] = MODELS_NAME_THEIRS
+    elsewhere: ClassVar[dict] = LM_EVAL_FLAGS_THEIRS
     backend: str = _field(default="transformers", init=False)  # lm_eval runs its HF class on the loaded model
     num_beams: int = _field(default=1, init=False)
     preset: str | None = setting(None, "named defaults: 'tiny' runs the base model and the tiny runs on a local task")
@@ -404,14 +421,35 @@ class LMEvalSettings(ModelSettings):
     num_fewshot: int | None = setting(None, "few-shot examples per prompt; default: each task's own")
     limit: float | None = setting(None, "at most N examples per task (a share when < 1); for quick runs, not for reporting")
     apply_chat_template: bool = setting(True, "wrap each prompt in the model's chat template (tuned chat models expect it)")
-    batch_size: int = setting(8, "lm_eval's batch size")
-    seed: int = setting(42, "lm_eval's seeds (sampling, few-shot selection)")
+    fewshot_as_multiturn: bool | None = setting(
+        None, "under the chat template, each few-shot example a turn of the conversation (true) or all of them in "
+        "one user turn (false); default: true where the template is applied (lm_eval's)")
+    system_instruction: str | None = setting(
+        None, "lm_eval's system instruction before every prompt: the chat template's system turn, or the prompt's "
+        "start without it")
+    gen_kwargs: list[str] = setting(
+        [], "lm_eval's generation arguments for its generate_until tasks, as lm_eval takes them: KEY=VALUE ... or "
+        "KEY=VALUE,KEY=VALUE or a JSON object, e.g. temperature=0 max_gen_toks=512", whole=True)
+    bootstrap_iters: int = setting(100000, "lm_eval's bootstrap resamples for the standard errors of metrics "
+                                           "without a closed form; 0: no standard errors")
+    batch_size: str = setting("8", "lm_eval's batch size: N, auto (the largest that fits, found from 64 down), or "
+                                   "auto:N (found again N times over the run)")
+    seed: int = setting(42, "lm_eval's seeds, all four (its random_seed, numpy_random_seed, torch_random_seed and "
+                            "fewshot_random_seed)")
     output_dir: str = setting("outputs/lm_eval", "results.md, results.json, results.png and each model's kept results")
 
     def __post_init__(self):
         _chain_post_init(self, LMEvalSettings)
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        size = str(self.batch_size).strip().lower()
+        if not re.fullmatch(r"[1-9][0-9]*|auto(:[1-9][0-9]*)?", size):  # lm_eval's HF class takes these
+            raise ConfigError(f"--batch_size {self.batch_size}: give a number of 1 or more, auto (the largest that "
+                              "fits), or auto:N (found again N times over the run)")
+        self.batch_size = int(size) if size.isdigit() else size
+        if self.fewshot_as_multiturn and not self.apply_chat_template:  # as lm_eval refuses it: no turns without it
+            raise ConfigError("--fewshot_as_multiturn true puts the few-shot examples in turns of the chat template: "
+                              "drop it, or pass --apply_chat_template true")
+        if self.bootstrap_iters < 0:
+            raise ConfigError(f"--bootstrap_iters must be >= 0 (0: no standard errors), got {self.bootstrap_iters}")
         if not self.models:
             raise ConfigError("pass the models: --models NAME=ID_OR_PATH ... (e.g. base=org/model dpo=runs/dpo-run)")
         if not self.tasks:

@@ -7,7 +7,8 @@ loaded once by alignkit's loader, as every other script loads it, and handed to 
 copied here. The numbers land side by side: `results.md` (a table: a row per task and metric, a column per
 model, with lm_eval's standard errors), `results.json` (lm_eval's results of each model, as it gives them) and
 `results.png` (a grouped bar chart; alignkit.evals.harness_report), the first two saying what they were made under
-(`--limit`, few-shot, chat template, seed, lm_eval's version) and by which models as loaded. Each model's results
+(`--limit`, few-shot and whether as turns, chat template, system instruction, gen_kwargs, bootstrap_iters, seed,
+lm_eval's version) and by which models as loaded. Each model's results
 are kept in `<output_dir>/models/NAME.json` under a key of its source, loader settings and the harness settings,
 one entry per key, so a rerun evaluates only what changed and a quick `--limit` run leaves the full results
 standing.
@@ -129,9 +130,16 @@ def _key(s, source: str) -> str:
 
     task_files = sorted(p for p in Path(s.include_path).rglob("*") if p.is_file()) if s.include_path else []
     task_files += [p for p in task_data(task_files) if p not in task_files]  # rows a task reads from elsewhere
+    settings = {k: v for k, v in harness_settings(s).items() if v not in _AS_BEFORE.get(k, ())}
     parts = {"model": model_identity(loader_settings(s, source), "transformers"),
-             "task_files": {str(p): h for p, h in file_hashes(task_files).items()}, **harness_settings(s)}
+             "task_files": {str(p): h for p, h in file_hashes(task_files).items()}, **settings}
     return digest(parts, 16, ensure_ascii=True)
+
+
+# Harness settings added since results were first kept, at the value every earlier run had (lm_eval's defaults):
+# there they leave the key as it was, so results kept before are reused, not evaluated again.
+_AS_BEFORE = {"fewshot_as_multiturn": (True, None), "system_instruction": (None,), "gen_kwargs": (None,),
+              "bootstrap_iters": (100000,)}
 
 
 def task_data(task_files: list[Path]) -> list[Path]:
@@ -282,8 +290,10 @@ def evaluate_model(s, source: str, lm_eval, task_manager, tasks: list | None = N
     with bars_by_rule(*drawing):
         out = lm_eval.simple_evaluate(
             model=lm, tasks=tasks or list(s.tasks), task_manager=task_manager, num_fewshot=s.num_fewshot, limit=s.limit,
-            apply_chat_template=s.apply_chat_template, log_samples=False, random_seed=s.seed,
-            numpy_random_seed=s.seed, torch_random_seed=s.seed, fewshot_random_seed=s.seed,
+            apply_chat_template=s.apply_chat_template, fewshot_as_multiturn=bool(multiturn(s)),
+            system_instruction=s.system_instruction, gen_kwargs=gen_kwargs(s), bootstrap_iters=s.bootstrap_iters,
+            log_samples=False, random_seed=s.seed, numpy_random_seed=s.seed, torch_random_seed=s.seed,
+            fewshot_random_seed=s.seed,
         )
     as_loaded = {"dtype": str(loaded.dtype).removeprefix("torch."), "quantization": loaded.quantization}
     return {"results": out["results"], "versions": out.get("versions", {}), "n-shot": out.get("n-shot", {}),
@@ -429,7 +439,33 @@ def harness_settings(s) -> dict:
     from importlib.metadata import version
 
     return {"tasks": list(s.tasks), "num_fewshot": s.num_fewshot, "limit": s.limit,
-            "apply_chat_template": s.apply_chat_template, "seed": s.seed, "lm_eval": version("lm_eval")}
+            "apply_chat_template": s.apply_chat_template, "fewshot_as_multiturn": multiturn(s),
+            "system_instruction": s.system_instruction, "gen_kwargs": gen_kwargs(s),
+            "bootstrap_iters": s.bootstrap_iters, "seed": s.seed, "lm_eval": version("lm_eval")}
+
+
+def multiturn(s) -> bool | None:
+    """lm_eval's fewshot_as_multiturn as it runs: true under the chat template unless --fewshot_as_multiturn false
+    (lm_eval 0.4's default, which results did not say); None without the template, where it means nothing."""
+    return s.fewshot_as_multiturn is not False if s.apply_chat_template else None
+
+
+def gen_kwargs(s) -> dict | None:
+    """--gen_kwargs as lm_eval's own CLI reads them (KEY=VALUE arguments, commas between pairs, or a JSON object),
+    or None. A malformed one is one line before any model loads: lm_eval raised it after the first had loaded."""
+    if not s.gen_kwargs:
+        return None
+    from lm_eval._cli.utils import key_val_to_dict, try_parse_json
+
+    parsed = {}
+    for given in s.gen_kwargs:
+        try:
+            value = try_parse_json(given)
+            parsed.update(value if isinstance(value, dict) else key_val_to_dict(given))
+        except ValueError as e:
+            raise ConfigError(f"--gen_kwargs {given!r}: {e}; write KEY=VALUE (e.g. --gen_kwargs temperature=0 "
+                              "max_gen_toks=512) or a JSON object") from None
+    return parsed or None
 
 
 def loaded_with(s, source: str) -> dict:

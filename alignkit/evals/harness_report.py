@@ -24,9 +24,19 @@ def describe(settings: dict) -> str:
     """results.md's first line: what the table was made under (a --limit run is no full result)."""
     limit = settings["limit"]
     shots = "each task's default" if settings["num_fewshot"] is None else settings["num_fewshot"]
-    said = [f"lm_eval {settings['lm_eval']}", f"few-shot: {shots}",
-            f"chat template: {'applied' if settings['apply_chat_template'] else 'not applied'}",
-            f"seed {settings['seed']}"]
+    template = "not applied"
+    if settings["apply_chat_template"]:  # lm_eval 0.4 puts few-shot examples in turns by default: said either way
+        turns = settings.get("fewshot_as_multiturn") is not False
+        template = f"applied, few-shot examples {'as turns' if turns else 'in one user turn'}"
+    said = [f"lm_eval {settings['lm_eval']}", f"few-shot: {shots}", f"chat template: {template}"]
+    if settings.get("system_instruction") is not None:
+        said.append(f"system instruction: {settings['system_instruction']!r}")
+    if settings.get("gen_kwargs"):
+        said.append("gen_kwargs: " + ", ".join(f"{k}={v!r}" for k, v in settings["gen_kwargs"].items()))
+    if settings.get("bootstrap_iters", 100000) != 100000:
+        said.append(f"bootstrap_iters {settings['bootstrap_iters']}" + (" (no standard errors)"
+                                                                         if not settings["bootstrap_iters"] else ""))
+    said.append(f"seed {settings['seed']}")
     if limit is not None:
         said.insert(1, f"--limit {limit:g}: {'a share' if limit < 1 else 'the first examples'} of each task only, a "
                        "quick look, not comparable to full results")
