@@ -161,6 +161,32 @@ def test_a_slow_caller_keeps_the_workers_at_most_parallel_results_ahead():
         assert len(started) <= 10 + parallel, (parallel, len(started))
 
 
+def test_a_worker_waiting_for_the_caller_starts_nothing_after_the_first_failure():
+    """Review of 1183e4e: a worker waiting for room (the caller slow to take its results) took the next item when the
+    caller took a result finished before stop_on_error's failure: a request started after it, which is to start
+    none. The stop is checked again once there is room."""
+    started, gate, raising = [], threading.Event(), threading.Event()
+
+    def work(i):
+        started.append(i)
+        if i == 1:  # under way while 0 and 2 finish
+            gate.wait(5)
+            raising.set()
+            raise RuntimeError("refused")
+        return i
+
+    got = []
+    for item, result in threaded(work, range(20), 2, stop_on_error=True):
+        got.append(item)
+        if item == 0:
+            time.sleep(0.03)  # the other worker finishes 2, then waits for room
+            gate.set()
+            raising.wait(5)
+            time.sleep(0.005)  # the failure is in: the stop is set
+    time.sleep(0.2)
+    assert got == [0, 2, 1] and sorted(started) == [0, 1, 2], (got, started)
+
+
 def test_stop_on_error_starts_nothing_after_the_first_failure():
     started = []
 
@@ -218,6 +244,10 @@ def test_ctrl_c_keeps_the_answers_of_the_requests_in_flight(case, alignkit_log):
         with pytest.raises(KeyboardInterrupt) as raised:
             for item, result in threaded(work, range(6), 2, grace=0.5 if case == "grace over" else 30):
                 got.append(item)
+                if len(got) == 2:  # the worker given room by this result takes 3 (a Ctrl-C before starts none)
+                    deadline = time.monotonic() + 5
+                    while len(started) < 4 and time.monotonic() < deadline:
+                        time.sleep(0.001)
                 if len(got) == 2 and case == "in the caller":
                     press(0.0, release.set)
                     time.sleep(0.5)  # the caller journaling: Ctrl-C lands here, not in the wait

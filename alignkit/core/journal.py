@@ -348,6 +348,8 @@ def threaded(fn, items, parallel: int, stop_on_error: bool = False, grace: float
         while not stop.is_set():
             if not room.acquire(timeout=0.1):
                 continue
+            if stop.is_set():  # stopped while waiting for room (stop_on_error's failure): the room is no call's
+                return
             try:
                 item = todo.get_nowait()
             except queue.Empty:
