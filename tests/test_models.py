@@ -423,3 +423,46 @@ def test_with_the_hub_answering_a_model_it_lacks_is_one_line_in_the_settings_cel
         "the notebook's folder); found at ../runs/tiny-sft: pass that path")
     with pytest.raises(UserError, match=r"^cannot reach the Hugging Face Hub at .*org/typo"):
         check_model_source("org/typo", cache=False)
+
+
+def test_a_hub_slow_to_answer_about_a_model_costs_its_timeout_once_a_process(monkeypatch):
+    """Review of 0afe055: preflight and the load each asked the Hub (model_info) about the model, so a Hub that
+    answered its probe but not that question within the timeout (10 s) cost it twice before training, and once more
+    for each check after (an evaluation's models and their bases). An answer other than "no such model" is kept."""
+    import http.server
+    import threading
+    import time
+
+    from huggingface_hub import constants
+
+    from alignkit.core import sources
+    from alignkit.modeling.model_folders import check_model_source
+
+    asked = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):  # answers its probe at once, the model's question too late
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self):
+            asked.append(self.path)
+            time.sleep(1)
+
+        def log_message(self, *args):
+            pass
+
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.server_port}")
+        monkeypatch.setattr(sources, "PROBE_TIMEOUT", 0.1)
+        for _ in range(3):  # preflight, the load, a later check: no refusal, the load says what the Hub did not
+            check_model_source("org/slow", cache=False)
+    finally:
+        hub.shutdown()
+        hub.server_close()
+    assert [path for path in asked if "org/slow" in path] == ["/api/models/org/slow"], asked

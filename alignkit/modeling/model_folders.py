@@ -71,22 +71,32 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
                         "private or gated one needs your token: `hf auth login`, or HF_TOKEN); check the name")
 
 
+_HUB_HAS: set[tuple[str, str]] = set()  # (endpoint, model) the Hub was asked about and did not answer "no such model"
+
+
 def _hub_lacks(source: str) -> bool:
     """True where the Hub answers that it has no model `source` (nor one hidden from this token: private or gated
-    ones it says exist count as there); False where it has one, or the question failed (the load says why then)."""
+    ones it says exist count as there); False where it has one, or the question failed (the load says why then).
+    Asked once a process for a model it did not refuse: preflight and the load each check the model, so a Hub slow
+    to answer cost its timeout twice (and once more for each evaluated model's base). A refusal is asked again: a
+    notebook's user may push the model, then run the cell again."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     from alignkit.core.sources import PROBE_TIMEOUT, hub_endpoint
 
-    try:
-        HfApi(endpoint=hub_endpoint()).model_info(source, timeout=PROBE_TIMEOUT * 2)
-    except GatedRepoError:  # a subclass of RepositoryNotFoundError: there, behind an access request
+    key = (hub_endpoint(), source)
+    if key in _HUB_HAS:
         return False
+    try:
+        HfApi(endpoint=key[0]).model_info(source, timeout=PROBE_TIMEOUT * 2)
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: there, behind an access request
+        pass
     except RepositoryNotFoundError:
         return True
     except Exception:  # noqa: BLE001 - a timeout, a 5xx, a proxy: not a sign that the model is missing
-        return False
+        pass
+    _HUB_HAS.add(key)
     return False
 
 
