@@ -416,13 +416,16 @@ def test_with_the_hub_answering_a_model_it_lacks_is_one_line_in_the_settings_cel
     with socket.socket() as free:  # a port nothing listens on (the probe's answer is kept per endpoint)
         free.bind(("127.0.0.1", 0))
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free.getsockname()[1]}")
-    with pytest.raises(UserError) as refused:
-        check_model_source("runs/tiny-sft", cache=False)
-    assert str(refused.value) == (
-        f"model not found: runs/tiny-sft is no local folder (relative to the working folder {here}: in a notebook, "
-        "the notebook's folder); found at ../runs/tiny-sft: pass that path")
+    for check in (lambda: check_model_source("runs/tiny-sft", cache=False), lambda: preflight(s)):  # the cell's too
+        with pytest.raises(UserError) as refused:
+            check()
+        assert str(refused.value) == (
+            f"model not found: runs/tiny-sft is no local folder (relative to the working folder {here}: in a notebook, "
+            "the notebook's folder); found at ../runs/tiny-sft: pass that path")
     with pytest.raises(UserError, match=r"^cannot reach the Hugging Face Hub at .*org/typo"):
         check_model_source("org/typo", cache=False)
+    with pytest.raises(UserError, match=r"^cannot reach the Hugging Face Hub at .* to fetch org/typo, \S+ \(no local"):
+        preflight(parse_config(DPOSettings, args=["--model_id", "org/typo"], env_file=None))  # the dataset named too
 
 
 def test_a_hub_slow_to_answer_about_a_model_costs_its_timeout_once_a_process(monkeypatch):

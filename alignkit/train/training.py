@@ -45,8 +45,11 @@ def preflight(s) -> None:
     """What can fail before any work, checked in seconds: a push's token and base, wandb's key, the Hub. In a
     notebook, settings that fail here leave the kernel as a failed parse does (alignkit.core.errors)."""
     from alignkit.core.hub import require_reachable, require_token
+    from alignkit.core.paths import check_writable
     from alignkit.core.saved_settings import keep_not_applied  # for the run's config and card, as a recipe's keys
-    from alignkit.core.sources import is_hub_id
+    from alignkit.core.sources import HubUnreachable, is_hub_id
+    from alignkit.modeling.model_folders import check_model_source
+    from alignkit.train.loss_mask import check_end_tokens
 
     if s.push_to_hub:
         if not s.merge_adaptors and not is_hub_id(s.model_id):
@@ -60,19 +63,14 @@ def preflight(s) -> None:
         keep_not_applied(s, {"revision": {"value": s.revision, "why": "model_id is a local folder, read as it is"}})
     resolve_report_to(s)
     check_trl_values(s)
-    from alignkit.core.paths import check_writable
-
     check_writable(s.output_dir, "--output_dir")
-    from alignkit.modeling.model_folders import check_model_source
-
-    if local := Path(s.model_id).exists():  # a local folder without weights, a run still training: not after the data
-        check_model_source(s.model_id, cache=False, flag="--model_id")
+    try:  # a local folder without weights, a run still training; a path not there (a notebook's folder), a Hub id
+        check_model_source(s.model_id, cache=False, flag="--model_id")  # the Hub lacks: now, in one line
+    except HubUnreachable:  # a Hub id, the Hub silent: the line below names every id this run fetches
+        pass
+    if Path(s.model_id).exists():
         check_stack(s)
     require_reachable(s.model_id, s.dataset_id)
-    if not local:  # a path not there (a notebook's folder), a Hub id the Hub lacks: one line, not the load's traceback
-        check_model_source(s.model_id, cache=False, flag="--model_id")
-    from alignkit.train.loss_mask import check_end_tokens
-
     check_end_tokens(s)  # TRL's eos_token/pad_token outside the vocabulary: its traceback once the model had loaded
 
 
