@@ -1273,12 +1273,12 @@ def test_a_tool_calling_conversation_trains_with_its_calls_rendered_by_the_templ
 def test_a_flag_fixes_a_recipe_s_bad_value(tmp_path):
     """Flags beat the recipe, bad values included (TRL audit: the SmolLM3 recipe's packing_strategy ffd, which TRL
     1.x dropped, was refused even with --packing_strategy bfd on the line): a value is refused only where no
-    later layer sets it again."""
+    later layer sets it again. (ffd itself is now read as bfd, the name TRL gave it: test_the_handbook_s_smollm3_...)"""
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("packing: true\npacking_strategy: ffd\nlearning_rate: fast\n")
+    recipe.write_text("packing: true\npacking_strategy: first_fit\nlearning_rate: fast\n")
     with pytest.raises(ConfigError, match=r"key learning_rate"):
         parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), "--packing_strategy", "bfd"])
-    with pytest.raises(ConfigError, match=r"key packing_strategy: 'ffd' is not one of"):
+    with pytest.raises(ConfigError, match=r"key packing_strategy: 'first_fit' is not one of"):
         parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), "--learning_rate", "1e-4"])
     s = parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), "--packing_strategy", "bfd",
                                                        "--learning_rate", "1e-4"])
@@ -1659,3 +1659,18 @@ def test_a_run_whose_every_step_is_inside_the_warmup_s_first_step_is_warned_befo
                              (dict(max_steps=1, warmup_steps=0.1, lr_scheduler_type="constant"), 0, 1),
                              (dict(max_steps=3, warmup_steps=0.5), 1, 3)):  # resumed past the warmup's first step
         assert not resuming.warn_if_no_step_learns(args(**kw), start, steps), kw
+
+
+def test_the_handbook_s_smollm3_sft_recipe_s_packing_strategy_ffd_is_trl_s_bfd(tmp_path, alignkit_log):
+    """The handbook's newest SFT recipe failed in alignkit (audit of the handbook's recipes): smollm3/sft/sft.yaml's
+    packing_strategy ffd (TRL < 0.21's name for the best-fit decreasing packing it renamed bfd, the same algorithm)
+    was "not one of bfd, bfd_split, wrapped", and TRL's own older bfd-requeue (TRL renames it itself) too."""
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text("use_peft: true\npacking: true\npacking_strategy: ffd\n")
+    s = parse_config(SFTSettings, env_file=None, args=[str(recipe)])
+    assert s.trainer_overrides["packing_strategy"] == "bfd"
+    assert "key packing_strategy ffd is read as bfd, its name in TRL now" in alignkit_log.text
+    line = parse_config(SFTSettings, env_file=None, args=["--packing", "--packing_strategy", "bfd-requeue"])
+    assert line.trainer_overrides["packing_strategy"] == "bfd_split"
+    assert "--packing_strategy bfd-requeue is read as bfd_split" in alignkit_log.text
+

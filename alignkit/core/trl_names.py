@@ -28,10 +28,10 @@ from alignkit import logger
 from alignkit.core.args import _FALSE, _TRUE, ConfigError, _show
 from alignkit.core.mixture_formats import mixture_from_mixer, mixture_from_trl
 from alignkit.core.trl_tables import (BESIDE_MIXTURE, _ANY, _BOOL_WORDS, _MAPPINGS, _MIXTURE_HAS_ITS_OWN,
-                                      _MODEL_AND_SCRIPT, _RENAMED, _SAME_MEANING, _TRL_DEFAULTS_UNDER_OTHER_NAMES,
-                                      _TRL_NONE_DEFAULTS, _TRL_ONLY, _TRL_RECIPE_NAMES, ALIASES, DROPPED,
-                                      DTYPE_SYNONYMS, NOT_APPLIED, REFUSED, REFUSED_IN, SKIP, _bool, _model_dtype,
-                                      _Weak, for_configs, refusal)
+                                      _MODEL_AND_SCRIPT, _RENAMED, _RENAMED_VALUES, _SAME_MEANING,
+                                      _TRL_DEFAULTS_UNDER_OTHER_NAMES, _TRL_NONE_DEFAULTS, _TRL_ONLY, _TRL_RECIPE_NAMES,
+                                      ALIASES, DROPPED, DTYPE_SYNONYMS, NOT_APPLIED, REFUSED, REFUSED_IN, SKIP, _bool,
+                                      _model_dtype, _Weak, for_configs, refusal)
 from alignkit.core.trl_types import _members, cli_kind, same_meaning, trl_choices, trl_fields, trl_value, unset
 
 __all__ = ["ALIASES", "DTYPE_SYNONYMS", "NOT_APPLIED", "REFUSED", "Vocabulary"]
@@ -235,6 +235,9 @@ class Vocabulary:
             elif key in self.passthrough:
                 if key in _BOOL_WORDS and str(raw).strip().lower() in _TRUE | _FALSE:  # TRL's bool spelling
                     raw = _BOOL_WORDS[key][str(raw).strip().lower() in _TRUE]
+                if (new := _RENAMED_VALUES.get(key, {}).get(str(raw).strip())) is not None:
+                    logger.info(f"{label(key)} {str(raw).strip()} is read as {new}, its name in TRL now")
+                    raw = new
                 try:
                     extra[key] = self._passthrough_value(key, raw, label)
                     self.deferred.pop(key, None)

@@ -125,6 +125,9 @@ ALIASES = {
 _TRL_ONLY = {"model_name_or_path", "dataset_name"}
 # The handbook's DataArguments name before TRL's; transformers' name for eval_strategy before 4.46 (older recipes).
 _RENAMED = {"preprocessing_num_workers": "dataset_num_proc", "evaluation_strategy": "eval_strategy"}
+# Values an older TRL took that TRL names otherwise now, read as the new one in one line: packing_strategy ffd (TRL <
+# 0.21, the handbook's smollm3 SFT recipe) was best-fit decreasing already, renamed bfd; TRL renames bfd-requeue itself.
+_RENAMED_VALUES = {"packing_strategy": {"ffd": "bfd", "bfd-requeue": "bfd_split"}}
 # A recipe in TRL's or the handbook's names: they name the model and the data so (alignkit's own say model_id).
 _TRL_RECIPE_NAMES = _TRL_ONLY | {"dataset_mixer", "datasets"}
 
