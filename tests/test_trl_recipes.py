@@ -1674,3 +1674,16 @@ def test_the_handbook_s_smollm3_sft_recipe_s_packing_strategy_ffd_is_trl_s_bfd(t
     assert line.trainer_overrides["packing_strategy"] == "bfd_split"
     assert "--packing_strategy bfd-requeue is read as bfd_split" in alignkit_log.text
 
+
+def test_a_flag_sets_back_a_recipe_s_refused_trl_field(tmp_path):
+    """The handbook's smollm3/dpo/apo.yaml says padding_free: true, which dpo.py refuses (TRL's DPOTrainer turns it
+    off), and `--padding_free false` after the recipe could not set it back, as a flag does a recipe's other values:
+    the recipe could only be edited (audit of the handbook's recipes)."""
+    recipe = tmp_path / "apo.yaml"
+    recipe.write_text("use_peft: true\nloss_type: apo_zero\npadding_free: true\n")
+    with pytest.raises(ConfigError, match=r"apo\.yaml: key padding_free True has no effect in alignkit: .*; drop it, "
+                                          r"or set it back with --padding_free false$"):
+        parse_config(DPOSettings, env_file=None, args=[str(recipe)])
+    s = parse_config(DPOSettings, env_file=None, args=[str(recipe), "--padding_free", "false"])
+    assert s.trainer_overrides["padding_free"] is False and s.loss_type == ["apo_zero"]
+

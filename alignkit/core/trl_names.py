@@ -245,7 +245,11 @@ class Vocabulary:
                     self.deferred[key] = error
                     continue
                 if why := refusal(key, extra[key], self.config_names):  # sync_ref_model: TRL fails after the load
-                    raise ConfigError(f"{label(key)} {raw} has no effect in alignkit: {why}; drop it")
+                    # a later layer may set it back (the handbook's smollm3 apo.yaml says padding_free: true)
+                    back = ("" if where in ("the command line", "overrides")
+                            else f", or set it back with --{key} {str(REFUSED_IN[key][1]).lower()}")
+                    self.deferred[key] = ConfigError(f"{label(key)} {raw} has no effect in alignkit: {why}; drop it"
+                                                     f"{back}")
             elif key in DROPPED:  # an older TRL's field: said as such, not "unknown setting" with a wrong near name
                 refused, why = DROPPED[key][0], for_configs(DROPPED[key][1], self.config_names)
                 if refused and not (unset(raw) or str(raw).strip().lower() in _FALSE | {"0.0", ""}):
