@@ -1687,3 +1687,21 @@ def test_a_flag_sets_back_a_recipe_s_refused_trl_field(tmp_path):
     s = parse_config(DPOSettings, env_file=None, args=[str(recipe), "--padding_free", "false"])
     assert s.trainer_overrides["padding_free"] is False and s.loss_type == ["apo_zero"]
 
+
+def test_dataset_kwargs_trl_no_longer_reads_are_named_as_not_applied(tmp_path, alignkit_log):
+    """The handbook's smollm and zephyr-7b-gemma SFT recipes set dataset_kwargs add_special_tokens and
+    append_concat_token (TRL < 0.20's tokenizer and packing arguments); TRL 1.x's SFTConfig takes the mapping and
+    reads only skip_prepare_dataset from it, so they went unused without a word (audit of the handbook's recipes)."""
+    recipe = tmp_path / "gemma.yaml"
+    recipe.write_text("use_peft: true\ndataset_kwargs:\n  add_special_tokens: false\n  append_concat_token: false\n")
+    s = parse_config(SFTSettings, env_file=None, args=["--config", str(recipe)])
+    warning, = [r.getMessage() for r in alignkit_log.records if "not applied" in r.getMessage()]
+    assert ("dataset_kwargs: TRL 1.x reads only skip_prepare_dataset from it, not add_special_tokens, "
+            "append_concat_token") in warning
+    assert "dataset_kwargs" in not_applied(s) and "dataset_kwargs" not in s.trainer_overrides  # nothing for TRL
+    kept = parse_config(SFTSettings, env_file=None, args=["--config", str(recipe), "--dataset_kwargs",
+                                                         '{"skip_prepare_dataset": false, "add_special_tokens": true}'])
+    assert kept.trainer_overrides["dataset_kwargs"] == {"skip_prepare_dataset": False}
+    alignkit_log.clear()
+    parse_config(SFTSettings, env_file=None, args=["--dataset_kwargs", '{"skip_prepare_dataset": false}'])
+    assert "not applied" not in alignkit_log.text

@@ -27,11 +27,11 @@ from pathlib import Path
 from alignkit import logger
 from alignkit.core.args import _FALSE, _TRUE, ConfigError, _show
 from alignkit.core.mixture_formats import mixture_from_mixer, mixture_from_trl
-from alignkit.core.trl_tables import (BESIDE_MIXTURE, _ANY, _BOOL_WORDS, _MAPPINGS, _MIXTURE_HAS_ITS_OWN,
-                                      _MODEL_AND_SCRIPT, _RENAMED, _RENAMED_VALUES, _SAME_MEANING,
-                                      _TRL_DEFAULTS_UNDER_OTHER_NAMES, _TRL_NONE_DEFAULTS, _TRL_ONLY, _TRL_RECIPE_NAMES,
-                                      ALIASES, DROPPED, DTYPE_SYNONYMS, NOT_APPLIED, REFUSED, REFUSED_IN, SKIP, _bool,
-                                      _model_dtype, _Weak, for_configs, refusal)
+from alignkit.core.trl_tables import (BESIDE_MIXTURE, DATASET_KWARGS_GONE, _ANY, _BOOL_WORDS, _MAPPINGS,
+                                      _MIXTURE_HAS_ITS_OWN, _MODEL_AND_SCRIPT, _RENAMED, _RENAMED_VALUES,
+                                      _SAME_MEANING, _TRL_DEFAULTS_UNDER_OTHER_NAMES, _TRL_NONE_DEFAULTS, _TRL_ONLY,
+                                      _TRL_RECIPE_NAMES, ALIASES, DROPPED, DTYPE_SYNONYMS, NOT_APPLIED, REFUSED,
+                                      REFUSED_IN, SKIP, _bool, _model_dtype, _Weak, for_configs, refusal)
 from alignkit.core.trl_types import _members, cli_kind, same_meaning, trl_choices, trl_fields, trl_value, unset
 
 __all__ = ["ALIASES", "DTYPE_SYNONYMS", "NOT_APPLIED", "REFUSED", "Vocabulary"]
@@ -250,6 +250,12 @@ class Vocabulary:
                             else f", or set it back with --{key} {str(REFUSED_IN[key][1]).lower()}")
                     self.deferred[key] = ConfigError(f"{label(key)} {raw} has no effect in alignkit: {why}; drop it"
                                                      f"{back}")
+                kwargs = extra[key] if key == "dataset_kwargs" and isinstance(extra[key], Mapping) else {}
+                if gone := [k for k in kwargs if k != "skip_prepare_dataset"]:  # TRL takes them and reads none
+                    notes.append((key, DATASET_KWARGS_GONE.format(keys=", ".join(gone))))
+                    extra[key] = {k: v for k, v in kwargs.items() if k not in gone}
+                    if not extra[key]:
+                        del extra[key]
             elif key in DROPPED:  # an older TRL's field: said as such, not "unknown setting" with a wrong near name
                 refused, why = DROPPED[key][0], for_configs(DROPPED[key][1], self.config_names)
                 if refused and not (unset(raw) or str(raw).strip().lower() in _FALSE | {"0.0", ""}):

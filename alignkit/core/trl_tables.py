@@ -166,6 +166,10 @@ NOT_APPLIED = {
     "liger_kernel_config": (_ANY, "the loader applies Liger's layer kernels itself (--use_liger), with its fused "
                                   "cross-entropy off: TRL's loss replaces it"),
 }
+# SFTConfig's dataset_kwargs keys other than skip_prepare_dataset (TRL 1.x reads no other): TRL < 0.20's tokenizer and
+# packing arguments, which the handbook's smollm and zephyr-7b-gemma SFT recipes still set. Named as not applied.
+DATASET_KWARGS_GONE = ("TRL 1.x reads only skip_prepare_dataset from it, not {keys}: a conversation is tokenized by "
+                       "its chat template alone (no second BOS), and packing adds no token between rows")
 # Fields of older TRL configs that TRL 1.x dropped, where a script's TRL config has no field of that name (GRPO and
 # RLOO keep max_completion_length): (refused, why). Refused where dropping it changes what trains; named otherwise.
 DROPPED = {
