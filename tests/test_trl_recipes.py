@@ -1705,3 +1705,31 @@ def test_dataset_kwargs_trl_no_longer_reads_are_named_as_not_applied(tmp_path, a
     alignkit_log.clear()
     parse_config(SFTSettings, env_file=None, args=["--dataset_kwargs", '{"skip_prepare_dataset": false}'])
     assert "not applied" not in alignkit_log.text
+
+
+def test_a_recipe_s_mixture_is_the_data_the_hub_check_asks_for(tiny_cache, tmp_path, monkeypatch):
+    """A handbook recipe's dataset_mixture pointed at local data, with a local model, stopped before any work
+    offline: "cannot reach the Hugging Face Hub ... to fetch HuggingFaceH4/ultrachat_200k", sft.py's default
+    --dataset_id, which the run never reads beside a mixture (audit of the handbook's recipes). The check asks for the
+    mixture's own datasets, a Hub one among them still named."""
+    from huggingface_hub import constants
+
+    from alignkit.core.sources import HubUnreachable
+    from alignkit.modeling import presets
+    from alignkit.train.training import preflight
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("alignkit.core.sources._probe", lambda endpoint: "ConnectError: no route")
+    monkeypatch.chdir(tmp_path)
+    p = presets.paths()
+
+    def settings(*ids):
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"model_name_or_path": p["model"], "use_peft": True, "report_to": ["none"],
+                                          "dataset_mixture": {"datasets": [{"id": i} for i in ids]}}))
+        return parse_config(SFTSettings, env_file=None, args=[str(recipe)])
+
+    preflight(settings(p["sft"]))  # local model, local data: nothing to fetch
+    with pytest.raises(HubUnreachable, match=r"to fetch HuggingFaceTB/smoltalk2 \(no local folder"):
+        preflight(settings(p["sft"], "HuggingFaceTB/smoltalk2"))

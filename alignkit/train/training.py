@@ -70,7 +70,8 @@ def preflight(s) -> None:
         pass
     if Path(s.model_id).exists():
         check_stack(s)
-    require_reachable(s.model_id, s.dataset_id)
+    mixture = getattr(s, "dataset_mixture", None) or {}  # its own datasets: --dataset_id's default goes unread
+    require_reachable(s.model_id, *([e["id"] for e in mixture["datasets"]] if mixture else [s.dataset_id]))
     check_end_tokens(s)  # TRL's eos_token/pad_token outside the vocabulary: its traceback once the model had loaded
 
 
