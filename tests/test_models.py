@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
@@ -357,6 +358,26 @@ def test_a_run_path_not_there_names_the_working_folder_and_the_folder_above_that
         check_model_source("org/model")
 
 
+@contextlib.contextmanager
+def fake_hub(handler, monkeypatch):
+    """A Hub at a local port answering with `handler` (online, HF_HUB_OFFLINE off) while the block runs."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.server_port}")
+        yield hub
+    finally:
+        hub.shutdown()
+        hub.server_close()
+
+
 def test_with_the_hub_answering_a_model_it_lacks_is_one_line_in_the_settings_cell(tmp_path, monkeypatch):
     """Found by the notebook audit of session 125: dpo.ipynb with `model_id = "runs/tiny-sft"` opened from notebooks/
     (the runs one folder up) on a machine online passed the settings and data cells, and its Model cell ended in
@@ -364,9 +385,6 @@ def test_with_the_hub_answering_a_model_it_lacks_is_one_line_in_the_settings_cel
     the Hub lacks (a typo) alike. Now the settings cell (preflight) says it in one line, the path's with where it
     was looked for and found; a gated model the Hub says exists is no refusal."""
     import http.server
-    import threading
-
-    from huggingface_hub import constants
 
     from alignkit.core.args import parse_config
     from alignkit.core.errors import UserError
@@ -386,12 +404,7 @@ def test_with_the_hub_answering_a_model_it_lacks_is_one_line_in_the_settings_cel
         def log_message(self, *args):
             pass
 
-    hub = http.server.HTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=hub.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.server_port}")
+    with fake_hub(Hub, monkeypatch):
         (tmp_path / "runs" / "tiny-sft").mkdir(parents=True)
         (tmp_path / "notebooks").mkdir()
         monkeypatch.chdir(tmp_path / "notebooks")
@@ -406,9 +419,6 @@ def test_with_the_hub_answering_a_model_it_lacks_is_one_line_in_the_settings_cel
                                             r"of that name \(a private or gated one needs your token: .*check the name$"):
             check_model_source("org/typo", cache=False)
         check_model_source("org/gated", cache=False)  # there, if not to everyone: the load asks with the token
-    finally:
-        hub.shutdown()
-        hub.server_close()
     # The Hub silent (its port closed): the path's line still, not "set HF_HUB_OFFLINE=1 ... --preset tiny", which
     # fixes no path; a Hub id keeps the unreachable Hub's line.
     import socket
@@ -433,10 +443,7 @@ def test_a_hub_slow_to_answer_about_a_model_costs_its_timeout_once_a_process(mon
     answered its probe but not that question within the timeout (10 s) cost it twice before training, and once more
     for each check after (an evaluation's models and their bases). An answer other than "no such model" is kept."""
     import http.server
-    import threading
     import time
-
-    from huggingface_hub import constants
 
     from alignkit.core import sources
     from alignkit.modeling.model_folders import check_model_source
@@ -456,16 +463,8 @@ def test_a_hub_slow_to_answer_about_a_model_costs_its_timeout_once_a_process(mon
         def log_message(self, *args):
             pass
 
-    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=hub.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.server_port}")
+    with fake_hub(Hub, monkeypatch):
         monkeypatch.setattr(sources, "PROBE_TIMEOUT", 0.1)
         for _ in range(3):  # preflight, the load, a later check: no refusal, the load says what the Hub did not
             check_model_source("org/slow", cache=False)
-    finally:
-        hub.shutdown()
-        hub.server_close()
     assert [path for path in asked if "org/slow" in path] == ["/api/models/org/slow"], asked
