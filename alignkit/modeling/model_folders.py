@@ -32,16 +32,14 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
         return
     above = _found_above(source)  # "found at ../runs/tiny-dpo: ..." for each refusal below
     if _looks_local(source):
-        raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}, and not a Hub id; "
-                        f"{above or 'check the path'}")
+        raise _not_found(source, above, ", and not a Hub id", "check the path")
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:  # a typo such as runs/tiny--sft or a folder@REV: huggingface_hub's traceback, after the work before it
         validate_repo_id(source)
     except HFValidationError as e:
-        raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}, and not a Hub id "
-                        f"({str(e).rstrip('.')}); {above or 'check the path'}") from None
+        raise _not_found(source, above, f", and not a Hub id ({str(e).rstrip('.')})", "check the path") from None
 
     if cache and constants.HF_HUB_OFFLINE and not any(
         isinstance(try_to_load_from_cache(source, name, revision=revision), str)
@@ -49,9 +47,7 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
     ):
         at = f" at revision {revision}" if revision else ""
         if _names_local_folder(source, above):  # runs/tiny-dpo from a notebook's folder: no Hub id to download
-            fix = above or "check the path (a run: train it first)"
-            raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}, nor a Hub id the "
-                            f"Hugging Face cache holds{at}; {fix}")
+            raise _not_found(source, above, f", nor a Hub id the Hugging Face cache holds{at}")
         raise UserError(f"model not found: {source} is no local folder, and HF_HUB_OFFLINE=1 while the Hugging Face "
                         f"cache holds no copy of it{at}; check the path, or unset HF_HUB_OFFLINE to download it")
     try:
@@ -59,16 +55,20 @@ def check_model_source(source: str, cache: bool = True, revision: str | None = N
     except UserError:  # the Hub silent: runs/tiny-sft from a notebook's folder is a path, not a download to fix
         if not _names_local_folder(source, above):
             raise
-        raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}; "
-                        f"{above or 'check the path (a run: train it first)'}") from None
+        raise _not_found(source, above) from None
     if not hub_offline() and _hub_lacks(source):
         # transformers' OSError otherwise, a 50-line traceback when the model loads (a notebook's runs/tiny-sft from
         # notebooks/, where the runs are one folder up): one line now, naming where the path was looked for.
         if _names_local_folder(source, above):
-            raise UserError(f"model not found: {source} is no local folder{_looked_in(source)}, nor a model on the Hub"
-                            f"; {above or 'check the path (a run: train it first)'}")
+            raise _not_found(source, above, ", nor a model on the Hub")
         raise UserError(f"model not found: {source} is no local folder, and the Hub has no model of that name (a "
                         "private or gated one needs your token: `hf auth login`, or HF_TOKEN); check the name")
+
+
+def _not_found(source: str, above: str | None, why: str = "", fix: str = "check the path (a run: train it first)"):
+    """check_model_source's refusal of a path that is not there: where it was looked for, `why` it is no model
+    either, and the folder found above the working folder (`above`) or else `fix`."""
+    return UserError(f"model not found: {source} is no local folder{_looked_in(source)}{why}; {above or fix}")
 
 
 _HUB_HAS: set[tuple[str, str]] = set()  # (endpoint, model) the Hub was asked about and did not answer "no such model"
